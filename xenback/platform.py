@@ -1,0 +1,177 @@
+"""The platform interface: what a backend needs from Xen, and nothing more.
+
+A backend talks to Xen through three services, each modelled on the C
+library a real dom0 uses:
+
+* a XenStore connection (``libxenstore``; here an unmodified :mod:`pyxs`
+  client),
+* a grant table handle (``libxengnttab``: map pages another domain granted
+  to us) and, for frontends, a grant share handle (``libxengntshr``),
+* an event channel handle (``libxenevtchn``: one pollable descriptor for many
+  ports).
+
+Two implementations exist: :mod:`xenback.sim` (the simulated host, which needs
+no hypervisor) and :mod:`xenback.xen` (a real dom0 through cffi).  Backends
+receive a :class:`Platform` and never ask which one it is.
+
+Errors are :class:`OSError` subclasses carrying the errno the C library would
+have set, so that ``except OSError`` code written for one platform works on
+the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import pyxs
+
+__all__ = [
+    "PAGE_SIZE",
+    "EventChannel",
+    "EventChannelError",
+    "GrantError",
+    "GrantMapping",
+    "GrantShare",
+    "GrantTable",
+    "Platform",
+    "PlatformError",
+    "PlatformUnavailable",
+    "SharedPages",
+]
+
+#: Size of a grant-mapped page.  Xen's grant ABI is in 4 KiB frames on every
+#: architecture we support.
+PAGE_SIZE = 4096
+
+
+class PlatformError(OSError):
+    """Base class of the errors a platform raises."""
+
+
+class PlatformUnavailable(PlatformError):
+    """The platform cannot be opened on this machine.
+
+    The message names every missing piece (library, device node, XenStore
+    socket) so that an operator knows what to install or start.
+    """
+
+
+class GrantError(PlatformError):
+    """A grant operation failed (bad reference, wrong domain, read-only...)."""
+
+
+class EventChannelError(PlatformError):
+    """An event channel operation failed (unknown port, dead peer...)."""
+
+
+@runtime_checkable
+class GrantMapping(Protocol):
+    """Pages of another domain mapped contiguously into this process.
+
+    ``buffer`` is a memoryview of exactly ``PAGE_SIZE * len(refs)`` bytes; it
+    is read-only when the mapping was requested read-only.  After
+    :meth:`unmap` the memoryview is released and must not be used.
+    """
+
+    @property
+    def buffer(self) -> memoryview: ...
+
+    @property
+    def refs(self) -> tuple[int, ...]: ...
+
+    def unmap(self) -> None: ...
+
+    def __enter__(self) -> GrantMapping: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+@runtime_checkable
+class GrantTable(Protocol):
+    """A ``xengnttab`` handle: maps grants made to this domain."""
+
+    def map_grant_refs(
+        self, domid: int, refs: Sequence[int], *, writable: bool = True
+    ) -> GrantMapping:
+        """Map ``refs`` granted by ``domid`` contiguously, like
+        ``xengnttab_map_domain_grant_refs``.  Raises :class:`GrantError`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharedPages(Protocol):
+    """Pages this domain shares with another one (frontend side)."""
+
+    @property
+    def refs(self) -> tuple[int, ...]: ...
+
+    @property
+    def buffer(self) -> memoryview: ...
+
+    def unshare(self) -> None: ...
+
+
+@runtime_checkable
+class GrantShare(Protocol):
+    """A ``xengntshr`` handle: allocates pages and grants them to a domain."""
+
+    def share_pages(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
+        """Allocate ``count`` zeroed pages granted to ``domid``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventChannel(Protocol):
+    """A ``xenevtchn`` handle with libxenevtchn's semantics.
+
+    :meth:`fileno` becomes readable when a bound port fired.  :meth:`pending`
+    returns one fired port (or ``None``); that port stays masked, and further
+    notifications are only remembered, until :meth:`unmask` is called.  Drain
+    the port's work first, then unmask: this survives event storms.
+    """
+
+    def fileno(self) -> int: ...
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int: ...
+
+    def bind_unbound_port(self, domid: int) -> int: ...
+
+    def notify(self, port: int) -> None: ...
+
+    def pending(self) -> int | None: ...
+
+    def unmask(self, port: int) -> None: ...
+
+    def unbind(self, port: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Platform(Protocol):
+    """One domain's view of Xen: the only object a backend is given."""
+
+    @property
+    def domid(self) -> int: ...
+
+    def xenstore(self) -> pyxs.Client:
+        """A new, not yet connected :class:`pyxs.Client` for this domain."""
+        ...
+
+    def gnttab(self) -> GrantTable: ...
+
+    def gntshr(self) -> GrantShare: ...
+
+    def evtchn(self) -> EventChannel: ...
