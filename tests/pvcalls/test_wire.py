@@ -1,0 +1,152 @@
+"""pvcalls._wire against the real ``xen/io/pvcalls.h`` compiled by gcc."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pvcalls import _wire
+from pvcalls._wire import ffi
+
+HEADER = Path("/usr/include/xen/io/pvcalls.h")
+
+# Every member of every structure the protocol defines.
+MEMBERS: dict[str, list[str]] = {
+    "struct pvcalls_data_intf": [
+        "in_cons", "in_prod", "in_error", "pad1", "out_cons", "out_prod", "out_error",
+        "pad2", "ring_order", "ref",
+    ],
+    "struct xen_pvcalls_request": [
+        "req_id", "cmd", "u",
+        "u.socket.id", "u.socket.domain", "u.socket.type", "u.socket.protocol", "u.socket.pad",
+        "u.connect.id", "u.connect.addr", "u.connect.len", "u.connect.flags", "u.connect.ref",
+        "u.connect.evtchn", "u.connect.pad",
+        "u.release.id", "u.release.reuse", "u.release.pad",
+        "u.bind.id", "u.bind.addr", "u.bind.len",
+        "u.listen.id", "u.listen.backlog", "u.listen.pad",
+        "u.accept.id", "u.accept.id_new", "u.accept.ref", "u.accept.evtchn",
+        "u.poll.id", "u.dummy.dummy",
+    ],
+    "struct xen_pvcalls_response": [
+        "req_id", "cmd", "ret", "pad", "u",
+        "u.socket.id", "u.connect.id", "u.release.id", "u.bind.id", "u.listen.id",
+        "u.accept.id", "u.poll.id", "u.dummy.dummy",
+    ],
+    "union xen_pvcalls_sring_entry": ["req", "rsp"],
+}
+# Member types whose sizes are checked too (unions and their structs).
+TYPES = [
+    "struct xen_pvcalls_socket", "struct xen_pvcalls_connect", "struct xen_pvcalls_release",
+    "struct xen_pvcalls_bind", "struct xen_pvcalls_listen", "struct xen_pvcalls_accept",
+    "struct xen_pvcalls_poll", "struct xen_pvcalls_dummy", "struct _xen_pvcalls_socket",
+    "struct _xen_pvcalls_dummy", "RING_IDX", "grant_ref_t",
+]
+
+
+def _c_layout() -> dict[str, int]:
+    """Compile a program printing sizeof/offsetof of everything above."""
+    gcc = shutil.which("gcc")
+    if gcc is None or not HEADER.exists():
+        pytest.skip("gcc or libxen-dev's pvcalls.h missing")
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <stdint.h>",
+             "#include <xen/io/pvcalls.h>", "int main(void) {"]
+    for type_name, members in MEMBERS.items():
+        lines.append(f'printf("sizeof {type_name}=%zu\\n", sizeof({type_name}));')
+        for member in members:
+            lines.append(
+                f'printf("{type_name}.{member}=%zu\\n", offsetof({type_name}, {member}));'
+            )
+    for type_name in TYPES:
+        lines.append(f'printf("sizeof {type_name}=%zu\\n", sizeof({type_name}));')
+    lines += ['printf("sizeof xen_pvcalls_sring_header=%zu\\n",'
+              " offsetof(struct xen_pvcalls_sring, ring));",
+              'printf("RING_SLOTS=%u\\n", (unsigned)__CONST_RING_SIZE(xen_pvcalls, 4096));',
+              'printf("FLEX4=%lu\\n", (unsigned long)XEN_FLEX_RING_SIZE(4));',
+              'printf("FLEX1=%lu\\n", (unsigned long)XEN_FLEX_RING_SIZE(1));',
+              "return 0; }"]
+    return _compile_and_run("\n".join(lines))
+
+
+def _compile_and_run(source: str) -> dict[str, int]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "layout.c"
+        exe = Path(tmp) / "layout"
+        src.write_text(source)
+        subprocess.run(["gcc", "-std=gnu11", "-o", str(exe), str(src)], check=True,
+                       capture_output=True, text=True)
+        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    result = {}
+    for line in out.splitlines():
+        key, _, value = line.rpartition("=")
+        result[key] = int(value)
+    return result
+
+
+@pytest.fixture(scope="module")
+def c_layout() -> dict[str, int]:
+    return _c_layout()
+
+
+def _cffi_offset(type_name: str, member: str) -> int:
+    return ffi.offsetof(type_name, *member.split("."))
+
+
+def test_every_offset_matches_gcc(c_layout: dict[str, int]) -> None:
+    for type_name, members in MEMBERS.items():
+        assert ffi.sizeof(type_name) == c_layout[f"sizeof {type_name}"], type_name
+        for member in members:
+            assert _cffi_offset(type_name, member) == c_layout[f"{type_name}.{member}"], (
+                type_name, member)
+
+
+def test_every_size_matches_gcc(c_layout: dict[str, int]) -> None:
+    for type_name in TYPES:
+        assert ffi.sizeof(type_name) == c_layout[f"sizeof {type_name}"], type_name
+
+
+def test_derived_constants(c_layout: dict[str, int]) -> None:
+    assert _wire.SRING_HEADER_SIZE == c_layout["sizeof xen_pvcalls_sring_header"]
+    assert _wire.RING_SLOTS == c_layout["RING_SLOTS"]
+    assert _wire.SLOT_SIZE == c_layout["sizeof union xen_pvcalls_sring_entry"]
+    assert _wire.REQUEST_SIZE == c_layout["sizeof struct xen_pvcalls_request"]
+    assert _wire.RESPONSE_SIZE == c_layout["sizeof struct xen_pvcalls_response"]
+    assert _wire.flex_ring_size(4) == c_layout["FLEX4"]
+    assert _wire.flex_ring_size(1) == c_layout["FLEX1"]
+    assert _wire.INDEXES_HEADER_SIZE == c_layout["struct pvcalls_data_intf.ref"]
+    assert (_wire.IN_CONS_OFFSET, _wire.IN_PROD_OFFSET, _wire.IN_ERROR_OFFSET) == (0, 4, 8)
+    assert (_wire.OUT_CONS_OFFSET, _wire.OUT_PROD_OFFSET, _wire.OUT_ERROR_OFFSET) == (64, 68, 72)
+    assert _wire.RING_ORDER_OFFSET == 128
+
+
+def test_command_numbers_match_header() -> None:
+    text = HEADER.read_text() if HEADER.exists() else pytest.skip("no pvcalls.h")
+    for number, name in _wire.PVCALLS_COMMANDS.items():
+        assert f"#define PVCALLS_{name}" in text
+        value = getattr(_wire, f"PVCALLS_{name}")
+        assert value == number
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"#define PVCALLS_{name} "))
+        assert int(line.split()[-1]) == number
+
+
+def test_page_order_limit_fits_one_indexes_page() -> None:
+    limit = _wire.MAX_PAGE_ORDER_LIMIT
+    assert _wire.REF_OFFSET + 4 * (1 << limit) <= _wire.PAGE_SIZE
+    assert _wire.REF_OFFSET + 4 * (1 << (limit + 1)) > _wire.PAGE_SIZE
+
+
+def test_sockaddr_round_trip() -> None:
+    raw = _wire.pack_sockaddr_in("10.1.2.3", 443)
+    assert len(raw) == _wire.SOCKADDR_IN_LEN
+    assert raw[2:4] == b"\x01\xbb" and raw[4:8] == bytes([10, 1, 2, 3])
+    assert _wire.unpack_sockaddr_in(raw.ljust(28, b"\0"), 16) == ("10.1.2.3", 443)
+    with pytest.raises(ValueError, match="family"):
+        _wire.unpack_sockaddr_in(b"\x0a\x00" + raw[2:], 16)
+    with pytest.raises(ValueError, match="length"):
+        _wire.unpack_sockaddr_in(raw, 4)
+    with pytest.raises(ValueError, match="length"):
+        _wire.unpack_sockaddr_in(raw, 29)
