@@ -1,0 +1,271 @@
+"""Per-domain access policy for PV Calls: what a guest may connect to and bind.
+
+Linux's backend lets any guest connect anywhere the backend domain can reach
+and bind any port it can bind.  A :class:`Policy` narrows that per frontend
+domain:
+
+* CONNECT and BIND each have an access list: ``deny`` rules, then ``allow``
+  rules.  A destination matching any deny rule is refused; otherwise, if
+  allow rules are given, it must match one of them; with no allow rules
+  everything not denied is allowed.
+* ``max_sockets`` limits how many sockets (of any kind: new, active,
+  passive) one domain may hold at a time.
+
+A refused CONNECT or BIND is answered with ``-EACCES`` (Xen numbering, 13),
+like a host firewall refusing the operation; a SOCKET or ACCEPT beyond the
+limit is answered with ``-EMFILE`` (24), "too many open files", since the
+limit is the domain's descriptor table.  The backend logs every refusal at
+WARNING with the domain, the command and the address.
+
+The file format is TOML (read with :mod:`tomllib`)::
+
+    # Applies to every domain that has no section of its own, and supplies
+    # each key a domain section leaves out.
+    [default]
+    max_sockets = 256
+    connect.allow = ["0.0.0.0/0"]
+    connect.deny = ["169.254.0.0/16", "10.0.0.1:22"]
+    bind.allow = ["127.0.0.1:1024-65535", "0.0.0.0:8000-8999"]
+
+    # Domain 7 (by domid) gets its own connect rules and limit; its bind
+    # rules come from [default].
+    [domain.7]
+    max_sockets = 16
+    connect.allow = ["192.0.2.0/24:80", "192.0.2.0/24:443"]
+
+A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
+``*`` for any address) and optionally a port (``80``), an inclusive range
+(``1024-65535``) or ``*`` (any port, the default).  A bind to ``0.0.0.0``
+(every address) only matches rules whose network contains ``0.0.0.0``, such
+as ``0.0.0.0/0`` or ``0.0.0.0``: binding everywhere must be allowed as such.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _errno
+
+__all__ = [
+    "DENIED_ERRNO",
+    "LIMIT_ERRNO",
+    "AccessList",
+    "DomainPolicy",
+    "Policy",
+    "PolicyError",
+    "Rule",
+]
+
+#: Positive Xen errno of a CONNECT or BIND the policy refuses (sent negated).
+DENIED_ERRNO = _errno.EACCES
+#: Positive Xen errno of a SOCKET or ACCEPT beyond ``max_sockets``.
+LIMIT_ERRNO = _errno.EMFILE
+
+_ANY_NETWORK = ipaddress.IPv4Network("0.0.0.0/0")
+_ALL_PORTS = range(0, 65536)
+
+
+class PolicyError(ValueError):
+    """A policy file or rule is malformed; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One ``NETWORK[:PORTS]`` rule."""
+
+    network: ipaddress.IPv4Network = _ANY_NETWORK
+    ports: range = _ALL_PORTS
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        """Parse ``NETWORK[:PORTS]``; raises :class:`PolicyError`."""
+        if not isinstance(text, str):
+            raise PolicyError(f"rule {text!r} is not a string")
+        net_text, sep, port_text = text.strip().partition(":")
+        try:
+            if net_text in ("*", ""):
+                network = _ANY_NETWORK
+            else:
+                network = ipaddress.IPv4Network(net_text, strict=False)
+        except ValueError as exc:
+            raise PolicyError(f"rule {text!r}: bad IPv4 network: {exc}") from None
+        if not sep or port_text == "*":
+            return cls(network, _ALL_PORTS)
+        low_text, dash, high_text = port_text.partition("-")
+        try:
+            low = int(low_text)
+            high = int(high_text) if dash else low
+        except ValueError:
+            raise PolicyError(f"rule {text!r}: bad port {port_text!r}") from None
+        if not 0 <= low <= high <= 65535:
+            raise PolicyError(f"rule {text!r}: port range {low}-{high} not within 0-65535")
+        return cls(network, range(low, high + 1))
+
+    def matches(self, address: ipaddress.IPv4Address, port: int) -> bool:
+        return address in self.network and port in self.ports
+
+    def __str__(self) -> str:
+        if self.ports == _ALL_PORTS:
+            return str(self.network)
+        if len(self.ports) == 1:
+            return f"{self.network}:{self.ports.start}"
+        return f"{self.network}:{self.ports.start}-{self.ports.stop - 1}"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessList:
+    """Deny rules first; then, if ``allow`` is not None, one must match."""
+
+    allow: tuple[Rule, ...] | None = None
+    deny: tuple[Rule, ...] = ()
+
+    def permits(self, host: str, port: int) -> bool:
+        """Whether ``host:port`` passes this list."""
+        address = ipaddress.IPv4Address(host)
+        if any(rule.matches(address, port) for rule in self.deny):
+            return False
+        if self.allow is None:
+            return True
+        return any(rule.matches(address, port) for rule in self.allow)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainPolicy:
+    """The rules that apply to one domain.  ``max_sockets`` None = no limit."""
+
+    connect: AccessList = field(default_factory=AccessList)
+    bind: AccessList = field(default_factory=AccessList)
+    max_sockets: int | None = None
+
+
+class Policy:
+    """Access rules by frontend domid, with a default for the others.
+
+    ``Policy()`` allows everything and sets no limit (Linux's behaviour).
+    Instances are immutable and safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        default: DomainPolicy | None = None,
+        domains: Mapping[int, DomainPolicy] | None = None,
+    ) -> None:
+        self._default = default if default is not None else DomainPolicy()
+        self._domains = dict(domains or {})
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        """Load a TOML policy file (see the module docstring)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"{path}: cannot read policy: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{path}: not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except PolicyError as exc:
+            raise PolicyError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_toml(cls, text: str) -> Policy:
+        """Parse policy text in the file format."""
+        try:
+            return cls.from_dict(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"not valid TOML: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        """Build a policy from the parsed file structure."""
+        unknown = set(data) - {"default", "domain"}
+        if unknown:
+            raise PolicyError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
+        default = _parse_domain("[default]", _table(data.get("default", {}), "[default]"),
+                                DomainPolicy())
+        domains: dict[int, DomainPolicy] = {}
+        for key, section in _table(data.get("domain", {}), "[domain]").items():
+            where = f"[domain.{key}]"
+            try:
+                domid = int(key)
+            except ValueError:
+                raise PolicyError(f"{where}: domain key must be a domid (integer)") from None
+            if not 0 <= domid < 0x7FF0:
+                raise PolicyError(f"{where}: domid {domid} out of range")
+            domains[domid] = _parse_domain(where, _table(section, where), default)
+        return cls(default, domains)
+
+    # -- queries ------------------------------------------------------------
+
+    def for_domain(self, domid: int) -> DomainPolicy:
+        return self._domains.get(domid, self._default)
+
+    def connect_allowed(self, domid: int, host: str, port: int) -> bool:
+        """Whether domain ``domid`` may connect to ``host:port``."""
+        return self.for_domain(domid).connect.permits(host, port)
+
+    def bind_allowed(self, domid: int, host: str, port: int) -> bool:
+        """Whether domain ``domid`` may bind ``host:port``."""
+        return self.for_domain(domid).bind.permits(host, port)
+
+    def max_sockets(self, domid: int) -> int | None:
+        """The socket limit of ``domid`` (None: unlimited)."""
+        return self.for_domain(domid).max_sockets
+
+    def __repr__(self) -> str:
+        return f"Policy(default={self._default!r}, domains={self._domains!r})"
+
+
+def _table(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"{where} must be a table")
+    return value
+
+
+def _parse_rules(value: object, where: str) -> tuple[Rule, ...]:
+    if not isinstance(value, list):
+        raise PolicyError(f"{where} must be a list of rule strings")
+    rules = []
+    for item in value:
+        try:
+            rules.append(Rule.parse(item))
+        except PolicyError as exc:
+            raise PolicyError(f"{where}: {exc}") from None
+    return tuple(rules)
+
+
+def _parse_access(value: object, where: str, inherited: AccessList) -> AccessList:
+    table = _table(value, where)
+    unknown = set(table) - {"allow", "deny"}
+    if unknown:
+        raise PolicyError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+    allow = (_parse_rules(table["allow"], f"{where}.allow")
+             if "allow" in table else inherited.allow)
+    deny = _parse_rules(table["deny"], f"{where}.deny") if "deny" in table else inherited.deny
+    return AccessList(allow, deny)
+
+
+def _parse_domain(where: str, table: Mapping[str, Any], inherited: DomainPolicy) -> DomainPolicy:
+    unknown = set(table) - {"connect", "bind", "max_sockets"}
+    if unknown:
+        raise PolicyError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+    connect = (_parse_access(table["connect"], f"{where} connect", inherited.connect)
+               if "connect" in table else inherited.connect)
+    bind = (_parse_access(table["bind"], f"{where} bind", inherited.bind)
+            if "bind" in table else inherited.bind)
+    max_sockets = inherited.max_sockets
+    if "max_sockets" in table:
+        value = table["max_sockets"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise PolicyError(f"{where}: max_sockets must be a non-negative integer")
+        max_sockets = value
+    return DomainPolicy(connect, bind, max_sockets)
+

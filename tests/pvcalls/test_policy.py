@@ -1,0 +1,118 @@
+"""pvcalls Policy: rule parsing, evaluation, inheritance and bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pvcalls._errno import EACCES, EMFILE
+from pvcalls._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy, PolicyError, Rule
+
+EXAMPLE = """
+[default]
+max_sockets = 256
+connect.allow = ["0.0.0.0/0"]
+connect.deny = ["169.254.0.0/16", "10.0.0.1:22"]
+bind.allow = ["127.0.0.1:1024-65535", "0.0.0.0:8000-8999"]
+
+[domain.7]
+max_sockets = 16
+connect.allow = ["192.0.2.0/24:80", "192.0.2.0/24:443"]
+"""
+
+
+def test_default_policy_allows_everything() -> None:
+    policy = Policy()
+    assert policy.connect_allowed(3, "8.8.8.8", 53)
+    assert policy.bind_allowed(3, "0.0.0.0", 1)
+    assert policy.max_sockets(3) is None
+
+
+def test_documented_errnos() -> None:
+    assert DENIED_ERRNO == EACCES == 13
+    assert LIMIT_ERRNO == EMFILE == 24
+
+
+def test_example_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(EXAMPLE)
+    policy = Policy.from_file(path)
+    # [default]
+    assert policy.max_sockets(1) == 256
+    assert policy.connect_allowed(1, "93.184.216.34", 80)
+    assert not policy.connect_allowed(1, "169.254.1.1", 80)
+    assert not policy.connect_allowed(1, "10.0.0.1", 22)
+    assert policy.connect_allowed(1, "10.0.0.1", 23)
+    assert policy.bind_allowed(1, "127.0.0.1", 1024)
+    assert policy.bind_allowed(1, "127.0.0.1", 65535)
+    assert not policy.bind_allowed(1, "127.0.0.1", 1023)
+    assert not policy.bind_allowed(1, "0.0.0.0", 1024)
+    assert policy.bind_allowed(1, "0.0.0.0", 8080)
+    assert not policy.bind_allowed(1, "127.0.0.2", 8080)  # 0.0.0.0 rule: only the wildcard
+    # [domain.7]: its own connect list and limit; deny and bind inherited
+    assert policy.max_sockets(7) == 16
+    assert policy.connect_allowed(7, "192.0.2.9", 443)
+    assert not policy.connect_allowed(7, "192.0.2.9", 22)
+    assert not policy.connect_allowed(7, "198.51.100.1", 80)
+    assert policy.bind_allowed(7, "127.0.0.1", 2000)
+
+
+def test_deny_wins_over_allow() -> None:
+    policy = Policy.from_toml('[default]\nconnect.allow = ["*"]\nconnect.deny = ["127.0.0.0/8"]')
+    assert not policy.connect_allowed(0, "127.0.0.1", 80)
+    assert policy.connect_allowed(0, "128.0.0.1", 80)
+
+
+def test_empty_allow_list_denies_all() -> None:
+    policy = Policy.from_toml("[default]\nbind.allow = []")
+    assert not policy.bind_allowed(5, "127.0.0.1", 5000)
+    assert policy.connect_allowed(5, "127.0.0.1", 5000)
+
+
+@pytest.mark.parametrize(
+    ("text", "network", "first", "last"),
+    [
+        ("*", "0.0.0.0/0", 0, 65535),
+        ("10.1.2.3", "10.1.2.3/32", 0, 65535),
+        ("10.1.2.0/24:80", "10.1.2.0/24", 80, 80),
+        ("10.1.2.3/24:1-1023", "10.1.2.0/24", 1, 1023),
+        ("*:*", "0.0.0.0/0", 0, 65535),
+    ],
+)
+def test_rule_parse(text: str, network: str, first: int, last: int) -> None:
+    rule = Rule.parse(text)
+    assert str(rule.network) == network
+    assert rule.ports.start == first and rule.ports.stop - 1 == last
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[default]\nconnect.allow = ["300.1.1.1"]', "bad IPv4 network"),
+        ('[default]\nconnect.allow = ["1.2.3.4:http"]', "bad port"),
+        ('[default]\nconnect.allow = ["1.2.3.4:9-8"]', "not within"),
+        ('[default]\nconnect.allow = ["1.2.3.4:70000"]', "not within"),
+        ('[default]\nconnect.allow = "1.2.3.4"', "must be a list"),
+        ('[default]\nconnect.allow = [7]', "not a string"),
+        ("[default]\nmax_sockets = -1", "non-negative"),
+        ("[default]\nmax_sockets = true", "non-negative"),
+        ("[default]\nlisten.allow = []", "unknown key"),
+        ("[default]\nconnect.maybe = []", "unknown key"),
+        ("[domain.guest]\nmax_sockets = 1", "domid"),
+        ("[other]\n", "unknown top-level"),
+        ("[default\n", "not valid TOML"),
+    ],
+)
+def test_bad_policy_says_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        Policy.from_toml(text)
+
+
+def test_bad_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[default]\nmax_sockets = 'x'")
+    with pytest.raises(PolicyError, match="bad.toml"):
+        Policy.from_file(path)
+    with pytest.raises(PolicyError, match="cannot read"):
+        Policy.from_file(tmp_path / "missing.toml")
