@@ -1,0 +1,429 @@
+"""LoadIndex: placement, errors, hotplug re-homing, evenness, threads."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import weakref
+from collections.abc import Hashable
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from workqueue import LoadIndex, Topology
+
+
+def spread(loads: dict[int, int]) -> int:
+    return max(loads.values()) - min(loads.values())
+
+
+# -- placement and errors -----------------------------------------------------
+
+
+def test_assign_spreads_keys_round_robin_lowest_cpu_first() -> None:
+    with LoadIndex(Topology(4)) as index:
+        assert [index.assign(k) for k in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+        assert [index.load(cpu) for cpu in range(4)] == [2, 2, 2, 2]
+        assert index.cpu_of(5) == 1
+        assert len(index) == 8 and 5 in index and 8 not in index
+
+
+def test_weights_count_toward_load() -> None:
+    with LoadIndex(Topology(3)) as index:
+        assert index.assign("big", weight=5) == 0
+        assert index.assign("a") == 1
+        assert index.assign("b") == 2
+        assert index.assign("c", weight=2) == 1
+        assert index.assign("d") == 2
+        assert [index.load(c) for c in range(3)] == [5, 3, 2]
+        assert index.weight_of("c") == 2
+        index.release("big")
+        assert index.load(0) == 0
+        assert index.assign("e") == 0
+
+
+def test_release_makes_room_on_that_cpu() -> None:
+    with LoadIndex(Topology(3)) as index:
+        for k in range(6):
+            index.assign(k)
+        index.release(4)  # was on CPU 1
+        assert index.load(1) == 1
+        assert index.assign("new") == 1
+
+
+def test_unknown_keys_raise_key_error() -> None:
+    with LoadIndex(Topology(2)) as index:
+        index.assign("a")
+        for op in (index.cpu_of, index.release, index.weight_of):
+            with pytest.raises(KeyError):
+                op("nope")
+        index.release("a")
+        with pytest.raises(KeyError):
+            index.release("a")
+
+
+def test_duplicate_assign_is_a_clear_error() -> None:
+    with LoadIndex(Topology(2)) as index:
+        index.assign("a")
+        with pytest.raises(ValueError, match="already assigned to CPU 0"):
+            index.assign("a")
+        assert index.load(0) == 1 and index.load(1) == 0
+
+
+@pytest.mark.parametrize("weight", [0, -1])
+def test_non_positive_weight_is_a_value_error(weight: int) -> None:
+    with LoadIndex(Topology(2)) as index:
+        with pytest.raises(ValueError, match="positive"):
+            index.assign("a", weight=weight)
+        assert "a" not in index
+
+
+@pytest.mark.parametrize("weight", [1.5, "1", None, True])
+def test_non_int_weight_is_a_type_error(weight: object) -> None:
+    with LoadIndex(Topology(2)) as index:
+        with pytest.raises(TypeError, match="weight must be an int"):
+            index.assign("a", weight=weight)  # type: ignore[arg-type]
+
+
+def test_unhashable_key_and_unknown_cpu() -> None:
+    with LoadIndex(Topology(2)) as index:
+        with pytest.raises(TypeError):
+            index.assign(["a"])
+        assert len(index) == 0
+        for bad in (7, -1, "0"):
+            with pytest.raises(ValueError, match="not a possible CPU"):
+                index.load(bad)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="not a possible CPU"):
+                index.keys_on(bad)  # type: ignore[arg-type]
+
+
+def test_on_move_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="on_move must be callable"):
+        LoadIndex(Topology(2), on_move="nope")  # type: ignore[arg-type]
+
+
+def test_sparse_cpu_numbers() -> None:
+    with LoadIndex(Topology(cpus=[3, 5, 9])) as index:
+        assert [index.assign(k) for k in range(4)] == [3, 5, 9, 3]
+        with pytest.raises(ValueError):
+            index.load(0)
+
+
+def test_many_logical_cpus() -> None:
+    # A 640-CPU dom0 on a small machine: placement stays exact and even.
+    with LoadIndex(Topology(640)) as index:
+        cpus = [index.assign(k) for k in range(640 * 5 + 17)]
+        assert cpus[:640] == list(range(640))
+        loads = index.statistics().loads
+        assert spread(dict(loads)) == 1
+        assert sum(loads.values()) == 640 * 5 + 17
+
+
+# -- hotplug ------------------------------------------------------------------
+
+
+def test_cpu_down_moves_keys_evenly_and_reports_each_move() -> None:
+    topo = Topology(4)
+    moves: list[tuple[Hashable, int, int]] = []
+    with LoadIndex(topo, on_move=lambda k, old, new: moves.append((k, old, new))) as index:
+        for k in range(12):
+            index.assign(k)  # 3 keys per CPU
+        on_cpu1 = index.keys_on(1)
+        topo.cpu_down(1)
+        # Synchronous: every move was reported before cpu_down returned.
+        assert sorted(k for k, _, _ in moves) == sorted(on_cpu1)
+        assert all(old == 1 and new in (0, 2, 3) for _, old, new in moves)
+        assert len({new for _, _, new in moves}) == 3  # one to each remaining CPU
+        assert [index.load(c) for c in range(4)] == [4, 0, 4, 4]
+        for k, _, new in moves:
+            assert index.cpu_of(k) == new
+        assert index.statistics().moves == 3
+        assert index.statistics().offline == (1,)
+
+
+def test_cpu_down_moves_heaviest_first() -> None:
+    topo = Topology(3)
+    with LoadIndex(topo) as index:
+        index.assign("x", weight=1)  # CPU 0
+        index.assign("y", weight=1)  # CPU 1
+        index.assign("z", weight=1)  # CPU 2
+        index.assign("heavy", weight=4)  # CPU 0
+        index.assign("light", weight=1)  # CPU 1
+        topo.cpu_down(0)
+        # heavy goes first to the lighter CPU 2, then x to CPU 1 or 2 (both 2 vs 5 -> CPU 1)
+        assert index.cpu_of("heavy") == 2
+        assert index.cpu_of("x") == 1
+        assert [index.load(1), index.load(2)] == [3, 5]
+
+
+def test_cpu_up_fills_the_new_cpu_first_without_moving_back() -> None:
+    topo = Topology(3)
+    topo.cpu_down(2)
+    with LoadIndex(topo) as index:
+        for k in range(4):
+            index.assign(k)
+        assert index.load(2) == 0
+        topo.cpu_up(2)
+        assert [index.cpu_of(k) for k in range(4)] == [0, 1, 0, 1]
+        assert [index.assign(k) for k in range(4, 7)] == [2, 2, 0]
+
+
+def test_on_move_may_call_back_into_the_index() -> None:
+    topo = Topology(2)
+    seen: list[int] = []
+    index = LoadIndex(topo, on_move=lambda k, old, new: seen.append(index.cpu_of(k)))
+    with index:
+        index.assign("a")
+        index.assign("b")
+        topo.cpu_down(0)
+        assert seen == [1]
+
+
+def test_failing_on_move_is_logged_and_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    topo = Topology(2)
+    moved: list[Hashable] = []
+
+    def on_move(key: Hashable, old: int, new: int) -> None:
+        moved.append(key)
+        if key == 0:
+            raise RuntimeError("owner bug")
+
+    with LoadIndex(topo, on_move=on_move) as index:
+        for k in range(4):
+            index.assign(k)
+        with caplog.at_level(logging.ERROR, logger="workqueue._loadindex"):
+            topo.cpu_down(0)
+        assert moved == [0, 2]
+        assert "on_move(0, 0, 1) raised" in caplog.text
+        assert index.load(1) == 4
+
+
+def test_two_indexes_on_one_topology_both_rehome() -> None:
+    topo = Topology(2)
+    with LoadIndex(topo) as a, LoadIndex(topo) as b:
+        a.assign("k")
+        b.assign("k")
+        topo.cpu_down(0)
+        assert a.cpu_of("k") == b.cpu_of("k") == 1
+
+
+def test_close_unregisters_and_refuses_new_keys() -> None:
+    topo = Topology(2)
+    moves: list[object] = []
+    index = LoadIndex(topo, on_move=lambda *m: moves.append(m))
+    index.assign("a")
+    index.close()
+    index.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        index.assign("b")
+    topo.cpu_down(0)
+    assert moves == []
+    index.release("a")  # still allowed, so that owners can tear down
+    assert len(index) == 0
+
+
+def test_forgotten_index_is_not_kept_alive_by_the_topology() -> None:
+    topo = Topology(2)
+    index = LoadIndex(topo)
+    index.assign("a")
+    ref = weakref.ref(index)
+    del index
+    gc.collect()
+    assert ref() is None
+    topo.cpu_down(0)  # the stale notifier does nothing
+    topo.cpu_up(0)
+
+
+def test_statistics_is_a_frozen_snapshot() -> None:
+    topo = Topology(3)
+    with LoadIndex(topo) as index:
+        index.assign("a", weight=2)
+        index.assign("b")
+        stats = index.statistics()
+        index.assign("c")
+        assert stats.keys == 2 and stats.total_load == 3
+        assert dict(stats.loads) == {0: 2, 1: 1, 2: 0}
+        with pytest.raises(AttributeError):
+            stats.keys = 5  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            stats.loads[0] = 9  # type: ignore[index]
+
+
+# -- threads ------------------------------------------------------------------
+
+
+def test_concurrent_assign_release_and_hotplug_keep_the_books_straight() -> None:
+    topo = Topology(4)
+    moves: list[tuple[Hashable, int, int]] = []
+    index = LoadIndex(topo, on_move=lambda k, o, n: moves.append((k, o, n)))
+    nthreads, per_thread = 8, 400
+    start = threading.Barrier(nthreads + 1)
+    errors: list[BaseException] = []
+
+    def producer(t: int) -> None:
+        try:
+            start.wait(timeout=10)
+            for i in range(per_thread):
+                index.assign((t, i), weight=1 + i % 3)
+                if i % 4 == 3:
+                    index.release((t, i - 1))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=producer, args=(t,)) for t in range(nthreads)]
+    for thread in threads:
+        thread.start()
+    start.wait(timeout=10)
+    for round_ in range(30):
+        cpu = round_ % 3 + 1
+        topo.cpu_down(cpu)
+        topo.cpu_up(cpu)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
+    with index:
+        expected = {
+            (t, i): 1 + i % 3 for t in range(nthreads) for i in range(per_thread) if i % 4 != 2
+        }
+        assert len(index) == len(expected)
+        loads = dict.fromkeys(range(4), 0)
+        for key, weight in expected.items():
+            assert index.weight_of(key) == weight
+            loads[index.cpu_of(key)] += weight
+        assert loads == {cpu: index.load(cpu) for cpu in range(4)}
+        assert all(old != new for _, old, new in moves)
+
+
+# -- the stateful property test -----------------------------------------------
+
+
+class LoadIndexMachine(RuleBasedStateMachine):
+    """Random assign/release/cpu_down/cpu_up against a tiny model.
+
+    The model knows each key's CPU and weight; it does not re-implement the
+    placement, it checks that every placement went to a least-loaded CPU and
+    that the spread between CPUs behaves as LoadIndex promises.
+    """
+
+    keys = Bundle("keys")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.topo: Topology | None = None
+        self.index: LoadIndex | None = None
+        self.model: dict[int, tuple[int, int]] = {}  # key -> (cpu, weight)
+        self.online: set[int] = set()
+        self.moves: list[tuple[Hashable, int, int]] = []
+        self.next_key = 0
+        self.only_added = True  # no release or cpu_up yet
+        self.unit = True
+        self.max_weight = 1
+
+    @initialize(ncpus=st.integers(1, 6), unit=st.booleans())
+    def setup(self, ncpus: int, unit: bool) -> None:
+        self.topo = Topology(ncpus)
+        self.index = LoadIndex(self.topo, on_move=lambda k, o, n: self.moves.append((k, o, n)))
+        self.online = set(range(ncpus))
+        self.unit = unit
+
+    def loads(self) -> dict[int, int]:
+        loads = dict.fromkeys(self.online, 0)
+        for cpu, weight in self.model.values():
+            loads[cpu] += weight
+        return loads
+
+    @rule(target=keys, weight=st.integers(1, 4))
+    def assign(self, weight: int) -> int:
+        assert self.index is not None
+        if self.unit:
+            weight = 1
+        before = self.loads()
+        key = self.next_key
+        self.next_key += 1
+        cpu = self.index.assign(key, weight=weight)
+        least = min(before.values())
+        assert cpu == min(c for c, load in before.items() if load == least)
+        self.model[key] = (cpu, weight)
+        self.max_weight = max(self.max_weight, weight)
+        assert spread(self.loads()) <= max(spread(before), weight)
+        return key
+
+    @rule(key=consumes(keys))
+    def release(self, key: int) -> None:
+        assert self.index is not None
+        self.index.release(key)
+        del self.model[key]
+        self.only_added = False
+        with pytest.raises(KeyError):
+            self.index.cpu_of(key)
+
+    @precondition(lambda self: len(self.online) > 1)
+    @rule(data=st.data())
+    def cpu_down(self, data: st.DataObject) -> None:
+        assert self.topo is not None
+        cpu = data.draw(st.sampled_from(sorted(self.online)))
+        victims = {k for k, (c, _) in self.model.items() if c == cpu}
+        self.online.discard(cpu)
+        before = dict.fromkeys(self.online, 0)
+        for c, weight in self.model.values():
+            if c != cpu:
+                before[c] += weight
+        self.moves.clear()
+        self.topo.cpu_down(cpu)
+        assert {k for k, _, _ in self.moves} == victims
+        for key, old, new in self.moves:
+            assert old == cpu and new in self.online
+            self.model[key] = (new, self.model[key][1])  # type: ignore[index]
+        largest = max((self.model[k][1] for k in victims), default=0)
+        assert spread(self.loads()) <= max(spread(before), largest)
+
+    @precondition(lambda self: self.topo is not None and len(self.online) < len(self.topo.possible()))
+    @rule(data=st.data())
+    def cpu_up(self, data: st.DataObject) -> None:
+        assert self.topo is not None
+        cpu = data.draw(st.sampled_from(sorted(set(self.topo.possible()) - self.online)))
+        self.moves.clear()
+        self.topo.cpu_up(cpu)
+        self.online.add(cpu)
+        assert self.moves == []
+        self.only_added = False
+
+    @invariant()
+    def books_match_the_model(self) -> None:
+        if self.index is None or self.topo is None:
+            return
+        loads = self.loads()
+        for cpu in self.topo.possible():
+            assert self.index.load(cpu) == loads.get(cpu, 0)
+        for key, (cpu, weight) in self.model.items():
+            assert self.index.cpu_of(key) == cpu
+            assert self.index.weight_of(key) == weight
+        stats = self.index.statistics()
+        assert dict(stats.loads) == loads
+        assert stats.keys == len(self.model)
+
+    @invariant()
+    def even_while_only_adding(self) -> None:
+        if self.index is not None and self.unit and self.only_added:
+            assert spread(self.loads()) <= 1
+
+    def teardown(self) -> None:
+        if self.index is not None:
+            self.index.close()
+
+
+LoadIndexMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_load_index_state_machine = LoadIndexMachine.TestCase

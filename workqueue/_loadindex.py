@@ -1,0 +1,331 @@
+"""Placing long-lived keys on the least-loaded online CPU of a Topology.
+
+A backend that owns many long-lived objects (sockets, devices, rings) wants
+each object's work to run on one CPU, and wants the objects spread evenly over
+the CPUs.  When a CPU goes offline, the objects homed there must move, and
+their owner must hear about it so that it can re-home whatever it keeps per
+CPU.  LoadIndex does the bookkeeping:
+
+    index = LoadIndex(topology, on_move=rehome)
+    cpu = index.assign(sock)           # least-loaded online CPU
+    ...
+    index.release(sock)
+
+The index keeps every online CPU in a sorted list of (load, cpu) pairs, so
+placing a key is O(log n) in the number of CPUs, which matters for a 640-CPU
+dom0 with tens of thousands of sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Protocol
+
+from sortedcontainers import SortedList
+
+if TYPE_CHECKING:
+    from ._topology import Topology
+
+__all__ = ["LoadIndex", "LoadIndexStats"]
+
+logger = logging.getLogger(__name__)
+
+OnMove = Callable[[Hashable, int, int], None]
+
+
+class _HotplugSource(Protocol):
+    """The part of Topology that LoadIndex uses (see workqueue/_topology.py)."""
+
+    def possible(self) -> list[int]: ...
+    def online(self) -> list[int]: ...
+    def add_hotplug_notifier(self, fn: Callable[[int, bool], None]) -> None: ...
+    def remove_hotplug_notifier(self, fn: Callable[[int, bool], None]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LoadIndexStats:
+    """A consistent snapshot of a LoadIndex, taken under its lock."""
+
+    keys: int
+    """Number of keys currently assigned."""
+    total_load: int
+    """Sum of the weights of all assigned keys."""
+    loads: Mapping[int, int]
+    """Load of every online CPU, by CPU number (read-only)."""
+    offline: tuple[int, ...]
+    """Possible CPUs that are offline; they carry no keys."""
+    moves: int
+    """Keys moved off offline CPUs since the index was created."""
+
+
+class _HotplugNotifier:
+    """The callable registered with the topology on behalf of a LoadIndex.
+
+    It holds the index weakly, so that the topology, which typically outlives
+    its users, does not keep a forgotten index (and its keys) alive.  Once the
+    index is gone the notifier does nothing; close() removes it.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, index: LoadIndex) -> None:
+        self._ref = weakref.ref(index)
+
+    def __call__(self, cpu: int, online: bool) -> None:
+        index = self._ref()
+        if index is not None:
+            index._hotplug(cpu, online)
+
+
+class LoadIndex:
+    """Assign keys to the least-loaded online CPU of *topology*.
+
+    assign(key, weight) puts *key* on the online CPU with the smallest load
+    (the sum of the weights of its keys), the lowest CPU number on a tie, and
+    keeps it there until release(key) or until that CPU goes offline.
+
+    Hotplug.  The index registers a notifier on the topology.  When a CPU goes
+    down, its keys are moved, heaviest first, each onto the then least-loaded
+    online CPU, and on_move(key, old_cpu, new_cpu) is called for each of them
+    before Topology.cpu_down() returns.  When a CPU comes up, nothing moves
+    back; new keys fill it first since it is the emptiest.
+
+    Evenness.  Each assignment and each move goes to a least-loaded CPU, so
+    while keys of weight 1 are only added (and CPUs only taken down), the
+    numbers of keys on any two online CPUs differ by at most one.  In general
+    neither an assignment nor a cpu_down ever widens the spread between the
+    most and the least loaded online CPU beyond max(spread, largest weight).
+
+    Threads.  Every method may be called from any thread.  on_move is called
+    from the thread running cpu_down, without the index's lock held, so it
+    may call back into the index; it must not call close() or take the CPU
+    hotplug lock (it already runs under it).  A key released concurrently
+    with a cpu_down may still be reported as moved.
+
+    Call close() (or use the index as a context manager) to unregister from
+    the topology; after close() the index refuses new keys.
+    """
+
+    def __init__(self, topology: Topology | _HotplugSource, on_move: OnMove | None = None) -> None:
+        if on_move is not None and not callable(on_move):
+            raise TypeError(f"on_move must be callable or None, not {type(on_move).__name__}")
+        self._topology = topology
+        self._on_move = on_move
+
+        # _lock protects every field below.  It is a leaf lock: nothing else is
+        # acquired while it is held, except the topology's lock inside
+        # add_hotplug_notifier() during __init__, when no notifier of ours can
+        # be running yet.  Lock order: topology hotplug lock -> _lock.
+        self._lock = threading.Lock()
+
+        # Invariants, whenever _lock is free:
+        #  - _cpu_of and _weight have the same keys, and _cpu_of[k] is online;
+        #  - _keys_on[cpu] holds exactly the keys k with _cpu_of[k] == cpu, in
+        #    assignment order (dicts keep insertion order);
+        #  - _load[cpu] is the sum of _weight over _keys_on[cpu];
+        #  - _index holds (_load[cpu], cpu) for exactly the CPUs in _online.
+        self._cpu_of: dict[Hashable, int] = {}
+        self._weight: dict[Hashable, int] = {}
+        possible = list(topology.possible())
+        self._keys_on: dict[int, dict[Hashable, None]] = {cpu: {} for cpu in possible}
+        self._load: dict[int, int] = dict.fromkeys(possible, 0)
+        self._online: set[int] = set()
+        self._index: SortedList = SortedList()
+        self._moves = 0
+        self._closed = False
+
+        self._notifier = _HotplugNotifier(self)
+        with self._lock:
+            # Register first, then read the online set, both under _lock: a
+            # hotplug event racing with us blocks in _hotplug() until the
+            # index is initialised, and _hotplug() ignores an event that the
+            # online set we read already reflects.
+            topology.add_hotplug_notifier(self._notifier)
+            for cpu in topology.online():
+                self._online.add(cpu)
+                self._index.add((0, cpu))
+            if not self._online:
+                raise ValueError("topology has no online CPU")
+
+    # -- placing keys ---------------------------------------------------------
+
+    def assign(self, key: Hashable, weight: int = 1) -> int:
+        """Place *key* on the least-loaded online CPU and return that CPU.
+
+        *weight* (a positive int) is what the key adds to its CPU's load.
+        Assigning a key that is already assigned is an error: release it
+        first.
+        """
+        if not isinstance(weight, int) or isinstance(weight, bool):
+            raise TypeError(f"weight must be an int, not {type(weight).__name__}")
+        if weight <= 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        hash(key)  # an unhashable key fails here with the usual TypeError
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("LoadIndex is closed")
+            if key in self._cpu_of:
+                raise ValueError(
+                    f"key {key!r} is already assigned to CPU {self._cpu_of[key]}; release it first"
+                )
+            cpu = self._place(key, weight)
+            self._weight[key] = weight
+            return cpu
+
+    def release(self, key: Hashable) -> None:
+        """Forget *key*; its weight no longer counts.  KeyError if unknown."""
+        with self._lock:
+            try:
+                cpu = self._cpu_of.pop(key)
+            except KeyError:
+                raise KeyError(key) from None
+            weight = self._weight.pop(key)
+            del self._keys_on[cpu][key]
+            self._add_load(cpu, -weight)
+
+    def cpu_of(self, key: Hashable) -> int:
+        """The CPU *key* is assigned to.  KeyError if unknown."""
+        with self._lock:
+            try:
+                return self._cpu_of[key]
+            except KeyError:
+                raise KeyError(key) from None
+
+    def weight_of(self, key: Hashable) -> int:
+        """The weight *key* was assigned with.  KeyError if unknown."""
+        with self._lock:
+            try:
+                return self._weight[key]
+            except KeyError:
+                raise KeyError(key) from None
+
+    def load(self, cpu: int) -> int:
+        """The load of *cpu*: the sum of the weights of its keys (0 if offline)."""
+        with self._lock:
+            try:
+                return self._load[cpu]
+            except (KeyError, TypeError):
+                raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
+
+    def keys_on(self, cpu: int) -> list[Hashable]:
+        """The keys assigned to *cpu*, oldest first."""
+        with self._lock:
+            try:
+                return list(self._keys_on[cpu])
+            except (KeyError, TypeError):
+                raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
+
+    def statistics(self) -> LoadIndexStats:
+        """A frozen snapshot of the index."""
+        with self._lock:
+            loads = {cpu: self._load[cpu] for cpu in sorted(self._online)}
+            return LoadIndexStats(
+                keys=len(self._cpu_of),
+                total_load=sum(self._load.values()),
+                loads=MappingProxyType(loads),
+                offline=tuple(sorted(set(self._load) - self._online)),
+                moves=self._moves,
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cpu_of)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._cpu_of
+
+    def __repr__(self) -> str:
+        with self._lock:
+            state = "closed" if self._closed else f"{len(self._online)} online CPUs"
+            return f"<LoadIndex {len(self._cpu_of)} keys, {state}>"
+
+    # -- lifetime -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unregister from the topology and refuse new keys.  Idempotent.
+
+        Assigned keys stay readable and releasable.  Must not be called from
+        on_move.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        # Outside _lock: removing may wait for the topology's hotplug lock,
+        # whose holder may be waiting for _lock in _hotplug().
+        self._topology.remove_hotplug_notifier(self._notifier)
+
+    def __enter__(self) -> LoadIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals (callers hold _lock) ---------------------------------------
+
+    def _place(self, key: Hashable, weight: int) -> int:
+        """Put *key* on the least-loaded online CPU, lowest number on a tie."""
+        load, cpu = self._index.pop(0)
+        self._index.add((load + weight, cpu))
+        self._load[cpu] = load + weight
+        self._keys_on[cpu][key] = None
+        self._cpu_of[key] = cpu
+        return cpu
+
+    def _add_load(self, cpu: int, delta: int) -> None:
+        load = self._load[cpu]
+        if cpu in self._online:
+            self._index.remove((load, cpu))
+            self._index.add((load + delta, cpu))
+        self._load[cpu] = load + delta
+
+    # -- hotplug --------------------------------------------------------------
+
+    def _hotplug(self, cpu: int, online: bool) -> None:
+        """Topology notifier: runs inside cpu_down()/cpu_up(), serialised."""
+        moved: list[tuple[Hashable, int, int]] = []
+        with self._lock:
+            if self._closed:
+                return
+            if online:
+                if cpu not in self._online and cpu in self._load:
+                    self._online.add(cpu)
+                    self._index.add((self._load[cpu], cpu))
+                return
+            if cpu not in self._online:
+                return  # already reflected in the online set read by __init__
+            if len(self._online) == 1:
+                # The topology refuses to take its last CPU down, so this
+                # means the index and the topology disagree; keep the keys.
+                logger.error("LoadIndex: CPU %d going down but it is the last online CPU", cpu)
+                return
+            self._online.discard(cpu)
+            self._index.remove((self._load[cpu], cpu))
+            # Heaviest first, each to the then least-loaded CPU (greedy LPT):
+            # this keeps the online CPUs as even as a one-pass move can.
+            keys = sorted(self._keys_on[cpu], key=self._weight.__getitem__, reverse=True)
+            self._keys_on[cpu] = {}
+            self._load[cpu] = 0
+            for key in keys:
+                moved.append((key, cpu, self._place(key, self._weight[key])))
+            self._moves += len(moved)
+        if moved:
+            logger.debug("LoadIndex: CPU %d down, moved %d keys", cpu, len(moved))
+        on_move = self._on_move
+        if on_move is None:
+            return
+        for key, old_cpu, new_cpu in moved:
+            try:
+                on_move(key, old_cpu, new_cpu)
+            except Exception:
+                # One owner's bug must not stop the others' keys from being
+                # re-homed, nor make cpu_down fail half way.
+                logger.exception(
+                    "LoadIndex on_move(%r, %d, %d) raised", key, old_cpu, new_cpu
+                )
