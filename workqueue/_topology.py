@@ -1,0 +1,235 @@
+"""The CPUs a workqueue runs on, and CPU hotplug.
+
+A Topology is the set of *logical* CPUs the workqueue engine schedules on.
+By default it is this process's CPUs (os.sched_getaffinity), but it may have
+more logical CPUs than the machine has, to model a large dom0 on a laptop:
+logical CPU n is then mapped onto a host CPU (real_cpu), and the workers of
+CPU n are pinned there.
+
+Hotplug follows the kernel's cpuhp model, reduced to one state: cpu_down()
+and cpu_up() are synchronous, and run the registered notifiers one after the
+other under the topology's hotplug lock -- in registration order when a CPU
+comes up, in reverse order when it goes down (teardown mirrors setup).  When
+cpu_down() returns, every notifier has seen the CPU go: the worker pools of
+that CPU are unbound, every LoadIndex has re-homed its keys.
+
+The topology also carries the two system-wide tunables of the engine that
+runs on it (the kernel's wq_cpu_intensive_thresh_us and wq_watchdog_thresh),
+so that tests can change them without touching global state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["Topology"]
+
+logger = logging.getLogger(__name__)
+
+HotplugNotifier = Callable[[int, bool], None]
+
+
+def _load_sched_getcpu() -> Callable[[], int] | None:
+    """glibc's sched_getcpu(), which the os module does not offer."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = ()
+    return fn  # type: ignore[no-any-return,unused-ignore]
+
+
+_sched_getcpu = _load_sched_getcpu()
+
+# Which logical CPU of which topology the current thread is a worker of.
+# Worker threads set `.binding = (topology, cpu)`; other threads never do.
+_this_thread = threading.local()
+
+
+class Topology:
+    """A set of logical CPUs, some of them online, with hotplug notifiers.
+
+    Topology(ncpus) has logical CPUs 0..ncpus-1; Topology(cpus=[...]) has the
+    given CPU numbers; Topology() has the CPUs this process may run on.
+    """
+
+    def __init__(
+        self,
+        ncpus: int | None = None,
+        *,
+        cpus: Iterable[int] | None = None,
+        cpu_intensive_thresh: float = 0.010,
+        watchdog_thresh: float = 30.0,
+    ) -> None:
+        host = sorted(os.sched_getaffinity(0))
+        if ncpus is not None and cpus is not None:
+            raise TypeError("give either ncpus or cpus, not both")
+        if ncpus is not None:
+            if isinstance(ncpus, bool) or not isinstance(ncpus, int):
+                raise TypeError(f"ncpus must be an int, not {type(ncpus).__name__}")
+            if ncpus < 1:
+                raise ValueError(f"ncpus must be at least 1, got {ncpus}")
+            possible = list(range(ncpus))
+        elif cpus is not None:
+            possible = []
+            for cpu in cpus:
+                if isinstance(cpu, bool) or not isinstance(cpu, int):
+                    raise TypeError(f"CPU numbers must be ints, got {cpu!r}")
+                if cpu < 0:
+                    raise ValueError(f"CPU numbers must not be negative, got {cpu}")
+                possible.append(cpu)
+            if not possible:
+                raise ValueError("a topology needs at least one CPU")
+            if len(set(possible)) != len(possible):
+                raise ValueError(f"duplicate CPU numbers in {possible}")
+            possible.sort()
+        else:
+            possible = list(host)
+        self._possible: tuple[int, ...] = tuple(possible)
+        self._possible_set = frozenset(possible)
+        # A logical CPU that is also a host CPU runs there; the others are
+        # spread round-robin over the host CPUs.
+        host_set = frozenset(host)
+        self._real: dict[int, int] = {
+            cpu: cpu if cpu in host_set else host[cpu % len(host)] for cpu in possible
+        }
+        self.cpu_intensive_thresh = cpu_intensive_thresh
+        self.watchdog_thresh = watchdog_thresh
+
+        # _hotplug_lock serialises cpu_down/cpu_up and notifier (un)registration,
+        # so a notifier sees every transition exactly once, in order.  It is
+        # held while notifiers run: a notifier must not call cpu_down/cpu_up.
+        # Readers (online, is_online, current_cpu) take no lock: they read
+        # _online and _host_to_logical, which are replaced, never mutated.
+        self._hotplug_lock = threading.Lock()
+        self._notifiers: list[HotplugNotifier] = []
+        self._online: frozenset[int] = self._possible_set
+        self._online_list: tuple[int, ...] = self._possible
+        self._host_to_logical: dict[int, int] = {}
+        self._update_host_map()
+
+        # The worker pools of this topology (workqueue._pool.PoolSet), made
+        # on first use.  It lives here, not in a module global, so that each
+        # topology -- and each test -- gets its own pools.
+        self._pools: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Topology possible={list(self._possible)} online={list(self._online_list)}>"
+
+    # -- queries ----------------------------------------------------------
+
+    def possible(self) -> list[int]:
+        """Every logical CPU of the topology, online or not, sorted."""
+        return list(self._possible)
+
+    def online(self) -> list[int]:
+        """The online logical CPUs, sorted."""
+        return list(self._online_list)
+
+    def is_online(self, cpu: int) -> bool:
+        """True if *cpu* is online; ValueError if it is not a CPU of this topology."""
+        self._check_cpu(cpu)
+        return cpu in self._online
+
+    def real_cpu(self, cpu: int) -> int:
+        """The host CPU the workers of logical CPU *cpu* are pinned to."""
+        self._check_cpu(cpu)
+        return self._real[cpu]
+
+    def current_cpu(self) -> int:
+        """The logical CPU the calling thread counts as running on.
+
+        A worker of an online CPU of this topology is on its CPU.  Any other
+        thread is on the lowest online logical CPU mapped to the host CPU it
+        runs on right now (or the lowest online CPU if none is mapped there).
+        """
+        binding = getattr(_this_thread, "binding", None)
+        if binding is not None and binding[0] is self and binding[1] in self._online:
+            cpu: int = binding[1]
+            return cpu
+        host_map = self._host_to_logical
+        if _sched_getcpu is not None:
+            found = host_map.get(_sched_getcpu())
+            if found is not None:
+                return found
+        return self._online_list[0]
+
+    def _check_cpu(self, cpu: int) -> None:
+        if cpu not in self._possible_set:
+            if isinstance(cpu, bool) or not isinstance(cpu, int):
+                raise TypeError(f"a CPU number must be an int, not {type(cpu).__name__}")
+            raise ValueError(f"CPU {cpu} is not a possible CPU of this topology")
+
+    def _update_host_map(self) -> None:
+        host_map: dict[int, int] = {}
+        for cpu in self._online_list:  # ascending: the lowest wins
+            host_map.setdefault(self._real[cpu], cpu)
+        self._host_to_logical = host_map
+
+    # -- hotplug ----------------------------------------------------------
+
+    def add_hotplug_notifier(self, fn: HotplugNotifier) -> None:
+        """Call fn(cpu, online) inside every later cpu_down/cpu_up.
+
+        Notifiers run synchronously, under the hotplug lock: in registration
+        order for cpu_up, in reverse order for cpu_down.  When fn runs the
+        CPU is already in (up) or already out of (down) online().
+        """
+        if not callable(fn):
+            raise TypeError(f"hotplug notifier must be callable, not {type(fn).__name__}")
+        with self._hotplug_lock:
+            self._notifiers.append(fn)
+
+    def remove_hotplug_notifier(self, fn: HotplugNotifier) -> None:
+        """Unregister *fn*; ValueError if it was not registered."""
+        with self._hotplug_lock:
+            try:
+                self._notifiers.remove(fn)
+            except ValueError:
+                raise ValueError(f"{fn!r} is not a registered hotplug notifier") from None
+
+    def cpu_down(self, cpu: int) -> None:
+        """Take *cpu* offline, synchronously (a no-op if it is offline).
+
+        ValueError for an unknown CPU or for the last online CPU.
+        """
+        self._check_cpu(cpu)
+        with self._hotplug_lock:
+            if cpu not in self._online:
+                return
+            if len(self._online) == 1:
+                raise ValueError(f"CPU {cpu} is the last online CPU; it cannot go down")
+            self._set_online(self._online - {cpu})
+            for fn in reversed(self._notifiers):
+                self._notify(fn, cpu, False)
+
+    def cpu_up(self, cpu: int) -> None:
+        """Bring *cpu* online, synchronously (a no-op if it is online)."""
+        self._check_cpu(cpu)
+        with self._hotplug_lock:
+            if cpu in self._online:
+                return
+            self._set_online(self._online | {cpu})
+            for fn in list(self._notifiers):
+                self._notify(fn, cpu, True)
+
+    def _set_online(self, online: frozenset[int]) -> None:
+        self._online = online
+        self._online_list = tuple(sorted(online))
+        self._update_host_map()
+
+    @staticmethod
+    def _notify(fn: HotplugNotifier, cpu: int, online: bool) -> None:
+        # Hotplug cannot be rolled back half-way: a failing notifier is a bug
+        # in its owner, reported, and the others still run.
+        try:
+            fn(cpu, online)
+        except Exception:
+            logger.exception("hotplug notifier %r failed for CPU %d going %s",
+                             fn, cpu, "up" if online else "down")
