@@ -1,0 +1,1282 @@
+"""The guest side of PV Calls: a frontend and a socket-like class on top of it.
+
+:class:`Frontend` plays the part of Linux's ``pvcalls-front`` for one guest
+domain: it adds the ``pvcalls`` device as a toolstack would, does the xenbus
+handshake, owns the one-page command ring, and hands out :class:`PVSocket`
+objects that behave like ``socket.socket(AF_INET, SOCK_STREAM)``::
+
+    with pvcalls.Frontend(guest) as fe:
+        with fe.socket() as s:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"hello")
+            reply = s.recv(4096)
+
+On the wire it speaks exactly as Linux's frontend does, so that a backend
+tested against this class works with real guests:
+
+* ``req_id`` is the command ring slot index (``req_prod_pvt & (RING_SIZE-1)``)
+  and one response table entry per slot waits for the answer;
+* socket ids are unique pointer-sized values, never reused by one frontend;
+* every active socket gets a data ring of ``ring_order`` 4 (16 pages, 32 KiB
+  each way) plus its indexes page, and an event channel of its own;
+* CONNECT and BIND carry ``len`` = 16 (``sizeof(struct sockaddr)``);
+* accept() first sends POLL and waits for a pending connection, then sends
+  ACCEPT, as a Linux program calling ``poll()`` then ``accept()`` does; at most
+  one POLL or ACCEPT is in flight per listening socket (Linux's backend
+  answers a second one with -EINTR);
+* after RELEASE of an active socket it writes -EBADF into ``in_error``.
+
+Where Linux would return -EAGAIN because every ring slot is busy, this class
+waits for a free slot instead.
+
+Threads: one event thread per frontend reads the event channel handle and
+wakes whoever waits (command responses, socket data).  Several threads may
+use different sockets of one frontend at the same time; one socket may have
+one thread receiving while another sends.
+
+Waiting on sockets: :meth:`PVSocket.fileno` returns an ``eventfd`` that is
+readable while ``recv`` or ``accept`` would not block (data, end of stream,
+an error, or a pending connection).  It never reports anything about
+writability: ``select`` always finds it writable.  It is *not* a socket
+descriptor; pass it only to ``select``/``poll``/``selectors``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import itertools
+import logging
+import os
+import queue
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from xenback import _barrier
+from xenback.ring import FlexRing, FrontRing
+
+from . import _errno
+from ._wire import (
+    AF_INET,
+    IN_CONS_OFFSET,
+    IN_ERROR_OFFSET,
+    IN_PROD_OFFSET,
+    OUT_CONS_OFFSET,
+    OUT_ERROR_OFFSET,
+    OUT_PROD_OFFSET,
+    PAGE_SIZE,
+    PVCALLS_ACCEPT,
+    PVCALLS_BIND,
+    PVCALLS_COMMANDS,
+    PVCALLS_CONNECT,
+    PVCALLS_LISTEN,
+    PVCALLS_POLL,
+    PVCALLS_RELEASE,
+    PVCALLS_SOCKET,
+    PVCALLS_VERSIONS,
+    REF_OFFSET,
+    RING_ORDER_OFFSET,
+    RING_SLOTS,
+    SLOT_SIZE,
+    SOCK_STREAM,
+    SOCKADDR_IN_LEN,
+    ffi,
+    flex_ring_size,
+    pack_sockaddr_in,
+)
+
+if TYPE_CHECKING:
+    from xenback.platform import EventChannel, GrantShare, SharedPages
+
+__all__ = ["Frontend", "PVSocket", "FRONTEND_RING_ORDER"]
+
+logger = logging.getLogger(__name__)
+
+#: The data ring order of every active socket: Linux's ``PVCALLS_RING_ORDER``.
+FRONTEND_RING_ORDER = 4
+
+# Xenbus states (xenbus.h); spelled out here so that the frontend does not
+# depend on the backend framework's driver classes.
+_INIT_WAIT = 2
+_INITIALISED = 3
+_CONNECTED = 4
+_CLOSING = 5
+_CLOSED = 6
+
+_I32 = struct.Struct("=i")
+_U32 = struct.Struct("=I")
+_ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
+_ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
+
+
+def _host_error(ret: int, what: str) -> OSError:
+    """An :class:`OSError` in the host's numbering for the negative Xen
+    errno ``ret`` (mapped by name; Linux's internal ENOTSUPP becomes
+    EOPNOTSUPP)."""
+    name = _errno.name_of(ret)
+    code = getattr(errno, name, None)
+    if code is None:
+        code = errno.EOPNOTSUPP if name == "ENOTSUPP" else errno.EIO
+    return OSError(code, f"{os.strerror(code)} ({what})")
+
+
+def _bad_fd() -> OSError:
+    return OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+class _Deadline:
+    """A socket timeout turned into an absolute deadline.
+
+    ``None`` waits forever, ``0.0`` never waits (the caller raises
+    :class:`BlockingIOError`), anything else raises :class:`TimeoutError`.
+    """
+
+    __slots__ = ("_end", "timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left; raises :class:`TimeoutError` once they are over."""
+        if self._end is None:
+            return None
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        return left
+
+
+class _Slot:
+    """One command in flight: the response table entry of its ring slot."""
+
+    __slots__ = ("cmd", "sock_id", "done", "ret", "abandoned")
+
+    def __init__(self, cmd: int, sock_id: int) -> None:
+        self.cmd = cmd
+        self.sock_id = sock_id
+        self.done = False
+        self.ret = 0
+        # Nobody will collect the answer: free the slot when it arrives.
+        self.abandoned = False
+
+
+class _DataRing:
+    """An active socket's shared pages: the indexes page and 2**order data
+    pages, granted to the backend, and the event channel that goes with
+    them.  The frontend initialises them; only the frontend frees them."""
+
+    def __init__(self, gntshr: GrantShare, evtchn: EventChannel, backend_id: int) -> None:
+        npages = 1 << FRONTEND_RING_ORDER
+        size = flex_ring_size(FRONTEND_RING_ORDER)
+        self.pages: SharedPages = gntshr.share_pages(backend_id, 1 + npages)
+        buf = self.pages.buffer
+        self.indexes = buf[:PAGE_SIZE]
+        data = buf[PAGE_SIZE:]
+        refs = self.pages.refs
+        _U32.pack_into(self.indexes, RING_ORDER_OFFSET, FRONTEND_RING_ORDER)
+        for i in range(npages):
+            _U32.pack_into(self.indexes, REF_OFFSET + 4 * i, refs[1 + i])
+        self.ref = refs[0]
+        # in: the backend produces, we consume.  out: the other way round.
+        self.inq = FlexRing(
+            data[:size], self.indexes, prod_offset=IN_PROD_OFFSET, cons_offset=IN_CONS_OFFSET
+        )
+        self.outq = FlexRing(
+            data[size : 2 * size],
+            self.indexes,
+            prod_offset=OUT_PROD_OFFSET,
+            cons_offset=OUT_CONS_OFFSET,
+        )
+        self._evtchn = evtchn
+        try:
+            self.port = evtchn.bind_unbound_port(backend_id)
+        except BaseException:
+            self.pages.unshare()
+            raise
+
+    # Peeks for wait predicates and the readiness eventfd: they must not
+    # disturb the FlexRing's notion of the last readable()/writable().
+    def in_pending(self) -> bool:
+        return _U32.unpack_from(self.indexes, IN_PROD_OFFSET) != _U32.unpack_from(
+            self.indexes, IN_CONS_OFFSET
+        )
+
+    def out_has_room(self) -> bool:
+        used = (
+            _U32.unpack_from(self.indexes, OUT_PROD_OFFSET)[0]
+            - _U32.unpack_from(self.indexes, OUT_CONS_OFFSET)[0]
+        ) & 0xFFFFFFFF
+        return used < self.outq.size
+
+    def in_error(self) -> int:
+        return int(_I32.unpack_from(self.indexes, IN_ERROR_OFFSET)[0])
+
+    def out_error(self) -> int:
+        return int(_I32.unpack_from(self.indexes, OUT_ERROR_OFFSET)[0])
+
+    def set_in_error(self, value: int) -> None:
+        _I32.pack_into(self.indexes, IN_ERROR_OFFSET, value)
+
+    def free(self) -> None:
+        try:
+            self._evtchn.unbind(self.port)
+        except OSError as exc:
+            logger.debug("unbinding port %d: %s", self.port, exc)
+        self.inq.release()
+        self.outq.release()
+        self.indexes.release()
+        self.pages.unshare()
+
+
+class PVSocket:
+    """A TCP/IPv4 socket whose calls go to the backend domain over PV Calls.
+
+    Create it with :meth:`Frontend.socket`.  It supports the subset of
+    :class:`socket.socket` that PV Calls can express: ``connect``, ``bind``,
+    ``listen``, ``accept``, ``send``, ``sendall``, ``recv``, ``recv_into``,
+    ``makefile``, timeouts, ``close`` and ``with`` blocks.
+
+    PV Calls has no shutdown and does not report addresses back, so
+    ``getsockname`` returns the address given to :meth:`bind` (``("0.0.0.0",
+    0)`` otherwise), ``getpeername`` the address given to :meth:`connect`,
+    and :meth:`accept` returns ``("0.0.0.0", 0)`` as the peer address.
+    """
+
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
+    proto = 0
+
+    def __init__(self, frontend: Frontend, sock_id: int) -> None:
+        self._fe = frontend
+        self.id = sock_id
+        self._timeout: float | None = socket.getdefaulttimeout()
+        self._closed = False
+        self._io_refs = 0  # open makefile() streams, as in socket.socket
+        self._ring: _DataRing | None = None  # set once active
+        self._sockname: tuple[str, int] = ("0.0.0.0", 0)
+        self._peername: tuple[str, int] | None = None
+        self._bound = False
+        self._listening = False
+        self._broken = False  # a CONNECT timed out: only close() is left
+
+        # _cond guards the socket's state flags below and is what waiters
+        # sleep on; the event thread takes it (after releasing the command
+        # ring lock) to wake them.  Lock order: _recv_lock / _send_lock /
+        # _accept_lock, then the frontend's command lock, then _cond.  Never
+        # call into the command ring while holding _cond.
+        self._cond = threading.Condition(threading.Lock())
+        # One receiver, one sender and one acceptor at a time, like the
+        # kernel's socket lock; close() takes them to wait out copies from
+        # the shared pages before unsharing them.
+        self._recv_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._accept_lock = threading.Lock()
+
+        # Passive socket state (under _cond).
+        self._poll_inflight = False
+        self._poll_ready = False
+        self._poll_error = 0
+        self._accept_inflight: tuple[int, _Slot, PVSocket] | None = None
+        self._armed = False  # fileno() asked for: keep a POLL in flight
+
+        self._readyfd: int | None = None  # eventfd for fileno(), lazily
+        self._ready_set = False
+
+    # -- socket.socket API -------------------------------------------------
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "active" if self._ring else (
+            "listening" if self._listening else "bound" if self._bound else "new")
+        return f"<PVSocket id={self.id:#x} {state}>"
+
+    def __enter__(self) -> PVSocket:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: builtins.type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def settimeout(self, value: float | None) -> None:
+        """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
+        never blocks, a positive number of seconds bounds every call."""
+        if value is not None:
+            value = float(value)
+            if value < 0:
+                raise ValueError("Timeout value out of range")
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    def getsockname(self) -> tuple[str, int]:
+        self._check_open()
+        return self._sockname
+
+    def getpeername(self) -> tuple[str, int]:
+        self._check_open()
+        if self._peername is None:
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        return self._peername
+
+    def connect(self, address: tuple[str, int]) -> None:
+        """Connect to ``address`` = (IPv4 address, port) as seen from the
+        backend domain.  Waits for the backend's answer, bounded by the
+        timeout when one is set (also in non-blocking mode)."""
+        host, port = self._check_address(address)
+        with self._send_lock, self._recv_lock:
+            self._check_open()
+            if self._ring is not None or self._listening or self._broken:
+                raise OSError(errno.EISCONN, "socket is already connected or in use")
+            ring = self._fe._new_data_ring(self)
+            self._ring = ring
+            sockaddr = pack_sockaddr_in(host, port)
+
+            def fill(req: Any) -> None:
+                req.u.connect.id = self.id
+                ffi.memmove(req.u.connect.addr, sockaddr, len(sockaddr))
+                req.u.connect.len = SOCKADDR_IN_LEN
+                req.u.connect.flags = 0
+                req.u.connect.ref = ring.ref
+                req.u.connect.evtchn = ring.port
+
+            deadline = _Deadline(self._timeout or None)
+            try:
+                ret = self._fe._call(PVCALLS_CONNECT, self.id, fill, deadline)
+            except TimeoutError:
+                # The answer still comes; nobody will read it.  Like Linux,
+                # keep the ring until RELEASE.
+                self._broken = True
+                raise
+            if ret < 0:
+                self._broken = True
+                raise _host_error(ret, f"connect to {host}:{port}")
+            self._peername = (host, port)
+
+    def connect_ex(self, address: tuple[str, int]) -> int:
+        """Like :meth:`connect` but return an errno instead of raising."""
+        try:
+            self.connect(address)
+        except TimeoutError:
+            return errno.ETIMEDOUT
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
+
+    def bind(self, address: tuple[str, int]) -> None:
+        """Bind to ``address`` in the backend domain (port 0 lets the
+        backend's host pick one; PV Calls cannot tell the guest which)."""
+        host, port = self._check_address(address)
+        self._check_open()
+        if self._ring is not None or self._bound or self._broken:
+            raise OSError(errno.EINVAL, "socket is already bound or connected")
+        sockaddr = pack_sockaddr_in(host, port)
+
+        def fill(req: Any) -> None:
+            req.u.bind.id = self.id
+            ffi.memmove(req.u.bind.addr, sockaddr, len(sockaddr))
+            req.u.bind.len = SOCKADDR_IN_LEN
+
+        ret = self._fe._call(PVCALLS_BIND, self.id, fill, _Deadline(self._timeout or None))
+        if ret < 0:
+            raise _host_error(ret, f"bind to {host}:{port}")
+        self._bound = True
+        self._sockname = (host, port)
+
+    def listen(self, backlog: int | None = None) -> None:
+        """Start listening; ``backlog`` defaults to ``min(128, SOMAXCONN)``
+        as in :meth:`socket.socket.listen`."""
+        self._check_open()
+        if not self._bound:
+            # Linux's frontend: listen before bind is EOPNOTSUPP.
+            raise OSError(errno.EOPNOTSUPP, "listen() needs bind() first over PV Calls")
+        if backlog is None:
+            backlog = min(128, socket.SOMAXCONN)
+        backlog = max(0, int(backlog))
+
+        def fill(req: Any) -> None:
+            req.u.listen.id = self.id
+            req.u.listen.backlog = min(backlog, 0xFFFFFFFF)
+
+        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, _Deadline(self._timeout or None))
+        if ret < 0:
+            raise _host_error(ret, "listen")
+        self._listening = True
+        if self._armed:
+            self._arm_poll()
+
+    def accept(self) -> tuple[PVSocket, tuple[str, int]]:
+        """Wait for a connection: POLL until one is pending, then ACCEPT.
+
+        Returns ``(socket, ("0.0.0.0", 0))``: PV Calls does not carry the
+        peer address.  On timeout the POLL or ACCEPT stays in flight and the
+        next call picks it up, so no connection is lost.
+        """
+        with self._accept_lock:
+            self._check_open()
+            if not self._listening:
+                raise OSError(errno.EINVAL, "accept() on a socket that is not listening")
+            deadline = _Deadline(self._timeout)
+            if self._accept_inflight is None:
+                self._wait_pending_connection(deadline)
+                new = self._fe._new_socket()
+                try:
+                    ring = self._fe._new_data_ring(new)
+                except BaseException:
+                    self._fe._forget(new)
+                    raise
+                new._ring = ring
+
+                def fill(req: Any) -> None:
+                    req.u.accept.id = self.id
+                    req.u.accept.id_new = new.id
+                    req.u.accept.ref = ring.ref
+                    req.u.accept.evtchn = ring.port
+
+                req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, _Deadline(None))
+                self._accept_inflight = (req_id, slot, new)
+            req_id, slot, new = self._accept_inflight
+            ret = self._fe._wait_slot(req_id, slot, deadline, self)
+            self._accept_inflight = None
+            if ret < 0:
+                # The backend did not take the new id: free it without RELEASE.
+                self._fe._drop_socket(new)
+                raise _host_error(ret, "accept")
+            new._peername = ("0.0.0.0", 0)
+            new._timeout = socket.getdefaulttimeout()
+        if self._armed:
+            self._arm_poll()
+        self._update_ready()
+        return new, ("0.0.0.0", 0)
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Copy as much of ``data`` as fits into the out ring (waiting for
+        room, within the timeout) and return how many bytes were sent."""
+        view = memoryview(data).cast("B")
+        with self._send_lock:
+            ring = self._active_ring()
+            deadline = _Deadline(self._timeout)
+            while True:
+                err = ring.out_error()
+                if err:
+                    raise _host_error(err, "send")
+                if self._closed:
+                    raise _bad_fd()
+                parts = ring.outq.writable()
+                if parts and len(view):
+                    sent = 0
+                    for part in parts:
+                        n = min(len(part), len(view) - sent)
+                        part[:n] = view[sent : sent + n]
+                        sent += n
+                        if sent == len(view):
+                            break
+                    ring.outq.produce(sent)
+                    self._fe._notify(ring.port)
+                    return sent
+                if not len(view):
+                    return 0
+                self._wait(deadline, lambda: ring.out_has_room() or bool(ring.out_error()))
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``; the timeout bounds each wait for room."""
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = self.send(view)
+            view = view[n:]
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive up to ``nbytes`` (default: ``len(buffer)``) into
+        ``buffer``; returns 0 at end of stream."""
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "recv flags are not supported over PV Calls")
+        dst = memoryview(buffer).cast("B")
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes == 0 or nbytes > len(dst):
+            nbytes = len(dst)
+        with self._recv_lock:
+            ring = self._active_ring()
+            deadline = _Deadline(self._timeout)
+            while True:
+                if nbytes == 0:
+                    return 0
+                if self._closed:
+                    raise _bad_fd()
+                # The error first, then the data: the backend writes in_error
+                # after its last byte, so data seen after the error is all
+                # there is (Linux's __read_ring does the same).
+                err = ring.in_error()
+                _barrier.lib.xb_rmb()
+                parts = ring.inq.readable()
+                if parts:
+                    got = 0
+                    for part in parts:
+                        n = min(len(part), nbytes - got)
+                        dst[got : got + n] = part[:n]
+                        got += n
+                        if got == nbytes:
+                            break
+                    ring.inq.consume(got)
+                    self._fe._notify(ring.port)
+                    self._update_ready()
+                    return got
+                if err == -_errno.ENOTCONN:
+                    return 0  # orderly shutdown by the peer
+                if err:
+                    raise _host_error(err, "recv")
+                self._wait(deadline, lambda: ring.in_pending() or bool(ring.in_error()))
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Receive up to ``bufsize`` bytes; ``b""`` at end of stream."""
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        buf = bytearray(bufsize)
+        n = self.recv_into(buf, bufsize, flags)
+        del buf[n:]
+        return bytes(buf)
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """A file object on the socket, exactly as :meth:`socket.socket.makefile`
+        (modes r, w, b); closing the socket waits for its files to close."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        binary = "b" in mode
+        rawmode = ("r" if reading else "") + ("w" if writing else "")
+        raw = socket.SocketIO(self, rawmode)  # type: ignore[arg-type]
+        self._io_refs += 1
+        if buffering is None or buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if not binary:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: Any
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if binary:
+            return buffer
+        text = io.TextIOWrapper(buffer, io.text_encoding(encoding), errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def _decref_socketios(self) -> None:
+        # Called by socket.SocketIO.close().
+        if self._io_refs > 0:
+            self._io_refs -= 1
+        if self._closed and self._io_refs <= 0:
+            self._real_close()
+
+    def fileno(self) -> int:
+        """An eventfd readable while recv()/accept() would not block.
+
+        Not a socket descriptor: use it with select/poll/selectors only.  On
+        a listening socket the first call starts keeping a POLL in flight, as
+        a Linux program's ``poll()`` does.
+        """
+        self._check_open()
+        with self._cond:
+            if self._readyfd is None:
+                self._readyfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._ready_set = False
+            fd = self._readyfd
+            arm = not self._armed
+            self._armed = True
+        if arm and self._listening:
+            self._arm_poll()
+        self._update_ready()
+        return fd
+
+    def close(self) -> None:
+        """Release the socket (RELEASE) and free its shared pages.  Other
+        threads blocked in this socket's calls get ``OSError(EBADF)``."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._io_refs <= 0:
+            self._real_close()
+
+    def detach(self) -> int:
+        raise OSError(errno.EOPNOTSUPP, "a PV Calls socket has no descriptor to detach")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- internals ---------------------------------------------------------
+
+    def _real_close(self) -> None:
+        # Wake this socket's waiters: they see _closed and leave with EBADF.
+        self._fe._wake_everyone()
+        self._fe._release(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise _bad_fd()
+
+    def _check_address(self, address: tuple[str, int]) -> tuple[str, int]:
+        if not isinstance(address, tuple) or len(address) != 2:
+            raise TypeError("AF_INET address must be a (host, port) tuple")
+        host, port = address
+        if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+            raise OverflowError("port must be 0-65535.")
+        if host in ("", "0.0.0.0"):
+            host = "0.0.0.0"
+        elif host == "localhost":
+            host = "127.0.0.1"
+        try:
+            pack_sockaddr_in(host, port)
+        except ValueError:
+            raise OSError(
+                errno.EINVAL, f"{host!r} is not an IPv4 address (PV Calls resolves no names)"
+            ) from None
+        return host, port
+
+    def _active_ring(self) -> _DataRing:
+        self._check_open()
+        ring = self._ring
+        if ring is None or self._broken or self._listening:
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        return ring
+
+    def _wait(self, deadline: _Deadline, ready: Callable[[], bool]) -> None:
+        """Sleep until ``ready()``, the socket closes, or the deadline.
+
+        The event thread notifies ``_cond`` after the backend signalled, so
+        checking ``ready`` under ``_cond`` before sleeping loses no wakeup.
+        """
+        if deadline.timeout == 0.0:
+            raise BlockingIOError(errno.EAGAIN, "operation would block")
+        with self._cond:
+            while not ready() and not self._closed and not self._fe._dead:
+                self._cond.wait(deadline.remaining())
+        if self._fe._dead and not ready():
+            raise OSError(errno.ENOTCONN, "the PV Calls backend went away")
+
+    def _on_event(self) -> None:
+        """Event thread: the backend signalled this socket's channel."""
+        with self._cond:
+            self._cond.notify_all()
+        if self._readyfd is not None:
+            self._update_ready()
+
+    def _readable(self) -> bool:
+        ring = self._ring
+        if self._closed:
+            return True
+        if ring is not None and not self._listening:
+            return ring.in_pending() or bool(ring.in_error())
+        return self._poll_ready or bool(self._poll_error)
+
+    def _update_ready(self) -> None:
+        """Make the eventfd's level match :meth:`_readable`."""
+        with self._cond:
+            fd = self._readyfd
+            if fd is None:
+                return
+            want = self._readable()
+            if want and not self._ready_set:
+                os.eventfd_write(fd, 1)
+                self._ready_set = True
+            elif not want and self._ready_set:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                self._ready_set = False
+
+    def _arm_poll(self) -> None:
+        """Send a POLL unless one is in flight, an ACCEPT is in flight, or a
+        connection is already known to be pending."""
+        with self._cond:
+            if self._poll_inflight or self._poll_ready or self._accept_inflight:
+                return
+            if self._closed:
+                return
+            self._poll_inflight = True
+            self._poll_error = 0
+
+        def fill(req: Any) -> None:
+            req.u.poll.id = self.id
+
+        try:
+            self._fe._submit(PVCALLS_POLL, self.id, fill, _Deadline(None), reserve=False)
+        except BaseException:
+            with self._cond:
+                self._poll_inflight = False
+            raise
+
+    def _on_poll(self, ret: int) -> None:
+        """Event thread: the backend answered this socket's POLL."""
+        with self._cond:
+            self._poll_inflight = False
+            if ret == 0:
+                self._poll_ready = True
+            else:
+                self._poll_error = ret
+            self._cond.notify_all()
+        self._update_ready()
+
+    def _wait_pending_connection(self, deadline: _Deadline) -> None:
+        """POLL (unless in flight) and wait until it says a connection is
+        pending; consume that readiness (Linux's POLL_RET bit)."""
+        while True:
+            self._arm_poll()
+            with self._cond:
+                if self._poll_error:
+                    err, self._poll_error = self._poll_error, 0
+                    raise _host_error(err, "accept (poll)")
+                if self._poll_ready:
+                    self._poll_ready = False
+                    break
+                if deadline.timeout == 0.0:
+                    raise BlockingIOError(errno.EAGAIN, "no connection pending")
+                while (not self._poll_ready and not self._poll_error
+                       and not self._closed and not self._fe._dead):
+                    self._cond.wait(deadline.remaining())
+                if self._closed:
+                    raise _bad_fd()
+                if self._fe._dead:
+                    raise OSError(errno.ENOTCONN, "the PV Calls backend went away")
+        self._update_ready()
+
+
+class Frontend:
+    """The ``pvcalls`` frontend of one guest domain.
+
+    ``domain`` is the guest's :class:`~xenback.platform.Platform` with a
+    ``toolstack`` (a :class:`xenback.sim.Domain`, also one joined with
+    :func:`xenback.sim.attach`).  Entering the ``with`` block adds the device
+    through the toolstack and connects; leaving it releases every socket,
+    closes the device and removes it.
+    """
+
+    def __init__(
+        self,
+        domain: Any,
+        *,
+        backend_id: int = 0,
+        devid: int = 0,
+        timeout: float = 10.0,
+    ) -> None:
+        """``timeout`` bounds every handshake step and every command the
+        backend should answer at once (SOCKET, BIND, LISTEN, RELEASE)."""
+        self.domain = domain
+        self.backend_id = backend_id
+        self.devid = devid
+        self.timeout = timeout
+        self.device: Any = None
+        self._xs: Any = None
+        self._monitor: Any = None
+        self._gntshr: GrantShare | None = None
+        self._evtchn: EventChannel | None = None
+        self._cmd_pages: SharedPages | None = None
+        self._ring: FrontRing | None = None
+        self._port = -1
+        self._ids = itertools.count()
+
+        # _lock guards the command ring's producer side (the ring, the
+        # private producer index), the response table and the id -> socket
+        # and port -> handler maps; waiters for responses and for free
+        # slots sleep on _cmd_cond.  The event thread holds it while
+        # consuming responses but runs socket callbacks after releasing it.
+        self._lock = threading.Lock()
+        self._cmd_cond = threading.Condition(self._lock)
+        self._req_prod_pvt = 0
+        self._slots: list[_Slot | None] = [None] * RING_SLOTS
+        self._sockets: dict[int, PVSocket] = {}
+        self._handlers: dict[int, Callable[[], None]] = {}
+
+        self._thread: threading.Thread | None = None
+        self._stop_r = self._stop_w = -1
+        self._stopping = False
+        # Set once the backend is gone (its state left Connected) or the
+        # frontend closes: every waiter gives up with an error.
+        self._dead = False
+        self._connected = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> Frontend:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Add the device and do the frontend handshake (up to Connected)."""
+        if self.device is not None:
+            raise RuntimeError("frontend already open")
+        domain = self.domain
+        self.device = domain.toolstack.add_device(
+            "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id, devid=self.devid
+        )
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> None:
+        domain = self.domain
+        fe_path = self.device.frontend_path
+        be_path = self.device.backend_path
+        self._xs = domain.xenstore()
+        self._xs.connect()
+        self._monitor = self._xs.monitor()
+        self._monitor.watch(f"{be_path}/state".encode(), b"pvcalls-front")
+
+        state = self._wait_backend(lambda s: s >= _INIT_WAIT, "InitWait")
+        if state != _INIT_WAIT:
+            raise OSError(errno.EPROTO, f"backend went to state {state} instead of InitWait")
+        versions = self._read(f"{be_path}/versions")
+        if PVCALLS_VERSIONS not in (versions or "").split(","):
+            raise OSError(errno.EPROTONOSUPPORT, f"backend offers versions {versions!r}, need 1")
+        order = self._read(f"{be_path}/max-page-order")
+        if order is None or not order.isdigit() or int(order) < FRONTEND_RING_ORDER:
+            raise OSError(
+                errno.EPROTONOSUPPORT,
+                f"backend max-page-order {order!r} is below {FRONTEND_RING_ORDER}",
+            )
+        if self._read(f"{be_path}/function-calls") != "1":
+            raise OSError(errno.EPROTONOSUPPORT, "backend does not offer function-calls 1")
+
+        self._gntshr = domain.gntshr()
+        self._evtchn = domain.evtchn()
+        self._cmd_pages = self._gntshr.share_pages(self.backend_id, 1)
+        self._ring = FrontRing(self._cmd_pages.buffer, SLOT_SIZE, init=True)
+        self._port = self._evtchn.bind_unbound_port(self.backend_id)
+        self._handlers[self._port] = self._on_command_event
+
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(
+            target=self._event_loop, name=f"pvcalls-front-{domain.domid}", daemon=True
+        )
+        self._thread.start()
+
+        self._write_nodes(
+            fe_path,
+            {
+                "version": PVCALLS_VERSIONS,
+                "ring-ref": str(self._cmd_pages.refs[0]),
+                "port": str(self._port),
+                "state": str(_INITIALISED),
+            },
+        )
+        state = self._wait_backend(lambda s: s >= _CONNECTED, "Connected")
+        if state != _CONNECTED:
+            raise OSError(errno.ECONNREFUSED, f"backend went to state {state} instead of Connected")
+        self._write_nodes(fe_path, {"state": str(_CONNECTED)})
+        self._connected = True
+        logger.info("pvcalls frontend of domain %d connected", domain.domid)
+
+    def close(self) -> None:
+        """Release every socket, go Closing then Closed, remove the device
+        and free the command ring.  Idempotent."""
+        if self.device is None:
+            return
+        for sock in list(self._sockets.values()):
+            try:
+                sock.close()
+            except OSError as exc:
+                logger.warning("releasing socket %#x: %s", sock.id, exc)
+        self._dead = True
+        self._wake_everyone()
+        fe_path = self.device.frontend_path
+        if self._xs is not None and self._connected:
+            try:
+                self._write_nodes(fe_path, {"state": str(_CLOSING)})
+                self._wait_backend(lambda s: s >= _CLOSING or s == 0, "Closing")
+                self._write_nodes(fe_path, {"state": str(_CLOSED)})
+            except (OSError, TimeoutError) as exc:
+                logger.warning("closing frontend of domain %d: %s", self.domain.domid, exc)
+        self._connected = False
+        try:
+            self.domain.toolstack.remove_device(self.device, timeout=self.timeout)
+        except Exception as exc:
+            logger.warning("removing pvcalls device of domain %d: %s", self.domain.domid, exc)
+        self.device = None
+        self._stop_thread()
+        if self._evtchn is not None:
+            if self._port >= 0:
+                self._evtchn.unbind(self._port)
+            self._evtchn.close()
+            self._evtchn = None
+        if self._ring is not None:
+            self._ring.release()
+            self._ring = None
+        if self._cmd_pages is not None:
+            self._cmd_pages.unshare()
+            self._cmd_pages = None
+        if self._gntshr is not None:
+            self._gntshr.close()
+            self._gntshr = None
+        if self._monitor is not None:
+            try:
+                self._monitor.close()
+            except Exception:
+                pass
+        if self._xs is not None:
+            self._xs.close()
+            self._xs = None
+
+    def socket(
+        self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
+    ) -> PVSocket:
+        """A new socket (sends SOCKET).  Only AF_INET / SOCK_STREAM exist in
+        PV Calls."""
+        if family != socket.AF_INET or type != socket.SOCK_STREAM or proto not in (0, 6):
+            raise OSError(errno.EAFNOSUPPORT, "PV Calls only carries AF_INET SOCK_STREAM sockets")
+        if not self._connected:
+            raise OSError(errno.ENOTCONN, "frontend is not connected")
+        sock = self._new_socket()
+
+        def fill(req: Any) -> None:
+            req.u.socket.id = sock.id
+            req.u.socket.domain = AF_INET
+            req.u.socket.type = SOCK_STREAM
+            req.u.socket.protocol = 0
+
+        try:
+            ret = self._call(PVCALLS_SOCKET, sock.id, fill, _Deadline(self.timeout))
+        except BaseException:
+            self._forget(sock)
+            raise
+        if ret < 0:
+            self._forget(sock)
+            raise _host_error(ret, "socket")
+        return sock
+
+    def sockets(self) -> list[PVSocket]:
+        """The sockets not yet closed."""
+        with self._lock:
+            return list(self._sockets.values())
+
+    # -- XenStore ------------------------------------------------------------
+
+    def _read(self, path: str) -> str | None:
+        value = self._xs.read(path.encode(), None)
+        return None if value is None else bytes(value).decode()
+
+    def _write_nodes(self, base: str, nodes: dict[str, str]) -> None:
+        """Write ``nodes`` under ``base`` in one transaction (retry EAGAIN)."""
+        for _ in range(100):
+            self._xs.transaction()
+            try:
+                for key, value in nodes.items():
+                    self._xs.write(f"{base}/{key}".encode(), value.encode())
+            except BaseException:
+                self._xs.rollback()
+                raise
+            if self._xs.commit():
+                return
+        raise OSError(errno.EAGAIN, f"XenStore transaction on {base} kept failing")
+
+    def _backend_state(self) -> int:
+        value = self._read(f"{self.device.backend_path}/state")
+        return int(value) if value and value.isdigit() else 0
+
+    def _wait_backend(self, done: Callable[[int], bool], what: str) -> int:
+        """Wait until the backend's state satisfies ``done``; return it."""
+        deadline = _Deadline(self.timeout)
+        while True:
+            state = self._backend_state()
+            if done(state):
+                return state
+            try:
+                self._monitor.events.get(timeout=deadline.remaining())
+            except (TimeoutError, queue.Empty):
+                if done(state := self._backend_state()):
+                    return state
+                raise TimeoutError(
+                    f"backend {self.device.backend_path} did not reach {what} "
+                    f"within {self.timeout} s (state {state})"
+                ) from None
+
+    # -- event channel -------------------------------------------------------
+
+    def _notify(self, port: int) -> None:
+        evtchn = self._evtchn
+        if evtchn is None:
+            raise OSError(errno.ENOTCONN, "frontend is closed")
+        evtchn.notify(port)
+
+    def _event_loop(self) -> None:
+        """One thread per frontend: read fired ports, run their handlers,
+        unmask.  Handlers only copy responses and wake waiters."""
+        evtchn = self._evtchn
+        assert evtchn is not None
+        poller = select.poll()
+        poller.register(evtchn.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while not self._stopping:
+            try:
+                poller.poll()
+            except InterruptedError:
+                continue
+            while True:
+                try:
+                    port = evtchn.pending()
+                except OSError as exc:
+                    if self._stopping:
+                        return
+                    logger.error("event channel failed: %s", exc)
+                    return
+                if port is None:
+                    break
+                handler = self._handlers.get(port)
+                try:
+                    if handler is not None:
+                        handler()
+                except Exception:
+                    logger.exception("pvcalls frontend event handler for port %d", port)
+                finally:
+                    try:
+                        evtchn.unmask(port)
+                    except OSError:
+                        pass  # unbound meanwhile
+
+    def _stop_thread(self) -> None:
+        self._stopping = True
+        if self._stop_w >= 0:
+            os.write(self._stop_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._thread = None
+        for fd in (self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self._stop_r = self._stop_w = -1
+
+    def _wake_everyone(self) -> None:
+        with self._cmd_cond:
+            self._cmd_cond.notify_all()
+        for sock in list(self._sockets.values()):
+            sock._on_event()
+
+    # -- command ring ----------------------------------------------------------
+
+    def _new_socket(self) -> PVSocket:
+        sock_id = _ID_BASE + _ID_STRIDE * next(self._ids)
+        sock = PVSocket(self, sock_id)
+        with self._lock:
+            self._sockets[sock_id] = sock
+        return sock
+
+    def _forget(self, sock: PVSocket) -> None:
+        sock._closed = True
+        with self._lock:
+            self._sockets.pop(sock.id, None)
+
+    def _new_data_ring(self, sock: PVSocket) -> _DataRing:
+        if self._gntshr is None or self._evtchn is None:
+            raise OSError(errno.ENOTCONN, "frontend is closed")
+        ring = _DataRing(self._gntshr, self._evtchn, self.backend_id)
+        with self._lock:
+            self._handlers[ring.port] = sock._on_event
+        return ring
+
+    def _drop_socket(self, sock: PVSocket) -> None:
+        """Free a socket the backend never knew (a failed ACCEPT's id_new)."""
+        self._forget(sock)
+        ring, sock._ring = sock._ring, None
+        if ring is not None:
+            with self._lock:
+                self._handlers.pop(ring.port, None)
+            ring.free()
+
+    def _submit(
+        self,
+        cmd: int,
+        sock_id: int,
+        fill: Callable[[Any], None],
+        deadline: _Deadline,
+        *,
+        reserve: bool = True,
+    ) -> tuple[int, _Slot]:
+        """Put one request on the command ring and notify the backend.
+
+        ``req_id`` is the slot index, as in Linux.  A request waits (within
+        ``deadline``) for the ring to have room and its response table entry
+        to be free.  POLL does not reserve the entry: its answer is matched by
+        command and id (Linux does the same).
+        """
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.cmd = cmd
+        fill(req)
+        slot = _Slot(cmd, sock_id)
+        with self._cmd_cond:
+            while True:
+                if self._dead or self._ring is None:
+                    raise OSError(errno.ENOTCONN, "the PV Calls frontend is not connected")
+                req_id = self._req_prod_pvt & (RING_SLOTS - 1)
+                if self._ring.free_slots > 0 and self._slots[req_id] is None:
+                    break
+                self._cmd_cond.wait(deadline.remaining())
+            req.req_id = req_id
+            if reserve:
+                self._slots[req_id] = slot
+            self._ring.push_request(bytes(ffi.buffer(req)))
+            self._req_prod_pvt = (self._req_prod_pvt + 1) & 0xFFFFFFFF
+            notify = self._ring.push_requests()
+        logger.debug("-> %s req_id=%d id=%#x", PVCALLS_COMMANDS[cmd], req_id, sock_id)
+        if notify:
+            self._notify(self._port)
+        return req_id, slot
+
+    def _wait_slot(
+        self, req_id: int, slot: _Slot, deadline: _Deadline, sock: PVSocket | None = None
+    ) -> int:
+        """Wait for the answer in ``slot``; free it and return ``ret``.
+
+        On timeout (or when ``sock`` gets closed) the slot stays reserved and
+        the request in flight; the caller either waits again later or
+        abandons it.
+        """
+        with self._cmd_cond:
+            while not slot.done:
+                if self._dead:
+                    raise OSError(errno.ENOTCONN, "the PV Calls backend went away")
+                if sock is not None and sock._closed:
+                    raise _bad_fd()
+                if deadline.timeout == 0.0:
+                    raise BlockingIOError(errno.EAGAIN, "operation would block")
+                self._cmd_cond.wait(deadline.remaining())
+            if self._slots[req_id] is slot:
+                self._slots[req_id] = None
+                self._cmd_cond.notify_all()  # a submitter may wait for this entry
+            return slot.ret
+
+    def _abandon(self, req_id: int, slot: _Slot) -> None:
+        """Nobody will wait for ``slot``: free it now if answered, else when
+        the answer comes."""
+        with self._cmd_cond:
+            if slot.done:
+                if self._slots[req_id] is slot:
+                    self._slots[req_id] = None
+                    self._cmd_cond.notify_all()
+            else:
+                slot.abandoned = True
+
+    def _call(self, cmd: int, sock_id: int, fill: Callable[[Any], None], deadline: _Deadline) -> int:
+        """Submit one command and wait for its ``ret``; abandon it on timeout."""
+        req_id, slot = self._submit(cmd, sock_id, fill, deadline)
+        try:
+            return self._wait_slot(req_id, slot, deadline)
+        except BaseException:
+            self._abandon(req_id, slot)
+            raise
+
+    def _on_command_event(self) -> None:
+        """Event thread: consume every response on the command ring."""
+        polls: list[tuple[PVSocket, int]] = []
+        with self._cmd_cond:
+            ring = self._ring
+            if ring is None:
+                return
+            while True:
+                for raw in ring.responses():
+                    rsp = ffi.from_buffer("struct xen_pvcalls_response *", raw)
+                    req_id, cmd, ret, sock_id = rsp.req_id, rsp.cmd, rsp.ret, rsp.u.poll.id
+                    logger.debug("<- %s req_id=%d id=%#x ret=%d",
+                                 PVCALLS_COMMANDS.get(cmd, cmd), req_id, sock_id, ret)
+                    if cmd == PVCALLS_POLL:
+                        sock = self._sockets.get(sock_id)
+                        if sock is not None:
+                            polls.append((sock, ret))
+                        continue
+                    slot = self._slots[req_id] if req_id < RING_SLOTS else None
+                    if slot is None or slot.done or slot.cmd != cmd or slot.sock_id != sock_id:
+                        logger.warning(
+                            "dropping unexpected response req_id=%d cmd=%d id=%#x", req_id, cmd, sock_id
+                        )
+                        continue
+                    slot.ret = ret
+                    slot.done = True
+                    if slot.abandoned:
+                        self._slots[req_id] = None
+                if not ring.final_check_for_responses():
+                    break
+            self._cmd_cond.notify_all()
+        for sock, ret in polls:
+            sock._on_poll(ret)
+
+    def _release(self, sock: PVSocket) -> None:
+        """RELEASE ``sock`` and free what it shared (called by close())."""
+        # Wait out any copy another thread is doing from the shared pages.
+        with sock._cond:
+            sock._cond.notify_all()
+        if not self._dead and self._ring is not None:
+
+            def fill(req: Any) -> None:
+                req.u.release.id = sock.id
+                req.u.release.reuse = 0
+
+            try:
+                ret = self._call(PVCALLS_RELEASE, sock.id, fill, _Deadline(self.timeout))
+                if ret < 0:
+                    logger.warning("RELEASE of %#x: %s", sock.id, _errno.name_of(ret))
+            except (OSError, TimeoutError) as exc:
+                logger.warning("RELEASE of %#x failed: %s", sock.id, exc)
+        ring = sock._ring
+        if ring is not None:
+            # As Linux: make readers see EBADF from now on.
+            ring.set_in_error(-_errno.EBADF)
+            sock._on_event()
+        with sock._accept_lock:
+            inflight, sock._accept_inflight = sock._accept_inflight, None
+        with sock._recv_lock, sock._send_lock, sock._cond:
+            sock._ring = None
+        with self._lock:
+            self._sockets.pop(sock.id, None)
+            if ring is not None:
+                self._handlers.pop(ring.port, None)
+        if ring is not None:
+            ring.free()
+        if inflight is not None:
+            # The backend released the listening socket, and with it the
+            # pending ACCEPT's new socket.
+            req_id, slot, new = inflight
+            self._abandon(req_id, slot)
+            self._drop_socket(new)
+        with sock._cond:
+            fd, sock._readyfd = sock._readyfd, None
+        if fd is not None:
+            os.close(fd)
