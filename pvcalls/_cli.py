@@ -1,0 +1,322 @@
+"""``pvcalls-backend``: run the PV Calls backend, or watch it work in a demo.
+
+``pvcalls-backend demo``
+    Everything in one process on an embedded simulated Xen host: the
+    backend, and two guests.  Guest 1 fetches a page from an HTTP server on
+    the host through PV Calls; guest 2 runs an echo server that a host
+    client reaches through the guest's passive PV Calls socket.  Prints
+    where each socket ran and how many bytes it moved.
+
+``pvcalls-backend serve --platform sim --run-dir DIR``
+    Serve the guests of a running ``xenback-sim --run-dir DIR`` host as its
+    domain 0 (``--platform xen``: a real dom0).  SIGTERM or SIGINT closes
+    every frontend cleanly and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+# -- the demo ------------------------------------------------------------------
+
+_PAGE = (
+    b"<!doctype html>\n<title>Hello from the host</title>\n"
+    b"<p>This page left the host through a real TCP socket of the PV Calls backend\n"
+    b"and reached the guest through Xen shared memory.</p>\n"
+)
+
+
+class _PageHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one small page; quiet (the demo prints its own story)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(_PAGE)))
+        self.end_headers()
+        self.wfile.write(_PAGE)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("http server: " + format, *args)
+
+
+def _fmt_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def _http_get(fe: Any, host: str, port: int) -> tuple[str, bytes]:
+    """GET / over a PV Calls socket; returns (status line, body)."""
+    with fe.socket() as s:
+        s.settimeout(10)
+        s.connect((host, port))
+        s.sendall(f"GET / HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
+        with s.makefile("rb") as f:
+            status = f.readline().decode("latin-1").strip()
+            while f.readline() not in (b"\r\n", b"\n", b""):
+                pass  # headers
+            body = f.read()
+    return status, body
+
+
+def _echo_serve(listener: Any, ready: threading.Event, errors: list[BaseException]) -> None:
+    """Guest 2's echo server: accept one client at a time, echo until EOF."""
+    try:
+        ready.set()
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # listener closed: the demo is over
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+    except BaseException as exc:  # reported by the main thread
+        errors.append(exc)
+
+
+def _passive_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:
+    """The host address of a guest's listening socket, from the backend's
+    statistics (PV Calls does not tell the guest the port it got)."""
+    for row in _socket_rows(backend.stats()):
+        if row.get("domain") == domid and row.get("id") == sock_id and row.get("address"):
+            host, port = row["address"]
+            return str(host), int(port)
+    raise RuntimeError(f"backend has no listening socket {sock_id:#x} of domain {domid}")
+
+
+def _socket_rows(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [dict(row) for row in stats.get("sockets", [])]
+
+
+def _print_stats(stats: Mapping[str, Any], names: Mapping[int, str], out: Any) -> None:
+    rows = _socket_rows(stats)
+    print("\nSockets in the backend (CPU = the ioworker CPU the socket is bound to):", file=out)
+    print(f"  {'guest':<8} {'socket id':<20} {'kind':<8} {'CPU':>3}  "
+          f"{'guest->host':>11}  {'host->guest':>11}", file=out)
+    for row in sorted(rows, key=lambda r: (r.get("domain", 0), r.get("id", 0))):
+        cpu = row.get("cpu")
+        print(
+            f"  {names.get(row.get('domain', -1), row.get('domain')):<8} "
+            f"{row.get('id', 0):#018x}   {row.get('kind', '?'):<8} "
+            f"{'-' if cpu is None else cpu:>3}  "
+            f"{_fmt_bytes(row.get('bytes_out', 0)):>11}  {_fmt_bytes(row.get('bytes_in', 0)):>11}",
+            file=out,
+        )
+    per_cpu = stats.get("cpus", {})
+    if per_cpu:
+        counts = ", ".join(f"CPU {cpu}: {n}" for cpu, n in sorted(per_cpu.items()))
+        print(f"Active sockets per CPU: {counts}", file=out)
+
+
+def demo(args: argparse.Namespace, out: Any = None) -> int:
+    """Run the demo; returns the exit status."""
+    import pvcalls
+    from xenback.sim import SimHost
+
+    out = out or sys.stdout
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
+    httpd.daemon_threads = True
+    web = threading.Thread(target=httpd.serve_forever, name="demo-http", daemon=True)
+    web.start()
+    web_host, web_port = str(httpd.server_address[0]), int(httpd.server_address[1])
+    try:
+        with SimHost() as host, pvcalls.Backend(
+            host.dom0, max_ioworkers=args.max_ioworkers, max_page_order=args.max_page_order
+        ) as backend:
+            print(f"Simulated Xen host in {host.run_dir}; PV Calls backend running in domain 0.",
+                  file=out)
+            guest1 = host.create_domain("guest1")
+            guest2 = host.create_domain("guest2")
+            names = {0: "dom0", guest1.domid: "guest1", guest2.domid: "guest2"}
+            with pvcalls.Frontend(guest1) as fe1, pvcalls.Frontend(guest2) as fe2:
+                # Guest 1: a web client.
+                status, body = _http_get(fe1, str(web_host), int(web_port))
+                print(f"guest1 (domain {guest1.domid}): GET http://{web_host}:{web_port}/ "
+                      f"-> {status!r}, {len(body)} bytes", file=out)
+
+                # Guest 2: an echo server behind a passive PV Calls socket.
+                listener = fe2.socket()
+                listener.bind(("127.0.0.1", 0))
+                listener.listen()
+                addr = _passive_address(backend, guest2.domid, listener.id)
+                ready = threading.Event()
+                errors: list[BaseException] = []
+                server = threading.Thread(
+                    target=_echo_serve, args=(listener, ready, errors), name="demo-echo", daemon=True
+                )
+                server.start()
+                ready.wait(10)
+                print(f"guest2 (domain {guest2.domid}): echo server listening; the backend "
+                      f"holds its host socket at {addr[0]}:{addr[1]}", file=out)
+                message = b"ping through a guest " * 3000
+                with socket.create_connection(addr, timeout=10) as client:
+                    client.sendall(message)
+                    echoed = bytearray()
+                    while len(echoed) < len(message):
+                        chunk = client.recv(65536)
+                        if not chunk:
+                            break
+                        echoed += chunk
+                    ok = bytes(echoed) == message
+                    print(f"host client -> guest2 -> host client: {_fmt_bytes(len(message))} "
+                          f"sent, {_fmt_bytes(len(echoed))} echoed back, "
+                          f"{'identical' if ok else 'DIFFERENT'}", file=out)
+                    # Statistics while the echo connection is still open.
+                    _print_stats(backend.stats(), names, out)
+                listener.close()
+                server.join(10)
+                if errors:
+                    raise errors[0]
+                if not ok or not status.split()[1:2] == ["200"]:
+                    print("demo FAILED", file=out)
+                    return 1
+            print("\nGuests disconnected; backend stopped cleanly.", file=out)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    return 0
+
+
+# -- serve -----------------------------------------------------------------------
+
+def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any:
+    if args.platform == "sim":
+        from xenback.sim import attach
+
+        if args.run_dir is None:
+            error("--platform sim needs --run-dir DIR (the run directory of xenback-sim)")
+        if not args.run_dir.is_dir():
+            error(f"--run-dir {args.run_dir}: no such directory (is xenback-sim running?)")
+        return attach(args.run_dir, 0)
+    from xenback.platform import PlatformUnavailable
+    from xenback.xen import open as open_xen
+
+    try:
+        return open_xen()
+    except PlatformUnavailable as exc:
+        error(f"cannot open the Xen platform: {exc}")
+
+
+def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    import pvcalls
+    from pvcalls._policy import Policy, PolicyError
+
+    policy = None
+    if args.policy is not None:
+        try:
+            policy = Policy.from_file(args.policy)
+        except (OSError, PolicyError) as exc:
+            error(f"--policy {args.policy}: {exc}")
+    platform = _open_platform(args, error)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("%s: closing every frontend", signal.Signals(signum).name)
+        stop.set()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pvcalls.Backend(
+            platform,
+            max_ioworkers=args.max_ioworkers,
+            max_page_order=args.max_page_order,
+            policy=policy,
+        ):
+            logger.warning("pvcalls backend serving domain %d's guests (%s platform)",
+                           platform.domid, args.platform)
+            while not stop.wait(1.0):
+                pass
+        logger.warning("pvcalls backend stopped")
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+# -- arguments ---------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _page_order(text: str) -> int:
+    from ._wire import MAX_PAGE_ORDER_LIMIT
+
+    value = _positive_int(text)
+    if value > MAX_PAGE_ORDER_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{value} is above {MAX_PAGE_ORDER_LIMIT}, the most one indexes page can describe"
+        )
+    return value
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and the ``serve`` sub-parser (for its errors)."""
+    from ._wire import DEFAULT_MAX_PAGE_ORDER
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS,
+                        help="logging threshold (default: WARNING)")
+    common.add_argument("--max-ioworkers", type=_positive_int, default=64, metavar="N",
+                        help="at most N ioworker CPUs (default: 64)")
+    common.add_argument("--max-page-order", type=_page_order, default=DEFAULT_MAX_PAGE_ORDER,
+                        metavar="ORDER", help="largest data ring a frontend may use, "
+                        f"2**ORDER pages (default: {DEFAULT_MAX_PAGE_ORDER}; Linux needs 4)")
+
+    p = argparse.ArgumentParser(
+        prog="pvcalls-backend",
+        description="Xen PV Calls backend: guests' socket calls served by host sockets.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("demo", parents=[common], help="two guests on an embedded simulated host",
+                   description="Run the backend and two guests on an embedded simulated host.")
+    s = sub.add_parser("serve", parents=[common], help="serve the guests of a host",
+                       description="Serve every pvcalls device of a host until SIGTERM.")
+    s.add_argument("--platform", choices=["sim", "xen"], required=True,
+                   help="sim: join a xenback-sim host; xen: a real dom0")
+    s.add_argument("--run-dir", type=Path, help="run directory of the xenback-sim host")
+    s.add_argument("--policy", type=Path, metavar="FILE",
+                   help="TOML access policy (per-domain connect/bind rules, socket limits)")
+    return p, s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pvcalls-backend`` console script."""
+    p, serve_parser = _parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        return demo(args)
+    if args.platform == "xen" and args.run_dir is not None:
+        serve_parser.error("--run-dir only applies to --platform sim")
+    return serve(args, serve_parser.error)

@@ -1,0 +1,155 @@
+"""``pvcalls-nc``: a guest-side netcat for the simulated host.
+
+It joins a running simulated host (``xenback-sim --run-dir DIR``) as guest
+domain ``--domid``, connects its ``pvcalls`` frontend to the backend
+(``pvcalls-backend serve --platform sim --run-dir DIR``), and pipes standard
+input and output through one PV Calls connection::
+
+    echo hello | pvcalls-nc --run-dir DIR --domid 1 127.0.0.1 8080
+    pvcalls-nc --run-dir DIR --domid 1 -l 9000      # accept one connection
+
+PV Calls cannot half-close a connection, so end of input is not passed on:
+the tool keeps printing what arrives until the other side closes, or, with
+``-q SECS``, until nothing arrived for SECS seconds after end of input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from .frontend import Frontend, PVSocket
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 64 * 1024
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pvcalls-nc",
+        description="Pipe stdin/stdout through a PV Calls connection of a simulated guest.",
+    )
+    p.add_argument("--run-dir", required=True, type=Path, help="run directory of the xenback-sim host")
+    p.add_argument("--domid", required=True, type=int, help="guest domain to act as (not 0)")
+    p.add_argument("-l", "--listen", action="store_true", help="listen on PORT and accept one connection")
+    p.add_argument(
+        "-q",
+        "--quit-after",
+        type=float,
+        default=None,
+        metavar="SECS",
+        help="after end of input, quit once nothing arrived for SECS seconds",
+    )
+    p.add_argument(
+        "-w", "--wait", type=float, default=None, metavar="SECS", help="timeout for connect/accept"
+    )
+    p.add_argument("--log-level", default="WARNING", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
+    p.add_argument("address", nargs="+", metavar="[HOST] PORT",
+                   help="HOST PORT to connect to, or [HOST] PORT to listen on with -l")
+    return p
+
+
+def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, int]:
+    words = list(args.address)
+    if len(words) == 1 and args.listen:
+        words.insert(0, "0.0.0.0")
+    if len(words) != 2:
+        p.error("give HOST PORT (or just PORT with -l)")
+    host, port_text = words
+    try:
+        port = int(port_text)
+    except ValueError:
+        p.error(f"port {port_text!r} is not a number")
+    if not 0 <= port <= 65535 or (port == 0 and not args.listen):
+        p.error(f"port {port} is out of range")
+    if args.domid <= 0:
+        p.error("--domid must name a guest domain (1 or more)")
+    for name in ("quit_after", "wait"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
+    return host, port
+
+
+class _Pump(threading.Thread):
+    """Socket -> stdout until end of stream; remembers when data last came."""
+
+    def __init__(self, sock: PVSocket, out: BinaryIO) -> None:
+        super().__init__(name="pvcalls-nc-recv", daemon=True)
+        self.sock = sock
+        self.out = out
+        self.last = time.monotonic()
+        self.done = threading.Event()
+        self.stopping = False  # set before we close the socket under it
+
+    def run(self) -> None:
+        view = memoryview(bytearray(_CHUNK))
+        try:
+            while (n := self.sock.recv_into(view)) > 0:
+                self.last = time.monotonic()
+                self.out.write(view[:n])
+                self.out.flush()
+        except OSError as exc:
+            if not self.stopping:
+                logger.error("receive failed: %s", exc)
+        finally:
+            self.done.set()
+
+
+def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    """Join the host, connect or accept, and pipe until the other side
+    closes (or, with ``-q``, the connection idles after end of input)."""
+    from xenback.sim import attach
+
+    domain = attach(args.run_dir, args.domid)
+    with Frontend(domain) as fe, fe.socket() as s:
+        s.settimeout(args.wait)
+        if args.listen:
+            s.bind((host, port))
+            s.listen(1)
+            conn, _ = s.accept()
+        else:
+            s.connect((host, port))
+            conn = s
+        with conn:
+            conn.settimeout(None)
+            pump = _Pump(conn, stdout)
+            pump.start()
+            while not pump.done.is_set():
+                data = os.read(stdin.fileno(), _CHUNK)
+                if not data:
+                    break
+                conn.sendall(data)
+            if args.quit_after is None:
+                pump.done.wait()
+            else:
+                while not pump.done.wait(args.quit_after):
+                    if time.monotonic() - pump.last >= args.quit_after:
+                        break
+            pump.stopping = True
+        pump.join()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    host, port = _parse_address(p, args)
+    logging.basicConfig(level=args.log_level, format="pvcalls-nc: %(levelname)s %(message)s")
+    try:
+        return run(args, host, port, sys.stdin.buffer, sys.stdout.buffer)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, TimeoutError) as exc:
+        print(f"pvcalls-nc: {exc}", file=sys.stderr)
+        return 1
