@@ -1,0 +1,86 @@
+"""Per-domain and per-connection state.
+
+Threading: none.  Everything here belongs to the server's loop thread.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from ._transaction import Transaction
+from ._tree import domain_path
+from ._watch import Watch
+
+__all__ = ["Domain", "Connection"]
+
+
+class Domain:
+    """An introduced domain, as the store sees it.
+
+    Quotas that cxenstored keeps per domain (watches, transactions) are
+    counted here, summed over the domain's connections.
+    """
+
+    __slots__ = (
+        "domid", "privileged", "target", "conns", "nwatches", "ntransactions",
+        "listener", "socket_path",
+    )
+
+    def __init__(self, domid: int, privileged: bool) -> None:
+        self.domid = domid
+        self.privileged = privileged
+        #: domain this one acts for (XS_SET_TARGET: a device model's guest)
+        self.target: int | None = None
+        self.conns: set[Connection] = set()
+        self.nwatches = 0
+        self.ntransactions = 0
+        #: the Unix socket whose connections are this domain (None for dom0,
+        #: whose socket is the server's main one)
+        self.listener: socket.socket | None = None
+        self.socket_path: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"Domain({self.domid})"
+
+
+class Connection:
+    """One client connection: its buffers, watches and transactions."""
+
+    __slots__ = (
+        "sock", "fd", "domain", "home", "inbuf", "out", "watches",
+        "transactions", "next_tx_id", "closed", "events", "name",
+    )
+
+    def __init__(self, sock: socket.socket, domain: Domain, name: str) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.domain = domain
+        #: where relative paths resolve: /local/domain/<domid>
+        self.home = domain_path(domain.domid)
+        #: received bytes not yet forming a complete message
+        self.inbuf = b""
+        #: bytes queued for the client, not yet accepted by the kernel
+        self.out = bytearray()
+        self.watches: list[Watch] = []
+        self.transactions: dict[int, Transaction] = {}
+        self.next_tx_id = 1
+        self.closed = False
+        #: selector event mask currently registered
+        self.events = 0
+        self.name = name
+
+    @property
+    def domid(self) -> int:
+        return self.domain.domid
+
+    @property
+    def privileged(self) -> bool:
+        return self.domain.privileged
+
+    @property
+    def target(self) -> int | None:
+        return self.domain.target
+
+    def __repr__(self) -> str:
+        return f"Connection({self.name}, dom{self.domain.domid})"

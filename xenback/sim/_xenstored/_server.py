@@ -1,0 +1,443 @@
+"""The XenStore server: Unix sockets, one selector loop, many clients.
+
+Design
+------
+One thread (the *loop thread*) owns everything: the listening sockets, the
+client connections, the store, the watches.  It waits in a selector, reads
+whatever a ready client sent, processes every complete request in it and
+queues the replies, then tries to send all queued output without blocking.
+No request ever waits for another client, so a slow or dead client cannot
+stall the others:
+
+* a client that stops reading its replies is paused: once more than
+  ``PAUSE_OUTPUT`` bytes wait for it, its further requests stay unread in
+  the kernel until it catches up;
+* watch events are queued regardless (they are caused by other clients),
+  but a client with more than ``max_queued`` bytes waiting is disconnected:
+  the server's memory stays bounded.
+
+A header announcing more than XENSTORE_PAYLOAD_MAX bytes means the stream is
+out of sync for good: the client is disconnected (cxenstored does the
+same).  Every other malformed request gets an error reply.
+
+Threading rules
+---------------
+* Only the loop thread touches connections, domains, the store and the
+  watches.  There are no locks around them.
+* Other threads (the public methods of :class:`XenStored`) hand work to the
+  loop thread with :meth:`XenStored._call`: the callable goes on a deque
+  (``append``/``popleft`` are atomic, no lock needed), one byte on the wake
+  socket makes the loop run it, and the caller waits on a Future.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import errno
+import logging
+import os
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ._connection import Connection, Domain
+from ._ops import Dispatcher
+from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
+
+__all__ = ["XenStored"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+_RECV_SIZE = 65536
+_unpack_header = HEADER.unpack_from
+
+#: Stop reading a client's requests while this many reply bytes wait for it.
+PAUSE_OUTPUT = 64 * 1024
+
+
+class XenStored:
+    """A XenStore daemon serving Unix sockets below ``run_dir``.
+
+    ``run_dir/"xenstored"/"socket"`` is the main socket; its connections are
+    dom0, privileged (as with cxenstored's socket).  :meth:`introduce_domain`
+    adds ``run_dir/"domains"/<domid>/"xenstore"``, whose connections are that
+    domain, unprivileged, subject to permissions and quotas.
+
+    ``max_queued`` bounds the bytes waiting for one client; a client that
+    lets more pile up (by not reading its watch events) is disconnected.
+    """
+
+    def __init__(self, run_dir: Path, *, max_queued: int = 1 << 20) -> None:
+        if max_queued < PAUSE_OUTPUT + HEADER_SIZE + PAYLOAD_MAX:
+            raise ValueError(f"max_queued must be at least {PAUSE_OUTPUT + 2 * PAYLOAD_MAX}")
+        self.run_dir = Path(run_dir)
+        self.max_queued = max_queued
+        self._dispatcher = Dispatcher(self._send, self._introduce, self._release)
+        self._selector: selectors.BaseSelector | None = None
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        # Cross-thread call queue; see "Threading rules" above.
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
+        self._calls = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = False
+        #: connections with freshly queued output (loop thread only)
+        self._dirty: set[Connection] = set()
+        self._conns: set[Connection] = set()
+        self._nconn = 0
+
+    # --- public face ---------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The dom0 socket (what XENSTORED_PATH should name)."""
+        return self.run_dir / "xenstored" / "socket"
+
+    def start(self) -> None:
+        """Bind the main socket and start serving; returns once listening."""
+        if self._thread is not None:
+            raise RuntimeError("XenStored already started")
+        self._selector = selectors.DefaultSelector()
+        self._listener = self._bind(self.path)
+        self._selector.register(self._listener, _READ, (self._accept, self._dispatcher.dom0))
+        self._selector.register(self._wake_r, _READ, (self._run_calls, None))
+        self._thread = threading.Thread(target=self._loop, name="xenstored", daemon=True)
+        self._thread.start()
+        logger.info("xenstored listening on %s", self.path)
+
+    def stop(self) -> None:
+        """Close every connection and socket and stop the loop thread."""
+        thread = self._thread
+        if thread is None or self._stopping:
+            return
+        self._stopping = True
+        self._wake()
+        thread.join()
+
+    def introduce_domain(self, domid: int) -> Path:
+        """Introduce ``domid`` and return the socket its connections use.
+
+        Fires @introduceDomain.  Idempotent: a domain already introduced
+        keeps its socket.  (Dom0 is always introduced; its socket is
+        :attr:`path`.)
+        """
+        if not 0 <= domid <= 0xFFFF:
+            raise ValueError(f"bad domain id {domid}")
+        if domid == 0:
+            return self.path
+        domain = self._call(self._introduce_and_flush, domid)
+        assert domain.socket_path is not None
+        return domain.socket_path
+
+    def release_domain(self, domid: int) -> None:
+        """Release ``domid``: close its socket and connections, fire @releaseDomain.
+
+        Raises KeyError if the domain is not introduced, ValueError for dom0.
+        """
+        if domid == 0:
+            raise ValueError("dom0 cannot be released")
+        self._call(self._release_and_flush, domid)
+
+    def is_introduced(self, domid: int) -> bool:
+        return self._call(lambda: domid in self._dispatcher.domains)
+
+    def __enter__(self) -> XenStored:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- cross-thread calls ---------------------------------------------------
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        if self._thread is None or self._stopping or not self._thread.is_alive():
+            raise RuntimeError("XenStored is not running")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.append((lambda: fn(*args), future))
+        self._wake()
+        return future.result()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:
+            pass  # a wakeup is already pending
+
+    def _run_calls(self, _mask: int, _data: Any) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+
+    # --- the loop ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        selector = self._selector
+        assert selector is not None
+        dirty = self._dirty
+        try:
+            while not self._stopping:
+                for key, mask in selector.select():
+                    callback, data = key.data
+                    callback(mask, data)
+                while dirty:
+                    self._flush(dirty.pop())
+        except BaseException:
+            logger.exception("xenstored loop died")
+            raise
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for conn in list(self._conns):
+            self._close(conn, "server stopping")
+        for domid in [d for d in self._dispatcher.domains if d != 0]:
+            self._teardown_domain(domid)
+        assert self._selector is not None and self._listener is not None
+        self._selector.close()
+        self._listener.close()
+        self._unlink(self.path)
+        self._wake_r.close()
+        self._wake_w.close()
+        while self._calls:
+            _fn, future = self._calls.popleft()
+            future.cancel()
+        logger.info("xenstored stopped")
+
+    # --- sockets -----------------------------------------------------------------
+
+    def _bind(self, path: Path) -> socket.socket:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.fspath(path))
+            sock.listen(64)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _accept(self, _mask: int, domain: Domain) -> None:
+        listener = self._listener if domain.domid == 0 else domain.listener
+        assert listener is not None and self._selector is not None
+        while True:
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # EMFILE and friends: leave the backlog for later.
+                logger.warning("accept on %s: %s", domain, e)
+                return
+            sock.setblocking(False)
+            self._nconn += 1
+            conn = Connection(sock, domain, f"#{self._nconn}")
+            domain.conns.add(conn)
+            self._conns.add(conn)
+            conn.events = _READ
+            self._selector.register(sock, _READ, (self._on_event, conn))
+
+    def _on_event(self, mask: int, conn: Connection) -> None:
+        try:
+            if mask & _WRITE:
+                self._flush(conn)
+            if mask & _READ and not conn.closed:
+                self._on_readable(conn)
+        except Exception:
+            # A bug must cost one connection, never the server.
+            logger.exception("internal error serving %r", conn)
+            self._close(conn, "internal error")
+
+    def _on_readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._close(conn, f"recv: {e}")
+            return
+        if not data:
+            self._close(conn, "closed by peer")
+            return
+        if conn.inbuf:
+            data = conn.inbuf + data
+        self._process(conn, data)
+
+    def _process(self, conn: Connection, data: bytes) -> None:
+        """Handle every complete request in ``data``; keep the rest."""
+        handle = self._dispatcher.handle
+        out = conn.out
+        off = 0
+        size = len(data)
+        while size - off >= HEADER_SIZE:
+            if len(out) > PAUSE_OUTPUT:
+                self._set_events(conn, _WRITE)  # paused until the client reads
+                break
+            op, req_id, tx_id, length = _unpack_header(data, off)
+            if length > PAYLOAD_MAX:
+                self._close(conn, f"header announces {length} bytes (max {PAYLOAD_MAX})")
+                return
+            end = off + HEADER_SIZE + length
+            if end > size:
+                break
+            handle(conn, op, req_id, tx_id, data[off + HEADER_SIZE : end])
+            if conn.closed:
+                return
+            off = end
+        conn.inbuf = data[off:] if off else data
+
+    def _send(self, conn: Connection, data: bytes) -> None:
+        """Queue ``data`` for ``conn`` (the dispatcher's output hook)."""
+        if conn.closed:
+            return
+        conn.out += data
+        if len(conn.out) > self.max_queued:
+            self._close(conn, f"more than {self.max_queued} bytes queued: client does not read")
+            return
+        self._dirty.add(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        """Send what the kernel takes; wait for writability if not all."""
+        if conn.closed:
+            return
+        out = conn.out
+        if out:
+            try:
+                sent = conn.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self._close(conn, f"send: {e}")
+                return
+            del out[:sent]
+        paused = len(out) > PAUSE_OUTPUT
+        self._set_events(conn, (_WRITE if out else 0) | (0 if paused else _READ))
+        if not paused and conn.inbuf and len(conn.inbuf) >= HEADER_SIZE and conn.events & _READ:
+            # Requests read before we paused: serve them now that there is room.
+            data, conn.inbuf = conn.inbuf, b""
+            self._process(conn, data)
+            if not conn.closed and conn.out:
+                self._dirty.add(conn)
+
+    def _set_events(self, conn: Connection, events: int) -> None:
+        # Never 0: a paused connection always has output waiting.
+        if events != conn.events and not conn.closed:
+            assert self._selector is not None and events
+            conn.events = events
+            self._selector.modify(conn.sock, events, (self._on_event, conn))
+
+    def _close(self, conn: Connection, why: str) -> None:
+        if conn.closed:
+            return
+        logger.debug("closing %r: %s", conn, why)
+        conn.closed = True
+        assert self._selector is not None
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            conn.sock.close()
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+        self._dispatcher.drop_connection_state(conn)
+        conn.domain.conns.discard(conn)
+        self._conns.discard(conn)
+        self._dirty.discard(conn)
+        conn.out.clear()
+
+    # --- domains -------------------------------------------------------------------
+
+    def _introduce(self, domid: int) -> Domain:
+        """Create ``domid``'s socket and fire @introduceDomain (loop thread)."""
+        domains = self._dispatcher.domains
+        domain = domains.get(domid)
+        if domain is not None:
+            return domain
+        domain = Domain(domid, privileged=False)
+        domain.socket_path = self.run_dir / "domains" / str(domid) / "xenstore"
+        try:
+            domain.listener = self._bind(domain.socket_path)
+        except OSError as e:
+            raise XsError("EIO", f"cannot create socket for domain {domid}: {e}") from e
+        assert self._selector is not None
+        self._selector.register(domain.listener, _READ, (self._accept, domain))
+        domains[domid] = domain
+        self._dispatcher.fire_special("@introduceDomain")
+        logger.info("introduced domain %d at %s", domid, domain.socket_path)
+        return domain
+
+    def _introduce_and_flush(self, domid: int) -> Domain:
+        try:
+            return self._introduce(domid)
+        except XsError as e:
+            raise OSError(str(e)) from e
+        finally:
+            self._dispatcher.flush_deferred()
+
+    def _release(self, domid: int) -> None:
+        """Close ``domid``'s socket and connections, fire @releaseDomain."""
+        if domid not in self._dispatcher.domains or domid == 0:
+            raise KeyError(domid)
+        self._teardown_domain(domid)
+        self._dispatcher.fire_special("@releaseDomain")
+        logger.info("released domain %d", domid)
+
+    def _release_and_flush(self, domid: int) -> None:
+        try:
+            self._release(domid)
+        finally:
+            self._dispatcher.flush_deferred()
+
+    def _teardown_domain(self, domid: int) -> None:
+        domain = self._dispatcher.domains.pop(domid)
+        for conn in list(domain.conns):
+            self._close(conn, f"domain {domid} released")
+        for other in self._dispatcher.domains.values():
+            if other.target == domid:
+                other.target = None
+        if domain.listener is not None:
+            assert self._selector is not None
+            self._selector.unregister(domain.listener)
+            domain.listener.close()
+            domain.listener = None
+        if domain.socket_path is not None:
+            self._unlink(domain.socket_path)

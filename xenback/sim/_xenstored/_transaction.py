@@ -1,0 +1,96 @@
+"""Transactions: a private view of the store, checked and applied on commit.
+
+A transaction remembers, for every path it touches, the generation the live
+node had when the transaction first looked at it (or None: absent), and
+from then on serves that path from its own view.  Because live nodes are
+never mutated (see _tree.py), "its own view" can simply hold the live node
+objects it read; only paths it changes get new nodes.
+
+Commit fails with EAGAIN exactly when some path the transaction touched
+has a different live generation now than at first touch; otherwise every
+changed path is installed (fresh generations) and the queued watch events
+fire.  This is cxenstored's scheme: the conflict granularity is one node.
+
+Threading: none.  Transactions live on a connection, on the loop thread.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from ._tree import Node, Perms, Store
+from ._wire import XsError
+
+__all__ = ["Transaction"]
+
+
+class Transaction:
+    """One open transaction of one connection."""
+
+    __slots__ = ("id", "store", "seen", "view", "changed", "events", "owned_delta")
+
+    def __init__(self, tx_id: int, store: Store) -> None:
+        self.id = tx_id
+        self.store = store
+        #: path -> live generation at first touch (None: did not exist)
+        self.seen: dict[str, int | None] = {}
+        #: path -> node as this transaction sees it (None: absent)
+        self.view: dict[str, Node | None] = {}
+        #: paths this transaction wrote or deleted, in order
+        self.changed: dict[str, None] = {}
+        #: watch events to fire on commit: (path, subtree, perms, old perms)
+        self.events: list[tuple[str, bool, Perms, Perms | None]] = []
+        self.owned_delta: collections.Counter[int] = collections.Counter()
+
+    def _touch(self, path: str) -> Node | None:
+        node = self.store.nodes.get(path)
+        self.seen[path] = None if node is None else node.generation
+        self.view[path] = node
+        return node
+
+    def get(self, path: str) -> Node | None:
+        try:
+            return self.view[path]
+        except KeyError:
+            return self._touch(path)
+
+    def put(self, path: str, node: Node) -> None:
+        old = self.get(path)
+        delta = self.owned_delta
+        if old is None:
+            delta[node.owner] += 1
+        elif old.owner != node.owner:
+            delta[old.owner] -= 1
+            delta[node.owner] += 1
+        self.view[path] = node
+        self.changed[path] = None
+
+    def delete(self, path: str) -> None:
+        old = self.get(path)
+        if old is not None:
+            self.owned_delta[old.owner] -= 1
+        self.view[path] = None
+        self.changed[path] = None
+
+    def count(self, domid: int) -> int:
+        return self.store.count(domid) + self.owned_delta[domid]
+
+    @property
+    def size(self) -> int:
+        """Number of nodes touched (cxenstored's per-transaction node quota)."""
+        return len(self.seen)
+
+    def commit(self) -> None:
+        """Apply to the live store, or raise EAGAIN and apply nothing."""
+        nodes = self.store.nodes
+        for path, generation in self.seen.items():
+            node = nodes.get(path)
+            if (None if node is None else node.generation) != generation:
+                raise XsError("EAGAIN", f"{path} changed during the transaction")
+        store = self.store
+        for path in self.changed:
+            node = self.view[path]
+            if node is None:
+                store.delete(path)
+            else:
+                store.put(path, node)
