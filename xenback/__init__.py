@@ -1,0 +1,47 @@
+"""xenback: write a Xen backend in Python in a page of code.
+
+The pieces, each in a module of its own:
+
+* :mod:`xenback.platform`: the interface to Xen (XenStore, grants, event
+  channels) with two implementations, :mod:`xenback.sim` (a simulated host)
+  and :mod:`xenback.xen` (a real dom0, ``xenback.xen.open()``);
+* :mod:`xenback.xenbus`: :class:`XenbusState`, :class:`BackendDriver` and
+  :class:`BackendDevice`, the xenbus state machine a driver plugs into;
+* :mod:`xenback.xenstore`: a typed XenStore helper over pyxs;
+* :mod:`xenback.ring`: ``ring.h`` request/response rings and flex byte rings;
+* :mod:`xenback.events`: one event-channel handle and epoll thread per backend.
+
+``examples/console_backend.py`` is a complete backend to copy from.
+"""
+
+from xenback.events import EventDispatcher
+from xenback.platform import (
+    PAGE_SIZE,
+    EventChannelError,
+    GrantError,
+    Platform,
+    PlatformError,
+    PlatformUnavailable,
+)
+from xenback.ring import BackRing, FlexRing, FrontRing, RingError
+from xenback.xenbus import BackendDevice, BackendDriver, XenbusState
+from xenback.xenstore import EventQueue, XenStore
+
+__all__ = [
+    "PAGE_SIZE",
+    "BackRing",
+    "BackendDevice",
+    "BackendDriver",
+    "EventChannelError",
+    "EventDispatcher",
+    "EventQueue",
+    "FlexRing",
+    "FrontRing",
+    "GrantError",
+    "Platform",
+    "PlatformError",
+    "PlatformUnavailable",
+    "RingError",
+    "XenStore",
+    "XenbusState",
+]

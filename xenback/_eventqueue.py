@@ -1,0 +1,94 @@
+"""Ordered delivery of callbacks on a shared workqueue.
+
+The kernel's xenbus runs every watch callback on one ``xenwatch`` thread, so
+events for one device can never overtake each other, and a slow device holds
+up all the others.  Here each device (or any other consumer) gets an
+:class:`EventQueue`: a deque of pending calls drained by one work item on a
+shared workqueue.  A work item never runs concurrently with itself and is
+re-run when queued while running, so the calls of one queue run one at a
+time in the order they were queued, while different queues run in parallel
+on the workqueue's workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workqueue import Work
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EventQueue"]
+
+
+class EventQueue:
+    """Calls ``fn(*args)`` for each :meth:`call`, one at a time, in order.
+
+    ``workqueue`` is any object with the workqueue ``queue_work`` method
+    (a :func:`workqueue.alloc_workqueue` queue).  An exception in a call is
+    logged and does not stop the calls after it.
+    """
+
+    def __init__(self, workqueue: Any, name: str = "") -> None:
+        from workqueue import Work
+
+        self.name = name
+        self._workqueue = workqueue
+        # _lock guards _calls and _closed; it is never held while a call runs.
+        self._lock = threading.Lock()
+        self._calls: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
+        self._closed = False
+        self._work: Work = Work(self._drain)
+
+    def __repr__(self) -> str:
+        return f"<EventQueue {self.name!r} pending={len(self._calls)}>"
+
+    def call(self, fn: Callable[..., object], *args: object) -> bool:
+        """Queue ``fn(*args)`` behind every earlier call.  Returns False
+        (and drops the call) once the queue is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._calls.append((fn, args))
+        self._workqueue.queue_work(self._work)
+        return True
+
+    def _drain(self, _work: object) -> None:
+        # The pending bit of our Work is cleared before this runs, so a call
+        # appended after the deque looked empty re-queues the Work: no call
+        # is ever left behind, and the Work's non-reentrancy keeps the order.
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, args = self._calls.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("%s: callback %r failed", self.name or "event queue", fn)
+
+    def in_queue(self) -> bool:
+        """True when called from one of this queue's calls."""
+        from workqueue import current_work
+
+        return current_work() is self._work
+
+    def flush(self) -> None:
+        """Wait until every call queued so far has run.  From a call of this
+        queue it returns at once (waiting for itself would never end)."""
+        if not self.in_queue():
+            self._work.flush()
+
+    def close(self, *, wait: bool = True) -> None:
+        """Refuse further calls; with ``wait``, let the queued ones finish
+        (not when called from this queue: the rest then runs after the
+        current call returns)."""
+        with self._lock:
+            self._closed = True
+        if wait:
+            self.flush()

@@ -1,0 +1,228 @@
+"""One event-channel handle and one epoll thread for a whole backend.
+
+The kernel delivers an event channel as an interrupt whose handler only
+schedules work; :class:`EventDispatcher` is that for user space.  It owns
+one :class:`~xenback.platform.EventChannel` handle (all ports of a backend
+share it, as all ports of a process share ``/dev/xen/evtchn``) and one
+thread waiting in :func:`select.epoll` on it and on any host file
+descriptors the backend adds (sockets, for pvcalls).  Callbacks run on that
+thread and must be tiny: queue a work item and return.
+
+A fired port stays masked until its callback has returned (libxenevtchn's
+semantics): a guest hammering its port costs one callback per dispatch
+round, not one per notification.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xenback.platform import EventChannel, Platform
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EventDispatcher", "FdCallback", "PortCallback"]
+
+#: ``callback(port)``, run on the dispatcher thread.
+PortCallback = Callable[[int], object]
+#: ``callback(fd, epoll_events)``, run on the dispatcher thread.
+FdCallback = Callable[[int, int], object]
+
+
+class EventDispatcher:
+    """Dispatches event-channel ports and host fds to callbacks.
+
+    :meth:`unbind` and :meth:`remove_fd` are synchronous, like the kernel's
+    ``unbind_from_irqhandler``: when they return, the callback is not
+    running and will not run again (except when called from that callback
+    itself), so the caller may free what the callback uses.
+    """
+
+    def __init__(self, platform: Platform, *, name: str = "xenback-events") -> None:
+        self._evtchn: EventChannel = platform.evtchn()
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._evtchn_fd = self._evtchn.fileno()
+        self._epoll.register(self._evtchn_fd, select.EPOLLIN)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        # _lock guards _ports, _fds, _running and _closed, and serialises
+        # evtchn bind/unbind/unmask with dispatch so that a port is never
+        # unmasked after it was unbound.  _idle is notified whenever a
+        # callback finishes.  Never held while a callback runs.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._ports: dict[int, PortCallback] = {}
+        self._fds: dict[int, FdCallback] = {}
+        self._running: tuple[str, int] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> EventDispatcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Event channels.
+
+    def bind_interdomain(self, domid: int, remote_port: int, callback: PortCallback) -> int:
+        """Bind to ``remote_port`` of ``domid``; returns the local port.
+        Raises :class:`~xenback.platform.EventChannelError` on failure."""
+        with self._lock:
+            self._check_open()
+            port = self._evtchn.bind_interdomain(domid, remote_port)
+            self._ports[port] = callback
+        return port
+
+    def bind_unbound_port(self, domid: int, callback: PortCallback) -> int:
+        """Allocate a port for ``domid`` to bind to (frontend side)."""
+        with self._lock:
+            self._check_open()
+            port = self._evtchn.bind_unbound_port(domid)
+            self._ports[port] = callback
+        return port
+
+    def notify(self, port: int) -> None:
+        """Send an event on ``port``."""
+        self._evtchn.notify(port)
+
+    def unbind(self, port: int) -> None:
+        """Unbind ``port``; waits for a running callback of it to return."""
+        with self._lock:
+            self._wait_idle("port", port)
+            if self._ports.pop(port, None) is None:
+                raise KeyError(f"event channel port {port} is not bound here")
+            self._evtchn.unbind(port)
+
+    # Host file descriptors.
+
+    def add_fd(self, fd: int, events: int, callback: FdCallback) -> None:
+        """Call ``callback(fd, revents)`` when ``fd`` is ready for ``events``
+        (an epoll mask).  Level-triggered unless ``select.EPOLLET`` or
+        ``select.EPOLLONESHOT`` is in ``events``; with ONESHOT, re-arm with
+        :meth:`modify_fd` once the work is done."""
+        with self._lock:
+            self._check_open()
+            if fd in self._fds:
+                raise ValueError(f"fd {fd} is already registered")
+            self._epoll.register(fd, events)
+            self._fds[fd] = callback
+
+    def modify_fd(self, fd: int, events: int) -> None:
+        with self._lock:
+            if fd not in self._fds:
+                raise KeyError(f"fd {fd} is not registered")
+            self._epoll.modify(fd, events)
+
+    def remove_fd(self, fd: int) -> None:
+        """Stop watching ``fd``; waits for a running callback of it to return.
+        Call it before closing the fd."""
+        with self._lock:
+            self._wait_idle("fd", fd)
+            if self._fds.pop(fd, None) is None:
+                raise KeyError(f"fd {fd} is not registered")
+            self._epoll.unregister(fd)
+
+    # Lifetime.
+
+    def close(self) -> None:
+        """Stop the thread, unbind every port, close the handle."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        os.write(self._wake_w, b"x")
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            for port in list(self._ports):
+                try:
+                    self._evtchn.unbind(port)
+                except OSError:
+                    logger.debug("unbinding port %d at close failed", port, exc_info=True)
+            self._ports.clear()
+            self._fds.clear()
+        self._evtchn.close()
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    @property
+    def ports(self) -> list[int]:
+        """The bound ports (for tests and introspection)."""
+        with self._lock:
+            return list(self._ports)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("event dispatcher is closed")
+
+    def _wait_idle(self, kind: str, key: int) -> None:
+        # Called with _lock held.
+        if threading.current_thread() is self._thread:
+            return
+        while self._running == (kind, key):
+            self._idle.wait()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                ready = self._epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, revents in ready:
+                if fd == self._wake_r:
+                    return  # closing
+                if fd == self._evtchn_fd:
+                    self._dispatch_ports()
+                else:
+                    self._dispatch_fd(fd, revents)
+
+    def _dispatch_ports(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                port = self._evtchn.pending()
+                if port is None:
+                    return
+                callback = self._ports.get(port)
+                self._running = ("port", port)
+            if callback is not None:
+                try:
+                    callback(port)
+                except Exception:
+                    logger.exception("event channel port %d: callback failed", port)
+            with self._lock:
+                self._running = None
+                self._idle.notify_all()
+                if port in self._ports:
+                    self._evtchn.unmask(port)
+
+    def _dispatch_fd(self, fd: int, revents: int) -> None:
+        with self._lock:
+            callback = self._fds.get(fd)
+            if callback is None:
+                return
+            self._running = ("fd", fd)
+        try:
+            callback(fd, revents)
+        except Exception:
+            logger.exception("fd %d: callback failed", fd)
+        finally:
+            with self._lock:
+                self._running = None
+                self._idle.notify_all()

@@ -1,0 +1,645 @@
+"""The xenbus backend state machine: what ``drivers/xen/xenbus`` does for a
+kernel backend, for a backend written in Python.
+
+A driver subclasses :class:`BackendDriver`, names its ``device_type`` and
+overrides up to four methods; the base class does the rest of the xenbus
+protocol (section 2 of the protocol reference), item by item:
+
+* discovery: a watch on ``/local/domain/<self>/backend/<type>``; a device
+  ``backend/<type>/<frontend-id>/<devid>`` is probed only when its backend
+  ``state`` is Initialising (1);
+* probe: ``frontend`` and ``frontend-id`` are read and the frontend path
+  must exist, then :meth:`BackendDriver.probe` writes the feature nodes and
+  the base switches to InitWait and watches the frontend's ``state``;
+* frontend Initialising -> InitWait again if we were Closed (reconnect);
+  Initialised or Connected -> :meth:`BackendDriver.connect`, then Connected;
+  Closing -> :meth:`BackendDriver.disconnect`, Closing; Closed -> disconnect,
+  Closed, and the device is dropped if ``online`` is 0; Unknown (the
+  frontend's directory vanished) -> Closed and dropped; any other state is a
+  fatal error;
+* removal by the toolstack (``online`` = 0, backend ``state`` = Closing): the
+  device is dropped once the frontend is closed or was never connected;
+  a deleted backend directory drops the device without writing anything;
+* ``@releaseDomain``: the devices of a frontend domain that no longer exists
+  are disconnected and dropped at once, releasing its grants and ports;
+* state is written in a transaction that checks the device directory still
+  exists, retried on EAGAIN, and skipped when the node already holds it;
+* failures (:meth:`BackendDevice.fatal`, or an exception from a driver
+  method): ``error/<backend-path>/error`` = ``"<errno> <message>"`` under
+  our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
+
+Ordering: every callback for one device runs on that device's
+:class:`~xenback._eventqueue.EventQueue`, one at a time, in the order the
+events arrived, on a shared workqueue; different devices proceed in
+parallel.  Driver methods may block (map grants, talk to XenStore).
+
+Resources: grant mappings and event channels obtained through
+:meth:`BackendDevice.map_grant_refs` and :meth:`BackendDevice.bind_evtchn`
+are tracked per device (like the kernel's devres) and released after
+:meth:`BackendDriver.disconnect` returns, whether or not the driver freed
+them, so a backend cannot leak them on a path it did not think of.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from xenback._eventqueue import EventQueue
+from xenback.events import EventDispatcher, PortCallback
+from xenback.xenstore import Transaction, Watch, XenStore
+
+if TYPE_CHECKING:
+    from xenback.platform import GrantMapping, GrantTable, Platform
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BackendDevice", "BackendDriver", "XenbusState"]
+
+
+class XenbusState(enum.IntEnum):
+    """``enum xenbus_state`` of ``xen/io/xenbus.h``."""
+
+    UNKNOWN = 0
+    INITIALISING = 1
+    INIT_WAIT = 2
+    INITIALISED = 3
+    CONNECTED = 4
+    CLOSING = 5
+    CLOSED = 6
+    RECONFIGURING = 7
+    RECONFIGURED = 8
+
+    @classmethod
+    def parse(cls, value: str | None) -> XenbusState:
+        """A ``state`` node's value; a missing node reads as UNKNOWN (as
+        ``xenbus_read_driver_state`` does).  Raises :class:`ValueError` for
+        anything that is not one of the states."""
+        if value is None:
+            return cls.UNKNOWN
+        text = value.strip()
+        if text.isascii() and text.isdigit() and int(text) in cls._value2member_map_:
+            return cls(int(text))
+        raise ValueError(f"invalid xenbus state {value[:32]!r}")
+
+
+def _errno_of(exc: BaseException) -> tuple[int, str]:
+    """Map a driver's exception to ``xenbus_dev_fatal``'s (errno, message)."""
+    if isinstance(exc, OSError) and exc.errno:
+        text = exc.strerror or str(exc)
+        if exc.filename:
+            text = f"{text}: {exc.filename}"
+        return exc.errno, text
+    if isinstance(exc, ValueError | TypeError):
+        return errno.EINVAL, str(exc) or type(exc).__name__
+    return errno.EIO, f"{type(exc).__name__}: {exc}"
+
+
+class BackendDevice:
+    """One backend device (``struct xenbus_device``).
+
+    Created by the driver on discovery; a driver reads the frontend's nodes
+    with :meth:`read_otherend`, writes its own with :meth:`write` /
+    :meth:`write_nodes`, and keeps its per-device state in
+    :attr:`driver_data`.
+    """
+
+    def __init__(self, driver: BackendDriver, frontend_id: int, devid: int) -> None:
+        self.driver = driver
+        self.device_type = driver.device_type
+        self.frontend_id = frontend_id
+        self.devid = devid
+        #: Absolute backend path, ``/local/domain/<self>/backend/<type>/<fe>/<devid>``.
+        self.nodename = f"{driver.backend_root}/{frontend_id}/{devid}"
+        #: Absolute frontend path (set by probe from the ``frontend`` node).
+        self.otherend = ""
+        #: Our state as last written or read back from our ``state`` node.
+        self.state = XenbusState.INITIALISING
+        #: The frontend's state as last seen.
+        self.frontend_state = XenbusState.UNKNOWN
+        #: Free for the driver.
+        self.driver_data: Any = None
+        self.events = EventQueue(driver.workqueue, f"{self.device_type}-{frontend_id}-{devid}")
+        # Everything below is only touched from this device's event queue,
+        # except _lock-guarded resources (drivers may map and bind from
+        # their own work items too).
+        self._otherend_watch: Watch | None = None
+        self._connected = False
+        self._gone = False
+        self._lock = threading.Lock()
+        self._mappings: list[GrantMapping] = []
+        self._ports: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"<BackendDevice {self.nodename} {self.state.name}>"
+
+    @property
+    def platform(self) -> Platform:
+        return self.driver.platform
+
+    @property
+    def xenstore(self) -> XenStore:
+        return self.driver.xenstore
+
+    @property
+    def gone(self) -> bool:
+        """True once the device was dropped (removed or its frontend died)."""
+        return self._gone
+
+    # XenStore.
+
+    def read(self, key: str, default: str | None = None) -> str | None:
+        """Our own node ``<nodename>/<key>``."""
+        return self.xenstore.read(f"{self.nodename}/{key}", default)
+
+    def read_otherend(self, key: str, default: str | None = None) -> str | None:
+        """The frontend's node ``<otherend>/<key>`` (hostile: validate it)."""
+        return self.xenstore.read(f"{self.otherend}/{key}", default)
+
+    def read_otherend_int(self, key: str, default: int | None = None) -> int | None:
+        """``<otherend>/<key>`` as an integer; :class:`ValueError` naming
+        the node if the frontend wrote something else."""
+        return self.xenstore.read_int(f"{self.otherend}/{key}", default)
+
+    def write(self, key: str, value: str | int) -> None:
+        """Write ``<nodename>/<key>``; see :meth:`write_nodes`."""
+        self.write_nodes({key: value})
+
+    def write_nodes(self, nodes: Mapping[str, str | int]) -> None:
+        """Write several of our nodes in one transaction.  Raises
+        :class:`FileNotFoundError` if the device directory was deleted
+        (nothing is written then: a write would re-create it)."""
+
+        def tx(t: Transaction) -> None:
+            if t.read(self.nodename) is None:
+                raise FileNotFoundError(errno.ENOENT, "device directory was deleted", self.nodename)
+            for key, value in nodes.items():
+                t.write(f"{self.nodename}/{key}", value)
+
+        self.xenstore.transaction(tx)
+
+    def switch_state(self, state: XenbusState) -> bool:
+        """``xenbus_switch_state``: write our ``state`` unless it already
+        holds ``state`` or the device directory is gone.  True if written."""
+        state = XenbusState(state)
+        value = str(int(state))
+
+        def tx(t: Transaction) -> bool:
+            if t.read(self.nodename) is None:
+                return False
+            if t.read(f"{self.nodename}/state") == value:
+                return False
+            t.write(f"{self.nodename}/state", value)
+            return True
+
+        written = self.xenstore.transaction(tx)
+        self.state = state
+        if written:
+            logger.debug("%s: state -> %s", self.nodename, state.name)
+        return written
+
+    @property
+    def error_path(self) -> str:
+        """Where :meth:`fatal` writes: ``<home>/error/backend/<type>/<fe>/<devid>/error``."""
+        relative = self.nodename[len(self.driver.home) + 1 :]
+        return f"{self.driver.home}/error/{relative}/error"
+
+    def error(self, err: int, message: str) -> None:
+        """``xenbus_dev_error``: log and write the error node."""
+        err = abs(err)
+        logger.error("%s: error %d: %s", self.nodename, err, message)
+        try:
+            self.xenstore.write(self.error_path, f"{err} {message}"[:1024])
+        except OSError:
+            logger.warning("%s: could not write the error node", self.nodename, exc_info=True)
+
+    def fatal(self, err: int, message: str) -> None:
+        """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing."""
+        self.error(err, message)
+        try:
+            self.switch_state(XenbusState.CLOSING)
+        except OSError:
+            logger.warning("%s: could not switch to Closing", self.nodename, exc_info=True)
+
+    # Grants and event channels, released automatically on disconnect.
+
+    def map_grant_refs(self, refs: Sequence[int], *, writable: bool = True) -> GrantMapping:
+        """Map the frontend's grants ``refs`` contiguously (tracked).
+        Raises :class:`~xenback.platform.GrantError`."""
+        mapping = self.driver.gnttab.map_grant_refs(self.frontend_id, refs, writable=writable)
+        with self._lock:
+            self._mappings.append(mapping)
+        return mapping
+
+    def unmap(self, mapping: GrantMapping) -> None:
+        """Unmap a mapping made by :meth:`map_grant_refs` before disconnect."""
+        with self._lock:
+            self._mappings.remove(mapping)
+        mapping.unmap()
+
+    def bind_evtchn(self, remote_port: int, callback: PortCallback) -> int:
+        """Bind the frontend's ``remote_port`` (tracked); ``callback(port)``
+        runs on the dispatcher thread and must only queue work."""
+        port = self.driver.events.bind_interdomain(self.frontend_id, remote_port, callback)
+        with self._lock:
+            self._ports.append(port)
+        return port
+
+    def unbind_evtchn(self, port: int) -> None:
+        with self._lock:
+            self._ports.remove(port)
+        self.driver.events.unbind(port)
+
+    def notify(self, port: int) -> None:
+        self.driver.events.notify(port)
+
+    @property
+    def resources(self) -> tuple[int, int]:
+        """(grant mappings, event channel ports) currently held."""
+        with self._lock:
+            return len(self._mappings), len(self._ports)
+
+    def release_resources(self) -> None:
+        """Unbind every tracked port and unmap every tracked mapping."""
+        with self._lock:
+            ports, self._ports = self._ports, []
+            mappings, self._mappings = self._mappings, []
+        for port in ports:
+            try:
+                self.driver.events.unbind(port)
+            except (OSError, KeyError):
+                logger.warning("%s: unbinding port %d failed", self.nodename, port, exc_info=True)
+        for mapping in mappings:
+            try:
+                mapping.unmap()
+            except OSError:
+                logger.warning("%s: unmapping %s failed", self.nodename, mapping, exc_info=True)
+
+    def queue(self, fn: Any, *args: object) -> bool:
+        """Run ``fn(*args)`` on this device's event queue, ordered with its
+        xenbus callbacks.  False once the device is gone."""
+        return self.events.call(fn, *args)
+
+
+class BackendDriver:
+    """Base class of a xenbus backend driver.
+
+    Subclass it, set ``device_type`` and override :meth:`probe`,
+    :meth:`connect`, :meth:`disconnect` and :meth:`remove` as needed::
+
+        class ConsoleBackend(BackendDriver):
+            device_type = "console"
+
+            def connect(self, dev):
+                ...
+
+        with ConsoleBackend(platform) as backend:
+            ...
+
+    ``workqueue`` runs the device callbacks; without one, the driver
+    allocates an unbound workqueue of its own and destroys it on stop.
+    """
+
+    device_type: ClassVar[str] = ""
+
+    def __init__(self, platform: Platform, *, workqueue: Any = None) -> None:
+        if not self.device_type or "/" in self.device_type:
+            raise TypeError(f"{type(self).__name__} must set device_type to a device type name")
+        self.platform = platform
+        self.home = f"/local/domain/{platform.domid}"
+        #: ``/local/domain/<self>/backend/<type>``.
+        self.backend_root = f"{self.home}/backend/{self.device_type}"
+        self._own_workqueue = workqueue is None
+        self.workqueue = workqueue
+        self._xs: XenStore | None = None
+        self._events: EventDispatcher | None = None
+        self._gnttab: GrantTable | None = None
+        # _lock guards _devices, _stopping and the lazy creation of the
+        # event dispatcher and grant table handle.
+        self._lock = threading.Lock()
+        self._devices: dict[tuple[int, int], BackendDevice] = {}
+        self._stopping = False
+        self._bus: EventQueue | None = None
+        self._watches: list[Watch] = []
+
+    # Hooks for subclasses.
+
+    def probe(self, dev: BackendDevice) -> None:
+        """Write the feature nodes the frontend reads before connecting.
+        Raising makes the device fail (error node, Closing)."""
+
+    def connect(self, dev: BackendDevice) -> None:
+        """The frontend is Initialised or Connected: read its ring
+        references and event channel, map and bind them.  Raising makes the
+        device fail; :meth:`disconnect` is still called to undo the rest."""
+
+    def disconnect(self, dev: BackendDevice) -> None:
+        """Undo :meth:`connect` (also after a partial or failed connect, and
+        when the frontend's domain died).  Tracked grants and ports are
+        released by the framework afterwards."""
+
+    def remove(self, dev: BackendDevice) -> None:
+        """The device is going away: free what :meth:`probe` set up."""
+
+    def frontend_changed(self, dev: BackendDevice, state: XenbusState) -> None:
+        """React to the frontend's new state (the table in the module
+        docstring).  Override only to extend it."""
+        if state == XenbusState.INITIALISING:
+            if dev.state == XenbusState.CLOSED:
+                logger.info("%s: frontend reinitialising, prepare for reconnect", dev.nodename)
+                dev.switch_state(XenbusState.INIT_WAIT)
+        elif state in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            # Closing means a fatal error or a removal is under way: the
+            # frontend must go through Closed and Initialising first.
+            if dev.state in (XenbusState.INIT_WAIT, XenbusState.INITIALISED, XenbusState.CLOSED):
+                self._connect(dev)
+        elif state == XenbusState.CLOSING:
+            self._disconnect(dev)
+            dev.switch_state(XenbusState.CLOSING)
+        elif state == XenbusState.CLOSED:
+            self._disconnect(dev)
+            dev.switch_state(XenbusState.CLOSED)
+            if not self._online(dev):
+                self._drop(dev)
+        elif state == XenbusState.UNKNOWN:
+            self._drop(dev)
+        else:
+            dev.fatal(errno.EINVAL, f"saw state {int(state)} at frontend")
+
+    # Lifetime.
+
+    @property
+    def xenstore(self) -> XenStore:
+        if self._xs is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        return self._xs
+
+    @property
+    def events(self) -> EventDispatcher:
+        """The driver's event dispatcher (created on first use)."""
+        with self._lock:
+            if self._events is None:
+                self._events = EventDispatcher(self.platform, name=f"{self.device_type}-events")
+            return self._events
+
+    @property
+    def gnttab(self) -> GrantTable:
+        """The driver's grant table handle (opened on first use)."""
+        with self._lock:
+            if self._gnttab is None:
+                self._gnttab = self.platform.gnttab()
+            return self._gnttab
+
+    def devices(self) -> list[BackendDevice]:
+        with self._lock:
+            return list(self._devices.values())
+
+    def start(self) -> None:
+        """Connect to XenStore and start serving devices."""
+        if self._own_workqueue:
+            from workqueue import WQ_UNBOUND, alloc_workqueue
+
+            self.workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
+        self._xs = XenStore.connect_to(self.platform)
+        self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus")
+        self._watches.append(
+            self._xs.watch(self.backend_root, self._backend_event, events=self._bus)
+        )
+        self._watches.append(
+            self._xs.watch("@releaseDomain", self._release_domain, events=self._bus)
+        )
+        logger.info("%s backend serving %s", self.device_type, self.backend_root)
+
+    def stop(self) -> None:
+        """Disconnect every device (writing Closed where its directory
+        still exists), call :meth:`remove` for each, and release all
+        threads, handles and watches.  Not from a driver callback."""
+        with self._lock:
+            if self._stopping or self._xs is None:
+                return
+            self._stopping = True
+        for w in self._watches:
+            try:
+                w.unwatch()
+            except OSError:
+                pass
+        self._watches.clear()
+        assert self._bus is not None
+        self._bus.close(wait=True)
+        for dev in self.devices():
+            dev.queue(self._drop, dev)
+        for dev in self.devices():
+            dev.events.close(wait=True)
+        with self._lock:
+            leftovers = list(self._devices.values())
+            events, self._events = self._events, None
+            gnttab, self._gnttab = self._gnttab, None
+        for dev in leftovers:  # their queue was closed before the drop ran
+            self._drop(dev)
+        if events is not None:
+            events.close()
+        if gnttab is not None:
+            gnttab.close()
+        if self._own_workqueue and self.workqueue is not None:
+            self.workqueue.destroy()
+            self.workqueue = None
+        self._xs.close()
+        self._xs = None
+        logger.info("%s backend stopped", self.device_type)
+
+    def __enter__(self) -> BackendDriver:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # Discovery (runs on the bus queue).
+
+    def _backend_event(self, path: str) -> None:
+        parts = path[len(self.backend_root) :].strip("/").split("/")
+        if path.startswith(self.backend_root + "/") and len(parts) >= 2:
+            self._check_device(parts[0], parts[1])
+            return
+        # The whole tree (first event, or a frontend's subtree removed).
+        for fe in self.xenstore.ls(self.backend_root):
+            for devid in self.xenstore.ls(f"{self.backend_root}/{fe}"):
+                self._check_device(fe, devid)
+        for dev in self.devices():
+            dev.queue(self._backend_changed, dev)
+
+    def _check_device(self, fe_text: str, devid_text: str) -> None:
+        if not (fe_text.isascii() and fe_text.isdigit() and devid_text.isascii() and devid_text.isdigit()):
+            logger.warning("ignoring %s/%s/%s: not <domid>/<devid>", self.backend_root, fe_text, devid_text)
+            return
+        key = (int(fe_text), int(devid_text))
+        with self._lock:
+            dev = self._devices.get(key)
+        if dev is not None:
+            dev.queue(self._backend_changed, dev)
+            return
+        path = f"{self.backend_root}/{key[0]}/{key[1]}"
+        if self.xenstore.read(f"{path}/state") != str(int(XenbusState.INITIALISING)):
+            return
+        with self._lock:
+            if self._stopping or key in self._devices:
+                return
+            dev = BackendDevice(self, *key)
+            self._devices[key] = dev
+        logger.info("%s: new device", dev.nodename)
+        dev.queue(self._probe, dev)
+
+    def _release_domain(self, _path: str) -> None:
+        alive: dict[int, bool] = {}
+        for dev in self.devices():
+            fe = dev.frontend_id
+            if fe not in alive:
+                alive[fe] = self._domain_alive(fe)
+            if not alive[fe]:
+                dev.queue(self._domain_dead, dev)
+
+    def _domain_alive(self, domid: int) -> bool:
+        try:
+            return self.xenstore.is_domain_introduced(domid)
+        except OSError:
+            return self.xenstore.exists(f"/local/domain/{domid}")
+
+    # Per-device handlers (run on the device's queue).
+
+    def _probe(self, dev: BackendDevice) -> None:
+        if dev.gone:
+            return
+        try:
+            otherend = dev.read("frontend")
+            otherend_id = self.xenstore.read_int(f"{dev.nodename}/frontend-id")
+            if otherend is None or otherend_id is None:
+                raise FileNotFoundError(errno.ENOENT, "reading other end details", dev.nodename)
+            if not otherend.startswith("/") or otherend_id != dev.frontend_id:
+                raise ValueError(f"frontend {otherend!r} (id {otherend_id}) does not match {dev.nodename}")
+            if not self.xenstore.exists(otherend):
+                raise FileNotFoundError(errno.ENOENT, "frontend does not exist", otherend)
+            dev.otherend = otherend
+            self.probe(dev)
+            dev.switch_state(XenbusState.INIT_WAIT)
+            dev._otherend_watch = self.xenstore.watch(
+                f"{otherend}/state", lambda _p: self._otherend_changed(dev), events=dev.events
+            )
+        except Exception as exc:
+            if not self.xenstore.exists(dev.nodename):
+                self._drop(dev)
+                return
+            err, message = _errno_of(exc)
+            logger.debug("%s: probe failed", dev.nodename, exc_info=True)
+            dev.fatal(err, f"probing: {message}")
+
+    def _otherend_changed(self, dev: BackendDevice) -> None:
+        if dev.gone:
+            return
+        raw = dev.read_otherend("state")
+        try:
+            state = XenbusState.parse(raw)
+        except ValueError as exc:
+            dev.fatal(errno.EINVAL, f"frontend {exc}")
+            return
+        dev.frontend_state = state
+        logger.debug("%s: frontend %s", dev.nodename, state.name)
+        self.frontend_changed(dev, state)
+
+    def _backend_changed(self, dev: BackendDevice) -> None:
+        if dev.gone:
+            return
+        xs = self.xenstore
+        if not xs.exists(dev.nodename):
+            logger.info("%s: device directory deleted", dev.nodename)
+            self._drop(dev)
+            return
+        try:
+            dev.state = XenbusState.parse(dev.read("state"))
+        except ValueError:
+            pass
+        # Removal by the toolstack: online=0 and state=Closing written to
+        # our directory.  A connected frontend closes in turn and the
+        # frontend_changed table finishes the job; one that is absent,
+        # closed or never got going would leave the toolstack waiting.
+        if dev.state == XenbusState.CLOSING and not self._online(dev):
+            try:
+                fstate = XenbusState.parse(dev.read_otherend("state")) if dev.otherend else XenbusState.UNKNOWN
+            except ValueError:
+                fstate = XenbusState.UNKNOWN
+            if fstate in (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED):
+                self._drop(dev)
+
+    def _domain_dead(self, dev: BackendDevice) -> None:
+        if not dev.gone:
+            logger.info("%s: frontend domain %d is gone", dev.nodename, dev.frontend_id)
+            self._drop(dev)
+
+    def _online(self, dev: BackendDevice) -> bool:
+        try:
+            return bool(self.xenstore.read_int(f"{dev.nodename}/online", 0))
+        except ValueError:
+            return False
+
+    def _connect(self, dev: BackendDevice) -> None:
+        # Enforce the precondition: whatever an earlier connect left behind
+        # is released before trying again.
+        self._disconnect(dev)
+        dev._connected = True
+        try:
+            self.connect(dev)
+        except Exception as exc:
+            err, message = _errno_of(exc)
+            logger.debug("%s: connect failed", dev.nodename, exc_info=True)
+            self._disconnect(dev)
+            if self.xenstore.exists(dev.nodename):
+                dev.fatal(err, f"connecting: {message}")
+            else:
+                self._drop(dev)
+            return
+        dev.switch_state(XenbusState.CONNECTED)
+
+    def _disconnect(self, dev: BackendDevice) -> None:
+        if dev._connected:
+            dev._connected = False
+            try:
+                self.disconnect(dev)
+            except Exception:
+                logger.exception("%s: disconnect failed", dev.nodename)
+        dev.release_resources()
+
+    def _drop(self, dev: BackendDevice) -> None:
+        """Disconnect, write Closed (if the directory is still there), call
+        remove() and forget the device."""
+        if dev.gone:
+            return
+        self._disconnect(dev)
+        try:
+            dev.switch_state(XenbusState.CLOSED)
+        except OSError:
+            logger.warning("%s: could not switch to Closed", dev.nodename, exc_info=True)
+        if dev._otherend_watch is not None:
+            try:
+                dev._otherend_watch.unwatch()
+            except OSError:
+                pass
+            dev._otherend_watch = None
+        try:
+            self.remove(dev)
+        except Exception:
+            logger.exception("%s: remove failed", dev.nodename)
+        dev._gone = True
+        with self._lock:
+            if self._devices.get((dev.frontend_id, dev.devid)) is dev:
+                del self._devices[(dev.frontend_id, dev.devid)]
+        dev.events.close(wait=False)
+        logger.info("%s: removed", dev.nodename)

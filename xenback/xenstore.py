@@ -1,0 +1,401 @@
+"""A typed XenStore helper over :mod:`pyxs`.
+
+:class:`XenStore` wraps one :class:`pyxs.Client` (from
+:meth:`xenback.platform.Platform.xenstore`) with ``str`` paths and values,
+:class:`OSError` errors (``FileNotFoundError`` for ENOENT,
+``PermissionError`` for EACCES, ``filename`` set to the path), transactions
+that are retried on EAGAIN, watches delivered in order on a workqueue
+(:class:`~xenback._eventqueue.EventQueue`), and :meth:`XenStore.wait_for`.
+
+Values written by another domain are hostile: :meth:`read` decodes them
+leniently (undecodable bytes become U+FFFD) and :meth:`read_int` raises
+:class:`ValueError` naming the node and the value when it is not a number.
+
+pyxs notes this module works around: a :class:`pyxs.Client` has a single
+transaction id, so each transaction runs on a copy of the client sharing its
+connection; and pyxs's ``Monitor.wait`` can spin forever on an event for an
+absolute path it no longer watches, so events are taken straight from the
+monitor's queue.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pyxs
+from pyxs.exceptions import PyXSError
+
+from xenback._eventqueue import EventQueue
+
+if TYPE_CHECKING:
+    from xenback.platform import Platform
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EventQueue", "Transaction", "Watch", "XenStore"]
+
+T = TypeVar("T")
+
+#: How often a transaction is re-run after EAGAIN before giving up.  The
+#: kernel retries forever; a bound turns a livelock into an error.
+TRANSACTION_ATTEMPTS = 1000
+
+
+def _path(path: str) -> bytes:
+    if not isinstance(path, str):
+        raise TypeError(f"XenStore paths are str, not {type(path).__name__}")
+    try:
+        return path.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"XenStore path {path!r} is not ASCII") from None
+
+
+def _value(value: str | int) -> bytes:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise TypeError(f"XenStore values are str or int, not {type(value).__name__}")
+    return str(value).encode()
+
+
+def _oserror(exc: PyXSError, path: str) -> OSError:
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) and exc.args[0] else errno.EIO
+    return OSError(code, os.strerror(code), path)
+
+
+def _exists(value: str | None) -> bool:
+    return value is not None
+
+
+class _Ops:
+    """The node operations, on a plain client or inside a transaction."""
+
+    _client: pyxs.Client
+
+    def _do(self, fn: Callable[..., Any], path: str, *args: Any) -> Any:
+        try:
+            return fn(_path(path), *args)
+        except PyXSError as exc:
+            if isinstance(exc, ValueError):  # pyxs's InvalidPath and friends
+                raise ValueError(f"invalid XenStore path {path!r}") from None
+            raise _oserror(exc, path) from None
+
+    def read(self, path: str, default: str | None = None) -> str | None:
+        """The value of ``path``, or ``default`` if it does not exist."""
+        try:
+            raw = self._do(self._client.read, path)
+        except FileNotFoundError:
+            return default
+        return raw.decode("utf-8", errors="replace")
+
+    def read_int(self, path: str, default: int | None = None) -> int | None:
+        """The value of ``path`` as an integer; ``default`` if missing.
+        Raises :class:`ValueError` if it is not a decimal integer."""
+        value = self.read(path)
+        if value is None:
+            return default
+        text = value.strip()
+        if not (text.isascii() and text.lstrip("-").isdigit()):
+            raise ValueError(f"{path}: expected an integer, found {value[:64]!r}")
+        return int(text)
+
+    def write(self, path: str, value: str | int) -> None:
+        """Write ``value`` (parents are created with empty values)."""
+        self._do(self._client.write, path, _value(value))
+
+    def mkdir(self, path: str) -> None:
+        self._do(self._client.mkdir, path)
+
+    def rm(self, path: str) -> None:
+        """Remove ``path`` and everything under it; a missing node is fine."""
+        try:
+            self._do(self._client.delete, path)
+        except FileNotFoundError:
+            pass
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._do(self._client.list, path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def ls(self, path: str) -> list[str]:
+        """Names of the children of ``path``; [] if it does not exist."""
+        try:
+            names = self._do(self._client.list, path)
+        except FileNotFoundError:
+            return []
+        return [n.decode("utf-8", errors="replace") for n in names]
+
+    def get_perms(self, path: str) -> list[str]:
+        return [p.decode() for p in self._do(self._client.get_perms, path)]
+
+    def set_perms(self, path: str, perms: Sequence[str]) -> None:
+        """``perms`` like ``["n0", "r5"]``: owner/default first."""
+        self._do(self._client.set_perms, path, [p.encode() for p in perms])
+
+
+class Transaction(_Ops):
+    """The operations of one transaction attempt (see :meth:`XenStore.transaction`)."""
+
+    def __init__(self, client: pyxs.Client) -> None:
+        self._client = client
+
+
+class Watch:
+    """A registered watch; :meth:`unwatch` removes it.
+
+    Calls already queued when :meth:`unwatch` returns may still run.
+    """
+
+    def __init__(
+        self,
+        xs: XenStore,
+        path: str,
+        token: str,
+        callback: Callable[[str], object],
+        events: EventQueue | None,
+    ) -> None:
+        self.path = path
+        self.token = token
+        self.callback = callback
+        self.events = events
+        self._xs = xs
+
+    def __repr__(self) -> str:
+        return f"<Watch {self.path!r} token={self.token!r}>"
+
+    def _deliver(self, path: str) -> None:
+        if self.events is None:
+            try:
+                self.callback(path)
+            except Exception:
+                logger.exception("watch %s: callback failed", self.path)
+        else:
+            self.events.call(self.callback, path)
+
+    def unwatch(self) -> None:
+        self._xs._unwatch(self)
+
+
+class XenStore(_Ops):
+    """One XenStore connection with typed operations and watches.
+
+    ``client`` is an unconnected :class:`pyxs.Client`; :meth:`open` (or
+    ``with``) connects it.  The object is safe to use from many threads:
+    pyxs multiplexes requests over its connection, and transactions use
+    their own client copies.
+    """
+
+    def __init__(self, client: pyxs.Client) -> None:
+        self._client = client
+        # _lock guards _watches and the creation of the monitor thread.
+        self._lock = threading.Lock()
+        self._watches: dict[str, Watch] = {}
+        self._tokens = itertools.count()
+        self._monitor: Any = None
+        self._thread: threading.Thread | None = None
+        self._connected = False
+
+    @classmethod
+    def connect_to(cls, platform: Platform) -> XenStore:
+        """Connect to ``platform``'s XenStore."""
+        xs = cls(platform.xenstore())
+        xs.open()
+        return xs
+
+    def open(self) -> None:
+        """Connect (pyxs starts its router thread)."""
+        try:
+            self._client.connect()
+        except PyXSError as exc:
+            raise ConnectionError(f"cannot connect to XenStore: {exc}") from exc
+        self._connected = True
+
+    def close(self) -> None:
+        """Drop every watch, stop the watch thread, disconnect."""
+        with self._lock:
+            watches = list(self._watches.values())
+            thread, self._thread = self._thread, None
+        for w in watches:
+            try:
+                self._unwatch(w)
+            except OSError:
+                pass
+        if thread is not None:
+            self._monitor.events.put(None)  # wakes the watch thread up to exit
+            if thread is not threading.current_thread():
+                thread.join()
+        if self._connected:
+            self._connected = False
+            self._client.close()
+
+    def __enter__(self) -> XenStore:
+        if not self._connected:
+            self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Domains.
+
+    def get_domain_path(self, domid: int) -> str:
+        """``/local/domain/<domid>`` as XenStore reports it."""
+        return self._client.get_domain_path(domid).decode()
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        """Whether XenStore knows ``domid`` as a live domain."""
+        try:
+            return bool(self._client.is_domain_introduced(domid))
+        except PyXSError as exc:
+            raise _oserror(exc, f"@domain/{domid}") from None
+
+    # Transactions.
+
+    def transaction(self, fn: Callable[[Transaction], T], *, attempts: int = TRANSACTION_ATTEMPTS) -> T:
+        """Run ``fn(t)`` inside a transaction and commit it, re-running
+        ``fn`` from scratch while the commit fails with EAGAIN.
+
+        ``fn`` must be safe to run more than once (it should only touch
+        XenStore through ``t``).  An exception from ``fn`` aborts the
+        transaction and propagates.
+        """
+        for _ in range(attempts):
+            client = copy.copy(self._client)  # own tx_id, shared connection
+            try:
+                client.transaction()
+            except PyXSError as exc:
+                raise _oserror(exc, "@transaction") from None
+            try:
+                result = fn(Transaction(client))
+            except OSError as exc:
+                self._abort(client)
+                if exc.errno == errno.EAGAIN:
+                    continue
+                raise
+            except BaseException:
+                self._abort(client)
+                raise
+            try:
+                if client.commit():
+                    return result
+            except PyXSError as exc:
+                raise _oserror(exc, "@transaction") from None
+        raise OSError(errno.EAGAIN, f"transaction still conflicting after {attempts} attempts")
+
+    @staticmethod
+    def _abort(client: pyxs.Client) -> None:
+        try:
+            client.rollback()
+        except PyXSError:
+            pass
+
+    # Watches.
+
+    def watch(
+        self,
+        path: str,
+        callback: Callable[[str], object],
+        *,
+        events: EventQueue | None = None,
+    ) -> Watch:
+        """Call ``callback(event_path)`` on every change under ``path``
+        (and once right away, as XenStore fires each new watch once).
+
+        With ``events``, calls go through that :class:`EventQueue`, so they
+        are ordered with everything else queued there (a device's queue);
+        without, ``callback`` runs on the watch thread and must be brief.
+        ``path`` may also be ``@releaseDomain`` or ``@introduceDomain``.
+        """
+        with self._lock:
+            token = f"xb{next(self._tokens)}"
+            w = Watch(self, path, token, callback, events)
+            self._watches[token] = w
+            if self._monitor is None:
+                self._monitor = self._client.monitor()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run_watches, name="xenstore-watch", daemon=True
+                )
+                self._thread.start()
+        try:
+            self._do(lambda p: self._monitor.watch(p, token.encode()), path)
+        except BaseException:
+            with self._lock:
+                self._watches.pop(token, None)
+            raise
+        return w
+
+    def _unwatch(self, w: Watch) -> None:
+        with self._lock:
+            if self._watches.pop(w.token, None) is None:
+                return
+        # A pyxs request on a dead connection would wait forever for its reply.
+        if self._connected and self._client.router.is_connected:
+            self._do(lambda p: self._monitor.unwatch(p, w.token.encode()), w.path)
+
+    def _run_watches(self) -> None:
+        events: queue.Queue[Any] = self._monitor.events
+        while True:
+            event = events.get()
+            if event is None:
+                return
+            path, token = event
+            with self._lock:
+                w = self._watches.get(token.decode(errors="replace"))
+            if w is not None:
+                w._deliver(path.decode("utf-8", errors="replace"))
+
+    def wait_for(
+        self,
+        path: str,
+        predicate: Callable[[str | None], bool] | str | None = None,
+        *,
+        timeout: float,
+    ) -> str | None:
+        """Wait until ``path``'s value satisfies ``predicate`` and return it.
+
+        ``predicate`` is a function of the value (``None`` when the node is
+        missing), or a string the value must equal; by default, wait for
+        the node to exist.  Raises :class:`TimeoutError` with the last value
+        seen.
+        """
+        check: Callable[[str | None], bool]
+        if predicate is None:
+            check = _exists
+        elif isinstance(predicate, str):
+            check = predicate.__eq__
+        else:
+            check = predicate
+        changed = threading.Event()
+        w = self.watch(path, lambda _p: changed.set())
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                changed.clear()
+                value = self.read(path)
+                if check(value):
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not changed.wait(remaining):
+                    raise TimeoutError(
+                        f"{path} did not reach the expected value within {timeout} s "
+                        f"(last value {value!r})"
+                    )
+        finally:
+            w.unwatch()
