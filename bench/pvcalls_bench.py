@@ -1,0 +1,427 @@
+#!/usr/bin/env python3
+"""PV Calls against direct loopback TCP, in one run.
+
+Processes (so that no two parties share a GIL, as guests and dom0 would not):
+
+* an **echo server** (selectors, one thread) on 127.0.0.1, used by both
+  measurements;
+* the **backend**: an embedded simulated host (``xenback.sim.SimHost``) with
+  four guest domains and ``pvcalls.Backend`` serving them;
+* **clients**: for PV Calls, one process per guest that joins the host with
+  ``xenback.sim.attach(run_dir, domid)`` and uses ``pvcalls.Frontend``; for
+  the baseline, the same client code on plain ``socket`` objects.
+
+Measurements:
+
+1. single stream guest -> echo server -> guest, 64 KiB writes (a writer and
+   a reader thread), MB/s;
+2. 256 concurrent streams from 4 guests (64 each, one thread per stream,
+   64 KiB write then read it back), aggregate MB/s, plus the backend's
+   per-CPU socket counts while they are open;
+3. 64-byte request/response round trips per second on one connection;
+4. connects per second (socket, connect, close);
+5. backend memory per active socket beyond its ring pages: growth of the
+   backend process's anonymous RSS (``RssAnon``: the mapped ring pages are
+   shared memory and not in it) with the 256 streams connected, per socket.
+
+Targets (from the issue): (1) and (2) >= 50 % of loopback, (3) >= 33 %,
+per-CPU counts max - min <= 1.  Prints a Markdown table and writes
+``bench/results/pvcalls.md``.  Run: ``.venv/bin/python bench/pvcalls_bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import resource
+import selectors
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+CHUNK = 64 * 1024
+NR_GUESTS = 4
+STREAMS = 256
+RR_SIZE = 64
+
+
+def _raise_nofile() -> None:
+    # 256 sockets, their grant mappings and event channel pipes need more
+    # than the usual 1024 descriptors in the backend process.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- echo server ---------------------------------------------------------------
+
+def echo_main(conn: Connection) -> None:
+    """Echo every connection until it closes; one thread, non-blocking."""
+    _raise_nofile()
+    sel = selectors.DefaultSelector()
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    lsock.setblocking(False)
+    sel.register(lsock, selectors.EVENT_READ, None)
+    conn.send(lsock.getsockname())
+    pending: dict[socket.socket, bytearray] = {}
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    stop_r, stop_w = socket.socketpair()
+    sel.register(stop_r, selectors.EVENT_READ, "stop")
+    threading.Thread(target=lambda: (conn.recv(), stop_w.send(b"x")), daemon=True).start()
+    while True:
+        for key, events in sel.select():
+            if key.data == "stop":
+                conn.send("bye")
+                return
+            if key.fileobj is lsock:
+                try:
+                    while True:
+                        c, _ = lsock.accept()
+                        c.setblocking(False)
+                        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        pending[c] = bytearray()
+                        sel.register(c, selectors.EVENT_READ, None)
+                except BlockingIOError:
+                    pass
+                continue
+            s = key.fileobj
+            assert isinstance(s, socket.socket)
+            out = pending[s]
+            if events & selectors.EVENT_WRITE and out:
+                try:
+                    n = s.send(out)
+                    del out[:n]
+                except BlockingIOError:
+                    pass
+            if events & selectors.EVENT_READ and not out:
+                try:
+                    n = s.recv_into(view)
+                except (BlockingIOError, ConnectionResetError):
+                    n = -1
+                if n == 0:
+                    sel.unregister(s)
+                    del pending[s]
+                    s.close()
+                    continue
+                if n > 0:
+                    try:
+                        sent = s.send(view[:n])
+                    except BlockingIOError:
+                        sent = 0
+                    out += view[sent:n]
+            sel.modify(s, selectors.EVENT_WRITE if out else selectors.EVENT_READ, None)
+
+
+# -- backend -------------------------------------------------------------------
+
+def backend_main(conn: Connection, run_dir: str) -> None:
+    """SimHost + Backend; answers "stats" until "quit"."""
+    _raise_nofile()
+    import pvcalls
+    from xenback.sim import SimHost
+
+    with SimHost(Path(run_dir)) as host, pvcalls.Backend(host.dom0) as backend:
+        domids = [host.create_domain(f"guest{i + 1}").domid for i in range(NR_GUESTS)]
+        conn.send(domids)
+        while True:
+            cmd = conn.recv()
+            if cmd == "quit":
+                break
+            if cmd == "stats":
+                conn.send((backend.stats(), _rss_anon()))
+    conn.send("bye")
+
+
+# -- clients -------------------------------------------------------------------
+
+def _recv_exactly(s: Any, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = s.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("echo server closed the connection")
+        got += n
+
+
+def single_stream(connect: Callable[[], Any], seconds: float) -> float:
+    """Bytes per second through one echoed stream of 64 KiB writes."""
+    s = connect()
+    chunk = os.urandom(CHUNK)
+    sent = 0
+    done = threading.Event()
+
+    def writer() -> None:
+        nonlocal sent
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            s.sendall(chunk)
+            sent += len(chunk)
+        done.set()
+
+    start = time.perf_counter()
+    t = threading.Thread(target=writer)
+    t.start()
+    received = 0
+    view = memoryview(bytearray(CHUNK))
+    while not (done.is_set() and received >= sent):
+        n = s.recv_into(view)
+        if n == 0:
+            raise ConnectionError("echo server closed the connection")
+        received += n
+    elapsed = time.perf_counter() - start
+    t.join()
+    s.close()
+    return received / elapsed
+
+
+def streams(socks: list[Any], seconds: float, go: threading.Barrier | None = None) -> tuple[int, float]:
+    """Every socket in its own thread: write 64 KiB, read it back, repeat."""
+    total = [0] * len(socks)
+    chunk = os.urandom(CHUNK)
+    start_barrier = threading.Barrier(len(socks) + 1)
+    end_at = [0.0]
+
+    def run(i: int) -> None:
+        s = socks[i]
+        view = memoryview(bytearray(CHUNK))
+        start_barrier.wait()
+        while time.perf_counter() < end_at[0]:
+            s.sendall(chunk)
+            _recv_exactly(s, view)
+            total[i] += CHUNK
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(socks))]
+    for t in threads:
+        t.start()
+    start = time.perf_counter()
+    end_at[0] = start + seconds
+    start_barrier.wait()
+    for t in threads:
+        t.join()
+    return sum(total), time.perf_counter() - start
+
+
+def round_trips(connect: Callable[[], Any], seconds: float) -> float:
+    s = connect()
+    msg = b"x" * RR_SIZE
+    view = memoryview(bytearray(RR_SIZE))
+    count = 0
+    start = time.perf_counter()
+    end = start + seconds
+    while time.perf_counter() < end:
+        s.sendall(msg)
+        _recv_exactly(s, view)
+        count += 1
+    elapsed = time.perf_counter() - start
+    s.close()
+    return count / elapsed
+
+
+def connects(connect: Callable[[], Any], seconds: float) -> float:
+    count = 0
+    start = time.perf_counter()
+    end = start + seconds
+    while time.perf_counter() < end:
+        connect().close()
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def client_main(conn: Connection, run_dir: str | None, domid: int | None, addr: tuple[str, int]) -> None:
+    """One client process: a guest (``domid``) or plain loopback (None)."""
+    _raise_nofile()
+    fe = None
+    if domid is not None:
+        import pvcalls
+        from xenback.sim import attach
+
+        fe = pvcalls.Frontend(attach(Path(str(run_dir)), domid))
+        fe.open()
+
+    def connect() -> Any:
+        if fe is None:
+            s = socket.create_connection(addr)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return s
+        s = fe.socket()
+        s.connect(addr)
+        return s
+
+    socks: list[Any] = []
+    try:
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "quit":
+                break
+            if cmd == "single":
+                conn.send(single_stream(connect, arg))
+            elif cmd == "rr":
+                conn.send(round_trips(connect, arg))
+            elif cmd == "connects":
+                conn.send(connects(connect, arg))
+            elif cmd == "open":
+                socks = [connect() for _ in range(arg)]
+                conn.send(len(socks))
+            elif cmd == "streams":
+                conn.send(streams(socks, arg))
+                for s in socks:
+                    s.close()
+                socks = []
+    finally:
+        if fe is not None:
+            fe.close()
+        conn.send("bye")
+
+
+# -- orchestration --------------------------------------------------------------
+
+class Party:
+    """A child process and its end of a pipe."""
+
+    def __init__(self, ctx: Any, target: Callable[..., None], *args: Any) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+        self.proc.start()
+
+    def ask(self, *msg: Any, timeout: float = 120.0) -> Any:
+        if msg:
+            self.conn.send(msg if len(msg) > 1 else msg[0])
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.proc.name} did not answer {msg!r}")
+        return self.conn.recv()
+
+    def close(self, quit_msg: Any) -> None:
+        try:
+            self.conn.send(quit_msg)
+            self.conn.poll(30)
+        except (OSError, EOFError):
+            pass
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def run_suite(ctx: Any, addr: tuple[str, int], clients: list[Party], seconds: float,
+              on_open: Callable[[], Any] | None = None) -> dict[str, Any]:
+    r: dict[str, Any] = {}
+    r["single"] = clients[0].ask("single", seconds)
+    r["rr"] = clients[0].ask("rr", seconds)
+    r["connects"] = clients[0].ask("connects", seconds)
+    per = STREAMS // len(clients)
+    for c in clients:
+        c.conn.send(("open", per))
+    for c in clients:
+        c.ask()
+    r["opened"] = on_open() if on_open else None
+    for c in clients:
+        c.conn.send(("streams", seconds))
+    results = [c.ask() for c in clients]
+    r["streams"] = sum(b for b, _ in results) / max(t for _, t in results)
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
+    p.add_argument("--output", type=Path,
+                   default=Path(__file__).resolve().parent / "results" / "pvcalls.md")
+    args = p.parse_args(argv)
+    _raise_nofile()
+    ctx = mp.get_context("spawn")
+    parties: list[tuple[Party, Any]] = []
+    try:
+        echo = Party(ctx, echo_main)
+        parties.append((echo, "quit"))
+        addr = tuple(echo.ask())
+
+        print("direct loopback ...", file=sys.stderr)
+        direct = [Party(ctx, client_main, None, None, addr) for _ in range(NR_GUESTS)]
+        parties += [(c, ("quit", None)) for c in direct]
+        base = run_suite(ctx, addr, direct, args.seconds)
+        for c in direct:
+            c.close(("quit", None))
+
+        print("pvcalls ...", file=sys.stderr)
+        run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
+        backend = Party(ctx, backend_main, run_dir)
+        parties.append((backend, "quit"))
+        domids = backend.ask(timeout=60)
+        rss_before = backend.ask("stats")[1]
+        guests = [Party(ctx, client_main, run_dir, d, addr) for d in domids]
+        parties += [(g, ("quit", None)) for g in guests]
+
+        def on_open() -> Any:
+            return backend.ask("stats")
+
+        pv = run_suite(ctx, addr, guests, args.seconds, on_open)
+        for g in guests:
+            g.close(("quit", None))
+    finally:
+        for party, quit_msg in reversed(parties):
+            party.close(quit_msg)
+
+    stats, rss_open = pv["opened"]
+    per_cpu = _per_cpu_counts(stats)
+    spread = max(per_cpu.values()) - min(per_cpu.values()) if per_cpu else None
+    mem_per_socket = (rss_open - rss_before) / STREAMS
+
+    def ratio(key: str) -> float:
+        return pv[key] / base[key] if base[key] else 0.0
+
+    mb = 1e6
+    rows = [
+        ("single stream, 64 KiB writes (MB/s)", f"{pv['single'] / mb:.0f}",
+         f"{base['single'] / mb:.0f}", ratio("single"), 0.50),
+        (f"{STREAMS} streams from {NR_GUESTS} guests (MB/s)", f"{pv['streams'] / mb:.0f}",
+         f"{base['streams'] / mb:.0f}", ratio("streams"), 0.50),
+        (f"{RR_SIZE}-byte round trips (/s)", f"{pv['rr']:.0f}", f"{base['rr']:.0f}", ratio("rr"), 0.33),
+        ("connects (/s)", f"{pv['connects']:.0f}", f"{base['connects']:.0f}", ratio("connects"), None),
+    ]
+    lines = [
+        "| measurement | pvcalls | direct loopback | ratio | target |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, a, b, rt, target in rows:
+        verdict = "" if target is None else (
+            f">= {target:.0%} {'met' if rt >= target else 'NOT met'}")
+        lines.append(f"| {name} | {a} | {b} | {rt:.0%} | {verdict} |")
+    counts = ", ".join(f"CPU {c}: {n}" for c, n in sorted(per_cpu.items()))
+    lines += [
+        "",
+        f"- sockets per ioworker CPU with {STREAMS} streams open: {counts} "
+        f"(max - min = {spread}; target <= 1: {'met' if spread is not None and spread <= 1 else 'NOT met'})",
+        f"- backend memory per active socket beyond its ring pages: "
+        f"{mem_per_socket / 1024:.1f} KiB (RssAnon growth / {STREAMS})",
+        f"- machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{args.seconds:g} s per measurement; guests and backend in separate processes",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("# PV Calls benchmark\n\nProduced by `bench/pvcalls_bench.py`.\n\n" + text)
+    return 0
+
+
+def _per_cpu_counts(stats: Any) -> dict[int, int]:
+    cpus = stats.get("cpus", {})
+    return {int(c): int(n if isinstance(n, int) else n.get("sockets", 0)) for c, n in cpus.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
