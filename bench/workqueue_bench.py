@@ -1,0 +1,372 @@
+"""workqueue against ThreadPoolExecutor, measured in the same run.
+
+    .venv/bin/python bench/workqueue_bench.py            # full run, ~30 s
+    .venv/bin/python bench/workqueue_bench.py --quick    # smaller counts
+    .venv/bin/python bench/workqueue_bench.py --profile c  # cProfile one scenario
+
+Scenarios (the baseline is ThreadPoolExecutor(max_workers=os.cpu_count())):
+  (a) queue_work of N pre-allocated distinct Work items with an empty
+      function, until all have run; baseline: TPE.submit of the same
+      function, until all have run.  Target >= 10x.
+  (b) submit() returning Futures, then waiting for all.  Target >= 2x.
+  (c) K keys x M items through wq.serial(key), per-key order checked;
+      baseline: TPE with a per-key lock and per-key FIFO (each task runs the
+      oldest call of its key under the key's lock), order checked.  Target >= 3x.
+  (d) p50/p99 queue-to-start latency on an idle queue, one item at a time.
+      Target: no worse than TPE.
+  memory of an idle Work (tracemalloc), with a bare Future for reference.
+
+Prints a Markdown table (for the README) and writes it to
+bench/results/workqueue.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import os
+import platform
+import pstats
+import statistics
+import sys
+import threading
+import time
+import tracemalloc
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from workqueue import Work, alloc_workqueue
+
+RESULTS = Path(__file__).resolve().parent / "results" / "workqueue.md"
+
+
+def empty(*_: object) -> None:
+    pass
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    ours: float
+    base: float
+    target: str
+    higher_is_better: bool = True
+    met: bool | None = None
+
+    @property
+    def ratio(self) -> float:
+        if self.higher_is_better:
+            return self.ours / self.base if self.base else float("inf")
+        return self.base / self.ours if self.ours else float("inf")
+
+
+def timed(fn: Callable[[], None]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_of(repeat: int, fn: Callable[[], float]) -> float:
+    return max(fn() for _ in range(repeat))
+
+
+# -- (a) queue_work vs TPE.submit ---------------------------------------------
+
+
+def a_workqueue(n: int) -> float:
+    wq = alloc_workqueue("bench-a")
+    items = [Work(empty) for _ in range(n)]
+    queue_work = wq.queue_work
+
+    def run() -> None:
+        for item in items:
+            queue_work(item)
+        wq.flush()
+
+    try:
+        return n / timed(run)
+    finally:
+        wq.destroy()
+
+
+def a_tpe(n: int) -> float:
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as tpe:
+        submit = tpe.submit
+
+        def run() -> None:
+            for _ in range(n):
+                submit(empty)
+            tpe.shutdown(wait=True)  # returns once every item has run
+
+        return n / timed(run)
+
+
+# -- (b) submit + wait --------------------------------------------------------
+
+
+def b_workqueue(n: int) -> float:
+    wq = alloc_workqueue("bench-b")
+
+    def run() -> None:
+        submit = wq.submit
+        futures = [submit(empty) for _ in range(n)]
+        wait(futures)
+
+    try:
+        return n / timed(run)
+    finally:
+        wq.destroy()
+
+
+def b_tpe(n: int) -> float:
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as tpe:
+
+        def run() -> None:
+            submit = tpe.submit
+            futures = [submit(empty) for _ in range(n)]
+            wait(futures)
+
+        return n / timed(run)
+
+
+# -- (c) per-key serial execution ---------------------------------------------
+
+
+def c_check(seen: dict[int, list[int]], keys: int, per_key: int) -> None:
+    expected = list(range(per_key))
+    for key in range(keys):
+        if seen[key] != expected:
+            raise AssertionError(f"key {key} ran out of order or lost items")
+
+
+def c_workqueue(keys: int, per_key: int) -> float:
+    wq = alloc_workqueue("bench-c")
+    seen: dict[int, list[int]] = {key: [] for key in range(keys)}
+    executors = [wq.serial(key) for key in range(keys)]
+
+    def record(key: int, i: int) -> None:
+        seen[key].append(i)
+
+    def run() -> None:
+        futures = []
+        for i in range(per_key):
+            for key in range(keys):
+                futures.append(executors[key].submit(record, key, i))
+        wait(futures)
+
+    try:
+        rate = keys * per_key / timed(run)
+        c_check(seen, keys, per_key)
+        return rate
+    finally:
+        for executor in executors:
+            executor.shutdown()
+        wq.destroy()
+
+
+def c_tpe(keys: int, per_key: int) -> float:
+    seen: dict[int, list[int]] = {key: [] for key in range(keys)}
+    locks = [threading.Lock() for _ in range(keys)]
+    backlog: list[deque[tuple[Callable[..., None], tuple[int, int]]]] = [
+        deque() for _ in range(keys)
+    ]
+
+    def record(key: int, i: int) -> None:
+        seen[key].append(i)
+
+    def run_oldest(key: int) -> None:
+        # The usual way to serialise per key on a plain pool: every task
+        # takes the key's lock and runs the oldest pending call of the key.
+        with locks[key]:
+            fn, args = backlog[key].popleft()
+            fn(*args)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as tpe:
+
+        def run() -> None:
+            futures = []
+            submit = tpe.submit
+            for i in range(per_key):
+                for key in range(keys):
+                    backlog[key].append((record, (key, i)))
+                    futures.append(submit(run_oldest, key))
+            wait(futures)
+
+        rate = keys * per_key / timed(run)
+    c_check(seen, keys, per_key)
+    return rate
+
+
+# -- (d) latency on an idle queue ---------------------------------------------
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    samples = sorted(samples)
+    p50 = statistics.median(samples)
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return p50 * 1e6, p99 * 1e6
+
+
+def d_workqueue(n: int) -> tuple[float, float]:
+    wq = alloc_workqueue("bench-d")
+    started = threading.Event()
+    stamp = [0.0]
+
+    def body(work: Work) -> None:
+        stamp[0] = time.perf_counter()
+        started.set()
+
+    item = Work(body)
+    samples: list[float] = []
+    try:
+        for k in range(n + 50):
+            started.clear()
+            t0 = time.perf_counter()
+            wq.queue_work(item)
+            started.wait()
+            item.flush()
+            if k >= 50:  # warm-up
+                samples.append(stamp[0] - t0)
+        return percentiles(samples)
+    finally:
+        wq.destroy()
+
+
+def d_tpe(n: int) -> tuple[float, float]:
+    started = threading.Event()
+    stamp = [0.0]
+
+    def body() -> None:
+        stamp[0] = time.perf_counter()
+        started.set()
+
+    samples: list[float] = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as tpe:
+        for k in range(n + 50):
+            started.clear()
+            t0 = time.perf_counter()
+            future = tpe.submit(body)
+            started.wait()
+            future.result()
+            if k >= 50:
+                samples.append(stamp[0] - t0)
+    return percentiles(samples)
+
+
+# -- memory -------------------------------------------------------------------
+
+
+def memory_per_object(make: Callable[[], object], n: int = 10_000) -> float:
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    keep = [make() for _ in range(n)]
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    used = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    used -= sys.getsizeof(keep)  # the list holding them is not theirs
+    return used / n
+
+
+# -- driver -------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts (for a smoke run)")
+    parser.add_argument("--profile", choices="abcd", help="cProfile the workqueue side of one scenario")
+    parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
+    args = parser.parse_args(argv)
+
+    n_a = 20_000 if args.quick else 200_000
+    n_b = 20_000 if args.quick else 100_000
+    keys, per_key = (100, 50) if args.quick else (1_000, 200)
+    n_d = 300 if args.quick else 2_000
+    repeat = 1 if args.quick else 3
+
+    if args.profile:
+        job = {
+            "a": lambda: a_workqueue(n_a),
+            "b": lambda: b_workqueue(n_b),
+            "c": lambda: c_workqueue(keys, per_key),
+            "d": lambda: d_workqueue(n_d),
+        }[args.profile]
+        profiler = cProfile.Profile()
+        profiler.runcall(job)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return 0
+
+    rows: list[Row] = []
+
+    def note(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    note("(a) queue_work of distinct Work items ...")
+    rows.append(Row(
+        f"(a) queue_work, {n_a:,} distinct items, empty fn", "items/s",
+        best_of(repeat, lambda: a_workqueue(n_a)), best_of(repeat, lambda: a_tpe(n_a)), ">= 10x",
+    ))
+    note("(b) submit + wait ...")
+    rows.append(Row(
+        f"(b) submit() -> Future, {n_b:,} calls, wait all", "calls/s",
+        best_of(repeat, lambda: b_workqueue(n_b)), best_of(repeat, lambda: b_tpe(n_b)), ">= 2x",
+    ))
+    note("(c) serial(key) ...")
+    rows.append(Row(
+        f"(c) {keys:,} keys x {per_key} items, per-key order", "items/s",
+        best_of(repeat, lambda: c_workqueue(keys, per_key)),
+        best_of(repeat, lambda: c_tpe(keys, per_key)), ">= 3x",
+    ))
+    note("(d) latency ...")
+    ours50, ours99 = d_workqueue(n_d)
+    base50, base99 = d_tpe(n_d)
+    rows.append(Row("(d) queue-to-start latency p50, idle", "us", ours50, base50, "<= TPE", False))
+    rows.append(Row("(d) queue-to-start latency p99, idle", "us", ours99, base99, "<= TPE", False))
+
+    goals = {">= 10x": 10.0, ">= 2x": 2.0, ">= 3x": 3.0, "<= TPE": 1.0}
+    for row in rows:
+        row.met = row.ratio >= goals[row.target]
+
+    work_bytes = memory_per_object(lambda: Work(empty))
+    future_bytes = memory_per_object(Future)
+
+    lines = [
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"baseline ThreadPoolExecutor(max_workers={os.cpu_count()}), "
+        f"{'quick run' if args.quick else f'best of {repeat}'}.",
+        "",
+        "| benchmark | unit | workqueue | ThreadPoolExecutor | ratio | target | met |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        fmt = "{:,.0f}" if row.unit != "us" else "{:,.1f}"
+        lines.append(
+            f"| {row.name} | {row.unit} | {fmt.format(row.ours)} | {fmt.format(row.base)} "
+            f"| {row.ratio:.2f}x | {row.target} | {'yes' if row.met else '**no**'} |"
+        )
+    lines.append(
+        f"| idle Work item, tracemalloc | bytes | {work_bytes:,.0f} | "
+        f"{future_bytes:,.0f} (a bare Future) | | | |"
+    )
+    table = "\n".join(lines)
+    print(table)
+    missed = [row for row in rows if not row.met]
+    if missed:
+        print()
+        for row in missed:
+            print(f"TARGET MISSED: {row.name}: {row.ratio:.2f}x, target {row.target}")
+    if not args.no_write and not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(table + "\n")
+        print(f"\n(written to {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Per-key serial executors: ``wq.serial(key)``.
+
+Submissions with the same key run one at a time, in submission order, on the
+key's CPU; different keys run in parallel.  This is what a backend wants for
+a socket or a device: every request of one socket in order, the sockets
+spread over the CPUs.
+
+Each key owns one Work item (a _SerialWork) holding a deque of pending calls.
+submit() appends a call and queues the Work on the key's CPU; the Work's
+function drains the deque.  The workqueue's guarantees do the rest: the
+pending bit coalesces the queueing of a busy key into one run, and a Work
+never runs concurrently with itself, so the calls of one key never overlap
+and leave the deque in the order they entered it.
+
+The keys are placed with a LoadIndex over the workqueue's topology, one index
+per workqueue, so the keys of a workqueue are spread evenly over its CPUs and
+follow their CPU's hotplug: when a CPU goes down its keys are re-homed, and
+their next runs are queued on the new CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from ._loadindex import LoadIndex
+from ._work import Work, current_work
+
+if TYPE_CHECKING:
+    from ._workqueue import Workqueue
+
+__all__ = ["SerialExecutor"]
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# How many calls one run of a key's Work executes before it requeues itself
+# and lets the other items of its CPU's pool go first.  Large enough that the
+# queueing cost vanishes, small enough that one busy key cannot hog its CPU.
+_BATCH = 64
+
+_Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class _SerialWork(Work):
+    """The Work item of one key: runs the key's pending calls in order.
+
+    ``cpu`` is where the next run is queued.  It is written only under the
+    topology's hotplug lock (by the LoadIndex on_move callback) and read
+    without a lock: a run queued on the old CPU just before a move still
+    runs, unbound, on another CPU, and non-reentrancy keeps the order.
+    """
+
+    def __init__(self, wq: Workqueue, cpu: int) -> None:
+        super().__init__(_drain)
+        self.wq = wq
+        self.cpu = cpu
+        # Appended by submit(), popped by _drain() and by
+        # shutdown(cancel_futures=True); deque's append and popleft are atomic.
+        self.calls: deque[_Call] = deque()
+
+
+def _drain(work: Work) -> None:
+    """Run up to _BATCH of the key's calls, oldest first.
+
+    The pending bit is cleared before this runs, so a submit() that lands
+    after the final check below queues the Work again: no call is stranded.
+    """
+    assert isinstance(work, _SerialWork)
+    popleft = work.calls.popleft
+    for _ in range(_BATCH):
+        try:
+            future, fn, args, kwargs = popleft()
+        except IndexError:
+            return
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            future.set_exception(exc)
+            del exc  # break the frame <-> traceback cycle
+        else:
+            future.set_result(result)
+        del future, fn, args, kwargs
+    if work.calls:
+        work.wq.queue_work_on(work.cpu, work)
+
+
+class _SerialDomain:
+    """The serial executors of one workqueue and the LoadIndex placing them."""
+
+    def __init__(self, wq: Workqueue) -> None:
+        self.wq_ref = weakref.ref(wq)
+        # _lock protects executors.  Lock order: topology hotplug lock ->
+        # _lock -> the LoadIndex's lock (on_move runs under the hotplug lock
+        # and takes _lock; serial() takes _lock, then assigns in the index).
+        self._lock = threading.Lock()
+        self.executors: dict[Hashable, SerialExecutor] = {}
+        self.index = LoadIndex(_topology_of(wq), on_move=self._on_move)
+
+    def executor(self, key: Hashable) -> SerialExecutor:
+        with self._lock:
+            executor = self.executors.get(key)
+            if executor is None:
+                wq = self.wq_ref()
+                assert wq is not None  # the caller holds it
+                cpu = self.index.assign(key)
+                executor = object.__new__(SerialExecutor)
+                executor._setup(self, key, _SerialWork(wq, cpu))
+                self.executors[key] = executor
+            return executor
+
+    def retire(self, executor: SerialExecutor) -> None:
+        with self._lock:
+            if self.executors.get(executor.key) is executor:
+                del self.executors[executor.key]
+                self.index.release(executor.key)
+
+    def _on_move(self, key: Hashable, old_cpu: int, new_cpu: int) -> None:
+        with self._lock:
+            executor = self.executors.get(key)
+        if executor is not None:
+            executor._work.cpu = new_cpu
+
+    def close(self) -> None:
+        self.index.close()
+
+
+# -- adapters to the engine (see the report: H1 may provide these directly) ---
+
+# Workqueue -> its _SerialDomain.  Weak keys: a domain lives exactly as long
+# as its workqueue, so nothing here outlives a test.
+_domains: weakref.WeakKeyDictionary[Workqueue, _SerialDomain] = weakref.WeakKeyDictionary()
+_domains_lock = threading.Lock()  # protects _domains; taken before a domain's _lock
+
+
+def _topology_of(wq: Workqueue) -> Any:
+    return wq.topology
+
+
+def _domain_of(wq: Workqueue) -> _SerialDomain:
+    domain = _domains.get(wq)
+    if domain is None:
+        with _domains_lock:
+            domain = _domains.get(wq)
+            if domain is None:
+                domain = _domains[wq] = _SerialDomain(wq)
+    return domain
+
+
+# -- the executor -------------------------------------------------------------
+
+
+class SerialExecutor(Executor):
+    """An Executor running the calls submitted to it one at a time, in order.
+
+    Created by ``wq.serial(key)``; ``SerialExecutor(wq, key)`` is the same.
+    While it is not shut down, every call for the same (wq, key) returns the
+    same executor, so ``wq.serial(sock).submit(...)`` from anywhere keeps the
+    order of one socket's requests.
+
+    The calls run on the workqueue's worker of the key's CPU (``cpu``), which
+    a LoadIndex chose as the least-loaded when the key was first used, and
+    which changes if that CPU goes down.  A call may block, as any Work item
+    may; a call that submits to its own key queues behind the calls already
+    submitted.
+
+    shutdown() releases the key: it no longer counts in the CPU's load, and
+    the next ``wq.serial(key)`` creates a new executor, unrelated in order to
+    calls of the old one that are still pending (shutdown(wait=True) leaves
+    none).
+    """
+
+    # Set by _setup(), which __new__ calls under the domain's lock.
+    _domain: _SerialDomain
+    _key: Hashable
+    _work: _SerialWork
+    _shutdown: bool
+    _shutdown_lock: threading.Lock
+
+    def __new__(cls, wq: Workqueue, key: Hashable) -> SerialExecutor:
+        hash(key)  # an unhashable key fails here with the usual TypeError
+        return _domain_of(wq).executor(key)
+
+    def __init__(self, wq: Workqueue, key: Hashable) -> None:
+        """Nothing to do: __new__ returned a fully set up executor."""
+
+    def _setup(self, domain: _SerialDomain, key: Hashable, work: _SerialWork) -> None:
+        self._domain = domain
+        self._key = key
+        self._work = work
+        self._shutdown = False
+        # _shutdown_lock orders submit() against shutdown(): once shutdown()
+        # has set _shutdown under it, no call can enter the deque.
+        self._shutdown_lock = threading.Lock()
+
+    @property
+    def key(self) -> Hashable:
+        """The key this executor serialises."""
+        return self._key
+
+    @property
+    def cpu(self) -> int:
+        """The CPU the key's calls are queued on."""
+        return self._work.cpu
+
+    @property
+    def pending(self) -> int:
+        """Number of calls submitted and not started yet."""
+        return len(self._work.calls)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else f"cpu {self._work.cpu}"
+        return f"<SerialExecutor key={self._key!r} {state}, {len(self._work.calls)} pending>"
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` after every call submitted before."""
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
+        future: Future[T] = Future()
+        work = self._work
+        call: _Call = (future, fn, args, kwargs)
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            work.calls.append(call)
+        # If the Work is pending, its run has not started yet and will find
+        # this call; otherwise queue it (again).  Reading the pending bit
+        # without a lock is safe because the bit is cleared before the run
+        # starts draining, never after.
+        if not work.pending:
+            try:
+                work.wq.queue_work_on(work.cpu, work)
+            except BaseException:
+                try:
+                    work.calls.remove(call)
+                except ValueError:
+                    pass  # already taken by a run
+                raise
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new calls, release the key, and optionally wait.
+
+        With cancel_futures, the calls that have not started are cancelled.
+        With wait, returns once every call that was not cancelled has run.
+        """
+        work = self._work
+        if wait and current_work() is work:
+            raise RuntimeError("shutdown(wait=True) from one of its own calls would deadlock")
+        with self._shutdown_lock:
+            already = self._shutdown
+            self._shutdown = True
+        if not already:
+            self._domain.retire(self)
+        if cancel_futures:
+            while True:
+                try:
+                    future = work.calls.popleft()[0]
+                except IndexError:
+                    break
+                future.cancel()
+        if wait:
+            # Each flush waits for the latest queueing of the Work; a run that
+            # stops after _BATCH calls queues it again, hence the loop.
+            while work.calls or work.pending or work.running:
+                work.flush()
