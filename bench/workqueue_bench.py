@@ -280,7 +280,9 @@ def memory_per_object(make: Callable[[], object], n: int = 10_000) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts (for a smoke run)")
-    parser.add_argument("--profile", choices="abcd", help="cProfile the workqueue side of one scenario")
+    parser.add_argument(
+        "--profile", choices="abcd", help="cProfile the workqueue side of one scenario"
+    )
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
     args = parser.parse_args(argv)
 
@@ -308,21 +310,35 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     note("(a) queue_work of distinct Work items ...")
-    rows.append(Row(
-        f"(a) queue_work, {n_a:,} distinct items, empty fn", "items/s",
-        best_of(repeat, lambda: a_workqueue(n_a)), best_of(repeat, lambda: a_tpe(n_a)), ">= 10x",
-    ))
+    rows.append(
+        Row(
+            f"(a) queue_work, {n_a:,} distinct items, empty fn",
+            "items/s",
+            best_of(repeat, lambda: a_workqueue(n_a)),
+            best_of(repeat, lambda: a_tpe(n_a)),
+            ">= 10x",
+        )
+    )
     note("(b) submit + wait ...")
-    rows.append(Row(
-        f"(b) submit() -> Future, {n_b:,} calls, wait all", "calls/s",
-        best_of(repeat, lambda: b_workqueue(n_b)), best_of(repeat, lambda: b_tpe(n_b)), ">= 2x",
-    ))
+    rows.append(
+        Row(
+            f"(b) submit() -> Future, {n_b:,} calls, wait all",
+            "calls/s",
+            best_of(repeat, lambda: b_workqueue(n_b)),
+            best_of(repeat, lambda: b_tpe(n_b)),
+            ">= 2x",
+        )
+    )
     note("(c) serial(key) ...")
-    rows.append(Row(
-        f"(c) {keys:,} keys x {per_key} items, per-key order", "items/s",
-        best_of(repeat, lambda: c_workqueue(keys, per_key)),
-        best_of(repeat, lambda: c_tpe(keys, per_key)), ">= 3x",
-    ))
+    rows.append(
+        Row(
+            f"(c) {keys:,} keys x {per_key} items, per-key order",
+            "items/s",
+            best_of(repeat, lambda: c_workqueue(keys, per_key)),
+            best_of(repeat, lambda: c_tpe(keys, per_key)),
+            ">= 3x",
+        )
+    )
     note("(d) latency ...")
     ours50, ours99 = d_workqueue(n_d)
     base50, base99 = d_tpe(n_d)
@@ -364,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write and not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(table + "\n")
-        print(f"\n(written to {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})")
+        print(
+            f"\n(written to {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})"
+        )
     return 0
 
 

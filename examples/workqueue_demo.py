@@ -28,8 +28,10 @@ class Greeting(Work):
         self.who = who
 
     def run(self) -> None:
-        print(f"  hello {self.who}, from CPU {topology.current_cpu()} "
-              f"({threading.current_thread().name})")
+        print(
+            f"  hello {self.who}, from CPU {topology.current_cpu()} "
+            f"({threading.current_thread().name})"
+        )
 
 
 class Counter(Work):
@@ -60,7 +62,9 @@ def main() -> None:
             print(f"  queue_work_on({cpu}, {who}) -> {wq.queue_work_on(cpu, work)}")
             work.flush()
 
-        section("pending bit: queueing a pending item does nothing; queueing a running one runs it once more")
+        section(
+            "pending bit: queueing a pending item does nothing; queueing a running one runs it once more"
+        )
         counter = Counter()
         print(f"  queue_work -> {wq.queue_work(counter)}")
         counter.entered.wait(5)

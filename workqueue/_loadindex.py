@@ -326,6 +326,4 @@ class LoadIndex:
             except Exception:
                 # One owner's bug must not stop the others' keys from being
                 # re-homed, nor make cpu_down fail half way.
-                logger.exception(
-                    "LoadIndex on_move(%r, %d, %d) raised", key, old_cpu, new_cpu
-                )
+                logger.exception("LoadIndex on_move(%r, %d, %d) raised", key, old_cpu, new_cpu)

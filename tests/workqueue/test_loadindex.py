@@ -390,7 +390,9 @@ class LoadIndexMachine(RuleBasedStateMachine):
         largest = max((self.model[k][1] for k in victims), default=0)
         assert spread(self.loads()) <= max(spread(before), largest)
 
-    @precondition(lambda self: self.topo is not None and len(self.online) < len(self.topo.possible()))
+    @precondition(
+        lambda self: self.topo is not None and len(self.online) < len(self.topo.possible())
+    )
     @rule(data=st.data())
     def cpu_up(self, data: st.DataObject) -> None:
         assert self.topo is not None
@@ -425,5 +427,7 @@ class LoadIndexMachine(RuleBasedStateMachine):
             self.index.close()
 
 
-LoadIndexMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+LoadIndexMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
 test_load_index_state_machine = LoadIndexMachine.TestCase
