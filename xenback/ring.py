@@ -152,11 +152,13 @@ class BackRing(_SharedRing):
                 break
     """
 
-    def __init__(self, buffer: memoryview | bytearray, slot_size: int) -> None:
+    def __init__(self, buffer: memoryview | bytearray, slot_size: int, *, index: int = 0) -> None:
+        """``index`` is where the private indexes start (``BACK_RING_ATTACH``:
+        a ring re-attached after the backend restarted)."""
         super().__init__(buffer, slot_size)
-        self.req_cons = 0
-        self.rsp_prod_pvt = 0
-        self._rsp_pushed = 0
+        self.req_cons = index & _MASK
+        self.rsp_prod_pvt = index & _MASK
+        self._rsp_pushed = index & _MASK
 
     def unconsumed_requests(self) -> int:
         """``RING_HAS_UNCONSUMED_REQUESTS``, unvalidated: a hint only."""

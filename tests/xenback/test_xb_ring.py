@@ -1,0 +1,326 @@
+"""ring.h rings and XEN_FLEX_RING byte rings on plain and mmap'd buffers."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xenback.ring import BackRing, FlexRing, FrontRing, RingError, ring_size
+
+SLOT = 64
+REQ = struct.Struct("<QI")  # a request: id, payload
+HEADER = struct.Struct("<IIII")  # req_prod, req_event, rsp_prod, rsp_event
+
+
+def _page(n: int = 1) -> memoryview:
+    return memoryview(mmap.mmap(-1, 4096 * n))
+
+
+def _header(buf: memoryview) -> tuple[int, int, int, int]:
+    return HEADER.unpack_from(buf, 0)
+
+
+def _set(buf: memoryview, field: int, value: int) -> None:
+    struct.pack_into("<I", buf, 4 * field, value & 0xFFFFFFFF)
+
+
+def test_ring_size() -> None:
+    assert ring_size(4096, 64) == 32  # (4096 - 64) / 64 = 63 -> 32
+    assert ring_size(4096, 112) == 32  # pvcalls: 36 -> 32
+    assert ring_size(4096 * 4, 64) == 128
+    with pytest.raises(ValueError, match="no room"):
+        ring_size(100, 64)
+    with pytest.raises(ValueError, match="positive"):
+        ring_size(4096, 0)
+
+
+def _exchange(front: FrontRing, back: BackRing, count: int, start_id: int) -> list[int]:
+    """Push ``count`` requests, answer them all, collect the response ids."""
+    for i in range(count):
+        front.push_request(REQ.pack(start_id + i, i))
+    front.push_requests()
+    answered = 0
+    while True:
+        for req in back.requests():
+            rid, _ = REQ.unpack_from(req)
+            back.push_response(REQ.pack(rid, 0))
+            answered += 1
+        back.push_responses()
+        if not back.final_check_for_requests():
+            break
+    assert answered == count
+    got = [REQ.unpack_from(r)[0] for r in front.responses()]
+    return got
+
+
+@pytest.mark.parametrize("make", [lambda: bytearray(4096), _page], ids=["bytearray", "mmap"])
+def test_requests_and_responses_wrap_around(make) -> None:
+    buf = make()
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    assert front.nr_ents == back.nr_ents == 32 and front.free_slots == 32
+    next_id = 0
+    for batch in [1, 31, 32, 5, 32, 17, 32, 32]:  # crosses the end of the ring many times
+        assert _exchange(front, back, batch, next_id) == list(range(next_id, next_id + batch))
+        next_id += batch
+        assert front.free_slots == 32
+    assert back.req_cons == back.rsp_prod_pvt == next_id
+
+
+def test_32bit_index_wrap() -> None:
+    buf = bytearray(4096)
+    start = 0xFFFFFFFF - 40
+    FrontRing(buf, SLOT)  # initialise, then move every index close to 2**32
+    for field in (0, 2):
+        _set(memoryview(buf), field, start)
+    for field in (1, 3):
+        _set(memoryview(buf), field, start + 1)
+    front = FrontRing(buf, SLOT, init=False)
+    back = BackRing(buf, SLOT, index=start)
+    ids = []
+    for batch in (32, 32, 32):
+        ids += _exchange(front, back, batch, len(ids))
+    assert ids == list(range(96))
+    assert back.req_cons == (start + 96) & 0xFFFFFFFF < start  # wrapped
+
+
+def test_notification_rules() -> None:
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    # SHARED_RING_INIT asks for an event on the first request and response.
+    front.push_request(REQ.pack(1, 0))
+    assert front.push_requests() is True
+    front.push_request(REQ.pack(2, 0))
+    assert front.push_requests() is False  # req_event is still 1: backend is awake
+    reqs = list(back.requests())
+    assert len(reqs) == 2
+    # Nothing more: the final check arms req_event for the next request.
+    assert back.final_check_for_requests() is False
+    assert _header(memoryview(buf))[1] == 3
+    front.push_request(REQ.pack(3, 0))
+    assert front.push_requests() is True
+    assert back.final_check_for_requests() is True  # pending work found, no sleep
+    for _ in range(2):
+        back.push_response(REQ.pack(0, 0))
+    assert back.push_responses() is True  # rsp_event was 1
+    assert len(list(front.responses())) == 2
+    assert front.final_check_for_responses() is False
+    assert _header(memoryview(buf))[3] == 3  # rsp_event armed for the next one
+    (req,) = back.requests()
+    back.push_response(req)
+    assert back.push_responses() is True
+
+
+def test_hostile_request_producer_is_rejected() -> None:
+    buf = memoryview(bytearray(4096))
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    _set(buf, 0, back.nr_ents + 1)  # more requests than slots
+    with pytest.raises(RingError, match="more than 32 slots ahead"):
+        list(back.requests())
+    _set(buf, 0, 0xFFFFFFF0)  # "behind" us: as far ahead as a huge number
+    with pytest.raises(RingError):
+        list(back.requests())
+    assert back.req_cons == 0  # nothing was taken
+    # A well-formed ring works again afterwards.
+    _set(buf, 0, 0)
+    front.push_request(REQ.pack(7, 0))
+    front.push_requests()
+    assert [REQ.unpack_from(r)[0] for r in back.requests()] == [7]
+
+
+def test_backend_never_takes_requests_it_cannot_answer() -> None:
+    buf = memoryview(bytearray(4096))
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    for i in range(32):
+        front.push_request(REQ.pack(i, 0))
+    front.push_requests()
+    assert len(list(back.requests())) == 32
+    # The frontend claims 1 more while all 32 are unanswered: overflow.
+    _set(buf, 0, 33)
+    with pytest.raises(RingError):
+        list(back.requests())
+
+
+def test_request_copies_are_private() -> None:
+    buf = memoryview(bytearray(4096))
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    front.push_request(b"A" * SLOT)
+    front.push_requests()
+    (req,) = back.requests()
+    buf[64:128] = b"B" * 64  # the guest rewrites the slot after we took it
+    assert req == b"A" * SLOT and isinstance(req, bytes)
+
+
+def test_misuse_is_reported() -> None:
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    with pytest.raises(RingError, match="no request"):
+        back.push_response(b"x")
+    for _ in range(32):
+        front.push_request(b"r")
+    with pytest.raises(RingError, match="full"):
+        front.push_request(b"r")
+    with pytest.raises(ValueError, match="does not fit"):
+        FrontRing(bytearray(4096), SLOT).push_request(b"x" * (SLOT + 1))
+    with pytest.raises(ValueError, match="writable"):
+        BackRing(memoryview(bytes(4096)), SLOT)
+    front.push_requests()
+    _set(memoryview(buf), 2, 40)  # responses nobody asked for
+    with pytest.raises(RingError, match="ahead of the requests"):
+        list(front.responses())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.tuples(*[st.integers(0, 2**32 - 1)] * 4), st.integers(0, 2**32 - 1))
+def test_any_header_is_rejected_or_bounded(header, start) -> None:
+    """Whatever the guest writes into the indexes, the back ring yields at
+    most nr_ents requests, all copied from inside the slots, or raises."""
+    buf = bytearray(4096)
+    HEADER.pack_into(buf, 0, *header)
+    back = BackRing(buf, SLOT, index=start)
+    try:
+        reqs = list(back.requests())
+    except RingError:
+        return
+    assert len(reqs) <= back.nr_ents
+    assert all(len(r) == SLOT for r in reqs)
+    back.final_check_for_requests()
+
+
+# XEN_FLEX_RING
+
+
+def _flex(size: int = 16) -> tuple[bytearray, bytearray]:
+    return bytearray(size), bytearray(8)  # data; indexes: prod @0, cons @4
+
+
+def _rings(data, idx) -> tuple[FlexRing, FlexRing]:
+    return (FlexRing(data, idx, prod_offset=0, cons_offset=4),
+            FlexRing(data, idx, prod_offset=0, cons_offset=4))
+
+
+def _write(ring: FlexRing, payload: bytes) -> int:
+    done = 0
+    for view in ring.writable():
+        n = min(len(view), len(payload) - done)
+        view[:n] = payload[done : done + n]
+        done += n
+    ring.produce(done)
+    return done
+
+
+def _read(ring: FlexRing, limit: int | None = None) -> bytes:
+    chunks = b"".join(bytes(v) for v in ring.readable())
+    if limit is not None:
+        chunks = chunks[:limit]
+    ring.consume(len(chunks))
+    return chunks
+
+
+def test_flex_ring_two_piece_copies() -> None:
+    data, idx = _flex(16)
+    producer, consumer = _rings(data, idx)
+    assert _write(producer, b"0123456789") == 10
+    assert _read(consumer, 8) == b"01234567"
+    # 2 bytes left at 8..9; 14 free, wrapping: views 10..15 and 0..7.
+    assert [len(v) for v in producer.writable()] == [6, 8]
+    assert _write(producer, b"abcdefghijklmnop") == 14
+    assert [len(v) for v in consumer.readable()] == [8, 8]
+    assert _read(consumer) == b"89abcdefghijklmn"
+    assert consumer.readable() == ()
+    assert [len(v) for v in producer.writable()] == [8, 8]  # prod 24 -> 8
+
+
+def test_flex_ring_32bit_wrap() -> None:
+    data, idx = _flex(16)
+    struct.pack_into("<II", idx, 0, 2**32 - 5, 2**32 - 5)
+    producer, consumer = _rings(data, idx)
+    stream = bytes(range(200))
+    out = b""
+    for i in range(0, 200, 7):
+        _write(producer, stream[i : i + 7])
+        out += _read(consumer)
+    assert out == stream
+    prod, cons = struct.unpack_from("<II", idx)
+    assert prod == cons == (2**32 - 5 + 200) & 0xFFFFFFFF
+
+
+def test_flex_ring_hostile_indexes() -> None:
+    data, idx = _flex(16)
+    producer, consumer = _rings(data, idx)
+    struct.pack_into("<II", idx, 0, 17, 0)  # 17 bytes in a 16-byte ring
+    with pytest.raises(RingError, match="17 bytes in a 16-byte ring"):
+        consumer.readable()
+    with pytest.raises(RingError):
+        producer.writable()
+    struct.pack_into("<II", idx, 0, 0, 1)  # cons ahead of prod
+    with pytest.raises(RingError):
+        consumer.readable()
+    struct.pack_into("<II", idx, 0, 3, 0)
+    consumer.readable()
+    with pytest.raises(ValueError, match="3 were readable"):
+        consumer.consume(4)
+    with pytest.raises(ValueError, match="power of two"):
+        FlexRing(bytearray(12), idx, prod_offset=0, cons_offset=4)
+    with pytest.raises(ValueError, match="aligned u32"):
+        FlexRing(data, idx, prod_offset=6, cons_offset=4)
+
+
+def test_flex_ring_indexes_moved_by_the_guest_do_not_move_ours() -> None:
+    data, idx = _flex(16)
+    _producer, consumer = _rings(data, idx)
+    struct.pack_into("<II", idx, 0, 4, 0)
+    consumer.readable()
+    struct.pack_into("<I", idx, 4, 3)  # the guest scribbles on our cons
+    consumer.consume(4)
+    assert struct.unpack_from("<II", idx) == (4, 4)
+
+
+def test_flex_ring_threads_on_shared_memory() -> None:
+    """A producer and a consumer thread move 2 MiB through a 4 KiB ring on
+    an mmap'd page, checking every byte (exercises the barriers' placement)."""
+    page = mmap.mmap(-1, 4096 + 64)
+    view = memoryview(page)
+    producer, consumer = _rings(view[:4096], view[4096:4104])
+    payload = os.urandom(2 * 1024 * 1024)
+    received = bytearray()
+    progress = threading.Condition()
+
+    def produce() -> None:
+        sent = 0
+        while sent < len(payload):
+            with progress:
+                n = _write(producer, payload[sent : sent + 1500])
+                if n == 0:
+                    progress.wait(1)
+                progress.notify_all()
+            sent += n
+
+    def consume() -> None:
+        while len(received) < len(payload):
+            with progress:
+                chunk = _read(consumer)
+                if not chunk:
+                    progress.wait(1)
+                progress.notify_all()
+            received.extend(chunk)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert bytes(received) == payload
+    producer.release()
+    consumer.release()
