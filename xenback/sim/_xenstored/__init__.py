@@ -11,6 +11,7 @@ gets a socket of its own whose connections are that domain, unprivileged.
 """
 
 from ._server import XenStored
+from ._client import RawClient
 from ._wire import Op, XsError
 
-__all__ = ["XenStored", "Op", "XsError"]
+__all__ = ["XenStored", "RawClient", "Op", "XsError"]

@@ -1,0 +1,370 @@
+"""XenStore operations, one by one, over the wire (xs_wire.h semantics)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xenback.sim._xenstored import Op, RawClient, XenStored, XsError
+
+
+@pytest.fixture
+def xsd() -> Iterator[XenStored]:
+    # A short path: Unix socket paths are limited to 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
+        yield server
+
+
+@pytest.fixture
+def dom0(xsd: XenStored) -> Iterator[RawClient]:
+    with RawClient(xsd.path) as c:
+        yield c
+
+
+def make_guest(xsd: XenStored, dom0: RawClient, domid: int) -> RawClient:
+    """Introduce a domain the way a toolstack does and connect as it."""
+    home = f"/local/domain/{domid}"
+    dom0.mkdir(home)
+    dom0.set_perms(home, [f"n{domid}", "r0"])
+    return RawClient(xsd.introduce_domain(domid))
+
+
+@pytest.fixture
+def guest(xsd: XenStored, dom0: RawClient) -> Iterator[RawClient]:
+    with make_guest(xsd, dom0, 1) as c:
+        yield c
+
+
+def error_of(fn, *args) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(XsError) as info:
+        fn(*args)
+    return info.value.name
+
+
+# --- basic reads and writes ----------------------------------------------------
+
+
+def test_write_read_and_parents_created_empty(dom0: RawClient) -> None:
+    dom0.write("/a/b/c", b"v\0with nul")
+    assert dom0.read("/a/b/c") == b"v\0with nul"
+    assert dom0.read("/a/b") == b""
+    assert dom0.directory("/a") == ["b"]
+    assert "a" in dom0.directory("/")
+
+
+def test_write_replaces_value(dom0: RawClient) -> None:
+    dom0.write("/x", "1")
+    dom0.write("/x", "")
+    assert dom0.read("/x") == b""
+
+
+def test_read_missing_is_enoent(dom0: RawClient) -> None:
+    assert error_of(dom0.read, "/nope") == "ENOENT"
+    assert error_of(dom0.directory, "/nope") == "ENOENT"
+
+
+def test_mkdir_leaves_existing_node(dom0: RawClient) -> None:
+    dom0.write("/m", "keep")
+    dom0.mkdir("/m")
+    assert dom0.read("/m") == b"keep"
+    dom0.mkdir("/m/n/o")
+    assert dom0.directory("/m/n") == ["o"]
+
+
+def test_directory_lists_in_creation_order(dom0: RawClient) -> None:
+    for name in ["z", "a", "m"]:
+        dom0.write(f"/d/{name}", "")
+    assert dom0.directory("/d") == ["z", "a", "m"]
+    dom0.rm("/d/a")
+    assert dom0.directory("/d") == ["z", "m"]
+    assert dom0.directory("/d/z") == []
+
+
+def test_rm_rules(dom0: RawClient) -> None:
+    dom0.write("/r/a/b", "1")
+    dom0.rm("/r/a")
+    assert error_of(dom0.read, "/r/a/b") == "ENOENT"
+    assert dom0.directory("/r") == []
+    dom0.rm("/r/missing")  # parent exists: fine
+    assert error_of(dom0.rm, "/r/missing/deeper") == "ENOENT"
+    assert error_of(dom0.rm, "/") == "EINVAL"
+
+
+def test_relative_paths_resolve_under_the_domain_home(dom0: RawClient, guest: RawClient) -> None:
+    dom0.write("rel/x", "0")
+    assert dom0.read("/local/domain/0/rel/x") == b"0"
+    guest.write("data/y", "1")
+    assert dom0.read("/local/domain/1/data/y") == b"1"
+    assert guest.read("/local/domain/1/data/y") == b"1"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["", "/a/", "//a", "/a//b", "/a b", "/a\x01", "/ä", "@introduceDomain", "a/"],
+)
+def test_invalid_paths_are_einval(dom0: RawClient, path: str) -> None:
+    payload = path.encode("utf-8") + b"\0"
+    for op in (Op.READ, Op.WRITE, Op.MKDIR, Op.RM, Op.DIRECTORY):
+        assert error_of(dom0.request, op, payload) == "EINVAL"
+
+
+def test_allowed_characters(dom0: RawClient) -> None:
+    path = "/Az09-_@/x"
+    dom0.write(path, "ok")
+    assert dom0.read(path) == b"ok"
+
+
+def test_missing_nuls_are_einval(dom0: RawClient) -> None:
+    assert error_of(dom0.request, Op.READ, b"/a") == "EINVAL"
+    assert error_of(dom0.request, Op.READ, b"/a\0/b\0") == "EINVAL"
+    assert error_of(dom0.request, Op.WRITE, b"/a") == "EINVAL"
+    assert error_of(dom0.request, Op.READ, b"") == "EINVAL"
+    assert error_of(dom0.request, Op.WATCH, b"/a\0tok") == "EINVAL"
+    assert error_of(dom0.request, Op.SET_PERMS, b"/a\0") == "EINVAL"
+
+
+@pytest.mark.parametrize("op", [Op.WATCH_EVENT, Op.ERROR, 20, 23, 1000, 0xFFFF])
+def test_unknown_ops_are_enosys(dom0: RawClient, op: int) -> None:
+    assert error_of(dom0.request, op, b"/\0") == "ENOSYS"
+    assert dom0.read("/") == b""  # still in sync
+
+
+def test_reply_echoes_header(dom0: RawClient) -> None:
+    dom0.send(Op.READ, b"/\0", req_id=0xDEADBEEF)
+    op, req_id, tx_id, payload = dom0.recv_message()
+    assert (op, req_id, tx_id, payload) == (Op.READ, 0xDEADBEEF, 0, b"")
+    dom0.send(Op.READ, b"/nope\0", req_id=7)
+    assert dom0.recv_message() == (Op.ERROR, 7, 0, b"ENOENT\0")
+
+
+def test_large_values_and_e2big(dom0: RawClient) -> None:
+    value = b"v" * 4000
+    dom0.write("/big", value)
+    assert dom0.read("/big") == value
+    # A directory listing longer than a payload cannot be sent in one reply.
+    for i in range(300):
+        dom0.write(f"/many/child-with-a-long-name-{i:04d}", "")
+    assert error_of(dom0.directory, "/many") == "E2BIG"
+
+
+def test_directory_part_pages_through_children(dom0: RawClient) -> None:
+    names = [f"child-with-a-long-name-{i:04d}" for i in range(300)]
+    for name in names:
+        dom0.write(f"/many/{name}", "")
+    got: list[str] = []
+    offset = 0
+    generation = None
+    while True:
+        payload = dom0.request(Op.DIRECTORY_PART, f"/many\0{offset}\0".encode())
+        assert len(payload) <= 4096
+        gen, _, rest = payload.partition(b"\0")
+        assert generation in (None, gen)
+        generation = gen
+        if rest == b"\0":
+            break
+        done = rest.endswith(b"\0\0")
+        part = rest[:-1] if done else rest
+        got.extend(c.decode() for c in part.split(b"\0")[:-1])
+        offset += len(part)
+        if done:
+            break
+    assert got == names
+    assert error_of(dom0.request, Op.DIRECTORY_PART, b"/many\0") == "EINVAL"
+
+
+def test_directory_part_generation_changes_with_children(dom0: RawClient) -> None:
+    dom0.write("/g/a", "")
+    first = dom0.request(Op.DIRECTORY_PART, b"/g\0" b"0\0")
+    assert first.split(b"\0")[1:] == [b"a", b"", b""]
+    dom0.write("/g/b", "")
+    second = dom0.request(Op.DIRECTORY_PART, b"/g\0" b"0\0")
+    assert int(second.split(b"\0")[0]) > int(first.split(b"\0")[0])
+    dom0.write("/g/a", "value only")  # not a change of /g
+    third = dom0.request(Op.DIRECTORY_PART, b"/g\0" b"0\0")
+    assert third.split(b"\0")[0] == second.split(b"\0")[0]
+
+
+# --- permissions ------------------------------------------------------------------
+
+
+def test_get_set_perms(dom0: RawClient) -> None:
+    dom0.write("/p", "")
+    assert dom0.get_perms("/p") == ["n0"]
+    dom0.set_perms("/p", ["b3", "r5", "w7", "n9"])
+    assert dom0.get_perms("/p") == ["b3", "r5", "w7", "n9"]
+    for bad in (["x1"], ["r"], ["r-1"], ["r70000"], ["r1x"]):
+        assert error_of(dom0.set_perms, "/p", bad) == "EINVAL"
+    assert error_of(dom0.set_perms, "/missing", ["n0"]) == "ENOENT"
+
+
+def test_children_inherit_permissions(dom0: RawClient, guest: RawClient) -> None:
+    dom0.write("/inh", "")
+    dom0.set_perms("/inh", ["r0", "w4"])
+    dom0.write("/inh/a/b", "")
+    assert dom0.get_perms("/inh/a/b") == ["r0", "w4"]
+    # An unprivileged creator owns what it creates, keeping the rest.
+    guest.write("data", "")
+    assert dom0.get_perms("/local/domain/1/data") == ["n1", "r0"]
+
+
+def test_unprivileged_access_rules(xsd: XenStored, dom0: RawClient, guest: RawClient) -> None:
+    dom0.write("/secret/x", "s")
+    assert error_of(guest.read, "/secret/x") == "EACCES"
+    assert error_of(guest.write, "/secret/x", "t") == "EACCES"
+    assert error_of(guest.directory, "/secret") == "EACCES"
+    # ENOENT becomes EACCES where the parent is not readable either.
+    assert error_of(guest.read, "/secret/missing") == "EACCES"
+    assert error_of(guest.read, "/missing/deep") == "EACCES"
+    dom0.set_perms("/secret", ["n0", "r1"])
+    assert error_of(guest.read, "/secret/missing") == "ENOENT"
+    assert error_of(guest.read, "/secret/x") == "EACCES"  # x keeps n0
+    dom0.set_perms("/secret/x", ["n0", "r1"])
+    assert guest.read("/secret/x") == b"s"
+    assert error_of(guest.write, "/secret/x", "t") == "EACCES"
+    dom0.set_perms("/secret/x", ["w0"])  # default for everybody: write only
+    guest.write("/secret/x", "t")
+    assert error_of(guest.read, "/secret/x") == "EACCES"
+    # Its own home: full access as owner.
+    guest.write("/local/domain/1/mine", "m")
+    assert guest.read("mine") == b"m"
+    assert guest.get_perms("mine") == ["n1", "r0"]
+
+
+def test_owner_can_set_perms_but_not_give_away(dom0: RawClient, guest: RawClient) -> None:
+    guest.write("own", "")
+    guest.set_perms("own", ["n1", "r2"])
+    assert guest.get_perms("own") == ["n1", "r2"]
+    assert error_of(guest.set_perms, "own", ["n2"]) == "EPERM"
+    dom0.write("/local/domain/1/dom0s", "")
+    dom0.set_perms("/local/domain/1/dom0s", ["n0", "b1"])
+    assert error_of(guest.set_perms, "dom0s", ["n0", "b1"]) == "EACCES"
+
+
+def test_set_target_acts_for_the_target(xsd: XenStored, dom0: RawClient) -> None:
+    with make_guest(xsd, dom0, 2) as guest2, make_guest(xsd, dom0, 3) as stubdom:
+        guest2.write("devmodel", "x")
+        assert error_of(stubdom.read, "/local/domain/2/devmodel") == "EACCES"
+        dom0.request(Op.SET_TARGET, b"3\0" b"2\0")
+        assert stubdom.read("/local/domain/2/devmodel") == b"x"
+        assert error_of(dom0.request, Op.SET_TARGET, b"3\0" b"99\0") == "ENOENT"
+        assert error_of(dom0.request, Op.SET_TARGET, b"3\0") == "EINVAL"
+
+
+def test_privileged_ops_are_refused_to_guests(guest: RawClient) -> None:
+    for op, payload in [
+        (Op.INTRODUCE, b"5\0" b"0\0" b"1\0"),
+        (Op.RELEASE, b"1\0"),
+        (Op.IS_DOMAIN_INTRODUCED, b"1\0"),
+        (Op.RESUME, b"1\0"),
+        (Op.SET_TARGET, b"1\0" b"0\0"),
+        (Op.CONTROL, b"check\0"),
+    ]:
+        assert error_of(guest.request, op, payload) == "EACCES"
+    assert guest.request(Op.GET_DOMAIN_PATH, b"7\0") == b"/local/domain/7\0"
+
+
+# --- domains ----------------------------------------------------------------------
+
+
+def test_domain_ops(xsd: XenStored, dom0: RawClient) -> None:
+    assert dom0.request(Op.GET_DOMAIN_PATH, b"0\0") == b"/local/domain/0\0"
+    assert error_of(dom0.request, Op.GET_DOMAIN_PATH, b"x\0") == "EINVAL"
+    assert error_of(dom0.request, Op.GET_DOMAIN_PATH, b"70000\0") == "EINVAL"
+    assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"0\0") == b"T\0"
+    assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"F\0"
+    assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7\0") == b"OK\0"
+    assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7\0") == b"OK\0"  # again: fine
+    assert error_of(dom0.request, Op.INTRODUCE, b"6\0" b"1234\0" b"0\0") == "EINVAL"
+    assert error_of(dom0.request, Op.INTRODUCE, b"6\0") == "EINVAL"
+    assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"T\0"
+    sock = xsd.run_dir / "domains" / "5" / "xenstore"
+    assert sock.exists()
+    with RawClient(sock) as guest:
+        assert guest.request(Op.GET_DOMAIN_PATH, b"5\0") == b"/local/domain/5\0"
+        assert dom0.request(Op.RESUME, b"5\0") == b"OK\0"
+        assert error_of(dom0.request, Op.RESUME, b"6\0") == "ENOENT"
+        assert dom0.request(Op.RELEASE, b"5\0") == b"OK\0"
+        with pytest.raises(ConnectionError):
+            guest.read("/")
+    assert not sock.exists()
+    assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"F\0"
+    assert error_of(dom0.request, Op.RELEASE, b"5\0") == "ENOENT"
+    assert error_of(dom0.request, Op.RELEASE, b"0\0") == "EINVAL"
+
+
+def test_python_introduce_and_release(xsd: XenStored) -> None:
+    path = xsd.introduce_domain(9)
+    assert xsd.introduce_domain(9) == path
+    assert xsd.is_introduced(9)
+    with RawClient(path) as c:
+        assert c.request(Op.GET_DOMAIN_PATH, b"9\0") == b"/local/domain/9\0"
+    xsd.release_domain(9)
+    assert not path.exists()
+    with pytest.raises(KeyError):
+        xsd.release_domain(9)
+    with pytest.raises(ValueError):
+        xsd.release_domain(0)
+    assert xsd.introduce_domain(0) == xsd.path
+
+
+def test_control(dom0: RawClient) -> None:
+    assert dom0.request(Op.CONTROL, b"check\0") == b"OK\0"
+    assert dom0.request(Op.CONTROL, b"print\0hello\0") == b"OK\0"
+    assert b"check" in dom0.request(Op.CONTROL, b"help\0")
+    assert error_of(dom0.request, Op.CONTROL, b"bogus\0") == "EINVAL"
+    assert error_of(dom0.request, Op.CONTROL, b"") == "EINVAL"
+
+
+# --- quotas (unprivileged domains only) ----------------------------------------
+
+
+def test_node_size_quota(dom0: RawClient, guest: RawClient) -> None:
+    guest.write("ok", b"x" * 2000)
+    assert error_of(guest.write, "big", b"x" * 2048) == "ENOSPC"
+    dom0.write("/local/domain/1/dom0-may", b"x" * 4000)
+
+
+def test_perms_quota(dom0: RawClient, guest: RawClient) -> None:
+    guest.write("p", "")
+    guest.set_perms("p", ["n1", "r2", "r3", "r4", "r5"])
+    assert error_of(guest.set_perms, "p", ["n1", "r2", "r3", "r4", "r5", "r6"]) == "ENOSPC"
+    dom0.set_perms("/local/domain/1/p", ["n1", "r2", "r3", "r4", "r5", "r6", "r7"])
+
+
+def test_node_quota(xsd: XenStored, dom0: RawClient, guest: RawClient) -> None:
+    # The guest owns its home already; fill up to 1000 nodes, 100 per directory
+    # (the parent's child list counts against the node size too).
+    owned = 1
+    for d in range(10):
+        for i in range(100 if d < 9 else 99 - d):
+            if owned >= 1000:
+                break
+            guest.write(f"q{d}/{i}", "")
+            owned += 1 if i else 2
+    assert owned == 1000
+    assert error_of(guest.write, "one-too-many", "") == "ENOSPC"
+    guest.rm("q0/0")
+    guest.write("one-more", "")
+    # dom0 is not limited, also when writing below the guest's home
+    dom0.write("/local/domain/1/dom0-node", "")
+
+
+def test_watch_and_transaction_quotas(guest: RawClient) -> None:
+    for i in range(128):
+        guest.watch(f"w{i}", "t")
+    assert error_of(guest.watch, "w-last", "t") == "ENOSPC"
+    guest.unwatch("w0", "t")
+    guest.watch("w-last", "t")
+    txs = [guest.transaction_start() for _ in range(10)]
+    assert error_of(guest.transaction_start) == "ENOSPC"
+    guest.transaction_end(txs[0], commit=False)
+    guest.transaction_start()
+
+
+def test_unprivileged_path_length(dom0: RawClient, guest: RawClient) -> None:
+    long = "/".join(["x" * 99] * 21)  # 2099 characters below the home
+    assert error_of(guest.write, long, "") == "EINVAL"
+    dom0.write(long, "")  # dom0 has no path quota

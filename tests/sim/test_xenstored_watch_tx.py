@@ -1,0 +1,328 @@
+"""Watches and transactions of the XenStore server."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xenback.sim._xenstored import Op, RawClient, XenStored, XsError
+
+
+@pytest.fixture
+def xsd() -> Iterator[XenStored]:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
+        yield server
+
+
+@pytest.fixture
+def dom0(xsd: XenStored) -> Iterator[RawClient]:
+    with RawClient(xsd.path) as c:
+        yield c
+
+
+@pytest.fixture
+def other(xsd: XenStored) -> Iterator[RawClient]:
+    with RawClient(xsd.path) as c:
+        yield c
+
+
+def make_guest(xsd: XenStored, dom0: RawClient, domid: int) -> RawClient:
+    home = f"/local/domain/{domid}"
+    dom0.mkdir(home)
+    dom0.set_perms(home, [f"n{domid}", "r0"])
+    return RawClient(xsd.introduce_domain(domid))
+
+
+def error_of(fn, *args) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(XsError) as info:
+        fn(*args)
+    return info.value.name
+
+
+def assert_no_event(client: RawClient) -> None:
+    """No event is pending: a round trip returns with nothing queued before it."""
+    client.request(Op.GET_DOMAIN_PATH, b"0\0")
+    assert not client.events
+
+
+# --- watches ------------------------------------------------------------------
+
+
+def test_watch_replies_ok_then_one_initial_event(dom0: RawClient) -> None:
+    rid = dom0.send(Op.WATCH, b"/w\0tok\0")
+    assert dom0.recv_message() == (Op.WATCH, rid, 0, b"OK\0")
+    assert dom0.recv_message() == (Op.WATCH_EVENT, 0, 0, b"/w\0tok\0")
+    assert_no_event(dom0)
+
+
+def test_subtree_match_and_event_paths(dom0: RawClient, other: RawClient) -> None:
+    dom0.watch("/w", "t")
+    assert dom0.wait_event() == ("/w", "t")
+    other.write("/w/a/b", "1")
+    assert dom0.wait_event() == ("/w/a/b", "t")
+    other.write("/wx", "1")  # a sibling with a common prefix is not below /w
+    other.write("/w", "2")
+    assert dom0.wait_event() == ("/w", "t")
+    other.mkdir("/w/a")  # exists: no change, no event
+    other.mkdir("/w/c")
+    assert dom0.wait_event() == ("/w/c", "t")
+    assert_no_event(dom0)
+
+
+def test_root_watch_sees_everything(dom0: RawClient, other: RawClient) -> None:
+    dom0.watch("/", "root")
+    assert dom0.wait_event() == ("/", "root")
+    other.write("/anything", "")
+    assert dom0.wait_event() == ("/anything", "root")
+
+
+def test_relative_watch_gets_relative_paths(dom0: RawClient, other: RawClient) -> None:
+    dom0.watch("device", "rel")
+    assert dom0.wait_event() == ("device", "rel")
+    other.write("/local/domain/0/device/vif/0", "x")
+    assert dom0.wait_event() == ("device/vif/0", "rel")
+    dom0.watch("/local/domain/0/device", "abs")
+    assert dom0.wait_event() == ("/local/domain/0/device", "abs")
+    other.write("device/x", "y")
+    events = {dom0.wait_event(), dom0.wait_event()}
+    assert events == {("device/x", "rel"), ("/local/domain/0/device/x", "abs")}
+
+
+def test_duplicate_and_unknown_watches(dom0: RawClient, other: RawClient) -> None:
+    dom0.watch("/d", "t")
+    assert error_of(dom0.watch, "/d", "t") == "EEXIST"
+    # the relative spelling of the same node is the same watch
+    dom0.watch("/local/domain/0/r", "t")
+    assert error_of(dom0.watch, "r", "t") == "EEXIST"
+    dom0.watch("/d", "t2")  # another token is another watch
+    assert error_of(dom0.unwatch, "/d", "nope") == "ENOENT"
+    assert error_of(dom0.unwatch, "/nope", "t") == "ENOENT"
+    dom0.unwatch("/d", "t")
+    assert error_of(dom0.unwatch, "/d", "t") == "ENOENT"
+    while dom0.events:
+        dom0.events.popleft()
+    other.write("/d", "")
+    assert dom0.wait_event() == ("/d", "t2")
+    assert_no_event(dom0)
+    assert error_of(dom0.watch, "/d//x", "t") == "EINVAL"
+
+
+def test_rm_fires_node_ancestors_and_descendant_watches(dom0: RawClient, other: RawClient) -> None:
+    other.write("/t/a/b/c", "")
+    dom0.watch("/t", "top")
+    dom0.watch("/t/a/b/c", "leaf")
+    dom0.watch("/t/a/b/c/below", "below")
+    for _ in range(3):
+        dom0.wait_event()
+    other.rm("/t/a")
+    events = [dom0.wait_event(), dom0.wait_event()]
+    assert events == [("/t/a/b/c", "leaf"), ("/t/a", "top")]
+    assert_no_event(dom0)
+
+
+def test_special_watches_fire_for_privileged_only(xsd: XenStored, dom0: RawClient) -> None:
+    dom0.watch("@introduceDomain", "in")
+    dom0.watch("@releaseDomain", "out")
+    assert [dom0.wait_event(), dom0.wait_event()] == [
+        ("@introduceDomain", "in"),
+        ("@releaseDomain", "out"),
+    ]
+    with make_guest(xsd, dom0, 4) as guest:
+        assert dom0.wait_event() == ("@introduceDomain", "in")
+        guest.watch("@releaseDomain", "g")
+        assert guest.wait_event() == ("@releaseDomain", "g")  # the initial one
+        dom0.request(Op.INTRODUCE, b"6\0" b"0\0" b"3\0")
+        assert dom0.wait_event() == ("@introduceDomain", "in")
+        dom0.request(Op.RELEASE, b"6\0")
+        assert dom0.wait_event() == ("@releaseDomain", "out")
+        assert_no_event(guest)
+    xsd.release_domain(4)
+    assert dom0.wait_event() == ("@releaseDomain", "out")
+    assert error_of(dom0.read, "@releaseDomain") == "EINVAL"
+    assert dom0.get_perms("@releaseDomain") == ["n0"]
+
+
+def test_guest_hears_only_what_it_may_read(xsd: XenStored, dom0: RawClient) -> None:
+    with make_guest(xsd, dom0, 2) as guest:
+        dom0.write("/shared/open", "")
+        dom0.write("/shared/closed", "")
+        dom0.set_perms("/shared", ["n0", "r2"])
+        dom0.set_perms("/shared/open", ["n0", "r2"])
+        dom0.set_perms("/shared/closed", ["n0"])
+        dom0.write("/shared/closed/deeper", "")
+        guest.watch("/shared", "s")
+        assert guest.wait_event() == ("/shared", "s")
+        dom0.write("/shared/open", "1")
+        assert guest.wait_event() == ("/shared/open", "s")
+        dom0.write("/shared/closed", "1")  # parent readable: permitted
+        assert guest.wait_event() == ("/shared/closed", "s")
+        dom0.write("/shared/closed/deeper", "1")  # neither it nor parent
+        assert_no_event(guest)
+        dom0.set_perms("/shared/closed/deeper", ["n0", "r2"])  # now readable
+        assert guest.wait_event() == ("/shared/closed/deeper", "s")
+
+
+def test_reset_watches_forgets_watches_and_transactions(dom0: RawClient, other: RawClient) -> None:
+    dom0.watch("/rw", "t")
+    dom0.wait_event()
+    tx = dom0.transaction_start()
+    assert dom0.request(Op.RESET_WATCHES, b"") == b"OK\0"
+    other.write("/rw", "")
+    assert_no_event(dom0)
+    assert error_of(dom0.read, "/", tx) == "ENOENT"
+
+
+def test_watch_ignores_transaction_id(dom0: RawClient, other: RawClient) -> None:
+    tx = dom0.transaction_start()
+    assert dom0.request(Op.WATCH, b"/wt\0t\0", tx_id=999) == b"OK\0"
+    dom0.wait_event()
+    other.write("/wt", "")
+    assert dom0.wait_event() == ("/wt", "t")
+    dom0.transaction_end(tx, commit=False)
+
+
+def test_closing_a_connection_drops_its_watches(xsd: XenStored, other: RawClient) -> None:
+    with RawClient(xsd.path) as c:
+        c.watch("/gone", "t")
+        c.wait_event()
+    other.write("/gone", "")  # must not trip over the closed connection
+    assert other.read("/gone") == b""
+
+
+# --- transactions ---------------------------------------------------------------
+
+
+def test_transaction_isolation_and_commit(dom0: RawClient, other: RawClient) -> None:
+    other.write("/tx/a", "1")
+    tx = dom0.transaction_start()
+    assert tx != 0
+    assert dom0.read("/tx/a", tx) == b"1"
+    dom0.write("/tx/a", "2", tx)
+    dom0.write("/tx/new/deep", "3", tx)
+    assert dom0.read("/tx/a", tx) == b"2"
+    assert other.read("/tx/a") == b"1"
+    assert error_of(other.read, "/tx/new/deep") == "ENOENT"
+    assert dom0.directory("/tx", tx) == ["a", "new"]
+    dom0.transaction_end(tx)
+    assert other.read("/tx/a") == b"2"
+    assert other.read("/tx/new/deep") == b"3"
+
+
+def test_abort_discards(dom0: RawClient) -> None:
+    dom0.write("/ab", "1")
+    tx = dom0.transaction_start()
+    dom0.write("/ab", "2", tx)
+    dom0.rm("/ab", tx)
+    assert error_of(dom0.read, "/ab", tx) == "ENOENT"
+    dom0.transaction_end(tx, commit=False)
+    assert dom0.read("/ab") == b"1"
+    assert error_of(dom0.read, "/ab", tx) == "ENOENT"  # the transaction is gone
+
+
+def test_conflict_on_a_node_read_gives_eagain(dom0: RawClient, other: RawClient) -> None:
+    other.write("/c/a", "1")
+    tx = dom0.transaction_start()
+    assert dom0.read("/c/a", tx) == b"1"
+    other.write("/c/a", "2")
+    assert dom0.read("/c/a", tx) == b"1"  # the transaction keeps what it read
+    dom0.write("/c/b", "x", tx)
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+    assert error_of(dom0.read, "/c/b") == "ENOENT"  # nothing applied
+    assert dom0.read("/c/a") == b"2"
+
+
+def test_no_conflict_when_untouched_nodes_change(dom0: RawClient, other: RawClient) -> None:
+    other.write("/n/a", "1")
+    other.write("/n/b", "1")
+    tx = dom0.transaction_start()
+    dom0.read("/n/a", tx)
+    other.write("/n/b", "2")  # /n/b was never read in the transaction
+    other.write("/elsewhere", "")
+    dom0.write("/n/a", "3", tx)
+    dom0.transaction_end(tx)
+    assert dom0.read("/n/a") == b"3"
+
+
+def test_conflict_when_a_node_read_as_absent_appears(dom0: RawClient, other: RawClient) -> None:
+    other.write("/ap", "")
+    tx = dom0.transaction_start()
+    assert error_of(dom0.read, "/ap/x", tx) == "ENOENT"
+    other.write("/ap/x", "now")
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+
+
+def test_conflict_through_directory_listing(dom0: RawClient, other: RawClient) -> None:
+    other.write("/dl/a", "")
+    tx = dom0.transaction_start()
+    assert dom0.directory("/dl", tx) == ["a"]
+    other.write("/dl/b", "")  # changes /dl's child list, so /dl itself
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+
+
+def test_two_transactions_writing_the_same_node(dom0: RawClient, other: RawClient) -> None:
+    dom0.write("/ww", "0")
+    t1 = dom0.transaction_start()
+    t2 = other.transaction_start()
+    dom0.write("/ww", "1", t1)
+    other.write("/ww", "2", t2)
+    dom0.transaction_end(t1)
+    assert error_of(other.transaction_end, t2) == "EAGAIN"
+    assert dom0.read("/ww") == b"1"
+
+
+def test_transaction_watch_events_fire_on_commit_only(dom0: RawClient, other: RawClient) -> None:
+    dom0.watch("/ev", "t")
+    dom0.wait_event()
+    tx = other.transaction_start()
+    other.write("/ev/a", "1", tx)
+    other.rm("/ev/a", tx)
+    other.write("/ev/b", "1", tx)
+    assert_no_event(dom0)
+    other.transaction_end(tx)
+    assert [dom0.wait_event() for _ in range(3)] == [
+        ("/ev/a", "t"), ("/ev/a", "t"), ("/ev/b", "t")
+    ]
+    tx = other.transaction_start()
+    other.write("/ev/c", "1", tx)
+    other.transaction_end(tx, commit=False)
+    assert_no_event(dom0)
+
+
+def test_transaction_id_rules(dom0: RawClient, other: RawClient) -> None:
+    tx = dom0.transaction_start()
+    assert error_of(dom0.request, Op.TRANSACTION_START, b"\0", tx) == "EBUSY"
+    assert error_of(dom0.request, Op.TRANSACTION_START, b"\0", 12345) == "ENOENT"
+    assert error_of(dom0.read, "/", 12345) == "ENOENT"
+    assert error_of(other.read, "/", tx) == "ENOENT"  # transactions are per connection
+    assert error_of(dom0.request, Op.TRANSACTION_END, b"T\0") == "ENOENT"
+    assert error_of(dom0.request, Op.TRANSACTION_END, b"X\0", tx) == "EINVAL"
+    assert error_of(dom0.request, Op.TRANSACTION_END, b"T", tx) == "EINVAL"
+    tx2 = dom0.transaction_start()
+    assert tx2 != tx
+    dom0.transaction_end(tx)
+    dom0.transaction_end(tx2)
+    rid = dom0.send(Op.TRANSACTION_START, b"\0")
+    op, req_id, tx_id, payload = dom0.recv_message()
+    assert (op, req_id, tx_id) == (Op.TRANSACTION_START, rid, 0)
+    assert payload.endswith(b"\0") and int(payload[:-1]) > 0
+
+
+def test_rm_in_transaction_conflicts_with_new_child(dom0: RawClient, other: RawClient) -> None:
+    other.write("/rt/a/b", "")
+    tx = dom0.transaction_start()
+    dom0.rm("/rt/a", tx)
+    other.write("/rt/a/c", "")
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+    assert other.directory("/rt/a") == ["b", "c"]
+
+
+def test_guest_transaction_node_quota_counts_at_commit(xsd: XenStored, dom0: RawClient) -> None:
+    with make_guest(xsd, dom0, 3) as guest:
+        tx = guest.transaction_start()
+        guest.write("t/a", "1", tx)
+        guest.set_perms("t/a", ["n3", "r0"], tx)
+        guest.transaction_end(tx)
+        assert dom0.get_perms("/local/domain/3/t/a") == ["n3", "r0"]
