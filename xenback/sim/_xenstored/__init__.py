@@ -10,8 +10,8 @@ gets a socket of its own whose connections are that domain, unprivileged.
         guest_socket = xsd.introduce_domain(1)
 """
 
-from ._server import XenStored
 from ._client import RawClient
+from ._server import XenStored
 from ._wire import Op, XsError
 
 __all__ = ["XenStored", "RawClient", "Op", "XsError"]
