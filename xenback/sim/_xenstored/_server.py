@@ -125,6 +125,14 @@ class XenStored:
         self._wake()
         thread.join()
 
+    def introduce_path(self, domid: int) -> Path:
+        """The socket :meth:`introduce_domain` creates for ``domid`` (no side effect)."""
+        if not 0 <= domid <= 0xFFFF:
+            raise ValueError(f"bad domain id {domid}")
+        if domid == 0:
+            return self.path
+        return self.run_dir / "domains" / str(domid) / "xenstore"
+
     def introduce_domain(self, domid: int) -> Path:
         """Introduce ``domid`` and return the socket its connections use.
 
@@ -393,7 +401,7 @@ class XenStored:
         if domain is not None:
             return domain
         domain = Domain(domid, privileged=False)
-        domain.socket_path = self.run_dir / "domains" / str(domid) / "xenstore"
+        domain.socket_path = self.introduce_path(domid)
         try:
             domain.listener = self._bind(domain.socket_path)
         except OSError as e:
@@ -441,3 +449,7 @@ class XenStored:
             domain.listener = None
         if domain.socket_path is not None:
             self._unlink(domain.socket_path)
+            try:
+                domain.socket_path.parent.rmdir()  # ours, unless someone else uses it
+            except OSError:
+                pass
