@@ -1,0 +1,42 @@
+"""PV Calls: a guest's socket calls served by host sockets over Xen shared memory.
+
+:class:`Backend` serves every ``pvcalls`` device of a platform (a dom0 or the
+simulated host); :class:`Frontend` is the guest-side library.  :class:`Policy`
+restricts what each guest may connect to and bind::
+
+    from xenback.sim import SimHost
+    import pvcalls
+
+    with SimHost() as host, pvcalls.Backend(host.dom0) as backend:
+        guest = host.create_domain("guest1")
+        with pvcalls.Frontend(guest) as fe, fe.socket() as s:
+            s.connect(("127.0.0.1", port))
+
+The wire format is in :mod:`pvcalls._wire`, Xen's errno numbering in
+:mod:`pvcalls._errno`.
+"""
+
+from __future__ import annotations
+
+from ._backend import DEFAULT_MAX_IOWORKERS, Backend, BackendStats, CpuStats, SocketStats
+from ._policy import AccessList, DomainPolicy, Policy, PolicyError, Rule
+
+__all__ = [
+    "DEFAULT_MAX_IOWORKERS",
+    "AccessList",
+    "Backend",
+    "BackendStats",
+    "CpuStats",
+    "DomainPolicy",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "SocketStats",
+]
+
+try:
+    from .frontend import Frontend, PVSocket
+except ImportError:  # the frontend may be absent from a partial checkout
+    pass
+else:
+    __all__ += ["Frontend", "PVSocket"]

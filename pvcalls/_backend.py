@@ -1,0 +1,737 @@
+"""The PV Calls backend: a xenbus driver for ``pvcalls`` devices and the
+processing of each frontend's command ring.
+
+Structure
+---------
+:class:`Backend` owns what all frontends share:
+
+* ``io_wq``, one bound workqueue over a :class:`workqueue.Topology` of
+  ``nr_ioworkers = min(max_ioworkers, online CPUs)`` CPUs, on which every
+  active socket's Work runs (see :mod:`pvcalls._socket`);
+* ``load_index``, the :class:`workqueue.LoadIndex` that homes each active
+  socket on one of those CPUs and re-homes it when its CPU goes offline;
+* ``cmd_wq``, an unbound workqueue for command rings and listening sockets;
+* one :class:`xenback.events.EventDispatcher`: one epoll thread for every
+  event channel and every host socket (no thread per socket);
+* the xenbus driver (:class:`_PvcallsDriver`) that handshakes with frontends.
+
+Each connected frontend is a :class:`_Frontend`: the mapped command ring, its
+event channel, its sockets by id, and one Work that processes the command
+ring (a Work never runs concurrently with itself, so commands are handled one
+at a time, in ring order).  Commands never block: CONNECT starts a
+non-blocking connect and the socket's Work answers when it completes; ACCEPT
+and POLL are answered by the listening socket's Work when a connection is
+there.  Every response of a frontend goes through :meth:`_Frontend.respond`,
+one producer under one lock.
+
+Protocol choices left open by the specification
+-----------------------------------------------
+* SOCKET records the id only; the host socket is created by CONNECT or BIND.
+  Anything but AF_INET/SOCK_STREAM/0 gets ``-EAFNOSUPPORT`` (as Linux).
+* An id the backend does not know gets ``-EBADF`` for every command, RELEASE
+  included (Linux answers 0); an id already in use for SOCKET or as ACCEPT's
+  ``id_new`` gets ``-EEXIST``; a command on a socket in the wrong state gets
+  ``-EINVAL`` (CONNECT on a connected socket ``-EISCONN``).
+* One ACCEPT or POLL in flight per listening socket; another one gets
+  ``-EINTR``, like Linux's backend.
+* A CONNECT, ACCEPT or POLL still in flight when its socket is released is
+  answered ``-EINTR`` before the RELEASE is answered.
+* Bad grant references, a ``ring_order`` outside ``1..max-page-order`` and an
+  unbindable event channel get ``-EINVAL``.
+* Unknown commands get ``-ENOTSUPP`` (-524) with the id echoed.
+* The listening socket of BIND has SO_REUSEADDR set (the guest cannot set
+  options through PV Calls, and a restarted guest server should be able to
+  bind its port again while old connections linger in TIME_WAIT).
+* Policy (:mod:`pvcalls._policy`): a refused CONNECT/BIND gets ``-EACCES``,
+  a SOCKET/ACCEPT beyond ``max_sockets`` gets ``-EMFILE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
+from xenback import BackendDevice, BackendDriver
+from xenback.events import EventDispatcher
+from xenback.ring import BackRing, RingError
+
+from . import _errno
+from ._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy
+from ._socket import (
+    ActiveSocket,
+    CommandError,
+    NewSocket,
+    PassiveSocket,
+    Request,
+    SockState,
+)
+from ._wire import (
+    AF_INET,
+    DEFAULT_MAX_PAGE_ORDER,
+    MAX_PAGE_ORDER_LIMIT,
+    PAGE_SIZE,
+    PVCALLS_ACCEPT,
+    PVCALLS_BIND,
+    PVCALLS_COMMANDS,
+    PVCALLS_CONNECT,
+    PVCALLS_LISTEN,
+    PVCALLS_POLL,
+    PVCALLS_RELEASE,
+    PVCALLS_SOCKET,
+    PVCALLS_VERSIONS,
+    SLOT_SIZE,
+    SOCK_STREAM,
+    ffi,
+    unpack_sockaddr_in,
+)
+
+if TYPE_CHECKING:
+    from xenback.platform import GrantMapping, GrantTable, Platform
+
+__all__ = ["DEFAULT_MAX_IOWORKERS", "Backend", "BackendStats", "CpuStats", "SocketStats"]
+
+logger = logging.getLogger(__name__)
+
+#: The review thread's cap on ioworkers for hosts with hundreds of CPUs.
+DEFAULT_MAX_IOWORKERS = 64
+
+Socket = NewSocket | ActiveSocket | PassiveSocket
+
+
+# -- statistics ----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SocketStats:
+    """One socket of one frontend."""
+
+    domain: int
+    id: int
+    kind: str                       # "new", "active" or "passive"
+    state: str                      # a SockState value
+    cpu: int | None                 # the CPU an active socket is homed on
+    bytes_in: int                   # host -> guest
+    bytes_out: int                  # guest -> host
+    address: tuple[str, int] | None  # active: the peer; passive: the bound address
+
+
+@dataclass(frozen=True, slots=True)
+class CpuStats:
+    """One CPU of the ioworker topology."""
+
+    cpu: int
+    online: bool
+    sockets: int                    # active sockets homed here
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """A snapshot of :meth:`Backend.stats`."""
+
+    nr_ioworkers: int
+    frontends: int
+    sockets: tuple[SocketStats, ...]
+    cpus: tuple[CpuStats, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data: ``sockets`` a list of dicts, ``cpus`` {cpu: active
+        sockets} of the online CPUs (for printing and JSON)."""
+        return {
+            "nr_ioworkers": self.nr_ioworkers,
+            "frontends": self.frontends,
+            "sockets": [
+                {f: getattr(s, f) for f in SocketStats.__dataclass_fields__}
+                for s in self.sockets
+            ],
+            "cpus": {c.cpu: c.sockets for c in self.cpus if c.online},
+        }
+
+
+# -- the backend ------------------------------------------------------------------
+
+class Backend:
+    """Serves every ``pvcalls`` device whose backend is ``platform``'s domain.
+
+    ``max_ioworkers`` caps the CPUs the ioworkers use (default 64);
+    ``max_page_order`` is offered to frontends as ``max-page-order`` (1 to
+    :data:`pvcalls._wire.MAX_PAGE_ORDER_LIMIT`, what one indexes page can
+    reference); ``policy`` restricts what guests may do (default: anything).
+
+    The ioworker CPUs are this process's CPUs, at most ``max_ioworkers`` of
+    them.  ``cpus=N`` models N logical CPUs instead (capped the same way;
+    logical CPUs beyond the machine's share its real CPUs), and
+    ``topology`` gives a ready :class:`workqueue.Topology` (with at most
+    ``max_ioworkers`` CPUs), whose CPU hotplug the backend follows.
+
+    Starts serving on construction; :meth:`close` (or leaving the ``with``
+    block) closes every frontend and releases everything.
+    """
+
+    def __init__(
+        self,
+        platform: Platform,
+        max_ioworkers: int = DEFAULT_MAX_IOWORKERS,
+        max_page_order: int = DEFAULT_MAX_PAGE_ORDER,
+        policy: Policy | None = None,
+        *,
+        cpus: int | None = None,
+        topology: Topology | None = None,
+    ) -> None:
+        if isinstance(max_ioworkers, bool) or not isinstance(max_ioworkers, int):
+            raise TypeError(f"max_ioworkers must be an int, not {type(max_ioworkers).__name__}")
+        if max_ioworkers < 1:
+            raise ValueError(f"max_ioworkers must be at least 1, got {max_ioworkers}")
+        if isinstance(max_page_order, bool) or not isinstance(max_page_order, int):
+            raise TypeError(f"max_page_order must be an int, not {type(max_page_order).__name__}")
+        if not 1 <= max_page_order <= MAX_PAGE_ORDER_LIMIT:
+            raise ValueError(
+                f"max_page_order must be 1..{MAX_PAGE_ORDER_LIMIT} (2**order grant references "
+                f"must fit one indexes page), got {max_page_order}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a pvcalls.Policy, not {type(policy).__name__}")
+        if topology is not None and cpus is not None:
+            raise TypeError("give either cpus or topology, not both")
+        if topology is None:
+            if cpus is None:
+                host = sorted(os.sched_getaffinity(0))
+                topology = Topology(cpus=host[:max_ioworkers])
+            else:
+                topology = Topology(min(cpus, max_ioworkers))
+        elif len(topology.possible()) > max_ioworkers:
+            raise ValueError(f"topology has {len(topology.possible())} CPUs, more than "
+                             f"max_ioworkers={max_ioworkers}")
+
+        self.platform = platform
+        self.max_page_order = max_page_order
+        self.policy = policy if policy is not None else Policy()
+        self.topology = topology
+        self.nr_ioworkers = len(topology.online())
+
+        self.io_wq = alloc_workqueue("pvcalls_io", 0, 0, topology=topology)
+        self.cmd_wq = alloc_workqueue("pvcalls_cmd", WQ_UNBOUND, 0, topology=topology)
+        self.load_index = LoadIndex(topology, on_move=_rehome)
+        self.gnttab: GrantTable = platform.gnttab()
+        self.dispatcher = EventDispatcher(platform, name="pvcalls-events")
+
+        # _lock guards _frontends (the connected frontends, by device) and
+        # _closed.  Never held while a frontend is set up or torn down.
+        self._lock = threading.Lock()
+        self._frontends: dict[tuple[int, int], _Frontend] = {}
+        self._closed = False
+        self._driver = _PvcallsDriver(self, platform)
+        try:
+            self._driver.start()
+        except BaseException:
+            self._release_shared()
+            raise
+        logger.info("pvcalls backend in domain %d: %d ioworker CPUs, max-page-order %d",
+                    platform.domid, self.nr_ioworkers, max_page_order)
+
+    # -- public -----------------------------------------------------------------
+
+    def stats(self) -> BackendStats:
+        """Per socket: domain, id, CPU, bytes each way; per CPU: active sockets."""
+        with self._lock:
+            frontends = list(self._frontends.values())
+        sockets = [s for fe in frontends for s in fe.socket_stats()]
+        online = set(self.topology.online())
+        cpus = tuple(
+            CpuStats(cpu, cpu in online, self.load_index.load(cpu))
+            for cpu in self.topology.possible()
+        )
+        return BackendStats(self.nr_ioworkers, len(frontends), tuple(sockets), cpus)
+
+    def close(self) -> None:
+        """Close every frontend (Closing, Closed) and release everything."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._driver.stop()
+        finally:
+            with self._lock:
+                left = list(self._frontends.values())
+                self._frontends.clear()
+            for fe in left:
+                fe.close()
+            self._release_shared()
+        logger.info("pvcalls backend in domain %d closed", self.platform.domid)
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<pvcalls.Backend dom{self.platform.domid} ioworkers={self.nr_ioworkers} "
+                f"frontends={len(self._frontends)}>")
+
+    # -- xenbus callbacks (ordered per device by the driver) ----------------------
+
+    def _connect(self, dev: BackendDevice) -> None:
+        old = dev.driver_data
+        if isinstance(old, _Frontend):
+            self._disconnect(dev)
+        version = dev.read_otherend("version")
+        if version not in PVCALLS_VERSIONS.split(","):
+            raise ValueError(f"frontend protocol version {version!r} is not one of "
+                             f"{PVCALLS_VERSIONS!r}")
+        ring_ref = _read_u32(dev, "ring-ref")
+        port = _read_u32(dev, "port")
+        fe = _Frontend(self, dev, ring_ref, port)
+        with self._lock:
+            if self._closed:
+                fe.close()
+                raise RuntimeError("backend is closing")
+            self._frontends[(dev.frontend_id, dev.devid)] = fe
+        dev.driver_data = fe
+        fe.start()
+        logger.info("dom%d: pvcalls frontend connected (ring-ref %d, port %d)",
+                    dev.frontend_id, ring_ref, port)
+
+    def _disconnect(self, dev: BackendDevice) -> None:
+        fe = dev.driver_data
+        if not isinstance(fe, _Frontend):
+            return
+        dev.driver_data = None
+        with self._lock:
+            if self._frontends.get((dev.frontend_id, dev.devid)) is fe:
+                del self._frontends[(dev.frontend_id, dev.devid)]
+        fe.close()
+        logger.info("dom%d: pvcalls frontend disconnected", dev.frontend_id)
+
+    def _release_shared(self) -> None:
+        self.dispatcher.close()
+        self.cmd_wq.destroy()
+        self.io_wq.destroy()
+        self.load_index.close()
+        self.gnttab.close()
+
+
+def _rehome(key: object, old_cpu: int, new_cpu: int) -> None:
+    """LoadIndex on_move: a socket's CPU went offline."""
+    if isinstance(key, ActiveSocket):
+        key.rehome(new_cpu)
+        logger.debug("%r moved from CPU %d to CPU %d", key, old_cpu, new_cpu)
+
+
+def _read_u32(dev: BackendDevice, key: str) -> int:
+    text = dev.read_otherend(key)
+    if text is None:
+        raise ValueError(f"frontend node {key!r} is missing")
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ValueError(f"frontend node {key!r} is not a number: {text!r}") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"frontend node {key!r} out of range: {value}")
+    return value
+
+
+class _PvcallsDriver(BackendDriver):
+    """The xenbus side: features, then connect/disconnect to the Backend."""
+
+    device_type = "pvcalls"
+
+    def __init__(self, backend: Backend, platform: Platform) -> None:
+        super().__init__(platform)
+        self._backend = backend
+
+    def probe(self, dev: BackendDevice) -> None:
+        dev.write_nodes({
+            "versions": PVCALLS_VERSIONS,
+            "max-page-order": str(self._backend.max_page_order),
+            "function-calls": "1",
+        })
+
+    def connect(self, dev: BackendDevice) -> None:
+        self._backend._connect(dev)
+
+    def disconnect(self, dev: BackendDevice) -> None:
+        self._backend._disconnect(dev)
+
+    def remove(self, dev: BackendDevice) -> None:
+        self._backend._disconnect(dev)
+
+
+# -- one frontend -----------------------------------------------------------------
+
+Handler = Callable[["_Frontend", Request, Any], int | None]
+
+
+class _Frontend:
+    """A connected frontend: command ring, event channel, sockets."""
+
+    def __init__(self, backend: Backend, dev: BackendDevice, ring_ref: int,
+                 remote_port: int) -> None:
+        self.backend = backend
+        self.dev = dev
+        self.domid = dev.frontend_id
+        self.gnttab = backend.gnttab
+        self.dispatcher = backend.dispatcher
+        self.policy = backend.policy.for_domain(self.domid)
+
+        # _rsp_lock: the one producer of responses.  It serialises
+        # push_response/push_responses/notify and guards _closed; taken
+        # last (nothing else is acquired under it).
+        self._rsp_lock = threading.Lock()
+        self._closed = False
+        # _lock guards the sockets table.  Never held across socket set-up or
+        # teardown (they may wait for Work items).
+        self._lock = threading.Lock()
+        self._sockets: dict[int, Socket] = {}
+
+        self._mapping: GrantMapping = self.gnttab.map_grant_refs(self.domid, [ring_ref])
+        try:
+            self.ring = BackRing(self._mapping.buffer[:PAGE_SIZE], SLOT_SIZE)
+            self._work = Work(self._process_commands)
+            self.port = self.dispatcher.bind_interdomain(self.domid, remote_port, self._on_event)
+        except BaseException:
+            ring = self.__dict__.get("ring")
+            if ring is not None:
+                ring.release()
+            self._mapping.unmap()
+            raise
+        self._broken = False
+
+    def __repr__(self) -> str:
+        return f"<pvcalls frontend dom{self.domid} sockets={len(self._sockets)}>"
+
+    def start(self) -> None:
+        # Requests may already be waiting.
+        self.backend.cmd_wq.queue_work(self._work)
+
+    def _on_event(self, *_: object) -> None:
+        self.backend.cmd_wq.queue_work(self._work)
+
+    # -- responses -------------------------------------------------------------------
+
+    def respond(self, request: Request, ret: int) -> None:
+        """Answer ``request`` with ``ret`` (0 or a negative Xen errno)."""
+        rsp = ffi.new("struct xen_pvcalls_response *")
+        rsp.req_id = request.req_id
+        rsp.cmd = request.cmd
+        rsp.ret = ret
+        rsp.u.socket.id = request.id
+        data = ffi.buffer(rsp)[:]
+        with self._rsp_lock:
+            if self._closed:
+                return
+            try:
+                self.ring.push_response(data)
+            except RingError:
+                logger.exception("dom%d: no slot for the response to %s", self.domid, request)
+                return
+            if self.ring.push_responses():
+                self.dispatcher.notify(self.port)
+
+    def notify(self, port: int | None) -> None:
+        """Kick the frontend on a socket's event channel."""
+        if port is not None:
+            try:
+                self.dispatcher.notify(port)
+            except OSError:
+                logger.debug("dom%d: notify on port %d failed", self.domid, port, exc_info=True)
+
+    # -- the command Work -----------------------------------------------------------------
+
+    def _process_commands(self, work: Work) -> None:
+        if self._broken:
+            return
+        ring = self.ring
+        try:
+            while True:
+                for raw in ring.requests():
+                    self._handle(raw)
+                if not ring.final_check_for_requests():
+                    return
+        except RingError as exc:
+            # The frontend broke the ring: it gets no more service, the
+            # other frontends are not affected.
+            self._broken = True
+            logger.error("dom%d: command ring protocol error, frontend stopped: %s",
+                         self.domid, exc)
+            try:
+                self.dev.fatal(_errno.EINVAL, f"pvcalls command ring: {exc}")
+            except Exception:
+                logger.exception("dom%d: cannot report the ring error", self.domid)
+
+    def _handle(self, raw: bytes) -> None:
+        req = ffi.from_buffer("struct xen_pvcalls_request *", raw)
+        request = Request(int(req.req_id), int(req.cmd), int(req.u.socket.id))
+        handler = _HANDLERS.get(request.cmd)
+        if handler is None:
+            logger.debug("dom%d: unknown command %d", self.domid, request.cmd)
+            self.respond(request, -_errno.ENOTSUPP)
+            return
+        try:
+            ret = handler(self, request, req)
+        except CommandError as exc:
+            ret = -exc.errno
+            logger.debug("dom%d: %s id %#x: %s: %s", self.domid, PVCALLS_COMMANDS[request.cmd],
+                         request.id, _errno.name_of(exc.errno), exc)
+        except Exception:
+            logger.exception("dom%d: %s id %#x failed", self.domid,
+                             PVCALLS_COMMANDS[request.cmd], request.id)
+            ret = -_errno.EIO
+        if ret is not None:
+            self.respond(request, ret)
+
+    # -- table helpers ---------------------------------------------------------------------
+
+    def _lookup(self, sock_id: int) -> Socket:
+        with self._lock:
+            sock = self._sockets.get(sock_id)
+        if sock is None:
+            raise CommandError(_errno.EBADF, f"no socket {sock_id:#x}")
+        return sock
+
+    def _check_limit(self, what: str, sock_id: int) -> None:
+        # Called with _lock held.
+        limit = self.policy.max_sockets
+        if limit is not None and len(self._sockets) >= limit:
+            logger.warning("dom%d: %s %#x refused by policy: socket limit %d reached",
+                           self.domid, what, sock_id, limit)
+            raise CommandError(LIMIT_ERRNO, f"socket limit {limit} reached")
+
+    def _address(self, raw_addr: Any, length: int, what: str) -> tuple[str, int]:
+        try:
+            return unpack_sockaddr_in(bytes(raw_addr), int(length))
+        except ValueError as exc:
+            errno = _errno.EAFNOSUPPORT if "family" in str(exc) else _errno.EINVAL
+            raise CommandError(errno, f"{what} address: {exc}") from None
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def _socket(self, request: Request, req: Any) -> int:
+        args = req.u.socket
+        if (args.domain, args.type, args.protocol) != (AF_INET, SOCK_STREAM, 0):
+            raise CommandError(
+                _errno.EAFNOSUPPORT, f"socket({args.domain}, {args.type}, {args.protocol}) "
+                "is not AF_INET/SOCK_STREAM/0")
+        with self._lock:
+            if request.id in self._sockets:
+                raise CommandError(_errno.EEXIST, f"socket id {request.id:#x} in use")
+            self._check_limit("SOCKET", request.id)
+            self._sockets[request.id] = NewSocket(request.id)
+        return 0
+
+    def _connect(self, request: Request, req: Any) -> int | None:
+        args = req.u.connect
+        entry = self._lookup(request.id)
+        if not isinstance(entry, NewSocket):
+            errno = _errno.EISCONN if isinstance(entry, ActiveSocket) else _errno.EINVAL
+            raise CommandError(errno, f"socket {request.id:#x} is {entry.state.value}")
+        host, port = self._address(args.addr, args.len, "CONNECT")
+        if not self.policy.connect.permits(host, port):
+            logger.warning("dom%d: CONNECT %#x to %s:%d refused by policy", self.domid,
+                           request.id, host, port)
+            raise CommandError(DENIED_ERRNO, f"connect to {host}:{port} denied")
+        sock = ActiveSocket(self, request.id)
+        sock.attach_ring(int(args.ref), int(args.evtchn))
+        with self._lock:
+            self._sockets[request.id] = sock
+        try:
+            sock.start_connect(request, (host, port))
+        except (CommandError, OSError) as exc:
+            sock.teardown()
+            with self._lock:
+                if self._sockets.get(request.id) is sock:
+                    self._sockets[request.id] = entry
+            if isinstance(exc, CommandError):
+                raise
+            raise CommandError(_errno.from_oserror(exc), f"connect: {exc}") from None
+        return None  # answered by the socket's Work
+
+    def connect_failed(self, sock: ActiveSocket) -> None:
+        """From the socket's Work: the CONNECT failed; the id is NEW again."""
+        sock.teardown(from_work=True)
+        with self._lock:
+            if self._sockets.get(sock.id) is sock:
+                self._sockets[sock.id] = NewSocket(sock.id)
+
+    def _bind(self, request: Request, req: Any) -> int:
+        args = req.u.bind
+        entry = self._lookup(request.id)
+        if not isinstance(entry, NewSocket):
+            raise CommandError(_errno.EINVAL, f"socket {request.id:#x} is {entry.state.value}")
+        host, port = self._address(args.addr, args.len, "BIND")
+        if not self.policy.bind.permits(host, port):
+            logger.warning("dom%d: BIND %#x to %s:%d refused by policy", self.domid,
+                           request.id, host, port)
+            raise CommandError(DENIED_ERRNO, f"bind to {host}:{port} denied")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise CommandError(_errno.from_oserror(exc), f"bind {host}:{port}: {exc}") from None
+        with self._lock:
+            self._sockets[request.id] = PassiveSocket(self, request.id, sock)
+        return 0
+
+    def _listen(self, request: Request, req: Any) -> int:
+        entry = self._lookup(request.id)
+        if not isinstance(entry, PassiveSocket):
+            raise CommandError(_errno.EINVAL, f"socket {request.id:#x} is not bound")
+        try:
+            entry.listen(int(req.u.listen.backlog))
+        except OSError as exc:
+            raise CommandError(_errno.from_oserror(exc), f"listen: {exc}") from None
+        return 0
+
+    def _listening(self, sock_id: int) -> PassiveSocket:
+        entry = self._lookup(sock_id)
+        if not isinstance(entry, PassiveSocket) or entry.state is not SockState.LISTENING:
+            raise CommandError(_errno.EINVAL, f"socket {sock_id:#x} is not listening")
+        return entry
+
+    def _accept(self, request: Request, req: Any) -> int | None:
+        args = req.u.accept
+        passive = self._listening(request.id)
+        if passive.waiting is not None:  # checked again by wait(), under its lock
+            raise CommandError(_errno.EINTR, f"ACCEPT or POLL already in flight on {request.id:#x}")
+        id_new = int(args.id_new)
+        with self._lock:
+            if id_new in self._sockets:
+                raise CommandError(_errno.EEXIST, f"id_new {id_new:#x} in use")
+            self._check_limit("ACCEPT", id_new)
+        new = ActiveSocket(self, id_new)
+        new.state = SockState.ACCEPTING
+        new.parent = passive
+        new.attach_ring(int(args.ref), int(args.evtchn))
+        with self._lock:
+            self._sockets[id_new] = new
+        try:
+            passive.wait(request, new)
+        except CommandError:
+            self.accept_failed(new)
+            raise
+        return None  # answered by the passive socket's Work
+
+    def accept_failed(self, new: ActiveSocket) -> None:
+        """Give up the socket reserved for an ACCEPT's id_new."""
+        new.teardown()
+        with self._lock:
+            if self._sockets.get(new.id) is new:
+                del self._sockets[new.id]
+
+    def _poll(self, request: Request, req: Any) -> int | None:
+        passive = self._listening(request.id)
+        passive.wait(request, None)
+        return None  # answered by the passive socket's Work
+
+    def _release(self, request: Request, req: Any) -> int:
+        with self._lock:
+            entry = self._sockets.pop(request.id, None)
+        if entry is None:
+            raise CommandError(_errno.EBADF, f"no socket {request.id:#x}")
+        if isinstance(entry, NewSocket):
+            entry.release()
+        elif isinstance(entry, ActiveSocket):
+            parent = entry.parent
+            if parent is not None:
+                self._cancel_accept(parent, entry)
+            pending = entry.teardown()
+            if pending is not None:
+                self.respond(pending, -_errno.EINTR)
+        else:
+            waiting = entry.teardown()
+            if waiting is not None:
+                waiting_request, new = waiting
+                if new is not None:
+                    self.accept_failed(new)
+                self.respond(waiting_request, -_errno.EINTR)
+        return 0
+
+    def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> None:
+        """RELEASE of an ACCEPT's id_new: answer that ACCEPT -EINTR, unless
+        the connection was accepted already."""
+        parent.disable()  # stop an accept in progress from using `new`
+        try:
+            parent.cancel_sync()
+            with parent._lock:
+                waiting = parent.waiting
+                if waiting is not None and waiting[1] is new:
+                    parent.waiting = None
+                else:
+                    waiting = None
+        finally:
+            parent.enable()
+        if waiting is not None:
+            self.respond(waiting[0], -_errno.EINTR)
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the command Work and release every socket and the ring."""
+        try:
+            self.dispatcher.unbind(self.port)
+        except (OSError, KeyError, RuntimeError):
+            logger.debug("dom%d: unbinding the command port failed", self.domid, exc_info=True)
+        self._work.disable()
+        self._work.cancel_sync()
+        with self._lock:
+            sockets = list(self._sockets.values())
+            self._sockets.clear()
+        # Listening sockets first: they may hold ACCEPT sockets.
+        for sock in sockets:
+            if isinstance(sock, PassiveSocket):
+                sock.teardown()
+        for sock in sockets:
+            if isinstance(sock, ActiveSocket):
+                sock.teardown()
+            elif isinstance(sock, NewSocket):
+                sock.release()
+        with self._rsp_lock:
+            self._closed = True
+        self.ring.release()
+        try:
+            self._mapping.unmap()
+        except (OSError, BufferError):
+            logger.exception("dom%d: unmapping the command ring failed", self.domid)
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def socket_stats(self) -> list[SocketStats]:
+        with self._lock:
+            sockets = list(self._sockets.values())
+        rows = []
+        for sock in sockets:
+            if isinstance(sock, ActiveSocket):
+                rows.append(SocketStats(self.domid, sock.id, "active", sock.state.value,
+                                        sock.cpu if sock.cpu >= 0 else None,
+                                        sock.bytes_in, sock.bytes_out, sock.remote))
+            elif isinstance(sock, PassiveSocket):
+                rows.append(SocketStats(self.domid, sock.id, "passive", sock.state.value,
+                                        None, 0, 0, sock.local))
+            else:
+                rows.append(SocketStats(self.domid, sock.id, "new", sock.state.value,
+                                        None, 0, 0, None))
+        return rows
+
+
+_HANDLERS: Mapping[int, Handler] = {
+    PVCALLS_SOCKET: _Frontend._socket,
+    PVCALLS_CONNECT: _Frontend._connect,
+    PVCALLS_RELEASE: _Frontend._release,
+    PVCALLS_BIND: _Frontend._bind,
+    PVCALLS_LISTEN: _Frontend._listen,
+    PVCALLS_ACCEPT: _Frontend._accept,
+    PVCALLS_POLL: _Frontend._poll,
+}

@@ -1,0 +1,609 @@
+"""The sockets of one frontend: new, active (connected) and passive (listening).
+
+A frontend names its sockets with 64-bit ids of its own choosing (Linux uses
+kernel pointers).  The backend keeps one object per id:
+
+* :class:`NewSocket` after SOCKET: nothing but the id, until CONNECT or BIND
+  says what it becomes (the host socket is created then);
+* :class:`ActiveSocket` after CONNECT, or reserved by ACCEPT for ``id_new``:
+  a host TCP socket, the frontend's data ring (indexes page and
+  ``2**ring_order`` data pages) and an event channel;
+* :class:`PassiveSocket` after BIND: a host listening socket and at most one
+  ACCEPT or POLL waiting for a connection.
+
+The I/O model
+-------------
+Every active socket is one :class:`workqueue.Work` (the object itself), homed
+on one CPU of the backend's bound workqueue by a :class:`workqueue.LoadIndex`
+when it is connected or accepted, and queued only there
+(``queue_work_on(sock.cpu, sock)``).  Readiness (host socket readable or
+writable, the frontend's event channel) only queues that Work; the Work then
+moves bytes in both directions until there is nothing left to move, with
+non-blocking ``recvmsg_into`` / ``sendmsg`` straight between the host socket
+and memoryviews of the mapped ring pages.  A Work never runs concurrently
+with itself, so the socket's ring indexes and counters have exactly one
+writer and need no lock.  When its CPU goes offline the load index moves the
+socket and :meth:`ActiveSocket.rehome` changes ``cpu``; the next queueing
+goes to the new CPU, and non-reentrancy keeps the bytes in order.
+
+Host sockets are registered edge-triggered: an edge queues the Work, and the
+Work always runs until the host socket says EAGAIN or the ring is full or
+empty; in the latter cases the frontend's notification (after it consumed or
+produced) queues it again.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _host_errno
+import logging
+import select
+import socket
+import threading
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from xenback._barrier import lib as _barrier
+
+from workqueue import Work
+from xenback.platform import GrantMapping, GrantTable
+from xenback.ring import FlexRing, RingError
+
+from . import _errno
+from ._wire import (
+    IN_CONS_OFFSET,
+    IN_ERROR_OFFSET,
+    IN_PROD_OFFSET,
+    OUT_CONS_OFFSET,
+    OUT_ERROR_OFFSET,
+    OUT_PROD_OFFSET,
+    PAGE_SIZE,
+    PVCALLS_COMMANDS,
+    REF_OFFSET,
+    RING_ORDER_OFFSET,
+    flex_ring_size,
+)
+
+if TYPE_CHECKING:
+    from ._backend import _Frontend
+
+__all__ = [
+    "ActiveSocket", "CommandError", "DataRing", "NewSocket", "PassiveSocket", "Request", "SockState",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bytes one run of an active socket's Work may move before it re-queues
+#: itself behind the other sockets of its CPU (fairness, like NAPI's budget).
+IO_BUDGET = 1 << 20
+
+#: Host socket events an active socket waits for (edge-triggered).
+ACTIVE_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+#: Host socket events a listening socket waits for (edge-triggered).
+PASSIVE_EVENTS = select.EPOLLIN | select.EPOLLET
+
+
+class Request(NamedTuple):
+    """What a response echoes of its request."""
+
+    req_id: int
+    cmd: int
+    id: int
+
+
+class CommandError(Exception):
+    """A request that fails with a (positive, Xen-numbered) errno."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class SockState(enum.Enum):
+    NEW = "new"                  # SOCKET done, nothing else yet
+    ACCEPTING = "accepting"      # id_new of an ACCEPT in flight: ring mapped, no host socket
+    CONNECTING = "connecting"    # CONNECT in flight: non-blocking connect under way
+    CONNECTED = "connected"      # data flows
+    BOUND = "bound"              # passive, after BIND
+    LISTENING = "listening"      # passive, after LISTEN
+    CLOSED = "closed"            # released (or a failed CONNECT): inert
+
+
+class NewSocket:
+    """An id the frontend created with SOCKET and has not used yet."""
+
+    state = SockState.NEW
+
+    def __init__(self, sock_id: int) -> None:
+        self.id = sock_id
+
+    def release(self) -> None:
+        self.state = SockState.CLOSED
+
+
+class DataRing:
+    """The data ring of one active socket, mapped from the frontend.
+
+    Maps the indexes page, reads ``ring_order`` and the ``ref[]`` array out of
+    it once, validates them, and maps the data pages contiguously.  The
+    first half of the data is the ``in`` ring (we produce), the second half
+    the ``out`` ring (we consume).  Every access goes through
+    :class:`xenback.ring.FlexRing`, which masks positions, so nothing the
+    frontend writes can make us touch memory outside the mapped pages.
+    """
+
+    def __init__(self, gnttab: GrantTable, domid: int, ref: int, max_page_order: int) -> None:
+        self._indexes: GrantMapping | None = None
+        self._data: GrantMapping | None = None
+        self._views: list[Any] = []
+        try:
+            self._indexes = gnttab.map_grant_refs(domid, [ref])
+        except OSError as exc:
+            raise CommandError(_errno.EINVAL, f"cannot map indexes page grant {ref}: {exc}") from None
+        try:
+            page = self._indexes.buffer[:PAGE_SIZE]
+            words = page.cast("I")
+            # Copied out once: the frontend may change the page under us.
+            order = words[RING_ORDER_OFFSET // 4]
+            if not 1 <= order <= max_page_order:
+                raise CommandError(
+                    _errno.EINVAL, f"ring_order {order} not in 1..{max_page_order}")
+            first = REF_OFFSET // 4
+            refs = tuple(words[first : first + (1 << order)])
+            words.release()
+            try:
+                self._data = gnttab.map_grant_refs(domid, refs)
+            except OSError as exc:
+                raise CommandError(
+                    _errno.EINVAL, f"cannot map {len(refs)} data ring pages: {exc}") from None
+            self.ring_order = order
+            self.size = flex_ring_size(order)
+            data = self._data.buffer
+            self.in_ring = FlexRing(data[: self.size], page,
+                                    prod_offset=IN_PROD_OFFSET, cons_offset=IN_CONS_OFFSET)
+            self.out_ring = FlexRing(data[self.size : 2 * self.size], page,
+                                     prod_offset=OUT_PROD_OFFSET, cons_offset=OUT_CONS_OFFSET)
+            # Signed views of the two error fields.
+            self._errors = page[:128].cast("i")
+            self._views = [page]
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def in_error(self) -> int:
+        return self._errors[IN_ERROR_OFFSET // 4]
+
+    def set_in_error(self, value: int) -> None:
+        """Publish ``in_error`` after every byte produced before it."""
+        _barrier.xb_wmb()
+        self._errors[IN_ERROR_OFFSET // 4] = value
+
+    @property
+    def out_error(self) -> int:
+        return self._errors[OUT_ERROR_OFFSET // 4]
+
+    def set_out_error(self, value: int) -> None:
+        _barrier.xb_wmb()
+        self._errors[OUT_ERROR_OFFSET // 4] = value
+
+    def close(self) -> None:
+        """Drop every view, then unmap the data pages and the indexes page."""
+        for name in ("in_ring", "out_ring"):
+            ring = self.__dict__.pop(name, None)
+            if ring is not None:
+                ring.release()
+        errors = self.__dict__.pop("_errors", None)
+        if errors is not None:
+            errors.release()
+        for view in self._views:
+            view.release()
+        self._views = []
+        for mapping in (self._data, self._indexes):
+            if mapping is not None:
+                try:
+                    mapping.unmap()
+                except (OSError, BufferError):
+                    logger.exception("unmapping a data ring failed")
+        self._data = self._indexes = None
+
+
+class ActiveSocket(Work):
+    """A connected (or connecting, or being accepted) socket: one Work.
+
+    Fields written by the command processing before the socket is published
+    to its Work (``ring``, ``port``, ``host``) are not changed afterwards
+    until the Work has been disabled and cancelled (:meth:`teardown`), so the
+    Work reads them without a lock.  ``_lock`` protects ``state`` and
+    ``pending`` (the CONNECT awaiting its answer), which the command
+    processing and the Work both change; whoever takes ``pending`` answers
+    it, so it is answered exactly once.
+    """
+
+    def __init__(self, frontend: _Frontend, sock_id: int) -> None:
+        super().__init__(ActiveSocket._run)
+        self.frontend = frontend
+        self.id = sock_id
+        self.state = SockState.NEW
+        self.cpu = -1                       # set by the load index
+        self.host: socket.socket | None = None
+        self.ring: DataRing | None = None
+        self.port: int | None = None        # our local event channel port
+        self.remote: tuple[str, int] | None = None
+        self.bytes_in = 0                   # host -> guest (in ring)
+        self.bytes_out = 0                  # guest -> host (out ring)
+        self._lock = threading.Lock()
+        self.pending: Request | None = None
+        # The listening socket whose ACCEPT reserved us, until accepted.
+        self.parent: PassiveSocket | None = None
+        self._rx_done = False               # in_error set: we produce no more
+        self._tx_done = False               # out_error set: we consume no more
+        self._placed = False
+        self._torn_down = False
+
+    def __repr__(self) -> str:
+        return (f"<ActiveSocket dom{self.frontend.domid} id={self.id:#x} "
+                f"{self.state.value} cpu={self.cpu}>")
+
+    # -- set-up, from the command processing --------------------------------
+
+    def attach_ring(self, ref: int, remote_port: int) -> None:
+        """Map the data ring at ``ref`` and bind the frontend's ``remote_port``."""
+        fe = self.frontend
+        self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order)
+        try:
+            self.port = fe.dispatcher.bind_interdomain(fe.domid, remote_port, self._on_event)
+        except OSError as exc:
+            self.ring.close()
+            self.ring = None
+            raise CommandError(_errno.EINVAL, f"cannot bind event channel {remote_port}: {exc}"
+                               ) from None
+
+    def place(self) -> None:
+        """Home the socket on the least loaded CPU."""
+        self.cpu = self.frontend.backend.load_index.assign(self)
+        self._placed = True
+
+    def rehome(self, cpu: int) -> None:
+        """The load index moved us off an offline CPU: queue on ``cpu`` from now on."""
+        self.cpu = cpu
+
+    def start_connect(self, request: Request, address: tuple[str, int]) -> None:
+        """Begin a non-blocking connect; the Work answers ``request``."""
+        host = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        host.setblocking(False)
+        self.host = host
+        self.remote = address
+        self.pending = request
+        self.state = SockState.CONNECTING
+        err = host.connect_ex(address)
+        if err not in (0, _host_errno.EINPROGRESS):
+            raise CommandError(_errno.from_host_errno(err),
+                               f"connect to {address[0]}:{address[1]} failed at once")
+        self.place()
+        self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS, self._on_event)
+        # Also covers a connect that completed at once.
+        self.kick()
+
+    def start_accepted(self, host: socket.socket, address: tuple[str, int]) -> None:
+        """Take over an accepted connection (from the passive socket's Work)."""
+        host.setblocking(False)
+        self.host = host
+        self.remote = address
+        self.parent = None
+        with self._lock:
+            self.state = SockState.CONNECTED
+        self.place()
+        self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS, self._on_event)
+
+    # -- readiness ------------------------------------------------------------
+
+    def _on_event(self, *_: object) -> None:
+        self.kick()
+
+    def kick(self) -> None:
+        """Queue the Work on the socket's CPU (a no-op until it has one)."""
+        cpu = self.cpu
+        if cpu >= 0:
+            self.frontend.backend.io_wq.queue_work_on(cpu, self)
+
+    # -- the Work -------------------------------------------------------------
+
+    def _run(self) -> None:
+        state = self.state
+        if state is SockState.CONNECTING:
+            if not self._finish_connect():
+                return
+        elif state is not SockState.CONNECTED:
+            return
+        ring = self.ring
+        host = self.host
+        if ring is None or host is None:
+            return
+        budget = IO_BUDGET
+        while budget > 0:
+            changed = False
+            sent = self._tx(ring, host)
+            if sent < 0:
+                changed, sent = True, 0
+            received = self._rx(ring, host)
+            if received < 0:
+                changed, received = True, 0
+            if sent or received:
+                changed = True
+            if changed:
+                self.frontend.notify(self.port)
+            if not (sent or received):
+                return
+            budget -= sent + received
+        # Out of budget with more to do: let the other sockets of this CPU in.
+        self.kick()
+
+    def _tx(self, ring: DataRing, host: socket.socket) -> int:
+        """Guest -> host.  Bytes moved, or -1 if only the error state changed."""
+        if self._tx_done:
+            return 0
+        try:
+            views = ring.out_ring.readable()
+        except RingError as exc:
+            self._protocol_error(ring, host, exc)
+            return -1
+        if not views:
+            return 0
+        try:
+            sent = host.sendmsg(views)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self._tx_done = True
+            ring.set_out_error(-_errno.from_oserror(exc))
+            logger.debug("%r: send failed: %s", self, exc)
+            return -1
+        finally:
+            del views
+        ring.out_ring.consume(sent)
+        self.bytes_out += sent
+        return sent
+
+    def _rx(self, ring: DataRing, host: socket.socket) -> int:
+        """Host -> guest.  Bytes moved, or -1 if only the error state changed."""
+        if self._rx_done:
+            return 0
+        try:
+            views = ring.in_ring.writable()
+        except RingError as exc:
+            self._protocol_error(ring, host, exc)
+            return -1
+        if not views:
+            return 0
+        try:
+            if len(views) == 1:
+                received = host.recv_into(views[0])
+            else:
+                received = host.recvmsg_into(views)[0]
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self._rx_done = True
+            ring.set_in_error(-_errno.from_oserror(exc))
+            logger.debug("%r: receive failed: %s", self, exc)
+            return -1
+        finally:
+            del views
+        if received == 0:
+            # Orderly shutdown by the peer: EOF for the frontend.
+            self._rx_done = True
+            ring.set_in_error(-_errno.ENOTCONN)
+            return -1
+        ring.in_ring.produce(received)
+        self.bytes_in += received
+        return received
+
+    def _protocol_error(self, ring: DataRing, host: socket.socket, exc: Exception) -> None:
+        """Impossible indexes: this socket stops, the others carry on."""
+        logger.warning("dom%d socket %#x: data ring protocol error, socket stopped: %s",
+                       self.frontend.domid, self.id, exc)
+        self._rx_done = self._tx_done = True
+        ring.set_in_error(-_errno.EINVAL)
+        ring.set_out_error(-_errno.EINVAL)
+        try:
+            host.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _finish_connect(self) -> bool:
+        """Called by the Work while CONNECTING: True once connected."""
+        host = self.host
+        assert host is not None
+        err = host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            try:
+                host.getpeername()
+            except OSError:
+                return False  # still in progress (woken by something else)
+            with self._lock:
+                if self.state is not SockState.CONNECTING:
+                    return False
+                self.state = SockState.CONNECTED
+                request, self.pending = self.pending, None
+            if request is not None:
+                self.frontend.respond(request, 0)
+            return True
+        # Failed: answer, and give the id back to the NEW state so that the
+        # frontend may retry or release it.
+        with self._lock:
+            request, self.pending = self.pending, None
+        ret = _errno.from_host_errno(err)
+        logger.debug("%r: connect to %s failed: %s", self, self.remote, _errno.name_of(ret))
+        self.frontend.connect_failed(self)
+        if request is not None:
+            self.frontend.respond(request, -ret)
+        return False
+
+    # -- teardown ---------------------------------------------------------------
+
+    def teardown(self, *, from_work: bool = False) -> Request | None:
+        """Stop the Work and release everything: host socket, event channel,
+        data ring, CPU slot.  Returns the CONNECT still waiting for its answer
+        (the caller answers it), if any.  Idempotent.
+
+        From the command processing: the Work is disabled and cancelled
+        first, so that it is neither running nor queued while the pages go.
+        From the Work itself (``from_work``): it cannot wait for itself, and
+        is disabled so that it will not run again.
+        """
+        self.disable()
+        if not from_work:
+            self.cancel_sync()
+        with self._lock:
+            self.state = SockState.CLOSED
+            request, self.pending = self.pending, None
+            if self._torn_down:
+                return request
+            self._torn_down = True
+        fe = self.frontend
+        if self.host is not None:
+            try:
+                fe.dispatcher.remove_fd(self.host.fileno())
+            except (OSError, KeyError, ValueError):
+                pass
+            self.host.close()
+        if self.port is not None:
+            try:
+                fe.dispatcher.unbind(self.port)
+            except (OSError, KeyError, ValueError):
+                logger.debug("unbinding port %s failed", self.port, exc_info=True)
+            self.port = None
+        if self.ring is not None:
+            self.ring.close()
+        if self._placed:
+            try:
+                fe.backend.load_index.release(self)
+            except KeyError:
+                pass
+            self._placed = False
+        return request
+
+
+class PassiveSocket(Work):
+    """A bound or listening socket; its Work answers ACCEPT and POLL.
+
+    ``_lock`` protects ``waiting`` (the one ACCEPT or POLL in flight, with the
+    ActiveSocket reserved for an ACCEPT's ``id_new``) and ``state``.  The
+    Work runs on the backend's command workqueue (it maps no data and moves
+    no bytes) whenever the listening socket becomes readable or a request
+    arrives.
+    """
+
+    def __init__(self, frontend: _Frontend, sock_id: int, host: socket.socket) -> None:
+        super().__init__(PassiveSocket._run)
+        self.frontend = frontend
+        self.id = sock_id
+        self.host = host
+        self.state = SockState.BOUND
+        self._lock = threading.Lock()
+        self.waiting: tuple[Request, ActiveSocket | None] | None = None
+        self._registered = False
+        self._torn_down = False
+
+    def __repr__(self) -> str:
+        return f"<PassiveSocket dom{self.frontend.domid} id={self.id:#x} {self.state.value}>"
+
+    @property
+    def local(self) -> tuple[str, int] | None:
+        try:
+            address: tuple[str, int] = self.host.getsockname()
+        except OSError:
+            return None
+        return address
+
+    def listen(self, backlog: int) -> None:
+        self.host.listen(max(0, min(backlog, socket.SOMAXCONN)))
+        with self._lock:
+            self.state = SockState.LISTENING
+        if not self._registered:
+            self.frontend.dispatcher.add_fd(self.host.fileno(), PASSIVE_EVENTS, self._on_event)
+            self._registered = True
+
+    def wait(self, request: Request, new: ActiveSocket | None) -> None:
+        """Make ``request`` (ACCEPT with ``new``, or POLL) the one in flight.
+
+        Raises CommandError(EINTR) if one is already in flight: like Linux's
+        backend, one ACCEPT or POLL at a time per passive socket, which bounds
+        what a frontend can pin (mapped rings) per socket to one.
+        """
+        with self._lock:
+            if self.waiting is not None:
+                raise CommandError(
+                    _errno.EINTR,
+                    f"{PVCALLS_COMMANDS[self.waiting[0].cmd]} already in flight on {self.id:#x}")
+            self.waiting = (request, new)
+        self.kick()
+
+    def _on_event(self, *_: object) -> None:
+        self.kick()
+
+    def kick(self) -> None:
+        self.frontend.backend.cmd_wq.queue_work(self)
+
+    def _run(self) -> None:
+        with self._lock:
+            waiting = self.waiting
+        if waiting is None:
+            return
+        request, new = waiting
+        if new is None:  # POLL
+            if not _readable(self.host):
+                return
+            if self._take(request):
+                self.frontend.respond(request, 0)
+            return
+        try:
+            conn, address = self.host.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if not self._take(request):
+                return
+            logger.debug("%r: accept failed: %s", self, exc)
+            self.frontend.accept_failed(new)
+            self.frontend.respond(request, -_errno.from_oserror(exc))
+            return
+        if not self._take(request):
+            conn.close()
+            return
+        new.start_accepted(conn, address)
+        self.frontend.respond(request, 0)
+        new.kick()  # data may have arrived before we were watching
+
+    def _take(self, request: Request) -> bool:
+        with self._lock:
+            if self.waiting is None or self.waiting[0] is not request:
+                return False
+            self.waiting = None
+            return True
+
+    def teardown(self) -> tuple[Request, ActiveSocket | None] | None:
+        """Stop the Work, close the host socket; returns the ACCEPT/POLL
+        still in flight (the caller answers it and releases its socket)."""
+        self.disable()
+        self.cancel_sync()
+        with self._lock:
+            waiting, self.waiting = self.waiting, None
+            self.state = SockState.CLOSED
+            if self._torn_down:
+                return waiting
+            self._torn_down = True
+        if self._registered:
+            try:
+                self.frontend.dispatcher.remove_fd(self.host.fileno())
+            except (OSError, KeyError, ValueError):
+                pass
+        self.host.close()
+        return waiting
+
+
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
