@@ -144,7 +144,7 @@ def backend_main(conn: Connection, run_dir: str) -> None:
             if cmd == "quit":
                 break
             if cmd == "stats":
-                conn.send((backend.stats(), _rss_anon()))
+                conn.send((backend.stats().as_dict(), _rss_anon()))
     conn.send("bye")
 
 

@@ -98,35 +98,27 @@ def _echo_serve(listener: Any, ready: threading.Event, errors: list[BaseExceptio
 def _passive_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:
     """The host address of a guest's listening socket, from the backend's
     statistics (PV Calls does not tell the guest the port it got)."""
-    for row in _socket_rows(backend.stats()):
-        if row.get("domain") == domid and row.get("id") == sock_id and row.get("address"):
-            host, port = row["address"]
+    for row in backend.stats().sockets:
+        if row.domain == domid and row.id == sock_id and row.address is not None:
+            host, port = row.address
             return str(host), int(port)
     raise RuntimeError(f"backend has no listening socket {sock_id:#x} of domain {domid}")
 
 
-def _socket_rows(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [dict(row) for row in stats.get("sockets", [])]
-
-
-def _print_stats(stats: Mapping[str, Any], names: Mapping[int, str], out: Any) -> None:
-    rows = _socket_rows(stats)
+def _print_stats(stats: Any, names: Mapping[int, str], out: Any) -> None:
+    """The socket table of a :class:`pvcalls.BackendStats` snapshot."""
     print("\nSockets in the backend (CPU = the ioworker CPU the socket is bound to):", file=out)
     print(f"  {'guest':<8} {'socket id':<20} {'kind':<8} {'CPU':>3}  "
           f"{'guest->host':>11}  {'host->guest':>11}", file=out)
-    for row in sorted(rows, key=lambda r: (r.get("domain", 0), r.get("id", 0))):
-        cpu = row.get("cpu")
+    for row in sorted(stats.sockets, key=lambda r: (r.domain, r.id)):
         print(
-            f"  {names.get(row.get('domain', -1), row.get('domain')):<8} "
-            f"{row.get('id', 0):#018x}   {row.get('kind', '?'):<8} "
-            f"{'-' if cpu is None else cpu:>3}  "
-            f"{_fmt_bytes(row.get('bytes_out', 0)):>11}  {_fmt_bytes(row.get('bytes_in', 0)):>11}",
+            f"  {names.get(row.domain, str(row.domain)):<8} {row.id:#018x}   {row.kind:<8} "
+            f"{'-' if row.cpu is None else row.cpu:>3}  "
+            f"{_fmt_bytes(row.bytes_out):>11}  {_fmt_bytes(row.bytes_in):>11}",
             file=out,
         )
-    per_cpu = stats.get("cpus", {})
-    if per_cpu:
-        counts = ", ".join(f"CPU {cpu}: {n}" for cpu, n in sorted(per_cpu.items()))
-        print(f"Active sockets per CPU: {counts}", file=out)
+    counts = ", ".join(f"CPU {c.cpu}: {c.sockets}" for c in stats.cpus if c.online)
+    print(f"Active sockets per ioworker CPU: {counts}", file=out)
 
 
 def demo(args: argparse.Namespace, out: Any = None) -> int:

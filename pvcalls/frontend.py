@@ -797,6 +797,7 @@ class Frontend:
         self.devid = devid
         self.timeout = timeout
         self.device: Any = None
+        self._toolstack: Any = None
         self._xs: Any = None
         self._monitor: Any = None
         self._gntshr: GrantShare | None = None
@@ -845,7 +846,8 @@ class Frontend:
         if self.device is not None:
             raise RuntimeError("frontend already open")
         domain = self.domain
-        self.device = domain.toolstack.add_device(
+        self._toolstack = domain.toolstack
+        self.device = self._toolstack.add_device(
             "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id, devid=self.devid
         )
         try:
@@ -929,10 +931,13 @@ class Frontend:
                 logger.warning("closing frontend of domain %d: %s", self.domain.domid, exc)
         self._connected = False
         try:
-            self.domain.toolstack.remove_device(self.device, timeout=self.timeout)
+            self._toolstack.remove_device(self.device, timeout=self.timeout)
         except Exception as exc:
             logger.warning("removing pvcalls device of domain %d: %s", self.domain.domid, exc)
-        self.device = None
+        close_toolstack = getattr(self._toolstack, "close", None)
+        if close_toolstack is not None:
+            close_toolstack()
+        self.device = self._toolstack = None
         self._stop_thread()
         if self._evtchn is not None:
             if self._port >= 0:
