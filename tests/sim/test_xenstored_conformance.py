@@ -1,0 +1,215 @@
+"""Unmodified third-party clients against the XenStore server.
+
+* pyxs, the project's XenStore client, including watches and transactions;
+* Debian's xenstore-utils (libxenstore) through XENSTORED_PATH;
+* Xen's own test program, /usr/lib/xen-4.17/bin/test-xenstore.
+
+The Debian-package tests skip, naming the missing binary, only where the
+package is not installed (tools/test.sh installs xenstore-utils and
+xen-utils-4.17).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pyxs
+from pyxs.exceptions import PyXSError
+
+from xenback.sim._xenstored import RawClient, XenStored
+
+TEST_XENSTORE = Path("/usr/lib/xen-4.17/bin/test-xenstore")
+
+
+@pytest.fixture
+def xsd() -> Iterator[XenStored]:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(xsd: XenStored) -> Iterator[pyxs.Client]:
+    with pyxs.Client(unix_socket_path=os.fspath(xsd.path)) as c:
+        yield c
+
+
+# --- pyxs -----------------------------------------------------------------------
+
+
+def test_pyxs_basic_operations(xsd: XenStored, client: pyxs.Client) -> None:
+    client.write(b"/vm/1/name", b"guest")
+    assert client.read(b"/vm/1/name") == b"guest"
+    assert client.read(b"/vm/1/none", b"dflt") == b"dflt"
+    assert client.exists(b"/vm/1")
+    assert not client.exists(b"/vm/2")
+    client.mkdir(b"/vm/1/dir")
+    assert sorted(client.list(b"/vm/1")) == [b"dir", b"name"]
+    client.set_perms(b"/vm/1", [b"b0", b"r1"])
+    assert client.get_perms(b"/vm/1") == [b"b0", b"r1"]
+    assert [top for top, _value, _children in client.walk(b"/vm")] == [
+        b"/vm", b"/vm/1", b"/vm/1/name", b"/vm/1/dir"
+    ]
+    client.delete(b"/vm")
+    assert not client.exists(b"/vm")
+    assert client.get_domain_path(3) == b"/local/domain/3"
+    with pytest.raises(PyXSError):
+        client.read(b"/missing")
+
+
+def test_pyxs_domain_operations(xsd: XenStored, client: pyxs.Client) -> None:
+    # pyxs refuses RELEASE, RESUME and SET_TARGET itself unless
+    # /proc/xen/capabilities says it runs in the control domain; the socket
+    # is dom0's, so say so.
+    client.SU = True
+    assert client.is_domain_introduced(0)
+    assert not client.is_domain_introduced(8)
+    client.introduce_domain(8, 1234, 5)
+    assert client.is_domain_introduced(8)
+    client.resume_domain(8)
+    client.introduce_domain(9, 1234, 6)
+    client.set_target(9, 8)
+    client.release_domain(8)
+    client.release_domain(9)
+    assert not client.is_domain_introduced(8)
+
+
+def test_pyxs_watches(xsd: XenStored, client: pyxs.Client) -> None:
+    with pyxs.Client(unix_socket_path=os.fspath(xsd.path)) as writer:
+        monitor = client.monitor()
+        monitor.watch(b"/w", b"token")
+        assert monitor.events.get(timeout=10) == (b"/w", b"token")
+        writer.write(b"/w/x", b"1")
+        assert monitor.events.get(timeout=10) == (b"/w/x", b"token")
+        writer.delete(b"/w")
+        assert monitor.events.get(timeout=10) == (b"/w", b"token")
+        monitor.unwatch(b"/w", b"token")
+        writer.write(b"/w", b"again")
+        writer.write(b"/sync", b"s")
+        client.read(b"/sync")  # the reply comes after any event would have
+        assert monitor.events.empty()
+
+
+def test_pyxs_transactions(xsd: XenStored, client: pyxs.Client) -> None:
+    with pyxs.Client(unix_socket_path=os.fspath(xsd.path)) as other:
+        client.write(b"/t/counter", b"0")
+        client.transaction()
+        value = int(client.read(b"/t/counter"))
+        client.write(b"/t/counter", str(value + 1).encode())
+        assert other.read(b"/t/counter") == b"0"
+        assert client.commit()
+        assert other.read(b"/t/counter") == b"1"
+
+        client.transaction()
+        client.read(b"/t/counter")
+        other.write(b"/t/counter", b"5")
+        client.write(b"/t/counter", b"99")
+        assert client.commit() is False  # EAGAIN: start over
+        assert other.read(b"/t/counter") == b"5"
+
+        client.transaction()
+        client.write(b"/t/counter", b"7")
+        client.rollback()
+        assert other.read(b"/t/counter") == b"5"
+
+
+def test_pyxs_as_an_unprivileged_guest(xsd: XenStored, client: pyxs.Client) -> None:
+    client.mkdir(b"/local/domain/5")
+    client.set_perms(b"/local/domain/5", [b"n5", b"r0"])
+    with pyxs.Client(unix_socket_path=os.fspath(xsd.introduce_domain(5))) as guest:
+        guest.write(b"device/vif/0/state", b"1")
+        assert client.read(b"/local/domain/5/device/vif/0/state") == b"1"
+        with pytest.raises(PyXSError) as info:
+            guest.read(b"/tool/xenstored")
+        assert info.value.args[0] == 13  # EACCES
+
+
+# --- Debian's xenstore-utils -----------------------------------------------------------
+
+
+def xenstore_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (Debian package xenstore-utils)")
+    return path
+
+
+def run_tool(xsd: XenStored, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, XENSTORED_PATH=os.fspath(xsd.path))
+    return subprocess.run(
+        [xenstore_tool(argv[0]), *argv[1:]], env=env, capture_output=True, text=True,
+        timeout=30, check=check,
+    )
+
+
+def test_xenstore_utils(xsd: XenStored) -> None:
+    run_tool(xsd, "xenstore-write", "/u/a", "1", "/u/b", "two words")
+    assert run_tool(xsd, "xenstore-read", "/u/a", "/u/b").stdout == "1\ntwo words\n"
+    assert run_tool(xsd, "xenstore-list", "/u").stdout.split() == ["a", "b"]
+    assert run_tool(xsd, "xenstore-ls", "/u").stdout == 'a = "1"\nb = "two words"\n'
+    assert run_tool(xsd, "xenstore-exists", "/u/a").returncode == 0
+    assert run_tool(xsd, "xenstore-exists", "/u/zz", check=False).returncode != 0
+    assert run_tool(xsd, "xenstore-read", "/u/zz", check=False).returncode != 0
+    run_tool(xsd, "xenstore-chmod", "/u/a", "r0", "w3")
+    assert "(r0,w3)" in run_tool(xsd, "xenstore-ls", "-p", "/u").stdout
+    run_tool(xsd, "xenstore-rm", "/u/a")
+    assert run_tool(xsd, "xenstore-list", "/u").stdout.split() == ["b"]
+    # relative paths resolve below dom0's home, as for any client
+    run_tool(xsd, "xenstore-write", "rel", "r")
+    with RawClient(xsd.path) as c:
+        assert c.read("/local/domain/0/rel") == b"r"
+
+
+def test_xenstore_watch(xsd: XenStored) -> None:
+    env = dict(os.environ, XENSTORED_PATH=os.fspath(xsd.path))
+    watch = subprocess.Popen(
+        [xenstore_tool("xenstore-watch"), "-n", "2", "/wt"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        assert watch.stdout.readline() == "/wt\n"  # the initial event
+        run_tool(xsd, "xenstore-write", "/wt/x", "1")
+        assert watch.stdout.readline() == "/wt/x\n"
+        assert watch.wait(timeout=30) == 0
+    finally:
+        watch.kill()
+        watch.wait()
+
+
+# --- Xen's test-xenstore ------------------------------------------------------------------
+
+
+def run_test_xenstore(xsd: XenStored, *args: str, timeout: float) -> str:
+    if not os.access(TEST_XENSTORE, os.X_OK):
+        pytest.skip(f"{TEST_XENSTORE} not installed (Debian package xen-utils-4.17)")
+    env = dict(os.environ, XENSTORED_PATH=os.fspath(xsd.path))
+    proc = subprocess.run(
+        [os.fspath(TEST_XENSTORE), *args], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "failed" not in proc.stdout
+    return proc.stdout
+
+
+def test_xen_test_xenstore_all_tests_10_iterations(xsd: XenStored) -> None:
+    out = run_test_xenstore(xsd, "-i", "10", timeout=60)
+    names = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
+    listed = subprocess.run(
+        [os.fspath(TEST_XENSTORE), "-l"], capture_output=True, text=True, check=True
+    ).stdout
+    assert names == [line.split(":")[0].strip() for line in listed.splitlines()]
+    # it cleans up after itself
+    with RawClient(xsd.path) as c:
+        assert "xenstore-test" not in c.directory("/local/domain/0")
+
+
+def test_xen_test_xenstore_random_30_seconds(xsd: XenStored) -> None:
+    # -r SECS: random tests for that many seconds (one iteration each).
+    run_test_xenstore(xsd, "-r", "30", timeout=90)
