@@ -1,34 +1,45 @@
-"""Linux kernel workqueues on Python threads.
+"""Linux kernel workqueues on Python threads, usable as a concurrent.futures Executor.
 
-(Work in progress: the engine lands in the next commits; Topology and
-LoadIndex are usable now.)
+    from workqueue import alloc_workqueue, Work
+
+    wq = alloc_workqueue("events")
+    w = Work(lambda work: print("ran", work))
+    wq.queue_work(w)          # False if w is already pending
+    w.flush()
+    wq.destroy()
+
+The semantics are the kernel's (Documentation/core-api/workqueue.rst):
+per-CPU worker pools shared by all workqueues, concurrency management,
+max_active, ordered queues, delayed work, flush/drain/destroy, cancel with
+and without waiting, disable/enable, CPU hotplug, rescuers, freezing and a
+watchdog.  A Workqueue is also an Executor (submit, map, shutdown), with a
+lean Future.  See Workqueue, Work and Topology for the details.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ._flags import (
+    WQ_CPU_INTENSIVE,
+    WQ_DFL_ACTIVE,
+    WQ_FREEZABLE,
+    WQ_HIGHPRI,
+    WQ_MAX_ACTIVE,
+    WQ_MEM_RECLAIM,
+    WQ_UNBOUND,
+    WQFlags,
+)
 from ._loadindex import LoadIndex
+from ._pool import blocking, current_work
+from ._stats import PoolStats, TraceHook, WorkqueueStats
 from ._topology import Topology
+from ._work import DelayedWork, Work
+from ._workqueue import Workqueue, alloc_ordered_workqueue, alloc_workqueue, default_topology
 
 __all__ = [
     "alloc_workqueue", "alloc_ordered_workqueue", "Work", "DelayedWork",
     "WQ_UNBOUND", "WQ_HIGHPRI", "WQ_CPU_INTENSIVE", "WQ_FREEZABLE", "WQ_MEM_RECLAIM",
     "Topology", "LoadIndex", "current_work",
+    # Beyond the kernel's names:
+    "Workqueue", "WQFlags", "WQ_MAX_ACTIVE", "WQ_DFL_ACTIVE", "blocking",
+    "default_topology", "PoolStats", "WorkqueueStats", "TraceHook",
 ]
-
-# Names whose modules are not written yet; resolved on first use.
-_LATER = {
-    "alloc_workqueue": "._workqueue", "alloc_ordered_workqueue": "._workqueue",
-    "Work": "._work", "DelayedWork": "._work", "current_work": "._work",
-    "WQ_UNBOUND": "._flags", "WQ_HIGHPRI": "._flags", "WQ_CPU_INTENSIVE": "._flags",
-    "WQ_FREEZABLE": "._flags", "WQ_MEM_RECLAIM": "._flags",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LATER.get(name)
-    if module is None:
-        raise AttributeError(f"module 'workqueue' has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)

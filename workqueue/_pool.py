@@ -1,0 +1,855 @@
+"""Worker pools: the threads that run work items, and the engine lock.
+
+This is kernel/workqueue.c's middle layer, on Python threads:
+
+* A worker pool (struct worker_pool) owns a worklist of active items and the
+  worker threads that run them.  Every online CPU of a topology has two bound
+  pools, normal and high-priority; the topology also has one unbound pool of
+  each priority.  Pools are shared by all workqueues that use them.
+
+* A pool_workqueue (struct pool_workqueue) links one workqueue to one pool.
+  It enforces the workqueue's max_active there: items beyond it wait, in FIFO
+  order, on the pwq's inactive list.
+
+* Bound pools are concurrency-managed (cmwq): nr_running counts the pool's
+  workers that are running an item and have not said they are blocking.  A
+  pool starts (wakes) another worker only when nr_running drops to zero, so
+  normally one item runs per CPU at a time.  An item that blocks without
+  saying so stops counting after topology.cpu_intensive_thresh, as with the
+  kernel's wq_cpu_intensive_thresh_us.  Unbound pools, and the pools of an
+  offline CPU, are not concurrency-managed: every waiting active item gets a
+  worker.
+
+* Every pool keeps an idle worker in reserve: a worker about to run items
+  first makes sure another one is idle (may_start_working/manage_workers), so
+  that a blocking item can be backed up at once.  If no thread can be
+  created, workqueues with WQ_MEM_RECLAIM get their items run by their
+  rescuer thread (send_mayday/rescuer_thread).
+
+Work-item bookkeeping that the pools do on behalf of workqueues (flush
+colors, freeze) is at the end of process_one_work and in dec_nr_in_flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ._timer import TimerHandle, add_timer, del_timer
+from ._topology import Topology, _this_thread
+
+if TYPE_CHECKING:
+    from ._work import Work
+    from ._workqueue import Workqueue
+
+__all__ = ["lock", "blocking", "current_work"]
+
+logger = logging.getLogger(__name__)
+
+# The engine lock.
+#
+# It guards all mutable engine state: every Work's pending bit, disable
+# count, list membership and flushers; every pool's worklist, idle list,
+# workers, nr_running and flags; every pool_workqueue's counters and inactive
+# list; every Workqueue's state, flush colors and in-flight counts.  One lock
+# rather than the kernel's per-pool locks: under the GIL finer locks buy no
+# parallelism, and a single lock makes the pending bit, non-reentrancy and
+# hotplug simple to get right.
+#
+# Rules: it is held only for bookkeeping, never while a work function runs
+# and never while waiting for anything but itself.  Worker threads may be
+# started while it is held (Thread.start() waits only for the new thread to
+# exist; the thread's first act is to take this lock).  Trace hooks run under
+# it, like kernel tracepoints, so they must be quick and must not call back
+# into the workqueue.  Lock order: topology hotplug lock -> engine lock ->
+# timer lock.  A future's condition is never taken while it is held.
+lock = threading.Lock()
+
+# How long a surplus idle worker lingers before it exits (IDLE_WORKER_TIMEOUT).
+IDLE_WORKER_TIMEOUT = 300.0
+# How often a pool that cannot create a worker tries again (MAYDAY_INTERVAL).
+MAYDAY_INTERVAL = 0.1
+
+# Worker flags.  A worker counts in its pool's nr_running exactly when its
+# flags are all clear (the kernel's WORKER_NOT_RUNNING set).
+WORKER_PREP = 1 << 0           # not inside the run loop (idle, or managing)
+WORKER_UNBOUND = 1 << 1        # its pool is unbound or its CPU is offline
+WORKER_CPU_INTENSIVE = 1 << 2  # current item is WQ_CPU_INTENSIVE or ran too long
+WORKER_BLOCKED = 1 << 3        # inside blocking(): the kernel's "sleeping"
+WORKER_RESCUER = 1 << 4        # a rescuer never counts
+
+
+class Completion:
+    """A one-shot event (the kernel's struct completion), as cheap as a lock."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def complete(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._lock.acquire(timeout=-1 if timeout is None else timeout)
+
+
+class WorkList:
+    """A FIFO of pending work items with O(1) removal.
+
+    Removal (cancel) leaves a tombstone: the dead entry stays in the deque and
+    is skipped when it reaches the front.  A Work has at most one live entry
+    in the whole engine (it is pending at most once), and its dead entries in
+    a list always precede its live entry there, so pop() can tell them apart
+    by counting: while dead[work] > 0, the next occurrence is dead.
+    """
+
+    __slots__ = ("items", "dead", "nr", "active", "owner")
+
+    def __init__(self, active: bool, owner: object) -> None:
+        self.items: deque[Work] = deque()
+        self.dead: dict[Work, int] = {}
+        self.nr = 0            # live entries
+        self.active = active   # True: items count in their pwq's nr_active
+        self.owner = owner     # the pool, pwq or worker the list belongs to
+
+    def push(self, work: Work) -> None:
+        self.items.append(work)
+        work._entry = self
+        self.nr += 1
+
+    def pop(self) -> Work | None:
+        items = self.items
+        while items:
+            work = items.popleft()
+            if self.dead:
+                n = self.dead.get(work)
+                if n:
+                    if n == 1:
+                        del self.dead[work]
+                    else:
+                        self.dead[work] = n - 1
+                    continue
+            self.nr -= 1
+            return work
+        return None
+
+    def kill(self, work: Work) -> None:
+        """Turn the live entry of *work* into a tombstone."""
+        self.dead[work] = self.dead.get(work, 0) + 1
+        self.nr -= 1
+
+    def __iter__(self) -> Iterator[Work]:
+        """The live entries, in order."""
+        dead = dict(self.dead)
+        for work in self.items:
+            n = dead.get(work)
+            if n:
+                dead[work] = n - 1
+                continue
+            yield work
+
+    def extract(self, pred: Callable[[Work], bool]) -> list[Work]:
+        """Remove and return the live entries that satisfy *pred*, in order."""
+        keep: deque[Work] = deque()
+        taken: list[Work] = []
+        for work in self:
+            (taken if pred(work) else keep).append(work)
+        self.items = keep
+        self.dead = {}
+        self.nr = len(keep)
+        return taken
+
+
+class Worker:
+    """A worker thread (struct worker)."""
+
+    __slots__ = (
+        "pool", "thread", "wake", "idle", "flags", "current", "current_pwq", "start",
+        "scheduled", "die", "reported", "rescuer_of",
+    )
+
+    def __init__(self, pool: WorkerPool | None, flags: int) -> None:
+        self.pool = pool
+        self.thread: threading.Thread | None = None
+        # wake is a binary semaphore: an idle worker sleeps acquiring it and
+        # whoever takes the worker off pool.idle releases it (under the
+        # engine lock), so a wake-up is never lost.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.idle = False
+        self.flags = flags
+        self.current: Work | None = None
+        self.current_pwq: PoolWorkqueue | None = None
+        self.start = 0.0
+        # Items that collided with the one this worker runs (their previous
+        # run was still going when they were dequeued): they run here next.
+        self.scheduled = WorkList(active=True, owner=self)
+        self.die = False
+        self.reported = -1.0   # watchdog: start time of the run last reported
+        self.rescuer_of: Workqueue | None = None
+
+    @property
+    def name(self) -> str:
+        return self.thread.name if self.thread is not None else "worker"
+
+
+def set_flags(worker: Worker, flags: int) -> None:
+    """worker_set_flags: leaving the running state drops nr_running."""
+    if not worker.flags and worker.pool is not None:
+        worker.pool.nr_running -= 1
+    worker.flags |= flags
+
+
+def clr_flags(worker: Worker, flags: int) -> None:
+    """worker_clr_flags: entering the running state raises nr_running."""
+    old = worker.flags
+    worker.flags = old & ~flags
+    if old and not worker.flags and worker.pool is not None:
+        worker.pool.nr_running += 1
+
+
+class PoolWorkqueue:
+    """The link between a workqueue and a pool (struct pool_workqueue).
+
+    Invariant: nr_active is the number of this pwq's items on the pool's
+    worklist, on workers' scheduled lists or running; it exceeds max_active
+    only after max_active was lowered.  Items beyond it are on `inactive`.
+    """
+
+    __slots__ = (
+        "wq", "pool", "nr_active", "max_active", "inactive",
+        "nr_queued", "nr_activated", "nr_started", "nr_completed", "nr_failed",
+        "nr_cpu_intensive",
+    )
+
+    def __init__(self, wq: Workqueue, pool: WorkerPool, max_active: int) -> None:
+        self.wq = wq
+        self.pool = pool
+        self.nr_active = 0
+        self.max_active = max_active
+        self.inactive = WorkList(active=False, owner=self)
+        # Trace-point counters (queue, activate, execute_start, execute_end).
+        self.nr_queued = 0
+        self.nr_activated = 0
+        self.nr_started = 0
+        self.nr_completed = 0
+        self.nr_failed = 0
+        self.nr_cpu_intensive = 0
+
+
+class WorkerPool:
+    """A pool of workers for one CPU and priority, or unbound (cpu None)."""
+
+    def __init__(self, pset: PoolSet, pool_id: int, cpu: int | None, highpri: bool) -> None:
+        self.pset = pset
+        self.id = pool_id
+        self.cpu = cpu
+        self.highpri = highpri
+        self.worklist = WorkList(active=True, owner=self)
+        self.idle: list[Worker] = []       # LIFO: the most recently idle runs next
+        self.workers: set[Worker] = set()  # every worker of the pool, idle or not
+        self.nr_running = 0
+        # An unbound pool, or the pool of an offline CPU, is disassociated:
+        # its workers run anywhere and are not concurrency-managed.
+        self.disassociated = cpu is None or not pset.topology.is_online(cpu)
+        self.pwqs: list[PoolWorkqueue] = []  # users; none left means workers exit
+        self.tick: TimerHandle | None = None   # CPU-intensive check, when armed
+        self.retry: TimerHandle | None = None  # worker creation retry, when armed
+        self.create_failed = False
+
+    def __repr__(self) -> str:
+        return f"<WorkerPool {self.name}>"
+
+    @property
+    def name(self) -> str:
+        base = "unbound" if self.cpu is None else f"cpu{self.cpu}"
+        return base + ("H" if self.highpri else "")
+
+    def cpumask(self) -> set[int]:
+        """The host CPUs this pool's workers may run on now."""
+        topo = self.pset.topology
+        if self.disassociated:
+            return {topo.real_cpu(c) for c in topo.online()}
+        assert self.cpu is not None
+        return {topo.real_cpu(self.cpu)}
+
+    def dump(self) -> str:
+        """One pool, like the kernel's show_one_worker_pool (engine lock held)."""
+        busy = [w for w in self.workers if w.current is not None]
+        idle = " ".join(w.name for w in self.idle)
+        lines = [
+            f"pool {self.id} ({self.name}): cpus={sorted(self.cpumask())} "
+            f"flags={'disassociated' if self.disassociated else 'bound'} "
+            f"nr_running={self.nr_running} workers={len(self.workers)} idle: {idle}"
+        ]
+        now = time.monotonic()
+        for w in busy:
+            lines.append(f"  in-flight: {w.name}:{w.current!r} for {now - w.start:.3f}s")
+        if self.worklist.nr:
+            lines.append("  pending: " + ", ".join(repr(w) for w in self.worklist))
+        return "\n".join(lines)
+
+
+class PoolSet:
+    """The pools of one topology, made on demand, and its hotplug notifier."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.bound: dict[tuple[int, bool], WorkerPool] = {}
+        self.unbound: dict[bool, WorkerPool] = {}
+        self.next_id = 0
+        self.watchdog: TimerHandle | None = None
+
+    def get_pool(self, cpu: int | None, highpri: bool) -> WorkerPool:
+        """The pool for *cpu* (None: unbound) and priority (engine lock held)."""
+        pool = self.bound.get((cpu, highpri)) if cpu is not None else self.unbound.get(highpri)
+        if pool is None:
+            pool = WorkerPool(self, self.next_id, cpu, highpri)
+            self.next_id += 1
+            if cpu is None:
+                self.unbound[highpri] = pool
+            else:
+                self.bound[cpu, highpri] = pool
+        return pool
+
+    def pools(self) -> list[WorkerPool]:
+        return [*self.bound.values(), *self.unbound.values()]
+
+    def hotplug(self, cpu: int, online: bool) -> None:
+        """The topology notifier: unbind_workers / rebind_workers."""
+        with lock:
+            for highpri in (False, True):
+                pool = self.bound.get((cpu, highpri))
+                if pool is None:
+                    continue
+                pool.disassociated = not online
+                for worker in pool.workers:
+                    if online:
+                        clr_flags(worker, WORKER_UNBOUND)
+                    else:
+                        set_flags(worker, WORKER_UNBOUND)
+                # Offline: nr_running is now 0, so every waiting item gets a
+                # worker, on another CPU; order and non-reentrancy hold since
+                # the items stay in this pool.
+                if pool.worklist.nr and pool.nr_running == 0:
+                    kick_pool(pool)
+            for pool in self.pools():
+                if pool.disassociated or pool.cpu == cpu:
+                    for worker in pool.workers:
+                        pin_worker(worker)
+
+
+# Serialises the creation of a topology's PoolSet (and the registration of
+# its hotplug notifier, which takes the hotplug lock); never taken with the
+# engine lock held.
+_pool_set_lock = threading.Lock()
+
+
+def pool_set(topology: Topology) -> PoolSet:
+    """The PoolSet of *topology*, made on first use."""
+    pset: PoolSet | None = topology._pools
+    if pset is None:
+        with _pool_set_lock:
+            pset = topology._pools
+            if pset is None:
+                pset = PoolSet(topology)
+                topology.add_hotplug_notifier(pset.hotplug)
+                topology._pools = pset
+    return pset
+
+
+# -- workers ---------------------------------------------------------------
+
+def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start a worker thread.  Tests replace this to make creation fail."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def pin_worker(worker: Worker) -> None:
+    """Pin *worker* to its pool's CPUs, where the OS allows (engine lock held)."""
+    pool, thread = worker.pool, worker.thread
+    if pool is None or thread is None or thread.native_id is None:
+        return
+    try:
+        os.sched_setaffinity(thread.native_id, pool.cpumask())
+    except OSError as exc:
+        logger.debug("cannot pin %s to %s: %s", thread.name, pool.cpumask(), exc)
+
+
+def create_worker(pool: WorkerPool) -> bool:
+    """Add an idle worker to *pool* (engine lock held); False if it failed.
+
+    On failure the workqueues with a rescuer that have items waiting here
+    get a mayday, and creation is retried after MAYDAY_INTERVAL.
+    """
+    worker = Worker(pool, WORKER_PREP | (WORKER_UNBOUND if pool.disassociated else 0))
+    name = f"kworker/{pool.name}:{pool.pset.next_id}"
+    pool.pset.next_id += 1
+    try:
+        worker.thread = _start_thread(lambda: _worker_thread(worker), name)
+    except RuntimeError as exc:
+        if not pool.create_failed:
+            logger.warning("workqueue: cannot create a worker for pool %s: %s", pool.name, exc)
+        pool.create_failed = True
+        send_mayday(pool)
+        if pool.retry is None:
+            pool.retry = add_timer(MAYDAY_INTERVAL, _retry_create, pool)
+        return False
+    pool.create_failed = False
+    pool.workers.add(worker)
+    worker.idle = True
+    pool.idle.append(worker)
+    pin_worker(worker)
+    if pool.highpri:
+        try:  # HIGHPRI_NICE_LEVEL; only privileged processes may raise priority
+            os.setpriority(os.PRIO_PROCESS, worker.thread.native_id or 0, -20)
+        except OSError:
+            pass
+    return True
+
+
+def _retry_create(pool: WorkerPool) -> None:
+    with lock:
+        pool.retry = None
+        if pool.pwqs and pool.create_failed and not pool.idle:
+            if create_worker(pool) and need_more_worker(pool):
+                kick_pool(pool)
+            elif pool.create_failed:
+                send_mayday(pool)
+
+
+def need_more_worker(pool: WorkerPool) -> bool:
+    return pool.worklist.nr > 0 and pool.nr_running == 0
+
+
+def kick_pool(pool: WorkerPool) -> None:
+    """Wake an idle worker of *pool* (engine lock held).
+
+    A pool keeps an idle worker in reserve, so there is normally one.  A
+    brand-new pool has no worker yet, and a pool whose last creation failed
+    may have none: then one is created here.
+    """
+    if not pool.idle:
+        if pool.workers and not pool.create_failed:
+            return  # the woken reserve will run, and make a new reserve
+        if not create_worker(pool):
+            return
+    worker = pool.idle.pop()
+    worker.idle = False
+    worker.wake.release()
+
+
+def _arm_tick(pool: WorkerPool) -> None:
+    """Arm the CPU-intensive check for the earliest running item (lock held)."""
+    thresh = pool.pset.topology.cpu_intensive_thresh
+    now = time.monotonic()
+    soonest = now + thresh
+    for w in pool.workers:
+        if w.current is not None and not w.flags:
+            soonest = min(soonest, w.start + thresh)
+    pool.tick = add_timer(max(soonest - now, 0.0), _cpu_intensive_tick, pool)
+
+
+def _cpu_intensive_tick(pool: WorkerPool) -> None:
+    """wq_worker_tick: items running longer than the threshold stop counting."""
+    with lock:
+        pool.tick = None
+        if not pool.worklist.nr or pool.nr_running == 0:
+            if pool.worklist.nr:
+                kick_pool(pool)
+            return
+        thresh = pool.pset.topology.cpu_intensive_thresh
+        now = time.monotonic()
+        for w in list(pool.workers):
+            if w.current is not None and not w.flags and now - w.start >= thresh:
+                set_flags(w, WORKER_CPU_INTENSIVE)
+                if w.current_pwq is not None:
+                    w.current_pwq.nr_cpu_intensive += 1
+                logger.debug("workqueue: %r hogged %s for %.1f ms; no longer counted",
+                             w.current, pool.name, (now - w.start) * 1e3)
+        if pool.worklist.nr:
+            if pool.nr_running == 0:
+                kick_pool(pool)
+            else:
+                _arm_tick(pool)
+
+
+def _worker_thread(worker: Worker) -> None:
+    """worker_thread: sleep until woken, run items, go idle again."""
+    pool = worker.pool
+    assert pool is not None
+    _this_thread.worker = worker
+    _this_thread.binding = (pool.pset.topology, pool.cpu)
+    try:
+        while True:
+            # Asleep: on pool.idle, or just taken off it by a waker.
+            woke = worker.wake.acquire(timeout=IDLE_WORKER_TIMEOUT)
+            lock.acquire()
+            try:
+                if not woke:
+                    if worker.idle:
+                        if worker.die or _too_many_workers(pool):
+                            pool.idle.remove(worker)
+                            pool.workers.discard(worker)
+                            return
+                        continue
+                    worker.wake.acquire()  # our waker raced with the timeout
+                if worker.die:
+                    return
+                _worker_run(worker, pool)
+                if not pool.pwqs and not pool.worklist.nr:
+                    # No workqueue uses the pool any longer.
+                    pool.workers.discard(worker)
+                    return
+                worker.idle = True
+                pool.idle.append(worker)
+            finally:
+                lock.release()
+    finally:
+        _this_thread.worker = None
+        _this_thread.binding = None
+
+
+def _too_many_workers(pool: WorkerPool) -> bool:
+    nr_idle = len(pool.idle)
+    nr_busy = len(pool.workers) - nr_idle
+    return not pool.pwqs or (nr_idle > 2 and (nr_idle - 2) * 4 >= nr_busy)
+
+
+def _worker_run(worker: Worker, pool: WorkerPool) -> None:
+    """Run items while the pool needs this worker (engine lock held)."""
+    if not need_more_worker(pool):
+        return
+    if not pool.idle:
+        create_worker(pool)  # keep one in reserve (may_start_working)
+    clr_flags(worker, WORKER_PREP)
+    worklist = pool.worklist
+    while True:
+        work = worklist.pop()
+        if work is None:
+            break
+        assign_work(worker, work)
+        # keep_working: one running item per CPU, unless it blocks.
+        if not worklist.nr or pool.nr_running > 1:
+            break
+    set_flags(worker, WORKER_PREP)
+
+
+def assign_work(worker: Worker, work: Work) -> None:
+    """Run *work* on *worker*, or on the worker already running it (lock held).
+
+    Non-reentrancy (find_worker_executing_work): if the item's previous run
+    is still going, it is handed to that worker, which runs it next.
+    """
+    collision = work._worker
+    if collision is not None:
+        collision.scheduled.push(work)
+        return
+    process_one_work(worker, work)
+    scheduled = worker.scheduled
+    while scheduled.nr:
+        next_work = scheduled.pop()
+        assert next_work is not None
+        process_one_work(worker, next_work)
+
+
+def process_one_work(worker: Worker, work: Work) -> None:
+    """Run one item (engine lock held on entry and exit, dropped around func)."""
+    pool = worker.pool
+    assert pool is not None
+    pwq = work._pwq
+    assert pwq is not None
+    color = work._color
+    seq = work._seq
+    # The pending bit clears just before the function runs: queueing it
+    # from now on runs it once more, afterwards.
+    work._pending = False
+    work._entry = None
+    work._worker = worker
+    worker.current = work
+    worker.current_pwq = pwq
+    worker.start = time.monotonic()
+    wq = pwq.wq
+    if wq._cpu_intensive:
+        set_flags(worker, WORKER_CPU_INTENSIVE)
+    if pool.worklist.nr and pool.nr_running == 0:
+        kick_pool(pool)  # unbound pools and intensive items fan out
+    pwq.nr_started += 1
+    if wq._trace_hooks:
+        wq._trace("execute_start", work, pool)
+    if pool.pset.watchdog is None:
+        from ._watchdog import arm_watchdog
+        arm_watchdog(pool.pset)
+    lock.release()
+    failed = False
+    try:
+        work.func(work)
+    except BaseException:
+        failed = True
+        logger.exception("workqueue %s: work item %r raised", wq.name, work)
+    lock.acquire()
+    if worker.flags & WORKER_CPU_INTENSIVE:
+        clr_flags(worker, WORKER_CPU_INTENSIVE)
+    worker.current = None
+    worker.current_pwq = None
+    work._worker = None
+    if failed:
+        pwq.nr_failed += 1
+    pwq.nr_completed += 1
+    if wq._trace_hooks:
+        wq._trace("execute_end", work, pool)
+    dec_nr_in_flight(pwq, color, True)
+    if not work._pending:
+        work._done = work._seq
+    else:
+        work._done = seq
+    if work._flushers:
+        wake_work_flushers(work)
+
+
+def wake_work_flushers(work: Work) -> None:
+    """Complete the flushes of *work* its last run satisfied (lock held)."""
+    flushers = work._flushers
+    assert flushers is not None
+    done = work._done
+    left = []
+    for target, completion in flushers:
+        if target <= done:
+            completion.complete()
+        else:
+            left.append((target, completion))
+    work._flushers = left or None
+
+
+def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
+    """Queue a pending item on *pwq* (engine lock held): __queue_work's tail."""
+    wq = pwq.wq
+    work._pwq = pwq
+    work._seq += 1
+    color = wq._work_color
+    work._color = color
+    in_flight = wq._in_flight
+    in_flight[color] = in_flight.get(color, 0) + 1
+    pwq.nr_queued += 1
+    if wq._trace_hooks:
+        wq._trace("queue", work, pwq.pool)
+    if pwq.nr_active < pwq.max_active:
+        pwq.nr_active += 1
+        pwq.nr_activated += 1
+        if wq._trace_hooks:
+            wq._trace("activate", work, pwq.pool)
+        pool = pwq.pool
+        pool.worklist.push(work)
+        if pool.nr_running == 0:
+            kick_pool(pool)
+        elif pool.tick is None:
+            _arm_tick(pool)
+    else:
+        pwq.inactive.push(work)
+
+
+def activate_inactive(pwq: PoolWorkqueue) -> None:
+    """Move inactive items to the worklist while max_active allows (lock held)."""
+    pool = pwq.pool
+    wq = pwq.wq
+    while pwq.inactive.nr and pwq.nr_active < pwq.max_active:
+        work = pwq.inactive.pop()
+        assert work is not None
+        pwq.nr_active += 1
+        pwq.nr_activated += 1
+        if wq._trace_hooks:
+            wq._trace("activate", work, pool)
+        pool.worklist.push(work)
+    if pool.worklist.nr:
+        if pool.nr_running == 0:
+            kick_pool(pool)
+        elif pool.tick is None:
+            _arm_tick(pool)
+
+
+def dec_nr_in_flight(pwq: PoolWorkqueue, color: int, active: bool) -> None:
+    """An item left *pwq*, done or cancelled (pwq_dec_nr_in_flight, lock held)."""
+    if active:
+        pwq.nr_active -= 1
+        if pwq.inactive.nr and pwq.nr_active < pwq.max_active:
+            activate_inactive(pwq)
+    wq = pwq.wq
+    in_flight = wq._in_flight
+    n = in_flight[color] - 1
+    if n:
+        in_flight[color] = n
+    else:
+        del in_flight[color]
+        if wq._flushers:
+            wq._flush_progress()
+    if wq._freezing is not None and not pwq.nr_active:
+        wq._freeze_progress()
+
+
+def try_to_grab_pending(work: Work) -> bool:
+    """Take the pending bit away from a queued item (lock held).
+
+    Returns True if the item was pending -- on a timer, an inactive list, a
+    worklist or a worker's scheduled list -- and now is not.
+    """
+    if not work._pending:
+        return False
+    entry = work._entry
+    if entry is not None:
+        entry.kill(work)
+        work._entry = None
+        pwq = work._pwq
+        assert pwq is not None
+        dec_nr_in_flight(pwq, work._color, entry.active)
+    else:
+        handle = getattr(work, "_timer", None)
+        if handle is not None:
+            del_timer(handle)
+            work._timer = None  # type: ignore[attr-defined]
+    work._pending = False
+    if work._worker is None:
+        work._done = work._seq
+        if work._flushers:
+            wake_work_flushers(work)
+    return True
+
+
+def release_pwq(pwq: PoolWorkqueue) -> None:
+    """A destroyed workqueue stops using a pool (put_pwq, engine lock held).
+
+    When no workqueue uses the pool any longer, its idle workers exit now and
+    its busy ones (running items of other, already gone, users) as they finish.
+    """
+    pool = pwq.pool
+    pool.pwqs.remove(pwq)
+    if pool.pwqs:
+        return
+    for worker in pool.idle:
+        worker.die = True
+        worker.idle = False
+        pool.workers.discard(worker)
+        worker.wake.release()
+    pool.idle.clear()
+    for handle in (pool.tick, pool.retry):
+        if handle is not None:
+            del_timer(handle)
+    pool.tick = pool.retry = None
+
+
+def send_mayday(pool: WorkerPool) -> None:
+    """Ask the rescuers of the workqueues with items waiting here (lock held)."""
+    waiting = {w._pwq for w in pool.worklist}
+    for pwq in pool.pwqs:
+        rescuer = pwq.wq._rescuer
+        if rescuer is not None and pwq in waiting and pwq not in pwq.wq._maydays:
+            pwq.wq._maydays.append(pwq)
+            if rescuer.idle:
+                rescuer.idle = False
+                rescuer.wake.release()
+
+
+def _owned_by(pwq: PoolWorkqueue) -> Callable[[Work], bool]:
+    return lambda work: work._pwq is pwq
+
+
+def rescuer_thread(worker: Worker, wq: Workqueue) -> None:
+    """rescuer_thread: run a workqueue's items on pools that cannot grow."""
+    _this_thread.worker = worker
+    try:
+        while True:
+            worker.wake.acquire()
+            with lock:
+                while wq._maydays and not worker.die:
+                    pwq = wq._maydays.pop(0)
+                    pool = pwq.pool
+                    worker.pool = pool
+                    _this_thread.binding = (pool.pset.topology, pool.cpu)
+                    for work in pool.worklist.extract(_owned_by(pwq)):
+                        worker.scheduled.push(work)
+                    while worker.scheduled.nr:
+                        next_work = worker.scheduled.pop()
+                        assert next_work is not None
+                        assign_work(worker, next_work)
+                    worker.pool = None
+                    _this_thread.binding = None
+                if worker.die:
+                    return
+                worker.idle = True
+    finally:
+        _this_thread.worker = None
+
+
+def start_rescuer(wq: Workqueue) -> Worker:
+    """Create the rescuer of a WQ_MEM_RECLAIM workqueue, at allocation time."""
+    worker = Worker(None, WORKER_PREP | WORKER_RESCUER)
+    worker.rescuer_of = wq
+    worker.idle = True
+    worker.thread = _start_thread(lambda: rescuer_thread(worker, wq), f"{wq.name}-rescuer")
+    return worker
+
+
+# -- the calling thread ------------------------------------------------------
+
+def current_worker() -> Worker | None:
+    """The Worker the calling thread is, or None."""
+    worker: Worker | None = getattr(_this_thread, "worker", None)
+    return worker
+
+
+def current_work() -> Work | None:
+    """The work item the calling thread is running, or None (current_work())."""
+    worker: Worker | None = getattr(_this_thread, "worker", None)
+    return worker.current if worker is not None else None
+
+
+class _Blocking:
+    """The context manager blocking() returns."""
+
+    __slots__ = ("_worker",)
+
+    def __init__(self) -> None:
+        self._worker: Worker | None = None
+
+    def __enter__(self) -> _Blocking:
+        worker: Worker | None = getattr(_this_thread, "worker", None)
+        if worker is None or worker.current is None:
+            return self
+        with lock:
+            if worker.flags & WORKER_BLOCKED:
+                return self  # nested: the outermost one accounts
+            self._worker = worker
+            set_flags(worker, WORKER_BLOCKED)  # wq_worker_sleeping
+            pool = worker.pool
+            if pool is not None and need_more_worker(pool):
+                kick_pool(pool)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        worker = self._worker
+        if worker is not None:
+            self._worker = None
+            with lock:
+                clr_flags(worker, WORKER_BLOCKED)  # wq_worker_running
+
+
+def blocking() -> _Blocking:
+    """Say that the current work item is about to block.
+
+        with workqueue.blocking():
+            data = sock.recv(4096)
+
+    Inside the block the item does not count toward its pool's concurrency
+    limit, so the pool may start its next item on another worker at once
+    (what the kernel's scheduler hooks do when a work item sleeps).  Outside
+    a work item it does nothing.
+    """
+    return _Blocking()

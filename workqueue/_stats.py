@@ -1,0 +1,107 @@
+"""Statistics and trace points.
+
+The engine has the kernel's four workqueue trace points -- queue (queue_work
+accepted an item), activate (the item entered its pool's worklist),
+execute_start and execute_end.  Each one bumps a counter of the item's
+pool_workqueue, which Workqueue.stats() reports, and calls the workqueue's
+trace hooks if it has any:
+
+    def hook(event: str, work: Work, cpu: int | None) -> None: ...
+    wq.add_trace_hook(hook)
+
+`cpu` is the CPU of the pool (None for an unbound pool).  Hooks run under
+the engine lock, like tracepoints with interrupts off: they must be quick and
+must not call into the workqueue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._pool import PoolWorkqueue
+
+__all__ = ["PoolStats", "WorkqueueStats", "TraceHook", "TRACE_EVENTS"]
+
+TraceHook = Callable[[str, Any, "int | None"], None]
+TRACE_EVENTS = ("queue", "activate", "execute_start", "execute_end")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """One workqueue's use of one worker pool, and the pool's own gauges."""
+
+    pool: str
+    """Pool name: "cpu3", "cpu3H" (high priority), "unbound", "unboundH"."""
+    cpu: int | None
+    """The pool's CPU, None for an unbound pool."""
+    bound: bool
+    """False for unbound pools and for pools of an offline CPU."""
+    queued: int
+    """Items this workqueue queued here (trace point "queue")."""
+    activated: int
+    """Items that entered the worklist (trace point "activate")."""
+    started: int
+    """Items whose function started (trace point "execute_start")."""
+    completed: int
+    """Items whose function returned or raised (trace point "execute_end")."""
+    failed: int
+    """Items whose function raised (they are logged)."""
+    cpu_intensive: int
+    """Items that ran longer than the CPU-intensive threshold and stopped counting."""
+    nr_active: int
+    """This workqueue's items now on the worklist or running."""
+    nr_inactive: int
+    """This workqueue's items waiting for max_active."""
+    max_active: int
+    """The limit now in force (0 while frozen)."""
+    nr_workers: int
+    """Worker threads of the pool (shared with other workqueues)."""
+    nr_idle: int
+    """Idle workers of the pool."""
+    nr_running: int
+    """Workers counted by concurrency management right now."""
+
+    @classmethod
+    def of(cls, pwq: PoolWorkqueue) -> PoolStats:
+        pool = pwq.pool
+        return cls(
+            pool=pool.name, cpu=pool.cpu, bound=not pool.disassociated,
+            queued=pwq.nr_queued, activated=pwq.nr_activated, started=pwq.nr_started,
+            completed=pwq.nr_completed, failed=pwq.nr_failed,
+            cpu_intensive=pwq.nr_cpu_intensive, nr_active=pwq.nr_active,
+            nr_inactive=pwq.inactive.nr, max_active=pwq.max_active,
+            nr_workers=len(pool.workers), nr_idle=len(pool.idle), nr_running=pool.nr_running,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkqueueStats:
+    """A consistent snapshot of a workqueue, taken under the engine lock."""
+
+    name: str
+    flags: int
+    max_active: int
+    pools: tuple[PoolStats, ...]
+
+    @property
+    def queued(self) -> int:
+        return sum(p.queued for p in self.pools)
+
+    @property
+    def started(self) -> int:
+        return sum(p.started for p in self.pools)
+
+    @property
+    def completed(self) -> int:
+        return sum(p.completed for p in self.pools)
+
+    @property
+    def failed(self) -> int:
+        return sum(p.failed for p in self.pools)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(p.nr_active + p.nr_inactive for p in self.pools)

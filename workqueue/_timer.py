@@ -1,0 +1,119 @@
+"""One timer thread for the whole process (the kernel's timer wheel, reduced).
+
+Delayed work, the concurrency manager's CPU-intensive tick, the worker
+creation retry and the watchdog all arm timers here.  A timer callback runs on
+the timer thread and must be short: it typically takes the engine lock and
+queues a work item.
+
+A timer never fires early: it fires once time.monotonic() has reached its
+deadline, checked after every wake-up, because a timed wait may return a
+little before its timeout.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["TimerHandle", "add_timer", "del_timer", "timer_pending"]
+
+logger = logging.getLogger(__name__)
+
+
+class TimerHandle:
+    """An armed timer.  `callback` is None once it fired or was deleted."""
+
+    __slots__ = ("deadline", "callback", "arg")
+
+    def __init__(self, deadline: float, callback: Callable[[Any], None], arg: Any) -> None:
+        self.deadline = deadline
+        self.callback: Callable[[Any], None] | None = callback
+        self.arg = arg
+
+
+class _TimerBase:
+    def __init__(self) -> None:
+        # _cond's lock guards _heap, _nr_dead and _thread.  It is a leaf lock:
+        # callers may hold the engine lock when they add or delete a timer,
+        # and the timer thread never holds it while running a callback, so
+        # a callback may take the engine lock (order: engine lock -> _cond).
+        self._cond = threading.Condition(threading.Lock())
+        # Invariant: _heap holds (deadline, seq, handle) for every armed
+        # handle, plus _nr_dead entries whose handle was deleted (lazy
+        # deletion; compacted when they are the majority).
+        self._heap: list[tuple[float, int, TimerHandle]] = []
+        self._nr_dead = 0
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, delay: float, callback: Callable[[Any], None], arg: Any) -> TimerHandle:
+        handle = TimerHandle(time.monotonic() + delay, callback, arg)
+        with self._cond:
+            first = not self._heap or handle.deadline < self._heap[0][0]
+            heapq.heappush(self._heap, (handle.deadline, next(self._seq), handle))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="wq-timer", daemon=True)
+                self._thread.start()
+            elif first:
+                self._cond.notify()
+        return handle
+
+    def delete(self, handle: TimerHandle) -> bool:
+        """Disarm *handle*; True if it was armed (the kernel's del_timer)."""
+        with self._cond:
+            if handle.callback is None:
+                return False
+            handle.callback = None
+            handle.arg = None
+            self._nr_dead += 1
+            if self._nr_dead > 64 and self._nr_dead * 2 > len(self._heap):
+                self._heap[:] = [e for e in self._heap if e[2].callback is not None]
+                heapq.heapify(self._heap)
+                self._nr_dead = 0
+            return True
+
+    def _run(self) -> None:
+        heap = self._heap  # compacted in place, never replaced
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    while heap and heap[0][2].callback is None:
+                        heapq.heappop(heap)
+                        self._nr_dead -= 1
+                    if heap and heap[0][0] <= now:
+                        break
+                    self._cond.wait(heap[0][0] - now if heap else None)
+                _, _, handle = heapq.heappop(heap)
+                callback, arg = handle.callback, handle.arg
+                handle.callback = None
+                handle.arg = None
+            assert callback is not None
+            try:
+                callback(arg)
+            except Exception:
+                logger.exception("timer callback %r failed", callback)
+            del callback, arg, handle
+
+
+_timer = _TimerBase()
+
+
+def add_timer(delay: float, callback: Callable[[Any], None], arg: Any = None) -> TimerHandle:
+    """Call callback(arg) on the timer thread once *delay* seconds have passed."""
+    return _timer.add(delay, callback, arg)
+
+
+def del_timer(handle: TimerHandle) -> bool:
+    """Disarm a timer; True if it had not fired yet."""
+    return _timer.delete(handle)
+
+
+def timer_pending(handle: TimerHandle | None) -> bool:
+    """True if *handle* is armed and has not fired."""
+    return handle is not None and handle.callback is not None

@@ -1,0 +1,216 @@
+"""Work items: Work (struct work_struct) and DelayedWork (struct delayed_work).
+
+A Work is a function plus the state the engine keeps for it.  It is queued
+with Workqueue.queue_work(); it is *pending* from then until just before its
+function starts, and *running* while the function runs.  The life cycle
+follows the kernel's, including the return values:
+
+    queue_work      False if already pending (or disabled): items coalesce
+    cancel          True if it was pending (cancel_work)
+    cancel_sync     True if it was pending; on return it is neither pending
+                    nor running (cancel_work_sync)
+    flush           True if it waited for a pending or running instance
+    disable/enable  a nesting count; queueing a disabled item returns False
+
+Carry your own fields by subclassing (the kernel's container_of idiom):
+
+    class Conn(Work):
+        def __init__(self, sock):
+            super().__init__(Conn.poll)
+            self.sock = sock
+        def poll(self): ...
+
+A Work belongs to one topology at a time; queueing one item on workqueues of
+two different kinds of pools at once keeps the pending bit but the kernel's
+non-reentrancy promise, like the kernel's, is per workqueue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import _pool
+from ._pool import Completion, Worker, WorkList, current_work, current_worker, try_to_grab_pending
+from ._timer import TimerHandle, del_timer
+
+if TYPE_CHECKING:
+    from ._pool import PoolWorkqueue
+    from ._workqueue import Workqueue
+
+__all__ = ["Work", "DelayedWork", "current_work"]
+
+
+class Work:
+    """A work item: Work(func) runs func(work) on a workqueue."""
+
+    # All fields below are guarded by the engine lock (_pool.lock).
+    __slots__ = (
+        "func", "_pending", "_disable", "_entry", "_pwq", "_color", "_seq", "_done",
+        "_worker", "_flushers", "__weakref__",
+    )
+
+    def __init__(self, func: Callable[[Any], object]) -> None:
+        if not callable(func):
+            raise TypeError(f"Work needs a callable, not {type(func).__name__}")
+        self.func = func
+        # Invariants: _pending is True from a successful queue_work until just
+        # before func runs (or until cancelled).  While pending on a list,
+        # _entry is that list and _pwq/_color say where it is accounted;
+        # pending on a timer (DelayedWork), _entry is None.  _seq counts the
+        # queueings, _done is the last one fully finished (run or cancelled),
+        # so a flush of queueing n waits for _done >= n.  _worker is the
+        # worker running func, or None.
+        self._pending = False
+        self._disable = 0
+        self._entry: WorkList | None = None
+        self._pwq: PoolWorkqueue | None = None
+        self._color = 0
+        self._seq = 0
+        self._done = 0
+        self._worker: Worker | None = None
+        self._flushers: list[tuple[int, Completion]] | None = None
+
+    def __repr__(self) -> str:
+        func = self.func
+        name = getattr(func, "__qualname__", None) or repr(func)
+        state = " pending" if self._pending else ""
+        state += " running" if self._worker is not None else ""
+        state += f" disabled={self._disable}" if self._disable else ""
+        return f"<{type(self).__name__} {name}{state}>"
+
+    @property
+    def pending(self) -> bool:
+        """True while queued (or on its timer) and not yet started (work_pending)."""
+        return self._pending
+
+    @property
+    def running(self) -> bool:
+        """True while its function runs (work_busy & WORK_BUSY_RUNNING)."""
+        return self._worker is not None
+
+    @property
+    def disabled(self) -> bool:
+        """True while disable() calls outnumber enable() calls."""
+        return self._disable > 0
+
+    def flush(self) -> bool:
+        """Wait for the last queueing of this item to finish (flush_work).
+
+        Returns True if it waited for a pending or running instance, False if
+        the item was idle.  An item pending only on its timer is not waited
+        for (use DelayedWork.flush()).
+        """
+        completion = None
+        with _pool.lock:
+            completion = self._start_flush()
+        if completion is None:
+            return False
+        completion.wait()
+        return True
+
+    def _start_flush(self) -> Completion | None:
+        """Register a flusher of the current instance (engine lock held)."""
+        if not (self._pending and self._entry is not None) and self._worker is None:
+            return None
+        worker = current_worker()
+        if worker is not None and self._worker is worker:
+            raise RuntimeError(f"flush() of {self!r} from its own function would deadlock")
+        completion = Completion()
+        if self._flushers is None:
+            self._flushers = []
+        self._flushers.append((self._seq, completion))
+        return completion
+
+    def cancel(self) -> bool:
+        """Remove the item if pending (cancel_work); True if it was pending.
+
+        Does not wait for a running instance: see cancel_sync().
+        """
+        with _pool.lock:
+            return try_to_grab_pending(self)
+
+    def cancel_sync(self) -> bool:
+        """Cancel and wait for a running instance (cancel_work_sync).
+
+        Returns True if the item was pending.  When it returns, the item is
+        neither pending nor running; re-queueing, by the item itself or
+        anyone, is refused while it waits.
+        """
+        return self._cancel(disable=False, sync=True)
+
+    def disable(self) -> bool:
+        """Cancel and disable the item (disable_work); True if it was pending.
+
+        Disabling nests; queueing a disabled item returns False.  Does not
+        wait for a running instance: see disable_sync().
+        """
+        return self._cancel(disable=True, sync=False)
+
+    def disable_sync(self) -> bool:
+        """disable() and wait for a running instance (disable_work_sync)."""
+        return self._cancel(disable=True, sync=True)
+
+    def enable(self) -> bool:
+        """Undo one disable() (enable_work); True when no disable is left.
+
+        RuntimeError if the item is not disabled.
+        """
+        with _pool.lock:
+            if not self._disable:
+                raise RuntimeError(f"enable() of {self!r}, which is not disabled")
+            self._disable -= 1
+            return not self._disable
+
+    def _cancel(self, *, disable: bool, sync: bool) -> bool:
+        with _pool.lock:
+            if sync:
+                worker = current_worker()
+                if worker is not None and self._worker is worker:
+                    raise RuntimeError(
+                        f"cancel_sync() of {self!r} from its own function would deadlock")
+            # Disabled while we wait, so that nobody re-queues it meanwhile.
+            self._disable += 1
+            was_pending = try_to_grab_pending(self)
+            completion = self._start_flush() if sync else None
+        if completion is not None:
+            completion.wait()
+        if not disable:
+            with _pool.lock:
+                self._disable -= 1
+        return was_pending
+
+
+class DelayedWork(Work):
+    """A work item queued after a delay (struct delayed_work).
+
+    Queue it with Workqueue.queue_delayed_work() or mod_delayed_work().  Its
+    timer runs on the engine's single timer thread and never fires early.
+    """
+
+    # Guarded by the engine lock: _timer is the armed timer while pending on
+    # it; _wq and _cpu are where the timer queues the item.
+    __slots__ = ("_timer", "_wq", "_cpu")
+
+    def __init__(self, func: Callable[[Any], object]) -> None:
+        super().__init__(func)
+        self._timer: TimerHandle | None = None
+        self._wq: Workqueue | None = None
+        self._cpu: int | None = None
+
+    def flush(self) -> bool:
+        """Queue at once if on the timer, then wait (flush_delayed_work).
+
+        Returns True if it waited for a pending or running instance.
+        """
+        with _pool.lock:
+            if self._timer is not None and del_timer(self._timer):
+                self._timer = None
+                wq = self._wq
+                assert wq is not None
+                wq._timer_queue_locked(self)
+            completion = self._start_flush()
+        if completion is None:
+            return False
+        completion.wait()
+        return True

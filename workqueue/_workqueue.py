@@ -1,0 +1,603 @@
+"""Workqueues: alloc_workqueue(), queueing, flush/drain/destroy, and the Executor face.
+
+A Workqueue is a name, flags and a max_active limit, plus one
+pool_workqueue per pool it uses: for a bound workqueue (the default) one per
+CPU of its topology, for an unbound or ordered one a single one.  The pools
+themselves, and their threads, are shared (see _pool).
+
+Queueing picks the pool (__queue_work):
+
+* bound: queue_work() uses the CPU the caller runs on (a worker's own CPU,
+  else the topology's idea of the calling thread's CPU); queue_work_on(cpu)
+  the given one, online or not -- an offline CPU's pool runs unbound;
+* unbound and ordered: the topology's unbound pool;
+* in both cases, if the item is still running on a pool of this workqueue,
+  that pool, so that it does not run concurrently with itself.
+
+Flushing uses flush colors: every queued item takes the workqueue's current
+color; flush() starts a new color and waits until no item of an older color
+is in flight, so items queued after flush() started cannot hold it up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+from . import _pool
+from ._flags import WQ_DFL_ACTIVE, WQ_MAX_ACTIVE, WQ_ORDERED, WQ_USER_FLAGS, WQFlags
+from ._future import CallWork, cancel_pending_futures
+from ._pool import (
+    Completion,
+    PoolWorkqueue,
+    WorkerPool,
+    activate_inactive,
+    current_worker,
+    insert_work,
+    lock,
+    pool_set,
+    release_pwq,
+    start_rescuer,
+    try_to_grab_pending,
+    wake_work_flushers,
+)
+from ._stats import PoolStats, TraceHook, WorkqueueStats
+from ._timer import add_timer
+from ._topology import Topology
+from ._work import DelayedWork, Work
+
+__all__ = ["Workqueue", "alloc_workqueue", "alloc_ordered_workqueue", "default_topology"]
+
+logger = logging.getLogger(__name__)
+
+# Workqueue states, in the order a workqueue goes through them.
+_RUNNING, _DRAINING, _DESTROYING, _DESTROYED = range(4)
+_STATE_NAMES = ("running", "draining", "being destroyed", "destroyed")
+
+_default_topology: Topology | None = None
+_default_topology_lock = threading.Lock()  # guards the creation of _default_topology
+
+
+def default_topology() -> Topology:
+    """The topology of this process's CPUs, shared by workqueues made without one."""
+    global _default_topology
+    with _default_topology_lock:
+        if _default_topology is None:
+            _default_topology = Topology()
+        return _default_topology
+
+
+def _check_delay(delay: float) -> float:
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise TypeError(f"delay must be a number of seconds, not {type(delay).__name__}")
+    if not delay >= 0 or math.isinf(delay):
+        raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay}")
+    return float(delay)
+
+
+def _check_work(work: object, kind: type[Work] = Work) -> None:
+    if not isinstance(work, kind):
+        raise TypeError(f"expected a {kind.__name__}, not {type(work).__name__}")
+
+
+class Workqueue(Executor):
+    """A workqueue; make one with alloc_workqueue() or alloc_ordered_workqueue()."""
+
+    def __init__(self, name: str, flags: int = 0, max_active: int = 0,
+                 topology: Topology | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a workqueue name must be a non-empty str, not {name!r}")
+        if isinstance(flags, bool) or not isinstance(flags, int):
+            raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
+        if flags & ~(WQ_USER_FLAGS | WQ_ORDERED):
+            raise ValueError(f"unknown workqueue flags {flags & ~WQ_USER_FLAGS:#x}")
+        if isinstance(max_active, bool) or not isinstance(max_active, int):
+            raise TypeError(f"max_active must be an int, not {type(max_active).__name__}")
+        if not 0 <= max_active <= WQ_MAX_ACTIVE:
+            raise ValueError(f"max_active must be 0 (default) to {WQ_MAX_ACTIVE}, got {max_active}")
+        if topology is None:
+            topology = default_topology()
+        elif not isinstance(topology, Topology):
+            raise TypeError(f"topology must be a Topology, not {type(topology).__name__}")
+        self.name = name
+        self.flags = WQFlags(flags)
+        self.topology = topology
+        self._ordered = bool(flags & WQ_ORDERED)
+        self._max_active = max_active or WQ_DFL_ACTIVE
+        self._cpu_intensive = bool(flags & WQFlags.WQ_CPU_INTENSIVE)
+        highpri = bool(flags & WQFlags.WQ_HIGHPRI)
+        # Everything below is guarded by the engine lock.
+        self._state = _RUNNING
+        self._nr_drainers = 0
+        self._shutdown = False
+        self._destroyed = threading.Event()
+        # Flush colors.  Invariant: _in_flight[c] is the number of queued,
+        # not yet finished (or cancelled) items of color c, and has no zero
+        # entries; every item queued now takes color _work_color.
+        self._work_color = 0
+        self._in_flight: dict[int, int] = {}
+        self._flushers: list[tuple[int, Completion]] = []
+        self._frozen = False
+        self._freezing: list[Completion] | None = None
+        self._trace_hooks: tuple[TraceHook, ...] = ()
+        self._maydays: list[PoolWorkqueue] = []
+        self._rescuer: _pool.Worker | None = None
+        pset = pool_set(topology)
+        with lock:
+            if flags & (WQFlags.WQ_UNBOUND | WQ_ORDERED):
+                self._pwqs: dict[int, PoolWorkqueue] = {}
+                self._unbound_pwq: PoolWorkqueue | None = self._link(pset.get_pool(None, highpri))
+            else:
+                self._unbound_pwq = None
+                self._pwqs = {cpu: self._link(pset.get_pool(cpu, highpri))
+                              for cpu in topology.possible()}
+        if flags & WQFlags.WQ_MEM_RECLAIM:
+            # Made now, while threads can still be made (the point of a rescuer).
+            self._rescuer = start_rescuer(self)
+
+    def _link(self, pool: WorkerPool) -> PoolWorkqueue:
+        pwq = PoolWorkqueue(self, pool, self._max_active)
+        pool.pwqs.append(pwq)
+        return pwq
+
+    def _all_pwqs(self) -> list[PoolWorkqueue]:
+        if self._unbound_pwq is not None:
+            return [self._unbound_pwq]
+        return list(self._pwqs.values())
+
+    def __repr__(self) -> str:
+        return (f"<Workqueue {self.name!r} flags={self.flags!r} max_active={self._max_active} "
+                f"{_STATE_NAMES[self._state]}>")
+
+    # -- queueing -----------------------------------------------------------
+
+    def queue_work(self, work: Work) -> bool:
+        """Queue *work* on the calling thread's CPU (queue_work).
+
+        Returns False, doing nothing, if it is already pending or disabled.
+        """
+        if not isinstance(work, Work):
+            _check_work(work)
+        pwq = self._unbound_pwq
+        cpu = self.topology.current_cpu() if pwq is None else 0
+        with lock:
+            if work._pending or work._disable:
+                return False
+            if self._state:
+                self._check_queueing()
+            if pwq is None:
+                pwq = self._pwqs[cpu]
+            worker = work._worker
+            if worker is not None:
+                pwq = self._last_pwq(worker, pwq)
+            work._pending = True
+            insert_work(pwq, work)
+        return True
+
+    def queue_work_on(self, cpu: int, work: Work) -> bool:
+        """Queue *work* on *cpu*'s pool (queue_work_on); see queue_work().
+
+        The CPU may be offline: its pool then runs unbound.  For unbound
+        workqueues the CPU is only checked, as the kernel treats it as a hint.
+        """
+        self.topology._check_cpu(cpu)
+        _check_work(work)
+        with lock:
+            if work._pending or work._disable:
+                return False
+            if self._state:
+                self._check_queueing()
+            pwq = self._unbound_pwq or self._pwqs[cpu]
+            worker = work._worker
+            if worker is not None:
+                pwq = self._last_pwq(worker, pwq)
+            work._pending = True
+            insert_work(pwq, work)
+        return True
+
+    def _last_pwq(self, worker: _pool.Worker, pwq: PoolWorkqueue) -> PoolWorkqueue:
+        """Where a still-running item goes (non-reentrancy, lock held)."""
+        last = worker.current_pwq
+        if last is not None and last.wq is self:
+            return last
+        return pwq
+
+    def _check_queueing(self) -> None:
+        """Refuse queueing on a destroyed or draining queue, except chained work."""
+        if self._state == _DESTROYED:
+            raise RuntimeError(f"workqueue {self.name!r} is destroyed; nothing can be queued on it")
+        worker = current_worker()
+        if worker is None or worker.current_pwq is None or worker.current_pwq.wq is not self:
+            raise RuntimeError(
+                f"workqueue {self.name!r} is {_STATE_NAMES[self._state]}: only its own "
+                f"work items may queue on it now")
+
+    def queue_delayed_work(self, dwork: DelayedWork, delay: float) -> bool:
+        """Queue *dwork* after *delay* seconds (queue_delayed_work).
+
+        A delay of 0 queues at once.  Returns False if already pending (on
+        its timer or queued) or disabled.  The item is queued on the CPU the
+        caller runs on now.
+        """
+        return self._queue_delayed(None, dwork, delay)
+
+    def queue_delayed_work_on(self, cpu: int, dwork: DelayedWork, delay: float) -> bool:
+        """Queue *dwork* on *cpu* after *delay* seconds (queue_delayed_work_on)."""
+        self.topology._check_cpu(cpu)
+        return self._queue_delayed(cpu, dwork, delay)
+
+    def _queue_delayed(self, cpu: int | None, dwork: DelayedWork, delay: float) -> bool:
+        _check_work(dwork, DelayedWork)
+        delay = _check_delay(delay)
+        if cpu is None and self._unbound_pwq is None:
+            cpu = self.topology.current_cpu()
+        with lock:
+            if dwork._pending or dwork._disable:
+                return False
+            if self._state:
+                self._check_queueing()
+            dwork._pending = True
+            self._arm_delayed(cpu, dwork, delay)
+        return True
+
+    def mod_delayed_work(self, dwork: DelayedWork, delay: float) -> bool:
+        """(Re)queue *dwork* to run *delay* seconds from now (mod_delayed_work).
+
+        Whether it was pending or not, it is pending afterwards (unless
+        disabled).  Returns True if it was pending (its timer was modified),
+        False if it was idle and got queued.
+        """
+        return self._mod_delayed(None, dwork, delay)
+
+    def mod_delayed_work_on(self, cpu: int, dwork: DelayedWork, delay: float) -> bool:
+        """mod_delayed_work() on *cpu* (mod_delayed_work_on)."""
+        self.topology._check_cpu(cpu)
+        return self._mod_delayed(cpu, dwork, delay)
+
+    def _mod_delayed(self, cpu: int | None, dwork: DelayedWork, delay: float) -> bool:
+        _check_work(dwork, DelayedWork)
+        delay = _check_delay(delay)
+        if cpu is None and self._unbound_pwq is None:
+            cpu = self.topology.current_cpu()
+        with lock:
+            if self._state:
+                self._check_queueing()
+            was_pending = try_to_grab_pending(dwork)
+            if not dwork._disable:
+                dwork._pending = True
+                self._arm_delayed(cpu, dwork, delay)
+            return was_pending
+
+    def _arm_delayed(self, cpu: int | None, dwork: DelayedWork, delay: float) -> None:
+        """__queue_delayed_work (lock held, pending bit already set)."""
+        dwork._wq = self
+        dwork._cpu = cpu
+        if delay == 0:
+            self._timer_queue_locked(dwork)
+        else:
+            dwork._timer = add_timer(delay, self._delayed_work_timer_fn, dwork)
+
+    def _delayed_work_timer_fn(self, dwork: DelayedWork) -> None:
+        """delayed_work_timer_fn: runs on the timer thread."""
+        with lock:
+            handle = dwork._timer
+            # A timer that fired as it was being deleted finds a new timer
+            # (or none): then it is stale and does nothing.
+            if handle is None or handle.callback is not None:
+                return
+            dwork._timer = None
+            self._timer_queue_locked(dwork)
+
+    def _timer_queue_locked(self, dwork: DelayedWork) -> None:
+        """Queue a pending delayed item whose delay is over (lock held)."""
+        if self._state:
+            worker = current_worker()
+            if (self._state == _DESTROYED or worker is None or worker.current_pwq is None
+                    or worker.current_pwq.wq is not self):
+                logger.error(
+                    "workqueue %s: delayed work %r became due while the workqueue is %s; "
+                    "it is not run (cancel delayed work before drain() or destroy())",
+                    self.name, dwork, _STATE_NAMES[self._state])
+                dwork._pending = False
+                if dwork._worker is None:
+                    dwork._done = dwork._seq
+                    if dwork._flushers:
+                        wake_work_flushers(dwork)
+                return
+        pwq = self._unbound_pwq
+        if pwq is None:
+            cpu = dwork._cpu
+            if cpu is None:
+                cpu = self.topology.current_cpu()
+            pwq = self._pwqs[cpu]
+        worker = dwork._worker
+        if worker is not None:
+            pwq = self._last_pwq(worker, pwq)
+        insert_work(pwq, dwork)
+
+    # -- flush, drain, destroy -----------------------------------------------
+
+    def _check_not_own_item(self, what: str) -> None:
+        worker = current_worker()
+        if worker is not None and worker.current_pwq is not None and worker.current_pwq.wq is self:
+            raise RuntimeError(
+                f"{what}() of workqueue {self.name!r} from one of its own work items would deadlock")
+
+    def flush(self) -> None:
+        """Wait for every item queued before the call (flush_workqueue).
+
+        Items queued meanwhile do not delay it.  Delayed items still on their
+        timers are not waited for.
+        """
+        with lock:
+            self._check_not_own_item("flush")
+            color = self._work_color
+            self._work_color = color + 1
+            if not self._in_flight or min(self._in_flight) > color:
+                return
+            completion = Completion()
+            self._flushers.append((color, completion))
+        completion.wait()
+
+    def _flush_progress(self) -> None:
+        """A flush color drained: complete the flushes it held (lock held)."""
+        oldest = min(self._in_flight) if self._in_flight else math.inf
+        left = []
+        for color, completion in self._flushers:
+            if color < oldest:
+                completion.complete()
+            else:
+                left.append((color, completion))
+        self._flushers = left
+
+    def drain(self) -> None:
+        """Flush until empty, refusing all but chained queueing (drain_workqueue).
+
+        While it runs, only this workqueue's own items may queue on it; other
+        queueing raises RuntimeError.  Cancel delayed items first: one whose
+        timer fires meanwhile is dropped and logged.
+        """
+        with lock:
+            self._check_not_own_item("drain")
+            if self._state == _DESTROYED:
+                raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+            if self._frozen:
+                raise RuntimeError(f"drain() of frozen workqueue {self.name!r} would wait "
+                                   "for thaw(); thaw it first")
+            self._nr_drainers += 1
+            if self._state == _RUNNING:
+                self._state = _DRAINING
+        try:
+            tries = 0
+            while True:
+                self.flush()
+                with lock:
+                    if not self._in_flight:
+                        break
+                tries += 1
+                if tries == 10 or tries % 100 == 0:
+                    logger.warning("workqueue %s: drain() isn't complete after %d tries",
+                                   self.name, tries)
+        finally:
+            with lock:
+                self._nr_drainers -= 1
+                if not self._nr_drainers and self._state == _DRAINING:
+                    self._state = _RUNNING
+
+    def destroy(self) -> None:
+        """Drain, then release the pools and stop the rescuer (destroy_workqueue).
+
+        Later queueing raises RuntimeError.  Idle workers of pools that no
+        workqueue uses any longer exit.
+        """
+        with lock:
+            if self._state >= _DESTROYING:
+                raise RuntimeError(f"workqueue {self.name!r} is already destroyed")
+            self._check_not_own_item("destroy")
+            if self._frozen:
+                raise RuntimeError(f"destroy() of frozen workqueue {self.name!r} would wait "
+                                   "for thaw(); thaw it first")
+            self._state = _DESTROYING
+            self._shutdown = True
+        self._destroy()
+
+    def _destroy(self) -> None:
+        try:
+            self.drain()
+        finally:
+            with lock:
+                self._state = _DESTROYED
+                for pwq in self._all_pwqs():
+                    release_pwq(pwq)
+                rescuer = self._rescuer
+                if rescuer is not None:
+                    rescuer.die = True
+                    if rescuer.idle:
+                        rescuer.idle = False
+                        rescuer.wake.release()
+            self._destroyed.set()
+
+    # -- tuning ----------------------------------------------------------------
+
+    def set_max_active(self, max_active: int) -> None:
+        """Change max_active at run time (workqueue_set_max_active)."""
+        if isinstance(max_active, bool) or not isinstance(max_active, int):
+            raise TypeError(f"max_active must be an int, not {type(max_active).__name__}")
+        if not 1 <= max_active <= WQ_MAX_ACTIVE:
+            raise ValueError(f"max_active must be 1 to {WQ_MAX_ACTIVE}, got {max_active}")
+        with lock:
+            if self._ordered:
+                raise RuntimeError(f"{self.name!r} is ordered: it runs one item at a time")
+            if self._state == _DESTROYED:
+                raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+            self._max_active = max_active
+            if not self._frozen:
+                for pwq in self._all_pwqs():
+                    pwq.max_active = max_active
+                    activate_inactive(pwq)
+
+    def freeze(self) -> None:
+        """Hold new items back, and return once in-flight ones are done.
+
+        Only for WQ_FREEZABLE workqueues (freeze_workqueues_begin/busy).
+        Items queued while frozen wait, in order, until thaw().
+        """
+        if not self.flags & WQFlags.WQ_FREEZABLE:
+            raise RuntimeError(f"workqueue {self.name!r} was not allocated with WQ_FREEZABLE")
+        with lock:
+            self._check_not_own_item("freeze")
+            if self._state == _DESTROYED:
+                raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+            self._frozen = True
+            pwqs = self._all_pwqs()
+            for pwq in pwqs:
+                pwq.max_active = 0
+            if not any(pwq.nr_active for pwq in pwqs):
+                return
+            completion = Completion()
+            if self._freezing is None:
+                self._freezing = []
+            self._freezing.append(completion)
+        completion.wait()
+
+    def _freeze_progress(self) -> None:
+        """A pwq went idle while freezing (lock held)."""
+        if self._freezing is not None and not any(p.nr_active for p in self._all_pwqs()):
+            for completion in self._freezing:
+                completion.complete()
+            self._freezing = None
+
+    def thaw(self) -> None:
+        """Let held-back items run again (thaw_workqueues); a no-op if not frozen."""
+        with lock:
+            if not self._frozen:
+                return
+            self._frozen = False
+            if self._freezing is not None:
+                for completion in self._freezing:
+                    completion.complete()
+                self._freezing = None
+            for pwq in self._all_pwqs():
+                pwq.max_active = self._max_active
+                activate_inactive(pwq)
+
+    # -- introspection -------------------------------------------------------
+
+    def add_trace_hook(self, hook: TraceHook) -> None:
+        """Call hook(event, work, cpu) at every trace point; see workqueue._stats."""
+        if not callable(hook):
+            raise TypeError(f"a trace hook must be callable, not {type(hook).__name__}")
+        with lock:
+            self._trace_hooks = (*self._trace_hooks, hook)
+
+    def remove_trace_hook(self, hook: TraceHook) -> None:
+        """Remove a hook added with add_trace_hook(); ValueError if absent."""
+        with lock:
+            hooks = list(self._trace_hooks)
+            try:
+                hooks.remove(hook)
+            except ValueError:
+                raise ValueError(f"{hook!r} is not a trace hook of {self.name!r}") from None
+            self._trace_hooks = tuple(hooks)
+
+    def _trace(self, event: str, work: Work, pool: WorkerPool) -> None:
+        for hook in self._trace_hooks:
+            try:
+                hook(event, work, pool.cpu)
+            except Exception:
+                logger.exception("trace hook %r failed", hook)
+
+    def stats(self) -> WorkqueueStats:
+        """A frozen snapshot of this workqueue's counters, per pool."""
+        with lock:
+            return WorkqueueStats(
+                name=self.name, flags=int(self.flags), max_active=self._max_active,
+                pools=tuple(PoolStats.of(pwq) for pwq in self._all_pwqs()))
+
+    def dump(self) -> str:
+        """The workqueue's busy pools and items, like show_one_workqueue()."""
+        with lock:
+            lines = [f"workqueue {self.name}: flags={self.flags!r} "
+                     f"max_active={self._max_active} {_STATE_NAMES[self._state]}"
+                     + (" frozen" if self._frozen else "")]
+            for pwq in self._all_pwqs():
+                pool = pwq.pool
+                running = [w for w in pool.workers if w.current_pwq is pwq]
+                pending = [w for w in pool.worklist if w._pwq is pwq]
+                if not (running or pending or pwq.inactive.nr):
+                    continue
+                lines.append(f"  pwq {pool.id}: {pool.name} active={pwq.nr_active}/"
+                             f"{pwq.max_active} inactive={pwq.inactive.nr}")
+                if running:
+                    lines.append("    in-flight: " + ", ".join(
+                        f"{w.name}:{w.current!r}" for w in running))
+                if pending:
+                    lines.append("    pending: " + ", ".join(repr(w) for w in pending))
+                if pwq.inactive.nr:
+                    lines.append("    inactive: " + ", ".join(repr(w) for w in pwq.inactive))
+            return "\n".join(lines)
+
+    # -- the Executor face --------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run fn(*args, **kwargs) as a work item; return its Future."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
+        work = CallWork(fn, args, kwargs)
+        self.queue_work(work)
+        return work.future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work, then destroy the workqueue.
+
+        As ThreadPoolExecutor.shutdown(): with cancel_futures, submitted calls
+        that have not started are cancelled; with wait, return once the
+        workqueue is drained and destroyed.  Calling it again is harmless.
+        """
+        with lock:
+            if wait:
+                self._check_not_own_item("shutdown")
+            start = self._state < _DESTROYING
+            self._shutdown = True
+            if start:
+                self._state = _DESTROYING
+        if cancel_futures:
+            cancel_pending_futures(self)
+        if start:
+            if wait:
+                self._destroy()
+            else:
+                threading.Thread(target=self._destroy, name=f"{self.name}-shutdown",
+                                 daemon=True).start()
+        elif wait:
+            self._destroyed.wait()
+
+    def serial(self, key: object) -> Executor:
+        """An Executor whose calls run one at a time, in order, on *key*'s CPU."""
+        from ._serial import SerialExecutor
+        return SerialExecutor(self, key)  # type: ignore[no-any-return,unused-ignore]
+
+
+def alloc_workqueue(name: str, flags: int = 0, max_active: int = 0,
+                    topology: Topology | None = None) -> Workqueue:
+    """Make a workqueue (alloc_workqueue).
+
+    flags: WQ_UNBOUND, WQ_HIGHPRI, WQ_CPU_INTENSIVE, WQ_FREEZABLE, WQ_MEM_RECLAIM.
+    max_active: items in flight per CPU (bound) or in all (unbound); 0 means
+    WQ_DFL_ACTIVE.  topology: default, the CPUs of this process.
+    """
+    return Workqueue(name, flags, max_active, topology)
+
+
+def alloc_ordered_workqueue(name: str, flags: int = 0,
+                            topology: Topology | None = None) -> Workqueue:
+    """Make an ordered workqueue: one item at a time, in queueing order."""
+    if isinstance(flags, bool) or not isinstance(flags, int):
+        raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
+    return Workqueue(name, flags | WQFlags.WQ_UNBOUND | WQ_ORDERED, 1, topology)
