@@ -1,0 +1,243 @@
+"""The Work state machine against a small reference model (hypothesis).
+
+Three Work items share one ordered workqueue, so at most one of them runs and
+the others wait in FIFO order.  Each item's function blocks until the test
+releases it, so "pending" and "running" are states the test controls, not
+races it observes: after every step the test waits (with a timeout) until the
+engine has reached the state the model predicts, then compares.
+
+The model, per the kernel's rules:
+  - queue_work: False if disabled or already pending; else pending, at the
+    tail of the queue.  The pending bit clears just before the function runs.
+  - cancel: True if it took the item off the queue.
+  - cancel_sync: as cancel, then waits for a running instance.
+  - disable: increments the disable count, and cancels like cancel;
+    disable_sync also waits like cancel_sync.
+  - enable: decrements; True when the count reaches zero.
+  - flush: True if the item was pending or running; returns once the last
+    queueing before the call has finished running.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from workqueue import Work, alloc_ordered_workqueue
+
+NAMES = ("a", "b", "c")
+TIMEOUT = 10.0
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Wait for a condition the engine reaches asynchronously, or fail."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.0005)
+
+
+class Item(Work):
+    """A Work whose every run blocks until the test releases it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(Item.run)
+        self.name = name
+        self.cond = threading.Condition()
+        self.starts = 0
+        self.finishes = 0
+        self.releases = threading.Semaphore(0)
+        self.stuck = False
+
+    def run(self) -> None:
+        with self.cond:
+            self.starts += 1
+            self.cond.notify_all()
+        if not self.releases.acquire(timeout=TIMEOUT * 3):
+            self.stuck = True
+        with self.cond:
+            self.finishes += 1
+            self.cond.notify_all()
+
+    def wait_count(self, attr: str, value: int) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: getattr(self, attr) >= value, timeout=TIMEOUT):
+                pytest.fail(f"{self.name}.{attr} never reached {value} (is {getattr(self, attr)})")
+
+
+class WorkModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wq = alloc_ordered_workqueue("model")
+        self.items = {name: Item(name) for name in NAMES}
+        # The model.
+        self.queue: list[str] = []  # pending items, FIFO
+        self.running: str | None = None
+        self.disabled = dict.fromkeys(NAMES, 0)
+        self.starts = dict.fromkeys(NAMES, 0)
+        self.finishes = dict.fromkeys(NAMES, 0)
+
+    # -- keeping engine and model in step ---------------------------------
+
+    def advance(self) -> None:
+        """The ordered queue starts its head item when nothing runs."""
+        if self.running is None and self.queue:
+            self.running = self.queue.pop(0)
+            self.starts[self.running] += 1
+
+    def settle(self) -> None:
+        """Wait until the engine is where the model says it is."""
+        self.advance()
+        for name, item in self.items.items():
+            item.wait_count("starts", self.starts[name])
+            item.wait_count("finishes", self.finishes[name])
+            if self.running != name:
+                wait_until(lambda item=item: not item.running, f"{name} stops running")  # type: ignore[misc]
+            assert item.starts == self.starts[name], name
+
+    def finish_running(self) -> None:
+        """Release the running item's current run."""
+        assert self.running is not None
+        name = self.running
+        self.items[name].releases.release()
+        self.finishes[name] += 1
+        self.running = None
+        self.settle()
+
+    def in_thread(self, fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+        result: list[object] = []
+        thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+        thread.start()
+        return thread, result
+
+    # -- rules -------------------------------------------------------------
+
+    @rule(name=st.sampled_from(NAMES))
+    def queue_work(self, name: str) -> None:
+        expected = self.disabled[name] == 0 and name not in self.queue
+        assert self.wq.queue_work(self.items[name]) is expected
+        if expected:
+            self.queue.append(name)
+        self.settle()
+
+    @rule(name=st.sampled_from(NAMES))
+    def cancel(self, name: str) -> None:
+        expected = name in self.queue
+        assert self.items[name].cancel() is expected
+        if expected:
+            self.queue.remove(name)
+        self.settle()
+
+    def cancel_and_wait(self, name: str, *, disable: bool) -> None:
+        """cancel_sync() or disable_sync(): cancel, then wait for a run."""
+        item = self.items[name]
+        call = item.disable_sync if disable else item.cancel_sync
+        expected = name in self.queue
+        if disable:
+            self.disabled[name] += 1
+        if self.running != name:
+            assert call() is expected
+            if expected:
+                self.queue.remove(name)
+            self.settle()
+        else:
+            # It waits for the running instance: let that finish, but only
+            # once the pending instance (if any) is gone, or the queue would
+            # start it again before the call sees it.
+            thread, result = self.in_thread(call)
+            wait_until(lambda: not item.pending, f"{call.__name__} takes {name} off the queue")
+            if expected:
+                self.queue.remove(name)
+            self.finish_running()
+            thread.join(TIMEOUT)
+            assert not thread.is_alive(), f"{call.__name__} did not return"
+            assert result == [expected]
+        assert not item.pending and not item.running
+
+    @rule(name=st.sampled_from(NAMES))
+    def cancel_sync(self, name: str) -> None:
+        self.cancel_and_wait(name, disable=False)
+
+    @rule(name=st.sampled_from(NAMES))
+    def disable_sync(self, name: str) -> None:
+        self.cancel_and_wait(name, disable=True)
+
+    @rule(name=st.sampled_from(NAMES))
+    def disable(self, name: str) -> None:
+        expected = name in self.queue
+        assert self.items[name].disable() is expected
+        self.disabled[name] += 1
+        if expected:
+            self.queue.remove(name)
+        self.settle()
+
+    @precondition(lambda self: any(self.disabled.values()))
+    @rule(data=st.data())
+    def enable(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from([n for n in NAMES if self.disabled[n]]))
+        self.disabled[name] -= 1
+        assert self.items[name].enable() is (self.disabled[name] == 0)
+        self.settle()
+
+    @precondition(lambda self: self.running is not None)
+    @rule()
+    def finish(self) -> None:
+        self.finish_running()
+
+    @rule(name=st.sampled_from(NAMES))
+    def flush(self, name: str) -> None:
+        item = self.items[name]
+        busy = name in self.queue or self.running == name
+        if not busy:
+            assert item.flush() is False
+            return
+        # The run that flush must wait for: the pending one if any, else the
+        # running one.
+        target = self.starts[name] + (1 if name in self.queue else 0)
+        thread, result = self.in_thread(item.flush)
+        while self.finishes[name] < target:
+            self.finish_running()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), "flush did not return"
+        # flush may have started after we released the runs (then it found
+        # nothing to wait for); either way it returned only when the target
+        # run had finished, which is what flush promises.
+        assert result in ([True], [False])
+        assert item.finishes >= target
+
+    @rule()
+    def flush_workqueue(self) -> None:
+        thread, _ = self.in_thread(self.wq.flush)
+        while self.running is not None:
+            self.finish_running()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), "wq.flush did not return"
+        assert not self.queue
+
+    # -- invariants --------------------------------------------------------
+
+    @invariant()
+    def states_match(self) -> None:
+        for name, item in self.items.items():
+            assert item.pending is (name in self.queue), f"{name}.pending"
+            assert item.running is (self.running == name), f"{name}.running"
+            assert item.disabled is (self.disabled[name] > 0), f"{name}.disabled"
+            assert not item.stuck
+
+    def teardown(self) -> None:
+        for item in self.items.values():
+            item.cancel()
+        if self.running is not None:
+            self.items[self.running].releases.release()
+        self.wq.destroy()
+
+
+WorkModel.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+test_work_state_machine = WorkModel.TestCase

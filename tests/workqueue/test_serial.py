@@ -1,0 +1,264 @@
+"""wq.serial(key): per-key order, one at a time, on the key's CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import CancelledError, Future, wait
+
+import pytest
+
+from workqueue import Topology, alloc_workqueue
+from workqueue._serial import SerialExecutor
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def topo() -> Topology:
+    return Topology(4)
+
+
+@pytest.fixture
+def wq(topo: Topology) -> Iterator[object]:
+    wq = alloc_workqueue("serial-test", topology=topo)
+    yield wq
+    wq.destroy()
+
+
+def done(*futures: Future[object]) -> None:
+    finished, pending = wait(futures, timeout=TIMEOUT)
+    assert not pending, f"{len(pending)} calls did not finish"
+
+
+def test_one_executor_per_key(wq: object) -> None:
+    a = wq.serial("a")  # type: ignore[attr-defined]
+    assert isinstance(a, SerialExecutor)
+    assert wq.serial("a") is a  # type: ignore[attr-defined]
+    assert SerialExecutor(wq, "a") is a  # type: ignore[arg-type]
+    assert wq.serial("b") is not a  # type: ignore[attr-defined]
+    assert a.key == "a"
+    assert "a" in repr(a)
+
+
+def test_results_and_exceptions_travel_in_futures(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    f1 = ex.submit(pow, 2, 10)
+    f2 = ex.submit(boom)
+    f3 = ex.submit(lambda *, x: x + 1, x=41)
+    assert f1.result(TIMEOUT) == 1024
+    with pytest.raises(ValueError, match="boom"):
+        f2.result(TIMEOUT)
+    assert f3.result(TIMEOUT) == 42
+    assert list(ex.map(abs, [-1, -2, 3], timeout=TIMEOUT)) == [1, 2, 3]
+
+
+def test_calls_run_in_order_one_at_a_time_even_when_one_blocks(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    entered = threading.Event()
+    ran: list[int] = []
+    inside = [0]
+
+    def first() -> None:
+        entered.set()
+        assert gate.wait(TIMEOUT)
+        ran.append(0)
+
+    def later(i: int) -> None:
+        inside[0] += 1
+        assert inside[0] == 1
+        ran.append(i)
+        inside[0] -= 1
+
+    futures = [ex.submit(first)] + [ex.submit(later, i) for i in range(1, 100)]
+    assert entered.wait(TIMEOUT)
+    assert ran == [] and ex.pending == 99  # all held behind the blocked call
+    gate.set()
+    done(*futures)
+    for future in futures:
+        future.result()
+    assert ran == list(range(100))
+
+
+def test_other_keys_run_while_one_key_blocks(wq: object) -> None:
+    slow, fast = wq.serial("slow"), wq.serial("fast")  # type: ignore[attr-defined]
+    assert slow.cpu != fast.cpu
+    gate = threading.Event()
+    blocked = slow.submit(gate.wait, TIMEOUT)
+    try:
+        assert fast.submit(lambda: "ok").result(TIMEOUT) == "ok"
+        assert not blocked.done()
+    finally:
+        gate.set()
+    assert blocked.result(TIMEOUT) is True
+
+
+def test_keys_are_spread_evenly_and_run_on_their_cpu(wq: object, topo: Topology) -> None:
+    executors = [wq.serial(k) for k in range(8)]  # type: ignore[attr-defined]
+    assert sorted(ex.cpu for ex in executors) == [0, 0, 1, 1, 2, 2, 3, 3]
+    futures = [ex.submit(topo.current_cpu) for ex in executors for _ in range(5)]
+    done(*futures)
+    for i, future in enumerate(futures):
+        assert future.result() == executors[i // 5].cpu
+
+
+def test_a_submit_from_a_call_queues_behind_the_pending_ones(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    ran: list[str] = []
+    inner: list[Future[None]] = []
+    gate = threading.Event()
+
+    def outer() -> None:
+        assert gate.wait(TIMEOUT)
+        ran.append("outer")
+        inner.append(ex.submit(ran.append, "inner"))
+
+    first = ex.submit(outer)
+    second = ex.submit(ran.append, "second")
+    gate.set()
+    done(first, second)
+    done(inner[0])
+    assert ran == ["outer", "second", "inner"]
+
+
+def test_a_busy_key_does_not_starve_its_cpu_neighbour() -> None:
+    topo = Topology(1)
+    wq = alloc_workqueue("fair", topology=topo)
+    try:
+        busy, other = wq.serial("busy"), wq.serial("other")
+        order: list[str] = []
+        gate = threading.Event()
+        first = busy.submit(gate.wait, TIMEOUT)
+        futures = [busy.submit(order.append, "busy") for _ in range(1000)]
+        futures.append(other.submit(order.append, "other"))
+        gate.set()
+        done(first, *futures)
+        assert order.index("other") < 200
+    finally:
+        wq.destroy()
+
+
+def test_cpu_down_rehomes_keys_and_keeps_their_order(wq: object, topo: Topology) -> None:
+    executors = [wq.serial(k) for k in range(8)]  # type: ignore[attr-defined]
+    victims = [ex for ex in executors if ex.cpu == 1]
+    assert len(victims) == 2
+    gate = threading.Event()
+    ran: dict[int, list[int]] = {0: [], 1: []}
+    futures: list[Future[object]] = []
+    for v, ex in enumerate(victims):
+        futures.append(ex.submit(gate.wait, TIMEOUT))
+        futures += [ex.submit(ran[v].append, i) for i in range(50)]
+    # cpu_down while the victims' calls are pending behind a blocked call:
+    # nothing is lost, the order holds, later calls go to the new CPU.
+    topo.cpu_down(1)
+    new_cpus = {ex.cpu for ex in victims}
+    assert 1 not in new_cpus and len(new_cpus) == 2
+    gate.set()
+    for v, ex in enumerate(victims):
+        futures += [ex.submit(ran[v].append, i) for i in range(50, 100)]
+    done(*futures)
+    assert ran == {0: list(range(100)), 1: list(range(100))}
+    where = [ex.submit(topo.current_cpu) for ex in victims]
+    done(*where)
+    assert [f.result() for f in where] == [ex.cpu for ex in victims]
+    # A new key goes to the least-loaded online CPU, never the offline one.
+    assert wq.serial("new").cpu != 1  # type: ignore[attr-defined]
+    topo.cpu_up(1)
+    assert wq.serial("newer").cpu == 1  # type: ignore[attr-defined]
+
+
+def test_shutdown_waits_and_refuses_new_calls(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    ran: list[int] = []
+    ex.submit(gate.wait, TIMEOUT)
+    for i in range(20):
+        ex.submit(ran.append, i)
+    threading.Timer(0.01, gate.set).start()
+    ex.shutdown(wait=True)
+    assert ran == list(range(20))
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(ran.append, 99)
+    ex.shutdown()  # idempotent
+    fresh = wq.serial("k")  # type: ignore[attr-defined]
+    assert fresh is not ex
+    assert fresh.submit(lambda: 7).result(TIMEOUT) == 7
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def first() -> str:
+        entered.set()
+        assert gate.wait(TIMEOUT)
+        return "first"
+
+    running = ex.submit(first)
+    queued = [ex.submit(lambda: "never") for _ in range(10)]
+    assert entered.wait(TIMEOUT)
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in queued)
+    gate.set()
+    assert running.result(TIMEOUT) == "first"
+    for future in queued:
+        with pytest.raises(CancelledError):
+            future.result(0)
+
+
+def test_shutdown_releases_the_keys_cpu_slot(wq: object) -> None:
+    executors = [wq.serial(k) for k in range(4)]  # type: ignore[attr-defined]
+    on_cpu2 = next(ex for ex in executors if ex.cpu == 2)
+    on_cpu2.shutdown()
+    assert wq.serial("next").cpu == 2  # type: ignore[attr-defined]
+
+
+def test_shutdown_wait_from_its_own_call_is_an_error(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    future = ex.submit(lambda: ex.shutdown(wait=True))
+    with pytest.raises(RuntimeError, match="deadlock"):
+        future.result(TIMEOUT)
+
+
+def test_with_block_shuts_down(wq: object) -> None:
+    ran: list[int] = []
+    with wq.serial("k") as ex:  # type: ignore[attr-defined]
+        for i in range(10):
+            ex.submit(ran.append, i)
+    assert ran == list(range(10))
+    with pytest.raises(RuntimeError):
+        ex.submit(ran.append, 10)
+
+
+def test_bad_input(wq: object) -> None:
+    with pytest.raises(TypeError):
+        wq.serial(["unhashable"])  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="callable"):
+        wq.serial("k").submit(42)  # type: ignore[attr-defined]
+
+
+def test_submit_to_a_destroyed_workqueue_fails_cleanly() -> None:
+    wq = alloc_workqueue("gone", topology=Topology(2))
+    ex = wq.serial("k")
+    assert ex.submit(lambda: 1).result(TIMEOUT) == 1
+    wq.destroy()
+    with pytest.raises(RuntimeError):
+        ex.submit(lambda: 2)
+    assert ex.pending == 0
+
+
+def test_asyncio_run_in_executor(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(ex, abs, -i) for i in range(5))))
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 4]
