@@ -106,12 +106,31 @@ def main() -> None:
             print("  cpu_down(2):")
             topology.cpu_down(2)
             print(f"  loads: {dict(index.statistics().loads)}  (cpu_down has returned)")
+            print(
+                f"  the workqueue's own keys moved too: sock-c is now on CPU "
+                f"{wq.serial('sock-c').cpu}, and still runs in order: "
+                f"{wq.serial('sock-c').submit(lambda: 'ok').result(5)}"
+            )
             topology.cpu_up(2)
             print(f"  cpu_up(2); a new key goes to the emptiest CPU: {index.assign('sock8')}")
 
-        section("stats() and dump()")
-        print(f"  {wq.stats()}")
+        section("stats() and dump(), with one item running and two waiting on CPU 0")
+        gate = threading.Event()
+        blocker = Work(lambda work: gate.wait(5))
+        waiting = [Greeting("late"), Greeting("later")]
+        wq.queue_work_on(0, blocker)
+        for work in waiting:
+            wq.queue_work_on(0, work)
+        while not blocker.running:  # the demo's only poll: wait for the worker to pick it up
+            time.sleep(0.001)
         print(wq.dump())
+        gate.set()
+        wq.flush()
+        for pool in wq.stats().pools:
+            print(
+                f"  pool {pool.pool}: queued={pool.queued} completed={pool.completed} "
+                f"failed={pool.failed} workers={pool.nr_workers}"
+            )
     finally:
         wq.destroy()
 
