@@ -1,0 +1,384 @@
+"""The dom0 half of the real-Xen test.
+
+dom0-init.sh runs this inside dom0 (a real Linux dom0 on a real Xen, under
+QEMU), chrooted into this machine's root shared read-only over virtio-9p, so
+it runs with the project's own virtualenv.  It:
+
+1. starts Debian's ``xenstored``, ``xen-init-dom0`` and ``xenconsoled``;
+2. starts the pvcalls backend on the ``xen`` platform in this process
+   (``--backend pvcalls``), or the handshake-only stand-in
+   (``--backend standin``);
+3. starts an echo server on 127.0.0.1 and creates a PV domU with
+   ``pvcalls = [ "backend=0" ]`` whose initramfs loads pvshim.ko;
+4. follows the domU's console, connects a client when the guest says it
+   listens, and checks the echo of that client's data;
+5. waits for the domU to power off and checks that the backend let go of
+   everything: device Closed or removed, no socket, mapping or port left.
+
+It reports on its stdout, which is dom0's console and so QEMU's serial port::
+
+    REALXEN STEP <name> OK|FAIL <details>
+    REALXEN RESULT PASS
+    REALXEN RESULT FAIL <step>: <details>
+
+and copies the guest's console lines prefixed with ``domU| ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+XEN_BIN = Path("/usr/lib/xen-4.17/bin")
+XENSTORED_SOCKET = Path("/run/xenstored/socket")
+XENSTORED_TRACE = Path("/var/log/xen/xenstored-trace.log")
+CONSOLE_DIR = Path("/var/log/xen/console")
+DOMU_NAME = "realxen-domu"
+LISTEN_PORT = 7000
+
+_out_lock = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One line on dom0's console; lines of different threads never mix."""
+    with _out_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, details: str) -> None:
+        super().__init__(f"{step}: {details}")
+        self.step = step
+        self.details = details
+
+
+def step_ok(step: str, details: str = "") -> None:
+    say(f"REALXEN STEP {step} OK {details}".rstrip())
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, step: str, what: str) -> Any:
+    """Poll ``predicate`` until it returns something true, or fail ``step``.
+
+    Used for conditions of other processes (a socket file appearing, a
+    domain disappearing) that offer nothing to block on from here.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise StepFailed(step, f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Backend(Protocol):
+    def stop(self) -> None: ...
+
+    def leftovers(self, domid: int) -> list[str]: ...
+
+
+# -- Xen daemons -------------------------------------------------------------
+
+
+def start_xen_daemons(procs: list[subprocess.Popen[bytes]]) -> None:
+    t0 = time.monotonic()
+    procs.append(subprocess.Popen(
+        [str(XEN_BIN / "xenstored"), "-N", "-T", str(XENSTORED_TRACE)],
+        stdout=subprocess.DEVNULL,
+    ))
+    wait_until(XENSTORED_SOCKET.exists, 30, "xenstored", str(XENSTORED_SOCKET))
+    init = subprocess.run([str(XEN_BIN / "xen-init-dom0")], capture_output=True, text=True)
+    if init.returncode != 0:
+        raise StepFailed("xen-init-dom0", init.stdout + init.stderr)
+    procs.append(subprocess.Popen([
+        str(XEN_BIN / "xenconsoled"), "-i", "--log=guest", f"--log-dir={CONSOLE_DIR}",
+    ]))
+    step_ok("xen-daemons", f"{time.monotonic() - t0:.1f}s")
+
+
+def start_backend(kind: str) -> Backend:
+    t0 = time.monotonic()
+    backend: Backend
+    if kind == "standin":
+        from standin import StandinBackend
+
+        standin = StandinBackend(str(XENSTORED_SOCKET), say)
+        standin.start()
+        backend = standin
+    else:
+        from realbackend import RealBackend
+
+        backend = RealBackend(say)
+    step_ok("backend-start", f"{kind} {time.monotonic() - t0:.1f}s")
+    return backend
+
+
+# -- dom0 peers of the guest's sockets ----------------------------------------
+
+
+class EchoServer:
+    """Echoes every connection to 127.0.0.1:<port> until EOF."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.echoed: list[int] = []  # bytes per finished connection
+        self.errors: list[str] = []
+        self._lock = threading.Lock()  # guards echoed and errors
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        total = 0
+        try:
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+                    total += len(data)
+        except OSError as exc:
+            with self._lock:
+                self.errors.append(f"after {total} bytes: {exc}")
+        with self._lock:
+            self.echoed.append(total)
+
+
+class AcceptClient(threading.Thread):
+    """Connects to the guest's listening socket, sends random bytes and
+    checks that the guest echoes them back exactly; closes only once the
+    whole echo is in, which is the guest's cue that it may RELEASE."""
+
+    def __init__(self, port: int, nbytes: int, timeout: float) -> None:
+        super().__init__(name="accept-client", daemon=True)
+        self.port, self.nbytes, self.timeout = port, nbytes, timeout
+        self.result: str | None = None  # "OK ..." or "FAIL ..."
+
+    def run(self) -> None:
+        data = os.urandom(self.nbytes)
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout) as s:
+                sender = threading.Thread(target=s.sendall, args=(data,), daemon=True)
+                sender.start()
+                got = bytearray()
+                while len(got) < self.nbytes:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                sender.join(self.timeout)
+            if bytes(got) == data:
+                self.result = f"OK sent and got back {len(data)} bytes"
+            else:
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(got, data, strict=False)) if a != b),
+                    min(len(got), len(data)),
+                )
+                self.result = f"FAIL got {len(got)} of {len(data)} bytes, first difference at {first}"
+        except OSError as exc:
+            self.result = f"FAIL {exc!r}"
+
+
+# -- the guest ---------------------------------------------------------------
+
+
+def domu_config(args: argparse.Namespace, echo_port: int) -> str:
+    extra = (
+        # Quiet boot; the initramfs turns the console up for pvshim.
+        "console=hvc0 loglevel=4"
+        f" pvshim.echo_port={echo_port} pvshim.listen_port={LISTEN_PORT}"
+        f" pvshim.nbytes={args.nbytes} pvshim.step_timeout={args.step_timeout}"
+    )
+    return "\n".join([
+        f'name = "{DOMU_NAME}"',
+        'type = "pv"',
+        f'kernel = "{args.domu_kernel}"',
+        f'ramdisk = "{args.domu_initrd}"',
+        f'extra = "{extra}"',
+        "memory = 256",
+        "vcpus = 1",
+        'pvcalls = [ "backend=0" ]',
+        'on_poweroff = "destroy"',
+        'on_crash = "destroy"',
+        "",
+    ])
+
+
+def domain_exists(name: str) -> bool:
+    return subprocess.run(
+        [str(XEN_BIN / "xl"), "domid", name], capture_output=True
+    ).returncode == 0
+
+
+class ConsoleFollower:
+    """Follows the domU's console log (written by xenconsoled) line by line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+        self._partial = ""
+
+    def lines(self) -> list[str]:
+        if self._file is None:
+            if not self.path.exists():
+                return []
+            self._file = open(self.path, errors="replace")  # noqa: SIM115
+        text = self._partial + self._file.read()
+        *complete, self._partial = text.split("\n")
+        return [line.rstrip("\r") for line in complete]
+
+
+def run_guest(args: argparse.Namespace, echo: EchoServer) -> int:
+    """Create the domU, follow its scenario, wait until it is gone.
+
+    Returns the domid the guest had."""
+    cfg = Path("/run/realxen-domu.cfg")
+    cfg.write_text(domu_config(args, echo.port))
+    t0 = time.monotonic()
+    create = subprocess.run(
+        [str(XEN_BIN / "xl"), "create", str(cfg)], capture_output=True, text=True,
+        timeout=args.step_timeout,
+    )
+    if create.returncode != 0:
+        raise StepFailed("xl-create", (create.stdout + create.stderr).strip())
+    domid = int(subprocess.run(
+        [str(XEN_BIN / "xl"), "domid", DOMU_NAME], capture_output=True, text=True, check=True,
+    ).stdout)
+    step_ok("xl-create", f"dom{domid} {time.monotonic() - t0:.1f}s")
+
+    console = ConsoleFollower(CONSOLE_DIR / f"guest-{DOMU_NAME}.log")
+    deadline = time.monotonic() + args.guest_timeout
+    client: AcceptClient | None = None
+    result: str | None = None
+    last_step = "guest-boot"
+    while True:
+        for line in console.lines():
+            say(f"domU| {line}")
+            if m := re.search(r"PVSHIM STEP (\S+) (BEGIN|OK|FAIL)(.*)", line):
+                last_step = m.group(1)
+                if m.group(2) == "FAIL":
+                    result = result or f"FAIL {m.group(1)}:{m.group(3)}"
+            elif m := re.search(r"PVSHIM LISTENING port=(\d+)", line):
+                client = AcceptClient(int(m.group(1)), args.nbytes, args.step_timeout)
+                client.start()
+            elif m := re.search(r"PVSHIM RESULT (PASS|FAIL.*)", line):
+                result = result or m.group(1)
+        if not domain_exists(DOMU_NAME):
+            break
+        if time.monotonic() > deadline:
+            raise StepFailed(last_step, f"guest still running after {args.guest_timeout} s")
+        time.sleep(0.1)
+    for line in console.lines():
+        say(f"domU| {line}")
+    step_ok("domu-gone", f"{time.monotonic() - t0:.1f}s after xl create")
+
+    if result is None:
+        raise StepFailed(last_step, "the guest stopped without a PVSHIM RESULT")
+    if client is not None:
+        client.join(args.step_timeout)
+        if client.result is None or not client.result.startswith("OK"):
+            raise StepFailed("dom0-accept-client", client.result or "did not finish")
+        step_ok("dom0-accept-client", client.result[3:])
+    if result != "PASS":
+        step, _, details = result[5:].partition(":")
+        raise StepFailed(step, details.strip() or "guest reported failure")
+    step_ok("guest-scenario")
+    if echo.echoed != [args.nbytes] or echo.errors:
+        raise StepFailed("dom0-echo-server", f"echoed {echo.echoed}, errors {echo.errors}")
+    step_ok("dom0-echo-server", f"echoed {echo.echoed[0]} bytes")
+    return domid
+
+
+def check_released(backend: Backend, domid: int, timeout: float) -> None:
+    """After the guest is gone the backend must hold nothing of it."""
+    left: list[str] = []
+
+    def clean() -> bool:
+        nonlocal left
+        left = backend.leftovers(domid)
+        return not left
+
+    try:
+        wait_until(clean, timeout, "backend-released", "the backend to release the guest")
+    except StepFailed:
+        raise StepFailed("backend-released", "; ".join(left)) from None
+    step_ok("backend-released")
+
+
+def dump_xenstore_trace() -> None:
+    """The pvcalls part of xenstored's trace: who wrote which node when."""
+    try:
+        lines = XENSTORED_TRACE.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    for line in lines:
+        if "pvcalls" in line:
+            say(f"xs| {line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=["pvcalls", "standin"], default="pvcalls")
+    parser.add_argument("--domu-kernel", required=True)
+    parser.add_argument("--domu-initrd", required=True)
+    parser.add_argument("--nbytes", type=int, default=1 << 20)
+    parser.add_argument("--step-timeout", type=int, default=60)
+    parser.add_argument("--guest-timeout", type=int, default=180)
+    parser.add_argument("--trace", action="store_true", help="print xenstored's pvcalls trace")
+    args = parser.parse_args(argv)
+    uptime = Path("/proc/uptime").read_text().split()[0]
+    step_ok("dom0-python", f"dom0 uptime {uptime}s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="dom0| %(name)s %(levelname)s %(message)s"
+    )
+
+    procs: list[subprocess.Popen[bytes]] = []
+    backend: Backend | None = None
+    failed: StepFailed | None = None
+    try:
+        start_xen_daemons(procs)
+        backend = start_backend(args.backend)
+        echo = EchoServer()
+        domid = run_guest(args, echo)
+        check_released(backend, domid, args.step_timeout)
+    except StepFailed as exc:
+        failed = exc
+    except Exception as exc:  # a harness bug: report it like a failed step
+        traceback.print_exc(file=sys.stdout)
+        failed = StepFailed("dom0-harness", repr(exc))
+    if failed is not None or args.trace:
+        dump_xenstore_trace()
+    if backend is not None:
+        try:
+            backend.stop()
+        except Exception:
+            traceback.print_exc(file=sys.stdout)
+    for proc in procs:
+        proc.terminate()
+    if failed is None:
+        say("REALXEN RESULT PASS")
+        return 0
+    say(f"REALXEN RESULT FAIL {failed.step}: {failed.details}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
