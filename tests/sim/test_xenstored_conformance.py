@@ -165,6 +165,22 @@ def test_xenstore_utils(xsd: XenStored) -> None:
         assert c.read("/local/domain/0/rel") == b"r"
 
 
+def test_xenstore_utils_find_the_socket_through_xenstored_rundir(xsd: XenStored) -> None:
+    env = dict(os.environ, XENSTORED_RUNDIR=os.fspath(xsd.path.parent))
+    env.pop("XENSTORED_PATH", None)
+    run = subprocess.run(
+        [xenstore_tool("xenstore-write"), "/via-rundir", "yes"], env=env, timeout=30, check=True
+    )
+    assert run.returncode == 0
+    with RawClient(xsd.path) as c:
+        assert c.read("/via-rundir") == b"yes"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XENSTORED_RUNDIR", os.fspath(xsd.path.parent))
+        mp.delenv("XENSTORED_PATH", raising=False)
+        with pyxs.Client() as c:
+            assert c.read(b"/via-rundir") == b"yes"
+
+
 def test_xenstore_watch(xsd: XenStored) -> None:
     env = dict(os.environ, XENSTORED_PATH=os.fspath(xsd.path))
     watch = subprocess.Popen(

@@ -294,7 +294,7 @@ def test_transaction_watch_events_fire_on_commit_only(dom0: RawClient, other: Ra
 def test_transaction_id_rules(dom0: RawClient, other: RawClient) -> None:
     tx = dom0.transaction_start()
     assert error_of(dom0.request, Op.TRANSACTION_START, b"\0", tx) == "EBUSY"
-    assert error_of(dom0.request, Op.TRANSACTION_START, b"\0", 12345) == "ENOENT"
+    assert error_of(dom0.request, Op.TRANSACTION_START, b"\0", 12345) == "EBUSY"
     assert error_of(dom0.read, "/", 12345) == "ENOENT"
     assert error_of(other.read, "/", tx) == "ENOENT"  # transactions are per connection
     assert error_of(dom0.request, Op.TRANSACTION_END, b"T\0") == "ENOENT"
@@ -326,3 +326,14 @@ def test_guest_transaction_node_quota_counts_at_commit(xsd: XenStored, dom0: Raw
         guest.set_perms("t/a", ["n3", "r0"], tx)
         guest.transaction_end(tx)
         assert dom0.get_perms("/local/domain/3/t/a") == ["n3", "r0"]
+
+
+def test_special_watch_enabled_for_a_guest_by_set_perms(xsd: XenStored, dom0: RawClient) -> None:
+    with make_guest(xsd, dom0, 5) as guest:
+        guest.watch("@releaseDomain", "g")
+        assert guest.wait_event() == ("@releaseDomain", "g")
+        dom0.set_perms("@releaseDomain", ["n0", "r5"])
+        xsd.introduce_domain(6)
+        xsd.release_domain(6)
+        assert guest.wait_event() == ("@releaseDomain", "g")
+        assert_no_event(guest)

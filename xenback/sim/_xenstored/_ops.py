@@ -149,6 +149,11 @@ class Dispatcher:
             if op in self._privileged_only and not conn.domain.privileged:
                 raise XsError("EACCES", "privileged operation")
             view: View = self.store
+            if tx_id and op == Op.TRANSACTION_START:
+                # Transactions do not nest.  (cxenstored looks the id up
+                # first and says ENOENT for an unknown one; the protocol
+                # reference says EBUSY for any.)
+                raise XsError("EBUSY", "TRANSACTION_START inside a transaction")
             if tx_id and op not in self._notid:
                 tx = conn.transactions.get(tx_id)
                 if tx is None:
@@ -513,8 +518,6 @@ class Dispatcher:
     # --- handlers: transactions --------------------------------------------------
 
     def _transaction_start(self, conn: Connection, view: View, payload: bytes) -> bytes:
-        if isinstance(view, Transaction):
-            raise XsError("EBUSY", "transactions do not nest")
         domain = conn.domain
         if not domain.privileged and domain.ntransactions >= self.quota.transactions:
             raise XsError("ENOSPC", "transaction quota exceeded")
