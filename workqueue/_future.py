@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import (  # the states, as concurrent.futures spells them
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -43,9 +43,17 @@ __all__ = ["LeanFuture", "CallWork", "cancel_pending_futures"]
 
 
 class LeanFuture(Future[Any]):
-    """A Future whose condition is made on first use."""
+    """A Future whose condition is made on first use.
 
-    def __init__(self, work: CallWork) -> None:  # no super().__init__(): that is the cost
+    LeanFuture(work) is the future of a CallWork: cancel() succeeds exactly
+    while the item is pending.  LeanFuture() stands alone, for executors
+    built on the engine (e.g. a serial executor): they call
+    set_running_or_notify_cancel() before running the call, as with any
+    Future, and cancel() succeeds until then.  Either way the state changes
+    under the engine lock, which is what makes cancel and start exclusive.
+    """
+
+    def __init__(self, work: CallWork | None = None) -> None:  # no super().__init__(): that is the cost
         self._work = work
         self._state = PENDING
         self._result = None
@@ -69,11 +77,24 @@ class LeanFuture(Future[Any]):
             state = self._state
             if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
-            if state != PENDING or not try_to_grab_pending(self._work):
+            if state != PENDING:
                 return False
+            if self._work is not None and not try_to_grab_pending(self._work):
+                return False
+            # Nobody will run it, so there is nothing left to notify later.
             self._state = CANCELLED_AND_NOTIFIED
         self._notify_cancelled()
         return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with _pool.lock:
+            state = self._state
+            if state == PENDING:
+                self._state = RUNNING
+                return True
+            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return False
+        raise InvalidStateError(f"{self!r} cannot start: it is {state}")
 
     def _notify_cancelled(self) -> None:
         cond = self.__dict__.get("_cond")

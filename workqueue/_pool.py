@@ -171,19 +171,23 @@ class Worker:
     """A worker thread (struct worker)."""
 
     __slots__ = (
-        "pool", "thread", "wake", "idle", "flags", "current", "current_pwq", "start",
+        "pool", "thread", "wake", "idle", "woken", "flags", "current", "current_pwq", "start",
         "scheduled", "die", "reported", "rescuer_of",
     )
 
     def __init__(self, pool: WorkerPool | None, flags: int) -> None:
         self.pool = pool
         self.thread: threading.Thread | None = None
-        # wake is a binary semaphore: an idle worker sleeps acquiring it and
-        # whoever takes the worker off pool.idle releases it (under the
-        # engine lock), so a wake-up is never lost.
+        # wake is a binary semaphore: an idle worker sleeps acquiring it, and
+        # a waker releases it once, setting `woken` (both under the engine
+        # lock), so a wake-up is never lost nor doubled.  The worker stays on
+        # pool.idle until it runs (worker_leave_idle): waking the first idle
+        # worker again while it gets going is then a no-op, not a second
+        # worker woken for nothing.
         self.wake = threading.Lock()
         self.wake.acquire()
         self.idle = False
+        self.woken = False
         self.flags = flags
         self.current: Work | None = None
         self.current_pwq: PoolWorkqueue | None = None
@@ -440,12 +444,13 @@ def kick_pool(pool: WorkerPool) -> None:
     """
     if not pool.idle:
         if pool.workers and not pool.create_failed:
-            return  # the woken reserve will run, and make a new reserve
+            return  # (not while creation works: see may_start_working above)
         if not create_worker(pool):
             return
-    worker = pool.idle.pop()
-    worker.idle = False
-    worker.wake.release()
+    worker = pool.idle[-1]
+    if not worker.woken:
+        worker.woken = True
+        worker.wake.release()
 
 
 def _arm_tick(pool: WorkerPool) -> None:
@@ -496,15 +501,23 @@ def _worker_thread(worker: Worker) -> None:
             lock.acquire()
             try:
                 if not woke:
-                    if worker.idle:
+                    if not worker.woken:
                         if worker.die or _too_many_workers(pool):
                             pool.idle.remove(worker)
                             pool.workers.discard(worker)
                             return
                         continue
                     worker.wake.acquire()  # our waker raced with the timeout
+                worker.woken = False
                 if worker.die:
                     return
+                # worker_leave_idle
+                idle = pool.idle
+                if idle and idle[-1] is worker:
+                    idle.pop()
+                else:
+                    idle.remove(worker)
+                worker.idle = False
                 _worker_run(worker, pool)
                 if not pool.pwqs and not pool.worklist.nr:
                     # No workqueue uses the pool any longer.
@@ -581,8 +594,11 @@ def process_one_work(worker: Worker, work: Work) -> None:
     wq = pwq.wq
     if wq._cpu_intensive:
         set_flags(worker, WORKER_CPU_INTENSIVE)
-    if pool.worklist.nr and pool.nr_running == 0:
-        kick_pool(pool)  # unbound pools and intensive items fan out
+    if pool.worklist.nr:
+        if pool.nr_running == 0:
+            kick_pool(pool)  # unbound pools and intensive items fan out
+        elif pool.tick is None:
+            _arm_tick(pool)  # others wait for this item: watch its run time
     pwq.nr_started += 1
     if wq._trace_hooks:
         wq._trace("execute_start", work, pool)
@@ -737,7 +753,9 @@ def release_pwq(pwq: PoolWorkqueue) -> None:
         worker.die = True
         worker.idle = False
         pool.workers.discard(worker)
-        worker.wake.release()
+        if not worker.woken:
+            worker.woken = True
+            worker.wake.release()
     pool.idle.clear()
     for handle in (pool.tick, pool.retry):
         if handle is not None:

@@ -35,9 +35,14 @@ HotplugNotifier = Callable[[int, bool], None]
 
 
 def _load_sched_getcpu() -> Callable[[], int] | None:
-    """glibc's sched_getcpu(), which the os module does not offer."""
+    """glibc's sched_getcpu(), which the os module does not offer.
+
+    Loaded through PyDLL, which keeps the GIL across the call: a CDLL call
+    drops it, and a queue_work() that gives the GIL to a worker on every call
+    runs ten times slower.
+    """
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sched_getcpu
+        fn = ctypes.PyDLL(None).sched_getcpu
     except (OSError, AttributeError):
         return None
     fn.restype = ctypes.c_int

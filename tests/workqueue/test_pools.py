@@ -1,0 +1,352 @@
+"""Pools, CPU selection, max_active, ordered queues, concurrency management (Part 3: 3, 4, 5)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from workqueue import (
+    WQ_CPU_INTENSIVE,
+    WQ_HIGHPRI,
+    WQ_UNBOUND,
+    Topology,
+    Work,
+    alloc_workqueue,
+    blocking,
+)
+
+TIMEOUT = 10.0
+
+
+class Item(Work):
+    """A Work with room for the test's own fields."""
+
+
+def _can_pin() -> bool:
+    try:
+        os.sched_setaffinity(0, os.sched_getaffinity(0))
+    except OSError:
+        return False
+    return True
+
+
+def test_queue_work_from_a_worker_stays_on_its_cpu(make_wq: Any, tracer: Any) -> None:
+    wq = make_wq()
+    wq.add_trace_hook(tracer)
+    inner = Work(lambda w: None)
+    outer = Work(lambda w: wq.queue_work(inner))
+    for cpu in (0, 1):
+        wq.queue_work_on(cpu, outer)
+        outer.flush()
+        inner.flush()
+        assert tracer.cpus("queue", inner)[-1] == cpu
+        assert tracer.cpus("execute_start", inner)[-1] == cpu
+
+
+def test_queue_work_from_a_thread_uses_the_cpu_it_runs_on(make_wq: Any, tracer: Any) -> None:
+    host = sorted(os.sched_getaffinity(0))
+    if not _can_pin() or len(host) < 2:
+        pytest.skip("needs two CPUs and sched_setaffinity")
+    wq = make_wq(topology=Topology())
+    wq.add_trace_hook(tracer)
+    w = Work(lambda work: None)
+    seen = []
+
+    def pinned_producer(cpu: int) -> None:
+        os.sched_setaffinity(0, {cpu})
+        wq.queue_work(w)
+        w.flush()
+        seen.append((cpu, tracer.cpus("queue", w)[-1]))
+
+    for cpu in host[:2]:
+        t = threading.Thread(target=pinned_producer, args=(cpu,))
+        t.start()
+        t.join(TIMEOUT)
+    assert seen == [(cpu, cpu) for cpu in host[:2]]
+
+
+def test_logical_cpus_beyond_the_host_map_onto_host_cpus_and_pin_there(make_wq: Any) -> None:
+    topo = Topology(8)
+    host = sorted(os.sched_getaffinity(0))
+    assert [topo.real_cpu(c) for c in range(8)] == [
+        c if c in host else host[c % len(host)] for c in range(8)]
+    # A thread that is not a worker counts as the lowest logical CPU of its host CPU.
+    assert topo.current_cpu() in topo.online()
+    assert topo.real_cpu(topo.current_cpu()) in host
+    wq = make_wq(topology=topo)
+    affinity: dict[int, set[int]] = {}
+    cpus: dict[int, int] = {}
+
+    def record(work: Any) -> None:
+        affinity[work.cpu] = os.sched_getaffinity(0)
+        cpus[work.cpu] = topo.current_cpu()
+
+    items = []
+    for cpu in range(8):
+        w = Item(record)
+        w.cpu = cpu
+        items.append(w)
+        wq.queue_work_on(cpu, w)
+    for w in items:
+        w.flush()
+    assert cpus == {cpu: cpu for cpu in range(8)}  # a worker is on its own CPU
+    if _can_pin():
+        assert affinity == {cpu: {topo.real_cpu(cpu)} for cpu in range(8)}
+
+
+def test_highpri_and_normal_pools_are_separate_and_shared_between_queues(
+        make_wq: Any, topo: Any) -> None:
+    a = make_wq("a")
+    b = make_wq("b")
+    h = make_wq("h", WQ_HIGHPRI)
+    for cpu in topo.possible():
+        assert a._pwqs[cpu].pool is b._pwqs[cpu].pool
+        assert h._pwqs[cpu].pool is not a._pwqs[cpu].pool
+    assert [p.pool for p in h.stats().pools] == ["cpu0H", "cpu1H"]
+    assert [p.pool for p in a.stats().pools] == ["cpu0", "cpu1"]
+    u = make_wq("u", WQ_UNBOUND)
+    assert [p.pool for p in u.stats().pools] == ["unbound"]
+
+
+def test_a_cpu_runs_one_item_at_a_time_unless_it_blocks(make_wq: Any) -> None:
+    # The threshold is 60 s in this topology: only blocking() lets B start.
+    wq = make_wq()
+    a_done = threading.Event()
+    b_saw_a_done: list[bool] = []
+    a_started = threading.Event()
+    release_a = threading.Event()
+
+    def a(work: Work) -> None:
+        a_started.set()
+        assert release_a.wait(TIMEOUT)
+        a_done.set()
+
+    wq.queue_work_on(0, Work(a))
+    assert a_started.wait(TIMEOUT)
+    b = Work(lambda w: b_saw_a_done.append(a_done.is_set()))
+    wq.queue_work_on(0, b)
+    stats = wq.stats().pools[0]
+    assert (stats.started, stats.nr_active, stats.nr_running) == (1, 2, 1)
+    release_a.set()
+    b.flush()
+    assert b_saw_a_done == [True]
+
+
+def test_blocking_lets_the_pool_start_the_next_item(make_wq: Any) -> None:
+    wq = make_wq()
+    b_ran = threading.Event()
+    a_saw: list[bool] = []
+
+    def a(work: Work) -> None:
+        with blocking():
+            a_saw.append(b_ran.wait(TIMEOUT))
+
+    wq.queue_work_on(0, Work(a))
+    b = Work(lambda w: b_ran.set())
+    wq.queue_work_on(0, b)
+    wq.flush()
+    assert a_saw == [True]
+
+
+def test_blocking_outside_a_work_item_does_nothing() -> None:
+    with blocking():
+        pass
+
+
+def test_long_item_stops_counting_after_the_threshold(make_wq: Any) -> None:
+    thresh = 0.02
+    topo = Topology(1, cpu_intensive_thresh=thresh)
+    wq = make_wq(topology=topo)
+    b_ran = threading.Event()
+    times: dict[str, float] = {}
+
+    def a(work: Work) -> None:
+        times["a"] = time.monotonic()
+        assert b_ran.wait(TIMEOUT)  # blocks without saying so
+
+    def b(work: Work) -> None:
+        times["b"] = time.monotonic()
+        b_ran.set()
+
+    wq.queue_work(Work(a))
+    wq.queue_work(Work(b))
+    wq.flush()
+    assert times["b"] - times["a"] >= thresh * 0.99  # held back about the threshold
+    assert wq.stats().pools[0].cpu_intensive == 1
+
+
+def test_cpu_intensive_items_do_not_hold_others_back(make_wq: Any) -> None:
+    hog = make_wq("hog", WQ_CPU_INTENSIVE)
+    normal = make_wq("normal")
+    b_ran = threading.Event()
+    a_saw: list[bool] = []
+    hog.queue_work_on(0, Work(lambda w: a_saw.append(b_ran.wait(TIMEOUT))))
+    normal.queue_work_on(0, Work(lambda w: b_ran.set()))
+    hog.flush()
+    assert a_saw == [True]
+
+
+def test_unbound_pool_is_not_concurrency_managed(make_wq: Any) -> None:
+    wq = make_wq(flags=WQ_UNBOUND)
+    barrier = threading.Barrier(3)
+    ok: list[bool] = []
+
+    def meet(work: Work) -> None:
+        barrier.wait(TIMEOUT)
+        ok.append(True)
+
+    for _ in range(3):
+        wq.queue_work(Work(meet))
+    wq.flush()
+    assert ok == [True] * 3
+
+
+def test_max_active_per_cpu_fifo_and_set_max_active(make_wq: Any, tracer: Any) -> None:
+    wq = make_wq(max_active=2)
+    wq.add_trace_hook(tracer)
+    release = threading.Event()
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def item(work: Any) -> None:
+        with lock:
+            started.append(work.n)
+        with blocking():  # so that concurrency management does not limit us
+            assert release.wait(TIMEOUT)
+
+    items = []
+    for n in range(6):
+        w = Item(item)
+        w.n = n
+        items.append(w)
+        wq.queue_work_on(0, w)
+    tracer.wait_for(lambda: sum(e == "execute_start" for e, _, _ in tracer.events) == 2)
+    pool = wq.stats().pools[0]
+    assert (pool.nr_active, pool.nr_inactive) == (2, 4)
+    assert wq.stats().pools[1].nr_active == 0
+    wq.set_max_active(4)
+    tracer.wait_for(lambda: sum(e == "execute_start" for e, _, _ in tracer.events) == 4)
+    assert wq.stats().pools[0].nr_inactive == 2
+    release.set()
+    wq.flush()
+    assert sorted(started[:2]) == [0, 1]
+    assert sorted(started[2:4]) == [2, 3]
+    assert sorted(started[4:]) == [4, 5]
+    # Activation is FIFO: the inactive items were activated in queueing order.
+    activated = [w.n for e, w, _ in tracer.events if e == "activate"]
+    assert activated == list(range(6))
+
+
+def test_max_active_is_per_queue_for_unbound(make_wq: Any, topo: Any) -> None:
+    wq = make_wq(flags=WQ_UNBOUND, max_active=2)
+    release = threading.Event()
+    lock = threading.Lock()
+    state = {"active": 0, "max": 0}
+    two_running = threading.Event()
+
+    def item(work: Work) -> None:
+        with lock:
+            state["active"] += 1
+            state["max"] = max(state["max"], state["active"])
+            if state["active"] == 2:
+                two_running.set()
+        assert release.wait(TIMEOUT)
+        with lock:
+            state["active"] -= 1
+
+    for n in range(6):
+        wq.queue_work_on(n % 2, Work(item))
+    assert two_running.wait(TIMEOUT)
+    assert wq.stats().pools[0].nr_inactive == 4
+    release.set()
+    wq.flush()
+    assert state["max"] == 2
+
+
+def test_ordered_queue_runs_one_at_a_time_in_queueing_order(make_wq: Any, tracer: Any) -> None:
+    wq = make_wq(ordered=True)
+    wq.add_trace_hook(tracer)
+    lock = threading.Lock()
+    state = {"active": 0, "max": 0}
+    ran: list[Work] = []
+
+    def item(work: Work) -> None:
+        with lock:
+            state["active"] += 1
+            state["max"] = max(state["max"], state["active"])
+        with blocking():
+            ran.append(work)
+        with lock:
+            state["active"] -= 1
+
+    start = threading.Barrier(4)
+
+    def producer() -> None:
+        start.wait(TIMEOUT)
+        for _ in range(50):
+            wq.queue_work(Work(item))
+
+    threads = [threading.Thread(target=producer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    wq.flush()
+    queued = [w for e, w, _ in tracer.events if e == "queue"]
+    assert ran == queued and len(ran) == 200
+    assert state["max"] == 1
+    with pytest.raises(RuntimeError, match="ordered"):
+        wq.set_max_active(2)
+
+
+def test_destroy_releases_pools_and_their_idle_workers_exit() -> None:
+    topo = Topology(2)
+    a = alloc_workqueue("a", topology=topo)
+    b = alloc_workqueue("b", topology=topo)
+    u = alloc_workqueue("u", WQ_UNBOUND, topology=topo)
+    for wq in (a, b, u):
+        for cpu in (0, 1):
+            wq.queue_work_on(cpu, Work(lambda w: None))
+        wq.flush()
+    pools = topo._pools.pools()
+    threads = [w.thread for p in pools for w in p.workers]
+    assert threads and all(t.is_alive() for t in threads)
+    a.destroy()
+    assert all(t.is_alive() for t in threads)  # b still uses the bound pools
+    b.destroy()
+    u.destroy()
+    for t in threads:
+        t.join(TIMEOUT)
+        assert not t.is_alive(), t
+    assert all(not p.workers for p in pools)
+    # A new workqueue brings the pools back to life.
+    c = alloc_workqueue("c", topology=topo)
+    w = Work(lambda w: None)
+    c.queue_work(w)
+    assert w.flush() is True
+    c.destroy()
+
+
+def test_an_exception_is_logged_with_the_item_and_the_worker_survives(
+        make_wq: Any, caplog: pytest.LogCaptureFixture) -> None:
+    wq = make_wq()
+    threads: list[threading.Thread] = []
+
+    def boom(work: Work) -> None:
+        threads.append(threading.current_thread())
+        raise ValueError("kaboom")
+
+    w = Work(boom)
+    with caplog.at_level("ERROR", logger="workqueue"):
+        for _ in range(3):
+            wq.queue_work_on(0, w)
+            w.flush()
+    assert len(threads) == 3 and len(set(threads)) == 1  # the same worker every time
+    failures = [r for r in caplog.records if r.exc_info and "kaboom" in str(r.exc_info[1])]
+    assert len(failures) == 3
+    assert "boom" in caplog.records[0].getMessage()
+    assert wq.stats().failed == 3

@@ -1,0 +1,301 @@
+"""Work item life cycle: pending bit, non-reentrancy, flush, cancel, disable (Part 3: 1, 2, 7, 8)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+import pytest
+
+from workqueue import Work, current_work
+
+TIMEOUT = 10.0
+
+
+def wait_until(pred: Any, timeout: float = TIMEOUT) -> None:
+    """Poll a condition another thread makes true (no sleeping for correctness)."""
+    done = threading.Event()
+    deadline = timeout
+    while not pred():
+        assert deadline > 0, "condition not reached"
+        done.wait(0.001)
+        deadline -= 0.001
+
+
+class Gate:
+    """A work function that signals it started, then waits to be released."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.runs = 0
+        self.pending_at_start: list[bool] = []
+
+    def __call__(self, work: Work) -> None:
+        self.runs += 1
+        self.pending_at_start.append(work.pending)
+        self.started.set()
+        assert self.release.wait(TIMEOUT)
+
+
+def test_queue_work_returns_false_while_pending(make_wq: Any) -> None:
+    wq = make_wq(ordered=True)
+    blocker = Gate()
+    wq.queue_work(Work(blocker))
+    assert blocker.started.wait(TIMEOUT)
+    ran = []
+    w = Work(lambda work: ran.append(work))
+    assert wq.queue_work(w) is True
+    assert w.pending and not w.running
+    assert wq.queue_work(w) is False
+    assert wq.queue_work_on(1, w) is False
+    blocker.release.set()
+    assert w.flush() is True
+    assert ran == [w]
+    assert not w.pending and not w.running
+
+
+def test_pending_clears_before_func_so_requeue_runs_exactly_once_more(make_wq: Any) -> None:
+    wq = make_wq()
+    gate = Gate()
+    w = Work(gate)
+    assert wq.queue_work(w)
+    assert gate.started.wait(TIMEOUT)
+    assert w.running and not w.pending
+    # Queued during the run: pending again, and further queueing coalesces.
+    assert wq.queue_work(w) is True
+    assert wq.queue_work(w) is False
+    assert w.pending and w.running
+    gate.release.set()
+    assert w.flush() is True
+    assert gate.runs == 2
+    assert gate.pending_at_start == [False, False]
+    assert w.flush() is False
+
+
+def test_work_never_runs_concurrently_with_itself(make_wq: Any, topo: Any) -> None:
+    wq = make_wq(max_active=8)
+    lock = threading.Lock()
+    state = {"active": 0, "max": 0, "runs": 0}
+
+    def func(work: Work) -> None:
+        with lock:
+            state["active"] += 1
+            state["max"] = max(state["max"], state["active"])
+            state["runs"] += 1
+        for _ in range(200):  # a little work, so overlaps would show
+            pass
+        with lock:
+            state["active"] -= 1
+
+    w = Work(func)
+    start = threading.Barrier(8)
+
+    def producer(seed: int) -> None:
+        rng = random.Random(seed)
+        start.wait(TIMEOUT)
+        for _ in range(300):
+            if rng.random() < 0.5:
+                wq.queue_work(w)
+            else:
+                wq.queue_work_on(rng.choice(topo.possible()), w)
+
+    threads = [threading.Thread(target=producer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    w.flush()
+    assert state["max"] == 1
+    assert state["runs"] >= 1
+
+
+def test_flush_returns_whether_it_waited(make_wq: Any) -> None:
+    wq = make_wq()
+    w = Work(lambda work: None)
+    assert w.flush() is False  # never queued
+    wq.queue_work(w)
+    w.flush()
+    assert w.flush() is False  # idle again
+
+
+def test_flush_waits_for_the_running_instance(make_wq: Any) -> None:
+    wq = make_wq()
+    gate = Gate()
+    w = Work(gate)
+    wq.queue_work(w)
+    assert gate.started.wait(TIMEOUT)
+    order: list[str] = []
+    flusher = threading.Thread(target=lambda: order.append(f"flushed {w.flush()}"))
+    flusher.start()
+    order.append("released")
+    gate.release.set()
+    flusher.join(TIMEOUT)
+    assert order == ["released", "flushed True"]
+
+
+def test_cancel_returns_true_only_for_a_pending_item(make_wq: Any) -> None:
+    wq = make_wq(ordered=True)
+    blocker = Gate()
+    wq.queue_work(Work(blocker))
+    assert blocker.started.wait(TIMEOUT)
+    ran: list[int] = []
+    w = Work(lambda work: ran.append(1))
+    assert w.cancel() is False
+    wq.queue_work(w)
+    assert w.cancel() is True
+    assert not w.pending
+    assert w.cancel() is False
+    # It can be queued again, and then runs once.
+    assert wq.queue_work(w) is True
+    blocker.release.set()
+    wq.flush()
+    assert ran == [1]
+
+
+def test_cancel_of_a_running_item_does_not_wait(make_wq: Any) -> None:
+    wq = make_wq()
+    gate = Gate()
+    w = Work(gate)
+    wq.queue_work(w)
+    assert gate.started.wait(TIMEOUT)
+    assert w.cancel() is False
+    assert w.running
+    gate.release.set()
+    w.flush()
+
+
+def test_cancel_sync_leaves_item_neither_pending_nor_running(make_wq: Any) -> None:
+    wq = make_wq()
+    gate = Gate()
+    w = Work(gate)
+    wq.queue_work(w)
+    assert gate.started.wait(TIMEOUT)
+    wq.queue_work(w)  # pending behind its own run
+    result: list[bool] = []
+    canceller = threading.Thread(target=lambda: result.append(w.cancel_sync()))
+    canceller.start()
+    # While cancel_sync waits, the item cannot be queued again.
+    wait_until(lambda: w.disabled)
+    assert wq.queue_work(w) is False
+    gate.release.set()
+    canceller.join(TIMEOUT)
+    assert result == [True]
+    assert not w.pending and not w.running and not w.disabled
+    assert gate.runs == 1
+    assert w.cancel_sync() is False
+    assert wq.queue_work(w) is True  # usable again afterwards
+    w.flush()
+    assert gate.runs == 2
+
+
+def test_cancel_sync_refuses_self_requeue_while_waiting(make_wq: Any) -> None:
+    wq = make_wq()
+    started = threading.Event()
+    release = threading.Event()
+    requeued: list[bool] = []
+
+    def func(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        requeued.append(wq.queue_work(work))
+
+    w = Work(func)
+    wq.queue_work(w)
+    assert started.wait(TIMEOUT)
+    canceller = threading.Thread(target=w.cancel_sync)
+    canceller.start()
+    wait_until(lambda: w.disabled)  # cancel_sync has disabled it: it is waiting
+    release.set()
+    canceller.join(TIMEOUT)
+    assert requeued == [False]
+    assert not w.pending and not w.running
+
+
+def test_flush_and_cancel_sync_from_own_function_raise(make_wq: Any) -> None:
+    wq = make_wq()
+    errors: list[str] = []
+
+    def func(work: Work) -> None:
+        wq.queue_work(work)  # pending: a flush would wait for ourselves
+        for op in (work.flush, work.cancel_sync):
+            try:
+                op()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        work.cancel()
+
+    w = Work(func)
+    wq.queue_work(w)
+    wq.flush()
+    assert len(errors) == 2
+    assert "flush()" in errors[0] and "deadlock" in errors[0]
+    assert "cancel_sync()" in errors[1]
+
+
+def test_disable_enable_counter_and_return_values(make_wq: Any) -> None:
+    wq = make_wq(ordered=True)
+    blocker = Gate()
+    wq.queue_work(Work(blocker))
+    assert blocker.started.wait(TIMEOUT)
+    ran: list[int] = []
+    w = Work(lambda work: ran.append(1))
+    wq.queue_work(w)
+    assert w.disable() is True       # cancelled the pending item
+    assert w.disable() is False      # nothing pending; count is 2
+    assert w.disabled and not w.pending
+    assert wq.queue_work(w) is False
+    assert w.enable() is False       # count 1
+    assert wq.queue_work(w) is False
+    assert w.enable() is True        # count 0
+    with pytest.raises(RuntimeError, match="not disabled"):
+        w.enable()
+    assert wq.queue_work(w) is True
+    blocker.release.set()
+    wq.flush()
+    assert ran == [1]
+
+
+def test_disable_sync_waits_for_the_running_instance(make_wq: Any) -> None:
+    wq = make_wq()
+    gate = Gate()
+    w = Work(gate)
+    wq.queue_work(w)
+    assert gate.started.wait(TIMEOUT)
+    done: list[bool] = []
+    t = threading.Thread(target=lambda: done.append(w.disable_sync()))
+    t.start()
+    gate.release.set()
+    t.join(TIMEOUT)
+    assert done == [False]
+    assert not w.running and w.disabled
+    assert w.enable() is True
+
+
+def test_current_work_is_the_running_item(make_wq: Any) -> None:
+    wq = make_wq()
+    seen: list[Any] = []
+    w = Work(lambda work: seen.append(current_work()))
+    assert current_work() is None
+    wq.queue_work(w)
+    w.flush()
+    assert seen == [w]
+
+
+def test_subclass_carries_fields(make_wq: Any) -> None:
+    class Conn(Work):
+        def __init__(self, n: int) -> None:
+            super().__init__(Conn.handle)
+            self.n = n
+            self.seen = 0
+
+        def handle(self) -> None:
+            self.seen = self.n
+
+    wq = make_wq()
+    c = Conn(7)
+    wq.queue_work(c)
+    c.flush()
+    assert c.seen == 7
+    assert "Conn" in repr(c)
