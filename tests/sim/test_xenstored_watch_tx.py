@@ -333,6 +333,8 @@ def test_special_watch_enabled_for_a_guest_by_set_perms(xsd: XenStored, dom0: Ra
         guest.watch("@releaseDomain", "g")
         assert guest.wait_event() == ("@releaseDomain", "g")
         dom0.set_perms("@releaseDomain", ["n0", "r5"])
+        # A permission change is a change of the node: it fires too.
+        assert guest.wait_event() == ("@releaseDomain", "g")
         xsd.introduce_domain(6)
         xsd.release_domain(6)
         assert guest.wait_event() == ("@releaseDomain", "g")
