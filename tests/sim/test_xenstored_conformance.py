@@ -165,6 +165,15 @@ def test_xenstore_utils(xsd: XenStored) -> None:
         assert c.read("/local/domain/0/rel") == b"r"
 
 
+def test_xenstore_list_of_a_directory_too_big_for_one_reply(xsd: XenStored) -> None:
+    # libxenstore asks DIRECTORY, gets E2BIG and pages with DIRECTORY_PART.
+    names = [f"child-with-a-long-name-{i:04d}" for i in range(300)]
+    with RawClient(xsd.path) as c:
+        for name in names:
+            c.write(f"/huge/{name}", "")
+    assert run_tool(xsd, "xenstore-list", "/huge").stdout.split() == names
+
+
 def test_xenstore_utils_find_the_socket_through_xenstored_rundir(xsd: XenStored) -> None:
     env = dict(os.environ, XENSTORED_RUNDIR=os.fspath(xsd.path.parent))
     env.pop("XENSTORED_PATH", None)
