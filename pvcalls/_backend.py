@@ -662,9 +662,8 @@ class _Frontend:
     def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> None:
         """RELEASE of an ACCEPT's id_new: answer that ACCEPT -EINTR, unless
         the connection was accepted already."""
-        parent.disable()  # stop an accept in progress from using `new`
+        parent.disable_sync()  # an accept in progress has finished with `new`
         try:
-            parent.cancel_sync()
             with parent._lock:
                 waiting = parent.waiting
                 if waiting is not None and waiting[1] is new:
@@ -684,8 +683,7 @@ class _Frontend:
             self.dispatcher.unbind(self.port)
         except (OSError, KeyError, RuntimeError):
             logger.debug("dom%d: unbinding the command port failed", self.domid, exc_info=True)
-        self._work.disable()
-        self._work.cancel_sync()
+        self._work.disable_sync()
         with self._lock:
             sockets = list(self._sockets.values())
             self._sockets.clear()

@@ -451,9 +451,10 @@ class ActiveSocket(Work):
         From the Work itself (``from_work``): it cannot wait for itself, and
         is disabled so that it will not run again.
         """
-        self.disable()
-        if not from_work:
-            self.cancel_sync()
+        if from_work:
+            self.disable()
+        else:
+            self.disable_sync()
         with self._lock:
             self.state = SockState.CLOSED
             request, self.pending = self.pending, None
@@ -585,8 +586,7 @@ class PassiveSocket(Work):
     def teardown(self) -> tuple[Request, ActiveSocket | None] | None:
         """Stop the Work, close the host socket; returns the ACCEPT/POLL
         still in flight (the caller answers it and releases its socket)."""
-        self.disable()
-        self.cancel_sync()
+        self.disable_sync()
         with self._lock:
             waiting, self.waiting = self.waiting, None
             self.state = SockState.CLOSED
