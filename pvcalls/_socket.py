@@ -214,8 +214,8 @@ class ActiveSocket(Work):
     to its Work (``ring``, ``port``, ``host``) are not changed afterwards
     until the Work has been disabled and cancelled (:meth:`teardown`), so the
     Work reads them without a lock.  ``_lock`` protects ``state`` and
-    ``pending`` (the CONNECT awaiting its answer), which the command
-    processing and the Work both change; whoever takes ``pending`` answers
+    ``connect_request`` (the CONNECT awaiting its answer), which the command
+    processing and the Work both change; whoever takes ``connect_request`` answers
     it, so it is answered exactly once.
     """
 
@@ -232,7 +232,7 @@ class ActiveSocket(Work):
         self.bytes_in = 0                   # host -> guest (in ring)
         self.bytes_out = 0                  # guest -> host (out ring)
         self._lock = threading.Lock()
-        self.pending: Request | None = None
+        self.connect_request: Request | None = None
         # The listening socket whose ACCEPT reserved us, until accepted.
         self.parent: PassiveSocket | None = None
         self._rx_done = False               # in_error set: we produce no more
@@ -273,7 +273,7 @@ class ActiveSocket(Work):
         host.setblocking(False)
         self.host = host
         self.remote = address
-        self.pending = request
+        self.connect_request = request
         self.state = SockState.CONNECTING
         err = host.connect_ex(address)
         if err not in (0, _host_errno.EINPROGRESS):
@@ -424,14 +424,14 @@ class ActiveSocket(Work):
                 if self.state is not SockState.CONNECTING:
                     return False
                 self.state = SockState.CONNECTED
-                request, self.pending = self.pending, None
+                request, self.connect_request = self.connect_request, None
             if request is not None:
                 self.frontend.respond(request, 0)
             return True
         # Failed: answer, and give the id back to the NEW state so that the
         # frontend may retry or release it.
         with self._lock:
-            request, self.pending = self.pending, None
+            request, self.connect_request = self.connect_request, None
         ret = _errno.from_host_errno(err)
         logger.debug("%r: connect to %s failed: %s", self, self.remote, _errno.name_of(ret))
         self.frontend.connect_failed(self)
@@ -457,7 +457,7 @@ class ActiveSocket(Work):
             self.disable_sync()
         with self._lock:
             self.state = SockState.CLOSED
-            request, self.pending = self.pending, None
+            request, self.connect_request = self.connect_request, None
             if self._torn_down:
                 return request
             self._torn_down = True
