@@ -49,7 +49,7 @@ class Connection:
 
     __slots__ = (
         "sock", "fd", "domain", "home", "inbuf", "out", "watches",
-        "transactions", "next_tx_id", "closed", "events", "name",
+        "transactions", "next_tx_id", "closed", "paused", "events", "name",
     )
 
     def __init__(self, sock: socket.socket, domain: Domain, name: str) -> None:
@@ -66,6 +66,8 @@ class Connection:
         self.transactions: dict[int, Transaction] = {}
         self.next_tx_id = 1
         self.closed = False
+        #: not reading requests until the client has read its replies
+        self.paused = False
         #: selector event mask currently registered
         self.events = 0
         self.name = name

@@ -309,18 +309,26 @@ class XenStored:
         self._process(conn, data)
 
     def _process(self, conn: Connection, data: bytes) -> None:
-        """Handle every complete request in ``data``; keep the rest."""
+        """Handle every complete request in ``data``; keep the rest.
+
+        Stops early, pausing the connection, while too many replies wait
+        for the client: the rest stays in ``conn.inbuf`` (and further
+        requests in the kernel) until :meth:`_flush` finds room again.
+        """
         handle = self._dispatcher.handle
         out = conn.out
         off = 0
         size = len(data)
         while size - off >= HEADER_SIZE:
             if len(out) > PAUSE_OUTPUT:
-                self._set_events(conn, _WRITE)  # paused until the client reads
+                conn.paused = True
+                self._dirty.add(conn)
                 break
             op, req_id, tx_id, length = _unpack_header(data, off)
             if length > PAYLOAD_MAX:
-                self._close(conn, f"header announces {length} bytes (max {PAYLOAD_MAX})")
+                self._close(
+                    conn, f"header announces {length} bytes (max {PAYLOAD_MAX})", logging.WARNING
+                )
                 return
             end = off + HEADER_SIZE + length
             if end > size:
@@ -337,7 +345,10 @@ class XenStored:
             return
         conn.out += data
         if len(conn.out) > self.max_queued:
-            self._close(conn, f"more than {self.max_queued} bytes queued: client does not read")
+            self._close(
+                conn, f"more than {self.max_queued} bytes queued: client does not read",
+                logging.WARNING,
+            )
             return
         self._dirty.add(conn)
 
@@ -355,26 +366,28 @@ class XenStored:
                 self._close(conn, f"send: {e}")
                 return
             del out[:sent]
-        paused = len(out) > PAUSE_OUTPUT
-        self._set_events(conn, (_WRITE if out else 0) | (0 if paused else _READ))
-        if not paused and conn.inbuf and len(conn.inbuf) >= HEADER_SIZE and conn.events & _READ:
-            # Requests read before we paused: serve them now that there is room.
+        if conn.paused and len(out) <= PAUSE_OUTPUT:
+            # Room again: serve the requests read before pausing.  This may
+            # queue output (the connection is then dirty again) or pause anew.
+            conn.paused = False
             data, conn.inbuf = conn.inbuf, b""
             self._process(conn, data)
-            if not conn.closed and conn.out:
-                self._dirty.add(conn)
+            if conn.closed:
+                return
+        self._set_events(conn, (_WRITE if out else 0) | (0 if conn.paused else _READ))
 
     def _set_events(self, conn: Connection, events: int) -> None:
-        # Never 0: a paused connection always has output waiting.
+        # Never 0: a paused connection has output waiting, so wants WRITE.
         if events != conn.events and not conn.closed:
             assert self._selector is not None and events
             conn.events = events
             self._selector.modify(conn.sock, events, (self._on_event, conn))
 
-    def _close(self, conn: Connection, why: str) -> None:
+    def _close(self, conn: Connection, why: str, level: int = logging.DEBUG) -> None:
+        """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING)."""
         if conn.closed:
             return
-        logger.debug("closing %r: %s", conn, why)
+        logger.log(level, "closing %r: %s", conn, why)
         conn.closed = True
         assert self._selector is not None
         try:
