@@ -26,10 +26,18 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
+from concurrent.futures._base import (  # the states, as concurrent.futures spells them
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from ._loadindex import LoadIndex
-from ._work import Work, current_work
+from ._pool import current_work
+from ._work import Work
 
 if TYPE_CHECKING:
     from ._workqueue import Workqueue
@@ -46,7 +54,106 @@ T = TypeVar("T")
 # queueing cost vanishes, small enough that one busy key cannot hog its CPU.
 _BATCH = 64
 
-_Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+class _SerialFuture(Future[Any]):
+    """The Future of one serial call, with its Condition made on first use.
+
+    A standard Future makes a Condition (and an RLock) per call, which would
+    cost more than the rest of submit().  This one makes it only when someone
+    waits, cancels or adds a callback; a call that finishes before anyone
+    looks never has one.
+
+    Correctness rests on one rule: a Future's state must not change while
+    another thread holds its condition, because concurrent.futures.wait()
+    and as_completed() read the state more than once under it (once to find
+    the finished futures, once to count the pending ones for their waiter).
+    So the condition is created under the key's lock, and a finishing call
+    checks under that same lock whether it exists: if not, it finishes there
+    and then, and any later waiter sees the final state; if so, the state
+    changes under the condition, as in a standard Future.  Start and cancel
+    are also decided under the key's lock.  Lock order: condition -> key lock.
+    """
+
+    def __init__(self, key_lock: threading.Lock) -> None:  # no super().__init__(): that is the cost
+        self._key_lock = key_lock
+        self._state = PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond: threading.Condition | None = self.__dict__.get("_cond")
+        if cond is None:
+            with self._key_lock:
+                cond = self.__dict__.get("_cond")
+                if cond is None:
+                    cond = self.__dict__["_cond"] = threading.Condition()
+        return cond
+
+    def __repr__(self) -> str:
+        return f"<_SerialFuture state={self._state}>"
+
+    def done(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED and self._exception is None:
+            return self._result
+        return super().result(timeout)
+
+    def cancel(self) -> bool:
+        cond = self._condition  # made if need be: cancelling is rare
+        with cond:
+            with self._key_lock:
+                state = self._state
+                if state == PENDING:
+                    self._state = CANCELLED_AND_NOTIFIED
+            if state != PENDING:
+                return state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            cond.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with self._key_lock:
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+        return False  # cancelled, and already notified by cancel()
+
+    def set_result(self, result: Any) -> None:
+        self._finish(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception)
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        with self._key_lock:
+            cond = self.__dict__.get("_cond")
+            if cond is None:  # nobody is looking, and nobody can start to
+                self._result = result
+                self._exception = exception
+                self._state = FINISHED
+        if cond is not None:
+            with cond:
+                self._result = result
+                self._exception = exception
+                self._state = FINISHED
+                for waiter in self._waiters:
+                    if exception is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
+
+
+_Call = tuple[_SerialFuture, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
 class _SerialWork(Work):
@@ -57,6 +164,8 @@ class _SerialWork(Work):
     without a lock: a run queued on the old CPU just before a move still
     runs, unbound, on another CPU, and non-reentrancy keeps the order.
     """
+
+    __slots__ = ("wq", "cpu", "calls")
 
     def __init__(self, wq: Workqueue, cpu: int) -> None:
         super().__init__(_drain)
@@ -184,7 +293,7 @@ class SerialExecutor(Executor):
     _key: Hashable
     _work: _SerialWork
     _shutdown: bool
-    _shutdown_lock: threading.Lock
+    _lock: threading.Lock
 
     def __new__(cls, wq: Workqueue, key: Hashable) -> SerialExecutor:
         hash(key)  # an unhashable key fails here with the usual TypeError
@@ -198,9 +307,11 @@ class SerialExecutor(Executor):
         self._key = key
         self._work = work
         self._shutdown = False
-        # _shutdown_lock orders submit() against shutdown(): once shutdown()
-        # has set _shutdown under it, no call can enter the deque.
-        self._shutdown_lock = threading.Lock()
+        # _lock orders submit() against shutdown() -- once shutdown() has set
+        # _shutdown under it, no call can enter the deque -- and decides, for
+        # each of the key's futures, whether it starts or is cancelled.  It
+        # is a leaf lock, held for a few bytecodes.
+        self._lock = threading.Lock()
 
     @property
     def key(self) -> Hashable:
@@ -225,10 +336,10 @@ class SerialExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` after every call submitted before."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
-        future: Future[T] = Future()
+        future = _SerialFuture(self._lock)
         work = self._work
         call: _Call = (future, fn, args, kwargs)
-        with self._shutdown_lock:
+        with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             work.calls.append(call)
@@ -256,7 +367,7 @@ class SerialExecutor(Executor):
         work = self._work
         if wait and current_work() is work:
             raise RuntimeError("shutdown(wait=True) from one of its own calls would deadlock")
-        with self._shutdown_lock:
+        with self._lock:
             already = self._shutdown
             self._shutdown = True
         if not already:

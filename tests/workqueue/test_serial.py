@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures import CancelledError, Future, as_completed, wait
 
 import pytest
 
@@ -262,3 +262,30 @@ def test_asyncio_run_in_executor(wq: object) -> None:
         return list(await asyncio.gather(*(loop.run_in_executor(ex, abs, -i) for i in range(5))))
 
     assert asyncio.run(main()) == [0, 1, 2, 3, 4]
+
+
+def test_wait_and_as_completed_never_miss_a_future_finishing_under_them(wq: object) -> None:
+    # wait() reads each future's state twice under its condition; a future
+    # finishing between the two reads must still be counted exactly once.
+    # Each round races the waiter against calls finishing on four CPUs.
+    executors = [wq.serial(k) for k in range(16)]  # type: ignore[attr-defined]
+    for round_ in range(40):
+        futures = [ex.submit(abs, -i) for i in range(25) for ex in executors]
+        if round_ % 2:
+            finished, pending = wait(futures, timeout=TIMEOUT)
+            assert not pending and len(finished) == len(futures)
+        else:
+            assert len(list(as_completed(futures, timeout=TIMEOUT))) == len(futures)
+        assert all(f.done() for f in futures)
+
+
+def test_cancel_races_start_exactly_once(wq: object) -> None:
+    # Every future ends either cancelled or run, never both, never neither.
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    ran: list[int] = []
+    futures = [ex.submit(ran.append, i) for i in range(2000)]
+    cancelled = {i for i, f in enumerate(futures) if i % 3 == 0 and f.cancel()}
+    done(*futures)
+    assert sorted(set(range(2000)) - cancelled) == ran
+    for i, future in enumerate(futures):
+        assert future.cancelled() is (i in cancelled)
