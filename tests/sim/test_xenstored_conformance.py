@@ -192,19 +192,18 @@ def test_xenstore_utils_find_the_socket_through_xenstored_rundir(xsd: XenStored)
 
 def test_xenstore_watch(xsd: XenStored) -> None:
     env = dict(os.environ, XENSTORED_PATH=os.fspath(xsd.path))
-    watch = subprocess.Popen(
+    with subprocess.Popen(
         [xenstore_tool("xenstore-watch"), "-n", "2", "/wt"],
         env=env, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert watch.stdout is not None
-        assert watch.stdout.readline() == "/wt\n"  # the initial event
-        run_tool(xsd, "xenstore-write", "/wt/x", "1")
-        assert watch.stdout.readline() == "/wt/x\n"
-        assert watch.wait(timeout=30) == 0
-    finally:
-        watch.kill()
-        watch.wait()
+    ) as watch:
+        try:
+            assert watch.stdout is not None
+            assert watch.stdout.readline() == "/wt\n"  # the initial event
+            run_tool(xsd, "xenstore-write", "/wt/x", "1")
+            assert watch.stdout.readline() == "/wt/x\n"
+            assert watch.wait(timeout=30) == 0
+        finally:
+            watch.kill()
 
 
 # --- Xen's test-xenstore ------------------------------------------------------------------

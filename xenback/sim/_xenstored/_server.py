@@ -88,9 +88,9 @@ class XenStored:
         # Cross-thread call queue; see "Threading rules" above.
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
         self._calls = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        # The loop's wake-up pair, created by start().
+        self._wake_r: socket.socket
+        self._wake_w: socket.socket
         self._stopping = False
         #: connections with freshly queued output (loop thread only)
         self._dirty: set[Connection] = set()
@@ -108,8 +108,11 @@ class XenStored:
         """Bind the main socket and start serving; returns once listening."""
         if self._thread is not None:
             raise RuntimeError("XenStored already started")
-        self._selector = selectors.DefaultSelector()
         self._listener = self._bind(self.path)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._selector.register(self._listener, _READ, (self._accept, self._dispatcher.dom0))
         self._selector.register(self._wake_r, _READ, (self._run_calls, None))
         self._thread = threading.Thread(target=self._loop, name="xenstored", daemon=True)
@@ -189,6 +192,8 @@ class XenStored:
             self._wake_w.send(b"\0")
         except BlockingIOError:
             pass  # a wakeup is already pending
+        except OSError:
+            pass  # the loop is gone and closed it; nobody to wake
 
     def _run_calls(self, _mask: int, _data: Any) -> None:
         try:
