@@ -93,8 +93,9 @@ class Workqueue(Executor):
             raise TypeError(f"a workqueue name must be a non-empty str, not {name!r}")
         if isinstance(flags, bool) or not isinstance(flags, int):
             raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
-        if flags & ~(WQ_USER_FLAGS | WQ_ORDERED):
-            raise ValueError(f"unknown workqueue flags {flags & ~WQ_USER_FLAGS:#x}")
+        unknown = int(flags) & ~int(WQ_USER_FLAGS | WQ_ORDERED)  # int: ~IntFlag keeps known bits
+        if unknown:
+            raise ValueError(f"unknown workqueue flags {unknown:#x}")
         if isinstance(max_active, bool) or not isinstance(max_active, int):
             raise TypeError(f"max_active must be an int, not {type(max_active).__name__}")
         if not 0 <= max_active <= WQ_MAX_ACTIVE:

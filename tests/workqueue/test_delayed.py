@@ -1,0 +1,181 @@
+"""Delayed work (Part 3: 6)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from workqueue import DelayedWork, Work
+
+TIMEOUT = 10.0
+
+
+def test_timer_never_fires_early(make_wq: Any) -> None:
+    wq = make_wq()
+    ran = threading.Event()
+    at: list[float] = []
+    dw = DelayedWork(lambda w: (at.append(time.monotonic()), ran.set()))
+    for delay in (0.001, 0.01, 0.03):
+        ran.clear()
+        at.clear()
+        t0 = time.monotonic()
+        assert wq.queue_delayed_work(dw, delay) is True
+        assert dw.pending
+        assert ran.wait(TIMEOUT)
+        assert at[0] - t0 >= delay
+
+
+def test_delay_zero_queues_at_once(make_wq: Any, tracer: Any) -> None:
+    wq = make_wq(ordered=True)
+    wq.add_trace_hook(tracer)
+    dw = DelayedWork(lambda w: None)
+    assert wq.queue_delayed_work(dw, 0) is True
+    assert tracer.of(dw)[:2] == ["queue", "activate"]  # synchronously, inside the call
+    dw.flush()
+
+
+def test_queue_delayed_work_while_pending_returns_false(make_wq: Any) -> None:
+    wq = make_wq()
+    dw = DelayedWork(lambda w: None)
+    assert wq.queue_delayed_work(dw, 60) is True
+    assert wq.queue_delayed_work(dw, 0) is False
+    assert wq.queue_work(dw) is False
+    assert dw.cancel() is True
+
+
+def test_mod_delayed_work_return_values_and_effect(make_wq: Any) -> None:
+    wq = make_wq()
+    ran = threading.Event()
+    dw = DelayedWork(lambda w: ran.set())
+    assert wq.mod_delayed_work(dw, 60) is False   # idle: queued
+    assert dw.pending
+    assert wq.mod_delayed_work(dw, 0) is True     # pending: timer modified
+    assert ran.wait(TIMEOUT)
+    dw.flush()
+    assert not dw.pending
+    # A disabled item is not queued by mod_delayed_work.
+    dw.disable()
+    assert wq.mod_delayed_work(dw, 0) is False
+    assert not dw.pending
+    dw.enable()
+
+
+def test_cancel_on_the_timer_and_later_timers_fire_in_order(make_wq: Any) -> None:
+    wq = make_wq()
+    ran: list[str] = []
+    later = threading.Event()
+    first = DelayedWork(lambda w: ran.append("first"))
+    second = DelayedWork(lambda w: (ran.append("second"), later.set()))
+    assert wq.queue_delayed_work(first, 0.01) is True
+    assert wq.queue_delayed_work(second, 0.03) is True
+    assert first.cancel() is True
+    assert first.cancel() is False
+    assert later.wait(TIMEOUT)
+    second.flush()
+    assert ran == ["second"]
+
+
+def test_flush_of_delayed_work_runs_it_now(make_wq: Any) -> None:
+    wq = make_wq()
+    ran: list[int] = []
+    dw = DelayedWork(lambda w: ran.append(1))
+    assert dw.flush() is False
+    wq.queue_delayed_work(dw, 60)
+    t0 = time.monotonic()
+    assert dw.flush() is True
+    assert ran == [1] and time.monotonic() - t0 < 30
+    assert not dw.pending
+
+
+def test_cancel_sync_of_delayed_work_waits_for_the_run(make_wq: Any) -> None:
+    wq = make_wq()
+    started = threading.Event()
+    release = threading.Event()
+
+    def func(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    dw = DelayedWork(func)
+    wq.queue_delayed_work(dw, 0)
+    assert started.wait(TIMEOUT)
+    wq.queue_delayed_work(dw, 60)  # pending on its timer while running
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(dw.cancel_sync()))
+    t.start()
+    release.set()
+    t.join(TIMEOUT)
+    assert result == [True]
+    assert not dw.pending and not dw.running
+
+
+def test_delayed_work_runs_on_the_cpu_it_was_queued_on(make_wq: Any, tracer: Any) -> None:
+    wq = make_wq()
+    wq.add_trace_hook(tracer)
+    dw = DelayedWork(lambda w: None)
+    for cpu in (1, 0):
+        wq.queue_delayed_work_on(cpu, dw, 0.001)
+        tracer.wait_for(lambda: "execute_end" in tracer.of(dw))
+        dw.flush()
+        assert tracer.cpus("execute_start", dw) == [cpu]
+        tracer.events.clear()
+
+
+def test_timer_firing_during_drain_is_dropped_and_logged(make_wq: Any, log_waiter: Any) -> None:
+    wq = make_wq()
+    logged = log_waiter("workqueue._workqueue", "not run")
+    release = threading.Event()
+    started = threading.Event()
+
+    def blocker(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    wq.queue_work(Work(blocker))
+    assert started.wait(TIMEOUT)
+    ran: list[int] = []
+    dw = DelayedWork(lambda w: ran.append(1))
+    wq.queue_delayed_work(dw, 0.01)
+    drainer = threading.Thread(target=wq.drain)
+    drainer.start()
+    while wq._state == 0:  # until drain() has started
+        drainer.join(0.001)
+    assert logged.seen.wait(TIMEOUT)
+    release.set()
+    drainer.join(TIMEOUT)
+    assert not drainer.is_alive()
+    assert ran == [] and not dw.pending
+    assert "draining" in logged.records[0].getMessage()
+
+
+def test_timer_firing_after_destroy_is_dropped_and_logged(make_wq: Any, log_waiter: Any) -> None:
+    wq = make_wq()
+    logged = log_waiter("workqueue._workqueue", "not run")
+    ran: list[int] = []
+    dw = DelayedWork(lambda w: ran.append(1))
+    wq.queue_delayed_work(dw, 0.01)
+    wq.destroy()
+    assert logged.seen.wait(TIMEOUT)
+    assert ran == [] and not dw.pending
+    assert "destroyed" in logged.records[0].getMessage()
+
+
+def test_bad_delays_and_items(make_wq: Any) -> None:
+    wq = make_wq()
+    dw = DelayedWork(lambda w: None)
+    with pytest.raises(ValueError, match="delay"):
+        wq.queue_delayed_work(dw, -1)
+    with pytest.raises(ValueError, match="delay"):
+        wq.mod_delayed_work(dw, float("nan"))
+    with pytest.raises(ValueError, match="delay"):
+        wq.queue_delayed_work(dw, float("inf"))
+    with pytest.raises(TypeError, match="delay"):
+        wq.queue_delayed_work(dw, "1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="DelayedWork"):
+        wq.queue_delayed_work(Work(lambda w: None), 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="CPU 7"):
+        wq.queue_delayed_work_on(7, dw, 1)
+    assert not dw.pending

@@ -1,0 +1,244 @@
+"""The Executor face (Part 3: 14), trace hooks and stats (13), bad input (15)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import threading
+from typing import Any
+
+import pytest
+
+from workqueue import (
+    WQ_UNBOUND,
+    Topology,
+    Work,
+    WorkqueueStats,
+    alloc_ordered_workqueue,
+    alloc_workqueue,
+)
+from workqueue._future import LeanFuture
+
+TIMEOUT = 10.0
+
+
+def test_submit_results_and_exceptions_travel_in_futures(make_wq: Any) -> None:
+    wq = make_wq()
+    assert wq.submit(pow, 2, 10).result(TIMEOUT) == 1024
+    assert wq.submit(dict, a=1).result(TIMEOUT) == {"a": 1}
+    f = wq.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        f.result(TIMEOUT)
+    assert isinstance(f.exception(TIMEOUT), ZeroDivisionError)
+    assert wq.stats().failed == 0  # an exception in a future is not a failed item
+
+
+def test_map_as_completed_and_wait(make_wq: Any) -> None:
+    wq = make_wq(flags=WQ_UNBOUND)
+    assert list(wq.map(abs, range(-5, 0), timeout=TIMEOUT)) == [5, 4, 3, 2, 1]
+    fs = [wq.submit(lambda i=i: i * i) for i in range(20)]
+    assert sorted(f.result() for f in cf.as_completed(fs, timeout=TIMEOUT)) == [
+        i * i for i in range(20)]
+    gate = threading.Event()
+    slow = wq.submit(gate.wait, TIMEOUT)
+    fast = wq.submit(int)
+    done, not_done = cf.wait([slow, fast], timeout=TIMEOUT, return_when=cf.FIRST_COMPLETED)
+    assert fast in done
+    gate.set()
+    done, not_done = cf.wait([slow, fast], timeout=TIMEOUT)
+    assert not not_done and slow.result() is True
+
+
+def test_wait_and_callbacks_see_completion_racing_with_them(make_wq: Any) -> None:
+    wq = make_wq(flags=WQ_UNBOUND)
+    for _ in range(200):
+        seen = threading.Event()
+        f = wq.submit(int, "7")
+        f.add_done_callback(lambda fut, seen=seen: seen.set())
+        assert cf.wait([f], timeout=TIMEOUT).done == {f}
+        assert seen.wait(TIMEOUT)
+        assert f.result() == 7
+
+
+def test_future_cancel_while_pending_and_not_once_running(make_wq: Any) -> None:
+    wq = make_wq(ordered=True)
+    release = threading.Event()
+    started = threading.Event()
+    first = wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    second = wq.submit(print, "never")
+    callbacks: list[bool] = []
+    second.add_done_callback(lambda f: callbacks.append(f.cancelled()))
+    assert first.running() and not first.cancel()
+    assert second.cancel() is True
+    assert second.cancel() is True and second.cancelled() and second.done()
+    assert callbacks == [True]
+    with pytest.raises(cf.CancelledError):
+        second.result(TIMEOUT)
+    release.set()
+    assert first.result(TIMEOUT) == (None, True)
+    assert cf.wait([first, second], timeout=TIMEOUT).not_done == set()
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started(make_wq: Any) -> None:
+    wq = make_wq(ordered=True)
+    release = threading.Event()
+    started = threading.Event()
+    running = wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    waiting = [wq.submit(int) for _ in range(5)]
+    stopper = threading.Thread(target=lambda: wq.shutdown(wait=True, cancel_futures=True))
+    stopper.start()
+    for f in waiting:
+        with pytest.raises(cf.CancelledError):
+            f.result(TIMEOUT)
+    release.set()
+    stopper.join(TIMEOUT)
+    assert not stopper.is_alive()
+    assert running.result() == (None, True)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        wq.submit(int)
+    wq.shutdown()  # again: harmless
+
+
+def test_shutdown_without_wait_and_context_manager() -> None:
+    topo = Topology(2)
+    wq = alloc_workqueue("nowait", topology=topo)
+    f = wq.submit(sum, [1, 2])
+    wq.shutdown(wait=False)
+    assert f.result(TIMEOUT) == 3
+    assert wq._destroyed.wait(TIMEOUT)
+    with alloc_ordered_workqueue("ctx", topology=topo) as owq:
+        g = owq.submit(len, "abc")
+    assert g.done() and g.result() == 3
+
+
+def test_asyncio_run_in_executor(make_wq: Any) -> None:
+    wq = make_wq()
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(wq, pow, 3, i) for i in range(5))))
+
+    assert asyncio.run(main()) == [1, 3, 9, 27, 81]
+
+
+def test_asyncio_cancellation_reaches_the_pending_call(make_wq: Any) -> None:
+    wq = make_wq(ordered=True)
+    release = threading.Event()
+    started = threading.Event()
+    wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    ran: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(wq, ran.append, 1)
+        fut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fut
+
+    asyncio.run(main())
+    release.set()
+    wq.flush()
+    assert ran == []
+
+
+def test_standalone_lean_future() -> None:
+    f = LeanFuture()
+    assert f.set_running_or_notify_cancel() is True
+    assert f.cancel() is False
+    f.set_result(5)
+    assert f.result() == 5 and f.done()
+    g = LeanFuture()
+    waiter = cf.wait([g], timeout=0)
+    assert waiter.not_done == {g}
+    assert g.cancel() is True
+    assert g.set_running_or_notify_cancel() is False
+    assert cf.wait([g], timeout=TIMEOUT).done == {g}
+    h = LeanFuture()
+    h.set_running_or_notify_cancel()
+    with pytest.raises(cf.InvalidStateError):
+        h.set_running_or_notify_cancel()
+
+
+def test_trace_hooks_see_the_four_trace_points(make_wq: Any, tracer: Any) -> None:
+    wq = make_wq(ordered=True)
+    wq.add_trace_hook(tracer)
+    release = threading.Event()
+    started = threading.Event()
+    a = Work(lambda w: (started.set(), release.wait(TIMEOUT)))
+    b = Work(lambda w: None)
+    wq.queue_work(a)
+    assert started.wait(TIMEOUT)
+    wq.queue_work(b)
+    assert tracer.of(a) == ["queue", "activate", "execute_start"]
+    assert tracer.of(b) == ["queue"]  # inactive behind a: max_active is 1
+    release.set()
+    wq.flush()
+    assert tracer.of(a) == ["queue", "activate", "execute_start", "execute_end"]
+    assert tracer.of(b) == ["queue", "activate", "execute_start", "execute_end"]
+    assert {cpu for _, _, cpu in tracer.events} == {None}
+    wq.remove_trace_hook(tracer)
+    with pytest.raises(ValueError, match="not a trace hook"):
+        wq.remove_trace_hook(tracer)
+    with pytest.raises(TypeError):
+        wq.add_trace_hook("nope")
+
+
+def test_stats_is_a_frozen_snapshot(make_wq: Any) -> None:
+    wq = make_wq("st", max_active=3)
+    for cpu in (0, 1, 1):
+        w = Work(lambda w: None)
+        wq.queue_work_on(cpu, w)
+        w.flush()
+    stats = wq.stats()
+    assert isinstance(stats, WorkqueueStats)
+    assert (stats.name, stats.max_active) == ("st", 3)
+    assert [(p.pool, p.queued, p.activated, p.started, p.completed) for p in stats.pools] == [
+        ("cpu0", 1, 1, 1, 1), ("cpu1", 2, 2, 2, 2)]
+    assert (stats.queued, stats.started, stats.completed, stats.in_flight) == (3, 3, 3, 0)
+    with pytest.raises(AttributeError):
+        stats.name = "x"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        stats.pools[0].queued = 9  # type: ignore[misc]
+    wq.queue_work(Work(lambda w: None))
+    assert stats.queued == 3  # a snapshot does not move
+
+
+def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
+    with pytest.raises(TypeError, match="name"):
+        alloc_workqueue("", topology=topo)
+    with pytest.raises(TypeError, match="flags"):
+        alloc_workqueue("x", "0", topology=topo)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown workqueue flags"):
+        alloc_workqueue("x", 1 << 30, topology=topo)
+    with pytest.raises(ValueError, match="max_active"):
+        alloc_workqueue("x", 0, -1, topology=topo)
+    with pytest.raises(ValueError, match="max_active"):
+        alloc_workqueue("x", 0, 100000, topology=topo)
+    with pytest.raises(TypeError, match="max_active"):
+        alloc_workqueue("x", 0, 1.5, topology=topo)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="topology"):
+        alloc_workqueue("x", topology="cpu0")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="flags"):
+        alloc_ordered_workqueue("x", None, topology=topo)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="callable"):
+        Work(42)  # type: ignore[arg-type]
+    wq = make_wq()
+    with pytest.raises(TypeError, match="expected a Work"):
+        wq.queue_work(print)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected a Work"):
+        wq.queue_work_on(0, None)  # type: ignore[arg-type]
+    w = Work(lambda w: None)
+    with pytest.raises(ValueError, match="CPU 5 is not a possible CPU"):
+        wq.queue_work_on(5, w)
+    with pytest.raises(TypeError, match="CPU number must be an int"):
+        wq.queue_work_on("0", w)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_active"):
+        wq.set_max_active(0)
+    with pytest.raises(TypeError, match="max_active"):
+        wq.set_max_active("2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="callable"):
+        wq.submit(42)  # type: ignore[arg-type]
+    assert not w.pending

@@ -1,0 +1,169 @@
+"""Workqueue flush, drain and destroy (Part 3: 7)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from workqueue import Work
+
+TIMEOUT = 10.0
+
+
+def test_flush_waits_for_everything_queued_before(make_wq: Any) -> None:
+    wq = make_wq(max_active=4)
+    release = threading.Event()
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def item(work: Work) -> None:
+        assert release.wait(TIMEOUT)
+        with lock:
+            order.append("item")
+
+    for cpu in (0, 1, 0, 1):
+        wq.queue_work_on(cpu, Work(item))
+    flusher = threading.Thread(target=lambda: (wq.flush(), order.append("flushed")))
+    flusher.start()
+    release.set()
+    flusher.join(TIMEOUT)
+    assert order == ["item"] * 4 + ["flushed"]
+
+
+def test_flush_is_not_livelocked_by_later_queueing(make_wq: Any) -> None:
+    wq = make_wq()
+    stop = threading.Event()
+    runs = [0]
+
+    def forever(work: Work) -> None:  # re-queues itself until told to stop
+        runs[0] += 1
+        if not stop.is_set():
+            wq.queue_work(work)
+
+    w = Work(forever)
+    wq.queue_work(w)
+
+    def producer() -> None:
+        while not stop.is_set():
+            wq.queue_work(Work(lambda work: None))
+
+    p = threading.Thread(target=producer)
+    p.start()
+    try:
+        flusher = threading.Thread(target=wq.flush)
+        flusher.start()
+        flusher.join(TIMEOUT)
+        assert not flusher.is_alive(), "flush() was livelocked"
+    finally:
+        stop.set()
+        p.join(TIMEOUT)
+    assert runs[0] >= 1
+
+
+def test_flush_of_an_idle_queue_returns_at_once(make_wq: Any) -> None:
+    wq = make_wq()
+    wq.flush()
+    wq.flush()
+
+
+def test_drain_allows_chained_queueing_only(make_wq: Any) -> None:
+    wq = make_wq()
+    release = threading.Event()
+    started = threading.Event()
+    chain = [0]
+
+    def chained(work: Work) -> None:
+        chain[0] += 1
+        if chain[0] < 20:
+            wq.queue_work(work)
+
+    def gate(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        wq.queue_work(Work(chained))  # chained: from an item of this queue
+
+    wq.queue_work(Work(gate))
+    assert started.wait(TIMEOUT)
+    drainer = threading.Thread(target=wq.drain)
+    drainer.start()
+    while wq._state == 0:
+        drainer.join(0.001)
+    with pytest.raises(RuntimeError, match="draining: only its own work items"):
+        wq.queue_work(Work(lambda w: None))
+    with pytest.raises(RuntimeError, match="draining"):
+        wq.submit(print)
+    release.set()
+    drainer.join(TIMEOUT)
+    assert not drainer.is_alive()
+    assert chain[0] == 20
+    # After drain() the queue takes work again.
+    w = Work(lambda w: None)
+    assert wq.queue_work(w) is True
+    w.flush()
+
+
+def test_destroy_drains_then_refuses_everything(make_wq: Any) -> None:
+    wq = make_wq()
+    ran: list[int] = []
+    for i in range(10):
+        wq.queue_work(Work(lambda w, i=i: ran.append(i)))
+    wq.destroy()
+    assert sorted(ran) == list(range(10))
+    w = Work(lambda w: None)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.queue_work(w)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.queue_work_on(0, w)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        wq.submit(print)
+    with pytest.raises(RuntimeError, match="already destroyed"):
+        wq.destroy()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.drain()
+    assert not w.pending
+    wq.flush()  # nothing in flight: returns
+    wq.shutdown()  # harmless after destroy
+
+
+def test_flush_drain_destroy_from_own_item_raise(make_wq: Any) -> None:
+    wq = make_wq()
+    errors: list[str] = []
+
+    def func(work: Work) -> None:
+        for op in (wq.flush, wq.drain, wq.destroy):
+            try:
+                op()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+    w = Work(func)
+    wq.queue_work(w)
+    w.flush()
+    assert len(errors) == 3 and all("deadlock" in e for e in errors)
+
+
+def test_dump_shows_running_pending_and_inactive_items(make_wq: Any) -> None:
+    wq = make_wq("dumpme", max_active=1)
+    release = threading.Event()
+    started = threading.Event()
+
+    def running_item(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    def inactive_item(work: Work) -> None:
+        pass
+
+    wq.queue_work_on(0, Work(running_item))
+    assert started.wait(TIMEOUT)
+    wq.queue_work_on(0, Work(inactive_item))
+    text = wq.dump()
+    release.set()
+    assert text.startswith("workqueue dumpme:")
+    assert "cpu0 active=1/1 inactive=1" in text
+    assert "in-flight: kworker/cpu0" in text and "running_item" in text
+    assert "inactive: <Work " in text and "inactive_item" in text
+    wq.flush()
+    assert wq.dump().splitlines() == [wq.dump().splitlines()[0]]

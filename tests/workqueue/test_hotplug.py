@@ -1,0 +1,197 @@
+"""CPU hotplug (Part 3: 9) and the Topology contract."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import pytest
+
+from workqueue import LoadIndex, Topology, Work, blocking
+
+TIMEOUT = 10.0
+
+
+def _can_pin() -> bool:
+    try:
+        os.sched_setaffinity(0, os.sched_getaffinity(0))
+    except OSError:
+        return False
+    return True
+
+
+def test_cpu_down_runs_the_waiting_items_of_that_cpu_unbound(make_wq: Any, topo: Any) -> None:
+    wq = make_wq()
+    release = threading.Event()
+    started = threading.Event()
+
+    def blocker(work: Work) -> None:  # holds CPU 1 without saying it blocks
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    wq.queue_work_on(1, Work(blocker))
+    assert started.wait(TIMEOUT)
+    ran = threading.Barrier(4)  # three waiting items plus this thread
+    for _ in range(3):
+        wq.queue_work_on(1, Work(lambda w: ran.wait(TIMEOUT)))
+    assert wq.stats().pools[1].nr_running == 1
+    topo.cpu_down(1)
+    # Unbound now: the three run concurrently although the blocker still runs.
+    ran.wait(TIMEOUT)
+    stats = wq.stats().pools[1]
+    assert not stats.bound and stats.nr_running == 0
+    release.set()
+    wq.flush()
+    topo.cpu_up(1)
+    assert wq.stats().pools[1].bound
+
+
+def test_items_queued_on_an_offline_cpu_still_run_elsewhere(make_wq: Any, topo: Any) -> None:
+    wq = make_wq()
+    topo.cpu_down(1)
+    seen: list[Any] = []
+    w = Work(lambda work: seen.append((topo.current_cpu(), os.sched_getaffinity(0))))
+    assert wq.queue_work_on(1, w) is True
+    w.flush()
+    cpu, affinity = seen[0]
+    assert cpu == 0  # a worker of an offline CPU counts as where it runs
+    if _can_pin():
+        assert affinity == {topo.real_cpu(0)}
+    # queue_work() from CPU 0's worker never picks the offline CPU.
+    inner = Work(lambda work: seen.append(topo.current_cpu()))
+    outer = Work(lambda work: wq.queue_work(inner))
+    wq.queue_work_on(1, outer)
+    outer.flush()
+    inner.flush()
+    assert seen[-1] == 0
+    topo.cpu_up(1)
+    w2 = Work(lambda work: seen.append(("up", topo.current_cpu(), os.sched_getaffinity(0))))
+    wq.queue_work_on(1, w2)
+    w2.flush()
+    assert seen[-1][:2] == ("up", 1)
+    if _can_pin():
+        assert seen[-1][2] == {topo.real_cpu(1)}
+
+
+def test_hotplug_keeps_non_reentrancy_order_and_loses_nothing(make_wq: Any, tracer: Any) -> None:
+    topo = Topology(4)
+    wq = make_wq(topology=topo, max_active=16)
+    wq.add_trace_hook(tracer)
+    lock = threading.Lock()
+    state = {"active": 0, "max": 0}
+
+    def func(work: Work) -> None:
+        with lock:
+            state["active"] += 1
+            state["max"] = max(state["max"], state["active"])
+        with blocking():
+            pass
+        with lock:
+            state["active"] -= 1
+
+    shared = Work(func)
+    ran: list[int] = []
+
+    class Seq(Work):
+        def __init__(self, n: int) -> None:
+            super().__init__(Seq.run)
+            self.n = n
+
+        def run(self) -> None:
+            with blocking():
+                ran.append(self.n)
+
+    stop = threading.Event()
+    queued = [0]
+
+    def producer() -> None:
+        n = 0
+        while not stop.is_set() or n < 200:
+            wq.queue_work_on(n % 4, shared)
+            wq.queue_work_on(n % 4, Seq(n))
+            n += 1
+        queued[0] = n
+
+    p = threading.Thread(target=producer)
+    p.start()
+    for _ in range(5):
+        for cpu in (1, 2, 3):
+            topo.cpu_down(cpu)
+        for cpu in (3, 1, 2):
+            topo.cpu_up(cpu)
+    stop.set()
+    p.join(TIMEOUT)
+    wq.flush()
+    shared.flush()
+    assert state["max"] == 1  # the shared item never ran concurrently with itself
+    assert sorted(ran) == list(range(queued[0]))  # nothing lost
+    # Items queued on one CPU's pool start in queueing order, hotplug or not.
+    with tracer.cond:
+        starts = [(cpu, w.n) for e, w, cpu in tracer.events
+                  if e == "execute_start" and isinstance(w, Seq)]
+    for cpu in range(4):
+        ns = [n for c, n in starts if c == cpu]
+        assert ns == list(range(cpu, queued[0], 4))
+
+
+def test_loadindex_rehomes_keys_on_cpu_down(topo: Any) -> None:
+    moves: list[tuple[object, int, int]] = []
+    with LoadIndex(topo, on_move=lambda k, old, new: moves.append((k, old, new))) as index:
+        cpus = {k: index.assign(k) for k in "abcd"}
+        topo.cpu_down(1)  # synchronous: the moves are reported when it returns
+        assert sorted(moves) == sorted((k, 1, 0) for k, c in cpus.items() if c == 1)
+        assert all(index.cpu_of(k) == 0 for k in "abcd")
+
+
+def test_topology_contract_and_errors() -> None:
+    topo = Topology(cpus=[3, 1, 2])
+    assert topo.possible() == [1, 2, 3] and topo.online() == [1, 2, 3]
+    calls: list[tuple[str, int, bool]] = []
+    first = lambda cpu, online: calls.append(("first", cpu, online))  # noqa: E731
+    second = lambda cpu, online: calls.append(("second", cpu, online))  # noqa: E731
+    topo.add_hotplug_notifier(first)
+    topo.add_hotplug_notifier(second)
+    topo.cpu_down(2)
+    assert not topo.is_online(2) and topo.online() == [1, 3]
+    topo.cpu_down(2)  # already offline: no-op
+    topo.cpu_up(2)
+    assert calls == [("second", 2, False), ("first", 2, False),
+                     ("first", 2, True), ("second", 2, True)]
+    topo.remove_hotplug_notifier(first)
+    with pytest.raises(ValueError, match="not a registered"):
+        topo.remove_hotplug_notifier(first)
+    with pytest.raises(ValueError, match="CPU 0 is not a possible CPU"):
+        topo.cpu_down(0)
+    with pytest.raises(TypeError, match="must be an int"):
+        topo.cpu_up("1")  # type: ignore[arg-type]
+    topo.cpu_down(1)
+    topo.cpu_down(2)
+    with pytest.raises(ValueError, match="last online CPU"):
+        topo.cpu_down(3)
+    with pytest.raises(TypeError):
+        topo.add_hotplug_notifier(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 1"):
+        Topology(0)
+    with pytest.raises(TypeError, match="either ncpus or cpus"):
+        Topology(2, cpus=[0])
+    with pytest.raises(ValueError, match="duplicate"):
+        Topology(cpus=[1, 1])
+    with pytest.raises(ValueError, match="negative"):
+        Topology(cpus=[-1])
+    assert Topology().possible() == sorted(os.sched_getaffinity(0))
+
+
+def test_a_failing_notifier_is_logged_and_the_others_run(caplog: pytest.LogCaptureFixture) -> None:
+    topo = Topology(2)
+    seen: list[int] = []
+
+    def bad(cpu: int, online: bool) -> None:
+        raise RuntimeError("notifier bug")
+
+    topo.add_hotplug_notifier(lambda cpu, online: seen.append(cpu))
+    topo.add_hotplug_notifier(bad)
+    with caplog.at_level("ERROR", logger="workqueue._topology"):
+        topo.cpu_down(0)
+    assert seen == [0]
+    assert "notifier" in caplog.text and "CPU 0 going down" in caplog.text

@@ -1,0 +1,140 @@
+"""Rescuer (Part 3: 10), freezing (11), watchdog (12)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+import workqueue._pool as pool_module
+from workqueue import WQ_FREEZABLE, WQ_MEM_RECLAIM, WQ_UNBOUND, Topology, Work
+from workqueue._timer import add_timer
+
+TIMEOUT = 10.0
+
+
+def _no_threads(target: Any, name: str) -> threading.Thread:
+    raise RuntimeError("can't start new thread")
+
+
+@pytest.mark.parametrize("flags", [0, WQ_UNBOUND])
+def test_rescuer_runs_items_when_no_worker_can_be_created(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, flags: int) -> None:
+    topo = Topology(2)
+    reclaim = make_wq("reclaim", flags | WQ_MEM_RECLAIM, topology=topo)
+    plain = make_wq("plain", flags, topology=topo)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    threads: list[str] = []
+    plain_ran = threading.Event()
+    p = Work(lambda w: plain_ran.set())
+    plain.queue_work_on(0, p)
+    r = Work(lambda w: threads.append(threading.current_thread().name))
+    reclaim.queue_work_on(0, r)
+    assert r.flush() is True
+    assert threads == ["reclaim-rescuer"]
+    assert not plain_ran.is_set() and p.pending  # no worker, no rescuer: it waits
+    monkeypatch.undo()  # threads can be made again: the retry timer makes a worker
+    assert plain_ran.wait(TIMEOUT)
+    p.flush()
+
+
+def test_rescuer_unblocks_an_item_waiting_for_another(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workqueue import blocking
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    first_started = threading.Event()
+    wq.queue_work(Work(lambda w: first_started.set()))
+    assert first_started.wait(TIMEOUT)
+    wq.flush()  # the pool now has a worker and an idle reserve
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    second_ran = threading.Event()
+    got: list[bool] = []
+
+    def first(work: Work) -> None:
+        wq.queue_work(Work(lambda w: second_ran.set()))
+        with blocking():
+            got.append(second_ran.wait(TIMEOUT))
+
+    # Use up the reserve with a blocked item, so the next needs a new thread.
+    hold = threading.Event()
+    holding = threading.Event()
+
+    def holder(work: Work) -> None:
+        holding.set()
+        with blocking():
+            assert hold.wait(TIMEOUT)
+
+    wq.queue_work(Work(holder))
+    assert holding.wait(TIMEOUT)
+    f = Work(first)
+    wq.queue_work(f)
+    f.flush()
+    hold.set()
+    assert got == [True]
+
+
+def test_freeze_waits_for_in_flight_and_holds_new_items(make_wq: Any) -> None:
+    wq = make_wq("frz", WQ_FREEZABLE)
+    release = threading.Event()
+    started = threading.Event()
+    order: list[str] = []
+
+    def running(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        order.append("in-flight done")
+
+    wq.queue_work(Work(running))
+    assert started.wait(TIMEOUT)
+    freezer = threading.Thread(target=lambda: (wq.freeze(), order.append("frozen")))
+    freezer.start()
+    while not wq._frozen:
+        freezer.join(0.001)
+    held = Work(lambda w: order.append("held ran"))
+    assert wq.queue_work(held) is True
+    release.set()
+    freezer.join(TIMEOUT)
+    assert order == ["in-flight done", "frozen"]
+    assert held.pending and sum(p.nr_inactive for p in wq.stats().pools) == 1
+    assert sum(p.max_active for p in wq.stats().pools) == 0
+    wq.thaw()
+    held.flush()
+    assert order[-1] == "held ran"
+    wq.thaw()  # not frozen: no-op
+
+
+def test_freeze_needs_wq_freezable_and_blocks_drain(make_wq: Any) -> None:
+    wq = make_wq()
+    with pytest.raises(RuntimeError, match="WQ_FREEZABLE"):
+        wq.freeze()
+    fz = make_wq("fz", WQ_FREEZABLE)
+    fz.freeze()
+    with pytest.raises(RuntimeError, match="thaw"):
+        fz.drain()
+    with pytest.raises(RuntimeError, match="thaw"):
+        fz.destroy()
+    fz.thaw()
+
+
+def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_waiter: Any) -> None:
+    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    logged = log_waiter("workqueue._watchdog", "lockup")
+    release = threading.Event()
+
+    def stuck(work: Work) -> None:
+        assert release.wait(TIMEOUT)
+
+    wq.queue_work(Work(stuck))
+    assert logged.seen.wait(TIMEOUT)
+    # Several more watchdog periods (timers fire in deadline order).
+    later = threading.Event()
+    add_timer(0.2, lambda arg: later.set())
+    assert later.wait(TIMEOUT)
+    release.set()
+    wq.flush()
+    assert len(logged.records) == 1
+    message = logged.records[0].getMessage()
+    assert "stuck" in message and "pool " in message and "in-flight" in message
