@@ -368,3 +368,31 @@ def test_unprivileged_path_length(dom0: RawClient, guest: RawClient) -> None:
     long = "/".join(["x" * 99] * 21)  # 2099 characters below the home
     assert error_of(guest.write, long, "") == "EINVAL"
     dom0.write(long, "")  # dom0 has no path quota
+
+
+def test_release_removes_what_the_domain_owns(xsd: XenStored, dom0: RawClient) -> None:
+    with make_guest(xsd, dom0, 4) as guest:
+        guest.write("device/vif/0/state", "4")
+        dom0.mkdir("/local/domain/0/backend/vif/4/0")
+        dom0.set_perms("/local/domain/0/backend/vif/4/0", ["n0", "r4", "w7"])
+        dom0.write("/local/domain/0/backend/vif/4/0/state", "4")
+        dom0.write("/elsewhere/owned-by-4", "")
+        dom0.set_perms("/elsewhere/owned-by-4", ["n4"])
+        dom0.write("/elsewhere/owned-by-4/child", "")
+        dom0.set_perms("@releaseDomain", ["n0", "r4"])
+        dom0.watch("/local/domain/4", "home")
+        assert dom0.wait_event() == ("/local/domain/4", "home")
+        xsd.release_domain(4)
+    # As cxenstored since XSA-322: owned nodes go (watchers hear of it) ...
+    assert dom0.wait_event() == ("/local/domain/4", "home")
+    assert error_of(dom0.read, "/local/domain/4") == "ENOENT"
+    assert error_of(dom0.read, "/elsewhere/owned-by-4") == "ENOENT"
+    assert dom0.directory("/elsewhere") == []
+    # ... and nobody else's permissions mention the domain any more.
+    assert dom0.get_perms("/local/domain/0/backend/vif/4/0") == ["n0", "w7"]
+    assert dom0.get_perms("/local/domain/0/backend/vif/4/0/state") == ["n0", "w7"]
+    assert dom0.get_perms("@releaseDomain") == ["n0"]
+    # A new domain with the same id starts from nothing.
+    with make_guest(xsd, dom0, 4) as again:
+        assert again.directory("/local/domain/4") == []
+        assert error_of(again.read, "/local/domain/0/backend/vif/4/0") == "EACCES"

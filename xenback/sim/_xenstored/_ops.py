@@ -22,6 +22,7 @@ from ._transaction import Transaction
 from ._tree import (
     PERM_READ,
     PERM_WRITE,
+    SPECIAL_PATHS,
     Node,
     Perms,
     Store,
@@ -259,8 +260,8 @@ class Dispatcher:
 
     # --- watch events -----------------------------------------------------
 
-    def _fire(self, conn: Connection | None, view: View, path: str, subtree: bool,
-              perms: Perms, old_perms: Perms | None = None) -> None:
+    def _fire(self, view: View, path: str, subtree: bool, perms: Perms,
+              old_perms: Perms | None = None) -> None:
         """Fire the watches a change of ``path`` triggers.
 
         Inside a transaction the event is queued and fires on commit.
@@ -300,7 +301,7 @@ class Dispatcher:
         """Fire @introduceDomain or @releaseDomain (exact watchers only)."""
         node = self.store.get(name)
         assert node is not None
-        self._fire(None, self.store, name, False, node.perms)
+        self._fire(self.store, name, False, node.perms)
 
     def flush_deferred(self) -> None:
         """Send events raised outside a request (domain introduce/release)."""
@@ -379,7 +380,7 @@ class Dispatcher:
             node = node.replace(value=value)
             self._check_size(conn, node)
             view.put(path, node)
-        self._fire(conn, view, path, True, node.perms)
+        self._fire(view, path, True, node.perms)
         return _OK
 
     def _mkdir(self, conn: Connection, view: View, payload: bytes) -> bytes:
@@ -393,7 +394,7 @@ class Dispatcher:
         if err.name != "ENOENT":
             raise err
         node = self._create(conn, view, path, b"")
-        self._fire(conn, view, path, True, node.perms)
+        self._fire(view, path, True, node.perms)
         return _OK
 
     def _rm(self, conn: Connection, view: View, payload: bytes) -> bytes:
@@ -416,31 +417,65 @@ class Dispatcher:
             raise XsError("EACCES", path)
         if path == "/":
             raise XsError("EINVAL", "cannot remove /")
-        parent_path = parent_of(path)
-        parent = view.get(parent_path)
-        assert parent is not None, f"{path} exists without its parent"
-        self._remove_subtree(conn, view, path, node, top=True)
-        children = dict(parent.children)
-        del children[basename(path)]
-        view.put(parent_path, parent.replace(children=children))
+        self._remove(view, path, node)
         return _OK
 
-    def _remove_subtree(self, conn: Connection, view: View, path: str, node: Node,
-                        top: bool) -> None:
+    def _remove(self, view: View, path: str, node: Node) -> None:
+        """Delete ``node`` at ``path`` (not "/") with its subtree, firing watches."""
         # Iterative post-order walk: a deep tree must not hit the recursion limit.
         stack: list[tuple[str, Node, bool]] = [(path, node, False)]
         while stack:
             p, n, expanded = stack.pop()
             if not expanded and n.children:
                 stack.append((p, n, True))
-                prefix = p if p != "/" else ""
                 for child in reversed(n.children):
-                    c = view.get(f"{prefix}/{child}")
+                    child_path = f"{p}/{child}"
+                    c = view.get(child_path)
                     if c is not None:
-                        stack.append((f"{prefix}/{child}", c, False))
+                        stack.append((child_path, c, False))
                 continue
             view.delete(p)
-            self._fire(conn, view, p, top and p == path, n.perms)
+            self._fire(view, p, p == path, n.perms)
+        parent_path = parent_of(path)
+        parent = view.get(parent_path)
+        assert parent is not None, f"{path} existed without its parent"
+        children = dict(parent.children)
+        del children[basename(path)]
+        view.put(parent_path, parent.replace(children=children))
+
+    def remove_domain_nodes(self, domid: int) -> None:
+        """Forget a released domain, as cxenstored does (XSA-322).
+
+        Nodes it owns go, with their subtrees (watches fire as for RM);
+        permission entries naming it are dropped from every other node
+        (silently), so that a later domain with the same id inherits
+        nothing.
+        """
+        store = self.store
+        stack = ["/"]
+        while stack:
+            path = stack.pop()
+            node = store.get(path)
+            if node is None:
+                continue
+            if node.owner == domid and path != "/":
+                self._remove(store, path, node)
+                continue
+            self._strip_perms(path, node, domid)
+            prefix = path if path != "/" else ""
+            stack.extend(f"{prefix}/{child}" for child in node.children)
+        for special in SPECIAL_PATHS:
+            node = store.get(special)
+            assert node is not None
+            self._strip_perms(special, node, domid)
+
+    def _strip_perms(self, path: str, node: Node, domid: int) -> None:
+        perms = node.perms
+        if perms[0][0] == domid:  # only special nodes get here owned by domid
+            perms = ((0, perms[0][1]), *perms[1:])
+        perms = (perms[0], *(p for p in perms[1:] if p[0] != domid))
+        if perms != node.perms:
+            self.store.put(path, node.replace(perms=perms))
 
     def _set_perms(self, conn: Connection, view: View, payload: bytes) -> bytes:
         strings = _strings(payload)
@@ -466,7 +501,7 @@ class Dispatcher:
         self._check_size(conn, new)
         view.put(path, new)
         # Watchers that could read the node before, or can now, hear of it.
-        self._fire(conn, view, path, True, perms, node.perms)
+        self._fire(view, path, True, perms, node.perms)
         return _OK
 
     # --- handlers: watches -------------------------------------------------------
@@ -546,7 +581,7 @@ class Dispatcher:
                         raise XsError("ENOSPC", "node quota exceeded")
             view.commit()
             for path, subtree, perms, old_perms in view.events:
-                self._fire(conn, self.store, path, subtree, perms, old_perms)
+                self._fire(self.store, path, subtree, perms, old_perms)
         return _OK
 
     # --- handlers: domains ------------------------------------------------------

@@ -154,6 +154,10 @@ class XenStored:
     def release_domain(self, domid: int) -> None:
         """Release ``domid``: close its socket and connections, fire @releaseDomain.
 
+        As cxenstored does since XSA-322, the nodes the domain owns are
+        removed with their subtrees (watches fire) and permission entries
+        naming it are dropped everywhere.
+
         Raises KeyError if the domain is not introduced, ValueError for dom0.
         """
         if domid == 0:
@@ -440,10 +444,12 @@ class XenStored:
             self._dispatcher.flush_deferred()
 
     def _release(self, domid: int) -> None:
-        """Close ``domid``'s socket and connections, fire @releaseDomain."""
+        """Close ``domid``'s socket and connections, remove the nodes it owns
+        (cxenstored does, since XSA-322), fire @releaseDomain."""
         if domid not in self._dispatcher.domains or domid == 0:
             raise KeyError(domid)
         self._teardown_domain(domid)
+        self._dispatcher.remove_domain_nodes(domid)
         self._dispatcher.fire_special("@releaseDomain")
         logger.info("released domain %d", domid)
 

@@ -28,6 +28,7 @@ __all__ = [
     "Perms",
     "Node",
     "Store",
+    "SPECIAL_PATHS",
     "canonicalize",
     "parent_of",
     "basename",
