@@ -367,7 +367,9 @@ def test_watch_and_transaction_quotas(guest: RawClient) -> None:
 def test_unprivileged_path_length(dom0: RawClient, guest: RawClient) -> None:
     long = "/".join(["x" * 99] * 21)  # 2099 characters below the home
     assert error_of(guest.write, long, "") == "EINVAL"
-    dom0.write(long, "")  # dom0 has no path quota
+    dom0.write(long, "")  # dom0 has no path quota ...
+    assert error_of(dom0.write, "/" + "y" * 3072, "") == "EINVAL"  # ... but the protocol's limit
+    dom0.write("/" + "y" * 3071, "")
 
 
 def test_release_removes_what_the_domain_owns(xsd: XenStored, dom0: RawClient) -> None:

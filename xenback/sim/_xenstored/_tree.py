@@ -18,7 +18,7 @@ import collections
 import re
 from collections.abc import Sequence
 
-from ._wire import REL_PATH_MAX, XsError
+from ._wire import ABS_PATH_MAX, REL_PATH_MAX, XsError
 
 __all__ = [
     "PERM_NONE",
@@ -116,7 +116,8 @@ def canonicalize(
     """Absolute canonical form of a path received from a client.
 
     ``home`` is the connection's domain path; relative paths resolve below
-    it (for dom0 as well: test-xenstore relies on that).  Special paths
+    it (for dom0 as well: test-xenstore relies on that).  No path may be
+    longer than XENSTORE_ABS_PATH_MAX (docs/misc/xenstore.txt).  Special paths
     (``@introduceDomain``) pass only where ``special_ok``.  With
     ``limit_rel`` (unprivileged callers) the part below
     /local/domain/<domid>/ may not exceed XENSTORE_REL_PATH_MAX.
@@ -135,6 +136,8 @@ def canonicalize(
         name = f"{home}/{raw}"
     if (name[-1] == "/" and name != "/") or "//" in name:
         raise XsError("EINVAL", f"malformed path {raw[:64]!r}")
+    if len(name) > ABS_PATH_MAX:
+        raise XsError("EINVAL", "path too long")
     if limit_rel:
         m = _local_prefix(name)
         if len(name) - (m.end() if m else 0) > REL_PATH_MAX:
