@@ -1,0 +1,287 @@
+"""The xenbus state machine on the simulated host: every transition and
+failure path of the backend lifecycle checklist."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+
+from tests.xenback.conftest import TIMEOUT, RecordingDriver
+from xenback import XenbusState
+
+S = XenbusState
+
+
+def _ports(host) -> int:
+    return host.hypervisor.stats()["ports"]
+
+
+def _connected(host, driver, frontends, name="guest", devid=0):
+    guest = host.create_domain(name)
+    dev = host.toolstack.add_device("xbtest", guest.domid, devid=devid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    return guest, dev, fe
+
+
+def _bdev(driver, fe_id, devid=0):
+    (bdev,) = [d for d in driver.devices() if (d.frontend_id, d.devid) == (fe_id, devid)]
+    return bdev
+
+
+def _error(dom0_xs, dev) -> str | None:
+    relative = dev.backend_path[len("/local/domain/0/"):]
+    return dom0_xs.read(f"/local/domain/0/error/{relative}/error")
+
+
+def test_state_values_and_parsing() -> None:
+    assert [s.value for s in S] == list(range(9))
+    assert S.parse(None) is S.UNKNOWN
+    assert S.parse("4") is S.CONNECTED
+    for bad in ("", "9", "-1", "4x", "connected"):
+        with pytest.raises(ValueError, match="invalid xenbus state"):
+            S.parse(bad)
+
+
+def test_driver_needs_a_device_type(host) -> None:
+    from xenback import BackendDriver
+
+    with pytest.raises(TypeError, match="device_type"):
+        BackendDriver(host.dom0)
+
+
+def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_xs) -> None:
+    baseline_ports = _ports(host)
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    # The features are written before InitWait is.
+    assert fe.xs.read(f"{dev.backend_path}/feature-test") == "1"
+    assert driver.calls_of(guest.domid) == ["probe"]
+
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    bdev = _bdev(driver, guest.domid)
+    assert bdev.resources == (1, 1)
+    assert bdev.otherend == dev.frontend_path
+    assert _ports(host) == baseline_ports + 2  # frontend's and backend's ends
+
+    fe.set_state(S.CLOSING)
+    fe.wait_backend(S.CLOSING)
+    assert bdev.resources == (0, 0)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+
+    # Reconnect from Closed: Initialising brings InitWait back, then connect.
+    fe.set_state(S.INITIALISING)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.set_state(S.CONNECTED)  # a frontend may skip Initialised
+    fe.wait_backend(S.CONNECTED)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
+    assert bdev.resources == (1, 1)
+
+    # Removal the way libxl does it, with a frontend that follows the
+    # backend to Closed: online=0, Closing, wait for Closed, delete.
+    def follow() -> None:
+        fe.wait_backend(S.CLOSING)
+        fe.set_state(S.CLOSING)
+        fe.set_state(S.CLOSED)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
+    follower.join(TIMEOUT)
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert driver.devices() == []
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert driver.calls_of(guest.domid)[-2:] == ["disconnect", "remove"]
+    assert _ports(host) == baseline_ports + 1  # only the frontend's own port
+    assert _error(dom0_xs, dev) is None
+
+
+def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
+    guest, dev, fe = _connected(host, driver, frontends)
+    fe.set_state(S.CONNECTED)  # Initialised -> Connected on the frontend
+    fe.set_state(S.CONNECTED)
+    fe.xs.write(f"{dev.frontend_path}/unrelated", "x")
+    fe.set_state(S.CLOSING)
+    fe.wait_backend(S.CLOSING)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+
+
+def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
+    """The backend directory names a frontend path that does not exist."""
+    guest = host.create_domain("ghost")
+    base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
+
+    def tx(t):
+        t.write(f"{base}/frontend", f"/local/domain/{guest.domid}/device/xbtest/0")
+        t.write(f"{base}/frontend-id", guest.domid)
+        t.write(f"{base}/online", 1)
+        t.write(f"{base}/state", 1)
+
+    dom0_xs.transaction(tx)
+    dom0_xs.wait_for(f"{base}/state", "5", timeout=TIMEOUT)
+    relative = base[len("/local/domain/0/"):]
+    error = dom0_xs.read(f"/local/domain/0/error/{relative}/error")
+    assert error is not None and error.startswith(f"{errno.ENOENT} probing: ")
+    assert "does not exist" in error
+    assert driver.calls_of(guest.domid) == []  # the driver was never bothered
+
+    # The toolstack gives up on it: online=0 + Closing; we go Closed at once.
+    dom0_xs.transaction(lambda t: (t.write(f"{base}/online", 0), t.write(f"{base}/state", 5)))
+    dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
+    # And the backend still serves other devices.
+    _connected(host, driver, frontends, "other")
+
+
+@pytest.mark.parametrize(
+    "nodes, err, text",
+    [
+        ({"ring-ref": "banana", "port": "3"}, errno.EINVAL, "expected an integer"),
+        ({"ring-ref": "1", "port": "3 4; rm -rf /"}, errno.EINVAL, "expected an integer"),
+        ({"port": "3"}, errno.ENOENT, "did not publish"),
+        ({"ring-ref": "4000", "port": "1"}, None, "connecting"),  # a grant never made
+    ],
+    ids=["garbage-ring-ref", "garbage-port", "missing-ring-ref", "grant-never-made"],
+)
+def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs, nodes, err, text) -> None:
+    baseline_ports = _ports(host)
+    guest = host.create_domain("bad")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish(nodes)
+    fe.wait_backend(S.CLOSING)
+    error = _error(dom0_xs, dev)
+    assert error is not None and text in error, error
+    code = int(error.split()[0])
+    assert code > 0 and (err is None or code == err)
+    bdev = _bdev(driver, guest.domid)
+    assert bdev.resources == (0, 0)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert _ports(host) == baseline_ports
+    # A Connected written now is ignored: the frontend must close first.
+    fe.set_state(S.CONNECTED)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    assert driver.calls_of(guest.domid).count("connect") == 1
+    _connected(host, driver, frontends, "good")
+
+
+def test_bad_event_channel_releases_the_grant_already_mapped(host, driver, frontends, dom0_xs) -> None:
+    guest = host.create_domain("bad")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.share()
+    fe.publish({"ring-ref": fe.pages.refs[0], "port": fe.port + 100})
+    fe.wait_backend(S.CLOSING)
+    assert _bdev(driver, guest.domid).resources == (0, 0)
+    assert _error(dom0_xs, dev).startswith(str(errno.EINVAL)) or _error(dom0_xs, dev)
+    # The page is no longer mapped by anyone: the frontend can end access.
+    fe.pages.unshare()
+    fe.pages = None
+
+
+@pytest.mark.parametrize("value", ["7", "banana", "2"])
+def test_impossible_frontend_state_is_fatal(host, driver, frontends, dom0_xs, value) -> None:
+    guest = host.create_domain("odd")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.set_state(value)
+    fe.wait_backend(S.CLOSING)
+    assert _error(dom0_xs, dev).startswith(f"{errno.EINVAL} ")
+
+
+def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs) -> None:
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    dom0_xs.rm(dev.backend_path)
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert driver.devices() == [] and bdev.resources == (0, 0)
+    # Nothing was written into the deleted directory (no resurrection).
+    assert not dom0_xs.exists(dev.backend_path)
+    fe.set_state(S.CLOSED)
+    _connected(host, driver, frontends, "next")
+    assert not dom0_xs.exists(dev.backend_path)
+
+
+def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
+    baseline_ports = _ports(host)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    other, _, _ = _connected(host, driver, frontends, "other")
+    host.destroy_domain(guest)
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert [d.frontend_id for d in driver.devices()] == [other.domid]
+    assert _ports(host) == baseline_ports + 2  # only the other device's pair
+
+
+def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_connect(dev) -> None:
+        entered.set()
+        release.wait(TIMEOUT)
+
+    driver.connect_hook = slow_connect
+    guest = host.create_domain("dying")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    assert entered.wait(TIMEOUT)
+    host.destroy_domain(guest)
+    release.set()  # connect now maps grants of a dead domain
+    driver.wait_call("remove", guest.domid)
+    bdev_gone = [d for d in driver.devices() if d.frontend_id == guest.domid]
+    assert bdev_gone == [] or bdev_gone[0].gone
+    driver.connect_hook = None
+    _connected(host, driver, frontends, "survivor")
+
+
+def test_devices_are_found_at_start_and_stop_closes_them(host, frontends) -> None:
+    guest = host.create_domain("early")
+    dev = host.toolstack.add_device("xbtest", guest.domid, devid=3)
+    fe = frontends(guest, dev)
+    drv = RecordingDriver(host.dom0)
+    with drv:
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish()
+        fe.wait_backend(S.CONNECTED)
+        (bdev,) = drv.devices()
+        assert (bdev.frontend_id, bdev.devid) == (guest.domid, 3)
+    assert drv.calls_of(guest.domid, 3) == ["probe", "connect", "disconnect", "remove"]
+    assert fe.xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    assert bdev.resources == (0, 0)
+
+
+def test_only_initialising_devices_are_probed(host, driver, frontends, dom0_xs) -> None:
+    guest = host.create_domain("guest")
+    root = f"/local/domain/0/backend/xbtest/{guest.domid}"
+    frontend = f"/local/domain/{guest.domid}/device/xbtest"
+
+    def tx(t):
+        for devid, state in ((5, "6"), (6, None), (7, "2")):
+            t.write(f"{root}/{devid}/frontend", f"{frontend}/{devid}")
+            t.write(f"{root}/{devid}/frontend-id", guest.domid)
+            if state is not None:
+                t.write(f"{root}/{devid}/state", state)
+        t.write(f"{root}/notanumber/state", 1)
+
+    dom0_xs.transaction(tx)
+    _connected(host, driver, frontends, "good")
+    assert all(d.frontend_id != guest.domid for d in driver.devices())
+    assert dom0_xs.read(f"{root}/5/state") == "6" and dom0_xs.read(f"{root}/6/state") is None
