@@ -398,3 +398,20 @@ def test_release_removes_what_the_domain_owns(xsd: XenStored, dom0: RawClient) -
     with make_guest(xsd, dom0, 4) as again:
         assert again.directory("/local/domain/4") == []
         assert error_of(again.read, "/local/domain/0/backend/vif/4/0") == "EACCES"
+
+
+def test_lifecycle() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        server = XenStored(Path(d))
+        server.stop()  # never started: nothing to do
+        with pytest.raises(RuntimeError):
+            server.introduce_domain(1)
+        with server:
+            with pytest.raises(RuntimeError):
+                server.start()
+            guest_socket = server.introduce_domain(1)
+            assert server.path.exists() and guest_socket.exists()
+        server.stop()  # again: fine
+        assert not server.path.exists() and not guest_socket.exists()
+        with pytest.raises(RuntimeError):
+            server.introduce_domain(2)

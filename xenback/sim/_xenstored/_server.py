@@ -25,9 +25,11 @@ Threading rules
 * Only the loop thread touches connections, domains, the store and the
   watches.  There are no locks around them.
 * Other threads (the public methods of :class:`XenStored`) hand work to the
-  loop thread with :meth:`XenStored._call`: the callable goes on a deque
-  (``append``/``popleft`` are atomic, no lock needed), one byte on the wake
-  socket makes the loop run it, and the caller waits on a Future.
+  loop thread with :meth:`XenStored._call`: the callable goes on a deque,
+  one byte on the wake socket makes the loop run it, and the caller waits
+  on a Future.  ``_calls_lock`` makes "append unless the loop has ended"
+  and "end the loop, cancel what is queued" exclusive, so no caller can
+  wait for a loop that is gone.
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ class XenStored:
         # Cross-thread call queue; see "Threading rules" above.
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
         self._calls = collections.deque()
+        #: guards _calls_closed and the final drain of _calls (not the loop's
+        #: popleft: a deque is safe for one appender and one popper)
+        self._calls_lock = threading.Lock()
+        self._calls_closed = False
         # The loop's wake-up pair, created by start().
         self._wake_r: socket.socket
         self._wake_w: socket.socket
@@ -120,12 +126,19 @@ class XenStored:
         logger.info("xenstored listening on %s", self.path)
 
     def stop(self) -> None:
-        """Close every connection and socket and stop the loop thread."""
+        """Close every connection and socket and stop the loop thread.
+
+        Idempotent; a stopped server cannot be started again.
+        """
         thread = self._thread
-        if thread is None or self._stopping:
+        if thread is None:
             return
+        if thread is threading.current_thread():
+            raise RuntimeError("XenStored.stop() called from its own loop")
         self._stopping = True
-        self._wake()
+        with self._calls_lock:
+            if not self._calls_closed:
+                self._wake()
         thread.join()
 
     def introduce_path(self, domid: int) -> Path:
@@ -184,10 +197,11 @@ class XenStored:
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if threading.current_thread() is self._thread:
             return fn(*args)
-        if self._thread is None or self._stopping or not self._thread.is_alive():
-            raise RuntimeError("XenStored is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._calls.append((lambda: fn(*args), future))
+        with self._calls_lock:
+            if self._thread is None or self._calls_closed:
+                raise RuntimeError("XenStored is not running")
+            self._calls.append((lambda: fn(*args), future))
         self._wake()
         return future.result()
 
@@ -242,11 +256,13 @@ class XenStored:
         self._selector.close()
         self._listener.close()
         self._unlink(self.path)
-        self._wake_r.close()
-        self._wake_w.close()
-        while self._calls:
-            _fn, future = self._calls.popleft()
-            future.cancel()
+        with self._calls_lock:
+            self._calls_closed = True
+            self._wake_r.close()
+            self._wake_w.close()
+            while self._calls:
+                _fn, future = self._calls.popleft()
+                future.cancel()
         logger.info("xenstored stopped")
 
     # --- sockets -----------------------------------------------------------------
