@@ -154,11 +154,14 @@ def c_workqueue(keys: int, per_key: int) -> float:
         seen[key].append(i)
 
     def run() -> None:
-        futures = []
+        last = []
         for i in range(per_key):
             for key in range(keys):
-                futures.append(executors[key].submit(record, key, i))
-        wait(futures)
+                last.append(executors[key].submit(record, key, i))
+            if i < per_key - 1:
+                last.clear()
+        # A key's calls finish in order: its last future done means all are.
+        wait(last)
 
     try:
         rate = keys * per_key / timed(run)
@@ -190,13 +193,12 @@ def c_tpe(keys: int, per_key: int) -> float:
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as tpe:
 
         def run() -> None:
-            futures = []
             submit = tpe.submit
             for i in range(per_key):
                 for key in range(keys):
                     backlog[key].append((record, (key, i)))
-                    futures.append(submit(run_oldest, key))
-            wait(futures)
+                    submit(run_oldest, key)
+            tpe.shutdown(wait=True)  # returns once every task has run
 
         rate = keys * per_key / timed(run)
     c_check(seen, keys, per_key)

@@ -56,12 +56,15 @@ _BATCH = 64
 
 
 class _SerialFuture(Future[Any]):
-    """The Future of one serial call, with its Condition made on first use.
+    """One serial call and its Future, made as cheaply as a Future can be.
 
-    A standard Future makes a Condition (and an RLock) per call, which would
-    cost more than the rest of submit().  This one makes it only when someone
-    waits, cancels or adds a callback; a call that finishes before anyone
-    looks never has one.
+    A standard Future makes a Condition (and an RLock) and two lists per
+    call, which would cost more than the rest of submit(), and leaves several
+    objects per call for the cyclic garbage collector to scan again and
+    again while they wait.  This one is a single slotted object: it carries
+    the call itself, and makes its condition and lists only when someone
+    waits, cancels or adds a callback.  A call that finishes before anyone
+    looks never has them.
 
     Correctness rests on one rule: a Future's state must not change while
     another thread holds its condition, because concurrent.futures.wait()
@@ -74,23 +77,51 @@ class _SerialFuture(Future[Any]):
     are also decided under the key's lock.  Lock order: condition -> key lock.
     """
 
-    def __init__(self, key_lock: threading.Lock) -> None:  # no super().__init__(): that is the cost
-        self._key_lock = key_lock
+    # The per-call fields are slots; _result and _exception are set when it
+    # finishes.  The rarely needed fields default to the class attributes
+    # below and are set, in the instance, only by those who need them.
+    __slots__ = ("_state", "_result", "_exception", "_key_lock", "fn", "args", "kwargs")
+    _cond: threading.Condition | None = None
+    _waiter_list: list[Any] | None = None
+    _callback_list: list[Callable[[Future[Any]], object]] | None = None
+
+    def __init__(  # no super().__init__(): that is the cost
+        self,
+        key_lock: threading.Lock,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
         self._state = PENDING
-        self._result = None
-        self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+        self._key_lock = key_lock
+        self.fn: Callable[..., Any] | None = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    # What concurrent.futures.Future keeps in plain attributes, made lazily.
+    # The lists are only touched under the condition, which already exists.
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond: threading.Condition | None = self.__dict__.get("_cond")
+        cond = self._cond
         if cond is None:
             with self._key_lock:
-                cond = self.__dict__.get("_cond")
+                cond = self._cond
                 if cond is None:
-                    cond = self.__dict__["_cond"] = threading.Condition()
+                    cond = self._cond = threading.Condition()
         return cond
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        if self._waiter_list is None:
+            self._waiter_list = []
+        return self._waiter_list
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
+        if self._callback_list is None:
+            self._callback_list = []
+        return self._callback_list
 
     def __repr__(self) -> str:
         return f"<_SerialFuture state={self._state}>"
@@ -112,6 +143,7 @@ class _SerialFuture(Future[Any]):
                     self._state = CANCELLED_AND_NOTIFIED
             if state != PENDING:
                 return state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+            self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             cond.notify_all()
@@ -133,27 +165,23 @@ class _SerialFuture(Future[Any]):
 
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         with self._key_lock:
-            cond = self.__dict__.get("_cond")
+            cond = self._cond
             if cond is None:  # nobody is looking, and nobody can start to
                 self._result = result
                 self._exception = exception
                 self._state = FINISHED
-        if cond is not None:
-            with cond:
-                self._result = result
-                self._exception = exception
-                self._state = FINISHED
-                for waiter in self._waiters:
-                    if exception is None:
-                        waiter.add_result(self)
-                    else:
-                        waiter.add_exception(self)
-                cond.notify_all()
-        if self._done_callbacks:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
-
-
-_Call = tuple[_SerialFuture, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+                return
+        with cond:
+            self._result = result
+            self._exception = exception
+            self._state = FINISHED
+            for waiter in self._waiters:
+                if exception is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            cond.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
 
 class _SerialWork(Work):
@@ -173,7 +201,7 @@ class _SerialWork(Work):
         self.cpu = cpu
         # Appended by submit(), popped by _drain() and by
         # shutdown(cancel_futures=True); deque's append and popleft are atomic.
-        self.calls: deque[_Call] = deque()
+        self.calls: deque[_SerialFuture] = deque()
 
 
 def _drain(work: Work) -> None:
@@ -186,11 +214,14 @@ def _drain(work: Work) -> None:
     popleft = work.calls.popleft
     for _ in range(_BATCH):
         try:
-            future, fn, args, kwargs = popleft()
+            future = popleft()
         except IndexError:
             return
         if not future.set_running_or_notify_cancel():
             continue
+        fn, args, kwargs = future.fn, future.args, future.kwargs
+        future.fn = future.args = future.kwargs = None  # type: ignore[assignment]
+        assert fn is not None
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
@@ -336,13 +367,12 @@ class SerialExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` after every call submitted before."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
-        future = _SerialFuture(self._lock)
+        future = _SerialFuture(self._lock, fn, args, kwargs)
         work = self._work
-        call: _Call = (future, fn, args, kwargs)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            work.calls.append(call)
+            work.calls.append(future)
         # If the Work is pending, its run has not started yet and will find
         # this call; otherwise queue it (again).  Reading the pending bit
         # without a lock is safe because the bit is cleared before the run
@@ -352,7 +382,7 @@ class SerialExecutor(Executor):
                 work.wq.queue_work_on(work.cpu, work)
             except BaseException:
                 try:
-                    work.calls.remove(call)
+                    work.calls.remove(future)
                 except ValueError:
                     pass  # already taken by a run
                 raise
@@ -375,7 +405,7 @@ class SerialExecutor(Executor):
         if cancel_futures:
             while True:
                 try:
-                    future = work.calls.popleft()[0]
+                    future = work.calls.popleft()
                 except IndexError:
                     break
                 future.cancel()

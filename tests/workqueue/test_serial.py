@@ -289,3 +289,24 @@ def test_cancel_races_start_exactly_once(wq: object) -> None:
     assert sorted(set(range(2000)) - cancelled) == ran
     for i, future in enumerate(futures):
         assert future.cancelled() is (i in cancelled)
+
+
+def test_futures_behave_like_standard_ones(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    blocker = ex.submit(gate.wait, TIMEOUT)
+    ok = ex.submit(lambda: "ok")
+    bad = ex.submit(lambda: 1 / 0)
+    dropped = ex.submit(lambda: "never")
+    seen: list[Future[object]] = []
+    ok.add_done_callback(seen.append)
+    assert not ok.done() and not ok.running() and dropped.cancel() and dropped.cancel()
+    assert dropped.cancelled() and dropped.done()
+    with pytest.raises(CancelledError):
+        dropped.exception(0)
+    gate.set()
+    assert ok.result(TIMEOUT) == "ok" and seen == [ok]
+    assert isinstance(bad.exception(TIMEOUT), ZeroDivisionError)
+    assert not ok.cancel() and blocker.result(0) is True
+    ok.add_done_callback(seen.append)  # already done: called at once
+    assert seen == [ok, ok]
