@@ -9,11 +9,15 @@ The pieces, each in a module of its own:
   :class:`BackendDevice`, the xenbus state machine a driver plugs into;
 * :mod:`xenback.xenstore`: a typed XenStore helper over pyxs;
 * :mod:`xenback.ring`: ``ring.h`` request/response rings and flex byte rings;
-* :mod:`xenback.events`: one event-channel handle and epoll thread per backend.
+* :mod:`xenback.events`: one event-channel handle and epoll thread per backend;
+* :data:`wire`: the cffi declarations of ``ring.h``'s shared ring header,
+  ``xs_wire.h``'s ``xsd_sockmsg`` and ``console.h``'s ``xencons_interface``
+  (``wire.offsetof("struct xencons_interface", "out_prod")``).
 
 ``examples/console_backend.py`` is a complete backend to copy from.
 """
 
+from xenback._wire import ffi as wire
 from xenback.events import EventDispatcher
 from xenback.platform import (
     PAGE_SIZE,
@@ -44,4 +48,5 @@ __all__ = [
     "RingError",
     "XenStore",
     "XenbusState",
+    "wire",
 ]

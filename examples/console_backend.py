@@ -1,0 +1,167 @@
+"""A PV console backend (``xen/io/console.h``) in a page of code.
+
+It serves ``backend/console`` devices: each guest shares one page holding
+``struct xencons_interface`` (``ring-ref``) and an event channel (``port``).
+Whatever the guest writes to the ``out`` ring is appended to
+``<log_dir>/console-<domid>.log``; :meth:`ConsoleBackend.send_input` feeds
+the ``in`` ring.  Run it against a simulated host::
+
+    python examples/console_backend.py --demo
+
+Everything xenbus (discovery, InitWait, Connected, closing, removal, domain
+death, error nodes) is the framework's; this file only moves bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from workqueue import Work
+from xenback import BackendDevice, BackendDriver, FlexRing, Platform, RingError, wire
+
+logger = logging.getLogger("console_backend")
+
+_IFACE = "struct xencons_interface"
+_IN, _OUT, _IDX = (wire.offsetof(_IFACE, f) for f in ("in", "out", "in_cons"))
+_IN_SIZE, _OUT_SIZE = _OUT - _IN, _IDX - _OUT  # in[1024], out[2048], then 4 u32 indexes
+
+
+def _off(field: str) -> int:
+    return wire.offsetof(_IFACE, field) - _IDX
+
+
+class Console(Work):
+    """One guest console: a work item that drains ``out`` and fills ``in``.
+
+    Queued by the event channel (guest wrote output or consumed input) and
+    by :meth:`ConsoleBackend.send_input`; a Work never runs concurrently
+    with itself, so the rings have one user at a time.
+    """
+
+    def __init__(self, dev: BackendDevice, page: memoryview, log: Path,
+                 on_output: Callable[[int, bytes], object] | None) -> None:
+        super().__init__(Console.run)
+        self.dev, self.on_output = dev, on_output
+        idx = page[_IDX:_IDX + 16]
+        self.out = FlexRing(page[_OUT:_OUT + _OUT_SIZE], idx,
+                            prod_offset=_off("out_prod"), cons_offset=_off("out_cons"))
+        self.inp = FlexRing(page[_IN:_IN + _IN_SIZE], idx,
+                            prod_offset=_off("in_prod"), cons_offset=_off("in_cons"))
+        self.log = log.open("ab")
+        self.port = 0
+        self.lock = threading.Lock()  # guards pending_input (appended by any thread)
+        self.pending_input = bytearray()
+
+    def run(self) -> None:
+        try:
+            output = b"".join(bytes(v) for v in self.out.readable())
+            self.out.consume(len(output))
+            with self.lock:
+                moved = 0
+                for view in self.inp.writable():
+                    n = min(len(view), len(self.pending_input) - moved)
+                    view[:n] = self.pending_input[moved:moved + n]
+                    moved += n
+                self.inp.produce(moved)
+                del self.pending_input[:moved]
+        except RingError as exc:  # the guest broke its indexes: stop serving it
+            self.disable()
+            self.dev.queue(self.dev.fatal, errno.EPROTO, f"console ring: {exc}")
+            return
+        if output:
+            self.log.write(output)
+            self.log.flush()
+            if self.on_output is not None:
+                self.on_output(self.dev.frontend_id, output)
+        if output or moved:
+            self.dev.notify(self.port)
+
+
+class ConsoleBackend(BackendDriver):
+    """Serves ``backend/console`` devices, logging each guest's output."""
+
+    device_type = "console"
+
+    def __init__(self, platform: Platform, log_dir: Path, *, workqueue: object = None,
+                 on_output: Callable[[int, bytes], object] | None = None) -> None:
+        super().__init__(platform, workqueue=workqueue)
+        self.log_dir, self.on_output = Path(log_dir), on_output
+
+    def connect(self, dev: BackendDevice) -> None:
+        ref, port = dev.read_otherend_int("ring-ref"), dev.read_otherend_int("port")
+        if ref is None or port is None:
+            raise FileNotFoundError(2, "frontend published no ring-ref/port", dev.otherend)
+        page = dev.map_grant_refs([ref]).buffer
+        name = f"console-{dev.frontend_id}" + (f"-{dev.devid}" if dev.devid else "") + ".log"
+        console = Console(dev, page, self.log_dir / name, self.on_output)
+        dev.driver_data = console
+        console.port = dev.bind_evtchn(port, lambda _port: self.workqueue.queue_work(console))
+        self.workqueue.queue_work(console)  # output written before we connected
+
+    def disconnect(self, dev: BackendDevice) -> None:
+        console: Console | None = dev.driver_data
+        if console is not None:
+            console.disable_sync()  # not running, never again: now unmap
+            console.out.release()
+            console.inp.release()
+            console.log.close()
+            dev.driver_data = None
+
+    def send_input(self, frontend_id: int, data: bytes, devid: int = 0) -> bool:
+        """Type ``data`` on a guest's console; False if it has none connected."""
+        for dev in self.devices():
+            console = dev.driver_data
+            if (dev.frontend_id, dev.devid) == (frontend_id, devid) and console is not None:
+                with console.lock:
+                    console.pending_input += data
+                self.workqueue.queue_work(console)
+                return True
+        return False
+
+
+def _demo() -> None:
+    """A simulated guest prints a line; the backend logs it."""
+    from xenback.sim import SimHost
+
+    with SimHost() as host, tempfile.TemporaryDirectory() as logs:
+        done = threading.Event()
+        with ConsoleBackend(host.dom0, Path(logs), on_output=lambda d, b: done.set()):
+            guest = host.create_domain("demo")
+            dev = host.toolstack.add_device("console", guest.domid)
+            page, evtchn = guest.gntshr().share_pages(0, 1), guest.evtchn()
+            port = evtchn.bind_unbound_port(0)
+            with guest.xenstore() as xs:
+                for key, value in (("ring-ref", page.refs[0]), ("port", port), ("state", 3)):
+                    xs.write(f"{dev.frontend_path}/{key}".encode(), str(value).encode())
+            buf = page.buffer
+            out = FlexRing(buf[_OUT:_OUT + _OUT_SIZE], buf[_IDX:_IDX + 16],
+                           prod_offset=_off("out_prod"), cons_offset=_off("out_cons"))
+            text = b"Hello from a simulated guest's console\n"
+            out.writable()[0][:len(text)] = text
+            out.produce(len(text))
+            evtchn.notify(port)
+            done.wait(10)
+            print((Path(logs) / f"console-{guest.domid}.log").read_text(), end="")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", action="store_true", help="run against a simulated guest")
+    parser.add_argument("--log-dir", type=Path, help="serve the real dom0 (xenback.xen)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    if args.demo or args.log_dir is None:
+        _demo()
+    else:
+        import signal
+
+        import xenback.xen
+
+        with ConsoleBackend(xenback.xen.open(), args.log_dir):
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -1,0 +1,174 @@
+"""examples/console_backend.py against a simulated guest writing to its
+console ring."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import select
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.xenback.conftest import TIMEOUT, leaked_threads
+from xenback import FlexRing, XenbusState, wire
+
+S = XenbusState
+_spec = importlib.util.spec_from_file_location(
+    "console_backend", Path(__file__).resolve().parents[2] / "examples" / "console_backend.py"
+)
+assert _spec is not None and _spec.loader is not None
+console_backend = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(console_backend)
+
+IFACE = "struct xencons_interface"
+IDX = wire.offsetof(IFACE, "in_cons")
+
+
+class Guest:
+    """The guest side of a console: its rings as the producer of ``out``
+    and the consumer of ``in``."""
+
+    def __init__(self, fe) -> None:
+        self.fe = fe
+        fe.share()
+        page = fe.pages.buffer
+        idx = page[IDX : IDX + 16]
+
+        def off(f: str) -> int:
+            return wire.offsetof(IFACE, f) - IDX
+
+        out, inp = wire.offsetof(IFACE, "out"), wire.offsetof(IFACE, "in")
+        self.out = FlexRing(page[out : out + 2048], idx, prod_offset=off("out_prod"),
+                            cons_offset=off("out_cons"))
+        self.inp = FlexRing(page[inp : inp + 1024], idx, prod_offset=off("in_prod"),
+                            cons_offset=off("in_cons"))
+        self.page = page
+
+    def wait_event(self) -> None:
+        ready, _, _ = select.select([self.fe.evtchn.fileno()], [], [], TIMEOUT)
+        assert ready, "no event from the backend"
+        port = self.fe.evtchn.pending()
+        if port is not None:
+            self.fe.evtchn.unmask(port)
+
+    def write(self, data: bytes) -> None:
+        """Write everything, waiting for the backend to make room."""
+        while data:
+            done = 0
+            for view in self.out.writable():
+                n = min(len(view), len(data) - done)
+                view[:n] = data[done : done + n]
+                done += n
+            self.out.produce(done)
+            self.fe.evtchn.notify(self.fe.port)
+            data = data[done:]
+            if data:
+                self.wait_event()
+
+    def read(self) -> bytes:
+        data = b"".join(bytes(v) for v in self.inp.readable())
+        self.inp.consume(len(data))
+        return data
+
+    def read_exactly(self, size: int) -> bytes:
+        """Read ``size`` bytes of input, telling the backend whenever it
+        freed space (the backend refills the ring then)."""
+        got = self.read()
+        while len(got) < size:
+            self.fe.evtchn.notify(self.fe.port)
+            self.wait_event()
+            got += self.read()
+        return got
+
+
+@pytest.fixture
+def console(host, tmp_path):
+    before = {t.ident for t in threading.enumerate()}
+    received: list[tuple[int, bytes]] = []
+    cond = threading.Condition()
+
+    def on_output(domid: int, data: bytes) -> None:
+        with cond:
+            received.append((domid, data))
+            cond.notify_all()
+
+    backend = console_backend.ConsoleBackend(host.dom0, tmp_path, on_output=on_output)
+    backend.received, backend.cond = received, cond
+
+    def wait_output(domid: int, size: int) -> bytes:
+        def got() -> bytes:
+            return b"".join(d for i, d in received if i == domid)
+
+        with cond:
+            assert cond.wait_for(lambda: len(got()) >= size, TIMEOUT), got()
+            return got()
+
+    backend.wait_output = wait_output
+    with backend:
+        yield backend
+    assert not leaked_threads(before)
+
+
+def _start(host, frontends, name="guest"):
+    domain = host.create_domain(name)
+    dev = host.toolstack.add_device("console", domain.domid)
+    fe = frontends(domain, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    guest = Guest(fe)
+    return domain, dev, fe, guest
+
+
+def test_guest_output_is_logged_across_ring_wraps(host, console, frontends, tmp_path) -> None:
+    domain, dev, fe, guest = _start(host, frontends)
+    guest.write(b"early output, before the backend connected\n")
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    text = os.urandom(3000).hex().encode() + b"\n"  # 6001 bytes: three trips round a 2 KiB ring
+    guest.write(text)
+    expected = b"early output, before the backend connected\n" + text
+    assert console.wait_output(domain.domid, len(expected)) == expected
+    assert (tmp_path / f"console-{domain.domid}.log").read_bytes() == expected
+    prod, cons = struct.unpack_from("<II", guest.page, IDX + 8)
+    assert cons == prod == len(expected)
+
+
+def test_input_is_forwarded(host, console, frontends) -> None:
+    domain, dev, fe, guest = _start(host, frontends)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    assert console.send_input(domain.domid, b"root\n") is True
+    assert console.send_input(domain.domid + 40, b"x") is False
+    assert guest.read_exactly(5) == b"root\n"
+    # More input than the 1 KiB ring holds goes in as the guest reads.
+    big = bytes(range(256)) * 6
+    console.send_input(domain.domid, big)
+    assert guest.read_exactly(len(big)) == big
+
+
+def test_two_guests_and_a_hostile_one(host, console, frontends, dom0_xs, tmp_path) -> None:
+    good, _, good_fe, good_guest = _start(host, frontends, "good")
+    bad, bad_dev, bad_fe, bad_guest = _start(host, frontends, "bad")
+    for fe in (good_fe, bad_fe):
+        fe.publish()
+        fe.wait_backend(S.CONNECTED)
+    struct.pack_into("<II", bad_guest.page, IDX + 8, 0, 4096)  # out_cons 0, out_prod 4096
+    bad_fe.evtchn.notify(bad_fe.port)
+    bad_fe.wait_backend(S.CLOSING)
+    relative = bad_dev.backend_path[len("/local/domain/0/"):]
+    error = dom0_xs.read(f"/local/domain/0/error/{relative}/error")
+    assert error is not None and error.startswith(f"{errno.EPROTO} console ring:")
+    good_guest.write(b"still here\n")
+    assert console.wait_output(good.domid, 11) == b"still here\n"
+    # The hostile guest is destroyed: its device goes away, nothing leaks.
+    (dev,) = [d for d in console.devices() if d.frontend_id == bad.domid]
+    bad_fe.close()
+    host.destroy_domain(bad)
+    dom0_xs.wait_for(bad_dev.backend_path, lambda v: v is None, timeout=TIMEOUT)
+    dev.events.flush()
+    assert dev.gone and dev.resources == (0, 0)
+    assert [d.frontend_id for d in console.devices()] == [good.domid]
+    assert sum(d.resources[0] for d in console.devices()) == 1
