@@ -27,6 +27,9 @@ for word in $(cat /proc/cmdline); do
 done
 [ -n "$cmdfile" ] || fail "no realxen.cmd= on the kernel command line"
 
+# dom0's only network: loopback, where the backend's peers listen.
+ip link set lo up || fail "ip link set lo up"
+
 H=/mnt
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot $H \
     || fail "mount 9p hostroot"

@@ -7,7 +7,7 @@ it runs with the project's own virtualenv.  It:
 1. starts Debian's ``xenstored``, ``xen-init-dom0`` and ``xenconsoled``;
 2. starts the pvcalls backend on the ``xen`` platform in this process
    (``--backend pvcalls``), or the handshake-only stand-in
-   (``--backend standin``);
+   (``--backend standin``), or Linux's pvcalls-back (``--backend linux``);
 3. starts an echo server on 127.0.0.1 and creates a PV domU with
    ``pvcalls = [ "backend=0" ]`` whose initramfs loads pvshim.ko;
 4. follows the domU's console, connects a client when the guest says it
@@ -109,7 +109,7 @@ def start_xen_daemons(procs: list[subprocess.Popen[bytes]]) -> None:
     step_ok("xen-daemons", f"{time.monotonic() - t0:.1f}s")
 
 
-def start_backend(kind: str) -> Backend:
+def start_backend(kind: str, linux_backend: str | None) -> Backend:
     t0 = time.monotonic()
     backend: Backend
     if kind == "standin":
@@ -118,6 +118,12 @@ def start_backend(kind: str) -> Backend:
         standin = StandinBackend(str(XENSTORED_SOCKET), say)
         standin.start()
         backend = standin
+    elif kind == "linux":
+        from linuxbackend import LinuxBackend
+
+        if linux_backend is None:
+            raise StepFailed("backend-start", "--backend linux needs --linux-backend PATH")
+        backend = LinuxBackend(linux_backend, say)
     else:
         from realbackend import RealBackend
 
@@ -336,12 +342,13 @@ def dump_xenstore_trace() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", choices=["pvcalls", "standin"], default="pvcalls")
+    parser.add_argument("--backend", choices=["pvcalls", "standin", "linux"], default="pvcalls")
+    parser.add_argument("--linux-backend", help="pvcalls-back.ko for --backend linux")
     parser.add_argument("--domu-kernel", required=True)
     parser.add_argument("--domu-initrd", required=True)
     parser.add_argument("--nbytes", type=int, default=1 << 20)
     parser.add_argument("--step-timeout", type=int, default=60)
-    parser.add_argument("--guest-timeout", type=int, default=180)
+    parser.add_argument("--guest-timeout", type=int, default=150)
     parser.add_argument("--trace", action="store_true", help="print xenstored's pvcalls trace")
     args = parser.parse_args(argv)
     uptime = Path("/proc/uptime").read_text().split()[0]
@@ -355,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: StepFailed | None = None
     try:
         start_xen_daemons(procs)
-        backend = start_backend(args.backend)
+        backend = start_backend(args.backend, args.linux_backend)
         echo = EchoServer()
         domid = run_guest(args, echo)
         check_released(backend, domid, args.step_timeout)
@@ -366,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = StepFailed("dom0-harness", repr(exc))
     if failed is not None or args.trace:
         dump_xenstore_trace()
+    if failed is not None and domain_exists(DOMU_NAME):
+        subprocess.run([str(XEN_BIN / "xl"), "destroy", DOMU_NAME], capture_output=True)
     if backend is not None:
         try:
             backend.stop()

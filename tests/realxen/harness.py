@@ -9,7 +9,7 @@ out.  Every console line is kept in a log file.
 As a command it runs the test by hand, or many times to measure how
 reliable it is::
 
-    python3 tests/realxen/harness.py [--runs N] [--backend pvcalls|standin]
+    python3 tests/realxen/harness.py [--runs N] [--backend pvcalls|standin|linux]
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def dom0_command(manifest: dict[str, str], backend: str, nbytes: int, python: st
         "--domu-kernel", manifest["domu_kernel"],
         "--domu-initrd", manifest["domu_initrd"],
         "--nbytes", str(nbytes),
+        "--linux-backend", manifest["linux_backend"],
     ]
 
 
@@ -183,7 +184,7 @@ def boot(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="boot the real-Xen test by hand")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--backend", choices=["pvcalls", "standin"], default="pvcalls")
+    parser.add_argument("--backend", choices=["pvcalls", "standin", "linux"], default="pvcalls")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--nbytes", type=int, default=1 << 20)
     parser.add_argument("--timeout", type=float, default=240.0)

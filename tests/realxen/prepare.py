@@ -19,7 +19,10 @@ then builds:
   xl, Python and the project as installed);
 * ``domu-vmlinuz`` and ``domu-initrd.img``: Debian's cloud kernel and a
   busybox initramfs with ``pvshim.ko`` (Linux's pvcalls-front plus the
-  scenario in ``guest/pvshim.c``).
+  scenario in ``guest/pvshim.c``);
+* ``pvcalls-back.ko``: Linux's own pvcalls backend for the dom0 kernel
+  (Debian does not build it either), the reference the harness can run
+  instead of the project's backend (``harness.py --backend linux``).
 
 Downloads and unpacked packages are cached under the kernel ABI name; the
 module and the initramfs images are rebuilt on every run (a few seconds), so
@@ -198,11 +201,12 @@ def fetch_kernels(cache: Path) -> dict[str, Path | str]:
     version = candidate_version(image)
     series = ".".join(abi.split(".")[:2])  # "6.1"
     root = cache / f"debian-{abi}"
-    done = root / ".unpacked"
+    done = root / ".unpacked-2"  # bump when the list of pieces changes
     if not done.exists():
         packages = [
             f"linux-image-{abi}-amd64",
             f"linux-image-{abi}-cloud-amd64",
+            f"linux-headers-{abi}-amd64",
             f"linux-headers-{abi}-cloud-amd64",
             f"linux-headers-{abi}-common",
             f"linux-kbuild-{series}={version}",
@@ -218,21 +222,22 @@ def fetch_kernels(cache: Path) -> dict[str, Path | str]:
                 continue
             log(f"unpacking {deb.name}")
             run("dpkg-deb", "-x", deb, root)
-        # Only pvcalls-front is needed from the 140 MB source tarball.
-        log("extracting drivers/xen/pvcalls-front.[ch] from linux-source")
+        # Only pvcalls-front and -back are needed from the 140 MB tarball.
+        log("extracting drivers/xen/pvcalls-* from linux-source")
         src = debs[f"linux-source-{series}"]
         tarball = f"./usr/src/linux-source-{series}.tar.xz"
-        member = f"linux-source-{series}/drivers/xen/pvcalls-front.*"
+        member = f"linux-source-{series}/drivers/xen/pvcalls-*"
         subprocess.run(
             f"dpkg-deb --fsys-tarfile '{src}' | tar -xO '{tarball}'"
             f" | tar -xJ -C '{root}' --wildcards '{member}'",
             shell=True, check=True,
         )
-        # The headers' Makefile includes the common headers by absolute path.
-        makefile = root / f"usr/src/linux-headers-{abi}-cloud-amd64/Makefile"
-        makefile.write_text(
-            makefile.read_text().replace("include /usr/src/", f"include {root}/usr/src/")
-        )
+        # The headers' Makefiles include the common headers by absolute path.
+        for flavour in ("amd64", "cloud-amd64"):
+            makefile = root / f"usr/src/linux-headers-{abi}-{flavour}/Makefile"
+            makefile.write_text(
+                makefile.read_text().replace("include /usr/src/", f"include {root}/usr/src/")
+            )
         done.write_text(version + "\n")
         # The .debs are not needed any more; the unpacked tree is the cache.
         shutil.rmtree(cache / "debs")
@@ -243,7 +248,8 @@ def fetch_kernels(cache: Path) -> dict[str, Path | str]:
         "dom0_modules": root / f"lib/modules/{abi}-amd64",
         "domu_kernel": root / f"boot/vmlinuz-{abi}-cloud-amd64",
         "headers": root / f"usr/src/linux-headers-{abi}-cloud-amd64",
-        "pvcalls_front": root / f"linux-source-{series}/drivers/xen",
+        "dom0_headers": root / f"usr/src/linux-headers-{abi}-amd64",
+        "pvcalls_src": root / f"linux-source-{series}/drivers/xen",
         "xen_gz": root / "boot/xen-4.17-amd64.gz",
     }
 
@@ -258,12 +264,24 @@ def build_shim(pieces: dict[str, Path | str], build: Path) -> Path:
     build.mkdir(parents=True)
     for src in (HERE / "guest/pvshim.c", HERE / "guest/Kbuild"):
         shutil.copy(src, build)
-    front = Path(pieces["pvcalls_front"])
+    front = Path(pieces["pvcalls_src"])
     for name in ("pvcalls-front.c", "pvcalls-front.h"):
         shutil.copy(front / name, build)
     log("building pvshim.ko")
     run("make", "-s", "-C", pieces["headers"], f"M={build}", "modules", quiet=True)
     return build / "pvshim.ko"
+
+
+def build_linux_backend(pieces: dict[str, Path | str], build: Path) -> Path:
+    """Linux's pvcalls-back.c as a module for the dom0 kernel."""
+    if build.exists():
+        shutil.rmtree(build)
+    build.mkdir(parents=True)
+    shutil.copy(Path(pieces["pvcalls_src"]) / "pvcalls-back.c", build)
+    (build / "Kbuild").write_text("obj-m := pvcalls-back.o\n")
+    log("building pvcalls-back.ko")
+    run("make", "-s", "-C", pieces["dom0_headers"], f"M={build}", "modules", quiet=True)
+    return build / "pvcalls-back.ko"
 
 
 class Cpio:
@@ -334,6 +352,7 @@ def prepare(cache: Path) -> Path:
         with gzip.open(pieces["xen_gz"]) as f:
             xen.write_bytes(f.read())
     shim = build_shim(pieces, cache / "build/pvshim")
+    linux_backend = build_linux_backend(pieces, cache / "build/pvcalls-back")
     build_dom0_initramfs(pieces, out / "dom0-initrd.img")
     build_domu_initramfs(shim, out / "domu-initrd.img")
     manifest = {
@@ -343,6 +362,7 @@ def prepare(cache: Path) -> Path:
         "dom0_initrd": str(out / "dom0-initrd.img"),
         "domu_kernel": str(pieces["domu_kernel"]),
         "domu_initrd": str(out / "domu-initrd.img"),
+        "linux_backend": str(linux_backend),
         "shim_sha256": hashlib.sha256(shim.read_bytes()).hexdigest(),
     }
     path = out / "manifest.json"
