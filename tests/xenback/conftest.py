@@ -79,6 +79,8 @@ class SimFrontend:
         self.xs.wait_for(f"{self.backend}/state", str(int(state)), timeout=timeout)
 
     def close(self) -> None:
+        if self.xs is None:
+            return
         if self.pages is not None:
             try:
                 self.pages.unshare()
@@ -87,6 +89,7 @@ class SimFrontend:
         self.gntshr.close()
         self.evtchn.close()
         self.xs.close()
+        self.xs = None
 
 
 @pytest.fixture

@@ -221,6 +221,7 @@ def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
     guest, dev, fe = _connected(host, driver, frontends)
     bdev = _bdev(driver, guest.domid)
     other, _, _ = _connected(host, driver, frontends, "other")
+    fe.close()  # the guest's own connections die with it
     host.destroy_domain(guest)
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
@@ -243,6 +244,7 @@ def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
     fe.wait_backend(S.INIT_WAIT)
     fe.publish()
     assert entered.wait(TIMEOUT)
+    fe.close()
     host.destroy_domain(guest)
     release.set()  # connect now maps grants of a dead domain
     driver.wait_call("remove", guest.domid)

@@ -1,0 +1,157 @@
+"""EventDispatcher: ports and host fds dispatched by one epoll thread."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+
+import pytest
+
+from tests.xenback.conftest import TIMEOUT, leaked_threads
+from xenback import EventDispatcher
+
+
+@pytest.fixture
+def pair(host):
+    """A guest's event channel handle and a dispatcher for dom0."""
+    before = {t.ident for t in threading.enumerate()}
+    guest = host.create_domain("guest")
+    evtchn = guest.evtchn()
+    dispatcher = EventDispatcher(host.dom0)
+    yield guest, evtchn, dispatcher
+    dispatcher.close()
+    evtchn.close()
+    assert not leaked_threads(before)
+
+
+def test_port_callbacks_and_masking(host, pair) -> None:
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    inside = threading.Event()
+    release = threading.Event()
+    calls = []
+
+    def callback(port: int) -> None:
+        calls.append(port)
+        inside.set()
+        release.wait(TIMEOUT)
+        fired.release()
+
+    local = dispatcher.bind_interdomain(guest.domid, remote, callback)
+    assert dispatcher.ports == [local]
+    evtchn.notify(remote)
+    assert inside.wait(TIMEOUT)
+    # While the callback runs the port is masked: a storm is remembered
+    # as one more pending event, not queued a thousand times.
+    for _ in range(1000):
+        evtchn.notify(remote)
+    release.set()
+    assert fired.acquire(timeout=TIMEOUT)
+    assert fired.acquire(timeout=TIMEOUT)  # the storm, delivered after unmask
+    evtchn.notify(remote)
+    assert fired.acquire(timeout=TIMEOUT)
+    assert set(calls) == {local} and len(calls) <= 3 + 1
+
+    # Backend -> guest.
+    dispatcher.notify(local)
+    ready, _, _ = select.select([evtchn.fileno()], [], [], TIMEOUT)
+    assert ready and evtchn.pending() == remote
+
+    dispatcher.unbind(local)
+    assert dispatcher.ports == []
+    with pytest.raises(KeyError, match="not bound"):
+        dispatcher.unbind(local)
+
+
+def test_unbind_waits_for_a_running_callback(host, pair) -> None:
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    inside, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def callback(port: int) -> None:
+        inside.set()
+        release.wait(TIMEOUT)
+        finished.set()
+
+    local = dispatcher.bind_interdomain(guest.domid, remote, callback)
+    evtchn.notify(remote)
+    assert inside.wait(TIMEOUT)
+    unbound = threading.Event()
+
+    def unbind() -> None:
+        dispatcher.unbind(local)
+        unbound.set()
+
+    t = threading.Thread(target=unbind)
+    t.start()
+    assert not unbound.wait(0.05)  # still inside the callback
+    release.set()
+    assert unbound.wait(TIMEOUT) and finished.is_set()
+    t.join(TIMEOUT)
+
+
+def test_failing_callback_is_logged_and_dispatch_goes_on(host, pair, caplog) -> None:
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    ok = threading.Event()
+    state = {"n": 0}
+
+    def callback(port: int) -> None:
+        state["n"] += 1
+        if state["n"] == 1:
+            raise RuntimeError("boom")
+        ok.set()
+
+    dispatcher.bind_interdomain(guest.domid, remote, callback)
+    evtchn.notify(remote)
+    a, b = socket.socketpair()
+    seen = threading.Event()
+    dispatcher.add_fd(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT, lambda fd, ev: seen.set())
+    b.send(b"x")
+    assert seen.wait(TIMEOUT)
+    evtchn.notify(remote)
+    assert ok.wait(TIMEOUT)
+    assert "boom" in caplog.text
+    dispatcher.remove_fd(a.fileno())
+    a.close()
+    b.close()
+
+
+def test_host_fds(pair) -> None:
+    _guest, _evtchn, dispatcher = pair
+    r, w = os.pipe()
+    got = []
+    cond = threading.Condition()
+
+    def on_ready(fd: int, events: int) -> None:
+        with cond:
+            got.append(os.read(fd, 100))
+            cond.notify_all()
+
+    dispatcher.add_fd(r, select.EPOLLIN, on_ready)
+    with pytest.raises(ValueError, match="already registered"):
+        dispatcher.add_fd(r, select.EPOLLIN, on_ready)
+    os.write(w, b"one")
+    with cond:
+        assert cond.wait_for(lambda: got == [b"one"], TIMEOUT)
+    dispatcher.modify_fd(r, 0)  # no events wanted
+    dispatcher.modify_fd(r, select.EPOLLIN)
+    os.write(w, b"two")
+    with cond:
+        assert cond.wait_for(lambda: got == [b"one", b"two"], TIMEOUT)
+    dispatcher.remove_fd(r)
+    with pytest.raises(KeyError):
+        dispatcher.modify_fd(r, select.EPOLLIN)
+    os.close(r)
+    os.close(w)
+
+
+def test_closed_dispatcher_refuses_work(host) -> None:
+    dispatcher = EventDispatcher(host.dom0)
+    dispatcher.close()
+    dispatcher.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        dispatcher.add_fd(0, select.EPOLLIN, lambda fd, ev: None)

@@ -1,0 +1,158 @@
+"""The typed XenStore helper and the ordered event queues."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.xenback.conftest import TIMEOUT, leaked_threads
+from xenback import EventQueue, XenStore
+
+
+@pytest.fixture
+def wq():
+    from workqueue import WQ_UNBOUND, alloc_workqueue
+
+    queue = alloc_workqueue("xb-test", WQ_UNBOUND)
+    yield queue
+    queue.destroy()
+
+
+def test_typed_reads_and_writes(dom0_xs) -> None:
+    xs = dom0_xs
+    xs.write("/test/a/b", 42)
+    assert xs.read("/test/a/b") == "42"
+    assert xs.read_int("/test/a/b") == 42
+    assert xs.read("/test/a") == ""  # parents are created empty
+    assert xs.read("/test/missing") is None
+    assert xs.read("/test/missing", "dflt") == "dflt"
+    assert xs.read_int("/test/missing", 7) == 7
+    xs.write("/test/garbage", "12abc")
+    with pytest.raises(ValueError, match=r"/test/garbage: expected an integer, found '12abc'"):
+        xs.read_int("/test/garbage")
+    assert sorted(xs.ls("/test")) == ["a", "garbage"]
+    assert xs.ls("/test/nothing") == []
+    assert xs.exists("/test/a") and not xs.exists("/test/nothing")
+    xs.rm("/test/a")
+    xs.rm("/test/a")  # already gone: fine
+    assert not xs.exists("/test/a/b")
+    xs.rm("/no/such/parent")
+    with pytest.raises(FileNotFoundError) as info:
+        xs.get_perms("/no/such/node")
+    assert info.value.filename == "/no/such/node"
+    with pytest.raises(ValueError, match="invalid XenStore path"):
+        xs.read("/bad path")
+    with pytest.raises(ValueError, match="not ASCII"):
+        xs.read("/caf\u00e9")
+    with pytest.raises(TypeError, match="str or int"):
+        xs.write("/test/x", 1.5)  # type: ignore[arg-type]
+    assert xs.get_domain_path(3) == "/local/domain/3"
+
+
+def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
+    guest = host.create_domain("guest")
+    dom0_xs.write("/secret", "x")
+    dom0_xs.set_perms("/secret", ["n0"])
+    assert dom0_xs.get_perms("/secret") == ["n0"]
+    with XenStore(guest.xenstore()) as gxs:
+        with pytest.raises(PermissionError):
+            gxs.write("/secret", "y")
+    assert dom0_xs.is_domain_introduced(guest.domid)
+    host.destroy_domain(guest)
+    assert not dom0_xs.is_domain_introduced(guest.domid)
+
+
+def test_transaction_is_rerun_on_conflict(host, dom0_xs) -> None:
+    dom0_xs.write("/counter", 0)
+    attempts = []
+
+    def increment(t) -> int:
+        value = t.read_int("/counter")
+        attempts.append(value)
+        if len(attempts) == 1:
+            dom0_xs.write("/counter", 100)  # a concurrent writer: EAGAIN on commit
+        t.write("/counter", value + 1)
+        return value + 1
+
+    assert dom0_xs.transaction(increment) == 101
+    assert attempts == [0, 100]
+    assert dom0_xs.read("/counter") == "101"
+
+    def fail(t) -> None:
+        t.write("/counter", 5)
+        raise KeyError("no")
+
+    with pytest.raises(KeyError):
+        dom0_xs.transaction(fail)
+    assert dom0_xs.read("/counter") == "101"  # rolled back
+
+
+def test_transaction_gives_up_after_attempts(dom0_xs) -> None:
+    dom0_xs.write("/hot", 0)
+
+    def always_conflicts(t) -> None:
+        t.read("/hot")
+        dom0_xs.write("/hot", 1)
+        t.write("/hot", 2)
+
+    with pytest.raises(OSError, match="still conflicting after 3 attempts"):
+        dom0_xs.transaction(always_conflicts, attempts=3)
+
+
+def test_wait_for(dom0_xs) -> None:
+    dom0_xs.write("/w", "a")
+    threading.Timer(0.01, dom0_xs.write, ("/w", "b")).start()
+    assert dom0_xs.wait_for("/w", "b", timeout=TIMEOUT) == "b"
+    assert dom0_xs.wait_for("/w", timeout=TIMEOUT) == "b"
+    assert dom0_xs.wait_for("/w2", lambda v: v is None, timeout=TIMEOUT) is None
+    with pytest.raises(TimeoutError, match=r"/w did not reach .* \(last value 'b'\)"):
+        dom0_xs.wait_for("/w", "c", timeout=0.05)
+
+
+def test_watches_on_an_event_queue_keep_order(host, wq) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    seen: list[str] = []
+    done = threading.Event()
+    with XenStore(host.dom0.xenstore()) as xs:
+        queue = EventQueue(wq, "test")
+        lock = threading.Lock()
+        running = []
+
+        def callback(path: str) -> None:
+            with lock:
+                running.append(1)
+                assert len(running) == 1, "two calls of one queue ran at once"
+            seen.append(path)
+            with lock:
+                running.pop()
+            if path == "/ord/99":
+                done.set()
+
+        watch = xs.watch("/ord", callback, events=queue)
+        for i in range(100):
+            xs.write(f"/ord/{i}", i)
+        assert done.wait(TIMEOUT)
+        queue.flush()
+        assert seen[0] == "/ord"  # the first event of every new watch
+        assert seen[-100:] == [f"/ord/{i}" for i in range(100)]
+        watch.unwatch()
+        xs.write("/ord/after", 1)
+        assert xs.read("/ord/after") == "1"
+        queue.close()
+        assert queue.call(print) is False
+        n = len(seen)
+        xs.write("/ord/after", 2)
+        assert len(seen) == n
+    assert not leaked_threads(before)
+
+
+def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
+    queue = EventQueue(wq, "failing")
+    out: list[int] = []
+    queue.call(lambda: 1 / 0)
+    for i in range(50):
+        queue.call(out.append, i)
+    queue.flush()
+    assert out == list(range(50))
+    assert "ZeroDivisionError" in caplog.text
