@@ -1,0 +1,41 @@
+"""An embedded simulated Xen host.
+
+Real software speaking Xen's real protocols, so that backends, frontends and
+toolstack code run and are tested without a hypervisor::
+
+    from xenback.sim import SimHost
+
+    with SimHost() as host:
+        guest = host.create_domain("guest")
+        device = host.toolstack.add_device("pvcalls", guest.domid)
+        ...
+
+* :class:`SimHost` runs a XenStore server (dom0 on ``run_dir/xenstored/socket``,
+  each guest unprivileged on a socket of its own) and the hypervisor service
+  (grant tables and event channels, see :mod:`xenback.sim._hypervisor`).
+* :class:`Domain` is one domain's :class:`xenback.platform.Platform`.
+* :func:`attach` joins a running host from another process: a guest and its
+  backend may live in different processes and still share pages and
+  event channels.
+* :class:`Toolstack` adds and removes devices the way libxl does.
+* ``xenback-sim --run-dir DIR`` runs the host as a daemon.
+"""
+
+from ._domain import Domain, attach
+from ._evtchn import EventChannel
+from ._grant import GrantMapping, GrantShare, GrantTable, SharedPages
+from ._host import SimHost
+from ._toolstack import Device, Toolstack
+
+__all__ = [
+    "Device",
+    "Domain",
+    "EventChannel",
+    "GrantMapping",
+    "GrantShare",
+    "GrantTable",
+    "SharedPages",
+    "SimHost",
+    "Toolstack",
+    "attach",
+]

@@ -1,0 +1,69 @@
+"""``xenback-sim``: the simulated host as a daemon.
+
+    xenback-sim --run-dir DIR [--domain NAME]...
+
+Serves XenStore on ``DIR/xenstored/socket`` (so ``XENSTORED_PATH`` and
+``XENSTORED_RUNDIR=DIR/xenstored`` both work) and the hypervisor under
+``DIR/domains``; processes join with :func:`xenback.sim.attach`.  Once
+everything is ready it prints ``XENSTORED_PATH=<path>`` as its first line,
+then one ``DOMAIN <name> <domid>`` line per ``--domain``.  SIGTERM or SIGINT
+closes everything and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._host import SimHost
+
+logger = logging.getLogger(__name__)
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
+    )
+    parser.add_argument("--run-dir", required=True, type=Path, help="directory for the sockets")
+    parser.add_argument(
+        "--domain", action="append", default=[], metavar="NAME", help="create a guest domain"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="xenback-sim: %(levelname)s %(name)s: %(message)s",
+    )
+    # Block the stop signals before any thread starts (threads inherit the
+    # mask), so that only sigwait below ever sees them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        host = SimHost(args.run_dir)
+        host.start()
+    except (OSError, RuntimeError) as e:
+        print(f"xenback-sim: cannot start in {args.run_dir}: {e}", file=sys.stderr)
+        return 1
+    try:
+        lines = [f"XENSTORED_PATH={host.xenstore_path}"]
+        for name in args.domain:
+            domain = host.create_domain(name)
+            lines.append(f"DOMAIN {domain.name} {domain.domid}")
+        print("\n".join(lines), flush=True)
+        sig = signal.sigwait(_STOP_SIGNALS)
+        logger.info("%s: shutting down", signal.Signals(sig).name)
+    except ValueError as e:
+        print(f"xenback-sim: {e}", file=sys.stderr)
+        return 2
+    finally:
+        host.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

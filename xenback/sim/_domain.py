@@ -1,0 +1,110 @@
+"""A domain of the simulated host: its :class:`xenback.platform.Platform`."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyxs
+
+from xenback.platform import PlatformUnavailable
+
+from ._evtchn import EventChannel
+from ._grant import GrantShare, GrantTable
+from ._hypervisor import domain_socket
+from ._proto import ServiceConnection
+
+if TYPE_CHECKING:
+    from ._toolstack import Toolstack
+
+
+class Domain:
+    """One domain's view of the simulated host.
+
+    Every handle it opens connects to the host through the run directory,
+    so a Domain works the same in the host's process and in any other
+    (see :func:`attach`).
+    """
+
+    def __init__(self, run_dir: Path, domid: int, name: str, xenstore_path: Path) -> None:
+        self._run_dir = Path(run_dir)
+        self._domid = domid
+        self._name = name
+        self._xenstore_path = Path(xenstore_path)
+
+    @property
+    def domid(self) -> int:
+        return self._domid
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def path(self) -> str:
+        """The domain's XenStore home, ``/local/domain/<domid>``."""
+        return f"/local/domain/{self._domid}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
+
+    @property
+    def xenstore_path(self) -> Path:
+        """The socket whose connections are this domain (dom0: the main socket)."""
+        return self._xenstore_path
+
+    @property
+    def toolstack(self) -> Toolstack:
+        """The host's toolstack (it acts as dom0, whatever domain this is)."""
+        from ._toolstack import Toolstack
+
+        return Toolstack(self._run_dir / "xenstored" / "socket")
+
+    def xenstore(self) -> pyxs.Client:
+        """A new, unconnected pyxs client that connects as this domain."""
+        return pyxs.Client(unix_socket_path=os.fspath(self._xenstore_path))
+
+    def gnttab(self) -> GrantTable:
+        return GrantTable(domain_socket(self._run_dir, self._domid))
+
+    def gntshr(self) -> GrantShare:
+        return GrantShare(domain_socket(self._run_dir, self._domid))
+
+    def evtchn(self) -> EventChannel:
+        return EventChannel(domain_socket(self._run_dir, self._domid))
+
+    def __repr__(self) -> str:
+        return f"<Domain {self._domid} {self._name!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Domain):
+            return NotImplemented
+        return (self._run_dir, self._domid) == (other._run_dir, other._domid)
+
+    def __hash__(self) -> int:
+        return hash((self._run_dir, self._domid))
+
+
+def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
+    """Join a running host (embedded or ``xenback-sim``) as domain ``domid``.
+
+    Raises :class:`~xenback.platform.PlatformUnavailable` if there is no
+    such host or domain.
+    """
+    run_dir = Path(run_dir).absolute()
+    path = domain_socket(run_dir, domid)
+    try:
+        conn = ServiceConnection(path, PlatformUnavailable)
+    except PlatformUnavailable as e:
+        raise PlatformUnavailable(
+            e.errno or errno.ENOENT,
+            f"no domain {domid} on a simulated host in {run_dir} ({path}: {e.strerror})",
+        ) from None
+    try:
+        info, _ = conn.call("info")
+    finally:
+        conn.close()
+    return Domain(run_dir, domid, str(info["name"]), Path(info["xenstore_path"]))

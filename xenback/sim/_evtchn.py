@@ -1,0 +1,285 @@
+"""Event channels of the simulated host: the ``xenevtchn`` handle.
+
+A bound port is a pipe whose read end this handle keeps: bytes in it are the
+port's pending bit.  The peer handle (in whatever process) holds the write
+end and notifies with one non-blocking ``write``; a full pipe means the port
+is already pending, so nothing is ever lost or waited for.  No service is
+on the notify path, which keeps the latency that of a pipe.
+
+All port pipes sit in one epoll instance with ``EPOLLONESHOT``: a port that
+fired is disabled in it, i.e. masked, until :meth:`EventChannel.unmask`
+re-arms it, and whatever was written meanwhile is reported again at that
+moment.  These are libxenevtchn's semantics; the epoll descriptor is the
+handle's :meth:`~EventChannel.fileno`.
+
+The connection to the hypervisor service is in the same epoll set: the
+service pushes a message when a peer binds to one of our unbound ports (with
+the peer's write end) or unbinds from one of ours.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from xenback.platform import EventChannelError
+
+from ._hypervisor import MAX_EVTCHN_PORT
+from ._proto import Message, ServiceConnection, close_fds
+
+logger = logging.getLogger(__name__)
+
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT
+
+
+@dataclass(eq=False)
+class _LocalPort:
+    port: int
+    rfd: int  # read end of our pipe: readable == pending
+    remote_domid: int
+    remote_port: int | None = None  # None while unbound
+    peer_fd: int | None = None  # write end of the peer's pipe, once connected
+
+
+def _check_domid(domid: int) -> None:
+    if type(domid) is not int or not 0 <= domid < 0x7FF0:
+        raise EventChannelError(errno.EINVAL, f"invalid domain id {domid!r}")
+
+
+def _check_port(port: int) -> None:
+    if type(port) is not int or not 1 <= port <= MAX_EVTCHN_PORT:
+        raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+
+
+class EventChannel:
+    """A ``xenevtchn`` handle of one domain (see :class:`xenback.platform.EventChannel`).
+
+    Thread-safe: one thread typically waits on :meth:`fileno` and calls
+    :meth:`pending`/:meth:`unmask` while others :meth:`notify`.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str]) -> None:
+        self._epoll = select.epoll()
+        try:
+            self._conn = ServiceConnection(socket_path, EventChannelError, self._on_push)
+        except BaseException:
+            self._epoll.close()
+            raise
+        self._conn_fd: int | None = self._conn.fileno()
+        self._epoll.register(self._conn_fd, select.EPOLLIN)
+        # _lock protects _ports, _by_fd, _closed and the epoll registrations,
+        # and keeps a descriptor from being closed while another thread uses
+        # it.  Rule: may be taken while holding the service connection's lock
+        # (pushed messages are applied under it), never the other way round;
+        # never held across a request to the service.
+        self._lock = threading.Lock()
+        self._ports: dict[int, _LocalPort] = {}
+        self._by_fd: dict[int, int] = {}
+        self._closed = False
+
+    def fileno(self) -> int:
+        """Readable when :meth:`pending` has something to return."""
+        if self._closed:
+            raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+        return self._epoll.fileno()
+
+    # -- binding -------------------------------------------------------------
+
+    def bind_unbound_port(self, domid: int) -> int:
+        """Allocate a port that ``domid`` may bind to; returns its number."""
+        _check_domid(domid)
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+        def apply(reply: Message, fds: list[int]) -> None:
+            close_fds(fds)
+            self._add(_LocalPort(reply["port"], r, domid))
+
+        return self._bind(r, w, "evtchn_alloc_unbound", apply, domid=domid)
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        """Connect a new local port to ``remote_port`` of ``domid``."""
+        _check_domid(domid)
+        _check_port(remote_port)
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+        def apply(reply: Message, fds: list[int]) -> None:
+            if len(fds) != 1:
+                close_fds(fds)
+                raise EventChannelError(errno.EPROTO, "bind reply without the peer's descriptor")
+            os.set_blocking(fds[0], False)
+            self._add(_LocalPort(reply["port"], r, domid, remote_port, fds[0]))
+
+        return self._bind(r, w, "evtchn_bind_interdomain", apply, domid=domid, port=remote_port)
+
+    def _bind(
+        self, r: int, w: int, op: str, apply: Callable[[Message, list[int]], None], **args: int
+    ) -> int:
+        """Send the write end ``w`` of a new port's pipe with request ``op``.
+
+        ``apply`` registers the port before any later pushed message about
+        it can be delivered.
+        """
+        try:
+            with self._lock:
+                if self._closed:
+                    raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+            reply, _ = self._conn.call(op, [w], apply=apply, **args)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        port: int = reply["port"]
+        return port
+
+    def _add(self, lp: _LocalPort) -> None:
+        with self._lock:
+            if self._closed:
+                # Closed while the request was in flight: the service frees
+                # the port when it sees the connection close.
+                os.close(lp.rfd)
+                if lp.peer_fd is not None:
+                    os.close(lp.peer_fd)
+                return
+            self._ports[lp.port] = lp
+            self._by_fd[lp.rfd] = lp.port
+            self._epoll.register(lp.rfd, _ARMED)
+
+    def unbind(self, port: int) -> None:
+        """Close ``port``; its peer's port becomes unbound and fires."""
+        _check_port(port)
+        with self._lock:
+            if port not in self._ports:
+                raise EventChannelError(errno.EINVAL, f"port {port} is not bound by this handle")
+        self._conn.call("evtchn_unbind", port=port)
+        with self._lock:
+            lp = self._ports.pop(port, None)
+            if lp is not None:
+                self._forget(lp)
+
+    def _forget(self, lp: _LocalPort) -> None:
+        del self._by_fd[lp.rfd]
+        self._epoll.unregister(lp.rfd)
+        os.close(lp.rfd)
+        if lp.peer_fd is not None:
+            os.close(lp.peer_fd)
+
+    # -- events --------------------------------------------------------------
+
+    def notify(self, port: int) -> None:
+        """Fire the peer of ``port``; a no-op while it has no peer (as in Xen)."""
+        for attempt in range(2):
+            with self._lock:
+                lp = self._ports.get(port)
+                if lp is None:
+                    raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+                if lp.peer_fd is not None:
+                    try:
+                        os.write(lp.peer_fd, b"\x00")
+                    except BlockingIOError:
+                        pass  # the peer's pipe is full: the port is pending already
+                    except BrokenPipeError:
+                        # The peer closed; the service tells us shortly.
+                        os.close(lp.peer_fd)
+                        lp.peer_fd = None
+                    return
+            if attempt == 0:
+                # A peer may have bound since we last heard from the service.
+                self._conn.drain()
+
+    def pending(self) -> int | None:
+        """Return one fired port, now masked, or None."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+                events = self._epoll.poll(0, 1)
+                if not events:
+                    return None
+                fd = events[0][0]
+                port = self._by_fd.get(fd)
+                if port is not None:
+                    # Clear the pending bit.  Anything written after this
+                    # read is reported again when the port is unmasked.
+                    while len(os.read(fd, 4096)) == 4096:
+                        pass
+                    return port
+            if not self._conn.drain():
+                with self._lock:
+                    if self._conn_fd is not None and not self._closed:
+                        self._epoll.unregister(self._conn_fd)
+                        self._conn_fd = None
+
+    def unmask(self, port: int) -> None:
+        """Re-enable ``port``; it fires again at once if notified meanwhile."""
+        with self._lock:
+            lp = self._ports.get(port)
+            if lp is None:
+                raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+            self._epoll.modify(lp.rfd, _ARMED)
+
+    def remote(self, port: int) -> tuple[int, int] | None:
+        """``(domid, port)`` of the peer of ``port``, or None while unbound.
+
+        Not part of libxenevtchn: it lets tests and tools see a peer close.
+        """
+        self._conn.drain()
+        with self._lock:
+            lp = self._ports.get(port)
+            if lp is None:
+                raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+            if lp.remote_port is None:
+                return None
+            return lp.remote_domid, lp.remote_port
+
+    def ports(self) -> list[int]:
+        """The ports bound by this handle."""
+        with self._lock:
+            return sorted(self._ports)
+
+    def close(self) -> None:
+        """Unbind every port (peers see it) and release the handle."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for lp in self._ports.values():
+                self._forget(lp)
+            self._ports.clear()
+        # The service unbinds the ports when the connection closes.
+        self._conn.close()
+        self._epoll.close()
+
+    def __enter__(self) -> EventChannel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- messages pushed by the service --------------------------------------
+
+    def _on_push(self, msg: Message, fds: list[int]) -> None:
+        event, port = msg.get("event"), msg.get("port")
+        with self._lock:
+            lp = self._ports.get(port) if type(port) is int else None
+            if lp is None:
+                close_fds(fds)
+                if not self._closed:
+                    logger.warning("evtchn: message for unknown port: %r", msg)
+                return
+            if lp.peer_fd is not None:
+                os.close(lp.peer_fd)
+                lp.peer_fd = None
+            lp.remote_port = None
+            if event == "bound" and len(fds) == 1:
+                os.set_blocking(fds[0], False)
+                lp.peer_fd = fds[0]
+                lp.remote_domid = msg["domid"]
+                lp.remote_port = msg["remote_port"]
+            else:
+                close_fds(fds)

@@ -1,0 +1,342 @@
+"""Grant tables of the simulated host: the ``xengnttab`` and ``xengntshr`` handles.
+
+Granted pages live in shared-memory files owned by the hypervisor service
+(:mod:`xenback.sim._hypervisor`), so a granter and a mapper may be different
+processes.  Mapping several refs reserves one address range and maps each
+run of pages into it with ``MAP_FIXED``, so that the caller sees one
+contiguous buffer, as with ``xengnttab_map_domain_grant_refs``.
+
+Unmapping must not leave a dangling memoryview: a slice taken from
+``buffer`` would otherwise point at unmapped memory and crash the process.
+So unmap first replaces the granted pages by private zero pages (the grant
+is gone from this process at once) and the address range itself is freed
+only when the last view of it has been released.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import cffi
+
+from xenback.platform import PAGE_SIZE, GrantError
+
+from ._hypervisor import MAX_PAGES_PER_REQUEST
+from ._proto import ServiceConnection, close_fds
+
+logger = logging.getLogger(__name__)
+
+_ffi = cffi.FFI()
+_ffi.cdef(
+    """
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(void *addr, size_t length);
+    """
+)
+_libc: Any = _ffi.dlopen(None)
+
+# The same on every Linux architecture; the mmap module does not export them.
+_MAP_FIXED = 0x10
+_PROT_NONE = 0
+
+
+def _check_mmap(addr: Any, what: str) -> None:
+    if int(_ffi.cast("intptr_t", addr)) == -1:
+        err = _ffi.errno
+        raise GrantError(err, f"{what}: {os.strerror(err)}")
+
+
+class _Region:
+    """A reserved, page-aligned address range.
+
+    Pages are mapped into it with :meth:`map`; :meth:`scrub` replaces them
+    all by private zero pages.  The range is unmapped by the garbage
+    collector once neither this object nor any memoryview uses it.
+    """
+
+    def __init__(self, npages: int) -> None:
+        size = npages * PAGE_SIZE
+        addr = _libc.mmap(
+            _ffi.NULL, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
+        )
+        _check_mmap(addr, "cannot reserve address space")
+        self.size = size
+        self._base = _ffi.gc(_ffi.cast("char *", addr), lambda p: _libc.munmap(p, size))
+
+    def map(self, page: int, npages: int, fd: int, file_page: int, writable: bool) -> None:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        addr = _libc.mmap(
+            self._base + page * PAGE_SIZE,
+            npages * PAGE_SIZE,
+            prot,
+            mmap.MAP_SHARED | _MAP_FIXED,
+            fd,
+            file_page * PAGE_SIZE,
+        )
+        _check_mmap(addr, "cannot map granted pages")
+
+    def scrub(self) -> None:
+        addr = _libc.mmap(
+            self._base,
+            self.size,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED,
+            -1,
+            0,
+        )
+        _check_mmap(addr, "cannot unmap granted pages")
+
+    def view(self, writable: bool) -> memoryview:
+        view = memoryview(_ffi.buffer(self._base, self.size))
+        return view if writable else view.toreadonly()
+
+
+def _release(view: memoryview | None) -> None:
+    # A view someone re-exported (memoryview(view), numpy...) cannot be
+    # released; it keeps pointing at the scrubbed zero pages, harmlessly.
+    if view is not None:
+        try:
+            view.release()
+        except BufferError:
+            pass
+
+
+def _check_domid(domid: int) -> None:
+    if type(domid) is not int or not 0 <= domid < 0x7FF0:
+        raise GrantError(errno.EINVAL, f"invalid domain id {domid!r}")
+
+
+class GrantMapping:
+    """Pages of another domain mapped contiguously (see :class:`xenback.platform.GrantMapping`)."""
+
+    def __init__(
+        self, table: GrantTable, handle: int, refs: tuple[int, ...], region: _Region, writable: bool
+    ) -> None:
+        self._table = table
+        self._handle = handle
+        self._refs = refs
+        self._region: _Region | None = region
+        self._buffer: memoryview | None = region.view(writable)
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._buffer is None:
+            raise ValueError("the grant mapping was unmapped")
+        return self._buffer
+
+    @property
+    def refs(self) -> tuple[int, ...]:
+        return self._refs
+
+    def unmap(self) -> None:
+        """Unmap the pages; idempotent.  The memoryview is released."""
+        if self._region is None:
+            return
+        region, self._region = self._region, None
+        region.scrub()
+        _release(self._buffer)
+        self._buffer = None
+        self._table._unmapped(self)
+
+    def __enter__(self) -> GrantMapping:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.unmap()
+
+    def __repr__(self) -> str:
+        state = "unmapped" if self._region is None else "mapped"
+        return f"<GrantMapping refs={list(self._refs)} {state}>"
+
+
+class GrantTable:
+    """A ``xengnttab`` handle of one domain.
+
+    :meth:`close` unmaps whatever the handle still maps (unlike
+    ``xengnttab_close``, which leaves mappings alone), so that closing a
+    handle never leaves a grant in use behind it.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str]) -> None:
+        self._conn = ServiceConnection(socket_path, GrantError)
+        # _lock protects _mappings and _closed.  Rule: never held across a
+        # request to the service (the connection has its own lock).
+        self._lock = threading.Lock()
+        self._mappings: dict[int, GrantMapping] = {}
+        self._closed = False
+
+    def map_grant_refs(
+        self, domid: int, refs: Sequence[int], *, writable: bool = True
+    ) -> GrantMapping:
+        """Map ``refs`` granted by ``domid`` contiguously.  Raises :class:`GrantError`."""
+        _check_domid(domid)
+        refs = tuple(refs)
+        if not 1 <= len(refs) <= MAX_PAGES_PER_REQUEST:
+            raise GrantError(
+                errno.EINVAL, f"can map 1..{MAX_PAGES_PER_REQUEST} refs at once, not {len(refs)}"
+            )
+        if any(type(r) is not int or r < 0 for r in refs):
+            raise GrantError(errno.EINVAL, f"grant refs must be non-negative integers: {refs!r}")
+        with self._lock:
+            if self._closed:
+                raise GrantError(errno.EBADF, "the grant table handle is closed")
+        reply, fds = self._conn.call(
+            "gnt_map", domid=domid, refs=list(refs), writable=bool(writable)
+        )
+        handle = reply["handle"]
+        try:
+            region = _Region(len(refs))
+            page = 0
+            for index, file_page, npages in reply["segments"]:
+                region.map(page, npages, fds[index], file_page, writable)
+                page += npages
+        except BaseException:
+            self._conn.call("gnt_unmap", handle=handle)
+            raise
+        finally:
+            close_fds(fds)
+        mapping = GrantMapping(self, handle, refs, region, writable)
+        with self._lock:
+            self._mappings[handle] = mapping
+        return mapping
+
+    def _unmapped(self, mapping: GrantMapping) -> None:
+        with self._lock:
+            if self._mappings.pop(mapping._handle, None) is None:
+                return
+        try:
+            self._conn.call("gnt_unmap", handle=mapping._handle)
+        except GrantError as e:
+            if e.errno != errno.ENODEV:
+                raise
+            # The host is gone: there is nobody left to tell.
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            mappings = list(self._mappings.values())
+        for mapping in mappings:
+            mapping.unmap()
+        self._conn.close()
+
+    def __enter__(self) -> GrantTable:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SharedPages:
+    """Zeroed pages this domain granted to another one."""
+
+    def __init__(self, share: GrantShare, refs: tuple[int, ...], region: _Region) -> None:
+        self._share = share
+        self._refs = refs
+        self._region: _Region | None = region
+        self._buffer: memoryview | None = region.view(True)
+
+    @property
+    def refs(self) -> tuple[int, ...]:
+        return self._refs
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._buffer is None:
+            raise ValueError("the pages were unshared")
+        return self._buffer
+
+    def unshare(self) -> None:
+        """End foreign access and free the pages; idempotent.
+
+        The grantee keeps what it already mapped until it unmaps; the refs
+        can no longer be mapped anew.
+        """
+        if self._region is None:
+            return
+        region, self._region = self._region, None
+        region.scrub()
+        _release(self._buffer)
+        self._buffer = None
+        self._share._unshared(self)
+
+    def __enter__(self) -> SharedPages:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unshare()
+
+    def __repr__(self) -> str:
+        state = "unshared" if self._region is None else "shared"
+        return f"<SharedPages refs={list(self._refs)} {state}>"
+
+
+class GrantShare:
+    """A ``xengntshr`` handle of one domain; :meth:`close` unshares everything."""
+
+    def __init__(self, socket_path: str | os.PathLike[str]) -> None:
+        self._conn = ServiceConnection(socket_path, GrantError)
+        # _lock protects _shares and _closed; never held across a request.
+        self._lock = threading.Lock()
+        self._shares: dict[int, SharedPages] = {}  # keyed by first ref
+        self._closed = False
+
+    def share_pages(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
+        """Allocate ``count`` zeroed pages granted to ``domid``."""
+        _check_domid(domid)
+        if type(count) is not int or not 1 <= count <= MAX_PAGES_PER_REQUEST:
+            raise GrantError(
+                errno.EINVAL, f"can share 1..{MAX_PAGES_PER_REQUEST} pages at once, not {count!r}"
+            )
+        with self._lock:
+            if self._closed:
+                raise GrantError(errno.EBADF, "the grant share handle is closed")
+        reply, fds = self._conn.call("gnt_share", domid=domid, count=count, writable=bool(writable))
+        refs = tuple(reply["refs"])
+        try:
+            region = _Region(count)
+            region.map(0, count, fds[0], 0, True)
+        except BaseException:
+            self._conn.call("gnt_end", refs=list(refs))
+            raise
+        finally:
+            close_fds(fds)
+        pages = SharedPages(self, refs, region)
+        with self._lock:
+            self._shares[refs[0]] = pages
+        return pages
+
+    def _unshared(self, pages: SharedPages) -> None:
+        with self._lock:
+            if self._shares.pop(pages.refs[0], None) is None:
+                return
+        try:
+            self._conn.call("gnt_end", refs=list(pages.refs))
+        except GrantError as e:
+            if e.errno != errno.ENODEV:
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            shares = list(self._shares.values())
+        for pages in shares:
+            pages.unshare()
+        self._conn.close()
+
+    def __enter__(self) -> GrantShare:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,260 @@
+"""The simulated host: XenStore, hypervisor and toolstack in one object."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from types import TracebackType
+
+import pyxs
+
+from ._domain import Domain
+from ._hypervisor import Hypervisor
+from ._toolstack import Toolstack
+from ._xenstored import XenStored
+
+logger = logging.getLogger(__name__)
+
+#: libxl's DOMID_FIRST_RESERVED: domain ids above are special.
+DOMID_FIRST_RESERVED = 0x7FF0
+
+#: Per-domain directories libxl creates writable by the domain (the rest of
+#: its home is the toolstack's).  Here the domain owns its whole home, so
+#: these only exist for guests that expect them.
+_GUEST_DIRS = ("device", "control", "data", "drivers", "feature", "attr", "error")
+
+
+class SimHost:
+    """A simulated Xen host, embedded in this process.
+
+    ::
+
+        with SimHost() as host:
+            guest = host.create_domain("guest")
+            ...
+
+    Serves XenStore on ``run_dir/xenstored/socket`` and the hypervisor on
+    ``run_dir/domains/<domid>/hypervisor``; other processes join it with
+    :func:`xenback.sim.attach`.  Without ``run_dir`` a fresh temporary
+    directory is used and removed on exit.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str] | None = None) -> None:
+        self._own_run_dir = run_dir is None
+        self._run_dir = (
+            Path(tempfile.mkdtemp(prefix="xenback-sim-")) if run_dir is None else Path(run_dir)
+        ).absolute()
+        self._xenstored = XenStored(self._run_dir)
+        self._hypervisor = Hypervisor(self._run_dir)
+        self._toolstack = Toolstack(self._xenstored.path)
+        # _lock protects _domains, _domids, _state, and makes creating and
+        # destroying a domain atomic: a domain is listed only once XenStore
+        # and the hypervisor both know it.  Rule: held for the whole of
+        # create/destroy/close (they talk to our own servers, which never
+        # call back into the host).
+        self._lock = threading.Lock()
+        self._domains: dict[int, Domain] = {}
+        self._domids = itertools.count(1)
+        self._state = "new"
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> SimHost:
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"SimHost is {self._state}")
+            self._state = "starting"
+            self._run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._xenstored.start()
+                self._hypervisor.start()
+                self._hypervisor.add_domain(0, "Domain-0")
+                self._hypervisor.set_xenstore_path(0, os.fspath(self._xenstored.path))
+                self._populate(0, "Domain-0")
+                self._domains[0] = Domain(self._run_dir, 0, "Domain-0", self._xenstored.path)
+            except BaseException:
+                self._teardown()
+                raise
+            self._state = "running"
+        logger.info("simulated host running in %s", self._run_dir)
+        return self
+
+    def close(self) -> None:
+        """Destroy every domain and stop everything; idempotent."""
+        with self._lock:
+            if self._state in ("closed", "new"):
+                self._state = "closed"
+                self._cleanup_run_dir()
+                return
+            self._teardown()
+
+    def _teardown(self) -> None:
+        self._state = "closed"
+        self._toolstack.close()
+        self._hypervisor.stop()
+        self._xenstored.stop()
+        self._domains.clear()
+        self._cleanup_run_dir()
+
+    def _cleanup_run_dir(self) -> None:
+        if self._own_run_dir:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            return
+        # A caller's directory: remove only what we created, if empty.
+        domains = self._run_dir / "domains"
+        for path in [*sorted(domains.glob("*")), domains, self._run_dir / "xenstored"]:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+
+    def __enter__(self) -> SimHost:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- public face ---------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
+
+    @property
+    def xenstore_path(self) -> Path:
+        """The dom0 XenStore socket (what ``XENSTORED_PATH`` should name)."""
+        return self._xenstored.path
+
+    @property
+    def dom0(self) -> Domain:
+        with self._lock:
+            self._check_running()
+            return self._domains[0]
+
+    @property
+    def toolstack(self) -> Toolstack:
+        return self._toolstack
+
+    @property
+    def xenstored(self) -> XenStored:
+        return self._xenstored
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        return self._hypervisor
+
+    def domains(self) -> list[Domain]:
+        """Live domains, dom0 first."""
+        with self._lock:
+            return [self._domains[d] for d in sorted(self._domains)]
+
+    def domain(self, domid: int) -> Domain:
+        with self._lock:
+            try:
+                return self._domains[domid]
+            except KeyError:
+                raise LookupError(f"no domain {domid}") from None
+
+    def create_domain(self, name: str) -> Domain:
+        """Create a guest: XenStore home populated, then @introduceDomain."""
+        if (
+            not isinstance(name, str)
+            or not 0 < len(name) <= 64
+            or not name.isprintable()
+            or "/" in name
+        ):
+            raise ValueError(f"a domain name must be 1..64 printable characters, not {name!r}")
+        with self._lock:
+            self._check_running()
+            if any(d.name == name for d in self._domains.values()):
+                raise ValueError(f"a domain named {name!r} exists already")
+            domid = next(self._domids)
+            if domid >= DOMID_FIRST_RESERVED:
+                raise RuntimeError("out of domain ids")
+            # As libxl: the domain's home first, then introduce it; the
+            # hypervisor knows the domain before anyone hears of it.
+            self._populate(domid, name)
+            self._hypervisor.add_domain(domid, name)
+            try:
+                xs_path = self._xenstored.introduce_domain(domid)
+                self._hypervisor.set_xenstore_path(domid, os.fspath(xs_path))
+            except BaseException:
+                self._hypervisor.remove_domain(domid)
+                raise
+            domain = Domain(self._run_dir, domid, name, xs_path)
+            self._domains[domid] = domain
+        logger.info("created domain %d (%s)", domid, name)
+        return domain
+
+    def destroy_domain(self, domain: Domain | int) -> None:
+        """Destroy a guest.
+
+        Its event channels close (peers see their ports unbound and fire),
+        its grants are revoked once nobody maps them, its devices are
+        removed, @releaseDomain fires and its XenStore home is deleted.
+        """
+        domid = domain if isinstance(domain, int) else domain.domid
+        if domid == 0:
+            raise ValueError("dom0 cannot be destroyed")
+        with self._lock:
+            self._check_running()
+            if domid not in self._domains:
+                raise LookupError(f"no domain {domid}")
+            del self._domains[domid]
+            self._hypervisor.remove_domain(domid)
+            self._xenstored.release_domain(domid)
+            for dev in self._toolstack.devices():
+                if domid in (dev.frontend_id, dev.backend_id):
+                    self._toolstack.destroy_device(dev)
+
+            def cleanup(c: pyxs.Client) -> None:
+                for path in (f"/local/domain/{domid}", f"/libxl/{domid}"):
+                    if c.exists(path.encode()):
+                        c.delete(path.encode())
+
+            self._toolstack.transaction(cleanup)
+            try:
+                (self._run_dir / "domains" / str(domid)).rmdir()
+            except OSError:
+                pass
+        logger.info("destroyed domain %d", domid)
+
+    # -- internals -----------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != "running" and not (self._state == "starting" and 0 in self._domains):
+            raise RuntimeError(f"SimHost is {self._state}")
+
+    def _populate(self, domid: int, name: str) -> None:
+        """Write the domain's home as a toolstack would.
+
+        The domain owns ``/local/domain/<domid>``; ``name`` and ``domid``
+        are the toolstack's, readable by the domain, so a guest cannot
+        rename itself.
+        """
+        home = f"/local/domain/{domid}".encode()
+        ro = [b"n0", f"r{domid}".encode()]
+
+        def body(c: pyxs.Client) -> None:
+            if c.exists(home):
+                c.delete(home)
+            c.mkdir(home)
+            c.set_perms(home, [f"n{domid}".encode()])
+            for key, value in (("name", name), ("domid", str(domid))):
+                c.write(home + b"/" + key.encode(), value.encode())
+                c.set_perms(home + b"/" + key.encode(), ro)
+            if domid != 0:
+                for sub in _GUEST_DIRS:
+                    c.mkdir(home + b"/" + sub.encode())
+
+        self._toolstack.transaction(body)

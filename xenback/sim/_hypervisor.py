@@ -1,0 +1,642 @@
+"""The simulated hypervisor: grant tables and event channels of every domain.
+
+One service thread owns all state.  Each domain has a listening socket,
+``<run_dir>/domains/<domid>/hypervisor`` (next to its XenStore socket); whatever connects there acts as that domain
+(see :mod:`xenback.sim._proto`).  Every request is validated against the
+state before anything changes, so a hostile or buggy domain gets an errno
+back and never disturbs the service or other domains.
+
+Grants.  A share allocates a sealed memfd (it can neither shrink nor grow,
+so a mapper never meets SIGBUS), returns it to the granter and enters one
+grant entry per page into the granter's table.  A map request names the
+granter and refs; each must be granted by that domain to the caller, and
+writable if the caller wants to write.  The mapper receives descriptors to
+``mmap``: a read-only grant is handed out as a descriptor opened
+``O_RDONLY``, so no writable mapping of it can exist.  An entry whose
+access was ended (unshare, handle closed, domain destroyed) is freed when
+its last mapping is gone, as Linux's deferred ``gnttab_end_foreign_access``.
+
+Event channels.  Each bound port is a pipe: its read end stays with the
+handle that bound it (it is the port's pending bit: readable == pending),
+the write end goes to the service and, once the port is connected, to the
+peer handle, which notifies by writing one byte without involving the
+service.  Connecting, unbinding and domain death go through the service,
+which tells the other end with a pushed message and fires its port.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xenback.platform import PAGE_SIZE
+
+from ._proto import (
+    MAX_FDS,
+    Message,
+    close_fds,
+    decode,
+    recv_message,
+    send_message,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Xen reserves the first grant refs for the toolstack (console, xenstore).
+GNTTAB_NR_RESERVED_ENTRIES = 8
+#: Grant entries a domain may have at once (Xen's default max_grant_frames
+#: of 64 holds 32768 v1 entries).
+MAX_GRANTS_PER_DOMAIN = 32768
+#: Pages one share or one map request may cover.
+MAX_PAGES_PER_REQUEST = 1024
+#: Highest event channel port of a domain (2-level ABI on 64-bit guests).
+MAX_EVTCHN_PORT = 4095
+
+_FIRE = b"\x00"
+
+
+class RequestError(Exception):
+    """A request was refused; carries the errno for the reply."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+# -- state ------------------------------------------------------------------
+#
+# Ownership: the service owns every descriptor stored below and closes it
+# exactly once, when the object holding it is freed.
+
+
+@dataclass(eq=False)
+class _Memory:
+    """One shared-memory file backing the pages of one share request."""
+
+    fd: int
+    npages: int
+    users: int = 0  # grant entries still referring to this file
+
+    def put(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            os.close(self.fd)
+
+
+@dataclass(eq=False)
+class _Grant:
+    table: _GrantTable
+    ref: int
+    grantee: int
+    writable: bool
+    memory: _Memory
+    page: int
+    owner: _Conn | None  # the sharing handle; None once access was ended
+    maps: int = 0
+
+
+@dataclass(eq=False)
+class _GrantTable:
+    """The grant entries one domain created; outlives the domain while mapped."""
+
+    domid: int
+    entries: dict[int, _Grant] = field(default_factory=dict)
+    free_refs: list[int] = field(default_factory=list)  # heap of reusable refs
+    next_ref: int = GNTTAB_NR_RESERVED_ENTRIES
+
+    def alloc_ref(self) -> int:
+        if self.free_refs:
+            return heapq.heappop(self.free_refs)
+        ref = self.next_ref
+        self.next_ref += 1
+        return ref
+
+    def free(self, grant: _Grant) -> None:
+        del self.entries[grant.ref]
+        heapq.heappush(self.free_refs, grant.ref)
+        grant.memory.put()
+
+
+@dataclass(eq=False)
+class _Port:
+    domid: int
+    port: int
+    owner: _Conn
+    wfd: int  # write end of the owner's pipe: writing a byte fires the port
+    remote_domid: int
+    remote: _Port | None = None  # the connected peer, None while unbound
+
+
+@dataclass(eq=False)
+class _Domain:
+    domid: int
+    name: str
+    xenstore_path: str
+    listener: socket.socket
+    socket_path: Path
+    grants: _GrantTable
+    ports: dict[int, _Port] = field(default_factory=dict)
+    conns: set[_Conn] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Conn:
+    domain: _Domain
+    sock: socket.socket
+    shares: set[_Grant] = field(default_factory=set)
+    maps: dict[int, list[_Grant]] = field(default_factory=dict)
+    ports: set[_Port] = field(default_factory=set)
+    closed: bool = False
+
+
+# -- request argument checks --------------------------------------------------
+
+
+def _int_arg(msg: Message, key: str, lo: int, hi: int) -> int:
+    value = msg.get(key)
+    if type(value) is not int or not lo <= value <= hi:
+        raise RequestError(errno.EINVAL, f"{key!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _bool_arg(msg: Message, key: str) -> bool:
+    value = msg.get(key)
+    if type(value) is not bool:
+        raise RequestError(errno.EINVAL, f"{key!r} must be true or false")
+    return value
+
+
+def _refs_arg(msg: Message) -> list[int]:
+    refs = msg.get("refs")
+    if not isinstance(refs, list) or not 1 <= len(refs) <= MAX_PAGES_PER_REQUEST:
+        raise RequestError(
+            errno.EINVAL, f"'refs' must be a list of 1..{MAX_PAGES_PER_REQUEST} grant refs"
+        )
+    if any(type(r) is not int or r < 0 for r in refs):
+        raise RequestError(errno.EINVAL, "grant refs must be non-negative integers")
+    return refs
+
+
+class Hypervisor:
+    """Grant tables and event channels for the domains of one host.
+
+    The host adds and removes domains (:meth:`add_domain`,
+    :meth:`remove_domain`); domains, in this process or any other, reach
+    the service through :func:`domain_socket`.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        # _lock protects every field below and all the state reachable from
+        # them.  Rule: the service thread holds it while it handles one event;
+        # host calls hold it for their whole body.  Nothing blocks under it:
+        # sockets are non-blocking, and a peer that cannot take a message is
+        # dropped instead of waited for.
+        self._lock = threading.Lock()
+        self._domains: dict[int, _Domain] = {}
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._handles = itertools.count(1)
+        self._doomed: list[_Conn] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- host interface ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._serve, name=f"xenback-sim-hypervisor:{self.run_dir}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Destroy every domain, join the service thread, free everything."""
+        with self._lock:
+            self._stopping = True
+            for domid in list(self._domains):
+                self._remove_domain(domid)
+        if self._thread is not None:
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+            self._thread = None
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
+        """Make ``domid`` known and listen for its handles; returns its socket."""
+        path = domain_socket(self.run_dir, domid)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the host is stopping")
+            if domid in self._domains:
+                raise ValueError(f"domain {domid} already exists")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                listener.bind(os.fspath(path))
+                listener.listen(64)
+                listener.setblocking(False)
+            except BaseException:
+                listener.close()
+                raise
+            dom = _Domain(domid, name, xenstore_path, listener, path, _GrantTable(domid))
+            self._domains[domid] = dom
+            self._selector.register(listener, selectors.EVENT_READ, dom)
+        return path
+
+    def set_xenstore_path(self, domid: int, xenstore_path: str) -> None:
+        """Record where ``domid`` reaches XenStore (told to attaching processes)."""
+        with self._lock:
+            self._domains[domid].xenstore_path = xenstore_path
+
+    def remove_domain(self, domid: int) -> None:
+        """Destroy ``domid``: close its handles, unbind its ports (peers see
+        it), end its grants (freed once nobody maps them)."""
+        with self._lock:
+            if domid not in self._domains:
+                raise ValueError(f"no domain {domid}")
+            self._remove_domain(domid)
+
+    def domain_info(self, domid: int) -> dict[str, Any] | None:
+        with self._lock:
+            dom = self._domains.get(domid)
+            if dom is None:
+                return None
+            return {"domid": dom.domid, "name": dom.name, "xenstore_path": dom.xenstore_path}
+
+    def stats(self) -> dict[str, int]:
+        """Counts of live objects, for leak tests."""
+        with self._lock:
+            tables = {d.grants for d in self._domains.values()}
+            tables.update(g.table for c in self._all_conns() for gs in c.maps.values() for g in gs)
+            return {
+                "domains": len(self._domains),
+                "connections": sum(len(d.conns) for d in self._domains.values()),
+                "ports": sum(len(d.ports) for d in self._domains.values()),
+                "grants": sum(len(t.entries) for t in tables),
+            }
+
+    # -- service thread ------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            events = self._selector.select()
+            with self._lock:
+                if self._stopping:
+                    return
+                for key, _ in events:
+                    if key.data is None:
+                        os.read(self._wake_r, 4096)
+                    elif isinstance(key.data, _Domain):
+                        self._accept(key.data)
+                    elif not key.data.closed:
+                        self._receive(key.data)
+                self._reap()
+
+    def _all_conns(self) -> list[_Conn]:
+        return [c for d in self._domains.values() for c in d.conns]
+
+    def _accept(self, dom: _Domain) -> None:
+        try:
+            sock, _ = dom.listener.accept()
+        except OSError:
+            return  # BlockingIOError after a racing close, ECONNABORTED...
+        sock.setblocking(False)
+        conn = _Conn(dom, sock)
+        dom.conns.add(conn)
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _receive(self, conn: _Conn) -> None:
+        try:
+            data, fds, truncated = recv_message(conn.sock, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close_conn(conn)
+            return
+        if not data:
+            close_fds(fds)
+            self._close_conn(conn)
+            return
+        op: object = "?"
+        try:
+            if truncated:
+                raise RequestError(errno.E2BIG, "message too long")
+            try:
+                msg = decode(data)
+            except ValueError:
+                raise RequestError(errno.EINVAL, "a request must be a JSON object") from None
+            op = msg.get("op")
+            handler = self._ops.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise RequestError(errno.ENOSYS, f"unknown operation {op!r}")
+            reply, rfds = handler(self, conn, msg, fds)
+        except RequestError as e:
+            close_fds(fds)
+            self._send(conn, {"errno": e.errno, "error": str(e)})
+            return
+        except Exception:
+            close_fds(fds)
+            logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
+            self._send(conn, {"errno": errno.EIO, "error": "internal error"})
+            return
+        # Reply descriptors are the service's copies made for this reply.
+        try:
+            self._send(conn, reply, rfds)
+        finally:
+            close_fds(rfds)
+
+    def _send(self, conn: _Conn, msg: Message, fds: list[int] | None = None) -> None:
+        """Send without blocking; a connection that cannot take it is dropped."""
+        if conn.closed:
+            return
+        try:
+            send_message(conn.sock, msg, fds or (), socket.MSG_DONTWAIT)
+        except OSError as e:
+            logger.warning(
+                "hypervisor: dropping a handle of domain %d: %s", conn.domain.domid, e
+            )
+            conn.closed = True
+            self._doomed.append(conn)
+
+    def _reap(self) -> None:
+        while self._doomed:
+            self._close_conn(self._doomed.pop())
+
+    def _close_conn(self, conn: _Conn) -> None:
+        """Release everything a handle held, as closing /dev/xen/* does."""
+        conn.closed = True
+        if conn not in conn.domain.conns:
+            return
+        conn.domain.conns.discard(conn)
+        self._selector.unregister(conn.sock)
+        conn.sock.close()
+        for port in list(conn.ports):
+            self._unbind(port)
+        for handle in list(conn.maps):
+            self._unmap(conn, handle)
+        for grant in list(conn.shares):
+            self._end_access(grant)
+        self._reap()
+
+    def _remove_domain(self, domid: int) -> None:
+        dom = self._domains.pop(domid)
+        self._selector.unregister(dom.listener)
+        dom.listener.close()
+        try:
+            dom.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        for conn in list(dom.conns):
+            self._close_conn(conn)
+        # Unbound ports the domain allocated stay with their handles; those
+        # handles were closed above, so nothing is left.
+        assert not dom.ports, dom.ports
+
+    # -- grant operations ------------------------------------------------------
+
+    def _op_info(self, conn: _Conn, msg: Message, fds: list[int]) -> tuple[Message, list[int]]:
+        _no_fds(fds)
+        dom = conn.domain
+        return {"domid": dom.domid, "name": dom.name, "xenstore_path": dom.xenstore_path}, []
+
+    def _op_gnt_share(
+        self, conn: _Conn, msg: Message, fds: list[int]
+    ) -> tuple[Message, list[int]]:
+        _no_fds(fds)
+        grantee = _int_arg(msg, "domid", 0, 0x7FEF)
+        count = _int_arg(msg, "count", 1, MAX_PAGES_PER_REQUEST)
+        writable = _bool_arg(msg, "writable")
+        table = conn.domain.grants
+        if len(table.entries) + count > MAX_GRANTS_PER_DOMAIN:
+            raise RequestError(errno.ENOSPC, "grant table full")
+        fd = os.memfd_create(
+            f"xenback-sim-grant-d{conn.domain.domid}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        )
+        try:
+            os.ftruncate(fd, count * PAGE_SIZE)
+            fcntl.fcntl(
+                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            )
+        except OSError:
+            os.close(fd)
+            raise
+        memory = _Memory(fd, count, users=count)
+        refs = []
+        for page in range(count):
+            ref = table.alloc_ref()
+            grant = _Grant(table, ref, grantee, writable, memory, page, conn)
+            table.entries[ref] = grant
+            conn.shares.add(grant)
+            refs.append(ref)
+        # The granter gets its own writable descriptor of the pages.
+        return {"refs": refs}, [os.dup(fd)]
+
+    def _op_gnt_end(self, conn: _Conn, msg: Message, fds: list[int]) -> tuple[Message, list[int]]:
+        _no_fds(fds)
+        refs = _refs_arg(msg)
+        grants = []
+        for ref in refs:
+            grant = conn.domain.grants.entries.get(ref)
+            if grant is None or grant.owner is not conn:
+                raise RequestError(errno.EINVAL, f"grant ref {ref} was not shared by this handle")
+            grants.append(grant)
+        for grant in grants:
+            self._end_access(grant)
+        return {}, []
+
+    def _op_gnt_map(self, conn: _Conn, msg: Message, fds: list[int]) -> tuple[Message, list[int]]:
+        _no_fds(fds)
+        granter = _int_arg(msg, "domid", 0, 0x7FEF)
+        refs = _refs_arg(msg)
+        writable = _bool_arg(msg, "writable")
+        dom = self._domains.get(granter)
+        if dom is None:
+            raise RequestError(errno.ESRCH, f"no domain {granter}")
+        me = conn.domain.domid
+        grants = []
+        for ref in refs:
+            grant = dom.grants.entries.get(ref)
+            if grant is None or grant.owner is None or grant.grantee != me:
+                raise RequestError(
+                    errno.EINVAL, f"grant ref {ref} of domain {granter} is not granted to {me}"
+                )
+            if writable and not grant.writable:
+                raise RequestError(
+                    errno.EACCES, f"grant ref {ref} of domain {granter} is read-only"
+                )
+            grants.append(grant)
+        # One descriptor per distinct file; runs of consecutive pages of one
+        # file become one segment [descriptor index, first page, page count].
+        index: dict[int, int] = {}
+        segments: list[list[int]] = []
+        for grant in grants:
+            i = index.setdefault(id(grant.memory), len(index))
+            last = segments[-1] if segments else None
+            if last is not None and last[0] == i and last[1] + last[2] == grant.page:
+                last[2] += 1
+            else:
+                segments.append([i, grant.page, 1])
+        if len(index) > MAX_FDS:
+            raise RequestError(errno.E2BIG, "refs come from too many separate shares")
+        memories = {id(g.memory): g.memory for g in grants}
+        out: list[int] = []
+        try:
+            for key in index:
+                mfd = memories[key].fd
+                if writable:
+                    out.append(os.dup(mfd))
+                else:
+                    # A descriptor opened read-only: mmap(PROT_WRITE) of it
+                    # fails with EACCES, so read-only stays read-only.
+                    out.append(os.open(f"/proc/self/fd/{mfd}", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            close_fds(out)
+            raise
+        handle = next(self._handles)
+        for grant in grants:
+            grant.maps += 1
+        conn.maps[handle] = grants
+        # The reply owns ``out``; it is closed after sending.
+        return {"handle": handle, "segments": segments}, out
+
+    def _op_gnt_unmap(
+        self, conn: _Conn, msg: Message, fds: list[int]
+    ) -> tuple[Message, list[int]]:
+        _no_fds(fds)
+        handle = _int_arg(msg, "handle", 1, 2**63)
+        if handle not in conn.maps:
+            raise RequestError(errno.EINVAL, f"no mapping {handle} on this handle")
+        self._unmap(conn, handle)
+        return {}, []
+
+    def _unmap(self, conn: _Conn, handle: int) -> None:
+        for grant in conn.maps.pop(handle):
+            grant.maps -= 1
+            if grant.maps == 0 and grant.owner is None:
+                grant.table.free(grant)
+
+    def _end_access(self, grant: _Grant) -> None:
+        if grant.owner is not None:
+            grant.owner.shares.discard(grant)
+            grant.owner = None
+        if grant.maps == 0:
+            grant.table.free(grant)
+
+    # -- event channel operations --------------------------------------------
+
+    def _alloc_port(self, conn: _Conn, remote_domid: int, fds: list[int]) -> _Port:
+        if len(fds) != 1:
+            raise RequestError(errno.EINVAL, "expected the write end of the port's pipe")
+        dom = conn.domain
+        port = next((p for p in range(1, MAX_EVTCHN_PORT + 1) if p not in dom.ports), None)
+        if port is None:
+            raise RequestError(errno.ENOSPC, "no free event channel port")
+        obj = _Port(dom.domid, port, conn, fds.pop(), remote_domid)
+        os.set_blocking(obj.wfd, False)
+        dom.ports[port] = obj
+        conn.ports.add(obj)
+        return obj
+
+    def _op_evtchn_alloc_unbound(
+        self, conn: _Conn, msg: Message, fds: list[int]
+    ) -> tuple[Message, list[int]]:
+        remote = _int_arg(msg, "domid", 0, 0x7FEF)
+        if remote not in self._domains:
+            raise RequestError(errno.ESRCH, f"no domain {remote}")
+        port = self._alloc_port(conn, remote, fds)
+        return {"port": port.port}, []
+
+    def _op_evtchn_bind_interdomain(
+        self, conn: _Conn, msg: Message, fds: list[int]
+    ) -> tuple[Message, list[int]]:
+        remote_domid = _int_arg(msg, "domid", 0, 0x7FEF)
+        remote_port = _int_arg(msg, "port", 1, MAX_EVTCHN_PORT)
+        rdom = self._domains.get(remote_domid)
+        if rdom is None:
+            raise RequestError(errno.ESRCH, f"no domain {remote_domid}")
+        remote = rdom.ports.get(remote_port)
+        me = conn.domain.domid
+        if remote is None or remote.remote is not None or remote.remote_domid != me:
+            raise RequestError(
+                errno.EINVAL,
+                f"port {remote_port} of domain {remote_domid} is not an unbound port for {me}",
+            )
+        local = self._alloc_port(conn, remote_domid, fds)
+        local.remote, remote.remote = remote, local
+        # The peer learns its port is connected before we reply: anything
+        # the binder does after the reply finds the peer ready to notify.
+        self._send(
+            remote.owner,
+            {"event": "bound", "port": remote.port, "domid": me, "remote_port": local.port},
+            [local.wfd],
+        )
+        return {"port": local.port, "remote_port": remote.port}, [os.dup(remote.wfd)]
+
+    def _op_evtchn_unbind(
+        self, conn: _Conn, msg: Message, fds: list[int]
+    ) -> tuple[Message, list[int]]:
+        _no_fds(fds)
+        number = _int_arg(msg, "port", 1, MAX_EVTCHN_PORT)
+        port = conn.domain.ports.get(number)
+        if port is None or port.owner is not conn:
+            raise RequestError(errno.EINVAL, f"port {number} is not bound by this handle")
+        self._unbind(port)
+        return {}, []
+
+    def _unbind(self, port: _Port) -> None:
+        peer = port.remote
+        if peer is not None:
+            # Xen semantics: the peer's port becomes unbound, waiting for
+            # this domain again.  Fire it so that its owner notices.
+            peer.remote = None
+            self._send(peer.owner, {"event": "unbound", "port": peer.port})
+            _fire(peer.wfd)
+        del port.owner.domain.ports[port.port]
+        port.owner.ports.discard(port)
+        os.close(port.wfd)
+
+    _ops: dict[str, Callable[[Hypervisor, _Conn, Message, list[int]], tuple[Message, list[int]]]] = {
+        "info": _op_info,
+        "gnt_share": _op_gnt_share,
+        "gnt_end": _op_gnt_end,
+        "gnt_map": _op_gnt_map,
+        "gnt_unmap": _op_gnt_unmap,
+        "evtchn_alloc_unbound": _op_evtchn_alloc_unbound,
+        "evtchn_bind_interdomain": _op_evtchn_bind_interdomain,
+        "evtchn_unbind": _op_evtchn_unbind,
+    }
+
+
+def _no_fds(fds: list[int]) -> None:
+    if fds:
+        raise RequestError(errno.EINVAL, "this request carries no descriptors")
+
+
+def _fire(wfd: int) -> None:
+    try:
+        os.write(wfd, _FIRE)
+    except (BlockingIOError, BrokenPipeError):
+        pass  # already pending, or nobody left to tell
+
+
+def domain_socket(run_dir: Path, domid: int) -> Path:
+    """The socket through which ``domid``'s handles reach the hypervisor."""
+    return Path(run_dir) / "domains" / str(domid) / "hypervisor"

@@ -1,0 +1,207 @@
+"""The wire between domains and the simulated hypervisor.
+
+Every grant table, grant share and event channel handle is one
+``SOCK_SEQPACKET`` connection to the hypervisor service of the host
+(:mod:`xenback.sim._hypervisor`).  The socket a handle connects to decides
+which domain it acts as: the service listens on one socket per domain, the
+way a real hypervisor knows which domain issued a hypercall.
+
+A message is one packet: a JSON object of at most :data:`MAX_MESSAGE` bytes,
+optionally carrying file descriptors (``SCM_RIGHTS``): shared-memory files
+for grants, pipe ends for event channels.  Requests carry ``"op"``; replies
+carry either the result or ``"errno"`` and ``"error"``; the service may also
+push unsolicited messages carrying ``"event"`` to event channel handles (a
+peer bound or unbound one of their ports).  Replies are sent in request
+order, so a client only has to skip pushed messages while it waits.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Largest packet either side accepts.  A map request for the largest allowed
+#: number of refs fits comfortably.
+MAX_MESSAGE = 64 * 1024
+
+#: Most descriptors one packet may carry (the kernel's SCM_MAX_FD).
+MAX_FDS = 253
+
+Message = dict[str, Any]
+
+_FDS = array.array("i")
+
+
+def encode(msg: Message) -> bytes:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def decode(data: bytes) -> Message:
+    """Parse one packet; raises :class:`ValueError` for anything but an object."""
+    msg = json.loads(data.decode())
+    if not isinstance(msg, dict):
+        raise ValueError("a message must be a JSON object")
+    return msg
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def recv_message(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int], bool]:
+    """Receive one packet: ``(data, fds, truncated)``.
+
+    ``data`` is empty at end of stream.  The caller owns the descriptors,
+    also when the packet turns out to be invalid.
+    """
+    # Not socket.recv_fds: Python 3.11's ignores its flags argument.
+    data, ancdata, msg_flags, _ = sock.recvmsg(
+        MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * _FDS.itemsize), flags | socket.MSG_CMSG_CLOEXEC
+    )
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    truncated = bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > MAX_MESSAGE
+    return data, list(fds), truncated
+
+
+def send_message(
+    sock: socket.socket, msg: Message, fds: Sequence[int] = (), flags: int = 0
+) -> None:
+    data = encode(msg)
+    if fds:
+        socket.send_fds(sock, [data], list(fds), flags)
+    else:
+        sock.send(data, flags)
+
+
+class ServiceConnection:
+    """The client end of one handle's connection to the hypervisor service.
+
+    ``on_push(msg, fds)`` receives the messages the service pushes; it owns
+    the descriptors.  ``error`` is the :class:`OSError` subclass raised for a
+    failed request (GrantError or EventChannelError).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        error: type[OSError],
+        on_push: Callable[[Message, list[int]], None] | None = None,
+    ) -> None:
+        self._error = error
+        self._on_push = on_push
+        # _lock serialises the use of the socket: one request and its reply
+        # at a time, and no draining of pushed messages in between.  Rule:
+        # taken before any lock of the handle that owns this connection.
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.connect(os.fspath(path))
+        except OSError as e:
+            self._sock.close()
+            raise error(
+                e.errno or errno.ENODEV,
+                f"cannot reach the simulated hypervisor at {os.fspath(path)}: {e.strerror}",
+            ) from None
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def call(
+        self,
+        op: str,
+        fds: Sequence[int] = (),
+        *,
+        apply: Callable[[Message, list[int]], None] | None = None,
+        **args: Any,
+    ) -> tuple[Message, list[int]]:
+        """Send one request and wait for its reply: ``(reply, fds)``.
+
+        ``apply(reply, fds)``, if given, runs before any message pushed
+        after the reply is delivered (it runs under the connection's lock).
+        Raises ``error`` with the errno the service answered, or ``ENODEV``
+        once the service has gone (host stopped, domain destroyed).
+        """
+        with self._lock:
+            try:
+                send_message(self._sock, {"op": op, **args}, fds)
+            except OSError as e:
+                raise self._gone(e) from None
+            while True:
+                msg, rfds = self._receive(0)
+                if "event" in msg:
+                    self._push(msg, rfds)
+                    continue
+                if "errno" in msg:
+                    close_fds(rfds)
+                    raise self._error(int(msg["errno"]), str(msg.get("error", "")))
+                if apply is not None:
+                    apply(msg, rfds)
+                return msg, rfds
+
+    def drain(self) -> bool:
+        """Deliver the pushed messages that already arrived, without waiting.
+
+        Returns False once the service has gone (the next call reports it).
+        """
+        with self._lock:
+            while True:
+                try:
+                    msg, fds = self._receive(socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return True
+                except self._error:
+                    return False
+                self._push(msg, fds)
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close()
+
+    def _receive(self, flags: int) -> tuple[Message, list[int]]:
+        try:
+            data, fds, truncated = recv_message(self._sock, flags)
+        except BlockingIOError:
+            raise
+        except OSError as e:
+            raise self._gone(e) from None
+        if not data:
+            close_fds(fds)
+            raise self._gone(None)
+        if truncated:
+            close_fds(fds)
+            raise self._error(errno.EPROTO, "oversized message from the hypervisor service")
+        return decode(data), fds
+
+    def _push(self, msg: Message, fds: list[int]) -> None:
+        if self._on_push is None:
+            close_fds(fds)
+            logger.warning("unexpected message from the hypervisor service: %r", msg)
+        else:
+            self._on_push(msg, fds)
+
+    def _gone(self, cause: OSError | None) -> OSError:
+        detail = f": {cause.strerror}" if cause is not None else ""
+        return self._error(
+            errno.ENODEV,
+            "the simulated hypervisor closed the connection "
+            f"(host stopped or domain destroyed){detail}",
+        )

@@ -1,0 +1,294 @@
+"""The toolstack of the simulated host: what libxl writes into XenStore.
+
+Adding a device writes, in one transaction, the nodes and permissions of
+``libxl__device_generic_add``:
+
+* backend ``/local/domain/<be>/backend/<type>/<fe>/<devid>``, owned by the
+  backend domain and readable by the frontend: ``frontend``, ``frontend-id``,
+  ``online`` = 1, ``state`` = 1 (Initialising), plus the caller's nodes;
+* frontend ``/local/domain/<fe>/device/<type>/<devid>``, owned by the
+  frontend domain and readable by the backend: ``backend``, ``backend-id``,
+  ``state`` = 1, plus the caller's nodes;
+* libxl's private ``/libxl/<fe>/device/<type>/<devid>`` with ``frontend``
+  and ``backend`` (dom0 only).
+
+Removing follows ``libxl__initiate_device_generic_remove``: ``online`` = 0 and
+``state`` = 5 (Closing) in one transaction, a wait of up to 10 s for the
+backend to reach 6 (Closed), then all three directories are deleted; a
+backend that does not close in time is removed anyway, as libxl's forced
+remove does after its timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyxs
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+XENBUS_STATE_INITIALISING = 1
+XENBUS_STATE_CLOSING = 5
+XENBUS_STATE_CLOSED = 6
+
+#: libxl's LIBXL_DESTROY_TIMEOUT.
+REMOVE_TIMEOUT = 10.0
+
+_EMPTY: Mapping[str, str] = {}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A backend/frontend pair the toolstack created."""
+
+    device_type: str
+    frontend_id: int
+    backend_id: int
+    devid: int
+
+    @property
+    def backend_path(self) -> str:
+        return (
+            f"/local/domain/{self.backend_id}/backend/"
+            f"{self.device_type}/{self.frontend_id}/{self.devid}"
+        )
+
+    @property
+    def frontend_path(self) -> str:
+        return f"/local/domain/{self.frontend_id}/device/{self.device_type}/{self.devid}"
+
+    @property
+    def libxl_path(self) -> str:
+        return f"/libxl/{self.frontend_id}/device/{self.device_type}/{self.devid}"
+
+
+def _check_name(what: str, value: str) -> None:
+    if (
+        not isinstance(value, str)
+        or not value
+        or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value)
+    ):
+        raise ValueError(f"{what} must be a non-empty XenStore path element, not {value!r}")
+
+
+def _check_domid(what: str, value: int) -> None:
+    if type(value) is not int or not 0 <= value < 0x7FF0:
+        raise ValueError(f"{what} must be a domain id, not {value!r}")
+
+
+class Toolstack:
+    """Creates and removes devices the way libxl does; acts as dom0.
+
+    Connects lazily to the dom0 XenStore socket; :meth:`close` disconnects.
+    """
+
+    def __init__(self, xenstore_path: str | os.PathLike[str]) -> None:
+        self._xenstore_path = os.fspath(xenstore_path)
+        # _lock serialises the use of _client (a pyxs client carries one
+        # transaction at a time).  Rule: never held while waiting for a
+        # backend; the wait uses a client of its own.
+        self._lock = threading.Lock()
+        self._client: pyxs.Client | None = None
+
+    def _connect(self) -> pyxs.Client:
+        if self._client is None:
+            client = pyxs.Client(unix_socket_path=self._xenstore_path)
+            client.connect()
+            self._client = client
+        return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def __enter__(self) -> Toolstack:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def transaction(self, body: Callable[[pyxs.Client], T]) -> T:
+        """Run ``body(client)`` in a transaction, retrying on EAGAIN."""
+        with self._lock:
+            client = self._connect()
+            while True:
+                client.transaction()
+                try:
+                    result = body(client)
+                except BaseException:
+                    client.rollback()
+                    raise
+                if client.commit():
+                    return result
+
+    # -- devices -------------------------------------------------------------
+
+    def add_device(
+        self,
+        device_type: str,
+        frontend_id: int,
+        backend_id: int = 0,
+        devid: int = 0,
+        *,
+        backend_nodes: Mapping[str, str] = _EMPTY,
+        frontend_nodes: Mapping[str, str] = _EMPTY,
+    ) -> Device:
+        """Create a device pair, both sides in state Initialising."""
+        _check_name("device_type", device_type)
+        _check_domid("frontend_id", frontend_id)
+        _check_domid("backend_id", backend_id)
+        if type(devid) is not int or devid < 0:
+            raise ValueError(f"devid must be a non-negative integer, not {devid!r}")
+        for key in (*backend_nodes, *frontend_nodes):
+            _check_name("node name", key)
+        dev = Device(device_type, frontend_id, backend_id, devid)
+        fe, be = dev.frontend_path.encode(), dev.backend_path.encode()
+        frontend_perms = [f"n{frontend_id}".encode(), f"r{backend_id}".encode()]
+        backend_perms = [f"n{backend_id}".encode(), f"r{frontend_id}".encode()]
+
+        def write(c: pyxs.Client, base: bytes, nodes: Mapping[str, Any]) -> None:
+            for key, value in nodes.items():
+                c.write(base + b"/" + key.encode(), str(value).encode())
+
+        def body(c: pyxs.Client) -> None:
+            _rm(c, fe)
+            c.mkdir(fe)
+            c.set_perms(fe, frontend_perms)
+            write(c, fe, {"backend": dev.backend_path})
+            write(c, fe, {"backend-id": backend_id, "state": XENBUS_STATE_INITIALISING})
+            write(c, fe, frontend_nodes)
+            _rm(c, be)
+            c.mkdir(be)
+            c.set_perms(be, backend_perms)
+            write(c, be, {"frontend": dev.frontend_path})
+            write(c, be, {"frontend-id": frontend_id, "online": 1})
+            write(c, be, {"state": XENBUS_STATE_INITIALISING})
+            write(c, be, backend_nodes)
+            lx = dev.libxl_path.encode()
+            _rm(c, lx)
+            c.mkdir(lx)
+            c.set_perms(lx, [b"n0"])
+            write(c, lx, {"frontend": dev.frontend_path, "backend": dev.backend_path})
+
+        self.transaction(body)
+        logger.info("toolstack: added %s device %d: %s <- %s", device_type, devid, be, fe)
+        return dev
+
+    def remove_device(self, device: Device, timeout: float = REMOVE_TIMEOUT) -> bool:
+        """Remove ``device`` as libxl does; returns False if the backend did
+        not reach Closed within ``timeout`` seconds (it is removed anyway)."""
+        be = device.backend_path.encode()
+        with self._watch(be + b"/state") as events:
+
+            def initiate(c: pyxs.Client) -> bool:
+                state = c.read(be + b"/state")
+                if state is None or _int(state) == XENBUS_STATE_CLOSED:
+                    return False
+                c.write(be + b"/online", b"0")
+                c.write(be + b"/state", str(XENBUS_STATE_CLOSING).encode())
+                return True
+
+            closed = True
+            if self.transaction(initiate):
+                closed = self._wait_closed(be + b"/state", events, timeout)
+                if not closed:
+                    logger.warning(
+                        "toolstack: backend %s did not close within %.1f s; forcing removal",
+                        device.backend_path,
+                        timeout,
+                    )
+        self.destroy_device(device)
+        return closed
+
+    def destroy_device(self, device: Device) -> None:
+        """Delete a device's directories at once (forced removal, domain death)."""
+
+        def body(c: pyxs.Client) -> None:
+            for path in (device.frontend_path, device.backend_path, device.libxl_path):
+                _rm(c, path.encode())
+
+        self.transaction(body)
+        logger.info("toolstack: removed %s", device.backend_path)
+
+    def devices(self, domid: int | None = None) -> list[Device]:
+        """Devices libxl knows of, for frontend ``domid`` or all."""
+        out = []
+        with self._lock:
+            c = self._connect()
+            fes = [domid] if domid is not None else [int(d) for d in _list(c, b"/libxl")]
+            for fe in fes:
+                base = f"/libxl/{fe}/device".encode()
+                for kind in _list(c, base):
+                    for devid in _list(c, base + b"/" + kind):
+                        backend = c.read(base + b"/" + kind + b"/" + devid + b"/backend")
+                        if backend is None:
+                            continue
+                        be = int(backend.decode().split("/")[3])
+                        out.append(Device(kind.decode(), fe, be, int(devid)))
+        return out
+
+    # -- waiting -------------------------------------------------------------
+
+    @contextmanager
+    def _watch(self, path: bytes) -> Iterator[queue.Queue[Any]]:
+        client = pyxs.Client(unix_socket_path=self._xenstore_path)
+        client.connect()
+        try:
+            monitor = client.monitor()
+            monitor.watch(path, b"toolstack")
+            yield monitor.events
+        finally:
+            client.close()
+
+    def _wait_closed(self, path: bytes, events: queue.Queue[Any], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                state = self._connect().read(path)
+            if state is None or _int(state) == XENBUS_STATE_CLOSED:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                events.get(timeout=remaining)
+            except queue.Empty:
+                return False
+
+
+def _int(value: bytes) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return -1
+
+
+def _list(c: pyxs.Client, path: bytes) -> list[bytes]:
+    try:
+        return list(c.list(path))
+    except pyxs.PyXSError as e:
+        if e.args and e.args[0] == errno.ENOENT:
+            return []
+        raise
+
+
+def _rm(c: pyxs.Client, path: bytes) -> None:
+    """Delete ``path`` if it exists (libxl ignores xs_rm's errors too)."""
+    try:
+        c.delete(path)
+    except pyxs.PyXSError as e:
+        if not e.args or e.args[0] != errno.ENOENT:
+            raise
