@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from workqueue import Work
+from workqueue import Work, Workqueue
 from xenback import BackendDevice, BackendDriver, FlexRing, Platform, RingError, wire
 
 logger = logging.getLogger("console_backend")
@@ -88,7 +88,7 @@ class ConsoleBackend(BackendDriver):
 
     device_type = "console"
 
-    def __init__(self, platform: Platform, log_dir: Path, *, workqueue: object = None,
+    def __init__(self, platform: Platform, log_dir: Path, *, workqueue: Workqueue | None = None,
                  on_output: Callable[[int, bytes], object] | None = None) -> None:
         super().__init__(platform, workqueue=workqueue)
         self.log_dir, self.on_output = Path(log_dir), on_output

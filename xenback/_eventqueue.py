@@ -16,10 +16,10 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from workqueue import Work
+    from workqueue import Work, Workqueue
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +29,12 @@ __all__ = ["EventQueue"]
 class EventQueue:
     """Calls ``fn(*args)`` for each :meth:`call`, one at a time, in order.
 
-    ``workqueue`` is any object with the workqueue ``queue_work`` method
-    (a :func:`workqueue.alloc_workqueue` queue).  An exception in a call is
-    logged and does not stop the calls after it.
+    ``workqueue`` is shared by many queues (a :func:`workqueue.alloc_workqueue`
+    queue).  An exception in a call is logged and does not stop the calls
+    after it.
     """
 
-    def __init__(self, workqueue: Any, name: str = "") -> None:
+    def __init__(self, workqueue: Workqueue, name: str = "") -> None:
         from workqueue import Work
 
         self.name = name

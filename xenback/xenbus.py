@@ -55,6 +55,7 @@ from xenback.events import EventDispatcher, PortCallback
 from xenback.xenstore import Transaction, Watch, XenStore
 
 if TYPE_CHECKING:
+    from workqueue import Workqueue
     from xenback.platform import GrantMapping, GrantTable, Platform
 
 logger = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ class BackendDriver:
 
     device_type: ClassVar[str] = ""
 
-    def __init__(self, platform: Platform, *, workqueue: Any = None) -> None:
+    def __init__(self, platform: Platform, *, workqueue: Workqueue | None = None) -> None:
         if not self.device_type or "/" in self.device_type:
             raise TypeError(f"{type(self).__name__} must set device_type to a device type name")
         self.platform = platform
@@ -315,7 +316,7 @@ class BackendDriver:
         #: ``/local/domain/<self>/backend/<type>``.
         self.backend_root = f"{self.home}/backend/{self.device_type}"
         self._own_workqueue = workqueue is None
-        self.workqueue = workqueue
+        self._workqueue = workqueue
         self._xs: XenStore | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
@@ -374,6 +375,13 @@ class BackendDriver:
     # Lifetime.
 
     @property
+    def workqueue(self) -> Workqueue:
+        """The workqueue running the device callbacks (while started)."""
+        if self._workqueue is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        return self._workqueue
+
+    @property
     def xenstore(self) -> XenStore:
         if self._xs is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
@@ -404,7 +412,7 @@ class BackendDriver:
         if self._own_workqueue:
             from workqueue import WQ_UNBOUND, alloc_workqueue
 
-            self.workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
+            self._workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
         self._xs = XenStore.connect_to(self.platform)
         self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus")
         self._watches.append(
@@ -445,9 +453,9 @@ class BackendDriver:
             events.close()
         if gnttab is not None:
             gnttab.close()
-        if self._own_workqueue and self.workqueue is not None:
-            self.workqueue.destroy()
-            self.workqueue = None
+        if self._own_workqueue and self._workqueue is not None:
+            self._workqueue.destroy()
+            self._workqueue = None
         self._xs.close()
         self._xs = None
         logger.info("%s backend stopped", self.device_type)

@@ -122,6 +122,8 @@ class RecordingDriver(BackendDriver):
         self.events_seen: list[int] = []
 
     def _record(self, name: str, dev: BackendDevice) -> None:
+        # Hooks of one device run one at a time: catch any overlap.
+        assert dev.events.in_queue(), f"{name} ran outside the device's queue"
         with self.changed:
             self.calls.append((name, dev.frontend_id, dev.devid))
             self.changed.notify_all()

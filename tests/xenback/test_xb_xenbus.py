@@ -18,6 +18,12 @@ def _ports(host) -> int:
     return host.hypervisor.stats()["ports"]
 
 
+def _grants(host) -> int:
+    """Live grant entries: a shared page the guest stopped sharing stays
+    alive exactly as long as somebody still maps it."""
+    return host.hypervisor.stats()["grants"]
+
+
 def _connected(host, driver, frontends, name="guest", devid=0):
     guest = host.create_domain(name)
     dev = host.toolstack.add_device("xbtest", guest.domid, devid=devid)
@@ -104,6 +110,8 @@ def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_
     assert driver.calls_of(guest.domid)[-2:] == ["disconnect", "remove"]
     assert _ports(host) == baseline_ports + 1  # only the frontend's own port
     assert _error(dom0_xs, dev) is None
+    fe.pages.unshare()
+    assert _grants(host) == 0  # nobody maps the ring page any more
 
 
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
@@ -228,6 +236,42 @@ def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
     assert bdev.gone and bdev.resources == (0, 0)
     assert [d.frontend_id for d in driver.devices()] == [other.domid]
     assert _ports(host) == baseline_ports + 2  # only the other device's pair
+    assert _grants(host) == 1  # only the other device's ring page
+
+
+def test_release_domain_alone_tears_the_device_down(host, driver, dom0_xs) -> None:
+    """A frontend directory outside the guest's home survives the guest's
+    destruction, so only @releaseDomain can tell the backend."""
+    guest = host.create_domain("guest")
+    pages = guest.gntshr().share_pages(0, 1)
+    evtchn = guest.evtchn()
+    port = evtchn.bind_unbound_port(0)
+    frontend = "/local/domain/0/fake-frontends/1"
+    base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
+
+    def tx(t):
+        t.write(f"{frontend}/state", 1)
+        t.write(f"{base}/frontend", frontend)
+        t.write(f"{base}/frontend-id", guest.domid)
+        t.write(f"{base}/online", 1)
+        t.write(f"{base}/state", 1)
+
+    dom0_xs.transaction(tx)
+    dom0_xs.wait_for(f"{base}/state", "2", timeout=TIMEOUT)
+    dom0_xs.transaction(lambda t: (t.write(f"{frontend}/ring-ref", pages.refs[0]),
+                                   t.write(f"{frontend}/port", port),
+                                   t.write(f"{frontend}/state", 3)))
+    dom0_xs.wait_for(f"{base}/state", "4", timeout=TIMEOUT)
+    (bdev,) = driver.devices()
+    evtchn.close()
+    pages.unshare()
+    host.destroy_domain(guest)
+    dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone and bdev.resources == (0, 0) and driver.devices() == []
+    assert dom0_xs.read(f"{frontend}/state") == "3"  # still there: not how we learnt
+    assert _grants(host) == 0
 
 
 def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
