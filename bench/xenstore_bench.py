@@ -152,13 +152,40 @@ def raw_client(path: str, op: int, seconds: float, start: Barrier, out: mp.Queue
     sock.close()
 
 
+def embedded_client(path: str, op: int, seconds: float, start: Barrier, out: mp.Queue,
+                    echo: bool) -> None:
+    """pyxs against a server running as a thread of the client's own process
+    (how tests and the demo run the simulated host: one GIL for both)."""
+    import threading
+
+    from xenback.sim._xenstored import RawClient, XenStored
+
+    with tempfile.TemporaryDirectory(prefix="xse") as d:
+        if echo:
+            ready, stop = threading.Event(), threading.Event()
+            local = os.path.join(d, "echo")
+            server = threading.Thread(target=serve_echo, args=(local, ready, stop), daemon=True)
+            server.start()
+            ready.wait()
+            try:
+                pyxs_client(local, op, seconds, start, out, echo)
+            finally:
+                stop.set()
+                server.join()
+        else:
+            with XenStored(Path(d)) as xsd:
+                with RawClient(xsd.path) as c:
+                    c.write("/bench/node", b"v" * 16)
+                pyxs_client(str(xsd.path), op, seconds, start, out, echo)
+
+
 def measure(client: str, path: str, op: int, nclients: int, seconds: float, echo: bool) -> float:
     """Round trips per second, summed over ``nclients`` client processes."""
     ctx = mp.get_context("fork")
     start = ctx.Barrier(nclients)
     out: mp.Queue = ctx.Queue()
     procs = []
-    target = pyxs_client if client == "pyxs" else raw_client
+    target = {"pyxs": pyxs_client, "raw": raw_client, "embedded": embedded_client}[client]
     for _ in range(nclients):
         procs.append(ctx.Process(target=target, args=(path, op, seconds, start, out, echo)))
     for p in procs:
@@ -214,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append((client, opname, n, ours, base))
                         print(f"  {client:4} {opname:5} x{n}: {ours:9.0f}/s vs echo {base:9.0f}/s",
                               file=sys.stderr)
+            for op, opname in ((READ, "READ"), (WRITE, "WRITE")):
+                ours = base = 0.0
+                for _ in range(args.rounds):
+                    ours = max(ours, measure("embedded", "", op, 1, args.seconds, False))
+                    base = max(base, measure("embedded", "", op, 1, args.seconds, True))
+                rows.append(("pyxs, server embedded", opname, 1, ours, base))
+                print(f"  embedded {opname:5} x1: {ours:9.0f}/s vs echo {base:9.0f}/s",
+                      file=sys.stderr)
         finally:
             stop.set()
             for p in servers:
@@ -226,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()};"
         f" best of {args.rounds} interleaved runs of {args.seconds:g} s;"
-        " server and clients in separate processes.",
+        " server and clients in separate processes, except for the embedded rows (server"
+        " thread in the client's process, as in the tests and the demo).",
         "",
         "| client | op | clients | xenstored round trips/s | echo round trips/s | xenstored / echo |",
         "|---|---|---:|---:|---:|---:|",
