@@ -418,9 +418,14 @@ class BackendDriver:
         self._watches.append(
             self._xs.watch(self.backend_root, self._backend_event, events=self._bus)
         )
-        self._watches.append(
-            self._xs.watch("@releaseDomain", self._release_domain, events=self._bus)
-        )
+        try:
+            self._watches.append(
+                self._xs.watch("@releaseDomain", self._release_domain, events=self._bus)
+            )
+        except PermissionError:
+            # A driver domain may not be allowed to watch it; frontend
+            # directories vanishing still tell us, only later.
+            logger.warning("cannot watch @releaseDomain: relying on frontend removal")
         logger.info("%s backend serving %s", self.device_type, self.backend_root)
 
     def stop(self) -> None:

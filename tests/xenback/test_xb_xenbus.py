@@ -114,6 +114,17 @@ def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_
     assert _grants(host) == 0  # nobody maps the ring page any more
 
 
+def test_removal_of_a_device_whose_frontend_never_connected(host, driver, frontends) -> None:
+    guest = host.create_domain("idle")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    # The guest never loads its driver; libxl must not wait 10 s for us.
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
+    driver.wait_call("remove", guest.domid)
+    assert driver.calls_of(guest.domid) == ["probe", "remove"]
+
+
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
     guest, dev, fe = _connected(host, driver, frontends)
     fe.set_state(S.CONNECTED)  # Initialised -> Connected on the frontend
