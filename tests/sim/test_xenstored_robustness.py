@@ -230,14 +230,14 @@ def test_client_not_reading_events_is_dropped(caplog: pytest.LogCaptureFixture) 
         with RawClient(xsd.path) as deaf, RawClient(xsd.path) as writer:
             deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             deaf.watch("/", "all")
-            long_path = "/" + "/".join(["n" * 60] * 45)  # ~2.7 KiB per event
+            long_path = "/" + "/".join(["n" * 60] * 33)  # ~2 KiB per event
             writer.write(long_path, "")
             # Each write queues one big event for the deaf client; the writer
             # is never held up by it.  Enough writes overflow kernel buffers
             # plus the server's queue, whatever the socket buffer sizes are.
             sndbuf = deaf.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             rcvbuf = deaf.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            writes = 2 * (max_queued + sndbuf + rcvbuf + (1 << 20)) // 2700
+            writes = 2 * (max_queued + sndbuf + rcvbuf + (1 << 20)) // 2000
             for i in range(writes):
                 writer.write(long_path, str(i))
             assert closed_by_server(deaf.sock)

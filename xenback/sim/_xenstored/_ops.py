@@ -56,7 +56,7 @@ class Quota:
     nodes = 1000  # nodes a domain may own
     watches = 128  # watches per domain
     transactions = 10  # open transactions per domain
-    node_size = 2048  # bytes of one node record (see _tree.node_size)
+    node_size = 2048  # a node record must be smaller (see _tree.node_size)
     perms = 5  # permission entries per node
     transaction_nodes = 1024  # nodes one transaction may touch
 
@@ -184,9 +184,7 @@ class Dispatcher:
     # --- node access with cxenstored's permission rules ---------------------
 
     def _path(self, conn: Connection, raw: str, special_ok: bool = False) -> str:
-        return canonicalize(
-            raw, conn.home, special_ok=special_ok, limit_rel=not conn.domain.privileged
-        )
+        return canonicalize(raw, conn.home, special_ok=special_ok)
 
     def _may(self, conn: Connection, node: Node, want: int) -> bool:
         domain = conn.domain
@@ -220,7 +218,7 @@ class Dispatcher:
         return node
 
     def _check_size(self, conn: Connection, node: Node) -> None:
-        if not conn.domain.privileged and node_size(node) > self.quota.node_size:
+        if not conn.domain.privileged and node_size(node) >= self.quota.node_size:
             raise XsError("ENOSPC", "node too big")
 
     def _create(self, conn: Connection, view: View, path: str, value: bytes) -> Node:

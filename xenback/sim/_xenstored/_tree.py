@@ -94,13 +94,13 @@ class Node:
 
 
 def node_size(node: Node) -> int:
-    """Size cxenstored charges against the node-size quota.
+    """Size Xen 4.17's cxenstored checks against the node-size quota.
 
-    A 16-byte header, 8 bytes per permission, the value and the NUL-terminated
-    child names: what cxenstored stores in its database.
+    The record it stores in its database: a 24-byte header, 8 bytes per
+    permission, the value and the NUL-terminated child names.
     """
     childlen = sum(len(c) + 1 for c in node.children)
-    return 16 + 8 * len(node.perms) + len(node.value) + childlen
+    return 24 + 8 * len(node.perms) + len(node.value) + childlen
 
 
 # --- paths -----------------------------------------------------------------
@@ -110,17 +110,15 @@ def domain_path(domid: int) -> str:
     return f"/local/domain/{domid}"
 
 
-def canonicalize(
-    raw: str, home: str, *, special_ok: bool = False, limit_rel: bool = False
-) -> str:
+def canonicalize(raw: str, home: str, *, special_ok: bool = False) -> str:
     """Absolute canonical form of a path received from a client.
 
     ``home`` is the connection's domain path; relative paths resolve below
-    it (for dom0 as well: test-xenstore relies on that).  No path may be
-    longer than XENSTORE_ABS_PATH_MAX (docs/misc/xenstore.txt).  Special paths
-    (``@introduceDomain``) pass only where ``special_ok``.  With
-    ``limit_rel`` (unprivileged callers) the part below
-    /local/domain/<domid>/ may not exceed XENSTORE_REL_PATH_MAX.
+    it (for dom0 as well: test-xenstore relies on that).  Special paths
+    (``@introduceDomain``) pass only where ``special_ok``.  Length: the
+    part below /local/domain/<domid>/ (or the whole path elsewhere) may not
+    exceed XENSTORE_REL_PATH_MAX, for every caller, as in Xen 4.17's
+    cxenstored; so no path exceeds XENSTORE_ABS_PATH_MAX either.
     Anything else invalid raises EINVAL.
     """
     if not raw or not _valid_path(raw):
@@ -136,11 +134,9 @@ def canonicalize(
         name = f"{home}/{raw}"
     if (name[-1] == "/" and name != "/") or "//" in name:
         raise XsError("EINVAL", f"malformed path {raw[:64]!r}")
-    if len(name) > ABS_PATH_MAX:
-        raise XsError("EINVAL", "path too long")
-    if limit_rel:
+    if len(name) > REL_PATH_MAX:
         m = _local_prefix(name)
-        if len(name) - (m.end() if m else 0) > REL_PATH_MAX:
+        if len(name) - (m.end() if m else 0) > REL_PATH_MAX or len(name) > ABS_PATH_MAX:
             raise XsError("EINVAL", "path too long")
     return name
 
