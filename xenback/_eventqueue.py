@@ -18,8 +18,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from workqueue import Work, current_work
+
 if TYPE_CHECKING:
-    from workqueue import Work, Workqueue
+    from workqueue import Workqueue
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +37,6 @@ class EventQueue:
     """
 
     def __init__(self, workqueue: Workqueue, name: str = "") -> None:
-        from workqueue import Work
-
         self.name = name
         self._workqueue = workqueue
         # _lock guards _calls and _closed; it is never held while a call runs.
@@ -74,8 +74,6 @@ class EventQueue:
 
     def in_queue(self) -> bool:
         """True when called from one of this queue's calls."""
-        from workqueue import current_work
-
         return current_work() is self._work
 
     def flush(self) -> None:

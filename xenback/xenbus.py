@@ -50,6 +50,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from workqueue import WQ_UNBOUND, alloc_workqueue
 from xenback._eventqueue import EventQueue
 from xenback.events import EventDispatcher, PortCallback
 from xenback.xenstore import Transaction, Watch, XenStore
@@ -409,23 +410,35 @@ class BackendDriver:
 
     def start(self) -> None:
         """Connect to XenStore and start serving devices."""
+        if self._xs is not None:
+            raise RuntimeError(f"{type(self).__name__} is already started")
         if self._own_workqueue:
-            from workqueue import WQ_UNBOUND, alloc_workqueue
-
             self._workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
-        self._xs = XenStore.connect_to(self.platform)
+        try:
+            self._xs = XenStore.connect_to(self.platform)
+        except BaseException:
+            if self._own_workqueue and self._workqueue is not None:
+                self._workqueue.destroy()
+                self._workqueue = None
+            raise
+        with self._lock:
+            self._stopping = False
         self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus")
-        self._watches.append(
-            self._xs.watch(self.backend_root, self._backend_event, events=self._bus)
-        )
         try:
             self._watches.append(
-                self._xs.watch("@releaseDomain", self._release_domain, events=self._bus)
+                self._xs.watch(self.backend_root, self._backend_event, events=self._bus)
             )
-        except PermissionError:
-            # A driver domain may not be allowed to watch it; frontend
-            # directories vanishing still tell us, only later.
-            logger.warning("cannot watch @releaseDomain: relying on frontend removal")
+            try:
+                self._watches.append(
+                    self._xs.watch("@releaseDomain", self._release_domain, events=self._bus)
+                )
+            except PermissionError:
+                # A driver domain may not be allowed to watch it; frontend
+                # directories vanishing still tell us, only later.
+                logger.warning("cannot watch @releaseDomain: relying on frontend removal")
+        except BaseException:
+            self.stop()
+            raise
         logger.info("%s backend serving %s", self.device_type, self.backend_root)
 
     def stop(self) -> None:
