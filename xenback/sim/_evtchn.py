@@ -206,7 +206,10 @@ class EventChannel:
                 if port is not None:
                     # Clear the pending bit.  Anything written after this
                     # read is reported again when the port is unmasked.
-                    while len(os.read(fd, 4096)) == 4096:
+                    try:
+                        while len(os.read(fd, 4096)) == 4096:
+                            pass
+                    except BlockingIOError:
                         pass
                     return port
             if not self._conn.drain():

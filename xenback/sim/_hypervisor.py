@@ -370,9 +370,10 @@ class Hypervisor:
         try:
             send_message(conn.sock, msg, fds or (), socket.MSG_DONTWAIT)
         except OSError as e:
-            logger.warning(
-                "hypervisor: dropping a handle of domain %d: %s", conn.domain.domid, e
-            )
+            # A handle that does not take its messages is dropped; one that
+            # is already gone (EPIPE) just has not been reaped yet.
+            log = logger.warning if isinstance(e, BlockingIOError) else logger.debug
+            log("hypervisor: dropping a handle of domain %d: %s", conn.domain.domid, e)
             conn.closed = True
             self._doomed.append(conn)
 

@@ -1,0 +1,37 @@
+"""Helpers shared by the simulated-host tests (tests/sim/test_{host,grants,evtchn,...}.py)."""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Callable
+
+from xenback.sim import EventChannel
+
+
+def readable(ch: EventChannel, timeout: float) -> bool:
+    r, _, _ = select.select([ch], [], [], timeout)
+    return bool(r)
+
+
+def wait_pending(ch: EventChannel, timeout: float = 5.0) -> int:
+    """The next fired port; fails after ``timeout`` seconds without one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        port = ch.pending()
+        if port is not None:
+            return port
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "no event"
+        readable(ch, remaining)
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Wait for a condition the service reaches asynchronously (it has no
+    completion event to wait on), polling until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

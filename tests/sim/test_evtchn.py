@@ -1,0 +1,251 @@
+"""Event channels of the simulated host: libxenevtchn's semantics."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterator
+
+import pytest
+from hosthelpers import eventually, readable, wait_pending
+
+from xenback.platform import EventChannel as EventChannelProtocol
+from xenback.platform import EventChannelError
+from xenback.sim import Domain, EventChannel, SimHost
+
+
+@pytest.fixture
+def host() -> Iterator[SimHost]:
+    with SimHost() as host:
+        yield host
+
+
+@pytest.fixture
+def guest(host: SimHost) -> Domain:
+    return host.create_domain("guest")
+
+
+@pytest.fixture
+def pair(host: SimHost, guest: Domain) -> Iterator[tuple[EventChannel, int, EventChannel, int]]:
+    """(dom0 handle, dom0 port, guest handle, guest port), connected."""
+    e0, e1 = host.dom0.evtchn(), guest.evtchn()
+    p1 = e1.bind_unbound_port(0)
+    p0 = e0.bind_interdomain(guest.domid, p1)
+    yield e0, p0, e1, p1
+    e0.close()
+    e1.close()
+
+
+def test_handle_implements_the_protocol(host: SimHost) -> None:
+    with host.dom0.evtchn() as ch:
+        assert isinstance(ch, EventChannelProtocol)
+
+
+def test_bind_reports_the_peer(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
+    e0, p0, e1, p1 = pair
+    assert e0.remote(p0) == (1, p1)
+    assert e1.remote(p1) == (0, p0)
+    assert e0.ports() == [p0] and e1.ports() == [p1]
+
+
+def test_notify_wakes_the_peer_both_ways(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
+    e0, p0, e1, p1 = pair
+    assert e0.pending() is None and not readable(e0, 0)
+    e1.notify(p1)
+    assert wait_pending(e0) == p0
+    assert e0.pending() is None
+    e0.notify(p0)
+    assert wait_pending(e1) == p1
+
+
+def test_port_stays_masked_until_unmask_and_remembers(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    e0, p0, e1, p1 = pair
+    e1.notify(p1)
+    assert e0.pending() == p0
+    for _ in range(3):
+        e1.notify(p1)
+    # Masked: nothing delivered, the fd is quiet.
+    assert not readable(e0, 0.05)
+    assert e0.pending() is None
+    e0.unmask(p0)
+    # The notifications that came while masked are delivered once.
+    assert wait_pending(e0) == p0
+    e0.unmask(p0)
+    assert not readable(e0, 0.05)
+    assert e0.pending() is None
+
+
+def test_unmask_without_notification_stays_quiet(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    e0, p0, e1, p1 = pair
+    e0.unmask(p0)
+    e0.unmask(p0)
+    assert e0.pending() is None
+
+
+def test_storm_while_masked_is_one_event(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
+    e0, p0, e1, p1 = pair
+    e1.notify(p1)
+    assert e0.pending() == p0
+    for _ in range(100_000):  # far more than a pipe holds: never blocks
+        e1.notify(p1)
+    e0.unmask(p0)
+    assert e0.pending() == p0
+    e0.unmask(p0)
+    assert e0.pending() is None
+
+
+def test_several_ports_on_one_handle(host: SimHost, guest: Domain) -> None:
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        remote = [e1.bind_unbound_port(0) for _ in range(4)]
+        local = [e0.bind_interdomain(guest.domid, p) for p in remote]
+        assert len(set(local)) == 4
+        for p in remote:
+            e1.notify(p)
+        fired = set()
+        while (port := e0.pending()) is not None:
+            fired.add(port)
+        assert fired == set(local)
+
+
+def test_loopback_within_one_domain(host: SimHost) -> None:
+    with host.dom0.evtchn() as a, host.dom0.evtchn() as b:
+        pa = a.bind_unbound_port(0)
+        pb = b.bind_interdomain(0, pa)
+        b.notify(pb)
+        assert wait_pending(a) == pa
+
+
+def test_notify_on_unbound_port_is_a_noop(host: SimHost, guest: Domain) -> None:
+    with guest.evtchn() as e1:
+        port = e1.bind_unbound_port(0)
+        e1.notify(port)
+        assert e1.remote(port) is None
+        assert e1.pending() is None
+
+
+def test_unbind_is_seen_by_the_peer(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
+    e0, p0, e1, p1 = pair
+    e0.unbind(p0)
+    # The peer's port fires and becomes unbound; notifying it is a no-op.
+    assert wait_pending(e1) == p1
+    assert e1.remote(p1) is None
+    e1.notify(p1)
+    with pytest.raises(EventChannelError) as info:
+        e0.notify(p0)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_peer_may_bind_again_after_unbind(
+    pair: tuple[EventChannel, int, EventChannel, int], guest: Domain
+) -> None:
+    e0, p0, e1, p1 = pair
+    e0.unbind(p0)
+    p0 = e0.bind_interdomain(guest.domid, p1)
+    e1.unmask(p1)
+    e0.notify(p0)
+    assert readable(e1, 5)
+    assert e1.remote(p1) == (0, p0)
+
+
+def test_close_is_seen_by_the_peer(host: SimHost, guest: Domain) -> None:
+    e0, e1 = host.dom0.evtchn(), guest.evtchn()
+    p1 = e1.bind_unbound_port(0)
+    e0.bind_interdomain(guest.domid, p1)
+    e0.close()
+    assert wait_pending(e1) == p1
+    assert e1.remote(p1) is None
+    e1.close()
+    assert eventually(lambda: host.hypervisor.stats()["ports"] == 0)
+
+
+def test_notify_from_another_thread(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
+    e0, p0, e1, p1 = pair
+    got = []
+
+    def waiter() -> None:
+        for _ in range(100):
+            got.append(wait_pending(e0))
+            e0.unmask(p0)
+            e0.notify(p0)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    for _ in range(100):
+        e1.notify(p1)
+        assert wait_pending(e1) == p1
+        e1.unmask(p1)
+    t.join(5)
+    assert got == [p0] * 100
+
+
+@pytest.mark.parametrize(
+    "call, err",
+    [
+        (lambda ch: ch.notify(99), errno.EINVAL),
+        (lambda ch: ch.unmask(99), errno.EINVAL),
+        (lambda ch: ch.unbind(99), errno.EINVAL),
+        (lambda ch: ch.unbind(0), errno.EINVAL),
+        (lambda ch: ch.bind_unbound_port(-1), errno.EINVAL),
+        (lambda ch: ch.bind_unbound_port("0"), errno.EINVAL),
+        (lambda ch: ch.bind_unbound_port(77), errno.ESRCH),
+        (lambda ch: ch.bind_interdomain(77, 1), errno.ESRCH),
+        (lambda ch: ch.bind_interdomain(0, 1 << 20), errno.EINVAL),
+        (lambda ch: ch.bind_interdomain(0, 5), errno.EINVAL),
+    ],
+)
+def test_bad_requests_get_errno(host: SimHost, call, err: int) -> None:  # type: ignore[no-untyped-def]
+    with host.dom0.evtchn() as ch:
+        with pytest.raises(EventChannelError) as info:
+            call(ch)
+        assert info.value.errno == err
+        # The handle still works afterwards.
+        assert ch.bind_unbound_port(0) >= 1
+
+
+def test_only_the_named_domain_may_bind(host: SimHost, guest: Domain) -> None:
+    other = host.create_domain("other")
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1, other.evtchn() as e2:
+        port = e1.bind_unbound_port(0)  # for dom0, not for "other"
+        with pytest.raises(EventChannelError) as info:
+            e2.bind_interdomain(guest.domid, port)
+        assert info.value.errno == errno.EINVAL
+        e0.bind_interdomain(guest.domid, port)
+        with pytest.raises(EventChannelError):  # already bound
+            e0.bind_interdomain(guest.domid, port)
+
+
+def test_ports_belong_to_their_handle(host: SimHost, guest: Domain) -> None:
+    with guest.evtchn() as a, guest.evtchn() as b:
+        port = a.bind_unbound_port(0)
+        for call in (b.notify, b.unmask, b.unbind):
+            with pytest.raises(EventChannelError):
+                call(port)
+
+
+def test_domain_death_unbinds_its_ports(host: SimHost) -> None:
+    guest = host.create_domain("doomed")
+    e1 = guest.evtchn()
+    with host.dom0.evtchn() as e0:
+        p0 = e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
+        host.destroy_domain(guest)
+        assert wait_pending(e0) == p0
+        assert e0.remote(p0) is None
+        e0.notify(p0)  # a no-op, as in Xen
+        with pytest.raises(EventChannelError) as info:
+            e1.bind_unbound_port(0)
+        assert info.value.errno == errno.ENODEV
+    e1.close()
+
+
+def test_closed_handle_refuses_work(host: SimHost) -> None:
+    ch = host.dom0.evtchn()
+    ch.close()
+    ch.close()
+    for call in (ch.fileno, ch.pending, lambda: ch.bind_unbound_port(0)):
+        with pytest.raises(EventChannelError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
