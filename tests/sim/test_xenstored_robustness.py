@@ -191,13 +191,16 @@ def packets(draw: st.DrawFn) -> bytes:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(stream=st.lists(packets(), min_size=1, max_size=6))
+@given(stream=st.lists(packets(), min_size=1, max_size=6), as_guest=st.booleans())
 def test_fuzzed_packets_never_hurt_other_clients(
-    shared_xsd: XenStored, stream: list[bytes]
+    shared_xsd: XenStored, stream: list[bytes], as_guest: bool
 ) -> None:
     xsd = shared_xsd
+    # The attacker is dom0 or an unprivileged guest (re-introduced if an
+    # earlier example released it).
+    target = xsd.introduce_domain(7) if as_guest else xsd.path
     with RawClient(xsd.path) as good, socket.socket(socket.AF_UNIX) as bad:
-        bad.connect(str(xsd.path))
+        bad.connect(str(target))
         try:
             bad.sendall(b"".join(stream))
         except (BrokenPipeError, ConnectionResetError):
