@@ -425,3 +425,9 @@ def test_lifecycle() -> None:
         assert not server.path.exists() and not guest_socket.exists()
         with pytest.raises(RuntimeError):
             server.introduce_domain(2)
+
+
+def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:
+    run_dir = tmp_path / ("d" * 100)
+    with pytest.raises(OSError, match="cannot listen on .*ddd"):
+        XenStored(run_dir).start()

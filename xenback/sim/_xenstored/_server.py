@@ -275,6 +275,10 @@ class XenStored:
             sock.bind(os.fspath(path))
             sock.listen(64)
             sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            # Name the path: "AF_UNIX path too long" alone does not say which.
+            raise OSError(e.errno, f"cannot listen on {path}: {e.strerror or e}") from e
         except BaseException:
             sock.close()
             raise
