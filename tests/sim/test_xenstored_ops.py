@@ -185,6 +185,15 @@ def test_directory_part_generation_changes_with_children(dom0: RawClient) -> Non
     dom0.write("/g/a", "value only")  # not a change of /g
     third = dom0.request(Op.DIRECTORY_PART, b"/g\0" b"0\0")
     assert third.split(b"\0")[0] == second.split(b"\0")[0]
+    # inside a transaction too
+    tx = dom0.transaction_start()
+    in_tx = dom0.request(Op.DIRECTORY_PART, b"/g\0" b"0\0", tx)
+    assert in_tx == third
+    dom0.write("/g/c", "", tx)
+    changed = dom0.request(Op.DIRECTORY_PART, b"/g\0" b"0\0", tx)
+    assert changed.split(b"\0")[0] != in_tx.split(b"\0")[0]
+    assert changed.split(b"\0")[1:] == [b"a", b"b", b"c", b"", b""]
+    dom0.transaction_end(tx, commit=False)
 
 
 # --- permissions ------------------------------------------------------------------

@@ -62,6 +62,10 @@ class Transaction:
         elif old.owner != node.owner:
             delta[old.owner] -= 1
             delta[node.owner] += 1
+        # A generation of its own (from the global counter, so unique) lets
+        # DIRECTORY_PART inside the transaction see changes made in it.
+        self.store.generation += 1
+        node.generation = self.store.generation
         self.view[path] = node
         self.changed[path] = None
 
