@@ -1,0 +1,176 @@
+"""The simulated host: domains, their XenStore homes, lifecycle and teardown."""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pyxs
+from hosthelpers import wait_pending
+
+from xenback.platform import Platform
+from xenback.sim import Domain, SimHost, attach
+
+
+@pytest.fixture
+def host() -> Iterator[SimHost]:
+    with SimHost() as host:
+        yield host
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def test_dom0_and_guests(host: SimHost) -> None:
+    assert host.dom0.domid == 0 and host.dom0.name == "Domain-0"
+    assert host.xenstore_path == host.run_dir / "xenstored" / "socket"
+    assert host.xenstore_path.exists()
+    a, b = host.create_domain("a"), host.create_domain("b")
+    assert (a.domid, b.domid) == (1, 2)
+    assert a.path == "/local/domain/1"
+    assert host.domains() == [host.dom0, a, b]
+    assert host.domain(2) is b
+    for domain in host.domains():
+        assert isinstance(domain, Platform)
+
+
+def test_domain_home_as_a_toolstack_writes_it(host: SimHost) -> None:
+    guest = host.create_domain("guest")
+    with host.dom0.xenstore() as c:
+        assert c.read(b"/local/domain/1/name") == b"guest"
+        assert c.read(b"/local/domain/1/domid") == b"1"
+        assert c.get_perms(b"/local/domain/1") == [b"n1"]
+        assert c.get_perms(b"/local/domain/1/name") == [b"n0", b"r1"]
+        assert {b"device", b"control", b"data"} <= set(c.list(b"/local/domain/1"))
+        assert c.read(b"/local/domain/0/name") == b"Domain-0"
+    with guest.xenstore() as c:
+        # Relative paths are the guest's home; it owns it, but not its name.
+        assert c.read(b"name") == b"guest"
+        c.write(b"data/x", b"1")
+        assert c.read(b"/local/domain/1/data/x") == b"1"
+        with pytest.raises(pyxs.PyXSError) as info:
+            c.write(b"name", b"evil")
+        assert info.value.args[0] == errno.EACCES
+        with pytest.raises(pyxs.PyXSError) as info:
+            c.read(b"/local/domain/0/name")
+        assert info.value.args[0] == errno.EACCES
+
+
+def test_introduce_and_release_fire(host: SimHost) -> None:
+    with host.dom0.xenstore() as c:
+        monitor = c.monitor()
+        events: queue.Queue[tuple[bytes, bytes]] = monitor.events
+        monitor.watch(b"@introduceDomain", b"intro")
+        monitor.watch(b"@releaseDomain", b"release")
+        # The immediate first event of each watch.
+        assert {events.get(timeout=5)[1], events.get(timeout=5)[1]} == {b"intro", b"release"}
+        guest = host.create_domain("guest")
+        assert events.get(timeout=5) == (b"@introduceDomain", b"intro")
+        with guest.xenstore() as gc:
+            assert gc.read(b"name") == b"guest"
+        host.destroy_domain(guest)
+        assert events.get(timeout=5) == (b"@releaseDomain", b"release")
+        assert not c.exists(b"/local/domain/1")
+        assert not c.is_domain_introduced(1)
+
+
+def test_destroy_closes_what_the_domain_held(host: SimHost) -> None:
+    guest = host.create_domain("guest")
+    e1, shr = guest.evtchn(), guest.gntshr()
+    with host.dom0.evtchn() as e0, host.dom0.gnttab() as tab:
+        p0 = e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
+        pages = shr.share_pages(0, 1)
+        mapping = tab.map_grant_refs(guest.domid, pages.refs)
+        host.destroy_domain(guest)
+        assert wait_pending(e0) == p0 and e0.remote(p0) is None
+        assert host.hypervisor.stats()["grants"] == 1  # mapped: revoked once unmapped
+        mapping.unmap()
+        # dom0's port stays bound, waiting for the guest again (as in Xen).
+        assert host.hypervisor.stats() == {
+            "domains": 1, "connections": 2, "ports": 1, "grants": 0,
+        }
+    e1.close()
+    shr.close()
+    assert host.domains() == [host.dom0]
+    assert not (host.run_dir / "domains" / "1").exists()
+
+
+def test_domain_ids_are_not_reused(host: SimHost) -> None:
+    a = host.create_domain("a")
+    host.destroy_domain(a)
+    assert host.create_domain("a").domid == 2
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "x" * 65, "tab\there", 5])
+def test_bad_names_are_refused(host: SimHost, name: str) -> None:
+    with pytest.raises(ValueError):
+        host.create_domain(name)
+
+
+def test_duplicate_names_and_bad_destroys(host: SimHost) -> None:
+    host.create_domain("a")
+    with pytest.raises(ValueError, match="exists"):
+        host.create_domain("a")
+    with pytest.raises(ValueError):
+        host.destroy_domain(host.dom0)
+    with pytest.raises(LookupError):
+        host.destroy_domain(42)
+
+
+def test_attach_joins_a_running_host(host: SimHost) -> None:
+    guest = host.create_domain("guest")
+    joined = attach(host.run_dir, guest.domid)
+    assert joined == guest
+    assert (joined.name, joined.xenstore_path) == ("guest", guest.xenstore_path)
+    assert attach(host.run_dir, 0).xenstore_path == host.xenstore_path
+    with pytest.raises(OSError, match="no domain 7"):
+        attach(host.run_dir, 7)
+
+
+def test_stopped_host_refuses_work() -> None:
+    host = SimHost()
+    host.start()
+    host.close()
+    host.close()
+    with pytest.raises(RuntimeError):
+        host.create_domain("late")
+
+
+def test_nothing_leaks(tmp_path: Path) -> None:
+    threads, fds = set(threading.enumerate()), open_fds()
+    with SimHost() as host:
+        run_dir = host.run_dir
+        guest = host.create_domain("guest")
+        with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+            with guest.evtchn() as e1, host.dom0.evtchn() as e0:
+                e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
+                tab.map_grant_refs(guest.domid, shr.share_pages(0, 2).refs)
+                with guest.xenstore() as c:
+                    c.write(b"data/k", b"v")
+        host.toolstack.add_device("vif", guest.domid)
+        host.create_domain("left-running")
+    assert not run_dir.exists()
+    assert set(threading.enumerate()) == threads
+    assert open_fds() == fds
+
+
+def test_caller_run_dir_is_left_clean(tmp_path: Path) -> None:
+    with SimHost(tmp_path / "run") as host:
+        host.create_domain("guest")
+        assert (tmp_path / "run" / "domains" / "1" / "hypervisor").exists()
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_domain_handles_are_independent(host: SimHost) -> None:
+    guest: Domain = host.create_domain("guest")
+    a, b = guest.evtchn(), guest.evtchn()
+    assert a.fileno() != b.fileno()
+    a.close()
+    assert b.bind_unbound_port(0) >= 1
+    b.close()

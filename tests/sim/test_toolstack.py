@@ -1,0 +1,165 @@
+"""The toolstack: devices added and removed with exactly libxl's nodes."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import pyxs
+
+from xenback.sim import Device, Domain, SimHost
+
+
+@pytest.fixture
+def host() -> Iterator[SimHost]:
+    with SimHost() as host:
+        yield host
+
+
+@pytest.fixture
+def guest(host: SimHost) -> Domain:
+    return host.create_domain("guest")
+
+
+def tree(c: pyxs.Client, path: str) -> dict[str, str]:
+    out = {}
+    for node, value, _ in c.walk(path.encode()):
+        out[node.decode()[len(path) :] or "."] = value.decode()
+    return out
+
+
+def test_add_writes_exactly_libxls_nodes(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device(
+        "pvcalls", guest.domid, backend_nodes={"extra": "1"}, frontend_nodes={"hint": "x"}
+    )
+    assert dev == Device("pvcalls", 1, 0, 0)
+    assert dev.backend_path == "/local/domain/0/backend/pvcalls/1/0"
+    assert dev.frontend_path == "/local/domain/1/device/pvcalls/0"
+    with host.dom0.xenstore() as c:
+        assert tree(c, dev.backend_path) == {
+            ".": "",
+            "/frontend": dev.frontend_path,
+            "/frontend-id": "1",
+            "/online": "1",
+            "/state": "1",
+            "/extra": "1",
+        }
+        assert tree(c, dev.frontend_path) == {
+            ".": "",
+            "/backend": dev.backend_path,
+            "/backend-id": "0",
+            "/state": "1",
+            "/hint": "x",
+        }
+        assert c.get_perms(dev.backend_path.encode()) == [b"n0", b"r1"]
+        assert c.get_perms(dev.backend_path.encode() + b"/state") == [b"n0", b"r1"]
+        assert c.get_perms(dev.frontend_path.encode()) == [b"n1", b"r0"]
+        assert c.get_perms(dev.frontend_path.encode() + b"/state") == [b"n1", b"r0"]
+        assert tree(c, dev.libxl_path) == {
+            ".": "",
+            "/frontend": dev.frontend_path,
+            "/backend": dev.backend_path,
+        }
+    assert host.toolstack.devices() == [dev]
+
+
+def test_each_side_reads_the_other_and_writes_only_its_own(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid, devid=3)
+    with guest.xenstore() as c:
+        assert c.read(dev.backend_path.encode() + b"/state") == b"1"
+        c.write(dev.frontend_path.encode() + b"/state", b"3")
+        with pytest.raises(pyxs.PyXSError) as info:
+            c.write(dev.backend_path.encode() + b"/state", b"4")
+        assert info.value.args[0] == errno.EACCES
+
+
+def test_driver_domain_backend(host: SimHost, guest: Domain) -> None:
+    driver = host.create_domain("driver")
+    dev = host.toolstack.add_device("pvcalls", guest.domid, backend_id=driver.domid)
+    assert dev.backend_path == f"/local/domain/{driver.domid}/backend/pvcalls/1/0"
+    with driver.xenstore() as c:
+        c.write(dev.backend_path.encode() + b"/state", b"2")
+        assert c.read(dev.frontend_path.encode() + b"/backend-id") == str(driver.domid).encode()
+
+
+def backend_that_closes(host: SimHost, dev: Device, seen: list[bytes]) -> threading.Thread:
+    """A minimal backend: answers Closing with Closed, recording ``online``."""
+    client = host.dom0.xenstore()
+    client.connect()
+    monitor = client.monitor()
+    state = dev.backend_path.encode() + b"/state"
+    monitor.watch(state, b"t")
+
+    def run() -> None:
+        try:
+            while True:
+                monitor.events.get(timeout=10)
+                if client.read(state) == b"5":
+                    seen.append(client.read(dev.backend_path.encode() + b"/online"))
+                    client.write(state, b"6")
+                    return
+        finally:
+            client.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_remove_the_libxl_way(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    seen: list[bytes] = []
+    backend = backend_that_closes(host, dev, seen)
+    assert host.toolstack.remove_device(dev) is True
+    backend.join(5)
+    assert seen == [b"0"]  # online=0 was written with Closing
+    with host.dom0.xenstore() as c:
+        for path in (dev.backend_path, dev.frontend_path, dev.libxl_path):
+            assert not c.exists(path.encode())
+    assert host.toolstack.devices() == []
+
+
+def test_remove_forces_after_the_timeout(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    start = time.monotonic()
+    assert host.toolstack.remove_device(dev, timeout=0.3) is False
+    assert time.monotonic() - start >= 0.3
+    with host.dom0.xenstore() as c:
+        assert not c.exists(dev.backend_path.encode())
+        assert not c.exists(dev.frontend_path.encode())
+
+
+def test_remove_of_a_closed_backend_does_not_wait(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    with host.dom0.xenstore() as c:
+        c.write(dev.backend_path.encode() + b"/state", b"6")
+    assert host.toolstack.remove_device(dev, timeout=30) is True
+
+
+def test_destroying_a_domain_removes_its_devices(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    other = host.toolstack.add_device("vif", host.create_domain("other").domid)
+    host.destroy_domain(guest)
+    with host.dom0.xenstore() as c:
+        assert not c.exists(dev.backend_path.encode())
+    assert host.toolstack.devices() == [other]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("", 1), ("a/b", 1), ("vif", -1), ("vif", 1, "0"), ("vif", 1, 0, -2)],
+)
+def test_bad_devices_are_refused(host: SimHost, args: tuple) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError):
+        host.toolstack.add_device(*args)
+    with pytest.raises(ValueError):
+        host.toolstack.add_device("vif", 1, backend_nodes={"a/b": "x"})
+
+
+def test_domain_toolstack_acts_as_dom0(host: SimHost, guest: Domain) -> None:
+    with guest.toolstack as ts:
+        dev = ts.add_device("console", guest.domid)
+        assert ts.remove_device(dev, timeout=0.1) is False
