@@ -1,0 +1,104 @@
+"""``xenback-sim``: the simulated host as a daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pyxs
+from hosthelpers import wait_pending
+
+from xenback.sim import attach
+
+
+def start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(run_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, list[str]]]:
+    """A daemon with one guest: (process, run dir, its first output lines)."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "--domain", "guest")
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
+    try:
+        yield proc, run_dir, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_prints_the_socket_then_the_domains(
+    daemon: tuple[subprocess.Popen[str], Path, list[str]],
+) -> None:
+    _, run_dir, lines = daemon
+    assert lines == [f"XENSTORED_PATH={run_dir / 'xenstored' / 'socket'}", "DOMAIN guest 1"]
+
+
+def test_clients_find_it_by_path_and_by_rundir(
+    daemon: tuple[subprocess.Popen[str], Path, list[str]],
+) -> None:
+    _, run_dir, lines = daemon
+    path = lines[0].split("=", 1)[1]
+    with pyxs.Client(unix_socket_path=path) as c:
+        assert c.read(b"/local/domain/1/name") == b"guest"
+    if shutil.which("xenstore-read") is None:
+        pytest.skip("xenstore-utils is not installed")
+    for env in ({"XENSTORED_PATH": path}, {"XENSTORED_RUNDIR": str(run_dir / "xenstored")}):
+        out = subprocess.run(
+            ["xenstore-read", "/local/domain/1/name"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert out.stdout.strip() == "guest", (env, out.stderr)
+
+
+def test_processes_join_through_the_run_dir(
+    daemon: tuple[subprocess.Popen[str], Path, list[str]],
+) -> None:
+    _, run_dir, _ = daemon
+    dom0, guest = attach(run_dir, 0), attach(run_dir, 1)
+    with guest.gntshr() as shr, dom0.gnttab() as tab:
+        pages = shr.share_pages(0, 1)
+        pages.buffer[0:3] = b"abc"
+        with tab.map_grant_refs(1, pages.refs) as mapping:
+            assert bytes(mapping.buffer[0:3]) == b"abc"
+    with guest.evtchn() as e1, dom0.evtchn() as e0:
+        p0 = e0.bind_interdomain(1, e1.bind_unbound_port(0))
+        e1.notify(e1.ports()[0])
+        assert wait_pending(e0) == p0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_closes_everything_and_exits_0(
+    daemon: tuple[subprocess.Popen[str], Path, list[str]], sig: signal.Signals
+) -> None:
+    proc, run_dir, _ = daemon
+    proc.send_signal(sig)
+    assert proc.wait(10) == 0
+    leftovers = [p for p in run_dir.rglob("*") if not p.is_dir()]
+    assert leftovers == []
+
+
+def test_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = start(not_a_dir)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 1
+    assert "cannot start" in err
