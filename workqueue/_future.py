@@ -162,8 +162,12 @@ def _run_call(work: CallWork) -> None:
         future._finish(None, exc)
     else:
         future._finish(result, None)
-    # Like ThreadPoolExecutor, drop the references once done.
-    work.fn = work.args = work.kwargs = None  # type: ignore[assignment]
+    # Drop what the call no longer needs, and break the work <-> future
+    # cycle (the future keeps its work for cancel()), so that a finished
+    # call is freed by reference counting, not by the cyclic collector.  The
+    # del also clears this frame, which a raised exception's traceback keeps.
+    work.future = work.fn = work.args = work.kwargs = None  # type: ignore[assignment]
+    del work, future
 
 
 def cancel_pending_futures(wq: Workqueue) -> int:

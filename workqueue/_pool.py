@@ -546,13 +546,26 @@ def _worker_run(worker: Worker, pool: WorkerPool) -> None:
         create_worker(pool)  # keep one in reserve (may_start_working)
     clr_flags(worker, WORKER_PREP)
     worklist = pool.worklist
-    while True:
-        work = worklist.pop()
-        if work is None:
-            break
-        assign_work(worker, work)
+    scheduled = worker.scheduled
+    while worklist.nr:
+        if worklist.dead:
+            work = worklist.pop()
+            assert work is not None
+        else:  # worklist.pop(), inlined: the hot path
+            work = worklist.items.popleft()
+            worklist.nr -= 1
+        # assign_work(), inlined
+        collision = work._worker
+        if collision is not None:
+            collision.scheduled.push(work)
+        else:
+            process_one_work(worker, work)
+            while scheduled.nr:
+                next_work = scheduled.pop()
+                assert next_work is not None
+                process_one_work(worker, next_work)
         # keep_working: one running item per CPU, unless it blocks.
-        if not worklist.nr or pool.nr_running > 1:
+        if pool.nr_running > 1:
             break
     set_flags(worker, WORKER_PREP)
 
@@ -664,7 +677,10 @@ def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
         if wq._trace_hooks:
             wq._trace("activate", work, pwq.pool)
         pool = pwq.pool
-        pool.worklist.push(work)
+        worklist = pool.worklist
+        worklist.items.append(work)  # worklist.push(work), inlined: the hot path
+        work._entry = worklist
+        worklist.nr += 1
         if pool.nr_running == 0:
             kick_pool(pool)
         elif pool.tick is None:

@@ -204,7 +204,9 @@ class DelayedWork(Work):
         Returns True if it waited for a pending or running instance.
         """
         with _pool.lock:
-            if self._timer is not None and del_timer(self._timer):
+            if self._timer is not None:
+                # Even if it just fired: its callback will find _timer None.
+                del_timer(self._timer)
                 self._timer = None
                 wq = self._wq
                 assert wq is not None

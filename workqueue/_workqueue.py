@@ -26,7 +26,7 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import Any
+from typing import ParamSpec, TypeVar
 
 from . import _pool
 from ._flags import WQ_DFL_ACTIVE, WQ_MAX_ACTIVE, WQ_ORDERED, WQ_USER_FLAGS, WQFlags
@@ -53,6 +53,9 @@ from ._work import DelayedWork, Work
 __all__ = ["Workqueue", "alloc_workqueue", "alloc_ordered_workqueue", "default_topology"]
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # Workqueue states, in the order a workqueue goes through them.
 _RUNNING, _DRAINING, _DESTROYING, _DESTROYED = range(4)
@@ -544,15 +547,16 @@ class Workqueue(Executor):
 
     # -- the Executor face --------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Run fn(*args, **kwargs) as a work item; return its Future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
         work = CallWork(fn, args, kwargs)
+        future = work.future  # before queueing: a finished call drops it
         self.queue_work(work)
-        return work.future
+        return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work, then destroy the workqueue.

@@ -9,8 +9,24 @@ from typing import Any
 import pytest
 
 from workqueue import DelayedWork, Work
+from workqueue._timer import add_timer
 
 TIMEOUT = 10.0
+
+
+class HeldTimers:
+    """Holds the (single) timer thread in a callback until released, so that
+    a test decides when due timers fire, however loaded the machine is."""
+
+    def __init__(self) -> None:
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        add_timer(0, self._hold)
+        assert self.holding.wait(TIMEOUT)
+
+    def _hold(self, arg: object) -> None:
+        self.holding.set()
+        assert self.release.wait(TIMEOUT)
 
 
 def test_timer_never_fires_early(make_wq: Any) -> None:
@@ -69,9 +85,11 @@ def test_cancel_on_the_timer_and_later_timers_fire_in_order(make_wq: Any) -> Non
     later = threading.Event()
     first = DelayedWork(lambda w: ran.append("first"))
     second = DelayedWork(lambda w: (ran.append("second"), later.set()))
-    assert wq.queue_delayed_work(first, 0.01) is True
-    assert wq.queue_delayed_work(second, 0.03) is True
+    timers = HeldTimers()
+    assert wq.queue_delayed_work(first, 0.001) is True
+    assert wq.queue_delayed_work(second, 0.002) is True
     assert first.cancel() is True
+    timers.release.set()
     assert first.cancel() is False
     assert later.wait(TIMEOUT)
     second.flush()
@@ -138,11 +156,13 @@ def test_timer_firing_during_drain_is_dropped_and_logged(make_wq: Any, log_waite
     assert started.wait(TIMEOUT)
     ran: list[int] = []
     dw = DelayedWork(lambda w: ran.append(1))
-    wq.queue_delayed_work(dw, 0.01)
+    timers = HeldTimers()
+    wq.queue_delayed_work(dw, 0.001)
     drainer = threading.Thread(target=wq.drain)
     drainer.start()
     while wq._state == 0:  # until drain() has started
         drainer.join(0.001)
+    timers.release.set()
     assert logged.seen.wait(TIMEOUT)
     release.set()
     drainer.join(TIMEOUT)
@@ -156,8 +176,10 @@ def test_timer_firing_after_destroy_is_dropped_and_logged(make_wq: Any, log_wait
     logged = log_waiter("workqueue._workqueue", "not run")
     ran: list[int] = []
     dw = DelayedWork(lambda w: ran.append(1))
-    wq.queue_delayed_work(dw, 0.01)
+    timers = HeldTimers()
+    wq.queue_delayed_work(dw, 0.001)
     wq.destroy()
+    timers.release.set()
     assert logged.seen.wait(TIMEOUT)
     assert ran == [] and not dw.pending
     assert "destroyed" in logged.records[0].getMessage()
