@@ -87,6 +87,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float, step: str, what: st
 class Backend(Protocol):
     def stop(self) -> None: ...
 
+    def holdings(self, domid: int) -> dict[str, list[str]]: ...
+
     def leftovers(self, domid: int) -> list[str]: ...
 
 
@@ -252,7 +254,27 @@ class ConsoleFollower:
         return [line.rstrip("\r") for line in complete]
 
 
-def run_guest(args: argparse.Namespace, echo: EchoServer) -> int:
+def check_holding(backend: Backend, domid: int, baseline: dict[str, list[str]]) -> None:
+    """While the guest has a connected socket, the backend must visibly hold
+    more than before the guest connected (``baseline``: xenstored and
+    xenconsoled have event channels to the guest too) in every respect:
+    this shows that the release check at the end looks where these things
+    really are."""
+    held = backend.holdings(domid)
+    if not held:  # a backend that cannot tell (Linux's, the stand-in)
+        return
+    counts = " ".join(
+        f"{what.replace(' ', '-')}={len(baseline.get(what, []))}->{len(items)}"
+        for what, items in held.items()
+    )
+    unseen = [what for what, items in held.items()
+              if len(items) <= len(baseline.get(what, []))]
+    if unseen:
+        raise StepFailed("backend-holding", f"nothing seen in {', '.join(unseen)} ({counts})")
+    step_ok("backend-holding", counts)
+
+
+def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> int:
     """Create the domU, follow its scenario, wait until it is gone.
 
     Returns the domid the guest had."""
@@ -269,6 +291,8 @@ def run_guest(args: argparse.Namespace, echo: EchoServer) -> int:
         [str(XEN_BIN / "xl"), "domid", DOMU_NAME], capture_output=True, text=True, check=True,
     ).stdout)
     step_ok("xl-create", f"dom{domid} {time.monotonic() - t0:.1f}s")
+    # The guest needs seconds to boot before its frontend connects.
+    baseline = backend.holdings(domid)
 
     console = ConsoleFollower(CONSOLE_DIR / f"guest-{DOMU_NAME}.log")
     deadline = time.monotonic() + args.guest_timeout
@@ -283,6 +307,7 @@ def run_guest(args: argparse.Namespace, echo: EchoServer) -> int:
                 if m.group(2) == "FAIL":
                     result = result or f"FAIL {m.group(1)}:{m.group(3)}"
             elif m := re.search(r"PVSHIM LISTENING port=(\d+)", line):
+                check_holding(backend, domid, baseline)
                 client = AcceptClient(int(m.group(1)), args.nbytes, args.step_timeout)
                 client.start()
             elif m := re.search(r"PVSHIM RESULT (PASS|FAIL.*)", line):
@@ -364,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         start_xen_daemons(procs)
         backend = start_backend(args.backend, args.linux_backend)
         echo = EchoServer()
-        domid = run_guest(args, echo)
+        domid = run_guest(args, echo, backend)
         check_released(backend, domid, args.step_timeout)
     except StepFailed as exc:
         failed = exc

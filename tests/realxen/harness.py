@@ -75,7 +75,9 @@ def qemu_command(manifest: dict[str, str], cmdfile: Path) -> list[str]:
     ]
 
 
-def dom0_command(manifest: dict[str, str], backend: str, nbytes: int, python: str) -> list[str]:
+def dom0_command(
+    manifest: dict[str, str], backend: str, nbytes: int, python: str, trace: bool
+) -> list[str]:
     return [
         python, "-u", str(HERE / "dom0.py"),
         "--backend", backend,
@@ -83,7 +85,7 @@ def dom0_command(manifest: dict[str, str], backend: str, nbytes: int, python: st
         "--domu-initrd", manifest["domu_initrd"],
         "--nbytes", str(nbytes),
         "--linux-backend", manifest["linux_backend"],
-    ]
+    ] + (["--trace"] if trace else [])
 
 
 def compile_bytecode(python: str) -> None:
@@ -122,13 +124,14 @@ def boot(
     python: str = sys.executable,
     log: Path | None = None,
     echo: bool = False,
+    trace: bool = False,
 ) -> RunResult:
     """Boot once and return what the console said; never raises on failure."""
     manifest = json.loads((cache / "out/manifest.json").read_text())
     run_dir = cache / "run"
     run_dir.mkdir(exist_ok=True)
     cmdfile = run_dir / f"dom0-cmd-{os.getpid()}"
-    cmdfile.write_text("\n".join(dom0_command(manifest, backend, nbytes, python)) + "\n")
+    cmdfile.write_text("\n".join(dom0_command(manifest, backend, nbytes, python, trace)) + "\n")
     compile_bytecode(python)
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nbytes", type=int, default=1 << 20)
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--echo", action="store_true", help="print the console as it comes")
+    parser.add_argument("--trace", action="store_true",
+                        help="log xenstored's pvcalls trace even when the run passes")
     parser.add_argument("--python", default=str(REPO / ".venv/bin/python"))
     args = parser.parse_args(argv)
     passes = 0
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         result = boot(
             args.cache, backend=args.backend, nbytes=args.nbytes, timeout=args.timeout,
             python=args.python, log=args.cache / "logs" / f"run-{int(time.time())}-{i}.log",
-            echo=args.echo,
+            echo=args.echo, trace=args.trace,
         )
         passes += result.passed
         verdict = "PASS" if result.passed else f"FAIL {result.step}: {result.details}"

@@ -25,6 +25,9 @@ class LinuxBackend:
     def stop(self) -> None:
         pass
 
+    def holdings(self, domid: int) -> dict[str, list[str]]:
+        return {}
+
     def leftovers(self, domid: int) -> list[str]:
         # What the kernel module holds is not visible from here.
         return []

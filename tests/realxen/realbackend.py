@@ -40,23 +40,22 @@ class RealBackend:
     def describe(self) -> str:
         return repr(self.backend)
 
+    def holdings(self, domid: int) -> dict[str, list[str]]:
+        """What dom0 holds for guest ``domid``, seen from each side."""
+        stats = self.backend.stats()
+        return {
+            "frontends": [f"{stats.frontends} frontend(s)"] if stats.frontends else [],
+            "sockets": [f"{s.kind} {s.state} id={s.id:#x}" for s in stats.sockets],
+            "grant mappings": [line for line in Path("/proc/self/maps").read_text().splitlines()
+                               if "gntdev" in line],
+            "event channels": self._ports_towards(domid),
+        }
+
     def leftovers(self, domid: int) -> list[str]:
         """Everything dom0 still holds for guest ``domid``; empty when clean."""
-        left = []
-        stats = self.backend.stats()
-        if stats.frontends:
-            left.append(f"backend still has {stats.frontends} frontend(s)")
-        if stats.sockets:
-            left.append(f"backend still has sockets {[(s.domain, s.kind, s.state) for s in stats.sockets]}")
-        left += self._device_nodes(domid)
-        maps = [line for line in Path("/proc/self/maps").read_text().splitlines()
-                if "gntdev" in line]
-        if maps:
-            left.append(f"{len(maps)} grant mapping(s) still in dom0: {maps[:4]}")
-        ports = self._ports_towards(domid)
-        if ports:
-            left.append(f"{len(ports)} event channel(s) of dom0 still towards dom{domid}: {ports[:4]}")
-        return left
+        left = [f"{len(items)} {what} left: {items[:4]}"
+                for what, items in self.holdings(domid).items() if items]
+        return left + self._device_nodes(domid)
 
     def _device_nodes(self, domid: int) -> list[str]:
         """The device is removed by the toolstack or else must be Closed."""
@@ -76,4 +75,4 @@ class RealBackend:
     def _ports_towards(domid: int) -> list[str]:
         out = subprocess.run([LSEVTCHN, "0"], capture_output=True, text=True).stdout
         return [line.strip() for line in out.splitlines()
-                if re.search(rf"\bdom={domid}\b", line)]
+                if re.search(rf"Remote Domain {domid}\b", line)]

@@ -41,6 +41,9 @@ class StandinBackend:
         self._stop.set()
         self._client.close()
 
+    def holdings(self, domid: int) -> dict[str, list[str]]:
+        return {}
+
     def leftovers(self, domid: int) -> list[str]:
         return []
 
