@@ -42,7 +42,7 @@ from ._work import Work
 if TYPE_CHECKING:
     from ._workqueue import Workqueue
 
-__all__ = ["SerialExecutor"]
+__all__ = ["SerialExecutor", "close_serial"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class _SerialDomain:
         # and takes _lock; serial() takes _lock, then assigns in the index).
         self._lock = threading.Lock()
         self.executors: dict[Hashable, SerialExecutor] = {}
-        self.index = LoadIndex(_topology_of(wq), on_move=self._on_move)
+        self.index = LoadIndex(wq.topology, on_move=self._on_move)
 
     def executor(self, key: Hashable) -> SerialExecutor:
         with self._lock:
@@ -274,26 +274,47 @@ class _SerialDomain:
         self.index.close()
 
 
-# -- adapters to the engine (see the report: H1 may provide these directly) ---
+# -- the per-workqueue registry ------------------------------------------------
 
-# Workqueue -> its _SerialDomain.  Weak keys: a domain lives exactly as long
-# as its workqueue, so nothing here outlives a test.
-_domains: weakref.WeakKeyDictionary[Workqueue, _SerialDomain] = weakref.WeakKeyDictionary()
-_domains_lock = threading.Lock()  # protects _domains; taken before a domain's _lock
+# A workqueue's _SerialDomain hangs off the workqueue itself, so that it lives
+# exactly as long as the workqueue and no global table outlives a test.  The
+# engine calls close_serial() when a workqueue is destroyed, which
+# unregisters the domain's LoadIndex from the topology at once rather than
+# when the workqueue is collected.
+_DOMAIN_ATTR = "_serial_domain"
+_domains_lock = threading.Lock()  # makes the first serial() of a workqueue create one domain
 
 
-def _topology_of(wq: Workqueue) -> Any:
-    return wq.topology
+_CLOSED = "closed"  # the attribute's value after close_serial()
 
 
 def _domain_of(wq: Workqueue) -> _SerialDomain:
-    domain = _domains.get(wq)
+    domain: _SerialDomain | str | None = getattr(wq, _DOMAIN_ATTR, None)
     if domain is None:
         with _domains_lock:
-            domain = _domains.get(wq)
+            domain = getattr(wq, _DOMAIN_ATTR, None)
             if domain is None:
-                domain = _domains[wq] = _SerialDomain(wq)
+                domain = _SerialDomain(wq)
+                setattr(wq, _DOMAIN_ATTR, domain)
+    if domain is _CLOSED:
+        raise RuntimeError(f"workqueue {wq.name!r} is destroyed; it has no serial executors")
+    assert isinstance(domain, _SerialDomain)
     return domain
+
+
+def close_serial(wq: Workqueue) -> None:
+    """Forget *wq*'s serial executors and unregister their LoadIndex.
+
+    For Workqueue.destroy(), after the workqueue is drained.  Must be called
+    without the engine lock and outside hotplug notifiers: it takes the
+    topology's hotplug lock.  Executors of *wq* still held by someone keep
+    working until they queue, which then fails as on any destroyed queue.
+    """
+    with _domains_lock:
+        domain: _SerialDomain | str | None = getattr(wq, _DOMAIN_ATTR, None)
+        setattr(wq, _DOMAIN_ATTR, _CLOSED)
+    if isinstance(domain, _SerialDomain):
+        domain.close()
 
 
 # -- the executor -------------------------------------------------------------

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, as_completed, wait
 
 import pytest
 
 from workqueue import Topology, alloc_workqueue
-from workqueue._serial import SerialExecutor
+from workqueue._serial import SerialExecutor, close_serial
 
 TIMEOUT = 10.0
 
@@ -310,3 +312,28 @@ def test_futures_behave_like_standard_ones(wq: object) -> None:
     assert not ok.cancel() and blocker.result(0) is True
     ok.add_done_callback(seen.append)  # already done: called at once
     assert seen == [ok, ok]
+
+
+def test_close_serial_unregisters_the_keys_from_the_topology() -> None:
+    topo = Topology(2)
+    wq = alloc_workqueue("closing", topology=topo)
+    ex = wq.serial("a")
+    assert ex.cpu == 0
+    wq.destroy()
+    close_serial(wq)
+    close_serial(wq)  # idempotent, whether or not destroy() already did it
+    topo.cpu_down(0)
+    assert ex.cpu == 0  # no longer re-homed: the index has left the topology
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.serial("b")
+
+
+def test_a_workqueue_and_its_executors_can_be_collected() -> None:
+    wq = alloc_workqueue("collected", topology=Topology(2))
+    ex = wq.serial("a")
+    assert ex.submit(lambda: 1).result(TIMEOUT) == 1
+    refs = [weakref.ref(wq), weakref.ref(ex)]
+    wq.destroy()
+    del wq, ex
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
