@@ -58,7 +58,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
-from xenback import BackendDevice, BackendDriver
+from xenback import BackendDevice, BackendDriver, XenbusState
 from xenback.events import EventDispatcher
 from xenback.ring import BackRing, RingError
 
@@ -253,6 +253,10 @@ class Backend:
             if self._closed:
                 return
             self._closed = True
+        # Each device goes Closing after its sockets are released (ordered
+        # with its other xenbus callbacks); stop() then writes Closed.
+        for dev in self._driver.devices():
+            dev.queue(self._close_device, dev)
         try:
             self._driver.stop()
         finally:
@@ -312,6 +316,11 @@ class Backend:
                 del self._frontends[(dev.frontend_id, dev.devid)]
         fe.close()
         logger.info("dom%d: pvcalls frontend disconnected", dev.frontend_id)
+
+    def _close_device(self, dev: BackendDevice) -> None:
+        self._disconnect(dev)
+        if not dev.gone:
+            dev.switch_state(XenbusState.CLOSING)
 
     def _release_shared(self) -> None:
         self.dispatcher.close()

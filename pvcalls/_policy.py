@@ -38,6 +38,8 @@ A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
 (``1024-65535``) or ``*`` (any port, the default).  A bind to ``0.0.0.0``
 (every address) only matches rules whose network contains ``0.0.0.0``, such
 as ``0.0.0.0/0`` or ``0.0.0.0``: binding everywhere must be allowed as such.
+Likewise a bind to port 0 (the host picks a free port) is checked as port 0:
+allow it with a rule covering port 0 (``127.0.0.1:0``, ``127.0.0.1:*``).
 """
 
 from __future__ import annotations

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import pvcalls
 from pvcalls._errno import EACCES, EMFILE
 from pvcalls._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy, PolicyError, Rule
 
@@ -116,3 +119,60 @@ def test_bad_file_names_the_file(tmp_path: Path) -> None:
         Policy.from_file(path)
     with pytest.raises(PolicyError, match="cannot read"):
         Policy.from_file(tmp_path / "missing.toml")
+
+
+# -- enforced by the backend ------------------------------------------------------
+
+
+@pytest.fixture
+def strict(host: Any, topology: Any, echo_server: Any) -> Any:
+    port = echo_server.address[1]
+    policy = Policy.from_toml(f"""
+[default]
+max_sockets = 3
+connect.allow = ["127.0.0.1:{port}"]
+bind.allow = ["127.0.0.1:0", "127.0.0.1:1024-65535"]
+""")
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology) as backend:
+        yield backend
+
+
+def test_backend_refuses_connect_and_bind(make_frontend: Any, host: Any, strict: Any, echo_server: Any,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    fe = make_frontend("limited")
+    sock_id, _ = fe.socket()
+    other_port = echo_server.address[1] ^ 1
+    with caplog.at_level(logging.WARNING, logger="pvcalls"):
+        rsp = fe.response(fe.push_connect(sock_id, ("127.0.0.1", other_port), fe.new_ring()))
+        assert rsp.ret == -EACCES
+        assert fe.bind(sock_id, ("127.0.0.1", 80)).ret == -EACCES
+        assert fe.bind(sock_id, ("0.0.0.0", 5000)).ret == -EACCES
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("CONNECT" in m and f"127.0.0.1:{other_port}" in m and "refused" in m
+               for m in messages)
+    assert any("BIND" in m and "127.0.0.1:80" in m for m in messages)
+    # What is allowed still works on the same socket.
+    ring = fe.new_ring()
+    assert fe.response(fe.push_connect(sock_id, echo_server.address, ring)).ret == 0
+    fe.send_all(ring, b"ok")
+    assert fe.recv_exactly(ring, 2) == b"ok"
+    fe.close()
+
+
+def test_backend_enforces_socket_limit(make_frontend: Any, host: Any, strict: Any,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    fe = make_frontend("limited")
+    ids = [fe.socket()[0] for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger="pvcalls"):
+        _, rsp = fe.socket()
+    assert rsp.ret == -EMFILE
+    assert any("limit" in r.getMessage() for r in caplog.records)
+    # ACCEPT's id_new counts too.
+    assert fe.bind(ids[0], ("127.0.0.1", 0)).ret == 0
+    assert fe.listen(ids[0]).ret == 0
+    assert fe.response(fe.push_accept(ids[0], fe.new_id(), fe.new_ring())).ret == -EMFILE
+    # Releasing one makes room again.
+    assert fe.release(ids[1]).ret == 0
+    _, rsp = fe.socket()
+    assert rsp.ret == 0
+    fe.close()

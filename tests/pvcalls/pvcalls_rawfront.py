@@ -1,0 +1,344 @@
+"""A raw PV Calls frontend for tests: every request byte under the test's control.
+
+Unlike :class:`pvcalls.Frontend`, this helper hides nothing: a test builds
+each request (``req_id`` = slot index and pointer-sized ids as Linux does,
+or garbage), pushes it, and reads the responses and the data ring indexes
+itself.  It is single-threaded: :meth:`RawFrontend.wait` drains the guest's
+event channel and the command ring until a condition holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pvcalls import _wire
+from pvcalls._wire import ffi
+from xenback.ring import FlexRing, FrontRing
+from xenback.xenstore import XenStore
+
+TIMEOUT = 10.0
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Re-check ``cond`` until it holds, for state that has no event to wait
+    on (a backend's internal bookkeeping); TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        pause.wait(0.01)
+
+
+@dataclass(frozen=True)
+class Response:
+    req_id: int
+    cmd: int
+    ret: int
+    id: int
+
+
+class DataRing:
+    """The guest's side of one active socket's data ring."""
+
+    def __init__(self, fe: RawFrontend, order: int = 4, *, refs: list[int] | None = None,
+                 ring_order: int | None = None) -> None:
+        self.fe = fe
+        self.order = order
+        self.indexes = fe.gntshr.share_pages(0, 1)
+        self.data = fe.gntshr.share_pages(0, 1 << order)
+        page = self.indexes.buffer
+        words = page.cast("I")
+        words[_wire.RING_ORDER_OFFSET // 4] = order if ring_order is None else ring_order
+        for i, ref in enumerate(refs if refs is not None else self.data.refs):
+            words[_wire.REF_OFFSET // 4 + i] = ref
+        words.release()
+        self.ref = self.indexes.refs[0]
+        self.port = fe.evtchn.bind_unbound_port(0)
+        size = _wire.flex_ring_size(order)
+        self.size = size
+        self.in_ring = FlexRing(self.data.buffer[:size], page, prod_offset=_wire.IN_PROD_OFFSET,
+                                cons_offset=_wire.IN_CONS_OFFSET)
+        self.out_ring = FlexRing(self.data.buffer[size:], page, prod_offset=_wire.OUT_PROD_OFFSET,
+                                 cons_offset=_wire.OUT_CONS_OFFSET)
+        self._words = page[:256].cast("i")
+
+    # Raw index access (tests write hostile values through these).
+    def get(self, offset: int) -> int:
+        return self._words[offset // 4]
+
+    def put(self, offset: int, value: int) -> None:
+        """Store ``value`` modulo 2**32 (as the int32 the view holds)."""
+        value &= 0xFFFFFFFF
+        self._words[offset // 4] = value - (1 << 32) if value >= 1 << 31 else value
+
+    @property
+    def in_error(self) -> int:
+        return self.get(_wire.IN_ERROR_OFFSET)
+
+    @property
+    def out_error(self) -> int:
+        return self.get(_wire.OUT_ERROR_OFFSET)
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Copy as much of ``data`` as fits into the out ring; notify."""
+        done = 0
+        for view in self.out_ring.writable():
+            n = min(len(view), len(data) - done)
+            view[:n] = data[done : done + n]
+            done += n
+        if done:
+            self.out_ring.produce(done)
+            self.fe.evtchn.notify(self.port)
+        return done
+
+    def read(self, limit: int = 1 << 30) -> bytes:
+        """Take what the in ring holds (at most ``limit``); notify."""
+        chunks = []
+        taken = 0
+        for view in self.in_ring.readable():
+            n = min(len(view), limit - taken)
+            chunks.append(bytes(view[:n]))
+            taken += n
+        if taken:
+            self.in_ring.consume(taken)
+            self.fe.evtchn.notify(self.port)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.in_ring.release()
+        self.out_ring.release()
+        self._words.release()
+        try:
+            self.fe.evtchn.unbind(self.port)
+        except OSError:
+            pass
+
+
+class RawFrontend:
+    """Adds a pvcalls device for ``guest``, handshakes, and speaks raw requests."""
+
+    _ids = itertools.count(0xFFFF888000001000, 0x40)  # kernel-pointer-like ids
+
+    def __init__(self, host: Any, guest: Any, *, devid: int = 0, connect: bool = True) -> None:
+        self.host = host
+        self.guest = guest
+        self.device = host.toolstack.add_device("pvcalls", guest.domid, 0, devid)
+        self.xs = XenStore.connect_to(guest)
+        self.gntshr = guest.gntshr()
+        self.evtchn = guest.evtchn()
+        self.responses: dict[int, Response] = {}
+        self.unexpected: list[Response] = []
+        self.ring: FrontRing | None = None
+        self.rings: list[DataRing] = []
+        if connect:
+            self.connect()
+
+    @property
+    def fe_path(self) -> str:
+        return str(self.device.frontend_path)
+
+    @property
+    def be_path(self) -> str:
+        return str(self.device.backend_path)
+
+    def backend_state(self) -> int:
+        return int(self.xs.read(f"{self.be_path}/state") or 0)
+
+    def wait_backend_state(self, state: int, timeout: float = TIMEOUT) -> None:
+        self.xs.wait_for(f"{self.be_path}/state", str(state), timeout=timeout)
+
+    def connect(self, *, version: str = "1", ring_ref: str | None = None,
+                port: str | None = None) -> None:
+        """The frontend half of the handshake, as Linux's pvcalls-front."""
+        self.wait_backend_state(2)
+        self.page = self.gntshr.share_pages(0, 1)
+        self.ring = FrontRing(self.page.buffer, _wire.SLOT_SIZE)
+        self.port = self.evtchn.bind_unbound_port(0)
+        nodes = {
+            "version": version,
+            "ring-ref": ring_ref if ring_ref is not None else str(self.page.refs[0]),
+            "port": port if port is not None else str(self.port),
+        }
+        for key, value in nodes.items():
+            self.xs.write(f"{self.fe_path}/{key}", value)
+        self.xs.write(f"{self.fe_path}/state", "3")
+        if ring_ref is None and port is None and version == "1":
+            self.wait_backend_state(4)
+            self.xs.write(f"{self.fe_path}/state", "4")
+
+    def close(self) -> None:
+        """Close as Linux's frontend does (Closing, wait, Closed).  The
+        XenStore connection stays open for the test's checks."""
+        self.xs.write(f"{self.fe_path}/state", "5")
+        self.xs.wait_for(f"{self.be_path}/state", lambda v: v in ("5", "6"), timeout=TIMEOUT)
+        self.xs.write(f"{self.fe_path}/state", "6")
+        self.xs.wait_for(f"{self.be_path}/state", "6", timeout=TIMEOUT)
+
+    # -- requests ------------------------------------------------------------------
+
+    @classmethod
+    def new_id(cls) -> int:
+        return next(cls._ids)
+
+    def push(self, cmd: int, fill: Callable[[Any], None] | None = None, *,
+             raw: bytes | None = None) -> int:
+        """Push one request; returns its req_id (the slot index, like Linux)."""
+        assert self.ring is not None
+        req_id = self.ring.req_prod_pvt & (self.ring.nr_ents - 1)
+        if raw is None:
+            req = ffi.new("struct xen_pvcalls_request *")
+            req.req_id = req_id
+            req.cmd = cmd
+            if fill is not None:
+                fill(req)
+            raw = bytes(ffi.buffer(req))
+        self.ring.push_request(raw)
+        if self.ring.push_requests():
+            self.evtchn.notify(self.port)
+        return req_id
+
+    def call(self, cmd: int, fill: Callable[[Any], None] | None = None,
+             timeout: float = TIMEOUT) -> Response:
+        req_id = self.push(cmd, fill)
+        return self.response(req_id, timeout)
+
+    def response(self, req_id: int, timeout: float = TIMEOUT) -> Response:
+        self.wait(lambda: req_id in self.responses, timeout)
+        return self.responses.pop(req_id)
+
+    def wait(self, cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+        """Process events until ``cond()``; TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll_responses()
+            if cond():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("condition not reached")
+            # The event channel wakes us; the short cap only bounds the cost
+            # of a notification the backend was not asked to send (data
+            # rings have no event index), the condition is re-checked.
+            select.select([self.evtchn.fileno()], [], [], min(remaining, 0.05))
+            while (port := self.evtchn.pending()) is not None:
+                self.evtchn.unmask(port)
+
+    def poll_responses(self) -> None:
+        assert self.ring is not None
+        while True:
+            for raw in self.ring.responses():
+                rsp = ffi.from_buffer("struct xen_pvcalls_response *", raw)
+                r = Response(rsp.req_id, rsp.cmd, rsp.ret, rsp.u.socket.id)
+                if r.req_id in self.responses:
+                    self.unexpected.append(r)
+                self.responses[r.req_id] = r
+            if not self.ring.final_check_for_responses():
+                return
+
+    # -- commands as Linux sends them ---------------------------------------------------
+
+    def socket(self, sock_id: int | None = None, domain: int = _wire.AF_INET,
+               type_: int = _wire.SOCK_STREAM, protocol: int = 0) -> tuple[int, Response]:
+        sock_id = self.new_id() if sock_id is None else sock_id
+
+        def fill(req: Any) -> None:
+            req.u.socket.id = sock_id
+            req.u.socket.domain = domain
+            req.u.socket.type = type_
+            req.u.socket.protocol = protocol
+
+        return sock_id, self.call(_wire.PVCALLS_SOCKET, fill)
+
+    def new_ring(self, order: int = 4, **kwargs: Any) -> DataRing:
+        ring = DataRing(self, order, **kwargs)
+        self.rings.append(ring)
+        return ring
+
+    def push_connect(self, sock_id: int, address: tuple[str, int], ring: DataRing,
+                     *, length: int = 16) -> int:
+        def fill(req: Any) -> None:
+            req.u.connect.id = sock_id
+            ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*address), 16)
+            req.u.connect.len = length
+            req.u.connect.ref = ring.ref
+            req.u.connect.evtchn = ring.port
+
+        return self.push(_wire.PVCALLS_CONNECT, fill)
+
+    def connect_socket(self, address: tuple[str, int], order: int = 4) -> tuple[int, DataRing]:
+        sock_id, rsp = self.socket()
+        assert rsp.ret == 0, rsp
+        ring = self.new_ring(order)
+        rsp = self.response(self.push_connect(sock_id, address, ring))
+        assert rsp.ret == 0, rsp
+        return sock_id, ring
+
+    def bind(self, sock_id: int, address: tuple[str, int], *, length: int = 16) -> Response:
+        def fill(req: Any) -> None:
+            req.u.bind.id = sock_id
+            ffi.memmove(req.u.bind.addr, _wire.pack_sockaddr_in(*address), 16)
+            req.u.bind.len = length
+
+        return self.call(_wire.PVCALLS_BIND, fill)
+
+    def listen(self, sock_id: int, backlog: int = 16) -> Response:
+        def fill(req: Any) -> None:
+            req.u.listen.id = sock_id
+            req.u.listen.backlog = backlog
+
+        return self.call(_wire.PVCALLS_LISTEN, fill)
+
+    def push_accept(self, sock_id: int, id_new: int, ring: DataRing) -> int:
+        def fill(req: Any) -> None:
+            req.u.accept.id = sock_id
+            req.u.accept.id_new = id_new
+            req.u.accept.ref = ring.ref
+            req.u.accept.evtchn = ring.port
+
+        return self.push(_wire.PVCALLS_ACCEPT, fill)
+
+    def push_poll(self, sock_id: int) -> int:
+        def fill(req: Any) -> None:
+            req.u.poll.id = sock_id
+
+        return self.push(_wire.PVCALLS_POLL, fill)
+
+    def push_release(self, sock_id: int, reuse: int = 0) -> int:
+        def fill(req: Any) -> None:
+            req.u.release.id = sock_id
+            req.u.release.reuse = reuse
+
+        return self.push(_wire.PVCALLS_RELEASE, fill)
+
+    def release(self, sock_id: int) -> Response:
+        return self.response(self.push_release(sock_id))
+
+    # -- data helpers ---------------------------------------------------------------------
+
+    def recv_exactly(self, ring: DataRing, n: int, timeout: float = TIMEOUT) -> bytes:
+        buf = bytearray()
+
+        def got() -> bool:
+            buf.extend(ring.read(n - len(buf)))
+            return len(buf) >= n or ring.in_error != 0
+
+        self.wait(got, timeout)
+        return bytes(buf)
+
+    def send_all(self, ring: DataRing, data: bytes, timeout: float = TIMEOUT) -> None:
+        view = memoryview(data)
+        sent = 0
+
+        def done() -> bool:
+            nonlocal sent
+            sent += ring.write(view[sent:])
+            return sent == len(data)
+
+        self.wait(done, timeout)

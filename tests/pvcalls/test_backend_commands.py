@@ -1,0 +1,363 @@
+"""pvcalls Backend: the command ring, item by item (protocol reference, section 1)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import RawFrontend, wait_until
+
+import pvcalls
+from pvcalls import _errno, _wire
+from pvcalls._wire import ffi
+
+EBADF, EINVAL, EINTR, EEXIST = -9, -22, -4, -17
+EAFNOSUPPORT, EISCONN, ECONNREFUSED, ENOTSUPP = -97, -106, -111, -524
+
+
+def test_errno_values_are_xen_numbering() -> None:
+    assert (-_errno.EBADF, -_errno.EINVAL, -_errno.EINTR, -_errno.EEXIST) == (
+        EBADF, EINVAL, EINTR, EEXIST)
+    assert (-_errno.EAFNOSUPPORT, -_errno.EISCONN, -_errno.ECONNREFUSED, -_errno.ENOTSUPP) == (
+        EAFNOSUPPORT, EISCONN, ECONNREFUSED, ENOTSUPP)
+    assert _errno.ENOTCONN == 107 and _errno.EAGAIN == 11 and _errno.EADDRINUSE == 98
+
+
+def test_host_errors_map_by_name() -> None:
+    import errno
+
+    assert _errno.from_host_errno(errno.ECONNRESET) == 104
+    assert _errno.from_oserror(ConnectionRefusedError(errno.ECONNREFUSED, "x")) == 111
+    assert _errno.from_host_errno(None) == _errno.EIO
+    assert _errno.from_host_errno(99999) == _errno.EIO
+    assert _errno.name_of(-107) == "ENOTCONN"
+
+
+# -- SOCKET ------------------------------------------------------------------------
+
+def test_socket_echoes_req_id_cmd_and_id(raw: RawFrontend) -> None:
+    sock_id = raw.new_id()
+    req_id = raw.ring.req_prod_pvt & 31 if raw.ring else -1
+    got_id, rsp = raw.socket(sock_id)
+    assert rsp == type(rsp)(req_id, _wire.PVCALLS_SOCKET, 0, sock_id)
+    assert got_id == sock_id
+
+
+@pytest.mark.parametrize(("domain", "type_", "protocol"),
+                         [(10, 1, 0), (2, 2, 0), (2, 1, 6), (0, 0, 0), (2, 1, 2)])
+def test_socket_only_inet_stream(raw: RawFrontend, domain: int, type_: int,
+                                 protocol: int) -> None:
+    _, rsp = raw.socket(domain=domain, type_=type_, protocol=protocol)
+    assert rsp.ret == EAFNOSUPPORT
+
+
+def test_socket_id_in_use(raw: RawFrontend) -> None:
+    sock_id, rsp = raw.socket()
+    assert rsp.ret == 0
+    _, rsp = raw.socket(sock_id)
+    assert rsp.ret == EEXIST and rsp.id == sock_id
+
+
+# -- unknown commands and ids -------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", [7, 8, 0x7FFFFFFF, 0xFFFFFFFF])
+def test_unknown_command_is_enotsupp_with_id_echoed(raw: RawFrontend, cmd: int) -> None:
+    def fill(req: Any) -> None:
+        req.u.socket.id = 0xDEADBEEFCAFEF00D
+
+    rsp = raw.call(cmd, fill)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (cmd, ENOTSUPP, 0xDEADBEEFCAFEF00D)
+
+
+@pytest.mark.parametrize("cmd", [_wire.PVCALLS_CONNECT, _wire.PVCALLS_RELEASE,
+                                 _wire.PVCALLS_BIND, _wire.PVCALLS_LISTEN,
+                                 _wire.PVCALLS_ACCEPT, _wire.PVCALLS_POLL])
+def test_unknown_id_is_answered_ebadf(raw: RawFrontend, cmd: int) -> None:
+    unknown = 0xFFFF8880DEAD0000
+
+    def fill(req: Any) -> None:
+        req.u.socket.id = unknown
+
+    rsp = raw.call(cmd, fill)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (cmd, EBADF, unknown)
+
+
+# -- CONNECT ---------------------------------------------------------------------------
+
+def test_connect_and_echo(raw: RawFrontend, echo_server: Any, backend: pvcalls.Backend) -> None:
+    sock_id, rsp = raw.socket()
+    ring = raw.new_ring()
+    req_id = raw.push_connect(sock_id, echo_server.address, ring)
+    rsp = raw.response(req_id)
+    assert (rsp.req_id, rsp.cmd, rsp.ret, rsp.id) == (req_id, _wire.PVCALLS_CONNECT, 0, sock_id)
+    raw.send_all(ring, b"hello pvcalls")
+    assert raw.recv_exactly(ring, 13) == b"hello pvcalls"
+    row, = backend.stats().sockets
+    assert (row.domain, row.id, row.kind, row.state) == (raw.guest.domid, sock_id, "active",
+                                                          "connected")
+    assert row.bytes_out == row.bytes_in == 13
+    assert row.cpu in backend.topology.online()
+    assert row.address == echo_server.address
+    assert raw.release(sock_id).ret == 0
+    assert backend.stats().sockets == ()
+
+
+def test_connect_refused(raw: RawFrontend) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    address = closed.getsockname()
+    closed.close()
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    rsp = raw.response(raw.push_connect(sock_id, address, ring))
+    assert rsp.ret == ECONNREFUSED
+    # The id is usable again: connect it somewhere else, or release it.
+    assert raw.release(sock_id).ret == 0
+
+
+def test_connect_twice_is_eisconn(raw: RawFrontend, echo_server: Any) -> None:
+    sock_id, _ = raw.connect_socket(echo_server.address)
+    rsp = raw.response(raw.push_connect(sock_id, echo_server.address, raw.new_ring()))
+    assert rsp.ret == EISCONN
+
+
+@pytest.mark.parametrize("length", [0, 7, 29, 0xFFFFFFFF])
+def test_connect_bad_address_length(raw: RawFrontend, echo_server: Any, length: int) -> None:
+    sock_id, _ = raw.socket()
+    rsp = raw.response(raw.push_connect(sock_id, echo_server.address, raw.new_ring(),
+                                        length=length))
+    assert rsp.ret == EINVAL
+
+
+def test_connect_bad_family(raw: RawFrontend) -> None:
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+
+    def fill(req: Any) -> None:
+        req.u.connect.id = sock_id
+        ffi.memmove(req.u.connect.addr, b"\x0a\x00" + bytes(14), 16)
+        req.u.connect.len = 16
+        req.u.connect.ref = ring.ref
+        req.u.connect.evtchn = ring.port
+
+    assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EAFNOSUPPORT
+
+
+def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend) -> None:
+    """A connect whose SYN is dropped (full accept queue) stays in progress;
+    other commands are answered meanwhile; RELEASE answers it -EINTR first."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue and the SYN queue
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    sock_id, _ = raw.socket()
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
+    # Commands behind it are served at once.
+    other, rsp = raw.socket()
+    assert rsp.ret == 0
+    assert raw.bind(other, ("127.0.0.1", 0)).ret == 0
+    assert connect_req not in raw.responses
+    release_req = raw.push_release(sock_id)
+    raw.wait(lambda: release_req in raw.responses)
+    assert raw.responses[connect_req].ret in (EINTR, 0)
+    assert raw.responses[release_req].ret == 0
+    for s in fillers:
+        s.close()
+    listener.close()
+
+
+# -- BIND / LISTEN / ACCEPT / POLL -------------------------------------------------------
+
+def _listener(raw: RawFrontend, backend: pvcalls.Backend) -> tuple[int, tuple[str, int]]:
+    sock_id, _ = raw.socket()
+    assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+    assert raw.listen(sock_id).ret == 0
+    address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
+    assert address is not None
+    return sock_id, address
+
+
+def test_accept_answered_only_when_a_connection_arrives(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    listener, address = _listener(raw, backend)
+    id_new = raw.new_id()
+    ring = raw.new_ring()
+    req_id = raw.push_accept(listener, id_new, ring)
+    with pytest.raises(TimeoutError):
+        raw.wait(lambda: req_id in raw.responses, timeout=0.3)
+    client = socket.create_connection(address)
+    rsp = raw.response(req_id)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_ACCEPT, 0, listener)
+    client.sendall(b"ping")
+    assert raw.recv_exactly(ring, 4) == b"ping"
+    raw.send_all(ring, b"pong")
+    assert client.recv(4) == b"pong"
+    rows = {r.id: r for r in backend.stats().sockets}
+    assert rows[id_new].kind == "active" and rows[id_new].cpu is not None
+    client.close()
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ENOTCONN
+
+
+def test_poll_answered_when_a_connection_is_pending(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    listener, address = _listener(raw, backend)
+    req_id = raw.push_poll(listener)
+    with pytest.raises(TimeoutError):
+        raw.wait(lambda: req_id in raw.responses, timeout=0.3)
+    client = socket.create_connection(address)
+    rsp = raw.response(req_id)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_POLL, 0, listener)
+    # POLL did not take the connection: ACCEPT gets it at once.
+    ring = raw.new_ring()
+    assert raw.response(raw.push_accept(listener, raw.new_id(), ring)).ret == 0
+    client.close()
+
+
+def test_second_accept_or_poll_is_eintr(raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    listener, _ = _listener(raw, backend)
+    first = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    assert raw.response(raw.push_poll(listener)).ret == EINTR
+    assert raw.response(raw.push_accept(listener, raw.new_id(), raw.new_ring())).ret == EINTR
+    # Releasing the listener answers the ACCEPT in flight, then the RELEASE.
+    release = raw.push_release(listener)
+    raw.wait(lambda: release in raw.responses)
+    assert raw.responses[first].ret == EINTR
+    assert raw.responses[release].ret == 0
+    assert backend.stats().sockets == ()
+
+
+def test_release_of_accept_id_new_answers_the_accept(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    listener, _ = _listener(raw, backend)
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    release = raw.push_release(id_new)
+    raw.wait(lambda: release in raw.responses)
+    assert raw.responses[accept].ret == EINTR
+    assert raw.responses[release].ret == 0
+    # The listener is intact: a new ACCEPT is allowed.
+    raw.push_accept(listener, raw.new_id(), raw.new_ring())
+
+
+def test_accept_id_new_in_use(raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    listener, _ = _listener(raw, backend)
+    existing, _ = raw.socket()
+    assert raw.response(raw.push_accept(listener, existing, raw.new_ring())).ret == EEXIST
+
+
+def test_listen_and_accept_need_the_right_state(raw: RawFrontend, backend: pvcalls.Backend,
+                                                 echo_server: Any) -> None:
+    fresh, _ = raw.socket()
+    assert raw.listen(fresh).ret == EINVAL
+    assert raw.response(raw.push_accept(fresh, raw.new_id(), raw.new_ring())).ret == EINVAL
+    bound, _ = raw.socket()
+    assert raw.bind(bound, ("127.0.0.1", 0)).ret == 0
+    assert raw.response(raw.push_poll(bound)).ret == EINVAL
+    assert raw.bind(bound, ("127.0.0.1", 0)).ret == EINVAL
+    active, _ = raw.connect_socket(echo_server.address)
+    assert raw.bind(active, ("127.0.0.1", 0)).ret == EINVAL
+
+
+def test_bind_address_in_use(raw: RawFrontend) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    sock_id, _ = raw.socket()
+    assert raw.bind(sock_id, taken.getsockname()).ret == -98  # EADDRINUSE
+    taken.close()
+
+
+# -- RELEASE ------------------------------------------------------------------------------
+
+def test_release_frees_everything_before_answering(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any) -> None:
+    sock_id, ring = raw.connect_socket(echo_server.address)
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    port = sock.port
+    assert port in backend.dispatcher.ports
+    assert raw.release(sock_id).ret == 0
+    # By the time the answer was written everything was gone.
+    assert port not in backend.dispatcher.ports
+    assert sock.ring._indexes is None and sock.ring._data is None
+    assert sock.host.fileno() == -1
+    assert all(c.sockets == 0 for c in backend.stats().cpus)
+    assert raw.release(sock_id).ret == EBADF
+
+
+def test_release_of_new_socket(raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    sock_id, _ = raw.socket()
+    assert raw.release(sock_id).ret == 0
+    assert backend.stats().sockets == ()
+
+
+# -- the Linux frontend's exact sequences -------------------------------------------------
+
+def test_linux_like_sequence_on_one_ring(raw: RawFrontend, echo_server: Any,
+                                         backend: pvcalls.Backend) -> None:
+    """req_id = slot index across a ring wrap, pointer ids, len = 16."""
+    assert raw.ring is not None
+    seen = []
+    for _ in range(3):  # 3 x 12 requests > 32 slots: req_ids wrap
+        for _ in range(4):
+            sock_id, ring = raw.connect_socket(echo_server.address)
+            raw.send_all(ring, b"x" * 100)
+            assert raw.recv_exactly(ring, 100) == b"x" * 100
+            rsp = raw.release(sock_id)
+            assert rsp.ret == 0
+            seen.append(rsp.req_id)
+            # Linux writes -EBADF into in_error after RELEASE.
+            ring.put(_wire.IN_ERROR_OFFSET, -_errno.EBADF)
+    # Each response was found under the slot index it was pushed with
+    # (RawFrontend.response waits for exactly that req_id), across a wrap.
+    assert raw.ring.req_prod_pvt > 32
+    assert all(0 <= r < 32 for r in seen)
+    assert raw.unexpected == []
+    assert backend.stats().sockets == ()
+
+
+def test_many_sockets_spread_evenly(raw: RawFrontend, echo_server: Any,
+                                    backend: pvcalls.Backend) -> None:
+    ids = [raw.connect_socket(echo_server.address, order=1)[0] for _ in range(10)]
+    counts = [c.sockets for c in backend.stats().cpus if c.online]
+    assert sum(counts) == 10 and max(counts) - min(counts) <= 1
+    for sock_id in ids[:5]:
+        raw.release(sock_id)
+    more = [raw.connect_socket(echo_server.address, order=1)[0] for _ in range(6)]
+    counts = [c.sockets for c in backend.stats().cpus if c.online]
+    assert sum(counts) == 11 and max(counts) - min(counts) <= 1
+    assert len(more) == 6
+
+
+def test_responses_from_many_threads_share_one_producer(make_frontend: Any,
+        host: Any, backend: pvcalls.Backend, echo_server: Any) -> None:
+    """Several frontends at once; each gets exactly one response per request."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            fe = make_frontend(f"t{i}")
+            for _ in range(5):
+                sock_id, ring = fe.connect_socket(echo_server.address, order=1)
+                fe.send_all(ring, b"abc")
+                assert fe.recv_exactly(ring, 3) == b"abc"
+                assert fe.release(sock_id).ret == 0
+            assert fe.unexpected == [] and fe.responses == {}
+            fe.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    wait_until(lambda: backend.stats().frontends == 0)

@@ -1,0 +1,144 @@
+"""pvcalls Backend: the data rings (wrap-around, index wrap, errors, EOF)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import RawFrontend
+
+import pvcalls
+from pvcalls import _errno, _wire
+
+
+def _accepted_pair(raw: RawFrontend, order: int = 4,
+                   start: int = 0) -> tuple[int, Any, socket.socket]:
+    """A guest socket connected to a host socket we hold, with the guest's
+    ring indexes starting at ``start``."""
+    server = socket.create_server(("127.0.0.1", 0))
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring(order)
+    for offset in (_wire.IN_CONS_OFFSET, _wire.IN_PROD_OFFSET,
+                   _wire.OUT_CONS_OFFSET, _wire.OUT_PROD_OFFSET):
+        ring.put(offset, start)
+    rsp = raw.response(raw.push_connect(sock_id, server.getsockname(), ring))
+    assert rsp.ret == 0
+    peer, _ = server.accept()
+    server.close()
+    return sock_id, ring, peer
+
+
+def _pump(raw: RawFrontend, ring: Any, peer: socket.socket, data: bytes) -> tuple[bytes, bytes]:
+    """Send ``data`` guest->host and host->guest at once; return what arrived."""
+    peer.setblocking(False)
+    to_host = bytearray()
+    to_guest = bytearray()
+    sent_guest = sent_host = 0
+    view = memoryview(data)
+
+    def step() -> bool:
+        nonlocal sent_guest, sent_host
+        sent_guest += ring.write(view[sent_guest:])
+        try:
+            sent_host += peer.send(view[sent_host:sent_host + 65536])
+        except BlockingIOError:
+            pass
+        try:
+            to_host.extend(peer.recv(1 << 20))
+        except BlockingIOError:
+            pass
+        to_guest.extend(ring.read())
+        return len(to_host) == len(data) and len(to_guest) == len(data)
+
+    raw.wait(step, timeout=30)
+    return bytes(to_host), bytes(to_guest)
+
+
+@pytest.mark.parametrize("order", [1, 4])
+def test_wrap_around_two_piece_copies(raw: RawFrontend, order: int) -> None:
+    _, ring, peer = _accepted_pair(raw, order)
+    data = os.urandom(5 * _wire.flex_ring_size(order) + 123)
+    to_host, to_guest = _pump(raw, ring, peer, data)
+    assert to_host == data and to_guest == data
+
+
+def test_32bit_index_wrap(raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    _, ring, peer = _accepted_pair(raw, order=1, start=0xFFFFFFFF - 1000)
+    data = os.urandom(3 * _wire.flex_ring_size(1))
+    to_host, to_guest = _pump(raw, ring, peer, data)
+    assert to_host == data and to_guest == data
+    # The indexes wrapped through zero.
+    assert ring.get(_wire.IN_PROD_OFFSET) & 0xFFFFFFFF < 0x10000
+    assert ring.get(_wire.OUT_CONS_OFFSET) & 0xFFFFFFFF < 0x10000
+    row, = backend.stats().sockets
+    assert row.bytes_in == row.bytes_out == len(data)
+
+
+def test_orderly_close_sets_enotconn_after_the_data(raw: RawFrontend) -> None:
+    _, ring, peer = _accepted_pair(raw)
+    peer.sendall(b"last words")
+    peer.close()
+    assert raw.recv_exactly(ring, 10) == b"last words"
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ENOTCONN
+    assert ring.read() == b""
+
+
+def test_send_failure_sets_out_error(raw: RawFrontend) -> None:
+    _, ring, peer = _accepted_pair(raw)
+    # Reset the connection: the backend's next send fails.
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    chunk = b"z" * 1000
+
+    def failed() -> bool:
+        ring.write(chunk)
+        return ring.out_error != 0
+
+    raw.wait(failed)
+    assert ring.out_error in (-_errno.EPIPE, -_errno.ECONNRESET)
+    assert ring.out_error != -_errno.EAGAIN
+    # The receive side reports the reset too, never EAGAIN.
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error in (-_errno.ECONNRESET, -_errno.ENOTCONN)
+
+
+def test_full_in_ring_is_resumed_when_the_guest_reads(raw: RawFrontend) -> None:
+    """Flow control: the host sends more than the ring holds; nothing is
+    lost while the guest reads slowly, and EAGAIN never reaches in_error."""
+    _, ring, peer = _accepted_pair(raw, order=1)
+    data = os.urandom(20 * _wire.flex_ring_size(1))
+    peer.setblocking(True)
+    import threading
+
+    sender = threading.Thread(target=peer.sendall, args=(data,))
+    sender.start()
+    got = bytearray()
+
+    def slow() -> bool:
+        got.extend(ring.read(1000))
+        assert ring.in_error == 0
+        return len(got) == len(data)
+
+    raw.wait(slow, timeout=60)
+    sender.join(10)
+    assert bytes(got) == data
+
+
+def test_ring_overflow_is_an_error_of_that_socket_only(raw: RawFrontend,
+                                                       echo_server: Any) -> None:
+    good_id, good = raw.connect_socket(echo_server.address)
+    _, bad, peer = _accepted_pair(raw)
+    # out_prod claims far more than the ring holds.
+    bad.put(_wire.OUT_PROD_OFFSET, bad.get(_wire.OUT_CONS_OFFSET) + bad.size + 1)
+    raw.evtchn.notify(bad.port)
+    raw.wait(lambda: bad.in_error != 0 and bad.out_error != 0)
+    assert bad.in_error == bad.out_error == -_errno.EINVAL
+    assert peer.recv(10) == b""  # the host connection was shut down
+    # The other socket carries on.
+    raw.send_all(good, b"still fine")
+    assert raw.recv_exactly(good, 10) == b"still fine"
+    assert raw.release(good_id).ret == 0

@@ -1,0 +1,131 @@
+"""pvcalls Backend: the xenbus handshake, teardown, construction arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import RawFrontend, wait_until
+
+import pvcalls
+from pvcalls import _wire
+from workqueue import Topology
+
+
+def test_feature_nodes_then_initwait(host: Any, backend: pvcalls.Backend) -> None:
+    guest = host.create_domain("g")
+    fe = RawFrontend(host, guest, connect=False)
+    fe.wait_backend_state(2)
+    be = fe.be_path
+    assert fe.xs.read(f"{be}/versions") == "1"
+    assert fe.xs.read(f"{be}/max-page-order") == "4"
+    assert fe.xs.read(f"{be}/function-calls") == "1"
+    fe.connect()
+    assert fe.backend_state() == 4
+    assert backend.stats().frontends == 1
+    fe.close()
+    assert fe.backend_state() == 6
+    assert backend.stats().frontends == 0
+
+
+def test_max_page_order_is_configurable(make_frontend: Any, host: Any, topology: Topology) -> None:
+    with pvcalls.Backend(host.dom0, max_page_order=_wire.MAX_PAGE_ORDER_LIMIT,
+                         topology=topology):
+        fe = make_frontend("g", connect=False)
+        fe.wait_backend_state(2)
+        assert fe.xs.read(f"{fe.be_path}/max-page-order") == str(_wire.MAX_PAGE_ORDER_LIMIT)
+        fe.xs.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_page_order": 0}, ValueError),
+        ({"max_page_order": _wire.MAX_PAGE_ORDER_LIMIT + 1}, ValueError),
+        ({"max_page_order": "4"}, TypeError),
+        ({"max_ioworkers": 0}, ValueError),
+        ({"max_ioworkers": 2.5}, TypeError),
+        ({"policy": "allow all"}, TypeError),
+        ({"cpus": 2, "topology": Topology(2)}, TypeError),
+        ({"max_ioworkers": 2, "topology": Topology(4)}, ValueError),
+    ],
+)
+def test_bad_arguments_are_refused(host: Any, kwargs: dict[str, Any],
+                                   error: type[Exception]) -> None:
+    with pytest.raises(error):
+        pvcalls.Backend(host.dom0, **kwargs)
+
+
+def test_nr_ioworkers_is_capped(host: Any) -> None:
+    with pvcalls.Backend(host.dom0, max_ioworkers=3, cpus=8) as b:
+        assert b.nr_ioworkers == 3
+        assert len(b.stats().cpus) == 3
+    with pvcalls.Backend(host.dom0, max_ioworkers=64, cpus=5) as b:
+        assert b.nr_ioworkers == 5
+
+
+def test_bad_version_is_fatal(dom0_xs: Any, make_frontend: Any, host: Any, backend: pvcalls.Backend) -> None:
+    fe = make_frontend("g", connect=False)
+    fe.connect(version="2")
+    fe.wait_backend_state(5)
+    error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error is not None and "version" in error
+    assert backend.stats().frontends == 0
+    fe.xs.close()
+
+
+@pytest.mark.parametrize(("ring_ref", "port"), [("12345", None), ("x", None), (None, "999"),
+                                                (None, "-1")])
+def test_garbage_ring_ref_or_port_is_fatal(make_frontend: Any, host: Any, backend: pvcalls.Backend,
+                                           ring_ref: str | None, port: str | None) -> None:
+    fe = make_frontend("g", connect=False)
+    fe.connect(ring_ref=ring_ref, port=port)
+    fe.wait_backend_state(5)
+    assert backend.stats().frontends == 0
+    # The backend still serves a well-behaved frontend.
+    good = make_frontend("good")
+    _, rsp = good.socket()
+    assert rsp.ret == 0
+    good.close()
+    fe.xs.close()
+
+
+def test_closing_releases_every_socket(make_frontend: Any, host: Any, backend: pvcalls.Backend,
+                                       echo_server: Any) -> None:
+    fe = make_frontend("g")
+    sock_id, ring = fe.connect_socket(echo_server.address)
+    listener, _ = fe.socket()
+    assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
+    assert fe.listen(listener).ret == 0
+    fe.push_poll(listener)
+    ports_before = len(backend.dispatcher.ports)
+    assert ports_before >= 2  # command ring + the active socket
+    fe.close()
+    assert backend.stats().sockets == ()
+    assert backend.dispatcher.ports == []
+    assert all(c.sockets == 0 for c in backend.stats().cpus)
+
+
+def test_domain_death_tears_down(host: Any, backend: pvcalls.Backend, echo_server: Any) -> None:
+    guest = host.create_domain("doomed")
+    fe = RawFrontend(host, guest)
+    fe.connect_socket(echo_server.address)
+    assert backend.stats().frontends == 1
+    fe.xs.close()
+    host.destroy_domain(guest)
+    wait_until(lambda: backend.stats().frontends == 0)
+    assert backend.dispatcher.ports == []
+
+
+def test_close_closes_every_frontend(make_frontend: Any, host: Any, topology: Topology, echo_server: Any) -> None:
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    fes = [make_frontend(f"g{i}") for i in range(3)]
+    for fe in fes:
+        fe.connect_socket(echo_server.address)
+    backend.close()
+    for fe in fes:
+        assert fe.backend_state() == 6
+        fe.xs.close()
+    assert backend.dispatcher.ports == []
+    backend.close()  # idempotent
+

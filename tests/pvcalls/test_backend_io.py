@@ -1,0 +1,104 @@
+"""pvcalls Backend: the I/O model under load -- integrity and order on 100
+sockets while a CPU goes offline and comes back, and even placement."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import RawFrontend
+
+import pvcalls
+from workqueue import Topology
+
+SOCKETS = 100
+PER_SOCKET = 48 * 1024  # each way: 4.8 MB in all, each way
+
+
+def _spread(backend: pvcalls.Backend) -> dict[int, int]:
+    return {c.cpu: c.sockets for c in backend.stats().cpus if c.online}
+
+
+def test_integrity_and_order_across_cpu_hotplug(
+        raw: RawFrontend, backend: pvcalls.Backend, topology: Topology,
+        echo_server: Any) -> None:
+    rng = random.Random(5)
+    socks = []
+    for _ in range(SOCKETS):
+        sock_id, ring = raw.connect_socket(echo_server.address, order=2)
+        data = rng.randbytes(PER_SOCKET)
+        socks.append({"id": sock_id, "ring": ring, "data": data, "sent": 0,
+                      "got": hashlib.sha256(), "received": 0})
+    spread = _spread(backend)
+    assert sum(spread.values()) == SOCKETS and max(spread.values()) - min(spread.values()) <= 1
+
+    victim = 2
+    total = SOCKETS * PER_SOCKET
+    phase = {"down": False, "up": False, "moved": 0}
+
+    def step() -> bool:
+        received = 0
+        for s in socks:
+            ring = s["ring"]
+            if s["sent"] < PER_SOCKET:
+                s["sent"] += ring.write(memoryview(s["data"])[s["sent"]:])
+            chunk = ring.read()
+            if chunk:
+                s["got"].update(chunk)
+                s["received"] += chunk.__len__()
+            assert ring.in_error == 0 and ring.out_error == 0
+            received += s["received"]
+        if not phase["down"] and received > total // 3:
+            before = {r.id: r.cpu for r in backend.stats().sockets}
+            topology.cpu_down(victim)  # synchronous: sockets re-homed on return
+            after = {r.id: r.cpu for r in backend.stats().sockets}
+            phase["moved"] = sum(1 for k in before if before[k] == victim)
+            assert all(cpu != victim for cpu in after.values())
+            assert all(after[k] == before[k] for k in before if before[k] != victim)
+            spread = _spread(backend)
+            assert victim not in spread
+            assert max(spread.values()) - min(spread.values()) <= 1
+            phase["down"] = True
+        elif phase["down"] and not phase["up"] and received > 2 * total // 3:
+            topology.cpu_up(victim)
+            phase["up"] = True
+        return received == total
+
+    raw.wait(step, timeout=60)
+    assert phase["up"] and phase["moved"] >= SOCKETS // 4 - 1
+    for s in socks:
+        assert s["got"].digest() == hashlib.sha256(s["data"]).digest()
+    rows = {r.id: r for r in backend.stats().sockets}
+    for s in socks:
+        assert rows[s["id"]].bytes_out == rows[s["id"]].bytes_in == PER_SOCKET
+    # New sockets fill the CPU that came back first.
+    new_ids = [raw.connect_socket(echo_server.address, order=1)[0] for _ in range(5)]
+    new_cpus = {r.cpu for r in backend.stats().sockets if r.id in new_ids}
+    assert new_cpus == {victim}
+    for s in socks:
+        assert raw.release(s["id"]).ret == 0
+    for sock_id in new_ids:
+        assert raw.release(sock_id).ret == 0
+    assert sum(_spread(backend).values()) == 0
+
+
+def test_stats_are_frozen_snapshots(raw: RawFrontend, backend: pvcalls.Backend,
+                                    echo_server: Any) -> None:
+    sock_id, ring = raw.connect_socket(echo_server.address)
+    stats = backend.stats()
+    assert stats.nr_ioworkers == 4 and stats.frontends == 1
+    row, = stats.sockets
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.cpu = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.cpus[0].sockets = 9  # type: ignore[misc]
+    plain = stats.as_dict()
+    assert plain["sockets"][0]["id"] == sock_id
+    assert sum(plain["cpus"].values()) == 1
+    raw.send_all(ring, b"12345")
+    raw.recv_exactly(ring, 5)
+    assert row.bytes_out == 0  # the snapshot did not change
+    assert backend.stats().sockets[0].bytes_out == 5

@@ -1,0 +1,181 @@
+"""A hostile frontend never crashes the backend, never makes it touch memory
+outside the pages it mapped, and never disturbs the other frontends."""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import RawFrontend, wait_until
+
+import pvcalls
+from pvcalls import _wire
+from pvcalls._wire import ffi
+from xenback.ring import RingError
+
+EINVAL, EBADF, ENOTSUPP = -22, -9, -524
+
+
+@pytest.fixture
+def bystander(make_frontend: Any, host: Any, backend: pvcalls.Backend, echo_server: Any) -> Any:
+    """A well-behaved frontend with a live connection, checked after each test."""
+    fe = make_frontend("bystander")
+    sock_id, ring = fe.connect_socket(echo_server.address)
+    yield fe, ring
+    payload = b"undisturbed" * 100
+    fe.send_all(ring, payload)
+    assert fe.recv_exactly(ring, len(payload)) == payload
+    assert fe.release(sock_id).ret == 0
+
+
+def test_garbage_requests_get_one_answer_each(raw: RawFrontend, backend: pvcalls.Backend,
+                                              bystander: Any) -> None:
+    rng = random.Random(1234)
+    for round_ in range(6):
+        pushed = []
+        for _ in range(20):
+            data = bytearray(rng.randbytes(_wire.REQUEST_SIZE))
+            # Half of them with a plausible command number, to reach the handlers.
+            if rng.random() < 0.5:
+                struct.pack_into("I", data, 4, rng.randrange(7))
+            req_id = raw.ring.req_prod_pvt & 31 if raw.ring else 0
+            struct.pack_into("I", data, 0, req_id)
+            raw.push(0, raw=bytes(data))
+            pushed.append((req_id, struct.unpack_from("I", data, 4)[0],
+                           struct.unpack_from("Q", data, 8)[0]))
+        for req_id, cmd, sock_id in pushed:
+            rsp = raw.response(req_id)
+            assert (rsp.cmd, rsp.id) == (cmd, sock_id)
+            assert rsp.ret <= 0
+        # Clean up whatever the garbage created.
+        for row in backend.stats().sockets:
+            if row.domain == raw.guest.domid:
+                assert raw.release(row.id).ret == 0
+        assert raw.unexpected == [], round_
+
+
+def test_bad_grant_refs(raw: RawFrontend, echo_server: Any, bystander: Any) -> None:
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+
+    def connect_with(ref: int) -> int:
+        def fill(req: Any) -> None:
+            req.u.connect.id = sock_id
+            ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*echo_server.address), 16)
+            req.u.connect.len = 16
+            req.u.connect.ref = ref
+            req.u.connect.evtchn = ring.port
+
+        return int(raw.call(_wire.PVCALLS_CONNECT, fill).ret)
+
+    # A page granted to another domain, not to the backend.
+    elsewhere = raw.gntshr.share_pages(bystander[0].guest.domid, 1)
+    for ref in (0xFFFFFFFF, ring.ref + 10_000, elsewhere.refs[0]):
+        assert connect_with(ref) == EINVAL, ref
+    # A good ring still works for the same id afterwards.
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+
+
+def test_bad_data_page_refs(raw: RawFrontend, echo_server: Any, bystander: Any) -> None:
+    sock_id, _ = raw.socket()
+    bad = raw.new_ring(4, refs=[0xFFFF0000 + i for i in range(16)])
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, bad)).ret == EINVAL
+
+
+@pytest.mark.parametrize("ring_order", [0, 5, 9, 10, 0xFFFFFFFF])
+def test_ring_order_out_of_range(raw: RawFrontend, echo_server: Any, bystander: Any,
+                                 ring_order: int) -> None:
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring(4, ring_order=ring_order)
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == EINVAL
+
+
+def test_bad_event_channel(raw: RawFrontend, echo_server: Any, bystander: Any) -> None:
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+
+    def fill(req: Any) -> None:
+        req.u.connect.id = sock_id
+        ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*echo_server.address), 16)
+        req.u.connect.len = 16
+        req.u.connect.ref = ring.ref
+        req.u.connect.evtchn = 4000
+
+    assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EINVAL
+
+
+@pytest.mark.parametrize("which", ["in_cons", "out_prod", "both"])
+def test_indexes_pointing_outside_the_ring(raw: RawFrontend, echo_server: Any,
+                                           bystander: Any, which: str) -> None:
+    sock_id, ring = raw.connect_socket(echo_server.address, order=1)
+    raw.send_all(ring, b"a" * 100)
+    assert raw.recv_exactly(ring, 100) == b"a" * 100
+    if which in ("in_cons", "both"):
+        ring.put(_wire.IN_CONS_OFFSET, 0x80000000)
+    if which in ("out_prod", "both"):
+        ring.put(_wire.OUT_PROD_OFFSET, 0x7FFFFFF0)
+    raw.evtchn.notify(ring.port)
+    raw.wait(lambda: ring.in_error == EINVAL and ring.out_error == EINVAL)
+    # Still answerable, and released cleanly.
+    assert raw.release(sock_id).ret == 0
+
+
+def test_index_chaos_while_data_flows(raw: RawFrontend, echo_server: Any,
+                                      bystander: Any) -> None:
+    """Random index values written at random moments: the socket may break,
+    the backend may not."""
+    rng = random.Random(99)
+    for _ in range(5):
+        sock_id, ring = raw.connect_socket(echo_server.address, order=1)
+        for _ in range(20):
+            try:
+                ring.write(rng.randbytes(rng.randrange(1, 3000)))
+            except RingError:
+                pass  # our own view of the indexes is broken too
+            ring.put(rng.choice([_wire.IN_CONS_OFFSET, _wire.IN_PROD_OFFSET,
+                                 _wire.OUT_CONS_OFFSET, _wire.OUT_PROD_OFFSET]),
+                     rng.getrandbits(32))
+            raw.evtchn.notify(ring.port)
+            ring_read_safely(ring)
+        assert raw.release(sock_id).ret == 0
+
+
+def ring_read_safely(ring: Any) -> None:
+    try:
+        ring.read()
+    except RingError:
+        pass
+
+
+def test_command_ring_overflow_stops_only_that_frontend(dom0_xs: Any, make_frontend: Any,
+        host: Any, backend: pvcalls.Backend, bystander: Any) -> None:
+    fe = make_frontend("flooder")
+    assert fe.ring is not None
+    # req_prod far beyond the slots the ring has.
+    fe.ring._idx[0] = 1000
+    fe.evtchn.notify(fe.port)
+    fe.wait_backend_state(5)
+    error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error is not None and error.startswith("22 ")
+    assert backend.stats().frontends == 2  # resources held until the frontend closes
+    fe.close()
+    wait_until(lambda: backend.stats().frontends == 1)  # only the bystander
+    fe.xs.close()
+
+
+def test_requests_with_released_rings_and_reused_ids(
+        raw: RawFrontend, echo_server: Any, bystander: Any) -> None:
+    """ACCEPT/CONNECT reusing an active id, RELEASE twice, requests after release."""
+    sock_id, ring = raw.connect_socket(echo_server.address)
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, raw.new_ring())).ret != 0
+    _, rsp = raw.socket(sock_id)
+    assert rsp.ret == -17
+    assert raw.release(sock_id).ret == 0
+    assert raw.release(sock_id).ret == EBADF
+    # The guest keeps writing into a ring the backend no longer maps.
+    ring.write(b"after release")
+    raw.evtchn.notify(ring.port)
+    _, rsp = raw.socket(sock_id)
+    assert rsp.ret == 0
