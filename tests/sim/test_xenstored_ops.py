@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -440,3 +441,21 @@ def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:
     run_dir = tmp_path / ("d" * 100)
     with pytest.raises(OSError, match="cannot listen on .*ddd"):
         XenStored(run_dir).start()
+
+
+def test_a_second_server_on_the_same_run_dir_is_refused(xsd: XenStored) -> None:
+    with pytest.raises(OSError, match="served by someone else"):
+        XenStored(xsd.run_dir).start()
+    with RawClient(xsd.path) as c:  # the first one is unharmed
+        assert c.read("/") == b""
+
+
+def test_a_stale_socket_is_replaced() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        with XenStored(Path(d)) as first:
+            stale = first.path
+        leftover = socket.socket(socket.AF_UNIX)
+        leftover.bind(str(stale))  # bound, never listening: a dead server's file
+        leftover.close()
+        with XenStored(Path(d)) as second, RawClient(second.path) as c:
+            assert c.read("/") == b""

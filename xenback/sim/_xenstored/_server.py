@@ -64,6 +64,9 @@ _unpack_header = HEADER.unpack_from
 
 #: Stop reading a client's requests while this many reply bytes wait for it.
 PAUSE_OUTPUT = 64 * 1024
+#: The least ``max_queued`` that lets a paused client still get the reply
+#: that paused it and some events.
+MIN_QUEUED = PAUSE_OUTPUT + 4 * (HEADER_SIZE + PAYLOAD_MAX)
 
 
 class XenStored:
@@ -79,8 +82,8 @@ class XenStored:
     """
 
     def __init__(self, run_dir: Path, *, max_queued: int = 1 << 20) -> None:
-        if max_queued < PAUSE_OUTPUT + HEADER_SIZE + PAYLOAD_MAX:
-            raise ValueError(f"max_queued must be at least {PAUSE_OUTPUT + 2 * PAYLOAD_MAX}")
+        if max_queued < MIN_QUEUED:
+            raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
         self.run_dir = Path(run_dir)
         self.max_queued = max_queued
         self._dispatcher = Dispatcher(self._send, self._introduce, self._release)
@@ -269,7 +272,9 @@ class XenStored:
 
     def _bind(self, path: Path) -> socket.socket:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._unlink(path)
+        if self._served(path):
+            raise OSError(errno.EADDRINUSE, f"{path} is served by someone else already")
+        self._unlink(path)  # a stale socket of a dead server
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(os.fspath(path))
@@ -283,6 +288,16 @@ class XenStored:
             sock.close()
             raise
         return sock
+
+    @staticmethod
+    def _served(path: Path) -> bool:
+        """Does something accept connections on ``path``?"""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(os.fspath(path))
+            except OSError:
+                return False
+        return True
 
     @staticmethod
     def _unlink(path: Path) -> None:
