@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from xenback.sim._xenstored import Op, RawClient, XenStored, XsError
+from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError
 
 
 @pytest.fixture
@@ -459,3 +459,15 @@ def test_a_stale_socket_is_replaced() -> None:
         leftover.close()
         with XenStored(Path(d)) as second, RawClient(second.path) as c:
             assert c.read("/") == b""
+
+
+def test_quotas_can_be_configured() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=Quota(nodes=3, watches=1)
+    ) as server, RawClient(server.path) as admin:
+        with make_guest(server, admin, 1) as guest:
+            guest.write("a", "")
+            guest.write("b", "")
+            assert error_of(guest.write, "c", "") == "ENOSPC"
+            guest.watch("a", "t")
+            assert error_of(guest.watch, "b", "t") == "ENOSPC"

@@ -11,7 +11,8 @@ gets a socket of its own whose connections are that domain, unprivileged.
 """
 
 from ._client import RawClient
+from ._ops import Quota
 from ._server import XenStored
 from ._wire import Op, XsError
 
-__all__ = ["XenStored", "RawClient", "Op", "XsError"]
+__all__ = ["XenStored", "Quota", "RawClient", "Op", "XsError"]

@@ -14,6 +14,7 @@ thread only, and the store, watches and domains are touched only there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -50,15 +51,19 @@ _OK = b"OK\0"
 _DOMID_SELF = 0x7FF0
 
 
+@dataclasses.dataclass(frozen=True)
 class Quota:
-    """cxenstored's default quotas, applied to unprivileged domains only."""
+    """Limits for unprivileged domains; the defaults are cxenstored's.
 
-    nodes = 1000  # nodes a domain may own
-    watches = 128  # watches per domain
-    transactions = 10  # open transactions per domain
-    node_size = 2048  # a node record must be smaller (see _tree.node_size)
-    perms = 5  # permission entries per node
-    transaction_nodes = 1024  # nodes one transaction may touch
+    Exceeding one is ENOSPC.  Privileged connections have none.
+    """
+
+    nodes: int = 1000  #: nodes a domain may own
+    watches: int = 128  #: watches per domain
+    transactions: int = 10  #: open transactions per domain
+    node_size: int = 2048  #: a node record must be smaller (see _tree.node_size)
+    perms: int = 5  #: permission entries per node
+    transaction_nodes: int = 1024  #: nodes one transaction may touch
 
 
 # --- argument parsing: cxenstored's onearg() and get_strings() -------------
@@ -98,12 +103,13 @@ class Dispatcher:
         send: Callable[[Connection, bytes], None],
         introduce: Callable[[int], Domain],
         release: Callable[[int], None],
+        quota: Quota | None = None,
     ) -> None:
         self.store = Store()
         self.watches = WatchIndex()
         self.dom0 = Domain(0, privileged=True)
         self.domains: dict[int, Domain] = {0: self.dom0}
-        self.quota = Quota()
+        self.quota = quota or Quota()
         self._send = send
         self._introduce = introduce
         self._release = release

@@ -48,7 +48,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._connection import Connection, Domain
-from ._ops import Dispatcher
+from ._ops import Dispatcher, Quota
 from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
 
 __all__ = ["XenStored"]
@@ -79,14 +79,17 @@ class XenStored:
 
     ``max_queued`` bounds the bytes waiting for one client; a client that
     lets more pile up (by not reading its watch events) is disconnected.
+    ``quota`` replaces cxenstored's default limits for unprivileged domains.
     """
 
-    def __init__(self, run_dir: Path, *, max_queued: int = 1 << 20) -> None:
+    def __init__(
+        self, run_dir: Path, *, max_queued: int = 1 << 20, quota: Quota | None = None
+    ) -> None:
         if max_queued < MIN_QUEUED:
             raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
         self.run_dir = Path(run_dir)
         self.max_queued = max_queued
-        self._dispatcher = Dispatcher(self._send, self._introduce, self._release)
+        self._dispatcher = Dispatcher(self._send, self._introduce, self._release, quota)
         self._selector: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
