@@ -222,9 +222,12 @@ def clr_flags(worker: Worker, flags: int) -> None:
 class PoolWorkqueue:
     """The link between a workqueue and a pool (struct pool_workqueue).
 
-    Invariant: nr_active is the number of this pwq's items on the pool's
+    Invariants: nr_active is the number of this pwq's items on the pool's
     worklist, on workers' scheduled lists or running; it exceeds max_active
-    only after max_active was lowered.  Items beyond it are on `inactive`.
+    only after max_active was lowered.  Items beyond it wait on `inactive`,
+    and `inactive` is non-empty only while nr_active >= max_active: every
+    place that lowers nr_active or raises max_active activates at once, so
+    a newly queued item can never overtake an inactive one.
     """
 
     __slots__ = (

@@ -20,9 +20,11 @@ Carry your own fields by subclassing (the kernel's container_of idiom):
             self.sock = sock
         def poll(self): ...
 
-A Work belongs to one topology at a time; queueing one item on workqueues of
-two different kinds of pools at once keeps the pending bit but the kernel's
-non-reentrancy promise, like the kernel's, is per workqueue.
+A Work never runs concurrently with itself, whichever threads, CPUs and
+workqueues queue it: a worker that dequeues an item whose previous run is
+still going hands it to the worker running it, which runs it next (the
+kernel promises this per workqueue; one engine lock lets us promise it for
+all of them).
 """
 
 from __future__ import annotations

@@ -88,7 +88,25 @@ def _check_work(work: object, kind: type[Work] = Work) -> None:
 
 
 class Workqueue(Executor):
-    """A workqueue; make one with alloc_workqueue() or alloc_ordered_workqueue()."""
+    """A workqueue; make one with alloc_workqueue() or alloc_ordered_workqueue().
+
+    The kernel's interface, on a Work (or DelayedWork) you allocate:
+
+        queue_work(w) / queue_work_on(cpu, w)              -> bool
+        queue_delayed_work(dw, s) / queue_delayed_work_on(cpu, dw, s) -> bool
+        mod_delayed_work(dw, s) / mod_delayed_work_on(cpu, dw, s)     -> bool
+        flush(), drain(), destroy(), set_max_active(n), freeze(), thaw()
+        stats(), dump(), add_trace_hook(hook), remove_trace_hook(hook)
+
+    The Executor interface, where each call becomes a work item of its own:
+
+        submit(fn, *args, **kwargs) -> Future, map(...), shutdown(...),
+        serial(key) -> an Executor running one key's calls in order
+
+    shutdown() is destroy() for executors: it drains, then releases the
+    pools; like destroy(), it refuses all queueing but chained queueing
+    from the workqueue's own items as soon as it starts.
+    """
 
     def __init__(self, name: str, flags: int = 0, max_active: int = 0,
                  topology: Topology | None = None) -> None:

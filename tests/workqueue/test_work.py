@@ -299,3 +299,30 @@ def test_subclass_carries_fields(make_wq: Any) -> None:
     c.flush()
     assert c.seen == 7
     assert "Conn" in repr(c)
+
+
+def test_non_reentrancy_holds_across_workqueues(make_wq: Any) -> None:
+    from workqueue import WQ_UNBOUND
+    bound = make_wq("bound")
+    unbound = make_wq("unbound", WQ_UNBOUND)
+    first_done = threading.Event()
+    started = threading.Event()
+    release = threading.Event()
+    saw: list[bool] = []
+
+    def func(work: Work) -> None:
+        if not started.is_set():
+            started.set()
+            assert release.wait(TIMEOUT)
+            first_done.set()
+        else:
+            saw.append(first_done.is_set())
+
+    w = Work(func)
+    bound.queue_work_on(0, w)
+    assert started.wait(TIMEOUT)
+    assert unbound.queue_work(w) is True  # an unbound worker picks it up ...
+    release.set()                          # ... but it waits for the first run
+    unbound.flush()
+    w.flush()
+    assert saw == [True]
