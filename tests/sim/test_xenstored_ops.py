@@ -471,3 +471,16 @@ def test_quotas_can_be_configured() -> None:
             assert error_of(guest.write, "c", "") == "ENOSPC"
             guest.watch("a", "t")
             assert error_of(guest.watch, "b", "t") == "ENOSPC"
+
+
+def test_connections_per_domain_are_limited() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=Quota(connections=2)
+    ) as server, RawClient(server.path) as admin:
+        first = make_guest(server, admin, 1)
+        second = RawClient(server.introduce_path(1))
+        with first, second, RawClient(server.introduce_path(1)) as third:
+            with pytest.raises(ConnectionError):
+                third.read("/local/domain/1")
+            assert first.read("/local/domain/1") == b""
+            assert second.read("/local/domain/1") == b""

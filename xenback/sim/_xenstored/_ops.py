@@ -64,6 +64,9 @@ class Quota:
     node_size: int = 2048  #: a node record must be smaller (see _tree.node_size)
     perms: int = 5  #: permission entries per node
     transaction_nodes: int = 1024  #: nodes one transaction may touch
+    #: connections on a domain's socket (not in cxenstored, where a domain
+    #: has exactly one ring; here a guest could otherwise open any number)
+    connections: int = 64
 
 
 # --- argument parsing: cxenstored's onearg() and get_strings() -------------

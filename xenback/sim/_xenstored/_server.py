@@ -321,6 +321,10 @@ class XenStored:
                 # EMFILE and friends: leave the backlog for later.
                 logger.warning("accept on %s: %s", domain, e)
                 return
+            if not domain.privileged and len(domain.conns) >= self._dispatcher.quota.connections:
+                logger.warning("%r: too many connections, refusing one", domain)
+                sock.close()
+                continue
             sock.setblocking(False)
             self._nconn += 1
             conn = Connection(sock, domain, f"#{self._nconn}")
