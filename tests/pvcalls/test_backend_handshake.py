@@ -12,9 +12,8 @@ from pvcalls import _wire
 from workqueue import Topology
 
 
-def test_feature_nodes_then_initwait(host: Any, backend: pvcalls.Backend) -> None:
-    guest = host.create_domain("g")
-    fe = RawFrontend(host, guest, connect=False)
+def test_feature_nodes_then_initwait(make_frontend: Any, backend: pvcalls.Backend) -> None:
+    fe = make_frontend("g", connect=False)
     fe.wait_backend_state(2)
     be = fe.be_path
     assert fe.xs.read(f"{be}/versions") == "1"
@@ -34,7 +33,6 @@ def test_max_page_order_is_configurable(make_frontend: Any, host: Any, topology:
         fe = make_frontend("g", connect=False)
         fe.wait_backend_state(2)
         assert fe.xs.read(f"{fe.be_path}/max-page-order") == str(_wire.MAX_PAGE_ORDER_LIMIT)
-        fe.xs.close()
 
 
 @pytest.mark.parametrize(
