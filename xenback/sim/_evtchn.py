@@ -6,11 +6,15 @@ end and notifies with one non-blocking ``write``; a full pipe means the port
 is already pending, so nothing is ever lost or waited for.  No service is
 on the notify path, which keeps the latency that of a pipe.
 
-All port pipes sit in one epoll instance with ``EPOLLONESHOT``: a port that
-fired is disabled in it, i.e. masked, until :meth:`EventChannel.unmask`
-re-arms it, and whatever was written meanwhile is reported again at that
-moment.  These are libxenevtchn's semantics; the epoll descriptor is the
-handle's :meth:`~EventChannel.fileno`.
+All port pipes sit in one epoll instance, the handle's
+:meth:`~EventChannel.fileno`.  Masking is libxenevtchn's: a port that fired
+stays masked until :meth:`EventChannel.unmask`, and whatever was notified
+meanwhile is reported again at that moment.  It is done lazily, as Linux
+masks interrupts lazily: :meth:`~EventChannel.pending` only marks the port
+masked; only if the port is notified again while masked does the handle
+stop watching its pipe (``EPOLL_CTL_MOD`` with no events), and unmask
+resumes watching it, which reports the remembered notification.  The common
+cycle (fire, pending, unmask) thus costs no epoll_ctl at all.
 
 The connection to the hypervisor service is in the same epoll set: the
 service pushes a message when a peer binds to one of our unbound ports (with
@@ -30,11 +34,12 @@ from dataclasses import dataclass
 from xenback.platform import EventChannelError
 
 from ._hypervisor import MAX_EVTCHN_PORT
-from ._proto import Message, ServiceConnection, close_fds
+from ._proto import Message, ServiceConnection, close_fds, raise_nofile_limit
 
 logger = logging.getLogger(__name__)
 
-_ARMED = select.EPOLLIN | select.EPOLLONESHOT
+_WATCH = select.EPOLLIN
+_IGNORE = 0
 
 
 @dataclass(eq=False)
@@ -44,6 +49,8 @@ class _LocalPort:
     remote_domid: int
     remote_port: int | None = None  # None while unbound
     peer_fd: int | None = None  # write end of the peer's pipe, once connected
+    masked: bool = False  # fired, not yet unmasked
+    ignored: bool = False  # notified while masked: epoll stopped watching rfd
 
 
 def _check_domid(domid: int) -> None:
@@ -64,6 +71,7 @@ class EventChannel:
     """
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
+        raise_nofile_limit()
         self._epoll = select.epoll()
         try:
             self._conn = ServiceConnection(socket_path, EventChannelError, self._on_push)
@@ -148,7 +156,7 @@ class EventChannel:
                 return
             self._ports[lp.port] = lp
             self._by_fd[lp.rfd] = lp.port
-            self._epoll.register(lp.rfd, _ARMED)
+            self._epoll.register(lp.rfd, _WATCH)
 
     def unbind(self, port: int) -> None:
         """Close ``port``; its peer's port becomes unbound and fires."""
@@ -204,11 +212,21 @@ class EventChannel:
                 fd = events[0][0]
                 port = self._by_fd.get(fd)
                 if port is not None:
-                    # Clear the pending bit.  Anything written after this
-                    # read is reported again when the port is unmasked.
+                    lp = self._ports[port]
+                    if lp.masked:
+                        # Notified while masked: remember (the bytes stay
+                        # in the pipe) and stop watching until unmask.
+                        self._epoll.modify(fd, _IGNORE)
+                        lp.ignored = True
+                        continue
+                    # Mask, and clear the pending bit.  Anything written
+                    # after this read is reported again at unmask.
+                    lp.masked = True
                     try:
-                        while len(os.read(fd, 4096)) == 4096:
-                            pass
+                        # Usually one byte: a small first read is cheaper.
+                        if len(os.read(fd, 64)) == 64:
+                            while os.read(fd, 65536):
+                                pass
                     except BlockingIOError:
                         pass
                     return port
@@ -224,7 +242,10 @@ class EventChannel:
             lp = self._ports.get(port)
             if lp is None:
                 raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
-            self._epoll.modify(lp.rfd, _ARMED)
+            lp.masked = False
+            if lp.ignored:
+                lp.ignored = False
+                self._epoll.modify(lp.rfd, _WATCH)
 
     def remote(self, port: int) -> tuple[int, int] | None:
         """``(domid, port)`` of the peer of ``port``, or None while unbound.

@@ -45,13 +45,13 @@ class SimHost:
     """
 
     def __init__(self, run_dir: str | os.PathLike[str] | None = None) -> None:
+        # A temporary run directory is made by start(), so that a host that
+        # is never started leaves nothing behind.
         self._own_run_dir = run_dir is None
-        self._run_dir = (
-            Path(tempfile.mkdtemp(prefix="xenback-sim-")) if run_dir is None else Path(run_dir)
-        ).absolute()
-        self._xenstored = XenStored(self._run_dir)
-        self._hypervisor = Hypervisor(self._run_dir)
-        self._toolstack = Toolstack(self._xenstored.path)
+        self._run_dir = None if run_dir is None else Path(run_dir).absolute()
+        self._xenstored: XenStored | None = None
+        self._hypervisor: Hypervisor | None = None
+        self._toolstack: Toolstack | None = None
         # _lock protects _domains, _domids, _state, and makes creating and
         # destroying a domain atomic: a domain is listed only once XenStore
         # and the hypervisor both know it.  Rule: held for the whole of
@@ -69,14 +69,20 @@ class SimHost:
             if self._state != "new":
                 raise RuntimeError(f"SimHost is {self._state}")
             self._state = "starting"
-            self._run_dir.mkdir(parents=True, exist_ok=True)
             try:
+                if self._run_dir is None:
+                    self._run_dir = Path(tempfile.mkdtemp(prefix="xenback-sim-"))
+                run_dir = self._run_dir
+                run_dir.mkdir(parents=True, exist_ok=True)
+                self._xenstored = XenStored(run_dir)
+                self._hypervisor = Hypervisor(run_dir)
+                self._toolstack = Toolstack(self._xenstored.path)
                 self._xenstored.start()
                 self._hypervisor.start()
                 self._hypervisor.add_domain(0, "Domain-0")
                 self._hypervisor.set_xenstore_path(0, os.fspath(self._xenstored.path))
                 self._populate(0, "Domain-0")
-                self._domains[0] = Domain(self._run_dir, 0, "Domain-0", self._xenstored.path)
+                self._domains[0] = Domain(run_dir, 0, "Domain-0", self._xenstored.path)
             except BaseException:
                 self._teardown()
                 raise
@@ -95,13 +101,16 @@ class SimHost:
 
     def _teardown(self) -> None:
         self._state = "closed"
-        self._toolstack.close()
-        self._hypervisor.stop()
-        self._xenstored.stop()
+        if self._hypervisor is not None:
+            self._hypervisor.stop()
+        if self._xenstored is not None:
+            self._xenstored.stop()
         self._domains.clear()
         self._cleanup_run_dir()
 
     def _cleanup_run_dir(self) -> None:
+        if self._run_dir is None:
+            return
         if self._own_run_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             return
@@ -128,12 +137,14 @@ class SimHost:
 
     @property
     def run_dir(self) -> Path:
+        if self._run_dir is None:
+            raise RuntimeError("the run directory is made when the host starts")
         return self._run_dir
 
     @property
     def xenstore_path(self) -> Path:
         """The dom0 XenStore socket (what ``XENSTORED_PATH`` should name)."""
-        return self._xenstored.path
+        return self.xenstored.path
 
     @property
     def dom0(self) -> Domain:
@@ -143,14 +154,22 @@ class SimHost:
 
     @property
     def toolstack(self) -> Toolstack:
+        if self._toolstack is None:
+            raise RuntimeError("SimHost is not started")
         return self._toolstack
 
     @property
     def xenstored(self) -> XenStored:
+        """The XenStore server (H3's :class:`~xenback.sim._xenstored.XenStored`)."""
+        if self._xenstored is None:
+            raise RuntimeError("SimHost is not started")
         return self._xenstored
 
     @property
     def hypervisor(self) -> Hypervisor:
+        """The hypervisor service; ``hypervisor.stats()`` counts live objects."""
+        if self._hypervisor is None:
+            raise RuntimeError("SimHost is not started")
         return self._hypervisor
 
     def domains(self) -> list[Domain]:
@@ -184,14 +203,14 @@ class SimHost:
             # As libxl: the domain's home first, then introduce it; the
             # hypervisor knows the domain before anyone hears of it.
             self._populate(domid, name)
-            self._hypervisor.add_domain(domid, name)
+            self.hypervisor.add_domain(domid, name)
             try:
-                xs_path = self._xenstored.introduce_domain(domid)
-                self._hypervisor.set_xenstore_path(domid, os.fspath(xs_path))
+                xs_path = self.xenstored.introduce_domain(domid)
+                self.hypervisor.set_xenstore_path(domid, os.fspath(xs_path))
             except BaseException:
-                self._hypervisor.remove_domain(domid)
+                self.hypervisor.remove_domain(domid)
                 raise
-            domain = Domain(self._run_dir, domid, name, xs_path)
+            domain = Domain(self.run_dir, domid, name, xs_path)
             self._domains[domid] = domain
         logger.info("created domain %d (%s)", domid, name)
         return domain
@@ -211,20 +230,20 @@ class SimHost:
             if domid not in self._domains:
                 raise LookupError(f"no domain {domid}")
             del self._domains[domid]
-            self._hypervisor.remove_domain(domid)
-            self._xenstored.release_domain(domid)
-            for dev in self._toolstack.devices():
+            self.hypervisor.remove_domain(domid)
+            self.xenstored.release_domain(domid)
+            for dev in self.toolstack.devices():
                 if domid in (dev.frontend_id, dev.backend_id):
-                    self._toolstack.destroy_device(dev)
+                    self.toolstack.destroy_device(dev)
 
             def cleanup(c: pyxs.Client) -> None:
                 for path in (f"/local/domain/{domid}", f"/libxl/{domid}"):
                     if c.exists(path.encode()):
                         c.delete(path.encode())
 
-            self._toolstack.transaction(cleanup)
+            self.toolstack.transaction(cleanup)
             try:
-                (self._run_dir / "domains" / str(domid)).rmdir()
+                (self.run_dir / "domains" / str(domid)).rmdir()
             except OSError:
                 pass
         logger.info("destroyed domain %d", domid)
@@ -257,4 +276,4 @@ class SimHost:
                 for sub in _GUEST_DIRS:
                     c.mkdir(home + b"/" + sub.encode())
 
-        self._toolstack.transaction(body)
+        self.toolstack.transaction(body)

@@ -47,6 +47,7 @@ from ._proto import (
     Message,
     close_fds,
     decode,
+    raise_nofile_limit,
     recv_message,
     send_message,
 )
@@ -216,6 +217,7 @@ class Hypervisor:
     # -- host interface ------------------------------------------------------
 
     def start(self) -> None:
+        raise_nofile_limit()
         self._thread = threading.Thread(
             target=self._serve, name=f"xenback-sim-hypervisor:{self.run_dir}", daemon=True
         )
@@ -302,13 +304,28 @@ class Hypervisor:
                 if self._stopping:
                     return
                 for key, _ in events:
-                    if key.data is None:
-                        os.read(self._wake_r, 4096)
-                    elif isinstance(key.data, _Domain):
-                        self._accept(key.data)
-                    elif not key.data.closed:
-                        self._receive(key.data)
-                self._reap()
+                    try:
+                        self._dispatch(key.data)
+                    except Exception:
+                        # A bug, not bad input (that gets an errno).  Drop
+                        # what caused it and keep serving everybody else.
+                        logger.exception("hypervisor: failure serving %r", key.data)
+                        if isinstance(key.data, _Conn):
+                            self._doomed.append(key.data)
+                try:
+                    self._reap()
+                except Exception:
+                    logger.exception("hypervisor: failure closing a handle")
+                    self._doomed.clear()
+
+    def _dispatch(self, data: _Domain | _Conn | None) -> None:
+        if data is None:
+            os.read(self._wake_r, 4096)
+        elif isinstance(data, _Domain):
+            if data.domid in self._domains:  # not removed earlier in this round
+                self._accept(data)
+        elif not data.closed:
+            self._receive(data)
 
     def _all_conns(self) -> list[_Conn]:
         return [c for d in self._domains.values() for c in d.conns]

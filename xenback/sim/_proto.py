@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -39,6 +40,22 @@ MAX_FDS = 253
 Message = dict[str, Any]
 
 _FDS = array.array("i")
+
+
+def raise_nofile_limit() -> None:
+    """Lift this process's soft descriptor limit to the hard one.
+
+    Every event channel is a pipe whose ends live in both domains' handles
+    and in the service, so a few hundred channels outgrow the usual soft
+    limit of 1024, as in any server that holds many connections.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as e:
+            logger.debug("cannot raise RLIMIT_NOFILE to %d: %s", target, e)
 
 
 def encode(msg: Message) -> bytes:

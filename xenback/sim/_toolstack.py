@@ -25,7 +25,6 @@ import errno
 import logging
 import os
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -90,29 +89,25 @@ def _check_domid(what: str, value: int) -> None:
 class Toolstack:
     """Creates and removes devices the way libxl does; acts as dom0.
 
-    Connects lazily to the dom0 XenStore socket; :meth:`close` disconnects.
+    Holds no connection between calls (each operation opens its own
+    XenStore client), so it needs no closing and is safe to share between
+    threads.
     """
 
     def __init__(self, xenstore_path: str | os.PathLike[str]) -> None:
         self._xenstore_path = os.fspath(xenstore_path)
-        # _lock serialises the use of _client (a pyxs client carries one
-        # transaction at a time).  Rule: never held while waiting for a
-        # backend; the wait uses a client of its own.
-        self._lock = threading.Lock()
-        self._client: pyxs.Client | None = None
 
-    def _connect(self) -> pyxs.Client:
-        if self._client is None:
-            client = pyxs.Client(unix_socket_path=self._xenstore_path)
-            client.connect()
-            self._client = client
-        return self._client
+    @contextmanager
+    def _client(self) -> Iterator[pyxs.Client]:
+        client = pyxs.Client(unix_socket_path=self._xenstore_path)
+        client.connect()
+        try:
+            yield client
+        finally:
+            client.close()
 
     def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        """Nothing to release; kept so that a Toolstack works in ``with``."""
 
     def __enter__(self) -> Toolstack:
         return self
@@ -122,8 +117,7 @@ class Toolstack:
 
     def transaction(self, body: Callable[[pyxs.Client], T]) -> T:
         """Run ``body(client)`` in a transaction, retrying on EAGAIN."""
-        with self._lock:
-            client = self._connect()
+        with self._client() as client:
             while True:
                 client.transaction()
                 try:
@@ -226,8 +220,7 @@ class Toolstack:
     def devices(self, domid: int | None = None) -> list[Device]:
         """Devices libxl knows of, for frontend ``domid`` or all."""
         out = []
-        with self._lock:
-            c = self._connect()
+        with self._client() as c:
             fes = [domid] if domid is not None else [int(d) for d in _list(c, b"/libxl")]
             for fe in fes:
                 base = f"/libxl/{fe}/device".encode()
@@ -244,29 +237,25 @@ class Toolstack:
 
     @contextmanager
     def _watch(self, path: bytes) -> Iterator[queue.Queue[Any]]:
-        client = pyxs.Client(unix_socket_path=self._xenstore_path)
-        client.connect()
-        try:
+        with self._client() as client:
             monitor = client.monitor()
             monitor.watch(path, b"toolstack")
             yield monitor.events
-        finally:
-            client.close()
 
     def _wait_closed(self, path: bytes, events: queue.Queue[Any], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                state = self._connect().read(path)
-            if state is None or _int(state) == XENBUS_STATE_CLOSED:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                events.get(timeout=remaining)
-            except queue.Empty:
-                return False
+        with self._client() as client:
+            while True:
+                state = client.read(path)
+                if state is None or _int(state) == XENBUS_STATE_CLOSED:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                try:
+                    events.get(timeout=remaining)
+                except queue.Empty:
+                    return False
 
 
 def _int(value: bytes) -> int:
