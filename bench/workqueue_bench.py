@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows: list[Row] = []
+    load_before = os.getloadavg()[0]
 
     def note(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -378,10 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     work_bytes = memory_per_object(lambda: Work(empty))
     future_bytes = memory_per_object(Future)
 
+    load = os.getloadavg()[0]
     lines = [
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs ({platform.machine()}), "
         f"baseline ThreadPoolExecutor(max_workers={os.cpu_count()}), "
-        f"{'quick run' if args.quick else f'best of {repeat}'}.",
+        f"{'quick run' if args.quick else f'best of {repeat}'}, the two sides alternating; "
+        f"load average {load_before:.1f} before, {load:.1f} after.",
         "",
         "| benchmark | unit | workqueue | ThreadPoolExecutor | ratio | target | met |",
         "|---|---|---:|---:|---:|---|---|",

@@ -283,8 +283,6 @@ class _SerialDomain:
 # when the workqueue is collected.
 _DOMAIN_ATTR = "_serial_domain"
 _domains_lock = threading.Lock()  # makes the first serial() of a workqueue create one domain
-
-
 _CLOSED = "closed"  # the attribute's value after close_serial()
 
 

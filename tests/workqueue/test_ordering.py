@@ -127,6 +127,14 @@ def test_ordered_workqueue_keeps_each_producers_order_without_a_common_lock() ->
 
 
 def test_serial_keys_keep_submission_order_on_their_cpu() -> None:
+    serial_keys_keep_order(hotplug=False)
+
+
+def test_serial_keys_keep_submission_order_through_cpu_hotplug() -> None:
+    serial_keys_keep_order(hotplug=True)
+
+
+def serial_keys_keep_order(*, hotplug: bool) -> None:
     topo = Topology(4)
     wq = alloc_workqueue("serial-order", topology=topo)
     keys = [f"sock{k}" for k in range(24)]
@@ -138,11 +146,13 @@ def test_serial_keys_keep_submission_order_on_their_cpu() -> None:
     wrong_cpu: list[tuple[str, int, int]] = []
     futures: list[Future[None]] = []
     futures_lock = threading.Lock()
+    producing = threading.Event()
+    producing.set()
 
     def call(key: str, tag: tuple[int, int]) -> None:
         with overlaps[key]:
             cpu = wq.serial(key).cpu
-            if topo.current_cpu() != cpu:
+            if not hotplug and topo.current_cpu() != cpu:
                 wrong_cpu.append((key, topo.current_cpu(), cpu))
             ran[key].append(tag)
 
@@ -157,8 +167,23 @@ def test_serial_keys_keep_submission_order_on_their_cpu() -> None:
         with futures_lock:
             futures.extend(mine)
 
+    def toggle_cpus() -> None:
+        n = 0
+        while producing.is_set():
+            topo.cpu_down(1 + n % 3)
+            topo.cpu_up(1 + n % 3)
+            n += 1
+
+    toggler = threading.Thread(target=toggle_cpus)
     try:
-        run_producers(produce)
+        if hotplug:
+            toggler.start()
+        try:
+            run_producers(produce)
+        finally:
+            producing.clear()
+            if hotplug:
+                toggler.join(TIMEOUT)
         done, not_done = wait(futures, timeout=TIMEOUT)
         assert not not_done
         for future in done:
@@ -167,11 +192,13 @@ def test_serial_keys_keep_submission_order_on_their_cpu() -> None:
             assert ran[key] == submitted[key], key
             assert overlaps[key].most == 1, key
         assert not wrong_cpu
-        # The keys were spread evenly over the four CPUs.
-        per_cpu = defaultdict(int)
+        per_cpu: dict[int, int] = defaultdict(int)
         for key in keys:
             per_cpu[wq.serial(key).cpu] += 1
-        assert sorted(per_cpu.values()) == [6, 6, 6, 6]
+        if not hotplug:  # the keys were spread evenly over the four CPUs
+            assert sorted(per_cpu.values()) == [6, 6, 6, 6]
+        else:  # every key is on an online CPU (all are online again)
+            assert set(per_cpu) <= set(topo.online())
     finally:
         for key in keys:
             wq.serial(key).shutdown(wait=True)
@@ -208,17 +235,28 @@ class Counted(Work):
         self.active = False
 
 
-@pytest.mark.parametrize("flags", [0, WQ_UNBOUND], ids=["bound", "unbound"])
-def test_work_never_runs_concurrently_with_itself(flags: int) -> None:
+@pytest.mark.parametrize(
+    ("flags", "hotplug"),
+    [(0, False), (WQ_UNBOUND, False), (0, True)],
+    ids=["bound", "unbound", "bound+hotplug"],
+)
+def test_work_never_runs_concurrently_with_itself(flags: int, hotplug: bool) -> None:
     topo = Topology(4)
     wq = alloc_workqueue("reentrancy", flags=flags, topology=topo)
     items = [Counted(k) for k in range(6)]
     for item in items:
         item.wq = wq
     accepted = [[0] * len(items) for _ in range(PRODUCERS)]
+    producing = threading.Event()
+    producing.set()
+    toggled = threading.Event()
+    toggles = [0]
+    if not hotplug:
+        toggled.set()
 
     def produce(p: int) -> None:
         rng = random.Random(1000 + p)
+        assert toggled.wait(TIMEOUT)  # with hotplug: the CPUs are already moving
         for _ in range(1500):
             k = rng.randrange(len(items))
             if rng.random() < 0.5:
@@ -227,13 +265,32 @@ def test_work_never_runs_concurrently_with_itself(flags: int) -> None:
                 ok = wq.queue_work(items[k])
             accepted[p][k] += ok
 
+    def toggle_cpus() -> None:
+        # CPUs 1-3 go down and up under the producers' feet; items queued on
+        # an offline CPU run unbound and must still never overlap themselves.
+        while producing.is_set():
+            cpu = 1 + toggles[0] % 3
+            topo.cpu_down(cpu)
+            topo.cpu_up(cpu)
+            toggles[0] += 1
+            toggled.set()
+
+    toggler = threading.Thread(target=toggle_cpus) if hotplug else None
     try:
-        run_producers(produce)
+        if toggler is not None:
+            toggler.start()
+        try:
+            run_producers(produce)
+        finally:
+            producing.clear()
+            if toggler is not None:
+                toggler.join(TIMEOUT)
         wq.flush()
         # Items queue themselves again for a while: flush until all is quiet.
         while any(item.pending or item.running for item in items):
             for item in items:
                 item.flush()
+        assert toggles[0] >= hotplug
         for k, item in enumerate(items):
             assert item.overlaps == 0, f"item {k} ran concurrently with itself"
             # Every accepted queueing is exactly one run: the pending bit
