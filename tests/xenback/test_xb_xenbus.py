@@ -342,3 +342,45 @@ def test_only_initialising_devices_are_probed(host, driver, frontends, dom0_xs) 
     _connected(host, driver, frontends, "good")
     assert all(d.frontend_id != guest.domid for d in driver.devices())
     assert dom0_xs.read(f"{root}/5/state") == "6" and dom0_xs.read(f"{root}/6/state") is None
+
+
+def test_many_devices_at_once(host, driver, frontends) -> None:
+    """Sixteen devices connect in parallel; half die with their domains,
+    the rest are removed by the toolstack; nothing is left behind."""
+    baseline_ports, baseline_grants = _ports(host), _grants(host)
+    guests = [host.create_domain(f"g{i}") for i in range(8)]
+    fes = []
+    for guest in guests:
+        for devid in (0, 1):
+            dev = host.toolstack.add_device("xbtest", guest.domid, devid=devid)
+            fes.append(frontends(guest, dev))
+    for fe in fes:
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish()
+    for fe in fes:
+        fe.wait_backend(S.CONNECTED)
+    assert len(driver.devices()) == 16
+    assert sum(d.resources[0] for d in driver.devices()) == 16
+
+    dying = guests[:4]
+    for fe in fes[:8]:
+        fe.close()
+    for guest in dying:
+        host.destroy_domain(guest)
+    for fe in fes[8:]:
+        fe.set_state(S.CLOSED)
+        fe.wait_backend(S.CLOSED)
+    removers = [threading.Thread(target=host.toolstack.remove_device, args=(fe.device, TIMEOUT))
+                for fe in fes[8:]]
+    for t in removers:
+        t.start()
+    for t in removers:
+        t.join(TIMEOUT)
+    for guest in guests:
+        for devid in (0, 1):
+            driver.wait_call("remove", guest.domid, devid)
+    for fe in fes[8:]:
+        fe.close()
+    driver.stop()  # waits for every device queue
+    assert driver.devices() == []
+    assert (_ports(host), _grants(host)) == (baseline_ports, baseline_grants)
