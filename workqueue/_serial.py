@@ -90,7 +90,7 @@ class _SerialFuture(Future[Any]):
         key_lock: threading.Lock,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        kwargs: dict[str, Any] | None,
     ) -> None:
         self._state = PENDING
         self._key_lock = key_lock
@@ -223,7 +223,7 @@ def _drain(work: Work) -> None:
         future.fn = future.args = future.kwargs = None  # type: ignore[assignment]
         assert fn is not None
         try:
-            result = fn(*args, **kwargs)
+            result = fn(*args, **kwargs) if kwargs else fn(*args)
         except BaseException as exc:
             future.set_exception(exc)
             del exc  # break the frame <-> traceback cycle
@@ -386,7 +386,9 @@ class SerialExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` after every call submitted before."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
-        future = _SerialFuture(self._lock, fn, args, kwargs)
+        # An empty kwargs dict is dropped at once: one object less per
+        # pending call for the cyclic collector to count and scan.
+        future = _SerialFuture(self._lock, fn, args, kwargs or None)
         work = self._work
         with self._lock:
             if self._shutdown:
