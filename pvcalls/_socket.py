@@ -76,8 +76,11 @@ logger = logging.getLogger(__name__)
 #: itself behind the other sockets of its CPU (fairness, like NAPI's budget).
 IO_BUDGET = 1 << 20
 
-#: Host socket events an active socket waits for (edge-triggered).
-ACTIVE_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+#: Host socket events an active socket waits for (edge-triggered).  Write
+#: space is only watched while a send is blocked (or a connect in progress):
+#: on loopback every ACK would otherwise wake the Work for nothing.
+ACTIVE_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+ACTIVE_EVENTS_OUT = ACTIVE_EVENTS | select.EPOLLOUT
 #: Host socket events a listening socket waits for (edge-triggered).
 PASSIVE_EVENTS = select.EPOLLIN | select.EPOLLET
 
@@ -239,6 +242,15 @@ class ActiveSocket(Work):
         self._tx_done = False               # out_error set: we consume no more
         self._placed = False
         self._torn_down = False
+        self._out_armed = False             # EPOLLOUT in the host socket's mask
+        # Whether a receive may find data: the host socket signalled since
+        # our last receive (_host_ready, set by the epoll callback), or our
+        # last receive may have left data behind (_rx_more: the ring was full
+        # or the read filled all the space).  A short read or EAGAIN drains
+        # the socket, and the next arrival is a new epoll edge, so a Work
+        # woken by the frontend alone skips the system call.
+        self._host_ready = False
+        self._rx_more = True
 
     def __repr__(self) -> str:
         return (f"<ActiveSocket dom{self.frontend.domid} id={self.id:#x} "
@@ -280,7 +292,8 @@ class ActiveSocket(Work):
             raise CommandError(_errno.from_host_errno(err),
                                f"connect to {address[0]}:{address[1]} failed at once")
         self.place()
-        self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS, self._on_event)
+        self._out_armed = True
+        self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS_OUT, self._on_host_event)
         # Also covers a connect that completed at once.
         self.kick()
 
@@ -293,11 +306,16 @@ class ActiveSocket(Work):
         with self._lock:
             self.state = SockState.CONNECTED
         self.place()
-        self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS, self._on_event)
+        self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
 
     # -- readiness ------------------------------------------------------------
 
     def _on_event(self, *_: object) -> None:
+        self.kick()
+
+    def _on_host_event(self, *_: object) -> None:
+        # Set before queueing: a Work that misses the flag is queued again.
+        self._host_ready = True
         self.kick()
 
     def kick(self) -> None:
@@ -349,9 +367,11 @@ class ActiveSocket(Work):
             return -1
         if not views:
             return 0
+        available = sum(len(view) for view in views)
         try:
             sent = host.sendmsg(views)
         except BlockingIOError:
+            self._watch_write_space(host, True)
             return 0
         except OSError as exc:
             self._tx_done = True
@@ -362,7 +382,17 @@ class ActiveSocket(Work):
             del views
         ring.out_ring.consume(sent)
         self.bytes_out += sent
+        if self._out_armed and sent == available:
+            self._watch_write_space(host, False)
         return sent
+
+    def _watch_write_space(self, host: socket.socket, on: bool) -> None:
+        """Add or drop EPOLLOUT.  Re-arming reports write space that freed up
+        meanwhile (epoll_ctl re-checks readiness), so no wake-up is lost."""
+        if self._out_armed != on:
+            self._out_armed = on
+            self.frontend.dispatcher.modify_fd(host.fileno(),
+                                               ACTIVE_EVENTS_OUT if on else ACTIVE_EVENTS)
 
     def _rx(self, ring: DataRing, host: socket.socket) -> int:
         """Host -> guest.  Bytes moved, or -1 if only the error state changed."""
@@ -374,13 +404,19 @@ class ActiveSocket(Work):
             self._protocol_error(ring, host, exc)
             return -1
         if not views:
+            self._rx_more = True
             return 0
+        if not (self._host_ready or self._rx_more):
+            return 0
+        self._host_ready = False
+        space = sum(len(view) for view in views)
         try:
             if len(views) == 1:
                 received = host.recv_into(views[0])
             else:
                 received = host.recvmsg_into(views)[0]
         except BlockingIOError:
+            self._rx_more = False
             return 0
         except OSError as exc:
             self._rx_done = True
@@ -389,6 +425,7 @@ class ActiveSocket(Work):
             return -1
         finally:
             del views
+        self._rx_more = received == space
         if received == 0:
             # Orderly shutdown by the peer: EOF for the frontend.
             self._rx_done = True
@@ -425,6 +462,7 @@ class ActiveSocket(Work):
                     return False
                 self.state = SockState.CONNECTED
                 request, self.connect_request = self.connect_request, None
+            self._watch_write_space(host, False)
             if request is not None:
                 self.frontend.respond(request, 0)
             return True
