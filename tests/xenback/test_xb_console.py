@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.xenback.conftest import TIMEOUT, leaked_threads
+from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from xenback import FlexRing, XenbusState, wire
 
 S = XenbusState

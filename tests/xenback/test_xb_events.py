@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tests.xenback.conftest import TIMEOUT, leaked_threads
+from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from xenback import EventDispatcher
 
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tests.xenback.conftest import TIMEOUT, RecordingDriver
+from tests.xenback.xbhelpers import TIMEOUT, RecordingDriver
 from xenback import XenbusState
 
 S = XenbusState

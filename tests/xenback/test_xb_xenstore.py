@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from tests.xenback.conftest import TIMEOUT, leaked_threads
+from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from xenback import EventQueue, XenStore
 
 

@@ -1,0 +1,140 @@
+"""Helpers of the xenback tests: a hand-written frontend, a recording
+backend driver and a thread-leak check."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from xenback import BackendDevice, BackendDriver, XenbusState, XenStore
+
+TIMEOUT = 10.0
+
+
+class SimFrontend:
+    """A guest's frontend driver, written out by hand as the tests need it:
+    it shares a ring page, allocates an event channel and walks the xenbus
+    states, or writes whatever garbage a test asks for."""
+
+    def __init__(self, guest: Any, device: Any) -> None:
+        self.guest = guest
+        self.device = device
+        self.path = device.frontend_path
+        self.backend = device.backend_path
+        self.xs = XenStore(guest.xenstore())
+        self.xs.open()
+        self.gntshr = guest.gntshr()
+        self.evtchn = guest.evtchn()
+        self.pages: Any = None
+        self.port: int | None = None
+
+    def set_state(self, state: XenbusState | str) -> None:
+        self.xs.write(f"{self.path}/state", state if isinstance(state, str) else int(state))
+
+    def share(self, npages: int = 1) -> None:
+        self.pages = self.gntshr.share_pages(self.device.backend_id, npages)
+        self.port = self.evtchn.bind_unbound_port(self.device.backend_id)
+
+    def publish(self, nodes: dict[str, str | int] | None = None,
+                state: XenbusState = XenbusState.INITIALISED) -> None:
+        """Write ring-ref/port (or ``nodes``) and ``state`` in one transaction."""
+        if nodes is None:
+            if self.pages is None:
+                self.share()
+            nodes = {"ring-ref": self.pages.refs[0], "port": self.port}
+
+        def tx(t: Any) -> None:
+            for key, value in nodes.items():
+                t.write(f"{self.path}/{key}", value)
+            t.write(f"{self.path}/state", int(state))
+
+        self.xs.transaction(tx)
+
+    def wait_backend(self, state: XenbusState, timeout: float = TIMEOUT) -> None:
+        self.xs.wait_for(f"{self.backend}/state", str(int(state)), timeout=timeout)
+
+    def close(self) -> None:
+        if self.xs is None:
+            return
+        if self.pages is not None:
+            try:
+                self.pages.unshare()
+            except OSError:
+                pass
+        self.gntshr.close()
+        self.evtchn.close()
+        self.xs.close()
+        self.xs = None
+
+
+class RecordingDriver(BackendDriver):
+    """A test backend: writes a feature, maps ``ring-ref`` and binds
+    ``port`` on connect, and records every hook call."""
+
+    device_type = "xbtest"
+
+    def __init__(self, platform: Any, **kwargs: Any) -> None:
+        super().__init__(platform, **kwargs)
+        self.calls: list[tuple[str, int, int]] = []
+        self.changed = threading.Condition()
+        self.connect_hook: Callable[[BackendDevice], None] | None = None
+        self.events_seen: list[int] = []
+
+    def _record(self, name: str, dev: BackendDevice) -> None:
+        # Hooks of one device run one at a time: catch any overlap.
+        assert dev.events.in_queue(), f"{name} ran outside the device's queue"
+        with self.changed:
+            self.calls.append((name, dev.frontend_id, dev.devid))
+            self.changed.notify_all()
+
+    def calls_of(self, dev_or_fe: Any, devid: int = 0) -> list[str]:
+        fe = dev_or_fe if isinstance(dev_or_fe, int) else dev_or_fe.frontend_id
+        with self.changed:
+            return [n for n, f, d in self.calls if (f, d) == (fe, devid)]
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+        with self.changed:
+            if not self.changed.wait_for(predicate, timeout):
+                raise AssertionError(f"timed out; calls so far: {self.calls}")
+
+    def wait_call(self, name: str, fe: int, devid: int = 0, count: int = 1) -> None:
+        self.wait(lambda: [n for n, f, d in self.calls if (n, f, d) == (name, fe, devid)].__len__() >= count)
+
+    def probe(self, dev: BackendDevice) -> None:
+        self._record("probe", dev)
+        dev.write("feature-test", 1)
+
+    def connect(self, dev: BackendDevice) -> None:
+        self._record("connect", dev)
+        if self.connect_hook is not None:
+            self.connect_hook(dev)
+        ref = dev.read_otherend_int("ring-ref")
+        port = dev.read_otherend_int("port")
+        if ref is None or port is None:
+            raise FileNotFoundError(2, "frontend did not publish ring-ref and port")
+        dev.driver_data = dev.map_grant_refs([ref])
+        dev.bind_evtchn(port, self._event)
+
+    def _event(self, port: int) -> None:
+        with self.changed:
+            self.events_seen.append(port)
+            self.changed.notify_all()
+
+    def disconnect(self, dev: BackendDevice) -> None:
+        self._record("disconnect", dev)
+        dev.driver_data = None
+
+    def remove(self, dev: BackendDevice) -> None:
+        self._record("remove", dev)
+
+
+def leaked_threads(before: set[int | None]) -> list[str]:
+    """Threads started since ``before`` that still run, except the
+    workqueue's shared pool workers and timer: like the kernel's kworkers
+    they belong to the process, not to the queue that first needed them."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.ident not in before and t.is_alive() and not t.name.startswith(("kworker/", "wq-"))
+    ]
