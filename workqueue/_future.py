@@ -1,17 +1,21 @@
 """The executor face: a lean Future and the work item that runs a submitted call.
 
 concurrent.futures.Future makes a Condition (and with it an RLock) in its
-constructor, which costs more than queueing a work item.  LeanFuture makes
-its condition only when someone waits on it, adds a callback or installs a
-wait()/as_completed() waiter; a future that is done before anyone looks at it
-never has one.  Everything else is the standard Future, so wait(),
-as_completed(), add_done_callback() and asyncio's wrap_future() work as usual.
+constructor, and concurrent.futures.wait() takes every future's condition:
+both cost more than queueing a work item.  A LeanFuture has no condition of
+its own.  Its `_condition`, which wait(), as_completed(), add_done_callback()
+and the other standard methods take to look at the state and the waiter
+lists, is one re-entrant lock shared by all lean futures (wait() takes it
+once per future; re-entrancy makes that cheap).  Nobody ever sleeps on that
+condition: result() and exception() sleep on a private lock per blocked
+thread, which the finishing side releases.
 
-Why the lock-free completion is safe (under the GIL, whose operations are
-sequentially consistent): the finishing side writes the new state, *then*
-looks for the condition; a waiting side makes the condition, *then* reads the
-state under it.  Either the finisher sees the condition and notifies under
-it, or the waiter sees the final state and does not wait.
+Why completing without a lock is safe (under the GIL, whose operations are
+sequentially consistent): a future is *watched* once anybody took its
+_condition.  The finishing side writes the new state, *then* reads
+`_watched`; a watcher sets `_watched`, *then* reads the state under the
+lock.  Either the finisher sees the watcher and notifies under the lock, or
+the watcher sees the final state and does not wait.
 
 Cancellation goes through the work item: a future can be cancelled exactly
 while its item is pending, which the engine lock decides (the state moves to
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import (  # the states, as concurrent.futures spells them
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -41,9 +45,19 @@ if TYPE_CHECKING:
 
 __all__ = ["LeanFuture", "CallWork", "cancel_pending_futures"]
 
+_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+# The `_condition` of every LeanFuture.  It guards the waiter lists
+# (_waiters, _blocked, _done_callbacks) of watched futures and orders a
+# watcher's look at the state against completion.  Held only for list
+# operations, never while user code runs; re-entrant because wait() takes it
+# once per future.  Lock order: engine lock -> this lock is never needed
+# (cancel drops the engine lock before notifying).
+_futures_cond = threading.Condition(threading.RLock())
+
 
 class LeanFuture(Future[Any]):
-    """A Future whose condition is made on first use.
+    """A Future that costs little until somebody waits on it.
 
     LeanFuture(work) is the future of a CallWork: cancel() succeeds exactly
     while the item is pending.  LeanFuture() stands alone, for executors
@@ -52,6 +66,9 @@ class LeanFuture(Future[Any]):
     Future, and cancel() succeeds until then.  Either way the state changes
     under the engine lock, which is what makes cancel and start exclusive.
     """
+
+    _watched = False
+    _blocked: list[threading.Lock] | None = None  # result()/exception() sleepers
 
     def __init__(self, work: CallWork | None = None) -> None:  # no super().__init__(): that is the cost
         self._work = work
@@ -63,11 +80,8 @@ class LeanFuture(Future[Any]):
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond: threading.Condition | None = self.__dict__.get("_cond")
-        if cond is None:
-            # setdefault is atomic: two first users end up with one condition.
-            cond = self.__dict__.setdefault("_cond", threading.Condition())
-        return cond
+        self._watched = True  # before the caller reads the state under it
+        return _futures_cond
 
     def __repr__(self) -> str:
         return f"<LeanFuture state={self._state} work={self._work!r}>"
@@ -83,7 +97,7 @@ class LeanFuture(Future[Any]):
                 return False
             # Nobody will run it, so there is nothing left to notify later.
             self._state = CANCELLED_AND_NOTIFIED
-        self._notify_cancelled()
+        self._notify(None, cancelled=True)
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
@@ -96,22 +110,51 @@ class LeanFuture(Future[Any]):
                 return False
         raise InvalidStateError(f"{self!r} cannot start: it is {state}")
 
-    def _notify_cancelled(self) -> None:
-        cond = self.__dict__.get("_cond")
-        if cond is not None:
-            with cond:
-                for waiter in self._waiters:
-                    waiter.add_cancelled(self)
-                cond.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
-
     def done(self) -> bool:
-        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+        return self._state in _DONE
+
+    def _wait(self, timeout: float | None) -> None:
+        """Sleep until done or *timeout* seconds passed."""
+        if self._state in _DONE:
+            return
+        with _futures_cond:
+            self._watched = True
+            if self._state in _DONE:
+                return
+            sleeper = threading.Lock()
+            sleeper.acquire()
+            if self._blocked is None:
+                self._blocked = []
+            self._blocked.append(sleeper)
+        if not sleeper.acquire(timeout=-1 if timeout is None else timeout):
+            with _futures_cond:
+                if self._blocked is not None and sleeper in self._blocked:
+                    self._blocked.remove(sleeper)
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._state == FINISHED and self._exception is None:
+        if self._state != FINISHED:
+            self._wait(timeout)
+        state = self._state
+        if state == FINISHED:
+            if self._exception is not None:
+                try:
+                    raise self._exception
+                finally:
+                    self = None  # type: ignore[assignment]  # break the traceback cycle
             return self._result
-        return super().result(timeout)
+        if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            raise CancelledError()
+        raise TimeoutError()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state != FINISHED:
+            self._wait(timeout)
+        state = self._state
+        if state == FINISHED:
+            return self._exception
+        if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            raise CancelledError()
+        raise TimeoutError()
 
     def set_result(self, result: Any) -> None:
         self._finish(result, None)
@@ -122,16 +165,27 @@ class LeanFuture(Future[Any]):
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         self._result = result
         self._exception = exception
-        self._state = FINISHED  # publish, then look for waiters (see module doc)
-        cond = self.__dict__.get("_cond")
-        if cond is not None:
-            with cond:
+        self._state = FINISHED  # publish, then look for watchers (see module doc)
+        if self._watched:
+            self._notify(exception)
+        elif self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def _notify(self, exception: BaseException | None, cancelled: bool = False) -> None:
+        """Wake whoever watches this future, now done (no lock held)."""
+        if self._watched:
+            with _futures_cond:
                 for waiter in self._waiters:
-                    if exception is None:
+                    if cancelled:
+                        waiter.add_cancelled(self)
+                    elif exception is None:
                         waiter.add_result(self)
                     else:
                         waiter.add_exception(self)
-                cond.notify_all()
+                blocked, self._blocked = self._blocked, None
+                for sleeper in blocked or ():
+                    sleeper.release()
+                _futures_cond.notify_all()  # for code that waits on _condition itself
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
@@ -180,5 +234,5 @@ def cancel_pending_futures(wq: Workqueue) -> int:
                     work.future._state = CANCELLED_AND_NOTIFIED
                     cancelled.append(work.future)
     for future in cancelled:
-        future._notify_cancelled()
+        future._notify(None, cancelled=True)
     return len(cancelled)

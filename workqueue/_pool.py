@@ -838,13 +838,13 @@ def start_rescuer(wq: Workqueue) -> Worker:
 
 def current_worker() -> Worker | None:
     """The Worker the calling thread is, or None."""
-    worker: Worker | None = getattr(_this_thread, "worker", None)
+    worker: Worker | None = _this_thread.worker
     return worker
 
 
 def current_work() -> Work | None:
     """The work item the calling thread is running, or None (current_work())."""
-    worker: Worker | None = getattr(_this_thread, "worker", None)
+    worker: Worker | None = _this_thread.worker
     return worker.current if worker is not None else None
 
 
@@ -857,7 +857,7 @@ class _Blocking:
         self._worker: Worker | None = None
 
     def __enter__(self) -> _Blocking:
-        worker: Worker | None = getattr(_this_thread, "worker", None)
+        worker: Worker | None = _this_thread.worker
         if worker is None or worker.current is None:
             return self
         with lock:

@@ -52,9 +52,20 @@ def _load_sched_getcpu() -> Callable[[], int] | None:
 
 _sched_getcpu = _load_sched_getcpu()
 
-# Which logical CPU of which topology the current thread is a worker of.
-# Worker threads set `.binding = (topology, cpu)`; other threads never do.
-_this_thread = threading.local()
+class _ThreadState(threading.local):
+    """What the engine knows about the calling thread.
+
+    Worker threads set `binding` to (topology, cpu) -- cpu None for an
+    unbound pool -- and `worker` to their Worker; other threads leave the
+    class defaults, which also make reading them cheap (a missing attribute
+    of a threading.local costs an exception inside getattr).
+    """
+
+    binding: tuple[Topology, int | None] | None = None
+    worker: Any = None
+
+
+_this_thread = _ThreadState()
 
 
 class Topology:
@@ -154,9 +165,10 @@ class Topology:
         thread is on the lowest online logical CPU mapped to the host CPU it
         runs on right now (or the lowest online CPU if none is mapped there).
         """
-        binding = getattr(_this_thread, "binding", None)
+        binding = _this_thread.binding
         if binding is not None and binding[0] is self and binding[1] in self._online:
-            cpu: int = binding[1]
+            cpu = binding[1]
+            assert cpu is not None
             return cpu
         host_map = self._host_to_logical
         if _sched_getcpu is not None:

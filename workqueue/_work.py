@@ -205,6 +205,7 @@ class DelayedWork(Work):
 
         Returns True if it waited for a pending or running instance.
         """
+        dropped_by = None
         with _pool.lock:
             if self._timer is not None:
                 # Even if it just fired: its callback will find _timer None.
@@ -212,8 +213,11 @@ class DelayedWork(Work):
                 self._timer = None
                 wq = self._wq
                 assert wq is not None
-                wq._timer_queue_locked(self)
+                if not wq._timer_queue_locked(self):
+                    dropped_by = wq
             completion = self._start_flush()
+        if dropped_by is not None:
+            dropped_by._log_dropped(self)
         if completion is None:
             return False
         completion.wait()

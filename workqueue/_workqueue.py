@@ -312,24 +312,33 @@ class Workqueue(Executor):
             if handle is None or handle.callback is not None:
                 return
             dwork._timer = None
-            self._timer_queue_locked(dwork)
+            queued = self._timer_queue_locked(dwork)
+        if not queued:
+            self._log_dropped(dwork)
 
-    def _timer_queue_locked(self, dwork: DelayedWork) -> None:
-        """Queue a pending delayed item whose delay is over (lock held)."""
+    def _log_dropped(self, dwork: DelayedWork) -> None:
+        logger.error(
+            "workqueue %s: delayed work %r became due while the workqueue is %s; "
+            "it is not run (cancel delayed work before drain() or destroy())",
+            self.name, dwork, _STATE_NAMES[self._state])
+
+    def _timer_queue_locked(self, dwork: DelayedWork) -> bool:
+        """Queue a pending delayed item whose delay is over (lock held).
+
+        False if the workqueue refused it (draining or destroyed, and not
+        chained): the item is then idle, and the caller logs that after
+        dropping the lock.
+        """
         if self._state:
             worker = current_worker()
             if (self._state == _DESTROYED or worker is None or worker.current_pwq is None
                     or worker.current_pwq.wq is not self):
-                logger.error(
-                    "workqueue %s: delayed work %r became due while the workqueue is %s; "
-                    "it is not run (cancel delayed work before drain() or destroy())",
-                    self.name, dwork, _STATE_NAMES[self._state])
                 dwork._pending = False
                 if dwork._worker is None:
                     dwork._done = dwork._seq
                     if dwork._flushers:
                         wake_work_flushers(dwork)
-                return
+                return False
         pwq = self._unbound_pwq
         if pwq is None:
             cpu = dwork._cpu
@@ -340,6 +349,7 @@ class Workqueue(Executor):
         if worker is not None:
             pwq = self._last_pwq(worker, pwq)
         insert_work(pwq, dwork)
+        return True
 
     # -- flush, drain, destroy -----------------------------------------------
 
