@@ -337,3 +337,33 @@ def test_a_workqueue_and_its_executors_can_be_collected() -> None:
     del wq, ex
     gc.collect()
     assert [ref() for ref in refs] == [None, None]
+
+
+def test_shutdown_racing_submitters_leaves_no_accepted_call_behind(wq: object) -> None:
+    # Each submit either raises (after shutdown) or its call has run by the
+    # time shutdown(wait=True) returns.
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    accepted: list[list[Future[None]]] = [[] for _ in range(8)]
+    refused = [0] * 8
+    start = threading.Barrier(9)
+
+    def submitter(t: int) -> None:
+        start.wait(TIMEOUT)
+        while True:
+            try:
+                accepted[t].append(ex.submit(abs, -t))
+            except RuntimeError:
+                refused[t] += 1
+                return
+
+    threads = [threading.Thread(target=submitter, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    start.wait(TIMEOUT)
+    while sum(map(len, accepted)) < 2000:  # let them get going
+        threading.Event().wait(0.001)
+    ex.shutdown(wait=True)
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert refused == [1] * 8
+    assert all(f.done() and not f.cancelled() for futures in accepted for f in futures)
