@@ -102,3 +102,19 @@ def test_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 1
     assert "cannot start" in err
+
+
+def test_guests_are_created_from_other_processes(
+    daemon: tuple[subprocess.Popen[str], Path, list[str]],
+) -> None:
+    from xenback.sim import create_domain, destroy_domain
+
+    _, run_dir, _ = daemon
+    guest = create_domain(run_dir, "late")
+    assert guest.domid == 2
+    assert attach(run_dir, 2).name == "late"
+    with guest.xenstore() as c:
+        assert c.read(b"domid") == b"2"
+    destroy_domain(run_dir, 2)
+    with pytest.raises(OSError):
+        attach(run_dir, 2)

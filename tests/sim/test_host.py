@@ -14,7 +14,7 @@ import pyxs
 from hosthelpers import wait_pending
 
 from xenback.platform import Platform
-from xenback.sim import Domain, SimHost, attach
+from xenback.sim import Domain, SimHost, attach, create_domain
 
 
 @pytest.fixture
@@ -155,6 +155,7 @@ def test_nothing_leaks(tmp_path: Path) -> None:
                     c.write(b"data/k", b"v")
         host.toolstack.add_device("vif", guest.domid)
         host.create_domain("left-running")
+        create_domain(host.run_dir, "made-remotely")
     assert not run_dir.exists()
     assert set(threading.enumerate()) == threads
     assert open_fds() == fds
@@ -174,3 +175,38 @@ def test_domain_handles_are_independent(host: SimHost) -> None:
     a.close()
     assert b.bind_unbound_port(0) >= 1
     b.close()
+
+
+def test_other_processes_create_and_destroy_through_dom0(host: SimHost) -> None:
+    from xenback.platform import PlatformError
+    from xenback.sim import destroy_domain
+
+    guest = create_domain(host.run_dir, "remote")
+    assert guest.name == "remote" and host.domain(guest.domid) == guest
+    with guest.xenstore() as c:
+        assert c.read(b"name") == b"remote"
+    with pytest.raises(PlatformError) as info:
+        create_domain(host.run_dir, "remote")
+    assert info.value.errno == errno.EINVAL
+    destroy_domain(host.run_dir, guest.domid)
+    assert host.domains() == [host.dom0]
+    with pytest.raises(PlatformError) as info:
+        destroy_domain(host.run_dir, guest.domid)
+    assert info.value.errno == errno.ESRCH
+
+
+def test_only_dom0_controls_domains(host: SimHost) -> None:
+    import json
+    import socket
+
+    from xenback.sim._hypervisor import domain_socket
+
+    guest = host.create_domain("guest")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5)
+        sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
+        sock.send(json.dumps({"op": "domain_create", "name": "evil"}).encode())
+        assert json.loads(sock.recv(65536))["errno"] == errno.EPERM
+        sock.send(json.dumps({"op": "domain_destroy", "domid": 0}).encode())
+        assert json.loads(sock.recv(65536))["errno"] == errno.EPERM
+    assert [d.name for d in host.domains()] == ["Domain-0", "guest"]

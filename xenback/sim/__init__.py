@@ -16,12 +16,13 @@ toolstack code run and are tested without a hypervisor::
 * :class:`Domain` is one domain's :class:`xenback.platform.Platform`.
 * :func:`attach` joins a running host from another process: a guest and its
   backend may live in different processes and still share pages and
-  event channels.
+  event channels.  :func:`create_domain` and :func:`destroy_domain` ask a
+  running host for guests from another process (as dom0).
 * :class:`Toolstack` adds and removes devices the way libxl does.
 * ``xenback-sim --run-dir DIR`` runs the host as a daemon.
 """
 
-from ._domain import Domain, attach
+from ._domain import Domain, attach, create_domain, destroy_domain
 from ._evtchn import EventChannel
 from ._grant import GrantMapping, GrantShare, GrantTable, SharedPages
 from ._host import SimHost
@@ -38,4 +39,6 @@ __all__ = [
     "SimHost",
     "Toolstack",
     "attach",
+    "create_domain",
+    "destroy_domain",
 ]

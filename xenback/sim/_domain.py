@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyxs
 
-from xenback.platform import PlatformUnavailable
+from xenback.platform import PlatformError, PlatformUnavailable
 
 from ._evtchn import EventChannel
 from ._grant import GrantShare, GrantTable
@@ -88,12 +88,46 @@ class Domain:
         return hash((self._run_dir, self._domid))
 
 
+def _dom0_call(run_dir: Path, op: str, **args: Any) -> dict[str, Any]:
+    path = domain_socket(run_dir, 0)
+    try:
+        conn = ServiceConnection(path, PlatformError)
+    except PlatformError as e:
+        raise PlatformUnavailable(
+            e.errno or errno.ENOENT, f"no simulated host in {run_dir} ({path}: {e.strerror})"
+        ) from None
+    try:
+        reply, _ = conn.call(op, **args)
+    finally:
+        conn.close()
+    return reply
+
+
+def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
+    """Ask a running host (embedded or ``xenback-sim``) to create a guest.
+
+    For processes other than the host's; raises
+    :class:`~xenback.platform.PlatformError` with ``EINVAL`` for a bad or
+    duplicate name.
+    """
+    run_dir = Path(run_dir).absolute()
+    reply = _dom0_call(run_dir, "domain_create", name=name)
+    return Domain(run_dir, reply["domid"], reply["name"], Path(reply["xenstore_path"]))
+
+
+def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
+    """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown)."""
+    _dom0_call(Path(run_dir).absolute(), "domain_destroy", domid=domid)
+
+
 def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     """Join a running host (embedded or ``xenback-sim``) as domain ``domid``.
 
     Raises :class:`~xenback.platform.PlatformUnavailable` if there is no
     such host or domain.
     """
+    if type(domid) is not int or not 0 <= domid < 0x7FF0:
+        raise ValueError(f"invalid domain id {domid!r}")
     run_dir = Path(run_dir).absolute()
     path = domain_socket(run_dir, domid)
     try:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pyxs
 
@@ -61,6 +64,12 @@ class SimHost:
         self._domains: dict[int, Domain] = {}
         self._domids = itertools.count(1)
         self._state = "new"
+        # _control_lock protects _control_threads: the threads serving dom0's
+        # create/destroy requests from other processes (they block on _lock,
+        # which the service thread must never do).  Rule: never held while
+        # joining or while taking _lock.
+        self._control_lock = threading.Lock()
+        self._control_threads: set[threading.Thread] = set()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -78,6 +87,7 @@ class SimHost:
                 self._hypervisor = Hypervisor(run_dir)
                 self._toolstack = Toolstack(self._xenstored.path)
                 self._xenstored.start()
+                self._hypervisor.set_control(self._control)
                 self._hypervisor.start()
                 self._hypervisor.add_domain(0, "Domain-0")
                 self._hypervisor.set_xenstore_path(0, os.fspath(self._xenstored.path))
@@ -96,8 +106,17 @@ class SimHost:
             if self._state in ("closed", "new"):
                 self._state = "closed"
                 self._cleanup_run_dir()
-                return
-            self._teardown()
+            else:
+                self._teardown()
+        # The service has stopped: no control request can start a thread
+        # any more, and those still running fail fast on the closed host.
+        while True:
+            with self._control_lock:
+                threads = list(self._control_threads)
+            if not threads:
+                break
+            for thread in threads:
+                thread.join()
 
     def _teardown(self) -> None:
         self._state = "closed"
@@ -249,6 +268,42 @@ class SimHost:
         logger.info("destroyed domain %d", domid)
 
     # -- internals -----------------------------------------------------------
+
+    def _control(
+        self, op: str, args: dict[str, Any], reply: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """Serve dom0's create/destroy request from another process."""
+
+        def run() -> None:
+            try:
+                if op == "domain_create":
+                    domain = self.create_domain(args["name"])
+                    msg: dict[str, Any] = {
+                        "domid": domain.domid,
+                        "name": domain.name,
+                        "xenstore_path": os.fspath(domain.xenstore_path),
+                    }
+                else:
+                    self.destroy_domain(args["domid"])
+                    msg = {}
+            except ValueError as e:
+                msg = {"errno": errno.EINVAL, "error": str(e)}
+            except LookupError as e:
+                msg = {"errno": errno.ESRCH, "error": str(e)}
+            except RuntimeError as e:
+                msg = {"errno": errno.ESHUTDOWN, "error": str(e)}
+            except Exception as e:
+                logger.exception("domain control request %s %r failed", op, args)
+                msg = {"errno": errno.EIO, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                with self._control_lock:
+                    self._control_threads.discard(threading.current_thread())
+            reply(msg)
+
+        thread = threading.Thread(target=run, name=f"xenback-sim-control:{op}")
+        with self._control_lock:
+            self._control_threads.add(thread)
+        thread.start()
 
     def _check_running(self) -> None:
         if self._state != "running" and not (self._state == "starting" and 0 in self._domains):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import heapq
 import itertools
 import logging
@@ -65,6 +66,13 @@ MAX_PAGES_PER_REQUEST = 1024
 MAX_EVTCHN_PORT = 4095
 
 _FIRE = b"\x00"
+
+
+#: ``control(op, args, reply)`` performs a dom0 request to create
+#: (``args["name"]``) or destroy (``args["domid"]``) a domain.  It is called
+#: on the service thread and must not block: it calls ``reply(message)``
+#: later, from any thread.
+ControlHandler = Callable[[str, dict[str, Any], Callable[["Message"], None]], None]
 
 
 class RequestError(Exception):
@@ -211,6 +219,7 @@ class Hypervisor:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._handles = itertools.count(1)
         self._doomed: list[_Conn] = []
+        self._control: ControlHandler | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -262,6 +271,11 @@ class Hypervisor:
             self._domains[domid] = dom
             self._selector.register(listener, selectors.EVENT_READ, dom)
         return path
+
+    def set_control(self, control: ControlHandler | None) -> None:
+        """Let dom0 create and destroy domains through ``control``."""
+        with self._lock:
+            self._control = control
 
     def set_xenstore_path(self, domid: int, xenstore_path: str) -> None:
         """Record where ``domid`` reaches XenStore (told to attaching processes)."""
@@ -364,7 +378,7 @@ class Hypervisor:
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise RequestError(errno.ENOSYS, f"unknown operation {op!r}")
-            reply, rfds = handler(self, conn, msg, fds)
+            result = handler(self, conn, msg, fds)
         except RequestError as e:
             close_fds(fds)
             self._send(conn, {"errno": e.errno, "error": str(e)})
@@ -374,6 +388,9 @@ class Hypervisor:
             logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
             self._send(conn, {"errno": errno.EIO, "error": "internal error"})
             return
+        if result is None:
+            return  # answered later (see _reply_later)
+        reply, rfds = result
         # Reply descriptors are the service's copies made for this reply.
         try:
             self._send(conn, reply, rfds)
@@ -631,7 +648,36 @@ class Hypervisor:
         port.owner.ports.discard(port)
         os.close(port.wfd)
 
-    _ops: dict[str, Callable[[Hypervisor, _Conn, Message, list[int]], tuple[Message, list[int]]]] = {
+    # -- domain control (dom0 only) ------------------------------------------
+
+    def _op_domain_control(
+        self, conn: _Conn, msg: Message, fds: list[int]
+    ) -> tuple[Message, list[int]] | None:
+        _no_fds(fds)
+        if conn.domain.domid != 0:
+            raise RequestError(errno.EPERM, "only dom0 may create or destroy domains")
+        if self._control is None:
+            raise RequestError(errno.ENOSYS, "this host takes no domain control requests")
+        op = msg["op"]
+        if op == "domain_create":
+            name = msg.get("name")
+            if not isinstance(name, str):
+                raise RequestError(errno.EINVAL, "'name' must be a string")
+            args: dict[str, Any] = {"name": name}
+        else:
+            args = {"domid": _int_arg(msg, "domid", 1, 0x7FEF)}
+        self._control(op, args, functools.partial(self._reply_later, conn))
+        return None
+
+    def _reply_later(self, conn: _Conn, msg: Message) -> None:
+        with self._lock:
+            self._send(conn, msg)
+            self._reap()
+
+    _ops: dict[
+        str,
+        Callable[[Hypervisor, _Conn, Message, list[int]], tuple[Message, list[int]] | None],
+    ] = {
         "info": _op_info,
         "gnt_share": _op_gnt_share,
         "gnt_end": _op_gnt_end,
@@ -640,6 +686,8 @@ class Hypervisor:
         "evtchn_alloc_unbound": _op_evtchn_alloc_unbound,
         "evtchn_bind_interdomain": _op_evtchn_bind_interdomain,
         "evtchn_unbind": _op_evtchn_unbind,
+        "domain_create": _op_domain_control,
+        "domain_destroy": _op_domain_control,
     }
 
 
