@@ -248,6 +248,10 @@ class _SerialDomain:
         self.index = LoadIndex(wq.topology, on_move=self._on_move)
 
     def executor(self, key: Hashable) -> SerialExecutor:
+        # Fast path without the lock (dict.get is atomic): a key in use.
+        executor = self.executors.get(key)
+        if executor is not None:
+            return executor
         with self._lock:
             executor = self.executors.get(key)
             if executor is None:
