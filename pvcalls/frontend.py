@@ -258,6 +258,9 @@ class PVSocket:
         self._fe = frontend
         self.id = sock_id
         self._timeout: float | None = socket.getdefaulttimeout()
+        # close() was called; the socket really closes (_closed) once no
+        # makefile() stream uses it any more, as in socket.socket.
+        self._close_requested = False
         self._closed = False
         self._io_refs = 0  # open makefile() streams, as in socket.socket
         self._ring: _DataRing | None = None  # set once active
@@ -366,7 +369,11 @@ class PVSocket:
                 self._broken = True
                 raise
             if ret < 0:
-                self._broken = True
+                # The backend has let go of the ring and the id is a new
+                # socket again (as in Linux's backend): free the ring, so
+                # that connect() may be tried again.
+                self._ring = None
+                self._fe._free_data_ring(ring)
                 raise _host_error(ret, f"connect to {host}:{port}")
             self._peername = (host, port)
 
@@ -394,7 +401,7 @@ class PVSocket:
             ffi.memmove(req.u.bind.addr, sockaddr, len(sockaddr))
             req.u.bind.len = SOCKADDR_IN_LEN
 
-        ret = self._fe._call(PVCALLS_BIND, self.id, fill, _Deadline(self._timeout or None))
+        ret = self._fe._call(PVCALLS_BIND, self.id, fill, _Deadline(self._fe.timeout))
         if ret < 0:
             raise _host_error(ret, f"bind to {host}:{port}")
         self._bound = True
@@ -415,7 +422,7 @@ class PVSocket:
             req.u.listen.id = self.id
             req.u.listen.backlog = min(backlog, 0xFFFFFFFF)
 
-        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, _Deadline(self._timeout or None))
+        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, _Deadline(self._fe.timeout))
         if ret < 0:
             raise _host_error(ret, "listen")
         self._listening = True
@@ -595,7 +602,7 @@ class PVSocket:
         # Called by socket.SocketIO.close().
         if self._io_refs > 0:
             self._io_refs -= 1
-        if self._closed and self._io_refs <= 0:
+        if self._close_requested and self._io_refs <= 0:
             self._real_close()
 
     def fileno(self) -> int:
@@ -621,9 +628,7 @@ class PVSocket:
     def close(self) -> None:
         """Release the socket (RELEASE) and free its shared pages.  Other
         threads blocked in this socket's calls get ``OSError(EBADF)``."""
-        if self._closed:
-            return
-        self._closed = True
+        self._close_requested = True
         if self._io_refs <= 0:
             self._real_close()
 
@@ -637,6 +642,9 @@ class PVSocket:
     # -- internals ---------------------------------------------------------
 
     def _real_close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         # Wake this socket's waiters: they see _closed and leave with EBADF.
         self._fe._wake_everyone()
         self._fe._release(self)
@@ -1118,14 +1126,17 @@ class Frontend:
             self._handlers[ring.port] = sock._on_event
         return ring
 
+    def _free_data_ring(self, ring: _DataRing) -> None:
+        with self._lock:
+            self._handlers.pop(ring.port, None)
+        ring.free()
+
     def _drop_socket(self, sock: PVSocket) -> None:
         """Free a socket the backend never knew (a failed ACCEPT's id_new)."""
         self._forget(sock)
         ring, sock._ring = sock._ring, None
         if ring is not None:
-            with self._lock:
-                self._handlers.pop(ring.port, None)
-            ring.free()
+            self._free_data_ring(ring)
 
     def _submit(
         self,

@@ -1,0 +1,443 @@
+"""pvcalls.Frontend and its sockets against the real Backend on a SimHost.
+
+One simulated host, backend and guest per module (setting them up is the
+slow part); each test opens its own sockets and host servers.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import selectors
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import pvcalls
+from xenback.sim import SimHost
+
+TIMEOUT = 10.0
+
+
+class HostServer:
+    """A host TCP server on 127.0.0.1 running ``handler(conn)`` per client."""
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address: tuple[str, int] = self.sock.getsockname()
+        self.handler = handler
+        self.errors: list[BaseException] = []
+        self.accepted = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.release()
+            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(TIMEOUT)
+                self.handler(conn)
+            except BaseException as exc:
+                self.errors.append(exc)
+
+    def close(self) -> None:
+        self.sock.close()
+        for t in self._threads:
+            t.join(TIMEOUT)
+        assert not self.errors, self.errors
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[SimHost]:
+    with SimHost() as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def backend(host: SimHost) -> Iterator[Any]:
+    with pvcalls.Backend(host.dom0, max_ioworkers=2) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def guest(host: SimHost, backend: Any) -> Any:
+    return host.create_domain("guest")
+
+
+@pytest.fixture(scope="module")
+def fe(guest: Any) -> Iterator[pvcalls.Frontend]:
+    with pvcalls.Frontend(guest) as f:
+        yield f
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> Iterator[Callable[..., HostServer]]:
+    servers: list[HostServer] = []
+
+    def make(handler: Callable[[socket.socket], None] = echo) -> HostServer:
+        s = HostServer(handler)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def connected(fe: pvcalls.Frontend, address: tuple[str, int]) -> pvcalls.PVSocket:
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    s.connect(address)
+    return s
+
+
+def recv_exactly(s: Any, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, f"EOF after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+def listen_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:
+    """Where the backend listens for a guest's passive socket."""
+    for row in backend.stats().sockets:
+        if row.domain == domid and row.id == sock_id:
+            host, port = row.address
+            return host, port
+    raise AssertionError(f"no passive socket {sock_id:#x} in backend stats")
+
+
+# -- active sockets -------------------------------------------------------------
+
+
+def test_echo_through_host_server(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    data = os.urandom(300_000)  # ~10 times the 32 KiB ring: wraps many times
+    with connected(fe, srv.address) as s:
+        assert s.getpeername() == srv.address
+        received = bytearray()
+
+        def reader() -> None:
+            while len(received) < len(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    return
+                received.extend(chunk)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        s.sendall(data)
+        t.join(TIMEOUT)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+
+def test_recv_into_and_nbytes(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    with connected(fe, srv.address) as s:
+        s.sendall(b"0123456789")
+        buf = bytearray(16)
+        got = 0
+        while got < 4:
+            got += s.recv_into(memoryview(buf)[got:], 4 - got)
+        assert bytes(buf[:4]) == b"0123"
+        assert recv_exactly(s, 6) == b"456789"
+        assert s.recv_into(bytearray(0)) == 0
+
+
+def test_makefile_lines(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    with connected(fe, srv.address) as s:
+        with s.makefile("rw", encoding="utf-8", newline="\n") as f:
+            f.write("hello\nworld\n")
+            f.flush()
+            assert f.readline() == "hello\n"
+            assert f.readline() == "world\n"
+    assert s.closed
+
+
+def test_recv_timeout_then_still_usable(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    with connected(fe, srv.address) as s:
+        s.settimeout(0.1)
+        assert s.gettimeout() == 0.1
+        with pytest.raises(TimeoutError):
+            s.recv(10)
+        s.settimeout(TIMEOUT)
+        s.sendall(b"ping")
+        assert recv_exactly(s, 4) == b"ping"
+
+
+def test_nonblocking_recv(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    with connected(fe, srv.address) as s:
+        s.setblocking(False)
+        assert not s.getblocking()
+        with pytest.raises(BlockingIOError):
+            s.recv(10)
+
+
+def test_eof_when_host_closes(fe: pvcalls.Frontend, server: Any) -> None:
+    def say_bye(conn: socket.socket) -> None:
+        conn.sendall(b"bye")
+
+    srv = server(say_bye)
+    with connected(fe, srv.address) as s:
+        assert recv_exactly(s, 3) == b"bye"
+        assert s.recv(10) == b""  # in_error = -ENOTCONN
+        assert s.recv(10) == b""
+
+
+def test_connect_refused(fe: pvcalls.Frontend) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    address = closed.getsockname()
+    closed.close()
+    s = fe.socket()
+    with s, pytest.raises(ConnectionRefusedError) as info:
+        s.settimeout(TIMEOUT)
+        s.connect(address)
+    assert info.value.errno == errno.ECONNREFUSED
+
+
+def test_bad_addresses_and_families(fe: pvcalls.Frontend) -> None:
+    with fe.socket() as s:
+        with pytest.raises(OSError) as info:
+            s.connect(("no-such-host.invalid", 80))
+        assert info.value.errno == errno.EINVAL
+        with pytest.raises(OverflowError):
+            s.connect(("127.0.0.1", 70000))
+    with pytest.raises(OSError) as info:
+        fe.socket(socket.AF_INET6)
+    assert info.value.errno == errno.EAFNOSUPPORT
+
+
+def test_send_recv_on_unconnected_socket(fe: pvcalls.Frontend) -> None:
+    with fe.socket() as s:
+        with pytest.raises(OSError) as info:
+            s.send(b"x")
+        assert info.value.errno == errno.ENOTCONN
+
+
+def test_close_semantics(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    s = connected(fe, srv.address)
+    s.settimeout(None)
+    failure: list[BaseException] = []
+    started = threading.Event()
+
+    def blocked_reader() -> None:
+        started.set()
+        try:
+            s.recv(10)
+        except BaseException as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=blocked_reader)
+    t.start()
+    started.wait(TIMEOUT)
+    s.close()
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF
+    s.close()  # twice is fine
+    for call in (lambda: s.send(b"x"), lambda: s.recv(1), lambda: s.fileno(),
+                 lambda: s.connect(srv.address)):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
+    assert s not in fe.sockets()
+
+
+def test_makefile_keeps_socket_open_until_closed(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    s = connected(fe, srv.address)
+    f = s.makefile("rwb")
+    s.close()  # the file still holds it, as with socket.socket
+    f.write(b"still here\n")
+    f.flush()
+    assert f.readline() == b"still here\n"
+    f.close()
+    with pytest.raises(OSError):
+        s.send(b"x")
+
+
+def test_fileno_waits_for_data(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    with connected(fe, srv.address) as s, selectors.DefaultSelector() as sel:
+        sel.register(s, selectors.EVENT_READ)
+        assert sel.select(0) == []
+        s.sendall(b"hello")
+        assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [s]
+        assert recv_exactly(s, 5) == b"hello"
+        assert sel.select(0) == []
+
+
+def test_many_threads_many_sockets(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            data = os.urandom(50_000 + seed)
+            with connected(fe, srv.address) as s:
+                for i in range(0, len(data), 7000):
+                    s.sendall(data[i : i + 7000])
+                    assert recv_exactly(s, len(data[i : i + 7000])) == data[i : i + 7000]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 3)
+    assert not errors, errors
+
+
+# -- passive sockets --------------------------------------------------------------
+
+
+def test_bind_listen_accept_from_host(fe: pvcalls.Frontend, backend: Any, guest: Any) -> None:
+    with fe.socket() as ls:
+        ls.settimeout(TIMEOUT)
+        ls.bind(("127.0.0.1", 0))
+        assert ls.getsockname() == ("127.0.0.1", 0)
+        ls.listen()
+        address = listen_address(backend, guest.domid, ls.id)
+        with socket.create_connection(address, timeout=TIMEOUT) as client:
+            conn, peer = ls.accept()
+            with conn:
+                assert peer == ("0.0.0.0", 0)
+                conn.settimeout(TIMEOUT)
+                client.sendall(b"to the guest")
+                assert recv_exactly(conn, 12) == b"to the guest"
+                conn.sendall(b"to the host")
+                assert recv_exactly(client, 11) == b"to the host"
+                conn.close()
+                assert client.recv(10) == b""  # RELEASE closed the host socket
+
+
+def test_accept_timeout_keeps_poll_in_flight(fe: pvcalls.Frontend, backend: Any, guest: Any) -> None:
+    with fe.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(4)
+        ls.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            ls.accept()
+        ls.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ls.accept()
+        address = listen_address(backend, guest.domid, ls.id)
+        with selectors.DefaultSelector() as sel:
+            sel.register(ls, selectors.EVENT_READ)
+            assert sel.select(0) == []
+            with socket.create_connection(address, timeout=TIMEOUT) as client:
+                assert [k.fileobj for k, _ in sel.select(TIMEOUT)] == [ls]
+                ls.settimeout(TIMEOUT)
+                conn, _ = ls.accept()
+                with conn:
+                    client.sendall(b"x")
+                    conn.settimeout(TIMEOUT)
+                    assert conn.recv(1) == b"x"
+
+
+def test_listen_needs_bind_and_accept_needs_listen(fe: pvcalls.Frontend) -> None:
+    with fe.socket() as s:
+        with pytest.raises(OSError) as info:
+            s.listen()
+        assert info.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(OSError) as info:
+            s.accept()
+        assert info.value.errno == errno.EINVAL
+
+
+def test_bind_address_in_use(fe: pvcalls.Frontend) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        with fe.socket() as s, pytest.raises(OSError) as info:
+            s.bind(taken.getsockname())
+        assert info.value.errno == errno.EADDRINUSE
+    finally:
+        taken.close()
+
+
+def test_close_wakes_accept(fe: pvcalls.Frontend) -> None:
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    failure: list[BaseException] = []
+
+    def acceptor() -> None:
+        try:
+            ls.accept()
+        except BaseException as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=acceptor)
+    t.start()
+    # The accept is parked once its POLL is in flight.
+    with ls._cond:
+        assert ls._cond.wait_for(lambda: ls._poll_inflight, TIMEOUT)
+    ls.close()
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF
+
+
+# -- the frontend itself ------------------------------------------------------------
+
+
+def test_frontend_lifecycle(host: SimHost, backend: Any, server: Any) -> None:
+    guest = host.create_domain("short-lived")
+    srv = server()
+    fe = pvcalls.Frontend(guest)
+    with fe:
+        device = fe.device
+        with guest.xenstore() as xs:
+            state = xs.read(f"{device.frontend_path}/state".encode())
+            assert state == b"4"
+            assert xs.read(f"{device.frontend_path}/version".encode()) == b"1"
+        s = connected(fe, srv.address)
+        s.sendall(b"abc")
+        assert recv_exactly(s, 3) == b"abc"
+        assert any(r.domain == guest.domid for r in backend.stats().sockets)
+        # Left open on purpose: closing the frontend releases it.
+    assert s.closed
+    assert not any(r.domain == guest.domid for r in backend.stats().sockets)
+    with host.dom0.xenstore() as xs:
+        assert not xs.exists(device.backend_path.encode())
+    with pytest.raises(OSError):
+        fe.socket()
+    fe.close()  # idempotent
+
+
+def test_socket_ids_look_like_pointers_and_are_unique(fe: pvcalls.Frontend) -> None:
+    socks = [fe.socket() for _ in range(3)]
+    ids = [s.id for s in socks]
+    for s in socks:
+        s.close()
+    assert len(set(ids)) == 3
+    assert all(i >> 63 for i in ids)  # kernel-half pointers, as Linux sends
+    with fe.socket() as s:
+        assert s.id not in ids
