@@ -70,6 +70,8 @@ logger = logging.getLogger(__name__)
 # timer lock.  A future's condition is never taken while it is held.
 lock = threading.Lock()
 
+_monotonic = time.monotonic
+
 # How long a surplus idle worker lingers before it exits (IDLE_WORKER_TIMEOUT).
 IDLE_WORKER_TIMEOUT = 300.0
 # How often a pool that cannot create a worker tries again (MAYDAY_INTERVAL).
@@ -592,11 +594,12 @@ def assign_work(worker: Worker, work: Work) -> None:
 
 
 def process_one_work(worker: Worker, work: Work) -> None:
-    """Run one item (engine lock held on entry and exit, dropped around func)."""
-    pool = worker.pool
-    assert pool is not None
-    pwq = work._pwq
-    assert pwq is not None
+    """Run one item (engine lock held on entry and exit, dropped around func).
+
+    This is the hot path of every item, hence the inlined helpers.
+    """
+    pool: WorkerPool = worker.pool  # type: ignore[assignment]
+    pwq: PoolWorkqueue = work._pwq  # type: ignore[assignment]
     color = work._color
     seq = work._seq
     # The pending bit clears just before the function runs: queueing it
@@ -606,7 +609,7 @@ def process_one_work(worker: Worker, work: Work) -> None:
     work._worker = worker
     worker.current = work
     worker.current_pwq = pwq
-    worker.start = time.monotonic()
+    worker.start = _monotonic()
     wq = pwq.wq
     if wq._cpu_intensive:
         set_flags(worker, WORKER_CPU_INTENSIVE)
@@ -622,28 +625,37 @@ def process_one_work(worker: Worker, work: Work) -> None:
         from ._watchdog import arm_watchdog
         arm_watchdog(pool.pset)
     lock.release()
-    failed = False
     try:
         work.func(work)
     except BaseException:
-        failed = True
         logger.exception("workqueue %s: work item %r raised", wq.name, work)
-    lock.acquire()
+        lock.acquire()
+        pwq.nr_failed += 1
+    else:
+        lock.acquire()
     if worker.flags & WORKER_CPU_INTENSIVE:
         clr_flags(worker, WORKER_CPU_INTENSIVE)
     worker.current = None
     worker.current_pwq = None
     work._worker = None
-    if failed:
-        pwq.nr_failed += 1
     pwq.nr_completed += 1
     if wq._trace_hooks:
         wq._trace("execute_end", work, pool)
-    dec_nr_in_flight(pwq, color, True)
-    if not work._pending:
-        work._done = work._seq
+    # dec_nr_in_flight(pwq, color, True), inlined
+    pwq.nr_active -= 1
+    if pwq.inactive.nr and pwq.nr_active < pwq.max_active:
+        activate_inactive(pwq)
+    in_flight = wq._in_flight
+    n = in_flight[color] - 1
+    if n:
+        in_flight[color] = n
     else:
-        work._done = seq
+        del in_flight[color]
+        if wq._flushers:
+            wq._flush_progress()
+    if wq._freezing is not None and not pwq.nr_active:
+        wq._freeze_progress()
+    work._done = seq if work._pending else work._seq
     if work._flushers:
         wake_work_flushers(work)
 
