@@ -337,3 +337,24 @@ def test_fuzzed_requests_never_hurt_the_service(
     pages = shr.share_pages(0, 1)
     tab.map_grant_refs(1, pages.refs).unmap()
     pages.unshare()
+
+
+def test_a_domain_cannot_hoard_handles(host: SimHost, guest: Domain) -> None:
+    from xenback.sim._hypervisor import MAX_HANDLES_PER_DOMAIN
+
+    handles = [guest.gnttab() for _ in range(MAX_HANDLES_PER_DOMAIN)]
+    try:
+        with pytest.raises(GrantError) as info:
+            extra = guest.gnttab()
+            extra.map_grant_refs(0, [8])  # the refused connection is closed
+        assert info.value.errno == errno.ENODEV
+        with host.dom0.gnttab():  # other domains are not affected
+            pass
+    finally:
+        for handle in handles:
+            handle.close()
+    assert eventually(lambda: host.hypervisor.stats()["connections"] == 0)
+    with guest.gnttab() as again:
+        with pytest.raises(GrantError) as info:
+            again.map_grant_refs(0, [8])
+        assert info.value.errno == errno.EINVAL

@@ -64,6 +64,10 @@ MAX_GRANTS_PER_DOMAIN = 32768
 MAX_PAGES_PER_REQUEST = 1024
 #: Highest event channel port of a domain (2-level ABI on 64-bit guests).
 MAX_EVTCHN_PORT = 4095
+#: Open handles (connections) per domain, and pages one handle may have
+#: mapped at once: what a hostile domain can make the service hold.
+MAX_HANDLES_PER_DOMAIN = 256
+MAX_MAPPED_PAGES_PER_HANDLE = 65536
 
 _FIRE = b"\x00"
 
@@ -165,6 +169,7 @@ class _Conn:
     sock: socket.socket
     shares: set[_Grant] = field(default_factory=set)
     maps: dict[int, list[_Grant]] = field(default_factory=dict)
+    mapped: int = 0  # pages in maps
     ports: set[_Port] = field(default_factory=set)
     closed: bool = False
 
@@ -349,6 +354,14 @@ class Hypervisor:
             sock, _ = dom.listener.accept()
         except OSError:
             return  # BlockingIOError after a racing close, ECONNABORTED...
+        if len(dom.conns) >= MAX_HANDLES_PER_DOMAIN:
+            logger.warning(
+                "hypervisor: domain %d has %d handles open; refusing another",
+                dom.domid,
+                len(dom.conns),
+            )
+            sock.close()
+            return
         sock.setblocking(False)
         conn = _Conn(dom, sock)
         dom.conns.add(conn)
@@ -505,6 +518,8 @@ class Hypervisor:
         dom = self._domains.get(granter)
         if dom is None:
             raise RequestError(errno.ESRCH, f"no domain {granter}")
+        if conn.mapped + len(refs) > MAX_MAPPED_PAGES_PER_HANDLE:
+            raise RequestError(errno.ENOSPC, "too many pages mapped through this handle")
         me = conn.domain.domid
         grants = []
         for ref in refs:
@@ -549,6 +564,7 @@ class Hypervisor:
         for grant in grants:
             grant.maps += 1
         conn.maps[handle] = grants
+        conn.mapped += len(grants)
         # The reply owns ``out``; it is closed after sending.
         return {"handle": handle, "segments": segments}, out
 
@@ -563,7 +579,9 @@ class Hypervisor:
         return {}, []
 
     def _unmap(self, conn: _Conn, handle: int) -> None:
-        for grant in conn.maps.pop(handle):
+        grants = conn.maps.pop(handle)
+        conn.mapped -= len(grants)
+        for grant in grants:
             grant.maps -= 1
             if grant.maps == 0 and grant.owner is None:
                 grant.table.free(grant)
