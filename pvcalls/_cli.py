@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import logging
+import os
 import signal
 import socket
 import sys
@@ -65,34 +66,66 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
 
 
-def _http_get(fe: Any, host: str, port: int) -> tuple[str, bytes]:
-    """GET / over a PV Calls socket; returns (status line, body)."""
-    with fe.socket() as s:
-        s.settimeout(10)
-        s.connect((host, port))
-        s.sendall(f"GET / HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
-        with s.makefile("rb") as f:
-            status = f.readline().decode("latin-1").strip()
-            while f.readline() not in (b"\r\n", b"\n", b""):
-                pass  # headers
-            body = f.read()
-    return status, body
+def _http_get(fe: Any, host: str, port: int) -> tuple[Any, str, bytes]:
+    """GET / over a new PV Calls socket: ``(socket, status line, body)``.
+
+    The socket is left open (the server has closed its end) so that the
+    backend still lists it when the demo prints its statistics.
+    """
+    s = fe.socket()
+    s.settimeout(10)
+    s.connect((host, port))
+    s.sendall(f"GET / HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
+    with s.makefile("rb") as f:
+        status = f.readline().decode("latin-1").strip()
+        while f.readline() not in (b"\r\n", b"\n", b""):
+            pass  # headers
+        body = f.read()
+    return s, status, body
 
 
-def _echo_serve(listener: Any, ready: threading.Event, errors: list[BaseException]) -> None:
-    """Guest 2's echo server: accept one client at a time, echo until EOF."""
-    try:
-        ready.set()
+class _EchoServer(threading.Thread):
+    """Guest 2's echo server: a thread per connection, echo until EOF."""
+
+    def __init__(self, listener: Any) -> None:
+        super().__init__(name="demo-echo", daemon=True)
+        self.listener = listener
+        self.errors: list[BaseException] = []
+        self.conns: list[threading.Thread] = []
+
+    def run(self) -> None:
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, _ = self.listener.accept()
             except OSError:
                 return  # listener closed: the demo is over
+            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            t.start()
+            self.conns.append(t)
+
+    def _echo(self, conn: Any) -> None:
+        try:
             with conn:
                 while data := conn.recv(65536):
                     conn.sendall(data)
-    except BaseException as exc:  # reported by the main thread
-        errors.append(exc)
+        except BaseException as exc:  # reported by the main thread
+            self.errors.append(exc)
+
+
+def _echo_client(address: tuple[str, int], message: bytes) -> tuple[socket.socket, bool]:
+    """Send ``message`` to the guest's echo server from the host and check
+    the echo; the connection stays open for the statistics."""
+    client = socket.create_connection(address, timeout=10)
+    sender = threading.Thread(target=client.sendall, args=(message,), daemon=True)
+    sender.start()
+    echoed = bytearray()
+    while len(echoed) < len(message):
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        echoed += chunk
+    sender.join(10)
+    return client, bytes(echoed) == message
 
 
 def _passive_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:
@@ -143,7 +176,7 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
             names = {0: "dom0", guest1.domid: "guest1", guest2.domid: "guest2"}
             with pvcalls.Frontend(guest1) as fe1, pvcalls.Frontend(guest2) as fe2:
                 # Guest 1: a web client.
-                status, body = _http_get(fe1, str(web_host), int(web_port))
+                web, status, body = _http_get(fe1, web_host, web_port)
                 print(f"guest1 (domain {guest1.domid}): GET http://{web_host}:{web_port}/ "
                       f"-> {status!r}, {len(body)} bytes", file=out)
 
@@ -152,35 +185,31 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
                 listener.bind(("127.0.0.1", 0))
                 listener.listen()
                 addr = _passive_address(backend, guest2.domid, listener.id)
-                ready = threading.Event()
-                errors: list[BaseException] = []
-                server = threading.Thread(
-                    target=_echo_serve, args=(listener, ready, errors), name="demo-echo", daemon=True
-                )
+                server = _EchoServer(listener)
                 server.start()
-                ready.wait(10)
                 print(f"guest2 (domain {guest2.domid}): echo server listening; the backend "
                       f"holds its host socket at {addr[0]}:{addr[1]}", file=out)
-                message = b"ping through a guest " * 3000
-                with socket.create_connection(addr, timeout=10) as client:
-                    client.sendall(message)
-                    echoed = bytearray()
-                    while len(echoed) < len(message):
-                        chunk = client.recv(65536)
-                        if not chunk:
-                            break
-                        echoed += chunk
-                    ok = bytes(echoed) == message
-                    print(f"host client -> guest2 -> host client: {_fmt_bytes(len(message))} "
-                          f"sent, {_fmt_bytes(len(echoed))} echoed back, "
-                          f"{'identical' if ok else 'DIFFERENT'}", file=out)
-                    # Statistics while the echo connection is still open.
-                    _print_stats(backend.stats(), names, out)
+                clients = []
+                ok = True
+                for size in (10_000, 300_000, 2_000_000):
+                    message = os.urandom(size)
+                    client, same = _echo_client(addr, message)
+                    clients.append(client)
+                    ok = ok and same
+                    print(f"host client -> guest2 -> host client: {_fmt_bytes(size)} sent, "
+                          f"echoed back {'identical' if same else 'DIFFERENT'}", file=out)
+                # Statistics while every connection is still open.
+                _print_stats(backend.stats(), names, out)
+                for client in clients:
+                    client.close()
+                web.close()
                 listener.close()
                 server.join(10)
-                if errors:
-                    raise errors[0]
-                if not ok or not status.split()[1:2] == ["200"]:
+                for t in server.conns:
+                    t.join(10)
+                if server.errors:
+                    raise server.errors[0]
+                if not ok or status.split()[1:2] != ["200"]:
                     print("demo FAILED", file=out)
                     return 1
             print("\nGuests disconnected; backend stopped cleanly.", file=out)

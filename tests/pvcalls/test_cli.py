@@ -1,0 +1,202 @@
+"""The pvcalls-backend command line: option errors, and serve against a
+xenback-sim daemon (with pvcalls-nc as the guest) until SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pvcalls._cli import main
+
+TIMEOUT = 30.0
+BIN = Path(sys.executable).parent
+
+
+def script(name: str) -> list[str]:
+    """The console script if installed next to the interpreter, else the
+    same entry point through ``python -c``."""
+    path = BIN / name
+    if path.exists():
+        return [str(path)]
+    module = {"pvcalls-backend": "pvcalls._cli", "pvcalls-nc": "pvcalls._nc",
+              "xenback-sim": "xenback.sim._daemon"}[name]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "required"),
+        (["frobnicate"], "invalid choice"),
+        (["serve"], "--platform"),
+        (["serve", "--platform", "vmware"], "invalid choice"),
+        (["serve", "--platform", "sim"], "--run-dir"),
+        (["serve", "--platform", "sim", "--run-dir", "/nonexistent/run"], "no such directory"),
+        (["serve", "--platform", "xen", "--run-dir", "/tmp"], "only applies to --platform sim"),
+        (["demo", "--max-ioworkers", "0"], "at least 1"),
+        (["demo", "--max-ioworkers", "many"], "not a whole number"),
+        (["demo", "--max-page-order", "99"], "most one indexes page"),
+        (["demo", "--log-level", "LOUD"], "invalid choice"),
+    ],
+)
+def test_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "usage: pvcalls-backend" in err
+
+
+def test_bad_policy_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[default]\nmax_sockets = 'lots'\n")
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
+    assert info.value.code == 2
+    assert f"--policy {policy}" in capsys.readouterr().err
+
+
+def test_serve_xen_without_xen_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    if Path("/dev/xen/evtchn").exists():
+        pytest.skip("this machine runs Xen")
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "xen"])
+    assert info.value.code == 2
+    assert "cannot open the Xen platform" in capsys.readouterr().err
+
+
+# -- serve + pvcalls-nc against a xenback-sim daemon ------------------------------------
+
+
+def read_until(stream: object, text: str, lines: list[str], timeout: float = TIMEOUT) -> None:
+    """Collect lines of a subprocess pipe until one contains ``text``."""
+    found = threading.Event()
+
+    def reader() -> None:
+        for raw in stream:  # type: ignore[attr-defined]
+            line = raw.decode(errors="replace")
+            lines.append(line)
+            if text in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    assert found.wait(timeout), f"no {text!r} in {lines}"
+    assert any(text in line for line in lines), f"no {text!r} in {lines}"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A ``xenback-sim`` daemon with one guest: ``(run_dir, domid)``."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*script("xenback-sim"), "--run-dir", str(run_dir), "--domain", "nc-guest"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    try:
+        lines: list[str] = []
+        read_until(proc.stdout, "DOMAIN nc-guest", lines)  # printed once ready
+        domid = int(next(line for line in lines if line.startswith("DOMAIN")).split()[2])
+        yield run_dir, domid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(TIMEOUT) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+class EchoServer:
+    """Host echo server that closes after ``expected`` bytes, so that the
+    guest side sees end of stream (PV Calls cannot half-close)."""
+
+    def __init__(self, expected: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.sock.getsockname()
+        self.expected = expected
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            got = 0
+            while got < self.expected:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+                got += len(data)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(TIMEOUT)
+
+
+def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
+    run_dir, domid = daemon
+    serve = subprocess.Popen(
+        [*script("pvcalls-backend"), "serve", "--platform", "sim", "--run-dir", str(run_dir),
+         "--max-ioworkers", "2", "--log-level", "INFO"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    log: list[str] = []
+    try:
+        read_until(serve.stderr, "serving", log)
+
+        data = os.urandom(200_000)
+        echo = EchoServer(len(data))
+        try:
+            nc = subprocess.run(
+                [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", str(domid),
+                 "-w", "10", *map(str, echo.address)],
+                input=data, capture_output=True, timeout=TIMEOUT,
+            )
+        finally:
+            echo.close()
+        assert nc.returncode == 0, nc.stderr.decode()
+        assert nc.stdout == data
+
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(TIMEOUT) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert any("stopped" in line for line in log + [serve.stderr.read().decode()]), log
+
+
+def test_nc_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from pvcalls._nc import main as nc_main
+
+    for argv, message in [
+        (["--run-dir", "/x", "--domid", "1", "127.0.0.1"], "HOST PORT"),
+        (["--run-dir", "/x", "--domid", "1", "127.0.0.1", "http"], "not a number"),
+        (["--run-dir", "/x", "--domid", "0", "127.0.0.1", "80"], "--domid"),
+        (["--run-dir", "/x", "--domid", "1", "127.0.0.1", "0"], "out of range"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            nc_main(argv)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_nc_without_host_fails_clearly(tmp_path: Path) -> None:
+    nc = subprocess.run(
+        [*script("pvcalls-nc"), "--run-dir", str(tmp_path), "--domid", "1", "127.0.0.1", "80"],
+        input=b"", capture_output=True, timeout=TIMEOUT,
+    )
+    assert nc.returncode == 1
+    assert b"pvcalls-nc:" in nc.stderr and b"Traceback" not in nc.stderr
