@@ -126,7 +126,9 @@ class LeanFuture(Future[Any]):
             if self._blocked is None:
                 self._blocked = []
             self._blocked.append(sleeper)
-        if not sleeper.acquire(timeout=-1 if timeout is None else timeout):
+        with _pool.blocking():  # a worker waiting here lets its pool run others
+            woke = sleeper.acquire(timeout=-1 if timeout is None else timeout)
+        if not woke:
             with _futures_cond:
                 if self._blocked is not None and sleeper in self._blocked:
                     self._blocked.remove(sleeper)

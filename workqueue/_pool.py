@@ -62,9 +62,9 @@ logger = logging.getLogger(__name__)
 # hotplug simple to get right.
 #
 # Rules: it is held only for bookkeeping, never while a work function runs
-# and never while waiting for anything but itself.  Worker threads may be
-# started while it is held (Thread.start() waits only for the new thread to
-# exist; the thread's first act is to take this lock).  Trace hooks run under
+# and never while waiting for anything but itself -- with one exception:
+# worker threads are started while it is held (Thread.start() waits only for
+# the new thread to exist, which needs nothing of ours).  Trace hooks run under
 # it, like kernel tracepoints, so they must be quick and must not call back
 # into the workqueue.  Lock order: topology hotplug lock -> engine lock ->
 # timer lock.  A future's condition is never taken while it is held.
@@ -99,7 +99,10 @@ class Completion:
         self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._lock.acquire(timeout=-1 if timeout is None else timeout)
+        # A worker waiting here sleeps, as in the kernel: its pool may run
+        # the next item meanwhile (often the very one we wait for).
+        with _Blocking():
+            return self._lock.acquire(timeout=-1 if timeout is None else timeout)
 
 
 class WorkList:

@@ -352,3 +352,21 @@ def test_an_exception_is_logged_with_the_item_and_the_worker_survives(
     assert len(failures) == 3
     assert "boom" in caplog.records[0].getMessage()
     assert wq.stats().failed == 3
+
+
+def test_waiting_in_flush_or_result_lets_the_pool_run_the_awaited_item(make_wq: Any) -> None:
+    # One CPU and a 60 s threshold: only the implicit blocking() of the
+    # engine's own waits lets the awaited item start.
+    wq = make_wq(topology=Topology(1, cpu_intensive_thresh=60.0))
+    got: list[object] = []
+
+    def flusher(work: Work) -> None:
+        inner = Work(lambda w: got.append("inner"))
+        wq.queue_work(inner)
+        got.append(inner.flush())
+        got.append(wq.submit(len, "abc").result(TIMEOUT))
+
+    outer = Work(flusher)
+    wq.queue_work(outer)
+    outer.flush()
+    assert got == ["inner", True, 3]
