@@ -12,7 +12,9 @@ Queueing picks the pool (__queue_work):
   the given one, online or not -- an offline CPU's pool runs unbound;
 * unbound and ordered: the topology's unbound pool;
 * in both cases, if the item is still running on a pool of this workqueue,
-  that pool, so that it does not run concurrently with itself.
+  that pool, so that it does not run concurrently with itself (and should
+  it run elsewhere, the worker that dequeues it hands it to the one running
+  it: see _pool.assign_work).
 
 Flushing uses flush colors: every queued item takes the workqueue's current
 color; flush() starts a new color and waits until no item of an older color
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from typing import ParamSpec, TypeVar
 
@@ -611,7 +613,7 @@ class Workqueue(Executor):
         elif wait:
             self._destroyed.wait()
 
-    def serial(self, key: object) -> Executor:
+    def serial(self, key: Hashable) -> Executor:
         """An Executor whose calls run one at a time, in order, on *key*'s CPU."""
         from ._serial import SerialExecutor
         return SerialExecutor(self, key)  # type: ignore[no-any-return,unused-ignore]
