@@ -250,3 +250,36 @@ def test_closed_handle_refuses_work(host: SimHost) -> None:
         with pytest.raises(EventChannelError) as info:
             call()
         assert info.value.errno == errno.EBADF
+
+
+def test_wait_blocks_until_a_port_fires(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
+    e0, p0, e1, p1 = pair
+    assert e0.wait(0.02) is None
+    timer = threading.Timer(0.05, e1.notify, (p1,))
+    timer.start()
+    assert e0.wait(5) == p0
+    timer.join()
+    e1.notify(p1)  # masked: remembered, not delivered
+    assert e0.wait(0.05) is None
+    e0.unmask(p0)
+    assert e0.wait(5) == p0
+
+
+def test_handles_go_quiet_when_the_host_stops() -> None:
+    host = SimHost()
+    host.start()
+    guest = host.create_domain("guest")
+    e0, e1 = host.dom0.evtchn(), guest.evtchn()
+    try:
+        e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
+        host.close()
+        for ch in (e0, e1):
+            while ch.pending() is not None:
+                pass
+            assert not readable(ch, 0.05)
+            with pytest.raises(EventChannelError) as info:
+                ch.bind_unbound_port(0)
+            assert info.value.errno == errno.ENODEV
+    finally:
+        e0.close()
+        e1.close()

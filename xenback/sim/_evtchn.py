@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ _WATCH = select.EPOLLIN
 _IGNORE = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _LocalPort:
     port: int
     rfd: int  # read end of our pipe: readable == pending
@@ -51,6 +52,7 @@ class _LocalPort:
     peer_fd: int | None = None  # write end of the peer's pipe, once connected
     masked: bool = False  # fired, not yet unmasked
     ignored: bool = False  # notified while masked: epoll stopped watching rfd
+    dead: bool = False  # the host went away: never watched again
 
 
 def _check_domid(domid: int) -> None:
@@ -209,32 +211,85 @@ class EventChannel:
                 events = self._epoll.poll(0, 1)
                 if not events:
                     return None
-                fd = events[0][0]
-                port = self._by_fd.get(fd)
-                if port is not None:
-                    lp = self._ports[port]
-                    if lp.masked:
-                        # Notified while masked: remember (the bytes stay
-                        # in the pipe) and stop watching until unmask.
-                        self._epoll.modify(fd, _IGNORE)
-                        lp.ignored = True
-                        continue
-                    # Mask, and clear the pending bit.  Anything written
-                    # after this read is reported again at unmask.
-                    lp.masked = True
-                    try:
-                        # Usually one byte: a small first read is cheaper.
-                        if len(os.read(fd, 64)) == 64:
-                            while os.read(fd, 65536):
-                                pass
-                    except BlockingIOError:
-                        pass
-                    return port
-            if not self._conn.drain():
-                with self._lock:
-                    if self._conn_fd is not None and not self._closed:
-                        self._epoll.unregister(self._conn_fd)
-                        self._conn_fd = None
+                port = self._take(events[0][0])
+            if port is None:
+                continue
+            if port < 0:
+                self._drain_service()
+                continue
+            return port
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until a port fires and return it, masked; None after ``timeout``.
+
+        Not part of the Platform protocol: :meth:`pending` on a blocking
+        descriptor, as ``xenevtchn_pending`` is, for a thread that has
+        nothing else to wait for.  It saves the ``poll`` of :meth:`fileno`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                # Not under _lock: notifiers and unmask must not wait for us.
+                events = self._epoll.poll(remaining, 1)
+            except (OSError, ValueError):
+                raise EventChannelError(errno.EBADF, "the event channel handle is closed") from None
+            if not events:
+                return None
+            with self._lock:
+                if self._closed:
+                    raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+                port = self._take(events[0][0])
+            if port is None:
+                continue
+            if port < 0:
+                self._drain_service()
+                continue
+            return port
+
+    def _take(self, fd: int) -> int | None:
+        """Act on ``fd`` reported readable (under _lock).
+
+        Returns the port that fired (now masked), None if there is nothing
+        to report, or -1 if the service connection has messages.
+        """
+        port = self._by_fd.get(fd)
+        if port is None:
+            return -1 if fd == self._conn_fd else None
+        lp = self._ports[port]
+        if lp.masked:
+            # Notified while masked: remember (the bytes stay in the pipe)
+            # and stop watching until unmask.
+            self._epoll.modify(fd, _IGNORE)
+            lp.ignored = True
+            return None
+        # Clear the pending bit and mask.  Anything written after this read
+        # is reported again at unmask.  Usually one byte: a small first
+        # read is cheaper.
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return None  # reported before a concurrent unbind reused the fd
+        if not data:
+            # No writer left, not even the service's: the host is gone.
+            self._epoll.modify(fd, _IGNORE)
+            lp.ignored = lp.dead = True
+            return None
+        if len(data) == 64:
+            try:
+                while os.read(fd, 65536):
+                    pass
+            except BlockingIOError:
+                pass
+        lp.masked = True
+        return port
+
+    def _drain_service(self) -> None:
+        if not self._conn.drain():
+            with self._lock:
+                if self._conn_fd is not None and not self._closed:
+                    self._epoll.unregister(self._conn_fd)
+                    self._conn_fd = None
 
     def unmask(self, port: int) -> None:
         """Re-enable ``port``; it fires again at once if notified meanwhile."""
@@ -243,7 +298,7 @@ class EventChannel:
             if lp is None:
                 raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
             lp.masked = False
-            if lp.ignored:
+            if lp.ignored and not lp.dead:
                 lp.ignored = False
                 self._epoll.modify(lp.rfd, _WATCH)
 
