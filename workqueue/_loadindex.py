@@ -124,7 +124,8 @@ class LoadIndex:
         self._lock = threading.Lock()
 
         # Invariants, whenever _lock is free:
-        #  - _cpu_of and _weight have the same keys, and _cpu_of[k] is online;
+        #  - _cpu_of and _weight have the same keys, and _cpu_of[k] is online
+        #    (until close(): a closed index no longer follows hotplug);
         #  - _keys_on[cpu] holds exactly the keys k with _cpu_of[k] == cpu, in
         #    assignment order (dicts keep insertion order);
         #  - _load[cpu] is the sum of _weight over _keys_on[cpu];
