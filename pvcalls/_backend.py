@@ -48,6 +48,7 @@ Protocol choices left open by the specification
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -213,23 +214,27 @@ class Backend:
         self.topology = topology
         self.nr_ioworkers = len(topology.online())
 
-        self.io_wq = alloc_workqueue("pvcalls_io", 0, 0, topology=topology)
-        self.cmd_wq = alloc_workqueue("pvcalls_cmd", WQ_UNBOUND, 0, topology=topology)
-        self.load_index = LoadIndex(topology, on_move=_rehome)
-        self.gnttab: GrantTable = platform.gnttab()
-        self.dispatcher = EventDispatcher(platform, name="pvcalls-events")
-
         # _lock guards _frontends (the connected frontends, by device) and
         # _closed.  Never held while a frontend is set up or torn down.
         self._lock = threading.Lock()
         self._frontends: dict[tuple[int, int], _Frontend] = {}
         self._closed = False
-        self._driver = _PvcallsDriver(self, platform)
-        try:
+
+        with contextlib.ExitStack() as undo:  # on failure, release in reverse
+            self.io_wq = alloc_workqueue("pvcalls_io", 0, 0, topology=topology)
+            undo.callback(self.io_wq.destroy)
+            self.cmd_wq = alloc_workqueue("pvcalls_cmd", WQ_UNBOUND, 0, topology=topology)
+            undo.callback(self.cmd_wq.destroy)
+            self.load_index = LoadIndex(topology, on_move=_rehome)
+            undo.callback(self.load_index.close)
+            self.gnttab: GrantTable = platform.gnttab()
+            undo.callback(self.gnttab.close)
+            self.dispatcher = EventDispatcher(platform, name="pvcalls-events")
+            undo.callback(self.dispatcher.close)
+            self._driver = _PvcallsDriver(self, platform)
+            undo.callback(self._driver.stop)
             self._driver.start()
-        except BaseException:
-            self._release_shared()
-            raise
+            undo.pop_all()
         logger.info("pvcalls backend in domain %d: %d ioworker CPUs, max-page-order %d",
                     platform.domid, self.nr_ioworkers, max_page_order)
 
@@ -324,10 +329,10 @@ class Backend:
 
     def _release_shared(self) -> None:
         self.dispatcher.close()
+        self.gnttab.close()
+        self.load_index.close()
         self.cmd_wq.destroy()
         self.io_wq.destroy()
-        self.load_index.close()
-        self.gnttab.close()
 
 
 def _rehome(key: object, old_cpu: int, new_cpu: int) -> None:

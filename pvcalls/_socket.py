@@ -81,6 +81,7 @@ IO_BUDGET = 1 << 20
 #: on loopback every ACK would otherwise wake the Work for nothing.
 ACTIVE_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 ACTIVE_EVENTS_OUT = ACTIVE_EVENTS | select.EPOLLOUT
+_HANGUP_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 #: Host socket events a listening socket waits for (edge-triggered).
 PASSIVE_EVENTS = select.EPOLLIN | select.EPOLLET
 
@@ -140,7 +141,7 @@ class DataRing:
         self._views: list[Any] = []
         try:
             self._indexes = gnttab.map_grant_refs(domid, [ref])
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise CommandError(_errno.EINVAL, f"cannot map indexes page grant {ref}: {exc}") from None
         try:
             page = self._indexes.buffer[:PAGE_SIZE]
@@ -155,7 +156,7 @@ class DataRing:
             words.release()
             try:
                 self._data = gnttab.map_grant_refs(domid, refs)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 raise CommandError(
                     _errno.EINVAL, f"cannot map {len(refs)} data ring pages: {exc}") from None
             self.ring_order = order
@@ -248,9 +249,13 @@ class ActiveSocket(Work):
         # last receive may have left data behind (_rx_more: the ring was full
         # or the read filled all the space).  A short read or EAGAIN drains
         # the socket, and the next arrival is a new epoll edge, so a Work
-        # woken by the frontend alone skips the system call.
+        # woken by the frontend alone skips the system call.  Not so once
+        # the peer shut down or failed (_host_hangup): the data before a FIN
+        # or an error comes as a short read, and the EOF or the error only
+        # with the next receive, announced by the same (merged) epoll event.
         self._host_ready = False
         self._rx_more = True
+        self._host_hangup = False
 
     def __repr__(self) -> str:
         return (f"<ActiveSocket dom{self.frontend.domid} id={self.id:#x} "
@@ -264,7 +269,7 @@ class ActiveSocket(Work):
         self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order)
         try:
             self.port = fe.dispatcher.bind_interdomain(fe.domid, remote_port, self._on_event)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self.ring.close()
             self.ring = None
             raise CommandError(_errno.EINVAL, f"cannot bind event channel {remote_port}: {exc}"
@@ -313,8 +318,10 @@ class ActiveSocket(Work):
     def _on_event(self, *_: object) -> None:
         self.kick()
 
-    def _on_host_event(self, *_: object) -> None:
-        # Set before queueing: a Work that misses the flag is queued again.
+    def _on_host_event(self, fd: int, events: int) -> None:
+        # Set before queueing: a Work that misses the flags is queued again.
+        if events & _HANGUP_EVENTS:
+            self._host_hangup = True
         self._host_ready = True
         self.kick()
 
@@ -425,7 +432,7 @@ class ActiveSocket(Work):
             return -1
         finally:
             del views
-        self._rx_more = received == space
+        self._rx_more = received == space or self._host_hangup
         if received == 0:
             # Orderly shutdown by the peer: EOF for the frontend.
             self._rx_done = True
