@@ -317,21 +317,52 @@ class Party:
             self.proc.kill()
 
 
-def run_suite(ctx: Any, addr: tuple[str, int], clients: list[Party], seconds: float,
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used by groups of processes during a phase, in cores (CPU
+    seconds per wall-clock second): where the time goes."""
+
+    def __init__(self, groups: dict[str, list[Party]]) -> None:
+        self.groups = groups
+
+    def __enter__(self) -> CpuMeter:
+        self.start = time.perf_counter()
+        self.before = {g: [_cpu_seconds(p.proc.pid) for p in ps] for g, ps in self.groups.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.start
+        self.cores = {
+            g: sum(_cpu_seconds(p.proc.pid) - b for p, b in zip(ps, self.before[g], strict=True))
+            / wall
+            for g, ps in self.groups.items()
+        }
+
+
+def run_suite(clients: list[Party], seconds: float, groups: dict[str, list[Party]],
               on_open: Callable[[], Any] | None = None) -> dict[str, Any]:
-    r: dict[str, Any] = {}
-    r["single"] = clients[0].ask("single", seconds)
-    r["rr"] = clients[0].ask("rr", seconds)
-    r["connects"] = clients[0].ask("connects", seconds)
+    r: dict[str, Any] = {"cpu": {}}
+    for key in ("single", "rr", "connects"):
+        with CpuMeter(groups) as meter:
+            r[key] = clients[0].ask(key, seconds)
+        r["cpu"][key] = meter.cores
     per = STREAMS // len(clients)
     for c in clients:
         c.conn.send(("open", per))
     for c in clients:
         c.ask()
     r["opened"] = on_open() if on_open else None
-    for c in clients:
-        c.conn.send(("streams", seconds))
-    results = [c.ask() for c in clients]
+    with CpuMeter(groups) as meter:
+        for c in clients:
+            c.conn.send(("streams", seconds))
+        results = [c.ask() for c in clients]
+    r["cpu"]["streams"] = meter.cores
     r["streams"] = sum(b for b, _ in results) / max(t for _, t in results)
     return r
 
@@ -343,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                    default=Path(__file__).resolve().parent / "results" / "pvcalls.md")
     args = p.parse_args(argv)
     _raise_nofile()
+    load_before = Path("/proc/loadavg").read_text().split()[0]
     ctx = mp.get_context("spawn")
     parties: list[tuple[Party, Any]] = []
     try:
@@ -353,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print("direct loopback ...", file=sys.stderr)
         direct = [Party(ctx, client_main, None, None, addr) for _ in range(NR_GUESTS)]
         parties += [(c, ("quit", None)) for c in direct]
-        base = run_suite(ctx, addr, direct, args.seconds)
+        base = run_suite(direct, args.seconds, {"clients": direct, "echo": [echo]})
         for c in direct:
             c.close(("quit", None))
 
@@ -369,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         def on_open() -> Any:
             return backend.ask("stats")
 
-        pv = run_suite(ctx, addr, guests, args.seconds, on_open)
+        pv = run_suite(guests, args.seconds,
+                       {"guests": guests, "backend": [backend], "echo": [echo]}, on_open)
         for g in guests:
             g.close(("quit", None))
     finally:
@@ -394,13 +427,19 @@ def main(argv: list[str] | None = None) -> int:
         ("connects (/s)", f"{pv['connects']:.0f}", f"{base['connects']:.0f}", ratio("connects"), None),
     ]
     lines = [
-        "| measurement | pvcalls | direct loopback | ratio | target |",
-        "|---|---:|---:|---:|---|",
+        "| measurement | pvcalls | direct loopback | ratio | target | CPU cores used, pvcalls "
+        "(guests / backend / echo) | CPU cores used, direct (clients / echo) |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
-    for name, a, b, rt, target in rows:
+    for (name, a, b, rt, target), key in zip(rows, ("single", "streams", "rr", "connects"),
+                                             strict=True):
         verdict = "" if target is None else (
             f">= {target:.0%} {'met' if rt >= target else 'NOT met'}")
-        lines.append(f"| {name} | {a} | {b} | {rt:.0%} | {verdict} |")
+        pc, bc = pv["cpu"][key], base["cpu"][key]
+        lines.append(
+            f"| {name} | {a} | {b} | {rt:.0%} | {verdict} | "
+            f"{pc['guests']:.2f} / {pc['backend']:.2f} / {pc['echo']:.2f} | "
+            f"{bc['clients']:.2f} / {bc['echo']:.2f} |")
     counts = ", ".join(f"CPU {c}: {n}" for c, n in sorted(per_cpu.items()))
     lines += [
         "",
@@ -409,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- backend memory per active socket beyond its ring pages: "
         f"{mem_per_socket / 1024:.1f} KiB (RssAnon growth / {STREAMS})",
         f"- machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{args.seconds:g} s per measurement; guests and backend in separate processes",
+        f"{args.seconds:g} s per measurement; guests and backend in separate processes; "
+        f"load average before the run {load_before}",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

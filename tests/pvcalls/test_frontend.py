@@ -441,3 +441,66 @@ def test_socket_ids_look_like_pointers_and_are_unique(fe: pvcalls.Frontend) -> N
     assert all(i >> 63 for i in ids)  # kernel-half pointers, as Linux sends
     with fe.socket() as s:
         assert s.id not in ids
+
+
+# -- on the wire: what Linux's pvcalls-front sends ------------------------------------
+
+
+def test_requests_on_the_wire_are_linux_like(
+    fe: pvcalls.Frontend, backend: Any, guest: Any, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pvcalls import _wire
+    from pvcalls.frontend import FRONTEND_RING_ORDER, _DataRing
+
+    ring = fe._ring
+    assert ring is not None
+    sent: list[tuple[int, int, int, bytes]] = []
+    push = ring.push_request
+
+    def record(req: bytes) -> None:
+        r = _wire.ffi.from_buffer("struct xen_pvcalls_request *", req)
+        slot = ring.req_prod_pvt & (_wire.RING_SLOTS - 1)
+        assert r.req_id == slot  # req_id is the slot index
+        sent.append((r.cmd, r.u.socket.id, r.u.connect.len, bytes(req)))
+        push(req)
+
+    monkeypatch.setattr(ring, "push_request", record)
+    in_error_at_free: list[int] = []
+    free = _DataRing.free
+
+    def free_and_record(self: _DataRing) -> None:
+        in_error_at_free.append(self.in_error())
+        assert _wire.ffi.from_buffer("struct pvcalls_data_intf *", self.indexes).ring_order \
+            == FRONTEND_RING_ORDER
+        free(self)
+
+    monkeypatch.setattr(_DataRing, "free", free_and_record)
+
+    srv = server()
+    with connected(fe, srv.address) as s:
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+    with fe.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(5)
+        address = listen_address(backend, guest.domid, ls.id)
+        with socket.create_connection(address, timeout=TIMEOUT):
+            ls.settimeout(TIMEOUT)
+            conn, _ = ls.accept()
+            conn.close()
+
+    S, C, R, B, L, A, P = (_wire.PVCALLS_SOCKET, _wire.PVCALLS_CONNECT, _wire.PVCALLS_RELEASE,
+                           _wire.PVCALLS_BIND, _wire.PVCALLS_LISTEN, _wire.PVCALLS_ACCEPT,
+                           _wire.PVCALLS_POLL)
+    assert [cmd for cmd, *_ in sent] == [S, C, R, S, B, L, P, A, R, R]
+    connect = sent[1]
+    assert connect[2] == _wire.SOCKADDR_IN_LEN == 16  # len = sizeof(struct sockaddr)
+    bind = _wire.ffi.from_buffer("struct xen_pvcalls_request *", sent[4][3])
+    assert bind.u.bind.len == 16
+    assert _wire.unpack_sockaddr_in(bytes(bind.u.bind.addr), 16) == ("127.0.0.1", 0)
+    # The accepted socket is the ACCEPT's id_new; POLL and ACCEPT name the listener.
+    accept = _wire.ffi.from_buffer("struct xen_pvcalls_request *", sent[7][3])
+    assert sent[6][1] == accept.u.accept.id == sent[9][1]
+    assert accept.u.accept.id_new == sent[8][1]
+    # Linux writes -EBADF into in_error after RELEASE of an active socket.
+    assert in_error_at_free == [-9, -9]
