@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 #: libxl's DOMID_FIRST_RESERVED: domain ids above are special.
 DOMID_FIRST_RESERVED = 0x7FF0
 
-#: Per-domain directories libxl creates writable by the domain (the rest of
-#: its home is the toolstack's).  Here the domain owns its whole home, so
-#: these only exist for guests that expect them.
+#: Subdirectories libxl creates in a guest's home, writable by the guest
+#: (here the guest owns its whole home; they exist for software that
+#: expects them).
 _GUEST_DIRS = ("device", "control", "data", "drivers", "feature", "attr", "error")
 
 
@@ -222,12 +222,16 @@ class SimHost:
             # As libxl: the domain's home first, then introduce it; the
             # hypervisor knows the domain before anyone hears of it.
             self._populate(domid, name)
-            self.hypervisor.add_domain(domid, name)
             try:
-                xs_path = self.xenstored.introduce_domain(domid)
-                self.hypervisor.set_xenstore_path(domid, os.fspath(xs_path))
+                self.hypervisor.add_domain(domid, name)
+                try:
+                    xs_path = self.xenstored.introduce_domain(domid)
+                    self.hypervisor.set_xenstore_path(domid, os.fspath(xs_path))
+                except BaseException:
+                    self.hypervisor.remove_domain(domid)
+                    raise
             except BaseException:
-                self.hypervisor.remove_domain(domid)
+                self._forget_home(domid)
                 raise
             domain = Domain(self.run_dir, domid, name, xs_path)
             self._domains[domid] = domain
@@ -255,12 +259,7 @@ class SimHost:
                 if domid in (dev.frontend_id, dev.backend_id):
                     self.toolstack.destroy_device(dev)
 
-            def cleanup(c: pyxs.Client) -> None:
-                for path in (f"/local/domain/{domid}", f"/libxl/{domid}"):
-                    if c.exists(path.encode()):
-                        c.delete(path.encode())
-
-            self.toolstack.transaction(cleanup)
+            self._forget_home(domid)
             try:
                 (self.run_dir / "domains" / str(domid)).rmdir()
             except OSError:
@@ -308,6 +307,14 @@ class SimHost:
     def _check_running(self) -> None:
         if self._state != "running" and not (self._state == "starting" and 0 in self._domains):
             raise RuntimeError(f"SimHost is {self._state}")
+
+    def _forget_home(self, domid: int) -> None:
+        def body(c: pyxs.Client) -> None:
+            for path in (f"/local/domain/{domid}", f"/libxl/{domid}"):
+                if c.exists(path.encode()):
+                    c.delete(path.encode())
+
+        self.toolstack.transaction(body)
 
     def _populate(self, domid: int, name: str) -> None:
         """Write the domain's home as a toolstack would.

@@ -1,8 +1,8 @@
 """The simulated hypervisor: grant tables and event channels of every domain.
 
 One service thread owns all state.  Each domain has a listening socket,
-``<run_dir>/domains/<domid>/hypervisor`` (next to its XenStore socket); whatever connects there acts as that domain
-(see :mod:`xenback.sim._proto`).  Every request is validated against the
+``<run_dir>/domains/<domid>/hypervisor`` (next to its XenStore socket);
+whatever connects there acts as that domain (see :mod:`xenback.sim._proto`).  Every request is validated against the
 state before anything changes, so a hostile or buggy domain gets an errno
 back and never disturbs the service or other domains.
 
@@ -109,6 +109,13 @@ class _Memory:
 
 @dataclass(eq=False)
 class _Grant:
+    """One grant entry.
+
+    Invariant: it is in ``table.entries`` exactly while ``owner`` is set
+    (access not ended) or ``maps`` > 0 (somebody still maps it); it is in
+    ``owner.shares`` exactly while ``owner`` is set.
+    """
+
     table: _GrantTable
     ref: int
     grantee: int
@@ -143,6 +150,8 @@ class _GrantTable:
 
 @dataclass(eq=False)
 class _Port:
+    """One bound port.  Invariant: ``a.remote is b`` iff ``b.remote is a``."""
+
     domid: int
     port: int
     owner: _Conn
