@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pvcalls import _wire
 from pvcalls._wire import ffi
+
+# tests/ccheck.py is imported as ``tests.ccheck``: the repository root must
+# be importable also when pytest runs as a script.
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests import ccheck  # noqa: E402
 
 HEADER = Path("/usr/include/xen/io/pvcalls.h")
 
@@ -46,49 +53,37 @@ TYPES = [
 ]
 
 
+# Macro values, measured as the size of a char array (ccheck reports sizes).
+PROBES = """
+struct probe_ring_slots { char n[__CONST_RING_SIZE(xen_pvcalls, 4096)]; };
+struct probe_flex1 { char n[XEN_FLEX_RING_SIZE(1)]; };
+struct probe_flex4 { char n[XEN_FLEX_RING_SIZE(4)]; };
+"""
+
+
 def _c_layout() -> dict[str, int]:
-    """Compile a program printing sizeof/offsetof of everything above."""
-    gcc = shutil.which("gcc")
-    if gcc is None or not HEADER.exists():
-        pytest.skip("gcc or libxen-dev's pvcalls.h missing")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <stdint.h>",
-             "#include <xen/io/pvcalls.h>", "int main(void) {"]
-    for type_name, members in MEMBERS.items():
-        lines.append(f'printf("sizeof {type_name}=%zu\\n", sizeof({type_name}));')
-        for member in members:
-            lines.append(
-                f'printf("{type_name}.{member}=%zu\\n", offsetof({type_name}, {member}));'
-            )
-    for type_name in TYPES:
-        lines.append(f'printf("sizeof {type_name}=%zu\\n", sizeof({type_name}));')
-    lines += ['printf("sizeof xen_pvcalls_sring_header=%zu\\n",'
-              " offsetof(struct xen_pvcalls_sring, ring));",
-              'printf("RING_SLOTS=%u\\n", (unsigned)__CONST_RING_SIZE(xen_pvcalls, 4096));',
-              'printf("FLEX4=%lu\\n", (unsigned long)XEN_FLEX_RING_SIZE(4));',
-              'printf("FLEX1=%lu\\n", (unsigned long)XEN_FLEX_RING_SIZE(1));',
-              "return 0; }"]
-    return _compile_and_run("\n".join(lines))
-
-
-def _compile_and_run(source: str) -> dict[str, int]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "layout.c"
-        exe = Path(tmp) / "layout"
-        src.write_text(source)
-        subprocess.run(["gcc", "-std=gnu11", "-o", str(exe), str(src)], check=True,
-                       capture_output=True, text=True)
-        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    """sizeof/offsetof of everything above, from gcc (tests/ccheck.py)."""
+    structs = dict(MEMBERS)
+    structs.update({name: [] for name in TYPES})
+    structs["struct xen_pvcalls_sring"] = ["ring"]
+    structs.update({f"struct probe_{n}": [] for n in ("ring_slots", "flex1", "flex4")})
+    got = ccheck.c_layout(["xen/io/pvcalls.h"], structs, prelude=PROBES)
     result = {}
-    for line in out.splitlines():
-        key, _, value = line.rpartition("=")
-        result[key] = int(value)
+    for label, value in got.items():
+        if label.startswith("sizeof("):
+            result[f"sizeof {label[7:-1]}"] = value
+        else:
+            type_name, _, member = label[9:-1].partition(", ")
+            result[f"{type_name}.{member}"] = value
+    result["sizeof xen_pvcalls_sring_header"] = result["struct xen_pvcalls_sring.ring"]
+    result["RING_SLOTS"] = result["sizeof struct probe_ring_slots"]
+    result["FLEX1"] = result["sizeof struct probe_flex1"]
+    result["FLEX4"] = result["sizeof struct probe_flex4"]
     return result
 
 
 @pytest.fixture(scope="module")
-def c_layout() -> dict[str, int]:
+def layout() -> dict[str, int]:
     return _c_layout()
 
 
@@ -96,28 +91,28 @@ def _cffi_offset(type_name: str, member: str) -> int:
     return ffi.offsetof(type_name, *member.split("."))
 
 
-def test_every_offset_matches_gcc(c_layout: dict[str, int]) -> None:
+def test_every_offset_matches_gcc(layout: dict[str, int]) -> None:
     for type_name, members in MEMBERS.items():
-        assert ffi.sizeof(type_name) == c_layout[f"sizeof {type_name}"], type_name
+        assert ffi.sizeof(type_name) == layout[f"sizeof {type_name}"], type_name
         for member in members:
-            assert _cffi_offset(type_name, member) == c_layout[f"{type_name}.{member}"], (
+            assert _cffi_offset(type_name, member) == layout[f"{type_name}.{member}"], (
                 type_name, member)
 
 
-def test_every_size_matches_gcc(c_layout: dict[str, int]) -> None:
+def test_every_size_matches_gcc(layout: dict[str, int]) -> None:
     for type_name in TYPES:
-        assert ffi.sizeof(type_name) == c_layout[f"sizeof {type_name}"], type_name
+        assert ffi.sizeof(type_name) == layout[f"sizeof {type_name}"], type_name
 
 
-def test_derived_constants(c_layout: dict[str, int]) -> None:
-    assert _wire.SRING_HEADER_SIZE == c_layout["sizeof xen_pvcalls_sring_header"]
-    assert _wire.RING_SLOTS == c_layout["RING_SLOTS"]
-    assert _wire.SLOT_SIZE == c_layout["sizeof union xen_pvcalls_sring_entry"]
-    assert _wire.REQUEST_SIZE == c_layout["sizeof struct xen_pvcalls_request"]
-    assert _wire.RESPONSE_SIZE == c_layout["sizeof struct xen_pvcalls_response"]
-    assert _wire.flex_ring_size(4) == c_layout["FLEX4"]
-    assert _wire.flex_ring_size(1) == c_layout["FLEX1"]
-    assert _wire.INDEXES_HEADER_SIZE == c_layout["struct pvcalls_data_intf.ref"]
+def test_derived_constants(layout: dict[str, int]) -> None:
+    assert _wire.SRING_HEADER_SIZE == layout["sizeof xen_pvcalls_sring_header"]
+    assert _wire.RING_SLOTS == layout["RING_SLOTS"]
+    assert _wire.SLOT_SIZE == layout["sizeof union xen_pvcalls_sring_entry"]
+    assert _wire.REQUEST_SIZE == layout["sizeof struct xen_pvcalls_request"]
+    assert _wire.RESPONSE_SIZE == layout["sizeof struct xen_pvcalls_response"]
+    assert _wire.flex_ring_size(4) == layout["FLEX4"]
+    assert _wire.flex_ring_size(1) == layout["FLEX1"]
+    assert _wire.INDEXES_HEADER_SIZE == layout["struct pvcalls_data_intf.ref"]
     assert (_wire.IN_CONS_OFFSET, _wire.IN_PROD_OFFSET, _wire.IN_ERROR_OFFSET) == (0, 4, 8)
     assert (_wire.OUT_CONS_OFFSET, _wire.OUT_PROD_OFFSET, _wire.OUT_ERROR_OFFSET) == (64, 68, 72)
     assert _wire.RING_ORDER_OFFSET == 128
