@@ -53,8 +53,9 @@ class EventDispatcher:
         self._epoll.register(self._evtchn_fd, select.EPOLLIN)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         # _lock guards _ports, _fds, _running and _closed, and serialises
-        # evtchn bind/unbind/unmask with dispatch so that a port is never
-        # unmasked after it was unbound.  _idle is notified whenever a
+        # evtchn bind/unbind/unmask so that a port is never unmasked after
+        # it was unbound.  pending() is called only by the dispatcher
+        # thread, without it.  _idle is notified whenever a
         # callback finishes.  Never held while a callback runs.
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -193,11 +194,22 @@ class EventDispatcher:
 
     def _dispatch_ports(self) -> None:
         while True:
+            # Only this thread calls pending(), so it needs no lock; a slow
+            # one must not hold up bind/unbind callers either.
+            try:
+                port = self._evtchn.pending()
+            except OSError:
+                # The handle is dead (the hypervisor side went away): stop
+                # polling it rather than spin on a descriptor stuck readable.
+                logger.exception("event channel handle failed; ports are no longer dispatched")
+                with self._lock:
+                    if not self._closed:
+                        self._epoll.unregister(self._evtchn_fd)
+                return
+            if port is None:
+                return
             with self._lock:
                 if self._closed:
-                    return
-                port = self._evtchn.pending()
-                if port is None:
                     return
                 callback = self._ports.get(port)
                 self._running = ("port", port)

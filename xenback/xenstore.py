@@ -13,9 +13,11 @@ leniently (undecodable bytes become U+FFFD) and :meth:`read_int` raises
 
 pyxs notes this module works around: a :class:`pyxs.Client` has a single
 transaction id, so each transaction runs on a copy of the client sharing its
-connection; and pyxs's ``Monitor.wait`` can spin forever on an event for an
+connection; pyxs's ``Monitor.wait`` can spin forever on an event for an
 absolute path it no longer watches, so events are taken straight from the
-monitor's queue.
+monitor's queue; and a request on a connection whose router thread died
+would wait forever, so requests check the connection first and raise
+:class:`ConnectionError` (an :class:`OSError`) instead.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ class _Ops:
     _client: pyxs.Client
 
     def _do(self, fn: Callable[..., Any], path: str, *args: Any) -> Any:
+        # pyxs waits forever for the reply to a request sent on a connection
+        # its router thread has given up on; fail fast instead.
+        if not self._client.router.is_connected:
+            raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
         try:
             return fn(_path(path), *args)
         except PyXSError as exc:
@@ -276,6 +282,8 @@ class XenStore(_Ops):
         transaction and propagates.
         """
         for _ in range(attempts):
+            if not self._client.router.is_connected:
+                raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", "@transaction")
             client = copy.copy(self._client)  # own tx_id, shared connection
             try:
                 client.transaction()

@@ -384,3 +384,26 @@ def test_many_devices_at_once(host, driver, frontends) -> None:
     driver.stop()  # waits for every device queue
     assert driver.devices() == []
     assert (_ports(host), _grants(host)) == (baseline_ports, baseline_grants)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_driver_stops_after_the_host_went_away(frontends) -> None:
+    """XenStore dies under a connected backend: stop() still returns and
+    releases every thread of the driver."""
+    from tests.xenback.xbhelpers import leaked_threads
+    from xenback.sim import SimHost
+
+    before = {t.ident for t in threading.enumerate()}
+    host = SimHost()
+    host.start()
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    try:
+        guest, dev, fe = _connected(host, drv, frontends)
+        fe.set_state(S.CLOSED)  # ports and grants released while the host lives
+        fe.wait_backend(S.CLOSED)
+        fe.close()
+    finally:
+        host.close()
+    drv.stop()
+    assert not leaked_threads(before)  # pyxs's router threads saw the reset and ended
