@@ -10,6 +10,10 @@ kernel uses for Xen rings (``virt_mb``/``virt_rmb``/``virt_wmb``):
   locked instruction with the same effect).
 * arm64 is weakly ordered: ``dmb ish`` for ``mb``, ``dmb ishld`` for ``rmb``
   and ``dmb ishst`` for ``wmb``; the GCC builtins emit exactly these.
+
+Which ring step needs which barrier is explained in :mod:`xenback.ring`;
+``tests/xenback/test_xb_barrier.py`` disassembles the built helper and checks
+these fences are really there.
 """
 
 from cffi import FFI
