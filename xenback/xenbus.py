@@ -46,7 +46,7 @@ import enum
 import errno
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -126,10 +126,12 @@ class BackendDevice:
         self.frontend_state = XenbusState.UNKNOWN
         #: Free for the driver.
         self.driver_data: Any = None
+        #: The device's ordered queue: every xenbus callback of this device
+        #: runs on it, one at a time (see :meth:`queue`).
         self.events = EventQueue(driver.workqueue, f"{self.device_type}-{frontend_id}-{devid}")
         # Everything below is only touched from this device's event queue,
-        # except _lock-guarded resources (drivers may map and bind from
-        # their own work items too).
+        # except the resources guarded by _lock (drivers may map and bind
+        # from their own work items too).
         self._otherend_watch: Watch | None = None
         self._connected = False
         self._gone = False
@@ -282,7 +284,7 @@ class BackendDevice:
             except OSError:
                 logger.warning("%s: unmapping %s failed", self.nodename, mapping, exc_info=True)
 
-    def queue(self, fn: Any, *args: object) -> bool:
+    def queue(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on this device's event queue, ordered with its
         xenbus callbacks.  False once the device is gone."""
         return self.events.call(fn, *args)
