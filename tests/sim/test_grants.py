@@ -358,3 +358,27 @@ def test_a_domain_cannot_hoard_handles(host: SimHost, guest: Domain) -> None:
         with pytest.raises(GrantError) as info:
             again.map_grant_refs(0, [8])
         assert info.value.errno == errno.EINVAL
+
+
+def test_read_only_pages_resist_a_reopen_for_writing(handles: tuple[GrantShare, GrantTable]) -> None:
+    """Even reopening the backing file (same user, via /proc) gives no write access."""
+    import mmap
+
+    shr, tab = handles
+    pages = shr.share_pages(0, 1, writable=False)
+    pages.buffer[0] = 1  # the granter's own mapping stays writable
+    with tab.map_grant_refs(1, pages.refs, writable=False) as mapping:
+        addr = int(_ffi.cast("uintptr_t", _ffi.from_buffer(mapping.buffer, require_writable=False)))
+        span = f"{addr:x}-{addr + PAGE_SIZE:x}"
+        try:
+            fd = os.open(f"/proc/self/map_files/{span}", os.O_RDWR)
+        except PermissionError:
+            pytest.skip("reading /proc/self/map_files needs CAP_SYS_ADMIN")
+        try:
+            with pytest.raises(PermissionError):
+                os.pwrite(fd, b"x", 0)
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        assert mapping.buffer[0] == 1

@@ -16,6 +16,7 @@ only when the last view of it has been released.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -45,6 +46,7 @@ _libc: Any = _ffi.dlopen(None)
 # The same on every Linux architecture; the mmap module does not export them.
 _MAP_FIXED = 0x10
 _PROT_NONE = 0
+_F_SEAL_FUTURE_WRITE = 0x10  # linux/fcntl.h, not in Python's fcntl module
 
 
 def _check_mmap(addr: Any, what: str) -> None:
@@ -96,6 +98,21 @@ class _Region:
     def view(self, writable: bool) -> memoryview:
         view = memoryview(_ffi.buffer(self._base, self.size))
         return view if writable else view.toreadonly()
+
+
+def _seal_future_writes(fd: int) -> None:
+    """Forbid every later writable mapping or write of a read-only share.
+
+    The grantee gets a read-only descriptor already; this also stops one
+    that reopens the file through ``/proc`` (same user).  Our own mapping,
+    made before, stays writable.  Kernels before 5.1 lack the seal.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        logger.debug("no F_SEAL_FUTURE_WRITE on this kernel: %s", e)
 
 
 def _release(view: memoryview | None) -> None:
@@ -307,6 +324,8 @@ class GrantShare:
         try:
             region = _Region(count)
             region.map(0, count, fds[0], 0, True)
+            if not writable:
+                _seal_future_writes(fds[0])
         except BaseException:
             self._conn.call("gnt_end", refs=list(refs))
             raise

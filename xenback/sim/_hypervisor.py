@@ -487,11 +487,12 @@ class Hypervisor:
         fd = os.memfd_create(
             f"xenback-sim-grant-d{conn.domain.domid}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
         )
+        # A read-only share stays open to one more seal: the granter adds
+        # F_SEAL_FUTURE_WRITE once it has mapped the pages (see _grant.py).
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | (fcntl.F_SEAL_SEAL if writable else 0)
         try:
             os.ftruncate(fd, count * PAGE_SIZE)
-            fcntl.fcntl(
-                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-            )
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
         except OSError:
             os.close(fd)
             raise
