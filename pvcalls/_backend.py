@@ -408,18 +408,19 @@ class _Frontend:
         self._lock = threading.Lock()
         self._sockets: dict[int, Socket] = {}
 
+        self._broken = False
+        self._work = Work(self._process_commands)
         self._mapping: GrantMapping = self.gnttab.map_grant_refs(self.domid, [ring_ref])
+        ring = None
         try:
-            self.ring = BackRing(self._mapping.buffer[:PAGE_SIZE], SLOT_SIZE)
-            self._work = Work(self._process_commands)
+            ring = BackRing(self._mapping.buffer[:PAGE_SIZE], SLOT_SIZE)
             self.port = self.dispatcher.bind_interdomain(self.domid, remote_port, self._on_event)
         except BaseException:
-            ring = self.__dict__.get("ring")
             if ring is not None:
                 ring.release()
             self._mapping.unmap()
             raise
-        self._broken = False
+        self.ring = ring
 
     def __repr__(self) -> str:
         return f"<pvcalls frontend dom{self.domid} sockets={len(self._sockets)}>"

@@ -40,7 +40,7 @@ import logging
 import select
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from xenback._barrier import lib as _barrier
 
@@ -138,70 +138,73 @@ class DataRing:
     def __init__(self, gnttab: GrantTable, domid: int, ref: int, max_page_order: int) -> None:
         self._indexes: GrantMapping | None = None
         self._data: GrantMapping | None = None
-        self._views: list[Any] = []
+        self._page: memoryview | None = None
+        self._errors: memoryview | None = None
+        self._rings: list[FlexRing] = []
         try:
             self._indexes = gnttab.map_grant_refs(domid, [ref])
         except (OSError, ValueError) as exc:
             raise CommandError(_errno.EINVAL, f"cannot map indexes page grant {ref}: {exc}") from None
         try:
-            page = self._indexes.buffer[:PAGE_SIZE]
-            words = page.cast("I")
-            # Copied out once: the frontend may change the page under us.
-            order = words[RING_ORDER_OFFSET // 4]
-            if not 1 <= order <= max_page_order:
-                raise CommandError(
-                    _errno.EINVAL, f"ring_order {order} not in 1..{max_page_order}")
-            first = REF_OFFSET // 4
-            refs = tuple(words[first : first + (1 << order)])
-            words.release()
+            self._page = page = self._indexes.buffer[:PAGE_SIZE]
+            with page.cast("I") as words:
+                # Copied out once: the frontend may change the page under us.
+                order = words[RING_ORDER_OFFSET // 4]
+                if not 1 <= order <= max_page_order:
+                    raise CommandError(
+                        _errno.EINVAL, f"ring_order {order} not in 1..{max_page_order}")
+                first = REF_OFFSET // 4
+                refs = tuple(words[first : first + (1 << order)])
             try:
                 self._data = gnttab.map_grant_refs(domid, refs)
             except (OSError, ValueError) as exc:
                 raise CommandError(
                     _errno.EINVAL, f"cannot map {len(refs)} data ring pages: {exc}") from None
             self.ring_order = order
-            self.size = flex_ring_size(order)
+            self.size = size = flex_ring_size(order)
             data = self._data.buffer
-            self.in_ring = FlexRing(data[: self.size], page,
+            self.in_ring = FlexRing(data[:size], page,
                                     prod_offset=IN_PROD_OFFSET, cons_offset=IN_CONS_OFFSET)
-            self.out_ring = FlexRing(data[self.size : 2 * self.size], page,
+            self._rings.append(self.in_ring)
+            self.out_ring = FlexRing(data[size : 2 * size], page,
                                      prod_offset=OUT_PROD_OFFSET, cons_offset=OUT_CONS_OFFSET)
+            self._rings.append(self.out_ring)
             # Signed views of the two error fields.
             self._errors = page[:128].cast("i")
-            self._views = [page]
         except BaseException:
             self.close()
             raise
 
     @property
     def in_error(self) -> int:
+        assert self._errors is not None
         return self._errors[IN_ERROR_OFFSET // 4]
 
     def set_in_error(self, value: int) -> None:
         """Publish ``in_error`` after every byte produced before it."""
+        assert self._errors is not None
         _barrier.xb_wmb()
         self._errors[IN_ERROR_OFFSET // 4] = value
 
     @property
     def out_error(self) -> int:
+        assert self._errors is not None
         return self._errors[OUT_ERROR_OFFSET // 4]
 
     def set_out_error(self, value: int) -> None:
+        assert self._errors is not None
         _barrier.xb_wmb()
         self._errors[OUT_ERROR_OFFSET // 4] = value
 
     def close(self) -> None:
         """Drop every view, then unmap the data pages and the indexes page."""
-        for name in ("in_ring", "out_ring"):
-            ring = self.__dict__.pop(name, None)
-            if ring is not None:
-                ring.release()
-        errors = self.__dict__.pop("_errors", None)
-        if errors is not None:
-            errors.release()
-        for view in self._views:
-            view.release()
-        self._views = []
+        for ring in self._rings:
+            ring.release()
+        self._rings = []
+        for view in (self._errors, self._page):
+            if view is not None:
+                view.release()
+        self._errors = self._page = None
         for mapping in (self._data, self._indexes):
             if mapping is not None:
                 try:
