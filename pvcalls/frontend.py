@@ -834,6 +834,7 @@ class Frontend:
         # frontend closes: every waiter gives up with an error.
         self._dead = False
         self._connected = False
+        self._watcher: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -915,13 +916,44 @@ class Frontend:
             raise OSError(errno.ECONNREFUSED, f"backend went to state {state} instead of Connected")
         self._write_nodes(fe_path, {"state": str(_CONNECTED)})
         self._connected = True
+        self._watcher = threading.Thread(
+            target=self._watch_backend, name=f"pvcalls-front-{domain.domid}-xenbus", daemon=True
+        )
+        self._watcher.start()
         logger.info("pvcalls frontend of domain %d connected", domain.domid)
+
+    def _watch_backend(self) -> None:
+        """Watcher thread: if the backend leaves Connected (it closed, or
+        the device was removed), fail every waiter with ENOTCONN instead of
+        letting it wait for answers that never come; as Linux's frontend,
+        go Closed.  Stops at the ``None`` that :meth:`close` queues."""
+        events = self._monitor.events
+        while events.get() is not None:
+            try:
+                state = self._backend_state()
+            except Exception:  # XenStore gone: the host is going down
+                state = 0
+            if state == _CONNECTED or self._dead:
+                continue
+            logger.warning("pvcalls backend of domain %d went to state %d: disconnecting",
+                           self.domain.domid, state)
+            self._dead = True
+            self._wake_everyone()
+            try:
+                self._write_nodes(self.device.frontend_path, {"state": str(_CLOSED)})
+            except Exception as exc:
+                logger.debug("frontend Closed after the backend left: %s", exc)
+            return
 
     def close(self) -> None:
         """Release every socket, go Closing then Closed, remove the device
         and free the command ring.  Idempotent."""
         if self.device is None:
             return
+        if self._watcher is not None:
+            self._monitor.events.put(None)
+            self._watcher.join(self.timeout)
+            self._watcher = None
         for sock in list(self._sockets.values()):
             try:
                 sock.close()

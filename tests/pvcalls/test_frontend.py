@@ -504,3 +504,36 @@ def test_requests_on_the_wire_are_linux_like(
     assert accept.u.accept.id_new == sent[8][1]
     # Linux writes -EBADF into in_error after RELEASE of an active socket.
     assert in_error_at_free == [-9, -9]
+
+
+def test_backend_going_away_fails_waiters(server: Any) -> None:
+    srv = server()
+    with SimHost() as host:
+        backend = pvcalls.Backend(host.dom0, max_ioworkers=1)
+        try:
+            fe = pvcalls.Frontend(host.create_domain("orphan"))
+            with fe:
+                s = connected(fe, srv.address)
+                s.settimeout(None)
+                failure: list[BaseException] = []
+                started = threading.Event()
+
+                def blocked_reader() -> None:
+                    started.set()
+                    try:
+                        s.recv(10)
+                    except BaseException as exc:
+                        failure.append(exc)
+
+                t = threading.Thread(target=blocked_reader)
+                t.start()
+                started.wait(TIMEOUT)
+                backend.close()
+                t.join(TIMEOUT)
+                assert not t.is_alive()
+                assert isinstance(failure[0], OSError)
+                assert failure[0].errno in (errno.ENOTCONN, errno.EBADF)
+                with pytest.raises(OSError):
+                    fe.socket()
+        finally:
+            backend.close()
