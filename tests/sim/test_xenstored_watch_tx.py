@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from xenback.sim._xenstored import Op, RawClient, XenStored, XsError
+from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError
 
 
 @pytest.fixture
@@ -339,3 +339,19 @@ def test_special_watch_enabled_for_a_guest_by_set_perms(xsd: XenStored, dom0: Ra
         xsd.release_domain(6)
         assert guest.wait_event() == ("@releaseDomain", "g")
         assert_no_event(guest)
+
+
+def test_node_quota_is_checked_again_at_commit() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=Quota(nodes=4)
+    ) as server, RawClient(server.path) as admin:
+        with make_guest(server, admin, 1) as guest, make_guest(server, admin, 1) as again:
+            t1 = guest.transaction_start()
+            t2 = again.transaction_start()
+            guest.write("a", "", t1)
+            guest.write("b", "", t1)
+            again.write("c", "", t2)
+            again.write("d", "", t2)
+            guest.transaction_end(t1)  # home + a + b: 3 of 4
+            assert error_of(again.transaction_end, t2) == "ENOSPC"
+            assert error_of(admin.read, "/local/domain/1/c") == "ENOENT"

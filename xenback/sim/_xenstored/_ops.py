@@ -580,12 +580,14 @@ class Dispatcher:
         del conn.transactions[view.id]
         conn.domain.ntransactions -= 1
         if arg == "T":
-            if not conn.domain.privileged:
-                for domid, delta in view.owned_delta.items():
-                    if delta > 0 and domid == conn.domid and (
-                        self.store.count(domid) + delta > self.quota.nodes
-                    ):
-                        raise XsError("ENOSPC", "node quota exceeded")
+            # Other transactions may have used up the quota meanwhile.
+            grown = view.owned_delta[conn.domid]
+            if (
+                not conn.domain.privileged
+                and grown > 0
+                and self.store.count(conn.domid) + grown > self.quota.nodes
+            ):
+                raise XsError("ENOSPC", "node quota exceeded")
             view.commit()
             for path, subtree, perms, old_perms in view.events:
                 self._fire(self.store, path, subtree, perms, old_perms)
