@@ -382,3 +382,39 @@ def test_read_only_pages_resist_a_reopen_for_writing(handles: tuple[GrantShare, 
         finally:
             os.close(fd)
         assert mapping.buffer[0] == 1
+
+
+def test_descriptors_sent_with_any_request_never_leak(host: SimHost, guest: Domain) -> None:
+    """Whatever a request carries, the service closes what it does not keep,
+    and everything it kept is closed with the handle."""
+
+    def open_fds() -> set[int]:
+        return set(map(int, os.listdir("/proc/self/fd")))
+
+    assert eventually(lambda: host.hypervisor.stats()["connections"] == 0)
+    before = open_fds()
+    requests = [
+        {"op": "info"},
+        {"op": "gnt_share", "domid": 0, "count": 2, "writable": True},
+        {"op": "gnt_map", "domid": 1, "refs": [8], "writable": False},
+        {"op": "evtchn_alloc_unbound", "domid": 0},
+        {"op": "evtchn_alloc_unbound", "domid": 77},
+        {"op": "evtchn_bind_interdomain", "domid": 1, "port": 1},
+        {"op": "evtchn_unbind", "port": 1},
+        {"op": "nonsense"},
+    ]
+    with raw(host, guest.domid) as a, raw(host, guest.domid) as b:
+        for nfds in (0, 1, 2, 3):
+            for request in requests:
+                pipes = [os.pipe() for _ in range(nfds)]
+                try:
+                    for sock in (a, b):
+                        ask(sock, json.dumps(request).encode(), [w for _, w in pipes])
+                finally:
+                    for r, w in pipes:
+                        os.close(r)
+                        os.close(w)
+    assert eventually(lambda: host.hypervisor.stats() == {
+        "domains": 2, "connections": 0, "ports": 0, "grants": 0,
+    })
+    assert open_fds() == before
