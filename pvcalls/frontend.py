@@ -114,6 +114,8 @@ _I32 = struct.Struct("=i")
 _U32 = struct.Struct("=I")
 _ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
 _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
+#: Released data rings a frontend keeps for reuse (17 pages and a port each).
+_RING_POOL_MAX = 32
 
 
 def _host_error(ret: int, what: str) -> OSError:
@@ -215,6 +217,13 @@ class _DataRing:
             - _U32.unpack_from(self.indexes, OUT_CONS_OFFSET)[0]
         ) & 0xFFFFFFFF
         return used < self.outq.size
+
+    def reset(self) -> None:
+        """Make a recycled ring new: indexes and errors back to zero (the
+        ring order and grant references stay)."""
+        for offset in (IN_CONS_OFFSET, IN_PROD_OFFSET, IN_ERROR_OFFSET,
+                       OUT_CONS_OFFSET, OUT_PROD_OFFSET, OUT_ERROR_OFFSET):
+            _U32.pack_into(self.indexes, offset, 0)
 
     def in_error(self) -> int:
         return int(_I32.unpack_from(self.indexes, IN_ERROR_OFFSET)[0])
@@ -373,7 +382,7 @@ class PVSocket:
                 # socket again (as in Linux's backend): free the ring, so
                 # that connect() may be tried again.
                 self._ring = None
-                self._fe._free_data_ring(ring)
+                self._fe._put_data_ring(ring, reusable=True)
                 raise _host_error(ret, f"connect to {host}:{port}")
             self._peername = (host, port)
 
@@ -464,7 +473,7 @@ class PVSocket:
             self._accept_inflight = None
             if ret < 0:
                 # The backend did not take the new id: free it without RELEASE.
-                self._fe._drop_socket(new)
+                self._fe._drop_socket(new, reusable=True)
                 raise _host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()
@@ -826,6 +835,9 @@ class Frontend:
         self._slots: list[_Slot | None] = [None] * RING_SLOTS
         self._sockets: dict[int, PVSocket] = {}
         self._handlers: dict[int, Callable[[], None]] = {}
+        # Data rings the backend let go of, kept for the next sockets: a
+        # connect then costs no page sharing and no event channel set-up.
+        self._ring_pool: list[_DataRing] = []
 
         self._thread: threading.Thread | None = None
         self._stop_r = self._stop_w = -1
@@ -961,6 +973,10 @@ class Frontend:
                 logger.warning("releasing socket %#x: %s", sock.id, exc)
         self._dead = True
         self._wake_everyone()
+        with self._lock:
+            pool, self._ring_pool = self._ring_pool, []
+        for ring in pool:
+            ring.free()
         fe_path = self.device.frontend_path
         if self._xs is not None and self._connected:
             try:
@@ -1151,24 +1167,36 @@ class Frontend:
             self._sockets.pop(sock.id, None)
 
     def _new_data_ring(self, sock: PVSocket) -> _DataRing:
+        """A data ring for ``sock``: a recycled one if the pool has one."""
         if self._gntshr is None or self._evtchn is None:
             raise OSError(errno.ENOTCONN, "frontend is closed")
-        ring = _DataRing(self._gntshr, self._evtchn, self.backend_id)
+        with self._lock:
+            ring = self._ring_pool.pop() if self._ring_pool else None
+        if ring is None:
+            ring = _DataRing(self._gntshr, self._evtchn, self.backend_id)
+        else:
+            ring.reset()
         with self._lock:
             self._handlers[ring.port] = sock._on_event
         return ring
 
-    def _free_data_ring(self, ring: _DataRing) -> None:
+    def _put_data_ring(self, ring: _DataRing, *, reusable: bool) -> None:
+        """Take back a ring no socket uses.  ``reusable``: the backend said
+        it let go of it (answered RELEASE, or refused the CONNECT or ACCEPT
+        that offered it), so its pages and port may serve the next socket."""
         with self._lock:
             self._handlers.pop(ring.port, None)
+            if reusable and not self._dead and len(self._ring_pool) < _RING_POOL_MAX:
+                self._ring_pool.append(ring)
+                return
         ring.free()
 
-    def _drop_socket(self, sock: PVSocket) -> None:
-        """Free a socket the backend never knew (a failed ACCEPT's id_new)."""
+    def _drop_socket(self, sock: PVSocket, *, reusable: bool) -> None:
+        """Free a socket the backend never made (a failed ACCEPT's id_new)."""
         self._forget(sock)
         ring, sock._ring = sock._ring, None
         if ring is not None:
-            self._free_data_ring(ring)
+            self._put_data_ring(ring, reusable=reusable)
 
     def _submit(
         self,
@@ -1291,6 +1319,7 @@ class Frontend:
         # Wait out any copy another thread is doing from the shared pages.
         with sock._cond:
             sock._cond.notify_all()
+        released = False  # the backend answered: it let go of everything
         if not self._dead and self._ring is not None:
 
             def fill(req: Any) -> None:
@@ -1301,6 +1330,7 @@ class Frontend:
                 ret = self._call(PVCALLS_RELEASE, sock.id, fill, _Deadline(self.timeout))
                 if ret < 0:
                     logger.warning("RELEASE of %#x: %s", sock.id, _errno.name_of(ret))
+                released = ret == 0
             except (OSError, TimeoutError) as exc:
                 logger.warning("RELEASE of %#x failed: %s", sock.id, exc)
         ring = sock._ring
@@ -1314,16 +1344,14 @@ class Frontend:
             sock._ring = None
         with self._lock:
             self._sockets.pop(sock.id, None)
-            if ring is not None:
-                self._handlers.pop(ring.port, None)
         if ring is not None:
-            ring.free()
+            self._put_data_ring(ring, reusable=released)
         if inflight is not None:
             # The backend released the listening socket, and with it the
             # pending ACCEPT's new socket.
             req_id, slot, new = inflight
             self._abandon(req_id, slot)
-            self._drop_socket(new)
+            self._drop_socket(new, reusable=released)
         with sock._cond:
             fd, sock._readyfd = sock._readyfd, None
         if fd is not None:

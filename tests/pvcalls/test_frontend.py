@@ -466,15 +466,15 @@ def test_requests_on_the_wire_are_linux_like(
 
     monkeypatch.setattr(ring, "push_request", record)
     in_error_at_free: list[int] = []
-    free = _DataRing.free
+    put = fe._put_data_ring
 
-    def free_and_record(self: _DataRing) -> None:
-        in_error_at_free.append(self.in_error())
-        assert _wire.ffi.from_buffer("struct pvcalls_data_intf *", self.indexes).ring_order \
+    def put_and_record(ring: _DataRing, *, reusable: bool) -> None:
+        in_error_at_free.append(ring.in_error())
+        assert _wire.ffi.from_buffer("struct pvcalls_data_intf *", ring.indexes).ring_order \
             == FRONTEND_RING_ORDER
-        free(self)
+        put(ring, reusable=reusable)
 
-    monkeypatch.setattr(_DataRing, "free", free_and_record)
+    monkeypatch.setattr(fe, "_put_data_ring", put_and_record)
 
     srv = server()
     with connected(fe, srv.address) as s:
@@ -537,3 +537,16 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
                     fe.socket()
         finally:
             backend.close()
+
+
+def test_released_rings_are_reused(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    ports = set()
+    for i in range(5):
+        with connected(fe, srv.address) as s:
+            ring = s._ring
+            assert ring is not None
+            ports.add(ring.port)
+            s.sendall(b"round %d" % i)  # the indexes start from zero again
+            assert recv_exactly(s, 7) == b"round %d" % i
+    assert len(ports) == 1
