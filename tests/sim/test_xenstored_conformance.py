@@ -209,10 +209,10 @@ def test_xenstore_watch(xsd: XenStored) -> None:
 # --- Xen's test-xenstore ------------------------------------------------------------------
 
 
-def run_test_xenstore(xsd: XenStored, *args: str, timeout: float) -> str:
+def run_test_xenstore(socket_path: Path, *args: str, timeout: float) -> str:
     if not os.access(TEST_XENSTORE, os.X_OK):
         pytest.skip(f"{TEST_XENSTORE} not installed (Debian package xen-utils-4.17)")
-    env = dict(os.environ, XENSTORED_PATH=os.fspath(xsd.path))
+    env = dict(os.environ, XENSTORED_PATH=os.fspath(socket_path))
     proc = subprocess.run(
         [os.fspath(TEST_XENSTORE), *args], env=env, capture_output=True, text=True,
         timeout=timeout,
@@ -223,7 +223,7 @@ def run_test_xenstore(xsd: XenStored, *args: str, timeout: float) -> str:
 
 
 def test_xen_test_xenstore_all_tests_10_iterations(xsd: XenStored) -> None:
-    out = run_test_xenstore(xsd, "-i", "10", timeout=60)
+    out = run_test_xenstore(xsd.path, "-i", "10", timeout=60)
     names = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
     listed = subprocess.run(
         [os.fspath(TEST_XENSTORE), "-l"], capture_output=True, text=True, check=True
@@ -236,4 +236,15 @@ def test_xen_test_xenstore_all_tests_10_iterations(xsd: XenStored) -> None:
 
 def test_xen_test_xenstore_random_30_seconds(xsd: XenStored) -> None:
     # -r SECS: random tests for that many seconds (one iteration each).
-    run_test_xenstore(xsd, "-r", "30", timeout=90)
+    run_test_xenstore(xsd.path, "-r", "30", timeout=90)
+
+
+
+def test_xen_test_xenstore_as_an_unprivileged_guest(xsd: XenStored) -> None:
+    # Its relative paths land in the guest's home, where quotas and
+    # permissions apply (2000-byte values still fit the node-size quota).
+    with RawClient(xsd.path) as c:
+        c.mkdir("/local/domain/3")
+        c.set_perms("/local/domain/3", ["n3", "r0"])
+        run_test_xenstore(xsd.introduce_domain(3), "-i", "3", timeout=60)
+        assert c.directory("/local/domain/3") == []  # it cleaned up
