@@ -58,7 +58,8 @@ class Domain:
 
     @property
     def toolstack(self) -> Toolstack:
-        """The host's toolstack (it acts as dom0, whatever domain this is)."""
+        """The host's toolstack (it acts as dom0, whatever domain this is;
+        it holds no connection, so a fresh one per access costs nothing)."""
         from ._toolstack import Toolstack
 
         return Toolstack(self._run_dir / "xenstored" / "socket")

@@ -13,6 +13,24 @@ carry either the result or ``"errno"`` and ``"error"``; the service may also
 push unsolicited messages carrying ``"event"`` to event channel handles (a
 peer bound or unbound one of their ports).  Replies are sent in request
 order, so a client only has to skip pushed messages while it waits.
+
+=========================  ==============================  ==========================
+request                    arguments (descriptors)         reply (descriptors)
+=========================  ==============================  ==========================
+info                       -                               domid, name, xenstore_path
+gnt_share                  domid, count, writable          refs (the pages, writable)
+gnt_end                    refs                            -
+gnt_map                    domid, refs, writable           handle, segments (files)
+gnt_unmap                  handle                          -
+evtchn_alloc_unbound       domid (write end of port pipe)  port
+evtchn_bind_interdomain    domid, port (write end)         port (peer's write end)
+evtchn_unbind              port                            -
+domain_create (dom0 only)  name                            domid, name, xenstore_path
+domain_destroy (dom0)      domid                           -
+=========================  ==============================  ==========================
+
+Pushed: ``{"event": "bound", "port", "domid", "remote_port"}`` with the
+peer's write end, and ``{"event": "unbound", "port"}``.
 """
 
 from __future__ import annotations
