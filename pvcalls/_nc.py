@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-w", "--wait", type=float, default=None, metavar="SECS", help="timeout for connect/accept"
     )
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="say on stderr when listening, connected and done")
     p.add_argument("--log-level", default="WARNING", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
     p.add_argument("address", nargs="+", metavar="[HOST] PORT",
@@ -106,6 +108,11 @@ class _Pump(threading.Thread):
             self.done.set()
 
 
+def _say(args: argparse.Namespace, message: str) -> None:
+    if args.verbose:
+        print(f"pvcalls-nc: {message}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout: BinaryIO) -> int:
     """Join the host, connect or accept, and pipe until the other side
     closes (or, with ``-q``, the connection idles after end of input)."""
@@ -117,9 +124,12 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
         if args.listen:
             s.bind((host, port))
             s.listen(1)
+            _say(args, f"listening on {host}:{port} (in the backend's domain)")
             conn, _ = s.accept()
+            _say(args, "connection accepted")
         else:
             s.connect((host, port))
+            _say(args, f"connected to {host}:{port}")
             conn = s
         with conn:
             conn.settimeout(None)

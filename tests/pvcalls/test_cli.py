@@ -169,6 +169,33 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         assert nc.returncode == 0, nc.stderr.decode()
         assert nc.stdout == data
 
+        # Listening: a host client reaches the guest's pvcalls-nc -l.
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]  # free a moment ago
+        listener = subprocess.Popen(
+            [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", str(domid),
+             "-v", "-l", "127.0.0.1", str(port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        try:
+            assert listener.stdin is not None and listener.stdout is not None
+            listener.stdin.write(b"from the guest")
+            listener.stdin.close()
+            said: list[str] = []
+            read_until(listener.stderr, "listening on 127.0.0.1", said)
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
+                client.sendall(b"from the host")
+                got = b""
+                while len(got) < 14 and (chunk := client.recv(100)):
+                    got += chunk
+                assert got == b"from the guest"
+            assert listener.wait(TIMEOUT) == 0, said
+            assert listener.stdout.read() == b"from the host"
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.wait()
+
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(TIMEOUT) == 0
     finally:
