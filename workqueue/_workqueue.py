@@ -150,6 +150,9 @@ class Workqueue(Executor):
         self._trace_hooks: tuple[TraceHook, ...] = ()
         self._maydays: list[PoolWorkqueue] = []
         self._rescuer: _pool.Worker | None = None
+        # serial(key)'s executors and their LoadIndex (see _serial), made on
+        # first use; guarded by _serial's own lock.
+        self._serial_domain: object = None
         pset = pool_set(topology)
         with lock:
             if flags & (WQFlags.WQ_UNBOUND | WQ_ORDERED):
@@ -453,6 +456,10 @@ class Workqueue(Executor):
                     if rescuer.idle:
                         rescuer.idle = False
                         rescuer.wake.release()
+            if self._serial_domain is not None:
+                # Without the engine lock: it takes the topology's hotplug lock.
+                from ._serial import close_serial
+                close_serial(self)
             self._destroyed.set()
 
     # -- tuning ----------------------------------------------------------------

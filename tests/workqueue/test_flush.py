@@ -167,3 +167,13 @@ def test_dump_shows_running_pending_and_inactive_items(make_wq: Any) -> None:
     assert "inactive: <Work " in text and "inactive_item" in text
     wq.flush()
     assert wq.dump().splitlines() == [wq.dump().splitlines()[0]]
+
+
+def test_destroy_closes_the_serial_executors(make_wq: Any, topo: Any) -> None:
+    wq = make_wq()
+    assert wq.serial("k").submit(len, "ab").result(TIMEOUT) == 2
+    notifiers = len(topo._notifiers)
+    wq.destroy()
+    assert len(topo._notifiers) == notifiers - 1  # the LoadIndex left the topology
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.serial("k")
