@@ -221,6 +221,17 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
 
 # -- serve -----------------------------------------------------------------------
 
+def _log_stats(stats: Any) -> None:
+    """Log a :class:`pvcalls.BackendStats` snapshot, one line per socket."""
+    counts = ", ".join(f"CPU {c.cpu}: {c.sockets}" for c in stats.cpus if c.online)
+    logger.warning("%d frontends, %d sockets; active sockets per CPU: %s",
+                   stats.frontends, len(stats.sockets), counts)
+    for row in stats.sockets:
+        logger.warning("  dom%d %#x %s cpu=%s out=%d in=%d %s", row.domain, row.id, row.kind,
+                       "-" if row.cpu is None else row.cpu, row.bytes_out, row.bytes_in,
+                       "" if row.address is None else f"{row.address[0]}:{row.address[1]}")
+
+
 def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any:
     if args.platform == "sim":
         from xenback.sim import attach
@@ -252,24 +263,36 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             error(f"--policy {args.policy}: {exc}")
     platform = _open_platform(args, error)
 
-    stop = threading.Event()
+    # Signal handlers only record what was asked and wake the main thread,
+    # which does the work outside the handler.
+    wake = threading.Event()
+    asked: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("%s: closing every frontend", signal.Signals(signum).name)
-        stop.set()
+        asked.append(signum)
+        wake.set()
 
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    old = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         with pvcalls.Backend(
             platform,
             max_ioworkers=args.max_ioworkers,
             max_page_order=args.max_page_order,
             policy=policy,
-        ):
-            logger.warning("pvcalls backend serving domain %d's guests (%s platform)",
+        ) as backend:
+            logger.warning("pvcalls backend serving domain %d's guests (%s platform); "
+                           "SIGUSR1 logs its sockets, SIGTERM stops it",
                            platform.domid, args.platform)
-            while not stop.wait(1.0):
-                pass
+            while True:
+                wake.wait()
+                wake.clear()
+                if signal.SIGUSR1 in asked:
+                    asked.remove(signal.SIGUSR1)
+                    _log_stats(backend.stats())
+                if asked:
+                    logger.warning("%s: closing every frontend", signal.Signals(asked[0]).name)
+                    break
         logger.warning("pvcalls backend stopped")
     finally:
         for sig, handler in old.items():

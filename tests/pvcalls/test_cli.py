@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -77,21 +78,35 @@ def test_serve_xen_without_xen_is_a_clear_error(capsys: pytest.CaptureFixture[st
 # -- serve + pvcalls-nc against a xenback-sim daemon ------------------------------------
 
 
-def read_until(stream: object, text: str, lines: list[str], timeout: float = TIMEOUT) -> None:
-    """Collect lines of a subprocess pipe until one contains ``text``."""
-    found = threading.Event()
+class Lines:
+    """The lines of a subprocess pipe, read by a thread as they come."""
 
-    def reader() -> None:
-        for raw in stream:  # type: ignore[attr-defined]
-            line = raw.decode(errors="replace")
-            lines.append(line)
-            if text in line:
-                found.set()
-        found.set()
+    def __init__(self, stream: IO[bytes] | None) -> None:
+        assert stream is not None
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
-    threading.Thread(target=reader, daemon=True).start()
-    assert found.wait(timeout), f"no {text!r} in {lines}"
-    assert any(text in line for line in lines), f"no {text!r} in {lines}"
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = TIMEOUT) -> str:
+        """The first line containing ``text``, waiting for it to arrive."""
+        def found() -> str | None:
+            return next((line for line in self.lines if text in line), None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: found() is not None or self._eof, timeout)
+            line = found()
+        assert line is not None, f"no {text!r} in {self.lines}"
+        return line
 
 
 @pytest.fixture
@@ -103,9 +118,8 @@ def daemon(tmp_path: Path) -> Iterator[tuple[Path, int]]:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     try:
-        lines: list[str] = []
-        read_until(proc.stdout, "DOMAIN nc-guest", lines)  # printed once ready
-        domid = int(next(line for line in lines if line.startswith("DOMAIN")).split()[2])
+        ready = Lines(proc.stdout).wait_for("DOMAIN nc-guest")  # printed once ready
+        domid = int(ready.split()[2])
         yield run_dir, domid
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -152,9 +166,9 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
          "--max-ioworkers", "2", "--log-level", "INFO"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    log: list[str] = []
+    log = Lines(serve.stderr)
     try:
-        read_until(serve.stderr, "serving", log)
+        log.wait_for("serving")
 
         data = os.urandom(200_000)
         echo = EchoServer(len(data))
@@ -181,20 +195,24 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
             assert listener.stdin is not None and listener.stdout is not None
             listener.stdin.write(b"from the guest")
             listener.stdin.close()
-            said: list[str] = []
-            read_until(listener.stderr, "listening on 127.0.0.1", said)
+            said = Lines(listener.stderr)
+            said.wait_for("listening on 127.0.0.1")
             with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
                 client.sendall(b"from the host")
                 got = b""
                 while len(got) < 14 and (chunk := client.recv(100)):
                     got += chunk
                 assert got == b"from the guest"
-            assert listener.wait(TIMEOUT) == 0, said
+            assert listener.wait(TIMEOUT) == 0, said.lines
             assert listener.stdout.read() == b"from the host"
         finally:
             if listener.poll() is None:
                 listener.kill()
                 listener.wait()
+
+        # SIGUSR1: the backend logs its sockets (the guests have gone).
+        serve.send_signal(signal.SIGUSR1)
+        assert "0 sockets" in log.wait_for("frontends,")
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(TIMEOUT) == 0
@@ -202,7 +220,8 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         if serve.poll() is None:
             serve.kill()
             serve.wait()
-    assert any("stopped" in line for line in log + [serve.stderr.read().decode()]), log
+    log.wait_for("closing every frontend")
+    log.wait_for("pvcalls backend stopped")
 
 
 def test_nc_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
