@@ -27,6 +27,7 @@ and copies the guest's console lines prefixed with ``domU| ``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -182,27 +183,44 @@ class AcceptClient(threading.Thread):
 
     def run(self) -> None:
         data = os.urandom(self.nbytes)
+        expected = hashlib.sha256(data).hexdigest()
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout) as s:
                 sender = threading.Thread(target=s.sendall, args=(data,), daemon=True)
                 sender.start()
-                got = bytearray()
-                while len(got) < self.nbytes:
+                got = 0
+                while got < self.nbytes:
                     chunk = s.recv(65536)
                     if not chunk:
                         break
-                    got += chunk
+                    # Checked as it arrives: a difference found here came
+                    # over the connection, not from memory changed later.
+                    if chunk != data[got:got + len(chunk)]:
+                        self.result = "FAIL " + self._describe_mismatch(data, got, chunk)
+                        return
+                    got += len(chunk)
                 sender.join(self.timeout)
-            if bytes(got) == data:
-                self.result = f"OK sent and got back {len(data)} bytes"
+            if got != self.nbytes:
+                self.result = f"FAIL got back {got} of {self.nbytes} bytes"
+            elif hashlib.sha256(data).hexdigest() != expected:
+                self.result = "FAIL the data sent changed in dom0's memory while it was sent"
             else:
-                first = next(
-                    (i for i, (a, b) in enumerate(zip(got, data, strict=False)) if a != b),
-                    min(len(got), len(data)),
-                )
-                self.result = f"FAIL got {len(got)} of {len(data)} bytes, first difference at {first}"
+                self.result = f"OK sent and got back {got} bytes"
         except OSError as exc:
             self.result = f"FAIL {exc!r}"
+
+    @staticmethod
+    def _describe_mismatch(data: bytes, offset: int, chunk: bytes) -> str:
+        """Where the wrong bytes came from: random data makes 32 bytes unique."""
+        first = next(i for i, (a, b) in enumerate(zip(chunk, data[offset:], strict=False))
+                     if a != b)
+        at = offset + first
+        window = chunk[first:first + 32]
+        source = data.find(window) if len(window) == 32 else -1
+        origin = (f"they are the bytes sent at offset {source} ({source - at:+d})"
+                  if source >= 0 else "they are not in the data sent (32-byte window)")
+        return (f"echo differs at byte {at} (in a {len(chunk)}-byte recv at {offset}): "
+                f"got {window[:8].hex()} want {data[at:at + 8].hex()}; {origin}")
 
 
 # -- the guest ---------------------------------------------------------------
