@@ -886,7 +886,10 @@ class Frontend:
         self._monitor = self._xs.monitor()
         self._monitor.watch(f"{be_path}/state".encode(), b"pvcalls-front")
 
-        state = self._wait_backend(lambda s: s >= _INIT_WAIT, "InitWait")
+        state = self._wait_backend(
+            lambda s: s >= _INIT_WAIT,
+            f"InitWait (is a pvcalls backend serving domain {self.backend_id}?)",
+        )
         if state != _INIT_WAIT:
             raise OSError(errno.EPROTO, f"backend went to state {state} instead of InitWait")
         versions = self._read(f"{be_path}/versions")
@@ -985,9 +988,12 @@ class Frontend:
                 self._write_nodes(fe_path, {"state": str(_CLOSED)})
             except (OSError, TimeoutError) as exc:
                 logger.warning("closing frontend of domain %d: %s", self.domain.domid, exc)
+        # A backend that never connected may not be there at all: do not
+        # wait the full timeout for it to close.
+        wait = self.timeout if self._connected else min(self.timeout, 2.0)
         self._connected = False
         try:
-            self._toolstack.remove_device(self.device, timeout=self.timeout)
+            self._toolstack.remove_device(self.device, timeout=wait)
         except Exception as exc:
             logger.warning("removing pvcalls device of domain %d: %s", self.domain.domid, exc)
         close_toolstack = getattr(self._toolstack, "close", None)
