@@ -316,10 +316,10 @@ class Backend:
         if not isinstance(fe, _Frontend):
             return
         dev.driver_data = None
+        fe.close()  # before it leaves stats(): gone from there means released
         with self._lock:
             if self._frontends.get((dev.frontend_id, dev.devid)) is fe:
                 del self._frontends[(dev.frontend_id, dev.devid)]
-        fe.close()
         logger.info("dom%d: pvcalls frontend disconnected", dev.frontend_id)
 
     def _close_device(self, dev: BackendDevice) -> None:
@@ -694,6 +694,12 @@ class _Frontend:
 
     def close(self) -> None:
         """Stop the command Work and release every socket and the ring."""
+        # No response (and no notification on the port) from here on: the
+        # frontend is going away and the port is about to be unbound.
+        with self._rsp_lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             self.dispatcher.unbind(self.port)
         except (OSError, KeyError, RuntimeError):
@@ -711,8 +717,6 @@ class _Frontend:
                 sock.teardown()
             elif isinstance(sock, NewSocket):
                 sock.release()
-        with self._rsp_lock:
-            self._closed = True
         self.ring.release()
         try:
             self._mapping.unmap()
