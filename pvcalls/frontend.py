@@ -60,7 +60,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from xenback import _barrier
-from xenback.ring import FlexRing, FrontRing
+from xenback.ring import FlexRing, FrontRing, RingError
 
 from . import _errno
 from ._wire import (
@@ -127,6 +127,15 @@ def _host_error(ret: int, what: str) -> OSError:
     if code is None:
         code = errno.EOPNOTSUPP if name == "ENOTSUPP" else errno.EIO
     return OSError(code, f"{os.strerror(code)} ({what})")
+
+
+def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ...]:
+    """``peek()`` of a data ring, whose indexes the backend may have broken
+    (``prod - cons > size``): that is an I/O error of this socket only."""
+    try:
+        return peek()
+    except RingError as exc:
+        raise OSError(errno.EPROTO, f"the backend broke the data ring: {exc}") from None
 
 
 def _bad_fd() -> OSError:
@@ -495,7 +504,7 @@ class PVSocket:
                     raise _host_error(err, "send")
                 if self._closed:
                     raise _bad_fd()
-                parts = ring.outq.writable()
+                parts = _checked(ring.outq.writable)
                 if parts and len(view):
                     sent = 0
                     for part in parts:
@@ -541,7 +550,7 @@ class PVSocket:
                 # there is (Linux's __read_ring does the same).
                 err = ring.in_error()
                 _barrier.lib.xb_rmb()
-                parts = ring.inq.readable()
+                parts = _checked(ring.inq.readable)
                 if parts:
                     got = 0
                     for part in parts:

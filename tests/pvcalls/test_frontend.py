@@ -550,3 +550,21 @@ def test_released_rings_are_reused(fe: pvcalls.Frontend, server: Any) -> None:
             s.sendall(b"round %d" % i)  # the indexes start from zero again
             assert recv_exactly(s, 7) == b"round %d" % i
     assert len(ports) == 1
+
+
+def test_broken_data_ring_is_an_error_of_that_socket(fe: pvcalls.Frontend, server: Any) -> None:
+    from pvcalls import _wire
+
+    srv = server()
+    with connected(fe, srv.address) as bad, connected(fe, srv.address) as good:
+        ring = bad._ring
+        assert ring is not None
+        # A backend claiming more bytes than the ring holds.
+        intf = _wire.ffi.from_buffer("struct pvcalls_data_intf *", ring.indexes)
+        intf.in_prod = (intf.in_cons + 2 * ring.inq.size) & 0xFFFFFFFF
+        _wire.ffi.release(intf)
+        with pytest.raises(OSError) as info:
+            bad.recv(10)
+        assert info.value.errno == errno.EPROTO
+        good.sendall(b"unaffected")
+        assert recv_exactly(good, 10) == b"unaffected"
