@@ -162,8 +162,7 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
     out = out or sys.stdout
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
     httpd.daemon_threads = True
-    web = threading.Thread(target=httpd.serve_forever, name="demo-http", daemon=True)
-    web.start()
+    threading.Thread(target=httpd.serve_forever, name="demo-http", daemon=True).start()
     web_host, web_port = str(httpd.server_address[0]), int(httpd.server_address[1])
     try:
         with SimHost() as host, pvcalls.Backend(
@@ -176,7 +175,7 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
             names = {0: "dom0", guest1.domid: "guest1", guest2.domid: "guest2"}
             with pvcalls.Frontend(guest1) as fe1, pvcalls.Frontend(guest2) as fe2:
                 # Guest 1: a web client.
-                web, status, body = _http_get(fe1, web_host, web_port)
+                page_sock, status, body = _http_get(fe1, web_host, web_port)
                 print(f"guest1 (domain {guest1.domid}): GET http://{web_host}:{web_port}/ "
                       f"-> {status!r}, {len(body)} bytes", file=out)
 
@@ -202,7 +201,7 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
                 _print_stats(backend.stats(), names, out)
                 for client in clients:
                     client.close()
-                web.close()
+                page_sock.close()
                 listener.close()
                 server.join(10)
                 for t in server.conns:
