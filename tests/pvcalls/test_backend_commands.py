@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import RawFrontend, wait_until
+from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
 
 import pvcalls
 from pvcalls import _errno, _wire
@@ -170,6 +170,53 @@ def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend) -> None:
     assert raw.responses[release_req].ret == 0
     for s in fillers:
         s.close()
+    listener.close()
+
+
+def test_slow_connect_is_answered_when_it_completes(raw: RawFrontend) -> None:
+    """The same dropped SYN; once the listener makes room, the kernel's SYN
+    retransmission (about 1 s) completes the connect and only then does the
+    CONNECT get its answer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
+    _, rsp = raw.socket()  # served meanwhile
+    assert rsp.ret == 0 and connect_req not in raw.responses
+    for s in fillers:
+        s.close()
+    listener.setblocking(False)
+    accepted: list[socket.socket] = []
+
+    def answered() -> bool:
+        try:
+            accepted.append(listener.accept()[0])
+        except BlockingIOError:
+            pass
+        return connect_req in raw.responses
+
+    raw.wait(answered, timeout=30)
+    assert raw.responses.pop(connect_req).ret == 0
+    raw.send_all(ring, b"late but fine")
+    while True:  # ours and whichever fillers got in (closed: they read as EOF)
+        try:
+            accepted.append(listener.accept()[0])
+        except BlockingIOError:
+            break
+    received = set()
+    for conn in accepted:
+        conn.settimeout(TIMEOUT)
+        received.add(conn.recv(64))
+        conn.close()
+    assert b"late but fine" in received
     listener.close()
 
 
