@@ -8,6 +8,8 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from pvcalls_rawfront import RawFrontend, wait_until
 
 import pvcalls
@@ -179,3 +181,58 @@ def test_requests_with_released_rings_and_reused_ids(
     raw.evtchn.notify(ring.port)
     _, rsp = raw.socket(sock_id)
     assert rsp.ret == 0
+
+
+# -- fuzzing -------------------------------------------------------------------------
+
+_POOL = [0xFFFF888000AA0000 + 0x40 * i for i in range(4)]
+# Bodies that make sense for some command, so that sockets of the pool get
+# created, bound and listened on, and the later requests meet real state.
+_SENSIBLE = {
+    _wire.PVCALLS_SOCKET: struct.pack("=III", _wire.AF_INET, _wire.SOCK_STREAM, 0),
+    _wire.PVCALLS_BIND: _wire.pack_sockaddr_in("127.0.0.1", 0).ljust(28, b"\0")
+    + struct.pack("=I", 16),
+    _wire.PVCALLS_LISTEN: struct.pack("=I", 5),
+}
+
+
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cmd=st.one_of(st.sampled_from(range(8)), st.sampled_from(range(8)),
+                  st.integers(0, 2**32 - 1)),
+    sock_id=st.one_of(st.sampled_from(_POOL), st.sampled_from(_POOL),
+                      st.integers(0, 2**64 - 1)),
+    garbage=st.integers(0, 3),
+    body=st.binary(min_size=48, max_size=48),
+)
+def test_fuzzed_requests_get_exactly_one_answer(raw: RawFrontend, backend: pvcalls.Backend,
+                                                cmd: int, sock_id: int, garbage: int,
+                                                body: bytes) -> None:
+    """Arbitrary requests on ids that may or may not exist: each is answered
+    once with req_id, cmd and id echoed; an ACCEPT or POLL left waiting is
+    answered -EINTR when its socket is released."""
+    assert raw.ring is not None
+    req_id = raw.ring.req_prod_pvt & 31
+    if garbage != 3 and cmd in _SENSIBLE:  # most of the time
+        body = _SENSIBLE[cmd].ljust(48, b"\0")
+    data = struct.pack("=IIQ", req_id, cmd, sock_id) + body
+    raw.push(0, raw=data)
+    try:
+        rsp = raw.response(req_id, timeout=0.2 if cmd in (5, 6) else 10)
+    except TimeoutError:
+        assert cmd in (_wire.PVCALLS_ACCEPT, _wire.PVCALLS_POLL)
+        release = raw.push_release(sock_id)
+        raw.wait(lambda: release in raw.responses)
+        rsp = raw.responses.pop(req_id)
+        assert rsp.ret == -4  # EINTR
+        assert raw.responses.pop(release).ret == 0
+    assert (rsp.req_id, rsp.cmd, rsp.id) == (req_id, cmd, sock_id)
+    assert rsp.ret <= 0
+    assert raw.unexpected == []
+    event(f"{_wire.PVCALLS_COMMANDS.get(cmd, 'unknown')} -> {rsp.ret}")
+    # Keep at most a few sockets between examples.
+    rows = [r for r in backend.stats().sockets if r.domain == raw.guest.domid]
+    if len(rows) > 8:
+        for row in rows:
+            assert raw.release(row.id).ret in (0, -9)
