@@ -47,6 +47,7 @@ XENSTORED_TRACE = Path("/var/log/xen/xenstored-trace.log")
 CONSOLE_DIR = Path("/var/log/xen/console")
 DOMU_NAME = "realxen-domu"
 LISTEN_PORT = 7000
+REAP_TIMEOUT = 30  # seconds xl gets to destroy a guest that powered off
 
 _out_lock = threading.Lock()
 
@@ -272,6 +273,7 @@ class ConsoleFollower:
         return [line.rstrip("\r") for line in complete]
 
 
+
 def check_holding(backend: Backend, domid: int, baseline: dict[str, list[str]]) -> None:
     """While the guest has a connected socket, the backend must visibly hold
     more than before the guest connected (``baseline``: xenstored and
@@ -290,6 +292,27 @@ def check_holding(backend: Backend, domid: int, baseline: dict[str, list[str]]) 
     if unseen:
         raise StepFailed("backend-holding", f"nothing seen in {', '.join(unseen)} ({counts})")
     step_ok("backend-holding", counts)
+
+
+def uptime() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+def diagnose(domid: int | None) -> None:
+    """What the toolstack and XenStore say, for a failure report."""
+    commands = [[str(XEN_BIN / "xl"), "list"],
+                ["tail", "-n", "20", f"/var/log/xen/xl-{DOMU_NAME}.log"],
+                ["xenstore-ls", "-f", "/local/domain/0/backend/pvcalls"]]
+    if domid is not None:
+        commands.append(["xenstore-ls", "-f", f"/local/domain/{domid}/device"])
+    for argv in commands:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            say(f"diag| {' '.join(argv)}: {exc!r}")
+            continue
+        for line in (out.stdout + out.stderr).splitlines():
+            say(f"diag| {line}")
 
 
 def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> int:
@@ -313,9 +336,14 @@ def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> i
     baseline = backend.holdings(domid)
 
     console = ConsoleFollower(CONSOLE_DIR / f"guest-{DOMU_NAME}.log")
-    deadline = time.monotonic() + args.guest_timeout
+    # Give up early enough for the host, whose own budget includes the boot,
+    # to read which step hung.
+    guest_timeout = min(args.guest_timeout, args.budget - uptime())
+    deadline = time.monotonic() + guest_timeout
     client: AcceptClient | None = None
     result: str | None = None
+    halted_at: float | None = None
+    reaped_by_harness = False
     last_step = "guest-boot"
     while True:
         for line in console.lines():
@@ -330,14 +358,29 @@ def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> i
                 client.start()
             elif m := re.search(r"PVSHIM RESULT (PASS|FAIL.*)", line):
                 result = result or m.group(1)
+            elif re.search(r"reboot: (System halted|Power down)", line):
+                halted_at = halted_at or time.monotonic()
         if not domain_exists(DOMU_NAME):
             break
+        if (halted_at is not None and not reaped_by_harness
+                and time.monotonic() - halted_at > REAP_TIMEOUT):
+            # The guest is down; reaping it is xl's business, not the
+            # backend's (which must cope either way).  Seen about once in
+            # ten boots on a loaded machine: xl's daemon never acts.
+            say(f"REALXEN NOTE the halted guest was not reaped within {REAP_TIMEOUT} s;"
+                " destroying it from the harness")
+            diagnose(domid)
+            subprocess.run([str(XEN_BIN / "xl"), "destroy", DOMU_NAME], capture_output=True)
+            reaped_by_harness = True
+            continue
         if time.monotonic() > deadline:
-            raise StepFailed(last_step, f"guest still running after {args.guest_timeout} s")
+            diagnose(domid)
+            raise StepFailed(last_step, f"guest still running after {guest_timeout:.0f} s")
         time.sleep(0.1)
     for line in console.lines():
         say(f"domU| {line}")
-    step_ok("domu-gone", f"{time.monotonic() - t0:.1f}s after xl create")
+    step_ok("domu-gone", f"{time.monotonic() - t0:.1f}s after xl create"
+            + (" (destroyed by the harness)" if reaped_by_harness else ""))
 
     if result is None:
         raise StepFailed(last_step, "the guest stopped without a PVSHIM RESULT")
@@ -392,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nbytes", type=int, default=1 << 20)
     parser.add_argument("--step-timeout", type=int, default=60)
     parser.add_argument("--guest-timeout", type=int, default=150)
+    parser.add_argument("--budget", type=float, default=600,
+                        help="dom0 uptime by which to report, whatever happened")
     parser.add_argument("--trace", action="store_true", help="print xenstored's pvcalls trace")
     args = parser.parse_args(argv)
     uptime = Path("/proc/uptime").read_text().split()[0]

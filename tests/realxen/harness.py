@@ -76,7 +76,8 @@ def qemu_command(manifest: dict[str, str], cmdfile: Path) -> list[str]:
 
 
 def dom0_command(
-    manifest: dict[str, str], backend: str, nbytes: int, python: str, trace: bool
+    manifest: dict[str, str], backend: str, nbytes: int, python: str, trace: bool,
+    timeout: float,
 ) -> list[str]:
     return [
         python, "-u", str(HERE / "dom0.py"),
@@ -85,6 +86,9 @@ def dom0_command(
         "--domu-initrd", manifest["domu_initrd"],
         "--nbytes", str(nbytes),
         "--linux-backend", manifest["linux_backend"],
+        # dom0's clock starts a few seconds after QEMU's; keep a margin for
+        # the failure report to reach the console.
+        "--budget", str(max(30.0, timeout - 20.0)),
     ] + (["--trace"] if trace else [])
 
 
@@ -131,7 +135,7 @@ def boot(
     run_dir = cache / "run"
     run_dir.mkdir(exist_ok=True)
     cmdfile = run_dir / f"dom0-cmd-{os.getpid()}"
-    cmdfile.write_text("\n".join(dom0_command(manifest, backend, nbytes, python, trace)) + "\n")
+    cmdfile.write_text("\n".join(dom0_command(manifest, backend, nbytes, python, trace, timeout)) + "\n")
     compile_bytecode(python)
     start = time.monotonic()
     proc = subprocess.Popen(
