@@ -283,3 +283,25 @@ def test_handles_go_quiet_when_the_host_stops() -> None:
     finally:
         e0.close()
         e1.close()
+
+
+def test_close_wakes_a_waiting_thread(host: SimHost) -> None:
+    ch = host.dom0.evtchn()
+    ch.bind_unbound_port(0)
+    errors: list[int] = []
+    started = threading.Event()
+
+    def waiter() -> None:
+        started.set()
+        try:
+            ch.wait()
+        except EventChannelError as e:
+            errors.append(e.errno)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    started.wait(5)
+    ch.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert errors == [errno.EBADF]

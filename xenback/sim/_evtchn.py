@@ -82,15 +82,23 @@ class EventChannel:
             raise
         self._conn_fd: int | None = self._conn.fileno()
         self._epoll.register(self._conn_fd, select.EPOLLIN)
-        # _lock protects _ports, _by_fd, _closed and the epoll registrations,
-        # and keeps a descriptor from being closed while another thread uses
-        # it.  Rule: may be taken while holding the service connection's lock
-        # (pushed messages are applied under it), never the other way round;
-        # never held across a request to the service.
+        # Written by close() to wake threads blocked in wait().
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        # _lock protects _ports, _by_fd, _closed, _waiters and the epoll
+        # registrations, and keeps a descriptor from being closed while
+        # another thread uses it.  Rule: may be taken while holding the
+        # service connection's lock (pushed messages are applied under it),
+        # never the other way round; never held across a request to the
+        # service or a blocking wait.
         self._lock = threading.Lock()
         self._ports: dict[int, _LocalPort] = {}
         self._by_fd: dict[int, int] = {}
         self._closed = False
+        # Threads inside wait()'s epoll_wait, which runs without _lock: the
+        # epoll descriptor is closed only once none is left, so that none
+        # can block on a closed (or reused) descriptor.
+        self._waiters = 0
 
     def fileno(self) -> int:
         """Readable when :meth:`pending` has something to return."""
@@ -229,11 +237,18 @@ class EventChannel:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            with self._lock:
+                if self._closed:
+                    raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+                self._waiters += 1
             try:
                 # Not under _lock: notifiers and unmask must not wait for us.
                 events = self._epoll.poll(remaining, 1)
-            except (OSError, ValueError):
-                raise EventChannelError(errno.EBADF, "the event channel handle is closed") from None
+            finally:
+                with self._lock:
+                    self._waiters -= 1
+                    if self._closed and not self._waiters:
+                        self._release()
             if not events:
                 return None
             with self._lock:
@@ -330,9 +345,16 @@ class EventChannel:
             for lp in self._ports.values():
                 self._forget(lp)
             self._ports.clear()
+            if self._waiters:
+                os.eventfd_write(self._wake, 1)  # the last waiter releases
+            else:
+                self._release()
         # The service unbinds the ports when the connection closes.
         self._conn.close()
+
+    def _release(self) -> None:
         self._epoll.close()
+        os.close(self._wake)
 
     def __enter__(self) -> EventChannel:
         return self

@@ -208,6 +208,12 @@ class ServiceConnection:
                 self._push(msg, fds)
 
     def close(self) -> None:
+        # Shut down first, without the lock: a thread waiting in call() (or
+        # in an epoll that watches this socket) wakes up and lets go.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         with self._lock:
             self._sock.close()
 
