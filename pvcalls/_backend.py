@@ -172,6 +172,11 @@ class Backend:
 
     Starts serving on construction; :meth:`close` (or leaving the ``with``
     block) closes every frontend and releases everything.
+
+    Public attributes (read-only): ``platform``, ``topology`` (CPU hotplug
+    on it re-homes sockets), ``nr_ioworkers``, ``max_page_order``,
+    ``policy``.  The others are shared with the frontends' sockets and not
+    meant for users.
     """
 
     def __init__(

@@ -109,6 +109,7 @@ class Rule:
         return cls(network, range(low, high + 1))
 
     def matches(self, address: ipaddress.IPv4Address, port: int) -> bool:
+        """Whether ``address:port`` falls in this rule's network and ports."""
         return address in self.network and port in self.ports
 
     def __str__(self) -> str:
@@ -208,6 +209,7 @@ class Policy:
     # -- queries ------------------------------------------------------------
 
     def for_domain(self, domid: int) -> DomainPolicy:
+        """The rules of ``domid`` (its own section, else ``[default]``)."""
         return self._domains.get(domid, self._default)
 
     def connect_allowed(self, domid: int, host: str, port: int) -> bool:
