@@ -305,3 +305,52 @@ def test_close_wakes_a_waiting_thread(host: SimHost) -> None:
     thread.join(5)
     assert not thread.is_alive()
     assert errors == [errno.EBADF]
+
+
+def test_concurrent_binds_notifies_and_unbinds(host: SimHost, guest: Domain) -> None:
+    """Threads hammering one pair of handles: every event arrives, nothing breaks."""
+    e0, e1 = host.dom0.evtchn(), guest.evtchn()
+    errors: list[BaseException] = []
+    rounds = 40
+
+    def worker() -> None:
+        try:
+            for _ in range(rounds):
+                p1 = e1.bind_unbound_port(0)
+                p0 = e0.bind_interdomain(guest.domid, p1)
+                for _ in range(5):
+                    e0.notify(p0)
+                    e1.notify(p1)
+                if p1 % 2:
+                    e1.unbind(p1)
+                    e0.unbind(p0)
+                else:
+                    e0.unbind(p0)
+                    e1.unbind(p1)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def drainer(ch: EventChannel, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                port = ch.wait(0.01)
+                if port is not None:
+                    ch.unmask(port)
+            except EventChannelError as e:
+                if e.errno != errno.EINVAL:  # unbound between wait and unmask
+                    errors.append(e)
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads += [threading.Thread(target=drainer, args=(ch, stop)) for ch in (e0, e1)]
+    for t in threads:
+        t.start()
+    for t in threads[:4]:
+        t.join(60)
+    stop.set()
+    for t in threads[4:]:
+        t.join(10)
+    e0.close()
+    e1.close()
+    assert errors == []
+    assert eventually(lambda: host.hypervisor.stats()["ports"] == 0)

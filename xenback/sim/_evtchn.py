@@ -171,14 +171,14 @@ class EventChannel:
     def unbind(self, port: int) -> None:
         """Close ``port``; its peer's port becomes unbound and fires."""
         _check_port(port)
-        with self._lock:
-            if port not in self._ports:
-                raise EventChannelError(errno.EINVAL, f"port {port} is not bound by this handle")
-        self._conn.call("evtchn_unbind", port=port)
+        # Forget the port before the service frees its number: a port bound
+        # meanwhile by another thread may get the same number.
         with self._lock:
             lp = self._ports.pop(port, None)
-            if lp is not None:
-                self._forget(lp)
+            if lp is None:
+                raise EventChannelError(errno.EINVAL, f"port {port} is not bound by this handle")
+            self._forget(lp)
+        self._conn.call("evtchn_unbind", port=port)
 
     def _forget(self, lp: _LocalPort) -> None:
         del self._by_fd[lp.rfd]
@@ -271,7 +271,7 @@ class EventChannel:
         port = self._by_fd.get(fd)
         if port is None:
             return -1 if fd == self._conn_fd else None
-        lp = self._ports[port]
+        lp = self._ports[port]  # _by_fd and _ports agree under _lock
         if lp.masked:
             # Notified while masked: remember (the bytes stay in the pipe)
             # and stop watching until unmask.
