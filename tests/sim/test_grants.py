@@ -418,3 +418,30 @@ def test_descriptors_sent_with_any_request_never_leak(host: SimHost, guest: Doma
         "domains": 2, "connections": 0, "ports": 0, "grants": 0,
     })
     assert open_fds() == before
+
+
+def test_concurrent_shares_and_maps(host: SimHost, guest: Domain) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+                for i in range(30):
+                    pages = shr.share_pages(0, 1 + (seed + i) % 3, writable=bool(i % 2))
+                    pages.buffer[0] = seed
+                    with tab.map_grant_refs(guest.domid, pages.refs, writable=False) as m:
+                        assert m.buffer[0] == seed
+                    if i % 3:
+                        pages.unshare()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert eventually(lambda: live_grants(host) == 0)
