@@ -568,3 +568,28 @@ def test_broken_data_ring_is_an_error_of_that_socket(fe: pvcalls.Frontend, serve
         assert info.value.errno == errno.EPROTO
         good.sendall(b"unaffected")
         assert recv_exactly(good, 10) == b"unaffected"
+
+
+def test_send_waits_for_room_and_times_out(fe: pvcalls.Frontend, server: Any) -> None:
+    """A host peer that does not read: the out ring and the host's socket
+    buffers fill, then send() blocks; timeouts and non-blocking mode apply."""
+    release = threading.Event()
+
+    def sluggish(conn: socket.socket) -> None:
+        release.wait(TIMEOUT)
+        while conn.recv(65536):
+            pass
+
+    srv = server(sluggish)
+    with connected(fe, srv.address) as s:
+        s.settimeout(0.2)
+        chunk = b"x" * 65536
+        with pytest.raises(TimeoutError):
+            for _ in range(1000):  # far more than ring and socket buffers hold
+                s.sendall(chunk)
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            s.send(chunk)
+        release.set()  # the peer reads again: room comes back
+        s.settimeout(TIMEOUT)
+        s.sendall(chunk)
