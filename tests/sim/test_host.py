@@ -210,3 +210,12 @@ def test_only_dom0_controls_domains(host: SimHost) -> None:
         sock.send(json.dumps({"op": "domain_destroy", "domid": 0}).encode())
         assert json.loads(sock.recv(65536))["errno"] == errno.EPERM
     assert [d.name for d in host.domains()] == ["Domain-0", "guest"]
+
+
+def test_destroy_after_a_wire_release(host: SimHost) -> None:
+    guest = host.create_domain("released")
+    with host.dom0.xenstore() as c:
+        c.release_domain(guest.domid)
+        host.destroy_domain(guest)
+        assert not c.exists(b"/local/domain/1")
+    assert host.domains() == [host.dom0]

@@ -254,7 +254,10 @@ class SimHost:
                 raise LookupError(f"no domain {domid}")
             del self._domains[domid]
             self.hypervisor.remove_domain(domid)
-            self.xenstored.release_domain(domid)
+            try:
+                self.xenstored.release_domain(domid)
+            except KeyError:
+                pass  # dom0 already sent RELEASE over the wire
             for dev in self.toolstack.devices():
                 if domid in (dev.frontend_id, dev.backend_id):
                     self.toolstack.destroy_device(dev)
