@@ -650,6 +650,11 @@ class PVSocket:
         if self._io_refs <= 0:
             self._real_close()
 
+    def shutdown(self, how: int) -> None:
+        """Not in PV Calls: the protocol can only release a whole socket."""
+        self._check_open()
+        raise OSError(errno.EOPNOTSUPP, "PV Calls has no shutdown; close() releases the socket")
+
     def detach(self) -> int:
         raise OSError(errno.EOPNOTSUPP, "a PV Calls socket has no descriptor to detach")
 
