@@ -56,18 +56,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="say on stderr when listening, connected and done")
     p.add_argument("--log-level", default="WARNING", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
-    p.add_argument("address", nargs="+", metavar="[HOST] PORT",
-                   help="HOST PORT to connect to, or [HOST] PORT to listen on with -l")
+    p.add_argument("host", nargs="?", metavar="HOST",
+                   help="IPv4 address to connect to (with -l: to listen on, default 0.0.0.0)")
+    p.add_argument("port", metavar="PORT", help="TCP port")
     return p
 
 
 def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, int]:
-    words = list(args.address)
-    if len(words) == 1 and args.listen:
-        words.insert(0, "0.0.0.0")
-    if len(words) != 2:
-        p.error("give HOST PORT (or just PORT with -l)")
-    host, port_text = words
+    host, port_text = args.host, args.port
+    if host is None:
+        if not args.listen:
+            p.error("give HOST PORT to connect to (or -l [HOST] PORT to listen)")
+        host = "0.0.0.0"
     try:
         port = int(port_text)
     except ValueError:
