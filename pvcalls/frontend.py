@@ -1353,15 +1353,16 @@ class Frontend:
                 released = ret == 0
             except (OSError, TimeoutError) as exc:
                 logger.warning("RELEASE of %#x failed: %s", sock.id, exc)
-        ring = sock._ring
-        if ring is not None:
-            # As Linux: make readers see EBADF from now on.
-            ring.set_in_error(-_errno.EBADF)
-            sock._on_event()
+        # The socket's own calls have seen _closed and left (or, a CONNECT
+        # cut short by this RELEASE, gave its ring back): take the ring
+        # under their locks so that exactly one party frees it.
         with sock._accept_lock:
             inflight, sock._accept_inflight = sock._accept_inflight, None
         with sock._recv_lock, sock._send_lock, sock._cond:
-            sock._ring = None
+            ring, sock._ring = sock._ring, None
+        if ring is not None:
+            # As Linux: after RELEASE the frontend writes -EBADF into in_error.
+            ring.set_in_error(-_errno.EBADF)
         with self._lock:
             self._sockets.pop(sock.id, None)
         if ring is not None:
