@@ -354,3 +354,64 @@ def test_concurrent_binds_notifies_and_unbinds(host: SimHost, guest: Domain) -> 
     e1.close()
     assert errors == []
     assert eventually(lambda: host.hypervisor.stats()["ports"] == 0)
+
+
+def test_a_hostile_peer_cannot_make_anyone_block(host: SimHost, guest: Domain) -> None:
+    """The guest speaks the wire itself, sets every descriptor it gets to
+    blocking and fills every pipe it can: dom0 and the service carry on."""
+    import json
+    import os
+    import socket
+
+    from xenback.sim._hypervisor import domain_socket
+
+    def recv(sock: socket.socket) -> tuple[dict, list[int]]:  # type: ignore[type-arg]
+        data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
+        return json.loads(data), list(fds)
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock, host.dom0.evtchn() as e0:
+        sock.settimeout(5)
+        sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
+        sock.send(json.dumps({"op": "evtchn_alloc_unbound", "domid": 0}).encode())
+        reply, fds = recv(sock)
+        p0 = e0.bind_interdomain(guest.domid, reply["port"])
+        push, pushed = recv(sock)
+        assert push["event"] == "bound" and len(pushed) == 1
+        fds += pushed
+        for fd in fds:  # fill what we can write to, then block everything
+            try:
+                while True:
+                    os.write(fd, b"x" * 4096)
+            except (BlockingIOError, OSError):
+                pass
+            os.set_blocking(fd, True)
+
+        done = threading.Event()
+
+        def dom0_side() -> None:
+            for _ in range(100_000):  # more than the guest's pipe holds
+                e0.notify(p0)
+            done.set()
+
+        thread = threading.Thread(target=dom0_side)
+        thread.start()
+        thread.join(10)
+        assert done.is_set(), "dom0's notify blocked"
+        # The guest goes away: the service fires dom0's port, whose pipe is
+        # full and whose write end the guest set blocking.
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        served = threading.Event()
+
+        def guest_again() -> None:
+            with guest.evtchn() as e1:
+                e1.bind_unbound_port(0)
+            served.set()
+
+        thread = threading.Thread(target=guest_again, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert served.is_set(), "the service blocked"
+        assert eventually(lambda: e0.remote(p0) is None)
+        assert wait_pending(e0) == p0

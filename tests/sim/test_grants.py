@@ -277,7 +277,8 @@ def ask(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> dict:
         (b'{"op": "gnt_end", "refs": [8]}', errno.EINVAL),
         (b'{"op": "gnt_share", "domid": 0, "count": 1}', errno.EINVAL),
         (b'{"op": "evtchn_unbind", "port": 1}', errno.EINVAL),
-        (b'{"op": "evtchn_alloc_unbound", "domid": 0}', errno.EINVAL),
+        (b'{"op": "evtchn_alloc_unbound", "domid": "0"}', errno.EINVAL),
+        (b'{"op": "evtchn_bind_interdomain", "domid": 0, "port": 0}', errno.EINVAL),
         (b"x" * 66000, errno.E2BIG),
     ],
 )

@@ -1,9 +1,9 @@
 """Event channels of the simulated host: the ``xenevtchn`` handle.
 
 A bound port is a pipe whose read end this handle keeps: bytes in it are the
-port's pending bit.  The peer handle (in whatever process) holds the write
-end and notifies with one non-blocking ``write``; a full pipe means the port
-is already pending, so nothing is ever lost or waited for.  No service is
+port's pending bit.  The peer handle (in whatever process) holds a write end
+and notifies with one non-blocking ``write``; a full pipe means the port is
+already pending, so nothing is ever lost or waited for.  No service is
 on the notify path, which keeps the latency that of a pipe.
 
 All port pipes sit in one epoll instance, the handle's
@@ -53,6 +53,12 @@ class _LocalPort:
     masked: bool = False  # fired, not yet unmasked
     ignored: bool = False  # notified while masked: epoll stopped watching rfd
     dead: bool = False  # the host went away: never watched again
+
+
+def _expect_fds(fds: list[int], count: int) -> None:
+    if len(fds) != count:
+        close_fds(fds)
+        raise EventChannelError(errno.EPROTO, f"expected {count} descriptors from the service")
 
 
 def _check_domid(domid: int) -> None:
@@ -111,47 +117,35 @@ class EventChannel:
     def bind_unbound_port(self, domid: int) -> int:
         """Allocate a port that ``domid`` may bind to; returns its number."""
         _check_domid(domid)
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
         def apply(reply: Message, fds: list[int]) -> None:
-            close_fds(fds)
-            self._add(_LocalPort(reply["port"], r, domid))
+            _expect_fds(fds, 1)
+            self._add(_LocalPort(reply["port"], fds[0], domid))
 
-        return self._bind(r, w, "evtchn_alloc_unbound", apply, domid=domid)
+        return self._bind("evtchn_alloc_unbound", apply, domid=domid)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Connect a new local port to ``remote_port`` of ``domid``."""
         _check_domid(domid)
         _check_port(remote_port)
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
         def apply(reply: Message, fds: list[int]) -> None:
-            if len(fds) != 1:
-                close_fds(fds)
-                raise EventChannelError(errno.EPROTO, "bind reply without the peer's descriptor")
-            os.set_blocking(fds[0], False)
-            self._add(_LocalPort(reply["port"], r, domid, remote_port, fds[0]))
+            _expect_fds(fds, 2)
+            self._add(_LocalPort(reply["port"], fds[0], domid, remote_port, fds[1]))
 
-        return self._bind(r, w, "evtchn_bind_interdomain", apply, domid=domid, port=remote_port)
+        return self._bind("evtchn_bind_interdomain", apply, domid=domid, port=remote_port)
 
-    def _bind(
-        self, r: int, w: int, op: str, apply: Callable[[Message, list[int]], None], **args: int
-    ) -> int:
-        """Send the write end ``w`` of a new port's pipe with request ``op``.
+    def _bind(self, op: str, apply: Callable[[Message, list[int]], None], **args: int) -> int:
+        """Send bind request ``op``; the service answers with the new port's
+        read end (and, when connected, a write end of the peer's port).
 
         ``apply`` registers the port before any later pushed message about
         it can be delivered.
         """
-        try:
-            with self._lock:
-                if self._closed:
-                    raise EventChannelError(errno.EBADF, "the event channel handle is closed")
-            reply, _ = self._conn.call(op, [w], apply=apply, **args)
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)
+        with self._lock:
+            if self._closed:
+                raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+        reply, _ = self._conn.call(op, (), apply=apply, **args)
         port: int = reply["port"]
         return port
 

@@ -16,11 +16,13 @@ writable if the caller wants to write.  The mapper receives descriptors to
 access was ended (unshare, handle closed, domain destroyed) is freed when
 its last mapping is gone, as Linux's deferred ``gnttab_end_foreign_access``.
 
-Event channels.  Each bound port is a pipe: its read end stays with the
-handle that bound it (it is the port's pending bit: readable == pending),
-the write end goes to the service and, once the port is connected, to the
-peer handle, which notifies by writing one byte without involving the
-service.  Connecting, unbinding and domain death go through the service,
+Event channels.  Each bound port is a pipe the service creates: its read
+end goes to the handle that bound the port (it is the port's pending bit:
+readable == pending), the service keeps a write end and, once the port is
+connected, the peer handle gets a write end of its own and notifies by
+writing one byte without involving the service.  Every party gets its own
+open file description, so nobody can change another's O_NONBLOCK and make
+it block.  Connecting, unbinding and domain death go through the service,
 which tells the other end with a pushed message and fires its port.
 """
 
@@ -155,7 +157,7 @@ class _Port:
     domid: int
     port: int
     owner: _Conn
-    wfd: int  # write end of the owner's pipe: writing a byte fires the port
+    wfd: int  # the service's write end of the port's pipe: a byte fires the port
     remote_domid: int
     remote: _Port | None = None  # the connected peer, None while unbound
 
@@ -605,31 +607,32 @@ class Hypervisor:
 
     # -- event channel operations --------------------------------------------
 
-    def _alloc_port(self, conn: _Conn, remote_domid: int, fds: list[int]) -> _Port:
-        if len(fds) != 1:
-            raise RequestError(errno.EINVAL, "expected the write end of the port's pipe")
+    def _alloc_port(self, conn: _Conn, remote_domid: int) -> tuple[_Port, int]:
+        """A new port of ``conn``'s domain and the read end of its pipe."""
         dom = conn.domain
         port = next((p for p in range(1, MAX_EVTCHN_PORT + 1) if p not in dom.ports), None)
         if port is None:
             raise RequestError(errno.ENOSPC, "no free event channel port")
-        obj = _Port(dom.domid, port, conn, fds.pop(), remote_domid)
-        os.set_blocking(obj.wfd, False)
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        obj = _Port(dom.domid, port, conn, w, remote_domid)
         dom.ports[port] = obj
         conn.ports.add(obj)
-        return obj
+        return obj, r
 
     def _op_evtchn_alloc_unbound(
         self, conn: _Conn, msg: Message, fds: list[int]
     ) -> tuple[Message, list[int]]:
+        _no_fds(fds)
         remote = _int_arg(msg, "domid", 0, 0x7FEF)
         if remote not in self._domains:
             raise RequestError(errno.ESRCH, f"no domain {remote}")
-        port = self._alloc_port(conn, remote, fds)
-        return {"port": port.port}, []
+        port, r = self._alloc_port(conn, remote)
+        return {"port": port.port}, [r]
 
     def _op_evtchn_bind_interdomain(
         self, conn: _Conn, msg: Message, fds: list[int]
     ) -> tuple[Message, list[int]]:
+        _no_fds(fds)
         remote_domid = _int_arg(msg, "domid", 0, 0x7FEF)
         remote_port = _int_arg(msg, "port", 1, MAX_EVTCHN_PORT)
         rdom = self._domains.get(remote_domid)
@@ -642,16 +645,24 @@ class Hypervisor:
                 errno.EINVAL,
                 f"port {remote_port} of domain {remote_domid} is not an unbound port for {me}",
             )
-        local = self._alloc_port(conn, remote_domid, fds)
+        to_remote = _writer(remote)
+        if to_remote is None:
+            raise RequestError(errno.EINVAL, f"port {remote_port} of domain {remote_domid} is closing")
+        local, r = self._alloc_port(conn, remote_domid)
+        to_local = _writer(local)
+        assert to_local is not None  # its read end is r, still ours
         local.remote, remote.remote = remote, local
         # The peer learns its port is connected before we reply: anything
         # the binder does after the reply finds the peer ready to notify.
-        self._send(
-            remote.owner,
-            {"event": "bound", "port": remote.port, "domid": me, "remote_port": local.port},
-            [local.wfd],
-        )
-        return {"port": local.port, "remote_port": remote.port}, [os.dup(remote.wfd)]
+        try:
+            self._send(
+                remote.owner,
+                {"event": "bound", "port": remote.port, "domid": me, "remote_port": local.port},
+                [to_local],
+            )
+        finally:
+            os.close(to_local)
+        return {"port": local.port, "remote_port": remote.port}, [r, to_remote]
 
     def _op_evtchn_unbind(
         self, conn: _Conn, msg: Message, fds: list[int]
@@ -722,6 +733,23 @@ class Hypervisor:
 def _no_fds(fds: list[int]) -> None:
     if fds:
         raise RequestError(errno.EINVAL, "this request carries no descriptors")
+
+
+def _writer(port: _Port) -> int | None:
+    """A write end of ``port``'s pipe for its peer, or None if nobody reads it.
+
+    A new open file description (reopened through /proc), non-blocking:
+    were it a dup of ours, the peer could clear O_NONBLOCK on the shared
+    description and make the service's own writes block.
+    """
+    try:
+        return os.open(
+            f"/proc/self/fd/{port.wfd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        )
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no reader left: the owner is going away
+            return None
+        raise
 
 
 def _fire(wfd: int) -> None:
