@@ -668,8 +668,11 @@ class PVSocket:
         if self._closed:
             return
         self._closed = True
-        # Wake this socket's waiters: they see _closed and leave with EBADF.
-        self._fe._wake_everyone()
+        # Wake this socket's waiters (on its data, or on an answer to its
+        # ACCEPT): they see _closed and leave with EBADF.
+        with self._fe._cmd_cond:
+            self._fe._cmd_cond.notify_all()
+        self._on_event()
         self._fe._release(self)
 
     def _check_open(self) -> None:
@@ -1336,9 +1339,6 @@ class Frontend:
 
     def _release(self, sock: PVSocket) -> None:
         """RELEASE ``sock`` and free what it shared (called by close())."""
-        # Wait out any copy another thread is doing from the shared pages.
-        with sock._cond:
-            sock._cond.notify_all()
         released = False  # the backend answered: it let go of everything
         if not self._dead and self._ring is not None:
 
