@@ -238,23 +238,29 @@ class EventChannel:
             try:
                 # Not under _lock: notifiers and unmask must not wait for us.
                 events = self._epoll.poll(remaining, 1)
-            finally:
+            except BaseException:
                 with self._lock:
-                    self._waiters -= 1
-                    if self._closed and not self._waiters:
-                        self._release()
-            if not events:
-                return None
+                    self._leave_wait()
+                raise
             with self._lock:
+                self._leave_wait()
                 if self._closed:
                     raise EventChannelError(errno.EBADF, "the event channel handle is closed")
-                port = self._take(events[0][0])
+                port = self._take(events[0][0]) if events else None
+            if not events:
+                return None
             if port is None:
                 continue
             if port < 0:
                 self._drain_service()
                 continue
             return port
+
+    def _leave_wait(self) -> None:
+        """A thread left wait()'s epoll_wait (under _lock)."""
+        self._waiters -= 1
+        if self._closed and not self._waiters:
+            self._release()
 
     def _take(self, fd: int) -> int | None:
         """Act on ``fd`` reported readable (under _lock).
