@@ -446,3 +446,23 @@ def test_concurrent_shares_and_maps(host: SimHost, guest: Domain) -> None:
         t.join(60)
     assert errors == []
     assert eventually(lambda: live_grants(host) == 0)
+
+
+def test_map_unmap_cycles_leak_no_address_space(handles: tuple[GrantShare, GrantTable]) -> None:
+    import gc
+
+    def mappings() -> int:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+
+    shr, tab = handles
+    pages = shr.share_pages(0, 4)
+    for _ in range(20):  # warm up allocator caches
+        tab.map_grant_refs(1, pages.refs).unmap()
+    gc.collect()
+    before = mappings()
+    for _ in range(500):
+        with tab.map_grant_refs(1, pages.refs) as mapping:
+            mapping.buffer[0] = 1
+    gc.collect()
+    assert mappings() <= before + 2
