@@ -189,9 +189,11 @@ class Toolstack:
 
             def initiate(c: pyxs.Client) -> bool:
                 state = c.read(be + b"/state")
-                if state is None or _int(state) == XENBUS_STATE_CLOSED:
-                    return False
+                if state is None:
+                    return False  # already gone
                 c.write(be + b"/online", b"0")
+                if _int(state) == XENBUS_STATE_CLOSED:
+                    return False
                 c.write(be + b"/state", str(XENBUS_STATE_CLOSING).encode())
                 return True
 
