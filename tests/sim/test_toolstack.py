@@ -163,3 +163,34 @@ def test_domain_toolstack_acts_as_dom0(host: SimHost, guest: Domain) -> None:
     with guest.toolstack as ts:
         dev = ts.add_device("console", guest.domid)
         assert ts.remove_device(dev, timeout=0.1) is False
+
+
+def test_remove_of_a_device_whose_backend_is_gone(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    with host.dom0.xenstore() as c:
+        c.delete(dev.backend_path.encode())
+    assert host.toolstack.remove_device(dev, timeout=30) is True
+    with host.dom0.xenstore() as c:
+        assert not c.exists(dev.frontend_path.encode())
+    assert host.toolstack.devices() == []
+
+
+def test_backend_vanishing_during_removal_counts_as_closed(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    client = host.dom0.xenstore()
+    client.connect()
+    monitor = client.monitor()
+    monitor.watch(dev.backend_path.encode() + b"/state", b"t")
+
+    def backend() -> None:
+        while client.read(dev.backend_path.encode() + b"/state", b"") != b"5":
+            monitor.events.get(timeout=10)
+        client.delete(dev.backend_path.encode())
+
+    thread = threading.Thread(target=backend)
+    thread.start()
+    try:
+        assert host.toolstack.remove_device(dev, timeout=30) is True
+    finally:
+        thread.join(10)
+        client.close()

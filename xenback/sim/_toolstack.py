@@ -188,7 +188,7 @@ class Toolstack:
         with self._watch(be + b"/state") as events:
 
             def initiate(c: pyxs.Client) -> bool:
-                state = c.read(be + b"/state")
+                state = _read(c, be + b"/state")
                 if state is None:
                     return False  # already gone
                 c.write(be + b"/online", b"0")
@@ -228,7 +228,7 @@ class Toolstack:
                 base = f"/libxl/{fe}/device".encode()
                 for kind in _list(c, base):
                     for devid in _list(c, base + b"/" + kind):
-                        backend = c.read(base + b"/" + kind + b"/" + devid + b"/backend")
+                        backend = _read(c, base + b"/" + kind + b"/" + devid + b"/backend")
                         if backend is None:
                             continue
                         be = int(backend.decode().split("/")[3])
@@ -248,7 +248,7 @@ class Toolstack:
         deadline = time.monotonic() + timeout
         with self._client() as client:
             while True:
-                state = client.read(path)
+                state = _read(client, path)
                 if state is None or _int(state) == XENBUS_STATE_CLOSED:
                     return True
                 remaining = deadline - time.monotonic()
@@ -265,6 +265,17 @@ def _int(value: bytes) -> int:
         return int(value)
     except ValueError:
         return -1
+
+
+def _read(c: pyxs.Client, path: bytes) -> bytes | None:
+    """The value at ``path``, None if it does not exist."""
+    try:
+        value: bytes = c.read(path)
+    except pyxs.PyXSError as e:
+        if e.args and e.args[0] == errno.ENOENT:
+            return None
+        raise
+    return value
 
 
 def _list(c: pyxs.Client, path: bytes) -> list[bytes]:
