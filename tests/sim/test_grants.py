@@ -470,3 +470,20 @@ def test_map_unmap_cycles_leak_no_address_space(handles: tuple[GrantShare, Grant
             mapping.buffer[0] = 1
     gc.collect()
     assert mappings() < before + 256
+
+
+def test_a_domain_cannot_hoard_descriptors_through_shares(
+    host: SimHost, handles: tuple[GrantShare, GrantTable]
+) -> None:
+    from xenback.sim._hypervisor import MAX_SHARES_PER_DOMAIN
+
+    shr, _ = handles
+    shares = [shr.share_pages(0, 1) for _ in range(MAX_SHARES_PER_DOMAIN)]
+    with pytest.raises(GrantError) as info:
+        shr.share_pages(0, 1)
+    assert info.value.errno == errno.ENOSPC
+    shares.pop().unshare()
+    shr.share_pages(0, 1).unshare()
+    for pages in shares:
+        pages.unshare()
+    assert live_grants(host) == 0

@@ -66,9 +66,11 @@ MAX_GRANTS_PER_DOMAIN = 32768
 MAX_PAGES_PER_REQUEST = 1024
 #: Highest event channel port of a domain (2-level ABI on 64-bit guests).
 MAX_EVTCHN_PORT = 4095
-#: Open handles (connections) per domain, and pages one handle may have
+#: Open handles (connections) per domain, live share requests per domain
+#: (each holds a descriptor in the service) and pages one handle may have
 #: mapped at once: what a hostile domain can make the service hold.
 MAX_HANDLES_PER_DOMAIN = 256
+MAX_SHARES_PER_DOMAIN = 2048
 MAX_MAPPED_PAGES_PER_HANDLE = 65536
 
 _FIRE = b"\x00"
@@ -99,14 +101,15 @@ class RequestError(Exception):
 class _Memory:
     """One shared-memory file backing the pages of one share request."""
 
+    table: _GrantTable
     fd: int
-    npages: int
-    users: int = 0  # grant entries still referring to this file
+    users: int  # grant entries still referring to this file
 
     def put(self) -> None:
         self.users -= 1
         if self.users == 0:
             os.close(self.fd)
+            self.table.files -= 1
 
 
 @dataclass(eq=False)
@@ -136,6 +139,7 @@ class _GrantTable:
     entries: dict[int, _Grant] = field(default_factory=dict)
     free_refs: list[int] = field(default_factory=list)  # heap of reusable refs
     next_ref: int = GNTTAB_NR_RESERVED_ENTRIES
+    files: int = 0  # live _Memory objects (each holds a descriptor here)
 
     def alloc_ref(self) -> int:
         if self.free_refs:
@@ -486,6 +490,8 @@ class Hypervisor:
         table = conn.domain.grants
         if len(table.entries) + count > MAX_GRANTS_PER_DOMAIN:
             raise RequestError(errno.ENOSPC, "grant table full")
+        if table.files >= MAX_SHARES_PER_DOMAIN:
+            raise RequestError(errno.ENOSPC, "too many separate shares; share more pages at once")
         fd = os.memfd_create(
             f"xenback-sim-grant-d{conn.domain.domid}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
         )
@@ -498,7 +504,8 @@ class Hypervisor:
         except OSError:
             os.close(fd)
             raise
-        memory = _Memory(fd, count, users=count)
+        memory = _Memory(table, fd, users=count)
+        table.files += 1
         refs = []
         for page in range(count):
             ref = table.alloc_ref()
