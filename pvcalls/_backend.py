@@ -89,6 +89,7 @@ from ._wire import (
     PVCALLS_VERSIONS,
     SLOT_SIZE,
     SOCK_STREAM,
+    AddressFamilyError,
     ffi,
     unpack_sockaddr_in,
 )
@@ -530,9 +531,10 @@ class _Frontend:
     def _address(self, raw_addr: Any, length: int, what: str) -> tuple[str, int]:
         try:
             return unpack_sockaddr_in(bytes(raw_addr), int(length))
+        except AddressFamilyError as exc:
+            raise CommandError(_errno.EAFNOSUPPORT, f"{what} address: {exc}") from None
         except ValueError as exc:
-            errno = _errno.EAFNOSUPPORT if "family" in str(exc) else _errno.EINVAL
-            raise CommandError(errno, f"{what} address: {exc}") from None
+            raise CommandError(_errno.EINVAL, f"{what} address: {exc}") from None
 
     # -- commands ----------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from cffi import FFI
 __all__ = [
     "AF_INET",
     "DEFAULT_MAX_PAGE_ORDER",
+    "AddressFamilyError",
     "INDEXES_HEADER_SIZE",
     "IN_CONS_OFFSET",
     "IN_ERROR_OFFSET",
@@ -240,6 +241,10 @@ def flex_ring_size(ring_order: int) -> int:
     return 1 << (ring_order + 12 - 1)
 
 
+class AddressFamilyError(ValueError):
+    """A sockaddr whose family is not AF_INET."""
+
+
 _SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (native), port (BE), addr
 _PORT = struct.Struct("!H")
 
@@ -258,12 +263,13 @@ def unpack_sockaddr_in(raw: bytes, length: int = SOCKADDR_IN_LEN) -> tuple[str, 
 
     ``length`` is the guest-supplied ``len``; it must be at least the 8 bytes
     that carry family, port and address and at most 28 (the wire field).
-    Raises :class:`ValueError` saying what is wrong.
+    Raises :class:`ValueError` saying what is wrong, the subclass
+    :class:`AddressFamilyError` for a family other than AF_INET.
     """
     if not 8 <= length <= 28:
         raise ValueError(f"sockaddr length {length} not in 8..28")
     head = bytes(raw[: min(length, SOCKADDR_IN_LEN)]).ljust(SOCKADDR_IN_LEN, b"\0")
     family, port, addr = _SOCKADDR_IN.unpack(head)
     if family != AF_INET:
-        raise ValueError(f"address family {family} is not AF_INET ({AF_INET})")
+        raise AddressFamilyError(f"address family {family} is not AF_INET ({AF_INET})")
     return str(ipaddress.IPv4Address(addr)), _PORT.unpack(port)[0]
