@@ -382,17 +382,22 @@ def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> i
     step_ok("domu-gone", f"{time.monotonic() - t0:.1f}s after xl create"
             + (" (destroyed by the harness)" if reaped_by_harness else ""))
 
-    if result is None:
-        raise StepFailed(last_step, "the guest stopped without a PVSHIM RESULT")
+    client_result = "never started: the guest did not listen"
     if client is not None:
         client.join(args.step_timeout)
-        if client.result is None or not client.result.startswith("OK"):
-            raise StepFailed("dom0-accept-client", client.result or "did not finish")
-        step_ok("dom0-accept-client", client.result[3:])
+        client_result = client.result or "did not finish"
+    if result is None:
+        raise StepFailed(last_step, "the guest stopped without a PVSHIM RESULT")
     if result != "PASS":
+        # The guest's step comes first; the client's view is the detail.
         step, _, details = result[5:].partition(":")
+        if client is not None and not client_result.startswith("OK"):
+            details += f" (dom0 client: {client_result})"
         raise StepFailed(step, details.strip() or "guest reported failure")
     step_ok("guest-scenario")
+    if not client_result.startswith("OK"):
+        raise StepFailed("dom0-accept-client", client_result)
+    step_ok("dom0-accept-client", client_result[3:])
     if echo.echoed != [args.nbytes] or echo.errors:
         raise StepFailed("dom0-echo-server", f"echoed {echo.echoed}, errors {echo.errors}")
     step_ok("dom0-echo-server", f"echoed {echo.echoed[0]} bytes")
