@@ -185,24 +185,33 @@ class EventChannel:
 
     def notify(self, port: int) -> None:
         """Fire the peer of ``port``; a no-op while it has no peer (as in Xen)."""
-        for attempt in range(2):
-            with self._lock:
-                lp = self._ports.get(port)
-                if lp is None:
-                    raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
-                if lp.peer_fd is not None:
-                    try:
-                        os.write(lp.peer_fd, b"\x00")
-                    except BlockingIOError:
-                        pass  # the peer's pipe is full: the port is pending already
-                    except BrokenPipeError:
-                        # The peer closed; the service tells us shortly.
-                        os.close(lp.peer_fd)
-                        lp.peer_fd = None
-                    return
-            if attempt == 0:
-                # A peer may have bound since we last heard from the service.
-                self._conn.drain()
+        with self._lock:
+            lp = self._ports.get(port)
+            if lp is not None and lp.peer_fd is not None:
+                self._fire(lp)
+                return
+        # Unknown port, or no peer yet: a peer may have bound since we last
+        # heard from the service.
+        self._conn.drain()
+        with self._lock:
+            lp = self._ports.get(port)
+            if lp is None:
+                raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+            if lp.peer_fd is not None:
+                self._fire(lp)
+
+    @staticmethod
+    def _fire(lp: _LocalPort) -> None:
+        """Write the peer's pending bit (under _lock)."""
+        assert lp.peer_fd is not None
+        try:
+            os.write(lp.peer_fd, b"\x00")
+        except BlockingIOError:
+            pass  # the peer's pipe is full: the port is pending already
+        except BrokenPipeError:
+            # The peer closed its end; the service tells us shortly.
+            os.close(lp.peer_fd)
+            lp.peer_fd = None
 
     def pending(self) -> int | None:
         """Return one fired port, now masked, or None."""
