@@ -27,7 +27,7 @@ This is kernel/workqueue.c's middle layer, on Python threads:
   rescuer thread (send_mayday/rescuer_thread).
 
 Work-item bookkeeping that the pools do on behalf of workqueues (flush
-colors, freeze) is at the end of process_one_work and in dec_nr_in_flight.
+colors, freeze) is at the end of process_works and in dec_nr_in_flight.
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ class WorkList:
     in the whole engine (it is pending at most once), and its dead entries in
     a list always precede its live entry there, so pop() can tell them apart
     by counting: while dead[work] > 0, the next occurrence is dead.
+
+    `items` is never replaced, only mutated, so a worker may bind its
+    methods once and keep them while it drops the engine lock.
     """
 
     __slots__ = ("items", "dead", "nr", "active", "owner")
@@ -162,12 +165,15 @@ class WorkList:
 
     def extract(self, pred: Callable[[Work], bool]) -> list[Work]:
         """Remove and return the live entries that satisfy *pred*, in order."""
-        keep: deque[Work] = deque()
+        keep: list[Work] = []
         taken: list[Work] = []
         for work in self:
             (taken if pred(work) else keep).append(work)
-        self.items = keep
-        self.dead = {}
+        # In place: a worker dropping the lock around an item keeps using
+        # self.items (see process_works).
+        self.items.clear()
+        self.items.extend(keep)
+        self.dead.clear()
         self.nr = len(keep)
         return taken
 
@@ -552,122 +558,137 @@ def _worker_run(worker: Worker, pool: WorkerPool) -> None:
         return
     if not pool.idle:
         create_worker(pool)  # keep one in reserve (may_start_working)
+    if pool.pset.watchdog is None:
+        _arm_watchdog(pool.pset)
     clr_flags(worker, WORKER_PREP)
-    worklist = pool.worklist
-    scheduled = worker.scheduled
-    while worklist.nr:
-        if worklist.dead:
-            work = worklist.pop()
-            assert work is not None
-        else:  # worklist.pop(), inlined: the hot path
-            work = worklist.items.popleft()
-            worklist.nr -= 1
-        # assign_work(), inlined
-        collision = work._worker
-        if collision is not None:
-            collision.scheduled.push(work)
-        else:
-            process_one_work(worker, work)
-            while scheduled.nr:
-                next_work = scheduled.pop()
-                assert next_work is not None
-                process_one_work(worker, next_work)
-        # keep_working: one running item per CPU, unless it blocks.
-        if pool.nr_running > 1:
-            break
+    process_works(worker, pool.worklist, keep_working=True)
     set_flags(worker, WORKER_PREP)
 
 
-def assign_work(worker: Worker, work: Work) -> None:
-    """Run *work* on *worker*, or on the worker already running it (lock held).
+def _arm_watchdog(pset: PoolSet) -> None:
+    """Arm the lockup watchdog of *pset* before running items (lock held).
 
-    Non-reentrancy (find_worker_executing_work): if the item's previous run
-    is still going, it is handed to that worker, which runs it next.
+    Once per run of a worker rather than once per item: while a worker is
+    in process_works() and the lock is free, it has a current item, which
+    keeps the watchdog armed (it re-arms itself while any worker is busy).
     """
-    collision = work._worker
-    if collision is not None:
-        collision.scheduled.push(work)
-        return
-    process_one_work(worker, work)
-    scheduled = worker.scheduled
-    while scheduled.nr:
-        next_work = scheduled.pop()
-        assert next_work is not None
-        process_one_work(worker, next_work)
+    from ._watchdog import arm_watchdog
+    arm_watchdog(pset)
 
 
-def process_one_work(worker: Worker, work: Work) -> None:
-    """Run one item (engine lock held on entry and exit, dropped around func).
+def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> None:
+    """Run the items of *worklist* on *worker* (engine lock held on entry and exit).
 
-    This is the hot path of every item, hence the inlined helpers.
+    This is the kernel's worker loop, assign_work() and process_one_work()
+    in one function, because it is the hot path of every item: the lock is
+    dropped only around each item's function, and what the loop needs is
+    bound to locals once.
+
+    Non-reentrancy (find_worker_executing_work): an item whose previous run
+    is still going on another worker is handed to that worker, which runs it
+    next, from its `scheduled` list.  Items on our own `scheduled` list run
+    first, before the next one of *worklist*.
+
+    With keep_working, the loop stops as soon as another worker of the pool
+    counts toward nr_running (one running item per CPU unless it blocks);
+    the rescuer passes False, to run all it took.
     """
     pool: WorkerPool = worker.pool  # type: ignore[assignment]
-    pwq: PoolWorkqueue = work._pwq  # type: ignore[assignment]
-    color = work._color
-    seq = work._seq
-    # The pending bit clears just before the function runs: queueing it
-    # from now on runs it once more, afterwards.
-    work._pending = False
-    work._entry = None
-    work._worker = worker
-    worker.current = work
-    worker.current_pwq = pwq
-    worker.start = _monotonic()
-    wq = pwq.wq
-    if wq._cpu_intensive:
-        set_flags(worker, WORKER_CPU_INTENSIVE)
-    if pool.worklist.nr:
-        if pool.nr_running == 0:
-            kick_pool(pool)  # unbound pools and intensive items fan out
-        elif pool.tick is None:
-            _arm_tick(pool)  # others wait for this item: watch its run time
-    pwq.nr_started += 1
-    if wq._trace_hooks:
-        wq._trace("execute_start", work, pool)
-    if pool.pset.watchdog is None:
-        from ._watchdog import arm_watchdog
-        arm_watchdog(pool.pset)
-    lock.release()
-    try:
-        work.func(work)
-    except BaseException:
-        logger.exception("workqueue %s: work item %r raised", wq.name, work)
-        lock.acquire()
-        pwq.nr_failed += 1
-    else:
-        lock.acquire()
-    if worker.flags & WORKER_CPU_INTENSIVE:
-        clr_flags(worker, WORKER_CPU_INTENSIVE)
-    worker.current = None
-    worker.current_pwq = None
-    work._worker = None
-    pwq.nr_completed += 1
-    if wq._trace_hooks:
-        wq._trace("execute_end", work, pool)
-    # dec_nr_in_flight(pwq, color, True), inlined
-    pwq.nr_active -= 1
-    if pwq.inactive.nr and pwq.nr_active < pwq.max_active:
-        activate_inactive(pwq)
-    in_flight = wq._in_flight
-    n = in_flight[color] - 1
-    if n:
-        in_flight[color] = n
-    else:
-        del in_flight[color]
-        if wq._flushers:
-            wq._flush_progress()
-    if wq._freezing is not None and not pwq.nr_active:
-        wq._freeze_progress()
-    work._done = seq if work._pending else work._seq
-    if work._flushers:
-        wake_work_flushers(work)
+    pool_worklist = pool.worklist
+    scheduled = worker.scheduled
+    # WorkList.items is never replaced (see WorkList), so these stay valid
+    # while the lock is dropped.
+    popleft = worklist.items.popleft
+    acquire = lock.acquire
+    release = lock.release
+    monotonic = _monotonic
+    while True:
+        if scheduled.nr:
+            work = scheduled.pop()
+            assert work is not None
+        elif worklist.nr:
+            if worklist.dead:
+                work = worklist.pop()
+                assert work is not None
+            else:  # worklist.pop(), inlined
+                work = popleft()
+                worklist.nr -= 1
+            collision = work._worker
+            if collision is not None:
+                collision.scheduled.push(work)
+                continue
+        else:
+            return
+
+        # process_one_work: start the item.
+        pwq: PoolWorkqueue = work._pwq  # type: ignore[assignment]
+        wq = pwq.wq
+        color = work._color
+        seq = work._seq
+        # The pending bit clears just before the function runs: queueing it
+        # from now on runs it once more, afterwards.
+        work._pending = False
+        work._entry = None
+        work._worker = worker
+        worker.current = work
+        worker.current_pwq = pwq
+        worker.start = monotonic()
+        if wq._cpu_intensive:
+            set_flags(worker, WORKER_CPU_INTENSIVE)
+        if pool_worklist.nr:
+            if pool.nr_running == 0:
+                kick_pool(pool)  # unbound pools and intensive items fan out
+            elif pool.tick is None:
+                _arm_tick(pool)  # others wait for this item: watch its run time
+        pwq.nr_started += 1
+        if wq._trace_hooks:
+            wq._trace("execute_start", work, pool)
+        release()
+        try:
+            work.func(work)
+        except BaseException:
+            logger.exception("workqueue %s: work item %r raised", wq.name, work)
+            acquire()
+            pwq.nr_failed += 1
+        else:
+            acquire()
+
+        # The item is done.
+        if worker.flags & WORKER_CPU_INTENSIVE:
+            clr_flags(worker, WORKER_CPU_INTENSIVE)
+        worker.current = None
+        worker.current_pwq = None
+        work._worker = None
+        pwq.nr_completed += 1
+        if wq._trace_hooks:
+            wq._trace("execute_end", work, pool)
+        # dec_nr_in_flight(pwq, color, True), inlined
+        pwq.nr_active -= 1
+        if pwq.inactive.nr and pwq.nr_active < pwq.max_active:
+            activate_inactive(pwq)
+        in_flight = wq._in_flight
+        n = in_flight[color] - 1
+        if n:
+            in_flight[color] = n
+        else:
+            del in_flight[color]
+            if wq._flushers:
+                wq._flush_progress()
+        if wq._freezing is not None and not pwq.nr_active:
+            wq._freeze_progress()
+        if work._flushers:
+            # Re-queued meanwhile: this run satisfied queueing `seq` only.
+            wake_work_flushers(work, seq if work._pending else work._seq)
+
+        # keep_working: one running item per CPU, unless it blocks.
+        if keep_working and pool.nr_running > 1 and not scheduled.nr:
+            return
 
 
-def wake_work_flushers(work: Work) -> None:
-    """Complete the flushes of *work* its last run satisfied (lock held)."""
+def wake_work_flushers(work: Work, done: int) -> None:
+    """Complete the flushes of *work* that queueing number *done* satisfied (lock held)."""
     flushers = work._flushers
     assert flushers is not None
-    done = work._done
     left = []
     for target, completion in flushers:
         if target <= done:
@@ -766,10 +787,8 @@ def try_to_grab_pending(work: Work) -> bool:
             del_timer(handle)
             work._timer = None  # type: ignore[attr-defined]
     work._pending = False
-    if work._worker is None:
-        work._done = work._seq
-        if work._flushers:
-            wake_work_flushers(work)
+    if work._worker is None and work._flushers:
+        wake_work_flushers(work, work._seq)
     return True
 
 
@@ -825,12 +844,12 @@ def rescuer_thread(worker: Worker, wq: Workqueue) -> None:
                     pool = pwq.pool
                     worker.pool = pool
                     _this_thread.binding = (pool.pset.topology, pool.cpu)
+                    taken = WorkList(active=True, owner=worker)
                     for work in pool.worklist.extract(_owned_by(pwq)):
-                        worker.scheduled.push(work)
-                    while worker.scheduled.nr:
-                        next_work = worker.scheduled.pop()
-                        assert next_work is not None
-                        assign_work(worker, next_work)
+                        taken.push(work)
+                    if pool.pset.watchdog is None:
+                        _arm_watchdog(pool.pset)
+                    process_works(worker, taken, keep_working=False)
                     worker.pool = None
                     _this_thread.binding = None
                 if worker.die:

@@ -48,7 +48,7 @@ class Work:
 
     # All fields below are guarded by the engine lock (_pool.lock).
     __slots__ = (
-        "func", "_pending", "_disable", "_entry", "_pwq", "_color", "_seq", "_done",
+        "func", "_pending", "_disable", "_entry", "_pwq", "_color", "_seq",
         "_worker", "_flushers", "__weakref__",
     )
 
@@ -60,16 +60,15 @@ class Work:
         # before func runs (or until cancelled).  While pending on a list,
         # _entry is that list and _pwq/_color say where it is accounted;
         # pending on a timer (DelayedWork), _entry is None.  _seq counts the
-        # queueings, _done is the last one fully finished (run or cancelled),
-        # so a flush of queueing n waits for _done >= n.  _worker is the
-        # worker running func, or None.
+        # queueings; a flush registered at queueing n completes once a run
+        # or a cancel has finished queueing n (see wake_work_flushers).
+        # _worker is the worker running func, or None.
         self._pending = False
         self._disable = 0
         self._entry: WorkList | None = None
         self._pwq: PoolWorkqueue | None = None
         self._color = 0
         self._seq = 0
-        self._done = 0
         self._worker: Worker | None = None
         self._flushers: list[tuple[int, Completion]] | None = None
 

@@ -14,7 +14,7 @@ Queueing picks the pool (__queue_work):
 * in both cases, if the item is still running on a pool of this workqueue,
   that pool, so that it does not run concurrently with itself (and should
   it run elsewhere, the worker that dequeues it hands it to the one running
-  it: see _pool.assign_work).
+  it: see _pool.process_works).
 
 Flushing uses flush colors: every queued item takes the workqueue's current
 color; flush() starts a new color and waits until no item of an older color
@@ -339,10 +339,8 @@ class Workqueue(Executor):
             if (self._state == _DESTROYED or worker is None or worker.current_pwq is None
                     or worker.current_pwq.wq is not self):
                 dwork._pending = False
-                if dwork._worker is None:
-                    dwork._done = dwork._seq
-                    if dwork._flushers:
-                        wake_work_flushers(dwork)
+                if dwork._worker is None and dwork._flushers:
+                    wake_work_flushers(dwork, dwork._seq)
                 return False
         pwq = self._unbound_pwq
         if pwq is None:
