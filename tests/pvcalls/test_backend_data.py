@@ -142,3 +142,27 @@ def test_ring_overflow_is_an_error_of_that_socket_only(raw: RawFrontend,
     raw.send_all(good, b"still fine")
     assert raw.recv_exactly(good, 10) == b"still fine"
     assert raw.release(good_id).ret == 0
+
+
+@pytest.mark.parametrize("order", [6, _wire.MAX_PAGE_ORDER_LIMIT])
+def test_rings_up_to_the_largest_page_order(make_frontend: Any, host: Any, order: int) -> None:
+    """A backend offering a larger max-page-order serves rings that large
+    (order 9: 512 grant references in the indexes page, 1 MiB each way)."""
+    from workqueue import Topology
+
+    with pvcalls.Backend(host.dom0, max_page_order=order, topology=Topology(2)):
+        fe = make_frontend("big")
+        assert fe.xs.read(f"{fe.be_path}/max-page-order") == str(order)
+        _, ring, peer = _accepted_pair(fe, order)
+        data = os.urandom(2 * _wire.flex_ring_size(order) + 4321)
+        to_host, to_guest = _pump(fe, ring, peer, data)
+        assert to_host == data and to_guest == data
+        # One order more than offered is refused.
+        if order < _wire.MAX_PAGE_ORDER_LIMIT:
+            sock_id, _ = fe.socket()
+            too_big = fe.new_ring(order + 1)
+            server = socket.create_server(("127.0.0.1", 0))
+            rsp = fe.response(fe.push_connect(sock_id, server.getsockname(), too_big))
+            assert rsp.ret == -22
+            server.close()
+        fe.close()
