@@ -19,7 +19,14 @@ toolstack code run and are tested without a hypervisor::
   event channels.  :func:`create_domain` and :func:`destroy_domain` ask a
   running host for guests from another process (as dom0).
 * :class:`Toolstack` adds and removes devices the way libxl does.
-* ``xenback-sim --run-dir DIR`` runs the host as a daemon.
+* ``xenback-sim --run-dir DIR`` (or ``python -m xenback.sim``) runs the host
+  as a daemon.
+
+Isolation is what a domain can do through the interfaces: a guest gets
+errors, never another domain's pages, ports or XenStore nodes, and cannot
+make the host or a backend block.  Processes of the same user can of course
+still reach each other's memory outside them (``/proc``, ``ptrace``); the
+simulated host is a test bed, not a security boundary.
 """
 
 from ._domain import Domain, attach, create_domain, destroy_domain
