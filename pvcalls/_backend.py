@@ -348,6 +348,15 @@ def _rehome(key: object, old_cpu: int, new_cpu: int) -> None:
         logger.debug("%r moved from CPU %d to CPU %d", key, old_cpu, new_cpu)
 
 
+def _domain_name(dev: BackendDevice) -> str | None:
+    """The frontend domain's ``name`` node (written by the toolstack, not
+    by the guest), for name sections of the policy."""
+    try:
+        return dev.xenstore.read(f"/local/domain/{dev.frontend_id}/name")
+    except OSError:
+        return None
+
+
 def _read_u32(dev: BackendDevice, key: str) -> int:
     text = dev.read_otherend(key)
     if text is None:
@@ -402,7 +411,8 @@ class _Frontend:
         self.domid = dev.frontend_id
         self.gnttab = backend.gnttab
         self.dispatcher = backend.dispatcher
-        self.policy = backend.policy.for_domain(self.domid)
+        self.name = _domain_name(dev)
+        self.policy = backend.policy.for_domain(self.domid, self.name)
 
         # _rsp_lock: the one producer of responses.  It serialises
         # push_response/push_responses/notify and guards _closed; taken

@@ -33,6 +33,15 @@ The file format is TOML (read with :mod:`tomllib`)::
     max_sockets = 16
     connect.allow = ["192.0.2.0/24:80", "192.0.2.0/24:443"]
 
+    # A domain by name (its XenStore ``name`` node, written by the
+    # toolstack): stable across restarts, unlike domids.
+    [domain.webfront]
+    connect.allow = ["10.1.0.0/16:443"]
+
+A section keyed by a number applies to that domid; any other key is a
+domain name.  A domid section wins over a name section, and a name section
+over ``[default]``.
+
 A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
 ``*`` for any address) and optionally a port (``80``), an inclusive range
 (``1024-65535``) or ``*`` (any port, the default).  A bind to ``0.0.0.0``
@@ -147,7 +156,7 @@ class DomainPolicy:
 
 
 class Policy:
-    """Access rules by frontend domid, with a default for the others.
+    """Access rules by frontend domid or name, with a default for the others.
 
     ``Policy()`` allows everything and sets no limit (Linux's behaviour).
     Instances are immutable and safe to share between threads.
@@ -157,9 +166,11 @@ class Policy:
         self,
         default: DomainPolicy | None = None,
         domains: Mapping[int, DomainPolicy] | None = None,
+        names: Mapping[str, DomainPolicy] | None = None,
     ) -> None:
         self._default = default if default is not None else DomainPolicy()
         self._domains = dict(domains or {})
+        self._names = dict(names or {})
 
     # -- construction -------------------------------------------------------
 
@@ -195,37 +206,46 @@ class Policy:
         default = _parse_domain("[default]", _table(data.get("default", {}), "[default]"),
                                 DomainPolicy())
         domains: dict[int, DomainPolicy] = {}
+        names: dict[str, DomainPolicy] = {}
         for key, section in _table(data.get("domain", {}), "[domain]").items():
             where = f"[domain.{key}]"
-            try:
+            rules = _parse_domain(where, _table(section, where), default)
+            if key.isascii() and key.isdigit():
                 domid = int(key)
-            except ValueError:
-                raise PolicyError(f"{where}: domain key must be a domid (integer)") from None
-            if not 0 <= domid < 0x7FF0:
-                raise PolicyError(f"{where}: domid {domid} out of range")
-            domains[domid] = _parse_domain(where, _table(section, where), default)
-        return cls(default, domains)
+                if not 0 <= domid < 0x7FF0:
+                    raise PolicyError(f"{where}: domid {domid} out of range")
+                domains[domid] = rules
+            elif key and key.isprintable() and "/" not in key:
+                names[key] = rules
+            else:
+                raise PolicyError(f"{where}: not a domid or a domain name")
+        return cls(default, domains, names)
 
     # -- queries ------------------------------------------------------------
 
-    def for_domain(self, domid: int) -> DomainPolicy:
-        """The rules of ``domid`` (its own section, else ``[default]``)."""
-        return self._domains.get(domid, self._default)
+    def for_domain(self, domid: int, name: str | None = None) -> DomainPolicy:
+        """The rules of domain ``domid`` called ``name``: its domid section,
+        else its name section, else ``[default]``."""
+        rules = self._domains.get(domid)
+        if rules is None and name is not None:
+            rules = self._names.get(name)
+        return rules if rules is not None else self._default
 
-    def connect_allowed(self, domid: int, host: str, port: int) -> bool:
-        """Whether domain ``domid`` may connect to ``host:port``."""
-        return self.for_domain(domid).connect.permits(host, port)
+    def connect_allowed(self, domid: int, host: str, port: int, name: str | None = None) -> bool:
+        """Whether domain ``domid`` (``name``) may connect to ``host:port``."""
+        return self.for_domain(domid, name).connect.permits(host, port)
 
-    def bind_allowed(self, domid: int, host: str, port: int) -> bool:
-        """Whether domain ``domid`` may bind ``host:port``."""
-        return self.for_domain(domid).bind.permits(host, port)
+    def bind_allowed(self, domid: int, host: str, port: int, name: str | None = None) -> bool:
+        """Whether domain ``domid`` (``name``) may bind ``host:port``."""
+        return self.for_domain(domid, name).bind.permits(host, port)
 
-    def max_sockets(self, domid: int) -> int | None:
-        """The socket limit of ``domid`` (None: unlimited)."""
-        return self.for_domain(domid).max_sockets
+    def max_sockets(self, domid: int, name: str | None = None) -> int | None:
+        """The socket limit of domain ``domid`` (``name``); None: unlimited."""
+        return self.for_domain(domid, name).max_sockets
 
     def __repr__(self) -> str:
-        return f"Policy(default={self._default!r}, domains={self._domains!r})"
+        return (f"Policy(default={self._default!r}, domains={self._domains!r}, "
+                f"names={self._names!r})")
 
 
 def _table(value: object, where: str) -> Mapping[str, Any]:

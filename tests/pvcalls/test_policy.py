@@ -61,6 +61,21 @@ def test_example_file(tmp_path: Path) -> None:
     assert policy.bind_allowed(7, "127.0.0.1", 2000)
 
 
+def test_sections_by_name() -> None:
+    policy = Policy.from_toml("""
+[default]
+max_sockets = 10
+[domain.web]
+max_sockets = 2
+[domain.5]
+max_sockets = 5
+""")
+    assert policy.max_sockets(3, "web") == 2
+    assert policy.max_sockets(3, "other") == 10
+    assert policy.max_sockets(3) == 10
+    assert policy.max_sockets(5, "web") == 5  # the domid section wins
+
+
 def test_deny_wins_over_allow() -> None:
     policy = Policy.from_toml('[default]\nconnect.allow = ["*"]\nconnect.deny = ["127.0.0.0/8"]')
     assert not policy.connect_allowed(0, "127.0.0.1", 80)
@@ -102,7 +117,9 @@ def test_rule_parse(text: str, network: str, first: int, last: int) -> None:
         ("[default]\nmax_sockets = true", "non-negative"),
         ("[default]\nlisten.allow = []", "unknown key"),
         ("[default]\nconnect.maybe = []", "unknown key"),
-        ("[domain.guest]\nmax_sockets = 1", "domid"),
+        ('[domain."a/b"]\nmax_sockets = 1', "not a domid or a domain name"),
+        ('[domain.""]\nmax_sockets = 1', "not a domid or a domain name"),
+        ("[domain.99999]\nmax_sockets = 1", "out of range"),
         ("[other]\n", "unknown top-level"),
         ("[default\n", "not valid TOML"),
     ],
@@ -157,6 +174,19 @@ def test_backend_refuses_connect_and_bind(make_frontend: Any, host: Any, strict:
     fe.send_all(ring, b"ok")
     assert fe.recv_exactly(ring, 2) == b"ok"
     fe.close()
+
+
+def test_backend_applies_name_sections(make_frontend: Any, host: Any, topology: Any) -> None:
+    policy = Policy.from_toml('[domain.tiny]\nmax_sockets = 1\n')
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        tiny = make_frontend("tiny")
+        other = make_frontend("other")
+        assert tiny.socket()[1].ret == 0
+        assert tiny.socket()[1].ret == -EMFILE
+        assert other.socket()[1].ret == 0
+        assert other.socket()[1].ret == 0
+        tiny.close()
+        other.close()
 
 
 def test_backend_enforces_socket_limit(make_frontend: Any, host: Any, strict: Any,
