@@ -27,9 +27,13 @@ socket and :meth:`ActiveSocket.rehome` changes ``cpu``; the next queueing
 goes to the new CPU, and non-reentrancy keeps the bytes in order.
 
 Host sockets are registered edge-triggered: an edge queues the Work, and the
-Work always runs until the host socket says EAGAIN or the ring is full or
-empty; in the latter cases the frontend's notification (after it consumed or
-produced) queues it again.
+Work runs until the host socket is drained (EAGAIN, or a short read before
+any hang-up) or the ring is full or empty; in the latter cases the
+frontend's notification (after it consumed or produced) queues it again.
+Write space (EPOLLOUT) is watched only while a send is blocked, since on
+loopback every ACK would otherwise wake the Work.  Each run moves at most
+:data:`IO_BUDGET` bytes before re-queueing itself behind the other sockets
+of its CPU.
 """
 
 from __future__ import annotations
