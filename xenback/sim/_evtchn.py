@@ -99,7 +99,7 @@ class EventChannel:
         # service or a blocking wait.
         self._lock = threading.Lock()
         self._ports: dict[int, _LocalPort] = {}
-        self._by_fd: dict[int, int] = {}
+        self._by_fd: dict[int, _LocalPort] = {}  # read end -> its port
         self._closed = False
         # Threads inside wait()'s epoll_wait, which runs without _lock: the
         # epoll descriptor is closed only once none is left, so that none
@@ -159,7 +159,7 @@ class EventChannel:
                     os.close(lp.peer_fd)
                 return
             self._ports[lp.port] = lp
-            self._by_fd[lp.rfd] = lp.port
+            self._by_fd[lp.rfd] = lp
             self._epoll.register(lp.rfd, _WATCH)
 
     def unbind(self, port: int) -> None:
@@ -277,10 +277,9 @@ class EventChannel:
         Returns the port that fired (now masked), None if there is nothing
         to report, or -1 if the service connection has messages.
         """
-        port = self._by_fd.get(fd)
-        if port is None:
+        lp = self._by_fd.get(fd)
+        if lp is None:
             return -1 if fd == self._conn_fd else None
-        lp = self._ports[port]  # _by_fd and _ports agree under _lock
         if lp.masked:
             # Notified while masked: remember (the bytes stay in the pipe)
             # and stop watching until unmask.
@@ -306,7 +305,7 @@ class EventChannel:
             except BlockingIOError:
                 pass
         lp.masked = True
-        return port
+        return lp.port
 
     def _drain_service(self) -> None:
         if not self._conn.drain():
