@@ -31,7 +31,9 @@ Protocol choices left open by the specification
 * An id the backend does not know gets ``-EBADF`` for every command, RELEASE
   included (Linux answers 0); an id already in use for SOCKET or as ACCEPT's
   ``id_new`` gets ``-EEXIST``; a command on a socket in the wrong state gets
-  ``-EINVAL`` (CONNECT on a connected socket ``-EISCONN``).
+  ``-EINVAL`` (CONNECT on a connected socket ``-EISCONN``, on one still
+  connecting ``-EALREADY``, as POSIX says).
+* RELEASE's ``reuse`` hint is ignored: every socket is closed at once.
 * One ACCEPT or POLL in flight per listening socket; another one gets
   ``-EINTR``, like Linux's backend.
 * A CONNECT, ACCEPT or POLL still in flight when its socket is released is
@@ -565,7 +567,12 @@ class _Frontend:
         args = req.u.connect
         entry = self._lookup(request.id)
         if not isinstance(entry, NewSocket):
-            errno = _errno.EISCONN if isinstance(entry, ActiveSocket) else _errno.EINVAL
+            if entry.state is SockState.CONNECTING:
+                errno = _errno.EALREADY
+            elif isinstance(entry, ActiveSocket):
+                errno = _errno.EISCONN
+            else:
+                errno = _errno.EINVAL
             raise CommandError(errno, f"socket {request.id:#x} is {entry.state.value}")
         host, port = self._address(args.addr, args.len, "CONNECT")
         if not self.policy.connect.permits(host, port):

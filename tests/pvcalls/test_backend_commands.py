@@ -164,6 +164,9 @@ def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend) -> None:
     assert rsp.ret == 0
     assert raw.bind(other, ("127.0.0.1", 0)).ret == 0
     assert connect_req not in raw.responses
+    # A second CONNECT meanwhile: already in progress.
+    again = raw.response(raw.push_connect(sock_id, listener.getsockname(), raw.new_ring()))
+    assert again.ret == -114  # EALREADY
     release_req = raw.push_release(sock_id)
     raw.wait(lambda: release_req in raw.responses)
     assert raw.responses[connect_req].ret in (EINTR, 0)
