@@ -467,7 +467,7 @@ def kick_pool(pool: WorkerPool) -> None:
         worker.wake.release()
 
 
-def _arm_tick(pool: WorkerPool) -> None:
+def arm_tick(pool: WorkerPool) -> None:
     """Arm the CPU-intensive check for the earliest running item (lock held)."""
     thresh = pool.pset.topology.cpu_intensive_thresh
     now = time.monotonic()
@@ -499,7 +499,7 @@ def _cpu_intensive_tick(pool: WorkerPool) -> None:
             if pool.nr_running == 0:
                 kick_pool(pool)
             else:
-                _arm_tick(pool)
+                arm_tick(pool)
 
 
 def _worker_thread(worker: Worker) -> None:
@@ -639,7 +639,7 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
             if pool.nr_running == 0:
                 kick_pool(pool)  # unbound pools and intensive items fan out
             elif pool.tick is None:
-                _arm_tick(pool)  # others wait for this item: watch its run time
+                arm_tick(pool)  # others wait for this item: watch its run time
         pwq.nr_started += 1
         if wq._trace_hooks:
             wq._trace("execute_start", work, pool)
@@ -723,7 +723,7 @@ def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
         if pool.nr_running == 0:
             kick_pool(pool)
         elif pool.tick is None:
-            _arm_tick(pool)
+            arm_tick(pool)
     else:
         pwq.inactive.push(work)
 
@@ -744,7 +744,7 @@ def activate_inactive(pwq: PoolWorkqueue) -> None:
         if pool.nr_running == 0:
             kick_pool(pool)
         elif pool.tick is None:
-            _arm_tick(pool)
+            arm_tick(pool)
 
 
 def dec_nr_in_flight(pwq: PoolWorkqueue, color: int, active: bool) -> None:
