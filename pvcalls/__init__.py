@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from ._backend import DEFAULT_MAX_IOWORKERS, Backend, BackendStats, CpuStats, SocketStats
 from ._policy import AccessList, DomainPolicy, Policy, PolicyError, Rule
+from .frontend import Frontend, PVSocket
 
 __all__ = [
     "DEFAULT_MAX_IOWORKERS",
@@ -28,15 +29,10 @@ __all__ = [
     "BackendStats",
     "CpuStats",
     "DomainPolicy",
+    "Frontend",
+    "PVSocket",
     "Policy",
     "PolicyError",
     "Rule",
     "SocketStats",
 ]
-
-try:
-    from .frontend import Frontend, PVSocket
-except ImportError:  # the frontend may be absent from a partial checkout
-    pass
-else:
-    __all__ += ["Frontend", "PVSocket"]
