@@ -185,6 +185,9 @@ class AcceptClient(threading.Thread):
     def run(self) -> None:
         data = os.urandom(self.nbytes)
         expected = hashlib.sha256(data).hexdigest()
+        # A second copy, elsewhere in memory, to say what changed if the
+        # first one changes under us (a write through a dangling pointer).
+        spare = bytearray(data)
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout) as s:
                 sender = threading.Thread(target=s.sendall, args=(data,), daemon=True)
@@ -204,11 +207,25 @@ class AcceptClient(threading.Thread):
             if got != self.nbytes:
                 self.result = f"FAIL got back {got} of {self.nbytes} bytes"
             elif hashlib.sha256(data).hexdigest() != expected:
-                self.result = "FAIL the data sent changed in dom0's memory while it was sent"
+                self.result = "FAIL " + self._describe_overwrite(data, spare)
             else:
                 self.result = f"OK sent and got back {got} bytes"
         except OSError as exc:
             self.result = f"FAIL {exc!r}"
+
+    @staticmethod
+    def _describe_overwrite(data: bytes, spare: bytearray) -> str:
+        """Which bytes of ``data`` changed in place, and where they live."""
+        changed = [i for i in range(len(data)) if data[i] != spare[i]]
+        if not changed:
+            return "the data sent changed in dom0's memory (and changed back)"
+        first, last = changed[0], changed[-1]
+        # CPython: a bytes object's buffer follows its 32-byte header.
+        address = id(data) + 32 + first
+        return (f"the data sent was overwritten in dom0's memory while it was sent: "
+                f"{len(changed)} bytes changed in offsets {first}..{last} "
+                f"(address {address:#x}), now {data[first:first + 16].hex()} "
+                f"was {bytes(spare[first:first + 16]).hex()}")
 
     @staticmethod
     def _describe_mismatch(data: bytes, offset: int, chunk: bytes) -> str:
