@@ -261,15 +261,23 @@ def domu_config(args: argparse.Namespace, echo_port: int) -> str:
         "vcpus = 1",
         'pvcalls = [ "backend=0" ]',
         'on_poweroff = "destroy"',
-        'on_crash = "destroy"',
+        'on_crash = "preserve"',
         "",
     ])
 
 
 def domain_exists(name: str) -> bool:
-    return subprocess.run(
-        [str(XEN_BIN / "xl"), "domid", name], capture_output=True
-    ).returncode == 0
+    return domain_state(name) is not None
+
+
+def domain_state(name: str) -> str | None:
+    """xl's state flags of domain ``name`` ("-b----", "---s--", "----c-"...),
+    or None once it is gone."""
+    out = subprocess.run([str(XEN_BIN / "xl"), "list", name], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    fields = out.stdout.strip().splitlines()[-1].split()
+    return fields[4] if len(fields) >= 6 else "??????"
 
 
 class ConsoleFollower:
@@ -377,8 +385,18 @@ def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> i
                 result = result or m.group(1)
             elif re.search(r"reboot: (System halted|Power down)", line):
                 halted_at = halted_at or time.monotonic()
-        if not domain_exists(DOMU_NAME):
+        state = domain_state(DOMU_NAME)
+        if state is None:
             break
+        if state[4] == "c":
+            # on_crash is "preserve" so that the guest's last words reach
+            # its console log before it is destroyed.
+            time.sleep(2)
+            for line in console.lines():
+                say(f"domU| {line}")
+            diagnose(domid)
+            subprocess.run([str(XEN_BIN / "xl"), "destroy", DOMU_NAME], capture_output=True)
+            raise StepFailed(last_step, "the guest crashed (its console above)")
         if (halted_at is not None and not reaped_by_harness
                 and time.monotonic() - halted_at > REAP_TIMEOUT):
             # The guest is down; reaping it is xl's business, not the

@@ -35,7 +35,7 @@ DEFAULT_CACHE = HERE / "cache"
 XEN_CMDLINE = (
     "console=com1 com1=115200,8n1 dom0_mem=768M,max:768M dom0_max_vcpus=2"
     # Xen's SMAP/SMEP handling crashes dom0 under QEMU's TCG.
-    " smap=0 smep=0 loglvl=warning guest_loglvl=warning noreboot"
+    " smap=0 smep=0 loglvl=warning guest_loglvl=all noreboot"
 )
 DOM0_CMDLINE = "console=hvc0 earlyprintk=xen loglevel=4"
 
