@@ -243,7 +243,7 @@ class PoolWorkqueue:
 
     __slots__ = (
         "wq", "pool", "nr_active", "max_active", "inactive",
-        "nr_queued", "nr_activated", "nr_started", "nr_completed", "nr_failed",
+        "nr_queued", "nr_deferred", "nr_activated_late", "nr_started", "nr_failed",
         "nr_cpu_intensive",
     )
 
@@ -253,13 +253,31 @@ class PoolWorkqueue:
         self.nr_active = 0
         self.max_active = max_active
         self.inactive = WorkList(active=False, owner=self)
-        # Trace-point counters (queue, activate, execute_start, execute_end).
+        # Counters for the trace points queue, activate, execute_start and
+        # execute_end.  Only queue and execute_start are counted on the hot
+        # path; the other two follow from them (see activated, completed):
+        # an item is activated at once unless deferred to `inactive`, and
+        # completed once it started and no worker runs it any longer.
         self.nr_queued = 0
-        self.nr_activated = 0
+        self.nr_deferred = 0        # queued onto `inactive`
+        self.nr_activated_late = 0  # moved from `inactive` to the worklist
         self.nr_started = 0
-        self.nr_completed = 0
         self.nr_failed = 0
         self.nr_cpu_intensive = 0
+
+    @property
+    def activated(self) -> int:
+        """Items that entered the worklist (engine lock held)."""
+        return self.nr_queued - self.nr_deferred + self.nr_activated_late
+
+    @property
+    def completed(self) -> int:
+        """Items whose function returned or raised (engine lock held)."""
+        running = sum(1 for w in self.pool.workers if w.current_pwq is self)
+        rescuer = self.wq._rescuer
+        if rescuer is not None and rescuer.current_pwq is self:
+            running += 1
+        return self.nr_started - running
 
 
 class WorkerPool:
@@ -659,21 +677,16 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
         worker.current = None
         worker.current_pwq = None
         work._worker = None
-        pwq.nr_completed += 1
         if wq._trace_hooks:
             wq._trace("execute_end", work, pool)
         # dec_nr_in_flight(pwq, color, True), inlined
         pwq.nr_active -= 1
         if pwq.inactive.nr and pwq.nr_active < pwq.max_active:
             activate_inactive(pwq)
-        in_flight = wq._in_flight
-        n = in_flight[color] - 1
-        if n:
-            in_flight[color] = n
+        if color == wq._work_color:
+            wq._nr_current -= 1
         else:
-            del in_flight[color]
-            if wq._flushers:
-                wq._flush_progress()
+            dec_old_color(wq, color)
         if wq._freezing is not None and not pwq.nr_active:
             wq._freeze_progress()
         if work._flushers:
@@ -703,16 +716,13 @@ def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
     wq = pwq.wq
     work._pwq = pwq
     work._seq += 1
-    color = wq._work_color
-    work._color = color
-    in_flight = wq._in_flight
-    in_flight[color] = in_flight.get(color, 0) + 1
+    work._color = wq._work_color
+    wq._nr_current += 1
     pwq.nr_queued += 1
     if wq._trace_hooks:
         wq._trace("queue", work, pwq.pool)
     if pwq.nr_active < pwq.max_active:
         pwq.nr_active += 1
-        pwq.nr_activated += 1
         if wq._trace_hooks:
             wq._trace("activate", work, pwq.pool)
         pool = pwq.pool
@@ -725,6 +735,7 @@ def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
         elif pool.tick is None:
             arm_tick(pool)
     else:
+        pwq.nr_deferred += 1
         pwq.inactive.push(work)
 
 
@@ -736,7 +747,7 @@ def activate_inactive(pwq: PoolWorkqueue) -> None:
         work = pwq.inactive.pop()
         assert work is not None
         pwq.nr_active += 1
-        pwq.nr_activated += 1
+        pwq.nr_activated_late += 1
         if wq._trace_hooks:
             wq._trace("activate", work, pool)
         pool.worklist.push(work)
@@ -754,6 +765,16 @@ def dec_nr_in_flight(pwq: PoolWorkqueue, color: int, active: bool) -> None:
         if pwq.inactive.nr and pwq.nr_active < pwq.max_active:
             activate_inactive(pwq)
     wq = pwq.wq
+    if color == wq._work_color:
+        wq._nr_current -= 1
+    else:
+        dec_old_color(wq, color)
+    if wq._freezing is not None and not pwq.nr_active:
+        wq._freeze_progress()
+
+
+def dec_old_color(wq: Workqueue, color: int) -> None:
+    """An item of a color older than the current one left *wq* (lock held)."""
     in_flight = wq._in_flight
     n = in_flight[color] - 1
     if n:
@@ -762,8 +783,6 @@ def dec_nr_in_flight(pwq: PoolWorkqueue, color: int, active: bool) -> None:
         del in_flight[color]
         if wq._flushers:
             wq._flush_progress()
-    if wq._freezing is not None and not pwq.nr_active:
-        wq._freeze_progress()
 
 
 def try_to_grab_pending(work: Work) -> bool:

@@ -69,8 +69,8 @@ class PoolStats:
         pool = pwq.pool
         return cls(
             pool=pool.name, cpu=pool.cpu, bound=not pool.disassociated,
-            queued=pwq.nr_queued, activated=pwq.nr_activated, started=pwq.nr_started,
-            completed=pwq.nr_completed, failed=pwq.nr_failed,
+            queued=pwq.nr_queued, activated=pwq.activated, started=pwq.nr_started,
+            completed=pwq.completed, failed=pwq.nr_failed,
             cpu_intensive=pwq.nr_cpu_intensive, nr_active=pwq.nr_active,
             nr_inactive=pwq.inactive.nr, max_active=pwq.max_active,
             nr_workers=len(pool.workers), nr_idle=len(pool.idle), nr_running=pool.nr_running,

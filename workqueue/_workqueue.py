@@ -141,10 +141,13 @@ class Workqueue(Executor):
         self._nr_drainers = 0
         self._shutdown = False
         self._destroyed = threading.Event()
-        # Flush colors.  Invariant: _in_flight[c] is the number of queued,
-        # not yet finished (or cancelled) items of color c, and has no zero
-        # entries; every item queued now takes color _work_color.
+        # Flush colors.  Every item queued now takes color _work_color, and
+        # _nr_current counts those not yet finished (or cancelled).  For
+        # each older color c, _in_flight[c] counts its unfinished items; it
+        # has no zero entries.  (The current color is a plain int because
+        # every queueing and every finished item touches it.)
         self._work_color = 0
+        self._nr_current = 0
         self._in_flight: dict[int, int] = {}
         self._flushers: list[tuple[int, Completion]] = []
         self._frozen = False
@@ -221,16 +224,13 @@ class Workqueue(Executor):
             # insert_work(pwq, work), inlined: the hot path.
             work._pwq = pwq
             work._seq += 1
-            color = self._work_color
-            work._color = color
-            in_flight = self._in_flight
-            in_flight[color] = in_flight.get(color, 0) + 1
+            work._color = self._work_color
+            self._nr_current += 1
             pwq.nr_queued += 1
             if self._trace_hooks:
                 self._trace("queue", work, pwq.pool)
             if pwq.nr_active < pwq.max_active:
                 pwq.nr_active += 1
-                pwq.nr_activated += 1
                 if self._trace_hooks:
                     self._trace("activate", work, pwq.pool)
                 pool = pwq.pool
@@ -243,6 +243,7 @@ class Workqueue(Executor):
                 elif pool.tick is None:
                     arm_tick(pool)
             else:
+                pwq.nr_deferred += 1
                 pwq.inactive.push(work)
         finally:
             lock.release()
@@ -414,6 +415,9 @@ class Workqueue(Executor):
         with lock:
             self._check_not_own_item("flush")
             color = self._work_color
+            if self._nr_current:
+                self._in_flight[color] = self._nr_current
+                self._nr_current = 0
             self._work_color = color + 1
             if not self._in_flight or min(self._in_flight) > color:
                 return
@@ -454,7 +458,7 @@ class Workqueue(Executor):
             while True:
                 self.flush()
                 with lock:
-                    if not self._in_flight:
+                    if not self._in_flight and not self._nr_current:
                         break
                 tries += 1
                 if tries == 10 or tries % 100 == 0:
