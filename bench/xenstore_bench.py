@@ -16,7 +16,9 @@ own packets echoed back, which it accepts as replies.  So "pyxs vs echo" is
 what the server costs compared to doing nothing, with the client held
 fixed; "raw vs echo (16 B)" is the same for the thinnest client.
 
-Prints a Markdown table and writes it to bench/results/xenstore.md.
+Prints a Markdown table and writes it to bench/results/xenstore.md, then runs
+bench/evtchn_bench.py (event-channel notify-to-wakeup latency against a bare
+pipe/eventfd round trip), so that one run covers the simulated host.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import queue
 import selectors
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="best of this many")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--no-write", action="store_true", help="print only, no results file")
+    parser.add_argument("--no-evtchn", action="store_true", help="skip the event-channel part")
     args = parser.parse_args(argv)
 
     ctx = mp.get_context("fork")
@@ -290,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(table)
+    if not args.no_evtchn:
+        # A process of its own: it needs the "fork" start method for itself.
+        evtchn = Path(__file__).with_name("evtchn_bench.py")
+        return subprocess.run([sys.executable, str(evtchn)], check=False).returncode
     return 0
 
 
