@@ -18,7 +18,10 @@ tested against this class works with real guests:
   and one response table entry per slot waits for the answer;
 * socket ids are unique pointer-sized values, never reused by one frontend;
 * every active socket gets a data ring of ``ring_order`` 4 (16 pages, 32 KiB
-  each way) plus its indexes page, and an event channel of its own;
+  each way) plus its indexes page, and an event channel of its own (the
+  ``ring_order`` option asks for larger rings, up to the backend's
+  ``max-page-order``: not what Linux does, but allowed by the protocol and
+  fewer notifications per megabyte);
 * CONNECT and BIND carry ``len`` = 16 (``sizeof(struct sockaddr)``);
 * accept() first sends POLL and waits for a pending connection, then sends
   ACCEPT, as a Linux program calling ``poll()`` then ``accept()`` does; at most
@@ -68,6 +71,7 @@ from ._wire import (
     IN_CONS_OFFSET,
     IN_ERROR_OFFSET,
     IN_PROD_OFFSET,
+    MAX_PAGE_ORDER_LIMIT,
     OUT_CONS_OFFSET,
     OUT_ERROR_OFFSET,
     OUT_PROD_OFFSET,
@@ -99,7 +103,9 @@ __all__ = ["Frontend", "PVSocket", "FRONTEND_RING_ORDER"]
 
 logger = logging.getLogger(__name__)
 
-#: The data ring order of every active socket: Linux's ``PVCALLS_RING_ORDER``.
+#: The default data ring order of every active socket: Linux's
+#: ``PVCALLS_RING_ORDER``.  Linux's frontend also refuses a backend whose
+#: ``max-page-order`` is below it.
 FRONTEND_RING_ORDER = 4
 
 # Xenbus states (xenbus.h); spelled out here so that the frontend does not
@@ -184,15 +190,17 @@ class _DataRing:
     pages, granted to the backend, and the event channel that goes with
     them.  The frontend initialises them; only the frontend frees them."""
 
-    def __init__(self, gntshr: GrantShare, evtchn: EventChannel, backend_id: int) -> None:
-        npages = 1 << FRONTEND_RING_ORDER
-        size = flex_ring_size(FRONTEND_RING_ORDER)
+    def __init__(
+        self, gntshr: GrantShare, evtchn: EventChannel, backend_id: int, order: int
+    ) -> None:
+        npages = 1 << order
+        size = flex_ring_size(order)
         self.pages: SharedPages = gntshr.share_pages(backend_id, 1 + npages)
         buf = self.pages.buffer
         self.indexes = buf[:PAGE_SIZE]
         data = buf[PAGE_SIZE:]
         refs = self.pages.refs
-        _U32.pack_into(self.indexes, RING_ORDER_OFFSET, FRONTEND_RING_ORDER)
+        _U32.pack_into(self.indexes, RING_ORDER_OFFSET, order)
         for i in range(npages):
             _U32.pack_into(self.indexes, REF_OFFSET + 4 * i, refs[1 + i])
         self.ref = refs[0]
@@ -823,9 +831,22 @@ class Frontend:
         backend_id: int = 0,
         devid: int = 0,
         timeout: float = 10.0,
+        ring_order: int = FRONTEND_RING_ORDER,
     ) -> None:
         """``timeout`` bounds every handshake step and every command the
-        backend should answer at once (SOCKET, BIND, LISTEN, RELEASE)."""
+        backend should answer at once (SOCKET, BIND, LISTEN, RELEASE).
+
+        ``ring_order``: every active socket's data ring has ``2**ring_order``
+        pages, half of them each way.  The default 4 is Linux's, and with it
+        the frontend behaves exactly as Linux's; a larger order (up to the
+        backend's ``max-page-order``, checked at the handshake) means fewer
+        notifications and wake-ups per megabyte.
+        """
+        if isinstance(ring_order, bool) or not isinstance(ring_order, int):
+            raise TypeError(f"ring_order must be an int, not {type(ring_order).__name__}")
+        if not 1 <= ring_order <= MAX_PAGE_ORDER_LIMIT:
+            raise ValueError(f"ring_order must be 1..{MAX_PAGE_ORDER_LIMIT}, got {ring_order}")
+        self.ring_order = ring_order
         self.domain = domain
         self.backend_id = backend_id
         self.devid = devid
@@ -913,10 +934,10 @@ class Frontend:
         if PVCALLS_VERSIONS not in (versions or "").split(","):
             raise OSError(errno.EPROTONOSUPPORT, f"backend offers versions {versions!r}, need 1")
         order = self._read(f"{be_path}/max-page-order")
-        if order is None or not order.isdigit() or int(order) < FRONTEND_RING_ORDER:
+        if order is None or not order.isdigit() or int(order) < self.ring_order:
             raise OSError(
                 errno.EPROTONOSUPPORT,
-                f"backend max-page-order {order!r} is below {FRONTEND_RING_ORDER}",
+                f"backend max-page-order {order!r} is below the ring order {self.ring_order}",
             )
         if self._read(f"{be_path}/function-calls") != "1":
             raise OSError(errno.EPROTONOSUPPORT, "backend does not offer function-calls 1")
@@ -1196,7 +1217,7 @@ class Frontend:
         with self._lock:
             ring = self._ring_pool.pop() if self._ring_pool else None
         if ring is None:
-            ring = _DataRing(self._gntshr, self._evtchn, self.backend_id)
+            ring = _DataRing(self._gntshr, self._evtchn, self.backend_id, self.ring_order)
         else:
             ring.reset()
         with self._lock:

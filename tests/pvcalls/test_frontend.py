@@ -581,6 +581,11 @@ def test_send_waits_for_room_and_times_out(fe: pvcalls.Frontend, server: Any) ->
             pass
 
     srv = server(sluggish)
+    # A fixed receive buffer (inherited by the accepted connection) bounds
+    # what the host holds: no receive autotuning, and once the peer reads
+    # again it drains at loopback speed (a tiny buffer, say 4 KiB, would
+    # crawl through the sender's megabytes of send buffer, ACK by ACK).
+    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
     with connected(fe, srv.address) as s:
         s.settimeout(0.2)
         chunk = b"x" * 65536
