@@ -118,3 +118,26 @@ def test_guests_are_created_from_other_processes(
     destroy_domain(run_dir, 2)
     with pytest.raises(OSError):
         attach(run_dir, 2)
+
+
+def test_the_installed_command_prints_one_line_and_stops_cleanly(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "xenback-sim"
+    if not script.exists():
+        pytest.skip(f"the xenback-sim console script is not installed at {script}")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [script, "--run-dir", run_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        assert ready == f"XENSTORED_PATH={run_dir / 'xenstored' / 'socket'}\n"
+        with pyxs.Client(unix_socket_path=ready.strip().split("=", 1)[1]) as c:
+            assert c.read(b"/local/domain/0/name") == b"Domain-0"
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, out, err) == (0, "", "")

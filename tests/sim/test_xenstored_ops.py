@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError
+from xenback.sim._xenstored._wire import ABS_PATH_MAX, ERRORS, PAYLOAD_MAX, REL_PATH_MAX
 
 
 @pytest.fixture
@@ -125,6 +127,49 @@ def test_missing_nuls_are_einval(dom0: RawClient) -> None:
     assert error_of(dom0.request, Op.READ, b"") == "EINVAL"
     assert error_of(dom0.request, Op.WATCH, b"/a\0tok") == "EINVAL"
     assert error_of(dom0.request, Op.SET_PERMS, b"/a\0") == "EINVAL"
+
+
+XS_WIRE_H = Path("/usr/include/xen/io/xs_wire.h")
+
+
+def xs_wire_h() -> str:
+    if not XS_WIRE_H.exists():
+        pytest.skip(f"{XS_WIRE_H} not installed (Debian package libxen-dev)")
+    return XS_WIRE_H.read_text()
+
+
+def test_op_numbers_are_those_of_xs_wire_h() -> None:
+    body = re.search(r"enum xsd_sockmsg_type\s*\{(.*?)\};", xs_wire_h(), re.S)
+    assert body is not None
+    # Enumerators count up from 0; one restarts as "XS_SET_TARGET + 2".
+    numbers: dict[str, int] = {}
+    following = 0
+    for name, base, offset in re.findall(
+        r"^\s*XS_(\w+)(?:\s*=\s*XS_(\w+)\s*\+\s*(\d+))?\s*,", body[1], re.M
+    ):
+        if base:
+            following = numbers[base] + int(offset)
+        numbers[name] = following
+        following += 1
+    del numbers["TYPE_COUNT"]
+    assert {op.name: op.value for op in Op} == numbers
+
+
+def test_error_names_are_the_xsd_errors_table() -> None:
+    table = re.findall(r"XSD_ERROR\((E\w+)\)", xs_wire_h())
+    assert table and ERRORS == tuple(table)
+    with pytest.raises(ValueError):
+        XsError("ENOTDIR")  # a real errno, but not one the wire can carry
+
+
+def test_limits_are_those_of_xs_wire_h() -> None:
+    text = xs_wire_h()
+    for name, value in (
+        ("XENSTORE_PAYLOAD_MAX", PAYLOAD_MAX),
+        ("XENSTORE_ABS_PATH_MAX", ABS_PATH_MAX),
+        ("XENSTORE_REL_PATH_MAX", REL_PATH_MAX),
+    ):
+        assert re.search(rf"#define {name} {value}\b", text), name
 
 
 @pytest.mark.parametrize("op", [Op.WATCH_EVENT, Op.ERROR, 20, 23, 1000, 0xFFFF])
