@@ -280,6 +280,7 @@ def ask(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> dict:
         (b'{"op": "evtchn_alloc_unbound", "domid": "0"}', errno.EINVAL),
         (b'{"op": "evtchn_bind_interdomain", "domid": 0, "port": 0}', errno.EINVAL),
         (b"x" * 66000, errno.E2BIG),
+        (b"[" * 60000, errno.EINVAL),
     ],
 )
 def test_service_answers_garbage_with_errno(host: SimHost, data: bytes, err: int) -> None:

@@ -85,7 +85,11 @@ def encode(msg: Message) -> bytes:
 
 def decode(data: bytes) -> Message:
     """Parse one packet; raises :class:`ValueError` for anything but an object."""
-    msg = json.loads(data.decode())
+    try:
+        msg = json.loads(data.decode())
+    except RecursionError:
+        # A hostile packet of 64 KiB of "[" nests deeper than the parser can.
+        raise ValueError("a message nests too deeply") from None
     if not isinstance(msg, dict):
         raise ValueError("a message must be a JSON object")
     return msg
