@@ -32,6 +32,10 @@ def host() -> Iterator[Any]:
 def dom0_xs(host: Any) -> Iterator[XenStore]:
     """The toolstack's (privileged) view of XenStore, for test checks."""
     with XenStore(host.dom0.xenstore()) as xs:
+        # Its watch thread starts with its first watch and lives until the
+        # fixture ends; start it now, so that thread counts taken by a test
+        # (tests.xenback.xbhelpers.Census) see only the backend's threads.
+        xs.watch("@introduceDomain", lambda _path: None)
         yield xs
 
 
@@ -50,7 +54,6 @@ def frontends() -> Iterator[Any]:
         fe.close()
 
 
-
 @pytest.fixture
 def driver(host: Any) -> Iterator[RecordingDriver]:
     """A started RecordingDriver; stopping it must leave no thread behind."""
@@ -62,3 +65,4 @@ def driver(host: Any) -> Iterator[RecordingDriver]:
     finally:
         drv.stop()
     assert not leaked_threads(before), f"threads left behind: {leaked_threads(before)}"
+    assert drv.unordered == [], "hooks ran outside their device's queue"

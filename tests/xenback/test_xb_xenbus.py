@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tests.xenback.xbhelpers import TIMEOUT, RecordingDriver
+from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver
 from xenback import XenbusState
 
 S = XenbusState
@@ -137,6 +137,7 @@ def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> Non
 
 def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     """The backend directory names a frontend path that does not exist."""
+    census = Census(host, driver)
     guest = host.create_domain("ghost")
     base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
 
@@ -157,7 +158,35 @@ def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     # The toolstack gives up on it: online=0 + Closing; we go Closed at once.
     dom0_xs.transaction(lambda t: (t.write(f"{base}/online", 0), t.write(f"{base}/state", 5)))
     dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
+    driver.wait(lambda: driver.devices() == [])
+    census.check()
     # And the backend still serves other devices.
+    _connected(host, driver, frontends, "other")
+
+
+def test_frontend_id_that_does_not_match_the_path(host, driver, frontends, dom0_xs) -> None:
+    """``frontend-id`` must name the domain the device directory is filed
+    under: a backend must not map grants of one domain for another."""
+    census = Census(host, driver)
+    guest = host.create_domain("liar")
+    base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
+    frontend = f"/local/domain/{guest.domid}/device/xbtest/0"
+
+    def tx(t):
+        t.write(f"{frontend}/state", 1)
+        t.write(f"{base}/frontend", frontend)
+        t.write(f"{base}/frontend-id", guest.domid + 1)
+        t.write(f"{base}/online", 1)
+        t.write(f"{base}/state", 1)
+
+    dom0_xs.transaction(tx)
+    dom0_xs.wait_for(f"{base}/state", "5", timeout=TIMEOUT)
+    relative = base[len("/local/domain/0/"):]
+    error = dom0_xs.read(f"/local/domain/0/error/{relative}/error")
+    assert error is not None and error.startswith(f"{errno.EINVAL} probing: ")
+    assert "does not match" in error
+    assert driver.calls_of(guest.domid) == []
+    census.check()
     _connected(host, driver, frontends, "other")
 
 
@@ -172,7 +201,7 @@ def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     ids=["garbage-ring-ref", "garbage-port", "missing-ring-ref", "grant-never-made"],
 )
 def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs, nodes, err, text) -> None:
-    baseline_ports = _ports(host)
+    census = Census(host, driver)
     guest = host.create_domain("bad")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     fe = frontends(guest, dev)
@@ -186,16 +215,18 @@ def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs
     bdev = _bdev(driver, guest.domid)
     assert bdev.resources == (0, 0)
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
-    assert _ports(host) == baseline_ports
     # A Connected written now is ignored: the frontend must close first.
     fe.set_state(S.CONNECTED)
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
     assert driver.calls_of(guest.domid).count("connect") == 1
+    fe.close()
+    census.check()
     _connected(host, driver, frontends, "good")
 
 
 def test_bad_event_channel_releases_the_grant_already_mapped(host, driver, frontends, dom0_xs) -> None:
+    census = Census(host, driver)
     guest = host.create_domain("bad")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     fe = frontends(guest, dev)
@@ -204,10 +235,86 @@ def test_bad_event_channel_releases_the_grant_already_mapped(host, driver, front
     fe.publish({"ring-ref": fe.pages.refs[0], "port": fe.port + 100})
     fe.wait_backend(S.CLOSING)
     assert _bdev(driver, guest.domid).resources == (0, 0)
-    assert _error(dom0_xs, dev).startswith(str(errno.EINVAL)) or _error(dom0_xs, dev)
-    # The page is no longer mapped by anyone: the frontend can end access.
-    fe.pages.unshare()
-    fe.pages = None
+    error = _error(dom0_xs, dev)
+    assert error is not None and error.startswith(f"{errno.EINVAL} connecting: ")
+    # The page is no longer mapped by anyone: once the guest ends access,
+    # its grant entry is gone.
+    fe.close()
+    census.check()
+    _connected(host, driver, frontends, "good")
+
+
+def test_frontend_state_vanishing_drops_the_device(host, driver, frontends, dom0_xs) -> None:
+    """A missing frontend ``state`` reads as Unknown: Closed, then dropped."""
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    fe.xs.rm(f"{dev.frontend_path}/state")
+    fe.wait_backend(S.CLOSED)
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone and driver.devices() == []
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert _error(dom0_xs, dev) is None
+    fe.close()
+    census.check()
+    _connected(host, driver, frontends, "next")
+
+
+def test_state_is_written_only_when_it_changes(host, driver, frontends, dom0_xs) -> None:
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    writes: list[str] = []
+    seen = threading.Event()
+
+    def count(path: str) -> None:
+        writes.append(path)
+        seen.set()
+
+    dom0_xs.watch(f"{dev.backend_path}/state", count)
+    assert seen.wait(TIMEOUT)  # the first event of every new watch
+    assert bdev.switch_state(S.CONNECTED) is False
+    assert bdev.switch_state(S.CLOSING) is True
+    # XenStore sends one connection's watch events in order: once an event
+    # for a later write arrived, the state watch has seen all it will.
+    synced = threading.Event()
+    dom0_xs.watch("/sync", lambda path: synced.set() if path == "/sync/done" else None)
+    dom0_xs.write("/sync/done", 1)
+    assert synced.wait(TIMEOUT)
+    # The unchanged state fired no watch: the first event and one change.
+    assert writes == [f"{dev.backend_path}/state"] * 2
+
+
+def test_a_blocked_device_holds_up_only_itself(host, driver, frontends) -> None:
+    """Each device's callbacks run in order on its own queue; one device
+    stuck in connect() does not delay another."""
+    entered, release = threading.Event(), threading.Event()
+    slow = host.create_domain("slow")
+
+    def hook(dev) -> None:
+        if dev.frontend_id == slow.domid:
+            entered.set()
+            release.wait(TIMEOUT)
+
+    driver.connect_hook = hook
+    dev = host.toolstack.add_device("xbtest", slow.domid)
+    fe = frontends(slow, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    assert entered.wait(TIMEOUT)
+    # Events for the stuck device pile up behind its connect, in order.
+    fe.set_state(S.CLOSING)
+    fe.set_state(S.CLOSED)
+    # Meanwhile another device goes all the way through.
+    fast, _, fast_fe = _connected(host, driver, frontends, "fast")
+    fast_fe.set_state(S.CLOSED)
+    fast_fe.wait_backend(S.CLOSED)
+    assert driver.calls_of(slow.domid) == ["probe", "connect"]
+    release.set()
+    fe.wait_backend(S.CLOSED)
+    driver.wait(lambda: driver.calls_of(slow.domid)[-1:] == ["disconnect"])
+    assert driver.calls_of(slow.domid) == ["probe", "connect", "disconnect"]
+    assert driver.calls_of(fast.domid) == ["probe", "connect", "disconnect"]
 
 
 @pytest.mark.parametrize("value", ["7", "banana", "2"])
@@ -222,6 +329,7 @@ def test_impossible_frontend_state_is_fatal(host, driver, frontends, dom0_xs, va
 
 
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs) -> None:
+    census = Census(host, driver)
     guest, dev, fe = _connected(host, driver, frontends)
     bdev = _bdev(driver, guest.domid)
     dom0_xs.rm(dev.backend_path)
@@ -231,28 +339,32 @@ def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom
     # Nothing was written into the deleted directory (no resurrection).
     assert not dom0_xs.exists(dev.backend_path)
     fe.set_state(S.CLOSED)
+    fe.close()
+    census.check()
     _connected(host, driver, frontends, "next")
     assert not dom0_xs.exists(dev.backend_path)
 
 
 def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
-    baseline_ports = _ports(host)
+    other, _, other_fe = _connected(host, driver, frontends, "other")
+    census = Census(host, driver)
     guest, dev, fe = _connected(host, driver, frontends)
     bdev = _bdev(driver, guest.domid)
-    other, _, _ = _connected(host, driver, frontends, "other")
     fe.close()  # the guest's own connections die with it
     host.destroy_domain(guest)
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
     assert bdev.gone and bdev.resources == (0, 0)
     assert [d.frontend_id for d in driver.devices()] == [other.domid]
-    assert _ports(host) == baseline_ports + 2  # only the other device's pair
-    assert _grants(host) == 1  # only the other device's ring page
+    census.check()  # only the other device's ports and ring page remain
+    other_fe.set_state(S.CLOSING)
+    other_fe.wait_backend(S.CLOSING)  # and it is still served
 
 
 def test_release_domain_alone_tears_the_device_down(host, driver, dom0_xs) -> None:
     """A frontend directory outside the guest's home survives the guest's
     destruction, so only @releaseDomain can tell the backend."""
+    census = Census(host, driver)
     guest = host.create_domain("guest")
     pages = guest.gntshr().share_pages(0, 1)
     evtchn = guest.evtchn()
@@ -282,7 +394,7 @@ def test_release_domain_alone_tears_the_device_down(host, driver, dom0_xs) -> No
     bdev.events.flush()
     assert bdev.gone and bdev.resources == (0, 0) and driver.devices() == []
     assert dom0_xs.read(f"{frontend}/state") == "3"  # still there: not how we learnt
-    assert _grants(host) == 0
+    census.check()
 
 
 def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
@@ -293,18 +405,21 @@ def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
         release.wait(TIMEOUT)
 
     driver.connect_hook = slow_connect
+    census = Census(host, driver)
     guest = host.create_domain("dying")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     fe = frontends(guest, dev)
     fe.wait_backend(S.INIT_WAIT)
     fe.publish()
     assert entered.wait(TIMEOUT)
+    bdev = _bdev(driver, guest.domid)
     fe.close()
     host.destroy_domain(guest)
     release.set()  # connect now maps grants of a dead domain
     driver.wait_call("remove", guest.domid)
-    bdev_gone = [d for d in driver.devices() if d.frontend_id == guest.domid]
-    assert bdev_gone == [] or bdev_gone[0].gone
+    bdev.events.flush()
+    assert bdev.gone and bdev.resources == (0, 0) and driver.devices() == []
+    census.check()
     driver.connect_hook = None
     _connected(host, driver, frontends, "survivor")
 

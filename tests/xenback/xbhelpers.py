@@ -1,9 +1,10 @@
 """Helpers of the xenback tests: a hand-written frontend, a recording
-backend driver and a thread-leak check."""
+backend driver, and leak counts (threads, event channels, grants)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -80,11 +81,16 @@ class RecordingDriver(BackendDriver):
         self.changed = threading.Condition()
         self.connect_hook: Callable[[BackendDevice], None] | None = None
         self.events_seen: list[int] = []
+        #: Hooks that ran outside their device's queue (the ``driver``
+        #: fixture fails the test if any did).
+        self.unordered: list[str] = []
 
     def _record(self, name: str, dev: BackendDevice) -> None:
-        # Hooks of one device run one at a time: catch any overlap.
-        assert dev.events.in_queue(), f"{name} ran outside the device's queue"
+        # A device's queue runs one call at a time: a hook running anywhere
+        # else could overlap with, or overtake, that device's other hooks.
         with self.changed:
+            if not dev.events.in_queue():
+                self.unordered.append(f"{name} of {dev.nodename}")
             self.calls.append((name, dev.frontend_id, dev.devid))
             self.changed.notify_all()
 
@@ -138,3 +144,50 @@ def leaked_threads(before: set[int | None]) -> list[str]:
         for t in threading.enumerate()
         if t.ident not in before and t.is_alive() and not t.name.startswith(("kworker/", "wq-"))
     ]
+
+
+def _process_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if not t.name.startswith(("kworker/", "wq-"))]
+
+
+class Census:
+    """What a failure path must give back: live event-channel ports and
+    grant entries on the simulated host, and threads of this process.
+
+    A grant entry outlives its guest's unsharing exactly as long as
+    somebody still maps it, so equal grant counts once the guest let go
+    prove that the backend holds no mapping of it.  Take the census when
+    the backend is idle, let the failure happen, close the failing guest's
+    handles, then :meth:`check`.
+    """
+
+    def __init__(self, host: Any, driver: BackendDriver | None = None) -> None:
+        self.host = host
+        self.driver = driver
+        if driver is not None:
+            # The driver's dispatcher thread lives from the first bind to
+            # stop(); start it now so that only per-device threads count.
+            driver.events  # noqa: B018
+        self.before = self._counts()
+        self.threads = set(threading.enumerate())
+
+    def _counts(self) -> dict[str, int]:
+        stats = self.host.hypervisor.stats()
+        counts = {"ports": stats["ports"], "grants": stats["grants"]}
+        if self.driver is not None:
+            held = [d.resources for d in self.driver.devices() if not d.gone]
+            counts["mapped"] = sum(m for m, _ in held)
+            counts["bound"] = sum(p for _, p in held)
+        return counts
+
+    def check(self, timeout: float = TIMEOUT) -> None:
+        """Assert that nothing is left over since the census was taken;
+        threads that are ending get until ``timeout`` to end."""
+        deadline = time.monotonic() + timeout
+        for t in _process_threads():
+            if t not in self.threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+        new = [t.name for t in _process_threads() if t not in self.threads]
+        assert new == [], f"threads left behind: {new}"
+        now = self._counts()
+        assert now == self.before, f"left behind: {now}, before: {self.before}"
