@@ -123,6 +123,7 @@ class EventDispatcher:
             self._fds[fd] = callback
 
     def modify_fd(self, fd: int, events: int) -> None:
+        """Change the epoll mask of a registered ``fd`` (re-arms ONESHOT)."""
         with self._lock:
             if fd not in self._fds:
                 raise KeyError(f"fd {fd} is not registered")

@@ -144,10 +144,12 @@ class BackendDevice:
 
     @property
     def platform(self) -> Platform:
+        """The driver's platform."""
         return self.driver.platform
 
     @property
     def xenstore(self) -> XenStore:
+        """The driver's XenStore connection."""
         return self.driver.xenstore
 
     @property
@@ -255,11 +257,14 @@ class BackendDevice:
         return port
 
     def unbind_evtchn(self, port: int) -> None:
+        """Unbind a port bound by :meth:`bind_evtchn` before disconnect;
+        waits for a running callback of it to return."""
         with self._lock:
             self._ports.remove(port)
         self.driver.events.unbind(port)
 
     def notify(self, port: int) -> None:
+        """Send an event to the frontend on our local ``port``."""
         self.driver.events.notify(port)
 
     @property
@@ -386,6 +391,7 @@ class BackendDriver:
 
     @property
     def xenstore(self) -> XenStore:
+        """The driver's XenStore connection (while started)."""
         if self._xs is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
         return self._xs
@@ -407,6 +413,7 @@ class BackendDriver:
             return self._gnttab
 
     def devices(self) -> list[BackendDevice]:
+        """The devices served now (a snapshot)."""
         with self._lock:
             return list(self._devices.values())
 

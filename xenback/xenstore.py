@@ -118,6 +118,7 @@ class _Ops:
         self._do(self._client.write, path, _value(value))
 
     def mkdir(self, path: str) -> None:
+        """Create ``path`` (and its parents) with an empty value."""
         self._do(self._client.mkdir, path)
 
     def rm(self, path: str) -> None:
@@ -128,6 +129,7 @@ class _Ops:
             pass
 
     def exists(self, path: str) -> bool:
+        """Whether the node ``path`` exists."""
         try:
             self._do(self._client.list, path)
         except FileNotFoundError:
@@ -143,6 +145,7 @@ class _Ops:
         return [n.decode("utf-8", errors="replace") for n in names]
 
     def get_perms(self, path: str) -> list[str]:
+        """``path``'s permissions, like ``["n0", "r5"]``: owner/default first."""
         return [p.decode() for p in self._do(self._client.get_perms, path)]
 
     def set_perms(self, path: str, perms: Sequence[str]) -> None:
@@ -190,6 +193,7 @@ class Watch:
             self.events.call(self.callback, path)
 
     def unwatch(self) -> None:
+        """Remove the watch; idempotent."""
         self._xs._unwatch(self)
 
 
