@@ -1,4 +1,5 @@
-"""The compiled barrier helper emits the fences ring.py's comments promise."""
+"""The compiled barrier helper emits the fences ring.py's comments promise,
+and every ring step puts them where the kernel's ring macros do."""
 
 from __future__ import annotations
 
@@ -49,3 +50,95 @@ def test_fences_match_the_documented_reasoning() -> None:
             assert not re.search(r"\b(lock|mfence|lfence|sfence)\b", body), body
         else:
             assert re.search(pattern, body), f"{name}:\n{body}"
+
+
+# Where the barriers stand: each ring step's shared-index accesses and
+# barriers, in program order, against the kernel's ring.h macros and the
+# pvcalls data ring rules of the protocol reference.
+
+
+class _Trace:
+    """A u32 view that logs every access to ``log`` by the field's name."""
+
+    def __init__(self, view: memoryview, names: dict[int, str], log: list[str]) -> None:
+        self._view, self._names, self._log = view, names, log
+
+    def __getitem__(self, i: int) -> int:
+        self._log.append(f"load {self._names[i]}")
+        return self._view[i]
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self._log.append(f"store {self._names[i]}")
+        self._view[i] = value
+
+    def release(self) -> None:
+        self._view.release()
+
+
+@pytest.fixture
+def trace(monkeypatch) -> list[str]:
+    from xenback import ring
+
+    log: list[str] = []
+    for name in ("mb", "rmb", "wmb"):
+        monkeypatch.setattr(ring, f"_{name}", lambda name=name: log.append(name))
+    return log
+
+
+def _traced_rings(log: list[str]):
+    from xenback.ring import BackRing, FrontRing
+
+    buf = bytearray(4096)
+    front, back = FrontRing(buf, 64), BackRing(buf, 64)
+    names = {0: "req_prod", 1: "req_event", 2: "rsp_prod", 3: "rsp_event"}
+    for r in (front, back):
+        r._idx = _Trace(r._idx, names, log)  # type: ignore[assignment]
+    return front, back
+
+
+def test_back_ring_barriers(trace) -> None:
+    front, back = _traced_rings(trace)
+    front.push_request(b"r")
+    front.push_requests()
+    # RING_PUSH_REQUESTS_AND_CHECK_NOTIFY (the frontend's half).
+    assert trace == ["wmb", "store req_prod", "mb", "load req_event"]
+    trace.clear()
+    (req,) = back.requests()
+    # Slots are read only after req_prod, behind a read barrier.
+    assert trace == ["load req_prod", "rmb"]
+    trace.clear()
+    back.push_response(req)
+    assert back.push_responses() is True
+    # RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: slots before rsp_prod (wmb),
+    # rsp_prod before rsp_event (mb: the store->load order x86 also breaks).
+    assert trace == ["wmb", "store rsp_prod", "mb", "load rsp_event"]
+    trace.clear()
+    assert back.final_check_for_requests() is False
+    # RING_FINAL_CHECK_FOR_REQUESTS: req_event before the second req_prod.
+    assert trace == ["load req_prod", "store req_event", "mb", "load req_prod"]
+    trace.clear()
+    list(front.responses())
+    assert trace == ["load rsp_prod", "rmb"]
+    trace.clear()
+    assert front.final_check_for_responses() is False
+    assert trace == ["load rsp_prod", "store rsp_event", "mb", "load rsp_prod"]
+
+
+def test_flex_ring_barriers(trace) -> None:
+    from xenback.ring import FlexRing
+
+    data, idx = bytearray(16), bytearray(8)
+    producer = FlexRing(data, idx, prod_offset=0, cons_offset=4)
+    consumer = FlexRing(data, idx, prod_offset=0, cons_offset=4)
+    for r in (producer, consumer):
+        r._prod = _Trace(r._prod, {0: "prod"}, trace)  # type: ignore[assignment]
+        r._cons = _Trace(r._cons, {0: "cons"}, trace)  # type: ignore[assignment]
+    producer.writable()[0][:3] = b"abc"
+    producer.produce(3)
+    # Producer: indexes, full barrier, copy; write barrier, advance prod.
+    assert trace == ["load prod", "load cons", "mb", "wmb", "store prod"]
+    trace.clear()
+    assert bytes(consumer.readable()[0]) == b"abc"
+    consumer.consume(3)
+    # Consumer: indexes, read barrier, copy; full barrier, advance cons.
+    assert trace == ["load prod", "load cons", "rmb", "mb", "store cons"]
