@@ -6,7 +6,10 @@ import select
 import time
 from collections.abc import Callable
 
+import pytest
+
 from xenback.sim import EventChannel
+from xenback.sim._xenstored import RawClient, XenStored, XsError
 
 
 def readable(ch: EventChannel, timeout: float) -> bool:
@@ -35,3 +38,19 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def make_guest(xsd: XenStored, dom0: RawClient, domid: int) -> RawClient:
+    """Introduce a domain to a bare XenStore server the way a toolstack
+    does, and connect as it."""
+    home = f"/local/domain/{domid}"
+    dom0.mkdir(home)
+    dom0.set_perms(home, [f"n{domid}", "r0"])
+    return RawClient(xsd.introduce_domain(domid))
+
+
+def error_of(fn: Callable[..., object], *args: object) -> str:
+    """The name of the XenStore error ``fn(*args)`` fails with."""
+    with pytest.raises(XsError) as info:
+        fn(*args)
+    return info.value.name

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 from hosthelpers import eventually, wait_pending
 
 from xenback.sim import SimHost
@@ -43,12 +41,6 @@ with dom.gnttab() as tab, tab.map_grant_refs(args["domid"], args["refs"]) as m:
     m.buffer[0:2] = b"ok"
     print(bytes(m.buffer[4096:4100]).decode(), flush=True)
 """
-
-
-@pytest.fixture
-def host() -> Iterator[SimHost]:
-    with SimHost() as host:
-        yield host
 
 
 def spawn(script: str, *args: object) -> subprocess.Popen[str]:

@@ -15,17 +15,6 @@ from xenback.sim import Domain, EventChannel, SimHost
 
 
 @pytest.fixture
-def host() -> Iterator[SimHost]:
-    with SimHost() as host:
-        yield host
-
-
-@pytest.fixture
-def guest(host: SimHost) -> Domain:
-    return host.create_domain("guest")
-
-
-@pytest.fixture
 def pair(host: SimHost, guest: Domain) -> Iterator[tuple[EventChannel, int, EventChannel, int]]:
     """(dom0 handle, dom0 port, guest handle, guest port), connected."""
     e0, e1 = host.dom0.evtchn(), guest.evtchn()

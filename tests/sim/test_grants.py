@@ -24,17 +24,6 @@ from xenback.sim._hypervisor import domain_socket
 
 
 @pytest.fixture
-def host() -> Iterator[SimHost]:
-    with SimHost() as host:
-        yield host
-
-
-@pytest.fixture
-def guest(host: SimHost) -> Domain:
-    return host.create_domain("guest")
-
-
-@pytest.fixture
 def handles(host: SimHost, guest: Domain) -> Iterator[tuple[GrantShare, GrantTable]]:
     """(guest's grant share handle, dom0's grant table handle)"""
     with guest.gntshr() as shr, host.dom0.gnttab() as tab:

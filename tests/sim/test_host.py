@@ -6,7 +6,6 @@ import errno
 import os
 import queue
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,6 @@ from hosthelpers import wait_pending
 
 from xenback.platform import Platform
 from xenback.sim import Domain, SimHost, attach, create_domain
-
-
-@pytest.fixture
-def host() -> Iterator[SimHost]:
-    with SimHost() as host:
-        yield host
 
 
 def open_fds() -> set[int]:

@@ -5,23 +5,11 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import pyxs
 
 from xenback.sim import Device, Domain, SimHost
-
-
-@pytest.fixture
-def host() -> Iterator[SimHost]:
-    with SimHost() as host:
-        yield host
-
-
-@pytest.fixture
-def guest(host: SimHost) -> Domain:
-    return host.create_domain("guest")
 
 
 def tree(c: pyxs.Client, path: str) -> dict[str, str]:

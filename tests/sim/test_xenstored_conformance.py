@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,12 +24,6 @@ from pyxs.exceptions import PyXSError
 from xenback.sim._xenstored import RawClient, XenStored
 
 TEST_XENSTORE = Path("/usr/lib/xen-4.17/bin/test-xenstore")
-
-
-@pytest.fixture
-def xsd() -> Iterator[XenStored]:
-    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
-        yield server
 
 
 @pytest.fixture

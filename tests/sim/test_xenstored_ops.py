@@ -9,42 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hosthelpers import error_of, make_guest
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError
 from xenback.sim._xenstored._wire import ABS_PATH_MAX, ERRORS, PAYLOAD_MAX, REL_PATH_MAX
 
 
 @pytest.fixture
-def xsd() -> Iterator[XenStored]:
-    # A short path: Unix socket paths are limited to 107 bytes.
-    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
-        yield server
-
-
-@pytest.fixture
-def dom0(xsd: XenStored) -> Iterator[RawClient]:
-    with RawClient(xsd.path) as c:
-        yield c
-
-
-def make_guest(xsd: XenStored, dom0: RawClient, domid: int) -> RawClient:
-    """Introduce a domain the way a toolstack does and connect as it."""
-    home = f"/local/domain/{domid}"
-    dom0.mkdir(home)
-    dom0.set_perms(home, [f"n{domid}", "r0"])
-    return RawClient(xsd.introduce_domain(domid))
-
-
-@pytest.fixture
 def guest(xsd: XenStored, dom0: RawClient) -> Iterator[RawClient]:
+    """Here a guest is domain 1's wire connection to the bare ``xsd``
+    (conftest's ``guest`` is a domain of a whole SimHost)."""
     with make_guest(xsd, dom0, 1) as c:
         yield c
-
-
-def error_of(fn, *args) -> str:  # type: ignore[no-untyped-def]
-    with pytest.raises(XsError) as info:
-        fn(*args)
-    return info.value.name
 
 
 # --- basic reads and writes ----------------------------------------------------

@@ -28,12 +28,6 @@ def shared_xsd() -> Iterator[XenStored]:
 
 
 @pytest.fixture
-def xsd() -> Iterator[XenStored]:
-    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
-        yield server
-
-
-@pytest.fixture
 def no_internal_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
     yield

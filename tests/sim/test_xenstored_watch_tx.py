@@ -7,39 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hosthelpers import error_of, make_guest
 
-from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError
-
-
-@pytest.fixture
-def xsd() -> Iterator[XenStored]:
-    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
-        yield server
-
-
-@pytest.fixture
-def dom0(xsd: XenStored) -> Iterator[RawClient]:
-    with RawClient(xsd.path) as c:
-        yield c
+from xenback.sim._xenstored import Op, Quota, RawClient, XenStored
 
 
 @pytest.fixture
 def other(xsd: XenStored) -> Iterator[RawClient]:
     with RawClient(xsd.path) as c:
         yield c
-
-
-def make_guest(xsd: XenStored, dom0: RawClient, domid: int) -> RawClient:
-    home = f"/local/domain/{domid}"
-    dom0.mkdir(home)
-    dom0.set_perms(home, [f"n{domid}", "r0"])
-    return RawClient(xsd.introduce_domain(domid))
-
-
-def error_of(fn, *args) -> str:  # type: ignore[no-untyped-def]
-    with pytest.raises(XsError) as info:
-        fn(*args)
-    return info.value.name
 
 
 def assert_no_event(client: RawClient) -> None:
