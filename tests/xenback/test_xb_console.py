@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
+from tests.xenback.xbhelpers import TIMEOUT, Census, leaked_threads
 from xenback import FlexRing, XenbusState, wire
 
 S = XenbusState
@@ -151,10 +151,12 @@ def test_input_is_forwarded(host, console, frontends) -> None:
 
 def test_two_guests_and_a_hostile_one(host, console, frontends, dom0_xs, tmp_path) -> None:
     good, _, good_fe, good_guest = _start(host, frontends, "good")
+    good_fe.publish()
+    good_fe.wait_backend(S.CONNECTED)
+    census = Census(host, console)
     bad, bad_dev, bad_fe, bad_guest = _start(host, frontends, "bad")
-    for fe in (good_fe, bad_fe):
-        fe.publish()
-        fe.wait_backend(S.CONNECTED)
+    bad_fe.publish()
+    bad_fe.wait_backend(S.CONNECTED)
     struct.pack_into("<II", bad_guest.page, IDX + 8, 0, 4096)  # out_cons 0, out_prod 4096
     bad_fe.evtchn.notify(bad_fe.port)
     bad_fe.wait_backend(S.CLOSING)
@@ -171,4 +173,33 @@ def test_two_guests_and_a_hostile_one(host, console, frontends, dom0_xs, tmp_pat
     dev.events.flush()
     assert dev.gone and dev.resources == (0, 0)
     assert [d.frontend_id for d in console.devices()] == [good.domid]
-    assert sum(d.resources[0] for d in console.devices()) == 1
+    census.check()
+
+
+def test_backend_and_guest_through_the_run_directory(host, tmp_path) -> None:
+    """The backend and the guest each join the host by its run directory
+    (as separate processes would), not through the embedded objects."""
+    from tests.xenback.xbhelpers import SimFrontend
+    from xenback.sim import attach
+
+    before = {t.ident for t in threading.enumerate()}
+    domain = host.create_domain("remote")
+    dev = host.toolstack.add_device("console", domain.domid)
+    logged = threading.Event()
+    platform = attach(host.run_dir, 0)
+    with console_backend.ConsoleBackend(platform, tmp_path, on_output=lambda d, b: logged.set()) as backend:
+        fe = SimFrontend(attach(host.run_dir, domain.domid), dev)
+        try:
+            fe.wait_backend(S.INIT_WAIT)
+            guest = Guest(fe)
+            fe.publish()
+            fe.wait_backend(S.CONNECTED)
+            guest.write(b"over the run directory\n")
+            assert logged.wait(TIMEOUT)
+            log = tmp_path / f"console-{domain.domid}.log"
+            assert log.read_bytes() == b"over the run directory\n"
+            assert backend.send_input(domain.domid, b"ok") is True
+            assert guest.read_exactly(2) == b"ok"
+        finally:
+            fe.close()
+    assert not leaked_threads(before)

@@ -115,6 +115,7 @@ def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_
 
 
 def test_removal_of_a_device_whose_frontend_never_connected(host, driver, frontends) -> None:
+    census = Census(host, driver)
     guest = host.create_domain("idle")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     fe = frontends(guest, dev)
@@ -123,6 +124,9 @@ def test_removal_of_a_device_whose_frontend_never_connected(host, driver, fronte
     assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
     driver.wait_call("remove", guest.domid)
     assert driver.calls_of(guest.domid) == ["probe", "remove"]
+    fe.close()
+    census.check()
+    _connected(host, driver, frontends, "other")
 
 
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
@@ -336,7 +340,12 @@ def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
     assert driver.devices() == [] and bdev.resources == (0, 0)
-    # Nothing was written into the deleted directory (no resurrection).
+    # Nothing was written into the deleted directory (no resurrection),
+    # and nothing can be.
+    assert not dom0_xs.exists(dev.backend_path)
+    with pytest.raises(FileNotFoundError, match="device directory was deleted"):
+        bdev.write("feature-late", 1)
+    assert bdev.switch_state(S.CONNECTED) is False
     assert not dom0_xs.exists(dev.backend_path)
     fe.set_state(S.CLOSED)
     fe.close()
