@@ -32,10 +32,18 @@ tested against this class works with real guests:
 Where Linux would return -EAGAIN because every ring slot is busy, this class
 waits for a free slot instead.
 
-Threads: one event thread per frontend reads the event channel handle and
-wakes whoever waits (command responses, socket data).  Several threads may
-use different sockets of one frontend at the same time; one socket may have
-one thread receiving while another sends.
+Threads: one event thread per frontend reads the frontend's event channel
+handle and wakes whoever waits for command responses.  Each data ring has an
+event channel handle of its own (as a Linux process may open
+``/dev/xen/evtchn`` once per socket), and a thread blocked in ``recv`` or
+``send`` waits on that handle's descriptor itself: a notification from the
+backend wakes the thread that needs it, with no relay through the event
+thread (one thread switch less per wake-up; the event thread is no
+bottleneck for many sockets).  Only if the handle cannot be opened (the
+host's limit on handles) does the ring share the frontend's handle, and its
+wake-ups go through the event thread.  Several threads may use different
+sockets of one frontend at the same time; one socket may have one thread
+receiving while another sends.
 
 Waiting on sockets: :meth:`PVSocket.fileno` returns an ``eventfd`` that is
 readable while ``recv`` or ``accept`` would not block (data, end of stream,
@@ -188,10 +196,24 @@ class _Slot:
 class _DataRing:
     """An active socket's shared pages: the indexes page and 2**order data
     pages, granted to the backend, and the event channel that goes with
-    them.  The frontend initialises them; only the frontend frees them."""
+    them.  The frontend initialises them; only the frontend frees them.
+
+    ``evtchn`` is the handle the port is bound on: one of the ring's own
+    (``direct``: the socket's blocked callers poll it, see
+    :meth:`PVSocket._wait`) or the frontend's shared one (its event thread
+    relays the port's events).  ``wakefd`` is an eventfd polled with the
+    handle, so that whoever else consumed the ring's event (the event
+    thread), or closes the socket, can wake the polling caller.
+    """
 
     def __init__(
-        self, gntshr: GrantShare, evtchn: EventChannel, backend_id: int, order: int
+        self,
+        gntshr: GrantShare,
+        evtchn: EventChannel,
+        backend_id: int,
+        order: int,
+        *,
+        direct: bool = False,
     ) -> None:
         npages = 1 << order
         size = flex_ring_size(order)
@@ -214,12 +236,37 @@ class _DataRing:
             prod_offset=OUT_PROD_OFFSET,
             cons_offset=OUT_CONS_OFFSET,
         )
-        self._evtchn = evtchn
+        self.evtchn = evtchn
+        self.direct = direct
+        self.relayed = False  # the frontend's event thread watches ``evtchn``
         try:
             self.port = evtchn.bind_unbound_port(backend_id)
         except BaseException:
             self.pages.unshare()
+            if direct:
+                evtchn.close()
             raise
+        self.wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Used by one polling thread at a time (PVSocket._poller).
+        self.poller = select.poll()
+        if direct:
+            self.poller.register(evtchn.fileno(), select.POLLIN)
+        self.poller.register(self.wakefd, select.POLLIN)
+
+    def notify(self) -> None:
+        """Tell the backend we produced or consumed."""
+        self.evtchn.notify(self.port)
+
+    def consume_events(self) -> bool:
+        """Take (and unmask) the ring's fired port from a handle of its own;
+        True if it had fired.  Any thread may call it: whoever gets the
+        event wakes the others (PVSocket._on_event)."""
+        evtchn = self.evtchn
+        fired = False
+        while evtchn.pending() is not None:
+            fired = True
+            evtchn.unmask(self.port)
+        return fired
 
     # Peeks for wait predicates and the readiness eventfd: they must not
     # disturb the FlexRing's notion of the last readable()/writable().
@@ -252,10 +299,20 @@ class _DataRing:
         _I32.pack_into(self.indexes, IN_ERROR_OFFSET, value)
 
     def free(self) -> None:
+        if self.direct:
+            # Read the service's news about our port (the backend unbinding
+            # it) while the port is still ours to be told about.
+            try:
+                self.consume_events()
+            except OSError:
+                pass
         try:
-            self._evtchn.unbind(self.port)
+            self.evtchn.unbind(self.port)
         except OSError as exc:
             logger.debug("unbinding port %d: %s", self.port, exc)
+        if self.direct:
+            self.evtchn.close()
+        os.close(self.wakefd)
         self.inq.release()
         self.outq.release()
         self.indexes.release()
@@ -318,6 +375,10 @@ class PVSocket:
 
         self._readyfd: int | None = None  # eventfd for fileno(), lazily
         self._ready_set = False
+        # A caller is polling the data ring's own event channel handle
+        # (under _cond): whoever else consumes the ring's event, or closes
+        # the socket, writes the ring's wakefd to wake it.
+        self._poller = False
 
     # -- socket.socket API -------------------------------------------------
 
@@ -522,7 +583,7 @@ class PVSocket:
                         if sent == len(view):
                             break
                     ring.outq.produce(sent)
-                    self._fe._notify(ring.port)
+                    ring.notify()
                     return sent
                 if not len(view):
                     return 0
@@ -568,7 +629,7 @@ class PVSocket:
                         if got == nbytes:
                             break
                     ring.inq.consume(got)
-                    self._fe._notify(ring.port)
+                    ring.notify()
                     self._update_ready()
                     return got
                 if err == -_errno.ENOTCONN:
@@ -646,6 +707,9 @@ class PVSocket:
             fd = self._readyfd
             arm = not self._armed
             self._armed = True
+            ring = self._ring
+        if ring is not None:
+            self._fe._relay(ring, self)
         if arm and self._listening:
             self._arm_poll()
         self._update_ready()
@@ -715,23 +779,84 @@ class PVSocket:
     def _wait(self, deadline: _Deadline, ready: Callable[[], bool]) -> None:
         """Sleep until ``ready()``, the socket closes, or the deadline.
 
-        The event thread notifies ``_cond`` after the backend signalled, so
-        checking ``ready`` under ``_cond`` before sleeping loses no wakeup.
+        With a data ring of its own handle, one waiter at a time (the
+        poller) waits on the handle's descriptor itself, takes the event and
+        wakes the other waiter (the sender while the receiver polls, or the
+        other way round) through ``_cond``; when it leaves, the other one
+        takes over.  Otherwise (the shared handle) the event thread
+        notifies ``_cond``.  Either way ``ready`` is checked under ``_cond``
+        before sleeping, and every consumer of the event notifies ``_cond``
+        (and writes ``wakefd`` while a poller is out), so no wake-up is lost.
         """
         if deadline.timeout == 0.0:
             raise BlockingIOError(errno.EAGAIN, "operation would block")
+        ring = self._ring
         with self._cond:
             while not ready() and not self._closed and not self._fe._dead:
-                self._cond.wait(deadline.remaining())
+                timeout = deadline.remaining()
+                if ring is None or not ring.direct or self._poller:
+                    self._cond.wait(timeout)
+                    continue
+                self._poller = True
+                self._cond.release()
+                try:
+                    fired = self._poll_ring(ring, timeout)
+                finally:
+                    self._cond.acquire()
+                    self._poller = False
+                    self._cond.notify_all()
+                if fired and self._readyfd is not None:
+                    self._cond.release()
+                    try:
+                        self._update_ready()
+                    finally:
+                        self._cond.acquire()
         if self._fe._dead and not ready():
             raise OSError(errno.ENOTCONN, "the PV Calls backend went away")
 
+    @staticmethod
+    def _poll_ring(ring: _DataRing, timeout: float | None) -> bool:
+        """Block on ``ring``'s own handle (or its wakefd) for up to
+        ``timeout`` seconds; take the event if there is one."""
+        ms = None if timeout is None else max(1, int(timeout * 1000 + 0.999))
+        try:
+            events = ring.poller.poll(ms)
+        except InterruptedError:
+            return False
+        for fd, _ in events:
+            if fd == ring.wakefd:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+        try:
+            return ring.consume_events()
+        except OSError:
+            return False  # the handle is closing: the caller sees why
+
     def _on_event(self) -> None:
-        """Event thread: the backend signalled this socket's channel."""
+        """The backend signalled this socket's channel (the event thread,
+        or another caller took the event), or the socket closes: wake the
+        waiters."""
         with self._cond:
             self._cond.notify_all()
+            # Under _cond: the poller clears _poller under it before it
+            # leaves the call that keeps the ring (and wakefd) alive.
+            ring = self._ring
+            if self._poller and ring is not None:
+                os.eventfd_write(ring.wakefd, 1)
         if self._readyfd is not None:
             self._update_ready()
+
+    def _on_relayed_event(self, ring: _DataRing) -> None:
+        """Event thread: the own handle of a ring whose readiness eventfd is
+        in use fired (see :meth:`Frontend._relay`)."""
+        try:
+            fired = ring.consume_events()
+        except OSError:
+            return
+        if fired:
+            self._on_event()
 
     def _readable(self) -> bool:
         ring = self._ring
@@ -873,6 +998,10 @@ class Frontend:
         self._slots: list[_Slot | None] = [None] * RING_SLOTS
         self._sockets: dict[int, PVSocket] = {}
         self._handlers: dict[int, Callable[[], None]] = {}
+        # The event thread's epoll set: the shared handle, the stop pipe and
+        # the own handles of rings being relayed (descriptor -> callback).
+        self._event_epoll: select.epoll | None = None
+        self._relays: dict[int, Callable[[], None]] = {}
         # Data rings the backend let go of, kept for the next sockets: a
         # connect then costs no page sharing and no event channel set-up.
         self._ring_pool: list[_DataRing] = []
@@ -950,6 +1079,9 @@ class Frontend:
         self._handlers[self._port] = self._on_command_event
 
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._event_epoll = select.epoll()
+        self._event_epoll.register(self._evtchn.fileno(), select.EPOLLIN)
+        self._event_epoll.register(self._stop_r, select.EPOLLIN)
         self._thread = threading.Thread(
             target=self._event_loop, name=f"pvcalls-front-{domain.domid}", daemon=True
         )
@@ -1145,16 +1277,29 @@ class Frontend:
 
     def _event_loop(self) -> None:
         """One thread per frontend: read fired ports, run their handlers,
-        unmask.  Handlers only copy responses and wake waiters."""
+        unmask.  Handlers only copy responses and wake waiters.  Also runs
+        the relays of rings with handles of their own (see :meth:`_relay`)."""
         evtchn = self._evtchn
-        assert evtchn is not None
-        poller = select.poll()
-        poller.register(evtchn.fileno(), select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
+        epoll = self._event_epoll
+        assert evtchn is not None and epoll is not None
+        shared_fd = evtchn.fileno()
         while not self._stopping:
             try:
-                poller.poll()
+                events = epoll.poll()
             except InterruptedError:
+                continue
+            relays = []
+            with self._lock:
+                for fd, _ in events:
+                    relay = self._relays.get(fd)
+                    if relay is not None:
+                        relays.append(relay)
+            for relay in relays:
+                try:
+                    relay()
+                except Exception:
+                    logger.exception("pvcalls frontend relay")
+            if not any(fd == shared_fd for fd, _ in events):
                 continue
             while True:
                 try:
@@ -1185,6 +1330,11 @@ class Frontend:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         self._thread = None
+        with self._lock:
+            epoll, self._event_epoll = self._event_epoll, None
+            self._relays.clear()
+        if epoll is not None:
+            epoll.close()
         for fd in (self._stop_r, self._stop_w):
             if fd >= 0:
                 os.close(fd)
@@ -1217,12 +1367,59 @@ class Frontend:
         with self._lock:
             ring = self._ring_pool.pop() if self._ring_pool else None
         if ring is None:
-            ring = _DataRing(self._gntshr, self._evtchn, self.backend_id, self.ring_order)
+            ring = self._make_data_ring()
         else:
             ring.reset()
-        with self._lock:
-            self._handlers[ring.port] = sock._on_event
+            if ring.direct:
+                # Nobody read the idle handle: take the stale event and the
+                # service's news that the old peer unbound (it came before
+                # the RELEASE answer), so that the new peer's port is the
+                # one notified.
+                ring.consume_events()
+        if not ring.direct:
+            with self._lock:
+                self._handlers[ring.port] = sock._on_event
+        elif sock._readyfd is not None:
+            self._relay(ring, sock)
         return ring
+
+    def _make_data_ring(self) -> _DataRing:
+        """A new data ring, on an event channel handle of its own if the
+        host lets us open one more."""
+        assert self._gntshr is not None and self._evtchn is not None
+        try:
+            handle = self.domain.evtchn()
+        except OSError as exc:
+            logger.debug("no event channel handle of its own for a data ring: %s", exc)
+        else:
+            return _DataRing(self._gntshr, handle, self.backend_id, self.ring_order, direct=True)
+        return _DataRing(self._gntshr, self._evtchn, self.backend_id, self.ring_order)
+
+    def _relay(self, ring: _DataRing, sock: PVSocket) -> None:
+        """Have the event thread watch ``ring``'s own handle, so that
+        ``sock``'s readiness eventfd follows the ring with no caller
+        blocked in it."""
+        if not ring.direct:
+            return
+        with self._lock:
+            if ring.relayed or self._event_epoll is None:
+                return
+            ring.relayed = True
+            fd = ring.evtchn.fileno()
+            self._relays[fd] = lambda: sock._on_relayed_event(ring)
+            self._event_epoll.register(fd, select.EPOLLIN)
+
+    def _unrelay(self, ring: _DataRing) -> None:
+        """Stop watching ``ring``'s handle (under _lock)."""
+        if ring.relayed:
+            ring.relayed = False
+            fd = ring.evtchn.fileno()
+            self._relays.pop(fd, None)
+            if self._event_epoll is not None:
+                try:
+                    self._event_epoll.unregister(fd)
+                except OSError:
+                    pass
 
     def _put_data_ring(self, ring: _DataRing, *, reusable: bool) -> None:
         """Take back a ring no socket uses.  ``reusable``: the backend said
@@ -1230,6 +1427,7 @@ class Frontend:
         that offered it), so its pages and port may serve the next socket."""
         with self._lock:
             self._handlers.pop(ring.port, None)
+            self._unrelay(ring)
             if reusable and not self._dead and len(self._ring_pool) < _RING_POOL_MAX:
                 self._ring_pool.append(ring)
                 return

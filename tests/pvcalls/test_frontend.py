@@ -293,6 +293,56 @@ def test_fileno_waits_for_data(fe: pvcalls.Frontend, server: Any) -> None:
         assert sel.select(0) == []
 
 
+def test_fileno_and_a_blocked_receiver_both_see_data(fe: pvcalls.Frontend, server: Any) -> None:
+    """One thread blocked in recv() (polling the ring's handle itself)
+    while another selects on fileno() (the event thread relays): whoever
+    takes the backend's event, both wake."""
+    srv = server()
+    with connected(fe, srv.address) as s, selectors.DefaultSelector() as sel:
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(recv_exactly(s, 5)))
+        t.start()
+        sel.register(s, selectors.EVENT_READ)
+        s.sendall(b"first")
+        t.join(TIMEOUT)
+        assert got == [b"first"]
+        s.sendall(b"again")
+        assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [s]
+        assert recv_exactly(s, 5) == b"again"
+
+
+def test_fileno_before_connect(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    with fe.socket() as s, selectors.DefaultSelector() as sel:
+        s.settimeout(TIMEOUT)
+        sel.register(s, selectors.EVENT_READ)
+        s.connect(srv.address)
+        assert sel.select(0) == []
+        s.sendall(b"hello")
+        assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [s]
+        assert recv_exactly(s, 5) == b"hello"
+
+
+def test_rings_share_the_frontend_handle_when_no_other_can_be_opened(
+        host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the host's limit on event channel handles the data ring's port
+    goes on the frontend's own handle and its event thread relays."""
+    srv = server()
+    with pvcalls.Frontend(host.create_domain("no-more-handles")) as other:
+        def refuse() -> Any:
+            raise OSError(errno.EMFILE, "too many handles")
+
+        monkeypatch.setattr(other.domain, "evtchn", refuse)
+        with connected(other, srv.address) as s:
+            assert s._ring is not None and not s._ring.direct
+            assert s._ring.evtchn is other._evtchn
+            data = os.urandom(200_000)
+            t = threading.Thread(target=s.sendall, args=(data,))
+            t.start()
+            assert recv_exactly(s, len(data)) == data
+            t.join(TIMEOUT)
+
+
 def test_many_threads_many_sockets(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     errors: list[BaseException] = []
