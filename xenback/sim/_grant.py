@@ -22,8 +22,7 @@ import mmap
 import os
 import threading
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import cffi
 
@@ -130,14 +129,25 @@ def _check_domid(domid: int) -> None:
         raise GrantError(errno.EINVAL, f"invalid domain id {domid!r}")
 
 
-class GrantMapping:
-    """Pages of another domain mapped contiguously (see :class:`xenback.platform.GrantMapping`)."""
+class _Pages:
+    """Granted pages as this process sees them: what a mapping and a share
+    have in common.  Ending them (:meth:`_end`) scrubs the pages out of this
+    process, releases the buffer and tells the service, once."""
+
+    _states = ("live", "ended")  # for repr and errors: (live, ended)
 
     def __init__(
-        self, table: GrantTable, handle: int, refs: tuple[int, ...], region: _Region, writable: bool
+        self,
+        owner: _Handle[Any],
+        key: int,
+        end_request: tuple[str, dict[str, Any]],
+        refs: tuple[int, ...],
+        region: _Region,
+        writable: bool,
     ) -> None:
-        self._table = table
-        self._handle = handle
+        self._owner = owner  # the handle they live through
+        self._key = key
+        self._end_request = end_request
         self._refs = refs
         self._region: _Region | None = region
         self._buffer: memoryview | None = region.view(writable)
@@ -145,54 +155,119 @@ class GrantMapping:
     @property
     def buffer(self) -> memoryview:
         if self._buffer is None:
-            raise ValueError("the grant mapping was unmapped")
+            raise ValueError(f"the pages were {self._states[1]}")
         return self._buffer
 
     @property
     def refs(self) -> tuple[int, ...]:
         return self._refs
 
-    def unmap(self) -> None:
-        """Unmap the pages; idempotent.  The memoryview is released."""
+    def _end(self) -> None:
         if self._region is None:
             return
         region, self._region = self._region, None
         region.scrub()
         _release(self._buffer)
         self._buffer = None
-        self._table._unmapped(self)
+        op, args = self._end_request
+        self._owner._forget(self._key, op, args)
 
-    def __enter__(self) -> GrantMapping:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.unmap()
+    def __exit__(self, *exc_info: object) -> None:
+        self._end()
 
     def __repr__(self) -> str:
-        state = "unmapped" if self._region is None else "mapped"
-        return f"<GrantMapping refs={list(self._refs)} {state}>"
+        state = self._states[self._region is None]
+        return f"<{type(self).__name__} refs={list(self._refs)} {state}>"
 
 
-class GrantTable:
-    """A ``xengnttab`` handle of one domain.
+class GrantMapping(_Pages):
+    """Pages of another domain mapped contiguously (see :class:`xenback.platform.GrantMapping`)."""
 
-    :meth:`close` unmaps whatever the handle still maps (unlike
-    ``xengnttab_close``, which leaves mappings alone), so that closing a
-    handle never leaves a grant in use behind it.
+    _states = ("mapped", "unmapped")
+
+    def unmap(self) -> None:
+        """Unmap the pages; idempotent.  The memoryview is released."""
+        self._end()
+
+
+class SharedPages(_Pages):
+    """Zeroed pages this domain granted to another one."""
+
+    _states = ("shared", "unshared")
+
+    def unshare(self) -> None:
+        """End foreign access and free the pages; idempotent.
+
+        The grantee keeps what it already mapped until it unmaps; the refs
+        can no longer be mapped anew.
+        """
+        self._end()
+
+
+P = TypeVar("P", bound=_Pages)
+
+
+class _Handle(Generic[P]):
+    """A handle's connection to the service and the pages live through it.
+
+    :meth:`close` ends whatever is still live (unlike ``xengnttab_close``,
+    which leaves mappings alone), so that closing a handle never leaves a
+    grant in use behind it.
     """
+
+    _kind = "handle"
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
         self._conn = ServiceConnection(socket_path, GrantError)
-        # _lock protects _mappings and _closed.  Rule: never held across a
+        # _lock protects _live and _closed.  Rule: never held across a
         # request to the service (the connection has its own lock).
         self._lock = threading.Lock()
-        self._mappings: dict[int, GrantMapping] = {}
+        self._live: dict[int, P] = {}
         self._closed = False
+
+    def _check_open(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
+
+    def _add(self, key: int, pages: P) -> None:
+        with self._lock:
+            self._live[key] = pages
+
+    def _forget(self, key: int, op: str, args: dict[str, Any]) -> None:
+        """Forget ``key``'s pages and tell the service they ended (once)."""
+        with self._lock:
+            if self._live.pop(key, None) is None:
+                return
+        try:
+            self._conn.call(op, **args)
+        except GrantError as e:
+            if e.errno != errno.ENODEV:
+                raise
+            # The host is gone: there is nobody left to tell.
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            live = list(self._live.values())
+        for pages in live:
+            pages._end()
+        self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class GrantTable(_Handle[GrantMapping]):
+    """A ``xengnttab`` handle of one domain; :meth:`close` unmaps everything."""
+
+    _kind = "grant table"
 
     def map_grant_refs(
         self, domid: int, refs: Sequence[int], *, writable: bool = True
@@ -206,9 +281,7 @@ class GrantTable:
             )
         if any(type(r) is not int or r < 0 for r in refs):
             raise GrantError(errno.EINVAL, f"grant refs must be non-negative integers: {refs!r}")
-        with self._lock:
-            if self._closed:
-                raise GrantError(errno.EBADF, "the grant table handle is closed")
+        self._check_open()
         reply, fds = self._conn.call(
             "gnt_map", domid=domid, refs=list(refs), writable=bool(writable)
         )
@@ -224,90 +297,16 @@ class GrantTable:
             raise
         finally:
             close_fds(fds)
-        mapping = GrantMapping(self, handle, refs, region, writable)
-        with self._lock:
-            self._mappings[handle] = mapping
+        end = ("gnt_unmap", {"handle": handle})
+        mapping = GrantMapping(self, handle, end, refs, region, writable)
+        self._add(handle, mapping)
         return mapping
 
-    def _unmapped(self, mapping: GrantMapping) -> None:
-        with self._lock:
-            if self._mappings.pop(mapping._handle, None) is None:
-                return
-        try:
-            self._conn.call("gnt_unmap", handle=mapping._handle)
-        except GrantError as e:
-            if e.errno != errno.ENODEV:
-                raise
-            # The host is gone: there is nobody left to tell.
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            mappings = list(self._mappings.values())
-        for mapping in mappings:
-            mapping.unmap()
-        self._conn.close()
-
-    def __enter__(self) -> GrantTable:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class SharedPages:
-    """Zeroed pages this domain granted to another one."""
-
-    def __init__(self, share: GrantShare, refs: tuple[int, ...], region: _Region) -> None:
-        self._share = share
-        self._refs = refs
-        self._region: _Region | None = region
-        self._buffer: memoryview | None = region.view(True)
-
-    @property
-    def refs(self) -> tuple[int, ...]:
-        return self._refs
-
-    @property
-    def buffer(self) -> memoryview:
-        if self._buffer is None:
-            raise ValueError("the pages were unshared")
-        return self._buffer
-
-    def unshare(self) -> None:
-        """End foreign access and free the pages; idempotent.
-
-        The grantee keeps what it already mapped until it unmaps; the refs
-        can no longer be mapped anew.
-        """
-        if self._region is None:
-            return
-        region, self._region = self._region, None
-        region.scrub()
-        _release(self._buffer)
-        self._buffer = None
-        self._share._unshared(self)
-
-    def __enter__(self) -> SharedPages:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.unshare()
-
-    def __repr__(self) -> str:
-        state = "unshared" if self._region is None else "shared"
-        return f"<SharedPages refs={list(self._refs)} {state}>"
-
-
-class GrantShare:
+class GrantShare(_Handle[SharedPages]):
     """A ``xengntshr`` handle of one domain; :meth:`close` unshares everything."""
 
-    def __init__(self, socket_path: str | os.PathLike[str]) -> None:
-        self._conn = ServiceConnection(socket_path, GrantError)
-        # _lock protects _shares and _closed; never held across a request.
-        self._lock = threading.Lock()
-        self._shares: dict[int, SharedPages] = {}  # keyed by first ref
-        self._closed = False
+    _kind = "grant share"
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
         """Allocate ``count`` zeroed pages granted to ``domid``."""
@@ -316,9 +315,7 @@ class GrantShare:
             raise GrantError(
                 errno.EINVAL, f"can share 1..{MAX_PAGES_PER_REQUEST} pages at once, not {count!r}"
             )
-        with self._lock:
-            if self._closed:
-                raise GrantError(errno.EBADF, "the grant share handle is closed")
+        self._check_open()
         reply, fds = self._conn.call("gnt_share", domid=domid, count=count, writable=bool(writable))
         refs = tuple(reply["refs"])
         try:
@@ -331,31 +328,7 @@ class GrantShare:
             raise
         finally:
             close_fds(fds)
-        pages = SharedPages(self, refs, region)
-        with self._lock:
-            self._shares[refs[0]] = pages
+        # Keyed by the first ref: unique while the share lives.
+        pages = SharedPages(self, refs[0], ("gnt_end", {"refs": list(refs)}), refs, region, True)
+        self._add(refs[0], pages)
         return pages
-
-    def _unshared(self, pages: SharedPages) -> None:
-        with self._lock:
-            if self._shares.pop(pages.refs[0], None) is None:
-                return
-        try:
-            self._conn.call("gnt_end", refs=list(pages.refs))
-        except GrantError as e:
-            if e.errno != errno.ENODEV:
-                raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            shares = list(self._shares.values())
-        for pages in shares:
-            pages.unshare()
-        self._conn.close()
-
-    def __enter__(self) -> GrantShare:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
