@@ -182,7 +182,7 @@ class _Deadline:
 class _Slot:
     """One command in flight: the response table entry of its ring slot."""
 
-    __slots__ = ("cmd", "sock_id", "done", "ret", "abandoned")
+    __slots__ = ("cmd", "sock_id", "done", "ret", "abandoned", "on_done")
 
     def __init__(self, cmd: int, sock_id: int) -> None:
         self.cmd = cmd
@@ -191,6 +191,24 @@ class _Slot:
         self.ret = 0
         # Nobody will collect the answer: free the slot when it arrives.
         self.abandoned = False
+        # Nobody waits: the event thread frees the slot and calls this
+        # with ``ret`` (outside the command lock) when the answer arrives.
+        self.on_done: Callable[[int], None] | None = None
+
+
+class _Release:
+    """A RELEASE in flight (see :meth:`Frontend._release`): what its
+    socket shared, freed once the backend answered *and* close() took it
+    from the socket.  Fields under the frontend's ``_lock``."""
+
+    __slots__ = ("sock_id", "ring", "inflight", "taken", "ret")
+
+    def __init__(self, sock_id: int) -> None:
+        self.sock_id = sock_id
+        self.ring: _DataRing | None = None
+        self.inflight: tuple[int, _Slot, PVSocket] | None = None
+        self.taken = False  # close() has moved ring and inflight here
+        self.ret: int | None = None  # the answer, once it came
 
 
 class _DataRing:
@@ -1005,6 +1023,8 @@ class Frontend:
         # Data rings the backend let go of, kept for the next sockets: a
         # connect then costs no page sharing and no event channel set-up.
         self._ring_pool: list[_DataRing] = []
+        # RELEASEs in flight, until answered and finished (_release).
+        self._releases: set[_Release] = set()
 
         self._thread: threading.Thread | None = None
         self._stop_r = self._stop_w = -1
@@ -1144,6 +1164,7 @@ class Frontend:
                 sock.close()
             except OSError as exc:
                 logger.warning("releasing socket %#x: %s", sock.id, exc)
+        self._wait_releases()
         self._dead = True
         self._wake_everyone()
         with self._lock:
@@ -1448,6 +1469,7 @@ class Frontend:
         deadline: _Deadline,
         *,
         reserve: bool = True,
+        on_done: Callable[[int], None] | None = None,
     ) -> tuple[int, _Slot]:
         """Put one request on the command ring and notify the backend.
 
@@ -1460,6 +1482,7 @@ class Frontend:
         req.cmd = cmd
         fill(req)
         slot = _Slot(cmd, sock_id)
+        slot.on_done = on_done
         with self._cmd_cond:
             while True:
                 if self._dead or self._ring is None:
@@ -1525,6 +1548,7 @@ class Frontend:
     def _on_command_event(self) -> None:
         """Event thread: consume every response on the command ring."""
         polls: list[tuple[PVSocket, int]] = []
+        done: list[tuple[Callable[[int], None], int]] = []
         with self._cmd_cond:
             ring = self._ring
             if ring is None:
@@ -1548,30 +1572,51 @@ class Frontend:
                         continue
                     slot.ret = ret
                     slot.done = True
-                    if slot.abandoned:
+                    if slot.on_done is not None:
+                        done.append((slot.on_done, ret))
+                        self._slots[req_id] = None
+                    elif slot.abandoned:
                         self._slots[req_id] = None
                 if not ring.final_check_for_responses():
                     break
             self._cmd_cond.notify_all()
         for sock, ret in polls:
             sock._on_poll(ret)
+        for callback, ret in done:
+            try:
+                callback(ret)
+            except Exception:
+                logger.exception("pvcalls frontend: completing a command")
 
     def _release(self, sock: PVSocket) -> None:
-        """RELEASE ``sock`` and free what it shared (called by close())."""
-        released = False  # the backend answered: it let go of everything
+        """RELEASE ``sock`` and free what it shared (called by close()).
+
+        close() does not wait for the answer (one command round trip less
+        per socket): the socket is unusable from now on, and its data ring
+        (and an ACCEPT's reserved socket) goes back to the pool, with
+        -EBADF in ``in_error`` as Linux writes it, only once the backend
+        answered, that is, let go of it.  Commands are processed in ring
+        order, so whatever the guest sends next (a SOCKET counted against a
+        policy limit, a BIND to the same port) finds the socket released.
+        """
+        rel: _Release | None = None
         if not self._dead and self._ring is not None:
 
             def fill(req: Any) -> None:
                 req.u.release.id = sock.id
                 req.u.release.reuse = 0
 
+            rel = pending = _Release(sock.id)
+            with self._lock:
+                self._releases.add(rel)
             try:
-                ret = self._call(PVCALLS_RELEASE, sock.id, fill, _Deadline(self.timeout))
-                if ret < 0:
-                    logger.warning("RELEASE of %#x: %s", sock.id, _errno.name_of(ret))
-                released = ret == 0
+                self._submit(PVCALLS_RELEASE, sock.id, fill, _Deadline(self.timeout),
+                             on_done=lambda ret: self._released(pending, ret))
             except (OSError, TimeoutError) as exc:
                 logger.warning("RELEASE of %#x failed: %s", sock.id, exc)
+                with self._lock:
+                    self._releases.discard(rel)
+                rel = None
         # The socket's own calls have seen _closed and left (or, a CONNECT
         # cut short by this RELEASE, gave its ring back): take the ring
         # under their locks so that exactly one party frees it.
@@ -1579,12 +1624,43 @@ class Frontend:
             inflight, sock._accept_inflight = sock._accept_inflight, None
         with sock._recv_lock, sock._send_lock, sock._cond:
             ring, sock._ring = sock._ring, None
+        with self._lock:
+            self._sockets.pop(sock.id, None)
+        with sock._cond:
+            fd, sock._readyfd = sock._readyfd, None
+        if fd is not None:
+            os.close(fd)
+        if rel is None:
+            self._finish_release(ring, inflight, released=False)
+            return
+        with self._lock:
+            rel.ring, rel.inflight, rel.taken = ring, inflight, True
+            finish = rel.ret is not None and rel in self._releases
+            if finish:
+                self._releases.discard(rel)
+                self._cmd_cond.notify_all()  # close() may wait for the last one
+        if finish:
+            self._finish_release(ring, inflight, released=rel.ret == 0)
+
+    def _released(self, rel: _Release, ret: int) -> None:
+        """Event thread: the backend answered ``rel``'s RELEASE."""
+        if ret < 0:
+            logger.warning("RELEASE of %#x: %s", rel.sock_id, _errno.name_of(ret))
+        with self._lock:
+            rel.ret = ret
+            if not rel.taken or rel not in self._releases:
+                return  # close() is still taking it, or gave up waiting
+            self._releases.discard(rel)
+            self._cmd_cond.notify_all()
+        self._finish_release(rel.ring, rel.inflight, released=ret == 0)
+
+    def _finish_release(self, ring: _DataRing | None,
+                        inflight: tuple[int, _Slot, PVSocket] | None, *, released: bool) -> None:
+        """Free a released socket's ring and pending ACCEPT.  ``released``:
+        the backend answered RELEASE, so they may be reused."""
         if ring is not None:
             # As Linux: after RELEASE the frontend writes -EBADF into in_error.
             ring.set_in_error(-_errno.EBADF)
-        with self._lock:
-            self._sockets.pop(sock.id, None)
-        if ring is not None:
             self._put_data_ring(ring, reusable=released)
         if inflight is not None:
             # The backend released the listening socket, and with it the
@@ -1592,7 +1668,19 @@ class Frontend:
             req_id, slot, new = inflight
             self._abandon(req_id, slot)
             self._drop_socket(new, reusable=released)
-        with sock._cond:
-            fd, sock._readyfd = sock._readyfd, None
-        if fd is not None:
-            os.close(fd)
+
+    def _wait_releases(self) -> None:
+        """Wait (up to ``timeout``) for the RELEASEs in flight; free what
+        the unanswered ones hold without reusing it."""
+        deadline = _Deadline(self.timeout)
+        with self._cmd_cond:
+            while self._releases and not self._dead:
+                try:
+                    self._cmd_cond.wait(deadline.remaining())
+                except TimeoutError:
+                    break
+            left = [rel for rel in self._releases if rel.taken]
+            self._releases.difference_update(left)
+        for rel in left:
+            logger.warning("RELEASE of %#x not answered", rel.sock_id)
+            self._finish_release(rel.ring, rel.inflight, released=False)

@@ -516,10 +516,13 @@ def test_requests_on_the_wire_are_linux_like(
 
     monkeypatch.setattr(ring, "push_request", record)
     in_error_at_free: list[int] = []
+    freed = threading.Condition()
     put = fe._put_data_ring
 
     def put_and_record(ring: _DataRing, *, reusable: bool) -> None:
-        in_error_at_free.append(ring.in_error())
+        with freed:
+            in_error_at_free.append(ring.in_error())
+            freed.notify_all()
         assert _wire.ffi.from_buffer("struct pvcalls_data_intf *", ring.indexes).ring_order \
             == FRONTEND_RING_ORDER
         put(ring, reusable=reusable)
@@ -553,6 +556,9 @@ def test_requests_on_the_wire_are_linux_like(
     assert sent[6][1] == accept.u.accept.id == sent[9][1]
     assert accept.u.accept.id_new == sent[8][1]
     # Linux writes -EBADF into in_error after RELEASE of an active socket.
+    # (close() does not wait for RELEASE's answer: the rings come back with it.)
+    with freed:
+        assert freed.wait_for(lambda: len(in_error_at_free) == 2, TIMEOUT)
     assert in_error_at_free == [-9, -9]
 
 
