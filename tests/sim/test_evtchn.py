@@ -404,3 +404,17 @@ def test_a_hostile_peer_cannot_make_anyone_block(host: SimHost, guest: Domain) -
         assert served.is_set(), "the service blocked"
         assert eventually(lambda: e0.remote(p0) is None)
         assert wait_pending(e0) == p0
+
+
+def test_a_domain_runs_out_of_ports_not_the_host(host: SimHost, guest: Domain) -> None:
+    from xenback.sim._hypervisor import MAX_EVTCHN_PORT
+
+    with guest.evtchn() as ch:
+        ports = [ch.bind_unbound_port(0) for _ in range(MAX_EVTCHN_PORT)]
+        assert sorted(ports) == list(range(1, MAX_EVTCHN_PORT + 1))
+        with pytest.raises(EventChannelError) as info:
+            ch.bind_unbound_port(0)
+        assert info.value.errno == errno.ENOSPC
+        ch.unbind(ports[100])
+        assert ch.bind_unbound_port(0) == ports[100]
+    assert eventually(lambda: host.hypervisor.stats()["ports"] == 0)

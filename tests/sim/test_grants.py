@@ -480,3 +480,42 @@ def test_a_domain_cannot_hoard_descriptors_through_shares(
     for pages in shares:
         pages.unshare()
     assert live_grants(host) == 0
+
+
+def test_a_domain_cannot_grant_more_than_its_table_holds(
+    host: SimHost, handles: tuple[GrantShare, GrantTable]
+) -> None:
+    from xenback.sim._hypervisor import MAX_GRANTS_PER_DOMAIN, MAX_PAGES_PER_REQUEST
+
+    shr, _ = handles
+    shares = [
+        shr.share_pages(0, MAX_PAGES_PER_REQUEST)
+        for _ in range(MAX_GRANTS_PER_DOMAIN // MAX_PAGES_PER_REQUEST)
+    ]
+    with pytest.raises(GrantError) as info:
+        shr.share_pages(0, 1)
+    assert info.value.errno == errno.ENOSPC
+    shares.pop().unshare()
+    shr.share_pages(0, 1).unshare()
+    for pages in shares:
+        pages.unshare()
+    assert live_grants(host) == 0
+
+
+def test_pages_mapped_through_one_handle_are_bounded(handles: tuple[GrantShare, GrantTable]) -> None:
+    from xenback.sim._hypervisor import MAX_MAPPED_PAGES_PER_HANDLE, MAX_PAGES_PER_REQUEST
+
+    shr, tab = handles
+    pages = shr.share_pages(0, MAX_PAGES_PER_REQUEST)
+    # The same refs again and again: address space, not grants, runs out.
+    mappings = [
+        tab.map_grant_refs(1, pages.refs)
+        for _ in range(MAX_MAPPED_PAGES_PER_HANDLE // MAX_PAGES_PER_REQUEST)
+    ]
+    with pytest.raises(GrantError) as info:
+        tab.map_grant_refs(1, pages.refs[:1])
+    assert info.value.errno == errno.ENOSPC
+    mappings.pop().unmap()
+    tab.map_grant_refs(1, pages.refs[:1]).unmap()
+    for mapping in mappings:
+        mapping.unmap()
