@@ -222,6 +222,23 @@ def test_no_conflict_when_untouched_nodes_change(dom0: RawClient, other: RawClie
     assert dom0.read("/n/a") == b"3"
 
 
+def test_only_changes_after_the_first_read_conflict(dom0: RawClient, other: RawClient) -> None:
+    other.write("/fr/a", "1")
+    tx = dom0.transaction_start()
+    other.write("/fr/a", "2")  # before the transaction first looks at it
+    assert dom0.read("/fr/a", tx) == b"2"
+    dom0.write("/fr/b", "x", tx)
+    dom0.transaction_end(tx)
+    assert dom0.read("/fr/b") == b"x"
+    # Rewriting the same value is a change all the same: a new generation.
+    tx = dom0.transaction_start()
+    assert dom0.read("/fr/a", tx) == b"2"
+    other.write("/fr/a", "2")
+    dom0.write("/fr/b", "y", tx)
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+    assert dom0.read("/fr/b") == b"x"
+
+
 def test_conflict_when_a_node_read_as_absent_appears(dom0: RawClient, other: RawClient) -> None:
     other.write("/ap", "")
     tx = dom0.transaction_start()
