@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import threading
 import time
 
@@ -111,6 +112,8 @@ def test_remove_the_libxl_way(host: SimHost, guest: Domain) -> None:
 
 
 def test_remove_forces_after_the_timeout(host: SimHost, guest: Domain) -> None:
+    timeout = inspect.signature(host.toolstack.remove_device).parameters["timeout"]
+    assert timeout.default == 10.0  # libxl's
     dev = host.toolstack.add_device("vif", guest.domid)
     start = time.monotonic()
     assert host.toolstack.remove_device(dev, timeout=0.3) is False
