@@ -232,7 +232,6 @@ def test_xen_test_xenstore_random_30_seconds(xsd: XenStored) -> None:
     run_test_xenstore(xsd.path, "-r", "30", timeout=90)
 
 
-
 def test_xen_test_xenstore_as_an_unprivileged_guest(xsd: XenStored) -> None:
     # Its relative paths land in the guest's home, where quotas and
     # permissions apply (2000-byte values still fit the node-size quota).
