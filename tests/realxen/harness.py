@@ -80,7 +80,9 @@ def dom0_command(
     timeout: float,
 ) -> list[str]:
     return [
-        python, "-u", str(HERE / "dom0.py"),
+        # faulthandler: should the backend's process die of a signal (heap
+        # corruption was seen), every thread's Python stack is printed.
+        python, "-u", "-X", "faulthandler", str(HERE / "dom0.py"),
         "--backend", backend,
         "--domu-kernel", manifest["domu_kernel"],
         "--domu-initrd", manifest["domu_initrd"],
