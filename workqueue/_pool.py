@@ -646,7 +646,6 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
         # The pending bit clears just before the function runs: queueing it
         # from now on runs it once more, afterwards.
         work._pending = False
-        work._entry = None
         work._worker = worker
         worker.current = work
         worker.current_pwq = pwq
@@ -712,24 +711,26 @@ def wake_work_flushers(work: Work, done: int) -> None:
 
 
 def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
-    """Queue a pending item on *pwq* (engine lock held): __queue_work's tail."""
+    """Queue a pending item on *pwq* (engine lock held): __queue_work's tail.
+
+    Workqueue.queue_work() has a copy of this, inlined: keep them alike.
+    """
     wq = pwq.wq
     work._pwq = pwq
     work._seq += 1
     work._color = wq._work_color
     wq._nr_current += 1
     pwq.nr_queued += 1
-    if wq._trace_hooks:
-        wq._trace("queue", work, pwq.pool)
+    pool = pwq.pool
     if pwq.nr_active < pwq.max_active:
         pwq.nr_active += 1
-        if wq._trace_hooks:
-            wq._trace("activate", work, pwq.pool)
-        pool = pwq.pool
         worklist = pool.worklist
-        worklist.items.append(work)  # worklist.push(work), inlined: the hot path
+        worklist.items.append(work)  # worklist.push(work), inlined
         work._entry = worklist
         worklist.nr += 1
+        if wq._trace_hooks:  # under the lock: nobody sees the item yet
+            wq._trace("queue", work, pool)
+            wq._trace("activate", work, pool)
         if pool.nr_running == 0:
             kick_pool(pool)
         elif pool.tick is None:
@@ -737,6 +738,8 @@ def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
     else:
         pwq.nr_deferred += 1
         pwq.inactive.push(work)
+        if wq._trace_hooks:
+            wq._trace("queue", work, pool)
 
 
 def activate_inactive(pwq: PoolWorkqueue) -> None:

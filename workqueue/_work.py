@@ -59,7 +59,9 @@ class Work:
         # Invariants: _pending is True from a successful queue_work until just
         # before func runs (or until cancelled).  While pending on a list,
         # _entry is that list and _pwq/_color say where it is accounted;
-        # pending on a timer (DelayedWork), _entry is None.  _seq counts the
+        # pending on a timer (DelayedWork), _entry is None.  While not
+        # pending, _entry means nothing (it is not cleared when the item
+        # starts: every way to become pending sets it).  _seq counts the
         # queueings; a flush registered at queueing n completes once a run
         # or a cancel has finished queueing n (see wake_work_flushers).
         # _worker is the worker running func, or None.

@@ -221,23 +221,22 @@ class Workqueue(Executor):
             if worker is not None:
                 pwq = self._last_pwq(worker, pwq)
             work._pending = True
-            # insert_work(pwq, work), inlined: the hot path.
+            # insert_work(pwq, work), inlined: the hot path (keep them alike).
             work._pwq = pwq
             work._seq += 1
             work._color = self._work_color
             self._nr_current += 1
             pwq.nr_queued += 1
-            if self._trace_hooks:
-                self._trace("queue", work, pwq.pool)
+            pool = pwq.pool
             if pwq.nr_active < pwq.max_active:
                 pwq.nr_active += 1
-                if self._trace_hooks:
-                    self._trace("activate", work, pwq.pool)
-                pool = pwq.pool
                 worklist = pool.worklist
                 worklist.items.append(work)
                 work._entry = worklist
                 worklist.nr += 1
+                if self._trace_hooks:  # under the lock: nobody sees the item yet
+                    self._trace("queue", work, pool)
+                    self._trace("activate", work, pool)
                 if pool.nr_running == 0:
                     kick_pool(pool)
                 elif pool.tick is None:
@@ -245,6 +244,8 @@ class Workqueue(Executor):
             else:
                 pwq.nr_deferred += 1
                 pwq.inactive.push(work)
+                if self._trace_hooks:
+                    self._trace("queue", work, pool)
         finally:
             lock.release()
         return True
@@ -255,19 +256,31 @@ class Workqueue(Executor):
         The CPU may be offline: its pool then runs unbound.  For unbound
         workqueues the CPU is only checked, as the kernel treats it as a hint.
         """
-        self.topology._check_cpu(cpu)
-        _check_work(work)
-        with lock:
+        pwq = self._unbound_pwq
+        if pwq is None:
+            pwq = self._pwqs.get(cpu)
+            if pwq is None:
+                self.topology._check_cpu(cpu)  # raises: every possible CPU has a pwq
+                raise AssertionError(f"no pool_workqueue for CPU {cpu}")
+        else:
+            self.topology._check_cpu(cpu)
+        if not isinstance(work, Work):
+            _check_work(work)
+        if work._pending or work._disable:  # lock-free early out: see queue_work()
+            return False
+        lock.acquire()
+        try:
             if work._pending or work._disable:
                 return False
             if self._state:
                 self._check_queueing()
-            pwq = self._unbound_pwq or self._pwqs[cpu]
             worker = work._worker
             if worker is not None:
                 pwq = self._last_pwq(worker, pwq)
             work._pending = True
             insert_work(pwq, work)
+        finally:
+            lock.release()
         return True
 
     def _last_pwq(self, worker: _pool.Worker, pwq: PoolWorkqueue) -> PoolWorkqueue:
@@ -350,6 +363,7 @@ class Workqueue(Executor):
         if delay == 0:
             self._timer_queue_locked(dwork)
         else:
+            dwork._entry = None  # pending on the timer, not on a list
             dwork._timer = add_timer(delay, self._delayed_work_timer_fn, dwork)
 
     def _delayed_work_timer_fn(self, dwork: DelayedWork) -> None:

@@ -243,6 +243,39 @@ def test_max_active_per_cpu_fifo_and_set_max_active(make_wq: Any, tracer: Any) -
     assert activated == list(range(6))
 
 
+def test_stats_counters_agree_with_the_trace_points(make_wq: Any, tracer: Any) -> None:
+    # stats() derives some counters (activated, completed) instead of
+    # counting them on the hot path: they must still match the trace points
+    # while items run, wait on max_active, are activated late or cancelled.
+    wq = make_wq("st", max_active=2)
+    wq.add_trace_hook(tracer)
+    release = threading.Event()
+    gate = Work(lambda w: release.wait(TIMEOUT))
+    waiting, deferred, dropped = Work(lambda w: None), Work(lambda w: None), Work(lambda w: None)
+    wq.queue_work_on(0, gate)
+    tracer.wait_for(lambda: gate.running)
+    for w in (waiting, deferred, dropped):  # waiting: on the worklist; others: inactive
+        assert wq.queue_work_on(0, w)
+
+    def check(started: int, completed: int) -> None:
+        pool = wq.stats().pools[0]
+        events = [e for e, _, cpu in tracer.events if cpu == 0]
+        assert (pool.queued, pool.activated, pool.started, pool.completed) == (
+            events.count("queue"), events.count("activate"),
+            events.count("execute_start"), events.count("execute_end"))
+        assert (pool.started, pool.completed) == (started, completed)
+
+    check(started=1, completed=0)
+    assert waiting.cancel()   # an active item: `deferred` is activated late
+    assert dropped.cancel()   # an inactive one
+    pool = wq.stats().pools[0]
+    assert (pool.queued, pool.activated, pool.nr_active, pool.nr_inactive) == (4, 3, 2, 0)
+    check(started=1, completed=0)
+    release.set()
+    wq.flush()
+    check(started=2, completed=2)
+
+
 def test_max_active_is_per_queue_for_unbound(make_wq: Any, topo: Any) -> None:
     wq = make_wq(flags=WQ_UNBOUND, max_active=2)
     release = threading.Event()
