@@ -310,13 +310,6 @@ class Hypervisor:
                 raise ValueError(f"no domain {domid}")
             self._remove_domain(domid)
 
-    def domain_info(self, domid: int) -> dict[str, Any] | None:
-        with self._lock:
-            dom = self._domains.get(domid)
-            if dom is None:
-                return None
-            return {"domid": dom.domid, "name": dom.name, "xenstore_path": dom.xenstore_path}
-
     def stats(self) -> dict[str, int]:
         """Counts of live objects, for leak tests."""
         with self._lock:
