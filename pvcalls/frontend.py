@@ -29,6 +29,9 @@ tested against this class works with real guests:
   answers a second one with -EINTR);
 * after RELEASE of an active socket it writes -EBADF into ``in_error``.
 
+Unlike Linux, ``close()`` does not wait for RELEASE's answer (the requests
+on the wire are the same; the ring is reused only once the answer came).
+
 Where Linux would return -EAGAIN because every ring slot is busy, this class
 waits for a free slot instead.
 

@@ -562,6 +562,26 @@ def test_requests_on_the_wire_are_linux_like(
     assert in_error_at_free == [-9, -9]
 
 
+def test_frontend_close_waits_for_releases_in_flight(
+        host: SimHost, backend: Any, server: Any) -> None:
+    """close() of a socket does not wait for RELEASE's answer; closing the
+    frontend right after still gets every ring back and frees it."""
+    srv = server()
+    with pvcalls.Frontend(host.create_domain("quick-close")) as f:
+        socks = [connected(f, srv.address) for _ in range(4)]
+        for s in socks:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+            s.close()
+            assert s.closed
+            with pytest.raises(OSError):
+                s.send(b"x")
+    assert not f._releases
+    assert not f._ring_pool
+    domid = f.domain.domid
+    assert not [row for row in backend.stats().sockets if row.domain == domid]
+
+
 def test_backend_going_away_fails_waiters(server: Any) -> None:
     srv = server()
     with SimHost() as host:
