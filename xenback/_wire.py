@@ -1,8 +1,9 @@
 """The one set of C declarations for Xen's shared-memory and wire layouts.
 
 Every size and offset the framework uses comes from :data:`ffi`, and
-``tests/xenback/test_layout.py`` compiles the real headers from Debian's
-``libxen-dev`` with gcc and compares them field by field.  Nothing is
+``tests/xenback/test_xb_layout.py`` compiles the real headers from Debian's
+``libxen-dev`` with gcc and compares them field by field (``pvcalls.h`` is
+checked the same way by ``tests/pvcalls/test_wire.py``).  Nothing is
 compiled here: cffi only computes the layouts (natural alignment, which is
 what Xen's public headers are written for on x86-64 and arm64).
 

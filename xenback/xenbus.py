@@ -506,12 +506,18 @@ class BackendDriver:
         if path.startswith(self.backend_root + "/") and len(parts) >= 2:
             self._check_device(parts[0], parts[1])
             return
-        # The whole tree (first event, or a frontend's subtree removed).
-        for fe in self.xenstore.ls(self.backend_root):
-            for devid in self.xenstore.ls(f"{self.backend_root}/{fe}"):
-                self._check_device(fe, devid)
+        # The whole tree (first event, or a frontend's subtree removed):
+        # every device listed, and every known one that no longer is.
+        listed = {
+            (fe, devid)
+            for fe in self.xenstore.ls(self.backend_root)
+            for devid in self.xenstore.ls(f"{self.backend_root}/{fe}")
+        }
+        for fe, devid in sorted(listed):
+            self._check_device(fe, devid)
         for dev in self.devices():
-            dev.queue(self._backend_changed, dev)
+            if (str(dev.frontend_id), str(dev.devid)) not in listed:
+                dev.queue(self._backend_changed, dev)
 
     def _check_device(self, fe_text: str, devid_text: str) -> None:
         if not (fe_text.isascii() and fe_text.isdigit() and devid_text.isascii() and devid_text.isdigit()):

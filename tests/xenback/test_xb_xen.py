@@ -96,3 +96,19 @@ def test_declarations_match_the_headers(tmp_path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("refs", [[-1], [2**32], [True]], ids=["negative", "huge", "bool"])
+def test_frontend_numbers_out_of_range_are_platform_errors(refs) -> None:
+    """A frontend's ring-ref or port that does not fit the C library's
+    uint32_t is a GrantError/EventChannelError (EINVAL), as on the
+    simulated host, not cffi's OverflowError; the library is not called."""
+    from xenback.platform import EventChannelError, GrantError
+
+    table = object.__new__(_platform.XenGrantTable)  # no /dev/xen/gntdev here
+    with pytest.raises(GrantError, match="grant reference .* 32-bit") as info:
+        table.map_grant_refs(1, refs)
+    assert info.value.errno == errno.EINVAL
+    channel = object.__new__(_platform.XenEventChannel)
+    with pytest.raises(EventChannelError, match="event channel port .* 32-bit"):
+        channel.bind_interdomain(1, refs[0])

@@ -201,8 +201,11 @@ def test_frontend_id_that_does_not_match_the_path(host, driver, frontends, dom0_
         ({"ring-ref": "1", "port": "3 4; rm -rf /"}, errno.EINVAL, "expected an integer"),
         ({"port": "3"}, errno.ENOENT, "did not publish"),
         ({"ring-ref": "4000", "port": "1"}, None, "connecting"),  # a grant never made
+        ({"ring-ref": "-1", "port": "1"}, None, "connecting"),
+        ({"ring-ref": str(2**64), "port": "1"}, None, "connecting"),
     ],
-    ids=["garbage-ring-ref", "garbage-port", "missing-ring-ref", "grant-never-made"],
+    ids=["garbage-ring-ref", "garbage-port", "missing-ring-ref", "grant-never-made",
+         "negative-ring-ref", "huge-ring-ref"],
 )
 def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs, nodes, err, text) -> None:
     census = Census(host, driver)

@@ -189,5 +189,11 @@ class Census:
                 t.join(max(0.0, deadline - time.monotonic()))
         new = [t.name for t in _process_threads() if t not in self.threads]
         assert new == [], f"threads left behind: {new}"
+        # The host frees a closed handle's ports and grants on its service
+        # thread, after close() returned, and tells nobody: poll until the
+        # counts are back or the deadline passed.
         now = self._counts()
+        while now != self.before and time.monotonic() < deadline:
+            time.sleep(0.005)
+            now = self._counts()
         assert now == self.before, f"left behind: {now}, before: {self.before}"

@@ -117,6 +117,15 @@ def missing_pieces() -> list[str]:
     return missing
 
 
+def _u32(cls: type[PlatformError], value: int, what: str) -> int:
+    """``value`` checked to fit the C library's ``uint32_t`` (a frontend's
+    numbers come from XenStore): else ``cls`` with EINVAL, as the
+    simulated host raises, rather than cffi's OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
+        raise cls(errno.EINVAL, f"{what} {value!r} is not a 32-bit unsigned integer")
+    return value
+
+
 def _error(cls: type[PlatformError], what: str) -> PlatformError:
     code = ffi.errno or errno.EIO
     return cls(code, f"{what}: {os.strerror(code)}")
@@ -175,9 +184,10 @@ class XenGrantTable:
             raise _error(PlatformUnavailable, f"xengnttab_open ({GNTDEV})")
 
     def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
-        refs = tuple(refs)
+        refs = tuple(_u32(GrantError, ref, "grant reference") for ref in refs)
         if not refs:
             raise ValueError("no grant references to map")
+        _u32(GrantError, domid, "domain id")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         array = ffi.new("uint32_t[]", refs)
         addr = self._lib.xengnttab_map_domain_grant_refs(self._handle, len(refs), domid, array, prot)
@@ -265,6 +275,8 @@ class XenEventChannel:
         return int(result)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        _u32(EventChannelError, domid, "domain id")
+        _u32(EventChannelError, remote_port, "event channel port")
         return self._port(
             self._lib.xenevtchn_bind_interdomain(self._handle, domid, remote_port),
             f"binding port {remote_port} of domain {domid}",
