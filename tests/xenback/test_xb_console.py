@@ -203,3 +203,29 @@ def test_backend_and_guest_through_the_run_directory(host, tmp_path) -> None:
         finally:
             fe.close()
     assert not leaked_threads(before)
+
+
+def test_the_example_uses_only_public_apis() -> None:
+    """What a newcomer copies must not lean on framework internals: every
+    name it imports from workqueue or xenback is exported (``__all__``),
+    and it touches no underscored attribute of anything."""
+    import ast
+    import importlib
+
+    source = Path(console_backend.__file__).read_text()
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
+            "workqueue", "xenback"
+        ):
+            exported = importlib.import_module(node.module).__all__
+            for alias in node.names:
+                assert alias.name in exported, f"{node.module}.{alias.name} is not public"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                assert not any(part.startswith("_") for part in alias.name.split(".")), alias.name
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+            assert not name.startswith("_") or (name.startswith("__") and name.endswith("__")), (
+                f"line {node.lineno}: .{name}"
+            )
