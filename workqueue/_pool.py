@@ -678,10 +678,30 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
         work._worker = None
         if wq._trace_hooks:
             wq._trace("execute_end", work, pool)
-        # dec_nr_in_flight(pwq, color, True), inlined
-        pwq.nr_active -= 1
-        if pwq.inactive.nr and pwq.nr_active < pwq.max_active:
-            activate_inactive(pwq)
+        # dec_nr_in_flight(pwq, color, True), inlined.  When items wait for
+        # max_active, the slot this one frees goes straight to the oldest
+        # (activate_inactive() for one item, inlined: it is the common case
+        # of a workqueue queued faster than it runs).
+        inactive = pwq.inactive
+        if inactive.nr and pwq.nr_active == pwq.max_active and not inactive.dead:
+            next_work = inactive.items.popleft()
+            inactive.nr -= 1
+            pwq.nr_activated_late += 1
+            target = pwq.pool  # not always ours: see non-reentrancy above
+            target_list = target.worklist
+            target_list.items.append(next_work)
+            next_work._entry = target_list
+            target_list.nr += 1
+            if wq._trace_hooks:
+                wq._trace("activate", next_work, target)
+            if target.nr_running == 0:
+                kick_pool(target)
+            elif target.tick is None:
+                arm_tick(target)
+        else:
+            pwq.nr_active -= 1
+            if inactive.nr and pwq.nr_active < pwq.max_active:
+                activate_inactive(pwq)
         if color == wq._work_color:
             wq._nr_current -= 1
         else:
@@ -737,24 +757,40 @@ def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
             arm_tick(pool)
     else:
         pwq.nr_deferred += 1
-        pwq.inactive.push(work)
+        inactive = pwq.inactive
+        inactive.items.append(work)  # inactive.push(work), inlined
+        work._entry = inactive
+        inactive.nr += 1
         if wq._trace_hooks:
             wq._trace("queue", work, pool)
 
 
 def activate_inactive(pwq: PoolWorkqueue) -> None:
-    """Move inactive items to the worklist while max_active allows (lock held)."""
+    """Move inactive items to the worklist while max_active allows (lock held).
+
+    On the hot path too: a workqueue queued faster than it runs keeps
+    max_active items active and the rest inactive, so every finished item
+    activates the next one.  Hence WorkList.pop() and push() inlined.
+    """
+    inactive = pwq.inactive
     pool = pwq.pool
+    worklist = pool.worklist
     wq = pwq.wq
-    while pwq.inactive.nr and pwq.nr_active < pwq.max_active:
-        work = pwq.inactive.pop()
-        assert work is not None
+    while inactive.nr and pwq.nr_active < pwq.max_active:
+        if inactive.dead:
+            work = inactive.pop()
+            assert work is not None
+        else:
+            work = inactive.items.popleft()
+            inactive.nr -= 1
         pwq.nr_active += 1
         pwq.nr_activated_late += 1
+        worklist.items.append(work)
+        work._entry = worklist
+        worklist.nr += 1
         if wq._trace_hooks:
             wq._trace("activate", work, pool)
-        pool.worklist.push(work)
-    if pool.worklist.nr:
+    if worklist.nr:
         if pool.nr_running == 0:
             kick_pool(pool)
         elif pool.tick is None:

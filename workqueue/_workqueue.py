@@ -243,7 +243,10 @@ class Workqueue(Executor):
                     arm_tick(pool)
             else:
                 pwq.nr_deferred += 1
-                pwq.inactive.push(work)
+                inactive = pwq.inactive
+                inactive.items.append(work)
+                work._entry = inactive
+                inactive.nr += 1
                 if self._trace_hooks:
                     self._trace("queue", work, pool)
         finally:
