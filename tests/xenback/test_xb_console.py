@@ -229,3 +229,8 @@ def test_the_example_uses_only_public_apis() -> None:
             assert not name.startswith("_") or (name.startswith("__") and name.endswith("__")), (
                 f"line {node.lineno}: .{name}"
             )
+
+
+def test_the_demo_runs(capsys) -> None:
+    console_backend._demo()
+    assert capsys.readouterr().out == "Hello from a simulated guest's console\n"

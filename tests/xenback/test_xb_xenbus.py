@@ -114,6 +114,25 @@ def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_
     assert _grants(host) == 0  # nobody maps the ring page any more
 
 
+def test_init_wait_comes_after_the_features(host, driver, frontends, dom0_xs) -> None:
+    """The frontend may read the features as soon as it sees InitWait, so
+    InitWait is written only once probe() has returned."""
+    in_probe, release = threading.Event(), threading.Event()
+
+    def hold(dev) -> None:
+        in_probe.set()
+        release.wait(TIMEOUT)
+
+    driver.probe_hook = hold
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    assert in_probe.wait(TIMEOUT)
+    assert dom0_xs.read(f"{dev.backend_path}/feature-test") == "1"
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
+    release.set()
+    dom0_xs.wait_for(f"{dev.backend_path}/state", str(int(S.INIT_WAIT)), timeout=TIMEOUT)
+
+
 def test_removal_of_a_device_whose_frontend_never_connected(host, driver, frontends) -> None:
     census = Census(host, driver)
     guest = host.create_domain("idle")

@@ -79,6 +79,7 @@ class RecordingDriver(BackendDriver):
         super().__init__(platform, **kwargs)
         self.calls: list[tuple[str, int, int]] = []
         self.changed = threading.Condition()
+        self.probe_hook: Callable[[BackendDevice], None] | None = None
         self.connect_hook: Callable[[BackendDevice], None] | None = None
         self.events_seen: list[int] = []
         #: Hooks that ran outside their device's queue (the ``driver``
@@ -110,6 +111,8 @@ class RecordingDriver(BackendDriver):
     def probe(self, dev: BackendDevice) -> None:
         self._record("probe", dev)
         dev.write("feature-test", 1)
+        if self.probe_hook is not None:
+            self.probe_hook(dev)
 
     def connect(self, dev: BackendDevice) -> None:
         self._record("connect", dev)
