@@ -243,7 +243,7 @@ class PoolWorkqueue:
 
     __slots__ = (
         "wq", "pool", "nr_active", "max_active", "inactive",
-        "nr_queued", "nr_deferred", "nr_activated_late", "nr_started", "nr_failed",
+        "nr_queued", "nr_cancelled_inactive", "nr_started", "nr_failed",
         "nr_cpu_intensive",
     )
 
@@ -255,12 +255,12 @@ class PoolWorkqueue:
         self.inactive = WorkList(active=False, owner=self)
         # Counters for the trace points queue, activate, execute_start and
         # execute_end.  Only queue and execute_start are counted on the hot
-        # path; the other two follow from them (see activated, completed):
-        # an item is activated at once unless deferred to `inactive`, and
-        # completed once it started and no worker runs it any longer.
+        # path; the other two follow (see activated, completed): every queued
+        # item is activated unless it still waits on `inactive` or was
+        # cancelled there, and is completed once it started and no worker
+        # runs it any longer.
         self.nr_queued = 0
-        self.nr_deferred = 0        # queued onto `inactive`
-        self.nr_activated_late = 0  # moved from `inactive` to the worklist
+        self.nr_cancelled_inactive = 0
         self.nr_started = 0
         self.nr_failed = 0
         self.nr_cpu_intensive = 0
@@ -268,7 +268,7 @@ class PoolWorkqueue:
     @property
     def activated(self) -> int:
         """Items that entered the worklist (engine lock held)."""
-        return self.nr_queued - self.nr_deferred + self.nr_activated_late
+        return self.nr_queued - self.inactive.nr - self.nr_cancelled_inactive
 
     @property
     def completed(self) -> int:
@@ -686,7 +686,6 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
         if inactive.nr and pwq.nr_active == pwq.max_active and not inactive.dead:
             next_work = inactive.items.popleft()
             inactive.nr -= 1
-            pwq.nr_activated_late += 1
             target = pwq.pool  # not always ours: see non-reentrancy above
             target_list = target.worklist
             target_list.items.append(next_work)
@@ -756,7 +755,6 @@ def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
         elif pool.tick is None:
             arm_tick(pool)
     else:
-        pwq.nr_deferred += 1
         inactive = pwq.inactive
         inactive.items.append(work)  # inactive.push(work), inlined
         work._entry = inactive
@@ -784,7 +782,6 @@ def activate_inactive(pwq: PoolWorkqueue) -> None:
             work = inactive.items.popleft()
             inactive.nr -= 1
         pwq.nr_active += 1
-        pwq.nr_activated_late += 1
         worklist.items.append(work)
         work._entry = worklist
         worklist.nr += 1
@@ -838,6 +835,8 @@ def try_to_grab_pending(work: Work) -> bool:
         work._entry = None
         pwq = work._pwq
         assert pwq is not None
+        if not entry.active:
+            pwq.nr_cancelled_inactive += 1
         dec_nr_in_flight(pwq, work._color, entry.active)
     else:
         handle = getattr(work, "_timer", None)

@@ -242,7 +242,6 @@ class Workqueue(Executor):
                 elif pool.tick is None:
                     arm_tick(pool)
             else:
-                pwq.nr_deferred += 1
                 inactive = pwq.inactive
                 inactive.items.append(work)
                 work._entry = inactive
