@@ -24,7 +24,7 @@ Measurements:
    backend process's anonymous RSS (``RssAnon``: the mapped ring pages are
    shared memory and not in it) with the 256 streams connected, per socket.
 
-Each PV Calls measurement is made twice, with fresh guests: with data rings
+Each PV Calls measurement is made twice, with separate guests: with data rings
 of order 4 (32 KiB each way), what Linux's ``pvcalls-front`` always uses, and
 with a larger order (``--large-order``, default 6: 128 KiB each way), which
 the protocol allows up to the backend's ``max-page-order`` (set to that
@@ -355,31 +355,38 @@ class CpuMeter:
         }
 
 
-def run_suite(clients: list[Party], seconds: float, groups: dict[str, list[Party]],
-              on_open: Callable[[], Any] | None = None) -> dict[str, Any]:
-    r: dict[str, Any] = {"cpu": {}}
-    for key in ("single", "rr", "connects"):
-        with CpuMeter(groups) as meter:
-            r[key] = clients[0].ask(key, seconds)
-        r["cpu"][key] = meter.cores
-    per = STREAMS // len(clients)
-    for c in clients:
-        c.conn.send(("open", per))
-    for c in clients:
-        c.ask()
-    r["opened"] = on_open() if on_open else None
-    with CpuMeter(groups) as meter:
+KEYS = ("single", "streams", "rr", "connects")
+
+
+def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, list[Party]],
+            on_open: Callable[[], Any] | None = None) -> tuple[float, dict[str, float], Any]:
+    """One measurement ``key`` with ``clients``: (value, CPU cores used by
+    each group of processes, what ``on_open`` said with the streams open)."""
+    opened = None
+    if key == "streams":
+        per = STREAMS // len(clients)
         for c in clients:
-            c.conn.send(("streams", seconds))
-        results = [c.ask() for c in clients]
-    r["cpu"]["streams"] = meter.cores
-    r["streams"] = sum(b for b, _ in results) / max(t for _, t in results)
-    return r
+            c.conn.send(("open", per))
+        for c in clients:
+            c.ask()
+        opened = on_open() if on_open else None
+        with CpuMeter(groups) as meter:
+            for c in clients:
+                c.conn.send(("streams", seconds))
+            results = [c.ask() for c in clients]
+        value = sum(b for b, _ in results) / max(t for _, t in results)
+    else:
+        with CpuMeter(groups) as meter:
+            value = clients[0].ask(key, seconds)
+    return value, meter.cores, opened
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds; in each, every measurement is made with direct loopback and "
+                        "then with each ring order, back to back")
     p.add_argument("--large-order", type=int, default=6,
                    help="the ring order of the second set of PV Calls rows (and the "
                         "backend's max-page-order); 4 is Linux's")
@@ -388,92 +395,113 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.large_order < LINUX_ORDER:
         p.error(f"--large-order must be at least {LINUX_ORDER}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     orders = sorted({LINUX_ORDER, args.large_order})
     _raise_nofile()
     load_before = Path("/proc/loadavg").read_text().split()[0]
     ctx = mp.get_context("spawn")
     parties: list[tuple[Party, Any]] = []
-    pv: dict[int, dict[str, Any]] = {}
+    # runs[setup][key]: (value, cores) of each round; setup "direct" or an order.
+    runs: dict[Any, dict[str, list[tuple[float, dict[str, float]]]]] = {}
+    opened: dict[int, Any] = {}
+    rss_before: dict[int, int] = {}
     try:
         echo = Party(ctx, echo_main)
         parties.append((echo, "quit"))
         addr = tuple(echo.ask())
-
-        print("direct loopback ...", file=sys.stderr)
-        direct = [Party(ctx, client_main, None, None, addr) for _ in range(NR_GUESTS)]
-        parties += [(c, ("quit", None)) for c in direct]
-        base = run_suite(direct, args.seconds, {"clients": direct, "echo": [echo]})
-        for c in direct:
-            c.close(("quit", None))
-
         run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
         backend = Party(ctx, backend_main, run_dir, max(orders), NR_GUESTS * len(orders))
         parties.append((backend, "quit"))
         domids = backend.ask(timeout=60)
+
+        direct = [Party(ctx, client_main, None, None, addr) for _ in range(NR_GUESTS)]
+        parties += [(c, ("quit", None)) for c in direct]
+        setups: list[tuple[Any, list[Party], dict[str, list[Party]]]] = [
+            ("direct", direct, {"clients": direct, "echo": [echo]})]
         for n, order in enumerate(orders):
-            print(f"pvcalls, ring order {order} ...", file=sys.stderr)
-            rss_before = backend.ask("stats")[1]
             mine = domids[n * NR_GUESTS : (n + 1) * NR_GUESTS]
             guests = [Party(ctx, client_main, run_dir, d, addr, order) for d in mine]
             parties += [(g, ("quit", None)) for g in guests]
+            setups.append((order, guests, {"guests": guests, "backend": [backend], "echo": [echo]}))
 
-            def on_open() -> Any:
-                return backend.ask("stats")
+        def on_open() -> Any:
+            return backend.ask("stats")
 
-            pv[order] = run_suite(guests, args.seconds,
-                                  {"guests": guests, "backend": [backend], "echo": [echo]},
-                                  on_open)
-            pv[order]["rss_before"] = rss_before
-            for g in guests:
-                g.close(("quit", None))
+        for rnd in range(args.rounds):
+            print(f"round {rnd + 1} of {args.rounds} ...", file=sys.stderr)
+            for key in KEYS:
+                for setup, clients, groups in setups:
+                    if key == "streams" and setup != "direct" and setup not in rss_before:
+                        rss_before[setup] = backend.ask("stats")[1]
+                    value, cores, stats = measure(
+                        key, clients, args.seconds, groups,
+                        None if setup == "direct" else on_open)
+                    runs.setdefault(setup, {}).setdefault(key, []).append((value, cores))
+                    if stats is not None and setup not in opened:
+                        opened[setup] = stats
     finally:
         for party, quit_msg in reversed(parties):
             party.close(quit_msg)
 
-    mb = 1e6
-    measurements = [
-        ("single", "single stream, 64 KiB writes (MB/s)", mb, 0.50),
-        ("streams", f"{STREAMS} streams from {NR_GUESTS} guests (MB/s)", mb, 0.50),
-        ("rr", f"{RR_SIZE}-byte round trips (/s)", 1.0, 0.33),
-        ("connects", "connects (/s)", 1.0, None),
-    ]
+    measurements = {
+        "single": ("single stream, 64 KiB writes (MB/s)", 1e6, 0.50),
+        "streams": (f"{STREAMS} streams from {NR_GUESTS} guests (MB/s)", 1e6, 0.50),
+        "rr": (f"{RR_SIZE}-byte round trips (/s)", 1.0, 0.33),
+        "connects": ("connects (/s)", 1.0, None),
+    }
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    def cpu_text(cores: list[dict[str, float]], names: tuple[str, ...]) -> str:
+        return " / ".join(f"{median([c[n] for c in cores]):.2f}" for n in names)
+
     lines = [
-        "| measurement | ring order | pvcalls | direct loopback | ratio | target | "
-        "CPU cores used, pvcalls (guests / backend / echo) | "
+        "| measurement | ring order | pvcalls | direct loopback | ratio (median; range) | "
+        "target | CPU cores used, pvcalls (guests / backend / echo) | "
         "CPU cores used, direct (clients / echo) |",
         "|---|---|---:|---:|---:|---|---|---|",
     ]
-    for key, name, unit, target in measurements:
-        bc = base["cpu"][key]
+    for key in KEYS:
+        name, unit, target = measurements[key]
+        base = runs["direct"][key]
         for order in orders:
-            r = pv[order]
-            rt = r[key] / base[key] if base[key] else 0.0
+            pv = runs[order][key]
+            # Each round's pair was measured back to back: its ratio is the
+            # least disturbed by the machine's other load.
+            ratios = [a / b if b else 0.0 for (a, _), (b, _) in zip(pv, base, strict=True)]
+            rt = median(ratios)
             verdict = "" if target is None else (
                 f">= {target:.0%} {'met' if rt >= target else 'NOT met'}")
             label = f"{order} (Linux)" if order == LINUX_ORDER else f"{order} (not Linux)"
-            pc = r["cpu"][key]
             lines.append(
-                f"| {name} | {label} | {r[key] / unit:.0f} | {base[key] / unit:.0f} | {rt:.0%} | "
-                f"{verdict} | {pc['guests']:.2f} / {pc['backend']:.2f} / {pc['echo']:.2f} | "
-                f"{bc['clients']:.2f} / {bc['echo']:.2f} |")
+                f"| {name} | {label} | {median([v for v, _ in pv]) / unit:.0f} | "
+                f"{median([v for v, _ in base]) / unit:.0f} | "
+                f"{rt:.0%} ({min(ratios):.0%}-{max(ratios):.0%}) | {verdict} | "
+                f"{cpu_text([c for _, c in pv], ('guests', 'backend', 'echo'))} | "
+                f"{cpu_text([c for _, c in base], ('clients', 'echo'))} |")
     lines.append("")
     for order in orders:
-        stats, rss_open = pv[order]["opened"]
+        stats, rss_open = opened[order]
         per_cpu = _per_cpu_counts(stats)
         spread = max(per_cpu.values()) - min(per_cpu.values()) if per_cpu else None
-        mem_per_socket = (rss_open - pv[order]["rss_before"]) / STREAMS
+        mem_per_socket = (rss_open - rss_before[order]) / STREAMS
         counts = ", ".join(f"CPU {c}: {n}" for c, n in sorted(per_cpu.items()))
         met = "met" if spread is not None and spread <= 1 else "NOT met"
         lines += [
             f"- ring order {order}: sockets per ioworker CPU with {STREAMS} streams open: "
             f"{counts} (max - min = {spread}; target <= 1: {met}); backend memory per active "
             f"socket beyond its ring pages: {mem_per_socket / 1024:.1f} KiB "
-            f"(RssAnon growth / {STREAMS})",
+            f"(RssAnon growth / {STREAMS}, first round)",
         ]
     lines += [
         f"- ring order 4 is what Linux's pvcalls-front uses; order {max(orders)} needs a frontend "
         f"that asks for it (pvcalls.Frontend(ring_order=...)) and a backend offering "
         f"max-page-order >= {max(orders)}",
+        f"- {args.rounds} rounds; in each, every measurement ran with direct loopback and then "
+        f"each ring order back to back; values and CPU are medians over the rounds, the ratio "
+        f"is the median of the rounds' ratios (their range in brackets)",
         f"- machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{args.seconds:g} s per measurement; guests and backend in separate processes; "
         f"load average before the run {load_before}",
