@@ -59,11 +59,13 @@ class RunResult:
         return self.step in ("timeout", "qemu-exited")
 
 
-def qemu_command(manifest: dict[str, str], cmdfile: Path) -> list[str]:
+def qemu_command(
+    manifest: dict[str, str], cmdfile: Path, accel: str = "tcg,thread=multi"
+) -> list[str]:
     dom0 = f"{manifest['dom0_kernel']} {DOM0_CMDLINE} realxen.cmd={cmdfile}"
     return [
         "qemu-system-x86_64",
-        "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
+        "-machine", "q35", "-accel", accel, "-cpu", "max",
         "-smp", "2", "-m", "2048",
         "-display", "none", "-vga", "none", "-nodefaults", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
@@ -131,6 +133,7 @@ def boot(
     log: Path | None = None,
     echo: bool = False,
     trace: bool = False,
+    accel: str = "tcg,thread=multi",
 ) -> RunResult:
     """Boot once and return what the console said; never raises on failure."""
     manifest = json.loads((cache / "out/manifest.json").read_text())
@@ -141,7 +144,7 @@ def boot(
     compile_bytecode(python)
     start = time.monotonic()
     proc = subprocess.Popen(
-        qemu_command(manifest, cmdfile),
+        qemu_command(manifest, cmdfile, accel),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nbytes", type=int, default=1 << 20)
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--echo", action="store_true", help="print the console as it comes")
+    parser.add_argument("--accel", default="tcg,thread=multi", help="QEMU's -accel")
     parser.add_argument("--trace", action="store_true",
                         help="log xenstored's pvcalls trace even when the run passes")
     parser.add_argument("--python", default=str(REPO / ".venv/bin/python"))
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         result = boot(
             args.cache, backend=args.backend, nbytes=args.nbytes, timeout=args.timeout,
             python=args.python, log=args.cache / "logs" / f"run-{int(time.time())}-{i}.log",
-            echo=args.echo, trace=args.trace,
+            echo=args.echo, trace=args.trace, accel=args.accel,
         )
         passes += result.passed
         verdict = "PASS" if result.passed else f"FAIL {result.step}: {result.details}"
