@@ -31,7 +31,19 @@ Work runs until the host socket is drained (EAGAIN, or a short read before
 any hang-up) or the ring is full or empty; in the latter cases the
 frontend's notification (after it consumed or produced) queues it again.
 Write space (EPOLLOUT) is watched only while a send is blocked, since on
-loopback every ACK would otherwise wake the Work.  Each run moves at most
+loopback every ACK would otherwise wake the Work.
+
+Notifications: the frontend is notified after every run that produced into
+the in ring or changed an error, as Linux's backend does.  Room made in the
+out ring is announced only if the ring was full before: a frontend waits
+for room only then (Linux's sleeps in poll() only on a full ring; ours only
+when it cannot write a byte).  Whether it was full is decided after our
+``out_cons`` store and a full barrier, by re-reading ``out_prod``: against
+the frontend's store of ``out_prod`` followed by a barrier (its notify, a
+hypercall or system call, at the latest) and its load of ``out_cons``, one
+of the two sides sees the other's store, so a frontend that found the ring
+full is always notified.  A 64-byte request thus costs the frontend no
+wake-up for the room it freed.  Each run moves at most
 :data:`IO_BUDGET` bytes before re-queueing itself behind the other sockets
 of its CPU.
 """
@@ -144,6 +156,7 @@ class DataRing:
         self._data: GrantMapping | None = None
         self._page: memoryview | None = None
         self._errors: memoryview | None = None
+        self._words: memoryview | None = None
         self._rings: list[FlexRing] = []
         try:
             self._indexes = gnttab.map_grant_refs(domid, [ref])
@@ -175,6 +188,7 @@ class DataRing:
             self._rings.append(self.out_ring)
             # Signed views of the two error fields.
             self._errors = page[:128].cast("i")
+            self._words = page[:128].cast("I")
         except BaseException:
             self.close()
             raise
@@ -191,6 +205,21 @@ class DataRing:
         self._errors[IN_ERROR_OFFSET // 4] = value
 
     @property
+    def out_cons(self) -> int:
+        """Our (the consumer's) index of the out ring."""
+        assert self._words is not None
+        return self._words[OUT_CONS_OFFSET // 4]
+
+    def out_was_full(self, cons: int) -> bool:
+        """After a consume: was the out ring full with ``cons``, our index
+        before it?  (See the module docstring for why this read of
+        ``out_prod`` after a full barrier may decide whether to notify.)"""
+        assert self._words is not None
+        _barrier.xb_mb()
+        prod = self._words[OUT_PROD_OFFSET // 4]
+        return (prod - cons) & 0xFFFFFFFF >= self.size
+
+    @property
     def out_error(self) -> int:
         assert self._errors is not None
         return self._errors[OUT_ERROR_OFFSET // 4]
@@ -205,10 +234,10 @@ class DataRing:
         for ring in self._rings:
             ring.release()
         self._rings = []
-        for view in (self._errors, self._page):
+        for view in (self._errors, self._words, self._page):
             if view is not None:
                 view.release()
-        self._errors = self._page = None
+        self._errors = self._words = self._page = None
         for mapping in (self._data, self._indexes):
             if mapping is not None:
                 try:
@@ -251,6 +280,7 @@ class ActiveSocket(Work):
         self._placed = False
         self._torn_down = False
         self._out_armed = False             # EPOLLOUT in the host socket's mask
+        self._room_made = False             # _tx freed room in a full out ring
         # Whether a receive may find data: the host socket signalled since
         # our last receive (_host_ready, set by the epoll callback), or our
         # last receive may have left data behind (_rx_more: the ring was full
@@ -360,8 +390,8 @@ class ActiveSocket(Work):
             received = self._rx(ring, host)
             if received < 0:
                 changed, received = True, 0
-            if sent or received:
-                changed = True
+            if received or self._room_made:
+                changed, self._room_made = True, False
             if changed:
                 self.frontend.notify(self.port)
             if not (sent or received):
@@ -382,6 +412,7 @@ class ActiveSocket(Work):
         if not views:
             return 0
         available = sum(len(view) for view in views)
+        cons = ring.out_cons
         try:
             sent = host.sendmsg(views)
         except BlockingIOError:
@@ -395,6 +426,8 @@ class ActiveSocket(Work):
         finally:
             del views
         ring.out_ring.consume(sent)
+        if sent and ring.out_was_full(cons):
+            self._room_made = True
         self.bytes_out += sent
         if self._out_armed and sent == available:
             self._watch_write_space(host, False)
@@ -412,6 +445,10 @@ class ActiveSocket(Work):
         """Host -> guest.  Bytes moved, or -1 if only the error state changed."""
         if self._rx_done:
             return 0
+        # Our last in_prod store before this read of in_cons: the frontend
+        # skips its notify after consuming unless it saw the ring full (see
+        # pvcalls.frontend), and one of us must see the other's store.
+        _barrier.xb_mb()
         try:
             views = ring.in_ring.writable()
         except RingError as exc:

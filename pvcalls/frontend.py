@@ -297,6 +297,8 @@ class _DataRing:
         )
 
     def out_has_room(self) -> bool:
+        # Our out_prod store before this read of out_cons (see send()).
+        _barrier.lib.xb_mb()
         used = (
             _U32.unpack_from(self.indexes, OUT_PROD_OFFSET)[0]
             - _U32.unpack_from(self.indexes, OUT_CONS_OFFSET)[0]
@@ -309,6 +311,14 @@ class _DataRing:
         for offset in (IN_CONS_OFFSET, IN_PROD_OFFSET, IN_ERROR_OFFSET,
                        OUT_CONS_OFFSET, OUT_PROD_OFFSET, OUT_ERROR_OFFSET):
             _U32.pack_into(self.indexes, offset, 0)
+
+    def in_was_full(self, cons: int) -> bool:
+        """After a consume: was the in ring full with ``cons``, our index
+        before it?  Read after our in_cons store and a full barrier (see
+        PVSocket.recv_into)."""
+        _barrier.lib.xb_mb()
+        prod = _U32.unpack_from(self.indexes, IN_PROD_OFFSET)[0]
+        return (prod - cons) & 0xFFFFFFFF >= self.inq.size
 
     def in_error(self) -> int:
         return int(_I32.unpack_from(self.indexes, IN_ERROR_OFFSET)[0])
@@ -594,6 +604,10 @@ class PVSocket:
                     raise _host_error(err, "send")
                 if self._closed:
                     raise _bad_fd()
+                # Our last out_prod store before reading out_cons: the
+                # backend announces room only if it saw the ring full, and
+                # one of us must see the other's store (see pvcalls._socket).
+                _barrier.lib.xb_mb()
                 parts = _checked(ring.outq.writable)
                 if parts and len(view):
                     sent = 0
@@ -640,6 +654,7 @@ class PVSocket:
                 # there is (Linux's __read_ring does the same).
                 err = ring.in_error()
                 _barrier.lib.xb_rmb()
+                cons = _U32.unpack_from(ring.indexes, IN_CONS_OFFSET)[0]
                 parts = _checked(ring.inq.readable)
                 if parts:
                     got = 0
@@ -650,7 +665,18 @@ class PVSocket:
                         if got == nbytes:
                             break
                     ring.inq.consume(got)
-                    ring.notify()
+                    # The backend waits for our consume only when the ring
+                    # was full (Linux's backend stops reading its socket
+                    # then, ours too), so only then is it notified.  Whether
+                    # it was is read after our in_cons store and a full
+                    # barrier; the backend stores in_prod, then (its notify
+                    # at the latest) a barrier, then reads in_cons: one of
+                    # us sees the other's store, so a backend that found
+                    # the ring full gets this notify.  Linux's frontend
+                    # notifies after every consume; a 64-byte reply costs
+                    # the backend no wake-up here.
+                    if ring.in_was_full(cons):
+                        ring.notify()
                     self._update_ready()
                     return got
                 if err == -_errno.ENOTCONN:
