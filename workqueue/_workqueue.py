@@ -43,6 +43,8 @@ from ._pool import (
     insert_work,
     kick_pool,
     lock,
+    lock_acquire,
+    lock_release,
     pool_set,
     release_pwq,
     start_rescuer,
@@ -211,7 +213,7 @@ class Workqueue(Executor):
             if cpu is None:
                 cpu = topology.current_cpu()
             pwq = self._pwqs[cpu]
-        lock.acquire()  # not `with`: this is the hot path, and `with` costs twice as much
+        lock_acquire()  # not `with lock`: the hot path, and `with` costs twice as much
         try:
             if work._pending or work._disable:
                 return False
@@ -249,7 +251,7 @@ class Workqueue(Executor):
                 if self._trace_hooks:
                     self._trace("queue", work, pool)
         finally:
-            lock.release()
+            lock_release()
         return True
 
     def queue_work_on(self, cpu: int, work: Work) -> bool:
@@ -270,7 +272,7 @@ class Workqueue(Executor):
             _check_work(work)
         if work._pending or work._disable:  # lock-free early out: see queue_work()
             return False
-        lock.acquire()
+        lock_acquire()
         try:
             if work._pending or work._disable:
                 return False
@@ -282,7 +284,7 @@ class Workqueue(Executor):
             work._pending = True
             insert_work(pwq, work)
         finally:
-            lock.release()
+            lock_release()
         return True
 
     def _last_pwq(self, worker: _pool.Worker, pwq: PoolWorkqueue) -> PoolWorkqueue:
