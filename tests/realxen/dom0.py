@@ -266,18 +266,32 @@ def domu_config(args: argparse.Namespace, echo_port: int) -> str:
     ])
 
 
+class XlFailed(Exception):
+    """xl itself failed: it says nothing about the guest."""
+
+
 def domain_exists(name: str) -> bool:
-    return domain_state(name) is not None
+    try:
+        return domain_state(name) is not None
+    except XlFailed:
+        return True  # to be safe: callers destroy what may exist
 
 
 def domain_state(name: str) -> str | None:
     """xl's state flags of domain ``name`` ("-b----", "---s--", "----c-"...),
-    or None once it is gone."""
-    out = subprocess.run([str(XEN_BIN / "xl"), "list", name], capture_output=True, text=True)
+    or None once it is gone.
+
+    All domains are listed rather than asking for ``name``: then a failing
+    xl (seen to abort on a loaded machine) cannot pass for a missing domain.
+    """
+    out = subprocess.run([str(XEN_BIN / "xl"), "list"], capture_output=True, text=True)
     if out.returncode != 0:
-        return None
-    fields = out.stdout.strip().splitlines()[-1].split()
-    return fields[4] if len(fields) >= 6 else "??????"
+        raise XlFailed(f"xl list exited {out.returncode}: {out.stderr.strip()[-300:]}")
+    for line in out.stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == name:
+            return fields[4] if len(fields) >= 6 else "??????"
+    return None
 
 
 class ConsoleFollower:
@@ -398,7 +412,12 @@ def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> i
                 result = result or m.group(1)
             elif re.search(r"reboot: (System halted|Power down)", line):
                 halted_at = halted_at or time.monotonic()
-        state = domain_state(DOMU_NAME)
+        try:
+            state = domain_state(DOMU_NAME)
+        except XlFailed as exc:
+            say(f"REALXEN NOTE {exc}")
+            time.sleep(0.5)
+            continue
         if state is None:
             break
         if state[4] == "c":
