@@ -19,7 +19,8 @@ Each connected frontend is a :class:`_Frontend`: the mapped command ring, its
 event channel, its sockets by id, and one Work that processes the command
 ring (a Work never runs concurrently with itself, so commands are handled one
 at a time, in ring order).  Commands never block: CONNECT starts a
-non-blocking connect and the socket's Work answers when it completes; ACCEPT
+non-blocking connect, answered at once if it completed within the call (as on
+loopback), else by the socket's Work when it completes; ACCEPT
 and POLL are answered by the listening socket's Work when a connection is
 there.  Every response of a frontend goes through :meth:`_Frontend.respond`,
 one producer under one lock.
@@ -584,7 +585,7 @@ class _Frontend:
         with self._lock:
             self._sockets[request.id] = sock
         try:
-            sock.start_connect(request, (host, port))
+            connected = sock.start_connect(request, (host, port))
         except (CommandError, OSError) as exc:
             sock.teardown()
             with self._lock:
@@ -593,7 +594,7 @@ class _Frontend:
             if isinstance(exc, CommandError):
                 raise
             raise CommandError(_errno.from_oserror(exc), f"connect: {exc}") from None
-        return None  # answered by the socket's Work
+        return 0 if connected else None  # None: answered by the socket's Work
 
     def connect_failed(self, sock: ActiveSocket) -> None:
         """From the socket's Work: the CONNECT failed; the id is NEW again."""
