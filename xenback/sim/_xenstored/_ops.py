@@ -185,10 +185,7 @@ class Dispatcher:
         else:
             self._send(conn, HEADER.pack(op, req_id, tx_id, len(reply)) + reply)
         if self._deferred:
-            deferred, self._deferred = self._deferred, []
-            for target, event in deferred:
-                if not target.closed:
-                    self._send(target, event)
+            self.flush_deferred()
 
     # --- node access with cxenstored's permission rules ---------------------
 
@@ -311,7 +308,8 @@ class Dispatcher:
         self._fire(self.store, name, False, node.perms)
 
     def flush_deferred(self) -> None:
-        """Send events raised outside a request (domain introduce/release)."""
+        """Send the events raised by a request, after its reply, or outside
+        one (domain introduce/release)."""
         deferred, self._deferred = self._deferred, []
         for target, event in deferred:
             if not target.closed:
