@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 
@@ -92,6 +93,24 @@ def serve_echo(path: str, ready: Event, stop: Event) -> None:
 # --- clients (each in its own process) --------------------------------------------
 
 
+def timed(one: Callable[[], None], batch: int, seconds: float, start: Barrier,
+          out: mp.Queue) -> None:
+    """Warm up with one round trip, wait for the other clients, then run
+    ``one`` in batches of ``batch`` for ``seconds``; put (count, elapsed)."""
+    one()
+    start.wait()
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        for _ in range(batch):
+            one()
+        n += batch
+        if time.perf_counter() >= deadline:
+            break
+    out.put((n, time.perf_counter() - t0))
+
+
 def pyxs_client(path: str, op: int, seconds: float, start: Barrier, out: mp.Queue,
                 echo: bool) -> None:
     import pyxs
@@ -111,18 +130,7 @@ def pyxs_client(path: str, op: int, seconds: float, start: Barrier, out: mp.Queu
         else:
             def one() -> None:
                 c.write(b"/bench/w", b"0123456789abcdef")
-        one()
-        start.wait()
-        n = 0
-        t0 = time.perf_counter()
-        deadline = t0 + seconds
-        while True:
-            for _ in range(50):
-                one()
-            n += 50
-            if time.perf_counter() >= deadline:
-                break
-        out.put((n, time.perf_counter() - t0))
+        timed(one, 50, seconds, start, out)
 
 
 def raw_client(path: str, op: int, seconds: float, start: Barrier, out: mp.Queue,
@@ -145,18 +153,7 @@ def raw_client(path: str, op: int, seconds: float, start: Barrier, out: mp.Queue
         while got < 16 or got < 16 + HEADER.unpack_from(buf)[3]:
             got += recv_into(view[got:])
 
-    one()
-    start.wait()
-    n = 0
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
-    while True:
-        for _ in range(100):
-            one()
-        n += 100
-        if time.perf_counter() >= deadline:
-            break
-    out.put((n, time.perf_counter() - t0))
+    timed(one, 100, seconds, start, out)
     sock.close()
 
 
@@ -198,7 +195,7 @@ def measure(client: str, path: str, op: int, nclients: int, seconds: float, echo
         procs.append(ctx.Process(target=target, args=(path, op, seconds, start, out, echo)))
     for p in procs:
         p.start()
-    results = []
+    results: list[tuple[int, float]] = []
     deadline = time.monotonic() + 60 + seconds
     while len(results) < nclients:
         try:
