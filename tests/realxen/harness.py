@@ -38,6 +38,7 @@ XEN_CMDLINE = (
     " smap=0 smep=0 loglvl=warning guest_loglvl=all noreboot"
 )
 DOM0_CMDLINE = "console=hvc0 earlyprintk=xen loglevel=4"
+CPU = "max"
 
 
 @dataclass
@@ -60,12 +61,12 @@ class RunResult:
 
 
 def qemu_command(
-    manifest: dict[str, str], cmdfile: Path, accel: str = "tcg,thread=multi"
+    manifest: dict[str, str], cmdfile: Path, accel: str = "tcg,thread=multi", cpu: str = CPU
 ) -> list[str]:
     dom0 = f"{manifest['dom0_kernel']} {DOM0_CMDLINE} realxen.cmd={cmdfile}"
     return [
         "qemu-system-x86_64",
-        "-machine", "q35", "-accel", accel, "-cpu", "max",
+        "-machine", "q35", "-accel", accel, "-cpu", cpu,
         "-smp", "2", "-m", "2048",
         "-display", "none", "-vga", "none", "-nodefaults", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
@@ -134,6 +135,7 @@ def boot(
     echo: bool = False,
     trace: bool = False,
     accel: str = "tcg,thread=multi",
+    cpu: str = CPU,
 ) -> RunResult:
     """Boot once and return what the console said; never raises on failure."""
     manifest = json.loads((cache / "out/manifest.json").read_text())
@@ -144,7 +146,7 @@ def boot(
     compile_bytecode(python)
     start = time.monotonic()
     proc = subprocess.Popen(
-        qemu_command(manifest, cmdfile, accel),
+        qemu_command(manifest, cmdfile, accel, cpu),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--echo", action="store_true", help="print the console as it comes")
     parser.add_argument("--accel", default="tcg,thread=multi", help="QEMU's -accel")
+    parser.add_argument("--cpu", default=CPU, help="QEMU's -cpu")
     parser.add_argument("--trace", action="store_true",
                         help="log xenstored's pvcalls trace even when the run passes")
     parser.add_argument("--python", default=str(REPO / ".venv/bin/python"))
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         result = boot(
             args.cache, backend=args.backend, nbytes=args.nbytes, timeout=args.timeout,
             python=args.python, log=args.cache / "logs" / f"run-{int(time.time())}-{i}.log",
-            echo=args.echo, trace=args.trace, accel=args.accel,
+            echo=args.echo, trace=args.trace, accel=args.accel, cpu=args.cpu,
         )
         passes += result.passed
         verdict = "PASS" if result.passed else f"FAIL {result.step}: {result.details}"
