@@ -160,6 +160,12 @@ def test_reply_echoes_header(dom0: RawClient) -> None:
     assert (op, req_id, tx_id, payload) == (Op.READ, 0xDEADBEEF, 0, b"")
     dom0.send(Op.READ, b"/nope\0", req_id=7)
     assert dom0.recv_message() == (Op.ERROR, 7, 0, b"ENOENT\0")
+    # The transaction id too, in replies and in errors.
+    tx = dom0.transaction_start()
+    dom0.send(Op.READ, b"/\0", tx_id=tx, req_id=8)
+    assert dom0.recv_message() == (Op.READ, 8, tx, b"")
+    dom0.send(Op.READ, b"/\0", tx_id=tx + 1, req_id=9)
+    assert dom0.recv_message() == (Op.ERROR, 9, tx + 1, b"ENOENT\0")
 
 
 def test_large_values_and_e2big(dom0: RawClient) -> None:
