@@ -27,13 +27,17 @@ from xenback import BackendDevice, BackendDriver, FlexRing, Platform, RingError,
 
 logger = logging.getLogger("console_backend")
 
-_IFACE = "struct xencons_interface"
-_IN, _OUT, _IDX = (wire.offsetof(_IFACE, f) for f in ("in", "out", "in_cons"))
-_IN_SIZE, _OUT_SIZE = _OUT - _IN, _IDX - _OUT  # in[1024], out[2048], then 4 u32 indexes
 
+def console_rings(page: memoryview) -> tuple[FlexRing, FlexRing]:
+    """The ``out`` (guest to backend) and ``in`` rings of a ``struct
+    xencons_interface`` page; either end uses them (the backend consumes
+    ``out`` and produces ``in``)."""
+    def off(field: str) -> int:
+        return wire.offsetof("struct xencons_interface", field)
 
-def _off(field: str) -> int:
-    return wire.offsetof(_IFACE, field) - _IDX
+    inp, out, end = off("in"), off("out"), off("in_cons")  # in[1024], out[2048], indexes
+    return (FlexRing(page[out:end], page, prod_offset=off("out_prod"), cons_offset=off("out_cons")),
+            FlexRing(page[inp:out], page, prod_offset=off("in_prod"), cons_offset=off("in_cons")))
 
 
 class Console(Work):
@@ -48,11 +52,7 @@ class Console(Work):
                  on_output: Callable[[int, bytes], object] | None) -> None:
         super().__init__(Console.run)
         self.dev, self.on_output = dev, on_output
-        idx = page[_IDX:_IDX + 16]
-        self.out = FlexRing(page[_OUT:_OUT + _OUT_SIZE], idx,
-                            prod_offset=_off("out_prod"), cons_offset=_off("out_cons"))
-        self.inp = FlexRing(page[_IN:_IN + _IN_SIZE], idx,
-                            prod_offset=_off("in_prod"), cons_offset=_off("in_cons"))
+        self.out, self.inp = console_rings(page)
         self.log = log.open("ab")
         self.port = 0
         self.lock = threading.Lock()  # guards pending_input (appended by any thread)
@@ -139,9 +139,7 @@ def _demo() -> None:
             with guest.xenstore() as xs:
                 for key, value in (("ring-ref", page.refs[0]), ("port", port), ("state", 3)):
                     xs.write(f"{dev.frontend_path}/{key}".encode(), str(value).encode())
-            buf = page.buffer
-            out = FlexRing(buf[_OUT:_OUT + _OUT_SIZE], buf[_IDX:_IDX + 16],
-                           prod_offset=_off("out_prod"), cons_offset=_off("out_cons"))
+            out, _ = console_rings(page.buffer)
             text = b"Hello from a simulated guest's console\n"
             out.writable()[0][:len(text)] = text
             out.produce(len(text))

@@ -15,9 +15,11 @@ pyxs notes this module works around: a :class:`pyxs.Client` has a single
 transaction id, so each transaction runs on a copy of the client sharing its
 connection; pyxs's ``Monitor.wait`` can spin forever on an event for an
 absolute path it no longer watches, so events are taken straight from the
-monitor's queue; and a request on a connection whose router thread died
-would wait forever, so requests check the connection first and raise
-:class:`ConnectionError` (an :class:`OSError`) instead.
+monitor's queue; and a request whose reply never comes because the
+connection died would wait forever, so the router thread, as it ends,
+answers every request still waiting with ENOTCONN, and new requests check
+the connection first and raise :class:`ConnectionError` (both
+:class:`OSError`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyxs
+from pyxs._internal import Op, Packet
 from pyxs.exceptions import PyXSError
 
 from xenback._eventqueue import EventQueue
@@ -77,6 +80,24 @@ def _exists(value: str | None) -> bool:
     return value is not None
 
 
+def _route(router: Any) -> None:
+    """A pyxs router thread that fails the requests left waiting when it
+    ends (XenStore closed the connection, or the client was closed)."""
+    try:
+        router()
+    except pyxs.ConnectionError as exc:
+        logger.warning("XenStore connection lost: %s", exc)
+    finally:
+        # The router closed the connection before we get here, so a request
+        # sent after we take send_lock fails in send(); one sent before has
+        # its reply variable registered, and is answered now.
+        with router.send_lock:
+            waiting = list(router.rvars.values())
+            router.rvars.clear()
+        for rvar in waiting:
+            rvar.set(Packet(Op.ERROR, b"ENOTCONN\x00", rq_id=0))
+
+
 class _Ops:
     """The node operations, on a plain client or inside a transaction."""
 
@@ -89,6 +110,12 @@ class _Ops:
             raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
         try:
             return fn(_path(path), *args)
+        except AttributeError:
+            # pyxs's send() can find the connection closed by its router
+            # thread between checking and using it.
+            if self._client.router.is_connected:
+                raise
+            raise ConnectionError(errno.ENOTCONN, "XenStore connection lost", path) from None
         except PyXSError as exc:
             if isinstance(exc, ValueError):  # pyxs's InvalidPath and friends
                 raise ValueError(f"invalid XenStore path {path!r}") from None
@@ -225,6 +252,11 @@ class XenStore(_Ops):
 
     def open(self) -> None:
         """Connect (pyxs starts its router thread)."""
+        router = self._client.router
+        if router.thread.ident is None:  # not started: route through _route
+            router.thread = threading.Thread(
+                target=_route, args=(router,), name="xenstore-router", daemon=True
+            )
         try:
             self._client.connect()
         except PyXSError as exc:

@@ -30,7 +30,9 @@ IDX = wire.offsetof(IFACE, "in_cons")
 
 class Guest:
     """The guest side of a console: its rings as the producer of ``out``
-    and the consumer of ``in``."""
+    and the consumer of ``in``, laid out from ``console.h``'s offsets here
+    rather than by the example's ``console_rings``, so that a mistake there
+    shows up as garbled bytes."""
 
     def __init__(self, fe) -> None:
         self.fe = fe

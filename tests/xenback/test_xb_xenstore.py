@@ -156,3 +156,49 @@ def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
     queue.flush()
     assert out == list(range(50))
     assert "ZeroDivisionError" in caplog.text
+
+
+def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
+    """XenStore closes the connection after reading a request: the caller
+    gets an OSError instead of waiting forever for the reply."""
+    import errno
+    import socket
+    import struct
+
+    import pyxs
+
+    path = str(tmp_path / "xenstored")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            header = conn.recv(16, socket.MSG_WAITALL)
+            conn.recv(struct.unpack("<4I", header)[3], socket.MSG_WAITALL)
+            # The whole request was read: hang up instead of replying.
+        listener.close()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    outcome: list[BaseException | str | None] = []
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    caller = threading.Thread(target=lambda: outcome.append(_try_read(xs)), daemon=True)
+    caller.start()
+    caller.join(TIMEOUT)
+    assert not caller.is_alive(), "the read is still waiting for its reply"
+    (exc,) = outcome
+    assert isinstance(exc, OSError) and exc.errno == errno.ENOTCONN, exc
+    with pytest.raises(ConnectionError):
+        xs.read("/again")
+    xs.close()
+    server.join(TIMEOUT)
+
+
+def _try_read(xs: XenStore) -> BaseException | str | None:
+    try:
+        return xs.read("/anything")
+    except BaseException as exc:
+        return exc
