@@ -158,6 +158,25 @@ def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> Non
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
 
 
+def test_tracked_resources_can_be_released_early(host, driver, frontends) -> None:
+    """A driver may unmap and unbind before disconnect; what it released
+    is no longer tracked, and disconnect releases only the rest."""
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    (port,) = driver.events.ports
+    bdev.unbind_evtchn(port)
+    assert bdev.resources == (1, 0) and driver.events.ports == []
+    bdev.unmap(bdev.driver_data)
+    assert bdev.resources == (0, 0)
+    with pytest.raises(KeyError):
+        driver.events.unbind(port)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    fe.close()
+    census.check()
+
+
 def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     """The backend directory names a frontend path that does not exist."""
     census = Census(host, driver)
