@@ -68,6 +68,12 @@ logger = logging.getLogger(__name__)
 # it, like kernel tracepoints, so they must be quick and must not call back
 # into the workqueue.  Lock order: topology hotplug lock -> engine lock ->
 # timer lock.  A future's condition is never taken while it is held.
+#
+# Everything it guards is written only with it held.  Reads without it are
+# allowed where one attribute's value at one instant is enough: queue_work()
+# returns False at once for an item it sees pending or disabled (as the
+# kernel tests the PENDING bit without the pool lock), and the properties
+# Work.pending and Work.running are snapshots.
 lock = threading.Lock()
 # Its methods bound once, for the per-item paths (queue_work, process_works):
 # calling these is some 60 ns cheaper than lock.acquire() and lock.release().
