@@ -384,9 +384,10 @@ def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, li
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="rounds; in each, every measurement is made with direct loopback and "
-                        "then with each ring order, back to back")
+                        "with each ring order, back to back (in reverse order every other "
+                        "round, so that a drifting load favours neither)")
     p.add_argument("--large-order", type=int, default=6,
                    help="the ring order of the second set of PV Calls rows (and the "
                         "backend's max-page-order); 4 is Linux's")
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             print(f"round {rnd + 1} of {args.rounds} ...", file=sys.stderr)
             for key in KEYS:
-                for setup, clients, groups in setups:
+                for setup, clients, groups in setups[:: -1 if rnd % 2 else 1]:
                     if key == "streams" and setup != "direct" and setup not in rss_before:
                         rss_before[setup] = backend.ask("stats")[1]
                     value, cores, stats = measure(
@@ -499,9 +500,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- ring order 4 is what Linux's pvcalls-front uses; order {max(orders)} needs a frontend "
         f"that asks for it (pvcalls.Frontend(ring_order=...)) and a backend offering "
         f"max-page-order >= {max(orders)}",
-        f"- {args.rounds} rounds; in each, every measurement ran with direct loopback and then "
-        f"each ring order back to back; values and CPU are medians over the rounds, the ratio "
-        f"is the median of the rounds' ratios (their range in brackets)",
+        f"- {args.rounds} rounds; in each, every measurement ran with direct loopback and "
+        f"each ring order back to back (reversed every other round); values and CPU are "
+        f"medians over the rounds, the ratio is the median of the rounds' ratios (their range "
+        f"in brackets); the machine is shared, so single rounds can be far off",
         f"- machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{args.seconds:g} s per measurement; guests and backend in separate processes; "
         f"load average before the run {load_before}",
