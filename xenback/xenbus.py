@@ -90,6 +90,11 @@ class XenbusState(enum.IntEnum):
         raise ValueError(f"invalid xenbus state {value[:32]!r}")
 
 
+def _number(text: str) -> int:
+    """A domid or devid path component; -1 (no device) if it is not one."""
+    return int(text) if text.isascii() and text.isdigit() else -1
+
+
 def _errno_of(exc: BaseException) -> tuple[int, str]:
     """Map a driver's exception to ``xenbus_dev_fatal``'s (errno, message)."""
     if isinstance(exc, OSError) and exc.errno:
@@ -435,7 +440,7 @@ class BackendDriver:
         self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus")
         try:
             self._watches.append(
-                self._xs.watch(self.backend_root, self._backend_event, events=self._bus)
+                self._xs.watch(self.backend_root, self._backend_watch)
             )
             try:
                 self._watches.append(
@@ -499,6 +504,22 @@ class BackendDriver:
     ) -> None:
         self.stop()
 
+    # Discovery.
+
+    def _backend_watch(self, path: str) -> None:
+        # Runs on the XenStore watch thread, which delivers every watch of
+        # our connection in arrival order: an event for a known device goes
+        # straight to that device's queue, so it stays in order with the
+        # frontend's events; anything else is discovery, on the bus queue.
+        parts = path[len(self.backend_root) :].strip("/").split("/")
+        if path.startswith(self.backend_root + "/") and len(parts) >= 2:
+            with self._lock:
+                dev = self._devices.get((_number(parts[0]), _number(parts[1])))
+            if dev is not None and dev.queue(self._backend_changed, dev):
+                return
+        assert self._bus is not None
+        self._bus.call(self._backend_event, path)
+
     # Discovery (runs on the bus queue).
 
     def _backend_event(self, path: str) -> None:
@@ -520,10 +541,10 @@ class BackendDriver:
                 dev.queue(self._backend_changed, dev)
 
     def _check_device(self, fe_text: str, devid_text: str) -> None:
-        if not (fe_text.isascii() and fe_text.isdigit() and devid_text.isascii() and devid_text.isdigit()):
+        key = (_number(fe_text), _number(devid_text))
+        if -1 in key:
             logger.warning("ignoring %s/%s/%s: not <domid>/<devid>", self.backend_root, fe_text, devid_text)
             return
-        key = (int(fe_text), int(devid_text))
         with self._lock:
             dev = self._devices.get(key)
         if dev is not None:

@@ -362,6 +362,24 @@ def test_a_blocked_device_holds_up_only_itself(host, driver, frontends) -> None:
     assert driver.calls_of(fast.domid) == ["probe", "connect", "disconnect"]
 
 
+def test_backend_events_go_straight_to_their_device(host, driver, frontends, dom0_xs) -> None:
+    """An event under a known device's directory is queued on that
+    device's queue by the watch thread, in arrival order with its
+    frontend's events; it does not wait behind discovery (the bus queue)."""
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    in_bus, release = threading.Event(), threading.Event()
+    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
+    try:
+        assert in_bus.wait(TIMEOUT)
+        dom0_xs.rm(dev.backend_path)  # handled while discovery is stuck
+        driver.wait_call("remove", guest.domid)
+        bdev.events.flush()
+        assert bdev.gone and driver.devices() == []
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize("value", ["7", "banana", "2"])
 def test_impossible_frontend_state_is_fatal(host, driver, frontends, dom0_xs, value) -> None:
     guest = host.create_domain("odd")
