@@ -2,9 +2,11 @@
 
 The engine has the kernel's four workqueue trace points -- queue (queue_work
 accepted an item), activate (the item entered its pool's worklist),
-execute_start and execute_end.  Each one bumps a counter of the item's
-pool_workqueue, which Workqueue.stats() reports, and calls the workqueue's
-trace hooks if it has any:
+execute_start and execute_end.  Workqueue.stats() reports how often each
+one fired, per pool_workqueue (queue and execute_start are counted as they
+fire; activate and execute_end follow from those and the pwq's state, which
+keeps two counter updates per item off the hot path), and each one calls
+the workqueue's trace hooks if it has any:
 
     def hook(event: str, work: Work, cpu: int | None) -> None: ...
     wq.add_trace_hook(hook)
