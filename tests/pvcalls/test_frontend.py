@@ -11,7 +11,9 @@ import hashlib
 import os
 import selectors
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -291,6 +293,56 @@ def test_fileno_waits_for_data(fe: pvcalls.Frontend, server: Any) -> None:
         assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [s]
         assert recv_exactly(s, 5) == b"hello"
         assert sel.select(0) == []
+
+
+def test_notifications_after_consuming_only_for_a_full_ring(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend waits for a consume only when the in ring was full: a
+    64-byte reply costs no notification, a consume from a full ring one."""
+    from pvcalls.frontend import _DataRing
+
+    notified: list[int] = []
+    notify = _DataRing.notify
+
+    def counting(ring: _DataRing) -> None:
+        notified.append(ring.port)
+        notify(ring)
+
+    monkeypatch.setattr(_DataRing, "notify", counting)
+    more = threading.Event()
+
+    def talk_then_flood(conn: socket.socket) -> None:
+        for _ in range(20):
+            conn.sendall(conn.recv(64))
+        more.wait(TIMEOUT)
+        conn.sendall(b"y" * 200_000)  # far more than the 32 KiB ring
+        conn.recv(1)
+
+    srv = server(talk_then_flood)
+    with connected(fe, srv.address) as s:
+        ring = s._ring
+        assert ring is not None
+        notified.clear()
+        for _ in range(20):
+            s.sendall(b"x" * 64)
+            assert recv_exactly(s, 64) == b"x" * 64
+        assert len(notified) == 20  # the sends only
+        notified.clear()
+        more.set()
+        deadline = time.monotonic() + TIMEOUT
+        while not ring.in_was_full(_wire_u32(ring, "in_cons")):  # the backend filled it
+            assert time.monotonic() < deadline, "the backend never filled the ring"
+            time.sleep(0.01)
+        assert s.recv(1000) == b"y" * 1000
+        assert notified == [ring.port]
+        assert recv_exactly(s, 199_000) == b"y" * 199_000  # and the backend refilled it
+        s.sendall(b"z")
+
+
+def _wire_u32(ring: Any, name: str) -> int:
+    from pvcalls import _wire
+    offset = {"in_cons": _wire.IN_CONS_OFFSET, "in_prod": _wire.IN_PROD_OFFSET}[name]
+    return int(struct.unpack_from("=I", ring.indexes, offset)[0])
 
 
 def test_fileno_and_a_blocked_receiver_both_see_data(fe: pvcalls.Frontend, server: Any) -> None:
