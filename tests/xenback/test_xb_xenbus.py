@@ -382,6 +382,7 @@ def test_backend_events_go_straight_to_their_device(host, driver, frontends, dom
 
 @pytest.mark.parametrize("value", ["7", "banana", "2"])
 def test_impossible_frontend_state_is_fatal(host, driver, frontends, dom0_xs, value) -> None:
+    census = Census(host, driver)
     guest = host.create_domain("odd")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     fe = frontends(guest, dev)
@@ -389,6 +390,9 @@ def test_impossible_frontend_state_is_fatal(host, driver, frontends, dom0_xs, va
     fe.set_state(value)
     fe.wait_backend(S.CLOSING)
     assert _error(dom0_xs, dev).startswith(f"{errno.EINVAL} ")
+    fe.close()
+    census.check()
+    _connected(host, driver, frontends, "good")
 
 
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs) -> None:
