@@ -10,12 +10,16 @@ once per future; re-entrancy makes that cheap).  Nobody ever sleeps on that
 condition: result() and exception() sleep on a private lock per blocked
 thread, which the finishing side releases.
 
-Why completing without a lock is safe (under the GIL, whose operations are
-sequentially consistent): a future is *watched* once anybody took its
-_condition.  The finishing side writes the new state, *then* reads
-`_watched`; a watcher sets `_watched`, *then* reads the state under the
-lock.  Either the finisher sees the watcher and notifies under the lock, or
-the watcher sees the final state and does not wait.
+The one rule: a future's state becomes final only under `_condition`.
+concurrent.futures.wait() and as_completed() look at the state twice while
+holding it (once to find the finished futures, once to count the pending
+ones their waiter must hear from); a future that finished between the two
+looks would be counted by neither and still notify the waiter, which then
+returns early.  So completion and cancellation take the shared lock for the
+state write, and only the notifying is skipped for a future nobody watches:
+a future is *watched* once anybody asked for its _condition, which happens
+before they take it, so a finisher that takes the lock after them sees it.
+(PENDING -> RUNNING needs no lock: both read as "not done".)
 
 Cancellation goes through the work item: a future can be cancelled exactly
 while its item is pending, which the engine lock decides (the state moves to
@@ -51,8 +55,9 @@ _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 # (_waiters, _blocked, _done_callbacks) of watched futures and orders a
 # watcher's look at the state against completion.  Held only for list
 # operations, never while user code runs; re-entrant because wait() takes it
-# once per future.  Lock order: engine lock -> this lock is never needed
-# (cancel drops the engine lock before notifying).
+# once per future.  Lock order: this lock -> engine lock (cancel decides under
+# both); never the other way round: nothing takes this lock while holding the
+# engine lock.
 _futures_cond = threading.Condition(threading.RLock())
 
 
@@ -87,7 +92,7 @@ class LeanFuture(Future[Any]):
         return f"<LeanFuture state={self._state} work={self._work!r}>"
 
     def cancel(self) -> bool:
-        with _pool.lock:
+        with _futures_cond, _pool.lock:
             state = self._state
             if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
@@ -101,7 +106,7 @@ class LeanFuture(Future[Any]):
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
-        with _pool.lock:
+        with _futures_cond, _pool.lock:
             state = self._state
             if state == PENDING:
                 self._state = RUNNING
@@ -167,7 +172,8 @@ class LeanFuture(Future[Any]):
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         self._result = result
         self._exception = exception
-        self._state = FINISHED  # publish, then look for watchers (see module doc)
+        with _futures_cond:  # final only under the condition (see module doc)
+            self._state = FINISHED
         if self._watched:
             self._notify(exception)
         elif self._done_callbacks:
@@ -229,7 +235,7 @@ def _run_call(work: CallWork) -> None:
 def cancel_pending_futures(wq: Workqueue) -> int:
     """Cancel the submitted calls of *wq* that have not started; how many."""
     cancelled = []
-    with _pool.lock:
+    with _futures_cond, _pool.lock:
         for pwq in wq._all_pwqs():
             for work in [*pwq.inactive, *(w for w in pwq.pool.worklist if w._pwq is pwq)]:
                 if isinstance(work, CallWork) and try_to_grab_pending(work):

@@ -144,6 +144,41 @@ def test_asyncio_cancellation_reaches_the_pending_call(make_wq: Any) -> None:
     assert ran == []
 
 
+@pytest.mark.parametrize("finish", ["result", "cancel"])
+def test_wait_is_not_fooled_by_a_future_finishing_between_its_two_looks(
+    monkeypatch: pytest.MonkeyPatch, finish: str
+) -> None:
+    # concurrent.futures.wait() looks at the states twice under the futures'
+    # conditions: to split done from not done, then to count what its waiter
+    # must hear from.  A future made final between the two looks must not be
+    # able to count down the waiter (which then returns with work not done):
+    # its finisher has to wait for the lock.
+    later, racing = LeanFuture(), LeanFuture()
+    finisher_done = threading.Event()
+
+    def finish_racing() -> None:
+        if finish == "result":
+            racing.set_result(2)
+        else:
+            racing.cancel()
+        finisher_done.set()
+
+    original = cf._base._create_and_install_waiters  # type: ignore[attr-defined]
+
+    def between_the_looks(fs: Any, return_when: str) -> Any:
+        threading.Thread(target=finish_racing).start()
+        # With the bug the finisher completes here at once; with the rule it
+        # blocks on the condition that wait() holds, so this wait times out.
+        assert not finisher_done.wait(0.2), "a future became final under wait()'s lock"
+        return original(fs, return_when)
+
+    monkeypatch.setattr(cf._base, "_create_and_install_waiters", between_the_looks)
+    threading.Timer(0.3, later.set_result, (1,)).start()
+    done, not_done = cf.wait([later, racing], timeout=10)
+    assert not not_done and done == {later, racing}
+    assert finisher_done.wait(10)
+
+
 def test_standalone_lean_future() -> None:
     f = LeanFuture()
     assert f.set_running_or_notify_cancel() is True
