@@ -98,6 +98,42 @@ def test_logical_cpus_beyond_the_host_map_onto_host_cpus_and_pin_there(make_wq: 
         assert affinity == {cpu: {topo.real_cpu(cpu)} for cpu in range(8)}
 
 
+def test_a_thread_counts_as_the_lowest_online_logical_cpu_of_its_host_cpu(
+        make_wq: Any, tracer: Any) -> None:
+    host = sorted(os.sched_getaffinity(0))
+    if not _can_pin() or len(host) < 2:
+        pytest.skip("needs two CPUs and sched_setaffinity")
+    ncpus = 4 * len(host)
+    topo = Topology(ncpus)
+    wq = make_wq(topology=topo)
+    wq.add_trace_hook(tracer)
+    w = Work(lambda work: None)
+    target = host[1]
+    mapped = [c for c in range(ncpus) if topo.real_cpu(c) == target]
+    assert len(mapped) >= 2
+    seen: list[tuple[int, int | None]] = []
+
+    def pinned_producer() -> None:
+        os.sched_setaffinity(0, {target})
+        seen.append((topo.current_cpu(), None))
+        wq.queue_work(w)
+        w.flush()
+        seen[-1] = (seen[-1][0], tracer.cpus("queue", w)[-1])
+
+    def run() -> None:
+        t = threading.Thread(target=pinned_producer)
+        t.start()
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+
+    run()
+    topo.cpu_down(mapped[0])  # the next logical CPU of that host CPU takes over
+    run()
+    topo.cpu_up(mapped[0])
+    run()
+    assert seen == [(mapped[0], mapped[0]), (mapped[1], mapped[1]), (mapped[0], mapped[0])]
+
+
 def test_highpri_and_normal_pools_are_separate_and_shared_between_queues(
         make_wq: Any, topo: Any) -> None:
     a = make_wq("a")
