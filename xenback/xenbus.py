@@ -135,8 +135,9 @@ class BackendDevice:
         #: runs on it, one at a time (see :meth:`queue`).
         self.events = EventQueue(driver.workqueue, f"{self.device_type}-{frontend_id}-{devid}")
         # Everything below is only touched from this device's event queue,
-        # except the resources guarded by _lock (drivers may map and bind
-        # from their own work items too).
+        # except _gone and the resources, guarded by _lock (drivers may map
+        # and bind from their own work items too).  Invariant: once _gone
+        # is set, nothing is tracked and nothing more can be.
         self._otherend_watch: Watch | None = None
         self._connected = False
         self._gone = False
@@ -241,11 +242,15 @@ class BackendDevice:
 
     def map_grant_refs(self, refs: Sequence[int], *, writable: bool = True) -> GrantMapping:
         """Map the frontend's grants ``refs`` contiguously (tracked).
-        Raises :class:`~xenback.platform.GrantError`."""
+        Raises :class:`~xenback.platform.GrantError`, or :class:`OSError`
+        ENODEV once the device was removed (nothing stays mapped then)."""
         mapping = self.driver.gnttab.map_grant_refs(self.frontend_id, refs, writable=writable)
         with self._lock:
-            self._mappings.append(mapping)
-        return mapping
+            if not self._gone:
+                self._mappings.append(mapping)
+                return mapping
+        mapping.unmap()
+        raise self._removed()
 
     def unmap(self, mapping: GrantMapping) -> None:
         """Unmap a mapping made by :meth:`map_grant_refs` before disconnect."""
@@ -255,11 +260,18 @@ class BackendDevice:
 
     def bind_evtchn(self, remote_port: int, callback: PortCallback) -> int:
         """Bind the frontend's ``remote_port`` (tracked); ``callback(port)``
-        runs on the dispatcher thread and must only queue work."""
+        runs on the dispatcher thread and must only queue work.  Raises
+        :class:`OSError` ENODEV once the device was removed."""
         port = self.driver.events.bind_interdomain(self.frontend_id, remote_port, callback)
         with self._lock:
-            self._ports.append(port)
-        return port
+            if not self._gone:
+                self._ports.append(port)
+                return port
+        self.driver.events.unbind(port)
+        raise self._removed()
+
+    def _removed(self) -> OSError:
+        return OSError(errno.ENODEV, "device was removed", self.nodename)
 
     def unbind_evtchn(self, port: int) -> None:
         """Unbind a port bound by :meth:`bind_evtchn` before disconnect;
@@ -699,7 +711,11 @@ class BackendDriver:
             self.remove(dev)
         except Exception:
             logger.exception("%s: remove failed", dev.nodename)
-        dev._gone = True
+        with dev._lock:
+            dev._gone = True
+        # A driver's own work item may have mapped or bound since the
+        # disconnect above; from now on nothing can be added.
+        dev.release_resources()
         with self._lock:
             if self._devices.get((dev.frontend_id, dev.devid)) is dev:
                 del self._devices[(dev.frontend_id, dev.devid)]

@@ -177,6 +177,28 @@ def test_tracked_resources_can_be_released_early(host, driver, frontends) -> Non
     census.check()
 
 
+def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> None:
+    """A driver's own work item may try to map or bind after the device was
+    dropped: it gets ENODEV and nothing stays mapped or bound."""
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    fe.set_state(S.CLOSED)
+    fe.xs.rm(f"{dev.frontend_path}/state")  # Unknown: the device is dropped
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone
+    with pytest.raises(OSError) as info:
+        bdev.map_grant_refs([fe.pages.refs[0]])
+    assert info.value.errno == errno.ENODEV
+    with pytest.raises(OSError) as info:
+        bdev.bind_evtchn(fe.port, lambda port: None)
+    assert info.value.errno == errno.ENODEV
+    assert bdev.resources == (0, 0)
+    fe.close()
+    census.check()
+
+
 def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     """The backend directory names a frontend path that does not exist."""
     census = Census(host, driver)
