@@ -318,11 +318,21 @@ class Workqueue(Executor):
         self.topology._check_cpu(cpu)
         return self._queue_delayed(cpu, dwork, delay)
 
-    def _queue_delayed(self, cpu: int | None, dwork: DelayedWork, delay: float) -> bool:
+    def _delayed_args(self, cpu: int | None, dwork: DelayedWork,
+                      delay: float) -> tuple[int | None, float]:
+        """Check a delayed queueing's arguments; return its CPU and delay.
+
+        A bound workqueue's item goes to the given CPU, else to the CPU the
+        caller runs on now; an unbound one's CPU is None.
+        """
         _check_work(dwork, DelayedWork)
         delay = _check_delay(delay)
         if cpu is None and self._unbound_pwq is None:
             cpu = self.topology.current_cpu()
+        return cpu, delay
+
+    def _queue_delayed(self, cpu: int | None, dwork: DelayedWork, delay: float) -> bool:
+        cpu, delay = self._delayed_args(cpu, dwork, delay)
         with lock:
             if dwork._pending or dwork._disable:
                 return False
@@ -347,10 +357,7 @@ class Workqueue(Executor):
         return self._mod_delayed(cpu, dwork, delay)
 
     def _mod_delayed(self, cpu: int | None, dwork: DelayedWork, delay: float) -> bool:
-        _check_work(dwork, DelayedWork)
-        delay = _check_delay(delay)
-        if cpu is None and self._unbound_pwq is None:
-            cpu = self.topology.current_cpu()
+        cpu, delay = self._delayed_args(cpu, dwork, delay)
         with lock:
             if self._state:
                 self._check_queueing()
@@ -407,8 +414,7 @@ class Workqueue(Executor):
         pwq = self._unbound_pwq
         if pwq is None:
             cpu = dwork._cpu
-            if cpu is None:
-                cpu = self.topology.current_cpu()
+            assert cpu is not None  # a bound workqueue's item always has its CPU
             pwq = self._pwqs[cpu]
         worker = dwork._worker
         if worker is not None:
