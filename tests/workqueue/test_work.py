@@ -266,6 +266,8 @@ def test_disable_sync_waits_for_the_running_instance(make_wq: Any) -> None:
     done: list[bool] = []
     t = threading.Thread(target=lambda: done.append(w.disable_sync()))
     t.start()
+    wait_until(lambda: w.disabled)
+    assert t.is_alive() and w.running  # disabled, and waiting for the run to end
     gate.release.set()
     t.join(TIMEOUT)
     assert done == [False]
