@@ -138,3 +138,11 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
     assert len(logged.records) == 1
     message = logged.records[0].getMessage()
     assert "stuck" in message and "pool " in message and "in-flight" in message
+    # Once per stall, not once at all: the next stall is reported again.
+    logged.seen.clear()
+    release.clear()
+    wq.queue_work(Work(stuck))
+    assert logged.seen.wait(TIMEOUT)
+    release.set()
+    wq.flush()
+    assert len(logged.records) == 2
