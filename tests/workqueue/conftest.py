@@ -8,6 +8,7 @@ that leaves an item blocked fails here rather than hanging the run).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +18,16 @@ import pytest
 from workqueue import Topology, Work, Workqueue, alloc_ordered_workqueue, alloc_workqueue
 
 TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="session")
+def can_pin() -> bool:
+    """Whether this process may pin threads (sched_setaffinity)."""
+    try:
+        os.sched_setaffinity(0, os.sched_getaffinity(0))
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture

@@ -13,14 +13,6 @@ from workqueue import LoadIndex, Topology, Work, blocking
 TIMEOUT = 10.0
 
 
-def _can_pin() -> bool:
-    try:
-        os.sched_setaffinity(0, os.sched_getaffinity(0))
-    except OSError:
-        return False
-    return True
-
-
 def test_cpu_down_runs_the_waiting_items_of_that_cpu_unbound(make_wq: Any, topo: Any) -> None:
     wq = make_wq()
     release = threading.Event()
@@ -47,7 +39,8 @@ def test_cpu_down_runs_the_waiting_items_of_that_cpu_unbound(make_wq: Any, topo:
     assert wq.stats().pools[1].bound
 
 
-def test_items_queued_on_an_offline_cpu_still_run_elsewhere(make_wq: Any, topo: Any) -> None:
+def test_items_queued_on_an_offline_cpu_still_run_elsewhere(
+        make_wq: Any, topo: Any, can_pin: bool) -> None:
     wq = make_wq()
     topo.cpu_down(1)
     seen: list[Any] = []
@@ -56,7 +49,7 @@ def test_items_queued_on_an_offline_cpu_still_run_elsewhere(make_wq: Any, topo: 
     w.flush()
     cpu, affinity = seen[0]
     assert cpu == 0  # a worker of an offline CPU counts as where it runs
-    if _can_pin():
+    if can_pin:
         assert affinity == {topo.real_cpu(0)}
     # queue_work() from CPU 0's worker never picks the offline CPU.
     inner = Work(lambda work: seen.append(topo.current_cpu()))
@@ -70,7 +63,7 @@ def test_items_queued_on_an_offline_cpu_still_run_elsewhere(make_wq: Any, topo: 
     wq.queue_work_on(1, w2)
     w2.flush()
     assert seen[-1][:2] == ("up", 1)
-    if _can_pin():
+    if can_pin:
         assert seen[-1][2] == {topo.real_cpu(1)}
 
 

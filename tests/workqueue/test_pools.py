@@ -26,14 +26,6 @@ class Item(Work):
     """A Work with room for the test's own fields."""
 
 
-def _can_pin() -> bool:
-    try:
-        os.sched_setaffinity(0, os.sched_getaffinity(0))
-    except OSError:
-        return False
-    return True
-
-
 def test_queue_work_from_a_worker_stays_on_its_cpu(make_wq: Any, tracer: Any) -> None:
     wq = make_wq()
     wq.add_trace_hook(tracer)
@@ -47,9 +39,10 @@ def test_queue_work_from_a_worker_stays_on_its_cpu(make_wq: Any, tracer: Any) ->
         assert tracer.cpus("execute_start", inner)[-1] == cpu
 
 
-def test_queue_work_from_a_thread_uses_the_cpu_it_runs_on(make_wq: Any, tracer: Any) -> None:
+def test_queue_work_from_a_thread_uses_the_cpu_it_runs_on(
+        make_wq: Any, tracer: Any, can_pin: bool) -> None:
     host = sorted(os.sched_getaffinity(0))
-    if not _can_pin() or len(host) < 2:
+    if not can_pin or len(host) < 2:
         pytest.skip("needs two CPUs and sched_setaffinity")
     wq = make_wq(topology=Topology())
     wq.add_trace_hook(tracer)
@@ -69,7 +62,8 @@ def test_queue_work_from_a_thread_uses_the_cpu_it_runs_on(make_wq: Any, tracer: 
     assert seen == [(cpu, cpu) for cpu in host[:2]]
 
 
-def test_logical_cpus_beyond_the_host_map_onto_host_cpus_and_pin_there(make_wq: Any) -> None:
+def test_logical_cpus_beyond_the_host_map_onto_host_cpus_and_pin_there(
+        make_wq: Any, can_pin: bool) -> None:
     topo = Topology(8)
     host = sorted(os.sched_getaffinity(0))
     assert [topo.real_cpu(c) for c in range(8)] == [
@@ -94,14 +88,14 @@ def test_logical_cpus_beyond_the_host_map_onto_host_cpus_and_pin_there(make_wq: 
     for w in items:
         w.flush()
     assert cpus == {cpu: cpu for cpu in range(8)}  # a worker is on its own CPU
-    if _can_pin():
+    if can_pin:
         assert affinity == {cpu: {topo.real_cpu(cpu)} for cpu in range(8)}
 
 
 def test_a_thread_counts_as_the_lowest_online_logical_cpu_of_its_host_cpu(
-        make_wq: Any, tracer: Any) -> None:
+        make_wq: Any, tracer: Any, can_pin: bool) -> None:
     host = sorted(os.sched_getaffinity(0))
-    if not _can_pin() or len(host) < 2:
+    if not can_pin or len(host) < 2:
         pytest.skip("needs two CPUs and sched_setaffinity")
     ncpus = 4 * len(host)
     topo = Topology(ncpus)
