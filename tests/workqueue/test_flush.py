@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import Work
+from workqueue import DelayedWork, Work
 
 TIMEOUT = 10.0
 
@@ -116,6 +116,12 @@ def test_destroy_drains_then_refuses_everything(make_wq: Any) -> None:
         wq.queue_work(w)
     with pytest.raises(RuntimeError, match="destroyed"):
         wq.queue_work_on(0, w)
+    dw = DelayedWork(lambda w: None)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.queue_delayed_work(dw, 0)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.mod_delayed_work(dw, 1)
+    assert not dw.pending
     with pytest.raises(RuntimeError, match="after shutdown"):
         wq.submit(print)
     with pytest.raises(RuntimeError, match="already destroyed"):
