@@ -294,12 +294,18 @@ class Workqueue(Executor):
             return last
         return pwq
 
+    def _is_chained(self) -> bool:
+        """True if the calling thread runs an item of this workqueue (is_chained_work)."""
+        worker = current_worker()
+        if worker is None or worker.current_pwq is None:
+            return False
+        return worker.current_pwq.wq is self
+
     def _check_queueing(self) -> None:
         """Refuse queueing on a destroyed or draining queue, except chained work."""
         if self._state == _DESTROYED:
             raise RuntimeError(f"workqueue {self.name!r} is destroyed; nothing can be queued on it")
-        worker = current_worker()
-        if worker is None or worker.current_pwq is None or worker.current_pwq.wq is not self:
+        if not self._is_chained():
             raise RuntimeError(
                 f"workqueue {self.name!r} is {_STATE_NAMES[self._state]}: only its own "
                 f"work items may queue on it now")
@@ -404,9 +410,7 @@ class Workqueue(Executor):
         dropping the lock.
         """
         if self._state:
-            worker = current_worker()
-            if (self._state == _DESTROYED or worker is None or worker.current_pwq is None
-                    or worker.current_pwq.wq is not self):
+            if self._state == _DESTROYED or not self._is_chained():
                 dwork._pending = False
                 if dwork._worker is None and dwork._flushers:
                     wake_work_flushers(dwork, dwork._seq)
@@ -425,8 +429,7 @@ class Workqueue(Executor):
     # -- flush, drain, destroy -----------------------------------------------
 
     def _check_not_own_item(self, what: str) -> None:
-        worker = current_worker()
-        if worker is not None and worker.current_pwq is not None and worker.current_pwq.wq is self:
+        if self._is_chained():
             raise RuntimeError(
                 f"{what}() of workqueue {self.name!r} from one of its own work items would deadlock")
 
