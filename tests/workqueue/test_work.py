@@ -39,11 +39,17 @@ class Gate:
         assert self.release.wait(TIMEOUT)
 
 
-def test_queue_work_returns_false_while_pending(make_wq: Any) -> None:
+def held_ordered_queue(make_wq: Any) -> tuple[Any, Gate]:
+    """An ordered workqueue whose running first item holds back the next ones."""
     wq = make_wq(ordered=True)
     blocker = Gate()
     wq.queue_work(Work(blocker))
     assert blocker.started.wait(TIMEOUT)
+    return wq, blocker
+
+
+def test_queue_work_returns_false_while_pending(make_wq: Any) -> None:
+    wq, blocker = held_ordered_queue(make_wq)
     ran = []
     w = Work(lambda work: ran.append(work))
     assert wq.queue_work(w) is True
@@ -136,10 +142,7 @@ def test_flush_waits_for_the_running_instance(make_wq: Any) -> None:
 
 
 def test_cancel_returns_true_only_for_a_pending_item(make_wq: Any) -> None:
-    wq = make_wq(ordered=True)
-    blocker = Gate()
-    wq.queue_work(Work(blocker))
-    assert blocker.started.wait(TIMEOUT)
+    wq, blocker = held_ordered_queue(make_wq)
     ran: list[int] = []
     w = Work(lambda work: ran.append(1))
     assert w.cancel() is False
@@ -235,10 +238,7 @@ def test_flush_and_cancel_sync_from_own_function_raise(make_wq: Any) -> None:
 
 
 def test_disable_enable_counter_and_return_values(make_wq: Any) -> None:
-    wq = make_wq(ordered=True)
-    blocker = Gate()
-    wq.queue_work(Work(blocker))
-    assert blocker.started.wait(TIMEOUT)
+    wq, blocker = held_ordered_queue(make_wq)
     ran: list[int] = []
     w = Work(lambda work: ran.append(1))
     wq.queue_work(w)
