@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -51,6 +52,15 @@ def _load_sched_getcpu() -> Callable[[], int] | None:
 
 
 _sched_getcpu = _load_sched_getcpu()
+
+
+def _check_thresh(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
+    return float(value)
+
 
 class _ThreadState(threading.local):
     """What the engine knows about the calling thread.
@@ -115,8 +125,8 @@ class Topology:
         self._real: dict[int, int] = {
             cpu: cpu if cpu in host_set else host[cpu % len(host)] for cpu in possible
         }
-        self.cpu_intensive_thresh = cpu_intensive_thresh
-        self.watchdog_thresh = watchdog_thresh
+        self.cpu_intensive_thresh = _check_thresh("cpu_intensive_thresh", cpu_intensive_thresh)
+        self.watchdog_thresh = _check_thresh("watchdog_thresh", watchdog_thresh)
 
         # _hotplug_lock serialises cpu_down/cpu_up and notifier (un)registration,
         # so a notifier sees every transition exactly once, in order.  It is

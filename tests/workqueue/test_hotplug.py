@@ -173,6 +173,15 @@ def test_topology_contract_and_errors() -> None:
     with pytest.raises(ValueError, match="negative"):
         Topology(cpus=[-1])
     assert Topology().possible() == sorted(os.sched_getaffinity(0))
+    # The kernel's defaults: wq_cpu_intensive_thresh_us 10 ms, wq_watchdog_thresh 30 s.
+    assert (topo.cpu_intensive_thresh, topo.watchdog_thresh) == (0.010, 30.0)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="watchdog_thresh"):
+            Topology(1, watchdog_thresh=bad)
+        with pytest.raises(ValueError, match="cpu_intensive_thresh"):
+            Topology(1, cpu_intensive_thresh=bad)
+    with pytest.raises(TypeError, match="watchdog_thresh"):
+        Topology(1, watchdog_thresh="30")  # type: ignore[arg-type]
 
 
 def test_a_failing_notifier_is_logged_and_the_others_run(caplog: pytest.LogCaptureFixture) -> None:
