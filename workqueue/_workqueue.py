@@ -695,7 +695,7 @@ class Workqueue(Executor):
     def serial(self, key: Hashable) -> Executor:
         """An Executor whose calls run one at a time, in order, on *key*'s CPU."""
         from ._serial import SerialExecutor
-        return SerialExecutor(self, key)  # type: ignore[no-any-return,unused-ignore]
+        return SerialExecutor(self, key)
 
 
 def alloc_workqueue(name: str, flags: int = 0, max_active: int = 0,
