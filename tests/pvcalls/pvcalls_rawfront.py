@@ -9,6 +9,7 @@ event channel and the command ring until a condition holds.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import select
 import threading
@@ -34,6 +35,27 @@ def wait_until(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         pause.wait(0.01)
+
+
+def echo_through(s: Any, data: bytes, timeout: float = TIMEOUT) -> None:
+    """Send ``data`` on ``s`` (a connected socket of :class:`pvcalls.Frontend`
+    whose peer echoes) while a thread reads the echo; assert that all of it
+    came back, in order."""
+    received = bytearray()
+
+    def reader() -> None:
+        while len(received) < len(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    s.sendall(data)
+    t.join(timeout)
+    assert not t.is_alive(), f"{len(received)} of {len(data)} bytes echoed"
+    assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
 
 
 @dataclass(frozen=True)

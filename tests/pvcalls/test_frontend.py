@@ -7,7 +7,6 @@ slow part); each test opens its own sockets and host servers.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import selectors
 import socket
@@ -18,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from pvcalls_rawfront import echo_through
 
 import pvcalls
 from xenback.sim import SimHost
@@ -122,6 +122,26 @@ def recv_exactly(s: Any, n: int) -> bytes:
     return bytes(buf)
 
 
+def blocked_recv(s: pvcalls.PVSocket) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread blocked (without timeout) in ``s.recv``, and the list that
+    will hold what it raised."""
+    s.settimeout(None)
+    failure: list[BaseException] = []
+    started = threading.Event()
+
+    def blocked_reader() -> None:
+        started.set()
+        try:
+            s.recv(10)
+        except BaseException as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=blocked_reader)
+    t.start()
+    started.wait(TIMEOUT)
+    return t, failure
+
+
 def listen_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:
     """Where the backend listens for a guest's passive socket."""
     for row in backend.stats().sockets:
@@ -139,20 +159,7 @@ def test_echo_through_host_server(fe: pvcalls.Frontend, server: Any) -> None:
     data = os.urandom(300_000)  # ~10 times the 32 KiB ring: wraps many times
     with connected(fe, srv.address) as s:
         assert s.getpeername() == srv.address
-        received = bytearray()
-
-        def reader() -> None:
-            while len(received) < len(data):
-                chunk = s.recv(65536)
-                if not chunk:
-                    return
-                received.extend(chunk)
-
-        t = threading.Thread(target=reader)
-        t.start()
-        s.sendall(data)
-        t.join(TIMEOUT)
-        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        echo_through(s, data)
 
 
 def test_recv_into_and_nbytes(fe: pvcalls.Frontend, server: Any) -> None:
@@ -244,20 +251,7 @@ def test_send_recv_on_unconnected_socket(fe: pvcalls.Frontend) -> None:
 def test_close_semantics(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     s = connected(fe, srv.address)
-    s.settimeout(None)
-    failure: list[BaseException] = []
-    started = threading.Event()
-
-    def blocked_reader() -> None:
-        started.set()
-        try:
-            s.recv(10)
-        except BaseException as exc:
-            failure.append(exc)
-
-    t = threading.Thread(target=blocked_reader)
-    t.start()
-    started.wait(TIMEOUT)
+    t, failure = blocked_recv(s)
     s.close()
     t.join(TIMEOUT)
     assert not t.is_alive()
@@ -642,20 +636,7 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
             fe = pvcalls.Frontend(host.create_domain("orphan"))
             with fe:
                 s = connected(fe, srv.address)
-                s.settimeout(None)
-                failure: list[BaseException] = []
-                started = threading.Event()
-
-                def blocked_reader() -> None:
-                    started.set()
-                    try:
-                        s.recv(10)
-                    except BaseException as exc:
-                        failure.append(exc)
-
-                t = threading.Thread(target=blocked_reader)
-                t.start()
-                started.wait(TIMEOUT)
+                t, failure = blocked_recv(s)
                 backend.close()
                 t.join(TIMEOUT)
                 assert not t.is_alive()

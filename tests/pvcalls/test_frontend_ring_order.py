@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import socket
 import threading
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pvcalls_rawfront import echo_through
 
 import pvcalls
 from pvcalls import _wire
@@ -74,21 +74,7 @@ def test_ring_of_the_order_asked_for_carries_data(
         assert intf.ring_order == order
         _wire.ffi.release(intf)  # the ring's pages are unshared at close
         assert ring.inq.size == ring.outq.size == size
-        received = bytearray()
-
-        def reader() -> None:
-            while len(received) < len(data):
-                chunk = s.recv(65536)
-                if not chunk:
-                    return
-                received.extend(chunk)
-
-        t = threading.Thread(target=reader)
-        t.start()
-        s.sendall(data)
-        t.join(TIMEOUT)
-        assert not t.is_alive()
-        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        echo_through(s, data)
 
 
 def test_order_above_backend_max_page_order_is_refused(guest: Any) -> None:
