@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -169,6 +170,7 @@ def test_timer_firing_during_drain_is_dropped_and_logged(make_wq: Any, log_waite
     assert not drainer.is_alive()
     assert ran == [] and not dw.pending
     assert "draining" in logged.records[0].getMessage()
+    assert logged.records[0].levelno == logging.ERROR
 
 
 def test_timer_firing_after_destroy_is_dropped_and_logged(make_wq: Any, log_waiter: Any) -> None:
@@ -183,6 +185,7 @@ def test_timer_firing_after_destroy_is_dropped_and_logged(make_wq: Any, log_wait
     assert logged.seen.wait(TIMEOUT)
     assert ran == [] and not dw.pending
     assert "destroyed" in logged.records[0].getMessage()
+    assert logged.records[0].levelno == logging.ERROR
 
 
 def test_bad_delays_and_items(make_wq: Any) -> None:
