@@ -375,15 +375,30 @@ def test_linux_like_sequence_on_one_ring(raw: RawFrontend, echo_server: Any,
 
 def test_many_sockets_spread_evenly(raw: RawFrontend, echo_server: Any,
                                     backend: pvcalls.Backend) -> None:
-    ids = [raw.connect_socket(echo_server.address, order=1)[0] for _ in range(10)]
-    counts = [c.sockets for c in backend.stats().cpus if c.online]
-    assert sum(counts) == 10 and max(counts) - min(counts) <= 1
-    for sock_id in ids[:5]:
-        raw.release(sock_id)
-    more = [raw.connect_socket(echo_server.address, order=1)[0] for _ in range(6)]
-    counts = [c.sockets for c in backend.stats().cpus if c.online]
-    assert sum(counts) == 11 and max(counts) - min(counts) <= 1
-    assert len(more) == 6
+    def counts() -> dict[int, int]:
+        return {c.cpu: c.sockets for c in backend.stats().cpus if c.online}
+
+    ids = []
+    for n in range(1, 11):  # balanced after every socket added
+        ids.append(raw.connect_socket(echo_server.address, order=1)[0])
+        spread = counts().values()
+        assert sum(spread) == n and max(spread) - min(spread) <= 1
+    # Empty one CPU and take one socket off another: new sockets go to the
+    # emptiest CPUs, first to the empty one.
+    cpu_of = {r.id: r.cpu for r in backend.stats().sockets}
+    emptied = cpu_of[ids[0]]
+    released = [i for i in ids if cpu_of[i] == emptied]
+    released.append(next(i for i in ids if cpu_of[i] != emptied))
+    for sock_id in released:
+        assert raw.release(sock_id).ret == 0
+    assert counts()[emptied] == 0
+    for _ in range(len(released)):
+        before = counts()
+        new_id = raw.connect_socket(echo_server.address, order=1)[0]
+        cpu = next(r.cpu for r in backend.stats().sockets if r.id == new_id)
+        assert cpu is not None and before[cpu] == min(before.values())
+    spread = counts().values()
+    assert sum(spread) == 10 and max(spread) - min(spread) <= 1
 
 
 def test_responses_from_many_threads_share_one_producer(make_frontend: Any,
