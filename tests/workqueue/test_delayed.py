@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import DelayedWork, Work
+from workqueue import DelayedWork, Topology, Work
 from workqueue._timer import add_timer
 
 TIMEOUT = 10.0
@@ -141,6 +141,20 @@ def test_delayed_work_runs_on_the_cpu_it_was_queued_on(make_wq: Any, tracer: Any
         dw.flush()
         assert tracer.cpus("execute_start", dw) == [cpu]
         tracer.events.clear()
+
+
+def test_delayed_work_queued_by_a_worker_runs_on_the_workers_cpu(
+        make_wq: Any, tracer: Any) -> None:
+    # CPU 3 of four logical CPUs is never where a thread that is not a worker
+    # (the timer thread) counts as running: the CPU is the queueing caller's.
+    wq = make_wq(topology=Topology(4, cpu_intensive_thresh=60.0))
+    wq.add_trace_hook(tracer)
+    dw = DelayedWork(lambda w: None)
+    outer = Work(lambda w: wq.queue_delayed_work(dw, 0.001))
+    wq.queue_work_on(3, outer)
+    outer.flush()
+    tracer.wait_for(lambda: "execute_end" in tracer.of(dw))
+    assert tracer.cpus("execute_start", dw) == [3]
 
 
 def test_timer_firing_during_drain_is_dropped_and_logged(make_wq: Any, log_waiter: Any) -> None:
