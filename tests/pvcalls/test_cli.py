@@ -214,8 +214,25 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         serve.send_signal(signal.SIGUSR1)
         assert "0 sockets" in log.wait_for("frontends,")
 
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(TIMEOUT) == 0
+        # SIGTERM with a guest connected (waiting in accept): the backend
+        # closes its frontend, which sees the backend go and gives up.
+        waiting = subprocess.Popen(
+            [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", str(domid),
+             "-v", "-l", "127.0.0.1", "0"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            said = Lines(waiting.stderr)
+            said.wait_for("listening on 127.0.0.1")
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(TIMEOUT) == 0
+            assert waiting.wait(TIMEOUT) != 0
+            said.wait_for("went to state 5")  # Closing, from the backend
+            said.wait_for("the PV Calls backend went away")
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+                waiting.wait()
     finally:
         if serve.poll() is None:
             serve.kill()
