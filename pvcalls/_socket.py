@@ -438,10 +438,10 @@ class ActiveSocket(Work):
             return -1
         finally:
             del views
+        self.bytes_out += sent  # before the frontend may see them gone
         ring.out_ring.consume(sent)
         if sent and ring.out_was_full(cons):
             self._room_made = True
-        self.bytes_out += sent
         if self._out_armed and sent == available:
             self._watch_write_space(host, False)
         return sent
@@ -495,8 +495,10 @@ class ActiveSocket(Work):
             self._rx_done = True
             ring.set_in_error(-_errno.ENOTCONN)
             return -1
-        ring.in_ring.produce(received)
+        # Counted before the frontend may see the bytes: whoever has read
+        # them finds them in stats().
         self.bytes_in += received
+        ring.in_ring.produce(received)
         return received
 
     def _protocol_error(self, ring: DataRing, host: socket.socket, exc: Exception) -> None:
