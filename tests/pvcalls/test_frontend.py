@@ -12,12 +12,11 @@ import selectors
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import echo_through
+from pvcalls_rawfront import echo_through, wait_until
 
 import pvcalls
 from xenback.sim import SimHost
@@ -323,10 +322,7 @@ def test_notifications_after_consuming_only_for_a_full_ring(
         assert len(notified) == 20  # the sends only
         notified.clear()
         more.set()
-        deadline = time.monotonic() + TIMEOUT
-        while not ring.in_was_full(_wire_u32(ring, "in_cons")):  # the backend filled it
-            assert time.monotonic() < deadline, "the backend never filled the ring"
-            time.sleep(0.01)
+        wait_until(lambda: ring.in_was_full(_wire_u32(ring, "in_cons")))  # the backend filled it
         assert s.recv(1000) == b"y" * 1000
         assert notified == [ring.port]
         assert recv_exactly(s, 199_000) == b"y" * 199_000  # and the backend refilled it
