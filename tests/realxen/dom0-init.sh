@@ -20,9 +20,11 @@ for m in $(cat /lib/modules/order); do
 done
 
 cmdfile=""
+repo=""
 for word in $(cat /proc/cmdline); do
     case "$word" in
         realxen.cmd=*) cmdfile="${word#realxen.cmd=}" ;;
+        realxen.repo=*) repo="${word#realxen.repo=}" ;;
     esac
 done
 [ -n "$cmdfile" ] || fail "no realxen.cmd= on the kernel command line"
@@ -33,6 +35,11 @@ ip link set lo up || fail "ip link set lo up"
 H=/mnt
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot $H \
     || fail "mount 9p hostroot"
+# The checkout (code, .venv, cache) may live below a directory that gets a
+# tmpfs next (CI clones into a temporary directory): keep a handle on it.
+if [ -n "$repo" ]; then
+    mkdir -p /keep && mount -o bind "$H$repo" /keep || fail "bind $repo"
+fi
 mount -t proc proc $H/proc
 mount -t sysfs sysfs $H/sys
 mount -t devtmpfs devtmpfs $H/dev
@@ -45,6 +52,9 @@ done
 mkdir -p $H/run/xen $H/run/xenstored $H/var/lib/xen $H/var/lib/xenstored \
     $H/var/log/xen/console
 mount -t xenfs xenfs $H/proc/xen || fail "mount xenfs"
+if [ -n "$repo" ] && [ ! -d "$H$repo/tests/realxen" ]; then
+    mkdir -p "$H$repo" && mount -o bind /keep "$H$repo" || fail "bind $repo back"
+fi
 
 cmd="$(cat $H$cmdfile)" || fail "cannot read $cmdfile"
 echo "REALXEN DOM0 up"

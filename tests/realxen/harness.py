@@ -66,7 +66,10 @@ class RunResult:
 def qemu_command(
     manifest: dict[str, str], cmdfile: Path, accel: str = "tcg,thread=multi", cpu: str = CPU
 ) -> list[str]:
-    dom0 = f"{manifest['dom0_kernel']} {DOM0_CMDLINE} realxen.cmd={cmdfile}"
+    # realxen.repo: dom0 lays tmpfs over /tmp, /run, /var/lib and /var/log of
+    # this machine's root; a checkout below one of them is bound back in.
+    dom0 = (f"{manifest['dom0_kernel']} {DOM0_CMDLINE} realxen.cmd={cmdfile}"
+            f" realxen.repo={REPO}")
     return [
         "qemu-system-x86_64",
         "-machine", "q35", "-accel", accel, "-cpu", cpu,
