@@ -1,24 +1,17 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh Debian 12 machine, then runs
-# the whole suite, ruff and mypy.  Root (CI) or a user with sudo.
+# ruff, mypy and the whole suite (arguments go to pytest).  Root (CI) or a
+# user with sudo.  The real-Xen test installs its own packages
+# (tests/realxen/prepare.py) and skips, saying why, where it cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tools/debian-packages.sh
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-DEB_PACKAGES="gcc libc6-dev python3-dev python3-venv xenstore-utils xen-utils-4.17 libxen-dev"
-# The real-Xen test brings its own packages (tests/realxen/prepare.sh).
-if command -v apt-get >/dev/null; then
-    missing=""
-    for p in $DEB_PACKAGES; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
-    done
-    if [ -n "$missing" ]; then
-        $SUDO apt-get update -qq || echo "apt-get update failed; Debian-package tests may skip" >&2
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null \
-            || echo "could not install:$missing; the tests that need them skip" >&2
-    fi
-fi
+# gcc and Python's headers build the barrier helper; xenstore-utils and
+# xen-utils-4.17 are the conformance clients of the simulated XenStore;
+# libxen-dev has the headers the layout tests compile against.
+install_debian_packages gcc libc6-dev python3-dev python3-venv \
+    xenstore-utils xen-utils-4.17 libxen-dev
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
