@@ -6,6 +6,7 @@ import errno
 import inspect
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import pyxs
@@ -131,12 +132,135 @@ def test_remove_of_a_closed_backend_does_not_wait(host: SimHost, guest: Domain) 
 
 
 def test_destroying_a_domain_removes_its_devices(host: SimHost, guest: Domain) -> None:
+    timeout = inspect.signature(host.destroy_domain).parameters["timeout"]
+    assert timeout.default == 10.0  # libxl's LIBXL_DESTROY_TIMEOUT
     dev = host.toolstack.add_device("vif", guest.domid)
     other = host.toolstack.add_device("vif", host.create_domain("other").domid)
-    host.destroy_domain(guest)
+    start = time.monotonic()
+    host.destroy_domain(guest, timeout=0.3)  # nobody closes the backend
+    assert time.monotonic() - start >= 0.3
     with host.dom0.xenstore() as c:
         assert not c.exists(dev.backend_path.encode())
+        assert not c.exists(f"/local/domain/{guest.domid}".encode())
     assert host.toolstack.devices() == [other]
+
+
+class Recorder:
+    """Every change XenStore reports to a dom0 watch on ``/`` and on
+    ``@releaseDomain``, in the order the store made them."""
+
+    def __init__(self, host: SimHost) -> None:
+        self.client = host.dom0.xenstore()
+        self.client.connect()
+        self.monitor = self.client.monitor()
+        self.monitor.watch(b"/", b"all")
+        self.monitor.watch(b"@releaseDomain", b"release")
+        self.marks = 0
+        self.paths()  # the watches' first events
+
+    def paths(self) -> list[str]:
+        """The changes since the last call: a marker node written now is
+        reported after all of them, on the same connection."""
+        self.marks += 1
+        mark = f"/mark{self.marks}".encode()
+        self.client.write(mark, b"1")
+        out = []
+        while True:
+            event = self.monitor.events.get(timeout=10)
+            if event.path == mark:
+                self.client.delete(mark)
+                self.monitor.events.get(timeout=10)  # the delete
+                return out
+            out.append(event.path.decode())
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def recorder(host: SimHost) -> Iterator[Recorder]:
+    rec = Recorder(host)
+    yield rec
+    rec.close()
+
+
+def test_remove_device_order_and_pruned_parents(
+    host: SimHost, guest: Domain, recorder: Recorder
+) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    host.toolstack.add_device("console", guest.domid)  # keeps the common parents
+    backend = backend_that_closes(host, dev, [])
+    recorder.paths()
+    assert host.toolstack.remove_device(dev) is True
+    backend.join(10)
+    be, fe, lx = dev.backend_path, dev.frontend_path, dev.libxl_path
+    assert recorder.paths() == [
+        # libxl__initiate_device_generic_remove: one transaction.
+        f"{be}/online",
+        f"{be}/state",
+        # The backend closes.
+        f"{be}/state",
+        # libxl__device_destroy: one transaction, each path with the
+        # parents it leaves empty, up to backend/<type> itself.
+        fe,
+        fe.rsplit("/", 1)[0],
+        lx,
+        lx.rsplit("/", 1)[0],
+        be,
+        f"/local/domain/0/backend/vif/{guest.domid}",
+        "/local/domain/0/backend/vif",
+    ]
+    with host.dom0.xenstore() as c:
+        assert c.exists(b"/local/domain/0/backend/console")
+        assert c.exists(f"/local/domain/{guest.domid}/device/console".encode())
+
+
+def test_destroy_domain_order(host: SimHost, guest: Domain, recorder: Recorder) -> None:
+    dev = host.toolstack.add_device("pvcalls", guest.domid)
+    backend = backend_that_closes(host, dev, seen := [])
+    recorder.paths()
+    host.destroy_domain(guest)
+    backend.join(10)
+    assert seen == [b"0"]
+    be, fe, lx = dev.backend_path, dev.frontend_path, dev.libxl_path
+    home = f"/local/domain/{guest.domid}"
+    assert recorder.paths() == [
+        # libxl__devices_destroy: the frontend goes first...
+        fe,
+        f"{home}/device/pvcalls",
+        f"{home}/device",
+        # ...then the backend is asked to close, and does...
+        f"{be}/online",
+        f"{be}/state",
+        f"{be}/state",
+        # ...and the rest is removed, with every parent left empty.
+        lx,
+        "/libxl/1/device/pvcalls",
+        "/libxl/1/device",
+        "/libxl/1",
+        "/libxl",
+        be,
+        "/local/domain/0/backend/pvcalls/1",
+        "/local/domain/0/backend/pvcalls",
+        "/local/domain/0/backend",
+        # Then the home, and last the domain itself.
+        home,
+        "@releaseDomain",
+    ]
+
+
+def test_destroy_domain_of_a_closed_backend_writes_only_online(
+    host: SimHost, guest: Domain, recorder: Recorder
+) -> None:
+    dev = host.toolstack.add_device("pvcalls", guest.domid)
+    with host.dom0.xenstore() as c:
+        c.write(dev.backend_path.encode() + b"/state", b"6")
+    recorder.paths()
+    start = time.monotonic()
+    host.destroy_domain(guest, timeout=30)
+    assert time.monotonic() - start < 10  # no wait for a Closed backend
+    changes = recorder.paths()
+    assert changes[3:5] == [f"{dev.backend_path}/online", dev.libxl_path]
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import pyxs
 
 from ._domain import Domain
 from ._hypervisor import Hypervisor
-from ._toolstack import Toolstack
+from ._toolstack import REMOVE_TIMEOUT, Toolstack
 from ._xenstored import XenStored
 
 logger = logging.getLogger(__name__)
@@ -57,9 +57,11 @@ class SimHost:
         self._toolstack: Toolstack | None = None
         # _lock protects _domains, _domids, _state, and makes creating and
         # destroying a domain atomic: a domain is listed only once XenStore
-        # and the hypervisor both know it.  Rule: held for the whole of
-        # create/destroy/close (they talk to our own servers, which never
-        # call back into the host).
+        # and the hypervisor both know it, and unlisted before either
+        # forgets it.  Rule: held for the whole of create/close and for the
+        # hypervisor and XenStore part of destroy (they talk to our own
+        # servers, which never call back into the host); never while
+        # waiting for a backend to close a device.
         self._lock = threading.Lock()
         self._domains: dict[int, Domain] = {}
         self._domids = itertools.count(1)
@@ -238,31 +240,45 @@ class SimHost:
         logger.info("created domain %d (%s)", domid, name)
         return domain
 
-    def destroy_domain(self, domain: Domain | int) -> None:
-        """Destroy a guest.
+    def destroy_domain(self, domain: Domain | int, timeout: float = REMOVE_TIMEOUT) -> None:
+        """Destroy a guest in libxl's order (``libxl__destroy_domid``).
 
-        Its event channels close (peers see their ports unbound and fire),
-        its grants are revoked once nobody maps them, its devices are
-        removed, @releaseDomain fires and its XenStore home is deleted.
+        First its devices: each frontend directory is deleted, each backend
+        asked to close (``online`` = 0, Closing unless Closed) and given up
+        to ``timeout`` seconds (libxl's 10 by default) before its
+        directories are deleted anyway, with the parents this empties;
+        devices it served as a driver domain are deleted at once.  Then its
+        XenStore home goes, and last the domain itself: its event channels
+        close (peers see their ports unbound and fire), its grants are
+        revoked once nobody maps them, and @releaseDomain fires.
         """
         domid = domain if isinstance(domain, int) else domain.domid
         if domid == 0:
             raise ValueError("dom0 cannot be destroyed")
+        if not timeout >= 0:
+            raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
         with self._lock:
             self._check_running()
             if domid not in self._domains:
                 raise LookupError(f"no domain {domid}")
+            # Unlisted first: nobody else can destroy it while we wait for
+            # its backends, which is done without _lock.
             del self._domains[domid]
-            self.hypervisor.remove_domain(domid)
-            try:
-                self.xenstored.release_domain(domid)
-            except KeyError:
-                pass  # dom0 already sent RELEASE over the wire
+        try:
             for dev in self.toolstack.devices():
-                if domid in (dev.frontend_id, dev.backend_id):
+                if dev.backend_id == domid:
                     self.toolstack.destroy_device(dev)
-
+            self.toolstack.destroy_devices(domid, timeout)
             self._forget_home(domid)
+        finally:
+            with self._lock:
+                # A host closed meanwhile took the domain down with it.
+                if self._state == "running":
+                    self.hypervisor.remove_domain(domid)
+                    try:
+                        self.xenstored.release_domain(domid)
+                    except KeyError:
+                        pass  # dom0 already sent RELEASE over the wire
             try:
                 (self.run_dir / "domains" / str(domid)).rmdir()
             except OSError:

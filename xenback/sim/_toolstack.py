@@ -12,16 +12,24 @@ Adding a device writes, in one transaction, the nodes and permissions of
 * libxl's private ``/libxl/<fe>/device/<type>/<devid>`` with ``frontend``
   and ``backend`` (dom0 only).
 
-Removing follows ``libxl__initiate_device_generic_remove``: ``online`` = 0 and
-``state`` = 5 (Closing) in one transaction, a wait of up to 10 s for the
-backend to reach 6 (Closed), then all three directories are deleted; a
-backend that does not close in time is removed anyway, as libxl's forced
-remove does after its timeout.
+Removing follows ``libxl__initiate_device_generic_remove``: ``online`` = 0,
+and ``state`` = 5 (Closing) unless the backend is Closed (6) already, in one
+transaction; a wait of up to 10 s for the backend to reach Closed; then, in
+one transaction, the frontend, libxl and backend directories are deleted in
+that order, each with its parents that this leaves empty
+(``libxl__xs_path_cleanup``): removing the last device of a type deletes
+``backend/<type>`` itself, the directory a backend watches.  A backend that
+does not close in time is removed anyway, as libxl's forced remove does
+after its timeout.
+
+A dying domain's devices (``libxl__devices_destroy``) lose their frontend
+directory first, before the backend is asked to close; the rest is as above.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import queue
@@ -184,40 +192,58 @@ class Toolstack:
     def remove_device(self, device: Device, timeout: float = REMOVE_TIMEOUT) -> bool:
         """Remove ``device`` as libxl does; returns False if the backend did
         not reach Closed within ``timeout`` seconds (it is removed anyway)."""
-        be = device.backend_path.encode()
-        with self._watch(be + b"/state") as events:
+        return not self._remove([device], timeout)
 
-            def initiate(c: pyxs.Client) -> bool:
-                state = _read(c, be + b"/state")
-                if state is None:
-                    return False  # already gone
-                c.write(be + b"/online", b"0")
-                if _int(state) == XENBUS_STATE_CLOSED:
-                    return False
-                c.write(be + b"/state", str(XENBUS_STATE_CLOSING).encode())
-                return True
-
-            closed = True
-            if self.transaction(initiate):
-                closed = self._wait_closed(be + b"/state", events, timeout)
-                if not closed:
-                    logger.warning(
-                        "toolstack: backend %s did not close within %.1f s; forcing removal",
-                        device.backend_path,
-                        timeout,
-                    )
-        self.destroy_device(device)
-        return closed
+    def destroy_devices(self, domid: int, timeout: float = REMOVE_TIMEOUT) -> list[Device]:
+        """Remove the devices of dying frontend domain ``domid`` as
+        ``libxl__devices_destroy`` does: every frontend directory first,
+        then each backend asked to close, waited for up to ``timeout``
+        seconds in all, and removed.  Returns the devices whose backend did
+        not close in time (removed anyway)."""
+        _check_domid("domid", domid)
+        devices = [d for d in self.devices(domid) if d.backend_id != domid]
+        for dev in devices:
+            self.transaction(functools.partial(_prune, path=dev.frontend_path))
+        return self._remove(devices, timeout)
 
     def destroy_device(self, device: Device) -> None:
-        """Delete a device's directories at once (forced removal, domain death)."""
+        """Delete a device's directories at once, without asking its backend
+        (libxl__device_destroy: the end of a removal, or a forced one)."""
 
         def body(c: pyxs.Client) -> None:
-            for path in (device.frontend_path, device.backend_path, device.libxl_path):
-                _rm(c, path.encode())
+            for path in (device.frontend_path, device.libxl_path, device.backend_path):
+                _prune(c, path)
 
         self.transaction(body)
         logger.info("toolstack: removed %s", device.backend_path)
+
+    def _remove(self, devices: list[Device], timeout: float) -> list[Device]:
+        """Ask each backend to close, wait for all of them until a shared
+        deadline, then delete every device; returns those that timed out."""
+        if not devices:
+            return []
+        deadline = time.monotonic() + timeout
+        states = [dev.backend_path.encode() + b"/state" for dev in devices]
+        late = []
+        # The watches are set before the first write so that no state
+        # change can slip between the write and the wait.
+        with self._watch(states) as events:
+            waiting = [
+                (dev, state)
+                for dev, state in zip(devices, states, strict=True)
+                if self.transaction(functools.partial(_initiate, state_path=state))
+            ]
+            for dev, state in waiting:
+                if not self._wait_closed(state, events, deadline):
+                    logger.warning(
+                        "toolstack: backend %s did not close within %.1f s; forcing removal",
+                        dev.backend_path,
+                        timeout,
+                    )
+                    late.append(dev)
+        for dev in devices:
+            self.destroy_device(dev)
+        return late
 
     def devices(self, domid: int | None = None) -> list[Device]:
         """Devices libxl knows of, for frontend ``domid`` or all."""
@@ -238,14 +264,16 @@ class Toolstack:
     # -- waiting -------------------------------------------------------------
 
     @contextmanager
-    def _watch(self, path: bytes) -> Iterator[queue.Queue[Any]]:
+    def _watch(self, paths: list[bytes]) -> Iterator[queue.Queue[Any]]:
         with self._client() as client:
             monitor = client.monitor()
-            monitor.watch(path, b"toolstack")
+            for path in paths:
+                monitor.watch(path, b"toolstack")
             yield monitor.events
 
-    def _wait_closed(self, path: bytes, events: queue.Queue[Any], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+    def _wait_closed(self, path: bytes, events: queue.Queue[Any], deadline: float) -> bool:
+        """Wait until ``path`` reads Closed or is gone; False at ``deadline``.
+        Any event wakes the wait: each one is followed by a fresh read."""
         with self._client() as client:
             while True:
                 state = _read(client, path)
@@ -258,6 +286,20 @@ class Toolstack:
                     events.get(timeout=remaining)
                 except queue.Empty:
                     return False
+
+
+def _initiate(c: pyxs.Client, state_path: bytes) -> bool:
+    """libxl__initiate_device_generic_remove's transaction: ``online`` = 0,
+    and Closing unless the backend is Closed.  True if there is a backend
+    to wait for."""
+    state = _read(c, state_path)
+    if state is None:
+        return False  # already gone
+    c.write(state_path.rsplit(b"/", 1)[0] + b"/online", b"0")
+    if _int(state) == XENBUS_STATE_CLOSED:
+        return False
+    c.write(state_path, str(XENBUS_STATE_CLOSING).encode())
+    return True
 
 
 def _int(value: bytes) -> int:
@@ -285,6 +327,18 @@ def _list(c: pyxs.Client, path: bytes) -> list[bytes]:
         if e.args and e.args[0] == errno.ENOENT:
             return []
         raise
+
+
+def _prune(c: pyxs.Client, path: str) -> None:
+    """libxl__xs_path_cleanup: delete ``path``, then each parent that this
+    leaves empty (no value, no children), up to the first that is not."""
+    node = path.encode()
+    _rm(c, node)
+    while True:
+        node = node.rsplit(b"/", 1)[0]
+        if not node or _read(c, node) != b"" or _list(c, node):
+            return
+        _rm(c, node)
 
 
 def _rm(c: pyxs.Client, path: bytes) -> None:
