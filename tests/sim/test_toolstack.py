@@ -164,7 +164,7 @@ class Recorder:
         self.marks += 1
         mark = f"/mark{self.marks}".encode()
         self.client.write(mark, b"1")
-        out = []
+        out: list[str] = []
         while True:
             event = self.monitor.events.get(timeout=10)
             if event.path == mark:
@@ -217,7 +217,8 @@ def test_remove_device_order_and_pruned_parents(
 
 def test_destroy_domain_order(host: SimHost, guest: Domain, recorder: Recorder) -> None:
     dev = host.toolstack.add_device("pvcalls", guest.domid)
-    backend = backend_that_closes(host, dev, seen := [])
+    seen: list[bytes] = []
+    backend = backend_that_closes(host, dev, seen)
     recorder.paths()
     host.destroy_domain(guest)
     backend.join(10)
