@@ -52,6 +52,9 @@ def test_add_writes_exactly_libxls_nodes(host: SimHost, guest: Domain) -> None:
             ".": "",
             "/frontend": dev.frontend_path,
             "/backend": dev.backend_path,
+            "/frontend-id": "1",
+            "/online": "1",
+            "/state": "1",
         }
     assert host.toolstack.devices() == [dev]
 
@@ -182,6 +185,15 @@ def recorder(host: SimHost) -> Iterator[Recorder]:
     rec = Recorder(host)
     yield rec
     rec.close()
+
+
+def test_add_device_order(host: SimHost, guest: Domain, recorder: Recorder) -> None:
+    dev = host.toolstack.add_device("pvcalls", guest.domid)
+    changes = recorder.paths()
+    lx = dev.libxl_path
+    order = [lx, f"{lx}/backend", dev.frontend_path, f"{dev.frontend_path}/state",
+             dev.backend_path, f"{dev.backend_path}/state", f"{lx}/frontend-id", f"{lx}/state"]
+    assert [changes.index(path) for path in order] == sorted(changes.index(p) for p in order)
 
 
 def test_remove_device_order_and_pruned_parents(

@@ -1,7 +1,7 @@
 """The toolstack of the simulated host: what libxl writes into XenStore.
 
 Adding a device writes, in one transaction, the nodes and permissions of
-``libxl__device_generic_add``:
+``libxl__device_generic_add``, the frontend's before the backend's:
 
 * backend ``/local/domain/<be>/backend/<type>/<fe>/<devid>``, owned by the
   backend domain and readable by the frontend: ``frontend``, ``frontend-id``,
@@ -9,8 +9,10 @@ Adding a device writes, in one transaction, the nodes and permissions of
 * frontend ``/local/domain/<fe>/device/<type>/<devid>``, owned by the
   frontend domain and readable by the backend: ``backend``, ``backend-id``,
   ``state`` = 1, plus the caller's nodes;
-* libxl's private ``/libxl/<fe>/device/<type>/<devid>`` with ``frontend``
-  and ``backend`` (dom0 only).
+* libxl's private ``/libxl/<fe>/device/<type>/<devid>`` (dom0 only): its
+  ``frontend`` and ``backend`` first, before the two directories above, and
+  ``frontend-id``, ``online`` = 1 and ``state`` = 1 after them, the order
+  libxl 4.17 was seen to write them in on real Xen.
 
 Removing follows ``libxl__initiate_device_generic_remove``: ``online`` = 0,
 and ``state`` = 5 (Closing) unless the backend is Closed (6) already, in one
@@ -166,6 +168,13 @@ class Toolstack:
                 c.write(base + b"/" + key.encode(), str(value).encode())
 
         def body(c: pyxs.Client) -> None:
+            # libxl's order: its own directory, the frontend's, the
+            # backend's, then the rest of its own.
+            lx = dev.libxl_path.encode()
+            _rm(c, lx)
+            c.mkdir(lx)
+            c.set_perms(lx, [b"n0"])
+            write(c, lx, {"frontend": dev.frontend_path, "backend": dev.backend_path})
             _rm(c, fe)
             c.mkdir(fe)
             c.set_perms(fe, frontend_perms)
@@ -179,11 +188,8 @@ class Toolstack:
             write(c, be, {"frontend-id": frontend_id, "online": 1})
             write(c, be, {"state": XENBUS_STATE_INITIALISING})
             write(c, be, backend_nodes)
-            lx = dev.libxl_path.encode()
-            _rm(c, lx)
-            c.mkdir(lx)
-            c.set_perms(lx, [b"n0"])
-            write(c, lx, {"frontend": dev.frontend_path, "backend": dev.backend_path})
+            write(c, lx, {"frontend-id": frontend_id, "online": 1})
+            write(c, lx, {"state": XENBUS_STATE_INITIALISING})
 
         self.transaction(body)
         logger.info("toolstack: added %s device %d: %s <- %s", device_type, devid, be, fe)
