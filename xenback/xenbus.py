@@ -7,7 +7,10 @@ protocol (section 2 of the protocol reference), item by item:
 
 * discovery: a watch on ``/local/domain/<self>/backend/<type>``; a device
   ``backend/<type>/<frontend-id>/<devid>`` is probed only when its backend
-  ``state`` is Initialising (1);
+  ``state`` is Initialising (1).  libxl deletes that directory itself with
+  its last device (it prunes the parents a removal leaves empty) and
+  re-creates it for the next one: the watch outlives the node and fires
+  again, as XenStore's watches do, so nothing is re-armed;
 * probe: ``frontend`` and ``frontend-id`` are read and the frontend path
   must exist, then :meth:`BackendDriver.probe` writes the feature nodes and
   the base switches to InitWait and watches the frontend's ``state``;
@@ -539,8 +542,9 @@ class BackendDriver:
         if path.startswith(self.backend_root + "/") and len(parts) >= 2:
             self._check_device(parts[0], parts[1])
             return
-        # The whole tree (first event, or a frontend's subtree removed):
-        # every device listed, and every known one that no longer is.
+        # The whole tree (first event, a frontend's subtree removed, or the
+        # root itself deleted with its last device): every device listed,
+        # and every known one that no longer is.
         listed = {
             (fe, devid)
             for fe in self.xenstore.ls(self.backend_root)
