@@ -216,3 +216,39 @@ def test_destroy_after_a_wire_release(host: SimHost) -> None:
         host.destroy_domain(guest)
         assert not c.exists(b"/local/domain/1")
     assert host.domains() == [host.dom0]
+
+
+def test_destroy_waits_for_the_backend_without_holding_the_host(host: SimHost) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("vif", guest.domid)
+    state = dev.backend_path.encode() + b"/state"
+    with host.dom0.xenstore() as c:
+        monitor = c.monitor()
+        monitor.watch(state, b"t")
+        done = threading.Event()
+
+        def destroy() -> None:
+            host.destroy_domain(guest, timeout=60)
+            done.set()
+
+        thread = threading.Thread(target=destroy)
+        thread.start()
+        try:
+            while c.read(state, b"") != b"5":  # the toolstack asks it to close
+                monitor.events.get(timeout=10)
+            # The guest is no longer listed, and the host serves others
+            # while libxl waits for the backend.
+            assert guest not in host.domains()
+            other = host.create_domain("other")
+            with pytest.raises(LookupError):
+                host.destroy_domain(guest)
+            assert not done.is_set()
+            with guest.xenstore() as g:  # alive until its devices are gone
+                assert g.read(b"name") == b"guest"
+            c.write(state, b"6")  # the backend closes: the wait ends
+        finally:
+            thread.join(30)
+        assert done.is_set()
+        assert host.domains() == [host.dom0, other]
+        with pytest.raises(LookupError):
+            host.domain(guest.domid)
