@@ -172,23 +172,32 @@ def single_stream(connect: Callable[[], Any], seconds: float) -> float:
     """Bytes per second through one echoed stream of 64 KiB writes."""
     s = connect()
     chunk = os.urandom(CHUNK)
-    sent = 0
+    # The writer fixes the total before it sends its last chunk, so the
+    # reader blocks in recv only while more data is sure to come.  (Counting
+    # after each sendall let the reader take the last echo before the count
+    # and the end flag and then block forever in recv.)
+    total = 0
     done = threading.Event()
 
     def writer() -> None:
-        nonlocal sent
+        nonlocal total
         end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            s.sendall(chunk)
+        sent = 0
+        while True:
             sent += len(chunk)
-        done.set()
+            if time.perf_counter() >= end:
+                total = sent
+                done.set()
+                s.sendall(chunk)
+                return
+            s.sendall(chunk)
 
     start = time.perf_counter()
     t = threading.Thread(target=writer)
     t.start()
     received = 0
     view = memoryview(bytearray(CHUNK))
-    while not (done.is_set() and received >= sent):
+    while not (done.is_set() and received >= total):
         n = s.recv_into(view)
         if n == 0:
             raise ConnectionError("echo server closed the connection")
