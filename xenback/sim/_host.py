@@ -181,7 +181,7 @@ class SimHost:
 
     @property
     def xenstored(self) -> XenStored:
-        """The XenStore server (H3's :class:`~xenback.sim._xenstored.XenStored`)."""
+        """The XenStore server (:class:`~xenback.sim._xenstored.XenStored`)."""
         if self._xenstored is None:
             raise RuntimeError("SimHost is not started")
         return self._xenstored
