@@ -11,6 +11,19 @@ thread and must be tiny: queue a work item and return.
 A fired port stays masked until its callback has returned (libxenevtchn's
 semantics): a guest hammering its port costs one callback per dispatch
 round, not one per notification.
+
+Poll mode
+---------
+A callback that queues a work item hands the event to another thread: the
+worker wakes, and under the GIL that hand-off costs as much as the work of a
+small request.  A backend that runs its I/O on per-CPU work items can take
+the events on those CPUs instead, as Linux's NAPI polls a device from the
+CPU that will process its packets: made with ``thread=False``, a dispatcher
+starts no thread, and whoever owns it calls :meth:`EventDispatcher.poll`,
+typically from a work item that queues itself again.  The callbacks then
+queue work on the pool of the very worker that polls, which runs it next,
+without waking anybody.  The sleep in ``epoll_wait`` is wrapped in
+:func:`workqueue.blocking`, so the pool runs other items meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
+
+from workqueue import blocking
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, Platform
@@ -45,7 +60,9 @@ class EventDispatcher:
     itself), so the caller may free what the callback uses.
     """
 
-    def __init__(self, platform: Platform, *, name: str = "xenback-events") -> None:
+    def __init__(self, platform: Platform, *, name: str = "xenback-events",
+                 thread: bool = True) -> None:
+        self.name = name
         self._evtchn: EventChannel = platform.evtchn()
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -63,8 +80,16 @@ class EventDispatcher:
         self._fds: dict[int, FdCallback] = {}
         self._running: tuple[str, int] | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        # The thread that runs the callbacks: ours, or (poll mode) the one
+        # inside poll(), None between polls.  Written only by that thread.
+        self._dispatching: threading.Thread | None = None
+        # Poll mode: held by the one thread inside poll(), so that close()
+        # can wait for it to leave before the descriptors go.
+        self._poll_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
 
     def __enter__(self) -> EventDispatcher:
         return self
@@ -138,16 +163,60 @@ class EventDispatcher:
                 raise KeyError(f"fd {fd} is not registered")
             self._epoll.unregister(fd)
 
+    # Poll mode.
+
+    def poll(self, timeout: float | None = None) -> int:
+        """Wait up to ``timeout`` seconds (None: for ever) until a port or an
+        fd is ready or :meth:`wakeup` is called, then run the callbacks of
+        what is ready, in the calling thread; returns how many ran.
+
+        For a dispatcher made with ``thread=False``, by one thread at a time.
+        The wait counts as blocking for a calling work item
+        (:func:`workqueue.blocking`); the callbacks run after it, as the
+        item itself.
+        """
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name}: poll() is for a dispatcher made with thread=False")
+        if not self._poll_lock.acquire(blocking=False):
+            raise RuntimeError(f"{self.name}: poll() called by two threads at once")
+        try:
+            if self._closed:
+                return 0
+            with blocking():
+                try:
+                    ready = self._epoll.poll(-1 if timeout is None else max(0.0, timeout))
+                except InterruptedError:
+                    return 0
+            self._dispatching = threading.current_thread()
+            try:
+                return self._dispatch(ready)
+            finally:
+                self._dispatching = None
+        finally:
+            self._poll_lock.release()
+
+    def wakeup(self) -> None:
+        """Make the current (or the next) :meth:`poll` return at once."""
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: a wake-up is pending already
+
     # Lifetime.
 
     def close(self) -> None:
-        """Stop the thread, unbind every port, close the handle."""
+        """Stop the thread (or wait for a poll in progress to return),
+        unbind every port, close the handle."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        os.write(self._wake_w, b"x")
-        if self._thread is not threading.current_thread():
+        self.wakeup()
+        if self._thread is None:
+            if self._dispatching is not threading.current_thread():
+                with self._poll_lock:
+                    pass
+        elif self._thread is not threading.current_thread():
             self._thread.join()
         with self._lock:
             for port in list(self._ports):
@@ -174,26 +243,35 @@ class EventDispatcher:
 
     def _wait_idle(self, kind: str, key: int) -> None:
         # Called with _lock held.
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._dispatching:
             return
         while self._running == (kind, key):
             self._idle.wait()
 
     def _run(self) -> None:
-        while True:
+        self._dispatching = threading.current_thread()
+        while not self._closed:
             try:
                 ready = self._epoll.poll()
             except InterruptedError:
                 continue
-            for fd, revents in ready:
-                if fd == self._wake_r:
-                    return  # closing
-                if fd == self._evtchn_fd:
-                    self._dispatch_ports()
-                else:
-                    self._dispatch_fd(fd, revents)
+            self._dispatch(ready)
 
-    def _dispatch_ports(self) -> None:
+    def _dispatch(self, ready: list[tuple[int, int]]) -> int:
+        ran = 0
+        for fd, revents in ready:
+            if self._closed:
+                break  # closed by a callback: the descriptors are going
+            if fd == self._wake_r:
+                _drain(fd)
+            elif fd == self._evtchn_fd:
+                ran += self._dispatch_ports()
+            else:
+                ran += self._dispatch_fd(fd, revents)
+        return ran
+
+    def _dispatch_ports(self) -> int:
+        ran = 0
         while True:
             # Only this thread calls pending(), so it needs no lock; a slow
             # one must not hold up bind/unbind callers either.
@@ -206,15 +284,16 @@ class EventDispatcher:
                 with self._lock:
                     if not self._closed:
                         self._epoll.unregister(self._evtchn_fd)
-                return
+                return ran
             if port is None:
-                return
+                return ran
             with self._lock:
                 if self._closed:
-                    return
+                    return ran
                 callback = self._ports.get(port)
                 self._running = ("port", port)
             if callback is not None:
+                ran += 1
                 try:
                     callback(port)
                 except Exception:
@@ -225,11 +304,11 @@ class EventDispatcher:
                 if port in self._ports:
                     self._evtchn.unmask(port)
 
-    def _dispatch_fd(self, fd: int, revents: int) -> None:
+    def _dispatch_fd(self, fd: int, revents: int) -> int:
         with self._lock:
             callback = self._fds.get(fd)
-            if callback is None:
-                return
+            if callback is None or self._closed:
+                return 0
             self._running = ("fd", fd)
         try:
             callback(fd, revents)
@@ -239,3 +318,13 @@ class EventDispatcher:
             with self._lock:
                 self._running = None
                 self._idle.notify_all()
+        return 1
+
+
+def _drain(fd: int) -> None:
+    """Empty the wake-up pipe (non-blocking)."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

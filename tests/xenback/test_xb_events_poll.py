@@ -1,0 +1,171 @@
+"""EventDispatcher in poll mode: callbacks run in the thread that polls."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
+from workqueue import Topology, Work, alloc_workqueue
+from xenback import EventDispatcher
+
+
+@pytest.fixture
+def polled(host):
+    """A guest's event channel handle and a dom0 dispatcher in poll mode."""
+    before = {t.ident for t in threading.enumerate()}
+    guest = host.create_domain("guest")
+    evtchn = guest.evtchn()
+    dispatcher = EventDispatcher(host.dom0, thread=False)
+    yield guest, evtchn, dispatcher
+    dispatcher.close()
+    evtchn.close()
+    assert not leaked_threads(before)
+
+
+def test_poll_mode_starts_no_thread(host) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    dispatcher = EventDispatcher(host.dom0, thread=False)
+    try:
+        assert {t.ident for t in threading.enumerate()} == before
+    finally:
+        dispatcher.close()
+
+
+def test_callbacks_run_in_the_polling_thread(polled) -> None:
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[tuple[int, threading.Thread]] = []
+    local = dispatcher.bind_interdomain(
+        guest.domid, remote, lambda port: calls.append((port, threading.current_thread())))
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert calls == [(local, threading.current_thread())]
+    # The port was unmasked after its callback: the next event comes through.
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert len(calls) == 2
+
+
+def test_poll_times_out_with_nothing_ready(polled) -> None:
+    _, _, dispatcher = polled
+    assert dispatcher.poll(0) == 0
+    assert dispatcher.poll(0.01) == 0
+
+
+def test_host_fd_in_poll_mode(polled) -> None:
+    _, _, dispatcher = polled
+    r, w = os.pipe()
+    try:
+        seen: list[int] = []
+        dispatcher.add_fd(r, 0x001, lambda fd, events: seen.append(fd))  # EPOLLIN
+        os.write(w, b"x")
+        assert dispatcher.poll(TIMEOUT) == 1
+        assert seen == [r]
+        dispatcher.remove_fd(r)
+        assert dispatcher.poll(0) == 0  # no longer watched, though still readable
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_wakeup_ends_a_poll_in_progress(polled) -> None:
+    _, _, dispatcher = polled
+    returned = threading.Event()
+
+    def poller() -> None:
+        dispatcher.poll(None)
+        returned.set()
+
+    t = threading.Thread(target=poller)
+    t.start()
+    dispatcher.wakeup()
+    assert returned.wait(TIMEOUT)
+    t.join(TIMEOUT)
+
+
+def test_close_waits_for_a_poll_in_progress(host) -> None:
+    dispatcher = EventDispatcher(host.dom0, thread=False)
+    entered = threading.Event()
+    result: list[int] = []
+    t = threading.Thread(target=lambda: (entered.set(), result.append(dispatcher.poll(None))))
+    t.start()
+    assert entered.wait(TIMEOUT)
+    dispatcher.close()  # wakes the poll and waits for it
+    t.join(TIMEOUT)
+    assert result == [0] and not t.is_alive()
+    assert dispatcher.poll(0) == 0  # a closed dispatcher has nothing more
+
+
+def test_poll_is_for_poll_mode_only(host) -> None:
+    dispatcher = EventDispatcher(host.dom0)
+    try:
+        with pytest.raises(RuntimeError, match="thread=False"):
+            dispatcher.poll(0)
+    finally:
+        dispatcher.close()
+
+
+def test_one_poller_at_a_time(polled) -> None:
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def callback(port: int) -> None:
+        inside.set()
+        release.wait(TIMEOUT)
+
+    dispatcher.bind_interdomain(guest.domid, remote, callback)
+    evtchn.notify(remote)
+    t = threading.Thread(target=dispatcher.poll, args=(TIMEOUT,))
+    t.start()
+    try:
+        assert inside.wait(TIMEOUT)  # the other thread is inside poll()
+        with pytest.raises(RuntimeError, match="two threads"):
+            dispatcher.poll(0)
+    finally:
+        release.set()
+        t.join(TIMEOUT)
+
+
+def test_unbind_from_a_callback_does_not_wait_for_itself(polled) -> None:
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    local: list[int] = []
+
+    def callback(port: int) -> None:
+        dispatcher.unbind(port)  # would deadlock if it waited for itself
+
+    local.append(dispatcher.bind_interdomain(guest.domid, remote, callback))
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert dispatcher.ports == []
+
+
+def test_the_wait_counts_as_blocking_for_a_work_item(polled) -> None:
+    """A work item sleeping in poll() lets its pool run the next item."""
+    guest, evtchn, dispatcher = polled
+    # Long enough that only blocking() can let the other item in.
+    topology = Topology(1, cpu_intensive_thresh=3600.0)
+    wq = alloc_workqueue("poll-test", topology=topology)
+    try:
+        other_ran = threading.Event()
+        polling = threading.Event()
+
+        def poll_fn(work: Work) -> None:
+            polling.set()
+            dispatcher.poll(TIMEOUT)
+
+        wq.queue_work(Work(poll_fn))
+        assert polling.wait(TIMEOUT)
+        wq.queue_work(Work(lambda work: other_ran.set()))
+        # The pool's one running item sleeps in epoll: without blocking()
+        # the other would wait for the cpu-intensive threshold, an hour.
+        assert other_ran.wait(TIMEOUT)
+        dispatcher.wakeup()
+        wq.flush()
+    finally:
+        wq.destroy()
