@@ -11,8 +11,10 @@ Structure
 * ``load_index``, the :class:`workqueue.LoadIndex` that homes each active
   socket on one of those CPUs and re-homes it when its CPU goes offline;
 * ``cmd_wq``, an unbound workqueue for command rings and listening sockets;
-* one :class:`xenback.events.EventDispatcher`: one epoll thread for every
-  event channel and every host socket (no thread per socket);
+* one :class:`xenback.events.EventDispatcher`, an epoll thread for the
+  command rings' event channels and the listening sockets, and per ioworker
+  CPU a :class:`pvcalls._poller.CpuPoller` that takes the events of the
+  active sockets on that CPU (no thread per socket);
 * the xenbus driver (:class:`_PvcallsDriver`) that handshakes with frontends.
 
 Each connected frontend is a :class:`_Frontend`: the mapped command ring, its
@@ -68,6 +70,7 @@ from xenback.ring import BackRing, RingError
 
 from . import _errno
 from ._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy
+from ._poller import CpuPoller
 from ._socket import (
     ActiveSocket,
     CommandError,
@@ -240,6 +243,11 @@ class Backend:
             undo.callback(self.gnttab.close)
             self.dispatcher = EventDispatcher(platform, name="pvcalls-events")
             undo.callback(self.dispatcher.close)
+            self._pollers: dict[int, CpuPoller] = {}
+            undo.callback(self._close_pollers)
+            for cpu in topology.possible():
+                self._pollers[cpu] = poller = CpuPoller(platform, self.io_wq, cpu)
+                poller.start()
             self._driver = _PvcallsDriver(self, platform)
             undo.callback(self._driver.stop)
             self._driver.start()
@@ -336,7 +344,21 @@ class Backend:
         if not dev.gone:
             dev.switch_state(XenbusState.CLOSING)
 
+    def events_for_next_socket(self) -> EventDispatcher:
+        """The event dispatcher of the CPU the load index would give a socket
+        placed now (its least loaded online CPU, lowest number first, as
+        LoadIndex.assign picks): a socket's event channel and host socket go
+        to the poller of the CPU it will most likely run on."""
+        cpu = min(self.topology.online(), key=self.load_index.load)
+        return self._pollers[cpu].events
+
+    def _close_pollers(self) -> None:
+        for poller in self._pollers.values():
+            poller.close()
+        self._pollers.clear()
+
     def _release_shared(self) -> None:
+        self._close_pollers()
         self.dispatcher.close()
         self.gnttab.close()
         self.load_index.close()
@@ -471,14 +493,6 @@ class _Frontend:
                 return
             if self.ring.push_responses():
                 self.dispatcher.notify(self.port)
-
-    def notify(self, port: int | None) -> None:
-        """Kick the frontend on a socket's event channel."""
-        if port is not None:
-            try:
-                self.dispatcher.notify(port)
-            except OSError:
-                logger.debug("dom%d: notify on port %d failed", self.domid, port, exc_info=True)
 
     # -- the command Work -----------------------------------------------------------------
 

@@ -17,7 +17,9 @@ Every active socket is one :class:`workqueue.Work` (the object itself), homed
 on one CPU of the backend's bound workqueue by a :class:`workqueue.LoadIndex`
 when it is connected or accepted, and queued only there
 (``queue_work_on(sock.cpu, sock)``).  Readiness (host socket readable or
-writable, the frontend's event channel) only queues that Work; the Work then
+writable, the frontend's event channel) only queues that Work, and is taken
+by the poller of that CPU (:mod:`pvcalls._poller`), whose worker runs the
+Work next without waking another thread; the Work then
 moves bytes in both directions until there is nothing left to move, with
 non-blocking ``recvmsg_into`` / ``sendmsg`` straight between the host socket
 and memoryviews of the mapped ring pages.  A Work never runs concurrently
@@ -61,6 +63,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from xenback._barrier import lib as _barrier
 
 from workqueue import Work
+from xenback.events import EventDispatcher
 from xenback.platform import GrantMapping, GrantTable
 from xenback.ring import FlexRing, RingError
 
@@ -268,6 +271,9 @@ class ActiveSocket(Work):
         self.host: socket.socket | None = None
         self.ring: DataRing | None = None
         self.port: int | None = None        # our local event channel port
+        # The dispatcher of our CPU's poller, with our port and host socket
+        # (see pvcalls._poller); chosen when the ring is attached.
+        self.events: EventDispatcher | None = None
         self.remote: tuple[str, int] | None = None
         self.bytes_in = 0                   # host -> guest (in ring)
         self.bytes_out = 0                  # guest -> host (out ring)
@@ -304,8 +310,9 @@ class ActiveSocket(Work):
         """Map the data ring at ``ref`` and bind the frontend's ``remote_port``."""
         fe = self.frontend
         self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order)
+        self.events = fe.backend.events_for_next_socket()
         try:
-            self.port = fe.dispatcher.bind_interdomain(fe.domid, remote_port, self._on_event)
+            self.port = self.events.bind_interdomain(fe.domid, remote_port, self._on_event)
         except (OSError, ValueError) as exc:
             self.ring.close()
             self.ring = None
@@ -344,10 +351,10 @@ class ActiveSocket(Work):
                 self.connect_request = None
             # Registering reports data that came already (epoll_ctl checks
             # readiness), and _rx_more starts true: no kick needed.
-            self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
+            self._events().add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
             return True
         self._out_armed = True
-        self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS_OUT, self._on_host_event)
+        self._events().add_fd(host.fileno(), ACTIVE_EVENTS_OUT, self._on_host_event)
         # Also covers a connect that completed meanwhile.
         self.kick()
         return False
@@ -361,9 +368,23 @@ class ActiveSocket(Work):
         with self._lock:
             self.state = SockState.CONNECTED
         self.place()
-        self.frontend.dispatcher.add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
+        self._events().add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
 
     # -- readiness ------------------------------------------------------------
+
+    def _events(self) -> EventDispatcher:
+        events = self.events
+        assert events is not None, "the ring is attached before the host socket is watched"
+        return events
+
+    def _notify(self) -> None:
+        """Kick the frontend on our event channel."""
+        port = self.port
+        if port is not None:
+            try:
+                self._events().notify(port)
+            except OSError:
+                logger.debug("%r: notify on port %d failed", self, port, exc_info=True)
 
     def _on_event(self, *_: object) -> None:
         self.kick()
@@ -406,7 +427,7 @@ class ActiveSocket(Work):
             if received or self._room_made:
                 changed, self._room_made = True, False
             if changed:
-                self.frontend.notify(self.port)
+                self._notify()
             if not (sent or received):
                 return
             budget -= sent + received
@@ -451,8 +472,7 @@ class ActiveSocket(Work):
         meanwhile (epoll_ctl re-checks readiness), so no wake-up is lost."""
         if self._out_armed != on:
             self._out_armed = on
-            self.frontend.dispatcher.modify_fd(host.fileno(),
-                                               ACTIVE_EVENTS_OUT if on else ACTIVE_EVENTS)
+            self._events().modify_fd(host.fileno(), ACTIVE_EVENTS_OUT if on else ACTIVE_EVENTS)
 
     def _rx(self, ring: DataRing, host: socket.socket) -> int:
         """Host -> guest.  Bytes moved, or -1 if only the error state changed."""
@@ -566,15 +586,17 @@ class ActiveSocket(Work):
                 return request
             self._torn_down = True
         fe = self.frontend
+        events = self.events
         if self.host is not None:
-            try:
-                fe.dispatcher.remove_fd(self.host.fileno())
-            except (OSError, KeyError, ValueError):
-                pass
+            if events is not None:
+                try:
+                    events.remove_fd(self.host.fileno())
+                except (OSError, KeyError, ValueError):
+                    pass
             self.host.close()
-        if self.port is not None:
+        if self.port is not None and events is not None:
             try:
-                fe.dispatcher.unbind(self.port)
+                events.unbind(self.port)
             except (OSError, KeyError, ValueError):
                 logger.debug("unbinding port %s failed", self.port, exc_info=True)
             self.port = None

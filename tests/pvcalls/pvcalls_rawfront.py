@@ -364,3 +364,12 @@ class RawFrontend:
             return sent == len(data)
 
         self.wait(done, timeout)
+
+
+def bound_ports(backend: Any) -> list[int]:
+    """Every event channel port the backend has bound: the command rings'
+    (its event thread) and the active sockets' (its per-CPU pollers)."""
+    ports = list(backend.dispatcher.ports)
+    for poller in backend._pollers.values():
+        ports += poller.events.ports
+    return ports

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import RawFrontend, wait_until
+from pvcalls_rawfront import RawFrontend, bound_ports, wait_until
 
 import pvcalls
 from pvcalls import _wire
@@ -149,7 +149,7 @@ def test_teardown_leaves_nothing_behind(host: Any, backend: pvcalls.Backend,
         if end == "closing":
             fe.close()
             assert backend.stats().frontends == 0
-            assert backend.dispatcher.ports == []
+            assert bound_ports(backend) == []
             _end_guest_side(fe)
             host.destroy_domain(guest)
         else:
@@ -158,7 +158,7 @@ def test_teardown_leaves_nothing_behind(host: Any, backend: pvcalls.Backend,
             wait_until(lambda: backend.stats().frontends == 0)
         assert backend.stats().sockets == ()
         assert all(c.sockets == 0 for c in backend.stats().cpus)
-        assert backend.dispatcher.ports == []
+        assert bound_ports(backend) == []
         wait_until(lambda: _held(host) == before)  # noqa: B023 (called at once)
         threads.append(_threads())
     # No thread per frontend or socket: beyond the workqueues' worker pools
@@ -176,6 +176,6 @@ def test_close_closes_every_frontend(make_frontend: Any, host: Any, topology: To
     for fe in fes:
         assert fe.backend_state() == 6
         fe.xs.close()
-    assert backend.dispatcher.ports == []
+    assert bound_ports(backend) == []
     backend.close()  # idempotent
 

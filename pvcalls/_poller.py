@@ -1,0 +1,71 @@
+"""Per-CPU event polling: where an active socket's readiness is taken.
+
+An event handed from one thread to another costs a wake-up and a GIL
+hand-off, about as much as moving a small request through the rings.  So
+the events of active sockets are not taken by the backend's event thread:
+every ioworker CPU has a :class:`CpuPoller`, a work item on that CPU's pool
+of the backend's bound workqueue that polls an event dispatcher of its own
+(an event-channel handle and an epoll set, :class:`xenback.events.EventDispatcher`
+in poll mode).  A socket binds its event channel and registers its host
+socket with the poller of the CPU the load index is about to give it.  The
+poller's callbacks queue the socket's Work on that same CPU, where the
+poller's worker runs it next, with no thread woken; then the poller queues
+itself again, behind the sockets it queued (a NAPI-like loop of one poll,
+then the work it found).
+
+While nothing is ready the poller sleeps in ``epoll_wait`` inside
+:func:`workqueue.blocking`, so the pool runs whatever else is queued there on
+another worker.  It wakes at least every half watchdog threshold, so that
+the workqueue watchdog never takes a poller idle for a long time for a
+stalled item.
+
+A socket keeps its poller for life.  A socket that the load index places on
+another CPU than its poller's (an ACCEPT that raced with other placements)
+or moves off an offline CPU still works: the poller queues it on the
+socket's CPU, at the price of the wake-up this module otherwise saves.  The
+poller of an offline CPU keeps running, unbound, like every item of that
+CPU's pool.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from workqueue import Work
+from xenback.events import EventDispatcher
+
+if TYPE_CHECKING:
+    from workqueue import Workqueue
+    from xenback.platform import Platform
+
+__all__ = ["CpuPoller"]
+
+
+class CpuPoller(Work):
+    """The event poller of one CPU of a bound workqueue."""
+
+    def __init__(self, platform: Platform, wq: Workqueue, cpu: int) -> None:
+        super().__init__(CpuPoller._run)
+        self.wq = wq
+        self.cpu = cpu
+        self.events = EventDispatcher(platform, name=f"pvcalls-cpu{cpu}", thread=False)
+        self._timeout = wq.topology.watchdog_thresh / 2
+
+    def __repr__(self) -> str:
+        return f"<CpuPoller cpu={self.cpu}>"
+
+    def start(self) -> None:
+        self.wq.queue_work_on(self.cpu, self)
+
+    def _run(self) -> None:
+        self.events.poll(self._timeout)
+        # Behind what the callbacks queued: this worker runs those first.
+        self.wq.queue_work_on(self.cpu, self)
+
+    def close(self) -> None:
+        """Stop polling (waiting for a poll in progress) and close the
+        dispatcher.  Its sockets must have gone first."""
+        self.disable()  # it will not queue itself again
+        self.events.wakeup()
+        self.cancel_sync()
+        self.events.close()

@@ -1,0 +1,114 @@
+"""pvcalls Backend: the per-CPU pollers that take active sockets' events
+(pvcalls._poller).  One ioworker CPU here, so that the poller and the
+sockets share one pool."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
+
+import pvcalls
+from pvcalls._poller import CpuPoller
+from pvcalls._socket import ActiveSocket
+from workqueue import Topology
+
+WATCHDOG = 0.2
+
+
+@pytest.fixture
+def topology() -> Topology:
+    # A short watchdog threshold: an idle poller must not look stalled.
+    return Topology(1, watchdog_thresh=WATCHDOG)
+
+
+def _socket(raw: RawFrontend, backend: pvcalls.Backend, sock_id: int) -> ActiveSocket:
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    return sock
+
+
+def test_a_socket_is_polled_by_its_cpus_poller(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any) -> None:
+    sock_id, ring = raw.connect_socket(echo_server.address)
+    sock = _socket(raw, backend, sock_id)
+    poller = backend._pollers[sock.cpu]
+    assert sock.events is poller.events
+    assert sock.port in poller.events.ports
+    assert sock.port not in backend.dispatcher.ports  # the command rings' thread
+    raw.send_all(ring, b"ping")
+    assert raw.recv_exactly(ring, 4) == b"ping"
+    assert raw.release(sock_id).ret == 0
+    assert poller.events.ports == []
+
+
+def test_the_polling_worker_runs_the_socket_it_woke(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any) -> None:
+    """No hand-off: the socket's Work runs on the thread that took its event."""
+    lock = threading.Lock()
+    last_poller_thread: list[threading.Thread | None] = [None]
+    same = other = 0
+
+    def hook(event: str, work: Any, cpu: int | None) -> None:
+        nonlocal same, other
+        if event != "execute_start":
+            return
+        with lock:
+            if isinstance(work, CpuPoller):
+                last_poller_thread[0] = threading.current_thread()
+            elif isinstance(work, ActiveSocket):
+                if threading.current_thread() is last_poller_thread[0]:
+                    same += 1
+                else:
+                    other += 1
+
+    sock_id, ring = raw.connect_socket(echo_server.address)
+    backend.io_wq.add_trace_hook(hook)
+    try:
+        for i in range(50):
+            message = b"%03d" % i
+            raw.send_all(ring, message)
+            assert raw.recv_exactly(ring, len(message)) == message
+    finally:
+        backend.io_wq.remove_trace_hook(hook)
+    # Every round trip wakes the socket twice (the guest's notify, the echo's
+    # data); only kicks from other threads may run it elsewhere.
+    assert same >= 50, (same, other)
+    assert same > 4 * other, (same, other)
+
+
+def test_an_idle_poller_is_no_lockup(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A poller waits at most half the watchdog threshold, then queues itself
+    again: the watchdog never sees it running that long."""
+    raw.connect_socket(echo_server.address)
+    runs = threading.Semaphore(0)
+
+    def hook(event: str, work: Any, cpu: int | None) -> None:
+        if event == "execute_start" and isinstance(work, CpuPoller):
+            runs.release()
+
+    caplog.set_level(logging.WARNING, logger="workqueue")
+    backend.io_wq.add_trace_hook(hook)
+    try:
+        for _ in range(4):  # two watchdog thresholds of idleness at least
+            assert runs.acquire(timeout=TIMEOUT)
+    finally:
+        backend.io_wq.remove_trace_hook(hook)
+    assert not [r for r in caplog.records if "lockup" in r.getMessage()]
+
+
+def test_close_stops_the_pollers(host: Any, topology: Topology) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    pollers = list(backend._pollers.values())
+    assert [p.cpu for p in pollers] == topology.possible()
+    wait_until(lambda: all(p.running or p.pending for p in pollers))
+    backend.close()
+    assert backend._pollers == {}
+    assert all(not p.running and not p.pending for p in pollers)
+    wait_until(lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - before))
