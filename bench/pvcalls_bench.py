@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large-order", type=int, default=6,
                    help="the ring order of the second set of PV Calls rows (and the "
                         "backend's max-page-order); 4 is Linux's")
+    p.add_argument("--only", default=",".join(KEYS),
+                   help=f"comma-separated measurements to make, of {','.join(KEYS)} "
+                        "(for working on one; the README's table is of all)")
     p.add_argument("--output", type=Path,
                    default=Path(__file__).resolve().parent / "results" / "pvcalls.md")
     args = p.parse_args(argv)
@@ -407,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--large-order must be at least {LINUX_ORDER}")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    keys = [key for key in args.only.split(",") if key]
+    unknown = sorted(set(keys) - set(KEYS))
+    if unknown or not keys:
+        p.error(f"--only takes some of {','.join(KEYS)}, got {args.only!r}")
     orders = sorted({LINUX_ORDER, args.large_order})
     _raise_nofile()
     load_before = Path("/proc/loadavg").read_text().split()[0]
@@ -440,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for rnd in range(args.rounds):
             print(f"round {rnd + 1} of {args.rounds} ...", file=sys.stderr)
-            for key in KEYS:
+            for key in keys:
                 for setup, clients, groups in setups[:: -1 if rnd % 2 else 1]:
                     if key == "streams" and setup != "direct" and setup not in rss_before:
                         rss_before[setup] = backend.ask("stats")[1]
@@ -473,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "CPU cores used, direct (clients / echo) |",
         "|---|---|---:|---:|---:|---|---|---|",
     ]
-    for key in KEYS:
+    for key in keys:
         name, unit, target = measurements[key]
         base = runs["direct"][key]
         for order in orders:
@@ -492,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{cpu_text([c for _, c in pv], ('guests', 'backend', 'echo'))} | "
                 f"{cpu_text([c for _, c in base], ('clients', 'echo'))} |")
     lines.append("")
-    for order in orders:
+    for order in orders if "streams" in keys else ():
         stats, rss_open = opened[order]
         per_cpu = _per_cpu_counts(stats)
         spread = max(per_cpu.values()) - min(per_cpu.values()) if per_cpu else None
@@ -519,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
+    if len(keys) < len(KEYS):
+        return 0  # a partial run does not replace the recorded table
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("# PV Calls benchmark\n\nProduced by `bench/pvcalls_bench.py`.\n\n" + text)
     return 0
