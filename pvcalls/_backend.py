@@ -344,6 +344,10 @@ class Backend:
         if not dev.gone:
             dev.switch_state(XenbusState.CLOSING)
 
+    def events_of(self, cpu: int) -> EventDispatcher:
+        """The event dispatcher of ``cpu``'s poller."""
+        return self._pollers[cpu].events
+
     def events_for_next_socket(self) -> EventDispatcher:
         """The event dispatcher of the CPU the load index would give a socket
         placed now (its least loaded online CPU, lowest number first, as
@@ -595,7 +599,13 @@ class _Frontend:
                            request.id, host, port)
             raise CommandError(DENIED_ERRNO, f"connect to {host}:{port} denied")
         sock = ActiveSocket(self, request.id)
-        sock.attach_ring(int(args.ref), int(args.evtchn))
+        # Homed first, so that its event channel goes to its CPU's poller.
+        sock.place()
+        try:
+            sock.attach_ring(int(args.ref), int(args.evtchn))
+        except CommandError:
+            sock.teardown()
+            raise
         with self._lock:
             self._sockets[request.id] = sock
         try:

@@ -310,7 +310,11 @@ class ActiveSocket(Work):
         """Map the data ring at ``ref`` and bind the frontend's ``remote_port``."""
         fe = self.frontend
         self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order)
-        self.events = fe.backend.events_for_next_socket()
+        # Our CPU's poller if we have a CPU (CONNECT), else the one of the
+        # CPU we will most likely get (ACCEPT, placed when a connection comes).
+        backend = fe.backend
+        self.events = (backend.events_of(self.cpu) if self._placed
+                       else backend.events_for_next_socket())
         try:
             self.port = self.events.bind_interdomain(fe.domid, remote_port, self._on_event)
         except (OSError, ValueError) as exc:
@@ -320,9 +324,10 @@ class ActiveSocket(Work):
                                ) from None
 
     def place(self) -> None:
-        """Home the socket on the least loaded CPU."""
-        self.cpu = self.frontend.backend.load_index.assign(self)
-        self._placed = True
+        """Home the socket on the least loaded CPU (once)."""
+        if not self._placed:
+            self.cpu = self.frontend.backend.load_index.assign(self)
+            self._placed = True
 
     def rehome(self, cpu: int) -> None:
         """The load index moved us off an offline CPU: queue on ``cpu`` from now on."""

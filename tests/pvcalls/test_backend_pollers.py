@@ -112,3 +112,31 @@ def test_close_stops_the_pollers(host: Any, topology: Topology) -> None:
     assert backend._pollers == {}
     assert all(not p.running and not p.pending for p in pollers)
     wait_until(lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - before))
+
+
+def test_connected_sockets_are_polled_on_their_own_cpus(
+        host: Any, make_frontend: Any, echo_server: Any) -> None:
+    """CONNECT homes the socket before binding its channel, so that even
+    connects racing from several frontends land on their own CPU's poller."""
+    with pvcalls.Backend(host.dom0, topology=Topology(4)) as backend:
+        fes = [make_frontend(f"g{i}") for i in range(3)]
+        done: list[tuple[RawFrontend, int]] = []
+        lock = threading.Lock()
+
+        def connect(fe: RawFrontend) -> None:
+            for _ in range(6):
+                sock_id, _ring = fe.connect_socket(echo_server.address)
+                with lock:
+                    done.append((fe, sock_id))
+
+        threads = [threading.Thread(target=connect, args=(fe,)) for fe in fes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert len(done) == 18
+        for fe, sock_id in done:
+            sock = _socket(fe, backend, sock_id)
+            assert sock.events is backend._pollers[sock.cpu].events, sock
+        counts = [c.sockets for c in backend.stats().cpus]
+        assert max(counts) - min(counts) <= 1
