@@ -9,7 +9,8 @@ The pieces, each in a module of its own:
   :class:`BackendDevice`, the xenbus state machine a driver plugs into;
 * :mod:`xenback.xenstore`: a typed XenStore helper over pyxs;
 * :mod:`xenback.ring`: ``ring.h`` request/response rings and flex byte rings;
-* :mod:`xenback.events`: one event-channel handle and epoll thread per backend;
+* :mod:`xenback.events`: an event-channel handle and an epoll loop, on a
+  thread of its own or polled by a work item (poll mode);
 * :data:`wire`: the cffi declarations of ``ring.h``'s shared ring header,
   ``xs_wire.h``'s ``xsd_sockmsg`` and ``console.h``'s ``xencons_interface``
   (``wire.offsetof("struct xencons_interface", "out_prod")``).

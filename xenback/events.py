@@ -45,9 +45,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EventDispatcher", "FdCallback", "PortCallback"]
 
-#: ``callback(port)``, run on the dispatcher thread.
+#: ``callback(port)``, run on the dispatcher thread (poll mode: the polling one).
 PortCallback = Callable[[int], object]
-#: ``callback(fd, epoll_events)``, run on the dispatcher thread.
+#: ``callback(fd, epoll_events)``, run on the dispatcher thread (poll mode: the polling one).
 FdCallback = Callable[[int, int], object]
 
 
@@ -58,6 +58,9 @@ class EventDispatcher:
     ``unbind_from_irqhandler``: when they return, the callback is not
     running and will not run again (except when called from that callback
     itself), so the caller may free what the callback uses.
+
+    With ``thread=False`` (poll mode, see the module docstring) no thread is
+    started and the owner calls :meth:`poll`.
     """
 
     def __init__(self, platform: Platform, *, name: str = "xenback-events",
