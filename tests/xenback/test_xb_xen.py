@@ -1,19 +1,26 @@
 """The real-Xen platform on a machine without Xen (this one): one clear
-error naming what is missing, and cffi declarations that match the headers."""
+error naming what is missing, cffi declarations that match the headers, the
+errors of bad requests, and grant pages that end without leaving a stale
+view pointing at nothing (a memfd stands in for the grant devices)."""
 
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cffi import FFI
 
 import xenback.xen
-from xenback.platform import PlatformUnavailable
+from xenback.platform import PAGE_SIZE, EventChannelError, GrantError, PlatformUnavailable
 from xenback.xen import _platform
+from xenback.xen._platform import ffi
 
 NO_XEN = not Path("/dev/xen/evtchn").exists()
 needs_no_xen = pytest.mark.skipif(not NO_XEN, reason="this machine runs on Xen")
@@ -36,15 +43,17 @@ def test_open_names_every_missing_piece(monkeypatch, tmp_path) -> None:
     assert "/dev/xen/gntdev" in message
     assert "/dev/xen/evtchn" in message
     assert f"xenstored socket {tmp_path / 'no-such-socket'}" in message
-    # Debian's libraries are installed on the test machine: not reported.
-    if _platform._loadable("libxengnttab.so.1") and _platform._loadable("libxenevtchn.so.1"):
+    # Grants go through the devices, not libxengnttab: never asked for.
+    assert "libxengnttab" not in message
+    # Debian's libxenevtchn1 is installed on the test machine: not reported.
+    if _platform._loadable("libxenevtchn.so.1"):
         assert "library" not in message
 
 
 @needs_no_xen
 def test_open_names_a_missing_library(monkeypatch) -> None:
-    monkeypatch.setattr(_platform, "GNTTAB_LIBRARY", "libxengnttab-absent.so.1")
-    with pytest.raises(PlatformUnavailable, match=r"library libxengnttab-absent\.so\.1 \(Debian package libxengnttab1\)"):
+    monkeypatch.setattr(_platform, "EVTCHN_LIBRARY", "libxenevtchn-absent.so.1")
+    with pytest.raises(PlatformUnavailable, match=r"library libxenevtchn-absent\.so\.1 \(Debian package libxenevtchn1\)"):
         xenback.xen.open()
 
 
@@ -69,33 +78,106 @@ def test_xenstored_socket_follows_the_environment(monkeypatch) -> None:
 
 @needs_no_xen
 def test_handles_fail_cleanly_without_the_devices() -> None:
-    if not (_platform._loadable("libxengnttab.so.1") and _platform._loadable("libxenevtchn.so.1")):
-        pytest.skip("Debian's libxengnttab1/libxenevtchn1 are not installed")
+    for handle, device in ((_platform.XenGrantTable, "/dev/xen/gntdev"),
+                           (_platform.XenGrantShare, "/dev/xen/gntalloc")):
+        with pytest.raises(PlatformUnavailable, match=f"cannot open {device}") as info:
+            handle()
+        assert info.value.errno == errno.ENOENT
+    if not _platform._loadable("libxenevtchn.so.1"):
+        pytest.skip("Debian's libxenevtchn1 is not installed")
     with pytest.raises(PlatformUnavailable, match="xenevtchn_open"):
         _platform.XenEventChannel()
-    with pytest.raises(PlatformUnavailable, match="xengnttab_open"):
-        _platform.XenGrantTable()
 
 
-def test_declarations_match_the_headers(tmp_path) -> None:
-    """Our ABI-mode prototypes compiled after the real headers: any
-    difference in a type is a conflicting declaration, i.e. a gcc error."""
+# -- the declarations against the headers -------------------------------------
+
+HEADERS = ["xenevtchn.h", "xen/sys/gntdev.h", "xen/sys/gntalloc.h"]
+
+
+def kernel_constants() -> dict[str, int]:
+    """The module's ioctl numbers and gntalloc flags, by their C names."""
+    constants = {name: value for name, value in vars(_platform).items()
+                 if name.startswith(("IOCTL_GNT", "GNTALLOC_FLAG_"))}
+    assert len(constants) == 5, constants
+    return constants
+
+
+def layout_assertions(structs: FFI, constants: dict[str, int]) -> str:
+    """C static assertions that each struct ``structs`` declares has, in the
+    headers, members of the same types at the same offsets and the same
+    size, and that each of ``constants`` has the headers' value."""
+    lines = []
+    for name in structs.list_types()[1]:
+        struct = f"struct {name}"
+        if structs.typeof(struct).fields is None:
+            continue  # opaque (a library's handle): no layout to compare
+        for member, field in structs.typeof(struct).fields:
+            where = f"{struct}.{member}"
+            lines.append(
+                f"_Static_assert(__builtin_types_compatible_p("
+                f"__typeof__((({struct} *)0)->{member}), {field.type.cname}), \"{where}: type\");"
+            )
+            lines.append(f"_Static_assert(offsetof({struct}, {member}) == {field.offset}, "
+                         f"\"{where}: offset\");")
+        lines.append(f"_Static_assert(sizeof({struct}) == {structs.sizeof(struct)}, "
+                     f"\"{struct}: size\");")
+    for name, value in constants.items():
+        lines.append(f"_Static_assert({name} == {value:#x}, \"{name}\");")
+    return "\n".join(lines)
+
+
+def compile_after_headers(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """gcc -Werror on ``code`` placed after libc's and the Xen headers."""
     gcc = shutil.which("gcc")
-    headers = [Path("/usr/include/xengnttab.h"), Path("/usr/include/xenevtchn.h")]
-    if gcc is None or not all(h.exists() for h in headers):
+    if gcc is None or not all((Path("/usr/include") / h).exists() for h in HEADERS):
         pytest.skip("gcc or libxen-dev headers missing")
     source = tmp_path / "decl.c"
     source.write_text(
-        "#include <stdint.h>\n#include <xenevtchn.h>\n#include <xengnttab.h>\n"
-        + _platform.CDEF.replace("typedef uint32_t evtchn_port_t;", "")
+        "#include <stddef.h>\n#include <stdint.h>\n#include <sys/types.h>\n"
+        "#include <sys/mman.h>\n#include <sys/ioctl.h>\n"
+        + "".join(f"#include <{h}>\n" for h in HEADERS)
+        + code
         + "\nint main(void) { return 0; }\n"
     )
-    result = subprocess.run(
+    return subprocess.run(
         [gcc, "-std=gnu11", "-Werror", "-c", "-o", str(tmp_path / "decl.o"), str(source)],
         capture_output=True,
         text=True,
     )
+
+
+def test_declarations_match_the_headers(tmp_path) -> None:
+    """Our ABI-mode prototypes compiled after the real headers (any
+    difference in a type is a conflicting declaration, i.e. a gcc error),
+    then the ioctl structs and numbers compared with the headers' by
+    static assertions."""
+    code = (_platform.CDEF.replace("typedef uint32_t evtchn_port_t;", "")
+            + layout_assertions(ffi, kernel_constants()))
+    result = compile_after_headers(tmp_path, code)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("wrong", ["order", "type", "size", "ioctl"])
+def test_the_header_check_sees_a_mismatch(tmp_path, wrong: str) -> None:
+    """The check above fails when a member moves, changes its type, the
+    struct grows, or an ioctl number is off."""
+    members = {
+        "order": "uint32_t count; uint64_t index;",
+        "type": "int64_t index; uint32_t count;",
+        "size": "uint64_t index; uint32_t count; uint32_t pad;",
+        "ioctl": "uint64_t index; uint32_t count;",
+    }[wrong]
+    structs = FFI()
+    structs.cdef(f"struct ioctl_gntalloc_dealloc_gref {{ {members} }};")
+    constants = {"IOCTL_GNTALLOC_DEALLOC_GREF": _platform.IOCTL_GNTALLOC_DEALLOC_GREF
+                 + (1 if wrong == "ioctl" else 0)}
+    result = compile_after_headers(tmp_path, layout_assertions(structs, constants))
+    assert result.returncode != 0
+    expected = "IOCTL_GNTALLOC_DEALLOC_GREF" if wrong == "ioctl" else "ioctl_gntalloc_dealloc_gref"
+    assert expected in result.stderr
+
+
+# -- errors -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("refs", [[-1], [2**32], [True]], ids=["negative", "huge", "bool"])
@@ -103,8 +185,6 @@ def test_frontend_numbers_out_of_range_are_platform_errors(refs) -> None:
     """A frontend's ring-ref or port that does not fit the C library's
     uint32_t is a GrantError/EventChannelError (EINVAL), as on the
     simulated host, not cffi's OverflowError; the library is not called."""
-    from xenback.platform import EventChannelError, GrantError
-
     table = object.__new__(_platform.XenGrantTable)  # no /dev/xen/gntdev here
     with pytest.raises(GrantError, match="grant reference .* 32-bit") as info:
         table.map_grant_refs(1, refs)
@@ -112,3 +192,170 @@ def test_frontend_numbers_out_of_range_are_platform_errors(refs) -> None:
     channel = object.__new__(_platform.XenEventChannel)
     with pytest.raises(EventChannelError, match="event channel port .* 32-bit"):
         channel.bind_interdomain(1, refs[0])
+
+
+def test_bad_domains_and_counts_are_refused_before_any_ioctl() -> None:
+    table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    with pytest.raises(GrantError, match="domain id .* 32-bit") as info:
+        table.map_grant_refs(2**32, [8])
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(ValueError, match="no grant references"):
+        table.map_grant_refs(1, [])
+    share = object.__new__(_platform.XenGrantShare)
+    with pytest.raises(GrantError, match="domain id .* 16-bit") as info:
+        share.share_pages(0x10000, 1)  # gntalloc's domid is a uint16_t
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(ValueError, match="cannot share 0 pages"):
+        share.share_pages(1, 0)
+
+
+@pytest.fixture
+def fake_devices(monkeypatch, tmp_path) -> None:
+    """Plain files for /dev/xen/gntdev and gntalloc: they open, and every
+    ioctl on them fails with ENOTTY."""
+    for name in ("GNTDEV", "GNTALLOC"):
+        path = tmp_path / name.lower()
+        path.write_bytes(b"")
+        monkeypatch.setattr(_platform, name, path)
+
+
+@pytest.mark.usefixtures("fake_devices")
+def test_device_errors_carry_errno_and_say_what_failed() -> None:
+    table, share = _platform.XenGrantTable(), _platform.XenGrantShare()
+    with pytest.raises(GrantError, match=r"mapping grants \(8, 9\) of domain 1: ") as info:
+        table.map_grant_refs(1, [8, 9])
+    assert info.value.errno == errno.ENOTTY
+    with pytest.raises(GrantError, match="sharing 2 pages with domain 0: ") as info:
+        share.share_pages(0, 2)
+    assert info.value.errno == errno.ENOTTY
+    table.close()
+    share.close()
+    table.close()  # idempotent
+    with pytest.raises(GrantError, match="grant table is closed") as info:
+        table.map_grant_refs(1, [8])
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(GrantError, match="grant share handle is closed") as info:
+        share.share_pages(0, 1)
+    assert info.value.errno == errno.EBADF
+
+
+# -- ending pages that views still show ---------------------------------------
+
+
+@pytest.fixture
+def granted() -> Iterator[int]:
+    """A two-page memfd standing in for granted pages: "secret" at 0."""
+    fd = os.memfd_create("granted")
+    os.ftruncate(fd, 2 * PAGE_SIZE)
+    os.pwrite(fd, b"secret", 0)
+    yield fd
+    os.close(fd)
+
+
+def address_of(view: memoryview) -> int:
+    with ffi.from_buffer(view, require_writable=False) as pointer:
+        return int(ffi.cast("uintptr_t", pointer))
+
+
+def maps_line(addr: int) -> str | None:
+    """The /proc/self/maps line of the range that holds ``addr``, if any."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return line.rstrip("\n")
+    return None
+
+
+def private_anonymous(line: str | None) -> bool:
+    """A maps line of private anonymous memory: no file, no device."""
+    assert line is not None
+    return line.split()[1].endswith("p") and len(line.split()) == 5
+
+
+def pages_of(kind: str, fd: int, *, writable: bool = True) -> _platform._DevicePages:
+    """Shared pages, or a grant mapping whose table is already closed (so
+    that unmapping asks gntdev for nothing), over ``fd``'s two pages."""
+    addr = _platform._map_device(fd, 0, 2, writable, "mapping the stand-in")
+    if kind == "shared":
+        return _platform.XenSharedPages(addr, (5, 6), writable)
+    table = _platform.XenGrantTable()
+    table.close()
+    return _platform.XenGrantMapping(table, 0, addr, (5, 6), writable)
+
+
+def end(pages: _platform._DevicePages) -> None:
+    if isinstance(pages, _platform.XenGrantMapping):
+        pages.unmap()
+    else:
+        assert isinstance(pages, _platform.XenSharedPages)
+        pages.unshare()
+
+
+KINDS = ["mapping", "shared"]
+
+
+@pytest.mark.usefixtures("fake_devices")
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_slice_held_across_the_end_sees_zeros_and_writes_nowhere(
+    granted: int, kind: str, caplog
+) -> None:
+    pages = pages_of(kind, granted)
+    view = pages.buffer
+    stale = pages.buffer[0:6]
+    addr = address_of(stale)
+    assert bytes(stale) == b"secret"
+    assert "memfd:granted" in maps_line(addr)
+    with caplog.at_level(logging.WARNING, logger=_platform.__name__):
+        end(pages)
+        end(pages)  # idempotent
+    assert [r.getMessage() for r in caplog.records] == [
+        "grants (5, 6) ended while views of their pages are held: those read zeros from now on"
+    ]
+    with pytest.raises(ValueError):
+        pages.buffer  # noqa: B018
+    with pytest.raises(ValueError):
+        bytes(view)  # the buffer itself is released
+    # The granted pages are gone from this process; zero pages stand in.
+    assert private_anonymous(maps_line(addr))
+    assert bytes(stale) == bytes(6)
+    stale[0:6] = b"public"
+    assert bytes(stale) == b"public"
+    assert os.pread(granted, 6, 0) == b"secret"
+    # The zero pages go with the last view.
+    del stale
+    assert maps_line(addr) is None
+
+
+@pytest.mark.usefixtures("fake_devices")
+@pytest.mark.parametrize("kind", KINDS)
+def test_ending_without_views_unmaps_at_once_and_quietly(granted: int, kind: str, caplog) -> None:
+    pages = pages_of(kind, granted)
+    addr = address_of(pages.buffer)
+    with caplog.at_level(logging.WARNING, logger=_platform.__name__):
+        end(pages)
+    assert caplog.records == []
+    assert maps_line(addr) is None
+
+
+@pytest.mark.usefixtures("fake_devices")
+def test_a_read_only_mapping_stays_read_only_after_unmap(granted: int) -> None:
+    mapping = pages_of("mapping", granted, writable=False)
+    stale = mapping.buffer[0:6]
+    assert stale.readonly and bytes(stale) == b"secret"
+    end(mapping)
+    assert stale.readonly and bytes(stale) == bytes(6)
+
+
+@pytest.mark.usefixtures("fake_devices")
+def test_a_failing_slot_release_is_reported_after_the_pages_are_gone(granted: int) -> None:
+    table = _platform.XenGrantTable()  # a plain file: UNMAP_GRANT_REF fails
+    addr = _platform._map_device(granted, 0, 1, True, "mapping the stand-in")
+    mapping = _platform.XenGrantMapping(table, 0, addr, (5,), True)
+    stale = mapping.buffer[0:6]
+    with pytest.raises(GrantError, match=r"releasing gntdev's slots of grants \(5,\): ") as info:
+        mapping.unmap()
+    assert info.value.errno == errno.ENOTTY
+    assert bytes(stale) == bytes(6)
+    mapping.unmap()  # done: not tried again
+    table.close()

@@ -1,20 +1,33 @@
-"""The real platform: Xen's own dom0 libraries through cffi (ABI mode).
+"""The real platform: Linux's Xen devices and ``libxenevtchn`` through cffi (ABI mode).
 
-Nothing is compiled: the prototypes below are those of Debian's
-``libxen-dev`` headers (``xengnttab.h``, ``xenevtchn.h``), and
-``tests/xenback/test_xb_xen.py`` compiles them against those headers so a
-mismatch fails the build of a C program rather than corrupting memory.
+Grants are mapped and shared through the kernel's ``/dev/xen/gntdev`` and
+``/dev/xen/gntalloc`` directly, with their ioctls and ``mmap``, rather than
+through ``libxengnttab``: the library unmaps with ``munmap``, after which a
+slice of the buffer that a caller still holds points at nothing and the next
+access through it kills the backend with SIGSEGV.  Owning the address range
+lets unmapping put private zero pages in place of the grant instead (see
+:class:`_DevicePages`), as the simulated host does.  Event channels still go
+through ``libxenevtchn``, whose handle has no such hazard.
+
+Nothing is compiled: the declarations below are those of Debian's
+``libxen-dev`` headers (``xenevtchn.h``, ``xen/sys/gntdev.h``,
+``xen/sys/gntalloc.h``) and of libc, and ``tests/xenback/test_xb_xen.py``
+checks them against those headers with a C compiler, so a mismatch fails a
+test rather than corrupting memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
 import logging
 import mmap
 import os
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,27 +47,19 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["XenPlatform", "missing_pieces", "open"]
 
-#: The C declarations, shared with the test that checks them against the
-#: real headers.
+#: The C functions, shared with the test that compiles them after the real
+#: headers.  ``off_t`` is ``long`` on the 64-bit Linux ABIs Xen's dom0 runs
+#: on; the test's compiler rejects the typedef anywhere it is not.
 CDEF = """
 typedef uint32_t evtchn_port_t;
 typedef int xenevtchn_port_or_error_t;
-typedef struct xengntdev_handle xengnttab_handle;
-typedef struct xengntdev_handle xengntshr_handle;
 typedef struct xenevtchn_handle xenevtchn_handle;
 struct xentoollog_logger;
+typedef long off_t;
 
-xengnttab_handle *xengnttab_open(struct xentoollog_logger *logger, unsigned open_flags);
-int xengnttab_close(xengnttab_handle *xgt);
-void *xengnttab_map_domain_grant_refs(xengnttab_handle *xgt, uint32_t count, uint32_t domid,
-                                      uint32_t *refs, int prot);
-int xengnttab_unmap(xengnttab_handle *xgt, void *start_address, uint32_t count);
-
-xengntshr_handle *xengntshr_open(struct xentoollog_logger *logger, unsigned open_flags);
-int xengntshr_close(xengntshr_handle *xgs);
-void *xengntshr_share_pages(xengntshr_handle *xgs, uint32_t domid, int count, uint32_t *refs,
-                            int writable);
-int xengntshr_unshare(xengntshr_handle *xgs, void *start_address, uint32_t count);
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset);
+int munmap(void *addr, size_t length);
+int ioctl(int fd, unsigned long request, ...);
 
 xenevtchn_handle *xenevtchn_open(struct xentoollog_logger *logger, unsigned int flags);
 int xenevtchn_close(xenevtchn_handle *xce);
@@ -68,15 +73,68 @@ xenevtchn_port_or_error_t xenevtchn_pending(xenevtchn_handle *xce);
 int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port);
 """
 
+#: The ioctl arguments of gntdev and gntalloc, as ``xen/sys/gntdev.h`` and
+#: ``xen/sys/gntalloc.h`` define them.  C forbids defining a struct twice, so
+#: the test cannot compile these after the headers; it compares the type,
+#: offset and size of every member, and every struct's size, instead.  The
+#: trailing one-element arrays are really ``count`` elements long (see
+#: :func:`_ioctl_arg`); their one element is part of ``sizeof``, and so of
+#: the ioctl numbers.
+KERNEL_CDEF = """
+struct ioctl_gntdev_grant_ref {
+    uint32_t domid;
+    uint32_t ref;
+};
+struct ioctl_gntdev_map_grant_ref {
+    uint32_t count;
+    uint32_t pad;
+    uint64_t index;
+    struct ioctl_gntdev_grant_ref refs[1];
+};
+struct ioctl_gntdev_unmap_grant_ref {
+    uint64_t index;
+    uint32_t count;
+    uint32_t pad;
+};
+struct ioctl_gntalloc_alloc_gref {
+    uint16_t domid;
+    uint16_t flags;
+    uint32_t count;
+    uint64_t index;
+    uint32_t gref_ids[1];
+};
+struct ioctl_gntalloc_dealloc_gref {
+    uint64_t index;
+    uint32_t count;
+};
+"""
+
 ffi = FFI()
 ffi.cdef(CDEF)
+ffi.cdef(KERNEL_CDEF)
+_libc: Any = ffi.dlopen(None)
 
-#: Shared objects, as Debian's ``libxengnttab1`` and ``libxenevtchn1`` ship
-#: them (libxengntshr lives in libxengnttab).
-GNTTAB_LIBRARY = "libxengnttab.so.1"
+
+def _ioc_none(nr: int, struct: str) -> int:
+    """Linux's ``_IOC(_IOC_NONE, 'G', nr, sizeof(struct))``: direction in
+    bits 30-31 (none is 0), size in 16-29, type in 8-15, number in 0-7."""
+    return ffi.sizeof(struct) << 16 | ord("G") << 8 | nr
+
+
+IOCTL_GNTDEV_MAP_GRANT_REF = _ioc_none(0, "struct ioctl_gntdev_map_grant_ref")
+IOCTL_GNTDEV_UNMAP_GRANT_REF = _ioc_none(1, "struct ioctl_gntdev_unmap_grant_ref")
+IOCTL_GNTALLOC_ALLOC_GREF = _ioc_none(5, "struct ioctl_gntalloc_alloc_gref")
+IOCTL_GNTALLOC_DEALLOC_GREF = _ioc_none(6, "struct ioctl_gntalloc_dealloc_gref")
+GNTALLOC_FLAG_WRITABLE = 1
+
+_MAP_FIXED = 0x10  # the same on every Linux architecture; Python's mmap module lacks it
+_MAP_FAILED = -1  # mmap's (void *) -1, as an intptr_t
+
+#: Debian's ``libxenevtchn1`` ships it.
 EVTCHN_LIBRARY = "libxenevtchn.so.1"
-#: Device nodes the libraries open.
+#: Device nodes of the grant and event channel drivers.
 GNTDEV = Path("/dev/xen/gntdev")
+GNTALLOC = Path("/dev/xen/gntalloc")
 EVTCHN_DEVICE = Path("/dev/xen/evtchn")
 
 
@@ -103,11 +161,13 @@ def _loadable(name: str) -> bool:
 
 def missing_pieces() -> list[str]:
     """Everything this machine lacks to run a backend on real Xen, as
-    human-readable items ([] if nothing is missing)."""
+    human-readable items ([] if nothing is missing).
+
+    ``/dev/xen/gntalloc`` is not among them: only a frontend shares pages.
+    """
     missing = []
-    for library, package in ((GNTTAB_LIBRARY, "libxengnttab1"), (EVTCHN_LIBRARY, "libxenevtchn1")):
-        if not _loadable(library):
-            missing.append(f"library {library} (Debian package {package})")
+    if not _loadable(EVTCHN_LIBRARY):
+        missing.append(f"library {EVTCHN_LIBRARY} (Debian package libxenevtchn1)")
     for device, what in ((GNTDEV, "grant device"), (EVTCHN_DEVICE, "event channel device")):
         if not device.exists():
             missing.append(f"{what} {device} (not running on Xen, or xen-gntdev/xen-evtchn not loaded)")
@@ -117,12 +177,12 @@ def missing_pieces() -> list[str]:
     return missing
 
 
-def _u32(cls: type[PlatformError], value: int, what: str) -> int:
-    """``value`` checked to fit the C library's ``uint32_t`` (a frontend's
-    numbers come from XenStore): else ``cls`` with EINVAL, as the
+def _unsigned(cls: type[PlatformError], value: int, what: str, bits: int = 32) -> int:
+    """``value`` checked to fit the C side's ``uint32_t`` (or ``bits``; a
+    frontend's numbers come from XenStore): else ``cls`` with EINVAL, as the
     simulated host raises, rather than cffi's OverflowError."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
-        raise cls(errno.EINVAL, f"{what} {value!r} is not a 32-bit unsigned integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise cls(errno.EINVAL, f"{what} {value!r} is not a {bits}-bit unsigned integer")
     return value
 
 
@@ -131,36 +191,140 @@ def _error(cls: type[PlatformError], what: str) -> PlatformError:
     return cls(code, f"{what}: {os.strerror(code)}")
 
 
-class XenGrantMapping:
-    """Pages mapped by ``xengnttab_map_domain_grant_refs``."""
+def _open_device(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PlatformUnavailable(exc.errno, f"cannot open {path}: {exc.strerror}") from None
 
-    def __init__(self, table: XenGrantTable, addr: Any, refs: tuple[int, ...], writable: bool) -> None:
-        self._table = table
-        self._addr = addr
+
+def _ioctl_arg(struct: str, count: int) -> Any:
+    """A zeroed ``struct`` whose trailing one-element array has room for
+    ``count`` elements (the buffer lives as long as the returned pointer)."""
+    *_, (_, tail) = ffi.typeof(struct).fields
+    size = ffi.sizeof(struct) + (count - 1) * ffi.sizeof(tail.type.item)
+    return ffi.from_buffer(f"{struct} *", bytearray(size))
+
+
+def _ioctl(fd: int, request: int, arg: Any, what: str) -> None:
+    if _libc.ioctl(fd, request, arg) < 0:
+        raise _error(GrantError, what)
+
+
+def _mmap(addr: Any, npages: int, prot: int, flags: int, fd: int, offset: int, what: str) -> Any:
+    addr = _libc.mmap(addr, npages * PAGE_SIZE, prot, flags, fd, offset)
+    if int(ffi.cast("intptr_t", addr)) == _MAP_FAILED:
+        raise _error(GrantError, what)
+    return addr
+
+
+def _map_device(fd: int, index: int, npages: int, writable: bool, what: str) -> Any:
+    """Map ``npages`` of a grant device at its offset ``index``: the pages
+    of one ``MAP_GRANT_REF`` or ``ALLOC_GREF``."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return _mmap(ffi.NULL, npages, prot, mmap.MAP_SHARED, fd, index, what)
+
+
+class _DevicePages:
+    """Pages of a grant device mapped into this process: what a grant
+    mapping and a share have in common.
+
+    The address range is owned by a cdata pointer that unmaps it when it is
+    collected; :attr:`buffer`, and every view sliced from it, keep that
+    pointer alive.  :meth:`_scrub` ends the device's mapping by mapping
+    private zero pages over it in place, so that views a caller still holds
+    read zeros and write to memory nobody else sees, instead of faulting;
+    the range itself goes when the last of them does.
+
+    Python's :class:`mmap.mmap` would do the same for us but for two
+    things: before Python 3.13 it keeps a duplicate of the device's
+    descriptor for every mapping (each data ring would cost a descriptor),
+    and its ``close()`` refuses while views exist, which would make the zero
+    pages a rarely taken error path.  Here every end takes that one path.
+    """
+
+    _ended = "the pages are gone"  # ValueError of buffer once scrubbed
+
+    def __init__(self, addr: Any, refs: tuple[int, ...], writable: bool) -> None:
+        size = PAGE_SIZE * len(refs)
+        self._base: Any = ffi.gc(ffi.cast("char *", addr), lambda base: _libc.munmap(base, size))
         self._refs = refs
-        view = memoryview(ffi.buffer(addr, PAGE_SIZE * len(refs)))
+        view = memoryview(ffi.buffer(self._base, size))
         self._buffer: memoryview | None = view if writable else view.toreadonly()
+        self._lock = threading.Lock()  # one scrub, even if ended twice at once
 
     @property
     def buffer(self) -> memoryview:
         if self._buffer is None:
-            raise ValueError("grant mapping was unmapped")
+            raise ValueError(self._ended)
         return self._buffer
 
     @property
     def refs(self) -> tuple[int, ...]:
         return self._refs
 
-    def unmap(self) -> None:
-        if self._buffer is None:
-            return
+    def _scrub(self) -> bool:
+        """Replace the device's pages by zero pages; False if done before.
+
+        Raises :class:`GrantError`, with the pages still in place, if the
+        kernel refuses (ENOMEM): then ending them may be tried again.
+        """
+        with self._lock:
+            base, buffer = self._base, self._buffer
+            if base is None:
+                return False
+            # One mmap call: the device's mapping is never absent without
+            # the zero pages present, not even for another thread.
+            _mmap(
+                base,
+                len(self._refs),
+                mmap.PROT_READ | mmap.PROT_WRITE,
+                mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED,
+                -1,
+                0,
+                f"replacing grants {self._refs} by zero pages",
+            )
+            self._base = self._buffer = None
+        assert buffer is not None
         try:
-            self._buffer.release()
+            buffer.release()
         except BufferError:
-            logger.warning("unmapping grants %s while views of them are exported", self._refs)
-        self._buffer = None
-        if self._table._lib.xengnttab_unmap(self._table._handle, self._addr, len(self._refs)) < 0:
-            raise _error(GrantError, f"unmapping grants {self._refs}")
+            pass  # re-exported (memoryview(view), numpy...): it sees zeros now
+        alive = weakref.ref(base)
+        del base, buffer
+        if alive() is not None:
+            logger.warning(
+                "grants %s ended while views of their pages are held: those read zeros from now on",
+                self._refs,
+            )
+        return True
+
+    def __repr__(self) -> str:
+        state = "ended" if self._base is None else "live"
+        return f"<{type(self).__name__} refs={list(self._refs)} {state}>"
+
+
+class XenGrantMapping(_DevicePages):
+    """Pages of another domain mapped through gntdev (see
+    :class:`xenback.platform.GrantMapping`)."""
+
+    _ended = "grant mapping was unmapped"
+
+    def __init__(
+        self, table: XenGrantTable, index: int, addr: Any, refs: tuple[int, ...], writable: bool
+    ) -> None:
+        super().__init__(addr, refs, writable)
+        self._table = table
+        self._index = index  # gntdev's offset of the grants' slots
+
+    def unmap(self) -> None:
+        """Unmap the pages and release gntdev's slots; idempotent.
+
+        :attr:`buffer` is released; slices of it that a caller still holds
+        see zero pages from now on, never the grants.
+        """
+        if self._scrub():
+            self._table._release_slots(self._index, self._refs)
 
     def __enter__(self) -> XenGrantMapping:
         return self
@@ -174,83 +338,127 @@ class XenGrantMapping:
         self.unmap()
 
 
-class XenGrantTable:
-    """A ``xengnttab`` handle."""
+class _Device:
+    """An open grant device: the descriptor and the lock held around every
+    use of it, so that :meth:`close` cannot let another open reuse its
+    number under an ioctl or mmap in flight.
 
-    def __init__(self) -> None:
-        self._lib = _load(GNTTAB_LIBRARY)
-        self._handle = self._lib.xengnttab_open(ffi.NULL, 0)
-        if self._handle == ffi.NULL:
-            raise _error(PlatformUnavailable, f"xengnttab_open ({GNTDEV})")
+    Pages mapped from the device stay valid after :meth:`close` until they
+    are ended, as with ``xengnttab_close``: their address ranges hold the
+    device open, and it frees what is left of them when it is closed last.
+    """
 
-    def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
-        refs = tuple(_u32(GrantError, ref, "grant reference") for ref in refs)
-        if not refs:
-            raise ValueError("no grant references to map")
-        _u32(GrantError, domid, "domain id")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        array = ffi.new("uint32_t[]", refs)
-        addr = self._lib.xengnttab_map_domain_grant_refs(self._handle, len(refs), domid, array, prot)
-        if addr == ffi.NULL:
-            raise _error(GrantError, f"mapping grants {refs} of domain {domid}")
-        return XenGrantMapping(self, addr, refs, writable)
+    _kind = "device"
+
+    def __init__(self, path: Path) -> None:
+        self._fd: int | None = _open_device(path)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _open_fd(self, what: str) -> Iterator[int]:
+        """The descriptor, locked; GrantError EBADF once closed."""
+        with self._lock:
+            if self._fd is None:
+                raise GrantError(errno.EBADF, f"{what}: the {self._kind} is closed")
+            yield self._fd
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._lib.xengnttab_close(self._handle)
-            self._handle = None
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
-class XenSharedPages:
-    """Pages shared by ``xengntshr_share_pages``."""
+class XenGrantTable(_Device):
+    """A grant table handle: ``/dev/xen/gntdev``, opened once."""
 
-    def __init__(self, share: XenGrantShare, addr: Any, refs: tuple[int, ...]) -> None:
-        self._share = share
-        self._addr = addr
-        self._refs = refs
-        self._buffer: memoryview | None = memoryview(ffi.buffer(addr, PAGE_SIZE * len(refs)))
-
-    @property
-    def refs(self) -> tuple[int, ...]:
-        return self._refs
-
-    @property
-    def buffer(self) -> memoryview:
-        if self._buffer is None:
-            raise ValueError("pages were unshared")
-        return self._buffer
-
-    def unshare(self) -> None:
-        if self._buffer is None:
-            return
-        self._buffer.release()
-        self._buffer = None
-        if self._share._lib.xengntshr_unshare(self._share._handle, self._addr, len(self._refs)) < 0:
-            raise _error(GrantError, f"unsharing grants {self._refs}")
-
-
-class XenGrantShare:
-    """A ``xengntshr`` handle."""
+    _kind = "grant table"
 
     def __init__(self) -> None:
-        self._lib = _load(GNTTAB_LIBRARY)
-        self._handle = self._lib.xengntshr_open(ffi.NULL, 0)
-        if self._handle == ffi.NULL:
-            raise _error(PlatformUnavailable, "xengntshr_open (/dev/xen/gntalloc)")
+        super().__init__(GNTDEV)
+
+    def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
+        refs = tuple(_unsigned(GrantError, ref, "grant reference") for ref in refs)
+        if not refs:
+            raise ValueError("no grant references to map")
+        _unsigned(GrantError, domid, "domain id")
+        op = _ioctl_arg("struct ioctl_gntdev_map_grant_ref", len(refs))
+        op.count = len(refs)
+        grants = ffi.cast("struct ioctl_gntdev_grant_ref *", op.refs)
+        for i, ref in enumerate(refs):
+            grants[i].domid = domid
+            grants[i].ref = ref
+        what = f"mapping grants {refs} of domain {domid}"
+        with self._open_fd(what) as fd:
+            _ioctl(fd, IOCTL_GNTDEV_MAP_GRANT_REF, op, what)
+            # The grants are mapped by mmap, which fails if one is bad.
+            try:
+                addr = _map_device(fd, op.index, len(refs), writable, what)
+            except GrantError:
+                self._unmap_grant_ref(fd, op.index, len(refs), what)
+                raise
+        return XenGrantMapping(self, op.index, addr, refs, writable)
+
+    def _release_slots(self, index: int, refs: tuple[int, ...]) -> None:
+        with self._lock:
+            # Closed: the device frees the slots when the last mapping goes.
+            if self._fd is not None:
+                what = f"releasing gntdev's slots of grants {refs}"
+                self._unmap_grant_ref(self._fd, index, len(refs), what)
+
+    @staticmethod
+    def _unmap_grant_ref(fd: int, index: int, count: int, what: str) -> None:
+        op = ffi.new("struct ioctl_gntdev_unmap_grant_ref *", {"index": index, "count": count})
+        _ioctl(fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, op, what)
+
+
+class XenSharedPages(_DevicePages):
+    """Zeroed pages this domain granted to another one through gntalloc."""
+
+    _ended = "pages were unshared"
+
+    def unshare(self) -> None:
+        """End the grants and free the pages; idempotent.
+
+        The grantee keeps what it already mapped until it unmaps.  Slices of
+        :attr:`buffer` that a caller still holds see zero pages from now on.
+        """
+        # The mapping holds the grants' only reference (see share_pages).
+        self._scrub()
+
+
+class XenGrantShare(_Device):
+    """A grant share handle: ``/dev/xen/gntalloc``, opened once."""
+
+    _kind = "grant share handle"
+
+    def __init__(self) -> None:
+        super().__init__(GNTALLOC)
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> XenSharedPages:
         if count < 1:
             raise ValueError(f"cannot share {count} pages")
-        refs = ffi.new("uint32_t[]", count)
-        addr = self._lib.xengntshr_share_pages(self._handle, domid, count, refs, int(writable))
-        if addr == ffi.NULL:
-            raise _error(GrantError, f"sharing {count} pages with domain {domid}")
-        return XenSharedPages(self, addr, tuple(refs))
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._lib.xengntshr_close(self._handle)
-            self._handle = None
+        _unsigned(GrantError, domid, "domain id", bits=16)
+        op = _ioctl_arg("struct ioctl_gntalloc_alloc_gref", count)
+        op.domid = domid
+        op.flags = GNTALLOC_FLAG_WRITABLE if writable else 0
+        op.count = count
+        what = f"sharing {count} pages with domain {domid}"
+        with self._open_fd(what) as fd:
+            _ioctl(fd, IOCTL_GNTALLOC_ALLOC_GREF, op, what)
+            refs = tuple(ffi.unpack(ffi.cast("uint32_t *", op.gref_ids), count))
+            try:
+                # Writable whatever the grantee may do, as with xengntshr.
+                pages = XenSharedPages(_map_device(fd, op.index, count, True, what), refs, True)
+            finally:
+                # Drop the device's own reference to the grants, mapped or
+                # not: from now on the mapping alone holds them, so that
+                # replacing it (unshare), or exiting, ends them.
+                dealloc = ffi.new(
+                    "struct ioctl_gntalloc_dealloc_gref *", {"index": op.index, "count": count}
+                )
+                _ioctl(fd, IOCTL_GNTALLOC_DEALLOC_GREF, dealloc, what)
+        return pages
 
 
 class XenEventChannel:
@@ -275,8 +483,8 @@ class XenEventChannel:
         return int(result)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
-        _u32(EventChannelError, domid, "domain id")
-        _u32(EventChannelError, remote_port, "event channel port")
+        _unsigned(EventChannelError, domid, "domain id")
+        _unsigned(EventChannelError, remote_port, "event channel port")
         return self._port(
             self._lib.xenevtchn_bind_interdomain(self._handle, domid, remote_port),
             f"binding port {remote_port} of domain {domid}",
