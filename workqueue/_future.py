@@ -10,16 +10,20 @@ once per future; re-entrancy makes that cheap).  Nobody ever sleeps on that
 condition: result() and exception() sleep on a private lock per blocked
 thread, which the finishing side releases.
 
-The one rule: a future's state becomes final only under `_condition`.
-concurrent.futures.wait() and as_completed() look at the state twice while
-holding it (once to find the finished futures, once to count the pending
-ones their waiter must hear from); a future that finished between the two
-looks would be counted by neither and still notify the waiter, which then
-returns early.  So completion and cancellation take the shared lock for the
-state write, and only the notifying is skipped for a future nobody watches:
-a future is *watched* once anybody asked for its _condition, which happens
-before they take it, so a finisher that takes the lock after them sees it.
-(PENDING -> RUNNING needs no lock: both read as "not done".)
+The one rule: a future's state becomes final only under `_condition`, in the
+same hold that tells its watchers.  concurrent.futures.wait() and
+as_completed() look at the state twice while holding it (once to find the
+finished futures, once to count the pending ones their waiter must hear
+from), then install their waiter on every future.  A future that finished
+between the two looks would be counted by neither and still notify the
+waiter; one whose telling came in a later hold than its state write could be
+counted as done by a look in between and then notify the waiter anyway.
+Either way the waiter returns early.  So completion and cancellation write
+the state and tell the watchers in one hold of the shared lock; only the
+telling is skipped for a future nobody watches: a future is *watched* once
+anybody asked for its _condition, which happens before they take it, so a
+finisher that takes the lock after them sees it.  (PENDING -> RUNNING needs
+no lock: both read as "not done".)
 
 Cancellation goes through the work item: a future can be cancelled exactly
 while its item is pending, which the engine lock decides (the state moves to
@@ -92,17 +96,20 @@ class LeanFuture(Future[Any]):
         return f"<LeanFuture state={self._state} work={self._work!r}>"
 
     def cancel(self) -> bool:
-        with _futures_cond, _pool.lock:
-            state = self._state
-            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return True
-            if state != PENDING:
-                return False
-            if self._work is not None and not try_to_grab_pending(self._work):
-                return False
-            # Nobody will run it, so there is nothing left to notify later.
-            self._state = CANCELLED_AND_NOTIFIED
-        self._notify(None, cancelled=True)
+        with _futures_cond:
+            with _pool.lock:
+                state = self._state
+                if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                    return True
+                if state != PENDING:
+                    return False
+                if self._work is not None and not try_to_grab_pending(self._work):
+                    return False
+                # Nobody will run it, so there is nothing left to notify later.
+                self._state = CANCELLED_AND_NOTIFIED
+            self._notify(None, cancelled=True)  # the engine lock is not held while telling
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
@@ -172,30 +179,28 @@ class LeanFuture(Future[Any]):
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         self._result = result
         self._exception = exception
-        with _futures_cond:  # final only under the condition (see module doc)
+        with _futures_cond:  # final and told in one hold (see module doc)
             self._state = FINISHED
-        if self._watched:
             self._notify(exception)
-        elif self._done_callbacks:
+        if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def _notify(self, exception: BaseException | None, cancelled: bool = False) -> None:
-        """Wake whoever watches this future, now done (no lock held)."""
-        if self._watched:
-            with _futures_cond:
-                for waiter in self._waiters:
-                    if cancelled:
-                        waiter.add_cancelled(self)
-                    elif exception is None:
-                        waiter.add_result(self)
-                    else:
-                        waiter.add_exception(self)
-                blocked, self._blocked = self._blocked, None
-                for sleeper in blocked or ():
-                    sleeper.release()
-                _futures_cond.notify_all()  # for code that waits on _condition itself
-        if self._done_callbacks:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
+        """Wake whoever watches this future, made final in this very hold of
+        _futures_cond."""
+        if not self._watched:
+            return
+        for waiter in self._waiters:
+            if cancelled:
+                waiter.add_cancelled(self)
+            elif exception is None:
+                waiter.add_result(self)
+            else:
+                waiter.add_exception(self)
+        blocked, self._blocked = self._blocked, None
+        for sleeper in blocked or ():
+            sleeper.release()
+        _futures_cond.notify_all()  # for code that waits on _condition itself
 
 
 class CallWork(Work):
@@ -235,12 +240,16 @@ def _run_call(work: CallWork) -> None:
 def cancel_pending_futures(wq: Workqueue) -> int:
     """Cancel the submitted calls of *wq* that have not started; how many."""
     cancelled = []
-    with _futures_cond, _pool.lock:
-        for pwq in wq._all_pwqs():
-            for work in [*pwq.inactive, *(w for w in pwq.pool.worklist if w._pwq is pwq)]:
-                if isinstance(work, CallWork) and try_to_grab_pending(work):
-                    work.future._state = CANCELLED_AND_NOTIFIED
-                    cancelled.append(work.future)
+    with _futures_cond:
+        with _pool.lock:
+            for pwq in wq._all_pwqs():
+                for work in [*pwq.inactive, *(w for w in pwq.pool.worklist if w._pwq is pwq)]:
+                    if isinstance(work, CallWork) and try_to_grab_pending(work):
+                        cancelled.append(work.future)
+        for future in cancelled:
+            future._state = CANCELLED_AND_NOTIFIED
+            future._notify(None, cancelled=True)
     for future in cancelled:
-        future._notify(None, cancelled=True)
+        if future._done_callbacks:
+            future._invoke_callbacks()  # type: ignore[attr-defined]
     return len(cancelled)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -177,6 +178,57 @@ def test_wait_is_not_fooled_by_a_future_finishing_between_its_two_looks(
     done, not_done = cf.wait([later, racing], timeout=10)
     assert not not_done and done == {later, racing}
     assert finisher_done.wait(10)
+
+
+class _PausingFuture(LeanFuture):
+    """A LeanFuture whose finisher stops the first time it asks whether the
+    future is watched, which it does once the state is final."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finisher: threading.Thread | None = None
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+        self.watched = False
+
+    @property  # type: ignore[override]
+    def _watched(self) -> bool:
+        if threading.current_thread() is self.finisher and not self.paused.is_set():
+            self.paused.set()
+            assert self.resume.wait(TIMEOUT)
+        return self.watched
+
+    @_watched.setter
+    def _watched(self, value: bool) -> None:
+        self.watched = value
+
+
+@pytest.mark.parametrize("finish", ["result", "cancel"])
+def test_wait_is_not_fooled_by_a_future_notifying_after_its_state_is_final(
+    finish: str
+) -> None:
+    # The other half of the rule above: the hold of the condition that makes
+    # a future final must also be the one that tells its watchers.  If the
+    # telling came in a later hold, a wait() could look in between, count the
+    # future as done, install its waiter -- and then be told again, counting
+    # down for a future that is still pending.
+    paused, pending = _PausingFuture(), LeanFuture()
+    paused.finisher = threading.Thread(
+        target=paused.set_result if finish == "result" else paused.cancel,
+        args=(1,) if finish == "result" else ())
+    paused.finisher.start()
+    assert paused.paused.wait(TIMEOUT)
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(cf.wait([paused, pending], TIMEOUT)))
+    waiter.start()
+    time.sleep(0.2)  # with the bug, wait() has looked and installed its waiter by now
+    paused.resume.set()
+    paused.finisher.join(TIMEOUT)
+    time.sleep(0.2)  # with the bug, wait() returns here, early
+    pending.set_result(2)
+    waiter.join(TIMEOUT)
+    done, not_done = outcome[0]
+    assert not not_done and done == {paused, pending}
 
 
 def test_standalone_lean_future() -> None:
