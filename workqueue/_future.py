@@ -1,33 +1,38 @@
-"""The executor face: a lean Future and the work item that runs a submitted call.
+"""The executors' Future: LeanFuture, and the work item that runs a submitted call.
 
-concurrent.futures.Future makes a Condition (and with it an RLock) in its
-constructor, and concurrent.futures.wait() takes every future's condition:
-both cost more than queueing a work item.  A LeanFuture has no condition of
-its own.  Its `_condition`, which wait(), as_completed(), add_done_callback()
-and the other standard methods take to look at the state and the waiter
-lists, is one re-entrant lock shared by all lean futures (wait() takes it
-once per future; re-entrancy makes that cheap).  Nobody ever sleeps on that
-condition: result() and exception() sleep on a private lock per blocked
-thread, which the finishing side releases.
+concurrent.futures.Future makes a Condition (and with it an RLock) and two
+lists in its constructor, and leaves them for the cyclic garbage collector to
+scan while the call waits; concurrent.futures.wait() then takes every
+future's condition.  All of that costs more than queueing a work item.  A
+LeanFuture is one slotted object that carries its call, and makes what only
+a watcher needs -- the waiter list, the done-callbacks, the threads asleep in
+result() -- when the first watcher asks for it.  Workqueue.submit() and
+wq.serial(key).submit() both return one.
 
-The one rule: a future's state becomes final only under `_condition`, in the
-same hold that tells its watchers.  concurrent.futures.wait() and
-as_completed() look at the state twice while holding it (once to find the
-finished futures, once to count the pending ones their waiter must hear
-from), then install their waiter on every future.  A future that finished
-between the two looks would be counted by neither and still notify the
-waiter; one whose telling came in a later hold than its state write could be
-counted as done by a look in between and then notify the waiter anyway.
-Either way the waiter returns early.  So completion and cancellation write
-the state and tell the watchers in one hold of the shared lock; only the
-telling is skipped for a future nobody watches: a future is *watched* once
-anybody asked for its _condition, which happens before they take it, so a
-finisher that takes the lock after them sees it.  (PENDING -> RUNNING needs
-no lock: both read as "not done".)
+All LeanFutures share one `_condition`, on a re-entrant lock: wait() takes
+it once per future, which re-entrancy makes cheap, where a condition per
+future, however lazily made, would cost as much as a standard Future.  Nobody sleeps on it: result() and exception() sleep on a private
+lock per blocked thread, which the finishing side releases.  A future is
+*watched* once anybody asked for its `_condition`, which they do before
+taking it; only a watched future has anybody to tell when it is done.
 
-Cancellation goes through the work item: a future can be cancelled exactly
-while its item is pending, which the engine lock decides (the state moves to
-CANCELLED_AND_NOTIFIED under it, since no worker will ever pick the item up).
+The one rule: a future's state becomes final only under its condition, in
+the same hold that tells its watchers.  concurrent.futures.wait() and
+as_completed() look at the states twice while holding the conditions (once
+to find the finished futures, once to count the pending ones their waiter
+must hear from) and then install their waiter on every future.  A future
+made final between the two looks would be counted by neither, and still
+count the waiter down; a future told of in a later hold than the one that
+made it final could be counted as done by a look in between, and then count
+the waiter down once more.  Either way wait() would return with futures not
+done.  (PENDING -> RUNNING needs no such care: both read as "not done".)
+
+A future can be cancelled until it starts, and who decides that depends on
+who runs it.  The future of a submitted call (a CallWork's) can be cancelled
+exactly while its work item is pending, which the engine lock decides.  Any
+other LeanFuture -- a serial executor's, or a bare LeanFuture() -- until its
+executor calls set_running_or_notify_cancel(), which decides under the
+condition.
 """
 
 from __future__ import annotations
@@ -55,72 +60,170 @@ __all__ = ["LeanFuture", "CallWork", "cancel_pending_futures"]
 
 _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
-# The `_condition` of every LeanFuture.  It guards the waiter lists
-# (_waiters, _blocked, _done_callbacks) of watched futures and orders a
-# watcher's look at the state against completion.  Held only for list
+# The lock of every LeanFuture's `_condition`.  Final states are written under
+# it (the rule in the module docstring), and it guards the watchers' lists
+# (_waiter_list, _callback_list, _blocked).  Held only for those few
 # operations, never while user code runs; re-entrant because wait() takes it
-# once per future.  Lock order: this lock -> engine lock (cancel decides under
-# both); never the other way round: nothing takes this lock while holding the
-# engine lock.
-_futures_cond = threading.Condition(threading.RLock())
+# once per future.  Lock order: this lock -> engine lock (cancelling a
+# submitted call decides under both); nothing takes this lock while holding
+# the engine lock.  Our own code takes the lock itself: `with` on the
+# Condition would cost two more Python calls per hold.
+_futures_lock = threading.RLock()
+_futures_cond = threading.Condition(_futures_lock)
+
+
+def _call_name(fn: Callable[..., Any] | None) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 class LeanFuture(Future[Any]):
-    """A Future that costs little until somebody waits on it.
+    """A Future that costs little until somebody watches it.
 
-    LeanFuture(work) is the future of a CallWork: cancel() succeeds exactly
-    while the item is pending.  LeanFuture() stands alone, for executors
-    built on the engine (e.g. a serial executor): they call
-    set_running_or_notify_cancel() before running the call, as with any
-    Future, and cancel() succeeds until then.  Either way the state changes
-    under the engine lock, which is what makes cancel and start exclusive.
+    LeanFuture(fn, args, kwargs) carries the call fn(*args, **kwargs), which
+    its executor runs with _run(); a bare LeanFuture() carries none, and its
+    maker drives it as any Future (set_running_or_notify_cancel(), then
+    set_result() or set_exception()).  Given a work item (*work*, as CallWork
+    does), the future is that item's: it starts when the item runs, and
+    cancel() succeeds exactly while the item is pending.  A done future lets
+    go of its call and its item.
     """
 
+    # The fields every future needs are slots; _result and _exception are
+    # set when it finishes, and nothing reads them before.  The fields only a
+    # watched future needs are the class attributes below until a watcher
+    # sets them in the instance (under _futures_lock, except _watched: see
+    # the module docstring).
+    __slots__ = ("_state", "_result", "_exception", "_fn", "_args", "_kwargs", "_work")
     _watched = False
-    _blocked: list[threading.Lock] | None = None  # result()/exception() sleepers
+    _waiter_list: list[Any] | None = None  # concurrent.futures' waiters
+    _callback_list: list[Callable[[Future[Any]], object]] | None = None
+    _blocked: list[threading.Lock] | None = None  # a lock per thread asleep in result()
 
-    def __init__(self, work: CallWork | None = None) -> None:  # no super().__init__(): that is the cost
-        self._work = work
+    def __init__(  # no super().__init__(): that is the cost
+        self,
+        fn: Callable[..., Any] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        work: Work | None = None,
+    ) -> None:
         self._state = PENDING
-        self._result = None
-        self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+        self._fn = fn
+        self._args = args
+        # An empty kwargs dict is dropped at once: one object less per
+        # pending call for the cyclic collector to count and scan.
+        self._kwargs = kwargs or None
+        self._work = work
+
+    # What concurrent.futures.Future keeps in plain attributes.  It touches
+    # the lists only while holding _condition, hence they are made under it.
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
-        self._watched = True  # before the caller reads the state under it
+        self._watched = True  # before the caller takes it and looks at the state
         return _futures_cond
 
-    def __repr__(self) -> str:
-        return f"<LeanFuture state={self._state} work={self._work!r}>"
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        if self._waiter_list is None:
+            self._waiter_list = []
+        return self._waiter_list
 
-    def cancel(self) -> bool:
-        with _futures_cond:
-            with _pool.lock:
-                state = self._state
-                if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                    return True
-                if state != PENDING:
-                    return False
-                if self._work is not None and not try_to_grab_pending(self._work):
-                    return False
-                # Nobody will run it, so there is nothing left to notify later.
-                self._state = CANCELLED_AND_NOTIFIED
-            self._notify(None, cancelled=True)  # the engine lock is not held while telling
-        if self._done_callbacks:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
-        return True
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
+        if self._callback_list is None:
+            self._callback_list = []
+        return self._callback_list
+
+    def __repr__(self) -> str:
+        call = "" if self._fn is None else f" {_call_name(self._fn)}"
+        return f"<LeanFuture{call} state={self._state}>"
+
+    # -- the executor's side ----------------------------------------------
+
+    def _run(self) -> None:
+        """Run the call and finish with its outcome, unless cancelled first."""
+        if not self.set_running_or_notify_cancel():
+            return
+        fn, args, kwargs = self._fn, self._args, self._kwargs
+        assert fn is not None, "a LeanFuture without a call has nothing to run"
+        try:
+            result = fn(*args, **kwargs) if kwargs else fn(*args)
+        except BaseException as exc:
+            self._finish(None, exc)
+            # The traceback keeps this frame: leave it neither the future (a
+            # cycle through the exception) nor the call's arguments.
+            self = fn = args = kwargs = None  # type: ignore[assignment]
+        else:
+            self._finish(result, None)
 
     def set_running_or_notify_cancel(self) -> bool:
-        with _futures_cond, _pool.lock:
+        with _futures_lock:  # where cancel() decides too
             state = self._state
             if state == PENDING:
                 self._state = RUNNING
                 return True
             if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return False
+                return False  # and cancel() has told the watchers
         raise InvalidStateError(f"{self!r} cannot start: it is {state}")
+
+    def set_result(self, result: Any) -> None:
+        self._finish(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception)
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        self._result = result
+        self._exception = exception
+        with _futures_lock:
+            self._make_final(FINISHED)
+        self._let_go()
+
+    def _make_final(self, state: str) -> None:
+        """Enter the final *state* and tell the watchers (_futures_lock held).
+
+        The one place a state becomes final: see the rule in the module
+        docstring.
+        """
+        self._state = state
+        if not self._watched:
+            return
+        for waiter in self._waiter_list or ():
+            if state != FINISHED:
+                waiter.add_cancelled(self)
+            elif self._exception is None:
+                waiter.add_result(self)
+            else:
+                waiter.add_exception(self)
+        blocked, self._blocked = self._blocked, None
+        for sleeper in blocked or ():
+            sleeper.release()
+        _futures_cond.notify_all()  # for code that waits on _condition itself
+
+    def _let_go(self) -> None:
+        """Drop the call and run the done-callbacks, once final (no lock held:
+        callbacks, and the __del__ of a dropped argument, are user code)."""
+        self._fn = self._kwargs = self._work = None
+        self._args = ()
+        if self._callback_list:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    # -- the caller's side ------------------------------------------------
+
+    def cancel(self) -> bool:
+        with _futures_lock:
+            state = self._state
+            if state != PENDING:
+                return state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+            work = self._work
+            if work is not None:
+                with _pool.lock:  # only a pending item can be taken back
+                    if not try_to_grab_pending(work):
+                        return False
+            # Nobody will run it, so there is nothing left to notify later.
+            self._make_final(CANCELLED_AND_NOTIFIED)
+        self._let_go()
+        return True
 
     def done(self) -> bool:
         return self._state in _DONE
@@ -129,7 +232,7 @@ class LeanFuture(Future[Any]):
         """Sleep until done or *timeout* seconds passed."""
         if self._state in _DONE:
             return
-        with _futures_cond:
+        with _futures_lock:
             self._watched = True
             if self._state in _DONE:
                 return
@@ -139,9 +242,9 @@ class LeanFuture(Future[Any]):
                 self._blocked = []
             self._blocked.append(sleeper)
         with _pool.blocking():  # a worker waiting here lets its pool run others
-            woke = sleeper.acquire(timeout=-1 if timeout is None else timeout)
+            woke = sleeper.acquire(timeout=-1 if timeout is None else max(timeout, 0))
         if not woke:
-            with _futures_cond:
+            with _futures_lock:
                 if self._blocked is not None and sleeper in self._blocked:
                     self._blocked.remove(sleeper)
 
@@ -170,86 +273,47 @@ class LeanFuture(Future[Any]):
             raise CancelledError()
         raise TimeoutError()
 
-    def set_result(self, result: Any) -> None:
-        self._finish(result, None)
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        self._finish(None, exception)
-
-    def _finish(self, result: Any, exception: BaseException | None) -> None:
-        self._result = result
-        self._exception = exception
-        with _futures_cond:  # final and told in one hold (see module doc)
-            self._state = FINISHED
-            self._notify(exception)
-        if self._done_callbacks:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
-
-    def _notify(self, exception: BaseException | None, cancelled: bool = False) -> None:
-        """Wake whoever watches this future, made final in this very hold of
-        _futures_cond."""
-        if not self._watched:
-            return
-        for waiter in self._waiters:
-            if cancelled:
-                waiter.add_cancelled(self)
-            elif exception is None:
-                waiter.add_result(self)
-            else:
-                waiter.add_exception(self)
-        blocked, self._blocked = self._blocked, None
-        for sleeper in blocked or ():
-            sleeper.release()
-        _futures_cond.notify_all()  # for code that waits on _condition itself
-
 
 class CallWork(Work):
-    """The work item behind Workqueue.submit(fn, *args, **kwargs)."""
+    """The work item behind Workqueue.submit(fn, *args, **kwargs).
 
-    __slots__ = ("future", "fn", "args", "kwargs")
+    Its future carries the call, and keeps the item (for cancel()) until it
+    is done; the item keeps its future until it has run it.
+    """
+
+    __slots__ = ("future",)
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         Work.__init__(self, _run_call)
-        self.future = LeanFuture(self)
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
+        self.future = LeanFuture(fn, args, kwargs, self)
 
     def __repr__(self) -> str:
-        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
-        return f"<CallWork {name}>"
+        future = self.future  # None once it has run
+        return f"<CallWork {_call_name(None if future is None else future._fn)}>"
 
 
 def _run_call(work: CallWork) -> None:
-    future = work.future
-    future._state = RUNNING  # cancel() can no longer win: the item is not pending
-    try:
-        result = work.fn(*work.args, **work.kwargs)
-    except BaseException as exc:
-        future._finish(None, exc)
-    else:
-        future._finish(result, None)
-    # Drop what the call no longer needs, and break the work <-> future
-    # cycle (the future keeps its work for cancel()), so that a finished
-    # call is freed by reference counting, not by the cyclic collector.  The
-    # del also clears this frame, which a raised exception's traceback keeps.
-    work.future = work.fn = work.args = work.kwargs = None  # type: ignore[assignment]
-    del work, future
+    work.future._run()
+    # A traceback the call raised keeps this frame and, through f_back, the
+    # engine's frames that called it, which hold the item.  The item must not
+    # lead back to the future, which holds the traceback, or a failed call
+    # would wait for the cyclic collector instead of being freed by reference
+    # counting.
+    work.future = None  # type: ignore[assignment]
 
 
 def cancel_pending_futures(wq: Workqueue) -> int:
     """Cancel the submitted calls of *wq* that have not started; how many."""
-    cancelled = []
-    with _futures_cond:
-        with _pool.lock:
-            for pwq in wq._all_pwqs():
-                for work in [*pwq.inactive, *(w for w in pwq.pool.worklist if w._pwq is pwq)]:
-                    if isinstance(work, CallWork) and try_to_grab_pending(work):
-                        cancelled.append(work.future)
+    with _futures_lock:
+        with _pool.lock:  # all at once: no call of *wq* starts meanwhile
+            cancelled = [
+                work.future
+                for pwq in wq._all_pwqs()
+                for work in [*pwq.inactive, *(w for w in pwq.pool.worklist if w._pwq is pwq)]
+                if isinstance(work, CallWork) and try_to_grab_pending(work)
+            ]
         for future in cancelled:
-            future._state = CANCELLED_AND_NOTIFIED
-            future._notify(None, cancelled=True)
+            future._make_final(CANCELLED_AND_NOTIFIED)
     for future in cancelled:
-        if future._done_callbacks:
-            future._invoke_callbacks()  # type: ignore[attr-defined]
+        future._let_go()
     return len(cancelled)

@@ -5,12 +5,13 @@ key's CPU; different keys run in parallel.  This is what a backend wants for
 a socket or a device: every request of one socket in order, the sockets
 spread over the CPUs.
 
-Each key owns one Work item (a _SerialWork) holding a deque of pending calls.
-submit() appends a call and queues the Work on the key's CPU; the Work's
-function drains the deque.  The workqueue's guarantees do the rest: the
-pending bit coalesces the queueing of a busy key into one run, and a Work
-never runs concurrently with itself, so the calls of one key never overlap
-and leave the deque in the order they entered it.
+Each key owns one Work item (a _SerialWork) holding a deque of pending calls,
+each riding in the LeanFuture that submit() returns (see _future).  submit()
+appends a call and queues the Work on the key's CPU; the Work's function
+drains the deque.  The workqueue's guarantees do the rest: the pending bit
+coalesces the queueing of a busy key into one run, and a Work never runs
+concurrently with itself, so the calls of one key never overlap and leave
+the deque in the order they entered it.
 
 The keys are placed with a LoadIndex over the workqueue's topology, one index
 per workqueue, so the keys of a workqueue are spread evenly over its CPUs and
@@ -27,15 +28,9 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
-from concurrent.futures._base import (  # the states, as concurrent.futures spells them
-    CANCELLED,
-    CANCELLED_AND_NOTIFIED,
-    FINISHED,
-    PENDING,
-    RUNNING,
-)
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from ._future import LeanFuture
 from ._loadindex import LoadIndex
 from ._pool import current_work
 from ._work import Work
@@ -56,135 +51,6 @@ T = TypeVar("T")
 _BATCH = 64
 
 
-class _SerialFuture(Future[Any]):
-    """One serial call and its Future, made as cheaply as a Future can be.
-
-    A standard Future makes a Condition (and an RLock) and two lists per
-    call, which would cost more than the rest of submit(), and leaves several
-    objects per call for the cyclic garbage collector to scan again and
-    again while they wait.  This one is a single slotted object: it carries
-    the call itself, and makes its condition and lists only when someone
-    waits, cancels or adds a callback.  A call that finishes before anyone
-    looks never has them.
-
-    Correctness rests on one rule: a Future's state must not change while
-    another thread holds its condition, because concurrent.futures.wait()
-    and as_completed() read the state more than once under it (once to find
-    the finished futures, once to count the pending ones for their waiter).
-    So the condition is created under the key's lock, and a finishing call
-    checks under that same lock whether it exists: if not, it finishes there
-    and then, and any later waiter sees the final state; if so, the state
-    changes under the condition, as in a standard Future.  Start and cancel
-    are also decided under the key's lock.  Lock order: condition -> key lock.
-    """
-
-    # The per-call fields are slots; _result and _exception are set when it
-    # finishes.  The rarely needed fields default to the class attributes
-    # below and are set, in the instance, only by those who need them.
-    __slots__ = ("_state", "_result", "_exception", "_key_lock", "fn", "args", "kwargs")
-    _cond: threading.Condition | None = None
-    _waiter_list: list[Any] | None = None
-    _callback_list: list[Callable[[Future[Any]], object]] | None = None
-
-    def __init__(  # no super().__init__(): that is the cost
-        self,
-        key_lock: threading.Lock,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any] | None,
-    ) -> None:
-        self._state = PENDING
-        self._key_lock = key_lock
-        self.fn: Callable[..., Any] | None = fn
-        self.args = args
-        self.kwargs = kwargs
-
-    # What concurrent.futures.Future keeps in plain attributes, made lazily.
-    # The lists are only touched under the condition, which already exists.
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond = self._cond
-        if cond is None:
-            with self._key_lock:
-                cond = self._cond
-                if cond is None:
-                    cond = self._cond = threading.Condition()
-        return cond
-
-    @property
-    def _waiters(self) -> list[Any]:  # type: ignore[override]
-        if self._waiter_list is None:
-            self._waiter_list = []
-        return self._waiter_list
-
-    @property
-    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
-        if self._callback_list is None:
-            self._callback_list = []
-        return self._callback_list
-
-    def __repr__(self) -> str:
-        return f"<_SerialFuture state={self._state}>"
-
-    def done(self) -> bool:
-        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
-
-    def result(self, timeout: float | None = None) -> Any:
-        if self._state == FINISHED and self._exception is None:
-            return self._result
-        return super().result(timeout)
-
-    def cancel(self) -> bool:
-        cond = self._condition  # made if need be: cancelling is rare
-        with cond:
-            with self._key_lock:
-                state = self._state
-                if state == PENDING:
-                    self._state = CANCELLED_AND_NOTIFIED
-            if state != PENDING:
-                return state in (CANCELLED, CANCELLED_AND_NOTIFIED)
-            self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
-            for waiter in self._waiters:
-                waiter.add_cancelled(self)
-            cond.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
-        return True
-
-    def set_running_or_notify_cancel(self) -> bool:
-        with self._key_lock:
-            if self._state == PENDING:
-                self._state = RUNNING
-                return True
-        return False  # cancelled, and already notified by cancel()
-
-    def set_result(self, result: Any) -> None:
-        self._finish(result, None)
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        self._finish(None, exception)
-
-    def _finish(self, result: Any, exception: BaseException | None) -> None:
-        with self._key_lock:
-            cond = self._cond
-            if cond is None:  # nobody is looking, and nobody can start to
-                self._result = result
-                self._exception = exception
-                self._state = FINISHED
-                return
-        with cond:
-            self._result = result
-            self._exception = exception
-            self._state = FINISHED
-            for waiter in self._waiters:
-                if exception is None:
-                    waiter.add_result(self)
-                else:
-                    waiter.add_exception(self)
-            cond.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
-
-
 class _SerialWork(Work):
     """The Work item of one key: runs the key's pending calls in order.
 
@@ -202,7 +68,7 @@ class _SerialWork(Work):
         self.cpu = cpu
         # Appended by submit(), popped by _drain() and by
         # shutdown(cancel_futures=True); deque's append and popleft are atomic.
-        self.calls: deque[_SerialFuture] = deque()
+        self.calls: deque[LeanFuture] = deque()
 
 
 def _drain(work: Work) -> None:
@@ -218,19 +84,10 @@ def _drain(work: Work) -> None:
             future = popleft()
         except IndexError:
             return
-        if not future.set_running_or_notify_cancel():
-            continue
-        fn, args, kwargs = future.fn, future.args, future.kwargs
-        future.fn = future.args = future.kwargs = None  # type: ignore[assignment]
-        assert fn is not None
-        try:
-            result = fn(*args, **kwargs) if kwargs else fn(*args)
-        except BaseException as exc:
-            future.set_exception(exc)
-            del exc  # break the frame <-> traceback cycle
-        else:
-            future.set_result(result)
-        del future, fn, args, kwargs
+        future._run()  # unless it was cancelled
+        # A traceback the call raised keeps this frame: it must not hold the
+        # future, which holds the traceback (see _run_call).
+        del future
     if work.calls:
         work.wq.queue_work_on(work.cpu, work)
 
@@ -362,10 +219,10 @@ class SerialExecutor(Executor):
         self._key = key
         self._work = work
         self._shutdown = False
-        # _lock orders submit() against shutdown() -- once shutdown() has set
-        # _shutdown under it, no call can enter the deque -- and decides, for
-        # each of the key's futures, whether it starts or is cancelled.  It
-        # is a leaf lock, held for a few bytecodes.
+        # _lock orders submit() against shutdown(): once shutdown() has set
+        # _shutdown under it, no call can enter the deque.  It is a leaf
+        # lock, held for a few bytecodes.  (Whether a call starts or is
+        # cancelled, its future decides.)
         self._lock = threading.Lock()
 
     @property
@@ -392,9 +249,7 @@ class SerialExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` after every call submitted before."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
-        # An empty kwargs dict is dropped at once: one object less per
-        # pending call for the cyclic collector to count and scan.
-        future = _SerialFuture(self._lock, fn, args, kwargs or None)
+        future = LeanFuture(fn, args, kwargs)
         work = self._work
         with self._lock:
             if self._shutdown:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -32,6 +34,28 @@ def test_submit_results_and_exceptions_travel_in_futures(make_wq: Any) -> None:
         f.result(TIMEOUT)
     assert isinstance(f.exception(TIMEOUT), ZeroDivisionError)
     assert wq.stats().failed == 0  # an exception in a future is not a failed item
+
+
+@pytest.mark.parametrize("executor", ["workqueue", "serial"])
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_done_future_is_freed_without_the_cyclic_collector(
+    make_wq: Any, executor: str, fails: bool
+) -> None:
+    # A failed call's traceback keeps the frames that ran it: none of them
+    # may lead back to the future, which holds the traceback.
+    wq = make_wq()
+    ex = wq if executor == "workqueue" else wq.serial("k")
+    arg = Work(lambda w: None)  # any object we can hold a weak reference to
+    gc.disable()
+    try:
+        f = ex.submit(lambda a: 1 / 0 if fails else a, arg)
+        cf.wait([f], TIMEOUT)
+        assert (f.exception() is not None) is fails
+        future_ref, arg_ref = weakref.ref(f), weakref.ref(arg)
+        del f, arg
+        assert future_ref() is None and arg_ref() is None
+    finally:
+        gc.enable()
 
 
 def test_map_as_completed_and_wait(make_wq: Any) -> None:
