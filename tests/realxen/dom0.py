@@ -12,8 +12,9 @@ it runs with the project's own virtualenv.  It:
    ``pvcalls = [ "backend=0" ]`` whose initramfs loads pvshim.ko;
 4. follows the domU's console, connects a client when the guest says it
    listens, and checks the echo of that client's data; before that client
-   connects, it checks that a grant mapping of the guest's page unmapped
-   while a slice of it is held leaves the slice harmless;
+   connects, it checks that a grant mapping of the guest's page unmapped,
+   or a page dom0 shares unshared, while a slice of it is held leaves the
+   slice harmless;
 5. waits for the domU to power off and checks that the backend let go of
    everything: device Closed or removed, no socket, mapping or port left.
 
@@ -335,18 +336,21 @@ def check_holding(backend: Backend, domid: int, baseline: dict[str, list[str]]) 
     step_ok("backend-holding", counts)
 
 
-def check_unmap_with_view(backend: Backend, domid: int) -> None:
-    """A grant mapping unmapped while a slice of it is held must leave the
-    slice harmless: reading and writing it must not crash this process
-    (which is the backend's), nor reach the guest (see realbackend.py)."""
-    check = getattr(backend, "check_unmap_with_view", None)
-    if check is None:  # Linux's backend, the stand-in: nothing of ours to check
-        return
-    try:
-        details = check(domid)
-    except Exception as exc:  # an assertion or a platform error: the step failed
-        raise StepFailed("unmap-with-view", f"{type(exc).__name__}: {exc}") from None
-    step_ok("unmap-with-view", details)
+def check_stale_views(backend: Any, domid: int) -> None:
+    """A grant mapping unmapped, or shared pages unshared, while a slice of
+    them is held must leave the slice harmless: reading and writing it must
+    not crash this process (which is the backend's), nor reach the guest
+    or the grantee (see realbackend.py)."""
+    if not hasattr(backend, "check_unmap_with_view"):
+        return  # Linux's backend, the stand-in: nothing of ours to check
+    checks = (("unmap-with-view", lambda: backend.check_unmap_with_view(domid)),
+              ("unshare-with-view", backend.check_unshare_with_view))
+    for step, check in checks:
+        try:
+            details = check()
+        except Exception as exc:  # an assertion or a platform error: the step failed
+            raise StepFailed(step, f"{type(exc).__name__}: {exc}") from None
+        step_ok(step, details)
 
 
 def guest_domid() -> int:
@@ -422,7 +426,7 @@ def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> i
                     result = result or f"FAIL {m.group(1)}:{m.group(3)}"
             elif m := re.search(r"PVSHIM LISTENING port=(\d+)", line):
                 check_holding(backend, domid, baseline)
-                check_unmap_with_view(backend, domid)
+                check_stale_views(backend, domid)
                 client = AcceptClient(int(m.group(1)), args.nbytes, args.step_timeout)
                 client.start()
             elif m := re.search(r"PVSHIM RESULT (PASS|FAIL.*)", line):

@@ -8,7 +8,9 @@ Xen still has open in dom0 towards the dead guest (``lsevtchn``).
 
 It also checks, on a grant of the live guest, that unmapping while a slice
 of the mapping is still held leaves that slice harmless rather than
-pointing at unmapped memory (:meth:`RealBackend.check_unmap_with_view`).
+pointing at unmapped memory (:meth:`RealBackend.check_unmap_with_view`),
+and the same of unsharing a page dom0 shares
+(:meth:`RealBackend.check_unshare_with_view`).
 """
 
 from __future__ import annotations
@@ -104,6 +106,36 @@ class RealBackend:
         assert written == b"\xa5" * 16, f"the write through the slice was lost: {seen}"
         assert guest != written, f"the write through the slice reached the guest: {seen}"
         assert left != held, f"the zero pages outlived the slice: [{left}]"
+        return seen
+
+    def check_unshare_with_view(self) -> str:
+        """The same for pages this domain shares (gntalloc): dom0 shares a
+        page with itself, maps it back through gntdev, then unshares while
+        a slice of the shared buffer is held.  The slice must read zeros
+        and take a write; the mapping keeps the page as it was (a grantee
+        keeps what it mapped until it unmaps)."""
+        gntshr, gnttab = self.platform.gntshr(), self.platform.gnttab()
+        try:
+            pages = gntshr.share_pages(self.platform.domid, 1)
+            pages.buffer[:6] = b"shared"
+            view = pages.buffer[:16]
+            with gnttab.map_grant_refs(self.platform.domid, pages.refs) as mapping:
+                before = bytes(mapping.buffer[:16])
+                pages.unshare()
+                after = bytes(view)
+                if after == bytes(16):
+                    view[:] = b"\xa5" * 16
+                written = bytes(view)
+                mapped = bytes(mapping.buffer[:16])
+        finally:
+            gntshr.close()
+            gnttab.close()
+        seen = (f"ref {pages.refs[0]}: {before.hex()} mapped, {after.hex()} after unshare, "
+                f"mapping still {mapped.hex()}")
+        assert before[:6] == b"shared", f"the mapping does not show the page: {seen}"
+        assert after == bytes(16), f"the slice still sees the shared page: {seen}"
+        assert written == b"\xa5" * 16, f"the write through the slice was lost: {seen}"
+        assert mapped == before, f"unsharing changed what the grantee maps: {seen}"
         return seen
 
     def _frontend(self, domid: int) -> str:
