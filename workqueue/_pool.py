@@ -32,6 +32,7 @@ colors, freeze) is at the end of process_works and in dec_nr_in_flight.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -350,7 +351,7 @@ class PoolSet:
         self.topology = topology
         self.bound: dict[tuple[int, bool], WorkerPool] = {}
         self.unbound: dict[bool, WorkerPool] = {}
-        self.next_id = 0
+        self.next_id = 0  # the id of the next pool made here (engine lock held)
         self.watchdog: TimerHandle | None = None
 
     def get_pool(self, cpu: int | None, highpri: bool) -> WorkerPool:
@@ -413,6 +414,13 @@ def pool_set(topology: Topology) -> PoolSet:
 
 # -- workers ---------------------------------------------------------------
 
+# Numbers the worker threads, for their names (kworker/<pool>:<n>).  One
+# counter for the process, not one per PoolSet: every topology has pools of
+# the same names, so per-topology numbers would repeat the same names.
+# next() on a count is atomic under the GIL; it needs no lock.
+_worker_numbers = itertools.count()
+
+
 def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
     """Start a worker thread.  Tests replace this to make creation fail."""
     thread = threading.Thread(target=target, name=name, daemon=True)
@@ -438,8 +446,7 @@ def create_worker(pool: WorkerPool) -> bool:
     get a mayday, and creation is retried after MAYDAY_INTERVAL.
     """
     worker = Worker(pool, WORKER_PREP | (WORKER_UNBOUND if pool.disassociated else 0))
-    name = f"kworker/{pool.name}:{pool.pset.next_id}"
-    pool.pset.next_id += 1
+    name = f"kworker/{pool.name}:{next(_worker_numbers)}"
     try:
         worker.thread = _start_thread(lambda: _worker_thread(worker), name)
     except RuntimeError as exc:

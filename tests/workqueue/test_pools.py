@@ -398,6 +398,25 @@ def test_destroy_releases_pools_and_their_idle_workers_exit() -> None:
     c.destroy()
 
 
+def test_worker_thread_names_are_unique_across_topologies(make_wq: Any) -> None:
+    # Each topology has its own pools, numbered from 0: the names of their
+    # workers must not repeat all the same (logs and dumps go by them).
+    seen: dict[str, set[str]] = {"first": set(), "second": set()}
+    for name in seen:
+        wq = make_wq(name, topology=Topology(2))
+        for cpu in (0, 1):
+            w = Work(lambda w, name=name: seen[name].add(threading.current_thread().name))
+            wq.queue_work_on(cpu, w)
+            w.flush()
+        workers = [w.name for p in wq.topology._pools.pools() for w in p.workers]
+        assert workers and all(n.startswith("kworker/cpu") for n in workers)
+        seen[name].update(workers)
+    assert seen["first"] and seen["second"]
+    assert not seen["first"] & seen["second"]
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("kworker/")]
+    assert len(alive) == len(set(alive))
+
+
 def test_an_exception_is_logged_with_the_item_and_the_worker_survives(
         make_wq: Any, caplog: pytest.LogCaptureFixture) -> None:
     wq = make_wq()
