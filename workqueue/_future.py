@@ -66,8 +66,14 @@ _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 # operations, never while user code runs; re-entrant because wait() takes it
 # once per future.  Lock order: this lock -> engine lock (cancelling a
 # submitted call decides under both); nothing takes this lock while holding
-# the engine lock.  Our own code takes the lock itself: `with` on the
-# Condition would cost two more Python calls per hold.
+# the engine lock.
+#
+# Every worker takes it twice per call, so on the per-call paths (start,
+# finish) the hold calls no Python function: a call is where the GIL may
+# change hands, and the other workers would then queue on this lock behind a
+# thread that is not running (bench (c) lost a third of its speed to that).
+# For the same reason our code takes the lock itself, not the Condition,
+# whose __enter__ and __exit__ are Python functions.
 _futures_lock = threading.RLock()
 _futures_cond = threading.Condition(_futures_lock)
 
@@ -175,21 +181,17 @@ class LeanFuture(Future[Any]):
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         self._result = result
         self._exception = exception
-        with _futures_lock:
-            self._make_final(FINISHED)
+        with _futures_lock:  # final, and told, in one hold (see the module docstring)
+            self._state = FINISHED
+            if self._watched:
+                self._tell_watchers()
         self._let_go()
 
-    def _make_final(self, state: str) -> None:
-        """Enter the final *state* and tell the watchers (_futures_lock held).
-
-        The one place a state becomes final: see the rule in the module
-        docstring.
-        """
-        self._state = state
-        if not self._watched:
-            return
+    def _tell_watchers(self) -> None:
+        """Tell the watchers that the future is done (_futures_lock held, in
+        the hold that made its state final)."""
         for waiter in self._waiter_list or ():
-            if state != FINISHED:
+            if self._state != FINISHED:
                 waiter.add_cancelled(self)
             elif self._exception is None:
                 waiter.add_result(self)
@@ -221,7 +223,9 @@ class LeanFuture(Future[Any]):
                     if not try_to_grab_pending(work):
                         return False
             # Nobody will run it, so there is nothing left to notify later.
-            self._make_final(CANCELLED_AND_NOTIFIED)
+            self._state = CANCELLED_AND_NOTIFIED
+            if self._watched:
+                self._tell_watchers()
         self._let_go()
         return True
 
@@ -232,12 +236,12 @@ class LeanFuture(Future[Any]):
         """Sleep until done or *timeout* seconds passed."""
         if self._state in _DONE:
             return
+        sleeper = threading.Lock()  # made before the hold, which then calls nothing
+        sleeper.acquire()
         with _futures_lock:
             self._watched = True
             if self._state in _DONE:
                 return
-            sleeper = threading.Lock()
-            sleeper.acquire()
             if self._blocked is None:
                 self._blocked = []
             self._blocked.append(sleeper)
@@ -313,7 +317,9 @@ def cancel_pending_futures(wq: Workqueue) -> int:
                 if isinstance(work, CallWork) and try_to_grab_pending(work)
             ]
         for future in cancelled:
-            future._make_final(CANCELLED_AND_NOTIFIED)
+            future._state = CANCELLED_AND_NOTIFIED
+            if future._watched:
+                future._tell_watchers()
     for future in cancelled:
         future._let_go()
     return len(cancelled)
