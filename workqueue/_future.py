@@ -11,10 +11,11 @@ wq.serial(key).submit() both return one.
 
 All LeanFutures share one `_condition`, on a re-entrant lock: wait() takes
 it once per future, which re-entrancy makes cheap, where a condition per
-future, however lazily made, would cost as much as a standard Future.  Nobody sleeps on it: result() and exception() sleep on a private
-lock per blocked thread, which the finishing side releases.  A future is
-*watched* once anybody asked for its `_condition`, which they do before
-taking it; only a watched future has anybody to tell when it is done.
+future, however lazily made, would cost as much as a standard Future.
+Nobody sleeps on it: result() and exception() sleep on a private lock per
+blocked thread, which the finishing side releases.  A future is *watched*
+once anybody asked for its `_condition`, which they do before taking it;
+only a watched future has anybody to tell when it is done.
 
 The one rule: a future's state becomes final only under its condition, in
 the same hold that tells its watchers.  concurrent.futures.wait() and
