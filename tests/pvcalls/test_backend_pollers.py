@@ -140,3 +140,25 @@ def test_connected_sockets_are_polled_on_their_own_cpus(
             assert sock.events is backend._pollers[sock.cpu].events, sock
         counts = [c.sockets for c in backend.stats().cpus]
         assert max(counts) - min(counts) <= 1
+
+
+def test_a_socket_keeps_its_poller_when_its_cpu_goes_offline(
+        host: Any, make_frontend: Any, echo_server: Any) -> None:
+    """The offline CPU's poller runs unbound and queues the socket on its
+    new CPU; the backend closes cleanly with the CPU still offline."""
+    topology = Topology(2)
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    try:
+        fe = make_frontend("hotplug")
+        socks = [fe.connect_socket(echo_server.address) for _ in range(2)]
+        victim = _socket(fe, backend, socks[0][0]).cpu
+        topology.cpu_down(victim)
+        for sock_id, ring in socks:
+            sock = _socket(fe, backend, sock_id)
+            assert sock.cpu != victim
+            raw_message = b"after cpu_down %d" % sock_id
+            fe.send_all(ring, raw_message)
+            assert fe.recv_exactly(ring, len(raw_message)) == raw_message
+    finally:
+        backend.close()  # with the CPU offline
+    assert backend._pollers == {}
