@@ -189,6 +189,23 @@ def test_peer_may_bind_again_after_unbind(
     assert e1.remote(p1) == (0, p0)
 
 
+def test_notify_reaches_a_peer_that_bound_again_before_we_heard(
+    pair: tuple[EventChannel, int, EventChannel, int], guest: Domain
+) -> None:
+    """The guest's handle still holds the old peer's descriptor when dom0
+    unbinds and binds again (it has not read the service's news: nobody
+    called pending()).  Its notify must reach the new binding, as Xen's
+    would, not vanish into the old one's closed pipe."""
+    e0, p0, e1, p1 = pair
+    e1.notify(p1)  # the guest's handle uses (and keeps) its peer's descriptor
+    assert wait_pending(e0) == p0
+    e0.unmask(p0)
+    e0.unbind(p0)
+    p0 = e0.bind_interdomain(guest.domid, p1)
+    e1.notify(p1)  # before e1 has drained "unbound" and "bound"
+    assert wait_pending(e0) == p0
+
+
 def test_close_is_seen_by_the_peer(host: SimHost, guest: Domain) -> None:
     e0, e1 = host.dom0.evtchn(), guest.evtchn()
     p1 = e1.bind_unbound_port(0)

@@ -220,15 +220,17 @@ class EventChannel:
                     # peer_fd under it, so fd cannot be a reused number.
                     try:
                         os.write(fd, b"\x00")
+                        return
                     except BlockingIOError:
-                        pass  # the peer's pipe is full: the port is pending already
+                        return  # the peer's pipe is full: the port is pending already
                     except BrokenPipeError:
+                        # That peer unbound.  Another may have bound since
+                        # (Xen would deliver to it): ask the service below.
                         self._lost_peer(lp)
-                    return
         finally:
             lock.release()
-        # Unknown port, or no peer yet: a peer may have bound since we last
-        # heard from the service.
+        # Unknown port, no peer yet, or a peer gone: a peer may have bound
+        # since we last heard from the service.
         self._conn.drain()
         with self._lock:
             lp = self._ports.get(port)
