@@ -176,7 +176,8 @@ class EventDispatcher:
         For a dispatcher made with ``thread=False``, by one thread at a time.
         The wait counts as blocking for a calling work item
         (:func:`workqueue.blocking`); the callbacks run after it, as the
-        item itself.
+        item itself.  One event-channel port is taken per call (and every
+        ready fd): the next call takes the next port at once.
         """
         if self._thread is not None:
             raise RuntimeError(f"{self.name}: poll() is for a dispatcher made with thread=False")
@@ -306,6 +307,13 @@ class EventDispatcher:
                 self._idle.notify_all()
                 if port in self._ports:
                     self._evtchn.unmask(port)
+            if self._thread is None:
+                # Poll mode: one port per poll.  The handle's descriptor
+                # stays readable while others are pending, so the next poll
+                # returns at once, after the work this one queued; asking
+                # the handle again until it has nothing would cost a system
+                # call or two on every poll, most of which find one port.
+                return ran
 
     def _dispatch_fd(self, fd: int, revents: int) -> int:
         with self._lock:

@@ -169,3 +169,22 @@ def test_the_wait_counts_as_blocking_for_a_work_item(polled) -> None:
         wq.flush()
     finally:
         wq.destroy()
+
+
+def test_one_port_per_poll(host, polled) -> None:
+    """Each poll takes one fired port; the next poll takes the next at once."""
+    guest, evtchn, dispatcher = polled
+    remotes = [evtchn.bind_unbound_port(0) for _ in range(3)]
+    calls: list[int] = []
+    for remote in remotes:
+        dispatcher.bind_interdomain(guest.domid, remote, calls.append)
+    for remote in remotes:
+        evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert len(calls) == 1
+    # The other two are still there: each of the next polls finds one
+    # without waiting (a poll that waited would have to time out here).
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert len(set(calls)) == 3
+    assert dispatcher.poll(0) == 0
