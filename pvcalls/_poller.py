@@ -7,7 +7,9 @@ every ioworker CPU has a :class:`CpuPoller`, a work item on that CPU's pool
 of the backend's bound workqueue that polls an event dispatcher of its own
 (an event-channel handle and an epoll set, :class:`xenback.events.EventDispatcher`
 in poll mode).  A socket binds its event channel and registers its host
-socket with the poller of the CPU the load index is about to give it.  The
+socket with the poller of its CPU: CONNECT homes the socket first, and the
+socket an ACCEPT reserves, homed only when a connection comes, takes the
+poller of the CPU the load index would pick at the time of the ACCEPT.  The
 poller's callbacks queue the socket's Work on that same CPU, where the
 poller's worker runs it next, with no thread woken; then the poller queues
 itself again, behind the sockets it queued (a NAPI-like loop of one poll,
@@ -20,8 +22,8 @@ the workqueue watchdog never takes a poller idle for a long time for a
 stalled item.
 
 A socket keeps its poller for life.  A socket that the load index places on
-another CPU than its poller's (an ACCEPT that raced with other placements)
-or moves off an offline CPU still works: the poller queues it on the
+another CPU than its poller's (an accepted one, when other sockets were
+placed meanwhile) or moves off an offline CPU still works: the poller queues it on the
 socket's CPU, at the price of the wake-up this module otherwise saves.  The
 poller of an offline CPU keeps running, unbound, like every item of that
 CPU's pool.
