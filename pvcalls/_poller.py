@@ -23,10 +23,10 @@ stalled item.
 
 A socket keeps its poller for life.  A socket that the load index places on
 another CPU than its poller's (an accepted one, when other sockets were
-placed meanwhile) or moves off an offline CPU still works: the poller queues it on the
-socket's CPU, at the price of the wake-up this module otherwise saves.  The
-poller of an offline CPU keeps running, unbound, like every item of that
-CPU's pool.
+placed meanwhile) or moves off an offline CPU still works: the poller
+queues it on the socket's CPU, at the price of the wake-up this module
+otherwise saves.  The poller of an offline CPU keeps running, unbound, like
+every item of that CPU's pool.
 """
 
 from __future__ import annotations
