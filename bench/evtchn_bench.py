@@ -37,11 +37,25 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 WARMUP = 1000
 
 
 # -- the echo side (child process) --------------------------------------------
+
+
+def take_event(ch: Any, port: int, poller: select.poll, blocking: bool) -> None:
+    """Wait until ``port`` fires on ``ch``, take its event and unmask it:
+    with the blocking wait(), or as an event loop would (poll, pending)."""
+    if blocking:
+        while ch.wait() != port:
+            pass
+    else:
+        poller.poll()
+        while ch.pending() != port:
+            poller.poll()
+    ch.unmask(port)
 
 
 def evtchn_echo(
@@ -55,14 +69,7 @@ def evtchn_echo(
         poller.register(ch.fileno(), select.POLLIN)
         ctl.send("ready")
         for _ in range(rounds):
-            if blocking:
-                while ch.wait() != port:
-                    pass
-            else:
-                poller.poll()
-                while ch.pending() != port:
-                    poller.poll()
-            ch.unmask(port)
+            take_event(ch, port, poller, blocking)
             ch.notify(port)
         ctl.recv()  # keep the port bound until the parent is done
 
@@ -120,14 +127,7 @@ def run_evtchn(rounds: int, blocking: bool) -> list[float]:
 
             def one_round() -> None:
                 ch.notify(port)
-                if blocking:
-                    while ch.wait() != port:
-                        pass
-                else:
-                    poller.poll()
-                    while ch.pending() != port:
-                        poller.poll()
-                ch.unmask(port)
+                take_event(ch, port, poller, blocking)
 
             times = timed(rounds, one_round)
             ctl.send("done")

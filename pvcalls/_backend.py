@@ -353,8 +353,7 @@ class Backend:
         placed now (its least loaded online CPU, lowest number first, as
         LoadIndex.assign picks): a socket's event channel and host socket go
         to the poller of the CPU it will most likely run on."""
-        cpu = min(self.topology.online(), key=self.load_index.load)
-        return self._pollers[cpu].events
+        return self.events_of(min(self.topology.online(), key=self.load_index.load))
 
     def _close_pollers(self) -> None:
         for poller in self._pollers.values():
