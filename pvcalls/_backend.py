@@ -60,11 +60,11 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
 from xenback import BackendDevice, BackendDriver, XenbusState
+from xenback._closing import Closing
 from xenback.events import EventDispatcher
 from xenback.ring import BackRing, RingError
 
@@ -163,7 +163,7 @@ class BackendStats:
 
 # -- the backend ------------------------------------------------------------------
 
-class Backend:
+class Backend(Closing):
     """Serves every ``pvcalls`` device whose backend is ``platform``'s domain.
 
     ``max_ioworkers`` caps the CPUs the ioworkers use (default 64);
@@ -289,17 +289,6 @@ class Backend:
                 fe.close()
             self._release_shared()
         logger.info("pvcalls backend in domain %d closed", self.platform.domid)
-
-    def __enter__(self) -> Backend:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"<pvcalls.Backend dom{self.platform.domid} ioworkers={self.nr_ioworkers} "

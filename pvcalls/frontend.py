@@ -57,7 +57,6 @@ descriptor; pass it only to ``select``/``poll``/``selectors``.
 
 from __future__ import annotations
 
-import builtins
 import errno
 import io
 import itertools
@@ -70,10 +69,10 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from xenback import _barrier
+from xenback._closing import Closing
 from xenback.ring import FlexRing, FrontRing, RingError
 
 from . import _errno
@@ -353,7 +352,7 @@ class _DataRing:
         self.pages.unshare()
 
 
-class PVSocket:
+class PVSocket(Closing):
     """A TCP/IPv4 socket whose calls go to the backend domain over PV Calls.
 
     Create it with :meth:`Frontend.socket`.  It supports the subset of
@@ -420,17 +419,6 @@ class PVSocket:
         state = "closed" if self._closed else "active" if self._ring else (
             "listening" if self._listening else "bound" if self._bound else "new")
         return f"<PVSocket id={self.id:#x} {state}>"
-
-    def __enter__(self) -> PVSocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: builtins.type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def settimeout(self, value: float | None) -> None:
         """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
@@ -989,7 +977,7 @@ class PVSocket:
         self._update_ready()
 
 
-class Frontend:
+class Frontend(Closing):
     """The ``pvcalls`` frontend of one guest domain.
 
     ``domain`` is the guest's :class:`~xenback.platform.Platform` with a
@@ -1069,17 +1057,9 @@ class Frontend:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def __enter__(self) -> Frontend:
+    def __enter__(self) -> Self:
         self.open()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def open(self) -> None:
         """Add the device and do the frontend handshake (up to Connected)."""

@@ -33,10 +33,10 @@ import os
 import select
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from workqueue import blocking
+from xenback._closing import Closing
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, Platform
@@ -51,7 +51,7 @@ PortCallback = Callable[[int], object]
 FdCallback = Callable[[int, int], object]
 
 
-class EventDispatcher:
+class EventDispatcher(Closing):
     """Dispatches event-channel ports and host fds to callbacks.
 
     :meth:`unbind` and :meth:`remove_fd` are synchronous, like the kernel's
@@ -93,17 +93,6 @@ class EventDispatcher:
         if thread:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
-
-    def __enter__(self) -> EventDispatcher:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # Event channels.
 

@@ -33,13 +33,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pyxs
 from pyxs._internal import Op, Packet
 from pyxs.exceptions import PyXSError
 
+from xenback._closing import Closing
 from xenback._eventqueue import EventQueue
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class Watch:
         self._xs._unwatch(self)
 
 
-class XenStore(_Ops):
+class XenStore(_Ops, Closing):
     """One XenStore connection with typed operations and watches.
 
     ``client`` is an unconnected :class:`pyxs.Client`; :meth:`open` (or
@@ -281,18 +281,10 @@ class XenStore(_Ops):
             self._connected = False
             self._client.close()
 
-    def __enter__(self) -> XenStore:
+    def __enter__(self) -> Self:
         if not self._connected:
             self.open()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # Domains.
 

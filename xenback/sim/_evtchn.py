@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from xenback._closing import Closing
 from xenback.platform import EventChannelError
 
 from ._hypervisor import MAX_EVTCHN_PORT
@@ -86,7 +87,7 @@ def _check_port(port: int) -> None:
         raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
 
 
-class EventChannel:
+class EventChannel(Closing):
     """A ``xenevtchn`` handle of one domain (see :class:`xenback.platform.EventChannel`).
 
     Thread-safe: one thread typically waits on :meth:`fileno` and calls
@@ -470,12 +471,6 @@ class EventChannel:
     def _release(self) -> None:
         self._epoll.close()
         os.close(self._wake)
-
-    def __enter__(self) -> EventChannel:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- messages pushed by the service --------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any, Generic, Self, TypeVar
 
 import cffi
 
+from xenback._closing import Closing
 from xenback.platform import PAGE_SIZE, GrantError
 
 from ._hypervisor import MAX_PAGES_PER_REQUEST
@@ -210,7 +211,7 @@ class SharedPages(_Pages):
 P = TypeVar("P", bound=_Pages)
 
 
-class _Handle(Generic[P]):
+class _Handle(Closing, Generic[P]):
     """A handle's connection to the service and the pages live through it.
 
     :meth:`close` ends whatever is still live (unlike ``xengnttab_close``,
@@ -256,12 +257,6 @@ class _Handle(Generic[P]):
         for pages in live:
             pages._end()
         self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 class GrantTable(_Handle[GrantMapping]):

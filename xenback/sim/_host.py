@@ -11,10 +11,11 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import pyxs
+
+from xenback._closing import Closing
 
 from ._domain import Domain
 from ._hypervisor import Hypervisor
@@ -32,7 +33,7 @@ DOMID_FIRST_RESERVED = 0x7FF0
 _GUEST_DIRS = ("device", "control", "data", "drivers", "feature", "attr", "error")
 
 
-class SimHost:
+class SimHost(Closing):
     """A simulated Xen host, embedded in this process.
 
     ::
@@ -143,16 +144,9 @@ class SimHost:
             except OSError:
                 pass
 
-    def __enter__(self) -> SimHost:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     # -- public face ---------------------------------------------------------
 

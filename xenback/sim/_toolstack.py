@@ -43,6 +43,8 @@ from typing import Any, TypeVar
 
 import pyxs
 
+from xenback._closing import Closing
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -96,7 +98,7 @@ def _check_domid(what: str, value: int) -> None:
         raise ValueError(f"{what} must be a domain id, not {value!r}")
 
 
-class Toolstack:
+class Toolstack(Closing):
     """Creates and removes devices the way libxl does; acts as dom0.
 
     Holds no connection between calls (each operation opens its own
@@ -118,12 +120,6 @@ class Toolstack:
 
     def close(self) -> None:
         """Nothing to release; kept so that a Toolstack works in ``with``."""
-
-    def __enter__(self) -> Toolstack:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def transaction(self, body: Callable[[pyxs.Client], T]) -> T:
         """Run ``body(client)`` in a transaction, retrying on EAGAIN."""

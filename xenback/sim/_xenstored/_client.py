@@ -14,14 +14,15 @@ import os
 import socket
 import time
 from pathlib import Path
-from types import TracebackType
+
+from xenback._closing import Closing
 
 from ._wire import HEADER, HEADER_SIZE, Op, XsError
 
 __all__ = ["RawClient"]
 
 
-class RawClient:
+class RawClient(Closing):
     """One connection to a XenStore socket."""
 
     def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
@@ -39,17 +40,6 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- raw level ------------------------------------------------------------
 
