@@ -25,7 +25,6 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 __all__ = ["main"]
@@ -260,20 +259,15 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             policy = Policy.from_file(args.policy)
         except (OSError, PolicyError) as exc:
             error(f"--policy {args.policy}: {exc}")
-    platform = _open_platform(args, error)
-
-    # Signal handlers only record what was asked and wake the main thread,
-    # which does the work outside the handler.
-    wake = threading.Event()
-    asked: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        asked.append(signum)
-        wake.set()
-
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-    old = {sig: signal.signal(sig, on_signal) for sig in signals}
+    # The signals are blocked before any thread starts, so that every thread
+    # inherits the block and the main thread alone takes them, with
+    # sigwait().  With handlers instead, the kernel may deliver a signal to
+    # any thread; the handler then waits for the main thread's next bytecode,
+    # which never comes while it sleeps in a wait that nothing else ends.
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
+        platform = _open_platform(args, error)
         with pvcalls.Backend(
             platform,
             max_ioworkers=args.max_ioworkers,
@@ -283,19 +277,12 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             logger.warning("pvcalls backend serving domain %d's guests (%s platform); "
                            "SIGUSR1 logs its sockets, SIGTERM stops it",
                            platform.domid, args.platform)
-            while True:
-                wake.wait()
-                wake.clear()
-                if signal.SIGUSR1 in asked:
-                    asked.remove(signal.SIGUSR1)
-                    _log_stats(backend.stats())
-                if asked:
-                    logger.warning("%s: closing every frontend", signal.Signals(asked[0]).name)
-                    break
+            while (signum := signal.sigwait(signals)) == signal.SIGUSR1:
+                _log_stats(backend.stats())
+            logger.warning("%s: closing every frontend", signal.Signals(signum).name)
         logger.warning("pvcalls backend stopped")
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return 0
 
 
