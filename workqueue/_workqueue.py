@@ -44,6 +44,7 @@ from ._pool import (
     kick_pool,
     lock,
     lock_acquire,
+    lock_acquire_contended,
     lock_release,
     pool_set,
     release_pwq,
@@ -213,7 +214,9 @@ class Workqueue(Executor):
             if cpu is None:
                 cpu = topology.current_cpu()
             pwq = self._pwqs[cpu]
-        lock_acquire()  # not `with lock`: the hot path, and `with` costs twice as much
+        # Not `with lock`: the hot path, and `with` costs twice as much.
+        if not lock_acquire(False):
+            lock_acquire_contended()
         try:
             if work._pending or work._disable:
                 return False
@@ -272,7 +275,8 @@ class Workqueue(Executor):
             _check_work(work)
         if work._pending or work._disable:  # lock-free early out: see queue_work()
             return False
-        lock_acquire()
+        if not lock_acquire(False):
+            lock_acquire_contended()
         try:
             if work._pending or work._disable:
                 return False
