@@ -86,11 +86,11 @@ lock_release = lock.release
 # Under the GIL, a thread that finds the lock held holds the GIL itself, so
 # the owner is not running: it waits for the GIL, a few bytecodes short of
 # its release.  Sleeping on the lock then starts a convoy.  A worker drops
-# the lock only around each item's function, so every item it runs wakes the
-# sleeper (a futex wake on another CPU), which finds the lock taken again and
-# sleeps once more: two context switches per item for as long as the worker
-# has items.  Queueing 200,000 items while one worker ran them cost some
-# 15,000 context switches a second that way, and half the throughput.
+# the lock only around each item's function, and any of those drops can wake
+# the sleeper (a futex wake on another CPU), which finds the lock taken again
+# and sleeps once more, for as long as the worker has items.  Queueing 50,000
+# items to a busy worker on another CPU cost 3,000 to 7,000 context switches
+# that way, and half the throughput.
 # Yielding the GIL instead lets the owner run on to its release, and the lock
 # is free when the GIL comes back: no wake-up at all.  The yields are bounded
 # for the lock rule's one exception (an owner starting a worker thread);
