@@ -339,10 +339,9 @@ class Backend(Closing):
 
     def events_for_next_socket(self) -> EventDispatcher:
         """The event dispatcher of the CPU the load index would give a socket
-        placed now (its least loaded online CPU, lowest number first, as
-        LoadIndex.assign picks): a socket's event channel and host socket go
-        to the poller of the CPU it will most likely run on."""
-        return self.events_of(min(self.topology.online(), key=self.load_index.load))
+        placed now: a socket's event channel and host socket go to the
+        poller of the CPU it will most likely run on."""
+        return self.events_of(self.load_index.least_loaded())
 
     def _close_pollers(self) -> None:
         for poller in self._pollers.values():

@@ -213,6 +213,13 @@ class LoadIndex:
             except (KeyError, TypeError):
                 raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
 
+    def least_loaded(self) -> int:
+        """The CPU assign() would pick now: the least-loaded online CPU,
+        lowest number on a tie.  Nothing is assigned; a concurrent assign()
+        may take it first."""
+        with self._lock:
+            return self._index[0][1]
+
     def keys_on(self, cpu: int) -> list[Hashable]:
         """The keys assigned to *cpu*, oldest first."""
         with self._lock:

@@ -39,6 +39,20 @@ def test_assign_spreads_keys_round_robin_lowest_cpu_first() -> None:
         assert len(index) == 8 and 5 in index and 8 not in index
 
 
+def test_least_loaded_is_the_cpu_assign_picks_next() -> None:
+    t = Topology(4)
+    li = LoadIndex(t)
+    for i in range(10):
+        cpu = li.least_loaded()
+        assert li.assign(i, weight=1 + i % 3) == cpu
+    assert li.least_loaded() == min(t.online(), key=lambda c: (li.load(c), c))
+    t.cpu_down(li.least_loaded())
+    assert li.least_loaded() in t.online()
+    before = li.statistics()
+    li.least_loaded()
+    assert li.statistics() == before  # it assigns nothing
+
+
 def test_weights_count_toward_load() -> None:
     with LoadIndex(Topology(3)) as index:
         assert index.assign("big", weight=5) == 0
