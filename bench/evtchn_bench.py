@@ -18,6 +18,10 @@ and its backend would not):
 * **eventfd**: the same with two eventfds.
 * **epoll+pipe**: the system calls evtchn-wait makes, from bare Python: the
   floor of this design in this language.
+* **pipe, one CPU** (information only): the pipe row with both processes
+  pinned to one CPU, where a wake-up never has to reach another CPU.  Its
+  gap to the pipe row is what waking an idle CPU costs on this machine (on
+  a VM whose idle vCPUs halt, most of a cross-process round trip).
 
 Every round trip is timed; the table shows the median and 99th percentile
 round trip and the rate the median gives.  The target is >= 50 % of the faster bare
@@ -85,7 +89,10 @@ def epoll_echo(rfd: int, wfd: int, rounds: int, ctl: Connection) -> None:
     ctl.recv()
 
 
-def fd_echo(rfd: int, wfd: int, rounds: int, ctl: Connection, size: int) -> None:
+def fd_echo(rfd: int, wfd: int, rounds: int, ctl: Connection, size: int,
+            cpu: int | None = None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     ctl.send("ready")
     data = b"\x00" if size == 1 else (1).to_bytes(8, sys.byteorder)
     for _ in range(rounds):
@@ -135,11 +142,13 @@ def run_evtchn(rounds: int, blocking: bool) -> list[float]:
     return times
 
 
-def run_fd(rounds: int, make: Callable[[], tuple[int, int]], size: int) -> list[float]:
+def run_fd(rounds: int, make: Callable[[], tuple[int, int]], size: int,
+           cpu: int | None = None) -> list[float]:
+    """Bare ping-pong; with ``cpu``, both processes pinned to that CPU."""
     ping_r, ping_w = make()
     pong_r, pong_w = make()
     ctl, child_ctl = mp.Pipe()
-    child = mp.Process(target=fd_echo, args=(ping_r, pong_w, rounds, child_ctl, size))
+    child = mp.Process(target=fd_echo, args=(ping_r, pong_w, rounds, child_ctl, size, cpu))
     child.start()
     assert ctl.recv() == "ready"
     data = b"\x00" if size == 1 else (1).to_bytes(8, sys.byteorder)
@@ -148,7 +157,13 @@ def run_fd(rounds: int, make: Callable[[], tuple[int, int]], size: int) -> list[
         os.write(ping_w, data)
         os.read(pong_r, size)
 
-    times = timed(rounds, one_round)
+    allowed = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        times = timed(rounds, one_round)
+    finally:
+        os.sched_setaffinity(0, allowed)
     ctl.send("done")
     child.join()
     for fd in {ping_r, ping_w, pong_r, pong_w}:
@@ -203,6 +218,7 @@ def main() -> None:
     # evtchn child is spawned: the host in this process runs threads.
     mp.set_start_method("fork")
     rounds = args.rounds + WARMUP
+    one_cpu = min(os.sched_getaffinity(0))
 
     results: dict[str, list[float]] = {}
     # Interleave so that drifting machine load hits all of them alike.
@@ -213,6 +229,7 @@ def main() -> None:
             ("epoll+pipe", lambda: run_epoll_floor(rounds)),
             ("evtchn", lambda: run_evtchn(rounds, False)),
             ("evtchn-wait", lambda: run_evtchn(rounds, True)),
+            ("pipe, one CPU", lambda: run_fd(rounds, make_pipe, 1, one_cpu)),
         ):
             times = run()
             if name not in results or statistics.median(times) < statistics.median(results[name]):
@@ -237,7 +254,7 @@ def main() -> None:
         "| mechanism | round trips/s (at the median) | median round trip (us) | p99 (us) | vs fastest bare |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name in ("pipe", "eventfd", "epoll+pipe", "evtchn", "evtchn-wait"):
+    for name in ("pipe", "eventfd", "epoll+pipe", "evtchn", "evtchn-wait", "pipe, one CPU"):
         rate, med, p99 = row(name)
         lines.append(f"| {name} | {rate:,.0f} | {med:.1f} | {p99:.1f} | {rate / base_rate:.0%} |")
     lines += [
@@ -251,7 +268,10 @@ def main() -> None:
         "pipe / eventfd = blocking one-byte (eight-byte) `read` and `write`, nothing else.  "
         "epoll+pipe = the kernel work evtchn-wait cannot avoid (`epoll_wait`, `read` to clear "
         "the pending bit, `write` to notify) without any of its Python: the gap between it and "
-        "evtchn-wait is the cost of the handle's Python code (locks, port lookup, masking).",
+        "evtchn-wait is the cost of the handle's Python code (locks, port lookup, masking).  "
+        "pipe, one CPU = the pipe row with both processes pinned to one CPU (information "
+        "only, not a baseline): no wake-up has to reach another CPU, so its gap to the pipe "
+        "row is what waking an idle CPU costs on this machine.",
     ]
     for name in ("evtchn", "evtchn-wait"):
         ratio = row(name)[0] / base_rate
