@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -204,6 +205,23 @@ def test_notify_reaches_a_peer_that_bound_again_before_we_heard(
     p0 = e0.bind_interdomain(guest.domid, p1)
     e1.notify(p1)  # before e1 has drained "unbound" and "bound"
     assert wait_pending(e0) == p0
+
+
+def test_both_ends_unbinding_at_once_is_not_a_warning(
+    pair: tuple[EventChannel, int, EventChannel, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guest unbinds its port before it has read the service's news that
+    dom0 unbound the peer: that news arrives during the guest's own unbind,
+    about a port it has just given up.  That is the usual end of a
+    connection (both sides close), not a sign of a confused service."""
+    e0, p0, e1, p1 = pair
+    e0.unbind(p0)  # the service tells e1 before it answers e0
+    with caplog.at_level("DEBUG", logger=_evtchn.__name__):
+        e1.unbind(p1)
+    mine = [r for r in caplog.records if r.name == _evtchn.__name__]
+    assert any("unbound" in r.getMessage() for r in mine), "the news was not read during unbind"
+    assert all(r.levelno < logging.WARNING for r in mine), [r.getMessage() for r in mine]
+    assert e1.ports() == []
 
 
 def test_close_is_seen_by_the_peer(host: SimHost, guest: Domain) -> None:

@@ -118,6 +118,13 @@ class EventChannel(Closing):
         self._lock = threading.Lock()
         self._ports: dict[int, _LocalPort] = {}
         self._by_fd: dict[int, _LocalPort] = {}  # read end -> its port
+        # Ports unbind() has forgotten and the service not yet freed.  News
+        # about them still queued on the connection (the peer bound or
+        # unbound meanwhile: usual when both ends close at once) comes in
+        # during that request, and is stale, not a confused service.  The
+        # service answers the request after everything it sent about the
+        # port, so no stale news can reach a new port of the same number.
+        self._unbinding: set[int] = set()
         self._closed = False
         # The port pending() returned last (None after its pipe was found
         # empty, or once unbound: its descriptor may be reused), and how
@@ -195,7 +202,12 @@ class EventChannel(Closing):
             if lp is None:
                 raise EventChannelError(errno.EINVAL, f"port {port} is not bound by this handle")
             self._forget(lp)
-        self._conn.call("evtchn_unbind", port=port)
+            self._unbinding.add(port)
+        try:
+            self._conn.call("evtchn_unbind", port=port)
+        finally:
+            with self._lock:
+                self._unbinding.discard(port)
 
     def _forget(self, lp: _LocalPort) -> None:
         if self._hot is lp:
@@ -480,7 +492,9 @@ class EventChannel(Closing):
             lp = self._ports.get(port) if type(port) is int else None
             if lp is None:
                 close_fds(fds)
-                if not self._closed:
+                if self._closed or port in self._unbinding:
+                    logger.debug("evtchn: news about a port we gave up: %r", msg)
+                else:
                     logger.warning("evtchn: message for unknown port: %r", msg)
                 return
             if lp.peer_fd is not None:
