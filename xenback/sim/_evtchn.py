@@ -492,7 +492,7 @@ class EventChannel(Closing):
             lp = self._ports.get(port) if type(port) is int else None
             if lp is None:
                 close_fds(fds)
-                if self._closed or port in self._unbinding:
+                if self._closed or (type(port) is int and port in self._unbinding):
                     logger.debug("evtchn: news about a port we gave up: %r", msg)
                 else:
                     logger.warning("evtchn: message for unknown port: %r", msg)
