@@ -252,6 +252,9 @@ _PORT = struct.Struct("!H")
 def pack_sockaddr_in(host: str, port: int) -> bytes:
     """A 16-byte Linux ``struct sockaddr_in`` for ``host`` (dotted IPv4
     address, no name resolution) and ``port``."""
+    if not isinstance(host, str):
+        # IPv4Address would also take an int or 4 packed bytes.
+        raise TypeError(f"host must be a dotted IPv4 address string, not {type(host).__name__}")
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port {port} out of range 0..65535")
     addr = ipaddress.IPv4Address(host)

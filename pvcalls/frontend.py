@@ -61,6 +61,8 @@ import errno
 import io
 import itertools
 import logging
+import math
+import operator
 import os
 import queue
 import select
@@ -128,6 +130,8 @@ _CLOSED = 6
 
 _I32 = struct.Struct("=i")
 _U32 = struct.Struct("=I")
+#: The longest timeout settimeout() takes (socket.socket's limit is time_t's).
+_TIMEOUT_MAX = float(threading.TIMEOUT_MAX)
 _ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
 _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 #: Released data rings a frontend keeps for reuse (17 pages and a port each).
@@ -158,6 +162,58 @@ def _bad_fd() -> OSError:
     return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
 
+def _check_flags(flags: int, call: str) -> None:
+    if operator.index(flags):
+        raise OSError(errno.EOPNOTSUPP, f"{call} flags are not supported over PV Calls")
+
+
+def _timeout_value(value: float | None) -> float | None:
+    """``value`` checked as :meth:`socket.socket.settimeout` checks it."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes | bytearray):
+        raise TypeError(f"timeout must be a number or None, not {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError("Invalid value NaN (not a number)")
+    if value < 0:
+        raise ValueError("Timeout value out of range")
+    if value > _TIMEOUT_MAX:
+        raise OverflowError(f"timeout {value} too large (at most {_TIMEOUT_MAX:g} s)")
+    return value
+
+
+def _resolve(address: object) -> tuple[str, int]:
+    """An AF_INET ``(host, port)`` as :class:`socket.socket` takes it: the
+    host a string or bytes, numeric (``inet_aton`` forms such as ``127.1``
+    included) or a name resolved here, in the guest, as a Linux guest's C
+    library does before it calls connect() or bind()."""
+    if not isinstance(address, tuple) or len(address) != 2:
+        raise TypeError(f"AF_INET address must be a (host, port) tuple, not {address!r}")
+    host, port = address
+    if not isinstance(host, str | bytes | bytearray):
+        raise TypeError(f"str, bytes or bytearray expected, not {type(host).__name__}")
+    port = operator.index(port)
+    if not 0 <= port <= 0xFFFF:
+        raise OverflowError("port must be 0-65535.")
+    if isinstance(host, bytes | bytearray):
+        host = host.decode("idna")
+    if "\0" in host:
+        raise TypeError("host name must not contain null character")
+    if host == "":
+        return "0.0.0.0", port
+    if host == "<broadcast>":
+        return "255.255.255.255", port
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host)), port
+    except OSError:
+        pass
+    # Raises socket.gaierror for a name without an IPv4 address, as
+    # socket.socket does.
+    info = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    return str(info[0][4][0]), port
+
+
 class _Deadline:
     """A socket timeout turned into an absolute deadline.
 
@@ -179,6 +235,18 @@ class _Deadline:
         if left <= 0:
             raise TimeoutError("timed out")
         return left
+
+    def acquire(self, lock: threading.Lock) -> None:
+        """Take ``lock`` (a socket lock another thread may hold while it
+        waits) within the deadline: raises :class:`BlockingIOError` at once
+        in non-blocking mode, :class:`TimeoutError` when the time is over."""
+        if self.timeout == 0.0:
+            if not lock.acquire(blocking=False):
+                raise BlockingIOError(errno.EAGAIN, "operation would block")
+            return
+        left = self.remaining()
+        if not lock.acquire(timeout=-1 if left is None else left):
+            raise TimeoutError("timed out")
 
 
 class _Slot:
@@ -423,16 +491,14 @@ class PVSocket(Closing):
     def settimeout(self, value: float | None) -> None:
         """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
         never blocks, a positive number of seconds bounds every call."""
-        if value is not None:
-            value = float(value)
-            if value < 0:
-                raise ValueError("Timeout value out of range")
-        self._timeout = value
+        self._check_open()
+        self._timeout = _timeout_value(value)
 
     def gettimeout(self) -> float | None:
         return self._timeout
 
     def setblocking(self, flag: bool) -> None:
+        self._check_open()
         self._timeout = None if flag else 0.0
 
     def getblocking(self) -> bool:
@@ -449,14 +515,23 @@ class PVSocket(Closing):
         return self._peername
 
     def connect(self, address: tuple[str, int]) -> None:
-        """Connect to ``address`` = (IPv4 address, port) as seen from the
-        backend domain.  Waits for the backend's answer, bounded by the
-        timeout when one is set (also in non-blocking mode)."""
-        host, port = self._check_address(address)
-        with self._send_lock, self._recv_lock:
+        """Connect to ``address`` = (host, port) as seen from the backend
+        domain; ``host`` is taken as :class:`socket.socket` takes it (a name
+        is resolved here, IPv4 only).  Waits for the backend's answer,
+        bounded by the timeout when one is set (also in non-blocking mode)."""
+        host, port = _resolve(address)
+        self._check_open()
+        self._check_unconnected()
+        lock_deadline = _Deadline(self._timeout)
+        lock_deadline.acquire(self._recv_lock)
+        try:
+            lock_deadline.acquire(self._send_lock)
+        except BaseException:
+            self._recv_lock.release()
+            raise
+        try:
             self._check_open()
-            if self._ring is not None or self._listening or self._broken:
-                raise OSError(errno.EISCONN, "socket is already connected or in use")
+            self._check_unconnected()
             ring = self._fe._new_data_ring(self)
             self._ring = ring
             sockaddr = pack_sockaddr_in(host, port)
@@ -483,15 +558,27 @@ class PVSocket(Closing):
                 # that connect() may be tried again.
                 self._ring = None
                 self._fe._put_data_ring(ring, reusable=True)
+            if self._closed:
+                # close() from another thread: its RELEASE may have cut the
+                # CONNECT short (-EINTR), but what happened is EBADF.
+                raise _bad_fd()
+            if ret < 0:
                 raise _host_error(ret, f"connect to {host}:{port}")
             self._peername = (host, port)
+        finally:
+            self._send_lock.release()
+            self._recv_lock.release()
+
+    def _check_unconnected(self) -> None:
+        if self._ring is not None or self._listening or self._broken:
+            raise OSError(errno.EISCONN, "socket is already connected or in use")
 
     def connect_ex(self, address: tuple[str, int]) -> int:
         """Like :meth:`connect` but return an errno instead of raising."""
         try:
             self.connect(address)
         except TimeoutError:
-            return errno.ETIMEDOUT
+            return errno.EAGAIN  # as socket.socket.connect_ex on a timeout
         except OSError as exc:
             return exc.errno or errno.EIO
         return 0
@@ -499,7 +586,7 @@ class PVSocket(Closing):
     def bind(self, address: tuple[str, int]) -> None:
         """Bind to ``address`` in the backend domain (port 0 lets the
         backend's host pick one; PV Calls cannot tell the guest which)."""
-        host, port = self._check_address(address)
+        host, port = _resolve(address)
         self._check_open()
         if self._ring is not None or self._bound or self._broken:
             raise OSError(errno.EINVAL, "socket is already bound or connected")
@@ -582,13 +669,15 @@ class PVSocket(Closing):
         self._update_ready()
         return new, ("0.0.0.0", 0)
 
-    def send(self, data: bytes | bytearray | memoryview) -> int:
+    def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         """Copy as much of ``data`` as fits into the out ring (waiting for
         room, within the timeout) and return how many bytes were sent."""
+        _check_flags(flags, "send")
         view = memoryview(data).cast("B")
-        with self._send_lock:
+        deadline = _Deadline(self._timeout)
+        deadline.acquire(self._send_lock)
+        try:
             ring = self._active_ring()
-            deadline = _Deadline(self._timeout)
             while True:
                 err = ring.out_error()
                 if err:
@@ -614,10 +703,14 @@ class PVSocket(Closing):
                 if not len(view):
                     return 0
                 self._wait(deadline, lambda: ring.out_has_room() or bool(ring.out_error()))
+        finally:
+            self._send_lock.release()
 
-    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+    def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
         """Send all of ``data``; the timeout bounds each wait for room."""
+        _check_flags(flags, "sendall")
         view = memoryview(data).cast("B")
+        self._active_ring()  # an empty ``data`` is still checked
         while len(view):
             n = self.send(view)
             view = view[n:]
@@ -625,16 +718,21 @@ class PVSocket(Closing):
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Receive up to ``nbytes`` (default: ``len(buffer)``) into
         ``buffer``; returns 0 at end of stream."""
-        if flags:
-            raise OSError(errno.EOPNOTSUPP, "recv flags are not supported over PV Calls")
+        _check_flags(flags, "recv")
         dst = memoryview(buffer).cast("B")
+        if dst.readonly:
+            raise TypeError("recv_into() argument 1 must be read-write bytes-like object, "
+                            f"not {type(buffer).__name__}")
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
-        if nbytes == 0 or nbytes > len(dst):
+        if nbytes > len(dst):
+            raise ValueError("buffer too small for requested bytes")
+        if nbytes == 0:
             nbytes = len(dst)
-        with self._recv_lock:
+        deadline = _Deadline(self._timeout)
+        deadline.acquire(self._recv_lock)
+        try:
             ring = self._active_ring()
-            deadline = _Deadline(self._timeout)
             while True:
                 if nbytes == 0:
                     return 0
@@ -675,6 +773,8 @@ class PVSocket(Closing):
                 if err:
                     raise _host_error(err, "recv")
                 self._wait(deadline, lambda: ring.in_pending() or bool(ring.in_error()))
+        finally:
+            self._recv_lock.release()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """Receive up to ``bufsize`` bytes; ``b""`` at end of stream."""
@@ -789,24 +889,6 @@ class PVSocket(Closing):
         if self._closed:
             raise _bad_fd()
 
-    def _check_address(self, address: tuple[str, int]) -> tuple[str, int]:
-        if not isinstance(address, tuple) or len(address) != 2:
-            raise TypeError("AF_INET address must be a (host, port) tuple")
-        host, port = address
-        if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
-            raise OverflowError("port must be 0-65535.")
-        if host in ("", "0.0.0.0"):
-            host = "0.0.0.0"
-        elif host == "localhost":
-            host = "127.0.0.1"
-        try:
-            pack_sockaddr_in(host, port)
-        except ValueError:
-            raise OSError(
-                errno.EINVAL, f"{host!r} is not an IPv4 address (PV Calls resolves no names)"
-            ) from None
-        return host, port
-
     def _active_ring(self) -> _DataRing:
         self._check_open()
         ring = self._ring
@@ -902,7 +984,11 @@ class PVSocket(Closing):
             return True
         if ring is not None and not self._listening:
             return ring.in_pending() or bool(ring.in_error())
-        return self._poll_ready or bool(self._poll_error)
+        # An ACCEPT left in flight by a non-blocking or timed-out accept()
+        # and since answered: the next accept() returns at once.
+        inflight = self._accept_inflight
+        return (self._poll_ready or bool(self._poll_error)
+                or (inflight is not None and inflight[1].done))
 
     def _update_ready(self) -> None:
         """Make the eventfd's level match :meth:`_readable`."""
@@ -1173,7 +1259,10 @@ class Frontend(Closing):
             self._watcher = None
         for sock in list(self._sockets.values()):
             try:
-                sock.close()
+                # Not close(): a makefile() stream left open must not keep
+                # the socket (its ring, its event channel) past the device.
+                sock._close_requested = True
+                sock._real_close()
             except OSError as exc:
                 logger.warning("releasing socket %#x: %s", sock.id, exc)
         self._wait_releases()
@@ -1560,6 +1649,7 @@ class Frontend(Closing):
     def _on_command_event(self) -> None:
         """Event thread: consume every response on the command ring."""
         polls: list[tuple[PVSocket, int]] = []
+        accepts: list[PVSocket] = []
         done: list[tuple[Callable[[int], None], int]] = []
         with self._cmd_cond:
             ring = self._ring
@@ -1589,11 +1679,17 @@ class Frontend(Closing):
                         self._slots[req_id] = None
                     elif slot.abandoned:
                         self._slots[req_id] = None
+                    elif cmd == PVCALLS_ACCEPT:
+                        sock = self._sockets.get(sock_id)
+                        if sock is not None:
+                            accepts.append(sock)
                 if not ring.final_check_for_responses():
                     break
             self._cmd_cond.notify_all()
         for sock, ret in polls:
             sock._on_poll(ret)
+        for sock in accepts:
+            sock._update_ready()  # see _readable()
         for callback, ret in done:
             try:
                 callback(ret)
