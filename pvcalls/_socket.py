@@ -338,13 +338,16 @@ class ActiveSocket(Work):
         call (usual on loopback, where the handshake runs inside
         ``connect``): the caller answers ``request`` at once, which saves
         the Work a run and EPOLLOUT an arm and a disarm.  Otherwise the
-        Work answers it when the connect completes."""
+        Work answers it when the connect completes.
+
+        The frontend may notify our event channel meanwhile, and so run
+        our Work: it does nothing while the state is NEW, and the state
+        becomes CONNECTING, together with ``connect_request``, only once
+        everything here is done.  So exactly one of us answers."""
         host = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         host.setblocking(False)
         self.host = host
         self.remote = address
-        self.connect_request = request
-        self.state = SockState.CONNECTING
         err = host.connect_ex(address)
         if err not in (0, _host_errno.EINPROGRESS):
             raise CommandError(_errno.from_host_errno(err),
@@ -353,23 +356,26 @@ class ActiveSocket(Work):
         if err == 0 or _connected(host):
             with self._lock:
                 self.state = SockState.CONNECTED
-                self.connect_request = None
             # Registering reports data that came already (epoll_ctl checks
             # readiness), and _rx_more starts true: no kick needed.
             self._events().add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
             return True
         self._out_armed = True
         self._events().add_fd(host.fileno(), ACTIVE_EVENTS_OUT, self._on_host_event)
-        # Also covers a connect that completed meanwhile.
+        with self._lock:
+            self.connect_request = request
+            self.state = SockState.CONNECTING
+        # Also covers a connect that completed before we were CONNECTING
+        # (its event ran the Work, which then did nothing).
         self.kick()
         return False
 
     def start_accepted(self, host: socket.socket, address: tuple[str, int]) -> None:
-        """Take over an accepted connection (from the passive socket's Work)."""
+        """Take over an accepted connection (from the passive socket's Work,
+        which clears ``parent`` once it has answered the ACCEPT)."""
         host.setblocking(False)
         self.host = host
         self.remote = address
-        self.parent = None
         with self._lock:
             self.state = SockState.CONNECTED
         self.place()
@@ -487,6 +493,11 @@ class ActiveSocket(Work):
         # skips its notify after consuming unless it saw the ring full (see
         # pvcalls.frontend), and one of us must see the other's store.
         _barrier.xb_mb()
+        if ring.in_error:
+            # Set by us (then _rx_done is set too) or by the frontend, which
+            # wants no more data (Linux's frontend writes -EBADF after
+            # RELEASE): a producer stops on an error, as Linux's does.
+            return 0
         try:
             views = ring.in_ring.writable()
         except RingError as exc:
@@ -705,6 +716,11 @@ class PassiveSocket(Work):
             return
         new.start_accepted(conn, address)
         self.frontend.respond(request, 0)
+        # Only now: a RELEASE of ``new`` that finds ``parent`` set waits for
+        # this run to end (see _Frontend._cancel_accept), so it neither
+        # tears ``new`` down under start_accepted nor is answered before
+        # the ACCEPT.
+        new.parent = None
         new.kick()  # data may have arrived before we were watching
 
     def _take(self, request: Request) -> bool:

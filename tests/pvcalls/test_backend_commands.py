@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from typing import Any
@@ -11,6 +12,7 @@ from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
 
 import pvcalls
 from pvcalls import _errno, _wire
+from pvcalls._socket import ActiveSocket
 from pvcalls._wire import ffi
 
 EBADF, EINVAL, EINTR, EEXIST = -9, -22, -4, -17
@@ -143,6 +145,41 @@ def test_connect_bad_family(raw: RawFrontend) -> None:
         req.u.connect.evtchn = ring.port
 
     assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EAFNOSUPPORT
+
+
+def test_connect_is_answered_once_when_its_work_runs_meanwhile(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The frontend may notify a new ring's port while its CONNECT is being
+    processed, and so run the socket's Work in the middle of it: still
+    exactly one answer, whether the connect succeeds or is refused."""
+    place = ActiveSocket.place
+
+    def place_and_run_the_work(self: ActiveSocket) -> None:
+        place(self)
+        if self.host is not None:  # in start_connect, after connect_ex
+            self.kick()  # what the frontend's notification does
+            self.flush()
+
+    monkeypatch.setattr(ActiveSocket, "place", place_and_run_the_work)
+    # A request in flight: a second answer to a CONNECT would take its slot.
+    listener, listening = _listener(raw, backend)
+    poll = raw.push_poll(listener)
+    closed = socket.create_server(("127.0.0.1", 0))
+    refused = closed.getsockname()
+    closed.close()
+    for address, ret in ((echo_server.address, 0), (refused, ECONNREFUSED)):
+        sock_id, _ = raw.socket()
+        req_id = raw.push_connect(sock_id, address, raw.new_ring())
+        assert raw.response(req_id).ret == ret
+        _, after = raw.socket()  # answered after anything more for the CONNECT
+        assert after.ret == 0
+        assert req_id not in raw.responses and raw.unexpected == []
+        assert raw.release(sock_id).ret == 0
+    with socket.create_connection(listening, timeout=TIMEOUT):
+        rsp = raw.response(poll)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_POLL, 0, listener)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend) -> None:
@@ -295,6 +332,37 @@ def test_release_of_accept_id_new_answers_the_accept(
     assert raw.responses[release].ret == 0
     # The listener is intact: a new ACCEPT is allowed.
     raw.push_accept(listener, raw.new_id(), raw.new_ring())
+
+
+def test_release_of_id_new_while_its_accept_completes(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELEASE of id_new arriving while the listener's Work takes over the
+    connection: the ACCEPT is answered first, then the RELEASE, and the
+    socket leaves no CPU slot behind."""
+    listener, address = _listener(raw, backend)
+    id_new = raw.new_id()
+    inside, go_on = threading.Event(), threading.Event()
+    place = ActiveSocket.place
+
+    def place_when_told(self: ActiveSocket) -> None:
+        if self.id == id_new:  # in start_accepted, on the listener's Work
+            inside.set()
+            go_on.wait(TIMEOUT)
+        place(self)
+
+    monkeypatch.setattr(ActiveSocket, "place", place_when_told)
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert inside.wait(TIMEOUT)
+        release = raw.push_release(id_new)
+        # The RELEASE is being processed once the id has left the table.
+        wait_until(lambda: id_new not in {row.id for row in backend.stats().sockets})
+        go_on.set()
+        raw.wait(lambda: accept in raw.responses and release in raw.responses)
+    assert raw.responses[accept].ret == 0
+    assert raw.responses[release].ret == 0
+    assert raw.unexpected == []
+    assert sum(cpu.sockets for cpu in backend.stats().cpus) == 0
 
 
 def test_accept_id_new_in_use(raw: RawFrontend, backend: pvcalls.Backend) -> None:

@@ -57,6 +57,13 @@ def _pump(raw: RawFrontend, ring: Any, peer: socket.socket, data: bytes) -> tupl
     return bytes(to_host), bytes(to_guest)
 
 
+def _peek(sock: socket.socket, n: int) -> bytes:
+    try:
+        return sock.recv(n, socket.MSG_PEEK)
+    except BlockingIOError:
+        return b""
+
+
 @pytest.mark.parametrize("order", [1, 4])
 def test_wrap_around_two_piece_copies(raw: RawFrontend, order: int) -> None:
     _, ring, peer = _accepted_pair(raw, order)
@@ -85,6 +92,23 @@ def test_orderly_close_sets_enotconn_after_the_data(raw: RawFrontend) -> None:
     raw.wait(lambda: ring.in_error != 0)
     assert ring.in_error == -_errno.ENOTCONN
     assert ring.read() == b""
+
+
+def test_no_data_into_an_in_ring_whose_error_the_frontend_set(raw: RawFrontend) -> None:
+    """A producer stops on in_error (Linux's frontend writes -EBADF there
+    after RELEASE; any frontend may): the host's bytes stay with the host."""
+    _, ring, peer = _accepted_pair(raw)
+    ring.put(_wire.IN_ERROR_OFFSET, -_errno.EBADF)
+    peer.sendall(b"unwanted")  # in the backend's socket when sendall returns
+    # Two guest writes: the second reaches the host only after the Work's
+    # receive pass that followed the first.
+    peer.setblocking(False)
+    for word in (b"ping", b"pong"):
+        ring.write(word)
+        raw.wait(lambda w=word: _peek(peer, 4) == w)
+        assert peer.recv(4) == word
+    assert ring.get(_wire.IN_PROD_OFFSET) == 0
+    assert ring.in_error == -_errno.EBADF
 
 
 def test_send_failure_sets_out_error(raw: RawFrontend) -> None:
