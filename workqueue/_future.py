@@ -174,10 +174,23 @@ class LeanFuture(Future[Any]):
         raise InvalidStateError(f"{self!r} cannot start: it is {state}")
 
     def set_result(self, result: Any) -> None:
-        self._finish(result, None)
+        self._set_final(result, None)
 
     def set_exception(self, exception: BaseException | None) -> None:
-        self._finish(None, exception)
+        self._set_final(None, exception)
+
+    def _set_final(self, result: Any, exception: BaseException | None) -> None:
+        """set_result() and set_exception(): as a standard Future's, they
+        refuse a future already done (its maker's bug; _run() never does)."""
+        with _futures_lock:
+            if self._state in _DONE:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = FINISHED
+            if self._watched:
+                self._tell_watchers()
+        self._let_go()
 
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         self._result = result
@@ -287,6 +300,7 @@ class CallWork(Work):
     """
 
     __slots__ = ("future",)
+    _is_call = True
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         Work.__init__(self, _run_call)

@@ -310,11 +310,21 @@ class PoolWorkqueue:
     @property
     def completed(self) -> int:
         """Items whose function returned or raised (engine lock held)."""
-        running = sum(1 for w in self.pool.workers if w.current_pwq is self)
+        return self.nr_started - len(self.running_workers())
+
+    def running_workers(self) -> list[Worker]:
+        """The workers running an item of this pwq (engine lock held).
+
+        Not only our pool's: an item still running on another pool's
+        worker (for another workqueue) is handed to that worker, which
+        runs it next as ours (see process_works).
+        """
+        running = [w for pool in self.pool.pset.pools() for w in pool.workers
+                   if w.current_pwq is self]
         rescuer = self.wq._rescuer
         if rescuer is not None and rescuer.current_pwq is self:
-            running += 1
-        return self.nr_started - running
+            running.append(rescuer)
+        return running
 
 
 class WorkerPool:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from ._atexit import exiting
 from ._future import LeanFuture
 from ._loadindex import LoadIndex
 from ._pool import current_work
@@ -61,6 +62,7 @@ class _SerialWork(Work):
     """
 
     __slots__ = ("wq", "cpu", "calls")
+    _is_call = True
 
     def __init__(self, wq: Workqueue, cpu: int) -> None:
         super().__init__(_drain)
@@ -254,6 +256,8 @@ class SerialExecutor(Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if exiting():
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             work.calls.append(future)
         # If the Work is pending, its run has not started yet and will find
         # this call; otherwise queue it (again).  Reading the pending bit

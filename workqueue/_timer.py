@@ -88,7 +88,11 @@ class _TimerBase:
                         self._nr_dead -= 1
                     if heap and heap[0][0] <= now:
                         break
-                    self._cond.wait(heap[0][0] - now if heap else None)
+                    # Delays are checked against TIMEOUT_MAX where they
+                    # come in; min() keeps this thread, which every timer
+                    # of the process needs, alive whatever happens.
+                    self._cond.wait(min(heap[0][0] - now, threading.TIMEOUT_MAX)
+                                    if heap else None)
                 _, _, handle = heapq.heappop(heap)
                 callback, arg = handle.callback, handle.arg
                 handle.callback = None

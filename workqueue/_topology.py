@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -57,8 +56,10 @@ _sched_getcpu = _load_sched_getcpu()
 def _check_thresh(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
+    # Timers wait with Condition.wait(), which takes at most threading.TIMEOUT_MAX.
+    if not 0 < value <= threading.TIMEOUT_MAX:
+        raise ValueError(f"{name} must be a number of seconds > 0 and at most "
+                         f"threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g}), got {value}")
     return float(value)
 
 
@@ -192,10 +193,12 @@ class Topology:
         return self._online_list[0]
 
     def _check_cpu(self, cpu: int) -> None:
-        if cpu not in self._possible_set:
+        # type() first: True and 1.0 are in the set too (they hash like 1).
+        if type(cpu) is not int or cpu not in self._possible_set:
             if isinstance(cpu, bool) or not isinstance(cpu, int):
                 raise TypeError(f"a CPU number must be an int, not {type(cpu).__name__}")
-            raise ValueError(f"CPU {cpu} is not a possible CPU of this topology")
+            if cpu not in self._possible_set:
+                raise ValueError(f"CPU {cpu} is not a possible CPU of this topology")
 
     def _update_host_map(self) -> None:
         host_map: dict[int, int] = {}

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Work", "DelayedWork", "current_work"]
 
+#: What a waiting cancel_sync() adds to Work._disable: more than any number
+#: of disable() calls a program makes, so the two counts never mix.
+_CANCEL_HOLD = 1 << 32
+
 
 class Work:
     """A work item: Work(func) runs func(work) on a workqueue."""
@@ -51,6 +55,9 @@ class Work:
         "func", "_pending", "_disable", "_entry", "_pwq", "_color", "_seq",
         "_worker", "_flushers", "__weakref__",
     )
+    #: Whether the item runs calls accepted by an Executor's submit(), which
+    #: the program waits for at exit (see _atexit).
+    _is_call = False
 
     def __init__(self, func: Callable[[Any], object]) -> None:
         if not callable(func):
@@ -66,6 +73,9 @@ class Work:
         # or a cancel has finished queueing n (see wake_work_flushers).
         # _worker is the worker running func, or None.
         self._pending = False
+        # Queueing is refused while non-zero.  disable() calls count 1 each,
+        # and a waiting cancel_sync() _CANCEL_HOLD: its hold is not the
+        # caller's to enable(), which sees only the remainder.
         self._disable = 0
         self._entry: WorkList | None = None
         self._pwq: PoolWorkqueue | None = None
@@ -79,7 +89,9 @@ class Work:
         name = getattr(func, "__qualname__", None) or repr(func)
         state = " pending" if self._pending else ""
         state += " running" if self._worker is not None else ""
-        state += f" disabled={self._disable}" if self._disable else ""
+        disabled, cancelling = self._disable % _CANCEL_HOLD, self._disable // _CANCEL_HOLD
+        state += f" disabled={disabled}" if disabled else ""
+        state += " cancelling" if cancelling else ""
         return f"<{type(self).__name__} {name}{state}>"
 
     @property
@@ -94,7 +106,8 @@ class Work:
 
     @property
     def disabled(self) -> bool:
-        """True while disable() calls outnumber enable() calls."""
+        """True while queueing is refused: disable() calls outnumber
+        enable() calls, or a cancel_sync() is waiting."""
         return self._disable > 0
 
     def flush(self) -> bool:
@@ -116,14 +129,18 @@ class Work:
         """Register a flusher of the current instance (engine lock held)."""
         if not (self._pending and self._entry is not None) and self._worker is None:
             return None
-        worker = current_worker()
-        if worker is not None and self._worker is worker:
-            raise RuntimeError(f"flush() of {self!r} from its own function would deadlock")
+        self._check_not_own_function("flush")
         completion = Completion()
         if self._flushers is None:
             self._flushers = []
         self._flushers.append((self._seq, completion))
         return completion
+
+    def _check_not_own_function(self, what: str) -> None:
+        """Refuse to wait for ourselves (engine lock held)."""
+        worker = current_worker()
+        if worker is not None and self._worker is worker:
+            raise RuntimeError(f"{what}() of {self!r} from its own function would deadlock")
 
     def cancel(self) -> bool:
         """Remove the item if pending (cancel_work); True if it was pending.
@@ -160,27 +177,25 @@ class Work:
         RuntimeError if the item is not disabled.
         """
         with _pool.lock:
-            if not self._disable:
+            if not self._disable % _CANCEL_HOLD:
                 raise RuntimeError(f"enable() of {self!r}, which is not disabled")
             self._disable -= 1
-            return not self._disable
+            return not self._disable % _CANCEL_HOLD
 
     def _cancel(self, *, disable: bool, sync: bool) -> bool:
         with _pool.lock:
             if sync:
-                worker = current_worker()
-                if worker is not None and self._worker is worker:
-                    raise RuntimeError(
-                        f"cancel_sync() of {self!r} from its own function would deadlock")
+                self._check_not_own_function("disable_sync" if disable else "cancel_sync")
             # Disabled while we wait, so that nobody re-queues it meanwhile.
-            self._disable += 1
+            hold = 1 if disable else _CANCEL_HOLD
+            self._disable += hold
             was_pending = try_to_grab_pending(self)
             completion = self._start_flush() if sync else None
         if completion is not None:
             completion.wait()
         if not disable:
             with _pool.lock:
-                self._disable -= 1
+                self._disable -= hold
         return was_pending
 
 
@@ -208,6 +223,8 @@ class DelayedWork(Work):
         """
         dropped_by = None
         with _pool.lock:
+            # Before the timer is touched: a refused flush changes nothing.
+            self._check_not_own_function("flush")
             if self._timer is not None:
                 # Even if it just fired: its callback will find _timer None.
                 del_timer(self._timer)

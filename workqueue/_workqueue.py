@@ -30,7 +30,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from typing import ParamSpec, TypeVar
 
-from . import _pool
+from . import _atexit, _pool
 from ._flags import WQ_DFL_ACTIVE, WQ_MAX_ACTIVE, WQ_ORDERED, WQ_USER_FLAGS, WQFlags
 from ._future import CallWork, cancel_pending_futures
 from ._pool import (
@@ -84,8 +84,11 @@ def default_topology() -> Topology:
 def _check_delay(delay: float) -> float:
     if isinstance(delay, bool) or not isinstance(delay, (int, float)):
         raise TypeError(f"delay must be a number of seconds, not {type(delay).__name__}")
-    if not delay >= 0 or math.isinf(delay):
-        raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay}")
+    # The timer thread waits with Condition.wait(), which takes at most
+    # threading.TIMEOUT_MAX (about 292 years).
+    if not 0 <= delay <= threading.TIMEOUT_MAX:
+        raise ValueError(f"delay must be a number of seconds from 0 to threading.TIMEOUT_MAX "
+                         f"({threading.TIMEOUT_MAX:g}), got {delay}")
     return float(delay)
 
 
@@ -173,6 +176,7 @@ class Workqueue(Executor):
         if flags & WQFlags.WQ_MEM_RECLAIM:
             # Made now, while threads can still be made (the point of a rescuer).
             self._rescuer = start_rescuer(self)
+        _atexit.register(self)
 
     def _link(self, pool: WorkerPool) -> PoolWorkqueue:
         pwq = PoolWorkqueue(self, pool, self._max_active)
@@ -265,7 +269,8 @@ class Workqueue(Executor):
         """
         pwq = self._unbound_pwq
         if pwq is None:
-            pwq = self._pwqs.get(cpu)
+            # type() first: True and 1.0 would find CPU 1's pwq.
+            pwq = self._pwqs.get(cpu) if type(cpu) is int else None
             if pwq is None:
                 self.topology._check_cpu(cpu)  # raises: every possible CPU has a pwq
                 raise AssertionError(f"no pool_workqueue for CPU {cpu}")
@@ -532,10 +537,10 @@ class Workqueue(Executor):
                     if rescuer.idle:
                         rescuer.idle = False
                         rescuer.wake.release()
-            if self._serial_domain is not None:
-                # Without the engine lock: it takes the topology's hotplug lock.
-                from ._serial import close_serial
-                close_serial(self)
+            # Also when serial() was never used: it is refused from now on.
+            # Without the engine lock: it takes the topology's hotplug lock.
+            from ._serial import close_serial
+            close_serial(self)
             self._destroyed.set()
 
     # -- tuning ----------------------------------------------------------------
@@ -643,7 +648,7 @@ class Workqueue(Executor):
                      + (" frozen" if self._frozen else "")]
             for pwq in self._all_pwqs():
                 pool = pwq.pool
-                running = [w for w in pool.workers if w.current_pwq is pwq]
+                running = pwq.running_workers()
                 pending = [w for w in pool.worklist if w._pwq is pwq]
                 if not (running or pending or pwq.inactive.nr):
                     continue
@@ -661,9 +666,15 @@ class Workqueue(Executor):
     # -- the Executor face --------------------------------------------------
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        """Run fn(*args, **kwargs) as a work item; return its Future."""
+        """Run fn(*args, **kwargs) as a work item; return its Future.
+
+        As with ThreadPoolExecutor, the program does not exit before the
+        call has run (see _atexit).
+        """
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if _atexit._exiting:  # no call: submit() is a hot path
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
         work = CallWork(fn, args, kwargs)
@@ -682,6 +693,9 @@ class Workqueue(Executor):
             if wait:
                 self._check_not_own_item("shutdown")
             start = self._state < _DESTROYING
+            if start and self._frozen:
+                raise RuntimeError(f"shutdown() of frozen workqueue {self.name!r} would wait "
+                                   "for thaw(); thaw it first")
             self._shutdown = True
             if start:
                 self._state = _DESTROYING
@@ -695,6 +709,35 @@ class Workqueue(Executor):
                                  daemon=True).start()
         elif wait:
             self._destroyed.wait()
+
+    def _call_works(self) -> list[Work]:
+        """The items behind the calls that submit() and our serial
+        executors accepted and that have not finished: queued, waiting for
+        max_active, handed to a busy worker, or running.  For the exit hook
+        (see _atexit), which flushes them; a frozen workqueue's are dropped
+        there, as they cannot run."""
+        with lock:
+            pwqs = self._all_pwqs()
+            pools = {pwq.pool for pwq in pwqs}
+            # Any pool's: a call still running elsewhere is handed to the
+            # worker running it (see _pool.process_works).
+            workers = [w for pool in pwqs[0].pool.pset.pools() for w in pool.workers]
+            if self._rescuer is not None:
+                workers.append(self._rescuer)
+            lists = [pwq.inactive for pwq in pwqs]
+            lists += [pool.worklist for pool in pools]
+            lists += [w.scheduled for w in workers]
+            mine = set(pwqs)
+            found = {work: None for lst in lists for work in lst.items
+                     if work._is_call and work._entry is lst and work._pwq in mine}
+            found.update((w.current, None) for w in workers
+                         if w.current is not None and w.current._is_call
+                         and w.current_pwq in mine)
+            if found and self._frozen:
+                logger.warning("workqueue %r is frozen at exit: %d submitted calls will not run",
+                               self.name, len(found))
+                return []
+            return list(found)
 
     def serial(self, key: Hashable) -> Executor:
         """An Executor whose calls run one at a time, in order, on *key*'s CPU."""

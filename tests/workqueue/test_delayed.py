@@ -109,6 +109,28 @@ def test_flush_of_delayed_work_runs_it_now(make_wq: Any) -> None:
     assert not dw.pending
 
 
+def test_flush_from_its_own_function_is_refused_before_anything_changes(
+        make_wq: Any) -> None:
+    wq = make_wq()
+    errors: list[str] = []
+
+    def func(dw: DelayedWork) -> None:
+        if errors:
+            return
+        wq.queue_delayed_work(dw, 60)  # on its timer again
+        try:
+            dw.flush()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    dw = DelayedWork(func)
+    wq.queue_delayed_work(dw, 0)
+    wq.flush()  # the first run, queued before this flush, is over
+    assert errors and "deadlock" in errors[0]
+    assert dw._timer is not None  # still on its 60 s timer, not queued to run now
+    assert dw.cancel() is True
+
+
 def test_cancel_sync_of_delayed_work_waits_for_the_run(make_wq: Any) -> None:
     wq = make_wq()
     started = threading.Event()
@@ -211,6 +233,14 @@ def test_bad_delays_and_items(make_wq: Any) -> None:
         wq.mod_delayed_work(dw, float("nan"))
     with pytest.raises(ValueError, match="delay"):
         wq.queue_delayed_work(dw, float("inf"))
+    # Finite, but beyond what a timer can wait (threading.TIMEOUT_MAX): it
+    # would have killed the timer thread of every workqueue of the process.
+    for huge in (1e10, 10**400):
+        with pytest.raises(ValueError, match="TIMEOUT_MAX"):
+            wq.queue_delayed_work(dw, huge)
+    ran = threading.Event()
+    assert wq.queue_delayed_work(DelayedWork(lambda w: ran.set()), 0.01)
+    assert ran.wait(TIMEOUT)
     with pytest.raises(TypeError, match="delay"):
         wq.queue_delayed_work(dw, "1")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="DelayedWork"):

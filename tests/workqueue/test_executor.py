@@ -271,6 +271,18 @@ def test_standalone_lean_future() -> None:
     h.set_running_or_notify_cancel()
     with pytest.raises(cf.InvalidStateError):
         h.set_running_or_notify_cancel()
+    # As a standard Future: a done future takes no second outcome, and its
+    # callbacks run once.
+    called: list[int] = []
+    h.add_done_callback(lambda fut: called.append(fut.result()))
+    h.set_result(1)
+    for second in (lambda: h.set_result(2), lambda: h.set_exception(ValueError())):
+        with pytest.raises(cf.InvalidStateError):
+            second()
+    assert h.result() == 1 and called == [1]
+    with pytest.raises(cf.InvalidStateError):
+        g.set_result(3)  # cancelled
+    assert g.cancelled()
 
 
 def test_trace_hooks_see_the_four_trace_points(make_wq: Any, tracer: Any) -> None:
@@ -353,3 +365,62 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
     with pytest.raises(TypeError, match="callable"):
         wq.submit(42)  # type: ignore[arg-type]
     assert not w.pending
+
+
+_EXIT_SCRIPT = r"""
+import threading
+from workqueue import WQ_FREEZABLE, Topology, alloc_workqueue
+
+# Opened only once the interpreter exits, so every call below is still
+# pending then: by an exit hook of threading's, registered after
+# workqueue's, hence run before it.
+gate = threading.Event()
+threading._register_atexit(gate.set)
+
+def job(tag):
+    assert gate.wait(30)
+    print(tag, flush=True)
+
+topo = Topology(2)
+kept = alloc_workqueue("never-shut-down", topology=topo)
+for i in range(3):
+    kept.submit(job, f"call {i}")
+kept.serial("key").submit(job, "serial 0")
+kept.serial("key").submit(job, "serial 1")
+left = alloc_workqueue("shut-down-without-waiting", topology=topo)
+left.submit(job, "call after shutdown(wait=False)")
+left.shutdown(wait=False)
+frozen = alloc_workqueue("frozen", WQ_FREEZABLE, topology=topo)
+frozen.freeze()
+frozen.submit(job, "call of a frozen workqueue")
+"""
+
+
+def test_accepted_calls_run_before_the_interpreter_exits(tmp_path: Any) -> None:
+    """As ThreadPoolExecutor's: the program does not exit before the calls
+    that submit() accepted are done, shut down or not; a frozen
+    workqueue's, which cannot run, are dropped with a warning."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == [
+        "call 0", "call 1", "call 2", "call after shutdown(wait=False)",
+        "serial 0", "serial 1"]
+    assert "'frozen' is frozen at exit: 1 submitted calls will not run" in done.stderr
+
+
+def test_no_new_calls_once_the_interpreter_exits(make_wq: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from workqueue import _atexit
+    wq = make_wq()
+    monkeypatch.setattr(_atexit, "_exiting", True)
+    for submit in (wq.submit, wq.serial("k").submit):
+        with pytest.raises(RuntimeError, match="interpreter shutdown"):
+            submit(int)

@@ -158,6 +158,11 @@ def test_topology_contract_and_errors() -> None:
         topo.cpu_down(0)
     with pytest.raises(TypeError, match="must be an int"):
         topo.cpu_up("1")  # type: ignore[arg-type]
+    for not_an_int in (True, 1.0):  # both hash like 1
+        with pytest.raises(TypeError, match="must be an int"):
+            topo.cpu_down(not_an_int)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="must be an int"):
+            topo.is_online(not_an_int)  # type: ignore[arg-type]
     topo.cpu_down(1)
     topo.cpu_down(2)
     with pytest.raises(ValueError, match="last online CPU"):
@@ -175,7 +180,7 @@ def test_topology_contract_and_errors() -> None:
     assert Topology().possible() == sorted(os.sched_getaffinity(0))
     # The kernel's defaults: wq_cpu_intensive_thresh_us 10 ms, wq_watchdog_thresh 30 s.
     assert (topo.cpu_intensive_thresh, topo.watchdog_thresh) == (0.010, 30.0)
-    for bad in (0, -1.0, float("nan"), float("inf")):
+    for bad in (0, -1.0, float("nan"), float("inf"), 1e11):  # 1e11: beyond TIMEOUT_MAX
         with pytest.raises(ValueError, match="watchdog_thresh"):
             Topology(1, watchdog_thresh=bad)
         with pytest.raises(ValueError, match="cpu_intensive_thresh"):

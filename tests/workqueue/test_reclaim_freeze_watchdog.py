@@ -115,7 +115,16 @@ def test_freeze_needs_wq_freezable_and_blocks_drain(make_wq: Any) -> None:
         fz.drain()
     with pytest.raises(RuntimeError, match="thaw"):
         fz.destroy()
+    # shutdown() too, before it changes anything: the queue keeps working.
+    held = fz.submit(lambda: "ran after thaw")
+    with pytest.raises(RuntimeError, match="thaw"):
+        fz.shutdown()
+    with pytest.raises(RuntimeError, match="thaw"):
+        fz.shutdown(wait=False)
+    assert "destroyed" not in repr(fz)
     fz.thaw()
+    assert held.result(TIMEOUT) == "ran after thaw"
+    assert fz.submit(len, "abc").result(TIMEOUT) == 3
 
 
 def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_waiter: Any) -> None:

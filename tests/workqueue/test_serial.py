@@ -256,6 +256,16 @@ def test_submit_to_a_destroyed_workqueue_fails_cleanly() -> None:
     assert ex.pending == 0
 
 
+def test_serial_of_a_destroyed_workqueue_is_refused() -> None:
+    topo = Topology(2)
+    never_used = alloc_workqueue("never-used", topology=topo)
+    never_used.destroy()
+    notifiers = len(topo._notifiers)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        never_used.serial("k")
+    assert len(topo._notifiers) == notifiers  # no LoadIndex registered for it
+
+
 def test_asyncio_run_in_executor(wq: object) -> None:
     ex = wq.serial("k")  # type: ignore[attr-defined]
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from workqueue import Work, current_work
+from workqueue._pool import Worker
 
 TIMEOUT = 10.0
 
@@ -216,6 +217,28 @@ def test_cancel_sync_refuses_self_requeue_while_waiting(make_wq: Any) -> None:
     assert not w.pending and not w.running
 
 
+def test_enable_while_cancel_sync_waits_is_still_unbalanced(make_wq: Any) -> None:
+    """cancel_sync() disables the item while it waits; that hold is not
+    the caller's to enable() (the kernel never lets the count go below 0)."""
+    wq = make_wq()
+    gate = Gate()
+    w = Work(gate)
+    wq.queue_work(w)
+    assert gate.started.wait(TIMEOUT)
+    canceller = threading.Thread(target=w.cancel_sync)
+    canceller.start()
+    wait_until(lambda: w.disabled)  # cancel_sync holds it
+    with pytest.raises(RuntimeError, match="not disabled"):
+        w.enable()
+    assert wq.queue_work(w) is False  # refused while cancel_sync waits
+    gate.release.set()
+    canceller.join(TIMEOUT)
+    assert not w.disabled
+    assert wq.queue_work(w) is True
+    w.flush()
+    assert gate.runs == 2
+
+
 def test_flush_and_cancel_sync_from_own_function_raise(make_wq: Any) -> None:
     wq = make_wq()
     errors: list[str] = []
@@ -328,3 +351,26 @@ def test_non_reentrancy_holds_across_workqueues(make_wq: Any) -> None:
     unbound.flush()
     w.flush()
     assert saw == [True]
+
+
+def test_an_item_run_by_another_pools_worker_counts_as_running(make_wq: Any) -> None:
+    """Handed to the worker still running it for another workqueue, the
+    item runs there as the second workqueue's: its stats and dump say so."""
+    from workqueue import WQ_UNBOUND
+    bound = make_wq("bound")
+    unbound = make_wq("unbound", WQ_UNBOUND)
+    first, second = Gate(), Gate()
+    w = Work(lambda work: (first if not first.started.is_set() else second)(work))
+    bound.queue_work_on(0, w)
+    assert first.started.wait(TIMEOUT)
+    assert unbound.queue_work(w) is True
+    # Dequeued by an unbound worker and handed to the one running it.
+    wait_until(lambda: w._entry is not None and isinstance(w._entry.owner, Worker))
+    first.release.set()
+    assert second.started.wait(TIMEOUT)
+    stats = unbound.stats()
+    assert (stats.started, stats.completed) == (1, 0)
+    assert "in-flight" in unbound.dump()
+    second.release.set()
+    w.flush()
+    assert unbound.stats().completed == 1

@@ -1,0 +1,78 @@
+"""Interpreter exit: the submitted calls of every live workqueue finish first.
+
+concurrent.futures promises that, "regardless of the value of wait, the
+entire Python program will not exit until all pending futures are done
+executing".  Our workers are daemon threads -- a program need not destroy
+its workqueues to exit, as nothing in the kernel waits for a workqueue at
+power-off -- so that promise is kept here, for the calls a Workqueue or one
+of its serial executors accepted with submit(): at exit, new calls are
+refused (RuntimeError, as ThreadPoolExecutor's), and the work items behind
+the calls already accepted are flushed until none is left.  Plain work
+items are not waited for: a workqueue's own items (pollers that queue
+themselves again, say) may never be done, and the kernel does not wait for
+them either.
+
+A frozen workqueue's calls cannot run until thaw(), which nobody will call
+any more: they are dropped, with a warning.
+
+The hook is threading's, not atexit's, as concurrent.futures' is: it runs
+before the interpreter starts refusing new threads, which a pool may need
+(a blocked worker gets a replacement).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._workqueue import Workqueue
+
+__all__ = ["register", "exiting", "wait_for_calls"]
+
+logger = logging.getLogger(__name__)
+
+# Every workqueue not yet collected.  _lock makes register() and the
+# snapshot in wait_for_calls() exclusive: a WeakSet must not grow while
+# it is iterated.  Collected workqueues leave the set by themselves, so
+# nothing here outlives a test.
+_lock = threading.Lock()
+_live: weakref.WeakSet[Workqueue] = weakref.WeakSet()
+_exiting = False
+
+
+def register(wq: Workqueue) -> None:
+    """Called by every new Workqueue."""
+    with _lock:
+        _live.add(wq)
+
+
+def exiting() -> bool:
+    """True once the interpreter exits: submit() refuses new calls."""
+    return _exiting
+
+
+def wait_for_calls() -> None:
+    """Refuse new calls, then wait until every accepted call has run."""
+    global _exiting
+    _exiting = True
+    while True:
+        with _lock:
+            live = list(_live)
+        works = [work for wq in live for work in wq._call_works()]
+        if not works:
+            return
+        for work in works:
+            work.flush()
+
+
+try:
+    _register_atexit = threading._register_atexit  # type: ignore[attr-defined]
+except AttributeError:  # not CPython: atexit runs while daemon threads still do
+    import atexit
+
+    atexit.register(wait_for_calls)
+else:
+    _register_atexit(wait_for_calls)
