@@ -88,6 +88,21 @@ def test_pyxs_watches(xsd: XenStored, client: pyxs.Client) -> None:
         assert monitor.events.empty()
 
 
+def test_pyxs_survives_an_event_too_long_to_send(xsd: XenStored, client: pyxs.Client) -> None:
+    # An over-long WATCH_EVENT would kill pyxs's reader thread and so the
+    # whole connection; the server must drop the event instead.
+    token = b"t" * 4000  # legal: the WATCH request is 4005 bytes
+    with pyxs.Client(unix_socket_path=os.fspath(xsd.path)) as writer:
+        writer.write(b"/a", b"x")
+        monitor = client.monitor()
+        monitor.watch(b"/a", token)
+        assert monitor.events.get(timeout=10) == (b"/a", token)
+        writer.write(b"/a/" + b"b" * 100, b"y")  # its event: 4105 bytes
+        writer.write(b"/a", b"z")
+        assert monitor.events.get(timeout=10) == (b"/a", token)
+        assert client.read(b"/a") == b"z"
+
+
 def test_pyxs_transactions(xsd: XenStored, client: pyxs.Client) -> None:
     with pyxs.Client(unix_socket_path=os.fspath(xsd.path)) as other:
         client.write(b"/t/counter", b"0")
@@ -197,6 +212,28 @@ def test_xenstore_watch(xsd: XenStored) -> None:
             assert watch.wait(timeout=30) == 0
         finally:
             watch.kill()
+
+
+def test_xenstore_watch_survives_an_event_too_long_to_send(xsd: XenStored) -> None:
+    # xenstore-watch's token is the watched path; one over-long event would
+    # make libxenstore drop the connection and every later event with it.
+    base = "/local/domain/0/" + "a" * 2030
+    env = dict(os.environ, XENSTORED_PATH=os.fspath(xsd.path))
+    with RawClient(xsd.path) as c:
+        c.write(base, "x")
+        with subprocess.Popen(
+            [xenstore_tool("xenstore-watch"), "-n", "2", base],
+            env=env, stdout=subprocess.PIPE, text=True,
+        ) as watch:
+            try:
+                assert watch.stdout is not None
+                assert watch.stdout.readline() == base + "\n"  # the initial event
+                c.write(base + "/" + "b" * 17, "y")  # its event: 4112 bytes
+                c.write(base, "z")
+                assert watch.stdout.readline() == base + "\n"
+                assert watch.wait(timeout=30) == 0
+            finally:
+                watch.kill()
 
 
 # --- Xen's test-xenstore ------------------------------------------------------------------

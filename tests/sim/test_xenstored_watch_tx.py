@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from hosthelpers import error_of, make_guest
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored
+from xenback.sim._xenstored._wire import PAYLOAD_MAX
 
 
 @pytest.fixture
@@ -84,6 +86,37 @@ def test_duplicate_and_unknown_watches(dom0: RawClient, other: RawClient) -> Non
     assert dom0.wait_event() == ("/d", "t2")
     assert_no_event(dom0)
     assert error_of(dom0.watch, "/d//x", "t") == "EINVAL"
+
+
+def test_over_long_events_are_dropped_not_sent(
+    dom0: RawClient, other: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The WATCH request is exactly XENSTORE_PAYLOAD_MAX, so its initial
+    # event fits, but any change below /a makes an event too long to send.
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    token = "t" * (PAYLOAD_MAX - len("/a\0") - 1)
+    dom0.watch("/a", token)
+    dom0.watch("/a", "short")
+    assert [dom0.wait_event(), dom0.wait_event()] == [("/a", token), ("/a", "short")]
+    other.write("/a/longer-child-name", "y")
+    other.write("/a/another-child", "y")
+    other.write("/a", "z")
+    # Only what fits arrives, and the connection keeps working after it.
+    seen = []
+    while len(seen) < 4:
+        op, _rid, _tx, payload = dom0.recv_message()
+        assert op == Op.WATCH_EVENT and len(payload) <= PAYLOAD_MAX
+        seen.append(payload.split(b"\0")[:2])
+    assert seen == [
+        [b"/a/longer-child-name", b"short"],
+        [b"/a/another-child", b"short"],
+        [b"/a", token.encode()],
+        [b"/a", b"short"],
+    ]
+    assert_no_event(dom0)
+    drops = [r for r in caplog.records if "XENSTORE_PAYLOAD_MAX" in r.getMessage()]
+    assert [r.levelno for r in drops] == [logging.WARNING, logging.DEBUG]
+    assert "/a/longer-child-name" in drops[0].getMessage()
 
 
 def test_rm_fires_node_ancestors_and_descendant_watches(dom0: RawClient, other: RawClient) -> None:

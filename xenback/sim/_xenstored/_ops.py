@@ -281,10 +281,33 @@ class Dispatcher:
             if target.domain.privileged or self._watch_permitted(
                 target, path, perms, old_perms
             ):
-                payload = watch.event_payload(path)
-                self._deferred.append(
-                    (target, HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload)
-                )
+                self._queue_event(watch, path)
+
+    def _queue_event(self, watch: Watch, path: str) -> None:
+        """Queue the event of ``watch`` naming ``path``, unless it is over-long.
+
+        A token may fill a WATCH request up to XENSTORE_PAYLOAD_MAX, so the
+        event for a path longer than the watched one can exceed it.  No
+        client can take such a message: libxenstore drops the connection and
+        pyxs's reader thread dies, and with them every later event.  Like
+        cxenstored's send_event(), drop it: the watcher loses one event
+        rather than all of them.
+        """
+        payload = watch.event_payload(path)
+        if len(payload) > PAYLOAD_MAX:
+            watch.dropped += 1
+            # Warn once per watch: a guest can cause any number of these.
+            log = logger.warning if watch.dropped == 1 else logger.debug
+            log(
+                "%r: dropped an event of the watch on %.64s: path %.64s (%d bytes) "
+                "and token (%d bytes) make %d bytes, over XENSTORE_PAYLOAD_MAX (%d)",
+                watch.conn, watch.node, path, len(path) - watch.prefix_len,
+                len(watch.token), len(payload), PAYLOAD_MAX,
+            )
+            return
+        self._deferred.append(
+            (watch.conn, HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload)
+        )
 
     def _watch_permitted(
         self, conn: Connection, path: str, perms: Perms, old_perms: Perms | None
@@ -525,8 +548,7 @@ class Dispatcher:
         conn.watches.append(watch)
         self.watches.add(watch)
         domain.nwatches += 1
-        event = watch.event_payload(path)
-        self._deferred.append((conn, HEADER.pack(Op.WATCH_EVENT, 0, 0, len(event)) + event))
+        self._queue_event(watch, path)
         return _OK
 
     def _unwatch(self, conn: Connection, view: View, payload: bytes) -> bytes:

@@ -24,7 +24,7 @@ __all__ = ["Watch", "WatchIndex", "ancestors"]
 
 
 class Watch:
-    __slots__ = ("conn", "node", "token", "prefix_len")
+    __slots__ = ("conn", "node", "token", "prefix_len", "dropped")
 
     def __init__(self, conn: Any, node: str, token: str, prefix_len: int) -> None:
         self.conn = conn
@@ -33,6 +33,8 @@ class Watch:
         self.token = token
         #: how much of an event path to strip: len(home) + 1 if relative
         self.prefix_len = prefix_len
+        #: events dropped for exceeding XENSTORE_PAYLOAD_MAX
+        self.dropped = 0
 
     def event_payload(self, path: str) -> bytes:
         return f"{path[self.prefix_len:]}\0{self.token}\0".encode("latin-1")
