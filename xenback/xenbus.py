@@ -90,12 +90,24 @@ class XenbusState(enum.IntEnum):
         text = value.strip()
         if text.isascii() and text.isdigit() and int(text) in cls._value2member_map_:
             return cls(int(text))
-        raise ValueError(f"invalid xenbus state {value[:32]!r}")
+        raise ValueError(f"invalid xenbus state {ascii(value[:32])}")
 
 
 def _number(text: str) -> int:
     """A domid or devid path component; -1 (no device) if it is not one."""
     return int(text) if text.isascii() and text.isdigit() else -1
+
+
+def _printable(text: str) -> str:
+    """``text`` with everything but printable ASCII backslash-escaped.
+
+    An error message may quote what a frontend wrote, and that may be
+    anything; but the error node can only hold printable ASCII (see
+    xenback.xenstore), and a reported error must not itself fail.
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _errno_of(exc: BaseException) -> tuple[int, str]:
@@ -227,10 +239,12 @@ class BackendDevice:
     def error(self, err: int, message: str) -> None:
         """``xenbus_dev_error``: log and write the error node."""
         err = abs(err)
+        message = _printable(message)
         logger.error("%s: error %d: %s", self.nodename, err, message)
         try:
             self.xenstore.write(self.error_path, f"{err} {message}"[:1024])
-        except OSError:
+        except (OSError, ValueError):
+            # Reporting an error must not raise one: fatal() still has to go Closing.
             logger.warning("%s: could not write the error node", self.nodename, exc_info=True)
 
     def fatal(self, err: int, message: str) -> None:

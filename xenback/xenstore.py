@@ -10,6 +10,8 @@ that are retried on EAGAIN, watches delivered in order on a workqueue
 Values written by another domain are hostile: :meth:`read` decodes them
 leniently (undecodable bytes become U+FFFD) and :meth:`read_int` raises
 :class:`ValueError` naming the node and the value when it is not a number.
+Values we write must be printable ASCII, which is all pyxs sends; anything
+else is a :class:`ValueError` naming the node and the character.
 
 pyxs notes this module works around: a :class:`pyxs.Client` has a single
 transaction id, so each transaction runs on a copy of the client sharing its
@@ -30,6 +32,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,10 +68,24 @@ def _path(path: str) -> bytes:
         raise ValueError(f"XenStore path {path!r} is not ASCII") from None
 
 
-def _value(value: str | int) -> bytes:
+#: What pyxs lets through in a request: NUL and printable 7-bit ASCII.
+#: XenStore itself stores any bytes, but pyxs refuses anything else with a
+#: bare ValueError that names neither the node nor the offending character.
+_SENDABLE = re.compile("[\0\x20-\x7f]*")
+
+
+def _value(value: str | int, path: str) -> bytes:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise TypeError(f"XenStore values are str or int, not {type(value).__name__}")
-    return str(value).encode()
+    text = str(value)
+    if not _SENDABLE.fullmatch(text):
+        at = next(i for i, c in enumerate(text) if not _SENDABLE.fullmatch(c))
+        what = "is not ASCII" if not text[at].isascii() else "is a control character"
+        raise ValueError(
+            f"XenStore value for {path!r} must be printable ASCII: "
+            f"{ascii(text[at])} at offset {at} {what}"
+        )
+    return text.encode("ascii")
 
 
 def _oserror(exc: PyXSError, path: str) -> OSError:
@@ -137,12 +154,13 @@ class _Ops:
             return default
         text = value.strip()
         if not (text.isascii() and text.lstrip("-").isdigit()):
-            raise ValueError(f"{path}: expected an integer, found {value[:64]!r}")
+            # ascii(): the value is another domain's, and may be anything.
+            raise ValueError(f"{path}: expected an integer, found {ascii(value[:64])}")
         return int(text)
 
     def write(self, path: str, value: str | int) -> None:
         """Write ``value`` (parents are created with empty values)."""
-        self._do(self._client.write, path, _value(value))
+        self._do(self._client.write, path, _value(value, path))
 
     def mkdir(self, path: str) -> None:
         """Create ``path`` (and its parents) with an empty value."""

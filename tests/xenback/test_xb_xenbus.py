@@ -4,12 +4,14 @@ failure path of the backend lifecycle checklist."""
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 
 import pytest
 
 from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver
 from xenback import XenbusState
+from xenback.sim._xenstored import RawClient
 
 S = XenbusState
 
@@ -415,6 +417,56 @@ def test_impossible_frontend_state_is_fatal(host, driver, frontends, dom0_xs, va
     fe.close()
     census.check()
     _connected(host, driver, frontends, "good")
+
+
+def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    "nodes, text",
+    [
+        ({"state": b"\xff"}, r"22 frontend invalid xenbus state '\ufffd'"),
+        ({"state": "\u00e9".encode()}, r"22 frontend invalid xenbus state '\xe9'"),
+        ({"ring-ref": b"\xff", "state": b"3"},
+         r"22 connecting: /local/domain/{fe}/device/xbtest/0/ring-ref: "
+         r"expected an integer, found '\ufffd'"),
+    ],
+    ids=["state-xff", "state-utf8", "ring-ref-xff"],
+)
+def test_non_ascii_from_the_frontend_is_reported_and_fatal(
+    host, driver, frontends, dom0_xs, caplog, nodes, text
+) -> None:
+    # XenStore takes any bytes; the error node, written through pyxs, only
+    # printable ASCII.  Quoting the frontend's bytes must not keep the
+    # device from reporting the error and going Closing.
+    guest = host.create_domain("odd")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.share()
+    with RawClient(guest.xenstore_path) as raw:  # the guest's own connection
+        raw.write(f"{dev.frontend_path}/port", str(fe.port))
+        for key, value in nodes.items():
+            raw.write(f"{dev.frontend_path}/{key}", value)
+    fe.wait_backend(S.CLOSING)
+    assert _error(dom0_xs, dev) == text.format(fe=guest.domid)
+    assert _no_tracebacks(caplog) == []
+
+
+def test_error_message_is_escaped_for_the_error_node(host, driver, frontends, dom0_xs, caplog) -> None:
+    def hook(_dev) -> None:
+        raise ValueError("caf\u00e9\nor\ttea")
+
+    driver.connect_hook = hook
+    guest = host.create_domain("bad")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    assert _error(dom0_xs, dev) == r"22 connecting: caf\xe9\nor\ttea"
+    assert _no_tracebacks(caplog) == []
 
 
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs) -> None:

@@ -50,6 +50,24 @@ def test_typed_reads_and_writes(dom0_xs) -> None:
     assert xs.get_domain_path(3) == "/local/domain/3"
 
 
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ("caf\u00e9", r"'\xe9' at offset 3 is not ASCII"),
+        ("\ufffd", r"'\ufffd' at offset 0 is not ASCII"),
+        ("two\nlines", r"'\n' at offset 3 is a control character"),
+    ],
+    ids=["latin-1", "replacement-character", "newline"],
+)
+def test_values_pyxs_cannot_send_are_refused_by_name(dom0_xs, value, text) -> None:
+    with pytest.raises(ValueError) as info:
+        dom0_xs.write("/test/v", value)
+    assert str(info.value) == f"XenStore value for '/test/v' must be printable ASCII: {text}"
+    assert dom0_xs.read("/test/v") is None  # nothing was sent
+    dom0_xs.write("/test/v", "printable ASCII and \x7f go")
+    assert dom0_xs.read("/test/v") == "printable ASCII and \x7f go"
+
+
 def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
     guest = host.create_domain("guest")
     dom0_xs.write("/secret", "x")
