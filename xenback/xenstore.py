@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pyxs
 from pyxs._internal import Op, Packet
-from pyxs.exceptions import PyXSError
+from pyxs.exceptions import InvalidPath, InvalidPayload, InvalidPermission, PyXSError
 
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue
@@ -57,6 +57,9 @@ T = TypeVar("T")
 #: How often a transaction is re-run after EAGAIN before giving up.  The
 #: kernel retries forever; a bound turns a livelock into an error.
 TRANSACTION_ATTEMPTS = 1000
+
+#: XENSTORE_PAYLOAD_MAX: the most a request may carry after its header.
+PAYLOAD_MAX = 4096
 
 
 def _path(path: str) -> bytes:
@@ -85,7 +88,15 @@ def _value(value: str | int, path: str) -> bytes:
             f"XenStore value for {path!r} must be printable ASCII: "
             f"{ascii(text[at])} at offset {at} {what}"
         )
-    return text.encode("ascii")
+    data = text.encode("ascii")
+    # A WRITE carries "<path>\0<value>": what fits depends on the path.
+    room = PAYLOAD_MAX - len(path) - 1
+    if len(data) > room:
+        raise ValueError(
+            f"XenStore value for {path!r} is too long: {len(data)} bytes, but a WRITE "
+            f"to this node has room for {room} in its {PAYLOAD_MAX}-byte payload"
+        )
+    return data
 
 
 def _oserror(exc: PyXSError, path: str) -> OSError:
@@ -133,9 +144,18 @@ class _Ops:
             if self._client.router.is_connected:
                 raise
             raise ConnectionError(errno.ENOTCONN, "XenStore connection lost", path) from None
+        except InvalidPath:
+            raise ValueError(f"invalid XenStore path {path!r}") from None
+        except InvalidPermission as exc:
+            raise ValueError(f"invalid XenStore permission {exc.args[0]!r} for {path!r}") from None
+        except InvalidPayload as exc:
+            raise ValueError(
+                f"XenStore request for {path!r} is too long: {len(exc.args[0])} bytes, "
+                f"over the {PAYLOAD_MAX}-byte payload"
+            ) from None
         except PyXSError as exc:
-            if isinstance(exc, ValueError):  # pyxs's InvalidPath and friends
-                raise ValueError(f"invalid XenStore path {path!r}") from None
+            if isinstance(exc, ValueError):  # anything else pyxs will not send
+                raise ValueError(f"pyxs refused the request for {path!r}: {exc!r}") from None
             raise _oserror(exc, path) from None
 
     def read(self, path: str, default: str | None = None) -> str | None:

@@ -68,6 +68,23 @@ def test_values_pyxs_cannot_send_are_refused_by_name(dom0_xs, value, text) -> No
     assert dom0_xs.read("/test/v") == "printable ASCII and \x7f go"
 
 
+def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
+    # The limit is on "<path>\0<value>": this path leaves 4096 - 8 bytes.
+    dom0_xs.write("/test/v", "x" * 4088)
+    assert dom0_xs.read("/test/v") == "x" * 4088
+    with pytest.raises(ValueError) as info:
+        dom0_xs.write("/test/v", "x" * 4089)
+    assert str(info.value) == (
+        "XenStore value for '/test/v' is too long: 4089 bytes, but a WRITE "
+        "to this node has room for 4088 in its 4096-byte payload"
+    )
+    with pytest.raises(ValueError, match=r"request for '/test/v' is too long: 6011 bytes"):
+        dom0_xs.set_perms("/test/v", ["n0"] + ["r1"] * 2000)
+    with pytest.raises(ValueError, match=r"invalid XenStore permission b'q1' for '/test/v'"):
+        dom0_xs.set_perms("/test/v", ["q1"])
+    assert dom0_xs.read("/test/v") == "x" * 4088 and dom0_xs.get_perms("/test/v") == ["n0"]
+
+
 def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
     guest = host.create_domain("guest")
     dom0_xs.write("/secret", "x")
