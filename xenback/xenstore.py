@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import pyxs
 from pyxs._internal import Op, Packet
 from pyxs.exceptions import InvalidPath, InvalidPayload, InvalidPermission, PyXSError
+from pyxs.helpers import check_path
 
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue
@@ -90,7 +91,7 @@ def _value(value: str | int, path: str) -> bytes:
         )
     data = text.encode("ascii")
     # A WRITE carries "<path>\0<value>": what fits depends on the path.
-    room = PAYLOAD_MAX - len(path) - 1
+    room = PAYLOAD_MAX - len(_path(path)) - 1
     if len(data) > room:
         raise ValueError(
             f"XenStore value for {path!r} is too long: {len(data)} bytes, but a WRITE "
@@ -180,7 +181,15 @@ class _Ops:
 
     def write(self, path: str, value: str | int) -> None:
         """Write ``value`` (parents are created with empty values)."""
-        self._do(self._client.write, path, _value(value, path))
+        data = _value(value, path)
+        self._do(self._client.write if data else self._write_empty, path, data)
+
+    def _write_empty(self, path: bytes, _value: bytes) -> None:
+        # pyxs wants every argument of a request to be at least one byte
+        # long, so its write() refuses b"" with a bare ValueError; the same
+        # WRITE without the empty argument is the identical payload.
+        check_path(path)
+        self._client.ack(Op.WRITE, path + b"\0")
 
     def mkdir(self, path: str) -> None:
         """Create ``path`` (and its parents) with an empty value."""

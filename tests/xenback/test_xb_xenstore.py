@@ -68,6 +68,17 @@ def test_values_pyxs_cannot_send_are_refused_by_name(dom0_xs, value, text) -> No
     assert dom0_xs.read("/test/v") == "printable ASCII and \x7f go"
 
 
+def test_a_value_can_be_emptied(dom0_xs) -> None:
+    dom0_xs.write("/test/e", "full")
+    dom0_xs.write("/test/e", "")
+    assert dom0_xs.read("/test/e") == ""
+    dom0_xs.write("/test/e", "full")
+    dom0_xs.transaction(lambda t: t.write("/test/e", ""))
+    assert dom0_xs.read("/test/e") == ""
+    with pytest.raises(ValueError, match="invalid XenStore path '/bad path'"):
+        dom0_xs.write("/bad path", "")
+
+
 def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
     # The limit is on "<path>\0<value>": this path leaves 4096 - 8 bytes.
     dom0_xs.write("/test/v", "x" * 4088)
