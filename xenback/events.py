@@ -294,6 +294,10 @@ class EventDispatcher(Closing):
             with self._lock:
                 self._running = None
                 self._idle.notify_all()
+                if self._closed:
+                    # The callback closed us (close() does not wait for its
+                    # own thread): the handle is gone, pending() would fail.
+                    return ran
                 if port in self._ports:
                     self._evtchn.unmask(port)
             if self._thread is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -155,3 +156,23 @@ def test_closed_dispatcher_refuses_work(host) -> None:
     dispatcher.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         dispatcher.add_fd(0, select.EPOLLIN, lambda fd, ev: None)
+
+
+def test_close_from_a_port_callback_stops_quietly(host, caplog) -> None:
+    # close() from a callback skips joining its own thread; the dispatcher
+    # must then stop without touching the handle close() just closed.
+    guest = host.create_domain("guest")
+    evtchn = guest.evtchn()
+    dispatcher = EventDispatcher(host.dom0, name="xb-close-in-callback")
+    (thread,) = [t for t in threading.enumerate() if t.name == "xb-close-in-callback"]
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: dispatcher.close())
+    try:
+        evtchn.notify(remote)
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        with pytest.raises(RuntimeError, match="closed"):
+            dispatcher.bind_unbound_port(guest.domid, lambda _port: None)
+    finally:
+        evtchn.close()
