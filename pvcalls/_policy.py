@@ -79,6 +79,8 @@ LIMIT_ERRNO = _errno.EMFILE
 
 _ANY_NETWORK = ipaddress.IPv4Network("0.0.0.0/0")
 _ALL_PORTS = range(0, 65536)
+#: Domids from DOMID_FIRST_RESERVED (0x7FF0) up name no domain of their own.
+_MAX_DOMID = 0x7FEF
 
 
 class PolicyError(ValueError):
@@ -207,13 +209,18 @@ class Policy:
                                 DomainPolicy())
         domains: dict[int, DomainPolicy] = {}
         names: dict[str, DomainPolicy] = {}
+        # TOML rejects a repeated key, but not [domain.7] next to [domain.07]:
+        # two spellings of one domid, of which the later would silently win.
+        domid_keys: dict[int, str] = {}
         for key, section in _table(data.get("domain", {}), "[domain]").items():
             where = f"[domain.{key}]"
             rules = _parse_domain(where, _table(section, where), default)
             if key.isascii() and key.isdigit():
-                domid = int(key)
-                if not 0 <= domid < 0x7FF0:
-                    raise PolicyError(f"{where}: domid {domid} out of range")
+                domid = _decimal(key, _MAX_DOMID, f"{where}: domid")
+                if domid in domid_keys:
+                    raise PolicyError(f"{where}: domid {domid} already has a section, "
+                                      f"[domain.{domid_keys[domid]}]")
+                domid_keys[domid] = key
                 domains[domid] = rules
             elif key and key.isprintable() and "/" not in key:
                 names[key] = rules
@@ -246,6 +253,23 @@ class Policy:
     def __repr__(self) -> str:
         return (f"Policy(default={self._default!r}, domains={self._domains!r}, "
                 f"names={self._names!r})")
+
+
+def _decimal(text: str, maximum: int, what: str) -> int:
+    """The value of ``text``, which must be ASCII decimal digits, 0 to ``maximum``.
+
+    ``int()`` alone would also take ``"+8"``, ``" 8 "``, ``"8_0"`` and other
+    scripts' digits (``"８"``), none of which a policy file should mean.
+    ``what`` starts the message of the :class:`PolicyError` raised otherwise.
+    """
+    if not (text.isascii() and text.isdigit()):
+        raise PolicyError(f"{what} {text!r} is not a decimal number")
+    # Compare lengths first: int() refuses more digits than
+    # sys.get_int_max_str_digits(), and a number that long is out of range.
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise PolicyError(f"{what} {text} is not within 0-{maximum}")
+    return int(digits)
 
 
 def _table(value: object, where: str) -> Mapping[str, Any]:

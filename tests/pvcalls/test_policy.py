@@ -119,7 +119,9 @@ def test_rule_parse(text: str, network: str, first: int, last: int) -> None:
         ("[default]\nconnect.maybe = []", "unknown key"),
         ('[domain."a/b"]\nmax_sockets = 1', "not a domid or a domain name"),
         ('[domain.""]\nmax_sockets = 1', "not a domid or a domain name"),
-        ("[domain.99999]\nmax_sockets = 1", "out of range"),
+        ("[domain.99999]\nmax_sockets = 1", r"\[domain.99999\]: domid 99999 is not within 0-32751"),
+        ("[domain.32752]\nmax_sockets = 1", "not within 0-32751"),
+        (f"[domain.{'9' * 5000}]\nmax_sockets = 1", "not within 0-32751"),
         ("[other]\n", "unknown top-level"),
         ("[default\n", "not valid TOML"),
     ],
@@ -127,6 +129,18 @@ def test_rule_parse(text: str, network: str, first: int, last: int) -> None:
 def test_bad_policy_says_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         Policy.from_toml(text)
+
+
+def test_one_domid_spelt_twice_names_both_sections() -> None:
+    with pytest.raises(PolicyError,
+                       match=r"^\[domain.07\]: domid 7 already has a section, \[domain.7\]$"):
+        Policy.from_toml("[domain.7]\nmax_sockets = 1\n[domain.07]\nmax_sockets = 2\n")
+
+
+def test_domid_with_leading_zeros() -> None:
+    policy = Policy.from_toml("[domain.007]\nmax_sockets = 1\n[domain.0]\nmax_sockets = 2\n")
+    assert policy.max_sockets(7) == 1
+    assert policy.max_sockets(0) == 2
 
 
 def test_bad_file_names_the_file(tmp_path: Path) -> None:
