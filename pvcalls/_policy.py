@@ -40,7 +40,9 @@ The file format is TOML (read with :mod:`tomllib`)::
 
 A section keyed by a number applies to that domid; any other key is a
 domain name.  A domid section wins over a name section, and a name section
-over ``[default]``.
+over ``[default]``.  A file without any section is an error, not a policy
+that allows everything: it is more likely truncated than meant.  An empty
+``[default]`` section says "allow everything" on purpose.
 
 A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
 ``*`` for any address) and optionally a port (``80``), an inclusive range
@@ -205,14 +207,21 @@ class Policy:
         unknown = set(data) - {"default", "domain"}
         if unknown:
             raise PolicyError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-        default = _parse_domain("[default]", _table(data.get("default", {}), "[default]"),
-                                DomainPolicy())
+        default_table = _table(data.get("default", {}), "[default]")
+        domain_tables = _table(data.get("domain", {}), "[domain]")
+        # An empty policy allows everything, so an empty file is far more
+        # likely truncated or the wrong file than meant: say so rather than
+        # silently lift every restriction.
+        if "default" not in data and not domain_tables:
+            raise PolicyError("no [default] or [domain.X] section: an empty policy would "
+                              "allow everything (to mean that, write an empty [default])")
+        default = _parse_domain("[default]", default_table, DomainPolicy())
         domains: dict[int, DomainPolicy] = {}
         names: dict[str, DomainPolicy] = {}
         # TOML rejects a repeated key, but not [domain.7] next to [domain.07]:
         # two spellings of one domid, of which the later would silently win.
         domid_keys: dict[int, str] = {}
-        for key, section in _table(data.get("domain", {}), "[domain]").items():
+        for key, section in domain_tables.items():
             where = f"[domain.{key}]"
             rules = _parse_domain(where, _table(section, where), default)
             if key.isascii() and key.isdigit():

@@ -143,6 +143,22 @@ def test_domid_with_leading_zeros() -> None:
     assert policy.max_sockets(0) == 2
 
 
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n\n", "[domain]\n"])
+def test_empty_policy_is_an_error(tmp_path: Path, text: str) -> None:
+    # A truncated file must not silently lift every restriction.
+    path = tmp_path / "truncated.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=r"no \[default\] or \[domain.X\] section"):
+        Policy.from_file(path)
+
+
+def test_empty_default_section_allows_everything() -> None:
+    policy = Policy.from_toml("[default]\n")
+    assert policy.connect_allowed(3, "8.8.8.8", 53)
+    assert policy.bind_allowed(3, "0.0.0.0", 0)
+    assert policy.max_sockets(3) is None
+
+
 def test_bad_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[default]\nmax_sockets = 'x'")
