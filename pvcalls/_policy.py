@@ -101,9 +101,17 @@ class Rule:
         """Parse ``NETWORK[:PORTS]``; raises :class:`PolicyError`."""
         if not isinstance(text, str):
             raise PolicyError(f"rule {text!r} is not a string")
+        # An empty rule, or an empty side of the ':', used to pass for '*':
+        # an undocumented way to allow or deny everything by a slip.
+        if not text.strip():
+            raise PolicyError(f"empty rule {text!r} (write '*' for any address and port)")
         net_text, sep, port_text = text.strip().partition(":")
+        if not net_text:
+            raise PolicyError(f"rule {text!r}: no network before ':' (write '*' for any)")
+        if sep and not port_text:
+            raise PolicyError(f"rule {text!r}: no port after ':' (write '*' for any)")
         try:
-            if net_text in ("*", ""):
+            if net_text == "*":
                 network = _ANY_NETWORK
             else:
                 network = ipaddress.IPv4Network(net_text, strict=False)
