@@ -105,7 +105,10 @@ class Rule:
         # an undocumented way to allow or deny everything by a slip.
         if not text.strip():
             raise PolicyError(f"empty rule {text!r} (write '*' for any address and port)")
-        net_text, sep, port_text = text.strip().partition(":")
+        # int() would read " 80 - 90 " as 80-90; a rule is one word.
+        if any(char.isspace() for char in text):
+            raise PolicyError(f"rule {text!r}: white space in a rule")
+        net_text, sep, port_text = text.partition(":")
         if not net_text:
             raise PolicyError(f"rule {text!r}: no network before ':' (write '*' for any)")
         if sep and not port_text:
@@ -120,13 +123,10 @@ class Rule:
         if not sep or port_text == "*":
             return cls(network, _ALL_PORTS)
         low_text, dash, high_text = port_text.partition("-")
-        try:
-            low = int(low_text)
-            high = int(high_text) if dash else low
-        except ValueError:
-            raise PolicyError(f"rule {text!r}: bad port {port_text!r}") from None
-        if not 0 <= low <= high <= 65535:
-            raise PolicyError(f"rule {text!r}: port range {low}-{high} not within 0-65535")
+        low = _decimal(low_text, _ALL_PORTS[-1], f"rule {text!r}: port")
+        high = _decimal(high_text, _ALL_PORTS[-1], f"rule {text!r}: port") if dash else low
+        if low > high:
+            raise PolicyError(f"rule {text!r}: port range {port_text} ends before it starts")
         return cls(network, range(low, high + 1))
 
     def matches(self, address: ipaddress.IPv4Address, port: int) -> bool:
@@ -280,7 +280,7 @@ def _decimal(text: str, maximum: int, what: str) -> int:
     ``what`` starts the message of the :class:`PolicyError` raised otherwise.
     """
     if not (text.isascii() and text.isdigit()):
-        raise PolicyError(f"{what} {text!r} is not a decimal number")
+        raise PolicyError(f"{what} {text!r} is not a decimal number (digits 0-9 only)")
     # Compare lengths first: int() refuses more digits than
     # sys.get_int_max_str_digits(), and a number that long is out of range.
     digits = text.lstrip("0") or "0"
