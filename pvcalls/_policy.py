@@ -45,7 +45,8 @@ that allows everything: it is more likely truncated than meant.  An empty
 ``[default]`` section says "allow everything" on purpose.
 
 A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
-``*`` for any address) and optionally a port (``80``), an inclusive range
+``*`` for any address; there are no IPv6 rules, as the backend serves
+``AF_INET`` only) and optionally a port (``80``), an inclusive range
 (``1024-65535``) or ``*`` (any port, the default).  A bind to ``0.0.0.0``
 (every address) only matches rules whose network contains ``0.0.0.0``, such
 as ``0.0.0.0/0`` or ``0.0.0.0``: binding everywhere must be allowed as such.
@@ -108,6 +109,12 @@ class Rule:
         # int() would read " 80 - 90 " as 80-90; a rule is one word.
         if any(char.isspace() for char in text):
             raise PolicyError(f"rule {text!r}: white space in a rule")
+        # Split on the first ':', an IPv6 rule would be blamed for a bad port.
+        if text.count(":") > 1:
+            if _is_ipv6(text):
+                raise PolicyError(f"rule {text!r}: IPv6 is not supported "
+                                  "(PV Calls here carries IPv4 only)")
+            raise PolicyError(f"rule {text!r}: more than one ':'")
         net_text, sep, port_text = text.partition(":")
         if not net_text:
             raise PolicyError(f"rule {text!r}: no network before ':' (write '*' for any)")
@@ -287,6 +294,17 @@ def _decimal(text: str, maximum: int, what: str) -> int:
     if len(digits) > len(str(maximum)) or int(digits) > maximum:
         raise PolicyError(f"{what} {text} is not within 0-{maximum}")
     return int(digits)
+
+
+def _is_ipv6(rule: str) -> bool:
+    """Whether ``rule`` is an IPv6 network, bracketed or not, maybe with a port."""
+    for candidate in (rule, rule.rpartition(":")[0]):
+        try:
+            ipaddress.IPv6Network(candidate.removeprefix("[").removesuffix("]"), strict=False)
+        except ValueError:
+            continue
+        return True
+    return False
 
 
 def _table(value: object, where: str) -> Mapping[str, Any]:
