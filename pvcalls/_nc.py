@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import threading
@@ -31,6 +32,37 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
+#: Domain ids from here up are reserved (DOMID_FIRST_RESERVED): no guest has one.
+_DOMID_LIMIT = 0x7FF0
+
+
+def _domid(text: str) -> int:
+    """A guest domain id: dom0 is the backend's, and it cannot be its own guest."""
+    try:
+        domid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a domain id") from None
+    if not 0 < domid < _DOMID_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a guest domain id (1 to {_DOMID_LIMIT - 1})"
+        )
+    return domid
+
+
+def _seconds(text: str) -> float:
+    """A time in seconds that the waits can take: NaN would never compare
+    as over, and past threading.TIMEOUT_MAX Event.wait() raises."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
+    if value > threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text} is too long (at most {threading.TIMEOUT_MAX:g} seconds)"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,18 +71,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Pipe stdin/stdout through a PV Calls connection of a simulated guest.",
     )
     p.add_argument("--run-dir", required=True, type=Path, help="run directory of the xenback-sim host")
-    p.add_argument("--domid", required=True, type=int, help="guest domain to act as (not 0)")
+    p.add_argument("--domid", required=True, type=_domid, help="guest domain to act as (not 0)")
     p.add_argument("-l", "--listen", action="store_true", help="listen on PORT and accept one connection")
     p.add_argument(
         "-q",
         "--quit-after",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECS",
         help="after end of input, quit once nothing arrived for SECS seconds",
     )
     p.add_argument(
-        "-w", "--wait", type=float, default=None, metavar="SECS", help="timeout for connect/accept"
+        "-w", "--wait", type=_seconds, default=None, metavar="SECS", help="timeout for connect/accept"
     )
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr when listening, connected and done")
@@ -74,12 +106,6 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         p.error(f"port {port_text!r} is not a number")
     if not 0 <= port <= 65535 or (port == 0 and not args.listen):
         p.error(f"port {port} is out of range")
-    if args.domid <= 0:
-        p.error("--domid must name a guest domain (1 or more)")
-    for name in ("quit_after", "wait"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative")
     return host, port
 
 

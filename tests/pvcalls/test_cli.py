@@ -242,19 +242,36 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
     log.wait_for("pvcalls backend stopped")
 
 
-def test_nc_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["127.0.0.1"], "HOST PORT"),
+        (["127.0.0.1", "http"], "not a number"),
+        (["127.0.0.1", "0"], "out of range"),
+        (["--domid", "0", "127.0.0.1", "80"], "argument --domid: 0 is not a guest"),
+        (["--domid", "32752", "127.0.0.1", "80"], "argument --domid: 32752 is not a guest"),
+        (["--domid", "9" * 30, "127.0.0.1", "80"], f"argument --domid: {'9' * 30} is not"),
+        (["--domid", "one", "127.0.0.1", "80"], "argument --domid: 'one' is not"),
+        (["-w", "nan", "127.0.0.1", "80"], "argument -w/--wait: nan is not"),
+        (["-w", "inf", "127.0.0.1", "80"], "argument -w/--wait: inf is too long"),
+        (["-w", "1e300", "127.0.0.1", "80"], "argument -w/--wait: 1e300 is too long"),
+        (["-w", "-1", "127.0.0.1", "80"], "argument -w/--wait: -1 is not"),
+        (["-w", "soon", "127.0.0.1", "80"], "argument -w/--wait: 'soon' is not"),
+        (["-q", "nan", "127.0.0.1", "80"], "argument -q/--quit-after: nan is not"),
+        (["-q", "inf", "127.0.0.1", "80"], "argument -q/--quit-after: inf is too long"),
+    ],
+)
+def test_nc_bad_options(
+    options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pvcalls._nc import main as nc_main
 
-    for argv, message in [
-        (["--run-dir", "/x", "--domid", "1", "127.0.0.1"], "HOST PORT"),
-        (["--run-dir", "/x", "--domid", "1", "127.0.0.1", "http"], "not a number"),
-        (["--run-dir", "/x", "--domid", "0", "127.0.0.1", "80"], "--domid"),
-        (["--run-dir", "/x", "--domid", "1", "127.0.0.1", "0"], "out of range"),
-    ]:
-        with pytest.raises(SystemExit) as info:
-            nc_main(argv)
-        assert info.value.code == 2
-        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        nc_main(["--run-dir", "/nonexistent", "--domid", "1", *options])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "usage: pvcalls-nc" in err
 
 
 def test_nc_without_host_fails_clearly(tmp_path: Path) -> None:
