@@ -45,8 +45,8 @@ that allows everything: it is more likely truncated than meant.  An empty
 ``[default]`` section says "allow everything" on purpose.
 
 A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
-``*`` for any address; there are no IPv6 rules, as the backend serves
-``AF_INET`` only) and optionally a port (``80``), an inclusive range
+``*`` for any address; no host bits set; there are no IPv6 rules, as the
+backend serves ``AF_INET`` only) and optionally a port (``80``), an inclusive range
 (``1024-65535``) or ``*`` (any port, the default).  A bind to ``0.0.0.0``
 (every address) only matches rules whose network contains ``0.0.0.0``, such
 as ``0.0.0.0/0`` or ``0.0.0.0``: binding everywhere must be allowed as such.
@@ -120,13 +120,20 @@ class Rule:
             raise PolicyError(f"rule {text!r}: no network before ':' (write '*' for any)")
         if sep and not port_text:
             raise PolicyError(f"rule {text!r}: no port after ':' (write '*' for any)")
-        try:
-            if net_text == "*":
-                network = _ANY_NETWORK
-            else:
-                network = ipaddress.IPv4Network(net_text, strict=False)
-        except ValueError as exc:
-            raise PolicyError(f"rule {text!r}: bad IPv4 network: {exc}") from None
+        if net_text == "*":
+            network = _ANY_NETWORK
+        else:
+            # Strict: '10.0.0.1/8' is as likely a slip for '10.0.0.1' as for
+            # '10.0.0.0/8', and silently widening it to the latter could
+            # allow (or deny) far more than its author meant.
+            try:
+                network = ipaddress.IPv4Network(net_text)
+            except ValueError as exc:
+                try:
+                    hint = f" (did you mean {ipaddress.IPv4Network(net_text, strict=False)}?)"
+                except ValueError:
+                    hint = ""
+                raise PolicyError(f"rule {text!r}: bad IPv4 network: {exc}{hint}") from None
         if not sep or port_text == "*":
             return cls(network, _ALL_PORTS)
         low_text, dash, high_text = port_text.partition("-")

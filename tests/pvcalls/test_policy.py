@@ -94,7 +94,9 @@ def test_empty_allow_list_denies_all() -> None:
         ("*", "0.0.0.0/0", 0, 65535),
         ("10.1.2.3", "10.1.2.3/32", 0, 65535),
         ("10.1.2.0/24:80", "10.1.2.0/24", 80, 80),
-        ("10.1.2.3/24:1-1023", "10.1.2.0/24", 1, 1023),
+        ("10.1.2.0/24:1-1023", "10.1.2.0/24", 1, 1023),
+        ("10.1.2.3/32", "10.1.2.3/32", 0, 65535),
+        ("0.0.0.0/0:22", "0.0.0.0/0", 22, 22),
         ("*:*", "0.0.0.0/0", 0, 65535),
         ("*:0", "0.0.0.0/0", 0, 0),
         ("*:65535", "0.0.0.0/0", 65535, 65535),
@@ -113,6 +115,10 @@ def test_rule_parse(text: str, network: str, first: int, last: int) -> None:
     ("text", "message"),
     [
         ('[default]\nconnect.allow = ["300.1.1.1"]', "bad IPv4 network"),
+        ('[default]\nconnect.allow = ["300.1.1.1/8"]', r"bad IPv4 network: .*300\.1\.1\.1'$"),
+        ('[default]\nconnect.allow = ["10.0.0.1/8:80"]',
+         r"'10\.0\.0\.1/8:80': bad IPv4 network: 10\.0\.0\.1/8 has host bits set "
+         r"\(did you mean 10\.0\.0\.0/8\?\)$"),
         ('[default]\nconnect.allow = ["1.2.3.4:http"]', "port 'http' is not a decimal number"),
         ('[default]\nconnect.allow = ["1.2.3.4:9-8"]', "port range 9-8 ends before it starts"),
         ('[default]\nconnect.allow = ["1.2.3.4:70000"]', "port 70000 is not within 0-65535"),
