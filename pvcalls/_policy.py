@@ -202,12 +202,20 @@ class Policy:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
-        """Load a TOML policy file (see the module docstring)."""
+        """Load a TOML policy file (see the module docstring).
+
+        A :class:`PolicyError` message starts with ``path`` and names it
+        only there, so a caller can add context without repeating it.
+        """
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyError(f"{path}: cannot read policy: {exc}") from None
+            # TOML is UTF-8 whatever the locale says.
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            # str(exc) would name the file a second time.
+            raise PolicyError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"{path}: not UTF-8, as TOML must be: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError(f"{path}: not valid TOML: {exc}") from None
         try:

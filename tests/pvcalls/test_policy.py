@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -190,13 +192,39 @@ def test_empty_default_section_allows_everything() -> None:
     assert policy.max_sockets(3) is None
 
 
-def test_bad_file_names_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read policy: No such file or directory$"),
+        (b"[default\n", "not valid TOML"),
+        (b"[domain.caf\xe9]\n", "not UTF-8"),
+        (b"[default]\nmax_sockets = 'x'", r"\[default\]: max_sockets must be"),
+    ],
+)
+def test_bad_file_names_the_file_once(tmp_path: Path, content: bytes | None, message: str) -> None:
+    # Once, at the start: the CLI prefixes its option name, not the path again.
     path = tmp_path / "bad.toml"
-    path.write_text("[default]\nmax_sockets = 'x'")
-    with pytest.raises(PolicyError, match="bad.toml"):
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(PolicyError, match=message) as info:
         Policy.from_file(path)
-    with pytest.raises(PolicyError, match="cannot read"):
-        Policy.from_file(tmp_path / "missing.toml")
+    assert str(info.value).startswith(f"{path}: ")
+    assert str(info.value).count("bad.toml") == 1
+
+
+def test_file_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    # TOML is UTF-8; in a Latin-1 locale a read in the locale's encoding
+    # would turn the domain name into mojibake.  -X warn_default_encoding
+    # makes any read in the locale's encoding fail, whatever this host's.
+    path = tmp_path / "policy.toml"
+    path.write_bytes('[domain."caf\u00e9"]\nmax_sockets = 1\n'.encode())
+    code = ("import sys; from pvcalls._policy import Policy; "
+            "print(Policy.from_file(sys.argv[1]).max_sockets(3, 'caf\\u00e9'))")
+    result = subprocess.run(
+        [sys.executable, "-X", "warn_default_encoding", "-W", "error::EncodingWarning",
+         "-c", code, str(path)],
+        capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "1\n", "")
 
 
 # -- enforced by the backend ------------------------------------------------------
