@@ -45,11 +45,12 @@ that allows everything: it is more likely truncated than meant.  An empty
 ``[default]`` section says "allow everything" on purpose.
 
 A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
-``*`` for any address; no host bits set; there are no IPv6 rules, as the
-backend serves ``AF_INET`` only) and optionally a port (``80``), an inclusive range
-(``1024-65535``) or ``*`` (any port, the default).  A bind to ``0.0.0.0``
-(every address) only matches rules whose network contains ``0.0.0.0``, such
-as ``0.0.0.0/0`` or ``0.0.0.0``: binding everywhere must be allowed as such.
+no host bits set; ``*`` for any address) and optionally a port (``80``), an
+inclusive range (``1024-65535``) or ``*`` (any port, the default), in ASCII
+digits.  There are no IPv6 rules: the backend serves ``AF_INET`` only.
+A bind to ``0.0.0.0`` (every address) only matches rules whose network
+contains ``0.0.0.0``, such as ``0.0.0.0/0`` or ``0.0.0.0``: binding
+everywhere must be allowed as such.
 Likewise a bind to port 0 (the host picks a free port) is checked as port 0:
 allow it with a rule covering port 0 (``127.0.0.1:0``, ``127.0.0.1:*``).
 """
@@ -109,7 +110,7 @@ class Rule:
         # int() would read " 80 - 90 " as 80-90; a rule is one word.
         if any(char.isspace() for char in text):
             raise PolicyError(f"rule {text!r}: white space in a rule")
-        # Split on the first ':', an IPv6 rule would be blamed for a bad port.
+        # Split on its first ':', an IPv6 rule would be blamed for a bad port.
         if text.count(":") > 1:
             if _is_ipv6(text):
                 raise PolicyError(f"rule {text!r}: IPv6 is not supported "
