@@ -269,6 +269,12 @@ class Backend(Closing):
         )
         return BackendStats(self.nr_ioworkers, len(frontends), tuple(sockets), cpus)
 
+    @property
+    def connection_lost(self) -> threading.Event:
+        """Set when XenStore ends the backend's connection (the host went
+        away): from then on it serves nobody, and only :meth:`close` is left."""
+        return self._driver.xenstore.connection_lost
+
     def close(self) -> None:
         """Close every frontend (Closing, Closed) and release everything."""
         with self._lock:

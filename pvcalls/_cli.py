@@ -168,7 +168,7 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
             host.dom0, max_ioworkers=args.max_ioworkers, max_page_order=args.max_page_order
         ) as backend:
             print(f"Simulated Xen host in {host.run_dir}; PV Calls backend running in domain 0.",
-                  file=out)
+                  file=out, flush=True)
             guest1 = host.create_domain("guest1")
             guest2 = host.create_domain("guest2")
             names = {0: "dom0", guest1.domid: "guest1", guest2.domid: "guest2"}
@@ -176,7 +176,7 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
                 # Guest 1: a web client.
                 page_sock, status, body = _http_get(fe1, web_host, web_port)
                 print(f"guest1 (domain {guest1.domid}): GET http://{web_host}:{web_port}/ "
-                      f"-> {status!r}, {len(body)} bytes", file=out)
+                      f"-> {status!r}, {len(body)} bytes", file=out, flush=True)
 
                 # Guest 2: an echo server behind a passive PV Calls socket.
                 listener = fe2.socket()
@@ -186,7 +186,7 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
                 server = _EchoServer(listener)
                 server.start()
                 print(f"guest2 (domain {guest2.domid}): echo server listening; the backend "
-                      f"holds its host socket at {addr[0]}:{addr[1]}", file=out)
+                      f"holds its host socket at {addr[0]}:{addr[1]}", file=out, flush=True)
                 clients = []
                 ok = True
                 for size in (10_000, 300_000, 2_000_000):
@@ -195,7 +195,7 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
                     clients.append(client)
                     ok = ok and same
                     print(f"host client -> guest2 -> host client: {_fmt_bytes(size)} sent, "
-                          f"echoed back {'identical' if same else 'DIFFERENT'}", file=out)
+                          f"echoed back {'identical' if same else 'DIFFERENT'}", file=out, flush=True)
                 # Statistics while every connection is still open.
                 _print_stats(backend.stats(), names, out)
                 for client in clients:
@@ -208,9 +208,9 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
                 if server.errors:
                     raise server.errors[0]
                 if not ok or status.split()[1:2] != ["200"]:
-                    print("demo FAILED", file=out)
+                    print("demo FAILED", file=out, flush=True)
                     return 1
-            print("\nGuests disconnected; backend stopped cleanly.", file=out)
+            print("\nGuests disconnected; backend stopped cleanly.", file=out, flush=True)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -231,6 +231,8 @@ def _log_stats(stats: Any) -> None:
 
 
 def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any:
+    from xenback.platform import PlatformUnavailable
+
     if args.platform == "sim":
         from xenback.sim import attach
 
@@ -238,8 +240,11 @@ def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any
             error("--platform sim needs --run-dir DIR (the run directory of xenback-sim)")
         if not args.run_dir.is_dir():
             error(f"--run-dir {args.run_dir}: no such directory (is xenback-sim running?)")
-        return attach(args.run_dir, 0)
-    from xenback.platform import PlatformUnavailable
+        try:
+            return attach(args.run_dir, 0)
+        except PlatformUnavailable as exc:
+            error(f"--run-dir {args.run_dir}: cannot join the simulated host as domain 0 "
+                  f"(is xenback-sim running there?): {exc}")
     from xenback.xen import open as open_xen
 
     try:
@@ -257,15 +262,17 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     if args.policy is not None:
         try:
             policy = Policy.from_file(args.policy)
-        except (OSError, PolicyError) as exc:
-            error(f"--policy {args.policy}: {exc}")
+        except PolicyError as exc:  # names the file, and what is wrong where
+            error(f"--policy {exc}")
     # The signals are blocked before any thread starts, so that every thread
     # inherits the block and the main thread alone takes them, with
     # sigwait().  With handlers instead, the kernel may deliver a signal to
     # any thread; the handler then waits for the main thread's next bytecode,
     # which never comes while it sleeps in a wait that nothing else ends.
-    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+    # SIGUSR2 is how the thread watching the XenStore connection wakes us.
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    status = 0
     try:
         platform = _open_platform(args, error)
         with pvcalls.Backend(
@@ -277,13 +284,30 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             logger.warning("pvcalls backend serving domain %d's guests (%s platform); "
                            "SIGUSR1 logs its sockets, SIGTERM stops it",
                            platform.domid, args.platform)
-            while (signum := signal.sigwait(signals)) == signal.SIGUSR1:
-                _log_stats(backend.stats())
-            logger.warning("%s: closing every frontend", signal.Signals(signum).name)
+            main_thread = threading.get_ident()
+
+            def wake_on_lost_connection() -> None:
+                backend.connection_lost.wait()
+                signal.pthread_kill(main_thread, signal.SIGUSR2)
+
+            threading.Thread(target=wake_on_lost_connection, name="xenstore-watcher",
+                             daemon=True).start()
+            while True:
+                signum = signal.sigwait(signals)
+                if signum == signal.SIGUSR1:
+                    _log_stats(backend.stats())
+                elif signum != signal.SIGUSR2:
+                    logger.warning("%s: closing every frontend", signal.Signals(signum).name)
+                    break
+                elif backend.connection_lost.is_set():
+                    logger.error("lost the XenStore connection (is the host gone?): "
+                                 "there is nobody left to serve")
+                    status = 1
+                    break
         logger.warning("pvcalls backend stopped")
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    return 0
+    return status
 
 
 # -- arguments ---------------------------------------------------------------------
@@ -309,8 +333,8 @@ def _page_order(text: str) -> int:
     return value
 
 
-def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The top-level parser and the ``serve`` sub-parser (for its errors)."""
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the sub-parsers by command (for their errors)."""
     from ._wire import DEFAULT_MAX_PAGE_ORDER
 
     common = argparse.ArgumentParser(add_help=False)
@@ -327,8 +351,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         description="Xen PV Calls backend: guests' socket calls served by host sockets.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("demo", parents=[common], help="two guests on an embedded simulated host",
-                   description="Run the backend and two guests on an embedded simulated host.")
+    d = sub.add_parser("demo", parents=[common], help="two guests on an embedded simulated host",
+                       description="Run the backend and two guests on an embedded simulated host.")
     s = sub.add_parser("serve", parents=[common], help="serve the guests of a host",
                        description="Serve every pvcalls device of a host until SIGTERM.")
     s.add_argument("--platform", choices=["sim", "xen"], required=True,
@@ -336,17 +360,47 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     s.add_argument("--run-dir", type=Path, help="run directory of the xenback-sim host")
     s.add_argument("--policy", type=Path, metavar="FILE",
                    help="TOML access policy (per-domain connect/bind rules, socket limits)")
-    return p, s
+    return p, {"demo": d, "serve": s}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pvcalls-backend`` console script."""
-    p, serve_parser = _parser()
+    from .frontend import FRONTEND_RING_ORDER
+
+    p, commands = _parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
-        return demo(args)
+        if args.max_page_order < FRONTEND_RING_ORDER:
+            commands["demo"].error(
+                f"argument --max-page-order: {args.max_page_order} is below "
+                f"{FRONTEND_RING_ORDER}, the ring order of the demo's guests (Linux's)")
+        return _run_demo(args)
+    serve_parser = commands["serve"]
     if args.platform == "xen" and args.run_dir is not None:
         serve_parser.error("--run-dir only applies to --platform sim")
     return serve(args, serve_parser.error)
+
+
+class _Terminated(BaseException):
+    """SIGTERM during the demo, raised in the main thread like
+    KeyboardInterrupt, so that its ``with`` blocks take the simulated host
+    (and its run directory) down on the way out."""
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return demo(args)
+    except KeyboardInterrupt:
+        print("pvcalls-backend: demo interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except _Terminated:
+        print("pvcalls-backend: demo terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, old)

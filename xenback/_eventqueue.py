@@ -69,6 +69,10 @@ class EventQueue:
                 fn, args = self._calls.popleft()
             try:
                 fn(*args)
+            except ConnectionError as exc:
+                # XenStore (or the host) went away under the call: not a
+                # bug of the callback, and every later call says the same.
+                logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
             except Exception:
                 logger.exception("%s: callback %r failed", self.name or "event queue", fn)
 

@@ -109,13 +109,15 @@ def _exists(value: str | None) -> bool:
     return value is not None
 
 
-def _route(router: Any) -> None:
+def _route(router: Any, lost: threading.Event) -> None:
     """A pyxs router thread that fails the requests left waiting when it
-    ends (XenStore closed the connection, or the client was closed)."""
+    ends (XenStore closed the connection, or the client was closed), and
+    sets ``lost`` in the first case."""
     try:
         router()
     except pyxs.ConnectionError as exc:
         logger.warning("XenStore connection lost: %s", exc)
+        lost.set()
     finally:
         # The router closed the connection before we get here, so a request
         # sent after we take send_lock fails in send(); one sent before has
@@ -157,6 +159,9 @@ class _Ops:
         except PyXSError as exc:
             if isinstance(exc, ValueError):  # anything else pyxs will not send
                 raise ValueError(f"pyxs refused the request for {path!r}: {exc!r}") from None
+            if not self._client.router.is_connected:
+                # Whatever the reply said, the cause is the lost connection.
+                raise ConnectionError(errno.ENOTCONN, "XenStore connection lost", path) from None
             raise _oserror(exc, path) from None
 
     def read(self, path: str, default: str | None = None) -> str | None:
@@ -289,6 +294,10 @@ class XenStore(_Ops, Closing):
         self._monitor: Any = None
         self._thread: threading.Thread | None = None
         self._connected = False
+        #: Set when XenStore ends the connection (not when :meth:`close`
+        #: does): every request fails from then on, and no watch fires.
+        #: A daemon that has nothing left to serve waits for it.
+        self.connection_lost = threading.Event()
 
     @classmethod
     def connect_to(cls, platform: Platform) -> XenStore:
@@ -302,7 +311,8 @@ class XenStore(_Ops, Closing):
         router = self._client.router
         if router.thread.ident is None:  # not started: route through _route
             router.thread = threading.Thread(
-                target=_route, args=(router,), name="xenstore-router", daemon=True
+                target=_route, args=(router, self.connection_lost), name="xenstore-router",
+                daemon=True,
             )
         try:
             self._client.connect()

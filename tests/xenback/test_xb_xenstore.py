@@ -239,8 +239,33 @@ def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
     assert isinstance(exc, OSError) and exc.errno == errno.ENOTCONN, exc
     with pytest.raises(ConnectionError):
         xs.read("/again")
+    assert xs.connection_lost.wait(TIMEOUT)
     xs.close()
     server.join(TIMEOUT)
+
+
+def test_connection_lost_is_set_by_xenstore_not_by_close(host) -> None:
+    closed = XenStore(host.dom0.xenstore())
+    closed.open()
+    closed.close()
+    assert not closed.connection_lost.is_set()
+    with XenStore(host.dom0.xenstore()) as xs:
+        host.close()  # the host, and its XenStore, go away
+        assert xs.connection_lost.wait(TIMEOUT)
+        with pytest.raises(ConnectionError):
+            xs.read("/local")
+
+
+def test_event_queue_reports_a_lost_connection_without_a_traceback(wq, caplog) -> None:
+    queue = EventQueue(wq, "lost")
+
+    def gone() -> None:
+        raise ConnectionError(107, "XenStore connection lost", "/local")
+
+    queue.call(gone)
+    queue.flush()
+    (record,) = [r for r in caplog.records if r.name == "xenback._eventqueue"]
+    assert "XenStore connection lost" in record.getMessage() and record.exc_info is None
 
 
 def _try_read(xs: XenStore) -> BaseException | str | None:

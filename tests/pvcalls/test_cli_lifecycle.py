@@ -1,0 +1,110 @@
+"""pvcalls-backend when its surroundings go wrong: no host, a lost host,
+signals in the middle of the demo."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import TIMEOUT, Lines, script
+
+from pvcalls._cli import main
+
+
+def test_serve_on_a_run_dir_without_a_host_is_a_clear_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot join the simulated host as domain 0" in err
+    assert "Traceback" not in err
+
+
+def test_demo_needs_the_ring_order_of_its_guests(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--max-page-order", "3"])
+    assert info.value.code == 2
+    assert "below 4, the ring order of the demo's guests" in capsys.readouterr().err
+
+
+# The demo with its first guest's fetch stuck: a signal then finds it in
+# the middle, with the simulated host and both guests up.
+_STUCK_DEMO = """
+import sys, threading
+import pvcalls._cli as cli
+
+def stuck(*args):
+    print("STUCK", flush=True)
+    threading.Event().wait()
+
+cli._http_get = stuck
+sys.exit(cli.main(["demo"]))
+"""
+
+
+@pytest.mark.parametrize(("signum", "status", "said"), [
+    (signal.SIGTERM, 143, "demo terminated"),
+    (signal.SIGINT, 130, "demo interrupted"),
+])
+def test_a_signal_in_the_middle_of_the_demo_cleans_up(
+        signum: int, status: int, said: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_DEMO],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = Lines(proc.stdout)
+        match = re.search(r"Simulated Xen host in (\S+);", out.wait_for("Simulated Xen host"))
+        assert match is not None
+        run_dir = Path(match[1])
+        out.wait_for("STUCK")
+        assert run_dir.is_dir()
+        proc.send_signal(signum)
+        assert proc.wait(TIMEOUT) == status
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert said in err and "Traceback" not in err
+        assert not run_dir.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_stops_when_it_loses_its_host(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    host = subprocess.Popen([*script("xenback-sim"), "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    serve = None
+    try:
+        Lines(host.stdout).wait_for("XENSTORED_PATH=")
+        serve = subprocess.Popen(
+            [*script("pvcalls-backend"), "serve", "--platform", "sim", "--run-dir", str(run_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = Lines(serve.stderr)
+        log.wait_for("serving")
+        host.send_signal(signal.SIGTERM)
+        assert host.wait(TIMEOUT) == 0
+        assert serve.wait(TIMEOUT) == 1
+        log.wait_for("pvcalls backend stopped")
+        assert "lost the XenStore connection" in "".join(log.lines)
+        assert "Traceback" not in "".join(log.lines), "".join(log.lines)
+    finally:
+        for proc in (serve, host):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_bad_policy_file_is_named_once(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[default]\nmax_sockets = 'lots'\n")
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count(str(policy)) == 1 and "max_sockets" in err
