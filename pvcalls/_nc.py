@@ -16,12 +16,15 @@ the tool keeps printing what arrives until the other side closes, or, with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -109,6 +112,26 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     return host, port
 
 
+class _Failed(Exception):
+    """A failure already put in words for the one-line error message."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@contextlib.contextmanager
+def _at(host: str, port: int) -> Iterator[None]:
+    """Name the address in the errors of connecting or binding to it:
+    getaddrinfo()'s "Name or service not known" does not say which name."""
+    try:
+        yield
+    except socket.gaierror as exc:
+        raise _Failed(f"{host}:{port}: {exc.strerror}") from None
+    except OSError as exc:
+        raise _Failed(f"{host}:{port}: {exc}") from None
+
+
 class _Pump(threading.Thread):
     """Socket -> stdout until end of stream; remembers when data last came."""
 
@@ -148,13 +171,15 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
     with Frontend(domain) as fe, fe.socket() as s:
         s.settimeout(args.wait)
         if args.listen:
-            s.bind((host, port))
+            with _at(host, port):
+                s.bind((host, port))
             s.listen(1)
             _say(args, f"listening on {host}:{port} (in the backend's domain)")
             conn, _ = s.accept()
             _say(args, "connection accepted")
         else:
-            s.connect((host, port))
+            with _at(host, port):
+                s.connect((host, port))
             _say(args, f"connected to {host}:{port}")
             conn = s
         with conn:
@@ -186,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, host, port, sys.stdin.buffer, sys.stdout.buffer)
     except KeyboardInterrupt:
         return 130
+    except _Failed as exc:
+        print(f"pvcalls-nc: {exc}", file=sys.stderr)
+        return exc.status
     except (OSError, TimeoutError) as exc:
         print(f"pvcalls-nc: {exc}", file=sys.stderr)
         return 1

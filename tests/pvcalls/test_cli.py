@@ -3,6 +3,7 @@ xenback-sim daemon (with pvcalls-nc as the guest) until SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -110,18 +111,17 @@ class Lines:
         return line
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """A ``xenback-sim`` daemon with one guest: ``(run_dir, domid)``."""
-    run_dir = tmp_path / "run"
+@contextlib.contextmanager
+def run_daemon(run_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A ``xenback-sim`` daemon with one guest: ``(process, domid)``; on
+    leaving, SIGTERM if it is still running, and it must exit 0."""
     proc = subprocess.Popen(
         [*script("xenback-sim"), "--run-dir", str(run_dir), "--domain", "nc-guest"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     try:
         ready = Lines(proc.stdout).wait_for("DOMAIN nc-guest")  # printed once ready
-        domid = int(ready.split()[2])
-        yield run_dir, domid
+        yield proc, int(ready.split()[2])
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -130,6 +130,14 @@ def daemon(tmp_path: Path) -> Iterator[tuple[Path, int]]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A ``xenback-sim`` daemon with one guest: ``(run_dir, domid)``."""
+    run_dir = tmp_path / "run"
+    with run_daemon(run_dir) as (_, domid):
+        yield run_dir, domid
 
 
 class EchoServer:
