@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import http.server
 import logging
 import os
@@ -253,6 +254,35 @@ def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any
         error(f"cannot open the Xen platform: {exc}")
 
 
+#: Where the backend of a real dom0 holds its lock (see _claim_host).
+_XEN_LOCK = Path("/run/pvcalls-backend.lock")
+
+
+def _claim_host(path: Path, error: Callable[[str], Any]) -> int:
+    """Lock ``path`` for the life of the process; the descriptor.
+
+    Two backends serving one host would both answer every frontend's
+    handshake and fight over its devices (and the one without a policy
+    would serve guests the other's policy refuses): the second is refused.
+    An flock goes with its process, however that ends, so a crash leaves
+    no stale lock.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        error(f"cannot open the lock file {path}: {exc.strerror}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        error(f"another pvcalls-backend (pid {holder}) serves this host already; "
+              f"it holds {path}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     import pvcalls
@@ -273,8 +303,11 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     status = 0
+    lock = -1
     try:
         platform = _open_platform(args, error)
+        lock = _claim_host(args.run_dir / "pvcalls-backend.lock" if args.platform == "sim"
+                           else _XEN_LOCK, error)
         with pvcalls.Backend(
             platform,
             max_ioworkers=args.max_ioworkers,
@@ -306,6 +339,8 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
                     break
         logger.warning("pvcalls backend stopped")
     finally:
+        if lock >= 0:
+            os.close(lock)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return status
 

@@ -1,5 +1,5 @@
-"""pvcalls-backend when its surroundings go wrong: no host, a lost host,
-signals in the middle of the demo."""
+"""pvcalls-backend when its surroundings go wrong: no host, a lost host, a
+second backend, signals in the middle of the demo."""
 
 from __future__ import annotations
 
@@ -94,6 +94,39 @@ def test_serve_stops_when_it_loses_its_host(tmp_path: Path) -> None:
         assert "Traceback" not in "".join(log.lines), "".join(log.lines)
     finally:
         for proc in (serve, host):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_second_backend_on_one_host_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    host = subprocess.Popen([*script("xenback-sim"), "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    first = None
+    try:
+        Lines(host.stdout).wait_for("XENSTORED_PATH=")
+        argv = [*script("pvcalls-backend"), "serve", "--platform", "sim", "--run-dir",
+                str(run_dir)]
+        first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        Lines(first.stderr).wait_for("serving")
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+        assert second.returncode == 2
+        assert f"another pvcalls-backend (pid {first.pid}) serves this host" in second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(TIMEOUT) == 0
+        # Its lock went with it: a new backend may serve the host.
+        again = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            Lines(again.stderr).wait_for("serving")
+            again.send_signal(signal.SIGTERM)
+            assert again.wait(TIMEOUT) == 0
+        finally:
+            if again.poll() is None:
+                again.kill()
+                again.wait()
+    finally:
+        for proc in (first, host):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
