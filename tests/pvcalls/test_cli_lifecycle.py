@@ -3,16 +3,45 @@ second backend, signals in the middle of the demo."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_cli import TIMEOUT, Lines, script
 
 from pvcalls._cli import main
+
+
+@contextlib.contextmanager
+def running(argv: list[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """A process, killed on the way out if the test left it running."""
+    proc = subprocess.Popen(argv, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def sim_host(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """A ``xenback-sim`` daemon: its run directory and its process."""
+    run_dir = tmp_path / "run"
+    with running([*script("xenback-sim"), "--run-dir", str(run_dir)],
+                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as host:
+        Lines(host.stdout).wait_for("XENSTORED_PATH=")
+        yield run_dir, host
+
+
+def serve_argv(run_dir: Path) -> list[str]:
+    return [*script("pvcalls-backend"), "serve", "--platform", "sim", "--run-dir", str(run_dir)]
 
 
 def test_serve_on_a_run_dir_without_a_host_is_a_clear_error(
@@ -53,9 +82,8 @@ sys.exit(cli.main(["demo"]))
 ])
 def test_a_signal_in_the_middle_of_the_demo_cleans_up(
         signum: int, status: int, said: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _STUCK_DEMO],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with running([sys.executable, "-c", _STUCK_DEMO],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         out = Lines(proc.stdout)
         match = re.search(r"Simulated Xen host in (\S+);", out.wait_for("Simulated Xen host"))
         assert match is not None
@@ -68,22 +96,12 @@ def test_a_signal_in_the_middle_of_the_demo_cleans_up(
         err = proc.stderr.read().decode()
         assert said in err and "Traceback" not in err
         assert not run_dir.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
-def test_serve_stops_when_it_loses_its_host(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    host = subprocess.Popen([*script("xenback-sim"), "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    serve = None
-    try:
-        Lines(host.stdout).wait_for("XENSTORED_PATH=")
-        serve = subprocess.Popen(
-            [*script("pvcalls-backend"), "serve", "--platform", "sim", "--run-dir", str(run_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def test_serve_stops_when_it_loses_its_host(
+        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    run_dir, host = sim_host
+    with running(serve_argv(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as serve:
         log = Lines(serve.stderr)
         log.wait_for("serving")
         host.send_signal(signal.SIGTERM)
@@ -92,44 +110,23 @@ def test_serve_stops_when_it_loses_its_host(tmp_path: Path) -> None:
         log.wait_for("pvcalls backend stopped")
         assert "lost the XenStore connection" in "".join(log.lines)
         assert "Traceback" not in "".join(log.lines), "".join(log.lines)
-    finally:
-        for proc in (serve, host):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
-def test_a_second_backend_on_one_host_is_refused(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    host = subprocess.Popen([*script("xenback-sim"), "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    first = None
-    try:
-        Lines(host.stdout).wait_for("XENSTORED_PATH=")
-        argv = [*script("pvcalls-backend"), "serve", "--platform", "sim", "--run-dir",
-                str(run_dir)]
-        first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def test_a_second_backend_on_one_host_is_refused(
+        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    argv = serve_argv(sim_host[0])
+    with running(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as first:
         Lines(first.stderr).wait_for("serving")
         second = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
         assert second.returncode == 2
         assert f"another pvcalls-backend (pid {first.pid}) serves this host" in second.stderr
         first.send_signal(signal.SIGTERM)
         assert first.wait(TIMEOUT) == 0
-        # Its lock went with it: a new backend may serve the host.
-        again = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            Lines(again.stderr).wait_for("serving")
-            again.send_signal(signal.SIGTERM)
-            assert again.wait(TIMEOUT) == 0
-        finally:
-            if again.poll() is None:
-                again.kill()
-                again.wait()
-    finally:
-        for proc in (first, host):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    # Its lock went with it: a new backend may serve the host.
+    with running(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as again:
+        Lines(again.stderr).wait_for("serving")
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(TIMEOUT) == 0
 
 
 def test_a_bad_policy_file_is_named_once(tmp_path: Path,
