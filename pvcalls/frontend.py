@@ -71,7 +71,9 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from pyxs._internal import Op, Packet
 
 from xenback import _barrier
 from xenback._closing import Closing
@@ -114,6 +116,13 @@ if TYPE_CHECKING:
 __all__ = ["Frontend", "PVSocket", "FRONTEND_RING_ORDER"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# What every call says once the frontend's XenStore connection is lost: the
+# backend cannot be reached either (Xen's toolstack and backends cannot run
+# without XenStore), so it is the likely reason for a whole host.
+_LOST_XENSTORE = "lost XenStore (is the host gone?)"
 
 #: The default data ring order of every active socket: Linux's
 #: ``PVCALLS_RING_ORDER``.  Linux's frontend also refuses a backend whose
@@ -932,7 +941,7 @@ class PVSocket(Closing):
                     finally:
                         self._cond.acquire()
         if self._fe._dead and not ready():
-            raise OSError(errno.ENOTCONN, "the PV Calls backend went away")
+            raise self._fe._gone()
 
     @staticmethod
     def _poll_ring(ring: _DataRing, timeout: float | None) -> bool:
@@ -1059,7 +1068,7 @@ class PVSocket(Closing):
                 if self._closed:
                     raise _bad_fd()
                 if self._fe._dead:
-                    raise OSError(errno.ENOTCONN, "the PV Calls backend went away")
+                    raise self._fe._gone()
         self._update_ready()
 
 
@@ -1135,9 +1144,13 @@ class Frontend(Closing):
         self._thread: threading.Thread | None = None
         self._stop_r = self._stop_w = -1
         self._stopping = False
-        # Set once the backend is gone (its state left Connected) or the
-        # frontend closes: every waiter gives up with an error.
+        # Set once the backend is gone (its state left Connected), the
+        # XenStore connection is lost or the frontend closes: every waiter
+        # gives up with ENOTCONN and _why_dead.
         self._dead = False
+        self._why_dead = "the PV Calls backend went away"
+        # Why XenStore dropped the connection; None while it is up.
+        self._xs_lost: str | None = None
         self._connected = False
         self._watcher: threading.Thread | None = None
 
@@ -1167,6 +1180,14 @@ class Frontend(Closing):
         fe_path = self.device.frontend_path
         be_path = self.device.backend_path
         self._xs = domain.xenstore()
+        # pyxs's router thread ends when XenStore drops the connection, and
+        # tells nobody: requests wait forever for their replies and watches
+        # fall silent.  Running it under _route_xenstore lets us notice.
+        router = self._xs.router
+        router.thread = threading.Thread(
+            target=self._route_xenstore, args=(router,),
+            name=f"pvcalls-front-{domain.domid}-xenstore", daemon=True,
+        )
         self._xs.connect()
         self._monitor = self._xs.monitor()
         self._monitor.watch(f"{be_path}/state".encode(), b"pvcalls-front")
@@ -1234,7 +1255,9 @@ class Frontend(Closing):
         while events.get() is not None:
             try:
                 state = self._backend_state()
-            except Exception:  # XenStore gone: the host is going down
+            except Exception:
+                if self._xs_lost is not None or not self._xs.router.is_connected:
+                    return  # _route_xenstore fails the waiters, and says why
                 state = 0
             if state == _CONNECTED or self._dead:
                 continue
@@ -1247,6 +1270,43 @@ class Frontend(Closing):
             except Exception as exc:
                 logger.debug("frontend Closed after the backend left: %s", exc)
             return
+
+    def _route_xenstore(self, router: Any) -> None:
+        """XenStore router thread (pyxs's): when it ends other than by
+        :meth:`close`, the host (or its XenStore) is gone and with it the
+        backend: fail the requests left waiting, and every waiter."""
+        try:
+            router()
+        except Exception as exc:
+            # A pyxs ConnectionError when XenStore hung up, or whatever
+            # else broke the connection: either way it is lost.
+            self._xs_lost = str(exc) or type(exc).__name__
+        finally:
+            # The router closed the connection before we get here, so a
+            # request sent from now on fails in send(); one sent before
+            # has its reply variable registered, and is answered here.
+            with router.send_lock:
+                waiting = list(router.rvars.values())
+                router.rvars.clear()
+            for rvar in waiting:
+                rvar.set(Packet(Op.ERROR, b"ENOTCONN\x00", rq_id=0))
+        if self._xs_lost is None:
+            return  # close() terminated it
+        logger.info("domain %d lost its XenStore connection: %s",
+                    self.domain.domid, self._xs_lost)
+        if not self._dead:
+            self._why_dead = _LOST_XENSTORE
+            self._dead = True
+            self._wake_everyone()
+        monitor = self._monitor
+        if monitor is not None:
+            # Wakes the watcher thread (to leave: there is nothing more to
+            # watch) or the handshake waiting for the backend (to fail).
+            monitor.events.put(None)
+
+    def _gone(self) -> OSError:
+        """The error of a call that can no longer be answered."""
+        return OSError(errno.ENOTCONN, self._why_dead)
 
     def close(self) -> None:
         """Release every socket, go Closing then Closed, remove the device
@@ -1273,7 +1333,7 @@ class Frontend(Closing):
         for ring in pool:
             ring.free()
         fe_path = self.device.frontend_path
-        if self._xs is not None and self._connected:
+        if self._xs is not None and self._connected and self._xs_lost is None:
             try:
                 self._write_nodes(fe_path, {"state": str(_CLOSING)})
                 self._wait_backend(lambda s: s >= _CLOSING or s == 0, "Closing")
@@ -1287,7 +1347,9 @@ class Frontend(Closing):
         try:
             self._toolstack.remove_device(self.device, timeout=wait)
         except Exception as exc:
-            logger.warning("removing pvcalls device of domain %d: %s", self.domain.domid, exc)
+            # Expected when XenStore was lost along with the whole host.
+            level = logging.INFO if self._xs_lost is not None else logging.WARNING
+            logger.log(level, "removing pvcalls device of domain %d: %s", self.domain.domid, exc)
         close_toolstack = getattr(self._toolstack, "close", None)
         if close_toolstack is not None:
             close_toolstack()
@@ -1295,7 +1357,10 @@ class Frontend(Closing):
         self._stop_thread()
         if self._evtchn is not None:
             if self._port >= 0:
-                self._evtchn.unbind(self._port)
+                try:
+                    self._evtchn.unbind(self._port)
+                except OSError as exc:  # the host is gone, and the port with it
+                    logger.debug("unbinding port %d: %s", self._port, exc)
             self._evtchn.close()
             self._evtchn = None
         if self._ring is not None:
@@ -1350,21 +1415,38 @@ class Frontend(Closing):
 
     # -- XenStore ------------------------------------------------------------
 
+    def _xenstore(self, call: Callable[..., _T], *args: Any) -> _T:
+        """``call`` a method of the XenStore client, failing with ENOTCONN
+        once the connection is lost: pyxs then raises its own
+        ConnectionError, or AttributeError when it races with its router
+        thread closing the connection (or the reply fails, see
+        :meth:`_route_xenstore`)."""
+        if self._xs_lost is not None:
+            raise OSError(errno.ENOTCONN, _LOST_XENSTORE)
+        try:
+            return call(*args)
+        except Exception:
+            if self._xs_lost is None and self._xs.router.is_connected:
+                raise
+            raise OSError(errno.ENOTCONN, _LOST_XENSTORE) from None
+
     def _read(self, path: str) -> str | None:
-        value = self._xs.read(path.encode(), None)
+        value = self._xenstore(self._xs.read, path.encode(), None)
         return None if value is None else bytes(value).decode()
 
     def _write_nodes(self, base: str, nodes: dict[str, str]) -> None:
         """Write ``nodes`` under ``base`` in one transaction (retry EAGAIN)."""
+        xs = self._xs
         for _ in range(100):
-            self._xs.transaction()
+            self._xenstore(xs.transaction)
             try:
                 for key, value in nodes.items():
-                    self._xs.write(f"{base}/{key}".encode(), value.encode())
+                    self._xenstore(xs.write, f"{base}/{key}".encode(), value.encode())
             except BaseException:
-                self._xs.rollback()
+                if self._xs_lost is None and xs.router.is_connected:
+                    xs.rollback()
                 raise
-            if self._xs.commit():
+            if self._xenstore(xs.commit):
                 return
         raise OSError(errno.EAGAIN, f"XenStore transaction on {base} kept failing")
 
@@ -1615,7 +1697,7 @@ class Frontend(Closing):
         with self._cmd_cond:
             while not slot.done:
                 if self._dead:
-                    raise OSError(errno.ENOTCONN, "the PV Calls backend went away")
+                    raise self._gone()
                 if sock is not None and sock._closed:
                     raise _bad_fd()
                 if deadline.timeout == 0.0:

@@ -80,10 +80,32 @@ def address(sock: socket.socket) -> list[str]:
 
 def test_unknown_host_is_named(guest: Guest) -> None:
     nc = guest.nc("-w", "10", "no-such-host.invalid", "80", stdin=subprocess.DEVNULL)
+    status, _, err = finish(nc)
+    assert status == 1
+    assert err.decode().startswith("pvcalls-nc: no-such-host.invalid:80: ")
+    assert err.count(b"\n") == 1
+
+
+
+def finish(nc: subprocess.Popen[bytes]) -> tuple[int, bytes, bytes]:
+    """Wait for ``nc`` to exit: its status, stdout and stderr."""
     try:
         out, err = nc.communicate(timeout=TIMEOUT)
     finally:
         reap(nc)
-    assert nc.returncode == 1
-    assert err.decode().startswith("pvcalls-nc: no-such-host.invalid:80: ")
-    assert err.count(b"\n") == 1
+    return nc.returncode, out, err
+
+
+def test_host_going_away_is_reported(guest: Guest, server: socket.socket) -> None:
+    nc = guest.nc(*address(server), stdin=subprocess.DEVNULL)
+    try:
+        conn, _ = server.accept()
+    except BaseException:
+        reap(nc)
+        raise
+    with conn:
+        guest.host.send_signal(signal.SIGTERM)
+        assert guest.host.wait(TIMEOUT) == 0
+        _, _, err = finish(nc)
+    assert b"lost XenStore" in err
+    assert b"Traceback" not in err
