@@ -1344,12 +1344,16 @@ class Frontend(Closing):
         # wait the full timeout for it to close.
         wait = self.timeout if self._connected else min(self.timeout, 2.0)
         self._connected = False
-        try:
-            self._toolstack.remove_device(self.device, timeout=wait)
-        except Exception as exc:
-            # Expected when XenStore was lost along with the whole host.
-            level = logging.INFO if self._xs_lost is not None else logging.WARNING
-            logger.log(level, "removing pvcalls device of domain %d: %s", self.domain.domid, exc)
+        if self._xs_lost is None:
+            try:
+                self._toolstack.remove_device(self.device, timeout=wait)
+            except Exception as exc:
+                logger.warning("removing pvcalls device of domain %d: %s", self.domain.domid, exc)
+        else:
+            # The toolstack works through the same XenStore: with it gone,
+            # so is (most likely) the whole host and the device with it.
+            logger.info("not removing pvcalls device of domain %d: XenStore is gone",
+                        self.domain.domid)
         close_toolstack = getattr(self._toolstack, "close", None)
         if close_toolstack is not None:
             close_toolstack()
