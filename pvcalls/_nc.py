@@ -10,7 +10,14 @@ input and output through one PV Calls connection::
 
 PV Calls cannot half-close a connection, so end of input is not passed on:
 the tool keeps printing what arrives until the other side closes, or, with
-``-q SECS``, until nothing arrived for SECS seconds after end of input.
+``-q SECS``, until nothing arrived for SECS seconds after end of input.  The
+other side closing ends it at once, even while input is still open.
+
+Exit status: 0 when the other side closed (or ``-q`` expired); 1 when
+anything failed (receiving, sending, reading input, writing output, the
+backend or the host going away), said in one line on stderr; 2 for a usage
+error; 141 when whoever read the output went away (as for a tool killed by
+SIGPIPE, but quietly closing the connection first).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+import select
 import socket
 import sys
 import threading
@@ -35,6 +43,8 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
+#: The exit status a shell reports for a command killed by SIGPIPE.
+_STATUS_SIGPIPE = 128 + 13
 #: Domain ids from here up are reserved (DOMID_FIRST_RESERVED): no guest has one.
 _DOMID_LIMIT = 0x7FF0
 
@@ -113,10 +123,12 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
 
 
 class _Failed(Exception):
-    """A failure already put in words for the one-line error message."""
+    """A failure already put in words for the one-line error message
+    (``None``: nothing to say), and the exit status it calls for."""
 
-    def __init__(self, message: str, status: int = 1) -> None:
+    def __init__(self, message: str | None, status: int = 1) -> None:
         super().__init__(message)
+        self.message = message
         self.status = status
 
 
@@ -133,28 +145,54 @@ def _at(host: str, port: int) -> Iterator[None]:
 
 
 class _Pump(threading.Thread):
-    """Socket -> stdout until end of stream; remembers when data last came."""
+    """Socket -> stdout until end of stream.  Remembers when data last
+    came and how the stream ended (``failure``).  ``done_r`` hangs up when
+    it is over, for the main thread to poll along with stdin; closing it is
+    up to the main thread."""
 
-    def __init__(self, sock: PVSocket, out: BinaryIO) -> None:
+    def __init__(self, sock: PVSocket, out_fd: int) -> None:
         super().__init__(name="pvcalls-nc-recv", daemon=True)
         self.sock = sock
-        self.out = out
+        self.out_fd = out_fd
+        self.done_r, self._done_w = os.pipe2(os.O_CLOEXEC)
         self.last = time.monotonic()
         self.done = threading.Event()
+        self.failure: _Failed | None = None
         self.stopping = False  # set before we close the socket under it
 
     def run(self) -> None:
         view = memoryview(bytearray(_CHUNK))
         try:
-            while (n := self.sock.recv_into(view)) > 0:
+            while True:
+                try:
+                    n = self.sock.recv_into(view)
+                except OSError as exc:
+                    if not self.stopping:
+                        self.failure = _Failed(f"receive failed: {exc}")
+                    return
+                if n == 0:
+                    return
                 self.last = time.monotonic()
-                self.out.write(view[:n])
-                self.out.flush()
-        except OSError as exc:
-            if not self.stopping:
-                logger.error("receive failed: %s", exc)
+                try:
+                    _write_all(self.out_fd, view[:n])
+                except BrokenPipeError:
+                    # Whoever read our output is gone, as with `| head`:
+                    # quit quietly, with a shell's status for SIGPIPE.
+                    self.failure = _Failed(None, _STATUS_SIGPIPE)
+                    return
+                except OSError as exc:
+                    self.failure = _Failed(f"writing standard output: {exc}")
+                    return
         finally:
             self.done.set()
+            os.close(self._done_w)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    # os.write(), not the BufferedWriter of sys.stdout: a daemon thread
+    # blocked in it, holding its lock, would make flushing it at exit fail.
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -162,9 +200,48 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"pvcalls-nc: {message}", file=sys.stderr, flush=True)
 
 
+def _send_input(conn: PVSocket, stdin_fd: int, done_r: int) -> _Failed | None:
+    """stdin -> socket until end of input or until the pump is done
+    (``done_r`` hangs up): waiting for both, so that the other side
+    closing ends the tool even while stdin stays open.  Returns why
+    sending failed, if it did."""
+    poller = select.poll()
+    poller.register(stdin_fd, select.POLLIN)
+    poller.register(done_r, select.POLLIN)
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if done_r in ready:
+            return None
+        try:
+            data = os.read(stdin_fd, _CHUNK)
+        except OSError as exc:
+            raise _Failed(f"reading standard input: {exc}") from None
+        if not data:
+            return None
+        try:
+            conn.sendall(data)
+        except OSError as exc:
+            # As OpenBSD's nc: stop sending, but print what still arrives.
+            return _Failed(f"send failed: {exc}")
+
+
+def _linger(pump: _Pump, quit_after: float | None) -> None:
+    """After input ends, wait for the other side to close or, with -q,
+    for ``quit_after`` seconds in which nothing arrived."""
+    if quit_after is None:
+        pump.done.wait()
+        return
+    eof = time.monotonic()
+    while True:
+        left = max(pump.last, eof) + quit_after - time.monotonic()
+        if left <= 0 or pump.done.wait(left):
+            return
+
+
 def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout: BinaryIO) -> int:
     """Join the host, connect or accept, and pipe until the other side
-    closes (or, with ``-q``, the connection idles after end of input)."""
+    closes (or, with ``-q``, the connection idles after end of input).
+    Raises :class:`_Failed` if anything fails on the way."""
     from xenback.sim import attach
 
     domain = attach(args.run_dir, args.domid)
@@ -184,21 +261,20 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
             conn = s
         with conn:
             conn.settimeout(None)
-            pump = _Pump(conn, stdout)
+            pump = _Pump(conn, stdout.fileno())
             pump.start()
-            while not pump.done.is_set():
-                data = os.read(stdin.fileno(), _CHUNK)
-                if not data:
-                    break
-                conn.sendall(data)
-            if args.quit_after is None:
-                pump.done.wait()
-            else:
-                while not pump.done.wait(args.quit_after):
-                    if time.monotonic() - pump.last >= args.quit_after:
-                        break
-            pump.stopping = True
+            try:
+                send_failure = _send_input(conn, stdin.fileno(), pump.done_r)
+                _linger(pump, args.quit_after)
+            finally:
+                # However we leave, the pump's recv() failing on the socket
+                # closed under it is no news.
+                pump.stopping = True
+                os.close(pump.done_r)
         pump.join()
+    failure = pump.failure or send_failure
+    if failure is not None:
+        raise failure
     return 0
 
 
@@ -212,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except _Failed as exc:
-        print(f"pvcalls-nc: {exc}", file=sys.stderr)
+        if exc.message is not None:
+            print(f"pvcalls-nc: {exc.message}", file=sys.stderr)
         return exc.status
     except (OSError, TimeoutError) as exc:
         print(f"pvcalls-nc: {exc}", file=sys.stderr)

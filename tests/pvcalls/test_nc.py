@@ -5,6 +5,8 @@ signal, a broken stdout) and what it says then."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import signal
 import socket
 import subprocess
@@ -78,6 +80,42 @@ def address(sock: socket.socket) -> list[str]:
     return [host, str(port)]
 
 
+def finish(nc: subprocess.Popen[bytes]) -> tuple[int, bytes, bytes]:
+    """Wait for ``nc`` to exit by itself (a stdin pipe is left open until
+    then): its status, stdout and stderr."""
+    try:
+        nc.wait(TIMEOUT)
+        out, err = nc.communicate(timeout=TIMEOUT)
+    finally:
+        reap(nc)
+    return nc.returncode, out, err
+
+
+def connect(guest: Guest, server: socket.socket, *args: str,
+            **popen: Any) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start pvcalls-nc ARGS to ``server``: it and the host's end of its connection."""
+    nc = guest.nc(*args, *address(server), **popen)
+    try:
+        conn, _ = server.accept()
+    except BaseException:
+        reap(nc)
+        raise
+    return nc, conn
+
+
+def assert_closed(conn: socket.socket) -> None:
+    """The guest's connection ends (the backend let it go)."""
+    conn.settimeout(TIMEOUT)
+    try:
+        assert conn.recv(1) == b""
+    except ConnectionResetError:
+        pass
+
+
+def stdin_of(kind: str) -> int:
+    return subprocess.PIPE if kind == "open" else subprocess.DEVNULL
+
+
 def test_unknown_host_is_named(guest: Guest) -> None:
     nc = guest.nc("-w", "10", "no-such-host.invalid", "80", stdin=subprocess.DEVNULL)
     status, _, err = finish(nc)
@@ -86,26 +124,75 @@ def test_unknown_host_is_named(guest: Guest) -> None:
     assert err.count(b"\n") == 1
 
 
+@pytest.mark.parametrize("stdin", ["open", "at end"])
+def test_other_side_closing_ends_it(guest: Guest, server: socket.socket, stdin: str) -> None:
+    nc, conn = connect(guest, server, stdin=stdin_of(stdin))
+    with conn:
+        conn.sendall(b"bye")
+    status, out, err = finish(nc)
+    assert (status, out, err) == (0, b"bye", b"")
 
-def finish(nc: subprocess.Popen[bytes]) -> tuple[int, bytes, bytes]:
-    """Wait for ``nc`` to exit: its status, stdout and stderr."""
-    try:
-        out, err = nc.communicate(timeout=TIMEOUT)
-    finally:
-        reap(nc)
-    return nc.returncode, out, err
+
+@pytest.mark.parametrize("stdin", ["open", "at end"])
+def test_backend_going_away_is_an_error(guest: Guest, server: socket.socket, stdin: str) -> None:
+    nc, conn = connect(guest, server, stdin=stdin_of(stdin))
+    with conn:
+        guest.backend.send_signal(signal.SIGTERM)
+        assert guest.backend.wait(TIMEOUT) == 0
+        status, _, err = finish(nc)
+        assert_closed(conn)
+    assert status == 1
+    # After the frontend's warning that the backend left Connected:
+    assert err.decode().splitlines()[-1] == (
+        f"pvcalls-nc: receive failed: [Errno {errno.ENOTCONN}] the PV Calls backend went away"
+    )
 
 
-def test_host_going_away_is_reported(guest: Guest, server: socket.socket) -> None:
-    nc = guest.nc(*address(server), stdin=subprocess.DEVNULL)
-    try:
-        conn, _ = server.accept()
-    except BaseException:
-        reap(nc)
-        raise
+@pytest.mark.parametrize("stdin", ["open", "at end"])
+def test_host_going_away_is_reported(guest: Guest, server: socket.socket, stdin: str) -> None:
+    nc, conn = connect(guest, server, stdin=stdin_of(stdin))
     with conn:
         guest.host.send_signal(signal.SIGTERM)
         assert guest.host.wait(TIMEOUT) == 0
-        _, _, err = finish(nc)
-    assert b"lost XenStore" in err
-    assert b"Traceback" not in err
+        status, _, err = finish(nc)
+    assert status == 1
+    assert err.decode() == (
+        f"pvcalls-nc: receive failed: [Errno {errno.ENOTCONN}] lost XenStore (is the host gone?)\n"
+    )
+
+
+def test_closed_stdout_pipe_ends_it_quietly(guest: Guest, server: socket.socket) -> None:
+    # As a tool killed by SIGPIPE, but with its connection closed cleanly.
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        nc, conn = connect(guest, server, stdin=subprocess.DEVNULL, stdout=w)
+    finally:
+        os.close(w)
+    with conn:
+        conn.sendall(b"for nobody")
+        status, _, err = finish(nc)
+        assert_closed(conn)
+    assert (status, err) == (141, b"")
+
+
+def test_stdout_error_is_reported(guest: Guest, server: socket.socket) -> None:
+    with open("/dev/full", "wb") as full:
+        nc, conn = connect(guest, server, stdin=subprocess.DEVNULL, stdout=full)
+    with conn:
+        conn.sendall(b"too much")
+        status, _, err = finish(nc)
+        assert_closed(conn)
+    assert status == 1
+    assert err.decode() == (
+        f"pvcalls-nc: writing standard output: [Errno {errno.ENOSPC}] "
+        f"{os.strerror(errno.ENOSPC)}\n"
+    )
+
+
+def test_quit_after_idling(guest: Guest, server: socket.socket) -> None:
+    nc, conn = connect(guest, server, "-q", "0.1", stdin=subprocess.DEVNULL)
+    with conn:
+        status, out, err = finish(nc)  # although the other side stays
+        assert_closed(conn)
+    assert (status, out, err) == (0, b"", b"")
