@@ -16,8 +16,9 @@ other side closing ends it at once, even while input is still open.
 Exit status: 0 when the other side closed (or ``-q`` expired); 1 when
 anything failed (receiving, sending, reading input, writing output, the
 backend or the host going away), said in one line on stderr; 2 for a usage
-error; 141 when whoever read the output went away (as for a tool killed by
-SIGPIPE, but quietly closing the connection first).
+error; 141 when whoever read the output went away, and 130 and 143 for
+SIGINT and SIGTERM: a shell's statuses for a tool killed by SIGPIPE, SIGINT
+and SIGTERM, but the tool closes its connection and device first, quietly.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -195,6 +197,20 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data):]
 
 
+class _Signalled(BaseException):
+    """SIGINT or SIGTERM arrived: leave, through the with blocks that
+    release the socket and close the device.  Dying of the signal would
+    leave both, and the host TCP connection, to the backend."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
+
+
 def _say(args: argparse.Namespace, message: str) -> None:
     if args.verbose:
         print(f"pvcalls-nc: {message}", file=sys.stderr, flush=True)
@@ -283,10 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     host, port = _parse_address(p, args)
     logging.basicConfig(level=args.log_level, format="pvcalls-nc: %(levelname)s %(message)s")
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Ignored ones stay ignored: that is what nohup, or a shell
+        # starting a background job, asked for.
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, _on_signal)
     try:
         return run(args, host, port, sys.stdin.buffer, sys.stdout.buffer)
-    except KeyboardInterrupt:
-        return 130
+    except _Signalled as exc:
+        return 128 + exc.signum  # quietly, as the shell's own status for it
     except _Failed as exc:
         if exc.message is not None:
             print(f"pvcalls-nc: {exc.message}", file=sys.stderr)
@@ -294,3 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, TimeoutError) as exc:
         print(f"pvcalls-nc: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -10,12 +10,21 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_cli import TIMEOUT, Lines, run_daemon, script
+
+# Runs its arguments with SIGINT's default action: a test run in the
+# background of a shell ignores SIGINT, and its children would too.
+_SIGINT_DEFAULT = [
+    sys.executable, "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
 
 
 def reap(proc: subprocess.Popen[bytes]) -> None:
@@ -35,13 +44,15 @@ class Guest:
     backend: subprocess.Popen[bytes]  # pvcalls-backend serve
     log: Lines  # the backend's stderr
 
-    def nc(self, *args: str, **popen: Any) -> subprocess.Popen[bytes]:
-        """Start pvcalls-nc as this guest; stdio are pipes unless given."""
+    def nc(self, *args: str, interruptible: bool = False,
+           **popen: Any) -> subprocess.Popen[bytes]:
+        """Start pvcalls-nc as this guest; stdio are pipes unless given.
+        ``interruptible``: with SIGINT not ignored, whatever we inherited."""
         for stream in ("stdin", "stdout", "stderr"):
             popen.setdefault(stream, subprocess.PIPE)
         return subprocess.Popen(
-            [*script("pvcalls-nc"), "--run-dir", str(self.run_dir), "--domid", str(self.domid),
-             *args],
+            [*(_SIGINT_DEFAULT if interruptible else []), *script("pvcalls-nc"),
+             "--run-dir", str(self.run_dir), "--domid", str(self.domid), *args],
             **popen,
         )
 
@@ -196,3 +207,24 @@ def test_quit_after_idling(guest: Guest, server: socket.socket) -> None:
         status, out, err = finish(nc)  # although the other side stays
         assert_closed(conn)
     assert (status, out, err) == (0, b"", b"")
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_signal_closes_the_connection(
+    guest: Guest, server: socket.socket, signum: int, status: int
+) -> None:
+    nc, conn = connect(guest, server, "-v", interruptible=True)  # stdin stays open
+    assert nc.stdout is not None and nc.stderr is not None
+    with conn:
+        try:
+            assert b"connected to" in nc.stderr.readline()
+            conn.sendall(b"ping")
+            assert nc.stdout.read(4) == b"ping"  # it is piping
+            nc.send_signal(signum)
+            assert nc.wait(TIMEOUT) == status
+        finally:
+            reap(nc)
+        assert nc.stderr.read() == b""  # quietly
+        assert_closed(conn)
+    guest.log.wait_for("pvcalls frontend disconnected")
