@@ -136,14 +136,13 @@ class _Failed(Exception):
 
 @contextlib.contextmanager
 def _at(host: str, port: int) -> Iterator[None]:
-    """Name the address in the errors of connecting or binding to it:
-    getaddrinfo()'s "Name or service not known" does not say which name."""
+    """Name the address in a failure to resolve it: getaddrinfo()'s "Name
+    or service not known" does not say which name.  (The frontend's own
+    errors of connect() and bind() name it already.)"""
     try:
         yield
     except socket.gaierror as exc:
         raise _Failed(f"{host}:{port}: {exc.strerror}") from None
-    except OSError as exc:
-        raise _Failed(f"{host}:{port}: {exc}") from None
 
 
 class _Pump(threading.Thread):
@@ -298,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     host, port = _parse_address(p, args)
+    if sys.stdin is None or sys.stdout is None:
+        # Python leaves them None when descriptor 0 or 1 is closed; the
+        # frontend's next descriptors would take their numbers.
+        p.error("standard input and output must be open")
     logging.basicConfig(level=args.log_level, format="pvcalls-nc: %(levelname)s %(message)s")
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -228,3 +228,25 @@ def test_signal_closes_the_connection(
         assert nc.stderr.read() == b""  # quietly
         assert_closed(conn)
     guest.log.wait_for("pvcalls frontend disconnected")
+
+
+def test_refused_connection_names_the_address_once(guest: Guest) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # nobody listens there once closed
+    nc = guest.nc("127.0.0.1", str(port), stdin=subprocess.DEVNULL)
+    status, _, err = finish(nc)
+    assert status == 1
+    assert err.decode() == (
+        f"pvcalls-nc: [Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)} "
+        f"(connect to 127.0.0.1:{port})\n"
+    )
+
+
+def test_closed_stdin_is_a_usage_error(tmp_path: Path) -> None:
+    nc = subprocess.run(
+        ["sh", "-c", 'exec "$@" <&-', "sh", *script("pvcalls-nc"),
+         "--run-dir", str(tmp_path), "--domid", "1", "127.0.0.1", "80"],
+        capture_output=True, timeout=TIMEOUT,
+    )
+    assert nc.returncode == 2
+    assert nc.stderr.endswith(b"pvcalls-nc: error: standard input and output must be open\n")
