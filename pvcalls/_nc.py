@@ -42,11 +42,9 @@ from .frontend import Frontend, PVSocket
 
 __all__ = ["main"]
 
-logger = logging.getLogger(__name__)
-
 _CHUNK = 64 * 1024
 #: The exit status a shell reports for a command killed by SIGPIPE.
-_STATUS_SIGPIPE = 128 + 13
+_STATUS_SIGPIPE = 128 + signal.SIGPIPE
 #: Domain ids from here up are reserved (DOMID_FIRST_RESERVED): no guest has one.
 _DOMID_LIMIT = 0x7FF0
 
