@@ -114,6 +114,20 @@ def connect(guest: Guest, server: socket.socket, *args: str,
     return nc, conn
 
 
+def connected(guest: Guest, server: socket.socket,
+              **popen: Any) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """As :func:`connect`, and wait until pvcalls-nc's connect() returned
+    too (the host accepts before the backend's answer reaches the guest):
+    stderr then holds only what comes after."""
+    nc, conn = connect(guest, server, "-v", **popen)
+    assert nc.stderr is not None
+    if b"connected to" not in nc.stderr.readline():
+        conn.close()
+        reap(nc)
+        pytest.fail("pvcalls-nc did not connect")
+    return nc, conn
+
+
 def assert_closed(conn: socket.socket) -> None:
     """The guest's connection ends (the backend let it go)."""
     conn.settimeout(TIMEOUT)
@@ -146,7 +160,7 @@ def test_other_side_closing_ends_it(guest: Guest, server: socket.socket, stdin: 
 
 @pytest.mark.parametrize("stdin", ["open", "at end"])
 def test_backend_going_away_is_an_error(guest: Guest, server: socket.socket, stdin: str) -> None:
-    nc, conn = connect(guest, server, stdin=stdin_of(stdin))
+    nc, conn = connected(guest, server, stdin=stdin_of(stdin))
     with conn:
         guest.backend.send_signal(signal.SIGTERM)
         assert guest.backend.wait(TIMEOUT) == 0
@@ -161,7 +175,7 @@ def test_backend_going_away_is_an_error(guest: Guest, server: socket.socket, std
 
 @pytest.mark.parametrize("stdin", ["open", "at end"])
 def test_host_going_away_is_reported(guest: Guest, server: socket.socket, stdin: str) -> None:
-    nc, conn = connect(guest, server, stdin=stdin_of(stdin))
+    nc, conn = connected(guest, server, stdin=stdin_of(stdin))
     with conn:
         guest.host.send_signal(signal.SIGTERM)
         assert guest.host.wait(TIMEOUT) == 0
@@ -214,11 +228,10 @@ def test_quit_after_idling(guest: Guest, server: socket.socket) -> None:
 def test_signal_closes_the_connection(
     guest: Guest, server: socket.socket, signum: int, status: int
 ) -> None:
-    nc, conn = connect(guest, server, "-v", interruptible=True)  # stdin stays open
+    nc, conn = connected(guest, server, interruptible=True)  # stdin stays open
     assert nc.stdout is not None and nc.stderr is not None
     with conn:
         try:
-            assert b"connected to" in nc.stderr.readline()
             conn.sendall(b"ping")
             assert nc.stdout.read(4) == b"ping"  # it is piping
             nc.send_signal(signum)
