@@ -49,8 +49,10 @@ from ._proto import Message, ServiceConnection, close_fds, raise_nofile_limit
 
 logger = logging.getLogger(__name__)
 
+# A port's pipe is in the epoll set while it is watched, and out of it
+# while ignored: epoll reports a hang-up (a pipe with no writer left) even
+# for a descriptor registered for no event, and pending() would spin on it.
 _WATCH = select.EPOLLIN
-_IGNORE = 0
 
 # Events pending() may take from the hot port in a row without asking epoll
 # (a bound on how long another ready port waits), and how many ready
@@ -67,7 +69,7 @@ class _LocalPort:
     remote_port: int | None = None  # None while unbound
     peer_fd: int | None = None  # write end of the peer's pipe, once connected
     masked: bool = False  # fired, not yet unmasked
-    ignored: bool = False  # notified while masked: epoll stopped watching rfd
+    ignored: bool = False  # notified while masked: rfd is out of the epoll set
     dead: bool = False  # the host went away: never watched again
 
 
@@ -213,7 +215,8 @@ class EventChannel(Closing):
         if self._hot is lp:
             self._hot = None
         del self._by_fd[lp.rfd]
-        self._epoll.unregister(lp.rfd)
+        if not lp.ignored:
+            self._epoll.unregister(lp.rfd)
         os.close(lp.rfd)
         if lp.peer_fd is not None:
             os.close(lp.peer_fd)
@@ -392,7 +395,7 @@ class EventChannel(Closing):
         if lp.masked:
             # Notified while masked: remember (the bytes stay in the pipe)
             # and stop watching until unmask.
-            self._epoll.modify(fd, _IGNORE)
+            self._epoll.unregister(fd)
             lp.ignored = True
             return 0
         return lp.port if self._clear(lp) else 0
@@ -411,7 +414,10 @@ class EventChannel(Closing):
             return False
         if not data:
             # No writer left, not even the service's: the host is gone.
-            self._epoll.modify(lp.rfd, _IGNORE)
+            if not lp.ignored:
+                self._epoll.unregister(lp.rfd)
+            if self._hot is lp:
+                self._hot = None
             lp.ignored = lp.dead = True
             return False
         if len(data) == 64:
@@ -441,7 +447,7 @@ class EventChannel(Closing):
             lp.masked = False
             if lp.ignored and not lp.dead:
                 lp.ignored = False
-                self._epoll.modify(lp.rfd, _WATCH)
+                self._epoll.register(lp.rfd, _WATCH)
         finally:
             lock.release()
 
