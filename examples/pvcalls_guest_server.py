@@ -30,7 +30,8 @@ with SimHost() as host, pvcalls.Backend(host.dom0) as backend:
     with pvcalls.Frontend(guest) as fe, fe.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        threading.Thread(target=upper_case_server, args=(listener,), daemon=True).start()
+        server = threading.Thread(target=upper_case_server, args=(listener,))
+        server.start()
 
         # Find the host side of the guest's listening socket.
         row = next(r for r in backend.stats().sockets if r.id == listener.id)
@@ -43,3 +44,7 @@ with SimHost() as host, pvcalls.Backend(host.dom0) as backend:
                     f.write(word + "\n")
                     f.flush()
                     print(f"sent {word!r}, guest answered {f.readline().strip()!r}")
+        # The client is gone: the guest's server reads end of stream and
+        # closes its side.  Wait for that before the frontend goes away,
+        # which would close the server's socket under it.
+        server.join()
