@@ -73,11 +73,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from pyxs._internal import Op, Packet
-
 from xenback import _barrier
 from xenback._closing import Closing
 from xenback.ring import FlexRing, FrontRing, RingError
+from xenback.xenstore import route_until_lost
 
 from . import _errno
 from ._wire import (
@@ -1182,10 +1181,10 @@ class Frontend(Closing):
         self._xs = domain.xenstore()
         # pyxs's router thread ends when XenStore drops the connection, and
         # tells nobody: requests wait forever for their replies and watches
-        # fall silent.  Running it under _route_xenstore lets us notice.
+        # fall silent.  Running it under route_until_lost lets us notice.
         router = self._xs.router
         router.thread = threading.Thread(
-            target=self._route_xenstore, args=(router,),
+            target=route_until_lost, args=(router, self._lost_xenstore),
             name=f"pvcalls-front-{domain.domid}-xenstore", daemon=True,
         )
         self._xs.connect()
@@ -1257,7 +1256,7 @@ class Frontend(Closing):
                 state = self._backend_state()
             except Exception:
                 if self._xs_lost is not None or not self._xs.router.is_connected:
-                    return  # _route_xenstore fails the waiters, and says why
+                    return  # _lost_xenstore fails the waiters, and says why
                 state = 0
             if state == _CONNECTED or self._dead:
                 continue
@@ -1271,27 +1270,11 @@ class Frontend(Closing):
                 logger.debug("frontend Closed after the backend left: %s", exc)
             return
 
-    def _route_xenstore(self, router: Any) -> None:
-        """XenStore router thread (pyxs's): when it ends other than by
-        :meth:`close`, the host (or its XenStore) is gone and with it the
-        backend: fail the requests left waiting, and every waiter."""
-        try:
-            router()
-        except Exception as exc:
-            # A pyxs ConnectionError when XenStore hung up, or whatever
-            # else broke the connection: either way it is lost.
-            self._xs_lost = str(exc) or type(exc).__name__
-        finally:
-            # The router closed the connection before we get here, so a
-            # request sent from now on fails in send(); one sent before
-            # has its reply variable registered, and is answered here.
-            with router.send_lock:
-                waiting = list(router.rvars.values())
-                router.rvars.clear()
-            for rvar in waiting:
-                rvar.set(Packet(Op.ERROR, b"ENOTCONN\x00", rq_id=0))
-        if self._xs_lost is None:
-            return  # close() terminated it
+    def _lost_xenstore(self, exc: Exception) -> None:
+        """XenStore router thread, when XenStore ended the connection (see
+        :func:`xenback.xenstore.route_until_lost`): the host (or its
+        XenStore) is gone and with it the backend: fail every waiter."""
+        self._xs_lost = str(exc) or type(exc).__name__
         logger.info("domain %d lost its XenStore connection: %s",
                     self.domain.domid, self._xs_lost)
         if not self._dead:
@@ -1424,7 +1407,7 @@ class Frontend(Closing):
         once the connection is lost: pyxs then raises its own
         ConnectionError, or AttributeError when it races with its router
         thread closing the connection (or the reply fails, see
-        :meth:`_route_xenstore`)."""
+        :meth:`_lost_xenstore`)."""
         if self._xs_lost is not None:
             raise OSError(errno.ENOTCONN, _LOST_XENSTORE)
         try:

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EventQueue", "Transaction", "Watch", "XenStore"]
+__all__ = ["EventQueue", "Transaction", "Watch", "XenStore", "route_until_lost"]
 
 T = TypeVar("T")
 
@@ -109,15 +109,22 @@ def _exists(value: str | None) -> bool:
     return value is not None
 
 
-def _route(router: Any, lost: threading.Event) -> None:
-    """A pyxs router thread that fails the requests left waiting when it
-    ends (XenStore closed the connection, or the client was closed), and
-    sets ``lost`` in the first case."""
+def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
+    """Run pyxs's ``router`` (its thread's target) so that its end leaves
+    nobody waiting.
+
+    pyxs's router thread ends when XenStore drops the connection (or the
+    client is closed), and tells nobody: requests wait for ever for their
+    replies.  Here the requests left waiting are answered ENOTCONN, and
+    ``on_lost(exc)`` is called when it was XenStore (or anything but
+    close()) that ended the connection.  Set ``router.thread`` to a thread
+    running this before the client connects.
+    """
+    lost: Exception | None = None
     try:
         router()
-    except pyxs.ConnectionError as exc:
-        logger.warning("XenStore connection lost: %s", exc)
-        lost.set()
+    except Exception as exc:  # pyxs's ConnectionError, or whatever broke it
+        lost = exc
     finally:
         # The router closed the connection before we get here, so a request
         # sent after we take send_lock fails in send(); one sent before has
@@ -127,6 +134,8 @@ def _route(router: Any, lost: threading.Event) -> None:
             router.rvars.clear()
         for rvar in waiting:
             rvar.set(Packet(Op.ERROR, b"ENOTCONN\x00", rq_id=0))
+    if lost is not None:
+        on_lost(lost)
 
 
 class _Ops:
@@ -309,9 +318,9 @@ class XenStore(_Ops, Closing):
     def open(self) -> None:
         """Connect (pyxs starts its router thread)."""
         router = self._client.router
-        if router.thread.ident is None:  # not started: route through _route
+        if router.thread.ident is None:  # not started: route through route_until_lost
             router.thread = threading.Thread(
-                target=_route, args=(router, self.connection_lost), name="xenstore-router",
+                target=route_until_lost, args=(router, self._lost), name="xenstore-router",
                 daemon=True,
             )
         try:
@@ -319,6 +328,10 @@ class XenStore(_Ops, Closing):
         except PyXSError as exc:
             raise ConnectionError(f"cannot connect to XenStore: {exc}") from exc
         self._connected = True
+
+    def _lost(self, exc: Exception) -> None:
+        logger.warning("XenStore connection lost: %s", exc)
+        self.connection_lost.set()
 
     def close(self) -> None:
         """Drop every watch, stop the watch thread, disconnect."""
