@@ -159,30 +159,25 @@ def test_other_side_closing_ends_it(guest: Guest, server: socket.socket, stdin: 
 
 
 @pytest.mark.parametrize("stdin", ["open", "at end"])
-def test_backend_going_away_is_an_error(guest: Guest, server: socket.socket, stdin: str) -> None:
+@pytest.mark.parametrize(("stopped", "why"), [
+    ("backend", "the PV Calls backend went away"),
+    ("host", "lost XenStore (is the host gone?)"),
+])
+def test_losing_the_backend_or_the_host_is_an_error(
+        guest: Guest, server: socket.socket, stdin: str, stopped: str, why: str) -> None:
     nc, conn = connected(guest, server, stdin=stdin_of(stdin))
     with conn:
-        guest.backend.send_signal(signal.SIGTERM)
-        assert guest.backend.wait(TIMEOUT) == 0
+        proc = guest.backend if stopped == "backend" else guest.host
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
         status, _, err = finish(nc)
-        assert_closed(conn)
+        if stopped == "backend":
+            assert_closed(conn)
     assert status == 1
-    # After the frontend's warning that the backend left Connected:
+    # The last line: a lost backend is told first by the frontend's warning
+    # that the backend left Connected.
     assert err.decode().splitlines()[-1] == (
-        f"pvcalls-nc: receive failed: [Errno {errno.ENOTCONN}] the PV Calls backend went away"
-    )
-
-
-@pytest.mark.parametrize("stdin", ["open", "at end"])
-def test_host_going_away_is_reported(guest: Guest, server: socket.socket, stdin: str) -> None:
-    nc, conn = connected(guest, server, stdin=stdin_of(stdin))
-    with conn:
-        guest.host.send_signal(signal.SIGTERM)
-        assert guest.host.wait(TIMEOUT) == 0
-        status, _, err = finish(nc)
-    assert status == 1
-    assert err.decode() == (
-        f"pvcalls-nc: receive failed: [Errno {errno.ENOTCONN}] lost XenStore (is the host gone?)\n"
+        f"pvcalls-nc: receive failed: [Errno {errno.ENOTCONN}] {why}"
     )
 
 
