@@ -303,6 +303,9 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     status = 0
+    # stop_lock orders the watcher's SIGUSR2 before our stopping.set().
+    stop_lock = threading.Lock()
+    stopping = threading.Event()
     lock = -1
     try:
         platform = _open_platform(args, error)
@@ -320,8 +323,12 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             main_thread = threading.get_ident()
 
             def wake_on_lost_connection() -> None:
+                # Blocked here for the life of the process if the connection
+                # stays up: a daemon thread, and serve() runs once.
                 backend.connection_lost.wait()
-                signal.pthread_kill(main_thread, signal.SIGUSR2)
+                with stop_lock:  # not once we stopped: see finally
+                    if not stopping.is_set():
+                        signal.pthread_kill(main_thread, signal.SIGUSR2)
 
             threading.Thread(target=wake_on_lost_connection, name="xenstore-watcher",
                              daemon=True).start()
@@ -341,6 +348,13 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     finally:
         if lock >= 0:
             os.close(lock)
+        # The connection may go while the backend closes (the host stopping
+        # with us): no SIGUSR2 from now on, and one sent already is taken
+        # here, or restoring the mask would deliver it, and its default
+        # action is to terminate the process.
+        with stop_lock:
+            stopping.set()
+        signal.sigtimedwait({signal.SIGUSR2}, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return status
 

@@ -226,7 +226,8 @@ class Policy:
 
     @classmethod
     def from_toml(cls, text: str) -> Policy:
-        """Parse policy text in the file format."""
+        """Parse policy text in the file format (text without any section
+        is an error, as in a file)."""
         try:
             return cls.from_dict(tomllib.loads(text))
         except tomllib.TOMLDecodeError as exc:
@@ -234,7 +235,11 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
-        """Build a policy from the parsed file structure."""
+        """Build a policy from the parsed file structure.
+
+        As a file, a structure without any section is an error, not a
+        policy that allows everything: ``Policy()`` is that policy.
+        """
         unknown = set(data) - {"default", "domain"}
         if unknown:
             raise PolicyError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")

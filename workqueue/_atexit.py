@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._workqueue import Workqueue
 
-__all__ = ["register", "exiting", "wait_for_calls"]
+__all__ = ["register", "wait_for_calls"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 # nothing here outlives a test.
 _lock = threading.Lock()
 _live: weakref.WeakSet[Workqueue] = weakref.WeakSet()
+# True once the interpreter exits: submit() (of a workqueue and of a serial
+# executor) reads it and refuses new calls.
 _exiting = False
 
 
@@ -49,19 +51,23 @@ def register(wq: Workqueue) -> None:
         _live.add(wq)
 
 
-def exiting() -> bool:
-    """True once the interpreter exits: submit() refuses new calls."""
-    return _exiting
-
-
 def wait_for_calls() -> None:
     """Refuse new calls, then wait until every accepted call has run."""
     global _exiting
     _exiting = True
+    dropped: set[Workqueue] = set()
     while True:
         with _lock:
-            live = list(_live)
-        works = [work for wq in live for work in wq._call_works()]
+            live = [wq for wq in _live if wq not in dropped]
+        works = []
+        for wq in live:
+            found = wq._call_works()
+            if found and wq._frozen:
+                logger.warning("workqueue %r is frozen at exit: %d submitted calls will not run",
+                               wq.name, len(found))
+                dropped.add(wq)
+            else:
+                works += found
         if not works:
             return
         for work in works:

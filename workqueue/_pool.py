@@ -292,7 +292,7 @@ class PoolWorkqueue:
         self.inactive = WorkList(active=False, owner=self)
         # Counters for the trace points queue, activate, execute_start and
         # execute_end.  Only queue and execute_start are counted on the hot
-        # path; the other two follow (see activated, completed): every queued
+        # path; the other two follow (see activated, running_workers): every queued
         # item is activated unless it still waits on `inactive` or was
         # cancelled there, and is completed once it started and no worker
         # runs it any longer.
@@ -307,24 +307,29 @@ class PoolWorkqueue:
         """Items that entered the worklist (engine lock held)."""
         return self.nr_queued - self.inactive.nr - self.nr_cancelled_inactive
 
-    @property
-    def completed(self) -> int:
-        """Items whose function returned or raised (engine lock held)."""
-        return self.nr_started - len(self.running_workers())
 
-    def running_workers(self) -> list[Worker]:
-        """The workers running an item of this pwq (engine lock held).
 
-        Not only our pool's: an item still running on another pool's
-        worker (for another workqueue) is handed to that worker, which
-        runs it next as ours (see process_works).
-        """
-        running = [w for pool in self.pool.pset.pools() for w in pool.workers
-                   if w.current_pwq is self]
-        rescuer = self.wq._rescuer
-        if rescuer is not None and rescuer.current_pwq is self:
-            running.append(rescuer)
-        return running
+def running_workers(pwqs: list[PoolWorkqueue]) -> dict[PoolWorkqueue, list[Worker]]:
+    """The workers running an item of each of one workqueue's ``pwqs``
+    (engine lock held), in one pass over the workers.
+
+    Not only each pwq's own pool's: an item still running on another pool's
+    worker (for another workqueue) is handed to that worker, which runs it
+    next as ours (see process_works).  An item started and not running any
+    more is completed (see PoolWorkqueue: the counters).
+    """
+    found: dict[PoolWorkqueue, list[Worker]] = {pwq: [] for pwq in pwqs}
+    if not pwqs:
+        return found
+    workers = [w for pool in pwqs[0].pool.pset.pools() for w in pool.workers]
+    rescuer = pwqs[0].wq._rescuer
+    if rescuer is not None:
+        workers.append(rescuer)
+    for worker in workers:
+        running = found.get(worker.current_pwq)  # type: ignore[arg-type]
+        if running is not None:
+            running.append(worker)
+    return found
 
 
 class WorkerPool:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
-from ._atexit import exiting
+from . import _atexit
 from ._future import LeanFuture
 from ._loadindex import LoadIndex
 from ._pool import current_work
@@ -256,7 +256,7 @@ class SerialExecutor(Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if exiting():
+            if _atexit._exiting:  # as Workqueue.submit()
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             work.calls.append(future)
         # If the Work is pending, its run has not started yet and will find

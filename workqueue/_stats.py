@@ -67,12 +67,12 @@ class PoolStats:
     """Workers counted by concurrency management right now."""
 
     @classmethod
-    def of(cls, pwq: PoolWorkqueue) -> PoolStats:
+    def of(cls, pwq: PoolWorkqueue, nr_running_items: int) -> PoolStats:
         pool = pwq.pool
         return cls(
             pool=pool.name, cpu=pool.cpu, bound=not pool.disassociated,
             queued=pwq.nr_queued, activated=pwq.activated, started=pwq.nr_started,
-            completed=pwq.completed, failed=pwq.nr_failed,
+            completed=pwq.nr_started - nr_running_items, failed=pwq.nr_failed,
             cpu_intensive=pwq.nr_cpu_intensive, nr_active=pwq.nr_active,
             nr_inactive=pwq.inactive.nr, max_active=pwq.max_active,
             nr_workers=len(pool.workers), nr_idle=len(pool.idle), nr_running=pool.nr_running,

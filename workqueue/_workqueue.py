@@ -48,6 +48,7 @@ from ._pool import (
     lock_release,
     pool_set,
     release_pwq,
+    running_workers,
     start_rescuer,
     try_to_grab_pending,
     wake_work_flushers,
@@ -269,8 +270,12 @@ class Workqueue(Executor):
         """
         pwq = self._unbound_pwq
         if pwq is None:
-            # type() first: True and 1.0 would find CPU 1's pwq.
-            pwq = self._pwqs.get(cpu) if type(cpu) is int else None
+            if type(cpu) is not int:
+                # True and 1.0 would find CPU 1's pwq: refused; an int
+                # subclass (an IntEnum) is taken as the int it is.
+                self.topology._check_cpu(cpu)
+                cpu = int(cpu)
+            pwq = self._pwqs.get(cpu)
             if pwq is None:
                 self.topology._check_cpu(cpu)  # raises: every possible CPU has a pwq
                 raise AssertionError(f"no pool_workqueue for CPU {cpu}")
@@ -636,9 +641,10 @@ class Workqueue(Executor):
     def stats(self) -> WorkqueueStats:
         """A frozen snapshot of this workqueue's counters, per pool."""
         with lock:
+            running = running_workers(self._all_pwqs())
             return WorkqueueStats(
                 name=self.name, flags=int(self.flags), max_active=self._max_active,
-                pools=tuple(PoolStats.of(pwq) for pwq in self._all_pwqs()))
+                pools=tuple(PoolStats.of(pwq, len(workers)) for pwq, workers in running.items()))
 
     def dump(self) -> str:
         """The workqueue's busy pools and items, like show_one_workqueue()."""
@@ -646,9 +652,8 @@ class Workqueue(Executor):
             lines = [f"workqueue {self.name}: flags={self.flags!r} "
                      f"max_active={self._max_active} {_STATE_NAMES[self._state]}"
                      + (" frozen" if self._frozen else "")]
-            for pwq in self._all_pwqs():
+            for pwq, running in running_workers(self._all_pwqs()).items():
                 pool = pwq.pool
-                running = pwq.running_workers()
                 pending = [w for w in pool.worklist if w._pwq is pwq]
                 if not (running or pending or pwq.inactive.nr):
                     continue
@@ -714,8 +719,8 @@ class Workqueue(Executor):
         """The items behind the calls that submit() and our serial
         executors accepted and that have not finished: queued, waiting for
         max_active, handed to a busy worker, or running.  For the exit hook
-        (see _atexit), which flushes them; a frozen workqueue's are dropped
-        there, as they cannot run."""
+        (see _atexit), which flushes them (a frozen workqueue's cannot run:
+        it drops them)."""
         with lock:
             pwqs = self._all_pwqs()
             pools = {pwq.pool for pwq in pwqs}
@@ -733,10 +738,6 @@ class Workqueue(Executor):
             found.update((w.current, None) for w in workers
                          if w.current is not None and w.current._is_call
                          and w.current_pwq in mine)
-            if found and self._frozen:
-                logger.warning("workqueue %r is frozen at exit: %d submitted calls will not run",
-                               self.name, len(found))
-                return []
             return list(found)
 
     def serial(self, key: Hashable) -> Executor:

@@ -12,6 +12,7 @@ on the workqueue's workers.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections import deque
@@ -70,6 +71,9 @@ class EventQueue:
             try:
                 fn(*args)
             except ConnectionError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    logger.exception("%s: callback %r failed", self.name or "event queue", fn)
+                    continue
                 # XenStore (or the host) went away under the call: not a
                 # bug of the callback, and every later call says the same.
                 logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)

@@ -138,3 +138,41 @@ def test_a_bad_policy_file_is_named_once(tmp_path: Path,
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count(str(policy)) == 1 and "max_sockets" in err
+
+
+# serve() with a backend whose XenStore connection goes while it closes
+# (the host stopping together with it), after SIGTERM: the watcher's SIGUSR2
+# is sent, and must not kill the process once serve() restores its mask.
+_LOST_WHILE_CLOSING = """
+import argparse, signal, sys, threading
+from pathlib import Path
+import pvcalls, pvcalls._cli as cli
+
+class Backend:
+    def __init__(self, *args, **kwargs):
+        self.connection_lost = threading.Event()
+    def __enter__(self):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # pending
+        return self
+    def __exit__(self, *exc):
+        self.connection_lost.set()
+        watcher, = [t for t in threading.enumerate() if t.name == "xenstore-watcher"]
+        watcher.join(30)  # its SIGUSR2 is sent
+
+class Platform:
+    domid = 0
+
+cli._open_platform = lambda args, error: Platform()
+cli._claim_host = lambda path, error: -1
+pvcalls.Backend = Backend
+args = argparse.Namespace(policy=None, platform="sim", run_dir=Path("."), max_ioworkers=1,
+                          max_page_order=4)
+status = cli.serve(args, sys.exit)
+print("serve returned", status, flush=True)
+"""
+
+
+def test_a_connection_lost_while_closing_does_not_kill_serve() -> None:
+    done = subprocess.run([sys.executable, "-c", _LOST_WHILE_CLOSING], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr

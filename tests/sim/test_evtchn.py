@@ -391,6 +391,22 @@ def test_a_pipe_left_without_writers_is_not_reported_for_ever(masked: bool) -> N
         e1.close()
 
 
+def test_a_masked_port_reported_to_two_waiters_is_set_aside_once(
+        pair: tuple[EventChannel, int, EventChannel, int]) -> None:
+    """wait() polls epoll without the handle's lock, so two waiting threads
+    may both be handed a masked port's descriptor."""
+    e0, p0, e1, p1 = pair
+    e0.notify(p0)
+    assert wait_pending(e1) == p1  # taken: masked
+    e0.notify(p0)
+    rfd = e1._ports[p1].rfd
+    with e1._lock:
+        assert e1._take(rfd) == 0
+        assert e1._take(rfd) == 0  # the second waiter's report
+    e1.unmask(p1)
+    assert wait_pending(e1) == p1  # the notification while masked is kept
+
+
 def test_close_wakes_a_waiting_thread(host: SimHost) -> None:
     ch = host.dom0.evtchn()
     ch.bind_unbound_port(0)

@@ -368,6 +368,7 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
 
 
 _EXIT_SCRIPT = r"""
+import os
 import threading
 from workqueue import WQ_FREEZABLE, Topology, alloc_workqueue
 
@@ -379,7 +380,7 @@ threading._register_atexit(gate.set)
 
 def job(tag):
     assert gate.wait(30)
-    print(tag, flush=True)
+    os.write(1, f"{tag}\n".encode())  # one write: lines of several threads never mix
 
 topo = Topology(2)
 kept = alloc_workqueue("never-shut-down", topology=topo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import random
 import threading
 from typing import Any
@@ -237,6 +238,16 @@ def test_enable_while_cancel_sync_waits_is_still_unbalanced(make_wq: Any) -> Non
     assert wq.queue_work(w) is True
     w.flush()
     assert gate.runs == 2
+
+
+def test_an_int_subclass_is_a_cpu_number(make_wq: Any) -> None:
+    class Cpu(enum.IntEnum):
+        FIRST = 0
+
+    wq = make_wq()
+    ran = threading.Event()
+    assert wq.queue_work_on(Cpu.FIRST, Work(lambda work: ran.set())) is True
+    assert ran.wait(TIMEOUT)
 
 
 def test_flush_and_cancel_sync_from_own_function_raise(make_wq: Any) -> None:

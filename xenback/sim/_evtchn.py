@@ -394,9 +394,11 @@ class EventChannel(Closing):
             return -1 if fd == self._conn_fd else 0
         if lp.masked:
             # Notified while masked: remember (the bytes stay in the pipe)
-            # and stop watching until unmask.
-            self._epoll.unregister(fd)
-            lp.ignored = True
+            # and stop watching until unmask.  Another thread's epoll_wait
+            # (wait() polls without _lock) may have reported it too.
+            if not lp.ignored:
+                self._epoll.unregister(fd)
+                lp.ignored = True
             return 0
         return lp.port if self._clear(lp) else 0
 
