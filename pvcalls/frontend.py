@@ -1260,8 +1260,9 @@ class Frontend(Closing):
                 state = 0
             if state == _CONNECTED or self._dead:
                 continue
-            logger.warning("pvcalls backend of domain %d went to state %d: disconnecting",
-                           self.domain.domid, state)
+            # Info: every call of ours says so now, with ENOTCONN.
+            logger.info("pvcalls backend of domain %d went to state %d: disconnecting",
+                        self.domain.domid, state)
             self._dead = True
             self._wake_everyone()
             try:
