@@ -302,6 +302,24 @@ def test_a_handle_cannot_end_another_handles_grants(
     tab.map_grant_refs(1, pages.refs).unmap()
 
 
+def test_ending_a_ref_twice_in_one_request_ends_none(
+    host: SimHost, guest: Domain, handles: tuple[GrantShare, GrantTable]
+) -> None:
+    with raw(host, guest.domid) as sock:
+        shared = ask(sock, json.dumps({"op": "gnt_share", "domid": 0, "count": 1,
+                                       "writable": True}).encode())
+        (ref,) = shared["refs"]
+        reply = ask(sock, json.dumps({"op": "gnt_end", "refs": [ref, ref]}).encode())
+        assert reply["errno"] == errno.EINVAL
+        assert ask(sock, json.dumps({"op": "gnt_end", "refs": [ref]}).encode()) == {}
+
+
+def test_an_error_quoting_a_huge_request_still_fits_in_a_reply(host: SimHost) -> None:
+    with raw(host, 0) as sock:
+        reply = ask(sock, b'{"op": [' + b",".join([b"0"] * 30000) + b"]}")
+    assert reply["errno"] == errno.ENOSYS and len(reply["error"]) <= 1024
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),

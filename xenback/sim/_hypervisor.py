@@ -74,6 +74,8 @@ MAX_SHARES_PER_DOMAIN = 2048
 MAX_MAPPED_PAGES_PER_HANDLE = 65536
 
 _FIRE = b"\x00"
+#: The longest error text a reply carries (a message holds 64 KiB).
+_ERROR_TEXT_MAX = 1024
 
 
 #: ``control(op, args, reply)`` performs a dom0 request to create
@@ -402,7 +404,9 @@ class Hypervisor:
             result = handler(self, conn, msg, fds)
         except RequestError as e:
             close_fds(fds)
-            self._send(conn, {"errno": e.errno, "error": str(e)})
+            # Cut: a message may quote the request, which may be as long
+            # as a message, and the reply must fit in one.
+            self._send(conn, {"errno": e.errno, "error": str(e)[:_ERROR_TEXT_MAX]})
             return
         except Exception:
             close_fds(fds)
@@ -518,6 +522,9 @@ class Hypervisor:
             if grant is None or grant.owner is not conn:
                 raise RequestError(errno.EINVAL, f"grant ref {ref} was not shared by this handle")
             grants.append(grant)
+        # All checked before any is ended: a request fails whole or not at all.
+        if len(set(refs)) != len(refs):
+            raise RequestError(errno.EINVAL, "a grant ref is given more than once")
         for grant in grants:
             self._end_access(grant)
         return {}, []
