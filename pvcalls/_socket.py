@@ -326,7 +326,14 @@ class ActiveSocket(Work):
     def place(self) -> None:
         """Home the socket on the least loaded CPU (once)."""
         if not self._placed:
-            self.cpu = self.frontend.backend.load_index.assign(self)
+            index = self.frontend.backend.load_index
+            self.cpu = index.assign(self)
+            # A cpu_down between assign() and that store moved us, and its
+            # rehome() may have stored the new CPU before ours: settle on
+            # what the index says.  A move after the last look stores its
+            # CPU after ours.
+            while (cpu := index.cpu_of(self)) != self.cpu:
+                self.cpu = cpu
             self._placed = True
 
     def rehome(self, cpu: int) -> None:

@@ -102,3 +102,31 @@ def test_stats_are_frozen_snapshots(raw: RawFrontend, backend: pvcalls.Backend,
     raw.recv_exactly(ring, 5)
     assert row.bytes_out == 0  # the snapshot did not change
     assert backend.stats().sockets[0].bytes_out == 5
+
+
+def test_a_socket_placed_as_its_cpu_goes_down_follows_the_move(
+        raw: RawFrontend, backend: pvcalls.Backend, topology: Topology, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cpu_down between the load index's assign() and the socket's store
+    of its CPU: the move (and its rehome) came first, and must win."""
+    index = backend.load_index
+    assign = index.assign
+    downed: list[int] = []
+
+    def assign_then_cpu_down(key: Any, weight: int = 1) -> int:
+        cpu = assign(key, weight)
+        topology.cpu_down(cpu)  # moves the key, and rehomes the socket
+        downed.append(cpu)
+        return cpu  # stale already
+
+    monkeypatch.setattr(index, "assign", assign_then_cpu_down)
+    sock_id, ring = raw.connect_socket(echo_server.address)
+    monkeypatch.undo()
+    stats = backend.stats()
+    (row,) = stats.sockets
+    assert row.cpu != downed[0] and row.cpu in topology.online()
+    # Where the socket says it is, the index counts it (stats' per-CPU counts).
+    assert {c.cpu: c.sockets for c in stats.cpus}[row.cpu] == 1
+    raw.send_all(ring, b"still echoed")
+    assert raw.recv_exactly(ring, 12) == b"still echoed"
+    assert raw.release(sock_id).ret == 0
