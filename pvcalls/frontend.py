@@ -683,7 +683,8 @@ class PVSocket(Closing):
         _check_flags(flags, "send")
         view = memoryview(data).cast("B")
         deadline = _Deadline(self._timeout)
-        deadline.acquire(self._send_lock)
+        if not self._send_lock.acquire(False):  # uncontended: no call more
+            deadline.acquire(self._send_lock)
         try:
             ring = self._active_ring()
             while True:
@@ -738,7 +739,8 @@ class PVSocket(Closing):
         if nbytes == 0:
             nbytes = len(dst)
         deadline = _Deadline(self._timeout)
-        deadline.acquire(self._recv_lock)
+        if not self._recv_lock.acquire(False):  # uncontended: no call more
+            deadline.acquire(self._recv_lock)
         try:
             ring = self._active_ring()
             while True:

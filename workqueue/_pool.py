@@ -309,6 +309,18 @@ class PoolWorkqueue:
 
 
 
+def every_worker(pwqs: list[PoolWorkqueue]) -> list[Worker]:
+    """Every worker that may run an item of one workqueue's ``pwqs``: those
+    of every pool of its pool set, and its rescuer (engine lock held)."""
+    if not pwqs:
+        return []
+    workers = [w for pool in pwqs[0].pool.pset.pools() for w in pool.workers]
+    rescuer = pwqs[0].wq._rescuer
+    if rescuer is not None:
+        workers.append(rescuer)
+    return workers
+
+
 def running_workers(pwqs: list[PoolWorkqueue]) -> dict[PoolWorkqueue, list[Worker]]:
     """The workers running an item of each of one workqueue's ``pwqs``
     (engine lock held), in one pass over the workers.
@@ -319,13 +331,7 @@ def running_workers(pwqs: list[PoolWorkqueue]) -> dict[PoolWorkqueue, list[Worke
     more is completed (see PoolWorkqueue: the counters).
     """
     found: dict[PoolWorkqueue, list[Worker]] = {pwq: [] for pwq in pwqs}
-    if not pwqs:
-        return found
-    workers = [w for pool in pwqs[0].pool.pset.pools() for w in pool.workers]
-    rescuer = pwqs[0].wq._rescuer
-    if rescuer is not None:
-        workers.append(rescuer)
-    for worker in workers:
+    for worker in every_worker(pwqs):
         running = found.get(worker.current_pwq)  # type: ignore[arg-type]
         if running is not None:
             running.append(worker)

@@ -40,6 +40,7 @@ from ._pool import (
     activate_inactive,
     arm_tick,
     current_worker,
+    every_worker,
     insert_work,
     kick_pool,
     lock,
@@ -726,9 +727,7 @@ class Workqueue(Executor):
             pools = {pwq.pool for pwq in pwqs}
             # Any pool's: a call still running elsewhere is handed to the
             # worker running it (see _pool.process_works).
-            workers = [w for pool in pwqs[0].pool.pset.pools() for w in pool.workers]
-            if self._rescuer is not None:
-                workers.append(self._rescuer)
+            workers = every_worker(pwqs)
             lists = [pwq.inactive for pwq in pwqs]
             lists += [pool.worklist for pool in pools]
             lists += [w.scheduled for w in workers]

@@ -70,15 +70,13 @@ class EventQueue:
                 fn, args = self._calls.popleft()
             try:
                 fn(*args)
-            except ConnectionError as exc:
-                if exc.errno != errno.ENOTCONN:
+            except Exception as exc:
+                if isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN:
+                    # XenStore (or the host) went away under the call: not a
+                    # bug of the callback, and every later call says the same.
+                    logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
+                else:
                     logger.exception("%s: callback %r failed", self.name or "event queue", fn)
-                    continue
-                # XenStore (or the host) went away under the call: not a
-                # bug of the callback, and every later call says the same.
-                logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
-            except Exception:
-                logger.exception("%s: callback %r failed", self.name or "event queue", fn)
 
     def in_queue(self) -> bool:
         """True when called from one of this queue's calls."""

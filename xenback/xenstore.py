@@ -45,6 +45,7 @@ from pyxs.helpers import check_path
 
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue
+from xenback._wire import XENSTORE_PAYLOAD_MAX
 
 if TYPE_CHECKING:
     from xenback.platform import Platform
@@ -58,9 +59,6 @@ T = TypeVar("T")
 #: How often a transaction is re-run after EAGAIN before giving up.  The
 #: kernel retries forever; a bound turns a livelock into an error.
 TRANSACTION_ATTEMPTS = 1000
-
-#: XENSTORE_PAYLOAD_MAX: the most a request may carry after its header.
-PAYLOAD_MAX = 4096
 
 
 def _path(path: str) -> bytes:
@@ -91,11 +89,11 @@ def _value(value: str | int, path: str) -> bytes:
         )
     data = text.encode("ascii")
     # A WRITE carries "<path>\0<value>": what fits depends on the path.
-    room = PAYLOAD_MAX - len(_path(path)) - 1
+    room = XENSTORE_PAYLOAD_MAX - len(_path(path)) - 1
     if len(data) > room:
         raise ValueError(
             f"XenStore value for {path!r} is too long: {len(data)} bytes, but a WRITE "
-            f"to this node has room for {room} in its {PAYLOAD_MAX}-byte payload"
+            f"to this node has room for {room} in its {XENSTORE_PAYLOAD_MAX}-byte payload"
         )
     return data
 
@@ -163,7 +161,7 @@ class _Ops:
         except InvalidPayload as exc:
             raise ValueError(
                 f"XenStore request for {path!r} is too long: {len(exc.args[0])} bytes, "
-                f"over the {PAYLOAD_MAX}-byte payload"
+                f"over the {XENSTORE_PAYLOAD_MAX}-byte payload"
             ) from None
         except PyXSError as exc:
             if isinstance(exc, ValueError):  # anything else pyxs will not send

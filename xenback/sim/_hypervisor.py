@@ -516,15 +516,15 @@ class Hypervisor:
     def _op_gnt_end(self, conn: _Conn, msg: Message, fds: list[int]) -> tuple[Message, list[int]]:
         _no_fds(fds)
         refs = _refs_arg(msg)
+        # All checked before any is ended: a request fails whole or not at all.
+        if len(set(refs)) != len(refs):
+            raise RequestError(errno.EINVAL, "a grant ref is given more than once")
         grants = []
         for ref in refs:
             grant = conn.domain.grants.entries.get(ref)
             if grant is None or grant.owner is not conn:
                 raise RequestError(errno.EINVAL, f"grant ref {ref} was not shared by this handle")
             grants.append(grant)
-        # All checked before any is ended: a request fails whole or not at all.
-        if len(set(refs)) != len(refs):
-            raise RequestError(errno.EINVAL, "a grant ref is given more than once")
         for grant in grants:
             self._end_access(grant)
         return {}, []
