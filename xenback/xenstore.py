@@ -292,11 +292,21 @@ class XenStore(_Ops, Closing):
     their own client copies.
     """
 
-    def __init__(self, client: pyxs.Client) -> None:
+    def __init__(
+        self, client: pyxs.Client, *, on_lost: Callable[[Exception], None] | None = None
+    ) -> None:
+        """``on_lost(exc)`` is called once, on pyxs's router thread, if
+        XenStore ends the connection; without it the loss is logged as a
+        warning.  Either way :attr:`connection_lost` is set first."""
         self._client = client
-        # _lock guards _watches and the creation of the monitor thread.
+        self._on_lost = on_lost
+        # _lock guards _watches, _waiters and the creation of the monitor
+        # thread.
         self._lock = threading.Lock()
         self._watches: dict[str, Watch] = {}
+        # The events wait_for() callers sleep on: set when the connection
+        # is lost as well, so that they fail at once, not at their timeout.
+        self._waiters: set[threading.Event] = set()
         self._tokens = itertools.count()
         self._monitor: Any = None
         self._thread: threading.Thread | None = None
@@ -328,8 +338,15 @@ class XenStore(_Ops, Closing):
         self._connected = True
 
     def _lost(self, exc: Exception) -> None:
-        logger.warning("XenStore connection lost: %s", exc)
         self.connection_lost.set()
+        with self._lock:
+            waiters = list(self._waiters)
+        for changed in waiters:
+            changed.set()
+        if self._on_lost is None:
+            logger.warning("XenStore connection lost: %s", exc)
+        else:
+            self._on_lost(exc)
 
     def close(self) -> None:
         """Drop every watch, stop the watch thread, disconnect."""
@@ -477,7 +494,7 @@ class XenStore(_Ops, Closing):
         ``predicate`` is a function of the value (``None`` when the node is
         missing), or a string the value must equal; by default, wait for
         the node to exist.  Raises :class:`TimeoutError` with the last value
-        seen.
+        seen, and :class:`ConnectionError` as soon as the connection is lost.
         """
         check: Callable[[str | None], bool]
         if predicate is None:
@@ -487,8 +504,15 @@ class XenStore(_Ops, Closing):
         else:
             check = predicate
         changed = threading.Event()
-        w = self.watch(path, lambda _p: changed.set())
+        with self._lock:
+            self._waiters.add(changed)
         deadline = time.monotonic() + timeout
+        try:
+            w = self.watch(path, lambda _p: changed.set())
+        except BaseException:
+            with self._lock:
+                self._waiters.discard(changed)
+            raise
         try:
             while True:
                 changed.clear()
@@ -502,4 +526,6 @@ class XenStore(_Ops, Closing):
                         f"(last value {value!r})"
                     )
         finally:
+            with self._lock:
+                self._waiters.discard(changed)
             w.unwatch()

@@ -256,6 +256,48 @@ def test_connection_lost_is_set_by_xenstore_not_by_close(host) -> None:
             xs.read("/local")
 
 
+def test_on_lost_is_told_instead_of_a_warning(host, caplog) -> None:
+    told: list[Exception] = []
+    seen = threading.Event()
+
+    def on_lost(exc: Exception) -> None:
+        told.append(exc)
+        seen.set()
+
+    with XenStore(host.dom0.xenstore(), on_lost=on_lost) as xs:
+        host.close()
+        assert seen.wait(TIMEOUT)
+        assert xs.connection_lost.is_set()  # set before on_lost runs
+    assert len(told) == 1
+    assert not [r for r in caplog.records if r.name == "xenback.xenstore"]
+
+
+def test_wait_for_fails_as_soon_as_the_connection_is_lost(host) -> None:
+    with XenStore(host.dom0.xenstore()) as xs:
+        outcome: list[BaseException | str | None] = []
+        checked = threading.Event()
+
+        def never(_value: str | None) -> bool:
+            checked.set()  # the watch is in place: wait_for goes on to wait
+            return False
+
+        def wait() -> None:
+            try:
+                outcome.append(xs.wait_for("/never", never, timeout=600))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        assert checked.wait(TIMEOUT)
+        host.close()
+        waiter.join(TIMEOUT)
+        assert not waiter.is_alive(), "wait_for waits for its timeout"
+        (exc,) = outcome
+        assert isinstance(exc, ConnectionError), exc
+        assert not xs._waiters
+
+
 def test_event_queue_reports_a_lost_connection_without_a_traceback(wq, caplog) -> None:
     queue = EventQueue(wq, "lost")
 
