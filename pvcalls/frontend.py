@@ -64,19 +64,19 @@ import logging
 import math
 import operator
 import os
-import queue
 import select
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 
 from xenback import _barrier
 from xenback._closing import Closing
 from xenback.ring import FlexRing, FrontRing, RingError
-from xenback.xenstore import route_until_lost
+from xenback.xenbus import XenbusState
+from xenback.xenstore import XenStore
 
 from . import _errno
 from ._wire import (
@@ -111,12 +111,12 @@ from ._wire import (
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, GrantShare, SharedPages
+    from xenback.xenstore import Transaction, Watch
 
 __all__ = ["Frontend", "PVSocket", "FRONTEND_RING_ORDER"]
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 
 # What every call says once the frontend's XenStore connection is lost: the
 # backend cannot be reached either (Xen's toolstack and backends cannot run
@@ -127,14 +127,6 @@ _LOST_XENSTORE = "lost XenStore (is the host gone?)"
 #: ``PVCALLS_RING_ORDER``.  Linux's frontend also refuses a backend whose
 #: ``max-page-order`` is below it.
 FRONTEND_RING_ORDER = 4
-
-# Xenbus states (xenbus.h); spelled out here so that the frontend does not
-# depend on the backend framework's driver classes.
-_INIT_WAIT = 2
-_INITIALISED = 3
-_CONNECTED = 4
-_CLOSING = 5
-_CLOSED = 6
 
 _I32 = struct.Struct("=i")
 _U32 = struct.Struct("=I")
@@ -164,6 +156,14 @@ def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ..
         return peek()
     except RingError as exc:
         raise OSError(errno.EPROTO, f"the backend broke the data ring: {exc}") from None
+
+
+def _state(value: str | None) -> XenbusState:
+    """A backend's state node; anything that is not a state reads as UNKNOWN."""
+    try:
+        return XenbusState.parse(value)
+    except ValueError:
+        return XenbusState.UNKNOWN
 
 
 def _bad_fd() -> OSError:
@@ -1112,8 +1112,12 @@ class Frontend(Closing):
         self.timeout = timeout
         self.device: Any = None
         self._toolstack: Any = None
-        self._xs: Any = None
-        self._monitor: Any = None
+        self._xs: XenStore | None = None
+        # The watch on the backend's state once Connected, and the lock that
+        # its callback holds while it acts (close() takes it to know that no
+        # callback is acting any more, or will).
+        self._backend_watch: Watch | None = None
+        self._watch_lock = threading.Lock()
         self._gntshr: GrantShare | None = None
         self._evtchn: EventChannel | None = None
         self._cmd_pages: SharedPages | None = None
@@ -1153,7 +1157,6 @@ class Frontend(Closing):
         # Why XenStore dropped the connection; None while it is up.
         self._xs_lost: str | None = None
         self._connected = False
-        self._watcher: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -1180,35 +1183,25 @@ class Frontend(Closing):
         domain = self.domain
         fe_path = self.device.frontend_path
         be_path = self.device.backend_path
-        self._xs = domain.xenstore()
-        # pyxs's router thread ends when XenStore drops the connection, and
-        # tells nobody: requests wait forever for their replies and watches
-        # fall silent.  Running it under route_until_lost lets us notice.
-        router = self._xs.router
-        router.thread = threading.Thread(
-            target=route_until_lost, args=(router, self._lost_xenstore),
-            name=f"pvcalls-front-{domain.domid}-xenstore", daemon=True,
-        )
-        self._xs.connect()
-        self._monitor = self._xs.monitor()
-        self._monitor.watch(f"{be_path}/state".encode(), b"pvcalls-front")
+        self._xs = XenStore(domain.xenstore(), on_lost=self._lost_xenstore)
+        self._xs.open()
 
         state = self._wait_backend(
-            lambda s: s >= _INIT_WAIT,
+            lambda s: s >= XenbusState.INIT_WAIT,
             f"InitWait (is a pvcalls backend serving domain {self.backend_id}?)",
         )
-        if state != _INIT_WAIT:
+        if state != XenbusState.INIT_WAIT:
             raise OSError(errno.EPROTO, f"backend went to state {state} instead of InitWait")
-        versions = self._read(f"{be_path}/versions")
+        versions = self._xs.read(f"{be_path}/versions")
         if PVCALLS_VERSIONS not in (versions or "").split(","):
             raise OSError(errno.EPROTONOSUPPORT, f"backend offers versions {versions!r}, need 1")
-        order = self._read(f"{be_path}/max-page-order")
+        order = self._xs.read(f"{be_path}/max-page-order")
         if order is None or not order.isdigit() or int(order) < self.ring_order:
             raise OSError(
                 errno.EPROTONOSUPPORT,
                 f"backend max-page-order {order!r} is below the ring order {self.ring_order}",
             )
-        if self._read(f"{be_path}/function-calls") != "1":
+        if self._xs.read(f"{be_path}/function-calls") != "1":
             raise OSError(errno.EPROTONOSUPPORT, "backend does not offer function-calls 1")
 
         self._gntshr = domain.gntshr()
@@ -1233,50 +1226,46 @@ class Frontend(Closing):
                 "version": PVCALLS_VERSIONS,
                 "ring-ref": str(self._cmd_pages.refs[0]),
                 "port": str(self._port),
-                "state": str(_INITIALISED),
+                "state": str(XenbusState.INITIALISED.value),
             },
         )
-        state = self._wait_backend(lambda s: s >= _CONNECTED, "Connected")
-        if state != _CONNECTED:
+        state = self._wait_backend(lambda s: s >= XenbusState.CONNECTED, "Connected")
+        if state != XenbusState.CONNECTED:
             raise OSError(errno.ECONNREFUSED, f"backend went to state {state} instead of Connected")
-        self._write_nodes(fe_path, {"state": str(_CONNECTED)})
+        self._write_nodes(fe_path, {"state": str(XenbusState.CONNECTED.value)})
         self._connected = True
-        self._watcher = threading.Thread(
-            target=self._watch_backend, name=f"pvcalls-front-{domain.domid}-xenbus", daemon=True
-        )
-        self._watcher.start()
+        self._backend_watch = self._xs.watch(f"{be_path}/state", self._on_backend_state)
         logger.info("pvcalls frontend of domain %d connected", domain.domid)
 
-    def _watch_backend(self) -> None:
-        """Watcher thread: if the backend leaves Connected (it closed, or
-        the device was removed), fail every waiter with ENOTCONN instead of
-        letting it wait for answers that never come; as Linux's frontend,
-        go Closed.  Stops at the ``None`` that :meth:`close` queues."""
-        events = self._monitor.events
-        while events.get() is not None:
+    def _on_backend_state(self, _path: str) -> None:
+        """XenStore's watch thread, on a change of the backend's state once
+        Connected: if the backend left Connected (it closed, or the device
+        was removed), fail every waiter with ENOTCONN instead of letting it
+        wait for answers that never come; as Linux's frontend, go Closed."""
+        with self._watch_lock:
+            if self._backend_watch is None or self._dead:
+                return  # close() is under way, or it is over already
             try:
                 state = self._backend_state()
-            except Exception:
-                if self._xs_lost is not None or not self._xs.router.is_connected:
-                    return  # _lost_xenstore fails the waiters, and says why
-                state = 0
-            if state == _CONNECTED or self._dead:
-                continue
+            except ConnectionError:
+                return  # _lost_xenstore fails the waiters, and says why
+            if state == XenbusState.CONNECTED:
+                return
             # Info: every call of ours says so now, with ENOTCONN.
             logger.info("pvcalls backend of domain %d went to state %d: disconnecting",
                         self.domain.domid, state)
             self._dead = True
             self._wake_everyone()
             try:
-                self._write_nodes(self.device.frontend_path, {"state": str(_CLOSED)})
-            except Exception as exc:
+                self._write_nodes(self.device.frontend_path, {"state": str(XenbusState.CLOSED.value)})
+            except OSError as exc:
                 logger.debug("frontend Closed after the backend left: %s", exc)
-            return
 
     def _lost_xenstore(self, exc: Exception) -> None:
-        """XenStore router thread, when XenStore ended the connection (see
-        :func:`xenback.xenstore.route_until_lost`): the host (or its
-        XenStore) is gone and with it the backend: fail every waiter."""
+        """pyxs's router thread, when XenStore ended the connection: the
+        host (or its XenStore) is gone and with it the backend: fail every
+        waiter.  A handshake waiting for the backend fails too, as
+        :meth:`XenStore.wait_for` does when the connection goes."""
         self._xs_lost = str(exc) or type(exc).__name__
         logger.info("domain %d lost its XenStore connection: %s",
                     self.domain.domid, self._xs_lost)
@@ -1284,11 +1273,6 @@ class Frontend(Closing):
             self._why_dead = _LOST_XENSTORE
             self._dead = True
             self._wake_everyone()
-        monitor = self._monitor
-        if monitor is not None:
-            # Wakes the watcher thread (to leave: there is nothing more to
-            # watch) or the handshake waiting for the backend (to fail).
-            monitor.events.put(None)
 
     def _gone(self) -> OSError:
         """The error of a call that can no longer be answered."""
@@ -1299,10 +1283,13 @@ class Frontend(Closing):
         and free the command ring.  Idempotent."""
         if self.device is None:
             return
-        if self._watcher is not None:
-            self._monitor.events.put(None)
-            self._watcher.join(self.timeout)
-            self._watcher = None
+        if self._backend_watch is not None:
+            with self._watch_lock:
+                watch, self._backend_watch = self._backend_watch, None
+            try:
+                watch.unwatch()
+            except OSError as exc:  # XenStore is gone: so is the watch
+                logger.debug("removing the backend state watch: %s", exc)
         for sock in list(self._sockets.values()):
             try:
                 # Not close(): a makefile() stream left open must not keep
@@ -1321,9 +1308,11 @@ class Frontend(Closing):
         fe_path = self.device.frontend_path
         if self._xs is not None and self._connected and self._xs_lost is None:
             try:
-                self._write_nodes(fe_path, {"state": str(_CLOSING)})
-                self._wait_backend(lambda s: s >= _CLOSING or s == 0, "Closing")
-                self._write_nodes(fe_path, {"state": str(_CLOSED)})
+                self._write_nodes(fe_path, {"state": str(XenbusState.CLOSING.value)})
+                self._wait_backend(
+                    lambda s: s >= XenbusState.CLOSING or s == XenbusState.UNKNOWN, "Closing"
+                )
+                self._write_nodes(fe_path, {"state": str(XenbusState.CLOSED.value)})
             except (OSError, TimeoutError) as exc:
                 logger.warning("closing frontend of domain %d: %s", self.domain.domid, exc)
         # A backend that never connected may not be there at all: do not
@@ -1362,11 +1351,6 @@ class Frontend(Closing):
         if self._gntshr is not None:
             self._gntshr.close()
             self._gntshr = None
-        if self._monitor is not None:
-            try:
-                self._monitor.close()
-            except Exception:
-                pass
         if self._xs is not None:
             self._xs.close()
             self._xs = None
@@ -1405,61 +1389,32 @@ class Frontend(Closing):
 
     # -- XenStore ------------------------------------------------------------
 
-    def _xenstore(self, call: Callable[..., _T], *args: Any) -> _T:
-        """``call`` a method of the XenStore client, failing with ENOTCONN
-        once the connection is lost: pyxs then raises its own
-        ConnectionError, or AttributeError when it races with its router
-        thread closing the connection (or the reply fails, see
-        :meth:`_lost_xenstore`)."""
-        if self._xs_lost is not None:
-            raise OSError(errno.ENOTCONN, _LOST_XENSTORE)
-        try:
-            return call(*args)
-        except Exception:
-            if self._xs_lost is None and self._xs.router.is_connected:
-                raise
-            raise OSError(errno.ENOTCONN, _LOST_XENSTORE) from None
-
-    def _read(self, path: str) -> str | None:
-        value = self._xenstore(self._xs.read, path.encode(), None)
-        return None if value is None else bytes(value).decode()
-
     def _write_nodes(self, base: str, nodes: dict[str, str]) -> None:
-        """Write ``nodes`` under ``base`` in one transaction (retry EAGAIN)."""
-        xs = self._xs
-        for _ in range(100):
-            self._xenstore(xs.transaction)
-            try:
-                for key, value in nodes.items():
-                    self._xenstore(xs.write, f"{base}/{key}".encode(), value.encode())
-            except BaseException:
-                if self._xs_lost is None and xs.router.is_connected:
-                    xs.rollback()
-                raise
-            if self._xenstore(xs.commit):
-                return
-        raise OSError(errno.EAGAIN, f"XenStore transaction on {base} kept failing")
+        """Write ``nodes`` under ``base`` in one transaction."""
+        assert self._xs is not None
 
-    def _backend_state(self) -> int:
-        value = self._read(f"{self.device.backend_path}/state")
-        return int(value) if value and value.isdigit() else 0
+        def write(t: Transaction) -> None:
+            for key, value in nodes.items():
+                t.write(f"{base}/{key}", value)
 
-    def _wait_backend(self, done: Callable[[int], bool], what: str) -> int:
+        self._xs.transaction(write)
+
+    def _backend_state(self) -> XenbusState:
+        assert self._xs is not None
+        return _state(self._xs.read(f"{self.device.backend_path}/state"))
+
+    def _wait_backend(self, done: Callable[[XenbusState], bool], what: str) -> XenbusState:
         """Wait until the backend's state satisfies ``done``; return it."""
-        deadline = _Deadline(self.timeout)
-        while True:
+        assert self._xs is not None
+        path = f"{self.device.backend_path}/state"
+        try:
+            return _state(self._xs.wait_for(path, lambda v: done(_state(v)), timeout=self.timeout))
+        except TimeoutError:
             state = self._backend_state()
-            if done(state):
-                return state
-            try:
-                self._monitor.events.get(timeout=deadline.remaining())
-            except (TimeoutError, queue.Empty):
-                if done(state := self._backend_state()):
-                    return state
-                raise TimeoutError(
-                    f"backend {self.device.backend_path} did not reach {what} "
-                    f"within {self.timeout} s (state {state})"
-                ) from None
+            raise TimeoutError(
+                f"backend {self.device.backend_path} did not reach {what} "
+                f"within {self.timeout} s (state {state.value})"
+            ) from None
 
     # -- event channel -------------------------------------------------------
 

@@ -633,6 +633,39 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
             backend.close()
 
 
+def test_no_backend_is_a_timeout_that_says_what_it_waited_for() -> None:
+    with SimHost() as host:
+        fe = pvcalls.Frontend(host.create_domain("alone"), timeout=0.2)
+        with pytest.raises(TimeoutError, match=r"did not reach InitWait \(is a pvcalls "
+                           r"backend serving domain 0\?\) within 0.2 s \(state 1\)"):
+            fe.open()
+        assert fe.device is None  # and the device it added is gone again
+
+
+def test_host_going_away_fails_a_handshake_at_once() -> None:
+    host = SimHost().start()
+    try:
+        domain = host.create_domain("stranded")
+        fe = pvcalls.Frontend(domain, timeout=600)
+        failure: list[BaseException] = []
+
+        def open_it() -> None:
+            try:
+                fe.open()
+            except BaseException as exc:
+                failure.append(exc)
+
+        t = threading.Thread(target=open_it, daemon=True)
+        t.start()
+        wait_until(lambda: fe._xs is not None and bool(fe._xs._waiters))  # for InitWait
+        host.close()
+        t.join(TIMEOUT)
+        assert not t.is_alive(), "the handshake waits for its timeout"
+        assert isinstance(failure[0], OSError) and failure[0].errno == errno.ENOTCONN, failure
+    finally:
+        host.close()
+
+
 def test_released_rings_are_reused(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     ports = set()
