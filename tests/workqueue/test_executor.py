@@ -8,6 +8,7 @@ import gc
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -245,14 +246,30 @@ def test_wait_is_not_fooled_by_a_future_notifying_after_its_state_is_final(
     outcome: list[Any] = []
     waiter = threading.Thread(target=lambda: outcome.append(cf.wait([paused, pending], TIMEOUT)))
     waiter.start()
-    time.sleep(0.2)  # with the bug, wait() has looked and installed its waiter by now
+    # With the rule, wait() cannot look: it waits for the condition the
+    # paused finisher holds.  With the bug, it looks now and installs its
+    # waiter on both futures; give it the time to.
+    _within(0.5, lambda: bool(pending._waiter_list))
     paused.resume.set()
     paused.finisher.join(TIMEOUT)
-    time.sleep(0.2)  # with the bug, wait() returns here, early
+    waiter.join(0.5)  # with the bug, told twice for paused, wait() returns
+    assert waiter.is_alive(), f"wait() returned with a future pending: {outcome}"
     pending.set_result(2)
     waiter.join(TIMEOUT)
     done, not_done = outcome[0]
     assert not not_done and done == {paused, pending}
+
+
+def _within(seconds: float, predicate: Callable[[], bool]) -> bool:
+    """Whether ``predicate`` comes true within ``seconds`` (for what a
+    correct implementation never does, so the wait is bounded by design)."""
+    deadline = time.monotonic() + seconds
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        pause.wait(0.001)
+    return True
 
 
 def test_standalone_lean_future() -> None:
