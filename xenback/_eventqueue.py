@@ -40,7 +40,10 @@ class EventQueue:
     def __init__(self, workqueue: Workqueue, name: str = "") -> None:
         self.name = name
         self._workqueue = workqueue
-        # _lock guards _calls and _closed; it is never held while a call runs.
+        # _lock guards _calls and _closed, and is held while call() queues
+        # the Work, so that close(), which takes it, then flushes every call
+        # it let in (queueing after letting go of it raced with a close()
+        # and a destroy() of the workqueue).  Never held while a call runs.
         self._lock = threading.Lock()
         self._calls: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
         self._closed = False
@@ -56,7 +59,7 @@ class EventQueue:
             if self._closed:
                 return False
             self._calls.append((fn, args))
-        self._workqueue.queue_work(self._work)
+            self._workqueue.queue_work(self._work)
         return True
 
     def _drain(self, _work: object) -> None:

@@ -270,13 +270,15 @@ class Watch:
         return f"<Watch {self.path!r} token={self.token!r}>"
 
     def _deliver(self, path: str) -> None:
-        if self.events is None:
-            try:
+        # Runs on the watch thread of every watch of the connection: nothing
+        # may escape, or all of them would fall silent.
+        try:
+            if self.events is None:
                 self.callback(path)
-            except Exception:
-                logger.exception("watch %s: callback failed", self.path)
-        else:
-            self.events.call(self.callback, path)
+            else:
+                self.events.call(self.callback, path)
+        except Exception:
+            logger.exception("watch %s: callback failed", self.path)
 
     def unwatch(self) -> None:
         """Remove the watch; idempotent."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -296,6 +297,42 @@ def test_wait_for_fails_as_soon_as_the_connection_is_lost(host) -> None:
         (exc,) = outcome
         assert isinstance(exc, ConnectionError), exc
         assert not xs._waiters
+
+
+def test_event_queue_close_waits_for_a_call_it_let_in(wq) -> None:
+    # A call that has passed the closed check but not yet queued its work
+    # (the watch thread preempted there) when close() and then the
+    # workqueue's destroy() run: close() must wait for it, or the call
+    # queues on a destroyed workqueue (a RuntimeError in the watch thread).
+    queue = EventQueue(wq, "racing")
+    checked, go = threading.Event(), threading.Event()
+    real_queue_work = wq.queue_work
+
+    def preempted_queue_work(work: Any) -> bool:
+        checked.set()
+        assert go.wait(TIMEOUT)
+        return bool(real_queue_work(work))
+
+    wq.queue_work = preempted_queue_work
+    ran, failed = threading.Event(), []
+
+    def caller() -> None:
+        try:
+            queue.call(ran.set)
+        except BaseException as exc:
+            failed.append(exc)
+
+    threading.Thread(target=caller).start()
+    assert checked.wait(TIMEOUT)
+    closer = threading.Thread(target=queue.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close() returned with a call on its way to the workqueue"
+    go.set()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive()
+    assert ran.is_set() and not failed
+    assert not queue.call(ran.set)  # closed
 
 
 def test_event_queue_reports_a_lost_connection_without_a_traceback(wq, caplog) -> None:
