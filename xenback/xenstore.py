@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pyxs
 from pyxs._internal import Op, Packet
+from pyxs.exceptions import ConnectionError as XSConnectionError
 from pyxs.exceptions import InvalidPath, InvalidPayload, InvalidPermission, PyXSError
 from pyxs.helpers import check_path
 
@@ -99,7 +100,16 @@ def _value(value: str | int, path: str) -> bytes:
 
 
 def _oserror(exc: PyXSError, path: str) -> OSError:
-    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) and exc.args[0] else errno.EIO
+    if isinstance(exc, XSConnectionError):
+        # The socket failed under pyxs before its router thread noticed (so
+        # the connection does not count as lost yet): the same loss.
+        code = errno.ENOTCONN
+    elif exc.args and isinstance(exc.args[0], int) and exc.args[0]:
+        code = exc.args[0]
+    else:
+        code = errno.EIO
+    if code == errno.ENOTCONN:  # also the answer route_until_lost gives
+        return ConnectionError(code, "XenStore connection lost", path)
     return OSError(code, os.strerror(code), path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 from typing import Any
 
@@ -208,7 +209,6 @@ def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
 def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
     """XenStore closes the connection after reading a request: the caller
     gets an OSError instead of waiting forever for the reply."""
-    import errno
     import socket
     import struct
 
@@ -255,6 +255,28 @@ def test_connection_lost_is_set_by_xenstore_not_by_close(host) -> None:
         assert xs.connection_lost.wait(TIMEOUT)
         with pytest.raises(ConnectionError):
             xs.read("/local")
+
+
+@pytest.mark.parametrize("where", ["request", "transaction"])
+def test_a_socket_failing_under_pyxs_is_a_lost_connection(host, monkeypatch, where: str) -> None:
+    # pyxs raises its ConnectionError from send() when the socket fails,
+    # before its router thread has noticed: that is ENOTCONN, not EIO.
+    import pyxs
+
+    def broken(*_args: Any) -> None:
+        raise pyxs.exceptions.ConnectionError("error while writing to socket: (32, 'EPIPE')")
+
+    with XenStore(host.dom0.xenstore()) as xs:
+        assert xs._client.router.is_connected
+        if where == "request":
+            monkeypatch.setattr(xs._client, "read", broken)
+            with pytest.raises(ConnectionError) as info:
+                xs.read("/local")
+        else:  # on the copy of the client that the transaction runs on
+            monkeypatch.setattr(type(xs._client), "transaction", broken)
+            with pytest.raises(ConnectionError) as info:
+                xs.transaction(lambda t: t.read("/local"))
+        assert info.value.errno == errno.ENOTCONN
 
 
 def test_on_lost_is_told_instead_of_a_warning(host, caplog) -> None:
