@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import select
+import socket
+import struct
+import threading
 import time
 from collections.abc import Callable
 
@@ -54,3 +57,23 @@ def error_of(fn: Callable[..., object], *args: object) -> str:
     with pytest.raises(XsError) as info:
         fn(*args)
     return info.value.name
+
+
+def hang_up_after_one_request(path: str) -> threading.Thread:
+    """A XenStore socket at ``path`` that reads one whole request from its
+    one client and hangs up instead of replying (a host going away under a
+    request); the thread serving it, to join."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+        with conn:
+            header = conn.recv(16, socket.MSG_WAITALL)
+            conn.recv(struct.unpack("<4I", header)[3], socket.MSG_WAITALL)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    return server

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 import pyxs
+from hosthelpers import hang_up_after_one_request
 
-from xenback.sim import Device, Domain, SimHost
+from xenback.sim import Device, Domain, SimHost, Toolstack
 
 
 def tree(c: pyxs.Client, path: str) -> dict[str, str]:
@@ -322,3 +323,25 @@ def test_backend_vanishing_during_removal_counts_as_closed(host: SimHost, guest:
     finally:
         thread.join(10)
         client.close()
+
+
+def test_a_request_the_host_never_answers_fails(tmp_path) -> None:
+    # The host going away under a request: it fails with ENOTCONN instead
+    # of waiting forever for its reply (and pyxs's thread dies quietly).
+    path = str(tmp_path / "xenstored")
+    server = hang_up_after_one_request(path)
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            Toolstack(path).devices()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=ask, daemon=True)
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive(), "the request is still waiting for its reply"
+    (exc,) = outcome
+    assert isinstance(exc, pyxs.PyXSError) and exc.args[0] == errno.ENOTCONN, exc
+    server.join(10)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.sim.hosthelpers import hang_up_after_one_request
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from xenback import EventQueue, XenStore
 
@@ -209,26 +210,10 @@ def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
 def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
     """XenStore closes the connection after reading a request: the caller
     gets an OSError instead of waiting forever for the reply."""
-    import socket
-    import struct
-
     import pyxs
 
     path = str(tmp_path / "xenstored")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen()
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            header = conn.recv(16, socket.MSG_WAITALL)
-            conn.recv(struct.unpack("<4I", header)[3], socket.MSG_WAITALL)
-            # The whole request was read: hang up instead of replying.
-        listener.close()
-
-    server = threading.Thread(target=serve)
-    server.start()
+    server = hang_up_after_one_request(path)
     outcome: list[BaseException | str | None] = []
     xs = XenStore(pyxs.Client(unix_socket_path=path))
     xs.open()

@@ -35,6 +35,7 @@ import functools
 import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ from typing import Any, TypeVar
 import pyxs
 
 from xenback._closing import Closing
+from xenback.xenstore import route_until_lost
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,12 @@ class Toolstack(Closing):
     @contextmanager
     def _client(self) -> Iterator[pyxs.Client]:
         client = pyxs.Client(unix_socket_path=self._xenstore_path)
+        # Should XenStore go away (the host closing under us), requests
+        # waiting for replies fail with ENOTCONN instead of waiting forever.
+        client.router.thread = threading.Thread(
+            target=route_until_lost, args=(client.router, _lost), name="toolstack-xenstore",
+            daemon=True,
+        )
         client.connect()
         try:
             yield client
@@ -288,6 +296,10 @@ class Toolstack(Closing):
                     events.get(timeout=remaining)
                 except queue.Empty:
                     return False
+
+
+def _lost(exc: Exception) -> None:
+    logger.debug("toolstack: XenStore connection lost: %s", exc)
 
 
 def _initiate(c: pyxs.Client, state_path: bytes) -> bool:
