@@ -1299,7 +1299,9 @@ class Frontend(Closing):
             except OSError as exc:
                 logger.warning("releasing socket %#x: %s", sock.id, exc)
         self._wait_releases()
-        self._dead = True
+        if not self._dead:
+            self._why_dead = "the PV Calls frontend is closed"
+            self._dead = True
         self._wake_everyone()
         with self._lock:
             pool, self._ring_pool = self._ring_pool, []
@@ -1613,7 +1615,9 @@ class Frontend(Closing):
         slot.on_done = on_done
         with self._cmd_cond:
             while True:
-                if self._dead or self._ring is None:
+                if self._dead:
+                    raise self._gone()
+                if self._ring is None:
                     raise OSError(errno.ENOTCONN, "the PV Calls frontend is not connected")
                 req_id = self._req_prod_pvt & (RING_SLOTS - 1)
                 if self._ring.free_slots > 0 and self._slots[req_id] is None:

@@ -633,6 +633,26 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
             backend.close()
 
 
+def test_a_call_after_the_backend_left_says_so() -> None:
+    # The same error whether the backend left during the call or before it.
+    with SimHost() as host:
+        backend = pvcalls.Backend(host.dom0, max_ioworkers=1)
+        try:
+            with pvcalls.Frontend(host.create_domain("late")) as fe:
+                ls = fe.socket()
+                ls.bind(("127.0.0.1", 0))
+                ls.listen()
+                backend.close()
+                wait_until(lambda: fe._dead)
+                for call in (ls.accept, fe.socket):
+                    with pytest.raises(OSError) as info:
+                        call()
+                    assert info.value.errno == errno.ENOTCONN
+                    assert info.value.strerror == "the PV Calls backend went away"
+        finally:
+            backend.close()
+
+
 def test_no_backend_is_a_timeout_that_says_what_it_waited_for() -> None:
     with SimHost() as host:
         fe = pvcalls.Frontend(host.create_domain("alone"), timeout=0.2)
