@@ -93,6 +93,9 @@ class XenbusState(enum.IntEnum):
         raise ValueError(f"invalid xenbus state {ascii(value[:32])}")
 
 
+_INITIALISING = str(int(XenbusState.INITIALISING))
+
+
 def _number(text: str) -> int:
     """A domid or devid path component; -1 (no device) if it is not one."""
     return int(text) if text.isascii() and text.isdigit() else -1
@@ -156,6 +159,11 @@ class BackendDevice:
         self._otherend_watch: Watch | None = None
         self._connected = False
         self._gone = False
+        # Set once we have switched state in our directory.  From then on a
+        # state of Initialising there means the toolstack deleted it and
+        # made a new device at the same path (only the toolstack writes
+        # Initialising, and only into a new directory): not ours any more.
+        self._switched = False
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
         self._ports: list[int] = []
@@ -203,7 +211,7 @@ class BackendDevice:
         (nothing is written then: a write would re-create it)."""
 
         def tx(t: Transaction) -> None:
-            if t.read(self.nodename) is None:
+            if t.read(self.nodename) is None or self._recreated(t):
                 raise FileNotFoundError(errno.ENOENT, "device directory was deleted", self.nodename)
             for key, value in nodes.items():
                 t.write(f"{self.nodename}/{key}", value)
@@ -216,9 +224,9 @@ class BackendDevice:
         state = XenbusState(state)
         value = str(int(state))
 
-        def tx(t: Transaction) -> bool:
-            if t.read(self.nodename) is None:
-                return False
+        def tx(t: Transaction) -> bool | None:
+            if t.read(self.nodename) is None or self._recreated(t):
+                return None
             if t.read(f"{self.nodename}/state") == value:
                 return False
             t.write(f"{self.nodename}/state", value)
@@ -226,9 +234,15 @@ class BackendDevice:
 
         written = self.xenstore.transaction(tx)
         self.state = state
+        if written is not None:
+            self._switched = True
         if written:
             logger.debug("%s: state -> %s", self.nodename, state.name)
-        return written
+        return bool(written)
+
+    def _recreated(self, t: Transaction | XenStore) -> bool:
+        """Whether our directory is a new device's now (see _switched)."""
+        return self._switched and t.read(f"{self.nodename}/state") == _INITIALISING
 
     @property
     def error_path(self) -> str:
@@ -581,7 +595,7 @@ class BackendDriver:
             dev.queue(self._backend_changed, dev)
             return
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
-        if self.xenstore.read(f"{path}/state") != str(int(XenbusState.INITIALISING)):
+        if self.xenstore.read(f"{path}/state") != _INITIALISING:
             return
         with self._lock:
             if self._stopping or key in self._devices:
@@ -651,7 +665,7 @@ class BackendDriver:
         if dev.gone:
             return
         xs = self.xenstore
-        if not xs.exists(dev.nodename):
+        if not xs.exists(dev.nodename) or dev._recreated(xs):
             logger.info("%s: device directory deleted", dev.nodename)
             self._drop(dev)
             return
@@ -739,3 +753,8 @@ class BackendDriver:
                 del self._devices[(dev.frontend_id, dev.devid)]
         dev.events.close(wait=False)
         logger.info("%s: removed", dev.nodename)
+        # The toolstack may have made a new device at the same path while
+        # this one was still known, and the new one's events went to this
+        # one's queue: look again.  (The bus queue refuses once stopping.)
+        if self._bus is not None:
+            self._bus.call(self._check_device, str(dev.frontend_id), str(dev.devid))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from typing import Any
 
 import pytest
 
@@ -489,6 +490,44 @@ def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom
     census.check()
     _connected(host, driver, frontends, "next")
     assert not dom0_xs.exists(dev.backend_path)
+
+
+@pytest.mark.parametrize("noticed", ["frontend gone", "backend re-created"])
+def test_a_device_re_created_at_the_same_path_is_served(
+        host, driver, frontends, dom0_xs, noticed: str) -> None:
+    # The toolstack removes a device and adds it again at the same path
+    # while the backend still knows the old one: the old one must neither
+    # write into the new directory nor keep the new device from its probe.
+    guest, dev, fe = _connected(host, driver, frontends)
+    old = _bdev(driver, guest.domid)
+    stalled, go = threading.Event(), threading.Event()
+
+    def stall(bdev: Any) -> None:
+        if bdev is old and not stalled.is_set():
+            stalled.set()
+            assert go.wait(TIMEOUT)
+
+    if noticed == "frontend gone":
+        # The old device drops itself, and stalls before writing Closed.
+        driver.disconnect_hook = stall
+        dom0_xs.rm(dev.frontend_path)
+        assert stalled.wait(TIMEOUT)
+    else:
+        # The old device is busy; its events wait in its queue.
+        old.queue(stall, old)
+        assert stalled.wait(TIMEOUT)
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    assert again.backend_path == dev.backend_path
+    go.set()
+    fe = frontends(guest, again)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    assert _bdev(driver, guest.domid) is not old and old.gone
+    assert driver.calls_of(guest.domid).count("probe") == 2
 
 
 def test_domain_destroyed_while_connected(host, driver, frontends) -> None:

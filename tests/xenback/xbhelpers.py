@@ -81,6 +81,7 @@ class RecordingDriver(BackendDriver):
         self.changed = threading.Condition()
         self.probe_hook: Callable[[BackendDevice], None] | None = None
         self.connect_hook: Callable[[BackendDevice], None] | None = None
+        self.disconnect_hook: Callable[[BackendDevice], None] | None = None
         self.events_seen: list[int] = []
         #: Hooks that ran outside their device's queue (the ``driver``
         #: fixture fails the test if any did).
@@ -133,6 +134,8 @@ class RecordingDriver(BackendDriver):
     def disconnect(self, dev: BackendDevice) -> None:
         self._record("disconnect", dev)
         dev.driver_data = None
+        if self.disconnect_hook is not None:
+            self.disconnect_hook(dev)
 
     def remove(self, dev: BackendDevice) -> None:
         self._record("remove", dev)
