@@ -64,8 +64,12 @@ def test_demo_needs_the_ring_order_of_its_guests(capsys: pytest.CaptureFixture[s
 # The demo with its first guest's fetch stuck: a signal then finds it in
 # the middle, with the simulated host and both guests up.
 _STUCK_DEMO = """
-import sys, threading
+import signal, sys, threading
 import pvcalls._cli as cli
+
+# pytest started in the background (by a non-interactive shell) would pass
+# SIGINT on ignored, and the demo would never see it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def stuck(*args):
     print("STUCK", flush=True)
