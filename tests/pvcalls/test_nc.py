@@ -28,10 +28,18 @@ _SIGINT_DEFAULT = [
 
 
 def reap(proc: subprocess.Popen[bytes]) -> None:
-    """Kill ``proc`` if a failed test left it running."""
+    """Kill ``proc`` if a failed test left it running, printing where its
+    threads were (nc runs with PYTHONFAULTHANDLER: SIGABRT dumps them)."""
     if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            print("pvcalls-nc was still running; its stderr:")
+            print(proc.stderr.read().decode(errors="replace"))
 
 
 @dataclasses.dataclass
@@ -50,6 +58,7 @@ class Guest:
         ``interruptible``: with SIGINT not ignored, whatever we inherited."""
         for stream in ("stdin", "stdout", "stderr"):
             popen.setdefault(stream, subprocess.PIPE)
+        popen.setdefault("env", {**os.environ, "PYTHONFAULTHANDLER": "1"})
         return subprocess.Popen(
             [*(_SIGINT_DEFAULT if interruptible else []), *script("pvcalls-nc"),
              "--run-dir", str(self.run_dir), "--domid", str(self.domid), *args],
