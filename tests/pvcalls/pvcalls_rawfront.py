@@ -157,6 +157,8 @@ class RawFrontend:
         self.evtchn = guest.evtchn()
         self.responses: dict[int, Response] = {}
         self.unexpected: list[Response] = []
+        # Every response's req_id, in the order the responses came.
+        self.arrived: list[int] = []
         self.ring: FrontRing | None = None
         self.rings: list[DataRing] = []
         if connect:
@@ -260,6 +262,7 @@ class RawFrontend:
                 r = Response(rsp.req_id, rsp.cmd, rsp.ret, rsp.u.socket.id)
                 if r.req_id in self.responses:
                     self.unexpected.append(r)
+                self.arrived.append(r.req_id)
                 self.responses[r.req_id] = r
             if not self.ring.final_check_for_responses():
                 return

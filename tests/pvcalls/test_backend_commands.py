@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import select
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -182,18 +184,29 @@ def test_connect_is_answered_once_when_its_work_runs_meanwhile(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend) -> None:
-    """A connect whose SYN is dropped (full accept queue) stays in progress;
-    other commands are answered meanwhile; RELEASE answers it -EINTR first."""
+def _full_listener() -> tuple[socket.socket, socket.socket]:
+    """A host listener whose accept queue is full, and the connection that
+    fills it.  The kernel drops every SYN to a listener with a full accept
+    queue, retransmissions too, so a connect to it stays in progress until
+    the listener accepts."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(3):  # fill the accept queue and the SYN queue
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(listener.getsockname())
-        fillers.append(s)
+    listener.listen(0)  # room for one connection
+    filler = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+    # Readable once the filler is in the accept queue; then it is full:
+    # TCP_INFO of a listener has the queue length and its limit.
+    assert select.select([listener], [], [], TIMEOUT)[0]
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    queued, limit = struct.unpack_from("=II", info, 24)  # tcpi_unacked, tcpi_sacked
+    assert queued > limit
+    return listener, filler
+
+
+def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend,
+                                              backend: pvcalls.Backend) -> None:
+    """A connect whose SYN is dropped (full accept queue) stays in progress;
+    other commands are answered meanwhile; RELEASE answers it -EINTR first."""
+    listener, filler = _full_listener()
     sock_id, _ = raw.socket()
     connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
     # Commands behind it are served at once.
@@ -204,12 +217,17 @@ def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend) -> None:
     # A second CONNECT meanwhile: already in progress.
     again = raw.response(raw.push_connect(sock_id, listener.getsockname(), raw.new_ring()))
     assert again.ret == -114  # EALREADY
+    # Still in progress, and it cannot complete: the queue stays full (the
+    # listener never accepts), so the RELEASE is what answers the CONNECT.
+    row, = (r for r in backend.stats().sockets if r.id == sock_id)
+    assert row.state == "connecting"
     release_req = raw.push_release(sock_id)
     raw.wait(lambda: release_req in raw.responses)
-    assert raw.responses[connect_req].ret in (EINTR, 0)
-    assert raw.responses[release_req].ret == 0
-    for s in fillers:
-        s.close()
+    assert raw.responses.pop(connect_req).ret == EINTR
+    assert raw.responses.pop(release_req).ret == 0
+    assert raw.arrived[-2:] == [connect_req, release_req]
+    assert raw.unexpected == []
+    filler.close()
     listener.close()
 
 
@@ -217,22 +235,13 @@ def test_slow_connect_is_answered_when_it_completes(raw: RawFrontend) -> None:
     """The same dropped SYN; once the listener makes room, the kernel's SYN
     retransmission (about 1 s) completes the connect and only then does the
     CONNECT get its answer."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(3):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(listener.getsockname())
-        fillers.append(s)
+    listener, filler = _full_listener()
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
     connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
     _, rsp = raw.socket()  # served meanwhile
     assert rsp.ret == 0 and connect_req not in raw.responses
-    for s in fillers:
-        s.close()
+    filler.close()
     listener.setblocking(False)
     accepted: list[socket.socket] = []
 
@@ -246,7 +255,7 @@ def test_slow_connect_is_answered_when_it_completes(raw: RawFrontend) -> None:
     raw.wait(answered, timeout=30)
     assert raw.responses.pop(connect_req).ret == 0
     raw.send_all(ring, b"late but fine")
-    while True:  # ours and whichever fillers got in (closed: they read as EOF)
+    while True:  # ours and the filler (closed: it reads as EOF)
         try:
             accepted.append(listener.accept()[0])
         except BlockingIOError:
@@ -323,15 +332,19 @@ def test_second_accept_or_poll_is_eintr(raw: RawFrontend, backend: pvcalls.Backe
 
 def test_release_of_accept_id_new_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
-    listener, _ = _listener(raw, backend)
+    listener, address = _listener(raw, backend)
     id_new = raw.new_id()
     accept = raw.push_accept(listener, id_new, raw.new_ring())
     release = raw.push_release(id_new)
     raw.wait(lambda: release in raw.responses)
-    assert raw.responses[accept].ret == EINTR
-    assert raw.responses[release].ret == 0
-    # The listener is intact: a new ACCEPT is allowed.
-    raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    assert raw.responses.pop(accept).ret == EINTR
+    assert raw.responses.pop(release).ret == 0
+    # The listener is intact: the cancelled ACCEPT no longer counts as in
+    # flight, so a new one is taken (not -EINTR) and gets the next connection.
+    again = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert raw.response(again).ret == 0
+    assert raw.unexpected == []
 
 
 def test_release_of_id_new_while_its_accept_completes(

@@ -124,13 +124,12 @@ def recv_exactly(s: Any, n: int) -> bytes:
 
 def blocked_recv(s: pvcalls.PVSocket) -> tuple[threading.Thread, list[BaseException]]:
     """A thread blocked (without timeout) in ``s.recv``, and the list that
-    will hold what it raised."""
+    will hold what it raised.  Returns once the thread sleeps in the wait,
+    past its last look at the socket's state: only a wake-up gets it out."""
     s.settimeout(None)
     failure: list[BaseException] = []
-    started = threading.Event()
 
     def blocked_reader() -> None:
-        started.set()
         try:
             s.recv(10)
         except BaseException as exc:
@@ -138,8 +137,17 @@ def blocked_recv(s: pvcalls.PVSocket) -> tuple[threading.Thread, list[BaseExcept
 
     t = threading.Thread(target=blocked_reader)
     t.start()
-    started.wait(TIMEOUT)
+    wait_until(lambda: sleeping_in_wait(s))  # no event says so
+    assert t.is_alive() and failure == []
     return t, failure
+
+
+def sleeping_in_wait(s: pvcalls.PVSocket) -> bool:
+    """Whether a caller of ``s`` sleeps in ``PVSocket._wait``: polling the
+    ring's own handle (``_poller``, set under ``_cond`` after the last check)
+    or waiting on ``_cond`` (a waiter is queued before ``_cond`` is let go)."""
+    with s._cond:
+        return s._poller or bool(s._cond._waiters)
 
 
 def listen_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:
@@ -625,8 +633,10 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
                 backend.close()
                 t.join(TIMEOUT)
                 assert not t.is_alive()
+                # Woken by the backend leaving (the socket is still open).
                 assert isinstance(failure[0], OSError)
-                assert failure[0].errno in (errno.ENOTCONN, errno.EBADF)
+                assert failure[0].errno == errno.ENOTCONN
+                assert failure[0].strerror == "the PV Calls backend went away"
                 with pytest.raises(OSError):
                     fe.socket()
         finally:
@@ -842,8 +852,7 @@ def test_a_busy_socket_does_not_hold_calls_past_their_timeout(
     others' calls still fail at once or time out, as on socket.socket."""
     srv = server()
     s = connected(fe, srv.address)
-    t, failure = blocked_recv(s)
-    wait_until(s._recv_lock.locked)
+    t, failure = blocked_recv(s)  # holding s._recv_lock
     s.settimeout(1.0)
     with pytest.raises(OSError) as info:
         s.connect(srv.address)
