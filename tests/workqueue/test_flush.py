@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import DelayedWork, Work
+from workqueue import DelayedWork, Work, blocking
 
 TIMEOUT = 10.0
 
@@ -25,16 +25,28 @@ def test_flush_waits_for_everything_queued_before(make_wq: Any) -> None:
 
     for cpu in (0, 1, 0, 1):
         wq.queue_work_on(cpu, Work(item))
-    flusher = threading.Thread(target=lambda: (wq.flush(), order.append("flushed")))
-    flusher.start()
-    release.set()
+
+    def flush() -> None:
+        wq.flush()
+        with lock:
+            order.append("flushed")
+
+    flusher = threading.Thread(target=flush)
+    try:
+        flusher.start()
+        flusher.join(0.05)
+        assert flusher.is_alive(), "flush() returned while items were held"
+    finally:
+        release.set()
     flusher.join(TIMEOUT)
+    assert not flusher.is_alive(), "flush() hung"
     assert order == ["item"] * 4 + ["flushed"]
 
 
 def test_flush_is_not_livelocked_by_later_queueing(make_wq: Any) -> None:
     wq = make_wq()
     stop = threading.Event()
+    held, release = threading.Event(), threading.Event()
     runs = [0]
 
     def forever(work: Work) -> None:  # re-queues itself until told to stop
@@ -42,24 +54,45 @@ def test_flush_is_not_livelocked_by_later_queueing(make_wq: Any) -> None:
         if not stop.is_set():
             wq.queue_work(work)
 
-    w = Work(forever)
-    wq.queue_work(w)
+    def gate(work: Work) -> None:
+        held.set()
+        with blocking():  # the others keep running on its CPU meanwhile
+            assert release.wait(TIMEOUT)
+
+    wq.queue_work(Work(forever))
+    wq.queue_work(Work(gate))
+    assert held.wait(TIMEOUT)
 
     def producer() -> None:
         while not stop.is_set():
             wq.queue_work(Work(lambda work: None))
 
+    # The runs of `forever` when flush() started and when it returned.
+    seen: list[int] = []
+
+    def flush() -> None:
+        seen.append(runs[0])
+        wq.flush()
+        seen.append(runs[0])
+
     p = threading.Thread(target=producer)
+    flusher = threading.Thread(target=flush)
     p.start()
     try:
-        flusher = threading.Thread(target=wq.flush)
-        flusher.start()
+        try:
+            flusher.start()
+            flusher.join(0.05)
+            assert flusher.is_alive(), "flush() returned before an item queued earlier finished"
+        finally:
+            release.set()
         flusher.join(TIMEOUT)
         assert not flusher.is_alive(), "flush() was livelocked"
     finally:
         stop.set()
         p.join(TIMEOUT)
-    assert runs[0] >= 1
+    assert not p.is_alive(), "producer hung"
+    # Items were queued all along the flush (it was not waiting for quiet).
+    assert seen[1] > seen[0]
 
 
 def test_flush_of_an_idle_queue_returns_at_once(make_wq: Any) -> None:

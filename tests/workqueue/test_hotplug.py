@@ -72,18 +72,42 @@ def test_hotplug_keeps_non_reentrancy_order_and_loses_nothing(make_wq: Any, trac
     wq = make_wq(topology=topo, max_active=16)
     wq.add_trace_hook(tracer)
     lock = threading.Lock()
-    state = {"active": 0, "max": 0}
+    state = {"active": 0, "max": 0, "runs": 0}
+    held, release, second = (threading.Event() for _ in range(3))
 
     def func(work: Work) -> None:
         with lock:
             state["active"] += 1
             state["max"] = max(state["max"], state["active"])
-        with blocking():
-            pass
+            state["runs"] += 1
+            first = state["runs"] == 1
+        with blocking():  # its pool may start another worker meanwhile
+            if first:
+                held.set()
+                assert release.wait(TIMEOUT)
+            else:
+                second.set()
+                os.sched_yield()  # give the GIL away while "active", so overlaps show
         with lock:
             state["active"] -= 1
 
     shared = Work(func)
+
+    # Deterministically first: CPU 1 goes down under a run of `shared`, which
+    # says it blocks; queued there again, its pool (unbound now) has a free
+    # worker, which must leave it to the worker still running it.
+    assert wq.queue_work_on(1, shared) is True
+    try:
+        assert held.wait(TIMEOUT)
+        topo.cpu_down(1)
+        assert wq.queue_work_on(1, shared) is True
+        assert not second.wait(0.2), "second run started while the first was still running"
+        topo.cpu_up(1)
+    finally:
+        release.set()
+    assert second.wait(TIMEOUT)
+    shared.flush()
+
     ran: list[int] = []
 
     class Seq(Work):
@@ -96,28 +120,37 @@ def test_hotplug_keeps_non_reentrancy_order_and_loses_nothing(make_wq: Any, trac
                 ran.append(self.n)
 
     stop = threading.Event()
+    first_queued = threading.Event()
     queued = [0]
+    shared_accepted = [0]
 
     def producer() -> None:
         n = 0
         while not stop.is_set() or n < 200:
-            wq.queue_work_on(n % 4, shared)
+            shared_accepted[0] += wq.queue_work_on(n % 4, shared)
             wq.queue_work_on(n % 4, Seq(n))
             n += 1
+            first_queued.set()
         queued[0] = n
 
     p = threading.Thread(target=producer)
     p.start()
-    for _ in range(5):
-        for cpu in (1, 2, 3):
-            topo.cpu_down(cpu)
-        for cpu in (3, 1, 2):
-            topo.cpu_up(cpu)
-    stop.set()
-    p.join(TIMEOUT)
+    try:
+        assert first_queued.wait(TIMEOUT)  # the CPUs move while items are queued
+        for _ in range(5):
+            for cpu in (1, 2, 3):
+                topo.cpu_down(cpu)
+            for cpu in (3, 1, 2):
+                topo.cpu_up(cpu)
+    finally:
+        stop.set()
+        p.join(TIMEOUT)
+    assert not p.is_alive(), "producer hung"
     wq.flush()
     shared.flush()
     assert state["max"] == 1  # the shared item never ran concurrently with itself
+    # Every accepted queueing ran once (the two runs above included).
+    assert state["runs"] == 2 + shared_accepted[0]
     assert sorted(ran) == list(range(queued[0]))  # nothing lost
     # Items queued on one CPU's pool start in queueing order, hotplug or not.
     with tracer.cond:

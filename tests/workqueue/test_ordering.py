@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 
 import pytest
@@ -235,6 +236,37 @@ class Counted(Work):
         self.active = False
 
 
+def assert_next_run_waits(queue_first: Callable[[Work], bool],
+                          queue_again: Callable[[Work], bool],
+                          meanwhile: Callable[[], object] = lambda: None) -> None:
+    """Hold an item's run, queue it again where an idle worker could take
+    it, and check that the second run waits for the first."""
+    started, release, first_done, second = (threading.Event() for _ in range(4))
+    saw: list[bool] = []
+
+    def func(work: Work) -> None:
+        if not started.is_set():
+            started.set()
+            assert release.wait(TIMEOUT)
+            first_done.set()
+        else:
+            saw.append(first_done.is_set())
+            second.set()
+
+    w = Work(func)
+    assert queue_first(w) is True
+    try:
+        assert started.wait(TIMEOUT)
+        meanwhile()
+        assert queue_again(w) is True
+        assert not second.wait(0.2), "second run started while the first was still running"
+    finally:
+        release.set()
+    assert second.wait(TIMEOUT)
+    w.flush()
+    assert saw == [True]
+
+
 @pytest.mark.parametrize(
     ("flags", "hotplug"),
     [(0, False), (WQ_UNBOUND, False), (0, True)],
@@ -277,6 +309,19 @@ def test_work_never_runs_concurrently_with_itself(flags: int, hotplug: bool) -> 
 
     toggler = threading.Thread(target=toggle_cpus) if hotplug else None
     try:
+        # First, deterministically: a run held on one CPU (or worker), the
+        # item queued again where a free worker would take it at once.
+        if flags & WQ_UNBOUND:  # every waiting item of an unbound pool gets a worker
+            assert_next_run_waits(wq.queue_work, wq.queue_work)
+        elif not hotplug:  # CPU 1's pool is idle while CPU 0 runs the item
+            assert_next_run_waits(lambda w: wq.queue_work_on(0, w),
+                                  lambda w: wq.queue_work_on(1, w))
+        else:  # CPU 1 goes down under the run: its pool is unbound now
+            assert_next_run_waits(lambda w: wq.queue_work_on(1, w),
+                                  lambda w: wq.queue_work_on(1, w),
+                                  meanwhile=lambda: topo.cpu_down(1))
+            topo.cpu_up(1)
+        # Then under contention.
         if toggler is not None:
             toggler.start()
         try:

@@ -182,9 +182,22 @@ def test_shutdown_waits_and_refuses_new_calls(wq: object) -> None:
     ex.submit(gate.wait, TIMEOUT)
     for i in range(20):
         ex.submit(ran.append, i)
-    threading.Timer(0.01, gate.set).start()
-    ex.shutdown(wait=True)
-    assert ran == list(range(20))
+    result: list[list[int]] = []
+
+    def shutdown() -> None:
+        ex.shutdown(wait=True)
+        result.append(list(ran))  # what had run when it returned
+
+    closer = threading.Thread(target=shutdown)
+    try:
+        closer.start()
+        closer.join(0.05)
+        assert closer.is_alive(), "shutdown(wait=True) returned while calls were pending"
+    finally:
+        gate.set()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive(), "shutdown(wait=True) hung"
+    assert result == [list(range(20))]
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(ran.append, 99)
     ex.shutdown()  # idempotent

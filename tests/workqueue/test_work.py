@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import random
 import threading
 from typing import Any
@@ -31,6 +32,7 @@ class Gate:
     def __init__(self) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
+        self.finished = threading.Event()
         self.runs = 0
         self.pending_at_start: list[bool] = []
 
@@ -39,6 +41,20 @@ class Gate:
         self.pending_at_start.append(work.pending)
         self.started.set()
         assert self.release.wait(TIMEOUT)
+        self.finished.set()
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run fn() in a new thread; its result is appended to the list."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def joined(thread: threading.Thread) -> None:
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), f"{thread.name} hung"
 
 
 def held_ordered_queue(make_wq: Any) -> tuple[Any, Gate]:
@@ -86,45 +102,88 @@ def test_work_never_runs_concurrently_with_itself(make_wq: Any, topo: Any) -> No
     wq = make_wq(max_active=8)
     lock = threading.Lock()
     state = {"active": 0, "max": 0, "runs": 0}
+    first_started, release, second = (threading.Event() for _ in range(3))
 
     def func(work: Work) -> None:
         with lock:
             state["active"] += 1
             state["max"] = max(state["max"], state["active"])
             state["runs"] += 1
-        for _ in range(200):  # a little work, so overlaps would show
-            pass
+            first = state["runs"] == 1
+        if first:  # the first run holds CPU 0 until released
+            first_started.set()
+            assert release.wait(TIMEOUT)
+        else:
+            second.set()
+            os.sched_yield()  # give the GIL away while "active", so overlaps show
         with lock:
             state["active"] -= 1
 
     w = Work(func)
-    start = threading.Barrier(8)
 
-    def producer(seed: int) -> None:
-        rng = random.Random(seed)
-        start.wait(TIMEOUT)
-        for _ in range(300):
-            if rng.random() < 0.5:
-                wq.queue_work(w)
-            else:
-                wq.queue_work_on(rng.choice(topo.possible()), w)
+    def hammer() -> int:
+        """Eight threads queue w from everywhere at once; how many were accepted."""
+        accepted = [0] * 8
+        start = threading.Barrier(8)
 
-    threads = [threading.Thread(target=producer, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-    w.flush()
+        def producer(p: int) -> None:
+            rng = random.Random(p)
+            start.wait(TIMEOUT)
+            for _ in range(300):
+                if rng.random() < 0.5:
+                    accepted[p] += wq.queue_work(w)
+                else:
+                    accepted[p] += wq.queue_work_on(rng.choice(topo.possible()), w)
+
+        threads = [threading.Thread(target=producer, args=(p,)) for p in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            joined(t)
+        return sum(accepted)
+
+    assert wq.queue_work_on(0, w) is True
+    try:
+        assert first_started.wait(TIMEOUT)
+        # Queued on the other CPU while it runs on CPU 0: CPU 1's pool is
+        # idle, yet the second run must wait for the first.
+        assert wq.queue_work_on(1, w) is True
+        assert not second.wait(0.2), "second run started while the first was still running"
+        # Still pending: every queueing from every thread coalesces into it.
+        assert hammer() == 0
+        assert w.pending and w.running
+    finally:
+        release.set()
+    assert second.wait(TIMEOUT)
+    # Now free-running: whatever the producers queue runs once per acceptance,
+    # never two at a time.
+    accepted = hammer()
+    w.flush()  # waits for the last queueing: the producers have stopped
+    assert not w.pending and not w.running
     assert state["max"] == 1
-    assert state["runs"] >= 1
+    assert state["runs"] == 2 + accepted
 
 
 def test_flush_returns_whether_it_waited(make_wq: Any) -> None:
-    wq = make_wq()
-    w = Work(lambda work: None)
+    wq, blocker = held_ordered_queue(make_wq)
+    gate = Gate()
+    w = Work(gate)
     assert w.flush() is False  # never queued
-    wq.queue_work(w)
-    w.flush()
+    assert wq.queue_work(w) is True  # pending behind the blocker
+    pending_flush, pending_result = in_thread(w.flush)
+    pending_flush.join(0.05)
+    assert pending_flush.is_alive(), "flush() of a pending item returned"
+    blocker.release.set()
+    assert gate.started.wait(TIMEOUT)
+    running_flush, running_result = in_thread(w.flush)  # while it runs
+    running_flush.join(0.05)
+    assert running_flush.is_alive(), "flush() of a running item returned"
+    assert pending_flush.is_alive()
+    gate.release.set()
+    joined(pending_flush)
+    joined(running_flush)
+    assert pending_result == [True]
+    assert running_result == [True]
     assert w.flush() is False  # idle again
 
 
@@ -134,13 +193,14 @@ def test_flush_waits_for_the_running_instance(make_wq: Any) -> None:
     w = Work(gate)
     wq.queue_work(w)
     assert gate.started.wait(TIMEOUT)
-    order: list[str] = []
-    flusher = threading.Thread(target=lambda: order.append(f"flushed {w.flush()}"))
-    flusher.start()
-    order.append("released")
+    # What the flusher saw when flush() returned: its result, and whether
+    # the run had finished by then.
+    flusher, result = in_thread(lambda: (w.flush(), gate.finished.is_set()))
+    flusher.join(0.05)
+    assert flusher.is_alive(), "flush() returned while the item was running"
     gate.release.set()
-    flusher.join(TIMEOUT)
-    assert order == ["released", "flushed True"]
+    joined(flusher)
+    assert result == [(True, True)]
 
 
 def test_cancel_returns_true_only_for_a_pending_item(make_wq: Any) -> None:
@@ -341,9 +401,7 @@ def test_non_reentrancy_holds_across_workqueues(make_wq: Any) -> None:
     from workqueue import WQ_UNBOUND
     bound = make_wq("bound")
     unbound = make_wq("unbound", WQ_UNBOUND)
-    first_done = threading.Event()
-    started = threading.Event()
-    release = threading.Event()
+    started, release, first_done, second = (threading.Event() for _ in range(4))
     saw: list[bool] = []
 
     def func(work: Work) -> None:
@@ -353,12 +411,18 @@ def test_non_reentrancy_holds_across_workqueues(make_wq: Any) -> None:
             first_done.set()
         else:
             saw.append(first_done.is_set())
+            second.set()
 
     w = Work(func)
     bound.queue_work_on(0, w)
     assert started.wait(TIMEOUT)
-    assert unbound.queue_work(w) is True  # an unbound worker picks it up ...
-    release.set()                          # ... but it waits for the first run
+    try:
+        # An idle unbound worker picks it up, but must leave it for the first run.
+        assert unbound.queue_work(w) is True
+        assert not second.wait(0.2), "second run started while the first was still running"
+    finally:
+        release.set()
+    assert second.wait(TIMEOUT)
     unbound.flush()
     w.flush()
     assert saw == [True]
