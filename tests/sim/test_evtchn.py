@@ -327,10 +327,16 @@ def test_closed_handle_refuses_work(host: SimHost) -> None:
 def test_wait_blocks_until_a_port_fires(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
     e0, p0, e1, p1 = pair
     assert e0.wait(0.02) is None
-    timer = threading.Timer(0.05, e1.notify, (p1,))
-    timer.start()
-    assert e0.wait(5) == p0
-    timer.join()
+    got: list[int | None] = []
+    waiter = threading.Thread(target=lambda: got.append(e0.wait(5)), daemon=True)
+    waiter.start()
+    # Notify only once the waiter is inside wait() (counted before its epoll_wait).
+    assert eventually(lambda: e0._waiters == 1)
+    waiter.join(0.1)
+    assert waiter.is_alive() and got == [], "wait() returned with nothing fired"
+    e1.notify(p1)
+    waiter.join(5)
+    assert not waiter.is_alive() and got == [p0]
     e1.notify(p1)  # masked: remembered, not delivered
     assert e0.wait(0.05) is None
     e0.unmask(p0)
@@ -408,25 +414,28 @@ def test_a_masked_port_reported_to_two_waiters_is_set_aside_once(
 
 
 def test_close_wakes_a_waiting_thread(host: SimHost) -> None:
+    # No port bound: only close()'s own wake-up can end the wait.
     ch = host.dom0.evtchn()
-    ch.bind_unbound_port(0)
     errors: list[int] = []
-    started = threading.Event()
 
     def waiter() -> None:
-        started.set()
         try:
             ch.wait()
         except EventChannelError as e:
             errors.append(e.errno)
 
-    thread = threading.Thread(target=waiter)
+    thread = threading.Thread(target=waiter, daemon=True)
     thread.start()
-    started.wait(5)
+    # Close only once the waiter is inside wait(): a close() before it
+    # would just be refused at wait()'s entry.
+    assert eventually(lambda: ch._waiters == 1)
     ch.close()
     thread.join(5)
-    assert not thread.is_alive()
+    assert not thread.is_alive(), "close() left a thread waiting"
     assert errors == [errno.EBADF]
+    assert ch._waiters == 0  # the waiter released the descriptors on its way out
+    with pytest.raises(ValueError):
+        ch._epoll.fileno()  # closed by the last waiter
 
 
 def test_concurrent_binds_notifies_and_unbinds(host: SimHost, guest: Domain) -> None:

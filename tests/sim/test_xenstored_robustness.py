@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hosthelpers import error_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,6 +47,21 @@ def closed_by_server(sock: socket.socket, timeout: float = 10.0) -> bool:
     except ConnectionResetError:
         pass
     return True
+
+
+def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection; fails if
+    it keeps the connection open for ``timeout`` without a word."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass  # closed with some of our bytes unread: closed all the same
+    except TimeoutError:
+        pytest.fail(f"the server neither closed the connection nor said more than {data!r}")
+    return data
 
 
 def check_alive(xsd: XenStored, marker: str = "alive") -> None:
@@ -89,7 +105,13 @@ def test_truncated_packet_then_close(xsd: XenStored, no_internal_errors: None) -
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(xsd.path))
         s.sendall(HEADER.pack(Op.WRITE, 1, 0, 100) + b"/abc\0partial")
+        # Close our side for writing only, so that we still see the server's
+        # answer: no reply to the half request, and the connection closed.
+        s.shutdown(socket.SHUT_WR)
+        assert read_to_eof(s) == b""
     check_alive(xsd)
+    with RawClient(xsd.path) as c:
+        assert error_of(c.read, "/abc") == "ENOENT"  # the half write was not done
 
 
 def test_byte_at_a_time_and_pipelined(xsd: XenStored) -> None:
@@ -110,7 +132,9 @@ def test_garbage_gets_errors_or_a_closed_connection(xsd: XenStored, no_internal_
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(xsd.path))
         s.sendall(bytes(range(256)) * 4)
-        # Whatever it made of that, the server is still fine.
+        # Its first header announces 0x0f0e0d0c bytes of payload: the stream
+        # is out of sync for good, and the server hangs up without a reply.
+        assert read_to_eof(s) == b""
     check_alive(xsd)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import pytest
 
@@ -71,31 +72,66 @@ def test_host_fd_in_poll_mode(polled) -> None:
         os.close(w)
 
 
-def test_wakeup_ends_a_poll_in_progress(polled) -> None:
+class _EpollSpy:
+    """Stands in for a dispatcher's epoll object: sets ``entered`` as the
+    poller goes into epoll_wait, and with ``hold`` keeps it from leaving
+    poll() until that is set."""
+
+    def __init__(self, real: Any, hold: threading.Event | None = None) -> None:
+        self._real = real
+        self._hold = hold
+        self.entered = threading.Event()
+
+    def poll(self, *args: Any) -> Any:
+        self.entered.set()
+        ready = self._real.poll(*args)
+        if self._hold is not None:
+            self._hold.wait(TIMEOUT)
+        return ready
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_wakeup_ends_a_poll_in_progress(polled, monkeypatch) -> None:
     _, _, dispatcher = polled
-    returned = threading.Event()
-
-    def poller() -> None:
-        dispatcher.poll(None)
-        returned.set()
-
-    t = threading.Thread(target=poller)
-    t.start()
-    dispatcher.wakeup()
-    assert returned.wait(TIMEOUT)
-    t.join(TIMEOUT)
-
-
-def test_close_waits_for_a_poll_in_progress(host) -> None:
-    dispatcher = EventDispatcher(host.dom0, thread=False)
-    entered = threading.Event()
+    spy = _EpollSpy(dispatcher._epoll)
+    monkeypatch.setattr(dispatcher, "_epoll", spy)
     result: list[int] = []
-    t = threading.Thread(target=lambda: (entered.set(), result.append(dispatcher.poll(None))))
+    t = threading.Thread(target=lambda: result.append(dispatcher.poll(None)), daemon=True)
     t.start()
-    assert entered.wait(TIMEOUT)
-    dispatcher.close()  # wakes the poll and waits for it
+    # Wake it up only once it is past its checks and waiting in epoll.
+    assert spy.entered.wait(TIMEOUT)
+    dispatcher.wakeup()
     t.join(TIMEOUT)
-    assert result == [0] and not t.is_alive()
+    woken = not t.is_alive()
+    if not woken:  # release it by hand, or closing the fixture waits for ever
+        os.write(dispatcher._wake_w, b"x")
+    assert woken, "wakeup() did not end the poll"
+    assert result == [0]  # woken, nothing ran
+
+
+def test_close_waits_for_a_poll_in_progress(host, monkeypatch) -> None:
+    dispatcher = EventDispatcher(host.dom0, thread=False)
+    leave = threading.Event()
+    spy = _EpollSpy(dispatcher._epoll, hold=leave)
+    monkeypatch.setattr(dispatcher, "_epoll", spy)
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(dispatcher.poll(None)), daemon=True)
+    t.start()
+    assert spy.entered.wait(TIMEOUT)  # in epoll_wait: only close() can end it
+    closer = threading.Thread(target=dispatcher.close, daemon=True)
+    closer.start()
+    # close() woke the poll (which is held on its way out): it must not
+    # close the descriptors under it.
+    closer.join(0.2)
+    assert closer.is_alive(), "close() returned while a poll was in progress"
+    leave.set()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive(), "close() did not end the poll in progress"
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert result == [0]
     assert dispatcher.poll(0) == 0  # a closed dispatcher has nothing more
 
 

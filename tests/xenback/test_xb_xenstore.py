@@ -151,12 +151,40 @@ def test_transaction_gives_up_after_attempts(dom0_xs) -> None:
 
 def test_wait_for(dom0_xs) -> None:
     dom0_xs.write("/w", "a")
-    threading.Timer(0.01, dom0_xs.write, ("/w", "b")).start()
+    values: list[str | None] = []
+    checked = threading.Event()
+
+    def is_b(value: str | None) -> bool:
+        values.append(value)
+        checked.set()  # the watch is in place and "a" was read: now it waits
+        return value == "b"
+
+    def writer() -> None:
+        if checked.wait(TIMEOUT):
+            dom0_xs.write("/w", "b")
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    assert dom0_xs.wait_for("/w", is_b, timeout=TIMEOUT) == "b"
+    thread.join(TIMEOUT)
+    assert values[0] == "a" and values[-1] == "b"  # it did wait for the change
     assert dom0_xs.wait_for("/w", "b", timeout=TIMEOUT) == "b"
     assert dom0_xs.wait_for("/w", timeout=TIMEOUT) == "b"
     assert dom0_xs.wait_for("/w2", lambda v: v is None, timeout=TIMEOUT) is None
     with pytest.raises(TimeoutError, match=r"/w did not reach .* \(last value 'b'\)"):
         dom0_xs.wait_for("/w", "c", timeout=0.05)
+
+
+def _handed_over(xs: XenStore, tag: str) -> None:
+    """Return once every watch event XenStore sent so far has been handed
+    to its callback or its EventQueue: the events of one connection come
+    in order, and a watch without a queue runs on the watch thread."""
+    node = f"/ord-sync/{tag}"
+    synced = threading.Event()
+    sentinel = xs.watch(node, lambda p: synced.set() if p == f"{node}/x" else None)
+    xs.write(f"{node}/x", 1)
+    assert synced.wait(TIMEOUT)
+    sentinel.unwatch()
 
 
 def test_watches_on_an_event_queue_keep_order(host, wq) -> None:
@@ -185,14 +213,23 @@ def test_watches_on_an_event_queue_keep_order(host, wq) -> None:
         queue.flush()
         assert seen[0] == "/ord"  # the first event of every new watch
         assert seen[-100:] == [f"/ord/{i}" for i in range(100)]
+        # A second watch on the queue, left in place when the queue closes.
+        xs.watch("/kept", callback, events=queue)
+        _handed_over(xs, "kept")
+        queue.flush()
+        assert seen[-1] == "/kept"
         watch.unwatch()
         xs.write("/ord/after", 1)
-        assert xs.read("/ord/after") == "1"
+        _handed_over(xs, "unwatched")
+        queue.flush()
+        assert "/ord/after" not in seen, "an event came after unwatch()"
         queue.close()
         assert queue.call(print) is False
         n = len(seen)
-        xs.write("/ord/after", 2)
-        assert len(seen) == n
+        xs.write("/kept/after", 2)
+        _handed_over(xs, "closed")
+        wq.flush()
+        assert seen[n:] == [], "a closed queue still delivered an event"
     assert not leaked_threads(before)
 
 
