@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import pytest
+from wqhelpers import assert_waits_until_released
 
 from workqueue import DelayedWork, Work, blocking
 
@@ -31,15 +32,7 @@ def test_flush_waits_for_everything_queued_before(make_wq: Any) -> None:
         with lock:
             order.append("flushed")
 
-    flusher = threading.Thread(target=flush)
-    try:
-        flusher.start()
-        flusher.join(0.05)
-        assert flusher.is_alive(), "flush() returned while items were held"
-    finally:
-        release.set()
-    flusher.join(TIMEOUT)
-    assert not flusher.is_alive(), "flush() hung"
+    assert_waits_until_released(flush, release, "flush() of held items")
     assert order == ["item"] * 4 + ["flushed"]
 
 
@@ -76,17 +69,10 @@ def test_flush_is_not_livelocked_by_later_queueing(make_wq: Any) -> None:
         seen.append(runs[0])
 
     p = threading.Thread(target=producer)
-    flusher = threading.Thread(target=flush)
     p.start()
     try:
-        try:
-            flusher.start()
-            flusher.join(0.05)
-            assert flusher.is_alive(), "flush() returned before an item queued earlier finished"
-        finally:
-            release.set()
-        flusher.join(TIMEOUT)
-        assert not flusher.is_alive(), "flush() was livelocked"
+        # It waits for the held item queued before it, and not for ever.
+        assert_waits_until_released(flush, release, "flush() under constant queueing")
     finally:
         stop.set()
         p.join(TIMEOUT)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import threading
 from collections import defaultdict
-from collections.abc import Callable
 from concurrent.futures import Future, wait
 
 import pytest
+from wqhelpers import assert_next_run_waits
 
 from workqueue import WQ_UNBOUND, Topology, Work, alloc_ordered_workqueue, alloc_workqueue
 
@@ -234,37 +234,6 @@ class Counted(Work):
             if self.wq.queue_work(self):  # type: ignore[attr-defined]
                 self.requeued += 1
         self.active = False
-
-
-def assert_next_run_waits(queue_first: Callable[[Work], bool],
-                          queue_again: Callable[[Work], bool],
-                          meanwhile: Callable[[], object] = lambda: None) -> None:
-    """Hold an item's run, queue it again where an idle worker could take
-    it, and check that the second run waits for the first."""
-    started, release, first_done, second = (threading.Event() for _ in range(4))
-    saw: list[bool] = []
-
-    def func(work: Work) -> None:
-        if not started.is_set():
-            started.set()
-            assert release.wait(TIMEOUT)
-            first_done.set()
-        else:
-            saw.append(first_done.is_set())
-            second.set()
-
-    w = Work(func)
-    assert queue_first(w) is True
-    try:
-        assert started.wait(TIMEOUT)
-        meanwhile()
-        assert queue_again(w) is True
-        assert not second.wait(0.2), "second run started while the first was still running"
-    finally:
-        release.set()
-    assert second.wait(TIMEOUT)
-    w.flush()
-    assert saw == [True]
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, as_completed, wait
 
 import pytest
+from wqhelpers import assert_waits_until_released
 
 from workqueue import Topology, alloc_workqueue
 from workqueue._serial import SerialExecutor, close_serial
@@ -188,15 +189,7 @@ def test_shutdown_waits_and_refuses_new_calls(wq: object) -> None:
         ex.shutdown(wait=True)
         result.append(list(ran))  # what had run when it returned
 
-    closer = threading.Thread(target=shutdown)
-    try:
-        closer.start()
-        closer.join(0.05)
-        assert closer.is_alive(), "shutdown(wait=True) returned while calls were pending"
-    finally:
-        gate.set()
-    closer.join(TIMEOUT)
-    assert not closer.is_alive(), "shutdown(wait=True) hung"
+    assert_waits_until_released(shutdown, gate, "shutdown(wait=True) with calls pending")
     assert result == [list(range(20))]
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(ran.append, 99)

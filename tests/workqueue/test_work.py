@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 import pytest
+from wqhelpers import assert_next_run_waits
 
 from workqueue import Work, current_work
 from workqueue._pool import Worker
@@ -401,31 +402,9 @@ def test_non_reentrancy_holds_across_workqueues(make_wq: Any) -> None:
     from workqueue import WQ_UNBOUND
     bound = make_wq("bound")
     unbound = make_wq("unbound", WQ_UNBOUND)
-    started, release, first_done, second = (threading.Event() for _ in range(4))
-    saw: list[bool] = []
-
-    def func(work: Work) -> None:
-        if not started.is_set():
-            started.set()
-            assert release.wait(TIMEOUT)
-            first_done.set()
-        else:
-            saw.append(first_done.is_set())
-            second.set()
-
-    w = Work(func)
-    bound.queue_work_on(0, w)
-    assert started.wait(TIMEOUT)
-    try:
-        # An idle unbound worker picks it up, but must leave it for the first run.
-        assert unbound.queue_work(w) is True
-        assert not second.wait(0.2), "second run started while the first was still running"
-    finally:
-        release.set()
-    assert second.wait(TIMEOUT)
+    # An idle unbound worker picks it up, but must leave it for the first run.
+    assert_next_run_waits(lambda w: bound.queue_work_on(0, w), unbound.queue_work)
     unbound.flush()
-    w.flush()
-    assert saw == [True]
 
 
 def test_an_item_run_by_another_pools_worker_counts_as_running(make_wq: Any) -> None:
