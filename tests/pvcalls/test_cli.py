@@ -23,6 +23,27 @@ TIMEOUT = 30.0
 BIN = Path(sys.executable).parent
 
 
+#: The environment of a child that may hang: SIGABRT then makes Python
+#: print every thread's stack (see reap).
+FAULTHANDLER_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if a failed test left it running, printing (with the
+    test's output) where its threads were, if it runs with FAULTHANDLER_ENV
+    and its stderr is a pipe."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            print(f"{proc.args!r} was still running; its stderr:")
+            print(proc.stderr.read().decode(errors="replace"))
+
+
 def script(name: str) -> list[str]:
     """The console script if installed next to the interpreter, else the
     same entry point through ``python -c``."""

@@ -13,21 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import TIMEOUT, Lines, script
+from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, script
 
 from pvcalls._cli import main
 
 
 @contextlib.contextmanager
 def running(argv: list[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
-    """A process, killed on the way out if the test left it running."""
-    proc = subprocess.Popen(argv, **popen)
+    """A process, killed on the way out if the test left it running (and
+    then, where its stderr is a pipe, its threads' stacks printed)."""
+    proc = subprocess.Popen(argv, env=FAULTHANDLER_ENV, **popen)
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import TIMEOUT, Lines, run_daemon, script
+from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, run_daemon, script
 
 # Runs its arguments with SIGINT's default action: a test run in the
 # background of a shell ignores SIGINT, and its children would too.
@@ -25,21 +25,6 @@ _SIGINT_DEFAULT = [
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
     "os.execv(sys.argv[1], sys.argv[1:])",
 ]
-
-
-def reap(proc: subprocess.Popen[bytes]) -> None:
-    """Kill ``proc`` if a failed test left it running, printing where its
-    threads were (nc runs with PYTHONFAULTHANDLER: SIGABRT dumps them)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGABRT)
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            print("pvcalls-nc was still running; its stderr:")
-            print(proc.stderr.read().decode(errors="replace"))
 
 
 @dataclasses.dataclass
@@ -58,7 +43,7 @@ class Guest:
         ``interruptible``: with SIGINT not ignored, whatever we inherited."""
         for stream in ("stdin", "stdout", "stderr"):
             popen.setdefault(stream, subprocess.PIPE)
-        popen.setdefault("env", {**os.environ, "PYTHONFAULTHANDLER": "1"})
+        popen.setdefault("env", FAULTHANDLER_ENV)
         return subprocess.Popen(
             [*(_SIGINT_DEFAULT if interruptible else []), *script("pvcalls-nc"),
              "--run-dir", str(self.run_dir), "--domid", str(self.domid), *args],
