@@ -211,7 +211,8 @@ class BackendDevice:
         (nothing is written then: a write would re-create it)."""
 
         def tx(t: Transaction) -> None:
-            if t.read(self.nodename) is None or self._recreated(t):
+            gone = t.read(self.nodename) is None
+            if gone or self._recreated(t.read(f"{self.nodename}/state")):
                 raise FileNotFoundError(errno.ENOENT, "device directory was deleted", self.nodename)
             for key, value in nodes.items():
                 t.write(f"{self.nodename}/{key}", value)
@@ -225,9 +226,12 @@ class BackendDevice:
         value = str(int(state))
 
         def tx(t: Transaction) -> bool | None:
-            if t.read(self.nodename) is None or self._recreated(t):
+            if t.read(self.nodename) is None:
                 return None
-            if t.read(f"{self.nodename}/state") == value:
+            current = t.read(f"{self.nodename}/state")
+            if self._recreated(current):
+                return None
+            if current == value:
                 return False
             t.write(f"{self.nodename}/state", value)
             return True
@@ -240,9 +244,10 @@ class BackendDevice:
             logger.debug("%s: state -> %s", self.nodename, state.name)
         return bool(written)
 
-    def _recreated(self, t: Transaction | XenStore) -> bool:
-        """Whether our directory is a new device's now (see _switched)."""
-        return self._switched and t.read(f"{self.nodename}/state") == _INITIALISING
+    def _recreated(self, state: str | None) -> bool:
+        """Whether our directory, its ``state`` reading ``state``, is a new
+        device's now (see _switched)."""
+        return self._switched and state == _INITIALISING
 
     @property
     def error_path(self) -> str:
@@ -665,12 +670,14 @@ class BackendDriver:
         if dev.gone:
             return
         xs = self.xenstore
-        if not xs.exists(dev.nodename) or dev._recreated(xs):
+        exists = xs.exists(dev.nodename)
+        state = dev.read("state") if exists else None
+        if not exists or dev._recreated(state):
             logger.info("%s: device directory deleted", dev.nodename)
             self._drop(dev)
             return
         try:
-            dev.state = XenbusState.parse(dev.read("state"))
+            dev.state = XenbusState.parse(state)
         except ValueError:
             pass
         # Removal by the toolstack: online=0 and state=Closing written to
