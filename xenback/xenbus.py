@@ -623,7 +623,13 @@ class BackendDriver:
         try:
             return self.xenstore.is_domain_introduced(domid)
         except OSError:
+            pass
+        try:
             return self.xenstore.exists(f"/local/domain/{domid}")
+        except PermissionError:
+            # A driver domain may look at neither: assume it lives, and
+            # learn of its death from its frontend directory vanishing.
+            return True
 
     # Per-device handlers (run on the device's queue).
 
@@ -656,7 +662,7 @@ class BackendDriver:
     def _otherend_changed(self, dev: BackendDevice) -> None:
         if dev.gone:
             return
-        raw = dev.read_otherend("state")
+        raw = self._otherend_state(dev)
         try:
             state = XenbusState.parse(raw)
         except ValueError as exc:
@@ -665,6 +671,17 @@ class BackendDriver:
         dev.frontend_state = state
         logger.debug("%s: frontend %s", dev.nodename, state.name)
         self.frontend_changed(dev, state)
+
+    @staticmethod
+    def _otherend_state(dev: BackendDevice) -> str | None:
+        """The frontend's raw ``state``; None (Unknown) where it is missing
+        or may not be read.  Where a dead frontend's directory was, a driver
+        domain gets EACCES (it may not read ``/local/domain``), not ENOENT;
+        Linux's ``xenbus_read_driver_state`` takes any failure for Unknown."""
+        try:
+            return dev.read_otherend("state")
+        except PermissionError:
+            return None
 
     def _backend_changed(self, dev: BackendDevice) -> None:
         if dev.gone:
@@ -686,7 +703,7 @@ class BackendDriver:
         # closed or never got going would leave the toolstack waiting.
         if dev.state == XenbusState.CLOSING and not self._online(dev):
             try:
-                fstate = XenbusState.parse(dev.read_otherend("state")) if dev.otherend else XenbusState.UNKNOWN
+                fstate = XenbusState.parse(self._otherend_state(dev)) if dev.otherend else XenbusState.UNKNOWN
             except ValueError:
                 fstate = XenbusState.UNKNOWN
             if fstate in (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED):

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver
-from xenback import XenbusState
+from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, handed_over, leaked_threads
+from xenback import XenbusState, XenStore
+from xenback.sim import SimHost
 from xenback.sim._xenstored import RawClient
 
 S = XenbusState
@@ -692,9 +693,6 @@ def test_many_devices_at_once(host, driver, frontends) -> None:
 def test_driver_stops_after_the_host_went_away(frontends) -> None:
     """XenStore dies under a connected backend: stop() still returns and
     releases every thread of the driver."""
-    from tests.xenback.xbhelpers import leaked_threads
-    from xenback.sim import SimHost
-
     before = {t.ident for t in threading.enumerate()}
     host = SimHost()
     host.start()
@@ -709,3 +707,143 @@ def test_driver_stops_after_the_host_went_away(frontends) -> None:
         host.close()
     drv.stop()
     assert not leaked_threads(before)  # pyxs's router threads saw the reset and ended
+
+
+def test_any_other_driver_exception_is_reported_as_eio(host, driver, frontends, dom0_xs, caplog) -> None:
+    """An exception that is neither an OSError nor a ValueError/TypeError
+    still fails the device cleanly: EIO, the exception's type and text."""
+
+    def hook(_dev) -> None:
+        raise LookupError("no such queue")
+
+    driver.connect_hook = hook
+    census = Census(host, driver)
+    guest = host.create_domain("bad")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    assert _error(dom0_xs, dev) == f"{errno.EIO} connecting: LookupError: no such queue"
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert _no_tracebacks(caplog) == []
+    fe.close()
+    census.check()
+
+
+def test_frontend_closed_while_offline_drops_the_device(host, driver, frontends, dom0_xs) -> None:
+    """``online`` = 0 and the frontend closes: Closed is written and the
+    device dropped, though the toolstack has not deleted its directory."""
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    dom0_xs.write(f"{dev.backend_path}/online", 0)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone and driver.devices() == []
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    assert _error(dom0_xs, dev) is None
+    fe.close()
+    census.check()
+
+
+def test_start_twice_is_refused(driver) -> None:
+    with pytest.raises(RuntimeError, match="RecordingDriver is already started"):
+        driver.start()
+
+
+def test_start_without_xenstore_fails_and_holds_nothing() -> None:
+
+    with SimHost() as host:
+        dom0 = host.dom0
+    before = {t.ident for t in threading.enumerate()}
+    drv = RecordingDriver(dom0)
+    for _ in range(2):  # a failed start can be tried again
+        with pytest.raises(ConnectionError, match="cannot connect to XenStore"):
+            drv.start()
+        # Its own workqueue was destroyed again, and nothing is started.
+        with pytest.raises(RuntimeError, match="RecordingDriver is not started"):
+            drv.workqueue  # noqa: B018
+        with pytest.raises(RuntimeError, match="RecordingDriver is not started"):
+            drv.xenstore  # noqa: B018
+    drv.stop()  # a no-op
+    assert not leaked_threads(before)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_host_dying_under_a_connected_device(frontends, caplog) -> None:
+    """XenStore and the hypervisor go away while a device holds a mapping
+    and a port: fatal() reports what it could not do instead of raising,
+    and stop() still forgets every resource and thread."""
+
+    before = {t.ident for t in threading.enumerate()}
+    host = SimHost()
+    host.start()
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    try:
+        guest, dev, fe = _connected(host, drv, frontends)
+        bdev = _bdev(drv, guest.domid)
+        assert bdev.resources == (1, 1)
+        assert bdev.platform is host.dom0
+    finally:
+        host.close()
+    assert drv.xenstore.connection_lost.wait(TIMEOUT)
+    caplog.clear()
+    bdev.fatal(errno.EIO, "too late")  # does not raise
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{dev.backend_path}: could not write the error node",
+                        f"{dev.backend_path}: could not switch to Closing"]
+    caplog.clear()
+    drv.stop()
+    assert bdev.gone and bdev.resources == (0, 0) and drv.devices() == []
+    (port,) = [r.args[1] for r in caplog.records
+               if r.msg == "%s: unbinding port %d failed"]  # type: ignore[index]
+    assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert port > 0
+    fe.close()
+    assert not leaked_threads(before)
+
+
+def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
+    """A backend in a driver domain may neither ask XenStore whether a
+    domain is introduced nor look at another domain's home: @releaseDomain
+    must not fail there.  The dead frontend's device goes when its
+    directory does, and the other devices are not disturbed."""
+
+    drvdom = host.create_domain("driver-domain")
+    with XenStore(host.dom0.xenstore()) as dom0_xs:
+        # As libxl lets a driver domain hear of its frontends' deaths.
+        dom0_xs.set_perms("@releaseDomain", ["n0", f"r{drvdom.domid}"])
+    drv = RecordingDriver(drvdom)
+    with drv:
+        with pytest.raises(PermissionError):
+            drv.xenstore.is_domain_introduced(0)
+        fes = []
+        for name in ("dying", "living"):
+            guest = host.create_domain(name)
+            dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+            fe = frontends(guest, dev)
+            fe.wait_backend(S.INIT_WAIT)
+            fe.publish()
+            fe.wait_backend(S.CONNECTED)
+            fes.append(fe)
+        dying, living = fes
+        dying.close()
+        caplog.clear()
+        host.destroy_domain(dying.guest)
+        drv.wait_call("remove", dying.guest.domid)
+        # The @releaseDomain event has reached the bus queue, and ran.
+        handed_over(drv.xenstore, "released", base=f"/local/domain/{drvdom.domid}/sync")
+        drv._bus.flush()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        # The dying device closed at once: the toolstack did not time out.
+        assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+        (bdev,) = drv.devices()
+        assert bdev.frontend_id == living.guest.domid and bdev.resources == (1, 1)
+        living.set_state(S.CLOSING)
+        living.wait_backend(S.CLOSING)
+    assert drv.calls_of(living.guest.domid) == ["probe", "connect", "disconnect", "remove"]

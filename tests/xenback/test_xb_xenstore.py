@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.sim.hosthelpers import hang_up_after_one_request
-from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
+from tests.xenback.xbhelpers import TIMEOUT, handed_over, leaked_threads
 from xenback import EventQueue, XenStore
 
 
@@ -51,6 +51,13 @@ def test_typed_reads_and_writes(dom0_xs) -> None:
     with pytest.raises(TypeError, match="str or int"):
         xs.write("/test/x", 1.5)  # type: ignore[arg-type]
     assert xs.get_domain_path(3) == "/local/domain/3"
+    with pytest.raises(TypeError, match="XenStore paths are str, not bytes"):
+        xs.read(b"/test")  # type: ignore[arg-type]
+    xs.mkdir("/test/made/deep")
+    assert xs.read("/test/made/deep") == "" and xs.read("/test/made") == ""
+    xs.write("/test/made/deep", "kept")
+    xs.mkdir("/test/made/deep")  # an existing node keeps its value
+    assert xs.read("/test/made/deep") == "kept"
 
 
 @pytest.mark.parametrize(
@@ -137,6 +144,59 @@ def test_transaction_is_rerun_on_conflict(host, dom0_xs) -> None:
     assert dom0_xs.read("/counter") == "101"  # rolled back
 
 
+def test_transaction_is_rerun_when_its_function_meets_eagain(dom0_xs) -> None:
+    """An EAGAIN raised inside the function (a nested XenStore call that
+    conflicted) re-runs the whole transaction, as a failed commit does."""
+    dom0_xs.write("/again", 0)
+    runs = []
+
+    def body(t) -> int:
+        runs.append(t.read_int("/again"))
+        t.write("/again", 1)
+        if len(runs) == 1:
+            raise BlockingIOError(errno.EAGAIN, "conflict under us")
+        return len(runs)
+
+    assert dom0_xs.transaction(body) == 2
+    assert runs == [0, 0]  # the first attempt's write was rolled back
+    assert dom0_xs.read("/again") == "1"
+
+
+def test_a_commit_refused_for_another_reason_is_raised(host) -> None:
+    """A guest's commit that would exceed its node quota fails with
+    ENOSPC: raised at once, not retried, and nothing is written."""
+    guest = host.create_domain("quota")
+    home = f"/local/domain/{guest.domid}"
+    attempts = []
+    with XenStore(guest.xenstore()) as gxs:
+
+        def body(t) -> None:
+            attempts.append(1)
+            t.write(f"{home}/tx/a", 1)
+            t.write(f"{home}/tx/b", 1)
+            # Meanwhile the guest uses its quota up outside the transaction
+            # (up to one node short: the two above do not fit any more).
+            n = 0
+            while True:
+                try:
+                    gxs.write(f"{home}/fill/{n // 100}/{n % 100}", 1)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+                n += 1
+            gxs.rm(f"{home}/fill/0/0")
+
+        with pytest.raises(OSError) as info:
+            gxs.transaction(body)
+        assert info.value.errno == errno.ENOSPC
+        assert info.value.filename == "@transaction"
+        assert attempts == [1]
+        assert not gxs.exists(f"{home}/tx")
+        gxs.rm(f"{home}/fill")
+        gxs.transaction(lambda t: t.write(f"{home}/tx/a", 2))  # room again
+        assert gxs.read(f"{home}/tx/a") == "2"
+
+
 def test_transaction_gives_up_after_attempts(dom0_xs) -> None:
     dom0_xs.write("/hot", 0)
 
@@ -175,18 +235,6 @@ def test_wait_for(dom0_xs) -> None:
         dom0_xs.wait_for("/w", "c", timeout=0.05)
 
 
-def _handed_over(xs: XenStore, tag: str) -> None:
-    """Return once every watch event XenStore sent so far has been handed
-    to its callback or its EventQueue: the events of one connection come
-    in order, and a watch without a queue runs on the watch thread."""
-    node = f"/ord-sync/{tag}"
-    synced = threading.Event()
-    sentinel = xs.watch(node, lambda p: synced.set() if p == f"{node}/x" else None)
-    xs.write(f"{node}/x", 1)
-    assert synced.wait(TIMEOUT)
-    sentinel.unwatch()
-
-
 def test_watches_on_an_event_queue_keep_order(host, wq) -> None:
     before = {t.ident for t in threading.enumerate()}
     seen: list[str] = []
@@ -215,19 +263,19 @@ def test_watches_on_an_event_queue_keep_order(host, wq) -> None:
         assert seen[-100:] == [f"/ord/{i}" for i in range(100)]
         # A second watch on the queue, left in place when the queue closes.
         xs.watch("/kept", callback, events=queue)
-        _handed_over(xs, "kept")
+        handed_over(xs, "kept")
         queue.flush()
         assert seen[-1] == "/kept"
         watch.unwatch()
         xs.write("/ord/after", 1)
-        _handed_over(xs, "unwatched")
+        handed_over(xs, "unwatched")
         queue.flush()
         assert "/ord/after" not in seen, "an event came after unwatch()"
         queue.close()
         assert queue.call(print) is False
         n = len(seen)
         xs.write("/kept/after", 2)
-        _handed_over(xs, "closed")
+        handed_over(xs, "closed")
         wq.flush()
         assert seen[n:] == [], "a closed queue still delivered an event"
     assert not leaked_threads(before)
@@ -394,6 +442,55 @@ def test_event_queue_reports_a_lost_connection_without_a_traceback(wq, caplog) -
     lost, bug = [r for r in caplog.records if r.name == "xenback._eventqueue"]
     assert "XenStore connection lost" in lost.getMessage() and lost.exc_info is None
     assert "failed" in bug.getMessage() and bug.exc_info is not None
+
+
+def test_a_failing_watch_callback_silences_no_watch(dom0_xs, caplog) -> None:
+    """Callbacks run on the one watch thread of the connection: one that
+    raises is logged, and every watch (itself included) goes on firing."""
+    seen: list[str] = []
+    cond = threading.Condition()
+
+    def bad(path: str) -> None:
+        if path.startswith("/cb/bad/"):
+            raise RuntimeError(f"cannot handle {path}")
+
+    def good(path: str) -> None:
+        with cond:
+            seen.append(path)
+            cond.notify_all()
+
+    bad_watch = dom0_xs.watch("/cb/bad", bad)
+    dom0_xs.watch("/cb/good", good)
+    for i in range(3):
+        dom0_xs.write(f"/cb/bad/{i}", i)
+        dom0_xs.write(f"/cb/good/{i}", i)
+    with cond:
+        assert cond.wait_for(lambda: "/cb/good/2" in seen, TIMEOUT)
+    assert seen == ["/cb/good"] + [f"/cb/good/{i}" for i in range(3)]
+    failures = [r for r in caplog.records if r.getMessage() == "watch /cb/bad: callback failed"]
+    assert [str(r.exc_info[1]) for r in failures if r.exc_info] == [
+        f"cannot handle /cb/bad/{i}" for i in range(3)
+    ]
+    assert repr(bad_watch) == f"<Watch '/cb/bad' token={bad_watch.token!r}>"
+
+
+def test_a_watch_xenstore_refuses_is_not_kept(dom0_xs) -> None:
+    """A watch XenStore (or pyxs) refused leaves nothing behind, and
+    unwatch() of a removed watch is a no-op."""
+    fired = threading.Event()
+    watches = dict(dom0_xs._watches)
+    with pytest.raises(ValueError, match="invalid XenStore path '/bad path'"):
+        dom0_xs.watch("/bad path", lambda _p: fired.set())
+    with pytest.raises(ValueError, match="invalid XenStore path '/bad path'"):
+        dom0_xs.wait_for("/bad path", timeout=TIMEOUT)
+    assert dom0_xs._watches == watches and dom0_xs._waiters == set()
+    watch = dom0_xs.watch("/ok", lambda _p: None)
+    watch.unwatch()
+    watch.unwatch()  # idempotent
+    assert dom0_xs._watches == watches
+    dom0_xs.write("/ok/x", 1)
+    assert dom0_xs.wait_for("/ok/x", "1", timeout=TIMEOUT) == "1"  # still usable
+    assert not fired.is_set()
 
 
 def _try_read(xs: XenStore) -> BaseException | str | None:

@@ -141,6 +141,19 @@ class RecordingDriver(BackendDriver):
         self._record("remove", dev)
 
 
+def handed_over(xs: XenStore, tag: str, base: str = "/ord-sync") -> None:
+    """Return once every watch event XenStore sent ``xs`` so far has been
+    handed to its callback or its EventQueue: the events of one connection
+    come in order, and a watch without a queue runs on the watch thread.
+    ``base`` must be writable by ``xs``'s domain."""
+    node = f"{base}/{tag}"
+    synced = threading.Event()
+    sentinel = xs.watch(node, lambda p: synced.set() if p == f"{node}/x" else None)
+    xs.write(f"{node}/x", 1)
+    assert synced.wait(TIMEOUT)
+    sentinel.unwatch()
+
+
 def leaked_threads(before: set[int | None]) -> list[str]:
     """Threads started since ``before`` that still run, except the
     workqueue's shared pool workers and timer: like the kernel's kworkers
