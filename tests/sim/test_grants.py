@@ -278,6 +278,23 @@ def test_service_answers_garbage_with_errno(host: SimHost, data: bytes, err: int
         assert ask(sock, b'{"op": "info"}')["domid"] == 0
 
 
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b'{"op": "gnt_map", "domid": 0, "refs": [-1], "writable": true}',
+         "grant refs must be non-negative integers"),
+        (b'{"op": "gnt_map", "domid": 0, "refs": ["8"], "writable": true}',
+         "grant refs must be non-negative integers"),
+        (b'{"op": "gnt_end", "refs": [8, true]}', "grant refs must be non-negative integers"),
+        (b'{"op": "domain_create", "name": 7}', "'name' must be a string"),
+    ],
+)
+def test_service_says_which_argument_is_wrong(host: SimHost, data: bytes, error: str) -> None:
+    with raw(host, 0) as sock:
+        assert ask(sock, data) == {"errno": errno.EINVAL, "error": error}
+    assert [d.domid for d in host.domains()] == [0]  # nothing was made
+
+
 def test_service_closes_descriptors_it_did_not_ask_for(host: SimHost) -> None:
     r, w = os.pipe()
     try:

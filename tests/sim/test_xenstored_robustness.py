@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hosthelpers import error_of
+from hosthelpers import error_of, eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -244,6 +244,29 @@ def test_fuzzed_packets_never_hurt_other_clients(
 
 
 # --- clients that do not read -----------------------------------------------------------
+
+
+def test_client_that_shut_its_reading_side_is_dropped(
+        xsd: XenStored, no_internal_errors: None, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that will never read again (shutdown(SHUT_RD)) but sends a
+    request: the reply cannot be sent (EPIPE), and the server drops that
+    connection, with its watch, and serves everybody else."""
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    with RawClient(xsd.path) as watcher, RawClient(xsd.path) as other:
+        watcher.watch("/w", "tok")
+        assert watcher.recv_message()[0] == Op.WATCH_EVENT  # the first event
+        watcher.sock.shutdown(socket.SHUT_RD)
+        watcher.send_raw(HEADER.pack(Op.READ, 1, 0, 7) + b"/local\0")
+        assert eventually(lambda: any(
+            "send: [Errno 32]" in r.getMessage() for r in caplog.records), 10.0)
+        # Its watch went with it: a change under /w is sent to nobody, and
+        # the server is not hurt by that either.
+        other.write("/w/x", "1")
+        assert other.read("/w/x") == b"1"
+        with pytest.raises(OSError):
+            for _ in range(100):  # the server closed its end: sending fails
+                watcher.send_raw(HEADER.pack(Op.READ, 2, 0, 7) + b"/local\0")
+    check_alive(xsd)
 
 
 def test_client_not_reading_events_is_dropped(caplog: pytest.LogCaptureFixture) -> None:

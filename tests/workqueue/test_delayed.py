@@ -80,6 +80,41 @@ def test_mod_delayed_work_return_values_and_effect(make_wq: Any) -> None:
     dw.enable()
 
 
+def test_mod_delayed_work_on_moves_the_item_to_that_cpu(make_wq: Any, tracer: Any) -> None:
+    wq = make_wq()
+    wq.add_trace_hook(tracer)
+    dw = DelayedWork(lambda w: None)
+    assert wq.queue_delayed_work_on(0, dw, 60) is True
+    assert wq.mod_delayed_work_on(1, dw, 0) is True  # pending: re-armed, and moved
+    tracer.wait_for(lambda: "execute_end" in tracer.of(dw))
+    dw.flush()
+    assert tracer.cpus("execute_start", dw) == [1]
+    assert wq.mod_delayed_work_on(0, dw, 0) is False  # idle: queued
+    tracer.wait_for(lambda: tracer.of(dw).count("execute_end") == 2)
+    assert tracer.cpus("execute_start", dw) == [1, 0]
+    with pytest.raises(ValueError):
+        wq.mod_delayed_work_on(7, dw, 0)
+    assert not dw.pending
+
+
+def test_many_cancelled_timers_leave_the_armed_ones_alone(make_wq: Any) -> None:
+    """Cancelled delayed items leave dead timers behind, swept out once
+    they are the majority; the timers still armed must all survive that."""
+    wq = make_wq()
+    ran = threading.Semaphore(0)
+    kept = [DelayedWork(lambda w: ran.release()) for _ in range(10)]
+    doomed = [DelayedWork(lambda w: None) for _ in range(200)]
+    for dw in kept:
+        assert wq.queue_delayed_work(dw, 0.3) is True
+    for dw in doomed:
+        assert wq.queue_delayed_work(dw, 60) is True
+    for dw in doomed:
+        assert dw.cancel() is True
+    for _ in kept:
+        assert ran.acquire(timeout=TIMEOUT)
+    assert not any(dw.pending for dw in kept + doomed)
+
+
 def test_cancel_on_the_timer_and_later_timers_fire_in_order(make_wq: Any) -> None:
     wq = make_wq()
     ran: list[str] = []

@@ -106,6 +106,44 @@ def test_future_cancel_while_pending_and_not_once_running(make_wq: Any) -> None:
     assert cf.wait([first, second], timeout=TIMEOUT).not_done == set()
 
 
+def test_result_and_exception_time_out_and_the_future_stays_usable(make_wq: Any) -> None:
+    wq = make_wq(ordered=True)
+    release = threading.Event()
+    started = threading.Event()
+    slow = wq.submit(lambda: (started.set(), release.wait(TIMEOUT), "done")[2])
+    failing = wq.submit(lambda: 1 / 0)
+    assert started.wait(TIMEOUT)
+    try:
+        with pytest.raises(cf.TimeoutError):
+            slow.result(timeout=0.01)
+        with pytest.raises(cf.TimeoutError):
+            failing.exception(timeout=0)
+        assert not slow.done() and not failing.done()
+    finally:
+        release.set()
+    assert slow.result(TIMEOUT) == "done"
+    assert isinstance(failing.exception(TIMEOUT), ZeroDivisionError)
+
+
+def test_a_failing_trace_hook_is_logged_and_the_items_still_run(
+        make_wq: Any, tracer: Any, caplog: pytest.LogCaptureFixture) -> None:
+    wq = make_wq()
+
+    def broken(event: str, work: Any, cpu: int | None) -> None:
+        raise RuntimeError(f"hook broke at {event}")
+
+    wq.add_trace_hook(broken)
+    wq.add_trace_hook(tracer)  # hooks after the broken one still run
+    w = Work(lambda work: None)
+    wq.queue_work(w)
+    w.flush()
+    assert tracer.of(w) == ["queue", "activate", "execute_start", "execute_end"]
+    failures = [r for r in caplog.records if r.getMessage().startswith("trace hook ")]
+    assert [str(r.exc_info[1]) for r in failures if r.exc_info] == [
+        f"hook broke at {event}" for event in ("queue", "activate", "execute_start", "execute_end")
+    ]
+
+
 def test_shutdown_cancel_futures_cancels_what_has_not_started(make_wq: Any) -> None:
     wq = make_wq(ordered=True)
     release = threading.Event()

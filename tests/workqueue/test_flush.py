@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from wqhelpers import assert_waits_until_released
 
-from workqueue import DelayedWork, Work, blocking
+from workqueue import WQ_FREEZABLE, DelayedWork, Work, blocking
 
 TIMEOUT = 10.0
 
@@ -124,7 +124,7 @@ def test_drain_allows_chained_queueing_only(make_wq: Any) -> None:
 
 
 def test_destroy_drains_then_refuses_everything(make_wq: Any) -> None:
-    wq = make_wq()
+    wq = make_wq(flags=WQ_FREEZABLE)
     ran: list[int] = []
     for i in range(10):
         wq.queue_work(Work(lambda w, i=i: ran.append(i)))
@@ -140,7 +140,13 @@ def test_destroy_drains_then_refuses_everything(make_wq: Any) -> None:
         wq.queue_delayed_work(dw, 0)
     with pytest.raises(RuntimeError, match="destroyed"):
         wq.mod_delayed_work(dw, 1)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.mod_delayed_work_on(1, dw, 1)
     assert not dw.pending
+    with pytest.raises(RuntimeError, match="workqueue 'test' is destroyed"):
+        wq.set_max_active(4)
+    with pytest.raises(RuntimeError, match="workqueue 'test' is destroyed"):
+        wq.freeze()
     with pytest.raises(RuntimeError, match="after shutdown"):
         wq.submit(print)
     with pytest.raises(RuntimeError, match="already destroyed"):

@@ -105,6 +105,35 @@ def test_freeze_waits_for_in_flight_and_holds_new_items(make_wq: Any) -> None:
     wq.thaw()  # not frozen: no-op
 
 
+def test_thaw_releases_a_freeze_still_waiting_for_in_flight_items(make_wq: Any) -> None:
+    """thaw() while freeze() waits for the in-flight items: the freeze is
+    over, so freeze() returns, and the held items run."""
+    wq = make_wq("frz", WQ_FREEZABLE)
+    release = threading.Event()
+    started = threading.Event()
+    # Held longer than the freezer is waited for: only thaw() can end it.
+    wq.queue_work(Work(lambda w: (started.set(), release.wait(3 * TIMEOUT))))
+    assert started.wait(TIMEOUT)
+    freezer = threading.Thread(target=wq.freeze, daemon=True)
+    try:
+        freezer.start()
+        while not wq._frozen:
+            freezer.join(0.001)
+        held = Work(lambda w: None)
+        wq.queue_work(held)
+        freezer.join(0.05)
+        assert freezer.is_alive(), "freeze() returned with an item in flight"
+        wq.thaw()
+        freezer.join(TIMEOUT)
+        assert not freezer.is_alive(), "freeze() still waits after thaw()"
+    finally:
+        release.set()
+    held.flush()
+    assert not held.pending
+    wq.freeze()  # and it can be frozen again: nothing in flight now
+    wq.thaw()
+
+
 def test_freeze_needs_wq_freezable_and_blocks_drain(make_wq: Any) -> None:
     wq = make_wq()
     with pytest.raises(RuntimeError, match="WQ_FREEZABLE"):

@@ -428,3 +428,25 @@ def test_an_item_run_by_another_pools_worker_counts_as_running(make_wq: Any) -> 
     second.release.set()
     w.flush()
     assert unbound.stats().completed == 1
+
+
+def test_cancel_wakes_a_flush_waiting_for_the_pending_item(make_wq: Any) -> None:
+    """flush() of a pending item waits for its run; cancelling the item
+    instead ends that wait at once (the run will never come)."""
+    wq, blocker = held_ordered_queue(make_wq)
+    ran: list[int] = []
+    w = Work(lambda work: ran.append(1))
+    wq.queue_work(w)
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(w.flush()), daemon=True)
+    try:
+        flusher.start()
+        wait_until(lambda: w._flushers)  # it waits for the run
+        assert w.cancel() is True
+        flusher.join(TIMEOUT)
+        assert not flusher.is_alive(), "flush() still waits for a cancelled item"
+        assert result == [True]  # it did wait
+    finally:
+        blocker.release.set()
+    wq.flush()
+    assert ran == [] and not w.pending

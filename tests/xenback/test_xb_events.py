@@ -176,3 +176,89 @@ def test_close_from_a_port_callback_stops_quietly(host, caplog) -> None:
             dispatcher.bind_unbound_port(guest.domid, lambda _port: None)
     finally:
         evtchn.close()
+
+
+def test_frontend_side_port_from_bind_unbound_port(host, pair) -> None:
+    """The dispatcher may offer a port (a frontend's side): the guest binds
+    to it, and its notifications reach the callback."""
+    guest, evtchn, dispatcher = pair
+    fired = threading.Semaphore(0)
+    calls: list[int] = []
+
+    def callback(port: int) -> None:
+        calls.append(port)
+        fired.release()
+
+    local = dispatcher.bind_unbound_port(guest.domid, callback)
+    assert dispatcher.ports == [local]
+    remote = evtchn.bind_interdomain(0, local)
+    evtchn.notify(remote)
+    assert fired.acquire(timeout=TIMEOUT)
+    assert calls == [local]
+    dispatcher.notify(local)  # and back to the guest
+    ready, _, _ = select.select([evtchn.fileno()], [], [], TIMEOUT)
+    assert ready and evtchn.pending() == remote
+    dispatcher.unbind(local)
+    assert dispatcher.ports == []
+
+
+def test_failing_fd_callback_is_logged_and_dispatch_goes_on(pair, caplog) -> None:
+    _guest, _evtchn, dispatcher = pair
+    bad_r, bad_w = os.pipe()
+    good_r, good_w = os.pipe()
+    got = threading.Semaphore(0)
+
+    def bad(fd: int, events: int) -> None:
+        os.read(fd, 100)
+        raise RuntimeError(f"fd callback of {fd} broke")
+
+    dispatcher.add_fd(bad_r, select.EPOLLIN, bad)
+    dispatcher.add_fd(good_r, select.EPOLLIN, lambda fd, ev: (os.read(fd, 100), got.release()))
+    try:
+        for _ in range(2):
+            os.write(bad_w, b"x")
+            os.write(good_w, b"x")
+            assert got.acquire(timeout=TIMEOUT)
+        # The failing fd stays registered and is dispatched each time.
+        with pytest.raises(ValueError, match="already registered"):
+            dispatcher.add_fd(bad_r, select.EPOLLIN, bad)
+        failures = [r for r in caplog.records if r.getMessage() == f"fd {bad_r}: callback failed"]
+        assert len(failures) >= 1
+        assert all(r.exc_info and str(r.exc_info[1]) == f"fd callback of {bad_r} broke"
+                   for r in failures)
+    finally:
+        dispatcher.remove_fd(bad_r)
+        dispatcher.remove_fd(good_r)
+        for fd in (bad_r, bad_w, good_r, good_w):
+            os.close(fd)
+    with pytest.raises(KeyError, match=f"fd {bad_r} is not registered"):
+        dispatcher.remove_fd(bad_r)
+
+
+def test_the_host_going_away_leaves_fds_served_and_close_working(caplog) -> None:
+    from xenback.sim import SimHost
+
+    host = SimHost()
+    host.start()
+    try:
+        guest = host.create_domain("guest")
+        evtchn = guest.evtchn()
+        dispatcher = EventDispatcher(host.dom0)
+        remote = evtchn.bind_unbound_port(0)
+        local = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    finally:
+        host.close()
+    r, w = os.pipe()
+    got = threading.Event()
+    dispatcher.add_fd(r, select.EPOLLIN, lambda fd, ev: (os.read(fd, 10), got.set()))
+    os.write(w, b"x")
+    assert got.wait(TIMEOUT)
+    caplog.set_level(logging.DEBUG, logger="xenback.events")
+    dispatcher.close()  # the port cannot be unbound any more: no error
+    assert [r.getMessage() for r in caplog.records if r.name == "xenback.events"] == [
+        f"unbinding port {local} at close failed"
+    ]
+    assert dispatcher.ports == []
+    evtchn.close()
+    os.close(r)
+    os.close(w)

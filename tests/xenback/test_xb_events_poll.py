@@ -224,3 +224,19 @@ def test_one_port_per_poll(host, polled) -> None:
     assert dispatcher.poll(TIMEOUT) == 1
     assert len(set(calls)) == 3
     assert dispatcher.poll(0) == 0
+
+
+def test_wakeups_beyond_what_the_pipe_holds_are_one_wakeup(polled) -> None:
+    """wakeup() never blocks nor fails, however often it is called before
+    a poll: a full pipe already holds a pending wake-up."""
+    import fcntl
+    import time
+
+    _, _, dispatcher = polled
+    for _ in range(fcntl.fcntl(dispatcher._wake_w, fcntl.F_GETPIPE_SZ) + 1):
+        dispatcher.wakeup()
+    start = time.monotonic()
+    assert dispatcher.poll(TIMEOUT) == 0  # woken, nothing ran
+    assert time.monotonic() - start < TIMEOUT / 2, "poll() was not woken"
+    dispatcher.wakeup()  # the pipe was drained: there is room again
+    assert dispatcher.poll(TIMEOUT) == 0
