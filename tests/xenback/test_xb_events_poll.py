@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -229,9 +231,6 @@ def test_one_port_per_poll(host, polled) -> None:
 def test_wakeups_beyond_what_the_pipe_holds_are_one_wakeup(polled) -> None:
     """wakeup() never blocks nor fails, however often it is called before
     a poll: a full pipe already holds a pending wake-up."""
-    import fcntl
-    import time
-
     _, _, dispatcher = polled
     for _ in range(fcntl.fcntl(dispatcher._wake_w, fcntl.F_GETPIPE_SZ) + 1):
         dispatcher.wakeup()
