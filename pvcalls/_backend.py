@@ -630,7 +630,10 @@ class _Frontend:
             logger.warning("dom%d: BIND %#x to %s:%d refused by policy", self.domid,
                            request.id, host, port)
             raise CommandError(DENIED_ERRNO, f"bind to {host}:{port} denied")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:  # the host is out of descriptors (EMFILE, ENFILE)
+            raise CommandError(_errno.from_oserror(exc), f"bind: socket: {exc}") from None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setblocking(False)

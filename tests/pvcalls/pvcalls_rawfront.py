@@ -179,8 +179,9 @@ class RawFrontend:
         self.xs.wait_for(f"{self.be_path}/state", str(state), timeout=timeout)
 
     def connect(self, *, version: str = "1", ring_ref: str | None = None,
-                port: str | None = None) -> None:
-        """The frontend half of the handshake, as Linux's pvcalls-front."""
+                port: str | None = None, wait: bool = True) -> None:
+        """The frontend half of the handshake, as Linux's pvcalls-front
+        (``wait=False``: up to Initialised, without waiting for Connected)."""
         self.wait_backend_state(2)
         self.page = self.gntshr.share_pages(0, 1)
         self.ring = FrontRing(self.page.buffer, _wire.SLOT_SIZE)
@@ -193,7 +194,7 @@ class RawFrontend:
         for key, value in nodes.items():
             self.xs.write(f"{self.fe_path}/{key}", value)
         self.xs.write(f"{self.fe_path}/state", "3")
-        if ring_ref is None and port is None and version == "1":
+        if wait and ring_ref is None and port is None and version == "1":
             self.wait_backend_state(4)
             self.xs.write(f"{self.fe_path}/state", "4")
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import resource
 import select
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,11 +18,12 @@ from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
 
 import pvcalls
 from pvcalls import _errno, _wire
-from pvcalls._socket import ActiveSocket
+from pvcalls._socket import ActiveSocket, PassiveSocket
 from pvcalls._wire import ffi
 
 EBADF, EINVAL, EINTR, EEXIST = -9, -22, -4, -17
 EAFNOSUPPORT, EISCONN, ECONNREFUSED, ENOTSUPP = -97, -106, -111, -524
+EMFILE, EIO, EADDRINUSE, ENETUNREACH = -24, -5, -98, -101
 
 
 def test_errno_values_are_xen_numbering() -> None:
@@ -88,6 +93,28 @@ def test_unknown_id_is_answered_ebadf(raw: RawFrontend, cmd: int) -> None:
     assert (rsp.cmd, rsp.ret, rsp.id) == (cmd, EBADF, unknown)
 
 
+def test_a_failing_handler_is_eio_and_the_ring_goes_on(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a command's handler (no real trigger: faked) answers that
+    command -EIO, is logged with its traceback, and the next commands are
+    served."""
+    def broken(self: PassiveSocket, backlog: int) -> None:
+        raise RuntimeError("bug in listen")
+
+    monkeypatch.setattr(PassiveSocket, "listen", broken)
+    sock_id, _ = raw.socket()
+    assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+    rsp = raw.listen(sock_id)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_LISTEN, EIO, sock_id)
+    record, = (r for r in caplog.records if r.levelno >= logging.ERROR)
+    assert record.getMessage() == f"dom{raw.guest.domid}: LISTEN id {sock_id:#x} failed"
+    assert record.exc_info is not None and str(record.exc_info[1]) == "bug in listen"
+    assert raw.release(sock_id).ret == 0
+    _, rsp = raw.socket()
+    assert rsp.ret == 0 and raw.unexpected == []
+
+
 # -- CONNECT ---------------------------------------------------------------------------
 
 def test_connect_and_echo(raw: RawFrontend, echo_server: Any, backend: pvcalls.Backend) -> None:
@@ -147,6 +174,28 @@ def test_connect_bad_family(raw: RawFrontend) -> None:
         req.u.connect.evtchn = ring.port
 
     assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EAFNOSUPPORT
+
+
+@pytest.mark.parametrize("address", ["255.255.255.255", "224.0.0.1"])
+def test_connect_failing_at_once_leaves_a_new_socket(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any, address: str) -> None:
+    """Linux refuses a TCP connect to a broadcast or multicast address within
+    connect() itself: the CONNECT is answered with that error, everything
+    set up for it is let go, and the id is NEW again, ring reusable."""
+    ports = sorted(bound_ports(backend))
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    rsp = raw.response(raw.push_connect(sock_id, (address, 80), ring))
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_CONNECT, ENETUNREACH, sock_id)
+    row, = backend.stats().sockets
+    assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
+    assert sorted(bound_ports(backend)) == ports
+    assert all(c.sockets == 0 for c in backend.stats().cpus)
+    # The guest retries with the same ring, as Linux's frontend would.
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+    raw.send_all(ring, b"second try")
+    assert raw.recv_exactly(ring, 10) == b"second try"
+    assert raw.unexpected == []
 
 
 def test_connect_is_answered_once_when_its_work_runs_meanwhile(
@@ -217,6 +266,14 @@ def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend,
     # A second CONNECT meanwhile: already in progress.
     again = raw.response(raw.push_connect(sock_id, listener.getsockname(), raw.new_ring()))
     assert again.ret == -114  # EALREADY
+    # Its Work woken meanwhile (a notification on its ring, say) finds the
+    # connect in progress and answers nothing.
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    sock.kick()
+    sock.flush()
+    raw.poll_responses()
+    assert connect_req not in raw.responses
     # Still in progress, and it cannot complete: the queue stays full (the
     # listener never accepts), so the RELEASE is what answers the CONNECT.
     row, = (r for r in backend.stats().sockets if r.id == sock_id)
@@ -288,6 +345,12 @@ def test_accept_answered_only_when_a_connection_arrives(
     req_id = raw.push_accept(listener, id_new, ring)
     with pytest.raises(TimeoutError):
         raw.wait(lambda: req_id in raw.responses, timeout=0.3)
+    # The guest notifies the new ring before there is a connection: the
+    # socket has no CPU to run on yet, and nothing to do.
+    raw.evtchn.notify(ring.port)
+    new = backend._frontends[(raw.guest.domid, 0)]._sockets[id_new]
+    assert isinstance(new, ActiveSocket) and new.cpu == -1
+    new.kick()  # what the notification does
     client = socket.create_connection(address)
     rsp = raw.response(req_id)
     assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_ACCEPT, 0, listener)
@@ -393,6 +456,7 @@ def test_listen_and_accept_need_the_right_state(raw: RawFrontend, backend: pvcal
     assert raw.bind(bound, ("127.0.0.1", 0)).ret == 0
     assert raw.response(raw.push_poll(bound)).ret == EINVAL
     assert raw.bind(bound, ("127.0.0.1", 0)).ret == EINVAL
+    assert raw.response(raw.push_connect(bound, echo_server.address, raw.new_ring())).ret == EINVAL
     active, _ = raw.connect_socket(echo_server.address)
     assert raw.bind(active, ("127.0.0.1", 0)).ret == EINVAL
 
@@ -404,6 +468,98 @@ def test_bind_address_in_use(raw: RawFrontend) -> None:
     sock_id, _ = raw.socket()
     assert raw.bind(sock_id, taken.getsockname()).ret == -98  # EADDRINUSE
     taken.close()
+
+
+def test_listen_on_a_port_another_socket_listens_on(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """BIND sets SO_REUSEADDR, so two sockets may bind one port; only one
+    may listen on it.  The other's LISTEN fails and leaves it bound, ready
+    to listen once the port is free."""
+    first, _ = raw.socket()
+    assert raw.bind(first, ("127.0.0.1", 0)).ret == 0
+    address = next(r.address for r in backend.stats().sockets if r.id == first)
+    assert address is not None
+    second, _ = raw.socket()
+    assert raw.bind(second, address).ret == 0
+    assert raw.listen(first).ret == 0
+    rsp = raw.listen(second)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_LISTEN, EADDRINUSE, second)
+    rows = {r.id: r for r in backend.stats().sockets}
+    assert (rows[second].kind, rows[second].state) == ("passive", "bound")
+    assert rows[first].state == "listening"
+    assert raw.release(first).ret == 0
+    assert raw.listen(second).ret == 0
+    accept = raw.push_accept(second, raw.new_id(), raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert raw.response(accept).ret == 0
+
+
+def test_listen_again_only_changes_the_backlog(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """LISTEN on a listening socket is allowed, as listen() twice on Linux;
+    the socket goes on accepting."""
+    listener, address = _listener(raw, backend)
+    assert raw.listen(listener, backlog=1).ret == 0
+    ring = raw.new_ring()
+    accept = raw.push_accept(listener, raw.new_id(), ring)
+    with socket.create_connection(address, timeout=TIMEOUT) as client:
+        assert raw.response(accept).ret == 0
+        client.sendall(b"still listening")
+        assert raw.recv_exactly(ring, 15) == b"still listening"
+
+
+@contextlib.contextmanager
+def _no_more_descriptors() -> Iterator[None]:
+    """The process may open no more descriptors (EMFILE) until the block
+    ends: RLIMIT_NOFILE at the lowest free descriptor number.  Only for
+    steps that open none but the one expected to fail (the simulated
+    hypervisor passes descriptors for grant mappings and event channels)."""
+    lowest = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_bind_without_a_descriptor_left_is_emfile(
+        raw: RawFrontend, backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """The host out of descriptors: BIND is answered -EMFILE (as CONNECT
+    and ACCEPT are), not -EIO with an internal error logged, and the id
+    stays NEW for a later BIND."""
+    sock_id, _ = raw.socket()
+    with _no_more_descriptors():
+        rsp = raw.bind(sock_id, ("127.0.0.1", 0))
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_BIND, EMFILE, sock_id)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    row, = backend.stats().sockets
+    assert (row.id, row.state) == (sock_id, "new")
+    assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+
+
+def test_accept_without_a_descriptor_left_is_emfile(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """The host cannot take the connection (no descriptor left): the ACCEPT
+    is answered -EMFILE and its id_new given up; the connection stays
+    queued for the next ACCEPT."""
+    listener, address = _listener(raw, backend)
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    wait_until(lambda: any(r.id == id_new for r in backend.stats().sockets))
+    client = socket.socket()  # its descriptor before the limit
+    with _no_more_descriptors():
+        client.connect(address)
+        rsp = raw.response(accept)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_ACCEPT, EMFILE, listener)
+    assert id_new not in {r.id for r in backend.stats().sockets}
+    assert all(c.sockets == 0 for c in backend.stats().cpus)
+    ring = raw.new_ring()
+    assert raw.response(raw.push_accept(listener, id_new, ring)).ret == 0
+    with client:
+        client.sendall(b"queued")
+        assert raw.recv_exactly(ring, 6) == b"queued"
 
 
 # -- RELEASE ------------------------------------------------------------------------------

@@ -94,6 +94,18 @@ def test_orderly_close_sets_enotconn_after_the_data(raw: RawFrontend) -> None:
     assert ring.read() == b""
 
 
+def test_reset_by_the_peer_is_econnreset_not_eof(raw: RawFrontend) -> None:
+    """A peer that resets the connection (RST, no FIN): the guest reads the
+    reset in in_error, told apart from an orderly end of stream."""
+    _, ring, peer = _accepted_pair(raw)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ECONNRESET
+    assert ring.read() == b""
+    assert ring.out_error == 0  # the guest has sent nothing: no send failed
+
+
 def test_no_data_into_an_in_ring_whose_error_the_frontend_set(raw: RawFrontend) -> None:
     """A producer stops on in_error (Linux's frontend writes -EBADF there
     after RELEASE; any frontend may): the host's bytes stay with the host."""

@@ -179,3 +179,66 @@ def test_close_closes_every_frontend(make_frontend: Any, host: Any, topology: To
     assert bound_ports(backend) == []
     backend.close()  # idempotent
 
+
+
+def test_missing_ring_ref_is_fatal(dom0_xs: Any, make_frontend: Any,
+                                   backend: pvcalls.Backend) -> None:
+    fe = make_frontend("g", connect=False)
+    fe.wait_backend_state(2)
+    fe.xs.write(f"{fe.fe_path}/version", "1")
+    fe.xs.write(f"{fe.fe_path}/port", str(fe.evtchn.bind_unbound_port(0)))
+    fe.xs.write(f"{fe.fe_path}/state", "3")
+    fe.wait_backend_state(5)
+    error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error is not None and error.endswith("frontend node 'ring-ref' is missing")
+    assert backend.stats().frontends == 0
+
+
+def test_backend_closing_during_a_handshake(
+        dom0_xs: Any, make_frontend: Any, host: Any, backend: pvcalls.Backend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() while a frontend's connect is being set up: that frontend is
+    not connected (the guest is told why) and keeps nothing mapped or bound."""
+    inside, go_on = threading.Event(), threading.Event()
+    domain_name = pvcalls._backend._domain_name
+
+    def name_when_told(dev: Any) -> str | None:
+        inside.set()
+        go_on.wait(10)
+        return domain_name(dev)
+
+    monkeypatch.setattr(pvcalls._backend, "_domain_name", name_when_told)
+    fe = make_frontend("g", connect=False)
+    fe.wait_backend_state(2)
+    before = _held(host)
+    fe.connect(wait=False)
+    assert inside.wait(10)
+    closer = threading.Thread(target=backend.close)
+    closer.start()
+    wait_until(lambda: backend._closed)
+    go_on.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error is not None and error.endswith(": backend is closing")
+    assert fe.backend_state() == 6
+    assert backend.stats().frontends == 0
+    assert bound_ports(backend) == []
+    # Nothing of the handshake is left mapped or bound once the guest let
+    # go of its side.
+    _end_guest_side(fe)
+    wait_until(lambda: _held(host)[:2] == before[:2])
+
+
+def test_connection_lost_when_the_host_goes(make_frontend: Any, host: Any,
+                                           topology: Topology, echo_server: Any) -> None:
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    try:
+        fe = make_frontend("g")
+        fe.connect_socket(echo_server.address)
+        assert not backend.connection_lost.is_set()
+        host.close()
+        assert backend.connection_lost.wait(10)
+    finally:
+        backend.close()  # all that is left, and it returns
+    assert backend.stats().frontends == 0

@@ -152,7 +152,8 @@ def ring_read_safely(ring: Any) -> None:
 
 
 def test_command_ring_overflow_stops_only_that_frontend(dom0_xs: Any, make_frontend: Any,
-        host: Any, backend: pvcalls.Backend, bystander: Any) -> None:
+        host: Any, backend: pvcalls.Backend, bystander: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
     fe = make_frontend("flooder")
     assert fe.ring is not None
     # req_prod far beyond the slots the ring has.
@@ -162,6 +163,12 @@ def test_command_ring_overflow_stops_only_that_frontend(dom0_xs: Any, make_front
     error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
     assert error is not None and error.startswith("22 ")
     assert backend.stats().frontends == 2  # resources held until the frontend closes
+    # Notified again, the broken ring is not read again: no second error.
+    front = backend._frontends[(fe.guest.domid, 0)]
+    fe.evtchn.notify(fe.port)
+    front._on_event()  # what the notification does, then wait for that run
+    front._work.flush()
+    assert len([r for r in caplog.records if "command ring protocol error" in r.getMessage()]) == 1
     fe.close()
     wait_until(lambda: backend.stats().frontends == 1)  # only the bystander
     fe.xs.close()
