@@ -1748,8 +1748,11 @@ class Frontend(Closing):
             rel = pending = _Release(sock.id)
             with self._lock:
                 self._releases.add(rel)
+            # The event thread (releasing an accepted socket, see
+            # _finish_release) must not wait for a slot only it can free.
+            timeout = 0.0 if threading.current_thread() is self._thread else self.timeout
             try:
-                self._submit(PVCALLS_RELEASE, sock.id, fill, _Deadline(self.timeout),
+                self._submit(PVCALLS_RELEASE, sock.id, fill, _Deadline(timeout),
                              on_done=lambda ret: self._released(pending, ret))
             except (OSError, TimeoutError) as exc:
                 logger.warning("RELEASE of %#x failed: %s", sock.id, exc)
@@ -1802,11 +1805,19 @@ class Frontend(Closing):
             ring.set_in_error(-_errno.EBADF)
             self._put_data_ring(ring, reusable=released)
         if inflight is not None:
-            # The backend released the listening socket, and with it the
-            # pending ACCEPT's new socket.
             req_id, slot, new = inflight
             self._abandon(req_id, slot)
-            self._drop_socket(new, reusable=released)
+            if released and slot.done and slot.ret == 0:
+                # The backend accepted a connection into the new socket
+                # before the RELEASE (it answers in ring order): that socket
+                # is not the listener's, and is released in turn (its ring
+                # comes back with that answer, not before).
+                new._close_requested = True
+                new._real_close()
+            else:
+                # The backend released the listening socket, and with it
+                # the pending ACCEPT's new socket.
+                self._drop_socket(new, reusable=released)
 
     def _wait_releases(self) -> None:
         """Wait (up to ``timeout``) for the RELEASEs in flight; free what

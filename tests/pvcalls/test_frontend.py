@@ -6,7 +6,9 @@ slow part); each test opens its own sockets and host servers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import math
 import os
 import selectors
@@ -235,6 +237,127 @@ def test_connect_refused(fe: pvcalls.Frontend) -> None:
         s.settimeout(TIMEOUT)
         s.connect(address)
     assert info.value.errno == errno.ECONNREFUSED
+
+
+def test_reset_by_the_peer_is_an_error_not_eof(fe: pvcalls.Frontend, server: Any) -> None:
+    def reset(conn: socket.socket) -> None:
+        conn.recv(1)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # Closed on return: a reset, not an orderly end.
+
+    srv = server(reset)
+    with connected(fe, srv.address) as s:
+        ring = s._ring
+        assert ring is not None
+        s.sendall(b"x")
+        with pytest.raises(ConnectionResetError):
+            s.recv(10)
+        s.sendall(b"into a dead connection")  # the ring takes it; the backend's send fails
+        wait_until(lambda: ring.out_error() != 0)
+        with pytest.raises(OSError) as info:
+            s.send(b"more")
+        assert info.value.errno in (errno.EPIPE, errno.ECONNRESET)
+
+
+def test_close_wakes_a_blocked_sender(fe: pvcalls.Frontend, server: Any) -> None:
+    release = threading.Event()
+
+    def sluggish(conn: socket.socket) -> None:
+        release.wait(TIMEOUT)
+
+    srv = server(sluggish)
+    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    s = connected(fe, srv.address)
+    s.settimeout(0.2)
+    with pytest.raises(TimeoutError):  # the out ring is full, and stays so
+        for _ in range(1000):  # far more than ring and socket buffers hold
+            s.sendall(bytes(65536))
+    s.settimeout(None)
+    failure: list[BaseException] = []
+
+    def blocked_sender() -> None:
+        try:
+            s.send(b"x")
+        except BaseException as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=blocked_sender)
+    t.start()
+    try:
+        wait_until(lambda: sleeping_in_wait(s))
+        s.close()
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+        assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF, failure
+    finally:
+        release.set()
+
+
+def test_socket_calls_refused_as_socket_socket_refuses_them(
+    fe: pvcalls.Frontend, server: Any
+) -> None:
+    srv = server()
+    with fe.socket() as s:
+        assert repr(s) == f"<PVSocket id={s.id:#x} new>"
+        with pytest.raises(OSError) as info:
+            s.getpeername()
+        assert info.value.errno == errno.ENOTCONN
+        with pytest.raises(ValueError, match="negative"):
+            s.recv(-1)
+        s.bind(("", 0))  # "" is INADDR_ANY, as for socket.socket
+        assert s.getsockname() == ("0.0.0.0", 0)
+        assert repr(s) == f"<PVSocket id={s.id:#x} bound>"
+        with pytest.raises(OSError) as info:
+            s.bind(("127.0.0.1", 0))
+        assert info.value.errno == errno.EINVAL
+        s.listen()
+        assert repr(s) == f"<PVSocket id={s.id:#x} listening>"
+    assert repr(s) == f"<PVSocket id={s.id:#x} closed>"
+    with connected(fe, srv.address) as s:
+        assert repr(s) == f"<PVSocket id={s.id:#x} active>"
+        assert s.send(b"") == 0
+        for call in (lambda: s.shutdown(socket.SHUT_WR), s.detach):
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == errno.EOPNOTSUPP
+        echo_through(s, b"still fine")
+
+
+def test_connect_to_the_broadcast_address_is_unreachable(
+    fe: pvcalls.Frontend, server: Any
+) -> None:
+    """"<broadcast>" means 255.255.255.255, as for socket.socket; the
+    backend's host refuses a TCP connect to it at once.  The socket may
+    connect elsewhere afterwards."""
+    srv = server()
+    with fe.socket() as s:
+        s.settimeout(TIMEOUT)
+        with pytest.raises(OSError) as info:
+            s.connect(("<broadcast>", srv.address[1]))
+        assert info.value.errno == errno.ENETUNREACH
+        with pytest.raises(OSError):
+            s.getpeername()
+        s.connect(srv.address)
+        echo_through(s, b"reachable")
+
+
+def test_makefile_modes_as_socket_socket(fe: pvcalls.Frontend, server: Any) -> None:
+    srv = server()
+    with connected(fe, srv.address) as s:
+        with pytest.raises(ValueError, match="invalid mode"):
+            s.makefile("rx")
+        with pytest.raises(ValueError, match="unbuffered streams must be binary"):
+            s.makefile("r", buffering=0)
+        raw = s.makefile("rwb", buffering=0)
+        assert isinstance(raw, socket.SocketIO)
+        with s.makefile("w", encoding="ascii") as w, s.makefile("rb") as r:
+            assert isinstance(w.buffer, io.BufferedWriter)
+            w.write("through a writer\n")
+            w.flush()
+            assert r.readline() == b"through a writer\n"
+        raw.write(b"raw\n")
+        assert recv_exactly(s, 4) == b"raw\n"
+        raw.close()
 
 
 def test_send_recv_on_unconnected_socket(fe: pvcalls.Frontend) -> None:
@@ -471,6 +594,45 @@ def test_bind_address_in_use(fe: pvcalls.Frontend) -> None:
         taken.close()
 
 
+def test_listen_on_a_port_another_socket_listens_on(fe: pvcalls.Frontend) -> None:
+    """Two sockets may bind one port (the backend sets SO_REUSEADDR), one
+    may listen; the other listens once the port is free again."""
+    free = socket.create_server(("127.0.0.1", 0))
+    address = free.getsockname()
+    free.close()
+    with fe.socket() as first, fe.socket() as second:
+        first.bind(address)
+        second.bind(address)
+        first.listen()
+        with pytest.raises(OSError) as info:
+            second.listen()
+        assert info.value.errno == errno.EADDRINUSE
+        first.close()
+        second.listen()
+        second.settimeout(TIMEOUT)
+        with socket.create_connection(address, timeout=TIMEOUT):
+            conn, _ = second.accept()
+            conn.close()
+
+
+def test_fileno_before_listen_waits_for_connections(
+    fe: pvcalls.Frontend, backend: Any, guest: Any
+) -> None:
+    """select() on a socket asked for its fileno() while only bound: once
+    it listens, a pending connection makes it readable."""
+    with fe.socket() as ls, selectors.DefaultSelector() as sel:
+        ls.bind(("127.0.0.1", 0))
+        sel.register(ls, selectors.EVENT_READ)
+        ls.listen()
+        assert sel.select(0) == []
+        address = listen_address(backend, guest.domid, ls.id)
+        with socket.create_connection(address, timeout=TIMEOUT):
+            assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [ls]
+            ls.settimeout(TIMEOUT)
+            conn, _ = ls.accept()
+            conn.close()
+
+
 def test_close_wakes_accept(fe: pvcalls.Frontend) -> None:
     ls = fe.socket()
     ls.bind(("127.0.0.1", 0))
@@ -519,6 +681,23 @@ def test_frontend_lifecycle(host: SimHost, backend: Any, server: Any) -> None:
     with pytest.raises(OSError):
         fe.socket()
     fe.close()  # idempotent
+
+
+def test_open_twice_is_refused(fe: pvcalls.Frontend) -> None:
+    device = fe.device
+    with pytest.raises(RuntimeError, match="already open"):
+        fe.open()
+    assert fe.device is device
+    with fe.socket():
+        pass
+
+
+def test_linux_enotsupp_is_eopnotsupp_and_unnamed_errors_eio() -> None:
+    from pvcalls.frontend import _host_error
+
+    assert _host_error(-524, "poll").errno == errno.EOPNOTSUPP
+    assert _host_error(-9999, "poll").errno == errno.EIO
+    assert _host_error(-111, "connect").errno == errno.ECONNREFUSED
 
 
 def test_socket_ids_look_like_pointers_and_are_unique(fe: pvcalls.Frontend) -> None:
@@ -630,13 +809,28 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
             with fe:
                 s = connected(fe, srv.address)
                 t, failure = blocked_recv(s)
+                ls = fe.socket()
+                ls.bind(("127.0.0.1", 0))
+                ls.listen()
+                accept_failure: list[BaseException] = []
+
+                def acceptor() -> None:
+                    try:
+                        ls.accept()
+                    except BaseException as exc:
+                        accept_failure.append(exc)
+
+                acceptor_thread = threading.Thread(target=acceptor)
+                acceptor_thread.start()
+                wait_until(lambda: sleeping_in_wait(ls))  # for its POLL's answer
                 backend.close()
-                t.join(TIMEOUT)
-                assert not t.is_alive()
-                # Woken by the backend leaving (the socket is still open).
-                assert isinstance(failure[0], OSError)
-                assert failure[0].errno == errno.ENOTCONN
-                assert failure[0].strerror == "the PV Calls backend went away"
+                for thread, failed in ((t, failure), (acceptor_thread, accept_failure)):
+                    thread.join(TIMEOUT)
+                    assert not thread.is_alive()
+                    # Woken by the backend leaving (the socket is still open).
+                    assert isinstance(failed[0], OSError), failed
+                    assert failed[0].errno == errno.ENOTCONN
+                    assert failed[0].strerror == "the PV Calls backend went away"
                 with pytest.raises(OSError):
                     fe.socket()
         finally:
@@ -659,6 +853,37 @@ def test_a_call_after_the_backend_left_says_so() -> None:
                         call()
                     assert info.value.errno == errno.ENOTCONN
                     assert info.value.strerror == "the PV Calls backend went away"
+        finally:
+            backend.close()
+
+
+def test_closing_a_listener_after_the_backend_left_frees_its_accept() -> None:
+    """An ACCEPT left in flight (and answered) when the backend goes away:
+    closing the listener then frees the socket it offered, and its ring is
+    not kept for reuse (no RELEASE answer says the backend let go of it)."""
+    with SimHost() as host:
+        backend = pvcalls.Backend(host.dom0, max_ioworkers=1)
+        try:
+            with pvcalls.Frontend(host.create_domain("stranded-listener")) as fe:
+                ls = fe.socket()
+                ls.bind(("127.0.0.1", 0))
+                ls.listen()
+                ls.setblocking(False)
+                address = listen_address(backend, fe.domain.domid, ls.id)
+                with socket.create_connection(address, timeout=TIMEOUT), \
+                        selectors.DefaultSelector() as sel:
+                    sel.register(ls, selectors.EVENT_READ)
+                    while ls._accept_inflight is None:  # POLL answered, then ACCEPT sent
+                        assert sel.select(TIMEOUT)
+                        with pytest.raises(BlockingIOError):
+                            ls.accept()
+                    _, slot, new = ls._accept_inflight
+                    ring = new._ring
+                    backend.close()
+                    wait_until(lambda: fe._dead)
+                    ls.close()
+                assert new.closed and fe.sockets() == []
+                assert ring not in fe._ring_pool
         finally:
             backend.close()
 
@@ -899,26 +1124,69 @@ def test_accept_that_gave_up_leaves_the_socket_readable(
             assert sel.select(0) == []
 
 
-def test_close_during_connect_is_ebadf_for_the_connecting_thread(fe: pvcalls.Frontend) -> None:
+def test_closing_a_listener_releases_what_its_pending_accept_got(
+    fe: pvcalls.Frontend, backend: Any, guest: Any, server: Any
+) -> None:
+    """A non-blocking accept() left its ACCEPT in flight, and the backend
+    accepted a connection into its new socket; then the listener is closed.
+    That connection is the guest's, not the listener's: it is released too
+    (the host's peer sees it end), and its ring is never handed to another
+    socket while the backend still writes into it."""
+    with fe.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        ls.setblocking(False)
+        address = listen_address(backend, guest.domid, ls.id)
+        client = socket.create_connection(address, timeout=TIMEOUT)
+        with selectors.DefaultSelector() as sel:
+            sel.register(ls, selectors.EVENT_READ)
+            while ls._accept_inflight is None:  # POLL answered, then ACCEPT sent
+                assert sel.select(TIMEOUT)
+                with pytest.raises(BlockingIOError):
+                    ls.accept()
+            _, slot, new = ls._accept_inflight
+            assert sel.select(TIMEOUT)  # the ACCEPT's answer came
+            assert slot.done and slot.ret == 0
+    with client:
+        assert client.recv(1) == b""  # the backend closed it: released
+        wait_until(lambda: all(r.id != new.id for r in backend.stats().sockets))
+        srv = server()
+        with connected(fe, srv.address) as s:  # may get a ring from the pool
+            echo_through(s, b"only mine")
+
+
+@contextlib.contextmanager
+def unanswered_listener() -> Iterator[tuple[str, int]]:
+    """The address of a host listener whose accept and SYN queues are full:
+    it drops SYNs, so a connect to it stays in progress while the block runs."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
     fillers = []
-    for _ in range(3):  # fill the accept queue and the SYN queue: SYNs are dropped
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(listener.getsockname())
-        fillers.append(f)
+    try:
+        for _ in range(3):  # fill the accept queue and the SYN queue: SYNs are dropped
+            f = socket.socket()
+            fillers.append(f)
+            f.setblocking(False)
+            f.connect_ex(listener.getsockname())
+        yield listener.getsockname()
+    finally:
+        for f in fillers:
+            f.close()
+        listener.close()
+
+
+def test_close_during_connect_is_ebadf_for_the_connecting_thread(fe: pvcalls.Frontend) -> None:
     s = fe.socket()
     failure: list[BaseException] = []
+    with unanswered_listener() as address:
 
-    def connector() -> None:
-        try:
-            s.connect(listener.getsockname())
-        except BaseException as exc:
-            failure.append(exc)
+        def connector() -> None:
+            try:
+                s.connect(address)
+            except BaseException as exc:
+                failure.append(exc)
 
-    try:
         t = threading.Thread(target=connector)
         t.start()
         wait_until(lambda: s._ring is not None)  # CONNECT in flight
@@ -926,10 +1194,46 @@ def test_close_during_connect_is_ebadf_for_the_connecting_thread(fe: pvcalls.Fro
         t.join(TIMEOUT)
         assert not t.is_alive()
         assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF, failure
-    finally:
-        for f in fillers:
-            f.close()
-        listener.close()
+
+
+def test_a_connect_that_timed_out_leaves_a_socket_only_to_close(
+    fe: pvcalls.Frontend, backend: Any
+) -> None:
+    """connect_ex() gives up at its timeout (EAGAIN, as socket.socket's);
+    the CONNECT stays in flight, so the socket can do nothing but close.
+    Its late answer (-EINTR, from the RELEASE) frees its ring slot."""
+    s = fe.socket()
+    with unanswered_listener() as address:
+        s.settimeout(0.2)
+        assert s.connect_ex(address) == errno.EAGAIN
+        for call, error in ((lambda: s.connect(address), errno.EISCONN),
+                            (lambda: s.bind(("127.0.0.1", 0)), errno.EINVAL),
+                            (lambda: s.send(b"x"), errno.ENOTCONN),
+                            (lambda: s.recv(1), errno.ENOTCONN)):
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == error
+        row, = (r for r in backend.stats().sockets if r.id == s.id)
+        assert row.state == "connecting"
+        s.close()
+        wait_until(lambda: all(r.id != s.id for r in backend.stats().sockets))
+    wait_until(lambda: not fe._releases)
+    with fe._lock:
+        assert fe._slots == [None] * len(fe._slots)
+    with fe.socket() as again:  # the frontend is fine
+        again.bind(("127.0.0.1", 0))
+
+
+def test_connect_ex_returns_the_errno(fe: pvcalls.Frontend, server: Any) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    refused = closed.getsockname()
+    closed.close()
+    srv = server()
+    with fe.socket() as s:
+        s.settimeout(TIMEOUT)
+        assert s.connect_ex(refused) == errno.ECONNREFUSED
+        assert s.connect_ex(srv.address) == 0
+        echo_through(s, b"connected")
 
 
 def test_frontend_exit_frees_a_socket_kept_by_a_makefile_stream(

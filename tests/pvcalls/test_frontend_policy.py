@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 import pvcalls
 from pvcalls._policy import Policy
 from xenback.sim import SimHost
+
+TIMEOUT = 10.0
 
 POLICY = """
 [default]
@@ -51,3 +54,28 @@ def test_socket_limit_is_emfile(fe: pvcalls.Frontend) -> None:
             s.close()
     with fe.socket():  # room again once released
         pass
+
+
+def test_accept_beyond_the_socket_limit_is_emfile(fe: pvcalls.Frontend) -> None:
+    """The ACCEPT's new socket would be one too many: accept() fails with
+    EMFILE, the socket it offered is gone, the connection stays queued."""
+    free = socket.create_server(("127.0.0.1", 0))
+    address = free.getsockname()
+    free.close()
+    assert address[1] >= 20000  # an ephemeral port: one the policy lets us bind
+    with fe.socket() as ls, fe.socket() as other:  # the limit, 2
+        ls.bind(address)
+        ls.listen()
+        ls.settimeout(TIMEOUT)
+        with socket.create_connection(address, timeout=TIMEOUT) as client:
+            known = fe.sockets()
+            with pytest.raises(OSError) as info:
+                ls.accept()
+            assert info.value.errno == errno.EMFILE
+            assert fe.sockets() == known
+            other.close()
+            conn, _ = ls.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                client.sendall(b"x")
+                assert conn.recv(1) == b"x"
