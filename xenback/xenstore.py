@@ -512,7 +512,13 @@ class XenStore(_Ops, Closing):
         if predicate is None:
             check = _exists
         elif isinstance(predicate, str):
-            check = predicate.__eq__
+            expected = predicate
+
+            def check(value: str | None) -> bool:
+                # Not expected.__eq__: that is NotImplemented, which is
+                # true, for a missing node (None).
+                return value == expected
+
         else:
             check = predicate
         changed = threading.Event()

@@ -231,6 +231,8 @@ def test_wait_for(dom0_xs) -> None:
     assert dom0_xs.wait_for("/w", "b", timeout=TIMEOUT) == "b"
     assert dom0_xs.wait_for("/w", timeout=TIMEOUT) == "b"
     assert dom0_xs.wait_for("/w2", lambda v: v is None, timeout=TIMEOUT) is None
+    with pytest.raises(TimeoutError, match=r"/w2 did not reach .* \(last value None\)"):
+        dom0_xs.wait_for("/w2", "b", timeout=0.05)  # a missing node is no value
     with pytest.raises(TimeoutError, match=r"/w did not reach .* \(last value 'b'\)"):
         dom0_xs.wait_for("/w", "c", timeout=0.05)
 
