@@ -897,6 +897,60 @@ def test_no_backend_is_a_timeout_that_says_what_it_waited_for() -> None:
         assert fe.device is None  # and the device it added is gone again
 
 
+_GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls": "1"}
+
+
+@pytest.mark.parametrize(("nodes", "states", "err", "said"), [
+    ({"versions": "2"}, ["2"], errno.EPROTONOSUPPORT, "backend offers versions '2', need 1"),
+    ({"max-page-order": "3"}, ["2"], errno.EPROTONOSUPPORT,
+     "backend max-page-order '3' is below the ring order 4"),
+    ({"max-page-order": "four"}, ["2"], errno.EPROTONOSUPPORT,
+     "backend max-page-order 'four' is below the ring order 4"),
+    ({"function-calls": "0"}, ["2"], errno.EPROTONOSUPPORT,
+     "backend does not offer function-calls 1"),
+    ({}, ["5"], errno.EPROTO, "backend went to state 5 instead of InitWait"),
+    ({}, ["2", "5"], errno.ECONNREFUSED, "backend went to state 5 instead of Connected"),
+], ids=["versions", "order", "order-not-a-number", "function-calls", "no-initwait",
+        "no-connected"])
+def test_a_backend_that_does_not_conform_fails_the_handshake(
+        nodes: dict[str, str], states: list[str], err: int, said: str) -> None:
+    """A backend (faked in dom0's XenStore) that offers the wrong protocol,
+    or leaves the handshake: open() says what was wrong, in an errno and a
+    message, and takes back all it set up."""
+    from xenback.xenstore import XenStore
+
+    with SimHost() as host, XenStore.connect_to(host.dom0) as xs:
+        guest = host.create_domain("picky")
+        be = f"/local/domain/0/backend/pvcalls/{guest.domid}/0"
+        fe_state = f"/local/domain/{guest.domid}/device/pvcalls/0/state"
+        failures: list[BaseException] = []
+
+        def fake_backend() -> None:
+            try:
+                xs.wait_for(f"{be}/state", "1", timeout=TIMEOUT)  # the toolstack's
+                for key, value in {**_GOOD_BACKEND_NODES, **nodes}.items():
+                    xs.write(f"{be}/{key}", value)
+                xs.write(f"{be}/state", states[0])
+                if len(states) > 1:
+                    xs.wait_for(fe_state, "3", timeout=TIMEOUT)  # Initialised
+                    xs.write(f"{be}/state", states[1])
+            except BaseException as exc:
+                failures.append(exc)
+
+        t = threading.Thread(target=fake_backend, daemon=True)
+        t.start()
+        fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+        with pytest.raises(OSError) as info:
+            fe.open()
+        t.join(TIMEOUT)
+        assert failures == []
+        assert info.value.errno == err and info.value.strerror == said
+        assert fe.device is None and not xs.exists(be)
+        assert host.hypervisor.stats()["grants"] == 0  # the command ring's page, unshared
+        with pytest.raises(OSError):
+            fe.socket()
+
+
 def test_host_going_away_fails_a_handshake_at_once() -> None:
     host = SimHost().start()
     try:
