@@ -289,6 +289,11 @@ class _Release:
         self.ret: int | None = None  # the answer, once it came
 
 
+#: The two callers that may block on a data ring: indexes of
+#: ``_DataRing.wakefds`` and ``PVSocket._polling``.
+RECV, SEND = 0, 1
+
+
 class _DataRing:
     """An active socket's shared pages: the indexes page and 2**order data
     pages, granted to the backend, and the event channel that goes with
@@ -297,9 +302,11 @@ class _DataRing:
     ``evtchn`` is the handle the port is bound on: one of the ring's own
     (``direct``: the socket's blocked callers poll it, see
     :meth:`PVSocket._wait`) or the frontend's shared one (its event thread
-    relays the port's events).  ``wakefd`` is an eventfd polled with the
-    handle, so that whoever else consumed the ring's event (the event
-    thread), or closes the socket, can wake the polling caller.
+    relays the port's events).  Each of the two callers that may block on
+    the ring, the receiver (:data:`RECV`) and the sender (:data:`SEND`), has
+    an eventfd in ``wakefds`` polled with the handle, so that whoever else
+    consumed the ring's event (the other caller, or the event thread), or
+    closes the socket, can wake it.
     """
 
     def __init__(
@@ -342,12 +349,14 @@ class _DataRing:
             if direct:
                 evtchn.close()
             raise
-        self.wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # Used by one polling thread at a time (PVSocket._poller).
-        self.poller = select.poll()
-        if direct:
-            self.poller.register(evtchn.fileno(), select.POLLIN)
-        self.poller.register(self.wakefd, select.POLLIN)
+        # Indexed by RECV and SEND, each used by that caller only.
+        self.wakefds = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+                        os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self.pollers = (select.poll(), select.poll())
+        for poller, wakefd in zip(self.pollers, self.wakefds, strict=True):
+            if direct:
+                poller.register(evtchn.fileno(), select.POLLIN)
+            poller.register(wakefd, select.POLLIN)
 
     def notify(self) -> None:
         """Tell the backend we produced or consumed."""
@@ -421,7 +430,8 @@ class _DataRing:
             logger.debug("unbinding port %d: %s", self.port, exc)
         if self.direct:
             self.evtchn.close()
-        os.close(self.wakefd)
+        for wakefd in self.wakefds:
+            os.close(wakefd)
         self.inq.release()
         self.outq.release()
         self.indexes.release()
@@ -484,10 +494,10 @@ class PVSocket(Closing):
 
         self._readyfd: int | None = None  # eventfd for fileno(), lazily
         self._ready_set = False
-        # A caller is polling the data ring's own event channel handle
-        # (under _cond): whoever else consumes the ring's event, or closes
-        # the socket, writes the ring's wakefd to wake it.
-        self._poller = False
+        # Which callers (RECV, SEND) are polling the data ring's own event
+        # channel handle (under _cond): whoever else consumes the ring's
+        # event, or closes the socket, writes their wakefds to wake them.
+        self._polling = [False, False]
 
     # -- socket.socket API -------------------------------------------------
 
@@ -711,7 +721,7 @@ class PVSocket(Closing):
                     return sent
                 if not len(view):
                     return 0
-                self._wait(deadline, lambda: ring.out_has_room() or bool(ring.out_error()))
+                self._wait(SEND, deadline, lambda: ring.out_has_room() or bool(ring.out_error()))
         finally:
             self._send_lock.release()
 
@@ -782,7 +792,7 @@ class PVSocket(Closing):
                     return 0  # orderly shutdown by the peer
                 if err:
                     raise _host_error(err, "recv")
-                self._wait(deadline, lambda: ring.in_pending() or bool(ring.in_error()))
+                self._wait(RECV, deadline, lambda: ring.in_pending() or bool(ring.in_error()))
         finally:
             self._recv_lock.release()
 
@@ -906,55 +916,63 @@ class PVSocket(Closing):
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         return ring
 
-    def _wait(self, deadline: _Deadline, ready: Callable[[], bool]) -> None:
+    def _wait(self, side: int, deadline: _Deadline, ready: Callable[[], bool]) -> None:
         """Sleep until ``ready()``, the socket closes, or the deadline.
 
-        With a data ring of its own handle, one waiter at a time (the
-        poller) waits on the handle's descriptor itself, takes the event and
-        wakes the other waiter (the sender while the receiver polls, or the
-        other way round) through ``_cond``; when it leaves, the other one
-        takes over.  Otherwise (the shared handle) the event thread
-        notifies ``_cond``.  Either way ``ready`` is checked under ``_cond``
-        before sleeping, and every consumer of the event notifies ``_cond``
-        (and writes ``wakefd`` while a poller is out), so no wake-up is lost.
+        ``side`` is the caller, RECV or SEND.  With a data ring of its own
+        handle, both may block at once (a reader and a writer thread), and
+        each polls the handle's descriptor itself with its own wakefd: the
+        backend's notify wakes both in parallel, and the one it was for goes
+        on without waiting for the other to wake it.  Whoever takes the
+        event (one call only gets it) writes the wakefd of the other side if
+        that one is polling, since the event may have been its.  Otherwise
+        (the shared handle) the event thread notifies ``_cond``.  Either way
+        ``ready`` is checked under ``_cond`` as the caller says it polls or
+        sleeps, and every consumer of the event looks, under ``_cond``, who
+        polls or sleeps after taking it, so no wake-up is lost.
         """
         if deadline.timeout == 0.0:
             raise BlockingIOError(errno.EAGAIN, "operation would block")
         ring = self._ring
+        polling = self._polling
         with self._cond:
             while not ready() and not self._closed and not self._fe._dead:
                 timeout = deadline.remaining()
-                if ring is None or not ring.direct or self._poller:
+                if ring is None or not ring.direct:
                     self._cond.wait(timeout)
                     continue
-                self._poller = True
+                polling[side] = True
                 self._cond.release()
                 try:
-                    fired = self._poll_ring(ring, timeout)
+                    fired = self._poll_ring(ring, side, timeout)
                 finally:
                     self._cond.acquire()
-                    self._poller = False
-                    self._cond.notify_all()
-                if fired and self._readyfd is not None:
-                    self._cond.release()
-                    try:
-                        self._update_ready()
-                    finally:
-                        self._cond.acquire()
+                    polling[side] = False
+                if fired:
+                    other = side ^ 1
+                    if polling[other]:
+                        os.eventfd_write(ring.wakefds[other], 1)
+                    if self._readyfd is not None:
+                        self._cond.release()
+                        try:
+                            self._update_ready()
+                        finally:
+                            self._cond.acquire()
         if self._fe._dead and not ready():
             raise self._fe._gone()
 
     @staticmethod
-    def _poll_ring(ring: _DataRing, timeout: float | None) -> bool:
-        """Block on ``ring``'s own handle (or its wakefd) for up to
+    def _poll_ring(ring: _DataRing, side: int, timeout: float | None) -> bool:
+        """Block on ``ring``'s own handle (or ``side``'s wakefd) for up to
         ``timeout`` seconds; take the event if there is one."""
         ms = None if timeout is None else max(1, int(timeout * 1000 + 0.999))
+        wakefd = ring.wakefds[side]
         try:
-            events = ring.poller.poll(ms)
+            events = ring.pollers[side].poll(ms)
         except InterruptedError:
             return False
         for fd, _ in events:
-            if fd == ring.wakefd:
+            if fd == wakefd:
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:
@@ -965,16 +983,17 @@ class PVSocket(Closing):
             return False  # the handle is closing: the caller sees why
 
     def _on_event(self) -> None:
-        """The backend signalled this socket's channel (the event thread,
-        or another caller took the event), or the socket closes: wake the
-        waiters."""
+        """The backend signalled this socket's channel (the event thread
+        took the event), or the socket closes: wake the waiters."""
         with self._cond:
             self._cond.notify_all()
-            # Under _cond: the poller clears _poller under it before it
-            # leaves the call that keeps the ring (and wakefd) alive.
+            # Under _cond: a poller clears its flag under it before it
+            # leaves the call that keeps the ring (and wakefds) alive.
             ring = self._ring
-            if self._poller and ring is not None:
-                os.eventfd_write(ring.wakefd, 1)
+            if ring is not None:
+                for side in (RECV, SEND):
+                    if self._polling[side]:
+                        os.eventfd_write(ring.wakefds[side], 1)
         if self._readyfd is not None:
             self._update_ready()
 

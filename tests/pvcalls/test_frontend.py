@@ -11,6 +11,7 @@ import errno
 import io
 import math
 import os
+import select
 import selectors
 import socket
 import struct
@@ -22,7 +23,9 @@ import pytest
 from pvcalls_rawfront import echo_through, wait_until
 
 import pvcalls
+from pvcalls.frontend import RECV, SEND
 from xenback.sim import SimHost
+from xenback.xenstore import XenStore
 
 TIMEOUT = 10.0
 
@@ -69,6 +72,12 @@ class HostServer:
 def echo(conn: socket.socket) -> None:
     while data := conn.recv(65536):
         conn.sendall(data)
+
+
+def sink(conn: socket.socket) -> None:
+    """Read everything, send nothing."""
+    while conn.recv(65536):
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +155,11 @@ def blocked_recv(s: pvcalls.PVSocket) -> tuple[threading.Thread, list[BaseExcept
 
 def sleeping_in_wait(s: pvcalls.PVSocket) -> bool:
     """Whether a caller of ``s`` sleeps in ``PVSocket._wait``: polling the
-    ring's own handle (``_poller``, set under ``_cond`` after the last check)
-    or waiting on ``_cond`` (a waiter is queued before ``_cond`` is let go)."""
+    ring's own handle (``_polling``, set under ``_cond`` after the last
+    check) or waiting on ``_cond`` (a waiter is queued before ``_cond`` is
+    let go)."""
     with s._cond:
-        return s._poller or bool(s._cond._waiters)
+        return any(s._polling) or bool(s._cond._waiters)
 
 
 def listen_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:
@@ -291,6 +301,64 @@ def test_close_wakes_a_blocked_sender(fe: pvcalls.Frontend, server: Any) -> None
         assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF, failure
     finally:
         release.set()
+
+
+class _PausedPoller:
+    """Stands in for a data ring's ``select.poll`` of one caller: its first
+    ``poll()`` stops (``paused`` set) until ``go`` is set."""
+
+    def __init__(self, poller: Any) -> None:
+        self.poller = poller
+        self.paused, self.go = threading.Event(), threading.Event()
+
+    def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
+        if not self.paused.is_set():
+            self.paused.set()
+            assert self.go.wait(TIMEOUT)
+        return self.poller.poll(timeout)
+
+
+def test_a_receiver_that_takes_the_senders_event_wakes_it(
+    fe: pvcalls.Frontend, server: Any
+) -> None:
+    """A reader and a writer thread block on one socket at once, each
+    polling the ring's handle.  The backend's "room again" event is taken by
+    whichever wakes first; here the reader, while the writer is between its
+    last look at the ring and its poll.  The reader must wake the writer:
+    no other event will come (the host only reads)."""
+    srv = server(sink)
+    s = connected(fe, srv.address)
+    ring = s._ring
+    assert ring is not None and ring.direct
+    reader_failure: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            s.recv(1)
+        except BaseException as exc:
+            reader_failure.append(exc)
+
+    r = threading.Thread(target=reader, daemon=True)
+    r.start()
+    wait_until(lambda: s._polling[RECV])
+    paused = _PausedPoller(ring.pollers[SEND])
+    ring.pollers = (ring.pollers[RECV], paused)
+    data = os.urandom(1 << 20)  # the writer finds the 32 KiB ring full
+    w = threading.Thread(target=s.sendall, args=(data,), daemon=True)
+    w.start()
+    try:
+        assert paused.paused.wait(TIMEOUT)
+        # The backend drains the ring it saw full and notifies; the reader
+        # takes that event and writes the writer's wakefd.
+        assert select.select([ring.wakefds[SEND]], [], [], TIMEOUT)[0], \
+            "the reader took the writer's event and did not wake it"
+    finally:
+        paused.go.set()
+    w.join(TIMEOUT)
+    assert not w.is_alive(), "the writer missed its wake-up"
+    s.close()
+    r.join(TIMEOUT)
+    assert isinstance(reader_failure[0], OSError)
 
 
 def test_socket_calls_refused_as_socket_socket_refuses_them(
@@ -917,8 +985,6 @@ def test_a_backend_that_does_not_conform_fails_the_handshake(
     """A backend (faked in dom0's XenStore) that offers the wrong protocol,
     or leaves the handshake: open() says what was wrong, in an errno and a
     message, and takes back all it set up."""
-    from xenback.xenstore import XenStore
-
     with SimHost() as host, XenStore.connect_to(host.dom0) as xs:
         guest = host.create_domain("picky")
         be = f"/local/domain/0/backend/pvcalls/{guest.domid}/0"
