@@ -384,13 +384,15 @@ class _DataRing:
         )
 
     def out_has_room(self) -> bool:
+        """Room in the out ring, or indexes the backend broke (``used >
+        size``): either way a blocked send() must look (and raise EPROTO)."""
         # Our out_prod store before this read of out_cons (see send()).
         _barrier.lib.xb_mb()
         used = (
             _U32.unpack_from(self.indexes, OUT_PROD_OFFSET)[0]
             - _U32.unpack_from(self.indexes, OUT_CONS_OFFSET)[0]
         ) & 0xFFFFFFFF
-        return used < self.outq.size
+        return used != self.outq.size
 
     def reset(self) -> None:
         """Make a recycled ring new: indexes and errors back to zero (the
@@ -564,7 +566,9 @@ class PVSocket(Closing):
 
             deadline = _Deadline(self._timeout or None)
             try:
-                ret = self._fe._call(PVCALLS_CONNECT, self.id, fill, deadline)
+                # With the socket: close() must not wait (holding on to
+                # this call's locks) for an answer the backend may never send.
+                ret = self._fe._call(PVCALLS_CONNECT, self.id, fill, deadline, self)
             except TimeoutError:
                 # The answer still comes; nobody will read it.  Like Linux,
                 # keep the ring until RELEASE.
@@ -1040,12 +1044,15 @@ class PVSocket(Closing):
         """Send a POLL unless one is in flight, an ACCEPT is in flight, or a
         connection is already known to be pending."""
         with self._cond:
-            if self._poll_inflight or self._poll_ready or self._accept_inflight:
+            # An error accept() has not reported yet is the POLL's outcome
+            # until it has (fileno() said accept() would not block): no new
+            # POLL, and the error is not wiped.
+            if (self._poll_inflight or self._poll_ready or self._poll_error
+                    or self._accept_inflight):
                 return
             if self._closed:
                 return
             self._poll_inflight = True
-            self._poll_error = 0
 
         def fill(req: Any) -> None:
             req.u.poll.id = self.id
@@ -1074,21 +1081,26 @@ class PVSocket(Closing):
         while True:
             self._arm_poll()
             with self._cond:
-                if self._poll_error:
-                    err, self._poll_error = self._poll_error, 0
-                    raise _host_error(err, "accept (poll)")
-                if self._poll_ready:
-                    self._poll_ready = False
-                    break
-                if deadline.timeout == 0.0:
-                    raise BlockingIOError(errno.EAGAIN, "no connection pending")
-                while (not self._poll_ready and not self._poll_error
-                       and not self._closed and not self._fe._dead):
-                    self._cond.wait(deadline.remaining())
-                if self._closed:
-                    raise _bad_fd()
-                if self._fe._dead:
-                    raise self._fe._gone()
+                err, self._poll_error = self._poll_error, 0
+                if not err:
+                    if self._poll_ready:
+                        self._poll_ready = False
+                        break
+                    if deadline.timeout == 0.0:
+                        raise BlockingIOError(errno.EAGAIN, "no connection pending")
+                    while (not self._poll_ready and not self._poll_error
+                           and not self._closed and not self._fe._dead):
+                        self._cond.wait(deadline.remaining())
+                    if self._closed:
+                        raise _bad_fd()
+                    if self._fe._dead:
+                        raise self._fe._gone()
+                    continue
+            # Reported once; fileno() needs a POLL in flight again.
+            if self._armed:
+                self._arm_poll()
+            self._update_ready()
+            raise _host_error(err, "accept (poll)")
         self._update_ready()
 
 
@@ -1153,6 +1165,8 @@ class Frontend(Closing):
         self._cmd_cond = threading.Condition(self._lock)
         self._req_prod_pvt = 0
         self._slots: list[_Slot | None] = [None] * RING_SLOTS
+        # The backend published an impossible rsp_prod: the ring is dead.
+        self._ring_broken = False
         self._sockets: dict[int, PVSocket] = {}
         self._handlers: dict[int, Callable[[], None]] = {}
         # The event thread's epoll set: the shared handle, the stop pipe and
@@ -1687,11 +1701,13 @@ class Frontend(Closing):
             else:
                 slot.abandoned = True
 
-    def _call(self, cmd: int, sock_id: int, fill: Callable[[Any], None], deadline: _Deadline) -> int:
-        """Submit one command and wait for its ``ret``; abandon it on timeout."""
+    def _call(self, cmd: int, sock_id: int, fill: Callable[[Any], None], deadline: _Deadline,
+              sock: PVSocket | None = None) -> int:
+        """Submit one command and wait for its ``ret``; abandon it on timeout
+        (or when ``sock`` gets closed)."""
         req_id, slot = self._submit(cmd, sock_id, fill, deadline)
         try:
-            return self._wait_slot(req_id, slot, deadline)
+            return self._wait_slot(req_id, slot, deadline, sock)
         except BaseException:
             self._abandon(req_id, slot)
             raise
@@ -1701,41 +1717,27 @@ class Frontend(Closing):
         polls: list[tuple[PVSocket, int]] = []
         accepts: list[PVSocket] = []
         done: list[tuple[Callable[[int], None], int]] = []
+        broken: RingError | None = None
         with self._cmd_cond:
             ring = self._ring
-            if ring is None:
+            if ring is None or self._ring_broken:
                 return
-            while True:
-                for raw in ring.responses():
-                    rsp = ffi.from_buffer("struct xen_pvcalls_response *", raw)
-                    req_id, cmd, ret, sock_id = rsp.req_id, rsp.cmd, rsp.ret, rsp.u.poll.id
-                    logger.debug("<- %s req_id=%d id=%#x ret=%d",
-                                 PVCALLS_COMMANDS.get(cmd, cmd), req_id, sock_id, ret)
-                    if cmd == PVCALLS_POLL:
-                        sock = self._sockets.get(sock_id)
-                        if sock is not None:
-                            polls.append((sock, ret))
-                        continue
-                    slot = self._slots[req_id] if req_id < RING_SLOTS else None
-                    if slot is None or slot.done or slot.cmd != cmd or slot.sock_id != sock_id:
-                        logger.warning(
-                            "dropping unexpected response req_id=%d cmd=%d id=%#x", req_id, cmd, sock_id
-                        )
-                        continue
-                    slot.ret = ret
-                    slot.done = True
-                    if slot.on_done is not None:
-                        done.append((slot.on_done, ret))
-                        self._slots[req_id] = None
-                    elif slot.abandoned:
-                        self._slots[req_id] = None
-                    elif cmd == PVCALLS_ACCEPT:
-                        sock = self._sockets.get(sock_id)
-                        if sock is not None:
-                            accepts.append(sock)
-                if not ring.final_check_for_responses():
-                    break
+            try:
+                self._consume_responses(ring, polls, accepts, done)
+            except RingError as exc:
+                # Nothing on this ring can be trusted any more (and it
+                # raises again on every event): fail every waiter, as if
+                # the backend had left.
+                broken = exc
+                self._ring_broken = True
+                if not self._dead:
+                    self._why_dead = "the PV Calls backend broke the command ring"
+                    self._dead = True
             self._cmd_cond.notify_all()
+        if broken is not None:
+            logger.error("pvcalls backend of domain %d broke the command ring: %s",
+                         self.domain.domid, broken)
+            self._wake_everyone()
         for sock, ret in polls:
             sock._on_poll(ret)
         for sock in accepts:
@@ -1745,6 +1747,43 @@ class Frontend(Closing):
                 callback(ret)
             except Exception:
                 logger.exception("pvcalls frontend: completing a command")
+
+    def _consume_responses(self, ring: FrontRing, polls: list[tuple[PVSocket, int]],
+                           accepts: list[PVSocket],
+                           done: list[tuple[Callable[[int], None], int]]) -> None:
+        """Under _lock: match every response on ``ring`` with its slot; what
+        is to be done outside the lock goes to the lists.  Raises
+        :class:`RingError` if the backend's ``rsp_prod`` is impossible."""
+        while True:
+            for raw in ring.responses():
+                rsp = ffi.from_buffer("struct xen_pvcalls_response *", raw)
+                req_id, cmd, ret, sock_id = rsp.req_id, rsp.cmd, rsp.ret, rsp.u.poll.id
+                logger.debug("<- %s req_id=%d id=%#x ret=%d",
+                             PVCALLS_COMMANDS.get(cmd, cmd), req_id, sock_id, ret)
+                if cmd == PVCALLS_POLL:
+                    sock = self._sockets.get(sock_id)
+                    if sock is not None:
+                        polls.append((sock, ret))
+                    continue
+                slot = self._slots[req_id] if req_id < RING_SLOTS else None
+                if slot is None or slot.done or slot.cmd != cmd or slot.sock_id != sock_id:
+                    logger.warning(
+                        "dropping unexpected response req_id=%d cmd=%d id=%#x", req_id, cmd, sock_id
+                    )
+                    continue
+                slot.ret = ret
+                slot.done = True
+                if slot.on_done is not None:
+                    done.append((slot.on_done, ret))
+                    self._slots[req_id] = None
+                elif slot.abandoned:
+                    self._slots[req_id] = None
+                elif cmd == PVCALLS_ACCEPT:
+                    sock = self._sockets.get(sock_id)
+                    if sock is not None:
+                        accepts.append(sock)
+            if not ring.final_check_for_responses():
+                break
 
     def _release(self, sock: PVSocket) -> None:
         """RELEASE ``sock`` and free what it shared (called by close()).

@@ -37,6 +37,15 @@ def wait_until(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         pause.wait(0.01)
 
 
+def sleeping_in_wait(s: Any) -> bool:
+    """Whether a caller of ``s`` (a :class:`pvcalls.PVSocket`) sleeps in
+    its ``_wait``: polling the ring's own handle (``_polling``, set under
+    ``_cond`` after the last check) or waiting on ``_cond`` (a waiter is
+    queued before ``_cond`` is let go)."""
+    with s._cond:
+        return any(s._polling) or bool(s._cond._waiters)
+
+
 def echo_through(s: Any, data: bytes, timeout: float = TIMEOUT) -> None:
     """Send ``data`` on ``s`` (a connected socket of :class:`pvcalls.Frontend`
     whose peer echoes) while a thread reads the echo; assert that all of it

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import echo_through, wait_until
+from pvcalls_rawfront import echo_through, sleeping_in_wait, wait_until
 
 import pvcalls
 from pvcalls.frontend import RECV, SEND
@@ -151,15 +151,6 @@ def blocked_recv(s: pvcalls.PVSocket) -> tuple[threading.Thread, list[BaseExcept
     wait_until(lambda: sleeping_in_wait(s))  # no event says so
     assert t.is_alive() and failure == []
     return t, failure
-
-
-def sleeping_in_wait(s: pvcalls.PVSocket) -> bool:
-    """Whether a caller of ``s`` sleeps in ``PVSocket._wait``: polling the
-    ring's own handle (``_polling``, set under ``_cond`` after the last
-    check) or waiting on ``_cond`` (a waiter is queued before ``_cond`` is
-    let go)."""
-    with s._cond:
-        return any(s._polling) or bool(s._cond._waiters)
 
 
 def listen_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:

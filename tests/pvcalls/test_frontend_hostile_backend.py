@@ -1,0 +1,749 @@
+"""A hostile backend never crashes, hangs or corrupts the guest's frontend.
+
+The backend here is a fake in dom0: it does the backend half of the xenbus
+handshake by hand, maps the real :class:`pvcalls.Frontend`'s command ring
+and data rings as any backend would, and then answers under the test's
+control, wrongly if the test says so.  Every call of the frontend must end
+with a result, a clear :class:`OSError` (or ``TimeoutError`` when it has a
+timeout), never another exception, a hang, or a copy from outside its ring.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import sleeping_in_wait, wait_until
+
+import pvcalls
+from pvcalls import _wire
+from pvcalls._wire import (
+    IN_CONS_OFFSET,
+    IN_ERROR_OFFSET,
+    IN_PROD_OFFSET,
+    OUT_CONS_OFFSET,
+    OUT_ERROR_OFFSET,
+    OUT_PROD_OFFSET,
+    PVCALLS_ACCEPT,
+    PVCALLS_BIND,
+    PVCALLS_CONNECT,
+    PVCALLS_LISTEN,
+    PVCALLS_POLL,
+    PVCALLS_RELEASE,
+    PVCALLS_SOCKET,
+    RING_SLOTS,
+    SLOT_SIZE,
+    ffi,
+)
+from xenback import _wire as _xb_wire
+from xenback.platform import GrantMapping
+from xenback.ring import BackRing
+from xenback.sim import SimHost
+from xenback.xenstore import XenStore
+
+TIMEOUT = 10.0
+#: Xen errno values (negative on the wire).
+EADDRINUSE, EINVAL, ENOTSUPP, ENOTCONN = 98, 22, 524, 107
+_RSP_PROD_OFFSET = _xb_wire.ffi.offsetof("struct xen_sring_header", "rsp_prod")
+_U32 = struct.Struct("=I")
+_I32 = struct.Struct("=i")
+
+
+@dataclass(frozen=True)
+class Request:
+    req_id: int
+    cmd: int
+    id: int
+    id_new: int = 0  # ACCEPT
+    ref: int = 0  # CONNECT, ACCEPT
+    evtchn: int = 0  # CONNECT, ACCEPT
+
+
+class FakeDataRing:
+    """The backend's mapping of one active socket's indexes and data pages."""
+
+    def __init__(self, fake: FakeBackend, ref: int, remote_port: int) -> None:
+        self.indexes_map: GrantMapping = fake.gnttab.map_grant_refs(fake.domid, [ref])
+        idx = self.indexes_map.buffer
+        order = _U32.unpack_from(idx, _wire.RING_ORDER_OFFSET)[0]
+        refs = struct.unpack_from(f"={1 << order}I", idx, _wire.REF_OFFSET)
+        self.data_map: GrantMapping = fake.gnttab.map_grant_refs(fake.domid, refs)
+        self.size = _wire.flex_ring_size(order)
+        self._fake = fake
+        self.port = fake.evtchn.bind_interdomain(fake.domid, remote_port)
+
+    def get(self, offset: int) -> int:
+        return int(_U32.unpack_from(self.indexes_map.buffer, offset)[0])
+
+    def put(self, offset: int, value: int) -> None:
+        """Store ``value`` modulo 2**32 into the indexes page."""
+        _U32.pack_into(self.indexes_map.buffer, offset, value & 0xFFFFFFFF)
+
+    def set_error(self, offset: int, value: int) -> None:
+        _I32.pack_into(self.indexes_map.buffer, offset, value)
+
+    def produce(self, data: bytes) -> None:
+        """Put ``data`` into the in ring as a correct backend would."""
+        prod = self.get(IN_PROD_OFFSET)
+        buf = self.data_map.buffer
+        for i, byte in enumerate(data):
+            buf[(prod + i) & (self.size - 1)] = byte
+        self.put(IN_PROD_OFFSET, prod + len(data))
+        self.notify()
+
+    def notify(self) -> None:
+        self._fake.evtchn.notify(self.port)
+
+    def close(self) -> None:
+        try:
+            self._fake.evtchn.unbind(self.port)
+        except OSError:
+            pass
+        self.data_map.unmap()
+        self.indexes_map.unmap()
+
+
+class FakeBackend:
+    """dom0's side of one guest's pvcalls device, done by hand.
+
+    By default every command is answered correctly at once (``ret`` 0, or
+    ``rets[cmd]``; CONNECT and ACCEPT map the data ring offered, RELEASE
+    unmaps it).  Commands in ``hold`` go to ``requests`` instead, for the
+    test to answer (or not) with :meth:`respond` or anything more hostile.
+    """
+
+    def __init__(self, host: SimHost, guest: Any) -> None:
+        self.guest = guest
+        self.domid: int = guest.domid
+        self.be = f"/local/domain/0/backend/pvcalls/{self.domid}/0"
+        self.fe = f"/local/domain/{self.domid}/device/pvcalls/0"
+        self.xs = XenStore.connect_to(host.dom0)
+        self.gnttab = host.dom0.gnttab()
+        self.evtchn = host.dom0.evtchn()
+        self.hold: set[int] = set()
+        self.rets: dict[int, int] = {}
+        self.requests: queue.Queue[Request] = queue.Queue()
+        self.rings: dict[int, FakeDataRing] = {}  # by socket id
+        self.failures: list[BaseException] = []
+        self.ring: BackRing | None = None
+        self.mapping: GrantMapping | None = None
+        self.port = -1
+        self._lock = threading.Lock()  # the ring's producer side
+        self._closed_once = False
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._watch = self.xs.watch(f"{self.fe}/state", self._on_frontend_state)
+        self._thread = threading.Thread(target=self._run, name="fake-backend", daemon=True)
+        self._thread.start()
+
+    # -- the handshake and the command loop ------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._handshake()
+            self._serve()
+        except BaseException as exc:
+            self.failures.append(exc)
+
+    def _handshake(self) -> None:
+        xs = self.xs
+        xs.wait_for(f"{self.be}/state", "1", timeout=TIMEOUT)  # the toolstack's
+        for key, value in {"versions": "1", "max-page-order": "4", "function-calls": "1"}.items():
+            xs.write(f"{self.be}/{key}", value)
+        xs.write(f"{self.be}/state", "2")  # InitWait
+        xs.wait_for(f"{self.fe}/state", "3", timeout=TIMEOUT)  # Initialised
+        ring_ref = int(xs.read(f"{self.fe}/ring-ref") or "")
+        remote_port = int(xs.read(f"{self.fe}/port") or "")
+        self.mapping = self.gnttab.map_grant_refs(self.domid, [ring_ref])
+        self.ring = BackRing(self.mapping.buffer, SLOT_SIZE)
+        self.port = self.evtchn.bind_interdomain(self.domid, remote_port)
+        xs.write(f"{self.be}/state", "4")  # Connected
+
+    def _serve(self) -> None:
+        assert self.ring is not None
+        fds = [self.evtchn.fileno(), self._stop_r]
+        while True:
+            readable, _, _ = select.select(fds, [], [])
+            if self._stop_r in readable:
+                return
+            while (port := self.evtchn.pending()) is not None:
+                self.evtchn.unmask(port)
+            with self._lock:
+                while True:
+                    for raw in self.ring.requests():
+                        self._handle(ffi.from_buffer("struct xen_pvcalls_request *", raw))
+                    if not self.ring.final_check_for_requests():
+                        break
+
+    def _handle(self, r: Any) -> None:
+        """Under _lock: one request from the ring."""
+        req = Request(r.req_id, r.cmd, r.u.socket.id)
+        if r.cmd == PVCALLS_CONNECT:
+            req = Request(r.req_id, r.cmd, r.u.connect.id, 0, r.u.connect.ref, r.u.connect.evtchn)
+        elif r.cmd == PVCALLS_ACCEPT:
+            req = Request(r.req_id, r.cmd, r.u.accept.id, r.u.accept.id_new,
+                          r.u.accept.ref, r.u.accept.evtchn)
+        if req.cmd in self.hold:
+            self.requests.put(req)
+            return
+        ret = self.rets.get(req.cmd, 0)
+        if ret == 0 and req.cmd == PVCALLS_CONNECT:
+            self.rings[req.id] = FakeDataRing(self, req.ref, req.evtchn)
+        elif ret == 0 and req.cmd == PVCALLS_ACCEPT:
+            self.rings[req.id_new] = FakeDataRing(self, req.ref, req.evtchn)
+        elif req.cmd == PVCALLS_RELEASE and req.id in self.rings:
+            self.rings.pop(req.id).close()
+        self._push([self._response(req, ret)])
+
+    # -- answering -------------------------------------------------------------
+
+    @staticmethod
+    def _response(req: Request, ret: int, *, req_id: int | None = None, cmd: int | None = None,
+                  sock_id: int | None = None) -> bytes:
+        rsp = ffi.new("struct xen_pvcalls_response *")
+        rsp.req_id = req.req_id if req_id is None else req_id
+        rsp.cmd = req.cmd if cmd is None else cmd
+        rsp.ret = ret
+        rsp.u.socket.id = req.id if sock_id is None else sock_id
+        return bytes(ffi.buffer(rsp))
+
+    def _push(self, responses: list[bytes]) -> None:
+        assert self.ring is not None
+        for rsp in responses:
+            self.ring.push_response(rsp)
+        if self.ring.push_responses():
+            self.evtchn.notify(self.port)
+
+    def respond(self, req: Request, ret: int, **fields: int) -> None:
+        """Answer ``req`` (its response slot); ``fields`` (req_id, cmd,
+        sock_id) put something else in the response."""
+        self.respond_many([(req, ret, fields)])
+
+    def respond_many(self, answers: list[tuple[Request, int, dict[str, int]]]) -> None:
+        """Several responses, published together with one notification."""
+        with self._lock:
+            self._push([self._response(req, ret, **fields) for req, ret, fields in answers])
+
+    def set_rsp_prod(self, value: int) -> None:
+        """Publish a response producer index of the test's choosing."""
+        assert self.mapping is not None
+        with self._lock:
+            _U32.pack_into(self.mapping.buffer, _RSP_PROD_OFFSET, value & 0xFFFFFFFF)
+            self.evtchn.notify(self.port)
+
+    @property
+    def rsp_prod_pvt(self) -> int:
+        assert self.ring is not None
+        return self.ring.rsp_prod_pvt
+
+    def next_request(self, cmd: int) -> Request:
+        req = self.requests.get(timeout=TIMEOUT)
+        assert req.cmd == cmd, req
+        return req
+
+    def set_state(self, state: int) -> None:
+        self.xs.write(f"{self.be}/state", str(state))
+
+    def _on_frontend_state(self, _path: str) -> None:
+        """The frontend closing: go Closed, as a backend does."""
+        try:
+            if self._closed_once or self.xs.read(f"{self.fe}/state") not in ("5", "6"):
+                return
+            self._closed_once = True
+            self.xs.write(f"{self.be}/state", "6")
+        except (OSError, ConnectionError):
+            pass
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join(TIMEOUT)
+        try:
+            self._watch.unwatch()
+        except OSError:
+            pass
+        for ring in self.rings.values():
+            ring.close()
+        if self.ring is not None:
+            self.ring.release()
+        if self.mapping is not None:
+            self.mapping.unmap()
+        self.evtchn.close()
+        self.gnttab.close()
+        self.xs.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+
+class LogWatch(logging.Handler):
+    """The frontend's log records, with a wait for one that matches."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._cond:
+            self.records.append(record)
+            self._cond.notify_all()
+
+    def messages(self, level: int = logging.WARNING) -> list[str]:
+        with self._cond:
+            return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    def wait(self, text: str, level: int = logging.WARNING) -> str:
+        """The first message at ``level`` or above containing ``text``."""
+        with self._cond:
+            found: list[str] = []
+
+            def seen() -> bool:
+                found[:] = [m for r in self.records if r.levelno >= level
+                            and text in (m := r.getMessage())]
+                return bool(found)
+
+            assert self._cond.wait_for(seen, TIMEOUT), f"no log line with {text!r}"
+            return found[0]
+
+
+class Call:
+    """``fn()`` in a thread of its own: a call that may block."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = TIMEOUT) -> Call:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the call still blocks after {timeout} s"
+        return self
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def oserror(self) -> OSError:
+        """Joined, the OSError it raised (exactly OSError or a subclass)."""
+        self.join()
+        assert isinstance(self.error, OSError), repr(self.error)
+        return self.error
+
+
+@pytest.fixture
+def log() -> Iterator[LogWatch]:
+    watch = LogWatch()
+    logger = logging.getLogger("pvcalls.frontend")
+    logger.addHandler(watch)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield watch
+    logger.setLevel(old)
+    logger.removeHandler(watch)
+
+
+@pytest.fixture
+def fake(host: SimHost) -> Iterator[FakeBackend]:
+    fb = FakeBackend(host, host.create_domain("victim"))
+    yield fb
+    fb.close()
+    assert fb.failures == []
+
+
+@pytest.fixture
+def fe(fake: FakeBackend) -> Iterator[pvcalls.Frontend]:
+    f = pvcalls.Frontend(fake.guest, timeout=TIMEOUT)
+    f.open()
+    yield f
+    done = Call(f.close).join()  # close() must return, whatever the backend did
+    assert done.error is None, done.error
+
+
+def connected(fe: pvcalls.Frontend, fake: FakeBackend) -> tuple[pvcalls.PVSocket, FakeDataRing]:
+    """A socket connected through the fake (which maps its data ring)."""
+    s = fe.socket()
+    s.connect(("127.0.0.1", 7))
+    return s, fake.rings[s.id]
+
+
+# -- responses that answer nothing -------------------------------------------------
+
+
+_BOGUS: dict[str, Callable[[Request, Request, pvcalls.PVSocket], dict[str, int]]] = {
+    # Linux's frontend would index its response table with these.
+    "req_id one ring beyond": lambda b, c, other: {"req_id": b.req_id + RING_SLOTS},
+    "req_id 0xffffffff": lambda b, c, other: {"req_id": 0xFFFFFFFF},
+    "req_id of a free slot": lambda b, c, other: {
+        "req_id": next(i for i in range(RING_SLOTS) if i not in (b.req_id, c.req_id))},
+    "wrong cmd": lambda b, c, other: {"cmd": PVCALLS_LISTEN},
+    "wrong socket id": lambda b, c, other: {"sock_id": other.id},
+}
+
+
+@pytest.mark.parametrize("kind", list(_BOGUS))
+def test_a_response_that_matches_no_request_is_dropped_with_a_warning(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, kind: str) -> None:
+    """A BIND is in flight; the backend answers with a response that looks
+    like its answer (an error) but differs in req_id, cmd or id.  It is
+    dropped with a warning and the BIND still waits; the real answer then
+    completes it."""
+    s, other = fe.socket(), fe.socket()
+    fake.hold = {PVCALLS_BIND, PVCALLS_CONNECT}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind_req = fake.next_request(PVCALLS_BIND)
+    # A second request whose response slot carries the bogus response (the
+    # ring cannot hold more responses than requests): a CONNECT given up.
+    other.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        other.connect(("127.0.0.1", 4001))
+    carrier = fake.next_request(PVCALLS_CONNECT)
+    fields = {"req_id": bind_req.req_id, "cmd": PVCALLS_BIND, "sock_id": s.id}
+    fields.update(_BOGUS[kind](bind_req, carrier, other))
+    fake.respond(carrier, -EADDRINUSE, **fields)
+    said = log.wait("dropping unexpected response")
+    assert f"req_id={fields['req_id']} cmd={fields['cmd']} id={fields['sock_id']:#x}" in said
+    with fe._lock:
+        slot = fe._slots[bind_req.req_id]
+        assert slot is not None and not slot.done  # taken for nothing
+    assert binding.alive()
+    fake.respond(bind_req, 0)
+    assert binding.join().error is None
+    assert s.getsockname() == ("127.0.0.1", 4000)
+
+
+def test_a_second_answer_to_one_request_is_dropped(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """The answer, then the same answer again with an error, published
+    together: the first counts, the second is dropped with a warning."""
+    s, other = fe.socket(), fe.socket()
+    fake.hold = {PVCALLS_BIND, PVCALLS_CONNECT}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind_req = fake.next_request(PVCALLS_BIND)
+    other.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        other.connect(("127.0.0.1", 4001))
+    carrier = fake.next_request(PVCALLS_CONNECT)
+    again = {"req_id": bind_req.req_id, "cmd": PVCALLS_BIND, "sock_id": s.id}
+    fake.respond_many([(bind_req, 0, {}), (carrier, -EADDRINUSE, again)])
+    assert binding.join().error is None
+    log.wait(f"dropping unexpected response req_id={bind_req.req_id} cmd={PVCALLS_BIND}")
+
+
+# -- error numbers ---------------------------------------------------------------------
+
+
+_ERRNOS = [
+    (-EADDRINUSE, errno.EADDRINUSE),
+    (-ENOTSUPP, errno.EOPNOTSUPP),  # Linux's internal ENOTSUPP
+    (-4000, errno.EIO),  # no such errno
+    (-(1 << 31), errno.EIO),
+]
+
+
+@pytest.mark.parametrize(("ret", "expected"), _ERRNOS)
+@pytest.mark.parametrize("cmd", ["socket", "bind", "listen", "connect", "accept"])
+def test_an_error_in_ret_is_an_oserror_by_name(
+        fe: pvcalls.Frontend, fake: FakeBackend, cmd: str, ret: int, expected: int) -> None:
+    """Each command answered with ``ret``: an OSError with the host's errno
+    of the same name, EIO for one without a name; the frontend goes on."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    call: Callable[[], Any]
+    if cmd == "socket":
+        fake.rets[PVCALLS_SOCKET] = ret
+        call = fe.socket
+    elif cmd == "bind":
+        fake.rets[PVCALLS_BIND] = ret
+        call = lambda: s.bind(("127.0.0.1", 4000))  # noqa: E731
+    elif cmd == "listen":
+        s.bind(("127.0.0.1", 4000))
+        fake.rets[PVCALLS_LISTEN] = ret
+        call = s.listen
+    elif cmd == "connect":
+        fake.rets[PVCALLS_CONNECT] = ret
+        call = lambda: s.connect(("127.0.0.1", 4000))  # noqa: E731
+    else:
+        s.bind(("127.0.0.1", 4000))
+        s.listen()
+        fake.rets[PVCALLS_ACCEPT] = ret
+        call = s.accept
+    with pytest.raises(OSError) as info:
+        call()
+    assert info.value.errno == expected
+    assert type(info.value) is type(OSError(expected, "x"))
+    fake.rets.clear()
+    with fe.socket():  # nothing else broke
+        pass
+    if cmd == "connect":  # the id is a new socket again, as the backend said
+        s.connect(("127.0.0.1", 4000))
+        assert s.getpeername() == ("127.0.0.1", 4000)
+
+
+@pytest.mark.parametrize(("ret", "expected"), [*_ERRNOS, (5, errno.EIO)])
+def test_an_error_in_the_data_ring_is_an_oserror_by_name(
+        fe: pvcalls.Frontend, fake: FakeBackend, ret: int, expected: int) -> None:
+    s, ring = connected(fe, fake)
+    s.settimeout(TIMEOUT)
+    ring.set_error(IN_ERROR_OFFSET, ret)
+    ring.notify()
+    with pytest.raises(OSError) as info:
+        s.recv(10)
+    assert info.value.errno == expected
+    ring.set_error(OUT_ERROR_OFFSET, ret)
+    with pytest.raises(OSError) as info:
+        s.send(b"x")
+    assert info.value.errno == expected
+    s.close()
+
+
+# -- broken indexes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delta", [RING_SLOTS + 1, 1 << 31, -1])
+def test_a_response_producer_beyond_the_requests_fails_every_waiter(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, delta: int) -> None:
+    """``rsp_prod`` more responses ahead than requests were made (or behind
+    the frontend's consumer): the command ring cannot be trusted any more.
+    A CONNECT and a recv() waiting without a timeout fail with ENOTCONN
+    that says why, as does every later call; the slots behind the index are not read as
+    responses.  (It used to log a traceback per event and leave the
+    waiter blocked forever.)"""
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    receiving = Call(lambda: r.recv(10))
+    wait_until(lambda: sleeping_in_wait(r))
+    s = fe.socket()
+    fake.hold = {PVCALLS_CONNECT}
+    connecting = Call(lambda: s.connect(("127.0.0.1", 4000)))
+    fake.next_request(PVCALLS_CONNECT)
+    fake.set_rsp_prod(fake.rsp_prod_pvt + delta)
+    for call in (connecting, receiving):
+        err = call.oserror()
+        assert err.errno == errno.ENOTCONN
+        assert err.strerror == "the PV Calls backend broke the command ring"
+    assert "rsp_prod" in log.wait("broke the command ring")
+    with pytest.raises(OSError) as info:
+        fe.socket()
+    assert info.value.errno == errno.ENOTCONN
+    assert info.value.strerror == "the PV Calls backend broke the command ring"
+
+
+def _in_far_ahead(ring: FakeDataRing) -> None:
+    ring.put(IN_PROD_OFFSET, ring.get(IN_CONS_OFFSET) + 2 * ring.size)
+
+
+def _in_cons_beyond_prod(ring: FakeDataRing) -> None:
+    ring.put(IN_CONS_OFFSET, ring.get(IN_PROD_OFFSET) + 3)
+
+
+def _in_one_too_many(ring: FakeDataRing) -> None:
+    ring.put(IN_PROD_OFFSET, ring.get(IN_CONS_OFFSET) + ring.size + 1)
+
+
+_IN_BREAKS = {"prod far ahead": _in_far_ahead, "cons beyond prod": _in_cons_beyond_prod,
+              "one byte too many": _in_one_too_many}
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["ready", "blocked"])
+@pytest.mark.parametrize("brk", list(_IN_BREAKS))
+def test_broken_in_indexes_fail_recv_with_eproto(
+        fe: pvcalls.Frontend, fake: FakeBackend, brk: str, blocked: bool) -> None:
+    """In-ring indexes that claim more than the ring holds: recv() (already
+    waiting without timeout, or called after) raises EPROTO and copies
+    nothing; the buffer is untouched."""
+    s, ring = connected(fe, fake)
+    ring.produce(b"hello")  # wrap-free, correct data first
+    assert s.recv(5) == b"hello"
+    buf = bytearray(b"-" * 64)
+    s.settimeout(None)
+    receiving = Call(lambda: s.recv_into(buf))
+    if blocked:
+        wait_until(lambda: sleeping_in_wait(s))
+    _IN_BREAKS[brk](ring)
+    ring.notify()
+    err = receiving.oserror()
+    assert err.errno == errno.EPROTO, err
+    assert "broke the data ring" in str(err)
+    assert buf == b"-" * 64
+
+
+def _fill_out_ring(s: pvcalls.PVSocket, ring: FakeDataRing) -> None:
+    s.settimeout(0.0)
+    sent = 0
+    while True:
+        try:
+            sent += s.send(b"z" * ring.size)
+        except BlockingIOError:
+            break
+    assert sent == ring.size
+    assert ring.get(OUT_PROD_OFFSET) - ring.get(OUT_CONS_OFFSET) == ring.size
+
+
+def _out_cons_beyond_prod(ring: FakeDataRing) -> None:
+    ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET) + 100)
+
+
+def _out_cons_far_behind(ring: FakeDataRing) -> None:
+    ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET) - 2 * ring.size)
+
+
+_OUT_BREAKS = {"cons beyond prod": _out_cons_beyond_prod, "cons far behind": _out_cons_far_behind}
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["ready", "blocked"])
+@pytest.mark.parametrize("brk", list(_OUT_BREAKS))
+def test_broken_out_indexes_fail_send_with_eproto(
+        fe: pvcalls.Frontend, fake: FakeBackend, brk: str, blocked: bool) -> None:
+    """``out_cons`` moved where no consumer can be: send() raises EPROTO
+    and writes nothing, also a send() already waiting (no timeout) for room
+    in a full ring when the backend breaks the index and notifies."""
+    s, ring = connected(fe, fake)
+    _fill_out_ring(s, ring)
+    before = bytes(ring.data_map.buffer)
+    prod = ring.get(OUT_PROD_OFFSET)
+    s.settimeout(None)
+    sending = Call(lambda: s.send(b"y" * 10))
+    if blocked:
+        wait_until(lambda: sleeping_in_wait(s))
+    _OUT_BREAKS[brk](ring)
+    ring.notify()
+    err = sending.oserror()
+    assert err.errno == errno.EPROTO, err
+    assert ring.get(OUT_PROD_OFFSET) == prod
+    assert bytes(ring.data_map.buffer) == before
+
+
+# -- POLL --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ret", "expected"), _ERRNOS)
+def test_a_poll_answered_with_an_error_fails_that_accept_only(
+        fe: pvcalls.Frontend, fake: FakeBackend, ret: int, expected: int) -> None:
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fake.rets[PVCALLS_POLL] = ret
+    with pytest.raises(OSError) as info:
+        ls.accept()
+    assert info.value.errno == expected
+    assert "accept (poll)" in str(info.value)
+    fake.rets.clear()
+    new, peer = ls.accept()  # a new POLL, then ACCEPT
+    assert peer == ("0.0.0.0", 0) and new.id in fake.rings
+    new.close()
+
+
+def test_a_poll_error_makes_fileno_readable(fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The error answering fileno()'s POLL makes the descriptor readable
+    and is what the next accept() raises, even non-blocking (it used to be
+    wiped by a new POLL: EAGAIN, the error never seen)."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    fake.hold = {PVCALLS_POLL}
+    fd = ls.fileno()
+    poll = fake.next_request(PVCALLS_POLL)
+    assert select.select([fd], [], [], 0)[0] == []
+    fake.respond(poll, -EINVAL)
+    assert select.select([fd], [], [], TIMEOUT)[0] == [fd]
+    ls.setblocking(False)
+    with pytest.raises(OSError) as info:
+        ls.accept()  # what the readable descriptor promised: no EAGAIN
+    assert info.value.errno == errno.EINVAL
+    assert "accept (poll)" in str(info.value)
+    # Reported once; the descriptor waits again, on a new POLL.
+    poll = fake.next_request(PVCALLS_POLL)
+    assert select.select([fd], [], [], 0)[0] == []
+    fake.respond(poll, 0)
+    assert select.select([fd], [], [], TIMEOUT)[0] == [fd]
+    ls.settimeout(TIMEOUT)  # non-blocking, the ACCEPT would be left in flight
+    new, _ = ls.accept()
+    new.close()
+
+
+# -- silence and departure ---------------------------------------------------------------
+
+
+def test_a_backend_that_never_answers(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """Every call with a timeout times out; close() of a socket returns at
+    once and close() of the frontend within its timeout."""
+    s = fe.socket()
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    fake.hold = {PVCALLS_SOCKET, PVCALLS_CONNECT, PVCALLS_BIND, PVCALLS_LISTEN,
+                 PVCALLS_ACCEPT, PVCALLS_POLL, PVCALLS_RELEASE}
+    fe.timeout = 0.3
+    assert isinstance(Call(fe.socket).join().error, TimeoutError)
+    s.settimeout(0.3)
+    assert isinstance(Call(lambda: s.connect(("127.0.0.1", 4001))).join().error, TimeoutError)
+    with pytest.raises(OSError) as info:
+        s.recv(1)  # the CONNECT that timed out left the socket unusable
+    assert info.value.errno == errno.ENOTCONN
+    ls.settimeout(0.3)
+    assert isinstance(Call(ls.accept).join().error, TimeoutError)
+    Call(s.close).join(TIMEOUT)
+    Call(ls.close).join(TIMEOUT)
+    start = time.monotonic()
+    closing = Call(fe.close).join(TIMEOUT)
+    assert closing.error is None
+    assert time.monotonic() - start < TIMEOUT
+    log.wait("not answered")
+
+
+def test_the_backend_closing_mid_call_fails_the_waiters(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Calls blocked without a timeout (a CONNECT, a SOCKET, a recv) when
+    the backend goes Closing: each fails with ENOTCONN saying so."""
+    s, ring = connected(fe, fake)
+    s.settimeout(None)
+    c = fe.socket()
+    c.settimeout(None)
+    fake.hold = {PVCALLS_SOCKET, PVCALLS_CONNECT}
+    receiving = Call(lambda: s.recv(10))
+    connecting = Call(lambda: c.connect(("127.0.0.1", 4000)))
+    creating = Call(fe.socket)
+    held = {fake.requests.get(timeout=TIMEOUT).cmd for _ in range(2)}
+    assert held == {PVCALLS_SOCKET, PVCALLS_CONNECT}
+    wait_until(lambda: sleeping_in_wait(s))
+    fake.set_state(5)
+    for call in (receiving, connecting, creating):
+        err = call.oserror()
+        assert err.errno == errno.ENOTCONN
+        assert err.strerror == "the PV Calls backend went away"
+
+
+@pytest.mark.parametrize("closer", ["socket", "frontend"])
+def test_close_returns_while_a_connect_waits_for_an_answer_that_never_comes(
+        fe: pvcalls.Frontend, fake: FakeBackend, closer: str) -> None:
+    """A CONNECT the backend never answers, waited for without a timeout:
+    close() of the socket (or of the frontend) from another thread returns,
+    and the blocked connect() fails with EBADF as close() promises.  (Both
+    used to hang: connect() did not look at the socket closing, and close()
+    waits for the socket's locks, which connect() held.)"""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT, PVCALLS_RELEASE}
+    fe.timeout = 0.3  # close() of the frontend waits this long for RELEASE
+    connecting = Call(lambda: s.connect(("127.0.0.1", 4000)))
+    fake.next_request(PVCALLS_CONNECT)
+    closing = Call(s.close if closer == "socket" else fe.close).join()
+    assert closing.error is None
+    assert connecting.oserror().errno == errno.EBADF
+    assert s.closed
