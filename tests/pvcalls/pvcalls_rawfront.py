@@ -361,8 +361,12 @@ class RawFrontend:
         buf = bytearray()
 
         def got() -> bool:
+            # The error first, then the data, as a frontend must read them:
+            # the backend stores in_error after its last byte, so data that
+            # is not there after the error was seen never comes.
+            err = ring.in_error
             buf.extend(ring.read(n - len(buf)))
-            return len(buf) >= n or ring.in_error != 0
+            return len(buf) >= n or err != 0
 
         self.wait(got, timeout)
         return bytes(buf)
