@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -686,7 +687,12 @@ def test_many_devices_at_once(host, driver, frontends) -> None:
         fe.close()
     driver.stop()  # waits for every device queue
     assert driver.devices() == []
-    assert (_ports(host), _grants(host)) == (baseline_ports, baseline_grants)
+    # The host unbinds a closed handle's ports on its service thread, after
+    # close() returned: wait for the counts.
+    deadline = time.monotonic() + TIMEOUT
+    while (_ports(host), _grants(host)) != (baseline_ports, baseline_grants):
+        assert time.monotonic() < deadline, (_ports(host), _grants(host))
+        threading.Event().wait(0.01)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -794,7 +800,9 @@ def test_the_host_dying_under_a_connected_device(frontends, caplog) -> None:
     assert drv.xenstore.connection_lost.wait(TIMEOUT)
     caplog.clear()
     bdev.fatal(errno.EIO, "too late")  # does not raise
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # (The XenStore connection's threads may still be logging its loss.)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "xenback.xenbus"]
     assert warnings == [f"{dev.backend_path}: could not write the error node",
                         f"{dev.backend_path}: could not switch to Closing"]
     caplog.clear()
