@@ -37,6 +37,36 @@ def wait_until(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         pause.wait(0.01)
 
 
+class Call:
+    """``fn()`` in a thread of its own: a call that may block."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = TIMEOUT) -> Call:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the call still blocks after {timeout} s"
+        return self
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def oserror(self) -> OSError:
+        """Joined, the OSError it raised (exactly OSError or a subclass)."""
+        self.join()
+        assert isinstance(self.error, OSError), repr(self.error)
+        return self.error
+
+
 def sleeping_in_wait(s: Any) -> bool:
     """Whether a caller of ``s`` (a :class:`pvcalls.PVSocket`) sleeps in
     its ``_wait``: polling the ring's own handle (``_polling``, set under

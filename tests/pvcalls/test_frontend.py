@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import echo_through, sleeping_in_wait, wait_until
+from pvcalls_rawfront import Call, echo_through, sleeping_in_wait, wait_until
 
 import pvcalls
 from pvcalls.frontend import RECV, SEND
@@ -133,24 +133,15 @@ def recv_exactly(s: Any, n: int) -> bytes:
     return bytes(buf)
 
 
-def blocked_recv(s: pvcalls.PVSocket) -> tuple[threading.Thread, list[BaseException]]:
-    """A thread blocked (without timeout) in ``s.recv``, and the list that
-    will hold what it raised.  Returns once the thread sleeps in the wait,
-    past its last look at the socket's state: only a wake-up gets it out."""
+def blocked_recv(s: pvcalls.PVSocket) -> Call:
+    """``s.recv`` blocked (without timeout) in a thread.  Returns once the
+    thread sleeps in the wait, past its last look at the socket's state:
+    only a wake-up gets it out."""
     s.settimeout(None)
-    failure: list[BaseException] = []
-
-    def blocked_reader() -> None:
-        try:
-            s.recv(10)
-        except BaseException as exc:
-            failure.append(exc)
-
-    t = threading.Thread(target=blocked_reader)
-    t.start()
+    call = Call(lambda: s.recv(10))
     wait_until(lambda: sleeping_in_wait(s))  # no event says so
-    assert t.is_alive() and failure == []
-    return t, failure
+    assert call.alive() and call.error is None
+    return call
 
 
 def listen_address(backend: Any, domid: int, sock_id: int) -> tuple[str, int]:
@@ -274,22 +265,11 @@ def test_close_wakes_a_blocked_sender(fe: pvcalls.Frontend, server: Any) -> None
         for _ in range(1000):  # far more than ring and socket buffers hold
             s.sendall(bytes(65536))
     s.settimeout(None)
-    failure: list[BaseException] = []
-
-    def blocked_sender() -> None:
-        try:
-            s.send(b"x")
-        except BaseException as exc:
-            failure.append(exc)
-
-    t = threading.Thread(target=blocked_sender)
-    t.start()
+    sender = Call(lambda: s.send(b"x"))
     try:
         wait_until(lambda: sleeping_in_wait(s))
         s.close()
-        t.join(TIMEOUT)
-        assert not t.is_alive()
-        assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF, failure
+        assert sender.oserror().errno == errno.EBADF
     finally:
         release.set()
 
@@ -321,22 +301,12 @@ def test_a_receiver_that_takes_the_senders_event_wakes_it(
     s = connected(fe, srv.address)
     ring = s._ring
     assert ring is not None and ring.direct
-    reader_failure: list[BaseException] = []
-
-    def reader() -> None:
-        try:
-            s.recv(1)
-        except BaseException as exc:
-            reader_failure.append(exc)
-
-    r = threading.Thread(target=reader, daemon=True)
-    r.start()
+    reader = Call(lambda: s.recv(1))
     wait_until(lambda: s._polling[RECV])
     paused = _PausedPoller(ring.pollers[SEND])
     ring.pollers = (ring.pollers[RECV], paused)
     data = os.urandom(1 << 20)  # the writer finds the 32 KiB ring full
-    w = threading.Thread(target=s.sendall, args=(data,), daemon=True)
-    w.start()
+    writer = Call(lambda: s.sendall(data))
     try:
         assert paused.paused.wait(TIMEOUT)
         # The backend drains the ring it saw full and notifies; the reader
@@ -345,11 +315,9 @@ def test_a_receiver_that_takes_the_senders_event_wakes_it(
             "the reader took the writer's event and did not wake it"
     finally:
         paused.go.set()
-    w.join(TIMEOUT)
-    assert not w.is_alive(), "the writer missed its wake-up"
+    assert writer.join().error is None  # it did not miss its wake-up
     s.close()
-    r.join(TIMEOUT)
-    assert isinstance(reader_failure[0], OSError)
+    reader.oserror()
 
 
 def test_socket_calls_refused_as_socket_socket_refuses_them(
@@ -429,11 +397,9 @@ def test_send_recv_on_unconnected_socket(fe: pvcalls.Frontend) -> None:
 def test_close_semantics(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     s = connected(fe, srv.address)
-    t, failure = blocked_recv(s)
+    reader = blocked_recv(s)
     s.close()
-    t.join(TIMEOUT)
-    assert not t.is_alive()
-    assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF
+    assert reader.oserror().errno == errno.EBADF
     s.close()  # twice is fine
     for call in (lambda: s.send(b"x"), lambda: s.sendall(b""), lambda: s.recv(1),
                  lambda: s.fileno(), lambda: s.connect(srv.address)):
@@ -696,23 +662,12 @@ def test_close_wakes_accept(fe: pvcalls.Frontend) -> None:
     ls = fe.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen()
-    failure: list[BaseException] = []
-
-    def acceptor() -> None:
-        try:
-            ls.accept()
-        except BaseException as exc:
-            failure.append(exc)
-
-    t = threading.Thread(target=acceptor)
-    t.start()
+    acceptor = Call(ls.accept)
     # The accept is parked once its POLL is in flight.
     with ls._cond:
         assert ls._cond.wait_for(lambda: ls._poll_inflight, TIMEOUT)
     ls.close()
-    t.join(TIMEOUT)
-    assert not t.is_alive()
-    assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF
+    assert acceptor.oserror().errno == errno.EBADF
 
 
 # -- the frontend itself ------------------------------------------------------------
@@ -867,29 +822,18 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
             fe = pvcalls.Frontend(host.create_domain("orphan"))
             with fe:
                 s = connected(fe, srv.address)
-                t, failure = blocked_recv(s)
+                reader = blocked_recv(s)
                 ls = fe.socket()
                 ls.bind(("127.0.0.1", 0))
                 ls.listen()
-                accept_failure: list[BaseException] = []
-
-                def acceptor() -> None:
-                    try:
-                        ls.accept()
-                    except BaseException as exc:
-                        accept_failure.append(exc)
-
-                acceptor_thread = threading.Thread(target=acceptor)
-                acceptor_thread.start()
+                acceptor = Call(ls.accept)
                 wait_until(lambda: sleeping_in_wait(ls))  # for its POLL's answer
                 backend.close()
-                for thread, failed in ((t, failure), (acceptor_thread, accept_failure)):
-                    thread.join(TIMEOUT)
-                    assert not thread.is_alive()
+                for call in (reader, acceptor):
                     # Woken by the backend leaving (the socket is still open).
-                    assert isinstance(failed[0], OSError), failed
-                    assert failed[0].errno == errno.ENOTCONN
-                    assert failed[0].strerror == "the PV Calls backend went away"
+                    error = call.oserror()
+                    assert error.errno == errno.ENOTCONN
+                    assert error.strerror == "the PV Calls backend went away"
                 with pytest.raises(OSError):
                     fe.socket()
         finally:
@@ -1015,21 +959,11 @@ def test_host_going_away_fails_a_handshake_at_once() -> None:
     try:
         domain = host.create_domain("stranded")
         fe = pvcalls.Frontend(domain, timeout=600)
-        failure: list[BaseException] = []
-
-        def open_it() -> None:
-            try:
-                fe.open()
-            except BaseException as exc:
-                failure.append(exc)
-
-        t = threading.Thread(target=open_it, daemon=True)
-        t.start()
+        opener = Call(fe.open)
         wait_until(lambda: fe._xs is not None and bool(fe._xs._waiters))  # for InitWait
         host.close()
-        t.join(TIMEOUT)
-        assert not t.is_alive(), "the handshake waits for its timeout"
-        assert isinstance(failure[0], OSError) and failure[0].errno == errno.ENOTCONN, failure
+        # (Not waiting for its timeout.)
+        assert opener.oserror().errno == errno.ENOTCONN
     finally:
         host.close()
 
@@ -1190,7 +1124,7 @@ def test_a_busy_socket_does_not_hold_calls_past_their_timeout(
     others' calls still fail at once or time out, as on socket.socket."""
     srv = server()
     s = connected(fe, srv.address)
-    t, failure = blocked_recv(s)  # holding s._recv_lock
+    reader = blocked_recv(s)  # holding s._recv_lock
     s.settimeout(1.0)
     with pytest.raises(OSError) as info:
         s.connect(srv.address)
@@ -1202,8 +1136,7 @@ def test_a_busy_socket_does_not_hold_calls_past_their_timeout(
     with pytest.raises(TimeoutError):
         s.recv(10)
     s.close()
-    t.join(TIMEOUT)
-    assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF
+    assert reader.oserror().errno == errno.EBADF
 
 
 @pytest.mark.parametrize("timeout", [0.0, 0.001], ids=["non-blocking", "short-timeout"])
@@ -1291,22 +1224,11 @@ def unanswered_listener() -> Iterator[tuple[str, int]]:
 
 def test_close_during_connect_is_ebadf_for_the_connecting_thread(fe: pvcalls.Frontend) -> None:
     s = fe.socket()
-    failure: list[BaseException] = []
     with unanswered_listener() as address:
-
-        def connector() -> None:
-            try:
-                s.connect(address)
-            except BaseException as exc:
-                failure.append(exc)
-
-        t = threading.Thread(target=connector)
-        t.start()
+        connector = Call(lambda: s.connect(address))
         wait_until(lambda: s._ring is not None)  # CONNECT in flight
         s.close()
-        t.join(TIMEOUT)
-        assert not t.is_alive()
-        assert isinstance(failure[0], OSError) and failure[0].errno == errno.EBADF, failure
+        assert connector.oserror().errno == errno.EBADF
 
 
 def test_a_connect_that_timed_out_leaves_a_socket_only_to_close(

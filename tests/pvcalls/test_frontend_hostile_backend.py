@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import sleeping_in_wait, wait_until
+from pvcalls_rawfront import Call, sleeping_in_wait, wait_until
 
 import pvcalls
 from pvcalls import _wire
@@ -312,36 +312,6 @@ class LogWatch(logging.Handler):
 
             assert self._cond.wait_for(seen, TIMEOUT), f"no log line with {text!r}"
             return found[0]
-
-
-class Call:
-    """``fn()`` in a thread of its own: a call that may block."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-
-    def join(self, timeout: float = TIMEOUT) -> Call:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"the call still blocks after {timeout} s"
-        return self
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def oserror(self) -> OSError:
-        """Joined, the OSError it raised (exactly OSError or a subclass)."""
-        self.join()
-        assert isinstance(self.error, OSError), repr(self.error)
-        return self.error
 
 
 @pytest.fixture
