@@ -133,6 +133,16 @@ def recv_exactly(s: Any, n: int) -> bytes:
     return bytes(buf)
 
 
+def assert_fails(err: int, *calls: Callable[[], object], strerror: str | None = None) -> None:
+    """Each of ``calls`` raises OSError with errno ``err`` (and ``strerror``)."""
+    for call in calls:
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == err, (call, info.value)
+        if strerror is not None:
+            assert info.value.strerror == strerror
+
+
 def blocked_recv(s: pvcalls.PVSocket) -> Call:
     """``s.recv`` blocked (without timeout) in a thread.  Returns once the
     thread sleeps in the wait, past its last look at the socket's state:
@@ -343,10 +353,7 @@ def test_socket_calls_refused_as_socket_socket_refuses_them(
     with connected(fe, srv.address) as s:
         assert repr(s) == f"<PVSocket id={s.id:#x} active>"
         assert s.send(b"") == 0
-        for call in (lambda: s.shutdown(socket.SHUT_WR), s.detach):
-            with pytest.raises(OSError) as info:
-                call()
-            assert info.value.errno == errno.EOPNOTSUPP
+        assert_fails(errno.EOPNOTSUPP, lambda: s.shutdown(socket.SHUT_WR), s.detach)
         echo_through(s, b"still fine")
 
 
@@ -401,11 +408,8 @@ def test_close_semantics(fe: pvcalls.Frontend, server: Any) -> None:
     s.close()
     assert reader.oserror().errno == errno.EBADF
     s.close()  # twice is fine
-    for call in (lambda: s.send(b"x"), lambda: s.sendall(b""), lambda: s.recv(1),
-                 lambda: s.fileno(), lambda: s.connect(srv.address)):
-        with pytest.raises(OSError) as info:
-            call()
-        assert info.value.errno == errno.EBADF
+    assert_fails(errno.EBADF, lambda: s.send(b"x"), lambda: s.sendall(b""), lambda: s.recv(1),
+                 s.fileno, lambda: s.connect(srv.address))
     assert s not in fe.sockets()
 
 
@@ -851,11 +855,8 @@ def test_a_call_after_the_backend_left_says_so() -> None:
                 ls.listen()
                 backend.close()
                 wait_until(lambda: fe._dead)
-                for call in (ls.accept, fe.socket):
-                    with pytest.raises(OSError) as info:
-                        call()
-                    assert info.value.errno == errno.ENOTCONN
-                    assert info.value.strerror == "the PV Calls backend went away"
+                assert_fails(errno.ENOTCONN, ls.accept, fe.socket,
+                             strerror="the PV Calls backend went away")
         finally:
             backend.close()
 
@@ -1092,10 +1093,7 @@ def test_settimeout_takes_what_socket_socket_takes(fe: pvcalls.Frontend) -> None
             real.settimeout(value)
     assert s.gettimeout() == 2.5
     s.close()
-    for call in (lambda: s.settimeout(1), lambda: s.setblocking(True)):
-        with pytest.raises(OSError) as info:
-            call()
-        assert info.value.errno == errno.EBADF
+    assert_fails(errno.EBADF, lambda: s.settimeout(1), lambda: s.setblocking(True))
 
 
 def test_arguments_are_checked_before_waiting(fe: pvcalls.Frontend, server: Any) -> None:
@@ -1109,11 +1107,8 @@ def test_arguments_are_checked_before_waiting(fe: pvcalls.Frontend, server: Any)
         for readonly in (b"xxxx", memoryview(bytearray(4)).toreadonly()):
             with pytest.raises(TypeError):
                 s.recv_into(readonly)
-        for call in (lambda: s.recv(4, socket.MSG_PEEK), lambda: s.send(b"x", socket.MSG_OOB),
-                     lambda: s.sendall(b"x", socket.MSG_OOB)):
-            with pytest.raises(OSError) as info:
-                call()
-            assert info.value.errno == errno.EOPNOTSUPP
+        assert_fails(errno.EOPNOTSUPP, lambda: s.recv(4, socket.MSG_PEEK),
+                     lambda: s.send(b"x", socket.MSG_OOB), lambda: s.sendall(b"x", socket.MSG_OOB))
         echo_through(s, b"still fine")
 
 
