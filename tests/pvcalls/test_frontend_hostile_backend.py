@@ -364,6 +364,22 @@ _BOGUS: dict[str, Callable[[Request, Request, pvcalls.PVSocket], dict[str, int]]
 }
 
 
+def _bind_in_flight(fe: pvcalls.Frontend, fake: FakeBackend
+                    ) -> tuple[pvcalls.PVSocket, pvcalls.PVSocket, Call, Request, Request]:
+    """A BIND held by the backend (``s``, ``binding``, ``bind_req``), and a
+    second request whose response slot can carry a bogus answer (the ring
+    cannot hold more responses than requests): a CONNECT of ``other``,
+    given up by its caller."""
+    s, other = fe.socket(), fe.socket()
+    fake.hold = {PVCALLS_BIND, PVCALLS_CONNECT}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind_req = fake.next_request(PVCALLS_BIND)
+    other.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        other.connect(("127.0.0.1", 4001))
+    return s, other, binding, bind_req, fake.next_request(PVCALLS_CONNECT)
+
+
 @pytest.mark.parametrize("kind", list(_BOGUS))
 def test_a_response_that_matches_no_request_is_dropped_with_a_warning(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, kind: str) -> None:
@@ -371,16 +387,7 @@ def test_a_response_that_matches_no_request_is_dropped_with_a_warning(
     like its answer (an error) but differs in req_id, cmd or id.  It is
     dropped with a warning and the BIND still waits; the real answer then
     completes it."""
-    s, other = fe.socket(), fe.socket()
-    fake.hold = {PVCALLS_BIND, PVCALLS_CONNECT}
-    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
-    bind_req = fake.next_request(PVCALLS_BIND)
-    # A second request whose response slot carries the bogus response (the
-    # ring cannot hold more responses than requests): a CONNECT given up.
-    other.settimeout(0.05)
-    with pytest.raises(TimeoutError):
-        other.connect(("127.0.0.1", 4001))
-    carrier = fake.next_request(PVCALLS_CONNECT)
+    s, other, binding, bind_req, carrier = _bind_in_flight(fe, fake)
     fields = {"req_id": bind_req.req_id, "cmd": PVCALLS_BIND, "sock_id": s.id}
     fields.update(_BOGUS[kind](bind_req, carrier, other))
     fake.respond(carrier, -EADDRINUSE, **fields)
@@ -399,14 +406,7 @@ def test_a_second_answer_to_one_request_is_dropped(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """The answer, then the same answer again with an error, published
     together: the first counts, the second is dropped with a warning."""
-    s, other = fe.socket(), fe.socket()
-    fake.hold = {PVCALLS_BIND, PVCALLS_CONNECT}
-    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
-    bind_req = fake.next_request(PVCALLS_BIND)
-    other.settimeout(0.05)
-    with pytest.raises(TimeoutError):
-        other.connect(("127.0.0.1", 4001))
-    carrier = fake.next_request(PVCALLS_CONNECT)
+    s, other, binding, bind_req, carrier = _bind_in_flight(fe, fake)
     again = {"req_id": bind_req.req_id, "cmd": PVCALLS_BIND, "sock_id": s.id}
     fake.respond_many([(bind_req, 0, {}), (carrier, -EADDRINUSE, again)])
     assert binding.join().error is None
