@@ -818,78 +818,75 @@ def test_frontend_close_waits_for_releases_in_flight(
     assert not [row for row in backend.stats().sockets if row.domain == domid]
 
 
-def test_backend_going_away_fails_waiters(server: Any) -> None:
-    srv = server()
+@contextlib.contextmanager
+def backend_of_its_own(name: str) -> Iterator[tuple[Any, pvcalls.Frontend]]:
+    """A host, a backend and a frontend (domain ``name``) of the test's own,
+    for a test that closes the backend under the frontend."""
     with SimHost() as host:
         backend = pvcalls.Backend(host.dom0, max_ioworkers=1)
         try:
-            fe = pvcalls.Frontend(host.create_domain("orphan"))
-            with fe:
-                s = connected(fe, srv.address)
-                reader = blocked_recv(s)
-                ls = fe.socket()
-                ls.bind(("127.0.0.1", 0))
-                ls.listen()
-                acceptor = Call(ls.accept)
-                wait_until(lambda: sleeping_in_wait(ls))  # for its POLL's answer
-                backend.close()
-                for call in (reader, acceptor):
-                    # Woken by the backend leaving (the socket is still open).
-                    error = call.oserror()
-                    assert error.errno == errno.ENOTCONN
-                    assert error.strerror == "the PV Calls backend went away"
-                with pytest.raises(OSError):
-                    fe.socket()
+            with pvcalls.Frontend(host.create_domain(name)) as fe:
+                yield backend, fe
         finally:
             backend.close()
+
+
+def test_backend_going_away_fails_waiters(server: Any) -> None:
+    srv = server()
+    with backend_of_its_own("orphan") as (backend, fe):
+        s = connected(fe, srv.address)
+        reader = blocked_recv(s)
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        acceptor = Call(ls.accept)
+        wait_until(lambda: sleeping_in_wait(ls))  # for its POLL's answer
+        backend.close()
+        for call in (reader, acceptor):
+            # Woken by the backend leaving (the socket is still open).
+            error = call.oserror()
+            assert error.errno == errno.ENOTCONN
+            assert error.strerror == "the PV Calls backend went away"
+        with pytest.raises(OSError):
+            fe.socket()
 
 
 def test_a_call_after_the_backend_left_says_so() -> None:
     # The same error whether the backend left during the call or before it.
-    with SimHost() as host:
-        backend = pvcalls.Backend(host.dom0, max_ioworkers=1)
-        try:
-            with pvcalls.Frontend(host.create_domain("late")) as fe:
-                ls = fe.socket()
-                ls.bind(("127.0.0.1", 0))
-                ls.listen()
-                backend.close()
-                wait_until(lambda: fe._dead)
-                assert_fails(errno.ENOTCONN, ls.accept, fe.socket,
-                             strerror="the PV Calls backend went away")
-        finally:
-            backend.close()
+    with backend_of_its_own("late") as (backend, fe):
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        backend.close()
+        wait_until(lambda: fe._dead)
+        assert_fails(errno.ENOTCONN, ls.accept, fe.socket,
+                     strerror="the PV Calls backend went away")
 
 
 def test_closing_a_listener_after_the_backend_left_frees_its_accept() -> None:
     """An ACCEPT left in flight (and answered) when the backend goes away:
     closing the listener then frees the socket it offered, and its ring is
     not kept for reuse (no RELEASE answer says the backend let go of it)."""
-    with SimHost() as host:
-        backend = pvcalls.Backend(host.dom0, max_ioworkers=1)
-        try:
-            with pvcalls.Frontend(host.create_domain("stranded-listener")) as fe:
-                ls = fe.socket()
-                ls.bind(("127.0.0.1", 0))
-                ls.listen()
-                ls.setblocking(False)
-                address = listen_address(backend, fe.domain.domid, ls.id)
-                with socket.create_connection(address, timeout=TIMEOUT), \
-                        selectors.DefaultSelector() as sel:
-                    sel.register(ls, selectors.EVENT_READ)
-                    while ls._accept_inflight is None:  # POLL answered, then ACCEPT sent
-                        assert sel.select(TIMEOUT)
-                        with pytest.raises(BlockingIOError):
-                            ls.accept()
-                    _, slot, new = ls._accept_inflight
-                    ring = new._ring
-                    backend.close()
-                    wait_until(lambda: fe._dead)
-                    ls.close()
-                assert new.closed and fe.sockets() == []
-                assert ring not in fe._ring_pool
-        finally:
+    with backend_of_its_own("stranded-listener") as (backend, fe):
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        ls.setblocking(False)
+        address = listen_address(backend, fe.domain.domid, ls.id)
+        with socket.create_connection(address, timeout=TIMEOUT), \
+                selectors.DefaultSelector() as sel:
+            sel.register(ls, selectors.EVENT_READ)
+            while ls._accept_inflight is None:  # POLL answered, then ACCEPT sent
+                assert sel.select(TIMEOUT)
+                with pytest.raises(BlockingIOError):
+                    ls.accept()
+            _, slot, new = ls._accept_inflight
+            ring = new._ring
             backend.close()
+            wait_until(lambda: fe._dead)
+            ls.close()
+        assert new.closed and fe.sockets() == []
+        assert ring not in fe._ring_pool
 
 
 def test_no_backend_is_a_timeout_that_says_what_it_waited_for() -> None:
