@@ -818,6 +818,19 @@ def test_frontend_close_waits_for_releases_in_flight(
     assert not [row for row in backend.stats().sockets if row.domain == domid]
 
 
+def accept_left_in_flight(ls: pvcalls.PVSocket, sel: selectors.BaseSelector) -> tuple[Any, Any]:
+    """With a connection coming to the non-blocking listener ``ls``: call
+    accept() as a selectors loop would until one has left its ACCEPT in
+    flight (after the POLL's answer); that ACCEPT's slot and new socket."""
+    sel.register(ls, selectors.EVENT_READ)
+    while ls._accept_inflight is None:
+        assert sel.select(TIMEOUT)
+        with pytest.raises(BlockingIOError):
+            ls.accept()
+    _, slot, new = ls._accept_inflight
+    return slot, new
+
+
 @contextlib.contextmanager
 def backend_of_its_own(name: str) -> Iterator[tuple[Any, pvcalls.Frontend]]:
     """A host, a backend and a frontend (domain ``name``) of the test's own,
@@ -875,12 +888,7 @@ def test_closing_a_listener_after_the_backend_left_frees_its_accept() -> None:
         address = listen_address(backend, fe.domain.domid, ls.id)
         with socket.create_connection(address, timeout=TIMEOUT), \
                 selectors.DefaultSelector() as sel:
-            sel.register(ls, selectors.EVENT_READ)
-            while ls._accept_inflight is None:  # POLL answered, then ACCEPT sent
-                assert sel.select(TIMEOUT)
-                with pytest.raises(BlockingIOError):
-                    ls.accept()
-            _, slot, new = ls._accept_inflight
+            slot, new = accept_left_in_flight(ls, sel)
             ring = new._ring
             backend.close()
             wait_until(lambda: fe._dead)
@@ -1177,12 +1185,7 @@ def test_closing_a_listener_releases_what_its_pending_accept_got(
         address = listen_address(backend, guest.domid, ls.id)
         client = socket.create_connection(address, timeout=TIMEOUT)
         with selectors.DefaultSelector() as sel:
-            sel.register(ls, selectors.EVENT_READ)
-            while ls._accept_inflight is None:  # POLL answered, then ACCEPT sent
-                assert sel.select(TIMEOUT)
-                with pytest.raises(BlockingIOError):
-                    ls.accept()
-            _, slot, new = ls._accept_inflight
+            slot, new = accept_left_in_flight(ls, sel)
             assert sel.select(TIMEOUT)  # the ACCEPT's answer came
             assert slot.done and slot.ret == 0
     with client:
