@@ -29,11 +29,18 @@ def _grants(host) -> int:
     return host.hypervisor.stats()["grants"]
 
 
-def _connected(host, driver, frontends, name="guest", devid=0):
+def _at_init_wait(host, frontends, name="guest", devid=0):
+    """A new guest with an xbtest device whose backend reached InitWait:
+    ``(guest, device, frontend)``."""
     guest = host.create_domain(name)
     dev = host.toolstack.add_device("xbtest", guest.domid, devid=devid)
     fe = frontends(guest, dev)
     fe.wait_backend(S.INIT_WAIT)
+    return guest, dev, fe
+
+
+def _connected(host, driver, frontends, name="guest", devid=0):
+    guest, dev, fe = _at_init_wait(host, frontends, name, devid)
     fe.publish()
     fe.wait_backend(S.CONNECTED)
     return guest, dev, fe
@@ -67,10 +74,7 @@ def test_driver_needs_a_device_type(host) -> None:
 
 def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_xs) -> None:
     baseline_ports = _ports(host)
-    guest = host.create_domain("guest")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "guest")
     # The features are written before InitWait is.
     assert fe.xs.read(f"{dev.backend_path}/feature-test") == "1"
     assert driver.calls_of(guest.domid) == ["probe"]
@@ -140,10 +144,7 @@ def test_init_wait_comes_after_the_features(host, driver, frontends, dom0_xs) ->
 
 def test_removal_of_a_device_whose_frontend_never_connected(host, driver, frontends) -> None:
     census = Census(host, driver)
-    guest = host.create_domain("idle")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "idle")
     # The guest never loads its driver; libxl must not wait 10 s for us.
     assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
     driver.wait_call("remove", guest.domid)
@@ -274,10 +275,7 @@ def test_frontend_id_that_does_not_match_the_path(host, driver, frontends, dom0_
 )
 def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs, nodes, err, text) -> None:
     census = Census(host, driver)
-    guest = host.create_domain("bad")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish(nodes)
     fe.wait_backend(S.CLOSING)
     error = _error(dom0_xs, dev)
@@ -299,10 +297,7 @@ def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs
 
 def test_bad_event_channel_releases_the_grant_already_mapped(host, driver, frontends, dom0_xs) -> None:
     census = Census(host, driver)
-    guest = host.create_domain("bad")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.share()
     fe.publish({"ring-ref": fe.pages.refs[0], "port": fe.port + 100})
     fe.wait_backend(S.CLOSING)
@@ -410,10 +405,7 @@ def test_backend_events_go_straight_to_their_device(host, driver, frontends, dom
 @pytest.mark.parametrize("value", ["7", "banana", "2"])
 def test_impossible_frontend_state_is_fatal(host, driver, frontends, dom0_xs, value) -> None:
     census = Census(host, driver)
-    guest = host.create_domain("odd")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "odd")
     fe.set_state(value)
     fe.wait_backend(S.CLOSING)
     assert _error(dom0_xs, dev).startswith(f"{errno.EINVAL} ")
@@ -443,10 +435,7 @@ def test_non_ascii_from_the_frontend_is_reported_and_fatal(
     # XenStore takes any bytes; the error node, written through pyxs, only
     # printable ASCII.  Quoting the frontend's bytes must not keep the
     # device from reporting the error and going Closing.
-    guest = host.create_domain("odd")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "odd")
     fe.share()
     with RawClient(guest.xenstore_path) as raw:  # the guest's own connection
         raw.write(f"{dev.frontend_path}/port", str(fe.port))
@@ -462,10 +451,7 @@ def test_error_message_is_escaped_for_the_error_node(host, driver, frontends, do
         raise ValueError("caf\u00e9\nor\ttea")
 
     driver.connect_hook = hook
-    guest = host.create_domain("bad")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish()
     fe.wait_backend(S.CLOSING)
     assert _error(dom0_xs, dev) == r"22 connecting: caf\xe9\nor\ttea"
@@ -593,10 +579,7 @@ def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
 
     driver.connect_hook = slow_connect
     census = Census(host, driver)
-    guest = host.create_domain("dying")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "dying")
     fe.publish()
     assert entered.wait(TIMEOUT)
     bdev = _bdev(driver, guest.domid)
@@ -724,10 +707,7 @@ def test_any_other_driver_exception_is_reported_as_eio(host, driver, frontends, 
 
     driver.connect_hook = hook
     census = Census(host, driver)
-    guest = host.create_domain("bad")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish()
     fe.wait_backend(S.CLOSING)
     assert _error(dom0_xs, dev) == f"{errno.EIO} connecting: LookupError: no such queue"
