@@ -764,7 +764,6 @@ def test_the_host_dying_under_a_connected_device(frontends, caplog) -> None:
     """XenStore and the hypervisor go away while a device holds a mapping
     and a port: fatal() reports what it could not do instead of raising,
     and stop() still forgets every resource and thread."""
-
     before = {t.ident for t in threading.enumerate()}
     host = SimHost()
     host.start()
