@@ -717,3 +717,45 @@ def test_close_returns_while_a_connect_waits_for_an_answer_that_never_comes(
     assert closing.error is None
     assert connecting.oserror().errno == errno.EBADF
     assert s.closed
+
+
+def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """Closing a listener whose ACCEPT was answered with a connection
+    releases that connection's socket from the event thread, which must not
+    wait for a command slot (only it frees them).  If the slot is still
+    held, by a request 32 places back that the backend has not answered,
+    the RELEASE is given up with a warning, its ring is not reused, and the
+    frontend goes on."""
+    fake.hold = {PVCALLS_CONNECT, PVCALLS_ACCEPT}
+    stuck = fe.socket()
+    stuck.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        stuck.connect(("127.0.0.1", 4001))
+    connect_req = fake.next_request(PVCALLS_CONNECT)  # its slot stays taken
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        ls.accept()  # its POLL goes out
+    wait_until(lambda: ls._poll_ready)
+    with pytest.raises(BlockingIOError):
+        ls.accept()  # its ACCEPT goes out, held
+    accept_req = fake.next_request(PVCALLS_ACCEPT)
+    assert ls._accept_inflight is not None
+    _, slot, new = ls._accept_inflight
+    ring = new._ring
+    fake.respond(accept_req, 0)  # a connection, that nobody accept()s
+    wait_until(lambda: slot.done)
+    # The listener's RELEASE one place before the CONNECT's slot comes
+    # round again: the new socket's RELEASE then needs that slot.
+    while fe._req_prod_pvt % RING_SLOTS != (connect_req.req_id - 1) % RING_SLOTS:
+        fe.socket()
+    ls.close()
+    assert f"RELEASE of {new.id:#x} failed" in log.wait("RELEASE of")
+    assert new.closed and new not in fe.sockets()
+    assert ring is not None and ring not in fe._ring_pool
+    fake.respond(connect_req, -EINVAL)  # the slot is free again
+    s = fe.socket()
+    s.bind(("127.0.0.1", 4002))
