@@ -5,10 +5,11 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import RawFrontend, bound_ports, wait_until
+from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
 
 import pvcalls
 from pvcalls import _wire
@@ -109,12 +110,20 @@ def _held(host: Any) -> tuple[int, int, frozenset[tuple[int, str]]]:
     return hv["grants"], hv["ports"], frozenset(fds)
 
 
-def _all_released(host: Any, before: tuple[int, int, frozenset[tuple[int, str]]]) -> bool:
-    """Whether everything held now was held at ``before``: the descriptors
-    opened since are closed.  (Descriptors of earlier tests, closed since
-    by their threads, do not count as a difference.)"""
-    grants, ports, fds = _held(host)
-    return (grants, ports) == before[:2] and fds <= before[2]
+def _wait_released(host: Any, before: tuple[int, int, frozenset[tuple[int, str]]]) -> None:
+    """Wait until everything held now was held at ``before``: the grant and
+    port counts are back, and the descriptors opened since are closed.
+    (Descriptors of earlier tests, closed since by their threads, do not
+    count as a difference.)  On timeout, say what is still held."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        grants, ports, fds = _held(host)
+        if (grants, ports) == before[:2] and fds <= before[2]:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"still held: grants {grants} (was {before[0]}), ports {ports} "
+                        f"(was {before[1]}), new descriptors {sorted(fds - before[2])}")
+        threading.Event().wait(0.01)
 
 
 def _busy(fe: RawFrontend, address: tuple[str, int]) -> None:
@@ -174,7 +183,7 @@ def test_teardown_leaves_nothing_behind(host: Any, backend: pvcalls.Backend,
         assert backend.stats().sockets == ()
         assert all(c.sockets == 0 for c in backend.stats().cpus)
         assert bound_ports(backend) == []
-        wait_until(lambda: _all_released(host, before))  # noqa: B023 (called at once)
+        _wait_released(host, before)
         threads.append(_threads())
     # No thread per frontend or socket: beyond the workqueues' worker pools
     # (which grow and shrink with the load), the threads are those of the
