@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import tempfile
 import threading
 from pathlib import Path
 
@@ -252,3 +253,38 @@ def test_destroy_waits_for_the_backend_without_holding_the_host(host: SimHost) -
         assert host.domains() == [host.dom0, other]
         with pytest.raises(LookupError):
             host.domain(guest.domid)
+
+
+def test_create_domain_whose_socket_path_is_too_long() -> None:
+    """A run_dir where dom0's hypervisor socket path just fits (107 bytes):
+    domains 1..9 fit too, domain 10's path is one byte too long.  Creating
+    it fails with an error naming the path, and leaves nothing behind: no
+    domain, no XenStore home, no directory; the host goes on working."""
+    with tempfile.TemporaryDirectory(prefix="xs") as base:
+        run_dir = Path(base) / ("d" * (107 - len("/domains/0/hypervisor") - len(base) - 1))
+        assert len(os.fspath(run_dir / "domains" / "0" / "hypervisor")) == 107
+        with SimHost(run_dir) as host:
+            guests = [host.create_domain(f"g{i}") for i in range(1, 10)]
+            assert guests[-1].domid == 9
+            before = sorted(os.listdir(run_dir / "domains"))
+            too_long = run_dir / "domains" / "10" / "hypervisor"
+            with pytest.raises(OSError) as info:
+                host.create_domain("g10")
+            assert str(info.value) == f"cannot listen on {too_long}: AF_UNIX path too long"
+            assert sorted(os.listdir(run_dir / "domains")) == before
+            assert host.domains() == [host.dom0, *guests]
+            with pytest.raises(LookupError):
+                host.domain(10)
+            assert not host.xenstored.is_introduced(10)
+            with host.dom0.xenstore() as c:
+                assert sorted(c.list(b"/local/domain")) == sorted(
+                    str(d).encode() for d in range(10))
+            # The name was not taken: trying again fails the same way, with
+            # the next id (ids are not reused).
+            with pytest.raises(OSError, match="domains/11/hypervisor: AF_UNIX path too long"):
+                host.create_domain("g10")
+            assert sorted(os.listdir(run_dir / "domains")) == before
+            # The domains that exist work as before.
+            host.destroy_domain(guests[0])
+            assert "1" not in os.listdir(run_dir / "domains")
+    assert not Path(base).exists()

@@ -228,6 +228,10 @@ class SimHost(Closing):
                     raise
             except BaseException:
                 self._forget_home(domid)
+                try:  # the directory its sockets were to be made in
+                    (self.run_dir / "domains" / str(domid)).rmdir()
+                except OSError:
+                    pass
                 raise
             domain = Domain(self.run_dir, domid, name, xs_path)
             self._domains[domid] = domain

@@ -286,6 +286,11 @@ class Hypervisor:
                 listener.bind(os.fspath(path))
                 listener.listen(64)
                 listener.setblocking(False)
+            except OSError as e:
+                listener.close()
+                # Name the path: "AF_UNIX path too long" alone does not say which.
+                why = f"cannot listen on {path}: {e.strerror or e}"
+                raise (OSError(why) if e.errno is None else OSError(e.errno, why)) from e
             except BaseException:
                 listener.close()
                 raise
