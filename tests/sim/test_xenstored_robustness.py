@@ -348,3 +348,30 @@ def test_many_concurrent_clients(xsd: XenStored) -> None:
             t.join(timeout=60)
         assert not errors, errors
         assert c.read("/mc/counter") == b"800"  # no lost update
+
+
+def test_client_reset_by_peer_is_dropped_quietly(
+        xsd: XenStored, no_internal_errors: None, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that closes with a reply unread makes the server's next recv
+    fail with ECONNRESET: that connection, with its watch, is dropped at
+    DEBUG level, and the others are served."""
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    with RawClient(xsd.path) as other:
+        resetter = RawClient(xsd.path)
+        resetter.watch("/r", "tok")
+        assert resetter.recv_message()[0] == Op.WATCH_EVENT  # the first event
+        resetter.send_raw(HEADER.pack(Op.READ, 1, 0, 7) + b"/local\0")
+        # Wait for the reply to be in our receive queue, and leave it unread.
+        resetter.sock.settimeout(10.0)
+        assert resetter.sock.recv(1, socket.MSG_PEEK)
+        resetter.sock.close()
+        assert eventually(lambda: any(
+            "recv: [Errno 104] Connection reset by peer" in r.getMessage()
+            for r in caplog.records), 10.0)
+        (closing,) = [r for r in caplog.records if "Connection reset by peer" in r.getMessage()]
+        assert closing.levelno == logging.DEBUG
+        assert closing.getMessage().startswith("closing ")
+        # Its watch went with it: a change under /r fires for nobody.
+        other.write("/r/x", "1")
+        assert other.read("/r/x") == b"1"
+    check_alive(xsd)

@@ -283,3 +283,43 @@ def test_bad_delays_and_items(make_wq: Any) -> None:
     with pytest.raises(ValueError, match="CPU 7"):
         wq.queue_delayed_work_on(7, dw, 1)
     assert not dw.pending
+
+
+def test_mod_delayed_work_while_its_function_runs(make_wq: Any, tracer: Any) -> None:
+    """Re-armed while it runs on cpu0, even toward cpu1, the item is queued
+    again (mod_delayed_work returns False, then True once it is pending on
+    its timer) and runs once more, after the first run, on the worker that
+    ran it."""
+    wq = make_wq()
+    wq.add_trace_hook(tracer)
+    started, release, second = threading.Event(), threading.Event(), threading.Event()
+    first_done = threading.Event()
+    saw: list[bool] = []
+
+    def func(work: Work) -> None:
+        if not started.is_set():
+            started.set()
+            assert release.wait(TIMEOUT)
+            first_done.set()
+        else:
+            saw.append(first_done.is_set())
+            second.set()
+
+    dw = DelayedWork(func)
+    try:
+        assert wq.queue_delayed_work_on(0, dw, 0) is True
+        assert started.wait(TIMEOUT)
+        assert dw.running is True and dw.pending is False
+        assert wq.mod_delayed_work_on(1, dw, 60) is False  # idle: armed
+        assert dw.pending is True
+        assert wq.mod_delayed_work_on(1, dw, 0) is True    # pending: re-armed, due now
+        assert not second.wait(0.2), "second run started while the first was running"
+    finally:
+        release.set()
+    assert second.wait(TIMEOUT)
+    dw.flush()
+    assert saw == [True]
+    assert tracer.cpus("execute_start", dw) == [0, 0]
+    assert tracer.of(dw) == ["queue", "activate", "execute_start", "queue", "activate",
+                             "execute_end", "execute_start", "execute_end"]
+    assert dw.pending is False

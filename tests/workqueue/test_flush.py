@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -208,3 +210,82 @@ def test_destroy_closes_the_serial_executors(make_wq: Any, topo: Any) -> None:
     assert len(topo._notifiers) == notifiers - 1  # the LoadIndex left the topology
     with pytest.raises(RuntimeError, match="destroyed"):
         wq.serial("k")
+
+
+def test_drain_warns_once_when_a_self_queueing_chain_outlasts_ten_flushes(
+        make_wq: Any, log_waiter: Any) -> None:
+    """Each link of the chain waits until drain() has started the flush that
+    waits for it before it re-queues itself, so every link costs drain() one
+    try: ten links, ten tries, one warning."""
+    wq = make_wq("drainme")
+    warned = log_waiter("workqueue._workqueue", "isn't complete")
+    started, release = threading.Event(), threading.Event()
+    links = [0]
+    color0 = wq._work_color
+
+    def wait_for_flush(n: int) -> None:
+        """Until drain() has started its n-th flush (a bounded poll)."""
+        deadline = time.monotonic() + TIMEOUT
+        while wq._work_color < color0 + n:
+            assert time.monotonic() < deadline, f"drain() did not start flush {n}"
+            threading.Event().wait(0.001)
+
+    def link(work: Work) -> None:
+        links[0] += 1
+        # Still in flight when the flush waiting for it started: that flush
+        # cannot find the queue empty.
+        wait_for_flush(links[0] + 1)
+        if links[0] < 10:
+            assert wq.queue_work(work) is True
+
+    def gate(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        wait_for_flush(1)
+        assert wq.queue_work(Work(link)) is True
+
+    wq.queue_work(Work(gate))
+    assert started.wait(TIMEOUT)
+    drainer = threading.Thread(target=wq.drain)
+    drainer.start()
+    release.set()
+    drainer.join(TIMEOUT)
+    assert not drainer.is_alive()
+    assert links[0] == 10
+    assert [r.getMessage() for r in warned.records] == [
+        "workqueue drainme: drain() isn't complete after 10 tries"]
+    assert [r.levelno for r in warned.records] == [logging.WARNING]
+
+
+def test_dump_lists_pending_items_and_not_cancelled_ones(make_wq: Any) -> None:
+    wq = make_wq("dumppending")
+    started, release = threading.Event(), threading.Event()
+
+    def hog(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    def waiting_item(work: Work) -> None:
+        pass
+
+    def cancelled_item(work: Work) -> None:
+        pass
+
+    try:
+        wq.queue_work_on(0, Work(hog))
+        assert started.wait(TIMEOUT)
+        # The hog counts toward cpu0's concurrency: the others stay pending.
+        waiting, cancelled = Work(waiting_item), Work(cancelled_item)
+        assert wq.queue_work_on(0, waiting) is True
+        assert wq.queue_work_on(0, cancelled) is True
+        assert cancelled.cancel() is True
+        lines = wq.dump().splitlines()
+    finally:
+        release.set()
+    assert lines[0].startswith("workqueue dumppending: ")
+    assert lines[1].startswith("  pwq ") and lines[1].endswith(": cpu0 active=2/256 inactive=0"), lines
+    assert lines[2].startswith("    in-flight: kworker/cpu0") and "hog" in lines[2]
+    assert lines[3] == f"    pending: {waiting!r}"
+    assert len(lines) == 4, lines
+    wq.flush()
+    assert len(wq.dump().splitlines()) == 1

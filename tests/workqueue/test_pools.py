@@ -454,3 +454,32 @@ def test_waiting_in_flush_or_result_lets_the_pool_run_the_awaited_item(make_wq: 
     wq.queue_work(outer)
     outer.flush()
     assert got == ["inner", True, 3]
+
+
+def test_nested_blocking_is_accounted_by_the_outermost_only(make_wq: Any) -> None:
+    """Inside nested blocking() blocks the item stops counting toward its
+    pool's concurrency at the outer entry and counts again only at the
+    outer exit; the inner exit changes nothing."""
+    wq = make_wq()
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def nr_running() -> int:
+        (cpu0,) = [p for p in wq.stats().pools if p.pool == "cpu0"]
+        return cpu0.nr_running
+
+    def func(work: Work) -> None:
+        seen["before"] = nr_running()
+        with blocking():
+            seen["outer"] = nr_running()
+            with blocking():
+                seen["inner"] = nr_running()
+            seen["after inner"] = nr_running()
+        seen["after outer"] = nr_running()
+        done.set()
+
+    wq.queue_work_on(0, Work(func))
+    assert done.wait(TIMEOUT)
+    assert seen == {"before": 1, "outer": 0, "inner": 0, "after inner": 0, "after outer": 1}
+    wq.flush()
+    assert nr_running() == 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
 
 import workqueue._pool as pool_module
-from workqueue import WQ_FREEZABLE, WQ_MEM_RECLAIM, WQ_UNBOUND, Topology, Work
+from workqueue import WQ_FREEZABLE, WQ_MEM_RECLAIM, WQ_UNBOUND, Topology, Work, blocking
 from workqueue._timer import add_timer
 
 TIMEOUT = 10.0
@@ -184,3 +185,48 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
     release.set()
     wq.flush()
     assert len(logged.records) == 2
+
+
+def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five blocking items get cpu0's pool five busy workers and one in
+    reserve; once they are all idle, those beyond two exit after
+    IDLE_WORKER_TIMEOUT (shortened here), and the last two stay."""
+    monkeypatch.setattr(pool_module, "IDLE_WORKER_TIMEOUT", 0.05)
+    wq = make_wq()
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def blocker(work: Work) -> None:
+        with blocking():
+            started.release()
+            assert release.wait(TIMEOUT)
+
+    def cpu0() -> Any:
+        (stats,) = [p for p in wq.stats().pools if p.pool == "cpu0"]
+        return stats
+
+    items = [Work(blocker) for _ in range(5)]
+    try:
+        for w in items:
+            assert wq.queue_work_on(0, w) is True
+        for _ in items:
+            assert started.acquire(timeout=TIMEOUT)
+        busy = cpu0()
+        assert busy.nr_workers - busy.nr_idle == 5
+        assert busy.nr_workers >= 6  # a reserve worker is always idle
+    finally:
+        release.set()
+    wq.flush()
+    deadline = time.monotonic() + TIMEOUT
+    while cpu0().nr_workers > 2:  # a bounded poll: worker exits have no event
+        assert time.monotonic() < deadline, f"idle workers not reclaimed: {cpu0()}"
+        threading.Event().wait(0.01)
+    # The last two stay, however many timeouts go by.
+    threading.Event().wait(0.3)
+    idle = cpu0()
+    assert (idle.nr_workers, idle.nr_idle) == (2, 2)
+    # And they still run items.
+    ran = threading.Event()
+    assert wq.queue_work_on(0, Work(lambda work: ran.set())) is True
+    assert ran.wait(TIMEOUT)

@@ -450,3 +450,60 @@ def test_cancel_wakes_a_flush_waiting_for_the_pending_item(make_wq: Any) -> None
         blocker.release.set()
     wq.flush()
     assert ran == [] and not w.pending
+
+
+def test_cancel_and_requeue_while_the_pool_is_busy_runs_it_once(make_wq: Any, tracer: Any) -> None:
+    """Cancelled and re-queued five times while its pool is busy, the item
+    leaves tombstones on the worklist; it runs once per effective queueing,
+    never concurrently with itself."""
+    wq = make_wq()
+    wq.add_trace_hook(tracer)
+    started, release = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+    runs = [0]
+
+    def hog(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    def func(work: Work) -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            runs[0] += 1
+        with lock:
+            running[0] -= 1
+
+    w = Work(func)
+    others = [Work(lambda work: None) for _ in range(5)]
+    try:
+        wq.queue_work_on(0, Work(hog))
+        assert started.wait(TIMEOUT)
+        assert wq.queue_work_on(0, w) is True
+        for other in others:
+            assert w.cancel() is True
+            assert w.pending is False
+            assert wq.queue_work_on(0, other) is True
+            assert wq.queue_work_on(0, w) is True
+            assert wq.queue_work_on(0, w) is False  # pending: coalesces
+        assert w.pending is True
+    finally:
+        release.set()
+    assert w.flush() is True
+    wq.flush()
+    assert runs[0] == 1
+    assert tracer.of(w) == ["queue", "activate"] * 6 + ["execute_start", "execute_end"]
+    # It ran from its last place in the queue, after the items queued
+    # before that, not from one of its cancelled places.
+    with tracer.cond:
+        order = [work for event, work, _ in tracer.events if event == "execute_start"]
+    assert order[1:] == [*others, w]
+    assert runs[0] == 1
+    # No tombstone is left to swallow, or duplicate, the next queueing.
+    assert wq.queue_work_on(0, w) is True
+    assert w.flush() is True
+    assert runs[0] == 2
+    assert most[0] == 1
+    assert wq.stats().started == 8  # the hog, the others, and w twice
