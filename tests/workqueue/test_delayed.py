@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from wqhelpers import assert_next_run_waits
 
 from workqueue import DelayedWork, Topology, Work
 from workqueue._timer import add_timer
@@ -292,33 +293,15 @@ def test_mod_delayed_work_while_its_function_runs(make_wq: Any, tracer: Any) -> 
     ran it."""
     wq = make_wq()
     wq.add_trace_hook(tracer)
-    started, release, second = threading.Event(), threading.Event(), threading.Event()
-    first_done = threading.Event()
-    saw: list[bool] = []
 
-    def func(work: Work) -> None:
-        if not started.is_set():
-            started.set()
-            assert release.wait(TIMEOUT)
-            first_done.set()
-        else:
-            saw.append(first_done.is_set())
-            second.set()
-
-    dw = DelayedWork(func)
-    try:
-        assert wq.queue_delayed_work_on(0, dw, 0) is True
-        assert started.wait(TIMEOUT)
+    def rearm(dw: DelayedWork) -> bool:
         assert dw.running is True and dw.pending is False
         assert wq.mod_delayed_work_on(1, dw, 60) is False  # idle: armed
         assert dw.pending is True
-        assert wq.mod_delayed_work_on(1, dw, 0) is True    # pending: re-armed, due now
-        assert not second.wait(0.2), "second run started while the first was running"
-    finally:
-        release.set()
-    assert second.wait(TIMEOUT)
-    dw.flush()
-    assert saw == [True]
+        return wq.mod_delayed_work_on(1, dw, 0)  # pending: re-armed, due now
+
+    dw = assert_next_run_waits(lambda w: wq.queue_delayed_work_on(0, w, 0), rearm,
+                               item=DelayedWork)
     assert tracer.cpus("execute_start", dw) == [0, 0]
     assert tracer.of(dw) == ["queue", "activate", "execute_start", "queue", "activate",
                              "execute_end", "execute_start", "execute_end"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from workqueue import Work
 
@@ -27,11 +28,13 @@ def assert_waits_until_released(call: Callable[[], object], release: threading.E
     assert not thread.is_alive(), f"{what} did not return once released"
 
 
-def assert_next_run_waits(queue_first: Callable[[Work], bool],
-                          queue_again: Callable[[Work], bool],
-                          meanwhile: Callable[[], object] = lambda: None) -> None:
+def assert_next_run_waits(queue_first: Callable[[Any], bool],
+                          queue_again: Callable[[Any], bool],
+                          meanwhile: Callable[[], object] = lambda: None,
+                          *, item: type[Work] = Work) -> Any:
     """Hold an item's run, queue it again where an idle worker could take
-    it, and check that the second run waits for the first."""
+    it, and check that the second run waits for the first.  Returns the
+    item (an ``item``: Work or DelayedWork), both runs over."""
     started, release, first_done, second = (threading.Event() for _ in range(4))
     saw: list[bool] = []
 
@@ -44,7 +47,7 @@ def assert_next_run_waits(queue_first: Callable[[Work], bool],
             saw.append(first_done.is_set())
             second.set()
 
-    w = Work(func)
+    w = item(func)
     assert queue_first(w) is True
     try:
         assert started.wait(TIMEOUT)
@@ -56,3 +59,4 @@ def assert_next_run_waits(queue_first: Callable[[Work], bool],
     assert second.wait(TIMEOUT)
     w.flush()
     assert saw == [True]
+    return w
