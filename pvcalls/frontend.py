@@ -1186,7 +1186,7 @@ class Frontend(Closing):
         # XenStore connection is lost or the frontend closes: every waiter
         # gives up with ENOTCONN and _why_dead.
         self._dead = False
-        self._why_dead = "the PV Calls backend went away"
+        self._why_dead = ""  # set with _dead, by _die()
         # Why XenStore dropped the connection; None while it is up.
         self._xs_lost: str | None = None
         self._connected = False
@@ -1287,7 +1287,7 @@ class Frontend(Closing):
             # Info: every call of ours says so now, with ENOTCONN.
             logger.info("pvcalls backend of domain %d went to state %d: disconnecting",
                         self.domain.domid, state)
-            self._dead = True
+            self._die("the PV Calls backend went away")
             self._wake_everyone()
             try:
                 self._write_nodes(self.device.frontend_path, {"state": str(XenbusState.CLOSED.value)})
@@ -1302,10 +1302,17 @@ class Frontend(Closing):
         self._xs_lost = str(exc) or type(exc).__name__
         logger.info("domain %d lost its XenStore connection: %s",
                     self.domain.domid, self._xs_lost)
-        if not self._dead:
-            self._why_dead = _LOST_XENSTORE
-            self._dead = True
+        if self._die(_LOST_XENSTORE):
             self._wake_everyone()
+
+    def _die(self, why: str) -> bool:
+        """From now on every call fails with ENOTCONN and ``why``; the
+        first reason given stays.  Whether the frontend was alive."""
+        if self._dead:
+            return False
+        self._why_dead = why
+        self._dead = True
+        return True
 
     def _gone(self) -> OSError:
         """The error of a call that can no longer be answered."""
@@ -1332,9 +1339,7 @@ class Frontend(Closing):
             except OSError as exc:
                 logger.warning("releasing socket %#x: %s", sock.id, exc)
         self._wait_releases()
-        if not self._dead:
-            self._why_dead = "the PV Calls frontend is closed"
-            self._dead = True
+        self._die("the PV Calls frontend is closed")
         self._wake_everyone()
         with self._lock:
             pool, self._ring_pool = self._ring_pool, []
@@ -1730,9 +1735,7 @@ class Frontend(Closing):
                 # the backend had left.
                 broken = exc
                 self._ring_broken = True
-                if not self._dead:
-                    self._why_dead = "the PV Calls backend broke the command ring"
-                    self._dead = True
+                self._die("the PV Calls backend broke the command ring")
             self._cmd_cond.notify_all()
         if broken is not None:
             logger.error("pvcalls backend of domain %d broke the command ring: %s",
@@ -1870,8 +1873,7 @@ class Frontend(Closing):
                 # before the RELEASE (it answers in ring order): that socket
                 # is not the listener's, and is released in turn (its ring
                 # comes back with that answer, not before).
-                new._close_requested = True
-                new._real_close()
+                new.close()  # never handed out: no makefile() stream holds it
             else:
                 # The backend released the listening socket, and with it
                 # the pending ACCEPT's new socket.
