@@ -278,9 +278,9 @@ def client_main(conn: Connection, run_dir: str | None, domid: int | None, addr: 
             s = socket.create_connection(addr)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return s
-        s = fe.socket()
-        s.connect(addr)
-        return s
+        pv = fe.socket()
+        pv.connect(addr)
+        return pv
 
     socks: list[Any] = []
     try:
@@ -365,6 +365,7 @@ class CpuMeter:
 
 
 KEYS = ("single", "streams", "rr", "connects")
+RESULTS = Path(__file__).resolve().parent / "results" / "pvcalls.md"
 
 
 def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, list[Party]],
@@ -403,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(KEYS),
                    help=f"comma-separated measurements to make, of {','.join(KEYS)} "
                         "(for working on one; the README's table is of all)")
-    p.add_argument("--output", type=Path,
-                   default=Path(__file__).resolve().parent / "results" / "pvcalls.md")
+    p.add_argument("--output", type=Path, default=None,
+                   help="where to write the table (default: the recorded table, "
+                        "bench/results/pvcalls.md, and only by a run of every "
+                        "measurement)")
     args = p.parse_args(argv)
     if args.large_order < LINUX_ORDER:
         p.error(f"--large-order must be at least {LINUX_ORDER}")
@@ -526,10 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    if len(keys) < len(KEYS):
-        return 0  # a partial run does not replace the recorded table
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("# PV Calls benchmark\n\nProduced by `bench/pvcalls_bench.py`.\n\n" + text)
+    output = args.output
+    if output is None:
+        if len(keys) < len(KEYS):
+            return 0  # a partial run does not replace the recorded table
+        output = RESULTS
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("# PV Calls benchmark\n\nProduced by `bench/pvcalls_bench.py`.\n\n" + text)
     return 0
 
 

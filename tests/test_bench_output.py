@@ -1,0 +1,46 @@
+"""Where bench/pvcalls_bench.py writes its table: a run of some of the
+measurements leaves the recorded table alone, unless told where to write."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+# A short run of one measurement, with the recorded table moved to ``rec``
+# so that a bug cannot overwrite the repository's.
+_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+import pvcalls_bench
+pvcalls_bench.RESULTS = Path({rec!r})
+sys.exit(pvcalls_bench.main({argv!r}))
+"""
+
+_QUICK = ["--only", "rr", "--seconds", "0.05", "--rounds", "1", "--large-order", "4"]
+
+
+def _run(tmp_path: Path, *extra: str) -> Path:
+    rec = tmp_path / "recorded.md"
+    code = _RUN.format(bench=str(BENCH_DIR), rec=str(rec), argv=[*_QUICK, *extra])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "64-byte round trips" in proc.stdout  # the table is printed either way
+    return rec
+
+
+def test_a_partial_run_leaves_the_recorded_table_alone(tmp_path: Path) -> None:
+    assert not _run(tmp_path).exists()
+
+
+def test_a_partial_run_writes_where_it_is_told(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "rr.md"
+    rec = _run(tmp_path, "--output", str(out))
+    assert not rec.exists()
+    table = out.read_text()
+    assert "64-byte round trips" in table
+    assert "single stream" not in table
