@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +70,15 @@ def test_a_producer_on_another_cpu_does_not_convoy_with_the_worker(make_wq: Any,
     wq = make_wq(topology=Topology(cpus=[producer_cpu, worker_cpu]))
     works = [Work(lambda w: None) for _ in range(50_000)]
     switches: list[int] = []
+    elapsed: list[float] = []
 
     def produce() -> None:
         os.sched_setaffinity(0, {producer_cpu})  # this thread only
         before = _voluntary_switches()
+        start = time.perf_counter()
         for w in works:
             wq.queue_work_on(worker_cpu, w)
+        elapsed.append(time.perf_counter() - start)
         switches.append(_voluntary_switches() - before)
 
     t = threading.Thread(target=produce)
@@ -83,5 +88,11 @@ def test_a_producer_on_another_cpu_does_not_convoy_with_the_worker(make_wq: Any,
     wq.flush()
     assert not any(w.pending for w in works)
     # Sleeping on the lock cost 3,000 to 7,000 switches here; yielding the
-    # GIL leaves those of the GIL's own hand-offs, a few dozen.
-    assert switches[0] < len(works) // 200, f"{switches[0]} context switches"
+    # GIL leaves those of the GIL's own hand-offs, a few dozen.  Those come
+    # at most once per switch interval in each direction, so a slow run (a
+    # loaded machine, or coverage tracing) may have more of them: they are
+    # allowed for, and still leave a convoy far above the bound.
+    handoffs = 2 * elapsed[0] / sys.getswitchinterval()
+    bound = len(works) // 200 + handoffs
+    assert switches[0] < bound, (
+        f"{switches[0]} context switches in {elapsed[0]:.2f} s (bound {bound:.0f})")
