@@ -708,7 +708,6 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
         pwq: PoolWorkqueue = work._pwq  # type: ignore[assignment]
         wq = pwq.wq
         color = work._color
-        seq = work._seq
         # The pending bit clears just before the function runs: queueing it
         # from now on runs it once more, afterwards.
         work._pending = False
@@ -776,8 +775,14 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
         if wq._freezing is not None and not pwq.nr_active:
             wq._freeze_progress()
         if work._flushers:
-            # Re-queued meanwhile: this run satisfied queueing `seq` only.
-            wake_work_flushers(work, seq if work._pending else work._seq)
+            # Every queueing of the item is over now but one pending on a
+            # list (one on a timer has no number yet; _entry means nothing
+            # unless pending).  Not just this run's: a queueing taken back
+            # meanwhile (cancel, mod_delayed_work) will never run, and its
+            # flushers wait no longer (Linux's barrier stays queued when
+            # try_to_grab_pending takes the work away).
+            on_list = work._pending and work._entry is not None
+            wake_work_flushers(work, work._seq - 1 if on_list else work._seq)
 
         # keep_working: one running item per CPU, unless it blocks.
         if keep_working and pool.nr_running > 1 and not scheduled.nr:

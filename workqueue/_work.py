@@ -69,8 +69,10 @@ class Work:
         # pending on a timer (DelayedWork), _entry is None.  While not
         # pending, _entry means nothing (it is not cleared when the item
         # starts: every way to become pending sets it).  _seq counts the
-        # queueings; a flush registered at queueing n completes once a run
-        # or a cancel has finished queueing n (see wake_work_flushers).
+        # queueings onto a list; a flush registered at queueing n completes
+        # once queueing n has run, or has been taken back (cancel,
+        # mod_delayed_work) and no run of the item is left (see
+        # wake_work_flushers and its callers).
         # _worker is the worker running func, or None.
         self._pending = False
         # Queueing is refused while non-zero.  disable() calls count 1 each,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from wqhelpers import assert_next_run_waits
 
-from workqueue import Work, current_work
+from workqueue import DelayedWork, Work, current_work
 from workqueue._pool import Worker
 
 TIMEOUT = 10.0
@@ -450,6 +450,37 @@ def test_cancel_wakes_a_flush_waiting_for_the_pending_item(make_wq: Any) -> None
         blocker.release.set()
     wq.flush()
     assert ran == [] and not w.pending
+
+
+@pytest.mark.parametrize("take_back", ["mod_delayed_work", "cancel, then queue again"])
+def test_flush_does_not_wait_for_a_queueing_made_after_its_instance_was_taken_back(
+        make_wq: Any, take_back: str) -> None:
+    """flush() of an item running and pending again waits for the pending
+    instance.  Taken back while the earlier run goes on and queued anew (on
+    a timer an hour away here), that instance will never run: the flush
+    ends with the earlier run, as Linux's flush_work does (its barrier stays
+    queued when try_to_grab_pending takes the work away)."""
+    wq = make_wq()
+    gate = Gate()
+    w = DelayedWork(gate)
+    assert wq.queue_work_on(0, w) is True
+    try:
+        assert gate.started.wait(TIMEOUT)
+        assert wq.queue_work_on(0, w) is True  # pending again behind the run
+        flusher, result = in_thread(w.flush)
+        wait_until(lambda: w._flushers)  # it waits for the pending instance
+        if take_back == "mod_delayed_work":
+            assert wq.mod_delayed_work(w, 3600) is True
+        else:
+            assert w.cancel() is True
+            assert wq.queue_delayed_work(w, 3600) is True
+        gate.release.set()
+        flusher.join(TIMEOUT)
+        assert not flusher.is_alive(), "flush() waits for the queueing made after it"
+        assert result == [True] and gate.runs == 1 and w.pending
+    finally:
+        gate.release.set()
+        w.cancel_sync()
 
 
 def test_cancel_and_requeue_while_the_pool_is_busy_runs_it_once(make_wq: Any, tracer: Any) -> None:
