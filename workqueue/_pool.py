@@ -121,6 +121,7 @@ WORKER_UNBOUND = 1 << 1        # its pool is unbound or its CPU is offline
 WORKER_CPU_INTENSIVE = 1 << 2  # current item is WQ_CPU_INTENSIVE or ran too long
 WORKER_BLOCKED = 1 << 3        # inside blocking(): the kernel's "sleeping"
 WORKER_RESCUER = 1 << 4        # a rescuer never counts
+WORKER_REBOUND = 1 << 5        # its CPU came back during this run loop
 
 
 class Completion:
@@ -426,7 +427,11 @@ class PoolSet:
                 pool.disassociated = not online
                 for worker in pool.workers:
                     if online:
-                        clr_flags(worker, WORKER_UNBOUND)
+                        # Still not counted (rebind_workers): a worker busy
+                        # with items taken while the CPU was away counts
+                        # from its next run loop on, so that what is queued
+                        # now is not held back behind them.
+                        worker.flags = worker.flags & ~WORKER_UNBOUND | WORKER_REBOUND
                     else:
                         set_flags(worker, WORKER_UNBOUND)
                 # Offline: nr_running is now 0, so every waiting item gets a
@@ -643,7 +648,7 @@ def _worker_run(worker: Worker, pool: WorkerPool) -> None:
         create_worker(pool)  # keep one in reserve (may_start_working)
     if pool.pset.watchdog is None:
         _arm_watchdog(pool.pset)
-    clr_flags(worker, WORKER_PREP)
+    clr_flags(worker, WORKER_PREP | WORKER_REBOUND)
     process_works(worker, pool.worklist, keep_working=True)
     set_flags(worker, WORKER_PREP)
 

@@ -39,6 +39,44 @@ def test_cpu_down_runs_the_waiting_items_of_that_cpu_unbound(make_wq: Any, topo:
     assert wq.stats().pools[1].bound
 
 
+def test_items_taken_while_offline_do_not_hold_back_those_queued_after_cpu_up(
+        make_wq: Any, topo: Any) -> None:
+    """Workers busy with items they took while their CPU was offline count
+    for concurrency only from their next run loop (Linux's WORKER_REBOUND):
+    an item queued once the CPU is back gets a worker at once, not after
+    them (or after the CPU-intensive threshold, a minute in these tests)."""
+    wq = make_wq()
+    topo.cpu_down(1)
+    release = threading.Event()
+    started = [threading.Event(), threading.Event()]
+
+    def holder(i: int) -> Work:
+        def func(work: Work) -> None:  # holds its worker without saying it blocks
+            started[i].set()
+            assert release.wait(TIMEOUT)
+        return Work(func)
+
+    later = threading.Event()
+    try:
+        assert wq.queue_work_on(1, holder(0)) and wq.queue_work_on(1, holder(1))
+        assert started[0].wait(TIMEOUT) and started[1].wait(TIMEOUT)
+        topo.cpu_up(1)
+        assert wq.stats().pools[1].nr_running == 0
+        assert wq.queue_work_on(1, Work(lambda w: later.set()))
+        assert later.wait(TIMEOUT), "held back behind the items taken while CPU 1 was offline"
+    finally:
+        release.set()
+    wq.flush()
+    # Their next run loop counts them again: one item at a time per CPU.
+    gate = threading.Event()
+    ran = threading.Event()
+    wq.queue_work_on(1, Work(lambda w: gate.wait(TIMEOUT)))
+    wq.queue_work_on(1, Work(lambda w: ran.set()))
+    assert not ran.wait(0.2), "the second item ran beside the first on a bound CPU"
+    gate.set()
+    assert ran.wait(TIMEOUT)
+
+
 def test_items_queued_on_an_offline_cpu_still_run_elsewhere(
         make_wq: Any, topo: Any, can_pin: bool) -> None:
     wq = make_wq()
