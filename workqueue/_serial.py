@@ -39,7 +39,7 @@ from ._work import Work
 if TYPE_CHECKING:
     from ._workqueue import Workqueue
 
-__all__ = ["SerialExecutor", "close_serial"]
+__all__ = ["SerialExecutor", "cancel_serial_calls", "close_serial"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,28 @@ def close_serial(wq: Workqueue) -> None:
         domain.close()
 
 
+def cancel_serial_calls(wq: Workqueue) -> int:
+    """Cancel the calls waiting in *wq*'s serial executors; how many.
+
+    For Workqueue.shutdown(cancel_futures=True): those were submitted to the
+    workqueue too, through wq.serial(key).  Found by their Work items, so
+    that executors already shut down without waiting count too.
+    """
+    return sum(_cancel_calls(work) for work in wq._call_works()
+               if isinstance(work, _SerialWork))
+
+
+def _cancel_calls(work: _SerialWork) -> int:
+    """Cancel the calls of *work* that have not started; how many."""
+    cancelled = 0
+    while True:
+        try:
+            future = work.calls.popleft()  # atomic against a run taking one
+        except IndexError:
+            return cancelled
+        cancelled += future.cancel()
+
+
 # -- the executor -------------------------------------------------------------
 
 
@@ -289,12 +311,7 @@ class SerialExecutor(Executor):
         if not already:
             self._domain.retire(self)
         if cancel_futures:
-            while True:
-                try:
-                    future = work.calls.popleft()
-                except IndexError:
-                    break
-                future.cancel()
+            _cancel_calls(work)
         if wait:
             # Each flush waits for the latest queueing of the Work; a run that
             # stops after _BATCH calls queues it again, hence the loop.

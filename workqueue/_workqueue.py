@@ -706,7 +706,9 @@ class Workqueue(Executor):
             if start:
                 self._state = _DESTROYING
         if cancel_futures:
+            from ._serial import cancel_serial_calls
             cancel_pending_futures(self)
+            cancel_serial_calls(self)
         if start:
             if wait:
                 self._destroy()

@@ -221,6 +221,41 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started(wq: object) -> Non
             future.result(0)
 
 
+def test_workqueue_shutdown_cancel_futures_cancels_the_serial_calls_too(topo: Topology) -> None:
+    """wq.shutdown(cancel_futures=True) cancels every call submitted to the
+    workqueue that has not started, those of its serial executors included
+    (also of one already shut down without waiting), as
+    ThreadPoolExecutor.shutdown does with all it was given."""
+    wq = alloc_workqueue("serial-cancel", topology=topo)
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def first() -> str:
+        entered.set()
+        assert gate.wait(TIMEOUT)
+        return "first"
+
+    ex = wq.serial("k")
+    running = ex.submit(first)
+    assert entered.wait(TIMEOUT)
+    queued = [ex.submit(lambda: "never") for _ in range(3)]
+    retired = wq.serial("r")
+    retired.submit(gate.wait, TIMEOUT)  # holds its key's Work too
+    queued += [retired.submit(lambda: "never") for _ in range(3)]
+    retired.shutdown(wait=False)
+    stopper = threading.Thread(target=lambda: wq.shutdown(wait=True, cancel_futures=True))
+    stopper.start()
+    try:
+        for future in queued:
+            with pytest.raises(CancelledError):
+                future.result(TIMEOUT)
+    finally:
+        gate.set()
+    stopper.join(TIMEOUT)
+    assert not stopper.is_alive()
+    assert running.result(TIMEOUT) == "first"
+
+
 def test_shutdown_releases_the_keys_cpu_slot(wq: object) -> None:
     executors = [wq.serial(k) for k in range(4)]  # type: ignore[attr-defined]
     on_cpu2 = next(ex for ex in executors if ex.cpu == 2)
