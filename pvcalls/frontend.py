@@ -492,6 +492,10 @@ class PVSocket(Closing):
         self._poll_ready = False
         self._poll_error = 0
         self._accept_inflight: tuple[int, _Slot, PVSocket] | None = None
+        # accept() took the POLL's readiness and is sending its ACCEPT: no
+        # POLL may go out meanwhile (a POLL and an ACCEPT in flight together
+        # get the ACCEPT -EINTR from Linux's backend and ours).
+        self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
 
         self._readyfd: int | None = None  # eventfd for fileno(), lazily
@@ -654,29 +658,18 @@ class PVSocket(Closing):
         peer address.  On timeout the POLL or ACCEPT stays in flight and the
         next call picks it up, so no connection is lost.
         """
-        with self._accept_lock:
+        deadline = _Deadline(self._timeout)
+        # Within the timeout, as socket.socket's: another thread may be
+        # blocked in accept() with the lock.
+        deadline.acquire(self._accept_lock)
+        try:
             self._check_open()
             if not self._listening:
                 raise OSError(errno.EINVAL, "accept() on a socket that is not listening")
-            deadline = _Deadline(self._timeout)
             if self._accept_inflight is None:
                 self._wait_pending_connection(deadline)
-                new = self._fe._new_socket()
-                try:
-                    ring = self._fe._new_data_ring(new)
-                except BaseException:
-                    self._fe._forget(new)
-                    raise
-                new._ring = ring
-
-                def fill(req: Any) -> None:
-                    req.u.accept.id = self.id
-                    req.u.accept.id_new = new.id
-                    req.u.accept.ref = ring.ref
-                    req.u.accept.evtchn = ring.port
-
-                req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, _Deadline(None))
-                self._accept_inflight = (req_id, slot, new)
+                self._start_accept()
+            assert self._accept_inflight is not None
             req_id, slot, new = self._accept_inflight
             ret = self._fe._wait_slot(req_id, slot, deadline, self)
             self._accept_inflight = None
@@ -686,17 +679,50 @@ class PVSocket(Closing):
                 raise _host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()
+        finally:
+            self._accept_lock.release()
         if self._armed:
             self._arm_poll()
         self._update_ready()
         return new, ("0.0.0.0", 0)
 
+    def _start_accept(self) -> None:
+        """Send the ACCEPT for the connection a POLL said is pending (under
+        _accept_lock, ``_accepting`` set).  If it cannot be sent, the
+        connection is still pending: the next accept() takes it."""
+        try:
+            new = self._fe._new_socket()
+            try:
+                ring = self._fe._new_data_ring(new)
+            except BaseException:
+                self._fe._forget(new)
+                raise
+            new._ring = ring
+
+            def fill(req: Any) -> None:
+                req.u.accept.id = self.id
+                req.u.accept.id_new = new.id
+                req.u.accept.ref = ring.ref
+                req.u.accept.evtchn = ring.port
+
+            req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, _Deadline(None))
+        except BaseException:
+            with self._cond:
+                self._accepting = False
+                self._poll_ready = True
+            self._update_ready()
+            raise
+        with self._cond:
+            self._accept_inflight = (req_id, slot, new)
+            self._accepting = False
+
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         """Copy as much of ``data`` as fits into the out ring (waiting for
         room, within the timeout) and return how many bytes were sent."""
         _check_flags(flags, "send")
-        view = memoryview(data).cast("B")
-        deadline = _Deadline(self._timeout)
+        return self._send(memoryview(data).cast("B"), _Deadline(self._timeout))
+
+    def _send(self, view: memoryview, deadline: _Deadline) -> int:
         if not self._send_lock.acquire(False):  # uncontended: no call more
             deadline.acquire(self._send_lock)
         try:
@@ -730,12 +756,14 @@ class PVSocket(Closing):
             self._send_lock.release()
 
     def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
-        """Send all of ``data``; the timeout bounds each wait for room."""
+        """Send all of ``data``; the timeout bounds the whole call, as
+        socket.socket's has since Python 3.5."""
         _check_flags(flags, "sendall")
         view = memoryview(data).cast("B")
         self._active_ring()  # an empty ``data`` is still checked
+        deadline = _Deadline(self._timeout)
         while len(view):
-            n = self.send(view)
+            n = self._send(view, deadline)
             view = view[n:]
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -752,14 +780,16 @@ class PVSocket(Closing):
             raise ValueError("buffer too small for requested bytes")
         if nbytes == 0:
             nbytes = len(dst)
+        if nbytes == 0:
+            # At once, as socket.socket's, even with another receiver blocked.
+            self._active_ring()
+            return 0
         deadline = _Deadline(self._timeout)
         if not self._recv_lock.acquire(False):  # uncontended: no call more
             deadline.acquire(self._recv_lock)
         try:
             ring = self._active_ring()
             while True:
-                if nbytes == 0:
-                    return 0
                 if self._closed:
                     raise _bad_fd()
                 # The error first, then the data: the backend writes in_error
@@ -859,9 +889,11 @@ class PVSocket(Closing):
 
         Not a socket descriptor: use it with select/poll/selectors only.  On
         a listening socket the first call starts keeping a POLL in flight, as
-        a Linux program's ``poll()`` does.
+        a Linux program's ``poll()`` does.  -1 once closed, as socket.socket
+        (selectors then find a closed socket by the object instead).
         """
-        self._check_open()
+        if self._closed:
+            return -1
         with self._cond:
             if self._readyfd is None:
                 self._readyfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -936,6 +968,8 @@ class PVSocket(Closing):
         polls or sleeps after taking it, so no wake-up is lost.
         """
         if deadline.timeout == 0.0:
+            if self._fe._dead and not ready():
+                raise self._fe._gone()
             raise BlockingIOError(errno.EAGAIN, "operation would block")
         ring = self._ring
         polling = self._polling
@@ -1013,8 +1047,8 @@ class PVSocket(Closing):
 
     def _readable(self) -> bool:
         ring = self._ring
-        if self._closed:
-            return True
+        if self._closed or self._fe._dead:
+            return True  # the call fails at once
         if ring is not None and not self._listening:
             return ring.in_pending() or bool(ring.in_error())
         # An ACCEPT left in flight by a non-blocking or timed-out accept()
@@ -1048,7 +1082,7 @@ class PVSocket(Closing):
             # until it has (fileno() said accept() would not block): no new
             # POLL, and the error is not wiped.
             if (self._poll_inflight or self._poll_ready or self._poll_error
-                    or self._accept_inflight):
+                    or self._accept_inflight or self._accepting):
                 return
             if self._closed:
                 return
@@ -1085,8 +1119,11 @@ class PVSocket(Closing):
                 if not err:
                     if self._poll_ready:
                         self._poll_ready = False
+                        self._accepting = True
                         break
                     if deadline.timeout == 0.0:
+                        if self._fe._dead:
+                            raise self._fe._gone()
                         raise BlockingIOError(errno.EAGAIN, "no connection pending")
                     while (not self._poll_ready and not self._poll_error
                            and not self._closed and not self._fe._dead):

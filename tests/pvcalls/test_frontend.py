@@ -409,8 +409,55 @@ def test_close_semantics(fe: pvcalls.Frontend, server: Any) -> None:
     assert reader.oserror().errno == errno.EBADF
     s.close()  # twice is fine
     assert_fails(errno.EBADF, lambda: s.send(b"x"), lambda: s.sendall(b""), lambda: s.recv(1),
-                 s.fileno, lambda: s.connect(srv.address))
+                 lambda: s.connect(srv.address))
+    assert s.fileno() == -1  # as socket.socket's
     assert s not in fe.sockets()
+
+
+def test_a_selector_unregisters_a_closed_socket(fe: pvcalls.Frontend, server: Any) -> None:
+    """As with socket.socket: fileno() is -1 once closed, and selectors
+    then find the socket's key by the object."""
+    s = connected(fe, server().address)
+    with selectors.DefaultSelector() as sel:
+        sel.register(s, selectors.EVENT_READ)
+        s.close()
+        assert sel.unregister(s).fileobj is s
+
+
+def test_recv_of_nothing_does_not_wait_for_another_receiver(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """recv(0) returns b"" at once, as socket.socket's, also while another
+    thread is blocked in recv() (it used to wait for that one's lock)."""
+    s = connected(fe, server().address)
+    reader = blocked_recv(s)
+    try:
+        assert Call(lambda: s.recv(0)).join().result == b""
+        assert s.recv_into(bytearray(0)) == 0
+    finally:
+        s.close()
+    assert reader.oserror().errno == errno.EBADF
+    with fe.socket() as unconnected:
+        assert_fails(errno.ENOTCONN, lambda: unconnected.recv(0))
+
+
+@pytest.mark.parametrize("mode", ["timeout", "non-blocking"])
+def test_accept_keeps_its_timeout_while_another_thread_accepts(
+        fe: pvcalls.Frontend, mode: str) -> None:
+    """A second accept() on a listener where a first one blocks returns
+    within its own timeout (or at once, non-blocking), as socket.socket's
+    does, instead of waiting for the first one's lock."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    try:
+        first = Call(ls.accept)  # no timeout
+        wait_until(lambda: sleeping_in_wait(ls))
+        ls.settimeout(0.2 if mode == "timeout" else 0.0)
+        second = Call(ls.accept).join()
+        assert isinstance(second.error, TimeoutError if mode == "timeout" else BlockingIOError)
+    finally:
+        ls.close()
+    assert first.oserror().errno == errno.EBADF
 
 
 def test_makefile_keeps_socket_open_until_closed(fe: pvcalls.Frontend, server: Any) -> None:
@@ -862,6 +909,29 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
             assert error.strerror == "the PV Calls backend went away"
         with pytest.raises(OSError):
             fe.socket()
+
+
+def test_non_blocking_calls_after_the_backend_left_say_so(server: Any) -> None:
+    """Non-blocking, recv() and accept() fail as blocking ones do once the
+    backend has gone, not with EAGAIN (for ever); and a selector sees both
+    sockets ready, since neither call would block."""
+    srv = server()
+    with backend_of_its_own("non-blocking-orphan") as (backend, fe):
+        s = connected(fe, srv.address)
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        with selectors.DefaultSelector() as sel:
+            sel.register(s, selectors.EVENT_READ)
+            sel.register(ls, selectors.EVENT_READ)
+            assert sel.select(0) == []
+            backend.close()
+            wait_until(lambda: fe._dead)
+            assert {key.fileobj for key, _ in sel.select(TIMEOUT)} == {s, ls}
+        s.setblocking(False)
+        ls.setblocking(False)
+        assert_fails(errno.ENOTCONN, lambda: s.recv(1), ls.accept,
+                     strerror="the PV Calls backend went away")
 
 
 def test_a_call_after_the_backend_left_says_so() -> None:

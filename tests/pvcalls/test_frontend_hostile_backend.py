@@ -18,6 +18,7 @@ import select
 import struct
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -597,6 +598,39 @@ def test_broken_out_indexes_fail_send_with_eproto(
     assert bytes(ring.data_map.buffer) == before
 
 
+# -- timeouts ------------------------------------------------------------------------------
+
+
+def test_the_sendall_timeout_bounds_the_whole_call(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer taking 4 KiB every 0.6 s keeps each wait for room short, but
+    sendall() with a 1 s timeout times out after the second one: since
+    Python 3.5 socket.socket's timeout is the most the whole call may take.
+    (It used to restart with every chunk sent.)  The frontend's clock is
+    the test's, so no wait is real."""
+    s, ring = connected(fe, fake)
+    now = [time.monotonic()]
+    monkeypatch.setattr(pvcalls.frontend, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    s.settimeout(1.0)
+    step = 4096
+    prod0 = ring.get(OUT_PROD_OFFSET)
+    sender = Call(lambda: s.sendall(bytes(ring.size + 4 * step)))
+    copied = ring.size
+    for _ in range(4):
+        # All that fits is in the ring, and the sender sleeps for room.
+        wait_until(lambda copied=copied: not sender.alive() or (
+            (ring.get(OUT_PROD_OFFSET) - prod0) & 0xFFFFFFFF == copied
+            and sleeping_in_wait(s)))
+        if not sender.alive():
+            break
+        now[0] += 0.6
+        ring.put(OUT_CONS_OFFSET, ring.get(OUT_CONS_OFFSET) + step)
+        ring.notify()
+        copied += step
+    assert isinstance(sender.join().error, TimeoutError), sender.error
+    assert copied == ring.size + 2 * step  # 1.2 s: out of time at the second wait
+
+
 # -- POLL --------------------------------------------------------------------------------
 
 
@@ -644,6 +678,69 @@ def test_a_poll_error_makes_fileno_readable(fe: pvcalls.Frontend, fake: FakeBack
     ls.settimeout(TIMEOUT)  # non-blocking, the ACCEPT would be left in flight
     new, _ = ls.accept()
     new.close()
+
+
+def test_no_poll_goes_out_while_accept_sends_its_accept(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the POLL's answer and the ACCEPT going out, a first fileno()
+    in another thread (a selector registering the listener) sends no POLL:
+    a POLL and an ACCEPT in flight together get the ACCEPT -EINTR from
+    Linux's backend and ours."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    fake.hold = {PVCALLS_POLL, PVCALLS_ACCEPT}
+    in_window, go = threading.Event(), threading.Event()
+    new_socket = fe._new_socket
+
+    def paused() -> pvcalls.PVSocket:  # accept() between the answer and its ACCEPT
+        in_window.set()
+        assert go.wait(TIMEOUT)
+        return new_socket()
+
+    monkeypatch.setattr(fe, "_new_socket", paused)
+    acceptor = Call(ls.accept)
+    try:
+        fake.respond(fake.next_request(PVCALLS_POLL), 0)  # a connection is pending
+        assert in_window.wait(TIMEOUT)
+        monkeypatch.setattr(fe, "_new_socket", new_socket)
+        ls.fileno()
+    finally:
+        go.set()
+    accept = fake.next_request(PVCALLS_ACCEPT)  # not a second POLL first
+    fake.respond(accept, 0)
+    new, _ = acceptor.join().result
+    new.close()
+    ls.close()
+
+
+def test_a_failed_accept_leaves_the_connection_pending(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """accept() that took the POLL's answer but could not send its ACCEPT
+    (no descriptor for the new socket's ring, say) leaves the connection
+    for the next accept(), with no new POLL."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    fake.hold = {PVCALLS_POLL, PVCALLS_ACCEPT}
+    new_data_ring = fe._new_data_ring
+
+    def no_descriptors(sock: pvcalls.PVSocket) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(fe, "_new_data_ring", no_descriptors)
+    fd = ls.fileno()
+    acceptor = Call(ls.accept)
+    fake.respond(fake.next_request(PVCALLS_POLL), 0)
+    assert acceptor.oserror().errno == errno.EMFILE
+    assert select.select([fd], [], [], 0)[0] == [fd]  # accept() would not block
+    monkeypatch.setattr(fe, "_new_data_ring", new_data_ring)
+    ls.settimeout(TIMEOUT)
+    acceptor = Call(ls.accept)
+    fake.respond(fake.next_request(PVCALLS_ACCEPT), 0)  # straight to the ACCEPT
+    new, _ = acceptor.join().result
+    new.close()
+    ls.close()
 
 
 # -- silence and departure ---------------------------------------------------------------
