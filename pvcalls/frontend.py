@@ -473,6 +473,9 @@ class PVSocket(Closing):
         self._bound = False
         self._listening = False
         self._broken = False  # a CONNECT timed out: only close() is left
+        # The id_new of an ACCEPT in flight, until accept() returns it: the
+        # listener's, not yet the caller's (not in Frontend.sockets()).
+        self._offered = False
 
         # _cond guards the socket's state flags below and is what waiters
         # sleep on; the event thread takes it (after releasing the command
@@ -679,6 +682,7 @@ class PVSocket(Closing):
                 raise _host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()
+            new._offered = False
         finally:
             self._accept_lock.release()
         if self._armed:
@@ -691,7 +695,7 @@ class PVSocket(Closing):
         _accept_lock, ``_accepting`` set).  If it cannot be sent, the
         connection is still pending: the next accept() takes it."""
         try:
-            new = self._fe._new_socket()
+            new = self._fe._new_socket(offered=True)
             try:
                 ring = self._fe._new_data_ring(new)
             except BaseException:
@@ -1460,9 +1464,10 @@ class Frontend(Closing):
         return sock
 
     def sockets(self) -> list[PVSocket]:
-        """The sockets not yet closed."""
+        """The sockets not yet closed (not those an ACCEPT in flight offers
+        the backend: no caller has them yet)."""
         with self._lock:
-            return list(self._sockets.values())
+            return [sock for sock in self._sockets.values() if not sock._offered]
 
     # -- XenStore ------------------------------------------------------------
 
@@ -1574,9 +1579,10 @@ class Frontend(Closing):
 
     # -- command ring ----------------------------------------------------------
 
-    def _new_socket(self) -> PVSocket:
+    def _new_socket(self, *, offered: bool = False) -> PVSocket:
         sock_id = _ID_BASE + _ID_STRIDE * next(self._ids)
         sock = PVSocket(self, sock_id)
+        sock._offered = offered
         with self._lock:
             self._sockets[sock_id] = sock
         return sock

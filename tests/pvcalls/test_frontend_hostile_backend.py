@@ -693,10 +693,10 @@ def test_no_poll_goes_out_while_accept_sends_its_accept(
     in_window, go = threading.Event(), threading.Event()
     new_socket = fe._new_socket
 
-    def paused() -> pvcalls.PVSocket:  # accept() between the answer and its ACCEPT
+    def paused(**kwargs: bool) -> pvcalls.PVSocket:  # accept() between the answer and its ACCEPT
         in_window.set()
         assert go.wait(TIMEOUT)
-        return new_socket()
+        return new_socket(**kwargs)
 
     monkeypatch.setattr(fe, "_new_socket", paused)
     acceptor = Call(ls.accept)
@@ -710,6 +710,25 @@ def test_no_poll_goes_out_while_accept_sends_its_accept(
     accept = fake.next_request(PVCALLS_ACCEPT)  # not a second POLL first
     fake.respond(accept, 0)
     new, _ = acceptor.join().result
+    new.close()
+    ls.close()
+
+
+def test_the_socket_an_accept_offers_is_not_listed_until_accepted(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Frontend.sockets() lists the caller's sockets: not the one an ACCEPT
+    in flight offers the backend (a caller closing every socket listed
+    would release it, and the backend answer the ACCEPT -EINTR)."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    fake.hold = {PVCALLS_ACCEPT}
+    acceptor = Call(ls.accept)  # its POLL answered at once
+    accept = fake.next_request(PVCALLS_ACCEPT)
+    assert fe.sockets() == [ls]
+    fake.respond(accept, 0)
+    new, _ = acceptor.join().result
+    assert fe.sockets() == [ls, new]
     new.close()
     ls.close()
 
