@@ -545,7 +545,9 @@ class PVSocket(Closing):
         """Connect to ``address`` = (host, port) as seen from the backend
         domain; ``host`` is taken as :class:`socket.socket` takes it (a name
         is resolved here, IPv4 only).  Waits for the backend's answer,
-        bounded by the timeout when one is set (also in non-blocking mode)."""
+        bounded by the timeout when one is set (also in non-blocking mode,
+        which fails with :class:`BlockingIOError` only if the command ring
+        has no room for the CONNECT)."""
         host, port = _resolve(address)
         self._check_open()
         self._check_unconnected()
@@ -571,15 +573,29 @@ class PVSocket(Closing):
                 req.u.connect.ref = ring.ref
                 req.u.connect.evtchn = ring.port
 
+            try:
+                # Non-blocking, no room on the command ring is EAGAIN (as
+                # Linux's frontend says); the answer is waited for anyway.
+                req_id, slot = self._fe._submit(PVCALLS_CONNECT, self.id, fill,
+                                                _Deadline(self._timeout), sock=self)
+            except BaseException:
+                # Nothing went out (no room on the command ring in time, or
+                # closed meanwhile): the ring is ours to free, and connect()
+                # may be tried again.
+                self._ring = None
+                self._fe._put_data_ring(ring, reusable=True)
+                raise
             deadline = _Deadline(self._timeout or None)
             try:
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
-                ret = self._fe._call(PVCALLS_CONNECT, self.id, fill, deadline, self)
-            except TimeoutError:
-                # The answer still comes; nobody will read it.  Like Linux,
-                # keep the ring until RELEASE.
-                self._broken = True
+                ret = self._fe._wait_slot(req_id, slot, deadline, self)
+            except BaseException as exc:
+                self._fe._abandon(req_id, slot)
+                if isinstance(exc, TimeoutError):
+                    # The answer still comes; nobody will read it.  Like
+                    # Linux, keep the ring until RELEASE.
+                    self._broken = True
                 raise
             if ret < 0:
                 # The backend has let go of the ring and the id is a new
@@ -671,7 +687,7 @@ class PVSocket(Closing):
                 raise OSError(errno.EINVAL, "accept() on a socket that is not listening")
             if self._accept_inflight is None:
                 self._wait_pending_connection(deadline)
-                self._start_accept()
+                self._start_accept(deadline)
             assert self._accept_inflight is not None
             req_id, slot, new = self._accept_inflight
             ret = self._fe._wait_slot(req_id, slot, deadline, self)
@@ -690,10 +706,11 @@ class PVSocket(Closing):
         self._update_ready()
         return new, ("0.0.0.0", 0)
 
-    def _start_accept(self) -> None:
+    def _start_accept(self, deadline: _Deadline) -> None:
         """Send the ACCEPT for the connection a POLL said is pending (under
-        _accept_lock, ``_accepting`` set).  If it cannot be sent, the
-        connection is still pending: the next accept() takes it."""
+        _accept_lock, ``_accepting`` set), waiting for room on the command
+        ring until ``deadline``.  If it cannot be sent, the connection is
+        still pending: the next accept() takes it."""
         try:
             new = self._fe._new_socket(offered=True)
             try:
@@ -709,7 +726,7 @@ class PVSocket(Closing):
                 req.u.accept.ref = ring.ref
                 req.u.accept.evtchn = ring.port
 
-            req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, _Deadline(None))
+            req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, deadline, sock=self)
         except BaseException:
             with self._cond:
                 self._accepting = False
@@ -1078,9 +1095,10 @@ class PVSocket(Closing):
                     pass
                 self._ready_set = False
 
-    def _arm_poll(self) -> None:
+    def _arm_poll(self, deadline: _Deadline | None = None) -> None:
         """Send a POLL unless one is in flight, an ACCEPT is in flight, or a
-        connection is already known to be pending."""
+        connection is already known to be pending.  ``deadline`` bounds the
+        wait for room on the command ring (default: none; close() ends it)."""
         with self._cond:
             # An error accept() has not reported yet is the POLL's outcome
             # until it has (fileno() said accept() would not block): no new
@@ -1096,7 +1114,9 @@ class PVSocket(Closing):
             req.u.poll.id = self.id
 
         try:
-            self._fe._submit(PVCALLS_POLL, self.id, fill, _Deadline(None), reserve=False)
+            self._fe._submit(PVCALLS_POLL, self.id, fill,
+                             _Deadline(None) if deadline is None else deadline,
+                             reserve=False, sock=self)
         except BaseException:
             with self._cond:
                 self._poll_inflight = False
@@ -1117,7 +1137,7 @@ class PVSocket(Closing):
         """POLL (unless in flight) and wait until it says a connection is
         pending; consume that readiness (Linux's POLL_RET bit)."""
         while True:
-            self._arm_poll()
+            self._arm_poll(deadline)
             with self._cond:
                 err, self._poll_error = self._poll_error, 0
                 if not err:
@@ -1681,13 +1701,15 @@ class Frontend(Closing):
         *,
         reserve: bool = True,
         on_done: Callable[[int], None] | None = None,
+        sock: PVSocket | None = None,
     ) -> tuple[int, _Slot]:
         """Put one request on the command ring and notify the backend.
 
         ``req_id`` is the slot index, as in Linux.  A request waits (within
-        ``deadline``) for the ring to have room and its response table entry
-        to be free.  POLL does not reserve the entry: its answer is matched by
-        command and id (Linux does the same).
+        ``deadline``, and while ``sock``, the socket it is for, stays open)
+        for the ring to have room and its response table entry to be free.
+        POLL does not reserve the entry: its answer is matched by command and
+        id (Linux does the same).
         """
         req = ffi.new("struct xen_pvcalls_request *")
         req.cmd = cmd
@@ -1700,9 +1722,13 @@ class Frontend(Closing):
                     raise self._gone()
                 if self._ring is None:
                     raise OSError(errno.ENOTCONN, "the PV Calls frontend is not connected")
+                if sock is not None and sock._closed:
+                    raise _bad_fd()
                 req_id = self._req_prod_pvt & (RING_SLOTS - 1)
                 if self._ring.free_slots > 0 and self._slots[req_id] is None:
                     break
+                if deadline.timeout == 0.0:
+                    raise BlockingIOError(errno.EAGAIN, "the command ring is full")
                 self._cmd_cond.wait(deadline.remaining())
             req.req_id = req_id
             if reserve:

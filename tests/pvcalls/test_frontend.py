@@ -23,6 +23,7 @@ import pytest
 from pvcalls_rawfront import Call, echo_through, sleeping_in_wait, wait_until
 
 import pvcalls
+from pvcalls import _wire
 from pvcalls.frontend import RECV, SEND
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
@@ -526,7 +527,6 @@ def test_notifications_after_consuming_only_for_a_full_ring(
 
 
 def _wire_u32(ring: Any, name: str) -> int:
-    from pvcalls import _wire
     offset = {"in_cons": _wire.IN_CONS_OFFSET, "in_prod": _wire.IN_PROD_OFFSET}[name]
     return int(struct.unpack_from("=I", ring.indexes, offset)[0])
 
@@ -876,6 +876,68 @@ def accept_left_in_flight(ls: pvcalls.PVSocket, sel: selectors.BaseSelector) -> 
             ls.accept()
     _, slot, new = ls._accept_inflight
     return slot, new
+
+
+def fill_command_ring(fe: pvcalls.Frontend, backend: Any,
+                      connections: list[socket.socket]) -> Callable[[int], None]:
+    """Fill ``fe``'s command ring: as many idle listeners as it has slots,
+    each selected (fileno()), keep a POLL in flight that the backend answers
+    only once a connection comes.  Returns a function that frees ``n``
+    slots (a connection to as many of them, added to ``connections``)."""
+    listeners = []
+    for _ in range(_wire.RING_SLOTS):
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        ls.fileno()
+        listeners.append(ls)
+
+    def free_slots(n: int) -> None:
+        for ls in [ls for ls in listeners if ls._poll_inflight][:n]:
+            connections.append(socket.create_connection(
+                listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT))
+            wait_until(lambda ls=ls: not ls._poll_inflight)
+
+    return free_slots
+
+
+def test_calls_waiting_for_room_on_the_command_ring(host: SimHost, backend: Any,
+                                                    server: Any) -> None:
+    """With the command ring full, accept() and connect() keep their
+    timeouts (or fail at once, non-blocking); a connect() that found no
+    room may be tried again, since nothing went out; and close() ends an
+    accept() waiting for room."""
+    srv = server()
+    connections: list[socket.socket] = []
+    with pvcalls.Frontend(host.create_domain("full-ring")) as fe:
+        try:
+            ls = fe.socket()
+            ls.bind(("127.0.0.1", 0))
+            ls.listen()
+            s = fe.socket()
+            free_slots = fill_command_ring(fe, backend, connections)
+            for timeout, error in ((0.2, TimeoutError), (0.0, BlockingIOError)):
+                ls.settimeout(timeout)
+                s.settimeout(timeout)
+                with pytest.raises(error):
+                    ls.accept()  # its POLL finds no room
+                with pytest.raises(error):
+                    s.connect(srv.address)  # nor does its CONNECT
+            ls.settimeout(None)
+            acceptor = Call(ls.accept)
+            wait_until(lambda: bool(fe._cmd_cond._waiters))  # for room
+            closer = Call(ls.close)  # its RELEASE waits for room too
+            assert acceptor.oserror().errno == errno.EBADF
+            free_slots(1)
+            closer.join()
+            free_slots(1)
+            s.settimeout(TIMEOUT)
+            s.connect(srv.address)
+            echo_through(s, b"room again")
+        finally:
+            free_slots(_wire.RING_SLOTS)  # or closing the frontend waits for room
+            for c in connections:
+                c.close()
 
 
 @contextlib.contextmanager
