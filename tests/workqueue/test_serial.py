@@ -8,6 +8,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, as_completed, wait
+from typing import Any
 
 import pytest
 from wqhelpers import assert_waits_until_released
@@ -199,9 +200,9 @@ def test_shutdown_waits_and_refuses_new_calls(wq: object) -> None:
     assert fresh.submit(lambda: 7).result(TIMEOUT) == 7
 
 
-def test_shutdown_cancel_futures_cancels_what_has_not_started(wq: object) -> None:
-    ex = wq.serial("k")  # type: ignore[attr-defined]
-    gate = threading.Event()
+def submit_held(ex: Any, gate: threading.Event) -> Future[str]:
+    """Submit to ``ex`` a call that holds its key until ``gate`` is set
+    (then returns "first"); return once it runs."""
     entered = threading.Event()
 
     def first() -> str:
@@ -209,9 +210,16 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started(wq: object) -> Non
         assert gate.wait(TIMEOUT)
         return "first"
 
-    running = ex.submit(first)
-    queued = [ex.submit(lambda: "never") for _ in range(10)]
+    running: Future[str] = ex.submit(first)
     assert entered.wait(TIMEOUT)
+    return running
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    running = submit_held(ex, gate)
+    queued = [ex.submit(lambda: "never") for _ in range(10)]
     ex.shutdown(wait=False, cancel_futures=True)
     assert all(f.cancelled() for f in queued)
     gate.set()
@@ -228,16 +236,8 @@ def test_workqueue_shutdown_cancel_futures_cancels_the_serial_calls_too(topo: To
     ThreadPoolExecutor.shutdown does with all it was given."""
     wq = alloc_workqueue("serial-cancel", topology=topo)
     gate = threading.Event()
-    entered = threading.Event()
-
-    def first() -> str:
-        entered.set()
-        assert gate.wait(TIMEOUT)
-        return "first"
-
     ex = wq.serial("k")
-    running = ex.submit(first)
-    assert entered.wait(TIMEOUT)
+    running = submit_held(ex, gate)
     queued = [ex.submit(lambda: "never") for _ in range(3)]
     retired = wq.serial("r")
     retired.submit(gate.wait, TIMEOUT)  # holds its key's Work too
