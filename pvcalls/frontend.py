@@ -1117,9 +1117,11 @@ class PVSocket(Closing):
             self._fe._submit(PVCALLS_POLL, self.id, fill,
                              _Deadline(None) if deadline is None else deadline,
                              reserve=False, sock=self)
-        except BaseException:
+        except BaseException as exc:
             with self._cond:
                 self._poll_inflight = False
+            if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
+                return  # closed while it waited for room: no POLL wanted
             raise
 
     def _on_poll(self, ret: int) -> None:
