@@ -723,7 +723,8 @@ class Workqueue(Executor):
         executors accepted and that have not finished: queued, waiting for
         max_active, handed to a busy worker, or running.  For the exit hook
         (see _atexit), which flushes them (a frozen workqueue's cannot run:
-        it drops them)."""
+        it drops them), and for shutdown(cancel_futures=True), which
+        cancels the calls waiting in the serial ones."""
         with lock:
             pwqs = self._all_pwqs()
             pools = {pwq.pool for pwq in pwqs}
