@@ -711,14 +711,9 @@ class PVSocket(Closing):
         _accept_lock, ``_accepting`` set), waiting for room on the command
         ring until ``deadline``.  If it cannot be sent, the connection is
         still pending: the next accept() takes it."""
+        new = self._fe._new_socket(offered=True)
         try:
-            new = self._fe._new_socket(offered=True)
-            try:
-                ring = self._fe._new_data_ring(new)
-            except BaseException:
-                self._fe._forget(new)
-                raise
-            new._ring = ring
+            ring = new._ring = self._fe._new_data_ring(new)
 
             def fill(req: Any) -> None:
                 req.u.accept.id = self.id
@@ -728,6 +723,8 @@ class PVSocket(Closing):
 
             req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, deadline, sock=self)
         except BaseException:
+            # Nothing went out: the new socket goes, without RELEASE.
+            self._fe._drop_socket(new, reusable=True)
             with self._cond:
                 self._accepting = False
                 self._poll_ready = True

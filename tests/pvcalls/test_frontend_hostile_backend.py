@@ -733,27 +733,32 @@ def test_the_socket_an_accept_offers_is_not_listed_until_accepted(
     ls.close()
 
 
+@pytest.mark.parametrize("failing", ["_new_data_ring", "_submit"])
 def test_a_failed_accept_leaves_the_connection_pending(
-        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        failing: str) -> None:
     """accept() that took the POLL's answer but could not send its ACCEPT
-    (no descriptor for the new socket's ring, say) leaves the connection
-    for the next accept(), with no new POLL."""
+    (no descriptor for the new socket's ring, or no room for the command)
+    leaves the connection for the next accept(), with no new POLL, and
+    keeps nothing of the socket it made for it."""
     ls = fe.socket()
     ls.bind(("127.0.0.1", 4000))
     ls.listen()
     fake.hold = {PVCALLS_POLL, PVCALLS_ACCEPT}
-    new_data_ring = fe._new_data_ring
+    held = dict(fe._sockets)
 
-    def no_descriptors(sock: pvcalls.PVSocket) -> Any:
+    def cannot(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(fe, "_new_data_ring", no_descriptors)
-    fd = ls.fileno()
+    fd = ls.fileno()  # its POLL goes out before the failure is set up
+    poll = fake.next_request(PVCALLS_POLL)
+    monkeypatch.setattr(fe, failing, cannot)
     acceptor = Call(ls.accept)
-    fake.respond(fake.next_request(PVCALLS_POLL), 0)
+    fake.respond(poll, 0)
     assert acceptor.oserror().errno == errno.EMFILE
+    monkeypatch.undo()
+    assert fe._sockets == held
     assert select.select([fd], [], [], 0)[0] == [fd]  # accept() would not block
-    monkeypatch.setattr(fe, "_new_data_ring", new_data_ring)
     ls.settimeout(TIMEOUT)
     acceptor = Call(ls.accept)
     fake.respond(fake.next_request(PVCALLS_ACCEPT), 0)  # straight to the ACCEPT
