@@ -913,6 +913,10 @@ class PVSocket(Closing):
         if self._closed:
             return -1
         with self._cond:
+            # Again under _cond: a close() since the check above took
+            # _readyfd under it, and would not see a descriptor made now.
+            if self._closed:
+                return -1
             if self._readyfd is None:
                 self._readyfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._ready_set = False
@@ -949,9 +953,12 @@ class PVSocket(Closing):
     # -- internals ---------------------------------------------------------
 
     def _real_close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        # Tested and set under _cond: of two threads closing at once, only
+        # one may send the RELEASE.
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
         # Wake this socket's waiters (on its data, or on an answer to its
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._cmd_cond:

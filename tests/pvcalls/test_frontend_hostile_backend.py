@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import Call, sleeping_in_wait, wait_until
+from pvcalls_rawfront import Call, PauseAt, done_or_at, sleeping_in_wait, wait_until
 
 import pvcalls
 from pvcalls import _wire
@@ -731,6 +731,48 @@ def test_the_socket_an_accept_offers_is_not_listed_until_accepted(
     assert fe.sockets() == [ls, new]
     new.close()
     ls.close()
+
+
+def test_two_threads_closing_one_socket_send_one_release(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """close() in two threads at once sends one RELEASE: a second would be
+    answered EBADF (with a warning), or release a socket of the same id
+    made since."""
+    s, _ = connected(fe, fake)
+    fake.hold = {PVCALLS_RELEASE}
+    real_close = pvcalls.PVSocket._real_close
+    pause = PauseAt(real_close, "self._closed = True")
+    first = Call(lambda: pause.run(s.close))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        second = Call(s.close)
+        # Either the second close() went all the way (the race), or it
+        # waits for the first to have marked the socket closed.
+        wait_until(lambda: done_or_at(second, real_close, "with self._cond"))
+    finally:
+        pause.resume()
+    first.join()
+    second.join()
+    fence = fe.socket()  # answered after every command sent before it
+    assert fake.requests.qsize() == 1
+    fake.hold = set()
+    fake.respond(fake.next_request(PVCALLS_RELEASE), 0)
+    fence.close()
+
+
+def test_fileno_racing_close_keeps_no_descriptor(fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """fileno() that saw the socket open, then lost the race with close(),
+    makes no eventfd (close() had nothing to close) and returns -1."""
+    s, _ = connected(fe, fake)
+    pause = PauseAt(pvcalls.PVSocket.fileno, "with self._cond")
+    call = Call(lambda: pause.run(s.fileno))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        s.close()
+    finally:
+        pause.resume()
+    assert call.join().result == -1
+    assert s._readyfd is None
 
 
 @pytest.mark.parametrize("failing", ["_new_data_ring", "_submit"])
