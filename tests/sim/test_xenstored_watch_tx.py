@@ -345,6 +345,29 @@ def test_rm_in_transaction_conflicts_with_new_child(dom0: RawClient, other: RawC
     assert other.directory("/rt/a") == ["b", "c"]
 
 
+def test_rm_in_transaction_of_a_node_its_parent_does_not_list(
+    dom0: RawClient, other: RawClient
+) -> None:
+    """A transaction sees each node as it was when it first looked at it, so
+    another client can make its view disagree with itself: a node without
+    its parent, or a parent without the node.  Removing such a node is no
+    reason to drop the connection; the transaction just cannot commit."""
+    other.write("/in/a", "")
+    tx = dom0.transaction_start()
+    assert dom0.directory("/in", tx) == ["a"]  # /in as the transaction sees it
+    other.write("/in/b", "")
+    dom0.rm("/in/b", tx)  # /in/b is new to it, but its /in has no "b"
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+    assert other.directory("/in") == ["a", "b"]
+
+    tx = dom0.transaction_start()
+    assert dom0.read("/in/a", tx) == b""
+    other.rm("/in")
+    dom0.rm("/in/a", tx)  # its /in/a, whose /in is gone
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+    assert error_of(other.read, "/in") == "ENOENT"
+
+
 def test_guest_transaction_node_quota_counts_at_commit(xsd: XenStored, dom0: RawClient) -> None:
     with make_guest(xsd, dom0, 3) as guest:
         tx = guest.transaction_start()

@@ -466,7 +466,14 @@ class Dispatcher:
             self._fire(view, p, p == path, n.perms)
         parent_path = parent_of(path)
         parent = view.get(parent_path)
-        assert parent is not None, f"{path} existed without its parent"
+        if parent is None or basename(path) not in parent.children:
+            # A transaction sees each node as it was when it first looked at
+            # it: if another client changed the node or its parent between
+            # those looks, they disagree.  Then one of them changed after
+            # the transaction read it, so the commit fails with EAGAIN
+            # anyway; until then the subtree is gone from its view.
+            assert isinstance(view, Transaction), f"{path} existed without its parent"
+            return
         children = dict(parent.children)
         del children[basename(path)]
         view.put(parent_path, parent.replace(children=children))
