@@ -375,3 +375,33 @@ def test_client_reset_by_peer_is_dropped_quietly(
         other.write("/r/x", "1")
         assert other.read("/r/x") == b"1"
     check_alive(xsd)
+
+
+def test_connect_to_a_domain_released_in_the_same_round(
+        xsd: XenStored, no_internal_errors: None) -> None:
+    """A guest connects to its domain's socket while dom0 releases that
+    domain: when the loop wakes up to both at once and serves the RELEASE
+    first, the listener the connection waited on is gone."""
+    guest_socket = xsd.introduce_domain(5)
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:
+        entered.set()
+        assert gate.wait(10)
+
+    with RawClient(xsd.path) as dom0, socket.socket(socket.AF_UNIX) as guest:
+        dom0.request(Op.GET_DOMAIN_PATH, b"0\0")  # accepted and served
+        holder = threading.Thread(target=xsd._call, args=(hold_the_loop,))
+        holder.start()
+        try:
+            assert entered.wait(10)
+            # Both become ready while the loop is held, in this order.
+            rid = dom0.send(Op.RELEASE, b"5\0")
+            guest.connect(str(guest_socket))
+        finally:
+            gate.set()
+            holder.join(10)
+        assert dom0.reply(rid) == (Op.RELEASE, 0, b"OK\0")
+        assert closed_by_server(guest)
+    assert not xsd.is_introduced(5)
+    check_alive(xsd)

@@ -311,7 +311,11 @@ class XenStored:
 
     def _accept(self, _mask: int, domain: Domain) -> None:
         listener = self._listener if domain.domid == 0 else domain.listener
-        assert listener is not None and self._selector is not None
+        if listener is None:
+            # Released by an earlier callback of the same select() round:
+            # its socket is closed, and the connections waiting on it with it.
+            return
+        assert self._selector is not None
         while True:
             try:
                 sock, _addr = listener.accept()
