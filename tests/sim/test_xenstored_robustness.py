@@ -405,3 +405,33 @@ def test_connect_to_a_domain_released_in_the_same_round(
         assert closed_by_server(guest)
     assert not xsd.is_introduced(5)
     check_alive(xsd)
+
+
+def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
+        xsd: XenStored, caplog: pytest.LogCaptureFixture) -> None:
+    """Requests held back while a client was paused are served once its
+    replies are sent, which can happen right after they were queued (the
+    kernel takes them all).  A server bug met there must cost that one
+    connection, as anywhere else, not the loop thread."""
+    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
+
+    def buggy(*_args: object) -> bytes:
+        raise RuntimeError("a bug in a handler")
+
+    xsd._dispatcher._handlers[Op.CONTROL] = buggy
+    with RawClient(xsd.path) as c, RawClient(xsd.path) as other:
+        c.write("/big", b"b" * 4000)
+        # 17 replies of 4 KiB pause the client; the kernel takes them at once.
+        c.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, 5) + b"/big\0" for i in range(20))
+                   + HEADER.pack(Op.CONTROL, 20, 0, 6) + b"check\0")
+        # Replies in order, as many as were sent before the bug, then EOF.
+        replies = []
+        with pytest.raises(ConnectionError):
+            while True:
+                replies.append(c.recv_message()[:2])
+        assert replies == [(Op.READ, i) for i in range(len(replies))]
+        other.write("/still", "served")
+        assert other.read("/still") == b"served"
+    assert xsd._thread is not None and xsd._thread.is_alive()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["internal error serving Connection(#1, dom0)"]

@@ -246,7 +246,10 @@ class XenStored:
                     callback, data = key.data
                     callback(mask, data)
                 while dirty:
-                    self._flush(dirty.pop())
+                    # Through _on_event(): a flush may serve requests held
+                    # back by a pause, and a bug met there must cost that
+                    # connection only.  (Not being writable is fine.)
+                    self._on_event(_WRITE, dirty.pop())
         except BaseException:
             logger.exception("xenstored loop died")
             raise
