@@ -4,7 +4,9 @@ connection, never crash, and keep serving everybody else."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import struct
 import tempfile
@@ -17,7 +19,7 @@ from hosthelpers import error_of, eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xenback.sim._xenstored import Op, RawClient, XenStored, XsError
+from xenback.sim._xenstored import Op, RawClient, XenStored, XsError, _server
 
 HEADER = struct.Struct("<IIII")
 
@@ -435,3 +437,55 @@ def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
     assert xsd._thread is not None and xsd._thread.is_alive()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["internal error serving Connection(#1, dom0)"]
+
+
+class _OutOfDescriptors:
+    """Stands for the dom0 listener: accept() fails with EMFILE, as when the
+    process has no descriptor left, while ``full`` is set."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.full = True
+        self.failures = 0
+        self.failed = threading.Event()
+
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.full:
+            self.failures += 1
+            self.failed.set()
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return self.listener.accept()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("retry", ["a connection closes", "after a while"])
+def test_out_of_descriptors_the_server_waits_without_spinning(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch, retry: str) -> None:
+    """accept() failing with EMFILE leaves the listener readable: the
+    server stops watching it, so the loop does not spin, until a
+    connection closes (freeing a descriptor) or a short while has passed;
+    the client waiting meanwhile is then served."""
+    if retry == "a connection closes":
+        monkeypatch.setattr(_server, "_ACCEPT_RETRY", 3600.0)
+    stand_in = _OutOfDescriptors(xsd._listener)
+    with RawClient(xsd.path) as other:
+        other.write("/x", "1")  # accepted before descriptors run out
+        xsd._call(setattr, xsd, "_listener", stand_in)
+        with RawClient(xsd.path) as waiting:  # in the backlog
+            assert stand_in.failed.wait(10)
+            if retry == "a connection closes":
+                for _ in range(2):  # two more turns of the loop at least
+                    watched = xsd._call(lambda: stand_in.fileno() in xsd._selector.get_map())
+                assert not watched
+                assert stand_in.failures == 1
+            stand_in.full = False
+            if retry == "a connection closes":
+                other.close()
+            assert waiting.read("/x") == b"1"
+    xsd._call(setattr, xsd, "_listener", stand_in.listener)
+    check_alive(xsd)

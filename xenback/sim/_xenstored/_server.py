@@ -42,6 +42,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +61,9 @@ T = TypeVar("T")
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _RECV_SIZE = 65536
+# How long a listener whose accept() failed for want of a descriptor goes
+# unwatched (seconds), unless a connection closes first.
+_ACCEPT_RETRY = 0.1
 _unpack_header = HEADER.unpack_from
 
 #: Stop reading a client's requests while this many reply bytes wait for it.
@@ -108,6 +112,13 @@ class XenStored:
         self._dirty: set[Connection] = set()
         self._conns: set[Connection] = set()
         self._nconn = 0
+        #: domains whose listener is unwatched since accept() failed for
+        #: want of a descriptor (EMFILE): the listener stays readable, and
+        #: watching it would spin the loop.  Watched again when a connection
+        #: closes or at _accept_retry_at (monotonic), whichever comes first.
+        #: Loop thread only.
+        self._accept_paused: list[Domain] = []
+        self._accept_retry_at = 0.0
 
     # --- public face ---------------------------------------------------------
 
@@ -242,9 +253,14 @@ class XenStored:
         dirty = self._dirty
         try:
             while not self._stopping:
-                for key, mask in selector.select():
+                timeout = None
+                if self._accept_paused:
+                    timeout = max(0.0, self._accept_retry_at - time.monotonic())
+                for key, mask in selector.select(timeout):
                     callback, data = key.data
                     callback(mask, data)
+                if self._accept_paused and time.monotonic() >= self._accept_retry_at:
+                    self._resume_accept()
                 while dirty:
                     # Through _on_event(): a flush may serve requests held
                     # back by a pause, and a bug met there must cost that
@@ -325,8 +341,12 @@ class XenStored:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # EMFILE and friends: leave the backlog for later.
-                logger.warning("accept on %s: %s", domain, e)
+                # EMFILE and friends: the backlog waits in the kernel.
+                if not self._accept_paused:
+                    logger.warning("accept on %s: %s; retrying when a descriptor frees", domain, e)
+                    self._accept_retry_at = time.monotonic() + _ACCEPT_RETRY
+                self._selector.unregister(listener)
+                self._accept_paused.append(domain)
                 return
             if not domain.privileged and len(domain.conns) >= self._dispatcher.quota.connections:
                 logger.warning("%r: too many connections, refusing one", domain)
@@ -339,6 +359,15 @@ class XenStored:
             self._conns.add(conn)
             conn.events = _READ
             self._selector.register(sock, _READ, (self._on_event, conn))
+
+    def _resume_accept(self) -> None:
+        """Watch the listeners _accept() gave up on again (loop thread)."""
+        assert self._selector is not None
+        paused, self._accept_paused = self._accept_paused, []
+        for domain in paused:
+            listener = self._listener if domain.domid == 0 else domain.listener
+            if listener is not None:
+                self._selector.register(listener, _READ, (self._accept, domain))
 
     def _on_event(self, mask: int, conn: Connection) -> None:
         try:
@@ -462,6 +491,8 @@ class XenStored:
         self._conns.discard(conn)
         self._dirty.discard(conn)
         conn.out.clear()
+        if self._accept_paused:
+            self._resume_accept()  # a descriptor is free now
 
     # --- domains -------------------------------------------------------------------
 
@@ -517,7 +548,10 @@ class XenStored:
                 other.target = None
         if domain.listener is not None:
             assert self._selector is not None
-            self._selector.unregister(domain.listener)
+            if domain in self._accept_paused:
+                self._accept_paused.remove(domain)
+            else:
+                self._selector.unregister(domain.listener)
             domain.listener.close()
             domain.listener = None
         if domain.socket_path is not None:
