@@ -613,10 +613,17 @@ class _Frontend:
             raise CommandError(_errno.from_oserror(exc), f"connect: {exc}") from None
         return 0 if connected else None  # None: answered by the socket's Work
 
-    def connect_failed(self, sock: ActiveSocket) -> None:
-        """From the socket's Work: the CONNECT failed; the id is NEW again."""
+    def connect_failed(self, sock: ActiveSocket, request: Request | None, ret: int) -> None:
+        """From the socket's Work: the CONNECT failed.  Answer ``request``
+        (unless a RELEASE took it) with ``ret``; the id is NEW again."""
         sock.teardown(from_work=True)
+        # Both under _lock, where commands look the id up: a RELEASE that
+        # finds the id NEW comes after the answer (one that found the
+        # socket still active waits for this Work in teardown), and a
+        # CONNECT retried once the answer is out finds the id NEW.
         with self._lock:
+            if request is not None:
+                self.respond(request, ret)
             if self._sockets.get(sock.id) is sock:
                 self._sockets[sock.id] = NewSocket(sock.id)
 

@@ -581,9 +581,7 @@ class ActiveSocket(Work):
             request, self.connect_request = self.connect_request, None
         ret = _errno.from_host_errno(err)
         logger.debug("%r: connect to %s failed: %s", self, self.remote, _errno.name_of(ret))
-        self.frontend.connect_failed(self)
-        if request is not None:
-            self.frontend.respond(request, -ret)
+        self.frontend.connect_failed(self, request, -ret)
         return False
 
     # -- teardown ---------------------------------------------------------------

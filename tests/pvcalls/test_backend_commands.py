@@ -288,6 +288,58 @@ def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend,
     listener.close()
 
 
+def test_a_connect_failing_later_is_answered_before_the_release_behind_it(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connect that fails after its CONNECT was processed (its SYN was
+    dropped; the listener goes, and the retransmission is refused) is
+    answered by the socket's Work.  A RELEASE sent meanwhile is answered
+    after it, as the backend promises, even when it comes while the Work
+    is about to answer."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    answering, go = threading.Event(), threading.Event()
+    under_lock: list[bool] = []
+    respond = type(fe).respond
+
+    def held_respond(self: Any, request: Any, ret: int) -> None:
+        if request.cmd == _wire.PVCALLS_CONNECT and ret < 0:
+            under_lock.append(fe._lock.locked())  # the sockets table's
+            answering.set()
+            go.wait(TIMEOUT)
+        respond(self, request, ret)
+
+    monkeypatch.setattr(type(fe), "respond", held_respond)
+    releasing = threading.Event()  # a RELEASE tears the active socket down
+    teardown = ActiveSocket.teardown
+
+    def watched_teardown(self: ActiveSocket, *, from_work: bool = False) -> Any:
+        if not from_work:
+            releasing.set()
+        return teardown(self, from_work=from_work)
+
+    monkeypatch.setattr(ActiveSocket, "teardown", watched_teardown)
+    listener, filler = _full_listener()
+    sock_id, _ = raw.socket()
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
+    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
+    assert rsp.ret == 0 and connect_req not in raw.responses
+    filler.close()
+    listener.close()  # the next SYN is refused
+    try:
+        assert answering.wait(TIMEOUT)
+        release_req = raw.push_release(sock_id)
+        if not under_lock[0]:
+            # Nothing keeps the RELEASE from the id meanwhile: let it be
+            # answered, or start waiting for the Work, before the Work goes on.
+            raw.wait(lambda: release_req in raw.responses or releasing.is_set())
+    finally:
+        go.set()
+    raw.wait(lambda: release_req in raw.responses and connect_req in raw.responses)
+    assert raw.responses.pop(connect_req).ret == ECONNREFUSED
+    assert raw.responses.pop(release_req).ret == 0
+    assert raw.arrived[-2:] == [connect_req, release_req]
+    assert raw.unexpected == []
+
+
 def test_slow_connect_is_answered_when_it_completes(raw: RawFrontend) -> None:
     """The same dropped SYN; once the listener makes room, the kernel's SYN
     retransmission (about 1 s) completes the connect and only then does the
