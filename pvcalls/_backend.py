@@ -739,6 +739,10 @@ class _Frontend:
                     waiting = None
         finally:
             parent.enable()
+            # disable_sync() took back a queued run, and kicks meanwhile
+            # were refused: the next ACCEPT or POLL may already wait, its
+            # connection's edge gone.  Run once more (a spare run is harmless).
+            parent.kick()
         if waiting is not None:
             self.respond(waiting[0], -_errno.EINTR)
 

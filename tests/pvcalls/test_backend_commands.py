@@ -18,7 +18,8 @@ from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
 
 import pvcalls
 from pvcalls import _errno, _wire
-from pvcalls._socket import ActiveSocket, PassiveSocket
+from pvcalls._backend import _Frontend
+from pvcalls._socket import ActiveSocket, PassiveSocket, Request
 from pvcalls._wire import ffi
 
 EBADF, EINVAL, EINTR, EEXIST = -9, -22, -4, -17
@@ -491,6 +492,53 @@ def test_release_of_id_new_while_its_accept_completes(
     assert raw.responses[release].ret == 0
     assert raw.unexpected == []
     assert sum(cpu.sockets for cpu in backend.stats().cpus) == 0
+
+
+def test_release_of_an_accepted_id_new_keeps_the_next_accept_awake(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELEASE of an id_new whose ACCEPT the listener's Work is still
+    finishing, with the next ACCEPT waiting and a connection queued: the
+    RELEASE waits for that Work, and the run queued for the next ACCEPT
+    (and the connection's wake-up) is not lost with it."""
+    on_event = PassiveSocket._on_event
+    edges = []
+
+    def counting_on_event(self: PassiveSocket, *args: object) -> None:
+        on_event(self, *args)
+        edges.append(self)
+
+    monkeypatch.setattr(PassiveSocket, "_on_event", counting_on_event)
+    listener, address = _listener(raw, backend)
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    inside, go_on = threading.Event(), threading.Event()
+    respond = _Frontend.respond
+
+    def respond_then_hold(self: _Frontend, request: Request, ret: int) -> None:
+        respond(self, request, ret)
+        if request.cmd == _wire.PVCALLS_ACCEPT and not inside.is_set():
+            inside.set()  # on the listener's Work, before it lets go of id_new
+            go_on.wait(TIMEOUT)
+
+    monkeypatch.setattr(_Frontend, "respond", respond_then_hold)
+    first = raw.new_id()
+    accept = raw.push_accept(listener, first, raw.new_ring())
+    with contextlib.ExitStack() as clients:
+        clients.enter_context(socket.create_connection(address, timeout=TIMEOUT))
+        assert inside.wait(TIMEOUT)
+        assert raw.response(accept).ret == 0
+        # A second connection waits in the backlog; its edge has come.
+        seen = len(edges)
+        clients.enter_context(socket.create_connection(address, timeout=TIMEOUT))
+        wait_until(lambda: len(edges) > seen)
+        again = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+        wait_until(lambda: passive.waiting is not None and passive.waiting[0].req_id == again)
+        release = raw.push_release(first)
+        wait_until(lambda: passive.disabled)  # the RELEASE waits for the Work
+        go_on.set()
+        assert raw.response(release).ret == 0
+        assert raw.response(again).ret == 0
+    assert raw.unexpected == []
 
 
 def test_accept_id_new_in_use(raw: RawFrontend, backend: pvcalls.Backend) -> None:
