@@ -53,6 +53,8 @@ contains ``0.0.0.0``, such as ``0.0.0.0/0`` or ``0.0.0.0``: binding
 everywhere must be allowed as such.
 Likewise a bind to port 0 (the host picks a free port) is checked as port 0:
 allow it with a rule covering port 0 (``127.0.0.1:0``, ``127.0.0.1:*``).
+A connect to ``0.0.0.0`` is checked, and made, as a connect to
+``127.0.0.1``: that is where Linux sends it.
 """
 
 from __future__ import annotations

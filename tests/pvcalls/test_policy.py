@@ -265,6 +265,21 @@ def test_backend_refuses_connect_and_bind(make_frontend: Any, host: Any, strict:
     fe.close()
 
 
+def test_connect_to_any_address_is_checked_as_loopback(
+        make_frontend: Any, host: Any, topology: Any, echo_server: Any) -> None:
+    """Linux connects a destination of 0.0.0.0 to the loopback address: a
+    deny rule for 127.0.0.0/8 must cover it too."""
+    policy = Policy.from_toml('[default]\nconnect.deny = ["127.0.0.0/8"]\n')
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        fe = make_frontend("no-loopback")
+        sock_id, _ = fe.socket()
+        rsp = fe.response(fe.push_connect(sock_id, ("0.0.0.0", echo_server.address[1]),
+                                          fe.new_ring()))
+        assert rsp.ret == -EACCES
+        assert echo_server.accepted == 0
+        fe.close()
+
+
 def test_backend_applies_name_sections(make_frontend: Any, host: Any, topology: Any) -> None:
     policy = Policy.from_toml('[domain.tiny]\nmax_sockets = 1\n')
     with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
