@@ -466,7 +466,9 @@ class ActiveSocket(Work):
         available = sum(len(view) for view in views)
         cons = ring.out_cons
         try:
-            sent = host.sendmsg(views)
+            # MSG_NOSIGNAL: EPIPE is the guest's out_error, not a SIGPIPE
+            # that kills the backend in a process that does not ignore it.
+            sent = host.sendmsg(views, (), socket.MSG_NOSIGNAL)
         except BlockingIOError:
             self._watch_write_space(host, True)
             return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -140,6 +142,41 @@ def test_send_failure_sets_out_error(raw: RawFrontend) -> None:
     # The receive side reports the reset too, never EAGAIN.
     raw.wait(lambda: ring.in_error != 0)
     assert ring.in_error in (-_errno.ECONNRESET, -_errno.ENOTCONN)
+
+
+_SIGPIPE_CHILD = """
+import signal, socket, struct, sys
+sys.path.insert(0, sys.argv[1])
+from pvcalls_rawfront import RawFrontend
+import pvcalls
+from pvcalls import _errno
+from xenback.sim import SimHost
+
+# As an application that wants a shell's behaviour in pipelines does.
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+with SimHost() as host, pvcalls.Backend(host.dom0, cpus=2) as backend:
+    raw = RawFrontend(host, host.create_domain("guest"))
+    server = socket.create_server(("127.0.0.1", 0))
+    sock_id, ring = raw.connect_socket(server.getsockname())
+    peer, _ = server.accept()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset: the receive reports it, the next send is EPIPE
+    raw.wait(lambda: ring.in_error == -_errno.ECONNRESET)
+    ring.write(b"into a closed connection")
+    raw.wait(lambda: ring.out_error != 0)
+    print(ring.out_error)
+    raw.close()
+"""
+
+
+def test_a_send_into_a_reset_connection_raises_no_sigpipe() -> None:
+    """The backend's process may not ignore SIGPIPE (an embedding program
+    that restored its default): a guest writing into a reset connection
+    gets -EPIPE in out_error, and the backend lives on."""
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGPIPE_CHILD, os.path.dirname(__file__)],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert (result.returncode, result.stdout) == (0, f"{-_errno.EPIPE}\n"), result.stderr
 
 
 def test_full_in_ring_is_resumed_when_the_guest_reads(raw: RawFrontend) -> None:
