@@ -221,11 +221,21 @@ class BackendDevice:
 
     def switch_state(self, state: XenbusState) -> bool:
         """``xenbus_switch_state``: write our ``state`` unless it already
-        holds ``state`` or the device directory is gone.  True if written."""
+        holds ``state`` or the device directory is gone.  True if written.
+
+        Once the toolstack asked for removal (``online`` = 0 and Closing in
+        our directory), nothing but Closed replaces Closing: a probe or a
+        connect under way when libxl wrote it would overwrite it, and libxl
+        would wait its 10 s for a Closed that never comes.  Our state is
+        then Closing, and False is returned."""
         state = XenbusState(state)
         value = str(int(state))
+        closing = str(int(XenbusState.CLOSING))
+        removing = False
 
         def tx(t: Transaction) -> bool | None:
+            nonlocal removing
+            removing = False
             if t.read(self.nodename) is None:
                 return None
             current = t.read(f"{self.nodename}/state")
@@ -233,11 +243,15 @@ class BackendDevice:
                 return None
             if current == value:
                 return False
+            if current == closing and state != XenbusState.CLOSED:
+                removing = t.read(f"{self.nodename}/online") == "0"
+                if removing:
+                    return False
             t.write(f"{self.nodename}/state", value)
             return True
 
         written = self.xenstore.transaction(tx)
-        self.state = state
+        self.state = XenbusState.CLOSING if removing else state
         if written is not None:
             self._switched = True
         if written:

@@ -834,3 +834,50 @@ def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
         living.set_state(S.CLOSING)
         living.wait_backend(S.CLOSING)
     assert drv.calls_of(living.guest.domid) == ["probe", "connect", "disconnect", "remove"]
+
+
+@pytest.mark.parametrize("busy_in", ["probe", "connect"])
+def test_removal_while_probe_or_connect_runs_is_not_overwritten(
+        host, driver, frontends, dom0_xs, caplog, busy_in: str) -> None:
+    """libxl writes online=0 and Closing while the backend is still in
+    probe() or connect(): the InitWait or Connected that follows must not
+    overwrite Closing, or libxl waits its whole timeout for a Closed that
+    only comes once a frontend happens to close."""
+    census = Census(host, driver)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+
+    if busy_in == "probe":
+        # The guest has not loaded its frontend driver (yet).
+        driver.probe_hook = hold
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid)
+        fe = frontends(guest, dev)
+    else:
+        driver.connect_hook = hold
+        guest, dev, fe = _at_init_wait(host, frontends)
+        fe.publish()
+    assert entered.wait(TIMEOUT)
+    bdev = _bdev(driver, guest.domid)
+    removed: list[bool] = []
+    remover = threading.Thread(
+        target=lambda: removed.append(host.toolstack.remove_device(dev, timeout=TIMEOUT)))
+    remover.start()
+    dom0_xs.wait_for(f"{dev.backend_path}/online", "0", timeout=TIMEOUT)
+    release.set()
+    if busy_in == "connect":
+        bdev.events.flush()  # connect() returned, and the toolstack's events ran
+        assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSING))
+        assert bdev.resources == (1, 1)  # until the frontend closes
+        fe.set_state(S.CLOSED)
+    remover.join(2 * TIMEOUT)
+    assert removed == [True]
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone and driver.devices() == []
+    fe.close()
+    census.check()
