@@ -196,7 +196,8 @@ class _Ops:
         if value is None:
             return default
         text = value.strip()
-        if not (text.isascii() and text.lstrip("-").isdigit()):
+        # One sign at most: lstrip("-") would let "--5" through to int().
+        if not (text.isascii() and text.removeprefix("-").isdigit()):
             # ascii(): the value is another domain's, and may be anything.
             raise ValueError(f"{path}: expected an integer, found {ascii(value[:64])}")
         return int(text)

@@ -60,6 +60,16 @@ def test_typed_reads_and_writes(dom0_xs) -> None:
     assert xs.read("/test/made/deep") == "kept"
 
 
+@pytest.mark.parametrize("value", ["--5", "---1", "-", "- 5", "5-"])
+def test_read_int_names_the_node_for_any_non_number(dom0_xs, value) -> None:
+    # The value may be another domain's: whatever it wrote, the error says
+    # which node held what, not what int() thought of it.
+    dom0_xs.write("/test/n", value)
+    with pytest.raises(ValueError) as info:
+        dom0_xs.read_int("/test/n")
+    assert str(info.value) == f"/test/n: expected an integer, found {value!r}"
+
+
 @pytest.mark.parametrize(
     "value, text",
     [
