@@ -388,7 +388,11 @@ class XenStore(_Ops, Closing):
 
     def get_domain_path(self, domid: int) -> str:
         """``/local/domain/<domid>`` as XenStore reports it."""
-        return self._client.get_domain_path(domid).decode()
+        try:
+            path: bytes = self._client.get_domain_path(domid)
+        except PyXSError as exc:
+            raise _oserror(exc, f"@domain/{domid}") from None
+        return path.decode()
 
     def is_domain_introduced(self, domid: int) -> bool:
         """Whether XenStore knows ``domid`` as a live domain."""

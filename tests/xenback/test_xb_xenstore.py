@@ -129,6 +129,16 @@ def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
     assert not dom0_xs.is_domain_introduced(guest.domid)
 
 
+@pytest.mark.parametrize("domid", [99999, -1])
+def test_domain_queries_raise_oserror_naming_the_domain(dom0_xs, domid) -> None:
+    # As every other operation: an OSError with the errno, not pyxs's own.
+    for query in (dom0_xs.get_domain_path, dom0_xs.is_domain_introduced):
+        with pytest.raises(OSError) as info:
+            query(domid)
+        assert info.value.errno == errno.EINVAL
+        assert info.value.filename == f"@domain/{domid}"
+
+
 def test_transaction_is_rerun_on_conflict(host, dom0_xs) -> None:
     dom0_xs.write("/counter", 0)
     attempts = []
