@@ -303,8 +303,12 @@ class BackendDevice:
         raise self._removed()
 
     def unmap(self, mapping: GrantMapping) -> None:
-        """Unmap a mapping made by :meth:`map_grant_refs` before disconnect."""
+        """Unmap a mapping made by :meth:`map_grant_refs` before disconnect.
+        A mapping the device no longer holds is left alone: a driver's work
+        item may get here after disconnect released it (or while it does)."""
         with self._lock:
+            if mapping not in self._mappings:
+                return
             self._mappings.remove(mapping)
         mapping.unmap()
 
@@ -325,8 +329,12 @@ class BackendDevice:
 
     def unbind_evtchn(self, port: int) -> None:
         """Unbind a port bound by :meth:`bind_evtchn` before disconnect;
-        waits for a running callback of it to return."""
+        waits for a running callback of it to return.  :class:`KeyError`
+        if this device does not hold ``port`` (any more): the number may
+        be another device's port by now, so it is left alone."""
         with self._lock:
+            if port not in self._ports:
+                raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
             self._ports.remove(port)
         self.driver.events.unbind(port)
 

@@ -183,6 +183,25 @@ def test_tracked_resources_can_be_released_early(host, driver, frontends) -> Non
     census.check()
 
 
+def test_releasing_what_the_framework_released_already(host, driver, frontends) -> None:
+    """A driver's own work item may unmap or unbind after disconnect
+    released everything: unmapping again is a no-op, as it is for the
+    mapping itself; unbinding says which port the device does not hold."""
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    mapping = bdev.driver_data
+    (port,) = driver.events.ports
+    fe.set_state(S.CLOSING)
+    fe.wait_backend(S.CLOSING)
+    assert bdev.resources == (0, 0)
+    bdev.unmap(mapping)
+    with pytest.raises(KeyError, match=f"port {port} is not bound by {dev.backend_path}"):
+        bdev.unbind_evtchn(port)
+    fe.close()
+    census.check()
+
+
 def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> None:
     """A driver's own work item may try to map or bind after the device was
     dropped: it gets ENODEV and nothing stays mapped or bound."""
