@@ -294,6 +294,10 @@ class BackendDevice:
         """Map the frontend's grants ``refs`` contiguously (tracked).
         Raises :class:`~xenback.platform.GrantError`, or :class:`OSError`
         ENODEV once the device was removed (nothing stays mapped then)."""
+        if self._gone:
+            # Not even the driver's handle: after stop() it would be a new
+            # one that nobody closes.
+            raise self._removed()
         mapping = self.driver.gnttab.map_grant_refs(self.frontend_id, refs, writable=writable)
         with self._lock:
             if not self._gone:
@@ -316,6 +320,8 @@ class BackendDevice:
         """Bind the frontend's ``remote_port`` (tracked); ``callback(port)``
         runs on the dispatcher thread and must only queue work.  Raises
         :class:`OSError` ENODEV once the device was removed."""
+        if self._gone:
+            raise self._removed()  # see map_grant_refs
         port = self.driver.events.bind_interdomain(self.frontend_id, remote_port, callback)
         with self._lock:
             if not self._gone:

@@ -224,6 +224,33 @@ def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> Non
     census.check()
 
 
+def test_a_stopped_driver_opens_no_handles_for_a_late_work_item(host, driver, frontends) -> None:
+    """A driver's work item on a workqueue of its own may still map or bind
+    after stop(): it gets ENODEV, and the driver does not open a new event
+    dispatcher (a thread) or grant handle that nobody would close."""
+    def handles() -> int:
+        return host.hypervisor.stats()["connections"]
+
+    before = handles()
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    driver.stop()
+    threads = set(threading.enumerate())
+    with pytest.raises(OSError) as info:
+        bdev.bind_evtchn(fe.port, lambda port: None)
+    assert info.value.errno == errno.ENODEV
+    with pytest.raises(OSError) as info:
+        bdev.map_grant_refs([fe.pages.refs[0]])
+    assert info.value.errno == errno.ENODEV
+    assert [t.name for t in threading.enumerate() if t not in threads] == []
+    # Only the frontend's two handles are left.  The host forgets the ones
+    # stop() closed on its service thread, after close() returned: poll.
+    deadline = time.monotonic() + TIMEOUT
+    while handles() != before + 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert handles() == before + 2
+
+
 def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     """The backend directory names a frontend path that does not exist."""
     census = Census(host, driver)
