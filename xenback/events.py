@@ -28,6 +28,7 @@ without waking anybody.  The sleep in ``epoll_wait`` is wrapped in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -66,12 +67,6 @@ class EventDispatcher(Closing):
     def __init__(self, platform: Platform, *, name: str = "xenback-events",
                  thread: bool = True) -> None:
         self.name = name
-        self._evtchn: EventChannel = platform.evtchn()
-        self._epoll = select.epoll()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._evtchn_fd = self._evtchn.fileno()
-        self._epoll.register(self._evtchn_fd, select.EPOLLIN)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
         # _lock guards _ports, _fds, _running and _closed, and serialises
         # evtchn bind/unbind/unmask so that a port is never unmasked after
         # it was unbound.  pending() is called only by the dispatcher
@@ -90,9 +85,23 @@ class EventDispatcher(Closing):
         # can wait for it to leave before the descriptors go.
         self._poll_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        if thread:
-            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-            self._thread.start()
+        # Short of descriptors or threads, any step may fail: what the ones
+        # before it opened is closed again, not left behind the error.
+        with contextlib.ExitStack() as undo:
+            self._evtchn: EventChannel = platform.evtchn()
+            undo.callback(self._evtchn.close)
+            self._epoll = select.epoll()
+            undo.callback(self._epoll.close)
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            undo.callback(os.close, self._wake_r)
+            undo.callback(os.close, self._wake_w)
+            self._evtchn_fd = self._evtchn.fileno()
+            self._epoll.register(self._evtchn_fd, select.EPOLLIN)
+            self._epoll.register(self._wake_r, select.EPOLLIN)
+            if thread:
+                self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+                self._thread.start()
+            undo.pop_all()
 
     # Event channels.
 

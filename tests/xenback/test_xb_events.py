@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import threading
+import time
 
 import pytest
 
@@ -156,6 +157,45 @@ def test_closed_dispatcher_refuses_work(host) -> None:
     dispatcher.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         dispatcher.add_fd(0, select.EPOLLIN, lambda fd, ev: None)
+
+
+@pytest.mark.parametrize("failing", ["epoll", "thread"])
+def test_a_dispatcher_that_fails_to_start_keeps_nothing(host, monkeypatch, failing) -> None:
+    # Out of descriptors or threads: the event channel handle, epoll set
+    # and pipe opened before must not stay open behind the error (each
+    # try would hold more of what is short already).
+    import types
+
+    import xenback.events
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    if failing == "epoll":
+        fake = types.SimpleNamespace(epoll=refuse, EPOLLIN=select.EPOLLIN)
+        monkeypatch.setattr(xenback.events, "select", fake)
+    else:
+        fake = types.SimpleNamespace(Thread=lambda **_kw: types.SimpleNamespace(start=refuse))
+        monkeypatch.setattr(xenback.events, "threading", types.SimpleNamespace(
+            Lock=threading.Lock, Condition=threading.Condition, Thread=fake.Thread))
+
+    def handles() -> int:
+        return host.hypervisor.stats()["connections"]
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = handles(), fds()
+    with pytest.raises(OSError, match="Too many open files"):
+        EventDispatcher(host.dom0)
+    monkeypatch.undo()
+    # The host (in this process) forgets a closed handle on its service
+    # thread, after close() returned: poll.  (Other threads of the host
+    # may have closed a descriptor of their own meanwhile.)
+    deadline = time.monotonic() + TIMEOUT
+    while (handles(), fds()) > before and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert handles() == before[0] and fds() <= before[1]
 
 
 def test_close_from_a_port_callback_stops_quietly(host, caplog) -> None:
