@@ -324,6 +324,26 @@ def test_closed_handle_refuses_work(host: SimHost) -> None:
         assert info.value.errno == errno.EBADF
 
 
+def test_a_handle_that_fails_to_open_keeps_nothing(
+        host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its last descriptor is the one most likely refused (EMFILE): the
+    # service connection and epoll set opened before must not stay open.
+    import os
+    import types
+
+    def refuse(*_args: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    fake_os = types.SimpleNamespace(**{**vars(os), "eventfd": refuse})
+    before = host.hypervisor.stats()["connections"], len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(_evtchn, "os", fake_os)
+    with pytest.raises(OSError, match="Too many open files"):
+        host.dom0.evtchn()
+    monkeypatch.undo()
+    assert eventually(lambda: host.hypervisor.stats()["connections"] == before[0])
+    assert len(os.listdir("/proc/self/fd")) <= before[1]
+
+
 def test_wait_blocks_until_a_port_fires(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
     e0, p0, e1, p1 = pair
     assert e0.wait(0.02) is None

@@ -104,10 +104,16 @@ class EventChannel(Closing):
         except BaseException:
             self._epoll.close()
             raise
-        self._conn_fd: int | None = self._conn.fileno()
-        self._epoll.register(self._conn_fd, select.EPOLLIN)
-        # Written by close() to wake threads blocked in wait().
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self._conn_fd: int | None = self._conn.fileno()
+            self._epoll.register(self._conn_fd, select.EPOLLIN)
+            # Written by close() to wake threads blocked in wait().
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except BaseException:
+            # Short of descriptors: give back the connection too.
+            self._conn.close()
+            self._epoll.close()
+            raise
         self._epoll.register(self._wake, select.EPOLLIN)
         # _lock protects _ports, _by_fd, _closed, _waiters and the epoll
         # registrations, and keeps a descriptor from being closed while
