@@ -154,7 +154,8 @@ class BackendDevice:
         self.events = EventQueue(driver.workqueue, f"{self.device_type}-{frontend_id}-{devid}")
         # Everything below is only touched from this device's event queue,
         # except _gone and the resources, guarded by _lock (drivers may map
-        # and bind from their own work items too).  Invariant: once _gone
+        # and bind from their own work items too), and _otherend_pending,
+        # also set by the watch thread under _lock.  Invariant: once _gone
         # is set, nothing is tracked and nothing more can be.
         self._otherend_watch: Watch | None = None
         self._connected = False
@@ -164,6 +165,8 @@ class BackendDevice:
         # made a new device at the same path (only the toolstack writes
         # Initialising, and only into a new directory): not ours any more.
         self._switched = False
+        # A frontend state event waits in the queue (see _otherend_event).
+        self._otherend_pending = False
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
         self._ports: list[int] = []
@@ -677,7 +680,7 @@ class BackendDriver:
             self.probe(dev)
             dev.switch_state(XenbusState.INIT_WAIT)
             dev._otherend_watch = self.xenstore.watch(
-                f"{otherend}/state", lambda _p: self._otherend_changed(dev), events=dev.events
+                f"{otherend}/state", lambda _p: self._otherend_event(dev)
             )
         except Exception as exc:
             if not self.xenstore.exists(dev.nodename):
@@ -687,7 +690,22 @@ class BackendDriver:
             logger.debug("%s: probe failed", dev.nodename, exc_info=True)
             dev.fatal(err, f"probing: {message}")
 
+    def _otherend_event(self, dev: BackendDevice) -> None:
+        # Runs on the XenStore watch thread.  The frontend may rewrite its
+        # state as fast as XenStore lets it, each write an event: queue one
+        # only if none is waiting already, as Linux's frontend_will_handle()
+        # (XSA-349).  The one waiting reads the state when it runs, so it
+        # sees the newest write, and the queue cannot grow without bound.
+        with dev._lock:
+            if dev._otherend_pending:
+                return
+            dev._otherend_pending = True
+        dev.queue(self._otherend_changed, dev)
+
     def _otherend_changed(self, dev: BackendDevice) -> None:
+        with dev._lock:
+            # Before reading: a write after the read fires a new event.
+            dev._otherend_pending = False
         if dev.gone:
             return
         raw = self._otherend_state(dev)

@@ -927,3 +927,36 @@ def test_removal_while_probe_or_connect_runs_is_not_overwritten(
     assert bdev.gone and driver.devices() == []
     fe.close()
     census.check()
+
+
+def test_a_frontend_flooding_its_state_queues_one_event(host, driver, frontends) -> None:
+    """A frontend may rewrite its ``state`` as fast as XenStore lets it:
+    each write fires the backend's watch.  While one event waits in the
+    device's queue, the next ones are dropped (XSA-349, Linux's
+    frontend_will_handle()): the waiting one reads the newest state
+    anyway, and the queue cannot grow without bound."""
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    seen: list[S] = []
+    handle = driver.frontend_changed
+
+    def count(d, state) -> None:
+        seen.append(state)
+        handle(d, state)
+
+    driver.frontend_changed = count  # type: ignore[method-assign]
+    entered, release = threading.Event(), threading.Event()
+    bdev.queue(lambda: (entered.set(), release.wait(TIMEOUT)))
+    assert entered.wait(TIMEOUT)
+    for _ in range(100):
+        fe.set_state(S.INITIALISED)
+        fe.set_state(S.CONNECTED)
+    handed_over(driver.xenstore, "flood")  # every event reached the queue
+    release.set()
+    bdev.events.flush()
+    assert seen == [S.CONNECTED]
+    assert driver.calls_of(guest.domid) == ["probe", "connect"]
+    # Events after the one that ran are handled as ever.
+    fe.set_state(S.CLOSING)
+    fe.wait_backend(S.CLOSING)
+    assert bdev.resources == (0, 0)
