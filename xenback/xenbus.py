@@ -158,6 +158,8 @@ class BackendDevice:
         # also set by the watch thread under _lock.  Invariant: once _gone
         # is set, nothing is tracked and nothing more can be.
         self._otherend_watch: Watch | None = None
+        # probe() was called (remove() undoes it), as _connected for connect().
+        self._probed = False
         self._connected = False
         self._gone = False
         # Set once we have switched state in our directory.  From then on a
@@ -437,7 +439,9 @@ class BackendDriver:
         released by the framework afterwards."""
 
     def remove(self, dev: BackendDevice) -> None:
-        """The device is going away: free what :meth:`probe` set up."""
+        """The device is going away: free what :meth:`probe` set up (also
+        after a probe that raised).  Not called for a device that failed
+        before its probe, as Linux binds no driver to it."""
 
     def frontend_changed(self, dev: BackendDevice, state: XenbusState) -> None:
         """React to the frontend's new state (the table in the module
@@ -677,6 +681,7 @@ class BackendDriver:
             if not self.xenstore.exists(otherend):
                 raise FileNotFoundError(errno.ENOENT, "frontend does not exist", otherend)
             dev.otherend = otherend
+            dev._probed = True  # set first: remove() also undoes a probe that failed halfway
             self.probe(dev)
             dev.switch_state(XenbusState.INIT_WAIT)
             dev._otherend_watch = self.xenstore.watch(
@@ -810,7 +815,8 @@ class BackendDriver:
                 pass
             dev._otherend_watch = None
         try:
-            self.remove(dev)
+            if dev._probed:
+                self.remove(dev)
         except Exception:
             logger.exception("%s: remove failed", dev.nodename)
         with dev._lock:

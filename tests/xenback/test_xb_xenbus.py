@@ -275,6 +275,8 @@ def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     dom0_xs.transaction(lambda t: (t.write(f"{base}/online", 0), t.write(f"{base}/state", 5)))
     dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
     driver.wait(lambda: driver.devices() == [])
+    # Nor for its removal: remove() undoes probe(), which never ran.
+    assert driver.calls_of(guest.domid) == []
     census.check()
     # And the backend still serves other devices.
     _connected(host, driver, frontends, "other")
