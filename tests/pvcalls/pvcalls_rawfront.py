@@ -10,16 +10,15 @@ event channel and the command ring until a condition holds.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import itertools
 import select
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
+
+from racewindow import stands_at
 
 from pvcalls import _wire
 from pvcalls._wire import ffi
@@ -105,58 +104,10 @@ def echo_through(s: Any, data: bytes, timeout: float = TIMEOUT) -> None:
     assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
 
 
-def _line_of(func: Callable[..., Any], text: str) -> int:
-    """The number of the first line of ``func`` whose source contains ``text``."""
-    lines, first = inspect.getsourcelines(func)
-    return first + next(i for i, line in enumerate(lines) if text in line)
-
-
-class PauseAt:
-    """Stops the thread that runs :meth:`run` just before the first line of
-    ``func`` whose source contains ``text``, until :meth:`resume`: a race
-    window opened on purpose, whatever the scheduler would do."""
-
-    def __init__(self, func: Callable[..., Any], text: str) -> None:
-        self._code = func.__code__
-        self._lineno = _line_of(func, text)
-        self.reached = threading.Event()
-        self._go = threading.Event()
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        def local(frame: FrameType, event: str, arg: Any) -> Any:
-            if event == "line" and frame.f_lineno == self._lineno and not self.reached.is_set():
-                self.reached.set()
-                self._go.wait(TIMEOUT)
-            return local
-
-        def trace(frame: FrameType, event: str, arg: Any) -> Any:
-            return local if frame.f_code is self._code else None
-
-        sys.settrace(trace)
-        try:
-            return fn()
-        finally:
-            sys.settrace(None)
-
-    def resume(self) -> None:
-        self._go.set()
-
-
 def done_or_at(call: Call, func: Callable[..., Any], text: str) -> bool:
     """Whether ``call`` has returned, or stands at the first line of
-    ``func`` that contains ``text`` (as a thread waiting there for a lock
-    does, inside what that line calls).  A ``func`` without such a line is never stood at."""
-    if not call.alive():
-        return True
-    frame = sys._current_frames().get(call.ident)
-    while frame is not None and frame.f_code is not func.__code__:
-        frame = frame.f_back  # out of what it called there (Condition.__enter__)
-    if frame is None:
-        return False
-    try:
-        return frame.f_lineno == _line_of(func, text)
-    except StopIteration:
-        return False
+    ``func`` that contains ``text`` (see :func:`racewindow.stands_at`)."""
+    return not call.alive() or stands_at(call.ident, func, text)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import Call, PauseAt, done_or_at, sleeping_in_wait, wait_until
+from pvcalls_rawfront import Call, done_or_at, sleeping_in_wait, wait_until
+from racewindow import PauseAt
 
 import pvcalls
 from pvcalls import _wire

@@ -1,0 +1,78 @@
+"""Race windows opened on purpose, for tests of the code that closes them.
+
+A race between two threads usually needs one of them to stop at one
+particular line while the other runs.  :class:`PauseAt` stops a thread there
+(with a trace function, so the code under test is unchanged), and
+:func:`stands_at` tells whether a thread has got to a line, as one that
+waits there for a lock has.  Lines are found by their text, so that a test
+still finds its line after unrelated edits.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+TIMEOUT = 10.0
+
+
+def line_of(func: Callable[..., Any], text: str) -> int:
+    """The number of the first line of ``func`` whose source contains
+    ``text``; ValueError if none does."""
+    lines, first = inspect.getsourcelines(func)
+    for i, line in enumerate(lines):
+        if text in line:
+            return first + i
+    raise ValueError(f"no line of {func.__qualname__} contains {text!r}")
+
+
+class PauseAt:
+    """Stops the thread that runs :meth:`run` just before the first line of
+    ``func`` that contains ``text``, until :meth:`resume` (or ``TIMEOUT``)."""
+
+    def __init__(self, func: Callable[..., Any], text: str) -> None:
+        self._code = func.__code__
+        self._lineno = line_of(func, text)
+        self.reached = threading.Event()
+        self._go = threading.Event()
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, stopping once at the line."""
+
+        def local(frame: FrameType, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == self._lineno and not self.reached.is_set():
+                self.reached.set()
+                self._go.wait(TIMEOUT)
+            return local
+
+        def trace(frame: FrameType, event: str, arg: Any) -> Any:
+            return local if frame.f_code is self._code else None
+
+        sys.settrace(trace)
+        try:
+            return fn()
+        finally:
+            sys.settrace(None)
+
+    def resume(self) -> None:
+        self._go.set()
+
+
+def stands_at(thread_id: int, func: Callable[..., Any], text: str) -> bool:
+    """Whether thread ``thread_id`` is at the first line of ``func`` that
+    contains ``text``, or inside what that line calls (a thread waiting
+    there for a ``threading.Condition`` is in its ``__enter__``).  False if
+    ``func`` has no such line."""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None and frame.f_code is not func.__code__:
+        frame = frame.f_back
+    if frame is None:
+        return False
+    try:
+        return frame.f_lineno == line_of(func, text)
+    except ValueError:
+        return False
