@@ -6,12 +6,14 @@ import errno
 import json
 import os
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 from hosthelpers import eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from racewindow import PauseAt, stands_at
 
 from xenback.platform import PAGE_SIZE, GrantError
 from xenback.platform import GrantMapping as GrantMappingProtocol
@@ -19,7 +21,7 @@ from xenback.platform import GrantShare as GrantShareProtocol
 from xenback.platform import GrantTable as GrantTableProtocol
 from xenback.platform import SharedPages as SharedPagesProtocol
 from xenback.sim import Domain, GrantShare, GrantTable, SimHost
-from xenback.sim._grant import _ffi
+from xenback.sim._grant import GrantMapping, _ffi, _Handle, _Pages
 from xenback.sim._hypervisor import domain_socket
 
 
@@ -28,6 +30,9 @@ def handles(host: SimHost, guest: Domain) -> Iterator[tuple[GrantShare, GrantTab
     """(guest's grant share handle, dom0's grant table handle)"""
     with guest.gntshr() as shr, host.dom0.gnttab() as tab:
         yield shr, tab
+
+
+TIMEOUT = 10.0
 
 
 def live_grants(host: SimHost) -> int:
@@ -553,3 +558,71 @@ def test_pages_mapped_through_one_handle_are_bounded(handles: tuple[GrantShare, 
     tab.map_grant_refs(1, pages.refs[:1]).unmap()
     for mapping in mappings:
         mapping.unmap()
+
+
+class _Thread(threading.Thread):
+    """``fn()`` in a thread; ``error`` is what it raised, once joined."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self._fn = fn
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> BaseException | None:
+        self.join(TIMEOUT)
+        assert not self.is_alive()
+        return self.error
+
+
+def test_an_unmap_racing_the_handles_close_ends_the_pages_once(
+        handles: tuple[GrantShare, GrantTable]) -> None:
+    """unmap() in one thread while another closes the handle (which ends
+    every live mapping): the pages are ended once, and neither call fails."""
+    shr, tab = handles
+    pages = shr.share_pages(0, 1)
+    mapping = tab.map_grant_refs(1, pages.refs)
+    pause = PauseAt(_Pages._end, "region, self._region")
+    unmapping = _Thread(lambda: pause.run(mapping.unmap))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        closing = _Thread(tab.close)
+        # Let close() end the mapping first, or wait for unmap() to let go.
+        assert eventually(lambda: not closing.is_alive()
+                          or stands_at(closing.ident or 0, _Handle.close, "with self._lock"))
+    finally:
+        pause.resume()
+    assert unmapping.finish() is None
+    assert closing.finish() is None
+    with pytest.raises(ValueError):
+        mapping.buffer  # noqa: B018
+
+
+def test_a_map_finishing_after_the_handle_closed_keeps_nothing(
+        host: SimHost, guest: Domain) -> None:
+    """map_grant_refs() answered by the service after another thread closed
+    the handle: close() did not see that mapping, so the call ends it and
+    fails with EBADF instead of returning it live in a closed handle."""
+    with guest.gntshr() as shr:
+        pages = shr.share_pages(0, 1)
+        tab = host.dom0.gnttab()
+        got: list[GrantMapping] = []
+        pause = PauseAt(GrantTable.map_grant_refs, "self._add(")
+        mapping = _Thread(lambda: got.append(pause.run(
+            lambda: tab.map_grant_refs(guest.domid, pages.refs))))
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            tab.close()
+        finally:
+            pause.resume()
+        error = mapping.finish()
+        assert isinstance(error, GrantError) and error.errno == errno.EBADF, error
+        assert got == []
+        pages.unshare()
+    assert eventually(lambda: live_grants(host) == 0)

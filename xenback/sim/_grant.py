@@ -164,9 +164,12 @@ class _Pages:
         return self._refs
 
     def _end(self) -> None:
-        if self._region is None:
+        # Taken under the handle's lock: two threads ending the same pages
+        # (an unmap racing the handle's close) must not both scrub them.
+        with self._owner._lock:
+            region, self._region = self._region, None
+        if region is None:
             return
-        region, self._region = self._region, None
         region.scrub()
         _release(self._buffer)
         self._buffer = None
@@ -223,8 +226,9 @@ class _Handle(Closing, Generic[P]):
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
         self._conn = ServiceConnection(socket_path, GrantError)
-        # _lock protects _live and _closed.  Rule: never held across a
-        # request to the service (the connection has its own lock).
+        # _lock protects _live, _closed and the _region of the pages made
+        # through this handle.  Rule: never held across a request to the
+        # service (the connection has its own lock), nor across a scrub.
         self._lock = threading.Lock()
         self._live: dict[int, P] = {}
         self._closed = False
@@ -236,7 +240,14 @@ class _Handle(Closing, Generic[P]):
 
     def _add(self, key: int, pages: P) -> None:
         with self._lock:
-            self._live[key] = pages
+            if not self._closed:
+                self._live[key] = pages
+                return
+        # Closed while the request was in flight: close() did not see these
+        # pages, so end them here (the service frees its side when the
+        # connection closes).
+        pages._end()
+        raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
 
     def _forget(self, key: int, op: str, args: dict[str, Any]) -> None:
         """Forget ``key``'s pages and tell the service they ended (once)."""
