@@ -52,6 +52,12 @@ PortCallback = Callable[[int], object]
 FdCallback = Callable[[int, int], object]
 
 
+def _check_callback(callback: object) -> None:
+    # Now, not on the dispatcher thread at every event.
+    if not callable(callback):
+        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+
+
 class EventDispatcher(Closing):
     """Dispatches event-channel ports and host fds to callbacks.
 
@@ -108,6 +114,7 @@ class EventDispatcher(Closing):
     def bind_interdomain(self, domid: int, remote_port: int, callback: PortCallback) -> int:
         """Bind to ``remote_port`` of ``domid``; returns the local port.
         Raises :class:`~xenback.platform.EventChannelError` on failure."""
+        _check_callback(callback)
         with self._lock:
             self._check_open()
             port = self._evtchn.bind_interdomain(domid, remote_port)
@@ -116,6 +123,7 @@ class EventDispatcher(Closing):
 
     def bind_unbound_port(self, domid: int, callback: PortCallback) -> int:
         """Allocate a port for ``domid`` to bind to (frontend side)."""
+        _check_callback(callback)
         with self._lock:
             self._check_open()
             port = self._evtchn.bind_unbound_port(domid)
@@ -141,6 +149,7 @@ class EventDispatcher(Closing):
         (an epoll mask).  Level-triggered unless ``select.EPOLLET`` or
         ``select.EPOLLONESHOT`` is in ``events``; with ONESHOT, re-arm with
         :meth:`modify_fd` once the work is done."""
+        _check_callback(callback)
         with self._lock:
             self._check_open()
             if fd in self._fds:

@@ -82,6 +82,9 @@ class RingError(Exception):
 def ring_size(buffer_size: int, slot_size: int) -> int:
     """Number of slots of a ``ring.h`` ring in ``buffer_size`` bytes
     (``__CONST_RING_SIZE``: the largest power of two that fits)."""
+    for name, value in (("buffer size", buffer_size), ("slot size", slot_size)):
+        if type(value) is not int:
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if slot_size <= 0:
         raise ValueError(f"slot size must be positive, not {slot_size}")
     n = (buffer_size - SRING_HEADER_SIZE) // slot_size

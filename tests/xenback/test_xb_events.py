@@ -159,6 +159,26 @@ def test_closed_dispatcher_refuses_work(host) -> None:
         dispatcher.add_fd(0, select.EPOLLIN, lambda fd, ev: None)
 
 
+def test_a_callback_that_cannot_be_called_is_refused_at_once(host, pair) -> None:
+    # Not on the dispatcher thread at every event, and nothing is bound.
+    guest, evtchn, dispatcher = pair
+    ports = host.hypervisor.stats()["ports"]
+    with pytest.raises(TypeError, match="callback must be callable, not NoneType"):
+        dispatcher.bind_unbound_port(guest.domid, None)
+    remote = evtchn.bind_unbound_port(0)
+    with pytest.raises(TypeError, match="not str"):
+        dispatcher.bind_interdomain(guest.domid, remote, "handler")
+    r, w = os.pipe()
+    with pytest.raises(TypeError, match="not int"):
+        dispatcher.add_fd(r, select.EPOLLIN, 5)
+    dispatcher.add_fd(r, select.EPOLLIN, lambda fd, ev: None)  # r was not registered
+    dispatcher.remove_fd(r)
+    evtchn.unbind(remote)
+    assert host.hypervisor.stats()["ports"] == ports
+    os.close(r)
+    os.close(w)
+
+
 @pytest.mark.parametrize("failing", ["epoll", "thread"])
 def test_a_dispatcher_that_fails_to_start_keeps_nothing(host, monkeypatch, failing) -> None:
     # Out of descriptors or threads: the event channel handle, epoll set

@@ -38,6 +38,10 @@ def test_ring_size() -> None:
         ring_size(100, 64)
     with pytest.raises(ValueError, match="positive"):
         ring_size(4096, 0)
+    with pytest.raises(TypeError, match="slot size must be an int, not float"):
+        ring_size(4096, 64.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="buffer size must be an int, not str"):
+        ring_size("4096", 64)  # type: ignore[arg-type]
 
 
 def _exchange(front: FrontRing, back: BackRing, count: int, start_id: int) -> list[int]:
