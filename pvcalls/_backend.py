@@ -69,7 +69,7 @@ from xenback.events import EventDispatcher
 from xenback.ring import BackRing, RingError
 
 from . import _errno
-from ._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy
+from ._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy, connect_destination
 from ._poller import CpuPoller
 from ._socket import (
     ActiveSocket,
@@ -587,11 +587,7 @@ class _Frontend:
                 errno = _errno.EINVAL
             raise CommandError(errno, f"socket {request.id:#x} is {entry.state.value}")
         host, port = self._address(args.addr, args.len, "CONNECT")
-        if host == "0.0.0.0":
-            # Linux sends a connect to INADDR_ANY to the loopback address
-            # (ip_route_output_key_hash_rcu): check, and connect to, where
-            # it goes, or a deny rule for 127.0.0.0/8 would not hold.
-            host = "127.0.0.1"
+        host = connect_destination(host)
         if not self.policy.connect.permits(host, port):
             logger.warning("dom%d: CONNECT %#x to %s:%d refused by policy", self.domid,
                            request.id, host, port)

@@ -184,6 +184,14 @@ class DomainPolicy:
     max_sockets: int | None = None
 
 
+def connect_destination(host: str) -> str:
+    """The address a connect to ``host`` (dotted quad) reaches: Linux sends
+    one to ``0.0.0.0`` to ``127.0.0.1`` (ip_route_output_key_hash_rcu).
+    CONNECT is checked, and made, there, or a deny rule for 127.0.0.0/8
+    would not hold."""
+    return "127.0.0.1" if host == "0.0.0.0" else host
+
+
 class Policy:
     """Access rules by frontend domid or name, with a default for the others.
 
@@ -286,8 +294,9 @@ class Policy:
         return rules if rules is not None else self._default
 
     def connect_allowed(self, domid: int, host: str, port: int, name: str | None = None) -> bool:
-        """Whether domain ``domid`` (``name``) may connect to ``host:port``."""
-        return self.for_domain(domid, name).connect.permits(host, port)
+        """Whether domain ``domid`` (``name``) may connect to ``host:port``
+        (checked where the connection goes: see :func:`connect_destination`)."""
+        return self.for_domain(domid, name).connect.permits(connect_destination(host), port)
 
     def bind_allowed(self, domid: int, host: str, port: int, name: str | None = None) -> bool:
         """Whether domain ``domid`` (``name``) may bind ``host:port``."""

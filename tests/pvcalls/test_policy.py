@@ -278,6 +278,7 @@ def test_connect_to_any_address_is_checked_as_loopback(
         assert rsp.ret == -EACCES
         assert echo_server.accepted == 0
         fe.close()
+    assert not policy.connect_allowed(1, "0.0.0.0", echo_server.address[1])
 
 
 def test_backend_applies_name_sections(make_frontend: Any, host: Any, topology: Any) -> None:
