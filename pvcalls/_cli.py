@@ -311,12 +311,19 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
         platform = _open_platform(args, error)
         lock = _claim_host(args.run_dir / "pvcalls-backend.lock" if args.platform == "sim"
                            else _XEN_LOCK, error)
-        with pvcalls.Backend(
-            platform,
-            max_ioworkers=args.max_ioworkers,
-            max_page_order=args.max_page_order,
-            policy=policy,
-        ) as backend:
+        try:
+            backend = pvcalls.Backend(
+                platform,
+                max_ioworkers=args.max_ioworkers,
+                max_page_order=args.max_page_order,
+                policy=policy,
+            )
+        except OSError as exc:
+            # The host went between joining it and starting on it (or its
+            # hypervisor or XenStore refuses us): as a missing host, one
+            # line, not a traceback.  The backend released what it took.
+            error(f"cannot start serving the host's guests (is the host gone?): {exc}")
+        with backend:
             logger.warning("pvcalls backend serving domain %d's guests (%s platform); "
                            "SIGUSR1 logs its sockets, SIGTERM stops it",
                            platform.domid, args.platform)

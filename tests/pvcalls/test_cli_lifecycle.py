@@ -115,6 +115,34 @@ def test_serve_stops_when_it_loses_its_host(
         assert "Traceback" not in "".join(log.lines), "".join(log.lines)
 
 
+def test_a_host_gone_during_start_up_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The host goes after serve joined it, before the backend starts on it.
+    import pvcalls._cli as cli
+    from xenback.sim import SimHost, attach
+
+    run_dir = tmp_path / "run"
+    host = SimHost(run_dir).start()
+
+    def join_then_lose_the_host(args: Any, error: Any) -> Any:
+        platform = attach(run_dir, 0)
+        host.close()
+        return platform
+
+    monkeypatch.setattr(cli, "_open_platform", join_then_lose_the_host)
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
+    finally:
+        host.close()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(
+        "pvcalls-backend serve: error: cannot start serving the host's guests"), err
+
+
 def test_a_second_backend_on_one_host_is_refused(
         sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
     argv = serve_argv(sim_host[0])
