@@ -205,6 +205,12 @@ class _Signalled(BaseException):
 
 
 def _on_signal(signum: int, frame: object) -> None:
+    # Once only: a second SIGINT or SIGTERM (Ctrl-C pressed again) raised
+    # in the middle of the clean-up the first one started would cut it
+    # short, and leave the device in XenStore.
+    for other in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(other) is _on_signal:
+            signal.signal(other, signal.SIG_IGN)
     raise _Signalled(signum)
 
 

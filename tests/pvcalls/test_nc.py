@@ -11,11 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pyxs
 from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, run_daemon, script
 
 # Runs its arguments with SIGINT's default action: a test run in the
@@ -248,3 +250,55 @@ def test_closed_stdin_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert nc.returncode == 2
     assert nc.stderr.endswith(b"pvcalls-nc: error: standard input and output must be open\n")
+
+
+def wait_for_node(xs: pyxs.Client, path: str, ok: Callable[[bytes | None], bool]) -> None:
+    """Wait (on a XenStore watch) until the value at ``path`` is ``ok``."""
+    def value() -> bytes | None:
+        try:
+            node: bytes = xs.read(path.encode())
+        except pyxs.PyXSError:
+            return None
+        return node
+
+    deadline = time.monotonic() + TIMEOUT
+    with xs.monitor() as monitor:
+        monitor.watch(path.encode(), b"test")
+        while not ok(value()):
+            monitor.events.get(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def test_a_second_signal_does_not_cut_the_clean_up_short(tmp_path: Path) -> None:
+    # The test plays a backend that offers PV Calls but never connects, nor
+    # closes: on the first SIGTERM, in its handshake, pvcalls-nc removes
+    # its device as libxl does, waiting a while for the backend to close
+    # it.  A second SIGTERM meanwhile must not leave the device behind.
+    run_dir = tmp_path / "run"
+    with run_daemon(run_dir) as (_, domid), \
+            pyxs.Client(unix_socket_path=str(run_dir / "xenstored" / "socket")) as xs:
+        backend = f"/local/domain/0/backend/pvcalls/{domid}/0"
+        nc = subprocess.Popen(
+            [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", str(domid),
+             "127.0.0.1", "80"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=FAULTHANDLER_ENV,
+        )
+        try:
+            wait_for_node(xs, f"{backend}/state", lambda value: value is not None)
+            for key, value in [("versions", b"1"), ("max-page-order", b"4"),
+                               ("function-calls", b"1"), ("state", b"2")]:  # InitWait
+                xs.write(f"{backend}/{key}".encode(), value)
+            # Initialised: it waits for Connected, its device added for sure.
+            wait_for_node(xs, f"/local/domain/{domid}/device/pvcalls/0/state",
+                          lambda value: value == b"3")
+            nc.send_signal(signal.SIGTERM)
+            wait_for_node(xs, f"{backend}/state", lambda value: value == b"5")  # Closing
+            nc.send_signal(signal.SIGTERM)
+            assert nc.wait(TIMEOUT) == 143
+        finally:
+            reap(nc)
+        assert nc.stderr is not None and b"Traceback" not in nc.stderr.read()
+        for path in (f"/local/domain/0/backend/pvcalls/{domid}",
+                     f"/local/domain/{domid}/device/pvcalls", f"/libxl/{domid}"):
+            with pytest.raises(pyxs.PyXSError):
+                xs.read(path.encode())
