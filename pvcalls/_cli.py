@@ -267,20 +267,43 @@ def _claim_host(path: Path, error: Callable[[str], Any]) -> int:
     An flock goes with its process, however that ends, so a crash leaves
     no stale lock.
     """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        error(f"cannot open the lock file {path}: {exc.strerror}")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            error(f"cannot open the lock file {path}: {exc.strerror}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            error(f"another pvcalls-backend (pid {holder}) serves this host already; "
+                  f"it holds {path}")
+        # The backend before us may have removed the file between our open
+        # and our flock (_release_host): a lock on a file no longer at
+        # ``path`` keeps nobody out.  Then lock the one there now.
+        try:
+            held = os.stat(path)
+        except FileNotFoundError:
+            held = None
+        mine = os.fstat(fd)
+        if held is not None and (held.st_dev, held.st_ino) == (mine.st_dev, mine.st_ino):
+            break
         os.close(fd)
-        error(f"another pvcalls-backend (pid {holder}) serves this host already; "
-              f"it holds {path}")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _release_host(path: Path, fd: int) -> None:
+    """Undo :func:`_claim_host`: remove the lock file, so that serve leaves
+    nothing behind in the run directory, and only then unlock (closing),
+    so that no other backend can lock it in between (see _claim_host)."""
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        logger.warning("cannot remove the lock file %s: %s", path, exc.strerror)
+    os.close(fd)
 
 
 def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
@@ -309,8 +332,9 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     lock = -1
     try:
         platform = _open_platform(args, error)
-        lock = _claim_host(args.run_dir / "pvcalls-backend.lock" if args.platform == "sim"
-                           else _XEN_LOCK, error)
+        lock_path = (args.run_dir / "pvcalls-backend.lock" if args.platform == "sim"
+                     else _XEN_LOCK)
+        lock = _claim_host(lock_path, error)
         try:
             backend = pvcalls.Backend(
                 platform,
@@ -354,7 +378,7 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
         logger.warning("pvcalls backend stopped")
     finally:
         if lock >= 0:
-            os.close(lock)
+            _release_host(lock_path, lock)
         # The connection may go while the backend closes (the host stopping
         # with us): no SIGUSR2 from now on, and one sent already is taken
         # here, or restoring the mask would deliver it, and its default

@@ -113,6 +113,20 @@ def test_serve_stops_when_it_loses_its_host(
         log.wait_for("pvcalls backend stopped")
         assert "lost the XenStore connection" in "".join(log.lines)
         assert "Traceback" not in "".join(log.lines), "".join(log.lines)
+    # The host removed what it made; serve, its lock file.
+    assert list(run_dir.iterdir()) == []
+
+
+def test_serve_leaves_nothing_in_the_run_dir(
+        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    run_dir = sim_host[0]
+    before = sorted(run_dir.rglob("*"))
+    with running(serve_argv(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as serve:
+        Lines(serve.stderr).wait_for("serving")
+        assert (run_dir / "pvcalls-backend.lock").exists()
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(TIMEOUT) == 0
+    assert sorted(run_dir.rglob("*")) == before
 
 
 def test_a_host_gone_during_start_up_is_a_clear_error(
