@@ -460,7 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_parser = commands["serve"]
     if args.platform == "xen" and args.run_dir is not None:
         serve_parser.error("--run-dir only applies to --platform sim")
-    return serve(args, serve_parser.error)
+    try:
+        return serve(args, serve_parser.error)
+    except KeyboardInterrupt:
+        # Only before serve() blocks SIGINT for sigwait(): while it reads
+        # the policy (a FIFO, a slow disk).  Nothing is up yet to close.
+        print("pvcalls-backend: interrupted before serving", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 class _Terminated(BaseException):

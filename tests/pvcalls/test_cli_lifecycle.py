@@ -4,10 +4,12 @@ second backend, signals in the middle of the demo."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,29 @@ def test_a_second_backend_on_one_host_is_refused(
         Lines(again.stderr).wait_for("serving")
         again.send_signal(signal.SIGTERM)
         assert again.wait(TIMEOUT) == 0
+
+
+def test_sigint_while_reading_the_policy_is_quiet(tmp_path: Path) -> None:
+    # A policy file that is a FIFO nobody writes: serve waits to open it,
+    # before it blocks SIGINT for sigwait(); Ctrl-C there is no crash.
+    policy = tmp_path / "policy.fifo"
+    os.mkfifo(policy)
+    argv = [sys.executable, "-c",
+            "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from pvcalls._cli import main; sys.exit(main(sys.argv[1:]))",
+            "serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)]
+    with running(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as serve:
+        # Once blocked in open() for sure: Python sees a signal that comes
+        # just before a blocking call only once the call returns.
+        wchan = Path(f"/proc/{serve.pid}/wchan")
+        deadline = time.monotonic() + TIMEOUT
+        while (where := wchan.read_text()) != "wait_for_partner":
+            assert time.monotonic() < deadline, f"serve is in {where}, not opening the FIFO"
+            time.sleep(0.01)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(TIMEOUT) == 130
+        assert serve.stderr is not None
+        assert serve.stderr.read().decode() == "pvcalls-backend: interrupted before serving\n"
 
 
 def test_a_bad_policy_file_is_named_once(tmp_path: Path,
