@@ -87,6 +87,8 @@ _ANY_NETWORK = ipaddress.IPv4Network("0.0.0.0/0")
 _ALL_PORTS = range(0, 65536)
 #: Domids from DOMID_FIRST_RESERVED (0x7FF0) up name no domain of their own.
 _MAX_DOMID = 0x7FEF
+#: The largest policy file read: far more than thousands of rules take.
+_MAX_FILE_SIZE = 1 << 20
 
 
 class PolicyError(ValueError):
@@ -220,11 +222,19 @@ class Policy:
         """
         path = Path(path)
         try:
-            # TOML is UTF-8 whatever the locale says.
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            # Read no more than a policy can be: /dev/zero or a huge file
+            # given by mistake would otherwise be read until memory ran out.
+            with path.open("rb") as file:
+                raw = file.read(_MAX_FILE_SIZE + 1)
         except OSError as exc:
             # str(exc) would name the file a second time.
             raise PolicyError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
+        if len(raw) > _MAX_FILE_SIZE:
+            raise PolicyError(f"{path}: larger than {_MAX_FILE_SIZE >> 20} MiB, "
+                              "too large for a policy file")
+        try:
+            # TOML is UTF-8 whatever the locale says.
+            data = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise PolicyError(f"{path}: not UTF-8, as TOML must be: {exc}") from None
         except tomllib.TOMLDecodeError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -87,6 +88,23 @@ def test_bad_policy_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
     assert info.value.code == 2
     assert f"--policy {policy}" in capsys.readouterr().err
+
+
+def test_endless_policy_file(tmp_path: Path) -> None:
+    # --policy /dev/zero (or a huge file given by mistake) must be refused,
+    # not read until memory runs out: 1 GiB of address space is plenty.
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    serve = subprocess.run(
+        [*script("pvcalls-backend"), "serve", "--platform", "sim", "--run-dir", str(tmp_path),
+         "--policy", "/dev/zero"],
+        capture_output=True, text=True, timeout=TIMEOUT, preexec_fn=limit_memory,
+    )
+    assert serve.returncode == 2, serve.stderr
+    assert serve.stderr.splitlines()[-1] == (
+        "pvcalls-backend serve: error: --policy /dev/zero: larger than 1 MiB, "
+        "too large for a policy file")
 
 
 def test_serve_xen_without_xen_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
