@@ -191,7 +191,15 @@ def _write_all(fd: int, data: memoryview) -> None:
     # os.write(), not the BufferedWriter of sys.stdout: a daemon thread
     # blocked in it, holding its lock, would make flushing it at exit fail.
     while data:
-        data = data[os.write(fd, data):]
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:
+            # Another program set O_NONBLOCK on the pipe or terminal we
+            # share: it is full, not broken.  Wait until it takes more (or
+            # its reader goes: POLLERR, and the next write says EPIPE).
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            poller.poll()
 
 
 class _Signalled(BaseException):

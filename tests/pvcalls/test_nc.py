@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import termios
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,6 +203,36 @@ def test_stdout_error_is_reported(guest: Guest, server: socket.socket) -> None:
         f"pvcalls-nc: writing standard output: [Errno {errno.ENOSPC}] "
         f"{os.strerror(errno.ENOSPC)}\n"
     )
+
+
+def test_non_blocking_stdout_loses_nothing(guest: Guest, server: socket.socket) -> None:
+    # Another program may have set O_NONBLOCK on the pipe or terminal that
+    # is our stdout: a full pipe is then EAGAIN, which must mean "wait".
+    data = os.urandom(1_000_000)
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        try:
+            nc, conn = connect(guest, server, stdin=subprocess.DEVNULL, stdout=w)
+        finally:
+            os.close(w)
+        with conn:
+            threading.Thread(target=conn.sendall, args=(data,), daemon=True).start()
+            # Read nothing until the pipe is full, pvcalls-nc facing EAGAIN.
+            capacity = fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+            deadline = time.monotonic() + TIMEOUT
+            while int.from_bytes(fcntl.ioctl(r, termios.FIONREAD, bytes(4)),
+                                 sys.byteorder) < capacity:
+                assert time.monotonic() < deadline, "the pipe never filled"
+                time.sleep(0.01)
+            got = bytearray()
+            while len(got) < len(data) and (chunk := os.read(r, 65536)):
+                got += chunk
+        status, _, err = finish(nc)
+        assert (status, err) == (0, b"")
+        assert got == data
+    finally:
+        os.close(r)
 
 
 def test_quit_after_idling(guest: Guest, server: socket.socket) -> None:
