@@ -143,6 +143,17 @@ def _at(host: str, port: int) -> Iterator[None]:
         raise _Failed(f"{host}:{port}: {exc.strerror}") from None
 
 
+@contextlib.contextmanager
+def _within(what: str, wait: float | None) -> Iterator[None]:
+    """Say what ran out of the -w time: a socket's TimeoutError says only
+    "timed out"."""
+    try:
+        yield
+    except TimeoutError:
+        after = "" if wait is None else f" after {wait:g} s (-w)"
+        raise _Failed(f"{what} timed out{after}") from None
+
+
 class _Pump(threading.Thread):
     """Socket -> stdout until end of stream.  Remembers when data last
     came and how the stream ended (``failure``).  ``done_r`` hangs up when
@@ -279,10 +290,11 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
                 s.bind((host, port))
             s.listen(1)
             _say(args, f"listening on {host}:{port} (in the backend's domain)")
-            conn, _ = s.accept()
+            with _within(f"waiting for a connection on {host}:{port}", args.wait):
+                conn, _ = s.accept()
             _say(args, "connection accepted")
         else:
-            with _at(host, port):
+            with _at(host, port), _within(f"connect to {host}:{port}", args.wait):
                 s.connect((host, port))
             _say(args, f"connected to {host}:{port}")
             conn = s

@@ -275,6 +275,40 @@ def test_refused_connection_names_the_address_once(guest: Guest) -> None:
     )
 
 
+def test_accept_timeout_says_what_timed_out(guest: Guest) -> None:
+    nc = guest.nc("-w", "0.1", "-l", "127.0.0.1", "0", stdin=subprocess.DEVNULL)
+    status, _, err = finish(nc)
+    assert (status, err.decode()) == (
+        1, "pvcalls-nc: waiting for a connection on 127.0.0.1:0 timed out after 0.1 s (-w)\n")
+
+
+def test_connect_timeout_says_what_timed_out(guest: Guest) -> None:
+    # A listener whose backlog is full: Linux drops further SYNs.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = [socket.socket() for _ in range(4)]
+        try:
+            for sock in queued:
+                sock.setblocking(False)
+                sock.connect_ex(full.getsockname())
+            with socket.socket() as probe:
+                probe.settimeout(0.5)
+                try:
+                    probe.connect(full.getsockname())
+                    pytest.skip("this host accepts beyond a full backlog")
+                except TimeoutError:
+                    pass
+            host, port = address(full)
+            nc = guest.nc("-w", "0.5", host, port, stdin=subprocess.DEVNULL)
+            status, _, err = finish(nc)
+        finally:
+            for sock in queued:
+                sock.close()
+    assert (status, err.decode()) == (
+        1, f"pvcalls-nc: connect to {host}:{port} timed out after 0.5 s (-w)\n")
+
+
 def test_closed_stdin_is_a_usage_error(tmp_path: Path) -> None:
     nc = subprocess.run(
         ["sh", "-c", 'exec "$@" <&-', "sh", *script("pvcalls-nc"),
