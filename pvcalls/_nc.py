@@ -223,14 +223,43 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    # Once only: a second SIGINT or SIGTERM (Ctrl-C pressed again) raised
-    # in the middle of the clean-up the first one started would cut it
-    # short, and leave the device in XenStore.
-    for other in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(other) is _on_signal:
-            signal.signal(other, signal.SIG_IGN)
-    raise _Signalled(signum)
+class _SignalGate:
+    """Where SIGINT and SIGTERM may interrupt pvcalls-nc.
+
+    Raised from the handler, :class:`_Signalled` lands wherever the main
+    thread is.  In a XenStore request (joining the host, the handshake,
+    removing the device) that can leave half a message on the connection
+    (pyxs sends a header and its payload in two calls): XenStore then
+    drops the connection and the device stays behind.  In the middle of
+    the clean-up a first signal started, it cuts that short.  So it is
+    raised only while the gate is :meth:`opened` (the socket calls and
+    the piping, whose waits are safe to leave by an exception), and only
+    once; a signal at any other time is kept in ``pending``, raised when
+    the gate opens, or else reported once everything is closed.
+    """
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self._open = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.pending is None:
+            self.pending = signum  # the first one says how we end
+        if self._open:
+            self._open = False  # once: not again in the clean-up it starts
+            raise _Signalled(self.pending)
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[None]:
+        self._open = True
+        try:
+            # A signal kept from before (or come just now) is raised here.
+            if self.pending is not None:
+                self._open = False
+                raise _Signalled(self.pending)
+            yield
+        finally:
+            self._open = False
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -276,14 +305,19 @@ def _linger(pump: _Pump, quit_after: float | None) -> None:
             return
 
 
-def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout: BinaryIO) -> int:
+def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout: BinaryIO,
+        gate: _SignalGate | None = None) -> int:
     """Join the host, connect or accept, and pipe until the other side
     closes (or, with ``-q``, the connection idles after end of input).
-    Raises :class:`_Failed` if anything fails on the way."""
+    Raises :class:`_Failed` if anything fails on the way; SIGINT and
+    SIGTERM interrupt it only where ``gate`` lets them (see _SignalGate)."""
     from xenback.sim import attach
 
+    gate = gate or _SignalGate()
     domain = attach(args.run_dir, args.domid)
-    with Frontend(domain) as fe, fe.socket() as s:
+    # Signals wait while Frontend() adds the device and does the handshake
+    # (up to its 10 s timeout), and while it closes and removes the device.
+    with Frontend(domain) as fe, gate.opened(), fe.socket() as s:
         s.settimeout(args.wait)
         if args.listen:
             with _at(host, port):
@@ -327,22 +361,30 @@ def main(argv: list[str] | None = None) -> int:
         p.error("standard input and output must be open")
     logging.basicConfig(level=args.log_level, format="pvcalls-nc: %(levelname)s %(message)s")
     previous = {}
+    gate = _SignalGate()
     for signum in (signal.SIGINT, signal.SIGTERM):
         # Ignored ones stay ignored: that is what nohup, or a shell
         # starting a background job, asked for.
         if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, _on_signal)
+            previous[signum] = signal.signal(signum, gate.handler)
     try:
-        return run(args, host, port, sys.stdin.buffer, sys.stdout.buffer)
-    except _Signalled as exc:
-        return 128 + exc.signum  # quietly, as the shell's own status for it
-    except _Failed as exc:
-        if exc.message is not None:
-            print(f"pvcalls-nc: {exc.message}", file=sys.stderr)
-        return exc.status
-    except (OSError, TimeoutError) as exc:
-        print(f"pvcalls-nc: {exc}", file=sys.stderr)
-        return 1
+        try:
+            status, message = run(args, host, port, sys.stdin.buffer, sys.stdout.buffer,
+                                  gate), None
+        except _Signalled as exc:
+            status, message = 128 + exc.signum, None
+        except _Failed as exc:
+            status, message = exc.status, exc.message
+        except (OSError, TimeoutError) as exc:
+            status, message = 1, str(exc)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if gate.pending is not None:
+        # Quietly, as the shell's own status for it, also when the signal
+        # was held back until the clean-up was over (what failed meanwhile
+        # is most likely its doing).
+        return 128 + gate.pending
+    if message is not None:
+        print(f"pvcalls-nc: {message}", file=sys.stderr)
+    return status

@@ -335,18 +335,36 @@ def wait_for_node(xs: pyxs.Client, path: str, ok: Callable[[bytes | None], bool]
             monitor.events.get(timeout=max(0.0, deadline - time.monotonic()))
 
 
-def test_a_second_signal_does_not_cut_the_clean_up_short(tmp_path: Path) -> None:
-    # The test plays a backend that offers PV Calls but never connects, nor
-    # closes: on the first SIGTERM, in its handshake, pvcalls-nc removes
-    # its device as libxl does, waiting a while for the backend to close
-    # it.  A second SIGTERM meanwhile must not leave the device behind.
+# pvcalls-nc with SIGTERM arriving just after the toolstack added its device,
+# before add_device() returned it: a signal in the middle of joining.
+_SIGNAL_IN_ADD_DEVICE = """
+import os, signal, sys
+from xenback.sim._toolstack import Toolstack
+from pvcalls._nc import main
+
+add_device = Toolstack.add_device
+
+def add_device_then_signal(self, *args, **kwargs):
+    device = add_device(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here
+    return device
+
+Toolstack.add_device = add_device_then_signal
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_signals_leave_no_device_behind(tmp_path: Path) -> None:
+    # A signal while pvcalls-nc joins, and a second one while it cleans up:
+    # neither may leave its device in XenStore.  The test plays the backend.
     run_dir = tmp_path / "run"
     with run_daemon(run_dir) as (_, domid), \
             pyxs.Client(unix_socket_path=str(run_dir / "xenstored" / "socket")) as xs:
         backend = f"/local/domain/0/backend/pvcalls/{domid}/0"
+        frontend = f"/local/domain/{domid}/device/pvcalls/0"
         nc = subprocess.Popen(
-            [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", str(domid),
-             "127.0.0.1", "80"],
+            [sys.executable, "-c", _SIGNAL_IN_ADD_DEVICE, "--run-dir", str(run_dir),
+             "--domid", str(domid), "127.0.0.1", "80"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=FAULTHANDLER_ENV,
         )
@@ -355,17 +373,19 @@ def test_a_second_signal_does_not_cut_the_clean_up_short(tmp_path: Path) -> None
             for key, value in [("versions", b"1"), ("max-page-order", b"4"),
                                ("function-calls", b"1"), ("state", b"2")]:  # InitWait
                 xs.write(f"{backend}/{key}".encode(), value)
-            # Initialised: it waits for Connected, its device added for sure.
-            wait_for_node(xs, f"/local/domain/{domid}/device/pvcalls/0/state",
-                          lambda value: value == b"3")
+            wait_for_node(xs, f"{frontend}/state", lambda value: value == b"3")  # Initialised
+            xs.write(f"{backend}/state".encode(), b"4")  # Connected
+            # The held-back SIGTERM now closes it: Closing, waiting for us.
+            wait_for_node(xs, f"{frontend}/state", lambda value: value == b"5")
             nc.send_signal(signal.SIGTERM)
-            wait_for_node(xs, f"{backend}/state", lambda value: value == b"5")  # Closing
-            nc.send_signal(signal.SIGTERM)
+            xs.write(f"{backend}/state".encode(), b"6")  # Closed
             assert nc.wait(TIMEOUT) == 143
         finally:
             reap(nc)
-        assert nc.stderr is not None and b"Traceback" not in nc.stderr.read()
+        assert nc.stderr is not None and nc.stderr.read() == b""
         for path in (f"/local/domain/0/backend/pvcalls/{domid}",
                      f"/local/domain/{domid}/device/pvcalls", f"/libxl/{domid}"):
             with pytest.raises(pyxs.PyXSError):
                 xs.read(path.encode())
+
+
