@@ -326,6 +326,9 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
             _say(args, f"listening on {host}:{port} (in the backend's domain)")
             with _within(f"waiting for a connection on {host}:{port}", args.wait):
                 conn, _ = s.accept()
+            # One connection, as nc -l: stop listening, or the next client's
+            # connect would succeed into the backlog and its data be lost.
+            s.close()
             _say(args, "connection accepted")
         else:
             with _at(host, port), _within(f"connect to {host}:{port}", args.wait):

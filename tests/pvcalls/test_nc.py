@@ -309,6 +309,33 @@ def test_connect_timeout_says_what_timed_out(guest: Guest) -> None:
         1, f"pvcalls-nc: connect to {host}:{port} timed out after 0.5 s (-w)\n")
 
 
+def test_listen_takes_one_connection(guest: Guest) -> None:
+    # As nc -l: once it accepted, it stops listening.  A second host client
+    # must be refused, not queued behind the first and its data dropped.
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # free a moment ago
+    nc = guest.nc("-v", "-l", "127.0.0.1", str(port))
+    try:
+        said = Lines(nc.stderr)
+        said.wait_for("listening on")
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as first:
+            said.wait_for("connection accepted")
+            # Its RELEASE of the listener is answered after a moment.
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() < deadline, "still listening after the accept"
+                time.sleep(0.01)
+            first.sendall(b"still here")
+            assert nc.stdout is not None and nc.stdout.read(10) == b"still here"
+        assert nc.wait(TIMEOUT) == 0
+    finally:
+        reap(nc)
+
+
 def test_closed_stdin_is_a_usage_error(tmp_path: Path) -> None:
     nc = subprocess.run(
         ["sh", "-c", 'exec "$@" <&-', "sh", *script("pvcalls-nc"),
