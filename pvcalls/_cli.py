@@ -385,7 +385,12 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
         # action is to terminate the process.
         with stop_lock:
             stopping.set()
-        signal.sigtimedwait({signal.SIGUSR2}, 0)
+        # So is a SIGTERM or SIGINT that came while we stopped (Ctrl-C
+        # pressed twice): it asks for what is done, and once unblocked it
+        # would kill the process (SIGTERM, as SIGUSR1 would) or raise
+        # KeyboardInterrupt.
+        while signal.sigtimedwait(signals, 0) is not None:
+            pass
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return status
 

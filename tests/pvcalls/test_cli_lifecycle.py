@@ -246,3 +246,44 @@ def test_a_connection_lost_while_closing_does_not_kill_serve() -> None:
     done = subprocess.run([sys.executable, "-c", _LOST_WHILE_CLOSING], capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
+
+
+# serve() told to stop, and told again while its backend closes (Ctrl-C
+# pressed twice, or a second SIGTERM): the second asks for what is under
+# way already, and must not kill the process once serve() restores its mask.
+_STOP_TWICE = """
+import argparse, os, signal, sys, threading
+from pathlib import Path
+import pvcalls, pvcalls._cli as cli
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signum = signal.Signals[sys.argv[1]]
+
+class Backend:
+    def __init__(self, *args, **kwargs):
+        self.connection_lost = threading.Event()
+    def __enter__(self):
+        signal.pthread_kill(threading.main_thread().ident, signum)  # pending
+        return self
+    def __exit__(self, *exc):
+        os.kill(os.getpid(), signum)  # again, while closing
+
+class Platform:
+    domid = 0
+
+cli._open_platform = lambda args, error: Platform()
+cli._claim_host = lambda path, error: -1
+pvcalls.Backend = Backend
+args = argparse.Namespace(policy=None, platform="sim", run_dir=Path("."), max_ioworkers=1,
+                          max_page_order=4)
+status = cli.serve(args, sys.exit)
+print("serve returned", status, flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_second_stop_signal_while_closing_is_no_crash(signum: str) -> None:
+    done = subprocess.run([sys.executable, "-c", _STOP_TWICE, signum], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
+    assert "Traceback" not in done.stderr
