@@ -481,10 +481,18 @@ class _Terminated(BaseException):
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    def terminate(signum: int, frame: Any) -> None:
-        raise _Terminated
+    def stop(signum: int, frame: Any) -> None:
+        # Once: a second SIGTERM or SIGINT (Ctrl-C pressed twice) raised in
+        # the with blocks' clean-up that the first started would cut it
+        # short, and leave the simulated host and its run directory.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, terminate)
+    old = signal.signal(signal.SIGTERM, stop)
+    old_int = signal.getsignal(signal.SIGINT)
+    if old_int is signal.default_int_handler:  # not if ignored (a background job)
+        signal.signal(signal.SIGINT, stop)
     try:
         return demo(args)
     except KeyboardInterrupt:
@@ -495,3 +503,5 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, old)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)

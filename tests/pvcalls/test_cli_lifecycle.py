@@ -103,6 +103,41 @@ def test_a_signal_in_the_middle_of_the_demo_cleans_up(
         assert not run_dir.exists()
 
 
+# The stuck demo again, signalled a second time while it cleans up (Ctrl-C
+# pressed twice): the simulated host must still be closed.
+_STUCK_DEMO_SIGNALLED_TWICE = _STUCK_DEMO.replace("cli._http_get = stuck", """
+cli._http_get = stuck
+import os
+from xenback.sim import SimHost
+close = SimHost.close
+def close_signalled_again(self):
+    os.kill(os.getpid(), int(sys.argv[1]))  # its handler runs here
+    close(self)
+SimHost.close = close_signalled_again
+""")
+
+
+@pytest.mark.parametrize(("signum", "status", "said"), [
+    (signal.SIGTERM, 143, "demo terminated"),
+    (signal.SIGINT, 130, "demo interrupted"),
+])
+def test_a_second_signal_does_not_cut_the_demo_clean_up_short(
+        signum: int, status: int, said: str) -> None:
+    with running([sys.executable, "-c", _STUCK_DEMO_SIGNALLED_TWICE, str(int(signum))],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        out = Lines(proc.stdout)
+        match = re.search(r"Simulated Xen host in (\S+);", out.wait_for("Simulated Xen host"))
+        assert match is not None
+        run_dir = Path(match[1])
+        out.wait_for("STUCK")
+        proc.send_signal(signum)
+        assert proc.wait(TIMEOUT) == status
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert said in err and "Traceback" not in err, err
+        assert not run_dir.exists()
+
+
 def test_serve_stops_when_it_loses_its_host(
         sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
     run_dir, host = sim_host
