@@ -239,6 +239,8 @@ def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any
 
         if args.run_dir is None:
             error("--platform sim needs --run-dir DIR (the run directory of xenback-sim)")
+        if args.run_dir.exists() and not args.run_dir.is_dir():
+            error(f"--run-dir {args.run_dir}: not a directory")
         if not args.run_dir.is_dir():
             error(f"--run-dir {args.run_dir}: no such directory (is xenback-sim running?)")
         try:

@@ -65,6 +65,8 @@ def script(name: str) -> list[str]:
         (["serve", "--platform", "vmware"], "invalid choice"),
         (["serve", "--platform", "sim"], "--run-dir"),
         (["serve", "--platform", "sim", "--run-dir", "/nonexistent/run"], "no such directory"),
+        (["serve", "--platform", "sim", "--run-dir", "/dev/null"],
+         "--run-dir /dev/null: not a directory"),
         (["serve", "--platform", "xen", "--run-dir", "/tmp"], "only applies to --platform sim"),
         (["demo", "--max-ioworkers", "0"], "at least 1"),
         (["demo", "--max-ioworkers", "many"], "not a whole number"),
