@@ -9,8 +9,8 @@
 
 ``pvcalls-backend serve --platform sim --run-dir DIR``
     Serve the guests of a running ``xenback-sim --run-dir DIR`` host as its
-    domain 0 (``--platform xen``: a real dom0).  SIGTERM or SIGINT closes
-    every frontend cleanly and exits 0.
+    domain 0 (``--platform xen``: a real dom0).  SIGTERM, SIGINT or SIGHUP
+    closes every frontend cleanly and exits 0.
 """
 
 from __future__ import annotations
@@ -326,6 +326,10 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     # which never comes while it sleeps in a wait that nothing else ends.
     # SIGUSR2 is how the thread watching the XenStore connection wakes us.
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
+    # SIGHUP (its terminal closed) stops it as SIGTERM does, unless it is
+    # ignored: that is what nohup asked for.
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.add(signal.SIGHUP)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     status = 0
     # stop_lock orders the watcher's SIGUSR2 before our stopping.set().

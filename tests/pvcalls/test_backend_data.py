@@ -146,7 +146,7 @@ def test_send_failure_sets_out_error(raw: RawFrontend) -> None:
 
 _SIGPIPE_CHILD = """
 import signal, socket, struct, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1:]  # for pvcalls_rawfront, and the racewindow it imports
 from pvcalls_rawfront import RawFrontend
 import pvcalls
 from pvcalls import _errno
@@ -173,8 +173,9 @@ def test_a_send_into_a_reset_connection_raises_no_sigpipe() -> None:
     """The backend's process may not ignore SIGPIPE (an embedding program
     that restored its default): a guest writing into a reset connection
     gets -EPIPE in out_error, and the backend lives on."""
+    here = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
-        [sys.executable, "-c", _SIGPIPE_CHILD, os.path.dirname(__file__)],
+        [sys.executable, "-c", _SIGPIPE_CHILD, here, os.path.dirname(here)],
         capture_output=True, text=True, check=False, timeout=60)
     assert (result.returncode, result.stdout) == (0, f"{-_errno.EPIPE}\n"), result.stderr
 

@@ -154,16 +154,37 @@ def test_serve_stops_when_it_loses_its_host(
     assert list(run_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
 def test_serve_leaves_nothing_in_the_run_dir(
-        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+        sim_host: tuple[Path, subprocess.Popen[bytes]], signum: str) -> None:
+    # SIGHUP: the terminal it ran in was closed.
     run_dir = sim_host[0]
     before = sorted(run_dir.rglob("*"))
     with running(serve_argv(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as serve:
-        Lines(serve.stderr).wait_for("serving")
+        log = Lines(serve.stderr)
+        log.wait_for("serving")
         assert (run_dir / "pvcalls-backend.lock").exists()
+        serve.send_signal(getattr(signal, signum))
+        assert serve.wait(TIMEOUT) == 0
+        log.wait_for(f"{signum}: closing every frontend")
+    assert sorted(run_dir.rglob("*")) == before
+
+
+def test_serve_under_nohup_ignores_sighup(
+        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    def ignore_sighup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    with running(serve_argv(sim_host[0]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 preexec_fn=ignore_sighup) as serve:
+        log = Lines(serve.stderr)
+        log.wait_for("serving")
+        serve.send_signal(signal.SIGHUP)
+        serve.send_signal(signal.SIGUSR1)  # after the SIGHUP: still serving
+        log.wait_for("active sockets per CPU")
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(TIMEOUT) == 0
-    assert sorted(run_dir.rglob("*")) == before
+        log.wait_for("SIGTERM: closing every frontend")
 
 
 def test_a_host_gone_during_start_up_is_a_clear_error(
