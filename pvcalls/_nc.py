@@ -16,9 +16,10 @@ other side closing ends it at once, even while input is still open.
 Exit status: 0 when the other side closed (or ``-q`` expired); 1 when
 anything failed (receiving, sending, reading input, writing output, the
 backend or the host going away), said in one line on stderr; 2 for a usage
-error; 141 when whoever read the output went away, and 130 and 143 for
-SIGINT and SIGTERM: a shell's statuses for a tool killed by SIGPIPE, SIGINT
-and SIGTERM, but the tool closes its connection and device first, quietly.
+error; 141 when whoever read the output went away, and 130, 143 and 129
+for SIGINT, SIGTERM and SIGHUP (its terminal closed): a shell's statuses for
+a tool killed by those signals, but the tool closes its connection and
+device first, quietly.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 class _Signalled(BaseException):
-    """SIGINT or SIGTERM arrived: leave, through the with blocks that
+    """SIGINT, SIGTERM or SIGHUP arrived: leave, through the with blocks that
     release the socket and close the device.  Dying of the signal would
     leave both, and the host TCP connection, to the backend."""
 
@@ -224,7 +225,7 @@ class _Signalled(BaseException):
 
 
 class _SignalGate:
-    """Where SIGINT and SIGTERM may interrupt pvcalls-nc.
+    """Where SIGINT, SIGTERM and SIGHUP may interrupt pvcalls-nc.
 
     Raised from the handler, :class:`_Signalled` lands wherever the main
     thread is.  In a XenStore request (joining the host, the handshake,
@@ -309,8 +310,8 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
         gate: _SignalGate | None = None) -> int:
     """Join the host, connect or accept, and pipe until the other side
     closes (or, with ``-q``, the connection idles after end of input).
-    Raises :class:`_Failed` if anything fails on the way; SIGINT and
-    SIGTERM interrupt it only where ``gate`` lets them (see _SignalGate)."""
+    Raises :class:`_Failed` if anything fails on the way; SIGINT, SIGTERM
+    and SIGHUP interrupt it only where ``gate`` lets them (see _SignalGate)."""
     from xenback.sim import attach
 
     gate = gate or _SignalGate()
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="pvcalls-nc: %(levelname)s %(message)s")
     previous = {}
     gate = _SignalGate()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Ignored ones stay ignored: that is what nohup, or a shell
         # starting a background job, asked for.
         if signal.getsignal(signum) is not signal.SIG_IGN:

@@ -243,8 +243,9 @@ def test_quit_after_idling(guest: Guest, server: socket.socket) -> None:
     assert (status, out, err) == (0, b"", b"")
 
 
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(("signum", "status"),
+                         [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_closes_the_connection(
     guest: Guest, server: socket.socket, signum: int, status: int
 ) -> None:
