@@ -157,10 +157,28 @@ def test_nothing_leaks(tmp_path: Path) -> None:
 
 
 def test_caller_run_dir_is_left_clean(tmp_path: Path) -> None:
+    # One that existed is emptied of what the host made, and stays.
+    (tmp_path / "run").mkdir()
     with SimHost(tmp_path / "run") as host:
         host.create_domain("guest")
         assert (tmp_path / "run" / "domains" / "1" / "hypervisor").exists()
     assert list((tmp_path / "run").iterdir()) == []
+    # One the host made goes, with the parents it made.
+    with SimHost(tmp_path / "new" / "run"):
+        assert (tmp_path / "new" / "run" / "xenstored").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "run"]
+
+
+def test_a_host_that_fails_to_start_leaves_no_directory(tmp_path: Path) -> None:
+    # A Unix socket path has at most 107 bytes.
+    run_dir = tmp_path / ("d" * 120) / "run"
+    host = SimHost(run_dir)
+    with pytest.raises(OSError) as info:
+        host.start()
+    assert info.value.errno == errno.ENAMETOOLONG
+    assert str(info.value) == (f"[Errno {errno.ENAMETOOLONG}] cannot listen on "
+                               f"{run_dir / 'xenstored' / 'socket'}: AF_UNIX path too long")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_domain_handles_are_independent(host: SimHost) -> None:

@@ -95,7 +95,7 @@ def _dom0_call(run_dir: Path, op: str, **args: Any) -> dict[str, Any]:
         conn = ServiceConnection(path, PlatformError)
     except PlatformError as e:
         raise PlatformUnavailable(
-            e.errno or errno.ENOENT, f"no simulated host in {run_dir} ({path}: {e.strerror})"
+            e.errno or errno.ENOENT, f"no simulated host in {run_dir} ({path}: {e.strerror or e})"
         ) from None
     try:
         reply, _ = conn.call(op, **args)
@@ -136,7 +136,7 @@ def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     except PlatformUnavailable as e:
         raise PlatformUnavailable(
             e.errno or errno.ENOENT,
-            f"no domain {domid} on a simulated host in {run_dir} ({path}: {e.strerror})",
+            f"no domain {domid} on a simulated host in {run_dir} ({path}: {e.strerror or e})",
         ) from None
     try:
         info, _ = conn.call("info")

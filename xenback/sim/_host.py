@@ -53,6 +53,9 @@ class SimHost(Closing):
         # is never started leaves nothing behind.
         self._own_run_dir = run_dir is None
         self._run_dir = None if run_dir is None else Path(run_dir).absolute()
+        # The directories start() made for a caller's run_dir, deepest first:
+        # close() removes them again (if empty), as it removes the rest.
+        self._made_dirs: list[Path] = []
         self._xenstored: XenStored | None = None
         self._hypervisor: Hypervisor | None = None
         self._toolstack: Toolstack | None = None
@@ -85,6 +88,10 @@ class SimHost(Closing):
                 if self._run_dir is None:
                     self._run_dir = Path(tempfile.mkdtemp(prefix="xenback-sim-"))
                 run_dir = self._run_dir
+                missing = run_dir
+                while not self._own_run_dir and not missing.exists():
+                    self._made_dirs.append(missing)
+                    missing = missing.parent
                 run_dir.mkdir(parents=True, exist_ok=True)
                 self._xenstored = XenStored(run_dir)
                 self._hypervisor = Hypervisor(run_dir)
@@ -138,7 +145,8 @@ class SimHost(Closing):
             return
         # A caller's directory: remove only what we created, if empty.
         domains = self._run_dir / "domains"
-        for path in [*sorted(domains.glob("*")), domains, self._run_dir / "xenstored"]:
+        for path in [*sorted(domains.glob("*")), domains, self._run_dir / "xenstored",
+                     *self._made_dirs]:
             try:
                 path.rmdir()
             except OSError:

@@ -158,7 +158,7 @@ class ServiceConnection:
             self._sock.close()
             raise error(
                 e.errno or errno.ENODEV,
-                f"cannot reach the simulated hypervisor at {os.fspath(path)}: {e.strerror}",
+                f"cannot reach the simulated hypervisor at {os.fspath(path)}: {e.strerror or e}",
             ) from None
 
     def fileno(self) -> int:
@@ -244,7 +244,7 @@ class ServiceConnection:
             self._on_push(msg, fds)
 
     def _gone(self, cause: OSError | None) -> OSError:
-        detail = f": {cause.strerror}" if cause is not None else ""
+        detail = f": {cause.strerror or cause}" if cause is not None else ""
         return self._error(
             errno.ENODEV,
             "the simulated hypervisor closed the connection "

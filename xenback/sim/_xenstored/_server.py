@@ -304,8 +304,10 @@ class XenStored:
             sock.setblocking(False)
         except OSError as e:
             sock.close()
-            # Name the path: "AF_UNIX path too long" alone does not say which.
-            raise OSError(e.errno, f"cannot listen on {path}: {e.strerror or e}") from e
+            # Name the path: "AF_UNIX path too long" alone does not say
+            # which.  That one comes with no errno (nor strerror).
+            raise OSError(e.errno if e.errno is not None else errno.ENAMETOOLONG,
+                          f"cannot listen on {path}: {e.strerror or e}") from e
         except BaseException:
             sock.close()
             raise
