@@ -1425,10 +1425,16 @@ class Frontend(Closing):
         # A backend that never connected may not be there at all: do not
         # wait the full timeout for it to close.
         wait = self.timeout if self._connected else min(self.timeout, 2.0)
-        self._connected = False
+        was_connected, self._connected = self._connected, False
         if self._xs_lost is None:
             try:
-                self._toolstack.remove_device(self.device, timeout=wait)
+                if not was_connected and self._backend_state() in (
+                        XenbusState.UNKNOWN, XenbusState.INITIALISING):
+                    # No backend ever took the device up (none runs, say):
+                    # there is nobody to ask to close, or to wait for.
+                    self._toolstack.destroy_device(self.device)
+                else:
+                    self._toolstack.remove_device(self.device, timeout=wait)
             except Exception as exc:
                 logger.warning("removing pvcalls device of domain %d: %s", self.domain.domid, exc)
         else:

@@ -924,3 +924,17 @@ def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
     fake.respond(connect_req, -EINVAL)  # the slot is free again
     s = fe.socket()
     s.bind(("127.0.0.1", 4002))
+
+
+def test_with_no_backend_the_device_goes_without_waiting_for_one(
+        host: SimHost, caplog: pytest.LogCaptureFixture) -> None:
+    """No backend runs: open() fails at its timeout, and the device goes at
+    once, without asking a backend that never took it up to close (and
+    warning, after a wait, that it did not)."""
+    caplog.set_level(logging.INFO)
+    guest = host.create_domain("alone")
+    fe = pvcalls.Frontend(guest, timeout=0.1)
+    with pytest.raises(OSError):
+        fe.open()
+    assert host.toolstack.devices(guest.domid) == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
