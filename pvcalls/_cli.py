@@ -404,10 +404,10 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
 # -- arguments ---------------------------------------------------------------------
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    # Decimal ASCII digits only: int() would also take " 5", "1_0" and "５".
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value

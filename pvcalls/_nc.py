@@ -52,10 +52,10 @@ _DOMID_LIMIT = 0x7FF0
 
 def _domid(text: str) -> int:
     """A guest domain id: dom0 is the backend's, and it cannot be its own guest."""
-    try:
-        domid = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a domain id") from None
+    # Decimal ASCII digits only: int() would also take " 5", "1_0" and "５".
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a domain id")
+    domid = int(text)
     if not 0 < domid < _DOMID_LIMIT:
         raise argparse.ArgumentTypeError(
             f"{text} is not a guest domain id (1 to {_DOMID_LIMIT - 1})"
@@ -114,10 +114,9 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         if not args.listen:
             p.error("give HOST PORT to connect to (or -l [HOST] PORT to listen)")
         host = "0.0.0.0"
-    try:
-        port = int(port_text)
-    except ValueError:
+    if not (port_text.isascii() and port_text.isdigit()):  # as _domid
         p.error(f"port {port_text!r} is not a number")
+    port = int(port_text)
     if not 0 <= port <= 65535 or (port == 0 and not args.listen):
         p.error(f"port {port} is out of range")
     return host, port
