@@ -81,28 +81,6 @@ sys.exit(cli.main(["demo"]))
 """
 
 
-@pytest.mark.parametrize(("signum", "status", "said"), [
-    (signal.SIGTERM, 143, "demo terminated"),
-    (signal.SIGINT, 130, "demo interrupted"),
-])
-def test_a_signal_in_the_middle_of_the_demo_cleans_up(
-        signum: int, status: int, said: str) -> None:
-    with running([sys.executable, "-c", _STUCK_DEMO],
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        out = Lines(proc.stdout)
-        match = re.search(r"Simulated Xen host in (\S+);", out.wait_for("Simulated Xen host"))
-        assert match is not None
-        run_dir = Path(match[1])
-        out.wait_for("STUCK")
-        assert run_dir.is_dir()
-        proc.send_signal(signum)
-        assert proc.wait(TIMEOUT) == status
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        assert said in err and "Traceback" not in err
-        assert not run_dir.exists()
-
-
 # The stuck demo again, signalled a second time while it cleans up (Ctrl-C
 # pressed twice): the simulated host must still be closed.
 _STUCK_DEMO_SIGNALLED_TWICE = _STUCK_DEMO.replace("cli._http_get = stuck", """
@@ -117,19 +95,22 @@ SimHost.close = close_signalled_again
 """)
 
 
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "again-while-cleaning-up"])
 @pytest.mark.parametrize(("signum", "status", "said"), [
     (signal.SIGTERM, 143, "demo terminated"),
     (signal.SIGINT, 130, "demo interrupted"),
 ])
-def test_a_second_signal_does_not_cut_the_demo_clean_up_short(
-        signum: int, status: int, said: str) -> None:
-    with running([sys.executable, "-c", _STUCK_DEMO_SIGNALLED_TWICE, str(int(signum))],
+def test_a_signal_in_the_middle_of_the_demo_cleans_up(
+        signum: int, status: int, said: str, twice: bool) -> None:
+    script = _STUCK_DEMO_SIGNALLED_TWICE if twice else _STUCK_DEMO
+    with running([sys.executable, "-c", script, str(int(signum))],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         out = Lines(proc.stdout)
         match = re.search(r"Simulated Xen host in (\S+);", out.wait_for("Simulated Xen host"))
         assert match is not None
         run_dir = Path(match[1])
         out.wait_for("STUCK")
+        assert run_dir.is_dir()
         proc.send_signal(signum)
         assert proc.wait(TIMEOUT) == status
         assert proc.stderr is not None
@@ -268,24 +249,17 @@ def test_a_bad_policy_file_is_named_once(tmp_path: Path,
     assert err.count(str(policy)) == 1 and "max_sockets" in err
 
 
-# serve() with a backend whose XenStore connection goes while it closes
-# (the host stopping together with it), after SIGTERM: the watcher's SIGUSR2
-# is sent, and must not kill the process once serve() restores its mask.
-_LOST_WHILE_CLOSING = """
-import argparse, signal, sys, threading
+def serve_with(backend: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """serve() in a child process, on a stand-in platform, with the class
+    ``Backend`` defined by the source ``backend`` (its ``__enter__`` and
+    ``__exit__`` are where serve starts and stops serving); ``args`` are
+    the child's sys.argv[1:]."""
+    child = f"""
+import argparse, os, signal, sys, threading
 from pathlib import Path
 import pvcalls, pvcalls._cli as cli
 
-class Backend:
-    def __init__(self, *args, **kwargs):
-        self.connection_lost = threading.Event()
-    def __enter__(self):
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # pending
-        return self
-    def __exit__(self, *exc):
-        self.connection_lost.set()
-        watcher, = [t for t in threading.enumerate() if t.name == "xenstore-watcher"]
-        watcher.join(30)  # its SIGUSR2 is sent
+{backend}
 
 class Platform:
     domid = 0
@@ -298,22 +272,36 @@ args = argparse.Namespace(policy=None, platform="sim", run_dir=Path("."), max_io
 status = cli.serve(args, sys.exit)
 print("serve returned", status, flush=True)
 """
+    return subprocess.run([sys.executable, "-c", child, *args], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+# A backend whose XenStore connection goes while it closes (the host
+# stopping together with it), after SIGTERM: the watcher's SIGUSR2 is sent,
+# and must not kill the process once serve() restores its mask.
+_LOST_WHILE_CLOSING = """
+class Backend:
+    def __init__(self, *args, **kwargs):
+        self.connection_lost = threading.Event()
+    def __enter__(self):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # pending
+        return self
+    def __exit__(self, *exc):
+        self.connection_lost.set()
+        watcher, = [t for t in threading.enumerate() if t.name == "xenstore-watcher"]
+        watcher.join(30)  # its SIGUSR2 is sent
+"""
 
 
 def test_a_connection_lost_while_closing_does_not_kill_serve() -> None:
-    done = subprocess.run([sys.executable, "-c", _LOST_WHILE_CLOSING], capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    done = serve_with(_LOST_WHILE_CLOSING)
     assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
 
 
-# serve() told to stop, and told again while its backend closes (Ctrl-C
-# pressed twice, or a second SIGTERM): the second asks for what is under
-# way already, and must not kill the process once serve() restores its mask.
+# Told to stop, and told again while its backend closes (Ctrl-C pressed
+# twice, or a second SIGTERM): the second asks for what is under way
+# already, and must not kill the process once serve() restores its mask.
 _STOP_TWICE = """
-import argparse, os, signal, sys, threading
-from pathlib import Path
-import pvcalls, pvcalls._cli as cli
-
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signum = signal.Signals[sys.argv[1]]
 
@@ -325,23 +313,11 @@ class Backend:
         return self
     def __exit__(self, *exc):
         os.kill(os.getpid(), signum)  # again, while closing
-
-class Platform:
-    domid = 0
-
-cli._open_platform = lambda args, error: Platform()
-cli._claim_host = lambda path, error: -1
-pvcalls.Backend = Backend
-args = argparse.Namespace(policy=None, platform="sim", run_dir=Path("."), max_ioworkers=1,
-                          max_page_order=4)
-status = cli.serve(args, sys.exit)
-print("serve returned", status, flush=True)
 """
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_a_second_stop_signal_while_closing_is_no_crash(signum: str) -> None:
-    done = subprocess.run([sys.executable, "-c", _STOP_TWICE, signum], capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    done = serve_with(_STOP_TWICE, signum)
     assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
     assert "Traceback" not in done.stderr
