@@ -11,11 +11,14 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cffi import FFI
+from racewindow import TIMEOUT, stands_at
 
 import xenback.xen
 from xenback.platform import PAGE_SIZE, EventChannelError, GrantError, PlatformUnavailable
@@ -359,3 +362,103 @@ def test_a_failing_slot_release_is_reported_after_the_pages_are_gone(granted: in
     assert bytes(stale) == bytes(6)
     mapping.unmap()  # done: not tried again
     table.close()
+
+
+# -- the event channel handle, over a stand-in for libxenevtchn ----------------
+
+
+class FakeEvtchnLib:
+    """libxenevtchn as XenEventChannel calls it: the handle is any cdata
+    pointer, its descriptor a pipe's read end.  Records every call, and
+    every use of the handle after ``xenevtchn_close`` freed it.  The next
+    call named in ``block_in`` waits inside the library until ``release``."""
+
+    def __init__(self) -> None:
+        self.handle = ffi.new("char[1]")
+        self.rfd, self.wfd = os.pipe()
+        self.calls: list[str] = []
+        self.after_free: list[str] = []
+        self.freed = False
+        self.block_in: str | None = None
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Callable[..., int]:
+        if not name.startswith("xenevtchn_"):
+            raise AttributeError(name)
+
+        def call(handle: object, *args: int) -> int:
+            self.calls.append(name)
+            if handle is not self.handle or self.freed:
+                self.after_free.append(name)
+            if name == self.block_in:
+                self.block_in = None
+                self.entered.set()
+                assert self.release.wait(TIMEOUT)
+            if name == "xenevtchn_close":
+                self.freed = True
+            return self.rfd if name == "xenevtchn_fd" else 0
+
+        return call
+
+    def xenevtchn_open(self, logger: object, flags: int) -> object:
+        self.calls.append("xenevtchn_open")
+        return self.handle
+
+    def close_fds(self) -> None:
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+
+@pytest.fixture
+def fake_evtchn(monkeypatch) -> Iterator[FakeEvtchnLib]:
+    lib = FakeEvtchnLib()
+    monkeypatch.setattr(_platform, "_load", lambda name: lib)
+    yield lib
+    lib.release.set()
+    lib.close_fds()
+
+
+def test_a_closed_event_channel_is_ebadf_and_never_reaches_the_library(
+        fake_evtchn: FakeEvtchnLib) -> None:
+    """As on the simulated host: every call on a closed handle is an
+    EventChannelError (EBADF), not cffi's TypeError for a None handle."""
+    channel = _platform.XenEventChannel()
+    channel.close()
+    channel.close()  # idempotent
+    calls: list[Callable[[], object]] = [
+        channel.fileno, channel.pending, lambda: channel.notify(5), lambda: channel.unmask(5),
+        lambda: channel.unbind(5), lambda: channel.bind_interdomain(1, 5),
+        lambda: channel.bind_unbound_port(1),
+    ]
+    for call in calls:
+        with pytest.raises(EventChannelError, match="the event channel handle is closed") as info:
+            call()
+        assert info.value.errno == errno.EBADF
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_close"]
+
+
+def test_close_waits_for_a_call_in_flight(fake_evtchn: FakeEvtchnLib) -> None:
+    """A notify in one thread while another closes the handle: the handle
+    is freed only once the call has returned, never under it."""
+    channel = _platform.XenEventChannel()
+    fake_evtchn.block_in = "xenevtchn_notify"
+    notifying = threading.Thread(target=channel.notify, args=(5,))
+    notifying.start()
+    try:
+        assert fake_evtchn.entered.wait(TIMEOUT)
+        closing = threading.Thread(target=channel.close)
+        closing.start()
+        # Either close() frees the handle under the call, or it waits.
+        deadline = time.monotonic() + TIMEOUT
+        while closing.is_alive() and not stands_at(
+                closing.ident or 0, _platform.XenEventChannel.close, "with self._lock"):
+            assert time.monotonic() < deadline, "close() neither returned nor waited for the call"
+            time.sleep(0.001)
+        assert "xenevtchn_close" not in fake_evtchn.calls
+    finally:
+        fake_evtchn.release.set()
+        notifying.join(TIMEOUT)
+    closing.join(TIMEOUT)
+    assert fake_evtchn.calls[-2:] == ["xenevtchn_notify", "xenevtchn_close"]
+    assert fake_evtchn.after_free == []

@@ -473,9 +473,26 @@ class XenEventChannel:
         self._fd = self._lib.xenevtchn_fd(self._handle)
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        # Held around every call that uses the handle: xenevtchn_close frees
+        # it and closes its descriptor, whose number another open may then
+        # reuse, so a call in flight in another thread (a worker's notify
+        # while the backend closes) must finish first.  The calls are short
+        # and never block: the descriptor is non-blocking.
+        self._lock = threading.Lock()
 
     def fileno(self) -> int:
-        return int(self._fd)
+        with self._lock:
+            if self._handle is None:
+                raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+            return int(self._fd)
+
+    def _call(self, function: Any, *args: int) -> int:
+        """``function(handle, *args)``, under the lock; EBADF once closed
+        (as on the simulated host) rather than cffi's TypeError for None."""
+        with self._lock:
+            if self._handle is None:
+                raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+            return int(function(self._handle, *args))
 
     def _port(self, result: int, what: str) -> int:
         if result < 0:
@@ -486,22 +503,22 @@ class XenEventChannel:
         _unsigned(EventChannelError, domid, "domain id")
         _unsigned(EventChannelError, remote_port, "event channel port")
         return self._port(
-            self._lib.xenevtchn_bind_interdomain(self._handle, domid, remote_port),
+            self._call(self._lib.xenevtchn_bind_interdomain, domid, remote_port),
             f"binding port {remote_port} of domain {domid}",
         )
 
     def bind_unbound_port(self, domid: int) -> int:
         return self._port(
-            self._lib.xenevtchn_bind_unbound_port(self._handle, domid),
+            self._call(self._lib.xenevtchn_bind_unbound_port, domid),
             f"allocating a port for domain {domid}",
         )
 
     def notify(self, port: int) -> None:
-        if self._lib.xenevtchn_notify(self._handle, port) < 0:
+        if self._call(self._lib.xenevtchn_notify, port) < 0:
             raise _error(EventChannelError, f"notifying port {port}")
 
     def pending(self) -> int | None:
-        port = self._lib.xenevtchn_pending(self._handle)
+        port = self._call(self._lib.xenevtchn_pending)
         if port < 0:
             if ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return None
@@ -509,17 +526,18 @@ class XenEventChannel:
         return int(port)
 
     def unmask(self, port: int) -> None:
-        if self._lib.xenevtchn_unmask(self._handle, port) < 0:
+        if self._call(self._lib.xenevtchn_unmask, port) < 0:
             raise _error(EventChannelError, f"unmasking port {port}")
 
     def unbind(self, port: int) -> None:
-        if self._lib.xenevtchn_unbind(self._handle, port) < 0:
+        if self._call(self._lib.xenevtchn_unbind, port) < 0:
             raise _error(EventChannelError, f"unbinding port {port}")
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._lib.xenevtchn_close(self._handle)
-            self._handle = None
+        with self._lock:
+            handle, self._handle = self._handle, None
+        if handle is not None:
+            self._lib.xenevtchn_close(handle)
 
 
 class XenPlatform:
