@@ -462,3 +462,21 @@ def test_close_waits_for_a_call_in_flight(fake_evtchn: FakeEvtchnLib) -> None:
     closing.join(TIMEOUT)
     assert fake_evtchn.calls[-2:] == ["xenevtchn_notify", "xenevtchn_close"]
     assert fake_evtchn.after_free == []
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, True, "5"], ids=["negative", "huge", "bool", "str"])
+def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLib, bad) -> None:
+    """Every port or domain id that does not fit libxenevtchn's uint32_t is
+    an EventChannelError (EINVAL), as on the simulated host, not cffi's
+    OverflowError or TypeError; the library is not called."""
+    channel = _platform.XenEventChannel()
+    calls: list[Callable[[], object]] = [
+        lambda: channel.notify(bad), lambda: channel.unmask(bad), lambda: channel.unbind(bad),
+        lambda: channel.bind_unbound_port(bad),
+    ]
+    for call in calls:
+        with pytest.raises(EventChannelError, match=r"(port|domain id) .* 32-bit") as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
+    channel.close()

@@ -508,12 +508,14 @@ class XenEventChannel:
         )
 
     def bind_unbound_port(self, domid: int) -> int:
+        _unsigned(EventChannelError, domid, "domain id")
         return self._port(
             self._call(self._lib.xenevtchn_bind_unbound_port, domid),
             f"allocating a port for domain {domid}",
         )
 
     def notify(self, port: int) -> None:
+        _unsigned(EventChannelError, port, "event channel port")
         if self._call(self._lib.xenevtchn_notify, port) < 0:
             raise _error(EventChannelError, f"notifying port {port}")
 
@@ -526,10 +528,12 @@ class XenEventChannel:
         return int(port)
 
     def unmask(self, port: int) -> None:
+        _unsigned(EventChannelError, port, "event channel port")
         if self._call(self._lib.xenevtchn_unmask, port) < 0:
             raise _error(EventChannelError, f"unmasking port {port}")
 
     def unbind(self, port: int) -> None:
+        _unsigned(EventChannelError, port, "event channel port")
         if self._call(self._lib.xenevtchn_unbind, port) < 0:
             raise _error(EventChannelError, f"unbinding port {port}")
 
