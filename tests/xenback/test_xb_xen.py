@@ -202,14 +202,18 @@ def test_bad_domains_and_counts_are_refused_before_any_ioctl() -> None:
     with pytest.raises(GrantError, match="domain id .* 32-bit") as info:
         table.map_grant_refs(2**32, [8])
     assert info.value.errno == errno.EINVAL
-    with pytest.raises(ValueError, match="no grant references"):
+    with pytest.raises(GrantError, match="no grant references") as info:
         table.map_grant_refs(1, [])
+    assert info.value.errno == errno.EINVAL
     share = object.__new__(_platform.XenGrantShare)
     with pytest.raises(GrantError, match="domain id .* 16-bit") as info:
         share.share_pages(0x10000, 1)  # gntalloc's domid is a uint16_t
     assert info.value.errno == errno.EINVAL
-    with pytest.raises(ValueError, match="cannot share 0 pages"):
-        share.share_pages(1, 0)
+    for count, text in ((0, "cannot share 0 pages"), (-1, "page count -1 .* 32-bit"),
+                        ("1", "page count '1' .* 32-bit"), (2**32, "page count .* 32-bit")):
+        with pytest.raises(GrantError, match=text) as info:
+            share.share_pages(1, count)  # type: ignore[arg-type]
+        assert info.value.errno == errno.EINVAL
 
 
 @pytest.fixture

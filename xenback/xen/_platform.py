@@ -380,7 +380,9 @@ class XenGrantTable(_Device):
     def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
         refs = tuple(_unsigned(GrantError, ref, "grant reference") for ref in refs)
         if not refs:
-            raise ValueError("no grant references to map")
+            # GrantError, as on the simulated host and as xenbus documents:
+            # a frontend's list of refs may well be empty.
+            raise GrantError(errno.EINVAL, "no grant references to map")
         _unsigned(GrantError, domid, "domain id")
         op = _ioctl_arg("struct ioctl_gntdev_map_grant_ref", len(refs))
         op.count = len(refs)
@@ -436,8 +438,10 @@ class XenGrantShare(_Device):
         super().__init__(GNTALLOC)
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> XenSharedPages:
-        if count < 1:
-            raise ValueError(f"cannot share {count} pages")
+        # GrantError (EINVAL), as on the simulated host, for any count
+        # gntalloc's uint32_t cannot take, not a TypeError or OverflowError.
+        if _unsigned(GrantError, count, "page count") < 1:
+            raise GrantError(errno.EINVAL, f"cannot share {count} pages")
         _unsigned(GrantError, domid, "domain id", bits=16)
         op = _ioctl_arg("struct ioctl_gntalloc_alloc_gref", count)
         op.domid = domid
