@@ -484,3 +484,24 @@ def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLi
         assert info.value.errno == errno.EINVAL
     assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
     channel.close()
+
+
+@pytest.mark.usefixtures("fake_devices")
+def test_handles_and_shares_close_on_leaving_with(fake_evtchn: FakeEvtchnLib, granted: int) -> None:
+    """As the simulated host's: ``with`` closes a handle and unshares pages,
+    so code written as ``with platform.gnttab() as tab:`` runs on both."""
+    with _platform.XenGrantTable() as table, _platform.XenGrantShare() as share:
+        pass
+    with pytest.raises(GrantError, match="grant table is closed"):
+        table.map_grant_refs(1, [8])
+    with pytest.raises(GrantError, match="grant share handle is closed"):
+        share.share_pages(1, 1)
+    with _platform.XenEventChannel() as channel:
+        pass
+    assert fake_evtchn.calls[-1] == "xenevtchn_close"
+    with pytest.raises(EventChannelError, match="closed"):
+        channel.fileno()
+    with pages_of("shared", granted) as pages:
+        pass
+    with pytest.raises(ValueError):
+        pages.buffer  # noqa: B018

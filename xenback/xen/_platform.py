@@ -35,6 +35,7 @@ from typing import Any
 import pyxs
 from cffi import FFI
 
+from xenback._closing import Closing
 from xenback.platform import (
     PAGE_SIZE,
     EventChannelError,
@@ -338,10 +339,11 @@ class XenGrantMapping(_DevicePages):
         self.unmap()
 
 
-class _Device:
+class _Device(Closing):
     """An open grant device: the descriptor and the lock held around every
     use of it, so that :meth:`close` cannot let another open reuse its
-    number under an ioctl or mmap in flight.
+    number under an ioctl or mmap in flight.  ``with`` closes it, as it
+    does the simulated host's handles.
 
     Pages mapped from the device stay valid after :meth:`close` until they
     are ended, as with ``xengnttab_close``: their address ranges hold the
@@ -428,6 +430,18 @@ class XenSharedPages(_DevicePages):
         # The mapping holds the grants' only reference (see share_pages).
         self._scrub()
 
+    # ``with`` unshares, as it does the simulated host's shared pages.
+    def __enter__(self) -> XenSharedPages:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.unshare()
+
 
 class XenGrantShare(_Device):
     """A grant share handle: ``/dev/xen/gntalloc``, opened once."""
@@ -465,9 +479,10 @@ class XenGrantShare(_Device):
         return pages
 
 
-class XenEventChannel:
+class XenEventChannel(Closing):
     """A ``xenevtchn`` handle whose descriptor is non-blocking, so that
-    :meth:`pending` returns None instead of blocking when nothing fired."""
+    :meth:`pending` returns None instead of blocking when nothing fired.
+    ``with`` closes it, as it does the simulated host's handle."""
 
     def __init__(self) -> None:
         self._lib = _load(EVTCHN_LIBRARY)
