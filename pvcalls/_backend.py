@@ -231,6 +231,11 @@ class Backend(Closing):
         self._lock = threading.Lock()
         self._frontends: dict[tuple[int, int], _Frontend] = {}
         self._closed = False
+        # limit_lock makes checking a domain's socket limit and adding the
+        # socket one step across all the domain's frontends (devices):
+        # taken by a frontend under its own _lock, around both.  Sockets
+        # going need not take it: they only make the count smaller.
+        self.limit_lock = threading.Lock()
 
         with contextlib.ExitStack() as undo:  # on failure, release in reverse
             self.io_wq = alloc_workqueue("pvcalls_io", 0, 0, topology=topology)
@@ -339,6 +344,12 @@ class Backend(Closing):
         if not dev.gone:
             dev.switch_state(XenbusState.CLOSING)
 
+    def domain_sockets(self, domid: int) -> int:
+        """The sockets the frontends of ``domid`` hold, all devices together."""
+        with self._lock:
+            frontends = [fe for (d, _), fe in self._frontends.items() if d == domid]
+        return sum(fe.nr_sockets for fe in frontends)
+
     def events_of(self, cpu: int) -> EventDispatcher:
         """The event dispatcher of ``cpu``'s poller."""
         return self._pollers[cpu].events
@@ -445,6 +456,7 @@ class _Frontend:
         # teardown (they may wait for Work items).
         self._lock = threading.Lock()
         self._sockets: dict[int, Socket] = {}
+        self._reserved = 0  # see _accept
 
         self._broken = False
         self._work = Work(self._process_commands)
@@ -544,10 +556,16 @@ class _Frontend:
             raise CommandError(_errno.EBADF, f"no socket {sock_id:#x}")
         return sock
 
+    @property
+    def nr_sockets(self) -> int:
+        """Sockets held, and reserved by an ACCEPT being set up."""
+        return len(self._sockets) + self._reserved
+
     def _check_limit(self, what: str, sock_id: int) -> None:
-        # Called with _lock held.
+        # Called with _lock and the backend's limit_lock held.  The limit is
+        # the domain's: a domain with several devices shares it.
         limit = self.policy.max_sockets
-        if limit is not None and len(self._sockets) >= limit:
+        if limit is not None and self.backend.domain_sockets(self.domid) >= limit:
             logger.warning("dom%d: %s %#x refused by policy: socket limit %d reached",
                            self.domid, what, sock_id, limit)
             raise CommandError(LIMIT_ERRNO, f"socket limit {limit} reached")
@@ -568,7 +586,7 @@ class _Frontend:
             raise CommandError(
                 _errno.EAFNOSUPPORT, f"socket({args.domain}, {args.type}, {args.protocol}) "
                 "is not AF_INET/SOCK_STREAM/0")
-        with self._lock:
+        with self._lock, self.backend.limit_lock:
             if request.id in self._sockets:
                 raise CommandError(_errno.EEXIST, f"socket id {request.id:#x} in use")
             self._check_limit("SOCKET", request.id)
@@ -675,16 +693,23 @@ class _Frontend:
         if passive.waiting is not None:  # checked again by wait(), under its lock
             raise CommandError(_errno.EINTR, f"ACCEPT or POLL already in flight on {request.id:#x}")
         id_new = int(args.id_new)
-        with self._lock:
+        with self._lock, self.backend.limit_lock:
             if id_new in self._sockets:
                 raise CommandError(_errno.EEXIST, f"id_new {id_new:#x} in use")
             self._check_limit("ACCEPT", id_new)
-        new = ActiveSocket(self, id_new)
-        new.state = SockState.ACCEPTING
-        new.parent = passive
-        new.attach_ring(int(args.ref), int(args.evtchn))
-        with self._lock:
-            self._sockets[id_new] = new
+            # Counted from the check on, for the domain's other devices too;
+            # in the table once its ring is attached.
+            self._reserved += 1
+        try:
+            new = ActiveSocket(self, id_new)
+            new.state = SockState.ACCEPTING
+            new.parent = passive
+            new.attach_ring(int(args.ref), int(args.evtchn))
+            with self._lock:
+                self._sockets[id_new] = new
+        finally:
+            with self._lock:
+                self._reserved -= 1
         try:
             passive.wait(request, new)
         except CommandError:

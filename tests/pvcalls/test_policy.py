@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pvcalls_rawfront import RawFrontend
 
 import pvcalls
 from pvcalls._errno import EACCES, EMFILE
@@ -292,6 +293,29 @@ def test_backend_applies_name_sections(make_frontend: Any, host: Any, topology: 
         assert other.socket()[1].ret == 0
         tiny.close()
         other.close()
+
+
+def test_a_domain_with_two_devices_has_one_socket_limit(host: Any, topology: Any) -> None:
+    """max_sockets is the domain's, not each of its pvcalls devices'."""
+    policy = Policy.from_toml('[domain.two]\nmax_sockets = 3\n')
+    guest = host.create_domain("two")
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        first = RawFrontend(host, guest, devid=0)
+        second = RawFrontend(host, guest, devid=1)
+        assert first.socket()[1].ret == 0
+        listener, rsp = second.socket()
+        assert rsp.ret == 0
+        assert second.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert second.listen(listener).ret == 0
+        assert first.socket()[1].ret == 0
+        assert first.socket()[1].ret == -EMFILE
+        assert second.socket()[1].ret == -EMFILE
+        # ACCEPT's id_new counts too, and is refused before its ring is mapped.
+        accept = second.response(second.push_accept(listener, 0x5000, second.new_ring()))
+        assert accept.ret == -EMFILE
+        first.close()
+        assert second.socket()[1].ret == 0  # the first device's sockets went
+        second.close()
 
 
 def test_backend_enforces_socket_limit(make_frontend: Any, host: Any, strict: Any,
