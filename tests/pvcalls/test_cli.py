@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import resource
 import signal
 import socket
@@ -43,6 +44,22 @@ def reap(proc: subprocess.Popen[bytes]) -> None:
         if proc.stderr is not None:
             print(f"{proc.args!r} was still running; its stderr:")
             print(proc.stderr.read().decode(errors="replace"))
+
+
+def unused_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing is bound to, for a guest to
+    listen on.  Taken below the range the kernel picks local ports from, so
+    that no connect() in any process can take it before the guest binds it
+    (as one can a port that a bind to port 0 has just given back)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(1024, low - 16384), low), 64):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no port below {low} is free")
 
 
 def script(name: str) -> list[str]:
@@ -238,8 +255,7 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         assert nc.stdout == data
 
         # Listening: a host client reaches the guest's pvcalls-nc -l.
-        with socket.create_server(("127.0.0.1", 0)) as probe:
-            port = probe.getsockname()[1]  # free a moment ago
+        port = unused_port()
         listener = subprocess.Popen(
             [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", str(domid),
              "-v", "-l", "127.0.0.1", str(port)],

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import pyxs
-from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, run_daemon, script
+from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, run_daemon, script, unused_port
 
 # Runs its arguments with SIGINT's default action: a test run in the
 # background of a shell ignores SIGINT, and its children would too.
@@ -265,8 +265,7 @@ def test_signal_closes_the_connection(
 
 
 def test_refused_connection_names_the_address_once(guest: Guest) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]  # nobody listens there once closed
+    port = unused_port()  # nobody listens there
     nc = guest.nc("127.0.0.1", str(port), stdin=subprocess.DEVNULL)
     status, _, err = finish(nc)
     assert status == 1
@@ -313,8 +312,7 @@ def test_connect_timeout_says_what_timed_out(guest: Guest) -> None:
 def test_listen_takes_one_connection(guest: Guest) -> None:
     # As nc -l: once it accepted, it stops listening.  A second host client
     # must be refused, not queued behind the first and its data dropped.
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]  # free a moment ago
+    port = unused_port()
     nc = guest.nc("-v", "-l", "127.0.0.1", str(port))
     try:
         said = Lines(nc.stderr)
