@@ -65,7 +65,7 @@ def _domid(text: str) -> int:
 
 def _seconds(text: str) -> float:
     """A time in seconds that the waits can take: NaN would never compare
-    as over, and past threading.TIMEOUT_MAX Event.wait() raises."""
+    as over, and past threading.TIMEOUT_MAX the socket's waits raise."""
     try:
         value = float(text)
     except ValueError:
@@ -166,7 +166,6 @@ class _Pump(threading.Thread):
         self.out_fd = out_fd
         self.done_r, self._done_w = os.pipe2(os.O_CLOEXEC)
         self.last = time.monotonic()
-        self.done = threading.Event()
         self.failure: _Failed | None = None
         self.stopping = False  # set before we close the socket under it
 
@@ -194,7 +193,6 @@ class _Pump(threading.Thread):
                     self.failure = _Failed(f"writing standard output: {exc}")
                     return
         finally:
-            self.done.set()
             os.close(self._done_w)
 
 
@@ -241,6 +239,9 @@ class _SignalGate:
     def __init__(self) -> None:
         self.pending: int | None = None
         self._open = False
+        # The read end of signal.set_wakeup_fd()'s pipe, once main() set
+        # it: see _wait_readable.
+        self.wake_fd: int | None = None
 
     def handler(self, signum: int, frame: object) -> None:
         if self.pending is None:
@@ -267,18 +268,42 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"pvcalls-nc: {message}", file=sys.stderr, flush=True)
 
 
-def _send_input(conn: PVSocket, stdin_fd: int, done_r: int) -> _Failed | None:
+def _wait_readable(fds: list[int], timeout: float | None, wake_fd: int | None) -> set[int]:
+    """Those of ``fds`` that are readable (or hung up), waiting up to
+    ``timeout`` seconds; empty after the timeout or a signal.
+
+    ``wake_fd`` is watched too: a signal that comes just before poll()
+    blocks (after the interpreter last looked for signals) makes it
+    readable, so poll() returns and the signal's handler runs at once,
+    rather than when something else wakes us up.
+    """
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    if wake_fd is not None:
+        poller.register(wake_fd, select.POLLIN)
+    # poll() takes at most 2**31 - 1 ms; the callers wait again if need be.
+    ms = None if timeout is None else min(timeout * 1000, 2**31 - 1)
+    ready = {fd for fd, _ in poller.poll(ms)}
+    if wake_fd in ready:
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_fd, 64)
+        ready.discard(wake_fd)
+    return ready
+
+
+def _send_input(conn: PVSocket, stdin_fd: int, done_r: int,
+                wake_fd: int | None) -> _Failed | None:
     """stdin -> socket until end of input or until the pump is done
     (``done_r`` hangs up): waiting for both, so that the other side
     closing ends the tool even while stdin stays open.  Returns why
     sending failed, if it did."""
-    poller = select.poll()
-    poller.register(stdin_fd, select.POLLIN)
-    poller.register(done_r, select.POLLIN)
     while True:
-        ready = {fd for fd, _ in poller.poll()}
+        ready = _wait_readable([stdin_fd, done_r], None, wake_fd)
         if done_r in ready:
             return None
+        if stdin_fd not in ready:
+            continue
         try:
             data = os.read(stdin_fd, _CHUNK)
         except OSError as exc:
@@ -292,16 +317,17 @@ def _send_input(conn: PVSocket, stdin_fd: int, done_r: int) -> _Failed | None:
             return _Failed(f"send failed: {exc}")
 
 
-def _linger(pump: _Pump, quit_after: float | None) -> None:
+def _linger(pump: _Pump, quit_after: float | None, wake_fd: int | None) -> None:
     """After input ends, wait for the other side to close or, with -q,
     for ``quit_after`` seconds in which nothing arrived."""
-    if quit_after is None:
-        pump.done.wait()
-        return
     eof = time.monotonic()
     while True:
-        left = max(pump.last, eof) + quit_after - time.monotonic()
-        if left <= 0 or pump.done.wait(left):
+        left = None
+        if quit_after is not None:
+            left = max(pump.last, eof) + quit_after - time.monotonic()
+            if left <= 0:
+                return
+        if _wait_readable([pump.done_r], left, wake_fd):
             return
 
 
@@ -340,8 +366,8 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
             pump = _Pump(conn, stdout.fileno())
             pump.start()
             try:
-                send_failure = _send_input(conn, stdin.fileno(), pump.done_r)
-                _linger(pump, args.quit_after)
+                send_failure = _send_input(conn, stdin.fileno(), pump.done_r, gate.wake_fd)
+                _linger(pump, args.quit_after, gate.wake_fd)
             finally:
                 # However we leave, the pump's recv() failing on the socket
                 # closed under it is no news.
@@ -365,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="pvcalls-nc: %(levelname)s %(message)s")
     previous = {}
     gate = _SignalGate()
+    gate.wake_fd, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Ignored ones stay ignored: that is what nohup, or a shell
         # starting a background job, asked for.
@@ -383,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        signal.set_wakeup_fd(previous_wake)
+        os.close(gate.wake_fd)
+        os.close(wake_w)
     if gate.pending is not None:
         # Quietly, as the shell's own status for it, also when the signal
         # was held back until the clean-up was over (what failed meanwhile

@@ -415,3 +415,59 @@ def test_signals_leave_no_device_behind(tmp_path: Path) -> None:
                 xs.read(path.encode())
 
 
+
+
+# A signal that another thread takes (or that comes just before poll()
+# blocks) runs its handler in the main thread only when the main thread
+# next runs Python code: pvcalls-nc's waits watch signal.set_wakeup_fd()'s
+# pipe, so that its handler runs, and stops it, at once.
+_SIGNAL_WHILE_WAITING = """
+import os, signal, sys, threading
+sys.path[:0] = sys.argv[1:]
+from racewindow import stands_at
+from pvcalls._nc import _wait_readable
+
+class Stop(Exception):
+    pass
+
+def handler(signum, frame):
+    raise Stop
+
+signal.signal(signal.SIGUSR1, handler)
+wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+never, _ = os.pipe()
+main = threading.get_ident()
+
+def signal_from_here():
+    while not stands_at(main, _wait_readable, "poller.poll("):
+        threading.Event().wait(0.001)
+    threading.Event().wait(0.05)  # into the system call
+    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # to this thread
+
+threading.Thread(target=signal_from_here).start()
+try:
+    _wait_readable([never], None, wake_r)
+except Stop:
+    print("stopped")
+"""
+
+
+def test_a_signal_taken_by_another_thread_ends_a_wait() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_WAITING, os.path.dirname(here)],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert (done.returncode, done.stdout) == (0, "stopped\n"), done.stderr
+
+
+def test_a_wait_longer_than_poll_takes_is_no_error() -> None:
+    # -q accepts up to threading.TIMEOUT_MAX seconds; poll() takes 2**31 - 1 ms.
+    from pvcalls._nc import _wait_readable
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        assert _wait_readable([r], threading.TIMEOUT_MAX, None) == {r}
+    finally:
+        os.close(r)
+        os.close(w)
