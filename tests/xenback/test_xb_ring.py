@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
@@ -152,6 +153,27 @@ def test_backend_never_takes_requests_it_cannot_answer() -> None:
     _set(buf, 0, 33)
     with pytest.raises(RingError):
         list(back.requests())
+
+
+def test_req_prod_moved_back_behind_requests_taken_is_rejected() -> None:
+    """req_prod moved back between the responses produced and the requests
+    taken: "ahead" by the first check, but behind req_cons.  Followed, it
+    would make the backend take almost 2**32 requests from a 32-slot ring."""
+    buf = memoryview(bytearray(4096))
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    for i in range(3):
+        front.push_request(REQ.pack(i, 0))
+    front.push_requests()
+    assert len(list(back.requests())) == 3  # taken, none answered yet
+    _set(buf, 0, 1)
+    with pytest.raises(RingError, match="went backwards"):
+        list(itertools.islice(back.requests(), back.nr_ents + 1))
+    assert back.req_cons == 3  # nothing more was taken
+    # Answering what was taken still works.
+    for _ in range(3):
+        back.push_response(REQ.pack(0, 0))
+    back.push_responses()
 
 
 def test_request_copies_are_private() -> None:
