@@ -303,6 +303,27 @@ def test_flex_ring_hostile_indexes() -> None:
         FlexRing(data, idx, prod_offset=6, cons_offset=4)
 
 
+def test_flex_ring_moves_only_what_the_last_look_allowed() -> None:
+    """produce() and consume() are bounded by the last writable() /
+    readable(), less what was already moved since: a caller's arithmetic
+    error cannot publish bytes never written or free bytes never read."""
+    data, idx = _flex(16)
+    producer, consumer = _rings(data, idx)
+    assert sum(len(v) for v in producer.writable()) == 16
+    with pytest.raises(ValueError, match="16 were free"):
+        producer.produce(17)
+    producer.produce(10)
+    with pytest.raises(ValueError, match="6 were free"):
+        producer.produce(7)
+    producer.produce(6)
+    assert sum(len(v) for v in consumer.readable()) == 16
+    consumer.consume(10)
+    with pytest.raises(ValueError, match="6 were readable"):
+        consumer.consume(7)
+    consumer.consume(6)
+    assert struct.unpack_from("<II", idx) == (16, 16)
+
+
 def test_flex_ring_indexes_moved_by_the_guest_do_not_move_ours() -> None:
     data, idx = _flex(16)
     _producer, consumer = _rings(data, idx)
