@@ -303,6 +303,18 @@ def test_flex_ring_hostile_indexes() -> None:
         FlexRing(data, idx, prod_offset=6, cons_offset=4)
 
 
+@pytest.mark.parametrize(("prod_offset", "cons_offset"),
+                         [(2, 4), (0, 5), (8, 4), (0, 8), (-4, 4), (0, 6), (0, 100)])
+def test_flex_ring_index_offsets_are_aligned_u32s_inside_the_indexes(
+        prod_offset: int, cons_offset: int) -> None:
+    """An index misaligned, or partly or wholly past the end of the indexes
+    memory, is refused when the ring is made, not met at its first use."""
+    data, idx = _flex(16)  # 8 bytes of indexes: u32s at 0 and 4 only
+    with pytest.raises(ValueError, match="aligned u32"):
+        FlexRing(data, idx, prod_offset=prod_offset, cons_offset=cons_offset)
+    FlexRing(data, idx, prod_offset=4, cons_offset=0).release()  # the last u32 is fine
+
+
 def test_flex_ring_moves_only_what_the_last_look_allowed() -> None:
     """produce() and consume() are bounded by the last writable() /
     readable(), less what was already moved since: a caller's arithmetic
