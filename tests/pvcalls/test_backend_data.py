@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import RawFrontend
+from pvcalls_rawfront import TIMEOUT, RawFrontend
 
 import pvcalls
 from pvcalls import _errno, _wire
@@ -57,6 +59,28 @@ def _pump(raw: RawFrontend, ring: Any, peer: socket.socket, data: bytes) -> tupl
 
     raw.wait(step, timeout=30)
     return bytes(to_host), bytes(to_guest)
+
+
+def _drain_events(raw: RawFrontend) -> None:
+    """Forget every notification received so far."""
+    while (port := raw.evtchn.pending()) is not None:
+        raw.evtchn.unmask(port)
+
+
+def _wait_notified(raw: RawFrontend, port: int, timeout: float = TIMEOUT) -> None:
+    """Sleep on the guest's event channel until the backend notifies
+    ``port`` (a frontend that waits for the backend does only that; unlike
+    :meth:`RawFrontend.wait`, no periodic re-check covers a missing notify)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        while (fired := raw.evtchn.pending()) is not None:
+            raw.evtchn.unmask(fired)
+            if fired == port:
+                return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"port {port} was not notified")
+        select.select([raw.evtchn.fileno()], [], [], remaining)
 
 
 def _peek(sock: socket.socket, n: int) -> bytes:
@@ -240,3 +264,48 @@ def test_rings_up_to_the_largest_page_order(make_frontend: Any, host: Any, order
             assert rsp.ret == -22
             server.close()
         fe.close()
+
+
+def test_room_made_in_a_full_out_ring_is_notified(raw: RawFrontend) -> None:
+    """A frontend that filled the out ring sleeps until told of room: the
+    backend's consume of a full ring notifies (nothing else would wake it,
+    the peer sends nothing back)."""
+    _, ring, peer = _accepted_pair(raw, order=1)
+    _drain_events(raw)
+    assert ring.write(b"f" * ring.size) == ring.size  # full, in one produce
+    _wait_notified(raw, ring.port)
+    peer.settimeout(TIMEOUT)
+    got = bytearray()
+    while len(got) < ring.size:
+        got.extend(peer.recv(ring.size))
+    assert bytes(got) == b"f" * ring.size
+    assert ring.get(_wire.OUT_CONS_OFFSET) == ring.size
+
+
+def test_a_data_ring_protocol_error_is_notified(raw: RawFrontend) -> None:
+    """Impossible out indexes: the frontend learns of the error by its
+    event channel, not only by looking at the indexes page."""
+    _, ring, _peer = _accepted_pair(raw)
+    _drain_events(raw)
+    ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
+    raw.evtchn.notify(ring.port)
+    _wait_notified(raw, ring.port)
+    assert ring.in_error == ring.out_error == -_errno.EINVAL
+
+
+def test_a_send_failure_is_notified(raw: RawFrontend) -> None:
+    """out_error set by a failed send is announced on the event channel,
+    even when the receive side changes nothing (here: in_error was set by
+    the frontend, so the backend does not receive)."""
+    _, ring, peer = _accepted_pair(raw)
+    ring.put(_wire.IN_ERROR_OFFSET, -_errno.EBADF)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset: the backend's next send fails
+    _drain_events(raw)
+    deadline = time.monotonic() + TIMEOUT
+    while ring.out_error == 0:
+        assert time.monotonic() < deadline, "the send never failed"
+        ring.write(b"x")  # one byte per notification: the ring never fills
+        _wait_notified(raw, ring.port)
+    assert ring.out_error in (-_errno.EPIPE, -_errno.ECONNRESET)
+    assert ring.in_error == -_errno.EBADF
