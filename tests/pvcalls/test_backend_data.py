@@ -16,6 +16,7 @@ from pvcalls_rawfront import TIMEOUT, RawFrontend
 
 import pvcalls
 from pvcalls import _errno, _wire
+from pvcalls._socket import ActiveSocket
 
 
 def _accepted_pair(raw: RawFrontend, order: int = 4,
@@ -240,6 +241,28 @@ def test_ring_overflow_is_an_error_of_that_socket_only(raw: RawFrontend,
     raw.send_all(good, b"still fine")
     assert raw.recv_exactly(good, 10) == b"still fine"
     assert raw.release(good_id).ret == 0
+
+
+def test_a_socket_stopped_by_a_protocol_error_stays_stopped(raw: RawFrontend,
+                                                           backend: pvcalls.Backend) -> None:
+    """After a data ring protocol error the socket moves nothing more, even
+    if the guest then repairs its indexes and clears the errors."""
+    sock_id, ring, _peer = _accepted_pair(raw)
+    cons = ring.get(_wire.OUT_CONS_OFFSET)
+    ring.put(_wire.OUT_PROD_OFFSET, cons + ring.size + 1)
+    raw.evtchn.notify(ring.port)
+    raw.wait(lambda: ring.in_error != 0 and ring.out_error != 0)
+    ring.put(_wire.OUT_PROD_OFFSET, cons)
+    ring.put(_wire.IN_ERROR_OFFSET, 0)
+    ring.put(_wire.OUT_ERROR_OFFSET, 0)
+    assert ring.write(b"after the error") == 15
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    sock.kick()
+    sock.flush()  # the socket's Work has run since the guest's write
+    assert ring.get(_wire.OUT_CONS_OFFSET) == cons
+    assert ring.get(_wire.IN_PROD_OFFSET) == 0
+    assert (ring.in_error, ring.out_error) == (0, 0)
 
 
 @pytest.mark.parametrize("order", [6, _wire.MAX_PAGE_ORDER_LIMIT])
