@@ -76,6 +76,20 @@ def test_bad_version_is_fatal(dom0_xs: Any, make_frontend: Any, host: Any, backe
     fe.xs.close()
 
 
+@pytest.mark.parametrize("key", ["ring-ref", "port"])
+def test_ring_ref_or_port_beyond_32_bits_is_fatal(dom0_xs: Any, make_frontend: Any,
+                                                  backend: pvcalls.Backend, key: str) -> None:
+    """2**32 is refused as out of range when the node is read, before it
+    reaches a grant mapping or an event channel binding."""
+    fe = make_frontend("g", connect=False)
+    fe.connect(**{key.replace("-", "_"): str(1 << 32)})
+    fe.wait_backend_state(5)
+    error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error is not None and f"{key!r} out of range" in error, error
+    assert backend.stats().frontends == 0
+    fe.xs.close()
+
+
 @pytest.mark.parametrize(("ring_ref", "port"), [("12345", None), ("x", None), (None, "999"),
                                                 (None, "-1")])
 def test_garbage_ring_ref_or_port_is_fatal(make_frontend: Any, host: Any, backend: pvcalls.Backend,
