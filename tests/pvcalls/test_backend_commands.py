@@ -199,6 +199,30 @@ def test_connect_failing_at_once_leaves_a_new_socket(
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("bad", ["ref", "ring_order", "evtchn"])
+def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any, bad: str) -> None:
+    """A CONNECT refused -EINVAL for its data ring or event channel lets go
+    of everything set up for it, the CPU it was homed on included (else a
+    guest could load the CPUs' counts at will); the id stays NEW."""
+    ports = sorted(bound_ports(backend))
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring(ring_order=0) if bad == "ring_order" else raw.new_ring()
+
+    def fill(req: Any) -> None:
+        req.u.connect.id = sock_id
+        ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*echo_server.address), 16)
+        req.u.connect.len = 16
+        req.u.connect.ref = 0xFFFFFFFF if bad == "ref" else ring.ref
+        req.u.connect.evtchn = 4000 if bad == "evtchn" else ring.port
+
+    assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EINVAL
+    row, = backend.stats().sockets
+    assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
+    assert all(c.sockets == 0 for c in backend.stats().cpus)
+    assert sorted(bound_ports(backend)) == ports
+
+
 def test_connect_is_answered_once_when_its_work_runs_meanwhile(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
