@@ -632,6 +632,24 @@ def test_listen_again_only_changes_the_backlog(
         assert raw.recv_exactly(ring, 15) == b"still listening"
 
 
+@pytest.mark.parametrize("backlog", [0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
+def test_listen_with_a_huge_backlog_is_clamped(raw: RawFrontend, backend: pvcalls.Backend,
+                                               backlog: int) -> None:
+    """The guest's u32 backlog beyond what the host's listen() takes (a C
+    int) is clamped to SOMAXCONN, not a failed LISTEN."""
+    sock_id, _ = raw.socket()
+    assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+    assert raw.listen(sock_id, backlog=backlog).ret == 0
+    address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
+    assert address is not None
+    ring = raw.new_ring()
+    accept = raw.push_accept(sock_id, raw.new_id(), ring)
+    with socket.create_connection(address, timeout=TIMEOUT) as client:
+        assert raw.response(accept).ret == 0
+        client.sendall(b"accepted")
+        assert raw.recv_exactly(ring, 8) == b"accepted"
+
+
 @contextlib.contextmanager
 def _no_more_descriptors(raw: RawFrontend) -> Iterator[None]:
     """The process may open no more descriptors (EMFILE) until the block
