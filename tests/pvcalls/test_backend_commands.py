@@ -427,6 +427,8 @@ def test_accept_answered_only_when_a_connection_arrives(
     raw.evtchn.notify(ring.port)
     new = backend._frontends[(raw.guest.domid, 0)]._sockets[id_new]
     assert isinstance(new, ActiveSocket) and new.cpu == -1
+    row = next(r for r in backend.stats().sockets if r.id == id_new)
+    assert (row.kind, row.state, row.cpu) == ("active", "accepting", None)
     new.kick()  # what the notification does
     client = socket.create_connection(address)
     rsp = raw.response(req_id)
@@ -437,6 +439,7 @@ def test_accept_answered_only_when_a_connection_arrives(
     assert client.recv(4) == b"pong"
     rows = {r.id: r for r in backend.stats().sockets}
     assert rows[id_new].kind == "active" and rows[id_new].cpu is not None
+    assert rows[id_new].state == "connected"
     client.close()
     raw.wait(lambda: ring.in_error != 0)
     assert ring.in_error == -_errno.ENOTCONN
