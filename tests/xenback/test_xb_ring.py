@@ -207,6 +207,23 @@ def test_misuse_is_reported() -> None:
         list(front.responses())
 
 
+def test_front_ring_rejects_responses_to_requests_not_pushed() -> None:
+    """A backend's rsp_prod may not run ahead of the requests the frontend
+    has pushed, even by less than the ring's size: a request written but
+    not yet pushed has no response, and neither has an empty slot."""
+    buf = memoryview(bytearray(4096))
+    front = FrontRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    front.push_requests()
+    front.push_request(REQ.pack(2, 0))  # written, not pushed
+    _set(buf, 2, 2)
+    with pytest.raises(RingError, match="ahead of the requests pushed"):
+        list(front.responses())
+    assert front.rsp_cons == 0
+    _set(buf, 2, 1)
+    assert len(list(front.responses())) == 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.tuples(*[st.integers(0, 2**32 - 1)] * 4), st.integers(0, 2**32 - 1))
 def test_any_header_is_rejected_or_bounded(header, start) -> None:
