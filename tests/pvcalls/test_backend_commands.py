@@ -199,15 +199,24 @@ def test_connect_failing_at_once_leaves_a_new_socket(
     assert raw.unexpected == []
 
 
-@pytest.mark.parametrize("bad", ["ref", "ring_order", "evtchn"])
+@pytest.mark.parametrize("bad", ["ref", "ring_order", "data_refs", "evtchn"])
 def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any, bad: str) -> None:
     """A CONNECT refused -EINVAL for its data ring or event channel lets go
-    of everything set up for it, the CPU it was homed on included (else a
-    guest could load the CPUs' counts at will); the id stays NEW."""
+    of everything set up for it: the pages it mapped (the indexes page
+    when the data pages cannot be, or the whole ring when the event channel
+    cannot be bound) and the CPU it was homed on (else a guest could pin
+    the backend's memory or load the CPUs' counts at will); the id stays
+    NEW."""
     ports = sorted(bound_ports(backend))
+    mappings = len(backend.gnttab._live)  # the backend's grant mappings
     sock_id, _ = raw.socket()
-    ring = raw.new_ring(ring_order=0) if bad == "ring_order" else raw.new_ring()
+    if bad == "ring_order":
+        ring = raw.new_ring(ring_order=0)
+    elif bad == "data_refs":
+        ring = raw.new_ring(4, refs=[0xFFFF0000 + i for i in range(16)])
+    else:
+        ring = raw.new_ring()
 
     def fill(req: Any) -> None:
         req.u.connect.id = sock_id
@@ -221,6 +230,7 @@ def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
     assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
     assert all(c.sockets == 0 for c in backend.stats().cpus)
     assert sorted(bound_ports(backend)) == ports
+    assert len(backend.gnttab._live) == mappings
 
 
 def test_connect_is_answered_once_when_its_work_runs_meanwhile(
