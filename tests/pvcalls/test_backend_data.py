@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, RawFrontend
+from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
 
 import pvcalls
 from pvcalls import _errno, _wire
@@ -333,3 +333,33 @@ def test_a_send_failure_is_notified(raw: RawFrontend) -> None:
         _wait_notified(raw, ring.port)
     assert ring.out_error in (-_errno.EPIPE, -_errno.ECONNRESET)
     assert ring.in_error == -_errno.EBADF
+
+
+def test_data_and_fin_in_one_epoll_event_end_the_stream(
+        raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data and the peer's FIN reported by one (edge-triggered) event: the
+    data comes as a short read, and the end of stream only with one more
+    receive, which the hang-up in that event calls for (nothing will
+    report the FIN again)."""
+    held: list[tuple[ActiveSocket, int, int]] = []
+    deliver = ActiveSocket._on_host_event
+
+    def hold(self: ActiveSocket, fd: int, events: int) -> None:
+        held.append((self, fd, events))
+
+    monkeypatch.setattr(ActiveSocket, "_on_host_event", hold)  # bound at add_fd
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock_id, ring = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+        peer.sendall(b"last words")
+        peer.close()
+        wait_until(lambda: any(events & select.EPOLLRDHUP for _, _, events in held))
+    sock, fd, _ = held[0]
+    merged = 0
+    for _, _, events in held:
+        merged |= events
+    deliver(sock, fd, merged)  # as one event
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.read() == b"last words"
+    assert ring.in_error == -_errno.ENOTCONN
+    assert raw.release(sock_id).ret == 0
