@@ -637,12 +637,17 @@ def test_listen_again_only_changes_the_backlog(
     the socket goes on accepting."""
     listener, address = _listener(raw, backend)
     assert raw.listen(listener, backlog=1).ret == 0
+    _accepts_one(raw, listener, address)
+
+
+def _accepts_one(raw: RawFrontend, listener: int, address: tuple[str, int]) -> None:
+    """``listener`` accepts a host client at ``address``, whose data arrives."""
     ring = raw.new_ring()
     accept = raw.push_accept(listener, raw.new_id(), ring)
     with socket.create_connection(address, timeout=TIMEOUT) as client:
         assert raw.response(accept).ret == 0
-        client.sendall(b"still listening")
-        assert raw.recv_exactly(ring, 15) == b"still listening"
+        client.sendall(b"accepted")
+        assert raw.recv_exactly(ring, 8) == b"accepted"
 
 
 @pytest.mark.parametrize("backlog", [0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
@@ -655,12 +660,7 @@ def test_listen_with_a_huge_backlog_is_clamped(raw: RawFrontend, backend: pvcall
     assert raw.listen(sock_id, backlog=backlog).ret == 0
     address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
     assert address is not None
-    ring = raw.new_ring()
-    accept = raw.push_accept(sock_id, raw.new_id(), ring)
-    with socket.create_connection(address, timeout=TIMEOUT) as client:
-        assert raw.response(accept).ret == 0
-        client.sendall(b"accepted")
-        assert raw.recv_exactly(ring, 8) == b"accepted"
+    _accepts_one(raw, sock_id, address)
 
 
 @contextlib.contextmanager

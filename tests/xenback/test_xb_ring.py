@@ -141,14 +141,20 @@ def test_hostile_request_producer_is_rejected() -> None:
     assert [REQ.unpack_from(r)[0] for r in back.requests()] == [7]
 
 
-def test_backend_never_takes_requests_it_cannot_answer() -> None:
+def _requests_taken(n: int) -> tuple[memoryview, BackRing]:
+    """A ring on which the backend took ``n`` requests, answering none."""
     buf = memoryview(bytearray(4096))
     front = FrontRing(buf, SLOT)
     back = BackRing(buf, SLOT)
-    for i in range(32):
+    for i in range(n):
         front.push_request(REQ.pack(i, 0))
     front.push_requests()
-    assert len(list(back.requests())) == 32
+    assert len(list(back.requests())) == n
+    return buf, back
+
+
+def test_backend_never_takes_requests_it_cannot_answer() -> None:
+    buf, back = _requests_taken(32)
     # The frontend claims 1 more while all 32 are unanswered: overflow.
     _set(buf, 0, 33)
     with pytest.raises(RingError):
@@ -159,13 +165,7 @@ def test_req_prod_moved_back_behind_requests_taken_is_rejected() -> None:
     """req_prod moved back between the responses produced and the requests
     taken: "ahead" by the first check, but behind req_cons.  Followed, it
     would make the backend take almost 2**32 requests from a 32-slot ring."""
-    buf = memoryview(bytearray(4096))
-    front = FrontRing(buf, SLOT)
-    back = BackRing(buf, SLOT)
-    for i in range(3):
-        front.push_request(REQ.pack(i, 0))
-    front.push_requests()
-    assert len(list(back.requests())) == 3  # taken, none answered yet
+    buf, back = _requests_taken(3)
     _set(buf, 0, 1)
     with pytest.raises(RingError, match="went backwards"):
         list(itertools.islice(back.requests(), back.nr_ents + 1))

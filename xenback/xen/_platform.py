@@ -29,8 +29,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import pyxs
 from cffi import FFI
@@ -254,6 +253,17 @@ class _DevicePages:
         self._buffer: memoryview | None = view if writable else view.toreadonly()
         self._lock = threading.Lock()  # one scrub, even if ended twice at once
 
+    def _end(self) -> None:
+        """What leaving a ``with`` block does: unmap, or unshare."""
+        raise NotImplementedError
+
+    # ``with`` ends the pages, as it does the simulated host's.
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._end()
+
     @property
     def buffer(self) -> memoryview:
         if self._buffer is None:
@@ -327,15 +337,7 @@ class XenGrantMapping(_DevicePages):
         if self._scrub():
             self._table._release_slots(self._index, self._refs)
 
-    def __enter__(self) -> XenGrantMapping:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _end(self) -> None:
         self.unmap()
 
 
@@ -430,16 +432,7 @@ class XenSharedPages(_DevicePages):
         # The mapping holds the grants' only reference (see share_pages).
         self._scrub()
 
-    # ``with`` unshares, as it does the simulated host's shared pages.
-    def __enter__(self) -> XenSharedPages:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _end(self) -> None:
         self.unshare()
 
 
