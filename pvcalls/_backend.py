@@ -705,11 +705,13 @@ class _Frontend:
             new.state = SockState.ACCEPTING
             new.parent = passive
             new.attach_ring(int(args.ref), int(args.evtchn))
-            with self._lock:
-                self._sockets[id_new] = new
-        finally:
+        except BaseException:
             with self._lock:
                 self._reserved -= 1
+            raise
+        with self._lock:
+            self._reserved -= 1
+            self._sockets[id_new] = new
         try:
             passive.wait(request, new)
         except CommandError:

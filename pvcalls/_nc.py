@@ -239,9 +239,30 @@ class _SignalGate:
     def __init__(self) -> None:
         self.pending: int | None = None
         self._open = False
-        # The read end of signal.set_wakeup_fd()'s pipe, once main() set
-        # it: see _wait_readable.
+        # The read end of signal.set_wakeup_fd()'s pipe while installed():
+        # see _wait_readable.
         self.wake_fd: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Take SIGINT, SIGTERM and SIGHUP through this gate (not those
+        ignored: that is what nohup, or a shell starting a background job,
+        asked for), with a wake-up pipe; all as before on the way out."""
+        self.wake_fd, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, self.handler)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(previous_wake)
+            os.close(self.wake_fd)
+            os.close(wake_w)
+            self.wake_fd = None
 
     def handler(self, signum: int, frame: object) -> None:
         if self.pending is None:
@@ -389,16 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         # frontend's next descriptors would take their numbers.
         p.error("standard input and output must be open")
     logging.basicConfig(level=args.log_level, format="pvcalls-nc: %(levelname)s %(message)s")
-    previous = {}
     gate = _SignalGate()
-    gate.wake_fd, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    previous_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        # Ignored ones stay ignored: that is what nohup, or a shell
-        # starting a background job, asked for.
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, gate.handler)
-    try:
+    with gate.installed():
         try:
             status, message = run(args, host, port, sys.stdin.buffer, sys.stdout.buffer,
                                   gate), None
@@ -408,12 +421,6 @@ def main(argv: list[str] | None = None) -> int:
             status, message = exc.status, exc.message
         except (OSError, TimeoutError) as exc:
             status, message = 1, str(exc)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        signal.set_wakeup_fd(previous_wake)
-        os.close(gate.wake_fd)
-        os.close(wake_w)
     if gate.pending is not None:
         # Quietly, as the shell's own status for it, also when the signal
         # was held back until the clean-up was over (what failed meanwhile
