@@ -31,6 +31,11 @@ the protocol allows up to the backend's ``max-page-order`` (set to that
 order here) but Linux's frontend never asks for.  Only the order 4 rows say
 what a Linux guest would see.
 
+Nothing is timed until every process is set up (each guest's frontend
+connected); a warm-up of every measurement with every setup (``--warmup``)
+precedes the counted rounds.  A failure in any process ends the run with its
+traceback and exit status 1, and no table.
+
 Targets (from the issue): (1) and (2) >= 50 % of loopback, (3) >= 33 %,
 per-CPU counts max - min <= 1.  Prints a Markdown table and writes
 ``bench/results/pvcalls.md``.  Run: ``.venv/bin/python bench/pvcalls_bench.py``.
@@ -44,15 +49,18 @@ import os
 import platform
 import resource
 import selectors
+import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 CHUNK = 64 * 1024
 NR_GUESTS = 4
@@ -76,16 +84,41 @@ def _rss_anon() -> int:
     return 0
 
 
+class BenchError(Exception):
+    """The benchmark could not measure: it prints why and exits 1."""
+
+
+def _failed(conn: Connection) -> NoReturn:
+    """Tell the parent why this process is failing (call from ``except``),
+    and exit: the parent prints the traceback, once."""
+    try:
+        conn.send(("error", traceback.format_exc()))
+    except OSError:
+        traceback.print_exc()  # the parent is gone: say it here
+    sys.exit(1)
+
+
+def _ok(conn: Connection, value: Any) -> None:
+    conn.send(("ok", value))
+
+
 # -- echo server ---------------------------------------------------------------
 
 def echo_main(conn: Connection) -> None:
     """Echo every connection until it closes; one thread, non-blocking."""
+    try:
+        _echo(conn)
+    except BaseException:
+        _failed(conn)
+
+
+def _echo(conn: Connection) -> None:
     _raise_nofile()
     sel = selectors.DefaultSelector()
     lsock = socket.create_server(("127.0.0.1", 0), backlog=1024)
     lsock.setblocking(False)
     sel.register(lsock, selectors.EVENT_READ, None)
-    conn.send(lsock.getsockname())
+    _ok(conn, lsock.getsockname())
     pending: dict[socket.socket, bytearray] = {}
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -95,7 +128,7 @@ def echo_main(conn: Connection) -> None:
     while True:
         for key, events in sel.select():
             if key.data == "stop":
-                conn.send("bye")
+                _ok(conn, "bye")
                 return
             if key.fileobj is lsock:
                 try:
@@ -140,21 +173,24 @@ def echo_main(conn: Connection) -> None:
 
 def backend_main(conn: Connection, run_dir: str, max_page_order: int, nr_domains: int) -> None:
     """SimHost + Backend; answers "stats" until "quit"."""
-    _raise_nofile()
-    import pvcalls
-    from xenback.sim import SimHost
+    try:
+        _raise_nofile()
+        import pvcalls
+        from xenback.sim import SimHost
 
-    with SimHost(Path(run_dir)) as host, \
-            pvcalls.Backend(host.dom0, max_page_order=max_page_order) as backend:
-        domids = [host.create_domain(f"guest{i + 1}").domid for i in range(nr_domains)]
-        conn.send(domids)
-        while True:
-            cmd = conn.recv()
-            if cmd == "quit":
-                break
-            if cmd == "stats":
-                conn.send((backend.stats().as_dict(), _rss_anon()))
-    conn.send("bye")
+        with SimHost(Path(run_dir)) as host, \
+                pvcalls.Backend(host.dom0, max_page_order=max_page_order) as backend:
+            domids = [host.create_domain(f"guest{i + 1}").domid for i in range(nr_domains)]
+            _ok(conn, domids)
+            while True:
+                cmd = conn.recv()
+                if cmd == "quit":
+                    break
+                if cmd == "stats":
+                    _ok(conn, (backend.stats().as_dict(), _rss_anon()))
+    except BaseException:
+        _failed(conn)
+    _ok(conn, "bye")
 
 
 # -- clients -------------------------------------------------------------------
@@ -263,15 +299,21 @@ def connects(connect: Callable[[], Any], seconds: float) -> float:
 
 def client_main(conn: Connection, run_dir: str | None, domid: int | None, addr: tuple[str, int],
                 ring_order: int = LINUX_ORDER) -> None:
-    """One client process: a guest (``domid``) or plain loopback (None)."""
-    _raise_nofile()
+    """One client process: a guest (``domid``) or plain loopback (None).
+    Says "ready" once set up (a guest's frontend connected), so that no
+    measurement runs while another party is still starting."""
     fe = None
-    if domid is not None:
-        import pvcalls
-        from xenback.sim import attach
+    try:
+        _raise_nofile()
+        if domid is not None:
+            import pvcalls
+            from xenback.sim import attach
 
-        fe = pvcalls.Frontend(attach(Path(str(run_dir)), domid), ring_order=ring_order)
-        fe.open()
+            fe = pvcalls.Frontend(attach(Path(str(run_dir)), domid), ring_order=ring_order)
+            fe.open()
+    except BaseException:
+        _failed(conn)
+    _ok(conn, "ready")
 
     def connect() -> Any:
         if fe is None:
@@ -289,23 +331,29 @@ def client_main(conn: Connection, run_dir: str | None, domid: int | None, addr: 
             if cmd == "quit":
                 break
             if cmd == "single":
-                conn.send(single_stream(connect, arg))
+                _ok(conn, single_stream(connect, arg))
             elif cmd == "rr":
-                conn.send(round_trips(connect, arg))
+                _ok(conn, round_trips(connect, arg))
             elif cmd == "connects":
-                conn.send(connects(connect, arg))
+                _ok(conn, connects(connect, arg))
             elif cmd == "open":
                 socks = [connect() for _ in range(arg)]
-                conn.send(len(socks))
+                _ok(conn, len(socks))
             elif cmd == "streams":
-                conn.send(streams(socks, arg))
+                result = streams(socks, arg)
+                # Closed before answering: the next measurement must not
+                # overlap this teardown (nor see these sockets in the
+                # backend's counts).
                 for s in socks:
                     s.close()
                 socks = []
+                _ok(conn, result)
+    except BaseException:
+        _failed(conn)
     finally:
         if fe is not None:
             fe.close()
-        conn.send("bye")
+    _ok(conn, "bye")
 
 
 # -- orchestration --------------------------------------------------------------
@@ -313,17 +361,32 @@ def client_main(conn: Connection, run_dir: str | None, domid: int | None, addr: 
 class Party:
     """A child process and its end of a pipe."""
 
-    def __init__(self, ctx: Any, target: Callable[..., None], *args: Any) -> None:
+    def __init__(self, ctx: Any, name: str, target: Callable[..., None], *args: Any) -> None:
+        self.name = name
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+        self.proc = ctx.Process(target=target, args=(child, *args), daemon=True, name=name)
         self.proc.start()
+        # Only the child holds its end now: should it die, ask() sees EOF
+        # at once instead of waiting out its timeout.
+        child.close()
 
     def ask(self, *msg: Any, timeout: float = 120.0) -> Any:
-        if msg:
-            self.conn.send(msg if len(msg) > 1 else msg[0])
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.proc.name} did not answer {msg!r}")
-        return self.conn.recv()
+        """Send ``msg`` (if any) and return the answer; :class:`BenchError`
+        if the process failed, died or did not answer in time."""
+        what = f"{self.name} (pid {self.proc.pid})"
+        try:
+            if msg:
+                self.conn.send(msg if len(msg) > 1 else msg[0])
+            if not self.conn.poll(timeout):
+                raise BenchError(f"{what} did not answer {msg!r} within {timeout:.0f} s")
+            status, value = self.conn.recv()
+        except (OSError, EOFError):
+            self.proc.join(5)
+            raise BenchError(f"{what} exited (code {self.proc.exitcode}) without answering "
+                             f"{msg!r}") from None
+        if status == "error":
+            raise BenchError(f"{what} failed on {msg!r}:\n{value}")
+        return value
 
     def close(self, quit_msg: Any) -> None:
         try:
@@ -388,6 +451,11 @@ def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, li
     else:
         with CpuMeter(groups) as meter:
             value = clients[0].ask(key, seconds)
+    if not value > 0:
+        # A ratio against (or of) nothing would be printed as 0 % or not at
+        # all: say that the measurement failed instead.
+        raise BenchError(f"{key} with {clients[0].name} and the rest of its setup measured "
+                         f"nothing ({value!r}) in {seconds:g} s")
     return value, meter.cores, opened
 
 
@@ -404,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(KEYS),
                    help=f"comma-separated measurements to make, of {','.join(KEYS)} "
                         "(for working on one; the README's table is of all)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="seconds of each measurement made once, with every setup alike, "
+                        "before the first round and not counted (default: --seconds, at "
+                        "most 0.5; 0 for none)")
     p.add_argument("--output", type=Path, default=None,
                    help="where to write the table (default: the recorded table, "
                         "bench/results/pvcalls.md, and only by a run of every "
@@ -413,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--large-order must be at least {LINUX_ORDER}")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if not args.seconds > 0:
+        p.error("--seconds must be more than 0")
+    warmup = min(args.seconds, 0.5) if args.warmup is None else args.warmup
+    if warmup < 0:
+        p.error("--warmup must not be negative")
     keys = [key for key in args.only.split(",") if key]
     unknown = sorted(set(keys) - set(KEYS))
     if unknown or not keys:
@@ -420,49 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     orders = sorted({LINUX_ORDER, args.large_order})
     _raise_nofile()
     load_before = Path("/proc/loadavg").read_text().split()[0]
-    ctx = mp.get_context("spawn")
-    parties: list[tuple[Party, Any]] = []
-    # runs[setup][key]: (value, cores) of each round; setup "direct" or an order.
-    runs: dict[Any, dict[str, list[tuple[float, dict[str, float]]]]] = {}
-    opened: dict[int, Any] = {}
-    rss_before: dict[int, int] = {}
     try:
-        echo = Party(ctx, echo_main)
-        parties.append((echo, "quit"))
-        addr = tuple(echo.ask())
-        run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
-        backend = Party(ctx, backend_main, run_dir, max(orders), NR_GUESTS * len(orders))
-        parties.append((backend, "quit"))
-        domids = backend.ask(timeout=60)
-
-        direct = [Party(ctx, client_main, None, None, addr) for _ in range(NR_GUESTS)]
-        parties += [(c, ("quit", None)) for c in direct]
-        setups: list[tuple[Any, list[Party], dict[str, list[Party]]]] = [
-            ("direct", direct, {"clients": direct, "echo": [echo]})]
-        for n, order in enumerate(orders):
-            mine = domids[n * NR_GUESTS : (n + 1) * NR_GUESTS]
-            guests = [Party(ctx, client_main, run_dir, d, addr, order) for d in mine]
-            parties += [(g, ("quit", None)) for g in guests]
-            setups.append((order, guests, {"guests": guests, "backend": [backend], "echo": [echo]}))
-
-        def on_open() -> Any:
-            return backend.ask("stats")
-
-        for rnd in range(args.rounds):
-            print(f"round {rnd + 1} of {args.rounds} ...", file=sys.stderr)
-            for key in keys:
-                for setup, clients, groups in setups[:: -1 if rnd % 2 else 1]:
-                    if key == "streams" and setup != "direct" and setup not in rss_before:
-                        rss_before[setup] = backend.ask("stats")[1]
-                    value, cores, stats = measure(
-                        key, clients, args.seconds, groups,
-                        None if setup == "direct" else on_open)
-                    runs.setdefault(setup, {}).setdefault(key, []).append((value, cores))
-                    if stats is not None and setup not in opened:
-                        opened[setup] = stats
-    finally:
-        for party, quit_msg in reversed(parties):
-            party.close(quit_msg)
+        runs, opened, rss_before = _run(args, keys, orders, warmup)
+    except BenchError as exc:
+        print(f"pvcalls_bench: FAILED, no results: {exc}", file=sys.stderr)
+        return 1
 
     measurements = {
         "single": ("single stream, 64 KiB writes (MB/s)", 1e6, 0.50),
@@ -471,8 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "connects": ("connects (/s)", 1.0, None),
     }
 
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
+    median = statistics.median
 
     def cpu_text(cores: list[dict[str, float]], names: tuple[str, ...]) -> str:
         return " / ".join(f"{median([c[n] for c in cores]):.2f}" for n in names)
@@ -508,18 +546,22 @@ def main(argv: list[str] | None = None) -> int:
         spread = max(per_cpu.values()) - min(per_cpu.values()) if per_cpu else None
         mem_per_socket = (rss_open - rss_before[order]) / STREAMS
         counts = ", ".join(f"CPU {c}: {n}" for c, n in sorted(per_cpu.items()))
+        if sum(per_cpu.values()) != STREAMS:  # sockets not of these streams counted too
+            counts += f" (total {sum(per_cpu.values())}, not {STREAMS})"
         met = "met" if spread is not None and spread <= 1 else "NOT met"
         lines += [
             f"- ring order {order}: sockets per ioworker CPU with {STREAMS} streams open: "
             f"{counts} (max - min = {spread}; target <= 1: {met}); backend memory per active "
             f"socket beyond its ring pages: {mem_per_socket / 1024:.1f} KiB "
-            f"(RssAnon growth / {STREAMS}, first round)",
+            f"(RssAnon growth / {STREAMS}, the first time they were open)",
         ]
     lines += [
         f"- ring order 4 is what Linux's pvcalls-front uses; order {max(orders)} needs a frontend "
         f"that asks for it (pvcalls.Frontend(ring_order=...)) and a backend offering "
         f"max-page-order >= {max(orders)}",
-        f"- {args.rounds} rounds; in each, every measurement ran with direct loopback and "
+        f"- every party set up (guests' frontends connected) before anything was timed; "
+        f"then {warmup:g} s of each measurement with each setup, not counted; then "
+        f"{args.rounds} rounds; in each, every measurement ran with direct loopback and "
         f"each ring order back to back (reversed every other round); values and CPU are "
         f"medians over the rounds, the ratio is the median of the rounds' ratios (their range "
         f"in brackets); the machine is shared, so single rounds can be far off",
@@ -537,6 +579,82 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("# PV Calls benchmark\n\nProduced by `bench/pvcalls_bench.py`.\n\n" + text)
     return 0
+
+
+Runs = dict[Any, dict[str, list[tuple[float, dict[str, float]]]]]
+
+
+def _run(args: argparse.Namespace, keys: list[str], orders: list[int],
+         warmup: float) -> tuple[Runs, dict[int, Any], dict[int, int]]:
+    """Start every party, wait until all are set up, warm up, then make the
+    rounds.  Every process and the simulated host's directory are gone
+    when this returns, whether or not it raises."""
+    ctx = mp.get_context("spawn")
+    parties: list[tuple[Party, Any]] = []
+    # runs[setup][key]: (value, cores) of each round; setup "direct" or an order.
+    runs: Runs = {}
+    opened: dict[int, Any] = {}
+    rss_before: dict[int, int] = {}
+    run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
+    try:
+        echo = Party(ctx, "echo server", echo_main)
+        parties.append((echo, "quit"))
+        addr = tuple(echo.ask())
+        backend = Party(ctx, "backend", backend_main, run_dir, max(orders),
+                        NR_GUESTS * len(orders))
+        parties.append((backend, "quit"))
+        domids = backend.ask(timeout=60)
+
+        direct = [Party(ctx, f"direct client {i + 1}", client_main, None, None, addr)
+                  for i in range(NR_GUESTS)]
+        parties += [(c, ("quit", None)) for c in direct]
+        setups: list[tuple[Any, list[Party], dict[str, list[Party]]]] = [
+            ("direct", direct, {"clients": direct, "echo": [echo]})]
+        for n, order in enumerate(orders):
+            mine = domids[n * NR_GUESTS : (n + 1) * NR_GUESTS]
+            guests = [Party(ctx, f"guest dom{d} (ring order {order})", client_main,
+                            run_dir, d, addr, order) for d in mine]
+            parties += [(g, ("quit", None)) for g in guests]
+            setups.append((order, guests, {"guests": guests, "backend": [backend], "echo": [echo]}))
+        # Every client is set up (imported, attached, frontend connected)
+        # before anything is timed: a guest still starting would take CPU
+        # from whichever measurement came first.
+        for setup in setups:
+            for c in setup[1]:
+                if c.ask(timeout=60) != "ready":
+                    raise BenchError(f"{c.name} did not say it was ready")
+
+        def on_open() -> Any:
+            return backend.ask("stats")
+
+        def one(key: str, setup: Any, clients: list[Party], groups: dict[str, list[Party]],
+                seconds: float) -> tuple[float, dict[str, float]]:
+            # The backend's memory per socket: RssAnon before and with the
+            # streams open the first time (later, freed memory is reused).
+            if key == "streams" and setup != "direct" and setup not in rss_before:
+                rss_before[setup] = backend.ask("stats")[1]
+            value, cores, stats = measure(
+                key, clients, seconds, groups, None if setup == "direct" else on_open)
+            if stats is not None and setup not in opened:
+                opened[setup] = stats
+            return value, cores
+
+        if warmup > 0:
+            print(f"warm-up, {warmup:g} s each ...", file=sys.stderr)
+            for key in keys:
+                for setup, clients, groups in setups:
+                    one(key, setup, clients, groups, warmup)
+        for rnd in range(args.rounds):
+            print(f"round {rnd + 1} of {args.rounds} ...", file=sys.stderr)
+            for key in keys:
+                for setup, clients, groups in setups[:: -1 if rnd % 2 else 1]:
+                    runs.setdefault(setup, {}).setdefault(key, []).append(
+                        one(key, setup, clients, groups, args.seconds))
+    finally:
+        for party, quit_msg in reversed(parties):
+            party.close(quit_msg)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return runs, opened, rss_before
 
 
 def _per_cpu_counts(stats: Any) -> dict[int, int]:

@@ -1,0 +1,58 @@
+"""bench/pvcalls_bench.py on failure: a clear message, exit status 1, no
+table (no ratio against a measurement that did not happen), and nothing
+left behind."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "pvcalls_bench.py"
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("pvcalls_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_party_fails_the_run_with_its_reason(tmp_path: Path) -> None:
+    # max-page-order 30 is refused by pvcalls.Backend in the backend process.
+    out = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--only", "rr", "--seconds", "0.05", "--rounds", "1",
+         "--large-order", "30", "--output", str(out)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "FAILED" in proc.stderr and "max_page_order" in proc.stderr
+    assert proc.stderr.count("Traceback") == 1  # said once, by the parent
+    assert "round trips" not in proc.stdout and not out.exists()
+    assert not list(tmp_path.glob("pvcalls-bench-*"))  # the host's directory is gone
+
+
+class _Answers:
+    name = "direct client 1"
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def ask(self, *msg: Any, timeout: float = 0) -> Any:
+        return self.value
+
+
+def test_a_measurement_of_nothing_is_a_failure_not_a_ratio() -> None:
+    bench = _bench()
+    with pytest.raises(bench.BenchError, match="measured nothing"):
+        bench.measure("rr", [_Answers(0.0)], 0.1, {})
+    assert bench.measure("rr", [_Answers(5.0)], 0.1, {})[0] == 5.0
