@@ -44,6 +44,10 @@ READ, WRITE = 2, 11
 RESULTS = Path(__file__).resolve().parent / "results" / "xenstore.md"
 
 
+class BenchError(Exception):
+    """The benchmark could not measure: it prints why and exits 1."""
+
+
 # --- servers (each in its own process) -----------------------------------------
 
 
@@ -204,37 +208,42 @@ def measure(client: str, path: str, op: int, nclients: int, seconds: float, echo
             if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
                 for p in procs:
                     p.kill()
-                raise RuntimeError(f"{client} client failed against {path}") from None
+                for p in procs:
+                    p.join(10)
+                codes = [p.exitcode for p in procs]
+                raise BenchError(f"{client} clients against {path or 'an embedded server'} "
+                                 f"failed or hung (exit codes {codes}; their tracebacks, "
+                                 f"if any, are above)") from None
     for p in procs:
         p.join()
     return sum(n / elapsed for n, elapsed in results)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
-    parser.add_argument("--no-write", action="store_true", help="print only, no results file")
-    parser.add_argument("--no-evtchn", action="store_true", help="skip the event-channel part")
-    args = parser.parse_args(argv)
-
+def _measure_all(args: argparse.Namespace) -> list[tuple[str, str, int, float, float]]:
+    """Both servers in processes of their own, every row measured; the
+    servers are gone when this returns or raises."""
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="xsb") as d:
         stop = ctx.Event()
         ready_x, ready_e = ctx.Event(), ctx.Event()
         echo_path = os.path.join(d, "echo")
         servers = [
-            ctx.Process(target=serve_xenstored, args=(d, ready_x, stop)),
-            ctx.Process(target=serve_echo, args=(echo_path, ready_e, stop)),
+            ctx.Process(target=serve_xenstored, args=(d, ready_x, stop), name="xenstored"),
+            ctx.Process(target=serve_echo, args=(echo_path, ready_e, stop), name="echo server"),
         ]
-        for p in servers:
-            p.start()
-        if not (ready_x.wait(30) and ready_e.wait(30)):
-            raise SystemExit("servers did not start")
         xs_path = os.path.join(d, "xenstored", "socket")
         rows = []
         try:
+            for p in servers:
+                p.start()
+            deadline = time.monotonic() + 30
+            for p, ready in zip(servers, (ready_x, ready_e), strict=True):
+                # Waiting on the event and on the process's exit together:
+                # a server that dies starting fails the run at once.
+                while not ready.wait(0.1):
+                    if not p.is_alive() or time.monotonic() > deadline:
+                        raise BenchError(f"the {p.name} did not start (exit code "
+                                         f"{p.exitcode}; its traceback, if any, is above)")
             for client in ("pyxs", "raw"):
                 for op, opname in ((READ, "READ"), (WRITE, "WRITE")):
                     for n in (1, args.clients):
@@ -258,8 +267,29 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop.set()
             for p in servers:
+                if p.pid is None:
+                    continue  # never started
                 p.join(10)
+                if p.is_alive():  # not left to block this process's exit
+                    p.kill()
+                    p.join()
+    return rows
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--no-write", action="store_true", help="print only, no results file")
+    parser.add_argument("--no-evtchn", action="store_true", help="skip the event-channel part")
+    args = parser.parse_args(argv)
+
+    try:
+        rows = _measure_all(args)
+    except BenchError as exc:
+        print(f"xenstore_bench: FAILED, no results: {exc}", file=sys.stderr)
+        return 1
     pyxs_echo_1 = {op: base for c, op, n, _o, base in rows if c == "pyxs" and n == 1}
     raw_echo_1 = next(base for c, op, n, _o, base in rows if c == "raw" and n == 1)
     lines = [
