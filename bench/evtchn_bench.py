@@ -32,18 +32,83 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import platform
 import select
+import signal
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 WARMUP = 1000
+
+
+class BenchError(Exception):
+    """The benchmark could not measure: it prints why and exits 1."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise BenchError(_why[0])
+
+
+_why = [""]
+
+
+@contextmanager
+def watched(child: BaseProcess, what: str, timeout: float) -> Iterator[None]:
+    """Run the body in the main thread while a watchdog waits for ``child``
+    to exit early or for ``timeout`` to pass; either interrupts the body
+    (blocked in a read of a pipe the dead child never writes, or in the
+    event channel's wait) with :class:`BenchError`, instead of a hang."""
+    stop_r, stop_w = os.pipe()
+    main = threading.main_thread().ident
+    assert main == threading.get_ident(), "the watched body runs in the main thread"
+    fired = threading.Event()
+
+    def watch() -> None:
+        ready = multiprocessing.connection.wait([child.sentinel, stop_r], timeout)
+        if stop_r in ready:
+            return
+        if ready:
+            child.join(1)
+            _why[0] = f"{what}: the echo process exited (code {child.exitcode}) mid-run"
+        else:
+            _why[0] = f"{what}: no progress within {timeout:.0f} s"
+        fired.set()
+        assert main is not None
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, _interrupt)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    except BaseException:
+        if child.is_alive():
+            child.kill()
+            child.join()
+        raise
+    finally:
+        os.write(stop_w, b"x")
+        watcher.join()
+        os.close(stop_r)
+        os.close(stop_w)
+        signal.signal(signal.SIGUSR1, previous)
+    if fired.is_set():  # fired as the body ended: the run is still suspect
+        raise BenchError(_why[0])
+
+
+def run_timeout(rounds: int) -> float:
+    """Time a run may take: generous, only to turn a hang into a failure."""
+    return 60.0 + rounds * 0.005
 
 
 # -- the echo side (child process) --------------------------------------------
@@ -128,7 +193,7 @@ def run_evtchn(rounds: int, blocking: bool) -> list[float]:
                 args=(str(host.run_dir), guest.domid, port, rounds, child_ctl, blocking),
             )
             child.start()
-            assert ctl.recv() == "ready"
+            child_ctl.close()
             poller = select.poll()
             poller.register(ch.fileno(), select.POLLIN)
 
@@ -136,10 +201,30 @@ def run_evtchn(rounds: int, blocking: bool) -> list[float]:
                 ch.notify(port)
                 take_event(ch, port, poller, blocking)
 
-            times = timed(rounds, one_round)
-            ctl.send("done")
-            child.join()
+            with watched(child, "evtchn" + ("-wait" if blocking else ""), run_timeout(rounds)):
+                _ready(ctl)
+                times = timed(rounds, one_round)
+            _finish(ctl, child)
     return times
+
+
+def _ready(ctl: Connection) -> None:
+    try:
+        said = ctl.recv()
+    except (EOFError, OSError):
+        said = None
+    if said != "ready":
+        raise BenchError("the echo process did not start (its traceback, if any, is above)")
+
+
+def _finish(ctl: Connection, child: BaseProcess) -> None:
+    """Let the echo process go and reap it."""
+    ctl.send("done")
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        raise BenchError("the echo process did not exit when told to")
 
 
 def run_fd(rounds: int, make: Callable[[], tuple[int, int]], size: int,
@@ -150,7 +235,7 @@ def run_fd(rounds: int, make: Callable[[], tuple[int, int]], size: int,
     ctl, child_ctl = mp.Pipe()
     child = mp.Process(target=fd_echo, args=(ping_r, pong_w, rounds, child_ctl, size, cpu))
     child.start()
-    assert ctl.recv() == "ready"
+    child_ctl.close()
     data = b"\x00" if size == 1 else (1).to_bytes(8, sys.byteorder)
 
     def one_round() -> None:
@@ -158,16 +243,17 @@ def run_fd(rounds: int, make: Callable[[], tuple[int, int]], size: int,
         os.read(pong_r, size)
 
     allowed = os.sched_getaffinity(0)
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
     try:
-        times = timed(rounds, one_round)
+        with watched(child, f"bare ping-pong ({size}-byte)", run_timeout(rounds)):
+            _ready(ctl)
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+            times = timed(rounds, one_round)
+        _finish(ctl, child)
     finally:
         os.sched_setaffinity(0, allowed)
-    ctl.send("done")
-    child.join()
-    for fd in {ping_r, ping_w, pong_r, pong_w}:
-        os.close(fd)
+        for fd in {ping_r, ping_w, pong_r, pong_w}:
+            os.close(fd)
     return times
 
 
@@ -179,7 +265,7 @@ def run_epoll_floor(rounds: int) -> list[float]:
     ctl, child_ctl = mp.Pipe()
     child = mp.Process(target=epoll_echo, args=(ping_r, pong_w, rounds, child_ctl))
     child.start()
-    assert ctl.recv() == "ready"
+    child_ctl.close()
     ep = select.epoll()
     ep.register(pong_r, select.EPOLLIN)
 
@@ -188,12 +274,15 @@ def run_epoll_floor(rounds: int) -> list[float]:
         ep.poll(-1, 1)
         os.read(pong_r, 64)
 
-    times = timed(rounds, one_round)
-    ctl.send("done")
-    child.join()
-    ep.close()
-    for fd in (ping_r, ping_w, pong_r, pong_w):
-        os.close(fd)
+    try:
+        with watched(child, "epoll+pipe", run_timeout(rounds)):
+            _ready(ctl)
+            times = timed(rounds, one_round)
+        _finish(ctl, child)
+    finally:
+        ep.close()
+        for fd in (ping_r, ping_w, pong_r, pong_w):
+            os.close(fd)
     return times
 
 
@@ -210,13 +299,25 @@ def make_eventfd() -> tuple[int, int]:
     return fd, fd
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=20000)
-    args = parser.parse_args()
+    parser.add_argument("--rounds", type=int, default=20000,
+                        help=f"timed round trips of each run (after {WARMUP} not timed)")
+    parser.add_argument("--no-write", action="store_true", help="print only, no results file")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    try:
+        return _main(args)
+    except BenchError as exc:
+        print(f"evtchn_bench: FAILED, no results: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(args: argparse.Namespace) -> int:
     # fork: the bare baselines' children inherit their descriptors.  The
     # evtchn child is spawned: the host in this process runs threads.
-    mp.set_start_method("fork")
+    mp.set_start_method("fork", force=True)
     rounds = args.rounds + WARMUP
     one_cpu = min(os.sched_getaffinity(0))
 
@@ -281,10 +382,12 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(__file__).parent / "results" / "evtchn.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
+    if not args.no_write:
+        out = Path(__file__).parent / "results" / "evtchn.md"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_evtchn:
         # A process of its own: it needs the "fork" start method for itself.
         evtchn = Path(__file__).with_name("evtchn_bench.py")
-        return subprocess.run([sys.executable, str(evtchn)], check=False).returncode
+        extra = ["--no-write"] if args.no_write else []
+        return subprocess.run([sys.executable, str(evtchn), *extra], check=False).returncode
     return 0
 
 
