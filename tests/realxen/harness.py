@@ -112,14 +112,33 @@ def compile_bytecode(python: str) -> None:
     """
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, timeout=60,
     ).stdout.strip()
     targets = [REPO / "workqueue", REPO / "xenback", REPO / "pvcalls", HERE, Path(site)]
     subprocess.run(
         [python, "-m", "compileall", "-q", "-x", r"/cache/",
          *[str(t) for t in targets if t.exists()]],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True, stdout=subprocess.DEVNULL, timeout=300,
     )
+
+
+def run_bounded(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(argv, capture_output=True, text=True)`` in a session
+    of its own; on timeout the whole process group is killed (not just
+    ``argv[0]``: prepare.py's apt-get, dpkg or make would otherwise run on,
+    holding the dpkg lock) and :class:`subprocess.TimeoutExpired` raised."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _reader(stream: IO[bytes], lines: queue.Queue[str | None], start: float) -> None:
@@ -143,19 +162,26 @@ def boot(
     accel: str = "tcg,thread=multi",
     cpu: str = CPU,
 ) -> RunResult:
-    """Boot once and return what the console said; never raises on failure."""
-    manifest = json.loads((cache / "out/manifest.json").read_text())
-    run_dir = cache / "run"
-    run_dir.mkdir(exist_ok=True)
-    cmdfile = run_dir / f"dom0-cmd-{os.getpid()}"
-    cmdfile.write_text("\n".join(dom0_command(manifest, backend, nbytes, python, trace, timeout)) + "\n")
-    compile_bytecode(python)
+    """Boot once and return what the console said; never raises on failure
+    (a host-side failure before QEMU runs is step ``host-setup``)."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        qemu_command(manifest, cmdfile, accel, cpu),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    cmdfile = cache / "run" / f"dom0-cmd-{os.getpid()}"
+    try:
+        manifest = json.loads((cache / "out/manifest.json").read_text())
+        cmdfile.parent.mkdir(exist_ok=True)
+        compile_bytecode(python)
+        cmdfile.write_text(
+            "\n".join(dom0_command(manifest, backend, nbytes, python, trace, timeout)) + "\n")
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            qemu_command(manifest, cmdfile, accel, cpu),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+        cmdfile.unlink(missing_ok=True)
+        return RunResult(False, "host-setup", f"before QEMU ran: {type(exc).__name__}: {exc}",
+                         time.monotonic() - start, [], None)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines, start), daemon=True).start()
     seen: list[str] = []

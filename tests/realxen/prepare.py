@@ -349,8 +349,12 @@ def prepare(cache: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     xen = out / "xen.elf"
     if not xen.exists():
+        # Renamed into place: a run killed mid-write (the test's time
+        # limit) must not leave a truncated xen.elf that later runs keep.
+        partial = xen.with_suffix(".elf.partial")
         with gzip.open(pieces["xen_gz"]) as f:
-            xen.write_bytes(f.read())
+            partial.write_bytes(f.read())
+        partial.replace(xen)
     shim = build_shim(pieces, cache / "build/pvshim")
     linux_backend = build_linux_backend(pieces, cache / "build/pvcalls-back")
     build_dom0_initramfs(pieces, out / "dom0-initrd.img")

@@ -51,14 +51,14 @@ def _describe(result: Any) -> str:
 def test_linux_pvcalls_front_against_backend_on_real_xen() -> None:
     start = time.monotonic()
     try:
-        prep = subprocess.run(
-            [sys.executable, str(HERE / "prepare.py")],
-            capture_output=True, text=True, timeout=PREPARE_BUDGET,
-        )
+        # Its own process group, killed whole on timeout: apt-get or make
+        # must not run on (holding the dpkg lock) after the test gave up.
+        prep = harness.run_bounded([sys.executable, str(HERE / "prepare.py")], PREPARE_BUDGET)
     except subprocess.TimeoutExpired:
         pytest.fail(f"prepare.py took more than {PREPARE_BUDGET:.0f} s")
     if prep.returncode == 2:
-        pytest.skip(prep.stderr.strip().splitlines()[-1])
+        lines = prep.stderr.strip().splitlines()
+        pytest.skip(lines[-1] if lines else "prepare.py: unavailable (it said nothing more)")
     assert prep.returncode == 0, f"prepare.py failed:\n{prep.stderr[-3000:]}"
 
     logs = HERE / "cache" / "logs"
