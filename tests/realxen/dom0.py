@@ -51,6 +51,7 @@ CONSOLE_DIR = Path("/var/log/xen/console")
 DOMU_NAME = "realxen-domu"
 LISTEN_PORT = 7000
 REAP_TIMEOUT = 30  # seconds xl gets to destroy a guest that powered off
+XL_TIMEOUT = 30  # seconds any xl list/destroy may take (xl was seen to abort, so maybe hang)
 
 _out_lock = threading.Lock()
 
@@ -107,7 +108,11 @@ def start_xen_daemons(procs: list[subprocess.Popen[bytes]]) -> None:
         stdout=subprocess.DEVNULL,
     ))
     wait_until(XENSTORED_SOCKET.exists, 30, "xenstored", str(XENSTORED_SOCKET))
-    init = subprocess.run([str(XEN_BIN / "xen-init-dom0")], capture_output=True, text=True)
+    try:
+        init = subprocess.run([str(XEN_BIN / "xen-init-dom0")], capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired:
+        raise StepFailed("xen-init-dom0", "did not exit within 60 s") from None
     if init.returncode != 0:
         raise StepFailed("xen-init-dom0", init.stdout + init.stderr)
     procs.append(subprocess.Popen([
@@ -273,6 +278,15 @@ class XlFailed(Exception):
     """xl itself failed: it says nothing about the guest."""
 
 
+def xl_destroy() -> None:
+    """``xl destroy`` the guest; a hanging xl is said, not waited for."""
+    try:
+        subprocess.run([str(XEN_BIN / "xl"), "destroy", DOMU_NAME], capture_output=True,
+                       timeout=XL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        say(f"REALXEN NOTE xl destroy did not exit within {XL_TIMEOUT} s")
+
+
 def domain_exists(name: str) -> bool:
     try:
         return domain_state(name) is not None
@@ -287,7 +301,11 @@ def domain_state(name: str) -> str | None:
     All domains are listed rather than asking for ``name``: then a failing
     xl (seen to abort on a loaded machine) cannot pass for a missing domain.
     """
-    out = subprocess.run([str(XEN_BIN / "xl"), "list"], capture_output=True, text=True)
+    try:
+        out = subprocess.run([str(XEN_BIN / "xl"), "list"], capture_output=True, text=True,
+                             timeout=XL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise XlFailed(f"xl list did not exit within {XL_TIMEOUT} s") from None
     if out.returncode != 0:
         raise XlFailed(f"xl list exited {out.returncode}: {out.stderr.strip()[-300:]}")
     for line in out.stdout.splitlines()[1:]:
@@ -358,9 +376,14 @@ def guest_domid() -> int:
     loaded machine; that is the toolstack's trouble, not the backend's, so
     it is said and retried."""
     for _attempt in range(3):
-        out = subprocess.run(
-            [str(XEN_BIN / "xl"), "domid", DOMU_NAME], capture_output=True, text=True
-        )
+        try:
+            out = subprocess.run(
+                [str(XEN_BIN / "xl"), "domid", DOMU_NAME], capture_output=True, text=True,
+                timeout=XL_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            say(f"REALXEN NOTE xl domid did not exit within {XL_TIMEOUT} s")
+            continue
         if out.returncode == 0:
             return int(out.stdout)
         say(f"REALXEN NOTE xl domid exited {out.returncode}: {out.stderr.strip()[-300:]}")
@@ -447,7 +470,7 @@ def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> i
             for line in console.lines():
                 say(f"domU| {line}")
             diagnose(domid)
-            subprocess.run([str(XEN_BIN / "xl"), "destroy", DOMU_NAME], capture_output=True)
+            xl_destroy()
             raise StepFailed(last_step, "the guest crashed (its console above)")
         if (halted_at is not None and not reaped_by_harness
                 and time.monotonic() - halted_at > REAP_TIMEOUT):
@@ -457,7 +480,7 @@ def run_guest(args: argparse.Namespace, echo: EchoServer, backend: Backend) -> i
             say(f"REALXEN NOTE the halted guest was not reaped within {REAP_TIMEOUT} s;"
                 " destroying it from the harness")
             diagnose(domid)
-            subprocess.run([str(XEN_BIN / "xl"), "destroy", DOMU_NAME], capture_output=True)
+            xl_destroy()
             reaped_by_harness = True
             continue
         if time.monotonic() > deadline:
@@ -554,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed is not None or args.trace:
         dump_xenstore_trace()
     if failed is not None and domain_exists(DOMU_NAME):
-        subprocess.run([str(XEN_BIN / "xl"), "destroy", DOMU_NAME], capture_output=True)
+        xl_destroy()
     if backend is not None:
         try:
             backend.stop()

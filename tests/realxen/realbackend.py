@@ -160,7 +160,12 @@ class RealBackend:
 
     @staticmethod
     def _ports_towards(domid: int) -> list[str]:
-        out = subprocess.run([LSEVTCHN, "0"], capture_output=True, text=True).stdout
+        proc = subprocess.run([LSEVTCHN, "0"], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            # An empty listing from a failing lsevtchn would pass for "no
+            # port left": fail the run instead.
+            raise RuntimeError(f"lsevtchn 0 exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        out = proc.stdout
         return [line.strip() for line in out.splitlines()
                 if re.search(rf"Remote Domain {domid}\b", line)]
 
