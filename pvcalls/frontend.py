@@ -522,20 +522,27 @@ class PVSocket(Closing):
         self._timeout = _timeout_value(value)
 
     def gettimeout(self) -> float | None:
+        """The timeout in seconds, ``None`` if blocking, ``0.0`` if not."""
         return self._timeout
 
     def setblocking(self, flag: bool) -> None:
+        """``settimeout(None)`` if ``flag``, else ``settimeout(0.0)``."""
         self._check_open()
         self._timeout = None if flag else 0.0
 
     def getblocking(self) -> bool:
+        """False in non-blocking mode (timeout 0.0), else True."""
         return self._timeout != 0.0
 
     def getsockname(self) -> tuple[str, int]:
+        """The address given to :meth:`bind`, ``("0.0.0.0", 0)`` before:
+        PV Calls does not tell the guest the address it got."""
         self._check_open()
         return self._sockname
 
     def getpeername(self) -> tuple[str, int]:
+        """The address given to :meth:`connect` (``("0.0.0.0", 0)`` for an
+        accepted socket); :class:`OSError` ENOTCONN if not connected."""
         self._check_open()
         if self._peername is None:
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
@@ -944,10 +951,13 @@ class PVSocket(Closing):
         raise OSError(errno.EOPNOTSUPP, "PV Calls has no shutdown; close() releases the socket")
 
     def detach(self) -> int:
+        """Not possible: :class:`OSError` EOPNOTSUPP, as the socket has no
+        descriptor of its own."""
         raise OSError(errno.EOPNOTSUPP, "a PV Calls socket has no descriptor to detach")
 
     @property
     def closed(self) -> bool:
+        """True once the socket is released."""
         return self._closed
 
     # -- internals ---------------------------------------------------------

@@ -68,6 +68,8 @@ class PoolStats:
 
     @classmethod
     def of(cls, pwq: PoolWorkqueue, nr_running_items: int) -> PoolStats:
+        """The snapshot of ``pwq`` (engine lock held), ``nr_running_items``
+        of whose items are running now (started, not yet completed)."""
         pool = pwq.pool
         return cls(
             pool=pool.name, cpu=pool.cpu, bound=not pool.disassociated,
@@ -90,20 +92,26 @@ class WorkqueueStats:
 
     @property
     def queued(self) -> int:
+        """Items queued, all pools together."""
         return sum(p.queued for p in self.pools)
 
     @property
     def started(self) -> int:
+        """Items whose function started, all pools together."""
         return sum(p.started for p in self.pools)
 
     @property
     def completed(self) -> int:
+        """Items whose function returned or raised, all pools together."""
         return sum(p.completed for p in self.pools)
 
     @property
     def failed(self) -> int:
+        """Items whose function raised, all pools together."""
         return sum(p.failed for p in self.pools)
 
     @property
     def in_flight(self) -> int:
+        """Items queued and not yet completed: pending, waiting for
+        max_active, or running."""
         return sum(p.nr_active + p.nr_inactive for p in self.pools)

@@ -84,6 +84,12 @@ class Topology:
 
     Topology(ncpus) has logical CPUs 0..ncpus-1; Topology(cpus=[...]) has the
     given CPU numbers; Topology() has the CPUs this process may run on.
+
+    The tunables of the engine on it, in seconds: ``cpu_intensive_thresh``
+    (default 0.01), after which a running item stops counting for
+    concurrency management (wq_cpu_intensive_thresh_us), and
+    ``watchdog_thresh`` (default 30), after which a running item is
+    reported as stalled (wq_watchdog_thresh).
     """
 
     def __init__(

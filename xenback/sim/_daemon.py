@@ -27,6 +27,9 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xenback-sim`` console script; returns the exit
+    status (0 after SIGTERM or SIGINT, 1 if the host cannot start, 2 for a
+    bad ``--domain``)."""
     parser = argparse.ArgumentParser(
         prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
     )

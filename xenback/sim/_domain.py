@@ -36,10 +36,12 @@ class Domain:
 
     @property
     def domid(self) -> int:
+        """The domain's id (0 for dom0)."""
         return self._domid
 
     @property
     def name(self) -> str:
+        """The domain's name (its XenStore ``name`` node)."""
         return self._name
 
     @property
@@ -49,6 +51,7 @@ class Domain:
 
     @property
     def run_dir(self) -> Path:
+        """The run directory of the host this domain lives on."""
         return self._run_dir
 
     @property
@@ -69,12 +72,15 @@ class Domain:
         return pyxs.Client(unix_socket_path=os.fspath(self._xenstore_path))
 
     def gnttab(self) -> GrantTable:
+        """A new grant table handle (``xengnttab``) of this domain."""
         return GrantTable(domain_socket(self._run_dir, self._domid))
 
     def gntshr(self) -> GrantShare:
+        """A new grant share handle (``xengntshr``) of this domain."""
         return GrantShare(domain_socket(self._run_dir, self._domid))
 
     def evtchn(self) -> EventChannel:
+        """A new event channel handle (``xenevtchn``) of this domain."""
         return EventChannel(domain_socket(self._run_dir, self._domid))
 
     def __repr__(self) -> str:

@@ -80,6 +80,8 @@ class SimHost(Closing):
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> SimHost:
+        """Start XenStore and the hypervisor and create dom0; returns the
+        host.  ``with`` calls it; a host starts once (RuntimeError after)."""
         with self._lock:
             if self._state != "new":
                 raise RuntimeError(f"SimHost is {self._state}")
@@ -160,6 +162,7 @@ class SimHost(Closing):
 
     @property
     def run_dir(self) -> Path:
+        """The run directory (RuntimeError before :meth:`start` made it)."""
         if self._run_dir is None:
             raise RuntimeError("the run directory is made when the host starts")
         return self._run_dir
@@ -171,12 +174,14 @@ class SimHost(Closing):
 
     @property
     def dom0(self) -> Domain:
+        """Domain 0, where backends run."""
         with self._lock:
             self._check_running()
             return self._domains[0]
 
     @property
     def toolstack(self) -> Toolstack:
+        """The host's :class:`Toolstack`, which adds and removes devices."""
         if self._toolstack is None:
             raise RuntimeError("SimHost is not started")
         return self._toolstack
@@ -201,6 +206,7 @@ class SimHost(Closing):
             return [self._domains[d] for d in sorted(self._domains)]
 
     def domain(self, domid: int) -> Domain:
+        """The live domain ``domid``; :class:`LookupError` if there is none."""
         with self._lock:
             try:
                 return self._domains[domid]

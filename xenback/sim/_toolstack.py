@@ -72,6 +72,7 @@ class Device:
 
     @property
     def backend_path(self) -> str:
+        """``/local/domain/<backend_id>/backend/<type>/<frontend_id>/<devid>``."""
         return (
             f"/local/domain/{self.backend_id}/backend/"
             f"{self.device_type}/{self.frontend_id}/{self.devid}"
@@ -79,10 +80,12 @@ class Device:
 
     @property
     def frontend_path(self) -> str:
+        """``/local/domain/<frontend_id>/device/<type>/<devid>``."""
         return f"/local/domain/{self.frontend_id}/device/{self.device_type}/{self.devid}"
 
     @property
     def libxl_path(self) -> str:
+        """``/libxl/<frontend_id>/device/<type>/<devid>``, libxl's own record."""
         return f"/libxl/{self.frontend_id}/device/{self.device_type}/{self.devid}"
 
 

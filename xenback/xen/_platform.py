@@ -568,18 +568,23 @@ class XenPlatform:
 
     @property
     def domid(self) -> int:
+        """This domain's id."""
         return self._domid
 
     def xenstore(self) -> pyxs.Client:
+        """A new, not yet connected :class:`pyxs.Client` on the xenstored socket."""
         return pyxs.Client(unix_socket_path=str(self._socket_path))
 
     def gnttab(self) -> XenGrantTable:
+        """A new grant table handle on ``/dev/xen/gntdev``."""
         return XenGrantTable()
 
     def gntshr(self) -> XenGrantShare:
+        """A new grant share handle on ``/dev/xen/gntalloc``."""
         return XenGrantShare()
 
     def evtchn(self) -> XenEventChannel:
+        """A new event channel handle (``libxenevtchn``)."""
         return XenEventChannel()
 
 
