@@ -405,11 +405,14 @@ class XenStore(_Ops, Closing):
 
     def transaction(self, fn: Callable[[Transaction], T], *, attempts: int = TRANSACTION_ATTEMPTS) -> T:
         """Run ``fn(t)`` inside a transaction and commit it, re-running
-        ``fn`` from scratch while the commit fails with EAGAIN.
+        ``fn`` from scratch while the commit fails with EAGAIN (or ``fn``
+        raises an :class:`OSError` EAGAIN, as a request inside a
+        transaction may).
 
         ``fn`` must be safe to run more than once (it should only touch
-        XenStore through ``t``).  An exception from ``fn`` aborts the
-        transaction and propagates.
+        XenStore through ``t``).  Any other exception from ``fn`` aborts
+        the transaction and propagates.  After ``attempts`` runs that all
+        ended in EAGAIN, raises :class:`OSError` EAGAIN.
         """
         for _ in range(attempts):
             if not self._client.router.is_connected:
