@@ -3,7 +3,8 @@
 It serves ``backend/console`` devices: each guest shares one page holding
 ``struct xencons_interface`` (``ring-ref``) and an event channel (``port``).
 Whatever the guest writes to the ``out`` ring is appended to
-``<log_dir>/console-<domid>.log``; :meth:`ConsoleBackend.send_input` feeds
+``<log_dir>/console-<domid>.log`` (``console-<domid>-<devid>.log`` for a
+second console); :meth:`ConsoleBackend.send_input` feeds
 the ``in`` ring.  Run it against a simulated host::
 
     python examples/console_backend.py --demo
