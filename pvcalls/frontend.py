@@ -874,7 +874,9 @@ class PVSocket(Closing):
         newline: str | None = None,
     ) -> Any:
         """A file object on the socket, exactly as :meth:`socket.socket.makefile`
-        (modes r, w, b); closing the socket waits for its files to close."""
+        (modes r, w, b).  As there, :meth:`close` does not wait for the
+        files: it returns at once, and the socket is released when the last
+        of them is closed."""
         if not set(mode) <= {"r", "w", "b"}:
             raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
         writing = "w" in mode
@@ -940,7 +942,10 @@ class PVSocket(Closing):
 
     def close(self) -> None:
         """Release the socket (RELEASE) and free its shared pages.  Other
-        threads blocked in this socket's calls get ``OSError(EBADF)``."""
+        threads blocked in this socket's calls get ``OSError(EBADF)``.
+
+        While files from :meth:`makefile` are open, the release waits for
+        the last of them to close, as with :class:`socket.socket`."""
         self._close_requested = True
         if self._io_refs <= 0:
             self._real_close()
