@@ -426,13 +426,14 @@ def _page_order(text: str) -> int:
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the sub-parsers by command (for their errors)."""
+    from ._backend import DEFAULT_MAX_IOWORKERS
     from ._wire import DEFAULT_MAX_PAGE_ORDER
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS,
                         help="logging threshold (default: WARNING)")
-    common.add_argument("--max-ioworkers", type=_positive_int, default=64, metavar="N",
-                        help="at most N ioworker CPUs (default: 64)")
+    common.add_argument("--max-ioworkers", type=_positive_int, default=DEFAULT_MAX_IOWORKERS,
+                        metavar="N", help=f"at most N ioworker CPUs (default: {DEFAULT_MAX_IOWORKERS})")
     common.add_argument("--max-page-order", type=_page_order, default=DEFAULT_MAX_PAGE_ORDER,
                         metavar="ORDER", help="largest data ring a frontend may use, "
                         f"2**ORDER pages (default: {DEFAULT_MAX_PAGE_ORDER}; Linux needs 4)")
