@@ -159,8 +159,8 @@ class LoadIndex:
         """Place *key* on the least-loaded online CPU and return that CPU.
 
         *weight* (a positive int) is what the key adds to its CPU's load.
-        Assigning a key that is already assigned is an error: release it
-        first.
+        Assigning a key that is already assigned raises ValueError: release
+        it first.  After close(), RuntimeError.
         """
         if not isinstance(weight, int) or isinstance(weight, bool):
             raise TypeError(f"weight must be an int, not {type(weight).__name__}")
