@@ -222,11 +222,24 @@ def _resolve(address: object) -> tuple[str, int]:
     return str(info[0][4][0]), port
 
 
+# The longest a blocked call sleeps in the kernel before it goes back to the
+# interpreter.  CPython runs signal handlers in the main thread, but the
+# kernel gives a process's signal to any thread not blocking it (often one
+# that is being started: the backend's and this module's threads come and
+# go), and a main thread asleep in a lock or poll() is woken only by a
+# signal given to it.  Without a limit, Ctrl-C to a program blocked in
+# recv() would wait for data that may never come.
+_WAIT_SLICE = 0.5
+
+
 class _Deadline:
     """A socket timeout turned into an absolute deadline.
 
     ``None`` waits forever, ``0.0`` never waits (the caller raises
     :class:`BlockingIOError`), anything else raises :class:`TimeoutError`.
+    Every wait sleeps at most :meth:`nap` at a time and looks again, so
+    that the main thread runs a signal's handler soon, whichever thread
+    the kernel gave the signal to.
     """
 
     __slots__ = ("_end", "timeout")
@@ -244,6 +257,12 @@ class _Deadline:
             raise TimeoutError("timed out")
         return left
 
+    def nap(self) -> float:
+        """How long to sleep before looking again: the time left, at most
+        :data:`_WAIT_SLICE`; raises :class:`TimeoutError` once it is over."""
+        left = self.remaining()
+        return _WAIT_SLICE if left is None else min(left, _WAIT_SLICE)
+
     def acquire(self, lock: threading.Lock) -> None:
         """Take ``lock`` (a socket lock another thread may hold while it
         waits) within the deadline: raises :class:`BlockingIOError` at once
@@ -252,9 +271,8 @@ class _Deadline:
             if not lock.acquire(blocking=False):
                 raise BlockingIOError(errno.EAGAIN, "operation would block")
             return
-        left = self.remaining()
-        if not lock.acquire(timeout=-1 if left is None else left):
-            raise TimeoutError("timed out")
+        while not lock.acquire(timeout=self.nap()):
+            pass
 
 
 class _Slot:
@@ -1015,7 +1033,7 @@ class PVSocket(Closing):
         polling = self._polling
         with self._cond:
             while not ready() and not self._closed and not self._fe._dead:
-                timeout = deadline.remaining()
+                timeout = deadline.nap()
                 if ring is None or not ring.direct:
                     self._cond.wait(timeout)
                     continue
@@ -1172,7 +1190,7 @@ class PVSocket(Closing):
                         raise BlockingIOError(errno.EAGAIN, "no connection pending")
                     while (not self._poll_ready and not self._poll_error
                            and not self._closed and not self._fe._dead):
-                        self._cond.wait(deadline.remaining())
+                        self._cond.wait(deadline.nap())
                     if self._closed:
                         raise _bad_fd()
                     if self._fe._dead:
@@ -1756,7 +1774,7 @@ class Frontend(Closing):
                     break
                 if deadline.timeout == 0.0:
                     raise BlockingIOError(errno.EAGAIN, "the command ring is full")
-                self._cmd_cond.wait(deadline.remaining())
+                self._cmd_cond.wait(deadline.nap())
             req.req_id = req_id
             if reserve:
                 self._slots[req_id] = slot
@@ -1785,7 +1803,7 @@ class Frontend(Closing):
                     raise _bad_fd()
                 if deadline.timeout == 0.0:
                     raise BlockingIOError(errno.EAGAIN, "operation would block")
-                self._cmd_cond.wait(deadline.remaining())
+                self._cmd_cond.wait(deadline.nap())
             if self._slots[req_id] is slot:
                 self._slots[req_id] = None
                 self._cmd_cond.notify_all()  # a submitter may wait for this entry
@@ -1982,7 +2000,7 @@ class Frontend(Closing):
         with self._cmd_cond:
             while self._releases and not self._dead:
                 try:
-                    self._cmd_cond.wait(deadline.remaining())
+                    self._cmd_cond.wait(deadline.nap())
                 except TimeoutError:
                     break
             left = [rel for rel in self._releases if rel.taken]

@@ -63,18 +63,22 @@ def test_demo_needs_the_ring_order_of_its_guests(capsys: pytest.CaptureFixture[s
 
 
 # The demo with its first guest's fetch stuck: a signal then finds it in
-# the middle, with the simulated host and both guests up.
+# the middle, with the simulated host and both guests up, and the main
+# thread blocked in a PV Calls recv() (the web server waits for a request
+# that never comes), where the kernel may give the signal to another thread.
 _STUCK_DEMO = """
-import signal, sys, threading
+import signal, sys
 import pvcalls._cli as cli
 
 # pytest started in the background (by a non-interactive shell) would pass
 # SIGINT on ignored, and the demo would never see it.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-def stuck(*args):
+def stuck(fe, host, port):
+    s = fe.socket()
+    s.connect((host, port))
     print("STUCK", flush=True)
-    threading.Event().wait()
+    s.recv(1)
 
 cli._http_get = stuck
 sys.exit(cli.main(["demo"]))

@@ -13,9 +13,12 @@ import math
 import os
 import select
 import selectors
+import signal
 import socket
 import struct
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -459,6 +462,71 @@ def test_accept_keeps_its_timeout_while_another_thread_accepts(
     finally:
         ls.close()
     assert first.oserror().errno == errno.EBADF
+
+
+class Interrupted(Exception):
+    """Raised by the test's signal handler."""
+
+
+@pytest.mark.parametrize("where", ["data", "accept", "socket lock"])
+def test_a_signal_another_thread_took_interrupts_a_blocked_call(
+        fe: pvcalls.Frontend, server: Any, where: str) -> None:
+    """Ctrl-C to a program blocked in recv() or accept(): the kernel gives
+    the signal to any thread not blocking it, CPython runs the handler in
+    the main thread, and a main thread asleep in the kernel wakes only for
+    a signal given to it.  The call must still let the handler run (and
+    its exception out) soon, not at its timeout or never."""
+    assert threading.current_thread() is threading.main_thread()
+    srv = server(sink)
+    ls = fe.socket()
+    s = fe.socket()
+    blocked = s
+    first: Call | None = None
+    if where == "accept":
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        blocked = ls
+    else:
+        s.connect(srv.address)
+        if where == "socket lock":  # recv() waits for another receiver's lock
+            first = blocked_recv(s)
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    def signal_when_blocked() -> None:
+        wait_until(lambda: sleeping_in_wait(blocked) if first is None
+                   else main_waits_for(s._recv_lock))
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def main_waits_for(lock: Any) -> bool:
+        frame = sys._current_frames()[threading.main_thread().ident]
+        return frame.f_code.co_name == "acquire" and frame.f_locals.get("lock") is lock
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    # Blocked here, the signal goes to one of the many other threads (the
+    # backend's and the frontend's): the case that lost Ctrl-C.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    sender = threading.Thread(target=signal_when_blocked)
+    try:
+        blocked.settimeout(TIMEOUT)
+        sender.start()
+        started = time.monotonic()
+        with pytest.raises(Interrupted):
+            if where == "accept":
+                ls.accept()
+            else:
+                s.recv(10)
+        # Not at its timeout: the handler ran within a wait's slice.
+        assert time.monotonic() - started < TIMEOUT / 2
+    finally:
+        sender.join(TIMEOUT)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        signal.signal(signal.SIGUSR1, old)
+        s.close()
+        ls.close()
+    if first is not None:
+        assert first.join().oserror().errno == errno.EBADF
 
 
 def test_makefile_keeps_socket_open_until_closed(fe: pvcalls.Frontend, server: Any) -> None:
