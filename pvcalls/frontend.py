@@ -48,6 +48,11 @@ wake-ups go through the event thread.  Several threads may use different
 sockets of one frontend at the same time; one socket may have one thread
 receiving while another sends.
 
+Signals: a blocked call looks again at least every half second, so that a
+signal handler (Ctrl-C's) runs soon even when the kernel gave the signal to
+another thread than the main one, which a plain ``socket.socket`` blocked in
+the main thread would not notice until it woke.
+
 Waiting on sockets: :meth:`PVSocket.fileno` returns an ``eventfd`` that is
 readable while ``recv`` or ``accept`` would not block (data, end of stream,
 an error, or a pending connection).  It never reports anything about
@@ -1058,10 +1063,10 @@ class PVSocket(Closing):
             raise self._fe._gone()
 
     @staticmethod
-    def _poll_ring(ring: _DataRing, side: int, timeout: float | None) -> bool:
+    def _poll_ring(ring: _DataRing, side: int, timeout: float) -> bool:
         """Block on ``ring``'s own handle (or ``side``'s wakefd) for up to
         ``timeout`` seconds; take the event if there is one."""
-        ms = None if timeout is None else max(1, int(timeout * 1000 + 0.999))
+        ms = max(1, int(timeout * 1000 + 0.999))
         wakefd = ring.wakefds[side]
         try:
             events = ring.pollers[side].poll(ms)
