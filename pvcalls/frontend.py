@@ -77,6 +77,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
+from workqueue import kthread_run
 from xenback import _barrier
 from xenback._closing import Closing
 from xenback.ring import FlexRing, FrontRing, RingError
@@ -1353,10 +1354,7 @@ class Frontend(Closing):
         self._event_epoll = select.epoll()
         self._event_epoll.register(self._evtchn.fileno(), select.EPOLLIN)
         self._event_epoll.register(self._stop_r, select.EPOLLIN)
-        self._thread = threading.Thread(
-            target=self._event_loop, name=f"pvcalls-front-{domain.domid}", daemon=True
-        )
-        self._thread.start()
+        self._thread = kthread_run(self._event_loop, f"pvcalls-front-{domain.domid}")
 
         self._write_nodes(
             fe_path,

@@ -15,6 +15,7 @@ from typing import Any, Self
 
 import pyxs
 
+from workqueue import KThread
 from xenback._closing import Closing
 
 from ._domain import Domain
@@ -330,7 +331,7 @@ class SimHost(Closing):
                     self._control_threads.discard(threading.current_thread())
             reply(msg)
 
-        thread = threading.Thread(target=run, name=f"xenback-sim-control:{op}")
+        thread = KThread(target=run, name=f"xenback-sim-control:{op}")
         with self._control_lock:
             self._control_threads.add(thread)
         thread.start()

@@ -48,6 +48,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from workqueue import kthread_run
+
 from ._connection import Connection, Domain
 from ._ops import Dispatcher, Quota
 from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
@@ -138,8 +140,7 @@ class XenStored:
         self._wake_w.setblocking(False)
         self._selector.register(self._listener, _READ, (self._accept, self._dispatcher.dom0))
         self._selector.register(self._wake_r, _READ, (self._run_calls, None))
-        self._thread = threading.Thread(target=self._loop, name="xenstored", daemon=True)
-        self._thread.start()
+        self._thread = kthread_run(self._loop, "xenstored")
         logger.info("xenstored listening on %s", self.path)
 
     def stop(self) -> None:
