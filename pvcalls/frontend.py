@@ -231,10 +231,11 @@ def _resolve(address: object) -> tuple[str, int]:
 # The longest a blocked call sleeps in the kernel before it goes back to the
 # interpreter.  CPython runs signal handlers in the main thread, but the
 # kernel gives a process's signal to any thread not blocking it (often one
-# that is being started: the backend's and this module's threads come and
-# go), and a main thread asleep in a lock or poll() is woken only by a
-# signal given to it.  Without a limit, Ctrl-C to a program blocked in
-# recv() would wait for data that may never come.
+# that is being started), and a main thread asleep in a lock or poll() is
+# woken only by a signal given to it.  The library's own threads block
+# signals (workqueue.KThread); the program's threads may not.  Without a
+# limit, Ctrl-C to a program blocked in recv() would wait for data that
+# may never come.
 _WAIT_SLICE = 0.5
 
 
