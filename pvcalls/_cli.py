@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import functools
 import http.server
 import logging
 import os
@@ -28,8 +27,6 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from workqueue import KThread, kthread_run
 
 __all__ = ["main"]
 
@@ -87,19 +84,7 @@ def _http_get(fe: Any, host: str, port: int) -> tuple[Any, str, bytes]:
     return s, status, body
 
 
-class _WebServer(http.server.ThreadingHTTPServer):
-    """The host's web server of the demo, a thread per request."""
-
-    daemon_threads = True
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # Its threads take no signals, as the demo's others: Ctrl-C is the
-        # main thread's to handle.
-        kthread_run(lambda: self.process_request_thread(request, client_address),
-                    "demo-http-request")
-
-
-class _EchoServer(KThread):
+class _EchoServer(threading.Thread):
     """Guest 2's echo server: a thread per connection, echo until EOF."""
 
     def __init__(self, listener: Any) -> None:
@@ -114,7 +99,9 @@ class _EchoServer(KThread):
                 conn, _ = self.listener.accept()
             except OSError:
                 return  # listener closed: the demo is over
-            self.conns.append(kthread_run(functools.partial(self._echo, conn), "demo-echo-conn"))
+            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            t.start()
+            self.conns.append(t)
 
     def _echo(self, conn: Any) -> None:
         try:
@@ -129,7 +116,8 @@ def _echo_client(address: tuple[str, int], message: bytes) -> tuple[socket.socke
     """Send ``message`` to the guest's echo server from the host and check
     the echo; the connection stays open for the statistics."""
     client = socket.create_connection(address, timeout=10)
-    sender = kthread_run(lambda: client.sendall(message), "demo-echo-client")
+    sender = threading.Thread(target=client.sendall, args=(message,), daemon=True)
+    sender.start()
     echoed = bytearray()
     while len(echoed) < len(message):
         chunk = client.recv(65536)
@@ -172,8 +160,9 @@ def demo(args: argparse.Namespace, out: Any = None) -> int:
     from xenback.sim import SimHost
 
     out = out or sys.stdout
-    httpd = _WebServer(("127.0.0.1", 0), _PageHandler)
-    kthread_run(httpd.serve_forever, "demo-http")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, name="demo-http", daemon=True).start()
     web_host, web_port = str(httpd.server_address[0]), int(httpd.server_address[1])
     try:
         with SimHost() as host, pvcalls.Backend(

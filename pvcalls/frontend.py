@@ -77,7 +77,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
-from workqueue import kthread_run
 from xenback import _barrier
 from xenback._closing import Closing
 from xenback.ring import FlexRing, FrontRing, RingError
@@ -231,11 +230,10 @@ def _resolve(address: object) -> tuple[str, int]:
 # The longest a blocked call sleeps in the kernel before it goes back to the
 # interpreter.  CPython runs signal handlers in the main thread, but the
 # kernel gives a process's signal to any thread not blocking it (often one
-# that is being started), and a main thread asleep in a lock or poll() is
-# woken only by a signal given to it.  The library's own threads block
-# signals (workqueue.KThread); the program's threads may not.  Without a
-# limit, Ctrl-C to a program blocked in recv() would wait for data that
-# may never come.
+# that is being started: the backend's and this module's threads come and
+# go), and a main thread asleep in a lock or poll() is woken only by a
+# signal given to it.  Without a limit, Ctrl-C to a program blocked in
+# recv() would wait for data that may never come.
 _WAIT_SLICE = 0.5
 
 
@@ -1355,7 +1353,10 @@ class Frontend(Closing):
         self._event_epoll = select.epoll()
         self._event_epoll.register(self._evtchn.fileno(), select.EPOLLIN)
         self._event_epoll.register(self._stop_r, select.EPOLLIN)
-        self._thread = kthread_run(self._event_loop, f"pvcalls-front-{domain.domid}")
+        self._thread = threading.Thread(
+            target=self._event_loop, name=f"pvcalls-front-{domain.domid}", daemon=True
+        )
+        self._thread.start()
 
         self._write_nodes(
             fe_path,

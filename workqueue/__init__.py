@@ -14,10 +14,6 @@ max_active, ordered queues, delayed work, flush/drain/destroy, cancel with
 and without waiting, disable/enable, CPU hotplug, rescuers, freezing and a
 watchdog.  A Workqueue is also an Executor (submit, map, shutdown), with a
 lean Future.  See Workqueue, Work and Topology for the details.
-
-Like kernel threads, the workers take no signals (KThread, kthread_run):
-Ctrl-C reaches the program's own threads, not a worker that happens to be
-starting.
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ from ._flags import (
     WQ_UNBOUND,
     WQFlags,
 )
-from ._kthread import KThread, kthread_run
 from ._loadindex import LoadIndex
 from ._pool import blocking, current_work
 from ._stats import PoolStats, TraceHook, WorkqueueStats
@@ -43,8 +38,8 @@ from ._workqueue import Workqueue, alloc_ordered_workqueue, alloc_workqueue, def
 __all__ = [
     "alloc_workqueue", "alloc_ordered_workqueue", "Work", "DelayedWork",
     "WQ_UNBOUND", "WQ_HIGHPRI", "WQ_CPU_INTENSIVE", "WQ_FREEZABLE", "WQ_MEM_RECLAIM",
-    "Topology", "LoadIndex", "current_work", "kthread_run",
+    "Topology", "LoadIndex", "current_work",
     # Beyond the kernel's names:
     "Workqueue", "WQFlags", "WQ_MAX_ACTIVE", "WQ_DFL_ACTIVE", "blocking",
-    "default_topology", "PoolStats", "WorkqueueStats", "TraceHook", "KThread",
+    "default_topology", "PoolStats", "WorkqueueStats", "TraceHook",
 ]

@@ -41,7 +41,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._kthread import kthread_run
 from ._timer import TimerHandle, add_timer, del_timer
 from ._topology import Topology, _this_thread
 
@@ -476,7 +475,9 @@ _worker_numbers = itertools.count()
 
 def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
     """Start a worker thread.  Tests replace this to make creation fail."""
-    return kthread_run(target, name)
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 def pin_worker(worker: Worker) -> None:

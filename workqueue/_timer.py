@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._kthread import kthread_run
-
 __all__ = ["TimerHandle", "add_timer", "del_timer", "timer_pending"]
 
 logger = logging.getLogger(__name__)
@@ -59,7 +57,8 @@ class _TimerBase:
             first = not self._heap or handle.deadline < self._heap[0][0]
             heapq.heappush(self._heap, (handle.deadline, next(self._seq), handle))
             if self._thread is None:
-                self._thread = kthread_run(self._run, "wq-timer")
+                self._thread = threading.Thread(target=self._run, name="wq-timer", daemon=True)
+                self._thread.start()
             elif first:
                 self._cond.notify()
         return handle

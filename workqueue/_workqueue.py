@@ -33,7 +33,6 @@ from typing import ParamSpec, TypeVar
 from . import _atexit, _pool
 from ._flags import WQ_DFL_ACTIVE, WQ_MAX_ACTIVE, WQ_ORDERED, WQ_USER_FLAGS, WQFlags
 from ._future import CallWork, cancel_pending_futures
-from ._kthread import kthread_run
 from ._pool import (
     Completion,
     PoolWorkqueue,
@@ -714,7 +713,8 @@ class Workqueue(Executor):
             if wait:
                 self._destroy()
             else:
-                kthread_run(self._destroy, f"{self.name}-shutdown")
+                threading.Thread(target=self._destroy, name=f"{self.name}-shutdown",
+                                 daemon=True).start()
         elif wait:
             self._destroyed.wait()
 

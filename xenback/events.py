@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from workqueue import blocking, kthread_run
+from workqueue import blocking
 from xenback._closing import Closing
 
 if TYPE_CHECKING:
@@ -105,7 +105,8 @@ class EventDispatcher(Closing):
             self._epoll.register(self._evtchn_fd, select.EPOLLIN)
             self._epoll.register(self._wake_r, select.EPOLLIN)
             if thread:
-                self._thread = kthread_run(self._run, name)
+                self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+                self._thread.start()
             undo.pop_all()
 
     # Event channels.

@@ -44,7 +44,6 @@ from pyxs.exceptions import ConnectionError as XSConnectionError
 from pyxs.exceptions import InvalidPath, InvalidPayload, InvalidPermission, PyXSError
 from pyxs.helpers import check_path
 
-from workqueue import KThread, kthread_run
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue
 from xenback._wire import XENSTORE_PAYLOAD_MAX
@@ -341,7 +340,7 @@ class XenStore(_Ops, Closing):
         """Connect (pyxs starts its router thread)."""
         router = self._client.router
         if router.thread.ident is None:  # not started: route through route_until_lost
-            router.thread = KThread(
+            router.thread = threading.Thread(
                 target=route_until_lost, args=(router, self._lost), name="xenstore-router",
                 daemon=True,
             )
@@ -471,7 +470,10 @@ class XenStore(_Ops, Closing):
             if self._monitor is None:
                 self._monitor = self._client.monitor()
             if self._thread is None:
-                self._thread = kthread_run(self._run_watches, "xenstore-watch")
+                self._thread = threading.Thread(
+                    target=self._run_watches, name="xenstore-watch", daemon=True
+                )
+                self._thread.start()
         try:
             self._do(lambda p: self._monitor.watch(p, token.encode()), path)
         except BaseException:

@@ -195,7 +195,9 @@ def test_a_dispatcher_that_fails_to_start_keeps_nothing(host, monkeypatch, faili
         fake = types.SimpleNamespace(epoll=refuse, EPOLLIN=select.EPOLLIN)
         monkeypatch.setattr(xenback.events, "select", fake)
     else:
-        monkeypatch.setattr(xenback.events, "kthread_run", refuse)
+        fake = types.SimpleNamespace(Thread=lambda **_kw: types.SimpleNamespace(start=refuse))
+        monkeypatch.setattr(xenback.events, "threading", types.SimpleNamespace(
+            Lock=threading.Lock, Condition=threading.Condition, Thread=fake.Thread))
 
     def handles() -> int:
         return host.hypervisor.stats()["connections"]

@@ -15,7 +15,6 @@ from typing import Any, Self
 
 import pyxs
 
-from workqueue import KThread
 from xenback._closing import Closing
 
 from ._domain import Domain
@@ -331,7 +330,7 @@ class SimHost(Closing):
                     self._control_threads.discard(threading.current_thread())
             reply(msg)
 
-        thread = KThread(target=run, name=f"xenback-sim-control:{op}")
+        thread = threading.Thread(target=run, name=f"xenback-sim-control:{op}")
         with self._control_lock:
             self._control_threads.add(thread)
         thread.start()

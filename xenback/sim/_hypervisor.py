@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workqueue import kthread_run
 from xenback.platform import PAGE_SIZE
 
 from ._proto import (
@@ -250,7 +249,10 @@ class Hypervisor:
 
     def start(self) -> None:
         raise_nofile_limit()
-        self._thread = kthread_run(self._serve, f"xenback-sim-hypervisor:{self.run_dir}")
+        self._thread = threading.Thread(
+            target=self._serve, name=f"xenback-sim-hypervisor:{self.run_dir}", daemon=True
+        )
+        self._thread.start()
 
     def stop(self) -> None:
         """Destroy every domain, join the service thread, free everything."""

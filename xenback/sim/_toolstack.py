@@ -35,6 +35,7 @@ import functools
 import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -43,7 +44,6 @@ from typing import Any, TypeVar
 
 import pyxs
 
-from workqueue import KThread
 from xenback._closing import Closing
 from xenback.xenstore import route_until_lost
 
@@ -119,7 +119,7 @@ class Toolstack(Closing):
         client = pyxs.Client(unix_socket_path=self._xenstore_path)
         # Should XenStore go away (the host closing under us), requests
         # waiting for replies fail with ENOTCONN instead of waiting forever.
-        client.router.thread = KThread(
+        client.router.thread = threading.Thread(
             target=route_until_lost, args=(client.router, _lost), name="toolstack-xenstore",
             daemon=True,
         )

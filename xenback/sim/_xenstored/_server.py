@@ -48,8 +48,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from workqueue import kthread_run
-
 from ._connection import Connection, Domain
 from ._ops import Dispatcher, Quota
 from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
@@ -140,7 +138,8 @@ class XenStored:
         self._wake_w.setblocking(False)
         self._selector.register(self._listener, _READ, (self._accept, self._dispatcher.dom0))
         self._selector.register(self._wake_r, _READ, (self._run_calls, None))
-        self._thread = kthread_run(self._loop, "xenstored")
+        self._thread = threading.Thread(target=self._loop, name="xenstored", daemon=True)
+        self._thread.start()
         logger.info("xenstored listening on %s", self.path)
 
     def stop(self) -> None:
