@@ -260,7 +260,7 @@ class LeanFuture(Future[Any]):
                 self._blocked = []
             self._blocked.append(sleeper)
         with _pool.blocking():  # a worker waiting here lets its pool run others
-            woke = sleeper.acquire(timeout=-1 if timeout is None else max(timeout, 0))
+            woke = _pool.sleep_on(sleeper, None if timeout is None else max(timeout, 0))
         if not woke:
             with _futures_lock:
                 if self._blocked is not None and sleeper in self._blocked:

@@ -124,6 +124,35 @@ WORKER_RESCUER = 1 << 4        # a rescuer never counts
 WORKER_REBOUND = 1 << 5        # its CPU came back during this run loop
 
 
+# The longest the main thread sleeps at a time in a call that waits for
+# other threads (flush, cancel_sync, Future.result...).  The kernel gives a
+# signal sent to the process to any thread that does not block it (often a
+# worker being started, which takes one pending as it sets its mask), and
+# a main thread asleep in a lock wakes only for a signal given to it; but
+# CPython runs handlers in the main thread only.  Looking again at least
+# this often, the main thread runs Ctrl-C's handler soon, whoever took it.
+# (Workers blocking signals instead would pass the blocked mask on to every
+# process a work item starts.)  Other threads run no handlers: they sleep
+# in one go.
+WAIT_SLICE = 0.5
+
+
+def sleep_on(lock: threading.Lock, timeout: float | None = None) -> bool:
+    """``lock.acquire(timeout=...)`` (``None``: no limit) that, in the main
+    thread, sleeps :data:`WAIT_SLICE` at most at a time."""
+    if threading.get_ident() != threading.main_thread().ident:
+        return lock.acquire(timeout=-1 if timeout is None else timeout)
+    if timeout is None:
+        while not lock.acquire(timeout=WAIT_SLICE):
+            pass
+        return True
+    deadline = _monotonic() + timeout
+    while not lock.acquire(timeout=min(max(deadline - _monotonic(), 0), WAIT_SLICE)):
+        if _monotonic() >= deadline:
+            return False
+    return True
+
+
 class Completion:
     """A one-shot event (the kernel's struct completion), as cheap as a lock."""
 
@@ -140,7 +169,7 @@ class Completion:
         # A worker waiting here sleeps, as in the kernel: its pool may run
         # the next item meanwhile (often the very one we wait for).
         with _Blocking():
-            return self._lock.acquire(timeout=-1 if timeout is None else timeout)
+            return sleep_on(self._lock, timeout)
 
 
 class WorkList:

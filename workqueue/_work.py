@@ -193,11 +193,15 @@ class Work:
             self._disable += hold
             was_pending = try_to_grab_pending(self)
             completion = self._start_flush() if sync else None
-        if completion is not None:
-            completion.wait()
-        if not disable:
-            with _pool.lock:
-                self._disable -= hold
+        try:
+            if completion is not None:
+                completion.wait()
+        finally:
+            # Also when the wait ends in an exception (Ctrl-C): the hold
+            # left behind would refuse all queueing of the item for ever.
+            if not disable:
+                with _pool.lock:
+                    self._disable -= hold
         return was_pending
 
 

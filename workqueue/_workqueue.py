@@ -716,7 +716,8 @@ class Workqueue(Executor):
                 threading.Thread(target=self._destroy, name=f"{self.name}-shutdown",
                                  daemon=True).start()
         elif wait:
-            self._destroyed.wait()
+            while not self._destroyed.wait(_pool.WAIT_SLICE):  # see WAIT_SLICE
+                pass
 
     def _call_works(self) -> list[Work]:
         """The items behind the calls that submit() and our serial
