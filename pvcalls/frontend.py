@@ -48,10 +48,10 @@ wake-ups go through the event thread.  Several threads may use different
 sockets of one frontend at the same time; one socket may have one thread
 receiving while another sends.
 
-Signals: a blocked call looks again at least every half second, so that a
-signal handler (Ctrl-C's) runs soon even when the kernel gave the signal to
-another thread than the main one, which a plain ``socket.socket`` blocked in
-the main thread would not notice until it woke.
+Signals: a call blocked in the main thread looks again at least every half
+second, so that a signal handler (Ctrl-C's) runs soon even when the kernel
+gave the signal to another thread, which a plain ``socket.socket`` blocked
+in the main thread would not notice until it woke.
 
 Waiting on sockets: :meth:`PVSocket.fileno` returns an ``eventfd`` that is
 readable while ``recv`` or ``accept`` would not block (data, end of stream,
@@ -227,13 +227,14 @@ def _resolve(address: object) -> tuple[str, int]:
     return str(info[0][4][0]), port
 
 
-# The longest a blocked call sleeps in the kernel before it goes back to the
-# interpreter.  CPython runs signal handlers in the main thread, but the
-# kernel gives a process's signal to any thread not blocking it (often one
-# that is being started: the backend's and this module's threads come and
-# go), and a main thread asleep in a lock or poll() is woken only by a
-# signal given to it.  Without a limit, Ctrl-C to a program blocked in
-# recv() would wait for data that may never come.
+# The longest the main thread sleeps in the kernel, in a blocked call,
+# before it goes back to the interpreter.  CPython runs signal handlers in
+# the main thread only, but the kernel gives a process's signal to any
+# thread not blocking it (often one that is being started: the backend's
+# and this module's threads come and go), and a main thread asleep in a
+# lock or poll() is woken only by a signal given to it.  Without a limit,
+# Ctrl-C to a program blocked in recv() would wait for data that may never
+# come.  Other threads run no handlers: they sleep in one go.
 _WAIT_SLICE = 0.5
 
 
@@ -262,10 +263,13 @@ class _Deadline:
             raise TimeoutError("timed out")
         return left
 
-    def nap(self) -> float:
-        """How long to sleep before looking again: the time left, at most
-        :data:`_WAIT_SLICE`; raises :class:`TimeoutError` once it is over."""
+    def nap(self) -> float | None:
+        """How long to sleep before looking again: the time left (``None``:
+        no limit), at most :data:`_WAIT_SLICE` in the main thread; raises
+        :class:`TimeoutError` once it is over."""
         left = self.remaining()
+        if threading.get_ident() != threading.main_thread().ident:
+            return left
         return _WAIT_SLICE if left is None else min(left, _WAIT_SLICE)
 
     def acquire(self, lock: threading.Lock) -> None:
@@ -276,8 +280,10 @@ class _Deadline:
             if not lock.acquire(blocking=False):
                 raise BlockingIOError(errno.EAGAIN, "operation would block")
             return
-        while not lock.acquire(timeout=self.nap()):
-            pass
+        while True:
+            nap = self.nap()
+            if lock.acquire(timeout=-1 if nap is None else nap):
+                return
 
 
 class _Slot:
@@ -1063,10 +1069,10 @@ class PVSocket(Closing):
             raise self._fe._gone()
 
     @staticmethod
-    def _poll_ring(ring: _DataRing, side: int, timeout: float) -> bool:
+    def _poll_ring(ring: _DataRing, side: int, timeout: float | None) -> bool:
         """Block on ``ring``'s own handle (or ``side``'s wakefd) for up to
         ``timeout`` seconds; take the event if there is one."""
-        ms = max(1, int(timeout * 1000 + 0.999))
+        ms = None if timeout is None else max(1, int(timeout * 1000 + 0.999))
         wakefd = ring.wakefds[side]
         try:
             events = ring.pollers[side].poll(ms)
