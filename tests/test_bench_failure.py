@@ -4,7 +4,6 @@ left behind."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,16 +12,13 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "pvcalls_bench.py"
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pvcalls_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "pvcalls_bench")
 
 
 def test_a_failing_party_fails_the_run_with_its_reason(tmp_path: Path) -> None:

@@ -3,22 +3,19 @@ reader takes the last echo before the writer gets to run again."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from scripts import load_script
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "pvcalls_bench.py"
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pvcalls_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "pvcalls_bench")
 
 
 class _LaggingWriter:

@@ -13,7 +13,6 @@ import math
 import os
 import select
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import Call, echo_through, sleeping_in_wait, wait_until
+from stolensignal import Interrupted, signal_taken_elsewhere
 
 import pvcalls
 from pvcalls import _wire
@@ -464,10 +464,6 @@ def test_accept_keeps_its_timeout_while_another_thread_accepts(
     assert first.oserror().errno == errno.EBADF
 
 
-class Interrupted(Exception):
-    """Raised by the test's signal handler."""
-
-
 @pytest.mark.parametrize("where", ["data", "accept", "socket lock"])
 def test_a_signal_another_thread_took_interrupts_a_blocked_call(
         fe: pvcalls.Frontend, server: Any, where: str) -> None:
@@ -491,45 +487,25 @@ def test_a_signal_another_thread_took_interrupts_a_blocked_call(
         if where == "socket lock":  # recv() waits for another receiver's lock
             first = blocked_recv(s)
 
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    def signal_when_blocked() -> None:
-        wait_until(lambda: sleeping_in_wait(blocked) if first is None
-                   else main_waits_for(s._recv_lock))
-        os.kill(os.getpid(), signal.SIGUSR1)
-
     def main_waits_for(lock: Any) -> bool:
         frame = sys._current_frames()[threading.main_thread().ident]
         return frame.f_code.co_name == "acquire" and frame.f_locals.get("lock") is lock
 
-    # A thread that takes the signal, whatever other threads there are:
-    # started before the main thread blocks it, it does not block it.
-    done = threading.Event()
-    taker = threading.Thread(target=done.wait, args=(TIMEOUT,))
-    taker.start()
-    old = signal.signal(signal.SIGUSR1, handler)
-    # Blocked here, the signal goes to another thread: the case that lost
-    # Ctrl-C.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    sender = threading.Thread(target=signal_when_blocked)
+    def blocked_in_the_call() -> bool:
+        return sleeping_in_wait(blocked) if first is None else main_waits_for(s._recv_lock)
+
+    blocked.settimeout(TIMEOUT)
     try:
-        blocked.settimeout(TIMEOUT)
-        sender.start()
-        started = time.monotonic()
-        with pytest.raises(Interrupted):
-            if where == "accept":
-                ls.accept()
-            else:
-                s.recv(10)
-        # Not at its timeout: the handler ran within a wait's slice.
-        assert time.monotonic() - started < TIMEOUT / 2
+        with signal_taken_elsewhere(blocked_in_the_call):
+            started = time.monotonic()
+            with pytest.raises(Interrupted):
+                if where == "accept":
+                    ls.accept()
+                else:
+                    s.recv(10)
+            # Not at its timeout: the handler ran within a wait's slice.
+            assert time.monotonic() - started < TIMEOUT / 2
     finally:
-        sender.join(TIMEOUT)
-        done.set()
-        taker.join(TIMEOUT)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-        signal.signal(signal.SIGUSR1, old)
         s.close()
         ls.close()
     if first is not None:

@@ -4,29 +4,18 @@ process it started."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from scripts import load_script
 
 HERE = Path(__file__).resolve().parent
 
 
-def _harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("realxen_harness_host", HERE / "harness.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _harness()
+harness = load_script(HERE / "harness.py", "realxen_harness_host")
 
 
 def _gone(pid: int) -> bool:

@@ -10,16 +10,15 @@ socket, grant mapping and event channel.  See README.md beside this file.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from scripts import load_script
 
 HERE = Path(__file__).resolve().parent
 TOTAL_BUDGET = 570.0  # seconds, under the 600 s timeout below
@@ -27,16 +26,7 @@ PREPARE_BUDGET = 300.0
 ATTEMPT_BUDGET = 240.0
 
 
-def _load_harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("realxen_harness", HERE / "harness.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
+harness = load_script(HERE / "harness.py", "realxen_harness")
 
 
 def _describe(result: Any) -> str:

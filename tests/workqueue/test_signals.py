@@ -9,8 +9,6 @@ the handler run soon, not when the work item ends.
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import threading
 import time
@@ -18,20 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from stolensignal import Interrupted, signal_taken_elsewhere
 
 from workqueue import Work, Workqueue
 
 TIMEOUT = 10.0
 
 
-class Interrupted(Exception):
-    """Raised by the test's signal handler."""
-
-
 @pytest.mark.parametrize("call", ["flush", "cancel_sync", "flush_workqueue", "drain", "result"])
 def test_a_signal_another_thread_took_interrupts_a_wait(
         make_wq: Callable[..., Workqueue], call: str) -> None:
-    assert threading.current_thread() is threading.main_thread()
     wq = make_wq()
     release = threading.Event()
     started = threading.Semaphore(0)
@@ -41,10 +35,6 @@ def test_a_signal_another_thread_took_interrupts_a_wait(
         assert release.wait(TIMEOUT)
 
     work = Work(stuck)
-    if call != "result":
-        wq.queue_work(work)
-        assert started.acquire(timeout=TIMEOUT)
-
     calls: dict[str, Callable[[], object]] = {
         "flush": work.flush,
         "cancel_sync": work.cancel_sync,
@@ -52,6 +42,9 @@ def test_a_signal_another_thread_took_interrupts_a_wait(
         "drain": wq.drain,
         "result": lambda: wq.submit(stuck, work).result(),
     }
+    if call != "result":
+        wq.queue_work(work)
+        assert started.acquire(timeout=TIMEOUT)
 
     def main_sleeps_in_a_wait() -> bool:
         # The innermost Python frame of the main thread is the workqueue's
@@ -60,37 +53,15 @@ def test_a_signal_another_thread_took_interrupts_a_wait(
         return "/workqueue/" in frame.f_code.co_filename and \
             frame.f_code.co_name in ("sleep_on", "wait", "_wait")
 
-    def signal_when_asleep() -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not main_sleeps_in_a_wait() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    # A thread that takes the signal: started before the main thread blocks
-    # it, it does not block it.
-    done = threading.Event()
-    taker = threading.Thread(target=done.wait, args=(TIMEOUT,))
-    taker.start()
-    old = signal.signal(signal.SIGUSR1, handler)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    sender = threading.Thread(target=signal_when_asleep)
     try:
-        sender.start()
-        began = time.monotonic()
-        with pytest.raises(Interrupted):
-            calls[call]()
-        # Well before the item ends (it waits TIMEOUT for its release).
-        assert time.monotonic() - began < TIMEOUT / 2
+        with signal_taken_elsewhere(main_sleeps_in_a_wait):
+            began = time.monotonic()
+            with pytest.raises(Interrupted):
+                calls[call]()
+            # Well before the item ends (it waits TIMEOUT for its release).
+            assert time.monotonic() - began < TIMEOUT / 2
     finally:
         release.set()
-        sender.join(TIMEOUT)
-        done.set()
-        taker.join(TIMEOUT)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-        signal.signal(signal.SIGUSR1, old)
     work.flush()
     # The interrupted call left nothing behind: the item queues and runs.
     assert wq.queue_work(work)

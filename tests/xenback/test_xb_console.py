@@ -4,7 +4,6 @@ console ring."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import select
 import struct
@@ -12,17 +11,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from scripts import ROOT, load_script
 
 from tests.xenback.xbhelpers import TIMEOUT, Census, leaked_threads
 from xenback import FlexRing, XenbusState, wire
 
 S = XenbusState
-_spec = importlib.util.spec_from_file_location(
-    "console_backend", Path(__file__).resolve().parents[2] / "examples" / "console_backend.py"
-)
-assert _spec is not None and _spec.loader is not None
-console_backend = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(console_backend)
+console_backend = load_script(ROOT / "examples" / "console_backend.py", "console_backend")
 
 IFACE = "struct xencons_interface"
 IDX = wire.offsetof(IFACE, "in_cons")

@@ -1,0 +1,55 @@
+"""A signal that the kernel can give only to another thread than the main
+one: the case in which a main thread asleep in the kernel does not wake,
+although CPython runs the handler there."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+TIMEOUT = 10.0
+
+
+class Interrupted(Exception):
+    """What the handler raises in the main thread."""
+
+
+@contextlib.contextmanager
+def signal_taken_elsewhere(when: Callable[[], bool]) -> Iterator[None]:
+    """In the block, once ``when()`` is true (polled from another thread),
+    SIGUSR1 is sent to the process; its handler raises :class:`Interrupted`
+    in the main thread.  The main thread blocks SIGUSR1 meanwhile and a
+    thread of its own does not, so that thread is the one to take it,
+    whatever other threads there are."""
+    assert threading.current_thread() is threading.main_thread()
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    def send() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not when() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    done = threading.Event()
+    # Started before the main thread blocks the signal: it does not.
+    taker = threading.Thread(target=done.wait, args=(TIMEOUT,), name="signal-taker")
+    taker.start()
+    old = signal.signal(signal.SIGUSR1, handler)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    sender = threading.Thread(target=send, name="signal-sender")
+    try:
+        sender.start()
+        yield
+    finally:
+        sender.join(TIMEOUT)
+        done.set()
+        taker.join(TIMEOUT)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        signal.signal(signal.SIGUSR1, old)
