@@ -626,12 +626,15 @@ class PVSocket(Closing):
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
-            except BaseException as exc:
+            except BaseException:
                 self._fe._abandon(req_id, slot)
-                if isinstance(exc, TimeoutError):
-                    # The answer still comes; nobody will read it.  Like
-                    # Linux, keep the ring until RELEASE.
-                    self._broken = True
+                # The answer still comes; nobody will read it.  Like Linux,
+                # keep the ring until RELEASE.  Not only on a timeout: after
+                # an interrupt (Ctrl-C in the main thread's wait) nobody
+                # knows either whether the socket will be connected, and a
+                # recv() on the ring would wait for data that may never come.
+                # (Closed or frontend gone: only close() was left anyway.)
+                self._broken = True
                 raise
             if ret < 0:
                 # The backend has let go of the ring and the id is a new

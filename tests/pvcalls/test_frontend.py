@@ -1467,3 +1467,30 @@ def test_frontend_exit_frees_a_socket_kept_by_a_makefile_stream(
     with pytest.raises(OSError):
         f.read(1)
     f.close()
+
+
+# -- calls interrupted in their waits (Ctrl-C) -----------------------------------
+
+
+def test_an_interrupted_connect_leaves_a_socket_only_to_close(
+    fe: pvcalls.Frontend, backend: Any
+) -> None:
+    """Ctrl-C while connect() waits for the backend's answer: the CONNECT
+    stays in flight, as after a timeout, and whether the socket will be
+    connected is unknown; it must not pass for connected (recv() would
+    wait on a ring the backend may never use)."""
+    s = fe.socket()
+    with unanswered_listener() as address:
+        s.settimeout(TIMEOUT)
+        with signal_taken_elsewhere(lambda: s._ring is not None and bool(fe._cmd_cond._waiters)):
+            with pytest.raises(Interrupted):
+                s.connect(address)
+        s.settimeout(0.2)  # without the fix: TimeoutError, not ENOTCONN
+        assert_fails(errno.ENOTCONN, lambda: s.recv(1), lambda: s.send(b"x"))
+        assert_fails(errno.EISCONN, lambda: s.connect(address))
+        s.close()
+        wait_until(lambda: all(r.id != s.id for r in backend.stats().sockets))
+    wait_until(lambda: not fe._releases)
+    with fe._lock:
+        assert fe._slots == [None] * len(fe._slots)
+
