@@ -1928,6 +1928,7 @@ class Frontend(Closing):
         policy limit, a BIND to the same port) finds the socket released.
         """
         rel: _Release | None = None
+        interrupted: BaseException | None = None
         if not self._dead and self._ring is not None:
 
             def fill(req: Any) -> None:
@@ -1943,8 +1944,16 @@ class Frontend(Closing):
             try:
                 self._submit(PVCALLS_RELEASE, sock.id, fill, _Deadline(timeout),
                              on_done=lambda ret: self._released(pending, ret))
-            except (OSError, TimeoutError) as exc:
-                logger.warning("RELEASE of %#x failed: %s", sock.id, exc)
+            except BaseException as exc:
+                # Not sent.  Also when the wait for room was interrupted
+                # (Ctrl-C in the main thread): the socket is closed already
+                # (a second close() does nothing), so what it shared is
+                # freed here, not left for an answer that will never come;
+                # the interrupt goes on once that is done.
+                if isinstance(exc, OSError | TimeoutError):
+                    logger.warning("RELEASE of %#x failed: %s", sock.id, exc)
+                else:
+                    interrupted = exc
                 with self._lock:
                     self._releases.discard(rel)
                 rel = None
@@ -1963,6 +1972,8 @@ class Frontend(Closing):
             os.close(fd)
         if rel is None:
             self._finish_release(ring, inflight, released=False)
+            if interrupted is not None:
+                raise interrupted
             return
         with self._lock:
             rel.ring, rel.inflight, rel.taken = ring, inflight, True

@@ -1494,3 +1494,34 @@ def test_an_interrupted_connect_leaves_a_socket_only_to_close(
     with fe._lock:
         assert fe._slots == [None] * len(fe._slots)
 
+
+def test_a_close_interrupted_before_its_release_went_out_frees_the_socket(
+    host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while close() waits for room on the command ring for its
+    RELEASE: the interrupt goes through, and the socket is closed all the
+    same, with what it shared freed (not left for a RELEASE answer that
+    never comes, which Frontend.close() would wait its whole timeout for)."""
+    srv = server()
+    guest = host.create_domain("interrupted-close")
+    before = host.hypervisor.stats()
+    with pvcalls.Frontend(guest, timeout=3.0) as fe:
+        s = connected(fe, srv.address)
+        submit = fe._submit
+
+        def interrupted_release(cmd: int, *args: Any, **kwargs: Any) -> Any:
+            if cmd == _wire.PVCALLS_RELEASE:
+                raise Interrupted  # as from the wait for a free slot
+            return submit(cmd, *args, **kwargs)
+
+        monkeypatch.setattr(fe, "_submit", interrupted_release)
+        with pytest.raises(Interrupted):
+            s.close()
+        monkeypatch.undo()
+        assert s.closed
+        s.close()  # nothing left to do
+        assert not fe._releases
+        assert s not in fe.sockets() and s._ring is None
+        began = time.monotonic()
+    assert time.monotonic() - began < 2.0  # no RELEASE answer waited for
+    wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
