@@ -532,22 +532,40 @@ class Workqueue(Executor):
     def _destroy(self) -> None:
         try:
             self.drain()
+        except BaseException:
+            # Interrupted (Ctrl-C in the main thread's wait): the items still
+            # queued or running must not lose their pools and rescuer, nor
+            # chained queueing be refused, nor shutdown(wait=True) elsewhere
+            # return before they end.  The destruction goes on without the
+            # caller, as shutdown(wait=False)'s does.
+            threading.Thread(target=self._drain_and_release, name=f"{self.name}-shutdown",
+                             daemon=True).start()
+            raise
+        self._finish_destroy()
+
+    def _drain_and_release(self) -> None:
+        try:
+            self.drain()
         finally:
-            with lock:
-                self._state = _DESTROYED
-                for pwq in self._all_pwqs():
-                    release_pwq(pwq)
-                rescuer = self._rescuer
-                if rescuer is not None:
-                    rescuer.die = True
-                    if rescuer.idle:
-                        rescuer.idle = False
-                        rescuer.wake.release()
-            # Also when serial() was never used: it is refused from now on.
-            # Without the engine lock: it takes the topology's hotplug lock.
-            from ._serial import close_serial
-            close_serial(self)
-            self._destroyed.set()
+            self._finish_destroy()
+
+    def _finish_destroy(self) -> None:
+        """The end of destroy(), once drained (or drain() failed)."""
+        with lock:
+            self._state = _DESTROYED
+            for pwq in self._all_pwqs():
+                release_pwq(pwq)
+            rescuer = self._rescuer
+            if rescuer is not None:
+                rescuer.die = True
+                if rescuer.idle:
+                    rescuer.idle = False
+                    rescuer.wake.release()
+        # Also when serial() was never used: it is refused from now on.
+        # Without the engine lock: it takes the topology's hotplug lock.
+        from ._serial import close_serial
+        close_serial(self)
+        self._destroyed.set()
 
     # -- tuning ----------------------------------------------------------------
 
@@ -713,7 +731,7 @@ class Workqueue(Executor):
             if wait:
                 self._destroy()
             else:
-                threading.Thread(target=self._destroy, name=f"{self.name}-shutdown",
+                threading.Thread(target=self._drain_and_release, name=f"{self.name}-shutdown",
                                  daemon=True).start()
         elif wait:
             while not self._destroyed.wait(_pool.WAIT_SLICE):  # see WAIT_SLICE

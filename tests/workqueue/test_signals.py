@@ -66,3 +66,50 @@ def test_a_signal_another_thread_took_interrupts_a_wait(
     # The interrupted call left nothing behind: the item queues and runs.
     assert wq.queue_work(work)
     work.flush()
+
+
+def _main_sleeps_in_a_wait() -> bool:
+    frame: Any = sys._current_frames()[threading.main_thread().ident]
+    return "/workqueue/" in frame.f_code.co_filename and \
+        frame.f_code.co_name in ("sleep_on", "wait", "_wait")
+
+
+@pytest.mark.parametrize("call", ["destroy", "shutdown"])
+def test_an_interrupted_destroy_still_waits_for_the_items(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """Ctrl-C while destroy() (or shutdown()) drains: the workqueue must
+    not be released under items still queued or running.  Its destruction
+    goes on without the caller; shutdown(wait=True) waits for its end, and
+    the items run to the end, queueing themselves again (as drain allows)."""
+    wq = make_wq()
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    runs: list[int] = []
+
+    def stuck(work: Work) -> None:
+        started.release()
+        assert release.wait(TIMEOUT)
+        runs.append(len(runs))
+        if len(runs) < 3:
+            wq.queue_work(work)  # chained: allowed while draining
+
+    work = Work(stuck)
+    wq.queue_work(work)
+    assert started.acquire(timeout=TIMEOUT)
+    try:
+        with signal_taken_elsewhere(_main_sleeps_in_a_wait):
+            with pytest.raises(Interrupted):
+                wq.destroy() if call == "destroy" else wq.shutdown()
+        assert not wq._destroyed.is_set()
+        waiter = threading.Thread(target=wq.shutdown)
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # the item still runs
+    finally:
+        release.set()
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive()
+    assert runs == [0, 1, 2]
+    assert not work.pending and not work.running
+    with pytest.raises(RuntimeError):
+        wq.queue_work(work)
