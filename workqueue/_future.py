@@ -259,12 +259,18 @@ class LeanFuture(Future[Any]):
             if self._blocked is None:
                 self._blocked = []
             self._blocked.append(sleeper)
-        with _pool.blocking():  # a worker waiting here lets its pool run others
-            woke = _pool.sleep_on(sleeper, None if timeout is None else max(timeout, 0))
-        if not woke:
-            with _futures_lock:
-                if self._blocked is not None and sleeper in self._blocked:
-                    self._blocked.remove(sleeper)
+        woke = False
+        try:
+            with _pool.blocking():  # a worker waiting here lets its pool run others
+                woke = _pool.sleep_on(sleeper, None if timeout is None else max(timeout, 0))
+        finally:
+            # Timed out, or interrupted (Ctrl-C in the main thread): nobody
+            # sleeps on it any more, and every interrupted call would leave
+            # one more lock on the list until the future is done.
+            if not woke:
+                with _futures_lock:
+                    if self._blocked is not None and sleeper in self._blocked:
+                        self._blocked.remove(sleeper)
 
     def result(self, timeout: float | None = None) -> Any:
         if self._state != FINISHED:

@@ -113,3 +113,22 @@ def test_an_interrupted_destroy_still_waits_for_the_items(
     assert not work.pending and not work.running
     with pytest.raises(RuntimeError):
         wq.queue_work(work)
+
+
+@pytest.mark.parametrize("call", ["result", "exception"])
+def test_an_interrupted_result_leaves_no_sleeper_behind(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """Ctrl-C in Future.result(): the lock it slept on leaves the future's
+    list, as after a timeout (each interrupted call would add one more)."""
+    wq = make_wq()
+    release = threading.Event()
+    future: Any = wq.submit(release.wait, TIMEOUT)
+    try:
+        for _ in range(2):
+            with signal_taken_elsewhere(_main_sleeps_in_a_wait):
+                with pytest.raises(Interrupted):
+                    getattr(future, call)()
+            assert not future._blocked
+    finally:
+        release.set()
+    assert future.result(TIMEOUT) is True
