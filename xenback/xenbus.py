@@ -414,11 +414,14 @@ class BackendDriver:
         self._xs: XenStore | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
-        # _lock guards _devices, _stopping and the lazy creation of the
-        # event dispatcher and grant table handle.
+        # _lock guards _devices, _stopping, _stop_unfinished and the lazy
+        # creation of the event dispatcher and grant table handle.
         self._lock = threading.Lock()
         self._devices: dict[tuple[int, int], BackendDevice] = {}
         self._stopping = False
+        # A stop() ended in an exception (Ctrl-C in one of its waits): the
+        # next stop() does what it left.
+        self._stop_unfinished = False
         self._bus: EventQueue | None = None
         self._watches: list[Watch] = []
 
@@ -543,9 +546,22 @@ class BackendDriver:
         still exists), call :meth:`remove` for each, and release all
         threads, handles and watches.  Not from a driver callback."""
         with self._lock:
-            if self._stopping or self._xs is None:
+            if self._xs is None or self._stopping and not self._stop_unfinished:
                 return
             self._stopping = True
+            self._stop_unfinished = False
+        try:
+            self._stop()
+        except BaseException:
+            # Interrupted in a wait for a device's queue or the workqueue
+            # (Ctrl-C in the main thread): a later stop() must still be able
+            # to release the devices, threads and XenStore connection, not
+            # return at once.  Every step can be done again.
+            with self._lock:
+                self._stop_unfinished = True
+            raise
+
+    def _stop(self) -> None:
         for w in self._watches:
             try:
                 w.unwatch()
@@ -569,8 +585,11 @@ class BackendDriver:
         if gnttab is not None:
             gnttab.close()
         if self._own_workqueue and self._workqueue is not None:
-            self._workqueue.destroy()
+            # Not destroy(): after one interrupted by an earlier stop(), a
+            # second one raises; shutdown() waits for the first to end.
+            self._workqueue.shutdown(wait=True)
             self._workqueue = None
+        assert self._xs is not None
         self._xs.close()
         self._xs = None
         logger.info("%s backend stopped", self.device_type)

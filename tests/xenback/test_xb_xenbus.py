@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 import threading
 import time
 from typing import Any
 
 import pytest
 
+from tests.stolensignal import Interrupted, signal_taken_elsewhere
 from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, handed_over, leaked_threads
 from xenback import XenbusState, XenStore
 from xenback.sim import SimHost
@@ -962,3 +964,26 @@ def test_a_frontend_flooding_its_state_queues_one_event(host, driver, frontends)
     fe.set_state(S.CLOSING)
     fe.wait_backend(S.CLOSING)
     assert bdev.resources == (0, 0)
+
+
+def test_a_stop_interrupted_in_its_wait_can_be_finished_by_another(host, driver, frontends) -> None:
+    """Ctrl-C while stop() waits for a device's queue (its disconnect hook
+    still runs): a later stop() must do what is left, not return at once
+    with the devices, threads and XenStore connection still there."""
+    guest, _dev, fe = _connected(host, driver, frontends)
+    release = threading.Event()
+    driver.disconnect_hook = lambda dev: release.wait(TIMEOUT)
+
+    def main_waits() -> bool:
+        frame: Any = sys._current_frames()[threading.main_thread().ident]
+        return "/workqueue/" in frame.f_code.co_filename and frame.f_code.co_name == "sleep_on"
+
+    try:
+        with signal_taken_elsewhere(main_waits):
+            with pytest.raises(Interrupted):
+                driver.stop()
+    finally:
+        release.set()
+    driver.stop()
+    assert driver.devices() == [] and driver._xs is None
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
