@@ -226,11 +226,15 @@ class Backend(Closing):
         self.topology = topology
         self.nr_ioworkers = len(topology.online())
 
-        # _lock guards _frontends (the connected frontends, by device) and
-        # _closed.  Never held while a frontend is set up or torn down.
+        # _lock guards _frontends (the connected frontends, by device),
+        # _closed and _close_unfinished.  Never held while a frontend is set
+        # up or torn down.
         self._lock = threading.Lock()
         self._frontends: dict[tuple[int, int], _Frontend] = {}
         self._closed = False
+        # A close() ended in an exception while the driver stopped (Ctrl-C
+        # in one of its waits): the next close() finishes it.
+        self._close_unfinished = False
         # limit_lock makes checking a domain's socket limit and adding the
         # socket one step across all the domain's frontends (devices):
         # taken by a frontend under its own _lock, around both.  Sockets
@@ -283,22 +287,30 @@ class Backend(Closing):
     def close(self) -> None:
         """Close every frontend (Closing, Closed) and release everything."""
         with self._lock:
-            if self._closed:
+            if self._closed and not self._close_unfinished:
                 return
-            self._closed = True
-        # Each device goes Closing after its sockets are released (ordered
-        # with its other xenbus callbacks); stop() then writes Closed.
-        for dev in self._driver.devices():
-            dev.queue(self._close_device, dev)
+            again, self._closed, self._close_unfinished = self._closed, True, False
+        if not again:
+            # Each device goes Closing after its sockets are released (ordered
+            # with its other xenbus callbacks); stop() then writes Closed.
+            for dev in self._driver.devices():
+                dev.queue(self._close_device, dev)
         try:
             self._driver.stop()
-        finally:
+        except BaseException:
+            # Interrupted while stop() waited for the devices (Ctrl-C in the
+            # main thread): their callbacks may still run and use what is
+            # shared, so nothing is released under them.  A later close()
+            # has stop() do what it left, then releases.
             with self._lock:
-                left = list(self._frontends.values())
-                self._frontends.clear()
-            for fe in left:
-                fe.close()
-            self._release_shared()
+                self._close_unfinished = True
+            raise
+        with self._lock:
+            left = list(self._frontends.values())
+            self._frontends.clear()
+        for fe in left:
+            fe.close()
+        self._release_shared()
         logger.info("pvcalls backend in domain %d closed", self.platform.domid)
 
     def __repr__(self) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 import time
 from typing import Any
 
 import pytest
 from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
+from stolensignal import Interrupted, signal_taken_elsewhere
 
 import pvcalls
 from pvcalls import _wire
@@ -280,3 +282,38 @@ def test_connection_lost_when_the_host_goes(make_frontend: Any, host: Any,
     finally:
         backend.close()  # all that is left, and it returns
     assert backend.stats().frontends == 0
+
+
+def test_a_close_interrupted_in_its_wait_can_be_finished_by_another(
+        make_frontend: Any, host: Any, topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while close() waits for a device to close: nothing shared may
+    be released under the device's callback still running, and a later
+    close() must finish the job instead of returning at once."""
+    b = pvcalls.Backend(host.dom0, topology=topology)
+    fe = make_frontend("g")
+    assert fe.backend_state() == 4
+    release = threading.Event()
+    closing = threading.Event()
+    close_device = b._close_device
+
+    def slow_close_device(dev: Any) -> None:
+        closing.set()
+        assert release.wait(TIMEOUT)
+        close_device(dev)
+
+    monkeypatch.setattr(b, "_close_device", slow_close_device)
+
+    def main_waits() -> bool:
+        frame: Any = sys._current_frames()[threading.main_thread().ident]
+        return closing.is_set() and frame.f_code.co_name == "sleep_on"
+
+    try:
+        with signal_taken_elsewhere(main_waits):
+            with pytest.raises(Interrupted):
+                b.close()
+        assert not b.dispatcher._closed  # still in use by the device's callback
+    finally:
+        release.set()
+    b.close()
+    assert b._driver._xs is None and b.dispatcher._closed
+    assert fe.backend_state() == 6
