@@ -23,6 +23,14 @@ from workqueue import Work, Workqueue
 TIMEOUT = 10.0
 
 
+def main_sleeps_in_a_wait() -> bool:
+    """The innermost Python frame of the main thread is a workqueue wait:
+    it sleeps in the lock it acquires (or is about to)."""
+    frame: Any = sys._current_frames()[threading.main_thread().ident]
+    return "/workqueue/" in frame.f_code.co_filename and \
+        frame.f_code.co_name in ("sleep_on", "wait", "_wait")
+
+
 @pytest.mark.parametrize("call", ["flush", "cancel_sync", "flush_workqueue", "drain", "result"])
 def test_a_signal_another_thread_took_interrupts_a_wait(
         make_wq: Callable[..., Workqueue], call: str) -> None:
@@ -46,13 +54,6 @@ def test_a_signal_another_thread_took_interrupts_a_wait(
         wq.queue_work(work)
         assert started.acquire(timeout=TIMEOUT)
 
-    def main_sleeps_in_a_wait() -> bool:
-        # The innermost Python frame of the main thread is the workqueue's
-        # wait: it sleeps in the lock it acquires (or is about to).
-        frame: Any = sys._current_frames()[threading.main_thread().ident]
-        return "/workqueue/" in frame.f_code.co_filename and \
-            frame.f_code.co_name in ("sleep_on", "wait", "_wait")
-
     try:
         with signal_taken_elsewhere(main_sleeps_in_a_wait):
             began = time.monotonic()
@@ -66,12 +67,6 @@ def test_a_signal_another_thread_took_interrupts_a_wait(
     # The interrupted call left nothing behind: the item queues and runs.
     assert wq.queue_work(work)
     work.flush()
-
-
-def _main_sleeps_in_a_wait() -> bool:
-    frame: Any = sys._current_frames()[threading.main_thread().ident]
-    return "/workqueue/" in frame.f_code.co_filename and \
-        frame.f_code.co_name in ("sleep_on", "wait", "_wait")
 
 
 @pytest.mark.parametrize("call", ["destroy", "shutdown"])
@@ -97,7 +92,7 @@ def test_an_interrupted_destroy_still_waits_for_the_items(
     wq.queue_work(work)
     assert started.acquire(timeout=TIMEOUT)
     try:
-        with signal_taken_elsewhere(_main_sleeps_in_a_wait):
+        with signal_taken_elsewhere(main_sleeps_in_a_wait):
             with pytest.raises(Interrupted):
                 wq.destroy() if call == "destroy" else wq.shutdown()
         assert not wq._destroyed.is_set()
@@ -125,7 +120,7 @@ def test_an_interrupted_result_leaves_no_sleeper_behind(
     future: Any = wq.submit(release.wait, TIMEOUT)
     try:
         for _ in range(2):
-            with signal_taken_elsewhere(_main_sleeps_in_a_wait):
+            with signal_taken_elsewhere(main_sleeps_in_a_wait):
                 with pytest.raises(Interrupted):
                     getattr(future, call)()
             assert not future._blocked
