@@ -544,8 +544,15 @@ class Workqueue(Executor):
         self._finish_destroy()
 
     def _drain_and_release(self) -> None:
+        """destroy() on a thread of its own (shutdown(wait=False), or the
+        rest of an interrupted destroy()).  A drain() that fails (frozen
+        meanwhile) is logged: nobody waits here to hear it, and it must not
+        end up as a traceback of the library's thread.  The workqueue is
+        released either way, as destroy() does."""
         try:
             self.drain()
+        except Exception:
+            logger.exception("workqueue %s: drain() failed while destroying it", self.name)
         finally:
             self._finish_destroy()
 

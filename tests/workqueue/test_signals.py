@@ -127,3 +127,31 @@ def test_an_interrupted_result_leaves_no_sleeper_behind(
     finally:
         release.set()
     assert future.result(TIMEOUT) is True
+
+
+def test_a_destroy_refused_by_a_freeze_leaves_no_uncaught_exception(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread froze the workqueue just after destroy() looked: the
+    drain refuses, and the caller hears it.  The destruction still ends,
+    in the thread that destroy() hands it to, which logs the refusal
+    instead of dying with a traceback."""
+    from workqueue import WQ_FREEZABLE
+
+    wq = make_wq(flags=WQ_FREEZABLE)
+    real_drain = wq.drain
+
+    def frozen_meanwhile() -> None:
+        del wq.drain  # only this call
+        wq.freeze()
+        real_drain()
+
+    wq.drain = frozen_meanwhile  # type: ignore[method-assign]
+    uncaught: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    with pytest.raises(RuntimeError, match="frozen"):
+        wq.destroy()
+    assert wq._destroyed.wait(TIMEOUT)
+    for t in threading.enumerate():
+        if t.name == f"{wq.name}-shutdown":
+            t.join(TIMEOUT)
+    assert uncaught == []
