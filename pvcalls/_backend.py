@@ -235,6 +235,8 @@ class Backend(Closing):
         # A close() ended in an exception while the driver stopped (Ctrl-C
         # in one of its waits): the next close() finishes it.
         self._close_unfinished = False
+        # What close() has released already (see _release_shared).
+        self._released: set[str] = set()
         # limit_lock makes checking a domain's socket limit and adding the
         # socket one step across all the domain's frontends (devices):
         # taken by a frontend under its own _lock, around both.  Sockets
@@ -297,20 +299,22 @@ class Backend(Closing):
                 dev.queue(self._close_device, dev)
         try:
             self._driver.stop()
+            with self._lock:
+                left = list(self._frontends.values())
+                self._frontends.clear()
+            for fe in left:
+                fe.close()
+            self._release_shared()
         except BaseException:
             # Interrupted while stop() waited for the devices (Ctrl-C in the
             # main thread): their callbacks may still run and use what is
-            # shared, so nothing is released under them.  A later close()
-            # has stop() do what it left, then releases.
+            # shared, so nothing is released under them.  Or interrupted
+            # while releasing (a workqueue's drain): what is left is
+            # released too.  A later close() has stop() do what it left,
+            # then releases what is still held.
             with self._lock:
                 self._close_unfinished = True
             raise
-        with self._lock:
-            left = list(self._frontends.values())
-            self._frontends.clear()
-        for fe in left:
-            fe.close()
-        self._release_shared()
         logger.info("pvcalls backend in domain %d closed", self.platform.domid)
 
     def __repr__(self) -> str:
@@ -373,17 +377,29 @@ class Backend(Closing):
         return self.events_of(self.load_index.least_loaded())
 
     def _close_pollers(self) -> None:
-        for poller in self._pollers.values():
-            poller.close()
-        self._pollers.clear()
+        # One at a time, so that a close() interrupted here does not close
+        # one twice (its dispatcher's wake-up pipe is gone then).
+        for cpu in list(self._pollers):
+            self._pollers[cpu].close()
+            del self._pollers[cpu]
 
     def _release_shared(self) -> None:
+        """Release what the frontends share; may be called again after an
+        interrupted call (each step can be done again)."""
         self._close_pollers()
-        self.dispatcher.close()
-        self.gnttab.close()
-        self.load_index.close()
-        self.cmd_wq.destroy()
-        self.io_wq.destroy()
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("dispatcher", self.dispatcher.close),
+            ("gnttab", self.gnttab.close),  # a second close() would close its fd again
+            ("load_index", self.load_index.close),
+            # Not destroy(): after one interrupted in its drain, a second
+            # one raises; shutdown() waits for the first to end.
+            ("cmd_wq", self.cmd_wq.shutdown),
+            ("io_wq", self.io_wq.shutdown),
+        )
+        for name, step in steps:
+            if name not in self._released:
+                step()
+                self._released.add(name)
 
 
 def _rehome(key: object, old_cpu: int, new_cpu: int) -> None:

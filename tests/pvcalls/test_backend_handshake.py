@@ -317,3 +317,36 @@ def test_a_close_interrupted_in_its_wait_can_be_finished_by_another(
     b.close()
     assert b._driver._xs is None and b.dispatcher._closed
     assert fe.backend_state() == 6
+
+
+def test_a_close_interrupted_while_it_releases_can_be_finished_by_another(
+        make_frontend: Any, host: Any, topology: Topology) -> None:
+    """Ctrl-C while close() destroys the command workqueue (an item of it
+    still runs): a later close() must release what is left (the ioworker
+    workqueue) instead of returning at once."""
+    from workqueue import Work
+
+    b = pvcalls.Backend(host.dom0, topology=topology)
+    release = threading.Event()
+    running = threading.Event()
+
+    def stuck(work: Any) -> None:
+        running.set()
+        assert release.wait(TIMEOUT)
+
+    b.cmd_wq.queue_work(Work(stuck))
+    assert running.wait(TIMEOUT)
+
+    def main_waits() -> bool:
+        frame: Any = sys._current_frames()[threading.main_thread().ident]
+        return b._driver._xs is None and frame.f_code.co_name == "sleep_on"
+
+    try:
+        with signal_taken_elsewhere(main_waits):
+            with pytest.raises(Interrupted):
+                b.close()
+    finally:
+        release.set()
+    b.close()
+    assert b.cmd_wq._destroyed.is_set() and b.io_wq._destroyed.is_set()
+    assert not b._pollers
