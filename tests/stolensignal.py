@@ -7,12 +7,21 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 TIMEOUT = 10.0
+
+
+def main_thread_in(*names: str, path: str = "") -> bool:
+    """Whether the main thread's innermost Python frame is a function named
+    one of ``names``, in a file whose path contains ``path``: where it
+    sleeps in the lock or poll that function calls (or is about to)."""
+    frame = sys._current_frames()[threading.main_thread().ident]  # type: ignore[index]
+    return frame.f_code.co_name in names and path in frame.f_code.co_filename
 
 
 class Interrupted(Exception):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import threading
 import time
 from typing import Any
 
 import pytest
 from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
-from stolensignal import Interrupted, signal_taken_elsewhere
+from stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
 
 import pvcalls
 from pvcalls import _wire
@@ -304,8 +303,7 @@ def test_a_close_interrupted_in_its_wait_can_be_finished_by_another(
     monkeypatch.setattr(b, "_close_device", slow_close_device)
 
     def main_waits() -> bool:
-        frame: Any = sys._current_frames()[threading.main_thread().ident]
-        return closing.is_set() and frame.f_code.co_name == "sleep_on"
+        return closing.is_set() and main_thread_in("sleep_on")
 
     try:
         with signal_taken_elsewhere(main_waits):
@@ -338,8 +336,7 @@ def test_a_close_interrupted_while_it_releases_can_be_finished_by_another(
     assert running.wait(TIMEOUT)
 
     def main_waits() -> bool:
-        frame: Any = sys._current_frames()[threading.main_thread().ident]
-        return b._driver._xs is None and frame.f_code.co_name == "sleep_on"
+        return b._driver._xs is None and main_thread_in("sleep_on")
 
     try:
         with signal_taken_elsewhere(main_waits):

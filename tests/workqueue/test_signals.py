@@ -9,14 +9,13 @@ the handler run soon, not when the work item ends.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from stolensignal import Interrupted, signal_taken_elsewhere
+from stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
 
 from workqueue import Work, Workqueue
 
@@ -24,11 +23,7 @@ TIMEOUT = 10.0
 
 
 def main_sleeps_in_a_wait() -> bool:
-    """The innermost Python frame of the main thread is a workqueue wait:
-    it sleeps in the lock it acquires (or is about to)."""
-    frame: Any = sys._current_frames()[threading.main_thread().ident]
-    return "/workqueue/" in frame.f_code.co_filename and \
-        frame.f_code.co_name in ("sleep_on", "wait", "_wait")
+    return main_thread_in("sleep_on", "wait", "_wait", path="/workqueue/")
 
 
 @pytest.mark.parametrize("call", ["flush", "cancel_sync", "flush_workqueue", "drain", "result"])

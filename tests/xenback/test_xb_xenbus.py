@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import sys
 import threading
 import time
 from typing import Any
 
 import pytest
 
-from tests.stolensignal import Interrupted, signal_taken_elsewhere
+from tests.stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
 from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, handed_over, leaked_threads
 from xenback import XenbusState, XenStore
 from xenback.sim import SimHost
@@ -975,8 +974,7 @@ def test_a_stop_interrupted_in_its_wait_can_be_finished_by_another(host, driver,
     driver.disconnect_hook = lambda dev: release.wait(TIMEOUT)
 
     def main_waits() -> bool:
-        frame: Any = sys._current_frames()[threading.main_thread().ident]
-        return "/workqueue/" in frame.f_code.co_filename and frame.f_code.co_name == "sleep_on"
+        return main_thread_in("sleep_on", path="/workqueue/")
 
     try:
         with signal_taken_elsewhere(main_waits):
