@@ -235,8 +235,6 @@ class Backend(Closing):
         # A close() ended in an exception while the driver stopped (Ctrl-C
         # in one of its waits): the next close() finishes it.
         self._close_unfinished = False
-        # What close() has released already (see _release_shared).
-        self._released: set[str] = set()
         # limit_lock makes checking a domain's socket limit and adding the
         # socket one step across all the domain's frontends (devices):
         # taken by a frontend under its own _lock, around both.  Sockets
@@ -384,22 +382,16 @@ class Backend(Closing):
             del self._pollers[cpu]
 
     def _release_shared(self) -> None:
-        """Release what the frontends share; may be called again after an
-        interrupted call (each step can be done again)."""
+        """Release what the frontends share.  Every step may be done again,
+        by the close() after an interrupted one: the handles' close() is
+        idempotent, and shutdown() (not destroy(), which raises after one
+        interrupted in its drain) waits for a destruction under way."""
         self._close_pollers()
-        steps: tuple[tuple[str, Callable[[], None]], ...] = (
-            ("dispatcher", self.dispatcher.close),
-            ("gnttab", self.gnttab.close),  # a second close() would close its fd again
-            ("load_index", self.load_index.close),
-            # Not destroy(): after one interrupted in its drain, a second
-            # one raises; shutdown() waits for the first to end.
-            ("cmd_wq", self.cmd_wq.shutdown),
-            ("io_wq", self.io_wq.shutdown),
-        )
-        for name, step in steps:
-            if name not in self._released:
-                step()
-                self._released.add(name)
+        self.dispatcher.close()
+        self.gnttab.close()
+        self.load_index.close()
+        self.cmd_wq.shutdown()
+        self.io_wq.shutdown()
 
 
 def _rehome(key: object, old_cpu: int, new_cpu: int) -> None:

@@ -112,7 +112,7 @@ class GrantTable(Protocol):
         ...
 
     def close(self) -> None:
-        """Close the handle."""
+        """Close the handle; closing it again does nothing."""
         ...
 
 
@@ -144,7 +144,7 @@ class GrantShare(Protocol):
         ...
 
     def close(self) -> None:
-        """Close the handle."""
+        """Close the handle; closing it again does nothing."""
         ...
 
 

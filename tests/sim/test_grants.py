@@ -196,8 +196,10 @@ def test_closing_handles_ends_everything(host: SimHost, guest: Domain) -> None:
     pages = shr.share_pages(0, 3)
     mapping = tab.map_grant_refs(1, pages.refs)
     tab.close()
+    tab.close()  # idempotent
     with pytest.raises(ValueError):
         mapping.buffer  # noqa: B018
+    shr.close()
     shr.close()
     with pytest.raises(GrantError) as info:
         shr.share_pages(0, 1)
