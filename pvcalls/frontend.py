@@ -77,6 +77,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
+from workqueue._pool import wait_slice
 from xenback import _barrier
 from xenback._closing import Closing
 from xenback.ring import FlexRing, FrontRing, RingError
@@ -227,17 +228,6 @@ def _resolve(address: object) -> tuple[str, int]:
     return str(info[0][4][0]), port
 
 
-# The longest the main thread sleeps in the kernel, in a blocked call,
-# before it goes back to the interpreter.  CPython runs signal handlers in
-# the main thread only, but the kernel gives a process's signal to any
-# thread not blocking it (often one that is being started: the backend's
-# and this module's threads come and go), and a main thread asleep in a
-# lock or poll() is woken only by a signal given to it.  Without a limit,
-# Ctrl-C to a program blocked in recv() would wait for data that may never
-# come.  Other threads run no handlers: they sleep in one go.
-_WAIT_SLICE = 0.5
-
-
 class _Deadline:
     """A socket timeout turned into an absolute deadline.
 
@@ -265,12 +255,10 @@ class _Deadline:
 
     def nap(self) -> float | None:
         """How long to sleep before looking again: the time left (``None``:
-        no limit), at most :data:`_WAIT_SLICE` in the main thread; raises
-        :class:`TimeoutError` once it is over."""
-        left = self.remaining()
-        if threading.get_ident() != threading.main_thread().ident:
-            return left
-        return _WAIT_SLICE if left is None else min(left, _WAIT_SLICE)
+        no limit), in the main thread half a second at most, as the
+        workqueue's waits (``workqueue._pool.wait_slice``, which says why);
+        raises :class:`TimeoutError` once it is over."""
+        return wait_slice(self.remaining())
 
     def acquire(self, lock: threading.Lock) -> None:
         """Take ``lock`` (a socket lock another thread may hold while it

@@ -125,32 +125,38 @@ WORKER_REBOUND = 1 << 5        # its CPU came back during this run loop
 
 
 # The longest the main thread sleeps at a time in a call that waits for
-# other threads (flush, cancel_sync, Future.result...).  The kernel gives a
-# signal sent to the process to any thread that does not block it (often a
-# worker being started, which takes one pending as it sets its mask), and
-# a main thread asleep in a lock wakes only for a signal given to it; but
-# CPython runs handlers in the main thread only.  Looking again at least
-# this often, the main thread runs Ctrl-C's handler soon, whoever took it.
-# (Workers blocking signals instead would pass the blocked mask on to every
-# process a work item starts.)  Other threads run no handlers: they sleep
-# in one go.
+# other threads (flush, cancel_sync, Future.result; pvcalls' sockets too).
+# The kernel gives a signal sent to the process to any thread that does not
+# block it (often a worker being started, which takes one pending as it
+# sets its mask), and a main thread asleep in a lock or poll() wakes only
+# for a signal given to it; but CPython runs handlers in the main thread
+# only.  Looking again at least this often, the main thread runs Ctrl-C's
+# handler soon, whoever took it.  (Workers blocking signals instead would
+# pass the blocked mask on to every process a work item starts.)  Other
+# threads run no handlers: they sleep in one go.
 WAIT_SLICE = 0.5
 
 
-def sleep_on(lock: threading.Lock, timeout: float | None = None) -> bool:
-    """``lock.acquire(timeout=...)`` (``None``: no limit) that, in the main
-    thread, sleeps :data:`WAIT_SLICE` at most at a time."""
+def wait_slice(left: float | None) -> float | None:
+    """How long the calling thread sleeps in one go in a wait with ``left``
+    seconds to go (``None``: no limit): all of it, or in the main thread
+    :data:`WAIT_SLICE` at most."""
     if threading.get_ident() != threading.main_thread().ident:
-        return lock.acquire(timeout=-1 if timeout is None else timeout)
-    if timeout is None:
-        while not lock.acquire(timeout=WAIT_SLICE):
-            pass
-        return True
-    deadline = _monotonic() + timeout
-    while not lock.acquire(timeout=min(max(deadline - _monotonic(), 0), WAIT_SLICE)):
-        if _monotonic() >= deadline:
+        return left
+    return WAIT_SLICE if left is None else min(left, WAIT_SLICE)
+
+
+def sleep_on(lock: threading.Lock, timeout: float | None = None) -> bool:
+    """``lock.acquire(timeout=...)`` (``None``: no limit), in slices of
+    :func:`wait_slice`."""
+    deadline = None if timeout is None else _monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(deadline - _monotonic(), 0)
+        nap = wait_slice(left)
+        if lock.acquire(timeout=-1 if nap is None else nap):
+            return True
+        if nap == left:  # that was all the time left
             return False
-    return True
 
 
 class Completion:
