@@ -37,6 +37,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from workqueue import blocking
+
+# The main thread's waits sleep in slices, so that a signal another thread
+# took still runs its handler soon (workqueue._pool says why).
+from workqueue._pool import sleep_on, wait_slice
 from xenback._closing import Closing
 
 if TYPE_CHECKING:
@@ -73,7 +77,7 @@ class EventDispatcher(Closing):
     def __init__(self, platform: Platform, *, name: str = "xenback-events",
                  thread: bool = True) -> None:
         self.name = name
-        # _lock guards _ports, _fds, _running and _closed, and serialises
+        # _lock guards _ports, _fds, _running, _closed and _released, and serialises
         # evtchn bind/unbind/unmask so that a port is never unmasked after
         # it was unbound.  pending() is called only by the dispatcher
         # thread, without it.  _idle is notified whenever a
@@ -83,7 +87,10 @@ class EventDispatcher(Closing):
         self._ports: dict[int, PortCallback] = {}
         self._fds: dict[int, FdCallback] = {}
         self._running: tuple[str, int] | None = None
+        # _closed: no more binding or dispatching; _released: the ports
+        # unbound and the descriptors closed, after the wait for the thread.
         self._closed = False
+        self._released = False
         # The thread that runs the callbacks: ours, or (poll mode) the one
         # inside poll(), None between polls.  Written only by that thread.
         self._dispatching: threading.Thread | None = None
@@ -207,29 +214,44 @@ class EventDispatcher(Closing):
             self._poll_lock.release()
 
     def wakeup(self) -> None:
-        """Make the current (or the next) :meth:`poll` return at once."""
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full: a wake-up is pending already
+        """Make the current (or the next) :meth:`poll` return at once.  A
+        no-op once the dispatcher is closed."""
+        # Under _lock: close() must not close the pipe (and its number be
+        # reused by another file) between the check and the write.
+        with self._lock:
+            if self._released:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full: a wake-up is pending already
 
     # Lifetime.
 
     def close(self) -> None:
         """Stop the thread (or wait for a poll in progress to return),
-        unbind every port, close the handle."""
+        unbind every port, close the handle.
+
+        Idempotent, and a close() interrupted in its wait (Ctrl-C in the
+        main thread) is finished by the next one: the first call marks the
+        dispatcher closed, the descriptors go only after the wait.
+        """
         with self._lock:
-            if self._closed:
+            if self._released:
                 return
             self._closed = True
         self.wakeup()
         if self._thread is None:
             if self._dispatching is not threading.current_thread():
-                with self._poll_lock:
-                    pass
+                sleep_on(self._poll_lock)
+                self._poll_lock.release()
         elif self._thread is not threading.current_thread():
-            self._thread.join()
+            while self._thread.is_alive():
+                self._thread.join(wait_slice(None))
         with self._lock:
+            if self._released:
+                return  # another close() finished meanwhile
+            self._released = True
             for port in list(self._ports):
                 try:
                     self._evtchn.unbind(port)

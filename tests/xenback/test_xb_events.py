@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from xenback import EventDispatcher
 
@@ -235,6 +236,49 @@ def test_close_from_a_port_callback_stops_quietly(host, caplog) -> None:
         with pytest.raises(RuntimeError, match="closed"):
             dispatcher.bind_unbound_port(guest.domid, lambda _port: None)
     finally:
+        evtchn.close()
+
+
+def test_a_close_interrupted_in_its_wait_is_finished_by_the_next(host) -> None:
+    """Ctrl-C while close() waits for a callback to return: the handle must
+    stay open under the callback, and the next close() must release it
+    instead of returning at once."""
+    guest = host.create_domain("guest")
+    evtchn = guest.evtchn()
+    dispatcher = EventDispatcher(host.dom0)
+    remote = evtchn.bind_unbound_port(0)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def callback(port: int) -> None:
+        inside.set()
+        assert release.wait(TIMEOUT)
+
+    local = dispatcher.bind_interdomain(guest.domid, remote, callback)
+    try:
+        evtchn.notify(remote)
+        assert inside.wait(TIMEOUT)
+
+        def main_waits() -> bool:
+            return main_thread_in("_wait_for_tstate_lock", path="threading")
+
+        try:
+            with signal_taken_elsewhere(main_waits):
+                with pytest.raises(Interrupted):
+                    dispatcher.close()
+            # Not unbound, not closed under the callback.
+            assert dispatcher.ports == [local] and not dispatcher._epoll.closed
+            with pytest.raises(RuntimeError, match="closed"):
+                dispatcher.bind_unbound_port(guest.domid, callback)
+        finally:
+            release.set()
+        dispatcher.close()
+        assert dispatcher.ports == [] and dispatcher._epoll.closed
+        dispatcher.wakeup()  # a no-op now, not a write to a stale descriptor
+        dispatcher.close()
+    finally:
+        release.set()
+        dispatcher.close()
         evtchn.close()
 
 

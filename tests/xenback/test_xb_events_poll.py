@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from workqueue import Topology, Work, alloc_workqueue
 from xenback import EventDispatcher
@@ -135,6 +136,28 @@ def test_close_waits_for_a_poll_in_progress(host, monkeypatch) -> None:
     assert not t.is_alive()
     assert result == [0]
     assert dispatcher.poll(0) == 0  # a closed dispatcher has nothing more
+
+
+def test_a_close_interrupted_while_a_poll_is_in_progress_is_finished_by_the_next(
+        host, monkeypatch) -> None:
+    dispatcher = EventDispatcher(host.dom0, thread=False)
+    leave = threading.Event()
+    spy = _EpollSpy(dispatcher._epoll, hold=leave)
+    monkeypatch.setattr(dispatcher, "_epoll", spy)
+    t = threading.Thread(target=dispatcher.poll, args=(None,), daemon=True)
+    t.start()
+    assert spy.entered.wait(TIMEOUT)
+    try:
+        with signal_taken_elsewhere(lambda: main_thread_in("sleep_on")):
+            with pytest.raises(Interrupted):
+                dispatcher.close()
+        assert not spy._real.closed  # the poll still uses it
+    finally:
+        leave.set()
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    dispatcher.close()
+    assert spy._real.closed  # released by the second close()
 
 
 def test_poll_is_for_poll_mode_only(host) -> None:
