@@ -1422,9 +1422,18 @@ class Frontend(Closing):
 
     def close(self) -> None:
         """Release every socket, go Closing then Closed, remove the device
-        and free the command ring.  Idempotent."""
-        if self.device is None:
-            return
+        and free the command ring.
+
+        Idempotent, and a close() interrupted in one of its waits (Ctrl-C in
+        the main thread) is finished by the next one: the device is closed
+        and removed first, then the frontend's own thread and handles go,
+        each step skipped once done.
+        """
+        if self.device is not None:
+            self._close_device()
+        self._release_handles()
+
+    def _close_device(self) -> None:
         if self._backend_watch is not None:
             with self._watch_lock:
                 watch, self._backend_watch = self._backend_watch, None
@@ -1481,6 +1490,8 @@ class Frontend(Closing):
         if close_toolstack is not None:
             close_toolstack()
         self.device = self._toolstack = None
+
+    def _release_handles(self) -> None:
         self._stop_thread()
         if self._evtchn is not None:
             if self._port >= 0:
@@ -1626,7 +1637,13 @@ class Frontend(Closing):
         if self._stop_w >= 0:
             os.write(self._stop_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+            deadline = _Deadline(10.0)
+            try:
+                while self._thread.is_alive():
+                    self._thread.join(deadline.nap())
+            except TimeoutError:
+                logger.warning("pvcalls frontend thread of domain %d did not stop",
+                               self.domain.domid)
         self._thread = None
         with self._lock:
             epoll, self._event_epoll = self._event_epoll, None

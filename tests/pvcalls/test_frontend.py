@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import Call, echo_through, sleeping_in_wait, wait_until
-from stolensignal import Interrupted, signal_taken_elsewhere
+from stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
 
 import pvcalls
 from pvcalls import _wire
@@ -1525,3 +1525,46 @@ def test_a_close_interrupted_before_its_release_went_out_frees_the_socket(
         began = time.monotonic()
     assert time.monotonic() - began < 2.0  # no RELEASE answer waited for
     wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
+
+
+def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
+    host: SimHost, backend: Any
+) -> None:
+    """Ctrl-C while close() waits for the frontend's event thread to end:
+    the handles the thread uses must stay until it has, and the next
+    close() must release them instead of returning at once."""
+    guest = host.create_domain("interrupted-stop")
+    before = host.hypervisor.stats()
+    fe = pvcalls.Frontend(guest)
+    fe.open()
+    inside = threading.Event()
+    release = threading.Event()
+    r, w = os.pipe()
+    try:
+        def stuck() -> None:  # a relay the event thread runs
+            inside.set()
+            assert release.wait(TIMEOUT)
+
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = stuck
+            fe._event_epoll.register(r, select.EPOLLIN)
+        os.write(w, b"x")
+        assert inside.wait(TIMEOUT)
+        try:
+            with signal_taken_elsewhere(
+                    lambda: main_thread_in("_wait_for_tstate_lock", path="threading")):
+                with pytest.raises(Interrupted):
+                    fe.close()
+            assert fe.device is None  # the device part was done
+            assert fe._evtchn is not None and fe._xs is not None  # in use by the thread
+        finally:
+            release.set()
+        fe.close()
+        assert fe._thread is None and fe._evtchn is None and fe._xs is None
+        wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
+    finally:
+        release.set()
+        fe.close()
+        os.close(r)
+        os.close(w)
