@@ -140,13 +140,23 @@ def test_serve_stops_when_it_loses_its_host(
     assert not run_dir.exists() or list(run_dir.iterdir()) == []
 
 
+def sighup_set_to(disposition: signal.Handlers) -> Any:
+    """A ``preexec_fn`` giving the child that SIGHUP disposition, whatever
+    the tests run under (``nohup`` passes SIG_IGN on to every child)."""
+    def preexec() -> None:
+        signal.signal(signal.SIGHUP, disposition)
+
+    return preexec
+
+
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
 def test_serve_leaves_nothing_in_the_run_dir(
         sim_host: tuple[Path, subprocess.Popen[bytes]], signum: str) -> None:
     # SIGHUP: the terminal it ran in was closed.
     run_dir = sim_host[0]
     before = sorted(run_dir.rglob("*"))
-    with running(serve_argv(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as serve:
+    with running(serve_argv(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 preexec_fn=sighup_set_to(signal.SIG_DFL)) as serve:
         log = Lines(serve.stderr)
         log.wait_for("serving")
         assert (run_dir / "pvcalls-backend.lock").exists()
@@ -158,11 +168,8 @@ def test_serve_leaves_nothing_in_the_run_dir(
 
 def test_serve_under_nohup_ignores_sighup(
         sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
-    def ignore_sighup() -> None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
     with running(serve_argv(sim_host[0]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                 preexec_fn=ignore_sighup) as serve:
+                 preexec_fn=sighup_set_to(signal.SIG_IGN)) as serve:
         log = Lines(serve.stderr)
         log.wait_for("serving")
         serve.send_signal(signal.SIGHUP)
