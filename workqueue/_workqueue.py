@@ -148,6 +148,9 @@ class Workqueue(Executor):
         self._state = _RUNNING
         self._nr_drainers = 0
         self._shutdown = False
+        # A destroy() (or shutdown(wait=True)) was interrupted in its drain
+        # and left the rest to a thread of its own (see _destroy).
+        self._destroy_interrupted = False
         self._destroyed = threading.Event()
         # Flush colors.  Every item queued now takes color _work_color, and
         # _nr_current counts those not yet finished (or cancelled).  For
@@ -516,18 +519,30 @@ class Workqueue(Executor):
         """Drain, then release the pools and stop the rescuer (destroy_workqueue).
 
         Later queueing raises RuntimeError.  Idle workers of pools that no
-        workqueue uses any longer exit.
+        workqueue uses any longer exit.  Destroying a workqueue twice is an
+        error, except after a destroy() that was interrupted in its wait
+        (Ctrl-C): the destruction went on without its caller, and a second
+        destroy() waits for its end.
         """
         with lock:
-            if self._state >= _DESTROYING:
-                raise RuntimeError(f"workqueue {self.name!r} is already destroyed")
             self._check_not_own_item("destroy")
-            if self._frozen:
-                raise RuntimeError(f"destroy() of frozen workqueue {self.name!r} would wait "
-                                   "for thaw(); thaw it first")
-            self._state = _DESTROYING
-            self._shutdown = True
-        self._destroy()
+            resume = self._destroy_interrupted
+            if self._state >= _DESTROYING and not resume:
+                raise RuntimeError(f"workqueue {self.name!r} is already destroyed")
+            if not resume:
+                if self._frozen:
+                    raise RuntimeError(f"destroy() of frozen workqueue {self.name!r} would "
+                                       "wait for thaw(); thaw it first")
+                self._state = _DESTROYING
+                self._shutdown = True
+        if resume:
+            self._wait_destroyed()
+        else:
+            self._destroy()
+
+    def _wait_destroyed(self) -> None:
+        while not self._destroyed.wait(_pool.WAIT_SLICE):  # see WAIT_SLICE
+            pass
 
     def _destroy(self) -> None:
         try:
@@ -537,7 +552,10 @@ class Workqueue(Executor):
             # queued or running must not lose their pools and rescuer, nor
             # chained queueing be refused, nor shutdown(wait=True) elsewhere
             # return before they end.  The destruction goes on without the
-            # caller, as shutdown(wait=False)'s does.
+            # caller, as shutdown(wait=False)'s does, and a second destroy()
+            # waits for it instead of calling it an error.
+            with lock:
+                self._destroy_interrupted = True
             threading.Thread(target=self._drain_and_release, name=f"{self.name}-shutdown",
                              daemon=True).start()
             raise
@@ -741,8 +759,7 @@ class Workqueue(Executor):
                 threading.Thread(target=self._drain_and_release, name=f"{self.name}-shutdown",
                                  daemon=True).start()
         elif wait:
-            while not self._destroyed.wait(_pool.WAIT_SLICE):  # see WAIT_SLICE
-                pass
+            self._wait_destroyed()
 
     def _call_works(self) -> list[Work]:
         """The items behind the calls that submit() and our serial

@@ -64,13 +64,15 @@ def test_a_signal_another_thread_took_interrupts_a_wait(
     work.flush()
 
 
+@pytest.mark.parametrize("then", ["destroy", "shutdown"])
 @pytest.mark.parametrize("call", ["destroy", "shutdown"])
 def test_an_interrupted_destroy_still_waits_for_the_items(
-        make_wq: Callable[..., Workqueue], call: str) -> None:
+        make_wq: Callable[..., Workqueue], call: str, then: str) -> None:
     """Ctrl-C while destroy() (or shutdown()) drains: the workqueue must
     not be released under items still queued or running.  Its destruction
-    goes on without the caller; shutdown(wait=True) waits for its end, and
-    the items run to the end, queueing themselves again (as drain allows)."""
+    goes on without the caller; a second destroy() or shutdown(wait=True)
+    waits for its end, and the items run to the end, queueing themselves
+    again (as drain allows)."""
     wq = make_wq()
     release = threading.Event()
     started = threading.Semaphore(0)
@@ -91,18 +93,28 @@ def test_an_interrupted_destroy_still_waits_for_the_items(
             with pytest.raises(Interrupted):
                 wq.destroy() if call == "destroy" else wq.shutdown()
         assert not wq._destroyed.is_set()
-        waiter = threading.Thread(target=wq.shutdown)
+        errors: list[BaseException] = []
+
+        def wait_for_the_end() -> None:
+            try:
+                getattr(wq, then)()
+            except BaseException as exc:
+                errors.append(exc)
+
+        waiter = threading.Thread(target=wait_for_the_end)
         waiter.start()
         waiter.join(0.2)
         assert waiter.is_alive()  # the item still runs
     finally:
         release.set()
     waiter.join(TIMEOUT)
-    assert not waiter.is_alive()
+    assert not waiter.is_alive() and errors == []
     assert runs == [0, 1, 2]
     assert not work.pending and not work.running
+    assert wq._destroyed.is_set()
     with pytest.raises(RuntimeError):
         wq.queue_work(work)
+    getattr(wq, then)()  # and again: the destruction is over
 
 
 @pytest.mark.parametrize("call", ["result", "exception"])
