@@ -24,8 +24,9 @@ def main_thread_in(*names: str, path: str = "") -> bool:
     return frame.f_code.co_name in names and path in frame.f_code.co_filename
 
 
-class Interrupted(Exception):
-    """What the handler raises in the main thread."""
+class Interrupted(BaseException):
+    """What the handler raises in the main thread: as KeyboardInterrupt, no
+    :class:`Exception`, which library code may catch and log."""
 
 
 @contextlib.contextmanager

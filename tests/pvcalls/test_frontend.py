@@ -1552,8 +1552,9 @@ def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
         os.write(w, b"x")
         assert inside.wait(TIMEOUT)
         try:
-            with signal_taken_elsewhere(
-                    lambda: main_thread_in("_wait_for_tstate_lock", path="threading")):
+            # After the device part (other joins are in it), in the join.
+            with signal_taken_elsewhere(lambda: fe.device is None and main_thread_in(
+                    "_wait_for_tstate_lock", path="threading")):
                 with pytest.raises(Interrupted):
                     fe.close()
             assert fe.device is None  # the device part was done
