@@ -1531,8 +1531,17 @@ class Frontend(Closing):
             req.u.socket.type = SOCK_STREAM
             req.u.socket.protocol = 0
 
+        def late(ret: int) -> None:
+            # The SOCKET the caller gave up on (timeout, Ctrl-C) was
+            # answered after all: a socket the backend made for nobody
+            # would count against the domain's limit until the frontend
+            # goes, so it is released.
+            if ret == 0:
+                self._release(sock)
+
         try:
-            ret = self._call(PVCALLS_SOCKET, sock.id, fill, _Deadline(self.timeout))
+            ret = self._call(PVCALLS_SOCKET, sock.id, fill, _Deadline(self.timeout),
+                             on_late=late)
         except BaseException:
             self._forget(sock)
             raise
@@ -1828,26 +1837,34 @@ class Frontend(Closing):
                 self._cmd_cond.notify_all()  # a submitter may wait for this entry
             return slot.ret
 
-    def _abandon(self, req_id: int, slot: _Slot) -> None:
+    def _abandon(self, req_id: int, slot: _Slot,
+                 on_late: Callable[[int], None] | None = None) -> None:
         """Nobody will wait for ``slot``: free it now if answered, else when
-        the answer comes."""
+        the answer comes.  ``on_late(ret)`` is called with the answer, now
+        or by the event thread when it comes."""
         with self._cmd_cond:
-            if slot.done:
+            answered = slot.done
+            if answered:
                 if self._slots[req_id] is slot:
                     self._slots[req_id] = None
                     self._cmd_cond.notify_all()
+            elif on_late is not None:
+                slot.on_done = on_late
             else:
                 slot.abandoned = True
+        if answered and on_late is not None:
+            on_late(slot.ret)
 
     def _call(self, cmd: int, sock_id: int, fill: Callable[[Any], None], deadline: _Deadline,
-              sock: PVSocket | None = None) -> int:
+              sock: PVSocket | None = None, on_late: Callable[[int], None] | None = None) -> int:
         """Submit one command and wait for its ``ret``; abandon it on timeout
-        (or when ``sock`` gets closed)."""
+        (or when ``sock`` gets closed, or an interrupt), with ``on_late``
+        to take the answer (see :meth:`_abandon`)."""
         req_id, slot = self._submit(cmd, sock_id, fill, deadline)
         try:
             return self._wait_slot(req_id, slot, deadline, sock)
         except BaseException:
-            self._abandon(req_id, slot)
+            self._abandon(req_id, slot, on_late)
             raise
 
     def _on_command_event(self) -> None:

@@ -1472,6 +1472,54 @@ def test_frontend_exit_frees_a_socket_kept_by_a_makefile_stream(
 # -- calls interrupted in their waits (Ctrl-C) -----------------------------------
 
 
+@pytest.mark.parametrize("how", ["timeout", "interrupt"])
+def test_a_socket_call_given_up_on_releases_what_the_backend_makes_late(
+    host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A SOCKET whose caller gave up (its timeout, or Ctrl-C) and that the
+    backend answers later: the socket the backend made for nobody is
+    released, not kept (and counted against the domain's limit) until the
+    frontend goes."""
+    from pvcalls import _backend
+
+    arrived = threading.Event()
+    answer = threading.Event()
+    made = threading.Event()
+    make_socket = _backend._HANDLERS[_wire.PVCALLS_SOCKET]
+
+    def slow_socket(fe: Any, request: Any, req: Any) -> Any:
+        arrived.set()
+        assert answer.wait(TIMEOUT)
+        try:
+            return make_socket(fe, request, req)
+        finally:
+            made.set()
+
+    guest = host.create_domain(f"late-socket-{how}")
+    with pvcalls.Frontend(guest, timeout=0.5 if how == "timeout" else TIMEOUT) as fe:
+        monkeypatch.setitem(_backend._HANDLERS, _wire.PVCALLS_SOCKET, slow_socket)  # type: ignore[index]
+        try:
+            if how == "timeout":
+                with pytest.raises(TimeoutError):
+                    fe.socket()
+            else:
+                with signal_taken_elsewhere(
+                        lambda: arrived.is_set() and bool(fe._cmd_cond._waiters)):
+                    with pytest.raises(Interrupted):
+                        fe.socket()
+            assert fe.sockets() == []
+        finally:
+            answer.set()
+        monkeypatch.undo()
+        assert made.wait(TIMEOUT)
+        wait_until(lambda: all(r.domain != guest.domid for r in backend.stats().sockets))
+        wait_until(lambda: not fe._releases)
+        with fe._lock:
+            assert fe._slots == [None] * len(fe._slots)
+        s = fe.socket()  # the frontend goes on as before
+        s.close()
+
+
 def test_an_interrupted_connect_leaves_a_socket_only_to_close(
     fe: pvcalls.Frontend, backend: Any
 ) -> None:
