@@ -23,12 +23,13 @@ import pytest
 import pyxs
 from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, run_daemon, script, unused_port
 
-# Runs its arguments with SIGINT's default action: a test run in the
-# background of a shell ignores SIGINT, and its children would too.
-_SIGINT_DEFAULT = [
+# Runs its arguments with SIGINT's and SIGHUP's default actions: a test run
+# in the background of a shell ignores SIGINT, one run under nohup ignores
+# SIGHUP, and their children would too.
+_SIGNALS_DEFAULT = [
     sys.executable, "-c",
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-    "os.execv(sys.argv[1], sys.argv[1:])",
+    "signal.signal(signal.SIGHUP, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
 ]
 
 
@@ -45,12 +46,13 @@ class Guest:
     def nc(self, *args: str, interruptible: bool = False,
            **popen: Any) -> subprocess.Popen[bytes]:
         """Start pvcalls-nc as this guest; stdio are pipes unless given.
-        ``interruptible``: with SIGINT not ignored, whatever we inherited."""
+        ``interruptible``: with SIGINT and SIGHUP not ignored, whatever we
+        inherited."""
         for stream in ("stdin", "stdout", "stderr"):
             popen.setdefault(stream, subprocess.PIPE)
         popen.setdefault("env", FAULTHANDLER_ENV)
         return subprocess.Popen(
-            [*(_SIGINT_DEFAULT if interruptible else []), *script("pvcalls-nc"),
+            [*(_SIGNALS_DEFAULT if interruptible else []), *script("pvcalls-nc"),
              "--run-dir", str(self.run_dir), "--domid", str(self.domid), *args],
             **popen,
         )
