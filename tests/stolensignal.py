@@ -24,6 +24,20 @@ def main_thread_in(*names: str, path: str = "") -> bool:
     return frame.f_code.co_name in names and path in frame.f_code.co_filename
 
 
+def main_thread_within(name: str, depth: int) -> bool:
+    """Whether a call of a function named ``name`` is among the ``depth``
+    innermost frames of the main thread: to tell the wait it makes itself
+    from the waits of the calls it makes (a XenStore request's, say)."""
+    frame = sys._current_frames()[threading.main_thread().ident]  # type: ignore[index]
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class Interrupted(BaseException):
     """What the handler raises in the main thread: as KeyboardInterrupt, no
     :class:`Exception`, which library code may catch and log."""

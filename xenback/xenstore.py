@@ -44,6 +44,7 @@ from pyxs.exceptions import ConnectionError as XSConnectionError
 from pyxs.exceptions import InvalidPath, InvalidPayload, InvalidPermission, PyXSError
 from pyxs.helpers import check_path
 
+from workqueue._pool import wait_slice
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue
 from xenback._wire import XENSTORE_PAYLOAD_MAX
@@ -545,8 +546,12 @@ class XenStore(_Ops, Closing):
                 value = self.read(path)
                 if check(value):
                     return value
+                # In slices: in the main thread, a signal another thread
+                # took runs its handler at the next one (see wait_slice).
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not changed.wait(remaining):
+                while remaining > 0 and not changed.wait(wait_slice(remaining)):
+                    remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise TimeoutError(
                         f"{path} did not reach the expected value within {timeout} s "
                         f"(last value {value!r})"

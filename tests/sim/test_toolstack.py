@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import pyxs
 from hosthelpers import hang_up_after_one_request
+from stolensignal import Interrupted, main_thread_in, main_thread_within, signal_taken_elsewhere
 
 from xenback.sim import Device, Domain, SimHost, Toolstack
 
@@ -113,6 +114,25 @@ def test_remove_the_libxl_way(host: SimHost, guest: Domain) -> None:
     with host.dom0.xenstore() as c:
         for path in (dev.backend_path, dev.frontend_path, dev.libxl_path):
             assert not c.exists(path.encode())
+    assert host.toolstack.devices() == []
+
+
+def test_a_signal_another_thread_took_interrupts_the_wait_for_closed(
+        host: SimHost, guest: Domain) -> None:
+    """The main thread waiting for a backend to close runs a signal's
+    handler soon, not at the timeout, whichever thread took the signal;
+    removing the device again then finishes the job."""
+    dev = host.toolstack.add_device("vif", guest.domid)
+
+    def main_waits() -> bool:
+        return main_thread_in("wait", path="threading") and main_thread_within("_wait_closed", depth=3)
+
+    began = time.monotonic()
+    with signal_taken_elsewhere(main_waits):
+        with pytest.raises(Interrupted):
+            host.toolstack.remove_device(dev, timeout=30)
+    assert time.monotonic() - began < 15
+    assert host.toolstack.remove_device(dev, timeout=0.1) is False
     assert host.toolstack.devices() == []
 
 

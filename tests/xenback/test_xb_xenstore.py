@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from typing import Any
 
 import pytest
 
 from tests.sim.hosthelpers import hang_up_after_one_request
+from tests.stolensignal import (
+    Interrupted,
+    main_thread_in,
+    main_thread_within,
+    signal_taken_elsewhere,
+)
 from tests.xenback.xbhelpers import TIMEOUT, handed_over, leaked_threads
 from xenback import EventQueue, XenStore
 
@@ -255,6 +262,20 @@ def test_wait_for(dom0_xs) -> None:
         dom0_xs.wait_for("/w2", "b", timeout=0.05)  # a missing node is no value
     with pytest.raises(TimeoutError, match=r"/w did not reach .* \(last value 'b'\)"):
         dom0_xs.wait_for("/w", "c", timeout=0.05)
+
+
+def test_a_signal_another_thread_took_interrupts_wait_for(dom0_xs) -> None:
+    """The main thread in wait_for() runs a signal's handler soon, not at
+    the timeout, whichever thread the kernel gave the signal to."""
+    began = time.monotonic()
+    def main_waits() -> bool:
+        return main_thread_in("wait", path="threading") and main_thread_within("wait_for", depth=3)
+
+    with signal_taken_elsewhere(main_waits):
+        with pytest.raises(Interrupted):
+            dom0_xs.wait_for("/never", "x", timeout=TIMEOUT)
+    assert time.monotonic() - began < TIMEOUT / 2
+    assert not dom0_xs._waiters  # and it left nothing behind
 
 
 def test_watches_on_an_event_queue_keep_order(host, wq) -> None:

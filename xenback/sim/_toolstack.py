@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import pyxs
 
+from workqueue._pool import wait_slice
 from xenback._closing import Closing
 from xenback.xenstore import route_until_lost
 
@@ -296,9 +297,11 @@ class Toolstack(Closing):
                 if remaining <= 0:
                     return False
                 try:
-                    events.get(timeout=remaining)
+                    # In slices, for a signal's handler (see wait_slice);
+                    # an empty slice only costs one more read.
+                    events.get(timeout=wait_slice(remaining))
                 except queue.Empty:
-                    return False
+                    pass
 
 
 def _lost(exc: Exception) -> None:
