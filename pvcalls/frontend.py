@@ -1425,9 +1425,9 @@ class Frontend(Closing):
         and free the command ring.
 
         Idempotent, and a close() interrupted in one of its waits (Ctrl-C in
-        the main thread) is finished by the next one: the device is closed
-        and removed first, then the frontend's own thread and handles go,
-        each step skipped once done.
+        the main thread) is finished by the next one: that one closes and
+        removes the device again unless it is gone already, then stops the
+        frontend's own thread and closes the handles that are left.
         """
         if self.device is not None:
             self._close_device()
