@@ -156,6 +156,52 @@ def test_nothing_leaks(tmp_path: Path) -> None:
     assert open_fds() - fds == set()
 
 
+def test_a_close_interrupted_in_a_join_is_finished_by_the_next() -> None:
+    """Ctrl-C while close() joins XenStore's thread (the hypervisor has
+    stopped): the host is closing (it takes no new work), and the next
+    close() stops the rest without closing the hypervisor's descriptors
+    again, whose numbers other files may have taken meanwhile."""
+
+    class Interrupted(BaseException):
+        pass
+
+    threads, fds = set(threading.enumerate()), open_fds()
+    host = SimHost()
+    host.start()
+    run_dir = host.run_dir
+    assert host._hypervisor is not None and host._xenstored is not None
+    hypervisor_fds = {host._hypervisor._wake_r, host._hypervisor._wake_w}
+    thread = host._xenstored._thread
+    assert thread is not None
+    join = thread.join
+
+    def interrupted_join(timeout: float | None = None) -> None:
+        del thread.join  # only this call
+        join(timeout)  # the thread has ended: the interrupt comes on the way out
+        raise Interrupted
+
+    thread.join = interrupted_join  # type: ignore[method-assign]
+    with pytest.raises(Interrupted):
+        host.close()
+    with pytest.raises(RuntimeError, match="closing"):
+        host.create_domain("late")
+    assert run_dir.exists()
+    # Other files take the hypervisor's old descriptor numbers.
+    others = []
+    while not hypervisor_fds <= {f.fileno() for f in others} and len(others) < 100:
+        others.append(open(os.devnull))
+    try:
+        host.close()
+        for f in others:
+            os.fstat(f.fileno())  # still open
+    finally:
+        for f in others:
+            f.close()
+    assert not run_dir.exists()
+    assert set(threading.enumerate()) - threads == set()
+    assert open_fds() - fds == set()
+
+
 def test_caller_run_dir_is_left_clean(tmp_path: Path) -> None:
     # One that existed is emptied of what the host made, and stays.
     (tmp_path / "run").mkdir()

@@ -113,7 +113,8 @@ class SimHost(Closing):
         return self
 
     def close(self) -> None:
-        """Destroy every domain and stop everything; idempotent."""
+        """Destroy every domain and stop everything; idempotent, and a
+        close() interrupted (Ctrl-C) is finished by the next one."""
         with self._lock:
             if self._state in ("closed", "new"):
                 self._state = "closed"
@@ -131,13 +132,16 @@ class SimHost(Closing):
                 thread.join()
 
     def _teardown(self) -> None:
-        self._state = "closed"
+        # "closing" until every part has stopped: a close() interrupted in
+        # one of the joins (Ctrl-C) leaves the rest to the next close().
+        self._state = "closing"
         if self._hypervisor is not None:
             self._hypervisor.stop()
         if self._xenstored is not None:
             self._xenstored.stop()
         self._domains.clear()
         self._cleanup_run_dir()
+        self._state = "closed"
 
     def _cleanup_run_dir(self) -> None:
         if self._run_dir is None:

@@ -264,9 +264,14 @@ class Hypervisor:
             os.write(self._wake_w, b"x")
             self._thread.join()
             self._thread = None
+        # Once: a stop() interrupted in the join is called again, and the
+        # numbers of closed descriptors may belong to other files by then.
+        if self._wake_r < 0:
+            return
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
 
     def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
         """Make ``domid`` known and listen for its handles; returns its socket."""
