@@ -40,7 +40,7 @@ from workqueue import blocking
 
 # The main thread's waits sleep in slices, so that a signal another thread
 # took still runs its handler soon (workqueue._pool says why).
-from workqueue._pool import sleep_on, wait_slice
+from workqueue._pool import wait_slice
 from xenback._closing import Closing
 
 if TYPE_CHECKING:
@@ -80,8 +80,9 @@ class EventDispatcher(Closing):
         # _lock guards _ports, _fds, _running, _closed and _released, and serialises
         # evtchn bind/unbind/unmask so that a port is never unmasked after
         # it was unbound.  pending() is called only by the dispatcher
-        # thread, without it.  _idle is notified whenever a
-        # callback finishes.  Never held while a callback runs.
+        # thread, without it.  _idle is notified whenever a callback
+        # finishes, and as a poll() leaves a closed dispatcher.  Never held
+        # while a callback runs.
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._ports: dict[int, PortCallback] = {}
@@ -95,7 +96,8 @@ class EventDispatcher(Closing):
         # inside poll(), None between polls.  Written only by that thread.
         self._dispatching: threading.Thread | None = None
         # Poll mode: held by the one thread inside poll(), so that close()
-        # can wait for it to leave before the descriptors go.
+        # can wait (on _idle, for it to be free) before the descriptors go.
+        # Taken only by poll(): see close() for why close() never takes it.
         self._poll_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # Short of descriptors or threads, any step may fail: what the ones
@@ -212,6 +214,9 @@ class EventDispatcher(Closing):
                 self._dispatching = None
         finally:
             self._poll_lock.release()
+            if self._closed:  # close() may wait for this poll to leave
+                with self._lock:
+                    self._idle.notify_all()
 
     def wakeup(self) -> None:
         """Make the current (or the next) :meth:`poll` return at once.  A
@@ -243,8 +248,15 @@ class EventDispatcher(Closing):
         self.wakeup()
         if self._thread is None:
             if self._dispatching is not threading.current_thread():
-                sleep_on(self._poll_lock)
-                self._poll_lock.release()
+                # Not by taking _poll_lock in slices: the interrupt of a
+                # signal another thread took during a slice is raised only
+                # once the acquire has returned, with the lock taken if the
+                # poll had left meanwhile, and nothing could release it
+                # (see bpo-45274, the same in Thread.join()).  A poll()
+                # that starts after this check sees _closed and returns.
+                with self._lock:
+                    while self._poll_lock.locked():
+                        self._idle.wait(wait_slice(None))
         elif self._thread is not threading.current_thread():
             while self._thread.is_alive():
                 self._thread.join(wait_slice(None))

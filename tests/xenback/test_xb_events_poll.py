@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 
-from tests.stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
+from tests.stolensignal import (
+    Interrupted,
+    main_thread_in,
+    main_thread_within,
+    signal_taken_elsewhere,
+)
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from workqueue import Topology, Work, alloc_workqueue
 from xenback import EventDispatcher
@@ -138,6 +143,13 @@ def test_close_waits_for_a_poll_in_progress(host, monkeypatch) -> None:
     assert dispatcher.poll(0) == 0  # a closed dispatcher has nothing more
 
 
+def _main_waits_in_close() -> bool:
+    # The wait of close() for the poll in progress: on a condition, or (as
+    # it was) in sleep_on() on the poll lock.
+    return main_thread_in("sleep_on") or (
+        main_thread_in("wait", path="threading") and main_thread_within("close", depth=2))
+
+
 def test_a_close_interrupted_while_a_poll_is_in_progress_is_finished_by_the_next(
         host, monkeypatch) -> None:
     dispatcher = EventDispatcher(host.dom0, thread=False)
@@ -148,7 +160,7 @@ def test_a_close_interrupted_while_a_poll_is_in_progress_is_finished_by_the_next
     t.start()
     assert spy.entered.wait(TIMEOUT)
     try:
-        with signal_taken_elsewhere(lambda: main_thread_in("sleep_on")):
+        with signal_taken_elsewhere(_main_waits_in_close):
             with pytest.raises(Interrupted):
                 dispatcher.close()
         assert not spy._real.closed  # the poll still uses it
@@ -158,6 +170,44 @@ def test_a_close_interrupted_while_a_poll_is_in_progress_is_finished_by_the_next
     assert not t.is_alive()
     dispatcher.close()
     assert spy._real.closed  # released by the second close()
+
+
+def test_a_close_interrupted_as_the_poll_leaves_does_not_keep_the_poll_lock(
+        host, monkeypatch) -> None:
+    """The signal another thread took arrives while close() waits and the
+    poll leaves before the main thread looks again: the interrupt must not
+    come with the poll lock taken, or nothing would release it, the next
+    close() would wait for ever and every poll() would fail."""
+    dispatcher = EventDispatcher(host.dom0, thread=False)
+    leave = threading.Event()
+    spy = _EpollSpy(dispatcher._epoll, hold=leave)
+    monkeypatch.setattr(dispatcher, "_epoll", spy)
+    t = threading.Thread(target=dispatcher.poll, args=(None,), daemon=True)
+    t.start()
+    assert spy.entered.wait(TIMEOUT)
+
+    def leave_after_the_signal() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not _main_waits_in_close() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.1)  # the signal was sent and taken elsewhere meanwhile
+        leave.set()  # well within the main thread's slice
+
+    helper = threading.Thread(target=leave_after_the_signal)
+    helper.start()
+    try:
+        with signal_taken_elsewhere(_main_waits_in_close):
+            with pytest.raises(Interrupted):
+                dispatcher.close()
+    finally:
+        leave.set()
+        helper.join(TIMEOUT)
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert not dispatcher._poll_lock.locked()
+    dispatcher.close()
+    assert spy._real.closed
+    assert dispatcher.poll(0) == 0
 
 
 def test_poll_is_for_poll_mode_only(host) -> None:
