@@ -264,17 +264,24 @@ class EventDispatcher(Closing):
             if self._released:
                 return  # another close() finished meanwhile
             self._released = True
-            for port in list(self._ports):
-                try:
-                    self._evtchn.unbind(port)
-                except OSError:
-                    logger.debug("unbinding port %d at close failed", port, exc_info=True)
-            self._ports.clear()
-            self._fds.clear()
-        self._evtchn.close()
-        self._epoll.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        # From here on no later close() would close the descriptors: they
+        # go also when an unbind (a round trip to the hypervisor) is
+        # interrupted, and closing the handle unbinds the ports left.
+        try:
+            with self._lock:
+                for port in list(self._ports):
+                    try:
+                        self._evtchn.unbind(port)
+                    except OSError:
+                        logger.debug("unbinding port %d at close failed", port, exc_info=True)
+        finally:
+            with self._lock:
+                self._ports.clear()
+                self._fds.clear()
+            self._evtchn.close()
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     @property
     def ports(self) -> list[int]:

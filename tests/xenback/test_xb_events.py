@@ -282,6 +282,36 @@ def test_a_close_interrupted_in_its_wait_is_finished_by_the_next(host) -> None:
         evtchn.close()
 
 
+def test_a_close_interrupted_in_an_unbind_still_closes_the_descriptors(
+        host, monkeypatch) -> None:
+    """Ctrl-C while close() unbinds the ports (a round trip to the
+    hypervisor each): no later close() would close the handle, the epoll
+    and the wake-up pipe, so that one does; the handle takes the ports
+    left with it."""
+    guest = host.create_domain("guest")
+    evtchn = guest.evtchn()
+    dispatcher = EventDispatcher(host.dom0)
+    try:
+        for _ in range(2):
+            dispatcher.bind_interdomain(
+                guest.domid, evtchn.bind_unbound_port(0), lambda port: None)
+        handle = dispatcher._evtchn
+        unbind = handle.unbind
+
+        def interrupted_unbind(port: int) -> None:
+            unbind(port)
+            raise Interrupted
+
+        monkeypatch.setattr(handle, "unbind", interrupted_unbind)
+        with pytest.raises(Interrupted):
+            dispatcher.close()
+        assert dispatcher._epoll.closed and handle._closed and dispatcher.ports == []
+        dispatcher.close()  # nothing left to do
+    finally:
+        dispatcher.close()
+        evtchn.close()
+
+
 def test_frontend_side_port_from_bind_unbound_port(host, pair) -> None:
     """The dispatcher may offer a port (a frontend's side): the guest binds
     to it, and its notifications reach the callback."""
