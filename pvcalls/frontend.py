@@ -1350,6 +1350,9 @@ class Frontend(Closing):
         self._event_epoll = select.epoll()
         self._event_epoll.register(self._evtchn.fileno(), select.EPOLLIN)
         self._event_epoll.register(self._stop_r, select.EPOLLIN)
+        # Every close() stops the thread, also one before open() (when
+        # there is none): the flag it left must not stop this one at once.
+        self._stopping = False
         self._thread = threading.Thread(
             target=self._event_loop, name=f"pvcalls-front-{domain.domid}", daemon=True
         )

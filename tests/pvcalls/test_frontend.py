@@ -1089,6 +1089,17 @@ def test_no_backend_is_a_timeout_that_says_what_it_waited_for() -> None:
         assert fe.device is None  # and the device it added is gone again
 
 
+def test_a_close_before_open_leaves_the_frontend_to_open(host: SimHost, backend: Any) -> None:
+    """A close() before open() has nothing to release, and must not keep
+    the event thread that open() starts from running: every command would
+    time out."""
+    fe = pvcalls.Frontend(host.create_domain("closed-first"), timeout=TIMEOUT)
+    fe.close()
+    with fe:
+        s = fe.socket()
+        s.close()
+
+
 _GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls": "1"}
 
 
