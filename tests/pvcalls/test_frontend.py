@@ -1507,12 +1507,14 @@ def test_a_socket_call_given_up_on_releases_what_the_backend_makes_late(
             made.set()
 
     guest = host.create_domain(f"late-socket-{how}")
-    with pvcalls.Frontend(guest, timeout=0.5 if how == "timeout" else TIMEOUT) as fe:
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
         monkeypatch.setitem(_backend._HANDLERS, _wire.PVCALLS_SOCKET, slow_socket)  # type: ignore[index]
         try:
             if how == "timeout":
+                fe.timeout = 0.5  # for this call only: not the handshake's or close()'s
                 with pytest.raises(TimeoutError):
                     fe.socket()
+                fe.timeout = TIMEOUT
             else:
                 with signal_taken_elsewhere(
                         lambda: arrived.is_set() and bool(fe._cmd_cond._waiters)):
