@@ -541,7 +541,7 @@ class Workqueue(Executor):
             self._destroy()
 
     def _wait_destroyed(self) -> None:
-        while not self._destroyed.wait(_pool.WAIT_SLICE):  # see WAIT_SLICE
+        while not self._destroyed.wait(_pool.wait_slice(None)):
             pass
 
     def _destroy(self) -> None:
