@@ -62,6 +62,7 @@ descriptor; pass it only to ``select``/``poll``/``selectors``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import itertools
@@ -74,7 +75,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Self
 
 from workqueue._pool import wait_slice
@@ -272,6 +273,18 @@ class _Deadline:
             nap = self.nap()
             if lock.acquire(timeout=-1 if nap is None else nap):
                 return
+
+
+@contextlib.contextmanager
+def _held(lock: threading.Lock, deadline: _Deadline) -> Iterator[None]:
+    """``with lock:``, taken within ``deadline`` (:meth:`_Deadline.acquire`);
+    a free lock is taken also once the deadline is over."""
+    if not lock.acquire(blocking=False):
+        deadline.acquire(lock)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class _Slot:
@@ -1984,11 +1997,25 @@ class Frontend(Closing):
                 rel = None
         # The socket's own calls have seen _closed and left (or, a CONNECT
         # cut short by this RELEASE, gave its ring back): take the ring
-        # under their locks so that exactly one party frees it.
-        with sock._accept_lock:
-            inflight, sock._accept_inflight = sock._accept_inflight, None
-        with sock._recv_lock, sock._send_lock, sock._cond:
-            ring, sock._ring = sock._ring, None
+        # under their locks so that exactly one party frees it.  Within the
+        # timeout: a lock still held then was left behind by a call that an
+        # interrupt cut short as it took the lock (CPython runs a signal's
+        # handler as the acquire returns, before the call's try), and what
+        # it guards is left alone rather than freed under a possible user.
+        deadline = _Deadline(self.timeout)
+        inflight = ring = None
+        try:
+            with _held(sock._accept_lock, deadline):
+                inflight, sock._accept_inflight = sock._accept_inflight, None
+        except (TimeoutError, BlockingIOError):
+            logger.warning("socket %#x: its accept lock is still held; a pending ACCEPT "
+                           "is not freed", sock.id)
+        try:
+            with _held(sock._recv_lock, deadline), _held(sock._send_lock, deadline), sock._cond:
+                ring, sock._ring = sock._ring, None
+        except (TimeoutError, BlockingIOError):
+            logger.warning("socket %#x: a call's lock is still held; its ring is not freed",
+                           sock.id)
         with self._lock:
             self._sockets.pop(sock.id, None)
         with sock._cond:

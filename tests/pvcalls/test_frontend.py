@@ -1630,3 +1630,31 @@ def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
         fe.close()
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("lock", ["_recv_lock", "_send_lock", "_accept_lock"])
+def test_close_does_not_hang_on_a_lock_an_interrupt_left_held(
+    host: SimHost, backend: Any, server: Any, caplog: pytest.LogCaptureFixture, lock: str
+) -> None:
+    """A call interrupted just as it took one of the socket's locks (the
+    handler runs as the acquire returns, before the call's try) leaves the
+    lock held: close() must not wait for it for ever.  It gives up on the
+    ring at the frontend's timeout, says so, and the frontend goes on."""
+    srv = server()
+    guest = host.create_domain(f"left-{lock}")
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
+        s = connected(fe, srv.address)
+        getattr(s, lock).acquire()  # as the interrupted call left it
+        fe.timeout = 0.5
+        began = time.monotonic()
+        s.close()
+        assert time.monotonic() - began < TIMEOUT / 2
+        fe.timeout = TIMEOUT
+        assert s.closed and s not in fe.sockets()
+        assert "lock is still held" in caplog.text
+        wait_until(lambda: all(r.id != s.id for r in backend.stats().sockets))
+        wait_until(lambda: not fe._releases)
+        # Only what the left lock guards stays: with the accept lock, the
+        # ring was freed (the pool has it back for the next socket).
+        assert (lock == "_accept_lock") == bool(fe._ring_pool)
+        echo_through(connected(fe, srv.address), b"still works")
