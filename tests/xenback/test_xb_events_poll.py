@@ -150,8 +150,10 @@ def _main_waits_in_close() -> bool:
         main_thread_in("wait", path="threading") and main_thread_within("close", depth=2))
 
 
-def test_a_close_interrupted_while_a_poll_is_in_progress_is_finished_by_the_next(
-        host, monkeypatch) -> None:
+def _poll_in_progress(host, monkeypatch) -> tuple[EventDispatcher, threading.Event, Any,
+                                                  threading.Thread]:
+    """A dispatcher in poll mode with a thread in its poll(), held there
+    until the returned event is set; its epoll spy; that thread."""
     dispatcher = EventDispatcher(host.dom0, thread=False)
     leave = threading.Event()
     spy = _EpollSpy(dispatcher._epoll, hold=leave)
@@ -159,6 +161,12 @@ def test_a_close_interrupted_while_a_poll_is_in_progress_is_finished_by_the_next
     t = threading.Thread(target=dispatcher.poll, args=(None,), daemon=True)
     t.start()
     assert spy.entered.wait(TIMEOUT)
+    return dispatcher, leave, spy, t
+
+
+def test_a_close_interrupted_while_a_poll_is_in_progress_is_finished_by_the_next(
+        host, monkeypatch) -> None:
+    dispatcher, leave, spy, t = _poll_in_progress(host, monkeypatch)
     try:
         with signal_taken_elsewhere(_main_waits_in_close):
             with pytest.raises(Interrupted):
@@ -178,25 +186,24 @@ def test_a_close_interrupted_as_the_poll_leaves_does_not_keep_the_poll_lock(
     poll leaves before the main thread looks again: the interrupt must not
     come with the poll lock taken, or nothing would release it, the next
     close() would wait for ever and every poll() would fail."""
-    dispatcher = EventDispatcher(host.dom0, thread=False)
-    leave = threading.Event()
-    spy = _EpollSpy(dispatcher._epoll, hold=leave)
-    monkeypatch.setattr(dispatcher, "_epoll", spy)
-    t = threading.Thread(target=dispatcher.poll, args=(None,), daemon=True)
-    t.start()
-    assert spy.entered.wait(TIMEOUT)
+    dispatcher, leave, spy, t = _poll_in_progress(host, monkeypatch)
+    sending = threading.Event()
+
+    def main_waits() -> bool:
+        if not _main_waits_in_close():
+            return False
+        sending.set()  # the signal goes right after this returns
+        return True
 
     def leave_after_the_signal() -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not _main_waits_in_close() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        time.sleep(0.1)  # the signal was sent and taken elsewhere meanwhile
+        if sending.wait(TIMEOUT):
+            time.sleep(0.1)  # for another thread to take it
         leave.set()  # well within the main thread's slice
 
     helper = threading.Thread(target=leave_after_the_signal)
     helper.start()
     try:
-        with signal_taken_elsewhere(_main_waits_in_close):
+        with signal_taken_elsewhere(main_waits):
             with pytest.raises(Interrupted):
                 dispatcher.close()
     finally:
