@@ -264,11 +264,12 @@ class _Deadline:
     def acquire(self, lock: threading.Lock) -> None:
         """Take ``lock`` (a socket lock another thread may hold while it
         waits) within the deadline: raises :class:`BlockingIOError` at once
-        in non-blocking mode, :class:`TimeoutError` when the time is over."""
-        if self.timeout == 0.0:
-            if not lock.acquire(blocking=False):
-                raise BlockingIOError(errno.EAGAIN, "operation would block")
+        in non-blocking mode, :class:`TimeoutError` when the time is over.
+        A free lock is taken also once the time is over."""
+        if lock.acquire(blocking=False):
             return
+        if self.timeout == 0.0:
+            raise BlockingIOError(errno.EAGAIN, "operation would block")
         while True:
             nap = self.nap()
             if lock.acquire(timeout=-1 if nap is None else nap):
@@ -277,10 +278,8 @@ class _Deadline:
 
 @contextlib.contextmanager
 def _held(lock: threading.Lock, deadline: _Deadline) -> Iterator[None]:
-    """``with lock:``, taken within ``deadline`` (:meth:`_Deadline.acquire`);
-    a free lock is taken also once the deadline is over."""
-    if not lock.acquire(blocking=False):
-        deadline.acquire(lock)
+    """``with lock:``, taken within ``deadline`` (:meth:`_Deadline.acquire`)."""
+    deadline.acquire(lock)
     try:
         yield
     finally:
