@@ -37,9 +37,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from workqueue import blocking
-
-# The main thread's waits sleep in slices, so that a signal another thread
-# took still runs its handler soon (workqueue._pool says why).
 from workqueue._pool import wait_slice
 from xenback._closing import Closing
 
@@ -258,6 +255,7 @@ class EventDispatcher(Closing):
                     while self._poll_lock.locked():
                         self._idle.wait(wait_slice(None))
         elif self._thread is not threading.current_thread():
+            # In slices, for a signal's handler (see wait_slice).
             while self._thread.is_alive():
                 self._thread.join(wait_slice(None))
         with self._lock:
