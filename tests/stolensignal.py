@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
+
 TIMEOUT = 10.0
 
 
@@ -77,3 +79,11 @@ def signal_taken_elsewhere(when: Callable[[], bool]) -> Iterator[None]:
         taker.join(TIMEOUT)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         signal.signal(signal.SIGUSR1, old)
+
+
+def interrupt(when: Callable[[], bool], call: Callable[[], object]) -> None:
+    """Run ``call()`` in the main thread and assert that the signal, sent
+    once ``when()`` holds and taken by another thread, interrupts it."""
+    with signal_taken_elsewhere(when):
+        with pytest.raises(Interrupted):
+            call()

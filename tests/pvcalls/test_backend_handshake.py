@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
-from stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
+from stolensignal import interrupt, main_thread_in
 
 import pvcalls
 from pvcalls import _wire
@@ -306,9 +306,7 @@ def test_a_close_interrupted_in_its_wait_can_be_finished_by_another(
         return closing.is_set() and main_thread_in("sleep_on")
 
     try:
-        with signal_taken_elsewhere(main_waits):
-            with pytest.raises(Interrupted):
-                b.close()
+        interrupt(main_waits, b.close)
         assert not b.dispatcher._closed  # still in use by the device's callback
     finally:
         release.set()
@@ -339,9 +337,7 @@ def test_a_close_interrupted_while_it_releases_can_be_finished_by_another(
         return b._driver._xs is None and main_thread_in("sleep_on")
 
     try:
-        with signal_taken_elsewhere(main_waits):
-            with pytest.raises(Interrupted):
-                b.close()
+        interrupt(main_waits, b.close)
     finally:
         release.set()
     b.close()

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import Call, echo_through, sleeping_in_wait, wait_until
-from stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
+from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_elsewhere
 
 import pvcalls
 from pvcalls import _wire
@@ -1516,10 +1516,7 @@ def test_a_socket_call_given_up_on_releases_what_the_backend_makes_late(
                     fe.socket()
                 fe.timeout = TIMEOUT
             else:
-                with signal_taken_elsewhere(
-                        lambda: arrived.is_set() and bool(fe._cmd_cond._waiters)):
-                    with pytest.raises(Interrupted):
-                        fe.socket()
+                interrupt(lambda: arrived.is_set() and bool(fe._cmd_cond._waiters), fe.socket)
             assert fe.sockets() == []
         finally:
             answer.set()
@@ -1543,9 +1540,8 @@ def test_an_interrupted_connect_leaves_a_socket_only_to_close(
     s = fe.socket()
     with unanswered_listener() as address:
         s.settimeout(TIMEOUT)
-        with signal_taken_elsewhere(lambda: s._ring is not None and bool(fe._cmd_cond._waiters)):
-            with pytest.raises(Interrupted):
-                s.connect(address)
+        interrupt(lambda: s._ring is not None and bool(fe._cmd_cond._waiters),
+                  lambda: s.connect(address))
         s.settimeout(0.2)  # without the fix: TimeoutError, not ENOTCONN
         assert_fails(errno.ENOTCONN, lambda: s.recv(1), lambda: s.send(b"x"))
         assert_fails(errno.EISCONN, lambda: s.connect(address))
@@ -1614,10 +1610,8 @@ def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
         assert inside.wait(TIMEOUT)
         try:
             # After the device part (other joins are in it), in the join.
-            with signal_taken_elsewhere(lambda: fe.device is None and main_thread_in(
-                    "_wait_for_tstate_lock", path="threading")):
-                with pytest.raises(Interrupted):
-                    fe.close()
+            interrupt(lambda: fe.device is None and main_thread_in(
+                "_wait_for_tstate_lock", path="threading"), fe.close)
             assert fe.device is None  # the device part was done
             assert fe._evtchn is not None and fe._xs is not None  # in use by the thread
         finally:

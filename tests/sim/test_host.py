@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pyxs
 from hosthelpers import wait_pending
+from stolensignal import Interrupted
 
 from xenback.platform import Platform
 from xenback.sim import Domain, SimHost, attach, create_domain
@@ -161,9 +162,6 @@ def test_a_close_interrupted_in_a_join_is_finished_by_the_next() -> None:
     stopped): the host is closing (it takes no new work), and the next
     close() stops the rest without closing the hypervisor's descriptors
     again, whose numbers other files may have taken meanwhile."""
-
-    class Interrupted(BaseException):
-        pass
 
     threads, fds = set(threading.enumerate()), open_fds()
     host = SimHost()

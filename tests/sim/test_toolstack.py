@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import pyxs
 from hosthelpers import hang_up_after_one_request
-from stolensignal import Interrupted, main_thread_in, main_thread_within, signal_taken_elsewhere
+from stolensignal import interrupt, main_thread_in, main_thread_within
 
 from xenback.sim import Device, Domain, SimHost, Toolstack
 
@@ -128,9 +128,7 @@ def test_a_signal_another_thread_took_interrupts_the_wait_for_closed(
         return main_thread_in("wait", path="threading") and main_thread_within("_wait_closed", depth=3)
 
     began = time.monotonic()
-    with signal_taken_elsewhere(main_waits):
-        with pytest.raises(Interrupted):
-            host.toolstack.remove_device(dev, timeout=30)
+    interrupt(main_waits, lambda: host.toolstack.remove_device(dev, timeout=30))
     assert time.monotonic() - began < 15
     assert host.toolstack.remove_device(dev, timeout=0.1) is False
     assert host.toolstack.devices() == []

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
+from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_elsewhere
 
 from workqueue import Work, Workqueue
 
@@ -89,9 +89,7 @@ def test_an_interrupted_destroy_still_waits_for_the_items(
     wq.queue_work(work)
     assert started.acquire(timeout=TIMEOUT)
     try:
-        with signal_taken_elsewhere(main_sleeps_in_a_wait):
-            with pytest.raises(Interrupted):
-                wq.destroy() if call == "destroy" else wq.shutdown()
+        interrupt(main_sleeps_in_a_wait, wq.destroy if call == "destroy" else wq.shutdown)
         assert not wq._destroyed.is_set()
         errors: list[BaseException] = []
 
@@ -127,9 +125,7 @@ def test_an_interrupted_result_leaves_no_sleeper_behind(
     future: Any = wq.submit(release.wait, TIMEOUT)
     try:
         for _ in range(2):
-            with signal_taken_elsewhere(main_sleeps_in_a_wait):
-                with pytest.raises(Interrupted):
-                    getattr(future, call)()
+            interrupt(main_sleeps_in_a_wait, lambda: getattr(future, call)())
             assert not future._blocked
     finally:
         release.set()

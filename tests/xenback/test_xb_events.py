@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
+from tests.stolensignal import Interrupted, interrupt, main_thread_in
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from xenback import EventDispatcher
 
@@ -263,9 +263,7 @@ def test_a_close_interrupted_in_its_wait_is_finished_by_the_next(host) -> None:
             return main_thread_in("_wait_for_tstate_lock", path="threading")
 
         try:
-            with signal_taken_elsewhere(main_waits):
-                with pytest.raises(Interrupted):
-                    dispatcher.close()
+            interrupt(main_waits, dispatcher.close)
             # Not unbound, not closed under the callback.
             assert dispatcher.ports == [local] and not dispatcher._epoll.closed
             with pytest.raises(RuntimeError, match="closed"):

@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 
 from tests.stolensignal import (
-    Interrupted,
+    interrupt,
     main_thread_in,
     main_thread_within,
-    signal_taken_elsewhere,
 )
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from workqueue import Topology, Work, alloc_workqueue
@@ -168,9 +167,7 @@ def test_a_close_interrupted_while_a_poll_is_in_progress_is_finished_by_the_next
         host, monkeypatch) -> None:
     dispatcher, leave, spy, t = _poll_in_progress(host, monkeypatch)
     try:
-        with signal_taken_elsewhere(_main_waits_in_close):
-            with pytest.raises(Interrupted):
-                dispatcher.close()
+        interrupt(_main_waits_in_close, dispatcher.close)
         assert not spy._real.closed  # the poll still uses it
     finally:
         leave.set()
@@ -203,9 +200,7 @@ def test_a_close_interrupted_as_the_poll_leaves_does_not_keep_the_poll_lock(
     helper = threading.Thread(target=leave_after_the_signal)
     helper.start()
     try:
-        with signal_taken_elsewhere(main_waits):
-            with pytest.raises(Interrupted):
-                dispatcher.close()
+        interrupt(main_waits, dispatcher.close)
     finally:
         leave.set()
         helper.join(TIMEOUT)

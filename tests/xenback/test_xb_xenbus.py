@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.stolensignal import Interrupted, main_thread_in, signal_taken_elsewhere
+from tests.stolensignal import interrupt, main_thread_in
 from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, handed_over, leaked_threads
 from xenback import XenbusState, XenStore
 from xenback.sim import SimHost
@@ -977,9 +977,7 @@ def test_a_stop_interrupted_in_its_wait_can_be_finished_by_another(host, driver,
         return main_thread_in("sleep_on", path="/workqueue/")
 
     try:
-        with signal_taken_elsewhere(main_waits):
-            with pytest.raises(Interrupted):
-                driver.stop()
+        interrupt(main_waits, driver.stop)
     finally:
         release.set()
     driver.stop()
