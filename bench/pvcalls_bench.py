@@ -171,7 +171,8 @@ def _echo(conn: Connection) -> None:
 
 # -- backend -------------------------------------------------------------------
 
-def backend_main(conn: Connection, run_dir: str, max_page_order: int, nr_domains: int) -> None:
+def backend_main(conn: Connection, run_dir: str, max_page_order: int, nr_domains: int,
+                 max_ioworkers: int) -> None:
     """SimHost + Backend; answers "stats" until "quit"."""
     try:
         _raise_nofile()
@@ -179,7 +180,8 @@ def backend_main(conn: Connection, run_dir: str, max_page_order: int, nr_domains
         from xenback.sim import SimHost
 
         with SimHost(Path(run_dir)) as host, \
-                pvcalls.Backend(host.dom0, max_page_order=max_page_order) as backend:
+                pvcalls.Backend(host.dom0, max_page_order=max_page_order,
+                                max_ioworkers=max_ioworkers) as backend:
             domids = [host.create_domain(f"guest{i + 1}").domid for i in range(nr_domains)]
             _ok(conn, domids)
             while True:
@@ -476,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of each measurement made once, with every setup alike, "
                         "before the first round and not counted (default: --seconds, at "
                         "most 0.5; 0 for none)")
+    p.add_argument("--max-ioworkers", type=int, default=None,
+                   help="the backend's max_ioworkers (default: the backend's own, "
+                        "DEFAULT_MAX_IOWORKERS, so one ioworker per CPU here); 1 shows "
+                        "what the second ioworker of one process costs under the GIL")
     p.add_argument("--output", type=Path, default=None,
                    help="where to write the table (default: the recorded table, "
                         "bench/results/pvcalls.md, and only by a run of every "
@@ -487,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds must be at least 1")
     if not args.seconds > 0:
         p.error("--seconds must be more than 0")
+    if args.max_ioworkers is not None and args.max_ioworkers < 1:
+        p.error("--max-ioworkers must be at least 1")
     warmup = min(args.seconds, 0.5) if args.warmup is None else args.warmup
     if warmup < 0:
         p.error("--warmup must not be negative")
@@ -567,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         f"in brackets); the machine is shared, so single rounds can be far off",
         f"- machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{args.seconds:g} s per measurement; guests and backend in separate processes; "
+        f"backend max_ioworkers {args.max_ioworkers or 'default'}; "
         f"load average before the run {load_before}",
     ]
     text = "\n".join(lines) + "\n"
@@ -595,13 +604,16 @@ def _run(args: argparse.Namespace, keys: list[str], orders: list[int],
     runs: Runs = {}
     opened: dict[int, Any] = {}
     rss_before: dict[int, int] = {}
+    from pvcalls import DEFAULT_MAX_IOWORKERS
+
+    max_ioworkers = args.max_ioworkers or DEFAULT_MAX_IOWORKERS
     run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
     try:
         echo = Party(ctx, "echo server", echo_main)
         parties.append((echo, "quit"))
         addr = tuple(echo.ask())
         backend = Party(ctx, "backend", backend_main, run_dir, max(orders),
-                        NR_GUESTS * len(orders))
+                        NR_GUESTS * len(orders), max_ioworkers)
         parties.append((backend, "quit"))
         domids = backend.ask(timeout=60)
 
