@@ -831,6 +831,9 @@ class PVSocket(Closing):
         if dst.readonly:
             raise TypeError("recv_into() argument 1 must be read-write bytes-like object, "
                             f"not {type(buffer).__name__}")
+        # An integer, as socket.socket's: a float would pass the checks
+        # below and wait for data before failing (or never, without a timeout).
+        nbytes = operator.index(nbytes)
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
         if nbytes > len(dst):

@@ -1303,6 +1303,9 @@ def test_arguments_are_checked_before_waiting(fe: pvcalls.Frontend, server: Any)
             s.recv_into(bytearray(4), 10)
         with pytest.raises(ValueError, match="negative"):
             s.recv_into(bytearray(4), -1)
+        for nbytes in (1.5, "2", None):  # socket.socket wants an integer
+            with pytest.raises(TypeError):
+                s.recv_into(bytearray(4), nbytes)
         for readonly in (b"xxxx", memoryview(bytearray(4)).toreadonly()):
             with pytest.raises(TypeError):
                 s.recv_into(readonly)
