@@ -557,7 +557,9 @@ class PVSocket(Closing):
     def setblocking(self, flag: bool) -> None:
         """``settimeout(None)`` if ``flag``, else ``settimeout(0.0)``."""
         self._check_open()
-        self._timeout = None if flag else 0.0
+        # An integer, as socket.socket's: None or a string must not pass
+        # as a truth value (setblocking(None) would make it non-blocking).
+        self._timeout = None if operator.index(flag) else 0.0
 
     def getblocking(self) -> bool:
         """False in non-blocking mode (timeout 0.0), else True."""

@@ -1291,6 +1291,18 @@ def test_settimeout_takes_what_socket_socket_takes(fe: pvcalls.Frontend) -> None
         with socket.socket() as real, pytest.raises(error):
             real.settimeout(value)
     assert s.gettimeout() == 2.5
+    # setblocking() takes an integer (a bool included), nothing else: None
+    # must not quietly make the socket non-blocking.
+    for flag in (None, "yes", 1.5):
+        with pytest.raises(TypeError):
+            s.setblocking(flag)  # type: ignore[arg-type]
+        with socket.socket() as real, pytest.raises(TypeError):
+            real.setblocking(flag)  # type: ignore[arg-type]
+    assert s.gettimeout() == 2.5
+    s.setblocking(0)
+    assert s.gettimeout() == 0.0
+    s.setblocking(True)
+    assert s.gettimeout() is None
     s.close()
     assert_fails(errno.EBADF, lambda: s.settimeout(1), lambda: s.setblocking(True))
 
