@@ -136,6 +136,8 @@ _LOST_XENSTORE = "lost XenStore (is the host gone?)"
 FRONTEND_RING_ORDER = 4
 
 _I32 = struct.Struct("=i")
+#: The range of a C int: what socket.socket.listen() takes as a backlog.
+_INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 _U32 = struct.Struct("=I")
 #: The longest timeout settimeout() takes (socket.socket's limit is time_t's).
 _TIMEOUT_MAX = float(threading.TIMEOUT_MAX)
@@ -692,17 +694,22 @@ class PVSocket(Closing):
     def listen(self, backlog: int | None = None) -> None:
         """Start listening; ``backlog`` defaults to ``min(128, SOMAXCONN)``
         as in :meth:`socket.socket.listen`."""
+        if backlog is None:
+            backlog = min(128, socket.SOMAXCONN)
+        # Checked as socket.socket checks it (a C int): int() would take
+        # "5" and 1.5, and a backlog past 2**32 would be cut to its low bits.
+        backlog = operator.index(backlog)
+        if not _INT_MIN <= backlog <= _INT_MAX:
+            raise OverflowError(f"backlog {backlog} does not fit a C int")
+        backlog = max(0, backlog)  # as Linux's listen()
         self._check_open()
         if not self._bound:
             # Linux's frontend: listen before bind is EOPNOTSUPP.
             raise OSError(errno.EOPNOTSUPP, "listen() needs bind() first over PV Calls")
-        if backlog is None:
-            backlog = min(128, socket.SOMAXCONN)
-        backlog = max(0, int(backlog))
 
         def fill(req: Any) -> None:
             req.u.listen.id = self.id
-            req.u.listen.backlog = min(backlog, 0xFFFFFFFF)
+            req.u.listen.backlog = backlog
 
         ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, _Deadline(self._fe.timeout))
         if ret < 0:

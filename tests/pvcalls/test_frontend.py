@@ -721,6 +721,22 @@ def test_bind_address_in_use(fe: pvcalls.Frontend) -> None:
         taken.close()
 
 
+def test_listen_takes_the_backlogs_socket_socket_takes(fe: pvcalls.Frontend) -> None:
+    """An integer that fits a C int, a negative one meaning 0; a string or
+    a float is a TypeError, not a backlog of int(it)."""
+    with fe.socket() as s, socket.socket() as real:
+        s.bind(("127.0.0.1", 0))
+        real.bind(("127.0.0.1", 0))
+        for backlog, error in [("5", TypeError), (1.5, TypeError),
+                               (2**31, OverflowError), (-2**31 - 1, OverflowError)]:
+            for sock in (s, real):
+                with pytest.raises(error):
+                    sock.listen(backlog)
+        s.listen(-5)
+        real.listen(-5)
+        assert repr(s) == f"<PVSocket id={s.id:#x} listening>"
+
+
 def test_listen_on_a_port_another_socket_listens_on(fe: pvcalls.Frontend) -> None:
     """Two sockets may bind one port (the backend sets SO_REUSEADDR), one
     may listen; the other listens once the port is free again."""
