@@ -667,6 +667,10 @@ class PVSocket(Closing):
             self.connect(address)
         except TimeoutError:
             return errno.EAGAIN  # as socket.socket.connect_ex on a timeout
+        except (socket.gaierror, socket.herror):
+            # Resolving the name failed, not the connect: raised, as by
+            # socket.socket's (a gaierror's errno is an EAI_* code).
+            raise
         except OSError as exc:
             return exc.errno or errno.EIO
         return 0

@@ -1291,6 +1291,10 @@ def test_bad_addresses_and_families(fe: pvcalls.Frontend, monkeypatch: pytest.Mo
     with fe.socket() as s, pytest.raises(socket.gaierror):
         s.connect(("no-such-host.invalid", 80))
     assert asked == [("no-such-host.invalid", 80, socket.AF_INET, socket.SOCK_STREAM)]
+    # connect_ex() returns the errors of the connect, not of resolving the
+    # name: a gaierror's "errno" (-2 here) is no errno at all.
+    with fe.socket() as s, pytest.raises(socket.gaierror):
+        s.connect_ex(("no-such-host.invalid", 80))
 
     with pytest.raises(OSError) as info:
         fe.socket(socket.AF_INET6)
