@@ -213,21 +213,31 @@ def _resolve(address: object) -> tuple[str, int]:
     port = operator.index(port)
     if not 0 <= port <= 0xFFFF:
         raise OverflowError("port must be 0-65535.")
-    if isinstance(host, bytes | bytearray):
-        host = host.decode("idna")
-    if "\0" in host:
+    # The bytes socket.socket hands the C library: bytes as they are, an
+    # ASCII str as it is, any other str IDNA-encoded.  (socket.getaddrinfo()
+    # would IDNA-encode an ASCII str too, and raise UnicodeError for a
+    # malformed name such as "a..b" that the resolver should refuse.)
+    if isinstance(host, str):
+        try:
+            name = host.encode("ascii") if host.isascii() else host.encode("idna")
+        except UnicodeError:
+            raise TypeError("encoding of hostname failed") from None
+    else:
+        name = bytes(host)
+    if b"\0" in name:
         raise TypeError("host name must not contain null character")
-    if host == "":
+    if name == b"":
         return "0.0.0.0", port
-    if host == "<broadcast>":
+    if name == b"<broadcast>":
         return "255.255.255.255", port
-    try:
-        return socket.inet_ntoa(socket.inet_aton(host)), port
-    except OSError:
-        pass
+    if name.isascii():
+        try:
+            return socket.inet_ntoa(socket.inet_aton(name.decode("ascii"))), port
+        except OSError:
+            pass
     # Raises socket.gaierror for a name without an IPv4 address, as
     # socket.socket does.
-    info = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    info = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)
     return str(info[0][4][0]), port
 
 

@@ -1290,11 +1290,24 @@ def test_bad_addresses_and_families(fe: pvcalls.Frontend, monkeypatch: pytest.Mo
     monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
     with fe.socket() as s, pytest.raises(socket.gaierror):
         s.connect(("no-such-host.invalid", 80))
-    assert asked == [("no-such-host.invalid", 80, socket.AF_INET, socket.SOCK_STREAM)]
+    assert asked == [(b"no-such-host.invalid", 80, socket.AF_INET, socket.SOCK_STREAM)]
     # connect_ex() returns the errors of the connect, not of resolving the
     # name: a gaierror's "errno" (-2 here) is no errno at all.
     with fe.socket() as s, pytest.raises(socket.gaierror):
         s.connect_ex(("no-such-host.invalid", 80))
+    # A name is looked up as the bytes socket.socket looks up (IDNA for a
+    # name that is not ASCII): a malformed one is the resolver's to refuse,
+    # not a UnicodeError; one that cannot be encoded is a TypeError.
+    asked.clear()
+    for host in ("a..b", b"a..b", b"\xff", "b\u00fccher.de"):
+        with fe.socket() as s, pytest.raises(socket.gaierror):
+            s.connect((host, 80))
+    assert [args[0] for args in asked] == [b"a..b", b"a..b", b"\xff", b"xn--bcher-kva.de"]
+    for host in ("b\u00fccher..de", "\udcff"):
+        with fe.socket() as s, pytest.raises(TypeError, match="encoding of hostname failed"):
+            s.connect((host, 80))
+        with socket.socket() as real, pytest.raises(TypeError, match="encoding of hostname"):
+            real.connect((host, 80))
 
     with pytest.raises(OSError) as info:
         fe.socket(socket.AF_INET6)
