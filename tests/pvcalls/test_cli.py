@@ -318,6 +318,11 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         (["127.0.0.1", "http"], "not a number"),
         (["127.0.0.1", "8_0"], "port '8_0' is not a number"),
         (["127.0.0.1", "0"], "out of range"),
+        # Names the resolver could not even be asked about (IDNA refuses
+        # the first; the second is an undecodable byte of the command line).
+        (["b\u00fccher..de", "80"], "host 'b\u00fccher..de' is not a valid host name"),
+        (["\udcff", "80"], "host '\\udcff' is not a valid host name"),
+        (["-l", "b\u00fccher..de", "80"], "host 'b\u00fccher..de' is not a valid host name"),
         (["--domid", "0", "127.0.0.1", "80"], "argument --domid: 0 is not a guest"),
         (["--domid", "32752", "127.0.0.1", "80"], "argument --domid: 32752 is not a guest"),
         (["--domid", "9" * 30, "127.0.0.1", "80"], f"argument --domid: {'9' * 30} is not"),
