@@ -1341,6 +1341,7 @@ class Frontend(Closing):
         """Add the device and do the frontend handshake (up to Connected)."""
         if self.device is not None:
             raise RuntimeError("frontend already open")
+        self._reset_connection()
         domain = self.domain
         self._toolstack = domain.toolstack
         self.device = self._toolstack.add_device(
@@ -1351,6 +1352,20 @@ class Frontend(Closing):
         except BaseException:
             self.close()
             raise
+
+    def _reset_connection(self) -> None:
+        """Forget the last connection's end: a close(), also the one that a
+        failed open() does, leaves the frontend dead (every call fails), and
+        an open() after it (a retry once the backend runs) starts afresh.
+        Socket ids go on counting: one frontend never reuses them."""
+        self._dead = False
+        self._why_dead = ""
+        self._xs_lost = None
+        self._ring_broken = False
+        self._req_prod_pvt = 0
+        self._slots = [None] * RING_SLOTS
+        self._handlers.clear()
+        self._port = -1
 
     def _connect(self) -> None:
         domain = self.domain

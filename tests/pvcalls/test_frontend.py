@@ -1116,6 +1116,24 @@ def test_a_close_before_open_leaves_the_frontend_to_open(host: SimHost, backend:
         s.close()
 
 
+def test_a_frontend_opens_again_after_a_failed_open_or_a_close(server: Any) -> None:
+    """open() again, after one that failed (no backend yet: retried once
+    it runs) or after a close(), gives a working frontend, not one whose
+    every call says it is closed."""
+    srv = server()
+    with SimHost() as host:
+        fe = pvcalls.Frontend(host.create_domain("early"), timeout=0.2)
+        with pytest.raises(TimeoutError):
+            fe.open()
+        with pvcalls.Backend(host.dom0, max_ioworkers=1) as backend:
+            fe.timeout = TIMEOUT
+            for _ in range(2):  # after the failed open, then after a close
+                with fe:
+                    with connected(fe, srv.address) as s:
+                        echo_through(s, b"open again")
+                assert backend.stats().frontends == 0
+
+
 _GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls": "1"}
 
 
