@@ -1276,11 +1276,21 @@ class Frontend(Closing):
             raise TypeError(f"ring_order must be an int, not {type(ring_order).__name__}")
         if not 1 <= ring_order <= MAX_PAGE_ORDER_LIMIT:
             raise ValueError(f"ring_order must be 1..{MAX_PAGE_ORDER_LIMIT}, got {ring_order}")
+        # Here, not at open(): there None or a string failed deep inside,
+        # and 0 or less made the handshake "time out" at once, blaming the
+        # backend (and 0 would make every command non-blocking).
+        if timeout is None or isinstance(timeout, str | bytes | bytearray):
+            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+        checked = float(timeout)
+        if checked > _TIMEOUT_MAX:
+            raise OverflowError(f"timeout {timeout} too large (at most {_TIMEOUT_MAX:g} s)")
+        if not checked > 0:  # NaN included
+            raise ValueError(f"timeout must be more than 0 seconds, got {timeout}")
         self.ring_order = ring_order
         self.domain = domain
         self.backend_id = backend_id
         self.devid = devid
-        self.timeout = timeout
+        self.timeout = checked
         self.device: Any = None
         self._toolstack: Any = None
         self._xs: XenStore | None = None

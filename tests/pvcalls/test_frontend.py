@@ -824,6 +824,18 @@ def test_open_twice_is_refused(fe: pvcalls.Frontend) -> None:
         pass
 
 
+@pytest.mark.parametrize(("timeout", "exc"), [
+    (None, TypeError), ("10", TypeError), (0, ValueError), (-1, ValueError),
+    (math.nan, ValueError), (math.inf, OverflowError),
+])
+def test_a_bad_timeout_is_refused_at_once(guest: Any, timeout: Any,
+                                           exc: type[Exception]) -> None:
+    """Not at open(), with a TypeError from deep inside or a handshake
+    "timed out" at once that blames the backend."""
+    with pytest.raises(exc, match="timeout"):
+        pvcalls.Frontend(guest, timeout=timeout)
+
+
 def test_linux_enotsupp_is_eopnotsupp_and_unnamed_errors_eio() -> None:
     from pvcalls.frontend import _host_error
 
