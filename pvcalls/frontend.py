@@ -1351,6 +1351,9 @@ class Frontend(Closing):
         """Add the device and do the frontend handshake (up to Connected)."""
         if self.device is not None:
             raise RuntimeError("frontend already open")
+        # What an interrupted close() left (its thread, its handles) goes
+        # first: the new connection's would take their places.
+        self._release_handles()
         self._reset_connection()
         domain = self.domain
         self._toolstack = domain.toolstack

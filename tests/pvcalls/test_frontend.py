@@ -1662,13 +1662,15 @@ def test_a_close_interrupted_before_its_release_went_out_frees_the_socket(
     wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
 
 
+@pytest.mark.parametrize("then", ["close", "open"])
 def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
-    host: SimHost, backend: Any
+    host: SimHost, backend: Any, then: str
 ) -> None:
     """Ctrl-C while close() waits for the frontend's event thread to end:
     the handles the thread uses must stay until it has, and the next
-    close() must release them instead of returning at once."""
-    guest = host.create_domain("interrupted-stop")
+    close() must release them instead of returning at once.  So must an
+    open() (a program retrying), before it sets up handles of its own."""
+    guest = host.create_domain(f"interrupted-stop-{then}")
     before = host.hypervisor.stats()
     fe = pvcalls.Frontend(guest)
     fe.open()
@@ -1694,6 +1696,12 @@ def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
             assert fe._evtchn is not None and fe._xs is not None  # in use by the thread
         finally:
             release.set()
+        if then == "open":
+            old_thread = fe._thread
+            assert old_thread is not None
+            fe.open()
+            assert not old_thread.is_alive()
+            fe.socket().close()  # the new connection works
         fe.close()
         assert fe._thread is None and fe._evtchn is None and fe._xs is None
         wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
