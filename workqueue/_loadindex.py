@@ -63,6 +63,13 @@ class LoadIndexStats:
     """Keys moved off offline CPUs since the index was created."""
 
 
+def _check_cpu_number(cpu: object) -> None:
+    """Refuse anything but an int as a CPU number: True and 1.0 hash like
+    CPU 1, and the dict lookups of a CPU's load and keys would take them for it."""
+    if isinstance(cpu, bool) or not isinstance(cpu, int):
+        raise ValueError(f"{cpu!r} is not a possible CPU of this topology")
+
+
 class _HotplugNotifier:
     """The callable registered with the topology on behalf of a LoadIndex.
 
@@ -207,10 +214,11 @@ class LoadIndex:
 
     def load(self, cpu: int) -> int:
         """The load of *cpu*: the sum of the weights of its keys (0 if offline)."""
+        _check_cpu_number(cpu)
         with self._lock:
             try:
                 return self._load[cpu]
-            except (KeyError, TypeError):
+            except KeyError:
                 raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
 
     def least_loaded(self) -> int:
@@ -222,10 +230,11 @@ class LoadIndex:
 
     def keys_on(self, cpu: int) -> list[Hashable]:
         """The keys assigned to *cpu*, oldest first."""
+        _check_cpu_number(cpu)
         with self._lock:
             try:
                 return list(self._keys_on[cpu])
-            except (KeyError, TypeError):
+            except KeyError:
                 raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
 
     def statistics(self) -> LoadIndexStats:

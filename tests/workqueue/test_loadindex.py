@@ -115,7 +115,8 @@ def test_unhashable_key_and_unknown_cpu() -> None:
         with pytest.raises(TypeError):
             index.assign(["a"])
         assert len(index) == 0
-        for bad in (7, -1, "0"):
+        # True and 1.0 hash like CPU 1, and must not pass for it.
+        for bad in (7, -1, "0", True, 1.0):
             with pytest.raises(ValueError, match="not a possible CPU"):
                 index.load(bad)  # type: ignore[arg-type]
             with pytest.raises(ValueError, match="not a possible CPU"):
