@@ -133,6 +133,11 @@ class Workqueue(Executor):
             raise TypeError(f"max_active must be an int, not {type(max_active).__name__}")
         if not 0 <= max_active <= WQ_MAX_ACTIVE:
             raise ValueError(f"max_active must be 0 (default) to {WQ_MAX_ACTIVE}, got {max_active}")
+        if flags & WQ_ORDERED and max_active != 1:
+            # An ordered queue runs one item at a time; with more it would
+            # refuse set_max_active() as ordered and still not be.
+            raise ValueError(f"the ordered flag needs max_active 1, got {max_active}: "
+                             "use alloc_ordered_workqueue()")
         if topology is None:
             topology = default_topology()
         elif not isinstance(topology, Topology):

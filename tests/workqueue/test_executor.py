@@ -18,6 +18,7 @@ from workqueue import (
     Topology,
     Work,
     WorkqueueStats,
+    WQFlags,
     alloc_ordered_workqueue,
     alloc_workqueue,
 )
@@ -391,6 +392,10 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
         alloc_workqueue("x", "0", topology=topo)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown workqueue flags"):
         alloc_workqueue("x", 1 << 30, topology=topo)
+    # The ordered flag is alloc_ordered_workqueue()'s, which runs one item
+    # at a time: with more, the queue would call itself ordered and not be.
+    with pytest.raises(ValueError, match="alloc_ordered_workqueue"):
+        alloc_workqueue("x", WQFlags._WQ_ORDERED, topology=topo)
     with pytest.raises(ValueError, match="max_active"):
         alloc_workqueue("x", 0, -1, topology=topo)
     with pytest.raises(ValueError, match="max_active"):
