@@ -216,6 +216,7 @@ class Workqueue(Executor):
         # its pending instance, which has yet to start -- just as if we had
         # looked under the lock.  (One attribute read is atomic under the GIL.)
         if work._pending or work._disable:
+            self._check_not_destroyed()
             return False
         pwq = self._unbound_pwq
         if pwq is None:
@@ -293,6 +294,7 @@ class Workqueue(Executor):
         if not isinstance(work, Work):
             _check_work(work)
         if work._pending or work._disable:  # lock-free early out: see queue_work()
+            self._check_not_destroyed()
             return False
         if not lock_acquire(False):
             lock_acquire_contended()
@@ -324,10 +326,16 @@ class Workqueue(Executor):
             return False
         return worker.current_pwq.wq is self
 
-    def _check_queueing(self) -> None:
-        """Refuse queueing on a destroyed or draining queue, except chained work."""
+    def _check_not_destroyed(self) -> None:
+        """Refuse queueing on a destroyed queue, also of an item whose
+        queueing would be a no-op (pending elsewhere, or disabled): the
+        mistake is the queue, whatever the item's state."""
         if self._state == _DESTROYED:
             raise RuntimeError(f"workqueue {self.name!r} is destroyed; nothing can be queued on it")
+
+    def _check_queueing(self) -> None:
+        """Refuse queueing on a destroyed or draining queue, except chained work."""
+        self._check_not_destroyed()
         if not self._is_chained():
             raise RuntimeError(
                 f"workqueue {self.name!r} is {_STATE_NAMES[self._state]}: only its own "
@@ -364,6 +372,7 @@ class Workqueue(Executor):
         cpu, delay = self._delayed_args(cpu, dwork, delay)
         with lock:
             if dwork._pending or dwork._disable:
+                self._check_not_destroyed()
                 return False
             if self._state:
                 self._check_queueing()

@@ -156,6 +156,26 @@ def test_destroy_drains_then_refuses_everything(make_wq: Any) -> None:
     with pytest.raises(RuntimeError, match="destroyed"):
         wq.drain()
     assert not w.pending
+    # Also an item that is pending elsewhere, or disabled, which queueing
+    # leaves alone: the mistake is the destroyed queue, and it is said.
+    other = make_wq("other")
+    gate = threading.Event()
+    busy = Work(lambda w: gate.wait(TIMEOUT))
+    pending = Work(lambda w: None)
+    other.queue_work_on(0, busy)
+    other.queue_work_on(0, pending)
+    disabled_dw = DelayedWork(lambda w: None)
+    disabled_dw.disable()
+    try:
+        assert pending.pending
+        for queue in (lambda: wq.queue_work(pending), lambda: wq.queue_work_on(0, pending),
+                      lambda: wq.queue_work(disabled_dw),
+                      lambda: wq.queue_delayed_work(disabled_dw, 0),
+                      lambda: wq.queue_delayed_work_on(1, disabled_dw, 0)):
+            with pytest.raises(RuntimeError, match="workqueue 'test' is destroyed"):
+                queue()
+    finally:
+        gate.set()
     wq.flush()  # nothing in flight: returns
     wq.shutdown()  # harmless after destroy
 
