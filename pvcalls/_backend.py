@@ -479,6 +479,11 @@ class _Frontend:
         self._reserved = 0  # see _accept
 
         self._broken = False
+        # Set by start(), once the frontend is set up and counted among the
+        # backend's: the guest may notify its port the moment it is bound,
+        # and the command Work must not run before (on a half-built
+        # frontend, or one whose sockets no limit check counts yet).
+        self._started = False
         self._work = Work(self._process_commands)
         self._mapping: GrantMapping = self.gnttab.map_grant_refs(self.domid, [ring_ref])
         ring = None
@@ -496,11 +501,13 @@ class _Frontend:
         return f"<pvcalls frontend dom{self.domid} sockets={len(self._sockets)}>"
 
     def start(self) -> None:
-        # Requests may already be waiting.
+        # Requests may already be waiting, notified before we started.
+        self._started = True
         self.backend.cmd_wq.queue_work(self._work)
 
     def _on_event(self, *_: object) -> None:
-        self.backend.cmd_wq.queue_work(self._work)
+        if self._started:
+            self.backend.cmd_wq.queue_work(self._work)
 
     # -- responses -------------------------------------------------------------------
 

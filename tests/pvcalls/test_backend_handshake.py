@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 import time
@@ -14,6 +15,7 @@ from stolensignal import interrupt, main_thread_in
 
 import pvcalls
 from pvcalls import _wire
+from pvcalls._backend import _Frontend
 from workqueue import Topology
 
 
@@ -267,6 +269,75 @@ def test_backend_closing_during_a_handshake(
     # go of its side.
     _end_guest_side(fe)
     wait_until(lambda: _held(host)[:2] == before[:2])
+
+
+def test_an_event_as_soon_as_the_command_port_is_bound(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guest may notify its port the moment the backend has bound it,
+    before the frontend's set-up is over: the command Work that event
+    queues must not run on a half-built frontend (and raise), and the
+    requests are served once the frontend is connected."""
+    bind_interdomain = backend.dispatcher.bind_interdomain
+    ran = []
+
+    def bind_then_event(domid: int, remote_port: int, callback: Any) -> int:
+        port = bind_interdomain(domid, remote_port, callback)
+        fe = getattr(callback, "__self__", None)
+        if isinstance(fe, _Frontend):
+            callback(port)  # what the guest's notification does
+            fe._work.flush()
+            ran.append(fe)
+        return port
+
+    monkeypatch.setattr(backend.dispatcher, "bind_interdomain", bind_then_event)
+    fe = make_frontend("eager")
+    assert ran
+    _, rsp = fe.socket()
+    assert rsp.ret == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_requests_before_the_connect_is_over_count_against_the_limit(
+        make_frontend: Any, host: Any, topology: Topology,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests a guest pushes and notifies while its frontend is still being
+    connected are served once it is, within the domain's socket limit: a
+    frontend not yet among the backend's has sockets no limit check counts."""
+    policy = pvcalls.Policy.from_toml("[default]\nmax_sockets = 1\n")
+    constructed, go_on = threading.Event(), threading.Event()
+    made: list[_Frontend] = []
+    init = _Frontend.__init__
+
+    def init_then_wait(self: _Frontend, *args: Any) -> None:
+        init(self, *args)  # its port is bound: the guest may notify
+        made.append(self)
+        constructed.set()
+        go_on.wait(TIMEOUT)
+
+    monkeypatch.setattr(_Frontend, "__init__", init_then_wait)
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        fe = make_frontend("early", connect=False)
+        fe.connect(wait=False)
+        try:
+            assert constructed.wait(TIMEOUT)
+            first, second = fe.new_id(), fe.new_id()
+            pushed = []
+            for sock_id in (first, second):
+                def fill(req: Any, sock_id: int = sock_id) -> None:
+                    req.u.socket.id = sock_id
+                    req.u.socket.domain = _wire.AF_INET
+                    req.u.socket.type = _wire.SOCK_STREAM
+
+                pushed.append(fe.push(_wire.PVCALLS_SOCKET, fill))
+            made[0]._on_event()  # what the notifications do
+            made[0]._work.flush()
+        finally:
+            go_on.set()
+        fe.wait_backend_state(4)
+        assert [fe.response(req_id).ret for req_id in pushed] == [0, -24]  # EMFILE
+        fe.xs.write(f"{fe.fe_path}/state", "4")
+        fe.close()
 
 
 def test_connection_lost_when_the_host_goes(make_frontend: Any, host: Any,
