@@ -11,6 +11,8 @@ The pieces, each in a module of its own:
 * :mod:`xenback.ring`: ``ring.h`` request/response rings and flex byte rings;
 * :mod:`xenback.events`: an event-channel handle and an epoll loop, on a
   thread of its own or polled by a work item (poll mode);
+* :mod:`xenback.ratelimit`: :class:`RateLimit`, the kernel's
+  ``printk_ratelimited`` for what a guest can make a backend log;
 * :data:`wire`: the cffi declarations of ``ring.h``'s shared ring header,
   ``xs_wire.h``'s ``xsd_sockmsg`` and ``console.h``'s ``xencons_interface``
   (``wire.offsetof("struct xencons_interface", "out_prod")``).
@@ -28,6 +30,7 @@ from xenback.platform import (
     PlatformError,
     PlatformUnavailable,
 )
+from xenback.ratelimit import RateLimit
 from xenback.ring import BackRing, FlexRing, FrontRing, RingError
 from xenback.xenbus import BackendDevice, BackendDriver, XenbusState
 from xenback.xenstore import EventQueue, XenStore
@@ -46,6 +49,7 @@ __all__ = [
     "Platform",
     "PlatformError",
     "PlatformUnavailable",
+    "RateLimit",
     "RingError",
     "XenStore",
     "XenbusState",

@@ -1,0 +1,94 @@
+"""xenback.ratelimit: the kernel's printk_ratelimited, for what a guest can
+make a backend log."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from xenback import RateLimit
+
+logger = logging.getLogger("xenback.test.ratelimit")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger.name]
+
+
+def test_a_burst_per_interval_then_the_count_of_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=logger.name)
+    clock = Clock()
+    limit = RateLimit("dom7", interval=5.0, burst=3, clock=clock)
+    sent = [limit.log(logger, logging.WARNING, "refused %d", i) for i in range(8)]
+    assert sent == [True] * 3 + [False] * 5
+    assert messages(caplog) == ["refused 0", "refused 1", "refused 2"]
+
+    clock.now += 4.9  # the same interval
+    assert not limit.log(logger, logging.WARNING, "refused %d", 8)
+    clock.now += 0.1  # the next one: the count goes out before the message
+    assert limit.log(logger, logging.WARNING, "refused %d", 9)
+    assert messages(caplog)[3:] == ["dom7: 6 messages suppressed", "refused 9"]
+    record = caplog.records[-2]
+    assert record.levelno == logging.WARNING
+
+
+def test_close_reports_what_is_left_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=logger.name)
+    limit = RateLimit("dom3", burst=1, clock=Clock())
+    limit.close(logger)  # nothing suppressed: nothing said
+    assert messages(caplog) == []
+    limit.log(logger, logging.INFO, "first")
+    limit.log(logger, logging.INFO, "second")
+    limit.close(logger)
+    limit.close(logger)
+    assert messages(caplog) == ["first", "dom3: 1 message suppressed"]
+    assert caplog.records[-1].levelno == logging.WARNING
+
+
+def test_threads_share_one_burst() -> None:
+    limit = RateLimit("dom1", burst=10, clock=Clock())
+    results: list[bool] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def take() -> None:
+        start.wait()
+        for _ in range(100):
+            allowed, _ = limit()
+            with lock:
+                results.append(allowed)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 400
+    assert results.count(True) == 10
+    assert limit() == (False, 0)
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "said"), [
+    ({"interval": 0}, ValueError, "interval must be a finite number of seconds above 0, got 0"),
+    ({"interval": float("inf")}, ValueError, "got inf"),
+    ({"interval": float("nan")}, ValueError, "got nan"),
+    ({"interval": "5"}, TypeError, "interval must be a number of seconds, not str"),
+    ({"interval": True}, TypeError, "not bool"),
+    ({"burst": 0}, ValueError, "burst must be at least 1, got 0"),
+    ({"burst": 2.0}, TypeError, "burst must be an int, not float"),
+])
+def test_bad_arguments_are_refused(kwargs: dict[str, object], exc: type[Exception],
+                                   said: str) -> None:
+    with pytest.raises(exc, match=said):
+        RateLimit("dom1", **kwargs)  # type: ignore[arg-type]
