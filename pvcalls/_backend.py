@@ -66,6 +66,7 @@ from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
 from xenback import BackendDevice, BackendDriver, XenbusState
 from xenback._closing import Closing
 from xenback.events import EventDispatcher
+from xenback.ratelimit import RateLimit
 from xenback.ring import BackRing, RingError
 
 from . import _errno
@@ -466,6 +467,10 @@ class _Frontend:
         self.dispatcher = backend.dispatcher
         self.name = _domain_name(dev)
         self.policy = backend.policy.for_domain(self.domid, self.name)
+        # What this guest's requests make us log (refusals, broken data
+        # rings), at most 10 lines per 5 s: a guest cannot flood the host's
+        # log, nor silence what another guest causes.
+        self.ratelimit = RateLimit(f"dom{self.domid}")
 
         # _rsp_lock: the one producer of responses.  It serialises
         # push_response/push_responses/notify and guards _closed; taken
@@ -593,8 +598,9 @@ class _Frontend:
         # the domain's: a domain with several devices shares it.
         limit = self.policy.max_sockets
         if limit is not None and self.backend.domain_sockets(self.domid) >= limit:
-            logger.warning("dom%d: %s %#x refused by policy: socket limit %d reached",
-                           self.domid, what, sock_id, limit)
+            self.ratelimit.log(logger, logging.WARNING,
+                               "dom%d: %s %#x refused by policy: socket limit %d reached",
+                               self.domid, what, sock_id, limit)
             raise CommandError(LIMIT_ERRNO, f"socket limit {limit} reached")
 
     def _address(self, raw_addr: Any, length: int, what: str) -> tuple[str, int]:
@@ -634,8 +640,9 @@ class _Frontend:
         host, port = self._address(args.addr, args.len, "CONNECT")
         host = connect_destination(host)
         if not self.policy.connect.permits(host, port):
-            logger.warning("dom%d: CONNECT %#x to %s:%d refused by policy", self.domid,
-                           request.id, host, port)
+            self.ratelimit.log(logger, logging.WARNING,
+                               "dom%d: CONNECT %#x to %s:%d refused by policy", self.domid,
+                               request.id, host, port)
             raise CommandError(DENIED_ERRNO, f"connect to {host}:{port} denied")
         sock = ActiveSocket(self, request.id)
         # Homed first, so that its event channel goes to its CPU's poller.
@@ -680,8 +687,9 @@ class _Frontend:
             raise CommandError(_errno.EINVAL, f"socket {request.id:#x} is {entry.state.value}")
         host, port = self._address(args.addr, args.len, "BIND")
         if not self.policy.bind.permits(host, port):
-            logger.warning("dom%d: BIND %#x to %s:%d refused by policy", self.domid,
-                           request.id, host, port)
+            self.ratelimit.log(logger, logging.WARNING,
+                               "dom%d: BIND %#x to %s:%d refused by policy", self.domid,
+                               request.id, host, port)
             raise CommandError(DENIED_ERRNO, f"bind to {host}:{port} denied")
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -833,6 +841,7 @@ class _Frontend:
             self._mapping.unmap()
         except (OSError, BufferError):
             logger.exception("dom%d: unmapping the command ring failed", self.domid)
+        self.ratelimit.close(logger)
 
     # -- statistics ---------------------------------------------------------------------
 

@@ -548,8 +548,9 @@ class ActiveSocket(Work):
 
     def _protocol_error(self, ring: DataRing, host: socket.socket, exc: Exception) -> None:
         """Impossible indexes: this socket stops, the others carry on."""
-        logger.warning("dom%d socket %#x: data ring protocol error, socket stopped: %s",
-                       self.frontend.domid, self.id, exc)
+        self.frontend.ratelimit.log(
+            logger, logging.WARNING, "dom%d socket %#x: data ring protocol error, socket "
+            "stopped: %s", self.frontend.domid, self.id, exc)
         self._rx_done = self._tx_done = True
         ring.set_in_error(-_errno.EINVAL)
         ring.set_out_error(-_errno.EINVAL)

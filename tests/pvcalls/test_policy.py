@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import RawFrontend
+from pvcalls_rawfront import RawFrontend, wait_until
 
 import pvcalls
 from pvcalls._errno import EACCES, EMFILE
 from pvcalls._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy, PolicyError, Rule
+from xenback import RateLimit
 
 EXAMPLE = """
 [default]
@@ -264,6 +265,33 @@ def test_backend_refuses_connect_and_bind(make_frontend: Any, host: Any, strict:
     fe.send_all(ring, b"ok")
     assert fe.recv_exactly(ring, 2) == b"ok"
     fe.close()
+
+
+def test_refusals_are_logged_at_most_ten_per_interval_for_each_frontend(
+        make_frontend: Any, host: Any, strict: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A guest sending refused requests without pause gets 10 log lines per
+    interval, the rest counted and the count logged as it goes; another
+    guest's refusals are still logged meanwhile."""
+    caplog.set_level(logging.WARNING, logger="pvcalls")
+    flooder, bystander = make_frontend("flooder"), make_frontend("bystander")
+    # One interval for the whole test, however slow the machine.
+    be_flooder = strict._frontends[(flooder.guest.domid, 0)]
+    be_flooder.ratelimit = RateLimit(f"dom{flooder.guest.domid}", clock=lambda: 0.0)
+    sock_id, _ = flooder.socket()
+    for _ in range(25):
+        assert flooder.bind(sock_id, ("127.0.0.1", 80)).ret == -EACCES
+    other_id, _ = bystander.socket()
+    assert bystander.bind(other_id, ("127.0.0.1", 81)).ret == -EACCES
+
+    def lines(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    assert len(lines(f"dom{flooder.guest.domid}: BIND")) == 10
+    assert len(lines(f"dom{bystander.guest.domid}: BIND")) == 1
+    assert lines("suppressed") == []
+    flooder.close()
+    wait_until(lambda: bool(lines("suppressed")))
+    assert lines("suppressed") == [f"dom{flooder.guest.domid}: 15 messages suppressed"]
 
 
 def test_connect_to_any_address_is_checked_as_loopback(
