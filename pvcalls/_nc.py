@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         "-w", "--wait", type=_seconds, default=None, metavar="SECS", help="timeout for connect/accept"
     )
     p.add_argument("-v", "--verbose", action="store_true",
-                   help="say on stderr when listening, connected and done")
+                   help="say on stderr when listening and when connected")
     p.add_argument("--log-level", default="WARNING", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
     p.add_argument("host", nargs="?", metavar="HOST",
