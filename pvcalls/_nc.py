@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="WARNING", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
     p.add_argument("host", nargs="?", metavar="HOST",
-                   help="IPv4 address to connect to (with -l: to listen on, default 0.0.0.0)")
+                   help="IPv4 address or host name to connect to "
+                        "(with -l: to listen on, default 0.0.0.0)")
     p.add_argument("port", metavar="PORT", help="TCP port")
     return p
 
