@@ -309,7 +309,7 @@ def _release_host(path: Path, fd: int) -> None:
 
 
 def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    """Serve until SIGTERM, SIGINT or SIGHUP (or the host goes); returns the exit status."""
     import pvcalls
     from pvcalls._policy import Policy, PolicyError
 
@@ -446,7 +446,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     d = sub.add_parser("demo", parents=[common], help="two guests on an embedded simulated host",
                        description="Run the backend and two guests on an embedded simulated host.")
     s = sub.add_parser("serve", parents=[common], help="serve the guests of a host",
-                       description="Serve every pvcalls device of a host until SIGTERM.")
+                       description="Serve every pvcalls device of a host until SIGTERM, SIGINT or SIGHUP.")
     s.add_argument("--platform", choices=["sim", "xen"], required=True,
                    help="sim: join a xenback-sim host; xen: a real dom0")
     s.add_argument("--run-dir", type=Path, help="run directory of the xenback-sim host")
