@@ -29,8 +29,8 @@ The file format is TOML (read with :mod:`tomllib`)::
     connect.deny = ["169.254.0.0/16", "10.0.0.1:22"]
     bind.allow = ["127.0.0.1:1024-65535", "0.0.0.0:8000-8999"]
 
-    # Domain 7 (by domid) gets its own connect rules and limit; its bind
-    # rules come from [default].
+    # Domain 7 (by domid) gets its own connect.allow and limit; its
+    # connect.deny and bind rules come from [default].
     [domain.7]
     max_sockets = 16
     connect.allow = ["192.0.2.0/24:80", "192.0.2.0/24:443"]
