@@ -7,7 +7,7 @@ Whatever the guest writes to the ``out`` ring is appended to
 second console); :meth:`ConsoleBackend.send_input` feeds
 the ``in`` ring.  Run it against a simulated host::
 
-    python examples/console_backend.py --demo
+    .venv/bin/python examples/console_backend.py --demo
 
 Everything xenbus (discovery, InitWait, Connected, closing, removal, domain
 death, error nodes) is the framework's; this file only moves bytes.
