@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pyxs
 from hosthelpers import wait_pending
+from racewindow import TIMEOUT
 
-from xenback.sim import attach
+from xenback.platform import EventChannelError, GrantError
+from xenback.sim import EventChannel, attach
 
 
 def start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
@@ -141,3 +148,83 @@ def test_the_installed_command_prints_one_line_and_stops_cleanly(tmp_path: Path)
             proc.kill()
             proc.communicate()
     assert (proc.returncode, out, err) == (0, "", "")
+
+
+def test_a_guest_that_uses_up_the_descriptors_gets_errors_and_hangs_nobody(
+    tmp_path: Path,
+) -> None:
+    """Every port a guest binds is a descriptor in the service.  Once a
+    guest has used them all up (here under a low RLIMIT_NOFILE), its
+    requests fail with EMFILE rather than an internal error with a
+    traceback, and a new handle, of any domain, fails at once rather than
+    waiting forever in the backlog of a listener the service can no longer
+    accept from (while spinning on it)."""
+    run_dir = tmp_path / "run"
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(run_dir), "--domain", "g"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=low_limit,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("XENSTORED_PATH=")
+        assert proc.stdout.readline().strip() == "DOMAIN g 1"
+        guest = attach(run_dir, 1)
+        hostile: list[EventChannel] = []
+        with pytest.raises(EventChannelError) as info:
+            for _ in range(4):  # at most 256 ports per handle would be needed
+                hostile.append(guest.evtchn())
+                for _ in range(100):
+                    hostile[-1].bind_unbound_port(0)
+        assert info.value.errno == errno.EMFILE
+        # A pipe takes two descriptors: the last one goes to an idle handle
+        # (each costs the service its connection), and any more wait.
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(3)]
+        for sock in idle:
+            sock.connect(str(run_dir / "domains" / "1" / "hypervisor"))
+
+        def first_request(domid: int) -> OSError | None:
+            result: list[OSError | None] = []
+
+            def call() -> None:
+                try:
+                    with attach(run_dir, domid).gnttab() as tab:
+                        tab.map_grant_refs(1, [8])
+                except OSError as e:
+                    result.append(e)
+                else:
+                    result.append(None)
+
+            thread = threading.Thread(target=call, daemon=True)
+            thread.start()
+            thread.join(TIMEOUT)
+            assert result, f"a handle of domain {domid} waits forever for the service"
+            return result[0]
+
+        for domid in (1, 0):
+            error = first_request(domid)
+            assert isinstance(error, OSError) and error.errno == errno.ENODEV, error
+        # Once the guest lets go, everybody is served again.
+        for ch in hostile:
+            ch.close()
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + TIMEOUT  # the service sees the closes asynchronously
+        while (error := first_request(0)) is not None and error.errno == errno.ENODEV:
+            assert time.monotonic() < deadline, "the service never got its descriptors back"
+        assert isinstance(error, GrantError) and error.errno == errno.EINVAL, error  # ref 8: not granted
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0
+        assert "Traceback" not in err
+        assert "out of descriptors" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

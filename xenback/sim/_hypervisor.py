@@ -38,12 +38,14 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xenback.platform import PAGE_SIZE
+from xenback.ratelimit import RateLimit
 
 from ._proto import (
     MAX_FDS,
@@ -74,6 +76,11 @@ MAX_SHARES_PER_DOMAIN = 2048
 MAX_MAPPED_PAGES_PER_HANDLE = 65536
 
 _FIRE = b"\x00"
+#: What running out of descriptors makes accept, pipe2, memfd_create... fail with.
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+#: How long a listener stays unwatched when not even the reserve descriptor
+#: is left to refuse its backlog with (it would stay readable and spin the loop).
+_ACCEPT_RETRY = 0.1
 #: The longest error text a reply carries (a message holds 64 KiB).
 _ERROR_TEXT_MAX = 1024
 
@@ -244,6 +251,19 @@ class Hypervisor:
         self._control: ControlHandler | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Out of descriptors, accept() fails and leaves the connection in
+        # the backlog: the listener stays readable (the loop would spin)
+        # and the client waits forever for its first reply.  Closing this
+        # spare descriptor lets the service accept such a connection and
+        # close it at once, so that the client fails instead (ENODEV).
+        self._reserve = _open_reserve()
+        # Listeners unwatched because even the reserve is gone; watched
+        # again at _accept_retry_at.
+        self._accept_paused: list[_Domain] = []
+        self._accept_retry_at = 0.0
+        # A hostile domain can run the service out of descriptors at will:
+        # say so, but not once per request.
+        self._fd_warnings = RateLimit("hypervisor")
 
     # -- host interface ------------------------------------------------------
 
@@ -272,6 +292,9 @@ class Hypervisor:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._wake_r = self._wake_w = -1
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
 
     def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
         """Make ``domid`` known and listen for its handles; returns its socket."""
@@ -338,10 +361,15 @@ class Hypervisor:
 
     def _serve(self) -> None:
         while True:
-            events = self._selector.select()
+            timeout = None
+            if self._accept_paused:
+                timeout = max(0.0, self._accept_retry_at - time.monotonic())
+            events = self._selector.select(timeout)
             with self._lock:
                 if self._stopping:
                     return
+                if self._accept_paused and time.monotonic() >= self._accept_retry_at:
+                    self._resume_accepting()
                 for key, _ in events:
                     try:
                         self._dispatch(key.data)
@@ -372,7 +400,9 @@ class Hypervisor:
     def _accept(self, dom: _Domain) -> None:
         try:
             sock, _ = dom.listener.accept()
-        except OSError:
+        except OSError as e:
+            if e.errno in _OUT_OF_FDS:
+                self._refuse_for_want_of_fds(dom)
             return  # BlockingIOError after a racing close, ECONNABORTED...
         if len(dom.conns) >= MAX_HANDLES_PER_DOMAIN:
             logger.warning(
@@ -386,6 +416,43 @@ class Hypervisor:
         conn = _Conn(dom, sock)
         dom.conns.add(conn)
         self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _refuse_for_want_of_fds(self, dom: _Domain) -> None:
+        """accept() failed for want of a descriptor: close the connection
+        waiting in the backlog, with the reserve's descriptor, rather than
+        leave its client waiting and the listener readable."""
+        self._warn_fds("refusing a handle of domain %d", dom.domid)
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
+            try:
+                sock, _ = dom.listener.accept()
+            except OSError:
+                pass
+            else:
+                sock.close()
+            self._reserve = _open_reserve()
+            return
+        # Not even that: stop watching the listener for a while.
+        self._selector.unregister(dom.listener)
+        if not self._accept_paused:
+            self._accept_retry_at = time.monotonic() + _ACCEPT_RETRY
+        self._accept_paused.append(dom)
+
+    def _resume_accepting(self) -> None:
+        paused, self._accept_paused = self._accept_paused, []
+        if self._reserve < 0:
+            self._reserve = _open_reserve()
+        for dom in paused:
+            if dom.domid in self._domains:  # not removed meanwhile
+                self._selector.register(dom.listener, selectors.EVENT_READ, dom)
+
+    def _warn_fds(self, what: str, *args: object) -> None:
+        show, suppressed = self._fd_warnings()
+        if suppressed:
+            logger.warning("hypervisor: %d messages about descriptors suppressed", suppressed)
+        if show:
+            logger.warning("hypervisor: out of descriptors: " + what, *args)
 
     def _receive(self, conn: _Conn) -> None:
         try:
@@ -417,6 +484,17 @@ class Hypervisor:
             # Cut: a message may quote the request, which may be as long
             # as a message, and the reply must fit in one.
             self._send(conn, {"errno": e.errno, "error": str(e)[:_ERROR_TEXT_MAX]})
+            return
+        except OSError as e:
+            close_fds(fds)
+            if e.errno not in _OUT_OF_FDS:
+                logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
+                self._send(conn, {"errno": errno.EIO, "error": "internal error"})
+                return
+            # What a domain can cause (ports and shares hold descriptors
+            # here), not a bug: an errno, as Linux gives for a full table.
+            self._warn_fds("request %r from domain %d refused", op, conn.domain.domid)
+            self._send(conn, {"errno": e.errno, "error": "the hypervisor service is out of descriptors"})
             return
         except Exception:
             close_fds(fds)
@@ -468,7 +546,10 @@ class Hypervisor:
 
     def _remove_domain(self, domid: int) -> None:
         dom = self._domains.pop(domid)
-        self._selector.unregister(dom.listener)
+        if dom in self._accept_paused:
+            self._accept_paused.remove(dom)  # not watched at the moment
+        else:
+            self._selector.unregister(dom.listener)
         dom.listener.close()
         try:
             dom.socket_path.unlink()
@@ -750,6 +831,14 @@ class Hypervisor:
 def _no_fds(fds: list[int]) -> None:
     if fds:
         raise RequestError(errno.EINVAL, "this request carries no descriptors")
+
+
+def _open_reserve() -> int:
+    """A spare descriptor (see Hypervisor._reserve), or -1 if none is left."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def _writer(port: _Port) -> int | None:
