@@ -202,13 +202,17 @@ class EventChannel(Closing):
 
     def unbind(self, port: int) -> None:
         """Close ``port``; its peer's port becomes unbound and fires."""
-        _check_port(port)
+        # EINVAL past the last port, ENOTCONN for one not bound here (port
+        # 0 included): Linux's IOCTL_EVTCHN_UNBIND, which the xen platform
+        # passes on.
+        if type(port) is not int or not 0 <= port <= MAX_EVTCHN_PORT:
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
         # Forget the port before the service frees its number: a port bound
         # meanwhile by another thread may get the same number.
         with self._lock:
             lp = self._ports.pop(port, None)
             if lp is None:
-                raise EventChannelError(errno.EINVAL, f"port {port} is not bound by this handle")
+                raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
             self._forget(lp)
             self._unbinding.add(port)
         try:
@@ -257,7 +261,10 @@ class EventChannel(Closing):
         with self._lock:
             lp = self._ports.get(port)
             if lp is None:
-                raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+                if type(port) is not int or port < 0:
+                    raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+                # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes on.
+                raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
             if lp.peer_fd is not None:
                 try:
                     os.write(lp.peer_fd, b"\x00")
