@@ -228,3 +228,32 @@ def test_a_guest_that_uses_up_the_descriptors_gets_errors_and_hangs_nobody(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_only_its_user_may_connect_whatever_the_umask(tmp_path: Path) -> None:
+    """Whoever connects to a domain's socket acts as that domain (dom0's
+    may create and destroy guests and map what they grant to dom0): the
+    sockets are the user's alone, as a real xenstored's is root's, even
+    when the daemon runs under a permissive umask."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(run_dir), "--domain", "g"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        umask=0,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("XENSTORED_PATH=")
+        assert proc.stdout.readline().strip() == "DOMAIN g 1"
+        sockets = [p for p in run_dir.rglob("*") if p.is_socket()]
+        assert len(sockets) == 4  # xenstored, dom0's hypervisor, the guest's two
+        modes = {p.relative_to(run_dir).as_posix(): oct(p.stat().st_mode & 0o777) for p in sockets}
+        assert modes == dict.fromkeys(modes, oct(0o600))
+        proc.terminate()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

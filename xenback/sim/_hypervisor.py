@@ -306,6 +306,9 @@ class Hypervisor:
                 raise ValueError(f"domain {domid} already exists")
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
+                # Whoever connects acts as the domain: the user's alone,
+                # whatever the umask (bind gives the socket file this mode).
+                os.fchmod(listener.fileno(), 0o600)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     path.unlink()

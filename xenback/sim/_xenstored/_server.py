@@ -299,6 +299,10 @@ class XenStored:
         self._unlink(path)  # a stale socket of a dead server
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # Whoever connects acts as the socket's domain: the user's
+            # alone, as a real xenstored's socket is root's, whatever the
+            # umask (bind gives the socket file this mode).
+            os.fchmod(sock.fileno(), 0o600)
             sock.bind(os.fspath(path))
             sock.listen(64)
             sock.setblocking(False)
