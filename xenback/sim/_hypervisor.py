@@ -451,11 +451,8 @@ class Hypervisor:
                 self._selector.register(dom.listener, selectors.EVENT_READ, dom)
 
     def _warn_fds(self, what: str, *args: object) -> None:
-        show, suppressed = self._fd_warnings()
-        if suppressed:
-            logger.warning("hypervisor: %d messages about descriptors suppressed", suppressed)
-        if show:
-            logger.warning("hypervisor: out of descriptors: " + what, *args)
+        self._fd_warnings.log(logger, logging.WARNING,
+                              "hypervisor: out of descriptors: " + what, *args)
 
     def _receive(self, conn: _Conn) -> None:
         try:
