@@ -24,12 +24,16 @@ from xenback.platform import EventChannelError, GrantError
 from xenback.sim import EventChannel, attach
 
 
-def start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
+def start(run_dir: Path, *args: str,
+          sighup: signal.Handlers = signal.SIG_DFL) -> subprocess.Popen[str]:
+    # The SIGHUP disposition is set, not inherited: under nohup the tests'
+    # own is SIG_IGN.
     return subprocess.Popen(
         [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(run_dir), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup),
     )
 
 
@@ -91,7 +95,7 @@ def test_processes_join_through_the_run_dir(
         assert wait_pending(e0) == p0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_closes_everything_and_exits_0(
     daemon: tuple[subprocess.Popen[str], Path, list[str]], sig: signal.Signals
 ) -> None:
@@ -100,6 +104,19 @@ def test_signal_closes_everything_and_exits_0(
     assert proc.wait(10) == 0
     leftovers = [p for p in run_dir.rglob("*") if not p.is_dir()]
     assert leftovers == []
+
+
+def test_under_nohup_sighup_is_ignored(tmp_path: Path) -> None:
+    proc = start(tmp_path / "run", "-v", sighup=signal.SIG_IGN)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("XENSTORED_PATH=")
+    # Both pending at once if SIGHUP were waited for: sigwait takes the
+    # lower number, SIGHUP's, first.
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "SIGTERM: shutting down" in err and "SIGHUP" not in err
 
 
 def test_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ Serves XenStore on ``DIR/xenstored/socket`` (so ``XENSTORED_PATH`` and
 ``XENSTORED_RUNDIR=DIR/xenstored`` both work) and the hypervisor under
 ``DIR/domains``; processes join with :func:`xenback.sim.attach`.  Once
 everything is ready it prints ``XENSTORED_PATH=<path>`` as its first line,
-then one ``DOMAIN <name> <domid>`` line per ``--domain``.  SIGTERM or SIGINT
+then one ``DOMAIN <name> <domid>`` line per ``--domain``.  SIGTERM, SIGINT
+or SIGHUP (its terminal closed; not under ``nohup``, which ignores it)
 closes everything and exits 0.
 """
 
@@ -28,7 +29,7 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xenback-sim`` console script; returns the exit
-    status (0 after SIGTERM or SIGINT, 1 if the host cannot start, 2 for a
+    status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start, 2 for a
     bad ``--domain``)."""
     parser = argparse.ArgumentParser(
         prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
@@ -43,9 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="xenback-sim: %(levelname)s %(name)s: %(message)s",
     )
+    # SIGHUP stops it too, as it stops pvcalls-backend serve, unless it
+    # is ignored: that is what nohup asked for.  (Linux queues a blocked
+    # signal even while it is ignored, so sigwait would see it.)
+    stop_signals = set(_STOP_SIGNALS)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stop_signals.add(signal.SIGHUP)
     # Block the stop signals before any thread starts (threads inherit the
     # mask), so that only sigwait below ever sees them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         host = SimHost(args.run_dir)
         host.start()
@@ -58,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             domain = host.create_domain(name)
             lines.append(f"DOMAIN {domain.name} {domain.domid}")
         print("\n".join(lines), flush=True)
-        sig = signal.sigwait(_STOP_SIGNALS)
+        sig = signal.sigwait(stop_signals)
         logger.info("%s: shutting down", signal.Signals(sig).name)
     except ValueError as e:
         print(f"xenback-sim: {e}", file=sys.stderr)
