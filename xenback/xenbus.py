@@ -281,17 +281,19 @@ class BackendDevice:
         logger.error("%s: error %d: %s", self.nodename, err, message)
         try:
             self.xenstore.write(self.error_path, f"{err} {message}"[:1024])
-        except (OSError, ValueError):
-            # Reporting an error must not raise one: fatal() still has to go Closing.
-            logger.warning("%s: could not write the error node", self.nodename, exc_info=True)
+        except (OSError, ValueError) as exc:
+            # Reporting an error must not raise one: fatal() still has to go
+            # Closing.  No traceback: XenStore's error says it all (most
+            # likely the connection is gone, and every device says so).
+            logger.warning("%s: could not write the error node: %s", self.nodename, exc)
 
     def fatal(self, err: int, message: str) -> None:
         """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing."""
         self.error(err, message)
         try:
             self.switch_state(XenbusState.CLOSING)
-        except OSError:
-            logger.warning("%s: could not switch to Closing", self.nodename, exc_info=True)
+        except OSError as exc:
+            logger.warning("%s: could not switch to Closing: %s", self.nodename, exc)
 
     # Grants and event channels, released automatically on disconnect.
 
@@ -825,8 +827,8 @@ class BackendDriver:
         self._disconnect(dev)
         try:
             dev.switch_state(XenbusState.CLOSED)
-        except OSError:
-            logger.warning("%s: could not switch to Closed", dev.nodename, exc_info=True)
+        except OSError as exc:
+            logger.warning("%s: could not switch to Closed: %s", dev.nodename, exc)
         if dev._otherend_watch is not None:
             try:
                 dev._otherend_watch.unwatch()
