@@ -722,7 +722,16 @@ class PassiveSocket(Work):
         if not self._take(request):
             conn.close()
             return
-        new.start_accepted(conn, address)
+        try:
+            new.start_accepted(conn, address)
+        except OSError as exc:
+            # Not watchable (epoll out of memory or of watches): the ACCEPT
+            # fails as one whose accept() failed, rather than go unanswered.
+            logger.debug("%r: cannot take over an accepted connection: %s", self, exc)
+            self.frontend.accept_failed(new)
+            conn.close()  # if start_accepted failed before new held it
+            self.frontend.respond(request, -_errno.from_oserror(exc))
+            return
         self.frontend.respond(request, 0)
         # Only now: a RELEASE of ``new`` that finds ``parent`` set waits for
         # this run to end (see _Frontend._cancel_accept), so it neither

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -21,10 +22,11 @@ from pvcalls import _errno, _wire
 from pvcalls._backend import _Frontend
 from pvcalls._socket import ActiveSocket, PassiveSocket, Request
 from pvcalls._wire import ffi
+from xenback.events import EventDispatcher
 
 EBADF, EINVAL, EINTR, EEXIST = -9, -22, -4, -17
 EAFNOSUPPORT, EISCONN, ECONNREFUSED, ENOTSUPP = -97, -106, -111, -524
-EMFILE, EIO, EADDRINUSE, ENETUNREACH = -24, -5, -98, -101
+EMFILE, EIO, EADDRINUSE, ENETUNREACH, ENOSPC = -24, -5, -98, -101, -28
 
 
 def test_errno_values_are_xen_numbering() -> None:
@@ -36,8 +38,6 @@ def test_errno_values_are_xen_numbering() -> None:
 
 
 def test_host_errors_map_by_name() -> None:
-    import errno
-
     assert _errno.from_host_errno(errno.ECONNRESET) == 104
     assert _errno.from_oserror(ConnectionRefusedError(errno.ECONNREFUSED, "x")) == 111
     assert _errno.from_host_errno(None) == _errno.EIO
@@ -721,6 +721,36 @@ def test_accept_without_a_descriptor_left_is_emfile(
     with client:
         client.sendall(b"queued")
         assert raw.recv_exactly(ring, 6) == b"queued"
+
+
+def test_an_accepted_connection_that_cannot_be_watched_fails_the_accept(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accepted connection cannot join its CPU's epoll set (the host
+    out of memory or of epoll watches): the ACCEPT is answered with that
+    errno rather than never, and its id_new is given up."""
+    listener, address = _listener(raw, backend)
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    wait_until(lambda: any(r.id == id_new for r in backend.stats().sockets))
+
+    def no_watch(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(EventDispatcher, "add_fd", no_watch)
+    with socket.create_connection(address) as client:
+        rsp = raw.response(accept)
+        assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_ACCEPT, ENOSPC, listener)
+        assert id_new not in {r.id for r in backend.stats().sockets}
+        assert all(c.sockets == 0 for c in backend.stats().cpus)
+        # The host's end was closed with the id: the client sees it go.
+        client.settimeout(TIMEOUT)
+        assert client.recv(1) == b""
+    monkeypatch.undo()
+    with socket.create_connection(address) as client:
+        ring = raw.new_ring()
+        assert raw.response(raw.push_accept(listener, id_new, ring)).ret == 0
+        client.sendall(b"next")
+        assert raw.recv_exactly(ring, 4) == b"next"
 
 
 # -- RELEASE ------------------------------------------------------------------------------
