@@ -744,7 +744,10 @@ class _Frontend:
             with self._lock:
                 self._reserved -= 1
             raise
-        with self._lock:
+        # Under limit_lock too: another device of the domain counts our
+        # sockets (nr_sockets, without our _lock) under it only, and must
+        # not see the socket neither reserved nor in the table.
+        with self._lock, self.backend.limit_lock:
             self._reserved -= 1
             self._sockets[id_new] = new
         try:

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import RawFrontend, wait_until
+from racewindow import PauseAt
 
 import pvcalls
+from pvcalls import _backend
 from pvcalls._errno import EACCES, EMFILE
 from pvcalls._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy, PolicyError, Rule
 from xenback import RateLimit
@@ -343,6 +345,41 @@ def test_a_domain_with_two_devices_has_one_socket_limit(host: Any, topology: Any
         assert accept.ret == -EMFILE
         first.close()
         assert second.socket()[1].ret == 0  # the first device's sockets went
+        second.close()
+
+
+def test_an_accept_taking_its_socket_is_counted_by_the_other_device(
+        host: Any, topology: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ACCEPT's id_new moves from the reserved count into the sockets
+    table in one step for the domain's other devices: one device's SOCKET
+    checked in between would find the domain a socket short of its limit."""
+    policy = Policy.from_toml('[domain.two]\nmax_sockets = 2\n')
+    guest = host.create_domain("two")
+    real_accept = _backend._HANDLERS[pvcalls._wire.PVCALLS_ACCEPT]
+    between = PauseAt(real_accept, "self._sockets[id_new] = new")
+
+    def paused_accept(fe: Any, request: Any, req: Any) -> int | None:
+        return between.run(lambda: real_accept(fe, request, req))
+
+    monkeypatch.setitem(_backend._HANDLERS, pvcalls._wire.PVCALLS_ACCEPT, paused_accept)
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        first = RawFrontend(host, guest, devid=0)
+        second = RawFrontend(host, guest, devid=1)
+        listener, rsp = first.socket()
+        assert rsp.ret == 0
+        assert first.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert first.listen(listener).ret == 0
+        accept = first.push_accept(listener, first.new_id(), first.new_ring())
+        assert between.reached.wait(10)
+        try:
+            # The listener and the ACCEPT's socket: the domain is at its limit.
+            assert second.socket()[1].ret == -EMFILE
+        finally:
+            between.resume()
+        assert second.socket()[1].ret == -EMFILE
+        assert first.release(listener).ret == 0
+        assert first.response(accept).ret < 0  # -EINTR: its listener went
+        first.close()
         second.close()
 
 
