@@ -767,12 +767,20 @@ class PassiveSocket(Work):
 
 
 def _connected(sock: socket.socket) -> bool:
-    """Whether a non-blocking connect in progress has completed."""
+    """Whether a non-blocking connect in progress has completed: the socket
+    has a peer (a failed connect has none).
+
+    Not SO_ERROR: reading it takes the socket's pending error.  A reset
+    arriving just after the connect completed would be taken here, leaving
+    a socket with no peer and no error, which no later event reports: its
+    CONNECT would never be answered (and its data path would see an EOF,
+    not the reset).
+    """
     try:
         sock.getpeername()
     except OSError:
         return False
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    return True
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
 
 import pvcalls
-from pvcalls import _errno, _wire
+from pvcalls import _errno, _socket, _wire
 from pvcalls._backend import _Frontend
 from pvcalls._socket import ActiveSocket, PassiveSocket, Request
 from pvcalls._wire import ffi
@@ -27,6 +27,7 @@ from xenback.events import EventDispatcher
 EBADF, EINVAL, EINTR, EEXIST = -9, -22, -4, -17
 EAFNOSUPPORT, EISCONN, ECONNREFUSED, ENOTSUPP = -97, -106, -111, -524
 EMFILE, EIO, EADDRINUSE, ENETUNREACH, ENOSPC = -24, -5, -98, -101, -28
+ECONNRESET = -104
 
 
 def test_errno_values_are_xen_numbering() -> None:
@@ -266,6 +267,55 @@ def test_connect_is_answered_once_when_its_work_runs_meanwhile(
         rsp = raw.response(poll)
     assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_POLL, 0, listener)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_connect_reset_as_it_completes_is_answered(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection established within connect() and reset by the peer
+    just after the backend found it connected: the CONNECT is answered, and
+    the reset reaches the frontend.  Reading SO_ERROR to confirm the connect
+    would take the reset's error: the socket would then be neither connected
+    nor failed, and no later event would ever answer the CONNECT."""
+    server = socket.create_server(("127.0.0.1", 0))
+    reset: list[socket.socket] = []
+
+    class ResetOnceConnected:
+        """The backend's host socket, whose peer resets the connection as
+        soon as getpeername() has shown it established."""
+
+        def __init__(self, sock: socket.socket) -> None:
+            self._sock = sock
+
+        def getpeername(self) -> Any:
+            name = self._sock.getpeername()
+            peer, _ = server.accept()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()  # RST
+            # poll() sees the reset arrive without taking the socket's error.
+            arrived = select.poll()
+            arrived.register(self._sock.fileno(), select.POLLIN)
+            assert arrived.poll(TIMEOUT * 1000)
+            reset.append(self._sock)
+            return name
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._sock, name)
+
+    real_connected = _socket._connected
+    monkeypatch.setattr(_socket, "_connected",
+                        lambda sock: real_connected(ResetOnceConnected(sock)))  # type: ignore[arg-type]
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    rsp = raw.response(raw.push_connect(sock_id, server.getsockname(), ring))
+    if not reset:
+        pytest.skip("connect_ex() completed the connect: no window to reset in")
+    if rsp.ret == 0:  # connected, then reset: the data ring says so
+        raw.wait(lambda: ring.in_error != 0)
+        assert ring.in_error == ECONNRESET
+    else:
+        assert rsp.ret == ECONNRESET
+    assert raw.release(sock_id).ret == 0
+    server.close()
 
 
 def _full_listener() -> tuple[socket.socket, socket.socket]:
