@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import RawFrontend, wait_until
-from racewindow import PauseAt
+from racewindow import PauseAt, stands_at
 
 import pvcalls
 from pvcalls import _backend
@@ -371,11 +371,27 @@ def test_an_accept_taking_its_socket_is_counted_by_the_other_device(
         assert first.listen(listener).ret == 0
         accept = first.push_accept(listener, first.new_id(), first.new_ring())
         assert between.reached.wait(10)
+
+        def fill(req: Any) -> None:
+            req.u.socket.id = second.new_id()
+            req.u.socket.domain = pvcalls._wire.AF_INET
+            req.u.socket.type = pvcalls._wire.SOCK_STREAM
+
+        def waits_for_the_limit_lock() -> bool:
+            return any(stands_at(tid, _backend._Frontend._socket,
+                                 "with self._lock, self.backend.limit_lock")
+                       for tid in sys._current_frames())
+
+        req_id = second.push(pvcalls._wire.PVCALLS_SOCKET, fill)
         try:
-            # The listener and the ACCEPT's socket: the domain is at its limit.
-            assert second.socket()[1].ret == -EMFILE
+            # Counted in the window, the domain is a socket short and the
+            # SOCKET is answered at once; counted under the lock, it waits
+            # for the ACCEPT's socket to be in the table.
+            second.wait(lambda: req_id in second.responses or waits_for_the_limit_lock())
         finally:
             between.resume()
+        # The listener and the ACCEPT's socket: the domain is at its limit.
+        assert second.response(req_id).ret == -EMFILE
         assert second.socket()[1].ret == -EMFILE
         assert first.release(listener).ret == 0
         assert first.response(accept).ret < 0  # -EINTR: its listener went
