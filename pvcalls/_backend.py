@@ -37,6 +37,10 @@ Protocol choices left open by the specification
   ``-EINVAL`` (CONNECT on a connected socket ``-EISCONN``, on one still
   connecting ``-EALREADY``, as POSIX says).
 * RELEASE's ``reuse`` hint is ignored: every socket is closed at once.
+  What its out ring still holds is sent first, as a host socket's buffer
+  is at close() (Linux drops it): what the host socket takes at once from
+  the ring, the rest (one ring at most) as the peer reads, by
+  :mod:`pvcalls._linger` within bounds; the RELEASE is answered at once.
 * One ACCEPT or POLL in flight per listening socket; another one gets
   ``-EINTR``, like Linux's backend.
 * A CONNECT, ACCEPT or POLL still in flight when its socket is released is
@@ -70,6 +74,7 @@ from xenback.ratelimit import RateLimit
 from xenback.ring import BackRing, RingError
 
 from . import _errno
+from ._linger import Lingerer
 from ._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy, connect_destination
 from ._poller import CpuPoller
 from ._socket import (
@@ -253,6 +258,9 @@ class Backend(Closing):
             undo.callback(self.gnttab.close)
             self.dispatcher = EventDispatcher(platform, name="pvcalls-events")
             undo.callback(self.dispatcher.close)
+            # Released sockets still sending what their guest wrote.
+            self.lingerer = Lingerer(self.dispatcher, self.cmd_wq)
+            undo.callback(self.lingerer.close)
             self._pollers: dict[int, CpuPoller] = {}
             undo.callback(self._close_pollers)
             for cpu in topology.possible():
@@ -388,6 +396,7 @@ class Backend(Closing):
         idempotent, and shutdown() (not destroy(), which raises after one
         interrupted in its drain) waits for a destruction under way."""
         self._close_pollers()
+        self.lingerer.close()
         self.dispatcher.close()
         self.gnttab.close()
         self.load_index.close()

@@ -589,6 +589,26 @@ class ActiveSocket(Work):
 
     # -- teardown ---------------------------------------------------------------
 
+    def _flush_out(self, host: socket.socket) -> bytes:
+        """At teardown, with the Work stopped: send what the out ring still
+        holds, as far as the host socket takes it at once, and return a
+        copy of the rest for the lingerer (see :mod:`pvcalls._linger`): the
+        ring is unmapped next.  Nothing once sending failed."""
+        ring = self.ring
+        if ring is None or self._tx_done:
+            return b""
+        self._tx(ring, host)
+        if self._tx_done:
+            return b""
+        try:
+            views = ring.out_ring.readable()
+        except RingError:
+            return b""
+        try:
+            return b"".join(views)  # the one copy, of at most a ring
+        finally:
+            del views
+
     def teardown(self, *, from_work: bool = False) -> Request | None:
         """Stop the Work and release everything: host socket, event channel,
         data ring, CPU slot.  Returns the CONNECT still waiting for its answer
@@ -604,6 +624,7 @@ class ActiveSocket(Work):
         else:
             self.disable_sync()
         with self._lock:
+            was_connected = self.state is SockState.CONNECTED
             self.state = SockState.CLOSED
             request, self.connect_request = self.connect_request, None
             if self._torn_down:
@@ -611,13 +632,16 @@ class ActiveSocket(Work):
             self._torn_down = True
         fe = self.frontend
         events = self.events
-        if self.host is not None:
+        host = self.host
+        if host is not None:
+            rest = self._flush_out(host) if was_connected else b""
             if events is not None:
                 try:
-                    events.remove_fd(self.host.fileno())
+                    events.remove_fd(host.fileno())
                 except (OSError, KeyError, ValueError):
                     pass
-            self.host.close()
+            if not (rest and fe.backend.lingerer.adopt(host, fe.domid, rest)):
+                host.close()
         if self.port is not None and events is not None:
             try:
                 events.unbind(self.port)

@@ -1001,6 +1001,9 @@ class PVSocket(Closing):
     def close(self) -> None:
         """Release the socket (RELEASE) and free its shared pages.  Other
         threads blocked in this socket's calls get ``OSError(EBADF)``.
+        What was sent still reaches the peer with this package's backend,
+        which sends the out ring's last bytes before it closes its host
+        socket (Linux's backend drops them).
 
         While files from :meth:`makefile` are open, the release waits for
         the last of them to close, as with :class:`socket.socket`."""

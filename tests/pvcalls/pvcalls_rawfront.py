@@ -160,8 +160,9 @@ class DataRing:
     def out_error(self) -> int:
         return self.get(_wire.OUT_ERROR_OFFSET)
 
-    def write(self, data: bytes | memoryview) -> int:
-        """Copy as much of ``data`` as fits into the out ring; notify."""
+    def write(self, data: bytes | memoryview, *, notify: bool = True) -> int:
+        """Copy as much of ``data`` as fits into the out ring; notify
+        (unless told not to: the backend then does not look)."""
         done = 0
         for view in self.out_ring.writable():
             n = min(len(view), len(data) - done)
@@ -169,7 +170,8 @@ class DataRing:
             done += n
         if done:
             self.out_ring.produce(done)
-            self.fe.evtchn.notify(self.port)
+            if notify:
+                self.fe.evtchn.notify(self.port)
         return done
 
     def read(self, limit: int = 1 << 30) -> bytes:

@@ -1,0 +1,161 @@
+"""Released sockets with the guest's data still to send: orphaned sockets.
+
+A program that sends and then closes a socket expects its data to arrive:
+``close()`` of a host socket returns at once, and the kernel goes on
+sending what the socket buffer holds before it sends FIN.  Over PV Calls the
+socket buffer is the out ring, in the guest's memory, and RELEASE may come
+while it still holds bytes the backend has not sent (a guest's ``sendall()``
+returns once its data is in the ring).  Linux's backend drops them.  This
+backend sends, at RELEASE, what the host socket takes at once, straight from
+the ring; if some is left (the peer reads slowly), it copies that rest, at
+most one ring's worth, and hands the host socket to a :class:`Lingerer`,
+which sends it as the peer makes room and then closes the socket, as the
+kernel does with the socket of a process that closed it.  The ring is
+unmapped and RELEASE answered at once, as before.
+
+Bounds, since a guest decides how much lingers: each domain may have at
+most ``max_bytes`` lingering (beyond that, what is left is dropped, as by
+Linux's backend, with a rate-limited warning), and a socket whose peer has
+not taken everything within ``timeout`` seconds is closed with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from dataclasses import dataclass
+
+from workqueue import DelayedWork, Workqueue
+from xenback.events import EventDispatcher
+from xenback.ratelimit import RateLimit
+
+__all__ = ["Lingerer", "LINGER_TIMEOUT", "LINGER_MAX_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+#: How long a released socket may take to send what it still holds.
+LINGER_TIMEOUT = 60.0
+#: How many bytes the released sockets of one domain may hold at a time:
+#: 32 sockets' worth of Linux's order-4 out rings.
+LINGER_MAX_BYTES = 1 << 20
+
+
+@dataclass(eq=False)
+class _Orphan:
+    host: socket.socket
+    domid: int
+    size: int  # bytes adopted, counted against the domain until the end
+    rest: memoryview  # what the peer has yet to take (only the sender touches it)
+    timer: DelayedWork | None = None
+
+
+class Lingerer:
+    """Host sockets released with data to send: sent when writable, then closed.
+
+    Sends run on ``dispatcher``'s thread; the timeouts are delayed work on
+    ``wq``.
+    """
+
+    def __init__(self, dispatcher: EventDispatcher, wq: Workqueue, *,
+                 timeout: float = LINGER_TIMEOUT, max_bytes: int = LINGER_MAX_BYTES) -> None:
+        self._dispatcher = dispatcher
+        self._wq = wq
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        # _lock guards _orphans (by descriptor), _bytes (per domain) and
+        # _closed.  Never held while waiting for the dispatcher (remove_fd
+        # waits for a running callback, which takes _lock): an orphan
+        # popped from _orphans under it belongs to whoever popped it.
+        self._lock = threading.Lock()
+        self._orphans: dict[int, _Orphan] = {}
+        self._bytes: dict[int, int] = {}
+        self._closed = False
+        self._warnings = RateLimit("pvcalls lingering sockets")
+
+    def __len__(self) -> int:
+        """Sockets lingering now."""
+        with self._lock:
+            return len(self._orphans)
+
+    def adopt(self, host: socket.socket, domid: int, data: bytes) -> bool:
+        """Send ``data`` on the non-blocking ``host`` as it becomes writable,
+        then close it.  False if not taken (the domain's bound reached, or
+        the lingerer closed): the caller closes ``host``, and ``data`` is lost."""
+        fd = host.fileno()
+        with self._lock:
+            if self._closed:
+                return False
+            held = self._bytes.get(domid, 0)
+            taken = held + len(data) <= self.max_bytes
+            if taken:
+                orphan = _Orphan(host, domid, len(data), memoryview(data))
+                # This orphan's, not the descriptor's: the number may be
+                # another orphan's by the time a late timer runs.
+                orphan.timer = DelayedWork(
+                    lambda _work: self._finish(fd, "timed out", only=orphan))
+                self._orphans[fd] = orphan
+                self._bytes[domid] = held + len(data)
+        if not taken:
+            self._warnings.log(logger, logging.WARNING,
+                               "dom%d: a released socket's last %d bytes dropped: the domain's "
+                               "released sockets hold %d bytes already (at most %d)",
+                               domid, len(data), held, self.max_bytes)
+            return False
+        assert orphan.timer is not None
+        self._wq.queue_delayed_work(orphan.timer, self.timeout)
+        try:
+            self._dispatcher.add_fd(fd, select.EPOLLOUT, self._on_writable)
+        except (OSError, RuntimeError) as exc:  # out of epoll watches, or closed
+            self._finish(fd, f"cannot watch it: {exc}", watched=False)
+        return True
+
+    def _on_writable(self, fd: int, _events: int) -> None:
+        with self._lock:
+            orphan = self._orphans.get(fd)
+        if orphan is None:
+            return  # finished meanwhile
+        try:
+            sent = orphan.host.send(orphan.rest, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # the peer reset the connection, or went
+            self._finish(fd, f"send failed: {exc}")
+            return
+        orphan.rest = orphan.rest[sent:]
+        if not orphan.rest:
+            self._finish(fd, None)
+
+    def _finish(self, fd: int, why: str | None, *, watched: bool = True,
+                only: _Orphan | None = None) -> None:
+        with self._lock:
+            orphan = self._orphans.get(fd)
+            if orphan is None or (only is not None and orphan is not only):
+                return
+            del self._orphans[fd]
+            left = self._bytes[orphan.domid] - orphan.size
+            if left:
+                self._bytes[orphan.domid] = left
+            else:
+                del self._bytes[orphan.domid]
+        if watched:
+            try:
+                self._dispatcher.remove_fd(fd)  # waits for a send in progress
+            except (KeyError, OSError, RuntimeError):
+                pass
+        if orphan.timer is not None:
+            orphan.timer.cancel()
+        if why is not None and orphan.rest:
+            logger.info("dom%d: released socket closed with %d bytes unsent: %s",
+                        orphan.domid, len(orphan.rest), why)
+        orphan.rest.release()
+        orphan.host.close()
+
+    def close(self) -> None:
+        """Close every lingering socket with what it holds, and take no more."""
+        with self._lock:
+            self._closed = True
+            fds = list(self._orphans)
+        for fd in fds:
+            self._finish(fd, "the backend is closing")

@@ -1,0 +1,198 @@
+"""pvcalls Backend: what the out ring still holds when a socket is released
+reaches the peer, as what a host socket's buffer holds at close() does
+(pvcalls._linger)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import TIMEOUT, DataRing, RawFrontend, wait_until
+
+import pvcalls
+from pvcalls._socket import ActiveSocket
+from xenback.sim import SimHost
+
+
+class Peer:
+    """A host server taking one connection; reads only when told to."""
+
+    def __init__(self, rcvbuf: int | None = None) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        if rcvbuf is not None:
+            # Inherited by the accepted socket: a small window, so that the
+            # backend's send buffer fills after a few KiB.
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.address = self.listener.getsockname()
+        self.conn: socket.socket | None = None
+
+    def accept(self) -> socket.socket:
+        self.listener.settimeout(TIMEOUT)
+        self.conn, _ = self.listener.accept()
+        self.conn.settimeout(TIMEOUT)
+        return self.conn
+
+    def read_to_eof(self) -> bytes:
+        assert self.conn is not None
+        chunks = []
+        while chunk := self.conn.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    p = Peer(rcvbuf=4096)
+    yield p
+    p.close()
+
+
+def _socket_of(backend: pvcalls.Backend, raw: RawFrontend, sock_id: int) -> ActiveSocket:
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    return sock
+
+
+def _fill(raw: RawFrontend, ring: DataRing, sock: ActiveSocket) -> bytes:
+    """Write into the out ring until it is full and the backend cannot send
+    (the peer does not read): what was written."""
+    # Small buffers on both host sockets: stuck after a few KiB, not after
+    # the MiBs that autotuning would let the backend's take.
+    assert sock.host is not None
+    sock.host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    written = bytearray()
+    block = os.urandom(8192)
+
+    def stuck() -> bool:
+        written.extend(block[: ring.write(block)])
+        return not ring.out_ring.writable() and sock._out_armed
+
+    raw.wait(stuck)
+    return bytes(written)
+
+
+def test_data_left_in_the_out_ring_at_release_reaches_the_peer(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """The guest wrote and released without the backend looking (no
+    notify): RELEASE sends it before the host socket closes."""
+    peer = Peer()
+    try:
+        sock_id, ring = raw.connect_socket(peer.address)
+        peer.accept()
+        data = os.urandom(20000)
+        assert ring.write(data, notify=False) == len(data)
+        assert raw.release(sock_id).ret == 0
+        assert peer.read_to_eof() == data
+        assert len(backend.lingerer) == 0
+    finally:
+        peer.close()
+
+
+def test_what_the_peer_cannot_take_yet_is_sent_as_it_reads(
+        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer) -> None:
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    written = _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    assert raw.release(sock_id).ret == 0  # at once, the ring let go of
+    assert len(backend.lingerer) == 1
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+
+
+def test_a_peer_that_takes_nothing_is_closed_after_the_timeout(
+        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pvcalls")
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    written = _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    backend.lingerer.timeout = 0.05
+    assert raw.release(sock_id).ret == 0
+    wait_until(lambda: len(backend.lingerer) == 0)
+    # The host socket was closed with the rest: the peer gets what was in
+    # flight, in order, then the end.
+    got = peer.read_to_eof()
+    assert len(got) < len(written) and written.startswith(got)
+    assert any("bytes unsent: timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_a_domain_lingers_at_most_its_share(
+        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    written = _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    backend.lingerer.max_bytes = 1000  # less than the out ring holds
+    with caplog.at_level(logging.WARNING, logger="pvcalls"):
+        assert raw.release(sock_id).ret == 0
+    assert len(backend.lingerer) == 0
+    got = peer.read_to_eof()
+    assert len(got) < len(written) and written.startswith(got)
+    assert any(f"dom{raw.guest.domid}: a released socket's last" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_closing_the_backend_closes_lingering_sockets(
+        host: SimHost, topology: Any, make_frontend: Any, peer: Peer) -> None:
+    with pvcalls.Backend(host.dom0, topology=topology) as backend:
+        raw = make_frontend("linger-close")
+        sock_id, ring = raw.connect_socket(peer.address)
+        peer.accept()
+        sock = _socket_of(backend, raw, sock_id)
+        written = _fill(raw, ring, sock)
+        assert raw.release(sock_id).ret == 0
+        assert len(backend.lingerer) == 1
+        raw.close()
+    assert len(backend.lingerer) == 0
+    assert sock.host is not None and sock.host.fileno() == -1
+    got = peer.read_to_eof()
+    assert len(got) < len(written) and written.startswith(got)
+
+
+def test_a_guest_that_sends_then_closes_loses_nothing(host: SimHost, backend: Any) -> None:
+    """End to end, with the guest library: sendall() then close(), at once,
+    as a program does with a host socket."""
+    sizes = [1000, 100_000] * 10 + [3_000_000]
+    digests: list[tuple[int, str]] = []
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(TIMEOUT)
+
+    def serve() -> None:
+        for _ in sizes:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                h, n = hashlib.sha256(), 0
+                while chunk := conn.recv(65536):
+                    h.update(chunk)
+                    n += len(chunk)
+                digests.append((n, h.hexdigest()))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        expected = []
+        with pvcalls.Frontend(host.create_domain("sender")) as fe:
+            for size in sizes:
+                data = os.urandom(size)
+                expected.append((size, hashlib.sha256(data).hexdigest()))
+                s = fe.socket()
+                s.connect(server.getsockname())
+                s.sendall(data)
+                s.close()
+        t.join(TIMEOUT)
+        assert digests == expected
+    finally:
+        server.close()
+        t.join(TIMEOUT)
