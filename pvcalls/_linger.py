@@ -14,9 +14,12 @@ kernel does with the socket of a process that closed it.  The ring is
 unmapped and RELEASE answered at once, as before.
 
 Bounds, since a guest decides how much lingers: each domain may have at
-most ``max_bytes`` lingering (beyond that, what is left is dropped, as by
-Linux's backend, with a rate-limited warning), and a socket whose peer has
-not taken everything within ``timeout`` seconds is closed with the rest.
+most ``max_bytes`` lingering, in at most ``max_sockets`` sockets (beyond
+that, what is left is dropped, as by Linux's backend, with a rate-limited
+warning), and a socket whose peer has not taken everything within
+``timeout`` seconds is closed with the rest.  The bound on sockets is the
+one on host descriptors: a guest can leave a byte or two in each socket it
+releases, and the domain's socket limit no longer counts them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from workqueue import DelayedWork, Workqueue
 from xenback.events import EventDispatcher
 from xenback.ratelimit import RateLimit
 
-__all__ = ["Lingerer", "LINGER_TIMEOUT", "LINGER_MAX_BYTES"]
+__all__ = ["Lingerer", "LINGER_TIMEOUT", "LINGER_MAX_BYTES", "LINGER_MAX_SOCKETS"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ LINGER_TIMEOUT = 60.0
 #: How many bytes the released sockets of one domain may hold at a time:
 #: 32 sockets' worth of Linux's order-4 out rings.
 LINGER_MAX_BYTES = 1 << 20
+#: How many released sockets of one domain may linger at a time: as many
+#: full order-4 rings as LINGER_MAX_BYTES holds.
+LINGER_MAX_SOCKETS = 32
 
 
 @dataclass(eq=False)
@@ -59,18 +65,21 @@ class Lingerer:
     """
 
     def __init__(self, dispatcher: EventDispatcher, wq: Workqueue, *,
-                 timeout: float = LINGER_TIMEOUT, max_bytes: int = LINGER_MAX_BYTES) -> None:
+                 timeout: float = LINGER_TIMEOUT, max_bytes: int = LINGER_MAX_BYTES,
+                 max_sockets: int = LINGER_MAX_SOCKETS) -> None:
         self._dispatcher = dispatcher
         self._wq = wq
         self.timeout = timeout
         self.max_bytes = max_bytes
-        # _lock guards _orphans (by descriptor), _bytes (per domain) and
-        # _closed.  Never held while waiting for the dispatcher (remove_fd
+        self.max_sockets = max_sockets
+        # _lock guards _orphans (by descriptor), _bytes and _count (per
+        # domain) and _closed.  Never held while waiting for the dispatcher (remove_fd
         # waits for a running callback, which takes _lock): an orphan
         # popped from _orphans under it belongs to whoever popped it.
         self._lock = threading.Lock()
         self._orphans: dict[int, _Orphan] = {}
         self._bytes: dict[int, int] = {}
+        self._count: dict[int, int] = {}
         self._closed = False
         self._warnings = RateLimit("pvcalls lingering sockets")
 
@@ -81,14 +90,15 @@ class Lingerer:
 
     def adopt(self, host: socket.socket, domid: int, data: bytes) -> bool:
         """Send ``data`` on the non-blocking ``host`` as it becomes writable,
-        then close it.  False if not taken (the domain's bound reached, or
-        the lingerer closed): the caller closes ``host``, and ``data`` is lost."""
+        then close it.  False if not taken (one of the domain's bounds
+        reached, or the lingerer closed): the caller closes ``host``, and ``data`` is lost."""
         fd = host.fileno()
         with self._lock:
             if self._closed:
                 return False
             held = self._bytes.get(domid, 0)
-            taken = held + len(data) <= self.max_bytes
+            count = self._count.get(domid, 0)
+            taken = held + len(data) <= self.max_bytes and count < self.max_sockets
             if taken:
                 orphan = _Orphan(host, domid, len(data), memoryview(data))
                 # This orphan's, not the descriptor's: the number may be
@@ -97,11 +107,12 @@ class Lingerer:
                     lambda _work: self._finish(fd, "timed out", only=orphan))
                 self._orphans[fd] = orphan
                 self._bytes[domid] = held + len(data)
+                self._count[domid] = count + 1
         if not taken:
             self._warnings.log(logger, logging.WARNING,
                                "dom%d: a released socket's last %d bytes dropped: the domain's "
-                               "released sockets hold %d bytes already (at most %d)",
-                               domid, len(data), held, self.max_bytes)
+                               "%d released sockets hold %d bytes already (at most %d in %d)",
+                               domid, len(data), count, held, self.max_bytes, self.max_sockets)
             return False
         assert orphan.timer is not None
         self._wq.queue_delayed_work(orphan.timer, self.timeout)
@@ -139,6 +150,11 @@ class Lingerer:
                 self._bytes[orphan.domid] = left
             else:
                 del self._bytes[orphan.domid]
+            count = self._count[orphan.domid] - 1
+            if count:
+                self._count[orphan.domid] = count
+            else:
+                del self._count[orphan.domid]
         if watched:
             try:
                 self._dispatcher.remove_fd(fd)  # waits for a send in progress

@@ -196,3 +196,28 @@ def test_a_guest_that_sends_then_closes_loses_nothing(host: SimHost, backend: An
     finally:
         server.close()
         t.join(TIMEOUT)
+
+
+def test_a_domain_lingers_at_most_so_many_sockets(
+        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Each lingering socket holds a host descriptor: a guest releasing
+    sockets with a byte or two left each, to a peer that never reads, must
+    not take the backend's descriptors (every domain's sockets) for the
+    timeout, whatever the byte bound lets through."""
+    backend.lingerer.max_sockets = 2
+    stuck = []
+    for _ in range(3):
+        sock_id, ring = raw.connect_socket(peer.address)
+        peer.accept()
+        stuck.append((sock_id, peer.conn))
+        _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    with caplog.at_level(logging.WARNING, logger="pvcalls"):
+        for sock_id, _conn in stuck:
+            assert raw.release(sock_id).ret == 0
+    assert len(backend.lingerer) == 2
+    assert any(f"dom{raw.guest.domid}: a released socket's last" in r.getMessage()
+               for r in caplog.records)
+    for _sock_id, conn in stuck:
+        assert conn is not None
+        conn.close()
