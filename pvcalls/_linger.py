@@ -160,6 +160,15 @@ class Lingerer:
                 self._dispatcher.remove_fd(fd)  # waits for a send in progress
             except (KeyError, OSError, RuntimeError):
                 pass
+            except BaseException:
+                # Interrupted in that wait (Ctrl-C in close()): nothing is
+                # closed yet, so the descriptor is still the orphan's and it
+                # goes back, for the next close() (or its timer) to finish.
+                with self._lock:
+                    self._orphans[fd] = orphan
+                    self._bytes[orphan.domid] = self._bytes.get(orphan.domid, 0) + orphan.size
+                    self._count[orphan.domid] = self._count.get(orphan.domid, 0) + 1
+                raise
         if orphan.timer is not None:
             orphan.timer.cancel()
         if why is not None and orphan.rest:

@@ -221,3 +221,41 @@ def test_a_domain_lingers_at_most_so_many_sockets(
     for _sock_id, conn in stuck:
         assert conn is not None
         conn.close()
+
+
+class Interrupted(BaseException):
+    """Stands in for Ctrl-C (KeyboardInterrupt) in a wait of close()."""
+
+
+def test_a_close_interrupted_while_it_ends_a_lingering_socket_is_finished_by_the_next(
+        host: SimHost, topology: Any, make_frontend: Any, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while close() waits in remove_fd() for the sender (which
+    waits without a timeout): the next close() must still close that
+    lingering socket, not leave its descriptor open for ever."""
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    try:
+        raw = make_frontend("linger-interrupted")
+        sock_id, ring = raw.connect_socket(peer.address)
+        peer.accept()
+        sock = _socket_of(backend, raw, sock_id)
+        _fill(raw, ring, sock)
+        assert raw.release(sock_id).ret == 0
+        assert len(backend.lingerer) == 1
+        assert sock.host is not None
+        fd = sock.host.fileno()
+        remove_fd = backend.dispatcher.remove_fd
+
+        def interrupted(n: int) -> None:
+            if n == fd:
+                raise Interrupted
+            remove_fd(n)
+
+        monkeypatch.setattr(backend.dispatcher, "remove_fd", interrupted)
+        with pytest.raises(Interrupted):
+            backend.close()
+        monkeypatch.undo()
+    finally:
+        backend.close()
+    assert len(backend.lingerer) == 0
+    assert sock.host.fileno() == -1
