@@ -74,8 +74,9 @@ class Lingerer:
         self.max_sockets = max_sockets
         # _lock guards _orphans (by descriptor), _bytes and _count (per
         # domain) and _closed.  Never held while waiting for the dispatcher (remove_fd
-        # waits for a running callback, which takes _lock): an orphan
-        # popped from _orphans under it belongs to whoever popped it.
+        # waits for a running callback, which takes _lock; add_fd, which
+        # adopt() calls under it, waits for nothing): an orphan popped
+        # from _orphans under it belongs to whoever popped it.
         self._lock = threading.Lock()
         self._orphans: dict[int, _Orphan] = {}
         self._bytes: dict[int, int] = {}
@@ -91,8 +92,10 @@ class Lingerer:
     def adopt(self, host: socket.socket, domid: int, data: bytes) -> bool:
         """Send ``data`` on the non-blocking ``host`` as it becomes writable,
         then close it.  False if not taken (one of the domain's bounds
-        reached, or the lingerer closed): the caller closes ``host``, and ``data`` is lost."""
+        reached, the lingerer closed, or ``host`` cannot be watched): the
+        caller closes ``host``, and ``data`` is lost."""
         fd = host.fileno()
+        failed: Exception | None = None
         with self._lock:
             if self._closed:
                 return False
@@ -103,23 +106,34 @@ class Lingerer:
                 orphan = _Orphan(host, domid, len(data), memoryview(data))
                 # This orphan's, not the descriptor's: the number may be
                 # another orphan's by the time a late timer runs.
-                orphan.timer = DelayedWork(
+                orphan.timer = timer = DelayedWork(
                     lambda _work: self._finish(fd, "timed out", only=orphan))
-                self._orphans[fd] = orphan
-                self._bytes[domid] = held + len(data)
-                self._count[domid] = count + 1
+                # Timer and watch both under _lock, which the timer's
+                # _finish and the sender take first: neither may end the
+                # orphan, and close its descriptor, before it is watched
+                # (add_fd would then watch a number that may be another
+                # file's by then).  Neither call waits for a callback.
+                try:
+                    self._wq.queue_delayed_work(timer, self.timeout)
+                    self._dispatcher.add_fd(fd, select.EPOLLOUT, self._on_writable)
+                except (OSError, RuntimeError) as exc:  # out of epoll watches, or closed
+                    timer.cancel()
+                    failed = exc
+                else:
+                    self._orphans[fd] = orphan
+                    self._bytes[domid] = held + len(data)
+                    self._count[domid] = count + 1
         if not taken:
             self._warnings.log(logger, logging.WARNING,
                                "dom%d: a released socket's last %d bytes dropped: the domain's "
                                "%d released sockets hold %d bytes already (at most %d in %d)",
                                domid, len(data), count, held, self.max_bytes, self.max_sockets)
             return False
-        assert orphan.timer is not None
-        self._wq.queue_delayed_work(orphan.timer, self.timeout)
-        try:
-            self._dispatcher.add_fd(fd, select.EPOLLOUT, self._on_writable)
-        except (OSError, RuntimeError) as exc:  # out of epoll watches, or closed
-            self._finish(fd, f"cannot watch it: {exc}", watched=False)
+        if failed is not None:
+            logger.info("dom%d: a released socket's last %d bytes dropped: cannot watch it: %s",
+                        domid, len(data), failed)
+            orphan.rest.release()
+            return False
         return True
 
     def _on_writable(self, fd: int, _events: int) -> None:

@@ -8,14 +8,17 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, DataRing, RawFrontend, wait_until
+from pvcalls_rawfront import TIMEOUT, Call, DataRing, RawFrontend, wait_until
+from racewindow import PauseAt, stands_at
 
 import pvcalls
+from pvcalls._linger import Lingerer
 from pvcalls._socket import ActiveSocket
 from xenback.sim import SimHost
 
@@ -259,3 +262,37 @@ def test_a_close_interrupted_while_it_ends_a_lingering_socket_is_finished_by_the
         backend.close()
     assert len(backend.lingerer) == 0
     assert sock.host.fileno() == -1
+
+
+def test_the_timeout_cannot_end_a_socket_before_it_is_watched(backend: pvcalls.Backend) -> None:
+    """adopt() queues the timer, then watches the socket: a timer that ran
+    in between closed the socket, and adopt() then watched its number,
+    maybe another file's by then (left registered for ever, and the next
+    socket to get that number could not be adopted)."""
+    lingerer = backend.lingerer
+    lingerer.timeout = 0  # fires at once
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        with pytest.raises(BlockingIOError):
+            while True:
+                a.send(bytes(65536))
+        fd = a.fileno()
+        pause = PauseAt(Lingerer.adopt, "self._dispatcher.add_fd(")
+        call = Call(lambda: pause.run(lambda: lingerer.adopt(a, 4242, bytes(1000))))
+        assert pause.reached.wait(TIMEOUT)
+
+        def timer_waits() -> bool:
+            return any(stands_at(tid, Lingerer._finish, "with self._lock:")
+                       for tid in sys._current_frames())
+
+        try:
+            wait_until(lambda: a.fileno() == -1 or timer_waits())
+            assert a.fileno() == fd
+        finally:
+            pause.resume()
+        assert call.join().error is None and call.result is True
+        wait_until(lambda: len(lingerer) == 0)
+        assert a.fileno() == -1
+        assert fd not in backend.dispatcher._fds
