@@ -73,10 +73,10 @@ class Lingerer:
         self.max_bytes = max_bytes
         self.max_sockets = max_sockets
         # _lock guards _orphans (by descriptor), _bytes and _count (per
-        # domain) and _closed.  Never held while waiting for the dispatcher (remove_fd
-        # waits for a running callback, which takes _lock; add_fd, which
-        # adopt() calls under it, waits for nothing): an orphan popped
-        # from _orphans under it belongs to whoever popped it.
+        # domain) and _closed.  Never held while waiting for the
+        # dispatcher (remove_fd waits for a running callback, which takes
+        # _lock; add_fd, which adopt() calls under it, waits for nothing):
+        # an orphan popped from _orphans under it belongs to whoever popped it.
         self._lock = threading.Lock()
         self._orphans: dict[int, _Orphan] = {}
         self._bytes: dict[int, int] = {}
@@ -121,8 +121,7 @@ class Lingerer:
                     failed = exc
                 else:
                     self._orphans[fd] = orphan
-                    self._bytes[domid] = held + len(data)
-                    self._count[domid] = count + 1
+                    self._charge(orphan, +1)
         if not taken:
             self._warnings.log(logger, logging.WARNING,
                                "dom%d: a released socket's last %d bytes dropped: the domain's "
@@ -152,37 +151,36 @@ class Lingerer:
         if not orphan.rest:
             self._finish(fd, None)
 
-    def _finish(self, fd: int, why: str | None, *, watched: bool = True,
-                only: _Orphan | None = None) -> None:
+    def _charge(self, orphan: _Orphan, sign: int) -> None:
+        """Count ``orphan`` in (+1) or out of (-1) its domain's bounds.
+        Called with _lock held."""
+        domid = orphan.domid
+        for table, amount in ((self._bytes, orphan.size), (self._count, 1)):
+            total = table.get(domid, 0) + sign * amount
+            if total:
+                table[domid] = total
+            else:
+                del table[domid]
+
+    def _finish(self, fd: int, why: str | None, *, only: _Orphan | None = None) -> None:
         with self._lock:
             orphan = self._orphans.get(fd)
             if orphan is None or (only is not None and orphan is not only):
                 return
             del self._orphans[fd]
-            left = self._bytes[orphan.domid] - orphan.size
-            if left:
-                self._bytes[orphan.domid] = left
-            else:
-                del self._bytes[orphan.domid]
-            count = self._count[orphan.domid] - 1
-            if count:
-                self._count[orphan.domid] = count
-            else:
-                del self._count[orphan.domid]
-        if watched:
-            try:
-                self._dispatcher.remove_fd(fd)  # waits for a send in progress
-            except (KeyError, OSError, RuntimeError):
-                pass
-            except BaseException:
-                # Interrupted in that wait (Ctrl-C in close()): nothing is
-                # closed yet, so the descriptor is still the orphan's and it
-                # goes back, for the next close() (or its timer) to finish.
-                with self._lock:
-                    self._orphans[fd] = orphan
-                    self._bytes[orphan.domid] = self._bytes.get(orphan.domid, 0) + orphan.size
-                    self._count[orphan.domid] = self._count.get(orphan.domid, 0) + 1
-                raise
+            self._charge(orphan, -1)
+        try:
+            self._dispatcher.remove_fd(fd)  # waits for a send in progress
+        except (KeyError, OSError, RuntimeError):
+            pass
+        except BaseException:
+            # Interrupted in that wait (Ctrl-C in close()): nothing is
+            # closed yet, so the descriptor is still the orphan's and it
+            # goes back, for the next close() (or its timer) to finish.
+            with self._lock:
+                self._orphans[fd] = orphan
+                self._charge(orphan, +1)
+            raise
         if orphan.timer is not None:
             orphan.timer.cancel()
         if why is not None and orphan.rest:
