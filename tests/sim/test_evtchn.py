@@ -262,6 +262,8 @@ def test_notify_from_another_thread(pair: tuple[EventChannel, int, EventChannel,
         # driver (IOCTL_EVTCHN_NOTIFY and _UNBIND), so from the xen platform.
         (lambda ch: ch.notify(99), errno.ENOTCONN),
         (lambda ch: ch.notify(0), errno.ENOTCONN),
+        (lambda ch: ch.notify(1 << 20), errno.EINVAL),  # past the last port, as unbind
+        (lambda ch: ch.notify(-1), errno.EINVAL),
         (lambda ch: ch.unmask(99), errno.EINVAL),
         (lambda ch: ch.unbind(99), errno.ENOTCONN),
         (lambda ch: ch.unbind(0), errno.ENOTCONN),

@@ -261,9 +261,10 @@ class EventChannel(Closing):
         with self._lock:
             lp = self._ports.get(port)
             if lp is None:
-                if type(port) is not int or port < 0:
+                # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes
+                # on: EINVAL past the last port (as unbind), else ENOTCONN.
+                if type(port) is not int or not 0 <= port <= MAX_EVTCHN_PORT:
                     raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
-                # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes on.
                 raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
             if lp.peer_fd is not None:
                 try:
