@@ -89,11 +89,16 @@ class Lingerer:
         with self._lock:
             return len(self._orphans)
 
-    def adopt(self, host: socket.socket, domid: int, data: bytes) -> bool:
+    def adopt(self, host: socket.socket, domid: int, data: bytes,
+              ratelimit: RateLimit | None = None) -> bool:
         """Send ``data`` on the non-blocking ``host`` as it becomes writable,
         then close it.  False if not taken (one of the domain's bounds
         reached, the lingerer closed, or ``host`` cannot be watched): the
-        caller closes ``host``, and ``data`` is lost."""
+        caller closes ``host``, and ``data`` is lost.
+
+        ``ratelimit``: the releasing frontend's, through which the warning
+        of dropped data goes, so that one guest's flood of them does not
+        silence another's (by default the lingerer's own, shared)."""
         fd = host.fileno()
         failed: Exception | None = None
         with self._lock:
@@ -123,10 +128,12 @@ class Lingerer:
                     self._orphans[fd] = orphan
                     self._charge(orphan, +1)
         if not taken:
-            self._warnings.log(logger, logging.WARNING,
-                               "dom%d: a released socket's last %d bytes dropped: the domain's "
-                               "%d released sockets hold %d bytes already (at most %d in %d)",
-                               domid, len(data), count, held, self.max_bytes, self.max_sockets)
+            (ratelimit or self._warnings).log(logger, logging.WARNING,
+                                              "dom%d: a released socket's last %d bytes "
+                                              "dropped: the domain's %d released sockets hold "
+                                              "%d bytes already (at most %d in %d)", domid,
+                                              len(data), count, held, self.max_bytes,
+                                              self.max_sockets)
             return False
         if failed is not None:
             logger.info("dom%d: a released socket's last %d bytes dropped: cannot watch it: %s",

@@ -640,7 +640,7 @@ class ActiveSocket(Work):
                     events.remove_fd(host.fileno())
                 except (OSError, KeyError, ValueError):
                     pass
-            if not (rest and fe.backend.lingerer.adopt(host, fe.domid, rest)):
+            if not (rest and fe.backend.lingerer.adopt(host, fe.domid, rest, fe.ratelimit)):
                 host.close()
         if self.port is not None and events is not None:
             try:

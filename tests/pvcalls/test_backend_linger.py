@@ -296,3 +296,23 @@ def test_the_timeout_cannot_end_a_socket_before_it_is_watched(backend: pvcalls.B
         wait_until(lambda: len(lingerer) == 0)
         assert a.fileno() == -1
         assert fd not in backend.dispatcher._fds
+
+
+def test_one_domain_dropping_lingering_data_does_not_silence_another(
+        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The warnings of data dropped at RELEASE go through the frontend's
+    RateLimit, as its other warnings: another domain's flood of them (here
+    more than a burst, straight to adopt()) leaves this one's logged."""
+    backend.lingerer.max_sockets = 0  # nothing lingers: every rest is dropped
+    for _ in range(20):
+        a, b = socket.socketpair()
+        with a, b:
+            assert not backend.lingerer.adopt(a, 4242, b"x")
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    with caplog.at_level(logging.WARNING, logger="pvcalls"):
+        assert raw.release(sock_id).ret == 0
+    assert any(f"dom{raw.guest.domid}: a released socket's last" in r.getMessage()
+               for r in caplog.records)
