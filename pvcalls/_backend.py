@@ -41,6 +41,7 @@ Protocol choices left open by the specification
   is at close() (Linux drops it): what the host socket takes at once from
   the ring, the rest (one ring at most) as the peer reads, by
   :mod:`pvcalls._linger` within bounds; the RELEASE is answered at once.
+  So are the sockets of a frontend that disconnects or dies.
 * One ACCEPT or POLL in flight per listening socket; another one gets
   ``-EINTR``, like Linux's backend.
 * A CONNECT, ACCEPT or POLL still in flight when its socket is released is
