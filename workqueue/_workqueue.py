@@ -234,6 +234,9 @@ class Workqueue(Executor):
             lock_acquire_contended()
         try:
             if work._pending or work._disable:
+                # Turned so since the look above: as there, a destroyed
+                # queue is said to be one whatever the item's state.
+                self._check_not_destroyed()
                 return False
             if self._state:
                 self._check_queueing()
@@ -300,6 +303,9 @@ class Workqueue(Executor):
             lock_acquire_contended()
         try:
             if work._pending or work._disable:
+                # Turned so since the look above: as there, a destroyed
+                # queue is said to be one whatever the item's state.
+                self._check_not_destroyed()
                 return False
             if self._state:
                 self._check_queueing()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from wqhelpers import assert_waits_until_released
 
-from workqueue import WQ_FREEZABLE, DelayedWork, Work, blocking
+from workqueue import WQ_FREEZABLE, DelayedWork, Work, _workqueue, blocking
 
 TIMEOUT = 10.0
 
@@ -178,6 +178,36 @@ def test_destroy_drains_then_refuses_everything(make_wq: Any) -> None:
         gate.set()
     wq.flush()  # nothing in flight: returns
     wq.shutdown()  # harmless after destroy
+
+
+@pytest.mark.parametrize("call", ["queue_work", "queue_work_on"])
+def test_a_destroyed_queue_raises_also_for_an_item_queued_elsewhere_meanwhile(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    """The item turns pending on another queue between the lock-free look
+    and the one under the engine lock: still the destroyed queue's error,
+    not a quiet False."""
+    dead = make_wq()
+    dead.destroy()
+    other = make_wq("other")
+    dwork = DelayedWork(lambda w: None)
+    real_acquire = _workqueue.lock_acquire
+    armed = [True]
+
+    def acquire_after_another_queueing(blocking: bool = True) -> bool:
+        if armed[0]:
+            armed[0] = False
+            assert other.queue_delayed_work(dwork, 60)  # pending on its timer
+        return real_acquire(blocking)
+
+    monkeypatch.setattr(_workqueue, "lock_acquire", acquire_after_another_queueing)
+    queue = dead.queue_work if call == "queue_work" else lambda w: dead.queue_work_on(0, w)
+    try:
+        with pytest.raises(RuntimeError, match="workqueue 'test' is destroyed"):
+            queue(dwork)
+        assert not armed[0]  # the race was run
+    finally:
+        monkeypatch.undo()
+        dwork.cancel()
 
 
 def test_flush_drain_destroy_from_own_item_raise(make_wq: Any) -> None:
