@@ -10,12 +10,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import RawFrontend
+from pvcalls_rawfront import RawFrontend, dispose_all
 
 import pvcalls
 from workqueue import Topology
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
+
+
+@pytest.fixture(autouse=True)
+def _dispose_raw_frontends() -> Iterator[None]:
+    # Set up first, so torn down last: after the host and backend.
+    yield
+    dispose_all()
 
 
 @pytest.fixture

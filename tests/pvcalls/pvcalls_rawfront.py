@@ -9,6 +9,7 @@ event channel and the command ring until a condition holds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import select
@@ -197,6 +198,19 @@ class DataRing:
             pass
 
 
+# Every RawFrontend not yet disposed of, for dispose_all() at each test's
+# end: their handles hold descriptors (a pipe per port, an epoll set per
+# handle) that would otherwise outlive the test, hundreds over the suite,
+# until pyxs's select() in a later test meets a descriptor past 1023.
+_live: list[RawFrontend] = []
+
+
+def dispose_all() -> None:
+    """Release the handles of every RawFrontend made so far."""
+    while _live:
+        _live.pop().dispose()
+
+
 class RawFrontend:
     """Adds a pvcalls device for ``guest``, handshakes, and speaks raw requests."""
 
@@ -215,6 +229,7 @@ class RawFrontend:
         self.arrived: list[int] = []
         self.ring: FrontRing | None = None
         self.rings: list[DataRing] = []
+        _live.append(self)
         if connect:
             self.connect()
 
@@ -251,6 +266,18 @@ class RawFrontend:
         if wait and ring_ref is None and port is None and version == "1":
             self.wait_backend_state(4)
             self.xs.write(f"{self.fe_path}/state", "4")
+
+    def dispose(self) -> None:
+        """Release every view and handle (at the test's end, with the host
+        possibly gone already: what fails is gone already)."""
+        for ring in self.rings:
+            with contextlib.suppress(OSError, ValueError, BufferError):
+                ring.close()
+        if self.ring is not None:
+            self.ring.release()
+        for handle in (self.evtchn, self.gntshr, self.xs):
+            with contextlib.suppress(OSError, ValueError, BufferError):
+                handle.close()
 
     def close(self) -> None:
         """Close as Linux's frontend does (Closing, wait, Closed).  The
