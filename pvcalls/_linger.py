@@ -82,7 +82,6 @@ class Lingerer:
         self._bytes: dict[int, int] = {}
         self._count: dict[int, int] = {}
         self._closed = False
-        self._warnings = RateLimit("pvcalls lingering sockets")
 
     def __len__(self) -> int:
         """Sockets lingering now."""
@@ -90,7 +89,7 @@ class Lingerer:
             return len(self._orphans)
 
     def adopt(self, host: socket.socket, domid: int, data: bytes,
-              ratelimit: RateLimit | None = None) -> bool:
+              ratelimit: RateLimit) -> bool:
         """Send ``data`` on the non-blocking ``host`` as it becomes writable,
         then close it.  False if not taken (one of the domain's bounds
         reached, the lingerer closed, or ``host`` cannot be watched): the
@@ -98,7 +97,7 @@ class Lingerer:
 
         ``ratelimit``: the releasing frontend's, through which the warning
         of dropped data goes, so that one guest's flood of them does not
-        silence another's (by default the lingerer's own, shared)."""
+        silence another's."""
         fd = host.fileno()
         failed: Exception | None = None
         with self._lock:
@@ -128,12 +127,10 @@ class Lingerer:
                     self._orphans[fd] = orphan
                     self._charge(orphan, +1)
         if not taken:
-            (ratelimit or self._warnings).log(logger, logging.WARNING,
-                                              "dom%d: a released socket's last %d bytes "
-                                              "dropped: the domain's %d released sockets hold "
-                                              "%d bytes already (at most %d in %d)", domid,
-                                              len(data), count, held, self.max_bytes,
-                                              self.max_sockets)
+            ratelimit.log(logger, logging.WARNING,
+                          "dom%d: a released socket's last %d bytes dropped: the domain's "
+                          "%d released sockets hold %d bytes already (at most %d in %d)",
+                          domid, len(data), count, held, self.max_bytes, self.max_sockets)
             return False
         if failed is not None:
             logger.info("dom%d: a released socket's last %d bytes dropped: cannot watch it: %s",

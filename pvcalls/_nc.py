@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .frontend import Frontend, PVSocket
+from .frontend import Frontend, PVSocket, _host_bytes
 
 __all__ = ["main"]
 
@@ -115,15 +115,13 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         if not args.listen:
             p.error("give HOST PORT to connect to (or -l [HOST] PORT to listen)")
         host = "0.0.0.0"
-    # A name that is not ASCII goes to the resolver IDNA-encoded, as with
-    # socket.socket; one that cannot be encoded (or a byte of the command
-    # line that was not UTF-8) would otherwise be a TypeError once the
-    # guest is up, and a traceback.
-    if not host.isascii():
-        try:
-            host.encode("idna")
-        except UnicodeError:
-            p.error(f"host {host!r} is not a valid host name")
+    # Encoded as the frontend will: a name that cannot be (or a byte of
+    # the command line that was not UTF-8) would otherwise be a TypeError
+    # once the guest is up, and a traceback.
+    try:
+        _host_bytes(host)
+    except TypeError:
+        p.error(f"host {host!r} is not a valid host name")
     if not (port_text.isascii() and port_text.isdigit()):  # as _domid
         p.error(f"port {port_text!r} is not a number")
     port = int(port_text)

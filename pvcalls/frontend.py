@@ -200,6 +200,18 @@ def _timeout_value(value: float | None) -> float | None:
     return value
 
 
+def _host_bytes(host: str) -> bytes:
+    """The bytes :class:`socket.socket` hands the C library for ``host``:
+    an ASCII name as it is, any other IDNA-encoded; :class:`TypeError` if
+    it cannot be.  (socket.getaddrinfo() would IDNA-encode an ASCII str
+    too, and raise UnicodeError for a malformed name such as "a..b" that
+    the resolver should refuse.)"""
+    try:
+        return host.encode("ascii") if host.isascii() else host.encode("idna")
+    except UnicodeError:
+        raise TypeError("encoding of hostname failed") from None
+
+
 def _resolve(address: object) -> tuple[str, int]:
     """An AF_INET ``(host, port)`` as :class:`socket.socket` takes it: the
     host a string or bytes, numeric (``inet_aton`` forms such as ``127.1``
@@ -213,17 +225,7 @@ def _resolve(address: object) -> tuple[str, int]:
     port = operator.index(port)
     if not 0 <= port <= 0xFFFF:
         raise OverflowError("port must be 0-65535.")
-    # The bytes socket.socket hands the C library: bytes as they are, an
-    # ASCII str as it is, any other str IDNA-encoded.  (socket.getaddrinfo()
-    # would IDNA-encode an ASCII str too, and raise UnicodeError for a
-    # malformed name such as "a..b" that the resolver should refuse.)
-    if isinstance(host, str):
-        try:
-            name = host.encode("ascii") if host.isascii() else host.encode("idna")
-        except UnicodeError:
-            raise TypeError("encoding of hostname failed") from None
-    else:
-        name = bytes(host)
+    name = _host_bytes(host) if isinstance(host, str) else bytes(host)
     if b"\0" in name:
         raise TypeError("host name must not contain null character")
     if name == b"":
@@ -1282,12 +1284,13 @@ class Frontend(Closing):
         # Here, not at open(): there None or a string failed deep inside,
         # and 0 or less made the handshake "time out" at once, blaming the
         # backend (and 0 would make every command non-blocking).
-        if timeout is None or isinstance(timeout, str | bytes | bytearray):
-            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-        checked = float(timeout)
-        if checked > _TIMEOUT_MAX:
-            raise OverflowError(f"timeout {timeout} too large (at most {_TIMEOUT_MAX:g} s)")
-        if not checked > 0:  # NaN included
+        if timeout is None:
+            raise TypeError("timeout must be a number of seconds, not NoneType")
+        try:
+            checked = _timeout_value(timeout)  # as settimeout() checks it
+        except ValueError:  # negative or NaN: said below, as 0 is
+            checked = 0.0
+        if not checked:
             raise ValueError(f"timeout must be more than 0 seconds, got {timeout}")
         self.ring_order = ring_order
         self.domain = domain

@@ -20,6 +20,7 @@ from racewindow import PauseAt, stands_at
 import pvcalls
 from pvcalls._linger import Lingerer
 from pvcalls._socket import ActiveSocket
+from xenback import RateLimit
 from xenback.sim import SimHost
 
 
@@ -280,7 +281,7 @@ def test_the_timeout_cannot_end_a_socket_before_it_is_watched(backend: pvcalls.B
                 a.send(bytes(65536))
         fd = a.fileno()
         pause = PauseAt(Lingerer.adopt, "self._dispatcher.add_fd(")
-        call = Call(lambda: pause.run(lambda: lingerer.adopt(a, 4242, bytes(1000))))
+        call = Call(lambda: pause.run(lambda: lingerer.adopt(a, 4242, bytes(1000), RateLimit("dom4242"))))
         assert pause.reached.wait(TIMEOUT)
 
         def timer_waits() -> bool:
@@ -307,10 +308,11 @@ def test_one_domain_dropping_lingering_data_does_not_silence_another(
     RateLimit, as its other warnings: another domain's flood of them (here
     more than a burst, straight to adopt()) leaves this one's logged."""
     backend.lingerer.max_sockets = 0  # nothing lingers: every rest is dropped
+    other = RateLimit("dom4242")
     for _ in range(20):
         a, b = socket.socketpair()
         with a, b:
-            assert not backend.lingerer.adopt(a, 4242, b"x")
+            assert not backend.lingerer.adopt(a, 4242, b"x", other)
     sock_id, ring = raw.connect_socket(peer.address)
     peer.accept()
     _fill(raw, ring, _socket_of(backend, raw, sock_id))

@@ -446,9 +446,9 @@ class Hypervisor:
         paused, self._accept_paused = self._accept_paused, []
         if self._reserve < 0:
             self._reserve = _open_reserve()
+        # (_remove_domain takes a removed domain off the list, under _lock.)
         for dom in paused:
-            if dom.domid in self._domains:  # not removed meanwhile
-                self._selector.register(dom.listener, selectors.EVENT_READ, dom)
+            self._selector.register(dom.listener, selectors.EVENT_READ, dom)
 
     def _warn_fds(self, what: str, *args: object) -> None:
         self._fd_warnings.log(logger, logging.WARNING,
