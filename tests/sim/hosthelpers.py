@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from xenback.sim import EventChannel
+from xenback.sim import Domain, EventChannel
 from xenback.sim._xenstored import RawClient, XenStored, XsError
 
 
@@ -30,6 +30,20 @@ def wait_pending(ch: EventChannel, timeout: float = 5.0) -> int:
         remaining = deadline - time.monotonic()
         assert remaining > 0, "no event"
         readable(ch, remaining)
+
+
+def service_caught_up(domain: Domain) -> None:
+    """Return once the hypervisor service has accepted every handle of
+    ``domain`` opened so far.
+
+    It may accept a handle after its client closed it, which counts it as
+    open until it reads the hang-up: a count that is back to where it was
+    may not have gone up yet.  The domain's listener queue is first in,
+    first out, so a handle opened now is answered only after every one
+    before it was accepted; after that, waiting for the count is enough.
+    """
+    with domain.evtchn() as probe:
+        probe.bind_unbound_port(domain.domid)  # one round trip
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

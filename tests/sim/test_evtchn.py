@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from hosthelpers import eventually, readable, wait_pending
+from hosthelpers import eventually, readable, service_caught_up, wait_pending
 
 from xenback.platform import EventChannel as EventChannelProtocol
 from xenback.platform import EventChannelError
@@ -349,6 +349,7 @@ def test_a_handle_that_fails_to_open_keeps_nothing(
     with pytest.raises(OSError, match="Too many open files"):
         host.dom0.evtchn()
     monkeypatch.undo()
+    service_caught_up(host.dom0)
     assert eventually(lambda: host.hypervisor.stats()["connections"] == before[0])
     # The service's end of the connection is closed by its thread, which
     # may do so just after the count went down: waited for too.

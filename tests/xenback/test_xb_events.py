@@ -7,10 +7,10 @@ import os
 import select
 import socket
 import threading
-import time
 
 import pytest
 
+from tests.sim.hosthelpers import eventually, service_caught_up
 from tests.stolensignal import Interrupted, interrupt, main_thread_in
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from xenback import EventDispatcher
@@ -211,12 +211,11 @@ def test_a_dispatcher_that_fails_to_start_keeps_nothing(host, monkeypatch, faili
         EventDispatcher(host.dom0)
     monkeypatch.undo()
     # The host (in this process) forgets a closed handle on its service
-    # thread, after close() returned: poll.  (Other threads of the host
-    # may have closed a descriptor of their own meanwhile.)
-    deadline = time.monotonic() + TIMEOUT
-    while (handles(), fds()) > before and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert handles() == before[0] and fds() <= before[1]
+    # thread, after close() returned: poll, once the service has seen it.
+    # (Other threads of the host may have closed a descriptor of their own
+    # meanwhile.)
+    service_caught_up(host.dom0)
+    assert eventually(lambda: handles() == before[0] and fds() <= before[1], TIMEOUT)
 
 
 def test_close_from_a_port_callback_stops_quietly(host, caplog) -> None:
