@@ -21,7 +21,9 @@ monitor's queue; and a request whose reply never comes because the
 connection died would wait forever, so the router thread, as it ends,
 answers every request still waiting with ENOTCONN, and new requests check
 the connection first and raise :class:`ConnectionError` (both
-:class:`OSError`).
+:class:`OSError`); pyxs's router waits in ``select()``, which refuses a
+descriptor numbered FD_SETSIZE (1024) or more, so the router thread runs a
+loop of ours that waits in ``poll()`` instead.
 """
 
 from __future__ import annotations
@@ -33,15 +35,22 @@ import logging
 import os
 import queue
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pyxs
-from pyxs._internal import Op, Packet
+from pyxs._internal import Event, Op, Packet
 from pyxs.exceptions import ConnectionError as XSConnectionError
-from pyxs.exceptions import InvalidPath, InvalidPayload, InvalidPermission, PyXSError
+from pyxs.exceptions import (
+    InvalidPath,
+    InvalidPayload,
+    InvalidPermission,
+    PyXSError,
+    UnexpectedPacket,
+)
 from pyxs.helpers import check_path
 
 from workqueue._pool import wait_slice
@@ -119,8 +128,8 @@ def _exists(value: str | None) -> bool:
 
 
 def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
-    """Run pyxs's ``router`` (its thread's target) so that its end leaves
-    nobody waiting.
+    """Do the work of pyxs's ``router`` (as its thread's target) so that
+    its end leaves nobody waiting.
 
     pyxs's router thread ends when XenStore drops the connection (or the
     client is closed), and tells nobody: requests wait for ever for their
@@ -131,7 +140,7 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
     """
     lost: Exception | None = None
     try:
-        router()
+        _route(router)
     except Exception as exc:  # pyxs's ConnectionError, or whatever broke it
         lost = exc
     finally:
@@ -145,6 +154,61 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
             rvar.set(Packet(Op.ERROR, b"ENOTCONN\x00", rq_id=0))
     if lost is not None:
         on_lost(lost)
+
+
+def _route(router: Any) -> None:
+    """What pyxs's ``Router.__call__`` does, waiting in poll().
+
+    pyxs waits in select.select(), which raises ValueError for a
+    descriptor numbered FD_SETSIZE (1024) or more: in a process that
+    already holds that many (a backend serving hundreds of sockets) the
+    router would die before its first packet.  poll() has no such limit.
+
+    Returns when router.terminate() writes to the terminator pair; raises
+    when the connection fails or XenStore sends a packet nobody asked for.
+    Either way the connection and the terminator pair end up closed, as
+    pyxs's router leaves them.
+    """
+    connection = router.connection
+    try:
+        terminator = router.r_terminator.fileno()
+        poller = select.poll()
+        poller.register(terminator, select.POLLIN)
+        poller.register(connection.fileno(), select.POLLIN)
+        while True:
+            if not connection.is_connected:
+                # Closed under us (pyxs's send() does so on EPIPE): its
+                # number may belong to another file by now.
+                raise XSConnectionError("not connected")
+            ready = {fd for fd, _events in poller.poll()}
+            if terminator in ready:
+                return  # terminate() wins over packets still unread
+            # Readable, hung up or failed: recv() returns the packet or
+            # raises pyxs's ConnectionError.
+            _dispatch(router, connection.recv())
+    finally:
+        connection.close()
+        router.r_terminator.close()
+        router.w_terminator.close()
+
+
+def _dispatch(router: Any, packet: Packet) -> None:
+    """Hand ``packet`` to the monitors of its watch token, or to the request
+    waiting for it, as pyxs's router does."""
+    if packet.op == Op.WATCH_EVENT:
+        fields = packet.payload.split(b"\0")
+        if len(fields) != 3:  # "<path>\0<token>\0"
+            raise UnexpectedPacket(packet)
+        event = Event(fields[0], fields[1])
+        # A copy, and no defaultdict entry: monitors (un)subscribe from
+        # other threads.
+        for monitor in list(router.monitors.get(event.token, ())):
+            monitor.events.put(event)
+        return
+    rvar = router.rvars.pop(packet.rq_id, None)
+    if rvar is None:
+        raise UnexpectedPacket(packet)
+    rvar.set(packet)
 
 
 class _Ops:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.highfds import descriptors_past_fd_setsize, past_fd_setsize
 from tests.sim.hosthelpers import hang_up_after_one_request
 from tests.stolensignal import (
     interrupt,
@@ -429,6 +430,53 @@ def test_wait_for_fails_as_soon_as_the_connection_is_lost(host) -> None:
         (exc,) = outcome
         assert isinstance(exc, ConnectionError), exc
         assert not xs._waiters
+
+
+def _router_fds(xs: XenStore) -> tuple[int, int]:
+    router = xs._client.router
+    return router.connection.fileno(), router.r_terminator.fileno()
+
+
+def test_a_connection_past_fd_setsize_works(host) -> None:
+    """A process holding 1024 descriptors (a backend serving hundreds of
+    sockets) still talks to XenStore: select() would refuse its socket."""
+    with descriptors_past_fd_setsize():
+        with XenStore(host.dom0.xenstore()) as xs:
+            assert past_fd_setsize(*_router_fds(xs))
+            xs.write("/fds/a", "1")
+            assert xs.read("/fds/a") == "1"
+            fired = threading.Event()
+
+            def changed(path: str) -> None:
+                if path == "/fds/w/x":  # not the first event, for /fds/w
+                    fired.set()
+
+            xs.watch("/fds/w", changed)
+            xs.write("/fds/w/x", "1")
+            assert fired.wait(TIMEOUT), "the watch did not fire"
+
+            def move(t: Any) -> str | None:
+                value = t.read("/fds/a")
+                t.write("/fds/b", value)
+                t.rm("/fds/a")
+                return value
+
+            assert xs.transaction(move) == "1"
+            assert xs.read("/fds/a") is None and xs.read("/fds/b") == "1"
+        assert not xs.connection_lost.is_set()  # close() ended it, not XenStore
+
+
+def test_a_connection_past_fd_setsize_is_lost_as_any(host) -> None:
+    told = threading.Event()
+    with descriptors_past_fd_setsize():
+        with XenStore(host.dom0.xenstore(), on_lost=lambda _exc: told.set()) as xs:
+            assert past_fd_setsize(*_router_fds(xs))
+            xs.write("/fds/a", "1")
+            host.close()
+            assert told.wait(TIMEOUT)
+            assert xs.connection_lost.is_set()
+            with pytest.raises(ConnectionError):
+                xs.read("/fds/a")
 
 
 def test_event_queue_close_waits_for_a_call_it_let_in(wq) -> None:
