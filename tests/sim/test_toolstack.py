@@ -10,9 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 import pyxs
+from highfds import descriptors_past_fd_setsize
 from hosthelpers import hang_up_after_one_request
 from stolensignal import interrupt, main_thread_in, main_thread_within
 
+from xenback import XenStore
 from xenback.sim import Device, Domain, SimHost, Toolstack
 
 
@@ -115,6 +117,29 @@ def test_remove_the_libxl_way(host: SimHost, guest: Domain) -> None:
         for path in (dev.backend_path, dev.frontend_path, dev.libxl_path):
             assert not c.exists(path.encode())
     assert host.toolstack.devices() == []
+
+
+def test_a_toolstack_holding_1024_descriptors_adds_and_removes(
+        host: SimHost, guest: Domain) -> None:
+    """Each operation opens its own XenStore connection: one numbered past
+    FD_SETSIZE, which select() refuses, must work all the same."""
+    with descriptors_past_fd_setsize():
+        dev = host.toolstack.add_device("vif", guest.domid)
+        assert host.toolstack.devices() == [dev]
+        with XenStore(host.dom0.xenstore()) as backend:
+            state = dev.backend_path + "/state"
+
+            def close() -> None:  # the backend's side of the removal
+                backend.wait_for(state, "5", timeout=5)
+                backend.write(state, "6")
+
+            closer = threading.Thread(target=close)
+            closer.start()
+            try:
+                assert host.toolstack.remove_device(dev, timeout=5) is True
+            finally:
+                closer.join(5)
+        assert host.toolstack.devices() == []
 
 
 def test_a_signal_another_thread_took_interrupts_the_wait_for_closed(
