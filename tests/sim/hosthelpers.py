@@ -91,3 +91,28 @@ def hang_up_after_one_request(path: str) -> threading.Thread:
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     return server
+
+
+def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> threading.Thread:
+    """A XenStore socket at ``path`` that reads one whole request from its
+    one client, sends ``answer(rq_id, tx_id)`` (raw bytes, header
+    included) and then waits for the client to hang up; the thread
+    serving it, to join."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+        with conn:
+            header = conn.recv(16, socket.MSG_WAITALL)
+            _op, rq_id, tx_id, size = struct.unpack("<4I", header)
+            conn.recv(size, socket.MSG_WAITALL)
+            conn.sendall(answer(rq_id, tx_id))
+            while conn.recv(4096):
+                pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    return server

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import errno
+import struct
 import threading
 import time
 from typing import Any
 
 import pytest
+from pyxs._internal import Op
 
 from tests.highfds import descriptors_past_fd_setsize, past_fd_setsize
-from tests.sim.hosthelpers import hang_up_after_one_request
+from tests.sim.hosthelpers import answer_one_request, hang_up_after_one_request
 from tests.stolensignal import (
     interrupt,
     main_thread_in,
@@ -477,6 +479,48 @@ def test_a_connection_past_fd_setsize_is_lost_as_any(host) -> None:
             assert xs.connection_lost.is_set()
             with pytest.raises(ConnectionError):
                 xs.read("/fds/a")
+
+
+def _packet(op: int, rq_id: int, tx_id: int, payload: bytes) -> bytes:
+    return struct.pack("<4I", op, rq_id, tx_id, len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # A reply to a request nobody sent.
+        lambda rq_id, tx_id: _packet(Op.READ, rq_id + 1, tx_id, b"x"),
+        # A watch event that is not "<path>\0<token>\0".
+        lambda rq_id, tx_id: _packet(Op.WATCH_EVENT, 0, 0, b"/path\0token\0more\0"),
+    ],
+    ids=["stray-reply", "bad-watch-event"],
+)
+def test_a_packet_nobody_asked_for_ends_the_connection(tmp_path, answer) -> None:
+    """As in pyxs's router: XenStore can no longer be trusted to answer,
+    so the request waiting is answered ENOTCONN and on_lost is told."""
+    import pyxs
+
+    path = str(tmp_path / "xenstored")
+    server = answer_one_request(path, answer)
+    told: list[Exception] = []
+    seen = threading.Event()
+
+    def on_lost(exc: Exception) -> None:
+        told.append(exc)
+        seen.set()
+
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=on_lost)
+    xs.open()
+    try:
+        exc = _try_read(xs)
+        assert isinstance(exc, OSError) and exc.errno == errno.ENOTCONN, exc
+        assert seen.wait(TIMEOUT)  # after the waiting request was answered
+        (lost,) = told
+        assert isinstance(lost, pyxs.exceptions.UnexpectedPacket), lost
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
+    assert not server.is_alive()  # the router hung up
 
 
 def test_event_queue_close_waits_for_a_call_it_let_in(wq) -> None:
