@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from highfds import descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, sleeping_in_wait, wait_until
 from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_elsewhere
 
@@ -1524,6 +1525,18 @@ def test_a_connect_that_timed_out_leaves_a_socket_only_to_close(
         assert fe._slots == [None] * len(fe._slots)
     with fe.socket() as again:  # the frontend is fine
         again.bind(("127.0.0.1", 0))
+
+
+def test_a_backend_and_frontend_holding_1024_descriptors_still_work(server: Any) -> None:
+    """A backend serving hundreds of sockets holds more than 1024
+    descriptors: everything opened from there on (the host, XenStore
+    connections, event channels, sockets) is out of select()'s range."""
+    srv = server()
+    with descriptors_past_fd_setsize(), SimHost() as host:
+        with pvcalls.Backend(host.dom0, max_ioworkers=2):
+            guest = host.create_domain("fd-guest")
+            with pvcalls.Frontend(guest) as fe, connected(fe, srv.address) as s:
+                echo_through(s, os.urandom(100_000))
 
 
 def test_connect_ex_returns_the_errno(fe: pvcalls.Frontend, server: Any) -> None:
