@@ -44,9 +44,11 @@ backend wakes the thread that needs it, with no relay through the event
 thread (one thread switch less per wake-up; the event thread is no
 bottleneck for many sockets).  Only if the handle cannot be opened (the
 host's limit on handles) does the ring share the frontend's handle, and its
-wake-ups go through the event thread.  Several threads may use different
-sockets of one frontend at the same time; one socket may have one thread
-receiving while another sends.
+wake-ups go through the event thread.  Sockets the program dropped without
+closing them are released by a short-lived thread, which the event thread
+starts when there are some (see :meth:`Frontend._collect`).  Several
+threads may use different sockets of one frontend at the same time; one
+socket may have one thread receiving while another sends.
 
 Signals: a call blocked in the main thread looks again at least every half
 second, so that a signal handler (Ctrl-C's) runs soon even when the kernel
@@ -62,8 +64,10 @@ descriptor; pass it only to ``select``/``poll``/``selectors``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
+import functools
 import io
 import itertools
 import logging
@@ -75,6 +79,8 @@ import socket
 import struct
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Self
 
@@ -483,6 +489,63 @@ class _DataRing:
         self.pages.unshare()
 
 
+class _SocketState:
+    """What the backend shares or knows of one :class:`PVSocket`: its id,
+    data ring, pending ACCEPT, readiness eventfd and what it was made.
+
+    The frontend's table of sockets holds these, and only a weak reference
+    to the PVSocket (``owner``), so that a PVSocket the program dropped
+    unclosed is garbage as a :class:`socket.socket` would be; its state
+    stays behind for the frontend to release it (see
+    :meth:`Frontend._collect`).
+
+    While the PVSocket lives, the fields are under its locks, as said at
+    each.  Once it is gone, no call can use them any more: they belong to
+    whoever takes the state out of the frontend's table.
+    """
+
+    __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening")
+
+    def __init__(self, sock: PVSocket) -> None:
+        self.id = sock.id
+        self.owner = weakref.ref(sock)
+        # Set once active, by connect() or accept() under the socket's
+        # receive and send locks; taken by close() under those and _cond.
+        self.ring: _DataRing | None = None
+        # An ACCEPT in flight and the socket it offers (under _accept_lock,
+        # set and read under _cond too): the listener keeps that socket.
+        self.accept_inflight: tuple[int, _Slot, PVSocket] | None = None
+        self.readyfd: int | None = None  # the eventfd of fileno(), lazily (under _cond)
+        self.bound = False
+        self.listening = False
+
+    def describe(self, *, closed: bool) -> str:
+        """The socket's repr."""
+        state = "closed" if closed else "active" if self.ring else (
+            "listening" if self.listening else "bound" if self.bound else "new")
+        return f"<PVSocket id={self.id:#x} {state}>"
+
+    def on_event(self) -> None:
+        """Event thread: the data ring's port fired on the frontend's
+        shared handle: wake the socket's waiters, if it still has any."""
+        sock = self.owner()
+        if sock is not None:
+            sock._on_event()
+
+    def on_relayed_event(self, ring: _DataRing) -> None:
+        """Event thread: the own handle of a ring whose readiness eventfd is
+        in use fired (see :meth:`Frontend._relay`).  The event is taken
+        also once the socket is gone, or the handle would stay readable
+        and the thread spin until the socket's release."""
+        try:
+            fired = ring.consume_events()
+        except OSError:
+            return
+        sock = self.owner()
+        if fired and sock is not None:
+            sock._on_event()
+
+
 class PVSocket(Closing):
     """A TCP/IPv4 socket whose calls go to the backend domain over PV Calls.
 
@@ -495,6 +558,14 @@ class PVSocket(Closing):
     ``getsockname`` returns the address given to :meth:`bind` (``("0.0.0.0",
     0)`` otherwise), ``getpeername`` the address given to :meth:`connect`,
     and :meth:`accept` returns ``("0.0.0.0", 0)`` as the peer address.
+
+    A socket the program drops without closing it is released once it is
+    garbage, as a :class:`socket.socket` closes itself, with a
+    :class:`ResourceWarning` ``unclosed <PVSocket ...>``: its RELEASE goes
+    out from a thread of the frontend's soon after, so that dropped sockets
+    do not hold on to the domain's socket limit until the frontend closes.
+    A listening socket is not garbage while a call waits in it, nor a
+    socket while a :meth:`makefile` stream on it is open.
     """
 
     family = socket.AF_INET
@@ -510,11 +581,11 @@ class PVSocket(Closing):
         self._close_requested = False
         self._closed = False
         self._io_refs = 0  # open makefile() streams, as in socket.socket
-        self._ring: _DataRing | None = None  # set once active
+        # What the backend shares or knows of this socket, kept by the
+        # frontend also once this object is gone: see _SocketState.
+        self._st = _SocketState(self)
         self._sockname: tuple[str, int] = ("0.0.0.0", 0)
         self._peername: tuple[str, int] | None = None
-        self._bound = False
-        self._listening = False
         self._broken = False  # a CONNECT timed out: only close() is left
         # The id_new of an ACCEPT in flight, until accept() returns it: the
         # listener's, not yet the caller's (not in Frontend.sockets()).
@@ -537,26 +608,28 @@ class PVSocket(Closing):
         self._poll_inflight = False
         self._poll_ready = False
         self._poll_error = 0
-        self._accept_inflight: tuple[int, _Slot, PVSocket] | None = None
         # accept() took the POLL's readiness and is sending its ACCEPT: no
         # POLL may go out meanwhile (a POLL and an ACCEPT in flight together
         # get the ACCEPT -EINTR from Linux's backend and ours).
         self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
 
-        self._readyfd: int | None = None  # eventfd for fileno(), lazily
-        self._ready_set = False
+        self._ready_set = False  # the level of _st.readyfd
         # Which callers (RECV, SEND) are polling the data ring's own event
         # channel handle (under _cond): whoever else consumes the ring's
         # event, or closes the socket, writes their wakefds to wake them.
         self._polling = [False, False]
 
+        # Dropped unclosed, the socket is released as close() would, by the
+        # frontend (see Frontend._collect), and says so with a
+        # ResourceWarning, as socket.socket does.  close() detaches it.
+        self._finalizer = weakref.finalize(self, frontend._collect, self._st)
+        self._finalizer.atexit = False  # at exit the backend lets go of all
+
     # -- socket.socket API -------------------------------------------------
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "active" if self._ring else (
-            "listening" if self._listening else "bound" if self._bound else "new")
-        return f"<PVSocket id={self.id:#x} {state}>"
+        return self._st.describe(closed=self._closed)
 
     def settimeout(self, value: float | None) -> None:
         """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
@@ -614,7 +687,7 @@ class PVSocket(Closing):
             self._check_open()
             self._check_unconnected()
             ring = self._fe._new_data_ring(self)
-            self._ring = ring
+            self._st.ring = ring
             sockaddr = pack_sockaddr_in(host, port)
 
             def fill(req: Any) -> None:
@@ -634,7 +707,7 @@ class PVSocket(Closing):
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring is ours to free, and connect()
                 # may be tried again.
-                self._ring = None
+                self._st.ring = None
                 self._fe._put_data_ring(ring, reusable=True)
                 raise
             deadline = _Deadline(self._timeout or None)
@@ -656,7 +729,7 @@ class PVSocket(Closing):
                 # The backend has let go of the ring and the id is a new
                 # socket again (as in Linux's backend): free the ring, so
                 # that connect() may be tried again.
-                self._ring = None
+                self._st.ring = None
                 self._fe._put_data_ring(ring, reusable=True)
             if self._closed:
                 # close() from another thread: its RELEASE may have cut the
@@ -670,7 +743,7 @@ class PVSocket(Closing):
             self._recv_lock.release()
 
     def _check_unconnected(self) -> None:
-        if self._ring is not None or self._listening or self._broken:
+        if self._st.ring is not None or self._st.listening or self._broken:
             raise OSError(errno.EISCONN, "socket is already connected or in use")
 
     def connect_ex(self, address: tuple[str, int]) -> int:
@@ -692,7 +765,7 @@ class PVSocket(Closing):
         backend's host pick one; PV Calls cannot tell the guest which)."""
         host, port = _resolve(address)
         self._check_open()
-        if self._ring is not None or self._bound or self._broken:
+        if self._st.ring is not None or self._st.bound or self._broken:
             raise OSError(errno.EINVAL, "socket is already bound or connected")
         sockaddr = pack_sockaddr_in(host, port)
 
@@ -704,7 +777,7 @@ class PVSocket(Closing):
         ret = self._fe._call(PVCALLS_BIND, self.id, fill, _Deadline(self._fe.timeout))
         if ret < 0:
             raise _host_error(ret, f"bind to {host}:{port}")
-        self._bound = True
+        self._st.bound = True
         self._sockname = (host, port)
 
     def listen(self, backlog: int | None = None) -> None:
@@ -719,7 +792,7 @@ class PVSocket(Closing):
             raise OverflowError(f"backlog {backlog} does not fit a C int")
         backlog = max(0, backlog)  # as Linux's listen()
         self._check_open()
-        if not self._bound:
+        if not self._st.bound:
             # Linux's frontend: listen before bind is EOPNOTSUPP.
             raise OSError(errno.EOPNOTSUPP, "listen() needs bind() first over PV Calls")
 
@@ -730,7 +803,7 @@ class PVSocket(Closing):
         ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, _Deadline(self._fe.timeout))
         if ret < 0:
             raise _host_error(ret, "listen")
-        self._listening = True
+        self._st.listening = True
         if self._armed:
             self._arm_poll()
 
@@ -747,15 +820,15 @@ class PVSocket(Closing):
         deadline.acquire(self._accept_lock)
         try:
             self._check_open()
-            if not self._listening:
+            if not self._st.listening:
                 raise OSError(errno.EINVAL, "accept() on a socket that is not listening")
-            if self._accept_inflight is None:
+            if self._st.accept_inflight is None:
                 self._wait_pending_connection(deadline)
                 self._start_accept(deadline)
-            assert self._accept_inflight is not None
-            req_id, slot, new = self._accept_inflight
+            assert self._st.accept_inflight is not None
+            req_id, slot, new = self._st.accept_inflight
             ret = self._fe._wait_slot(req_id, slot, deadline, self)
-            self._accept_inflight = None
+            self._st.accept_inflight = None
             if ret < 0:
                 # The backend did not take the new id: free it without RELEASE.
                 self._fe._drop_socket(new, reusable=True)
@@ -777,7 +850,7 @@ class PVSocket(Closing):
         still pending: the next accept() takes it."""
         new = self._fe._new_socket(offered=True)
         try:
-            ring = new._ring = self._fe._new_data_ring(new)
+            ring = new._st.ring = self._fe._new_data_ring(new)
 
             def fill(req: Any) -> None:
                 req.u.accept.id = self.id
@@ -795,7 +868,7 @@ class PVSocket(Closing):
             self._update_ready()
             raise
         with self._cond:
-            self._accept_inflight = (req_id, slot, new)
+            self._st.accept_inflight = (req_id, slot, new)
             self._accepting = False
 
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
@@ -986,16 +1059,16 @@ class PVSocket(Closing):
             # _readyfd under it, and would not see a descriptor made now.
             if self._closed:
                 return -1
-            if self._readyfd is None:
-                self._readyfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            if self._st.readyfd is None:
+                self._st.readyfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._ready_set = False
-            fd = self._readyfd
+            fd = self._st.readyfd
             arm = not self._armed
             self._armed = True
-            ring = self._ring
+            ring = self._st.ring
         if ring is not None:
-            self._fe._relay(ring, self)
-        if arm and self._listening:
+            self._fe._relay(ring, self._st)
+        if arm and self._st.listening:
             self._arm_poll()
         self._update_ready()
         return fd
@@ -1008,7 +1081,9 @@ class PVSocket(Closing):
         socket (Linux's backend drops them).
 
         While files from :meth:`makefile` are open, the release waits for
-        the last of them to close, as with :class:`socket.socket`."""
+        the last of them to close, as with :class:`socket.socket`.  A
+        socket dropped unclosed is released all the same, with a
+        :class:`ResourceWarning` (see the class)."""
         self._close_requested = True
         if self._io_refs <= 0:
             self._real_close()
@@ -1037,12 +1112,15 @@ class PVSocket(Closing):
             if self._closed:
                 return
             self._closed = True
+        # Released here: not again by the finaliser, and a closed socket
+        # the program drops is no warning.
+        self._finalizer.detach()
         # Wake this socket's waiters (on its data, or on an answer to its
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._cmd_cond:
             self._fe._cmd_cond.notify_all()
         self._on_event()
-        self._fe._release(self)
+        self._fe._release(self._st, self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1050,8 +1128,8 @@ class PVSocket(Closing):
 
     def _active_ring(self) -> _DataRing:
         self._check_open()
-        ring = self._ring
-        if ring is None or self._broken or self._listening:
+        ring = self._st.ring
+        if ring is None or self._broken or self._st.listening:
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         return ring
 
@@ -1074,7 +1152,7 @@ class PVSocket(Closing):
             if self._fe._dead and not ready():
                 raise self._fe._gone()
             raise BlockingIOError(errno.EAGAIN, "operation would block")
-        ring = self._ring
+        ring = self._st.ring
         polling = self._polling
         with self._cond:
             while not ready() and not self._closed and not self._fe._dead:
@@ -1093,7 +1171,7 @@ class PVSocket(Closing):
                     other = side ^ 1
                     if polling[other]:
                         os.eventfd_write(ring.wakefds[other], 1)
-                    if self._readyfd is not None:
+                    if self._st.readyfd is not None:
                         self._cond.release()
                         try:
                             self._update_ready()
@@ -1130,40 +1208,30 @@ class PVSocket(Closing):
             self._cond.notify_all()
             # Under _cond: a poller clears its flag under it before it
             # leaves the call that keeps the ring (and wakefds) alive.
-            ring = self._ring
+            ring = self._st.ring
             if ring is not None:
                 for side in (RECV, SEND):
                     if self._polling[side]:
                         os.eventfd_write(ring.wakefds[side], 1)
-        if self._readyfd is not None:
+        if self._st.readyfd is not None:
             self._update_ready()
 
-    def _on_relayed_event(self, ring: _DataRing) -> None:
-        """Event thread: the own handle of a ring whose readiness eventfd is
-        in use fired (see :meth:`Frontend._relay`)."""
-        try:
-            fired = ring.consume_events()
-        except OSError:
-            return
-        if fired:
-            self._on_event()
-
     def _readable(self) -> bool:
-        ring = self._ring
+        ring = self._st.ring
         if self._closed or self._fe._dead:
             return True  # the call fails at once
-        if ring is not None and not self._listening:
+        if ring is not None and not self._st.listening:
             return ring.in_pending() or bool(ring.in_error())
         # An ACCEPT left in flight by a non-blocking or timed-out accept()
         # and since answered: the next accept() returns at once.
-        inflight = self._accept_inflight
+        inflight = self._st.accept_inflight
         return (self._poll_ready or bool(self._poll_error)
                 or (inflight is not None and inflight[1].done))
 
     def _update_ready(self) -> None:
         """Make the eventfd's level match :meth:`_readable`."""
         with self._cond:
-            fd = self._readyfd
+            fd = self._st.readyfd
             if fd is None:
                 return
             want = self._readable()
@@ -1186,7 +1254,7 @@ class PVSocket(Closing):
             # until it has (fileno() said accept() would not block): no new
             # POLL, and the error is not wiped.
             if (self._poll_inflight or self._poll_ready or self._poll_error
-                    or self._accept_inflight or self._accepting):
+                    or self._st.accept_inflight or self._accepting):
                 return
             if self._closed:
                 return
@@ -1247,6 +1315,36 @@ class PVSocket(Closing):
             self._update_ready()
             raise _host_error(err, "accept (poll)")
         self._update_ready()
+
+
+class _Wakeup:
+    """The eventfd that wakes a frontend's event thread: to stop it, or to
+    have it release sockets dropped unclosed (see :meth:`Frontend._collect`).
+
+    A finaliser may write it at any moment, in any thread, with no lock to
+    keep the frontend from closing meanwhile.  So it is closed only once
+    nobody holds this object any more, which CPython does the moment the
+    last reference goes: whoever still holds it cannot write into a
+    descriptor number the process has reused since.
+    """
+
+    __slots__ = ("fd", "__weakref__")
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        weakref.finalize(self, os.close, self.fd)
+
+    def set(self) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except BlockingIOError:
+            pass  # the counter is at its maximum: set anyway
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
 
 
 class Frontend(Closing):
@@ -1313,17 +1411,27 @@ class Frontend(Closing):
         self._ids = itertools.count()
 
         # _lock guards the command ring's producer side (the ring, the
-        # private producer index), the response table and the id -> socket
-        # and port -> handler maps; waiters for responses and for free
-        # slots sleep on _cmd_cond.  The event thread holds it while
-        # consuming responses but runs socket callbacks after releasing it.
+        # private producer index), the response table, the id -> socket
+        # state and port -> handler maps and _reaper; waiters for responses
+        # and for free slots sleep on _cmd_cond.  The event thread holds it
+        # while consuming responses but runs socket callbacks after
+        # releasing it.
         self._lock = threading.Lock()
         self._cmd_cond = threading.Condition(self._lock)
         self._req_prod_pvt = 0
         self._slots: list[_Slot | None] = [None] * RING_SLOTS
         # The backend published an impossible rsp_prod: the ring is dead.
         self._ring_broken = False
-        self._sockets: dict[int, PVSocket] = {}
+        # Every socket not yet released, by id: its state, which refers to
+        # the PVSocket only weakly (see _SocketState).
+        self._sockets: dict[int, _SocketState] = {}
+        # The states of sockets dropped unclosed, for the reaper thread to
+        # release.  Their finalisers append to it with no lock (they take
+        # none, see _collect): a deque's append and popleft are atomic.
+        self._dropped: collections.deque[_SocketState] = collections.deque()
+        # The reaper thread while it runs (under _lock): the event thread
+        # starts it when _dropped has states, it ends once it is empty.
+        self._reaper: threading.Thread | None = None
         self._handlers: dict[int, Callable[[], None]] = {}
         # The event thread's epoll set: the shared handle, the stop pipe and
         # the own handles of rings being relayed (descriptor -> callback).
@@ -1336,7 +1444,7 @@ class Frontend(Closing):
         self._releases: set[_Release] = set()
 
         self._thread: threading.Thread | None = None
-        self._stop_r = self._stop_w = -1
+        self._wakeup: _Wakeup | None = None  # the event thread's, while it runs
         self._stopping = False
         # Set once the backend is gone (its state left Connected), the
         # XenStore connection is lost or the frontend closes: every waiter
@@ -1384,6 +1492,7 @@ class Frontend(Closing):
         self._req_prod_pvt = 0
         self._slots = [None] * RING_SLOTS
         self._handlers.clear()
+        self._dropped.clear()  # released by the close() before
         self._port = -1
 
     def _connect(self) -> None:
@@ -1418,10 +1527,10 @@ class Frontend(Closing):
         self._port = self._evtchn.bind_unbound_port(self.backend_id)
         self._handlers[self._port] = self._on_command_event
 
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wakeup = _Wakeup()
         self._event_epoll = select.epoll()
         self._event_epoll.register(self._evtchn.fileno(), select.EPOLLIN)
-        self._event_epoll.register(self._stop_r, select.EPOLLIN)
+        self._event_epoll.register(self._wakeup.fd, select.EPOLLIN)
         # Every close() stops the thread, also one before open() (when
         # there is none): the flag it left must not stop this one at once.
         self._stopping = False
@@ -1496,7 +1605,8 @@ class Frontend(Closing):
         return OSError(errno.ENOTCONN, self._why_dead)
 
     def close(self) -> None:
-        """Release every socket, go Closing then Closed, remove the device
+        """Release every socket (also those dropped unclosed whose release
+        has not gone out yet), go Closing then Closed, remove the device
         and free the command ring.
 
         Idempotent, and a close() interrupted in one of its waits (Ctrl-C in
@@ -1516,14 +1626,22 @@ class Frontend(Closing):
                 watch.unwatch()
             except OSError as exc:  # XenStore is gone: so is the watch
                 logger.debug("removing the backend state watch: %s", exc)
-        for sock in list(self._sockets.values()):
+        with self._lock:
+            states = list(self._sockets.values())
+        for st in states:
+            sock = st.owner()
             try:
-                # Not close(): a makefile() stream left open must not keep
-                # the socket (its ring, its event channel) past the device.
-                sock._close_requested = True
-                sock._real_close()
+                if sock is None:
+                    # Dropped unclosed, and the reaper has not come to it.
+                    self._release(st)
+                else:
+                    # Not close(): a makefile() stream left open must not
+                    # keep the socket (its ring, its event channel) past
+                    # the device.
+                    sock._close_requested = True
+                    sock._real_close()
             except OSError as exc:
-                logger.warning("releasing socket %#x: %s", sock.id, exc)
+                logger.warning("releasing socket %#x: %s", st.id, exc)
         self._wait_releases()
         self._die("the PV Calls frontend is closed")
         self._wake_everyone()
@@ -1612,7 +1730,7 @@ class Frontend(Closing):
             # would count against the domain's limit until the frontend
             # goes, so it is released.
             if ret == 0:
-                self._release(sock)
+                self._release(sock._st, sock)
 
         try:
             ret = self._call(PVCALLS_SOCKET, sock.id, fill, _Deadline(self.timeout),
@@ -1629,7 +1747,8 @@ class Frontend(Closing):
         """The sockets not yet closed (not those an ACCEPT in flight offers
         the backend: no caller has them yet)."""
         with self._lock:
-            return [sock for sock in self._sockets.values() if not sock._offered]
+            socks = [st.owner() for st in self._sockets.values()]
+        return [sock for sock in socks if sock is not None and not sock._offered]
 
     # -- XenStore ------------------------------------------------------------
 
@@ -1671,10 +1790,12 @@ class Frontend(Closing):
     def _event_loop(self) -> None:
         """One thread per frontend: read fired ports, run their handlers,
         unmask.  Handlers only copy responses and wake waiters.  Also runs
-        the relays of rings with handles of their own (see :meth:`_relay`)."""
+        the relays of rings with handles of their own (see :meth:`_relay`),
+        and starts the reaper when sockets were dropped (see :meth:`_collect`)."""
         evtchn = self._evtchn
         epoll = self._event_epoll
-        assert evtchn is not None and epoll is not None
+        wakeup = self._wakeup
+        assert evtchn is not None and epoll is not None and wakeup is not None
         shared_fd = evtchn.fileno()
         while not self._stopping:
             try:
@@ -1682,11 +1803,17 @@ class Frontend(Closing):
             except InterruptedError:
                 continue
             relays = []
+            woken = False
             with self._lock:
                 for fd, _ in events:
                     relay = self._relays.get(fd)
                     if relay is not None:
                         relays.append(relay)
+                    woken = woken or fd == wakeup.fd
+            if woken:
+                # Cleared before looking: a finaliser appends, then sets.
+                wakeup.clear()
+                self._start_reaper()
             for relay in relays:
                 try:
                     relay()
@@ -1717,33 +1844,38 @@ class Frontend(Closing):
                         pass  # unbound meanwhile
 
     def _stop_thread(self) -> None:
+        """Stop the event thread, then wait for the reaper: it frees what
+        it releases with the handles that are closed next."""
         self._stopping = True
-        if self._stop_w >= 0:
-            os.write(self._stop_w, b"x")
-        if self._thread is not None and self._thread is not threading.current_thread():
-            deadline = _Deadline(10.0)
+        if self._wakeup is not None:
+            self._wakeup.set()
+        deadline = _Deadline(10.0)
+        with self._lock:
+            reaper = self._reaper
+        for thread in (self._thread, reaper):
+            if thread is None or thread is threading.current_thread():
+                continue
             try:
-                while self._thread.is_alive():
-                    self._thread.join(deadline.nap())
+                while thread.is_alive():
+                    thread.join(deadline.nap())
             except TimeoutError:
-                logger.warning("pvcalls frontend thread of domain %d did not stop",
-                               self.domain.domid)
+                logger.warning("%s of domain %d did not stop", thread.name, self.domain.domid)
         self._thread = None
         with self._lock:
             epoll, self._event_epoll = self._event_epoll, None
             self._relays.clear()
         if epoll is not None:
             epoll.close()
-        for fd in (self._stop_r, self._stop_w):
-            if fd >= 0:
-                os.close(fd)
-        self._stop_r = self._stop_w = -1
+        # Closed once a finaliser that read it is done with it (see _Wakeup).
+        self._wakeup = None
 
     def _wake_everyone(self) -> None:
         with self._cmd_cond:
             self._cmd_cond.notify_all()
-        for sock in list(self._sockets.values()):
-            sock._on_event()
+        for st in list(self._sockets.values()):
+            sock = st.owner()
+            if sock is not None:
+                sock._on_event()
 
     # -- command ring ----------------------------------------------------------
 
@@ -1752,11 +1884,12 @@ class Frontend(Closing):
         sock = PVSocket(self, sock_id)
         sock._offered = offered
         with self._lock:
-            self._sockets[sock_id] = sock
+            self._sockets[sock_id] = sock._st
         return sock
 
     def _forget(self, sock: PVSocket) -> None:
         sock._closed = True
+        sock._finalizer.detach()  # nothing left to release
         with self._lock:
             self._sockets.pop(sock.id, None)
 
@@ -1778,9 +1911,9 @@ class Frontend(Closing):
                 ring.consume_events()
         if not ring.direct:
             with self._lock:
-                self._handlers[ring.port] = sock._on_event
-        elif sock._readyfd is not None:
-            self._relay(ring, sock)
+                self._handlers[ring.port] = sock._st.on_event
+        elif sock._st.readyfd is not None:
+            self._relay(ring, sock._st)
         return ring
 
     def _make_data_ring(self) -> _DataRing:
@@ -1795,10 +1928,10 @@ class Frontend(Closing):
             return _DataRing(self._gntshr, handle, self.backend_id, self.ring_order, direct=True)
         return _DataRing(self._gntshr, self._evtchn, self.backend_id, self.ring_order)
 
-    def _relay(self, ring: _DataRing, sock: PVSocket) -> None:
-        """Have the event thread watch ``ring``'s own handle, so that
-        ``sock``'s readiness eventfd follows the ring with no caller
-        blocked in it."""
+    def _relay(self, ring: _DataRing, st: _SocketState) -> None:
+        """Have the event thread watch ``ring``'s own handle, so that the
+        readiness eventfd of ``st``'s socket follows the ring with no
+        caller blocked in it."""
         if not ring.direct:
             return
         with self._lock:
@@ -1806,7 +1939,7 @@ class Frontend(Closing):
                 return
             ring.relayed = True
             fd = ring.evtchn.fileno()
-            self._relays[fd] = lambda: sock._on_relayed_event(ring)
+            self._relays[fd] = functools.partial(st.on_relayed_event, ring)
             self._event_epoll.register(fd, select.EPOLLIN)
 
     def _unrelay(self, ring: _DataRing) -> None:
@@ -1836,7 +1969,7 @@ class Frontend(Closing):
     def _drop_socket(self, sock: PVSocket, *, reusable: bool) -> None:
         """Free a socket the backend never made (a failed ACCEPT's id_new)."""
         self._forget(sock)
-        ring, sock._ring = sock._ring, None
+        ring, sock._st.ring = sock._st.ring, None
         if ring is not None:
             self._put_data_ring(ring, reusable=reusable)
 
@@ -1976,6 +2109,11 @@ class Frontend(Closing):
             except Exception:
                 logger.exception("pvcalls frontend: completing a command")
 
+    def _owner(self, sock_id: int) -> PVSocket | None:
+        """Under _lock: the socket ``sock_id``, unless released or dropped."""
+        st = self._sockets.get(sock_id)
+        return None if st is None else st.owner()
+
     def _consume_responses(self, ring: FrontRing, polls: list[tuple[PVSocket, int]],
                            accepts: list[PVSocket],
                            done: list[tuple[Callable[[int], None], int]]) -> None:
@@ -1989,7 +2127,8 @@ class Frontend(Closing):
                 logger.debug("<- %s req_id=%d id=%#x ret=%d",
                              PVCALLS_COMMANDS.get(cmd, cmd), req_id, sock_id, ret)
                 if cmd == PVCALLS_POLL:
-                    sock = self._sockets.get(sock_id)
+                    # Not for a socket dropped meanwhile: its release is coming.
+                    sock = self._owner(sock_id)
                     if sock is not None:
                         polls.append((sock, ret))
                     continue
@@ -2007,14 +2146,17 @@ class Frontend(Closing):
                 elif slot.abandoned:
                     self._slots[req_id] = None
                 elif cmd == PVCALLS_ACCEPT:
-                    sock = self._sockets.get(sock_id)
+                    sock = self._owner(sock_id)
                     if sock is not None:
                         accepts.append(sock)
             if not ring.final_check_for_responses():
                 break
 
-    def _release(self, sock: PVSocket) -> None:
-        """RELEASE ``sock`` and free what it shared (called by close()).
+    def _release(self, st: _SocketState, sock: PVSocket | None = None) -> None:
+        """RELEASE the socket of ``st`` and free what it shared: called by
+        close() (``sock`` the socket), and for a socket dropped unclosed
+        (``sock`` None, see :meth:`_collect`) by the reaper or, if it has
+        not come to it, by Frontend.close().
 
         close() does not wait for the answer (one command round trip less
         per socket): the socket is unusable from now on, and its data ring
@@ -2026,20 +2168,29 @@ class Frontend(Closing):
         """
         rel: _Release | None = None
         interrupted: BaseException | None = None
-        if not self._dead and self._ring is not None:
+        with self._lock:
+            if sock is None:
+                # A dropped socket's state is released by whoever takes it
+                # out of the table: the reaper or Frontend.close(), not both.
+                if self._sockets.get(st.id) is not st:
+                    return
+                del self._sockets[st.id]
+            if not self._dead and self._ring is not None:
+                # Registered with the claim: a Frontend.close() that found
+                # the state gone waits for this RELEASE (_wait_releases).
+                rel = pending = _Release(st.id)
+                self._releases.add(rel)
+        if rel is not None:
 
             def fill(req: Any) -> None:
-                req.u.release.id = sock.id
+                req.u.release.id = st.id
                 req.u.release.reuse = 0
 
-            rel = pending = _Release(sock.id)
-            with self._lock:
-                self._releases.add(rel)
             # The event thread (releasing an accepted socket, see
             # _finish_release) must not wait for a slot only it can free.
             timeout = 0.0 if threading.current_thread() is self._thread else self.timeout
             try:
-                self._submit(PVCALLS_RELEASE, sock.id, fill, _Deadline(timeout),
+                self._submit(PVCALLS_RELEASE, st.id, fill, _Deadline(timeout),
                              on_done=lambda ret: self._released(pending, ret))
             except BaseException as exc:
                 # Not sent.  Also when the wait for room was interrupted
@@ -2048,37 +2199,47 @@ class Frontend(Closing):
                 # freed here, not left for an answer that will never come;
                 # the interrupt goes on once that is done.
                 if isinstance(exc, OSError | TimeoutError):
-                    logger.warning("RELEASE of %#x failed: %s", sock.id, exc)
+                    logger.warning("RELEASE of %#x failed: %s", st.id, exc)
                 else:
                     interrupted = exc
                 with self._lock:
                     self._releases.discard(rel)
+                    self._cmd_cond.notify_all()  # close() may wait for the last one
                 rel = None
-        # The socket's own calls have seen _closed and left (or, a CONNECT
-        # cut short by this RELEASE, gave its ring back): take the ring
-        # under their locks so that exactly one party frees it.  Within the
-        # timeout: a lock still held then was left behind by a call that an
-        # interrupt cut short as it took the lock (CPython runs a signal's
-        # handler as the acquire returns, before the call's try), and what
-        # it guards is left alone rather than freed under a possible user.
-        deadline = _Deadline(self.timeout)
         inflight = ring = None
-        try:
-            with _held(sock._accept_lock, deadline):
-                inflight, sock._accept_inflight = sock._accept_inflight, None
-        except (TimeoutError, BlockingIOError):
-            logger.warning("socket %#x: its accept lock is still held; a pending ACCEPT "
-                           "is not freed", sock.id)
-        try:
-            with _held(sock._recv_lock, deadline), _held(sock._send_lock, deadline), sock._cond:
-                ring, sock._ring = sock._ring, None
-        except (TimeoutError, BlockingIOError):
-            logger.warning("socket %#x: a call's lock is still held; its ring is not freed",
-                           sock.id)
-        with self._lock:
-            self._sockets.pop(sock.id, None)
-        with sock._cond:
-            fd, sock._readyfd = sock._readyfd, None
+        if sock is None:
+            # Dropped: no call of the socket is left to wait out, and
+            # nobody else can reach its state any more.
+            inflight, st.accept_inflight = st.accept_inflight, None
+            ring, st.ring = st.ring, None
+            fd, st.readyfd = st.readyfd, None
+        else:
+            # The socket's own calls have seen _closed and left (or, a
+            # CONNECT cut short by this RELEASE, gave its ring back): take
+            # the ring under their locks so that exactly one party frees it.
+            # Within the timeout: a lock still held then was left behind by
+            # a call that an interrupt cut short as it took the lock
+            # (CPython runs a signal's handler as the acquire returns,
+            # before the call's try), and what it guards is left alone
+            # rather than freed under a possible user.
+            deadline = _Deadline(self.timeout)
+            try:
+                with _held(sock._accept_lock, deadline):
+                    inflight, st.accept_inflight = st.accept_inflight, None
+            except (TimeoutError, BlockingIOError):
+                logger.warning("socket %#x: its accept lock is still held; a pending ACCEPT "
+                               "is not freed", st.id)
+            try:
+                with (_held(sock._recv_lock, deadline), _held(sock._send_lock, deadline),
+                      sock._cond):
+                    ring, st.ring = st.ring, None
+            except (TimeoutError, BlockingIOError):
+                logger.warning("socket %#x: a call's lock is still held; its ring is not freed",
+                               st.id)
+            with self._lock:
+                self._sockets.pop(st.id, None)
+            with sock._cond:
+                fd, st.readyfd = st.readyfd, None
         if fd is not None:
             os.close(fd)
         if rel is None:
@@ -2094,6 +2255,62 @@ class Frontend(Closing):
                 self._cmd_cond.notify_all()  # close() may wait for the last one
         if finish:
             self._finish_release(ring, inflight, released=rel.ret == 0)
+
+    def _collect(self, st: _SocketState) -> None:
+        """The finaliser of a PVSocket dropped unclosed (see PVSocket's
+        ``_finalizer``): have it released as close() would, and say so with
+        a ResourceWarning, as socket.socket does.
+
+        It runs wherever the last reference to the socket went: in any
+        thread, at any allocation, also in one that holds this frontend's
+        or a socket's locks, or that is in the middle of the command ring's
+        code.  So it takes no lock and calls into nothing: it queues the
+        state (an atomic append) and wakes the event thread, which starts
+        the reaper (:meth:`_reap`) to send the RELEASE.  Once the frontend
+        is closed nothing reads the queue, and nothing is left to release:
+        its close() released every socket.
+        """
+        self._dropped.append(st)
+        wakeup = self._wakeup  # once: _stop_thread may drop it meanwhile
+        if wakeup is not None:
+            wakeup.set()
+        # Last, as a warning filter may turn it into an exception.  Without
+        # socket.socket's ``source``: the socket is gone.  stacklevel 3 is
+        # the code that dropped it (under _collect, weakref.finalize).
+        warnings.warn(f"unclosed {st.describe(closed=False)}", ResourceWarning, stacklevel=3)
+
+    def _start_reaper(self) -> None:
+        """Event thread: start the reaper if sockets were dropped and it is
+        not running.  Not the event thread itself: a RELEASE may have to
+        wait for room on the command ring, which only the event thread
+        makes."""
+        with self._lock:
+            if not self._dropped or self._reaper is not None or self._stopping:
+                return
+            self._reaper = reaper = threading.Thread(
+                target=self._reap, name=f"pvcalls-reap-{self.domain.domid}", daemon=True)
+        try:
+            reaper.start()
+        except RuntimeError as exc:  # no thread to be had: at the next drop, maybe
+            logger.error("pvcalls frontend cannot release dropped sockets: %s", exc)
+            with self._lock:
+                self._reaper = None
+
+    def _reap(self) -> None:
+        """The reaper thread: release the sockets dropped unclosed until
+        none is left.  It ends under _lock once the queue is empty: a state
+        queued later finds it gone, and the wake-up that follows the append
+        starts another."""
+        while True:
+            with self._lock:
+                if not self._dropped:
+                    self._reaper = None
+                    return
+                st = self._dropped.popleft()
+            try:
+                self._release(st)
+            except Exception:
+                logger.exception("pvcalls frontend: releasing dropped socket %#x", st.id)
 
     def _released(self, rel: _Release, ret: int) -> None:
         """Event thread: the backend answered ``rel``'s RELEASE."""

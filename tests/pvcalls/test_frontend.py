@@ -254,7 +254,7 @@ def test_reset_by_the_peer_is_an_error_not_eof(fe: pvcalls.Frontend, server: Any
 
     srv = server(reset)
     with connected(fe, srv.address) as s:
-        ring = s._ring
+        ring = s._st.ring
         assert ring is not None
         s.sendall(b"x")
         with pytest.raises(ConnectionResetError):
@@ -314,7 +314,7 @@ def test_a_receiver_that_takes_the_senders_event_wakes_it(
     no other event will come (the host only reads)."""
     srv = server(sink)
     s = connected(fe, srv.address)
-    ring = s._ring
+    ring = s._st.ring
     assert ring is not None and ring.direct
     reader = Call(lambda: s.recv(1))
     wait_until(lambda: s._polling[RECV])
@@ -562,7 +562,7 @@ def test_notifications_after_consuming_only_for_a_full_ring(
 
     srv = server(talk_then_flood)
     with connected(fe, srv.address) as s:
-        ring = s._ring
+        ring = s._st.ring
         assert ring is not None
         notified.clear()
         for _ in range(20):
@@ -624,8 +624,8 @@ def test_rings_share_the_frontend_handle_when_no_other_can_be_opened(
 
         monkeypatch.setattr(other.domain, "evtchn", refuse)
         with connected(other, srv.address) as s:
-            assert s._ring is not None and not s._ring.direct
-            assert s._ring.evtchn is other._evtchn
+            assert s._st.ring is not None and not s._st.ring.direct
+            assert s._st.ring.evtchn is other._evtchn
             data = os.urandom(200_000)
             t = threading.Thread(target=s.sendall, args=(data,))
             t.start()
@@ -950,11 +950,11 @@ def accept_left_in_flight(ls: pvcalls.PVSocket, sel: selectors.BaseSelector) -> 
     accept() as a selectors loop would until one has left its ACCEPT in
     flight (after the POLL's answer); that ACCEPT's slot and new socket."""
     sel.register(ls, selectors.EVENT_READ)
-    while ls._accept_inflight is None:
+    while ls._st.accept_inflight is None:
         assert sel.select(TIMEOUT)
         with pytest.raises(BlockingIOError):
             ls.accept()
-    _, slot, new = ls._accept_inflight
+    _, slot, new = ls._st.accept_inflight
     return slot, new
 
 
@@ -1101,7 +1101,7 @@ def test_closing_a_listener_after_the_backend_left_frees_its_accept() -> None:
         with socket.create_connection(address, timeout=TIMEOUT), \
                 selectors.DefaultSelector() as sel:
             slot, new = accept_left_in_flight(ls, sel)
-            ring = new._ring
+            ring = new._st.ring
             backend.close()
             wait_until(lambda: fe._dead)
             ls.close()
@@ -1220,7 +1220,7 @@ def test_released_rings_are_reused(fe: pvcalls.Frontend, server: Any) -> None:
     ports = set()
     for i in range(5):
         with connected(fe, srv.address) as s:
-            ring = s._ring
+            ring = s._st.ring
             assert ring is not None
             ports.add(ring.port)
             s.sendall(b"round %d" % i)  # the indexes start from zero again
@@ -1233,7 +1233,7 @@ def test_broken_data_ring_is_an_error_of_that_socket(fe: pvcalls.Frontend, serve
 
     srv = server()
     with connected(fe, srv.address) as bad, connected(fe, srv.address) as good:
-        ring = bad._ring
+        ring = bad._st.ring
         assert ring is not None
         # A backend claiming more bytes than the ring holds.
         intf = _wire.ffi.from_buffer("struct pvcalls_data_intf *", ring.indexes)
@@ -1494,7 +1494,7 @@ def test_close_during_connect_is_ebadf_for_the_connecting_thread(fe: pvcalls.Fro
     s = fe.socket()
     with unanswered_listener() as address:
         connector = Call(lambda: s.connect(address))
-        wait_until(lambda: s._ring is not None)  # CONNECT in flight
+        wait_until(lambda: s._st.ring is not None)  # CONNECT in flight
         s.close()
         assert connector.oserror().errno == errno.EBADF
 
@@ -1631,7 +1631,7 @@ def test_an_interrupted_connect_leaves_a_socket_only_to_close(
     s = fe.socket()
     with unanswered_listener() as address:
         s.settimeout(TIMEOUT)
-        interrupt(lambda: s._ring is not None and bool(fe._cmd_cond._waiters),
+        interrupt(lambda: s._st.ring is not None and bool(fe._cmd_cond._waiters),
                   lambda: s.connect(address))
         s.settimeout(0.2)  # without the fix: TimeoutError, not ENOTCONN
         assert_fails(errno.ENOTCONN, lambda: s.recv(1), lambda: s.send(b"x"))
@@ -1669,7 +1669,7 @@ def test_a_close_interrupted_before_its_release_went_out_frees_the_socket(
         assert s.closed
         s.close()  # nothing left to do
         assert not fe._releases
-        assert s not in fe.sockets() and s._ring is None
+        assert s not in fe.sockets() and s._st.ring is None
         began = time.monotonic()
     assert time.monotonic() - began < 2.0  # no RELEASE answer waited for
     wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))

@@ -773,7 +773,7 @@ def test_fileno_racing_close_keeps_no_descriptor(fe: pvcalls.Frontend, fake: Fak
     finally:
         pause.resume()
     assert call.join().result == -1
-    assert s._readyfd is None
+    assert s._st.readyfd is None
 
 
 @pytest.mark.parametrize("failing", ["_new_data_ring", "_submit"])
@@ -907,9 +907,9 @@ def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
     with pytest.raises(BlockingIOError):
         ls.accept()  # its ACCEPT goes out, held
     accept_req = fake.next_request(PVCALLS_ACCEPT)
-    assert ls._accept_inflight is not None
-    _, slot, new = ls._accept_inflight
-    ring = new._ring
+    assert ls._st.accept_inflight is not None
+    _, slot, new = ls._st.accept_inflight
+    ring = new._st.ring
     fake.respond(accept_req, 0)  # a connection, that nobody accept()s
     wait_until(lambda: slot.done)
     # The listener's RELEASE one place before the CONNECT's slot comes

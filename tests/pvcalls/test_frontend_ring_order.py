@@ -68,7 +68,7 @@ def test_ring_of_the_order_asked_for_carries_data(
     with pvcalls.Frontend(guest, ring_order=order) as fe, fe.socket() as s:
         s.settimeout(TIMEOUT)
         s.connect(echo_address)
-        ring = s._ring
+        ring = s._st.ring
         assert ring is not None
         intf = _wire.ffi.from_buffer("struct pvcalls_data_intf *", ring.indexes)
         assert intf.ring_order == order
