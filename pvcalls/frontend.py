@@ -2270,6 +2270,8 @@ class Frontend(Closing):
         is closed nothing reads the queue, and nothing is left to release:
         its close() released every socket.
         """
+        # What it was, before the reaper takes its ring.
+        message = f"unclosed {st.describe(closed=False)}"
         self._dropped.append(st)
         wakeup = self._wakeup  # once: _stop_thread may drop it meanwhile
         if wakeup is not None:
@@ -2277,7 +2279,7 @@ class Frontend(Closing):
         # Last, as a warning filter may turn it into an exception.  Without
         # socket.socket's ``source``: the socket is gone.  stacklevel 3 is
         # the code that dropped it (under _collect, weakref.finalize).
-        warnings.warn(f"unclosed {st.describe(closed=False)}", ResourceWarning, stacklevel=3)
+        warnings.warn(message, ResourceWarning, stacklevel=3)
 
     def _start_reaper(self) -> None:
         """Event thread: start the reaper if sockets were dropped and it is
