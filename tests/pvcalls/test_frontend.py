@@ -1750,4 +1750,5 @@ def test_close_does_not_hang_on_a_lock_an_interrupt_left_held(
         # Only what the left lock guards stays: with the accept lock, the
         # ring was freed (the pool has it back for the next socket).
         assert (lock == "_accept_lock") == bool(fe._ring_pool)
-        echo_through(connected(fe, srv.address), b"still works")
+        with connected(fe, srv.address) as again:
+            echo_through(again, b"still works")

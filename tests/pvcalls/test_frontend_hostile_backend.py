@@ -402,6 +402,8 @@ def test_a_response_that_matches_no_request_is_dropped_with_a_warning(
     fake.respond(bind_req, 0)
     assert binding.join().error is None
     assert s.getsockname() == ("127.0.0.1", 4000)
+    s.close()
+    other.close()
 
 
 def test_a_second_answer_to_one_request_is_dropped(
@@ -413,6 +415,8 @@ def test_a_second_answer_to_one_request_is_dropped(
     fake.respond_many([(bind_req, 0, {}), (carrier, -EADDRINUSE, again)])
     assert binding.join().error is None
     log.wait(f"dropping unexpected response req_id={bind_req.req_id} cmd={PVCALLS_BIND}")
+    s.close()
+    other.close()
 
 
 # -- error numbers ---------------------------------------------------------------------
@@ -463,6 +467,7 @@ def test_an_error_in_ret_is_an_oserror_by_name(
     if cmd == "connect":  # the id is a new socket again, as the backend said
         s.connect(("127.0.0.1", 4000))
         assert s.getpeername() == ("127.0.0.1", 4000)
+    s.close()
 
 
 @pytest.mark.parametrize(("ret", "expected"), [*_ERRNOS, (5, errno.EIO)])
@@ -512,6 +517,8 @@ def test_a_response_producer_beyond_the_requests_fails_every_waiter(
         fe.socket()
     assert info.value.errno == errno.ENOTCONN
     assert info.value.strerror == "the PV Calls backend broke the command ring"
+    r.close()
+    s.close()
 
 
 def _in_far_ahead(ring: FakeDataRing) -> None:
@@ -551,6 +558,7 @@ def test_broken_in_indexes_fail_recv_with_eproto(
     assert err.errno == errno.EPROTO, err
     assert "broke the data ring" in str(err)
     assert buf == b"-" * 64
+    s.close()
 
 
 def _fill_out_ring(s: pvcalls.PVSocket, ring: FakeDataRing) -> None:
@@ -597,6 +605,7 @@ def test_broken_out_indexes_fail_send_with_eproto(
     assert err.errno == errno.EPROTO, err
     assert ring.get(OUT_PROD_OFFSET) == prod
     assert bytes(ring.data_map.buffer) == before
+    s.close()
 
 
 # -- timeouts ------------------------------------------------------------------------------
@@ -630,6 +639,7 @@ def test_the_sendall_timeout_bounds_the_whole_call(
         copied += step
     assert isinstance(sender.join().error, TimeoutError), sender.error
     assert copied == ring.size + 2 * step  # 1.2 s: out of time at the second wait
+    s.close()
 
 
 # -- POLL --------------------------------------------------------------------------------
@@ -651,6 +661,7 @@ def test_a_poll_answered_with_an_error_fails_that_accept_only(
     new, peer = ls.accept()  # a new POLL, then ACCEPT
     assert peer == ("0.0.0.0", 0) and new.id in fake.rings
     new.close()
+    ls.close()
 
 
 def test_a_poll_error_makes_fileno_readable(fe: pvcalls.Frontend, fake: FakeBackend) -> None:
@@ -679,6 +690,7 @@ def test_a_poll_error_makes_fileno_readable(fe: pvcalls.Frontend, fake: FakeBack
     ls.settimeout(TIMEOUT)  # non-blocking, the ACCEPT would be left in flight
     new, _ = ls.accept()
     new.close()
+    ls.close()
 
 
 def test_no_poll_goes_out_while_accept_sends_its_accept(
@@ -861,6 +873,8 @@ def test_the_backend_closing_mid_call_fails_the_waiters(
         err = call.oserror()
         assert err.errno == errno.ENOTCONN
         assert err.strerror == "the PV Calls backend went away"
+    s.close()
+    c.close()
 
 
 @pytest.mark.parametrize("closer", ["socket", "frontend"])
@@ -914,8 +928,9 @@ def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
     wait_until(lambda: slot.done)
     # The listener's RELEASE one place before the CONNECT's slot comes
     # round again: the new socket's RELEASE then needs that slot.
+    fillers = []
     while fe._req_prod_pvt % RING_SLOTS != (connect_req.req_id - 1) % RING_SLOTS:
-        fe.socket()
+        fillers.append(fe.socket())
     ls.close()
     assert f"RELEASE of {new.id:#x} failed" in log.wait("RELEASE of")
     assert new.closed
@@ -924,6 +939,8 @@ def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
     fake.respond(connect_req, -EINVAL)  # the slot is free again
     s = fe.socket()
     s.bind(("127.0.0.1", 4002))
+    for sock in (s, stuck, *fillers):
+        sock.close()
 
 
 def test_with_no_backend_the_device_goes_without_waiting_for_one(

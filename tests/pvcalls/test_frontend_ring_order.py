@@ -85,7 +85,8 @@ def test_order_above_backend_max_page_order_is_refused(guest: Any) -> None:
     assert "max-page-order" in str(info.value)
     assert fe.device is None  # cleaned up: the device can be added again
     with pvcalls.Frontend(guest, ring_order=BACKEND_ORDER) as again:
-        assert again.socket() is not None
+        with again.socket() as s:
+            assert not s.closed
 
 
 @pytest.mark.parametrize("order, exc", [
