@@ -73,10 +73,9 @@ def error_of(fn: Callable[..., object], *args: object) -> str:
     return info.value.name
 
 
-def hang_up_after_one_request(path: str) -> threading.Thread:
-    """A XenStore socket at ``path`` that reads one whole request from its
-    one client and hangs up instead of replying (a host going away under a
-    request); the thread serving it, to join."""
+def _serve_one_client(path: str, handle: Callable[[socket.socket], object]) -> threading.Thread:
+    """A socket at ``path`` whose one client ``handle(conn)`` serves; the
+    thread serving it, to join."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen()
@@ -85,12 +84,26 @@ def hang_up_after_one_request(path: str) -> threading.Thread:
         with listener:
             conn, _ = listener.accept()
         with conn:
-            header = conn.recv(16, socket.MSG_WAITALL)
-            conn.recv(struct.unpack("<4I", header)[3], socket.MSG_WAITALL)
+            handle(conn)
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     return server
+
+
+def _read_request(conn: socket.socket) -> tuple[int, int]:
+    """Read one whole XenStore request: its ``(rq_id, tx_id)``."""
+    header = conn.recv(16, socket.MSG_WAITALL)
+    _op, rq_id, tx_id, size = struct.unpack("<4I", header)
+    conn.recv(size, socket.MSG_WAITALL)
+    return rq_id, tx_id
+
+
+def hang_up_after_one_request(path: str) -> threading.Thread:
+    """A XenStore socket at ``path`` that reads one whole request from its
+    one client and hangs up instead of replying (a host going away under a
+    request); the thread serving it, to join."""
+    return _serve_one_client(path, _read_request)
 
 
 def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> threading.Thread:
@@ -98,21 +111,10 @@ def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> thread
     one client, sends ``answer(rq_id, tx_id)`` (raw bytes, header
     included) and then waits for the client to hang up; the thread
     serving it, to join."""
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen()
 
-    def serve() -> None:
-        with listener:
-            conn, _ = listener.accept()
-        with conn:
-            header = conn.recv(16, socket.MSG_WAITALL)
-            _op, rq_id, tx_id, size = struct.unpack("<4I", header)
-            conn.recv(size, socket.MSG_WAITALL)
-            conn.sendall(answer(rq_id, tx_id))
-            while conn.recv(4096):
-                pass
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(answer(*_read_request(conn)))
+        while conn.recv(4096):
+            pass
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    return server
+    return _serve_one_client(path, handle)
