@@ -1161,8 +1161,16 @@ class PVSocket(Closing):
                     self._cond.wait(timeout)
                     continue
                 polling[side] = True
-                self._cond.release()
+                # Each release() opens its try: CPython may run a signal's
+                # handler as release() returns, and the KeyboardInterrupt it
+                # raises (Ctrl-C in the main thread) must find the lock taken
+                # again, or the with block's exit fails to release it, with
+                # a RuntimeError that hides the interrupt.  (Not before
+                # release(), the try's first call: CPython runs a handler
+                # only as a Python function starts, as a call returns, or
+                # as a loop goes round, and release() is a C function.)
                 try:
+                    self._cond.release()
                     fired = self._poll_ring(ring, side, timeout)
                 finally:
                     self._cond.acquire()
@@ -1172,8 +1180,8 @@ class PVSocket(Closing):
                     if polling[other]:
                         os.eventfd_write(ring.wakefds[other], 1)
                     if self._st.readyfd is not None:
-                        self._cond.release()
                         try:
+                            self._cond.release()
                             self._update_ready()
                         finally:
                             self._cond.acquire()
