@@ -5,12 +5,14 @@ although CPython runs the handler there."""
 from __future__ import annotations
 
 import contextlib
+import dis
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import CodeType, FrameType
 from typing import Any
 
 import pytest
@@ -87,3 +89,45 @@ def interrupt(when: Callable[[], bool], call: Callable[[], object]) -> None:
     with signal_taken_elsewhere(when):
         with pytest.raises(Interrupted):
             call()
+
+
+def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], object]) -> bool:
+    """Run ``call()`` with :class:`Interrupted` raised as the ``n``-th call
+    (counting from 0) made by a frame of ``code`` returns: where CPython
+    runs a signal's handler in the middle of a function (besides loops
+    going round and Python functions starting).  True if it was raised;
+    False if the frames made fewer calls, and ``call()`` ran undisturbed.
+    """
+    names = {ins.offset: ins.opname for ins in dis.get_instructions(code)}
+    returned = 0
+    after_call = raised = False
+
+    def in_frame(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal returned, after_call, raised
+        if event != "opcode":
+            return in_frame
+        if after_call:
+            if returned == n:
+                raised = True
+                raise Interrupted
+            returned += 1
+        after_call = names.get(frame.f_lasti) == "CALL"
+        return in_frame
+
+    def enter(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal after_call
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+        after_call = False
+        return in_frame
+
+    sys.settrace(enter)
+    try:
+        call()
+    except Interrupted:
+        if not raised:
+            raise
+    finally:
+        sys.settrace(None)
+    return raised

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hosthelpers import eventually, readable, service_caught_up, wait_pending
+from stolensignal import interrupted_as_call_returns
 
 from xenback.platform import EventChannel as EventChannelProtocol
 from xenback.platform import EventChannelError
@@ -29,6 +31,41 @@ def pair(host: SimHost, guest: Domain) -> Iterator[tuple[EventChannel, int, Even
 def test_handle_implements_the_protocol(host: SimHost) -> None:
     with host.dom0.evtchn() as ch:
         assert isinstance(ch, EventChannelProtocol)
+
+
+@pytest.mark.parametrize("name", ["notify", "pending", "unmask", "wait"])
+def test_ctrl_c_as_any_call_returns_leaves_the_handle_usable(
+        pair: tuple[EventChannel, int, EventChannel, int], name: str) -> None:
+    """The per-event calls of a guest's main thread: CPython runs a
+    signal's handler as a call returns, also the lock's acquire(), and the
+    KeyboardInterrupt must not leave the handle's lock held (every later
+    call would hang) or a waiter counted."""
+    e0, p0, e1, p1 = pair
+    call: dict[str, Callable[[], object]] = {
+        "notify": lambda: e0.notify(p0),
+        "pending": e0.pending,
+        "unmask": lambda: e0.unmask(p0),
+        "wait": lambda: e0.wait(0),
+    }
+    code = getattr(EventChannel, name).__code__
+    for n in itertools.count():
+        e1.notify(p1)  # something to take
+        if not interrupted_as_call_returns(code, n, call[name]):
+            break
+        held = e0._lock.locked()
+        if held:
+            e0._lock.release()  # or the fixture's close() would hang
+        assert not held, f"lock left held by an interrupt as call {n} returned"
+        assert e0._waiters == 0
+    assert n > 0  # there were calls to interrupt
+    # Still a working handle, both ways.
+    e0.unmask(p0)
+    while e0.pending() is not None:
+        e0.unmask(p0)
+    e1.notify(p1)
+    assert wait_pending(e0) == p0
+    e0.notify(p0)
+    assert wait_pending(e1) == p1
 
 
 def test_bind_reports_the_peer(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
