@@ -1634,25 +1634,16 @@ class Frontend(Closing):
                 watch.unwatch()
             except OSError as exc:  # XenStore is gone: so is the watch
                 logger.debug("removing the backend state watch: %s", exc)
-        with self._lock:
-            states = list(self._sockets.values())
-        for st in states:
-            sock = st.owner()
-            try:
-                if sock is None:
-                    # Dropped unclosed, and the reaper has not come to it.
-                    self._release(st)
-                else:
-                    # Not close(): a makefile() stream left open must not
-                    # keep the socket (its ring, its event channel) past
-                    # the device.
-                    sock._close_requested = True
-                    sock._real_close()
-            except OSError as exc:
-                logger.warning("releasing socket %#x: %s", st.id, exc)
+        self._release_sockets()
         self._wait_releases()
         self._die("the PV Calls frontend is closed")
         self._wake_everyone()
+        # Again, dead now: a socket another thread made meanwhile (after
+        # the look above) is freed too, with no RELEASE.  Not left to its
+        # finaliser: with the event thread gone nobody would release it,
+        # and open() forgets the queue of dropped sockets.  Any socket made
+        # later finds the frontend dead before its SOCKET goes out.
+        self._release_sockets()
         with self._lock:
             pool, self._ring_pool = self._ring_pool, []
         for ring in pool:
@@ -1691,6 +1682,25 @@ class Frontend(Closing):
         if close_toolstack is not None:
             close_toolstack()
         self.device = self._toolstack = None
+
+    def _release_sockets(self) -> None:
+        """Release every socket in the table (for close())."""
+        with self._lock:
+            states = list(self._sockets.values())
+        for st in states:
+            sock = st.owner()
+            try:
+                if sock is None:
+                    # Dropped unclosed, and the reaper has not come to it.
+                    self._release(st)
+                else:
+                    # Not close(): a makefile() stream left open must not
+                    # keep the socket (its ring, its event channel) past
+                    # the device.
+                    sock._close_requested = True
+                    sock._real_close()
+            except OSError as exc:
+                logger.warning("releasing socket %#x: %s", st.id, exc)
 
     def _release_handles(self) -> None:
         self._stop_thread()

@@ -327,3 +327,37 @@ def test_frontend_close_releases_what_the_reaper_has_not(
     wait_until(lambda: sock_id not in held(backend, f))
     # What it shared is unshared (its domain stays, with nothing of it).
     wait_until(lambda: all(host.hypervisor.stats()[k] <= before[k] for k in ("grants", "ports")))
+
+
+def test_a_socket_made_while_frontend_close_runs_is_released_by_it(
+        host: SimHost, backend: pvcalls.Backend,
+        own_frontend: Callable[[str], pvcalls.Frontend],
+        monkeypatch: pytest.MonkeyPatch, echo_server: Any) -> None:
+    """Another thread makes and connects a socket after Frontend.close()
+    looked at its sockets, before it ended the connection: close() releases
+    it all the same.  Left to a finaliser that runs after close() (with no
+    event thread to start the reaper), its state would stay in the table
+    across open(), which empties the queue of dropped sockets, and its ring
+    would stay shared."""
+    before = host.hypervisor.stats()
+    f = own_frontend("making-while-closing")
+    late: list[Any] = []
+    wait_releases = f._wait_releases
+
+    def a_thread_makes_a_socket_meanwhile() -> None:
+        s = f.socket()
+        s.settimeout(TIMEOUT)
+        s.connect(echo_server.address)
+        late.append(s)
+        wait_releases()
+
+    monkeypatch.setattr(f, "_wait_releases", a_thread_makes_a_socket_meanwhile)
+    f.close()
+    monkeypatch.undo()
+    assert late and late[0].closed
+    assert not f._sockets
+    quiet_drop(late)  # closed: no warning, nothing queued
+    assert not f._dropped
+    wait_until(lambda: all(host.hypervisor.stats()[k] <= before[k] for k in ("grants", "ports")))
+    f.open()
+    assert not f._sockets
