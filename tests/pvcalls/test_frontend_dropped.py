@@ -361,3 +361,35 @@ def test_a_socket_made_while_frontend_close_runs_is_released_by_it(
     wait_until(lambda: all(host.hypervisor.stats()[k] <= before[k] for k in ("grants", "ports")))
     f.open()
     assert not f._sockets
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_the_last_reference_going_in_the_event_thread(
+        fe: pvcalls.Frontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event thread holds a listener while it hands it a POLL's answer,
+    and the program drops it meanwhile: the finaliser runs in the event
+    thread, which wakes itself, and the listener is released."""
+    in_poll = threading.Event()
+    go_on = threading.Event()
+    on_poll = pvcalls.PVSocket._on_poll
+
+    def slow_on_poll(self: pvcalls.PVSocket, ret: int) -> None:
+        on_poll(self, ret)
+        in_poll.set()
+        go_on.wait(TIMEOUT)
+
+    monkeypatch.setattr(pvcalls.PVSocket, "_on_poll", slow_on_poll)
+    box = [fe.socket()]
+    box[0].bind(("127.0.0.1", 0))
+    box[0].listen()
+    box[0].fileno()  # a POLL in flight
+    sock_id = box[0].id
+    alive = weakref.ref(box[0])
+    with socket.create_connection(listen_address(backend, sock_id), timeout=TIMEOUT):
+        assert in_poll.wait(TIMEOUT)
+        box.clear()
+        assert alive() is not None  # the event thread's now
+        go_on.set()
+        wait_until(lambda: alive() is None)
+        wait_until(lambda: sock_id not in held(backend, fe))
+    wait_until(lambda: not fe._sockets and not fe._dropped and not fe._releases)
