@@ -18,29 +18,53 @@ FD_SETSIZE = 1024
 _HEADROOM = 200
 
 
+class Filled:
+    """Every descriptor below FD_SETSIZE taken (see
+    :func:`descriptors_past_fd_setsize`)."""
+
+    def __init__(self) -> None:
+        self.fds = [os.open(os.devnull, os.O_RDONLY)]
+        self.refill()
+
+    def refill(self) -> None:
+        """Take again what other threads closed meanwhile below FD_SETSIZE
+        (a server thread of the simulated host closing its end of a
+        connection a test made before): dup() takes the lowest free
+        number, so once it hands out FD_SETSIZE or more, none is left."""
+        while True:
+            fd = os.dup(self.fds[0])
+            if fd >= FD_SETSIZE:
+                os.close(fd)
+                return
+            self.fds.append(fd)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
 @contextlib.contextmanager
-def descriptors_past_fd_setsize() -> Iterator[None]:
+def descriptors_past_fd_setsize() -> Iterator[Filled]:
     """Fill every descriptor below FD_SETSIZE (with duplicates of
     /dev/null), so that what the body opens gets numbers from FD_SETSIZE
     on; raise the soft RLIMIT_NOFILE for that, and undo both on the way
-    out.  Skips the test when the hard limit leaves no room."""
+    out.  Skips the test when the hard limit leaves no room.  Another
+    thread may still close a low descriptor meanwhile: the body can take
+    it again with :meth:`Filled.refill`."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = FD_SETSIZE + _HEADROOM
     if hard != resource.RLIM_INFINITY and hard < needed:
         pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}: cannot pass FD_SETSIZE")
     if soft != resource.RLIM_INFINITY and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    fillers: list[int] = []
+    filled: Filled | None = None
     try:
-        fillers.append(os.open(os.devnull, os.O_RDONLY))
-        # dup() takes the lowest free number: once it hands out
-        # FD_SETSIZE - 1, nothing below FD_SETSIZE is left.
-        while fillers[-1] < FD_SETSIZE - 1:
-            fillers.append(os.dup(fillers[0]))
-        yield
+        filled = Filled()
+        yield filled
     finally:
-        for fd in fillers:
-            os.close(fd)
+        if filled is not None:
+            filled.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
