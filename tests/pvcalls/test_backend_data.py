@@ -107,6 +107,9 @@ def test_32bit_index_wrap(raw: RawFrontend, backend: pvcalls.Backend) -> None:
     # The indexes wrapped through zero.
     assert ring.get(_wire.IN_PROD_OFFSET) & 0xFFFFFFFF < 0x10000
     assert ring.get(_wire.OUT_CONS_OFFSET) & 0xFFFFFFFF < 0x10000
+    # The peer may read the last bytes before the backend counts them (as
+    # its send returns); it counts them before it consumes them.
+    wait_until(lambda: ring.get(_wire.OUT_CONS_OFFSET) == ring.get(_wire.OUT_PROD_OFFSET))
     row, = backend.stats().sockets
     assert row.bytes_in == row.bytes_out == len(data)
 
