@@ -47,6 +47,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EventDispatcher", "FdCallback", "PortCallback"]
 
+#: Ports the dispatcher thread takes in one round before it looks at its
+#: host fds again.  A guest can notify a port again before the callback
+#: has returned and the port is unmasked, every time: the handle then
+#: always has a port pending, and a round that ran until it had none would
+#: never end, leaving every fd (another guest's listening socket, say)
+#: unserved for as long as that guest wished.
+_PORT_BATCH = 64
+
 #: ``callback(port)``, run on the dispatcher thread (poll mode: the polling one).
 PortCallback = Callable[[int], object]
 #: ``callback(fd, epoll_events)``, run on the dispatcher thread (poll mode: the polling one).
@@ -322,7 +330,10 @@ class EventDispatcher(Closing):
 
     def _dispatch_ports(self) -> int:
         ran = 0
-        while True:
+        # At most _PORT_BATCH ports, then back to the fds: the handle's
+        # descriptor is level-triggered, so the next epoll round returns at
+        # once if ports are still pending.
+        for _ in range(_PORT_BATCH):
             # Only this thread calls pending(), so it needs no lock; a slow
             # one must not hold up bind/unbind callers either.
             try:
@@ -364,6 +375,7 @@ class EventDispatcher(Closing):
                 # the handle again until it has nothing would cost a system
                 # call or two on every poll, most of which find one port.
                 return ran
+        return ran
 
     def _dispatch_fd(self, fd: int, revents: int) -> int:
         with self._lock:

@@ -4,16 +4,19 @@ outside the pages it mapped, and never disturbs the other frontends."""
 from __future__ import annotations
 
 import random
+import socket
 import struct
+import threading
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from pvcalls_rawfront import RawFrontend, wait_until
+from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
 
 import pvcalls
 from pvcalls import _wire
+from pvcalls._backend import _Frontend
 from pvcalls._wire import ffi
 from xenback.ring import RingError
 
@@ -172,6 +175,48 @@ def test_command_ring_overflow_stops_only_that_frontend(dom0_xs: Any, make_front
     fe.close()
     wait_until(lambda: backend.stats().frontends == 1)  # only the bystander
     fe.xs.close()
+
+
+def test_a_frontend_notifying_without_pause_does_not_stop_the_listeners(
+        make_frontend: Any, backend: pvcalls.Backend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest on another CPU can notify its command port again before the
+    backend's event thread has unmasked it, every time: the port is then
+    always pending.  The listening sockets of every frontend (and the
+    released sockets still sending) are watched by that same thread, and
+    their ACCEPTs must still be answered."""
+    storming: dict[int, RawFrontend] = {}
+    notified: list[int] = []
+    under_way = threading.Event()
+    on_event = _Frontend._on_event
+
+    def notified_again(self: _Frontend, *args: object) -> None:
+        on_event(self, *args)
+        guest = storming.get(self.domid)
+        if guest is not None:
+            # What the guest does meanwhile: the port is pending at unmask.
+            guest.evtchn.notify(guest.port)
+            notified.append(1)
+            if len(notified) == 100:
+                under_way.set()
+
+    monkeypatch.setattr(_Frontend, "_on_event", notified_again)
+    fe = make_frontend("bystander")
+    listener, _ = fe.socket()
+    assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
+    assert fe.listen(listener).ret == 0
+    address = next(r.address for r in backend.stats().sockets if r.id == listener)
+    assert address is not None
+    accept = fe.push_accept(listener, fe.new_id(), fe.new_ring())
+    stormer = make_frontend("stormer")
+    storming[stormer.guest.domid] = stormer
+    try:
+        stormer.evtchn.notify(stormer.port)
+        assert under_way.wait(TIMEOUT)
+        with socket.create_connection(address, timeout=TIMEOUT):
+            assert fe.response(accept, timeout=3).ret == 0
+    finally:
+        storming.clear()
 
 
 def test_requests_with_released_rings_and_reused_ids(
