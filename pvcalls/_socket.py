@@ -677,6 +677,9 @@ class PassiveSocket(Work):
         self.state = SockState.BOUND
         self._lock = threading.Lock()
         self.waiting: tuple[Request, ActiveSocket | None] | None = None
+        # Whether the host socket is in the dispatcher's epoll set: changed
+        # by LISTEN and teardown only, both from the command processing,
+        # one at a time (no lock).
         self._registered = False
         self._torn_down = False
 
@@ -692,12 +695,38 @@ class PassiveSocket(Work):
         return address
 
     def listen(self, backlog: int) -> None:
-        self.host.listen(max(0, min(backlog, socket.SOMAXCONN)))
+        """LISTEN: watch the host socket, then have it listen.  A failure
+        leaves the socket as it was (bound, or listening if it was): a
+        host socket's listen() cannot be undone, so it comes last, after
+        the step that may fail (epoll out of memory or of watches), and
+        its own failure (EADDRINUSE) takes back the watch added here.
+        Only then LISTENING, which lets ACCEPT and POLL wait for edges."""
+        added = False
+        if not self._registered:
+            # Watched before it listens: the edge of a connection arriving
+            # once it does is not missed.  Until then nothing is waiting
+            # (ACCEPT and POLL need LISTENING), and an edge runs the Work
+            # for nothing.
+            self.frontend.dispatcher.add_fd(self.host.fileno(), PASSIVE_EVENTS, self._on_event)
+            self._registered = added = True
+        try:
+            self.host.listen(max(0, min(backlog, socket.SOMAXCONN)))
+        except BaseException:
+            if added:
+                self._unregister()
+            raise
         with self._lock:
             self.state = SockState.LISTENING
-        if not self._registered:
-            self.frontend.dispatcher.add_fd(self.host.fileno(), PASSIVE_EVENTS, self._on_event)
-            self._registered = True
+
+    def _unregister(self) -> None:
+        """Stop watching the host socket (before it is closed).  If that
+        fails, ``_registered`` stays set and teardown tries again."""
+        try:
+            self.frontend.dispatcher.remove_fd(self.host.fileno())
+        except (OSError, KeyError, ValueError):
+            logger.exception("%r: cannot stop watching the host socket", self)
+            return
+        self._registered = False
 
     def wait(self, request: Request, new: ActiveSocket | None) -> None:
         """Make ``request`` (ACCEPT with ``new``, or POLL) the one in flight.

@@ -27,7 +27,7 @@ from xenback.events import EventDispatcher
 EBADF, EINVAL, EINTR, EEXIST = -9, -22, -4, -17
 EAFNOSUPPORT, EISCONN, ECONNREFUSED, ENOTSUPP = -97, -106, -111, -524
 EMFILE, EIO, EADDRINUSE, ENETUNREACH, ENOSPC = -24, -5, -98, -101, -28
-ECONNRESET = -104
+ECONNRESET, ENOMEM = -104, -12
 
 
 def test_errno_values_are_xen_numbering() -> None:
@@ -674,11 +674,66 @@ def test_listen_on_a_port_another_socket_listens_on(
     rows = {r.id: r for r in backend.stats().sockets}
     assert (rows[second].kind, rows[second].state) == ("passive", "bound")
     assert rows[first].state == "listening"
+    # Nor is it watched: the failed listen() took back the watch LISTEN added.
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[second]
+    assert isinstance(passive, PassiveSocket)
+    assert passive.host.fileno() not in backend.dispatcher._fds
     assert raw.release(first).ret == 0
     assert raw.listen(second).ret == 0
     accept = raw.push_accept(second, raw.new_id(), raw.new_ring())
     with socket.create_connection(address, timeout=TIMEOUT):
         assert raw.response(accept).ret == 0
+
+
+def _fail_add_fd_once(monkeypatch: pytest.MonkeyPatch, *dispatchers: EventDispatcher,
+                      err: int = errno.ENOMEM) -> list[int]:
+    """The next add_fd of any of ``dispatchers`` fails with ``err`` (the host
+    out of memory, or of epoll watches); the later ones work.  Returns the
+    descriptors refused (one at most)."""
+    refused: list[int] = []
+    for dispatcher in dispatchers:
+        def add_fd(fd: int, events: int, callback: Any,
+                   real: Any = dispatcher.add_fd) -> None:
+            if not refused:
+                refused.append(fd)
+                raise OSError(err, os.strerror(err))
+            real(fd, events, callback)
+
+        monkeypatch.setattr(dispatcher, "add_fd", add_fd)
+    return refused
+
+
+def test_a_listen_whose_socket_cannot_be_watched_leaves_it_bound(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listening socket cannot join the event thread's epoll set: LISTEN
+    is answered with that errno and leaves the socket as it was, bound and
+    not listening, on the host too (a connection there is refused, not
+    queued for an ACCEPT that could never be told of it).  ACCEPT and POLL
+    are -EINVAL as on any socket not listening, rather than taken and never
+    answered; the LISTEN retried once the host recovers works."""
+    sock_id, _ = raw.socket()
+    assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+    address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
+    assert address is not None
+    refused = _fail_add_fd_once(monkeypatch, backend.dispatcher)
+    rsp = raw.listen(sock_id)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_LISTEN, ENOMEM, sock_id)
+    assert len(refused) == 1
+    row, = backend.stats().sockets
+    assert (row.kind, row.state) == ("passive", "bound")
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(passive, PassiveSocket)
+    assert passive.host.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=TIMEOUT).close()
+    rsp = raw.response(raw.push_accept(sock_id, raw.new_id(), raw.new_ring()))
+    assert (rsp.cmd, rsp.ret) == (_wire.PVCALLS_ACCEPT, EINVAL)
+    rsp = raw.response(raw.push_poll(sock_id))
+    assert (rsp.cmd, rsp.ret) == (_wire.PVCALLS_POLL, EINVAL)
+    assert [r.id for r in backend.stats().sockets] == [sock_id]
+    assert raw.listen(sock_id).ret == 0
+    _accepts_one(raw, sock_id, address)
+    assert raw.unexpected == []
 
 
 def test_listen_again_only_changes_the_backlog(
