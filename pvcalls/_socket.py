@@ -58,7 +58,8 @@ import logging
 import select
 import socket
 import threading
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from xenback._barrier import lib as _barrier
 
@@ -90,6 +91,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Bytes one run of an active socket's Work may move before it re-queues
 #: itself behind the other sockets of its CPU (fairness, like NAPI's budget).
@@ -250,6 +253,37 @@ class DataRing:
         self._data = self._indexes = None
 
 
+class _Steps:
+    """The steps of a teardown, each tried whatever became of the ones
+    before: one that raises is logged with its traceback (on behalf of
+    ``owner``) and the next one runs.  An interrupt (a BaseException that
+    is not an Exception, such as KeyboardInterrupt) is kept, and the first
+    one re-raised by :meth:`done` once every step has been tried."""
+
+    def __init__(self, owner: object) -> None:
+        self._owner = owner
+        self._interrupt: BaseException | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt is not None
+
+    def run(self, what: str, step: Callable[..., _T], *args: Any) -> _T | None:
+        """``step(*args)``, or None if it raised."""
+        try:
+            return step(*args)
+        except Exception:
+            logger.exception("%r: teardown: %s failed", self._owner, what)
+        except BaseException as exc:
+            if self._interrupt is None:
+                self._interrupt = exc
+        return None
+
+    def done(self) -> None:
+        if self._interrupt is not None:
+            raise self._interrupt
+
+
 class ActiveSocket(Work):
     """A connected (or connecting, or being accepted) socket: one Work.
 
@@ -284,7 +318,8 @@ class ActiveSocket(Work):
         self._rx_done = False               # in_error set: we produce no more
         self._tx_done = False               # out_error set: we consume no more
         self._placed = False
-        self._torn_down = False
+        # The host socket was closed or handed to the lingerer (teardown).
+        self._host_released = False
         self._out_armed = False             # EPOLLOUT in the host socket's mask
         self._room_made = False             # _tx freed room in a full out ring
         # Whether a receive may find data: the host socket signalled since
@@ -617,7 +652,18 @@ class ActiveSocket(Work):
         From the command processing: the Work is disabled and cancelled
         first, so that it is neither running nor queued while the pages go.
         From the Work itself (``from_work``): it cannot wait for itself, and
-        is disabled so that it will not run again.
+        is disabled so that it will not run again.  So two teardowns never
+        overlap: one from the command processing waits for the Work, and
+        with it for a teardown the Work is doing.
+
+        Every step is tried whatever became of the ones before it: a step
+        that fails (the flush's send or epoll_ctl, say) must not keep the
+        ring mapped, the port bound or the CPU slot taken for good.  A
+        failure is logged, not raised, as DataRing.close() does with its
+        unmapping: every caller still has requests to answer and a table to
+        fix.  An interrupt (Ctrl-C in a wait for a callback) is re-raised
+        once every step has been tried; what it left held is still recorded
+        here, for the next teardown to release.
         """
         if from_work:
             self.disable()
@@ -627,36 +673,62 @@ class ActiveSocket(Work):
             was_connected = self.state is SockState.CONNECTED
             self.state = SockState.CLOSED
             request, self.connect_request = self.connect_request, None
-            if self._torn_down:
-                return request
-            self._torn_down = True
-        fe = self.frontend
-        events = self.events
+        steps = _Steps(self)
         host = self.host
-        if host is not None:
-            rest = self._flush_out(host) if was_connected else b""
-            if events is not None:
-                try:
-                    events.remove_fd(host.fileno())
-                except (OSError, KeyError, ValueError):
-                    pass
-            if not (rest and fe.backend.lingerer.adopt(host, fe.domid, rest, fe.ratelimit)):
-                host.close()
-        if self.port is not None and events is not None:
-            try:
-                events.unbind(self.port)
-            except (OSError, KeyError, ValueError):
-                logger.debug("unbinding port %s failed", self.port, exc_info=True)
-            self.port = None
+        if host is not None and not self._host_released:
+            rest = b""
+            if was_connected:
+                rest = steps.run("sending what the out ring holds", self._flush_out, host) or b""
+            steps.run("unwatching the host socket", self._unwatch, host)
+            # Not after an interrupted unwatch: the descriptor may still be
+            # watched, and its number must not be another file's by then.
+            if not steps.interrupted:
+                steps.run("closing the host socket", self._release_host, host, rest)
+                self._host_released = True
+        if self.port is not None:
+            steps.run("unbinding the event channel", self._unbind)
         if self.ring is not None:
-            self.ring.close()
+            steps.run("unmapping the data ring", self.ring.close)
         if self._placed:
-            try:
-                fe.backend.load_index.release(self)
-            except KeyError:
-                pass
-            self._placed = False
+            steps.run("leaving its CPU", self._unplace)
+        steps.done()
         return request
+
+    # The steps of teardown; each gives up one resource, or leaves it
+    # recorded if interrupted.
+
+    def _unwatch(self, host: socket.socket) -> None:
+        if self.events is not None:
+            try:
+                self.events.remove_fd(host.fileno())
+            except (OSError, KeyError, ValueError):
+                pass  # not watched: its add_fd failed
+
+    def _release_host(self, host: socket.socket, rest: bytes) -> None:
+        """Hand ``host`` to the lingerer with ``rest`` to send, or close it."""
+        fe = self.frontend
+        adopted = False
+        try:
+            adopted = bool(rest) and fe.backend.lingerer.adopt(host, fe.domid, rest, fe.ratelimit)
+        finally:
+            if not adopted:
+                host.close()
+
+    def _unbind(self) -> None:
+        port = self.port
+        if port is not None and self.events is not None:
+            try:
+                self.events.unbind(port)
+            except (OSError, KeyError, ValueError):
+                logger.debug("unbinding port %s failed", port, exc_info=True)
+        self.port = None
+
+    def _unplace(self) -> None:
+        try:
+            self.frontend.backend.load_index.release(self)
+        except KeyError:
+            pass
+        self._placed = False
 
 
 class PassiveSocket(Work):

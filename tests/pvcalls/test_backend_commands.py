@@ -11,6 +11,7 @@ import select
 import socket
 import struct
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +45,51 @@ def test_host_errors_map_by_name() -> None:
     assert _errno.from_host_errno(None) == _errno.EIO
     assert _errno.from_host_errno(99999) == _errno.EIO
     assert _errno.name_of(-107) == "ENOTCONN"
+
+
+def _fail_add_fd_once(monkeypatch: pytest.MonkeyPatch, *dispatchers: EventDispatcher,
+                      err: int = errno.ENOMEM) -> list[int]:
+    """The next add_fd of any of ``dispatchers`` fails with ``err`` (the host
+    out of memory, or of epoll watches); the later ones work.  Returns the
+    descriptors refused (one at most)."""
+    refused: list[int] = []
+    for dispatcher in dispatchers:
+        def add_fd(fd: int, events: int, callback: Any,
+                   real: Any = dispatcher.add_fd) -> None:
+            if not refused:
+                refused.append(fd)
+                raise OSError(err, os.strerror(err))
+            real(fd, events, callback)
+
+        monkeypatch.setattr(dispatcher, "add_fd", add_fd)
+    return refused
+
+
+@pytest.fixture
+def sends_blocked(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Once set, every send on a host socket that CONNECT made meets a
+    full send buffer (EAGAIN), as when the peer stopped reading long ago."""
+    blocked = threading.Event()
+
+    class SendBlocks(socket.socket):
+        def sendmsg(self, *args: Any) -> int:
+            if blocked.is_set():
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            return super().sendmsg(*args)
+
+    # pvcalls._socket's name for the module only: the rest of the process
+    # (the simulated hypervisor, the test's servers) keeps its sockets.
+    module = types.SimpleNamespace(**vars(socket))
+    module.socket = SendBlocks
+    monkeypatch.setattr(_socket, "socket", module)
+    return blocked
+
+
+def _resources(backend: pvcalls.Backend, host: Any) -> tuple[object, ...]:
+    """What active sockets hold: the backend's event channel ports (and the
+    hypervisor's count of ports), its grant mappings, and the CPUs' loads."""
+    return (sorted(bound_ports(backend)), host.hypervisor.stats()["ports"],
+            len(backend.gnttab._live), [c.sockets for c in backend.stats().cpus])
 
 
 # -- SOCKET ------------------------------------------------------------------------
@@ -232,6 +278,35 @@ def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
     assert all(c.sockets == 0 for c in backend.stats().cpus)
     assert sorted(bound_ports(backend)) == ports
     assert len(backend.gnttab._live) == mappings
+
+
+def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, sends_blocked: threading.Event) -> None:
+    """The connected host socket cannot join its CPU's epoll set (the host
+    out of memory): CONNECT is answered with that errno and everything set
+    up for it goes back (event channel, data ring, CPU slot), even though
+    the teardown met more trouble: bytes the guest wrote early into the
+    out ring, which the send buffer would not take.  The id is NEW, and a
+    retry with the same ring works and sends those bytes."""
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    before = _resources(backend, host)
+    assert ring.write(b"early", notify=False) == 5
+    sends_blocked.set()
+    refused = _fail_add_fd_once(monkeypatch, *(p.events for p in backend._pollers.values()))
+    rsp = raw.response(raw.push_connect(sock_id, echo_server.address, ring))
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_CONNECT, ENOMEM, sock_id)
+    assert len(refused) == 1
+    row, = backend.stats().sockets
+    assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
+    assert backend.domain_sockets(raw.guest.domid) == 1
+    assert _resources(backend, host) == before
+    sends_blocked.clear()
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+    raw.evtchn.notify(ring.port)  # for the bytes written before
+    assert raw.recv_exactly(ring, 5) == b"early"
+    assert raw.unexpected == []
 
 
 def test_connect_is_answered_once_when_its_work_runs_meanwhile(
@@ -685,24 +760,6 @@ def test_listen_on_a_port_another_socket_listens_on(
         assert raw.response(accept).ret == 0
 
 
-def _fail_add_fd_once(monkeypatch: pytest.MonkeyPatch, *dispatchers: EventDispatcher,
-                      err: int = errno.ENOMEM) -> list[int]:
-    """The next add_fd of any of ``dispatchers`` fails with ``err`` (the host
-    out of memory, or of epoll watches); the later ones work.  Returns the
-    descriptors refused (one at most)."""
-    refused: list[int] = []
-    for dispatcher in dispatchers:
-        def add_fd(fd: int, events: int, callback: Any,
-                   real: Any = dispatcher.add_fd) -> None:
-            if not refused:
-                refused.append(fd)
-                raise OSError(err, os.strerror(err))
-            real(fd, events, callback)
-
-        monkeypatch.setattr(dispatcher, "add_fd", add_fd)
-    return refused
-
-
 def test_a_listen_whose_socket_cannot_be_watched_leaves_it_bound(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """The listening socket cannot join the event thread's epoll set: LISTEN
@@ -873,6 +930,47 @@ def test_release_frees_everything_before_answering(
     assert sock.host.fileno() == -1
     assert all(c.sockets == 0 for c in backend.stats().cpus)
     assert raw.release(sock_id).ret == EBADF
+
+
+def test_a_release_whose_flush_fails_still_frees_everything(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        sends_blocked: threading.Event) -> None:
+    """RELEASE first sends what the out ring still holds (pvcalls._linger).
+    When that fails (here the send buffer is full, and epoll, out of
+    memory, cannot add EPOLLOUT), the failure is logged with its traceback
+    and the teardown goes on: the host socket, the event channel, the data
+    ring, the CPU slot and the domain's count all go back, and RELEASE is
+    answered 0, as any RELEASE of a known id."""
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    before = _resources(backend, host)
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    assert sock.events is not None and sock.host is not None
+    sock.flush()  # its Work idle: the bytes below wait for the RELEASE
+    fd = sock.host.fileno()
+    assert ring.write(b"unsent", notify=False) == 6
+    sends_blocked.set()
+    failed = []
+
+    def no_memory(fd: int, events: int) -> None:
+        failed.append(fd)
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(sock.events, "modify_fd", no_memory)
+    rsp = raw.release(sock_id)
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_RELEASE, 0, sock_id)
+    assert failed == [fd]
+    assert backend.stats().sockets == ()
+    assert backend.domain_sockets(raw.guest.domid) == 0
+    assert _resources(backend, host) == before
+    assert fd not in sock.events._fds and sock.host.fileno() == -1
+    record, = (r for r in caplog.records if r.levelno >= logging.ERROR)
+    assert record.exc_info is not None and isinstance(record.exc_info[1], OSError)
+    assert record.exc_info[1].errno == errno.ENOMEM
+    assert raw.unexpected == []
 
 
 def test_release_of_new_socket(raw: RawFrontend, backend: pvcalls.Backend) -> None:
