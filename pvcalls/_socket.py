@@ -379,13 +379,20 @@ class ActiveSocket(Work):
         """Begin a non-blocking connect.  True if it completed within the
         call (usual on loopback, where the handshake runs inside
         ``connect``): the caller answers ``request`` at once, which saves
-        the Work a run and EPOLLOUT an arm and a disarm.  Otherwise the
-        Work answers it when the connect completes.
+        EPOLLOUT an arm and a disarm.  Otherwise the Work answers it when
+        the connect completes.
 
         The frontend may notify our event channel meanwhile, and so run
         our Work: it does nothing while the state is NEW, and the state
         becomes CONNECTING, together with ``connect_request``, only once
-        everything here is done.  So exactly one of us answers."""
+        everything here is done.  So exactly one of us answers.
+
+        Likewise CONNECTED, only once the host socket is watched: a
+        failure before (epoll out of memory) leaves a socket that has
+        moved no byte, which the caller tears down and answers with the
+        error.  (CONNECTED first, the Work could send what the guest
+        wrote early, or the teardown's flush would, on a connection the
+        guest is told failed.)"""
         host = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         host.setblocking(False)
         self.host = host
@@ -396,11 +403,13 @@ class ActiveSocket(Work):
                                f"connect to {address[0]}:{address[1]} failed at once")
         self.place()
         if err == 0 or _connected(host):
+            self._events().add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
             with self._lock:
                 self.state = SockState.CONNECTED
-            # Registering reports data that came already (epoll_ctl checks
-            # readiness), and _rx_more starts true: no kick needed.
-            self._events().add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
+            # An edge since add_fd (data that came already: epoll_ctl
+            # checks readiness) ran the Work while NEW, which did nothing;
+            # so did a notification of the frontend.  One run now.
+            self.kick()
             return True
         self._out_armed = True
         self._events().add_fd(host.fileno(), ACTIVE_EVENTS_OUT, self._on_host_event)
@@ -418,10 +427,14 @@ class ActiveSocket(Work):
         host.setblocking(False)
         self.host = host
         self.remote = address
+        self.place()
+        # CONNECTED only once watched, as in start_connect: if add_fd
+        # fails, the ACCEPT fails with no byte moved.  Meanwhile the Work
+        # does nothing (ACCEPTING); the kick after the answer covers the
+        # edges it let go.
+        self._events().add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
         with self._lock:
             self.state = SockState.CONNECTED
-        self.place()
-        self._events().add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
 
     # -- readiness ------------------------------------------------------------
 

@@ -309,6 +309,36 @@ def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(
     assert raw.unexpected == []
 
 
+def test_a_failed_connect_sends_nothing_the_guest_wrote_early(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CONNECT answered with an error (here: its host socket cannot be
+    watched) has sent nothing of what the guest wrote into the out ring
+    before the answer: the peer sees that connection close empty, and the
+    bytes go to the connection of the retry, without a notification (the
+    one the guest gave may have come while the socket was not connected)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(TIMEOUT)
+        sock_id, _ = raw.socket()
+        ring = raw.new_ring()
+        assert ring.write(b"early", notify=False) == 5
+        _fail_add_fd_once(monkeypatch, *(p.events for p in backend._pollers.values()))
+        rsp = raw.response(raw.push_connect(sock_id, server.getsockname(), ring))
+        assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_CONNECT, ENOMEM, sock_id)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            assert conn.recv(16) == b""
+        assert raw.response(raw.push_connect(sock_id, server.getsockname(), ring)).ret == 0
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            received = b""
+            while len(received) < 5 and (chunk := conn.recv(16)):
+                received += chunk
+            assert received == b"early"
+    assert raw.unexpected == []
+
+
 def test_connect_is_answered_once_when_its_work_runs_meanwhile(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -885,14 +915,19 @@ def test_accept_without_a_descriptor_left_is_emfile(
         assert raw.recv_exactly(ring, 6) == b"queued"
 
 
+@pytest.mark.parametrize("early", [b"", b"early"])
 def test_an_accepted_connection_that_cannot_be_watched_fails_the_accept(
-        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        early: bytes) -> None:
     """The accepted connection cannot join its CPU's epoll set (the host
     out of memory or of epoll watches): the ACCEPT is answered with that
-    errno rather than never, and its id_new is given up."""
+    errno rather than never, and its id_new is given up, with nothing sent
+    to the client of what the guest wrote early into its out ring."""
     listener, address = _listener(raw, backend)
     id_new = raw.new_id()
-    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    ring = raw.new_ring()
+    assert ring.write(early, notify=False) == len(early)
+    accept = raw.push_accept(listener, id_new, ring)
     wait_until(lambda: any(r.id == id_new for r in backend.stats().sockets))
 
     def no_watch(*_args: object) -> None:
