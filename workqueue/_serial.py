@@ -276,7 +276,11 @@ class SerialExecutor(Executor):
         future = LeanFuture(fn, args, kwargs)
         work = self._work
         with self._lock:
-            if self._shutdown:
+            # The workqueue's shutdown() refuses our calls too, as its own
+            # submit()'s: they are the workqueue's calls (it cancels them
+            # with cancel_futures), and a key whose Work is pending would
+            # otherwise take one in without queueing anything, unrefused.
+            if self._shutdown or work.wq._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if _atexit._exiting:  # as Workqueue.submit()
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")

@@ -754,9 +754,11 @@ class Workqueue(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work, then destroy the workqueue.
 
-        As ThreadPoolExecutor.shutdown(): with cancel_futures, submitted calls
-        that have not started are cancelled; with wait, return once the
-        workqueue is drained and destroyed.  Calling it again is harmless.
+        As ThreadPoolExecutor.shutdown(): submit() raises RuntimeError from
+        now on, and so does the submit() of every serial(key) executor;
+        with cancel_futures, submitted calls that have not started are
+        cancelled; with wait, return once the workqueue is drained and
+        destroyed.  Calling it again is harmless.
         """
         with lock:
             if wait:

@@ -260,6 +260,28 @@ def test_workqueue_shutdown_cancel_futures_cancels_the_serial_calls_too(topo: To
     assert running.result(TIMEOUT) == "first"
 
 
+def test_workqueue_shutdown_refuses_the_serial_calls_too(topo: Topology) -> None:
+    """Once wq.shutdown() has started, its serial executors refuse new calls
+    as wq.submit() does, whether or not the key's Work is pending (a pending
+    one would have taken the call in without queueing anything)."""
+    wq = alloc_workqueue("serial-refuse", topology=topo)
+    gate = threading.Event()
+    ex = wq.serial("k")
+    running = submit_held(ex, gate)
+    queued = ex.submit(lambda: "queued")  # the key's Work is pending again
+    wq.shutdown(wait=False)
+    try:
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            ex.submit(lambda: "too late")
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            wq.serial("idle").submit(lambda: "too late")
+    finally:
+        gate.set()
+    assert running.result(TIMEOUT) == "first"
+    assert queued.result(TIMEOUT) == "queued"
+    assert wq._destroyed.wait(TIMEOUT)
+
+
 def test_shutdown_releases_the_keys_cpu_slot(wq: object) -> None:
     executors = [wq.serial(k) for k in range(4)]  # type: ignore[attr-defined]
     on_cpu2 = next(ex for ex in executors if ex.cpu == 2)
