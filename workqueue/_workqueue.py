@@ -117,7 +117,16 @@ class Workqueue(Executor):
 
     shutdown() is destroy() for executors: it drains, then releases the
     pools; like destroy(), it refuses all queueing but chained queueing
-    from the workqueue's own items as soon as it starts.
+    from the workqueue's own items as soon as it starts (submit() is
+    refused even from those, as ThreadPoolExecutor's is from its tasks).
+
+    Where it differs from ThreadPoolExecutor, on purpose (kernel semantics):
+    there is no max_workers -- calls run up to max_active at a time per pool,
+    and concurrency management runs one per CPU unless it blocks (see
+    blocking()) or runs long; submit() raises on a draining workqueue
+    (drain()), and a frozen one holds its calls until thaw(); a
+    non-callable fn is a TypeError from submit() itself, not in the future;
+    shutdown() refuses what would deadlock or never end (see there).
     """
 
     def __init__(self, name: str, flags: int = 0, max_active: int = 0,
@@ -759,6 +768,13 @@ class Workqueue(Executor):
         with cancel_futures, submitted calls that have not started are
         cancelled; with wait, return once the workqueue is drained and
         destroyed.  Calling it again is harmless.
+
+        Unlike ThreadPoolExecutor's, it raises RuntimeError, changing
+        nothing, where it could not finish: with wait from one of the
+        workqueue's own items (which would wait for itself; there,
+        ThreadPoolExecutor shuts down and then fails to join its own
+        thread), and on a frozen workqueue (the drain would wait for
+        thaw()).  shutdown(wait=False) from an item is fine.
         """
         with lock:
             if wait:
