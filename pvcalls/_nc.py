@@ -79,6 +79,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _timeout(text: str) -> float:
+    """A -w timeout: as :func:`_seconds`, but more than 0.  A socket's
+    timeout of 0 makes it non-blocking, and connect and accept would fail
+    at once with EAGAIN ("no connection pending"), not time out."""
+    value = _seconds(text)
+    if not value:
+        raise argparse.ArgumentTypeError(f"{text} is not more than 0 seconds")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pvcalls-nc",
@@ -96,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         help="after end of input, quit once nothing arrived for SECS seconds",
     )
     p.add_argument(
-        "-w", "--wait", type=_seconds, default=None, metavar="SECS", help="timeout for connect/accept"
+        "-w", "--wait", type=_timeout, default=None, metavar="SECS",
+        help="timeout for connect/accept (more than 0)"
     )
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr when listening and when connected")

@@ -333,6 +333,11 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         (["-w", "inf", "127.0.0.1", "80"], "argument -w/--wait: inf is too long"),
         (["-w", "1e300", "127.0.0.1", "80"], "argument -w/--wait: 1e300 is too long"),
         (["-w", "-1", "127.0.0.1", "80"], "argument -w/--wait: -1 is not"),
+        # A timeout of 0 would make the socket non-blocking: connect and
+        # accept would fail at once, with EAGAIN ("no connection pending").
+        (["-w", "0", "127.0.0.1", "80"], "argument -w/--wait: 0 is not more than 0 seconds"),
+        (["-w", "0.0", "-l", "80"], "argument -w/--wait: 0.0 is not more than 0 seconds"),
+        (["-w", "1e-400", "127.0.0.1", "80"], "argument -w/--wait: 1e-400 is not more than 0"),
         (["-w", "soon", "127.0.0.1", "80"], "argument -w/--wait: 'soon' is not"),
         (["-q", "nan", "127.0.0.1", "80"], "argument -q/--quit-after: nan is not"),
         (["-q", "inf", "127.0.0.1", "80"], "argument -q/--quit-after: inf is too long"),
