@@ -424,6 +424,14 @@ def _page_order(text: str) -> int:
     return value
 
 
+def _run_dir(text: str) -> Path:
+    # Path("") is the current directory: an unset $RUN_DIR would quietly
+    # mean wherever the command was started.
+    if not text:
+        raise argparse.ArgumentTypeError("empty path (write '.' for the current directory)")
+    return Path(text)
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the sub-parsers by command (for their errors)."""
     from ._backend import DEFAULT_MAX_IOWORKERS
@@ -449,7 +457,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        description="Serve every pvcalls device of a host until SIGTERM, SIGINT or SIGHUP.")
     s.add_argument("--platform", choices=["sim", "xen"], required=True,
                    help="sim: join a xenback-sim host; xen: a real dom0")
-    s.add_argument("--run-dir", type=Path, help="run directory of the xenback-sim host")
+    s.add_argument("--run-dir", type=_run_dir, help="run directory of the xenback-sim host")
     s.add_argument("--policy", type=Path, metavar="FILE",
                    help="TOML access policy (per-domain connect/bind rules, socket limits)")
     return p, {"demo": d, "serve": s}

@@ -84,6 +84,8 @@ def script(name: str) -> list[str]:
         (["serve", "--platform", "sim", "--run-dir", "/nonexistent/run"], "no such directory"),
         (["serve", "--platform", "sim", "--run-dir", "/dev/null"],
          "--run-dir /dev/null: not a directory"),
+        # Path("") is the current directory: an unset $RUN_DIR would go there.
+        (["serve", "--platform", "sim", "--run-dir", ""], "argument --run-dir: empty path"),
         (["serve", "--platform", "xen", "--run-dir", "/tmp"], "only applies to --platform sim"),
         (["demo", "--max-ioworkers", "0"], "at least 1"),
         (["demo", "--max-ioworkers", "many"], "not a whole number"),
@@ -323,6 +325,7 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         (["b\u00fccher..de", "80"], "host 'b\u00fccher..de' is not a valid host name"),
         (["\udcff", "80"], "host '\\udcff' is not a valid host name"),
         (["-l", "b\u00fccher..de", "80"], "host 'b\u00fccher..de' is not a valid host name"),
+        (["--run-dir", "", "127.0.0.1", "80"], "argument --run-dir: empty path"),
         (["--domid", "0", "127.0.0.1", "80"], "argument --domid: 0 is not a guest"),
         (["--domid", "32752", "127.0.0.1", "80"], "argument --domid: 32752 is not a guest"),
         (["--domid", "9" * 30, "127.0.0.1", "80"], f"argument --domid: {'9' * 30} is not"),

@@ -128,6 +128,23 @@ def test_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
     assert "cannot start" in err
 
 
+def test_an_empty_run_dir_is_a_usage_error(tmp_path: Path) -> None:
+    # Path("") is the current directory: `--run-dir "$RUN_DIR"` with the
+    # variable unset would have served from wherever it was started.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", ""],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert (proc.returncode, out) == (2, "")
+    assert "xenback-sim: error: argument --run-dir: empty path" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_guests_are_created_from_other_processes(
     daemon: tuple[subprocess.Popen[str], Path, list[str]],
 ) -> None:

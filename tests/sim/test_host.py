@@ -7,6 +7,7 @@ import os
 import queue
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,14 @@ def test_a_host_that_fails_to_start_leaves_no_directory(tmp_path: Path) -> None:
     assert str(info.value) == (f"[Errno {errno.ENAMETOOLONG}] cannot listen on "
                                f"{run_dir / 'xenstored' / 'socket'}: AF_UNIX path too long")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("call", [SimHost, lambda run_dir: attach(run_dir, 1)],
+                         ids=["SimHost", "attach"])
+def test_an_empty_run_dir_is_refused(call: Callable[[str], object]) -> None:
+    # Path("") is the current directory, not a run directory anyone meant.
+    with pytest.raises(ValueError, match="^run_dir is empty"):
+        call("")
 
 
 def test_domain_handles_are_independent(host: SimHost) -> None:

@@ -27,6 +27,14 @@ logger = logging.getLogger(__name__)
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
+def _run_dir(text: str) -> Path:
+    # Path("") is the current directory: an unset $RUN_DIR would quietly
+    # mean wherever the command was started.
+    if not text:
+        raise argparse.ArgumentTypeError("empty path (write '.' for the current directory)")
+    return Path(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xenback-sim`` console script; returns the exit
     status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start, 2 for a
@@ -34,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
     )
-    parser.add_argument("--run-dir", required=True, type=Path, help="directory for the sockets")
+    parser.add_argument("--run-dir", required=True, type=_run_dir, help="directory for the sockets")
     parser.add_argument(
         "--domain", action="append", default=[], metavar="NAME", help="create a guest domain"
     )

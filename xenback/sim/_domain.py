@@ -110,6 +110,18 @@ def _dom0_call(run_dir: Path, op: str, **args: Any) -> dict[str, Any]:
     return reply
 
 
+def run_dir_path(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir`` as an absolute path; ValueError if it is empty.
+
+    ``Path("")`` is the current directory: an empty run directory (say, an
+    unset variable) would quietly mean wherever the process happens to run.
+    """
+    if os.fspath(run_dir) == "":
+        raise ValueError("run_dir is empty (give the host's run directory; "
+                         "'.' for the current one)")
+    return Path(run_dir).absolute()
+
+
 def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
     """Ask a running host (embedded or ``xenback-sim``) to create a guest.
 
@@ -117,14 +129,14 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
     :class:`~xenback.platform.PlatformError` with ``EINVAL`` for a bad or
     duplicate name.
     """
-    run_dir = Path(run_dir).absolute()
+    run_dir = run_dir_path(run_dir)
     reply = _dom0_call(run_dir, "domain_create", name=name)
     return Domain(run_dir, reply["domid"], reply["name"], Path(reply["xenstore_path"]))
 
 
 def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
     """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown)."""
-    _dom0_call(Path(run_dir).absolute(), "domain_destroy", domid=domid)
+    _dom0_call(run_dir_path(run_dir), "domain_destroy", domid=domid)
 
 
 def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
@@ -135,7 +147,7 @@ def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     """
     if type(domid) is not int or not 0 <= domid < 0x7FF0:
         raise ValueError(f"invalid domain id {domid!r}")
-    run_dir = Path(run_dir).absolute()
+    run_dir = run_dir_path(run_dir)
     path = domain_socket(run_dir, domid)
     try:
         conn = ServiceConnection(path, PlatformUnavailable)

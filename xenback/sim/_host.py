@@ -17,7 +17,7 @@ import pyxs
 
 from xenback._closing import Closing
 
-from ._domain import Domain
+from ._domain import Domain, run_dir_path
 from ._hypervisor import Hypervisor
 from ._toolstack import REMOVE_TIMEOUT, Toolstack
 from ._xenstored import XenStored
@@ -52,7 +52,7 @@ class SimHost(Closing):
         # A temporary run directory is made by start(), so that a host that
         # is never started leaves nothing behind.
         self._own_run_dir = run_dir is None
-        self._run_dir = None if run_dir is None else Path(run_dir).absolute()
+        self._run_dir = None if run_dir is None else run_dir_path(run_dir)
         # The directories start() made for a caller's run_dir, deepest first:
         # close() removes them again (if empty), as it removes the rest.
         self._made_dirs: list[Path] = []
