@@ -71,6 +71,7 @@ from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
 from xenback import BackendDevice, BackendDriver, XenbusState
 from xenback._closing import Closing
 from xenback.events import EventDispatcher
+from xenback.platform import Platform
 from xenback.ratelimit import RateLimit
 from xenback.ring import BackRing, RingError
 
@@ -108,7 +109,7 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    from xenback.platform import GrantMapping, GrantTable, Platform
+    from xenback.platform import GrantMapping, GrantTable
 
 __all__ = ["DEFAULT_MAX_IOWORKERS", "Backend", "BackendStats", "CpuStats", "SocketStats"]
 
@@ -203,6 +204,11 @@ class Backend(Closing):
         cpus: int | None = None,
         topology: Topology | None = None,
     ) -> None:
+        # Every argument is checked before anything starts: a wrong one found
+        # later would surface as a missing attribute, or under another name.
+        if not isinstance(platform, Platform):
+            raise TypeError(
+                f"platform must be a xenback.platform.Platform, not {type(platform).__name__}")
         if isinstance(max_ioworkers, bool) or not isinstance(max_ioworkers, int):
             raise TypeError(f"max_ioworkers must be an int, not {type(max_ioworkers).__name__}")
         if max_ioworkers < 1:
@@ -217,6 +223,14 @@ class Backend(Closing):
             raise TypeError(f"policy must be a pvcalls.Policy, not {type(policy).__name__}")
         if topology is not None and cpus is not None:
             raise TypeError("give either cpus or topology, not both")
+        if cpus is not None:
+            # Here, not by Topology: min() below would compare it first.
+            if isinstance(cpus, bool) or not isinstance(cpus, int):
+                raise TypeError(f"cpus must be an int, not {type(cpus).__name__}")
+            if cpus < 1:
+                raise ValueError(f"cpus must be at least 1, got {cpus}")
+        if topology is not None and not isinstance(topology, Topology):
+            raise TypeError(f"topology must be a workqueue.Topology, not {type(topology).__name__}")
         if topology is None:
             if cpus is None:
                 host = sorted(os.sched_getaffinity(0))

@@ -61,6 +61,29 @@ def test_bad_arguments_are_refused(host: Any, kwargs: dict[str, Any],
         pvcalls.Backend(host.dom0, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("platform", "kwargs", "error", "message"),
+    [
+        (None, {}, TypeError, "^platform must be a xenback.platform.Platform, not NoneType$"),
+        ("dom0", {}, TypeError, "^platform must be a xenback.platform.Platform, not str$"),
+        ("host", {"cpus": "2"}, TypeError, "^cpus must be an int, not str$"),
+        ("host", {"cpus": 2.0}, TypeError, "^cpus must be an int, not float$"),
+        ("host", {"cpus": 0}, ValueError, "^cpus must be at least 1, got 0$"),
+        ("host", {"topology": "2 CPUs"}, TypeError,
+         "^topology must be a workqueue.Topology, not str$"),
+    ],
+)
+def test_bad_arguments_say_which_and_start_nothing(
+        host: Any, platform: Any, kwargs: dict[str, Any], error: type[Exception],
+        message: str) -> None:
+    # Checked before the first thread starts, and named as Backend's
+    # arguments (not as Topology's, or as a missing attribute).
+    before = set(threading.enumerate())
+    with pytest.raises(error, match=message):
+        pvcalls.Backend(host.dom0 if platform == "host" else platform, **kwargs)
+    assert set(threading.enumerate()) - before == set()
+
+
 def test_nr_ioworkers_is_capped(host: Any) -> None:
     with pvcalls.Backend(host.dom0, max_ioworkers=3, cpus=8) as b:
         assert b.nr_ioworkers == 3
