@@ -87,6 +87,7 @@ from typing import TYPE_CHECKING, Any, Self
 from workqueue._pool import wait_slice
 from xenback import _barrier
 from xenback._closing import Closing
+from xenback.platform import Platform
 from xenback.ring import FlexRing, FrontRing, RingError
 from xenback.xenbus import XenbusState
 from xenback.xenstore import XenStore
@@ -147,6 +148,8 @@ _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 _U32 = struct.Struct("=I")
 #: The longest timeout settimeout() takes (socket.socket's limit is time_t's).
 _TIMEOUT_MAX = float(threading.TIMEOUT_MAX)
+#: Domain ids from here up are reserved: no backend runs in one.
+_DOMID_FIRST_RESERVED = 0x7FF0
 _ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
 _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 #: Released data rings a frontend keeps for reuse (17 pages and a port each).
@@ -1383,6 +1386,20 @@ class Frontend(Closing):
         backend's ``max-page-order``, checked at the handshake) means fewer
         notifications and wake-ups per megabyte.
         """
+        # All checked here, not at open(): there the toolstack refused a
+        # wrong type as a ValueError, and a domain that is none failed as a
+        # missing attribute.
+        if not isinstance(domain, Platform) or not hasattr(domain, "toolstack"):
+            raise TypeError("domain must be a guest's Platform with a toolstack "
+                            f"(a xenback.sim.Domain), not {type(domain).__name__}")
+        for name, value in (("backend_id", backend_id), ("devid", devid)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if not 0 <= backend_id < _DOMID_FIRST_RESERVED:
+            raise ValueError(f"backend_id must be a domain id (0 to {_DOMID_FIRST_RESERVED - 1}), "
+                             f"got {backend_id}")
+        if devid < 0:
+            raise ValueError(f"devid must be at least 0, got {devid}")
         if isinstance(ring_order, bool) or not isinstance(ring_order, int):
             raise TypeError(f"ring_order must be an int, not {type(ring_order).__name__}")
         if not 1 <= ring_order <= MAX_PAGE_ORDER_LIMIT:

@@ -837,6 +837,26 @@ def test_a_bad_timeout_is_refused_at_once(guest: Any, timeout: Any,
         pvcalls.Frontend(guest, timeout=timeout)
 
 
+@pytest.mark.parametrize(("domain", "kwargs", "exc", "message"), [
+    (None, {}, TypeError, "^domain must be a guest's Platform with a toolstack "
+                          r"\(a xenback.sim.Domain\), not NoneType$"),
+    ("guest", {"backend_id": "0"}, TypeError, "^backend_id must be an int, not str$"),
+    ("guest", {"backend_id": 0.0}, TypeError, "^backend_id must be an int, not float$"),
+    ("guest", {"backend_id": -1}, ValueError, "^backend_id must be a domain id "
+                                             r"\(0 to 32751\), got -1$"),
+    ("guest", {"backend_id": 0x7FF0}, ValueError, "got 32752$"),
+    ("guest", {"devid": True}, TypeError, "^devid must be an int, not bool$"),
+    ("guest", {"devid": -1}, ValueError, "^devid must be at least 0, got -1$"),
+])
+def test_a_bad_argument_is_refused_at_once(guest: Any, domain: Any, kwargs: dict[str, Any],
+                                           exc: type[Exception], message: str) -> None:
+    """As a bad timeout: by the constructor, as a TypeError for a wrong type,
+    not at open() by the toolstack (a ValueError even for backend_id="0")
+    or as a missing attribute."""
+    with pytest.raises(exc, match=message):
+        pvcalls.Frontend(guest if domain == "guest" else domain, **kwargs)
+
+
 def test_linux_enotsupp_is_eopnotsupp_and_unnamed_errors_eio() -> None:
     from pvcalls.frontend import _host_error
 
