@@ -405,7 +405,10 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
 
 def _positive_int(text: str) -> int:
     # Decimal ASCII digits only: int() would also take " 5", "1_0" and "５".
-    if not (text.isascii() and text.isdigit()):
+    # A minus sign is let through, so that "-1" is told it is too small
+    # rather than that it is not a whole number.
+    digits = text.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     value = int(text)
     if value < 1:

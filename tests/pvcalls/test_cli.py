@@ -89,6 +89,9 @@ def script(name: str) -> list[str]:
         (["serve", "--platform", "xen", "--run-dir", "/tmp"], "only applies to --platform sim"),
         (["demo", "--max-ioworkers", "0"], "at least 1"),
         (["demo", "--max-ioworkers", "many"], "not a whole number"),
+        # A negative number is a whole number: say what is wrong with it.
+        (["demo", "--max-ioworkers", "-1"], "argument --max-ioworkers: -1 must be at least 1"),
+        (["demo", "--max-page-order", "-4"], "argument --max-page-order: -4 must be at least 1"),
         # int() takes these; a number on a command line is plain digits.
         (["demo", "--max-ioworkers", "1_0"], "'1_0' is not a whole number"),
         (["demo", "--max-ioworkers", " 4"], "' 4' is not a whole number"),
