@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 
 HotplugNotifier = Callable[[int, bool], None]
 
+#: The most CPUs a topology has: Linux's largest NR_CPUS (x86-64's
+#: NR_CPUS_RANGE_END with CPUMASK_OFFSTACK).  A larger count is a mistake,
+#: and Topology(10**8) would take gigabytes before anything said so.
+NR_CPUS_MAX = 8192
+
 
 def _load_sched_getcpu() -> Callable[[], int] | None:
     """glibc's sched_getcpu(), which the os module does not offer.
@@ -108,6 +113,8 @@ class Topology:
                 raise TypeError(f"ncpus must be an int, not {type(ncpus).__name__}")
             if ncpus < 1:
                 raise ValueError(f"ncpus must be at least 1, got {ncpus}")
+            if ncpus > NR_CPUS_MAX:
+                raise ValueError(f"ncpus must be at most {NR_CPUS_MAX} (Linux's most), got {ncpus}")
             possible = list(range(ncpus))
         elif cpus is not None:
             possible = []
@@ -116,6 +123,8 @@ class Topology:
                     raise TypeError(f"CPU numbers must be ints, got {cpu!r}")
                 if cpu < 0:
                     raise ValueError(f"CPU numbers must not be negative, got {cpu}")
+                if len(possible) == NR_CPUS_MAX:  # before an endless iterable fills memory
+                    raise ValueError(f"a topology has at most {NR_CPUS_MAX} CPUs (Linux's most)")
                 possible.append(cpu)
             if not possible:
                 raise ValueError("a topology needs at least one CPU")

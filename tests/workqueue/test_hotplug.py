@@ -260,6 +260,17 @@ def test_topology_contract_and_errors() -> None:
         Topology(1, watchdog_thresh="30")  # type: ignore[arg-type]
 
 
+def test_a_topology_has_at_most_nr_cpus_cpus() -> None:
+    # Topology(10**8) built a list of 10**8 CPUs (gigabytes; 10**7 took
+    # 1.2 GB), and a workqueue on 10**7 of them did not start in minutes.
+    with pytest.raises(ValueError, match=r"^ncpus must be at most 8192 \(Linux's most\), got 8193$"):
+        Topology(8193)
+    with pytest.raises(ValueError, match=r"^a topology has at most 8192 CPUs \(Linux's most\)$"):
+        Topology(cpus=range(8193))
+    assert len(Topology(8192).possible()) == 8192
+    assert Topology(cpus=range(1, 8193)).possible()[-1] == 8192
+
+
 def test_a_failing_notifier_is_logged_and_the_others_run(caplog: pytest.LogCaptureFixture) -> None:
     topo = Topology(2)
     seen: list[int] = []
