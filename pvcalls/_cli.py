@@ -410,7 +410,13 @@ def _positive_int(text: str) -> int:
     digits = text.removeprefix("-")
     if not (digits.isascii() and digits.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        # More digits than int() converts (sys.get_int_max_str_digits()):
+        # argparse would say "invalid _positive_int value".
+        raise argparse.ArgumentTypeError(
+            f"{text} is too {'small' if text.startswith('-') else 'large'}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value

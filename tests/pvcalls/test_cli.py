@@ -97,6 +97,11 @@ def script(name: str) -> list[str]:
         (["demo", "--max-ioworkers", " 4"], "' 4' is not a whole number"),
         (["demo", "--max-page-order", "\uff14"], "'\uff14' is not a whole number"),
         (["demo", "--max-page-order", "99"], "most one indexes page"),
+        # More digits than int() converts (sys.get_int_max_str_digits()):
+        # argparse then said "invalid _positive_int value", naming our code.
+        (["demo", "--max-ioworkers", "9" * 5000], f"argument --max-ioworkers: {'9' * 5000} is too"),
+        (["demo", "--max-page-order", "9" * 5000], "9 is too large"),
+        (["demo", "--max-page-order", "-" + "9" * 5000], "9 is too small"),
         (["demo", "--log-level", "LOUD"], "invalid choice"),
     ],
 )
