@@ -337,6 +337,11 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         (["--domid", "0", "127.0.0.1", "80"], "argument --domid: 0 is not a guest"),
         (["--domid", "32752", "127.0.0.1", "80"], "argument --domid: 32752 is not a guest"),
         (["--domid", "9" * 30, "127.0.0.1", "80"], f"argument --domid: {'9' * 30} is not"),
+        # More digits than int() converts: a traceback for the port, and
+        # "invalid _domid value" (our function's name) for the domid.
+        (["127.0.0.1", "9" * 5000], f"port {'9' * 5000} is out of range"),
+        (["--domid", "9" * 5000, "127.0.0.1", "80"],
+         f"argument --domid: {'9' * 5000} is not a guest domain id"),
         (["--domid", "one", "127.0.0.1", "80"], "argument --domid: 'one' is not"),
         (["--domid", "1_0", "127.0.0.1", "80"], "argument --domid: '1_0' is not"),
         (["--domid", "\uff11", "127.0.0.1", "80"], "argument --domid: '\uff11' is not"),
