@@ -14,7 +14,9 @@ protocol (section 2 of the protocol reference), item by item:
 * probe: ``frontend`` and ``frontend-id`` are read and the frontend path
   must exist, then :meth:`BackendDriver.probe` writes the feature nodes and
   the base switches to InitWait and watches the frontend's ``state``;
-* frontend Initialising -> InitWait again if we were Closed (reconnect);
+* frontend Initialising -> InitWait again if we were not in InitWait
+  (reconnect after Closed, or a frontend that restarted without closing:
+  disconnect first), or dropped if a removal is under way;
   Initialised or Connected -> :meth:`BackendDriver.connect`, then Connected;
   Closing -> :meth:`BackendDriver.disconnect`, Closing; Closed -> disconnect,
   Closed, and the device is dropped if ``online`` is 0; Unknown (the
@@ -452,12 +454,21 @@ class BackendDriver:
         """React to the frontend's new state (the table in the module
         docstring).  Override only to extend it."""
         if state == XenbusState.INITIALISING:
-            if dev.state == XenbusState.CLOSED:
+            # From Closed the frontend reconnects; from Connected or Closing
+            # it restarted without closing (it crashed, was kexec'd, its
+            # driver was reloaded) and will wait for InitWait: what we hold
+            # is the old frontend's (pvcalls-back and netback reset too).
+            if dev.state != XenbusState.INIT_WAIT:
                 logger.info("%s: frontend reinitialising, prepare for reconnect", dev.nodename)
+                self._disconnect(dev)
                 dev.switch_state(XenbusState.INIT_WAIT)
+                if dev.state == XenbusState.CLOSING:
+                    # A removal is under way (see switch_state), and a
+                    # frontend in Initialising has nothing left to close.
+                    self._drop(dev)
         elif state in (XenbusState.INITIALISED, XenbusState.CONNECTED):
             # Closing means a fatal error or a removal is under way: the
-            # frontend must go through Closed and Initialising first.
+            # frontend must start again (Initialising) first.
             if dev.state in (XenbusState.INIT_WAIT, XenbusState.INITIALISED, XenbusState.CLOSED):
                 self._connect(dev)
         elif state == XenbusState.CLOSING:

@@ -988,3 +988,61 @@ def test_a_stop_interrupted_in_its_wait_can_be_finished_by_another(host, driver,
     driver.stop()
     assert driver.devices() == [] and driver._xs is None
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+
+
+@pytest.mark.parametrize("was", [S.CONNECTED, S.CLOSING])
+def test_a_frontend_restarting_without_closing_can_connect_again(
+        host, driver, frontends, dom0_xs, was: S) -> None:
+    """A frontend that crashed, was kexec'd or had its driver reloaded
+    writes Initialising without going through Closed.  The backend must
+    drop its stale connection and offer InitWait again (as pvcalls-back's
+    and netback's set_backend_state do), or the new frontend waits for an
+    InitWait that never comes while the old ring stays mapped."""
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    if was == S.CLOSING:
+        fe.set_state(S.CLOSING)
+        fe.wait_backend(S.CLOSING)
+    old = fe.pages
+    fe.set_state(S.INITIALISING)
+    fe.wait_backend(S.INIT_WAIT, timeout=3)
+    assert bdev.resources == (0, 0)
+    old.unshare()  # nobody maps the old ring any more: its grant goes
+    fe.pages = None
+    fe.publish()  # a fresh ring and port
+    fe.wait_backend(S.CONNECTED)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
+    assert bdev.resources == (1, 1)
+    assert _error(dom0_xs, dev) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    fe.close()
+    census.check()
+
+
+def test_a_frontend_restarting_during_removal_lets_the_toolstack_go(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """The toolstack asked for removal (online=0, Closing) and the frontend
+    restarts instead of closing: a frontend in Initialising has nothing to
+    close, so the device goes Closed at once, as when the toolstack finds
+    the frontend in Initialising; libxl must not wait out its timeout."""
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    removed: list[bool] = []
+    remover = threading.Thread(
+        target=lambda: removed.append(host.toolstack.remove_device(dev, timeout=3)))
+    remover.start()
+    fe.wait_backend(S.CLOSING)
+    dom0_xs.wait_for(f"{dev.backend_path}/online", "0", timeout=TIMEOUT)
+    # The backend has seen the toolstack's writes (and kept waiting for
+    # the connected frontend) before the frontend restarts.
+    handed_over(driver.xenstore, "removing")
+    bdev.events.flush()
+    assert bdev.resources == (1, 1)
+    fe.set_state(S.INITIALISING)
+    remover.join(TIMEOUT)
+    assert removed == [True]
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+    driver.wait_call("remove", guest.domid)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
