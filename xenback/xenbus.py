@@ -452,7 +452,8 @@ class BackendDriver:
 
     def frontend_changed(self, dev: BackendDevice, state: XenbusState) -> None:
         """React to the frontend's new state (the table in the module
-        docstring).  Override only to extend it."""
+        docstring).  Override only to extend it.  Raising makes the device
+        fail (error node, Closing)."""
         if state == XenbusState.INITIALISING:
             # From Closed the frontend reconnects; from Connected or Closing
             # it restarted without closing (it crashed, was kexec'd, its
@@ -753,7 +754,22 @@ class BackendDriver:
             return
         dev.frontend_state = state
         logger.debug("%s: frontend %s", dev.nodename, state.name)
-        self.frontend_changed(dev, state)
+        try:
+            self.frontend_changed(dev, state)
+        except Exception as exc:
+            # A driver's extension of the table, or XenStore under it (a
+            # state that cannot be written: xenbus_switch_fatal), failed:
+            # the frontend must hear of it, as from a failed connect.
+            err, message = _errno_of(exc)
+            logger.debug("%s: handling frontend %s failed", dev.nodename, state.name, exc_info=True)
+            if dev.gone:
+                # It dropped the device before raising: Closing must not
+                # replace the Closed the toolstack may be waiting for.
+                logger.error("%s: frontend state %d: %s", dev.nodename, state, message)
+            elif self.xenstore.exists(dev.nodename):
+                dev.fatal(err, f"frontend state {int(state)}: {message}")
+            else:
+                self._drop(dev)
 
     @staticmethod
     def _otherend_state(dev: BackendDevice) -> str | None:

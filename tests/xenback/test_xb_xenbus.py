@@ -1046,3 +1046,55 @@ def test_a_frontend_restarting_during_removal_lets_the_toolstack_go(
     assert not [r for r in caplog.records if "did not close" in r.getMessage()]
     driver.wait_call("remove", guest.domid)
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+
+
+def test_a_frontend_changed_that_raises_fails_the_device(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """frontend_changed() may be overridden to extend the table; whatever
+    it raises (or a XenStore error under it) fails the device as
+    xenbus_dev_fatal does: an error node and Closing, not a traceback in
+    the log with the device left where it was and the frontend waiting."""
+    census = Census(host, driver)
+    handle = driver.frontend_changed
+
+    def extended(d, state) -> None:
+        if state == S.INITIALISED:
+            raise LookupError("no queue for this frontend")
+        handle(d, state)
+
+    driver.frontend_changed = extended  # type: ignore[method-assign]
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+    fe.publish()
+    fe.wait_backend(S.CLOSING, timeout=3)
+    assert _error(dom0_xs, dev) == (
+        f"{errno.EIO} frontend state 3: LookupError: no queue for this frontend")
+    assert _no_tracebacks(caplog) == []
+    fe.set_state(S.CLOSED)  # and the device still closes
+    fe.wait_backend(S.CLOSED)
+    assert driver.calls_of(guest.domid) == ["probe"]
+    fe.close()
+    census.check()
+
+
+def test_a_frontend_changed_that_raises_after_dropping_the_device(
+        host, driver, frontends, dom0_xs) -> None:
+    """An extension that raises after the base class dropped the device
+    (frontend Closed, online=0): the Closed written stays, or the toolstack
+    waits for it in vain."""
+    handle = driver.frontend_changed
+
+    def extended(d, state) -> None:
+        handle(d, state)
+        if state == S.CLOSED:
+            raise LookupError("no queue for this frontend")
+
+    driver.frontend_changed = extended  # type: ignore[method-assign]
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    dom0_xs.write(f"{dev.backend_path}/online", 0)
+    fe.set_state(S.CLOSED)
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    assert _error(dom0_xs, dev) is None
