@@ -5,17 +5,32 @@ lists in its constructor, and leaves them for the cyclic garbage collector to
 scan while the call waits; concurrent.futures.wait() then takes every
 future's condition.  All of that costs more than queueing a work item.  A
 LeanFuture is one slotted object that carries its call, and makes what only
-a watcher needs -- the waiter list, the done-callbacks, the threads asleep in
-result() -- when the first watcher asks for it.  Workqueue.submit() and
-wq.serial(key).submit() both return one.
+a watcher needs -- its condition, the waiter list, the done-callbacks, the
+threads asleep in result() -- when the first watcher asks for it.
+Workqueue.submit() and wq.serial(key).submit() both return one.
 
-All LeanFutures share one `_condition`, on a re-entrant lock: wait() takes
-it once per future, which re-entrancy makes cheap, where a condition per
-future, however lazily made, would cost as much as a standard Future.
-Nobody sleeps on it: result() and exception() sleep on a private lock per
-blocked thread, which the finishing side releases.  A future is *watched*
-once anybody asked for its `_condition`, which they do before taking it;
-only a watched future has anybody to tell when it is done.
+A future is *watched* once anybody asked for its `_condition` while it was
+not done (wait(), as_completed(), add_done_callback(), asyncio): that makes
+its own condition (an _OwnCondition: a re-entrant lock), once, under
+_futures_lock, and the future keeps it.  An unwatched future has none, and
+its state is guarded by _futures_lock alone, which every LeanFuture shares:
+starting and finishing take only that lock, once.  A future asked for its
+`_condition` once it is final gets a lock that locks nothing (_SETTLED),
+unless it has its own already: a final state never changes again, so there
+is nothing left to guard, and wait() over futures that are done makes no
+locks.  result() and exception() make no condition either: they sleep on a
+private lock per blocked thread (on the future's `_blocked` list, under
+_futures_lock), which the finishing side releases.
+
+Why not one condition for them all, on one re-entrant lock, which wait()
+would take cheaply once per future?  Because wait() and as_completed() take
+their futures' conditions in the order of the futures' ids, and a standard
+Future, with a condition of its own, can sit between two LeanFutures in that
+order: a wait() on {A, L1} (A a standard future first) would hold A's and
+want the shared lock, while a wait() on {L2, A} (L2 first) held the shared
+lock and wanted A's -- a deadlock that standard futures, one condition
+each, cannot have.  Conditions of their own put LeanFutures back in that
+order.
 
 The one rule: a future's state becomes final only under its condition, in
 the same hold that tells its watchers.  concurrent.futures.wait() and
@@ -26,18 +41,24 @@ made final between the two looks would be counted by neither, and still
 count the waiter down; a future told of in a later hold than the one that
 made it final could be counted as done by a look in between, and then count
 the waiter down once more.  Either way wait() would return with futures not
-done.  (PENDING -> RUNNING needs no such care: both read as "not done".)
+done.  (PENDING -> RUNNING needs no such care: both read as "not done"; nor
+PENDING -> CANCELLED, which concurrent.futures reads as "not done" as well:
+see cancel_pending_futures.)  For an unwatched future "its condition" is
+_futures_lock: while that is held nobody can make it one, as that takes the
+lock, so the state made final in that hold has nobody to tell.
 
 A future can be cancelled until it starts, and who decides that depends on
 who runs it.  The future of a submitted call (a CallWork's) can be cancelled
 exactly while its work item is pending, which the engine lock decides.  Any
 other LeanFuture -- a serial executor's, or a bare LeanFuture() -- until its
-executor calls set_running_or_notify_cancel(), which decides under the
-condition.
+executor calls set_running_or_notify_cancel(), which decides under
+_futures_lock.
 """
 
 from __future__ import annotations
 
+import _thread
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -59,24 +80,118 @@ if TYPE_CHECKING:
 
 __all__ = ["LeanFuture", "CallWork", "cancel_pending_futures"]
 
-_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)  # done(): no outcome to come
+_FINAL = (CANCELLED_AND_NOTIFIED, FINISHED)  # and every watcher told (what wait() counts)
 
-# The lock of every LeanFuture's `_condition`.  Final states are written under
-# it (the rule in the module docstring), and it guards the watchers' lists
-# (_waiter_list, _callback_list, _blocked).  Held only for those few
-# operations, never while user code runs; re-entrant because wait() takes it
-# once per future.  Lock order: this lock -> engine lock (cancelling a
-# submitted call decides under both); nothing takes this lock while holding
-# the engine lock.
+# Shared by every LeanFuture.  Every write of a future's _state is made under
+# it, so that the decisions (start or cancel, result() going to sleep or not)
+# see one order; it is the condition of an unwatched future (see the module
+# docstring); it guards _blocked, and the making of a future's own
+# condition (_own).  (Our code never takes it twice in a row.)
+#
+# Lock order: a future's own condition -> this lock -> engine lock
+# (cancelling a submitted call decides under both).  So this lock is a leaf
+# but for the engine lock: nothing may take a condition -- any future's,
+# standard or lean -- while holding it, for wait() holds the conditions of
+# the futures it has taken when it takes this lock in the `_condition` of
+# the next (which makes that one's); and nothing takes it while holding the
+# engine lock.  A future that has its own condition is made final by taking
+# that, then this lock; one that has none, in a hold of this lock that finds
+# it has none (none can be made until that hold ends).
 #
 # Every worker takes it twice per call, so on the per-call paths (start,
 # finish) the hold calls no Python function: a call is where the GIL may
 # change hands, and the other workers would then queue on this lock behind a
 # thread that is not running (bench (c) lost a third of its speed to that).
-# For the same reason our code takes the lock itself, not the Condition,
-# whose __enter__ and __exit__ are Python functions.
+# For the same reason our code takes the lock itself, not a Condition, whose
+# __enter__ and __exit__ are Python functions, and tells a watched future's
+# waiters after letting go of it, still under the future's own condition.
 _futures_lock = threading.RLock()
-_futures_cond = threading.Condition(_futures_lock)
+
+
+class _OwnCondition(_thread.RLock):  # type: ignore[misc]  # final in the stubs only
+    """A watched future's own condition: a re-entrant lock.
+
+    That lock is all that concurrent.futures takes of a future's condition
+    (it waits through result() and its waiters), and it is made twenty times
+    faster than a threading.Condition -- which would cost a watched future
+    as much as a standard Future, and asyncio watches every future it runs
+    in an executor.  For code that waits on the condition itself, wait()
+    makes a threading.Condition on this lock for as long as anybody waits,
+    which notify() and notify_all() find.
+    """
+
+    __slots__ = ()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._as_condition(lambda condition: condition.wait(timeout))
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        return self._as_condition(lambda condition: condition.wait_for(predicate, timeout))
+
+    def _as_condition(self, wait: Callable[[threading.Condition], Any]) -> Any:
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot wait on un-acquired lock")
+        entry = _sleeping.get(self)  # under this lock, as every use of it
+        if entry is None:
+            entry = _sleeping[self] = [threading.Condition(self), 0]
+        entry[1] += 1
+        try:
+            return wait(entry[0])
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del _sleeping[self]
+
+    def notify(self, n: int = 1) -> None:
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot notify on un-acquired lock")
+        entry = _sleeping.get(self)
+        if entry is not None:
+            entry[0].notify(n)
+
+    def notify_all(self) -> None:
+        self.notify(sys.maxsize)
+
+
+# The conditions of the _OwnConditions somebody waits on, and how many wait.
+_sleeping: dict[_OwnCondition, list[Any]] = {}
+
+
+class _Settled:
+    """The `_condition` of a future that was final before anybody watched it.
+
+    A final state never changes, and a future has nobody to tell once it is
+    final, so there is nothing left for a lock to guard: this one locks
+    nothing, and is shared.  (wait() still adds its waiter to, and takes it
+    off, the future's _waiters, which is atomic: see LeanFuture._waiters.)
+    """
+
+    __slots__ = ()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def notify(self, n: int = 1) -> None:
+        pass
+
+    def notify_all(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        raise RuntimeError("waiting on the condition of a future that is done: nothing will notify it")
+
+
+_SETTLED: Any = _Settled()
 
 
 def _call_name(fn: Callable[..., Any] | None) -> str:
@@ -98,13 +213,15 @@ class LeanFuture(Future[Any]):
     # The fields every future needs are slots; _result and _exception are
     # set when it finishes, and nothing reads them before.  The fields only a
     # watched future needs are the class attributes below until a watcher
-    # sets them in the instance (under _futures_lock, except _watched: see
-    # the module docstring).
+    # sets them in the instance.
     __slots__ = ("_state", "_result", "_exception", "_fn", "_args", "_kwargs", "_work")
-    _watched = False
+    # Its own condition: made under _futures_lock, never replaced.
+    _own: _OwnCondition | None = None
+    # Under the condition (with _waiters and _done_callbacks, which make them):
     _waiter_list: list[Any] | None = None  # concurrent.futures' waiters
     _callback_list: list[Callable[[Future[Any]], object]] | None = None
-    _blocked: list[threading.Lock] | None = None  # a lock per thread asleep in result()
+    # Under _futures_lock: a lock per thread asleep in result().
+    _blocked: list[threading.Lock] | None = None
 
     def __init__(  # no super().__init__(): that is the cost
         self,
@@ -122,24 +239,44 @@ class LeanFuture(Future[Any]):
         self._work = work
 
     # What concurrent.futures.Future keeps in plain attributes.  It touches
-    # the lists only while holding _condition, hence they are made under it.
+    # the lists only while holding _condition.
 
     @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        self._watched = True  # before the caller takes it and looks at the state
-        return _futures_cond
+    def _condition(self) -> _OwnCondition:  # type: ignore[override]
+        if self._state in _FINAL:
+            # For good, so _own can no longer be made: it is None for good,
+            # or was made before the state became final.
+            own = self._own
+            return _SETTLED if own is None else own
+        own = self._own
+        if own is not None:
+            return own
+        made = _OwnCondition()  # before the hold, which then calls nothing
+        with _futures_lock:
+            own = self._own
+            if own is None:
+                if self._state in _FINAL:
+                    return _SETTLED
+                self._own = own = made
+        return own
+
+    # A future's own condition guards its lists; a _SETTLED future's are
+    # reached by more than one thread at once, so they are made atomically
+    # (dict.setdefault), and used only through list methods, atomic as well.
 
     @property
     def _waiters(self) -> list[Any]:  # type: ignore[override]
-        if self._waiter_list is None:
-            self._waiter_list = []
-        return self._waiter_list
+        waiters = self._waiter_list
+        if waiters is None:
+            waiters = vars(self).setdefault("_waiter_list", [])
+        return waiters
 
     @property
     def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
-        if self._callback_list is None:
-            self._callback_list = []
-        return self._callback_list
+        callbacks = self._callback_list
+        if callbacks is None:
+            callbacks = vars(self).setdefault("_callback_list", [])
+        return callbacks
 
     def __repr__(self) -> str:
         call = "" if self._fn is None else f" {_call_name(self._fn)}"
@@ -170,7 +307,7 @@ class LeanFuture(Future[Any]):
                 self._state = RUNNING
                 return True
             if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return False  # and cancel() has told the watchers
+                return False  # and whoever cancelled it tells the watchers
         raise InvalidStateError(f"{self!r} cannot start: it is {state}")
 
     def set_result(self, result: Any) -> None:
@@ -183,27 +320,54 @@ class LeanFuture(Future[Any]):
         """set_result() and set_exception(): as a standard Future's, they
         refuse a future already done (its maker's bug; _run() never does)."""
         with _futures_lock:
-            if self._state in _DONE:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._exception = exception
-            self._state = FINISHED
-            if self._watched:
-                self._tell_watchers()
+            own = self._own
+            if own is None:  # none can be made in this hold: final in it
+                self._finish_locked(result, exception)
+        if own is not None:
+            with own:
+                with _futures_lock:
+                    self._finish_locked(result, exception)
+                self._tell_watchers(own)
         self._let_go()
+
+    def _finish_locked(self, result: Any, exception: BaseException | None) -> None:
+        """_set_final()'s step under _futures_lock."""
+        if self._state in _DONE:
+            raise InvalidStateError(f"{self._state}: {self!r}")
+        self._result = result
+        self._exception = exception
+        self._state = FINISHED
+        if self._blocked is not None:
+            self._wake_sleepers()
 
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         self._result = result
         self._exception = exception
-        with _futures_lock:  # final, and told, in one hold (see the module docstring)
-            self._state = FINISHED
-            if self._watched:
-                self._tell_watchers()
+        with _futures_lock:
+            own = self._own
+            if own is None:  # none can be made in this hold: final in it
+                self._state = FINISHED
+                if self._blocked is not None:
+                    self._wake_sleepers()
+        if own is not None:  # final, and told, in one hold of it
+            with own:
+                with _futures_lock:
+                    self._state = FINISHED
+                    if self._blocked is not None:
+                        self._wake_sleepers()
+                self._tell_watchers(own)
         self._let_go()
 
-    def _tell_watchers(self) -> None:
-        """Tell the watchers that the future is done (_futures_lock held, in
-        the hold that made its state final)."""
+    def _wake_sleepers(self) -> None:
+        """Release the threads asleep in result() (_futures_lock held, in
+        the hold that made the state done)."""
+        blocked, self._blocked = self._blocked, None
+        for sleeper in blocked or ():
+            sleeper.release()
+
+    def _tell_watchers(self, own: _OwnCondition) -> None:
+        """Tell the watchers that the future is done (*own*, its condition,
+        held since before the state became final; _futures_lock not held)."""
         for waiter in self._waiter_list or ():
             if self._state != FINISHED:
                 waiter.add_cancelled(self)
@@ -211,14 +375,13 @@ class LeanFuture(Future[Any]):
                 waiter.add_result(self)
             else:
                 waiter.add_exception(self)
-        blocked, self._blocked = self._blocked, None
-        for sleeper in blocked or ():
-            sleeper.release()
-        _futures_cond.notify_all()  # for code that waits on _condition itself
+        own.notify_all()  # for code that waits on _condition itself
 
     def _let_go(self) -> None:
         """Drop the call and run the done-callbacks, once final (no lock held:
-        callbacks, and the __del__ of a dropped argument, are user code)."""
+        callbacks, and the __del__ of a dropped argument, are user code).
+        add_done_callback() adds to them only under the condition, while the
+        future is not done; they all came before the hold that made it so."""
         self._fn = self._kwargs = self._work = None
         self._args = ()
         if self._callback_list:
@@ -228,20 +391,41 @@ class LeanFuture(Future[Any]):
 
     def cancel(self) -> bool:
         with _futures_lock:
-            state = self._state
-            if state != PENDING:
-                return state in (CANCELLED, CANCELLED_AND_NOTIFIED)
-            work = self._work
-            if work is not None:
-                with _pool.lock:  # only a pending item can be taken back
-                    if not try_to_grab_pending(work):
-                        return False
-            # Nobody will run it, so there is nothing left to notify later.
-            self._state = CANCELLED_AND_NOTIFIED
-            if self._watched:
-                self._tell_watchers()
-        self._let_go()
-        return True
+            own = self._own
+            if own is None:  # none can be made in this hold: final in it
+                cancelled, now = self._cancel_locked()
+        if own is not None:
+            with own:
+                with _futures_lock:
+                    cancelled, now = self._cancel_locked()
+                if now:
+                    self._tell_watchers(own)
+        if now:
+            self._let_go()
+        return cancelled
+
+    def _cancel_locked(self) -> tuple[bool, bool]:
+        """cancel()'s step under _futures_lock: whether the future is
+        cancelled, and whether it was just now."""
+        state = self._state
+        if state != PENDING:
+            return state in (CANCELLED, CANCELLED_AND_NOTIFIED), False
+        work = self._work
+        if work is not None:
+            with _pool.lock:  # only a pending item can be taken back
+                if not try_to_grab_pending(work):
+                    return False, False
+        # Nobody will run it, so there is nothing left to notify later.
+        self._state = CANCELLED_AND_NOTIFIED
+        if self._blocked is not None:
+            self._wake_sleepers()
+        return True, True
+
+    def cancelled(self) -> bool:  # one read, which needs no condition
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def running(self) -> bool:
+        return self._state == RUNNING
 
     def done(self) -> bool:
         return self._state in _DONE
@@ -252,8 +436,7 @@ class LeanFuture(Future[Any]):
             return
         sleeper = threading.Lock()  # made before the hold, which then calls nothing
         sleeper.acquire()
-        with _futures_lock:
-            self._watched = True
+        with _futures_lock:  # where the state becomes done
             if self._state in _DONE:
                 return
             if self._blocked is None:
@@ -329,6 +512,7 @@ def _run_call(work: CallWork) -> None:
 
 def cancel_pending_futures(wq: Workqueue) -> int:
     """Cancel the submitted calls of *wq* that have not started; how many."""
+    watched = []
     with _futures_lock:
         with _pool.lock:  # all at once: no call of *wq* starts meanwhile
             cancelled = [
@@ -338,9 +522,25 @@ def cancel_pending_futures(wq: Workqueue) -> int:
                 if isinstance(work, CallWork) and try_to_grab_pending(work)
             ]
         for future in cancelled:
-            future._state = CANCELLED_AND_NOTIFIED
-            if future._watched:
-                future._tell_watchers()
+            if future._own is None:  # none can be made in this hold: final in it
+                future._state = CANCELLED_AND_NOTIFIED
+            else:
+                # Its own condition cannot be taken here (the lock order):
+                # CANCELLED for now, as Future.cancel() leaves a standard
+                # future.  cancel() answers True and result() raises
+                # CancelledError at once; wait() and as_completed() count it
+                # as not done, and hear of it below, where it becomes final.
+                future._state = CANCELLED
+                watched.append(future)
+            if future._blocked is not None:
+                future._wake_sleepers()
+    for future in watched:
+        own = future._own
+        assert own is not None
+        with own:
+            with _futures_lock:
+                future._state = CANCELLED_AND_NOTIFIED
+            future._tell_watchers(own)
     for future in cancelled:
         future._let_go()
     return len(cancelled)

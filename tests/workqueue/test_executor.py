@@ -245,26 +245,20 @@ def test_wait_is_not_fooled_by_a_future_finishing_between_its_two_looks(
 
 
 class _PausingFuture(LeanFuture):
-    """A LeanFuture whose finisher stops the first time it asks whether the
-    future is watched, which it does once the state is final."""
+    """A LeanFuture whose finisher stops the first time it tells the
+    watchers, which it does once the state is final."""
 
     def __init__(self) -> None:
         super().__init__()
         self.finisher: threading.Thread | None = None
         self.paused = threading.Event()
         self.resume = threading.Event()
-        self.watched = False
 
-    @property  # type: ignore[override]
-    def _watched(self) -> bool:
+    def _tell_watchers(self, own: threading.Condition) -> None:
         if threading.current_thread() is self.finisher and not self.paused.is_set():
             self.paused.set()
             assert self.resume.wait(TIMEOUT)
-        return self.watched
-
-    @_watched.setter
-    def _watched(self, value: bool) -> None:
-        self.watched = value
+        super()._tell_watchers(own)
 
 
 @pytest.mark.parametrize("finish", ["result", "cancel"])
@@ -277,6 +271,7 @@ def test_wait_is_not_fooled_by_a_future_notifying_after_its_state_is_final(
     # future as done, install its waiter -- and then be told again, counting
     # down for a future that is still pending.
     paused, pending = _PausingFuture(), LeanFuture()
+    paused.add_done_callback(lambda f: None)  # watched: an unwatched one has nobody to tell
     paused.finisher = threading.Thread(
         target=paused.set_result if finish == "result" else paused.cancel,
         args=(1,) if finish == "result" else ())
@@ -309,6 +304,74 @@ def _within(seconds: float, predicate: Callable[[], bool]) -> bool:
             return False
         pause.wait(0.001)
     return True
+
+
+class _SignallingLock:
+    """An RLock that says when a thread other than *owner* takes it."""
+
+    def __init__(self, owner: threading.Thread) -> None:
+        self._lock, self.taken, self._owner = threading.RLock(), threading.Event(), owner
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._lock.acquire(blocking, timeout)
+        if got and threading.current_thread() is not self._owner:
+            self.taken.set()
+        return got
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _is_owned(self) -> bool:  # for Condition.notify_all()
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_wait_over_mixed_futures_takes_their_locks_in_one_order(done: bool) -> None:
+    # concurrent.futures.wait() takes its futures' conditions in the order of
+    # their ids.  Thread W waits on {A, L1}, A a standard future first; the
+    # test stands for a second wait() on {L2, A}, L2 first: it holds L2's
+    # condition, then asks for A's.  Were L1's and L2's one lock shared by
+    # LeanFutures, W would hold A's and wait for it: a lock-order cycle.
+    lock = _SignallingLock(threading.current_thread())
+    # Futures of both kinds, made in turns, until a standard one has
+    # LeanFutures on both sides in id order (they come from different
+    # allocator pools, which end up interleaved).
+    leans: list[LeanFuture] = []
+    standards: list[cf.Future[int]] = []
+    while True:
+        f = LeanFuture()
+        f.set_running_or_notify_cancel()
+        if done:
+            f.set_result(1)
+        leans.append(f)
+        standards.append(cf.Future())
+        lo, hi = min(map(id, leans)), max(map(id, leans))
+        a = next((s for s in standards if lo < id(s) < hi), None)
+        if a is not None:
+            break
+    a._condition = threading.Condition(lock)  # type: ignore[arg-type]
+    a.set_result(0)
+    l1 = min((f for f in leans if id(f) > id(a)), key=id)
+    l2 = max((f for f in leans if id(f) < id(a)), key=id)
+    with l2._condition:
+        w = threading.Thread(target=cf.wait, args=([a, l1], TIMEOUT), daemon=True)
+        w.start()
+        assert lock.taken.wait(TIMEOUT)
+        # W lets go of A's lock once it has taken L1's: with the cycle, never.
+        got = lock.acquire(timeout=1.0)
+        if got:
+            lock.release()
+    for f in leans:
+        if not f.done():
+            f.set_result(1)
+    w.join(TIMEOUT)
+    assert got, "wait() on {A, L1} holds A's lock and waits for L2's"
+    assert not w.is_alive()
 
 
 def test_standalone_lean_future() -> None:
