@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import gc
+import random
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 from typing import Any
 
 import pytest
@@ -22,7 +24,7 @@ from workqueue import (
     alloc_ordered_workqueue,
     alloc_workqueue,
 )
-from workqueue._future import LeanFuture
+from workqueue._future import LeanFuture, _sleeping, cancel_pending_futures
 
 TIMEOUT = 10.0
 
@@ -254,7 +256,7 @@ class _PausingFuture(LeanFuture):
         self.paused = threading.Event()
         self.resume = threading.Event()
 
-    def _tell_watchers(self, own: threading.Condition) -> None:
+    def _tell_watchers(self, own: Any) -> None:
         if threading.current_thread() is self.finisher and not self.paused.is_set():
             self.paused.set()
             assert self.resume.wait(TIMEOUT)
@@ -372,6 +374,197 @@ def test_wait_over_mixed_futures_takes_their_locks_in_one_order(done: bool) -> N
     w.join(TIMEOUT)
     assert got, "wait() on {A, L1} holds A's lock and waits for L2's"
     assert not w.is_alive()
+
+
+def _outcome(go: threading.Event, ran: set[int], i: int) -> int:
+    assert go.wait(TIMEOUT)
+    ran.add(i)
+    if i % 5 == 0:
+        raise ValueError(i)
+    return i
+
+
+def _check_wait(fs: list[cf.Future[Any]], how: str) -> None:
+    """Wait on *fs* as *how* says, and check what comes back against what
+    wait() and as_completed() promise."""
+    if how == "as_completed":
+        seen = list(cf.as_completed(fs, timeout=TIMEOUT))  # TimeoutError if one is lost
+        assert len(seen) == len(fs) and set(seen) == set(fs)
+        assert all(f.done() for f in seen)
+        return
+    done, not_done = cf.wait(fs, timeout=TIMEOUT, return_when=how)
+    assert done | not_done == set(fs) and not done & not_done
+    assert all(f.done() for f in done), f"{how}: wait() returned {done} as done"
+    if how == cf.ALL_COMPLETED:
+        assert not not_done, f"all futures finish, yet {not_done} are not done"
+    elif how == cf.FIRST_COMPLETED:
+        assert done, "FIRST_COMPLETED returned with none done"
+    else:
+        assert not not_done or any(
+            not f.cancelled() and f.exception() is not None for f in done
+        ), "FIRST_EXCEPTION returned with none failed and some not done"
+
+
+def _mixed_round(wq: Any, serials: list[Any], seed: int) -> None:
+    """One round of the test below."""
+    rng = random.Random(seed)
+    go, ran, failures = threading.Event(), set[int](), list[BaseException]()
+    standards: list[cf.Future[Any]] = [cf.Future() for _ in range(6)]
+    bare: list[cf.Future[Any]] = [LeanFuture() for _ in range(6)]
+    calls = [wq.submit(_outcome, go, ran, i) for i in range(12)]
+    calls += [serials[i % 3].submit(_outcome, go, ran, 100 + i) for i in range(6)]
+    ids = [*range(12), *range(100, 106)]
+    everything = standards + bare + calls
+
+    def guarded(fn: Callable[..., None], *args: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:
+                failures.append(exc)
+
+        return threading.Thread(target=run, daemon=True)
+
+    def finish(driven: list[cf.Future[Any]]) -> None:
+        for n, f in enumerate(driven):
+            if n == len(driven) // 2:
+                go.set()
+            if n % 3 == 0 and f.cancel():
+                f.set_running_or_notify_cancel()  # tells a standard one's waiters
+                continue
+            f.set_running_or_notify_cancel()
+            if n % 3 == 1:
+                f.set_exception(ValueError(n))
+            else:
+                f.set_result(n)
+
+    def cancel(chosen: list[cf.Future[Any]], all_pending: bool) -> None:
+        for f in chosen:
+            f.cancel()
+        if all_pending:
+            cancel_pending_futures(wq)
+
+    def wait(sets: list[list[cf.Future[Any]]], how: str) -> None:
+        for fs in sets:  # the later ones mostly over futures done already
+            _check_wait(fs, how)
+
+    hows = [cf.ALL_COMPLETED, cf.FIRST_COMPLETED, cf.FIRST_EXCEPTION, "as_completed"]
+    threads = [
+        guarded(wait, [rng.sample(everything, rng.randint(2, len(everything)))
+                       for _ in range(50)], how)
+        for how in hows for _ in range(2)
+    ]
+    threads.append(guarded(finish, rng.sample(standards + bare, 12)))
+    threads.append(guarded(cancel, rng.sample(calls, 5), rng.random() < 0.5))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+        assert not t.is_alive(), f"round {seed}: {t} hangs"
+    assert not failures, f"round {seed}: {failures!r}"
+    assert not cf.wait(calls, TIMEOUT).not_done
+    for i, f in zip(ids, calls, strict=True):
+        assert f.cancelled() is (i not in ran), f"round {seed}: call {i}: {f}"
+
+
+def test_wait_and_as_completed_over_mixed_futures_from_many_threads(make_wq: Any) -> None:
+    # Standard futures and LeanFutures of every kind -- submitted calls,
+    # serial calls, bare ones -- finishing, failing and being cancelled (one
+    # by one, and all of a workqueue's at once) while threads wait on mixed
+    # sets of them in every way concurrent.futures offers.  Every wait must
+    # come back, and come back right; a cancelled call must not have run.
+    wq = make_wq(flags=WQ_UNBOUND)
+    serials = [wq.serial(key) for key in range(3)]
+    deadline = time.monotonic() + 2.0
+    rounds = 0
+    while time.monotonic() < deadline:
+        _mixed_round(wq, serials, rounds)
+        rounds += 1
+    assert rounds > 1, rounds
+
+
+def _finisher(future: cf.Future[Any], finish: str, wq: Any) -> Callable[[], object]:
+    return {
+        "result": lambda: future.set_result(1),
+        "exception": lambda: future.set_exception(ValueError()),
+        "cancel": future.cancel,
+        "cancel_pending": lambda: cancel_pending_futures(wq),
+    }[finish]
+
+
+@pytest.mark.parametrize("finish", ["result", "exception", "cancel", "cancel_pending"])
+def test_a_callback_runs_once_on_a_future_watched_as_it_finishes(
+    make_wq: Any, finish: str
+) -> None:
+    # add_done_callback() asks for the condition (which makes it) while the
+    # future is finishing: however the two interleave, the callback runs
+    # once -- by the finisher if it was added first, else by the adder.
+    wq = make_wq(ordered=True)
+    for _ in range(300):
+        calls: list[cf.Future[Any]] = []
+        if finish.startswith("cancel"):
+            release = threading.Event()
+            wq.submit(release.wait, TIMEOUT)  # the rest stay pending behind it
+            future = wq.submit(int)
+        else:
+            future = LeanFuture()
+            future.set_running_or_notify_cancel()
+        finisher = threading.Thread(target=_finisher(future, finish, wq))
+        finisher.start()
+        future.add_done_callback(calls.append)
+        future.add_done_callback(calls.append)
+        finisher.join(TIMEOUT)
+        if finish.startswith("cancel"):
+            release.set()
+        assert calls == [future, future]
+        assert cf.wait([future], timeout=TIMEOUT).done == {future}
+
+
+def test_cancel_pending_futures_makes_a_watched_future_final_under_its_condition(
+    make_wq: Any,
+) -> None:
+    # cancel_pending_futures() takes the calls back under _futures_lock,
+    # where it cannot take a future's own condition (the lock order): a
+    # watched future is cancelled there but final only later, under its
+    # condition.  Meanwhile it is cancelled for everybody but wait().
+    wq = make_wq(ordered=True)
+    release, started = threading.Event(), threading.Event()
+    wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    future = wq.submit(int)
+    canceller = threading.Thread(target=cancel_pending_futures, args=(wq,))
+    with future._condition:  # as wait() holds it between its two looks
+        canceller.start()
+        assert _within(TIMEOUT, future.cancelled)
+        assert future._state == CANCELLED  # which wait() counts as not done
+        assert future.cancel() is True and future.done()
+        with pytest.raises(cf.CancelledError):
+            future.result(0)
+        assert canceller.is_alive()
+    canceller.join(TIMEOUT)
+    assert future._state == CANCELLED_AND_NOTIFIED
+    assert cf.wait([future], timeout=TIMEOUT).done == {future}
+    release.set()
+
+
+def test_code_that_waits_on_the_condition_itself_is_woken() -> None:
+    f = LeanFuture()
+    f.set_running_or_notify_cancel()
+    woken: list[bool] = []
+
+    def sleeper() -> None:
+        with f._condition:
+            woken.append(f._condition.wait_for(f.done, TIMEOUT))
+
+    threads = [threading.Thread(target=sleeper) for _ in range(3)]
+    for t in threads:
+        t.start()
+    # Asleep once they let go of the lock, in wait_for().
+    assert _within(TIMEOUT, lambda: f._own is not None and _sleeping.get(f._own, [0, 0])[1] == 3)
+    f.set_result(1)
+    for t in threads:
+        t.join(TIMEOUT)
+    assert woken == [True] * 3 and not _sleeping
 
 
 def test_standalone_lean_future() -> None:
