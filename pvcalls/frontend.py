@@ -1537,10 +1537,13 @@ class Frontend(Closing):
         if PVCALLS_VERSIONS not in (versions or "").split(","):
             raise OSError(errno.EPROTONOSUPPORT, f"backend offers versions {versions!r}, need 1")
         order = self._xs.read(f"{be_path}/max-page-order")
-        if order is None or not order.isdigit() or int(order) < self.ring_order:
+        # ASCII digits only: str.isdigit() takes others ("\u00b2") that int()
+        # refuses with a ValueError.  ascii(): the value is the backend's.
+        if (order is None or not (order.isascii() and order.isdigit())
+                or int(order) < self.ring_order):
             raise OSError(
                 errno.EPROTONOSUPPORT,
-                f"backend max-page-order {order!r} is below the ring order {self.ring_order}",
+                f"backend max-page-order {ascii(order)} is below the ring order {self.ring_order}",
             )
         if self._xs.read(f"{be_path}/function-calls") != "1":
             raise OSError(errno.EPROTONOSUPPORT, "backend does not offer function-calls 1")

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from highfds import descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, sleeping_in_wait, wait_until
+from pyxs._internal import Op, Packet
 from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_elsewhere
 
 import pvcalls
@@ -1167,6 +1168,14 @@ def test_a_frontend_opens_again_after_a_failed_open_or_a_close(server: Any) -> N
                 assert backend.stats().frontends == 0
 
 
+def _write_any(xs: XenStore, path: str, value: str) -> None:
+    """Write ``value`` (UTF-8) as another domain may: any bytes (pyxs and
+    XenStore.write take 7-bit ASCII only)."""
+    payload = f"{path}\0{value}".encode()
+    reply = xs._client.router.send(Packet(Op.WRITE, payload, rq_id=0, tx_id=0)).get()
+    assert (reply.op, reply.payload) == (Op.WRITE, b"OK\0"), reply
+
+
 _GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls": "1"}
 
 
@@ -1176,12 +1185,15 @@ _GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls":
      "backend max-page-order '3' is below the ring order 4"),
     ({"max-page-order": "four"}, ["2"], errno.EPROTONOSUPPORT,
      "backend max-page-order 'four' is below the ring order 4"),
+    # A digit to str.isdigit(), not to int() (it used to raise ValueError).
+    ({"max-page-order": "\u00b2"}, ["2"], errno.EPROTONOSUPPORT,
+     "backend max-page-order '\\xb2' is below the ring order 4"),
     ({"function-calls": "0"}, ["2"], errno.EPROTONOSUPPORT,
      "backend does not offer function-calls 1"),
     ({}, ["5"], errno.EPROTO, "backend went to state 5 instead of InitWait"),
     ({}, ["2", "5"], errno.ECONNREFUSED, "backend went to state 5 instead of Connected"),
-], ids=["versions", "order", "order-not-a-number", "function-calls", "no-initwait",
-        "no-connected"])
+], ids=["versions", "order", "order-not-a-number", "order-unicode-digit", "function-calls",
+        "no-initwait", "no-connected"])
 def test_a_backend_that_does_not_conform_fails_the_handshake(
         nodes: dict[str, str], states: list[str], err: int, said: str) -> None:
     """A backend (faked in dom0's XenStore) that offers the wrong protocol,
@@ -1197,7 +1209,7 @@ def test_a_backend_that_does_not_conform_fails_the_handshake(
             try:
                 xs.wait_for(f"{be}/state", "1", timeout=TIMEOUT)  # the toolstack's
                 for key, value in {**_GOOD_BACKEND_NODES, **nodes}.items():
-                    xs.write(f"{be}/{key}", value)
+                    _write_any(xs, f"{be}/{key}", value)
                 xs.write(f"{be}/state", states[0])
                 if len(states) > 1:
                     xs.wait_for(fe_state, "3", timeout=TIMEOUT)  # Initialised
