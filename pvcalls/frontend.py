@@ -156,14 +156,27 @@ _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 _RING_POOL_MAX = 32
 
 
+#: Errors that Python's callers take for "try again", not for a failure:
+#: BlockingIOError's (socket.SocketIO reads EAGAIN as no data yet, a select
+#: loop tries again) and InterruptedError's (PEP 475 retries).  No backend
+#: may mean either: the frontend's calls wait themselves, EAGAIN is never
+#: stored in a data ring, and ACCEPT is answered once a connection is in.
+_RETRY_ERRNOS = frozenset(
+    {errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY, errno.EINPROGRESS, errno.EINTR})
+
+
 def _host_error(ret: int, what: str) -> OSError:
     """An :class:`OSError` in the host's numbering for the negative Xen
     errno ``ret`` (mapped by name; Linux's internal ENOTSUPP becomes
-    EOPNOTSUPP)."""
+    EOPNOTSUPP, and one that would read as "try again" EPROTO: a
+    blocking call retried on it forever, or took it for end of stream)."""
     name = _errno.name_of(ret)
     code = getattr(errno, name, None)
     if code is None:
         code = errno.EOPNOTSUPP if name == "ENOTSUPP" else errno.EIO
+    elif code in _RETRY_ERRNOS:
+        return OSError(errno.EPROTO,
+                       f"{os.strerror(errno.EPROTO)} ({what}: the backend said {name})")
     return OSError(code, f"{os.strerror(code)} ({what})")
 
 

@@ -56,6 +56,7 @@ from xenback.xenstore import XenStore
 TIMEOUT = 10.0
 #: Xen errno values (negative on the wire).
 EADDRINUSE, EINVAL, ENOTSUPP, ENOTCONN = 98, 22, 524, 107
+EAGAIN, EINPROGRESS, EINTR = 11, 115, 4
 _RSP_PROD_OFFSET = _xb_wire.ffi.offsetof("struct xen_sring_header", "rsp_prod")
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
@@ -427,6 +428,13 @@ _ERRNOS = [
     (-ENOTSUPP, errno.EOPNOTSUPP),  # Linux's internal ENOTSUPP
     (-4000, errno.EIO),  # no such errno
     (-(1 << 31), errno.EIO),
+    # Not BlockingIOError or InterruptedError, which callers take for "try
+    # again": a makefile() reader took EAGAIN in in_error for the end of the
+    # stream, and a select() loop spun on a readable fileno() whose recv()
+    # said it would block.
+    (-EAGAIN, errno.EPROTO),
+    (-EINPROGRESS, errno.EPROTO),
+    (-EINTR, errno.EPROTO),
 ]
 
 
