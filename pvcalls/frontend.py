@@ -766,7 +766,11 @@ class PVSocket(Closing):
         """Like :meth:`connect` but return an errno instead of raising."""
         try:
             self.connect(address)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if exc.errno is not None:
+                # The backend's ETIMEDOUT, not this call's timeout (which
+                # has no errno, as socket.socket's).
+                return exc.errno
             return errno.EAGAIN  # as socket.socket.connect_ex on a timeout
         except (socket.gaierror, socket.herror):
             # Resolving the name failed, not the connect: raised, as by

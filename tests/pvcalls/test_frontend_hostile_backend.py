@@ -56,7 +56,7 @@ from xenback.xenstore import XenStore
 TIMEOUT = 10.0
 #: Xen errno values (negative on the wire).
 EADDRINUSE, EINVAL, ENOTSUPP, ENOTCONN = 98, 22, 524, 107
-EAGAIN, EINPROGRESS, EINTR = 11, 115, 4
+EAGAIN, EINPROGRESS, EINTR, ETIMEDOUT = 11, 115, 4, 110
 _RSP_PROD_OFFSET = _xb_wire.ffi.offsetof("struct xen_sring_header", "rsp_prod")
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
@@ -475,6 +475,18 @@ def test_an_error_in_ret_is_an_oserror_by_name(
     if cmd == "connect":  # the id is a new socket again, as the backend said
         s.connect(("127.0.0.1", 4000))
         assert s.getpeername() == ("127.0.0.1", 4000)
+    s.close()
+
+
+def test_connect_ex_returns_the_backends_etimedout(fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A CONNECT answered -ETIMEDOUT (the backend's host gave up on the
+    peer): connect_ex() returns ETIMEDOUT, as socket.socket's does, not the
+    EAGAIN it returns when its own timeout is over (it used to: the
+    TimeoutError of both looked the same to it)."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.rets[PVCALLS_CONNECT] = -ETIMEDOUT
+    assert s.connect_ex(("127.0.0.1", 4000)) == errno.ETIMEDOUT
     s.close()
 
 
