@@ -2181,6 +2181,14 @@ class Frontend(Closing):
                 req_id, cmd, ret, sock_id = rsp.req_id, rsp.cmd, rsp.ret, rsp.u.poll.id
                 logger.debug("<- %s req_id=%d id=%#x ret=%d",
                              PVCALLS_COMMANDS.get(cmd, cmd), req_id, sock_id, ret)
+                if ret > 0:
+                    # Only 0 or a negative errno may be.  Read as success,
+                    # as Linux's frontend and accept() here read it (ret <
+                    # 0 fails), so that every reader of it agrees: one that
+                    # tested ret == 0 took an accepted connection for none.
+                    logger.warning("response req_id=%d cmd=%d id=%#x has a positive ret %d: "
+                                   "read as 0", req_id, cmd, sock_id, ret)
+                    ret = 0
                 if cmd == PVCALLS_POLL:
                     # Not for a socket dropped meanwhile: its release is coming.
                     sock = self._owner(sock_id)

@@ -766,6 +766,37 @@ def test_the_socket_an_accept_offers_is_not_listed_until_accepted(
     ls.close()
 
 
+def test_a_positive_accept_answer_is_a_connection_to_release(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """An ACCEPT answered with a positive ``ret`` (only 0 or a negative
+    errno may be) is read as a connection, as accept() reads it: closing
+    the listener before accept() took it releases that socket, not drop it
+    with no RELEASE and hand its ring, still the backend's, to the next
+    socket (it used to: only a ``ret`` of 0 counted there)."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    fake.hold = {PVCALLS_ACCEPT}
+    ls.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        ls.accept()  # its POLL goes out, answered at once
+    wait_until(lambda: ls._poll_ready)
+    with pytest.raises(BlockingIOError):
+        ls.accept()  # its ACCEPT goes out, held
+    req = fake.next_request(PVCALLS_ACCEPT)
+    assert ls._st.accept_inflight is not None
+    _, slot, new = ls._st.accept_inflight
+    fake.rings[req.id_new] = FakeDataRing(fake, req.ref, req.evtchn)  # a connection
+    fake.respond(req, 1)
+    wait_until(lambda: slot.done)
+    assert "ret 1" in log.wait("positive ret")
+    ls.close()
+    wait_until(lambda: new.id not in fe._sockets)
+    with fe.socket():  # answered after every command sent before it
+        pass
+    assert new.id not in fake.rings  # released
+
+
 def test_two_threads_closing_one_socket_send_one_release(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """close() in two threads at once sends one RELEASE: a second would be
