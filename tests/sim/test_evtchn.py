@@ -635,3 +635,27 @@ def test_a_domain_runs_out_of_ports_not_the_host(host: SimHost, guest: Domain) -
         ch.unbind(ports[100])
         assert ch.bind_unbound_port(0) == ports[100]
     assert eventually(lambda: host.hypervisor.stats()["ports"] == 0)
+
+
+def test_a_bind_refused_for_want_of_ports_keeps_no_descriptor(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service opens the peer's write end before it allocates the new
+    port; a refusal must close it (the service's descriptors are all here)."""
+    import os
+
+    from xenback.sim import _hypervisor
+
+    monkeypatch.setattr(_hypervisor, "MAX_EVTCHN_PORT", 4)
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        for _ in range(4):
+            e1.bind_unbound_port(0)
+        offered = e0.bind_unbound_port(guest.domid)
+        counts = []
+        for _ in range(20):
+            with pytest.raises(EventChannelError) as info:
+                e1.bind_interdomain(0, offered)
+            assert info.value.errno == errno.ENOSPC
+            # The service has answered, so it is done with all before.
+            counts.append(len(os.listdir("/proc/self/fd")))
+        assert counts == counts[:1] * len(counts)

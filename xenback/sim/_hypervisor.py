@@ -746,8 +746,19 @@ class Hypervisor:
         to_remote = _writer(remote)
         if to_remote is None:
             raise RequestError(errno.EINVAL, f"port {remote_port} of domain {remote_domid} is closing")
-        local, r = self._alloc_port(conn, remote_domid)
-        to_local = _writer(local)
+        # Each step may fail (no free port, out of descriptors): undo what
+        # the earlier ones made, or the service keeps it for good.
+        try:
+            local, r = self._alloc_port(conn, remote_domid)
+            try:
+                to_local = _writer(local)
+            except BaseException:
+                os.close(r)
+                self._free_port(local)
+                raise
+        except BaseException:
+            os.close(to_remote)
+            raise
         assert to_local is not None  # its read end is r, still ours
         local.remote, remote.remote = remote, local
         # The peer learns its port is connected before we reply: anything
@@ -781,6 +792,10 @@ class Hypervisor:
             peer.remote = None
             self._send(peer.owner, {"event": "unbound", "port": peer.port})
             _fire(peer.wfd)
+        self._free_port(port)
+
+    def _free_port(self, port: _Port) -> None:
+        """Forget an unconnected ``port`` and close the service's write end."""
         del port.owner.domain.ports[port.port]
         port.owner.ports.discard(port)
         os.close(port.wfd)
