@@ -659,3 +659,51 @@ def test_a_bind_refused_for_want_of_ports_keeps_no_descriptor(
             # The service has answered, so it is done with all before.
             counts.append(len(os.listdir("/proc/self/fd")))
         assert counts == counts[:1] * len(counts)
+
+
+def test_a_peer_binding_and_unbinding_in_a_loop_cannot_get_a_handle_dropped(
+    host: SimHost, guest: Domain
+) -> None:
+    """Every bind and unbind of a port pushes a message to its owner's
+    handle.  A busy owner (a backend serving other guests) reads them late:
+    a hostile guest must not fill its socket until the service drops the
+    handle and with it the owner's channels to everybody else."""
+    import json
+    import os
+    import socket
+
+    from xenback.sim._hypervisor import domain_socket
+
+    other = host.create_domain("other")
+    with host.dom0.evtchn() as e0, other.evtchn() as e2:
+        offered = e0.bind_unbound_port(guest.domid)
+        p0 = e0.bind_unbound_port(other.domid)
+        p2 = e2.bind_interdomain(0, p0)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(5)
+            sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
+
+            def ask(**msg: object) -> dict:  # type: ignore[type-arg]
+                sock.send(json.dumps(msg).encode())
+                data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
+                for fd in fds:
+                    os.close(fd)
+                return json.loads(data)  # type: ignore[no-any-return]
+
+            # Far more than a socket buffer's worth of pushes to dom0, which
+            # reads none meanwhile.
+            for _ in range(1000):
+                reply = ask(op="evtchn_bind_interdomain", domid=0, port=offered)
+                assert "port" in reply, reply
+                assert ask(op="evtchn_unbind", port=reply["port"]) == {}
+            assert "port" in ask(op="evtchn_bind_interdomain", domid=0, port=offered)
+        # dom0's handle survived, its channel to "other" too, and it ends
+        # up with the guest's last word (the guest went away: unbound).
+        assert eventually(lambda: e0.remote(offered) is None)
+        assert e0.remote(p0) == (other.domid, p2)
+        e2.notify(p2)
+        while (port := wait_pending(e0)) != p0:  # the guest fired ``offered``
+            e0.unmask(port)
+        e0.notify(p0)
+        assert wait_pending(e2) == p2
+        assert e0.bind_unbound_port(guest.domid) >= 1

@@ -35,6 +35,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import selectors
 import socket
 import threading
@@ -195,6 +196,9 @@ class _Conn:
     maps: dict[int, list[_Grant]] = field(default_factory=dict)
     mapped: int = 0  # pages in maps
     ports: set[_Port] = field(default_factory=set)
+    # Ports of this handle whose news (bound, unbound) waits for room in
+    # the socket, in order; the socket is watched for writing meanwhile.
+    stale: dict[_Port, None] = field(default_factory=dict)
     closed: bool = False
 
 
@@ -373,9 +377,9 @@ class Hypervisor:
                     return
                 if self._accept_paused and time.monotonic() >= self._accept_retry_at:
                     self._resume_accepting()
-                for key, _ in events:
+                for key, mask in events:
                     try:
-                        self._dispatch(key.data)
+                        self._dispatch(key.data, mask)
                     except Exception:
                         # A bug, not bad input (that gets an errno).  Drop
                         # what caused it and keep serving everybody else.
@@ -388,14 +392,17 @@ class Hypervisor:
                     logger.exception("hypervisor: failure closing a handle")
                     self._doomed.clear()
 
-    def _dispatch(self, data: _Domain | _Conn | None) -> None:
+    def _dispatch(self, data: _Domain | _Conn | None, mask: int) -> None:
         if data is None:
             os.read(self._wake_r, 4096)
         elif isinstance(data, _Domain):
             if data.domid in self._domains:  # not removed earlier in this round
                 self._accept(data)
-        elif not data.closed:
-            self._receive(data)
+        else:
+            if mask & selectors.EVENT_WRITE and not data.closed:
+                self._flush(data)
+            if mask & selectors.EVENT_READ and not data.closed:
+                self._receive(data)
 
     def _all_conns(self) -> list[_Conn]:
         return [c for d in self._domains.values() for c in d.conns]
@@ -524,6 +531,73 @@ class Hypervisor:
             conn.closed = True
             self._doomed.append(conn)
 
+    def _push(self, port: _Port, peer_w: int | None = None) -> None:
+        """Tell ``port``'s owner that its peer changed (``peer_w``: a write
+        end of the new peer's pipe, ours to close).
+
+        Its handle reads such news whenever it gets round to it, and any
+        other domain can make them, binding and unbinding in a loop: sent
+        at once, they would fill the socket and get the handle dropped with
+        all its ports.  So news is sent only while the socket polls
+        writable (a quarter of its buffer or less unread: a reply always
+        has room); otherwise the port is marked stale and its state as it
+        then is goes out once there is room (_flush), so a port waits with
+        one message at most, however often it changes.
+        """
+        conn = port.owner
+        try:
+            if conn.closed:
+                return
+            if not conn.stale and _has_room(conn.sock):
+                self._send_state(port, peer_w)
+                return
+            if not conn.stale:
+                self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            conn.stale[port] = None
+        finally:
+            if peer_w is not None:
+                os.close(peer_w)
+
+    def _flush(self, conn: _Conn) -> None:
+        """Send the news of ``conn``'s stale ports while there is room."""
+        while conn.stale:
+            if not _has_room(conn.sock):
+                return
+            port = next(iter(conn.stale))
+            del conn.stale[port]
+            if port in conn.ports:  # else unbound by now: no news for anyone
+                self._send_state(port, None)
+            if conn.closed:
+                return
+        self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def _send_state(self, port: _Port, peer_w: int | None) -> None:
+        """Send ``port``'s owner whether and to what it is connected."""
+        peer = port.remote
+        if peer is None:
+            self._send(port.owner, {"event": "unbound", "port": port.port})
+            return
+        own = None
+        if peer_w is None:
+            try:
+                peer_w = own = _writer(peer)
+            except OSError as e:
+                # Out of descriptors: the owner cannot notify the peer, as
+                # if it had not bound; the peer's notifications still arrive.
+                self._warn_fds("news of port %d of domain %d lost: %s", port.port, port.domid, e)
+                return
+            if peer_w is None:
+                return  # the peer is going away: its unbind will be news
+        try:
+            self._send(
+                port.owner,
+                {"event": "bound", "port": port.port, "domid": peer.domid, "remote_port": peer.port},
+                [peer_w],
+            )
+        finally:
+            if own is not None:
+                os.close(own)
+
     def _reap(self) -> None:
         while self._doomed:
             self._close_conn(self._doomed.pop())
@@ -534,6 +608,7 @@ class Hypervisor:
         if conn not in conn.domain.conns:
             return
         conn.domain.conns.discard(conn)
+        conn.stale.clear()
         self._selector.unregister(conn.sock)
         conn.sock.close()
         for port in list(conn.ports):
@@ -761,16 +836,10 @@ class Hypervisor:
             raise
         assert to_local is not None  # its read end is r, still ours
         local.remote, remote.remote = remote, local
-        # The peer learns its port is connected before we reply: anything
-        # the binder does after the reply finds the peer ready to notify.
-        try:
-            self._send(
-                remote.owner,
-                {"event": "bound", "port": remote.port, "domid": me, "remote_port": local.port},
-                [to_local],
-            )
-        finally:
-            os.close(to_local)
+        # The peer learns its port is connected before we reply (unless its
+        # handle lags behind with its news): anything the binder does after
+        # the reply finds the peer ready to notify.
+        self._push(remote, to_local)
         return {"port": local.port, "remote_port": remote.port}, [r, to_remote]
 
     def _op_evtchn_unbind(
@@ -790,7 +859,7 @@ class Hypervisor:
             # Xen semantics: the peer's port becomes unbound, waiting for
             # this domain again.  Fire it so that its owner notices.
             peer.remote = None
-            self._send(peer.owner, {"event": "unbound", "port": peer.port})
+            self._push(peer)
             _fire(peer.wfd)
         self._free_port(port)
 
@@ -854,6 +923,14 @@ def _open_reserve() -> int:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return -1
+
+
+def _has_room(sock: socket.socket) -> bool:
+    """Whether ``sock`` polls writable: little enough of what was sent to
+    it is still unread (for a Unix socket, a quarter of its buffer)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def _writer(port: _Port) -> int | None:
