@@ -707,3 +707,59 @@ def test_a_peer_binding_and_unbinding_in_a_loop_cannot_get_a_handle_dropped(
         e0.notify(p0)
         assert wait_pending(e2) == p2
         assert e0.bind_unbound_port(guest.domid) >= 1
+
+
+def test_a_long_chain_of_dead_handles_is_closed_without_recursion(
+    host: SimHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guests chain their handles by event channels (each handle bound to
+    the next) and all go away at once: closing one unbinds its port, telling
+    the next handle fails (it is gone too) and closes that one, and so on.
+    The service must do that in a loop, not nest one close in the other,
+    or it runs out of stack with handles half closed: their ports and
+    descriptors would stay for good."""
+    import json
+    import os
+    import socket
+
+    from xenback.sim._hypervisor import MAX_HANDLES_PER_DOMAIN, domain_socket
+
+    guests = [host.create_domain(f"chain{i}") for i in range(3)]
+    socks: list[socket.socket] = []
+    fds: list[int] = []
+
+    def ask(sock: socket.socket, **msg: object) -> dict:  # type: ignore[type-arg]
+        sock.send(json.dumps(msg).encode())
+        data, rfds, _, _ = socket.recv_fds(sock, 65536, 4)
+        fds.extend(rfds)  # kept open: a port whose reader is gone is refused
+        reply = json.loads(data)
+        assert "errno" not in reply, reply
+        return reply  # type: ignore[no-any-return]
+
+    try:
+        previous: tuple[int, int] | None = None  # (domid, port) offered to the next
+        # Deeper than the stack: 600 handles, 200 a domain.
+        chain = [g.domid for g in guests for _ in range(MAX_HANDLES_PER_DOMAIN - 56)]
+        for domid, nxt in zip(chain, chain[1:] + chain[-1:], strict=True):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            socks.append(sock)
+            sock.settimeout(5)
+            sock.connect(os.fspath(domain_socket(host.run_dir, domid)))
+            if previous is not None:
+                ask(sock, op="evtchn_bind_interdomain", domid=previous[0], port=previous[1])
+            port = ask(sock, op="evtchn_alloc_unbound", domid=nxt)["port"]
+            previous = (domid, port)
+        assert host.hypervisor.stats()["ports"] > 1000
+        with host.hypervisor._lock:  # all gone before the service sees any
+            for sock in socks:
+                sock.close()
+    finally:
+        for sock in socks:
+            sock.close()
+        for fd in fds:
+            os.close(fd)
+    assert eventually(lambda: host.hypervisor.stats()["connections"] == 0)
+    assert host.hypervisor.stats()["ports"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    for guest in guests:
+        host.destroy_domain(guest)

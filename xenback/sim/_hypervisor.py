@@ -599,6 +599,9 @@ class Hypervisor:
                 os.close(own)
 
     def _reap(self) -> None:
+        # A loop, not a recursion: closing one handle can doom the next one
+        # (its peer, already gone too), and so on along a chain of handles
+        # a domain built, deeper than the stack.
         while self._doomed:
             self._close_conn(self._doomed.pop())
 
@@ -617,7 +620,7 @@ class Hypervisor:
             self._unmap(conn, handle)
         for grant in list(conn.shares):
             self._end_access(grant)
-        self._reap()
+        # What this doomed is closed by the caller's _reap.
 
     def _remove_domain(self, domid: int) -> None:
         dom = self._domains.pop(domid)
@@ -632,6 +635,7 @@ class Hypervisor:
             pass
         for conn in list(dom.conns):
             self._close_conn(conn)
+        self._reap()
         # Unbound ports the domain allocated stay with their handles; those
         # handles were closed above, so nothing is left.
         assert not dom.ports, dom.ports
