@@ -575,14 +575,15 @@ def kick_pool(pool: WorkerPool) -> None:
     """Wake an idle worker of *pool* (engine lock held).
 
     A pool keeps an idle worker in reserve, so there is normally one.  A
-    brand-new pool has no worker yet, and a pool whose last creation failed
-    may have none: then one is created here.
+    brand-new pool has no worker yet, a pool whose last creation failed may
+    have none, and so may one that a workqueue takes up again while the
+    only workers left from its last user (release_pwq) are busy with items
+    handed over by other pools: then one is created here.  (A worker that
+    leaves the idle list makes its reserve under the same hold of the lock,
+    so no idle worker never means that one is on its way.)
     """
-    if not pool.idle:
-        if pool.workers and not pool.create_failed:
-            return  # (not while creation works: see may_start_working above)
-        if not create_worker(pool):
-            return
+    if not pool.idle and not create_worker(pool):
+        return
     worker = pool.idle[-1]
     if not worker.woken:
         worker.woken = True

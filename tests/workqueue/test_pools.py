@@ -398,6 +398,46 @@ def test_destroy_releases_pools_and_their_idle_workers_exit() -> None:
     c.destroy()
 
 
+def test_a_pool_taken_up_again_while_its_last_worker_runs_a_handed_item_gets_workers(
+        make_wq: Any) -> None:
+    """When its last workqueue goes, a pool's idle workers exit; a worker
+    still running an item another pool handed to it (non-reentrancy) stays,
+    alone.  A workqueue that takes the pool up again must get a worker of
+    its own while that one blocks: here the handed item waits for ours,
+    which kick_pool() left unrun (no idle worker, and one busy) until the
+    handed item ended -- a deadlock had it waited for good."""
+    bound = make_wq("bound")
+    unbound = make_wq("unbound", WQ_UNBOUND)
+    started, release, handed_runs, ran = (threading.Event() for _ in range(4))
+    waited: list[bool] = []
+
+    def func(work: Work) -> None:
+        if not started.is_set():
+            started.set()
+            assert release.wait(TIMEOUT)
+        else:
+            handed_runs.set()
+            with blocking():
+                waited.append(ran.wait(4.0))
+
+    item = Work(func)
+    bound.queue_work_on(0, item)
+    assert started.wait(TIMEOUT)
+    assert unbound.queue_work(item) is True
+    # Dequeued by an unbound worker and handed to the CPU 0 worker running it.
+    deadline = time.monotonic() + TIMEOUT
+    while not (item._entry is not None and item._entry.owner is item._worker):
+        assert time.monotonic() < deadline, "the item was not handed over"
+        threading.Event().wait(0.001)
+    release.set()
+    assert handed_runs.wait(TIMEOUT)
+    bound.destroy()  # CPU 0's pool loses its last user; its idle workers exit
+    again = make_wq("again")
+    again.queue_work_on(0, Work(lambda w: ran.set()))
+    unbound.flush()
+    assert waited == [True], "the pool's new user got no worker while the handed item blocked"
+
+
 def test_worker_thread_names_are_unique_across_topologies(make_wq: Any) -> None:
     # Each topology has its own pools, numbered from 0: the names of their
     # workers must not repeat all the same (logs and dumps go by them).
