@@ -515,10 +515,16 @@ def cancel_pending_futures(wq: Workqueue) -> int:
     watched = []
     with _futures_lock:
         with _pool.lock:  # all at once: no call of *wq* starts meanwhile
+            # A call is never handed to a worker running it (it runs once),
+            # so it waits on an inactive list, a worklist, or the list of
+            # the rescuer that took it from a worklist.
+            rescuer = wq._rescuer
+            taken = [*rescuer.scheduled] if rescuer is not None else []
             cancelled = [
                 work.future
                 for pwq in wq._all_pwqs()
-                for work in [*pwq.inactive, *(w for w in pwq.pool.worklist if w._pwq is pwq)]
+                for work in [*pwq.inactive, *(w for w in [*pwq.pool.worklist, *taken]
+                                              if w._pwq is pwq)]
                 if isinstance(work, CallWork) and try_to_grab_pending(work)
             ]
         for future in cancelled:

@@ -1015,12 +1015,17 @@ def rescuer_thread(worker: Worker, wq: Workqueue) -> None:
                     pool = pwq.pool
                     worker.pool = pool
                     _this_thread.binding = (pool.pset.topology, pool.cpu)
-                    taken = WorkList(active=True, owner=worker)
+                    # assign_work: onto our `scheduled` list, where the
+                    # items are found until they start (cancel_futures, the
+                    # exit hook), or onto that of the worker still running
+                    # one (non-reentrancy: the list is run without a check).
                     for work in pool.worklist.extract(_owned_by(pwq)):
-                        taken.push(work)
+                        collision = work._worker
+                        target = collision if collision is not None else worker
+                        target.scheduled.push(work)
                     if pool.pset.watchdog is None:
                         _arm_watchdog(pool.pset)
-                    process_works(worker, taken, keep_working=False)
+                    process_works(worker, worker.scheduled, keep_working=False)
                     worker.pool = None
                     _this_thread.binding = None
                 if worker.die:

@@ -802,7 +802,8 @@ class Workqueue(Executor):
     def _call_works(self) -> list[Work]:
         """The items behind the calls that submit() and our serial
         executors accepted and that have not finished: queued, waiting for
-        max_active, handed to a busy worker, or running.  For the exit hook
+        max_active, handed to a busy worker or taken by the rescuer, or
+        running.  For the exit hook
         (see _atexit), which flushes them (a frozen workqueue's cannot run:
         it drops them), and for shutdown(cancel_futures=True), which
         cancels the calls waiting in the serial ones."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
@@ -74,6 +75,38 @@ def test_rescuer_unblocks_an_item_waiting_for_another(
     f.flush()
     hold.set()
     assert got == [True]
+
+
+def test_shutdown_cancels_the_calls_the_rescuer_took_and_has_not_started(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rescuer takes all of a pool's items of its workqueue at once
+    and runs them one after the other: those not started yet are still
+    pending calls, which shutdown(cancel_futures=True) cancels and the exit
+    hook finds (it kept them on a list of its own, where neither looked)."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    hold_started, hold_release, first_started, first_release = (
+        threading.Event() for _ in range(4))
+    # The rescuer is busy with this one while both calls are queued, so
+    # that it takes them together once it is done.
+    wq.queue_work(Work(lambda w: (hold_started.set(), hold_release.wait(TIMEOUT))))
+    assert hold_started.wait(TIMEOUT)
+    first = wq.submit(lambda: (first_started.set(), first_release.wait(TIMEOUT)))
+    second = wq.submit(lambda: "ran")
+    hold_release.set()
+    assert first_started.wait(TIMEOUT)
+    try:
+        assert len(wq._call_works()) == 2  # the exit hook's view: both calls
+        wq.shutdown(wait=False, cancel_futures=True)
+        assert second.cancelled()
+    finally:
+        first_release.set()
+    assert first.result(TIMEOUT)[0] is None
+    with pytest.raises(CancelledError):
+        second.result(TIMEOUT)
+    monkeypatch.undo()
+    wq.shutdown(wait=True)
 
 
 def test_freeze_waits_for_in_flight_and_holds_new_items(make_wq: Any) -> None:
