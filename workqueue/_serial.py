@@ -292,12 +292,18 @@ class SerialExecutor(Executor):
         if not work.pending:
             try:
                 work.wq.queue_work_on(work.cpu, work)
-            except BaseException:
+            except BaseException as exc:
                 try:
                     work.calls.remove(future)
                 except ValueError:
-                    pass  # already taken by a run
-                raise
+                    # Already taken by a run that was going on (the pending
+                    # bit clears before a run drains): the call is accepted
+                    # after all, and a refusal would say it never runs.  An
+                    # interrupt (Ctrl-C) is still passed on.
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    raise
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from wqhelpers import assert_waits_until_released
 
-from workqueue import Topology, alloc_workqueue
+from workqueue import Topology, Work, alloc_workqueue
 from workqueue._serial import SerialExecutor, close_serial
 
 TIMEOUT = 10.0
@@ -444,3 +444,43 @@ def test_shutdown_racing_submitters_leaves_no_accepted_call_behind(wq: object) -
         thread.join(TIMEOUT)
     assert refused == [1] * 8
     assert all(f.done() and not f.cancelled() for futures in accepted for f in futures)
+
+
+def test_a_call_refused_by_a_draining_queue_but_taken_by_the_keys_run_is_accepted(
+        wq: Any, topo: Topology) -> None:
+    """submit() appends the call, then queues the key's Work; if that is
+    refused (a drain is going on) but the key's run that was still going
+    took the call meanwhile, the call runs: submit() must say it was
+    accepted, not raise as if it would never run."""
+    ex = wq.serial("k")
+    gate, hold = threading.Event(), threading.Event()
+    submit_held(ex, gate)
+    # Keeps the drain going once the key's run is over (on another CPU).
+    wq.queue_work_on((ex.cpu + 1) % len(topo.possible()), Work(lambda w: hold.wait(TIMEOUT)))
+    drainer = threading.Thread(target=wq.drain, daemon=True)
+    drainer.start()
+    tick = threading.Event()
+    for _ in range(int(TIMEOUT / 0.001)):
+        if wq._state:  # draining
+            break
+        tick.wait(0.001)
+    second_ran = threading.Event()
+    real_queue_work_on = wq.queue_work_on
+
+    def queue_work_on(cpu: int, work: Any) -> bool:
+        # The held call ends and the key's run takes ours before the
+        # queueing is refused.
+        gate.set()
+        assert second_ran.wait(TIMEOUT)
+        return real_queue_work_on(cpu, work)  # type: ignore[no-any-return]
+
+    wq.queue_work_on = queue_work_on
+    try:
+        second = ex.submit(second_ran.set)
+    finally:
+        del wq.queue_work_on
+        gate.set()
+        hold.set()
+        drainer.join(TIMEOUT)
+    assert second.result(TIMEOUT) is None
+    assert second_ran.is_set()
