@@ -131,8 +131,10 @@ class Workqueue(Executor):
 
     def __init__(self, name: str, flags: int = 0, max_active: int = 0,
                  topology: Topology | None = None) -> None:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"a workqueue name must be a non-empty str, not {name!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"a workqueue name must be a str, not {type(name).__name__}")
+        if not name:
+            raise ValueError("a workqueue name must not be empty")
         if isinstance(flags, bool) or not isinstance(flags, int):
             raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
         unknown = int(flags) & ~int(WQ_USER_FLAGS | WQ_ORDERED)  # int: ~IntFlag keeps known bits

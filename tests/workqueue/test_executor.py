@@ -642,8 +642,10 @@ def test_stats_is_a_frozen_snapshot(make_wq: Any) -> None:
 
 
 def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
-    with pytest.raises(TypeError, match="name"):
+    with pytest.raises(ValueError, match="name must not be empty"):
         alloc_workqueue("", topology=topo)
+    with pytest.raises(TypeError, match="name must be a str, not bytes"):
+        alloc_workqueue(b"x", topology=topo)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="flags"):
         alloc_workqueue("x", "0", topology=topo)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown workqueue flags"):

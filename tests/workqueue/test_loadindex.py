@@ -128,6 +128,12 @@ def test_on_move_must_be_callable() -> None:
         LoadIndex(Topology(2), on_move="nope")  # type: ignore[arg-type]
 
 
+def test_topology_must_be_one() -> None:
+    for bad in ("x", None, 2):
+        with pytest.raises(TypeError, match="topology must be a workqueue.Topology"):
+            LoadIndex(bad)  # type: ignore[arg-type]
+
+
 def test_sparse_cpu_numbers() -> None:
     with LoadIndex(Topology(cpus=[3, 5, 9])) as index:
         assert [index.assign(k) for k in range(4)] == [3, 5, 9, 3]
