@@ -21,7 +21,7 @@ from hosthelpers import wait_pending
 from racewindow import TIMEOUT
 
 from xenback.platform import EventChannelError, GrantError
-from xenback.sim import EventChannel, attach
+from xenback.sim import EventChannel, _daemon, attach
 
 
 def start(run_dir: Path, *args: str,
@@ -143,6 +143,20 @@ def test_an_empty_run_dir_is_a_usage_error(tmp_path: Path) -> None:
     assert (proc.returncode, out) == (2, "")
     assert "xenback-sim: error: argument --run-dir: empty path" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("domains", [["", "g"], ["a/b"], ["g", "h", "g"]])
+def test_a_bad_domain_name_is_a_usage_error_before_the_host_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], domains: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["--run-dir", str(run_dir)]
+    for name in domains:
+        argv += ["--domain", name]
+    with pytest.raises(SystemExit) as exit_:
+        _daemon.main(argv)
+    assert exit_.value.code == 2
+    assert "xenback-sim: error: argument --domain: " in capsys.readouterr().err
+    assert not run_dir.exists()
 
 
 def test_guests_are_created_from_other_processes(

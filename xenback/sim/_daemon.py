@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._host import SimHost
+from ._host import SimHost, check_domain_name
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,14 @@ def _run_dir(text: str) -> Path:
     return Path(text)
 
 
+def _domain_name(text: str) -> str:
+    # Checked before the host starts: a bad name is a usage error.
+    try:
+        return check_domain_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xenback-sim`` console script; returns the exit
     status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start, 2 for a
@@ -44,10 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--run-dir", required=True, type=_run_dir, help="directory for the sockets")
     parser.add_argument(
-        "--domain", action="append", default=[], metavar="NAME", help="create a guest domain"
+        "--domain", action="append", default=[], type=_domain_name, metavar="NAME",
+        help="create a guest domain"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     args = parser.parse_args(argv)
+    twice = sorted({name for name in args.domain if args.domain.count(name) > 1})
+    if twice:
+        parser.error(f"argument --domain: {', '.join(map(repr, twice))} given more than once")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="xenback-sim: %(levelname)s %(name)s: %(message)s",

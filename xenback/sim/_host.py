@@ -33,6 +33,18 @@ DOMID_FIRST_RESERVED = 0x7FF0
 _GUEST_DIRS = ("device", "control", "data", "drivers", "feature", "attr", "error")
 
 
+def check_domain_name(name: str) -> str:
+    """Return ``name`` if it can name a guest, else raise ValueError."""
+    if (
+        not isinstance(name, str)
+        or not 0 < len(name) <= 64
+        or not name.isprintable()
+        or "/" in name
+    ):
+        raise ValueError(f"a domain name must be 1..64 printable characters, no '/', not {name!r}")
+    return name
+
+
 class SimHost(Closing):
     """A simulated Xen host, embedded in this process.
 
@@ -219,13 +231,7 @@ class SimHost(Closing):
 
     def create_domain(self, name: str) -> Domain:
         """Create a guest: XenStore home populated, then @introduceDomain."""
-        if (
-            not isinstance(name, str)
-            or not 0 < len(name) <= 64
-            or not name.isprintable()
-            or "/" in name
-        ):
-            raise ValueError(f"a domain name must be 1..64 printable characters, not {name!r}")
+        check_domain_name(name)
         with self._lock:
             self._check_running()
             if any(d.name == name for d in self._domains.values()):
