@@ -274,7 +274,7 @@ class Dispatcher:
         (or, for a permission change, could read it under ``old_perms``).
         """
         if isinstance(view, Transaction):
-            view.events.append((path, subtree, perms, old_perms))
+            view.add_event(path, subtree, perms, old_perms)
             return
         for watch in self.watches.matching(path, subtree):
             target = watch.conn
@@ -616,7 +616,7 @@ class Dispatcher:
             ):
                 raise XsError("ENOSPC", "node quota exceeded")
             view.commit()
-            for path, subtree, perms, old_perms in view.events:
+            for path, (subtree, perms, old_perms) in view.events.items():
                 self._fire(self.store, path, subtree, perms, old_perms)
         return _OK
 

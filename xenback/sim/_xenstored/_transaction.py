@@ -38,8 +38,9 @@ class Transaction:
         self.view: dict[str, Node | None] = {}
         #: paths this transaction wrote or deleted, in order
         self.changed: dict[str, None] = {}
-        #: watch events to fire on commit: (path, subtree, perms, old perms)
-        self.events: list[tuple[str, bool, Perms, Perms | None]] = []
+        #: watch events to fire on commit, one per changed path (see
+        #: add_event): path -> (subtree, perms, old perms)
+        self.events: dict[str, tuple[bool, Perms, Perms | None]] = {}
         self.owned_delta: collections.Counter[int] = collections.Counter()
 
     def _touch(self, path: str) -> Node | None:
@@ -75,6 +76,26 @@ class Transaction:
             self.owned_delta[old.owner] -= 1
         self.view[path] = None
         self.changed[path] = None
+
+    def add_event(self, path: str, subtree: bool, perms: Perms, old_perms: Perms | None) -> None:
+        """Remember that ``path`` changed, for an event on commit.
+
+        One event per path, however often the transaction changed it (as
+        cxenstored's add_change_node()): a list of every change would let a
+        guest grow it without bound by rewriting one node, and flood the
+        watchers at commit.  The event is subtree-style if any change was;
+        it reaches watchers that could read the node before the first
+        change or after the last (what happened in between nobody else saw).
+        """
+        first = self.events.get(path)
+        if first is None:
+            self.events[path] = (subtree, perms, old_perms)
+            return
+        was_subtree, first_perms, first_old = first
+        before = first_perms if first_old is None else first_old
+        self.events[path] = (
+            was_subtree or subtree, perms, None if before == perms else before
+        )
 
     def count(self, domid: int) -> int:
         return self.store.count(domid) + self.owned_delta[domid]
