@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hosthelpers import error_of, eventually
+from hosthelpers import error_of, eventually, make_guest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xenback.sim._xenstored import Op, RawClient, XenStored, XsError, _server
+from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
 
 HEADER = struct.Struct("<IIII")
 
@@ -489,3 +489,37 @@ def test_out_of_descriptors_the_server_waits_without_spinning(
             assert waiting.read("/x") == b"1"
     xsd._call(setattr, xsd, "_listener", stand_in.listener)
     check_alive(xsd)
+
+
+def test_a_guest_cannot_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    # Each connection a guest opens over its limit, or ruins with a bad
+    # header, is its own fault, and it can open any number of them: one
+    # warning per domain says what is going on, the rest go to DEBUG.
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=Quota(connections=1)
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        guest.write("here", "")  # the one connection it may have is open
+        for _ in range(5):
+            with socket.socket(socket.AF_UNIX) as extra:
+                extra.connect(str(xsd.introduce_path(1)))
+                assert closed_by_server(extra)
+        guest.close()
+        domain = xsd._dispatcher.domains[1]
+        assert eventually(lambda: xsd._call(lambda: not domain.conns))
+        for _ in range(5):
+            with socket.socket(socket.AF_UNIX) as bad:
+                bad.connect(str(xsd.introduce_path(1)))
+                bad.sendall(HEADER.pack(Op.READ, 1, 0, 4097))
+                assert closed_by_server(bad)
+        # Dom0's misbehaviour is not the guest's: warned as before.
+        with socket.socket(socket.AF_UNIX) as bad:
+            bad.connect(str(xsd.path))
+            bad.sendall(HEADER.pack(Op.READ, 1, 0, 4097))
+            assert closed_by_server(bad)
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 2, [r.getMessage() for r in warned]
+    assert "too many connections" in warned[0].getMessage()
+    assert "dom0" in warned[1].getMessage()
+    assert sum("too many connections" in r.getMessage() for r in caplog.records) == 5
+    assert sum("announces 4097" in r.getMessage() for r in caplog.records) == 6

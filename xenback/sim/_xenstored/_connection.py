@@ -24,7 +24,7 @@ class Domain:
 
     __slots__ = (
         "domid", "privileged", "target", "conns", "nwatches", "ntransactions",
-        "listener", "socket_path",
+        "listener", "socket_path", "warned",
     )
 
     def __init__(self, domid: int, privileged: bool) -> None:
@@ -39,6 +39,9 @@ class Domain:
         #: whose socket is the server's main one)
         self.listener: socket.socket | None = None
         self.socket_path: Path | None = None
+        #: a warning about this domain's misbehaviour was logged (see
+        #: XenStored._fault_level)
+        self.warned = False
 
     def __repr__(self) -> str:
         return f"Domain({self.domid})"
