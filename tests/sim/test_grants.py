@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import types
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,7 +21,7 @@ from xenback.platform import GrantMapping as GrantMappingProtocol
 from xenback.platform import GrantShare as GrantShareProtocol
 from xenback.platform import GrantTable as GrantTableProtocol
 from xenback.platform import SharedPages as SharedPagesProtocol
-from xenback.sim import Domain, GrantShare, GrantTable, SimHost
+from xenback.sim import Domain, GrantShare, GrantTable, SimHost, _hypervisor
 from xenback.sim._grant import GrantMapping, _ffi, _Handle, _Pages
 from xenback.sim._hypervisor import domain_socket
 
@@ -150,6 +151,34 @@ def test_bad_share_requests_get_errno(handles: tuple[GrantShare, GrantTable], co
     with pytest.raises(GrantError) as info:
         shr.share_pages(0, count)
     assert info.value.errno == errno.EINVAL
+
+
+def test_a_share_the_service_cannot_finish_leaves_no_grant(
+    host: SimHost, handles: tuple[GrantShare, GrantTable], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors for the granter's copy of the pages, the share
+    fails whole: no grant is left that the granter was never told of."""
+    shr, _ = handles
+    before = live_grants(host)
+    real = os.dup
+    failed = []
+
+    def dup(fd: int) -> int:
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(fd)
+
+    # The service's name for the module only: the rest of the process
+    # keeps the real one.
+    monkeypatch.setattr(_hypervisor, "os", types.SimpleNamespace(**{**vars(os), "dup": dup}))
+    with pytest.raises(GrantError) as info:
+        shr.share_pages(0, 4)
+    assert info.value.errno == errno.EMFILE
+    assert failed
+    assert live_grants(host) == before
+    monkeypatch.undo()
+    assert len(shr.share_pages(0, 4).refs) == 4  # the handle still works
 
 
 def test_unmap_releases_the_view_and_leaves_stale_slices_harmless(

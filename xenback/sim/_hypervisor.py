@@ -668,6 +668,10 @@ class Hypervisor:
         try:
             os.ftruncate(fd, count * PAGE_SIZE)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            # The granter's own writable descriptor of the pages, made before
+            # any grant is entered: out of descriptors, the request fails
+            # whole, not with grants left that the granter never heard of.
+            granter_fd = os.dup(fd)
         except OSError:
             os.close(fd)
             raise
@@ -680,8 +684,7 @@ class Hypervisor:
             table.entries[ref] = grant
             conn.shares.add(grant)
             refs.append(ref)
-        # The granter gets its own writable descriptor of the pages.
-        return {"refs": refs}, [os.dup(fd)]
+        return {"refs": refs}, [granter_fd]
 
     def _op_gnt_end(self, conn: _Conn, msg: Message, fds: list[int]) -> tuple[Message, list[int]]:
         _no_fds(fds)
