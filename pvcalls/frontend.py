@@ -812,6 +812,11 @@ class PVSocket(Closing):
             raise OverflowError(f"backlog {backlog} does not fit a C int")
         backlog = max(0, backlog)  # as Linux's listen()
         self._check_open()
+        if self._st.ring is not None or self._broken:
+            # Connected (or connecting): EINVAL, as socket.socket's and as
+            # bind() here.  Not the EOPNOTSUPP below, which asks for a
+            # bind() that would be refused too.
+            raise OSError(errno.EINVAL, "listen() on a connected socket")
         if not self._st.bound:
             # Linux's frontend: listen before bind is EOPNOTSUPP.
             raise OSError(errno.EOPNOTSUPP, "listen() needs bind() first over PV Calls")

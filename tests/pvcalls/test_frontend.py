@@ -713,6 +713,20 @@ def test_listen_needs_bind_and_accept_needs_listen(fe: pvcalls.Frontend) -> None
         assert info.value.errno == errno.EINVAL
 
 
+def test_listen_on_a_connected_socket_is_einval_as_for_socket_socket(
+    fe: pvcalls.Frontend, server: Any
+) -> None:
+    """Not EOPNOTSUPP "needs bind() first": binding would not help either
+    (bind() on it is EINVAL too)."""
+    srv = server()
+    with connected(fe, srv.address) as s, socket.create_connection(srv.address) as real:
+        for sock in (s, real):
+            with pytest.raises(OSError) as info:
+                sock.listen()
+            assert info.value.errno == errno.EINVAL, (sock, info.value)
+        echo_through(s, b"still connected")
+
+
 def test_bind_address_in_use(fe: pvcalls.Frontend) -> None:
     taken = socket.create_server(("127.0.0.1", 0))
     try:
@@ -1543,6 +1557,7 @@ def test_a_connect_that_timed_out_leaves_a_socket_only_to_close(
         assert s.connect_ex(address) == errno.EAGAIN
         for call, error in ((lambda: s.connect(address), errno.EISCONN),
                             (lambda: s.bind(("127.0.0.1", 0)), errno.EINVAL),
+                            (s.listen, errno.EINVAL),
                             (lambda: s.send(b"x"), errno.ENOTCONN),
                             (lambda: s.recv(1), errno.ENOTCONN)):
             with pytest.raises(OSError) as info:
