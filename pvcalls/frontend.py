@@ -206,6 +206,17 @@ def _check_flags(flags: int, call: str) -> None:
         raise OSError(errno.EOPNOTSUPP, f"{call} flags are not supported over PV Calls")
 
 
+def _send_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """``data`` as the bytes send() takes: any C-contiguous buffer, whatever
+    its format and shape.  Another one is a :class:`BufferError`, as
+    socket.socket's (asking for a simple buffer) says, not cast()'s
+    :class:`TypeError`."""
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    return view.cast("B")
+
+
 def _timeout_value(value: float | None) -> float | None:
     """``value`` checked as :meth:`socket.socket.settimeout` checks it."""
     if value is None:
@@ -900,7 +911,7 @@ class PVSocket(Closing):
         """Copy as much of ``data`` as fits into the out ring (waiting for
         room, within the timeout) and return how many bytes were sent."""
         _check_flags(flags, "send")
-        return self._send(memoryview(data).cast("B"), _Deadline(self._timeout))
+        return self._send(_send_view(data), _Deadline(self._timeout))
 
     def _send(self, view: memoryview, deadline: _Deadline) -> int:
         if not self._send_lock.acquire(False):  # uncontended: no call more
@@ -939,7 +950,7 @@ class PVSocket(Closing):
         """Send all of ``data``; the timeout bounds the whole call, as
         socket.socket's has since Python 3.5."""
         _check_flags(flags, "sendall")
-        view = memoryview(data).cast("B")
+        view = _send_view(data)
         self._active_ring()  # an empty ``data`` is still checked
         deadline = _Deadline(self._timeout)
         while len(view):

@@ -1436,6 +1436,22 @@ def test_arguments_are_checked_before_waiting(fe: pvcalls.Frontend, server: Any)
         echo_through(s, b"still fine")
 
 
+def test_a_buffer_send_cannot_take_is_a_buffererror_as_for_socket_socket(
+    fe: pvcalls.Frontend, server: Any
+) -> None:
+    """A strided view is no simple buffer: BufferError, not TypeError;
+    C-contiguous views of any format and shape are sent as their bytes."""
+    srv = server()
+    strided = memoryview(b"abcdef")[::2]
+    with connected(fe, srv.address) as s, socket.create_connection(srv.address) as real:
+        for sock in (s, real):
+            for call in (sock.send, sock.sendall):
+                with pytest.raises(BufferError):
+                    call(strided)
+        s.sendall(memoryview(bytes(range(12))).cast("B", (3, 4)))
+        assert recv_exactly(s, 12) == bytes(range(12))
+
+
 def test_a_busy_socket_does_not_hold_calls_past_their_timeout(
     fe: pvcalls.Frontend, server: Any
 ) -> None:
