@@ -951,11 +951,15 @@ class PVSocket(Closing):
         socket.socket's has since Python 3.5."""
         _check_flags(flags, "sendall")
         view = _send_view(data)
-        self._active_ring()  # an empty ``data`` is still checked
         deadline = _Deadline(self._timeout)
-        while len(view):
+        # At least one _send(), as socket.socket's sendall() calls send()
+        # once even for nothing: an empty ``data`` still fails on a closed
+        # or unconnected socket and on the out ring's error.
+        while True:
             n = self._send(view, deadline)
             view = view[n:]
+            if not len(view):
+                return
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Receive up to ``nbytes`` (default: ``len(buffer)``) into

@@ -265,6 +265,12 @@ def test_reset_by_the_peer_is_an_error_not_eof(fe: pvcalls.Frontend, server: Any
         with pytest.raises(OSError) as info:
             s.send(b"more")
         assert info.value.errno in (errno.EPIPE, errno.ECONNRESET)
+        # Nothing to send is no way round the error, as with socket.socket
+        # (whose sendall() calls send() once even then) and send() here.
+        for call in (lambda: s.send(b""), lambda: s.sendall(b"")):
+            with pytest.raises(OSError) as again:
+                call()
+            assert again.value.errno == info.value.errno
 
 
 def test_close_wakes_a_blocked_sender(fe: pvcalls.Frontend, server: Any) -> None:
