@@ -585,6 +585,9 @@ class PVSocket(Closing):
     ``getsockname`` returns the address given to :meth:`bind` (``("0.0.0.0",
     0)`` otherwise), ``getpeername`` the address given to :meth:`connect`,
     and :meth:`accept` returns ``("0.0.0.0", 0)`` as the peer address.
+    A socket is either bound (then it may listen) or connected: CONNECT
+    after BIND is refused with EINVAL, where a :class:`socket.socket`
+    would connect from the bound address.
 
     A socket the program drops without closing it is released once it is
     garbage, as a :class:`socket.socket` closes itself, with a
