@@ -383,6 +383,27 @@ def _bind_in_flight(fe: pvcalls.Frontend, fake: FakeBackend
     return s, other, binding, bind_req, fake.next_request(PVCALLS_CONNECT)
 
 
+def _accept_in_flight(fe: pvcalls.Frontend, fake: FakeBackend
+                      ) -> tuple[pvcalls.PVSocket, Request, Any, pvcalls.PVSocket]:
+    """A non-blocking listener whose accept() took a POLL's answer and
+    sent its ACCEPT, which the backend holds (``fake.hold`` must hold
+    ACCEPT): the listener, the request, its response slot and the socket
+    it offers."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        ls.accept()  # its POLL goes out, answered at once
+    wait_until(lambda: ls._poll_ready)
+    with pytest.raises(BlockingIOError):
+        ls.accept()  # its ACCEPT goes out, held
+    req = fake.next_request(PVCALLS_ACCEPT)
+    assert ls._st.accept_inflight is not None
+    _, slot, new = ls._st.accept_inflight
+    return ls, req, slot, new
+
+
 @pytest.mark.parametrize("kind", list(_BOGUS))
 def test_a_response_that_matches_no_request_is_dropped_with_a_warning(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, kind: str) -> None:
@@ -773,19 +794,8 @@ def test_a_positive_accept_answer_is_a_connection_to_release(
     the listener before accept() took it releases that socket, not drop it
     with no RELEASE and hand its ring, still the backend's, to the next
     socket (it used to: only a ``ret`` of 0 counted there)."""
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
     fake.hold = {PVCALLS_ACCEPT}
-    ls.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        ls.accept()  # its POLL goes out, answered at once
-    wait_until(lambda: ls._poll_ready)
-    with pytest.raises(BlockingIOError):
-        ls.accept()  # its ACCEPT goes out, held
-    req = fake.next_request(PVCALLS_ACCEPT)
-    assert ls._st.accept_inflight is not None
-    _, slot, new = ls._st.accept_inflight
+    ls, req, slot, new = _accept_in_flight(fe, fake)
     fake.rings[req.id_new] = FakeDataRing(fake, req.ref, req.evtchn)  # a connection
     fake.respond(req, 1)
     wait_until(lambda: slot.done)
@@ -962,18 +972,7 @@ def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
     with pytest.raises(TimeoutError):
         stuck.connect(("127.0.0.1", 4001))
     connect_req = fake.next_request(PVCALLS_CONNECT)  # its slot stays taken
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        ls.accept()  # its POLL goes out
-    wait_until(lambda: ls._poll_ready)
-    with pytest.raises(BlockingIOError):
-        ls.accept()  # its ACCEPT goes out, held
-    accept_req = fake.next_request(PVCALLS_ACCEPT)
-    assert ls._st.accept_inflight is not None
-    _, slot, new = ls._st.accept_inflight
+    ls, accept_req, slot, new = _accept_in_flight(fe, fake)
     ring = new._st.ring
     fake.respond(accept_req, 0)  # a connection, that nobody accept()s
     wait_until(lambda: slot.done)
