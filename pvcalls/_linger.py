@@ -19,7 +19,10 @@ that, what is left is dropped, as by Linux's backend, with a rate-limited
 warning), and a socket whose peer has not taken everything within
 ``timeout`` seconds is closed with the rest.  The bound on sockets is the
 one on host descriptors: a guest can leave a byte or two in each socket it
-releases, and the domain's socket limit no longer counts them.
+releases, and the domain's socket limit no longer counts them.  What is
+logged of a domain's released sockets (dropped, or closed with data
+unsent) goes through its frontend's rate limit: a guest whose peers reset
+each connection ends its lingering sockets as fast as it releases them.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class _Orphan:
     domid: int
     size: int  # bytes adopted, counted against the domain until the end
     rest: memoryview  # what the peer has yet to take (only the sender touches it)
+    # The releasing frontend's (it outlives the frontend): a guest whose
+    # peers reset every connection ends orphans as fast as it releases them.
+    ratelimit: RateLimit
     timer: DelayedWork | None = None
 
 
@@ -95,9 +101,9 @@ class Lingerer:
         reached, the lingerer closed, or ``host`` cannot be watched): the
         caller closes ``host``, and ``data`` is lost.
 
-        ``ratelimit``: the releasing frontend's, through which the warning
-        of dropped data goes, so that one guest's flood of them does not
-        silence another's."""
+        ``ratelimit``: the releasing frontend's, through which what is
+        logged of this socket goes (now, or when it ends), so that one
+        guest's flood of them does not reach the log nor silence another's."""
         fd = host.fileno()
         failed: Exception | None = None
         with self._lock:
@@ -107,7 +113,7 @@ class Lingerer:
             count = self._count.get(domid, 0)
             taken = held + len(data) <= self.max_bytes and count < self.max_sockets
             if taken:
-                orphan = _Orphan(host, domid, len(data), memoryview(data))
+                orphan = _Orphan(host, domid, len(data), memoryview(data), ratelimit)
                 # This orphan's, not the descriptor's: the number may be
                 # another orphan's by the time a late timer runs.
                 orphan.timer = timer = DelayedWork(
@@ -133,8 +139,9 @@ class Lingerer:
                           domid, len(data), count, held, self.max_bytes, self.max_sockets)
             return False
         if failed is not None:
-            logger.info("dom%d: a released socket's last %d bytes dropped: cannot watch it: %s",
-                        domid, len(data), failed)
+            ratelimit.log(logger, logging.INFO,
+                          "dom%d: a released socket's last %d bytes dropped: cannot watch it: %s",
+                          domid, len(data), failed)
             orphan.rest.release()
             return False
         return True
@@ -188,8 +195,9 @@ class Lingerer:
         if orphan.timer is not None:
             orphan.timer.cancel()
         if why is not None and orphan.rest:
-            logger.info("dom%d: released socket closed with %d bytes unsent: %s",
-                        orphan.domid, len(orphan.rest), why)
+            orphan.ratelimit.log(logger, logging.INFO,
+                                 "dom%d: released socket closed with %d bytes unsent: %s",
+                                 orphan.domid, len(orphan.rest), why)
         orphan.rest.release()
         orphan.host.close()
 

@@ -320,3 +320,31 @@ def test_one_domain_dropping_lingering_data_does_not_silence_another(
         assert raw.release(sock_id).ret == 0
     assert any(f"dom{raw.guest.domid}: a released socket's last" in r.getMessage()
                for r in caplog.records)
+
+
+def _stuck_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair whose first end cannot send (nobody reads the other)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with pytest.raises(BlockingIOError):
+        while True:
+            a.send(bytes(65536))
+    return a, b
+
+
+def test_a_guest_cannot_flood_the_log_with_lingering_sockets_its_peers_reset(
+        backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """Each lingering socket that ends with data unsent says so; a guest
+    whose peer (its own server, say) resets each connection at once can end
+    them as fast as it releases them: those lines go through the guest's
+    RateLimit, as its other ones."""
+    caplog.set_level(logging.INFO, logger="pvcalls")
+    ratelimit = RateLimit("dom4242")
+    for _ in range(3 * ratelimit.burst):
+        a, b = _stuck_pair()
+        assert backend.lingerer.adopt(a, 4242, b"x" * 1000, ratelimit)
+        b.close()  # the peer goes: the next send fails
+        wait_until(lambda a=a: a.fileno() == -1)
+    unsent = [r for r in caplog.records if "bytes unsent: send failed" in r.getMessage()]
+    assert 0 < len(unsent) <= ratelimit.burst
