@@ -19,10 +19,13 @@ that, what is left is dropped, as by Linux's backend, with a rate-limited
 warning), and a socket whose peer has not taken everything within
 ``timeout`` seconds is closed with the rest.  The bound on sockets is the
 one on host descriptors: a guest can leave a byte or two in each socket it
-releases, and the domain's socket limit no longer counts them.  What is
-logged of a domain's released sockets (dropped, or closed with data
-unsent) goes through its frontend's rate limit: a guest whose peers reset
-each connection ends its lingering sockets as fast as it releases them.
+releases, and the domain's socket limit no longer counts them.  So a
+domain whose policy sets a lower ``max_sockets`` lingers at most that
+many: it holds at most twice its limit in host sockets, not its limit
+plus ``max_sockets``.  What is logged of a domain's released sockets
+(dropped, or closed with data unsent) goes through its frontend's rate
+limit: a guest whose peers reset each connection ends its lingering
+sockets as fast as it releases them.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ class Lingerer:
             return len(self._orphans)
 
     def adopt(self, host: socket.socket, domid: int, data: bytes,
-              ratelimit: RateLimit) -> bool:
+              ratelimit: RateLimit, *, limit: int | None = None) -> bool:
         """Send ``data`` on the non-blocking ``host`` as it becomes writable,
         then close it.  False if not taken (one of the domain's bounds
         reached, the lingerer closed, or ``host`` cannot be watched): the
@@ -103,7 +106,9 @@ class Lingerer:
 
         ``ratelimit``: the releasing frontend's, through which what is
         logged of this socket goes (now, or when it ends), so that one
-        guest's flood of them does not reach the log nor silence another's."""
+        guest's flood of them does not reach the log nor silence another's.
+        ``limit``: the domain's own socket limit (its policy's
+        ``max_sockets``), which bounds its lingering sockets too."""
         fd = host.fileno()
         failed: Exception | None = None
         with self._lock:
@@ -111,7 +116,8 @@ class Lingerer:
                 return False
             held = self._bytes.get(domid, 0)
             count = self._count.get(domid, 0)
-            taken = held + len(data) <= self.max_bytes and count < self.max_sockets
+            max_sockets = self.max_sockets if limit is None else min(limit, self.max_sockets)
+            taken = held + len(data) <= self.max_bytes and count < max_sockets
             if taken:
                 orphan = _Orphan(host, domid, len(data), memoryview(data), ratelimit)
                 # This orphan's, not the descriptor's: the number may be
@@ -136,7 +142,7 @@ class Lingerer:
             ratelimit.log(logger, logging.WARNING,
                           "dom%d: a released socket's last %d bytes dropped: the domain's "
                           "%d released sockets hold %d bytes already (at most %d in %d)",
-                          domid, len(data), count, held, self.max_bytes, self.max_sockets)
+                          domid, len(data), count, held, self.max_bytes, max_sockets)
             return False
         if failed is not None:
             ratelimit.log(logger, logging.INFO,

@@ -722,7 +722,8 @@ class ActiveSocket(Work):
         fe = self.frontend
         adopted = False
         try:
-            adopted = bool(rest) and fe.backend.lingerer.adopt(host, fe.domid, rest, fe.ratelimit)
+            adopted = bool(rest) and fe.backend.lingerer.adopt(
+                host, fe.domid, rest, fe.ratelimit, limit=fe.policy.max_sockets)
         finally:
             if not adopted:
                 host.close()

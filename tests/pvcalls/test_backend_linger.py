@@ -348,3 +348,24 @@ def test_a_guest_cannot_flood_the_log_with_lingering_sockets_its_peers_reset(
         wait_until(lambda a=a: a.fileno() == -1)
     unsent = [r for r in caplog.records if "bytes unsent: send failed" in r.getMessage()]
     assert 0 < len(unsent) <= ratelimit.burst
+
+
+def test_a_domain_with_a_socket_limit_lingers_no_more_sockets_than_it(
+        host: SimHost, topology: Any, make_frontend: Any, peer: Peer) -> None:
+    """A lingering socket holds a host descriptor the domain's limit no
+    longer counts: with a limit of 1, a guest releasing a stuck socket and
+    opening the next held 32 host sockets at a time (the lingerer's own
+    bound), not about 1."""
+    policy = pvcalls.Policy.from_toml("[default]\nmax_sockets = 1\n")
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology) as backend:
+        raw = make_frontend("linger-limited")
+        conns = []
+        for _ in range(3):
+            sock_id, ring = raw.connect_socket(peer.address)
+            conns.append(peer.accept())
+            _fill(raw, ring, _socket_of(backend, raw, sock_id))
+            assert raw.release(sock_id).ret == 0
+        assert len(backend.lingerer) == 1
+        raw.close()
+    for conn in conns:
+        conn.close()
