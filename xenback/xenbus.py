@@ -7,7 +7,9 @@ protocol (section 2 of the protocol reference), item by item:
 
 * discovery: a watch on ``/local/domain/<self>/backend/<type>``; a device
   ``backend/<type>/<frontend-id>/<devid>`` is probed only when its backend
-  ``state`` is Initialising (1).  libxl deletes that directory itself with
+  ``state`` is Initialising (1), except at start: a device found then in
+  another state is an earlier backend's (stopped, or killed), and is taken
+  over (see ``_take_over``).  libxl deletes that directory itself with
   its last device (it prunes the parents a removal leaves empty) and
   re-creates it for the next one: the watch outlives the node and fires
   again, as XenStore's watches do, so nothing is re-armed;
@@ -427,6 +429,10 @@ class BackendDriver:
         # next stop() does what it left.
         self._stop_unfinished = False
         self._bus: EventQueue | None = None
+        # Until the first listing of our backend directory (the watch's
+        # first event, on the bus queue, which alone reads and clears it):
+        # devices found there in any state are taken over.
+        self._first_scan = True
         self._watches: list[Watch] = []
 
     # Hooks for subclasses.
@@ -537,6 +543,7 @@ class BackendDriver:
             raise
         with self._lock:
             self._stopping = False
+        self._first_scan = True
         self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus")
         try:
             self._watches.append(
@@ -651,13 +658,14 @@ class BackendDriver:
             for fe in self.xenstore.ls(self.backend_root)
             for devid in self.xenstore.ls(f"{self.backend_root}/{fe}")
         }
+        adopt, self._first_scan = self._first_scan, False
         for fe, devid in sorted(listed):
-            self._check_device(fe, devid)
+            self._check_device(fe, devid, adopt=adopt)
         for dev in self.devices():
             if (str(dev.frontend_id), str(dev.devid)) not in listed:
                 dev.queue(self._backend_changed, dev)
 
-    def _check_device(self, fe_text: str, devid_text: str) -> None:
+    def _check_device(self, fe_text: str, devid_text: str, *, adopt: bool = False) -> None:
         key = (_number(fe_text), _number(devid_text))
         if -1 in key:
             logger.warning("ignoring %s/%s/%s: not <domid>/<devid>", self.backend_root, fe_text, devid_text)
@@ -668,15 +676,24 @@ class BackendDriver:
             dev.queue(self._backend_changed, dev)
             return
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
-        if self.xenstore.read(f"{path}/state") != _INITIALISING:
+        state = self.xenstore.read(f"{path}/state")
+        # Any other state is a device we dropped (Closed, waiting for the
+        # toolstack to delete it) or not a device yet; but at start, one
+        # an earlier backend left behind: without us its frontend would
+        # wait for it forever, and could never connect again.
+        taken_over = adopt and state is not None and state != _INITIALISING
+        if state != _INITIALISING and not taken_over:
             return
         with self._lock:
             if self._stopping or key in self._devices:
                 return
             dev = BackendDevice(self, *key)
             self._devices[key] = dev
-        logger.info("%s: new device", dev.nodename)
-        dev.queue(self._probe, dev)
+        if taken_over:
+            logger.info("%s: taking over a device left in state %s", dev.nodename, state)
+        else:
+            logger.info("%s: new device", dev.nodename)
+        dev.queue(self._probe, dev, taken_over)
 
     def _release_domain(self, _path: str) -> None:
         alive: dict[int, bool] = {}
@@ -701,7 +718,7 @@ class BackendDriver:
 
     # Per-device handlers (run on the device's queue).
 
-    def _probe(self, dev: BackendDevice) -> None:
+    def _probe(self, dev: BackendDevice, taken_over: bool = False) -> None:
         if dev.gone:
             return
         try:
@@ -716,7 +733,10 @@ class BackendDriver:
             dev.otherend = otherend
             dev._probed = True  # set first: remove() also undoes a probe that failed halfway
             self.probe(dev)
-            dev.switch_state(XenbusState.INIT_WAIT)
+            if taken_over:
+                self._take_over(dev)
+            else:
+                dev.switch_state(XenbusState.INIT_WAIT)
             dev._otherend_watch = self.xenstore.watch(
                 f"{otherend}/state", lambda _p: self._otherend_event(dev)
             )
@@ -727,6 +747,23 @@ class BackendDriver:
             err, message = _errno_of(exc)
             logger.debug("%s: probe failed", dev.nodename, exc_info=True)
             dev.fatal(err, f"probing: {message}")
+
+    def _take_over(self, dev: BackendDevice) -> None:
+        """Serve a device an earlier backend left in our directory (it was
+        stopped, which leaves Closed, or killed, which leaves any state).
+        Its state stays ours: the frontend-state watch set next reports the
+        frontend's at once, and the frontend_changed table goes on from
+        there (Closed: reconnect when the frontend writes Initialising;
+        InitWait: connect when it publishes its ring).  A connection the
+        earlier backend made cannot be: its sockets went with it.  Closing
+        tells the frontend so, as a fatal error would."""
+        # The state in our directory is a backend's: from now on
+        # Initialising there means a new device (see _switched).
+        dev._switched = True
+        dev.state = XenbusState.parse(dev.read("state"))
+        if dev.state in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            logger.info("%s: the connection of an earlier backend: closing it", dev.nodename)
+            dev.switch_state(XenbusState.CLOSING)
 
     def _otherend_event(self, dev: BackendDevice) -> None:
         # Runs on the XenStore watch thread.  The frontend may rewrite its

@@ -366,3 +366,48 @@ def test_a_second_stop_signal_while_closing_is_no_crash(signum: str) -> None:
     done = serve_with(_STOP_TWICE, signum)
     assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_guest_connected_to_a_killed_backend_reconnects_to_the_next(tmp_path: Path) -> None:
+    # serve killed (no clean-up: its device stays Connected) and started
+    # again while the guest keeps its frontend: the new backend must tell
+    # the frontend that its connection is gone (or every call of the guest
+    # times out, and a blocking one waits forever), and the guest must be
+    # able to connect again; the killed backend's grant mappings and ports
+    # must not outlive it.
+    import pvcalls
+    from xenback.sim import SimHost
+    from xenback.xenstore import XenStore
+
+    run_dir = tmp_path / "run"
+    with SimHost(run_dir) as host, XenStore.connect_to(host.dom0) as xs:
+        guest = host.create_domain("guest")
+        idle = host.hypervisor.stats()
+        with running(serve_argv(run_dir), stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE) as first:
+            Lines(first.stderr).wait_for("serving")
+            fe = pvcalls.Frontend(guest, timeout=3)
+            fe.open()
+            fe.socket().close()
+            first.kill()
+            first.wait(TIMEOUT)
+        fe_state = f"{fe.device.frontend_path}/state"
+        assert xs.read(fe_state) == "4"
+        with running(serve_argv(run_dir), stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE) as second:
+            Lines(second.stderr).wait_for("serving")
+            # The frontend saw the backend leave Connected, and closed.
+            xs.wait_for(fe_state, "6", timeout=5)
+            with pytest.raises(OSError) as info:
+                fe.socket()
+            assert "backend went away" in str(info.value)
+            start = time.monotonic()
+            fe.close()
+            assert time.monotonic() - start < 2
+            fe.open()
+            fe.socket().close()
+            fe.close()
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(TIMEOUT) == 0
+        stats = host.hypervisor.stats()
+        assert (stats["ports"], stats["grants"]) == (idle["ports"], idle["grants"])

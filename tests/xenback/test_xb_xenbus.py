@@ -1098,3 +1098,44 @@ def test_a_frontend_changed_that_raises_after_dropping_the_device(
     assert bdev.gone
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
     assert _error(dom0_xs, dev) is None
+
+
+@pytest.mark.parametrize("left", [S.INIT_WAIT, S.CONNECTED, S.CLOSING, S.CLOSED])
+def test_a_device_an_earlier_backend_left_is_taken_over(
+        host, frontends, dom0_xs, left: S) -> None:
+    """The backend was restarted (stopped: it left Closed; killed: it left
+    whatever state it was in) while the guest kept its device.  The new
+    backend must serve it: a frontend at InitWait connects, one that was
+    connected is told to close (the old connection's state is gone), and
+    after Closed the frontend can connect again.  A backend that only
+    probes Initialising devices ignores it, and the guest waits forever."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    # What the earlier backend and the frontend left in XenStore.
+    dom0_xs.write(f"{dev.backend_path}/state", int(left))
+    if left == S.CONNECTED:
+        fe.publish(state=S.CONNECTED)
+    elif left in (S.CLOSING, S.CLOSED):
+        fe.set_state(left)
+    drv = RecordingDriver(host.dom0)
+    with drv:
+        if left == S.CONNECTED:
+            fe.wait_backend(S.CLOSING, timeout=3)
+            fe.set_state(S.CLOSED)
+            fe.wait_backend(S.CLOSED, timeout=3)
+        elif left == S.CLOSING:
+            fe.set_state(S.CLOSED)
+            fe.wait_backend(S.CLOSED, timeout=3)
+        if left != S.INIT_WAIT:
+            fe.set_state(S.INITIALISING)  # reconnect after Closed
+            fe.wait_backend(S.INIT_WAIT, timeout=3)
+        fe.publish()
+        fe.wait_backend(S.CONNECTED, timeout=3)
+        bdev = _bdev(drv, guest.domid)
+        assert bdev.resources == (1, 1)
+        assert _error(dom0_xs, dev) is None
+        fe.set_state(S.CLOSED)
+        fe.wait_backend(S.CLOSED, timeout=3)
+        assert bdev.resources == (0, 0)
+    assert drv.calls_of(guest.domid)[:2] == ["probe", "connect"]
