@@ -1749,6 +1749,13 @@ class Frontend(Closing):
             states = list(self._sockets.values())
         for st in states:
             sock = st.owner()
+            if sock is not None and sock._offered:
+                # The id_new of an ACCEPT in flight (or answered, not yet
+                # taken): its listener's RELEASE, here or in flight, ends
+                # it (see _finish_release).  A RELEASE of its own would
+                # come after the listener's, find the id gone (EBADF), or
+                # cancel the ACCEPT that the listener's handling expects.
+                continue
             try:
                 if sock is None:
                     # Dropped unclosed, and the reaper has not come to it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import math
 import os
 import select
@@ -29,6 +30,7 @@ from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_el
 
 import pvcalls
 from pvcalls import _wire
+from pvcalls._socket import PassiveSocket
 from pvcalls.frontend import RECV, SEND
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
@@ -1821,3 +1823,44 @@ def test_close_does_not_hang_on_a_lock_an_interrupt_left_held(
         assert (lock == "_accept_lock") == bool(fe._ring_pool)
         with connected(fe, srv.address) as again:
             echo_through(again, b"still works")
+
+
+def test_close_with_an_accept_in_flight_releases_the_listener_only(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Frontend.close() while an ACCEPT is in flight: the listener's RELEASE
+    ends the ACCEPT and its id_new with it (the backend answers -EINTR), so
+    the socket the ACCEPT offered gets no RELEASE of its own (it used to,
+    after the listener's, answered EBADF with a warning)."""
+    run = PassiveSocket._run
+
+    def hold_accepts(self: PassiveSocket) -> None:
+        with self._lock:
+            waiting = self.waiting
+        if waiting is not None and waiting[1] is not None:
+            return  # an ACCEPT: stays in flight
+        run(self)
+
+    monkeypatch.setattr(PassiveSocket, "_run", hold_accepts)
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # a free port for the guest's listener
+    fe = pvcalls.Frontend(host.create_domain("accept-at-close"))
+    fe.open()
+    try:
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", port))
+        ls.listen()
+        ls.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ls.accept()  # its POLL goes out
+        client = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        wait_until(lambda: ls._poll_ready)
+        with pytest.raises(BlockingIOError):
+            ls.accept()  # its ACCEPT goes out, held
+        assert ls._st.accept_inflight is not None
+        caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    finally:
+        fe.close()
+    client.close()
+    assert not [r for r in caplog.records if "RELEASE" in r.getMessage()], caplog.text
