@@ -1636,6 +1636,11 @@ class Frontend(Closing):
                 state = self._backend_state()
             except ConnectionError:
                 return  # _lost_xenstore fails the waiters, and says why
+            except OSError as exc:
+                # Not ours to read any more (the simulated host destroyed
+                # our domain, say): for us the backend is gone as surely.
+                logger.debug("reading the backend's state: %s", exc)
+                state = XenbusState.UNKNOWN
             if state == XenbusState.CONNECTED:
                 return
             # Info: every call of ours says so now, with ENOTCONN.

@@ -1864,3 +1864,26 @@ def test_close_with_an_accept_in_flight_releases_the_listener_only(
         fe.close()
     client.close()
     assert not [r for r in caplog.records if "RELEASE" in r.getMessage()], caplog.text
+
+
+def test_a_backend_state_it_may_no_longer_read_ends_the_frontend(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend's state changed, and the guest may no longer read it (a
+    simulated host destroyed the domain under the running program): the
+    backend is gone as far as the frontend can tell, and its calls fail
+    with ENOTCONN.  The watch's callback does not fail (it used to, with a
+    PermissionError that XenStore's watch thread logged as a traceback)."""
+    fe = pvcalls.Frontend(host.create_domain("backend-state-unreadable"))
+    fe.open()
+    try:
+        def unreadable() -> None:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(fe, "_backend_state", unreadable)
+        fe._on_backend_state(f"{fe.device.backend_path}/state")
+        with pytest.raises(OSError) as info:
+            fe.socket()
+        assert info.value.errno == errno.ENOTCONN
+        monkeypatch.undo()
+    finally:
+        fe.close()
