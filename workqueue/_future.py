@@ -445,7 +445,10 @@ class LeanFuture(Future[Any]):
         woke = False
         try:
             with _pool.blocking():  # a worker waiting here lets its pool run others
-                woke = _pool.sleep_on(sleeper, None if timeout is None else max(timeout, 0))
+                # Not max(timeout, 0), which keeps a NaN: as Condition.wait,
+                # a timeout that is not above 0 (NaN included) waits not at all.
+                woke = _pool.sleep_on(sleeper, None if timeout is None
+                                      else timeout if timeout > 0 else 0)
         finally:
             # Timed out, or interrupted (Ctrl-C in the main thread): nobody
             # sleeps on it any more, and every interrupted call would leave

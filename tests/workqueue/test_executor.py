@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import gc
+import math
 import random
 import threading
 import time
@@ -121,6 +122,11 @@ def test_result_and_exception_time_out_and_the_future_stays_usable(make_wq: Any)
             slow.result(timeout=0.01)
         with pytest.raises(cf.TimeoutError):
             failing.exception(timeout=0)
+        # As a standard Future's (Condition.wait): NaN waits not at all.
+        with pytest.raises(cf.TimeoutError):
+            slow.result(timeout=math.nan)
+        with pytest.raises(cf.TimeoutError):
+            failing.exception(timeout=math.nan)
         assert not slow.done() and not failing.done()
     finally:
         release.set()
@@ -687,6 +693,7 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
 
 _EXIT_SCRIPT = r"""
 import os
+import math
 import threading
 from workqueue import WQ_FREEZABLE, Topology, alloc_workqueue
 
