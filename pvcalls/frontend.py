@@ -1473,6 +1473,10 @@ class Frontend(Closing):
         self._cmd_pages: SharedPages | None = None
         self._ring: FrontRing | None = None
         self._port = -1
+        # The ring-ref and port this frontend published for its device (None
+        # until it has): what tells, at close(), whether the device is still
+        # its own or was added again for another frontend since.
+        self._published: tuple[str, str] | None = None
         self._ids = itertools.count()
 
         # _lock guards the command ring's producer side (the ring, the
@@ -1559,6 +1563,7 @@ class Frontend(Closing):
         self._handlers.clear()
         self._dropped.clear()  # released by the close() before
         self._port = -1
+        self._published = None
 
     def _connect(self) -> None:
         domain = self.domain
@@ -1607,12 +1612,13 @@ class Frontend(Closing):
         )
         self._thread.start()
 
+        self._published = (str(self._cmd_pages.refs[0]), str(self._port))
         self._write_nodes(
             fe_path,
             {
                 "version": PVCALLS_VERSIONS,
-                "ring-ref": str(self._cmd_pages.refs[0]),
-                "port": str(self._port),
+                "ring-ref": self._published[0],
+                "port": self._published[1],
                 "state": str(XenbusState.INITIALISED.value),
             },
         )
@@ -1649,7 +1655,7 @@ class Frontend(Closing):
             self._die("the PV Calls backend went away")
             self._wake_everyone()
             try:
-                self._write_nodes(self.device.frontend_path, {"state": str(XenbusState.CLOSED.value)})
+                self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
             except OSError as exc:
                 logger.debug("frontend Closed after the backend left: %s", exc)
 
@@ -1713,21 +1719,29 @@ class Frontend(Closing):
             pool, self._ring_pool = self._ring_pool, []
         for ring in pool:
             ring.free()
-        fe_path = self.device.frontend_path
-        if self._xs is not None and self._connected and self._xs_lost is None:
+        owned = self._owns_device()
+        if not owned:
+            # A frontend opened after this one died added the device again
+            # (it is that one's now), or the host removed it: only this
+            # one's own resources go.
+            logger.info("pvcalls device %d of domain %d is no longer this frontend's "
+                        "(added again, or removed): leaving it alone",
+                        self.devid, self.domain.domid)
+        elif self._xs is not None and self._connected and self._xs_lost is None:
             try:
-                self._write_nodes(fe_path, {"state": str(XenbusState.CLOSING.value)})
-                self._wait_backend(
-                    lambda s: s >= XenbusState.CLOSING or s == XenbusState.UNKNOWN, "Closing"
-                )
-                self._write_nodes(fe_path, {"state": str(XenbusState.CLOSED.value)})
+                owned = self._write_own_nodes({"state": str(XenbusState.CLOSING.value)})
+                if owned:
+                    self._wait_backend(
+                        lambda s: s >= XenbusState.CLOSING or s == XenbusState.UNKNOWN, "Closing"
+                    )
+                    owned = self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
             except (OSError, TimeoutError) as exc:
                 logger.warning("closing frontend of domain %d: %s", self.domain.domid, exc)
         # A backend that never connected may not be there at all: do not
         # wait the full timeout for it to close.
         wait = self.timeout if self._connected else min(self.timeout, 2.0)
         was_connected, self._connected = self._connected, False
-        if self._xs_lost is None:
+        if owned and self._xs_lost is None:
             try:
                 if not was_connected and self._backend_state() in (
                         XenbusState.UNKNOWN, XenbusState.INITIALISING):
@@ -1738,7 +1752,7 @@ class Frontend(Closing):
                     self._toolstack.remove_device(self.device, timeout=wait)
             except Exception as exc:
                 logger.warning("removing pvcalls device of domain %d: %s", self.domain.domid, exc)
-        else:
+        elif owned:
             # The toolstack works through the same XenStore: with it gone,
             # so is (most likely) the whole host and the device with it.
             logger.info("not removing pvcalls device of domain %d: XenStore is gone",
@@ -1747,6 +1761,23 @@ class Frontend(Closing):
         if close_toolstack is not None:
             close_toolstack()
         self.device = self._toolstack = None
+
+    def _owns_device(self) -> bool:
+        """Whether the device's frontend directory still holds the ring-ref
+        and port this frontend published: once dead, it may have been added
+        again for another frontend, whose device close() must not touch (or
+        removed by the host, as for a dying domain: nothing left to do).
+        True when it cannot tell (nothing published yet, or XenStore is
+        gone, and with it the host)."""
+        if self._published is None or self._xs is None or self._xs_lost is not None:
+            return True
+        fe_path = self.device.frontend_path
+        try:
+            nodes = (self._xs.read(f"{fe_path}/ring-ref"), self._xs.read(f"{fe_path}/port"))
+        except OSError as exc:
+            logger.debug("reading the frontend nodes of domain %d: %s", self.domain.domid, exc)
+            return True
+        return nodes == self._published
 
     def _release_sockets(self) -> None:
         """Release every socket in the table (for close())."""
@@ -1851,6 +1882,26 @@ class Frontend(Closing):
                 t.write(f"{base}/{key}", value)
 
         self._xs.transaction(write)
+
+    def _write_own_nodes(self, nodes: dict[str, str]) -> bool:
+        """Write ``nodes`` under the frontend directory in one transaction,
+        as :meth:`_write_nodes`, if it still holds what this frontend
+        published (see :meth:`_owns_device`): checked in the transaction,
+        so that a frontend adding the device again meanwhile is not
+        overwritten.  Whether it wrote them."""
+        assert self._xs is not None
+        base = self.device.frontend_path
+        published = self._published
+
+        def write(t: Transaction) -> bool:
+            if published is not None and (
+                    t.read(f"{base}/ring-ref"), t.read(f"{base}/port")) != published:
+                return False
+            for key, value in nodes.items():
+                t.write(f"{base}/{key}", value)
+            return True
+
+        return self._xs.transaction(write)
 
     def _backend_state(self) -> XenbusState:
         assert self._xs is not None

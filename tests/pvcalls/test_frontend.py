@@ -1887,3 +1887,36 @@ def test_a_backend_state_it_may_no_longer_read_ends_the_frontend(
         monkeypatch.undo()
     finally:
         fe.close()
+
+
+def test_closing_a_stale_frontend_leaves_the_device_of_the_next_one(
+        server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A frontend whose backend went away, left unclosed while the program
+    opens a new one of the same devid (which adds the device again, for
+    the next backend): closing the stale one afterwards must not close or
+    remove the new one's device."""
+    srv = server()
+    with SimHost() as host:
+        domain = host.create_domain("stale")
+        first = pvcalls.Backend(host.dom0, max_ioworkers=1)
+        try:
+            stale = pvcalls.Frontend(domain, timeout=TIMEOUT)
+            stale.open()
+        finally:
+            first.close()
+        try:
+            wait_until(lambda: stale._dead)
+            with pvcalls.Backend(host.dom0, max_ioworkers=1) as backend:
+                with pvcalls.Frontend(domain, timeout=TIMEOUT) as fresh:
+                    with caplog.at_level(logging.DEBUG, logger="pvcalls"):
+                        stale.close()
+                    assert stale.device is None
+                    assert not fresh._dead
+                    with connected(fresh, srv.address) as s:
+                        echo_through(s, b"still mine")
+                assert backend.stats().frontends == 0
+                assert host.toolstack.devices(domain.domid) == []
+        finally:
+            stale.close()
+        assert "Permission denied" not in caplog.text
+
