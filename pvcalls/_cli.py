@@ -433,16 +433,11 @@ def _page_order(text: str) -> int:
     return value
 
 
-def _run_dir(text: str) -> Path:
-    # Path("") is the current directory: an unset $RUN_DIR would quietly
-    # mean wherever the command was started.
-    if not text:
-        raise argparse.ArgumentTypeError("empty path (write '.' for the current directory)")
-    return Path(text)
-
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the sub-parsers by command (for their errors)."""
+    from xenback.sim import run_dir_argument
+
     from ._backend import DEFAULT_MAX_IOWORKERS
     from ._wire import DEFAULT_MAX_PAGE_ORDER
 
@@ -466,7 +461,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        description="Serve every pvcalls device of a host until SIGTERM, SIGINT or SIGHUP.")
     s.add_argument("--platform", choices=["sim", "xen"], required=True,
                    help="sim: join a xenback-sim host; xen: a real dom0")
-    s.add_argument("--run-dir", type=_run_dir, help="run directory of the xenback-sim host")
+    s.add_argument("--run-dir", type=run_dir_argument, help="run directory of the xenback-sim host")
     s.add_argument("--policy", type=Path, metavar="FILE",
                    help="TOML access policy (per-domain connect/bind rules, socket limits)")
     return p, {"demo": d, "serve": s}

@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 from .frontend import Frontend, PVSocket, _host_bytes
@@ -98,20 +97,15 @@ def _timeout(text: str) -> float:
     return value
 
 
-def _run_dir(text: str) -> Path:
-    # Path("") is the current directory: an unset $RUN_DIR would quietly
-    # mean wherever the command was started.
-    if not text:
-        raise argparse.ArgumentTypeError("empty path (write '.' for the current directory)")
-    return Path(text)
-
 
 def _parser() -> argparse.ArgumentParser:
+    from xenback.sim import run_dir_argument
+
     p = argparse.ArgumentParser(
         prog="pvcalls-nc",
         description="Pipe stdin/stdout through a PV Calls connection of a simulated guest.",
     )
-    p.add_argument("--run-dir", required=True, type=_run_dir, help="run directory of the xenback-sim host")
+    p.add_argument("--run-dir", required=True, type=run_dir_argument, help="run directory of the xenback-sim host")
     p.add_argument("--domid", required=True, type=_domid, help="guest domain to act as (not 0)")
     p.add_argument("-l", "--listen", action="store_true", help="listen on PORT and accept one connection")
     p.add_argument(

@@ -29,7 +29,7 @@ still reach each other's memory outside them (``/proc``, ``ptrace``); the
 simulated host is a test bed, not a security boundary.
 """
 
-from ._domain import Domain, attach, create_domain, destroy_domain
+from ._domain import Domain, attach, create_domain, destroy_domain, run_dir_argument
 from ._evtchn import EventChannel
 from ._grant import GrantMapping, GrantShare, GrantTable, SharedPages
 from ._host import SimHost
@@ -48,4 +48,5 @@ __all__ = [
     "attach",
     "create_domain",
     "destroy_domain",
+    "run_dir_argument",
 ]

@@ -18,21 +18,14 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
+from ._domain import run_dir_argument
 from ._host import SimHost, check_domain_name
 
 logger = logging.getLogger(__name__)
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
-
-def _run_dir(text: str) -> Path:
-    # Path("") is the current directory: an unset $RUN_DIR would quietly
-    # mean wherever the command was started.
-    if not text:
-        raise argparse.ArgumentTypeError("empty path (write '.' for the current directory)")
-    return Path(text)
 
 
 def _domain_name(text: str) -> str:
@@ -50,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
     )
-    parser.add_argument("--run-dir", required=True, type=_run_dir, help="directory for the sockets")
+    parser.add_argument("--run-dir", required=True, type=run_dir_argument, help="directory for the sockets")
     parser.add_argument(
         "--domain", action="append", default=[], type=_domain_name, metavar="NAME",
         help="create a guest domain"

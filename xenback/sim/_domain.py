@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 from pathlib import Path
@@ -120,6 +121,16 @@ def run_dir_path(run_dir: str | os.PathLike[str]) -> Path:
         raise ValueError("run_dir is empty (give the host's run directory; "
                          "'.' for the current one)")
     return Path(run_dir).absolute()
+
+
+def run_dir_argument(text: str) -> Path:
+    """The ``type`` of a command's ``--run-dir`` option: :func:`run_dir_path`,
+    its refusal of an empty path a usage error."""
+    try:
+        return run_dir_path(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "empty path (write '.' for the current directory)") from None
 
 
 def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
