@@ -38,7 +38,8 @@ import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .frontend import Frontend, PVSocket, _host_bytes
+from .frontend import Frontend, PVSocket
+from .frontend._common import host_bytes
 
 __all__ = ["main"]
 
@@ -141,7 +142,7 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     # the command line that was not UTF-8) would otherwise be a TypeError
     # once the guest is up, and a traceback.
     try:
-        _host_bytes(host)
+        host_bytes(host)
     except TypeError:
         p.error(f"host {host!r} is not a valid host name")
     if not (port_text.isascii() and port_text.isdigit()):  # as _domid

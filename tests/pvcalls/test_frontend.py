@@ -31,7 +31,7 @@ from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_el
 import pvcalls
 from pvcalls import _wire
 from pvcalls._socket import PassiveSocket
-from pvcalls.frontend import RECV, SEND
+from pvcalls.frontend._common import RECV, SEND
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
 
@@ -550,16 +550,16 @@ def test_notifications_after_consuming_only_for_a_full_ring(
         fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The backend waits for a consume only when the in ring was full: a
     64-byte reply costs no notification, a consume from a full ring one."""
-    from pvcalls.frontend import _DataRing
+    from pvcalls.frontend._ring import DataRing
 
     notified: list[int] = []
-    notify = _DataRing.notify
+    notify = DataRing.notify
 
-    def counting(ring: _DataRing) -> None:
+    def counting(ring: DataRing) -> None:
         notified.append(ring.port)
         notify(ring)
 
-    monkeypatch.setattr(_DataRing, "notify", counting)
+    monkeypatch.setattr(DataRing, "notify", counting)
     more = threading.Event()
 
     def talk_then_flood(conn: socket.socket) -> None:
@@ -881,11 +881,11 @@ def test_a_bad_argument_is_refused_at_once(guest: Any, domain: Any, kwargs: dict
 
 
 def test_linux_enotsupp_is_eopnotsupp_and_unnamed_errors_eio() -> None:
-    from pvcalls.frontend import _host_error
+    from pvcalls.frontend._common import host_error
 
-    assert _host_error(-524, "poll").errno == errno.EOPNOTSUPP
-    assert _host_error(-9999, "poll").errno == errno.EIO
-    assert _host_error(-111, "connect").errno == errno.ECONNREFUSED
+    assert host_error(-524, "poll").errno == errno.EOPNOTSUPP
+    assert host_error(-9999, "poll").errno == errno.EIO
+    assert host_error(-111, "connect").errno == errno.ECONNREFUSED
 
 
 def test_socket_ids_look_like_pointers_and_are_unique(fe: pvcalls.Frontend) -> None:
@@ -906,7 +906,8 @@ def test_requests_on_the_wire_are_linux_like(
     fe: pvcalls.Frontend, backend: Any, guest: Any, server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pvcalls import _wire
-    from pvcalls.frontend import FRONTEND_RING_ORDER, _DataRing
+    from pvcalls.frontend import FRONTEND_RING_ORDER
+    from pvcalls.frontend._ring import DataRing
 
     ring = fe._ring
     assert ring is not None
@@ -925,7 +926,7 @@ def test_requests_on_the_wire_are_linux_like(
     freed = threading.Condition()
     put = fe._put_data_ring
 
-    def put_and_record(ring: _DataRing, *, reusable: bool) -> None:
+    def put_and_record(ring: DataRing, *, reusable: bool) -> None:
         with freed:
             in_error_at_free.append(ring.in_error())
             freed.notify_all()

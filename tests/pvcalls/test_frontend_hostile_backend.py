@@ -661,7 +661,7 @@ def test_the_sendall_timeout_bounds_the_whole_call(
     the test's, so no wait is real."""
     s, ring = connected(fe, fake)
     now = [time.monotonic()]
-    monkeypatch.setattr(pvcalls.frontend, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(pvcalls.frontend._common, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     s.settimeout(1.0)
     step = 4096
     prod0 = ring.get(OUT_PROD_OFFSET)

@@ -1,0 +1,69 @@
+"""The guest side of PV Calls: a frontend and a socket-like class on top of it.
+
+:class:`Frontend` plays the part of Linux's ``pvcalls-front`` for one guest
+domain: it adds the ``pvcalls`` device as a toolstack would, does the xenbus
+handshake, owns the one-page command ring, and hands out :class:`PVSocket`
+objects that behave like ``socket.socket(AF_INET, SOCK_STREAM)``::
+
+    with pvcalls.Frontend(guest) as fe:
+        with fe.socket() as s:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"hello")
+            reply = s.recv(4096)
+
+On the wire it speaks exactly as Linux's frontend does, so that a backend
+tested against this class works with real guests:
+
+* ``req_id`` is the command ring slot index (``req_prod_pvt & (RING_SIZE-1)``)
+  and one response table entry per slot waits for the answer;
+* socket ids are unique pointer-sized values, never reused by one frontend;
+* every active socket gets a data ring of ``ring_order`` 4 (16 pages, 32 KiB
+  each way) plus its indexes page, and an event channel of its own (the
+  ``ring_order`` option asks for larger rings, up to the backend's
+  ``max-page-order``: not what Linux does, but allowed by the protocol and
+  fewer notifications per megabyte);
+* CONNECT and BIND carry ``len`` = 16 (``sizeof(struct sockaddr)``);
+* accept() first sends POLL and waits for a pending connection, then sends
+  ACCEPT, as a Linux program calling ``poll()`` then ``accept()`` does; at most
+  one POLL or ACCEPT is in flight per listening socket (Linux's backend
+  answers a second one with -EINTR);
+* after RELEASE of an active socket it writes -EBADF into ``in_error``.
+
+Unlike Linux, ``close()`` does not wait for RELEASE's answer (the requests
+on the wire are the same; the ring is reused only once the answer came).
+
+Where Linux would return -EAGAIN because every ring slot is busy, this class
+waits for a free slot instead.
+
+Threads: one event thread per frontend reads the frontend's event channel
+handle and wakes whoever waits for command responses.  Each data ring has an
+event channel handle of its own (as a Linux process may open
+``/dev/xen/evtchn`` once per socket), and a thread blocked in ``recv`` or
+``send`` waits on that handle's descriptor itself: a notification from the
+backend wakes the thread that needs it, with no relay through the event
+thread (one thread switch less per wake-up; the event thread is no
+bottleneck for many sockets).  Only if the handle cannot be opened (the
+host's limit on handles) does the ring share the frontend's handle, and its
+wake-ups go through the event thread.  Sockets the program dropped without
+closing them are released by a short-lived thread, which the event thread
+starts when there are some (see :meth:`Frontend._collect`).  Several
+threads may use different sockets of one frontend at the same time; one
+socket may have one thread receiving while another sends.
+
+Signals: a call blocked in the main thread looks again at least every half
+second, so that a signal handler (Ctrl-C's) runs soon even when the kernel
+gave the signal to another thread, which a plain ``socket.socket`` blocked
+in the main thread would not notice until it woke.
+
+Waiting on sockets: :meth:`PVSocket.fileno` returns an ``eventfd`` that is
+readable while ``recv`` or ``accept`` would not block (data, end of stream,
+an error, or a pending connection).  It never reports anything about
+writability: ``select`` always finds it writable.  It is *not* a socket
+descriptor; pass it only to ``select``/``poll``/``selectors``.
+"""
+
+from ._common import FRONTEND_RING_ORDER
+from ._frontend import Frontend
+from ._socket import PVSocket
+
+__all__ = ["Frontend", "PVSocket", "FRONTEND_RING_ORDER"]

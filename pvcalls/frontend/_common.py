@@ -1,0 +1,198 @@
+"""What the frontend's modules share: the default ring order, errors in
+the host's numbering, addresses and timeouts checked as socket.socket
+checks them, deadlines, and the response table entry of a command."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import operator
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from workqueue._pool import wait_slice
+
+from .. import _errno
+
+#: The default data ring order of every active socket: Linux's
+#: ``PVCALLS_RING_ORDER``.  Linux's frontend also refuses a backend whose
+#: ``max-page-order`` is below it.
+FRONTEND_RING_ORDER = 4
+
+
+U32 = struct.Struct("=I")
+
+
+#: The longest timeout settimeout() takes (socket.socket's limit is time_t's).
+_TIMEOUT_MAX = float(threading.TIMEOUT_MAX)
+
+
+#: Errors that Python's callers take for "try again", not for a failure:
+#: BlockingIOError's (socket.SocketIO reads EAGAIN as no data yet, a select
+#: loop tries again) and InterruptedError's (PEP 475 retries).  No backend
+#: may mean either: the frontend's calls wait themselves, EAGAIN is never
+#: stored in a data ring, and ACCEPT is answered once a connection is in.
+_RETRY_ERRNOS = frozenset(
+    {errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY, errno.EINPROGRESS, errno.EINTR})
+
+
+def host_error(ret: int, what: str) -> OSError:
+    """An :class:`OSError` in the host's numbering for the negative Xen
+    errno ``ret`` (mapped by name; Linux's internal ENOTSUPP becomes
+    EOPNOTSUPP, and one that would read as "try again" EPROTO: a
+    blocking call retried on it forever, or took it for end of stream)."""
+    name = _errno.name_of(ret)
+    code = getattr(errno, name, None)
+    if code is None:
+        code = errno.EOPNOTSUPP if name == "ENOTSUPP" else errno.EIO
+    elif code in _RETRY_ERRNOS:
+        return OSError(errno.EPROTO,
+                       f"{os.strerror(errno.EPROTO)} ({what}: the backend said {name})")
+    return OSError(code, f"{os.strerror(code)} ({what})")
+
+
+def bad_fd() -> OSError:
+    return OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def timeout_value(value: float | None) -> float | None:
+    """``value`` checked as :meth:`socket.socket.settimeout` checks it."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes | bytearray):
+        raise TypeError(f"timeout must be a number or None, not {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError("Invalid value NaN (not a number)")
+    if value < 0:
+        raise ValueError("Timeout value out of range")
+    if value > _TIMEOUT_MAX:
+        raise OverflowError(f"timeout {value} too large (at most {_TIMEOUT_MAX:g} s)")
+    return value
+
+
+def host_bytes(host: str) -> bytes:
+    """The bytes :class:`socket.socket` hands the C library for ``host``:
+    an ASCII name as it is, any other IDNA-encoded; :class:`TypeError` if
+    it cannot be.  (socket.getaddrinfo() would IDNA-encode an ASCII str
+    too, and raise UnicodeError for a malformed name such as "a..b" that
+    the resolver should refuse.)"""
+    try:
+        return host.encode("ascii") if host.isascii() else host.encode("idna")
+    except UnicodeError:
+        raise TypeError("encoding of hostname failed") from None
+
+
+def resolve(address: object) -> tuple[str, int]:
+    """An AF_INET ``(host, port)`` as :class:`socket.socket` takes it: the
+    host a string or bytes, numeric (``inet_aton`` forms such as ``127.1``
+    included) or a name resolved here, in the guest, as a Linux guest's C
+    library does before it calls connect() or bind()."""
+    if not isinstance(address, tuple) or len(address) != 2:
+        raise TypeError(f"AF_INET address must be a (host, port) tuple, not {address!r}")
+    host, port = address
+    if not isinstance(host, str | bytes | bytearray):
+        raise TypeError(f"str, bytes or bytearray expected, not {type(host).__name__}")
+    port = operator.index(port)
+    if not 0 <= port <= 0xFFFF:
+        raise OverflowError("port must be 0-65535.")
+    name = host_bytes(host) if isinstance(host, str) else bytes(host)
+    if b"\0" in name:
+        raise TypeError("host name must not contain null character")
+    if name == b"":
+        return "0.0.0.0", port
+    if name == b"<broadcast>":
+        return "255.255.255.255", port
+    if name.isascii():
+        try:
+            return socket.inet_ntoa(socket.inet_aton(name.decode("ascii"))), port
+        except OSError:
+            pass
+    # Raises socket.gaierror for a name without an IPv4 address, as
+    # socket.socket does.
+    info = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)
+    return str(info[0][4][0]), port
+
+
+class Deadline:
+    """A socket timeout turned into an absolute deadline.
+
+    ``None`` waits forever, ``0.0`` never waits (the caller raises
+    :class:`BlockingIOError`), anything else raises :class:`TimeoutError`.
+    Every wait sleeps at most :meth:`nap` at a time and looks again, so
+    that the main thread runs a signal's handler soon, whichever thread
+    the kernel gave the signal to.
+    """
+
+    __slots__ = ("_end", "timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left; raises :class:`TimeoutError` once they are over."""
+        if self._end is None:
+            return None
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        return left
+
+    def nap(self) -> float | None:
+        """How long to sleep before looking again: the time left (``None``:
+        no limit), in the main thread half a second at most, as the
+        workqueue's waits (``workqueue._pool.wait_slice``, which says why);
+        raises :class:`TimeoutError` once it is over."""
+        return wait_slice(self.remaining())
+
+    def acquire(self, lock: threading.Lock) -> None:
+        """Take ``lock`` (a socket lock another thread may hold while it
+        waits) within the deadline: raises :class:`BlockingIOError` at once
+        in non-blocking mode, :class:`TimeoutError` when the time is over.
+        A free lock is taken also once the time is over."""
+        if lock.acquire(blocking=False):
+            return
+        if self.timeout == 0.0:
+            raise BlockingIOError(errno.EAGAIN, "operation would block")
+        while True:
+            nap = self.nap()
+            if lock.acquire(timeout=-1 if nap is None else nap):
+                return
+
+
+@contextlib.contextmanager
+def held(lock: threading.Lock, deadline: Deadline) -> Iterator[None]:
+    """``with lock:``, taken within ``deadline`` (:meth:`Deadline.acquire`)."""
+    deadline.acquire(lock)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class Slot:
+    """One command in flight: the response table entry of its ring slot."""
+
+    __slots__ = ("cmd", "sock_id", "done", "ret", "abandoned", "on_done")
+
+    def __init__(self, cmd: int, sock_id: int) -> None:
+        self.cmd = cmd
+        self.sock_id = sock_id
+        self.done = False
+        self.ret = 0
+        # Nobody will collect the answer: free the slot when it arrives.
+        self.abandoned = False
+        # Nobody waits: the event thread frees the slot and calls this
+        # with ``ret`` (outside the command lock) when the answer arrives.
+        self.on_done: Callable[[int], None] | None = None
+
+
+#: The two callers that may block on a data ring: indexes of
+#: ``DataRing.wakefds`` and ``PVSocket._polling``.
+RECV, SEND = 0, 1

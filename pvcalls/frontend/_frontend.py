@@ -1,0 +1,1239 @@
+"""The frontend of one guest domain: the device and its handshake, the
+command ring and its event thread, and the release of sockets."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import functools
+import itertools
+import logging
+import os
+import select
+import socket
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Self
+
+from xenback._closing import Closing
+from xenback.platform import Platform
+from xenback.ring import FrontRing, RingError
+from xenback.xenbus import XenbusState
+from xenback.xenstore import XenStore
+
+from .. import _errno
+from .._wire import (
+    AF_INET,
+    MAX_PAGE_ORDER_LIMIT,
+    PVCALLS_ACCEPT,
+    PVCALLS_COMMANDS,
+    PVCALLS_POLL,
+    PVCALLS_RELEASE,
+    PVCALLS_SOCKET,
+    PVCALLS_VERSIONS,
+    RING_SLOTS,
+    SLOT_SIZE,
+    SOCK_STREAM,
+    ffi,
+)
+from ._common import FRONTEND_RING_ORDER, Deadline, Slot, bad_fd, held, host_error, timeout_value
+from ._ring import DataRing
+from ._socket import PVSocket, SocketState
+
+if TYPE_CHECKING:
+    from xenback.platform import EventChannel, GrantShare, SharedPages
+    from xenback.xenstore import Transaction, Watch
+
+# One logger for the whole frontend library, as concurrent.futures has.
+logger = logging.getLogger("pvcalls.frontend")
+
+
+# What every call says once the frontend's XenStore connection is lost: the
+# backend cannot be reached either (Xen's toolstack and backends cannot run
+# without XenStore), so it is the likely reason for a whole host.
+_LOST_XENSTORE = "lost XenStore (is the host gone?)"
+
+
+#: Domain ids from here up are reserved: no backend runs in one.
+_DOMID_FIRST_RESERVED = 0x7FF0
+
+
+_ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
+
+
+_ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
+
+
+#: Released data rings a frontend keeps for reuse (17 pages and a port each).
+_RING_POOL_MAX = 32
+
+
+def _state(value: str | None) -> XenbusState:
+    """A backend's state node; anything that is not a state reads as UNKNOWN."""
+    try:
+        return XenbusState.parse(value)
+    except ValueError:
+        return XenbusState.UNKNOWN
+
+
+class _Release:
+    """A RELEASE in flight (see :meth:`Frontend._release`): what its
+    socket shared, freed once the backend answered *and* close() took it
+    from the socket.  Fields under the frontend's ``_lock``."""
+
+    __slots__ = ("sock_id", "ring", "inflight", "taken", "ret")
+
+    def __init__(self, sock_id: int) -> None:
+        self.sock_id = sock_id
+        self.ring: DataRing | None = None
+        self.inflight: tuple[int, Slot, PVSocket] | None = None
+        self.taken = False  # close() has moved ring and inflight here
+        self.ret: int | None = None  # the answer, once it came
+
+
+class _Wakeup:
+    """The eventfd that wakes a frontend's event thread: to stop it, or to
+    have it release sockets dropped unclosed (see :meth:`Frontend._collect`).
+
+    A finaliser may write it at any moment, in any thread, with no lock to
+    keep the frontend from closing meanwhile.  So it is closed only once
+    nobody holds this object any more, which CPython does the moment the
+    last reference goes: whoever still holds it cannot write into a
+    descriptor number the process has reused since.
+    """
+
+    __slots__ = ("fd", "__weakref__")
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        weakref.finalize(self, os.close, self.fd)
+
+    def set(self) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except BlockingIOError:
+            pass  # the counter is at its maximum: set anyway
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+
+class Frontend(Closing):
+    """The ``pvcalls`` frontend of one guest domain.
+
+    ``domain`` is the guest's :class:`~xenback.platform.Platform` with a
+    ``toolstack`` (a :class:`xenback.sim.Domain`, also one joined with
+    :func:`xenback.sim.attach`).  Entering the ``with`` block adds the device
+    through the toolstack and connects; leaving it releases every socket,
+    closes the device and removes it.
+    """
+
+    def __init__(
+        self,
+        domain: Any,
+        *,
+        backend_id: int = 0,
+        devid: int = 0,
+        timeout: float = 10.0,
+        ring_order: int = FRONTEND_RING_ORDER,
+    ) -> None:
+        """``timeout`` bounds every handshake step and every command the
+        backend should answer at once (SOCKET, BIND, LISTEN, RELEASE).
+
+        ``ring_order``: every active socket's data ring has ``2**ring_order``
+        pages, half of them each way.  The default 4 is Linux's, and with it
+        the frontend behaves exactly as Linux's; a larger order (up to the
+        backend's ``max-page-order``, checked at the handshake) means fewer
+        notifications and wake-ups per megabyte.
+        """
+        # All checked here, not at open(): there the toolstack refused a
+        # wrong type as a ValueError, and a domain that is none failed as a
+        # missing attribute.
+        if not isinstance(domain, Platform) or not hasattr(domain, "toolstack"):
+            raise TypeError("domain must be a guest's Platform with a toolstack "
+                            f"(a xenback.sim.Domain), not {type(domain).__name__}")
+        for name, value in (("backend_id", backend_id), ("devid", devid)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if not 0 <= backend_id < _DOMID_FIRST_RESERVED:
+            raise ValueError(f"backend_id must be a domain id (0 to {_DOMID_FIRST_RESERVED - 1}), "
+                             f"got {backend_id}")
+        if devid < 0:
+            raise ValueError(f"devid must be at least 0, got {devid}")
+        if isinstance(ring_order, bool) or not isinstance(ring_order, int):
+            raise TypeError(f"ring_order must be an int, not {type(ring_order).__name__}")
+        if not 1 <= ring_order <= MAX_PAGE_ORDER_LIMIT:
+            raise ValueError(f"ring_order must be 1..{MAX_PAGE_ORDER_LIMIT}, got {ring_order}")
+        # Here, not at open(): there None or a string failed deep inside,
+        # and 0 or less made the handshake "time out" at once, blaming the
+        # backend (and 0 would make every command non-blocking).
+        if timeout is None:
+            raise TypeError("timeout must be a number of seconds, not NoneType")
+        try:
+            checked = timeout_value(timeout)  # as settimeout() checks it
+        except ValueError:  # negative or NaN: said below, as 0 is
+            checked = 0.0
+        if not checked:
+            raise ValueError(f"timeout must be more than 0 seconds, got {timeout}")
+        self.ring_order = ring_order
+        self.domain = domain
+        self.backend_id = backend_id
+        self.devid = devid
+        self.timeout = checked
+        self.device: Any = None
+        self._toolstack: Any = None
+        self._xs: XenStore | None = None
+        # The watch on the backend's state once Connected, and the lock that
+        # its callback holds while it acts (close() takes it to know that no
+        # callback is acting any more, or will).
+        self._backend_watch: Watch | None = None
+        self._watch_lock = threading.Lock()
+        self._gntshr: GrantShare | None = None
+        self._evtchn: EventChannel | None = None
+        self._cmd_pages: SharedPages | None = None
+        self._ring: FrontRing | None = None
+        self._port = -1
+        # The ring-ref and port this frontend published for its device (None
+        # until it has): what tells, at close(), whether the device is still
+        # its own or was added again for another frontend since.
+        self._published: tuple[str, str] | None = None
+        self._ids = itertools.count()
+
+        # _lock guards the command ring's producer side (the ring, the
+        # private producer index), the response table, the id -> socket
+        # state and port -> handler maps and _reaper; waiters for responses
+        # and for free slots sleep on _cmd_cond.  The event thread holds it
+        # while consuming responses but runs socket callbacks after
+        # releasing it.
+        self._lock = threading.Lock()
+        self._cmd_cond = threading.Condition(self._lock)
+        self._req_prod_pvt = 0
+        self._slots: list[Slot | None] = [None] * RING_SLOTS
+        # The backend published an impossible rsp_prod: the ring is dead.
+        self._ring_broken = False
+        # Every socket not yet released, by id: its state, which refers to
+        # the PVSocket only weakly (see SocketState).
+        self._sockets: dict[int, SocketState] = {}
+        # The states of sockets dropped unclosed, for the reaper thread to
+        # release.  Their finalisers append to it with no lock (they take
+        # none, see _collect): a deque's append and popleft are atomic.
+        self._dropped: collections.deque[SocketState] = collections.deque()
+        # The reaper thread while it runs (under _lock): the event thread
+        # starts it when _dropped has states, it ends once it is empty.
+        self._reaper: threading.Thread | None = None
+        self._handlers: dict[int, Callable[[], None]] = {}
+        # The event thread's epoll set: the shared handle, the stop pipe and
+        # the own handles of rings being relayed (descriptor -> callback).
+        self._event_epoll: select.epoll | None = None
+        self._relays: dict[int, Callable[[], None]] = {}
+        # Data rings the backend let go of, kept for the next sockets: a
+        # connect then costs no page sharing and no event channel set-up.
+        self._ring_pool: list[DataRing] = []
+        # RELEASEs in flight, until answered and finished (_release).
+        self._releases: set[_Release] = set()
+
+        self._thread: threading.Thread | None = None
+        self._wakeup: _Wakeup | None = None  # the event thread's, while it runs
+        self._stopping = False
+        # Set once the backend is gone (its state left Connected), the
+        # XenStore connection is lost or the frontend closes: every waiter
+        # gives up with ENOTCONN and _why_dead.
+        self._dead = False
+        self._why_dead = ""  # set with _dead, by _die()
+        # Why XenStore dropped the connection; None while it is up.
+        self._xs_lost: str | None = None
+        self._connected = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def open(self) -> None:
+        """Add the device and do the frontend handshake (up to Connected)."""
+        if self.device is not None:
+            raise RuntimeError("frontend already open")
+        # What an interrupted close() left (its thread, its handles) goes
+        # first: the new connection's would take their places.
+        self._release_handles()
+        self._reset_connection()
+        domain = self.domain
+        self._toolstack = domain.toolstack
+        self.device = self._toolstack.add_device(
+            "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id, devid=self.devid
+        )
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _reset_connection(self) -> None:
+        """Forget the last connection's end: a close(), also the one that a
+        failed open() does, leaves the frontend dead (every call fails), and
+        an open() after it (a retry once the backend runs) starts afresh.
+        Socket ids go on counting: one frontend never reuses them."""
+        self._dead = False
+        self._why_dead = ""
+        self._xs_lost = None
+        self._ring_broken = False
+        self._req_prod_pvt = 0
+        self._slots = [None] * RING_SLOTS
+        self._handlers.clear()
+        self._dropped.clear()  # released by the close() before
+        self._port = -1
+        self._published = None
+
+    def _connect(self) -> None:
+        domain = self.domain
+        fe_path = self.device.frontend_path
+        be_path = self.device.backend_path
+        self._xs = XenStore(domain.xenstore(), on_lost=self._lost_xenstore)
+        self._xs.open()
+
+        state = self._wait_backend(
+            lambda s: s >= XenbusState.INIT_WAIT,
+            f"InitWait (is a pvcalls backend serving domain {self.backend_id}?)",
+        )
+        if state != XenbusState.INIT_WAIT:
+            raise OSError(errno.EPROTO, f"backend went to state {state} instead of InitWait")
+        versions = self._xs.read(f"{be_path}/versions")
+        if PVCALLS_VERSIONS not in (versions or "").split(","):
+            raise OSError(errno.EPROTONOSUPPORT, f"backend offers versions {versions!r}, need 1")
+        order = self._xs.read(f"{be_path}/max-page-order")
+        # ASCII digits only: str.isdigit() takes others ("\u00b2") that int()
+        # refuses with a ValueError.  ascii(): the value is the backend's.
+        if (order is None or not (order.isascii() and order.isdigit())
+                or int(order) < self.ring_order):
+            raise OSError(
+                errno.EPROTONOSUPPORT,
+                f"backend max-page-order {ascii(order)} is below the ring order {self.ring_order}",
+            )
+        if self._xs.read(f"{be_path}/function-calls") != "1":
+            raise OSError(errno.EPROTONOSUPPORT, "backend does not offer function-calls 1")
+
+        self._gntshr = domain.gntshr()
+        self._evtchn = domain.evtchn()
+        self._cmd_pages = self._gntshr.share_pages(self.backend_id, 1)
+        self._ring = FrontRing(self._cmd_pages.buffer, SLOT_SIZE, init=True)
+        self._port = self._evtchn.bind_unbound_port(self.backend_id)
+        self._handlers[self._port] = self._on_command_event
+
+        self._wakeup = _Wakeup()
+        self._event_epoll = select.epoll()
+        self._event_epoll.register(self._evtchn.fileno(), select.EPOLLIN)
+        self._event_epoll.register(self._wakeup.fd, select.EPOLLIN)
+        # Every close() stops the thread, also one before open() (when
+        # there is none): the flag it left must not stop this one at once.
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._event_loop, name=f"pvcalls-front-{domain.domid}", daemon=True
+        )
+        self._thread.start()
+
+        self._published = (str(self._cmd_pages.refs[0]), str(self._port))
+        self._write_nodes(
+            fe_path,
+            {
+                "version": PVCALLS_VERSIONS,
+                "ring-ref": self._published[0],
+                "port": self._published[1],
+                "state": str(XenbusState.INITIALISED.value),
+            },
+        )
+        state = self._wait_backend(lambda s: s >= XenbusState.CONNECTED, "Connected")
+        if state != XenbusState.CONNECTED:
+            raise OSError(errno.ECONNREFUSED, f"backend went to state {state} instead of Connected")
+        self._write_nodes(fe_path, {"state": str(XenbusState.CONNECTED.value)})
+        self._connected = True
+        self._backend_watch = self._xs.watch(f"{be_path}/state", self._on_backend_state)
+        logger.info("pvcalls frontend of domain %d connected", domain.domid)
+
+    def _on_backend_state(self, _path: str) -> None:
+        """XenStore's watch thread, on a change of the backend's state once
+        Connected: if the backend left Connected (it closed, or the device
+        was removed), fail every waiter with ENOTCONN instead of letting it
+        wait for answers that never come; as Linux's frontend, go Closed."""
+        with self._watch_lock:
+            if self._backend_watch is None or self._dead:
+                return  # close() is under way, or it is over already
+            try:
+                state = self._backend_state()
+            except ConnectionError:
+                return  # _lost_xenstore fails the waiters, and says why
+            except OSError as exc:
+                # Not ours to read any more (the simulated host destroyed
+                # our domain, say): for us the backend is gone as surely.
+                logger.debug("reading the backend's state: %s", exc)
+                state = XenbusState.UNKNOWN
+            if state == XenbusState.CONNECTED:
+                return
+            # Info: every call of ours says so now, with ENOTCONN.
+            logger.info("pvcalls backend of domain %d went to state %d: disconnecting",
+                        self.domain.domid, state)
+            self._die("the PV Calls backend went away")
+            self._wake_everyone()
+            try:
+                self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
+            except OSError as exc:
+                logger.debug("frontend Closed after the backend left: %s", exc)
+
+    def _lost_xenstore(self, exc: Exception) -> None:
+        """pyxs's router thread, when XenStore ended the connection: the
+        host (or its XenStore) is gone and with it the backend: fail every
+        waiter.  A handshake waiting for the backend fails too, as
+        :meth:`XenStore.wait_for` does when the connection goes."""
+        self._xs_lost = str(exc) or type(exc).__name__
+        logger.info("domain %d lost its XenStore connection: %s",
+                    self.domain.domid, self._xs_lost)
+        if self._die(_LOST_XENSTORE):
+            self._wake_everyone()
+
+    def _die(self, why: str) -> bool:
+        """From now on every call fails with ENOTCONN and ``why``; the
+        first reason given stays.  Whether the frontend was alive."""
+        if self._dead:
+            return False
+        self._why_dead = why
+        self._dead = True
+        return True
+
+    def _gone(self) -> OSError:
+        """The error of a call that can no longer be answered."""
+        return OSError(errno.ENOTCONN, self._why_dead)
+
+    def close(self) -> None:
+        """Release every socket (also those dropped unclosed whose release
+        has not gone out yet), go Closing then Closed, remove the device
+        and free the command ring.
+
+        Idempotent, and a close() interrupted in one of its waits (Ctrl-C in
+        the main thread) is finished by the next one: that one closes and
+        removes the device again unless it is gone already, then stops the
+        frontend's own thread and closes the handles that are left.
+        """
+        if self.device is not None:
+            self._close_device()
+        self._release_handles()
+
+    def _close_device(self) -> None:
+        if self._backend_watch is not None:
+            with self._watch_lock:
+                watch, self._backend_watch = self._backend_watch, None
+            try:
+                watch.unwatch()
+            except OSError as exc:  # XenStore is gone: so is the watch
+                logger.debug("removing the backend state watch: %s", exc)
+        self._release_sockets()
+        self._wait_releases()
+        self._die("the PV Calls frontend is closed")
+        self._wake_everyone()
+        # Again, dead now: a socket another thread made meanwhile (after
+        # the look above) is freed too, with no RELEASE.  Not left to its
+        # finaliser: with the event thread gone nobody would release it,
+        # and open() forgets the queue of dropped sockets.  Any socket made
+        # later finds the frontend dead before its SOCKET goes out.
+        self._release_sockets()
+        with self._lock:
+            pool, self._ring_pool = self._ring_pool, []
+        for ring in pool:
+            ring.free()
+        owned = self._owns_device()
+        if not owned:
+            # A frontend opened after this one died added the device again
+            # (it is that one's now), or the host removed it: only this
+            # one's own resources go.
+            logger.info("pvcalls device %d of domain %d is no longer this frontend's "
+                        "(added again, or removed): leaving it alone",
+                        self.devid, self.domain.domid)
+        elif self._xs is not None and self._connected and self._xs_lost is None:
+            try:
+                owned = self._write_own_nodes({"state": str(XenbusState.CLOSING.value)})
+                if owned:
+                    self._wait_backend(
+                        lambda s: s >= XenbusState.CLOSING or s == XenbusState.UNKNOWN, "Closing"
+                    )
+                    owned = self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
+            except (OSError, TimeoutError) as exc:
+                logger.warning("closing frontend of domain %d: %s", self.domain.domid, exc)
+        # A backend that never connected may not be there at all: do not
+        # wait the full timeout for it to close.
+        wait = self.timeout if self._connected else min(self.timeout, 2.0)
+        was_connected, self._connected = self._connected, False
+        if owned and self._xs_lost is None:
+            try:
+                if not was_connected and self._backend_state() in (
+                        XenbusState.UNKNOWN, XenbusState.INITIALISING):
+                    # No backend ever took the device up (none runs, say):
+                    # there is nobody to ask to close, or to wait for.
+                    self._toolstack.destroy_device(self.device)
+                else:
+                    self._toolstack.remove_device(self.device, timeout=wait)
+            except Exception as exc:
+                logger.warning("removing pvcalls device of domain %d: %s", self.domain.domid, exc)
+        elif owned:
+            # The toolstack works through the same XenStore: with it gone,
+            # so is (most likely) the whole host and the device with it.
+            logger.info("not removing pvcalls device of domain %d: XenStore is gone",
+                        self.domain.domid)
+        close_toolstack = getattr(self._toolstack, "close", None)
+        if close_toolstack is not None:
+            close_toolstack()
+        self.device = self._toolstack = None
+
+    def _owns_device(self) -> bool:
+        """Whether the device's frontend directory still holds the ring-ref
+        and port this frontend published: once dead, it may have been added
+        again for another frontend, whose device close() must not touch (or
+        removed by the host, as for a dying domain: nothing left to do).
+        True when it cannot tell (nothing published yet, or XenStore is
+        gone, and with it the host)."""
+        if self._published is None or self._xs is None or self._xs_lost is not None:
+            return True
+        fe_path = self.device.frontend_path
+        try:
+            nodes = (self._xs.read(f"{fe_path}/ring-ref"), self._xs.read(f"{fe_path}/port"))
+        except OSError as exc:
+            logger.debug("reading the frontend nodes of domain %d: %s", self.domain.domid, exc)
+            return True
+        return nodes == self._published
+
+    def _release_sockets(self) -> None:
+        """Release every socket in the table (for close())."""
+        with self._lock:
+            states = list(self._sockets.values())
+        for st in states:
+            sock = st.owner()
+            if sock is not None and sock._offered:
+                # The id_new of an ACCEPT in flight (or answered, not yet
+                # taken): its listener's RELEASE, here or in flight, ends
+                # it (see _finish_release).  A RELEASE of its own would
+                # come after the listener's, find the id gone (EBADF), or
+                # cancel the ACCEPT that the listener's handling expects.
+                continue
+            try:
+                if sock is None:
+                    # Dropped unclosed, and the reaper has not come to it.
+                    self._release(st)
+                else:
+                    # Not close(): a makefile() stream left open must not
+                    # keep the socket (its ring, its event channel) past
+                    # the device.
+                    sock._close_requested = True
+                    sock._real_close()
+            except OSError as exc:
+                logger.warning("releasing socket %#x: %s", st.id, exc)
+
+    def _release_handles(self) -> None:
+        self._stop_thread()
+        if self._evtchn is not None:
+            if self._port >= 0:
+                try:
+                    self._evtchn.unbind(self._port)
+                except OSError as exc:  # the host is gone, and the port with it
+                    logger.debug("unbinding port %d: %s", self._port, exc)
+            self._evtchn.close()
+            self._evtchn = None
+        if self._ring is not None:
+            self._ring.release()
+            self._ring = None
+        if self._cmd_pages is not None:
+            self._cmd_pages.unshare()
+            self._cmd_pages = None
+        if self._gntshr is not None:
+            self._gntshr.close()
+            self._gntshr = None
+        if self._xs is not None:
+            self._xs.close()
+            self._xs = None
+
+    def socket(
+        self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
+    ) -> PVSocket:
+        """A new socket (sends SOCKET).  Only AF_INET / SOCK_STREAM exist in
+        PV Calls."""
+        if family != socket.AF_INET or type != socket.SOCK_STREAM or proto not in (0, 6):
+            raise OSError(errno.EAFNOSUPPORT, "PV Calls only carries AF_INET SOCK_STREAM sockets")
+        if not self._connected:
+            raise OSError(errno.ENOTCONN, "frontend is not connected")
+        sock = self._new_socket()
+
+        def fill(req: Any) -> None:
+            req.u.socket.id = sock.id
+            req.u.socket.domain = AF_INET
+            req.u.socket.type = SOCK_STREAM
+            req.u.socket.protocol = 0
+
+        def late(ret: int) -> None:
+            # The SOCKET the caller gave up on (timeout, Ctrl-C) was
+            # answered after all: a socket the backend made for nobody
+            # would count against the domain's limit until the frontend
+            # goes, so it is released.
+            if ret == 0:
+                self._release(sock._st, sock)
+
+        try:
+            ret = self._call(PVCALLS_SOCKET, sock.id, fill, Deadline(self.timeout),
+                             on_late=late)
+        except BaseException:
+            self._forget(sock)
+            raise
+        if ret < 0:
+            self._forget(sock)
+            raise host_error(ret, "socket")
+        return sock
+
+    def sockets(self) -> list[PVSocket]:
+        """The sockets not yet closed (not those an ACCEPT in flight offers
+        the backend: no caller has them yet)."""
+        with self._lock:
+            socks = [st.owner() for st in self._sockets.values()]
+        return [sock for sock in socks if sock is not None and not sock._offered]
+
+    # -- XenStore ------------------------------------------------------------
+
+    def _write_nodes(self, base: str, nodes: dict[str, str]) -> None:
+        """Write ``nodes`` under ``base`` in one transaction."""
+        assert self._xs is not None
+
+        def write(t: Transaction) -> None:
+            for key, value in nodes.items():
+                t.write(f"{base}/{key}", value)
+
+        self._xs.transaction(write)
+
+    def _write_own_nodes(self, nodes: dict[str, str]) -> bool:
+        """Write ``nodes`` under the frontend directory in one transaction,
+        as :meth:`_write_nodes`, if it still holds what this frontend
+        published (see :meth:`_owns_device`): checked in the transaction,
+        so that a frontend adding the device again meanwhile is not
+        overwritten.  Whether it wrote them."""
+        assert self._xs is not None
+        base = self.device.frontend_path
+        published = self._published
+
+        def write(t: Transaction) -> bool:
+            if published is not None and (
+                    t.read(f"{base}/ring-ref"), t.read(f"{base}/port")) != published:
+                return False
+            for key, value in nodes.items():
+                t.write(f"{base}/{key}", value)
+            return True
+
+        return self._xs.transaction(write)
+
+    def _backend_state(self) -> XenbusState:
+        assert self._xs is not None
+        return _state(self._xs.read(f"{self.device.backend_path}/state"))
+
+    def _wait_backend(self, done: Callable[[XenbusState], bool], what: str) -> XenbusState:
+        """Wait until the backend's state satisfies ``done``; return it."""
+        assert self._xs is not None
+        path = f"{self.device.backend_path}/state"
+        try:
+            return _state(self._xs.wait_for(path, lambda v: done(_state(v)), timeout=self.timeout))
+        except TimeoutError:
+            state = self._backend_state()
+            raise TimeoutError(
+                f"backend {self.device.backend_path} did not reach {what} "
+                f"within {self.timeout} s (state {state.value})"
+            ) from None
+
+    # -- event channel -------------------------------------------------------
+
+    def _notify(self, port: int) -> None:
+        evtchn = self._evtchn
+        if evtchn is None:
+            raise OSError(errno.ENOTCONN, "frontend is closed")
+        evtchn.notify(port)
+
+    def _event_loop(self) -> None:
+        """One thread per frontend: read fired ports, run their handlers,
+        unmask.  Handlers only copy responses and wake waiters.  Also runs
+        the relays of rings with handles of their own (see :meth:`_relay`),
+        and starts the reaper when sockets were dropped (see :meth:`_collect`)."""
+        evtchn = self._evtchn
+        epoll = self._event_epoll
+        wakeup = self._wakeup
+        assert evtchn is not None and epoll is not None and wakeup is not None
+        shared_fd = evtchn.fileno()
+        while not self._stopping:
+            try:
+                events = epoll.poll()
+            except InterruptedError:
+                continue
+            relays = []
+            woken = False
+            with self._lock:
+                for fd, _ in events:
+                    relay = self._relays.get(fd)
+                    if relay is not None:
+                        relays.append(relay)
+                    woken = woken or fd == wakeup.fd
+            if woken:
+                # Cleared before looking: a finaliser appends, then sets.
+                wakeup.clear()
+                self._start_reaper()
+            for relay in relays:
+                try:
+                    relay()
+                except Exception:
+                    logger.exception("pvcalls frontend relay")
+            if not any(fd == shared_fd for fd, _ in events):
+                continue
+            while True:
+                try:
+                    port = evtchn.pending()
+                except OSError as exc:
+                    if self._stopping:
+                        return
+                    logger.error("event channel failed: %s", exc)
+                    return
+                if port is None:
+                    break
+                handler = self._handlers.get(port)
+                try:
+                    if handler is not None:
+                        handler()
+                except Exception:
+                    logger.exception("pvcalls frontend event handler for port %d", port)
+                finally:
+                    try:
+                        evtchn.unmask(port)
+                    except OSError:
+                        pass  # unbound meanwhile
+
+    def _stop_thread(self) -> None:
+        """Stop the event thread, then wait for the reaper: it frees what
+        it releases with the handles that are closed next."""
+        self._stopping = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        deadline = Deadline(10.0)
+        with self._lock:
+            reaper = self._reaper
+        for thread in (self._thread, reaper):
+            if thread is None or thread is threading.current_thread():
+                continue
+            try:
+                while thread.is_alive():
+                    thread.join(deadline.nap())
+            except TimeoutError:
+                logger.warning("%s of domain %d did not stop", thread.name, self.domain.domid)
+        self._thread = None
+        with self._lock:
+            epoll, self._event_epoll = self._event_epoll, None
+            self._relays.clear()
+        if epoll is not None:
+            epoll.close()
+        # Closed once a finaliser that read it is done with it (see _Wakeup).
+        self._wakeup = None
+
+    def _wake_everyone(self) -> None:
+        with self._cmd_cond:
+            self._cmd_cond.notify_all()
+        for st in list(self._sockets.values()):
+            sock = st.owner()
+            if sock is not None:
+                sock._on_event()
+
+    # -- command ring ----------------------------------------------------------
+
+    def _new_socket(self, *, offered: bool = False) -> PVSocket:
+        sock_id = _ID_BASE + _ID_STRIDE * next(self._ids)
+        sock = PVSocket(self, sock_id)
+        sock._offered = offered
+        with self._lock:
+            self._sockets[sock_id] = sock._st
+        return sock
+
+    def _forget(self, sock: PVSocket) -> None:
+        sock._closed = True
+        sock._finalizer.detach()  # nothing left to release
+        with self._lock:
+            self._sockets.pop(sock.id, None)
+
+    def _new_data_ring(self, sock: PVSocket) -> DataRing:
+        """A data ring for ``sock``: a recycled one if the pool has one."""
+        if self._gntshr is None or self._evtchn is None:
+            raise OSError(errno.ENOTCONN, "frontend is closed")
+        with self._lock:
+            ring = self._ring_pool.pop() if self._ring_pool else None
+        if ring is None:
+            ring = self._make_data_ring()
+        else:
+            ring.reset()
+            if ring.direct:
+                # Nobody read the idle handle: take the stale event and the
+                # service's news that the old peer unbound (it came before
+                # the RELEASE answer), so that the new peer's port is the
+                # one notified.
+                ring.consume_events()
+        if not ring.direct:
+            with self._lock:
+                self._handlers[ring.port] = sock._st.on_event
+        elif sock._st.readyfd is not None:
+            self._relay(ring, sock._st)
+        return ring
+
+    def _make_data_ring(self) -> DataRing:
+        """A new data ring, on an event channel handle of its own if the
+        host lets us open one more."""
+        assert self._gntshr is not None and self._evtchn is not None
+        try:
+            handle = self.domain.evtchn()
+        except OSError as exc:
+            logger.debug("no event channel handle of its own for a data ring: %s", exc)
+        else:
+            return DataRing(self._gntshr, handle, self.backend_id, self.ring_order, direct=True)
+        return DataRing(self._gntshr, self._evtchn, self.backend_id, self.ring_order)
+
+    def _relay(self, ring: DataRing, st: SocketState) -> None:
+        """Have the event thread watch ``ring``'s own handle, so that the
+        readiness eventfd of ``st``'s socket follows the ring with no
+        caller blocked in it."""
+        if not ring.direct:
+            return
+        with self._lock:
+            if ring.relayed or self._event_epoll is None:
+                return
+            ring.relayed = True
+            fd = ring.evtchn.fileno()
+            self._relays[fd] = functools.partial(st.on_relayed_event, ring)
+            self._event_epoll.register(fd, select.EPOLLIN)
+
+    def _unrelay(self, ring: DataRing) -> None:
+        """Stop watching ``ring``'s handle (under _lock)."""
+        if ring.relayed:
+            ring.relayed = False
+            fd = ring.evtchn.fileno()
+            self._relays.pop(fd, None)
+            if self._event_epoll is not None:
+                try:
+                    self._event_epoll.unregister(fd)
+                except OSError:
+                    pass
+
+    def _put_data_ring(self, ring: DataRing, *, reusable: bool) -> None:
+        """Take back a ring no socket uses.  ``reusable``: the backend said
+        it let go of it (answered RELEASE, or refused the CONNECT or ACCEPT
+        that offered it), so its pages and port may serve the next socket."""
+        with self._lock:
+            self._handlers.pop(ring.port, None)
+            self._unrelay(ring)
+            if reusable and not self._dead and len(self._ring_pool) < _RING_POOL_MAX:
+                self._ring_pool.append(ring)
+                return
+        ring.free()
+
+    def _drop_socket(self, sock: PVSocket, *, reusable: bool) -> None:
+        """Free a socket the backend never made (a failed ACCEPT's id_new)."""
+        self._forget(sock)
+        ring, sock._st.ring = sock._st.ring, None
+        if ring is not None:
+            self._put_data_ring(ring, reusable=reusable)
+
+    def _submit(
+        self,
+        cmd: int,
+        sock_id: int,
+        fill: Callable[[Any], None],
+        deadline: Deadline,
+        *,
+        reserve: bool = True,
+        on_done: Callable[[int], None] | None = None,
+        sock: PVSocket | None = None,
+    ) -> tuple[int, Slot]:
+        """Put one request on the command ring and notify the backend.
+
+        ``req_id`` is the slot index, as in Linux.  A request waits (within
+        ``deadline``, and while ``sock``, the socket it is for, stays open)
+        for the ring to have room and its response table entry to be free.
+        POLL does not reserve the entry: its answer is matched by command and
+        id (Linux does the same).
+        """
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.cmd = cmd
+        fill(req)
+        slot = Slot(cmd, sock_id)
+        slot.on_done = on_done
+        with self._cmd_cond:
+            while True:
+                if self._dead:
+                    raise self._gone()
+                if self._ring is None:
+                    raise OSError(errno.ENOTCONN, "the PV Calls frontend is not connected")
+                if sock is not None and sock._closed:
+                    raise bad_fd()
+                req_id = self._req_prod_pvt & (RING_SLOTS - 1)
+                if self._ring.free_slots > 0 and self._slots[req_id] is None:
+                    break
+                if deadline.timeout == 0.0:
+                    raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+                self._cmd_cond.wait(deadline.nap())
+            req.req_id = req_id
+            if reserve:
+                self._slots[req_id] = slot
+            self._ring.push_request(bytes(ffi.buffer(req)))
+            self._req_prod_pvt = (self._req_prod_pvt + 1) & 0xFFFFFFFF
+            notify = self._ring.push_requests()
+        logger.debug("-> %s req_id=%d id=%#x", PVCALLS_COMMANDS[cmd], req_id, sock_id)
+        if notify:
+            self._notify(self._port)
+        return req_id, slot
+
+    def _wait_slot(
+        self, req_id: int, slot: Slot, deadline: Deadline, sock: PVSocket | None = None
+    ) -> int:
+        """Wait for the answer in ``slot``; free it and return ``ret``.
+
+        On timeout (or when ``sock`` gets closed) the slot stays reserved and
+        the request in flight; the caller either waits again later or
+        abandons it.
+        """
+        with self._cmd_cond:
+            while not slot.done:
+                if self._dead:
+                    raise self._gone()
+                if sock is not None and sock._closed:
+                    raise bad_fd()
+                if deadline.timeout == 0.0:
+                    raise BlockingIOError(errno.EAGAIN, "operation would block")
+                self._cmd_cond.wait(deadline.nap())
+            if self._slots[req_id] is slot:
+                self._slots[req_id] = None
+                self._cmd_cond.notify_all()  # a submitter may wait for this entry
+            return slot.ret
+
+    def _abandon(self, req_id: int, slot: Slot,
+                 on_late: Callable[[int], None] | None = None) -> None:
+        """Nobody will wait for ``slot``: free it now if answered, else when
+        the answer comes.  ``on_late(ret)`` is called with the answer, now
+        or by the event thread when it comes."""
+        with self._cmd_cond:
+            answered = slot.done
+            if answered:
+                if self._slots[req_id] is slot:
+                    self._slots[req_id] = None
+                    self._cmd_cond.notify_all()
+            elif on_late is not None:
+                slot.on_done = on_late
+            else:
+                slot.abandoned = True
+        if answered and on_late is not None:
+            on_late(slot.ret)
+
+    def _call(self, cmd: int, sock_id: int, fill: Callable[[Any], None], deadline: Deadline,
+              sock: PVSocket | None = None, on_late: Callable[[int], None] | None = None) -> int:
+        """Submit one command and wait for its ``ret``; abandon it on timeout
+        (or when ``sock`` gets closed, or an interrupt), with ``on_late``
+        to take the answer (see :meth:`_abandon`)."""
+        req_id, slot = self._submit(cmd, sock_id, fill, deadline)
+        try:
+            return self._wait_slot(req_id, slot, deadline, sock)
+        except BaseException:
+            self._abandon(req_id, slot, on_late)
+            raise
+
+    def _on_command_event(self) -> None:
+        """Event thread: consume every response on the command ring."""
+        polls: list[tuple[PVSocket, int]] = []
+        accepts: list[PVSocket] = []
+        done: list[tuple[Callable[[int], None], int]] = []
+        broken: RingError | None = None
+        with self._cmd_cond:
+            ring = self._ring
+            if ring is None or self._ring_broken:
+                return
+            try:
+                self._consume_responses(ring, polls, accepts, done)
+            except RingError as exc:
+                # Nothing on this ring can be trusted any more (and it
+                # raises again on every event): fail every waiter, as if
+                # the backend had left.
+                broken = exc
+                self._ring_broken = True
+                self._die("the PV Calls backend broke the command ring")
+            self._cmd_cond.notify_all()
+        if broken is not None:
+            logger.error("pvcalls backend of domain %d broke the command ring: %s",
+                         self.domain.domid, broken)
+            self._wake_everyone()
+        for sock, ret in polls:
+            sock._on_poll(ret)
+        for sock in accepts:
+            sock._update_ready()  # see _readable()
+        for callback, ret in done:
+            try:
+                callback(ret)
+            except Exception:
+                logger.exception("pvcalls frontend: completing a command")
+
+    def _owner(self, sock_id: int) -> PVSocket | None:
+        """Under _lock: the socket ``sock_id``, unless released or dropped."""
+        st = self._sockets.get(sock_id)
+        return None if st is None else st.owner()
+
+    def _consume_responses(self, ring: FrontRing, polls: list[tuple[PVSocket, int]],
+                           accepts: list[PVSocket],
+                           done: list[tuple[Callable[[int], None], int]]) -> None:
+        """Under _lock: match every response on ``ring`` with its slot; what
+        is to be done outside the lock goes to the lists.  Raises
+        :class:`RingError` if the backend's ``rsp_prod`` is impossible."""
+        while True:
+            for raw in ring.responses():
+                rsp = ffi.from_buffer("struct xen_pvcalls_response *", raw)
+                req_id, cmd, ret, sock_id = rsp.req_id, rsp.cmd, rsp.ret, rsp.u.poll.id
+                logger.debug("<- %s req_id=%d id=%#x ret=%d",
+                             PVCALLS_COMMANDS.get(cmd, cmd), req_id, sock_id, ret)
+                if ret > 0:
+                    # Only 0 or a negative errno may be.  Read as success,
+                    # as Linux's frontend and accept() here read it (ret <
+                    # 0 fails), so that every reader of it agrees: one that
+                    # tested ret == 0 took an accepted connection for none.
+                    logger.warning("response req_id=%d cmd=%d id=%#x has a positive ret %d: "
+                                   "read as 0", req_id, cmd, sock_id, ret)
+                    ret = 0
+                if cmd == PVCALLS_POLL:
+                    # Not for a socket dropped meanwhile: its release is coming.
+                    sock = self._owner(sock_id)
+                    if sock is not None:
+                        polls.append((sock, ret))
+                    continue
+                slot = self._slots[req_id] if req_id < RING_SLOTS else None
+                if slot is None or slot.done or slot.cmd != cmd or slot.sock_id != sock_id:
+                    logger.warning(
+                        "dropping unexpected response req_id=%d cmd=%d id=%#x", req_id, cmd, sock_id
+                    )
+                    continue
+                slot.ret = ret
+                slot.done = True
+                if slot.on_done is not None:
+                    done.append((slot.on_done, ret))
+                    self._slots[req_id] = None
+                elif slot.abandoned:
+                    self._slots[req_id] = None
+                elif cmd == PVCALLS_ACCEPT:
+                    sock = self._owner(sock_id)
+                    if sock is not None:
+                        accepts.append(sock)
+            if not ring.final_check_for_responses():
+                break
+
+    def _release(self, st: SocketState, sock: PVSocket | None = None) -> None:
+        """RELEASE the socket of ``st`` and free what it shared: called by
+        close() (``sock`` the socket), and for a socket dropped unclosed
+        (``sock`` None, see :meth:`_collect`) by the reaper or, if it has
+        not come to it, by Frontend.close().
+
+        close() does not wait for the answer (one command round trip less
+        per socket): the socket is unusable from now on, and its data ring
+        (and an ACCEPT's reserved socket) goes back to the pool, with
+        -EBADF in ``in_error`` as Linux writes it, only once the backend
+        answered, that is, let go of it.  Commands are processed in ring
+        order, so whatever the guest sends next (a SOCKET counted against a
+        policy limit, a BIND to the same port) finds the socket released.
+        """
+        rel: _Release | None = None
+        interrupted: BaseException | None = None
+        with self._lock:
+            if sock is None:
+                # A dropped socket's state is released by whoever takes it
+                # out of the table: the reaper or Frontend.close(), not both.
+                if self._sockets.get(st.id) is not st:
+                    return
+                del self._sockets[st.id]
+            if not self._dead and self._ring is not None:
+                # Registered with the claim: a Frontend.close() that found
+                # the state gone waits for this RELEASE (_wait_releases).
+                rel = pending = _Release(st.id)
+                self._releases.add(rel)
+        if rel is not None:
+
+            def fill(req: Any) -> None:
+                req.u.release.id = st.id
+                req.u.release.reuse = 0
+
+            # The event thread (releasing an accepted socket, see
+            # _finish_release) must not wait for a slot only it can free.
+            timeout = 0.0 if threading.current_thread() is self._thread else self.timeout
+            try:
+                self._submit(PVCALLS_RELEASE, st.id, fill, Deadline(timeout),
+                             on_done=lambda ret: self._released(pending, ret))
+            except BaseException as exc:
+                # Not sent.  Also when the wait for room was interrupted
+                # (Ctrl-C in the main thread): the socket is closed already
+                # (a second close() does nothing), so what it shared is
+                # freed here, not left for an answer that will never come;
+                # the interrupt goes on once that is done.
+                if isinstance(exc, OSError | TimeoutError):
+                    logger.warning("RELEASE of %#x failed: %s", st.id, exc)
+                else:
+                    interrupted = exc
+                with self._lock:
+                    self._releases.discard(rel)
+                    self._cmd_cond.notify_all()  # close() may wait for the last one
+                rel = None
+        inflight = ring = None
+        if sock is None:
+            # Dropped: no call of the socket is left to wait out, and
+            # nobody else can reach its state any more.
+            inflight, st.accept_inflight = st.accept_inflight, None
+            ring, st.ring = st.ring, None
+            fd, st.readyfd = st.readyfd, None
+        else:
+            # The socket's own calls have seen _closed and left (or, a
+            # CONNECT cut short by this RELEASE, gave its ring back): take
+            # the ring under their locks so that exactly one party frees it.
+            # Within the timeout: a lock still held then was left behind by
+            # a call that an interrupt cut short as it took the lock
+            # (CPython runs a signal's handler as the acquire returns,
+            # before the call's try), and what it guards is left alone
+            # rather than freed under a possible user.
+            deadline = Deadline(self.timeout)
+            try:
+                with held(sock._accept_lock, deadline):
+                    inflight, st.accept_inflight = st.accept_inflight, None
+            except (TimeoutError, BlockingIOError):
+                logger.warning("socket %#x: its accept lock is still held; a pending ACCEPT "
+                               "is not freed", st.id)
+            try:
+                with (held(sock._recv_lock, deadline), held(sock._send_lock, deadline),
+                      sock._cond):
+                    ring, st.ring = st.ring, None
+            except (TimeoutError, BlockingIOError):
+                logger.warning("socket %#x: a call's lock is still held; its ring is not freed",
+                               st.id)
+            with self._lock:
+                self._sockets.pop(st.id, None)
+            with sock._cond:
+                fd, st.readyfd = st.readyfd, None
+        if fd is not None:
+            os.close(fd)
+        if rel is None:
+            self._finish_release(ring, inflight, released=False)
+            if interrupted is not None:
+                raise interrupted
+            return
+        with self._lock:
+            rel.ring, rel.inflight, rel.taken = ring, inflight, True
+            finish = rel.ret is not None and rel in self._releases
+            if finish:
+                self._releases.discard(rel)
+                self._cmd_cond.notify_all()  # close() may wait for the last one
+        if finish:
+            self._finish_release(ring, inflight, released=rel.ret == 0)
+
+    def _collect(self, st: SocketState) -> None:
+        """The finaliser of a PVSocket dropped unclosed (see PVSocket's
+        ``_finalizer``): have it released as close() would, and say so with
+        a ResourceWarning, as socket.socket does.
+
+        It runs wherever the last reference to the socket went: in any
+        thread, at any allocation, also in one that holds this frontend's
+        or a socket's locks, or that is in the middle of the command ring's
+        code.  So it takes no lock and calls into nothing: it queues the
+        state (an atomic append) and wakes the event thread, which starts
+        the reaper (:meth:`_reap`) to send the RELEASE.  Once the frontend
+        is closed nothing reads the queue, and nothing is left to release:
+        its close() released every socket.
+        """
+        # What it was, before the reaper takes its ring.
+        message = f"unclosed {st.describe(closed=False)}"
+        self._dropped.append(st)
+        wakeup = self._wakeup  # once: _stop_thread may drop it meanwhile
+        if wakeup is not None:
+            wakeup.set()
+        # Last, as a warning filter may turn it into an exception.  Without
+        # socket.socket's ``source``: the socket is gone.  stacklevel 3 is
+        # the code that dropped it (under _collect, weakref.finalize).
+        warnings.warn(message, ResourceWarning, stacklevel=3)
+
+    def _start_reaper(self) -> None:
+        """Event thread: start the reaper if sockets were dropped and it is
+        not running.  Not the event thread itself: a RELEASE may have to
+        wait for room on the command ring, which only the event thread
+        makes."""
+        with self._lock:
+            if not self._dropped or self._reaper is not None or self._stopping:
+                return
+            self._reaper = reaper = threading.Thread(
+                target=self._reap, name=f"pvcalls-reap-{self.domain.domid}", daemon=True)
+        try:
+            reaper.start()
+        except RuntimeError as exc:  # no thread to be had: at the next drop, maybe
+            logger.error("pvcalls frontend cannot release dropped sockets: %s", exc)
+            with self._lock:
+                self._reaper = None
+
+    def _reap(self) -> None:
+        """The reaper thread: release the sockets dropped unclosed until
+        none is left.  It ends under _lock once the queue is empty: a state
+        queued later finds it gone, and the wake-up that follows the append
+        starts another."""
+        while True:
+            with self._lock:
+                if not self._dropped:
+                    self._reaper = None
+                    return
+                st = self._dropped.popleft()
+            try:
+                self._release(st)
+            except Exception:
+                logger.exception("pvcalls frontend: releasing dropped socket %#x", st.id)
+
+    def _released(self, rel: _Release, ret: int) -> None:
+        """Event thread: the backend answered ``rel``'s RELEASE."""
+        if ret < 0:
+            logger.warning("RELEASE of %#x: %s", rel.sock_id, _errno.name_of(ret))
+        with self._lock:
+            rel.ret = ret
+            if not rel.taken or rel not in self._releases:
+                return  # close() is still taking it, or gave up waiting
+            self._releases.discard(rel)
+            self._cmd_cond.notify_all()
+        self._finish_release(rel.ring, rel.inflight, released=ret == 0)
+
+    def _finish_release(self, ring: DataRing | None,
+                        inflight: tuple[int, Slot, PVSocket] | None, *, released: bool) -> None:
+        """Free a released socket's ring and pending ACCEPT.  ``released``:
+        the backend answered RELEASE, so they may be reused."""
+        if ring is not None:
+            # As Linux: after RELEASE the frontend writes -EBADF into in_error.
+            ring.set_in_error(-_errno.EBADF)
+            self._put_data_ring(ring, reusable=released)
+        if inflight is not None:
+            req_id, slot, new = inflight
+            self._abandon(req_id, slot)
+            if released and slot.done and slot.ret == 0:
+                # The backend accepted a connection into the new socket
+                # before the RELEASE (it answers in ring order): that socket
+                # is not the listener's, and is released in turn (its ring
+                # comes back with that answer, not before).
+                new.close()  # never handed out: no makefile() stream holds it
+            else:
+                # The backend released the listening socket, and with it
+                # the pending ACCEPT's new socket.
+                self._drop_socket(new, reusable=released)
+
+    def _wait_releases(self) -> None:
+        """Wait (up to ``timeout``) for the RELEASEs in flight; free what
+        the unanswered ones hold without reusing it."""
+        deadline = Deadline(self.timeout)
+        with self._cmd_cond:
+            while self._releases and not self._dead:
+                try:
+                    self._cmd_cond.wait(deadline.nap())
+                except TimeoutError:
+                    break
+            left = [rel for rel in self._releases if rel.taken]
+            self._releases.difference_update(left)
+        for rel in left:
+            logger.warning("RELEASE of %#x not answered", rel.sock_id)
+            self._finish_release(rel.ring, rel.inflight, released=False)

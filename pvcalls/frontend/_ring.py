@@ -1,0 +1,181 @@
+"""An active socket's data ring as the frontend shares it with the backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import struct
+from typing import TYPE_CHECKING
+
+from xenback import _barrier
+from xenback.ring import FlexRing
+
+from .._wire import (
+    IN_CONS_OFFSET,
+    IN_ERROR_OFFSET,
+    IN_PROD_OFFSET,
+    OUT_CONS_OFFSET,
+    OUT_ERROR_OFFSET,
+    OUT_PROD_OFFSET,
+    PAGE_SIZE,
+    REF_OFFSET,
+    RING_ORDER_OFFSET,
+    flex_ring_size,
+)
+from ._common import U32
+
+if TYPE_CHECKING:
+    from xenback.platform import EventChannel, GrantShare, SharedPages
+
+# One logger for the whole frontend library, as concurrent.futures has.
+logger = logging.getLogger("pvcalls.frontend")
+
+
+_I32 = struct.Struct("=i")
+
+
+class DataRing:
+    """An active socket's shared pages: the indexes page and 2**order data
+    pages, granted to the backend, and the event channel that goes with
+    them.  The frontend initialises them; only the frontend frees them.
+
+    ``evtchn`` is the handle the port is bound on: one of the ring's own
+    (``direct``: the socket's blocked callers poll it, see
+    :meth:`PVSocket._wait`) or the frontend's shared one (its event thread
+    relays the port's events).  Each of the two callers that may block on
+    the ring, the receiver (:data:`RECV`) and the sender (:data:`SEND`), has
+    an eventfd in ``wakefds`` polled with the handle, so that whoever else
+    consumed the ring's event (the other caller, or the event thread), or
+    closes the socket, can wake it.
+    """
+
+    def __init__(
+        self,
+        gntshr: GrantShare,
+        evtchn: EventChannel,
+        backend_id: int,
+        order: int,
+        *,
+        direct: bool = False,
+    ) -> None:
+        npages = 1 << order
+        size = flex_ring_size(order)
+        self.pages: SharedPages = gntshr.share_pages(backend_id, 1 + npages)
+        buf = self.pages.buffer
+        self.indexes = buf[:PAGE_SIZE]
+        data = buf[PAGE_SIZE:]
+        refs = self.pages.refs
+        U32.pack_into(self.indexes, RING_ORDER_OFFSET, order)
+        for i in range(npages):
+            U32.pack_into(self.indexes, REF_OFFSET + 4 * i, refs[1 + i])
+        self.ref = refs[0]
+        # in: the backend produces, we consume.  out: the other way round.
+        self.inq = FlexRing(
+            data[:size], self.indexes, prod_offset=IN_PROD_OFFSET, cons_offset=IN_CONS_OFFSET
+        )
+        self.outq = FlexRing(
+            data[size : 2 * size],
+            self.indexes,
+            prod_offset=OUT_PROD_OFFSET,
+            cons_offset=OUT_CONS_OFFSET,
+        )
+        self.evtchn = evtchn
+        self.direct = direct
+        self.relayed = False  # the frontend's event thread watches ``evtchn``
+        try:
+            self.port = evtchn.bind_unbound_port(backend_id)
+        except BaseException:
+            self.pages.unshare()
+            if direct:
+                evtchn.close()
+            raise
+        # Indexed by RECV and SEND, each used by that caller only.
+        self.wakefds = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+                        os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self.pollers = (select.poll(), select.poll())
+        for poller, wakefd in zip(self.pollers, self.wakefds, strict=True):
+            if direct:
+                poller.register(evtchn.fileno(), select.POLLIN)
+            poller.register(wakefd, select.POLLIN)
+
+    def notify(self) -> None:
+        """Tell the backend we produced or consumed."""
+        self.evtchn.notify(self.port)
+
+    def consume_events(self) -> bool:
+        """Take (and unmask) the ring's fired port from a handle of its own;
+        True if it had fired.  Any thread may call it: whoever gets the
+        event wakes the others (PVSocket._on_event)."""
+        # One pending() is enough: the handle has this one port, which is
+        # pending at most once, and a notify that comes after the unmask
+        # makes the descriptor readable again.  (Asking until None costs the
+        # simulated handle two more system calls per event.)
+        evtchn = self.evtchn
+        if evtchn.pending() is None:
+            return False
+        evtchn.unmask(self.port)
+        return True
+
+    # Peeks for wait predicates and the readiness eventfd: they must not
+    # disturb the FlexRing's notion of the last readable()/writable().
+    def in_pending(self) -> bool:
+        return U32.unpack_from(self.indexes, IN_PROD_OFFSET) != U32.unpack_from(
+            self.indexes, IN_CONS_OFFSET
+        )
+
+    def out_has_room(self) -> bool:
+        """Room in the out ring, or indexes the backend broke (``used >
+        size``): either way a blocked send() must look (and raise EPROTO)."""
+        # Our out_prod store before this read of out_cons (see send()).
+        _barrier.lib.xb_mb()
+        used = (
+            U32.unpack_from(self.indexes, OUT_PROD_OFFSET)[0]
+            - U32.unpack_from(self.indexes, OUT_CONS_OFFSET)[0]
+        ) & 0xFFFFFFFF
+        return used != self.outq.size
+
+    def reset(self) -> None:
+        """Make a recycled ring new: indexes and errors back to zero (the
+        ring order and grant references stay)."""
+        for offset in (IN_CONS_OFFSET, IN_PROD_OFFSET, IN_ERROR_OFFSET,
+                       OUT_CONS_OFFSET, OUT_PROD_OFFSET, OUT_ERROR_OFFSET):
+            U32.pack_into(self.indexes, offset, 0)
+
+    def in_was_full(self, cons: int) -> bool:
+        """After a consume: was the in ring full with ``cons``, our index
+        before it?  Read after our in_cons store and a full barrier (see
+        PVSocket.recv_into)."""
+        _barrier.lib.xb_mb()
+        prod = U32.unpack_from(self.indexes, IN_PROD_OFFSET)[0]
+        return (prod - cons) & 0xFFFFFFFF >= self.inq.size
+
+    def in_error(self) -> int:
+        return int(_I32.unpack_from(self.indexes, IN_ERROR_OFFSET)[0])
+
+    def out_error(self) -> int:
+        return int(_I32.unpack_from(self.indexes, OUT_ERROR_OFFSET)[0])
+
+    def set_in_error(self, value: int) -> None:
+        _I32.pack_into(self.indexes, IN_ERROR_OFFSET, value)
+
+    def free(self) -> None:
+        if self.direct:
+            # Read the service's news about our port (the backend unbinding
+            # it) while the port is still ours to be told about.
+            try:
+                self.consume_events()
+            except OSError:
+                pass
+        try:
+            self.evtchn.unbind(self.port)
+        except OSError as exc:
+            logger.debug("unbinding port %d: %s", self.port, exc)
+        if self.direct:
+            self.evtchn.close()
+        for wakefd in self.wakefds:
+            os.close(wakefd)
+        self.inq.release()
+        self.outq.release()
+        self.indexes.release()
+        self.pages.unshare()

@@ -1,0 +1,915 @@
+"""The socket-like class, and what the frontend keeps of each socket."""
+
+from __future__ import annotations
+
+import errno
+import io
+import operator
+import os
+import socket
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from xenback import _barrier
+from xenback._closing import Closing
+from xenback.ring import RingError
+
+from .. import _errno
+from .._wire import (
+    IN_CONS_OFFSET,
+    PVCALLS_ACCEPT,
+    PVCALLS_BIND,
+    PVCALLS_CONNECT,
+    PVCALLS_LISTEN,
+    PVCALLS_POLL,
+    SOCKADDR_IN_LEN,
+    ffi,
+    pack_sockaddr_in,
+)
+from ._common import RECV, SEND, U32, Deadline, Slot, bad_fd, host_error, resolve, timeout_value
+from ._ring import DataRing
+
+if TYPE_CHECKING:
+    from ._frontend import Frontend
+
+#: The range of a C int: what socket.socket.listen() takes as a backlog.
+_INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ...]:
+    """``peek()`` of a data ring, whose indexes the backend may have broken
+    (``prod - cons > size``): that is an I/O error of this socket only."""
+    try:
+        return peek()
+    except RingError as exc:
+        raise OSError(errno.EPROTO, f"the backend broke the data ring: {exc}") from None
+
+
+def _check_flags(flags: int, call: str) -> None:
+    if operator.index(flags):
+        raise OSError(errno.EOPNOTSUPP, f"{call} flags are not supported over PV Calls")
+
+
+def _send_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """``data`` as the bytes send() takes: any C-contiguous buffer, whatever
+    its format and shape.  Another one is a :class:`BufferError`, as
+    socket.socket's (asking for a simple buffer) says, not cast()'s
+    :class:`TypeError`."""
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    return view.cast("B")
+
+
+class SocketState:
+    """What the backend shares or knows of one :class:`PVSocket`: its id,
+    data ring, pending ACCEPT, readiness eventfd and what it was made.
+
+    The frontend's table of sockets holds these, and only a weak reference
+    to the PVSocket (``owner``), so that a PVSocket the program dropped
+    unclosed is garbage as a :class:`socket.socket` would be; its state
+    stays behind for the frontend to release it (see
+    :meth:`Frontend._collect`).
+
+    While the PVSocket lives, the fields are under its locks, as said at
+    each.  Once it is gone, no call can use them any more: they belong to
+    whoever takes the state out of the frontend's table.
+    """
+
+    __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening")
+
+    def __init__(self, sock: PVSocket) -> None:
+        self.id = sock.id
+        self.owner = weakref.ref(sock)
+        # Set once active, by connect() or accept() under the socket's
+        # receive and send locks; taken by close() under those and _cond.
+        self.ring: DataRing | None = None
+        # An ACCEPT in flight and the socket it offers (under _accept_lock,
+        # set and read under _cond too): the listener keeps that socket.
+        self.accept_inflight: tuple[int, Slot, PVSocket] | None = None
+        self.readyfd: int | None = None  # the eventfd of fileno(), lazily (under _cond)
+        self.bound = False
+        self.listening = False
+
+    def describe(self, *, closed: bool) -> str:
+        """The socket's repr."""
+        state = "closed" if closed else "active" if self.ring else (
+            "listening" if self.listening else "bound" if self.bound else "new")
+        return f"<PVSocket id={self.id:#x} {state}>"
+
+    def on_event(self) -> None:
+        """Event thread: the data ring's port fired on the frontend's
+        shared handle: wake the socket's waiters, if it still has any."""
+        sock = self.owner()
+        if sock is not None:
+            sock._on_event()
+
+    def on_relayed_event(self, ring: DataRing) -> None:
+        """Event thread: the own handle of a ring whose readiness eventfd is
+        in use fired (see :meth:`Frontend._relay`).  The event is taken
+        also once the socket is gone, or the handle would stay readable
+        and the thread spin until the socket's release."""
+        try:
+            fired = ring.consume_events()
+        except OSError:
+            return
+        sock = self.owner()
+        if fired and sock is not None:
+            sock._on_event()
+
+
+class PVSocket(Closing):
+    """A TCP/IPv4 socket whose calls go to the backend domain over PV Calls.
+
+    Create it with :meth:`Frontend.socket`.  It supports the subset of
+    :class:`socket.socket` that PV Calls can express: ``connect``, ``bind``,
+    ``listen``, ``accept``, ``send``, ``sendall``, ``recv``, ``recv_into``,
+    ``makefile``, timeouts, ``close`` and ``with`` blocks.
+
+    PV Calls has no shutdown and does not report addresses back, so
+    ``getsockname`` returns the address given to :meth:`bind` (``("0.0.0.0",
+    0)`` otherwise), ``getpeername`` the address given to :meth:`connect`,
+    and :meth:`accept` returns ``("0.0.0.0", 0)`` as the peer address.
+    A socket is either bound (then it may listen) or connected: CONNECT
+    after BIND is refused with EINVAL, where a :class:`socket.socket`
+    would connect from the bound address.
+
+    A socket the program drops without closing it is released once it is
+    garbage, as a :class:`socket.socket` closes itself, with a
+    :class:`ResourceWarning` ``unclosed <PVSocket ...>``: its RELEASE goes
+    out from a thread of the frontend's soon after, so that dropped sockets
+    do not hold on to the domain's socket limit until the frontend closes.
+    A listening socket is not garbage while a call waits in it, nor a
+    socket while a :meth:`makefile` stream on it is open.
+    """
+
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
+    proto = 0
+
+    def __init__(self, frontend: Frontend, sock_id: int) -> None:
+        self._fe = frontend
+        self.id = sock_id
+        self._timeout: float | None = socket.getdefaulttimeout()
+        # close() was called; the socket really closes (_closed) once no
+        # makefile() stream uses it any more, as in socket.socket.
+        self._close_requested = False
+        self._closed = False
+        self._io_refs = 0  # open makefile() streams, as in socket.socket
+        # What the backend shares or knows of this socket, kept by the
+        # frontend also once this object is gone: see SocketState.
+        self._st = SocketState(self)
+        self._sockname: tuple[str, int] = ("0.0.0.0", 0)
+        self._peername: tuple[str, int] | None = None
+        self._broken = False  # a CONNECT timed out: only close() is left
+        # The id_new of an ACCEPT in flight, until accept() returns it: the
+        # listener's, not yet the caller's (not in Frontend.sockets()).
+        self._offered = False
+
+        # _cond guards the socket's state flags below and is what waiters
+        # sleep on; the event thread takes it (after releasing the command
+        # ring lock) to wake them.  Lock order: _recv_lock / _send_lock /
+        # _accept_lock, then the frontend's command lock, then _cond.  Never
+        # call into the command ring while holding _cond.
+        self._cond = threading.Condition(threading.Lock())
+        # One receiver, one sender and one acceptor at a time, like the
+        # kernel's socket lock; close() takes them to wait out copies from
+        # the shared pages before unsharing them.
+        self._recv_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._accept_lock = threading.Lock()
+
+        # Passive socket state (under _cond).
+        self._poll_inflight = False
+        self._poll_ready = False
+        self._poll_error = 0
+        # accept() took the POLL's readiness and is sending its ACCEPT: no
+        # POLL may go out meanwhile (a POLL and an ACCEPT in flight together
+        # get the ACCEPT -EINTR from Linux's backend and ours).
+        self._accepting = False
+        self._armed = False  # fileno() asked for: keep a POLL in flight
+
+        self._ready_set = False  # the level of _st.readyfd
+        # Which callers (RECV, SEND) are polling the data ring's own event
+        # channel handle (under _cond): whoever else consumes the ring's
+        # event, or closes the socket, writes their wakefds to wake them.
+        self._polling = [False, False]
+
+        # Dropped unclosed, the socket is released as close() would, by the
+        # frontend (see Frontend._collect), and says so with a
+        # ResourceWarning, as socket.socket does.  close() detaches it.
+        self._finalizer = weakref.finalize(self, frontend._collect, self._st)
+        self._finalizer.atexit = False  # at exit the backend lets go of all
+
+    # -- socket.socket API -------------------------------------------------
+
+    def __repr__(self) -> str:
+        return self._st.describe(closed=self._closed)
+
+    def settimeout(self, value: float | None) -> None:
+        """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
+        never blocks, a positive number of seconds bounds every call."""
+        self._check_open()
+        self._timeout = timeout_value(value)
+
+    def gettimeout(self) -> float | None:
+        """The timeout in seconds, ``None`` if blocking, ``0.0`` if not."""
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        """``settimeout(None)`` if ``flag``, else ``settimeout(0.0)``."""
+        self._check_open()
+        # An integer, as socket.socket's: None or a string must not pass
+        # as a truth value (setblocking(None) would make it non-blocking).
+        self._timeout = None if operator.index(flag) else 0.0
+
+    def getblocking(self) -> bool:
+        """False in non-blocking mode (timeout 0.0), else True."""
+        return self._timeout != 0.0
+
+    def getsockname(self) -> tuple[str, int]:
+        """The address given to :meth:`bind`, ``("0.0.0.0", 0)`` before:
+        PV Calls does not tell the guest the address it got."""
+        self._check_open()
+        return self._sockname
+
+    def getpeername(self) -> tuple[str, int]:
+        """The address given to :meth:`connect` (``("0.0.0.0", 0)`` for an
+        accepted socket); :class:`OSError` ENOTCONN if not connected."""
+        self._check_open()
+        if self._peername is None:
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        return self._peername
+
+    def connect(self, address: tuple[str, int]) -> None:
+        """Connect to ``address`` = (host, port) as seen from the backend
+        domain; ``host`` is taken as :class:`socket.socket` takes it (a name
+        is resolved here, IPv4 only).  Waits for the backend's answer,
+        bounded by the timeout when one is set (also in non-blocking mode,
+        which fails with :class:`BlockingIOError` only if the command ring
+        has no room for the CONNECT)."""
+        host, port = resolve(address)
+        self._check_open()
+        self._check_unconnected()
+        lock_deadline = Deadline(self._timeout)
+        lock_deadline.acquire(self._recv_lock)
+        try:
+            lock_deadline.acquire(self._send_lock)
+        except BaseException:
+            self._recv_lock.release()
+            raise
+        try:
+            self._check_open()
+            self._check_unconnected()
+            ring = self._fe._new_data_ring(self)
+            self._st.ring = ring
+            sockaddr = pack_sockaddr_in(host, port)
+
+            def fill(req: Any) -> None:
+                req.u.connect.id = self.id
+                ffi.memmove(req.u.connect.addr, sockaddr, len(sockaddr))
+                req.u.connect.len = SOCKADDR_IN_LEN
+                req.u.connect.flags = 0
+                req.u.connect.ref = ring.ref
+                req.u.connect.evtchn = ring.port
+
+            try:
+                # Non-blocking, no room on the command ring is EAGAIN (as
+                # Linux's frontend says); the answer is waited for anyway.
+                req_id, slot = self._fe._submit(PVCALLS_CONNECT, self.id, fill,
+                                                Deadline(self._timeout), sock=self)
+            except BaseException:
+                # Nothing went out (no room on the command ring in time, or
+                # closed meanwhile): the ring is ours to free, and connect()
+                # may be tried again.
+                self._st.ring = None
+                self._fe._put_data_ring(ring, reusable=True)
+                raise
+            deadline = Deadline(self._timeout or None)
+            try:
+                # With the socket: close() must not wait (holding on to
+                # this call's locks) for an answer the backend may never send.
+                ret = self._fe._wait_slot(req_id, slot, deadline, self)
+            except BaseException:
+                self._fe._abandon(req_id, slot)
+                # The answer still comes; nobody will read it.  Like Linux,
+                # keep the ring until RELEASE.  Not only on a timeout: after
+                # an interrupt (Ctrl-C in the main thread's wait) nobody
+                # knows either whether the socket will be connected, and a
+                # recv() on the ring would wait for data that may never come.
+                # (Closed or frontend gone: only close() was left anyway.)
+                self._broken = True
+                raise
+            if ret < 0:
+                # The backend has let go of the ring and the id is a new
+                # socket again (as in Linux's backend): free the ring, so
+                # that connect() may be tried again.
+                self._st.ring = None
+                self._fe._put_data_ring(ring, reusable=True)
+            if self._closed:
+                # close() from another thread: its RELEASE may have cut the
+                # CONNECT short (-EINTR), but what happened is EBADF.
+                raise bad_fd()
+            if ret < 0:
+                raise host_error(ret, f"connect to {host}:{port}")
+            self._peername = (host, port)
+        finally:
+            self._send_lock.release()
+            self._recv_lock.release()
+
+    def _check_unconnected(self) -> None:
+        if self._st.ring is not None or self._st.listening or self._broken:
+            raise OSError(errno.EISCONN, "socket is already connected or in use")
+
+    def connect_ex(self, address: tuple[str, int]) -> int:
+        """Like :meth:`connect` but return an errno instead of raising."""
+        try:
+            self.connect(address)
+        except TimeoutError as exc:
+            if exc.errno is not None:
+                # The backend's ETIMEDOUT, not this call's timeout (which
+                # has no errno, as socket.socket's).
+                return exc.errno
+            return errno.EAGAIN  # as socket.socket.connect_ex on a timeout
+        except (socket.gaierror, socket.herror):
+            # Resolving the name failed, not the connect: raised, as by
+            # socket.socket's (a gaierror's errno is an EAI_* code).
+            raise
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
+
+    def bind(self, address: tuple[str, int]) -> None:
+        """Bind to ``address`` in the backend domain (port 0 lets the
+        backend's host pick one; PV Calls cannot tell the guest which)."""
+        host, port = resolve(address)
+        self._check_open()
+        if self._st.ring is not None or self._st.bound or self._broken:
+            raise OSError(errno.EINVAL, "socket is already bound or connected")
+        sockaddr = pack_sockaddr_in(host, port)
+
+        def fill(req: Any) -> None:
+            req.u.bind.id = self.id
+            ffi.memmove(req.u.bind.addr, sockaddr, len(sockaddr))
+            req.u.bind.len = SOCKADDR_IN_LEN
+
+        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout))
+        if ret < 0:
+            raise host_error(ret, f"bind to {host}:{port}")
+        self._st.bound = True
+        self._sockname = (host, port)
+
+    def listen(self, backlog: int | None = None) -> None:
+        """Start listening; ``backlog`` defaults to ``min(128, SOMAXCONN)``
+        as in :meth:`socket.socket.listen`."""
+        if backlog is None:
+            backlog = min(128, socket.SOMAXCONN)
+        # Checked as socket.socket checks it (a C int): int() would take
+        # "5" and 1.5, and a backlog past 2**32 would be cut to its low bits.
+        backlog = operator.index(backlog)
+        if not _INT_MIN <= backlog <= _INT_MAX:
+            raise OverflowError(f"backlog {backlog} does not fit a C int")
+        backlog = max(0, backlog)  # as Linux's listen()
+        self._check_open()
+        if self._st.ring is not None or self._broken:
+            # Connected (or connecting): EINVAL, as socket.socket's and as
+            # bind() here.  Not the EOPNOTSUPP below, which asks for a
+            # bind() that would be refused too.
+            raise OSError(errno.EINVAL, "listen() on a connected socket")
+        if not self._st.bound:
+            # Linux's frontend: listen before bind is EOPNOTSUPP.
+            raise OSError(errno.EOPNOTSUPP, "listen() needs bind() first over PV Calls")
+
+        def fill(req: Any) -> None:
+            req.u.listen.id = self.id
+            req.u.listen.backlog = backlog
+
+        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout))
+        if ret < 0:
+            raise host_error(ret, "listen")
+        self._st.listening = True
+        if self._armed:
+            self._arm_poll()
+
+    def accept(self) -> tuple[PVSocket, tuple[str, int]]:
+        """Wait for a connection: POLL until one is pending, then ACCEPT.
+
+        Returns ``(socket, ("0.0.0.0", 0))``: PV Calls does not carry the
+        peer address.  On timeout the POLL or ACCEPT stays in flight and the
+        next call picks it up, so no connection is lost.
+        """
+        deadline = Deadline(self._timeout)
+        # Within the timeout, as socket.socket's: another thread may be
+        # blocked in accept() with the lock.
+        deadline.acquire(self._accept_lock)
+        try:
+            self._check_open()
+            if not self._st.listening:
+                raise OSError(errno.EINVAL, "accept() on a socket that is not listening")
+            if self._st.accept_inflight is None:
+                self._wait_pending_connection(deadline)
+                self._start_accept(deadline)
+            assert self._st.accept_inflight is not None
+            req_id, slot, new = self._st.accept_inflight
+            ret = self._fe._wait_slot(req_id, slot, deadline, self)
+            self._st.accept_inflight = None
+            if ret < 0:
+                # The backend did not take the new id: free it without RELEASE.
+                self._fe._drop_socket(new, reusable=True)
+                raise host_error(ret, "accept")
+            new._peername = ("0.0.0.0", 0)
+            new._timeout = socket.getdefaulttimeout()
+            new._offered = False
+        finally:
+            self._accept_lock.release()
+        if self._armed:
+            self._arm_poll()
+        self._update_ready()
+        return new, ("0.0.0.0", 0)
+
+    def _start_accept(self, deadline: Deadline) -> None:
+        """Send the ACCEPT for the connection a POLL said is pending (under
+        _accept_lock, ``_accepting`` set), waiting for room on the command
+        ring until ``deadline``.  If it cannot be sent, the connection is
+        still pending: the next accept() takes it."""
+        new = self._fe._new_socket(offered=True)
+        try:
+            ring = new._st.ring = self._fe._new_data_ring(new)
+
+            def fill(req: Any) -> None:
+                req.u.accept.id = self.id
+                req.u.accept.id_new = new.id
+                req.u.accept.ref = ring.ref
+                req.u.accept.evtchn = ring.port
+
+            req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, deadline, sock=self)
+        except BaseException:
+            # Nothing went out: the new socket goes, without RELEASE.
+            self._fe._drop_socket(new, reusable=True)
+            with self._cond:
+                self._accepting = False
+                self._poll_ready = True
+            self._update_ready()
+            raise
+        with self._cond:
+            self._st.accept_inflight = (req_id, slot, new)
+            self._accepting = False
+
+    def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
+        """Copy as much of ``data`` as fits into the out ring (waiting for
+        room, within the timeout) and return how many bytes were sent."""
+        _check_flags(flags, "send")
+        return self._send(_send_view(data), Deadline(self._timeout))
+
+    def _send(self, view: memoryview, deadline: Deadline) -> int:
+        if not self._send_lock.acquire(False):  # uncontended: no call more
+            deadline.acquire(self._send_lock)
+        try:
+            ring = self._active_ring()
+            while True:
+                err = ring.out_error()
+                if err:
+                    raise host_error(err, "send")
+                if self._closed:
+                    raise bad_fd()
+                # Our last out_prod store before reading out_cons: the
+                # backend announces room only if it saw the ring full, and
+                # one of us must see the other's store (see pvcalls._socket).
+                _barrier.lib.xb_mb()
+                parts = _checked(ring.outq.writable)
+                if parts and len(view):
+                    sent = 0
+                    for part in parts:
+                        n = min(len(part), len(view) - sent)
+                        part[:n] = view[sent : sent + n]
+                        sent += n
+                        if sent == len(view):
+                            break
+                    ring.outq.produce(sent)
+                    ring.notify()
+                    return sent
+                if not len(view):
+                    return 0
+                self._wait(SEND, deadline, lambda: ring.out_has_room() or bool(ring.out_error()))
+        finally:
+            self._send_lock.release()
+
+    def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        """Send all of ``data``; the timeout bounds the whole call, as
+        socket.socket's has since Python 3.5."""
+        _check_flags(flags, "sendall")
+        view = _send_view(data)
+        deadline = Deadline(self._timeout)
+        # At least one _send(), as socket.socket's sendall() calls send()
+        # once even for nothing: an empty ``data`` still fails on a closed
+        # or unconnected socket and on the out ring's error.
+        while True:
+            n = self._send(view, deadline)
+            view = view[n:]
+            if not len(view):
+                return
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive up to ``nbytes`` (default: ``len(buffer)``) into
+        ``buffer``; returns 0 at end of stream."""
+        _check_flags(flags, "recv")
+        dst = memoryview(buffer).cast("B")
+        if dst.readonly:
+            raise TypeError("recv_into() argument 1 must be read-write bytes-like object, "
+                            f"not {type(buffer).__name__}")
+        # An integer, as socket.socket's: a float would pass the checks
+        # below and wait for data before failing (or never, without a timeout).
+        nbytes = operator.index(nbytes)
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes > len(dst):
+            raise ValueError("buffer too small for requested bytes")
+        if nbytes == 0:
+            nbytes = len(dst)
+        if nbytes == 0:
+            # At once, as socket.socket's, even with another receiver blocked.
+            self._active_ring()
+            return 0
+        deadline = Deadline(self._timeout)
+        if not self._recv_lock.acquire(False):  # uncontended: no call more
+            deadline.acquire(self._recv_lock)
+        try:
+            ring = self._active_ring()
+            while True:
+                if self._closed:
+                    raise bad_fd()
+                # The error first, then the data: the backend writes in_error
+                # after its last byte, so data seen after the error is all
+                # there is (Linux's __read_ring does the same).
+                err = ring.in_error()
+                _barrier.lib.xb_rmb()
+                cons = U32.unpack_from(ring.indexes, IN_CONS_OFFSET)[0]
+                parts = _checked(ring.inq.readable)
+                if parts:
+                    got = 0
+                    for part in parts:
+                        n = min(len(part), nbytes - got)
+                        dst[got : got + n] = part[:n]
+                        got += n
+                        if got == nbytes:
+                            break
+                    ring.inq.consume(got)
+                    # The backend waits for our consume only when the ring
+                    # was full (Linux's backend stops reading its socket
+                    # then, ours too), so only then is it notified.  Whether
+                    # it was is read after our in_cons store and a full
+                    # barrier; the backend stores in_prod, then (its notify
+                    # at the latest) a barrier, then reads in_cons: one of
+                    # us sees the other's store, so a backend that found
+                    # the ring full gets this notify.  Linux's frontend
+                    # notifies after every consume; a 64-byte reply costs
+                    # the backend no wake-up here.
+                    if ring.in_was_full(cons):
+                        ring.notify()
+                    self._update_ready()
+                    return got
+                if err == -_errno.ENOTCONN:
+                    return 0  # orderly shutdown by the peer
+                if err:
+                    raise host_error(err, "recv")
+                self._wait(RECV, deadline, lambda: ring.in_pending() or bool(ring.in_error()))
+        finally:
+            self._recv_lock.release()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Receive up to ``bufsize`` bytes; ``b""`` at end of stream."""
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        buf = bytearray(bufsize)
+        n = self.recv_into(buf, bufsize, flags)
+        del buf[n:]
+        return bytes(buf)
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """A file object on the socket, exactly as :meth:`socket.socket.makefile`
+        (modes r, w, b).  As there, :meth:`close` does not wait for the
+        files: it returns at once, and the socket is released when the last
+        of them is closed."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        binary = "b" in mode
+        rawmode = ("r" if reading else "") + ("w" if writing else "")
+        raw = socket.SocketIO(self, rawmode)  # type: ignore[arg-type]
+        self._io_refs += 1
+        if buffering is None or buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if not binary:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: Any
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if binary:
+            return buffer
+        text = io.TextIOWrapper(buffer, io.text_encoding(encoding), errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def _decref_socketios(self) -> None:
+        # Called by socket.SocketIO.close().
+        if self._io_refs > 0:
+            self._io_refs -= 1
+        if self._close_requested and self._io_refs <= 0:
+            self._real_close()
+
+    def fileno(self) -> int:
+        """An eventfd readable while recv()/accept() would not block.
+
+        Not a socket descriptor: use it with select/poll/selectors only.  On
+        a listening socket the first call starts keeping a POLL in flight, as
+        a Linux program's ``poll()`` does.  -1 once closed, as socket.socket
+        (selectors then find a closed socket by the object instead).
+        """
+        if self._closed:
+            return -1
+        with self._cond:
+            # Again under _cond: a close() since the check above took
+            # _readyfd under it, and would not see a descriptor made now.
+            if self._closed:
+                return -1
+            if self._st.readyfd is None:
+                self._st.readyfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._ready_set = False
+            fd = self._st.readyfd
+            arm = not self._armed
+            self._armed = True
+            ring = self._st.ring
+        if ring is not None:
+            self._fe._relay(ring, self._st)
+        if arm and self._st.listening:
+            self._arm_poll()
+        self._update_ready()
+        return fd
+
+    def close(self) -> None:
+        """Release the socket (RELEASE) and free its shared pages.  Other
+        threads blocked in this socket's calls get ``OSError(EBADF)``.
+        What was sent still reaches the peer with this package's backend,
+        which sends the out ring's last bytes before it closes its host
+        socket (Linux's backend drops them).
+
+        While files from :meth:`makefile` are open, the release waits for
+        the last of them to close, as with :class:`socket.socket`.  A
+        socket dropped unclosed is released all the same, with a
+        :class:`ResourceWarning` (see the class)."""
+        self._close_requested = True
+        if self._io_refs <= 0:
+            self._real_close()
+
+    def shutdown(self, how: int) -> None:
+        """Not in PV Calls: the protocol can only release a whole socket."""
+        self._check_open()
+        raise OSError(errno.EOPNOTSUPP, "PV Calls has no shutdown; close() releases the socket")
+
+    def detach(self) -> int:
+        """Not possible: :class:`OSError` EOPNOTSUPP, as the socket has no
+        descriptor of its own."""
+        raise OSError(errno.EOPNOTSUPP, "a PV Calls socket has no descriptor to detach")
+
+    @property
+    def closed(self) -> bool:
+        """True once the socket is released."""
+        return self._closed
+
+    # -- internals ---------------------------------------------------------
+
+    def _real_close(self) -> None:
+        # Tested and set under _cond: of two threads closing at once, only
+        # one may send the RELEASE.
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        # Released here: not again by the finaliser, and a closed socket
+        # the program drops is no warning.
+        self._finalizer.detach()
+        # Wake this socket's waiters (on its data, or on an answer to its
+        # ACCEPT): they see _closed and leave with EBADF.
+        with self._fe._cmd_cond:
+            self._fe._cmd_cond.notify_all()
+        self._on_event()
+        self._fe._release(self._st, self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise bad_fd()
+
+    def _active_ring(self) -> DataRing:
+        self._check_open()
+        ring = self._st.ring
+        if ring is None or self._broken or self._st.listening:
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        return ring
+
+    def _wait(self, side: int, deadline: Deadline, ready: Callable[[], bool]) -> None:
+        """Sleep until ``ready()``, the socket closes, or the deadline.
+
+        ``side`` is the caller, RECV or SEND.  With a data ring of its own
+        handle, both may block at once (a reader and a writer thread), and
+        each polls the handle's descriptor itself with its own wakefd: the
+        backend's notify wakes both in parallel, and the one it was for goes
+        on without waiting for the other to wake it.  Whoever takes the
+        event (one call only gets it) writes the wakefd of the other side if
+        that one is polling, since the event may have been its.  Otherwise
+        (the shared handle) the event thread notifies ``_cond``.  Either way
+        ``ready`` is checked under ``_cond`` as the caller says it polls or
+        sleeps, and every consumer of the event looks, under ``_cond``, who
+        polls or sleeps after taking it, so no wake-up is lost.
+        """
+        if deadline.timeout == 0.0:
+            if self._fe._dead and not ready():
+                raise self._fe._gone()
+            raise BlockingIOError(errno.EAGAIN, "operation would block")
+        ring = self._st.ring
+        polling = self._polling
+        with self._cond:
+            while not ready() and not self._closed and not self._fe._dead:
+                timeout = deadline.nap()
+                if ring is None or not ring.direct:
+                    self._cond.wait(timeout)
+                    continue
+                polling[side] = True
+                # Each release() opens its try: CPython may run a signal's
+                # handler as release() returns, and the KeyboardInterrupt it
+                # raises (Ctrl-C in the main thread) must find the lock taken
+                # again, or the with block's exit fails to release it, with
+                # a RuntimeError that hides the interrupt.  (Not before
+                # release(), the try's first call: CPython runs a handler
+                # only as a Python function starts, as a call returns, or
+                # as a loop goes round, and release() is a C function.)
+                try:
+                    self._cond.release()
+                    fired = self._poll_ring(ring, side, timeout)
+                finally:
+                    self._cond.acquire()
+                    polling[side] = False
+                if fired:
+                    other = side ^ 1
+                    if polling[other]:
+                        os.eventfd_write(ring.wakefds[other], 1)
+                    if self._st.readyfd is not None:
+                        try:
+                            self._cond.release()
+                            self._update_ready()
+                        finally:
+                            self._cond.acquire()
+        if self._fe._dead and not ready():
+            raise self._fe._gone()
+
+    @staticmethod
+    def _poll_ring(ring: DataRing, side: int, timeout: float | None) -> bool:
+        """Block on ``ring``'s own handle (or ``side``'s wakefd) for up to
+        ``timeout`` seconds; take the event if there is one."""
+        ms = None if timeout is None else max(1, int(timeout * 1000 + 0.999))
+        wakefd = ring.wakefds[side]
+        try:
+            events = ring.pollers[side].poll(ms)
+        except InterruptedError:
+            return False
+        for fd, _ in events:
+            if fd == wakefd:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+        try:
+            return ring.consume_events()
+        except OSError:
+            return False  # the handle is closing: the caller sees why
+
+    def _on_event(self) -> None:
+        """The backend signalled this socket's channel (the event thread
+        took the event), or the socket closes: wake the waiters."""
+        with self._cond:
+            self._cond.notify_all()
+            # Under _cond: a poller clears its flag under it before it
+            # leaves the call that keeps the ring (and wakefds) alive.
+            ring = self._st.ring
+            if ring is not None:
+                for side in (RECV, SEND):
+                    if self._polling[side]:
+                        os.eventfd_write(ring.wakefds[side], 1)
+        if self._st.readyfd is not None:
+            self._update_ready()
+
+    def _readable(self) -> bool:
+        ring = self._st.ring
+        if self._closed or self._fe._dead:
+            return True  # the call fails at once
+        if ring is not None and not self._st.listening:
+            return ring.in_pending() or bool(ring.in_error())
+        # An ACCEPT left in flight by a non-blocking or timed-out accept()
+        # and since answered: the next accept() returns at once.
+        inflight = self._st.accept_inflight
+        return (self._poll_ready or bool(self._poll_error)
+                or (inflight is not None and inflight[1].done))
+
+    def _update_ready(self) -> None:
+        """Make the eventfd's level match :meth:`_readable`."""
+        with self._cond:
+            fd = self._st.readyfd
+            if fd is None:
+                return
+            want = self._readable()
+            if want and not self._ready_set:
+                os.eventfd_write(fd, 1)
+                self._ready_set = True
+            elif not want and self._ready_set:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                self._ready_set = False
+
+    def _arm_poll(self, deadline: Deadline | None = None) -> None:
+        """Send a POLL unless one is in flight, an ACCEPT is in flight, or a
+        connection is already known to be pending.  ``deadline`` bounds the
+        wait for room on the command ring (default: none; close() ends it)."""
+        with self._cond:
+            # An error accept() has not reported yet is the POLL's outcome
+            # until it has (fileno() said accept() would not block): no new
+            # POLL, and the error is not wiped.
+            if (self._poll_inflight or self._poll_ready or self._poll_error
+                    or self._st.accept_inflight or self._accepting):
+                return
+            if self._closed:
+                return
+            self._poll_inflight = True
+
+        def fill(req: Any) -> None:
+            req.u.poll.id = self.id
+
+        try:
+            self._fe._submit(PVCALLS_POLL, self.id, fill,
+                             Deadline(None) if deadline is None else deadline,
+                             reserve=False, sock=self)
+        except BaseException as exc:
+            with self._cond:
+                self._poll_inflight = False
+            if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
+                return  # closed while it waited for room: no POLL wanted
+            raise
+
+    def _on_poll(self, ret: int) -> None:
+        """Event thread: the backend answered this socket's POLL."""
+        with self._cond:
+            self._poll_inflight = False
+            if ret == 0:
+                self._poll_ready = True
+            else:
+                self._poll_error = ret
+            self._cond.notify_all()
+        self._update_ready()
+
+    def _wait_pending_connection(self, deadline: Deadline) -> None:
+        """POLL (unless in flight) and wait until it says a connection is
+        pending; consume that readiness (Linux's POLL_RET bit)."""
+        while True:
+            self._arm_poll(deadline)
+            with self._cond:
+                err, self._poll_error = self._poll_error, 0
+                if not err:
+                    if self._poll_ready:
+                        self._poll_ready = False
+                        self._accepting = True
+                        break
+                    if deadline.timeout == 0.0:
+                        if self._fe._dead:
+                            raise self._fe._gone()
+                        raise BlockingIOError(errno.EAGAIN, "no connection pending")
+                    while (not self._poll_ready and not self._poll_error
+                           and not self._closed and not self._fe._dead):
+                        self._cond.wait(deadline.nap())
+                    if self._closed:
+                        raise bad_fd()
+                    if self._fe._dead:
+                        raise self._fe._gone()
+                    continue
+            # Reported once; fileno() needs a POLL in flight again.
+            if self._armed:
+                self._arm_poll()
+            self._update_ready()
+            raise host_error(err, "accept (poll)")
+        self._update_ready()
