@@ -29,7 +29,7 @@ from ._flags import (
     WQFlags,
 )
 from ._loadindex import LoadIndex
-from ._pool import blocking, current_work
+from ._pool import blocking, current_work, wait_slice
 from ._stats import PoolStats, TraceHook, WorkqueueStats
 from ._topology import Topology
 from ._work import DelayedWork, Work
@@ -41,5 +41,5 @@ __all__ = [
     "Topology", "LoadIndex", "current_work",
     # Beyond the kernel's names:
     "Workqueue", "WQFlags", "WQ_MAX_ACTIVE", "WQ_DFL_ACTIVE", "blocking",
-    "default_topology", "PoolStats", "WorkqueueStats", "TraceHook",
+    "default_topology", "PoolStats", "WorkqueueStats", "TraceHook", "wait_slice",
 ]

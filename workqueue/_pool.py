@@ -140,7 +140,18 @@ WAIT_SLICE = 0.5
 def wait_slice(left: float | None) -> float | None:
     """How long the calling thread sleeps in one go in a wait with ``left``
     seconds to go (``None``: no limit): all of it, or in the main thread
-    :data:`WAIT_SLICE` at most."""
+    :data:`WAIT_SLICE` (half a second) at most.
+
+    The rule every wait of this library follows, so that Ctrl-C's handler
+    runs soon in a main thread blocked in it (see :data:`WAIT_SLICE` for
+    why); public so that libraries built on it (``xenback``, ``pvcalls``)
+    and programs can wait the same way::
+
+        deadline = time.monotonic() + timeout
+        while not event.wait(wait_slice(deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+    """
     if threading.get_ident() != threading.main_thread().ident:
         return left
     return WAIT_SLICE if left is None else min(left, WAIT_SLICE)

@@ -36,8 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from workqueue import blocking
-from workqueue._pool import wait_slice
+from workqueue import blocking, wait_slice
 from xenback._closing import Closing
 
 if TYPE_CHECKING:

@@ -53,7 +53,7 @@ from pyxs.exceptions import (
 )
 from pyxs.helpers import check_path
 
-from workqueue._pool import wait_slice
+from workqueue import wait_slice
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue
 from xenback._wire import XENSTORE_PAYLOAD_MAX

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from workqueue._pool import wait_slice
+from workqueue import wait_slice
 
 from .. import _errno
 

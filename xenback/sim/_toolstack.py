@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 import pyxs
 
-from workqueue._pool import wait_slice
+from workqueue import wait_slice
 from xenback._closing import Closing
 from xenback.xenstore import route_until_lost
 
