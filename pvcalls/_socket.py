@@ -61,12 +61,10 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from xenback._barrier import lib as _barrier
-
 from workqueue import Work
 from xenback.events import EventDispatcher
 from xenback.platform import GrantMapping, GrantTable
-from xenback.ring import FlexRing, RingError
+from xenback.ring import FlexRing, RingError, mb, wmb
 
 from . import _errno
 from ._wire import (
@@ -207,7 +205,7 @@ class DataRing:
     def set_in_error(self, value: int) -> None:
         """Publish ``in_error`` after every byte produced before it."""
         assert self._errors is not None
-        _barrier.xb_wmb()
+        wmb()
         self._errors[IN_ERROR_OFFSET // 4] = value
 
     @property
@@ -221,7 +219,7 @@ class DataRing:
         before it?  (See the module docstring for why this read of
         ``out_prod`` after a full barrier may decide whether to notify.)"""
         assert self._words is not None
-        _barrier.xb_mb()
+        mb()
         prod = self._words[OUT_PROD_OFFSET // 4]
         return (prod - cons) & 0xFFFFFFFF >= self.size
 
@@ -232,7 +230,7 @@ class DataRing:
 
     def set_out_error(self, value: int) -> None:
         assert self._errors is not None
-        _barrier.xb_wmb()
+        wmb()
         self._errors[OUT_ERROR_OFFSET // 4] = value
 
     def close(self) -> None:
@@ -549,7 +547,7 @@ class ActiveSocket(Work):
         # Our last in_prod store before this read of in_cons: the frontend
         # skips its notify after consuming unless it saw the ring full (see
         # pvcalls.frontend), and one of us must see the other's store.
-        _barrier.xb_mb()
+        mb()
         if ring.in_error:
             # Set by us (then _rx_done is set too) or by the frontend, which
             # wants no more data (Linux's frontend writes -EBADF after

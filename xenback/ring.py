@@ -23,8 +23,9 @@ Memory ordering
 ---------------
 The other end runs on another CPU, so the order in which our loads and stores
 become visible matters, exactly as in the kernel's ring macros.  Python has
-no barriers of its own; :mod:`xenback._barrier` provides the kernel's
-``virt_mb``/``virt_rmb``/``virt_wmb``.  Each shared index is read and written
+no barriers of its own; :func:`mb`, :func:`rmb` and :func:`wmb` are the
+kernel's ``virt_mb``/``virt_rmb``/``virt_wmb`` (from a C helper,
+:mod:`xenback._barrier`), for rings of a layout of one's own too.  Each shared index is read and written
 as one aligned 32-bit access (a memoryview cast to ``"I"``), and each barrier
 is an opaque call into C, so neither CPython's C compiler nor the
 interpreter can move a memory access across it; only the CPU could:
@@ -57,7 +58,7 @@ from collections.abc import Iterator
 from xenback._barrier import lib as _barrier
 from xenback._wire import SRING_HEADER_SIZE, ffi
 
-__all__ = ["BackRing", "FlexRing", "FrontRing", "RingError", "ring_size"]
+__all__ = ["BackRing", "FlexRing", "FrontRing", "RingError", "mb", "ring_size", "rmb", "wmb"]
 
 _MASK = 0xFFFFFFFF
 
@@ -68,9 +69,16 @@ _REQ_EVENT = ffi.offsetof("struct xen_sring_header", "req_event") // 4
 _RSP_PROD = ffi.offsetof("struct xen_sring_header", "rsp_prod") // 4
 _RSP_EVENT = ffi.offsetof("struct xen_sring_header", "rsp_event") // 4
 
-_mb = _barrier.xb_mb
-_rmb = _barrier.xb_rmb
-_wmb = _barrier.xb_wmb
+#: Full barrier: earlier loads and stores before later ones (``virt_mb``).
+mb = _barrier.xb_mb
+#: Read barrier: earlier loads before later loads (``virt_rmb``).
+rmb = _barrier.xb_rmb
+#: Write barrier: earlier stores before later stores (``virt_wmb``).
+wmb = _barrier.xb_wmb
+
+# What this module's ring steps call: module globals of their own, which the
+# barrier test replaces to trace where each step puts its barriers.
+_mb, _rmb, _wmb = mb, rmb, wmb
 
 
 class RingError(Exception):

@@ -8,8 +8,7 @@ import select
 import struct
 from typing import TYPE_CHECKING
 
-from xenback import _barrier
-from xenback.ring import FlexRing
+from xenback.ring import FlexRing, mb
 
 from .._wire import (
     IN_CONS_OFFSET,
@@ -128,7 +127,7 @@ class DataRing:
         """Room in the out ring, or indexes the backend broke (``used >
         size``): either way a blocked send() must look (and raise EPROTO)."""
         # Our out_prod store before this read of out_cons (see send()).
-        _barrier.lib.xb_mb()
+        mb()
         used = (
             U32.unpack_from(self.indexes, OUT_PROD_OFFSET)[0]
             - U32.unpack_from(self.indexes, OUT_CONS_OFFSET)[0]
@@ -146,7 +145,7 @@ class DataRing:
         """After a consume: was the in ring full with ``cons``, our index
         before it?  Read after our in_cons store and a full barrier (see
         PVSocket.recv_into)."""
-        _barrier.lib.xb_mb()
+        mb()
         prod = U32.unpack_from(self.indexes, IN_PROD_OFFSET)[0]
         return (prod - cons) & 0xFFFFFFFF >= self.inq.size
 

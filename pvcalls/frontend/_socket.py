@@ -12,9 +12,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from xenback import _barrier
 from xenback._closing import Closing
-from xenback.ring import RingError
+from xenback.ring import RingError, mb, rmb
 
 from .. import _errno
 from .._wire import (
@@ -477,7 +476,7 @@ class PVSocket(Closing):
                 # Our last out_prod store before reading out_cons: the
                 # backend announces room only if it saw the ring full, and
                 # one of us must see the other's store (see pvcalls._socket).
-                _barrier.lib.xb_mb()
+                mb()
                 parts = _checked(ring.outq.writable)
                 if parts and len(view):
                     sent = 0
@@ -544,7 +543,7 @@ class PVSocket(Closing):
                 # after its last byte, so data seen after the error is all
                 # there is (Linux's __read_ring does the same).
                 err = ring.in_error()
-                _barrier.lib.xb_rmb()
+                rmb()
                 cons = U32.unpack_from(ring.indexes, IN_CONS_OFFSET)[0]
                 parts = _checked(ring.inq.readable)
                 if parts:
