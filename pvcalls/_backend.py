@@ -68,8 +68,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
-from xenback import BackendDevice, BackendDriver, XenbusState
-from xenback._closing import Closing
+from xenback import BackendDevice, BackendDriver, Closing, XenbusState
 from xenback.events import EventDispatcher
 from xenback.platform import Platform
 from xenback.ratelimit import RateLimit

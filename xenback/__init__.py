@@ -13,6 +13,8 @@ The pieces, each in a module of its own:
   thread of its own or polled by a work item (poll mode);
 * :mod:`xenback.ratelimit`: :class:`RateLimit`, the kernel's
   ``printk_ratelimited`` for what a guest can make a backend log;
+* :class:`Closing`: the ``with`` mixin of everything whose way out is
+  ``close()``;
 * :data:`wire`: the cffi declarations of ``ring.h``'s shared ring header,
   ``xs_wire.h``'s ``xsd_sockmsg`` and ``console.h``'s ``xencons_interface``
   (``wire.offsetof("struct xencons_interface", "out_prod")``).
@@ -20,6 +22,7 @@ The pieces, each in a module of its own:
 ``examples/console_backend.py`` is a complete backend to copy from.
 """
 
+from xenback._closing import Closing
 from xenback._wire import ffi as wire
 from xenback.events import EventDispatcher
 from xenback.platform import (
@@ -40,6 +43,7 @@ __all__ = [
     "BackRing",
     "BackendDevice",
     "BackendDriver",
+    "Closing",
     "EventChannelError",
     "EventDispatcher",
     "EventQueue",

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
-from xenback._closing import Closing
+from xenback import Closing
 from xenback.platform import Platform
 from xenback.ring import FrontRing, RingError
 from xenback.xenbus import XenbusState

@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from xenback._closing import Closing
+from xenback import Closing
 from xenback.ring import RingError, mb, rmb
 
 from .. import _errno
