@@ -423,3 +423,62 @@ def test_a_node_changed_many_times_in_a_transaction_fires_once(
         assert dom0.wait_event() == ("/local/domain/1/many/n", "t")
         assert_no_event(dom0)
         assert dom0.read("/local/domain/1/many/n") == b"49"
+
+
+def test_transaction_open_across_a_release_grants_the_dead_domain_nothing(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The release strips domain 4 from the live nodes (XSA-322), but not from
+    # what an open transaction holds.  cxenstored then ignores an entry for
+    # a domain younger than the node, or gone (domain_adjust_node_perms):
+    # the commit succeeds, the entry still shows in GET_PERMS, and nobody
+    # gets access through it.
+    with make_guest(xsd, dom0, 5) as alive:
+        with make_guest(xsd, dom0, 4):
+            dom0.write("/shared", "s")
+            tx = dom0.transaction_start()
+            dom0.set_perms("/shared", ["n0", "r4", "r5"], tx)  # 4 still alive
+            xsd.release_domain(4)
+        dom0.write("/late", "l", tx)
+        dom0.set_perms("/late", ["n0", "r4"], tx)  # 4 gone, in the tx's view
+        dom0.transaction_end(tx)
+        assert dom0.get_perms("/shared") == ["n0", "r4", "r5"]
+        assert alive.read("/shared") == b"s"  # entries of live domains still count
+        # A new domain 4 inherits nothing.
+        with make_guest(xsd, dom0, 4) as again:
+            assert error_of(again.read, "/shared") == "EACCES"
+            assert error_of(again.read, "/late") == "EACCES"
+
+
+def test_a_domid_reintroduced_during_a_transaction_inherits_nothing(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # cxenstored would let this one through: the committed node is younger
+    # than the new domain 4.  The entry was written for the old domain 4,
+    # though, so it is ignored here all the same.
+    with make_guest(xsd, dom0, 4):
+        dom0.write("/shared", "s")
+        tx = dom0.transaction_start()
+        dom0.set_perms("/shared", ["n0", "r4"], tx)
+        xsd.release_domain(4)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.transaction_end(tx)
+        assert error_of(again.read, "/shared") == "EACCES"
+        # A permission set after the new domain came is the new domain's.
+        dom0.set_perms("/shared", ["n0", "r4"])
+        assert again.read("/shared") == b"s"
+
+
+def test_a_transaction_cannot_give_a_node_to_a_domain_released_meanwhile(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # Had the transaction committed first, the release would have removed
+    # the node; committing it afterwards would hand it to whichever domain
+    # gets id 4 next.  The client must look again: EAGAIN.
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        dom0.write("/orphan", "o", tx)
+        dom0.set_perms("/orphan", ["n4"], tx)
+        xsd.release_domain(4)
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+    assert error_of(dom0.read, "/orphan") == "ENOENT"

@@ -484,9 +484,11 @@ class Dispatcher:
         Nodes it owns go, with their subtrees (watches fire as for RM);
         permission entries naming it are dropped from every other node
         (silently), so that a later domain with the same id inherits
-        nothing.
+        nothing.  Open transactions learn of the release at commit (see
+        _transaction.py).
         """
         store = self.store
+        store.note_release(domid)
         stack = ["/"]
         while stack:
             path = stack.pop()

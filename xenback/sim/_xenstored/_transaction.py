@@ -11,6 +11,19 @@ has a different live generation now than at first touch; otherwise every
 changed path is installed (fresh generations) and the queued watch events
 fire.  This is cxenstored's scheme: the conflict granularity is one node.
 
+A domain released while the transaction is open has been forgotten by the
+live store (Dispatcher.remove_domain_nodes), but not by the transaction's
+own nodes.  So that a later domain with the same id inherits nothing
+(XSA-322), commit marks PERM_IGNORE every entry after the owner's that names
+a domain released since the transaction began, as cxenstored's
+domain_adjust_node_perms() does when it finds the domain gone.  cxenstored
+compares the domain's generation with the node's, and the node gets a new
+one at commit, so an entry for a domid reintroduced meanwhile would count
+there; here it is ignored too, since it was written for the old domain.  A
+node the transaction would give to such a domain (owner entry) fails the
+commit with EAGAIN: had the transaction committed first, the release would
+have removed that node.
+
 Threading: none.  Transactions live on a connection, on the loop thread.
 """
 
@@ -18,7 +31,7 @@ from __future__ import annotations
 
 import collections
 
-from ._tree import Node, Perms, Store
+from ._tree import PERM_IGNORE, Node, Perms, Store
 from ._wire import XsError
 
 __all__ = ["Transaction"]
@@ -27,11 +40,13 @@ __all__ = ["Transaction"]
 class Transaction:
     """One open transaction of one connection."""
 
-    __slots__ = ("id", "store", "seen", "view", "changed", "events", "owned_delta")
+    __slots__ = ("id", "store", "start", "seen", "view", "changed", "events", "owned_delta")
 
     def __init__(self, tx_id: int, store: Store) -> None:
         self.id = tx_id
         self.store = store
+        #: when the transaction began, for Store.released_since
+        self.start = store.new_epoch()
         #: path -> live generation at first touch (None: did not exist)
         self.seen: dict[str, int | None] = {}
         #: path -> node as this transaction sees it (None: absent)
@@ -113,9 +128,49 @@ class Transaction:
             if (None if node is None else node.generation) != generation:
                 raise XsError("EAGAIN", f"{path} changed during the transaction")
         store = self.store
+        gone = store.released_since(self.start)
+        if gone:
+            self._forget(gone)
         for path in self.changed:
             node = self.view[path]
             if node is None:
                 store.delete(path)
             else:
                 store.put(path, node)
+
+    def _forget(self, gone: frozenset[int]) -> None:
+        """Mark ignored the entries naming a domain in ``gone`` (released
+        since the transaction began), in the nodes to install and in the
+        queued events (so that a new domain with such an id is not told
+        either); raise EAGAIN, changing nothing, if such a domain would own
+        a node."""
+        view = self.view
+        for path in self.changed:
+            node = view[path]
+            if node is not None and node.owner in gone:
+                raise XsError(
+                    "EAGAIN", f"{path} would belong to domain {node.owner}, released meanwhile"
+                )
+        for path in self.changed:
+            node = view[path]
+            if node is not None:
+                perms = _ignore(node.perms, gone)
+                if perms is not node.perms:
+                    # A fresh node, not yet shared: the live store will
+                    # give it its generation.
+                    view[path] = node.replace(perms=perms)
+        for path, (subtree, perms, old) in self.events.items():
+            self.events[path] = (
+                subtree, _ignore(perms, gone), None if old is None else _ignore(old, gone)
+            )
+
+
+def _ignore(perms: Perms, gone: frozenset[int]) -> Perms:
+    """``perms`` with the entries after the owner's that name a domain in
+    ``gone`` marked PERM_IGNORE (the same object if there are none)."""
+    if not any(domid in gone and not mask & PERM_IGNORE for domid, mask in perms[1:]):
+        return perms
+    return (
+        perms[0],
+        *((d, m | PERM_IGNORE) if d in gone else (d, m) for d, m in perms[1:]),
+    )

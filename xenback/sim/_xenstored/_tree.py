@@ -25,6 +25,7 @@ __all__ = [
     "PERM_READ",
     "PERM_WRITE",
     "PERM_BOTH",
+    "PERM_IGNORE",
     "Perms",
     "Node",
     "Store",
@@ -44,9 +45,15 @@ PERM_NONE = 0
 PERM_READ = 1
 PERM_WRITE = 2
 PERM_BOTH = PERM_READ | PERM_WRITE
+#: Flag on an entry after the owner's: it names a domain that was released
+#: while a transaction writing the entry was open, so it grants nothing.
+#: cxenstored's XS_PERM_IGNORE (same value): GET_PERMS still lists the entry,
+#: access checks skip it.
+PERM_IGNORE = 0x10
 
 #: ((domid, mask), ...): entry 0 names the owner and is also the default for
-#: domains not listed; later entries grant ``mask`` to one domain.
+#: domains not listed; later entries grant ``mask`` to one domain (nothing
+#: if the mask has PERM_IGNORE).
 Perms = tuple[tuple[int, int], ...]
 
 _PERM_CHARS = {"n": PERM_NONE, "r": PERM_READ, "w": PERM_WRITE, "b": PERM_BOTH}
@@ -175,7 +182,9 @@ def parse_perms(items: Sequence[str]) -> Perms:
 
 def format_perms(perms: Perms) -> bytes:
     """Perms as the wire wants them: "b0\\0r5\\0"."""
-    return b"".join(f"{_PERM_NAMES[mask]}{domid}\0".encode() for domid, mask in perms)
+    return b"".join(
+        f"{_PERM_NAMES[mask & PERM_BOTH]}{domid}\0".encode() for domid, mask in perms
+    )
 
 
 def perm_for(perms: Perms, domid: int, target: int | None) -> int:
@@ -183,13 +192,14 @@ def perm_for(perms: Perms, domid: int, target: int | None) -> int:
 
     The owner gets everything; otherwise the first entry after the owner
     naming the domain decides, else the default (the owner entry's mask).
+    Ignored entries (PERM_IGNORE) do not count.
     Privileged callers never get here: they have full access.
     """
     owner = perms[0][0]
     if owner == domid or owner == target:
         return PERM_BOTH
     for who, mask in perms[1:]:
-        if who == domid or who == target:
+        if (who == domid or who == target) and not mask & PERM_IGNORE:
             return mask
     return perms[0][1]
 
@@ -208,12 +218,22 @@ class Store:
     changes exactly when it changes (and a re-created node never repeats an
     old generation).  ``owned`` counts nodes per owning domain for the
     node quota.
+
+    ``released`` maps a domid to the generation :meth:`note_release` took
+    when the domain was last released, so that a transaction begun before
+    (see :meth:`new_epoch`) can tell that a domid it wrote names a domain
+    that is gone (cxenstored compares domain and node generations instead:
+    chk_domain_generation()).  At most one entry per domid: bounded.
     """
 
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
         self.generation = 0
         self.owned: collections.Counter[int] = collections.Counter()
+        self.released: dict[int, int] = {}
+        #: the largest value in ``released`` (0: none), to skip the search
+        #: at commit when nothing was released since the transaction began
+        self.last_release = 0
         dom0_only: Perms = ((0, PERM_NONE),)
         # The skeleton cxenstored's setup_structure() creates.
         self.put("/", Node(b"", dom0_only, {"tool": None}))
@@ -248,3 +268,23 @@ class Store:
     def count(self, domid: int) -> int:
         """Nodes owned by ``domid`` (for the node quota)."""
         return self.owned[domid]
+
+    def new_epoch(self) -> int:
+        """A generation of its own, for something that happens now.
+
+        Each call takes a fresh number, so two events are never tied: a
+        transaction beginning and a domain being released are always
+        ordered one way or the other.
+        """
+        self.generation += 1
+        return self.generation
+
+    def note_release(self, domid: int) -> None:
+        """Remember that ``domid`` is released as of now."""
+        self.last_release = self.released[domid] = self.new_epoch()
+
+    def released_since(self, generation: int) -> frozenset[int]:
+        """Domids released after ``generation`` (a :meth:`new_epoch` value)."""
+        if self.last_release <= generation:
+            return frozenset()
+        return frozenset(d for d, g in self.released.items() if g > generation)
