@@ -591,6 +591,65 @@ def test_pages_mapped_through_one_handle_are_bounded(handles: tuple[GrantShare, 
     for mapping in mappings:
         mapping.unmap()
 
+def test_pages_mapped_by_one_domain_are_bounded(host: SimHost, guest: Domain) -> None:
+    """Xen's maptrack table bounds what one domain maps, over all its handles."""
+    from xenback.sim._hypervisor import (
+        MAX_MAPPED_PAGES_PER_DOMAIN,
+        MAX_MAPPED_PAGES_PER_HANDLE,
+        MAX_PAGES_PER_REQUEST,
+    )
+
+    per_handle = MAX_MAPPED_PAGES_PER_HANDLE // MAX_PAGES_PER_REQUEST
+    full_handles = MAX_MAPPED_PAGES_PER_DOMAIN // MAX_MAPPED_PAGES_PER_HANDLE
+    assert full_handles * MAX_MAPPED_PAGES_PER_HANDLE == MAX_MAPPED_PAGES_PER_DOMAIN
+    other = host.create_domain("other")
+    with guest.gntshr() as shr, other.gnttab() as other_tab:
+        pages = shr.share_pages(0, MAX_PAGES_PER_REQUEST)
+        pages.buffer[:5] = b"hello"
+        tabs = [host.dom0.gnttab() for _ in range(full_handles + 1)]
+        try:
+            # The same refs again and again, through several handles, each
+            # within its own bound: together they fill dom0's maptrack.
+            mappings = [
+                (tab, tab.map_grant_refs(guest.domid, pages.refs))
+                for tab in tabs[:full_handles]
+                for _ in range(per_handle)
+            ]
+            spare = tabs[-1]  # has mapped nothing through itself
+            with pytest.raises(GrantError) as info:
+                spare.map_grant_refs(guest.domid, pages.refs[:1])
+            assert info.value.errno == errno.ENOSPC
+            assert "maptrack" in str(info.value)
+            # Nothing was lost: every earlier mapping still shows the pages.
+            assert all(bytes(m.buffer[:5]) == b"hello" for _, m in mappings)
+            # Other domains have maptracks of their own.
+            theirs = shr.share_pages(other.domid, 1)
+            other_tab.map_grant_refs(guest.domid, theirs.refs).unmap()
+            theirs.unshare()
+            # An unmap makes room, on any handle ...
+            mappings.pop()[1].unmap()
+            mappings.append((spare, spare.map_grant_refs(guest.domid, pages.refs)))
+            with pytest.raises(GrantError):
+                spare.map_grant_refs(guest.domid, pages.refs[:1])
+            # ... and so does closing a handle, for all it mapped.
+            first = tabs[0]
+            for _, mapping in [m for m in mappings if m[0] is first]:
+                mapping.unmap()
+            mappings = [m for m in mappings if m[0] is not first]
+            first.close()
+            # (spare has one mapping of its own: the rest of its bound)
+            mappings += [
+                (spare, spare.map_grant_refs(guest.domid, pages.refs))
+                for _ in range(per_handle - 1)
+            ]
+        finally:
+            for _, mapping in mappings:
+                mapping.unmap()
+            for tab in tabs:
+                tab.close()
+            pages.unshare()
+    host.destroy_domain(other)
+
 
 class _Thread(threading.Thread):
     """``fn()`` in a thread; ``error`` is what it raised, once joined."""

@@ -75,6 +75,16 @@ MAX_EVTCHN_PORT = 4095
 MAX_HANDLES_PER_DOMAIN = 256
 MAX_SHARES_PER_DOMAIN = 2048
 MAX_MAPPED_PAGES_PER_HANDLE = 65536
+#: Pages one domain may have mapped at once, over all its handles: Xen's
+#: maptrack table, one 16-byte struct grant_mapping per mapped page, holds
+#: 256 entries per 4 KiB frame, and gnttab_max_maptrack_frames (the default
+#: of xl.cfg's max_maptrack_frames) is 1024 frames unless configured.  Xen
+#: refuses a map beyond it (GNTST_no_space); here that is ENOSPC, as for
+#: the per-handle bound.  Without it, MAX_HANDLES_PER_DOMAIN handles could
+#: make the service hold 256 * 65536 mapping records for one domain.
+MAX_MAPTRACK_FRAMES = 1024
+MAPTRACK_ENTRIES_PER_FRAME = 256
+MAX_MAPPED_PAGES_PER_DOMAIN = MAX_MAPTRACK_FRAMES * MAPTRACK_ENTRIES_PER_FRAME
 
 _FIRE = b"\x00"
 #: What running out of descriptors makes accept, pipe2, memfd_create... fail with.
@@ -186,6 +196,7 @@ class _Domain:
     grants: _GrantTable
     ports: dict[int, _Port] = field(default_factory=dict)
     conns: set[_Conn] = field(default_factory=set)
+    mapped: int = 0  # pages in the maps of all its handles (its maptrack)
 
 
 @dataclass(eq=False)
@@ -712,6 +723,12 @@ class Hypervisor:
             raise RequestError(errno.ESRCH, f"no domain {granter}")
         if conn.mapped + len(refs) > MAX_MAPPED_PAGES_PER_HANDLE:
             raise RequestError(errno.ENOSPC, "too many pages mapped through this handle")
+        if conn.domain.mapped + len(refs) > MAX_MAPPED_PAGES_PER_DOMAIN:
+            raise RequestError(
+                errno.ENOSPC,
+                f"domain {conn.domain.domid}'s maptrack table is full"
+                f" ({MAX_MAPPED_PAGES_PER_DOMAIN} pages mapped over all its handles)",
+            )
         me = conn.domain.domid
         grants = []
         for ref in refs:
@@ -757,6 +774,7 @@ class Hypervisor:
             grant.maps += 1
         conn.maps[handle] = grants
         conn.mapped += len(grants)
+        conn.domain.mapped += len(grants)
         # The reply owns ``out``; it is closed after sending.
         return {"handle": handle, "segments": segments}, out
 
@@ -773,6 +791,9 @@ class Hypervisor:
     def _unmap(self, conn: _Conn, handle: int) -> None:
         grants = conn.maps.pop(handle)
         conn.mapped -= len(grants)
+        # Every unmap comes here: an explicit one, or the handle's close
+        # (also when its domain goes away), so the count never leaks.
+        conn.domain.mapped -= len(grants)
         for grant in grants:
             grant.maps -= 1
             if grant.maps == 0 and grant.owner is None:
