@@ -643,7 +643,13 @@ class ActiveSocket(Work):
         ring = self.ring
         if ring is None or self._tx_done:
             return b""
-        self._tx(ring, host)
+        try:
+            self._tx(ring, host)
+        except OSError:
+            # Not the send (_tx takes its errors): the watch for room a
+            # full host socket asks for, of no use now.  The lingerer
+            # still gets the rest.
+            logger.debug("%r: watching for room at release failed", self, exc_info=True)
         if self._tx_done:
             return b""
         try:
