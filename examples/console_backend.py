@@ -162,5 +162,11 @@ if __name__ == "__main__":
 
         import xenback.xen
 
+        # sigwait() needs the signals blocked, here before any thread starts
+        # (threads inherit the mask): unblocked, SIGTERM would kill the
+        # process before the backend closed its devices, and a worker
+        # thread could take SIGINT while sigwait() went on waiting.
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
         with ConsoleBackend(xenback.xen.open(), args.log_dir):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            signal.sigwait(stop)

@@ -231,3 +231,44 @@ def test_the_example_uses_only_public_apis() -> None:
 def test_the_demo_runs(capsys) -> None:
     console_backend._demo()
     assert capsys.readouterr().out == "Hello from a simulated guest's console\n"
+
+
+_SERVE_DOM0 = """
+import runpy, sys
+import xenback.sim, xenback.xen
+run_dir, log_dir = sys.argv[1:3]
+xenback.xen.open = lambda: xenback.sim.attach(run_dir, 0)  # the sim's dom0 as the real one
+sys.argv = ["console_backend.py", "--log-dir", log_dir]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serving_dom0_stops_cleanly_on_a_signal(host, tmp_path, sig) -> None:
+    """``--log-dir`` (serve the real dom0) waits in sigwait() for SIGINT or
+    SIGTERM: they must be blocked in every thread for that, or SIGTERM's
+    default action kills the process before the backend closes its
+    devices (and SIGINT may go to a worker, leaving sigwait waiting)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = _SERVE_DOM0.format(script=str(ROOT / "examples" / "console_backend.py"))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(host.run_dir), str(tmp_path)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:  # wait until it serves: it logs so at INFO
+            lines.append(line)
+            if "console backend serving" in line:
+                break
+        else:
+            pytest.fail(f"the backend did not start: {''.join(lines)}")
+        proc.send_signal(getattr(signal, sig))
+        rest = proc.stderr.read()
+        assert proc.wait(TIMEOUT) == 0, rest
+        assert "console backend stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
