@@ -151,8 +151,11 @@ def _demo() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", action="store_true", help="run against a simulated guest")
-    parser.add_argument("--log-dir", type=Path, help="serve the real dom0 (xenback.xen)")
+    parser.add_argument("--demo", action="store_true",
+                        help="run against a simulated guest (the default without --log-dir)")
+    parser.add_argument("--log-dir", type=Path,
+                        help="serve the real dom0 (xenback.xen), writing the guests' "
+                             "console logs to LOG_DIR, until SIGINT or SIGTERM")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.demo or args.log_dir is None:
