@@ -174,7 +174,8 @@ class Backend(Closing):
     """Serves every ``pvcalls`` device whose backend is ``platform``'s domain.
 
     ``max_ioworkers`` caps the CPUs the ioworkers use (default 64);
-    ``max_page_order`` is offered to frontends as ``max-page-order`` (1 to
+    ``max_page_order`` is offered to frontends as ``max-page-order``
+    (default 4, the order Linux's frontend uses; 1 to
     :data:`pvcalls._wire.MAX_PAGE_ORDER_LIMIT`, what one indexes page can
     reference); ``policy`` restricts what guests may do (default: anything).
 
