@@ -1,4 +1,4 @@
-"""A tour of the workqueue package in a few seconds.
+"""A tour of the workqueue package in a second.
 
     .venv/bin/python examples/workqueue_demo.py
 
