@@ -124,8 +124,9 @@ def run_dir_path(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def run_dir_argument(text: str) -> Path:
-    """The ``type`` of a command's ``--run-dir`` option: :func:`run_dir_path`,
-    its refusal of an empty path a usage error."""
+    """The ``type`` of a command's ``--run-dir`` option: the path made
+    absolute (:func:`run_dir_path`); an empty one, which would quietly mean
+    the current directory, is a usage error."""
     try:
         return run_dir_path(text)
     except ValueError:
@@ -154,7 +155,8 @@ def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     """Join a running host (embedded or ``xenback-sim``) as domain ``domid``.
 
     Raises :class:`~xenback.platform.PlatformUnavailable` if there is no
-    such host or domain.
+    such host or domain, :class:`ValueError` for an empty ``run_dir`` or a
+    ``domid`` that is not a domain id (0 to 0x7FEF).
     """
     if type(domid) is not int or not 0 <= domid < 0x7FF0:
         raise ValueError(f"invalid domain id {domid!r}")
