@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=run_dir_argument, help="directory for the sockets")
     parser.add_argument(
         "--domain", action="append", default=[], type=_domain_name, metavar="NAME",
-        help="create a guest domain"
+        help="create a guest domain called NAME (repeat for more guests)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     args = parser.parse_args(argv)
