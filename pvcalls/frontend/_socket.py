@@ -678,7 +678,8 @@ class PVSocket(Closing):
             self._real_close()
 
     def shutdown(self, how: int) -> None:
-        """Not in PV Calls: the protocol can only release a whole socket."""
+        """Not in PV Calls (:class:`OSError` EOPNOTSUPP): the protocol can
+        only release a whole socket."""
         self._check_open()
         raise OSError(errno.EOPNOTSUPP, "PV Calls has no shutdown; close() releases the socket")
 
