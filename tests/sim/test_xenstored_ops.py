@@ -182,25 +182,46 @@ def test_directory_part_pages_through_children(dom0: RawClient) -> None:
     names = [f"child-with-a-long-name-{i:04d}" for i in range(300)]
     for name in names:
         dom0.write(f"/many/{name}", "")
+    assert _children_in_parts(dom0, "/many") == names
+    assert error_of(dom0.request, Op.DIRECTORY_PART, b"/many\0") == "EINVAL"
+def _children_in_parts(client: RawClient, path: str) -> list[str]:
+    """A node's children, paged through with DIRECTORY_PART (as libxenstore does)."""
     got: list[str] = []
     offset = 0
     generation = None
     while True:
-        payload = dom0.request(Op.DIRECTORY_PART, f"/many\0{offset}\0".encode())
-        assert len(payload) <= 4096
+        payload = client.request(Op.DIRECTORY_PART, f"{path}\0{offset}\0".encode())
+        assert len(payload) <= PAYLOAD_MAX
         gen, _, rest = payload.partition(b"\0")
         assert generation in (None, gen)
         generation = gen
         if rest == b"\0":
-            break
+            return got
         done = rest.endswith(b"\0\0")
         part = rest[:-1] if done else rest
         got.extend(c.decode() for c in part.split(b"\0")[:-1])
         offset += len(part)
         if done:
+            return got
+
+
+def test_directory_part_of_a_list_that_would_fill_a_reply_exactly(dom0: RawClient) -> None:
+    # The end-of-list marker needs a byte of its own: children that fill
+    # the rest of a reply to its last byte come in two parts, not as E2BIG.
+    names = [f"{i:02d}" + "x" * 97 for i in range(40)]  # 100 bytes each
+    for name in names:
+        dom0.write(f"/full/{name}", "")
+    last = "y"
+    while True:
+        dom0.write(f"/full/{last}", "")
+        # A past-the-end offset answers with the generation alone.
+        gen = dom0.request(Op.DIRECTORY_PART, b"/full\0" b"100000\0")
+        listed = sum(len(n) + 1 for n in names) + len(last) + 1
+        if listed == PAYLOAD_MAX - (len(gen) - 1):
             break
-    assert got == names
-    assert error_of(dom0.request, Op.DIRECTORY_PART, b"/many\0") == "EINVAL"
+        dom0.rm(f"/full/{last}")
+        last = "y" * (len(last) + PAYLOAD_MAX - (len(gen) - 1) - listed)
+    assert _children_in_parts(dom0, "/full") == [*names, last]
 
 
 def test_directory_part_generation_changes_with_children(dom0: RawClient) -> None:
@@ -286,6 +307,10 @@ def test_set_target_acts_for_the_target(xsd: XenStored, dom0: RawClient) -> None
         assert error_of(stubdom.read, "/local/domain/2/devmodel") == "EACCES"
         dom0.request(Op.SET_TARGET, b"3\0" b"2\0")
         assert stubdom.read("/local/domain/2/devmodel") == b"x"
+        # Acting for its target also where an ACL entry names the target.
+        dom0.write("/shared-with-2", "y")
+        dom0.set_perms("/shared-with-2", ["n0", "r2"])
+        assert stubdom.read("/shared-with-2") == b"y"
         assert error_of(dom0.request, Op.SET_TARGET, b"3\0" b"99\0") == "ENOENT"
         assert error_of(dom0.request, Op.SET_TARGET, b"3\0") == "EINVAL"
 
@@ -303,6 +328,54 @@ def test_privileged_ops_are_refused_to_guests(guest: RawClient) -> None:
     assert guest.request(Op.GET_DOMAIN_PATH, b"7\0") == b"/local/domain/7\0"
 
 
+def test_missing_node_below_an_unreadable_one_is_eacces(dom0: RawClient, guest: RawClient) -> None:
+    # The nearest existing ancestor decides, not any readable one above it:
+    # /open is readable, but /open/closed is not, so what is (not) below
+    # /open/closed is none of the guest's business.
+    dom0.write("/open/closed", "")
+    dom0.set_perms("/open", ["r0"])
+    dom0.set_perms("/open/closed", ["n0"])
+    assert error_of(guest.read, "/open/missing") == "ENOENT"
+    assert error_of(guest.read, "/open/closed/missing") == "EACCES"
+    assert error_of(guest.read, "/open/closed/missing/deeper") == "EACCES"
+
+
+def test_mkdir_and_rm_need_write_permission(dom0: RawClient, guest: RawClient) -> None:
+    dom0.write("/ro/x", "")
+    dom0.set_perms("/ro", ["r0"])
+    dom0.set_perms("/ro/x", ["r0"])
+    assert error_of(guest.mkdir, "/ro/x") == "EACCES"  # exists, but not writable
+    assert error_of(guest.rm, "/ro/x") == "EACCES"
+    assert dom0.read("/ro/x") == b""
+    dom0.set_perms("/ro/x", ["w0"])
+    guest.mkdir("/ro/x")
+    guest.rm("/ro/x")
+    assert error_of(dom0.read, "/ro/x") == "ENOENT"
+
+
+def test_the_first_acl_entry_naming_a_domain_decides(dom0: RawClient, guest: RawClient) -> None:
+    dom0.write("/acl", "v")
+    dom0.set_perms("/acl", ["n0", "r1", "w1"])
+    assert guest.read("/acl") == b"v"
+    assert error_of(guest.write, "/acl", "w") == "EACCES"
+    dom0.set_perms("/acl", ["n0", "w1", "r1"])
+    guest.write("/acl", "w")
+    assert error_of(guest.read, "/acl") == "EACCES"
+
+
+def test_a_guest_owns_what_it_creates_in_a_directory_it_may_write(
+    dom0: RawClient, guest: RawClient
+) -> None:
+    dom0.write("/pub", "")
+    dom0.set_perms("/pub", ["n0", "b1"])
+    guest.write("/pub/mine/deeper", "")
+    # The owner entry names the creator (keeping the default); the ACL is inherited.
+    assert dom0.get_perms("/pub/mine") == ["n1", "b1"]
+    assert dom0.get_perms("/pub/mine/deeper") == ["n1", "b1"]
+    guest.set_perms("/pub/mine", ["n1"])  # as its owner
+    assert dom0.get_perms("/pub") == ["n0", "b1"]
+
+
 # --- domains ----------------------------------------------------------------------
 
 
@@ -312,6 +385,7 @@ def test_domain_ops(xsd: XenStored, dom0: RawClient) -> None:
     assert error_of(dom0.request, Op.GET_DOMAIN_PATH, b"70000\0") == "EINVAL"
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"0\0") == b"T\0"
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"F\0"
+    assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"32752\0") == b"T\0"  # DOMID_SELF
     assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7\0") == b"OK\0"
     assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7\0") == b"OK\0"  # again: fine
     assert error_of(dom0.request, Op.INTRODUCE, b"6\0" b"1234\0" b"0\0") == "EINVAL"
@@ -403,6 +477,50 @@ def test_watch_and_transaction_quotas(guest: RawClient) -> None:
     assert error_of(guest.transaction_start) == "ENOSPC"
     guest.transaction_end(txs[0], commit=False)
     guest.transaction_start()
+
+
+def test_node_quota_counts_every_node_a_write_creates() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=Quota(nodes=3)
+    ) as server, RawClient(server.path) as admin:
+        with make_guest(server, admin, 1) as guest:
+            # Home + a + a/b + a/b/c would be 4: refused as a whole.
+            assert error_of(guest.write, "a/b/c", "") == "ENOSPC"
+            assert error_of(guest.read, "a") == "ENOENT"
+            guest.write("a/b", "")  # home + a + a/b: 3
+
+
+def test_a_parent_whose_child_list_outgrows_the_node_size_refuses_children(
+    guest: RawClient,
+) -> None:
+    # The parent record holds its children's names: with 2 permissions
+    # (40 bytes of header and perms) 19 names of 101 bytes (with their
+    # NULs) fit below 2048 bytes, a 20th does not.
+    names = [f"{i:02d}" + "x" * 98 for i in range(20)]
+    for name in names[:19]:
+        guest.write(f"dir/{name}", "")
+    assert error_of(guest.write, f"dir/{names[19]}", "") == "ENOSPC"
+    assert error_of(guest.read, f"dir/{names[19]}") == "ENOENT"
+    assert guest.directory("dir") == names[:19]
+
+
+def test_transaction_node_quota() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=Quota(transaction_nodes=4)
+    ) as server, RawClient(server.path) as admin:
+        with make_guest(server, admin, 1) as guest:
+            for name in "abcde":
+                guest.write(name, name)
+            tx = guest.transaction_start()
+            for name in "abcd":  # four nodes touched: the quota is used up
+                assert guest.read(name, tx) == name.encode()
+            assert error_of(guest.read, "e", tx) == "ENOSPC"
+            assert error_of(guest.read, "a", tx) == "ENOSPC"
+            guest.transaction_end(tx)  # ending it is always allowed
+            tx = admin.transaction_start()  # no quota for the privileged
+            for name in "abcde":
+                admin.read(f"/local/domain/1/{name}", tx)
+            admin.transaction_end(tx)
 
 
 def test_path_length_limits(dom0: RawClient, guest: RawClient) -> None:
