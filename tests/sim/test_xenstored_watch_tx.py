@@ -174,6 +174,20 @@ def test_guest_hears_only_what_it_may_read(xsd: XenStored, dom0: RawClient) -> N
         assert guest.wait_event() == ("/shared/closed/deeper", "s")
 
 
+def test_a_watcher_that_could_read_a_node_hears_it_made_unreadable(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    with make_guest(xsd, dom0, 2) as guest:
+        dom0.write("/hidden/n", "")  # the parent stays unreadable to the guest
+        dom0.set_perms("/hidden/n", ["n0", "r2"])
+        guest.watch("/hidden/n", "t")
+        assert guest.wait_event() == ("/hidden/n", "t")
+        dom0.set_perms("/hidden/n", ["n0"])  # it could read it before
+        assert guest.wait_event() == ("/hidden/n", "t")
+        dom0.write("/hidden/n", "1")  # now it cannot
+        assert_no_event(guest)
+
+
 def test_reset_watches_forgets_watches_and_transactions(dom0: RawClient, other: RawClient) -> None:
     dom0.watch("/rw", "t")
     dom0.wait_event()
@@ -482,3 +496,47 @@ def test_a_transaction_cannot_give_a_node_to_a_domain_released_meanwhile(
         xsd.release_domain(4)
     assert error_of(dom0.transaction_end, tx) == "EAGAIN"
     assert error_of(dom0.read, "/orphan") == "ENOENT"
+
+
+def test_a_transaction_merges_the_events_of_a_node_it_changed_twice(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # One event per node at commit (see the test above): subtree-style if
+    # any change was, and for whoever could read the node before the first
+    # change or after the last.
+    with make_guest(xsd, dom0, 2) as guest:
+        dom0.write("/m/a", "")
+        dom0.write("/m/hidden/n", "")
+        dom0.set_perms("/m", ["n0", "r2"])
+        dom0.set_perms("/m/hidden", ["n0"])
+        dom0.set_perms("/m/hidden/n", ["n0", "r2"])
+        dom0.watch("/m", "w")
+        assert dom0.wait_event() == ("/m", "w")
+        guest.watch("/m/hidden/n", "g")
+        assert guest.wait_event() == ("/m/hidden/n", "g")
+        tx = dom0.transaction_start()
+        dom0.write("/m/a/b", "", tx)  # an event for /m/a/b's ancestors ...
+        dom0.rm("/m/a", tx)  # ... and then one for /m/a/b's own watchers only
+        dom0.set_perms("/m/hidden/n", ["n0"], tx)  # readable by the guest before ...
+        dom0.write("/m/hidden/n", "x", tx)  # ... not after
+        dom0.transaction_end(tx)
+        assert [dom0.wait_event() for _ in range(3)] == [
+            ("/m/a/b", "w"), ("/m/a", "w"), ("/m/hidden/n", "w"),
+        ]
+        assert_no_event(dom0)
+        assert guest.wait_event() == ("/m/hidden/n", "g")
+        assert_no_event(guest)
+
+
+def test_a_node_removed_in_a_transaction_frees_quota_for_another() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=Quota(nodes=3)
+    ) as server, RawClient(server.path) as admin:
+        with make_guest(server, admin, 1) as guest:
+            guest.write("a", "")
+            guest.write("b", "")  # home + a + b: the quota is used up
+            tx = guest.transaction_start()
+            guest.rm("a", tx)
+            guest.write("c", "", tx)
+            guest.transaction_end(tx)
+            assert admin.directory("/local/domain/1") == ["b", "c"]
