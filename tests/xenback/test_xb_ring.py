@@ -123,6 +123,81 @@ def test_notification_rules() -> None:
     assert back.push_responses() is True
 
 
+def _ring_at(start: int, rsp_event: int | None = None) -> tuple[bytearray, FrontRing, BackRing]:
+    """A ring whose four indexes were moved to ``start`` (``rsp_event`` to
+    that, or start + 1), both ends attached to it."""
+    buf = bytearray(4096)
+    FrontRing(buf, SLOT)
+    view = memoryview(buf)
+    for field in (0, 2):
+        _set(view, field, start)
+    _set(view, 1, start + 1)
+    _set(view, 3, start + 1 if rsp_event is None else rsp_event)
+    return buf, FrontRing(buf, SLOT, init=False), BackRing(buf, SLOT, index=start)
+
+
+def test_responses_notify_only_for_what_the_frontend_waits_for() -> None:
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    for i in range(2):
+        front.push_request(REQ.pack(i, 0))
+    front.push_requests()
+    first, second = back.requests()
+    back.push_response(first)
+    assert back.push_responses() is True  # rsp_event was 1
+    assert back.push_responses() is False  # nothing new
+    back.push_response(second)
+    # rsp_event is still 1: the frontend was told, and has not asked again.
+    assert back.push_responses() is False
+
+
+def test_notification_across_the_32bit_wrap() -> None:
+    # The frontend consumed everything up to 2**32 - 1 and asked to hear
+    # of the next response, at index 0: two responses that straddle the
+    # wrap must wake it.
+    buf, front, back = _ring_at(0xFFFFFFFF)
+    for i in range(2):
+        front.push_request(REQ.pack(i, 0))
+    assert front.push_requests() is True
+    for req in back.requests():
+        back.push_response(req)
+    assert back.push_responses() is True
+    assert _header(memoryview(buf))[2] == 1
+
+
+def test_ring_full_and_unconsumed_across_the_32bit_wrap() -> None:
+    buf, front, back = _ring_at(0xFFFFFFFF - 5)
+    for i in range(32):
+        front.push_request(REQ.pack(i, 0))
+    front.push_requests()
+    assert front.free_slots == 0
+    with pytest.raises(RingError, match="full"):
+        front.push_request(REQ.pack(32, 0))
+    assert back.unconsumed_requests() == 32
+    assert len(list(back.requests())) == 32
+    assert back.unconsumed_requests() == 0
+
+
+def test_a_reattached_ring_counts_responses_from_its_index() -> None:
+    # BACK_RING_ATTACH at 100: responses up to 100 were pushed by the
+    # backend before it, and the frontend, told of them, has not asked
+    # for more (rsp_event 100): one more response does not notify.
+    buf, front, back = _ring_at(100, rsp_event=100)
+    front.push_request(REQ.pack(1, 0))
+    front.push_requests()
+    (req,) = back.requests()
+    back.push_response(req)
+    assert back.push_responses() is False
+    assert len(list(front.responses())) == 1
+    assert front.final_check_for_responses() is False  # asks for 102
+    front.push_request(REQ.pack(2, 0))
+    front.push_requests()
+    (req,) = back.requests()
+    back.push_response(req)
+    assert back.push_responses() is True
+
+
 def test_hostile_request_producer_is_rejected() -> None:
     buf = memoryview(bytearray(4096))
     front = FrontRing(buf, SLOT)
