@@ -52,6 +52,12 @@ def _bdev(driver, fe_id, devid=0):
     return bdev
 
 
+def _watches_on(host, path: str) -> int:
+    """Watches on exactly ``path`` in the host's XenStore (asked on its loop thread)."""
+    xsd = host._xenstored
+    return xsd._call(lambda: len(xsd._dispatcher.watches.matching(path, False)))
+
+
 def _error(dom0_xs, dev) -> str | None:
     relative = dev.backend_path[len("/local/domain/0/"):]
     return dom0_xs.read(f"/local/domain/0/error/{relative}/error")
@@ -122,6 +128,19 @@ def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_
     assert _error(dom0_xs, dev) is None
     fe.pages.unshare()
     assert _grants(host) == 0  # nobody maps the ring page any more
+
+
+def test_a_frontend_may_connect_again_straight_from_closed(host, driver, frontends) -> None:
+    """After Closed (the device stays online) a frontend may publish its
+    ring and go Initialised without passing through Initialising: as
+    Linux's backends, connect from any state but Closing."""
+    guest, dev, fe = _connected(host, driver, frontends)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
+    assert _bdev(driver, guest.domid).resources == (1, 1)
 
 
 def test_init_wait_comes_after_the_features(host, driver, frontends, dom0_xs) -> None:
@@ -365,11 +384,15 @@ def test_frontend_state_vanishing_drops_the_device(host, driver, frontends, dom0
     census = Census(host, driver)
     guest, dev, fe = _connected(host, driver, frontends)
     bdev = _bdev(driver, guest.domid)
-    fe.xs.rm(f"{dev.frontend_path}/state")
+    state = f"{dev.frontend_path}/state"
+    assert _watches_on(host, state) == 1
+    fe.xs.rm(state)
     fe.wait_backend(S.CLOSED)
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
     assert bdev.gone and driver.devices() == []
+    # Nor does it watch the frontend any more: a driver domain has 128 watches.
+    assert _watches_on(host, state) == 0
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
     assert _error(dom0_xs, dev) is None
     fe.close()
@@ -505,6 +528,19 @@ def test_error_message_is_escaped_for_the_error_node(host, driver, frontends, do
     fe.wait_backend(S.CLOSING)
     assert _error(dom0_xs, dev) == r"22 connecting: caf\xe9\nor\ttea"
     assert _no_tracebacks(caplog) == []
+
+
+def test_an_errno_given_negative_as_in_the_kernel_is_written_positive(
+        host, driver, frontends, dom0_xs) -> None:
+    """Kernel drivers pass -ENOMEM to xenbus_dev_error(), which writes the
+    positive number: a driver ported from one may do the same here."""
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    bdev.error(-errno.ENOMEM, "no memory")
+    assert _error(dom0_xs, dev) == "12 no memory"
+    bdev.queue(bdev.fatal, -errno.EIO, "broken")
+    fe.wait_backend(S.CLOSING)
+    assert _error(dom0_xs, dev) == "5 broken"
 
 
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs) -> None:
