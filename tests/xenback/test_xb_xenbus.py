@@ -926,6 +926,46 @@ def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
     assert drv.calls_of(living.guest.domid) == ["probe", "connect", "disconnect", "remove"]
 
 
+def test_release_domain_in_a_driver_domain_that_may_look_at_homes(host) -> None:
+    """A driver domain may not ask whether a domain is introduced, but
+    where it may read /local/domain a home that is gone tells it: the
+    device goes on @releaseDomain, even with a frontend directory that
+    outlives the guest (as in test_release_domain_alone_tears_the_device_down)."""
+    drvdom = host.create_domain("driver-domain")
+    guest = host.create_domain("guest")
+    pages = guest.gntshr().share_pages(drvdom.domid, 1)
+    evtchn = guest.evtchn()
+    port = evtchn.bind_unbound_port(drvdom.domid)
+    home = f"/local/domain/{drvdom.domid}"
+    frontend = f"{home}/fake-frontends/{guest.domid}"
+    base = f"{home}/backend/xbtest/{guest.domid}/0"
+
+    def tx(t):
+        t.write(f"{frontend}/state", 1)
+        t.write(f"{base}/frontend", frontend)
+        t.write(f"{base}/frontend-id", guest.domid)
+        t.write(f"{base}/online", 1)
+        t.write(f"{base}/state", 1)
+
+    with XenStore(host.dom0.xenstore()) as dom0_xs:
+        dom0_xs.set_perms("@releaseDomain", ["n0", f"r{drvdom.domid}"])
+        dom0_xs.set_perms("/local/domain", ["n0", f"r{drvdom.domid}"])
+        with RecordingDriver(drvdom) as drv:
+            dom0_xs.transaction(tx)
+            dom0_xs.wait_for(f"{base}/state", "2", timeout=TIMEOUT)
+            dom0_xs.transaction(lambda t: (t.write(f"{frontend}/ring-ref", pages.refs[0]),
+                                           t.write(f"{frontend}/port", port),
+                                           t.write(f"{frontend}/state", 3)))
+            dom0_xs.wait_for(f"{base}/state", "4", timeout=TIMEOUT)
+            evtchn.close()
+            pages.unshare()
+            host.destroy_domain(guest)
+            dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
+            drv.wait_call("remove", guest.domid)
+            assert drv.devices() == []
+            assert dom0_xs.read(f"{frontend}/state") == "3"  # not how it learnt
+
+
 @pytest.mark.parametrize("busy_in", ["probe", "connect"])
 def test_removal_while_probe_or_connect_runs_is_not_overwritten(
         host, driver, frontends, dom0_xs, caplog, busy_in: str) -> None:
