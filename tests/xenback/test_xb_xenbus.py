@@ -302,9 +302,12 @@ def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     _connected(host, driver, frontends, "other")
 
 
-def test_frontend_id_that_does_not_match_the_path(host, driver, frontends, dom0_xs) -> None:
+@pytest.mark.parametrize("lie", ["frontend-id", "relative frontend"])
+def test_frontend_id_that_does_not_match_the_path(host, driver, frontends, dom0_xs, lie) -> None:
     """``frontend-id`` must name the domain the device directory is filed
-    under: a backend must not map grants of one domain for another."""
+    under: a backend must not map grants of one domain for another.  And
+    ``frontend`` must be absolute: a relative one would be looked up in
+    the backend's own home."""
     census = Census(host, driver)
     guest = host.create_domain("liar")
     base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
@@ -312,8 +315,12 @@ def test_frontend_id_that_does_not_match_the_path(host, driver, frontends, dom0_
 
     def tx(t):
         t.write(f"{frontend}/state", 1)
-        t.write(f"{base}/frontend", frontend)
-        t.write(f"{base}/frontend-id", guest.domid + 1)
+        if lie == "frontend-id":
+            t.write(f"{base}/frontend", frontend)
+            t.write(f"{base}/frontend-id", guest.domid + 1)
+        else:
+            t.write(f"{base}/frontend", frontend.lstrip("/"))
+            t.write(f"{base}/frontend-id", guest.domid)
         t.write(f"{base}/online", 1)
         t.write(f"{base}/state", 1)
 
@@ -802,13 +809,19 @@ def test_any_other_driver_exception_is_reported_as_eio(host, driver, frontends, 
     census.check()
 
 
-def test_frontend_closed_while_offline_drops_the_device(host, driver, frontends, dom0_xs) -> None:
-    """``online`` = 0 and the frontend closes: Closed is written and the
-    device dropped, though the toolstack has not deleted its directory."""
+@pytest.mark.parametrize("online", ["0", None])
+def test_frontend_closed_while_offline_drops_the_device(
+        host, driver, frontends, dom0_xs, online) -> None:
+    """``online`` = 0 (or missing, as xenbus_dev_is_online() reads it) and
+    the frontend closes: Closed is written and the device dropped, though
+    the toolstack has not deleted its directory."""
     census = Census(host, driver)
     guest, dev, fe = _connected(host, driver, frontends)
     bdev = _bdev(driver, guest.domid)
-    dom0_xs.write(f"{dev.backend_path}/online", 0)
+    if online is None:
+        dom0_xs.rm(f"{dev.backend_path}/online")
+    else:
+        dom0_xs.write(f"{dev.backend_path}/online", online)
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
     driver.wait_call("remove", guest.domid)
@@ -964,6 +977,30 @@ def test_release_domain_in_a_driver_domain_that_may_look_at_homes(host) -> None:
             drv.wait_call("remove", guest.domid)
             assert drv.devices() == []
             assert dom0_xs.read(f"{frontend}/state") == "3"  # not how it learnt
+
+
+def test_a_probe_failing_on_its_deleted_directory_reports_nothing(
+        host, driver, frontends, dom0_xs) -> None:
+    """The toolstack deleted the device while probe() ran, and probe()'s
+    write failed for that: the device is dropped, and no error node is
+    left for a device that is no more."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(dev) -> None:
+        entered.set()
+        release.wait(TIMEOUT)
+        dev.write("feature-late", 1)  # FileNotFoundError: the directory is gone
+
+    driver.probe_hook = hook
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    assert entered.wait(TIMEOUT)
+    host.toolstack.destroy_device(dev)
+    release.set()
+    driver.wait_call("remove", guest.domid)
+    assert driver.devices() == []
+    assert _error(dom0_xs, dev) is None
+    assert not dom0_xs.exists(dev.backend_path)
 
 
 @pytest.mark.parametrize("busy_in", ["probe", "connect"])
