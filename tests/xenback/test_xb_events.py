@@ -152,6 +152,32 @@ def test_host_fds(pair) -> None:
     os.close(w)
 
 
+def test_a_port_notified_again_in_every_callback_does_not_starve_the_fds(host, pair) -> None:
+    """A guest can notify its port again before each callback has returned,
+    so that the port is pending again at every unmask: the dispatcher
+    takes a bounded batch of ports per round, and the fds are served."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    stormed, served = threading.Semaphore(0), threading.Event()
+
+    def hammered(port: int) -> None:
+        stormed.release()
+        if not served.is_set():
+            evtchn.notify(remote)  # the guest, again and again
+
+    dispatcher.bind_interdomain(guest.domid, remote, hammered)
+    r, w = os.pipe()
+    dispatcher.add_fd(r, select.EPOLLIN, lambda fd, _events: (os.read(fd, 100), served.set()))
+    evtchn.notify(remote)
+    for _ in range(200):  # well into the storm: more than one round of ports
+        assert stormed.acquire(timeout=TIMEOUT)
+    os.write(w, b"x")
+    assert served.wait(TIMEOUT)
+    dispatcher.remove_fd(r)
+    os.close(r)
+    os.close(w)
+
+
 def test_closed_dispatcher_refuses_work(host) -> None:
     dispatcher = EventDispatcher(host.dom0)
     dispatcher.close()
