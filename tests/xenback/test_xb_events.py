@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -417,5 +418,38 @@ def test_the_host_going_away_leaves_fds_served_and_close_working(caplog) -> None
     ]
     assert dispatcher.ports == []
     evtchn.close()
+    os.close(r)
+    os.close(w)
+
+
+def test_a_failing_handle_is_reported_once_and_polled_no_more(pair, monkeypatch, caplog) -> None:
+    """A handle whose pending() fails (the hypervisor side went away) while
+    its descriptor stays readable: reported once and dropped from the
+    poll, so that the thread does not spin on it; the fds are still served."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    failures: list[int] = []
+    failed = threading.Event()
+
+    def pending() -> int | None:
+        failures.append(1)
+        failed.set()
+        raise OSError(errno.EIO, "the handle died")
+
+    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
+    evtchn.notify(remote)  # the handle's descriptor turns readable, for good
+    assert failed.wait(TIMEOUT)
+    r, w = os.pipe()
+    served = threading.Semaphore(0)
+    dispatcher.add_fd(r, select.EPOLLIN, lambda fd, _events: (os.read(fd, 10), served.release()))
+    for _ in range(3):  # three more rounds of the dispatcher thread at least
+        os.write(w, b"x")
+        assert served.acquire(timeout=TIMEOUT)
+    assert len(failures) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "xenback.events"] == [
+        "event channel handle failed; ports are no longer dispatched"
+    ]
+    dispatcher.remove_fd(r)
     os.close(r)
     os.close(w)

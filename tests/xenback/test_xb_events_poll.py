@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import threading
 import time
 from typing import Any
@@ -301,6 +302,21 @@ def test_one_port_per_poll(host, polled) -> None:
     assert dispatcher.poll(TIMEOUT) == 1
     assert len(set(calls)) == 3
     assert dispatcher.poll(0) == 0
+
+
+def test_close_from_a_callback_ends_the_round_with_a_wakeup_pending(polled) -> None:
+    """A callback that closes the dispatcher ends the dispatch round: what
+    else that poll found ready (here the wake-up pipe) is a descriptor
+    closed now, or by then another file's."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: dispatcher.close())
+    evtchn.notify(remote)
+    # The handle turns readable before the pipe: epoll reports it first.
+    assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+    dispatcher.wakeup()
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert dispatcher.poll(0) == 0  # closed
 
 
 def test_wakeups_beyond_what_the_pipe_holds_are_one_wakeup(polled) -> None:
