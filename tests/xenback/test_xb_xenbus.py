@@ -572,6 +572,23 @@ def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom
     assert not dom0_xs.exists(dev.backend_path)
 
 
+def test_a_frontend_domains_backend_directory_deleted_drops_its_devices(
+        host, driver, frontends, dom0_xs) -> None:
+    """libxl prunes ``backend/<type>/<domid>`` with a domain's last device:
+    then the one event names that directory, not the device's."""
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    dom0_xs.rm(dev.backend_path.rsplit("/", 1)[0])
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert driver.devices() == [] and bdev.resources == (0, 0)
+    assert not dom0_xs.exists(dev.backend_path)  # no resurrection
+    fe.set_state(S.CLOSED)
+    fe.close()
+    census.check()
+
+
 @pytest.mark.parametrize("noticed", ["frontend gone", "backend re-created"])
 def test_a_device_re_created_at_the_same_path_is_served(
         host, driver, frontends, dom0_xs, noticed: str) -> None:
@@ -601,6 +618,10 @@ def test_a_device_re_created_at_the_same_path_is_served(
     dom0_xs.rm(dev.frontend_path)
     again = host.toolstack.add_device("xbtest", guest.domid)
     assert again.backend_path == dev.backend_path
+    # Not even from a work item of its driver's, while it is not gone yet.
+    with pytest.raises(FileNotFoundError, match="device directory was deleted"):
+        old.write("feature-late", 1)
+    assert dom0_xs.read(f"{again.backend_path}/feature-late") is None
     go.set()
     fe = frontends(guest, again)
     fe.wait_backend(S.INIT_WAIT)
