@@ -631,6 +631,34 @@ def test_a_device_re_created_at_the_same_path_is_served(
     assert driver.calls_of(guest.domid).count("probe") == 2
 
 
+def test_a_taken_over_device_re_created_at_the_same_path_is_served(
+        host, frontends, dom0_xs) -> None:
+    """A device taken over at InitWait has not written its state itself,
+    yet the state there is a backend's: Initialising appearing in its
+    directory means the toolstack made a new device, to be probed."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.INIT_WAIT))  # an earlier backend's
+    with RecordingDriver(host.dom0) as drv:
+        drv.wait_call("probe", guest.domid)
+        old = _bdev(drv, guest.domid)
+        stalled, go = threading.Event(), threading.Event()
+        old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))  # its events wait
+        assert stalled.wait(TIMEOUT)
+        fe.close()
+        dom0_xs.rm(dev.backend_path)
+        dom0_xs.rm(dev.frontend_path)
+        again = host.toolstack.add_device("xbtest", guest.domid)
+        go.set()
+        fe = frontends(guest, again)
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish()
+        fe.wait_backend(S.CONNECTED)
+        assert _bdev(drv, guest.domid) is not old and old.gone
+        assert drv.calls_of(guest.domid).count("probe") == 2
+
+
 def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
     other, _, other_fe = _connected(host, driver, frontends, "other")
     census = Census(host, driver)
