@@ -315,6 +315,17 @@ def test_set_target_acts_for_the_target(xsd: XenStored, dom0: RawClient) -> None
         assert error_of(dom0.request, Op.SET_TARGET, b"3\0") == "EINVAL"
 
 
+def test_a_released_target_is_forgotten(xsd: XenStored, dom0: RawClient) -> None:
+    with make_guest(xsd, dom0, 3) as stubdom:
+        with make_guest(xsd, dom0, 2):
+            dom0.request(Op.SET_TARGET, b"3\0" b"2\0")
+        xsd.release_domain(2)
+        # A new domain 2 is not the one the device model served.
+        with make_guest(xsd, dom0, 2) as reborn:
+            reborn.write("secret", "s")
+            assert error_of(stubdom.read, "/local/domain/2/secret") == "EACCES"
+
+
 def test_privileged_ops_are_refused_to_guests(guest: RawClient) -> None:
     for op, payload in [
         (Op.INTRODUCE, b"5\0" b"0\0" b"1\0"),

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hosthelpers import error_of, make_guest
+from hosthelpers import error_of, eventually, make_guest
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored
 from xenback.sim._xenstored._wire import PAYLOAD_MAX
@@ -213,6 +213,21 @@ def test_closing_a_connection_drops_its_watches(xsd: XenStored, other: RawClient
         c.wait_event()
     other.write("/gone", "")  # must not trip over the closed connection
     assert other.read("/gone") == b""
+
+
+def test_a_closed_connection_gives_back_its_watch_and_transaction_quota() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=Quota(watches=1, transactions=1)
+    ) as server, RawClient(server.path) as admin:
+        with make_guest(server, admin, 1) as first:
+            first.watch("a", "t")
+            first.wait_event()
+            first.transaction_start()
+        # The server sees the close on its loop thread; ask it there.
+        assert eventually(lambda: server._call(lambda: not server._dispatcher.domains[1].conns))
+        with RawClient(server.introduce_path(1)) as second:
+            second.watch("b", "t")
+            second.transaction_start()
 
 
 # --- transactions ---------------------------------------------------------------
