@@ -378,13 +378,13 @@ def test_a_guest_owns_what_it_creates_in_a_directory_it_may_write(
     dom0: RawClient, guest: RawClient
 ) -> None:
     dom0.write("/pub", "")
-    dom0.set_perms("/pub", ["n0", "b1"])
+    dom0.set_perms("/pub", ["r0", "b1"])
     guest.write("/pub/mine/deeper", "")
     # The owner entry names the creator (keeping the default); the ACL is inherited.
-    assert dom0.get_perms("/pub/mine") == ["n1", "b1"]
-    assert dom0.get_perms("/pub/mine/deeper") == ["n1", "b1"]
+    assert dom0.get_perms("/pub/mine") == ["r1", "b1"]
+    assert dom0.get_perms("/pub/mine/deeper") == ["r1", "b1"]
     guest.set_perms("/pub/mine", ["n1"])  # as its owner
-    assert dom0.get_perms("/pub") == ["n0", "b1"]
+    assert dom0.get_perms("/pub") == ["r0", "b1"]
 
 
 # --- domains ----------------------------------------------------------------------
@@ -397,6 +397,8 @@ def test_domain_ops(xsd: XenStored, dom0: RawClient) -> None:
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"0\0") == b"T\0"
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"F\0"
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"32752\0") == b"T\0"  # DOMID_SELF
+    for bad in (b"x\0", b"70000\0", b"\0"):
+        assert error_of(dom0.request, Op.IS_DOMAIN_INTRODUCED, bad) == "EINVAL"
     assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7\0") == b"OK\0"
     assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7\0") == b"OK\0"  # again: fine
     assert error_of(dom0.request, Op.INTRODUCE, b"6\0" b"1234\0" b"0\0") == "EINVAL"
@@ -478,7 +480,9 @@ def test_node_quota(xsd: XenStored, dom0: RawClient, guest: RawClient) -> None:
     dom0.write("/local/domain/1/dom0-node", "")
 
 
-def test_watch_and_transaction_quotas(guest: RawClient) -> None:
+def test_watch_and_transaction_quotas(dom0: RawClient, guest: RawClient) -> None:
+    for i in range(129):  # no quota for the privileged
+        dom0.watch(f"/w{i}", "t")
     for i in range(128):
         guest.watch(f"w{i}", "t")
     assert error_of(guest.watch, "w-last", "t") == "ENOSPC"

@@ -145,6 +145,9 @@ def test_special_watches_fire_for_privileged_only(xsd: XenStored, dom0: RawClien
         assert guest.wait_event() == ("@releaseDomain", "g")  # the initial one
         dom0.request(Op.INTRODUCE, b"6\0" b"0\0" b"3\0")
         assert dom0.wait_event() == ("@introduceDomain", "in")
+        dom0.request(Op.INTRODUCE, b"6\0" b"0\0" b"3\0")  # again: not news
+        xsd.introduce_domain(4)  # nor through the host's API
+        assert_no_event(dom0)
         dom0.request(Op.RELEASE, b"6\0")
         assert dom0.wait_event() == ("@releaseDomain", "out")
         assert_no_event(guest)
@@ -204,6 +207,9 @@ def test_watch_ignores_transaction_id(dom0: RawClient, other: RawClient) -> None
     dom0.wait_event()
     other.write("/wt", "")
     assert dom0.wait_event() == ("/wt", "t")
+    assert dom0.request(Op.UNWATCH, b"/wt\0t\0", tx_id=999) == b"OK\0"
+    other.write("/wt", "again")
+    assert_no_event(dom0)
     dom0.transaction_end(tx, commit=False)
 
 
