@@ -33,6 +33,7 @@ def pair(host):
 def test_port_callbacks_and_masking(host, pair) -> None:
     guest, evtchn, dispatcher = pair
     remote = evtchn.bind_unbound_port(0)
+    ports_before = host.hypervisor.stats()["ports"]
     fired = threading.Semaphore(0)
     inside = threading.Event()
     release = threading.Event()
@@ -66,6 +67,7 @@ def test_port_callbacks_and_masking(host, pair) -> None:
 
     dispatcher.unbind(local)
     assert dispatcher.ports == []
+    assert host.hypervisor.stats()["ports"] == ports_before  # closed in the hypervisor too
     with pytest.raises(KeyError, match="not bound"):
         dispatcher.unbind(local)
 
