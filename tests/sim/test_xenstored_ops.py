@@ -279,8 +279,16 @@ def test_unprivileged_access_rules(xsd: XenStored, dom0: RawClient, guest: RawCl
     dom0.set_perms("/secret", ["n0", "r1"])
     assert error_of(guest.read, "/secret/missing") == "ENOENT"
     assert error_of(guest.read, "/secret/x") == "EACCES"  # x keeps n0
+    assert guest.directory("/secret") == ["x"]  # reading is enough to list
+    # Readable is not writable: nothing can be made, removed or changed below.
+    assert error_of(guest.write, "/secret/new", "") == "EACCES"
+    assert error_of(guest.mkdir, "/secret/new") == "EACCES"
+    assert error_of(guest.rm, "/secret/missing") == "EACCES"
+    assert error_of(guest.set_perms, "/secret/missing", ["n1"]) == "EACCES"
+    assert dom0.directory("/secret") == ["x"]
     dom0.set_perms("/secret/x", ["n0", "r1"])
     assert guest.read("/secret/x") == b"s"
+    assert guest.get_perms("/secret/x") == ["n0", "r1"]  # reading is enough
     assert error_of(guest.write, "/secret/x", "t") == "EACCES"
     dom0.set_perms("/secret/x", ["w0"])  # default for everybody: write only
     guest.write("/secret/x", "t")
@@ -452,6 +460,9 @@ def test_node_size_quota(dom0: RawClient, guest: RawClient) -> None:
     assert error_of(guest.write, "big", b"x" * (2048 - 24 - 16)) == "ENOSPC"
     assert error_of(guest.read, "big") == "ENOENT"  # nothing half-created
     assert error_of(guest.write, "ok", b"x" * (2048 - 24 - 16)) == "ENOSPC"
+    # A third permission is 8 bytes more: too many for "ok".
+    assert error_of(guest.set_perms, "ok", ["n1", "r0", "r2"]) == "ENOSPC"
+    assert guest.get_perms("ok") == ["n1", "r0"]
     dom0.write("/local/domain/1/dom0-may", b"x" * 4000)
 
 

@@ -365,6 +365,12 @@ def test_transaction_id_rules(dom0: RawClient, other: RawClient) -> None:
     assert tx2 != tx
     dom0.transaction_end(tx)
     dom0.transaction_end(tx2)
+    # An ended transaction's id is not handed out again at once: a late
+    # request naming it must fail, not land in a new transaction.
+    tx3 = dom0.transaction_start()
+    assert tx3 not in (tx, tx2)
+    assert error_of(dom0.read, "/", tx2) == "ENOENT"
+    dom0.transaction_end(tx3)
     rid = dom0.send(Op.TRANSACTION_START, b"\0")
     op, req_id, tx_id, payload = dom0.recv_message()
     assert (op, req_id, tx_id) == (Op.TRANSACTION_START, rid, 0)
