@@ -67,6 +67,7 @@ def test_state_values_and_parsing() -> None:
     assert [s.value for s in S] == list(range(9))
     assert S.parse(None) is S.UNKNOWN
     assert S.parse("4") is S.CONNECTED
+    assert S.parse(" 4\n") is S.CONNECTED  # as Linux's "%d" reads it
     for bad in ("", "9", "-1", "4x", "connected"):
         with pytest.raises(ValueError, match="invalid xenbus state"):
             S.parse(bad)
