@@ -245,6 +245,31 @@ def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> Non
     census.check()
 
 
+def test_resources_taken_while_the_device_is_being_dropped_are_released(
+        host, driver, frontends) -> None:
+    """A driver's own work item may map and bind after the drop's
+    disconnect released everything, until the device is gone: here as
+    remove() runs.  What it took is released with the device."""
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    plain_remove = driver.remove
+
+    def remove_racing_a_work_item(d) -> None:
+        d.map_grant_refs([fe.pages.refs[0]])
+        d.bind_evtchn(fe.port, lambda port: None)
+        plain_remove(d)
+
+    driver.remove = remove_racing_a_work_item
+    fe.set_state(S.CLOSED)
+    fe.xs.rm(f"{dev.frontend_path}/state")  # Unknown: the device is dropped
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone and bdev.resources == (0, 0)
+    fe.close()
+    census.check()
+
+
 def test_a_stopped_driver_opens_no_handles_for_a_late_work_item(host, driver, frontends) -> None:
     """A driver's work item on a workqueue of its own may still map or bind
     after stop(): it gets ENODEV, and the driver does not open a new event
