@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.sim.hosthelpers import eventually
 from tests.stolensignal import interrupt, main_thread_in
 from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, handed_over, leaked_threads
 from xenback import XenbusState, XenStore
@@ -781,6 +782,41 @@ def test_devices_are_found_at_start_and_stop_closes_them(host, frontends) -> Non
     assert drv.calls_of(guest.domid, 3) == ["probe", "connect", "disconnect", "remove"]
     assert fe.xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
     assert bdev.resources == (0, 0)
+
+
+def test_a_device_found_as_the_driver_stops_is_left_to_the_next_backend(
+        host, dom0_xs, monkeypatch) -> None:
+    """A device appears while stop() runs: the discovery under way when
+    stop() began must not probe it (it would be closed at once, and a
+    frontend could take Closed for the answer); it stays Initialising."""
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    guest = host.create_domain("guest")
+    state = f"{drv.backend_root}/{guest.domid}/0/state"
+    looking, go = threading.Event(), threading.Event()
+    plain_read = drv.xenstore.read
+
+    def read(path, *args):
+        if path == state and not looking.is_set():
+            looking.set()  # discovery reads the new device's state ...
+            assert go.wait(TIMEOUT)  # ... and stop() begins meanwhile
+        return plain_read(path, *args)
+
+    monkeypatch.setattr(drv.xenstore, "read", read)
+    try:
+        dev = host.toolstack.add_device("xbtest", guest.domid)
+        assert looking.wait(TIMEOUT)
+        stopper = threading.Thread(target=drv.stop)
+        stopper.start()
+        assert eventually(lambda: drv._stopping)
+        go.set()
+        stopper.join(TIMEOUT)
+        assert not stopper.is_alive()
+    finally:
+        go.set()
+        drv.stop()
+    assert drv.calls_of(guest.domid) == []
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
 
 
 def test_only_initialising_devices_are_probed(host, driver, frontends, dom0_xs) -> None:
