@@ -62,6 +62,17 @@ def test_poll_times_out_with_nothing_ready(polled) -> None:
     _, _, dispatcher = polled
     assert dispatcher.poll(0) == 0
     assert dispatcher.poll(0.01) == 0
+    # A deadline already past (a caller's remaining time) does not wait:
+    # to epoll a negative timeout would mean for ever.
+    results: list[int] = []
+    poller = threading.Thread(target=lambda: results.append(dispatcher.poll(-0.5)))
+    poller.start()
+    poller.join(TIMEOUT)
+    waited = poller.is_alive()
+    if waited:  # free it, then fail
+        dispatcher.wakeup()
+        poller.join(TIMEOUT)
+    assert not waited and results == [0]
 
 
 def test_host_fd_in_poll_mode(polled) -> None:
