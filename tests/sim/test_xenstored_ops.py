@@ -234,6 +234,10 @@ def test_directory_part_generation_changes_with_children(dom0: RawClient) -> Non
     dom0.write("/g/a", "value only")  # not a change of /g
     third = dom0.request(Op.DIRECTORY_PART, b"/g\0" b"0\0")
     assert third.split(b"\0")[0] == second.split(b"\0")[0]
+    # The offset is read as atoi() reads it; before the start is past the end.
+    assert dom0.request(Op.DIRECTORY_PART, b"/g\0" b"x\0") == third
+    gen = third.split(b"\0")[0]
+    assert dom0.request(Op.DIRECTORY_PART, b"/g\0" b"-2\0") == gen + b"\0\0"
     # inside a transaction too
     tx = dom0.transaction_start()
     in_tx = dom0.request(Op.DIRECTORY_PART, b"/g\0" b"0\0", tx)
@@ -410,6 +414,7 @@ def test_domain_ops(xsd: XenStored, dom0: RawClient) -> None:
     assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7\0") == b"OK\0"
     assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7\0") == b"OK\0"  # again: fine
     assert error_of(dom0.request, Op.INTRODUCE, b"6\0" b"1234\0" b"0\0") == "EINVAL"
+    assert error_of(dom0.request, Op.INTRODUCE, b"6\0" b"1234\0" b"x\0") == "EINVAL"
     assert error_of(dom0.request, Op.INTRODUCE, b"6\0") == "EINVAL"
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"T\0"
     sock = xsd.run_dir / "domains" / "5" / "xenstore"
