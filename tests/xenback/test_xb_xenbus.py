@@ -93,11 +93,13 @@ def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_
     bdev = _bdev(driver, guest.domid)
     assert bdev.resources == (1, 1)
     assert bdev.otherend == dev.frontend_path
+    assert bdev.frontend_state == S.INITIALISED
     assert _ports(host) == baseline_ports + 2  # frontend's and backend's ends
 
     fe.set_state(S.CLOSING)
     fe.wait_backend(S.CLOSING)
     assert bdev.resources == (0, 0)
+    assert bdev.frontend_state == S.CLOSING
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
@@ -618,6 +620,24 @@ def test_a_frontend_domains_backend_directory_deleted_drops_its_devices(
     fe.set_state(S.CLOSED)
     fe.close()
     census.check()
+
+
+def test_a_rescan_leaves_devices_that_were_dropped_alone(host, driver, frontends, dom0_xs) -> None:
+    """Only the first listing of the backend directory takes over devices
+    in any state: a later one (another frontend domain's directory
+    pruned) must not pick up again a device dropped and left Closed for
+    the toolstack to delete."""
+    g1, dev1, fe1 = _connected(host, driver, frontends, "closed")
+    dom0_xs.write(f"{dev1.backend_path}/online", 0)
+    fe1.set_state(S.CLOSED)
+    fe1.wait_backend(S.CLOSED)
+    driver.wait_call("remove", g1.domid)
+    g2, dev2, fe2 = _connected(host, driver, frontends, "pruned")
+    dom0_xs.rm(dev2.backend_path.rsplit("/", 1)[0])  # the whole directory is listed again
+    driver.wait_call("remove", g2.domid)
+    assert driver.devices() == []
+    assert driver.calls_of(g1.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert dom0_xs.read(f"{dev1.backend_path}/state") == str(int(S.CLOSED))
 
 
 @pytest.mark.parametrize("noticed", ["frontend gone", "backend re-created"])
@@ -1328,7 +1348,7 @@ def test_a_frontend_changed_that_raises_after_dropping_the_device(
     assert _error(dom0_xs, dev) is None
 
 
-@pytest.mark.parametrize("left", [S.INIT_WAIT, S.CONNECTED, S.CLOSING, S.CLOSED])
+@pytest.mark.parametrize("left", [S.INIT_WAIT, S.INITIALISED, S.CONNECTED, S.CLOSING, S.CLOSED])
 def test_a_device_an_earlier_backend_left_is_taken_over(
         host, frontends, dom0_xs, left: S) -> None:
     """The backend was restarted (stopped: it left Closed; killed: it left
@@ -1342,13 +1362,13 @@ def test_a_device_an_earlier_backend_left_is_taken_over(
     fe = frontends(guest, dev)
     # What the earlier backend and the frontend left in XenStore.
     dom0_xs.write(f"{dev.backend_path}/state", int(left))
-    if left == S.CONNECTED:
-        fe.publish(state=S.CONNECTED)
+    if left in (S.INITIALISED, S.CONNECTED):  # mid-connect, or connected
+        fe.publish(state=left)
     elif left in (S.CLOSING, S.CLOSED):
         fe.set_state(left)
     drv = RecordingDriver(host.dom0)
     with drv:
-        if left == S.CONNECTED:
+        if left in (S.INITIALISED, S.CONNECTED):
             fe.wait_backend(S.CLOSING, timeout=3)
             fe.set_state(S.CLOSED)
             fe.wait_backend(S.CLOSED, timeout=3)
