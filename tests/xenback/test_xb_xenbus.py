@@ -320,8 +320,9 @@ def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     dom0_xs.wait_for(f"{base}/state", "5", timeout=TIMEOUT)
     relative = base[len("/local/domain/0/"):]
     error = dom0_xs.read(f"/local/domain/0/error/{relative}/error")
-    assert error is not None and error.startswith(f"{errno.ENOENT} probing: ")
-    assert "does not exist" in error
+    assert error == (
+        f"{errno.ENOENT} probing: frontend does not exist: /local/domain/{guest.domid}/device/xbtest/0"
+    )  # the error names the node, as the OSError did
     assert driver.calls_of(guest.domid) == []  # the driver was never bothered
 
     # The toolstack gives up on it: online=0 + Closing; we go Closed at once.
@@ -837,6 +838,41 @@ def test_a_device_found_as_the_driver_stops_is_left_to_the_next_backend(
         drv.stop()
     assert drv.calls_of(guest.domid) == []
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
+
+
+def test_directories_that_are_not_domid_devid_are_ignored(host, driver, frontends, dom0_xs) -> None:
+    for junk in ("-1/0", "abc/0", "1/x"):
+        base = f"/local/domain/0/backend/xbtest/{junk}"
+        dom0_xs.transaction(lambda t, base=base: (t.write(f"{base}/frontend-id", 1),
+                                                  t.write(f"{base}/state", 1)))
+    guest, dev, fe = _connected(host, driver, frontends)  # discovery went past them
+    assert [(d.frontend_id, d.devid) for d in driver.devices()] == [(guest.domid, 0)]
+    assert not dom0_xs.exists("/local/domain/0/error")
+    for junk in ("-1/0", "abc/0", "1/x"):
+        assert dom0_xs.read(f"/local/domain/0/backend/xbtest/{junk}/state") == "1"
+
+
+def test_a_driver_can_be_started_again(host, frontends) -> None:
+    """After stop(), start() serves as the first one did: the devices the
+    first run left Closed are taken over, and new ones are probed."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    drv = RecordingDriver(host.dom0)
+    with drv:
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish()
+        fe.wait_backend(S.CONNECTED)
+    fe.wait_backend(S.CLOSED)  # what stop() leaves
+    fe.set_state(S.CLOSED)
+    with drv:
+        fe.set_state(S.INITIALISING)  # reconnect after Closed
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish()
+        fe.wait_backend(S.CONNECTED)
+        other = host.create_domain("other")
+        dev2 = host.toolstack.add_device("xbtest", other.domid)
+        frontends(other, dev2).wait_backend(S.INIT_WAIT)
 
 
 def test_only_initialising_devices_are_probed(host, driver, frontends, dom0_xs) -> None:
