@@ -336,6 +336,26 @@ class RawFrontend:
             while (port := self.evtchn.pending()) is not None:
                 self.evtchn.unmask(port)
 
+    def drain_events(self) -> None:
+        """Forget every notification received so far."""
+        while (port := self.evtchn.pending()) is not None:
+            self.evtchn.unmask(port)
+
+    def wait_notified(self, port: int, timeout: float = TIMEOUT) -> None:
+        """Sleep on the guest's event channel until the backend notifies
+        ``port`` (a frontend that waits for the backend does only that;
+        unlike :meth:`wait`, no periodic re-check covers a missing notify)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while (fired := self.evtchn.pending()) is not None:
+                self.evtchn.unmask(fired)
+                if fired == port:
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"port {port} was not notified")
+            select.select([self.evtchn.fileno()], [], [], remaining)
+
     def poll_responses(self) -> None:
         assert self.ring is not None
         while True:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
+from pvcalls_rawfront import TIMEOUT, RawFrontend, Response, bound_ports, wait_until
 
 import pvcalls
 from pvcalls import _errno, _socket, _wire
@@ -116,6 +116,28 @@ def test_socket_id_in_use(raw: RawFrontend) -> None:
     _, rsp = raw.socket(sock_id)
     assert rsp.ret == EEXIST and rsp.id == sock_id
 
+
+
+def test_responses_are_notified_on_the_command_port(raw: RawFrontend) -> None:
+    """A frontend that sleeps on its command port until answered (Linux's
+    pvcalls-front waits in wait_event, woken by the interrupt) is notified
+    of each response, by the PUSH_RESPONSES_AND_CHECK_NOTIFY rule: the
+    second request, sent after the final check re-armed rsp_event, too."""
+    assert raw.ring is not None
+    for _ in range(2):
+        raw.drain_events()
+        sock_id = raw.new_id()
+        req_id = raw.push(_wire.PVCALLS_SOCKET, lambda req, i=sock_id: _socket_fill(req, i))
+        raw.wait_notified(raw.port)
+        raw.poll_responses()  # ends with the final check: rsp_event = rsp_cons + 1
+        assert raw.responses.pop(req_id) == Response(req_id, _wire.PVCALLS_SOCKET, 0, sock_id)
+
+
+def _socket_fill(req: Any, sock_id: int) -> None:
+    req.u.socket.id = sock_id
+    req.u.socket.domain = _wire.AF_INET
+    req.u.socket.type = _wire.SOCK_STREAM
+    req.u.socket.protocol = 0
 
 # -- unknown commands and ids -------------------------------------------------------------
 

@@ -62,28 +62,6 @@ def _pump(raw: RawFrontend, ring: Any, peer: socket.socket, data: bytes) -> tupl
     return bytes(to_host), bytes(to_guest)
 
 
-def _drain_events(raw: RawFrontend) -> None:
-    """Forget every notification received so far."""
-    while (port := raw.evtchn.pending()) is not None:
-        raw.evtchn.unmask(port)
-
-
-def _wait_notified(raw: RawFrontend, port: int, timeout: float = TIMEOUT) -> None:
-    """Sleep on the guest's event channel until the backend notifies
-    ``port`` (a frontend that waits for the backend does only that; unlike
-    :meth:`RawFrontend.wait`, no periodic re-check covers a missing notify)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        while (fired := raw.evtchn.pending()) is not None:
-            raw.evtchn.unmask(fired)
-            if fired == port:
-                return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"port {port} was not notified")
-        select.select([raw.evtchn.fileno()], [], [], remaining)
-
-
 def _peek(sock: socket.socket, n: int) -> bytes:
     try:
         return sock.recv(n, socket.MSG_PEEK)
@@ -298,9 +276,9 @@ def test_room_made_in_a_full_out_ring_is_notified(raw: RawFrontend, start: int) 
     backend's consume of a full ring notifies (nothing else would wake it,
     the peer sends nothing back), also when out_prod wrapped through 2**32."""
     _, ring, peer = _accepted_pair(raw, order=1, start=start)
-    _drain_events(raw)
+    raw.drain_events()
     assert ring.write(b"f" * ring.size) == ring.size  # full, in one produce
-    _wait_notified(raw, ring.port)
+    raw.wait_notified(ring.port)
     peer.settimeout(TIMEOUT)
     got = bytearray()
     while len(got) < ring.size:
@@ -313,10 +291,10 @@ def test_a_data_ring_protocol_error_is_notified(raw: RawFrontend) -> None:
     """Impossible out indexes: the frontend learns of the error by its
     event channel, not only by looking at the indexes page."""
     _, ring, _peer = _accepted_pair(raw)
-    _drain_events(raw)
+    raw.drain_events()
     ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
     raw.evtchn.notify(ring.port)
-    _wait_notified(raw, ring.port)
+    raw.wait_notified(ring.port)
     assert ring.in_error == ring.out_error == -_errno.EINVAL
 
 
@@ -328,12 +306,12 @@ def test_a_send_failure_is_notified(raw: RawFrontend) -> None:
     ring.put(_wire.IN_ERROR_OFFSET, -_errno.EBADF)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.close()  # a reset: the backend's next send fails
-    _drain_events(raw)
+    raw.drain_events()
     deadline = time.monotonic() + TIMEOUT
     while ring.out_error == 0:
         assert time.monotonic() < deadline, "the send never failed"
         ring.write(b"x")  # one byte per notification: the ring never fills
-        _wait_notified(raw, ring.port)
+        raw.wait_notified(ring.port)
     assert ring.out_error in (-_errno.EPIPE, -_errno.ECONNRESET)
     assert ring.in_error == -_errno.EBADF
 
