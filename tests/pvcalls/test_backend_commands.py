@@ -652,6 +652,9 @@ def test_second_accept_or_poll_is_eintr(raw: RawFrontend, backend: pvcalls.Backe
     first = raw.push_accept(listener, raw.new_id(), raw.new_ring())
     assert raw.response(raw.push_poll(listener)).ret == EINTR
     assert raw.response(raw.push_accept(listener, raw.new_id(), raw.new_ring())).ret == EINTR
+    # Refused before its id_new is looked at or its ring mapped: an id_new
+    # in use makes it no other error.
+    assert raw.response(raw.push_accept(listener, listener, raw.new_ring())).ret == EINTR
     # Releasing the listener answers the ACCEPT in flight, then the RELEASE.
     release = raw.push_release(listener)
     raw.wait(lambda: release in raw.responses)
@@ -771,8 +774,15 @@ def test_listen_and_accept_need_the_right_state(raw: RawFrontend, backend: pvcal
     assert raw.response(raw.push_poll(bound)).ret == EINVAL
     assert raw.bind(bound, ("127.0.0.1", 0)).ret == EINVAL
     assert raw.response(raw.push_connect(bound, echo_server.address, raw.new_ring())).ret == EINVAL
-    active, _ = raw.connect_socket(echo_server.address)
+    active, ring = raw.connect_socket(echo_server.address)
     assert raw.bind(active, ("127.0.0.1", 0)).ret == EINVAL
+    # A connected socket cannot be made to listen, nor waited on as one.
+    assert raw.listen(active).ret == EINVAL
+    assert raw.response(raw.push_poll(active)).ret == EINVAL
+    assert raw.response(raw.push_accept(active, raw.new_id(), raw.new_ring())).ret == EINVAL
+    # ... and none of those harmed it.
+    raw.send_all(ring, b"still connected")
+    assert raw.recv_exactly(ring, 15) == b"still connected"
 
 
 def test_bind_address_in_use(raw: RawFrontend) -> None:
