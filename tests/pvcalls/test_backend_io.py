@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import socket
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import RawFrontend
+from pvcalls_rawfront import TIMEOUT, RawFrontend
 
 import pvcalls
+from pvcalls import _wire
 from workqueue import Topology
 
 SOCKETS = 100
@@ -102,6 +104,27 @@ def test_stats_are_frozen_snapshots(raw: RawFrontend, backend: pvcalls.Backend,
     raw.recv_exactly(ring, 5)
     assert row.bytes_out == 0  # the snapshot did not change
     assert backend.stats().sockets[0].bytes_out == 5
+
+
+def test_stats_count_each_direction_apart(raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """bytes_out is guest -> host, bytes_in host -> guest: different
+    amounts each way, so that swapped counters show."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        _, ring = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+    with peer:
+        raw.send_all(ring, b"guest to host")
+        peer.settimeout(TIMEOUT)
+        got = b""
+        while len(got) < 13:
+            got += peer.recv(13)
+        peer.sendall(b"hi")
+        assert raw.recv_exactly(ring, 2) == b"hi"
+        # The peer may take the bytes before the backend has counted them
+        # (as its send returns); it has once it consumed them.
+        raw.wait(lambda: ring.get(_wire.OUT_CONS_OFFSET) == ring.get(_wire.OUT_PROD_OFFSET))
+        row, = backend.stats().sockets
+        assert (row.bytes_out, row.bytes_in) == (13, 2)
 
 
 def test_a_socket_placed_as_its_cpu_goes_down_follows_the_move(
