@@ -399,6 +399,54 @@ def test_an_accept_taking_its_socket_is_counted_by_the_other_device(
         second.close()
 
 
+def test_an_accept_mapping_its_ring_is_counted_by_the_other_device(
+        host: Any, topology: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While an ACCEPT maps its id_new's ring (outside every lock), its
+    socket is reserved: the domain's other device finds the domain at its
+    limit then, not a socket short."""
+    policy = Policy.from_toml('[domain.two]\nmax_sockets = 2\n')
+    guest = host.create_domain("two")
+    real_accept = _backend._HANDLERS[pvcalls._wire.PVCALLS_ACCEPT]
+    mapping = PauseAt(real_accept, "new.attach_ring(")
+
+    def paused_accept(fe: Any, request: Any, req: Any) -> int | None:
+        return mapping.run(lambda: real_accept(fe, request, req))
+
+    monkeypatch.setitem(_backend._HANDLERS, pvcalls._wire.PVCALLS_ACCEPT, paused_accept)
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        first = RawFrontend(host, guest, devid=0)
+        second = RawFrontend(host, guest, devid=1)
+        listener, rsp = first.socket()
+        assert rsp.ret == 0
+        assert first.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert first.listen(listener).ret == 0
+        accept = first.push_accept(listener, first.new_id(), first.new_ring())
+        assert mapping.reached.wait(10)
+        try:
+            # No lock is held there: the SOCKET is answered at once.
+            assert second.socket()[1].ret == -EMFILE
+        finally:
+            mapping.resume()
+        assert first.release(listener).ret == 0
+        assert first.response(accept).ret < 0  # -EINTR: its listener went
+        assert second.socket()[1].ret == 0  # both sockets went
+        first.close()
+        second.close()
+
+
+def test_the_socket_limit_counts_the_domain_s_own_sockets_only(host: Any, topology: Any) -> None:
+    """max_sockets counts the sockets of the domain asking only."""
+    policy = Policy.from_toml("[default]\nmax_sockets = 1\n")
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        one = RawFrontend(host, host.create_domain("one"))
+        other = RawFrontend(host, host.create_domain("other"))
+        assert one.socket()[1].ret == 0
+        assert other.socket()[1].ret == 0
+        assert one.socket()[1].ret == -EMFILE
+        one.close()
+        other.close()
+
+
 def test_backend_enforces_socket_limit(make_frontend: Any, host: Any, strict: Any,
                                        caplog: pytest.LogCaptureFixture) -> None:
     fe = make_frontend("limited")
