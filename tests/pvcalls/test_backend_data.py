@@ -102,6 +102,22 @@ def test_orderly_close_sets_enotconn_after_the_data(raw: RawFrontend) -> None:
     assert ring.read() == b""
 
 
+def test_data_and_the_end_of_the_stream_are_notified(raw: RawFrontend) -> None:
+    """A frontend that sleeps on its socket's port until there is
+    something to read is woken by the data the backend produced, and then
+    by in_error set at the end of the stream."""
+    _, ring, peer = _accepted_pair(raw)
+    raw.drain_events()
+    peer.sendall(b"hello")  # one segment: one receive takes it all
+    raw.wait_notified(ring.port)
+    assert ring.read() == b"hello"
+    assert ring.in_error == 0
+    peer.close()
+    while ring.in_error == 0:  # a missing notification times out
+        raw.wait_notified(ring.port)
+    assert ring.in_error == -_errno.ENOTCONN
+
+
 def test_reset_by_the_peer_is_econnreset_not_eof(raw: RawFrontend) -> None:
     """A peer that resets the connection (RST, no FIN): the guest reads the
     reset in in_error, told apart from an orderly end of stream."""
