@@ -106,6 +106,22 @@ def test_stats_are_frozen_snapshots(raw: RawFrontend, backend: pvcalls.Backend,
     assert backend.stats().sockets[0].bytes_out == 5
 
 
+def test_plain_stats_list_the_online_cpus_only(raw: RawFrontend, backend: pvcalls.Backend,
+                                               topology: Topology, echo_server: Any) -> None:
+    """as_dict()'s cpus: the online CPUs' active sockets; stats() itself
+    keeps the offline CPU, marked so."""
+    raw.connect_socket(echo_server.address)
+    topology.cpu_down(3)
+    try:
+        stats = backend.stats()
+        assert [(c.cpu, c.online) for c in stats.cpus] == [
+            (0, True), (1, True), (2, True), (3, False)]
+        cpus = stats.as_dict()["cpus"]
+        assert sorted(cpus) == [0, 1, 2] and sum(cpus.values()) == 1
+    finally:
+        topology.cpu_up(3)
+
+
 def test_stats_count_each_direction_apart(raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """bytes_out is guest -> host, bytes_in host -> guest: different
     amounts each way, so that swapped counters show."""
