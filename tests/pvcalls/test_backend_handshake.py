@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, RawFrontend, bound_ports, wait_until
+from pvcalls_rawfront import TIMEOUT, Call, RawFrontend, bound_ports, wait_until
 from stolensignal import interrupt, main_thread_in
 
 import pvcalls
@@ -243,6 +243,40 @@ def test_close_closes_every_frontend(make_frontend: Any, host: Any, topology: To
     assert bound_ports(backend) == []
     backend.close()  # idempotent
 
+
+
+def test_close_goes_closing_with_everything_released_then_closed(
+        make_frontend: Any, host: Any, topology: Topology, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backend.close() takes each device through Closing, once its sockets
+    and ring are released, before the driver's stop writes Closed: as
+    xenbus says a backend closes (a frontend may start its own close on
+    Closing)."""
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    fe = make_frontend("g")
+    fe.connect_socket(echo_server.address)
+    driver = backend._driver
+    real_drop = driver._drop
+    dropping = threading.Event()
+    go = threading.Event()
+    seen: list[object] = []
+
+    def drop(dev: Any) -> None:  # the step that writes Closed
+        seen.append((fe.backend_state(), backend.stats().frontends, bound_ports(backend)))
+        dropping.set()
+        go.wait(TIMEOUT)
+        real_drop(dev)
+
+    monkeypatch.setattr(driver, "_drop", drop)
+    closer = Call(backend.close)
+    try:
+        assert dropping.wait(TIMEOUT)
+    finally:
+        go.set()
+    closer.join()
+    assert closer.error is None
+    assert seen == [(5, 0, [])]
+    assert fe.backend_state() == 6
 
 
 def test_missing_ring_ref_is_fatal(dom0_xs: Any, make_frontend: Any,
