@@ -175,8 +175,9 @@ class DataRing:
                 self.fe.evtchn.notify(self.port)
         return done
 
-    def read(self, limit: int = 1 << 30) -> bytes:
-        """Take what the in ring holds (at most ``limit``); notify."""
+    def read(self, limit: int = 1 << 30, *, notify: bool = True) -> bytes:
+        """Take what the in ring holds (at most ``limit``); notify (unless
+        told not to, as a frontend that did not see the ring full need not)."""
         chunks = []
         taken = 0
         for view in self.in_ring.readable():
@@ -185,7 +186,8 @@ class DataRing:
             taken += n
         if taken:
             self.in_ring.consume(taken)
-            self.fe.evtchn.notify(self.port)
+            if notify:
+                self.fe.evtchn.notify(self.port)
         return b"".join(chunks)
 
     def close(self) -> None:

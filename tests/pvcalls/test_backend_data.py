@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
+from racewindow import PauseAt
 
 import pvcalls
-from pvcalls import _errno, _wire
+from pvcalls import _errno, _socket, _wire
 from pvcalls._socket import ActiveSocket
 
 
@@ -222,6 +223,43 @@ def test_full_in_ring_is_resumed_when_the_guest_reads(raw: RawFrontend) -> None:
     raw.wait(slow, timeout=60)
     sender.join(10)
     assert bytes(got) == data
+
+
+def test_a_run_out_of_budget_goes_on_by_itself(raw: RawFrontend,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket's Work that used up IO_BUDGET with more to move queues
+    itself again: nobody else would when the frontend consumed, without
+    notifying, from an in ring it did not see full (pvcalls.frontend
+    notifies only after consuming from a full ring).  Here the guest takes
+    what the ring held while the Work is between finding room and
+    receiving; the ring is not full after that receive, and the host
+    socket still holds data."""
+    monkeypatch.setattr(_socket, "IO_BUDGET", 1)  # every run that moves a byte is out of budget
+    _, ring, peer = _accepted_pair(raw, order=1)
+    peer.sendall(b"a" * 100)
+    raw.wait(lambda: ring.get(_wire.IN_PROD_OFFSET) == 100)
+    real_rx = ActiveSocket._rx
+    receiving = PauseAt(real_rx, "if len(views) == 1:")
+
+    def rx(self: ActiveSocket, data_ring: Any, host: socket.socket) -> int:
+        result: int = receiving.run(lambda: real_rx(self, data_ring, host))
+        return result
+
+    monkeypatch.setattr(ActiveSocket, "_rx", rx)
+    data = b"b" * (ring.size + 100)
+    peer.sendall(data)
+    assert receiving.reached.wait(TIMEOUT)  # room for size - 100 bytes found
+    try:
+        got = ring.read(notify=False)
+    finally:
+        receiving.resume()
+    assert got == b"a" * 100
+    got = b""
+    while len(got) < len(data):
+        raw.wait_notified(ring.port)  # as a frontend sleeping for data
+        full = (ring.get(_wire.IN_PROD_OFFSET) - ring.get(_wire.IN_CONS_OFFSET)) & 0xFFFFFFFF == ring.size
+        got += ring.read(notify=full)
+    assert got == data
 
 
 def test_ring_overflow_is_an_error_of_that_socket_only(raw: RawFrontend,
