@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import TIMEOUT, RawFrontend, Response, bound_ports, wait_until
+from racewindow import PauseAt
 
 import pvcalls
 from pvcalls import _errno, _socket, _wire
@@ -632,6 +633,47 @@ def test_accept_answered_only_when_a_connection_arrives(
     assert ring.in_error == -_errno.ENOTCONN
 
 
+def test_data_that_came_before_the_accept_is_delivered(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends at once: its data is in the host socket when
+    the backend accepts it, and the first edge (epoll_ctl reports it as
+    the socket is watched) may run the new socket's Work before it is
+    CONNECTED, which then does nothing.  The run queued once the ACCEPT
+    is answered delivers it, with no notification from the guest."""
+    listener, address = _listener(raw, backend)
+    client = socket.create_connection(address)
+    client.sendall(b"early")
+    real_start = ActiveSocket.start_accepted
+    watched = PauseAt(real_start, "self.state = SockState.CONNECTED")
+
+    def start_accepted(self: ActiveSocket, host: socket.socket, addr: tuple[str, int]) -> None:
+        watched.run(lambda: real_start(self, host, addr))
+
+    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    id_new = raw.new_id()
+    ring = raw.new_ring()
+    req_id = raw.push_accept(listener, id_new, ring)
+    assert watched.reached.wait(TIMEOUT)
+    try:
+        new = backend._frontends[(raw.guest.domid, 0)]._sockets[id_new]
+        assert isinstance(new, ActiveSocket)
+        wait_until(lambda: new._host_ready)  # the edge came, and queued the Work
+        new.flush()  # which ran, still ACCEPTING
+        assert ring.get(_wire.IN_PROD_OFFSET) == 0
+    finally:
+        watched.resume()
+    assert raw.response(req_id).ret == 0
+    got = bytearray()
+
+    def arrived() -> bool:
+        got.extend(ring.read(notify=False))  # the guest notifies nothing
+        return len(got) >= 5
+
+    raw.wait(arrived)
+    assert bytes(got) == b"early"
+    client.close()
+
+
 def test_poll_answered_when_a_connection_is_pending(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     listener, address = _listener(raw, backend)
@@ -1038,6 +1080,20 @@ def test_a_release_whose_flush_fails_still_frees_everything(
     assert record.exc_info is not None and isinstance(record.exc_info[1], OSError)
     assert record.exc_info[1].errno == errno.ENOMEM
     assert raw.unexpected == []
+
+
+def test_release_of_a_listener_closes_its_host_socket(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """After RELEASE of a listening socket nothing listens on its port:
+    closed by the release, not left to the garbage collector (the test
+    holds the socket object, as a reference cycle or a traceback could)."""
+    listener, address = _listener(raw, backend)
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    assert raw.release(listener).ret == 0
+    assert passive.host.fileno() == -1
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=TIMEOUT).close()
 
 
 def test_release_of_new_socket(raw: RawFrontend, backend: pvcalls.Backend) -> None:
