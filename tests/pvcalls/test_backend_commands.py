@@ -553,10 +553,13 @@ def test_a_connect_failing_later_is_answered_before_the_release_behind_it(
     assert raw.unexpected == []
 
 
-def test_slow_connect_is_answered_when_it_completes(raw: RawFrontend) -> None:
+def test_slow_connect_is_answered_when_it_completes(
+        raw: RawFrontend, backend: pvcalls.Backend,
+        write_space_watches: list[tuple[int, bool]]) -> None:
     """The same dropped SYN; once the listener makes room, the kernel's SYN
     retransmission (about 1 s) completes the connect and only then does the
-    CONNECT get its answer."""
+    CONNECT get its answer.  EPOLLOUT, which told of the completion, is
+    dropped before the answer."""
     listener, filler = _full_listener()
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
@@ -576,6 +579,9 @@ def test_slow_connect_is_answered_when_it_completes(raw: RawFrontend) -> None:
 
     raw.wait(answered, timeout=30)
     assert raw.responses.pop(connect_req).ret == 0
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket) and sock.host is not None
+    assert write_space_watches == [(sock.host.fileno(), False)]
     raw.send_all(ring, b"late but fine")
     while True:  # ours and the filler (closed: it reads as EOF)
         try:
@@ -1039,6 +1045,49 @@ def test_release_frees_everything_before_answering(
     assert sock.host.fileno() == -1
     assert all(c.sockets == 0 for c in backend.stats().cpus)
     assert raw.release(sock_id).ret == EBADF
+
+
+@pytest.fixture
+def write_space_watches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Every change of a watched descriptor's events, as (fd, EPOLLOUT in
+    them), in order."""
+    changes: list[tuple[int, bool]] = []
+    real = EventDispatcher.modify_fd
+
+    def modify_fd(self: EventDispatcher, fd: int, events: int) -> None:
+        changes.append((fd, bool(events & select.EPOLLOUT)))
+        real(self, fd, events)
+
+    monkeypatch.setattr(EventDispatcher, "modify_fd", modify_fd)
+    return changes
+
+
+def test_write_space_is_watched_only_while_a_send_is_blocked(
+        raw: RawFrontend, backend: pvcalls.Backend, sends_blocked: threading.Event,
+        write_space_watches: list[tuple[int, bool]]) -> None:
+    """EPOLLOUT is added when a send meets a full send buffer, and dropped
+    once the Work has sent all the out ring held: left on, every ACK of
+    the peer would wake the Work for nothing."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock_id, ring = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket) and sock.host is not None
+    fd = sock.host.fileno()
+    sends_blocked.set()
+    ring.write(b"blocked ")
+    wait_until(lambda: write_space_watches == [(fd, True)])
+    sends_blocked.clear()
+    ring.write(b"then sent")  # its notification runs the Work
+    peer.settimeout(TIMEOUT)
+    got = b""
+    while len(got) < 17:
+        got += peer.recv(64)
+    assert got == b"blocked then sent"
+    wait_until(lambda: ring.get(_wire.OUT_CONS_OFFSET) == 17)
+    sock.flush()
+    assert write_space_watches == [(fd, True), (fd, False)]
+    peer.close()
 
 
 def test_a_release_whose_flush_fails_still_frees_everything(
