@@ -148,6 +148,35 @@ def test_a_domain_lingers_at_most_its_share(
                for r in caplog.records)
 
 
+def test_a_domain_may_linger_exactly_its_share(backend: pvcalls.Backend) -> None:
+    """max_bytes is what a domain may hold: a rest of exactly that many
+    bytes lingers, and reaches the peer."""
+    lingerer = backend.lingerer
+    lingerer.max_bytes = 10
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with b:
+        assert lingerer.adopt(a, 4242, b"0123456789", RateLimit("dom4242")) is True
+        b.settimeout(TIMEOUT)
+        got = b""
+        while chunk := b.recv(64):  # until the lingerer closes a
+            got += chunk
+    assert got == b"0123456789"
+    wait_until(lambda: len(lingerer) == 0)
+
+
+def test_a_closed_lingerer_takes_no_more_sockets(backend: pvcalls.Backend) -> None:
+    """After close() adopt() refuses, even while the dispatcher still
+    works: nothing would end the socket but its timer."""
+    lingerer = Lingerer(backend.dispatcher, backend.cmd_wq)
+    lingerer.close()
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        assert lingerer.adopt(a, 4242, b"late", RateLimit("dom4242")) is False
+        assert len(lingerer) == 0 and a.fileno() != -1  # still the caller's
+
+
 def test_closing_the_backend_closes_lingering_sockets(
         host: SimHost, topology: Any, make_frontend: Any, peer: Peer) -> None:
     with pvcalls.Backend(host.dom0, topology=topology) as backend:
