@@ -177,6 +177,48 @@ def test_a_closed_lingerer_takes_no_more_sockets(backend: pvcalls.Backend) -> No
         assert len(lingerer) == 0 and a.fileno() != -1  # still the caller's
 
 
+def _stuck_pair() -> tuple[socket.socket, socket.socket]:
+    """A non-blocking socket whose send buffer is full, and its peer."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with pytest.raises(BlockingIOError):
+        while True:
+            a.send(bytes(65536))
+    return a, b
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    sock.settimeout(TIMEOUT)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_late_timer_ends_only_its_own_socket(backend: pvcalls.Backend) -> None:
+    """A socket's timer that was already running when the socket finished
+    (cancel() does not wait for it) must not end the socket that has its
+    descriptor number by then."""
+    lingerer = backend.lingerer
+    first, first_peer = _stuck_pair()
+    fd = first.fileno()
+    assert lingerer.adopt(first, 4242, b"first", RateLimit("dom4242")) is True
+    timer = lingerer._orphans[fd].timer
+    assert timer is not None
+    with first_peer:
+        assert _read_to_eof(first_peer).endswith(b"first")  # finished, closed
+    wait_until(lambda: len(lingerer) == 0)
+    second, second_peer = _stuck_pair()  # the lowest free number: fd again
+    with second_peer:
+        assert second.fileno() == fd, "another thread took the descriptor number"
+        assert lingerer.adopt(second, 4242, b"second", RateLimit("dom4242")) is True
+        timer.func(timer)  # the first socket's timer, late
+        assert len(lingerer) == 1 and second.fileno() == fd
+        assert _read_to_eof(second_peer).endswith(b"second")
+    wait_until(lambda: len(lingerer) == 0)
+
+
 def test_closing_the_backend_closes_lingering_sockets(
         host: SimHost, topology: Any, make_frontend: Any, peer: Peer) -> None:
     with pvcalls.Backend(host.dom0, topology=topology) as backend:
