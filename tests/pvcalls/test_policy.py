@@ -67,6 +67,39 @@ def test_example_file(tmp_path: Path) -> None:
     assert policy.bind_allowed(7, "127.0.0.1", 2000)
 
 
+def test_a_domain_section_takes_from_default_each_key_it_leaves_out() -> None:
+    """Key by key: allow, deny and max_sockets each come from [default]
+    unless the domain's section gives them; max_sockets = 0 is a limit
+    (no sockets at all), not an error."""
+    policy = Policy.from_toml("""
+[default]
+max_sockets = 5
+connect.allow = ["10.0.0.0/8"]
+connect.deny = ["10.0.0.1"]
+
+[domain.3]
+connect.deny = ["10.0.0.2"]
+
+[domain.4]
+connect.allow = ["10.0.0.0/8", "192.0.2.0/24"]
+
+[domain.5]
+max_sockets = 0
+""")
+    # [domain.3]: its own deny, the default's allow and limit.
+    assert policy.connect_allowed(3, "10.0.0.1", 80)
+    assert not policy.connect_allowed(3, "10.0.0.2", 80)
+    assert not policy.connect_allowed(3, "192.0.2.1", 80)
+    assert policy.max_sockets(3) == 5
+    # [domain.4]: its own allow, the default's deny and limit.
+    assert policy.connect_allowed(4, "192.0.2.1", 80)
+    assert not policy.connect_allowed(4, "10.0.0.1", 80)
+    assert policy.max_sockets(4) == 5
+    # [domain.5]: no sockets; the default's rules.
+    assert policy.max_sockets(5) == 0
+    assert not policy.connect_allowed(5, "10.0.0.1", 80)
+
+
 def test_sections_by_name() -> None:
     policy = Policy.from_toml("""
 [default]
