@@ -247,6 +247,25 @@ def test_connect_bad_family(raw: RawFrontend) -> None:
     assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EAFNOSUPPORT
 
 
+@pytest.mark.parametrize("length", [0, 7, 29, 0xFFFFFFFF])
+def test_bind_bad_address_length(raw: RawFrontend, length: int) -> None:
+    """BIND's len is checked as CONNECT's; the socket stays NEW."""
+    sock_id, _ = raw.socket()
+    assert raw.bind(sock_id, ("127.0.0.1", 0), length=length).ret == EINVAL
+    assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+
+
+def test_bind_bad_family(raw: RawFrontend) -> None:
+    sock_id, _ = raw.socket()
+
+    def fill(req: Any) -> None:
+        req.u.bind.id = sock_id
+        ffi.memmove(req.u.bind.addr, b"\x0a\x00" + bytes(14), 16)
+        req.u.bind.len = 16
+
+    assert raw.call(_wire.PVCALLS_BIND, fill).ret == EAFNOSUPPORT
+
+
 @pytest.mark.parametrize("address", ["255.255.255.255", "224.0.0.1"])
 def test_connect_failing_at_once_leaves_a_new_socket(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any, address: str) -> None:
@@ -908,8 +927,20 @@ def test_listen_again_only_changes_the_backlog(
     """LISTEN on a listening socket is allowed, as listen() twice on Linux;
     the socket goes on accepting."""
     listener, address = _listener(raw, backend)
+    assert _backlog(backend, raw, listener) == 16
     assert raw.listen(listener, backlog=1).ret == 0
+    assert _backlog(backend, raw, listener) == 1
     _accepts_one(raw, listener, address)
+
+
+def _backlog(backend: pvcalls.Backend, raw: RawFrontend, sock_id: int) -> int:
+    """The accept queue limit of a listening socket's host socket (TCP_INFO
+    of a listener: tcpi_sacked)."""
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(passive, PassiveSocket)
+    info = passive.host.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    limit: int = struct.unpack_from("=I", info, 28)[0]
+    return limit
 
 
 def _accepts_one(raw: RawFrontend, listener: int, address: tuple[str, int]) -> None:
@@ -930,6 +961,7 @@ def test_listen_with_a_huge_backlog_is_clamped(raw: RawFrontend, backend: pvcall
     sock_id, _ = raw.socket()
     assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
     assert raw.listen(sock_id, backlog=backlog).ret == 0
+    assert _backlog(backend, raw, sock_id) == socket.SOMAXCONN
     address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
     assert address is not None
     _accepts_one(raw, sock_id, address)
