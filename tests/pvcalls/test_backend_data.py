@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -18,6 +19,7 @@ from racewindow import PauseAt
 import pvcalls
 from pvcalls import _errno, _socket, _wire
 from pvcalls._socket import ActiveSocket
+from xenback import RateLimit
 
 
 def _accepted_pair(raw: RawFrontend, order: int = 4,
@@ -276,6 +278,23 @@ def test_ring_overflow_is_an_error_of_that_socket_only(raw: RawFrontend,
     raw.send_all(good, b"still fine")
     assert raw.recv_exactly(good, 10) == b"still fine"
     assert raw.release(good_id).ret == 0
+
+
+def test_data_ring_protocol_errors_are_logged_through_the_rate_limit(
+        raw: RawFrontend, backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """A guest breaking one data ring after another gets 10 log lines per
+    interval, not one per socket."""
+    caplog.set_level(logging.WARNING, logger="pvcalls")
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    fe.ratelimit = RateLimit(f"dom{raw.guest.domid}", clock=lambda: 0.0)  # one interval
+    for _ in range(12):
+        _, ring, peer = _accepted_pair(raw, order=1)
+        ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
+        raw.evtchn.notify(ring.port)
+        raw.wait(lambda r=ring: r.out_error != 0)
+        peer.close()
+    broken = [r for r in caplog.records if "data ring protocol error" in r.getMessage()]
+    assert len(broken) == 10
 
 
 def test_a_socket_stopped_by_a_protocol_error_stays_stopped(raw: RawFrontend,

@@ -329,6 +329,23 @@ def test_refusals_are_logged_at_most_ten_per_interval_for_each_frontend(
     assert lines("suppressed") == [f"dom{flooder.guest.domid}: 15 messages suppressed"]
 
 
+def test_socket_limit_refusals_are_rate_limited_too(
+        make_frontend: Any, host: Any, strict: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """SOCKETs beyond max_sockets are logged through the frontend's rate
+    limit as well: a guest asking without pause gets 10 lines."""
+    caplog.set_level(logging.WARNING, logger="pvcalls")
+    flooder = make_frontend("flooder")
+    be_flooder = strict._frontends[(flooder.guest.domid, 0)]
+    be_flooder.ratelimit = RateLimit(f"dom{flooder.guest.domid}", clock=lambda: 0.0)
+    for _ in range(3):
+        assert flooder.socket()[1].ret == 0
+    for _ in range(25):
+        assert flooder.socket()[1].ret == -EMFILE
+    refusals = [r for r in caplog.records if "socket limit 3 reached" in r.getMessage()]
+    assert len(refusals) == 10
+    flooder.close()
+
+
 def test_connect_to_any_address_is_checked_as_loopback(
         make_frontend: Any, host: Any, topology: Any, echo_server: Any) -> None:
     """Linux connects a destination of 0.0.0.0 to the loopback address: a
