@@ -653,6 +653,7 @@ def test_accept_answered_only_when_a_connection_arrives(
     rows = {r.id: r for r in backend.stats().sockets}
     assert rows[id_new].kind == "active" and rows[id_new].cpu is not None
     assert rows[id_new].state == "connected"
+    assert rows[id_new].address == client.getsockname()  # its peer
     client.close()
     raw.wait(lambda: ring.in_error != 0)
     assert ring.in_error == -_errno.ENOTCONN

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import select
+import socket
 import threading
 import time
 from typing import Any
@@ -16,6 +18,7 @@ from stolensignal import interrupt, main_thread_in
 import pvcalls
 from pvcalls import _wire
 from pvcalls._backend import _Frontend
+from pvcalls._socket import Request
 from workqueue import Topology
 
 
@@ -277,6 +280,29 @@ def test_close_goes_closing_with_everything_released_then_closed(
     assert closer.error is None
     assert seen == [(5, 0, [])]
     assert fe.backend_state() == 6
+
+
+def test_a_closed_frontend_answers_nothing(raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """Once the frontend is closed, an answer that still comes (from a
+    socket's Work finishing as the frontend goes) is dropped: its ring is
+    released, its port unbound."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    # A CONNECT left unanswered: a listener that never accepts, its queue full.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filler = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+    assert select.select([listener], [], [], TIMEOUT)[0]  # the filler is queued: full
+    try:
+        sock_id, rsp = raw.socket()
+        assert rsp.ret == 0
+        req_id = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
+        wait_until(lambda: [s.state for s in backend.stats().sockets] == ["connecting"])
+        raw.close()
+        fe.respond(Request(req_id, _wire.PVCALLS_CONNECT, sock_id), 0)  # as its Work would
+        raw.poll_responses()
+        assert raw.responses == {} and raw.unexpected == []
+    finally:
+        filler.close()
+        listener.close()
 
 
 def test_missing_ring_ref_is_fatal(dom0_xs: Any, make_frontend: Any,
