@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from typing import Any
 
 import pytest
@@ -203,6 +204,31 @@ def test_a_send_into_a_reset_connection_raises_no_sigpipe() -> None:
         [sys.executable, "-c", _SIGPIPE_CHILD, here, os.path.dirname(here)],
         capture_output=True, text=True, check=False, timeout=60)
     assert (result.returncode, result.stdout) == (0, f"{-_errno.EPIPE}\n"), result.stderr
+
+
+def test_a_short_send_consumes_only_what_was_sent(
+        raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send that takes part of what the out ring holds (the host's send
+    buffer nearly full) consumes that part only: the rest goes with the
+    next sends, in order."""
+    class ShortSends(socket.socket):
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            # At most 7 bytes of the first buffer.
+            return super().sendmsg([bytes(memoryview(buffers[0])[:7])], *args)
+
+    # pvcalls._socket's name for the module only (see sends_blocked in
+    # test_backend_commands).
+    module = types.SimpleNamespace(**vars(socket))
+    module.socket = ShortSends
+    monkeypatch.setattr(_socket, "socket", module)
+    _, ring, peer = _accepted_pair(raw)
+    data = bytes(range(256)) * 4
+    assert ring.write(data) == len(data)
+    peer.settimeout(TIMEOUT)
+    got = bytearray()
+    while len(got) < len(data):
+        got += peer.recv(len(data))
+    assert bytes(got) == data
 
 
 def test_full_in_ring_is_resumed_when_the_guest_reads(raw: RawFrontend) -> None:
