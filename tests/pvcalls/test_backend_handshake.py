@@ -7,12 +7,14 @@ import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from typing import Any
 
 import pytest
 from pvcalls_rawfront import TIMEOUT, Call, RawFrontend, bound_ports, wait_until
+from racewindow import PauseAt, stands_at
 from stolensignal import interrupt, main_thread_in
 
 import pvcalls
@@ -303,6 +305,49 @@ def test_a_closed_frontend_answers_nothing(raw: RawFrontend, backend: pvcalls.Ba
     finally:
         filler.close()
         listener.close()
+
+
+def test_close_waits_for_the_command_being_handled(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frontend closing while a CONNECT is being handled: the close waits
+    for it, then releases the socket it made with the rest.  (Not waiting,
+    the close would clear the sockets table first, and the CONNECT then
+    map a ring and bind a port that nothing releases.)"""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    real_connect = _Frontend._connect
+    handling = PauseAt(real_connect, "host, port = self._address(")
+
+    handled = threading.Event()
+
+    def connect(self: _Frontend, request: Any, req: Any) -> int | None:
+        try:
+            result: int | None = handling.run(lambda: real_connect(self, request, req))
+        finally:
+            handled.set()
+        return result
+
+    monkeypatch.setattr(_Frontend, "_connect", connect)
+    monkeypatch.setitem(pvcalls._backend._HANDLERS, _wire.PVCALLS_CONNECT, connect)
+    sock_id, _ = raw.socket()
+    raw.push_connect(sock_id, echo_server.address, raw.new_ring())
+    assert handling.reached.wait(TIMEOUT)
+    try:
+        raw.xs.write(f"{raw.fe_path}/state", "5")  # Closing
+
+        def close_waits_or_is_done() -> bool:
+            return raw.backend_state() == 5 or any(
+                stands_at(tid, _Frontend.close, "self._work.disable_sync()")
+                for tid in sys._current_frames())
+
+        wait_until(close_waits_or_is_done)
+    finally:
+        handling.resume()
+    assert handled.wait(TIMEOUT)
+    raw.wait_backend_state(5)
+    assert fe._closed and fe._sockets == {}
+    assert bound_ports(backend) == [] and backend.stats().sockets == ()
+    assert len(backend.gnttab._live) == 0
 
 
 def test_missing_ring_ref_is_fatal(dom0_xs: Any, make_frontend: Any,
