@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -206,6 +207,77 @@ def test_a_send_into_a_reset_connection_raises_no_sigpipe() -> None:
     assert (result.returncode, result.stdout) == (0, f"{-_errno.EPIPE}\n"), result.stderr
 
 
+def _host_sockets_are(monkeypatch: pytest.MonkeyPatch, cls: type[socket.socket]) -> None:
+    """The host sockets CONNECT makes from now on are ``cls``: for
+    pvcalls._socket's name of the module only, the rest of the process
+    (the simulated hypervisor, the test's servers) keeps its sockets."""
+    module = types.SimpleNamespace(**vars(socket))
+    module.socket = cls
+    monkeypatch.setattr(_socket, "socket", module)
+
+
+def _socket_of(backend: pvcalls.Backend, raw: RawFrontend, sock_id: int) -> ActiveSocket:
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    return sock
+
+
+def test_no_send_after_one_failed(raw: RawFrontend, backend: pvcalls.Backend,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a send failed and out_error says so, the socket sends no more:
+    the error the guest read stays, whatever the guest writes next."""
+    sends: list[int] = []
+
+    class FailingSends(socket.socket):
+        def sendmsg(self, *args: Any) -> int:
+            sends.append(1)
+            if len(sends) == 1:
+                raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    _host_sockets_are(monkeypatch, FailingSends)
+    sock_id, ring, _peer = _accepted_pair(raw)
+    ring.write(b"first")
+    raw.wait(lambda: ring.out_error != 0)
+    assert ring.out_error == -_errno.ECONNRESET
+    ring.write(b"second")  # notifies: the Work runs again
+    sock = _socket_of(backend, raw, sock_id)
+    sock.kick()
+    sock.flush()
+    assert (ring.out_error, len(sends)) == (-_errno.ECONNRESET, 1)
+    assert ring.get(_wire.OUT_CONS_OFFSET) == 0
+
+
+def test_a_work_woken_by_the_frontend_alone_does_not_receive(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No receive system call unless the host socket signalled since the
+    last one drained it: a guest that only sends costs no recv per write."""
+    receives: list[int] = []
+
+    class CountedReceives(socket.socket):
+        def recv_into(self, *args: Any) -> int:
+            receives.append(1)
+            return super().recv_into(*args)
+
+        def recvmsg_into(self, *args: Any) -> Any:
+            receives.append(1)
+            return super().recvmsg_into(*args)
+
+    _host_sockets_are(monkeypatch, CountedReceives)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    sock.flush()  # its first run received (EAGAIN), and found the socket drained
+    before = len(receives)
+    peer.settimeout(TIMEOUT)
+    for word in (b"one", b"two", b"three"):
+        ring.write(word)
+        assert peer.recv(16) == word
+        sock.flush()
+    assert len(receives) == before
+    peer.sendall(b"back")  # the host socket signals: one receive takes it
+    assert raw.recv_exactly(ring, 4) == b"back"
+
+
 def test_a_short_send_consumes_only_what_was_sent(
         raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A send that takes part of what the out ring holds (the host's send
@@ -216,11 +288,7 @@ def test_a_short_send_consumes_only_what_was_sent(
             # At most 7 bytes of the first buffer.
             return super().sendmsg([bytes(memoryview(buffers[0])[:7])], *args)
 
-    # pvcalls._socket's name for the module only (see sends_blocked in
-    # test_backend_commands).
-    module = types.SimpleNamespace(**vars(socket))
-    module.socket = ShortSends
-    monkeypatch.setattr(_socket, "socket", module)
+    _host_sockets_are(monkeypatch, ShortSends)
     _, ring, peer = _accepted_pair(raw)
     data = bytes(range(256)) * 4
     assert ring.write(data) == len(data)
