@@ -439,13 +439,16 @@ def _read_u32(dev: BackendDevice, key: str) -> int:
     text = dev.read_otherend(key)
     if text is None:
         raise ValueError(f"frontend node {key!r} is missing")
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ValueError(f"frontend node {key!r} is not a number: {text!r}") from None
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError(f"frontend node {key!r} out of range: {value}")
-    return value
+    # ASCII digits only, as Linux's xenbus_scanf("%u") reads them: int()
+    # alone also takes a sign, white space, underscores and other scripts'
+    # digits, and so would turn a guest's garbage into a grant or a port.
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"frontend node {key!r} is not a decimal number: {text!r}")
+    # Length first: int() refuses more digits than sys.get_int_max_str_digits().
+    digits = text.lstrip("0") or "0"
+    if len(digits) > 10 or int(digits) > 0xFFFFFFFF:
+        raise ValueError(f"frontend node {key!r} out of range: {text}")
+    return int(digits)
 
 
 class _PvcallsDriver(BackendDriver):

@@ -252,15 +252,17 @@ class RawFrontend:
     def connect(self, *, version: str = "1", ring_ref: str | None = None,
                 port: str | None = None, wait: bool = True) -> None:
         """The frontend half of the handshake, as Linux's pvcalls-front
-        (``wait=False``: up to Initialised, without waiting for Connected)."""
+        (``wait=False``: up to Initialised, without waiting for Connected).
+        ``ring_ref`` and ``port`` replace the values written; ``{}`` in
+        them stands for the real one."""
         self.wait_backend_state(2)
         self.page = self.gntshr.share_pages(0, 1)
         self.ring = FrontRing(self.page.buffer, _wire.SLOT_SIZE)
         self.port = self.evtchn.bind_unbound_port(0)
         nodes = {
             "version": version,
-            "ring-ref": ring_ref if ring_ref is not None else str(self.page.refs[0]),
-            "port": port if port is not None else str(self.port),
+            "ring-ref": (ring_ref if ring_ref is not None else "{}").format(self.page.refs[0]),
+            "port": (port if port is not None else "{}").format(self.port),
         }
         for key, value in nodes.items():
             self.xs.write(f"{self.fe_path}/{key}", value)

@@ -137,6 +137,33 @@ def test_garbage_ring_ref_or_port_is_fatal(make_frontend: Any, host: Any, backen
     fe.xs.close()
 
 
+@pytest.mark.parametrize("template", ["+{}", " {}", "{} ", "0_{}"])
+@pytest.mark.parametrize("key", ["ring-ref", "port"])
+def test_ring_ref_and_port_are_plain_decimal(make_frontend: Any, backend: pvcalls.Backend,
+                                             key: str, template: str) -> None:
+    """ring-ref and port are ASCII decimal digits, as every number this
+    project reads: int() alone would take a sign, white space and
+    underscores (and other scripts' digits), none of which a frontend
+    writes.  Each template here reads as the real value to int()."""
+    fe = make_frontend("g", connect=False)
+    fe.connect(**{key.replace("-", "_"): template}, wait=False)
+    fe.wait_backend_state(5)
+    assert backend.stats().frontends == 0
+    fe.xs.close()
+
+
+@pytest.mark.parametrize("key", ["ring-ref", "port"])
+def test_ring_ref_and_port_may_have_leading_zeros(make_frontend: Any, backend: pvcalls.Backend,
+                                                  key: str) -> None:
+    """As Linux's xenbus_scanf("%u") reads them."""
+    fe = make_frontend("g", connect=False)
+    fe.connect(**{key.replace("-", "_"): "00{}"}, wait=False)
+    fe.wait_backend_state(4)
+    _, rsp = fe.socket()
+    assert rsp.ret == 0
+    fe.close()
+
+
 def _held(host: Any) -> tuple[int, int, frozenset[tuple[int, str]]]:
     """What a frontend's sockets hold that could leak: grant entries (one
     stays while mapped, even after its domain died), event channel ports,
