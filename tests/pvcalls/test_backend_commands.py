@@ -572,6 +572,26 @@ def test_a_connect_failing_later_is_answered_before_the_release_behind_it(
     assert raw.unexpected == []
 
 
+def test_a_connect_failing_later_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any) -> None:
+    """A connect failing after its CONNECT was processed gives back, before
+    it is answered, all the socket held: the data ring, the event channel,
+    the CPU slot; the id is NEW again."""
+    listener, filler = _full_listener()
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    before = _resources(backend, host)
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
+    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
+    assert rsp.ret == 0 and connect_req not in raw.responses
+    assert _resources(backend, host) != before
+    filler.close()
+    listener.close()  # the next SYN is refused
+    assert raw.response(connect_req).ret == ECONNREFUSED
+    assert _resources(backend, host) == before
+    assert next(r.state for r in backend.stats().sockets if r.id == sock_id) == "new"
+
+
 def test_slow_connect_is_answered_when_it_completes(
         raw: RawFrontend, backend: pvcalls.Backend,
         write_space_watches: list[tuple[int, bool]]) -> None:
