@@ -74,6 +74,7 @@ def test_bad_arguments_are_refused(host: Any, kwargs: dict[str, Any],
         ("host", {"cpus": "2"}, TypeError, "^cpus must be an int, not str$"),
         ("host", {"cpus": 2.0}, TypeError, "^cpus must be an int, not float$"),
         ("host", {"cpus": 0}, ValueError, "^cpus must be at least 1, got 0$"),
+        ("host", {"max_ioworkers": 0}, ValueError, "^max_ioworkers must be at least 1, got 0$"),
         ("host", {"topology": "2 CPUs"}, TypeError,
          "^topology must be a workqueue.Topology, not str$"),
     ],
@@ -95,6 +96,9 @@ def test_nr_ioworkers_is_capped(host: Any) -> None:
         assert len(b.stats().cpus) == 3
     with pvcalls.Backend(host.dom0, max_ioworkers=64, cpus=5) as b:
         assert b.nr_ioworkers == 5
+    # The host's own CPUs (this machine's, at least one) are capped too.
+    with pvcalls.Backend(host.dom0, max_ioworkers=1) as b:
+        assert b.nr_ioworkers == 1 and len(b.stats().cpus) == 1
 
 
 def test_bad_version_is_fatal(dom0_xs: Any, make_frontend: Any, host: Any, backend: pvcalls.Backend) -> None:
