@@ -10,6 +10,7 @@ import resource
 import select
 import socket
 import struct
+import sys
 import threading
 import types
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import TIMEOUT, RawFrontend, Response, bound_ports, wait_until
-from racewindow import PauseAt
+from racewindow import PauseAt, stands_at
 
 import pvcalls
 from pvcalls import _errno, _socket, _wire
@@ -590,6 +591,43 @@ def test_a_connect_failing_later_holds_nothing(
     assert raw.response(connect_req).ret == ECONNREFUSED
     assert _resources(backend, host) == before
     assert next(r.state for r in backend.stats().sockets if r.id == sock_id) == "new"
+
+
+def test_a_release_taking_the_id_of_a_failing_connect_frees_it(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RELEASE that takes the id while the Work is failing its connect
+    (after the teardown, before the id goes back to NEW): the Work must not
+    put the released id back in the table."""
+    real_failed = _Frontend.connect_failed
+    failing = PauseAt(real_failed, "with self._lock:")
+
+    def connect_failed(self: _Frontend, sock: ActiveSocket, request: Any, ret: int) -> None:
+        failing.run(lambda: real_failed(self, sock, request, ret))
+
+    monkeypatch.setattr(_Frontend, "connect_failed", connect_failed)
+    listener, filler = _full_listener()
+    sock_id, _ = raw.socket()
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
+    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
+    assert rsp.ret == 0 and connect_req not in raw.responses
+    filler.close()
+    listener.close()  # the next SYN is refused
+    assert failing.reached.wait(TIMEOUT)
+    try:
+        release_req = raw.push_release(sock_id)
+
+        def release_waits_for_the_work() -> bool:
+            return any(stands_at(tid, ActiveSocket.teardown, "self.disable_sync()")
+                       for tid in sys._current_frames())
+
+        wait_until(release_waits_for_the_work)  # the RELEASE has taken the id
+    finally:
+        failing.resume()
+    raw.wait(lambda: release_req in raw.responses and connect_req in raw.responses)
+    assert raw.responses.pop(connect_req).ret == ECONNREFUSED
+    assert raw.responses.pop(release_req).ret == 0
+    assert [r.id for r in backend.stats().sockets if r.id == sock_id] == []
+    assert raw.socket(sock_id)[1].ret == 0  # the id is free
 
 
 def test_slow_connect_is_answered_when_it_completes(
