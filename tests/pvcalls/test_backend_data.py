@@ -454,6 +454,30 @@ def test_room_made_in_a_full_out_ring_is_notified(raw: RawFrontend, start: int) 
     assert ring.get(_wire.OUT_CONS_OFFSET) & 0xFFFFFFFF == (start + ring.size) & 0xFFFFFFFF
 
 
+def test_room_made_in_an_out_ring_not_full_is_not_notified(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """The other half of that rule: room freed in an out ring that was not
+    full (here one byte short) costs the frontend no wake-up.  (The
+    simulated event channel is a pipe written by notify(): once the Work
+    has run, a notification would be pending.)"""
+    sock_id, ring, peer = _accepted_pair(raw, order=1)
+    sock = _socket_of(backend, raw, sock_id)
+    sock.flush()
+    raw.drain_events()
+    assert ring.write(b"f" * (ring.size - 1)) == ring.size - 1
+    peer.settimeout(TIMEOUT)
+    got = 0
+    while got < ring.size - 1:
+        got += len(peer.recv(ring.size))
+    wait_until(lambda: ring.get(_wire.OUT_CONS_OFFSET) == ring.size - 1)
+    sock.flush()
+    fired = []
+    while (port := raw.evtchn.pending()) is not None:
+        raw.evtchn.unmask(port)
+        fired.append(port)
+    assert ring.port not in fired
+
+
 def test_a_data_ring_protocol_error_is_notified(raw: RawFrontend) -> None:
     """Impossible out indexes: the frontend learns of the error by its
     event channel, not only by looking at the indexes page."""
