@@ -1222,6 +1222,51 @@ def test_a_release_whose_flush_fails_still_frees_everything(
     assert raw.unexpected == []
 
 
+def test_release_waits_for_the_sockets_work(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A RELEASE while the socket's Work is sending from the ring: the
+    teardown waits for that run, then closes the host socket and unmaps
+    the ring.  (Not waiting, the Work would go on with a closed socket and
+    released views: an error in the Work, and the peer's data in doubt.)"""
+    real_tx = ActiveSocket._tx
+    sending = PauseAt(real_tx, "sent = host.sendmsg(")
+
+    def tx(self: ActiveSocket, ring: Any, host: socket.socket) -> int:
+        sent: int = sending.run(lambda: real_tx(self, ring, host))
+        return sent
+
+    monkeypatch.setattr(ActiveSocket, "_tx", tx)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock_id, ring = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    with peer:
+        ring.write(b"in flight")
+        assert sending.reached.wait(TIMEOUT)
+        try:
+            release_req = raw.push_release(sock_id)
+
+            def release_waits_or_is_answered() -> bool:
+                raw.poll_responses()
+                return release_req in raw.responses or any(
+                    stands_at(tid, ActiveSocket.teardown, "self.disable_sync()")
+                    for tid in sys._current_frames())
+
+            wait_until(release_waits_or_is_answered)
+        finally:
+            sending.resume()
+        assert raw.response(release_req).ret == 0
+        sock.flush()  # the Work's run is over
+        peer.settimeout(TIMEOUT)
+        got = b""
+        while chunk := peer.recv(64):
+            got += chunk
+    assert got == b"in flight"
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_release_of_a_listener_closes_its_host_socket(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """After RELEASE of a listening socket nothing listens on its port:
