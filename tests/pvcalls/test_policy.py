@@ -236,6 +236,8 @@ def test_empty_default_section_allows_everything() -> None:
         (b"[default\n", "not valid TOML"),
         (b"[domain.caf\xe9]\n", "not UTF-8"),
         (b"[default]\nmax_sockets = 'x'", r"\[default\]: max_sockets must be"),
+        # Valid TOML, but a policy file that large is a mistake (and is not read whole).
+        (b"[default]\n#" + b"#" * (1 << 20), "larger than 1 MiB, too large for a policy file$"),
     ],
 )
 def test_bad_file_names_the_file_once(tmp_path: Path, content: bytes | None, message: str) -> None:
@@ -482,6 +484,24 @@ def test_an_accept_mapping_its_ring_is_counted_by_the_other_device(
         assert second.socket()[1].ret == 0  # both sockets went
         first.close()
         second.close()
+
+
+def test_an_accept_that_fails_to_map_its_ring_gives_its_reservation_back(
+        host: Any, topology: Any) -> None:
+    """An ACCEPT counted against the limit from its check on, and refused
+    because its ring cannot be mapped, leaves the domain's count as it was."""
+    policy = Policy.from_toml("[default]\nmax_sockets = 2\n")
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        fe = RawFrontend(host, host.create_domain("one"))
+        listener, rsp = fe.socket()
+        assert rsp.ret == 0
+        assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert fe.listen(listener).ret == 0
+        bad = fe.new_ring(refs=[0xFFFFFF])  # no such grant
+        assert fe.response(fe.push_accept(listener, fe.new_id(), bad)).ret == -22
+        assert fe.socket()[1].ret == 0  # the second of two
+        assert fe.socket()[1].ret == -EMFILE
+        fe.close()
 
 
 def test_the_socket_limit_counts_the_domain_s_own_sockets_only(host: Any, topology: Any) -> None:
