@@ -5,6 +5,7 @@ sockets share one pool."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any
 
@@ -140,6 +141,30 @@ def test_connected_sockets_are_polled_on_their_own_cpus(
             assert sock.events is backend._pollers[sock.cpu].events, sock
         counts = [c.sockets for c in backend.stats().cpus]
         assert max(counts) - min(counts) <= 1
+
+
+def test_accepted_sockets_are_polled_on_their_own_cpus(
+        host: Any, make_frontend: Any, echo_server: Any) -> None:
+    """ACCEPT binds its id_new's channel before the socket has a CPU: on
+    the poller of the CPU it will get (the least loaded), not any one."""
+    with pvcalls.Backend(host.dom0, topology=Topology(4)) as backend:
+        raw = make_frontend("g")
+        # Load CPUs 0 and 1, so that the next socket goes to CPU 2.
+        for _ in range(2):
+            raw.connect_socket(echo_server.address)
+        assert [c.sockets for c in backend.stats().cpus] == [1, 1, 0, 0]
+        listener, _ = raw.socket()
+        assert raw.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert raw.listen(listener).ret == 0
+        address = next(r.address for r in backend.stats().sockets if r.id == listener)
+        assert address is not None
+        id_new = raw.new_id()
+        accept = raw.push_accept(listener, id_new, raw.new_ring())
+        with socket.create_connection(address, timeout=TIMEOUT):
+            assert raw.response(accept).ret == 0
+            sock = _socket(raw, backend, id_new)
+            assert sock.cpu == 2
+            assert sock.events is backend._pollers[2].events
 
 
 def test_a_socket_keeps_its_poller_when_its_cpu_goes_offline(
