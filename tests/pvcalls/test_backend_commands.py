@@ -630,6 +630,39 @@ def test_a_release_taking_the_id_of_a_failing_connect_frees_it(
     assert raw.socket(sock_id)[1].ret == 0  # the id is free
 
 
+def test_a_connect_completing_as_it_starts_is_answered(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connect in progress that completes after its host socket is
+    watched but before it is CONNECTING: its one edge ran the Work while
+    NEW, which did nothing; the run queued once it is CONNECTING answers
+    it."""
+    real_start = ActiveSocket.start_connect
+    starting = PauseAt(real_start, "self.connect_request = request")
+
+    def start_connect(self: ActiveSocket, request: Request, address: tuple[str, int]) -> bool:
+        started: bool = starting.run(lambda: real_start(self, request, address))
+        return started
+
+    monkeypatch.setattr(ActiveSocket, "start_connect", start_connect)
+    listener, filler = _full_listener()
+    sock_id, _ = raw.socket()
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
+    assert starting.reached.wait(TIMEOUT)
+    try:
+        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+        assert isinstance(sock, ActiveSocket)
+        filler.close()
+        listener.settimeout(TIMEOUT)
+        listener.accept()[0].close()  # room: the SYN retransmission completes the connect
+        wait_until(lambda: sock._host_ready, timeout=30)  # its edge came (EPOLLOUT), and queued the Work
+        sock.flush()  # which ran, still NEW
+        assert connect_req not in raw.responses
+    finally:
+        starting.resume()
+    assert raw.response(connect_req).ret == 0
+    listener.close()
+
+
 def test_slow_connect_is_answered_when_it_completes(
         raw: RawFrontend, backend: pvcalls.Backend,
         write_space_watches: list[tuple[int, bool]]) -> None:
@@ -911,13 +944,26 @@ def test_listen_and_accept_need_the_right_state(raw: RawFrontend, backend: pvcal
     assert raw.recv_exactly(ring, 15) == b"still connected"
 
 
-def test_bind_address_in_use(raw: RawFrontend) -> None:
+def test_bind_address_in_use(raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EADDRINUSE; the host socket made for it is closed then, not left to
+    the garbage collector (the test holds it, as a cycle could)."""
+    made: list[socket.socket] = []
+
+    class Recorded(socket.socket):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    module = types.SimpleNamespace(**vars(socket))
+    module.socket = Recorded
+    monkeypatch.setattr(pvcalls._backend, "socket", module)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     sock_id, _ = raw.socket()
     assert raw.bind(sock_id, taken.getsockname()).ret == -98  # EADDRINUSE
     taken.close()
+    assert len(made) == 1 and made[0].fileno() == -1
 
 
 def test_listen_on_a_port_another_socket_listens_on(
