@@ -248,6 +248,19 @@ def test_connect_bad_family(raw: RawFrontend) -> None:
     assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EAFNOSUPPORT
 
 
+@pytest.mark.parametrize("length", [8, 16, 28])
+def test_connect_and_bind_take_any_address_length_from_8_to_28(
+        raw: RawFrontend, echo_server: Any, length: int) -> None:
+    """8 bytes carry family, port and address; 28 is the wire field's
+    size (Linux sends 16, sizeof(struct sockaddr))."""
+    sock_id, _ = raw.socket()
+    rsp = raw.response(raw.push_connect(sock_id, echo_server.address, raw.new_ring(),
+                                        length=length))
+    assert rsp.ret == 0
+    bound, _ = raw.socket()
+    assert raw.bind(bound, ("127.0.0.1", 0), length=length).ret == 0
+
+
 @pytest.mark.parametrize("length", [0, 7, 29, 0xFFFFFFFF])
 def test_bind_bad_address_length(raw: RawFrontend, length: int) -> None:
     """BIND's len is checked as CONNECT's; the socket stays NEW."""
