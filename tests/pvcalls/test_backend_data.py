@@ -358,6 +358,52 @@ def test_a_run_out_of_budget_goes_on_by_itself(raw: RawFrontend,
     assert got == data
 
 
+def test_bytes_received_count_against_the_budget(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stops once it has moved IO_BUDGET bytes, received ones too
+    (the guest's writes wait for the next run, behind the other sockets of
+    the CPU): a socket busy receiving does not keep its CPU."""
+    monkeypatch.setattr(_socket, "IO_BUDGET", 1)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    sock.flush()
+    runs: list[list[tuple[int, int]]] = []  # per run: (sent, received) per iteration
+    real_run, real_tx, real_rx = sock.func, ActiveSocket._tx, ActiveSocket._rx
+    receiving = PauseAt(real_rx, "if len(views) == 1:")
+
+    def run(self: ActiveSocket) -> None:
+        runs.append([])
+        real_run(self)
+
+    def tx(self: ActiveSocket, data_ring: Any, host: socket.socket) -> int:
+        sent = real_tx(self, data_ring, host)
+        runs[-1].append((sent, 0))
+        return sent
+
+    def rx(self: ActiveSocket, data_ring: Any, host: socket.socket) -> int:
+        received: int = receiving.run(lambda: real_rx(self, data_ring, host))
+        runs[-1][-1] = (runs[-1][-1][0], received)
+        return received
+
+    monkeypatch.setattr(sock, "func", run)  # what the Work calls: _run, taken at creation
+    monkeypatch.setattr(ActiveSocket, "_tx", tx)
+    monkeypatch.setattr(ActiveSocket, "_rx", rx)
+    peer.sendall(b"x" * 100)
+    assert receiving.reached.wait(TIMEOUT)  # a run found data to receive
+    try:
+        assert ring.write(b"y" * 50, notify=False) == 50  # for that run's next iteration
+    finally:
+        receiving.resume()
+    peer.settimeout(TIMEOUT)
+    got = b""
+    while len(got) < 50:
+        got += peer.recv(64)
+    assert got == b"y" * 50 and raw.recv_exactly(ring, 100) == b"x" * 100
+    sock.flush()
+    receiving_run = next(r for r in runs if any(received for _, received in r))
+    assert receiving_run == [(0, 100)]  # and the send came with another run
+
+
 def test_ring_overflow_is_an_error_of_that_socket_only(raw: RawFrontend,
                                                        echo_server: Any) -> None:
     good_id, good = raw.connect_socket(echo_server.address)
