@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from racewindow import stands_at
+from xenback._barrier import lib as _barrier
 
 from pvcalls import _wire
 from pvcalls._wire import ffi
@@ -175,17 +176,26 @@ class DataRing:
                 self.fe.evtchn.notify(self.port)
         return done
 
-    def read(self, limit: int = 1 << 30, *, notify: bool = True) -> bytes:
+    def read(self, limit: int = 1 << 30, *, notify: bool = True,
+             only_if_full: bool = False) -> bytes:
         """Take what the in ring holds (at most ``limit``); notify (unless
-        told not to, as a frontend that did not see the ring full need not)."""
+        told not to).  ``only_if_full``: only if the ring was full before,
+        decided as pvcalls.frontend does (in_was_full): by in_prod read
+        again after our in_cons store and a full barrier, against the
+        backend's in_prod store and its read of in_cons."""
         chunks = []
         taken = 0
+        cons = self.get(_wire.IN_CONS_OFFSET) & 0xFFFFFFFF
         for view in self.in_ring.readable():
             n = min(len(view), limit - taken)
             chunks.append(bytes(view[:n]))
             taken += n
         if taken:
             self.in_ring.consume(taken)
+            if only_if_full:
+                _barrier.xb_mb()
+                prod = self.get(_wire.IN_PROD_OFFSET) & 0xFFFFFFFF
+                notify = notify and (prod - cons) & 0xFFFFFFFF >= self.size
             if notify:
                 self.fe.evtchn.notify(self.port)
         return b"".join(chunks)

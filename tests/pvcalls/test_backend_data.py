@@ -353,8 +353,7 @@ def test_a_run_out_of_budget_goes_on_by_itself(raw: RawFrontend,
     got = b""
     while len(got) < len(data):
         raw.wait_notified(ring.port)  # as a frontend sleeping for data
-        full = (ring.get(_wire.IN_PROD_OFFSET) - ring.get(_wire.IN_CONS_OFFSET)) & 0xFFFFFFFF == ring.size
-        got += ring.read(notify=full)
+        got += ring.read(only_if_full=True)
     assert got == data
 
 
