@@ -439,9 +439,12 @@ def _read_u32(dev: BackendDevice, key: str) -> int:
     text = dev.read_otherend(key)
     if text is None:
         raise ValueError(f"frontend node {key!r} is missing")
-    # ASCII digits only, as Linux's xenbus_scanf("%u") reads them: int()
-    # alone also takes a sign, white space, underscores and other scripts'
-    # digits, and so would turn a guest's garbage into a grant or a port.
+    # ASCII digits only (leading zeros allowed): int() alone also takes a
+    # sign, white space, underscores and other scripts' digits, and so
+    # would turn a guest's garbage into a grant or a port.  Stricter than
+    # Linux's xenbus_scanf("%u"), which skips leading white space and
+    # ignores whatever follows the digits: a frontend writing either is
+    # broken, and is better told so than half understood.
     if not (text.isascii() and text.isdigit()):
         raise ValueError(f"frontend node {key!r} is not a decimal number: {text!r}")
     # Length first: int() refuses more digits than sys.get_int_max_str_digits().
