@@ -1242,14 +1242,13 @@ def test_write_space_is_watched_only_while_a_send_is_blocked(
 
 def test_a_release_whose_flush_fails_still_frees_everything(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        sends_blocked: threading.Event) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """RELEASE first sends what the out ring still holds (pvcalls._linger).
-    When that fails (here the send buffer is full, and epoll, out of
-    memory, cannot add EPOLLOUT), the failure is logged with its traceback
-    and the teardown goes on: the host socket, the event channel, the data
-    ring, the CPU slot and the domain's count all go back, and RELEASE is
-    answered 0, as any RELEASE of a known id."""
+    When that fails (here the copy of the rest for the lingerer, out of
+    memory), the failure is logged with its traceback and the teardown goes
+    on: the host socket, the event channel, the data ring, the CPU slot and
+    the domain's count all go back, and RELEASE is answered 0, as any
+    RELEASE of a known id."""
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
     before = _resources(backend, host)
@@ -1260,14 +1259,13 @@ def test_a_release_whose_flush_fails_still_frees_everything(
     sock.flush()  # its Work idle: the bytes below wait for the RELEASE
     fd = sock.host.fileno()
     assert ring.write(b"unsent", notify=False) == 6
-    sends_blocked.set()
     failed = []
 
-    def no_memory(fd: int, events: int) -> None:
-        failed.append(fd)
-        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+    def no_memory(self: ActiveSocket, host: socket.socket) -> bytes:
+        failed.append(host.fileno())
+        raise MemoryError
 
-    monkeypatch.setattr(sock.events, "modify_fd", no_memory)
+    monkeypatch.setattr(ActiveSocket, "_flush_out", no_memory)
     rsp = raw.release(sock_id)
     assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_RELEASE, 0, sock_id)
     assert failed == [fd]
@@ -1275,9 +1273,46 @@ def test_a_release_whose_flush_fails_still_frees_everything(
     assert backend.domain_sockets(raw.guest.domid) == 0
     assert _resources(backend, host) == before
     assert fd not in sock.events._fds and sock.host.fileno() == -1
+    assert len(backend.lingerer) == 0
     record, = (r for r in caplog.records if r.levelno >= logging.ERROR)
-    assert record.exc_info is not None and isinstance(record.exc_info[1], OSError)
-    assert record.exc_info[1].errno == errno.ENOMEM
+    assert record.exc_info is not None and isinstance(record.exc_info[1], MemoryError)
+    assert raw.unexpected == []
+
+
+def test_a_release_whose_watch_for_room_fails_still_lingers_the_rest(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        sends_blocked: threading.Event) -> None:
+    """The RELEASE's last send finds the host socket's buffer full and would
+    watch it for room, of no use at teardown: epoll failing there (out of
+    memory) must not drop what the out ring holds.  It goes to the lingerer,
+    and the peer gets it."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock_id, ring = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+    with peer:
+        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+        assert isinstance(sock, ActiveSocket)
+        assert sock.events is not None and sock.host is not None
+        sock.flush()  # its Work idle: the bytes below wait for the RELEASE
+        assert ring.write(b"unsent", notify=False) == 6
+        sends_blocked.set()
+        failed = []
+
+        def no_memory(fd: int, events: int) -> None:
+            failed.append(fd)
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+        monkeypatch.setattr(sock.events, "modify_fd", no_memory)
+        rsp = raw.release(sock_id)
+        assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_RELEASE, 0, sock_id)
+        assert failed  # the watch was asked for, and failed
+        assert backend.stats().sockets == ()
+        assert backend.domain_sockets(raw.guest.domid) == 0
+        assert sock.port is None
+        peer.settimeout(TIMEOUT)
+        assert peer.recv(64) == b"unsent"  # the lingerer's send, not sendmsg
+        assert peer.recv(64) == b""
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert raw.unexpected == []
 
 

@@ -4,7 +4,6 @@ reaches the peer, as what a host socket's buffer holds at close() does
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -442,28 +441,3 @@ def test_a_domain_with_a_socket_limit_lingers_no_more_sockets_than_it(
     for conn in conns:
         conn.close()
 
-
-def test_what_release_cannot_send_lingers_even_if_epoll_fails(
-        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The RELEASE's last send finds the host socket full and would watch
-    it for room, which the teardown has no use for: epoll failing there
-    (ENOMEM) must not drop what the out ring still holds."""
-    sock_id, ring = raw.connect_socket(peer.address)
-    peer.accept()
-    written = _fill(raw, ring, _socket_of(backend, raw, sock_id))
-    send = ActiveSocket._tx
-    failed = threading.Event()
-
-    def send_then_epoll_fails(self: ActiveSocket, *args: Any) -> int:
-        send(self, *args)
-        failed.set()
-        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))  # as epoll_ctl's
-
-    monkeypatch.setattr(ActiveSocket, "_tx", send_then_epoll_fails)
-    assert raw.release(sock_id).ret == 0
-    monkeypatch.undo()
-    assert failed.is_set()
-    assert len(backend.lingerer) == 1
-    assert peer.read_to_eof() == written
-    wait_until(lambda: len(backend.lingerer) == 0)
