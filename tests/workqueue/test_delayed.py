@@ -64,6 +64,20 @@ def test_queue_delayed_work_while_pending_returns_false(make_wq: Any) -> None:
     assert dw.cancel() is True
 
 
+def test_queue_delayed_work_of_a_disabled_item_returns_false(make_wq: Any) -> None:
+    """Disabled refuses every way of queueing, the delayed ones too, and
+    leaves the item idle: no timer armed, nothing pending."""
+    wq = make_wq()
+    dw = DelayedWork(lambda w: None)
+    assert dw.disable() is False
+    assert wq.queue_delayed_work(dw, 60) is False
+    assert wq.queue_delayed_work_on(1, dw, 0) is False
+    assert not dw.pending and dw._timer is None
+    assert dw.enable() is True
+    assert wq.queue_delayed_work(dw, 60) is True
+    assert dw.cancel() is True
+
+
 def test_mod_delayed_work_return_values_and_effect(make_wq: Any) -> None:
     wq = make_wq()
     ran = threading.Event()
@@ -131,6 +145,57 @@ def test_cancel_on_the_timer_and_later_timers_fire_in_order(make_wq: Any) -> Non
     assert later.wait(TIMEOUT)
     second.flush()
     assert ran == ["second"]
+
+
+class _LockRacedByTheTimer:
+    """Stands in for the engine lock in workqueue._workqueue: the first time
+    the timer thread comes to take it, ``meanwhile()`` runs first there (as
+    another thread could, having the lock first), and ``done`` is set once
+    the timer thread has let go of the lock again."""
+
+    def __init__(self, real: Any, meanwhile: Any) -> None:
+        self.real = real
+        self.meanwhile = meanwhile
+        self.raced = False
+        self.holding = False
+        self.done = threading.Event()
+
+    def __enter__(self) -> None:
+        if threading.current_thread().name == "wq-timer" and not self.raced:
+            self.raced = True
+            self.meanwhile()  # takes the lock itself, through this object
+            self.real.acquire()
+            self.holding = True
+        else:
+            self.real.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.release()
+        if self.holding:
+            self.holding = False
+            self.done.set()
+
+
+def test_a_timer_that_fired_as_it_was_rearmed_does_nothing(
+        make_wq: Any, tracer: Any, monkeypatch: Any) -> None:
+    """A timer fires; before its callback gets the engine lock,
+    mod_delayed_work() re-arms the item for a minute.  The callback then
+    finds a newer timer and does nothing: the item is not run early."""
+    from workqueue import _workqueue
+
+    wq = make_wq()
+    wq.add_trace_hook(tracer)
+    dw = DelayedWork(lambda w: None)
+    rearmed: list[bool] = []
+    racing = _LockRacedByTheTimer(
+        _workqueue.lock, lambda: rearmed.append(wq.mod_delayed_work_on(0, dw, 60)))
+    monkeypatch.setattr(_workqueue, "lock", racing)
+    assert wq.queue_delayed_work_on(0, dw, 0.001) is True
+    assert racing.done.wait(TIMEOUT)
+    assert rearmed == [True]  # it was pending (on the timer that fired)
+    assert tracer.of(dw) == []  # not queued by the stale timer
+    assert dw.pending and dw._timer is not None
+    assert dw.cancel() is True
 
 
 def test_flush_of_delayed_work_runs_it_now(make_wq: Any) -> None:
@@ -303,6 +368,7 @@ def test_mod_delayed_work_while_its_function_runs(make_wq: Any, tracer: Any) -> 
     dw = assert_next_run_waits(lambda w: wq.queue_delayed_work_on(0, w, 0), rearm,
                                item=DelayedWork)
     assert tracer.cpus("execute_start", dw) == [0, 0]
+    assert tracer.cpus("queue", dw) == [0, 0]  # on the pool running it, not on cpu1's
     assert tracer.of(dw) == ["queue", "activate", "execute_start", "queue", "activate",
                              "execute_end", "execute_start", "execute_end"]
     assert dw.pending is False
