@@ -204,6 +204,29 @@ def test_flush_waits_for_the_running_instance(make_wq: Any) -> None:
     assert result == [(True, True)]
 
 
+def test_flush_of_the_running_instance_does_not_wait_for_a_later_queueing(
+        make_wq: Any) -> None:
+    """flush_work() waits for the instance there was when it was called:
+    queued again meanwhile, the item's next run does not hold it up."""
+    wq = make_wq()
+    first, second = Gate(), Gate()
+    w = Work(lambda work: (first if not first.started.is_set() else second)(work))
+    wq.queue_work(w)
+    assert first.started.wait(TIMEOUT)
+    flusher, result = in_thread(w.flush)
+    try:
+        wait_until(lambda: w._flushers)  # it waits for the running instance
+        assert wq.queue_work(w) is True  # queued again while it runs
+        first.release.set()
+        joined(flusher)  # with the first run, the second one still held
+        assert result == [True]
+        assert not second.finished.is_set()
+    finally:
+        first.release.set()
+        second.release.set()
+    assert w.flush() is True
+
+
 def test_cancel_returns_true_only_for_a_pending_item(make_wq: Any) -> None:
     wq, blocker = held_ordered_queue(make_wq)
     ran: list[int] = []
@@ -405,6 +428,31 @@ def test_non_reentrancy_holds_across_workqueues(make_wq: Any) -> None:
     # An idle unbound worker picks it up, but must leave it for the first run.
     assert_next_run_waits(lambda w: bound.queue_work_on(0, w), unbound.queue_work)
     unbound.flush()
+
+
+def test_a_running_item_queued_for_another_cpu_goes_to_the_pool_running_it(
+        make_wq: Any, tracer: Any) -> None:
+    """__queue_work: an item still running on one of the workqueue's pools
+    is queued there, not on the CPU asked for (queue_work_on) nor on the
+    caller's (queue_work): its pool's max_active and counters take it."""
+    wq = make_wq()
+    other = make_wq("other")
+    wq.add_trace_hook(tracer)
+    gate = Gate()
+    w = Work(gate)
+    assert wq.queue_work_on(0, w) is True
+    assert gate.started.wait(TIMEOUT)
+    assert wq.queue_work_on(1, w) is True
+    assert w.cancel() is True
+    queued: list[bool] = []
+    on_cpu1 = Work(lambda work: queued.append(wq.queue_work(w)))  # a caller on CPU 1
+    other.queue_work_on(1, on_cpu1)
+    on_cpu1.flush()
+    assert queued == [True]
+    gate.release.set()
+    assert w.flush() is True
+    assert tracer.cpus("queue", w) == [0, 0, 0]
+    assert tracer.cpus("execute_start", w) == [0, 0]
 
 
 def test_an_item_run_by_another_pools_worker_counts_as_running(make_wq: Any) -> None:
