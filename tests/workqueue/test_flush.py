@@ -83,6 +83,35 @@ def test_flush_is_not_livelocked_by_later_queueing(make_wq: Any) -> None:
     assert seen[1] > seen[0]
 
 
+def test_a_flush_waits_for_its_own_color_when_an_older_one_drains(make_wq: Any) -> None:
+    """Two flushes, each with an item of its color in flight: the older
+    color draining ends the first flush only; the second waits for its own
+    item (flush_workqueue's colors: one drained color frees the flushes up
+    to it, not the next)."""
+    wq = make_wq()
+    release_a, release_b = threading.Event(), threading.Event()
+    wq.queue_work_on(0, Work(lambda w: release_a.wait(TIMEOUT)))
+    first = threading.Thread(target=wq.flush, daemon=True)
+    first.start()
+    while len(wq._flushers) < 1:  # until it waits for the first color
+        first.join(0.001)
+    wq.queue_work_on(1, Work(lambda w: release_b.wait(TIMEOUT)))
+    second = threading.Thread(target=wq.flush, daemon=True)
+    second.start()
+    while len(wq._flushers) < 2:
+        second.join(0.001)
+    try:
+        release_a.set()
+        first.join(TIMEOUT)
+        assert not first.is_alive()
+        second.join(0.05)  # a moment to return, if it wrongly were done
+        assert second.is_alive(), "flush() returned while an item of its color ran"
+    finally:
+        release_b.set()
+    second.join(TIMEOUT)
+    assert not second.is_alive()
+
+
 def test_flush_of_an_idle_queue_returns_at_once(make_wq: Any) -> None:
     wq = make_wq()
     wq.flush()

@@ -77,6 +77,15 @@ def test_rescuer_unblocks_an_item_waiting_for_another(
     assert got == [True]
 
 
+def test_destroy_stops_the_rescuer(make_wq: Any) -> None:
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM)
+    rescuer = wq._rescuer.thread
+    assert rescuer.is_alive()
+    wq.destroy()
+    rescuer.join(TIMEOUT)
+    assert not rescuer.is_alive(), "the rescuer of a destroyed workqueue lives on"
+
+
 def test_shutdown_cancels_the_calls_the_rescuer_took_and_has_not_started(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rescuer takes all of a pool's items of its workqueue at once
