@@ -515,17 +515,19 @@ def test_flush_does_not_wait_for_a_queueing_made_after_its_instance_was_taken_ba
     try:
         assert gate.started.wait(TIMEOUT)
         assert wq.queue_work_on(0, w) is True  # pending again behind the run
-        flusher, result = in_thread(w.flush)
+        flusher, result = in_thread(lambda: (w.flush(), gate.finished.is_set()))
         wait_until(lambda: w._flushers)  # it waits for the pending instance
         if take_back == "mod_delayed_work":
             assert wq.mod_delayed_work(w, 3600) is True
         else:
             assert w.cancel() is True
             assert wq.queue_delayed_work(w, 3600) is True
+        flusher.join(0.05)
+        assert flusher.is_alive(), "flush() returned while the earlier run went on"
         gate.release.set()
         flusher.join(TIMEOUT)
         assert not flusher.is_alive(), "flush() waits for the queueing made after it"
-        assert result == [True] and gate.runs == 1 and w.pending
+        assert result == [(True, True)] and gate.runs == 1 and w.pending
     finally:
         gate.release.set()
         w.cancel_sync()
