@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -128,6 +130,19 @@ def test_many_cancelled_timers_leave_the_armed_ones_alone(make_wq: Any) -> None:
     for _ in kept:
         assert ran.acquire(timeout=TIMEOUT)
     assert not any(dw.pending for dw in kept + doomed)
+
+
+def test_a_cancelled_delayed_item_is_not_kept_by_its_timer(make_wq: Any) -> None:
+    """cancel() disarms the timer (del_timer): an item cancelled an hour
+    before it was due is not held by the timer thread until then."""
+    wq = make_wq()
+    dw = DelayedWork(lambda w: None)
+    assert wq.queue_delayed_work(dw, 3600) is True
+    assert dw.cancel() is True
+    gone = weakref.ref(dw)
+    del dw
+    gc.collect()
+    assert gone() is None, "the disarmed timer still holds the item"
 
 
 def test_cancel_on_the_timer_and_later_timers_fire_in_order(make_wq: Any) -> None:
