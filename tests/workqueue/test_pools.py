@@ -183,6 +183,47 @@ def test_blocking_lets_the_pool_start_the_next_item(make_wq: Any) -> None:
     assert a_saw == [True]
 
 
+def test_blocking_starts_another_item_only_when_no_item_counts(make_wq: Any) -> None:
+    """A blocks, so B starts; A comes back and counts again.  When B then
+    blocks, A still runs on the CPU: C must wait for it (a pool wakes a
+    worker only when nr_running drops to zero, not whenever one blocks)."""
+    wq = make_wq()
+    ev = {name: threading.Event() for name in (
+        "a_started", "a_unblock", "a_back", "release_a",
+        "b_started", "b_block", "b_blocking", "release_b", "c_started")}
+
+    def a(work: Work) -> None:
+        ev["a_started"].set()
+        with blocking():
+            assert ev["a_unblock"].wait(TIMEOUT)
+        ev["a_back"].set()
+        assert ev["release_a"].wait(TIMEOUT)  # running, and counted (60 s threshold)
+
+    def b(work: Work) -> None:
+        ev["b_started"].set()
+        assert ev["b_block"].wait(TIMEOUT)
+        with blocking():
+            ev["b_blocking"].set()
+            assert ev["release_b"].wait(TIMEOUT)
+
+    for func in (a, b, lambda w: ev["c_started"].set()):
+        wq.queue_work_on(0, Work(func))
+    try:
+        assert ev["a_started"].wait(TIMEOUT)
+        assert ev["b_started"].wait(TIMEOUT)  # A blocked: B got a worker
+        ev["a_unblock"].set()
+        assert ev["a_back"].wait(TIMEOUT)
+        ev["b_block"].set()
+        assert ev["b_blocking"].wait(TIMEOUT)
+        assert not ev["c_started"].wait(0.2), "C started while A ran, counted, on its CPU"
+        ev["release_a"].set()
+        assert ev["c_started"].wait(TIMEOUT)
+    finally:
+        for event in ev.values():
+            event.set()
+    wq.flush()
+
+
 def test_blocking_outside_a_work_item_does_nothing() -> None:
     with blocking():
         pass
