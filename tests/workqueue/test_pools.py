@@ -424,7 +424,10 @@ def test_destroy_releases_pools_and_their_idle_workers_exit() -> None:
     threads = [w.thread for p in pools for w in p.workers]
     assert threads and all(t.is_alive() for t in threads)
     a.destroy()
-    assert all(t.is_alive() for t in threads)  # b still uses the bound pools
+    # b still uses the bound pools: none of their workers was told to exit
+    # (a worker told to would be gone from its pool at once, and its thread soon).
+    assert {w.thread for p in pools for w in p.workers} == set(threads)
+    assert all(t.is_alive() for t in threads)
     b.destroy()
     u.destroy()
     for t in threads:
