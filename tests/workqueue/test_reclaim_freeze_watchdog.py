@@ -77,6 +77,54 @@ def test_rescuer_unblocks_an_item_waiting_for_another(
     assert got == [True]
 
 
+def test_the_rescuer_leaves_an_item_still_running_to_its_worker(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued again while it runs (blocked) on a worker, when no worker can
+    be made, the item is taken by the rescuer -- which must hand it to the
+    worker running it, not run it alongside (non-reentrancy)."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    warm = Work(lambda w: None)
+    wq.queue_work(warm)
+    warm.flush()  # the pool now has a worker and an idle reserve
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    hold, holding = threading.Event(), threading.Event()
+
+    def holder(work: Work) -> None:
+        holding.set()
+        with blocking():
+            assert hold.wait(TIMEOUT)
+
+    started, release, first_done, second = (threading.Event() for _ in range(4))
+    saw: list[tuple[bool, str]] = []
+
+    def func(work: Work) -> None:
+        if not started.is_set():
+            started.set()
+            with blocking():  # so that the pool wants another worker
+                assert release.wait(TIMEOUT)
+            first_done.set()
+        else:
+            saw.append((first_done.is_set(), threading.current_thread().name))
+            second.set()
+
+    w = Work(func)
+    try:
+        wq.queue_work(Work(holder))  # takes the reserve
+        assert holding.wait(TIMEOUT)
+        assert wq.queue_work(w) is True  # the last worker runs it
+        assert started.wait(TIMEOUT)
+        assert wq.queue_work(w) is True  # no worker left to make: a mayday
+        assert not second.wait(0.2), "second run started while the first was still running"
+    finally:
+        release.set()
+        hold.set()
+    assert second.wait(TIMEOUT)
+    assert saw[0][0] is True and "rescuer" not in saw[0][1]
+    monkeypatch.undo()
+    w.flush()
+
+
 def test_destroy_stops_the_rescuer(make_wq: Any) -> None:
     wq = make_wq("reclaim", WQ_MEM_RECLAIM)
     rescuer = wq._rescuer.thread
