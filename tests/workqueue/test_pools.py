@@ -183,10 +183,14 @@ def test_blocking_lets_the_pool_start_the_next_item(make_wq: Any) -> None:
     assert a_saw == [True]
 
 
-def test_blocking_starts_another_item_only_when_no_item_counts(make_wq: Any) -> None:
+@pytest.mark.parametrize("b_then", ["blocks", "ends"])
+def test_blocking_starts_another_item_only_when_no_item_counts(
+        make_wq: Any, b_then: str) -> None:
     """A blocks, so B starts; A comes back and counts again.  When B then
-    blocks, A still runs on the CPU: C must wait for it (a pool wakes a
-    worker only when nr_running drops to zero, not whenever one blocks)."""
+    blocks, or ends, A still runs on the CPU: C must wait for it (a pool
+    wakes a worker only when nr_running drops to zero, not whenever one
+    blocks; and of two counted workers, the one that finishes an item
+    stops: keep_working)."""
     wq = make_wq()
     ev = {name: threading.Event() for name in (
         "a_started", "a_unblock", "a_back", "release_a",
@@ -202,6 +206,9 @@ def test_blocking_starts_another_item_only_when_no_item_counts(make_wq: Any) -> 
     def b(work: Work) -> None:
         ev["b_started"].set()
         assert ev["b_block"].wait(TIMEOUT)
+        if b_then == "ends":
+            ev["b_blocking"].set()
+            return
         with blocking():
             ev["b_blocking"].set()
             assert ev["release_b"].wait(TIMEOUT)
@@ -215,7 +222,7 @@ def test_blocking_starts_another_item_only_when_no_item_counts(make_wq: Any) -> 
         assert ev["a_back"].wait(TIMEOUT)
         ev["b_block"].set()
         assert ev["b_blocking"].wait(TIMEOUT)
-        assert not ev["c_started"].wait(0.2), "C started while A ran, counted, on its CPU"
+        assert not ev["c_started"].wait(0.2), f"B {b_then}: C started while A ran, counted"
         ev["release_a"].set()
         assert ev["c_started"].wait(TIMEOUT)
     finally:
@@ -251,6 +258,21 @@ def test_long_item_stops_counting_after_the_threshold(make_wq: Any) -> None:
     wq.flush()
     # Held back the threshold at least: the tick never fires early.
     assert times["b"] - times["a"] >= thresh
+    assert wq.stats().pools[0].cpu_intensive == 1
+
+
+def test_long_item_stops_counting_soon_after_the_threshold(make_wq: Any) -> None:
+    """The other side of the bound: once over the threshold, the hog stops
+    holding the CPU at the next tick, not many thresholds later (B must
+    start within TIMEOUT, forty thresholds here)."""
+    topo = Topology(1, cpu_intensive_thresh=0.25)
+    wq = make_wq(topology=topo)
+    b_ran = threading.Event()
+    a_saw: list[bool] = []
+    wq.queue_work(Work(lambda w: a_saw.append(b_ran.wait(TIMEOUT))))  # blocks unsaid
+    wq.queue_work(Work(lambda w: b_ran.set()))
+    wq.flush()
+    assert a_saw == [True]
     assert wq.stats().pools[0].cpu_intensive == 1
 
 
