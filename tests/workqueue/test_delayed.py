@@ -325,6 +325,54 @@ def test_timer_firing_during_drain_is_dropped_and_logged(make_wq: Any, log_waite
     assert logged.records[0].levelno == logging.ERROR
 
 
+def test_flush_of_delayed_work_during_drain_drops_and_logs_it(
+        make_wq: Any, log_waiter: Any) -> None:
+    """flush() queues an item on its timer at once; a draining workqueue
+    refuses that as it refuses the timer: dropped, logged, not waited for."""
+    wq = make_wq()
+    logged = log_waiter("workqueue._workqueue", "not run")
+    release, started = threading.Event(), threading.Event()
+
+    def blocker(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    wq.queue_work(Work(blocker))
+    assert started.wait(TIMEOUT)
+    ran: list[int] = []
+    dw = DelayedWork(lambda w: ran.append(1))
+    assert wq.queue_delayed_work(dw, 3600) is True
+    drainer = threading.Thread(target=wq.drain)
+    drainer.start()
+    try:
+        while wq._state == 0:  # until drain() has started
+            drainer.join(0.001)
+        assert dw.flush() is False
+        assert not dw.pending and dw._timer is None
+        assert logged.records and "draining" in logged.records[0].getMessage()
+    finally:
+        release.set()
+    drainer.join(TIMEOUT)
+    assert not drainer.is_alive()
+    assert ran == []
+
+
+def test_work_flush_does_not_wait_for_an_item_on_its_timer(make_wq: Any) -> None:
+    """Work.flush() (flush_work) waits for queued or running instances
+    only; the timer is DelayedWork.flush()'s business."""
+    wq = make_wq()
+    dw = DelayedWork(lambda w: None)
+    assert wq.queue_delayed_work(dw, 3600) is True
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(Work.flush(dw)), daemon=True)
+    flusher.start()
+    flusher.join(TIMEOUT)
+    assert result == [False], "Work.flush() waited for the timer"
+    assert dw.pending
+    assert dw.cancel() is True
+    flusher.join(TIMEOUT)
+
+
 def test_timer_firing_after_destroy_is_dropped_and_logged(make_wq: Any, log_waiter: Any) -> None:
     wq = make_wq()
     logged = log_waiter("workqueue._workqueue", "not run")
