@@ -110,6 +110,35 @@ def test_future_cancel_while_pending_and_not_once_running(make_wq: Any) -> None:
     assert cf.wait([first, second], timeout=TIMEOUT).not_done == set()
 
 
+def test_a_call_whose_item_has_started_cannot_be_cancelled(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submitted call can be cancelled exactly while its work item is
+    pending.  Its worker has taken the item (the pending bit is clear) and
+    has not yet marked the future running: cancel() must fail, and the
+    call runs."""
+    from workqueue import _future
+
+    entered, go = threading.Event(), threading.Event()
+    run_call = _future._run_call
+
+    def paused_run_call(work: Any) -> None:  # between the item's start and the call's
+        entered.set()
+        assert go.wait(TIMEOUT)
+        run_call(work)
+
+    monkeypatch.setattr(_future, "_run_call", paused_run_call)
+    wq = make_wq()
+    future = wq.submit(lambda: "ran")
+    try:
+        assert entered.wait(TIMEOUT)
+        assert not future.running() and not future.done()
+        assert future.cancel() is False
+        assert not future.cancelled()
+    finally:
+        go.set()
+    assert future.result(TIMEOUT) == "ran"
+
+
 def test_result_and_exception_time_out_and_the_future_stays_usable(make_wq: Any) -> None:
     wq = make_wq(ordered=True)
     release = threading.Event()
