@@ -7,6 +7,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Hashable
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -254,6 +255,58 @@ def test_close_unregisters_and_refuses_new_keys() -> None:
     assert moves == []
     index.release("a")  # still allowed, so that owners can tear down
     assert len(index) == 0
+
+
+class _HandDrivenHotplug:
+    """What LoadIndex takes of a Topology, with hotplug events delivered by
+    the test: one racing with close() (its notifier still registered), or
+    one that a confused topology should never send."""
+
+    def __init__(self, cpus: list[int]) -> None:
+        self.cpus = cpus
+        self.notifiers: list[Any] = []
+
+    def possible(self) -> list[int]:
+        return list(self.cpus)
+
+    def online(self) -> list[int]:
+        return list(self.cpus)
+
+    def add_hotplug_notifier(self, fn: Any) -> None:
+        self.notifiers.append(fn)
+
+    def remove_hotplug_notifier(self, fn: Any) -> None:
+        pass  # as if a cpu_down had already started to call it
+
+    def send(self, cpu: int, online: bool) -> None:
+        for fn in list(self.notifiers):
+            fn(cpu, online)
+
+
+def test_a_hotplug_event_racing_with_close_moves_nothing() -> None:
+    source = _HandDrivenHotplug([0, 1])
+    moves: list[object] = []
+    index = LoadIndex(source, on_move=lambda *m: moves.append(m))
+    assert index.assign("a") == 0
+    index.close()
+    source.send(0, False)
+    assert moves == [] and index.cpu_of("a") == 0
+    assert index.statistics().moves == 0
+
+
+def test_the_last_online_cpu_going_down_keeps_its_keys(caplog: pytest.LogCaptureFixture) -> None:
+    """A topology never takes its last CPU down; told so all the same, the
+    index keeps the keys where they are and says it disagrees."""
+    source = _HandDrivenHotplug([0, 1])
+    index = LoadIndex(source)
+    assert index.assign("a") == 0
+    source.send(1, False)
+    assert index.cpu_of("a") == 0
+    with caplog.at_level(logging.ERROR, logger="workqueue._loadindex"):
+        source.send(0, False)
+    assert "last online CPU" in caplog.text
+    assert index.cpu_of("a") == 0 and index.least_loaded() == 0
+    assert index.assign("b") == 0
 
 
 def test_forgotten_index_is_not_kept_alive_by_the_topology() -> None:
