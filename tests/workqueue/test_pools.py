@@ -267,9 +267,10 @@ def test_long_item_stops_counting_soon_after_the_threshold(make_wq: Any) -> None
     start within TIMEOUT, forty thresholds here)."""
     topo = Topology(1, cpu_intensive_thresh=0.25)
     wq = make_wq(topology=topo)
-    b_ran = threading.Event()
+    a_started, b_ran = threading.Event(), threading.Event()
     a_saw: list[bool] = []
-    wq.queue_work(Work(lambda w: a_saw.append(b_ran.wait(TIMEOUT))))  # blocks unsaid
+    wq.queue_work(Work(lambda w: (a_started.set(), a_saw.append(b_ran.wait(TIMEOUT)))))
+    assert a_started.wait(TIMEOUT)  # so that queueing B is what arms the tick
     wq.queue_work(Work(lambda w: b_ran.set()))
     wq.flush()
     assert a_saw == [True]
