@@ -239,6 +239,25 @@ def test_a_destroyed_queue_raises_also_for_an_item_queued_elsewhere_meanwhile(
         dwork.cancel()
 
 
+def test_destroy_while_another_destroy_drains_is_refused(make_wq: Any) -> None:
+    wq = make_wq()
+    started, release = threading.Event(), threading.Event()
+    wq.queue_work(Work(lambda w: (started.set(), release.wait(TIMEOUT))))
+    assert started.wait(TIMEOUT)
+    first = threading.Thread(target=wq.destroy, daemon=True)
+    first.start()
+    try:
+        while wq._state < _workqueue._DESTROYING:
+            first.join(0.001)
+        with pytest.raises(RuntimeError, match="already destroyed"):
+            wq.destroy()
+    finally:
+        release.set()
+    first.join(TIMEOUT)
+    assert not first.is_alive()
+    assert wq._state == _workqueue._DESTROYED
+
+
 def test_flush_drain_destroy_from_own_item_raise(make_wq: Any) -> None:
     wq = make_wq()
     errors: list[str] = []
@@ -254,6 +273,24 @@ def test_flush_drain_destroy_from_own_item_raise(make_wq: Any) -> None:
     wq.queue_work(w)
     w.flush()
     assert len(errors) == 3 and all("deadlock" in e for e in errors)
+
+
+def test_shutdown_with_wait_from_own_item_raises_and_changes_nothing(make_wq: Any) -> None:
+    wq = make_wq()
+    errors: list[str] = []
+
+    def func(work: Work) -> None:
+        try:
+            wq.shutdown(wait=True)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    w = Work(func)
+    wq.queue_work(w)
+    w.flush()
+    assert len(errors) == 1 and "deadlock" in errors[0]
+    assert wq.submit(lambda: "still open").result(TIMEOUT) == "still open"
+    assert wq._state == _workqueue._RUNNING
 
 
 def test_dump_shows_running_pending_and_inactive_items(make_wq: Any) -> None:
