@@ -455,6 +455,21 @@ def test_a_running_item_queued_for_another_cpu_goes_to_the_pool_running_it(
     assert tracer.cpus("execute_start", w) == [0, 0]
 
 
+def test_queue_work_on_an_unbound_workqueue_still_checks_the_cpu(make_wq: Any) -> None:
+    """The CPU is only a hint to an unbound workqueue, but it must be one
+    of the topology's: CPU 7 of two is a caller's mistake, said at once."""
+    from workqueue import WQ_UNBOUND
+    wq = make_wq("unbound", WQ_UNBOUND)
+    w = Work(lambda work: None)
+    with pytest.raises(ValueError, match="CPU 7"):
+        wq.queue_work_on(7, w)
+    with pytest.raises(TypeError):
+        wq.queue_work_on("0", w)  # type: ignore[arg-type]
+    assert not w.pending
+    assert wq.queue_work_on(1, w) is True
+    assert w.flush() is True
+
+
 def test_an_item_run_by_another_pools_worker_counts_as_running(make_wq: Any) -> None:
     """Handed to the worker still running it for another workqueue, the
     item runs there as the second workqueue's: its stats and dump say so."""
