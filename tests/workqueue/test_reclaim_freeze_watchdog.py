@@ -196,6 +196,34 @@ def test_freeze_waits_for_in_flight_and_holds_new_items(make_wq: Any) -> None:
     wq.thaw()  # not frozen: no-op
 
 
+def test_freeze_waits_for_the_in_flight_items_of_every_cpu(make_wq: Any) -> None:
+    """One CPU's items done is not enough: freeze() returns once no pool
+    of the workqueue has an item in flight."""
+    wq = make_wq("frz", WQ_FREEZABLE)
+    started = [threading.Event(), threading.Event()]
+    release = [threading.Event(), threading.Event()]
+    for cpu in (0, 1):
+        wq.queue_work_on(cpu, Work(lambda w, cpu=cpu: (
+            started[cpu].set(), release[cpu].wait(TIMEOUT))))
+    for event in started:
+        assert event.wait(TIMEOUT)
+    freezer = threading.Thread(target=wq.freeze, daemon=True)
+    freezer.start()
+    try:
+        while not wq._frozen:
+            freezer.join(0.001)
+        release[0].set()
+        while wq.stats().pools[0].nr_active:  # CPU 0's item is done
+            freezer.join(0.001)
+        freezer.join(0.05)
+        assert freezer.is_alive(), "freeze() returned while CPU 1's item ran"
+    finally:
+        release[1].set()
+    freezer.join(TIMEOUT)
+    assert not freezer.is_alive()
+    wq.thaw()
+
+
 def test_thaw_releases_a_freeze_still_waiting_for_in_flight_items(make_wq: Any) -> None:
     """thaw() while freeze() waits for the in-flight items: the freeze is
     over, so freeze() returns, and the held items run."""
