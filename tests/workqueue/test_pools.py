@@ -465,6 +465,44 @@ def test_destroy_releases_pools_and_their_idle_workers_exit() -> None:
     c.destroy()
 
 
+def test_a_worker_busy_when_its_pool_is_released_exits_once_done(make_wq: Any) -> None:
+    """Its pool's last workqueue destroyed while it runs an item handed by
+    another pool (non-reentrancy), a worker exits as soon as that item is
+    done, rather than idling on a pool nobody uses."""
+    from workqueue import WQ_UNBOUND
+    bound = make_wq("bound")
+    unbound = make_wq("unbound", WQ_UNBOUND)
+    runs = [threading.Event(), threading.Event()]
+    release = [threading.Event(), threading.Event()]
+    workers: list[threading.Thread] = []
+
+    def func(work: Work) -> None:
+        n = 0 if not runs[0].is_set() else 1
+        workers.append(threading.current_thread())
+        runs[n].set()
+        assert release[n].wait(TIMEOUT)
+
+    w = Work(func)
+    try:
+        assert bound.queue_work_on(0, w) is True
+        assert runs[0].wait(TIMEOUT)
+        assert unbound.queue_work(w) is True
+        deadline = time.monotonic() + TIMEOUT
+        while not (w._entry is not None and w._entry.owner is w._worker):
+            assert time.monotonic() < deadline, "not handed to the worker running it"
+            runs[1].wait(0.001)  # polling: the hand-over has no event of its own
+        release[0].set()
+        assert runs[1].wait(TIMEOUT)  # cpu0's worker runs it for unbound
+        bound.destroy()  # the cpu pools' only user
+    finally:
+        release[0].set()
+        release[1].set()
+    assert w.flush() is True
+    assert workers[0] is workers[1]
+    workers[0].join(TIMEOUT)
+    assert not workers[0].is_alive(), "the worker lingers on a pool nobody uses"
+
+
 def test_a_pool_taken_up_again_while_its_last_worker_runs_a_handed_item_gets_workers(
         make_wq: Any) -> None:
     """When its last workqueue goes, a pool's idle workers exit; a worker
