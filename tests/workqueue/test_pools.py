@@ -277,6 +277,38 @@ def test_long_item_stops_counting_soon_after_the_threshold(make_wq: Any) -> None
     assert wq.stats().pools[0].cpu_intensive == 1
 
 
+def test_the_tick_watches_an_item_that_started_after_it_was_armed(make_wq: Any) -> None:
+    """A (counted) arms the tick for C; A blocks, so B starts; A comes
+    back.  When the tick finds A over the threshold and B, younger, not
+    yet, it must come again for B -- or C waits for two hogs to end."""
+    thresh = 0.3
+    wq = make_wq(topology=Topology(1, cpu_intensive_thresh=thresh))
+    a_started, go_block, b_started, c_ran = (threading.Event() for _ in range(4))
+    saw: list[bool] = []
+
+    def a(work: Work) -> None:
+        a_started.set()
+        assert go_block.wait(TIMEOUT)
+        with blocking():
+            assert b_started.wait(TIMEOUT)
+        saw.append(c_ran.wait(TIMEOUT))  # a hog again, counted
+
+    def b(work: Work) -> None:
+        b_started.set()
+        saw.append(c_ran.wait(TIMEOUT))  # a hog, counted
+
+    for func in (a, b, lambda w: c_ran.set()):
+        wq.queue_work(Work(func))
+    assert a_started.wait(TIMEOUT)
+    # B starts some half a threshold after A, so that the tick finds B
+    # young.  Not a wait for anything to happen: whatever it lasts, the
+    # test holds (a longer one only makes the tick's second look needless).
+    threading.Event().wait(thresh / 2)
+    go_block.set()
+    wq.flush()
+    assert saw == [True, True]
+
+
 def test_cpu_intensive_items_do_not_hold_others_back(make_wq: Any) -> None:
     hog = make_wq("hog", WQ_CPU_INTENSIVE)
     normal = make_wq("normal")
@@ -434,7 +466,11 @@ def test_ordered_queue_runs_one_at_a_time_in_queueing_order(make_wq: Any, tracer
         wq.set_max_active(2)
 
 
-def test_destroy_releases_pools_and_their_idle_workers_exit() -> None:
+def test_destroy_releases_pools_and_their_idle_workers_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    failed: list[str] = []  # a worker must exit by returning, not by an exception
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: failed.append(f"{args.thread}: {args.exc_value!r}"))
     topo = Topology(2)
     a = alloc_workqueue("a", topology=topo)
     b = alloc_workqueue("b", topology=topo)
@@ -456,6 +492,7 @@ def test_destroy_releases_pools_and_their_idle_workers_exit() -> None:
     for t in threads:
         t.join(TIMEOUT)
         assert not t.is_alive(), t
+    assert failed == []
     assert all(not p.workers for p in pools)
     # A new workqueue brings the pools back to life.
     c = alloc_workqueue("c", topology=topo)
