@@ -223,6 +223,9 @@ def test_flush_of_delayed_work_runs_it_now(make_wq: Any) -> None:
     assert dw.flush() is True
     assert ran == [1] and time.monotonic() - t0 < 30
     assert not dw.pending
+    assert dw.flush() is False  # idle now: nothing to wait for, nothing run
+    wq.flush()  # (anything it queued would have run by now)
+    assert ran == [1] and not dw.pending
 
 
 def test_flush_from_its_own_function_is_refused_before_anything_changes(
