@@ -294,6 +294,22 @@ def test_a_hotplug_event_racing_with_close_moves_nothing() -> None:
     assert index.statistics().moves == 0
 
 
+def test_a_down_event_for_a_cpu_already_offline_is_ignored() -> None:
+    """As when the index read the online set after the CPU went and its
+    notifier is then called for it (the race __init__ allows for)."""
+    source = _HandDrivenHotplug([0, 1, 2])
+    moves: list[object] = []
+    index = LoadIndex(source, on_move=lambda *m: moves.append(m))
+    for key in "abc":
+        index.assign(key)
+    source.send(2, False)
+    assert moves == [("c", 2, 0)]
+    source.send(2, False)
+    assert moves == [("c", 2, 0)]
+    assert index.statistics().offline == (2,)
+    assert dict(index.statistics().loads) == {0: 2, 1: 1}
+
+
 def test_the_last_online_cpu_going_down_keeps_its_keys(caplog: pytest.LogCaptureFixture) -> None:
     """A topology never takes its last CPU down; told so all the same, the
     index keeps the keys where they are and says it disagrees."""
