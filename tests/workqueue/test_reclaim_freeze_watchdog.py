@@ -125,6 +125,33 @@ def test_the_rescuer_leaves_an_item_still_running_to_its_worker(
     w.flush()
 
 
+def test_the_rescuer_takes_an_item_cancelled_and_queued_again(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worklist the rescuer takes from holds a tombstone of the item
+    (cancelled) before its live entry (queued again): the rescuer must
+    take the live one, and leave no stale tombstone count behind that
+    would hide the item's next queueing."""
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=Topology(1))
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)  # no worker, ever
+    hold, holding = threading.Event(), threading.Event()
+    runs = threading.Semaphore(0)
+    x = Work(lambda w: runs.release())
+    try:
+        wq.queue_work(Work(lambda w: (holding.set(), hold.wait(TIMEOUT))))
+        assert holding.wait(TIMEOUT)  # the rescuer runs it; the next mayday waits
+        assert wq.queue_work(x) is True
+        assert x.cancel() is True
+        assert wq.queue_work(x) is True  # behind its tombstone
+        hold.set()
+        assert runs.acquire(timeout=TIMEOUT), "the rescuer lost the item"
+        assert wq.queue_work(x) is True  # onto the list the rescuer took from
+        assert runs.acquire(timeout=TIMEOUT), "the item's next queueing was lost"
+    finally:
+        hold.set()
+        monkeypatch.undo()
+    x.flush()
+
+
 def test_destroy_stops_the_rescuer(make_wq: Any) -> None:
     wq = make_wq("reclaim", WQ_MEM_RECLAIM)
     rescuer = wq._rescuer.thread
