@@ -294,6 +294,10 @@ def test_shutdown_wait_from_its_own_call_is_an_error(wq: object) -> None:
     future = ex.submit(lambda: ex.shutdown(wait=True))
     with pytest.raises(RuntimeError, match="deadlock"):
         future.result(TIMEOUT)
+    # Refused before anything changed: the executor is not shut down.
+    assert ex.submit(lambda: "open").result(TIMEOUT) == "open"
+    assert wq.serial("k") is ex  # type: ignore[attr-defined]
+    ex.shutdown()
 
 
 def test_with_block_shuts_down(wq: object) -> None:
