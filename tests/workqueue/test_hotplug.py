@@ -105,6 +105,23 @@ def test_items_queued_on_an_offline_cpu_still_run_elsewhere(
         assert seen[-1][2] == {topo.real_cpu(1)}
 
 
+def test_a_workqueue_made_while_a_cpu_is_offline_uses_it_too(
+        make_wq: Any, topo: Any, tracer: Any) -> None:
+    """A bound workqueue has a pool_workqueue for every possible CPU, not
+    only for those online when it is made: queue_work_on() an offline CPU
+    works, and once the CPU is up its items run there."""
+    topo.cpu_down(1)
+    wq = make_wq()
+    wq.add_trace_hook(tracer)
+    w = Work(lambda work: None)
+    assert wq.queue_work_on(1, w) is True
+    assert w.flush() is True
+    topo.cpu_up(1)
+    assert wq.queue_work_on(1, w) is True
+    assert w.flush() is True
+    assert tracer.cpus("execute_start", w) == [1, 1]  # its pool, unbound while offline
+
+
 def test_hotplug_keeps_non_reentrancy_order_and_loses_nothing(make_wq: Any, tracer: Any) -> None:
     topo = Topology(4)
     wq = make_wq(topology=topo, max_active=16)
