@@ -237,6 +237,7 @@ def test_topology_contract_and_errors() -> None:
     assert not topo.is_online(2) and topo.online() == [1, 3]
     topo.cpu_down(2)  # already offline: no-op
     topo.cpu_up(2)
+    topo.cpu_up(2)  # already online: no-op
     assert calls == [("second", 2, False), ("first", 2, False),
                      ("first", 2, True), ("second", 2, True)]
     topo.remove_hotplug_notifier(first)
