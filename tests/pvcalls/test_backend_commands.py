@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, RawFrontend, Response, bound_ports, wait_until
+from pvcalls_rawfront import TIMEOUT, DataRing, RawFrontend, Response, bound_ports, wait_until
 from racewindow import PauseAt, stands_at
 
 import pvcalls
@@ -497,6 +497,19 @@ def _full_listener() -> tuple[socket.socket, socket.socket]:
     return listener, filler
 
 
+
+def _connecting(raw: RawFrontend, ring: DataRing | None = None,
+                ) -> tuple[socket.socket, socket.socket, int, int]:
+    """A CONNECT to a full listener (see :func:`_full_listener`), processed
+    and in progress: the listener, its filler, the socket's id and the
+    CONNECT's req_id."""
+    listener, filler = _full_listener()
+    sock_id, _ = raw.socket()
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), ring or raw.new_ring())
+    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
+    assert rsp.ret == 0 and connect_req not in raw.responses
+    return listener, filler, sock_id, connect_req
+
 def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend,
                                               backend: pvcalls.Backend) -> None:
     """A connect whose SYN is dropped (full accept queue) stays in progress;
@@ -563,11 +576,7 @@ def test_a_connect_failing_later_is_answered_before_the_release_behind_it(
         return teardown(self, from_work=from_work)
 
     monkeypatch.setattr(ActiveSocket, "teardown", watched_teardown)
-    listener, filler = _full_listener()
-    sock_id, _ = raw.socket()
-    connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
-    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
-    assert rsp.ret == 0 and connect_req not in raw.responses
+    listener, filler, sock_id, connect_req = _connecting(raw)
     filler.close()
     listener.close()  # the next SYN is refused
     try:
@@ -618,11 +627,7 @@ def test_a_release_taking_the_id_of_a_failing_connect_frees_it(
         failing.run(lambda: real_failed(self, sock, request, ret))
 
     monkeypatch.setattr(_Frontend, "connect_failed", connect_failed)
-    listener, filler = _full_listener()
-    sock_id, _ = raw.socket()
-    connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
-    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
-    assert rsp.ret == 0 and connect_req not in raw.responses
+    listener, filler, sock_id, connect_req = _connecting(raw)
     filler.close()
     listener.close()  # the next SYN is refused
     assert failing.reached.wait(TIMEOUT)
@@ -683,12 +688,8 @@ def test_slow_connect_is_answered_when_it_completes(
     retransmission (about 1 s) completes the connect and only then does the
     CONNECT get its answer.  EPOLLOUT, which told of the completion, is
     dropped before the answer."""
-    listener, filler = _full_listener()
-    sock_id, _ = raw.socket()
     ring = raw.new_ring()
-    connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
-    _, rsp = raw.socket()  # served meanwhile
-    assert rsp.ret == 0 and connect_req not in raw.responses
+    listener, filler, sock_id, connect_req = _connecting(raw, ring)
     filler.close()
     listener.setblocking(False)
     accepted: list[socket.socket] = []

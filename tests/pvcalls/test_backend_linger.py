@@ -393,17 +393,6 @@ def test_one_domain_dropping_lingering_data_does_not_silence_another(
                for r in caplog.records)
 
 
-def _stuck_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected pair whose first end cannot send (nobody reads the other)."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    with pytest.raises(BlockingIOError):
-        while True:
-            a.send(bytes(65536))
-    return a, b
-
-
 def test_a_guest_cannot_flood_the_log_with_lingering_sockets_its_peers_reset(
         backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
     """Each lingering socket that ends with data unsent says so; a guest

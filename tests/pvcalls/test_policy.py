@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -400,18 +402,20 @@ def test_a_domain_with_two_devices_has_one_socket_limit(host: Any, topology: Any
         second.close()
 
 
-def test_an_accept_taking_its_socket_is_counted_by_the_other_device(
-        host: Any, topology: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An ACCEPT's id_new moves from the reserved count into the sockets
-    table in one step for the domain's other devices: one device's SOCKET
-    checked in between would find the domain a socket short of its limit."""
+@contextlib.contextmanager
+def _accept_paused_at(host: Any, topology: Any, monkeypatch: pytest.MonkeyPatch,
+                      where: str) -> Iterator[tuple[RawFrontend, RawFrontend, int, int, PauseAt]]:
+    """A domain of two sockets at most, with two devices: the first one's
+    ACCEPT on its listener stands at ``where`` in the backend's handler.
+    Yields both frontends, the listener's id, the ACCEPT's req_id and the
+    pause; the frontends are closed afterwards."""
     policy = Policy.from_toml('[domain.two]\nmax_sockets = 2\n')
     guest = host.create_domain("two")
     real_accept = _backend._HANDLERS[pvcalls._wire.PVCALLS_ACCEPT]
-    between = PauseAt(real_accept, "self._sockets[id_new] = new")
+    pause = PauseAt(real_accept, where)
 
     def paused_accept(fe: Any, request: Any, req: Any) -> int | None:
-        return between.run(lambda: real_accept(fe, request, req))
+        return pause.run(lambda: real_accept(fe, request, req))
 
     monkeypatch.setitem(_backend._HANDLERS, pvcalls._wire.PVCALLS_ACCEPT, paused_accept)
     with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
@@ -422,7 +426,19 @@ def test_an_accept_taking_its_socket_is_counted_by_the_other_device(
         assert first.bind(listener, ("127.0.0.1", 0)).ret == 0
         assert first.listen(listener).ret == 0
         accept = first.push_accept(listener, first.new_id(), first.new_ring())
-        assert between.reached.wait(10)
+        assert pause.reached.wait(10)
+        yield first, second, listener, accept, pause
+        first.close()
+        second.close()
+
+
+def test_an_accept_taking_its_socket_is_counted_by_the_other_device(
+        host: Any, topology: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ACCEPT's id_new moves from the reserved count into the sockets
+    table in one step for the domain's other devices: one device's SOCKET
+    checked in between would find the domain a socket short of its limit."""
+    with _accept_paused_at(host, topology, monkeypatch, "self._sockets[id_new] = new") as (
+            first, second, listener, accept, between):
 
         def fill(req: Any) -> None:
             req.u.socket.id = second.new_id()
@@ -447,8 +463,6 @@ def test_an_accept_taking_its_socket_is_counted_by_the_other_device(
         assert second.socket()[1].ret == -EMFILE
         assert first.release(listener).ret == 0
         assert first.response(accept).ret < 0  # -EINTR: its listener went
-        first.close()
-        second.close()
 
 
 def test_an_accept_mapping_its_ring_is_counted_by_the_other_device(
@@ -456,24 +470,8 @@ def test_an_accept_mapping_its_ring_is_counted_by_the_other_device(
     """While an ACCEPT maps its id_new's ring (outside every lock), its
     socket is reserved: the domain's other device finds the domain at its
     limit then, not a socket short."""
-    policy = Policy.from_toml('[domain.two]\nmax_sockets = 2\n')
-    guest = host.create_domain("two")
-    real_accept = _backend._HANDLERS[pvcalls._wire.PVCALLS_ACCEPT]
-    mapping = PauseAt(real_accept, "new.attach_ring(")
-
-    def paused_accept(fe: Any, request: Any, req: Any) -> int | None:
-        return mapping.run(lambda: real_accept(fe, request, req))
-
-    monkeypatch.setitem(_backend._HANDLERS, pvcalls._wire.PVCALLS_ACCEPT, paused_accept)
-    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
-        first = RawFrontend(host, guest, devid=0)
-        second = RawFrontend(host, guest, devid=1)
-        listener, rsp = first.socket()
-        assert rsp.ret == 0
-        assert first.bind(listener, ("127.0.0.1", 0)).ret == 0
-        assert first.listen(listener).ret == 0
-        accept = first.push_accept(listener, first.new_id(), first.new_ring())
-        assert mapping.reached.wait(10)
+    with _accept_paused_at(host, topology, monkeypatch, "new.attach_ring(") as (
+            first, second, listener, accept, mapping):
         try:
             # No lock is held there: the SOCKET is answered at once.
             assert second.socket()[1].ret == -EMFILE
@@ -482,8 +480,6 @@ def test_an_accept_mapping_its_ring_is_counted_by_the_other_device(
         assert first.release(listener).ret == 0
         assert first.response(accept).ret < 0  # -EINTR: its listener went
         assert second.socket()[1].ret == 0  # both sockets went
-        first.close()
-        second.close()
 
 
 def test_an_accept_that_fails_to_map_its_ring_gives_its_reservation_back(
