@@ -25,10 +25,11 @@ The other end runs on another CPU, so the order in which our loads and stores
 become visible matters, exactly as in the kernel's ring macros.  Python has
 no barriers of its own; :func:`mb`, :func:`rmb` and :func:`wmb` are the
 kernel's ``virt_mb``/``virt_rmb``/``virt_wmb`` (from a C helper,
-:mod:`xenback._barrier`), for rings of a layout of one's own too.  Each shared index is read and written
-as one aligned 32-bit access (a memoryview cast to ``"I"``), and each barrier
-is an opaque call into C, so neither CPython's C compiler nor the
-interpreter can move a memory access across it; only the CPU could:
+:mod:`xenback._barrier`), for rings of a layout of one's own too.  Each
+shared index is read and written as one aligned 32-bit access (a memoryview
+cast to ``"I"``), and each barrier is an opaque call into C, so neither
+CPython's C compiler nor the interpreter can move a memory access across
+it; only the CPU could:
 
 * x86-64 is TSO: loads are not reordered with older loads, stores not with
   older stores, and a store is not reordered with an older load.  So the
