@@ -727,6 +727,26 @@ def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
     other_fe.wait_backend(S.CLOSING)  # and it is still served
 
 
+
+def _add_device_by_hand(xs: XenStore, base: str, frontend: str, frontend_id: int) -> None:
+    """Add a device as a toolstack does, with its frontend directory at
+    ``frontend`` (the simulated toolstack puts it in the guest's home)."""
+    def tx(t):
+        t.write(f"{frontend}/state", 1)
+        t.write(f"{base}/frontend", frontend)
+        t.write(f"{base}/frontend-id", frontend_id)
+        t.write(f"{base}/online", 1)
+        t.write(f"{base}/state", 1)
+
+    xs.transaction(tx)
+
+
+def _publish_by_hand(xs: XenStore, frontend: str, ref: int, port: int) -> None:
+    """What a frontend publishes to connect: ring-ref, port, Initialised."""
+    xs.transaction(lambda t: (t.write(f"{frontend}/ring-ref", ref),
+                              t.write(f"{frontend}/port", port),
+                              t.write(f"{frontend}/state", 3)))
+
 def test_release_domain_alone_tears_the_device_down(host, driver, dom0_xs) -> None:
     """A frontend directory outside the guest's home survives the guest's
     destruction, so only @releaseDomain can tell the backend."""
@@ -738,18 +758,9 @@ def test_release_domain_alone_tears_the_device_down(host, driver, dom0_xs) -> No
     frontend = "/local/domain/0/fake-frontends/1"
     base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
 
-    def tx(t):
-        t.write(f"{frontend}/state", 1)
-        t.write(f"{base}/frontend", frontend)
-        t.write(f"{base}/frontend-id", guest.domid)
-        t.write(f"{base}/online", 1)
-        t.write(f"{base}/state", 1)
-
-    dom0_xs.transaction(tx)
+    _add_device_by_hand(dom0_xs, base, frontend, guest.domid)
     dom0_xs.wait_for(f"{base}/state", "2", timeout=TIMEOUT)
-    dom0_xs.transaction(lambda t: (t.write(f"{frontend}/ring-ref", pages.refs[0]),
-                                   t.write(f"{frontend}/port", port),
-                                   t.write(f"{frontend}/state", 3)))
+    _publish_by_hand(dom0_xs, frontend, pages.refs[0], port)
     dom0_xs.wait_for(f"{base}/state", "4", timeout=TIMEOUT)
     (bdev,) = driver.devices()
     evtchn.close()
@@ -1124,22 +1135,13 @@ def test_release_domain_in_a_driver_domain_that_may_look_at_homes(host) -> None:
     frontend = f"{home}/fake-frontends/{guest.domid}"
     base = f"{home}/backend/xbtest/{guest.domid}/0"
 
-    def tx(t):
-        t.write(f"{frontend}/state", 1)
-        t.write(f"{base}/frontend", frontend)
-        t.write(f"{base}/frontend-id", guest.domid)
-        t.write(f"{base}/online", 1)
-        t.write(f"{base}/state", 1)
-
     with XenStore(host.dom0.xenstore()) as dom0_xs:
         dom0_xs.set_perms("@releaseDomain", ["n0", f"r{drvdom.domid}"])
         dom0_xs.set_perms("/local/domain", ["n0", f"r{drvdom.domid}"])
         with RecordingDriver(drvdom) as drv:
-            dom0_xs.transaction(tx)
+            _add_device_by_hand(dom0_xs, base, frontend, guest.domid)
             dom0_xs.wait_for(f"{base}/state", "2", timeout=TIMEOUT)
-            dom0_xs.transaction(lambda t: (t.write(f"{frontend}/ring-ref", pages.refs[0]),
-                                           t.write(f"{frontend}/port", port),
-                                           t.write(f"{frontend}/state", 3)))
+            _publish_by_hand(dom0_xs, frontend, pages.refs[0], port)
             dom0_xs.wait_for(f"{base}/state", "4", timeout=TIMEOUT)
             evtchn.close()
             pages.unshare()
