@@ -345,6 +345,32 @@ def test_ports_belong_to_their_handle(host: SimHost, guest: Domain) -> None:
             assert info.value.errno == err
 
 
+def test_the_service_refuses_to_unbind_another_handles_port(
+    host: SimHost, guest: Domain, pair: tuple[EventChannel, int, EventChannel, int]
+) -> None:
+    """The client-side check above is not the guard: a guest speaking the
+    wire itself may name any port of its domain, and must not be able to
+    cut a connection another of its handles (another process) made."""
+    import json
+    import os
+    import socket
+
+    from xenback.sim._hypervisor import domain_socket
+
+    e0, p0, e1, p1 = pair
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5)
+        sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
+        sock.send(json.dumps({"op": "evtchn_unbind", "port": p1}).encode())
+        data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
+        assert not fds
+        assert json.loads(data)["errno"] == errno.EINVAL
+    assert e1.remote(p1) == (0, p0)
+    assert e0.remote(p0) == (guest.domid, p1)
+    e0.notify(p0)
+    assert wait_pending(e1) == p1
+
+
 def test_domain_death_unbinds_its_ports(host: SimHost) -> None:
     guest = host.create_domain("doomed")
     e1 = guest.evtchn()

@@ -355,6 +355,70 @@ def test_a_handle_cannot_end_another_handles_grants(
     tab.map_grant_refs(1, pages.refs).unmap()
 
 
+def test_a_granters_pages_can_neither_shrink_nor_grow(host: SimHost, guest: Domain) -> None:
+    """The granter gets a writable descriptor of the file: were it free to
+    truncate it, every mapper would meet SIGBUS on the lost pages."""
+    with raw(host, guest.domid) as sock:
+        for writable in (True, False):
+            sock.send(json.dumps({"op": "gnt_share", "domid": 0, "count": 2,
+                                  "writable": writable}).encode())
+            reply, fds, _, _ = socket.recv_fds(sock, 70000, 10)
+            assert "refs" in json.loads(reply) and len(fds) == 1
+            try:
+                for size in (PAGE_SIZE, 0, 3 * PAGE_SIZE):
+                    with pytest.raises(PermissionError):
+                        os.ftruncate(fds[0], size)
+                assert os.fstat(fds[0]).st_size == 2 * PAGE_SIZE
+            finally:
+                os.close(fds[0])
+
+
+def test_a_read_only_grant_is_mapped_through_a_read_only_descriptor(
+    host: SimHost, guest: Domain
+) -> None:
+    """A hostile grantee may map a read-only ref (refs are easily guessed)
+    before the granter has sealed its pages against writing: the descriptor
+    it gets must not allow writing in the first place."""
+    import fcntl
+    import mmap
+
+    with raw(host, guest.domid) as granter, raw(host, 0) as grantee:
+        shared = ask(granter, json.dumps({"op": "gnt_share", "domid": 0, "count": 1,
+                                          "writable": False}).encode())
+        grantee.send(json.dumps({"op": "gnt_map", "domid": guest.domid, "refs": shared["refs"],
+                                 "writable": False}).encode())
+        reply, fds, _, _ = socket.recv_fds(grantee, 70000, 10)
+        assert "handle" in json.loads(reply) and len(fds) == 1
+        try:
+            assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            with pytest.raises(PermissionError):
+                mmap.mmap(fds[0], PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            with pytest.raises(OSError):
+                os.pwrite(fds[0], b"x", 0)
+        finally:
+            os.close(fds[0])
+
+
+def test_a_map_needing_more_descriptors_than_a_message_holds_is_refused(
+    host: SimHost, guest: Domain
+) -> None:
+    """Each separate share is a file of its own, and a reply carries at most
+    MAX_FDS descriptors: one more is E2BIG, not a reply the kernel refuses
+    (which would cost the mapper its handle)."""
+    from xenback.sim._proto import MAX_FDS
+
+    with raw(host, guest.domid) as granter, raw(host, 0) as mapper:
+        refs = []
+        for _ in range(MAX_FDS + 1):
+            refs += ask(granter, json.dumps({"op": "gnt_share", "domid": 0, "count": 1,
+                                             "writable": True}).encode())["refs"]
+        req = {"op": "gnt_map", "domid": guest.domid, "writable": True}
+        assert ask(mapper, json.dumps({**req, "refs": refs}).encode())["errno"] == errno.E2BIG
+        reply = ask(mapper, json.dumps({**req, "refs": refs[:MAX_FDS]}).encode())
+        assert "handle" in reply
+        assert ask(mapper, json.dumps({"op": "gnt_unmap", "handle": reply["handle"]}).encode()) == {}
+
+
 def test_ending_a_ref_twice_in_one_request_ends_none(
     host: SimHost, guest: Domain, handles: tuple[GrantShare, GrantTable]
 ) -> None:
