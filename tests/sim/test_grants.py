@@ -22,7 +22,7 @@ from xenback.platform import GrantShare as GrantShareProtocol
 from xenback.platform import GrantTable as GrantTableProtocol
 from xenback.platform import SharedPages as SharedPagesProtocol
 from xenback.sim import Domain, GrantShare, GrantTable, SimHost, _hypervisor
-from xenback.sim._grant import GrantMapping, _ffi, _Handle, _Pages
+from xenback.sim._grant import GrantMapping, _ffi, _Handle, _Pages, _Region
 from xenback.sim._hypervisor import domain_socket
 
 
@@ -179,6 +179,45 @@ def test_a_share_the_service_cannot_finish_leaves_no_grant(
     assert live_grants(host) == before
     monkeypatch.undo()
     assert len(shr.share_pages(0, 4).refs) == 4  # the handle still works
+
+
+def _failing_region_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make mapping pages into this process fail, as out of address space."""
+
+    def fail(*args: object) -> None:
+        raise GrantError(errno.ENOMEM, "cannot map granted pages: out of memory")
+
+    monkeypatch.setattr(_Region, "map", fail)
+
+
+def test_a_map_this_process_cannot_finish_is_undone_at_the_service(
+    host: SimHost, handles: tuple[GrantShare, GrantTable], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service mapped the pages, this process could not: the mapping
+    is handed back, or the granter's pages would never be freed."""
+    shr, tab = handles
+    before = live_grants(host)
+    pages = shr.share_pages(0, 2)
+    _failing_region_map(monkeypatch)
+    with pytest.raises(GrantError) as info:
+        tab.map_grant_refs(1, pages.refs)
+    assert info.value.errno == errno.ENOMEM
+    pages.unshare()
+    assert live_grants(host) == before  # unshare freed them: nobody maps them
+
+
+def test_a_share_this_process_cannot_finish_is_ended_at_the_service(
+    host: SimHost, handles: tuple[GrantShare, GrantTable], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shr, _ = handles
+    before = live_grants(host)
+    _failing_region_map(monkeypatch)
+    with pytest.raises(GrantError) as info:
+        shr.share_pages(0, 3)
+    assert info.value.errno == errno.ENOMEM
+    assert live_grants(host) == before
+    monkeypatch.undo()
+    assert len(shr.share_pages(0, 3).refs) == 3  # the handle still works
 
 
 def test_unmap_releases_the_view_and_leaves_stale_slices_harmless(
@@ -779,4 +818,13 @@ def test_a_map_finishing_after_the_handle_closed_keeps_nothing(
         assert isinstance(error, GrantError) and error.errno == errno.EBADF, error
         assert got == []
         pages.unshare()
+        # Not even the failed call's frames (which the error keeps) hold the
+        # pages mapped in this process.
+        assert not _mapped_grant_files(guest.domid), error
     assert eventually(lambda: live_grants(host) == 0)
+
+
+def _mapped_grant_files(domid: int) -> list[str]:
+    """Lines of /proc/self/maps for pages ``domid`` shares (its memfd name)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if f"xenback-sim-grant-d{domid} " in line]
