@@ -79,6 +79,29 @@ def test_read_int_names_the_node_for_any_non_number(dom0_xs, value) -> None:
     assert str(info.value) == f"/test/n: expected an integer, found {value!r}"
 
 
+@pytest.mark.parametrize("value", ["\u0663", "\uff15", "-\u0967\u0968"],
+                         ids=["arabic-indic", "fullwidth", "devanagari"])
+def test_read_int_refuses_digits_other_than_ascii(host, dom0_xs, value) -> None:
+    """int() takes any Unicode decimal digit; a guest's "\u0663" is no number
+    of the XenStore protocol, whose numbers are ASCII."""
+    import socket
+
+    payload = b"/test/n\0" + value.encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        # pyxs sends ASCII only: write the bytes as another domain's client may.
+        sock.connect(str(host.dom0.xenstore_path))
+        sock.sendall(_packet(Op.WRITE, 1, 0, payload))
+        header = sock.recv(16, socket.MSG_WAITALL)
+        op, _, _, length = struct.unpack("<4I", header)
+        assert op == Op.WRITE, sock.recv(length, socket.MSG_WAITALL)
+        sock.recv(length, socket.MSG_WAITALL)
+    assert dom0_xs.read("/test/n") == value
+    with pytest.raises(ValueError) as info:
+        dom0_xs.read_int("/test/n")
+    assert str(info.value) == f"/test/n: expected an integer, found {ascii(value)}"
+
+
 @pytest.mark.parametrize(
     "value, text",
     [
@@ -226,6 +249,26 @@ def test_a_commit_refused_for_another_reason_is_raised(host) -> None:
         assert gxs.read(f"{home}/tx/a") == "2"
 
 
+def test_a_transaction_whose_function_fails_is_aborted(host) -> None:
+    """Each failed run gives its transaction back: a guest may hold only
+    Quota.transactions (10) open, so leaked ones would soon make every
+    transaction of the domain fail with ENOSPC."""
+    guest = host.create_domain("aborts")
+    home = f"/local/domain/{guest.domid}"
+    failures: list[Exception] = [ValueError("a bug in fn"), FileNotFoundError(errno.ENOENT, "gone")]
+    with XenStore(guest.xenstore()) as gxs:
+        for exc in failures * 11:
+
+            def body(t, exc: Exception = exc) -> None:
+                t.write(f"{home}/tx", "never")
+                raise exc
+
+            with pytest.raises(type(exc)):
+                gxs.transaction(body)
+        gxs.transaction(lambda t: t.write(f"{home}/tx", "done"))
+        assert gxs.read(f"{home}/tx") == "done"
+
+
 def test_transaction_gives_up_after_attempts(dom0_xs) -> None:
     dom0_xs.write("/hot", 0)
 
@@ -264,6 +307,48 @@ def test_wait_for(dom0_xs) -> None:
         dom0_xs.wait_for("/w2", "b", timeout=0.05)  # a missing node is no value
     with pytest.raises(TimeoutError, match=r"/w did not reach .* \(last value 'b'\)"):
         dom0_xs.wait_for("/w", "c", timeout=0.05)
+
+
+def test_wait_for_gives_its_watch_back(host) -> None:
+    """Every wait_for() watches the node for its duration only: a guest has
+    Quota.watches (128), which waits that kept theirs would use up."""
+    guest = host.create_domain("waits")
+    node = f"/local/domain/{guest.domid}/w"
+    with XenStore(guest.xenstore()) as gxs:
+        gxs.write(node, "x")
+        for _ in range(70):
+            assert gxs.wait_for(node, timeout=TIMEOUT) == "x"
+            with pytest.raises(TimeoutError):
+                gxs.wait_for(node, "y", timeout=0.001)
+        gxs.watch(node, lambda _p: None).unwatch()  # room for a watch still
+
+
+def test_wait_for_raises_once_the_deadline_has_passed(dom0_xs, monkeypatch) -> None:
+    """However little past the deadline the clock is, wait_for() raises
+    rather than waiting on.  The clock is faked: from the second reading
+    on it stays 0.5 s past the deadline."""
+    import types
+
+    import xenback.xenstore as xenstore_module
+
+    readings = iter([1000.0])  # the deadline is 1001.0
+    fake_time = types.SimpleNamespace(monotonic=lambda: next(readings, 1001.5))
+    monkeypatch.setattr(xenstore_module, "time", fake_time)
+    dom0_xs.write("/deadline", "a")
+    outcome: list[BaseException | str | None] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(dom0_xs.wait_for("/deadline", "b", timeout=1.0))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "wait_for() went on waiting past its deadline"
+    (exc,) = outcome
+    assert isinstance(exc, TimeoutError), exc
 
 
 def test_a_signal_another_thread_took_interrupts_wait_for(dom0_xs) -> None:
