@@ -340,6 +340,12 @@ def ask(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> dict:
         (b'{"op": "gnt_unmap", "handle": 5}', errno.EINVAL),
         (b'{"op": "gnt_end", "refs": [8]}', errno.EINVAL),
         (b'{"op": "gnt_share", "domid": 0, "count": 1}', errno.EINVAL),
+        # No refs at all: nothing to map or end, not an empty success.
+        (b'{"op": "gnt_map", "domid": 0, "refs": [], "writable": true}', errno.EINVAL),
+        (b'{"op": "gnt_end", "refs": []}', errno.EINVAL),
+        # Domain ids from DOMID_FIRST_RESERVED (0x7FF0) on name no domain.
+        (b'{"op": "gnt_share", "domid": 32752, "count": 1, "writable": true}', errno.EINVAL),
+        (b'{"op": "evtchn_alloc_unbound", "domid": 32752}', errno.EINVAL),
         (b'{"op": "evtchn_unbind", "port": 1}', errno.EINVAL),
         (b'{"op": "evtchn_alloc_unbound", "domid": "0"}', errno.EINVAL),
         (b'{"op": "evtchn_bind_interdomain", "domid": 0, "port": 0}', errno.EINVAL),

@@ -278,6 +278,32 @@ def test_only_dom0_controls_domains(host: SimHost) -> None:
     assert [d.name for d in host.domains()] == ["Domain-0", "guest"]
 
 
+def test_dom0_cannot_destroy_itself_over_the_wire(host: SimHost) -> None:
+    import json
+    import socket
+
+    from xenback.sim._hypervisor import domain_socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5)
+        sock.connect(os.fspath(domain_socket(host.run_dir, 0)))
+        sock.send(json.dumps({"op": "domain_destroy", "domid": 0}).encode())
+        assert json.loads(sock.recv(65536))["errno"] == errno.EINVAL
+    assert host.domains() == [host.dom0]
+    with host.dom0.evtchn() as ch:  # dom0 still reaches the hypervisor
+        ch.bind_unbound_port(0)
+
+
+def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
+    """stop() destroyed every domain: one added after it would keep a
+    listening socket no service thread ever serves."""
+    host = SimHost()
+    host.start()
+    host.close()
+    with pytest.raises(RuntimeError, match="stopping"):
+        host.hypervisor.add_domain(5, "late")
+
+
 def test_destroy_after_a_wire_release(host: SimHost) -> None:
     from pyxs._internal import Op
 
