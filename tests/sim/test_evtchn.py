@@ -412,6 +412,21 @@ def test_closed_handle_refuses_work(host: SimHost) -> None:
         assert info.value.errno == errno.EBADF
 
 
+def test_a_closed_handle_has_no_ports_left(
+    pair: tuple[EventChannel, int, EventChannel, int]
+) -> None:
+    """close() closes every port's descriptors: a port still listed would
+    have notify() write to a closed (or reused) descriptor number."""
+    e0, p0, e1, p1 = pair
+    e0.close()
+    assert e0.ports() == []
+    for call, err in ((e0.notify, errno.ENOTCONN), (e0.unbind, errno.ENOTCONN),
+                      (e0.unmask, errno.EINVAL), (e0.remote, errno.EINVAL)):
+        with pytest.raises(EventChannelError) as info:
+            call(p0)
+        assert info.value.errno == err
+
+
 def test_a_handle_that_fails_to_open_keeps_nothing(
         host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
     # Its last descriptor is the one most likely refused (EMFILE): the
@@ -507,6 +522,14 @@ def test_a_pipe_left_without_writers_is_not_reported_for_ever(masked: bool) -> N
         taker.join(5.0)
         assert not taker.is_alive(), "pending() spins on the hang-up"
         assert taken[:-1] in ([], [p1])  # at most the port's last event, once
+        assert not readable(e1, 0.05)
+        e1.unmask(p1)
+        if masked:
+            assert wait_pending(e1) == p1  # what was remembered while masked
+            e1.unmask(p1)
+            assert e1.pending() is None  # then the hang-up, found and set aside
+            e1.unmask(p1)
+        # Dead, the port stays unwatched however often it is unmasked.
         assert not readable(e1, 0.05)
     finally:
         e1.close()
