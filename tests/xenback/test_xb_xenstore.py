@@ -702,6 +702,39 @@ def test_a_failing_watch_callback_silences_no_watch(dom0_xs, caplog) -> None:
     assert repr(bad_watch) == f"<Watch '/cb/bad' token={bad_watch.token!r}>"
 
 
+def test_an_event_of_a_watch_just_removed_is_dropped(dom0_xs) -> None:
+    """Events already queued when their watch is removed find no watch:
+    the watch thread drops them and goes on serving the other watches."""
+    import queue
+
+    seen: queue.Queue[str] = queue.Queue()
+    release = threading.Event()
+
+    def blocking(path: str) -> None:
+        seen.put(path)
+        release.wait(TIMEOUT)  # holds the watch thread on its first event
+
+    dom0_xs.watch("/stale/a", blocking)
+    assert seen.get(timeout=TIMEOUT) == "/stale/a"
+    b = dom0_xs.watch("/stale/b", lambda path: seen.put(f"b {path}"))
+    # A later request's reply comes after b's first event: it is queued.
+    dom0_xs.read("/stale")
+    b.unwatch()
+    release.set()
+    dom0_xs.write("/stale/a", "again")
+    assert seen.get(timeout=TIMEOUT) == "/stale/a"
+
+
+def test_unwatch_after_the_connection_is_lost_is_quiet(host) -> None:
+    """The watches went with the connection: removing one is no error."""
+    with XenStore(host.dom0.xenstore()) as xs:
+        w = xs.watch("/gone", lambda _path: None)
+        host.close()
+        assert xs.connection_lost.wait(TIMEOUT)
+        w.unwatch()
+        w.unwatch()
+
+
 def test_a_watch_xenstore_refuses_is_not_kept(dom0_xs) -> None:
     """A watch XenStore (or pyxs) refused leaves nothing behind, and
     unwatch() of a removed watch is a no-op."""
