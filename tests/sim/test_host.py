@@ -294,6 +294,29 @@ def test_dom0_cannot_destroy_itself_over_the_wire(host: SimHost) -> None:
         ch.bind_unbound_port(0)
 
 
+def test_a_hypervisor_without_domain_control_says_so(tmp_path: Path) -> None:
+    """A hypervisor service run without a toolstack (set_control never
+    called) answers dom0's control requests ENOSYS, not an internal error."""
+    import json
+    import socket
+
+    from xenback.sim._hypervisor import Hypervisor
+
+    hv = Hypervisor(tmp_path)
+    hv.start()
+    try:
+        path = hv.add_domain(0, "Domain-0")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(5)
+            sock.connect(os.fspath(path))
+            for request in ({"op": "domain_create", "name": "new"},
+                            {"op": "domain_destroy", "domid": 1}):
+                sock.send(json.dumps(request).encode())
+                assert json.loads(sock.recv(65536))["errno"] == errno.ENOSYS
+    finally:
+        hv.stop()
+
+
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
     """stop() destroyed every domain: one added after it would keep a
     listening socket no service thread ever serves."""
