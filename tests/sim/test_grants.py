@@ -129,6 +129,8 @@ def test_only_the_grantee_maps(host: SimHost, guest: Domain) -> None:
         (1, [], errno.EINVAL),
         (1, [-1], errno.EINVAL),
         (1, ["8"], errno.EINVAL),
+        (1, [b"8"], errno.EINVAL),  # not even sendable
+        (1, [True], errno.EINVAL),
         (1, [8] * 2000, errno.EINVAL),
         (-1, [8], errno.EINVAL),
         (99, [8], errno.ESRCH),
@@ -238,6 +240,24 @@ def test_unmap_releases_the_view_and_leaves_stale_slices_harmless(
     # A slice that outlived the mapping no longer sees the guest's page.
     assert bytes(stale) == bytes(6)
     stale[0:1] = b"x"
+    assert bytes(pages.buffer[0:6]) == b"secret"
+
+
+def test_unmap_with_the_buffer_exported_still_scrubs(
+    handles: tuple[GrantShare, GrantTable]
+) -> None:
+    """An object holding an export of the buffer (numpy.frombuffer, a
+    PickleBuffer...) keeps it from being released: unmap goes ahead, and
+    that object sees zero pages."""
+    import pickle
+
+    shr, tab = handles
+    pages = shr.share_pages(0, 1)
+    pages.buffer[0:6] = b"secret"
+    mapping = tab.map_grant_refs(1, pages.refs)
+    exported = pickle.PickleBuffer(mapping.buffer)
+    mapping.unmap()
+    assert bytes(exported.raw()[0:6]) == bytes(6)
     assert bytes(pages.buffer[0:6]) == b"secret"
 
 
