@@ -287,6 +287,9 @@ def test_closing_handles_ends_everything(host: SimHost, guest: Domain) -> None:
     tab.close()  # idempotent
     with pytest.raises(ValueError):
         mapping.buffer  # noqa: B018
+    with pytest.raises(GrantError) as info:
+        tab.map_grant_refs(1, pages.refs)
+    assert info.value.errno == errno.EBADF
     shr.close()
     shr.close()
     with pytest.raises(GrantError) as info:

@@ -59,6 +59,8 @@ def test_typed_reads_and_writes(dom0_xs) -> None:
         xs.read("/caf\u00e9")
     with pytest.raises(TypeError, match="str or int"):
         xs.write("/test/x", 1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="str or int, not bool"):
+        xs.write("/test/x", True)  # an int, but "True" is no XenStore number
     assert xs.get_domain_path(3) == "/local/domain/3"
     with pytest.raises(TypeError, match="XenStore paths are str, not bytes"):
         xs.read(b"/test")  # type: ignore[arg-type]
