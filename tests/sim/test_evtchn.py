@@ -243,6 +243,30 @@ def test_peer_may_bind_again_after_unbind(
     assert e1.remote(p1) == (0, p0)
 
 
+def test_a_peer_binding_again_and_again_leaks_no_descriptor(
+    pair: tuple[EventChannel, int, EventChannel, int], guest: Domain
+) -> None:
+    """Each "bound" news brings a write end of the new peer's pipe, which
+    replaces the old peer's: the old one must be closed, or a guest that
+    rebinds in a loop runs the backend's process out of descriptors."""
+    import os
+
+    e0, p0, e1, p1 = pair
+
+    def rebind(p0: int) -> int:
+        e0.unbind(p0)
+        assert e1.remote(p1) is None  # drains the "unbound" news
+        p0 = e0.bind_interdomain(guest.domid, p1)
+        assert e1.remote(p1) == (0, p0)  # and the "bound" one
+        return p0
+
+    p0 = rebind(p0)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        p0 = rebind(p0)
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
 def test_notify_reaches_a_peer_that_bound_again_before_we_heard(
     pair: tuple[EventChannel, int, EventChannel, int], guest: Domain
 ) -> None:
