@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import select
+import socket
 import struct
 import threading
 import time
@@ -1005,3 +1006,44 @@ def test_with_no_backend_the_device_goes_without_waiting_for_one(
         fe.open()
     assert host.toolstack.devices(guest.domid) == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize("ret", [0, -EINTR])
+def test_a_connect_answered_as_the_socket_closes_is_ebadf(
+        fe: pvcalls.Frontend, fake: FakeBackend, ret: int) -> None:
+    """close() from another thread after the CONNECT's answer came but
+    before connect() returned: connect() fails with EBADF as close()
+    promises, neither succeeding on a closed socket nor reporting the
+    -EINTR that the RELEASE made of the CONNECT."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    pause = PauseAt(pvcalls.PVSocket.connect, "if ret < 0:")
+    connecting = Call(lambda: pause.run(lambda: s.connect(("127.0.0.1", 4000))))
+    closing = None
+    try:
+        fake.respond(fake.next_request(PVCALLS_CONNECT), ret)
+        assert pause.reached.wait(TIMEOUT)  # the answer is in, connect() goes on
+        # close() marks the socket closed, then waits for connect()'s locks.
+        closing = Call(s.close)
+        wait_until(lambda: s.closed)
+    finally:
+        pause.resume()
+    assert connecting.oserror().errno == errno.EBADF
+    assert closing.join().error is None
+
+
+def test_an_accepted_socket_has_the_default_timeout_not_the_listeners(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As socket.socket's accept(): the new socket starts with
+    socket.getdefaulttimeout() (None: blocking), whatever the listener's."""
+    assert socket.getdefaulttimeout() is None
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    new, _ = ls.accept()  # POLL and ACCEPT answered at once
+    assert new.gettimeout() is None
+    assert new.getblocking()
+    new.close()
+    ls.close()
