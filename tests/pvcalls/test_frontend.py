@@ -642,6 +642,30 @@ def test_rings_share_the_frontend_handle_when_no_other_can_be_opened(
             t.join(TIMEOUT)
 
 
+def test_a_freed_ring_on_the_shared_handle_unbinds_its_port(
+        host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data ring on the frontend's own handle that is freed (not pooled)
+    unbinds its port: that handle lives on, and would keep every released
+    socket's port bound until the frontend closes."""
+    from pvcalls.frontend import _frontend
+
+    srv = server()
+    monkeypatch.setattr(_frontend, "_RING_POOL_MAX", 0)  # every ring is freed
+    with pvcalls.Frontend(host.create_domain("shared-handle-free")) as other:
+        def refuse() -> Any:
+            raise OSError(errno.EMFILE, "too many handles")
+
+        monkeypatch.setattr(other.domain, "evtchn", refuse)
+        s = connected(other, srv.address)
+        assert s._st.ring is not None and not s._st.ring.direct
+        port = s._st.ring.port
+        assert other._evtchn is not None
+        bound = other._evtchn._ports  # type: ignore[attr-defined]
+        assert port in bound
+        s.close()  # the ring is freed once the backend answers the RELEASE
+        wait_until(lambda: port not in bound)
+
+
 def test_many_threads_many_sockets(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     errors: list[BaseException] = []

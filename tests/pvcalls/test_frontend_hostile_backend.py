@@ -1047,3 +1047,22 @@ def test_an_accepted_socket_has_the_default_timeout_not_the_listeners(
     assert new.getblocking()
     new.close()
     ls.close()
+
+
+def test_an_accept_the_backend_refuses_keeps_nothing_of_its_new_socket(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """ACCEPT answered with an error: accept() raises it, and the socket
+    it offered (which the backend never made) is gone from the frontend's
+    table, with no RELEASE for it, its ring back in the pool."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    held = dict(fe._sockets)
+    fake.rets[PVCALLS_ACCEPT] = -EINVAL
+    with pytest.raises(OSError) as info:
+        ls.accept()
+    assert info.value.errno == errno.EINVAL
+    assert fe._sockets == held
+    assert len(fe._ring_pool) == 1  # reusable: the backend did not take it
+    ls.close()
