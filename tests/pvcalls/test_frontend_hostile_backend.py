@@ -1066,3 +1066,23 @@ def test_an_accept_the_backend_refuses_keeps_nothing_of_its_new_socket(
     assert fe._sockets == held
     assert len(fe._ring_pool) == 1  # reusable: the backend did not take it
     ls.close()
+
+
+@pytest.mark.parametrize("side", ["recv", "send"])
+def test_close_wakes_a_blocked_call_before_the_backend_answers(
+        fe: pvcalls.Frontend, fake: FakeBackend, side: str) -> None:
+    """close() itself wakes a recv() or send() blocked without a timeout,
+    which fails with EBADF at once: not only once the backend, answering
+    the RELEASE, unbinds the ring's port (this backend holds the RELEASE)."""
+    s, ring = connected(fe, fake)
+    if side == "send":
+        _fill_out_ring(s, ring)
+    s.settimeout(None)
+    fake.hold = {PVCALLS_RELEASE}
+    blocked = Call(lambda: s.recv(1) if side == "recv" else s.send(b"x"))
+    wait_until(lambda: sleeping_in_wait(s))
+    closing = Call(s.close)
+    assert blocked.oserror().errno == errno.EBADF
+    assert closing.join().error is None
+    fake.hold = set()
+    fake.respond(fake.next_request(PVCALLS_RELEASE), 0)
