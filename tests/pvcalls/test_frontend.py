@@ -1228,6 +1228,9 @@ _GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls":
 
 @pytest.mark.parametrize(("nodes", "states", "err", "said"), [
     ({"versions": "2"}, ["2"], errno.EPROTONOSUPPORT, "backend offers versions '2', need 1"),
+    # A list of versions, not a string that contains "1".
+    ({"versions": "10,2"}, ["2"], errno.EPROTONOSUPPORT,
+     "backend offers versions '10,2', need 1"),
     ({"max-page-order": "3"}, ["2"], errno.EPROTONOSUPPORT,
      "backend max-page-order '3' is below the ring order 4"),
     ({"max-page-order": "four"}, ["2"], errno.EPROTONOSUPPORT,
@@ -1239,7 +1242,7 @@ _GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls":
      "backend does not offer function-calls 1"),
     ({}, ["5"], errno.EPROTO, "backend went to state 5 instead of InitWait"),
     ({}, ["2", "5"], errno.ECONNREFUSED, "backend went to state 5 instead of Connected"),
-], ids=["versions", "order", "order-not-a-number", "order-unicode-digit", "function-calls",
+], ids=["versions", "versions-10", "order", "order-not-a-number", "order-unicode-digit", "function-calls",
         "no-initwait", "no-connected"])
 def test_a_backend_that_does_not_conform_fails_the_handshake(
         nodes: dict[str, str], states: list[str], err: int, said: str) -> None:
@@ -1422,6 +1425,9 @@ def test_bad_addresses_and_families(fe: pvcalls.Frontend, monkeypatch: pytest.Mo
     with pytest.raises(OSError) as info:
         fe.socket(socket.AF_INET6)
     assert info.value.errno == errno.EAFNOSUPPORT
+    # TCP named, as socket.socket takes it (SOCKET still carries protocol 0).
+    with fe.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as s:
+        assert s.proto == 0
 
 
 def test_settimeout_takes_what_socket_socket_takes(fe: pvcalls.Frontend) -> None:
