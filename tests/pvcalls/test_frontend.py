@@ -982,6 +982,9 @@ def test_requests_on_the_wire_are_linux_like(
     bind = _wire.ffi.from_buffer("struct xen_pvcalls_request *", sent[4][3])
     assert bind.u.bind.len == 16
     assert _wire.unpack_sockaddr_in(bytes(bind.u.bind.addr), 16) == ("127.0.0.1", 0)
+    # RELEASE names the socket and asks for no reuse of its id.
+    release = _wire.ffi.from_buffer("struct xen_pvcalls_request *", sent[2][3])
+    assert (release.u.release.id, release.u.release.reuse) == (sent[1][1], 0)
     # The accepted socket is the ACCEPT's id_new; POLL and ACCEPT name the listener.
     accept = _wire.ffi.from_buffer("struct xen_pvcalls_request *", sent[7][3])
     assert sent[6][1] == accept.u.accept.id == sent[9][1]

@@ -1086,3 +1086,16 @@ def test_close_wakes_a_blocked_call_before_the_backend_answers(
     assert closing.join().error is None
     fake.hold = set()
     fake.respond(fake.next_request(PVCALLS_RELEASE), 0)
+
+
+def test_a_socket_the_backend_refuses_is_not_kept(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """SOCKET answered with an error: socket() raises it and keeps no
+    entry for the id (which would later get a RELEASE for a socket the
+    backend never made)."""
+    held = dict(fe._sockets)
+    fake.rets[PVCALLS_SOCKET] = -EINVAL
+    with pytest.raises(OSError) as info:
+        fe.socket()
+    assert info.value.errno == errno.EINVAL
+    assert fe._sockets == held
