@@ -1451,10 +1451,16 @@ def test_settimeout_takes_what_socket_socket_takes(fe: pvcalls.Frontend) -> None
         with socket.socket() as real, pytest.raises(TypeError):
             real.setblocking(flag)  # type: ignore[arg-type]
     assert s.gettimeout() == 2.5
+    # A timeout is blocking mode, as for socket.socket: only 0.0 is not.
+    with socket.socket() as real:
+        real.settimeout(2.5)
+        assert s.getblocking() is real.getblocking() is True
     s.setblocking(0)
     assert s.gettimeout() == 0.0
+    assert not s.getblocking()
     s.setblocking(True)
     assert s.gettimeout() is None
+    assert s.getblocking()
     s.close()
     assert_fails(errno.EBADF, lambda: s.settimeout(1), lambda: s.setblocking(True))
 

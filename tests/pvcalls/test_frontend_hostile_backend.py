@@ -1099,3 +1099,22 @@ def test_a_socket_the_backend_refuses_is_not_kept(
         fe.socket()
     assert info.value.errno == errno.EINVAL
     assert fe._sockets == held
+
+
+def test_a_non_blocking_connect_waits_for_the_answer(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Non-blocking mode fails connect() with BlockingIOError only if the
+    CONNECT cannot go out; once sent, its answer is waited for (PV Calls
+    has no later completion to report, as EINPROGRESS would promise)."""
+    s = fe.socket()
+    s.setblocking(False)
+    fake.hold = {PVCALLS_CONNECT}
+    connecting = Call(lambda: s.connect(("127.0.0.1", 4000)))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: done_or_at(connecting, pvcalls.Frontend._wait_slot,
+                                  "self._cmd_cond.wait("))
+    fake.respond(req, 0)
+    assert connecting.join().error is None
+    assert s.getpeername() == ("127.0.0.1", 4000)
+    fake.hold = set()
+    s.close()
