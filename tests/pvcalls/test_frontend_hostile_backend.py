@@ -1084,8 +1084,10 @@ def test_close_wakes_a_blocked_call_before_the_backend_answers(
     closing = Call(s.close)
     assert blocked.oserror().errno == errno.EBADF
     assert closing.join().error is None
+    # Taken before hold is cleared: the fake may not have read it yet.
+    release = fake.next_request(PVCALLS_RELEASE)
     fake.hold = set()
-    fake.respond(fake.next_request(PVCALLS_RELEASE), 0)
+    fake.respond(release, 0)
 
 
 def test_a_socket_the_backend_refuses_is_not_kept(
