@@ -1120,3 +1120,45 @@ def test_a_non_blocking_connect_waits_for_the_answer(
     assert s.getpeername() == ("127.0.0.1", 4000)
     fake.hold = set()
     s.close()
+
+
+def test_a_ring_whose_release_failed_is_not_reused(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """RELEASE answered with an error: the backend did not say it let go
+    of the data ring, so it is freed, never handed to the next socket."""
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None
+    fake.rets[PVCALLS_RELEASE] = -EINVAL
+
+    def freed() -> bool:
+        try:
+            ring.indexes.nbytes  # noqa: B018 (raises once released)
+        except ValueError:
+            return True
+        return False
+
+    s.close()
+    wait_until(lambda: freed() or ring in fe._ring_pool)
+    assert ring not in fe._ring_pool
+
+
+@pytest.mark.parametrize("call", ["bind", "listen"])
+def test_bind_and_listen_wait_for_their_answer_in_non_blocking_mode(
+        fe: pvcalls.Frontend, fake: FakeBackend, call: str) -> None:
+    """As socket.socket's, bind() and listen() do not fail with
+    BlockingIOError in non-blocking mode: their answer is waited for
+    (within the frontend's timeout)."""
+    s = fe.socket()
+    if call == "listen":
+        s.bind(("127.0.0.1", 4000))
+    s.setblocking(False)
+    cmd = PVCALLS_BIND if call == "bind" else PVCALLS_LISTEN
+    fake.hold = {cmd}
+    calling = Call(lambda: s.bind(("127.0.0.1", 4000)) if call == "bind" else s.listen())
+    req = fake.next_request(cmd)
+    wait_until(lambda: done_or_at(calling, pvcalls.Frontend._wait_slot, "self._cmd_cond.wait("))
+    fake.respond(req, 0)
+    assert calling.join().error is None
+    fake.hold = set()
+    s.close()
