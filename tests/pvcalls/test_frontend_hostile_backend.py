@@ -1162,3 +1162,24 @@ def test_bind_and_listen_wait_for_their_answer_in_non_blocking_mode(
     assert calling.join().error is None
     fake.hold = set()
     s.close()
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_accept_on_a_socket_not_listening_sends_nothing(
+        fe: pvcalls.Frontend, fake: FakeBackend, bound: bool) -> None:
+    """EINVAL at once, as socket.socket's (also in non-blocking mode,
+    where it is not EAGAIN), with no POLL or ACCEPT on the wire."""
+    s = fe.socket()
+    if bound:
+        s.bind(("127.0.0.1", 4000))
+    fake.hold = {PVCALLS_POLL, PVCALLS_ACCEPT}
+    for timeout in (0.0, TIMEOUT):
+        s.settimeout(timeout)
+        with pytest.raises(OSError) as info:
+            s.accept()
+        assert info.value.errno == errno.EINVAL
+    fence = fe.socket()  # answered after every command sent before it
+    assert fake.requests.empty()
+    fake.hold = set()
+    fence.close()
+    s.close()
