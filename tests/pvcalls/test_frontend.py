@@ -424,6 +424,8 @@ def test_close_semantics(fe: pvcalls.Frontend, server: Any) -> None:
     s.close()  # twice is fine
     assert_fails(errno.EBADF, lambda: s.send(b"x"), lambda: s.sendall(b""), lambda: s.recv(1),
                  lambda: s.connect(srv.address))
+    # The addresses too, as socket.socket's (its getsockname() asks the fd).
+    assert_fails(errno.EBADF, s.getsockname, s.getpeername)
     assert s.fileno() == -1  # as socket.socket's
     assert s not in fe.sockets()
 
