@@ -262,9 +262,11 @@ def test_a_peer_binding_again_and_again_leaks_no_descriptor(
 
     p0 = rebind(p0)
     before = len(os.listdir("/proc/self/fd"))
-    for _ in range(20):
+    for _ in range(40):
         p0 = rebind(p0)
-    assert len(os.listdir("/proc/self/fd")) <= before
+    # A leak is one descriptor a round: 40.  The margin is for the rest of
+    # the process (threads of other fixtures open and close descriptors).
+    assert len(os.listdir("/proc/self/fd")) < before + 20
 
 
 def test_notify_reaches_a_peer_that_bound_again_before_we_heard(
