@@ -42,10 +42,19 @@ def _at_init_wait(host, frontends, name="guest", devid=0):
 
 
 def _connected(host, driver, frontends, name="guest", devid=0):
-    guest, dev, fe = _at_init_wait(host, frontends, name, devid)
+    guest = host.create_domain(name)
+    dev = host.toolstack.add_device("xbtest", guest.domid, devid=devid)
+    return guest, dev, _connect(frontends, guest, dev)
+
+
+def _connect(frontends, guest, dev):
+    """A frontend for ``dev`` that waits for InitWait, publishes and waits
+    for Connected."""
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
     fe.publish()
     fe.wait_backend(S.CONNECTED)
-    return guest, dev, fe
+    return fe
 
 
 def _bdev(driver, fe_id, devid=0):
@@ -675,10 +684,7 @@ def test_a_device_re_created_at_the_same_path_is_served(
         old.write("feature-late", 1)
     assert dom0_xs.read(f"{again.backend_path}/feature-late") is None
     go.set()
-    fe = frontends(guest, again)
-    fe.wait_backend(S.INIT_WAIT)
-    fe.publish()
-    fe.wait_backend(S.CONNECTED)
+    fe = _connect(frontends, guest, again)
     assert _bdev(driver, guest.domid) is not old and old.gone
     assert driver.calls_of(guest.domid).count("probe") == 2
 
@@ -703,10 +709,7 @@ def test_a_taken_over_device_re_created_at_the_same_path_is_served(
         dom0_xs.rm(dev.frontend_path)
         again = host.toolstack.add_device("xbtest", guest.domid)
         go.set()
-        fe = frontends(guest, again)
-        fe.wait_backend(S.INIT_WAIT)
-        fe.publish()
-        fe.wait_backend(S.CONNECTED)
+        fe = _connect(frontends, guest, again)
         assert _bdev(drv, guest.domid) is not old and old.gone
         assert drv.calls_of(guest.domid).count("probe") == 2
 
@@ -1098,10 +1101,7 @@ def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
         for name in ("dying", "living"):
             guest = host.create_domain(name)
             dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
-            fe = frontends(guest, dev)
-            fe.wait_backend(S.INIT_WAIT)
-            fe.publish()
-            fe.wait_backend(S.CONNECTED)
+            fe = _connect(frontends, guest, dev)
             fes.append(fe)
         dying, living = fes
         dying.close()
