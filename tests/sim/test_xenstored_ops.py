@@ -262,6 +262,22 @@ def test_get_set_perms(dom0: RawClient) -> None:
     assert error_of(dom0.set_perms, "/missing", ["n0"]) == "ENOENT"
 
 
+def test_a_missing_special_path_is_hidden_as_the_root_hides_it(
+    dom0: RawClient, guest: RawClient
+) -> None:
+    # cxenstored looks up "@foo" as a node whose parent is "/": a guest that
+    # may not read the root learns nothing of which special paths exist.
+    assert error_of(dom0.get_perms, "@foo") == "ENOENT"
+    assert error_of(guest.get_perms, "@foo") == "EACCES"
+    assert error_of(guest.set_perms, "@foo", ["n1"]) == "EACCES"
+    dom0.set_perms("/", ["n0", "r1"])
+    assert error_of(guest.get_perms, "@foo") == "ENOENT"
+    # Reading the root is not writing it.
+    assert error_of(guest.set_perms, "@foo", ["n1"]) == "EACCES"
+    dom0.set_perms("/", ["n0", "b1"])
+    assert error_of(guest.set_perms, "@foo", ["n1"]) == "ENOENT"
+
+
 def test_children_inherit_permissions(dom0: RawClient, guest: RawClient) -> None:
     dom0.write("/inh", "")
     dom0.set_perms("/inh", ["r0", "w4"])

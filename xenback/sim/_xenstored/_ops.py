@@ -202,8 +202,10 @@ class Dispatcher:
         """The error for a missing node: ENOENT, or EACCES if the nearest
         existing ancestor would not have allowed ``want`` (so that the error
         does not tell an unprivileged domain what exists where it may not
-        look)."""
-        if conn.domain.privileged or path[0] == "@":
+        look).  A special path's parent is "/" (cxenstored's get_parent()),
+        so a guest asking for a missing one gets EACCES unless it may read
+        the root."""
+        if conn.domain.privileged:
             return XsError("ENOENT", path)
         p = path
         while p != "/":
