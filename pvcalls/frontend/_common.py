@@ -147,7 +147,7 @@ class Deadline:
     def nap(self) -> float | None:
         """How long to sleep before looking again: the time left (``None``:
         no limit), in the main thread half a second at most, as the
-        workqueue's waits (``workqueue._pool.wait_slice``, which says why);
+        workqueue's waits (:func:`workqueue.wait_slice`, which says why);
         raises :class:`TimeoutError` once it is over."""
         return wait_slice(self.remaining())
 

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from racewindow import stands_at
-from xenback._barrier import lib as _barrier
 
 from pvcalls import _wire
 from pvcalls._wire import ffi
-from xenback.ring import FlexRing, FrontRing
+from xenback.ring import FlexRing, FrontRing, mb
 from xenback.xenstore import XenStore
 
 TIMEOUT = 10.0
@@ -193,7 +192,7 @@ class DataRing:
         if taken:
             self.in_ring.consume(taken)
             if only_if_full:
-                _barrier.xb_mb()
+                mb()
                 prod = self.get(_wire.IN_PROD_OFFSET) & 0xFFFFFFFF
                 notify = notify and (prod - cons) & 0xFFFFFFFF >= self.size
             if notify:
