@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -97,6 +98,82 @@ def test_unbind_waits_for_a_running_callback(host, pair) -> None:
     release.set()
     assert unbound.wait(TIMEOUT) and finished.is_set()
     t.join(TIMEOUT)
+
+
+class _RenumberedPorts:
+    """A platform whose event channel handles show every port under
+    another number: the first one bound is shown as ``number``."""
+
+    def __init__(self, platform, number: int) -> None:
+        self.platform, self.number = platform, number
+
+    def evtchn(self):
+        return _RenumberedHandle(self.platform.evtchn(), self.number)
+
+
+class _RenumberedHandle:
+    def __init__(self, real, number: int) -> None:
+        self.real, self.number, self.shift = real, number, None
+
+    def _shown(self, port: int) -> int:
+        if self.shift is None:
+            self.shift = self.number - port
+        return port + self.shift
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        return self._shown(self.real.bind_interdomain(domid, remote_port))
+
+    def pending(self) -> int | None:
+        port = self.real.pending()
+        return None if port is None else self._shown(port)
+
+    def unbind(self, port: int) -> None:
+        self.real.unbind(port - self.shift)
+
+    def unmask(self, port: int) -> None:
+        self.real.unmask(port - self.shift)
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_a_port_and_an_fd_of_one_number_are_told_apart(host) -> None:
+    # remove_fd() waits for its fd's callback, not for a port's that has
+    # the same number: ports and descriptors are numbered apart.
+    guest = host.create_domain("guest")
+    r, w = os.pipe()
+    # The lowest free descriptor from 256 up, away from the low numbers
+    # the host's threads take and give back meanwhile.
+    number = fcntl.fcntl(r, fcntl.F_DUPFD, 256)
+    os.close(r)
+    inside, release = threading.Event(), threading.Event()
+
+    def port_callback(port: int) -> None:
+        inside.set()
+        release.wait(2 * TIMEOUT)  # past the wait for remove_fd() below
+
+    removed = threading.Event()
+    try:
+        with guest.evtchn() as evtchn, EventDispatcher(_RenumberedPorts(host.dom0, number)) as d:
+            remote = evtchn.bind_unbound_port(0)
+            assert d.bind_interdomain(guest.domid, remote, port_callback) == number
+            d.add_fd(number, select.EPOLLIN, lambda fd, revents: None)
+            evtchn.notify(remote)
+            assert inside.wait(TIMEOUT)
+            t = threading.Thread(target=lambda: (d.remove_fd(number), removed.set()))
+            t.start()
+            try:
+                assert removed.wait(TIMEOUT), "remove_fd() waited for a port's callback"
+            finally:
+                release.set()
+                t.join(TIMEOUT)
+    finally:
+        release.set()
+        os.close(number)
+        os.close(w)
 
 
 def test_failing_callback_is_logged_and_dispatch_goes_on(host, pair, caplog) -> None:
