@@ -52,6 +52,7 @@ def test_add_writes_exactly_libxls_nodes(host: SimHost, guest: Domain) -> None:
         assert c.get_perms(dev.backend_path.encode() + b"/state") == [b"n0", b"r1"]
         assert c.get_perms(dev.frontend_path.encode()) == [b"n1", b"r0"]
         assert c.get_perms(dev.frontend_path.encode() + b"/state") == [b"n1", b"r0"]
+        assert c.get_perms(dev.libxl_path.encode()) == [b"n0"]  # dom0's alone
         assert tree(c, dev.libxl_path) == {
             ".": "",
             "/frontend": dev.frontend_path,
@@ -388,3 +389,71 @@ def test_a_request_the_host_never_answers_fails(tmp_path) -> None:
     (exc,) = outcome
     assert isinstance(exc, pyxs.PyXSError) and exc.args[0] == errno.ENOTCONN, exc
     server.join(10)
+
+
+def test_adding_over_leftovers_starts_afresh(host: SimHost, guest: Domain) -> None:
+    """libxl deletes each directory before it makes it again: nodes a
+    previous device left behind do not reach the new one."""
+    first = host.toolstack.add_device("vif", guest.domid, backend_nodes={"extra": "1"})
+    with host.dom0.xenstore() as c:
+        trees = {p: tree(c, p) for p in (first.backend_path, first.frontend_path, first.libxl_path)}
+        for path in trees:
+            c.write(path.encode() + b"/stale", b"x")
+    again = host.toolstack.add_device("vif", guest.domid, backend_nodes={"extra": "1"})
+    assert again == first
+    with host.dom0.xenstore() as c:
+        assert {p: tree(c, p) for p in trees} == trees
+
+
+def test_the_callers_nodes_come_after_libxls(
+    host: SimHost, guest: Domain, recorder: Recorder
+) -> None:
+    # libxl's device_add: backend-id and state (frontend-id, online and
+    # state) first, then the type's own nodes.
+    dev = host.toolstack.add_device(
+        "pvcalls", guest.domid, backend_nodes={"extra": "1"}, frontend_nodes={"hint": "x"}
+    )
+    changes = recorder.paths()
+    fe, be = dev.frontend_path, dev.backend_path
+    order = [f"{fe}/backend-id", f"{fe}/state", f"{fe}/hint",
+             f"{be}/frontend-id", f"{be}/online", f"{be}/state", f"{be}/extra"]
+    assert [changes.index(path) for path in order] == sorted(changes.index(p) for p in order)
+
+
+def test_a_conflicting_transaction_runs_again(host: SimHost) -> None:
+    """A commit that fails with EAGAIN (a write in between) is retried
+    from the start, reading what the other write left."""
+    seen: list[bytes] = []
+    with host.dom0.xenstore() as other:
+
+        def body(c: pyxs.Client) -> bytes:
+            value = c.read(b"/counter", b"0")
+            seen.append(value)
+            if len(seen) == 1:
+                other.write(b"/counter", b"1")  # meanwhile, outside it
+            c.write(b"/counter", str(int(value) + 10).encode())
+            return value
+
+        assert host.toolstack.transaction(body) == b"1"
+        assert seen == [b"0", b"1"]
+        assert other.read(b"/counter") == b"11"
+
+
+def test_a_parent_with_a_value_is_not_pruned(host: SimHost, guest: Domain) -> None:
+    # libxl__xs_path_cleanup stops at the first parent that has a value.
+    dev = host.toolstack.add_device("vif", guest.domid)
+    parent = dev.backend_path.rsplit("/", 1)[0].encode()
+    with host.dom0.xenstore() as c:
+        c.write(parent, b"kept")
+    host.toolstack.destroy_device(dev)
+    with host.dom0.xenstore() as c:
+        assert not c.exists(dev.backend_path.encode())
+        assert c.read(parent) == b"kept"
+
+
+def test_a_libxl_entry_without_a_backend_is_no_device(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    with host.dom0.xenstore() as c:  # half written, by someone else
+        c.write(f"/libxl/{guest.domid}/device/vif/7/frontend".encode(), b"x")
+    assert host.toolstack.devices() == [dev]
+    assert host.toolstack.devices(guest.domid) == [dev]
