@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import queue
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pyxs
 from hosthelpers import wait_pending
+from racewindow import TIMEOUT
 from stolensignal import Interrupted
 
 from xenback.platform import Platform
@@ -43,7 +46,9 @@ def test_domain_home_as_a_toolstack_writes_it(host: SimHost) -> None:
         assert c.read(b"/local/domain/1/domid") == b"1"
         assert c.get_perms(b"/local/domain/1") == [b"n1"]
         assert c.get_perms(b"/local/domain/1/name") == [b"n0", b"r1"]
-        assert {b"device", b"control", b"data"} <= set(c.list(b"/local/domain/1"))
+        assert sorted(c.list(b"/local/domain/1")) == sorted([  # libxl's subdirectories
+            b"name", b"domid", b"device", b"control", b"data", b"drivers", b"feature", b"attr",
+            b"error"])
         assert c.read(b"/local/domain/0/name") == b"Domain-0"
     with guest.xenstore() as c:
         # Relative paths are the guest's home; it owns it, but not its name.
@@ -408,3 +413,148 @@ def test_create_domain_whose_socket_path_is_too_long() -> None:
             host.destroy_domain(guests[0])
             assert "1" not in os.listdir(run_dir / "domains")
     assert not Path(base).exists()
+
+
+def test_a_64_character_name_is_a_name(host: SimHost) -> None:
+    assert host.create_domain("x" * 64).name == "x" * 64
+
+
+def test_refused_names_use_up_no_domain_id(host: SimHost) -> None:
+    # Refused before anything is made: no XenStore home, no id.
+    for name in ("", "tab\there", "x" * 65, "Domain-0"):
+        with pytest.raises(ValueError):
+            host.create_domain(name)
+    assert host.create_domain("ok").domid == 1
+
+
+def test_no_guest_may_take_dom0s_name(host: SimHost) -> None:
+    with pytest.raises(ValueError, match="'Domain-0' exists already"):
+        host.create_domain("Domain-0")
+
+
+def test_a_host_starts_once() -> None:
+    with SimHost() as host:
+        with pytest.raises(RuntimeError, match="SimHost is running"):
+            host.start()
+        assert host.domains() == [host.dom0]
+    with pytest.raises(RuntimeError, match="SimHost is closed"):
+        host.start()
+
+
+def test_the_last_domain_id_is_0x7fef(host: SimHost) -> None:
+    # libxl's DOMID_FIRST_RESERVED (0x7FF0) and above name no guest.
+    host._domids = itertools.count(0x7FEF)
+    assert host.create_domain("last").domid == 0x7FEF
+    with pytest.raises(RuntimeError, match="out of domain ids"):
+        host.create_domain("one-too-many")
+    with pytest.raises(LookupError):
+        host.domain(0x7FF0)
+
+
+def test_a_domain_xenstore_refuses_is_not_left_in_the_hypervisor(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(domid: int) -> Path:
+        raise OSError(errno.EMFILE, "no more connections")
+
+    monkeypatch.setattr(host.xenstored, "introduce_domain", refuse)
+    with pytest.raises(OSError, match="no more connections"):
+        host.create_domain("guest")
+    assert host.hypervisor.stats()["domains"] == 1
+    assert sorted(os.listdir(host.run_dir / "domains")) == ["0"]
+    with pytest.raises(OSError):
+        attach(host.run_dir, 1)
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan")])
+def test_destroy_refuses_a_timeout_that_is_no_time(host: SimHost, timeout: float) -> None:
+    guest = host.create_domain("guest")
+    with pytest.raises(ValueError, match="^timeout must be a non-negative number of seconds"):
+        host.destroy_domain(guest, timeout=timeout)
+    assert host.domains() == [host.dom0, guest]
+
+
+def test_destroy_with_no_time_to_wait_forces_the_removal(host: SimHost) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("vif", guest.domid)
+    host.destroy_domain(guest, timeout=0)  # nobody would close the backend
+    with host.dom0.xenstore() as c:
+        assert not c.exists(dev.backend_path.encode())
+    assert host.domains() == [host.dom0]
+
+
+def test_dom0_is_not_destroyed(host: SimHost) -> None:
+    for dom0 in (host.dom0, 0):
+        with pytest.raises(ValueError, match="^dom0 cannot be destroyed$"):
+            host.destroy_domain(dom0)
+    assert host.domains() == [host.dom0]
+    assert host.create_domain("guest").domid == 1
+
+
+def test_destroying_a_driver_domain_deletes_what_it_served_at_once(host: SimHost) -> None:
+    """Its backends die with it: the devices it served, to a guest or to
+    itself, go at once, without waiting for a Closed nobody can write."""
+    driver, guest = host.create_domain("driver"), host.create_domain("guest")
+    served = host.toolstack.add_device("vif", guest.domid, backend_id=driver.domid)
+    own = host.toolstack.add_device("console", driver.domid, backend_id=driver.domid)
+    start = time.monotonic()
+    host.destroy_domain(driver, timeout=30)
+    assert time.monotonic() - start < 10
+    assert host.toolstack.devices() == []
+    with host.dom0.xenstore() as c:
+        for dev in (served, own):
+            for path in (dev.frontend_path, dev.backend_path, dev.libxl_path):
+                assert not c.exists(path.encode()), path
+
+
+def test_destroy_forgets_what_libxl_kept_of_the_domain(host: SimHost) -> None:
+    guest = host.create_domain("guest")
+    with host.dom0.xenstore() as c:  # no device: devices() skips it
+        c.write(f"/libxl/{guest.domid}/dm-version".encode(), b"qemu_xen")
+    host.destroy_domain(guest)
+    with host.dom0.xenstore() as c:
+        assert not c.exists(f"/libxl/{guest.domid}".encode())
+
+
+def test_close_waits_for_a_control_request_in_flight(host: SimHost) -> None:
+    """A domain_destroy from another process still running when the host
+    closes: close() returns only once it has finished."""
+    from xenback.sim import destroy_domain
+
+    guest = host.create_domain("guest")
+    entered, release = threading.Event(), threading.Event()
+    real = host.destroy_domain
+
+    def held_destroy(domain: Domain | int, timeout: float = 10.0) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+        real(domain, timeout)
+
+    host.destroy_domain = held_destroy  # type: ignore[method-assign]
+    outcome: list[BaseException | None] = []
+
+    def remote() -> None:
+        try:
+            destroy_domain(host.run_dir, guest.domid)
+        except BaseException as e:
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    caller = threading.Thread(target=remote)
+    caller.start()
+    closer = threading.Thread(target=host.close)
+    try:
+        assert entered.wait(TIMEOUT)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive(), "close() returned while a control request ran"
+    finally:
+        release.set()
+        if closer.ident is not None:
+            closer.join(TIMEOUT)
+        caller.join(TIMEOUT)
+    assert not closer.is_alive() and not caller.is_alive()
+    (error,) = outcome
+    assert isinstance(error, OSError) and error.errno == errno.ENODEV, error
+    assert [t for t in threading.enumerate() if t.name.startswith("xenback-sim-control")] == []
