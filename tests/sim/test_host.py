@@ -558,3 +558,95 @@ def test_close_waits_for_a_control_request_in_flight(host: SimHost) -> None:
     (error,) = outcome
     assert isinstance(error, OSError) and error.errno == errno.ENODEV, error
     assert [t for t in threading.enumerate() if t.name.startswith("xenback-sim-control")] == []
+
+
+def test_domains_of_two_hosts_are_not_equal() -> None:
+    with SimHost() as one, SimHost() as two:
+        a, b = one.create_domain("guest"), two.create_domain("guest")
+        assert a.domid == b.domid
+        assert a != b and a == attach(one.run_dir, 1)
+        assert len({a, b, attach(two.run_dir, 1)}) == 2
+
+
+def test_a_relative_run_dir_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sockets are found again after a chdir: every path is absolute.
+    monkeypatch.chdir(tmp_path)
+    with SimHost("run") as host:
+        assert host.run_dir == tmp_path / "run"
+        guest = host.create_domain("guest")
+        assert guest.run_dir == tmp_path / "run"
+        assert attach("run", 1).run_dir == tmp_path / "run"
+        monkeypatch.chdir("/")
+        with guest.evtchn() as ch:
+            ch.bind_unbound_port(0)
+
+
+@pytest.mark.parametrize("domid", [-1, 0x7FF0, True, "1"])
+def test_attach_refuses_what_is_not_a_domain_id(host: SimHost, domid: int) -> None:
+    with pytest.raises(ValueError, match="^invalid domain id"):
+        attach(host.run_dir, domid)
+
+
+def test_without_a_host_the_platform_is_unavailable(tmp_path: Path) -> None:
+    from xenback.platform import PlatformError, PlatformUnavailable
+    from xenback.sim import destroy_domain
+
+    for call in (lambda: create_domain(tmp_path, "g"), lambda: destroy_domain(tmp_path, 1),
+                 lambda: attach(tmp_path, 0)):
+        with pytest.raises(PlatformUnavailable) as info:
+            call()
+        assert isinstance(info.value, PlatformError)
+        assert info.value.errno == errno.ENOENT
+        assert f"simulated host in {tmp_path}" in str(info.value)
+
+
+def test_a_failed_grant_or_channel_operation_is_a_platform_error(host: SimHost) -> None:
+    # Backends catch PlatformError (an OSError) for whatever Xen refuses.
+    from xenback.platform import EventChannelError, GrantError, PlatformError
+
+    guest = host.create_domain("guest")
+    with host.dom0.gnttab() as tab, pytest.raises(PlatformError) as info:
+        tab.map_grant_refs(guest.domid, [8])  # never granted
+    assert type(info.value) is GrantError and info.value.errno == errno.EINVAL
+    with host.dom0.evtchn() as ch, pytest.raises(PlatformError) as info:
+        ch.notify(99)  # not bound
+    assert type(info.value) is EventChannelError
+
+
+def test_joining_leaves_no_socket_open(host: SimHost, tmp_path: Path) -> None:
+    """attach, create_domain and destroy_domain close the connection they
+    asked through, also when there is nothing to reach (an unclosed socket
+    is a ResourceWarning, and a descriptor until the collector runs)."""
+    import gc
+    import warnings
+
+    from xenback.sim import destroy_domain
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        guest = create_domain(host.run_dir, "guest")
+        attach(host.run_dir, guest.domid)
+        destroy_domain(host.run_dir, guest.domid)
+        with pytest.raises(OSError):
+            attach(tmp_path, 0)
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
+@pytest.mark.parametrize("missing", ["domid", "xenstore", "gnttab", "gntshr", "evtchn"])
+def test_a_platform_has_every_service(missing: str) -> None:
+    # What a backend checks its platform argument against.
+    class Partial:
+        pass
+
+    def service(self: Partial) -> None:
+        return None
+
+    for name in ("domid", "xenstore", "gnttab", "gntshr", "evtchn"):
+        if name != missing:
+            setattr(Partial, name, 0 if name == "domid" else service)
+    assert not isinstance(Partial(), Platform)
+    setattr(Partial, missing, 0 if missing == "domid" else service)
+    assert isinstance(Partial(), Platform)
