@@ -28,11 +28,14 @@ def start(run_dir: Path, *args: str,
           sighup: signal.Handlers = signal.SIG_DFL) -> subprocess.Popen[str]:
     # The SIGHUP disposition is set, not inherited: under nohup the tests'
     # own is SIG_IGN.
+    # Nor is PYTHONUNBUFFERED: the daemon flushes its ready lines itself.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     return subprocess.Popen(
         [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(run_dir), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
         preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup),
     )
 
@@ -299,6 +302,43 @@ def test_only_its_user_may_connect_whatever_the_umask(tmp_path: Path) -> None:
         assert len(sockets) == 4  # xenstored, dom0's hypervisor, the guest's two
         modes = {p.relative_to(run_dir).as_posix(): oct(p.stat().st_mode & 0o777) for p in sockets}
         assert modes == dict.fromkeys(modes, oct(0o600))
+        proc.terminate()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_a_guest_named_like_dom0_exits_2_and_leaves_nothing(tmp_path: Path) -> None:
+    # Only the running host knows the name is taken: it stops again.
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "--domain", "Domain-0")
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert (proc.returncode, out) == (2, "")
+    assert err == "xenback-sim: a domain named 'Domain-0' exists already\n"
+    assert not run_dir.exists()
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
+    """Every event channel costs the service descriptors: it lifts its soft
+    limit as far as it may go, as servers of many connections do."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard descriptor limit ({hard}) leaves nothing to raise")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=low_soft_limit,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("XENSTORED_PATH=")
+        soft, _ = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        assert soft == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0
     finally:
