@@ -373,6 +373,7 @@ def ask(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> dict:
         (b'{"op": "evtchn_alloc_unbound", "domid": "0"}', errno.EINVAL),
         (b'{"op": "evtchn_bind_interdomain", "domid": 0, "port": 0}', errno.EINVAL),
         (b"x" * 66000, errno.E2BIG),
+        (b"x" * (64 * 1024 + 1), errno.E2BIG),  # one byte over MAX_MESSAGE
         (b"[" * 60000, errno.EINVAL),
     ],
 )
@@ -471,9 +472,9 @@ def test_a_map_needing_more_descriptors_than_a_message_holds_is_refused(
     host: SimHost, guest: Domain
 ) -> None:
     """Each separate share is a file of its own, and a reply carries at most
-    MAX_FDS descriptors: one more is E2BIG, not a reply the kernel refuses
-    (which would cost the mapper its handle)."""
-    from xenback.sim._proto import MAX_FDS
+    MAX_FDS descriptors, the kernel's SCM_MAX_FD (253): one more is E2BIG,
+    not a reply the kernel refuses (which would cost the mapper its handle)."""
+    MAX_FDS = 253
 
     with raw(host, guest.domid) as granter, raw(host, 0) as mapper:
         refs = []

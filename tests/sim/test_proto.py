@@ -1,0 +1,167 @@
+"""The wire between domains and the hypervisor service (xenback.sim._proto),
+from a handle's side: its limits, and what it does with descriptors that
+come with a reply it refuses."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from racewindow import TIMEOUT
+
+from xenback.platform import PlatformError
+from xenback.sim._proto import (
+    MAX_MESSAGE,
+    ServiceConnection,
+    encode,
+    recv_message,
+    send_message,
+)
+
+
+def test_a_message_may_fill_max_message_and_no_more() -> None:
+    assert MAX_MESSAGE == 64 * 1024
+    padding = MAX_MESSAGE - len(encode({"k": ""}))
+    assert len(encode({"k": "x" * padding})) == MAX_MESSAGE
+    with pytest.raises(ValueError, match=f"^message of {MAX_MESSAGE + 1} bytes exceeds"):
+        encode({"k": "x" * (padding + 1)})
+
+
+def test_received_descriptors_are_close_on_exec() -> None:
+    # Guest memory and event channel pipes must not leak into a backend's
+    # child processes.
+    r, w = os.pipe()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        send_message(a, {"op": "info"}, [w])
+        data, fds, truncated = recv_message(b)
+    os.close(r)
+    os.close(w)
+    try:
+        assert (data, truncated, len(fds)) == (b'{"op":"info"}', False, 1)
+        assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_packet_one_byte_too_long_is_truncated() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        a.send(b" " * MAX_MESSAGE)
+        assert recv_message(b)[2] is False
+        a.send(b" " * (MAX_MESSAGE + 1))
+        assert recv_message(b)[2] is True
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
+    """``service(answer)``: a socket path whose one connection
+    ``answer(conn)`` serves (after reading one request), then keeps open
+    until the client hangs up."""
+    threads: list[threading.Thread] = []
+
+    def start(answer: Callable[[socket.socket], None]) -> str:
+        path = str(tmp_path / "hypervisor")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(path)
+        listener.listen()
+
+        def serve() -> None:
+            with listener:
+                conn, _ = listener.accept()
+            with conn:
+                conn.recv(MAX_MESSAGE)
+                answer(conn)
+                while conn.recv(MAX_MESSAGE):
+                    pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return path
+
+    yield start
+    for thread in threads:
+        thread.join(TIMEOUT)
+
+
+def _with_pipe(send: Callable[[socket.socket, int], None]) -> tuple[Callable[[socket.socket], None], int]:
+    """An answer that sends the write end of a new pipe; the read end,
+    which reads EOF once every copy of the write end is closed."""
+    r, w = os.pipe()
+
+    def answer(conn: socket.socket) -> None:
+        try:
+            send(conn, w)
+        finally:
+            os.close(w)
+
+    return answer, r
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        # An error carries no descriptors: any that come are closed.
+        (lambda conn, fd: send_message(conn, {"errno": errno.EINVAL, "error": "no"}, [fd]),
+         errno.EINVAL),
+        # An oversized reply is refused as a protocol error.
+        (lambda conn, fd: socket.send_fds(conn, [b" " * (MAX_MESSAGE + 1)], [fd]), errno.EPROTO),
+        # A pushed event nobody listens for, then the error: both closed.
+        (lambda conn, fd: (send_message(conn, {"event": "bound", "port": 1}, [fd]),
+                           send_message(conn, {"errno": errno.EIO, "error": "no"})), errno.EIO),
+    ],
+    ids=["error", "oversized", "unexpected-push"],
+)
+def test_a_handle_closes_the_descriptors_of_what_it_refuses(
+    service: Callable[[Callable[[socket.socket], None]], str],
+    reply: Callable[[socket.socket, int], None],
+    error: int,
+) -> None:
+    answer, r = _with_pipe(reply)
+    conn = ServiceConnection(service(answer), PlatformError)
+    try:
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == error
+        # No copy of the write end is left open: EOF.
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""
+    finally:
+        conn.close()
+        os.close(r)
+
+
+def test_close_wakes_a_call_waiting_for_its_reply(
+    service: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    """A service that never answers: close() from another thread ends the
+    wait at once (ENODEV) instead of queueing behind it."""
+    asked = threading.Event()
+    conn = ServiceConnection(service(lambda _conn: asked.set()), PlatformError)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            conn.call("info")
+        except BaseException as e:
+            outcome.append(e)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    assert asked.wait(TIMEOUT)
+    closer = threading.Thread(target=conn.close, daemon=True)
+    closer.start()
+    closer.join(TIMEOUT)
+    caller.join(TIMEOUT)
+    assert not closer.is_alive(), "close() waits behind the call"
+    (error,) = outcome
+    assert isinstance(error, PlatformError) and error.errno == errno.ENODEV, error
