@@ -87,8 +87,38 @@ def test_threads_share_one_burst() -> None:
     ({"interval": True}, TypeError, "not bool"),
     ({"burst": 0}, ValueError, "burst must be at least 1, got 0"),
     ({"burst": 2.0}, TypeError, "burst must be an int, not float"),
+    ({"burst": True}, TypeError, "burst must be an int, not bool"),
 ])
 def test_bad_arguments_are_refused(kwargs: dict[str, object], exc: type[Exception],
                                    said: str) -> None:
     with pytest.raises(exc, match=said):
         RateLimit("dom1", **kwargs)  # type: ignore[arg-type]
+
+
+def test_each_interval_reports_only_its_own_count(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=logger.name)
+    clock = Clock()
+    limit = RateLimit("dom2", interval=5.0, burst=1, clock=clock)
+    for n in (3, 2, 1):  # 2, then 1 suppressed in the intervals after the first
+        for _ in range(n):
+            limit.log(logger, logging.WARNING, "refused")
+        clock.now += 5.0
+    limit.close(logger)  # nothing left
+    assert messages(caplog) == ["refused", "dom2: 2 messages suppressed", "refused",
+                                "dom2: 1 message suppressed", "refused"]
+
+
+def test_the_count_goes_out_at_the_level_of_the_message_after_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=logger.name)
+    clock = Clock()
+    limit = RateLimit("dom4", burst=1, clock=clock)
+    limit.log(logger, logging.INFO, "first")
+    limit.log(logger, logging.INFO, "second")
+    clock.now += limit.interval
+    limit.log(logger, logging.INFO, "third")
+    assert [(r.getMessage(), r.levelno) for r in caplog.records if r.name == logger.name] == [
+        ("first", logging.INFO),
+        ("dom4: 1 message suppressed", logging.INFO),
+        ("third", logging.INFO),
+    ]
