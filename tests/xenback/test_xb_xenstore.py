@@ -422,6 +422,25 @@ def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
     assert "ZeroDivisionError" in caplog.text
 
 
+def test_a_call_may_flush_its_own_queue(wq, caplog) -> None:
+    # Waiting for itself would never end: flush() from a call returns at
+    # once, and the calls behind it run after it.
+    queue = EventQueue(wq, "self-flushing")
+    out: list[str] = []
+
+    def call() -> None:
+        assert queue.in_queue()
+        queue.flush()
+        out.append("flushed")
+
+    queue.call(call)
+    queue.call(out.append, "next")
+    queue.flush()
+    assert out == ["flushed", "next"]
+    assert not queue.in_queue()
+    assert "failed" not in caplog.text
+
+
 def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
     """XenStore closes the connection after reading a request: the caller
     gets an OSError instead of waiting forever for the reply."""
