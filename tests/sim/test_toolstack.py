@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import pyxs
@@ -449,17 +450,29 @@ def test_a_libxl_entry_without_a_backend_is_no_device(host: SimHost, guest: Doma
     assert host.toolstack.devices(guest.domid) == [dev]
 
 
-def test_destroy_devices_waits_once_for_all_backends(host: SimHost, guest: Domain) -> None:
+def test_destroy_devices_waits_once_for_all_backends(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The timeout is for all the devices of the dying domain together, as
     libxl's: three backends that never close cost it once, not three
-    times.  (The upper bound leaves 0.75 s for the work around the wait.)"""
-    devs = [host.toolstack.add_device("vif", guest.domid, devid=i) for i in range(3)]
+    times.  Each wait is given the one deadline set before the first."""
+    toolstack = host.toolstack
+    devs = [toolstack.add_device("vif", guest.domid, devid=i) for i in range(3)]
+    deadlines = []
+    wait_closed = toolstack._wait_closed
+
+    def recorded(path: bytes, events: Any, deadline: float) -> bool:
+        deadlines.append(deadline)
+        return wait_closed(path, events, deadline)
+
+    monkeypatch.setattr(toolstack, "_wait_closed", recorded)
     start = time.monotonic()
-    late = host.toolstack.destroy_devices(guest.domid, timeout=0.8)
-    elapsed = time.monotonic() - start
+    late = toolstack.destroy_devices(guest.domid, timeout=0.8)
+    assert time.monotonic() - start >= 0.8
     assert sorted(late, key=lambda d: d.devid) == devs
-    assert 0.8 <= elapsed < 1.55
-    assert host.toolstack.devices() == []
+    assert len(deadlines) == 3 and len(set(deadlines)) == 1
+    assert start + 0.8 <= deadlines[0] <= time.monotonic()
+    assert toolstack.devices() == []
 
 
 def test_destroy_devices_leaves_a_domains_own_backends(host: SimHost, guest: Domain) -> None:
