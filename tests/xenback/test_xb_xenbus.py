@@ -1240,14 +1240,21 @@ def test_a_frontend_flooding_its_state_queues_one_event(host, driver, frontends)
 
     driver.frontend_changed = count  # type: ignore[method-assign]
     entered, release = threading.Event(), threading.Event()
-    bdev.queue(lambda: (entered.set(), release.wait(TIMEOUT)))
-    assert entered.wait(TIMEOUT)
-    for _ in range(100):
-        fe.set_state(S.INITIALISED)
-        fe.set_state(S.CONNECTED)
-    handed_over(driver.xenstore, "flood")  # every event reached the queue
-    release.set()
+    # The flood's 200 writes may take seconds on a loaded machine: the
+    # blocker must outlast them (a blocker that gave up would let events
+    # through one by one), and says so if it did not.
+    released: list[bool] = []
+    bdev.queue(lambda: (entered.set(), released.append(release.wait(6 * TIMEOUT))))
+    try:
+        assert entered.wait(TIMEOUT)
+        for _ in range(100):
+            fe.set_state(S.INITIALISED)
+            fe.set_state(S.CONNECTED)
+        handed_over(driver.xenstore, "flood")  # every event reached the queue
+    finally:
+        release.set()
     bdev.events.flush()
+    assert released == [True], "the flood outlasted the blocked queue"
     assert seen == [S.CONNECTED]
     assert driver.calls_of(guest.domid) == ["probe", "connect"]
     # Events after the one that ran are handled as ever.
