@@ -102,6 +102,24 @@ max_sockets = 0
     assert not policy.connect_allowed(5, "10.0.0.1", 80)
 
 
+def test_a_domain_section_without_bind_rules_takes_the_default_s() -> None:
+    policy = Policy.from_toml("""
+[default]
+bind.allow = ["127.0.0.1:8000"]
+bind.deny = ["127.0.0.1:8000"]
+
+[domain.3]
+max_sockets = 1
+
+[domain.4]
+bind.allow = ["127.0.0.1:8000-8001"]
+""")
+    assert not policy.bind_allowed(3, "127.0.0.1", 8001)  # the default's allow
+    assert not policy.bind_allowed(3, "127.0.0.1", 8000)
+    assert not policy.bind_allowed(4, "127.0.0.1", 8000)  # the default's deny
+    assert policy.bind_allowed(4, "127.0.0.1", 8001)
+
+
 def test_sections_by_name() -> None:
     policy = Policy.from_toml("""
 [default]
@@ -144,12 +162,22 @@ def test_empty_allow_list_denies_all() -> None:
         ("*:0-65535", "0.0.0.0/0", 0, 65535),
         ("*:8-8", "0.0.0.0/0", 8, 8),
         ("*:0080", "0.0.0.0/0", 80, 80),
+        # Leading zeros do not count towards the port's length.
+        ("*:0000000080-00000065535", "0.0.0.0/0", 80, 65535),
     ],
 )
 def test_rule_parse(text: str, network: str, first: int, last: int) -> None:
     rule = Rule.parse(text)
     assert str(rule.network) == network
     assert rule.ports.start == first and rule.ports.stop - 1 == last
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0/0", "10.1.2.3/32", "10.1.2.0/24:80", "10.0.0.0/8:1024-65535",
+                                  "0.0.0.0/0:0-1"])
+def test_rule_str_is_its_rule_text(text: str) -> None:
+    rule = Rule.parse(text)
+    assert str(rule) == text
+    assert Rule.parse(str(rule)) == rule
 
 
 @pytest.mark.parametrize(
@@ -190,6 +218,11 @@ def test_rule_parse(text: str, network: str, first: int, last: int) -> None:
         ("[default]\nlisten.allow = []", "unknown key"),
         ("[default]\nconnect.maybe = []", "unknown key"),
         ('[domain."a/b"]\nmax_sockets = 1', "not a domid or a domain name"),
+        ('[domain."a\\tb"]\nmax_sockets = 1', "not a domid or a domain name"),
+        ("default = 1", r"^\[default\] must be a table$"),
+        ("domain = 1", r"^\[domain\] must be a table$"),
+        ("[domain]\n7 = 1", r"^\[domain.7\] must be a table$"),
+        ("[default]\nbind = 1", r"^\[default\] bind must be a table$"),
         ('[domain.""]\nmax_sockets = 1', "not a domid or a domain name"),
         ("[domain.99999]\nmax_sockets = 1", r"\[domain.99999\]: domid 99999 is not within 0-32751"),
         ("[domain.32752]\nmax_sockets = 1", "not within 0-32751"),
@@ -210,9 +243,18 @@ def test_one_domid_spelt_twice_names_both_sections() -> None:
 
 
 def test_domid_with_leading_zeros() -> None:
-    policy = Policy.from_toml("[domain.007]\nmax_sockets = 1\n[domain.0]\nmax_sockets = 2\n")
+    policy = Policy.from_toml("[domain.007]\nmax_sockets = 1\n[domain.0]\nmax_sockets = 2\n"
+                              "[domain.000000032751]\nmax_sockets = 3\n")
     assert policy.max_sockets(7) == 1
     assert policy.max_sockets(0) == 2
+    assert policy.max_sockets(32751) == 3
+
+
+def test_other_scripts_digits_are_a_domain_name() -> None:
+    # "\uff17" (a fullwidth 7) is no domid: as any other name, it names a domain.
+    policy = Policy.from_toml('[domain."\uff17"]\nmax_sockets = 1\n')
+    assert policy.max_sockets(7) is None
+    assert policy.max_sockets(3, "\uff17") == 1
 
 
 @pytest.mark.parametrize("text", ["", "# nothing but a comment\n\n", "[domain]\n"])
@@ -251,6 +293,14 @@ def test_bad_file_names_the_file_once(tmp_path: Path, content: bytes | None, mes
         Policy.from_file(path)
     assert str(info.value).startswith(f"{path}: ")
     assert str(info.value).count("bad.toml") == 1
+
+
+def test_a_file_of_the_largest_size_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    head = b"[default]\nmax_sockets = 9\n#"
+    path.write_bytes(head + b"#" * ((1 << 20) - len(head) - 1) + b"\n")
+    assert path.stat().st_size == 1 << 20
+    assert Policy.from_file(path).max_sockets(1) == 9
 
 
 def test_file_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
