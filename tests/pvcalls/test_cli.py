@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
+import logging
 import os
 import random
+import re
 import resource
 import signal
 import socket
@@ -15,11 +18,14 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
+from pvcalls_rawfront import RawFrontend
 
+import pvcalls._cli as cli
 from pvcalls._cli import main
+from workqueue import Topology
 
 TIMEOUT = 30.0
 BIN = Path(sys.executable).parent
@@ -97,6 +103,8 @@ def script(name: str) -> list[str]:
         (["demo", "--max-ioworkers", " 4"], "' 4' is not a whole number"),
         (["demo", "--max-page-order", "\uff14"], "'\uff14' is not a whole number"),
         (["demo", "--max-page-order", "99"], "most one indexes page"),
+        (["demo", "--max-page-order", "10"],
+         "argument --max-page-order: 10 is above 9, the most one indexes page can describe"),
         # More digits than int() converts (sys.get_int_max_str_digits()):
         # argparse then said "invalid _positive_int value", naming our code.
         (["demo", "--max-ioworkers", "9" * 5000], f"argument --max-ioworkers: {'9' * 5000} is too"),
@@ -112,6 +120,55 @@ def test_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert message in err
     assert "usage: pvcalls-backend" in err
+
+
+def test_the_largest_page_order_is_taken() -> None:
+    parser, _ = cli._parser()
+    assert parser.parse_args(["demo", "--max-page-order", "9"]).max_page_order == 9
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1024 * 1024 - 52, "1023.9 KiB"),
+    (1024 * 1024, "1.0 MiB"), (5 * 1024 * 1024 * 1024, "5120.0 MiB"),
+])
+def test_byte_counts_are_printed_in_the_largest_unit_under_1024(n: int, text: str) -> None:
+    assert cli._fmt_bytes(n) == text
+
+
+def test_statistics_show_each_socket_and_the_online_cpus(
+        raw: RawFrontend, backend: Any, topology: Topology, echo_server: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SIGUSR1's log lines and the demo's table: a line per socket, with
+    its CPU (an active one's) and its address; the socket count of each
+    online CPU, and of no offline one."""
+    topology.cpu_down(3)
+    listener, _ = raw.socket()
+    port = unused_port()
+    assert raw.bind(listener, ("127.0.0.1", port)).ret == 0
+    assert raw.listen(listener).ret == 0
+    active, _ = raw.socket()
+    assert raw.response(raw.push_connect(active, echo_server.address, raw.new_ring())).ret == 0
+    stats = backend.stats()
+    cpu = next(row.cpu for row in stats.sockets if row.id == active)
+    domid = raw.guest.domid
+    counts = ", ".join(f"CPU {c}: {int(c == cpu)}" for c in range(3))
+
+    with caplog.at_level(logging.WARNING, logger="pvcalls._cli"):
+        cli._log_stats(stats)
+    assert sorted(r.getMessage() for r in caplog.records) == sorted([
+        f"1 frontends, 2 sockets; active sockets per CPU: {counts}",
+        f"  dom{domid} {listener:#x} passive cpu=- out=0 in=0 127.0.0.1:{port}",
+        f"  dom{domid} {active:#x} active cpu={cpu} out=0 in=0 "
+        f"{echo_server.address[0]}:{echo_server.address[1]}",
+    ])
+
+    out = io.StringIO()
+    cli._print_stats(stats, {domid: "guest"}, out)
+    table = out.getvalue().splitlines()
+    assert re.fullmatch(rf"  guest +{listener:#018x} +passive +- +0 B +0 B", table[3])
+    assert re.fullmatch(rf"  guest +{active:#018x} +active +{cpu} +0 B +0 B", table[4])
+    assert table[5:] == [f"Active sockets per ioworker CPU: {counts}"]
+    raw.close()
 
 
 def test_bad_policy_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
