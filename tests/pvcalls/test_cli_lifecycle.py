@@ -121,10 +121,11 @@ _STOP_SIGNALS = pytest.mark.parametrize(("signum", "status", "said"), [
 
 
 def run_signalled_demo(script: str, signum: int, status: int, said: str, *,
-                       send: bool = True) -> None:
+                       send: bool = True, before: int | None = None) -> None:
     """Run a stuck demo ``script`` until it exits after ``signum`` (sent
-    once it is stuck, if ``send``; else the script signals itself): with
-    ``status``, having ``said`` so, and without its run directory."""
+    once it is stuck, if ``send``, after ``before`` if given; else the
+    script signals itself): with ``status``, having ``said`` so, and
+    without its run directory."""
     with running([sys.executable, "-c", script, str(int(signum))],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         out = Lines(proc.stdout)
@@ -134,6 +135,8 @@ def run_signalled_demo(script: str, signum: int, status: int, said: str, *,
         if send:
             out.wait_for("STUCK")
             assert run_dir.is_dir()
+            if before is not None:
+                proc.send_signal(before)
             proc.send_signal(signum)
         returncode = proc.wait(TIMEOUT)
         assert proc.stderr is not None
@@ -155,6 +158,170 @@ def test_a_signal_in_the_middle_of_the_demo_cleans_up(
 def test_a_signal_as_the_demo_lets_go_of_a_lock_cleans_up(
         signum: int, status: int, said: str) -> None:
     run_signalled_demo(_STUCK_DEMO_SIGNALLED_AS_IT_POLLS, signum, status, said, send=False)
+
+
+def test_the_demo_in_the_background_ignores_sigint() -> None:
+    # A shell starts a background job with SIGINT ignored: Ctrl-C at the
+    # terminal is not for it.  Python's SIGINT is delivered before SIGTERM.
+    script = _STUCK_DEMO.replace("signal.signal(signal.SIGINT, signal.default_int_handler)",
+                                 "signal.signal(signal.SIGINT, signal.SIG_IGN)")
+    run_signalled_demo(script, signal.SIGTERM, 143, "demo terminated", before=signal.SIGINT)
+
+
+def test_the_demo_gives_back_the_signal_handlers_it_took(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pvcalls._cli as cli
+
+    during = []
+
+    def demo(args: Any) -> int:
+        during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return 0
+
+    monkeypatch.setattr(cli, "demo", demo)
+    old_term, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also in a background job
+    try:
+        assert main(["demo"]) == 0
+        after = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    [(term, interrupt)] = during
+    assert term is interrupt and term not in (old_term, signal.default_int_handler)
+    assert after == (old_term, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("broken", ["echo", "page"])
+def test_a_demo_that_went_wrong_says_so(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    import argparse
+    import io
+
+    import pvcalls._cli as cli
+
+    if broken == "echo":
+        echo_client = cli._echo_client
+        monkeypatch.setattr(cli, "_echo_client",
+                            lambda address, message: (echo_client(address, message)[0], False))
+    else:
+        http_get = cli._http_get
+        monkeypatch.setattr(cli, "_http_get", lambda *args: (
+            http_get(*args)[0], "HTTP/1.0 404 Not Found", b""))
+    out = io.StringIO()
+    args = argparse.Namespace(max_ioworkers=1, max_page_order=4)
+    assert cli.demo(args, out) == 1
+    assert out.getvalue().splitlines()[-1] == "demo FAILED"
+
+
+class Refused(Exception):
+    """What the ``error`` callback of _claim_host raises in these tests."""
+
+
+def refuse(message: str) -> None:
+    raise Refused(message)
+
+
+def test_the_host_lock_says_who_holds_it_and_nothing_else(tmp_path: Path) -> None:
+    # A lock file left by a backend that was killed, with a longer pid.
+    import pvcalls._cli as cli
+
+    path = tmp_path / "pvcalls-backend.lock"
+    path.write_text("4194304\n" + "x" * 100)
+    fd = cli._claim_host(path, refuse)
+    try:
+        assert path.read_text() == f"{os.getpid()}\n"
+    finally:
+        cli._release_host(path, fd)
+    assert not path.exists()
+
+
+def test_a_refused_host_lock_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    import pvcalls._cli as cli
+
+    path = tmp_path / "pvcalls-backend.lock"
+    held = cli._claim_host(path, refuse)
+    try:
+        fds = sorted(os.listdir("/proc/self/fd"))
+        with pytest.raises(Refused, match=f"another pvcalls-backend \\(pid {os.getpid()}\\)"):
+            cli._claim_host(path, refuse)
+        assert sorted(os.listdir("/proc/self/fd")) == fds
+    finally:
+        cli._release_host(path, held)
+
+
+def test_the_host_lock_is_taken_on_the_file_there_now(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend before us removed the lock file between our open() and
+    our flock(): the lock taken on the file it removed keeps nobody out,
+    so it is taken again on the one there now."""
+    import fcntl
+
+    import pvcalls._cli as cli
+
+    path = tmp_path / "pvcalls-backend.lock"
+    flock = fcntl.flock
+    removed = []
+
+    def removed_first(fd: int, operation: int) -> None:
+        if not removed:
+            removed.append(fd)
+            path.unlink()  # as _release_host
+        flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", removed_first)
+    fd = cli._claim_host(path, refuse)
+    monkeypatch.undo()
+    try:
+        assert removed
+        assert os.path.samestat(os.fstat(fd), os.stat(path))
+        with pytest.raises(Refused):
+            cli._claim_host(path, refuse)
+    finally:
+        cli._release_host(path, fd)
+
+
+def test_a_backend_letting_go_of_the_host_lets_one_other_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend starting just as another lets go of the lock is the only
+    one to get it: the file goes before its lock, or a third backend would
+    make a new one, and serve the host together with the second."""
+    import pvcalls._cli as cli
+
+    path = tmp_path / "pvcalls-backend.lock"
+    first = cli._claim_host(path, refuse)
+    close = os.close
+    second = []
+
+    def close_then_claim(fd: int) -> None:
+        close(fd)
+        if fd == first and not second:
+            second.append(-1)
+            second[0] = cli._claim_host(path, refuse)  # the lock just let go of
+
+    monkeypatch.setattr(os, "close", close_then_claim)
+    cli._release_host(path, first)
+    monkeypatch.undo()
+    try:
+        assert second[0] >= 0
+        with pytest.raises(Refused):
+            cli._claim_host(path, refuse)  # the third
+    finally:
+        cli._release_host(path, second[0])
+
+
+def test_serve_ignores_a_stray_sigusr2(sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    # SIGUSR2 is how its own thread says the host went: one from anyone
+    # else, the host still there, stops nothing.
+    with running(serve_argv(sim_host[0]), stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE) as serve:
+        log = Lines(serve.stderr)
+        log.wait_for("serving")
+        serve.send_signal(signal.SIGUSR2)
+        serve.send_signal(signal.SIGUSR1)  # after the SIGUSR2: still serving
+        log.wait_for("active sockets per CPU")
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(TIMEOUT) == 0
+        assert "lost the XenStore connection" not in "".join(log.lines)
 
 
 def test_serve_stops_when_it_loses_its_host(
@@ -359,6 +526,53 @@ class Backend:
     def __exit__(self, *exc):
         os.kill(os.getpid(), signum)  # again, while closing
 """
+
+
+# As _LOST_WHILE_CLOSING, but the watcher is held just before it sends its
+# SIGUSR2 until serve() is about to stop taking signals (or has returned):
+# that one must come before serve() stops, or not at all.
+_LOST_AS_SERVE_STOPS = """
+sys.path[:0] = sys.argv[1:]
+from racewindow import stands_at
+
+pthread_kill = signal.pthread_kill
+main = threading.get_ident()
+sending = threading.Event()
+
+def in_serve():
+    frame = sys._current_frames().get(main)
+    while frame is not None and frame.f_code is not cli.serve.__code__:
+        frame = frame.f_back
+    return frame is not None
+
+def pthread_kill_late(thread_id, signum):
+    if signum == signal.SIGUSR2:
+        sending.set()
+        while in_serve() and not stands_at(main, cli.serve, "with stop_lock:\\n"):
+            threading.Event().wait(0.001)
+    pthread_kill(thread_id, signum)
+
+signal.pthread_kill = pthread_kill_late
+
+class Backend:
+    def __init__(self, *args, **kwargs):
+        self.connection_lost = threading.Event()
+    def __enter__(self):
+        pthread_kill(main, signal.SIGTERM)  # pending
+        return self
+    def __exit__(self, *exc):
+        self.connection_lost.set()
+        sending.wait(30)  # the watcher is on its way
+
+import atexit
+atexit.register(lambda: [t.join(30) for t in threading.enumerate() if t.name == "xenstore-watcher"])
+"""
+
+
+def test_a_connection_lost_as_serve_stops_does_not_kill_it() -> None:
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = serve_with(_LOST_AS_SERVE_STOPS, tests)
+    assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
