@@ -429,6 +429,21 @@ def test_nc_bad_options(
     assert "usage: pvcalls-nc" in err
 
 
+@pytest.mark.parametrize(("options", "domid", "address"), [
+    (["-l", "80"], 1, ("0.0.0.0", 80)),  # -l without HOST: every address
+    (["-l", "127.0.0.1", "0"], 1, ("127.0.0.1", 0)),
+    (["127.0.0.1", "65535"], 1, ("127.0.0.1", 65535)),
+    # Leading zeros do not count towards the number's length.
+    (["--domid", "00000000032751", "127.0.0.1", "00000000080"], 32751, ("127.0.0.1", 80)),
+])
+def test_nc_options_taken(options: list[str], domid: int, address: tuple[str, int]) -> None:
+    from pvcalls._nc import _parse_address, _parser
+
+    parser = _parser()
+    args = parser.parse_args(["--run-dir", "/nonexistent", "--domid", "1", *options])
+    assert (args.domid, _parse_address(parser, args)) == (domid, address)
+
+
 def test_nc_without_host_fails_clearly(tmp_path: Path) -> None:
     nc = subprocess.run(
         [*script("pvcalls-nc"), "--run-dir", str(tmp_path), "--domid", "1", "127.0.0.1", "80"],
