@@ -15,6 +15,7 @@ import sys
 import termios
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import pytest
 import pyxs
 from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, run_daemon, script, unused_port
+
+from pvcalls import _nc
 
 # Runs its arguments with SIGINT's and SIGHUP's default actions: a test run
 # in the background of a shell ignores SIGINT, one run under nohup ignores
@@ -478,5 +481,140 @@ def test_a_wait_longer_than_poll_takes_is_no_error() -> None:
         os.write(w, b"x")
         assert _wait_readable([r], threading.TIMEOUT_MAX, None) == {r}
     finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_idle_connection_outlasts_the_connect_timeout(guest: Guest,
+                                                         server: socket.socket) -> None:
+    # -w is for connect and accept only: piping waits for as long as it takes.
+    nc, conn = connect(guest, server, "-w", "0.1", stdin=subprocess.DEVNULL)
+    with conn:
+        threading.Event().wait(0.3)  # idle, longer than -w
+        conn.sendall(b"late")
+    assert finish(nc) == (0, b"late", b"")
+
+
+def test_an_unreadable_stdin_is_an_error(tmp_path: Path) -> None:
+    # Reading stdin failing ends the tool at once, although the other side
+    # stays.  (A directory: Python refuses one as its stdin, not os.read().)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    done_r, done_w = os.pipe()
+    try:
+        with pytest.raises(_nc._Failed) as info:
+            _nc._send_input(None, fd, done_r, None)  # type: ignore[arg-type]
+        assert info.value.message == (
+            f"reading standard input: [Errno {errno.EISDIR}] {os.strerror(errno.EISDIR)}")
+    finally:
+        for each in (fd, done_r, done_w):
+            os.close(each)
+
+
+def test_a_failed_send_stops_sending_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As OpenBSD's nc: sending failed, but the connection may still
+    deliver; the failure is said once the other side closes."""
+    r, w = os.pipe()
+    done_r, done_w = os.pipe()
+    try:
+        os.write(w, b"input")
+
+        class Conn:
+            def sendall(self, data: bytes) -> None:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        failure = _nc._send_input(Conn(), r, done_r, None)  # type: ignore[arg-type]
+        assert failure is not None and failure.status == 1
+        assert failure.message == f"send failed: [Errno {errno.EPIPE}] Broken pipe"
+    finally:
+        for fd in (r, w, done_r, done_w):
+            os.close(fd)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """pvcalls-nc's time.monotonic(), as the test sets it."""
+    now = [100.0]
+    monkeypatch.setattr(_nc, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_data_coming_in_is_noted_for_quit_after(clock: list[float]) -> None:
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        pump = _nc._Pump(a, w)  # type: ignore[arg-type]
+        clock[0] = 107.0
+        pump.start()
+        b.sendall(b"x")
+        assert os.read(r, 1) == b"x"
+        b.close()
+        pump.join(TIMEOUT)
+        assert (pump.last, pump.failure) == (107.0, None)
+        assert os.read(pump.done_r, 1) == b""  # it hung up
+    finally:
+        for fd in (r, w, pump.done_r):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_quit_after_counts_from_the_last_data(clock: list[float],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """-q 1 after end of input at 100 s, data at 100.8 s: it quits at 101.8 s."""
+    pump = types.SimpleNamespace(last=50.0, done_r=-1)
+    waits: list[float | None] = []
+
+    def wait_readable(fds: list[int], timeout: float | None, wake_fd: int | None) -> set[int]:
+        waits.append(timeout)
+        if len(waits) == 1:  # data 0.8 s into the first wait
+            clock[0] += 0.8
+            pump.last = clock[0]
+        else:
+            clock[0] += timeout or 0
+        return set()
+
+    monkeypatch.setattr(_nc, "_wait_readable", wait_readable)
+    _nc._linger(pump, 1.0, None)  # type: ignore[arg-type]
+    assert waits == [1.0, pytest.approx(1.0)]
+    assert clock[0] == pytest.approx(101.8)
+
+
+def test_a_signal_before_the_gate_opens_is_raised_there() -> None:
+    gate = _nc._SignalGate()
+    gate.handler(signal.SIGTERM, None)  # closed: kept for later
+    gate.handler(signal.SIGINT, None)  # the first one says how it ends
+    assert gate.pending == signal.SIGTERM
+    with pytest.raises(_nc._Signalled) as info, gate.opened():
+        pytest.fail("the gate let a pending signal through")
+    assert info.value.signum == signal.SIGTERM
+
+
+def test_a_signal_interrupts_the_open_gate_once() -> None:
+    gate = _nc._SignalGate()
+    with gate.opened():
+        with pytest.raises(_nc._Signalled):
+            gate.handler(signal.SIGHUP, None)
+        gate.handler(signal.SIGTERM, None)  # in the clean-up: not again
+    assert gate.pending == signal.SIGHUP
+
+
+def test_the_gate_takes_the_signals_not_ignored_and_gives_them_back() -> None:
+    r, w = os.pipe2(os.O_NONBLOCK)
+    old = {signum: signal.getsignal(signum)
+           for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup
+    previous_wake = signal.set_wakeup_fd(w)
+    try:
+        before = {signum: signal.getsignal(signum) for signum in old}
+        gate = _nc._SignalGate()
+        with gate.installed():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == gate.handler
+            assert signal.getsignal(signal.SIGINT) == gate.handler
+        assert {signum: signal.getsignal(signum) for signum in old} == before
+        assert signal.set_wakeup_fd(previous_wake) == w
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
         os.close(r)
         os.close(w)
