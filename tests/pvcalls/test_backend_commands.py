@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import resource
 import select
 import socket
@@ -14,6 +15,7 @@ import sys
 import threading
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,6 +49,36 @@ def test_host_errors_map_by_name() -> None:
     assert _errno.from_host_errno(None) == _errno.EIO
     assert _errno.from_host_errno(99999) == _errno.EIO
     assert _errno.name_of(-107) == "ENOTCONN"
+    # A host error whose name Xen's table has not: EIO too.
+    assert "ENOKEY" not in _errno.XEN_ERRNO
+    assert _errno.from_host_errno(errno.ENOKEY) == _errno.EIO
+
+
+def test_errno_names_in_log_lines() -> None:
+    # Of two names for one number, the usual one; a number without a name as it is.
+    assert [_errno.name_of(n) for n in (-11, -95, -35, 524, -9999)] == [
+        "EAGAIN", "EOPNOTSUPP", "EDEADLK", "ENOTSUPP", "-9999"]
+
+
+def test_the_errno_table_is_xen_s_then_x86_linux_s() -> None:
+    header = Path("/usr/include/xen/errno.h")
+    if not header.exists():
+        pytest.skip("no xen/errno.h")
+    xen = {name: int(value) for name, value in
+           re.findall(r"^XEN_ERRNO\((\w+),\s*(\d+)\)", header.read_text(), re.M)}
+    assert len(xen) > 50
+    table = _errno.XEN_ERRNO
+    assert {name: table[name] for name in xen if name in table} == {
+        name: value for name, value in xen.items() if name in table}
+    if sys.platform != "linux" or os.uname().machine not in ("x86_64", "i686"):
+        pytest.skip("the rest are x86 Linux's numbers: the host's here are not")
+    linux = {name: getattr(errno, name) for name in table if hasattr(errno, name)}
+    assert {name: table[name] for name in linux} == linux
+    assert set(table) - set(linux) - set(xen) == {"ENOTSUPP"}
+    # The names the backend uses are the table's numbers.
+    for name in _errno.__all__:
+        if name.startswith("E"):
+            assert getattr(_errno, name) == table[name], name
 
 
 def _fail_add_fd_once(monkeypatch: pytest.MonkeyPatch, *dispatchers: EventDispatcher,
