@@ -145,3 +145,18 @@ def test_sockaddr_round_trip() -> None:
         _wire.unpack_sockaddr_in(raw, 4)
     with pytest.raises(ValueError, match="length"):
         _wire.unpack_sockaddr_in(raw, 29)
+
+
+def test_sockaddr_edges() -> None:
+    raw = _wire.pack_sockaddr_in("255.255.255.255", 65535)
+    assert raw[2:8] == b"\xff" * 6
+    # The first ``length`` bytes only, however few: the port and address are in 8.
+    assert _wire.unpack_sockaddr_in(raw[:8], 8) == ("255.255.255.255", 65535)
+    with pytest.raises(ValueError, match="port 65536 out of range"):
+        _wire.pack_sockaddr_in("127.0.0.1", 65536)
+    with pytest.raises(ValueError, match="port -1 out of range"):
+        _wire.pack_sockaddr_in("127.0.0.1", -1)
+    # ipaddress would take an int, or 4 packed bytes, for an address.
+    for host in (0x7F000001, b"\x7f\x00\x00\x01"):
+        with pytest.raises(TypeError, match="dotted IPv4 address string"):
+            _wire.pack_sockaddr_in(host, 80)  # type: ignore[arg-type]
