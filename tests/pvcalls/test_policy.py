@@ -401,17 +401,21 @@ def test_socket_limit_refusals_are_rate_limited_too(
 
 
 def test_connect_to_any_address_is_checked_as_loopback(
-        make_frontend: Any, host: Any, topology: Any, echo_server: Any) -> None:
+        make_frontend: Any, host: Any, topology: Any, echo_server: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Linux connects a destination of 0.0.0.0 to the loopback address: a
-    deny rule for 127.0.0.0/8 must cover it too."""
+    deny rule for 127.0.0.0/8 must cover it too, and the refusal says so."""
     policy = Policy.from_toml('[default]\nconnect.deny = ["127.0.0.0/8"]\n')
+    caplog.set_level(logging.WARNING, logger="pvcalls")
     with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
         fe = make_frontend("no-loopback")
         sock_id, _ = fe.socket()
-        rsp = fe.response(fe.push_connect(sock_id, ("0.0.0.0", echo_server.address[1]),
-                                          fe.new_ring()))
+        port = echo_server.address[1]
+        rsp = fe.response(fe.push_connect(sock_id, ("0.0.0.0", port), fe.new_ring()))
         assert rsp.ret == -EACCES
         assert echo_server.accepted == 0
+        assert any(f"CONNECT {sock_id:#x} to 127.0.0.1:{port} refused" in r.getMessage()
+                   for r in caplog.records)
         fe.close()
     assert not policy.connect_allowed(1, "0.0.0.0", echo_server.address[1])
 
@@ -546,6 +550,15 @@ def test_an_accept_that_fails_to_map_its_ring_gives_its_reservation_back(
         bad = fe.new_ring(refs=[0xFFFFFF])  # no such grant
         assert fe.response(fe.push_accept(listener, fe.new_id(), bad)).ret == -22
         assert fe.socket()[1].ret == 0  # the second of two
+        assert fe.socket()[1].ret == -EMFILE
+        fe.close()
+
+
+def test_a_socket_limit_of_0_allows_no_socket(make_frontend: Any, host: Any,
+                                              topology: Any) -> None:
+    policy = Policy.from_toml("[default]\nmax_sockets = 0\n")
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+        fe = make_frontend("none")
         assert fe.socket()[1].ret == -EMFILE
         fe.close()
 
