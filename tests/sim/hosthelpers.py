@@ -73,10 +73,11 @@ def error_of(fn: Callable[..., object], *args: object) -> str:
     return info.value.name
 
 
-def _serve_one_client(path: str, handle: Callable[[socket.socket], object]) -> threading.Thread:
-    """A socket at ``path`` whose one client ``handle(conn)`` serves; the
-    thread serving it, to join."""
-    listener = socket.socket(socket.AF_UNIX)
+def serve_one_client(path: str, handle: Callable[[socket.socket], object],
+                     kind: socket.SocketKind = socket.SOCK_STREAM) -> threading.Thread:
+    """A Unix socket of ``kind`` at ``path`` whose one client
+    ``handle(conn)`` serves; the thread serving it, to join."""
+    listener = socket.socket(socket.AF_UNIX, kind)
     listener.bind(path)
     listener.listen()
 
@@ -103,7 +104,7 @@ def hang_up_after_one_request(path: str) -> threading.Thread:
     """A XenStore socket at ``path`` that reads one whole request from its
     one client and hangs up instead of replying (a host going away under a
     request); the thread serving it, to join."""
-    return _serve_one_client(path, _read_request)
+    return serve_one_client(path, _read_request)
 
 
 def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> threading.Thread:
@@ -117,4 +118,4 @@ def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> thread
         while conn.recv(4096):
             pass
 
-    return _serve_one_client(path, handle)
+    return serve_one_client(path, handle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -12,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pyxs
@@ -24,35 +26,51 @@ from xenback.platform import EventChannelError, GrantError
 from xenback.sim import EventChannel, _daemon, attach
 
 
-def start(run_dir: Path, *args: str,
-          sighup: signal.Handlers = signal.SIG_DFL) -> subprocess.Popen[str]:
+def start(run_dir: Path, *args: str, sighup: signal.Handlers = signal.SIG_DFL,
+          preexec: Callable[[], object] | None = None, **popen: Any) -> subprocess.Popen[str]:
+    """``xenback-sim --run-dir run_dir *args``, its output piped as text;
+    ``preexec`` runs in the child before it starts, ``popen`` goes to Popen."""
     # The SIGHUP disposition is set, not inherited: under nohup the tests'
     # own is SIG_IGN.
     # Nor is PYTHONUNBUFFERED: the daemon flushes its ready lines itself.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def child() -> None:
+        signal.signal(signal.SIGHUP, sighup)
+        if preexec is not None:
+            preexec()
+
     return subprocess.Popen(
         [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(run_dir), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup),
+        preexec_fn=child,
+        **popen,
     )
+
+
+@contextlib.contextmanager
+def started(run_dir: Path, *args: str, **kwargs: Any) -> Iterator[subprocess.Popen[str]]:
+    """:func:`start`, and at the end the process killed if it still runs
+    and its pipes read and closed."""
+    proc = start(run_dir, *args, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, list[str]]]:
     """A daemon with one guest: (process, run dir, its first output lines)."""
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "--domain", "guest")
-    assert proc.stdout is not None
-    lines = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
-    try:
-        yield proc, run_dir, lines
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    with started(run_dir, "--domain", "guest") as proc:
+        assert proc.stdout is not None
+        yield proc, run_dir, [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
 
 
 def test_prints_the_socket_then_the_domains(
@@ -215,14 +233,7 @@ def test_a_guest_that_uses_up_the_descriptors_gets_errors_and_hangs_nobody(
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(run_dir), "--domain", "g"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=low_limit,
-    )
-    try:
+    with started(run_dir, "--domain", "g", preexec=low_limit) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("XENSTORED_PATH=")
         assert proc.stdout.readline().strip() == "DOMAIN g 1"
@@ -275,10 +286,6 @@ def test_a_guest_that_uses_up_the_descriptors_gets_errors_and_hangs_nobody(
         assert proc.returncode == 0
         assert "Traceback" not in err
         assert "out of descriptors" in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def test_only_its_user_may_connect_whatever_the_umask(tmp_path: Path) -> None:
@@ -287,14 +294,7 @@ def test_only_its_user_may_connect_whatever_the_umask(tmp_path: Path) -> None:
     sockets are the user's alone, as a real xenstored's is root's, even
     when the daemon runs under a permissive umask."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(run_dir), "--domain", "g"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        umask=0,
-    )
-    try:
+    with started(run_dir, "--domain", "g", umask=0) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("XENSTORED_PATH=")
         assert proc.stdout.readline().strip() == "DOMAIN g 1"
@@ -304,10 +304,6 @@ def test_only_its_user_may_connect_whatever_the_umask(tmp_path: Path) -> None:
         assert modes == dict.fromkeys(modes, oct(0o600))
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def test_a_guest_named_like_dom0_exits_2_and_leaves_nothing(tmp_path: Path) -> None:
@@ -330,18 +326,10 @@ def test_the_descriptor_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
     def low_soft_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xenback.sim._daemon", "--run-dir", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=low_soft_limit,
-    )
-    try:
+    with started(tmp_path / "run", preexec=low_soft_limit) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("XENSTORED_PATH=")
         soft, _ = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
         assert soft == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hosthelpers import serve_one_client
 from racewindow import TIMEOUT
 
 from xenback.platform import PlatformError
@@ -70,22 +71,14 @@ def service(tmp_path: Path) -> Iterator[Callable[[Callable[[socket.socket], None
 
     def start(answer: Callable[[socket.socket], None]) -> str:
         path = str(tmp_path / "hypervisor")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        listener.bind(path)
-        listener.listen()
 
-        def serve() -> None:
-            with listener:
-                conn, _ = listener.accept()
-            with conn:
-                conn.recv(MAX_MESSAGE)
-                answer(conn)
-                while conn.recv(MAX_MESSAGE):
-                    pass
+        def handle(conn: socket.socket) -> None:
+            conn.recv(MAX_MESSAGE)
+            answer(conn)
+            while conn.recv(MAX_MESSAGE):
+                pass
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        threads.append(thread)
+        threads.append(serve_one_client(path, handle, socket.SOCK_SEQPACKET))
         return path
 
     yield start
