@@ -203,8 +203,8 @@ class Dispatcher:
         existing ancestor would not have allowed ``want`` (so that the error
         does not tell an unprivileged domain what exists where it may not
         look).  A special path's parent is "/" (cxenstored's get_parent()),
-        so a guest asking for a missing one gets EACCES unless it may read
-        the root."""
+        so a guest asking for a missing one is answered by the root's
+        permissions: EACCES unless they allow what it asked."""
         if conn.domain.privileged:
             return XsError("ENOENT", path)
         p = path
