@@ -18,7 +18,7 @@ from hosthelpers import wait_pending
 from racewindow import TIMEOUT
 from stolensignal import Interrupted
 
-from xenback.platform import Platform
+from xenback.platform import Platform, PlatformError
 from xenback.sim import Domain, SimHost, attach, create_domain
 
 
@@ -445,10 +445,15 @@ def test_the_last_domain_id_is_0x7fef(host: SimHost) -> None:
     # libxl's DOMID_FIRST_RESERVED (0x7FF0) and above name no guest.
     host._domids = itertools.count(0x7FEF)
     assert host.create_domain("last").domid == 0x7FEF
-    with pytest.raises(RuntimeError, match="out of domain ids"):
+    with pytest.raises(OSError, match="out of domain ids") as info:
         host.create_domain("one-too-many")
+    assert info.value.errno == errno.ENOMEM  # as Xen's createdomain
     with pytest.raises(LookupError):
         host.domain(0x7FF0)
+    # Another process asking gets the same errno.
+    with pytest.raises(PlatformError, match="out of domain ids") as info:
+        create_domain(host.run_dir, "from-afar")
+    assert info.value.errno == errno.ENOMEM
 
 
 def test_a_domain_xenstore_refuses_is_not_left_in_the_hypervisor(

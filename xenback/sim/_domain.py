@@ -139,7 +139,7 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
 
     For processes other than the host's; raises
     :class:`~xenback.platform.PlatformError` with ``EINVAL`` for a bad or
-    duplicate name.
+    duplicate name, ``ENOMEM`` once the host has no domid left.
     """
     run_dir = run_dir_path(run_dir)
     reply = _dom0_call(run_dir, "domain_create", name=name)

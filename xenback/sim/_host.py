@@ -230,7 +230,12 @@ class SimHost(Closing):
                 raise LookupError(f"no domain {domid}") from None
 
     def create_domain(self, name: str) -> Domain:
-        """Create a guest: XenStore home populated, then @introduceDomain."""
+        """Create a guest: XenStore home populated, then @introduceDomain.
+
+        Raises :class:`ValueError` for a bad or taken name, and
+        :class:`OSError` ``ENOMEM`` once every guest domid (1 to 0x7FEF)
+        has been given out (domids are not reused).
+        """
         check_domain_name(name)
         with self._lock:
             self._check_running()
@@ -238,7 +243,8 @@ class SimHost(Closing):
                 raise ValueError(f"a domain named {name!r} exists already")
             domid = next(self._domids)
             if domid >= DOMID_FIRST_RESERVED:
-                raise RuntimeError("out of domain ids")
+                # Xen's XEN_DOMCTL_createdomain with no free domid: ENOMEM.
+                raise OSError(errno.ENOMEM, "out of domain ids")
             # As libxl: the domain's home first, then introduce it; the
             # hypervisor knows the domain before anyone hears of it.
             self._populate(domid, name)
@@ -330,8 +336,11 @@ class SimHost(Closing):
                 msg = {"errno": errno.EINVAL, "error": str(e)}
             except LookupError as e:
                 msg = {"errno": errno.ESRCH, "error": str(e)}
-            except RuntimeError as e:
+            except RuntimeError as e:  # the host is stopping
                 msg = {"errno": errno.ESHUTDOWN, "error": str(e)}
+            except OSError as e:  # its errno says it (ENOMEM: no domid left)
+                logger.warning("domain control request %s %r failed: %s", op, args, e)
+                msg = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}
             except Exception as e:
                 logger.exception("domain control request %s %r failed", op, args)
                 msg = {"errno": errno.EIO, "error": f"{type(e).__name__}: {e}"}
