@@ -602,6 +602,10 @@ def test_the_gate_takes_the_signals_not_ignored_and_gives_them_back() -> None:
     r, w = os.pipe2(os.O_NONBLOCK)
     old = {signum: signal.getsignal(signum)
            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # Set, not inherited: a run in the background of a shell ignores
+    # SIGINT, one under nohup SIGHUP.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup
     previous_wake = signal.set_wakeup_fd(w)
     try:
@@ -614,6 +618,8 @@ def test_the_gate_takes_the_signals_not_ignored_and_gives_them_back() -> None:
         assert {signum: signal.getsignal(signum) for signum in old} == before
         assert signal.set_wakeup_fd(previous_wake) == w
     finally:
+        # Before w closes: a signal would be written to whatever took its number.
+        signal.set_wakeup_fd(previous_wake)
         for signum, handler in old.items():
             signal.signal(signum, handler)
         os.close(r)
