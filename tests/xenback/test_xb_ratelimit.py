@@ -8,6 +8,8 @@ import threading
 
 import pytest
 
+from tests.racewindow import TIMEOUT, PauseAt, stands_at
+from tests.sim.hosthelpers import eventually
 from xenback import RateLimit
 
 logger = logging.getLogger("xenback.test.ratelimit")
@@ -77,6 +79,28 @@ def test_threads_share_one_burst() -> None:
     assert len(results) == 400
     assert results.count(True) == 10
     assert limit() == (False, 0)
+
+
+def test_a_message_taken_between_the_check_and_the_count_waits() -> None:
+    """One thread stopped after it found room in the burst, before it
+    counted itself: another must wait for it, not find the same room."""
+    limit = RateLimit("dom1", burst=1, clock=Clock())
+    pause = PauseAt(RateLimit.__call__, "self._printed += 1")
+    first: list[tuple[bool, int]] = []
+    second: list[tuple[bool, int]] = []
+    a = threading.Thread(target=lambda: first.append(pause.run(limit)))
+    a.start()
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        b = threading.Thread(target=lambda: second.append(limit()))
+        b.start()
+        assert eventually(lambda: bool(second) or stands_at(
+            b.ident or 0, RateLimit.__call__, "with self._lock:"), TIMEOUT)
+    finally:
+        pause.resume()
+        a.join(TIMEOUT)
+    b.join(TIMEOUT)
+    assert (first, second) == ([(True, 0)], [(False, 0)])
 
 
 @pytest.mark.parametrize(("kwargs", "exc", "said"), [
