@@ -426,6 +426,9 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
                 pump.stopping = True
                 os.close(pump.done_r)
         pump.join()
+    # Both sides failed: the receiving side's failure is the one reported
+    # (141 and no message if whoever read our output went away, as in a
+    # shell pipeline whose reader quit).
     failure = pump.failure or send_failure
     if failure is not None:
         raise failure
