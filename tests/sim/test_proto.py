@@ -158,3 +158,34 @@ def test_close_wakes_a_call_waiting_for_its_reply(
     assert not closer.is_alive(), "close() waits behind the call"
     (error,) = outcome
     assert isinstance(error, PlatformError) and error.errno == errno.ENODEV, error
+
+
+def test_drain_delivers_what_came_and_says_whether_the_service_is_there(
+    service: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    """drain() hands on the pushed messages that have arrived and returns
+    at once: True while the service is there (with nothing left to read,
+    too), False once it has hung up."""
+    hang_up = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        send_message(conn, {"ok": 1})  # the reply
+        send_message(conn, {"event": "bound", "port": 1})  # pushed after it
+        assert hang_up.wait(TIMEOUT)
+        conn.shutdown(socket.SHUT_RDWR)
+
+    pushed: list[dict[str, object]] = []
+    conn = ServiceConnection(service(answer), PlatformError, lambda msg, fds: pushed.append(msg))
+    try:
+        assert conn.call("info") == ({"ok": 1}, [])
+        assert select.select([conn], [], [], TIMEOUT)[0] == [conn]  # the push came
+        assert conn.drain() is True
+        assert pushed == [{"event": "bound", "port": 1}]
+        assert conn.drain() is True  # nothing waiting: still there
+        hang_up.set()
+        assert select.select([conn], [], [], TIMEOUT)[0] == [conn]  # the hang-up came
+        assert conn.drain() is False
+        assert pushed == [{"event": "bound", "port": 1}]
+    finally:
+        hang_up.set()
+        conn.close()
