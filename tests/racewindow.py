@@ -61,6 +61,20 @@ class PauseAt:
     def resume(self) -> None:
         self._go.set()
 
+    @classmethod
+    def in_method(cls, monkeypatch: Any, owner: type, name: str, text: str) -> PauseAt:
+        """A PauseAt at the line of method ``owner.name`` that contains
+        ``text``, with the method patched (by ``monkeypatch``) so that every
+        call runs under it: the first to get there stops."""
+        real = getattr(owner, name)
+        pause = cls(real, text)
+
+        def paused(*args: Any, **kwargs: Any) -> Any:
+            return pause.run(lambda: real(*args, **kwargs))
+
+        monkeypatch.setattr(owner, name, paused)
+        return pause
+
 
 def stands_at(thread_id: int, func: Callable[..., Any], text: str) -> bool:
     """Whether thread ``thread_id`` is at the first line of ``func`` that

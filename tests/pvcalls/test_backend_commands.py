@@ -652,13 +652,7 @@ def test_a_release_taking_the_id_of_a_failing_connect_frees_it(
     """A RELEASE that takes the id while the Work is failing its connect
     (after the teardown, before the id goes back to NEW): the Work must not
     put the released id back in the table."""
-    real_failed = _Frontend.connect_failed
-    failing = PauseAt(real_failed, "with self._lock:")
-
-    def connect_failed(self: _Frontend, sock: ActiveSocket, request: Any, ret: int) -> None:
-        failing.run(lambda: real_failed(self, sock, request, ret))
-
-    monkeypatch.setattr(_Frontend, "connect_failed", connect_failed)
+    failing = PauseAt.in_method(monkeypatch, _Frontend, "connect_failed", "with self._lock:")
     listener, filler, sock_id, connect_req = _connecting(raw)
     filler.close()
     listener.close()  # the next SYN is refused
@@ -686,14 +680,8 @@ def test_a_connect_completing_as_it_starts_is_answered(
     watched but before it is CONNECTING: its one edge ran the Work while
     NEW, which did nothing; the run queued once it is CONNECTING answers
     it."""
-    real_start = ActiveSocket.start_connect
-    starting = PauseAt(real_start, "self.connect_request = request")
-
-    def start_connect(self: ActiveSocket, request: Request, address: tuple[str, int]) -> bool:
-        started: bool = starting.run(lambda: real_start(self, request, address))
-        return started
-
-    monkeypatch.setattr(ActiveSocket, "start_connect", start_connect)
+    starting = PauseAt.in_method(monkeypatch, ActiveSocket, "start_connect",
+                                 "self.connect_request = request")
     listener, filler = _full_listener()
     sock_id, _ = raw.socket()
     connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
@@ -806,13 +794,8 @@ def test_data_that_came_before_the_accept_is_delivered(
     listener, address = _listener(raw, backend)
     client = socket.create_connection(address)
     client.sendall(b"early")
-    real_start = ActiveSocket.start_accepted
-    watched = PauseAt(real_start, "self.state = SockState.CONNECTED")
-
-    def start_accepted(self: ActiveSocket, host: socket.socket, addr: tuple[str, int]) -> None:
-        watched.run(lambda: real_start(self, host, addr))
-
-    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    watched = PauseAt.in_method(monkeypatch, ActiveSocket, "start_accepted",
+                                "self.state = SockState.CONNECTED")
     id_new = raw.new_id()
     ring = raw.new_ring()
     req_id = raw.push_accept(listener, id_new, ring)
@@ -1356,14 +1339,7 @@ def test_release_waits_for_the_sockets_work(
     teardown waits for that run, then closes the host socket and unmaps
     the ring.  (Not waiting, the Work would go on with a closed socket and
     released views: an error in the Work, and the peer's data in doubt.)"""
-    real_tx = ActiveSocket._tx
-    sending = PauseAt(real_tx, "sent = host.sendmsg(")
-
-    def tx(self: ActiveSocket, ring: Any, host: socket.socket) -> int:
-        sent: int = sending.run(lambda: real_tx(self, ring, host))
-        return sent
-
-    monkeypatch.setattr(ActiveSocket, "_tx", tx)
+    sending = PauseAt.in_method(monkeypatch, ActiveSocket, "_tx", "sent = host.sendmsg(")
     with socket.create_server(("127.0.0.1", 0)) as server:
         sock_id, ring = raw.connect_socket(server.getsockname())
         peer, _ = server.accept()

@@ -334,14 +334,7 @@ def test_a_run_out_of_budget_goes_on_by_itself(raw: RawFrontend,
     _, ring, peer = _accepted_pair(raw, order=1)
     peer.sendall(b"a" * 100)
     raw.wait(lambda: ring.get(_wire.IN_PROD_OFFSET) == 100)
-    real_rx = ActiveSocket._rx
-    receiving = PauseAt(real_rx, "if len(views) == 1:")
-
-    def rx(self: ActiveSocket, data_ring: Any, host: socket.socket) -> int:
-        result: int = receiving.run(lambda: real_rx(self, data_ring, host))
-        return result
-
-    monkeypatch.setattr(ActiveSocket, "_rx", rx)
+    receiving = PauseAt.in_method(monkeypatch, ActiveSocket, "_rx", "if len(views) == 1:")
     data = b"b" * (ring.size + 100)
     peer.sendall(data)
     assert receiving.reached.wait(TIMEOUT)  # room for size - 100 bytes found

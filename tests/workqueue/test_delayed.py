@@ -298,11 +298,10 @@ def test_delayed_work_queued_by_a_worker_runs_on_the_workers_cpu(
     assert tracer.cpus("execute_start", dw) == [3]
 
 
-def test_timer_firing_during_drain_is_dropped_and_logged(make_wq: Any, log_waiter: Any) -> None:
-    wq = make_wq()
-    logged = log_waiter("workqueue._workqueue", "not run")
-    release = threading.Event()
-    started = threading.Event()
+def _held(wq: Any) -> threading.Event:
+    """Keep ``wq`` from draining at once: an item runs on it until the
+    returned event is set."""
+    release, started = threading.Event(), threading.Event()
 
     def blocker(work: Work) -> None:
         started.set()
@@ -310,6 +309,13 @@ def test_timer_firing_during_drain_is_dropped_and_logged(make_wq: Any, log_waite
 
     wq.queue_work(Work(blocker))
     assert started.wait(TIMEOUT)
+    return release
+
+
+def test_timer_firing_during_drain_is_dropped_and_logged(make_wq: Any, log_waiter: Any) -> None:
+    wq = make_wq()
+    logged = log_waiter("workqueue._workqueue", "not run")
+    release = _held(wq)
     ran: list[int] = []
     dw = DelayedWork(lambda w: ran.append(1))
     timers = HeldTimers()
@@ -334,14 +340,7 @@ def test_flush_of_delayed_work_during_drain_drops_and_logs_it(
     refuses that as it refuses the timer: dropped, logged, not waited for."""
     wq = make_wq()
     logged = log_waiter("workqueue._workqueue", "not run")
-    release, started = threading.Event(), threading.Event()
-
-    def blocker(work: Work) -> None:
-        started.set()
-        assert release.wait(TIMEOUT)
-
-    wq.queue_work(Work(blocker))
-    assert started.wait(TIMEOUT)
+    release = _held(wq)
     ran: list[int] = []
     dw = DelayedWork(lambda w: ran.append(1))
     assert wq.queue_delayed_work(dw, 3600) is True
