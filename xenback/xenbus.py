@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from workqueue import WQ_UNBOUND, alloc_workqueue
 from xenback._eventqueue import EventQueue
 from xenback.events import EventDispatcher, PortCallback
+from xenback.ratelimit import RateLimit
 from xenback.xenstore import Transaction, Watch, XenStore
 
 if TYPE_CHECKING:
@@ -153,6 +154,12 @@ class BackendDevice:
         self.frontend_state = XenbusState.UNKNOWN
         #: Free for the driver.
         self.driver_data: Any = None
+        #: What the frontend can make the device log (:meth:`error`): a
+        #: guest that fails the device, restarts it (Initialising) and fails
+        #: it again, as fast as XenStore lets it, would otherwise put a line
+        #: in the host's log each time.  One per device, not per connection,
+        #: so that restarting does not renew the budget.
+        self.ratelimit = RateLimit(self.nodename)
         #: The device's ordered queue: every xenbus callback of this device
         #: runs on it, one at a time (see :meth:`queue`).
         self.events = EventQueue(driver.workqueue, f"{self.device_type}-{frontend_id}-{devid}")
@@ -282,7 +289,9 @@ class BackendDevice:
         """``xenbus_dev_error``: log and write the error node."""
         err = abs(err)
         message = _printable(message)
-        logger.error("%s: error %d: %s", self.nodename, err, message)
+        # Rate-limited (see ``ratelimit``); the error node below is written
+        # every time: the frontend must see each failure.
+        self.ratelimit.log(logger, logging.ERROR, "%s: error %d: %s", self.nodename, err, message)
         try:
             self.xenstore.write(self.error_path, f"{err} {message}"[:1024])
         except (OSError, ValueError) as exc:
@@ -913,6 +922,8 @@ class BackendDriver:
             if self._devices.get((dev.frontend_id, dev.devid)) is dev:
                 del self._devices[(dev.frontend_id, dev.devid)]
         dev.events.close(wait=False)
+        # The errors suppressed since the last report are counted in the log.
+        dev.ratelimit.close(logger, logging.ERROR)
         logger.info("%s: removed", dev.nodename)
         # The toolstack may have made a new device at the same path while
         # this one was still known, and the new one's events went to this

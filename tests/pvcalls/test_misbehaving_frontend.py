@@ -3,10 +3,12 @@ outside the pages it mapped, and never disturbs the other frontends."""
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -299,3 +301,36 @@ def test_fuzzed_requests_get_exactly_one_answer(raw: RawFrontend, backend: pvcal
     if len(rows) > 8:
         for row in rows:
             assert raw.release(row.id).ret in (0, -9)
+
+
+def test_a_frontend_failing_again_and_again_does_not_flood_the_log(
+        raw: RawFrontend, dom0_xs: Any, backend: pvcalls.Backend,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A guest that writes a state no frontend may write, restarts
+    (Initialising) and does it again, as fast as XenStore lets it: each time
+    the device fails (error node, Closing) and may be restarted, but the
+    host's log gets at most a burst of lines per interval (10 per 5 s), as
+    for whatever else a guest can make the backend say."""
+    cycles = 40
+    state = f"{raw.fe_path}/state"
+    error_node = f"/local/domain/0/error/backend/pvcalls/{raw.guest.domid}/0/error"
+    started = time.monotonic()
+    for i in range(cycles):
+        raw.xs.write(state, "7")
+        raw.wait_backend_state(5)
+        # Reported to the frontend every time.
+        assert dom0_xs.read(error_node) == "22 saw state 7 at frontend", i
+        dom0_xs.write(error_node, "")
+        raw.xs.write(state, "1")
+        raw.wait_backend_state(2)
+    elapsed = time.monotonic() - started
+    lines = [r for r in caplog.records
+             if r.name == "xenback.xenbus" and r.levelno >= logging.ERROR
+             and "saw state 7" in r.getMessage()]
+    assert 1 <= len(lines) <= 10 * (1 + int(elapsed // 5)) < cycles, (len(lines), elapsed)
+    # And the device still works once the frontend behaves.
+    assert raw.ring is not None
+    raw.ring.release()
+    raw.connect()
+    _, rsp = raw.socket()
+    assert rsp.ret == 0
