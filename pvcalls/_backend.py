@@ -581,8 +581,11 @@ class _Frontend:
             # The frontend broke the ring: it gets no more service, the
             # other frontends are not affected.
             self._broken = True
-            logger.error("dom%d: command ring protocol error, frontend stopped: %s",
-                         self.domid, exc)
+            # Through the device's rate limit, not this connection's: the
+            # guest can reconnect and break its ring again at will.
+            self.dev.ratelimit.log(logger, logging.ERROR,
+                                   "dom%d: command ring protocol error, frontend stopped: %s",
+                                   self.domid, exc)
             try:
                 self.dev.fatal(_errno.EINVAL, f"pvcalls command ring: {exc}")
             except Exception:

@@ -334,3 +334,26 @@ def test_a_frontend_failing_again_and_again_does_not_flood_the_log(
     raw.connect()
     _, rsp = raw.socket()
     assert rsp.ret == 0
+
+
+def test_a_frontend_breaking_its_command_ring_again_and_again_does_not_flood_the_log(
+        raw: RawFrontend, backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """Each connection's broken command ring is logged, through the
+    device's rate limit: reconnecting (Initialising, a new ring) and
+    breaking the ring again does not get the guest a new line each time."""
+    cycles = 30
+    started = time.monotonic()
+    for _ in range(cycles):
+        assert raw.ring is not None
+        raw.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
+        raw.evtchn.notify(raw.port)
+        raw.wait_backend_state(5)
+        raw.ring.release()
+        raw.xs.write(f"{raw.fe_path}/state", "1")
+        raw.connect()
+    elapsed = time.monotonic() - started
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR
+             and "command ring protocol error" in r.getMessage()]
+    assert 1 <= len(lines) <= 10 * (1 + int(elapsed // 5)) < cycles, (len(lines), elapsed)
+    _, rsp = raw.socket()
+    assert rsp.ret == 0
