@@ -36,7 +36,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
+
+if __name__ == "__main__":  # run by hand: the paths pytest sets (pyproject.toml)
+    import sys
+    _tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [os.path.dirname(_tests), _tests]
 
 from pvcalls_rawfront import TIMEOUT, DataRing, RawFrontend, bound_ports, wait_until
 
@@ -178,12 +184,14 @@ class Hostile:
         front = self.fz.backend._frontends.get((self.domid, 0))
         check(front is not None and front._reserved == 0,
               f"dom{self.domid}: {front and front._reserved} sockets still reserved")
-        # The CPUs' loads are the placed sockets (an ACCEPT's becomes placed
-        # when its connection comes, meanwhile: eventually).
+        # The CPUs' loads, ports and mapped pages are those of the sockets
+        # held (eventually: an ACCEPT's socket is placed as its connection
+        # comes, a connect that fails late gives its ring back).
         try:
-            wait_until(self.fz.loads_match, timeout=5)
+            wait_until(self.fz.consistent, timeout=5)
         except TimeoutError:
-            raise FuzzFailure(f"CPU loads {self.fz.backend.stats()}") from None
+            raise FuzzFailure(f"loads, ports or mappings are not those of "
+                              f"{self.fz.backend.stats()}") from None
 
     def _collected(self, req_id: int) -> bool:
         self.collect()
@@ -650,7 +658,7 @@ class Fuzzer:
                 conn, _ = self._blackhole.accept()
                 self.clients.append(conn)
 
-    def loads_match(self) -> bool:
+    def consistent(self) -> bool:
         stats = self.backend.stats()
         online = {c.cpu for c in stats.cpus if c.online}
         for r in stats.sockets:
@@ -662,7 +670,28 @@ class Fuzzer:
             if r.cpu is not None and r.cpu not in online:
                 return False
         placed = sum(1 for r in stats.sockets if r.cpu is not None)
-        return placed == sum(c.sockets for c in stats.cpus)
+        if placed != sum(c.sockets for c in stats.cpus):
+            return False
+        # One port per command ring and per attached data ring: none kept
+        # by what failed or went.
+        rings = sum(1 for r in stats.sockets if r.kind == "active")
+        if len(bound_ports(self.backend)) != stats.frontends + rings:
+            return False
+        # Mapped pages: a command ring's, an indexes page and 2**order data
+        # pages per attached ring (the simulated hypervisor counts them).
+        pages = 0
+        for front in list(self.backend._frontends.values()):
+            pages += 1
+            with front._lock:
+                sockets = list(front._sockets.values())
+            for sock in sockets:
+                ring = getattr(sock, "ring", None)
+                if ring is not None and getattr(ring, "ring_order", None) is not None:
+                    pages += 1 + (1 << ring.ring_order)
+        hv = self.host.hypervisor
+        with hv._lock:
+            mapped = hv._domains[self.backend.platform.domid].mapped
+        return bool(mapped == pages)
 
     def bystander_roundtrip(self) -> None:
         payload = self.rng.randbytes(self.rng.randrange(1, 40000))
@@ -686,7 +715,7 @@ class Fuzzer:
         getattr(hostile, f"op_{name}")()
         return name
 
-    def run(self, steps: int) -> None:
+    def run(self, steps: int, *, finish: bool = True) -> None:
         for i in range(steps):
             self.step()
             if i % 10 == 0:
@@ -694,6 +723,8 @@ class Fuzzer:
                     h.collect()
             if i % 25 == 0:
                 self.bystander_roundtrip()
+        if not finish:
+            return
         for h in self.hostiles:
             h.op_check_echo()
             h.finish()
@@ -713,6 +744,9 @@ class Fuzzer:
         check(stats.sockets == (), f"sockets left: {stats.sockets}")
         check(all(c.sockets == 0 for c in stats.cpus), f"CPU load left: {stats.cpus}")
         check(bound_ports(self.backend) == [], f"ports left: {bound_ports(self.backend)}")
+        self.close_clients()
+
+    def close_clients(self) -> None:
         for client in self.clients:
             client.close()
         self._blackhole.close()
@@ -771,7 +805,6 @@ def main() -> None:
     import sys
     import traceback
 
-    sys.path.insert(0, os.path.dirname(__file__))
     from conftest import EchoServer
 
     from workqueue import Topology
@@ -784,6 +817,8 @@ def main() -> None:
     parser.add_argument("--max-sockets", type=int, default=None)
     parser.add_argument("--max-page-order", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=4)
+    parser.add_argument("--abrupt", action="store_true",
+                        help="end each run by closing the backend mid-traffic")
     args = parser.parse_args()
     first, _, last = args.seeds.partition("-")
     seeds = range(int(first), int(last or first) + 1)
@@ -801,6 +836,9 @@ def main() -> None:
     threading.excepthook = lambda a: crashed.append(f"{a.thread}: {a.exc_value!r}")
     def threads() -> list[str]:
         return sorted(t.name for t in threading.enumerate() if not t.name.startswith("kworker/"))
+
+    def no_new_threads(was: collections.Counter[str]) -> bool:
+        return not collections.Counter(threads()) - was
 
     failures = 0
     seen: collections.Counter[str] = collections.Counter()
@@ -826,17 +864,26 @@ def main() -> None:
 
                     fz = Fuzzer(seed, host, backend, make, echo.address, hostiles=args.hostiles)
                     try:
-                        fz.run(args.steps)
+                        fz.run(args.steps, finish=not args.abrupt)
                     finally:
                         seen.update(fz.seen)
-                    fz.close()
+                    if args.abrupt:
+                        backend.close()  # with peers still there: lingering sockets
+                        fz.close_clients()
+                        check(bound_ports(backend) == [], "ports left after close()")
+                        for fe in [h.fe for h in fz.hostiles] + [fz.bystander]:
+                            check(fe.backend_state() == 6, f"dom{fe.guest.domid} not Closed")
+                    else:
+                        fz.close()
                     end_guests(fz)
                     for fe in made:
                         with contextlib.suppress(OSError):
                             fe.xs.close()
                     wait_released(host, before, margin=0)
                     try:
-                        wait_until(lambda: threads() == threads_before, timeout=5)
+                        # None more (after close() of the backend: fewer).
+                        wait_until(partial(no_new_threads, collections.Counter(threads_before)),
+                                   timeout=5)
                     except TimeoutError:
                         raise FuzzFailure(f"threads {threads()}, were {threads_before}") from None
                 finally:

@@ -25,7 +25,7 @@ from pvcalls_rawfront import RawFrontend
 import pvcalls
 
 # Rarer operations made more frequent, so that a short run meets them.
-_OPS = dict(Fuzzer.OPS, closing=4, death=3, shared_ring=4, unbind=2, blackhole=2)
+_OPS = dict(Fuzzer.OPS, closing=2, death=1, shared_ring=4, unbind=2, blackhole=2)
 
 
 @pytest.mark.timeout(60)
