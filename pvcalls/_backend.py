@@ -499,8 +499,10 @@ class _Frontend:
         self.policy = backend.policy.for_domain(self.domid, self.name)
         # What this guest's requests make us log (refusals, broken data
         # rings), at most 10 lines per 5 s: a guest cannot flood the host's
-        # log, nor silence what another guest causes.
-        self.ratelimit = RateLimit(f"dom{self.domid}")
+        # log, nor silence what another guest causes.  The device's, which
+        # outlives this connection: a guest restarting its device whenever
+        # its budget is spent must not get a new one each time.
+        self.ratelimit: RateLimit = dev.ratelimit
 
         # _rsp_lock: the one producer of responses.  It serialises
         # push_response/push_responses/notify and guards _closed; taken

@@ -154,12 +154,15 @@ class BackendDevice:
         self.frontend_state = XenbusState.UNKNOWN
         #: Free for the driver.
         self.driver_data: Any = None
-        #: What the frontend can make the device log (:meth:`error`): a
-        #: guest that fails the device, restarts it (Initialising) and fails
-        #: it again, as fast as XenStore lets it, would otherwise put a line
-        #: in the host's log each time.  One per device, not per connection,
-        #: so that restarting does not renew the budget.
-        self.ratelimit = RateLimit(self.nodename)
+        #: What the frontend can make the device log (:meth:`error`, and
+        #: the driver's lines about what the guest did): a guest that fails
+        #: the device, restarts it (Initialising) and fails it again, as
+        #: fast as XenStore lets it, would otherwise put a line in the
+        #: host's log each time.  One per device, not per connection, so
+        #: that restarting does not renew the budget.  Named after the
+        #: guest, as the lines that count what it suppressed say.
+        self.ratelimit = RateLimit(
+            f"dom{frontend_id}" if devid == 0 else f"dom{frontend_id} device {devid}")
         #: The device's ordered queue: every xenbus callback of this device
         #: runs on it, one at a time (see :meth:`queue`).
         self.events = EventQueue(driver.workqueue, f"{self.device_type}-{frontend_id}-{devid}")

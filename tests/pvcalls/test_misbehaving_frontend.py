@@ -357,3 +357,30 @@ def test_a_frontend_breaking_its_command_ring_again_and_again_does_not_flood_the
     assert 1 <= len(lines) <= 10 * (1 + int(elapsed // 5)) < cycles, (len(lines), elapsed)
     _, rsp = raw.socket()
     assert rsp.ret == 0
+
+
+def test_restarting_the_device_does_not_renew_the_log_budget(
+        make_frontend: Any, host: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """What a guest makes the backend log (here CONNECTs refused by
+    policy) is rate-limited per device, not per connection: a guest that
+    restarts its device (Initialising, connect again) whenever its budget
+    is spent gets no more lines for it."""
+    deny_all = pvcalls.AccessList(deny=(pvcalls.Rule.parse("*"),))
+    policy = pvcalls.Policy(pvcalls.DomainPolicy(connect=deny_all))
+    cycles, per_connection = 5, 12
+    with pvcalls.Backend(host.dom0, cpus=2, policy=policy):
+        fe = make_frontend("g")
+        started = time.monotonic()
+        for _ in range(cycles):
+            sock_id, _ = fe.socket()
+            ring = fe.new_ring()
+            for _ in range(per_connection):
+                assert fe.response(fe.push_connect(sock_id, ("127.0.0.1", 9), ring)).ret == -13
+            assert fe.ring is not None
+            fe.ring.release()
+            fe.xs.write(f"{fe.fe_path}/state", "1")
+            fe.connect()
+        elapsed = time.monotonic() - started
+    lines = [r for r in caplog.records if "refused by policy" in r.getMessage()]
+    assert 1 <= len(lines) <= 10 * (1 + int(elapsed // 5)) < cycles * per_connection, (
+        len(lines), elapsed)
