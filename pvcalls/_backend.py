@@ -879,7 +879,9 @@ class _Frontend:
             self._mapping.unmap()
         except (OSError, BufferError):
             logger.exception("dom%d: unmapping the command ring failed", self.domid)
-        self.ratelimit.close(logger)
+        # No count of suppressed lines here: the limit is the device's, and
+        # a guest restarting it would get one line per restart.  The count
+        # comes with the next line let through, or when the device goes.
 
     # -- statistics ---------------------------------------------------------------------
 

@@ -925,8 +925,8 @@ class BackendDriver:
             if self._devices.get((dev.frontend_id, dev.devid)) is dev:
                 del self._devices[(dev.frontend_id, dev.devid)]
         dev.events.close(wait=False)
-        # The errors suppressed since the last report are counted in the log.
-        dev.ratelimit.close(logger, logging.ERROR)
+        # The lines suppressed since the last report are counted in the log.
+        dev.ratelimit.close(logger)
         logger.info("%s: removed", dev.nodename)
         # The toolstack may have made a new device at the same path while
         # this one was still known, and the new one's events went to this
