@@ -50,6 +50,25 @@ def test_subtree_match_and_event_paths(dom0: RawClient, other: RawClient) -> Non
     assert_no_event(dom0)
 
 
+def test_one_change_fires_a_connections_watches_in_registration_order(
+    dom0: RawClient, other: RawClient
+) -> None:
+    # cxenstored's fire_watches() walks each connection's watch list, which
+    # add_watch() appends to: the order the watches were registered in,
+    # whatever their depth.
+    dom0.watch("/w", "outer")
+    dom0.watch("/w/a/b", "exact")
+    dom0.watch("/w/a", "inner")
+    dom0.watch("/", "root")
+    for _ in range(4):
+        dom0.wait_event()  # the initial ones
+    other.write("/w/a/b", "1")
+    assert [dom0.wait_event() for _ in range(4)] == [
+        ("/w/a/b", "outer"), ("/w/a/b", "exact"), ("/w/a/b", "inner"), ("/w/a/b", "root")
+    ]
+    assert_no_event(dom0)
+
+
 def test_root_watch_sees_everything(dom0: RawClient, other: RawClient) -> None:
     dom0.watch("/", "root")
     assert dom0.wait_event() == ("/", "root")

@@ -9,6 +9,11 @@ Matching (cxenstored's, Xen 4.17 semantics, no depth):
     the event naming P;
   * exact: fires only the watches on P itself (descendants removed by RM,
     special nodes).
+Order: the watches a change fires go out in the order they were registered
+(per connection that is all a client can see), as cxenstored's
+fire_watches() walks each connection's watch list, to which add_watch()
+appends: a watch on /a registered before one on /a/b hears of /a/b/c
+first.
 A relative watch (registered without a leading '/') gets event paths with
 its connection's home prefix stripped.
 
@@ -24,7 +29,7 @@ __all__ = ["Watch", "WatchIndex", "ancestors"]
 
 
 class Watch:
-    __slots__ = ("conn", "node", "token", "prefix_len", "dropped")
+    __slots__ = ("conn", "node", "token", "prefix_len", "dropped", "seq")
 
     def __init__(self, conn: Any, node: str, token: str, prefix_len: int) -> None:
         self.conn = conn
@@ -35,6 +40,8 @@ class Watch:
         self.prefix_len = prefix_len
         #: events dropped for exceeding XENSTORE_PAYLOAD_MAX
         self.dropped = 0
+        #: registration order, set by WatchIndex.add
+        self.seq = 0
 
     def event_payload(self, path: str) -> bytes:
         return f"{path[self.prefix_len:]}\0{self.token}\0".encode("latin-1")
@@ -59,8 +66,11 @@ class WatchIndex:
 
     def __init__(self) -> None:
         self._by_node: dict[str, list[Watch]] = {}
+        self._seq = 0
 
     def add(self, watch: Watch) -> None:
+        self._seq += 1
+        watch.seq = self._seq
         self._by_node.setdefault(watch.node, []).append(watch)
 
     def remove(self, watch: Watch) -> None:
@@ -73,15 +83,25 @@ class WatchIndex:
         return sum(len(w) for w in self._by_node.values())
 
     def matching(self, path: str, subtree: bool) -> list[Watch]:
-        """The watches a change of ``path`` fires, in registration order per path."""
+        """The watches a change of ``path`` fires, in registration order."""
         by_node = self._by_node
         if not by_node:
             return []
         if not subtree:
             return list(by_node.get(path, ()))
         found: list[Watch] = []
+        paths = 0
         for p in ancestors(path):
             watches = by_node.get(p)
             if watches:
                 found.extend(watches)
+                paths += 1
+        if paths > 1:
+            # Each path's list is in registration order already; several
+            # must be merged (cxenstored: one list per connection).
+            found.sort(key=_seq)
         return found
+
+
+def _seq(watch: Watch) -> int:
+    return watch.seq
