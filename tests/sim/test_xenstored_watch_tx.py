@@ -334,6 +334,44 @@ def test_conflict_when_a_node_read_as_absent_appears(dom0: RawClient, other: Raw
     assert error_of(dom0.transaction_end, tx) == "EAGAIN"
 
 
+def test_conflict_on_the_ancestor_that_told_enoent_from_eacces(
+    dom0: RawClient, other: RawClient
+) -> None:
+    # cxenstored's get_node() asks the nearest existing ancestor whether a
+    # missing node is ENOENT or EACCES (errno_from_parents(), for every
+    # caller), and read_node() records what it reads in the transaction: a
+    # change of that ancestor fails the commit.
+    other.write("/an/b", "")
+    tx = dom0.transaction_start()
+    assert error_of(dom0.read, "/an/b/c/d", tx) == "ENOENT"
+    dom0.write("/elsewhere", "x", tx)
+    other.write("/an/b", "changed")
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+    # ... and so does a change of a missing node in between.
+    tx = dom0.transaction_start()
+    assert error_of(dom0.read, "/an/b/c/d", tx) == "ENOENT"
+    other.write("/an/b/c", "")
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+    # So for RM of a missing node and for a guest denied an existing one.
+    tx = dom0.transaction_start()
+    dom0.rm("/an/b/gone", tx)
+    other.write("/an/b", "again")
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+
+
+def test_guest_conflicts_on_the_parent_of_a_node_it_may_not_read(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    dom0.write("/gp/secret", "")
+    dom0.set_perms("/gp", ["n0", "r5"])
+    dom0.set_perms("/gp/secret", ["n0"])
+    with make_guest(xsd, dom0, 5) as guest:
+        tx = guest.transaction_start()
+        assert error_of(guest.read, "/gp/secret", tx) == "EACCES"
+        dom0.write("/gp", "changed")
+        assert error_of(guest.transaction_end, tx) == "EAGAIN"
+
+
 def test_conflict_through_directory_listing(dom0: RawClient, other: RawClient) -> None:
     other.write("/dl/a", "")
     tx = dom0.transaction_start()

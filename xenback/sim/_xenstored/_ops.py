@@ -204,17 +204,38 @@ class Dispatcher:
         does not tell an unprivileged domain what exists where it may not
         look).  A special path's parent is "/" (cxenstored's get_parent()),
         so a guest asking for a missing one is answered by the root's
-        permissions: EACCES unless they allow what it asked."""
-        if conn.domain.privileged:
+        permissions: EACCES unless they allow what it asked.
+
+        The ancestors are looked at in the view, so a transaction records
+        them as read, for privileged callers too: cxenstored's get_node()
+        asks them (errno_from_parents()) whoever calls, and read_node()
+        puts every node it reads on the transaction's access list, whose
+        changes fail the commit."""
+        if conn.domain.privileged and not isinstance(view, Transaction):
+            return XsError("ENOENT", path)  # nothing to record
+        node = self._nearest_ancestor(view, path)
+        if conn.domain.privileged or (
+            node is not None and perm_for(node.perms, conn.domid, conn.target) & want
+        ):
             return XsError("ENOENT", path)
+        return XsError("EACCES", path)
+
+    @staticmethod
+    def _nearest_ancestor(view: View, path: str) -> Node | None:
         p = path
         while p != "/":
             p = parent_of(p)
             node = view.get(p)
             if node is not None:
-                if perm_for(node.perms, conn.domid, conn.target) & want:
-                    return XsError("ENOENT", path)
-                break
+                return node
+        return None
+
+    def _denied(self, view: View, path: str) -> XsError:
+        """EACCES for an existing node the caller may not use as it asked.
+        cxenstored's get_node() consults the ancestors here too (the answer
+        is EACCES either way), so a transaction records them as read."""
+        if isinstance(view, Transaction):
+            self._nearest_ancestor(view, path)
         return XsError("EACCES", path)
 
     def _lookup(self, conn: Connection, view: View, path: str, want: int) -> Node:
@@ -222,7 +243,7 @@ class Dispatcher:
         if node is None:
             raise self._missing(conn, view, path, want)
         if not self._may(conn, node, want):
-            raise XsError("EACCES", path)
+            raise self._denied(view, path)
         return node
 
     def _check_size(self, conn: Connection, node: Node) -> None:
@@ -406,7 +427,7 @@ class Dispatcher:
             node = self._create(conn, view, path, value)
         else:
             if not self._may(conn, node, PERM_WRITE):
-                raise XsError("EACCES", path)
+                raise self._denied(view, path)
             node = node.replace(value=value)
             self._check_size(conn, node)
             view.put(path, node)
@@ -418,7 +439,7 @@ class Dispatcher:
         node = view.get(path)
         if node is not None:
             if not self._may(conn, node, PERM_WRITE):
-                raise XsError("EACCES", path)
+                raise self._denied(view, path)
             return _OK
         err = self._missing(conn, view, path, PERM_WRITE)
         if err.name != "ENOENT":
@@ -444,7 +465,7 @@ class Dispatcher:
                 return _OK
             raise err
         if not self._may(conn, node, PERM_WRITE):
-            raise XsError("EACCES", path)
+            raise self._denied(view, path)
         if path == "/":
             raise XsError("EINVAL", "cannot remove /")
         self._remove(view, path, node)
@@ -533,7 +554,7 @@ class Dispatcher:
         if not domain.privileged:
             owner = node.perms[0][0]
             if owner != domain.domid and owner != domain.target:
-                raise XsError("EACCES", path)
+                raise self._denied(view, path)
             if perms[0][0] != owner:
                 raise XsError("EPERM", "unprivileged domains may not change the owner")
         new = node.replace(perms=perms)
