@@ -466,6 +466,34 @@ def test_rm_in_transaction_of_a_node_its_parent_does_not_list(
     assert error_of(other.read, "/in") == "ENOENT"
 
 
+def test_a_write_failing_for_size_in_a_transaction_fails_its_commit(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # cxenstored's write_node() has recorded the write in the transaction
+    # before the node-size check refuses it, and "reverting access_node()
+    # is hard, so just fail the transaction" (fail_transaction()):
+    # do_transaction_end() then answers a commit with ENOMEM.
+    with make_guest(xsd, dom0, 6) as guest:
+        tx = guest.transaction_start()
+        guest.write("fine", "1", tx)
+        assert error_of(guest.write, "big", b"x" * 2048, tx) == "ENOSPC"
+        assert error_of(guest.transaction_end, tx) == "ENOMEM"
+        assert error_of(guest.read, "fine") == "ENOENT"
+        # also when SET_PERMS or a child's name makes a node too big
+        guest.write("full", b"x" * (2048 - 24 - 16 - 2))
+        tx = guest.transaction_start()
+        assert error_of(guest.set_perms, "full", ["n6", "r0", "r1"], tx) == "ENOSPC"
+        assert error_of(guest.transaction_end, tx) == "ENOMEM"
+        tx = guest.transaction_start()
+        assert error_of(guest.write, "full/child", "", tx) == "ENOSPC"
+        assert error_of(guest.transaction_end, tx) == "ENOMEM"
+        # Aborting is fine, and the transaction is gone either way.
+        tx = guest.transaction_start()
+        assert error_of(guest.write, "big", b"x" * 2048, tx) == "ENOSPC"
+        guest.transaction_end(tx, commit=False)
+        assert error_of(guest.transaction_end, tx) == "ENOENT"
+
+
 def test_guest_transaction_node_quota_counts_at_commit(xsd: XenStored, dom0: RawClient) -> None:
     with make_guest(xsd, dom0, 3) as guest:
         tx = guest.transaction_start()

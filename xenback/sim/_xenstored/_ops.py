@@ -246,8 +246,17 @@ class Dispatcher:
             raise self._denied(view, path)
         return node
 
-    def _check_size(self, conn: Connection, node: Node) -> None:
+    def _check_size(self, conn: Connection, view: View, node: Node) -> None:
+        """ENOSPC for an unprivileged writer if ``node`` is too big.
+
+        Inside a transaction this also fails the transaction: cxenstored's
+        write_node() has put the node on the transaction's access list
+        before write_node_raw() refuses it and, not undoing that, marks the
+        transaction failed (fail_transaction()), so that its commit
+        answers ENOMEM."""
         if not conn.domain.privileged and node_size(node) >= self.quota.node_size:
+            if isinstance(view, Transaction):
+                view.failed = True
             raise XsError("ENOSPC", "node too big")
 
     def _create(self, conn: Connection, view: View, path: str, value: bytes) -> Node:
@@ -269,7 +278,7 @@ class Dispatcher:
             if view.count(domain.domid) + len(missing) > self.quota.nodes:
                 raise XsError("ENOSPC", "node quota exceeded")
         new_parent = parent.replace(children={**parent.children, basename(missing[-1]): None})
-        self._check_size(conn, new_parent)
+        self._check_size(conn, view, new_parent)
         created: list[tuple[str, Node]] = []
         perms = parent.perms
         if not domain.privileged:
@@ -278,7 +287,7 @@ class Dispatcher:
             name = missing[i]
             children = {basename(missing[i - 1]): None} if i else {}
             node = Node(value if not i else b"", perms, children)
-            self._check_size(conn, node)
+            self._check_size(conn, view, node)
             created.append((name, node))
         view.put(parent_path, new_parent)
         for name, node in created:
@@ -429,7 +438,7 @@ class Dispatcher:
             if not self._may(conn, node, PERM_WRITE):
                 raise self._denied(view, path)
             node = node.replace(value=value)
-            self._check_size(conn, node)
+            self._check_size(conn, view, node)
             view.put(path, node)
         self._fire(view, path, True, node.perms)
         return _OK
@@ -558,7 +567,7 @@ class Dispatcher:
             if perms[0][0] != owner:
                 raise XsError("EPERM", "unprivileged domains may not change the owner")
         new = node.replace(perms=perms)
-        self._check_size(conn, new)
+        self._check_size(conn, view, new)
         view.put(path, new)
         # Watchers that could read the node before, or can now, hear of it.
         self._fire(view, path, True, perms, node.perms)
@@ -632,6 +641,10 @@ class Dispatcher:
         del conn.transactions[view.id]
         conn.domain.ntransactions -= 1
         if arg == "T":
+            if view.failed:
+                # cxenstored's do_transaction_end() for a transaction
+                # fail_transaction() marked (see _check_size)
+                raise XsError("ENOMEM", "a write in the transaction failed")
             # Other transactions may have used up the quota meanwhile.
             grown = view.owned_delta[conn.domid]
             if (

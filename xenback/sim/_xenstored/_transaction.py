@@ -40,7 +40,9 @@ __all__ = ["Transaction"]
 class Transaction:
     """One open transaction of one connection."""
 
-    __slots__ = ("id", "store", "start", "seen", "view", "changed", "events", "owned_delta")
+    __slots__ = (
+        "id", "store", "start", "seen", "view", "changed", "events", "owned_delta", "failed",
+    )
 
     def __init__(self, tx_id: int, store: Store) -> None:
         self.id = tx_id
@@ -57,6 +59,9 @@ class Transaction:
         #: add_event): path -> (subtree, perms, old perms)
         self.events: dict[str, tuple[bool, Perms, Perms | None]] = {}
         self.owned_delta: collections.Counter[int] = collections.Counter()
+        #: a write in it failed half-way (cxenstored's fail_transaction()):
+        #: it can only be aborted, a commit answers ENOMEM
+        self.failed = False
 
     def _touch(self, path: str) -> Node | None:
         node = self.store.nodes.get(path)
