@@ -254,9 +254,11 @@ def test_remove_device_order_and_pruned_parents(
     backend.join(10)
     be, fe, lx = dev.backend_path, dev.frontend_path, dev.libxl_path
     assert recorder.paths() == [
-        # libxl__initiate_device_generic_remove: one transaction.
-        f"{be}/online",
+        # libxl__initiate_device_generic_remove: one transaction, whose
+        # events come in the order it first touched the nodes (cxenstored's
+        # access list): it reads state before it writes online.
         f"{be}/state",
+        f"{be}/online",
         # The backend closes.
         f"{be}/state",
         # libxl__device_destroy: one transaction, each path with the
@@ -289,9 +291,10 @@ def test_destroy_domain_order(host: SimHost, guest: Domain, recorder: Recorder) 
         fe,
         f"{home}/device/pvcalls",
         f"{home}/device",
-        # ...then the backend is asked to close, and does...
-        f"{be}/online",
+        # ...then the backend is asked to close (one transaction that read
+        # state first: see above), and does...
         f"{be}/state",
+        f"{be}/online",
         f"{be}/state",
         # ...and the rest is removed, with every parent left empty.
         lx,

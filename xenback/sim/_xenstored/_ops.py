@@ -654,9 +654,41 @@ class Dispatcher:
             ):
                 raise XsError("ENOSPC", "node quota exceeded")
             view.commit()
-            for path, (subtree, perms, old_perms) in view.events.items():
-                self._fire(self.store, path, subtree, perms, old_perms)
+            # cxenstored's finalize_transaction() fires in the order of its
+            # access list: the order the transaction first touched the nodes.
+            events = view.events
+            for path in view.seen:
+                event = events.get(path)
+                if event is not None:
+                    self._fire_committed(path, event[0], view.first_perms[path])
         return _OK
+
+    def _fire_committed(self, path: str, subtree: bool, before: Perms | None) -> None:
+        """Fire the watches of a node a committed transaction changed.
+
+        As cxenstored's finalize_transaction() calls fire_watches(): with
+        the permissions the node had when the transaction first touched it
+        (``before``, None if it did not exist) and no node, so that
+        watch_permitted() looks the node up as it is now.  A watcher hears
+        of the change if it could read the node before, or can read it or
+        its parent now; a node removed by the transaction has no "now", so
+        only ``before`` counts, and a node that exists neither before nor
+        after (created and removed again) is heard of by nobody, dom0
+        included.
+        """
+        node = self.store.get(path)
+        if before is None and node is None:
+            return
+        for watch in self.watches.matching(path, subtree):
+            target = watch.conn
+            domain = target.domain
+            if domain.privileged:
+                self._queue_event(watch, path)
+                continue
+            if before is not None and perm_for(before, domain.domid, domain.target) & PERM_READ:
+                self._queue_event(watch, path)
+            elif node is not None and self._watch_permitted(target, path, node.perms, None):
+                self._queue_event(watch, path)
 
     # --- handlers: domains ------------------------------------------------------
 

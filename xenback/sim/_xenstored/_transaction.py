@@ -42,6 +42,7 @@ class Transaction:
 
     __slots__ = (
         "id", "store", "start", "seen", "view", "changed", "events", "owned_delta", "failed",
+        "first_perms",
     )
 
     def __init__(self, tx_id: int, store: Store) -> None:
@@ -51,6 +52,9 @@ class Transaction:
         self.start = store.new_epoch()
         #: path -> live generation at first touch (None: did not exist)
         self.seen: dict[str, int | None] = {}
+        #: path -> the node's permissions at first touch (None: absent), for
+        #: the events at commit (cxenstored's accessed_node.perms)
+        self.first_perms: dict[str, Perms | None] = {}
         #: path -> node as this transaction sees it (None: absent)
         self.view: dict[str, Node | None] = {}
         #: paths this transaction wrote or deleted, in order
@@ -66,6 +70,7 @@ class Transaction:
     def _touch(self, path: str) -> Node | None:
         node = self.store.nodes.get(path)
         self.seen[path] = None if node is None else node.generation
+        self.first_perms[path] = None if node is None else node.perms
         self.view[path] = node
         return node
 
@@ -164,6 +169,10 @@ class Transaction:
                     # A fresh node, not yet shared: the live store will
                     # give it its generation.
                     view[path] = node.replace(perms=perms)
+        first = self.first_perms
+        for path, before in first.items():
+            if before is not None:
+                first[path] = _ignore(before, gone)
         for path, (subtree, perms, old) in self.events.items():
             self.events[path] = (
                 subtree, _ignore(perms, gone), None if old is None else _ignore(old, gone)
