@@ -168,12 +168,8 @@ class Dispatcher:
                 tx = conn.transactions.get(tx_id)
                 if tx is None:
                     raise XsError("ENOENT", f"no transaction {tx_id}")
-                if (
-                    not conn.domain.privileged
-                    and tx.size >= self.quota.transaction_nodes
-                    and op != Op.TRANSACTION_END
-                ):
-                    raise XsError("ENOSPC", "transaction touches too many nodes")
+                # (The transaction-nodes quota is the transaction's own
+                # check, when it first touches a node: see Transaction.)
                 view = tx
             reply = handler(conn, view, payload)
             if len(reply) > PAYLOAD_MAX:
@@ -628,7 +624,8 @@ class Dispatcher:
         while tx_id == 0 or tx_id in conn.transactions:
             tx_id = (tx_id + 1) & 0xFFFFFFFF
         conn.next_tx_id = (tx_id + 1) & 0xFFFFFFFF
-        conn.transactions[tx_id] = Transaction(tx_id, self.store)
+        limit = None if domain.privileged else self.quota.transaction_nodes
+        conn.transactions[tx_id] = Transaction(tx_id, self.store, limit)
         domain.ntransactions += 1
         return f"{tx_id}\0".encode()
 

@@ -42,12 +42,14 @@ class Transaction:
 
     __slots__ = (
         "id", "store", "start", "seen", "view", "changed", "events", "owned_delta", "failed",
-        "first_perms",
+        "first_perms", "limit",
     )
 
-    def __init__(self, tx_id: int, store: Store) -> None:
+    def __init__(self, tx_id: int, store: Store, limit: int | None = None) -> None:
         self.id = tx_id
         self.store = store
+        #: how many nodes it may touch (None: no limit, for the privileged)
+        self.limit = limit
         #: when the transaction began, for Store.released_since
         self.start = store.new_epoch()
         #: path -> live generation at first touch (None: did not exist)
@@ -68,6 +70,13 @@ class Transaction:
         self.failed = False
 
     def _touch(self, path: str) -> Node | None:
+        if self.limit is not None and len(self.seen) >= self.limit:
+            # cxenstored's access_node(): the quota counts nodes new to the
+            # transaction, and refusing one fails the transaction (its
+            # commit answers ENOMEM), since the operation may have done
+            # part of its work already.
+            self.failed = True
+            raise XsError("ENOSPC", "transaction touches too many nodes")
         node = self.store.nodes.get(path)
         self.seen[path] = None if node is None else node.generation
         self.first_perms[path] = None if node is None else node.perms
