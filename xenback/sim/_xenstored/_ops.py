@@ -296,13 +296,15 @@ class Dispatcher:
               old_perms: Perms | None = None) -> None:
         """Fire the watches a change of ``path`` triggers.
 
-        Inside a transaction the event is queued and fires on commit.
-        ``perms`` are the node's permissions at the time of the change: a
-        watcher receives the event if it may read the node or its parent
-        (or, for a permission change, could read it under ``old_perms``).
+        Inside a transaction the event is queued and fires on commit, to
+        the watchers :meth:`_fire_committed` picks (the permissions given
+        here do not count then).  Otherwise ``perms`` are the node's
+        permissions at the time of the change: a watcher receives the
+        event if it may read the node or its parent (or, for a permission
+        change, could read it under ``old_perms``).
         """
         if isinstance(view, Transaction):
-            view.add_event(path, subtree, perms, old_perms)
+            view.add_event(path, subtree)
             return
         for watch in self.watches.matching(path, subtree):
             target = watch.conn
@@ -655,9 +657,9 @@ class Dispatcher:
             # access list: the order the transaction first touched the nodes.
             events = view.events
             for path in view.seen:
-                event = events.get(path)
-                if event is not None:
-                    self._fire_committed(path, event[0], view.first_perms[path])
+                subtree = events.get(path)
+                if subtree is not None:
+                    self._fire_committed(path, subtree, view.first_perms[path])
         return _OK
 
     def _fire_committed(self, path: str, subtree: bool, before: Perms | None) -> None:

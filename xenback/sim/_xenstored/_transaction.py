@@ -62,8 +62,8 @@ class Transaction:
         #: paths this transaction wrote or deleted, in order
         self.changed: dict[str, None] = {}
         #: watch events to fire on commit, one per changed path (see
-        #: add_event): path -> (subtree, perms, old perms)
-        self.events: dict[str, tuple[bool, Perms, Perms | None]] = {}
+        #: add_event): path -> whether subtree-style
+        self.events: dict[str, bool] = {}
         self.owned_delta: collections.Counter[int] = collections.Counter()
         #: a write in it failed half-way (cxenstored's fail_transaction()):
         #: it can only be aborted, a commit answers ENOMEM
@@ -111,25 +111,18 @@ class Transaction:
         self.view[path] = None
         self.changed[path] = None
 
-    def add_event(self, path: str, subtree: bool, perms: Perms, old_perms: Perms | None) -> None:
+    def add_event(self, path: str, subtree: bool) -> None:
         """Remember that ``path`` changed, for an event on commit.
 
         One event per path, however often the transaction changed it (as
         cxenstored's add_change_node()): a list of every change would let a
         guest grow it without bound by rewriting one node, and flood the
-        watchers at commit.  The event is subtree-style if any change was;
-        it reaches watchers that could read the node before the first
-        change or after the last (what happened in between nobody else saw).
+        watchers at commit.  The event is subtree-style if any change was.
+        Who hears of it is decided at commit, from the node's permissions
+        at first touch (``first_perms``) and the node as it is then (see
+        Dispatcher._fire_committed): what happened in between nobody else saw.
         """
-        first = self.events.get(path)
-        if first is None:
-            self.events[path] = (subtree, perms, old_perms)
-            return
-        was_subtree, first_perms, first_old = first
-        before = first_perms if first_old is None else first_old
-        self.events[path] = (
-            was_subtree or subtree, perms, None if before == perms else before
-        )
+        self.events[path] = self.events.get(path, False) or subtree
 
     def count(self, domid: int) -> int:
         return self.store.count(domid) + self.owned_delta[domid]
@@ -160,9 +153,9 @@ class Transaction:
     def _forget(self, gone: frozenset[int]) -> None:
         """Mark ignored the entries naming a domain in ``gone`` (released
         since the transaction began), in the nodes to install and in the
-        queued events (so that a new domain with such an id is not told
-        either); raise EAGAIN, changing nothing, if such a domain would own
-        a node."""
+        permissions at first touch, which decide who hears of the events at
+        commit (so that a new domain with such an id is not told either);
+        raise EAGAIN, changing nothing, if such a domain would own a node."""
         view = self.view
         for path in self.changed:
             node = view[path]
@@ -182,10 +175,6 @@ class Transaction:
         for path, before in first.items():
             if before is not None:
                 first[path] = _ignore(before, gone)
-        for path, (subtree, perms, old) in self.events.items():
-            self.events[path] = (
-                subtree, _ignore(perms, gone), None if old is None else _ignore(old, gone)
-            )
 
 
 def _ignore(perms: Perms, gone: frozenset[int]) -> Perms:
