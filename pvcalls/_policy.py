@@ -16,8 +16,9 @@ like a host firewall refusing the operation; a SOCKET or ACCEPT beyond the
 limit is answered with ``-EMFILE`` (24), "too many open files", since the
 limit is the domain's descriptor table.  The backend logs each refusal at
 WARNING with the domain, the command and the address, at most 10 lines per
-5 s for one frontend (as the kernel's ``printk_ratelimited``); how many it
-left out is logged when the next one goes out and when the frontend goes.
+5 s for one frontend device, however often it reconnects (as the kernel's
+``printk_ratelimited``); how many it left out is logged when the next one
+goes out and when the device goes.
 
 The file format is TOML (read with :mod:`tomllib`)::
 

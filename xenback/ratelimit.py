@@ -9,14 +9,14 @@ counted; the count is reported when the next interval begins, so nothing
 goes unmentioned.  :class:`RateLimit` is that state, with the kernel's
 defaults (10 messages per 5 s).
 
-A backend keeps one per frontend, so that one guest's flood does not
-silence what another guest's requests cause::
+A backend keeps one per frontend device, so that one guest's flood does not
+silence what another guest's requests cause, and one that outlives the
+device's connections, so that a guest restarting its device does not get a
+new budget each time.  :class:`xenback.BackendDevice` has it, logs its own
+errors through it and, when the device goes, reports what it suppressed
+(:meth:`RateLimit.close`); a driver logs through it too::
 
-    self.ratelimit = RateLimit(f"dom{domid}")
-    ...
-    self.ratelimit.log(logger, logging.WARNING, "CONNECT to %s refused", addr)
-    ...
-    self.ratelimit.close(logger)     # on disconnect: says what was suppressed
+    dev.ratelimit.log(logger, logging.WARNING, "CONNECT to %s refused", addr)
 """
 
 from __future__ import annotations
