@@ -8,7 +8,6 @@ import random
 import socket
 import struct
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ import pvcalls
 from pvcalls import _wire
 from pvcalls._backend import _Frontend
 from pvcalls._wire import ffi
+from xenback.ratelimit import RateLimit
 from xenback.ring import RingError
 
 EINVAL, EBADF, ENOTSUPP = -22, -9, -524
@@ -303,8 +303,17 @@ def test_fuzzed_requests_get_exactly_one_answer(raw: RawFrontend, backend: pvcal
             assert raw.release(row.id).ret in (0, -9)
 
 
+@pytest.fixture
+def one_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every RateLimit made from now on sees the clock stand still: the
+    whole test is one interval of the limit, so a burst of lines is all
+    the log may get, however slowly the machine runs the test.  (Asked for
+    before the frontend, so that its device's limit is made after.)"""
+    monkeypatch.setitem(RateLimit.__init__.__kwdefaults__, "clock", lambda: 0.0)
+
+
 def test_a_frontend_failing_again_and_again_does_not_flood_the_log(
-        raw: RawFrontend, dom0_xs: Any, backend: pvcalls.Backend,
+        one_interval: None, raw: RawFrontend, dom0_xs: Any, backend: pvcalls.Backend,
         caplog: pytest.LogCaptureFixture) -> None:
     """A guest that writes a state no frontend may write, restarts
     (Initialising) and does it again, as fast as XenStore lets it: each time
@@ -314,7 +323,6 @@ def test_a_frontend_failing_again_and_again_does_not_flood_the_log(
     cycles = 40
     state = f"{raw.fe_path}/state"
     error_node = f"/local/domain/0/error/backend/pvcalls/{raw.guest.domid}/0/error"
-    started = time.monotonic()
     for i in range(cycles):
         raw.xs.write(state, "7")
         raw.wait_backend_state(5)
@@ -323,11 +331,10 @@ def test_a_frontend_failing_again_and_again_does_not_flood_the_log(
         dom0_xs.write(error_node, "")
         raw.xs.write(state, "1")
         raw.wait_backend_state(2)
-    elapsed = time.monotonic() - started
     lines = [r for r in caplog.records
              if r.name == "xenback.xenbus" and r.levelno >= logging.ERROR
              and "saw state 7" in r.getMessage()]
-    assert 1 <= len(lines) <= 10 * (1 + int(elapsed // 5)) < cycles, (len(lines), elapsed)
+    assert len(lines) == 10
     # And the device still works once the frontend behaves.
     assert raw.ring is not None
     raw.ring.release()
@@ -337,12 +344,11 @@ def test_a_frontend_failing_again_and_again_does_not_flood_the_log(
 
 
 def test_a_frontend_breaking_its_command_ring_again_and_again_does_not_flood_the_log(
-        raw: RawFrontend, backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+        one_interval: None, raw: RawFrontend, backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
     """Each connection's broken command ring is logged, through the
     device's rate limit: reconnecting (Initialising, a new ring) and
     breaking the ring again does not get the guest a new line each time."""
     cycles = 30
-    started = time.monotonic()
     for _ in range(cycles):
         assert raw.ring is not None
         raw.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
@@ -351,16 +357,16 @@ def test_a_frontend_breaking_its_command_ring_again_and_again_does_not_flood_the
         raw.ring.release()
         raw.xs.write(f"{raw.fe_path}/state", "1")
         raw.connect()
-    elapsed = time.monotonic() - started
     lines = [r for r in caplog.records if r.levelno >= logging.ERROR
              and "command ring protocol error" in r.getMessage()]
-    assert 1 <= len(lines) <= 10 * (1 + int(elapsed // 5)) < cycles, (len(lines), elapsed)
+    # The budget is shared with the device error each break causes.
+    assert 1 <= len(lines) <= 10
     _, rsp = raw.socket()
     assert rsp.ret == 0
 
 
 def test_restarting_the_device_does_not_renew_the_log_budget(
-        make_frontend: Any, host: Any, caplog: pytest.LogCaptureFixture) -> None:
+        one_interval: None, make_frontend: Any, host: Any, caplog: pytest.LogCaptureFixture) -> None:
     """What a guest makes the backend log (here CONNECTs refused by
     policy) is rate-limited per device, not per connection: a guest that
     restarts its device (Initialising, connect again) whenever its budget
@@ -369,7 +375,6 @@ def test_restarting_the_device_does_not_renew_the_log_budget(
     policy = pvcalls.Policy(pvcalls.DomainPolicy(connect=deny_all))
     with pvcalls.Backend(host.dom0, cpus=2, policy=policy):
         fe = make_frontend("g")
-        started = time.monotonic()
         # Many per connection, then one per connection: the count of
         # those suppressed is no new line at each restart either.
         for per_connection in [12] * 5 + [1] * 20:
@@ -381,9 +386,7 @@ def test_restarting_the_device_does_not_renew_the_log_budget(
             fe.ring.release()
             fe.xs.write(f"{fe.fe_path}/state", "1")
             fe.connect()
-        elapsed = time.monotonic() - started
-        intervals = 1 + int(elapsed // 5)
         lines = [r for r in caplog.records if "refused by policy" in r.getMessage()]
-        assert 1 <= len(lines) <= 10 * intervals < 80, (len(lines), elapsed)
+        assert len(lines) == 10
         counts = [r for r in caplog.records if "suppressed" in r.getMessage()]
-        assert len(counts) <= intervals, ([r.getMessage() for r in counts], elapsed)
+        assert counts == []
