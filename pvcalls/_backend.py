@@ -583,11 +583,11 @@ class _Frontend:
             # The frontend broke the ring: it gets no more service, the
             # other frontends are not affected.
             self._broken = True
-            # Through the device's rate limit, not this connection's: the
-            # guest can reconnect and break its ring again at will.
-            self.dev.ratelimit.log(logger, logging.ERROR,
-                                   "dom%d: command ring protocol error, frontend stopped: %s",
-                                   self.domid, exc)
+            # Rate-limited (the device's budget): the guest can reconnect
+            # and break its ring again at will.
+            self.ratelimit.log(logger, logging.ERROR,
+                               "dom%d: command ring protocol error, frontend stopped: %s",
+                               self.domid, exc)
             try:
                 self.dev.fatal(_errno.EINVAL, f"pvcalls command ring: {exc}")
             except Exception:
