@@ -412,10 +412,18 @@ class Hostile:
         rng = self.rng
         fe = self.fe
         assert fe.ring is not None
-        refs = [fe.page.refs[0]] + [c.ring.ref for c in self.conns.values()]
+        owners: list[Conn | None] = [None, *self.conns.values()]
         ports = [fe.port] + [c.ring.port for c in self.conns.values()]
         spare, _ = self.new_ring()
-        ref = rng.choice(refs) if rng.random() < 0.7 else spare.ref
+        if rng.random() < 0.7:
+            owner = rng.choice(owners)
+            ref = fe.page.refs[0] if owner is None else owner.ring.ref
+            if owner is not None:
+                # Its pages may now carry a second socket's bytes too: its
+                # echo and counters are no longer its own to check.
+                owner.clean = False
+        else:
+            ref = spare.ref
         port = rng.choice(ports) if rng.random() < 0.7 else spare.port
         if rng.random() < 0.5:
             addr = _wire.pack_sockaddr_in(*self.fz.echo_address).ljust(28, b"\0")
