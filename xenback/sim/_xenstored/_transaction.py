@@ -127,11 +127,6 @@ class Transaction:
     def count(self, domid: int) -> int:
         return self.store.count(domid) + self.owned_delta[domid]
 
-    @property
-    def size(self) -> int:
-        """Number of nodes touched (cxenstored's per-transaction node quota)."""
-        return len(self.seen)
-
     def commit(self) -> None:
         """Apply to the live store, or raise EAGAIN and apply nothing."""
         nodes = self.store.nodes
