@@ -301,6 +301,9 @@ class LeanFuture(Future[Any]):
             self._finish(result, None)
 
     def set_running_or_notify_cancel(self) -> bool:
+        # A future already running or done is its maker's bug: RuntimeError,
+        # the type a standard Future raises, so that code written against
+        # one catches it here too.
         with _futures_lock:  # where cancel() decides too
             state = self._state
             if state == PENDING:
@@ -308,7 +311,7 @@ class LeanFuture(Future[Any]):
                 return True
             if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return False  # and whoever cancelled it tells the watchers
-        raise InvalidStateError(f"{self!r} cannot start: it is {state}")
+        raise RuntimeError(f"{self!r} cannot start: it is {state}")
 
     def set_result(self, result: Any) -> None:
         self._set_final(result, None)

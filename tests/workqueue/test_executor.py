@@ -616,8 +616,8 @@ def test_standalone_lean_future() -> None:
     assert cf.wait([g], timeout=TIMEOUT).done == {g}
     h = LeanFuture()
     h.set_running_or_notify_cancel()
-    with pytest.raises(cf.InvalidStateError):
-        h.set_running_or_notify_cancel()
+    with pytest.raises(RuntimeError, match="cannot start: it is RUNNING"):
+        h.set_running_or_notify_cancel()  # as a standard Future
     # As a standard Future: a done future takes no second outcome, and its
     # callbacks run once.
     called: list[int] = []
@@ -627,6 +627,8 @@ def test_standalone_lean_future() -> None:
         with pytest.raises(cf.InvalidStateError):
             second()
     assert h.result() == 1 and called == [1]
+    with pytest.raises(RuntimeError, match="cannot start: it is FINISHED"):
+        h.set_running_or_notify_cancel()
     with pytest.raises(cf.InvalidStateError):
         g.set_result(3)  # cancelled
     assert g.cancelled()
