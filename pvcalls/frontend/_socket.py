@@ -398,6 +398,18 @@ class PVSocket(Closing):
         Returns ``(socket, ("0.0.0.0", 0))``: PV Calls does not carry the
         peer address.  On timeout the POLL or ACCEPT stays in flight and the
         next call picks it up, so no connection is lost.
+
+        Non-blocking, it fails with :class:`BlockingIOError` unless a POLL
+        has said a connection is pending (what makes :meth:`fileno`
+        readable).  Then it sends the ACCEPT and waits for its answer,
+        which the backend gives at once, up to the frontend's ``timeout``
+        (as a non-blocking :meth:`connect` waits for CONNECT's): after
+        select() said readable, accept() returns the connection, as
+        socket.socket's does.  Linux's frontend returns -EAGAIN there
+        instead, and a second call after the answer gets the connection;
+        the requests on the wire are the same.  An ACCEPT still unanswered
+        after that time (or left by a call that timed out) stays in flight
+        for the next call, as on a timeout.
         """
         deadline = Deadline(self._timeout)
         # Within the timeout, as socket.socket's: another thread may be
@@ -407,12 +419,24 @@ class PVSocket(Closing):
             self._check_open()
             if not self._st.listening:
                 raise OSError(errno.EINVAL, "accept() on a socket that is not listening")
+            answer_by = deadline
             if self._st.accept_inflight is None:
                 self._wait_pending_connection(deadline)
                 self._start_accept(deadline)
+                if deadline.timeout == 0.0:
+                    # A connection is pending, and its ACCEPT just went
+                    # out: its answer is no wait on the network (see above).
+                    answer_by = Deadline(self._fe.timeout)
             assert self._st.accept_inflight is not None
             req_id, slot, new = self._st.accept_inflight
-            ret = self._fe._wait_slot(req_id, slot, deadline, self)
+            try:
+                ret = self._fe._wait_slot(req_id, slot, answer_by, self)
+            except TimeoutError:
+                if answer_by is deadline:
+                    raise
+                # The socket is non-blocking: "would block", not a timeout
+                # it never set; the ACCEPT stays in flight.
+                raise BlockingIOError(errno.EAGAIN, "operation would block") from None
             self._st.accept_inflight = None
             if ret < 0:
                 # The backend did not take the new id: free it without RELEASE.

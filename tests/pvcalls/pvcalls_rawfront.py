@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from racewindow import stands_at
 
 from pvcalls import _wire
+from pvcalls._socket import PassiveSocket
 from pvcalls._wire import ffi
 from xenback.ring import FlexRing, FrontRing, mb
 from xenback.xenstore import XenStore
@@ -109,6 +111,24 @@ def done_or_at(call: Call, func: Callable[..., Any], text: str) -> bool:
     """Whether ``call`` has returned, or stands at the first line of
     ``func`` that contains ``text`` (see :func:`racewindow.stands_at`)."""
     return not call.alive() or stands_at(call.ident, func, text)
+
+
+def hold_accepts(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """From now on the backend answers an ACCEPT only once the returned
+    event is set.  Call it before the listener is made: a listener's Work
+    takes its function as it is made."""
+    run = PassiveSocket._run
+    release = threading.Event()
+
+    def held(self: PassiveSocket) -> None:
+        with self._lock:
+            waiting = self.waiting
+        if waiting is not None and waiting[1] is not None:
+            release.wait(TIMEOUT)  # an ACCEPT
+        run(self)
+
+    monkeypatch.setattr(PassiveSocket, "_run", held)
+    return release
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from highfds import descriptors_past_fd_setsize
-from pvcalls_rawfront import Call, echo_through, sleeping_in_wait, wait_until
+from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
 from racewindow import PauseAt, stands_at
 from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_elsewhere
@@ -1019,15 +1019,21 @@ def test_frontend_close_waits_for_releases_in_flight(
     assert not [row for row in backend.stats().sockets if row.domain == domid]
 
 
-def accept_left_in_flight(ls: pvcalls.PVSocket, sel: selectors.BaseSelector) -> tuple[Any, Any]:
-    """With a connection coming to the non-blocking listener ``ls``: call
-    accept() as a selectors loop would until one has left its ACCEPT in
-    flight (after the POLL's answer); that ACCEPT's slot and new socket."""
+def accept_left_in_flight(ls: pvcalls.PVSocket, sel: selectors.BaseSelector,
+                          release: threading.Event) -> tuple[Any, Any]:
+    """With a connection coming to the non-blocking listener ``ls``, whose
+    ACCEPTs the backend holds until ``release`` (:func:`hold_accepts`):
+    once select() says the connection is pending, an accept() with a short
+    timeout sends the ACCEPT and gives up before its answer.  Returns that
+    ACCEPT's slot and new socket; the backend answers it soon after."""
     sel.register(ls, selectors.EVENT_READ)
-    while ls._st.accept_inflight is None:
-        assert sel.select(TIMEOUT)
-        with pytest.raises(BlockingIOError):
-            ls.accept()
+    assert sel.select(TIMEOUT)  # the POLL's answer: a connection is pending
+    ls.settimeout(0.05)  # non-blocking, it would wait for the answer
+    with pytest.raises(TimeoutError):
+        ls.accept()
+    ls.setblocking(False)
+    assert ls._st.accept_inflight is not None
+    release.set()
     _, slot, new = ls._st.accept_inflight
     return slot, new
 
@@ -1162,10 +1168,12 @@ def test_a_call_after_the_backend_left_says_so() -> None:
                      strerror="the PV Calls backend went away")
 
 
-def test_closing_a_listener_after_the_backend_left_frees_its_accept() -> None:
+def test_closing_a_listener_after_the_backend_left_frees_its_accept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """An ACCEPT left in flight (and answered) when the backend goes away:
     closing the listener then frees the socket it offered, and its ring is
     not kept for reuse (no RELEASE answer says the backend let go of it)."""
+    release = hold_accepts(monkeypatch)
     with backend_of_its_own("stranded-listener") as (backend, fe):
         ls = fe.socket()
         ls.bind(("127.0.0.1", 0))
@@ -1174,7 +1182,7 @@ def test_closing_a_listener_after_the_backend_left_frees_its_accept() -> None:
         address = listen_address(backend, fe.domain.domid, ls.id)
         with socket.create_connection(address, timeout=TIMEOUT), \
                 selectors.DefaultSelector() as sel:
-            slot, new = accept_left_in_flight(ls, sel)
+            slot, new = accept_left_in_flight(ls, sel, release)
             ring = new._st.ring
             backend.close()
             wait_until(lambda: fe._dead)
@@ -1531,8 +1539,9 @@ def test_accept_that_gave_up_leaves_the_socket_readable(
     fe: pvcalls.Frontend, backend: Any, guest: Any, timeout: float
 ) -> None:
     """The selectors (and asyncio) server pattern: select() says readable,
-    accept() sends ACCEPT and gives up before its answer; the answer must
-    make the socket readable again, and the next accept() return it."""
+    accept() sends ACCEPT; one with a short timeout may give up before its
+    answer, which must then make the socket readable again, and the next
+    accept() return it (non-blocking, accept() waits for that answer)."""
     with fe.socket() as ls:
         ls.bind(("127.0.0.1", 0))
         ls.listen()
@@ -1557,14 +1566,76 @@ def test_accept_that_gave_up_leaves_the_socket_readable(
             assert sel.select(0) == []
 
 
-def test_closing_a_listener_releases_what_its_pending_accept_got(
-    fe: pvcalls.Frontend, backend: Any, guest: Any, server: Any
+def test_a_non_blocking_accept_returns_what_select_said_is_pending(
+    fe: pvcalls.Frontend, backend: Any, guest: Any
 ) -> None:
-    """A non-blocking accept() left its ACCEPT in flight, and the backend
+    """The selectors pattern as Python's documentation writes it: a
+    non-blocking listener, select() says readable, accept() "should be
+    ready" and returns the connection.  The POLL's answer said one is
+    pending; the ACCEPT that accept() sends for it is answered at once, and
+    waiting for that answer is not blocking on the network (as a
+    non-blocking connect() waits for CONNECT's).  A BlockingIOError there
+    broke servers that do not expect one after select()."""
+    with fe.socket() as ls, selectors.DefaultSelector() as sel:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        ls.setblocking(False)
+        sel.register(ls, selectors.EVENT_READ)
+        address = listen_address(backend, guest.domid, ls.id)
+        for n in range(3):
+            with socket.create_connection(address, timeout=TIMEOUT) as client:
+                assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [ls]
+                conn, _ = ls.accept()
+                with conn:
+                    assert conn.gettimeout() is None  # as socket.socket's
+                    conn.settimeout(TIMEOUT)
+                    client.sendall(b"%d" % n)
+                    assert conn.recv(1) == b"%d" % n
+            assert sel.select(0) == []
+
+
+def test_a_non_blocking_accept_waits_for_its_accept_no_longer_than_the_frontend_timeout(
+    host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend that does not answer the ACCEPT (Linux's does not while
+    the host's accept() finds nothing): the non-blocking accept() gives up
+    at the frontend's timeout with BlockingIOError, as "would block", not
+    a timeout the socket never had; the ACCEPT stays in flight, and once
+    answered the socket is readable and the next accept() returns it."""
+    release = hold_accepts(monkeypatch)
+    with pvcalls.Frontend(host.create_domain("held-accept"), timeout=0.2) as fe2, \
+            fe2.socket() as ls, selectors.DefaultSelector() as sel:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        ls.setblocking(False)
+        sel.register(ls, selectors.EVENT_READ)
+        address = listen_address(backend, fe2.domain.domid, ls.id)
+        with socket.create_connection(address, timeout=TIMEOUT) as client:
+            assert sel.select(TIMEOUT)
+            started = time.monotonic()
+            with pytest.raises(BlockingIOError):
+                ls.accept()
+            assert time.monotonic() - started >= 0.2
+            assert ls._st.accept_inflight is not None
+            assert sel.select(0) == []
+            release.set()
+            assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [ls]
+            conn, _ = ls.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                client.sendall(b"x")
+                assert conn.recv(1) == b"x"
+
+
+def test_closing_a_listener_releases_what_its_pending_accept_got(
+    fe: pvcalls.Frontend, backend: Any, guest: Any, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An accept() that timed out left its ACCEPT in flight, and the backend
     accepted a connection into its new socket; then the listener is closed.
     That connection is the guest's, not the listener's: it is released too
     (the host's peer sees it end), and its ring is never handed to another
     socket while the backend still writes into it."""
+    release = hold_accepts(monkeypatch)
     with fe.socket() as ls:
         ls.bind(("127.0.0.1", 0))
         ls.listen()
@@ -1572,7 +1643,7 @@ def test_closing_a_listener_releases_what_its_pending_accept_got(
         address = listen_address(backend, guest.domid, ls.id)
         client = socket.create_connection(address, timeout=TIMEOUT)
         with selectors.DefaultSelector() as sel:
-            slot, new = accept_left_in_flight(ls, sel)
+            slot, new = accept_left_in_flight(ls, sel, release)
             assert sel.select(TIMEOUT)  # the ACCEPT's answer came
             assert slot.done and slot.ret == 0
     with client:
@@ -1900,7 +1971,8 @@ def test_close_with_an_accept_in_flight_releases_the_listener_only(
             ls.accept()  # its POLL goes out
         client = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         wait_until(lambda: ls._poll_ready)
-        with pytest.raises(BlockingIOError):
+        ls.settimeout(0.05)  # non-blocking, it would wait fe.timeout for the answer
+        with pytest.raises(TimeoutError):
             ls.accept()  # its ACCEPT goes out, held
         assert ls._st.accept_inflight is not None
         caplog.set_level(logging.WARNING, logger="pvcalls.frontend")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import Call, wait_until
+from pvcalls_rawfront import Call, hold_accepts, wait_until
 
 import pvcalls
 from pvcalls._policy import Policy
@@ -202,10 +202,11 @@ def test_a_listener_a_thread_waits_in_is_not_collected(
 
 
 def test_a_socket_offered_by_an_accept_in_flight_goes_with_its_listener(
-        fe: pvcalls.Frontend, backend: pvcalls.Backend) -> None:
-    """A non-blocking accept() left its ACCEPT in flight: the socket it
+        fe: pvcalls.Frontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An accept() that timed out left its ACCEPT in flight: the socket it
     offers is the listener's (no warning of its own, not in sockets());
     dropped with the listener, both are released."""
+    given_up = hold_accepts(monkeypatch)
     box = [fe.socket()]
     ls = box[0]
     ls.bind(("127.0.0.1", 0))
@@ -215,8 +216,10 @@ def test_a_socket_offered_by_an_accept_in_flight_goes_with_its_listener(
         with pytest.raises(BlockingIOError):
             ls.accept()  # its POLL goes out
         wait_until(lambda: box[0]._poll_ready)
-        with pytest.raises(BlockingIOError):
+        ls.settimeout(0.05)  # non-blocking, it would wait for the answer
+        with pytest.raises(TimeoutError):
             ls.accept()  # its ACCEPT goes out
+        given_up.set()
         assert ls._st.accept_inflight is not None
         _, slot, new = ls._st.accept_inflight
         offered = weakref.ref(new)

@@ -389,7 +389,8 @@ def _accept_in_flight(fe: pvcalls.Frontend, fake: FakeBackend
     """A non-blocking listener whose accept() took a POLL's answer and
     sent its ACCEPT, which the backend holds (``fake.hold`` must hold
     ACCEPT): the listener, the request, its response slot and the socket
-    it offers."""
+    it offers.  (The accept() that sends it has a short timeout: a
+    non-blocking one would wait the frontend's timeout for the answer.)"""
     ls = fe.socket()
     ls.bind(("127.0.0.1", 4000))
     ls.listen()
@@ -397,8 +398,10 @@ def _accept_in_flight(fe: pvcalls.Frontend, fake: FakeBackend
     with pytest.raises(BlockingIOError):
         ls.accept()  # its POLL goes out, answered at once
     wait_until(lambda: ls._poll_ready)
-    with pytest.raises(BlockingIOError):
+    ls.settimeout(0.05)
+    with pytest.raises(TimeoutError):
         ls.accept()  # its ACCEPT goes out, held
+    ls.setblocking(False)
     req = fake.next_request(PVCALLS_ACCEPT)
     assert ls._st.accept_inflight is not None
     _, slot, new = ls._st.accept_inflight
