@@ -1114,21 +1114,29 @@ class Frontend(Closing):
                 self._sockets.pop(st.id, None)
             with sock._cond:
                 fd, st.readyfd = st.readyfd, None
+        fd_error: OSError | None = None
         if fd is not None:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as exc:
+                # The program closed the descriptor fileno() gave it: said
+                # once the rest is freed, as socket.socket's close() says it.
+                fd_error = exc
         if rel is None:
             self._finish_release(ring, inflight, released=False)
             if interrupted is not None:
                 raise interrupted
-            return
-        with self._lock:
-            rel.ring, rel.inflight, rel.taken = ring, inflight, True
-            finish = rel.ret is not None and rel in self._releases
+        else:
+            with self._lock:
+                rel.ring, rel.inflight, rel.taken = ring, inflight, True
+                finish = rel.ret is not None and rel in self._releases
+                if finish:
+                    self._releases.discard(rel)
+                    self._cmd_cond.notify_all()  # close() may wait for the last one
             if finish:
-                self._releases.discard(rel)
-                self._cmd_cond.notify_all()  # close() may wait for the last one
-        if finish:
-            self._finish_release(ring, inflight, released=rel.ret == 0)
+                self._finish_release(ring, inflight, released=rel.ret == 0)
+        if fd_error is not None:
+            raise fd_error
 
     def _collect(self, st: SocketState) -> None:
         """The finaliser of a PVSocket dropped unclosed (see PVSocket's

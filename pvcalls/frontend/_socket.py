@@ -696,7 +696,10 @@ class PVSocket(Closing):
         While files from :meth:`makefile` are open, the release waits for
         the last of them to close, as with :class:`socket.socket`.  A
         socket dropped unclosed is released all the same, with a
-        :class:`ResourceWarning` (see the class)."""
+        :class:`ResourceWarning` (see the class).  If the program closed
+        the descriptor :meth:`fileno` gave it, close() raises
+        :class:`OSError` EBADF, as socket.socket's does, once the socket
+        is released."""
         self._close_requested = True
         if self._io_refs <= 0:
             self._real_close()
@@ -733,7 +736,14 @@ class PVSocket(Closing):
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._cmd_cond:
             self._fe._cmd_cond.notify_all()
-        self._on_event()
+        try:
+            self._on_event()
+        except OSError:
+            # EBADF: the program closed the descriptor fileno() gave it.
+            # close() says so, as socket.socket's does, but releases the
+            # socket first: its connection must not stay open.
+            self._fe._release(self._st, self)
+            raise
         self._fe._release(self._st, self)
 
     def _check_open(self) -> None:

@@ -431,6 +431,44 @@ def test_close_semantics(fe: pvcalls.Frontend, server: Any) -> None:
     assert s not in fe.sockets()
 
 
+def test_close_after_the_fileno_was_closed_still_releases(
+        fe: pvcalls.Frontend, server: Any, backend: Any, guest: Any) -> None:
+    """A program closed the descriptor fileno() gave it (socket.close(fd),
+    as CPython's test_socket does).  close() then fails with EBADF, as
+    socket.socket's does, but the socket is released all the same: its
+    peer sees the end of the stream, and it holds nothing in the backend
+    (close() used to stop at the dead descriptor, before the RELEASE, and
+    leave the connection open until the frontend went).
+
+    The descriptor is replaced by a read-only one rather than closed:
+    writing to it fails with EBADF as to a closed one, and no file another
+    thread opens meanwhile can take its number (close() would then act on
+    that file, as socket.socket's would)."""
+    ended = threading.Event()
+
+    def until_eof(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
+        ended.set()
+
+    srv = server(until_eof)
+    s = connected(fe, srv.address)
+    assert srv.accepted.acquire(timeout=TIMEOUT)
+    readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(readonly, s.fileno())
+    finally:
+        os.close(readonly)
+    with pytest.raises(OSError) as info:
+        s.close()
+    assert info.value.errno == errno.EBADF
+    assert s.closed and s not in fe.sockets()
+    assert ended.wait(TIMEOUT), "the peer never saw the end of the stream"
+    wait_until(lambda: all(row.id != s.id for row in backend.stats().sockets
+                           if row.domain == guest.domid))
+    s.close()  # twice is fine
+
+
 def test_a_selector_unregisters_a_closed_socket(fe: pvcalls.Frontend, server: Any) -> None:
     """As with socket.socket: fileno() is -1 once closed, and selectors
     then find the socket's key by the object."""
