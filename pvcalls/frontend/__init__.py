@@ -55,11 +55,13 @@ second, so that a signal handler (Ctrl-C's) runs soon even when the kernel
 gave the signal to another thread, which a plain ``socket.socket`` blocked
 in the main thread would not notice until it woke.
 
-Waiting on sockets: :meth:`PVSocket.fileno` returns an ``eventfd`` that is
+Waiting on sockets: :meth:`PVSocket.fileno` returns a descriptor that is
 readable while ``recv`` or ``accept`` would not block (data, end of stream,
-an error, or a pending connection).  It never reports anything about
-writability: ``select`` always finds it writable.  It is *not* a socket
-descriptor; pass it only to ``select``/``poll``/``selectors``.
+an error, or a pending connection) and writable while ``send`` would not
+(room in the out ring, or an error), so that selectors loops and asyncio
+sleep while the peer is slow to read.  It is *not* the connection (one end
+of a Unix socket pair the socket keeps, shut down for writing); pass it
+only to ``select``/``poll``/``selectors``.
 """
 
 from ._common import FRONTEND_RING_ORDER

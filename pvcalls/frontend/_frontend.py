@@ -796,7 +796,7 @@ class Frontend(Closing):
 
     def _relay(self, ring: DataRing, st: SocketState) -> None:
         """Have the event thread watch ``ring``'s own handle, so that the
-        readiness eventfd of ``st``'s socket follows the ring with no
+        readiness descriptor of ``st``'s socket follows the ring with no
         caller blocked in it."""
         if not ring.direct:
             return
@@ -1117,7 +1117,7 @@ class Frontend(Closing):
         fd_error: OSError | None = None
         if fd is not None:
             try:
-                os.close(fd)
+                fd.close()
             except OSError as exc:
                 # The program closed the descriptor fileno() gave it: said
                 # once the rest is freed, as socket.socket's close() says it.

@@ -37,6 +37,90 @@ if TYPE_CHECKING:
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 
 
+class ReadyFd:
+    """The descriptor :meth:`PVSocket.fileno` hands out, and how the socket
+    sets whether it polls readable and writable.
+
+    The two must be set independently, as a TCP socket's are: a socket
+    with nothing to read and a full send buffer is neither.  An eventfd
+    cannot say that (it is writable unless its counter is at its maximum,
+    where it is readable too), so the descriptor is one end of a Unix
+    socket pair, whose other end the socket keeps.  Readable: that end
+    sends the user's end a byte, which the socket reads back to clear it.
+    Writable: Linux's Unix sockets poll writable while what they sent and
+    the peer has not read takes at most a quarter of their send buffer;
+    the user's end sent 2 KiB once (never read), so raising its send
+    buffer makes it writable and lowering it to the minimum not.  (Raising
+    it wakes pollers, as a peer reading would.)  The user's end is shut
+    down for writing, so that a program taking it for the connection
+    (``os.sendfile`` to it, as asyncio's ``sock_sendfile`` tries first)
+    fails with EPIPE instead of sending into it, and falls back to
+    ``send()``.  The cost: two descriptors and a few KiB of kernel memory
+    for each socket whose fileno() was asked for.
+    """
+
+    __slots__ = ("user", "ours", "readable", "writable", "_sndbuf")
+
+    # Charged with its overhead (skb truesize), more than a quarter of the
+    # minimum send buffer (SOCK_MIN_SNDBUF, about 4.5 KiB), far less than a
+    # quarter of the writable one, at least 64 KiB (what is set, doubled).
+    _BALLAST = 2048
+    _MIN_WRITABLE_SNDBUF = 32 * 1024
+
+    def __init__(self) -> None:
+        user, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            user.setblocking(False)
+            ours.setblocking(False)
+            user.sendall(bytes(self._BALLAST))
+            user.shutdown(socket.SHUT_WR)
+            # Linux doubles what SO_SNDBUF is set to, and reports that: the
+            # default, unless a tiny one (net.core.wmem_default) would leave
+            # the descriptor never writable.
+            self._sndbuf = max(user.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2,
+                               self._MIN_WRITABLE_SNDBUF)
+            user.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+        except BaseException:
+            user.close()
+            ours.close()
+            raise
+        self.user, self.ours = user, ours
+        self.readable = False
+        self.writable = True
+
+    def fileno(self) -> int:
+        return self.user.fileno()
+
+    def set(self, readable: bool, writable: bool) -> None:
+        """Make the descriptor poll as said (under the socket's _cond).
+        OSError EBADF if the program closed it."""
+        if readable != self.readable:
+            if readable:
+                try:
+                    self.ours.send(b"\0")
+                except (BrokenPipeError, ConnectionResetError):
+                    # Our end's peer is gone: the program closed it.
+                    raise bad_fd() from None
+            else:
+                try:
+                    self.user.recv(16)
+                except BlockingIOError:
+                    pass  # the program read it
+            self.readable = readable
+        if writable != self.writable:
+            self.user.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                 self._sndbuf if writable else 0)
+            self.writable = writable
+
+    def close(self) -> None:
+        """Close both ends; OSError EBADF, once both are closed, if the
+        program closed the one fileno() gave it."""
+        try:
+            self.user.close()
+        finally:
+            self.ours.close()
+
+
 def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ...]:
     """``peek()`` of a data ring, whose indexes the backend may have broken
     (``prod - cons > size``): that is an I/O error of this socket only."""
@@ -64,7 +148,7 @@ def _send_view(data: bytes | bytearray | memoryview) -> memoryview:
 
 class SocketState:
     """What the backend shares or knows of one :class:`PVSocket`: its id,
-    data ring, pending ACCEPT, readiness eventfd and what it was made.
+    data ring, pending ACCEPT, readiness descriptor and what it was made.
 
     The frontend's table of sockets holds these, and only a weak reference
     to the PVSocket (``owner``), so that a PVSocket the program dropped
@@ -88,7 +172,8 @@ class SocketState:
         # An ACCEPT in flight and the socket it offers (under _accept_lock,
         # set and read under _cond too): the listener keeps that socket.
         self.accept_inflight: tuple[int, Slot, PVSocket] | None = None
-        self.readyfd: int | None = None  # the eventfd of fileno(), lazily (under _cond)
+        # The descriptor of fileno(), made lazily (under _cond).
+        self.readyfd: ReadyFd | None = None
         self.bound = False
         self.listening = False
 
@@ -106,7 +191,7 @@ class SocketState:
             sock._on_event()
 
     def on_relayed_event(self, ring: DataRing) -> None:
-        """Event thread: the own handle of a ring whose readiness eventfd is
+        """Event thread: the own handle of a ring whose readiness descriptor is
         in use fired (see :meth:`Frontend._relay`).  The event is taken
         also once the socket is gone, or the handle would stay readable
         and the thread spin until the socket's release."""
@@ -190,7 +275,6 @@ class PVSocket(Closing):
         self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
 
-        self._ready_set = False  # the level of _st.readyfd
         # Which callers (RECV, SEND) are polling the data ring's own event
         # channel handle (under _cond): whoever else consumes the ring's
         # event, or closes the socket, writes their wakefds to wake them.
@@ -512,6 +596,8 @@ class PVSocket(Closing):
                             break
                     ring.outq.produce(sent)
                     ring.notify()
+                    if self._st.readyfd is not None:
+                        self._update_ready()  # a full ring is not writable
                     return sent
                 if not len(view):
                     return 0
@@ -658,9 +744,10 @@ class PVSocket(Closing):
             self._real_close()
 
     def fileno(self) -> int:
-        """An eventfd readable while recv()/accept() would not block.
+        """A descriptor readable while recv()/accept() would not block, and
+        writable while send() would not (see :class:`ReadyFd`).
 
-        Not a socket descriptor: use it with select/poll/selectors only.  On
+        Not the connection: use it with select/poll/selectors only.  On
         a listening socket the first call starts keeping a POLL in flight, as
         a Linux program's ``poll()`` does.  -1 once closed, as socket.socket
         (selectors then find a closed socket by the object instead).
@@ -673,9 +760,8 @@ class PVSocket(Closing):
             if self._closed:
                 return -1
             if self._st.readyfd is None:
-                self._st.readyfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                self._ready_set = False
-            fd = self._st.readyfd
+                self._st.readyfd = ReadyFd()
+            fd = self._st.readyfd.fileno()
             arm = not self._armed
             self._armed = True
             ring = self._st.ring
@@ -860,22 +946,20 @@ class PVSocket(Closing):
         return (self._poll_ready or bool(self._poll_error)
                 or (inflight is not None and inflight[1].done))
 
+    def _writable(self) -> bool:
+        ring = self._st.ring
+        if ring is None or self._st.listening or self._broken or self._closed or self._fe._dead:
+            return True  # the call fails at once, or is no send()
+        return ring.out_has_room() or bool(ring.out_error())
+
     def _update_ready(self) -> None:
-        """Make the eventfd's level match :meth:`_readable`."""
+        """Make fileno()'s descriptor poll as :meth:`_readable` and
+        :meth:`_writable` say."""
         with self._cond:
             fd = self._st.readyfd
             if fd is None:
                 return
-            want = self._readable()
-            if want and not self._ready_set:
-                os.eventfd_write(fd, 1)
-                self._ready_set = True
-            elif not want and self._ready_set:
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
-                self._ready_set = False
+            fd.set(self._readable(), self._writable())
 
     def _arm_poll(self, deadline: Deadline | None = None) -> None:
         """Send a POLL unless one is in flight, an ACCEPT is in flight, or a

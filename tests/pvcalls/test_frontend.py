@@ -6,6 +6,7 @@ slow part); each test opens its own sockets and host servers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import io
@@ -2115,3 +2116,110 @@ def test_a_request_waiting_for_an_uncollected_answer_goes_once_it_is_taken(
                 acceptor.join(TIMEOUT)
         for s in (*made, *others, accepted[0][0], ls):
             s.close()
+
+
+def test_fileno_is_writable_only_while_the_out_ring_has_room(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """EVENT_WRITE means send() would not block, as for a socket.socket: a
+    full out ring is not writable, and becomes so once the backend made
+    room.  A descriptor that is always writable made every selectors loop
+    and asyncio's sock_sendall() and transports spin while the peer was
+    slow to read."""
+    release = threading.Event()
+
+    def sluggish(conn: socket.socket) -> None:
+        release.wait(TIMEOUT)
+        sink(conn)
+
+    srv = server(sluggish)
+    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    with connected(fe, srv.address) as s, selectors.DefaultSelector() as sel:
+        sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        assert sel.select(0) == [(sel.get_key(s), selectors.EVENT_WRITE)]
+        s.settimeout(0.2)
+        with pytest.raises(TimeoutError):  # the out ring is full, and stays so
+            for _ in range(1000):  # far more than ring and socket buffers hold
+                s.sendall(bytes(65536))
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            s.send(b"x")
+        assert sel.select(0) == []
+        release.set()
+        assert sel.select(TIMEOUT) == [(sel.get_key(s), selectors.EVENT_WRITE)]
+        assert s.send(b"x") == 1
+
+
+def test_asyncio_sock_sendall_waits_for_a_slow_reader(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """asyncio's sock_sendall() sends until BlockingIOError, then waits for
+    the descriptor to be writable: it must sleep while the out ring is
+    full, not call send() over and over, and all the data arrives."""
+    release = threading.Event()
+    received = bytearray()
+
+    def slow(conn: socket.socket) -> None:
+        release.wait(TIMEOUT)
+        while data := conn.recv(65536):
+            received.extend(data)
+
+    srv = server(slow)
+    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    payload = os.urandom(8 * 1024 * 1024)  # far more than ring and socket buffers hold
+    sends = 0
+
+    with connected(fe, srv.address) as s:
+        send = s.send
+
+        def counting(data: Any, flags: int = 0) -> int:
+            nonlocal sends
+            sends += 1
+            return send(data, flags)
+
+        s.send = counting  # type: ignore[method-assign]
+        s.setblocking(False)
+
+        async def main() -> int:
+            loop = asyncio.get_running_loop()
+            task = asyncio.ensure_future(loop.sock_sendall(s, payload))
+            # Until the reader starts, the ring fills once and the loop
+            # sleeps; a few rounds of the loop must not mean more sends.
+            waited = loop.create_future()
+            loop.call_later(0.3, waited.set_result, None)
+            await waited
+            stalled = sends
+            release.set()
+            await asyncio.wait_for(task, TIMEOUT)
+            return stalled
+
+        stalled = asyncio.run(main())
+    assert stalled < 300, f"{stalled} send() calls while the reader slept: a busy loop"
+    wait_until(lambda: len(received) == len(payload))
+    assert bytes(received) == payload
+
+
+def test_asyncio_sock_sendfile_delivers_the_file(
+        fe: pvcalls.Frontend, server: Any, tmp_path: Any) -> None:
+    """asyncio's sock_sendfile() first tries os.sendfile() onto fileno():
+    that must fail (the descriptor is not the connection) so that asyncio
+    falls back to send(), rather than the file vanishing into it."""
+    received = bytearray()
+    ended = threading.Event()
+
+    def collect(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            received.extend(data)
+        ended.set()
+
+    srv = server(collect)
+    payload = os.urandom(300_000)
+    path = tmp_path / "payload"
+    path.write_bytes(payload)
+    with connected(fe, srv.address) as s, open(path, "rb") as f:
+        s.setblocking(False)
+
+        async def main() -> int:
+            return await asyncio.get_running_loop().sock_sendfile(s, f)
+
+        assert asyncio.run(main()) == len(payload)
+    assert ended.wait(TIMEOUT)
+    assert bytes(received) == payload
