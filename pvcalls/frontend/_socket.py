@@ -475,6 +475,7 @@ class PVSocket(Closing):
         self._st.listening = True
         if self._armed:
             self._arm_poll()
+            self._update_ready()  # a listener is not writable
 
     def accept(self) -> tuple[PVSocket, tuple[str, int]]:
         """Wait for a connection: POLL until one is pending, then ACCEPT.
@@ -948,8 +949,14 @@ class PVSocket(Closing):
 
     def _writable(self) -> bool:
         ring = self._st.ring
-        if ring is None or self._st.listening or self._broken or self._closed or self._fe._dead:
-            return True  # the call fails at once, or is no send()
+        if self._closed or self._fe._dead:
+            return True  # the call fails at once
+        if self._st.listening:
+            # Nothing to send, as on a TCP listener (and Linux's
+            # pvcalls-front polls a passive socket for EPOLLIN only).
+            return False
+        if ring is None or self._broken:
+            return True  # send() fails at once: not connected
         return ring.out_has_room() or bool(ring.out_error())
 
     def _update_ready(self) -> None:

@@ -2223,3 +2223,21 @@ def test_asyncio_sock_sendfile_delivers_the_file(
         assert asyncio.run(main()) == len(payload)
     assert ended.wait(TIMEOUT)
     assert bytes(received) == payload
+
+
+def test_a_listening_socket_is_never_writable(fe: pvcalls.Frontend, backend: Any,
+                                              guest: Any) -> None:
+    """As a TCP listener (and Linux's pvcalls-front, whose passive poll
+    says only EPOLLIN): there is nothing to send on it, and a loop that
+    registered it for EVENT_WRITE too must not spin."""
+    with fe.socket() as ls, selectors.DefaultSelector() as sel:
+        ls.bind(("127.0.0.1", 0))
+        sel.register(ls, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        ls.listen()  # registered before: what the selector waits on changes
+        ls.setblocking(False)
+        assert sel.select(0) == []
+        address = listen_address(backend, guest.domid, ls.id)
+        with socket.create_connection(address, timeout=TIMEOUT):
+            assert sel.select(TIMEOUT) == [(sel.get_key(ls), selectors.EVENT_READ)]
+            conn, _ = ls.accept()
+            conn.close()
