@@ -210,7 +210,8 @@ class PVSocket(Closing):
     Create it with :meth:`Frontend.socket`.  It supports the subset of
     :class:`socket.socket` that PV Calls can express: ``connect``, ``bind``,
     ``listen``, ``accept``, ``send``, ``sendall``, ``recv``, ``recv_into``,
-    ``makefile``, timeouts, ``close`` and ``with`` blocks.
+    ``makefile``, timeouts, ``close`` and ``with`` blocks.  There is no
+    ``getsockopt`` or ``setsockopt``: PV Calls carries no socket options.
 
     PV Calls has no shutdown and does not report addresses back, so
     ``getsockname`` returns the address given to :meth:`bind` (``("0.0.0.0",
@@ -332,7 +333,10 @@ class PVSocket(Closing):
         is resolved here, IPv4 only).  Waits for the backend's answer,
         bounded by the timeout when one is set (also in non-blocking mode,
         which fails with :class:`BlockingIOError` only if the command ring
-        has no room for the CONNECT)."""
+        has no room for the CONNECT), as Linux's pvcalls-front waits
+        whatever O_NONBLOCK says.  So asyncio's ``loop.sock_connect()``
+        blocks the event loop until the backend answers (see the module's
+        notes on asyncio)."""
         host, port = resolve(address)
         self._check_open()
         self._check_unconnected()
@@ -793,7 +797,8 @@ class PVSocket(Closing):
 
     def shutdown(self, how: int) -> None:
         """Not in PV Calls (:class:`OSError` EOPNOTSUPP): the protocol can
-        only release a whole socket."""
+        only release a whole socket.  asyncio's ``write_eof()`` calls it
+        (see the module's notes on asyncio)."""
         self._check_open()
         raise OSError(errno.EOPNOTSUPP, "PV Calls has no shutdown; close() releases the socket")
 
