@@ -135,11 +135,17 @@ def test_reset_by_the_peer_is_econnreset_not_eof(raw: RawFrontend) -> None:
     assert ring.out_error == 0  # the guest has sent nothing: no send failed
 
 
-def test_no_data_into_an_in_ring_whose_error_the_frontend_set(raw: RawFrontend) -> None:
+def test_no_data_into_an_in_ring_whose_error_the_frontend_set(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """A producer stops on in_error (Linux's frontend writes -EBADF there
     after RELEASE; any frontend may): the host's bytes stay with the host."""
-    _, ring, peer = _accepted_pair(raw)
+    sock_id, ring, peer = _accepted_pair(raw)
     ring.put(_wire.IN_ERROR_OFFSET, -_errno.EBADF)
+    # A run the CONNECT queued may have looked at in_error before the store
+    # above and be about to receive: it would take the bytes sent below, as
+    # any producer may that checked before the frontend wrote.  Every run
+    # from now on sees the error.
+    _socket_of(backend, raw, sock_id).flush()
     peer.sendall(b"unwanted")  # in the backend's socket when sendall returns
     # Two guest writes: the second reaches the host only after the Work's
     # receive pass that followed the first.
