@@ -1,0 +1,1073 @@
+"""A stateful fuzzer of the xenbus backend state machine, from hostile
+guests and a busy toolstack.
+
+One seeded random driver interleaves, over two backends (one in dom0, one
+in a driver domain), several hostile guest domains with several devices
+each, and a well-behaved bystander guest:
+
+* frontends writing every xenbus state (valid, out of order, repeated,
+  flooded, impossible numbers, garbage, huge, empty), publishing rings
+  good and bad (grant refs never granted or granted to another domain,
+  ports never bound or bound to another backend, numbers out of range,
+  non-numeric), deleting and garbling their nodes and their whole
+  directory, re-creating it, unbinding and unsharing under a connection,
+  writing into the backend's directory and into another guest's (which
+  XenStore's permissions must refuse), and setting watches anywhere;
+* the toolstack adding devices (and re-adding at the same path), removing
+  them (while connecting, twice, racing a re-add) and destroying them,
+  and destroying whole guest domains, in background threads as libxl's
+  own waits run;
+* the driver's hooks raising or being slow, on the fuzzer's say.
+
+Checked as it goes and at quiescent points:
+
+* the backend ``state`` node only ever holds a state a backend or the
+  toolstack may write, and once the toolstack asked for removal
+  (``online`` = 0, Closing) nothing but Closed replaces Closing;
+* at a quiescent point each device's backend state is the answer the
+  xenbus table gives to its frontend's state, a device is served exactly
+  when its directory exists and its frontend domain lives, nothing waits
+  in Initialising unprobed, and only a connected device holds a grant
+  mapping and a port;
+* per device path, the driver's hooks come in a legal order (probe, then
+  connect and disconnect in pairs, then remove; nothing after remove but
+  the next device's probe), each on its device's queue;
+* error nodes hold ``"<errno> <printable message>"``; no error is logged
+  but those the fuzzer asked for, no thread dies of an exception, and
+  every wait is bounded (a hang is a failure, not a stuck run);
+* the bystander connects, has its events delivered and closes cleanly
+  each time round, and its removal never waits out libxl's timeout;
+* once every device and guest is gone: no device object, grant, port,
+  XenStore watch, thread or file descriptor left beyond the start.
+
+Used by the suite with fixed seeds and few steps (test_xenbus_fuzz), and
+run long by hand::
+
+    python tests/xenback/xenbus_fuzz.py --seeds 0-300 --steps 300
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import gc
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+if __name__ == "__main__":  # run by hand: the paths pytest sets (pyproject.toml)
+    import sys
+    _tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [os.path.dirname(_tests), _tests]
+
+from tests.xenback.xbhelpers import TIMEOUT, RecordingDriver, handed_over
+from xenback import BackendDevice, XenbusState, XenStore
+from xenback.sim._xenstored import RawClient, XsError
+
+S = XenbusState
+logger = logging.getLogger("xenbus_fuzz")
+
+#: How long the toolstack waits for a backend to close in a removal the
+#: fuzzer starts (libxl's 10 s would make a run crawl: a hostile frontend
+#: that never closes makes every removal of its device time out).
+REMOVE_TIMEOUT = 0.5
+#: The same for a domain's destruction: its frontend directories go first,
+#: so every backend must close at once, hostile frontend or not.
+DESTROY_TIMEOUT = 5.0
+#: Longest a slow hook dawdles.
+SLOW = 0.05
+
+_STATE_VALUES = [str(int(s)) for s in S]
+_GARBAGE = ["", "x", "-1", "9", "10", "4x", " 4\n", "0x4", "+4", "4.0", "\u00e9", "\t",
+            "99999999999999999999999999", "1" * 1500, "3 ", "007"]
+_ERROR_NODE = re.compile(r"\A[1-9][0-9]* [ -~]*\Z")
+
+
+class FuzzFailure(AssertionError):
+    pass
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        raise FuzzFailure(what)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise FuzzFailure(f"timed out waiting for {what or predicate}")
+        threading.Event().wait(0.005)
+
+
+class FuzzDriver(RecordingDriver):
+    """A RecordingDriver whose hooks fail or dawdle for the devices and
+    hooks the fuzzer picks (each fault fires once)."""
+
+    def __init__(self, platform: Any, rng_seed: int) -> None:
+        super().__init__(platform)
+        self.faults: dict[tuple[int, int], dict[str, str]] = {}
+        self.injected: collections.Counter[str] = collections.Counter()
+        self._slow = random.Random(rng_seed)  # its own: hooks run on other threads
+        self.probe_hook = lambda dev: self._fault("probe", dev)
+        self.connect_hook = lambda dev: self._fault("connect", dev)
+        self.disconnect_hook = lambda dev: self._fault("disconnect", dev)
+
+    def remove(self, dev: BackendDevice) -> None:
+        super().remove(dev)
+        self._fault("remove", dev)
+
+    def _fault(self, hook: str, dev: BackendDevice) -> None:
+        with self.changed:
+            what = self.faults.get((dev.frontend_id, dev.devid), {}).pop(hook, None)
+            if what is not None:
+                self.injected[f"{hook} {what}"] += 1
+            # Mostly brief; now and then long enough for the toolstack and
+            # the guest to act while the hook runs.
+            delay = self._slow.uniform(0, SLOW if self._slow.random() < 0.8 else 10 * SLOW)
+        if what is None:
+            return
+        if what == "slow":
+            threading.Event().wait(delay)
+        elif what == "oserror":
+            raise OSError(errno.EIO, "injected failure", dev.nodename)
+        elif what == "valueerror":
+            raise ValueError("injected failure")
+        else:
+            raise LookupError("injected failure")
+
+
+@dataclass
+class FrontDev:
+    """One device as its guest sees it."""
+
+    device: Any                      # the toolstack's Device
+    pages: Any = None                # shared ring page(s)
+    port: int | None = None          # the guest's unbound port for the backend
+
+
+@dataclass
+class Guest:
+    domain: Any
+    xs: XenStore
+    gntshr: Any
+    evtchn: Any
+    devs: dict[tuple[int, int], FrontDev] = field(default_factory=dict)  # (backend, devid)
+    watches: list[Any] = field(default_factory=list)
+    dead: bool = False
+
+    @property
+    def domid(self) -> int:
+        return int(self.domain.domid)
+
+    def write(self, path: str, value: str | int) -> None:
+        """Write any value: what pyxs refuses to send (not printable
+        ASCII) goes over a raw connection of the guest's, as a guest's
+        own XenStore client may send any bytes."""
+        text = str(value)
+        if text.isascii() and (text.isprintable() or not text):
+            self.xs.write(path, text)
+            return
+        with RawClient(self.domain.xenstore_path) as raw:
+            raw.write(path, text.encode("utf-8"))
+
+    def close(self) -> None:
+        for dev in self.devs.values():
+            if dev.pages is not None:
+                with contextlib.suppress(OSError):
+                    dev.pages.unshare()
+                dev.pages = None
+        for closer in (self.gntshr.close, self.evtchn.close, self.xs.close):
+            with contextlib.suppress(OSError):
+                closer()
+
+
+class Observer:
+    """dom0's view of every backend ``state`` node, as it changes.
+
+    Each event reads ``state`` and ``online`` together (a transaction), so
+    the snapshots are a subsequence of the true history: a rule broken
+    between two of them was broken in XenStore."""
+
+    def __init__(self, xs: XenStore, roots: list[str]) -> None:
+        self.xs = xs
+        self.roots = roots
+        self.failures: list[str] = []
+        self.last: dict[str, tuple[str | None, str | None]] = {}
+        self.seen: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self.watches = [xs.watch(root, self._event) for root in roots]
+
+    def _event(self, path: str) -> None:
+        for root in self.roots:
+            if path.startswith(root + "/"):
+                parts = path[len(root) + 1:].split("/")
+                if len(parts) >= 2:
+                    self._look(f"{root}/{parts[0]}/{parts[1]}")
+                return
+
+    def _look(self, base: str) -> None:
+        try:
+            state, online = self.xs.transaction(
+                lambda t: (t.read(f"{base}/state"), t.read(f"{base}/online")))
+        except OSError:
+            return
+        with self._lock:
+            self.seen[f"state {state}"] += 1
+            if state not in (None, "1", "2", "4", "5", "6"):
+                self.failures.append(f"{base}/state = {state!r}")
+            was = self.last.get(base)
+            if was == ("5", "0") and state not in ("5", "6", None) and (state, online) != ("1", "1"):
+                # Removal asked for: only Closed may follow (or the device
+                # is deleted, or the toolstack made a new one).
+                self.failures.append(f"{base}: Closing with online=0, then {state!r} ({online})")
+            self.last[base] = (state, online)
+
+    def close(self) -> None:
+        for w in self.watches:
+            w.unwatch()
+
+
+class Fuzzer:
+    """One run over a host, its two backends, and the guests it makes."""
+
+    OPS = {
+        "state": 14, "publish": 12, "publish_bad": 6, "rm_node": 3, "rm_dir": 2,
+        "recreate_dir": 1, "garble": 2, "intrude": 3, "watch": 2, "notify": 3, "unshare": 2,
+        "flood": 1, "add": 6, "remove": 4, "destroy_device": 2, "destroy_domain": 1,
+        "new_guest": 1, "fault": 5, "quiesce": 3, "bystander": 8, "restart": 1,
+    }
+
+    def __init__(self, seed: int, host: Any, drivers: list[FuzzDriver],
+                 drvdom: Any, *, guests: int = 3, devids: int = 3) -> None:
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.host = host
+        self.drivers = {d.platform.domid: d for d in drivers}
+        self.drvdom = drvdom
+        self.devids = devids
+        self.seen: collections.Counter[str] = collections.Counter()
+        self.dom0 = XenStore(host.dom0.xenstore())
+        self.dom0.open()
+        self.observer = Observer(self.dom0, [d.backend_root for d in drivers])
+        self.threads: list[threading.Thread] = []
+        self.thread_errors: list[str] = []
+        self.guests: list[Guest] = []
+        self._names = 0
+        for _ in range(guests):
+            self.new_guest()
+        # The bystander: one device on each backend, never faulted.
+        self.bystander = self.make_guest(f"bystander{seed}")
+        self.by_phase: dict[int, str] = {}
+        for backend in self.drivers:
+            dev = host.toolstack.add_device("xbtest", self.bystander.domid, backend_id=backend,
+                                            devid=backend)
+            self.bystander.devs[(backend, backend)] = FrontDev(dev)
+            self.by_phase[backend] = "initwait"
+        self._ops = list(self.OPS)
+        self._weights = [self.OPS[n] for n in self._ops]
+
+    # -- guests ----------------------------------------------------------------
+
+    def make_guest(self, name: str) -> Guest:
+        domain = self.host.create_domain(name)
+        xs = XenStore(domain.xenstore())
+        xs.open()
+        return Guest(domain, xs, domain.gntshr(), domain.evtchn())
+
+    def new_guest(self) -> None:
+        self._names += 1
+        self.guests.append(self.make_guest(f"fuzz{self.seed}-{self._names}"))
+
+    def live(self) -> list[Guest]:
+        return [g for g in self.guests if not g.dead]
+
+    def pick(self) -> tuple[Guest, tuple[int, int], FrontDev] | None:
+        """A live hostile guest and one of its devices."""
+        guests = [g for g in self.live() if g.devs]
+        if not guests:
+            return None
+        g = self.rng.choice(guests)
+        key = self.rng.choice(sorted(g.devs))
+        return g, key, g.devs[key]
+
+    def background(self, name: str, fn: Callable[[], object]) -> None:
+        """Run a toolstack operation that waits (as libxl's do) on its own
+        thread; quiesce() joins it, with a bound."""
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as exc:
+                self.thread_errors.append(f"{name}: {exc!r}")
+
+        t = threading.Thread(target=run, name=f"fuzz-{name}")
+        self.threads.append(t)
+        t.start()
+
+    def guest_op(self, fn: Callable[[], object]) -> None:
+        """A guest's own XenStore request: it may fail (its directory is
+        gone, a quota is reached) and that is the guest's problem."""
+        try:
+            fn()
+        except (PermissionError, FileNotFoundError) as exc:
+            self.seen[f"guest {type(exc).__name__}"] += 1
+        except XsError as exc:  # the raw client's
+            self.seen[f"guest {exc}"] += 1
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.E2BIG, errno.EINVAL):
+                raise
+            self.seen[f"guest errno {exc.errno}"] += 1
+
+    # -- frontend operations ----------------------------------------------------
+
+    def op_state(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        r = self.rng.random()
+        for _ in range(self.rng.choice([1, 1, 1, 2, 3])):
+            if r < 0.75:
+                value = self.rng.choice(_STATE_VALUES[1:7])
+            elif r < 0.85:
+                value = self.rng.choice(_STATE_VALUES)
+            else:
+                value = self.rng.choice(_GARBAGE)
+            self.seen[f"fe state {value[:8]!r}"] += 1
+            path = f"{fd.device.frontend_path}/state"
+            self.guest_op(lambda path=path, value=value: g.write(path, value))
+
+    def op_flood(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        path = f"{fd.device.frontend_path}/state"
+        for _ in range(self.rng.randrange(10, 60)):
+            self.guest_op(lambda: g.xs.write(path, self.rng.choice(_STATE_VALUES[1:7])))
+
+    def share(self, g: Guest, fd: FrontDev) -> None:
+        backend = fd.device.backend_id
+        if fd.pages is None:
+            fd.pages = g.gntshr.share_pages(backend, 1)
+        if fd.port is None:
+            fd.port = g.evtchn.bind_unbound_port(backend)
+
+    def publish(self, g: Guest, fd: FrontDev, nodes: dict[str, str | int], state: int) -> None:
+        base = fd.device.frontend_path
+
+        def tx(t: Any) -> None:
+            for key, value in nodes.items():
+                t.write(f"{base}/{key}", value)
+            t.write(f"{base}/state", state)
+
+        if all(str(v).isascii() and str(v).isprintable() for v in nodes.values()):
+            self.guest_op(lambda: g.xs.transaction(tx))
+            return
+        # Not sendable through pyxs: one node at a time, the state last.
+        for key, value in nodes.items():
+            self.guest_op(lambda key=key, value=value: g.write(f"{base}/{key}", value))
+        self.guest_op(lambda: g.xs.write(f"{base}/state", state))
+
+    def op_publish(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        self.share(g, fd)
+        state = self.rng.choice([3, 3, 4])
+        if self.rng.random() < 0.2:
+            # Initialising first, as a restarting frontend does.
+            self.guest_op(lambda: g.xs.write(f"{fd.device.frontend_path}/state", 1))
+        self.publish(g, fd, {"ring-ref": fd.pages.refs[0], "port": fd.port}, state)
+
+    def op_publish_bad(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        self.share(g, fd)
+        ref: str | int = fd.pages.refs[0]
+        port: str | int = fd.port if fd.port is not None else 0
+        what = self.rng.randrange(10)
+        if what == 0:
+            ref = ref + self.rng.randrange(1, 1000)          # never granted
+        elif what == 1:
+            ref = self.rng.choice(["", "abc", "-1", "4294967296", "1e3", " ", "0x10",
+                                   "9" * 30])
+        elif what == 2:
+            port = self.rng.choice(["", "x", "-1", "4294967296", "99999"])
+        elif what == 3:
+            port = self.rng.randrange(1, 4096)               # likely not bound
+        elif what == 4:
+            # A port and a grant for the other backend's domain.
+            others = [b for b in self.drivers if b != fd.device.backend_id]
+            other = others[0]
+            port = g.evtchn.bind_unbound_port(other)
+            ref = g.gntshr.share_pages(other, 1).refs[0]     # kept until the guest goes
+        elif what == 5:
+            # Another device's ring and port (its own guest's).
+            mates = [d for d in g.devs.values() if d is not fd and d.pages is not None]
+            if mates:
+                mate = self.rng.choice(mates)
+                ref, port = mate.pages.refs[0], mate.port if mate.port is not None else 0
+        elif what == 6:
+            nodes: dict[str, str | int] = {"ring-ref": ref}  # no port
+            self.publish(g, fd, nodes, 3)
+            return
+        elif what == 7:
+            self.publish(g, fd, {"port": port}, 4)           # no ring-ref
+            return
+        elif what == 8:
+            ref, port = 0, 0
+        else:
+            ref = "\u00e9\u00e9"
+        self.seen[f"publish_bad {what}"] += 1
+        self.publish(g, fd, {"ring-ref": ref, "port": port}, self.rng.choice([3, 4]))
+
+    def op_rm_node(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        key = self.rng.choice(["ring-ref", "port", "state", "state", "backend", "backend-id"])
+        self.guest_op(lambda: g.xs.rm(f"{fd.device.frontend_path}/{key}"))
+
+    def op_rm_dir(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        self.guest_op(lambda: g.xs.rm(fd.device.frontend_path))
+
+    def op_recreate_dir(self) -> None:
+        """The guest writes its frontend directory back after deleting it."""
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        base = fd.device.frontend_path
+        self.guest_op(lambda: g.xs.transaction(lambda t: (
+            t.write(f"{base}/backend", fd.device.backend_path),
+            t.write(f"{base}/backend-id", fd.device.backend_id),
+            t.write(f"{base}/state", self.rng.choice([1, 1, 3, 4, 6])))))
+
+    def op_garble(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        key = self.rng.choice(["backend", "backend-id", "feature-x", "ring-ref/sub",
+                               "state/sub", "x" * 60])
+        value = self.rng.choice(_GARBAGE + [fd.device.backend_path + "/.."])
+        self.guest_op(lambda: g.write(f"{fd.device.frontend_path}/{key}", value))
+
+    def op_intrude(self) -> None:
+        """The guest writes where only the toolstack and the backend may:
+        XenStore must refuse it."""
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        others = [o for o in self.live() + [self.bystander] if o is not g and o.devs]
+        targets = [fd.device.backend_path,
+                   f"/local/domain/{fd.device.backend_id}/backend/xbtest/{g.domid}/77",
+                   f"/local/domain/{fd.device.backend_id}/error/backend/xbtest/{g.domid}"]
+        if others:
+            o = self.rng.choice(others)
+            od = o.devs[self.rng.choice(sorted(o.devs))]
+            targets += [od.device.frontend_path, od.device.backend_path]
+        target = self.rng.choice(targets)
+        how = self.rng.randrange(4)
+        key = self.rng.choice(["state", "online", "frontend", "frontend-id", "new"])
+        value = self.rng.choice(["1", "0", "4", "6", f"/local/domain/{g.domid}"])
+        try:
+            if how == 0:
+                g.xs.write(f"{target}/{key}", value)
+            elif how == 1:
+                g.xs.rm(target)
+            elif how == 2:
+                g.xs.set_perms(target, [f"n{g.domid}"])
+            else:
+                g.xs.mkdir(f"{target}/{key}")
+        except (PermissionError, FileNotFoundError):
+            self.seen["intrusion refused"] += 1
+            return
+        # rm of a missing node is no error: only a node that exists counts.
+        if how == 1 and not self.dom0.exists(target):
+            return
+        raise FuzzFailure(f"dom{g.domid} could {['write', 'rm', 'set_perms', 'mkdir'][how]} "
+                          f"{target}/{key}")
+
+    def op_watch(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        path = self.rng.choice([fd.device.backend_path, f"{fd.device.backend_path}/state",
+                                fd.device.frontend_path, "/", "/local/domain/0",
+                                "@releaseDomain", "@introduceDomain", "/nonexistent"])
+        for _ in range(self.rng.choice([1, 1, 5, 40])):
+            try:
+                g.watches.append(g.xs.watch(path, lambda _p: None))
+            except OSError as exc:
+                self.seen[f"guest watch errno {exc.errno}"] += 1
+                break
+
+    def op_notify(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        if fd.port is None:
+            return
+        for _ in range(self.rng.randrange(1, 50)):
+            with contextlib.suppress(OSError):
+                g.evtchn.notify(fd.port)
+
+    def op_unshare(self) -> None:
+        """The guest takes its ring page or port back under the backend."""
+        picked = self.pick()
+        if picked is None:
+            return
+        g, _, fd = picked
+        if self.rng.random() < 0.5 and fd.pages is not None:
+            with contextlib.suppress(OSError):
+                fd.pages.unshare()
+            fd.pages = None
+        elif fd.port is not None:
+            with contextlib.suppress(OSError):
+                g.evtchn.unbind(fd.port)
+            fd.port = None
+
+    # -- toolstack operations ------------------------------------------------------
+
+    def op_add(self) -> None:
+        guests = self.live()
+        if not guests:
+            return
+        g = self.rng.choice(guests)
+        devid = self.rng.randrange(self.devids)
+        # A devid names one device of the guest whatever its backend (the
+        # frontend directory and libxl's record are per devid): each devid
+        # keeps one backend, alternately dom0's and the driver domain's.
+        backends = sorted(self.drivers)
+        backend = backends[devid % len(backends)]
+        key = (backend, devid)
+        self.seen["re-add" if key in g.devs else "add"] += 1
+        old = g.devs.get(key)
+        if old is not None and old.pages is not None:
+            with contextlib.suppress(OSError):
+                old.pages.unshare()
+        dev = self.host.toolstack.add_device("xbtest", g.domid, backend_id=backend, devid=devid)
+        g.devs[key] = FrontDev(dev)
+
+    def op_remove(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, key, fd = picked
+        timeout = self.rng.choice([0.05, REMOVE_TIMEOUT, REMOVE_TIMEOUT])
+        times = 2 if self.rng.random() < 0.2 else 1
+        for _ in range(times):
+            self.background("remove", lambda: self.host.toolstack.remove_device(fd.device, timeout))
+        if self.rng.random() < 0.5:
+            # The guest hears of it and follows the backend to Closed, or not.
+            self.guest_op(lambda: g.xs.write(f"{fd.device.frontend_path}/state",
+                                             self.rng.choice([5, 6, 6])))
+        # The toolstack forgets the device: the guest's view goes with it.
+        del g.devs[key]
+        if fd.pages is not None:
+            with contextlib.suppress(OSError):
+                fd.pages.unshare()
+
+    def op_destroy_device(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        g, key, fd = picked
+        self.host.toolstack.destroy_device(fd.device)
+        del g.devs[key]
+        if fd.pages is not None:
+            with contextlib.suppress(OSError):
+                fd.pages.unshare()
+
+    def op_destroy_domain(self) -> None:
+        guests = self.live()
+        if not guests:
+            return
+        g = self.rng.choice(guests)
+        g.dead = True
+        self.seen["destroy domain"] += 1
+        if self.rng.random() < 0.5:
+            g.close()  # the guest's handles go first, or with the domain
+            self.background("destroy", lambda: self.destroy(g))
+        else:
+            self.background("destroy", lambda: (self.destroy(g), g.close()))
+
+    def destroy(self, g: Guest) -> None:
+        self.host.destroy_domain(g.domain, timeout=DESTROY_TIMEOUT)
+
+    def op_new_guest(self) -> None:
+        if len(self.live()) < 4:
+            self.new_guest()
+
+    def op_fault(self) -> None:
+        picked = self.pick()
+        if picked is None:
+            return
+        _, (backend, devid), fd = picked
+        drv = self.drivers[backend]
+        hook = self.rng.choice(["probe", "connect", "connect", "disconnect", "remove"])
+        what = self.rng.choice(["slow", "slow", "oserror", "valueerror", "lookuperror"])
+        with drv.changed:
+            drv.faults.setdefault((fd.device.frontend_id, devid), {})[hook] = what
+
+    def op_restart(self) -> None:
+        """The backend is restarted (stop, start) with its devices in any
+        state: the new one takes them over."""
+        drv = self.drivers[self.rng.choice(sorted(self.drivers))]
+        drv.stop()
+        drv.start()
+        drv.events  # noqa: B018 (see Run)
+        drv.gnttab  # noqa: B018
+
+    # -- the bystander -----------------------------------------------------------------
+
+    def op_bystander(self) -> None:
+        """One step round the bystander's lifecycle, on one of its devices;
+        each step waits (bounded) for the backend's answer."""
+        backend = self.rng.choice(sorted(self.by_phase))
+        g = self.bystander
+        fd = g.devs[(backend, backend)]
+        drv = self.drivers[backend]
+        phase = self.by_phase[backend]
+        be_state = f"{fd.device.backend_path}/state"
+        fe_state = f"{fd.device.frontend_path}/state"
+
+        def wait(state: S) -> None:
+            try:
+                g.xs.wait_for(be_state, str(int(state)), timeout=TIMEOUT)
+            except TimeoutError as exc:
+                raise FuzzFailure(f"bystander {fd.device.backend_path}: {exc}") from None
+
+        if phase == "initwait":
+            wait(S.INIT_WAIT)
+            self.share(g, fd)
+            self.publish(g, fd, {"ring-ref": fd.pages.refs[0], "port": fd.port}, 3)
+            wait(S.CONNECTED)
+            self.by_phase[backend] = "connected"
+        elif phase == "connected":
+            wait(S.CONNECTED)  # again: a restarted backend connects anew
+            with drv.changed:
+                before = len(drv.events_seen)
+            g.evtchn.notify(fd.port)
+            drv.wait(lambda: len(drv.events_seen) > before)
+            self.guest_op(lambda: g.xs.write(fe_state, 5))
+            wait(S.CLOSING)
+            self.by_phase[backend] = "closing"
+        elif phase == "closing":
+            g.xs.write(fe_state, 6)
+            wait(S.CLOSED)
+            fd.pages.unshare()
+            g.evtchn.unbind(fd.port)
+            fd.pages, fd.port = None, None
+            self.by_phase[backend] = "closed"
+        else:
+            g.xs.write(fe_state, 1)
+            self.by_phase[backend] = "initwait"
+        self.check_bystander()
+
+    def check_bystander(self) -> None:
+        for (backend, devid), fd in self.bystander.devs.items():
+            err = self.dom0.read(self.error_node(fd.device))
+            check(err is None, f"bystander {fd.device.backend_path}: error {err!r}")
+            check_hooks(self.drivers[backend].calls_of(self.bystander.domid, devid),
+                        f"bystander {fd.device.backend_path}")
+
+    @staticmethod
+    def error_node(device: Any) -> str:
+        relative = device.backend_path[len(f"/local/domain/{device.backend_id}/"):]
+        return f"/local/domain/{device.backend_id}/error/{relative}/error"
+
+    # -- quiescence and the checks --------------------------------------------------------
+
+    def op_quiesce(self) -> None:
+        self.quiesce()
+        self.check_quiet()
+
+    def quiesce(self) -> None:
+        """Wait (bounded) until the toolstack's operations have ended and
+        both backends have handled every event they were sent."""
+        deadline = time.monotonic() + 2 * DESTROY_TIMEOUT + TIMEOUT
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            check(not t.is_alive(), f"{t.name} hangs")
+        self.threads.clear()
+        check(not self.thread_errors, f"toolstack operations failed: {self.thread_errors}")
+        for _ in range(3):  # a drop queues a look on the bus, which queues on devices
+            for domid, drv in self.drivers.items():
+                base = "/ord-sync" if domid == 0 else f"/local/domain/{domid}/data"
+                handed_over(drv.xenstore, f"q{self.seed}", base=base)
+                assert drv._bus is not None
+                flush(drv._bus.flush, f"dom{domid}'s bus queue")
+                for dev in drv.devices():
+                    flush(dev.events.flush, f"{dev.nodename}'s queue")
+        # The observer has looked at everything up to now, too.
+        handed_over(self.dom0, f"o{self.seed}")
+
+    def check_quiet(self) -> None:
+        check(self.observer.failures == [], f"backend states: {self.observer.failures}")
+        alive = {d.domid for d in self.host.domains()}
+        for domid, drv in self.drivers.items():
+            check(drv.unordered == [], f"hooks outside their queue: {drv.unordered}")
+            known = {(d.frontend_id, d.devid): d for d in drv.devices()}
+            for fe, devid in self.listed(drv):
+                base = f"{drv.backend_root}/{fe}/{devid}"
+                self.check_device(drv, base, known.get((int(fe), int(devid))), alive)
+            for (fe, _devid), dev in known.items():
+                check(not dev.gone, f"{dev.nodename}: dropped but still listed")
+                check(self.dom0.exists(dev.nodename),
+                      f"{dev.nodename}: served, but its directory was deleted")
+                check(fe in alive, f"{dev.nodename}: served, but dom{fe} is dead")
+            for fe in {f for f, _ in known} | {g.domid for g in self.guests}:
+                for devid in range(max(self.devids, 3)):
+                    check_hooks(drv.calls_of(fe, devid), f"dom{domid} {fe}/{devid}")
+        for g in self.guests + [self.bystander]:
+            for fd in g.devs.values():
+                err = self.dom0.read(self.error_node(fd.device))
+                if err is not None:
+                    check(bool(_ERROR_NODE.match(err)) and len(err) <= 1024,
+                          f"error node of {fd.device.backend_path}: {err[:80]!r}")
+
+    def listed(self, drv: FuzzDriver) -> list[tuple[str, str]]:
+        return [(fe, devid) for fe in self.dom0.ls(drv.backend_root)
+                for devid in self.dom0.ls(f"{drv.backend_root}/{fe}")]
+
+    def check_device(self, drv: FuzzDriver, base: str, dev: BackendDevice | None,
+                     alive: set[int]) -> None:
+        """The xenbus table at rest: the backend's state answers the
+        frontend's."""
+        b_raw = self.dom0.read(f"{base}/state")
+        online = self.dom0.read(f"{base}/online")
+        where = f"{base}: backend {b_raw!r} online {online!r}"
+        check(b_raw != "1", f"{where}: left unprobed")
+        # Only the toolstack makes a device directory: one without its
+        # frontend-id was re-created by a late write of the backend's.
+        check(self.dom0.exists(f"{base}/frontend-id"), f"{where}: re-created by the backend")
+        if dev is None:
+            check(b_raw in ("6", None), f"{where}: not served, yet not Closed")
+            return
+        check(str(int(dev.state)) == b_raw, f"{where}: the device thinks {dev.state.name}")
+        mapped, bound = dev.resources
+        if b_raw == "4":
+            check(dev._connected and (mapped, bound) == (1, 1),
+                  f"{where}: Connected holding {dev.resources}")
+        if not dev._connected:
+            check((mapped, bound) == (0, 0), f"{where}: disconnected holding {dev.resources}")
+        if dev._otherend_watch is None:
+            # The probe failed (the frontend was missing, probe() raised):
+            # the device was failed, and hears nothing from the frontend.
+            check(b_raw == "5", f"{where}: probe failed, yet not Closing")
+            return
+        f_raw = self.dom0.read(f"{dev.otherend}/state")
+        where += f", frontend {f_raw!r}"
+        self.seen[f"rest fe {f_raw!r:.6} be {b_raw}"] += 1
+        try:
+            fstate = S.parse(f_raw)
+        except ValueError:
+            check(b_raw == "5", f"{where}: invalid frontend state not fatal")
+            return
+        expected = {
+            S.INITIALISING: ("2",),
+            S.INITIALISED: ("4", "5"),
+            S.CONNECTED: ("4", "5"),
+            S.CLOSING: ("5",),
+            S.CLOSED: ("6",),
+        }.get(fstate, ("5",))
+        check(fstate != S.UNKNOWN, f"{where}: frontend gone, device still served")
+        check(b_raw in expected, f"{where}: expected {expected}")
+
+    def step(self) -> str:
+        name = self.rng.choices(self._ops, self._weights)[0]
+        self.seen[name] += 1
+        logger.debug("fuzz: op %s", name)
+        getattr(self, f"op_{name}")()
+        return name
+
+    def run(self, steps: int) -> None:
+        for i in range(steps):
+            self.step()
+            if i % 50 == 49:
+                self.op_quiesce()
+        self.op_quiesce()
+
+    def finish(self) -> None:
+        """The bystander closes and is removed (in time), every hostile
+        guest is destroyed, and what the toolstack still lists is deleted:
+        nothing may be served any more."""
+        g = self.bystander
+        for (backend, devid), fd in g.devs.items():
+            while self.by_phase[backend] != "initwait":
+                self._bystander_on(backend)  # round to a clean start
+            g.xs.wait_for(f"{fd.device.backend_path}/state", str(int(S.INIT_WAIT)),
+                          timeout=TIMEOUT)
+            self.guest_op(lambda fd=fd: g.xs.write(f"{fd.device.frontend_path}/state", 6))
+            g.xs.wait_for(f"{fd.device.backend_path}/state", str(int(S.CLOSED)),
+                          timeout=TIMEOUT)
+            check(self.host.toolstack.remove_device(fd.device, TIMEOUT),
+                  f"bystander {fd.device.backend_path}: removal timed out")
+            drv = self.drivers[backend]
+            drv.wait(lambda drv=drv, devid=devid: drv.calls_of(g.domid, devid)[-1:] == ["remove"])
+        self.check_bystander()
+        for guest in self.live():
+            guest.dead = True
+            self.background("destroy", lambda guest=guest: (self.destroy(guest), guest.close()))
+        self.quiesce()
+        for dev in self.host.toolstack.devices():
+            self.host.toolstack.destroy_device(dev)
+        self.quiesce()
+        self.check_quiet()
+        for domid, drv in self.drivers.items():
+            check(drv.devices() == [], f"dom{domid} still serves {drv.devices()}")
+            check(self.listed(drv) == [], f"dom{domid} has devices left: {self.listed(drv)}")
+            fes = {f for _, f, _ in drv.calls}
+            for fe in fes:
+                for devid in range(max(self.devids, 3)):
+                    check_hooks(drv.calls_of(fe, devid), f"dom{domid} {fe}/{devid}", ended=True)
+        self.host.destroy_domain(self.bystander.domain)
+        self.bystander.close()
+        for guest in self.guests:
+            guest.close()
+
+    def _bystander_on(self, backend: int) -> None:
+        # op_bystander picks its device at random: pin it.
+        keep = self.by_phase
+        self.by_phase = {backend: keep[backend]}
+        try:
+            self.op_bystander()
+        finally:
+            keep[backend] = self.by_phase[backend]
+            self.by_phase = keep
+
+    def close(self) -> None:
+        self.observer.close()
+        self.dom0.close()
+
+
+def flush(fn: Callable[[], object], what: str) -> None:
+    """``fn()`` (a queue's flush), bounded: a queue that does not drain in
+    time is a hang."""
+    t = threading.Thread(target=fn, name="fuzz-flush", daemon=True)
+    t.start()
+    t.join(TIMEOUT)
+    check(not t.is_alive(), f"{what} does not drain")
+
+
+def check_hooks(calls: list[str], where: str, *, ended: bool = False) -> None:
+    """The hooks of one device path, in order, across the devices made at
+    that path one after the other: probe, then (connect, disconnect)
+    pairs, then remove; after remove only the next device's probe.
+    With ``ended`` the last device must have been removed."""
+    state = "none"
+    legal = {
+        ("none", "probe"): "probed", ("probed", "connect"): "connected",
+        ("connected", "disconnect"): "probed", ("probed", "remove"): "none",
+    }
+    for i, name in enumerate(calls):
+        nxt = legal.get((state, name))
+        check(nxt is not None, f"{where}: {name} after {calls[:i]}")
+        assert nxt is not None
+        state = nxt
+    if ended:
+        check(state == "none", f"{where}: hooks {calls} end without remove")
+
+
+# -- what a run holds, for the leak checks -------------------------------------------------
+
+def held(host: Any) -> dict[str, Any]:
+    """Grant entries, ports, domains, XenStore watches and connections, and
+    this process's descriptors and threads."""
+    gc.collect()
+    hv = host.hypervisor.stats()
+    xsd = host._xenstored
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+    return {
+        "grants": hv["grants"], "ports": hv["ports"], "domains": hv["domains"],
+        "watches": xsd._call(lambda: len(xsd._dispatcher.watches)),
+        "fds": frozenset(fds),
+        "threads": collections.Counter(
+            t.name for t in threading.enumerate() if not t.name.startswith(("kworker/", "wq-"))),
+    }
+
+
+def wait_released(host: Any, before: dict[str, Any]) -> None:
+    def same() -> bool:
+        now = held(host)
+        return all(now[k] == before[k] for k in ("grants", "ports", "domains", "watches")) \
+            and len(now["fds"]) <= len(before["fds"]) \
+            and not (now["threads"] - before["threads"])
+
+    try:
+        wait_until(same, what="release")
+    except FuzzFailure:
+        now = held(host)
+        raise FuzzFailure(
+            "still held: " + ", ".join(f"{k} {now[k]} (was {before[k]})"
+                                       for k in ("grants", "ports", "domains", "watches")
+                                       if now[k] != before[k])
+            + f"; new descriptors {sorted(now['fds'] - before['fds'])}"
+            + f"; new threads {sorted((now['threads'] - before['threads']).elements())}"
+        ) from None
+
+
+def expected_error(record: logging.LogRecord, drivers: list[FuzzDriver] | None = None) -> bool:
+    """Errors the fuzzer asks for: a device failed (``dev.error``, rate
+    limited), and the disconnect and remove hooks it made raise."""
+    if record.name != "xenback.xenbus":
+        return False
+    return record.msg in ("%s: error %d: %s", "%s: disconnect failed", "%s: remove failed")
+
+
+class Run:
+    """A host, a driver domain, a backend in each, and a Fuzzer: what the
+    suite and main() share.  ``with Run(seed) as run: run.fuzz(steps)``."""
+
+    def __init__(self, seed: int, **kwargs: Any) -> None:
+        self.seed = seed
+        self.kwargs = kwargs
+        self.errors: list[logging.LogRecord] = []
+        self.crashed: list[str] = []
+
+    def __enter__(self) -> Run:
+        from xenback.sim import SimHost
+
+        run = self
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.levelno >= logging.ERROR and not expected_error(record):
+                    run.errors.append(record)
+
+        self._catch = Catch()
+        logging.getLogger().addHandler(self._catch)
+        self._excepthook = threading.excepthook
+        threading.excepthook = lambda a: self.crashed.append(f"{a.thread}: {a.exc_value!r}")
+        self.before_all = held_threads()
+        self.host = SimHost()
+        self.host.start()
+        self.drvdom = self.host.create_domain("driver-domain")
+        with XenStore(self.host.dom0.xenstore()) as xs:
+            # As libxl lets a driver domain hear of its frontends' deaths.
+            xs.set_perms("@releaseDomain", ["n0", f"r{self.drvdom.domid}"])
+        self.drivers = [FuzzDriver(self.host.dom0, self.seed),
+                        FuzzDriver(self.drvdom, self.seed + 1)]
+        for drv in self.drivers:
+            drv.start()
+            # The dispatcher (a thread) and the grant table handle (a
+            # descriptor) live from first use until stop(): open them now,
+            # so that the leak checks count only what devices hold.
+            drv.events  # noqa: B018
+            drv.gnttab  # noqa: B018
+        self.before = held(self.host)
+        return self
+
+    def fuzz(self, steps: int) -> Fuzzer:
+        fz = Fuzzer(self.seed, self.host, self.drivers, self.drvdom, **self.kwargs)
+        self.fz = fz
+        try:
+            fz.run(steps)
+            fz.finish()
+        finally:
+            fz.close()
+        wait_released(self.host, self.before)
+        check(not self.crashed, f"thread exceptions: {self.crashed}")
+        check(not self.errors, "error logs: " + "; ".join(
+            f"{r.name}: {r.getMessage()}" for r in self.errors))
+        return fz
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for drv in self.drivers:
+                drv.stop()
+            self.host.close()
+        finally:
+            logging.getLogger().removeHandler(self._catch)
+            threading.excepthook = self._excepthook
+
+
+def held_threads() -> collections.Counter[str]:
+    return collections.Counter(
+        t.name for t in threading.enumerate() if not t.name.startswith(("kworker/", "wq-")))
+
+
+def main() -> None:
+    import argparse
+    import sys
+    import traceback
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--guests", type=int, default=3)
+    parser.add_argument("--devids", type=int, default=3)
+    parser.add_argument("-v", action="store_true", help="print what each seed did")
+    parser.add_argument("--log", help="log everything (DEBUG) to this file")
+    args = parser.parse_args()
+    first, _, last = args.seeds.partition("-")
+    seeds = range(int(first), int(last or first) + 1)
+    logging.getLogger().setLevel(logging.WARNING)
+    if args.log:
+        handler = logging.FileHandler(args.log, "w")
+        handler.setFormatter(logging.Formatter(
+            "%(relativeCreated)8.1f %(threadName)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.DEBUG)
+    logging.lastResort = None  # the warnings a hostile run causes are expected
+
+    failures = 0
+    seen: collections.Counter[str] = collections.Counter()
+    started_all = time.monotonic()
+    for seed in seeds:
+        started = time.monotonic()
+        run = Run(seed, guests=args.guests, devids=args.devids)
+        try:
+            with run:
+                try:
+                    fz = run.fuzz(args.steps)
+                finally:
+                    if hasattr(run, "fz"):
+                        seen.update(run.fz.seen)
+                        seen.update(f"injected {k}" for d in run.drivers
+                                    for k in d.injected.elements())
+            after = held_threads()
+            check(not (after - run.before_all),
+                  f"threads left after stop: {sorted((after - run.before_all).elements())}")
+            print(f"seed {seed}: ok ({time.monotonic() - started:.1f} s)", flush=True)
+            if args.v:
+                print(sorted(fz.seen.items()))
+        except Exception:
+            failures += 1
+            print(f"seed {seed}: FAILED ({time.monotonic() - started:.1f} s)", flush=True)
+            traceback.print_exc()
+            for r in run.errors:
+                print("  log:", r.name, r.getMessage(), r.exc_text or "")
+    print(sorted(seen.items()))
+    print(f"{failures} of {len(seeds)} seeds failed, {args.steps} steps each, "
+          f"{time.monotonic() - started_all:.0f} s")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
