@@ -15,7 +15,10 @@ protocol (section 2 of the protocol reference), item by item:
   again, as XenStore's watches do, so nothing is re-armed;
 * probe: ``frontend`` and ``frontend-id`` are read and the frontend path
   must exist, then :meth:`BackendDriver.probe` writes the feature nodes and
-  the base switches to InitWait and watches the frontend's ``state``;
+  the base switches to InitWait and watches the frontend's ``state`` (if
+  the toolstack deleted the directory and made it again while probe()
+  ran, the features went with the old one: the device is dropped, and the
+  new one probed);
 * frontend Initialising -> InitWait again if we were not in InitWait
   (reconnect after Closed, or a frontend that restarted without closing:
   disconnect first), or dropped if a removal is under way;
@@ -181,6 +184,10 @@ class BackendDevice:
         # made a new device at the same path (only the toolstack writes
         # Initialising, and only into a new directory): not ours any more.
         self._switched = False
+        # What probe() wrote through write_nodes(), while it runs (None
+        # otherwise): the switch to InitWait checks that it is still there
+        # (see _switch_after_probe).
+        self._probe_nodes: dict[str, str] | None = None
         # A frontend state event waits in the queue (see _otherend_event).
         self._otherend_pending = False
         self._lock = threading.Lock()
@@ -237,6 +244,8 @@ class BackendDevice:
                 t.write(f"{self.nodename}/{key}", value)
 
         self.xenstore.transaction(tx)
+        if self._probe_nodes is not None:
+            self._probe_nodes.update((key, str(value)) for key, value in nodes.items())
 
     def switch_state(self, state: XenbusState) -> bool:
         """``xenbus_switch_state``: write our ``state`` unless it already
@@ -247,18 +256,40 @@ class BackendDevice:
         connect under way when libxl wrote it would overwrite it, and libxl
         would wait its 10 s for a Closed that never comes.  Our state is
         then Closing, and False is returned."""
+        return bool(self._switch(state))
+
+    def _switch_after_probe(self) -> bool:
+        """Switch to InitWait after probe(), in the directory probe() wrote
+        its features into.  False if that directory is gone: deleted, or
+        deleted and made again by the toolstack (a new device, to be
+        probed anew) while probe() ran, which the state alone cannot tell
+        before our first switch: Initialising is all either one holds."""
+        written = self._switch(XenbusState.INIT_WAIT, expect=self._probe_nodes or {})
+        self._probe_nodes = None
+        return written is not None
+
+    def _switch(self, state: XenbusState, expect: Mapping[str, str] | None = None) -> bool | None:
+        """:meth:`switch_state`; None if the device directory is gone or
+        is a new device's (nothing is written then), or if a node of
+        ``expect`` does not hold its value there: only the toolstack's
+        re-creation of the directory deletes our nodes, so from then on
+        Initialising there is the new device's (see _switched)."""
         state = XenbusState(state)
         value = str(int(state))
         closing = str(int(XenbusState.CLOSING))
         removing = False
+        recreated = False
 
         def tx(t: Transaction) -> bool | None:
-            nonlocal removing
-            removing = False
+            nonlocal removing, recreated
+            removing = recreated = False
             if t.read(self.nodename) is None:
                 return None
             current = t.read(f"{self.nodename}/state")
             if self._recreated(current):
+                return None
+            if expect and any(t.read(f"{self.nodename}/{k}") != v for k, v in expect.items()):
+                recreated = True
                 return None
             if current == value:
                 return False
@@ -270,12 +301,15 @@ class BackendDevice:
             return True
 
         written = self.xenstore.transaction(tx)
+        if recreated:
+            self._switched = True
+            return None
         self.state = XenbusState.CLOSING if removing else state
         if written is not None:
             self._switched = True
         if written:
             logger.debug("%s: state -> %s", self.nodename, state.name)
-        return bool(written)
+        return written
 
     def _recreated(self, state: str | None) -> bool:
         """Whether our directory, its ``state`` reading ``state``, is a new
@@ -744,11 +778,21 @@ class BackendDriver:
                 raise FileNotFoundError(errno.ENOENT, "frontend does not exist", otherend)
             dev.otherend = otherend
             dev._probed = True  # set first: remove() also undoes a probe that failed halfway
-            self.probe(dev)
+            dev._probe_nodes = {}
+            try:
+                self.probe(dev)
+            except BaseException:
+                dev._probe_nodes = None
+                raise
             if taken_over:
+                dev._probe_nodes = None
                 self._take_over(dev)
-            else:
-                dev.switch_state(XenbusState.INIT_WAIT)
+            elif not dev._switch_after_probe():
+                # Not our directory any more.  Dropped now, nothing is
+                # written there, and the drop looks at the path again: a
+                # new device there is probed.
+                self._drop(dev)
+                return
             dev._otherend_watch = self.xenstore.watch(
                 f"{otherend}/state", lambda _p: self._otherend_event(dev)
             )

@@ -689,6 +689,34 @@ def test_a_device_re_created_at_the_same_path_is_served(
     assert driver.calls_of(guest.domid).count("probe") == 2
 
 
+def test_a_device_re_created_while_probe_runs_gets_its_features(
+        host, driver, frontends, dom0_xs) -> None:
+    """The toolstack removes and re-adds a device at the same path while
+    probe() runs, after probe() wrote its features: they went with the
+    old directory.  InitWait in the new one would tell the frontend to
+    read features that are not there; the new device must be probed."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev) -> None:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(TIMEOUT)
+
+    driver.probe_hook = hold  # RecordingDriver writes feature-test first
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    assert entered.wait(TIMEOUT)
+    again = host.toolstack.add_device("xbtest", guest.domid)  # one transaction
+    assert again.backend_path == dev.backend_path
+    release.set()
+    fe = _connect(frontends, guest, again)
+    assert dom0_xs.read(f"{again.backend_path}/feature-test") == "1"
+    assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
+    assert _error(dom0_xs, again) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
 def test_a_taken_over_device_re_created_at_the_same_path_is_served(
         host, frontends, dom0_xs) -> None:
     """A device taken over at InitWait has not written its state itself,
