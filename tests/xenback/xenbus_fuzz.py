@@ -271,6 +271,8 @@ class Fuzzer:
                                             devid=backend)
             self.bystander.devs[(backend, backend)] = FrontDev(dev)
             self.by_phase[backend] = "initwait"
+        #: finish() kills the driver domain under its backend first.
+        self.kill_driver_domain = self.rng.random() < 0.25
         self._ops = list(self.OPS)
         self._weights = [self.OPS[n] for n in self._ops]
 
@@ -788,7 +790,12 @@ class Fuzzer:
         try:
             fstate = S.parse(f_raw)
         except ValueError:
-            check(b_raw == "5", f"{where}: invalid frontend state not fatal")
+            fstate = S.UNKNOWN
+        if fstate in (S.UNKNOWN, S.INIT_WAIT, S.RECONFIGURING, S.RECONFIGURED) and f_raw is not None:
+            # A state no frontend may write is a fatal error, reported.
+            check(b_raw == "5", f"{where}: impossible frontend state not fatal")
+            check(self.dom0.read(f"{drv.home}/error/{base[len(drv.home) + 1:]}/error") is not None,
+                  f"{where}: impossible frontend state, no error node")
             return
         expected = {
             S.INITIALISING: ("2",),
@@ -797,7 +804,7 @@ class Fuzzer:
             S.CLOSING: ("5",),
             S.CLOSED: ("6",),
         }.get(fstate, ("5",))
-        check(fstate != S.UNKNOWN, f"{where}: frontend gone, device still served")
+        check(f_raw is not None, f"{where}: frontend gone, device still served")
         check(b_raw in expected, f"{where}: expected {expected}")
 
     def step(self) -> str:
@@ -832,6 +839,8 @@ class Fuzzer:
             drv = self.drivers[backend]
             drv.wait(lambda drv=drv, devid=devid: drv.calls_of(g.domid, devid)[-1:] == ["remove"])
         self.check_bystander()
+        if self.kill_driver_domain:
+            self.kill_drvdom()
         for guest in self.live():
             guest.dead = True
             self.background("destroy", lambda guest=guest: (self.destroy(guest), guest.close()))
@@ -851,6 +860,26 @@ class Fuzzer:
         self.bystander.close()
         for guest in self.guests:
             guest.close()
+
+    def kill_drvdom(self) -> None:
+        """The driver domain dies under its backend, devices and all: the
+        backend loses XenStore, its grant mappings and its ports at once.
+        Its stop() must still return, drop every device and release every
+        thread and handle, without an error that is not XenStore's loss."""
+        domid = self.drvdom.domid
+        drv = self.drivers.pop(domid)
+        self.observer.roots.remove(drv.backend_root)
+        self.host.destroy_domain(self.drvdom, timeout=DESTROY_TIMEOUT)
+        wait_until(drv.xenstore.connection_lost.is_set, what="the driver domain's XenStore loss")
+        flush(drv.stop, "stop() of the dead driver domain's backend")
+        check(drv.devices() == [], f"dom{domid}'s dead backend still serves {drv.devices()}")
+        for fe in {f for _, f, _ in drv.calls}:
+            for devid in range(max(self.devids, 3)):
+                check_hooks(drv.calls_of(fe, devid), f"dead dom{domid} {fe}/{devid}", ended=True)
+        # The guests' devices on it went with it.
+        for g in self.guests:
+            for key in [k for k in g.devs if k[0] == domid]:
+                del g.devs[key]
 
     def _bystander_on(self, backend: int) -> None:
         # op_bystander picks its device at random: pin it.
@@ -907,23 +936,37 @@ def held(host: Any) -> dict[str, Any]:
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(FileNotFoundError):
             fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+    hyp = host.hypervisor
+    with hyp._lock:
+        ports = {domid: len(d.ports) for domid, d in hyp._domains.items() if d.ports}
+
+    def watches() -> dict[int, int]:
+        by_domain: collections.Counter[int] = collections.Counter()
+        for ws in xsd._dispatcher.watches._by_node.values():
+            by_domain.update(w.conn.domid for w in ws)
+        return dict(by_domain)
+
     return {
-        "grants": hv["grants"], "ports": hv["ports"], "domains": hv["domains"],
-        "watches": xsd._call(lambda: len(xsd._dispatcher.watches)),
+        "grants": hv["grants"], "ports": ports, "domains": hv["domains"],
+        "watches": xsd._call(watches),
         "fds": frozenset(fds),
         "threads": collections.Counter(
             t.name for t in threading.enumerate() if not t.name.startswith(("kworker/", "wq-"))),
     }
 
 
-def wait_released(host: Any, before: dict[str, Any], *, fds: bool = True) -> None:
+def wait_released(host: Any, before: dict[str, Any], *, fds: bool = True,
+                  expected: dict[str, Any] | None = None) -> None:
     """Wait (bounded) until what ``before`` counted is all that is held;
     without ``fds``, descriptors are not compared (a restarted backend
     holds as many, but not the same, and not always as many while its
-    predecessor's handles are being closed)."""
+    predecessor's handles are being closed).  ``expected`` overrides
+    counts of ``before`` that the run changed on purpose."""
+    expected = expected or {}
     def same() -> bool:
         now = held(host)
-        return all(now[k] == before[k] for k in ("grants", "ports", "domains", "watches")) \
+        return all(now[k] == expected.get(k, before[k])
+                   for k in ("grants", "ports", "domains", "watches")) \
             and (not fds or not (now["fds"] - before["fds"])) \
             and not (now["threads"] - before["threads"])
 
@@ -932,9 +975,9 @@ def wait_released(host: Any, before: dict[str, Any], *, fds: bool = True) -> Non
     except FuzzFailure:
         now = held(host)
         raise FuzzFailure(
-            "still held: " + ", ".join(f"{k} {now[k]} (was {before[k]})"
+            "still held: " + ", ".join(f"{k} {now[k]} (expected {expected.get(k, before[k])})"
                                        for k in ("grants", "ports", "domains", "watches")
-                                       if now[k] != before[k])
+                                       if now[k] != expected.get(k, before[k]))
             + f"; new descriptors {sorted(now['fds'] - before['fds'])}"
             + f"; new threads {sorted((now['threads'] - before['threads']).elements())}"
         ) from None
@@ -996,6 +1039,14 @@ class Run:
         self.before = held(self.host)
         return self
 
+    def without_drvdom(self, before: dict[str, Any]) -> dict[str, Any]:
+        """``before``'s counts once the driver domain is gone (a run that
+        killed it): its ports and watches, and itself, are no more."""
+        domid = self.drvdom.domid
+        return {"domains": before["domains"] - 1,
+                "ports": {k: v for k, v in before["ports"].items() if k != domid},
+                "watches": {k: v for k, v in before["watches"].items() if k != domid}}
+
     def fuzz(self, steps: int) -> Fuzzer:
         fz = Fuzzer(self.seed, self.host, self.drivers, self.drvdom, **self.kwargs)
         self.fz = fz
@@ -1004,7 +1055,9 @@ class Run:
             fz.finish()
         finally:
             fz.close()
-        wait_released(self.host, self.before, fds=fz.seen["restart"] == 0)
+        self.expected = self.without_drvdom(self.before) if fz.kill_driver_domain else {}
+        wait_released(self.host, self.before, fds=fz.seen["restart"] == 0 and
+                      not fz.kill_driver_domain, expected=self.expected)
         check(not self.crashed, f"thread exceptions: {self.crashed}")
         check(not self.errors, "error logs: " + "; ".join(
             f"{r.name}: {r.getMessage()}" for r in self.errors))
@@ -1017,7 +1070,9 @@ class Run:
             if exc_type is None:
                 # Stopped, the backends hold nothing: every descriptor is
                 # back, restarts or not.
-                wait_released(self.host, self.before_drivers)
+                expected = self.without_drvdom(self.before_drivers) \
+                    if getattr(self, "expected", None) else {}
+                wait_released(self.host, self.before_drivers, expected=expected)
             self.host.close()
         finally:
             logging.getLogger().removeHandler(self._catch)
