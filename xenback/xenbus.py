@@ -29,6 +29,7 @@ protocol (section 2 of the protocol reference), item by item:
   fatal error;
 * removal by the toolstack (``online`` = 0, backend ``state`` = Closing): the
   device is dropped once the frontend is closed or was never connected;
+  one removed before we probed it is switched to Closed at once;
   a deleted backend directory drops the device without writing anything;
 * ``@releaseDomain``: the devices of a frontend domain that no longer exists
   are disconnected and dropped at once, releasing its grants and ports;
@@ -102,6 +103,7 @@ class XenbusState(enum.IntEnum):
 
 
 _INITIALISING = str(int(XenbusState.INITIALISING))
+_CLOSING = str(int(XenbusState.CLOSING))
 
 
 def _number(text: str) -> int:
@@ -276,7 +278,6 @@ class BackendDevice:
         Initialising there is the new device's (see _switched)."""
         state = XenbusState(state)
         value = str(int(state))
-        closing = str(int(XenbusState.CLOSING))
         removing = False
         recreated = False
 
@@ -293,7 +294,7 @@ class BackendDevice:
                 return None
             if current == value:
                 return False
-            if current == closing and state != XenbusState.CLOSED:
+            if current == _CLOSING and state != XenbusState.CLOSED:
                 removing = t.read(f"{self.nodename}/online") == "0"
                 if removing:
                     return False
@@ -729,6 +730,8 @@ class BackendDriver:
         # wait for it forever, and could never connect again.
         taken_over = adopt and state is not None and state != _INITIALISING
         if state != _INITIALISING and not taken_over:
+            if state == _CLOSING:
+                self._close_unprobed(path)
             return
         with self._lock:
             if self._stopping or key in self._devices:
@@ -740,6 +743,25 @@ class BackendDriver:
         else:
             logger.info("%s: new device", dev.nodename)
         dev.queue(self._probe, dev, taken_over)
+
+    def _close_unprobed(self, path: str) -> None:
+        """The toolstack asked to remove (``online`` = 0, Closing) a device
+        we never probed: it was made and removed before we saw it
+        Initialising, as happens when it was made at the path of a device
+        still being dropped.  Nothing was connected, so nothing is left
+        to close: Closed, as for a device that never got going, or libxl
+        waits its whole timeout for a backend that will never answer.
+        (Ours write Closed when dropped: Closing here is never one of
+        them.)  Only while the node still says so, in one transaction."""
+
+        def tx(t: Transaction) -> bool:
+            if t.read(f"{path}/state") != _CLOSING or t.read(f"{path}/online") != "0":
+                return False
+            t.write(f"{path}/state", str(int(XenbusState.CLOSED)))
+            return True
+
+        if self.xenstore.transaction(tx):
+            logger.info("%s: removed before it was probed", path)
 
     def _release_domain(self, _path: str) -> None:
         alive: dict[int, bool] = {}

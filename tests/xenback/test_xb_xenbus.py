@@ -717,6 +717,38 @@ def test_a_device_re_created_while_probe_runs_gets_its_features(
     fe.wait_backend(S.CLOSED)
 
 
+def test_a_device_removed_before_it_was_probed_lets_the_toolstack_go(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """The toolstack re-adds a device at the path of one still being
+    dropped, and removes the new one (online=0, Closing) before the drop
+    is over: by the time the backend looks at the path, the new device is
+    no longer Initialising, so it is never probed.  Nothing was ever
+    connected, so nothing is left to close, yet without Closed libxl
+    waits its whole timeout (10 s) for a backend that never answers."""
+    guest, dev, fe = _at_init_wait(host, frontends)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+
+    driver.remove = hold  # type: ignore[method-assign]
+    fe.close()
+    host.toolstack.destroy_device(dev)
+    assert entered.wait(TIMEOUT)  # the old device is being dropped
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    removed: list[bool] = []
+    remover = threading.Thread(
+        target=lambda: removed.append(host.toolstack.remove_device(again, timeout=3)))
+    remover.start()
+    dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    release.set()
+    remover.join(2 * TIMEOUT)
+    assert removed == [True]
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+    assert driver.devices() == [] and driver.calls_of(guest.domid) == ["probe"]
+
+
 def test_a_taken_over_device_re_created_at_the_same_path_is_served(
         host, frontends, dom0_xs) -> None:
     """A device taken over at InitWait has not written its state itself,
