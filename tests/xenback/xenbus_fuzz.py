@@ -258,6 +258,8 @@ class Fuzzer:
         self.dom0.open()
         self.observer = Observer(self.dom0, [d.backend_root for d in drivers])
         self.threads: list[threading.Thread] = []
+        # (guest, (backend, devid)) -> what a removal's verdict needs.
+        self.removing: dict[tuple[int, tuple[int, int]], dict[str, Any]] = {}
         self.thread_errors: list[str] = []
         self.guests: list[Guest] = []
         self._names = 0
@@ -565,6 +567,9 @@ class Fuzzer:
         backend = backends[devid % len(backends)]
         key = (backend, devid)
         self.seen["re-add" if key in g.devs else "add"] += 1
+        removing = self.removing.get((g.domid, key))
+        if removing is not None:
+            removing["re-added"] = True  # a removal under way waits for it
         old = g.devs.get(key)
         if old is not None and old.pages is not None:
             with contextlib.suppress(OSError):
@@ -573,23 +578,55 @@ class Fuzzer:
         g.devs[key] = FrontDev(dev)
 
     def op_remove(self) -> None:
+        """libxl removes a device (maybe twice at once), and the guest
+        follows the backend to Closed, or not.  Once the guest stopped
+        touching it, the frontend's state says whether the backend may
+        keep the toolstack waiting: only for a frontend still to close."""
         picked = self.pick()
         if picked is None:
             return
         g, key, fd = picked
-        timeout = self.rng.choice([0.05, REMOVE_TIMEOUT, REMOVE_TIMEOUT])
-        times = 2 if self.rng.random() < 0.2 else 1
-        for _ in range(times):
-            self.background("remove", lambda: self.host.toolstack.remove_device(fd.device, timeout))
+        timeout = self.rng.choice([0.05, REMOVE_TIMEOUT, 2.0, 2.0])
+        where = (g.domid, key)
+        verdict: dict[str, Any] = {}
+        for _ in range(2 if self.rng.random() < 0.2 else 1):
+            self.background("remove", lambda: self.removed(fd, timeout, verdict))
         if self.rng.random() < 0.5:
             # The guest hears of it and follows the backend to Closed, or not.
             self.guest_op(lambda: g.xs.write(f"{fd.device.frontend_path}/state",
-                                             self.rng.choice([5, 6, 6])))
-        # The toolstack forgets the device: the guest's view goes with it.
+                                             self.rng.choice([5, 6, 6, 1])))
+        # The toolstack forgets the device: the guest's view goes with it,
+        # and nothing of the guest's touches the frontend directory again.
         del g.devs[key]
         if fd.pages is not None:
             with contextlib.suppress(OSError):
                 fd.pages.unshare()
+        f_raw = self.dom0.read(f"{fd.device.frontend_path}/state")
+        try:
+            fstate = S.parse(f_raw)
+        except ValueError:
+            fstate = S.UNKNOWN
+        drv = self.drivers[fd.device.backend_id]
+        with drv.changed:
+            faulted = bool(drv.faults.get((g.domid, key[1])))
+        if fstate in (S.UNKNOWN, S.INITIALISING, S.CLOSED) and timeout == 2.0 and not faulted:
+            # Nothing to wait for: the backend must close (a slow hook
+            # that already runs takes SLOW * 10 at most).
+            verdict["frontend"] = f_raw
+            self.seen["remove must not wait"] += 1
+        self.removing[where] = verdict
+
+    def removed(self, fd: FrontDev, timeout: float, verdict: dict[str, Any]) -> None:
+        """The toolstack's removal, on its own thread: late only where
+        the frontend still has to close, or the toolstack itself made a
+        new device at the path meanwhile."""
+        if self.host.toolstack.remove_device(fd.device, timeout):
+            return
+        self.seen["remove timed out"] += 1
+        if "frontend" in verdict and not verdict.get("re-added"):
+            self.thread_errors.append(
+                f"removal of {fd.device.backend_path} timed out; frontend state "
+                f"{verdict['frontend']!r}")
 
     def op_destroy_device(self) -> None:
         picked = self.pick()
@@ -714,6 +751,7 @@ class Fuzzer:
             t.join(max(0.0, deadline - time.monotonic()))
             check(not t.is_alive(), f"{t.name} hangs")
         self.threads.clear()
+        self.removing.clear()
         check(not self.thread_errors, f"toolstack operations failed: {self.thread_errors}")
         for _ in range(3):  # a drop queues a look on the bus, which queues on devices
             for domid, drv in self.drivers.items():
