@@ -224,9 +224,10 @@ class Observer:
             if state not in (None, "1", "2", "4", "5", "6"):
                 self.failures.append(f"{base}/state = {state!r}")
             was = self.last.get(base)
-            if was == ("5", "0") and state not in ("5", "6", None) and (state, online) != ("1", "1"):
+            if was == ("5", "0") and state not in ("5", "6", None) and online != "1":
                 # Removal asked for: only Closed may follow (or the device
-                # is deleted, or the toolstack made a new one).
+                # is deleted, or the toolstack made a new one: only it
+                # writes online, and 1 only into a new device).
                 self.failures.append(f"{base}: Closing with online=0, then {state!r} ({online})")
             self.last[base] = (state, online)
 
