@@ -243,7 +243,7 @@ class Fuzzer:
         "state": 14, "publish": 12, "publish_bad": 6, "rm_node": 3, "rm_dir": 2,
         "recreate_dir": 1, "garble": 2, "intrude": 3, "watch": 2, "notify": 3, "unshare": 2,
         "flood": 1, "add": 6, "remove": 4, "destroy_device": 2, "destroy_domain": 1,
-        "new_guest": 1, "fault": 5, "quiesce": 3, "bystander": 8, "restart": 1,
+        "new_guest": 1, "fault": 5, "quiesce": 3, "bystander": 8, "restart": 1, "storm": 1,
     }
 
     def __init__(self, seed: int, host: Any, drivers: list[FuzzDriver],
@@ -259,6 +259,7 @@ class Fuzzer:
         self.dom0.open()
         self.observer = Observer(self.dom0, [d.backend_root for d in drivers])
         self.threads: list[threading.Thread] = []
+        self.added: collections.Counter[str] = collections.Counter()  # adds per backend path
         # (guest, (backend, devid)) -> what a removal's verdict needs.
         self.removing: dict[tuple[int, tuple[int, int]], dict[str, Any]] = {}
         self.thread_errors: list[str] = []
@@ -358,6 +359,31 @@ class Fuzzer:
         path = f"{fd.device.frontend_path}/state"
         for _ in range(self.rng.randrange(10, 60)):
             self.guest_op(lambda: g.xs.write(path, self.rng.choice(_STATE_VALUES[1:7])))
+
+    def op_storm(self) -> None:
+        """A guest fails its device, restarts it and fails it again, as
+        fast as the backend answers: every failure is an error line, and
+        the rate limit must hold them to its burst."""
+        picked = self.pick()
+        if picked is None:
+            return
+        g, (backend, devid), fd = picked
+        drv = self.drivers[backend]
+        known = {(d.frontend_id, d.devid): d for d in drv.devices()}
+        dev = known.get((g.domid, devid))
+        be_state = f"{fd.device.backend_path}/state"
+        fe_state = f"{fd.device.frontend_path}/state"
+        if (dev is None or dev.gone or dev._otherend_watch is None or drv.faults.get((g.domid, devid))
+                or self.dom0.read(f"{fd.device.backend_path}/online") != "1"):
+            return
+        self.seen["storm"] += 1
+        g.xs.write(fe_state, "1")
+        g.xs.wait_for(be_state, "2", timeout=TIMEOUT)
+        for _ in range(self.rng.randrange(12, 30)):
+            g.xs.write(fe_state, self.rng.choice(["9", "x", "2", "7"]))
+            g.xs.wait_for(be_state, "5", timeout=TIMEOUT)
+            g.xs.write(fe_state, "1")
+            g.xs.wait_for(be_state, "2", timeout=TIMEOUT)
 
     def share(self, g: Guest, fd: FrontDev) -> None:
         backend = fd.device.backend_id
@@ -576,6 +602,7 @@ class Fuzzer:
             with contextlib.suppress(OSError):
                 old.pages.unshare()
         dev = self.host.toolstack.add_device("xbtest", g.domid, backend_id=backend, devid=devid)
+        self.added[dev.backend_path] += 1
         g.devs[key] = FrontDev(dev)
 
     def op_remove(self) -> None:
@@ -1039,6 +1066,8 @@ class Run:
         self.kwargs = kwargs
         self.errors: list[logging.LogRecord] = []
         self.crashed: list[str] = []
+        #: Error lines logged per device path (rate limited).
+        self.device_errors: collections.Counter[str] = collections.Counter()
 
     def __enter__(self) -> Run:
         from xenback.sim import SimHost
@@ -1047,6 +1076,8 @@ class Run:
 
         class Catch(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
+                if record.msg == "%s: error %d: %s":
+                    run.device_errors[str(record.args[0])] += 1  # type: ignore[index]
                 if record.levelno >= logging.ERROR and not expected_error(record):
                     run.errors.append(record)
                 elif record.threadName == "fuzz-destroy" and "did not close" in record.msg:
@@ -1089,11 +1120,21 @@ class Run:
     def fuzz(self, steps: int) -> Fuzzer:
         fz = Fuzzer(self.seed, self.host, self.drivers, self.drvdom, **self.kwargs)
         self.fz = fz
+        started = time.monotonic()
         try:
             fz.run(steps)
             fz.finish()
         finally:
             fz.close()
+        # What a guest makes the backend log is rate limited per device
+        # (10 lines per 5 s): per path, as many budgets as devices were
+        # made there (adds, and restarts, which make new objects).
+        windows = 1 + int((time.monotonic() - started) // 5)
+        for path, count in self.device_errors.items():
+            made = fz.added[path] + fz.seen["restart"] + 1
+            check(count <= 10 * made * windows,
+                  f"{path}: {count} error lines, rate limit of {made} devices in {windows} "
+                  f"windows exceeded")
         self.expected = self.without_drvdom(self.before) if fz.kill_driver_domain else {}
         wait_released(self.host, self.before, fds=fz.seen["restart"] == 0 and
                       not fz.kill_driver_domain, expected=self.expected)
