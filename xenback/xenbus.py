@@ -33,6 +33,8 @@ protocol (section 2 of the protocol reference), item by item:
   a deleted backend directory drops the device without writing anything;
 * ``@releaseDomain``: the devices of a frontend domain that no longer exists
   are disconnected and dropped at once, releasing its grants and ports;
+* the error node of a device the toolstack deleted is deleted too (see
+  ``_forget_error``);
 * state is written in a transaction that checks the device directory still
   exists, retried on EAGAIN, and skipped when the node already holds it;
 * failures (:meth:`BackendDevice.fatal`, or an exception from a driver
@@ -708,9 +710,17 @@ class BackendDriver:
         adopt, self._first_scan = self._first_scan, False
         for fe, devid in sorted(listed):
             self._check_device(fe, devid, adopt=adopt)
-        for dev in self.devices():
-            if (str(dev.frontend_id), str(dev.devid)) not in listed:
+        known = {(str(dev.frontend_id), str(dev.devid)): dev for dev in self.devices()}
+        for key, dev in known.items():
+            if key not in listed:
                 dev.queue(self._backend_changed, dev)
+        # The error nodes of devices deleted in one go with their parent
+        # directory (whose own events name only that directory).
+        errors = f"{self.home}/error/backend/{self.device_type}"
+        for fe in self.xenstore.ls(errors):
+            for devid in self.xenstore.ls(f"{errors}/{fe}"):
+                if (fe, devid) not in listed and (fe, devid) not in known:
+                    self._forget_error(fe, devid)
 
     def _check_device(self, fe_text: str, devid_text: str, *, adopt: bool = False) -> None:
         key = (_number(fe_text), _number(devid_text))
@@ -724,6 +734,9 @@ class BackendDriver:
             return
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
         state = self.xenstore.read(f"{path}/state")
+        if state is None and not self.xenstore.exists(path):
+            self._forget_error(str(key[0]), str(key[1]))
+            return
         # Any other state is a device we dropped (Closed, waiting for the
         # toolstack to delete it) or not a device yet; but at start, one
         # an earlier backend left behind: without us its frontend would
@@ -743,6 +756,34 @@ class BackendDriver:
         else:
             logger.info("%s: new device", dev.nodename)
         dev.queue(self._probe, dev, taken_over)
+
+    def _forget_error(self, fe: str, devid: str) -> None:
+        """Delete the error node of a device the toolstack deleted (and its
+        frontend's directory there, if that was its last): nobody reads it
+        any more, and it is ours, in our home, counted against our node
+        quota, which in a driver domain every failed device of every
+        guest that ever ran would fill up, until we could write nothing.
+        Not if a device was made at the path again meanwhile."""
+        errors = f"{self.home}/error/backend/{self.device_type}"
+
+        def tx(t: Transaction) -> bool:
+            if t.read(f"{self.backend_root}/{fe}/{devid}") is not None:
+                return False
+            if t.read(f"{errors}/{fe}/{devid}") is None:
+                return False
+            t.rm(f"{errors}/{fe}/{devid}")
+            if not t.ls(f"{errors}/{fe}"):
+                t.rm(f"{errors}/{fe}")
+            return True
+
+        try:
+            if self.xenstore.transaction(tx):
+                logger.debug("%s/%s/%s: error node deleted with the device",
+                             self.backend_root, fe, devid)
+        except OSError as exc:
+            # Tidying up: not worth more than a line.  (A driver domain
+            # that is being destroyed may not even read its home any more.)
+            logger.debug("%s/%s/%s: error node not deleted: %s", self.backend_root, fe, devid, exc)
 
     def _close_unprobed(self, path: str) -> None:
         """The toolstack asked to remove (``online`` = 0, Closing) a device

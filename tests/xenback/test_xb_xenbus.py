@@ -749,6 +749,32 @@ def test_a_device_removed_before_it_was_probed_lets_the_toolstack_go(
     assert driver.devices() == [] and driver.calls_of(guest.domid) == ["probe"]
 
 
+def test_the_error_node_goes_with_the_device(host, driver, frontends, dom0_xs) -> None:
+    """A failed device leaves ``error/backend/<type>/<fe>/<devid>/error``
+    in the backend domain's home, owned by the backend domain.  Once the
+    toolstack deleted the device, nobody will read it: left there, every
+    failed device of every guest that ever ran would stay in XenStore,
+    against the node quota of a driver domain, until the backend cannot
+    write its nodes any more."""
+    guest, dev, fe = _at_init_wait(host, frontends)
+    fe.set_state("9")
+    fe.wait_backend(S.CLOSING)
+    assert _error(dom0_xs, dev) == f"{errno.EINVAL} frontend invalid xenbus state '9'"
+    fe.set_state(S.CLOSED)
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT)
+    driver.wait_call("remove", guest.domid)
+    errors = f"/local/domain/0/error/backend/xbtest/{guest.domid}"
+    dom0_xs.wait_for(errors, lambda v: v is None, timeout=3)
+    assert dom0_xs.ls("/local/domain/0/error/backend/xbtest") == []
+    # A device made again at the path fails and reports as the first did.
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    fe2 = frontends(guest, again)
+    fe2.wait_backend(S.INIT_WAIT)
+    fe2.set_state("9")
+    fe2.wait_backend(S.CLOSING)
+    assert _error(dom0_xs, again) == f"{errno.EINVAL} frontend invalid xenbus state '9'"
+
+
 def test_a_taken_over_device_re_created_at_the_same_path_is_served(
         host, frontends, dom0_xs) -> None:
     """A device taken over at InitWait has not written its state itself,
