@@ -918,6 +918,9 @@ class Fuzzer:
         for domid, drv in self.drivers.items():
             check(drv.devices() == [], f"dom{domid} still serves {drv.devices()}")
             check(self.listed(drv) == [], f"dom{domid} has devices left: {self.listed(drv)}")
+            errors = f"{drv.home}/error/backend/{drv.device_type}"
+            wait_until(lambda errors=errors: self.dom0.ls(errors) == [],
+                       what=f"the error nodes under {errors} to go: {self.dom0.ls(errors)}")
             fes = {f for _, f, _ in drv.calls}
             for fe in fes:
                 for devid in range(max(self.devids, 3)):
