@@ -248,8 +248,10 @@ class BackendDevice:
                 t.write(f"{self.nodename}/{key}", value)
 
         self.xenstore.transaction(tx)
-        if self._probe_nodes is not None:
-            self._probe_nodes.update((key, str(value)) for key, value in nodes.items())
+        # Read once: a driver's own work item may write while probe() ends.
+        probing = self._probe_nodes
+        if probing is not None:
+            probing.update((key, str(value)) for key, value in nodes.items())
 
     def switch_state(self, state: XenbusState) -> bool:
         """``xenbus_switch_state``: write our ``state`` unless it already
