@@ -1130,6 +1130,7 @@ class Run:
             # As libxl lets a driver domain hear of its frontends' deaths.
             xs.set_perms("@releaseDomain", ["n0", f"r{self.drvdom.domid}"])
         self.before_drivers = held(self.host)
+        connections = self.host.hypervisor.stats()["connections"]
         self.drivers = [FuzzDriver(self.host.dom0, self.seed),
                         FuzzDriver(self.drvdom, self.seed + 1)]
         for drv in self.drivers:
@@ -1139,6 +1140,10 @@ class Run:
             # so that the leak checks count only what devices hold.
             drv.events  # noqa: B018
             drv.gnttab  # noqa: B018
+        # The hypervisor accepts those connections on its own thread: count
+        # its descriptors once it has.
+        wait_until(lambda: self.host.hypervisor.stats()["connections"]
+                   == connections + 2 * len(self.drivers), what="the backends' handles")
         self.before = held(self.host)
         return self
 
