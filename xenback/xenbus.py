@@ -324,8 +324,7 @@ class BackendDevice:
     @property
     def error_path(self) -> str:
         """Where :meth:`fatal` writes: ``<home>/error/backend/<type>/<fe>/<devid>/error``."""
-        relative = self.nodename[len(self.driver.home) + 1 :]
-        return f"{self.driver.home}/error/{relative}/error"
+        return f"{self.driver.error_root}/{self.frontend_id}/{self.devid}/error"
 
     def error(self, err: int, message: str) -> None:
         """``xenbus_dev_error``: log and write the error node."""
@@ -466,6 +465,9 @@ class BackendDriver:
         self.home = f"/local/domain/{platform.domid}"
         #: ``/local/domain/<self>/backend/<type>``.
         self.backend_root = f"{self.home}/backend/{self.device_type}"
+        #: ``/local/domain/<self>/error/backend/<type>``: the error nodes of
+        #: our devices (see :attr:`BackendDevice.error_path`).
+        self.error_root = f"{self.home}/error/backend/{self.device_type}"
         self._own_workqueue = workqueue is None
         self._workqueue = workqueue
         self._xs: XenStore | None = None
@@ -718,7 +720,7 @@ class BackendDriver:
                 dev.queue(self._backend_changed, dev)
         # The error nodes of devices deleted in one go with their parent
         # directory (whose own events name only that directory).
-        errors = f"{self.home}/error/backend/{self.device_type}"
+        errors = self.error_root
         for fe in self.xenstore.ls(errors):
             for devid in self.xenstore.ls(f"{errors}/{fe}"):
                 if (fe, devid) not in listed and (fe, devid) not in known:
@@ -766,7 +768,7 @@ class BackendDriver:
         quota, which in a driver domain every failed device of every
         guest that ever ran would fill up, until we could write nothing.
         Not if a device was made at the path again meanwhile."""
-        errors = f"{self.home}/error/backend/{self.device_type}"
+        errors = self.error_root
 
         def tx(t: Transaction) -> bool:
             if t.read(f"{self.backend_root}/{fe}/{devid}") is not None:
