@@ -64,29 +64,29 @@ of a Unix socket pair the socket keeps, shut down for writing); pass it
 only to ``select``/``poll``/``selectors``.
 
 asyncio: on the default (selector) event loop a non-blocking socket works
-with ``loop.sock_recv``, ``sock_recv_into``, ``sock_sendall``,
+with ``loop.sock_connect`` (connect() fails with EINPROGRESS, the answer
+makes fileno() writable and ``getsockopt(SO_ERROR)`` says how it went, as
+for a TCP socket), ``sock_recv``, ``sock_recv_into``, ``sock_sendall``,
 ``sock_accept`` and ``sock_sendfile`` (which falls back to ``send``), and
 as the ``sock`` of ``open_connection``, ``start_server``,
 ``create_connection`` and ``connect_accepted_socket``.  What PV Calls
 cannot do shows there too:
 
-* ``loop.sock_connect`` holds up the event loop until the backend answers
-  the CONNECT (see :meth:`PVSocket.connect`), and ``asyncio.wait_for``
-  cannot cut it short.  Where the peer may be slow to answer, connect in a
-  thread with a timeout (``s.settimeout(t)``; ``await
-  loop.run_in_executor(None, s.connect, address)``;
-  ``s.setblocking(False)``).
 * A transport's ``write_eof()`` (and ``StreamWriter.write_eof()``) raises
   ``OSError`` EOPNOTSUPP, though ``can_write_eof()`` says True: there is
   no shutdown.  With data still buffered it returns, the data is sent,
   and then the event loop logs the error ("Exception in callback").
   Close the transport instead.
-* There are no socket options: the socket of
-  ``get_extra_info("socket")`` has no ``getsockopt``/``setsockopt``
-  (asyncio itself sets ``TCP_NODELAY`` only on sockets whose ``proto`` is
-  ``IPPROTO_TCP``, which a PVSocket's is not).  The addresses in
-  ``get_extra_info`` are those :meth:`PVSocket.getsockname` and
-  :meth:`PVSocket.getpeername` give.
+* There are no socket options: the socket of ``get_extra_info("socket")``
+  answers ``getsockopt`` only for what the frontend knows itself
+  (``SO_ERROR``, ``SO_TYPE``, ``SO_DOMAIN``, ``SO_ACCEPTCONN``) and
+  ``setsockopt`` with ENOPROTOOPT (asyncio itself sets ``TCP_NODELAY``
+  only on sockets whose ``proto`` is ``IPPROTO_TCP``, which a PVSocket's
+  is not).  The addresses in ``get_extra_info`` are those
+  :meth:`PVSocket.getsockname` and :meth:`PVSocket.getpeername` give.
+* ``asyncio.wait_for`` around ``sock_connect`` stops waiting at its
+  timeout, but the CONNECT stays in flight (as a TCP handshake would go
+  on): close the socket.
 """
 
 from ._common import FRONTEND_RING_ORDER

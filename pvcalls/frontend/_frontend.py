@@ -765,6 +765,10 @@ class Frontend(Closing):
             raise OSError(errno.ENOTCONN, "frontend is closed")
         with self._lock:
             ring = self._ring_pool.pop() if self._ring_pool else None
+            if ring is not None:
+                # A fileno() racing with the ring's return to the pool may
+                # have relayed it for its old socket after it was unrelayed.
+                self._unrelay(ring)
         if ring is None:
             ring = self._make_data_ring()
         else:

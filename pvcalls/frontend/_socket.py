@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import operator
 import os
 import socket
+import struct
 import threading
 import weakref
 from collections.abc import Callable
@@ -35,6 +37,12 @@ if TYPE_CHECKING:
 
 #: The range of a C int: what socket.socket.listen() takes as a backlog.
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
+
+#: An option value as getsockopt() with a ``buflen`` returns it.
+_INT = struct.Struct("=i")
+
+#: SOL_SOCKET options whose value every PV Calls socket has.
+_FIXED_OPTIONS = {socket.SO_TYPE: socket.SOCK_STREAM, socket.SO_DOMAIN: socket.AF_INET}
 
 
 class ReadyFd:
@@ -210,8 +218,10 @@ class PVSocket(Closing):
     Create it with :meth:`Frontend.socket`.  It supports the subset of
     :class:`socket.socket` that PV Calls can express: ``connect``, ``bind``,
     ``listen``, ``accept``, ``send``, ``sendall``, ``recv``, ``recv_into``,
-    ``makefile``, timeouts, ``close`` and ``with`` blocks.  There is no
-    ``getsockopt`` or ``setsockopt``: PV Calls carries no socket options.
+    ``makefile``, timeouts, ``close`` and ``with`` blocks.  PV Calls carries
+    no socket options: :meth:`getsockopt` knows only what the frontend
+    knows itself (``SO_ERROR`` of a non-blocking :meth:`connect` above
+    all), and :meth:`setsockopt` fails with ENOPROTOOPT.
 
     PV Calls has no shutdown and does not report addresses back, so
     ``getsockname`` returns the address given to :meth:`bind` (``("0.0.0.0",
@@ -249,6 +259,14 @@ class PVSocket(Closing):
         self._sockname: tuple[str, int] = ("0.0.0.0", 0)
         self._peername: tuple[str, int] | None = None
         self._broken = False  # a CONNECT timed out: only close() is left
+        # A non-blocking connect() (under _cond): its CONNECT is in flight;
+        # it failed and connect() has not said so yet; it succeeded and
+        # connect() has not said so yet.  SO_ERROR: the failure's errno,
+        # until getsockopt() or connect() takes it.
+        self._connecting = False
+        self._connect_failed = False
+        self._connect_unreported = False
+        self._so_error = 0
         # The id_new of an ACCEPT in flight, until accept() returns it: the
         # listener's, not yet the caller's (not in Frontend.sockets()).
         self._offered = False
@@ -327,18 +345,75 @@ class PVSocket(Closing):
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         return self._peername
 
+    def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int | bytes:
+        """The few options the frontend knows itself (SOL_SOCKET level):
+        ``SO_ERROR`` (the error of a non-blocking :meth:`connect`, 0 if
+        none; reading clears it), ``SO_TYPE``, ``SO_DOMAIN`` and
+        ``SO_ACCEPTCONN``.  Any other fails with :class:`OSError`
+        ENOPROTOOPT: PV Calls carries no socket options.  With ``buflen``,
+        the value as bytes, as :meth:`socket.socket.getsockopt` gives it."""
+        self._check_open()
+        level, optname = operator.index(level), operator.index(optname)
+        if buflen is not None:
+            buflen = operator.index(buflen)
+            if not 0 < buflen <= 1024:
+                raise OSError("getsockopt buflen out of range")
+        if level == socket.SOL_SOCKET and optname == socket.SO_ERROR:
+            with self._cond:
+                value, self._so_error = self._so_error, 0
+        elif level == socket.SOL_SOCKET and optname in _FIXED_OPTIONS:
+            value = _FIXED_OPTIONS[optname]
+        elif level == socket.SOL_SOCKET and optname == socket.SO_ACCEPTCONN:
+            value = int(self._st.listening)
+        else:
+            raise OSError(errno.ENOPROTOOPT,
+                          f"{os.strerror(errno.ENOPROTOOPT)} (level {level}, option {optname}: "
+                          "PV Calls carries no socket options)")
+        if buflen is None:
+            return value
+        return _INT.pack(value)[:buflen]
+
+    def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
+        """:class:`OSError` ENOPROTOOPT, as a socket says of an option it
+        does not have: PV Calls carries no socket options.  The one
+        exception, ``SO_REUSEADDR`` turned on, is accepted and does
+        nothing: the backend binds every socket with it already (so
+        servers that set it, as most do, work unchanged).  Programs that
+        tolerate ENOPROTOOPT (``http.client`` for ``TCP_NODELAY``) go on."""
+        self._check_open()
+        level, optname = operator.index(level), operator.index(optname)
+        if (level == socket.SOL_SOCKET and optname == socket.SO_REUSEADDR
+                and optlen is None and isinstance(value, int) and value):
+            return
+        raise OSError(errno.ENOPROTOOPT,
+                      f"{os.strerror(errno.ENOPROTOOPT)} (level {level}, option {optname}: "
+                      "PV Calls carries no socket options)")
+
     def connect(self, address: tuple[str, int]) -> None:
         """Connect to ``address`` = (host, port) as seen from the backend
         domain; ``host`` is taken as :class:`socket.socket` takes it (a name
         is resolved here, IPv4 only).  Waits for the backend's answer,
-        bounded by the timeout when one is set (also in non-blocking mode,
-        which fails with :class:`BlockingIOError` only if the command ring
-        has no room for the CONNECT), as Linux's pvcalls-front waits
-        whatever O_NONBLOCK says.  So asyncio's ``loop.sock_connect()``
-        blocks the event loop until the backend answers (see the module's
-        notes on asyncio)."""
+        bounded by the timeout when one is set.
+
+        In non-blocking mode it sends the CONNECT and fails with
+        :class:`BlockingIOError` EINPROGRESS, as a TCP socket's does (or
+        EAGAIN if the command ring has no room: nothing was sent), where
+        Linux's pvcalls-front waits whatever O_NONBLOCK says.  The answer
+        completes the connect later, as the handshake does a TCP socket's:
+        :meth:`fileno` polls writable once it came, and ``getsockopt(
+        SOL_SOCKET, SO_ERROR)`` says how it went (0, or the errno, which
+        it clears).  Meanwhile connect() fails with EALREADY, or in
+        blocking mode waits for the answer.  After the answer the first
+        connect() returns (success) or raises the error, as Linux's
+        second connect() does; later ones fail with EISCONN, or start over
+        after a failure.  That is what ``select``-based programs and
+        asyncio's ``loop.sock_connect()`` expect."""
         host, port = resolve(address)
         self._check_open()
+        with self._cond:
+            started = self._connecting or self._connect_failed or self._connect_unreported
+        if started and self._finish_connect(Deadline(self._timeout)):
+            return
         self._check_unconnected()
         lock_deadline = Deadline(self._timeout)
         lock_deadline.acquire(self._recv_lock)
@@ -374,7 +449,10 @@ class PVSocket(Closing):
                 self._st.ring = None
                 self._fe._put_data_ring(ring, reusable=True)
                 raise
-            deadline = Deadline(self._timeout or None)
+            if self._timeout == 0.0:
+                self._connect_in_background(req_id, slot, host, port)
+                raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
+            deadline = Deadline(self._timeout)
             try:
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
@@ -405,6 +483,69 @@ class PVSocket(Closing):
         finally:
             self._send_lock.release()
             self._recv_lock.release()
+
+    def _connect_in_background(self, req_id: int, slot: Slot, host: str, port: int) -> None:
+        """Non-blocking connect(): the CONNECT went out; its answer
+        completes the connect (:meth:`_connect_answered`) whenever it
+        comes.  Called under the receive and send locks."""
+        with self._cond:
+            self._connecting = True
+        self._fe._abandon(req_id, slot, functools.partial(self._connect_answered, host, port))
+        self._update_ready()  # neither readable nor writable until the answer
+
+    def _connect_answered(self, host: str, port: int, ret: int) -> None:
+        """The backend answered a non-blocking connect()'s CONNECT: called
+        by the event thread, or by connect() if the answer came first.
+
+        A refused CONNECT gives the ring back here, not in a call of the
+        socket: none of them uses the ring while the connect is in flight
+        (:meth:`_active_ring` waits for its end), and close() takes the
+        ring under ``_cond`` as this does, so exactly one of the two frees
+        it.  Once the socket is closed its RELEASE owns the ring."""
+        ring = None
+        with self._cond:
+            self._connecting = False
+            if not self._closed:
+                if ret < 0:
+                    # The backend let go of the ring; the id is a new
+                    # socket again (as after a blocking connect() failed).
+                    self._so_error = host_error(ret, "connect").errno or errno.EIO
+                    self._connect_failed = True
+                    ring, self._st.ring = self._st.ring, None
+                else:
+                    self._peername = (host, port)
+                    self._connect_unreported = True
+            self._cond.notify_all()
+        if ring is not None:
+            self._fe._put_data_ring(ring, reusable=True)
+        self._update_ready()
+
+    def _finish_connect(self, deadline: Deadline) -> bool:
+        """connect() after a non-blocking one: what Linux's connect()
+        does on a socket in SS_CONNECTING.  EALREADY while the CONNECT is
+        in flight (in blocking mode: wait for it); then return True once
+        if it succeeded, or raise its error (ECONNABORTED if SO_ERROR took
+        it) once if it failed, leaving the socket unconnected.  False if
+        another thread's connect() took the outcome meanwhile: this one is
+        a connect() as on any socket."""
+        with self._cond:
+            while self._connecting and not self._closed and not self._fe._dead:
+                if deadline.timeout == 0.0:
+                    raise OSError(errno.EALREADY, os.strerror(errno.EALREADY))
+                self._cond.wait(deadline.nap())
+            if self._closed:
+                raise bad_fd()
+            if self._connecting:
+                raise self._fe._gone()
+            if self._connect_unreported:
+                self._connect_unreported = False
+                return True
+            if self._connect_failed:
+                self._connect_failed = False
+                err, self._so_error = self._so_error, 0
+                err = err or errno.ECONNABORTED
+                raise OSError(err, os.strerror(err))
+        return False
 
     def _check_unconnected(self) -> None:
         if self._st.ring is not None or self._st.listening or self._broken:
@@ -579,7 +720,7 @@ class PVSocket(Closing):
         if not self._send_lock.acquire(False):  # uncontended: no call more
             deadline.acquire(self._send_lock)
         try:
-            ring = self._active_ring()
+            ring = self._active_ring(deadline)
             while True:
                 err = ring.out_error()
                 if err:
@@ -650,7 +791,7 @@ class PVSocket(Closing):
         if not self._recv_lock.acquire(False):  # uncontended: no call more
             deadline.acquire(self._recv_lock)
         try:
-            ring = self._active_ring()
+            ring = self._active_ring(deadline)
             while True:
                 if self._closed:
                     raise bad_fd()
@@ -842,12 +983,34 @@ class PVSocket(Closing):
         if self._closed:
             raise bad_fd()
 
-    def _active_ring(self) -> DataRing:
+    def _active_ring(self, deadline: Deadline | None = None) -> DataRing:
+        """The data ring of a connected socket, for a call that moves data.
+
+        While a non-blocking connect() is in flight the call waits for it
+        within ``deadline`` (None: it does not wait), as a TCP socket's
+        send and recv wait for the handshake; the error of one that failed
+        is raised once (what SO_ERROR would say), then ENOTCONN."""
         self._check_open()
+        if self._connecting or self._connect_failed:
+            self._wait_connected(deadline)
         ring = self._st.ring
         if ring is None or self._broken or self._st.listening:
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         return ring
+
+    def _wait_connected(self, deadline: Deadline | None) -> None:
+        """See :meth:`_active_ring`."""
+        with self._cond:
+            while self._connecting and not self._closed and not self._fe._dead:
+                if deadline is None or deadline.timeout == 0.0:
+                    raise BlockingIOError(errno.EAGAIN, "operation would block (connecting)")
+                self._cond.wait(deadline.nap())
+            self._check_open()
+            if self._connecting:
+                raise self._fe._gone()
+            err, self._so_error = self._so_error, 0
+        if err:
+            raise OSError(err, os.strerror(err))
 
     def _wait(self, side: int, deadline: Deadline, ready: Callable[[], bool]) -> None:
         """Sleep until ``ready()``, the socket closes, or the deadline.
@@ -942,8 +1105,10 @@ class PVSocket(Closing):
 
     def _readable(self) -> bool:
         ring = self._st.ring
-        if self._closed or self._fe._dead:
+        if self._closed or self._fe._dead or self._connect_failed:
             return True  # the call fails at once
+        if self._connecting:
+            return False
         if ring is not None and not self._st.listening:
             return ring.in_pending() or bool(ring.in_error())
         # An ACCEPT left in flight by a non-blocking or timed-out accept()
@@ -954,8 +1119,10 @@ class PVSocket(Closing):
 
     def _writable(self) -> bool:
         ring = self._st.ring
-        if self._closed or self._fe._dead:
-            return True  # the call fails at once
+        if self._closed or self._fe._dead or self._connect_failed:
+            return True  # the call fails at once (or connect() reports it)
+        if self._connecting:
+            return False  # until the CONNECT's answer, as a TCP handshake
         if self._st.listening:
             # Nothing to send, as on a TCP listener (and Linux's
             # pvcalls-front polls a passive socket for EPOLLIN only).

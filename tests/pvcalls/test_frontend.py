@@ -2225,6 +2225,92 @@ def test_asyncio_sock_sendfile_delivers_the_file(
     assert bytes(received) == payload
 
 
+def test_asyncio_sock_connect_does_not_hold_up_the_loop(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """loop.sock_connect() on a non-blocking socket: EINPROGRESS, then
+    fileno() writable and SO_ERROR, as with a TCP socket.  A connect the
+    peer does not answer leaves the loop running (other tasks tick, and
+    asyncio.wait_for gives up on it); a refused one raises
+    ConnectionRefusedError; an answered one carries data."""
+    srv = server()
+    closed = socket.create_server(("127.0.0.1", 0))
+    refused = closed.getsockname()
+    closed.close()
+
+    async def main(unanswered: tuple[str, int]) -> int:
+        loop = asyncio.get_running_loop()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticking = asyncio.ensure_future(ticker())
+        with fe.socket() as s:
+            s.setblocking(False)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(loop.sock_connect(s, unanswered), 0.3)
+            during = ticks
+        with fe.socket() as s:
+            s.setblocking(False)
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.wait_for(loop.sock_connect(s, refused), TIMEOUT)
+        with fe.socket() as s:
+            s.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(s, srv.address), TIMEOUT)
+            assert s.getpeername() == srv.address
+            await loop.sock_sendall(s, b"ping")
+            got = b""
+            while len(got) < 4:
+                got += await asyncio.wait_for(loop.sock_recv(s, 4 - len(got)), TIMEOUT)
+            assert got == b"ping"
+        ticking.cancel()
+        return during
+
+    with unanswered_listener() as address:
+        during = asyncio.run(main(address))
+    assert during >= 5, f"the loop ran {during} times in 0.3 s of sock_connect: it was held up"
+
+
+def test_socket_options_are_only_what_the_frontend_knows(fe: pvcalls.Frontend) -> None:
+    """getsockopt answers SO_ERROR, SO_TYPE, SO_DOMAIN and SO_ACCEPTCONN;
+    every other option is ENOPROTOOPT, as is setsockopt but for turning
+    SO_REUSEADDR on (what the backend does anyway); a closed socket is
+    EBADF; a buflen is checked as socket.socket checks it."""
+    sol = socket.SOL_SOCKET
+    with fe.socket() as s:
+        assert s.getsockopt(sol, socket.SO_TYPE) == socket.SOCK_STREAM
+        assert s.getsockopt(sol, socket.SO_DOMAIN) == socket.AF_INET
+        assert s.getsockopt(sol, socket.SO_TYPE, 4) == struct.pack("=i", socket.SOCK_STREAM)
+        assert s.getsockopt(sol, socket.SO_TYPE, 2) == struct.pack("=i", socket.SOCK_STREAM)[:2]
+        for buflen in (0, 1025, -1):
+            with pytest.raises(OSError, match="buflen out of range"):
+                s.getsockopt(sol, socket.SO_TYPE, buflen)
+        assert s.getsockopt(sol, socket.SO_ERROR) == 0
+        assert s.getsockopt(sol, socket.SO_ACCEPTCONN) == 0
+        s.setsockopt(sol, socket.SO_REUSEADDR, 1)
+        for call in (lambda: s.getsockopt(sol, socket.SO_RCVBUF),
+                     lambda: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                     lambda: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                     lambda: s.setsockopt(sol, socket.SO_REUSEADDR, 0),
+                     lambda: s.setsockopt(sol, socket.SO_REUSEADDR, b"\1\0\0\0")):
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == errno.ENOPROTOOPT
+        with pytest.raises(TypeError):
+            s.getsockopt("SOL_SOCKET", socket.SO_TYPE)  # type: ignore[arg-type]
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert s.getsockopt(sol, socket.SO_ACCEPTCONN) == 1
+    for call in (lambda: s.getsockopt(sol, socket.SO_ERROR),
+                 lambda: s.setsockopt(sol, socket.SO_REUSEADDR, 1)):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
+
+
 def test_a_listening_socket_is_never_writable(fe: pvcalls.Frontend, backend: Any,
                                               guest: Any) -> None:
     """As a TCP listener (and Linux's pvcalls-front, whose passive poll

@@ -1106,23 +1106,145 @@ def test_a_socket_the_backend_refuses_is_not_kept(
     assert fe._sockets == held
 
 
-def test_a_non_blocking_connect_waits_for_the_answer(
-        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
-    """Non-blocking mode fails connect() with BlockingIOError only if the
-    CONNECT cannot go out; once sent, its answer is waited for (PV Calls
-    has no later completion to report, as EINPROGRESS would promise)."""
+def _readiness(s: pvcalls.PVSocket) -> tuple[bool, bool]:
+    """Whether fileno() polls readable and writable, now."""
+    fd = s.fileno()
+    readable, writable, _ = select.select([fd], [fd], [], 0)
+    return bool(readable), bool(writable)
+
+
+_ADDRESS = ("127.0.0.1", 4000)
+
+
+def _connecting(fe: pvcalls.Frontend, fake: FakeBackend) -> tuple[pvcalls.PVSocket, Request]:
+    """A non-blocking socket whose CONNECT the backend holds, and that
+    CONNECT.  fileno() is asked for first, as asyncio's sock_connect does."""
     s = fe.socket()
     s.setblocking(False)
+    assert _readiness(s) == (False, True)  # a new socket: send() fails at once
     fake.hold = {PVCALLS_CONNECT}
-    connecting = Call(lambda: s.connect(("127.0.0.1", 4000)))
-    req = fake.next_request(PVCALLS_CONNECT)
-    wait_until(lambda: done_or_at(connecting, pvcalls.Frontend._wait_slot,
-                                  "self._cmd_cond.wait("))
+    with pytest.raises(BlockingIOError) as info:
+        s.connect(_ADDRESS)
+    assert info.value.errno == errno.EINPROGRESS
+    return s, fake.next_request(PVCALLS_CONNECT)
+
+
+def test_a_non_blocking_connect_completes_when_the_answer_comes(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As a TCP socket's: connect() fails with EINPROGRESS once the
+    CONNECT is out; meanwhile the socket polls neither readable nor
+    writable, data calls would block and connect() says EALREADY; the
+    answer makes it writable with SO_ERROR 0, and the next connect()
+    returns once, as Linux's, before EISCONN."""
+    s, req = _connecting(fe, fake)
+    assert _readiness(s) == (False, False)
+    assert s.connect_ex(_ADDRESS) == errno.EALREADY
+    for call in (lambda: s.recv(1), lambda: s.send(b"x")):
+        with pytest.raises(BlockingIOError) as info:
+            call()
+        assert info.value.errno == errno.EAGAIN
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    with pytest.raises(OSError) as info:
+        s.getpeername()
+    assert info.value.errno == errno.ENOTCONN
+
     fake.respond(req, 0)
-    assert connecting.join().error is None
-    assert s.getpeername() == ("127.0.0.1", 4000)
-    fake.hold = set()
+    wait_until(lambda: _readiness(s) == (False, True))
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    assert s.getpeername() == _ADDRESS
+    assert s.connect_ex(_ADDRESS) == 0
+    assert s.connect_ex(_ADDRESS) == errno.EISCONN
+    assert s.send(b"x") == 1
     s.close()
+    wait_until(lambda: not fe._releases)
+    with fe._lock:
+        assert fe._slots == [None] * len(fe._slots)
+
+
+@pytest.mark.parametrize("report", ["getsockopt", "connect"])
+def test_a_non_blocking_connect_that_fails_says_so_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, report: str) -> None:
+    """A refused CONNECT: the socket polls readable and writable, its
+    ring goes back to the pool (the backend let go of it), and the error
+    is reported once, by getsockopt(SO_ERROR) or by the next connect()
+    (ECONNABORTED after SO_ERROR took it, as Linux's); then the socket is
+    unconnected and may connect again."""
+    s, req = _connecting(fe, fake)
+    ring = s._st.ring
+    fake.respond(req, -111)  # ECONNREFUSED
+    wait_until(lambda: _readiness(s) == (True, True))
+    assert s._st.ring is None
+    assert fe._ring_pool.count(ring) == 1
+    if report == "getsockopt":
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR, 4) == \
+            struct.pack("=i", errno.ECONNREFUSED)  # with a buflen: as bytes
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert s.connect_ex(_ADDRESS) == errno.ECONNABORTED
+    else:
+        assert s.connect_ex(_ADDRESS) == errno.ECONNREFUSED
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    fake.hold = set()
+    s.setblocking(True)
+    s.connect(_ADDRESS)  # starts over, answered at once
+    assert s.getpeername() == _ADDRESS
+    s.close()
+
+
+@pytest.mark.parametrize("ret", [0, -111])
+def test_blocking_calls_wait_for_a_non_blocking_connect(
+        fe: pvcalls.Frontend, fake: FakeBackend, ret: int) -> None:
+    """Switched to blocking mode while its CONNECT is in flight, the
+    socket's calls wait for the answer, as a TCP socket's wait for its
+    handshake: then connect() returns (or raises the error) and send()
+    goes on; a recv() that was waiting for a refused connect gets the
+    error."""
+    s, req = _connecting(fe, fake)
+    s.settimeout(TIMEOUT)
+    calls = [Call(lambda: s.connect(_ADDRESS))]
+    if ret == 0:
+        calls.append(Call(lambda: s.send(b"x")))
+    wait_until(lambda: len(s._cond._waiters) == len(calls))  # type: ignore[attr-defined]
+    fake.respond(req, ret)
+    for call in calls:
+        call.join()
+    if ret == 0:
+        assert [c.error for c in calls] == [None, None]
+        assert calls[1].result == 1
+    else:
+        assert calls[0].oserror().errno == errno.ECONNREFUSED
+        with pytest.raises(OSError) as info:
+            s.recv(1)
+        assert info.value.errno == errno.ENOTCONN  # reported once, by connect()
+    s.close()
+
+
+def test_a_recv_waiting_for_a_refused_connect_gets_the_error(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    s, req = _connecting(fe, fake)
+    s.settimeout(TIMEOUT)
+    receiving = Call(lambda: s.recv(1))
+    wait_until(lambda: len(s._cond._waiters) == 1)  # type: ignore[attr-defined]
+    fake.respond(req, -111)
+    assert receiving.oserror().errno == errno.ECONNREFUSED
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # taken by recv()
+    s.close()
+
+
+def test_a_non_blocking_connect_answered_after_close_is_ignored(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """close() with the CONNECT in flight: the RELEASE owns the ring, and
+    the late answer (here after the RELEASE's) frees only the slot."""
+    s, req = _connecting(fe, fake)
+    ring = s._st.ring
+    s.close()
+    wait_until(lambda: not fe._releases)  # RELEASE answered: the ring is back
+    fake.respond(req, -EINTR)
+    wait_until(lambda: fe._slots == [None] * len(fe._slots))
+    assert fe._ring_pool.count(ring) == 1
+    assert s._st.ring is None
+    with pytest.raises(OSError) as info:
+        s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    assert info.value.errno == errno.EBADF
 
 
 def test_a_ring_whose_release_failed_is_not_reused(
