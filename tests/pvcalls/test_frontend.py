@@ -588,6 +588,30 @@ def test_fileno_waits_for_data(fe: pvcalls.Frontend, server: Any) -> None:
         assert sel.select(0) == []
 
 
+def test_a_ring_relayed_late_for_its_old_socket_serves_the_next_one(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """A fileno() that read a socket's ring just before a refused
+    non-blocking connect gave the ring back to the pool relays it after
+    it was unrelayed: the end state is built here.  The socket the ring
+    serves next must still see its data through fileno()."""
+    srv = server()
+    with connected(fe, srv.address) as old:
+        ring = old._st.ring
+        assert ring is not None and ring.direct
+        old_st = old._st
+    wait_until(lambda: ring in fe._ring_pool)
+    fe._relay(ring, old_st)  # the late relay
+    with fe.socket() as s, selectors.DefaultSelector() as sel:
+        s.fileno()
+        s.settimeout(TIMEOUT)
+        s.connect(srv.address)
+        assert s._st.ring is ring
+        sel.register(s, selectors.EVENT_READ)
+        s.sendall(b"hello")
+        assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [s]
+        assert recv_exactly(s, 5) == b"hello"
+
+
 def test_notifications_after_consuming_only_for_a_full_ring(
         fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The backend waits for a consume only when the in ring was full: a
