@@ -91,7 +91,7 @@ def _seconds(text: str) -> float:
 def _timeout(text: str) -> float:
     """A -w timeout: as :func:`_seconds`, but more than 0.  A socket's
     timeout of 0 makes it non-blocking, and connect and accept would fail
-    at once with EAGAIN ("no connection pending"), not time out."""
+    at once (EINPROGRESS, or EAGAIN "no connection pending"), not time out."""
     value = _seconds(text)
     if not value:
         raise argparse.ArgumentTypeError(f"{text} is not more than 0 seconds")
