@@ -20,6 +20,10 @@ TIMEOUT = 60
      r"sent 'hello', guest answered 'HELLO'\n"
      r"sent 'from', guest answered 'FROM'\n"
      r"sent 'the host', guest answered 'THE HOST'$"),
+    ("pvcalls_asyncio.py",
+     r"^asked 'hello', host answered 'HELLO'\n"
+     r"asked 'from the guest', host answered 'FROM THE GUEST'\n"
+     r"asked 'anyone there\?': ConnectionRefusedError$"),
 ])
 def test_example_runs(name: str, expected: str) -> None:
     result = subprocess.run([sys.executable, str(EXAMPLES / name)],
