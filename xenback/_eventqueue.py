@@ -34,12 +34,21 @@ class EventQueue:
 
     ``workqueue`` is shared by many queues (a :func:`workqueue.alloc_workqueue`
     queue).  An exception in a call is logged and does not stop the calls
-    after it.
+    after it.  ``handled(exc)``, if given, sees it first: True means its
+    owner knows why the call failed and said so already, and nothing more
+    is logged.
     """
 
-    def __init__(self, workqueue: Workqueue, name: str = "") -> None:
+    def __init__(
+        self,
+        workqueue: Workqueue,
+        name: str = "",
+        *,
+        handled: Callable[[Exception], bool] | None = None,
+    ) -> None:
         self.name = name
         self._workqueue = workqueue
+        self._handled = handled
         # _lock guards _calls and _closed, and is held while call() queues
         # the Work, so that close(), which takes it, then flushes every call
         # it let in (queueing after letting go of it raced with a close()
@@ -74,12 +83,26 @@ class EventQueue:
             try:
                 fn(*args)
             except Exception as exc:
+                if self._explained(exc):
+                    continue
                 if isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN:
                     # XenStore (or the host) went away under the call: not a
                     # bug of the callback, and every later call says the same.
                     logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
                 else:
                     logger.exception("%s: callback %r failed", self.name or "event queue", fn)
+
+    def _explained(self, exc: Exception) -> bool:
+        """Whether ``handled`` took care of ``exc``."""
+        if self._handled is None:
+            return False
+        try:
+            return self._handled(exc)
+        except Exception:
+            # Logged below with the call's own exception; the calls behind
+            # this one must still run.
+            logger.exception("%s: handling %r failed", self.name or "event queue", exc)
+            return False
 
     def in_queue(self) -> bool:
         """True when called from one of this queue's calls."""

@@ -693,6 +693,36 @@ def test_event_queue_reports_a_lost_connection_without_a_traceback(wq, caplog) -
     assert "failed" in bug.getMessage() and bug.exc_info is not None
 
 
+def test_event_queue_leaves_what_its_owner_handled_unlogged(wq, caplog) -> None:
+    """``handled`` sees a failed call's exception first: what it takes is
+    not logged; what it refuses, or fails on, is logged as without it,
+    and the calls behind go on running either way."""
+    seen: list[BaseException] = []
+
+    def handled(exc: Exception) -> bool:
+        seen.append(exc)
+        if isinstance(exc, KeyError):
+            raise RuntimeError("the handler's own bug")
+        return isinstance(exc, PermissionError)
+
+    queue = EventQueue(wq, "owned", handled=handled)
+    out: list[int] = []
+
+    def fail(exc: Exception) -> None:
+        raise exc
+
+    queue.call(fail, PermissionError(13, "Permission denied", "/local/domain/1"))
+    queue.call(fail, ZeroDivisionError("a bug"))
+    queue.call(fail, KeyError("another"))
+    queue.call(out.append, 1)
+    queue.flush()
+    assert out == [1]
+    assert [type(e) for e in seen] == [PermissionError, ZeroDivisionError, KeyError]
+    logged = [r for r in caplog.records if r.name == "xenback._eventqueue"]
+    assert [r.exc_info[0] for r in logged if r.exc_info] == [ZeroDivisionError, RuntimeError, KeyError]
+    assert "Permission denied" not in caplog.text
+
+
 def test_a_failing_watch_callback_silences_no_watch(dom0_xs, caplog) -> None:
     """Callbacks run on the one watch thread of the connection: one that
     raises is logged, and every watch (itself included) goes on firing."""
