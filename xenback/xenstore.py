@@ -395,9 +395,11 @@ class XenStore(_Ops, Closing):
         self.connection_lost = threading.Event()
 
     @classmethod
-    def connect_to(cls, platform: Platform) -> XenStore:
-        """Connect to ``platform``'s XenStore."""
-        xs = cls(platform.xenstore())
+    def connect_to(
+        cls, platform: Platform, *, on_lost: Callable[[Exception], None] | None = None
+    ) -> XenStore:
+        """Connect to ``platform``'s XenStore (``on_lost`` as for the constructor)."""
+        xs = cls(platform.xenstore(), on_lost=on_lost)
         xs.open()
         return xs
 
