@@ -39,7 +39,14 @@ protocol (section 2 of the protocol reference), item by item:
   exists, retried on EAGAIN, and skipped when the node already holds it;
 * failures (:meth:`BackendDevice.fatal`, or an exception from a driver
   method): ``error/<backend-path>/error`` = ``"<errno> <message>"`` under
-  our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
+  our domain's home, and the device goes Closing (``xenbus_dev_fatal``);
+* our own domain going away (a driver domain destroyed under its
+  backend): libxl deletes its home before the domain, and with it goes
+  our right to read anything we had there (EACCES where a node was).  A
+  request that fails so is not a failure of the device: the backend says
+  once that the domain is going, drops every device without writing
+  anything (disconnect, release, remove) and serves nothing more, as a
+  backend that lost its XenStore connection would; stop() still works.
 
 Ordering: every callback for one device runs on that device's
 :class:`~xenback._eventqueue.EventQueue`, one at a time, in the order the
@@ -172,7 +179,8 @@ class BackendDevice:
             f"dom{frontend_id}" if devid == 0 else f"dom{frontend_id} device {devid}")
         #: The device's ordered queue: every xenbus callback of this device
         #: runs on it, one at a time (see :meth:`queue`).
-        self.events = EventQueue(driver.workqueue, f"{self.device_type}-{frontend_id}-{devid}")
+        self.events = EventQueue(driver.workqueue, f"{self.device_type}-{frontend_id}-{devid}",
+                                 handled=driver._callback_failed)
         # Everything below is only touched from this device's event queue,
         # except _gone and the resources, guarded by _lock (drivers may map
         # and bind from their own work items too), and _otherend_pending,
@@ -339,7 +347,8 @@ class BackendDevice:
             # Reporting an error must not raise one: fatal() still has to go
             # Closing.  No traceback: XenStore's error says it all (most
             # likely the connection is gone, and every device says so).
-            logger.warning("%s: could not write the error node: %s", self.nodename, exc)
+            if not self.driver._lost_domain(exc):
+                logger.warning("%s: could not write the error node: %s", self.nodename, exc)
 
     def fatal(self, err: int, message: str) -> None:
         """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing."""
@@ -347,7 +356,8 @@ class BackendDevice:
         try:
             self.switch_state(XenbusState.CLOSING)
         except OSError as exc:
-            logger.warning("%s: could not switch to Closing: %s", self.nodename, exc)
+            if not self.driver._lost_domain(exc):
+                logger.warning("%s: could not switch to Closing: %s", self.nodename, exc)
 
     # Grants and event channels, released automatically on disconnect.
 
@@ -473,11 +483,17 @@ class BackendDriver:
         self._xs: XenStore | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
-        # _lock guards _devices, _stopping, _stop_unfinished and the lazy
-        # creation of the event dispatcher and grant table handle.
+        # _lock guards _devices, _stopping, _domain_gone, _stop_unfinished
+        # and the lazy creation of the event dispatcher and grant table
+        # handle.
         self._lock = threading.Lock()
         self._devices: dict[tuple[int, int], BackendDevice] = {}
         self._stopping = False
+        # Our own domain is going away (see _lose_domain): nothing more is
+        # served, and nothing written.  Set under _lock; read without it
+        # where a stale False only costs a request that fails and is taken
+        # for the domain's death like any other.  Until the next start().
+        self._domain_gone = False
         # A stop() ended in an exception (Ctrl-C in one of its waits): the
         # next stop() does what it left.
         self._stop_unfinished = False
@@ -588,7 +604,7 @@ class BackendDriver:
         if self._own_workqueue:
             self._workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
         try:
-            self._xs = XenStore.connect_to(self.platform)
+            self._xs = XenStore.connect_to(self.platform, on_lost=self._xenstore_lost)
         except BaseException:
             if self._own_workqueue and self._workqueue is not None:
                 self._workqueue.destroy()
@@ -596,8 +612,10 @@ class BackendDriver:
             raise
         with self._lock:
             self._stopping = False
+            self._domain_gone = False
         self._first_scan = True
-        self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus")
+        self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus",
+                               handled=self._callback_failed)
         try:
             self._watches.append(
                 self._xs.watch(self.backend_root, self._backend_watch)
@@ -680,6 +698,80 @@ class BackendDriver:
     ) -> None:
         self.stop()
 
+    # Our own domain going away.
+
+    def _home_gone(self) -> bool:
+        """Whether our home, ``/local/domain/<self>``, is gone: libxl
+        deletes it when it destroys our domain, after the devices and
+        before the domain itself (and with it our XenStore connection).
+        A driver domain may not read ``/local/domain``, so where its home
+        was it gets EACCES, not ENOENT."""
+        xs = self._xs
+        if xs is None:
+            return False
+        try:
+            return not xs.exists(self.home)
+        except PermissionError:
+            return True
+        except ConnectionError:
+            # The domain went the rest of the way since the request that
+            # made us ask: the connection went with it.
+            return True
+
+    def _lost_domain(self, exc: BaseException) -> bool:
+        """Whether ``exc``, raised by a request to XenStore (or the host),
+        comes of our own domain going away: once it is known to be going,
+        any :class:`OSError` does; before, only EACCES with our home gone
+        (which makes it known: see :meth:`_lose_domain`).  EACCES with our
+        home still there is a real refusal, and is reported as such."""
+        if not isinstance(exc, OSError):
+            return False
+        with self._lock:
+            if self._domain_gone:
+                return True
+        if not isinstance(exc, PermissionError) or not self._home_gone():
+            return False
+        self._lose_domain()
+        return True
+
+    def _lose_domain(self) -> None:
+        """Our domain is going away: say so once, and drop every device.
+        Nothing is written (our nodes went with our home, and a write
+        would only fail); disconnect() and remove() are called and the
+        grants and ports released while the domain still has them, so
+        that nothing is left for stop() but the threads and handles."""
+        with self._lock:
+            if self._domain_gone:
+                return
+            self._domain_gone = True
+            devices = list(self._devices.values())
+        logger.warning("%s backend: domain %d is going away (its XenStore home %s is gone): "
+                       "dropping its %d device%s", self.device_type, self.platform.domid,
+                       self.home, len(devices), "" if len(devices) == 1 else "s")
+        for dev in devices:
+            dev.queue(self._drop, dev)
+
+    def _callback_failed(self, exc: Exception) -> bool:
+        """The ``handled`` of our event queues: a callback that failed as
+        our domain went away is no bug of its own, and every callback of
+        every device would say the same: _lose_domain said it once."""
+        if not self._lost_domain(exc):
+            return False
+        logger.debug("%s backend: a callback failed as domain %d goes",
+                     self.device_type, self.platform.domid, exc_info=exc)
+        return True
+
+    def _xenstore_lost(self, exc: Exception) -> None:
+        # On pyxs's router thread.  Once our domain is going, the loss of
+        # its connection is the end of that, said already.
+        with self._lock:
+            gone = self._domain_gone
+        if gone:
+            logger.debug("%s backend: XenStore connection of domain %d closed: %s",
+                         self.device_type, self.platform.domid, exc)
+        else:
+            logger.warning("XenStore connection lost: %s", exc)
+
     # Discovery.
 
     def _backend_watch(self, path: str) -> None:
@@ -699,6 +791,8 @@ class BackendDriver:
     # Discovery (runs on the bus queue).
 
     def _backend_event(self, path: str) -> None:
+        if self._domain_gone:
+            return
         parts = path[len(self.backend_root) :].strip("/").split("/")
         if path.startswith(self.backend_root + "/") and len(parts) >= 2:
             self._check_device(parts[0], parts[1])
@@ -751,7 +845,7 @@ class BackendDriver:
                 self._close_unprobed(path)
             return
         with self._lock:
-            if self._stopping or key in self._devices:
+            if self._stopping or self._domain_gone or key in self._devices:
                 return
             dev = BackendDevice(self, *key)
             self._devices[key] = dev
@@ -809,6 +903,8 @@ class BackendDriver:
             logger.info("%s: removed before it was probed", path)
 
     def _release_domain(self, _path: str) -> None:
+        if self._domain_gone:
+            return  # every device is being dropped
         alive: dict[int, bool] = {}
         for dev in self.devices():
             fe = dev.frontend_id
@@ -832,7 +928,7 @@ class BackendDriver:
     # Per-device handlers (run on the device's queue).
 
     def _probe(self, dev: BackendDevice, taken_over: bool = False) -> None:
-        if dev.gone:
+        if dev.gone or self._domain_gone:
             return
         try:
             otherend = dev.read("frontend")
@@ -904,7 +1000,7 @@ class BackendDriver:
         with dev._lock:
             # Before reading: a write after the read fires a new event.
             dev._otherend_pending = False
-        if dev.gone:
+        if dev.gone or self._domain_gone:
             return
         raw = self._otherend_state(dev)
         try:
@@ -943,7 +1039,7 @@ class BackendDriver:
             return None
 
     def _backend_changed(self, dev: BackendDevice) -> None:
-        if dev.gone:
+        if dev.gone or self._domain_gone:
             return
         xs = self.xenstore
         exists = xs.exists(dev.nodename)
@@ -1002,9 +1098,18 @@ class BackendDriver:
             dev._connected = False
             try:
                 self.disconnect(dev)
-            except Exception:
-                logger.exception("%s: disconnect failed", dev.nodename)
+            except Exception as exc:
+                self._hook_failed(dev, "disconnect", exc)
         dev.release_resources()
+
+    def _hook_failed(self, dev: BackendDevice, hook: str, exc: Exception) -> None:
+        """A driver's disconnect() or remove() raised: a bug of the driver,
+        unless it tried XenStore (or the host) as our domain went away."""
+        if self._lost_domain(exc):
+            logger.debug("%s: %s failed as domain %d goes", dev.nodename, hook,
+                         self.platform.domid, exc_info=exc)
+        else:
+            logger.error("%s: " + hook + " failed", dev.nodename, exc_info=exc)
 
     def _drop(self, dev: BackendDevice) -> None:
         """Disconnect, write Closed (if the directory is still there), call
@@ -1013,9 +1118,12 @@ class BackendDriver:
             return
         self._disconnect(dev)
         try:
-            dev.switch_state(XenbusState.CLOSED)
+            # Not once our domain is going: our directory went with our home.
+            if not self._domain_gone:
+                dev.switch_state(XenbusState.CLOSED)
         except OSError as exc:
-            logger.warning("%s: could not switch to Closed: %s", dev.nodename, exc)
+            if not self._lost_domain(exc):
+                logger.warning("%s: could not switch to Closed: %s", dev.nodename, exc)
         if dev._otherend_watch is not None:
             try:
                 dev._otherend_watch.unwatch()
@@ -1025,8 +1133,8 @@ class BackendDriver:
         try:
             if dev._probed:
                 self.remove(dev)
-        except Exception:
-            logger.exception("%s: remove failed", dev.nodename)
+        except Exception as exc:
+            self._hook_failed(dev, "remove", exc)
         with dev._lock:
             dev._gone = True
         # A driver's own work item may have mapped or bound since the
@@ -1041,6 +1149,7 @@ class BackendDriver:
         logger.info("%s: removed", dev.nodename)
         # The toolstack may have made a new device at the same path while
         # this one was still known, and the new one's events went to this
-        # one's queue: look again.  (The bus queue refuses once stopping.)
-        if self._bus is not None:
+        # one's queue: look again.  (The bus queue refuses once stopping;
+        # once our domain is going, nothing is served any more.)
+        if self._bus is not None and not self._domain_gone:
             self._bus.call(self._check_device, str(dev.frontend_id), str(dev.devid))

@@ -1238,6 +1238,107 @@ def test_release_domain_in_a_driver_domain_that_may_look_at_homes(host) -> None:
             assert dom0_xs.read(f"{frontend}/state") == "3"  # not how it learnt
 
 
+def _driver_domain_backend(host, dom0_xs, frontends, guests=("one", "two"), devids=(0, 1)):
+    """A started RecordingDriver in a new driver domain, serving a
+    connected device per guest and devid: ``(drvdom, driver, frontends)``."""
+    drvdom = host.create_domain("driver-domain")
+    # As libxl lets a driver domain hear of its frontends' deaths.
+    dom0_xs.set_perms("@releaseDomain", ["n0", f"r{drvdom.domid}"])
+    drv = RecordingDriver(drvdom)
+    drv.start()
+    fes = []
+    for name in guests:
+        guest = host.create_domain(name)
+        for devid in devids:
+            dev = host.toolstack.add_device("xbtest", guest.domid, devid=devid,
+                                            backend_id=drvdom.domid)
+            fes.append(_connect(frontends, guest, dev))
+    return drvdom, drv, fes
+
+
+def test_the_driver_domain_going_away_under_its_backend(host, dom0_xs, frontends, caplog) -> None:
+    """libxl destroys a domain by deleting its devices, then its home, then
+    the domain.  Once the home is gone, every request of a driver domain's
+    backend on its own nodes fails with EACCES (it may not read
+    /local/domain, so ENOENT is not what it gets): its domain's end, said
+    once, not a traceback per device and watch.  Every device is dropped
+    there and then without writing (disconnect, remove, grants and ports
+    released while the domain still has them); when the domain and its
+    XenStore connection go, nothing more is said, and stop() returns
+    leaving no thread."""
+    before = {t.ident for t in threading.enumerate()}
+    drvdom, drv, fes = _driver_domain_backend(host, dom0_xs, frontends)
+    try:
+        bdevs = drv.devices()
+        assert len(bdevs) == 4 and all(b.resources == (1, 1) for b in bdevs)
+        ports = _ports(host)
+        caplog.clear()
+        # The devices are left in place: the backend must tear them down
+        # itself, as it must when libxl's deletions race with its work.
+        dom0_xs.rm(f"/local/domain/{drvdom.domid}")
+        drv.wait(lambda: [n for n, _, _ in drv.calls].count("remove") == 4)
+        for bdev in bdevs:
+            bdev.events.flush()
+            assert bdev.gone and bdev.resources == (0, 0)
+            assert drv.calls_of(bdev.frontend_id, bdev.devid) == [
+                "probe", "connect", "disconnect", "remove"]
+        assert drv.devices() == []
+        assert eventually(lambda: _ports(host) == ports - 4)  # the backend's ends
+        host.destroy_domain(drvdom)
+        assert drv.xenstore.connection_lost.wait(TIMEOUT)
+        for fe in fes:  # the guests' own connections, counted as threads
+            fe.close()
+        stopper = threading.Thread(target=drv.stop, name="test-stop")
+        stopper.start()
+        stopper.join(TIMEOUT)
+        assert not stopper.is_alive(), "stop() hangs"
+    finally:
+        drv.stop()
+    assert not leaked_threads(before)
+    assert drv.unordered == []
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING
+            and r.name.startswith("xenback.") and not r.name.startswith("xenback.sim")]
+    assert [r.getMessage() for r in said] == [
+        f"xbtest backend: domain {drvdom.domid} is going away (its XenStore home "
+        f"/local/domain/{drvdom.domid} is gone): dropping its 4 devices"]
+    assert said[0].exc_info is None
+
+
+def test_eacces_in_a_live_driver_domain_is_still_an_error(host, dom0_xs, frontends, caplog) -> None:
+    """EACCES while the backend's domain and home live is a refusal, not
+    the domain's end: the device it hit fails as ever (error node, Closing)
+    and a work item that raises it is logged with its traceback, while
+    the other devices go on being served."""
+    drvdom, drv, fes = _driver_domain_backend(host, dom0_xs, frontends, ("hider", "other"), (0,))
+    hider, other = fes
+    try:
+        caplog.clear()
+        # The guest takes the backend's right to read its ring-ref away.
+        hider.xs.set_perms(f"{hider.path}/ring-ref", [f"n{hider.guest.domid}"])
+        bdev = _bdev(drv, hider.guest.domid)
+        assert bdev.queue(bdev.read_otherend, "ring-ref")
+        bdev.events.flush()
+        (failed,) = [r for r in caplog.records if r.name == "xenback._eventqueue"]
+        assert failed.levelno == logging.ERROR and failed.exc_info is not None
+        assert isinstance(failed.exc_info[1], PermissionError)
+        # Reconnecting needs the ring-ref: connect() fails on it.
+        hider.set_state(S.CLOSED)
+        hider.wait_backend(S.CLOSED)
+        hider.set_state(S.INITIALISING)
+        hider.wait_backend(S.INIT_WAIT)
+        hider.set_state(S.INITIALISED)
+        hider.wait_backend(S.CLOSING)
+        error = dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
+                             f"{hider.guest.domid}/0/error")
+        assert error is not None and error.startswith(f"{errno.EACCES} connecting: ")
+        assert not [r for r in caplog.records if "going away" in r.getMessage()]
+        assert len(drv.devices()) == 2
+        other.set_state(S.CLOSING)  # still served
+        other.wait_backend(S.CLOSING)
+    finally:
+        drv.stop()
+
+
 def test_a_probe_failing_on_its_deleted_directory_reports_nothing(
         host, driver, frontends, dom0_xs) -> None:
     """The toolstack deleted the device while probe() ran, and probe()'s
