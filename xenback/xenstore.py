@@ -417,6 +417,14 @@ class XenStore(_Ops, Closing):
             raise ConnectionError(f"cannot connect to XenStore: {exc}") from exc
         self._connected = True
 
+    @property
+    def connected(self) -> bool:
+        """Whether requests can still be answered: False from the moment
+        XenStore ends the connection (already while the requests it left
+        waiting fail with ENOTCONN, before :attr:`connection_lost` is set)
+        and after :meth:`close`."""
+        return self._connected and bool(self._client.router.is_connected)
+
     def _lost(self, exc: Exception) -> None:
         self.connection_lost.set()
         with self._lock:

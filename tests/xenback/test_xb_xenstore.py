@@ -457,6 +457,7 @@ def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
     assert not caller.is_alive(), "the read is still waiting for its reply"
     (exc,) = outcome
     assert isinstance(exc, OSError) and exc.errno == errno.ENOTCONN, exc
+    assert not xs.connected  # already, whether connection_lost is set yet or not
     with pytest.raises(ConnectionError):
         xs.read("/again")
     assert xs.connection_lost.wait(TIMEOUT)
@@ -466,12 +467,15 @@ def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
 
 def test_connection_lost_is_set_by_xenstore_not_by_close(host) -> None:
     closed = XenStore(host.dom0.xenstore())
+    assert not closed.connected
     closed.open()
+    assert closed.connected
     closed.close()
-    assert not closed.connection_lost.is_set()
+    assert not closed.connection_lost.is_set() and not closed.connected
     with XenStore(host.dom0.xenstore()) as xs:
         host.close()  # the host, and its XenStore, go away
         assert xs.connection_lost.wait(TIMEOUT)
+        assert not xs.connected
         with pytest.raises(ConnectionError):
             xs.read("/local")
 
