@@ -753,12 +753,17 @@ class BackendDriver:
 
     def _callback_failed(self, exc: Exception) -> bool:
         """The ``handled`` of our event queues: a callback that failed as
-        our domain went away is no bug of its own, and every callback of
-        every device would say the same: _lose_domain said it once."""
-        if not self._lost_domain(exc):
+        our domain went away, or as XenStore ended our connection, is no
+        bug of its own, and every callback of every device would say the
+        same: _lose_domain or _xenstore_lost says it once."""
+        if self._lost_domain(exc):
+            why = f"domain {self.platform.domid} goes"
+        elif (isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN
+              and self._xs is not None and not self._xs.connected):
+            why = "the XenStore connection is lost"
+        else:
             return False
-        logger.debug("%s backend: a callback failed as domain %d goes",
-                     self.device_type, self.platform.domid, exc_info=exc)
+        logger.debug("%s backend: a callback failed as %s", self.device_type, why, exc_info=exc)
         return True
 
     def _xenstore_lost(self, exc: Exception) -> None:

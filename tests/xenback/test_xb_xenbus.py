@@ -1169,6 +1169,35 @@ def test_the_host_dying_under_a_connected_device(frontends, caplog) -> None:
     assert not leaked_threads(before)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_lost_connection_is_said_once_not_per_callback(frontends, caplog) -> None:
+    """XenStore ends the backend's connection: that is one warning; the
+    callbacks that fail on it afterwards (every device's, every watch's)
+    add nothing to it.  stop() still releases everything."""
+    before = {t.ident for t in threading.enumerate()}
+    host = SimHost()
+    host.start()
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    try:
+        guest, dev, fe = _connected(host, drv, frontends)
+        bdev = _bdev(drv, guest.domid)
+        fe.close()
+    finally:
+        host.close()
+    assert drv.xenstore.connection_lost.wait(TIMEOUT)
+    for key in ("state", "frontend", "online"):  # a driver's own work items
+        assert bdev.queue(bdev.read, key)
+    bdev.events.flush()
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING
+            and r.name.startswith("xenback.") and not r.name.startswith("xenback.sim")]
+    assert [r.getMessage().split(":")[0] for r in said] == ["XenStore connection lost"]
+    assert said[0].exc_info is None
+    drv.stop()
+    assert bdev.gone and drv.devices() == []
+    assert not leaked_threads(before)
+
+
 def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
     """A backend in a driver domain may neither ask XenStore whether a
     domain is introduced nor look at another domain's home: @releaseDomain
