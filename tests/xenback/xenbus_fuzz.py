@@ -1109,9 +1109,9 @@ class Run:
             def emit(self, record: logging.LogRecord) -> None:
                 if record.msg == "%s: error %d: %s":
                     run.device_errors[str(record.args[0])] += 1  # type: ignore[index]
-                if run.dying(record):
-                    return
                 if record.levelno >= logging.ERROR and not expected_error(record):
+                    run.errors.append(record)
+                elif run.dying(record):
                     run.errors.append(record)
                 elif record.threadName == "fuzz-destroy" and "did not close" in record.msg:
                     # A dying domain's frontend directories go first: every
@@ -1148,14 +1148,15 @@ class Run:
         return self
 
     def dying(self, record: logging.LogRecord) -> bool:
-        """While the driver domain is destroyed under its backend (see
-        Fuzzer.kill_drvdom), its home goes before its XenStore connection
-        does: the backend's reads of its own nodes fail with EACCES
-        meanwhile, and a callback may log that.  Not looked into further:
-        a real driver domain's backend dies with it."""
+        """A traceback logged while the driver domain is destroyed under
+        its backend (see Fuzzer.kill_drvdom), other than the faults the
+        fuzzer injects.  Its home goes before its XenStore connection
+        does, and the backend's requests fail with EACCES meanwhile: that
+        is the domain's end, to be said once, not a warning or an error
+        with a traceback for each request, device or watch."""
         fz = getattr(self, "fz", None)
         return bool(fz is not None and fz.killing and record.exc_info
-                    and isinstance(record.exc_info[1], PermissionError))
+                    and record.levelno >= logging.WARNING and not expected_error(record))
 
     def without_drvdom(self, before: dict[str, Any]) -> dict[str, Any]:
         """``before``'s counts once the driver domain is gone (a run that
