@@ -705,7 +705,8 @@ class BackendDriver:
         deletes it when it destroys our domain, after the devices and
         before the domain itself (and with it our XenStore connection).
         A driver domain may not read ``/local/domain``, so where its home
-        was it gets EACCES, not ENOENT."""
+        was it gets EACCES, not ENOENT.  False when XenStore can no longer
+        tell: the connection's loss is said by itself (_xenstore_lost)."""
         xs = self._xs
         if xs is None:
             return False
@@ -714,9 +715,7 @@ class BackendDriver:
         except PermissionError:
             return True
         except ConnectionError:
-            # The domain went the rest of the way since the request that
-            # made us ask: the connection went with it.
-            return True
+            return False
 
     def _lost_domain(self, exc: BaseException) -> bool:
         """Whether ``exc``, raised by a request to XenStore (or the host),
@@ -758,8 +757,9 @@ class BackendDriver:
         same: _lose_domain or _xenstore_lost says it once."""
         if self._lost_domain(exc):
             why = f"domain {self.platform.domid} goes"
-        elif (isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN
-              and self._xs is not None and not self._xs.connected):
+        elif isinstance(exc, OSError) and self._xs is not None and not self._xs.connected:
+            # ENOTCONN, or an EACCES whose cause XenStore can no longer
+            # tell (a home going as the domain goes the rest of the way).
             why = "the XenStore connection is lost"
         else:
             return False
