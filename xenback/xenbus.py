@@ -433,13 +433,26 @@ class BackendDevice:
         for port in ports:
             try:
                 self.driver.events.unbind(port)
-            except (OSError, KeyError):
-                logger.warning("%s: unbinding port %d failed", self.nodename, port, exc_info=True)
+            except (OSError, KeyError) as exc:
+                self._release_failed("%s: unbinding port %d failed", port, exc)
         for mapping in mappings:
             try:
                 mapping.unmap()
-            except OSError:
-                logger.warning("%s: unmapping %s failed", self.nodename, mapping, exc_info=True)
+            except OSError as exc:
+                self._release_failed("%s: unmapping %s failed", mapping, exc)
+
+    def _release_failed(self, msg: str, what: object, exc: BaseException) -> None:
+        """Log a failed release (``msg`` % (nodename, ``what``))."""
+        if self.driver._lost_domain(exc):
+            # Our domain took it with it: said once already.
+            logger.debug(msg + ": %s", self.nodename, what, exc)
+        elif isinstance(exc, OSError) and exc.errno == errno.ENODEV:
+            # The handle's hypervisor service is gone (the host stopped, or
+            # our domain was destroyed), and with it what we held: the
+            # error says it all, a traceback would add nothing.
+            logger.warning(msg + ": %s", self.nodename, what, exc)
+        else:
+            logger.warning(msg, self.nodename, what, exc_info=exc)
 
     def queue(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on this device's event queue, ordered with its
