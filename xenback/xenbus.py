@@ -45,8 +45,9 @@ protocol (section 2 of the protocol reference), item by item:
   our right to read anything we had there (EACCES where a node was).  A
   request that fails so is not a failure of the device: the backend says
   once that the domain is going, drops every device without writing
-  anything (disconnect, release, remove) and serves nothing more, as a
-  backend that lost its XenStore connection would; stop() still works.
+  anything (disconnect, release, remove) and serves nothing more; stop()
+  still works.  As for the loss of the XenStore connection (which comes
+  next), said once too: the callbacks that fail on either add nothing.
 
 Ordering: every callback for one device runs on that device's
 :class:`~xenback._eventqueue.EventQueue`, one at a time, in the order the
