@@ -15,7 +15,10 @@ On the wire it speaks exactly as Linux's frontend does, so that a backend
 tested against this class works with real guests:
 
 * ``req_id`` is the command ring slot index (``req_prod_pvt & (RING_SIZE-1)``)
-  and one response table entry per slot waits for the answer;
+  and one response table entry per slot waits for the answer (unless that
+  entry still waits for an earlier request's, a CONNECT left in flight by a
+  non-blocking connect() say: then the next free one, where Linux would
+  wait or fail with -EAGAIN);
 * socket ids are unique pointer-sized values, never reused by one frontend;
 * every active socket gets a data ring of ``ring_order`` 4 (16 pages, 32 KiB
   each way) plus its indexes page, and an event channel of its own (the

@@ -856,9 +856,10 @@ class Frontend(Closing):
     ) -> tuple[int, Slot]:
         """Put one request on the command ring and notify the backend.
 
-        ``req_id`` is the slot index, as in Linux.  A request waits (within
-        ``deadline``, and while ``sock``, the socket it is for, stays open)
-        for the ring to have room and its response table entry to be free.
+        ``req_id`` is the slot index, as in Linux, unless that response
+        table entry is still taken (see :meth:`_free_entry`).  A request
+        waits (within ``deadline``, and while ``sock``, the socket it is
+        for, stays open) for the ring to have room and an entry to be free.
         POLL does not reserve the entry: its answer is matched by command and
         id (Linux does the same).
         """
@@ -875,8 +876,8 @@ class Frontend(Closing):
                     raise OSError(errno.ENOTCONN, "the PV Calls frontend is not connected")
                 if sock is not None and sock._closed:
                     raise bad_fd()
-                req_id = self._req_prod_pvt & (RING_SLOTS - 1)
-                if self._ring.free_slots > 0 and self._slots[req_id] is None:
+                req_id = self._free_entry()
+                if self._ring.free_slots > 0 and req_id is not None:
                     break
                 if deadline.timeout == 0.0:
                     raise BlockingIOError(errno.EAGAIN, "the command ring is full")
@@ -891,6 +892,26 @@ class Frontend(Closing):
         if notify:
             self._notify(self._port)
         return req_id, slot
+
+    def _free_entry(self) -> int | None:
+        """Under _lock: the response table entry for the next request: the
+        slot index (``req_prod_pvt``'s, as Linux's req_id), or if that
+        entry still waits for its answer, the next free one after it; None
+        if all are taken.
+
+        Not the slot index alone, as Linux: a CONNECT left in flight by a
+        non-blocking connect() keeps its entry until the peer answers (a
+        host's SYN retries last minutes, and a dropped SYN for ever), and
+        every request coming round to it, the RELEASE that would cut it
+        short among them, would wait for it: the whole frontend stalled 31
+        commands after one connect to a slow peer.  The backend only echoes
+        req_id, so any free entry serves."""
+        first = self._req_prod_pvt & (RING_SLOTS - 1)
+        for i in range(RING_SLOTS):
+            req_id = (first + i) & (RING_SLOTS - 1)
+            if self._slots[req_id] is None:
+                return req_id
+        return None
 
     def _wait_slot(
         self, req_id: int, slot: Slot, deadline: Deadline, sock: PVSocket | None = None

@@ -27,7 +27,7 @@ import pytest
 from highfds import descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
-from racewindow import PauseAt, stands_at
+from racewindow import PauseAt
 from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_elsewhere
 
 import pvcalls
@@ -2101,13 +2101,13 @@ def test_closing_a_stale_frontend_leaves_the_device_of_the_next_one(
 
 
 
-def test_a_request_waiting_for_an_uncollected_answer_goes_once_it_is_taken(
+def test_a_request_whose_entry_awaits_an_uncollected_answer_takes_the_next(
         host: SimHost, backend: Any) -> None:
-    """req_id is the response slot's index (as Linux's): a request whose
-    slot comes round to an answer nobody has taken yet (the ACCEPT of an
-    accept() about to take it) waits for it, and goes as soon as it is
-    taken, also in a thread whose waits do not look again every half
-    second (the main thread's do)."""
+    """req_id is the response slot's index (as Linux's), but a request
+    whose slot comes round to an answer nobody has taken yet (the ACCEPT of
+    an accept() about to take it) does not wait for it: it takes the next
+    free entry at once, and the answer is still the accept()'s.  (Waiting
+    for the entry stalled every command behind a CONNECT left in flight.)"""
     guest = host.create_domain("slot-wrap")
     with pvcalls.Frontend(guest, timeout=6 * TIMEOUT) as fe:
         ls = fe.socket()
@@ -2115,7 +2115,6 @@ def test_a_request_waiting_for_an_uncollected_answer_goes_once_it_is_taken(
         ls.listen()
         pause = PauseAt(pvcalls.PVSocket.accept, "ret = self._fe._wait_slot(")
         accepted: list[tuple[pvcalls.PVSocket, Any]] = []
-        made: list[pvcalls.PVSocket] = []
         others: list[pvcalls.PVSocket] = []
         with socket.create_connection(listen_address(backend, guest.domid, ls.id),
                                       timeout=TIMEOUT):
@@ -2128,17 +2127,15 @@ def test_a_request_waiting_for_an_uncollected_answer_goes_once_it_is_taken(
                 wait_until(lambda: slot.done)  # answered, not taken
                 while fe._req_prod_pvt % _wire.RING_SLOTS != req_id:
                     others.append(fe.socket())
-                submitter = threading.Thread(target=lambda: made.append(fe.socket()))
-                submitter.start()
-                wait_until(lambda: stands_at(submitter.ident or 0, pvcalls.Frontend._submit,
-                                             "self._cmd_cond.wait(deadline.nap())"))
-                pause.resume()
-                submitter.join(TIMEOUT)
-                assert made, "the request still waits for the slot the accept() freed"
+                making = Call(fe.socket)
+                assert making.join().error is None, "the request waited for the taken entry"
+                others.append(making.result)
+                assert fe._slots[req_id] is slot
             finally:
                 pause.resume()
                 acceptor.join(TIMEOUT)
-        for s in (*made, *others, accepted[0][0], ls):
+        assert accepted
+        for s in (*others, accepted[0][0], ls):
             s.close()
 
 
