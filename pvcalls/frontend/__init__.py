@@ -36,7 +36,9 @@ Unlike Linux, ``close()`` does not wait for RELEASE's answer (the requests
 on the wire are the same; the ring is reused only once the answer came).
 
 Where Linux would return -EAGAIN because every ring slot is busy, this class
-waits for a free slot instead.
+waits for a free slot instead (a non-blocking connect() fails with ENOBUFS).
+A CONNECT, ACCEPT or POLL, which the network may keep in flight, never takes
+the last free slot: the RELEASE of a close() can always go out.
 
 Threads: one event thread per frontend reads the frontend's event channel
 handle and wakes whoever waits for command responses.  Each data ring has an

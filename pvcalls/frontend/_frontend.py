@@ -29,6 +29,7 @@ from .._wire import (
     MAX_PAGE_ORDER_LIMIT,
     PVCALLS_ACCEPT,
     PVCALLS_COMMANDS,
+    PVCALLS_CONNECT,
     PVCALLS_POLL,
     PVCALLS_RELEASE,
     PVCALLS_SOCKET,
@@ -68,6 +69,13 @@ _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 
 #: Released data rings a frontend keeps for reuse (17 pages and a port each).
 _RING_POOL_MAX = 32
+
+
+#: Commands that stay in flight as long as the network makes them wait (a
+#: peer that does not answer a SYN, a listener nobody connects to).  They
+#: never take the last free ring slot or response table entry: the RELEASE
+#: that cuts them short must always be able to go out.
+_LONG_LIVED = frozenset({PVCALLS_CONNECT, PVCALLS_ACCEPT, PVCALLS_POLL})
 
 
 def _state(value: str | None) -> XenbusState:
@@ -861,13 +869,17 @@ class Frontend(Closing):
         waits (within ``deadline``, and while ``sock``, the socket it is
         for, stays open) for the ring to have room and an entry to be free.
         POLL does not reserve the entry: its answer is matched by command and
-        id (Linux does the same).
+        id (Linux does the same).  A CONNECT, ACCEPT or POLL leaves the last
+        free slot and entry to others (see ``_LONG_LIVED``): with 32
+        non-blocking connects to silent peers in flight, no close() could
+        send its RELEASE (it timed out, and left the socket in the backend).
         """
         req = ffi.new("struct xen_pvcalls_request *")
         req.cmd = cmd
         fill(req)
         slot = Slot(cmd, sock_id)
         slot.on_done = on_done
+        spare = 1 if cmd in _LONG_LIVED else 0
         with self._cmd_cond:
             while True:
                 if self._dead:
@@ -877,7 +889,8 @@ class Frontend(Closing):
                 if sock is not None and sock._closed:
                     raise bad_fd()
                 req_id = self._free_entry()
-                if self._ring.free_slots > 0 and req_id is not None:
+                if (self._ring.free_slots > spare and req_id is not None
+                        and (not spare or self._slots.count(None) > spare)):
                     break
                 if deadline.timeout == 0.0:
                     raise BlockingIOError(errno.EAGAIN, "the command ring is full")

@@ -397,7 +397,8 @@ class PVSocket(Closing):
 
         In non-blocking mode it sends the CONNECT and fails with
         :class:`BlockingIOError` EINPROGRESS, as a TCP socket's does (or
-        EAGAIN if the command ring has no room: nothing was sent), where
+        :class:`OSError` ENOBUFS if the command ring has no room: nothing
+        was sent), where
         Linux's pvcalls-front waits whatever O_NONBLOCK says.  The answer
         completes the connect later, as the handshake does a TCP socket's:
         :meth:`fileno` polls writable once it came, and ``getsockopt(
@@ -438,16 +439,23 @@ class PVSocket(Closing):
                 req.u.connect.evtchn = ring.port
 
             try:
-                # Non-blocking, no room on the command ring is EAGAIN (as
-                # Linux's frontend says); the answer is waited for anyway.
                 req_id, slot = self._fe._submit(PVCALLS_CONNECT, self.id, fill,
                                                 Deadline(self._timeout), sock=self)
-            except BaseException:
+            except BaseException as exc:
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring is ours to free, and connect()
                 # may be tried again.
                 self._st.ring = None
                 self._fe._put_data_ring(ring, reusable=True)
+                if isinstance(exc, BlockingIOError):
+                    # Non-blocking, no room on the command ring.  Not EAGAIN
+                    # (Linux's frontend's): asyncio's sock_connect() and
+                    # select-based programs read a BlockingIOError from
+                    # connect() as EINPROGRESS, wait for fileno() to poll
+                    # writable (it does: send() fails at once) and took
+                    # SO_ERROR's 0 for a connect that was never sent.
+                    raise OSError(errno.ENOBUFS, "the command ring is full: nothing was "
+                                  "sent (too many commands in flight)") from None
                 raise
             if self._timeout == 0.0:
                 self._connect_in_background(req_id, slot, host, port)

@@ -1103,12 +1103,14 @@ def accept_left_in_flight(ls: pvcalls.PVSocket, sel: selectors.BaseSelector,
 
 def fill_command_ring(fe: pvcalls.Frontend, backend: Any,
                       connections: list[socket.socket]) -> Callable[[int], None]:
-    """Fill ``fe``'s command ring: as many idle listeners as it has slots,
-    each selected (fileno()), keep a POLL in flight that the backend answers
-    only once a connection comes.  Returns a function that frees ``n``
-    slots (a connection to as many of them, added to ``connections``)."""
+    """Fill ``fe``'s command ring for CONNECT, ACCEPT and POLL: as many
+    idle listeners as it has slots but one (which only commands answered
+    at once may take), each selected (fileno()), keep a POLL in flight that
+    the backend answers only once a connection comes.  Returns a function
+    that frees ``n`` slots (a connection to as many of them, added to
+    ``connections``)."""
     listeners = []
-    for _ in range(_wire.RING_SLOTS):
+    for _ in range(_wire.RING_SLOTS - 1):
         ls = fe.socket()
         ls.bind(("127.0.0.1", 0))
         ls.listen()
@@ -1127,9 +1129,10 @@ def fill_command_ring(fe: pvcalls.Frontend, backend: Any,
 def test_calls_waiting_for_room_on_the_command_ring(host: SimHost, backend: Any,
                                                     server: Any) -> None:
     """With the command ring full, accept() and connect() keep their
-    timeouts (or fail at once, non-blocking); a connect() that found no
-    room may be tried again, since nothing went out; and close() ends an
-    accept() waiting for room."""
+    timeouts (or fail at once, non-blocking: connect() with ENOBUFS, not
+    the EINPROGRESS of a BlockingIOError); a connect() that found no room
+    may be tried again, since nothing went out; and close() ends an
+    accept() waiting for room, its RELEASE taking the slot left for it."""
     srv = server()
     connections: list[socket.socket] = []
     with pvcalls.Frontend(host.create_domain("full-ring")) as fe:
@@ -1139,20 +1142,20 @@ def test_calls_waiting_for_room_on_the_command_ring(host: SimHost, backend: Any,
             ls.listen()
             s = fe.socket()
             free_slots = fill_command_ring(fe, backend, connections)
-            for timeout, error in ((0.2, TimeoutError), (0.0, BlockingIOError)):
+            for timeout, error, connect_error in ((0.2, TimeoutError, TimeoutError),
+                                                  (0.0, BlockingIOError, OSError)):
                 ls.settimeout(timeout)
                 s.settimeout(timeout)
                 with pytest.raises(error):
                     ls.accept()  # its POLL finds no room
-                with pytest.raises(error):
+                with pytest.raises(connect_error) as info:
                     s.connect(srv.address)  # nor does its CONNECT
+            assert info.value.errno == errno.ENOBUFS
             ls.settimeout(None)
             acceptor = Call(ls.accept)
             wait_until(lambda: bool(fe._cmd_cond._waiters))  # for room
-            closer = Call(ls.close)  # its RELEASE waits for room too
+            assert Call(ls.close).join().error is None
             assert acceptor.oserror().errno == errno.EBADF
-            free_slots(1)
-            closer.join()
             free_slots(1)
             s.settimeout(TIMEOUT)
             s.connect(srv.address)
