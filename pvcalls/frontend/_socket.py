@@ -361,6 +361,13 @@ class PVSocket(Closing):
         if level == socket.SOL_SOCKET and optname == socket.SO_ERROR:
             with self._cond:
                 value, self._so_error = self._so_error, 0
+                if not value and self._connecting and self._fe._dead:
+                    # The backend went away with the CONNECT in flight: no
+                    # answer will come.  fileno() polls ready (every call
+                    # fails at once), and a 0 here would have select-based
+                    # programs and asyncio's sock_connect() take the
+                    # connect for done.
+                    value = errno.ENOTCONN
         elif level == socket.SOL_SOCKET and optname in _FIXED_OPTIONS:
             value = _FIXED_OPTIONS[optname]
         elif level == socket.SOL_SOCKET and optname == socket.SO_ACCEPTCONN:
