@@ -787,6 +787,10 @@ class Frontend(Closing):
                 # the RELEASE answer), so that the new peer's port is the
                 # one notified.
                 ring.consume_events()
+        # The socket's before it is relayed for it (see _relay).  Under its
+        # receive and send locks (connect()), or not handed out yet (an
+        # ACCEPT's id_new).
+        sock._st.ring = ring
         if not ring.direct:
             with self._lock:
                 self._handlers[ring.port] = sock._st.on_event
@@ -809,11 +813,21 @@ class Frontend(Closing):
     def _relay(self, ring: DataRing, st: SocketState) -> None:
         """Have the event thread watch ``ring``'s own handle, so that the
         readiness descriptor of ``st``'s socket follows the ring with no
-        caller blocked in it."""
+        caller blocked in it.
+
+        Not once ``st`` no longer has the ring: a fileno() reads the ring
+        under the socket's ``_cond`` but relays it after letting go (the
+        lock order), and meanwhile the ring may have gone back to the pool
+        (a refused non-blocking connect, a close()) and on to another
+        socket, whose readiness descriptor would then never hear of its
+        data (its own relay finds the ring relayed).  Whoever takes the
+        ring from ``st`` clears ``st.ring`` before it unrelays the ring
+        under ``_lock`` (_put_data_ring): a relay that saw ``st.ring`` here
+        is undone there."""
         if not ring.direct:
             return
         with self._lock:
-            if ring.relayed or self._event_epoll is None:
+            if ring.relayed or self._event_epoll is None or st.ring is not ring:
                 return
             ring.relayed = True
             fd = ring.evtchn.fileno()
