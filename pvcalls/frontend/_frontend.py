@@ -540,6 +540,12 @@ class Frontend(Closing):
 
     def _release_handles(self) -> None:
         self._stop_thread()
+        # No answer is matched any more: drop what the table still holds
+        # (what a backend that went away left unanswered), and with it the
+        # callbacks that hold their sockets (a non-blocking connect()'s
+        # holds its PVSocket), not kept until the next open().
+        with self._lock:
+            self._slots = [None] * RING_SLOTS
         if self._evtchn is not None:
             if self._port >= 0:
                 try:
