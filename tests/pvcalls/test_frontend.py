@@ -592,8 +592,9 @@ def test_a_ring_relayed_late_for_its_old_socket_serves_the_next_one(
         fe: pvcalls.Frontend, server: Any) -> None:
     """A fileno() that read a socket's ring just before a refused
     non-blocking connect gave the ring back to the pool relays it after
-    it was unrelayed: the end state is built here.  The socket the ring
-    serves next must still see its data through fileno()."""
+    it was unrelayed: that relay does nothing now (the socket no longer
+    has the ring; test_frontend_nbconnect has the race itself).  The
+    socket the ring serves next must see its data through fileno()."""
     srv = server()
     with connected(fe, srv.address) as old:
         ring = old._st.ring
@@ -601,6 +602,7 @@ def test_a_ring_relayed_late_for_its_old_socket_serves_the_next_one(
         old_st = old._st
     wait_until(lambda: ring in fe._ring_pool)
     fe._relay(ring, old_st)  # the late relay
+    assert not ring.relayed
     with fe.socket() as s, selectors.DefaultSelector() as sel:
         s.fileno()
         s.settimeout(TIMEOUT)
