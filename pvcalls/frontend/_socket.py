@@ -603,6 +603,14 @@ class PVSocket(Closing):
             raise host_error(ret, f"bind to {host}:{port}")
         self._st.bound = True
         self._sockname = (host, port)
+        with self._cond:
+            # A non-blocking connect() that failed before has nothing left
+            # to report on what is a passive socket now: its flag made
+            # fileno() poll readable and writable for good, and an asyncio
+            # or selectors loop around accept() spin.
+            failed, self._connect_failed, self._so_error = self._connect_failed, False, 0
+        if failed:
+            self._update_ready()
 
     def listen(self, backlog: int | None = None) -> None:
         """Start listening; ``backlog`` defaults to ``min(128, SOMAXCONN)``

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import random
+import select
 import selectors
 import socket
 import threading
@@ -373,6 +374,26 @@ def test_a_fileno_racing_with_a_refused_connect_leaves_the_ring_to_its_next_sock
         echo.close()
         new.close()
         old.close()
+
+
+def test_a_socket_whose_connect_failed_then_listens_as_any_listener(
+        fe: pvcalls.Frontend, backend: pvcalls.Backend) -> None:
+    """A refused non-blocking connect (its error taken by SO_ERROR, as
+    asyncio takes it), then bind() and listen(): the listener polls neither
+    readable nor writable until a connection comes.  The failure's flag had
+    it poll both for good, and accept() loops around it spin."""
+    s = start_connect(fe, refused_address())
+    assert wait_writable(s)
+    assert s.getsockopt(SOL, SO_ERROR) == errno.ECONNREFUSED
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    assert select.select([s], [s], [], 0) == ([], [], [])
+    (address,) = [row.address for row in held(backend, fe) if row.id == s.id]
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert select.select([s], [s], [], TIMEOUT) == ([s], [], [])
+        conn, _ = s.accept()
+        conn.close()
+    s.close()
 
 
 # -- the rest, bounded stress ---------------------------------------------------------
