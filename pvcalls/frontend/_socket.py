@@ -405,12 +405,12 @@ class PVSocket(Closing):
         In non-blocking mode it sends the CONNECT and fails with
         :class:`BlockingIOError` EINPROGRESS, as a TCP socket's does (or
         :class:`OSError` ENOBUFS if the command ring has no room: nothing
-        was sent), where
-        Linux's pvcalls-front waits whatever O_NONBLOCK says.  The answer
-        completes the connect later, as the handshake does a TCP socket's:
-        :meth:`fileno` polls writable once it came, and ``getsockopt(
-        SOL_SOCKET, SO_ERROR)`` says how it went (0, or the errno, which
-        it clears).  Meanwhile connect() fails with EALREADY, or in
+        was sent), where Linux's pvcalls-front waits whatever O_NONBLOCK
+        says.  The answer completes the connect later, as the handshake
+        does a TCP socket's: :meth:`fileno` polls writable once it came,
+        and ``getsockopt(SOL_SOCKET, SO_ERROR)`` says how it went (0, or
+        the errno, which it clears; ENOTCONN if the backend went away
+        first).  Meanwhile connect() fails with EALREADY, or in
         blocking mode waits for the answer.  After the answer the first
         connect() returns (success) or raises the error, as Linux's
         second connect() does; later ones fail with EISCONN, or start over
