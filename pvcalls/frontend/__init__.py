@@ -38,7 +38,10 @@ on the wire are the same; the ring is reused only once the answer came).
 Where Linux would return -EAGAIN because every ring slot is busy, this class
 waits for a free slot instead (a non-blocking connect() fails with ENOBUFS).
 A CONNECT, ACCEPT or POLL, which the network may keep in flight, never takes
-the last free slot: the RELEASE of a close() can always go out.
+the last free slot: the RELEASE of a close() can always go out.  What does
+not wait for room (a listener's fileno(), keeping a POLL in flight; a
+non-blocking accept()'s ACCEPT) is sent or made ready by the event thread
+once answers make room, and meanwhile the listener does not poll readable.
 
 Threads: one event thread per frontend reads the frontend's event channel
 handle and wakes whoever waits for command responses.  Each data ring has an

@@ -102,8 +102,10 @@ class _Release:
 
 
 class _Wakeup:
-    """The eventfd that wakes a frontend's event thread: to stop it, or to
-    have it release sockets dropped unclosed (see :meth:`Frontend._collect`).
+    """The eventfd that wakes a frontend's event thread: to stop it, to
+    have it release sockets dropped unclosed (see :meth:`Frontend._collect`),
+    or to tell sockets that there is room on the command ring again (see
+    :meth:`Frontend._want_room`).
 
     A finaliser may write it at any moment, in any thread, with no lock to
     keep the frontend from closing meanwhile.  So it is closed only once
@@ -222,6 +224,11 @@ class Frontend(Closing):
         self._cmd_cond = threading.Condition(self._lock)
         self._req_prod_pvt = 0
         self._slots: list[Slot | None] = [None] * RING_SLOTS
+        # Sockets that found no room for a CONNECT, ACCEPT or POLL they
+        # would not wait for (fileno()'s POLL, a non-blocking accept()'s
+        # ACCEPT): the event thread tells them once there is room (see
+        # _want_room).  Under _lock.
+        self._room_waiters: list[PVSocket] = []
         # The backend published an impossible rsp_prod: the ring is dead.
         self._ring_broken = False
         # Every socket not yet released, by id: its state, which refers to
@@ -293,6 +300,7 @@ class Frontend(Closing):
         self._ring_broken = False
         self._req_prod_pvt = 0
         self._slots = [None] * RING_SLOTS
+        self._room_waiters.clear()
         self._handlers.clear()
         self._dropped.clear()  # released by the close() before
         self._port = -1
@@ -546,6 +554,7 @@ class Frontend(Closing):
         # holds its PVSocket), not kept until the next open().
         with self._lock:
             self._slots = [None] * RING_SLOTS
+            self._room_waiters.clear()
         if self._evtchn is not None:
             if self._port >= 0:
                 try:
@@ -694,6 +703,7 @@ class Frontend(Closing):
                 # Cleared before looking: a finaliser appends, then sets.
                 wakeup.clear()
                 self._start_reaper()
+                self._tell_room_waiters()
             for relay in relays:
                 try:
                     relay()
@@ -909,8 +919,7 @@ class Frontend(Closing):
                 if sock is not None and sock._closed:
                     raise bad_fd()
                 req_id = self._free_entry()
-                if (self._ring.free_slots > spare and req_id is not None
-                        and (not spare or self._slots.count(None) > spare)):
+                if req_id is not None and self._has_room(spare):
                     break
                 if deadline.timeout == 0.0:
                     raise BlockingIOError(errno.EAGAIN, "the command ring is full")
@@ -925,6 +934,50 @@ class Frontend(Closing):
         if notify:
             self._notify(self._port)
         return req_id, slot
+
+    def _has_room(self, spare: int) -> bool:
+        """Under _lock: whether the command ring and the response table
+        have room for a request that leaves ``spare`` of each to others."""
+        assert self._ring is not None
+        return self._ring.free_slots > spare and self._slots.count(None) > spare
+
+    def _want_room(self, sock: PVSocket) -> bool:
+        """``sock`` found no room for a CONNECT, ACCEPT or POLL and will
+        not wait for it: True if there is room now (try again); else the
+        event thread calls ``sock._on_room()`` once answers make room.
+
+        Registered under _lock, where room is made (answers consumed,
+        entries freed: see _room_made): either the caller sees the room,
+        or the one who makes it sees the caller."""
+        with self._lock:
+            if self._dead or self._ring is None or self._has_room(1):
+                return True
+            if sock not in self._room_waiters:
+                self._room_waiters.append(sock)
+            return False
+
+    def _room_made(self) -> None:
+        """Under _lock: an answer freed a ring slot or a response table
+        entry.  Wake submitters waiting for room, and have the event
+        thread tell the sockets that would not wait (_tell_room_waiters)."""
+        self._cmd_cond.notify_all()
+        if self._room_waiters and self._wakeup is not None:
+            self._wakeup.set()
+
+    def _tell_room_waiters(self) -> None:
+        """Event thread: if there is room, call ``_on_room()`` of every
+        socket waiting for it (see _want_room); a socket that finds none
+        left registers again."""
+        with self._lock:
+            if (not self._room_waiters or self._ring is None
+                    or not self._has_room(1)):
+                return
+            waiters, self._room_waiters = self._room_waiters, []
+        for sock in waiters:
+            try:
+                sock._on_room()
+            except Exception:
+                logger.exception("pvcalls frontend: telling %r of room", sock)
 
     def _free_entry(self) -> int | None:
         """Under _lock: the response table entry for the next request: the
@@ -966,7 +1019,7 @@ class Frontend(Closing):
                 self._cmd_cond.wait(deadline.nap())
             if self._slots[req_id] is slot:
                 self._slots[req_id] = None
-                self._cmd_cond.notify_all()  # a submitter may wait for this entry
+                self._room_made()  # a submitter may wait for this entry
             return slot.ret
 
     def _abandon(self, req_id: int, slot: Slot,
@@ -979,7 +1032,7 @@ class Frontend(Closing):
             if answered:
                 if self._slots[req_id] is slot:
                     self._slots[req_id] = None
-                    self._cmd_cond.notify_all()
+                    self._room_made()
             elif on_late is not None:
                 slot.on_done = on_late
             else:
@@ -1032,6 +1085,7 @@ class Frontend(Closing):
                 callback(ret)
             except Exception:
                 logger.exception("pvcalls frontend: completing a command")
+        self._tell_room_waiters()
 
     def _owner(self, sock_id: int) -> PVSocket | None:
         """Under _lock: the socket ``sock_id``, unless released or dropped."""

@@ -293,6 +293,9 @@ class PVSocket(Closing):
         # get the ACCEPT -EINTR from Linux's backend and ours).
         self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
+        # A POLL or ACCEPT found no room on the command ring and would not
+        # wait: not readable until the event thread says there is room.
+        self._no_room = False
 
         # Which callers (RECV, SEND) are polling the data ring's own event
         # channel handle (under _cond): whoever else consumes the ring's
@@ -721,12 +724,14 @@ class PVSocket(Closing):
                 req.u.accept.evtchn = ring.port
 
             req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, deadline, sock=self)
-        except BaseException:
+        except BaseException as exc:
             # Nothing went out: the new socket goes, without RELEASE.
             self._fe._drop_socket(new, reusable=True)
             with self._cond:
                 self._accepting = False
                 self._poll_ready = True
+            if isinstance(exc, BlockingIOError):
+                self._room_later()  # non-blocking: readable again once there is room
             self._update_ready()
             raise
         with self._cond:
@@ -807,8 +812,9 @@ class PVSocket(Closing):
         if nbytes == 0:
             nbytes = len(dst)
         if nbytes == 0:
-            # At once, as socket.socket's, even with another receiver blocked.
-            self._active_ring()
+            # At once, as socket.socket's, even with another receiver
+            # blocked; only a connect still in flight is waited for.
+            self._active_ring(Deadline(self._timeout))
             return 0
         deadline = Deadline(self._timeout)
         if not self._recv_lock.acquire(False):  # uncontended: no call more
@@ -1137,7 +1143,7 @@ class PVSocket(Closing):
         # An ACCEPT left in flight by a non-blocking or timed-out accept()
         # and since answered: the next accept() returns at once.
         inflight = self._st.accept_inflight
-        return (self._poll_ready or bool(self._poll_error)
+        return ((self._poll_ready and not self._no_room) or bool(self._poll_error)
                 or (inflight is not None and inflight[1].done))
 
     def _writable(self) -> bool:
@@ -1166,31 +1172,64 @@ class PVSocket(Closing):
     def _arm_poll(self, deadline: Deadline | None = None) -> None:
         """Send a POLL unless one is in flight, an ACCEPT is in flight, or a
         connection is already known to be pending.  ``deadline`` bounds the
-        wait for room on the command ring (default: none; close() ends it)."""
-        with self._cond:
-            # An error accept() has not reported yet is the POLL's outcome
-            # until it has (fileno() said accept() would not block): no new
-            # POLL, and the error is not wiped.
-            if (self._poll_inflight or self._poll_ready or self._poll_error
-                    or self._st.accept_inflight or self._accepting):
-                return
-            if self._closed:
-                return
-            self._poll_inflight = True
+        wait for room on the command ring.  Without one (the POLL fileno()
+        keeps in flight for a selector) or in non-blocking mode, nothing
+        waits: with no room, the POLL goes out once answers make room (see
+        :meth:`_on_room`), and fileno() never blocks its caller."""
+        wait = deadline is not None and deadline.timeout != 0.0
 
         def fill(req: Any) -> None:
             req.u.poll.id = self.id
 
-        try:
-            self._fe._submit(PVCALLS_POLL, self.id, fill,
-                             Deadline(None) if deadline is None else deadline,
-                             reserve=False, sock=self)
-        except BaseException as exc:
+        while True:
             with self._cond:
-                self._poll_inflight = False
-            if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
-                return  # closed while it waited for room: no POLL wanted
-            raise
+                # An error accept() has not reported yet is the POLL's outcome
+                # until it has (fileno() said accept() would not block): no new
+                # POLL, and the error is not wiped.
+                if (self._poll_inflight or self._poll_ready or self._poll_error
+                        or self._st.accept_inflight or self._accepting):
+                    return
+                if self._closed:
+                    return
+                self._poll_inflight = True
+            try:
+                self._fe._submit(PVCALLS_POLL, self.id, fill,
+                                 deadline if wait and deadline else Deadline(0.0),
+                                 reserve=False, sock=self)
+                return
+            except BaseException as exc:
+                with self._cond:
+                    self._poll_inflight = False
+                if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
+                    return  # closed while it waited for room: no POLL wanted
+                if wait or not isinstance(exc, BlockingIOError):
+                    raise
+            if not self._room_later():
+                return
+
+    def _room_later(self) -> bool:
+        """This listener's POLL or ACCEPT found no room on the command ring
+        and is not to wait for it: until there is room, accept() would
+        block, so fileno() must not poll readable (a selector or asyncio
+        loop would call it over and over); the event thread calls
+        :meth:`_on_room` once there is.  True if there is room already."""
+        with self._cond:
+            self._no_room = True
+        if self._fe._want_room(self):
+            with self._cond:
+                self._no_room = False
+            return True
+        return False
+
+    def _on_room(self) -> None:
+        """Event thread: the command ring has room again for what this
+        listener would not wait for (see :meth:`_room_later`)."""
+        with self._cond:
+            self._no_room = False
+            arm = self._armed and self._st.listening
+        if arm:
+            self._arm_poll()
+        self._update_ready()
 
     def _on_poll(self, ret: int) -> None:
         """Event thread: the backend answered this socket's POLL."""

@@ -1168,6 +1168,47 @@ def test_calls_waiting_for_room_on_the_command_ring(host: SimHost, backend: Any,
                 c.close()
 
 
+def test_a_listener_waits_for_room_without_blocking_or_spinning(
+        host: SimHost, backend: Any) -> None:
+    """With the command ring full, a listener's fileno() returns at once
+    (its POLL goes out by itself once answers make room), and a
+    non-blocking accept() that finds no room for its ACCEPT leaves
+    fileno() unreadable, so that a selector or asyncio loop sleeps instead
+    of calling accept() over and over, until there is room; then accept()
+    returns the connection."""
+    connections: list[socket.socket] = []
+    with pvcalls.Frontend(host.create_domain("room-waiters")) as fe:
+        free_slots: Callable[[int], None] = lambda n: None  # noqa: E731
+        try:
+            ls = fe.socket()
+            ls.bind(("127.0.0.1", 0))
+            ls.listen()
+            ls.setblocking(False)
+            free_slots = fill_command_ring(fe, backend, connections)
+            fd = Call(ls.fileno).join().result  # no waiting for room
+            assert not ls._poll_inflight
+            connections.append(socket.create_connection(
+                listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT))
+            assert not select.select([fd], [], [], 0.1)[0]  # its POLL has not gone out
+            free_slots(1)
+            assert select.select([fd], [], [], TIMEOUT)[0]  # it went out, and was answered
+            other = fe.socket()  # takes the room its ACCEPT would need
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            other.fileno()
+            with pytest.raises(BlockingIOError):
+                ls.accept()
+            assert not select.select([fd], [], [], 0.1)[0]  # no busy loop
+            free_slots(1)
+            assert select.select([fd], [], [], TIMEOUT)[0]
+            conn, _ = ls.accept()
+            conn.close()
+        finally:
+            free_slots(_wire.RING_SLOTS)  # or closing the frontend waits for room
+            for c in connections:
+                c.close()
+
+
 @contextlib.contextmanager
 def backend_of_its_own(name: str) -> Iterator[tuple[Any, pvcalls.Frontend]]:
     """A host, a backend and a frontend (domain ``name``) of the test's own,

@@ -1200,13 +1200,15 @@ def test_blocking_calls_wait_for_a_non_blocking_connect(
     calls = [Call(lambda: s.connect(_ADDRESS))]
     if ret == 0:
         calls.append(Call(lambda: s.send(b"x")))
+        calls.append(Call(lambda: s.recv(0)))
     wait_until(lambda: len(s._cond._waiters) == len(calls))  # type: ignore[attr-defined]
     fake.respond(req, ret)
     for call in calls:
         call.join()
     if ret == 0:
-        assert [c.error for c in calls] == [None, None]
+        assert [c.error for c in calls] == [None, None, None]
         assert calls[1].result == 1
+        assert calls[2].result == b""
     else:
         assert calls[0].oserror().errno == errno.ECONNREFUSED
         with pytest.raises(OSError) as info:
