@@ -185,9 +185,10 @@ class SocketState:
         self.bound = False
         self.listening = False
 
-    def describe(self, *, closed: bool) -> str:
+    def describe(self, *, closed: bool, connecting: bool = False) -> str:
         """The socket's repr."""
-        state = "closed" if closed else "active" if self.ring else (
+        state = "closed" if closed else "connecting" if connecting else (
+            "active" if self.ring else
             "listening" if self.listening else "bound" if self.bound else "new")
         return f"<PVSocket id={self.id:#x} {state}>"
 
@@ -311,7 +312,7 @@ class PVSocket(Closing):
     # -- socket.socket API -------------------------------------------------
 
     def __repr__(self) -> str:
-        return self._st.describe(closed=self._closed)
+        return self._st.describe(closed=self._closed, connecting=self._connecting)
 
     def settimeout(self, value: float | None) -> None:
         """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``

@@ -1134,6 +1134,7 @@ def test_a_non_blocking_connect_completes_when_the_answer_comes(
     answer makes it writable with SO_ERROR 0, and the next connect()
     returns once, as Linux's, before EISCONN."""
     s, req = _connecting(fe, fake)
+    assert repr(s) == f"<PVSocket id={s.id:#x} connecting>"
     assert _readiness(s) == (False, False)
     assert s.connect_ex(_ADDRESS) == errno.EALREADY
     for call in (lambda: s.recv(1), lambda: s.send(b"x")):
@@ -1147,6 +1148,7 @@ def test_a_non_blocking_connect_completes_when_the_answer_comes(
 
     fake.respond(req, 0)
     wait_until(lambda: _readiness(s) == (False, True))
+    assert repr(s) == f"<PVSocket id={s.id:#x} active>"
     assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
     assert s.getpeername() == _ADDRESS
     assert s.connect_ex(_ADDRESS) == 0
