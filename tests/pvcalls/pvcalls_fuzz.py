@@ -44,7 +44,14 @@ if __name__ == "__main__":  # run by hand: the paths pytest sets (pyproject.toml
     _tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [os.path.dirname(_tests), _tests]
 
-from pvcalls_rawfront import TIMEOUT, DataRing, RawFrontend, bound_ports, wait_until
+from pvcalls_rawfront import (
+    TIMEOUT,
+    DataRing,
+    RawFrontend,
+    bound_ports,
+    dispose_all,
+    wait_until,
+)
 
 import pvcalls
 from pvcalls import _wire
@@ -807,6 +814,70 @@ def expected_error(record: Any) -> bool:
 
 # -- the long campaign, outside the suite ----------------------------------------
 
+def threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("kworker/"))
+
+
+def run_seed(seed: int, args: Any, seen: collections.Counter[str],
+             make_echo: Callable[[], Any]) -> None:
+    """One seed of the campaign: its own host, backend and echo server
+    (``make_echo()``: conftest's EchoServer), the frontends' steps, then
+    everything must be released (FuzzFailure if not).  ``args`` has
+    main()'s options as attributes."""
+    from workqueue import Topology
+    from xenback.sim import SimHost
+
+    def no_new_threads(was: collections.Counter[str]) -> bool:
+        return not collections.Counter(threads()) - was
+
+    with SimHost() as host, pvcalls.Backend(
+            host.dom0, topology=Topology(args.cpus), max_page_order=args.max_page_order,
+            policy=pvcalls.Policy(pvcalls.DomainPolicy(max_sockets=args.max_sockets)),
+    ) as backend:
+        echo = make_echo()
+        try:
+            before = held(host)
+            threads_before = threads()
+            made: list[RawFrontend] = []
+
+            def make(name: str, _made: list[RawFrontend] = made) -> RawFrontend:
+                fe = RawFrontend(host, host.create_domain(name))
+                _made.append(fe)
+                return fe
+
+            fz = Fuzzer(seed, host, backend, make, echo.address, hostiles=args.hostiles)
+            try:
+                fz.run(args.steps, finish=not args.abrupt)
+            finally:
+                seen.update(fz.seen)
+            if args.abrupt:
+                backend.close()  # with peers still there: lingering sockets
+                fz.close_clients()
+                check(bound_ports(backend) == [], "ports left after close()")
+                for fe in [h.fe for h in fz.hostiles] + [fz.bystander]:
+                    check(fe.backend_state() == 6, f"dom{fe.guest.domid} not Closed")
+            else:
+                fz.close()
+            end_guests(fz)
+            for fe in made:
+                with contextlib.suppress(OSError):
+                    fe.xs.close()
+            wait_released(host, before, margin=0)
+            try:
+                # None more (after close() of the backend: fewer).
+                wait_until(partial(no_new_threads, collections.Counter(threads_before)),
+                           timeout=5)
+            except TimeoutError:
+                raise FuzzFailure(f"threads {threads()}, were {threads_before}") from None
+        finally:
+            echo.close()
+            # The frontends are disposed of above, but still listed for the
+            # suite's dispose_all(): each seed would otherwise keep its
+            # rings' pages and views alive, and every later seed's
+            # gc.collect() (in held()) would walk them, slower and slower.
+            dispose_all()
+
+
 def main() -> None:
     import argparse
     import logging
@@ -814,9 +885,6 @@ def main() -> None:
     import traceback
 
     from conftest import EchoServer
-
-    from workqueue import Topology
-    from xenback.sim import SimHost
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0-9")
@@ -842,11 +910,6 @@ def main() -> None:
     logging.getLogger().setLevel(logging.WARNING)
     crashed: list[str] = []
     threading.excepthook = lambda a: crashed.append(f"{a.thread}: {a.exc_value!r}")
-    def threads() -> list[str]:
-        return sorted(t.name for t in threading.enumerate() if not t.name.startswith("kworker/"))
-
-    def no_new_threads(was: collections.Counter[str]) -> bool:
-        return not collections.Counter(threads()) - was
 
     failures = 0
     seen: collections.Counter[str] = collections.Counter()
@@ -855,47 +918,7 @@ def main() -> None:
         crashed.clear()
         started = time.monotonic()
         try:
-            with SimHost() as host, pvcalls.Backend(
-                    host.dom0, topology=Topology(args.cpus), max_page_order=args.max_page_order,
-                    policy=pvcalls.Policy(pvcalls.DomainPolicy(max_sockets=args.max_sockets)),
-            ) as backend:
-                echo = EchoServer()
-                try:
-                    before = held(host)
-                    threads_before = threads()
-                    made: list[RawFrontend] = []
-
-                    def make(name: str, _made: list[RawFrontend] = made) -> RawFrontend:
-                        fe = RawFrontend(host, host.create_domain(name))
-                        _made.append(fe)
-                        return fe
-
-                    fz = Fuzzer(seed, host, backend, make, echo.address, hostiles=args.hostiles)
-                    try:
-                        fz.run(args.steps, finish=not args.abrupt)
-                    finally:
-                        seen.update(fz.seen)
-                    if args.abrupt:
-                        backend.close()  # with peers still there: lingering sockets
-                        fz.close_clients()
-                        check(bound_ports(backend) == [], "ports left after close()")
-                        for fe in [h.fe for h in fz.hostiles] + [fz.bystander]:
-                            check(fe.backend_state() == 6, f"dom{fe.guest.domid} not Closed")
-                    else:
-                        fz.close()
-                    end_guests(fz)
-                    for fe in made:
-                        with contextlib.suppress(OSError):
-                            fe.xs.close()
-                    wait_released(host, before, margin=0)
-                    try:
-                        # None more (after close() of the backend: fewer).
-                        wait_until(partial(no_new_threads, collections.Counter(threads_before)),
-                                   timeout=5)
-                    except TimeoutError:
-                        raise FuzzFailure(f"threads {threads()}, were {threads_before}") from None
-                finally:
-                    echo.close()
+            run_seed(seed, args, seen, EchoServer)
             check(not crashed, f"thread exceptions: {crashed}")
             check(not errors, "error logs: " + "; ".join(
                 f"{r.name}: {r.getMessage()}" for r in errors))
