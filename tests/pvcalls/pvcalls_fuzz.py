@@ -788,8 +788,33 @@ def wait_released(host: Any, before: tuple[int, int, frozenset[tuple[int, str]]]
             return
         if time.monotonic() > deadline:
             raise FuzzFailure(f"still held: grants {grants} (was {before[0]}), ports {ports} "
-                              f"(was {before[1]}), new descriptors {sorted(fds - before[2])}")
+                              f"(was {before[1]}), new descriptors "
+                              f"{[describe_fd(fd, link) for fd, link in sorted(fds - before[2])]}")
         threading.Event().wait(0.01)
+
+
+def describe_fd(fd: int, link: str) -> str:
+    """A descriptor left over, for the failure message: its socket's
+    addresses and TCP state (from /proc/net), and the Python objects that
+    hold it."""
+    what = [f"{fd} {link}"]
+    if link.startswith("socket:["):
+        inode = link[len("socket:["):-1]
+        for table in ("tcp", "tcp6", "unix"):
+            with contextlib.suppress(OSError), open(f"/proc/self/net/{table}") as f:
+                for line in f:
+                    cols = line.split()
+                    if table == "unix" and len(cols) > 6 and cols[6] == inode:
+                        what.append(f"unix type {cols[4]} state {cols[5]} "
+                                    f"{cols[7] if len(cols) > 7 else '(unnamed)'}")
+                    elif table != "unix" and len(cols) > 9 and cols[9] == inode:
+                        what.append(f"{table} {cols[1]} -> {cols[2]} state {cols[3]}")
+    objects = gc.get_objects()
+    for obj in objects:
+        if isinstance(obj, socket.socket) and obj.fileno() == fd:
+            holders = [type(r).__qualname__ for r in gc.get_referrers(obj) if r is not objects]
+            what.append(f"{obj!r} held by {holders[:5]}")
+    return "; ".join(what)
 
 
 def end_guests(fz: Fuzzer) -> None:
