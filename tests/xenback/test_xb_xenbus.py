@@ -3,10 +3,12 @@ failure path of the backend lifecycle checklist."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -1128,24 +1130,47 @@ def test_start_without_xenstore_fails_and_holds_nothing() -> None:
     assert not leaked_threads(before)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_the_host_dying_under_a_connected_device(frontends, caplog) -> None:
-    """XenStore and the hypervisor go away while a device holds a mapping
-    and a port: fatal() reports what it could not do instead of raising,
-    and stop() still forgets every resource and thread."""
-    before = {t.ident for t in threading.enumerate()}
+def _stop_returns(drv: RecordingDriver) -> None:
+    """``drv.stop()`` returns within TIMEOUT (run in a thread, so that a
+    hang fails the test instead of blocking it)."""
+    stopper = threading.Thread(target=drv.stop, name="test-stop")
+    stopper.start()
+    stopper.join(TIMEOUT)
+    assert not stopper.is_alive(), "stop() hangs"
+
+
+def _backend_warnings(caplog) -> list[logging.LogRecord]:
+    """What xenback, not the simulated host, logged at WARNING and above."""
+    return [r for r in caplog.records if r.levelno >= logging.WARNING
+            and r.name.startswith("xenback.") and not r.name.startswith("xenback.sim")]
+
+
+@contextlib.contextmanager
+def _host_that_dies(frontends) -> Iterator[tuple[SimHost, RecordingDriver, Any, Any, Any]]:
+    """A started RecordingDriver on a host of its own, with one connected
+    device: yields ``(host, driver, guest, bdev, fe)``.  The host closes
+    as the block ends, and the driver has lost XenStore after it."""
     host = SimHost()
     host.start()
     drv = RecordingDriver(host.dom0)
     drv.start()
     try:
         guest, dev, fe = _connected(host, drv, frontends)
-        bdev = _bdev(drv, guest.domid)
-        assert bdev.resources == (1, 1)
-        assert bdev.platform is host.dom0
+        yield host, drv, guest, _bdev(drv, guest.domid), fe
     finally:
         host.close()
     assert drv.xenstore.connection_lost.wait(TIMEOUT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_host_dying_under_a_connected_device(frontends, caplog) -> None:
+    """XenStore and the hypervisor go away while a device holds a mapping
+    and a port: fatal() reports what it could not do instead of raising,
+    and stop() still forgets every resource and thread."""
+    before = {t.ident for t in threading.enumerate()}
+    with _host_that_dies(frontends) as (host, drv, guest, bdev, fe):
+        assert bdev.resources == (1, 1)
+        assert bdev.platform is host.dom0
     caplog.clear()
     bdev.fatal(errno.EIO, "too late")  # does not raise
     # (The XenStore connection's threads may still be logging its loss.)
@@ -1154,7 +1179,7 @@ def test_the_host_dying_under_a_connected_device(frontends, caplog) -> None:
     # What failed and why, without a traceback (XenStore's loss is no bug).
     assert [r.msg for r in warnings] == ["%s: could not write the error node: %s",
                                          "%s: could not switch to Closing: %s"]
-    assert all(r.args[0] == dev.backend_path and str(r.args[1])  # type: ignore[index]
+    assert all(r.args[0] == bdev.nodename and str(r.args[1])  # type: ignore[index]
                and r.exc_info is None for r in warnings)
     caplog.clear()
     drv.stop()
@@ -1178,22 +1203,12 @@ def test_a_lost_connection_is_said_once_not_per_callback(frontends, caplog) -> N
     callbacks that fail on it afterwards (every device's, every watch's)
     add nothing to it.  stop() still releases everything."""
     before = {t.ident for t in threading.enumerate()}
-    host = SimHost()
-    host.start()
-    drv = RecordingDriver(host.dom0)
-    drv.start()
-    try:
-        guest, dev, fe = _connected(host, drv, frontends)
-        bdev = _bdev(drv, guest.domid)
+    with _host_that_dies(frontends) as (_host, drv, _guest, bdev, fe):
         fe.close()
-    finally:
-        host.close()
-    assert drv.xenstore.connection_lost.wait(TIMEOUT)
     for key in ("state", "frontend", "online"):  # a driver's own work items
         assert bdev.queue(bdev.read, key)
     bdev.events.flush()
-    said = [r for r in caplog.records if r.levelno >= logging.WARNING
-            and r.name.startswith("xenback.") and not r.name.startswith("xenback.sim")]
+    said = _backend_warnings(caplog)
     assert [r.getMessage().split(":")[0] for r in said] == ["XenStore connection lost"]
     assert said[0].exc_info is None
     drv.stop()
@@ -1320,16 +1335,12 @@ def test_the_driver_domain_going_away_under_its_backend(host, dom0_xs, frontends
         assert drv.xenstore.connection_lost.wait(TIMEOUT)
         for fe in fes:  # the guests' own connections, counted as threads
             fe.close()
-        stopper = threading.Thread(target=drv.stop, name="test-stop")
-        stopper.start()
-        stopper.join(TIMEOUT)
-        assert not stopper.is_alive(), "stop() hangs"
+        _stop_returns(drv)
     finally:
         drv.stop()
     assert not leaked_threads(before)
     assert drv.unordered == []
-    said = [r for r in caplog.records if r.levelno >= logging.WARNING
-            and r.name.startswith("xenback.") and not r.name.startswith("xenback.sim")]
+    said = _backend_warnings(caplog)
     assert [r.getMessage() for r in said] == [
         f"xbtest backend: domain {drvdom.domid} is going away (its XenStore home "
         f"/local/domain/{drvdom.domid} is gone): dropping its 4 devices"]
@@ -1354,17 +1365,13 @@ def test_the_driver_domain_destroyed_under_devices_being_dropped(host, dom0_xs, 
         assert drv.devices() == []
         for fe in fes:
             fe.close()
-        stopper = threading.Thread(target=drv.stop, name="test-stop")
-        stopper.start()
-        stopper.join(TIMEOUT)
-        assert not stopper.is_alive(), "stop() hangs"
+        _stop_returns(drv)
     finally:
         drv.stop()
     assert not leaked_threads(before)
     for fe in fes:
         assert drv.calls_of(fe.guest.domid) == ["probe", "connect", "disconnect", "remove"]
-    said = [r for r in caplog.records if r.levelno >= logging.WARNING
-            and r.name.startswith("xenback.") and not r.name.startswith("xenback.sim")]
+    said = _backend_warnings(caplog)
     assert [r for r in said if r.exc_info] == []
     assert [r.getMessage() for r in said if r.levelno >= logging.ERROR] == []
     assert [r.msg for r in said].count("XenStore connection lost: %s") == 1
