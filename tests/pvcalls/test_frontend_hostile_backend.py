@@ -1173,6 +1173,9 @@ def test_a_non_blocking_connect_that_fails_says_so_once(
     fake.respond(req, -111)  # ECONNREFUSED
     wait_until(lambda: _readiness(s) == (True, True))
     assert s._st.ring is None
+    # Given back by the event thread once it let go of the socket's lock,
+    # which fileno() takes to say the socket is ready.
+    wait_until(lambda: ring in fe._ring_pool)
     assert fe._ring_pool.count(ring) == 1
     if report == "getsockopt":
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR, 4) == \
