@@ -968,6 +968,11 @@ class Frontend(Closing):
         """Event thread: if there is room, call ``_on_room()`` of every
         socket waiting for it (see _want_room); a socket that finds none
         left registers again."""
+        if not self._room_waiters:
+            # Read without the lock, once per command event: a socket
+            # registers only after seeing no room under it, and whoever
+            # makes room outside this thread wakes it (_room_made).
+            return
         with self._lock:
             if (not self._room_waiters or self._ring is None
                     or not self._has_room(1)):

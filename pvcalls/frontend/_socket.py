@@ -548,14 +548,7 @@ class PVSocket(Closing):
         another thread's connect() took the outcome meanwhile: this one is
         a connect() as on any socket."""
         with self._cond:
-            while self._connecting and not self._closed and not self._fe._dead:
-                if deadline.timeout == 0.0:
-                    raise OSError(errno.EALREADY, os.strerror(errno.EALREADY))
-                self._cond.wait(deadline.nap())
-            if self._closed:
-                raise bad_fd()
-            if self._connecting:
-                raise self._fe._gone()
+            self._await_connect_answer(deadline, errno.EALREADY)
             if self._connect_unreported:
                 self._connect_unreported = False
                 return True
@@ -565,6 +558,20 @@ class PVSocket(Closing):
                 err = err or errno.ECONNABORTED
                 raise OSError(err, os.strerror(err))
         return False
+
+    def _await_connect_answer(self, deadline: Deadline | None, would_block: int) -> None:
+        """Under _cond: wait within ``deadline`` (None: not at all) for a
+        non-blocking connect()'s answer, if it is in flight.  Raises
+        ``would_block`` (an errno that reads as BlockingIOError) when not
+        to wait, EBADF once the socket is closed, and the frontend's error
+        once the backend is gone."""
+        while self._connecting and not self._closed and not self._fe._dead:
+            if deadline is None or deadline.timeout == 0.0:
+                raise OSError(would_block, os.strerror(would_block) + " (connecting)")
+            self._cond.wait(deadline.nap())
+        self._check_open()
+        if self._connecting:
+            raise self._fe._gone()
 
     def _check_unconnected(self) -> None:
         if self._st.ring is not None or self._st.listening or self._broken:
@@ -1031,13 +1038,7 @@ class PVSocket(Closing):
     def _wait_connected(self, deadline: Deadline | None) -> None:
         """See :meth:`_active_ring`."""
         with self._cond:
-            while self._connecting and not self._closed and not self._fe._dead:
-                if deadline is None or deadline.timeout == 0.0:
-                    raise BlockingIOError(errno.EAGAIN, "operation would block (connecting)")
-                self._cond.wait(deadline.nap())
-            self._check_open()
-            if self._connecting:
-                raise self._fe._gone()
+            self._await_connect_answer(deadline, errno.EAGAIN)
             err, self._so_error = self._so_error, 0
         if err:
             raise OSError(err, os.strerror(err))
