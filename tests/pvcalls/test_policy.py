@@ -69,6 +69,71 @@ def test_example_file(tmp_path: Path) -> None:
     assert policy.bind_allowed(7, "127.0.0.1", 2000)
 
 
+
+# The examples users copy: taken from the documentation itself, so that an
+# edit there that breaks them fails here.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _docstring_example() -> str:
+    """The indented TOML after "The file format is TOML" in pvcalls._policy."""
+    from pvcalls import _policy
+
+    doc = _policy.__doc__ or ""
+    lines = doc.split("::\n", 1)[1].splitlines()
+    block = []
+    for line in lines[1:]:  # the blank line after "::"
+        if line and not line.startswith("    "):
+            break
+        block.append(line.removeprefix("    "))
+    return "\n".join(block)
+
+
+def _readme_example() -> str:
+    """The README's ```toml block."""
+    text = (ROOT / "README.md").read_text()
+    return text.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_module_docstring_example_means_what_its_comments_say() -> None:
+    policy = Policy.from_toml(_docstring_example())
+    # [default]: every domain without a section of its own.
+    assert policy.max_sockets(3) == 256
+    assert not policy.connect_allowed(3, "169.254.1.1", 80)
+    assert not policy.connect_allowed(3, "10.0.0.1", 22)
+    assert policy.connect_allowed(3, "10.0.0.1", 80)
+    assert policy.bind_allowed(3, "127.0.0.1", 1024)
+    assert policy.bind_allowed(3, "0.0.0.0", 8999)
+    assert not policy.bind_allowed(3, "0.0.0.0", 9000)
+    # [domain.7]: its own connect.allow and limit, deny and bind inherited.
+    assert policy.max_sockets(7) == 16
+    assert policy.connect_allowed(7, "192.0.2.1", 443)
+    assert not policy.connect_allowed(7, "192.0.2.1", 8080)
+    assert not policy.connect_allowed(7, "10.0.0.1", 22)
+    assert policy.bind_allowed(7, "127.0.0.1", 1024)
+    # [domain.webfront]: by name, whatever its domid; a domid section wins.
+    assert policy.connect_allowed(12, "10.1.2.3", 443, "webfront")
+    assert not policy.connect_allowed(12, "10.1.2.3", 80, "webfront")
+    assert policy.max_sockets(12, "webfront") == 256
+    assert policy.max_sockets(7, "webfront") == 16
+
+
+def test_the_readme_example_means_what_the_readme_says(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(_readme_example())
+    policy = Policy.from_file(path)  # verbatim, its trailing comment included
+    assert policy.max_sockets(2) == 256
+    assert not policy.connect_allowed(2, "192.0.2.1", 22)
+    assert policy.connect_allowed(2, "192.0.2.1", 80)
+    # "a domain name or a domid": here the name.
+    assert policy.connect_allowed(1, "127.0.0.1", 8080, "guest1")
+    assert policy.connect_allowed(1, "10.2.3.4", 443, "guest1")
+    assert not policy.connect_allowed(1, "10.2.3.4", 444, "guest1")
+    assert not policy.connect_allowed(1, "192.0.2.1", 80, "guest1")
+    assert policy.bind_allowed(1, "127.0.0.1", 8000, "guest1")
+    assert not policy.bind_allowed(1, "127.0.0.1", 9001, "guest1")
+
+
 def test_a_domain_section_takes_from_default_each_key_it_leaves_out() -> None:
     """Key by key: allow, deny and max_sockets each come from [default]
     unless the domain's section gives them; max_sockets = 0 is a limit
