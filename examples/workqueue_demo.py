@@ -26,10 +26,14 @@ class Greeting(Work):
     def __init__(self, who: str) -> None:
         super().__init__(Greeting.run)
         self.who = who
+        self.said = ""
 
     def run(self) -> None:
-        print(
-            f"  hello {self.who}, from CPU {topology.current_cpu()} "
+        # Said here, printed by the main thread once the item has run: a
+        # worker printing while the main thread prints can splice the two
+        # lines together.
+        self.said = (
+            f"hello {self.who}, from CPU {topology.current_cpu()} "
             f"({threading.current_thread().name})"
         )
 
@@ -59,8 +63,10 @@ def main() -> None:
         section("queue_work: a Work runs on the CPU it was queued on")
         for cpu, who in enumerate(["ring", "socket", "device"]):
             work = Greeting(who)
-            print(f"  queue_work_on({cpu}, {who}) -> {wq.queue_work_on(cpu, work)}")
+            queued = wq.queue_work_on(cpu, work)
             work.flush()
+            print(f"  queue_work_on({cpu}, {who}) -> {queued}")
+            print(f"  {work.said}")
 
         section(
             "pending bit: queueing a pending item does nothing; queueing a running one runs it once more"
@@ -126,6 +132,8 @@ def main() -> None:
         print(wq.dump())
         gate.set()
         wq.flush()
+        for work in waiting:
+            print(f"  {work.said}")
         for pool in wq.stats().pools:
             print(
                 f"  pool {pool.pool}: queued={pool.queued} completed={pool.completed} "
