@@ -50,22 +50,31 @@ _STATUS_SIGPIPE = 128 + signal.SIGPIPE
 _DOMID_LIMIT = 0x7FF0
 
 
+def _is_decimal(text: str) -> bool:
+    """Whether ``text`` is ASCII decimal digits, after a minus sign maybe:
+    "-1" is a number, too small, and told so rather than that it is not
+    a number (as pvcalls-backend tells it)."""
+    digits = text.removeprefix("-")
+    return digits.isascii() and digits.isdigit()
+
+
 def _small(text: str) -> int | None:
-    """The value of ``text`` (ASCII digits), None if it has more than 9
-    significant digits: far above any domain id or port, and int() refuses
-    more than sys.get_int_max_str_digits() with a ValueError (a traceback
-    for a port, "invalid _domid value" from argparse for a domid)."""
-    digits = text.lstrip("0") or "0"
+    """The magnitude of ``text`` (:func:`_is_decimal`), None if it has
+    more than 9 significant digits: far above any domain id or port, and
+    int() refuses more than sys.get_int_max_str_digits() with a ValueError
+    (a traceback for a port, "invalid _domid value" from argparse for a
+    domid).  The caller checks the sign."""
+    digits = text.removeprefix("-").lstrip("0") or "0"
     return int(digits) if len(digits) <= 9 else None
 
 
 def _domid(text: str) -> int:
     """A guest domain id: dom0 is the backend's, and it cannot be its own guest."""
     # Decimal ASCII digits only: int() would also take " 5", "1_0" and "５".
-    if not (text.isascii() and text.isdigit()):
+    if not _is_decimal(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a domain id")
     domid = _small(text)
-    if domid is None or not 0 < domid < _DOMID_LIMIT:
+    if domid is None or text.startswith("-") or not 0 < domid < _DOMID_LIMIT:
         raise argparse.ArgumentTypeError(
             f"{text} is not a guest domain id (1 to {_DOMID_LIMIT - 1})"
         )
@@ -145,10 +154,11 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         host_bytes(host)
     except TypeError:
         p.error(f"host {host!r} is not a valid host name")
-    if not (port_text.isascii() and port_text.isdigit()):  # as _domid
+    if not _is_decimal(port_text):  # as _domid
         p.error(f"port {port_text!r} is not a number")
     port = _small(port_text)
-    if port is None or not 0 <= port <= 65535 or (port == 0 and not args.listen):
+    if (port is None or port_text.startswith("-") or port > 65535
+            or (port == 0 and not args.listen)):
         p.error(f"port {port_text} is out of range")
     return host, port
 

@@ -385,6 +385,10 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         (["127.0.0.1", "http"], "not a number"),
         (["127.0.0.1", "8_0"], "port '8_0' is not a number"),
         (["127.0.0.1", "0"], "out of range"),
+        # A negative number is a number, and out of range: said as the
+        # backend's --max-ioworkers says it, not "is not a number".
+        (["127.0.0.1", "-5"], "port -5 is out of range"),
+        (["-l", "-5"], "port -5 is out of range"),
         # Names the resolver could not even be asked about (IDNA refuses
         # the first; the second is an undecodable byte of the command line).
         (["b\u00fccher..de", "80"], "host 'b\u00fccher..de' is not a valid host name"),
@@ -400,6 +404,8 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         (["--domid", "9" * 5000, "127.0.0.1", "80"],
          f"argument --domid: {'9' * 5000} is not a guest domain id"),
         (["--domid", "one", "127.0.0.1", "80"], "argument --domid: 'one' is not"),
+        (["--domid", "-1", "127.0.0.1", "80"],
+         "argument --domid: -1 is not a guest domain id (1 to 32751)"),
         (["--domid", "1_0", "127.0.0.1", "80"], "argument --domid: '1_0' is not"),
         (["--domid", "\uff11", "127.0.0.1", "80"], "argument --domid: '\uff11' is not"),
         (["-w", "nan", "127.0.0.1", "80"], "argument -w/--wait: nan is not"),
