@@ -2292,6 +2292,109 @@ def test_asyncio_sock_sendfile_delivers_the_file(
     assert bytes(received) == payload
 
 
+def test_asyncio_client_calls_the_docstring_lists(fe: pvcalls.Frontend, server: Any) -> None:
+    """The package docstring lists sock_recv_into and create_connection's
+    ``sock`` among what works on the default event loop, and that the
+    transport's socket answers SO_ERROR and SO_TYPE."""
+    srv = server()
+
+    async def main() -> tuple[bytes, bytes, int]:
+        loop = asyncio.get_running_loop()
+        with fe.socket() as s:
+            s.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(s, srv.address), TIMEOUT)
+            await loop.sock_sendall(s, b"into")
+            buf = bytearray(16)
+            n = await asyncio.wait_for(loop.sock_recv_into(s, buf), TIMEOUT)
+        s = fe.socket()
+        s.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(s, srv.address), TIMEOUT)
+        echoed: asyncio.Future[bytes] = loop.create_future()
+
+        class Echoed(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                echoed.set_result(data)
+
+        transport, _ = await loop.create_connection(Echoed, sock=s)
+        transport.write(b"transport")
+        via_transport = await asyncio.wait_for(echoed, TIMEOUT)
+        sock = transport.get_extra_info("socket")
+        so_type = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert transport.get_extra_info("peername") == srv.address
+        transport.close()
+        return bytes(buf[:n]), via_transport, so_type
+
+    assert asyncio.run(main()) == (b"into", b"transport", socket.SOCK_STREAM)
+
+
+def test_asyncio_server_calls_the_docstring_lists(fe: pvcalls.Frontend, backend: Any,
+                                                  guest: Any) -> None:
+    """A guest's listening PVSocket under sock_accept, as the ``sock`` of
+    start_server, and an accepted one under connect_accepted_socket, with
+    host clients on the same loop."""
+
+    def listening() -> tuple[pvcalls.PVSocket, tuple[str, int]]:
+        listener = fe.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        return listener, listen_address(backend, guest.domid, listener.id)
+
+    async def ask(address: tuple[str, int], line: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(line)
+        answer = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        writer.close()
+        await writer.wait_closed()
+        return answer
+
+    class Shout(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data.upper())
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        answers = []
+        # sock_accept
+        listener, address = listening()
+        with listener:
+            asked = asyncio.ensure_future(ask(address, b"accepted\n"))
+            conn, _ = await asyncio.wait_for(loop.sock_accept(listener), TIMEOUT)
+            with conn:
+                conn.setblocking(False)
+                line = await asyncio.wait_for(loop.sock_recv(conn, 100), TIMEOUT)
+                await loop.sock_sendall(conn, line.upper())
+                answers.append(await asyncio.wait_for(asked, TIMEOUT))
+
+        # start_server(sock=...)
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write((await reader.readline()).upper())
+            await writer.drain()
+            writer.close()
+
+        listener, address = listening()
+        served = await asyncio.start_server(handle, sock=listener)
+        async with served:
+            answers.append(await ask(address, b"served\n"))
+
+        # connect_accepted_socket
+        listener, address = listening()
+        with listener:
+            asked = asyncio.ensure_future(ask(address, b"adopted\n"))
+            conn, _ = await asyncio.wait_for(loop.sock_accept(listener), TIMEOUT)
+            transport, _ = await loop.connect_accepted_socket(Shout, sock=conn)
+            answers.append(await asyncio.wait_for(asked, TIMEOUT))
+            transport.close()
+        return answers
+
+    assert asyncio.run(main()) == [b"ACCEPTED\n", b"SERVED\n", b"ADOPTED\n"]
+
+
 def test_asyncio_sock_connect_does_not_hold_up_the_loop(
         fe: pvcalls.Frontend, server: Any) -> None:
     """loop.sock_connect() on a non-blocking socket: EINPROGRESS, then
