@@ -22,7 +22,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,7 +55,10 @@ class LoadIndexStats:
     """Number of keys currently assigned."""
     total_load: int
     """Sum of the weights of all assigned keys."""
-    loads: Mapping[int, int]
+    # Left out of the hash, which a mappingproxy does not have: equal
+    # snapshots still hash alike, and the snapshot stays hashable like any
+    # other frozen dataclass.
+    loads: Mapping[int, int] = field(hash=False)
     """Load of every online CPU, by CPU number (read-only)."""
     offline: tuple[int, ...]
     """Possible CPUs that are offline; they carry no keys."""

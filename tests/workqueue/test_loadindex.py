@@ -352,6 +352,19 @@ def test_statistics_is_a_frozen_snapshot() -> None:
             stats.loads[0] = 9  # type: ignore[index]
 
 
+def test_statistics_snapshots_hash_like_any_frozen_dataclass() -> None:
+    # A frozen dataclass is hashable, and equal snapshots hash alike: they
+    # can be kept in a set or used as a cache key, as Workqueue.stats() can.
+    topo = Topology(2)
+    with LoadIndex(topo) as index:
+        index.assign("a")
+        first, again = index.statistics(), index.statistics()
+        index.assign("b")
+        later = index.statistics()
+        assert first == again and hash(first) == hash(again)
+        assert len({first, again, later}) == 2
+
+
 # -- threads ------------------------------------------------------------------
 
 
