@@ -126,7 +126,13 @@ class Workqueue(Executor):
     blocking()) or runs long; submit() raises on a draining workqueue
     (drain()), and a frozen one holds its calls until thaw(); a
     non-callable fn is a TypeError from submit() itself, not in the future;
-    shutdown() refuses what would deadlock or never end (see there).
+    shutdown() refuses what would deadlock or never end (see there); and
+    a workqueue is freed only once destroyed (or shut down): until then its
+    pools hold it, as the kernel's pools hold a workqueue until
+    destroy_workqueue(), so one merely dropped stays, with its rescuer
+    thread, for the life of its topology (a ThreadPoolExecutor dropped
+    without shutdown() is collected and its threads exit).  Use it in a
+    with block, or shut it down.
     """
 
     def __init__(self, name: str, flags: int = 0, max_active: int = 0,
