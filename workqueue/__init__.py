@@ -28,7 +28,7 @@ from ._flags import (
     WQ_UNBOUND,
     WQFlags,
 )
-from ._loadindex import LoadIndex
+from ._loadindex import LoadIndex, LoadIndexStats
 from ._pool import blocking, current_work, wait_slice
 from ._stats import PoolStats, TraceHook, WorkqueueStats
 from ._topology import Topology
@@ -41,5 +41,6 @@ __all__ = [
     "Topology", "LoadIndex", "current_work",
     # Beyond the kernel's names:
     "Workqueue", "WQFlags", "WQ_MAX_ACTIVE", "WQ_DFL_ACTIVE", "blocking",
-    "default_topology", "PoolStats", "WorkqueueStats", "TraceHook", "wait_slice",
+    "default_topology", "PoolStats", "WorkqueueStats", "LoadIndexStats", "TraceHook",
+    "wait_slice",
 ]

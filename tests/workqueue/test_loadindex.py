@@ -352,6 +352,16 @@ def test_statistics_is_a_frozen_snapshot() -> None:
             stats.loads[0] = 9  # type: ignore[index]
 
 
+def test_the_statistics_type_is_public_like_the_workqueues() -> None:
+    # PoolStats and WorkqueueStats are importable from the package; so is
+    # the type of LoadIndex.statistics(), for code that annotates with it.
+    import workqueue
+
+    assert "LoadIndexStats" in workqueue.__all__
+    with LoadIndex(Topology(2)) as index:
+        assert isinstance(index.statistics(), workqueue.LoadIndexStats)
+
+
 def test_statistics_snapshots_hash_like_any_frozen_dataclass() -> None:
     # A frozen dataclass is hashable, and equal snapshots hash alike: they
     # can be kept in a set or used as a cache key, as Workqueue.stats() can.
