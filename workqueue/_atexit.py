@@ -13,7 +13,11 @@ themselves again, say) may never be done, and the kernel does not wait for
 them either.
 
 A frozen workqueue's calls cannot run until thaw(), which nobody will call
-any more: they are dropped, with a warning.
+any more: they are dropped, with a warning.  Nor can those a forked child
+inherits: only the forking thread lives on in the child, not the workers,
+so the child forgets the workqueues it inherited and exits without waiting
+for them (a ThreadPoolExecutor's child does too: its exit hook joins
+threads that the child does not have).
 
 The hook is threading's, not atexit's, as concurrent.futures' is: it runs
 before the interpreter starts refusing new threads, which a pool may need
@@ -23,6 +27,7 @@ before the interpreter starts refusing new threads, which a pool may need
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -73,6 +78,18 @@ def wait_for_calls() -> None:
         for work in works:
             work.flush()
 
+
+def _forget_inherited() -> None:
+    """In a forked child: the live workqueues are the parent's, whose calls
+    no thread of the child will run.  The lock, which another thread may
+    have held at the fork, is made anew as well."""
+    global _lock, _live
+    _lock = threading.Lock()
+    _live = weakref.WeakSet()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forget_inherited)
 
 try:
     _register_atexit = threading._register_atexit  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures as cf
 import gc
 import math
+import os
 import random
 import threading
 import time
@@ -725,6 +726,7 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
 _EXIT_SCRIPT = r"""
 import os
 import math
+import os
 import threading
 from workqueue import WQ_FREEZABLE, Topology, alloc_workqueue
 
@@ -781,3 +783,53 @@ def test_no_new_calls_once_the_interpreter_exits(make_wq: Any,
     for submit in (wq.submit, wq.serial("k").submit):
         with pytest.raises(RuntimeError, match="interpreter shutdown"):
             submit(int)
+
+
+_FORK_SCRIPT = r"""
+import os
+import sys
+import threading
+import time
+from workqueue import Topology, alloc_workqueue
+
+wq = alloc_workqueue("forked", topology=Topology(2))
+started, release = threading.Event(), threading.Event()
+running = wq.submit(lambda: (started.set(), release.wait(30)))
+queued = wq.serial("key").submit(int)
+assert started.wait(10)
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a normal exit: the child runs its exit hooks
+release.set()
+assert running.result(10) == (None, True) and queued.result(10) == 0
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exited", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.01)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("child hung at exit")
+wq.shutdown()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_forked_child_does_not_wait_at_exit_for_its_parents_calls(tmp_path: Any) -> None:
+    """Only the forking thread lives on in a child: the workers that would
+    run the calls it inherited are the parent's, so the child's exit must
+    not wait for those calls.  (A ThreadPoolExecutor's child exits at once:
+    its exit hook joins threads that the child does not have.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork.py"
+    script.write_text(_FORK_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["child exited 0"], done.stderr
