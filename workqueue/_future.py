@@ -58,6 +58,7 @@ _futures_lock.
 from __future__ import annotations
 
 import _thread
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -107,6 +108,8 @@ _FINAL = (CANCELLED_AND_NOTIFIED, FINISHED)  # and every watcher told (what wait
 # __enter__ and __exit__ are Python functions, and tells a watched future's
 # waiters after letting go of it, still under the future's own condition.
 _futures_lock = threading.RLock()
+if hasattr(os, "register_at_fork"):  # a thread of the parent may hold it at a fork
+    os.register_at_fork(after_in_child=_futures_lock._at_fork_reinit)  # type: ignore[attr-defined]
 
 
 class _OwnCondition(_thread.RLock):  # type: ignore[misc]  # final in the stubs only

@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -495,6 +496,8 @@ class PoolSet:
 # its hotplug notifier, which takes the hotplug lock); never taken with the
 # engine lock held.
 _pool_set_lock = threading.Lock()
+# Every PoolSet made, for a forked child to leave behind (_after_fork_in_child).
+_pool_sets: weakref.WeakSet[PoolSet] = weakref.WeakSet()
 
 
 def pool_set(topology: Topology) -> PoolSet:
@@ -507,7 +510,33 @@ def pool_set(topology: Topology) -> PoolSet:
                 pset = PoolSet(topology)
                 topology.add_hotplug_notifier(pset.hotplug)
                 topology._pools = pset
+                _pool_sets.add(pset)
     return pset
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has one thread, the one that forked: the workers of
+    every pool made so far stayed in the parent, and a wake-up sent to one
+    of them would be lost.  So each topology leaves its pools to the
+    workqueues the child inherited -- the parent's, which the child must not
+    use -- and makes new ones, with workers of the child's own, for the
+    workqueues the child makes, as a ThreadPoolExecutor made in a child
+    gets threads of its own.  A lock that a thread of the parent held at the fork would
+    never be released: the engine's are made anew."""
+    lock._at_fork_reinit()  # type: ignore[attr-defined]  # in place: bound methods stay valid
+    _pool_set_lock._at_fork_reinit()  # type: ignore[attr-defined]
+    _this_thread.worker = None  # the forking thread may have been a worker
+    _this_thread.binding = None
+    for pset in list(_pool_sets):
+        topology = pset.topology
+        topology._hotplug_lock = threading.Lock()
+        topology.remove_hotplug_notifier(pset.hotplug)
+        topology._pools = None
+    _pool_sets.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- workers ---------------------------------------------------------------

@@ -22,6 +22,7 @@ their next runs are queued on the new CPU.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -147,6 +148,8 @@ class _SerialDomain:
 # when the workqueue is collected.
 _DOMAIN_ATTR = "_serial_domain"
 _domains_lock = threading.Lock()  # makes the first serial() of a workqueue create one domain
+if hasattr(os, "register_at_fork"):  # a thread of the parent may hold it at a fork
+    os.register_at_fork(after_in_child=_domains_lock._at_fork_reinit)  # type: ignore[attr-defined]
 _CLOSED = "closed"  # the attribute's value after close_serial()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -121,3 +122,22 @@ def del_timer(handle: TimerHandle) -> bool:
 def timer_pending(handle: TimerHandle | None) -> bool:
     """True if *handle* is armed and has not fired."""
     return handle is not None and handle.callback is not None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no timer thread: the next add_timer() starts one.
+    The parent's timers would queue the parent's delayed items, which do
+    not run in the child (see _pool._after_fork_in_child): they are
+    disarmed, as if deleted."""
+    timer = _timer
+    timer._cond = threading.Condition(threading.Lock())  # a thread of the parent may hold it
+    for _, _, handle in timer._heap:
+        handle.callback = None
+        handle.arg = None
+    timer._heap.clear()
+    timer._nr_dead = 0
+    timer._thread = None
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
@@ -72,6 +73,8 @@ _STATE_NAMES = ("running", "draining", "being destroyed", "destroyed")
 
 _default_topology: Topology | None = None
 _default_topology_lock = threading.Lock()  # guards the creation of _default_topology
+if hasattr(os, "register_at_fork"):  # a thread of the parent may hold it at a fork
+    os.register_at_fork(after_in_child=_default_topology_lock._at_fork_reinit)  # type: ignore[attr-defined]
 
 
 def default_topology() -> Topology:

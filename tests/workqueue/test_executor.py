@@ -833,3 +833,69 @@ def test_a_forked_child_does_not_wait_at_exit_for_its_parents_calls(tmp_path: An
                           timeout=60, env={**os.environ, "PYTHONPATH": root})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["child exited 0"], done.stderr
+
+
+_FORK_NEW_QUEUE_SCRIPT = r"""
+import os
+import threading
+import time
+from workqueue import DelayedWork, Topology, Work, alloc_workqueue
+
+def ran_on_every_cpu(wq):
+    for cpu in wq.topology.online():
+        done = threading.Event()
+        wq.queue_work_on(cpu, Work(lambda work: done.set()))
+        if not done.wait(5):
+            return False
+    return True
+
+topo = Topology(2)
+parent = alloc_workqueue("parent", topology=topo)
+assert ran_on_every_cpu(parent)  # every pool has workers, the timer its thread
+fired = threading.Event()
+parent.queue_delayed_work(DelayedWork(lambda work: fired.set()), 0.01)
+assert fired.wait(5)
+pid = os.fork()
+if pid == 0:
+    child = alloc_workqueue("child", topology=topo)
+    fired = threading.Event()
+    child.queue_delayed_work(DelayedWork(lambda work: fired.set()), 0.01)
+    print("child items ran:", ran_on_every_cpu(child), flush=True)
+    print("child delayed item ran:", fired.wait(5), flush=True)
+    print("child calls ran:", child.submit(pow, 2, 5).result(5),
+          child.serial("key").submit(pow, 3, 2).result(5), flush=True)
+    child.shutdown()
+    os._exit(0)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exited", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.01)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("child hung")
+parent.destroy()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_forked_child_runs_the_items_of_its_own_workqueues(tmp_path: Any) -> None:
+    """A child inherits the parent's pools and timer, but not their threads:
+    a workqueue it makes must get workers (and timers) of its own, as a
+    ThreadPoolExecutor made in a child gets threads (multiprocessing forks
+    its workers by default on Linux)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_new_queue.py"
+    script.write_text(_FORK_NEW_QUEUE_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=90, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "child items ran: True", "child delayed item ran: True", "child calls ran: 32 9",
+        "child exited 0"], done.stderr
