@@ -141,8 +141,8 @@ class Topology:
         self._real: dict[int, int] = {
             cpu: cpu if cpu in host_set else host[cpu % len(host)] for cpu in possible
         }
-        self.cpu_intensive_thresh = _check_thresh("cpu_intensive_thresh", cpu_intensive_thresh)
-        self.watchdog_thresh = _check_thresh("watchdog_thresh", watchdog_thresh)
+        self.cpu_intensive_thresh = cpu_intensive_thresh
+        self.watchdog_thresh = watchdog_thresh
 
         # _hotplug_lock serialises cpu_down/cpu_up and notifier (un)registration,
         # so a notifier sees every transition exactly once, in order.  It is
@@ -163,6 +163,33 @@ class Topology:
 
     def __repr__(self) -> str:
         return f"<Topology possible={list(self._possible)} online={list(self._online_list)}>"
+
+    # -- tunables ---------------------------------------------------------
+    #
+    # Writable at run time, as the kernel's module parameters are, and
+    # checked when written: a bad value would otherwise be found only by
+    # the timer thread, or by a queue_work() arming a check with it after
+    # it had queued its item.  A new value applies from the next check on.
+
+    @property
+    def cpu_intensive_thresh(self) -> float:
+        """Seconds after which a running item stops counting for concurrency
+        management (wq_cpu_intensive_thresh_us)."""
+        return self._cpu_intensive_thresh
+
+    @cpu_intensive_thresh.setter
+    def cpu_intensive_thresh(self, value: float) -> None:
+        self._cpu_intensive_thresh = _check_thresh("cpu_intensive_thresh", value)
+
+    @property
+    def watchdog_thresh(self) -> float:
+        """Seconds after which a running item is reported as stalled
+        (wq_watchdog_thresh)."""
+        return self._watchdog_thresh
+
+    @watchdog_thresh.setter
+    def watchdog_thresh(self, value: float) -> None:
+        self._watchdog_thresh = _check_thresh("watchdog_thresh", value)
 
     # -- queries ----------------------------------------------------------
 

@@ -278,6 +278,34 @@ def test_topology_contract_and_errors() -> None:
         Topology(1, watchdog_thresh="30")  # type: ignore[arg-type]
 
 
+def test_the_tunables_are_checked_when_changed_too(make_wq: Any) -> None:
+    # The tunables may be changed at run time, as the kernel's module
+    # parameters can; a bad value is refused there as in the constructor,
+    # not found later by the timer thread or the queue_work() that arms a
+    # check with it (after queueing the item).
+    topo = Topology(2)
+    for name in ("cpu_intensive_thresh", "watchdog_thresh"):
+        for bad in (0, -1.0, float("nan"), float("inf"), 1e11):
+            with pytest.raises(ValueError, match=name):
+                setattr(topo, name, bad)
+        with pytest.raises(TypeError, match=name):
+            setattr(topo, name, "30")
+        setattr(topo, name, 2)
+        assert getattr(topo, name) == 2.0 and type(getattr(topo, name)) is float
+    assert (topo.cpu_intensive_thresh, topo.watchdog_thresh) == (2.0, 2.0)
+    # The engine uses a changed value.
+    topo.cpu_intensive_thresh = 0.001
+    wq = make_wq(topology=topo)
+    done = threading.Event()
+    hog = threading.Event()
+    wq.queue_work_on(0, Work(lambda work: hog.wait(10)))
+    wq.queue_work_on(0, Work(lambda work: done.set()))
+    try:
+        assert done.wait(10), "the hog kept counting: the new threshold was not used"
+    finally:
+        hog.set()
+
+
 def test_a_topology_has_at_most_nr_cpus_cpus() -> None:
     # Topology(10**8) built a list of 10**8 CPUs (gigabytes; 10**7 took
     # 1.2 GB), and a workqueue on 10**7 of them did not start in minutes.
