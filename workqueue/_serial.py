@@ -48,8 +48,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 # How many calls one run of a key's Work executes before it requeues itself
-# and lets the other items of its CPU's pool go first.  Large enough that the
-# queueing cost vanishes, small enough that one busy key cannot hog its CPU.
+# and lets the other items of its CPU's pool go first (not while the
+# workqueue drains: see _drain).  Large enough that the queueing cost
+# vanishes, small enough that one busy key cannot hog its CPU.
 _BATCH = 64
 
 
@@ -75,14 +76,24 @@ class _SerialWork(Work):
 
 
 def _drain(work: Work) -> None:
-    """Run up to _BATCH of the key's calls, oldest first.
+    """Run up to _BATCH of the key's calls, oldest first, then queue the
+    Work again if calls are left.
+
+    Not while the workqueue drains (drain(), destroy(), shutdown()): the
+    requeueing would be chained queueing, which drain() counts as a round
+    of an item that keeps queueing itself, and warns about after ten -- a
+    key with a backlog of some hundred calls is no runaway chain.  The run
+    then goes on to the end; the CPU's other items still get a worker once
+    it has run cpu_intensive_thresh, as for any long item.
 
     The pending bit is cleared before this runs, so a submit() that lands
     after the final check below queues the Work again: no call is stranded.
     """
     assert isinstance(work, _SerialWork)
     popleft = work.calls.popleft
-    for _ in range(_BATCH):
+    wq = work.wq
+    budget = _BATCH
+    while True:
         try:
             future = popleft()
         except IndexError:
@@ -91,8 +102,13 @@ def _drain(work: Work) -> None:
         # A traceback the call raised keeps this frame: it must not hold the
         # future, which holds the traceback (see _run_call).
         del future
+        budget -= 1
+        if not budget:
+            if not wq._state:  # running, not draining (one read: no lock needed)
+                break
+            budget = _BATCH
     if work.calls:
-        work.wq.queue_work_on(work.cpu, work)
+        wq.queue_work_on(work.cpu, work)
 
 
 class _SerialDomain:

@@ -148,6 +148,39 @@ def test_a_busy_key_does_not_starve_its_cpu_neighbour() -> None:
         wq.destroy()
 
 
+def test_shutdown_runs_a_keys_backlog_without_a_drain_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A key's run stops after a batch and queues itself again, to be fair
+    # to its CPU's other items.  During a drain that requeueing is chained
+    # queueing, which drain() counts as one more round of a work item that
+    # keeps queueing itself, and warns about after ten: a plain shutdown()
+    # of a key with a backlog of a few hundred calls warned of a runaway
+    # chain.  While the workqueue drains, the run goes on to the end instead.
+    wq = alloc_workqueue("backlog", topology=Topology(2))
+    ex = wq.serial("key")
+    started, gate = threading.Event(), threading.Event()
+    first = ex.submit(lambda: (started.set(), gate.wait(TIMEOUT)))
+    futures = [ex.submit(int) for _ in range(64 * 12)]
+    assert started.wait(TIMEOUT)
+    key_work = ex._work
+    queueings: list[Work] = []
+    wq.add_trace_hook(lambda event, work, cpu: (
+        queueings.append(work) if event == "queue" and work is key_work else None))
+    stopper = threading.Thread(target=wq.shutdown)
+    stopper.start()
+    try:
+        while wq._state == 0:  # until shutdown() has started its drain
+            assert stopper.is_alive(), "shutdown() returned before the key ran"
+            gate.wait(0.001)
+    finally:
+        gate.set()
+    stopper.join(TIMEOUT)
+    assert not stopper.is_alive()
+    assert first.done() and all(f.result() == 0 for f in futures)
+    assert queueings == [], "the key queued itself again while the workqueue drained"
+    assert "isn't complete" not in caplog.text
+
+
 def test_cpu_down_rehomes_keys_and_keeps_their_order(wq: object, topo: Topology) -> None:
     executors = [wq.serial(k) for k in range(8)]  # type: ignore[attr-defined]
     victims = [ex for ex in executors if ex.cpu == 1]
