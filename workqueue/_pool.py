@@ -197,7 +197,12 @@ class WorkList:
     is skipped when it reaches the front.  A Work has at most one live entry
     in the whole engine (it is pending at most once), and its dead entries in
     a list always precede its live entry there, so pop() can tell them apart
-    by counting: while dead[work] > 0, the next occurrence is dead.
+    by counting: while dead[id(work)] > 0, the next occurrence is dead.
+
+    Tombstones are counted by identity: a Work subclass may compare by value
+    (a dataclass does), and then be unhashable, or equal to another item on
+    the same list, whose live entry would pass for dead.  (An id cannot be
+    reused while its tombstone counts: the dead entry keeps the item.)
 
     `items` is never replaced, only mutated, so a worker may bind its
     methods once and keep them while it drops the engine lock.
@@ -207,7 +212,7 @@ class WorkList:
 
     def __init__(self, active: bool, owner: object) -> None:
         self.items: deque[Work] = deque()
-        self.dead: dict[Work, int] = {}
+        self.dead: dict[int, int] = {}  # id(work) -> its dead entries here
         self.nr = 0            # live entries
         self.active = active   # True: items count in their pwq's nr_active
         self.owner = owner     # the pool, pwq or worker the list belongs to
@@ -222,12 +227,13 @@ class WorkList:
         while items:
             work = items.popleft()
             if self.dead:
-                n = self.dead.get(work)
+                key = id(work)
+                n = self.dead.get(key)
                 if n:
                     if n == 1:
-                        del self.dead[work]
+                        del self.dead[key]
                     else:
-                        self.dead[work] = n - 1
+                        self.dead[key] = n - 1
                     continue
             self.nr -= 1
             return work
@@ -235,16 +241,17 @@ class WorkList:
 
     def kill(self, work: Work) -> None:
         """Turn the live entry of *work* into a tombstone."""
-        self.dead[work] = self.dead.get(work, 0) + 1
+        key = id(work)
+        self.dead[key] = self.dead.get(key, 0) + 1
         self.nr -= 1
 
     def __iter__(self) -> Iterator[Work]:
         """The live entries, in order."""
         dead = dict(self.dead)
         for work in self.items:
-            n = dead.get(work)
+            n = dead.get(id(work))
             if n:
-                dead[work] = n - 1
+                dead[id(work)] = n - 1
                 continue
             yield work
 

@@ -606,3 +606,60 @@ def test_cancel_and_requeue_while_the_pool_is_busy_runs_it_once(make_wq: Any, tr
     assert runs[0] == 2
     assert most[0] == 1
     assert wq.stats().started == 8  # the hog, the others, and w twice
+
+
+class _ValueWork(Work):
+    """A Work that compares by value, as a dataclass subclass does: equal to
+    any other of the same tag, and unhashable unless it says how to hash."""
+
+    def __init__(self, tag: str, ran: list[Work]) -> None:
+        super().__init__(_ValueWork.run)
+        self.tag = tag
+        self.ran = ran
+
+    def run(self) -> None:
+        self.ran.append(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ValueWork) and other.tag == self.tag
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _HashedValueWork(_ValueWork):
+    def __hash__(self) -> int:
+        return hash(self.tag)
+
+
+@pytest.mark.parametrize("kind", [_ValueWork, _HashedValueWork])
+@pytest.mark.parametrize("ordered", [False, True])  # the pool's worklist, or the inactive list
+def test_items_are_told_apart_by_identity_not_equality(make_wq: Any, kind: Any,
+                                                       ordered: bool) -> None:
+    # Subclassing is how an item carries its fields, and a dataclass
+    # subclass compares by value.  A cancelled item's tombstone on its list
+    # must name that item: not be refused because the item is unhashable,
+    # nor make an equal item that is queued too pass for the cancelled one.
+    if ordered:
+        wq, blocker = held_ordered_queue(make_wq)
+        queue: Any = wq.queue_work
+    else:  # one item per CPU: the others wait on CPU 0's worklist
+        wq = make_wq()
+        blocker = Gate()
+        wq.queue_work_on(0, Work(blocker))
+        assert blocker.started.wait(TIMEOUT)
+        queue = lambda work: wq.queue_work_on(0, work)  # noqa: E731
+    ran: list[Work] = []
+    kept, cancelled = kind("same", ran), kind("same", ran)
+    last = threading.Event()
+    try:
+        assert queue(kept) and queue(cancelled)
+        assert cancelled.cancel() is True
+        assert not cancelled.pending and kept.pending
+        assert queue(cancelled) and cancelled.cancel() is True  # again: a second tombstone
+        assert queue(Work(lambda work: last.set()))  # starts after the others, in order
+    finally:
+        blocker.release.set()
+    assert last.wait(TIMEOUT)
+    wait_until(lambda: len(ran) > 0)
+    assert len(ran) == 1 and ran[0] is kept, f"ran {ran}, not only the item kept"
+
