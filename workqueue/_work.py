@@ -86,6 +86,20 @@ class Work:
         self._worker: Worker | None = None
         self._flushers: list[tuple[int, Completion]] | None = None
 
+    if not TYPE_CHECKING:  # a __getattr__ would let mypy pass any attribute
+
+        def __getattr__(self, name: str) -> Any:
+            # Only reached when normal lookup failed: an unset slot of ours
+            # means that a subclass's __init__ never called Work.__init__.
+            # Said so, rather than that some '_pending' is missing (which
+            # would surface from deep inside queue_work()).
+            if name in _SLOTS:
+                raise AttributeError(
+                    f"{type(self).__name__} object was not set up as a work item: "
+                    f"its __init__ must call super().__init__(func)", name=name, obj=self)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}",
+                                 name=name, obj=self)
+
     def __repr__(self) -> str:
         func = self.func
         name = getattr(func, "__qualname__", None) or repr(func)
@@ -246,3 +260,7 @@ class DelayedWork(Work):
             return False
         completion.wait()
         return True
+
+
+#: The slots Work.__init__ and DelayedWork.__init__ set (see Work.__getattr__).
+_SLOTS = frozenset(Work.__slots__) | frozenset(DelayedWork.__slots__)

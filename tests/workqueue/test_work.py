@@ -422,6 +422,25 @@ def test_subclass_carries_fields(make_wq: Any) -> None:
     assert "Conn" in repr(c)
 
 
+@pytest.mark.parametrize("base", [Work, DelayedWork])
+def test_a_subclass_that_skips_work_init_is_told_so(make_wq: Any, base: type[Work]) -> None:
+    # Forgetting super().__init__() leaves the engine's slots unset: the
+    # error names the mistake, not the first private slot queue_work reads.
+    class Conn(base):  # type: ignore[valid-type,misc]
+        def __init__(self) -> None:
+            self.n = 1
+
+    wq = make_wq()
+    conn = Conn()
+    with pytest.raises(AttributeError, match=r"Conn object was not set up as a work item: "
+                       r"its __init__ must call super\(\)\.__init__\(func\)"):
+        wq.queue_work(conn)
+    with pytest.raises(AttributeError, match=r"^'Conn' object has no attribute 'm'$"):
+        conn.m  # noqa: B018
+    assert conn.n == 1 and not hasattr(conn, "m")
+    assert wq.stats().queued == 0
+
+
 def test_non_reentrancy_holds_across_workqueues(make_wq: Any) -> None:
     from workqueue import WQ_UNBOUND
     bound = make_wq("bound")
