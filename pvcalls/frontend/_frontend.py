@@ -550,8 +550,8 @@ class Frontend(Closing):
         self._stop_thread()
         # No answer is matched any more: drop what the table still holds
         # (what a backend that went away left unanswered), and with it the
-        # callbacks that hold their sockets (a non-blocking connect()'s
-        # holds its PVSocket), not kept until the next open().
+        # callbacks and what they hold (an unanswered RELEASE's pages), not
+        # kept until the next open().
         with self._lock:
             self._slots = [None] * RING_SLOTS
             self._room_waiters.clear()

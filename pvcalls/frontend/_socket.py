@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import io
 import operator
 import os
@@ -169,7 +168,8 @@ class SocketState:
     whoever takes the state out of the frontend's table.
     """
 
-    __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening")
+    __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening",
+                 "connecting")
 
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
@@ -184,10 +184,14 @@ class SocketState:
         self.readyfd: ReadyFd | None = None
         self.bound = False
         self.listening = False
+        # A non-blocking connect()'s CONNECT is in flight (under _cond):
+        # here, not in the PVSocket, so that the warning of a socket
+        # dropped meanwhile says so, as its repr did.
+        self.connecting = False
 
-    def describe(self, *, closed: bool, connecting: bool = False) -> str:
+    def describe(self, *, closed: bool) -> str:
         """The socket's repr."""
-        state = "closed" if closed else "connecting" if connecting else (
+        state = "closed" if closed else "connecting" if self.connecting else (
             "active" if self.ring else
             "listening" if self.listening else "bound" if self.bound else "new")
         return f"<PVSocket id={self.id:#x} {state}>"
@@ -264,7 +268,6 @@ class PVSocket(Closing):
         # it failed and connect() has not said so yet; it succeeded and
         # connect() has not said so yet.  SO_ERROR: the failure's errno,
         # until getsockopt() or connect() takes it.
-        self._connecting = False
         self._connect_failed = False
         self._connect_unreported = False
         self._so_error = 0
@@ -312,7 +315,7 @@ class PVSocket(Closing):
     # -- socket.socket API -------------------------------------------------
 
     def __repr__(self) -> str:
-        return self._st.describe(closed=self._closed, connecting=self._connecting)
+        return self._st.describe(closed=self._closed)
 
     def settimeout(self, value: float | None) -> None:
         """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
@@ -509,7 +512,19 @@ class PVSocket(Closing):
         comes.  Called under the receive and send locks."""
         with self._cond:
             self._connecting = True
-        self._fe._abandon(req_id, slot, functools.partial(self._connect_answered, host, port))
+        # The answer may never come (a silent peer), so the callback holds
+        # the socket weakly: dropped unclosed meanwhile, it is garbage at
+        # once, as any socket, and released.  Its RELEASE cuts the CONNECT
+        # short (and owns the ring); the answer, -EINTR then, or the
+        # peer's if it came first, only frees its response table entry.
+        owner = self._st.owner
+
+        def answered(ret: int) -> None:
+            sock = owner()
+            if sock is not None:
+                sock._connect_answered(host, port, ret)
+
+        self._fe._abandon(req_id, slot, answered)
         self._update_ready()  # neither readable nor writable until the answer
 
     def _connect_answered(self, host: str, port: int, ret: int) -> None:
@@ -989,6 +1004,15 @@ class PVSocket(Closing):
     def closed(self) -> bool:
         """True once the socket is released."""
         return self._closed
+
+    @property
+    def _connecting(self) -> bool:
+        # Kept in the state (see SocketState.connecting); under _cond.
+        return self._st.connecting
+
+    @_connecting.setter
+    def _connecting(self, value: bool) -> None:
+        self._st.connecting = value
 
     # -- internals ---------------------------------------------------------
 

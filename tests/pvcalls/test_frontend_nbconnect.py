@@ -328,12 +328,11 @@ def backend_goes(host: SimHost, caplog: pytest.LogCaptureFixture, how: str) -> N
                 with pytest.raises(OSError) as info:
                     s.connect(address)
                 assert info.value.errno == errno.ENOTCONN
-            assert dropped() is not None  # its CONNECT's callback holds it
+            assert dropped() is None  # garbage at once: its CONNECT's callback holds it weakly
             for s in (*polled, blocking, sending, asyncio_sock):
                 s.close()
     finally:
         backend.close()
-    assert dropped() is None  # freed with the response table, closed
 
 
 def test_a_fileno_racing_with_a_refused_connect_leaves_the_ring_to_its_next_socket(
@@ -399,22 +398,53 @@ def test_a_socket_whose_connect_failed_then_listens_as_any_listener(
 # -- the rest, bounded stress ---------------------------------------------------------
 
 
-def test_a_socket_dropped_while_connecting_goes_once_answered(
-        fe: pvcalls.Frontend, backend: pvcalls.Backend) -> None:
-    """The CONNECT's callback holds a socket dropped unclosed while it is
-    in flight (its answer completes it); once the answer came it is garbage,
-    says so with a ResourceWarning, and is released."""
+def connect_slot(fe: pvcalls.Frontend, sock_id: int) -> bool:
+    """Whether a CONNECT of ``sock_id`` still waits in the response table."""
+    with fe._lock:
+        return any(slot is not None and slot.sock_id == sock_id
+                   and slot.cmd == _wire.PVCALLS_CONNECT for slot in fe._slots)
+
+
+@pytest.mark.parametrize("answer", ["never", "before its release"])
+def test_a_socket_dropped_while_connecting_is_released(
+        fe: pvcalls.Frontend, host: SimHost, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    """A socket dropped unclosed while its CONNECT waits for a silent peer
+    is garbage at once, as any dropped socket: the CONNECT's callback held
+    it, and with it its two descriptors, its ring and the backend's socket,
+    until the peer answered (maybe never) or Frontend.close().  Its RELEASE
+    cuts the CONNECT short, and that answer (-EINTR), or the peer's if it
+    came before the release, is taken with no warning; the ring goes back
+    to the pool, and nothing else of the socket is left."""
+    with fe.socket() as warm:  # a pooled ring: the dropped socket reuses it
+        warm.settimeout(TIMEOUT)
+        warm.connect(echo_server.address)
+    wait_until(lambda: settled(fe) and len(fe._ring_pool) == 1)
+    shared = host.hypervisor.stats()
+    if answer != "never":
+        monkeypatch.setattr(fe, "_start_reaper", lambda: None)  # the reaper is late
     with unanswered_listener() as (address, make_room):
         s = start_connect(fe, address)
         s.fileno()
-        sock_id, ref = s.id, weakref.ref(s)
-        with pytest.warns(ResourceWarning, match=f"unclosed <PVSocket id={sock_id:#x} active>"):
+        readyfd = s._st.readyfd  # its two descriptors
+        sock_id, ring, ref = s.id, s._st.ring, weakref.ref(s)
+        assert readyfd is not None and connect_slot(fe, sock_id)
+        with pytest.warns(ResourceWarning,
+                          match=f"^unclosed <PVSocket id={sock_id:#x} connecting>$"):
             del s
             gc.collect()
-            assert ref() is not None
+        assert ref() is None
+        if answer != "never":
             make_room()  # the next SYN retransmission connects
-            wait_until(lambda: ref() is None)
-        wait_until(lambda: settled(fe) and not held(backend, fe))
+            wait_until(lambda: not connect_slot(fe, sock_id))
+            assert [r.id for r in held(backend, fe)] == [sock_id]
+            monkeypatch.undo()
+            assert fe._wakeup is not None
+            fe._wakeup.set()  # the reaper's turn
+        wait_until(lambda: not held(backend, fe))
+        wait_until(lambda: settled(fe) and fe._ring_pool == [ring])
+        assert readyfd.user.fileno() == readyfd.ours.fileno() == -1
+        assert all(host.hypervisor.stats()[k] <= shared[k] for k in ("grants", "ports"))
 
 
 def test_closing_the_frontend_with_connects_in_flight(
@@ -456,10 +486,6 @@ def test_many_threads_connect_non_blocking_and_close_at_any_time(
         for i in range(per_thread):
             kind = rnd.choice(["echo", "refused", "silent"])
             how = rnd.choice(["before", "racing", "after", "drop"])
-            if how == "drop" and kind == "silent":
-                # Held until answered (see the test of its own), that is
-                # until a SYN retransmission seconds after the peer goes.
-                how = "before"
             address = {"echo": echo.address, "refused": refused, "silent": silent}[kind]
             try:
                 s = fe.socket()
