@@ -123,6 +123,12 @@ class DataRing:
             self.indexes, IN_CONS_OFFSET
         )
 
+    def in_available(self) -> int:
+        """How many bytes the in ring holds (more than its size if the
+        backend broke the indexes: the reader finds out)."""
+        return (U32.unpack_from(self.indexes, IN_PROD_OFFSET)[0]
+                - U32.unpack_from(self.indexes, IN_CONS_OFFSET)[0]) & 0xFFFFFFFF
+
     def out_has_room(self) -> bool:
         """Room in the out ring, or indexes the backend broke (``used >
         size``): either way a blocked send() must look (and raise EPROTO)."""

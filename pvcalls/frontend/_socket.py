@@ -137,9 +137,38 @@ def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ..
         raise OSError(errno.EPROTO, f"the backend broke the data ring: {exc}") from None
 
 
-def _check_flags(flags: int, call: str) -> None:
-    if operator.index(flags):
-        raise OSError(errno.EOPNOTSUPP, f"{call} flags are not supported over PV Calls")
+#: The flags recv() and send() take: what the frontend does by itself.
+#: The others ask for what PV Calls cannot carry (MSG_OOB's urgent data)
+#: or what does not apply to a TCP stream.
+_RECV_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT | socket.MSG_WAITALL
+#: MSG_NOSIGNAL: Python ignores SIGPIPE anyway; MSG_MORE is a hint that
+#: more comes, which the kernel may follow or not.
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL | socket.MSG_MORE
+
+
+def _check_flags(flags: int, supported: int, call: str) -> int:
+    """``flags`` as an int, if only ``supported`` ones are set."""
+    flags = operator.index(flags)
+    unsupported = flags & ~supported
+    if unsupported:
+        name = socket.MsgFlag(unsupported).name if unsupported > 0 else None
+        allowed = socket.MsgFlag(supported).name
+        raise OSError(errno.EOPNOTSUPP,
+                      f"{call} flags {name or hex(unsupported)} are not supported "
+                      f"over PV Calls (only {allowed})")
+    return flags
+
+
+def _copy_out(parts: tuple[memoryview, ...], dst: memoryview, nbytes: int) -> int:
+    """Copy up to ``nbytes`` of a ring's readable ``parts`` into ``dst``."""
+    got = 0
+    for part in parts:
+        n = min(len(part), nbytes - got)
+        dst[got : got + n] = part[:n]
+        got += n
+        if got == nbytes:
+            break
+    return got
 
 
 def _send_view(data: bytes | bytearray | memoryview) -> memoryview:
@@ -223,8 +252,12 @@ class PVSocket(Closing):
     Create it with :meth:`Frontend.socket`.  It supports the subset of
     :class:`socket.socket` that PV Calls can express: ``connect``, ``bind``,
     ``listen``, ``accept``, ``send``, ``sendall``, ``recv``, ``recv_into``,
-    ``makefile``, timeouts, ``close`` and ``with`` blocks.  PV Calls carries
-    no socket options: :meth:`getsockopt` knows only what the frontend
+    ``makefile``, timeouts, ``close`` and ``with`` blocks.  The flags
+    ``MSG_PEEK``, ``MSG_DONTWAIT`` and ``MSG_WAITALL`` of ``recv`` and
+    ``MSG_DONTWAIT``, ``MSG_NOSIGNAL`` and ``MSG_MORE`` of ``send`` work as
+    on a TCP socket (the frontend does them itself); any other, such as
+    ``MSG_OOB`` (PV Calls has no urgent data), fails with EOPNOTSUPP.
+    PV Calls carries no socket options: :meth:`getsockopt` knows only what the frontend
     knows itself (``SO_ERROR`` of a non-blocking :meth:`connect` above
     all), and :meth:`setsockopt` fails with ENOPROTOOPT.
 
@@ -764,8 +797,17 @@ class PVSocket(Closing):
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         """Copy as much of ``data`` as fits into the out ring (waiting for
         room, within the timeout) and return how many bytes were sent."""
-        _check_flags(flags, "send")
-        return self._send(_send_view(data), Deadline(self._timeout))
+        flags = _check_flags(flags, _SEND_FLAGS, "send")
+        return self._send(_send_view(data), Deadline(self._call_timeout(flags)))
+
+    def _call_timeout(self, flags: int) -> float | None:
+        """The timeout of one call with ``flags``: MSG_DONTWAIT makes it
+        non-blocking, as on a TCP socket, but only in blocking mode: with
+        a timeout, socket.socket waits for readiness before it calls the
+        kernel, whatever the flags say (and times out)."""
+        if flags & socket.MSG_DONTWAIT and self._timeout is None:
+            return 0.0
+        return self._timeout
 
     def _send(self, view: memoryview, deadline: Deadline) -> int:
         if not self._send_lock.acquire(False):  # uncontended: no call more
@@ -805,9 +847,9 @@ class PVSocket(Closing):
     def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
         """Send all of ``data``; the timeout bounds the whole call, as
         socket.socket's has since Python 3.5."""
-        _check_flags(flags, "sendall")
+        flags = _check_flags(flags, _SEND_FLAGS, "sendall")
         view = _send_view(data)
-        deadline = Deadline(self._timeout)
+        deadline = Deadline(self._call_timeout(flags))
         # At least one _send(), as socket.socket's sendall() calls send()
         # once even for nothing: an empty ``data`` still fails on a closed
         # or unconnected socket and on the out ring's error.
@@ -819,8 +861,15 @@ class PVSocket(Closing):
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Receive up to ``nbytes`` (default: ``len(buffer)``) into
-        ``buffer``; returns 0 at end of stream."""
-        _check_flags(flags, "recv")
+        ``buffer``; returns 0 at end of stream.
+
+        ``flags`` may have ``MSG_PEEK`` (the data stays for the next call),
+        ``MSG_DONTWAIT`` (this call does not block) and ``MSG_WAITALL``
+        (wait for ``nbytes``, or the end of the stream or an error, which
+        the next call reports), as on a TCP socket: the last two only in
+        blocking mode, as socket.socket's, and a peek waits for no more
+        than the ring holds."""
+        flags = _check_flags(flags, _RECV_FLAGS, "recv")
         dst = memoryview(buffer).cast("B")
         if dst.readonly:
             raise TypeError("recv_into() argument 1 must be read-write bytes-like object, "
@@ -834,16 +883,22 @@ class PVSocket(Closing):
             raise ValueError("buffer too small for requested bytes")
         if nbytes == 0:
             nbytes = len(dst)
+        timeout = self._call_timeout(flags)
         if nbytes == 0:
             # At once, as socket.socket's, even with another receiver
             # blocked; only a connect still in flight is waited for.
-            self._active_ring(Deadline(self._timeout))
+            self._active_ring(Deadline(timeout))
             return 0
-        deadline = Deadline(self._timeout)
+        peek = bool(flags & socket.MSG_PEEK)
+        want = nbytes if flags & socket.MSG_WAITALL and timeout is None else 1
+        deadline = Deadline(timeout)
         if not self._recv_lock.acquire(False):  # uncontended: no call more
             deadline.acquire(self._recv_lock)
         try:
             ring = self._active_ring(deadline)
+            if peek:
+                want = min(want, ring.inq.size)  # more never comes in
+            got = 0
             while True:
                 if self._closed:
                     raise bad_fd()
@@ -854,15 +909,13 @@ class PVSocket(Closing):
                 rmb()
                 cons = U32.unpack_from(ring.indexes, IN_CONS_OFFSET)[0]
                 parts = _checked(ring.inq.readable)
-                if parts:
-                    got = 0
-                    for part in parts:
-                        n = min(len(part), nbytes - got)
-                        dst[got : got + n] = part[:n]
-                        got += n
-                        if got == nbytes:
-                            break
-                    ring.inq.consume(got)
+                if peek:
+                    if parts and (err or sum(map(len, parts)) >= want):
+                        return _copy_out(parts, dst, nbytes)
+                elif parts:
+                    n = _copy_out(parts, dst[got:], nbytes - got)
+                    got += n
+                    ring.inq.consume(n)
                     # The backend waits for our consume only when the ring
                     # was full (Linux's backend stops reading its socket
                     # then, ours too), so only then is it notified.  Whether
@@ -876,12 +929,27 @@ class PVSocket(Closing):
                     if ring.in_was_full(cons):
                         ring.notify()
                     self._update_ready()
-                    return got
-                if err == -_errno.ENOTCONN:
-                    return 0  # orderly shutdown by the peer
+                    if got >= want:
+                        return got
+                    continue  # MSG_WAITALL: more may have come meanwhile
                 if err:
+                    if got:
+                        return got  # MSG_WAITALL cut short: the next call says why
+                    if err == -_errno.ENOTCONN:
+                        return 0  # orderly shutdown by the peer
                     raise host_error(err, "recv")
-                self._wait(RECV, deadline, lambda: ring.in_pending() or bool(ring.in_error()))
+                if peek and parts:
+                    def ready() -> bool:
+                        return ring.in_available() >= want or bool(ring.in_error())
+                else:
+                    def ready() -> bool:
+                        return ring.in_pending() or bool(ring.in_error())
+                try:
+                    self._wait(RECV, deadline, ready)
+                except OSError:
+                    if got:
+                        return got
+                    raise
         finally:
             self._recv_lock.release()
 

@@ -1,0 +1,200 @@
+"""A PVSocket does what a TCP socket.socket does: each test runs the same
+steps on a loopback TCP socket and on a PVSocket (``kind``), so that the
+expectation is the real socket's, quirks of CPython's included.  What PV
+Calls cannot do is tested at the end, for its error."""
+
+from __future__ import annotations
+
+import errno
+import selectors
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import Call
+
+import pvcalls
+from xenback.sim import SimHost
+
+TIMEOUT = 10.0
+
+PEEK, DONTWAIT, WAITALL = socket.MSG_PEEK, socket.MSG_DONTWAIT, socket.MSG_WAITALL
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[SimHost]:
+    with SimHost() as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def fe(host: SimHost) -> Iterator[pvcalls.Frontend]:
+    with pvcalls.Backend(host.dom0, max_ioworkers=1), \
+            pvcalls.Frontend(host.create_domain("parity"), timeout=TIMEOUT) as f:
+        yield f
+
+
+@pytest.fixture(params=["real", "pv"])
+def make(request: pytest.FixtureRequest, fe: pvcalls.Frontend) -> Iterator[Callable[[], Any]]:
+    """make(): a new unconnected socket of the kind under test."""
+    made: list[Any] = []
+
+    def new() -> Any:
+        s = socket.socket() if request.param == "real" else fe.socket()
+        made.append(s)
+        return s
+
+    yield new
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def pair(make: Callable[[], Any]) -> Iterator[tuple[Any, socket.socket]]:
+    """A connected socket of the kind under test, and its peer on the host."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        c = make()
+        c.settimeout(TIMEOUT)
+        c.connect(listener.getsockname())
+        listener.settimeout(TIMEOUT)
+        peer, _ = listener.accept()
+    with peer:
+        peer.settimeout(TIMEOUT)
+        yield c, peer
+
+
+def wait_readable(s: Any) -> None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(s, selectors.EVENT_READ)
+        assert sel.select(TIMEOUT), "never readable"
+
+
+def arrived(c: Any, data: bytes) -> None:
+    """Wait until ``data`` is all in ``c``, unread."""
+    timeout = c.gettimeout()
+    c.settimeout(None)
+    try:
+        assert c.recv(len(data), PEEK | WAITALL) == data
+    finally:
+        c.settimeout(timeout)
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, f"EOF after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+# -- recv and send flags ---------------------------------------------------------------
+
+
+def test_msg_peek_leaves_the_data_to_the_next_recv(pair: tuple[Any, socket.socket]) -> None:
+    c, peer = pair
+    peer.sendall(b"abc")
+    c.settimeout(None)
+    assert c.recv(3, PEEK | WAITALL) == b"abc"
+    assert c.recv(2, PEEK) == b"ab"
+    buf = bytearray(5)
+    assert c.recv_into(buf, 0, PEEK) == 3 and buf[:3] == b"abc"
+    assert c.recv(10) == b"abc"
+    peer.close()
+    assert c.recv(10, PEEK) == b""
+    assert c.recv(10) == b""
+
+
+def test_msg_dontwait_makes_one_call_non_blocking(pair: tuple[Any, socket.socket]) -> None:
+    """Only in blocking mode: with a timeout, CPython waits for readiness
+    whatever the flags say, and the call times out."""
+    c, peer = pair
+    c.settimeout(None)
+    with pytest.raises(BlockingIOError):
+        c.recv(10, DONTWAIT)
+    with pytest.raises(BlockingIOError):
+        c.recv_into(bytearray(10), 0, DONTWAIT)
+    peer.sendall(b"xy")
+    wait_readable(c)
+    assert c.recv(10, DONTWAIT) == b"xy"
+    assert c.gettimeout() is None  # the socket's mode is unchanged
+    assert c.send(b"z", DONTWAIT) == 1
+    assert recv_exactly(peer, 1) == b"z"
+    c.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        c.recv(10, DONTWAIT)
+
+
+def test_msg_dontwait_send_on_a_full_socket(pair: tuple[Any, socket.socket]) -> None:
+    c, peer = pair
+    c.settimeout(None)
+    chunk = bytes(65536)
+    sent = 0
+    with pytest.raises(BlockingIOError):
+        for _ in range(10_000):  # the peer reads nothing: buffers fill
+            sent += c.send(chunk, DONTWAIT)
+    assert sent > 0
+
+
+def test_msg_waitall_waits_for_all_in_blocking_mode(pair: tuple[Any, socket.socket]) -> None:
+    c, peer = pair
+    c.settimeout(None)
+    peer.sendall(b"ab")
+    wait_readable(c)
+    receiving = Call(lambda: c.recv(4, WAITALL))  # with "ab" there: it waits for more
+    peer.sendall(b"cd")
+    assert receiving.join().result == b"abcd"
+    # With a timeout, CPython's recv() returns what is there.
+    peer.sendall(b"gh")
+    arrived(c, b"gh")
+    c.settimeout(TIMEOUT)
+    assert c.recv(10, WAITALL) == b"gh"
+    c.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        c.recv(10, WAITALL)
+    # The end of the stream ends the wait with what came.
+    c.settimeout(None)
+    peer.sendall(b"ef")
+    peer.close()
+    assert c.recv(10, WAITALL) == b"ef"
+    assert c.recv(10, WAITALL) == b""
+
+
+def test_send_flags_that_change_nothing_on_tcp(pair: tuple[Any, socket.socket]) -> None:
+    c, peer = pair
+    assert c.send(b"a", socket.MSG_NOSIGNAL) == 1
+    assert c.send(b"b", socket.MSG_MORE) == 1  # a hint: the next send flushes
+    c.sendall(b"c", socket.MSG_NOSIGNAL)
+    assert recv_exactly(peer, 3) == b"abc"
+
+
+# -- what PV Calls cannot do: a clear error ---------------------------------------------
+
+
+@pytest.fixture
+def pv_pair(fe: pvcalls.Frontend) -> Iterator[tuple[pvcalls.PVSocket, socket.socket]]:
+    with socket.create_server(("127.0.0.1", 0)) as listener, fe.socket() as c:
+        c.settimeout(TIMEOUT)
+        c.connect(listener.getsockname())
+        listener.settimeout(TIMEOUT)
+        peer, _ = listener.accept()
+        with peer:
+            yield c, peer
+
+
+def test_what_pv_calls_cannot_do_fails_with_eopnotsupp_saying_so(
+        pv_pair: tuple[pvcalls.PVSocket, socket.socket]) -> None:
+    c, peer = pv_pair
+    cannot: list[tuple[Callable[[], object], str]] = [
+        (lambda: c.recv(1, socket.MSG_OOB), "MSG_OOB"),
+        (lambda: c.send(b"x", socket.MSG_OOB), "MSG_OOB"),
+    ]
+    for call, says in cannot:
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EOPNOTSUPP, (says, info.value)
+        assert says in str(info.value)
+    # Nothing was sent by the calls that failed.
+    c.sendall(b"still fine")
+    assert recv_exactly(peer, 10) == b"still fine"
