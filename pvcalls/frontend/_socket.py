@@ -252,7 +252,9 @@ class PVSocket(Closing):
     Create it with :meth:`Frontend.socket`.  It supports the subset of
     :class:`socket.socket` that PV Calls can express: ``connect``, ``bind``,
     ``listen``, ``accept``, ``send``, ``sendall``, ``recv``, ``recv_into``,
-    ``makefile``, timeouts, ``close`` and ``with`` blocks.  The flags
+    the ``sendto``, ``sendmsg`` and ``recvfrom``, ``recvmsg`` families as a
+    TCP socket has them (no ancillary data), ``makefile``, timeouts,
+    ``close`` and ``with`` blocks.  The flags
     ``MSG_PEEK``, ``MSG_DONTWAIT`` and ``MSG_WAITALL`` of ``recv`` and
     ``MSG_DONTWAIT``, ``MSG_NOSIGNAL`` and ``MSG_MORE`` of ``send`` work as
     on a TCP socket (the frontend does them itself); any other, such as
@@ -961,6 +963,68 @@ class PVSocket(Closing):
         n = self.recv_into(buf, bufsize, flags)
         del buf[n:]
         return bytes(buf)
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, None]:
+        """:meth:`recv`, and the sender's address: None on a TCP stream."""
+        return self.recv(bufsize, flags), None
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, None]:
+        """:meth:`recv_into`, and the sender's address: None on a TCP stream."""
+        return self.recv_into(buffer, nbytes, flags), None
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0,
+                flags: int = 0) -> tuple[bytes, list[tuple[int, int, bytes]], int, None]:
+        """:meth:`recv` as ``(data, ancdata, msg_flags, address)``: what a
+        TCP stream gives there, no ancillary data, no message flags and
+        no address."""
+        bufsize, ancbufsize = operator.index(bufsize), operator.index(ancbufsize)
+        if bufsize < 0:
+            raise ValueError("negative buffer size in recvmsg()")
+        if ancbufsize < 0:
+            raise ValueError("negative ancillary buffer size in recvmsg()")
+        return self.recv(bufsize, flags), [], 0, None
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0,
+                     flags: int = 0) -> tuple[int, list[tuple[int, int, bytes]], int, None]:
+        """:meth:`recvmsg` into ``buffers``, filled one after the other."""
+        views = [memoryview(buf).cast("B") for buf in buffers]
+        if any(view.readonly for view in views):
+            raise TypeError("recvmsg_into() argument 1 must be an iterable "
+                            "of read-write bytes-like objects")
+        if operator.index(ancbufsize) < 0:
+            raise ValueError("negative ancillary buffer size in recvmsg_into()")
+        # One receive, as the kernel's: copied out to the buffers after.
+        data = bytearray(sum(map(len, views)))
+        got = self.recv_into(data, len(data), flags) if data else 0
+        done = 0
+        for view in views:
+            n = min(len(view), got - done)
+            view[:n] = data[done : done + n]
+            done += n
+        return got, [], 0, None
+
+    def sendto(self, data: bytes | bytearray | memoryview, *args: Any) -> int:
+        """``sendto(data[, flags], address)``: :meth:`send`, as on a
+        connected TCP socket, which checks the address and ignores it."""
+        if len(args) not in (1, 2):
+            raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
+        flags, address = (0, *args) if len(args) == 1 else args
+        resolve(address)
+        return self.send(data, flags)
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
+                address: tuple[str, int] | None = None) -> int:
+        """:meth:`send` of ``buffers`` one after the other, as on a
+        connected TCP socket (which ignores ``address``).  Ancillary data
+        cannot go over PV Calls: :class:`OSError` EOPNOTSUPP."""
+        views = [_send_view(buf) for buf in buffers]
+        if list(ancdata):
+            raise OSError(errno.EOPNOTSUPP,
+                          "ancillary data (file descriptors, credentials) cannot be sent "
+                          "over PV Calls")
+        if address is not None:
+            resolve(address)
+        return self.send(b"".join(views), flags)
 
     def makefile(
         self,

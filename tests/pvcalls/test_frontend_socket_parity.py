@@ -169,6 +169,57 @@ def test_send_flags_that_change_nothing_on_tcp(pair: tuple[Any, socket.socket]) 
     assert recv_exactly(peer, 3) == b"abc"
 
 
+# -- the rest of socket.socket's calls -------------------------------------------------
+
+
+def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
+    c, peer = pair
+    peer.sendall(b"one")
+    arrived(c, b"one")
+    assert c.recvfrom(10) == (b"one", None)
+    peer.sendall(b"two")
+    arrived(c, b"two")
+    buf = bytearray(10)
+    assert c.recvfrom_into(buf) == (3, None) and buf[:3] == b"two"
+    peer.sendall(b"three")
+    arrived(c, b"three")
+    assert c.recvmsg(10) == (b"three", [], 0, None)
+    peer.sendall(b"four")
+    arrived(c, b"four")
+    assert c.recvmsg(10, 64, 0) == (b"four", [], 0, None)
+    peer.sendall(b"fives")
+    arrived(c, b"fives")
+    first, second = bytearray(2), bytearray(10)
+    assert c.recvmsg_into([first, second]) == (5, [], 0, None)
+    assert first == b"fi" and second[:3] == b"ves"
+    peer.sendall(b"six")
+    arrived(c, b"six")
+    assert c.recvfrom(10, PEEK) == (b"six", None)
+    assert c.recvmsg(10, 0, DONTWAIT) == (b"six", [], 0, None)
+    with pytest.raises(ValueError):
+        c.recvmsg(-1)
+    with pytest.raises(ValueError):
+        c.recvmsg(10, -1)
+
+
+def test_sendto_and_sendmsg(pair: tuple[Any, socket.socket]) -> None:
+    """On a connected TCP socket the address is checked, then ignored."""
+    c, peer = pair
+    elsewhere = ("127.0.0.1", 9)
+    assert c.sendto(b"a", elsewhere) == 1
+    assert c.sendto(b"b", 0, elsewhere) == 1
+    assert c.sendmsg([b"c", bytearray(b"d"), memoryview(b"e")]) == 3
+    assert c.sendmsg([b"f"], [], 0, elsewhere) == 1
+    assert c.sendmsg([]) == 0
+    assert recv_exactly(peer, 6) == b"abcdef"
+    with pytest.raises(TypeError):
+        c.sendto(b"x", None)
+    with pytest.raises(TypeError):
+        c.sendto(b"x")  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        c.sendmsg(b"not a list of buffers")
+
+
 # -- what PV Calls cannot do: a clear error ---------------------------------------------
 
 
@@ -188,7 +239,10 @@ def test_what_pv_calls_cannot_do_fails_with_eopnotsupp_saying_so(
     c, peer = pv_pair
     cannot: list[tuple[Callable[[], object], str]] = [
         (lambda: c.recv(1, socket.MSG_OOB), "MSG_OOB"),
+        (lambda: c.recvmsg(1, 0, socket.MSG_OOB), "MSG_OOB"),
         (lambda: c.send(b"x", socket.MSG_OOB), "MSG_OOB"),
+        (lambda: c.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(4))]),
+         "ancillary data"),
     ]
     for call, says in cannot:
         with pytest.raises(OSError) as info:
