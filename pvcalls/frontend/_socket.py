@@ -7,6 +7,7 @@ import io
 import operator
 import os
 import socket
+import stat
 import struct
 import threading
 import weakref
@@ -171,6 +172,26 @@ def _copy_out(parts: tuple[memoryview, ...], dst: memoryview, nbytes: int) -> in
     return got
 
 
+#: What sendfile() reads at a time: a few of send()'s ring-fulls.
+_SENDFILE_CHUNK = 1 << 17
+
+
+def _regular_file(file: Any) -> bool:
+    """Whether ``file`` is a regular file: socket.socket.sendfile() gives
+    one to os.sendfile(), which sends from the offset it is given."""
+    try:
+        return stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return False
+
+
+def _seekable(file: Any) -> bool:
+    try:
+        return bool(file.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _send_view(data: bytes | bytearray | memoryview) -> memoryview:
     """``data`` as the bytes send() takes: any C-contiguous buffer, whatever
     its format and shape.  Another one is a :class:`BufferError`, as
@@ -252,14 +273,14 @@ class PVSocket(Closing):
     Create it with :meth:`Frontend.socket`.  It supports the subset of
     :class:`socket.socket` that PV Calls can express: ``connect``, ``bind``,
     ``listen``, ``accept``, ``send``, ``sendall``, ``recv``, ``recv_into``,
-    the ``sendto``, ``sendmsg`` and ``recvfrom``, ``recvmsg`` families as a
-    TCP socket has them (no ancillary data), ``makefile``, timeouts,
-    ``close`` and ``with`` blocks.  The flags
-    ``MSG_PEEK``, ``MSG_DONTWAIT`` and ``MSG_WAITALL`` of ``recv`` and
-    ``MSG_DONTWAIT``, ``MSG_NOSIGNAL`` and ``MSG_MORE`` of ``send`` work as
-    on a TCP socket (the frontend does them itself); any other, such as
-    ``MSG_OOB`` (PV Calls has no urgent data), fails with EOPNOTSUPP.
-    PV Calls carries no socket options: :meth:`getsockopt` knows only what the frontend
+    the ``sendto``, ``sendmsg``, ``recvfrom`` and ``recvmsg`` families as a
+    TCP socket has them (no ancillary data), ``sendfile``, ``makefile``,
+    timeouts, ``close`` and ``with`` blocks.  The flags ``MSG_PEEK``,
+    ``MSG_DONTWAIT`` and ``MSG_WAITALL`` of ``recv`` and ``MSG_DONTWAIT``,
+    ``MSG_NOSIGNAL`` and ``MSG_MORE`` of ``send`` work as on a TCP socket
+    (the frontend does them itself); any other, such as ``MSG_OOB`` (PV
+    Calls has no urgent data), fails with EOPNOTSUPP.  PV Calls carries no
+    socket options: :meth:`getsockopt` knows only what the frontend
     knows itself (``SO_ERROR`` of a non-blocking :meth:`connect` above
     all), and :meth:`setsockopt` fails with ENOPROTOOPT.
 
@@ -1025,6 +1046,48 @@ class PVSocket(Closing):
         if address is not None:
             resolve(address)
         return self.send(b"".join(views), flags)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """Send ``file`` (opened in binary mode) from ``offset`` to its end,
+        or ``count`` bytes of it, and return how many were sent, as
+        :meth:`socket.socket.sendfile`: on return (also with an error) the
+        file's position is after the last byte sent (a regular file's
+        stays where it was if none was); for a file that is not a regular
+        one, offset 0 is its position.  The file is read and given to
+        :meth:`send`, each wait for room bounded by the timeout (there is
+        no descriptor of the connection for ``os.sendfile()``).  As there,
+        a non-blocking socket is a :class:`ValueError`."""
+        if "b" not in getattr(file, "mode", "b"):
+            raise ValueError("file should be opened in binary mode")
+        if count is not None:
+            if not isinstance(count, int):
+                raise TypeError(f"count must be a positive integer (got {count!r})")
+            if count <= 0:
+                raise ValueError(f"count must be a positive integer (got {count!r})")
+        if self._timeout == 0.0:
+            raise ValueError("non-blocking sockets are not supported")
+        self._check_open()
+        regular = _regular_file(file)
+        before = file.tell() if regular else None
+        if offset or regular:
+            file.seek(offset)
+        start = file.tell() if regular or _seekable(file) else None
+        total = 0
+        try:
+            while count is None or total < count:
+                chunk = file.read(_SENDFILE_CHUNK if count is None
+                                  else min(_SENDFILE_CHUNK, count - total))
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while len(view):
+                    n = self.send(view)
+                    total += n
+                    view = view[n:]
+        finally:
+            if start is not None:
+                file.seek(start + total if total or before is None else before)
+        return total
 
     def makefile(
         self,

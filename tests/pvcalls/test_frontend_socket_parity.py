@@ -6,9 +6,11 @@ Calls cannot do is tested at the end, for its error."""
 from __future__ import annotations
 
 import errno
+import io
 import selectors
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -218,6 +220,41 @@ def test_sendto_and_sendmsg(pair: tuple[Any, socket.socket]) -> None:
         c.sendto(b"x")  # type: ignore[call-overload]
     with pytest.raises(TypeError):
         c.sendmsg(b"not a list of buffers")
+
+
+def test_sendfile_sends_from_the_offset_and_moves_the_file_position(
+        pair: tuple[Any, socket.socket], tmp_path: Path) -> None:
+    c, peer = pair
+    data = bytes(range(256)) * 400
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        assert c.sendfile(f, 10, 5000) == 5000
+        assert f.tell() == 5010
+        assert recv_exactly(peer, 5000) == data[10:5010]
+        f.seek(7)
+        assert c.sendfile(f) == len(data)  # from offset 0, not the file position
+        assert f.tell() == len(data)
+        assert recv_exactly(peer, len(data)) == data
+        assert c.sendfile(f, len(data)) == 0
+        with pytest.raises(TypeError):
+            c.sendfile(f, 0, "10")
+        with pytest.raises(ValueError):
+            c.sendfile(f, 0, 0)
+        c.setblocking(False)
+        with pytest.raises(ValueError, match="non-blocking"):
+            c.sendfile(f)
+    with open(path) as text:
+        with pytest.raises(ValueError, match="binary"):
+            c.sendfile(text)
+
+
+def test_sendfile_of_a_file_that_is_not_a_regular_one(pair: tuple[Any, socket.socket]) -> None:
+    c, peer = pair
+    f = io.BytesIO(b"0123456789")
+    assert c.sendfile(f) == 10 and f.tell() == 10
+    assert c.sendfile(f, 4, 3) == 3 and f.tell() == 7
+    assert recv_exactly(peer, 13) == b"0123456789456"
 
 
 # -- what PV Calls cannot do: a clear error ---------------------------------------------
