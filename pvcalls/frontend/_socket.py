@@ -390,6 +390,12 @@ class PVSocket(Closing):
         # as a truth value (setblocking(None) would make it non-blocking).
         self._timeout = None if operator.index(flag) else 0.0
 
+    @property
+    def timeout(self) -> float | None:
+        """The timeout, as :meth:`gettimeout` returns it (read-only, as
+        socket.socket's)."""
+        return self._timeout
+
     def getblocking(self) -> bool:
         """False in non-blocking mode (timeout 0.0), else True."""
         return self._timeout != 0.0
@@ -1186,14 +1192,43 @@ class PVSocket(Closing):
     def shutdown(self, how: int) -> None:
         """Not in PV Calls (:class:`OSError` EOPNOTSUPP): the protocol can
         only release a whole socket.  asyncio's ``write_eof()`` calls it
-        (see the module's notes on asyncio)."""
+        (see the module's notes on asyncio).  What socket.socket's says
+        before it would shut down, it says too: TypeError or EINVAL for a
+        bad ``how``, ENOTCONN on a socket neither connected nor listening."""
+        how = operator.index(how)
         self._check_open()
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)} (shutdown how={how})")
+        if self._st.ring is None and not self._st.listening:
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         raise OSError(errno.EOPNOTSUPP, "PV Calls has no shutdown; close() releases the socket")
 
     def detach(self) -> int:
         """Not possible: :class:`OSError` EOPNOTSUPP, as the socket has no
-        descriptor of its own."""
+        descriptor of its own (-1 once closed, as socket.socket's)."""
+        if self._closed:
+            return -1
         raise OSError(errno.EOPNOTSUPP, "a PV Calls socket has no descriptor to detach")
+
+    def dup(self) -> PVSocket:
+        """Not possible: :class:`OSError` EOPNOTSUPP.  A duplicate would
+        share the PV Calls socket, which has no descriptor to duplicate."""
+        self._check_open()
+        raise OSError(errno.EOPNOTSUPP, "a PV Calls socket cannot be duplicated (dup): "
+                      "it has no descriptor of its own")
+
+    def get_inheritable(self) -> bool:
+        """False: a child process cannot inherit a PV Calls socket."""
+        self._check_open()
+        return False
+
+    def set_inheritable(self, inheritable: bool) -> None:
+        """:class:`OSError` EOPNOTSUPP when asked to make the socket
+        inheritable: it is no descriptor a child process could inherit."""
+        self._check_open()
+        if inheritable:
+            raise OSError(errno.EOPNOTSUPP, "a PV Calls socket cannot be inherited by a "
+                          "child process: it has no descriptor of its own")
 
     @property
     def closed(self) -> bool:

@@ -257,6 +257,44 @@ def test_sendfile_of_a_file_that_is_not_a_regular_one(pair: tuple[Any, socket.so
     assert recv_exactly(peer, 13) == b"0123456789456"
 
 
+def test_the_timeout_attribute(make: Callable[[], Any]) -> None:
+    s = make()
+    s.settimeout(2.5)
+    assert s.timeout == 2.5
+    s.setblocking(False)
+    assert s.timeout == 0.0
+
+
+def test_detach_of_a_closed_socket(make: Callable[[], Any]) -> None:
+    s = make()
+    s.close()
+    assert s.detach() == -1
+
+
+def test_shutdown_checks_its_argument_and_the_socket(
+        make: Callable[[], Any], pair: tuple[Any, socket.socket]) -> None:
+    c, _ = pair
+    for how in (-1, 3):
+        with pytest.raises(OSError) as info:
+            c.shutdown(how)
+        assert info.value.errno == errno.EINVAL
+    for bad in ("x", 1.0, None):
+        with pytest.raises(TypeError):
+            c.shutdown(bad)
+    unconnected = make()
+    with pytest.raises(OSError) as info:
+        unconnected.shutdown(socket.SHUT_RDWR)
+    assert info.value.errno == errno.ENOTCONN
+    unconnected.bind(("127.0.0.1", 0))
+    with pytest.raises(OSError) as info:
+        unconnected.shutdown(socket.SHUT_RD)
+    assert info.value.errno == errno.ENOTCONN
+    unconnected.close()
+    with pytest.raises(OSError) as info:
+        unconnected.shutdown(socket.SHUT_RD)
+    assert info.value.errno == errno.EBADF
+
+
 # -- what PV Calls cannot do: a clear error ---------------------------------------------
 
 
@@ -275,11 +313,15 @@ def test_what_pv_calls_cannot_do_fails_with_eopnotsupp_saying_so(
         pv_pair: tuple[pvcalls.PVSocket, socket.socket]) -> None:
     c, peer = pv_pair
     cannot: list[tuple[Callable[[], object], str]] = [
+        (lambda: c.shutdown(socket.SHUT_WR), "no shutdown"),
         (lambda: c.recv(1, socket.MSG_OOB), "MSG_OOB"),
         (lambda: c.recvmsg(1, 0, socket.MSG_OOB), "MSG_OOB"),
         (lambda: c.send(b"x", socket.MSG_OOB), "MSG_OOB"),
         (lambda: c.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(4))]),
          "ancillary data"),
+        (c.dup, "dup"),
+        (c.detach, "detach"),
+        (lambda: c.set_inheritable(True), "inherit"),
     ]
     for call, says in cannot:
         with pytest.raises(OSError) as info:
@@ -287,5 +329,7 @@ def test_what_pv_calls_cannot_do_fails_with_eopnotsupp_saying_so(
         assert info.value.errno == errno.EOPNOTSUPP, (says, info.value)
         assert says in str(info.value)
     # Nothing was sent by the calls that failed.
+    assert not c.get_inheritable()
+    c.set_inheritable(False)
     c.sendall(b"still fine")
     assert recv_exactly(peer, 10) == b"still fine"
