@@ -160,6 +160,17 @@ def _check_flags(flags: int, supported: int, call: str) -> int:
     return flags
 
 
+def _failure(in_error: int) -> int:
+    """``in_error`` if it says the connection failed (a reset, a timeout):
+    0 for none, and for the peer's orderly end (-ENOTCONN)."""
+    return 0 if in_error == -_errno.ENOTCONN else in_error
+
+
+def _send_fails(ring: DataRing) -> bool:
+    """Whether send() fails at once: the connection failed either way."""
+    return bool(ring.out_error() or _failure(ring.in_error()))
+
+
 def _copy_out(parts: tuple[memoryview, ...], dst: memoryview, nbytes: int) -> int:
     """Copy up to ``nbytes`` of a ring's readable ``parts`` into ``dst``."""
     got = 0
@@ -330,6 +341,11 @@ class PVSocket(Closing):
         # The id_new of an ACCEPT in flight, until accept() returns it: the
         # listener's, not yet the caller's (not in Frontend.sockets()).
         self._offered = False
+        # The connection failed (the backend's out_error, or an in_error
+        # that is no orderly end) and a call raised the error (under
+        # _cond): as a TCP socket reports its error once, from now on
+        # recv() is at the end of the stream and send() fails with EPIPE.
+        self._failure_reported = False
 
         # _cond guards the socket's state flags below and is what waiters
         # sleep on; the event thread takes it (after releasing the command
@@ -844,11 +860,14 @@ class PVSocket(Closing):
         try:
             ring = self._active_ring(deadline)
             while True:
-                err = ring.out_error()
-                if err:
-                    raise host_error(err, "send")
                 if self._closed:
                     raise bad_fd()
+                err = ring.out_error() or _failure(ring.in_error())
+                if err:
+                    # Nothing sent can reach the peer any more.
+                    if self._report_failure():
+                        raise host_error(err, "send")
+                    raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
                 # Our last out_prod store before reading out_cons: the
                 # backend announces room only if it saw the ring full, and
                 # one of us must see the other's store (see pvcalls._socket).
@@ -869,7 +888,7 @@ class PVSocket(Closing):
                     return sent
                 if not len(view):
                     return 0
-                self._wait(SEND, deadline, lambda: ring.out_has_room() or bool(ring.out_error()))
+                self._wait(SEND, deadline, lambda: ring.out_has_room() or _send_fails(ring))
         finally:
             self._send_lock.release()
 
@@ -964,8 +983,8 @@ class PVSocket(Closing):
                 if err:
                     if got:
                         return got  # MSG_WAITALL cut short: the next call says why
-                    if err == -_errno.ENOTCONN:
-                        return 0  # orderly shutdown by the peer
+                    if not _failure(err) or not self._report_failure():
+                        return 0  # orderly shutdown by the peer, or a failure said
                     raise host_error(err, "recv")
                 if peek and parts:
                     def ready() -> bool:
@@ -1414,7 +1433,14 @@ class PVSocket(Closing):
             return False
         if ring is None or self._broken:
             return True  # send() fails at once: not connected
-        return ring.out_has_room() or bool(ring.out_error())
+        return ring.out_has_room() or _send_fails(ring)
+
+    def _report_failure(self) -> bool:
+        """The connection failed: True the first time, when the caller is
+        to raise the error (see ``_failure_reported``)."""
+        with self._cond:
+            first, self._failure_reported = not self._failure_reported, True
+        return first
 
     def _update_ready(self) -> None:
         """Make fileno()'s descriptor poll as :meth:`_readable` and

@@ -518,18 +518,19 @@ def test_connect_ex_returns_the_backends_etimedout(fe: pvcalls.Frontend, fake: F
 @pytest.mark.parametrize(("ret", "expected"), [*_ERRNOS, (5, errno.EIO)])
 def test_an_error_in_the_data_ring_is_an_oserror_by_name(
         fe: pvcalls.Frontend, fake: FakeBackend, ret: int, expected: int) -> None:
-    s, ring = connected(fe, fake)
-    s.settimeout(TIMEOUT)
-    ring.set_error(IN_ERROR_OFFSET, ret)
-    ring.notify()
-    with pytest.raises(OSError) as info:
-        s.recv(10)
-    assert info.value.errno == expected
-    ring.set_error(OUT_ERROR_OFFSET, ret)
-    with pytest.raises(OSError) as info:
-        s.send(b"x")
-    assert info.value.errno == expected
-    s.close()
+    # A socket each: an error is the connection's, said once (then EOF
+    # and EPIPE, as a TCP socket's).
+    calls: list[tuple[int, Callable[[pvcalls.PVSocket], object]]] = [
+        (IN_ERROR_OFFSET, lambda s: s.recv(10)), (OUT_ERROR_OFFSET, lambda s: s.send(b"x"))]
+    for offset, call in calls:
+        s, ring = connected(fe, fake)
+        s.settimeout(TIMEOUT)
+        ring.set_error(offset, ret)
+        ring.notify()
+        with pytest.raises(OSError) as info:
+            call(s)
+        assert info.value.errno == expected
+        s.close()
 
 
 # -- broken indexes --------------------------------------------------------------------

@@ -9,6 +9,7 @@ import errno
 import io
 import selectors
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,34 @@ def test_send_flags_that_change_nothing_on_tcp(pair: tuple[Any, socket.socket]) 
     assert c.send(b"b", socket.MSG_MORE) == 1  # a hint: the next send flushes
     c.sendall(b"c", socket.MSG_NOSIGNAL)
     assert recv_exactly(peer, 3) == b"abc"
+
+
+# -- the peer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["recv", "send"])
+def test_a_reset_is_reported_once_then_the_connection_is_gone(
+        pair: tuple[Any, socket.socket], first: str) -> None:
+    """The first call after the peer's reset raises ConnectionResetError,
+    whichever it is; then recv() is at the end of the stream and send()
+    fails with EPIPE, as nothing can reach the peer any more."""
+    c, peer = pair
+    c.sendall(b"x")
+    assert peer.recv(1) == b"x"
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # with SO_LINGER 0: a reset
+    wait_readable(c)
+    with pytest.raises(ConnectionResetError):
+        if first == "recv":
+            c.recv(10)
+        else:
+            c.send(b"y")
+    for _ in range(2):
+        assert c.recv(10) == b""
+        with pytest.raises(BrokenPipeError):
+            c.send(b"z")
+        with pytest.raises(BrokenPipeError):
+            c.sendall(b"")
 
 
 # -- the rest of socket.socket's calls -------------------------------------------------
