@@ -58,6 +58,31 @@ starts when there are some (see :meth:`Frontend._collect`).  Several
 threads may use different sockets of one frontend at the same time; one
 socket may have one thread receiving while another sends.
 
+What a :class:`PVSocket` cannot do as a ``socket.socket`` does, because
+PV Calls cannot carry it, fails with an error that says so (EOPNOTSUPP
+unless said otherwise); the rest of ``socket.socket`` is there, down to
+its argument checks and its errors:
+
+* ``shutdown()`` of a connected or listening socket: the protocol only
+  releases whole sockets (no half-close; the peer sees the end of the
+  stream only at ``close()``).
+* Socket options: ``getsockopt`` knows only ``SO_ERROR``, ``SO_TYPE``,
+  ``SO_DOMAIN`` and ``SO_ACCEPTCONN``; ``setsockopt`` fails with
+  ENOPROTOOPT (turning ``SO_REUSEADDR`` on is accepted: the backend binds
+  with it already).
+* Out-of-band data (``MSG_OOB``) and any flag but ``MSG_PEEK``,
+  ``MSG_DONTWAIT`` and ``MSG_WAITALL`` (``recv``), ``MSG_DONTWAIT``,
+  ``MSG_NOSIGNAL`` and ``MSG_MORE`` (``send``); ancillary data in
+  ``sendmsg``.
+* Addresses the backend does not report: ``getsockname()`` is what
+  ``bind()`` was given (port 0 stays 0; ``("0.0.0.0", 0)`` when
+  connected), ``accept()`` gives ``("0.0.0.0", 0)`` as the peer's.
+* ``listen()`` before ``bind()``, and ``connect()`` after it (EINVAL);
+  ``send()`` on a socket never connected says ENOTCONN (a TCP socket's
+  EPIPE), as Linux's frontend does.
+* ``dup()``, ``detach()`` and ``set_inheritable(True)``: the socket has
+  no descriptor of its own (``fileno()`` is for waiting only, see below).
+
 Signals: a call blocked in the main thread looks again at least every half
 second, so that a signal handler (Ctrl-C's) runs soon even when the kernel
 gave the signal to another thread, which a plain ``socket.socket`` blocked
