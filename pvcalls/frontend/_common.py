@@ -64,16 +64,21 @@ def timeout_value(value: float | None) -> float | None:
     """``value`` checked as :meth:`socket.socket.settimeout` checks it."""
     if value is None:
         return None
-    if isinstance(value, str | bytes | bytearray):
-        raise TypeError(f"timeout must be a number or None, not {type(value).__name__}")
-    value = float(value)
+    # A float or an integer, as socket.socket takes: not whatever float()
+    # converts (a string, a Decimal, a Fraction).
+    if not isinstance(value, float):
+        try:
+            value = float(operator.index(value))
+        except TypeError:
+            raise TypeError("timeout must be a float, an int or None, "
+                            f"not {type(value).__name__}") from None
     if math.isnan(value):
         raise ValueError("Invalid value NaN (not a number)")
     if value < 0:
         raise ValueError("Timeout value out of range")
     if value > _TIMEOUT_MAX:
         raise OverflowError(f"timeout {value} too large (at most {_TIMEOUT_MAX:g} s)")
-    return value
+    return value + 0.0  # -0.0 is 0.0, as socket.socket's says
 
 
 def host_bytes(host: str) -> bytes:

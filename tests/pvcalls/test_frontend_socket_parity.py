@@ -11,6 +11,8 @@ import selectors
 import socket
 import struct
 from collections.abc import Callable, Iterator
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +294,20 @@ def test_the_timeout_attribute(make: Callable[[], Any]) -> None:
     assert s.timeout == 2.5
     s.setblocking(False)
     assert s.timeout == 0.0
+
+
+def test_settimeout_takes_a_float_or_an_integer(make: Callable[[], Any]) -> None:
+    """Not any number float() takes: a Decimal or a Fraction is a TypeError."""
+    s = make()
+    s.settimeout(2.5)
+    for value in (Decimal("1.5"), Fraction(1, 2), 1j, "1", b"1"):
+        with pytest.raises(TypeError):
+            s.settimeout(value)
+    assert s.gettimeout() == 2.5
+    s.settimeout(True)
+    assert s.gettimeout() == 1.0
+    s.settimeout(-0.0)
+    assert str(s.gettimeout()) == "0.0" and not s.getblocking()
 
 
 def test_detach_of_a_closed_socket(make: Callable[[], Any]) -> None:
