@@ -424,16 +424,19 @@ class PVSocket(Closing):
 
     def getpeername(self) -> tuple[str, int]:
         """The address given to :meth:`connect` (``("0.0.0.0", 0)`` for an
-        accepted socket); :class:`OSError` ENOTCONN if not connected."""
+        accepted socket); :class:`OSError` ENOTCONN if not connected, or
+        no longer (the connection failed: a TCP socket is closed then)."""
         self._check_open()
-        if self._peername is None:
+        ring = self._st.ring
+        if self._peername is None or (ring is not None and _send_fails(ring)):
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         return self._peername
 
     def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int | bytes:
         """The few options the frontend knows itself (SOL_SOCKET level):
         ``SO_ERROR`` (the error of a non-blocking :meth:`connect`, 0 if
-        none; reading clears it), ``SO_TYPE``, ``SO_DOMAIN`` and
+        none; reading clears it; then the error of a failed connection, if
+        no call said it yet), ``SO_TYPE``, ``SO_DOMAIN`` and
         ``SO_ACCEPTCONN``.  Any other fails with :class:`OSError`
         ENOPROTOOPT: PV Calls carries no socket options.  With ``buflen``,
         the value as bytes, as :meth:`socket.socket.getsockopt` gives it."""
@@ -453,6 +456,16 @@ class PVSocket(Closing):
                     # programs and asyncio's sock_connect() take the
                     # connect for done.
                     value = errno.ENOTCONN
+                ring = self._st.ring
+                if (not value and ring is not None and not self._failure_reported
+                        and not self._connecting):
+                    # The connection's failure, unless a call said it: as
+                    # a TCP socket's pending error, said once (see
+                    # _failure_reported).
+                    failed = ring.out_error() or _failure(ring.in_error())
+                    if failed:
+                        self._failure_reported = True
+                        value = host_error(failed, "").errno or errno.EIO
         elif level == socket.SOL_SOCKET and optname in _FIXED_OPTIONS:
             value = _FIXED_OPTIONS[optname]
         elif level == socket.SOL_SOCKET and optname == socket.SO_ACCEPTCONN:

@@ -177,23 +177,31 @@ def test_send_flags_that_change_nothing_on_tcp(pair: tuple[Any, socket.socket]) 
 # -- the peer ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("first", ["recv", "send"])
+@pytest.mark.parametrize("first", ["recv", "send", "SO_ERROR"])
 def test_a_reset_is_reported_once_then_the_connection_is_gone(
         pair: tuple[Any, socket.socket], first: str) -> None:
     """The first call after the peer's reset raises ConnectionResetError,
-    whichever it is; then recv() is at the end of the stream and send()
-    fails with EPIPE, as nothing can reach the peer any more."""
+    whichever it is (or SO_ERROR says ECONNRESET); then recv() is at the
+    end of the stream and send() fails with EPIPE, as nothing can reach
+    the peer any more, and there is no peer name."""
     c, peer = pair
     c.sendall(b"x")
     assert peer.recv(1) == b"x"
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.close()  # with SO_LINGER 0: a reset
     wait_readable(c)
-    with pytest.raises(ConnectionResetError):
-        if first == "recv":
-            c.recv(10)
-        else:
-            c.send(b"y")
+    with pytest.raises(OSError) as info:
+        c.getpeername()
+    assert info.value.errno == errno.ENOTCONN
+    if first == "SO_ERROR":
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    else:
+        with pytest.raises(ConnectionResetError):
+            if first == "recv":
+                c.recv(10)
+            else:
+                c.send(b"y")
     for _ in range(2):
         assert c.recv(10) == b""
         with pytest.raises(BrokenPipeError):
