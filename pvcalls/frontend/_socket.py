@@ -853,10 +853,15 @@ class PVSocket(Closing):
             self._accepting = False
 
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
-        """Copy as much of ``data`` as fits into the out ring (waiting for
-        room, within the timeout) and return how many bytes were sent."""
+        """Copy ``data`` into the out ring and return how many bytes were
+        sent.  In blocking mode all of it, waiting for room as often as
+        needed, as a blocking TCP socket's send() does (fewer only if the
+        connection failed meanwhile: the next call says so); with a
+        timeout, or non-blocking, as much as fits once there is room."""
         flags = _check_flags(flags, _SEND_FLAGS, "send")
-        return self._send(_send_view(data), Deadline(self._call_timeout(flags)))
+        view = _send_view(data)
+        timeout = self._call_timeout(flags)
+        return self._send(view, Deadline(timeout), len(view) if timeout is None else 1)
 
     def _call_timeout(self, flags: int) -> float | None:
         """The timeout of one call with ``flags``: MSG_DONTWAIT makes it
@@ -867,16 +872,24 @@ class PVSocket(Closing):
             return 0.0
         return self._timeout
 
-    def _send(self, view: memoryview, deadline: Deadline) -> int:
+    def _send(self, view: memoryview, deadline: Deadline, want: int = 1) -> int:
+        """Send ``view``: return once ``want`` bytes of it went into the
+        out ring (fewer if an error came after some: the next call says
+        it), or it is empty."""
         if not self._send_lock.acquire(False):  # uncontended: no call more
             deadline.acquire(self._send_lock)
+        total = 0
         try:
             ring = self._active_ring(deadline)
             while True:
                 if self._closed:
+                    if total:
+                        return total
                     raise bad_fd()
                 err = ring.out_error() or _failure(ring.in_error())
                 if err:
+                    if total:
+                        return total
                     # Nothing sent can reach the peer any more.
                     if self._report_failure():
                         raise host_error(err, "send")
@@ -898,10 +911,19 @@ class PVSocket(Closing):
                     ring.notify()
                     if self._st.readyfd is not None:
                         self._update_ready()  # a full ring is not writable
-                    return sent
+                    total += sent
+                    view = view[sent:]
+                    if total >= want or not len(view):
+                        return total
+                    continue  # the backend may have made room meanwhile
                 if not len(view):
-                    return 0
-                self._wait(SEND, deadline, lambda: ring.out_has_room() or _send_fails(ring))
+                    return total
+                try:
+                    self._wait(SEND, deadline, lambda: ring.out_has_room() or _send_fails(ring))
+                except OSError:
+                    if total:
+                        return total
+                    raise
         finally:
             self._send_lock.release()
 
@@ -913,9 +935,10 @@ class PVSocket(Closing):
         deadline = Deadline(self._call_timeout(flags))
         # At least one _send(), as socket.socket's sendall() calls send()
         # once even for nothing: an empty ``data`` still fails on a closed
-        # or unconnected socket and on the out ring's error.
+        # or unconnected socket and on the out ring's error.  One _send()
+        # for all of it, unless an error cut it short: the next one says it.
         while True:
-            n = self._send(view, deadline)
+            n = self._send(view, deadline, len(view))
             view = view[n:]
             if not len(view):
                 return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import selectors
 import socket
 import struct
@@ -164,6 +165,18 @@ def test_msg_waitall_waits_for_all_in_blocking_mode(pair: tuple[Any, socket.sock
     peer.close()
     assert c.recv(10, WAITALL) == b"ef"
     assert c.recv(10, WAITALL) == b""
+
+
+def test_a_blocking_send_sends_all(pair: tuple[Any, socket.socket]) -> None:
+    """In blocking mode send() waits for room for every byte, as the
+    kernel's does: a program that ignores its count loses nothing.  (With
+    a timeout, socket.socket's sends what fits.)"""
+    c, peer = pair
+    c.settimeout(None)
+    data = os.urandom(1 << 20)  # far more than socket buffers or rings hold
+    reading = Call(lambda: recv_exactly(peer, len(data)))
+    assert c.send(data) == len(data)
+    assert reading.join().result == data
 
 
 def test_send_flags_that_change_nothing_on_tcp(pair: tuple[Any, socket.socket]) -> None:
