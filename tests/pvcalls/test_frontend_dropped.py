@@ -212,9 +212,11 @@ def test_a_socket_offered_by_an_accept_in_flight_goes_with_its_listener(
     ls.bind(("127.0.0.1", 0))
     ls.listen()
     ls.setblocking(False)
+    # Before the connection: a POLL answered at once could come before
+    # accept() looks, which would then send the ACCEPT itself.
+    with pytest.raises(BlockingIOError):
+        ls.accept()  # its POLL goes out
     with socket.create_connection(listen_address(backend, ls.id), timeout=TIMEOUT):
-        with pytest.raises(BlockingIOError):
-            ls.accept()  # its POLL goes out
         wait_until(lambda: box[0]._poll_ready)
         ls.settimeout(0.05)  # non-blocking, it would wait for the answer
         with pytest.raises(TimeoutError):

@@ -395,8 +395,16 @@ def _accept_in_flight(fe: pvcalls.Frontend, fake: FakeBackend
     ls.bind(("127.0.0.1", 4000))
     ls.listen()
     ls.setblocking(False)
+    # The POLL is held until accept() has returned: answered at once, it
+    # could come before accept() looks, which would then take it and send
+    # the ACCEPT itself.
+    held = fake.hold
+    fake.hold = held | {PVCALLS_POLL}
     with pytest.raises(BlockingIOError):
-        ls.accept()  # its POLL goes out, answered at once
+        ls.accept()  # its POLL goes out
+    poll = fake.next_request(PVCALLS_POLL)
+    fake.hold = held
+    fake.respond(poll, 0)
     wait_until(lambda: ls._poll_ready)
     ls.settimeout(0.05)
     with pytest.raises(TimeoutError):
