@@ -119,6 +119,12 @@ DEFAULT_MAX_IOWORKERS = 64
 
 Socket = NewSocket | ActiveSocket | PassiveSocket
 
+# The backends of this process, each from its start until its close() is
+# over: a second one for an equal platform (the same domain) is refused.
+# A list, not a dict: a Platform need not be hashable.
+_serving_lock = threading.Lock()
+_serving: list[Backend] = []
+
 
 # -- statistics ----------------------------------------------------------------
 
@@ -186,7 +192,11 @@ class Backend(Closing):
     ``max_ioworkers`` CPUs), whose CPU hotplug the backend follows.
 
     Starts serving on construction; :meth:`close` (or leaving the ``with``
-    block) closes every frontend and releases everything.
+    block) closes every frontend and releases everything.  One domain has
+    one backend: a second for an equal platform in this process raises
+    :exc:`RuntimeError` (two would both answer every frontend's handshake)
+    until the first is closed.  Across processes ``pvcalls-backend serve``
+    keeps a second one out with a lock file.
 
     Public attributes (read-only): ``platform``, ``topology`` (CPU hotplug
     on it re-homes sockets), ``nr_ioworkers``, ``max_page_order``,
@@ -263,6 +273,8 @@ class Backend(Closing):
         self.limit_lock = threading.Lock()
 
         with contextlib.ExitStack() as undo:  # on failure, release in reverse
+            self._claim()
+            undo.callback(self._unclaim)
             self.io_wq = alloc_workqueue("pvcalls_io", 0, 0, topology=topology)
             undo.callback(self.io_wq.destroy)
             self.cmd_wq = alloc_workqueue("pvcalls_cmd", WQ_UNBOUND, 0, topology=topology)
@@ -337,11 +349,27 @@ class Backend(Closing):
             with self._lock:
                 self._close_unfinished = True
             raise
+        self._unclaim()
         logger.info("pvcalls backend in domain %d closed", self.platform.domid)
 
     def __repr__(self) -> str:
         return (f"<pvcalls.Backend dom{self.platform.domid} ioworkers={self.nr_ioworkers} "
                 f"frontends={len(self._frontends)}>")
+
+    def _claim(self) -> None:
+        """Become the backend of our platform's domain in this process."""
+        with _serving_lock:
+            for other in _serving:
+                if other.platform == self.platform:
+                    raise RuntimeError(
+                        f"domain {self.platform.domid} of this host is served by {other!r} "
+                        "already: close it first")
+            _serving.append(self)
+
+    def _unclaim(self) -> None:
+        with _serving_lock:
+            if self in _serving:
+                _serving.remove(self)
 
     # -- xenbus callbacks (ordered per device by the driver) ----------------------
 

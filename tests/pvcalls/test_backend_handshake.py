@@ -573,3 +573,37 @@ def test_a_close_interrupted_while_it_releases_can_be_finished_by_another(
     b.close()
     assert b.cmd_wq._destroyed.is_set() and b.io_wq._destroyed.is_set()
     assert not b._pollers
+
+
+def test_a_second_backend_for_one_domain_is_refused(make_frontend: Any, host: Any,
+                                                    backend: pvcalls.Backend) -> None:
+    """Two drivers watching one backend directory would both handshake with
+    each frontend, and the guest would be served by whichever won (and by a
+    policy it cannot know): the second is refused, as Linux refuses a
+    driver registered twice, and starts nothing."""
+    from xenback.sim import attach
+
+    before = set(threading.enumerate())
+    for platform in (host.dom0, attach(host.run_dir, 0)):  # equal: one domain
+        with pytest.raises(RuntimeError, match=r"^domain 0 .* served by <pvcalls.Backend dom0"):
+            pvcalls.Backend(platform)
+    # The first backend's workers come and go; a second one would have
+    # started its event threads before any handshake.
+    started = set(threading.enumerate()) - before
+    assert [t.name for t in started if not t.name.startswith("kworker/")] == []
+    fe = make_frontend("g")  # the first still serves, alone
+    assert fe.backend_state() == 4
+    assert backend.stats().frontends == 1
+
+
+def test_a_closed_backend_lets_the_next_one_serve(make_frontend: Any, host: Any) -> None:
+    pvcalls.Backend(host.dom0, cpus=1).close()
+    with pytest.raises(ValueError):  # a failed start holds nothing either
+        pvcalls.Backend(host.dom0, max_page_order=0)
+    with pvcalls.Backend(host.dom0, cpus=1) as backend:
+        assert make_frontend("g").backend_state() == 4
+        assert backend.stats().frontends == 1
+    # A driver domain is another domain: its backend is no second one.
+    with pvcalls.Backend(host.dom0, cpus=1), \
+            pvcalls.Backend(host.create_domain("driver"), cpus=1):
+        pass
