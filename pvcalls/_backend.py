@@ -200,8 +200,9 @@ class Backend(Closing):
 
     Public attributes (read-only): ``platform``, ``topology`` (CPU hotplug
     on it re-homes sockets), ``nr_ioworkers``, ``max_page_order``,
-    ``policy``.  The others are shared with the frontends' sockets and not
-    meant for users.
+    ``policy`` (there is no policy reload: each frontend takes its rules
+    as it connects).  The others are shared with the frontends' sockets
+    and not meant for users.
     """
 
     def __init__(
@@ -251,11 +252,11 @@ class Backend(Closing):
             raise ValueError(f"topology has {len(topology.possible())} CPUs, more than "
                              f"max_ioworkers={max_ioworkers}")
 
-        self.platform = platform
-        self.max_page_order = max_page_order
-        self.policy = policy if policy is not None else Policy()
-        self.topology = topology
-        self.nr_ioworkers = len(topology.online())
+        self._platform = platform
+        self._max_page_order = max_page_order
+        self._policy = policy if policy is not None else Policy()
+        self._topology = topology
+        self._nr_ioworkers = len(topology.online())
 
         # _lock guards _frontends (the connected frontends, by device),
         # _closed and _close_unfinished.  Never held while a frontend is set
@@ -301,6 +302,36 @@ class Backend(Closing):
                     platform.domid, self.nr_ioworkers, max_page_order)
 
     # -- public -----------------------------------------------------------------
+
+    # Read-only: each frontend takes its rules from the policy as it
+    # connects, and max-page-order is written at probe, so a new value
+    # would apply to some frontends and not to others.
+
+    @property
+    def platform(self) -> Platform:
+        """The platform whose domain this backend serves."""
+        return self._platform
+
+    @property
+    def topology(self) -> Topology:
+        """The ioworker CPUs; CPU hotplug on it re-homes sockets."""
+        return self._topology
+
+    @property
+    def nr_ioworkers(self) -> int:
+        """The ioworker CPUs online when the backend started."""
+        return self._nr_ioworkers
+
+    @property
+    def max_page_order(self) -> int:
+        """The ``max-page-order`` offered to frontends."""
+        return self._max_page_order
+
+    @property
+    def policy(self) -> Policy:
+        """The policy, fixed for the backend's life: there is no reload
+        (a new policy takes a new Backend)."""
+        return self._policy
 
     def stats(self) -> BackendStats:
         """Per socket: domain, id, CPU, bytes each way; per CPU: active sockets."""

@@ -607,3 +607,17 @@ def test_a_closed_backend_lets_the_next_one_serve(make_frontend: Any, host: Any)
     with pvcalls.Backend(host.dom0, cpus=1), \
             pvcalls.Backend(host.create_domain("driver"), cpus=1):
         pass
+
+
+@pytest.mark.parametrize("name", ["platform", "topology", "nr_ioworkers", "max_page_order",
+                                  "policy"])
+def test_the_documented_read_only_attributes_are(backend: pvcalls.Backend, name: str) -> None:
+    """Assigning ``policy`` used to take, and apply to the frontends
+    connecting later only (each takes its rules as it connects), while
+    those connected went on under the old rules: a policy reload that
+    silently half happened.  The others would only make the backend
+    describe itself wrongly (``max-page-order`` is offered at probe)."""
+    value = getattr(backend, name)
+    with pytest.raises(AttributeError):
+        setattr(backend, name, value)
+    assert getattr(backend, name) is value
