@@ -10,7 +10,8 @@
 ``pvcalls-backend serve --platform sim --run-dir DIR``
     Serve the guests of a running ``xenback-sim --run-dir DIR`` host as its
     domain 0 (``--platform xen``: a real dom0).  SIGTERM, SIGINT or SIGHUP
-    closes every frontend cleanly and exits 0.
+    (unless started ignored: nohup, a script's background job) closes
+    every frontend cleanly and exits 0.
 """
 
 from __future__ import annotations
@@ -325,11 +326,15 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     # any thread; the handler then waits for the main thread's next bytecode,
     # which never comes while it sleeps in a wait that nothing else ends.
     # SIGUSR2 is how the thread watching the XenStore connection wakes us.
-    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
-    # SIGHUP (its terminal closed) stops it as SIGTERM does, unless it is
-    # ignored: that is what nohup asked for.
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signals.add(signal.SIGHUP)
+    signals = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+    # SIGHUP (its terminal closed) and SIGINT stop it as SIGTERM does,
+    # unless ignored: that is what nohup asked for, and what a shell
+    # asks of a script's background job (Ctrl-C is for the foreground
+    # command).  A blocked signal is queued even when ignored, so sigwait()
+    # would take it: those are left out.
+    for stop_signal in (signal.SIGHUP, signal.SIGINT):
+        if signal.getsignal(stop_signal) is not signal.SIG_IGN:
+            signals.add(stop_signal)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     status = 0
     # stop_lock orders the watcher's SIGUSR2 before our stopping.set().

@@ -371,6 +371,28 @@ def test_serve_ignores_a_stray_signal(
         assert "lost the XenStore connection" not in "".join(log.lines)
 
 
+def test_serve_in_a_script_s_background_keeps_sigint_ignored(
+        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """``pvcalls-backend serve ... &`` in a script starts with SIGINT
+    ignored, so that Ctrl-C meant for the script's foreground command
+    (sent to the whole process group) leaves it running: serve keeps the
+    disposition, as it does SIGHUP's under nohup, and as the demo does."""
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    with running(serve_argv(sim_host[0]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 preexec_fn=ignore_sigint) as serve:
+        log = Lines(serve.stderr)
+        log.wait_for("serving")
+        serve.send_signal(signal.SIGINT)
+        serve.send_signal(signal.SIGUSR1)  # after the SIGINT: still serving
+        log.wait_for("active sockets per CPU")
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(TIMEOUT) == 0
+        log.wait_for("SIGTERM: closing every frontend")
+        assert "SIGINT" not in "".join(log.lines)
+
+
 def test_a_host_gone_during_start_up_is_a_clear_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
