@@ -264,6 +264,9 @@ class Backend(Closing):
         self._lock = threading.Lock()
         self._frontends: dict[tuple[int, int], _Frontend] = {}
         self._closed = False
+        # Held by close() from start to end: a second one, from another
+        # thread, returns only once everything is released.
+        self._close_lock = threading.Lock()
         # A close() ended in an exception while the driver stopped (Ctrl-C
         # in one of its waits): the next close() finishes it.
         self._close_unfinished = False
@@ -352,7 +355,15 @@ class Backend(Closing):
         return self._driver.xenstore.connection_lost
 
     def close(self) -> None:
-        """Close every frontend (Closing, Closed) and release everything."""
+        """Close every frontend (Closing, Closed) and release everything.
+
+        Idempotent.  A close() while another thread's is under way returns
+        when that one is over (or finishes it, if it was interrupted).
+        """
+        with self._close_lock:
+            self._close()
+
+    def _close(self) -> None:
         with self._lock:
             if self._closed and not self._close_unfinished:
                 return

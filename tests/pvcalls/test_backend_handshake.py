@@ -575,6 +575,43 @@ def test_a_close_interrupted_while_it_releases_can_be_finished_by_another(
     assert not b._pollers
 
 
+def test_a_close_from_another_thread_returns_once_everything_is_released(
+        make_frontend: Any, host: Any, topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close() while another thread's close() is under way used to return
+    at once, frontends still connected: its caller could not rely on
+    "closed" meaning released (as Executor.shutdown()'s can)."""
+    from racewindow import stands_at
+
+    b = pvcalls.Backend(host.dom0, topology=topology)
+    fe = make_frontend("g")
+    assert fe.backend_state() == 4
+    release = threading.Event()
+    closing = threading.Event()
+    close_device = b._close_device
+
+    def slow_close_device(dev: Any) -> None:
+        closing.set()
+        assert release.wait(TIMEOUT)
+        close_device(dev)
+
+    monkeypatch.setattr(b, "_close_device", slow_close_device)
+    first = Call(b.close)
+    try:
+        assert closing.wait(TIMEOUT)
+        second = Call(lambda: (b.stats().frontends, b.dispatcher._closed))
+        second.join()
+        assert second.result == (1, False)  # the first close() is held up
+        second = Call(lambda: (b.close(), b.stats().frontends, b.dispatcher._closed))
+        wait_until(lambda: not second.alive()
+                   or stands_at(second.ident, pvcalls.Backend.close, "_close_lock"))
+    finally:
+        release.set()
+    first.join()
+    assert second.join().error is None
+    assert second.result == (None, 0, True)
+    assert fe.backend_state() == 6
+
+
 def test_a_second_backend_for_one_domain_is_refused(make_frontend: Any, host: Any,
                                                     backend: pvcalls.Backend) -> None:
     """Two drivers watching one backend directory would both handshake with
