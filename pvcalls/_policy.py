@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,20 @@ class Rule:
 
     network: ipaddress.IPv4Network = _ANY_NETWORK
     ports: range = _ALL_PORTS
+
+    def __post_init__(self) -> None:
+        # Checked here, not when a guest's CONNECT is matched: a wrong rule
+        # would fail it with -EIO, or match nothing, far from its cause.
+        if not isinstance(self.network, ipaddress.IPv4Network):
+            raise TypeError(f"network must be an ipaddress.IPv4Network, not "
+                            f"{type(self.network).__name__} (Rule.parse() takes text)")
+        if not isinstance(self.ports, range):
+            raise TypeError(f"ports must be a range, not {type(self.ports).__name__}")
+        if self.ports.step != 1:
+            raise PolicyError(f"ports must be a range of step 1, got {self.ports!r}")
+        if not self.ports or self.ports.start < 0 or self.ports.stop > _ALL_PORTS.stop:
+            raise PolicyError(f"ports must be a range within 0-{_ALL_PORTS[-1]}, "
+                              f"got {self.ports!r}")
 
     @classmethod
     def parse(cls, text: str) -> Rule:
@@ -170,6 +184,13 @@ class AccessList:
     allow: tuple[Rule, ...] | None = None
     deny: tuple[Rule, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Any iterable of rules, kept as a tuple: frozen means that a list
+        # changed afterwards does not change the policy.
+        if self.allow is not None:
+            object.__setattr__(self, "allow", _rules(self.allow, "allow"))
+        object.__setattr__(self, "deny", _rules(self.deny, "deny"))
+
     def permits(self, host: str, port: int) -> bool:
         """Whether ``host:port`` passes this list."""
         address = ipaddress.IPv4Address(host)
@@ -188,6 +209,19 @@ class DomainPolicy:
     bind: AccessList = field(default_factory=AccessList)
     max_sockets: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("connect", "bind"):
+            value = getattr(self, name)
+            if not isinstance(value, AccessList):
+                raise TypeError(f"{name} must be a pvcalls.AccessList, not {type(value).__name__}")
+        limit = self.max_sockets
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int):
+                raise TypeError(f"max_sockets must be an int or None, not {type(limit).__name__}")
+            if limit < 0:
+                raise PolicyError(f"max_sockets must be at least 0 (or None: no limit), "
+                                  f"got {limit}")
+
 
 def connect_destination(host: str) -> str:
     """The address a connect to ``host`` (dotted quad) reaches: Linux sends
@@ -201,7 +235,10 @@ class Policy:
     """Access rules by frontend domid or name, with a default for the others.
 
     ``Policy()`` allows everything and sets no limit (Linux's behaviour).
-    Instances are immutable and safe to share between threads.
+    Instances are immutable and safe to share between threads.  Built in
+    Python, every part is checked as it is built (TypeError, or
+    :class:`PolicyError` for a value out of range), not when a guest
+    first meets it.
     """
 
     def __init__(
@@ -210,9 +247,14 @@ class Policy:
         domains: Mapping[int, DomainPolicy] | None = None,
         names: Mapping[str, DomainPolicy] | None = None,
     ) -> None:
+        # Checked here: a domid given as a string, say, would otherwise
+        # match no domain, which would get the default rules instead.
+        if default is not None and not isinstance(default, DomainPolicy):
+            raise TypeError(f"default must be a pvcalls.DomainPolicy or None, "
+                            f"not {type(default).__name__}")
         self._default = default if default is not None else DomainPolicy()
-        self._domains = dict(domains or {})
-        self._names = dict(names or {})
+        self._domains: dict[int, DomainPolicy] = _sections(domains, "domains", _check_domid)
+        self._names: dict[str, DomainPolicy] = _sections(names, "names", _check_name)
 
     # -- construction -------------------------------------------------------
 
@@ -350,6 +392,47 @@ def _is_ipv6(rule: str) -> bool:
             continue
         return True
     return False
+
+
+def _rules(value: object, what: str) -> tuple[Rule, ...]:
+    """``value``, an AccessList's ``allow`` or ``deny``, as a tuple of rules."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{what} must be a sequence of pvcalls.Rule, not {type(value).__name__}")
+    rules = tuple(value)
+    for rule in rules:
+        if not isinstance(rule, Rule):
+            raise TypeError(f"{what}: {rule!r} is not a pvcalls.Rule (Rule.parse() makes one)")
+    return rules
+
+
+def _check_domid(key: object) -> None:
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise TypeError(f"domains: key {key!r} is not a domid (an int)")
+    if not 0 <= key <= _MAX_DOMID:
+        raise PolicyError(f"domains: domid {key} is not within 0-{_MAX_DOMID}")
+
+
+def _check_name(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"names: key {key!r} is not a domain name (a str)")
+    if not key or not key.isprintable() or "/" in key:
+        raise PolicyError(f"names: {key!r} is not a domain name")
+
+
+def _sections(value: object, what: str,
+              check_key: Callable[[object], None]) -> dict[Any, DomainPolicy]:
+    """A copy of Policy's ``domains`` or ``names``, each key and rules checked."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping, not {type(value).__name__}")
+    sections = dict(value)
+    for key, rules in sections.items():
+        check_key(key)
+        if not isinstance(rules, DomainPolicy):
+            raise TypeError(f"{what}[{key!r}] must be a pvcalls.DomainPolicy, "
+                            f"not {type(rules).__name__}")
+    return sections
 
 
 def _table(value: object, where: str) -> Mapping[str, Any]:

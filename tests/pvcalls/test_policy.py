@@ -664,3 +664,78 @@ def test_backend_enforces_socket_limit(make_frontend: Any, host: Any, strict: An
     _, rsp = fe.socket()
     assert rsp.ret == 0
     fe.close()
+
+
+# -- building a policy in Python --------------------------------------------------
+
+_DP = pvcalls.DomainPolicy()
+_NET = __import__("ipaddress").IPv4Network("10.0.0.0/8")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        # Wrong parts used to be taken, and to fail only when a guest
+        # connected (an AttributeError in its handshake, -EIO for its
+        # commands), or never: a domid spelt as a string matched no domain,
+        # which then got the default rules instead of its own.
+        (lambda: Policy(default="x"), TypeError,
+         r"^default must be a pvcalls.DomainPolicy or None, not str$"),
+        (lambda: Policy(domains={"7": _DP}), TypeError,
+         r"^domains: key '7' is not a domid \(an int\)"),
+        (lambda: Policy(domains={True: _DP}), TypeError, r"^domains: key True is not a domid"),
+        (lambda: Policy(domains={32752: _DP}), ValueError,
+         r"^domains: domid 32752 is not within 0-32751$"),
+        (lambda: Policy(domains={7: "x"}), TypeError,
+         r"^domains\[7\] must be a pvcalls.DomainPolicy, not str$"),
+        (lambda: Policy(domains=[(7, _DP)]), TypeError, r"^domains must be a mapping, not list$"),
+        (lambda: Policy(names={7: _DP}), TypeError, r"^names: key 7 is not a domain name"),
+        (lambda: Policy(names={"": _DP}), ValueError, r"^names: '' is not a domain name"),
+        (lambda: Policy(names={"web": None}), TypeError,
+         r"^names\['web'\] must be a pvcalls.DomainPolicy, not NoneType$"),
+        (lambda: pvcalls.DomainPolicy(max_sockets=-1), ValueError,
+         r"^max_sockets must be at least 0 \(or None: no limit\), got -1$"),
+        (lambda: pvcalls.DomainPolicy(max_sockets="5"), TypeError,
+         r"^max_sockets must be an int or None, not str$"),
+        (lambda: pvcalls.DomainPolicy(max_sockets=True), TypeError,
+         r"^max_sockets must be an int or None, not bool$"),
+        (lambda: pvcalls.DomainPolicy(connect="x"), TypeError,
+         r"^connect must be a pvcalls.AccessList, not str$"),
+        (lambda: pvcalls.DomainPolicy(bind=None), TypeError,
+         r"^bind must be a pvcalls.AccessList, not NoneType$"),
+        (lambda: pvcalls.AccessList(allow=["10.0.0.0/8"]), TypeError,
+         r"^allow: '10.0.0.0/8' is not a pvcalls.Rule \(Rule.parse\(\) makes one\)$"),
+        (lambda: pvcalls.AccessList(deny=Rule.parse("10.0.0.0/8")), TypeError,
+         r"^deny must be a sequence of pvcalls.Rule, not Rule$"),
+        (lambda: pvcalls.AccessList(deny="10.0.0.0/8"), TypeError,
+         r"^deny must be a sequence of pvcalls.Rule, not str$"),
+        (lambda: Rule(network="10.0.0.0/8"), TypeError,
+         r"^network must be an ipaddress.IPv4Network, not str \(Rule.parse\(\) takes text\)$"),
+        (lambda: Rule(_NET, ports=range(0, 70000)), ValueError,
+         r"^ports must be a range within 0-65535, got range\(0, 70000\)$"),
+        (lambda: Rule(_NET, ports=range(80, 80)), ValueError,
+         r"^ports must be a range within 0-65535, got range\(80, 80\)$"),
+        (lambda: Rule(_NET, ports=range(0, 100, 2)), ValueError,
+         r"^ports must be a range of step 1, got range\(0, 100, 2\)$"),
+        (lambda: Rule(_NET, ports=[80]), TypeError, r"^ports must be a range, not list$"),
+    ],
+)
+def test_a_policy_built_in_python_is_checked_as_it_is_built(
+        make: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_a_policy_built_in_python_keeps_no_reference_to_what_it_was_given() -> None:
+    """Immutable, as the documentation says: a list of rules or a dict of
+    domains changed afterwards does not change the policy."""
+    rules = [Rule.parse("10.0.0.0/8")]
+    access = pvcalls.AccessList(allow=rules)
+    assert access.allow == (Rule.parse("10.0.0.0/8"),)
+    rules.append(Rule.parse("192.0.2.0/24"))
+    assert not access.permits("192.0.2.1", 80)
+    hash(access)  # frozen and hashable, as a parsed one
+    domains = {7: pvcalls.DomainPolicy(max_sockets=1)}
+    policy = Policy(domains=domains)
+    domains[7] = pvcalls.DomainPolicy(max_sockets=2)
+    assert policy.max_sockets(7) == 1
