@@ -293,6 +293,9 @@ class Policy:
     def from_toml(cls, text: str) -> Policy:
         """Parse policy text in the file format (text without any section
         is an error, as in a file)."""
+        if not isinstance(text, str):
+            hint = " (decode it, or use Policy.from_file())" if isinstance(text, bytes) else ""
+            raise TypeError(f"policy text must be a str, not {type(text).__name__}{hint}")
         try:
             return cls.from_dict(tomllib.loads(text))
         except tomllib.TOMLDecodeError as exc:
@@ -305,6 +308,9 @@ class Policy:
         As a file, a structure without any section is an error, not a
         policy that allows everything: ``Policy()`` is that policy.
         """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"policy data must be a mapping (parsed TOML), "
+                            f"not {type(data).__name__}")
         unknown = set(data) - {"default", "domain"}
         if unknown:
             raise PolicyError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")

@@ -739,3 +739,24 @@ def test_a_policy_built_in_python_keeps_no_reference_to_what_it_was_given() -> N
     policy = Policy(domains=domains)
     domains[7] = pvcalls.DomainPolicy(max_sockets=2)
     assert policy.max_sockets(7) == 1
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # A string used to be taken for its letters ("unknown top-level
+        # key(s): a, d, e, ..."), a list or None failed inside.
+        (lambda: Policy.from_dict("default"),
+         r"^policy data must be a mapping \(parsed TOML\), not str$"),
+        (lambda: Policy.from_dict([]), r"^policy data must be a mapping \(parsed TOML\), not list$"),
+        (lambda: Policy.from_dict(None), r"^policy data must be a mapping"),
+        # bytes used to get tomllib's "a bytes-like object is required,
+        # not 'str'", the other way round.
+        (lambda: Policy.from_toml(b"[default]"),
+         r"^policy text must be a str, not bytes \(decode it, or use Policy.from_file\(\)\)$"),
+        (lambda: Policy.from_toml(None), r"^policy text must be a str, not NoneType$"),
+    ],
+)
+def test_policy_text_or_data_of_the_wrong_type_is_a_clear_error(make: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        make()
