@@ -76,7 +76,7 @@ from xenback.ring import BackRing, RingError
 
 from . import _errno
 from ._linger import Lingerer
-from ._policy import DENIED_ERRNO, LIMIT_ERRNO, Policy, connect_destination
+from ._policy import DENIED_ERRNO, LIMIT_ERRNO, DomainPolicy, Policy, connect_destination
 from ._poller import CpuPoller
 from ._socket import (
     ActiveSocket,
@@ -231,7 +231,8 @@ class Backend(Closing):
                 f"max_page_order must be 1..{MAX_PAGE_ORDER_LIMIT} (2**order grant references "
                 f"must fit one indexes page), got {max_page_order}")
         if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a pvcalls.Policy, not {type(policy).__name__}")
+            raise TypeError(f"policy must be a pvcalls.Policy, not {type(policy).__name__}"
+                            f"{_policy_hint(policy)}")
         if topology is not None and cpus is not None:
             raise TypeError("give either cpus or topology, not both")
         if cpus is not None:
@@ -487,6 +488,17 @@ class Backend(Closing):
         self.load_index.close()
         self.cmd_wq.shutdown()
         self.io_wq.shutdown()
+
+
+def _policy_hint(wrong: object) -> str:
+    """What makes a Policy of ``wrong``, given where one was wanted."""
+    if isinstance(wrong, (str, os.PathLike)):
+        return " (Policy.from_file() reads a file)"
+    if isinstance(wrong, DomainPolicy):
+        return " (Policy(default=rules) applies it to every domain)"
+    if isinstance(wrong, Mapping):
+        return " (Policy.from_dict() reads parsed TOML)"
+    return ""
 
 
 def _rehome(key: object, old_cpu: int, new_cpu: int) -> None:

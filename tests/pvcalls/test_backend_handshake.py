@@ -77,6 +77,16 @@ def test_bad_arguments_are_refused(host: Any, kwargs: dict[str, Any],
         ("host", {"max_ioworkers": 0}, ValueError, "^max_ioworkers must be at least 1, got 0$"),
         ("host", {"topology": "2 CPUs"}, TypeError,
          "^topology must be a workqueue.Topology, not str$"),
+        # A file's name is the likeliest mistake: say what reads one.
+        ("host", {"policy": "/etc/pvcalls.toml"}, TypeError,
+         r"^policy must be a pvcalls.Policy, not str \(Policy.from_file\(\) reads a file\)$"),
+        ("host", {"policy": __import__("pathlib").Path("p.toml")}, TypeError,
+         r"^policy must be a pvcalls.Policy, not PosixPath \(Policy.from_file\(\) reads a file\)$"),
+        ("host", {"policy": pvcalls.DomainPolicy()}, TypeError,
+         r"^policy must be a pvcalls.Policy, not DomainPolicy \(Policy\(default=rules\) "
+         r"applies it to every domain\)$"),
+        ("host", {"policy": {"default": {}}}, TypeError,
+         r"^policy must be a pvcalls.Policy, not dict \(Policy.from_dict\(\) reads parsed TOML\)$"),
     ],
 )
 def test_bad_arguments_say_which_and_start_nothing(
