@@ -58,6 +58,7 @@ Protocol choices left open by the specification
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -148,12 +149,14 @@ class CpuStats:
 
     cpu: int
     online: bool
-    sockets: int                    # active sockets homed here
+    sockets: int                    # the snapshot's active sockets homed here
 
 
 @dataclass(frozen=True, slots=True)
 class BackendStats:
-    """A snapshot of :meth:`Backend.stats`."""
+    """A snapshot of :meth:`Backend.stats`: each CPU's ``sockets`` are its
+    rows in ``sockets``.  Each frontend's sockets are read at once, one
+    frontend after the other."""
 
     nr_ioworkers: int
     frontends: int
@@ -342,10 +345,14 @@ class Backend(Closing):
         with self._lock:
             frontends = list(self._frontends.values())
         sockets = [s for fe in frontends for s in fe.socket_stats()]
+        # Counted from the rows, not taken from the load index: that one
+        # counts a socket from its placement (before its CONNECT puts it in
+        # its frontend's table) to its teardown (after RELEASE took it
+        # out), and read apart from the rows it would disagree with them.
+        homed = collections.Counter(s.cpu for s in sockets if s.cpu is not None)
         online = set(self.topology.online())
         cpus = tuple(
-            CpuStats(cpu, cpu in online, self.load_index.load(cpu))
-            for cpu in self.topology.possible()
+            CpuStats(cpu, cpu in online, homed[cpu]) for cpu in self.topology.possible()
         )
         return BackendStats(self.nr_ioworkers, len(frontends), tuple(sockets), cpus)
 

@@ -169,3 +169,41 @@ def test_a_socket_placed_as_its_cpu_goes_down_follows_the_move(
     raw.send_all(ring, b"still echoed")
     assert raw.recv_exactly(ring, 12) == b"still echoed"
     assert raw.release(sock_id).ret == 0
+
+
+@pytest.mark.parametrize(("cmd", "where"), [
+    (_wire.PVCALLS_CONNECT, "sock.attach_ring("),  # homed, not yet in the table
+    (_wire.PVCALLS_RELEASE, "pending = entry.teardown()"),  # out of the table, still homed
+])
+def test_a_snapshot_s_cpu_counts_are_its_rows(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, cmd: int, where: str) -> None:
+    """Each CPU's count is the snapshot's active rows homed there.  It used
+    to come from the load index, read apart from the rows, which counts a
+    socket from its placement to its teardown: under churn the counts and
+    the rows disagreed (most of the time, with four threads connecting)."""
+    from racewindow import PauseAt
+
+    from pvcalls import _backend
+
+    sock_id, _ = raw.connect_socket(echo_server.address)
+    real = _backend._HANDLERS[cmd]
+    pause = PauseAt(real, where)
+    monkeypatch.setitem(_backend._HANDLERS, cmd,
+                        lambda fe, request, req: pause.run(lambda: real(fe, request, req)))
+    if cmd == _wire.PVCALLS_CONNECT:
+        other, rsp = raw.socket()
+        assert rsp.ret == 0
+        req_id = raw.push_connect(other, echo_server.address, raw.new_ring())
+    else:
+        req_id = raw.push_release(sock_id)
+    assert pause.reached.wait(TIMEOUT)
+    try:
+        stats = backend.stats()
+    finally:
+        pause.resume()
+    assert raw.response(req_id).ret == 0
+    homed = [row.cpu for row in stats.sockets if row.cpu is not None]
+    assert sum(c.sockets for c in stats.cpus) == len(homed)
+    for cpu in stats.cpus:
+        assert cpu.sockets == homed.count(cpu.cpu)
