@@ -304,6 +304,8 @@ class Backend(Closing):
             self._driver = _PvcallsDriver(self, platform)
             undo.callback(self._driver.stop)
             self._driver.start()
+            # Kept: the driver's connection, which has it, goes at close().
+            self._connection_lost = self._driver.xenstore.connection_lost
             undo.pop_all()
         logger.info("pvcalls backend in domain %d: %d ioworker CPUs, max-page-order %d",
                     platform.domid, self.nr_ioworkers, max_page_order)
@@ -359,8 +361,9 @@ class Backend(Closing):
     @property
     def connection_lost(self) -> threading.Event:
         """Set when XenStore ends the backend's connection (the host went
-        away): from then on it serves nobody, and only :meth:`close` is left."""
-        return self._driver.xenstore.connection_lost
+        away): from then on it serves nobody, and only :meth:`close` is left.
+        Not set by :meth:`close` itself."""
+        return self._connection_lost
 
     def close(self) -> None:
         """Close every frontend (Closing, Closed) and release everything.

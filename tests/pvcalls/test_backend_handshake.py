@@ -523,6 +523,16 @@ def test_connection_lost_when_the_host_goes(make_frontend: Any, host: Any,
     assert backend.stats().frontends == 0
 
 
+def test_connection_lost_can_be_asked_after_close(host: Any, topology: Topology) -> None:
+    """It used to raise "_PvcallsDriver is not started" once the backend
+    was closed: the driver's XenStore connection it came from was gone."""
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    lost = backend.connection_lost
+    backend.close()
+    assert backend.connection_lost is lost
+    assert not lost.is_set()  # we closed it: the host did not go
+
+
 def test_a_close_interrupted_in_its_wait_can_be_finished_by_another(
         make_frontend: Any, host: Any, topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while close() waits for a device to close: nothing shared may
