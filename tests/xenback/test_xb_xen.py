@@ -505,3 +505,14 @@ def test_handles_and_shares_close_on_leaving_with(fake_evtchn: FakeEvtchnLib, gr
         pass
     with pytest.raises(ValueError):
         pages.buffer  # noqa: B018
+
+
+def test_two_handles_on_one_domain_are_equal(tmp_path: Path) -> None:
+    """As the simulated host's domains are: a backend that refuses a second
+    instance for one domain (pvcalls.Backend) must know two open()s for one."""
+    sock = tmp_path / "socket"
+    one, two = _platform.XenPlatform(0, sock), _platform.XenPlatform(0, sock)
+    assert one == two and hash(one) == hash(two)
+    assert one != _platform.XenPlatform(1, sock)
+    assert one != _platform.XenPlatform(0, tmp_path / "other")
+    assert one != object()

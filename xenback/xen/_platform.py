@@ -566,6 +566,16 @@ class XenPlatform:
     def __repr__(self) -> str:
         return f"<XenPlatform domid={self._domid} xenstore={self._socket_path}>"
 
+    # Two handles on one domain are one platform, as the simulated host's
+    # domains are: a backend may serve each domain once.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, XenPlatform):
+            return NotImplemented
+        return (self._domid, self._socket_path) == (other._domid, other._socket_path)
+
+    def __hash__(self) -> int:
+        return hash((self._domid, self._socket_path))
+
     @property
     def domid(self) -> int:
         """This domain's id."""
