@@ -448,7 +448,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS,
-                        help="logging threshold (default: WARNING)")
+                        help="logging threshold (default: WARNING, which also shows "
+                             "what serve's SIGUSR1 logs)")
     common.add_argument("--max-ioworkers", type=_positive_int, default=DEFAULT_MAX_IOWORKERS,
                         metavar="N", help=f"at most N ioworker CPUs (default: {DEFAULT_MAX_IOWORKERS})")
     common.add_argument("--max-page-order", type=_page_order, default=DEFAULT_MAX_PAGE_ORDER,
