@@ -432,10 +432,15 @@ def test_closed_handle_refuses_work(host: SimHost) -> None:
     ch = host.dom0.evtchn()
     ch.close()
     ch.close()
-    for call in (ch.fileno, ch.pending, lambda: ch.bind_unbound_port(0)):
+    # Every call, port calls included, as the xen platform (and libxenevtchn,
+    # whose descriptor is gone) says it: code written for one works on both.
+    for call in (ch.fileno, ch.pending, lambda: ch.bind_unbound_port(0),
+                 lambda: ch.notify(1), lambda: ch.unmask(1), lambda: ch.unbind(1),
+                 lambda: ch.remote(1)):
         with pytest.raises(EventChannelError) as info:
             call()
         assert info.value.errno == errno.EBADF
+        assert "closed" in str(info.value)
 
 
 def test_a_closed_handle_has_no_ports_left(
@@ -446,11 +451,10 @@ def test_a_closed_handle_has_no_ports_left(
     e0, p0, e1, p1 = pair
     e0.close()
     assert e0.ports() == []
-    for call, err in ((e0.notify, errno.ENOTCONN), (e0.unbind, errno.ENOTCONN),
-                      (e0.unmask, errno.EINVAL), (e0.remote, errno.EINVAL)):
+    for call in (e0.notify, e0.unbind, e0.unmask, e0.remote):
         with pytest.raises(EventChannelError) as info:
             call(p0)
-        assert info.value.errno == err
+        assert info.value.errno == errno.EBADF  # the handle is closed
 
 
 def test_a_handle_that_fails_to_open_keeps_nothing(

@@ -148,6 +148,13 @@ class EventChannel(Closing):
         # can block on a closed (or reused) descriptor.
         self._waiters = 0
 
+    def _check_open(self) -> None:
+        # Called with _lock held.  EBADF for every call once closed, as the
+        # xen platform says it (libxenevtchn's descriptor is gone): not
+        # "port not bound", which would blame the caller's port number.
+        if self._closed:
+            raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+
     def fileno(self) -> int:
         """Readable when :meth:`pending` has something to return."""
         if self._closed:
@@ -214,6 +221,7 @@ class EventChannel(Closing):
         # Forget the port before the service frees its number: a port bound
         # meanwhile by another thread may get the same number.
         with self._lock:
+            self._check_open()
             lp = self._ports.pop(port, None)
             if lp is None:
                 raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
@@ -240,6 +248,7 @@ class EventChannel(Closing):
     def notify(self, port: int) -> None:
         """Fire the peer of ``port``; a no-op while it has no peer (as in Xen)."""
         with self._lock:
+            self._check_open()
             lp = self._ports.get(port)
             if lp is not None:
                 fd = lp.peer_fd
@@ -259,6 +268,7 @@ class EventChannel(Closing):
         # since we last heard from the service.
         self._conn.drain()
         with self._lock:
+            self._check_open()
             lp = self._ports.get(port)
             if lp is None:
                 # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes
@@ -450,6 +460,7 @@ class EventChannel(Closing):
     def unmask(self, port: int) -> None:
         """Re-enable ``port``; it fires again at once if notified meanwhile."""
         with self._lock:
+            self._check_open()
             lp = self._ports.get(port)
             if lp is None:
                 raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
@@ -465,6 +476,7 @@ class EventChannel(Closing):
         """
         self._conn.drain()
         with self._lock:
+            self._check_open()
             lp = self._ports.get(port)
             if lp is None:
                 raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
