@@ -114,6 +114,13 @@ def _as_bytes_view(buffer: memoryview | bytearray, what: str) -> memoryview:
     return view
 
 
+def _check_count(n: int) -> None:
+    # Before any arithmetic: a float would fail deep in the index masking,
+    # and True would move a byte.
+    if type(n) is not int:
+        raise TypeError(f"byte count must be an int, not {type(n).__name__}")
+
+
 class _SharedRing:
     """What the front and back rings share: the slots and the header."""
 
@@ -333,8 +340,17 @@ class FlexRing:
             raise ValueError(f"a flex ring's size must be a power of two, not {self.size}")
         idx = _as_bytes_view(indexes, "ring indexes")
         for name, off in (("prod_offset", prod_offset), ("cons_offset", cons_offset)):
+            if type(off) is not int:
+                raise TypeError(f"{name} must be an int, not {type(off).__name__}")
             if off % 4 or not 0 <= off <= len(idx) - 4:
                 raise ValueError(f"{name} {off} is not an aligned u32 inside the indexes")
+        if prod_offset == cons_offset:
+            # One word written by both ends: the ring would always look
+            # empty to the consumer, and data would be overwritten unread.
+            raise ValueError(
+                f"prod_offset and cons_offset are both {prod_offset}: "
+                f"a flex ring needs two indexes"
+            )
         self._prod = idx[prod_offset : prod_offset + 4].cast("I")
         self._cons = idx[cons_offset : cons_offset + 4].cast("I")
         # The index our last readable()/writable() saw, and how far it may move.
@@ -371,6 +387,7 @@ class FlexRing:
 
     def consume(self, n: int) -> None:
         """Release the first ``n`` bytes of the last :meth:`readable`."""
+        _check_count(n)
         if not 0 <= n <= self._limit:
             raise ValueError(f"cannot consume {n} bytes: {self._limit} were readable")
         _mb()  # Finish reading the data before the producer may reuse it.
@@ -389,6 +406,7 @@ class FlexRing:
 
     def produce(self, n: int) -> None:
         """Publish the first ``n`` bytes written into the last :meth:`writable`."""
+        _check_count(n)
         if not 0 <= n <= self._limit:
             raise ValueError(f"cannot produce {n} bytes: {self._limit} were free")
         _wmb()  # The consumer must see the data before prod.

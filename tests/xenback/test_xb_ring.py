@@ -407,6 +407,39 @@ def test_flex_ring_index_offsets_are_aligned_u32s_inside_the_indexes(
     FlexRing(data, idx, prod_offset=4, cons_offset=0).release()  # the last u32 is fine
 
 
+def test_flex_ring_indexes_must_be_two_words() -> None:
+    """prod and cons at the same offset would be one word that both ends
+    write: every readable() would find the ring empty and every
+    writable() find it empty too, and data would be overwritten unseen."""
+    data, idx = _flex(16)
+    with pytest.raises(ValueError, match="prod_offset and cons_offset are both 4"):
+        FlexRing(data, idx, prod_offset=4, cons_offset=4)
+
+
+@pytest.mark.parametrize("offset", [4.0, "4", True, None])
+def test_flex_ring_index_offsets_must_be_ints(offset: object) -> None:
+    data, idx = _flex(16)
+    with pytest.raises(TypeError, match="cons_offset must be an int"):
+        FlexRing(data, idx, prod_offset=0, cons_offset=offset)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [1.0, "1", True, None])
+def test_flex_ring_moves_only_whole_bytes(n: object) -> None:
+    """A count that is not an int is refused by name, and moves nothing
+    (a float failed deep in the index arithmetic, True moved one byte)."""
+    data, idx = _flex(16)
+    producer, consumer = _rings(data, idx)
+    producer.writable()
+    with pytest.raises(TypeError, match="byte count must be an int"):
+        producer.produce(n)  # type: ignore[arg-type]
+    assert consumer.readable() == ()
+    producer.produce(1)
+    consumer.readable()
+    with pytest.raises(TypeError, match="byte count must be an int"):
+        consumer.consume(n)  # type: ignore[arg-type]
+    assert sum(len(p) for p in consumer.readable()) == 1
+
+
 def test_flex_ring_moves_only_what_the_last_look_allowed() -> None:
     """produce() and consume() are bounded by the last writable() /
     readable(), less what was already moved since: a caller's arithmetic
