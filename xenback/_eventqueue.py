@@ -29,6 +29,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["EventQueue"]
 
 
+def check_callback(callback: object) -> None:
+    """Refuse what cannot be called when it is given, not later on another
+    thread, where the TypeError would only be logged, once per event."""
+    if not callable(callback):
+        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+
+
 class EventQueue:
     """Calls ``fn(*args)`` for each :meth:`call`, one at a time, in order.
 
@@ -64,6 +71,7 @@ class EventQueue:
     def call(self, fn: Callable[..., object], *args: object) -> bool:
         """Queue ``fn(*args)`` behind every earlier call.  Returns False
         (and drops the call) once the queue is closed."""
+        check_callback(fn)
         with self._lock:
             if self._closed:
                 return False

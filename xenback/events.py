@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from workqueue import blocking, wait_slice
 from xenback._closing import Closing
+from xenback._eventqueue import check_callback as _check_callback
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, Platform
@@ -58,12 +59,6 @@ _PORT_BATCH = 64
 PortCallback = Callable[[int], object]
 #: ``callback(fd, epoll_events)``, run on the dispatcher thread (poll mode: the polling one).
 FdCallback = Callable[[int, int], object]
-
-
-def _check_callback(callback: object) -> None:
-    # Now, not on the dispatcher thread at every event.
-    if not callable(callback):
-        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
 
 
 class EventDispatcher(Closing):

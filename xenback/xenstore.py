@@ -55,7 +55,7 @@ from pyxs.helpers import check_path
 
 from workqueue import wait_slice
 from xenback._closing import Closing
-from xenback._eventqueue import EventQueue
+from xenback._eventqueue import EventQueue, check_callback
 from xenback._wire import XENSTORE_PAYLOAD_MAX
 
 if TYPE_CHECKING:
@@ -538,6 +538,7 @@ class XenStore(_Ops, Closing):
         without, ``callback`` runs on the watch thread and must be brief.
         ``path`` may also be ``@releaseDomain`` or ``@introduceDomain``.
         """
+        check_callback(callback)
         with self._lock:
             token = f"xb{next(self._tokens)}"
             w = Watch(self, path, token, callback, events)

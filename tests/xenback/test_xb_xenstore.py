@@ -6,6 +6,7 @@ import errno
 import struct
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import pytest
@@ -814,3 +815,18 @@ def _try_read(xs: XenStore) -> BaseException | str | None:
         return xs.read("/anything")
     except BaseException as exc:
         return exc
+
+
+@pytest.mark.parametrize("callback", [None, "not a function"])
+def test_a_callback_that_cannot_be_called_is_refused_at_once(dom0_xs, wq, callback) -> None:
+    """watch() and EventQueue.call() take a callback that is run later, on
+    another thread, where a TypeError would only be logged, once per event,
+    far from the mistake: it is refused when given."""
+    watches = dict(dom0_xs._watches)
+    with pytest.raises(TypeError, match="callback must be callable, not (NoneType|str)"):
+        dom0_xs.watch("/test/cb", callback)
+    assert dom0_xs._watches == watches
+    queue = EventQueue(wq, "callable")
+    with pytest.raises(TypeError, match="callback must be callable, not (NoneType|str)"):
+        queue.call(callback)
+    assert queue._calls == deque()
