@@ -389,6 +389,7 @@ class XenStore(_Ops, Closing):
         self._monitor: Any = None
         self._thread: threading.Thread | None = None
         self._connected = False
+        self._closed = False
         #: Set when XenStore ends the connection (not when :meth:`close`
         #: does): every request fails from then on, and no watch fires.
         #: A daemon that has nothing left to serve waits for it.
@@ -404,8 +405,16 @@ class XenStore(_Ops, Closing):
         return xs
 
     def open(self) -> None:
-        """Connect (pyxs starts its router thread)."""
+        """Connect (pyxs starts its router thread); nothing to do if
+        connected.  A connection closed or lost cannot be opened again
+        (pyxs's client cannot reconnect): make a new :class:`XenStore`."""
         router = self._client.router
+        if self._closed or router.thread.ident is not None and not router.is_connected:
+            # Its router thread has run (and a thread runs once only).
+            how = "closed" if self._closed else "lost"
+            raise RuntimeError(
+                f"this XenStore connection was {how}: make a new XenStore to connect again"
+            )
         if router.thread.ident is None:  # not started: route through route_until_lost
             router.thread = threading.Thread(
                 target=route_until_lost, args=(router, self._lost), name="xenstore-router",
@@ -438,6 +447,7 @@ class XenStore(_Ops, Closing):
 
     def close(self) -> None:
         """Drop every watch, stop the watch thread, disconnect."""
+        self._closed = True
         with self._lock:
             watches = list(self._watches.values())
             thread, self._thread = self._thread, None

@@ -830,3 +830,17 @@ def test_a_callback_that_cannot_be_called_is_refused_at_once(dom0_xs, wq, callba
     with pytest.raises(TypeError, match="callback must be callable, not (NoneType|str)"):
         queue.call(callback)
     assert queue._calls == deque()
+
+
+def test_a_closed_connection_cannot_be_opened_again(host) -> None:
+    """pyxs cannot reconnect a client (its router thread has run): open()
+    after close() says so, not 'threads can only be started once'."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    xs.open()  # already open: nothing to do
+    assert xs.read("/local/domain/0/name") == "Domain-0"
+    xs.close()
+    for reopen in (xs.open, xs.__enter__):
+        with pytest.raises(RuntimeError, match="XenStore connection was closed"):
+            reopen()
+    assert not xs.connected
