@@ -32,6 +32,7 @@ import copy
 import errno
 import itertools
 import logging
+import math
 import os
 import queue
 import re
@@ -602,6 +603,12 @@ class XenStore(_Ops, Closing):
         the node to exist.  Raises :class:`TimeoutError` with the last value
         seen, and :class:`ConnectionError` as soon as the connection is lost.
         """
+        # Checked first: a NaN deadline is never reached nor passed, and
+        # the loop below would re-read the node for ever.
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+        if math.isnan(timeout):
+            raise ValueError(f"timeout must be a number of seconds, not {timeout}")
         check: Callable[[str | None], bool]
         if predicate is None:
             check = _exists

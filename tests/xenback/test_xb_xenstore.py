@@ -844,3 +844,22 @@ def test_a_closed_connection_cannot_be_opened_again(host) -> None:
         with pytest.raises(RuntimeError, match="XenStore connection was closed"):
             reopen()
     assert not xs.connected
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error", "text"),
+    [
+        (None, TypeError, "timeout must be a number of seconds, not NoneType"),
+        ("1", TypeError, "timeout must be a number of seconds, not str"),
+        (float("nan"), ValueError, "timeout must be a number of seconds, not nan"),
+    ],
+)
+@pytest.mark.timeout(30)
+def test_wait_for_refuses_a_timeout_that_is_not_a_number(dom0_xs, timeout, error, text) -> None:
+    """A NaN deadline is never reached, nor ever passed: wait_for spun
+    for ever re-reading the node.  None failed in the deadline's sum."""
+    watches = dict(dom0_xs._watches)
+    with pytest.raises(error, match=text):
+        dom0_xs.wait_for("/test/never", timeout=timeout)
+    assert dom0_xs._watches == watches and dom0_xs._waiters == set()
+
