@@ -500,6 +500,11 @@ class XenStore(_Ops, Closing):
         the transaction and propagates.  After ``attempts`` runs that all
         ended in EAGAIN, raises :class:`OSError` EAGAIN.
         """
+        # Not left to range(): 0 would report a conflict that never was.
+        if type(attempts) is not int:
+            raise TypeError(f"attempts must be an int, not {type(attempts).__name__}")
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {attempts}")
         for _ in range(attempts):
             if not self._client.router.is_connected:
                 raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", "@transaction")

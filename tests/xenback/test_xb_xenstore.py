@@ -863,3 +863,12 @@ def test_wait_for_refuses_a_timeout_that_is_not_a_number(dom0_xs, timeout, error
         dom0_xs.wait_for("/test/never", timeout=timeout)
     assert dom0_xs._watches == watches and dom0_xs._waiters == set()
 
+
+
+@pytest.mark.parametrize(("attempts", "error"), [(0, ValueError), (-1, ValueError),
+                                                 (1.5, TypeError), (True, TypeError)])
+def test_transaction_needs_at_least_one_attempt(dom0_xs, attempts, error) -> None:
+    ran: list[int] = []
+    with pytest.raises(error, match="attempts must be"):
+        dom0_xs.transaction(lambda t: ran.append(1), attempts=attempts)
+    assert ran == []
