@@ -77,9 +77,16 @@ def _path(path: str) -> bytes:
     if not isinstance(path, str):
         raise TypeError(f"XenStore paths are str, not {type(path).__name__}")
     try:
-        return path.encode("ascii")
+        data = path.encode("ascii")
     except UnicodeEncodeError:
         raise ValueError(f"XenStore path {path!r} is not ASCII") from None
+    nul = path.find("\0")
+    if nul >= 0:
+        # pyxs's check lets a trailing NUL through, and the request's own
+        # NUL then ends the path early: a WRITE to "/a\0" would write
+        # "\0<value>" to /a.
+        raise ValueError(f"XenStore path {path!r} contains NUL at offset {nul}")
+    return data
 
 
 #: What pyxs lets through in a request: NUL and printable 7-bit ASCII.

@@ -872,3 +872,20 @@ def test_transaction_needs_at_least_one_attempt(dom0_xs, attempts, error) -> Non
     with pytest.raises(error, match="attempts must be"):
         dom0_xs.transaction(lambda t: ran.append(1), attempts=attempts)
     assert ran == []
+
+
+@pytest.mark.parametrize("path", ["/test/nul\0", "/test/nul\0\0", "/test/n\0ul"])
+def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) -> None:
+    """pyxs's path check lets one trailing NUL through, which then ends
+    the path inside the request: write("/test/nul\\0", "x") wrote "\\0x"
+    to /test/nul."""
+    with pytest.raises(ValueError, match=r"XenStore path '/test/n.*' contains NUL at offset \d"):
+        dom0_xs.write(path, "x")
+    with pytest.raises(ValueError, match="contains NUL"):
+        dom0_xs.transaction(lambda t: t.write(path, "x"))
+    with pytest.raises(ValueError, match="contains NUL"):
+        dom0_xs.write(path, "")
+    for op in (dom0_xs.read, dom0_xs.exists, dom0_xs.mkdir, dom0_xs.rm):
+        with pytest.raises(ValueError, match="contains NUL"):
+            op(path)
+    assert dom0_xs.ls("/test") == []
