@@ -73,20 +73,51 @@ T = TypeVar("T")
 TRANSACTION_ATTEMPTS = 1000
 
 
+#: Longest path XenStore takes (``XENSTORE_ABS_PATH_MAX``); pyxs applies
+#: it to relative paths too.
+XENSTORE_ABS_PATH_MAX = 3072
+
+#: A character xenstored refuses in a node's name (its is_valid_nodename).
+_NOT_PATH_CHAR = re.compile("[^A-Za-z0-9/_@-]")
+
+
 def _path(path: str) -> bytes:
+    """``path`` as sent, or :class:`ValueError` saying what is wrong with it.
+
+    pyxs's own check says only "invalid", lets a trailing NUL through
+    (which then ends the path early inside the request: a WRITE to
+    "/a\\0" would write "\\0<value>" to /a) and, its regex ending in
+    ``$``, a trailing newline (which pyxs then refuses with a bare
+    ValueError of the payload).
+    """
     if not isinstance(path, str):
         raise TypeError(f"XenStore paths are str, not {type(path).__name__}")
-    try:
-        data = path.encode("ascii")
-    except UnicodeEncodeError:
-        raise ValueError(f"XenStore path {path!r} is not ASCII") from None
-    nul = path.find("\0")
-    if nul >= 0:
-        # pyxs's check lets a trailing NUL through, and the request's own
-        # NUL then ends the path early: a WRITE to "/a\0" would write
-        # "\0<value>" to /a.
-        raise ValueError(f"XenStore path {path!r} contains NUL at offset {nul}")
-    return data
+    reason = _path_problem(path)
+    if reason is not None:
+        shown = repr(path) if len(path) <= 64 else f"{path[:64]!r}..."
+        raise ValueError(f"invalid XenStore path {shown}: {reason}")
+    return path.encode("ascii")
+
+
+def _path_problem(path: str) -> str | None:
+    if not path:
+        return "empty"
+    bad = _NOT_PATH_CHAR.search(path)
+    if bad is not None:
+        char, at = bad.group(), bad.start()
+        if char == "\0":
+            return f"contains NUL at offset {at}"
+        if not char.isascii():
+            return f"{ascii(char)} at offset {at} is not ASCII"
+        return f"{char!r} at offset {at} is not a letter, a digit or one of - / _ @"
+    if len(path) > 1 and path.endswith("/"):
+        return "ends with '/'"
+    empty = path.find("//")
+    if empty >= 0:
+        return f"an empty component ('//') at offset {empty}"
+    if len(path) > XENSTORE_ABS_PATH_MAX:
+        return f"{len(path)} bytes long, over XenStore's limit of {XENSTORE_ABS_PATH_MAX}"
+    return None
 
 
 #: What pyxs lets through in a request: NUL and printable 7-bit ASCII.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import struct
 import threading
 import time
@@ -879,7 +880,7 @@ def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) 
     """pyxs's path check lets one trailing NUL through, which then ends
     the path inside the request: write("/test/nul\\0", "x") wrote "\\0x"
     to /test/nul."""
-    with pytest.raises(ValueError, match=r"XenStore path '/test/n.*' contains NUL at offset \d"):
+    with pytest.raises(ValueError, match=r"invalid XenStore path '/test/n.*': contains NUL at offset \d"):
         dom0_xs.write(path, "x")
     with pytest.raises(ValueError, match="contains NUL"):
         dom0_xs.transaction(lambda t: t.write(path, "x"))
@@ -889,3 +890,32 @@ def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) 
         with pytest.raises(ValueError, match="contains NUL"):
             op(path)
     assert dom0_xs.ls("/test") == []
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("", "empty"),
+        ("/test/a b", r"' ' at offset 7 is not a letter, a digit or one of - / _ @"),
+        ("/test/a\n", r"'\\n' at offset 7 is not a letter, a digit or one of - / _ @"),
+        ("/test/a.b", r"'.' at offset 7 is not a letter, a digit or one of - / _ @"),
+        ("/test/caf\u00e9", r"'\\xe9' at offset 9 is not ASCII"),
+        ("/test/a/", "ends with '/'"),
+        ("/test//a", r"an empty component \('//'\) at offset 5"),
+        ("/" + "a" * 3072, "3073 bytes long, over XenStore's limit of 3072"),
+    ],
+    ids=["empty", "space", "newline", "dot", "non-ascii", "trailing-slash",
+         "double-slash", "too-long"],
+)
+def test_an_invalid_path_is_refused_saying_why(dom0_xs, path, reason) -> None:
+    """Each way a path can be wrong is named, for every operation; a
+    newline got past pyxs's path check and then failed with a bare
+    ValueError(payload), a long path was quoted whole."""
+    for op in (dom0_xs.read, dom0_xs.exists, dom0_xs.ls, dom0_xs.mkdir, dom0_xs.rm,
+               lambda p: dom0_xs.write(p, "x"), lambda p: dom0_xs.watch(p, lambda _p: None)):
+        with pytest.raises(ValueError) as info:
+            op(path)
+        message = str(info.value)
+        assert message.startswith("invalid XenStore path "), message
+        assert re.search(f": {reason}$", message), message
+        assert len(message) < 200, "the path is quoted in full"
