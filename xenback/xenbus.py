@@ -650,7 +650,20 @@ class BackendDriver:
     def stop(self) -> None:
         """Disconnect every device (writing Closed where its directory
         still exists), call :meth:`remove` for each, and release all
-        threads, handles and watches.  Not from a driver callback."""
+        threads, handles and watches.  Not from a driver callback (it
+        would wait for itself): that is a :class:`RuntimeError`, raised
+        before anything is stopped."""
+        with self._lock:
+            if self._xs is None or self._stopping and not self._stop_unfinished:
+                return
+        bus = self._bus
+        if bus is not None and bus.in_queue() or any(d.events.in_queue() for d in self.devices()):
+            # Refused up front: found later (at the workqueue's shutdown),
+            # the devices would be dropped and the handles closed already.
+            raise RuntimeError(
+                f"stop() from a callback of {type(self).__name__} would wait for "
+                f"itself: call it from another thread"
+            )
         with self._lock:
             if self._xs is None or self._stopping and not self._stop_unfinished:
                 return

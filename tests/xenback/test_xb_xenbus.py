@@ -1692,3 +1692,27 @@ def test_a_device_an_earlier_backend_left_is_taken_over(
         fe.wait_backend(S.CLOSED, timeout=3)
         assert bdev.resources == (0, 0)
     assert drv.calls_of(guest.domid)[:2] == ["probe", "connect"]
+
+
+@pytest.mark.parametrize("hook", ["probe", "connect"])
+def test_stop_from_a_driver_callback_is_refused_before_it_does_anything(
+        host, driver, frontends, hook) -> None:
+    """stop() waits for every device's queue, its own included: called from
+    a callback, it used to unwatch, drop devices and close handles, then
+    fail at the workqueue's shutdown, leaving a half-stopped driver.  It
+    is refused before it touches anything, and the driver goes on."""
+    refused: list[BaseException] = []
+
+    def stop_from_callback(_dev) -> None:
+        try:
+            driver.stop()
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    setattr(driver, f"{hook}_hook", stop_from_callback)
+    guest, dev, fe = _connected(host, driver, frontends)
+    assert len(refused) == 1
+    assert "stop() from a callback of RecordingDriver" in str(refused[0])
+    assert driver.calls_of(guest.domid) == ["probe", "connect"]
+    # Still serving: a second device comes and connects.
+    _connected(host, driver, frontends, name="guest2")
