@@ -355,10 +355,22 @@ class _Ops:
 
 
 class Transaction(_Ops):
-    """The operations of one transaction attempt (see :meth:`XenStore.transaction`)."""
+    """The operations of one transaction attempt (see :meth:`XenStore.transaction`).
+
+    Usable only until the function it was given to returns: after that,
+    every operation raises :class:`RuntimeError`.
+    """
 
     def __init__(self, client: pyxs.Client) -> None:
         self._client = client
+        self._ended = False
+
+    def _do(self, fn: Callable[..., Any], path: str, *args: Any) -> Any:
+        # pyxs resets the client's transaction id when the transaction ends:
+        # an operation now would go straight to the store, unchecked.
+        if self._ended:
+            raise RuntimeError(f"the transaction has ended: {path!r} was not touched")
+        return super()._do(fn, path, *args)
 
 
 class Watch:
@@ -551,8 +563,9 @@ class XenStore(_Ops, Closing):
                 client.transaction()
             except PyXSError as exc:
                 raise _oserror(exc, "@transaction") from None
+            t = Transaction(client)
             try:
-                result = fn(Transaction(client))
+                result = fn(t)
             except OSError as exc:
                 self._abort(client)
                 if exc.errno == errno.EAGAIN:
@@ -561,6 +574,8 @@ class XenStore(_Ops, Closing):
             except BaseException:
                 self._abort(client)
                 raise
+            finally:
+                t._ended = True
             try:
                 if client.commit():
                     return result

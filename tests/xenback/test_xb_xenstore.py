@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import struct
@@ -919,3 +920,28 @@ def test_an_invalid_path_is_refused_saying_why(dom0_xs, path, reason) -> None:
         assert message.startswith("invalid XenStore path "), message
         assert re.search(f": {reason}$", message), message
         assert len(message) < 200, "the path is quoted in full"
+
+
+@pytest.mark.parametrize("ending", ["commit", "abort"])
+def test_a_transaction_cannot_be_used_once_it_has_ended(dom0_xs, ending) -> None:
+    """pyxs resets a client's transaction id when it ends: a Transaction
+    kept past its function went on working outside any transaction, its
+    writes and removals applied at once, unchecked."""
+    dom0_xs.write("/test/kept", "1")
+    kept: list[Any] = []
+
+    def fn(t) -> None:
+        kept.append(t)
+        if ending == "abort":
+            raise KeyError("abort")
+
+    with contextlib.suppress(KeyError):
+        dom0_xs.transaction(fn)
+    (t,) = kept
+    for op in (lambda: t.read("/test/kept"), lambda: t.exists("/test/kept"),
+               lambda: t.ls("/test"), lambda: t.write("/test/kept", "2"),
+               lambda: t.rm("/test/kept"), lambda: t.mkdir("/test/new")):
+        with pytest.raises(RuntimeError, match="transaction has ended"):
+            op()
+    assert dom0_xs.read("/test/kept") == "1"
+    assert not dom0_xs.exists("/test/new")
