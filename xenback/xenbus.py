@@ -133,6 +133,14 @@ def _printable(text: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def _check_error(err: int, message: str) -> None:
+    """Name a wrong argument of error()/fatal(), a driver's error path."""
+    if isinstance(err, bool) or not isinstance(err, int):
+        raise TypeError(f"error number must be an int, not {type(err).__name__}")
+    if not isinstance(message, str):
+        raise TypeError(f"error message must be a str, not {type(message).__name__}")
+
+
 def _errno_of(exc: BaseException) -> tuple[int, str]:
     """Map a driver's exception to ``xenbus_dev_fatal``'s (errno, message)."""
     if isinstance(exc, OSError) and exc.errno:
@@ -337,6 +345,7 @@ class BackendDevice:
 
     def error(self, err: int, message: str) -> None:
         """``xenbus_dev_error``: log and write the error node."""
+        _check_error(err, message)
         err = abs(err)
         message = _printable(message)
         # Rate-limited (see ``ratelimit``); the error node below is written
@@ -353,6 +362,7 @@ class BackendDevice:
 
     def fatal(self, err: int, message: str) -> None:
         """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing."""
+        _check_error(err, message)  # before anything is written
         self.error(err, message)
         try:
             self.switch_state(XenbusState.CLOSING)

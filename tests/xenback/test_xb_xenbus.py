@@ -1716,3 +1716,30 @@ def test_stop_from_a_driver_callback_is_refused_before_it_does_anything(
     assert driver.calls_of(guest.domid) == ["probe", "connect"]
     # Still serving: a second device comes and connects.
     _connected(host, driver, frontends, name="guest2")
+
+
+def test_error_and_fatal_name_a_wrong_argument(host, driver, frontends, dom0_xs) -> None:
+    """A driver's error path calls error()/fatal(): a wrong argument there
+    is named (not abs()'s 'bad operand type' or 'NoneType' has no attribute
+    'isascii'), and nothing is written nor switched."""
+    raised: list[BaseException] = []
+
+    def misuse(dev) -> None:
+        for call in (lambda: dev.error("EIO", "m"), lambda: dev.fatal(None, "m"),
+                     lambda: dev.error(True, "m"), lambda: dev.fatal(5, None),
+                     lambda: dev.error(5, b"bytes")):
+            try:
+                call()
+            except TypeError as exc:
+                raised.append(exc)
+
+    driver.connect_hook = misuse
+    guest, dev, fe = _connected(host, driver, frontends)
+    assert [str(e) for e in raised] == [
+        "error number must be an int, not str",
+        "error number must be an int, not NoneType",
+        "error number must be an int, not bool",
+        "error message must be a str, not NoneType",
+        "error message must be a str, not bytes",
+    ]
+    assert _error(dom0_xs, dev) is None
