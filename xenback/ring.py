@@ -174,10 +174,15 @@ class BackRing(_SharedRing):
     def __init__(self, buffer: memoryview | bytearray, slot_size: int, *, index: int = 0) -> None:
         """``index`` is where the private indexes start (``BACK_RING_ATTACH``:
         a ring re-attached after the backend restarted)."""
+        if type(index) is not int:
+            raise TypeError(f"index must be an int, not {type(index).__name__}")
+        if not 0 <= index <= _MASK:
+            # Masking it would attach at another index without a word.
+            raise ValueError(f"index {index} is not a RING_IDX (0 to {_MASK})")
         super().__init__(buffer, slot_size)
-        self.req_cons = index & _MASK
-        self.rsp_prod_pvt = index & _MASK
-        self._rsp_pushed = index & _MASK
+        self.req_cons = index
+        self.rsp_prod_pvt = index
+        self._rsp_pushed = index
 
     def unconsumed_requests(self) -> int:
         """``RING_HAS_UNCONSUMED_REQUESTS``, unvalidated: a hint only."""

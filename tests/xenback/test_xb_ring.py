@@ -198,6 +198,22 @@ def test_a_reattached_ring_counts_responses_from_its_index() -> None:
     assert back.push_responses() is True
 
 
+@pytest.mark.parametrize(("index", "error", "text"), [
+    (1.5, TypeError, "index must be an int, not float"),
+    (None, TypeError, "index must be an int, not NoneType"),
+    (True, TypeError, "index must be an int, not bool"),
+    (-1, ValueError, "index -1 is not a RING_IDX"),
+    (2**32, ValueError, "index 4294967296 is not a RING_IDX"),
+])
+def test_an_attach_index_must_be_a_ring_idx(index, error, text) -> None:
+    """BACK_RING_ATTACH takes a RING_IDX (u32): a float failed in the
+    masking with an unrelated message, and -1 or 2**32 were masked into
+    another index without a word."""
+    with pytest.raises(error, match=text):
+        BackRing(bytearray(4096), SLOT, index=index)
+    assert BackRing(bytearray(4096), SLOT, index=2**32 - 1).req_cons == 2**32 - 1
+
+
 def test_hostile_request_producer_is_rejected() -> None:
     buf = memoryview(bytearray(4096))
     front = FrontRing(buf, SLOT)
