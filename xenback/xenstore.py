@@ -10,8 +10,13 @@ that are retried on EAGAIN, watches delivered in order on a workqueue
 Values written by another domain are hostile: :meth:`read` decodes them
 leniently (undecodable bytes become U+FFFD) and :meth:`read_int` raises
 :class:`ValueError` naming the node and the value when it is not a number.
-Values we write must be printable ASCII, which is all pyxs sends; anything
-else is a :class:`ValueError` naming the node and the character.
+Values we write must be what pyxs sends: printable ASCII, DEL (0x7f) and
+NUL (which C readers, the kernel's xenbus among them, take as the end of
+the value); anything else is a :class:`ValueError` naming the node and the
+character.  Paths are checked against xenstored's rules before anything is
+sent, and a :class:`ValueError` says which one a path breaks.  A
+:class:`Transaction` works only inside the function given to
+:meth:`XenStore.transaction`.
 
 pyxs notes this module works around: a :class:`pyxs.Client` has a single
 transaction id, so each transaction runs on a copy of the client sharing its

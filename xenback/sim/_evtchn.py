@@ -458,7 +458,13 @@ class EventChannel(Closing):
                     self._conn_fd = None
 
     def unmask(self, port: int) -> None:
-        """Re-enable ``port``; it fires again at once if notified meanwhile."""
+        """Re-enable ``port``; it fires again at once if notified meanwhile.
+
+        Stricter than Linux, whose evtchn device ignores an unmask of a
+        port the handle does not hold: here that is EINVAL, so that a
+        backend unmasking a stale port number is caught in its tests (on
+        the xen platform the same call does nothing).
+        """
         with self._lock:
             self._check_open()
             lp = self._ports.get(port)
