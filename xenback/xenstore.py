@@ -665,6 +665,8 @@ class XenStore(_Ops, Closing):
         missing), or a string the value must equal; by default, wait for
         the node to exist.  Raises :class:`TimeoutError` with the last value
         seen, and :class:`ConnectionError` as soon as the connection is lost.
+        Not from a watch callback run on the watch thread (one without an
+        :class:`EventQueue`): :class:`RuntimeError`.
         """
         # Checked first: a NaN deadline is never reached nor passed, and
         # the loop below would re-read the node for ever.
@@ -672,6 +674,12 @@ class XenStore(_Ops, Closing):
             raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
         if math.isnan(timeout):
             raise ValueError(f"timeout must be a number of seconds, not {timeout}")
+        if threading.current_thread() is self._thread:
+            # The change would be told by a watch, on this very thread.
+            raise RuntimeError(
+                "wait_for() from a watch callback run on the watch thread would never "
+                "see the change: give the watch an EventQueue"
+            )
         check: Callable[[str | None], bool]
         if predicate is None:
             check = _exists

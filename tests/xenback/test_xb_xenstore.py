@@ -945,3 +945,46 @@ def test_a_transaction_cannot_be_used_once_it_has_ended(dom0_xs, ending) -> None
             op()
     assert dom0_xs.read("/test/kept") == "1"
     assert not dom0_xs.exists("/test/new")
+
+
+def test_wait_for_on_the_watch_thread_is_refused(dom0_xs, wq) -> None:
+    """wait_for() learns of changes from a watch, delivered on the watch
+    thread: called from a watch callback running on that thread it could
+    never see one, and timed out saying the node had not changed when it
+    had.  It is refused at once; through an EventQueue it works."""
+    outcome: list[object] = []
+    done = threading.Event()
+
+    def on_watch_thread(_path: str) -> None:
+        if done.is_set():
+            return
+        try:
+            outcome.append(dom0_xs.wait_for("/test/later", "1", timeout=TIMEOUT))
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+        done.set()
+
+    watches = dict(dom0_xs._watches)
+    w = dom0_xs.watch("/test/trigger", on_watch_thread)
+    assert done.wait(TIMEOUT)
+    w.unwatch()
+    assert outcome == ["wait_for() from a watch callback run on the watch thread would "
+                       "never see the change: give the watch an EventQueue"]
+    assert dom0_xs._watches == watches and dom0_xs._waiters == set()
+
+    queued = EventQueue(wq, "waits")
+    seen: list[object] = []
+    started = threading.Event()
+
+    def on_queue(_path: str) -> None:
+        if started.is_set():
+            return
+        started.set()
+        seen.append(dom0_xs.wait_for("/test/later", "1", timeout=TIMEOUT))
+
+    w = dom0_xs.watch("/test/trigger2", on_queue, events=queued)
+    assert started.wait(TIMEOUT)
+    dom0_xs.write("/test/later", "1")
+    queued.flush()
+    w.unwatch()
+    assert seen == ["1"]
