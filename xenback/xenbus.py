@@ -66,6 +66,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -111,6 +112,9 @@ class XenbusState(enum.IntEnum):
             return cls(int(text))
         raise ValueError(f"invalid xenbus state {ascii(value[:32])}")
 
+
+#: What a device type may be made of: one XenStore path component.
+_DEVICE_TYPE = re.compile("[A-Za-z0-9_-]+")
 
 _INITIALISING = str(int(XenbusState.INITIALISING))
 _CLOSING = str(int(XenbusState.CLOSING))
@@ -493,8 +497,14 @@ class BackendDriver:
     device_type: ClassVar[str] = ""
 
     def __init__(self, platform: Platform, *, workqueue: Workqueue | None = None) -> None:
-        if not self.device_type or "/" in self.device_type:
-            raise TypeError(f"{type(self).__name__} must set device_type to a device type name")
+        name = self.device_type
+        if not isinstance(name, str) or not _DEVICE_TYPE.fullmatch(name):
+            # It names our backend directory: refused now, by its name,
+            # not at start() as an invalid XenStore path.
+            raise TypeError(
+                f"{type(self).__name__} must set device_type to a device type name "
+                f"(letters, digits, - and _), not {name!r}"
+            )
         self.platform = platform
         self.home = f"/local/domain/{platform.domid}"
         #: ``/local/domain/<self>/backend/<type>``.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -90,6 +91,23 @@ def test_driver_needs_a_device_type(host) -> None:
 
     with pytest.raises(TypeError, match="device_type"):
         BackendDriver(host.dom0)
+
+
+@pytest.mark.parametrize("device_type", ["vif/x", "v if", "v\u00eff", "vif\n", 5, b"vif"])
+def test_a_device_type_that_cannot_name_a_directory_is_refused_at_once(
+        host, device_type) -> None:
+    """device_type names a XenStore directory: one XenStore would refuse
+    failed only at start(), as an invalid path, naming neither the class
+    nor its attribute."""
+    from xenback import BackendDriver
+
+    class Misnamed(BackendDriver):
+        pass
+
+    Misnamed.device_type = device_type  # type: ignore[assignment]
+    with pytest.raises(TypeError, match=f"Misnamed must set device_type to a device type "
+                                        f"name .*, not {re.escape(repr(device_type))}"):
+        Misnamed(host.dom0)
 
 
 def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_xs) -> None:
