@@ -519,6 +519,12 @@ class XenStore(_Ops, Closing):
         if self._connected:
             self._connected = False
             self._client.close()
+        # wait_for() callers in other threads: their next read fails now,
+        # rather than after their whole timeout.
+        with self._lock:
+            waiters = list(self._waiters)
+        for changed in waiters:
+            changed.set()
 
     def __enter__(self) -> Self:
         if not self._connected:
@@ -664,8 +670,8 @@ class XenStore(_Ops, Closing):
         ``predicate`` is a function of the value (``None`` when the node is
         missing), or a string the value must equal; by default, wait for
         the node to exist.  Raises :class:`TimeoutError` with the last value
-        seen, and :class:`ConnectionError` as soon as the connection is lost.
-        Not from a watch callback run on the watch thread (one without an
+        seen, and :class:`ConnectionError` as soon as the connection is lost
+        or :meth:`close` is called.  Not from a watch callback run on the watch thread (one without an
         :class:`EventQueue`): :class:`RuntimeError`.
         """
         # Checked first: a NaN deadline is never reached nor passed, and

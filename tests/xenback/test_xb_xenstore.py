@@ -988,3 +988,33 @@ def test_wait_for_on_the_watch_thread_is_refused(dom0_xs, wq) -> None:
     queued.flush()
     w.unwatch()
     assert seen == ["1"]
+
+
+def test_wait_for_fails_as_soon_as_the_connection_is_closed(host) -> None:
+    """close() from another thread (a backend shutting down) ends a
+    wait_for() in progress with ConnectionError, as the loss of the
+    connection does, not after its whole timeout with a TimeoutError."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    outcome: list[BaseException | str | None] = []
+    checked = threading.Event()
+
+    def never(_value: str | None) -> bool:
+        checked.set()  # the watch is in place: wait_for goes on to wait
+        return False
+
+    def wait() -> None:
+        try:
+            outcome.append(xs.wait_for("/never", never, timeout=600))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    assert checked.wait(TIMEOUT)
+    xs.close()
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive(), "wait_for waits for its timeout"
+    (exc,) = outcome
+    assert isinstance(exc, ConnectionError), exc
+    assert not xs._waiters
