@@ -153,6 +153,13 @@ def _value(value: str | int, path: str) -> bytes:
     return data
 
 
+def _check_domid(domid: int) -> None:
+    # pyxs sends str(domid): "1" would pass for 1, and True or None reach
+    # XenStore as "True" or "None".  Out of range is XenStore's EINVAL.
+    if isinstance(domid, bool) or not isinstance(domid, int):
+        raise TypeError(f"domid must be an int, not {type(domid).__name__}")
+
+
 def _oserror(exc: PyXSError, path: str) -> OSError:
     if isinstance(exc, XSConnectionError):
         # The socket failed under pyxs before its router thread noticed (so
@@ -535,6 +542,7 @@ class XenStore(_Ops, Closing):
 
     def get_domain_path(self, domid: int) -> str:
         """``/local/domain/<domid>`` as XenStore reports it."""
+        _check_domid(domid)
         try:
             path: bytes = self._client.get_domain_path(domid)
         except PyXSError as exc:
@@ -543,6 +551,7 @@ class XenStore(_Ops, Closing):
 
     def is_domain_introduced(self, domid: int) -> bool:
         """Whether XenStore knows ``domid`` as a live domain."""
+        _check_domid(domid)
         try:
             return bool(self._client.is_domain_introduced(domid))
         except PyXSError as exc:

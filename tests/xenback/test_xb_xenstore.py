@@ -166,6 +166,16 @@ def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
     assert not dom0_xs.is_domain_introduced(guest.domid)
 
 
+@pytest.mark.parametrize("domid", ["1", True, 1.5, None])
+def test_domain_queries_take_an_int_domid(host, dom0_xs, domid) -> None:
+    """A str domid went through as its text (get_domain_path("1") answered
+    for domain 1), True or None as XenStore's EINVAL for '@domain/True':
+    a domain id that is not an int is the caller's mistake, named."""
+    for query in (dom0_xs.get_domain_path, dom0_xs.is_domain_introduced):
+        with pytest.raises(TypeError, match=f"domid must be an int, not {type(domid).__name__}"):
+            query(domid)
+
+
 @pytest.mark.parametrize("domid", [99999, -1])
 def test_domain_queries_raise_oserror_naming_the_domain(dom0_xs, domid) -> None:
     # As every other operation: an OSError with the errno, not pyxs's own.
