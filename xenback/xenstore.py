@@ -363,7 +363,22 @@ class _Ops:
 
     def set_perms(self, path: str, perms: Sequence[str]) -> None:
         """``perms`` like ``["n0", "r5"]``: owner/default first."""
-        self._do(self._client.set_perms, path, [p.encode() for p in perms])
+        if isinstance(perms, str | bytes):
+            # Each letter would be taken for a permission.
+            raise TypeError(
+                f"permissions must be a sequence of str like ['n0', 'r5'], "
+                f"not {type(perms).__name__}"
+            )
+        encoded = []
+        for perm in perms:
+            if not isinstance(perm, str):
+                raise TypeError(f"permission {perm!r} must be a str")
+            encoded.append(perm.encode())
+        if not encoded:
+            raise ValueError(
+                f"no permissions for {path!r}: the first one, the owner's, is needed"
+            )
+        self._do(self._client.set_perms, path, encoded)
 
 
 class Transaction(_Ops):

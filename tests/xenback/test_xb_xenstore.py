@@ -153,6 +153,23 @@ def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
     assert dom0_xs.read("/test/v") == "x" * 4088 and dom0_xs.get_perms("/test/v") == ["n0"]
 
 
+@pytest.mark.parametrize(("perms", "error", "text"), [
+    ("n0", TypeError, r"permissions must be a sequence of str like \['n0', 'r5'\], not str"),
+    (b"n0", TypeError, r"permissions must be a sequence of str like \['n0', 'r5'\], not bytes"),
+    ([b"n0"], TypeError, r"permission b'n0' must be a str"),
+    ([], ValueError, r"no permissions for '/test/p': the first one, the owner's, is needed"),
+])
+def test_set_perms_names_a_wrong_permission_list(dom0_xs, perms, error, text) -> None:
+    """A str was taken letter by letter ("invalid XenStore permission
+    b'n'"), bytes failed in .encode(), and [] came back as XenStore's bare
+    EINVAL: each is named, and the node keeps its permissions."""
+    dom0_xs.write("/test/p", "x")
+    dom0_xs.set_perms("/test/p", ["n0", "r1"])
+    with pytest.raises(error, match=text):
+        dom0_xs.set_perms("/test/p", perms)
+    assert dom0_xs.get_perms("/test/p") == ["n0", "r1"]
+
+
 def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
     guest = host.create_domain("guest")
     dom0_xs.write("/secret", "x")
