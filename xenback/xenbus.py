@@ -431,8 +431,20 @@ class BackendDevice:
         self.driver.events.unbind(port)
 
     def notify(self, port: int) -> None:
-        """Send an event to the frontend on our local ``port``."""
-        self.driver.events.notify(port)
+        """Send an event to the frontend on our local ``port``.
+
+        Nothing is sent on a port this device does not hold (any more): a
+        driver's work item may get here after disconnect released it, and
+        by then the number may be bound to another device's frontend.
+        """
+        # Under _lock: release_resources() and unbind_evtchn() take the
+        # port out under it before unbinding, so it cannot go mid-notify.
+        # (A notify does not block: an ioctl, or a write to a pipe.)
+        with self._lock:
+            if port in self._ports:
+                self.driver.events.notify(port)
+                return
+        logger.debug("%s: not notifying port %d, which it does not hold", self.nodename, port)
 
     @property
     def resources(self) -> tuple[int, int]:

@@ -1761,3 +1761,25 @@ def test_error_and_fatal_name_a_wrong_argument(host, driver, frontends, dom0_xs)
         "error message must be a str, not bytes",
     ]
     assert _error(dom0_xs, dev) is None
+
+
+def test_a_device_notifies_only_ports_it_holds(host, driver, frontends, monkeypatch) -> None:
+    """BackendDevice.notify() of a port the device no longer holds (a
+    driver's work item running after disconnect released it) sent the
+    event anyway, on whatever that number is bound to by then: another
+    device's frontend, in another guest.  It is not sent."""
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    (port,) = bdev._ports
+    sent: list[int] = []
+    notify = driver.events.notify
+    monkeypatch.setattr(driver.events, "notify", lambda p: (sent.append(p), notify(p)))
+    bdev.notify(port)
+    assert sent == [port]
+    fe.set_state(S.CLOSED)
+    fe.xs.rm(f"{dev.frontend_path}/state")  # Unknown: the device is dropped
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone
+    bdev.notify(port)
+    assert sent == [port], "a port released with the device was notified"
