@@ -342,7 +342,9 @@ class _Ops:
             pass
 
     def exists(self, path: str) -> bool:
-        """Whether the node ``path`` exists."""
+        """Whether the node ``path`` exists.  :class:`PermissionError` if
+        we may not look (Linux's ``xenbus_exists`` says no to any error;
+        a driver domain must tell "gone" from "not ours to see")."""
         try:
             self._do(self._client.list, path)
         except FileNotFoundError:
@@ -350,7 +352,8 @@ class _Ops:
         return True
 
     def ls(self, path: str) -> list[str]:
-        """Names of the children of ``path``; [] if it does not exist."""
+        """Names of the children of ``path``; [] if it does not exist,
+        :class:`PermissionError` if we may not list it."""
         try:
             names = self._do(self._client.list, path)
         except FileNotFoundError:
