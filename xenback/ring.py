@@ -220,7 +220,12 @@ class BackRing(_SharedRing):
 
     def push_responses(self) -> bool:
         """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``: publish the responses
-        written so far; True if the frontend asked to be notified."""
+        written so far; True if the frontend asked to be notified.
+
+        The old ``rsp_prod`` the check compares with is the one we last
+        published, kept here, where the macro re-reads it from the page:
+        the same value, unless the frontend rewrote it to sway the
+        decision."""
         old = self._rsp_pushed
         new = self.rsp_prod_pvt
         _wmb()  # The frontend must see the responses before rsp_prod.
@@ -277,7 +282,8 @@ class FrontRing(_SharedRing):
         self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK
 
     def push_requests(self) -> bool:
-        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``."""
+        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`` (the old ``req_prod``
+        is the one we last published, as in :meth:`BackRing.push_responses`)."""
         old = self._req_pushed
         new = self.req_prod_pvt
         _wmb()
