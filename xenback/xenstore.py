@@ -646,6 +646,8 @@ class XenStore(_Ops, Closing):
         ``path`` may also be ``@releaseDomain`` or ``@introduceDomain``.
         """
         check_callback(callback)
+        if events is not None and not isinstance(events, EventQueue):
+            raise TypeError(f"events must be an EventQueue, not {type(events).__name__}")
         with self._lock:
             token = f"xb{next(self._tokens)}"
             w = Watch(self, path, token, callback, events)

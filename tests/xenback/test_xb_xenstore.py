@@ -1045,3 +1045,12 @@ def test_wait_for_fails_as_soon_as_the_connection_is_closed(host) -> None:
     (exc,) = outcome
     assert isinstance(exc, ConnectionError), exc
     assert not xs._waiters
+
+
+def test_a_watch_refuses_events_that_are_not_an_event_queue(dom0_xs, wq) -> None:
+    """events= takes an EventQueue; a workqueue given instead (the likely
+    mistake) was taken, and every event failed on the watch thread."""
+    watches = dict(dom0_xs._watches)
+    with pytest.raises(TypeError, match="events must be an EventQueue, not Workqueue"):
+        dom0_xs.watch("/test/e", lambda _p: None, events=wq)
+    assert dom0_xs._watches == watches
