@@ -158,6 +158,11 @@ class EventDispatcher(Closing):
         ``select.EPOLLONESHOT`` is in ``events``; with ONESHOT, re-arm with
         :meth:`modify_fd` once the work is done."""
         _check_callback(callback)
+        if isinstance(fd, bool) or not isinstance(fd, int):
+            # epoll would take a socket (anything with fileno()), but it
+            # reports the number, and the callback is looked up by it.
+            raise TypeError(f"fd must be an int (a descriptor number), not "
+                            f"{type(fd).__name__}: pass its fileno()")
         with self._lock:
             self._check_open()
             if fd in self._fds:

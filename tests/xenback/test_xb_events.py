@@ -232,6 +232,21 @@ def test_host_fds(pair) -> None:
     os.close(w)
 
 
+def test_an_fd_must_be_a_number(pair) -> None:
+    """epoll takes any object with fileno(), so add_fd(sock, ...) was
+    registered, but the callback was looked up by the number epoll
+    reports, found nothing, and never ran: the socket went unserved
+    without a word.  It is refused, naming what to pass."""
+    _guest, _evtchn, dispatcher = pair
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(TypeError, match=r"fd must be an int .* not socket: pass its fileno\(\)"):
+            dispatcher.add_fd(a, select.EPOLLIN, lambda fd, events: None)  # type: ignore[arg-type]
+        # Nothing was registered: the number itself can be added.
+        dispatcher.add_fd(a.fileno(), select.EPOLLIN, lambda fd, events: None)
+        dispatcher.remove_fd(a.fileno())
+
+
 def test_a_port_notified_again_in_every_callback_does_not_starve_the_fds(host, pair) -> None:
     """A guest can notify its port again before each callback has returned,
     so that the port is pending again at every unmask: the dispatcher
