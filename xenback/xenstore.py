@@ -690,18 +690,20 @@ class XenStore(_Ops, Closing):
     def wait_for(
         self,
         path: str,
-        predicate: Callable[[str | None], bool] | str | None = None,
+        predicate: Callable[[str | None], bool] | str | int | None = None,
         *,
         timeout: float,
     ) -> str | None:
         """Wait until ``path``'s value satisfies ``predicate`` and return it.
 
         ``predicate`` is a function of the value (``None`` when the node is
-        missing), or a string the value must equal; by default, wait for
-        the node to exist.  Raises :class:`TimeoutError` with the last value
-        seen, and :class:`ConnectionError` as soon as the connection is lost
-        or :meth:`close` is called.  Not from a watch callback run on the watch thread (one without an
-        :class:`EventQueue`): :class:`RuntimeError`.
+        missing), or a string the value must equal, or an int whose decimal
+        text it must equal (as :meth:`write` writes it); by default, wait
+        for the node to exist.  Raises :class:`TimeoutError` with the last
+        value seen, and :class:`ConnectionError` as soon as the connection
+        is lost or :meth:`close` is called.  Not from a watch callback run
+        on the watch thread (one without an :class:`EventQueue`):
+        :class:`RuntimeError`.
         """
         # Checked first: a NaN deadline is never reached nor passed, and
         # the loop below would re-read the node for ever.
@@ -718,16 +720,20 @@ class XenStore(_Ops, Closing):
         check: Callable[[str | None], bool]
         if predicate is None:
             check = _exists
-        elif isinstance(predicate, str):
-            expected = predicate
+        elif isinstance(predicate, str | int) and not isinstance(predicate, bool):
+            # int(): an IntEnum's str() may be its name.
+            expected = predicate if isinstance(predicate, str) else str(int(predicate))
 
             def check(value: str | None) -> bool:
                 # Not expected.__eq__: that is NotImplemented, which is
                 # true, for a missing node (None).
                 return value == expected
 
-        else:
+        elif callable(predicate):
             check = predicate
+        else:
+            raise TypeError(f"predicate must be a function, a str, an int or None, "
+                            f"not {type(predicate).__name__}")
         changed = threading.Event()
         with self._lock:
             self._waiters.add(changed)

@@ -1054,3 +1054,19 @@ def test_a_watch_refuses_events_that_are_not_an_event_queue(dom0_xs, wq) -> None
     with pytest.raises(TypeError, match="events must be an EventQueue, not Workqueue"):
         dom0_xs.watch("/test/e", lambda _p: None, events=wq)
     assert dom0_xs._watches == watches
+
+
+def test_wait_for_takes_a_number_as_write_does(dom0_xs) -> None:
+    """write() takes an int for its decimal text; wait_for(path, 4), or
+    wait_for(path, XenbusState.CONNECTED), failed with "'int' object is not
+    callable" (an IntEnum, even after matching).  A number is waited for as
+    its text; anything else that is not a predicate is named."""
+    from xenback import XenbusState
+
+    dom0_xs.write("/test/state", XenbusState.CONNECTED)
+    assert dom0_xs.wait_for("/test/state", 4, timeout=TIMEOUT) == "4"
+    assert dom0_xs.wait_for("/test/state", XenbusState.CONNECTED, timeout=TIMEOUT) == "4"
+    for wrong in (True, 4.0, b"4"):
+        with pytest.raises(TypeError, match="predicate must be a function, a str, an int or None"):
+            dom0_xs.wait_for("/test/state", wrong, timeout=TIMEOUT)  # type: ignore[arg-type]
+    assert dom0_xs._waiters == set()
