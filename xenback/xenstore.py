@@ -648,6 +648,9 @@ class XenStore(_Ops, Closing):
         check_callback(callback)
         if events is not None and not isinstance(events, EventQueue):
             raise TypeError(f"events must be an EventQueue, not {type(events).__name__}")
+        if not self._client.router.is_connected:
+            # Before the watch thread is started: nobody would stop it.
+            raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
         with self._lock:
             token = f"xb{next(self._tokens)}"
             w = Watch(self, path, token, callback, events)

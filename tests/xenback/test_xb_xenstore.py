@@ -1070,3 +1070,18 @@ def test_wait_for_takes_a_number_as_write_does(dom0_xs) -> None:
         with pytest.raises(TypeError, match="predicate must be a function, a str, an int or None"):
             dom0_xs.wait_for("/test/state", wrong, timeout=TIMEOUT)  # type: ignore[arg-type]
     assert dom0_xs._waiters == set()
+
+
+def test_a_watch_on_a_connection_not_open_starts_no_thread(host) -> None:
+    """watch() before open() (or after the connection was lost) failed
+    with ConnectionError, but only after starting the watch thread, which
+    then lived until a close() that a caller who never opened has no
+    reason to call."""
+    before = {t.ident for t in threading.enumerate()}
+    xs = XenStore(host.dom0.xenstore())
+    with pytest.raises(ConnectionError):
+        xs.watch("/test/w", lambda _p: None)
+    with pytest.raises(ConnectionError):
+        xs.wait_for("/test/w", timeout=TIMEOUT)
+    assert not leaked_threads(before)
+    assert xs._watches == {} and xs._waiters == set()
