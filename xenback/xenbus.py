@@ -72,7 +72,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from workqueue import WQ_UNBOUND, alloc_workqueue
+from workqueue import WQ_UNBOUND, alloc_workqueue, wait_slice
 from xenback._eventqueue import EventQueue
 from xenback.events import EventDispatcher, PortCallback
 from xenback.ratelimit import RateLimit
@@ -529,7 +529,7 @@ class BackendDriver:
         self._xs: XenStore | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
-        # _lock guards _devices, _stopping, _domain_gone, _stop_unfinished
+        # _lock guards _devices, _stopping, _domain_gone, _stop_running
         # and the lazy creation of the event dispatcher and grant table
         # handle.
         self._lock = threading.Lock()
@@ -540,9 +540,11 @@ class BackendDriver:
         # where a stale False only costs a request that fails and is taken
         # for the domain's death like any other.  Until the next start().
         self._domain_gone = False
-        # A stop() ended in an exception (Ctrl-C in one of its waits): the
-        # next stop() does what it left.
-        self._stop_unfinished = False
+        # A stop() is under way: another one waits on _stop_done for it to
+        # end, then does what it left, if anything (it ended in an
+        # exception: Ctrl-C in one of its waits).
+        self._stop_running = False
+        self._stop_done = threading.Condition(self._lock)
         self._bus: EventQueue | None = None
         # Until the first listing of our backend directory (the watch's
         # first event, on the bus queue, which alone reads and clears it):
@@ -684,9 +686,10 @@ class BackendDriver:
         still exists), call :meth:`remove` for each, and release all
         threads, handles and watches.  Not from a driver callback (it
         would wait for itself): that is a :class:`RuntimeError`, raised
-        before anything is stopped."""
+        before anything is stopped.  Called while another thread's stop()
+        is under way, it returns when that one has stopped the driver."""
         with self._lock:
-            if self._xs is None or self._stopping and not self._stop_unfinished:
+            if self._xs is None:
                 return
         bus = self._bus
         if bus is not None and bus.in_queue() or any(d.events.in_queue() for d in self.devices()):
@@ -697,20 +700,25 @@ class BackendDriver:
                 f"itself: call it from another thread"
             )
         with self._lock:
-            if self._xs is None or self._stopping and not self._stop_unfinished:
+            # Another thread's stop() under way: when this one returns, the
+            # driver must be stopped, so wait for it (in slices, for a
+            # signal's handler: see wait_slice), then finish what it left.
+            while self._stop_running:
+                self._stop_done.wait(wait_slice(None))
+            if self._xs is None:
                 return
             self._stopping = True
-            self._stop_unfinished = False
+            self._stop_running = True
         try:
-            self._stop()
-        except BaseException:
             # Interrupted in a wait for a device's queue or the workqueue
-            # (Ctrl-C in the main thread): a later stop() must still be able
-            # to release the devices, threads and XenStore connection, not
-            # return at once.  Every step can be done again.
+            # (Ctrl-C in the main thread), it leaves the driver started: a
+            # later stop() must still be able to release the devices,
+            # threads and XenStore connection.  Every step can be done again.
+            self._stop()
+        finally:
             with self._lock:
-                self._stop_unfinished = True
-            raise
+                self._stop_running = False
+                self._stop_done.notify_all()
 
     def _stop(self) -> None:
         for w in self._watches:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -1783,3 +1784,48 @@ def test_a_device_notifies_only_ports_it_holds(host, driver, frontends, monkeypa
     assert bdev.gone
     bdev.notify(port)
     assert sent == [port], "a port released with the device was notified"
+
+
+def _in_stack(thread: threading.Thread, *names: str) -> bool:
+    """Whether each of ``names`` is a function on ``thread``'s stack now."""
+    frame = sys._current_frames().get(thread.ident)  # type: ignore[arg-type]
+    on_stack = set()
+    while frame is not None:
+        on_stack.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return all(name in on_stack for name in names)
+
+
+def test_a_second_stop_returns_only_once_the_driver_is_stopped(host, driver, frontends) -> None:
+    """stop() from two threads at once (a signal handler's thread and the
+    main thread's finally, say): the second returned at once, while the
+    first was still disconnecting devices, and its caller went on to tear
+    down what the driver still used.  It waits for the first to finish."""
+    guest, _dev, _fe = _connected(host, driver, frontends)
+    in_hook = threading.Event()
+    release = threading.Event()
+
+    def hold(_dev) -> None:
+        in_hook.set()
+        release.wait(TIMEOUT)
+
+    driver.disconnect_hook = hold
+    first = threading.Thread(target=driver.stop)
+    first.start()
+    assert in_hook.wait(TIMEOUT)
+    outcome: list[tuple[bool, list[Any]]] = []
+
+    def stop_again() -> None:
+        driver.stop()
+        outcome.append((driver._xs is None, driver.devices()))
+
+    second = threading.Thread(target=stop_again)
+    second.start()
+    try:
+        assert eventually(lambda: not second.is_alive() or _in_stack(second, "stop", "wait"))
+    finally:
+        release.set()
+        first.join(TIMEOUT)
+        second.join(TIMEOUT)
+    assert outcome == [(True, [])], "the second stop() returned before the driver was stopped"
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
