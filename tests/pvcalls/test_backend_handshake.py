@@ -533,16 +533,11 @@ def test_connection_lost_can_be_asked_after_close(host: Any, topology: Topology)
     assert not lost.is_set()  # we closed it: the host did not go
 
 
-def test_a_close_interrupted_in_its_wait_can_be_finished_by_another(
-        make_frontend: Any, host: Any, topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C while close() waits for a device to close: nothing shared may
-    be released under the device's callback still running, and a later
-    close() must finish the job instead of returning at once."""
-    b = pvcalls.Backend(host.dom0, topology=topology)
-    fe = make_frontend("g")
-    assert fe.backend_state() == 4
-    release = threading.Event()
-    closing = threading.Event()
+def hold_close_at_device(b: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch
+                         ) -> tuple[threading.Event, threading.Event]:
+    """Make ``b``'s close() stop at its first device: the first event is set
+    once it is there, and it goes on once the second is set."""
+    closing, release = threading.Event(), threading.Event()
     close_device = b._close_device
 
     def slow_close_device(dev: Any) -> None:
@@ -551,6 +546,18 @@ def test_a_close_interrupted_in_its_wait_can_be_finished_by_another(
         close_device(dev)
 
     monkeypatch.setattr(b, "_close_device", slow_close_device)
+    return closing, release
+
+
+def test_a_close_interrupted_in_its_wait_can_be_finished_by_another(
+        make_frontend: Any, host: Any, topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while close() waits for a device to close: nothing shared may
+    be released under the device's callback still running, and a later
+    close() must finish the job instead of returning at once."""
+    b = pvcalls.Backend(host.dom0, topology=topology)
+    fe = make_frontend("g")
+    assert fe.backend_state() == 4
+    closing, release = hold_close_at_device(b, monkeypatch)
 
     def main_waits() -> bool:
         return closing.is_set() and main_thread_in("sleep_on")
@@ -605,16 +612,7 @@ def test_a_close_from_another_thread_returns_once_everything_is_released(
     b = pvcalls.Backend(host.dom0, topology=topology)
     fe = make_frontend("g")
     assert fe.backend_state() == 4
-    release = threading.Event()
-    closing = threading.Event()
-    close_device = b._close_device
-
-    def slow_close_device(dev: Any) -> None:
-        closing.set()
-        assert release.wait(TIMEOUT)
-        close_device(dev)
-
-    monkeypatch.setattr(b, "_close_device", slow_close_device)
+    closing, release = hold_close_at_device(b, monkeypatch)
     first = Call(b.close)
     try:
         assert closing.wait(TIMEOUT)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import Call
+from test_frontend import recv_exactly
 
 import pvcalls
 from xenback.sim import SimHost
@@ -84,15 +85,6 @@ def arrived(c: Any, data: bytes) -> None:
         assert c.recv(len(data), PEEK | WAITALL) == data
     finally:
         c.settimeout(timeout)
-
-
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        assert chunk, f"EOF after {len(buf)} of {n} bytes"
-        buf += chunk
-    return bytes(buf)
 
 
 # -- recv and send flags ---------------------------------------------------------------

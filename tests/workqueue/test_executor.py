@@ -785,11 +785,44 @@ def test_no_new_calls_once_the_interpreter_exits(make_wq: Any,
             submit(int)
 
 
-_FORK_SCRIPT = r"""
+# The end of the fork tests' scripts: wait (within a limit) for the child
+# the script forked, and print how it ended.
+_REAP = r"""
 import os
+import time
+
+def reap(pid, limit):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            print("child exited", os.waitstatus_to_exitcode(status))
+            return
+        time.sleep(0.01)  # no event for a child's exit: poll, within the limit
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("child hung")
+"""
+
+
+def run_fork_script(tmp_path: Any, text: str, timeout: float) -> list[str]:
+    """Run ``text`` (ending with _REAP's reap()) in a fresh interpreter, as
+    forking needs; its output lines, after checking that it succeeded."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork.py"
+    script.write_text(_REAP + text)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+_FORK_SCRIPT = r"""
 import sys
 import threading
-import time
 from workqueue import Topology, alloc_workqueue
 
 wq = alloc_workqueue("forked", topology=Topology(2))
@@ -802,17 +835,7 @@ if pid == 0:
     sys.exit(0)  # a normal exit: the child runs its exit hooks
 release.set()
 assert running.result(10) == (None, True) and queued.result(10) == 0
-deadline = time.monotonic() + 10
-while time.monotonic() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        print("child exited", os.waitstatus_to_exitcode(status))
-        break
-    time.sleep(0.01)
-else:
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    print("child hung at exit")
+reap(pid, 10)
 wq.shutdown()
 """
 
@@ -823,22 +846,11 @@ def test_a_forked_child_does_not_wait_at_exit_for_its_parents_calls(tmp_path: An
     run the calls it inherited are the parent's, so the child's exit must
     not wait for those calls.  (A ThreadPoolExecutor's child exits at once:
     its exit hook joins threads that the child does not have.)"""
-    import subprocess
-    import sys
-
-    script = tmp_path / "fork.py"
-    script.write_text(_FORK_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": root})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["child exited 0"], done.stderr
+    assert run_fork_script(tmp_path, _FORK_SCRIPT, 60) == ["child exited 0"]
 
 
 _FORK_NEW_QUEUE_SCRIPT = r"""
-import os
 import threading
-import time
 from workqueue import DelayedWork, Topology, Work, alloc_workqueue
 
 def ran_on_every_cpu(wq):
@@ -866,17 +878,7 @@ if pid == 0:
           child.serial("key").submit(pow, 3, 2).result(5), flush=True)
     child.shutdown()
     os._exit(0)
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        print("child exited", os.waitstatus_to_exitcode(status))
-        break
-    time.sleep(0.01)
-else:
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    print("child hung")
+reap(pid, 30)
 parent.destroy()
 """
 
@@ -887,15 +889,6 @@ def test_a_forked_child_runs_the_items_of_its_own_workqueues(tmp_path: Any) -> N
     a workqueue it makes must get workers (and timers) of its own, as a
     ThreadPoolExecutor made in a child gets threads (multiprocessing forks
     its workers by default on Linux)."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "fork_new_queue.py"
-    script.write_text(_FORK_NEW_QUEUE_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=90, env={**os.environ, "PYTHONPATH": root})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+    assert run_fork_script(tmp_path, _FORK_NEW_QUEUE_SCRIPT, 90) == [
         "child items ran: True", "child delayed item ran: True", "child calls ran: 32 9",
-        "child exited 0"], done.stderr
+        "child exited 0"]

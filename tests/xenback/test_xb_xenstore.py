@@ -548,8 +548,14 @@ def test_on_lost_is_told_instead_of_a_warning(host, caplog) -> None:
     assert not [r for r in caplog.records if r.name == "xenback.xenstore"]
 
 
-def test_wait_for_fails_as_soon_as_the_connection_is_lost(host) -> None:
-    with XenStore(host.dom0.xenstore()) as xs:
+@pytest.mark.parametrize("end", ["lost", "closed"])
+def test_wait_for_fails_as_soon_as_the_connection_ends(host, end: str) -> None:
+    """The connection lost (the host gone), or close() from another thread
+    (a backend shutting down): a wait_for() in progress ends at once with
+    ConnectionError, not after its whole timeout with a TimeoutError."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    try:
         outcome: list[BaseException | str | None] = []
         checked = threading.Event()
 
@@ -566,12 +572,17 @@ def test_wait_for_fails_as_soon_as_the_connection_is_lost(host) -> None:
         waiter = threading.Thread(target=wait, daemon=True)
         waiter.start()
         assert checked.wait(TIMEOUT)
-        host.close()
+        if end == "lost":
+            host.close()
+        else:
+            xs.close()
         waiter.join(TIMEOUT)
         assert not waiter.is_alive(), "wait_for waits for its timeout"
         (exc,) = outcome
         assert isinstance(exc, ConnectionError), exc
         assert not xs._waiters
+    finally:
+        xs.close()
 
 
 def _open_past_fd_setsize(host: Any, filled: Filled, **kwargs: Any) -> XenStore:
@@ -1015,36 +1026,6 @@ def test_wait_for_on_the_watch_thread_is_refused(dom0_xs, wq) -> None:
     queued.flush()
     w.unwatch()
     assert seen == ["1"]
-
-
-def test_wait_for_fails_as_soon_as_the_connection_is_closed(host) -> None:
-    """close() from another thread (a backend shutting down) ends a
-    wait_for() in progress with ConnectionError, as the loss of the
-    connection does, not after its whole timeout with a TimeoutError."""
-    xs = XenStore(host.dom0.xenstore())
-    xs.open()
-    outcome: list[BaseException | str | None] = []
-    checked = threading.Event()
-
-    def never(_value: str | None) -> bool:
-        checked.set()  # the watch is in place: wait_for goes on to wait
-        return False
-
-    def wait() -> None:
-        try:
-            outcome.append(xs.wait_for("/never", never, timeout=600))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    waiter = threading.Thread(target=wait, daemon=True)
-    waiter.start()
-    assert checked.wait(TIMEOUT)
-    xs.close()
-    waiter.join(TIMEOUT)
-    assert not waiter.is_alive(), "wait_for waits for its timeout"
-    (exc,) = outcome
-    assert isinstance(exc, ConnectionError), exc
-    assert not xs._waiters
 
 
 def test_a_watch_refuses_events_that_are_not_an_event_queue(dom0_xs, wq) -> None:
