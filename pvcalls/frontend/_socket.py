@@ -141,10 +141,15 @@ def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ..
 #: The flags recv() and send() take: what the frontend does by itself.
 #: The others ask for what PV Calls cannot carry (MSG_OOB's urgent data)
 #: or what does not apply to a TCP stream.
-_RECV_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT | socket.MSG_WAITALL
+_RECV_FLAGS = int(socket.MSG_PEEK | socket.MSG_DONTWAIT | socket.MSG_WAITALL)
 #: MSG_NOSIGNAL: Python ignores SIGPIPE anyway; MSG_MORE is a hint that
 #: more comes, which the kernel may follow or not.
-_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL | socket.MSG_MORE
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL | socket.MSG_MORE)
+#: Plain ints, as the two above: the socket module's are IntFlag members,
+#: whose operators cost a microsecond each, on every send() and recv().
+_MSG_PEEK = int(socket.MSG_PEEK)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_WAITALL = int(socket.MSG_WAITALL)
 
 
 def _check_flags(flags: int, supported: int, call: str) -> int:
@@ -868,7 +873,7 @@ class PVSocket(Closing):
         non-blocking, as on a TCP socket, but only in blocking mode: with
         a timeout, socket.socket waits for readiness before it calls the
         kernel, whatever the flags say (and times out)."""
-        if flags & socket.MSG_DONTWAIT and self._timeout is None:
+        if flags & _MSG_DONTWAIT and self._timeout is None:
             return 0.0
         return self._timeout
 
@@ -973,8 +978,8 @@ class PVSocket(Closing):
             # blocked; only a connect still in flight is waited for.
             self._active_ring(Deadline(timeout))
             return 0
-        peek = bool(flags & socket.MSG_PEEK)
-        want = nbytes if flags & socket.MSG_WAITALL and timeout is None else 1
+        peek = bool(flags & _MSG_PEEK)
+        want = nbytes if flags & _MSG_WAITALL and timeout is None else 1
         deadline = Deadline(timeout)
         if not self._recv_lock.acquire(False):  # uncontended: no call more
             deadline.acquire(self._recv_lock)
