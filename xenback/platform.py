@@ -108,7 +108,9 @@ class GrantTable(Protocol):
         self, domid: int, refs: Sequence[int], *, writable: bool = True
     ) -> GrantMapping:
         """Map ``refs`` granted by ``domid`` contiguously, like
-        ``xengnttab_map_domain_grant_refs``.  Raises :class:`GrantError`."""
+        ``xengnttab_map_domain_grant_refs``.  Raises :class:`GrantError`
+        (EINVAL for a ref that is not a non-negative int);
+        :class:`TypeError` if ``refs`` is not a sequence at all."""
         ...
 
     def close(self) -> None:
