@@ -1190,7 +1190,10 @@ class Frontend(Closing):
                 # freed here, not left for an answer that will never come;
                 # the interrupt goes on once that is done.
                 if isinstance(exc, OSError | TimeoutError):
-                    logger.warning("RELEASE of %#x failed: %s", st.id, exc)
+                    # Moot if the backend went away meanwhile: the socket
+                    # went with it (every call says so, with ENOTCONN).
+                    level = logging.DEBUG if self._dead else logging.WARNING
+                    logger.log(level, "RELEASE of %#x failed: %s", st.id, exc)
                 else:
                     interrupted = exc
                 with self._lock:

@@ -1003,6 +1003,25 @@ def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
     s.close()
 
 
+def test_a_release_the_backend_left_before_it_went_out_is_no_warning(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() waits for room for its RELEASE, and the backend goes away
+    meanwhile: the socket it would release went with the backend, so the
+    RELEASE that cannot go out is nothing to warn about (it used to be a
+    warning per socket whenever closes raced the backend's end)."""
+    s = fe.socket()
+    s.bind(("127.0.0.1", 4003))
+    monkeypatch.setattr(fe, "_free_entry", lambda: None)  # no room for anyone
+    closing = Call(s.close)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # close() waits for room
+    fake.set_state(5)  # Closing
+    closing.join()
+    assert closing.error is None and s.closed
+    assert "RELEASE of" in log.wait("RELEASE of", logging.DEBUG)
+    assert not [m for m in log.messages() if "RELEASE" in m], log.messages()
+
+
 def test_with_no_backend_the_device_goes_without_waiting_for_one(
         host: SimHost, caplog: pytest.LogCaptureFixture) -> None:
     """No backend runs: open() fails at its timeout, and the device goes at
