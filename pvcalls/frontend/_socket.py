@@ -171,9 +171,11 @@ def _failure(in_error: int) -> int:
     return 0 if in_error == -_errno.ENOTCONN else in_error
 
 
-def _send_fails(ring: DataRing) -> bool:
-    """Whether send() fails at once: the connection failed either way."""
-    return bool(ring.out_error() or _failure(ring.in_error()))
+def _connection_error(ring: DataRing) -> int:
+    """The negative errno that the connection failed with (the backend's
+    out_error, or an in_error that is no orderly end), 0 if none: send()
+    fails at once on it."""
+    return ring.out_error() or _failure(ring.in_error())
 
 
 def _copy_out(parts: tuple[memoryview, ...], dst: memoryview, nbytes: int) -> int:
@@ -433,7 +435,7 @@ class PVSocket(Closing):
         no longer (the connection failed: a TCP socket is closed then)."""
         self._check_open()
         ring = self._st.ring
-        if self._peername is None or (ring is not None and _send_fails(ring)):
+        if self._peername is None or (ring is not None and _connection_error(ring)):
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         return self._peername
 
@@ -467,7 +469,7 @@ class PVSocket(Closing):
                     # The connection's failure, unless a call said it: as
                     # a TCP socket's pending error, said once (see
                     # _failure_reported).
-                    failed = ring.out_error() or _failure(ring.in_error())
+                    failed = _connection_error(ring)
                     if failed:
                         self._failure_reported = True
                         value = host_error(failed, "").errno or errno.EIO
@@ -891,7 +893,7 @@ class PVSocket(Closing):
                     if total:
                         return total
                     raise bad_fd()
-                err = ring.out_error() or _failure(ring.in_error())
+                err = _connection_error(ring)
                 if err:
                     if total:
                         return total
@@ -924,7 +926,8 @@ class PVSocket(Closing):
                 if not len(view):
                     return total
                 try:
-                    self._wait(SEND, deadline, lambda: ring.out_has_room() or _send_fails(ring))
+                    self._wait(SEND, deadline,
+                               lambda: ring.out_has_room() or bool(_connection_error(ring)))
                 except OSError:
                     if total:
                         return total
@@ -1474,7 +1477,7 @@ class PVSocket(Closing):
             return False
         if ring is None or self._broken:
             return True  # send() fails at once: not connected
-        return ring.out_has_room() or _send_fails(ring)
+        return ring.out_has_room() or bool(_connection_error(ring))
 
     def _report_failure(self) -> bool:
         """The connection failed: True the first time, when the caller is
