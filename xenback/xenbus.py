@@ -121,8 +121,14 @@ _CLOSING = str(int(XenbusState.CLOSING))
 
 
 def _number(text: str) -> int:
-    """A domid or devid path component; -1 (no device) if it is not one."""
-    return int(text) if text.isascii() and text.isdigit() else -1
+    """A domid or devid path component; -1 (no device) if it is not one.
+
+    Only the canonical spelling is one: ``01`` read as 1 would make the
+    device at ``01/0`` be served at ``1/0``, a directory that does not exist.
+    """
+    if text.isascii() and text.isdigit() and str(int(text)) == text:
+        return int(text)
+    return -1
 
 
 def _printable(text: str) -> str:

@@ -961,16 +961,23 @@ def test_a_device_found_as_the_driver_stops_is_left_to_the_next_backend(
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
 
 
-def test_directories_that_are_not_domid_devid_are_ignored(host, driver, frontends, dom0_xs) -> None:
-    for junk in ("-1/0", "abc/0", "1/x"):
+_NOT_DOMID_DEVID = ("-1/0", "abc/0", "1/x", "01/0", "1/00")
+
+
+def test_directories_that_are_not_domid_devid_are_ignored(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    for junk in _NOT_DOMID_DEVID:
         base = f"/local/domain/0/backend/xbtest/{junk}"
         dom0_xs.transaction(lambda t, base=base: (t.write(f"{base}/frontend-id", 1),
                                                   t.write(f"{base}/state", 1)))
     guest, dev, fe = _connected(host, driver, frontends)  # discovery went past them
     assert [(d.frontend_id, d.devid) for d in driver.devices()] == [(guest.domid, 0)]
     assert not dom0_xs.exists("/local/domain/0/error")
-    for junk in ("-1/0", "abc/0", "1/x"):
+    said = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for junk in _NOT_DOMID_DEVID:
         assert dom0_xs.read(f"/local/domain/0/backend/xbtest/{junk}/state") == "1"
+        # "01/0" would be served as device 1/0, whose directory does not exist
+        assert f"xbtest/{junk}: not <domid>/<devid>" in said
 
 
 def test_a_driver_can_be_started_again(host, frontends) -> None:
