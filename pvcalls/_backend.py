@@ -118,6 +118,11 @@ logger = logging.getLogger(__name__)
 #: The review thread's cap on ioworkers for hosts with hundreds of CPUs.
 DEFAULT_MAX_IOWORKERS = 64
 
+#: Requests one run of a frontend's command Work may handle before it
+#: re-queues itself behind the other items of the command workqueue (two
+#: rings' worth: a guest that keeps its ring full still moves at full speed).
+COMMAND_BUDGET = 64
+
 Socket = NewSocket | ActiveSocket | PassiveSocket
 
 # The backends of this process, each from its start until its close() is
@@ -665,10 +670,19 @@ class _Frontend:
         if self._broken:
             return
         ring = self.ring
+        budget = COMMAND_BUDGET
         try:
             while True:
                 for raw in ring.requests():
                     self._handle(raw)
+                    budget -= 1
+                    if not budget:
+                        # A guest that asks again as fast as it is answered
+                        # would keep this run going for ever: give way to
+                        # the other items of the workqueue, and go on after
+                        # them (requests() takes only what was yielded).
+                        self.backend.cmd_wq.queue_work(work)
+                        return
                 if not ring.final_check_for_requests():
                     return
         except RingError as exc:
