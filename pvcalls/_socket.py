@@ -210,7 +210,9 @@ class DataRing:
 
     @property
     def out_cons(self) -> int:
-        """Our (the consumer's) index of the out ring."""
+        """Our (the consumer's) index of the out ring, as the page holds it
+        now: the guest may have rewritten it (the data path goes by
+        ``out_ring.position``)."""
         assert self._words is not None
         return self._words[OUT_CONS_OFFSET // 4]
 
@@ -510,7 +512,9 @@ class ActiveSocket(Work):
         if not views:
             return 0
         available = sum(len(view) for view in views)
-        cons = ring.out_cons
+        # The index this consume starts from, as readable() read it: the
+        # word on the page is the guest's to overwrite at any moment.
+        cons = ring.out_ring.position
         try:
             # MSG_NOSIGNAL: EPIPE is the guest's out_error, not a SIGPIPE
             # that kills the backend in a process that does not ignore it.

@@ -368,6 +368,14 @@ class FlexRing:
         self._pos = 0
         self._limit = 0
 
+    @property
+    def position(self) -> int:
+        """This end's index as the last :meth:`readable` / :meth:`writable`
+        read it, moved by :meth:`consume` / :meth:`produce` since: the value
+        they write back.  Never re-read from shared memory, where the other
+        end may have changed it meanwhile."""
+        return self._pos
+
     def _pieces(self, start: int, length: int) -> tuple[memoryview, ...]:
         if length == 0:
             return ()

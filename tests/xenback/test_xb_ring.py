@@ -487,6 +487,26 @@ def test_flex_ring_indexes_moved_by_the_guest_do_not_move_ours() -> None:
     assert struct.unpack_from("<II", idx) == (4, 4)
 
 
+def test_flex_ring_position_is_the_index_looked_at_not_the_page_word() -> None:
+    """position is this end's index as readable()/writable() read it and
+    consume()/produce() moved it: what a caller decides on (was the ring
+    full before this consume?) is the value the ring acts on, whatever the
+    other end wrote to the word since."""
+    data, idx = _flex(16)
+    producer, consumer = _rings(data, idx)
+    struct.pack_into("<II", idx, 0, 2**32 - 2, 2**32 - 14)  # 12 bytes, wrapping
+    consumer.readable()
+    struct.pack_into("<I", idx, 4, 7)  # the other end scribbles on our cons
+    assert consumer.position == 2**32 - 14
+    consumer.consume(12)
+    assert consumer.position == 2**32 - 2
+    producer.writable()
+    struct.pack_into("<I", idx, 0, 9)  # and on the producer's prod
+    assert producer.position == 2**32 - 2
+    producer.produce(3)
+    assert producer.position == 1 == struct.unpack_from("<I", idx)[0]
+
+
 def test_flex_ring_threads_on_shared_memory() -> None:
     """A producer and a consumer thread move 2 MiB through a 4 KiB ring on
     an mmap'd page, checking every byte (exercises the barriers' placement)."""
