@@ -655,3 +655,25 @@ def test_a_platform_has_every_service(missing: str) -> None:
     assert not isinstance(Partial(), Platform)
     setattr(Partial, missing, 0 if missing == "domid" else service)
     assert isinstance(Partial(), Platform)
+
+
+@pytest.mark.parametrize("domid", [True, 1.0, "1", None])
+def test_destroy_refuses_what_is_not_a_domain_and_keeps_it(host: SimHost, domid: object) -> None:
+    # True == 1 == 1.0 as dict keys: each would have reached domain 1.
+    guest = host.create_domain("guest")
+    with pytest.raises(ValueError, match="^invalid domain"):
+        host.destroy_domain(domid)  # type: ignore[arg-type]
+    assert host.domains() == [host.dom0, guest]
+    assert host.hypervisor.stats()["domains"] == 2
+    with guest.xenstore() as c:
+        assert c.read(b"name") == b"guest"
+
+
+def test_destroy_refuses_a_domain_of_another_host() -> None:
+    with SimHost() as one, SimHost() as two:
+        mine, theirs = one.create_domain("mine"), two.create_domain("theirs")
+        assert mine.domid == theirs.domid
+        with pytest.raises(ValueError, match="is not a domain of the host in"):
+            one.destroy_domain(theirs)
+        assert one.domains() == [one.dom0, mine]
+        assert two.domains() == [two.dom0, theirs]

@@ -279,14 +279,30 @@ class SimHost(Closing):
         XenStore home goes, and last the domain itself: its event channels
         close (peers see their ports unbound and fire), its grants are
         revoked once nobody maps them, and @releaseDomain fires.
+
+        ``domain`` is one of this host's Domains or a domain id; anything
+        else, dom0 included, is a :class:`ValueError`, and an id of no
+        live domain a :class:`LookupError`.
         """
-        domid = domain if isinstance(domain, int) else domain.domid
+        if isinstance(domain, Domain):
+            domid = domain.domid
+        elif type(domain) is int:
+            domid = domain
+        else:
+            # Not isinstance: True and 1.0 hash as 1 and would reach domain 1.
+            raise ValueError(f"invalid domain {domain!r} (a Domain or a domain id)")
         if domid == 0:
             raise ValueError("dom0 cannot be destroyed")
         if not timeout >= 0:
             raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
         with self._lock:
             self._check_running()
+            if isinstance(domain, Domain) and domain.run_dir != self._run_dir:
+                # Another host's Domain has a domid too, perhaps one of ours.
+                raise ValueError(
+                    f"{domain!r} is not a domain of the host in {self._run_dir}"
+                    f" (it lives in {domain.run_dir})"
+                )
             if domid not in self._domains:
                 raise LookupError(f"no domain {domid}")
             # Unlisted first: nobody else can destroy it while we wait for
