@@ -166,7 +166,7 @@ def test_an_empty_run_dir_is_a_usage_error(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("domains", [["", "g"], ["a/b"], ["g", "h", "g"]])
+@pytest.mark.parametrize("domains", [["", "g"], ["a/b"], ["g", "h", "g"], ["caf\u00e9"]])
 def test_a_bad_domain_name_is_a_usage_error_before_the_host_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], domains: list[str]) -> None:
     run_dir = tmp_path / "run"

@@ -34,14 +34,21 @@ _GUEST_DIRS = ("device", "control", "data", "drivers", "feature", "attr", "error
 
 
 def check_domain_name(name: str) -> str:
-    """Return ``name`` if it can name a guest, else raise ValueError."""
+    """Return ``name`` if it can name a guest, else raise ValueError.
+
+    ASCII only: pyxs, which the host and most clients speak XenStore with,
+    sends nothing else, so another name could not even be written.
+    """
     if (
         not isinstance(name, str)
         or not 0 < len(name) <= 64
+        or not name.isascii()
         or not name.isprintable()
         or "/" in name
     ):
-        raise ValueError(f"a domain name must be 1..64 printable characters, no '/', not {name!r}")
+        raise ValueError(
+            f"a domain name must be 1..64 printable ASCII characters, no '/', not {name!r}"
+        )
     return name
 
 
