@@ -333,3 +333,27 @@ def test_the_descriptor_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
         assert soft == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0
+
+
+def test_a_run_dir_left_by_a_killed_daemon_is_reused_and_left_clean(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with started(run_dir, "--domain", "a", "--domain", "b") as killed:
+        assert killed.stdout is not None
+        assert killed.stdout.readline().startswith("XENSTORED_PATH=")
+        assert killed.stdout.readline().strip() == "DOMAIN a 1"
+        assert killed.stdout.readline().strip() == "DOMAIN b 2"
+        killed.kill()
+        killed.wait(TIMEOUT)
+    assert (run_dir / "domains" / "2" / "hypervisor").is_socket()  # its leftovers
+    with started(run_dir, "--domain", "x") as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("XENSTORED_PATH=")
+        assert proc.stdout.readline().strip() == "DOMAIN x 1"
+        # Domain 2 is no more: nothing of it is left to be mistaken for it.
+        assert not (run_dir / "domains" / "2").exists()
+        with pytest.raises(OSError) as no_domain:
+            attach(run_dir, 2)
+        assert no_domain.value.errno == errno.ENOENT
+        proc.terminate()
+        assert proc.wait(TIMEOUT) == 0
+    assert list(run_dir.rglob("*")) == []

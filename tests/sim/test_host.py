@@ -677,3 +677,18 @@ def test_destroy_refuses_a_domain_of_another_host() -> None:
             one.destroy_domain(theirs)
         assert one.domains() == [one.dom0, mine]
         assert two.domains() == [two.dom0, theirs]
+
+
+def test_a_run_dir_in_use_is_refused_and_left_alone(tmp_path: Path) -> None:
+    with SimHost(tmp_path / "run") as live:
+        guest = live.create_domain("guest")
+        sockets = sorted(p for p in live.run_dir.rglob("*") if p.is_socket())
+        second = SimHost(tmp_path / "run")
+        with pytest.raises(OSError, match="served by someone else") as in_use:
+            second.start()
+        assert in_use.value.errno == errno.EADDRINUSE
+        # The live host's sockets are not taken for a dead one's.
+        assert sorted(p for p in live.run_dir.rglob("*") if p.is_socket()) == sockets
+        assert attach(live.run_dir, guest.domid) == guest
+        with guest.evtchn() as ch:
+            ch.bind_unbound_port(0)

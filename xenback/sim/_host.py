@@ -52,6 +52,31 @@ def check_domain_name(name: str) -> str:
     return name
 
 
+def _remove_stale_sockets(run_dir: Path) -> None:
+    """Remove the domain sockets a host killed in ``run_dir`` left behind.
+
+    They would pass for domains that are no more (``attach`` would get
+    ECONNREFUSED, not ENOENT) and outlive this host's clean close.  Only
+    sockets by the names a host makes are removed, then their directories
+    if that empties them; anything else stays.
+    """
+    domains = run_dir / "domains"
+    if not domains.is_dir():
+        return
+    for directory in domains.iterdir():
+        if not directory.name.isdecimal() or directory.is_symlink() or not directory.is_dir():
+            continue
+        for name in ("hypervisor", "xenstore"):
+            path = directory / name
+            if path.is_socket():
+                logger.info("removing %s, left by a host that is gone", path)
+                path.unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
 class SimHost(Closing):
     """A simulated Xen host, embedded in this process.
 
@@ -118,6 +143,9 @@ class SimHost(Closing):
                 self._hypervisor = Hypervisor(run_dir)
                 self._toolstack = Toolstack(self._xenstored.path)
                 self._xenstored.start()
+                # Served by us now, so no live host uses the directory:
+                # whatever sockets it holds are a killed one's.
+                _remove_stale_sockets(run_dir)
                 self._hypervisor.set_control(self._control)
                 self._hypervisor.start()
                 self._hypervisor.add_domain(0, "Domain-0")
