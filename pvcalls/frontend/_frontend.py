@@ -280,8 +280,11 @@ class Frontend(Closing):
         self._reset_connection()
         domain = self.domain
         self._toolstack = domain.toolstack
+        # replace: a stale frontend of the same devid, its backend gone,
+        # may not have closed yet; the new one's device takes its place.
         self.device = self._toolstack.add_device(
-            "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id, devid=self.devid
+            "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id, devid=self.devid,
+            replace=True,
         )
         try:
             self._connect()

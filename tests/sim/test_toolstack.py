@@ -387,11 +387,13 @@ def test_a_request_the_host_never_answers_fails(tmp_path) -> None:
 
 def test_adding_over_leftovers_starts_afresh(host: SimHost, guest: Domain) -> None:
     """libxl deletes each directory before it makes it again: nodes a
-    previous device left behind do not reach the new one."""
+    previous device left behind (its backend directory gone, else the
+    device still exists) do not reach the new one."""
     first = host.toolstack.add_device("vif", guest.domid, backend_nodes={"extra": "1"})
     with host.dom0.xenstore() as c:
         trees = {p: tree(c, p) for p in (first.backend_path, first.frontend_path, first.libxl_path)}
-        for path in trees:
+        c.delete(first.backend_path.encode())
+        for path in (first.frontend_path, first.libxl_path):
             c.write(path.encode() + b"/stale", b"x")
     again = host.toolstack.add_device("vif", guest.domid, backend_nodes={"extra": "1"})
     assert again == first
@@ -515,3 +517,36 @@ def test_bad_devices_are_refused_saying_why(
 def test_destroy_devices_refuses_what_is_not_a_domain_id(host: SimHost, domid: int) -> None:
     with pytest.raises(ValueError, match="^domid must be a domain id"):
         host.toolstack.destroy_devices(domid)
+
+
+def test_a_device_that_exists_is_not_added_again(host: SimHost, guest: Domain) -> None:
+    # libxl__device_add_async: ERROR_DEVICE_EXISTS, nothing written.  A
+    # second add must not wipe the directories a backend serves.
+    dev = host.toolstack.add_device("vif", guest.domid, devid=5, backend_nodes={"mac": "m"})
+    with host.dom0.xenstore() as c:
+        c.write(f"{dev.backend_path}/state".encode(), b"4")
+        before = tree(c, f"/local/domain/0/backend/vif/{guest.domid}")
+        with pytest.raises(FileExistsError, match=f"^.*{re.escape(dev.backend_path)} exists"):
+            host.toolstack.add_device("vif", guest.domid, devid=5)
+        assert tree(c, f"/local/domain/0/backend/vif/{guest.domid}") == before
+    assert host.toolstack.devices() == [dev]
+
+
+@pytest.mark.parametrize("side", ["frontend_id", "backend_id"])
+def test_a_device_of_no_domain_is_not_added(host: SimHost, guest: Domain, side: str) -> None:
+    ids = {"frontend_id": guest.domid, "backend_id": 0, side: 42}
+    with pytest.raises(LookupError, match="^no domain 42"):
+        host.toolstack.add_device("vif", **ids)
+    assert host.toolstack.devices() == []
+    with host.dom0.xenstore() as c:
+        assert not c.exists(b"/local/domain/42")
+
+
+def test_replace_writes_a_device_that_exists_afresh(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid, backend_nodes={"old": "1"})
+    with host.dom0.xenstore() as c:
+        c.write(f"{dev.backend_path}/state".encode(), b"4")
+        assert host.toolstack.add_device("vif", guest.domid, replace=True) == dev
+        assert tree(c, dev.backend_path) == {
+            ".": "", "/frontend": dev.frontend_path, "/frontend-id": str(guest.domid),
+            "/online": "1", "/state": "1"}

@@ -727,7 +727,7 @@ def test_a_device_re_created_while_probe_runs_gets_its_features(
     guest = host.create_domain("guest")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     assert entered.wait(TIMEOUT)
-    again = host.toolstack.add_device("xbtest", guest.domid)  # one transaction
+    again = host.toolstack.add_device("xbtest", guest.domid, replace=True)  # one transaction
     assert again.backend_path == dev.backend_path
     release.set()
     fe = _connect(frontends, guest, again)

@@ -629,7 +629,9 @@ class Fuzzer:
         if old is not None and old.pages is not None:
             with contextlib.suppress(OSError):
                 old.pages.unshare()
-        dev = self.host.toolstack.add_device("xbtest", g.domid, backend_id=backend, devid=devid)
+        dev = self.host.toolstack.add_device(
+            "xbtest", g.domid, backend_id=backend, devid=devid, replace=True
+        )
         self.added[dev.backend_path] += 1
         g.devs[key] = FrontDev(dev)
 

@@ -14,6 +14,10 @@ Adding a device writes, in one transaction, the nodes and permissions of
   ``frontend-id``, ``online`` = 1 and ``state`` = 1 after them, the order
   libxl 4.17 was seen to write them in on real Xen.
 
+As ``libxl__device_add_async``, adding refuses a device of a domain that
+does not exist and one whose backend directory exists
+(``ERROR_DEVICE_EXISTS``), unless asked to replace it.
+
 Removing follows ``libxl__initiate_device_generic_remove``: ``online`` = 0,
 and ``state`` = 5 (Closing) unless the backend is Closed (6) already, in one
 transaction; a wait of up to 10 s for the backend to reach Closed; then, in
@@ -157,8 +161,17 @@ class Toolstack(Closing):
         *,
         backend_nodes: Mapping[str, str] = _EMPTY,
         frontend_nodes: Mapping[str, str] = _EMPTY,
+        replace: bool = False,
     ) -> Device:
-        """Create a device pair, both sides in state Initialising."""
+        """Create a device pair, both sides in state Initialising.
+
+        Raises :class:`ValueError` for a bad argument, :class:`LookupError`
+        if either domain does not exist and :class:`FileExistsError` if the
+        device does (its backend directory), as libxl refuses them.  With
+        ``replace`` a device that exists is written afresh in the same
+        transaction, as libxl never does: for testing a backend against a
+        toolstack that re-creates a device under it.
+        """
         _check_name("device_type", device_type)
         _check_domid("frontend_id", frontend_id)
         _check_domid("backend_id", backend_id)
@@ -176,6 +189,12 @@ class Toolstack(Closing):
                 c.write(base + b"/" + key.encode(), str(value).encode())
 
         def body(c: pyxs.Client) -> None:
+            # libxl refuses a device of a domain that does not exist, and
+            # one whose backend directory exists (ERROR_DEVICE_EXISTS):
+            # writing it again would wipe what a backend serves.
+            for domid in dict.fromkeys((frontend_id, backend_id)):
+                if not c.exists(f"/local/domain/{domid}".encode()):
+                    raise LookupError(f"no domain {domid}")
             # libxl's order: its own directory, the frontend's, the
             # backend's, then the rest of its own.
             lx = dev.libxl_path.encode()
@@ -189,6 +208,10 @@ class Toolstack(Closing):
             write(c, fe, {"backend": dev.backend_path})
             write(c, fe, {"backend-id": backend_id, "state": XENBUS_STATE_INITIALISING})
             write(c, fe, frontend_nodes)
+            # Checked here, not first: XenStore fires a transaction's
+            # watches in the order its nodes were first touched.
+            if not replace and c.exists(be):
+                raise FileExistsError(errno.EEXIST, f"device {dev.backend_path} exists already")
             _rm(c, be)
             c.mkdir(be)
             c.set_perms(be, backend_perms)
