@@ -471,7 +471,7 @@ def test_a_domain_xenstore_refuses_is_not_left_in_the_hypervisor(
         attach(host.run_dir, 1)
 
 
-@pytest.mark.parametrize("timeout", [-1, float("nan")])
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "1", None])
 def test_destroy_refuses_a_timeout_that_is_no_time(host: SimHost, timeout: float) -> None:
     guest = host.create_domain("guest")
     with pytest.raises(ValueError, match="^timeout must be a non-negative number of seconds"):

@@ -550,3 +550,31 @@ def test_replace_writes_a_device_that_exists_afresh(host: SimHost, guest: Domain
         assert tree(c, dev.backend_path) == {
             ".": "", "/frontend": dev.frontend_path, "/frontend-id": str(guest.domid),
             "/online": "1", "/state": "1"}
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "1"])
+def test_removal_refuses_a_timeout_that_is_no_time(
+    host: SimHost, guest: Domain, timeout: float
+) -> None:
+    # As destroy_domain: not a removal forced at once, nor a TypeError.
+    dev = host.toolstack.add_device("vif", guest.domid)
+    for remove in (lambda: host.toolstack.remove_device(dev, timeout),
+                   lambda: host.toolstack.destroy_devices(guest.domid, timeout)):
+        with pytest.raises(ValueError, match="^timeout must be a non-negative number of seconds"):
+            remove()
+    assert host.toolstack.devices() == [dev]
+
+
+@pytest.mark.parametrize("domid", [-1, True, "1"])
+def test_devices_refuses_what_is_not_a_domain_id(host: SimHost, guest: Domain, domid: int) -> None:
+    host.toolstack.add_device("vif", guest.domid)
+    with pytest.raises(ValueError, match="^domid must be a domain id"):
+        host.toolstack.devices(domid)
+
+
+def test_remove_device_refuses_what_is_not_a_device(host: SimHost, guest: Domain) -> None:
+    dev = host.toolstack.add_device("vif", guest.domid)
+    for remove in (host.toolstack.remove_device, host.toolstack.destroy_device):
+        with pytest.raises(ValueError, match="^not a Device: 'vif'"):
+            remove("vif")  # type: ignore[operator]
+    assert host.toolstack.devices() == [dev]

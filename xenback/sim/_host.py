@@ -19,7 +19,7 @@ from xenback._closing import Closing
 
 from ._domain import Domain, run_dir_path
 from ._hypervisor import Hypervisor
-from ._toolstack import REMOVE_TIMEOUT, Toolstack
+from ._toolstack import REMOVE_TIMEOUT, Toolstack, check_timeout
 from ._xenstored import XenStored
 
 logger = logging.getLogger(__name__)
@@ -328,8 +328,7 @@ class SimHost(Closing):
             raise ValueError(f"invalid domain {domain!r} (a Domain or a domain id)")
         if domid == 0:
             raise ValueError("dom0 cannot be destroyed")
-        if not timeout >= 0:
-            raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
+        check_timeout(timeout)
         with self._lock:
             self._check_running()
             if isinstance(domain, Domain) and domain.run_dir != self._run_dir:

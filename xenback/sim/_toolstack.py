@@ -108,6 +108,18 @@ def _check_domid(what: str, value: int) -> None:
         raise ValueError(f"{what} must be a domain id, not {value!r}")
 
 
+def check_timeout(timeout: float) -> None:
+    """ValueError unless ``timeout`` is a number of seconds, 0 or more
+    (NaN, never past, would make a wait for a backend endless)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+        raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
+
+
+def _check_device(device: Device) -> None:
+    if not isinstance(device, Device):
+        raise ValueError(f"not a Device: {device!r}")
+
+
 class Toolstack(Closing):
     """Creates and removes devices the way libxl does; acts as dom0.
 
@@ -229,6 +241,8 @@ class Toolstack(Closing):
     def remove_device(self, device: Device, timeout: float = REMOVE_TIMEOUT) -> bool:
         """Remove ``device`` as libxl does; returns False if the backend did
         not reach Closed within ``timeout`` seconds (it is removed anyway)."""
+        _check_device(device)
+        check_timeout(timeout)
         return not self._remove([device], timeout)
 
     def destroy_devices(self, domid: int, timeout: float = REMOVE_TIMEOUT) -> list[Device]:
@@ -238,6 +252,7 @@ class Toolstack(Closing):
         seconds in all, and removed.  Returns the devices whose backend did
         not close in time (removed anyway)."""
         _check_domid("domid", domid)
+        check_timeout(timeout)
         devices = [d for d in self.devices(domid) if d.backend_id != domid]
         for dev in devices:
             self.transaction(functools.partial(_prune, path=dev.frontend_path))
@@ -246,6 +261,7 @@ class Toolstack(Closing):
     def destroy_device(self, device: Device) -> None:
         """Delete a device's directories at once, without asking its backend
         (libxl__device_destroy: the end of a removal, or a forced one)."""
+        _check_device(device)
 
         def body(c: pyxs.Client) -> None:
             for path in (device.frontend_path, device.libxl_path, device.backend_path):
@@ -284,6 +300,8 @@ class Toolstack(Closing):
 
     def devices(self, domid: int | None = None) -> list[Device]:
         """Devices libxl knows of, for frontend ``domid`` or all."""
+        if domid is not None:
+            _check_domid("domid", domid)
         out = []
         with self._client() as c:
             fes = [domid] if domid is not None else [int(d) for d in _list(c, b"/libxl")]
