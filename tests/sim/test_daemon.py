@@ -357,3 +357,28 @@ def test_a_run_dir_left_by_a_killed_daemon_is_reused_and_left_clean(tmp_path: Pa
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0
     assert list(run_dir.rglob("*")) == []
+
+
+def test_a_closed_stdout_stops_it_cleanly_saying_why(tmp_path: Path) -> None:
+    # Nobody will read the ready lines (the reader is gone): exit 1 and
+    # a word on stderr, no traceback, nothing left in the run dir.
+    run_dir = tmp_path / "run"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xenback.sim", "--run-dir", str(run_dir), "--domain", "g"],
+            stdout=w, stderr=subprocess.PIPE, text=True,
+        )
+    finally:
+        os.close(w)
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert err.startswith("xenback-sim: cannot write to stdout: ")
+    assert not run_dir.exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -38,8 +39,8 @@ def _domain_name(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xenback-sim`` console script; returns the exit
-    status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start, 2 for a
-    bad ``--domain``)."""
+    status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start or
+    stdout cannot be written, 2 for a bad ``--domain``)."""
     parser = argparse.ArgumentParser(
         prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
     )
@@ -77,7 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.domain:
             domain = host.create_domain(name)
             lines.append(f"DOMAIN {domain.name} {domain.domid}")
-        print("\n".join(lines), flush=True)
+        try:
+            print("\n".join(lines), flush=True)
+        except OSError as e:
+            # Whoever was to read the ready lines is gone (EPIPE): nobody
+            # will use this host.  Nor can Python flush stdout at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            print(f"xenback-sim: cannot write to stdout: {e.strerror or e}", file=sys.stderr)
+            return 1
         sig = signal.sigwait(stop_signals)
         logger.info("%s: shutting down", signal.Signals(sig).name)
     except ValueError as e:
