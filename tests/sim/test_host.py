@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import pyxs
-from hosthelpers import wait_pending
-from racewindow import TIMEOUT
+from hosthelpers import eventually, wait_pending
+from racewindow import TIMEOUT, stands_at
 from stolensignal import Interrupted
 
 from xenback.platform import Platform, PlatformError
-from xenback.sim import Domain, SimHost, attach, create_domain
+from xenback.sim import Domain, SimHost, Toolstack, attach, create_domain
 
 
 def open_fds() -> set[int]:
@@ -692,3 +692,37 @@ def test_a_run_dir_in_use_is_refused_and_left_alone(tmp_path: Path) -> None:
         assert attach(live.run_dir, guest.domid) == guest
         with guest.evtchn() as ch:
             ch.bind_unbound_port(0)
+
+
+def test_a_destroy_waiting_for_a_backend_ends_with_the_host() -> None:
+    """close() while destroy_domain waits for a backend that never closes:
+    the domain went down with the host, so the destroy returns at once
+    instead of waiting out its timeout and failing on a lost XenStore."""
+    host = SimHost()
+    host.start()
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("vif", guest.domid)
+    outcome: list[BaseException | None] = []
+
+    def destroy() -> None:
+        try:
+            host.destroy_domain(guest, timeout=10 * TIMEOUT)
+        except BaseException as e:
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    with host.dom0.xenstore() as c:
+        monitor = c.monitor()
+        monitor.watch(f"{dev.backend_path}/state".encode(), b"t")
+        destroyer = threading.Thread(target=destroy)
+        destroyer.start()
+        deadline = time.monotonic() + TIMEOUT
+        while c.read(f"{dev.backend_path}/state".encode()) != b"5":  # asked to close
+            monitor.events.get(timeout=max(0.0, deadline - time.monotonic()))
+    # Waiting for an event, not about to connect (that would fail at once).
+    assert eventually(lambda: stands_at(destroyer.ident, Toolstack._wait_closed, "events.get("))
+    host.close()
+    destroyer.join(TIMEOUT)
+    assert not destroyer.is_alive()
+    assert outcome == [None]

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import pyxs
 from highfds import descriptors_past_fd_setsize
-from hosthelpers import hang_up_after_one_request
+from hosthelpers import eventually, hang_up_after_one_request
+from racewindow import TIMEOUT, stands_at
 from stolensignal import interrupt, main_thread_in, main_thread_within
 
 from xenback import XenStore
@@ -578,3 +579,34 @@ def test_remove_device_refuses_what_is_not_a_device(host: SimHost, guest: Domain
         with pytest.raises(ValueError, match="^not a Device: 'vif'"):
             remove("vif")  # type: ignore[operator]
     assert host.toolstack.devices() == [dev]
+
+
+def test_a_removal_waiting_for_a_backend_fails_at_once_when_xenstore_goes() -> None:
+    host = SimHost()
+    host.start()
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("vif", guest.domid)
+    outcome: list[BaseException] = []
+
+    def remove() -> None:
+        try:
+            host.toolstack.remove_device(dev, timeout=600)
+        except BaseException as e:
+            outcome.append(e)
+
+    state = f"{dev.backend_path}/state".encode()
+    with host.dom0.xenstore() as c:
+        monitor = c.monitor()
+        monitor.watch(state, b"t")
+        remover = threading.Thread(target=remove)
+        remover.start()
+        while c.read(state) != b"5":  # asked to close
+            monitor.events.get(timeout=TIMEOUT)
+    # Waiting for an event, not about to connect (that would fail at once).
+    assert eventually(lambda: stands_at(remover.ident, Toolstack._wait_closed, "events.get("))
+    host.close()
+    remover.join(TIMEOUT)
+    assert not remover.is_alive()
+    (error,) = outcome
+    assert isinstance(error, pyxs.ConnectionError)
+    assert f"XenStore went away while waiting for {dev.backend_path}/state" in str(error)

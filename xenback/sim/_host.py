@@ -343,11 +343,19 @@ class SimHost(Closing):
             # its backends, which is done without _lock.
             del self._domains[domid]
         try:
-            for dev in self.toolstack.devices():
-                if dev.backend_id == domid:
-                    self.toolstack.destroy_device(dev)
-            self.toolstack.destroy_devices(domid, timeout)
-            self._forget_home(domid)
+            try:
+                for dev in self.toolstack.devices():
+                    if dev.backend_id == domid:
+                        self.toolstack.destroy_device(dev)
+                self.toolstack.destroy_devices(domid, timeout)
+                self._forget_home(domid)
+            except Exception as e:
+                with self._lock:
+                    if self._state == "running":
+                        raise
+                # XenStore went away under the toolstack: the host closed
+                # meanwhile, and took the domain down with it.
+                logger.debug("domain %d went down with the host: %s", domid, e)
         finally:
             with self._lock:
                 # A host closed meanwhile took the domain down with it.

@@ -132,13 +132,15 @@ class Toolstack(Closing):
         self._xenstore_path = os.fspath(xenstore_path)
 
     @contextmanager
-    def _client(self) -> Iterator[pyxs.Client]:
+    def _client(
+        self, on_lost: Callable[[Exception], None] | None = None
+    ) -> Iterator[pyxs.Client]:
         client = pyxs.Client(unix_socket_path=self._xenstore_path)
         # Should XenStore go away (the host closing under us), requests
         # waiting for replies fail with ENOTCONN instead of waiting forever.
         client.router.thread = threading.Thread(
-            target=route_until_lost, args=(client.router, _lost), name="toolstack-xenstore",
-            daemon=True,
+            target=route_until_lost, args=(client.router, on_lost or _lost),
+            name="toolstack-xenstore", daemon=True,
         )
         client.connect()
         try:
@@ -320,8 +322,17 @@ class Toolstack(Closing):
 
     @contextmanager
     def _watch(self, paths: list[bytes]) -> Iterator[queue.Queue[Any]]:
-        with self._client() as client:
+        events: queue.Queue[Any] | None = None
+
+        def lost(exc: Exception) -> None:
+            # No event will come any more: wake the wait to say so.
+            _lost(exc)
+            if events is not None:
+                events.put(_LOST)
+
+        with self._client(lost) as client:
             monitor = client.monitor()
+            events = monitor.events
             for path in paths:
                 monitor.watch(path, b"toolstack")
             yield monitor.events
@@ -340,9 +351,18 @@ class Toolstack(Closing):
                 try:
                     # In slices, for a signal's handler (see wait_slice);
                     # an empty slice only costs one more read.
-                    events.get(timeout=wait_slice(remaining))
+                    event = events.get(timeout=wait_slice(remaining))
                 except queue.Empty:
-                    pass
+                    continue
+                if event is _LOST:
+                    events.put(_LOST)  # for the waits on the other devices
+                    raise pyxs.ConnectionError(
+                        f"XenStore went away while waiting for {path.decode()} to read Closed"
+                    )
+
+
+#: Put in a watch's event queue when its connection is lost.
+_LOST = object()
 
 
 def _lost(exc: Exception) -> None:
