@@ -726,3 +726,19 @@ def test_a_destroy_waiting_for_a_backend_ends_with_the_host() -> None:
     destroyer.join(TIMEOUT)
     assert not destroyer.is_alive()
     assert outcome == [None]
+
+
+@pytest.mark.parametrize("domid", ["1", 1.0, True, None])
+def test_domain_refuses_what_is_not_a_domain_id(host: SimHost, domid: object) -> None:
+    # Not "no domain 1" while domain 1 lives, nor domain 1 for True.
+    host.create_domain("guest")
+    with pytest.raises(ValueError, match="^invalid domain id"):
+        host.domain(domid)  # type: ignore[arg-type]
+
+
+def test_a_host_not_started_says_so() -> None:
+    host = SimHost()
+    for call in (lambda: host.dom0, lambda: host.create_domain("g"),
+                 lambda: host.destroy_domain(1)):
+        with pytest.raises(RuntimeError, match=r"^SimHost is not started \(start\(\) or with\)"):
+            call()

@@ -258,6 +258,9 @@ class SimHost(Closing):
 
     def domain(self, domid: int) -> Domain:
         """The live domain ``domid``; :class:`LookupError` if there is none."""
+        if type(domid) is not int:
+            # Not isinstance: True and 1.0 hash as 1 and would find domain 1.
+            raise ValueError(f"invalid domain id {domid!r}")
         with self._lock:
             try:
                 return self._domains[domid]
@@ -414,7 +417,8 @@ class SimHost(Closing):
 
     def _check_running(self) -> None:
         if self._state != "running" and not (self._state == "starting" and 0 in self._domains):
-            raise RuntimeError(f"SimHost is {self._state}")
+            state = "not started (start() or with)" if self._state == "new" else self._state
+            raise RuntimeError(f"SimHost is {state}")
 
     def _forget_home(self, domid: int) -> None:
         def body(c: pyxs.Client) -> None:
