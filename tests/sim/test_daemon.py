@@ -382,3 +382,22 @@ def test_a_closed_stdout_stops_it_cleanly_saying_why(tmp_path: Path) -> None:
     assert "Traceback" not in err and "Exception ignored" not in err
     assert err.startswith("xenback-sim: cannot write to stdout: ")
     assert not run_dir.exists()
+
+
+def test_a_domain_the_host_cannot_create_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    # Room in the socket paths for domids 0..9, not for 10: the tenth
+    # guest's hypervisor socket path is one byte too long.
+    longest = len("/domains/10/hypervisor")
+    pad = 107 - longest + 1 - len(str(tmp_path)) - 1
+    if pad < 1:
+        pytest.skip(f"{tmp_path} is too long for this test")
+    run_dir = tmp_path / ("r" * pad)
+    args = [arg for i in range(1, 11) for arg in ("--domain", f"g{i}")]
+    proc = start(run_dir, *args)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    assert err.startswith("xenback-sim: cannot create domain 'g10': ")
+    assert "AF_UNIX path too long" in err
+    assert out == ""
+    assert not run_dir.exists()

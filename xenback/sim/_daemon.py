@@ -39,8 +39,9 @@ def _domain_name(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xenback-sim`` console script; returns the exit
-    status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start or
-    stdout cannot be written, 2 for a bad ``--domain``)."""
+    status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start,
+    cannot create a ``--domain`` or cannot write to stdout, 2 for a bad
+    ``--domain``)."""
     parser = argparse.ArgumentParser(
         prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
     )
@@ -76,7 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         lines = [f"XENSTORED_PATH={host.xenstore_path}"]
         for name in args.domain:
-            domain = host.create_domain(name)
+            try:
+                domain = host.create_domain(name)
+            except OSError as e:  # no domid left, a socket path too long...
+                print(f"xenback-sim: cannot create domain {name!r}: {e.strerror or e}",
+                      file=sys.stderr)
+                return 1
             lines.append(f"DOMAIN {domain.name} {domain.domid}")
         try:
             print("\n".join(lines), flush=True)
