@@ -742,3 +742,11 @@ def test_a_host_not_started_says_so() -> None:
                  lambda: host.destroy_domain(1)):
         with pytest.raises(RuntimeError, match=r"^SimHost is not started \(start\(\) or with\)"):
             call()
+
+
+def test_destroy_takes_its_domain_joined_through_a_symlink(tmp_path: Path) -> None:
+    with SimHost(tmp_path / "run") as host:
+        guest = host.create_domain("guest")
+        (tmp_path / "link").symlink_to(tmp_path / "run")
+        host.destroy_domain(attach(tmp_path / "link", guest.domid))
+        assert host.domains() == [host.dom0]

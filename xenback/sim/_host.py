@@ -52,6 +52,16 @@ def check_domain_name(name: str) -> str:
     return name
 
 
+def _same_dir(a: Path, b: Path | None) -> bool:
+    """Whether ``a`` and ``b`` name one directory (a symlink may name it too)."""
+    if b is None:
+        return False
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _remove_stale_sockets(run_dir: Path) -> None:
     """Remove the domain sockets a host killed in ``run_dir`` left behind.
 
@@ -334,7 +344,7 @@ class SimHost(Closing):
         check_timeout(timeout)
         with self._lock:
             self._check_running()
-            if isinstance(domain, Domain) and domain.run_dir != self._run_dir:
+            if isinstance(domain, Domain) and not _same_dir(domain.run_dir, self._run_dir):
                 # Another host's Domain has a domid too, perhaps one of ours.
                 raise ValueError(
                     f"{domain!r} is not a domain of the host in {self._run_dir}"
