@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -862,3 +863,60 @@ def test_a_long_chain_of_dead_handles_is_closed_without_recursion(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     for guest in guests:
         host.destroy_domain(guest)
+
+
+def test_a_dead_domain_cannot_fire_its_former_peer(host: SimHost) -> None:
+    """Its process may live on with the handle: the write end it holds of
+    the peer's pipe must not reach the peer's port any more (Xen runs no
+    dead domain), though the port stays bound until its owner unbinds it."""
+    guest = host.create_domain("doomed")
+    e1 = guest.evtchn()
+    with host.dom0.evtchn() as e0:
+        p1 = e1.bind_unbound_port(0)
+        p0 = e0.bind_interdomain(guest.domid, p1)
+        host.destroy_domain(guest)
+        assert wait_pending(e0) == p0
+        assert e0.remote(p0) is None
+        e0.unmask(p0)
+        e1.notify(p1)
+        assert e0.pending() is None  # a byte written to its pipe would be there now
+    e1.close()
+
+
+def test_a_write_end_kept_past_an_unbind_fires_nothing(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    """A hostile guest keeps a copy of its peer's write end and unbinds:
+    the copy must not fire the peer's port, which is unbound now."""
+    e0, p0, e1, p1 = pair
+    assert e1.remote(p1) == (0, p0)  # it has heard of its peer: it holds a write end
+    kept = os.dup(e1._ports[p1].peer_fd)  # type: ignore[arg-type]
+    try:
+        e1.unbind(p1)
+        assert wait_pending(e0) == p0
+        assert e0.remote(p0) is None
+        e0.unmask(p0)
+        try:
+            os.write(kept, b"\x00")
+        except BrokenPipeError:
+            pass  # nobody reads that pipe any more: as good
+        assert e0.pending() is None  # a byte written to its pipe would be there now
+    finally:
+        os.close(kept)
+
+
+def test_a_port_set_aside_while_masked_keeps_its_event_across_a_new_pipe(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    e0, p0, e1, p1 = pair
+    e1.notify(p1)
+    assert wait_pending(e0) == p0  # masked now
+    e1.notify(p1)
+    assert e0.pending() is None  # notified while masked: set aside
+    e1.unbind(p1)  # p0 reads from a new pipe from the next news on
+    assert e0.remote(p0) is None
+    assert e0.pending() is None  # still masked
+    e0.unmask(p0)
+    assert wait_pending(e0) == p0
+    e0.unmask(p0)
+    assert e0.pending() is None

@@ -517,6 +517,27 @@ class EventChannel(Closing):
 
     # -- messages pushed by the service --------------------------------------
 
+    def _new_pipe(self, lp: _LocalPort, rfd: int) -> None:
+        """Read ``lp``'s events from ``rfd`` from now on (under _lock).
+
+        The service gave the port a new pipe as its peer went: whoever
+        kept a write end of the old one can fire it no more.  The service
+        fired the new one, so nothing that was pending is lost.
+        """
+        old = lp.rfd
+        if not lp.ignored:
+            self._epoll.unregister(old)
+        del self._by_fd[old]
+        os.close(old)
+        os.set_blocking(rfd, False)
+        lp.rfd = rfd
+        self._by_fd[rfd] = lp
+        lp.dead = False
+        if lp.ignored and lp.masked:
+            return  # set aside until unmask, which watches the new pipe
+        lp.ignored = False
+        self._epoll.register(rfd, _WATCH)
+
     def _on_push(self, msg: Message, fds: list[int]) -> None:
         event, port = msg.get("event"), msg.get("port")
         with self._lock:
@@ -528,6 +549,9 @@ class EventChannel(Closing):
                 else:
                     logger.warning("evtchn: message for unknown port: %r", msg)
                 return
+            rfd = msg.get("rfd")
+            if type(rfd) is int and 0 <= rfd < len(fds):
+                self._new_pipe(lp, fds.pop(rfd))
             if lp.peer_fd is not None:
                 os.close(lp.peer_fd)
                 lp.peer_fd = None

@@ -23,7 +23,10 @@ connected, the peer handle gets a write end of its own and notifies by
 writing one byte without involving the service.  Every party gets its own
 open file description, so nobody can change another's O_NONBLOCK and make
 it block.  Connecting, unbinding and domain death go through the service,
-which tells the other end with a pushed message and fires its port.
+which tells the other end with a pushed message and fires its port.  A port
+whose peer went gets a new pipe (its read end comes with that message): a
+write end of the old one, kept by a dead or hostile domain's process, fires
+nothing any more.
 """
 
 from __future__ import annotations
@@ -184,6 +187,9 @@ class _Port:
     wfd: int  # the service's write end of the port's pipe: a byte fires the port
     remote_domid: int
     remote: _Port | None = None  # the connected peer, None while unbound
+    # The read end of a new pipe (wfd's) not yet sent to the owner: made
+    # when the peer went, so that write ends the peer kept fire nothing.
+    fresh_r: int | None = None
 
 
 @dataclass(eq=False)
@@ -583,11 +589,22 @@ class Hypervisor:
         self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
 
     def _send_state(self, port: _Port, peer_w: int | None) -> None:
-        """Send ``port``'s owner whether and to what it is connected."""
+        """Send ``port``'s owner whether and to what it is connected, and
+        the read end of its new pipe if it has one (``"rfd"``: its index)."""
+        fresh = port.fresh_r
+        if self._send_news(port, peer_w, fresh) and fresh is not None:
+            port.fresh_r = None
+            os.close(fresh)
+
+    def _send_news(self, port: _Port, peer_w: int | None, fresh: int | None) -> bool:
+        """False if nothing was sent: ``fresh`` waits for the next news."""
         peer = port.remote
         if peer is None:
-            self._send(port.owner, {"event": "unbound", "port": port.port})
-            return
+            msg: Message = {"event": "unbound", "port": port.port}
+            if fresh is not None:
+                msg["rfd"] = 0
+            self._send(port.owner, msg, [] if fresh is None else [fresh])
+            return True
         own = None
         if peer_w is None:
             try:
@@ -596,18 +613,18 @@ class Hypervisor:
                 # Out of descriptors: the owner cannot notify the peer, as
                 # if it had not bound; the peer's notifications still arrive.
                 self._warn_fds("news of port %d of domain %d lost: %s", port.port, port.domid, e)
-                return
+                return False
             if peer_w is None:
-                return  # the peer is going away: its unbind will be news
+                return False  # the peer is going away: its unbind will be news
+        msg = {"event": "bound", "port": port.port, "domid": peer.domid, "remote_port": peer.port}
+        if fresh is not None:
+            msg["rfd"] = 1
         try:
-            self._send(
-                port.owner,
-                {"event": "bound", "port": port.port, "domid": peer.domid, "remote_port": peer.port},
-                [peer_w],
-            )
+            self._send(port.owner, msg, [peer_w] if fresh is None else [peer_w, fresh])
         finally:
             if own is not None:
                 os.close(own)
+        return True
 
     def _reap(self) -> None:
         # A loop, not a recursion: closing one handle can doom the next one
@@ -887,15 +904,34 @@ class Hypervisor:
             # Xen semantics: the peer's port becomes unbound, waiting for
             # this domain again.  Fire it so that its owner notices.
             peer.remote = None
+            self._renew_pipe(peer)
             self._push(peer)
             _fire(peer.wfd)
         self._free_port(port)
+
+    def _renew_pipe(self, port: _Port) -> None:
+        """Give ``port`` a new pipe: its peer's process (dead, or hostile)
+        may keep a write end of the old one, and must not fire it any more.
+        The owner gets the new read end with its next news of the port."""
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            self._warn_fds("port %d of domain %d keeps its pipe: %s", port.port, port.domid, e)
+            return
+        os.close(port.wfd)
+        port.wfd = w
+        if port.fresh_r is not None:
+            os.close(port.fresh_r)  # never sent: the owner still reads the old one
+        port.fresh_r = r
 
     def _free_port(self, port: _Port) -> None:
         """Forget an unconnected ``port`` and close the service's write end."""
         del port.owner.domain.ports[port.port]
         port.owner.ports.discard(port)
         os.close(port.wfd)
+        if port.fresh_r is not None:
+            os.close(port.fresh_r)
+            port.fresh_r = None
 
     # -- domain control (dom0 only) ------------------------------------------
 

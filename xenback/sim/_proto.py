@@ -30,7 +30,10 @@ domain_destroy (dom0)      domid                           -
 =========================  ==============================  ==========================
 
 Pushed: ``{"event": "bound", "port", "domid", "remote_port"}`` with the
-peer's write end, and ``{"event": "unbound", "port"}``.
+peer's write end, and ``{"event": "unbound", "port"}``.  Either may carry
+``"rfd"``, the index of a descriptor that is the port's new read end: the
+service gives a port a new pipe when its peer goes, so that write ends of
+the old one kept by the peer's process fire nothing.
 """
 
 from __future__ import annotations
