@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pyxs
@@ -750,3 +751,33 @@ def test_destroy_takes_its_domain_joined_through_a_symlink(tmp_path: Path) -> No
         (tmp_path / "link").symlink_to(tmp_path / "run")
         host.destroy_domain(attach(tmp_path / "link", guest.domid))
         assert host.domains() == [host.dom0]
+
+
+def test_stats_count_a_handle_the_service_has_not_accepted_yet(host: SimHost) -> None:
+    # Opening a handle is a connect(), which returns once the connection is
+    # in the listener's backlog, before the service accepts it.  Leak checks
+    # take stats() and the process's descriptors right after opening
+    # handles: a handle accepted later looked like a descriptor leaked.
+    hv = host.hypervisor
+    select = hv._selector.select
+    paused, resume = threading.Event(), threading.Event()
+
+    def stalled_select(timeout: float | None = None) -> list[Any]:
+        paused.set()
+        assert resume.wait(TIMEOUT)
+        return select(timeout)
+
+    before = hv.stats()["connections"]
+    hv._selector.select = stalled_select  # type: ignore[method-assign]
+    try:
+        os.write(hv._wake_w, b"x")  # out of the select() it is in
+        assert paused.wait(TIMEOUT)
+        with host.dom0.evtchn():
+            fds = open_fds()
+            assert hv.stats()["connections"] == before + 1
+            # Its service end exists by now, not later.
+            assert open_fds() - fds
+    finally:
+        hv._selector.select = select  # type: ignore[method-assign]
+        resume.set()
+    assert eventually(lambda: hv.stats()["connections"] == before)
