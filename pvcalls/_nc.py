@@ -8,6 +8,8 @@ input and output through one PV Calls connection::
     echo hello | pvcalls-nc --run-dir DIR --domid 1 127.0.0.1 8080
     pvcalls-nc --run-dir DIR --domid 1 -l 9000      # accept one connection
 
+Several may run as one guest at once: each adds a pvcalls device of its own.
+
 PV Calls cannot half-close a connection, so end of input is not passed on:
 the tool keeps printing what arrives until the other side closes, or, with
 ``-q SECS``, until nothing arrived for SECS seconds after end of input.  The
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import hashlib
 import logging
 import math
 import os
@@ -36,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 from .frontend import Frontend, PVSocket
@@ -48,6 +53,8 @@ _CHUNK = 64 * 1024
 _STATUS_SIGPIPE = 128 + signal.SIGPIPE
 #: Domain ids from here up are reserved (DOMID_FIRST_RESERVED): no guest has one.
 _DOMID_LIMIT = 0x7FF0
+#: How many pvcalls-nc may run as one guest at once (a device each).
+_MAX_DEVICES = 64
 
 
 def _is_decimal(text: str) -> bool:
@@ -393,6 +400,32 @@ def _linger(pump: _Pump, quit_after: float | None, wake_fd: int | None) -> None:
             return
 
 
+def _claim_devid(run_dir: Path, domid: int) -> tuple[socket.socket, int]:
+    """A pvcalls device id of guest ``domid`` that no other pvcalls-nc
+    uses, and the socket that holds it for as long as it is open.
+
+    Each pvcalls-nc needs a device of its own: the toolstack re-adds one
+    that is there, which takes it from under the pvcalls-nc using it (a
+    listener and a client as one guest, as two nc on one machine).  The
+    claim is a name in Linux's abstract socket namespace: taking it is
+    atomic, and it goes with its process, however that ends (a device
+    left behind by a killed pvcalls-nc is then simply added afresh).
+    """
+    host = hashlib.sha256(os.fsencode(os.path.realpath(run_dir))).hexdigest()[:32]
+    for devid in range(_MAX_DEVICES):
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            claim.bind(f"\0pvcalls-nc/{host}/{domid}/{devid}")
+        except OSError as exc:
+            claim.close()
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            raise _Failed(f"cannot claim a pvcalls device of domain {domid}: {exc}") from None
+        return claim, devid
+    raise _Failed(f"{_MAX_DEVICES} pvcalls-nc run as domain {domid} already: "
+                  "it has no pvcalls device left")
+
+
 def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout: BinaryIO,
         gate: _SignalGate | None = None) -> int:
     """Join the host, connect or accept, and pipe until the other side
@@ -403,9 +436,11 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
 
     gate = gate or _SignalGate()
     domain = attach(args.run_dir, args.domid)
+    claim, devid = _claim_devid(args.run_dir, args.domid)
     # Signals wait while Frontend() adds the device and does the handshake
     # (up to its 10 s timeout), and while it closes and removes the device.
-    with Frontend(domain) as fe, gate.opened(), fe.socket() as s:
+    # The claim is let go only once the device is gone.
+    with claim, Frontend(domain, devid=devid) as fe, gate.opened(), fe.socket() as s:
         s.settimeout(args.wait)
         if args.listen:
             with _at(host, port):

@@ -347,6 +347,49 @@ def test_listen_takes_one_connection(guest: Guest) -> None:
         reap(nc)
 
 
+def test_two_at_once_as_one_guest(guest: Guest) -> None:
+    # As two nc on one machine: a listener and a client that reaches it,
+    # both the same guest.  Each takes a device of its own; the second
+    # used to take the first's (the toolstack re-adds a device that is
+    # there), and the first died with "the PV Calls backend went away".
+    port = unused_port()
+    listener = guest.nc("-v", "-q", "0.5", "-l", "127.0.0.1", str(port))
+    client = None
+    try:
+        Lines(listener.stderr).wait_for("listening on")
+        client = guest.nc("-v", "127.0.0.1", str(port))
+        Lines(client.stderr).wait_for("connected to")
+        assert listener.stdin is not None and client.stdin is not None
+        assert listener.stdout is not None and client.stdout is not None
+        client.stdin.write(b"ping")
+        client.stdin.flush()
+        assert listener.stdout.read(4) == b"ping"
+        listener.stdin.write(b"pong")
+        listener.stdin.close()  # it quits 0.5 s later, closing the connection
+        assert client.stdout.read() == b"pong"
+        assert (listener.wait(TIMEOUT), client.wait(TIMEOUT)) == (0, 0)
+    finally:
+        reap(listener)
+        if client is not None:
+            reap(client)
+
+
+def test_a_device_id_is_claimed_until_let_go(tmp_path: Path) -> None:
+    first, devid = _nc._claim_devid(tmp_path, 1)
+    with first:
+        second, other = _nc._claim_devid(tmp_path, 1)
+        with second:
+            assert (devid, other) == (0, 1)
+            # Per host and per guest.
+            for run_dir, domid in ((tmp_path / "other", 1), (tmp_path, 2)):
+                third, free = _nc._claim_devid(run_dir, domid)
+                with third:
+                    assert free == 0
+    again, devid = _nc._claim_devid(tmp_path, 1)
+    with again:
+        assert devid == 0
+
+
 def test_closed_stdin_is_a_usage_error(tmp_path: Path) -> None:
     nc = subprocess.run(
         ["sh", "-c", 'exec "$@" <&-', "sh", *script("pvcalls-nc"),
