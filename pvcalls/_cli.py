@@ -438,6 +438,13 @@ def _page_order(text: str) -> int:
     return value
 
 
+def _policy_file(text: str) -> Path:
+    # Path("") is the current directory: an unset $POLICY would be read
+    # as ".", and told "Is a directory".
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(text)
+
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the sub-parsers by command (for their errors)."""
@@ -468,7 +475,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     s.add_argument("--platform", choices=["sim", "xen"], required=True,
                    help="sim: join a xenback-sim host; xen: a real dom0")
     s.add_argument("--run-dir", type=run_dir_argument, help="run directory of the xenback-sim host")
-    s.add_argument("--policy", type=Path, metavar="FILE",
+    s.add_argument("--policy", type=_policy_file, metavar="FILE",
                    help="TOML access policy (per-domain connect/bind rules, socket limits)")
     return p, {"demo": d, "serve": s}
 

@@ -93,6 +93,8 @@ def script(name: str) -> list[str]:
         # Path("") is the current directory: an unset $RUN_DIR would go there.
         (["serve", "--platform", "sim", "--run-dir", ""], "argument --run-dir: empty path"),
         (["serve", "--platform", "xen", "--run-dir", "/tmp"], "only applies to --platform sim"),
+        # As --run-dir: it was read as ".", "cannot read policy: Is a directory".
+        (["serve", "--platform", "xen", "--policy", ""], "argument --policy: empty path"),
         (["demo", "--max-ioworkers", "0"], "at least 1"),
         (["demo", "--max-ioworkers", "many"], "not a whole number"),
         # A negative number is a whole number: say what is wrong with it.
