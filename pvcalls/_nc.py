@@ -481,6 +481,11 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stderr is None:
+        # Descriptor 2 is closed (2>&-): messages go nowhere, rather than
+        # to stdout, into the data (print(file=None) writes there), or into
+        # whatever the frontend opens next, which would take number 2.
+        sys.stderr = open(os.devnull, "w")  # for the life of the process
     p = _parser()
     args = p.parse_args(argv)
     host, port = _parse_address(p, args)

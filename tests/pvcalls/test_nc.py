@@ -283,6 +283,31 @@ def test_refused_connection_names_the_address_once(guest: Guest) -> None:
     )
 
 
+def test_closed_stderr_keeps_messages_out_of_the_output(guest: Guest,
+                                                        server: socket.socket) -> None:
+    # With descriptor 2 closed, Python leaves sys.stderr None, and
+    # print(file=None) writes to stdout: the error message went into the
+    # data.  Without a place for messages, the exit status tells.
+    def nc_without_stderr(*args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["sh", "-c", 'exec "$@" 2>&-', "sh", *script("pvcalls-nc"),
+             "--run-dir", str(guest.run_dir), "--domid", str(guest.domid), *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+
+    refused = nc_without_stderr("-v", "127.0.0.1", str(unused_port()))
+    assert finish(refused)[:2] == (1, b"")
+    nc = nc_without_stderr("-v", *address(server))
+    try:
+        conn, _ = server.accept()
+    except BaseException:
+        reap(nc)
+        raise
+    with conn:
+        conn.sendall(b"only this")
+    assert finish(nc)[:2] == (0, b"only this")
+
+
 def test_accept_timeout_says_what_timed_out(guest: Guest) -> None:
     nc = guest.nc("-w", "0.1", "-l", "127.0.0.1", "0", stdin=subprocess.DEVNULL)
     status, _, err = finish(nc)
