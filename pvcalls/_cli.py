@@ -507,33 +507,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _Terminated(BaseException):
-    """SIGTERM during the demo, raised in the main thread like
+    """SIGTERM or SIGHUP during the demo, raised in the main thread like
     KeyboardInterrupt, so that its ``with`` blocks take the simulated host
     (and its run directory) down on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     def stop(signum: int, frame: Any) -> None:
-        # Once: a second SIGTERM or SIGINT (Ctrl-C pressed twice) raised in
-        # the with blocks' clean-up that the first started would cut it
-        # short, and leave the simulated host and its run directory.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        # Once: a second signal (Ctrl-C pressed twice) raised in the with
+        # blocks' clean-up that the first started would cut it short, and
+        # leave the simulated host and its run directory.
+        for taken in old:
+            signal.signal(taken, signal.SIG_IGN)
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated(signum)
 
-    old = signal.signal(signal.SIGTERM, stop)
-    old_int = signal.getsignal(signal.SIGINT)
-    if old_int is signal.default_int_handler:  # not if ignored (a background job)
-        signal.signal(signal.SIGINT, stop)
+    # SIGHUP (its terminal closed) as serve takes it.  SIGINT and SIGHUP
+    # not if ignored: a shell's background job, nohup.
+    old: dict[int, Any] = {}  # filled as taken: stop() may run at once
     try:
+        old[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            old[signal.SIGINT] = signal.signal(signal.SIGINT, stop)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            old[signal.SIGHUP] = signal.signal(signal.SIGHUP, stop)
         return demo(args)
     except KeyboardInterrupt:
         print("pvcalls-backend: demo interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    except _Terminated:
-        print("pvcalls-backend: demo terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except _Terminated as exc:
+        said = "hung up" if exc.signum == signal.SIGHUP else "terminated"
+        print(f"pvcalls-backend: demo {said}", file=sys.stderr)
+        return 128 + exc.signum
     finally:
-        signal.signal(signal.SIGTERM, old)
-        if old_int is not None:
-            signal.signal(signal.SIGINT, old_int)
+        for signum, handler in old.items():
+            if handler is not None:
+                signal.signal(signum, handler)

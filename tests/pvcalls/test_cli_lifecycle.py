@@ -73,6 +73,8 @@ import pvcalls._cli as cli
 # pytest started in the background (by a non-interactive shell) would pass
 # SIGINT on ignored, and the demo would never see it.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+# Nor SIGHUP under nohup.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 def stuck(fe, host, port):
     s = fe.socket()
@@ -117,6 +119,8 @@ _STUCK_DEMO_SIGNALLED_AS_IT_POLLS = _STUCK_DEMO.replace("    s.recv(1)", """
 _STOP_SIGNALS = pytest.mark.parametrize(("signum", "status", "said"), [
     (signal.SIGTERM, 143, "demo terminated"),
     (signal.SIGINT, 130, "demo interrupted"),
+    # Its terminal closed: it was killed, and left its run directory.
+    (signal.SIGHUP, 129, "demo hung up"),
 ])
 
 
@@ -168,28 +172,38 @@ def test_the_demo_in_the_background_ignores_sigint() -> None:
     run_signalled_demo(script, signal.SIGTERM, 143, "demo terminated", before=signal.SIGINT)
 
 
+def test_the_demo_in_the_background_ignores_sighup() -> None:
+    # As under nohup: SIGHUP is left ignored.
+    script = _STUCK_DEMO.replace("signal.signal(signal.SIGHUP, signal.SIG_DFL)",
+                                 "signal.signal(signal.SIGHUP, signal.SIG_IGN)")
+    run_signalled_demo(script, signal.SIGTERM, 143, "demo terminated", before=signal.SIGHUP)
+
+
 def test_the_demo_gives_back_the_signal_handlers_it_took(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import pvcalls._cli as cli
 
     during = []
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def demo(args: Any) -> int:
-        during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        during.append(tuple(signal.getsignal(signum) for signum in stops))
         return 0
 
     monkeypatch.setattr(cli, "demo", demo)
-    old_term, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    old = {signum: signal.getsignal(signum) for signum in stops}
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also in a background job
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # also under nohup
     try:
         assert main(["demo"]) == 0
-        after = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+        after = tuple(signal.getsignal(signum) for signum in stops)
     finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
-    [(term, interrupt)] = during
-    assert term is interrupt and term not in (old_term, signal.default_int_handler)
-    assert after == (old_term, signal.default_int_handler)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+    [(term, interrupt, hangup)] = during
+    assert term is interrupt is hangup
+    assert term not in (old[signal.SIGTERM], signal.default_int_handler, signal.SIG_DFL)
+    assert after == (old[signal.SIGTERM], signal.default_int_handler, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("broken", ["echo", "page"])
