@@ -506,6 +506,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
 
 
+class _OutputGone(BaseException):
+    """Whoever read the demo's output went away (``| head``).  Not an
+    OSError: the demo's own sockets fail with BrokenPipeError too, and
+    that is a demo gone wrong, told as such."""
+
+
+class _Output:
+    """The demo's standard output, raising :class:`_OutputGone` when its
+    reader went away."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            raise _OutputGone from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise _OutputGone from None
+
+
 class _Terminated(BaseException):
     """SIGTERM or SIGHUP during the demo, raised in the main thread like
     KeyboardInterrupt, so that its ``with`` blocks take the simulated host
@@ -534,7 +560,15 @@ def _run_demo(args: argparse.Namespace) -> int:
             old[signal.SIGINT] = signal.signal(signal.SIGINT, stop)
         if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
             old[signal.SIGHUP] = signal.signal(signal.SIGHUP, stop)
-        return demo(args)
+        return demo(args, None if sys.stdout is None else _Output(sys.stdout))
+    except _OutputGone:
+        # Quietly, with a shell's status for SIGPIPE, as pvcalls-nc.  What
+        # is left in stdout's buffer would fail again as Python exits, and
+        # say so: it goes nowhere instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         print("pvcalls-backend: demo interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -186,7 +186,7 @@ def test_the_demo_gives_back_the_signal_handlers_it_took(
     during = []
     stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def demo(args: Any) -> int:
+    def demo(args: Any, out: Any = None) -> int:
         during.append(tuple(signal.getsignal(signum) for signum in stops))
         return 0
 
@@ -204,6 +204,41 @@ def test_the_demo_gives_back_the_signal_handlers_it_took(
     assert term is interrupt is hangup
     assert term not in (old[signal.SIGTERM], signal.default_int_handler, signal.SIG_DFL)
     assert after == (old[signal.SIGTERM], signal.default_int_handler, signal.SIG_DFL)
+
+
+def test_the_demo_whose_reader_went_away_ends_quietly(tmp_path: Path) -> None:
+    # As `pvcalls-backend demo | head -1`: it used to end in a
+    # BrokenPipeError traceback, status 1.  Now as a tool killed by
+    # SIGPIPE, but with its simulated host taken down.
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        # Its run directory is made in TMPDIR.
+        proc = subprocess.Popen([*script("pvcalls-backend"), "demo"], stdout=w,
+                                stderr=subprocess.PIPE,
+                                env={**FAULTHANDLER_ENV, "TMPDIR": str(tmp_path)})
+    finally:
+        os.close(w)
+    try:
+        returncode = proc.wait(TIMEOUT)
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+    finally:
+        reap(proc)
+    assert (returncode, err) == (141, "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_demo_failing_on_a_socket_is_not_taken_for_a_broken_stdout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pvcalls._cli as cli
+
+    def demo(args: Any, out: Any = None) -> int:
+        raise BrokenPipeError(32, "Broken pipe")  # a socket's, as sendall's
+
+    monkeypatch.setattr(cli, "demo", demo)
+    with pytest.raises(BrokenPipeError):
+        main(["demo"])
 
 
 @pytest.mark.parametrize("broken", ["echo", "page"])
