@@ -435,6 +435,12 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
     from xenback.sim import attach
 
     gate = gate or _SignalGate()
+    # As serve says it: attach() would say there is no such domain on a
+    # host in that directory, as if the host were there.
+    if not args.run_dir.is_dir():
+        raise _Failed(f"--run-dir {args.run_dir}: " + (
+            "not a directory" if args.run_dir.exists()
+            else "no such directory (is xenback-sim running?)"))
     domain = attach(args.run_dir, args.domid)
     claim, devid = _claim_devid(args.run_dir, args.domid)
     # Signals wait while Frontend() adds the device and does the handshake

@@ -459,3 +459,21 @@ def test_nc_without_host_fails_clearly(tmp_path: Path) -> None:
     )
     assert nc.returncode == 1
     assert b"pvcalls-nc:" in nc.stderr and b"Traceback" not in nc.stderr
+
+
+@pytest.mark.parametrize(("make", "said"), [
+    (False, "no such directory (is xenback-sim running?)"),
+    (True, "not a directory"),
+])
+def test_nc_on_a_run_dir_that_is_none_says_so(tmp_path: Path, make: bool, said: str) -> None:
+    # As serve says it.  It used to be "no domain 1 on a simulated host in
+    # DIR (DIR/domains/1/hypervisor: ...)": as if the host were there.
+    run_dir = tmp_path / "run"
+    if make:
+        run_dir.touch()
+    nc = subprocess.run(
+        [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", "1", "127.0.0.1", "80"],
+        input=b"", capture_output=True, timeout=TIMEOUT,
+    )
+    assert (nc.returncode, nc.stderr.decode()) == (
+        1, f"pvcalls-nc: --run-dir {run_dir}: {said}\n")
