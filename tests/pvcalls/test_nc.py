@@ -415,6 +415,14 @@ def test_a_device_id_is_claimed_until_let_go(tmp_path: Path) -> None:
         assert devid == 0
 
 
+def test_no_device_id_left_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_nc, "_MAX_DEVICES", 1)
+    claim, _ = _nc._claim_devid(tmp_path, 1)
+    with claim, pytest.raises(_nc._Failed) as info:
+        _nc._claim_devid(tmp_path, 1)
+    assert info.value.message == "1 pvcalls-nc run as domain 1 already: it has no pvcalls device left"
+
+
 def test_closed_stdin_is_a_usage_error(tmp_path: Path) -> None:
     nc = subprocess.run(
         ["sh", "-c", 'exec "$@" <&-', "sh", *script("pvcalls-nc"),
