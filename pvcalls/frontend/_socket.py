@@ -19,7 +19,6 @@ from xenback.ring import RingError, mb, rmb
 
 from .. import _errno
 from .._wire import (
-    IN_CONS_OFFSET,
     PVCALLS_ACCEPT,
     PVCALLS_BIND,
     PVCALLS_CONNECT,
@@ -29,7 +28,7 @@ from .._wire import (
     ffi,
     pack_sockaddr_in,
 )
-from ._common import RECV, SEND, U32, Deadline, Slot, bad_fd, host_error, resolve, timeout_value
+from ._common import RECV, SEND, Deadline, Slot, bad_fd, host_error, resolve, timeout_value
 from ._ring import DataRing
 
 if TYPE_CHECKING:
@@ -999,8 +998,10 @@ class PVSocket(Closing):
                 # there is (Linux's __read_ring does the same).
                 err = ring.in_error()
                 rmb()
-                cons = U32.unpack_from(ring.indexes, IN_CONS_OFFSET)[0]
                 parts = _checked(ring.inq.readable)
+                # The index readable() read and the consume starts from:
+                # the word on the page is the backend's to overwrite.
+                cons = ring.inq.position
                 if peek:
                     if parts and (err or sum(map(len, parts)) >= want):
                         return _copy_out(parts, dst, nbytes)

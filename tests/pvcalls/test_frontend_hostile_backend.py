@@ -50,7 +50,7 @@ from pvcalls._wire import (
 )
 from xenback import _wire as _xb_wire
 from xenback.platform import GrantMapping
-from xenback.ring import BackRing
+from xenback.ring import BackRing, FlexRing
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
 
@@ -612,6 +612,29 @@ def test_broken_in_indexes_fail_recv_with_eproto(
     assert err.errno == errno.EPROTO, err
     assert "broke the data ring" in str(err)
     assert buf == b"-" * 64
+    s.close()
+
+
+def test_whether_the_in_ring_was_full_is_judged_by_the_index_consumed_from(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recv() reads in_cons from the page once: the index it consumes from
+    also decides whether the ring was full (and the backend waits for a
+    notify), however the backend rewrites the word meanwhile."""
+    s, ring = connected(fe, fake)
+    ring.produce(bytes(ring.size))  # full
+    inq = s._st.ring.inq
+    readable = FlexRing.readable
+
+    def backend_stores_then_readable(self: FlexRing) -> tuple[memoryview, ...]:
+        if self is inq:
+            ring.put(IN_CONS_OFFSET, 1)  # the backend, on another CPU: "one byte was read"
+        return readable(self)
+
+    notified: list[int] = []
+    monkeypatch.setattr(FlexRing, "readable", backend_stores_then_readable)
+    monkeypatch.setattr(s._st.ring, "notify", lambda: notified.append(1))
+    assert len(s.recv(ring.size)) == ring.size - 1
+    assert notified == []  # the ring it read from held size - 1 bytes: not full
     s.close()
 
 
