@@ -453,24 +453,36 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     from ._backend import DEFAULT_MAX_IOWORKERS
     from ._wire import DEFAULT_MAX_PAGE_ORDER
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS,
-                        help="logging threshold (default: WARNING, which also shows "
-                             "what serve's SIGUSR1 logs)")
-    common.add_argument("--max-ioworkers", type=_positive_int, default=DEFAULT_MAX_IOWORKERS,
-                        metavar="N", help=f"at most N ioworker CPUs (default: {DEFAULT_MAX_IOWORKERS})")
-    common.add_argument("--max-page-order", type=_page_order, default=DEFAULT_MAX_PAGE_ORDER,
-                        metavar="ORDER", help="largest data ring a frontend may use, "
-                        f"2**ORDER pages (default: {DEFAULT_MAX_PAGE_ORDER}; Linux needs 4)")
+    def common(parser: argparse.ArgumentParser, *, defaults: bool) -> argparse.ArgumentParser:
+        # The options common to the commands go before the command or
+        # after it.  The sub-parsers' copies default to nothing: argparse
+        # sets what a sub-parser's namespace holds over what was parsed
+        # before it, so their defaults would undo an option given first.
+        def default(value: object) -> object:
+            return value if defaults else argparse.SUPPRESS
 
-    p = argparse.ArgumentParser(
+        parser.add_argument("--log-level", default=default("WARNING"), type=str.upper,
+                            choices=_LOG_LEVELS,
+                            help="logging threshold (default: WARNING, which also shows "
+                                 "what serve's SIGUSR1 logs)")
+        parser.add_argument("--max-ioworkers", type=_positive_int,
+                            default=default(DEFAULT_MAX_IOWORKERS), metavar="N",
+                            help=f"at most N ioworker CPUs (default: {DEFAULT_MAX_IOWORKERS})")
+        parser.add_argument("--max-page-order", type=_page_order,
+                            default=default(DEFAULT_MAX_PAGE_ORDER), metavar="ORDER",
+                            help="largest data ring a frontend may use, 2**ORDER pages "
+                                 f"(default: {DEFAULT_MAX_PAGE_ORDER}; Linux needs 4)")
+        return parser
+
+    p = common(argparse.ArgumentParser(
         prog="pvcalls-backend",
         description="Xen PV Calls backend: guests' socket calls served by host sockets.",
-    )
+    ), defaults=True)
+    options = common(argparse.ArgumentParser(add_help=False), defaults=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", parents=[common], help="two guests on an embedded simulated host",
+    d = sub.add_parser("demo", parents=[options], help="two guests on an embedded simulated host",
                        description="Run the backend and two guests on an embedded simulated host.")
-    s = sub.add_parser("serve", parents=[common], help="serve the guests of a host",
+    s = sub.add_parser("serve", parents=[options], help="serve the guests of a host",
                        description="Serve every pvcalls device of a host until SIGTERM, SIGINT or SIGHUP.")
     s.add_argument("--platform", choices=["sim", "xen"], required=True,
                    help="sim: join a xenback-sim host; xen: a real dom0")

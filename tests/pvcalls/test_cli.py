@@ -23,6 +23,7 @@ from typing import IO, Any
 import pytest
 from pvcalls_rawfront import RawFrontend
 
+import pvcalls
 import pvcalls._cli as cli
 from pvcalls._cli import main
 from workqueue import Topology
@@ -122,6 +123,29 @@ def test_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert message in err
     assert "usage: pvcalls-backend" in err
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["serve", "--platform", "xen"], ("WARNING", pvcalls.DEFAULT_MAX_IOWORKERS)),
+    # Before the command, as git's and pip's common options may go: it
+    # was "invalid choice: 'debug' (choose from 'demo', 'serve')".
+    (["--log-level", "debug", "--max-ioworkers", "2", "serve", "--platform", "xen"],
+     ("DEBUG", 2)),
+    (["--max-ioworkers", "2", "demo"], ("WARNING", 2)),
+    (["--max-ioworkers", "2", "demo", "--max-ioworkers", "3"], ("WARNING", 3)),  # the last one
+])
+def test_common_options_go_before_or_after_the_command(
+        argv: list[str], expected: tuple[str, int]) -> None:
+    parser, _ = cli._parser()
+    args = parser.parse_args(argv)
+    assert (args.log_level, args.max_ioworkers) == expected
+
+
+def test_a_bad_common_option_before_the_command_is_said(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--max-ioworkers", "0", "demo"])
+    assert info.value.code == 2
+    assert "argument --max-ioworkers: 0 must be at least 1" in capsys.readouterr().err
 
 
 def test_the_largest_page_order_is_taken() -> None:
