@@ -33,8 +33,6 @@ __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-
 
 # -- the demo ------------------------------------------------------------------
 
@@ -451,6 +449,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     from xenback.sim import run_dir_argument
 
     from ._backend import DEFAULT_MAX_IOWORKERS
+    from ._nc import LOG_LEVELS
     from ._wire import DEFAULT_MAX_PAGE_ORDER
 
     def common(parser: argparse.ArgumentParser, *, defaults: bool) -> argparse.ArgumentParser:
@@ -462,7 +461,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             return value if defaults else argparse.SUPPRESS
 
         parser.add_argument("--log-level", default=default("WARNING"), type=str.upper,
-                            choices=_LOG_LEVELS,
+                            choices=LOG_LEVELS,
                             help="logging threshold (default: WARNING, which also shows "
                                  "what serve's SIGUSR1 logs)")
         parser.add_argument("--max-ioworkers", type=_positive_int,

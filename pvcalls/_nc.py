@@ -53,6 +53,8 @@ _CHUNK = 64 * 1024
 _STATUS_SIGPIPE = 128 + signal.SIGPIPE
 #: Domain ids from here up are reserved (DOMID_FIRST_RESERVED): no guest has one.
 _DOMID_LIMIT = 0x7FF0
+#: The --log-level choices, pvcalls-backend's too.
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 #: How many pvcalls-nc may run as one guest at once (a device each).
 _MAX_DEVICES = 64
 
@@ -140,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr when listening and when connected")
     p.add_argument("--log-level", default="WARNING", type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
+                   choices=LOG_LEVELS, help="default: WARNING")
     p.add_argument("host", nargs="?", metavar="HOST",
                    help="IPv4 address or host name to connect to "
                         "(with -l: to listen on, default 0.0.0.0)")

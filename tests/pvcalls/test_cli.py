@@ -3,6 +3,7 @@ xenback-sim daemon (with pvcalls-nc as the guest) until SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import io
@@ -474,6 +475,19 @@ def test_nc_options_taken(options: list[str], domid: int, address: tuple[str, in
     parser = _parser()
     args = parser.parse_args(["--run-dir", "/nonexistent", "--domid", "1", *options])
     assert (args.domid, _parse_address(parser, args)) == (domid, address)
+
+
+def test_nc_takes_the_log_levels_pvcalls_backend_takes() -> None:
+    from pvcalls._nc import _parser
+
+    def levels(parser: argparse.ArgumentParser) -> list[str]:
+        (action,) = [a for a in parser._actions if a.dest == "log_level"]
+        return list(action.choices or ())
+
+    assert levels(_parser()) == levels(cli._parser()[0])
+    args = _parser().parse_args(["--run-dir", "/x", "--domid", "1", "--log-level", "critical",
+                                 "127.0.0.1", "80"])
+    assert args.log_level == "CRITICAL"
 
 
 def test_nc_without_host_fails_clearly(tmp_path: Path) -> None:
