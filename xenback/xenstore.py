@@ -236,11 +236,30 @@ def _route(router: Any) -> None:
                 return  # terminate() wins over packets still unread
             # Readable, hung up or failed: recv() returns the packet or
             # raises pyxs's ConnectionError.
-            _dispatch(router, connection.recv())
+            try:
+                packet = connection.recv()
+            except XSConnectionError as exc:
+                raise XSConnectionError(_read_failure(exc)) from exc
+            _dispatch(router, packet)
     finally:
         connection.close()
         router.r_terminator.close()
         router.w_terminator.close()
+
+
+def _read_failure(exc: XSConnectionError) -> str:
+    """What pyxs's ``exc`` from reading a packet means, in words.
+
+    pyxs says "error while reading from '<path>': (104,)": its own
+    ECONNRESET, without text, for an end of file, or an OSError's args.
+    """
+    cause = exc.__context__
+    if isinstance(cause, OSError):
+        if cause.strerror:
+            return f"reading from XenStore failed: {cause.strerror}"
+        if cause.args == (errno.ECONNRESET,):  # pyxs's own
+            return "XenStore closed the connection"
+    return str(exc)
 
 
 def _dispatch(router: Any, packet: Packet) -> None:
