@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 from workqueue import blocking, wait_slice
 from xenback._closing import Closing
 from xenback._eventqueue import check_callback as _check_callback
+from xenback._flags import check_flag
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, Platform
@@ -75,6 +76,7 @@ class EventDispatcher(Closing):
 
     def __init__(self, platform: Platform, *, name: str = "xenback-events",
                  thread: bool = True) -> None:
+        check_flag("thread", thread)
         self.name = name
         # _lock guards _ports, _fds, _running, _closed and _released, and serialises
         # evtchn bind/unbind/unmask so that a port is never unmasked after

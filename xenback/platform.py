@@ -110,7 +110,9 @@ class GrantTable(Protocol):
         """Map ``refs`` granted by ``domid`` contiguously, like
         ``xengnttab_map_domain_grant_refs``.  Raises :class:`GrantError`
         (EINVAL for a ref that is not a non-negative int);
-        :class:`TypeError` if ``refs`` is not a sequence at all."""
+        :class:`TypeError` if ``refs`` is not a sequence at all, or
+        ``writable`` not True or False (a flag is never read for its
+        truth: ``writable="no"`` must not map writable)."""
         ...
 
     def close(self) -> None:
@@ -142,7 +144,8 @@ class GrantShare(Protocol):
     """A ``xengntshr`` handle: allocates pages and grants them to a domain."""
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
-        """Allocate ``count`` zeroed pages granted to ``domid``."""
+        """Allocate ``count`` zeroed pages granted to ``domid``.
+        :class:`TypeError` if ``writable`` is not True or False."""
         ...
 
     def close(self) -> None:

@@ -57,6 +57,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from xenback._barrier import lib as _barrier
+from xenback._flags import check_flag
 from xenback._wire import SRING_HEADER_SIZE, ffi
 
 __all__ = ["BackRing", "FlexRing", "FrontRing", "RingError", "mb", "ring_size", "rmb", "wmb"]
@@ -260,6 +261,7 @@ class FrontRing(_SharedRing):
     def __init__(
         self, buffer: memoryview | bytearray, slot_size: int, *, init: bool = True
     ) -> None:
+        check_flag("init", init)
         super().__init__(buffer, slot_size)
         if init:
             self._buf[:SRING_HEADER_SIZE] = bytes(SRING_HEADER_SIZE)

@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from workqueue import WQ_UNBOUND, alloc_workqueue, wait_slice
 from xenback._eventqueue import EventQueue
+from xenback._flags import check_flag
 from xenback.events import EventDispatcher, PortCallback
 from xenback.ratelimit import RateLimit
 from xenback.xenstore import Transaction, Watch, XenStore
@@ -385,7 +386,11 @@ class BackendDevice:
     def map_grant_refs(self, refs: Sequence[int], *, writable: bool = True) -> GrantMapping:
         """Map the frontend's grants ``refs`` contiguously (tracked).
         Raises :class:`~xenback.platform.GrantError`, or :class:`OSError`
-        ENODEV once the device was removed (nothing stays mapped then)."""
+        ENODEV once the device was removed (nothing stays mapped then);
+        :class:`TypeError` for a ``writable`` that is not True or False."""
+        # Checked here too, whatever the platform does: a driver's bug is
+        # refused the same way on every platform, its own ones included.
+        check_flag("writable", writable)
         if self._gone:
             # Not even the driver's handle: after stop() it would be a new
             # one that nobody closes.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import threading
 import types
@@ -107,6 +108,28 @@ def test_writable_grant_may_be_mapped_read_only(handles: tuple[GrantShare, Grant
     with tab.map_grant_refs(1, pages.refs, writable=False) as mapping:
         assert mapping.buffer.readonly
         assert protection(mapping.buffer).startswith("r-")
+
+
+NOT_BOOLS = ["no", "", 0, 1, None]
+
+
+@pytest.mark.parametrize("flag", NOT_BOOLS)
+def test_writable_must_be_true_or_false(
+    host: SimHost, handles: tuple[GrantShare, GrantTable], flag: object
+) -> None:
+    """A flag is not read for its truth: writable="no" would map the pages
+    writable.  TypeError naming the argument, and nothing shared or mapped."""
+    shr, tab = handles
+    pages = shr.share_pages(0, 1, writable=False)
+    grants = live_grants(host)
+    message = f"writable must be True or False, not {type(flag).__name__} {flag!r}"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        shr.share_pages(0, 1, writable=flag)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=re.escape(message)):
+        tab.map_grant_refs(1, pages.refs, writable=flag)  # type: ignore[arg-type]
+    assert live_grants(host) == grants
+    with tab.map_grant_refs(1, pages.refs, writable=False):  # the handles still work
+        pass
 
 
 def test_only_the_grantee_maps(host: SimHost, guest: Domain) -> None:

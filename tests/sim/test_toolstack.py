@@ -553,6 +553,20 @@ def test_replace_writes_a_device_that_exists_afresh(host: SimHost, guest: Domain
             "/online": "1", "/state": "1"}
 
 
+def test_replace_must_be_true_or_false(host: SimHost, guest: Domain) -> None:
+    """replace="no" is not read for its truth: it would rewrite a live
+    backend's directory.  TypeError naming the argument, nothing written."""
+    dev = host.toolstack.add_device("vif", guest.domid, backend_nodes={"old": "1"})
+    with host.dom0.xenstore() as c:
+        before = tree(c, dev.backend_path)
+        with pytest.raises(TypeError, match="replace must be True or False, not str 'no'"):
+            host.toolstack.add_device("vif", guest.domid, replace="no")  # type: ignore[arg-type]
+        assert tree(c, dev.backend_path) == before
+    with pytest.raises(TypeError, match="replace must be True or False, not int 0"):
+        host.toolstack.add_device("vif", guest.domid, devid=1, replace=0)  # type: ignore[arg-type]
+    assert host.toolstack.devices(guest.domid) == [dev]
+
+
 @pytest.mark.parametrize("timeout", [-1, float("nan"), "1"])
 def test_removal_refuses_a_timeout_that_is_no_time(
     host: SimHost, guest: Domain, timeout: float

@@ -31,6 +31,18 @@ def pair(host):
     assert not leaked_threads(before)
 
 
+def test_thread_must_be_true_or_false(host) -> None:
+    """thread="no" is not read for its truth (it would start the thread a
+    poll-mode owner does not expect): TypeError naming the argument, before
+    any handle or thread is made."""
+    threads = set(threading.enumerate())
+    connections = host.hypervisor.stats()["connections"]
+    with pytest.raises(TypeError, match="thread must be True or False, not str 'no'"):
+        EventDispatcher(host.dom0, thread="no")  # type: ignore[arg-type]
+    assert set(threading.enumerate()) == threads
+    assert host.hypervisor.stats()["connections"] == connections
+
+
 def test_port_callbacks_and_masking(host, pair) -> None:
     guest, evtchn, dispatcher = pair
     remote = evtchn.bind_unbound_port(0)

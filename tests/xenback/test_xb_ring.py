@@ -95,6 +95,18 @@ def test_32bit_index_wrap() -> None:
     assert back.req_cons == (start + 96) & 0xFFFFFFFF < start  # wrapped
 
 
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_init_must_be_true_or_false(flag: object) -> None:
+    """init="no" is not read for its truth: it would wipe the header of a
+    ring the caller meant to join.  TypeError naming the argument, and the
+    shared page untouched."""
+    buf = bytearray(4096)
+    HEADER.pack_into(buf, 0, 7, 8, 5, 6)
+    with pytest.raises(TypeError, match=f"init must be True or False, not {type(flag).__name__}"):
+        FrontRing(buf, SLOT, init=flag)  # type: ignore[arg-type]
+    assert _header(memoryview(buf)) == (7, 8, 5, 6)
+
+
 def test_notification_rules() -> None:
     buf = bytearray(4096)
     front = FrontRing(buf, SLOT)

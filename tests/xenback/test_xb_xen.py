@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -214,6 +215,19 @@ def test_bad_domains_and_counts_are_refused_before_any_ioctl() -> None:
         with pytest.raises(GrantError, match=text) as info:
             share.share_pages(1, count)  # type: ignore[arg-type]
         assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("flag", ["no", "", 0, 1, None])
+def test_writable_must_be_true_or_false_before_any_ioctl(flag: object) -> None:
+    """As on the simulated host: writable="no" is a TypeError naming the
+    argument, not pages mapped or shared writable."""
+    message = f"writable must be True or False, not {type(flag).__name__} {flag!r}"
+    table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    with pytest.raises(TypeError, match=re.escape(message)):
+        table.map_grant_refs(1, [8], writable=flag)  # type: ignore[arg-type]
+    share = object.__new__(_platform.XenGrantShare)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        share.share_pages(1, 1, writable=flag)  # type: ignore[arg-type]
 
 
 @pytest.fixture

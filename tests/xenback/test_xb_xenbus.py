@@ -282,6 +282,21 @@ def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> Non
     census.check()
 
 
+def test_a_mapping_flag_must_be_true_or_false(host, driver, frontends, monkeypatch) -> None:
+    """writable="no" is refused by the device itself, before any platform
+    (one that read it for its truth would map the frontend's pages
+    writable): TypeError naming the argument, nothing mapped."""
+    guest, dev, fe = _connected(host, driver, frontends)
+    bdev = _bdev(driver, guest.domid)
+    resources = bdev.resources
+    asked: list[object] = []
+    monkeypatch.setattr(driver.gnttab, "map_grant_refs", lambda *a, **kw: asked.append(kw))
+    with pytest.raises(TypeError, match="writable must be True or False, not str 'no'"):
+        bdev.map_grant_refs([fe.pages.refs[0]], writable="no")
+    assert asked == []
+    assert bdev.resources == resources
+
+
 def test_resources_taken_while_the_device_is_being_dropped_are_released(
         host, driver, frontends) -> None:
     """A driver's own work item may map and bind after the drop's

@@ -27,6 +27,7 @@ from typing import Any, Generic, Self, TypeVar
 import cffi
 
 from xenback._closing import Closing
+from xenback._flags import check_flag
 from xenback.platform import PAGE_SIZE, GrantError
 
 from ._hypervisor import MAX_PAGES_PER_REQUEST
@@ -278,7 +279,9 @@ class GrantTable(_Handle[GrantMapping]):
     def map_grant_refs(
         self, domid: int, refs: Sequence[int], *, writable: bool = True
     ) -> GrantMapping:
-        """Map ``refs`` granted by ``domid`` contiguously.  Raises :class:`GrantError`."""
+        """Map ``refs`` granted by ``domid`` contiguously.  Raises :class:`GrantError`;
+        :class:`TypeError` for a ``writable`` that is not True or False."""
+        check_flag("writable", writable)
         _check_domid(domid)
         refs = tuple(refs)
         if not 1 <= len(refs) <= MAX_PAGES_PER_REQUEST:
@@ -289,7 +292,7 @@ class GrantTable(_Handle[GrantMapping]):
             raise GrantError(errno.EINVAL, f"grant refs must be non-negative integers: {refs!r}")
         self._check_open()
         reply, fds = self._conn.call(
-            "gnt_map", domid=domid, refs=list(refs), writable=bool(writable)
+            "gnt_map", domid=domid, refs=list(refs), writable=writable
         )
         handle = reply["handle"]
         try:
@@ -315,14 +318,17 @@ class GrantShare(_Handle[SharedPages]):
     _kind = "grant share"
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
-        """Allocate ``count`` zeroed pages granted to ``domid``."""
+        """Allocate ``count`` zeroed pages granted to ``domid``.  Raises
+        :class:`GrantError`; :class:`TypeError` for a ``writable`` that is not
+        True or False."""
+        check_flag("writable", writable)
         _check_domid(domid)
         if type(count) is not int or not 1 <= count <= MAX_PAGES_PER_REQUEST:
             raise GrantError(
                 errno.EINVAL, f"can share 1..{MAX_PAGES_PER_REQUEST} pages at once, not {count!r}"
             )
         self._check_open()
-        reply, fds = self._conn.call("gnt_share", domid=domid, count=count, writable=bool(writable))
+        reply, fds = self._conn.call("gnt_share", domid=domid, count=count, writable=writable)
         refs = tuple(reply["refs"])
         try:
             region = _Region(count)

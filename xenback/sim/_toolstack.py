@@ -50,6 +50,7 @@ import pyxs
 
 from workqueue import wait_slice
 from xenback._closing import Closing
+from xenback._flags import check_flag
 from xenback.xenstore import route_until_lost
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,8 @@ class Toolstack(Closing):
     ) -> Device:
         """Create a device pair, both sides in state Initialising.
 
-        Raises :class:`ValueError` for a bad argument, :class:`LookupError`
+        Raises :class:`ValueError` for a bad argument (:class:`TypeError`
+        for a ``replace`` that is not True or False), :class:`LookupError`
         if either domain does not exist and :class:`FileExistsError` if the
         device does (its backend directory), as libxl refuses them.  With
         ``replace`` a device that exists is written afresh in the same
@@ -189,6 +191,7 @@ class Toolstack(Closing):
         _check_name("device_type", device_type)
         _check_domid("frontend_id", frontend_id)
         _check_domid("backend_id", backend_id)
+        check_flag("replace", replace)
         if type(devid) is not int or devid < 0:
             raise ValueError(f"devid must be a non-negative integer, not {devid!r}")
         for key in (*backend_nodes, *frontend_nodes):

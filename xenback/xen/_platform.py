@@ -35,6 +35,7 @@ import pyxs
 from cffi import FFI
 
 from xenback._closing import Closing
+from xenback._flags import check_flag
 from xenback.platform import (
     PAGE_SIZE,
     EventChannelError,
@@ -382,6 +383,7 @@ class XenGrantTable(_Device):
         super().__init__(GNTDEV)
 
     def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
+        check_flag("writable", writable)
         refs = tuple(_unsigned(GrantError, ref, "grant reference") for ref in refs)
         if not refs:
             # GrantError, as on the simulated host and as xenbus documents:
@@ -445,6 +447,7 @@ class XenGrantShare(_Device):
         super().__init__(GNTALLOC)
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> XenSharedPages:
+        check_flag("writable", writable)
         # GrantError (EINVAL), as on the simulated host, for any count
         # gntalloc's uint32_t cannot take, not a TypeError or OverflowError.
         if _unsigned(GrantError, count, "page count") < 1:
