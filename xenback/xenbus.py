@@ -120,6 +120,11 @@ _DEVICE_TYPE = re.compile("[A-Za-z0-9_-]+")
 _INITIALISING = str(int(XenbusState.INITIALISING))
 _CLOSING = str(int(XenbusState.CLOSING))
 
+#: How many junk directories (not ``<domid>/<devid>``) a driver remembers
+#: having reported.  dom0 has no XenStore quota, so a broken toolstack can
+#: make any number: past this many, they are reported at a bounded rate.
+_MAX_JUNK = 256
+
 
 def _number(text: str) -> int:
     """A domid or devid path component; -1 (no device) if it is not one.
@@ -561,6 +566,14 @@ class BackendDriver:
         # first event, on the bus queue, which alone reads and clears it):
         # devices found there in any state are taken over.
         self._first_scan = True
+        # The junk directories of our backend directory, as (domid, devid)
+        # text, reported once each: every change anywhere under the
+        # directory brings discovery past them again.  One is forgotten
+        # when it goes, so that it is reported again should it come back,
+        # and so that there are never more than exist (and _MAX_JUNK at
+        # most).  Only the bus queue touches it.
+        self._junk: set[tuple[str, str]] = set()
+        self._junk_ratelimit = RateLimit(f"{self.device_type} backend")
         self._watches: list[Watch] = []
 
     # Hooks for subclasses.
@@ -673,6 +686,7 @@ class BackendDriver:
             self._stopping = False
             self._domain_gone = False
         self._first_scan = True
+        self._junk.clear()  # a new run says what it ignores
         self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus",
                                handled=self._callback_failed)
         try:
@@ -889,8 +903,9 @@ class BackendDriver:
             for devid in self.xenstore.ls(f"{self.backend_root}/{fe}")
         }
         adopt, self._first_scan = self._first_scan, False
+        self._junk &= listed
         for fe, devid in sorted(listed):
-            self._check_device(fe, devid, adopt=adopt)
+            self._check_device(fe, devid, adopt=adopt, listed=True)
         known = {(str(dev.frontend_id), str(dev.devid)): dev for dev in self.devices()}
         for key, dev in known.items():
             if key not in listed:
@@ -903,10 +918,14 @@ class BackendDriver:
                 if (fe, devid) not in listed and (fe, devid) not in known:
                     self._forget_error(fe, devid)
 
-    def _check_device(self, fe_text: str, devid_text: str, *, adopt: bool = False) -> None:
+    def _check_device(
+        self, fe_text: str, devid_text: str, *, adopt: bool = False, listed: bool = False
+    ) -> None:
+        """Serve, or pass on to its device, what changed at ``fe_text/devid_text``
+        (``listed``: it was just found in the backend directory)."""
         key = (_number(fe_text), _number(devid_text))
         if -1 in key:
-            logger.warning("ignoring %s/%s/%s: not <domid>/<devid>", self.backend_root, fe_text, devid_text)
+            self._check_junk(fe_text, devid_text, listed)
             return
         with self._lock:
             dev = self._devices.get(key)
@@ -937,6 +956,20 @@ class BackendDriver:
         else:
             logger.info("%s: new device", dev.nodename)
         dev.queue(self._probe, dev, taken_over)
+
+    def _check_junk(self, fe: str, devid: str, listed: bool) -> None:
+        """Report a junk directory once, and forget it once it is gone."""
+        path = f"{self.backend_root}/{fe}/{devid}"
+        key = (fe, devid)
+        if not listed and not self.xenstore.exists(path):
+            self._junk.discard(key)
+        elif key not in self._junk:
+            if len(self._junk) < _MAX_JUNK:
+                self._junk.add(key)
+                logger.warning("ignoring %s: not <domid>/<devid>", path)
+            else:
+                self._junk_ratelimit.log(
+                    logger, logging.WARNING, "ignoring %s: not <domid>/<devid>", path)
 
     def _forget_error(self, fe: str, devid: str) -> None:
         """Delete the error node of a device the toolstack deleted (and its

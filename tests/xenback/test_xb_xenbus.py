@@ -18,7 +18,7 @@ import pytest
 from tests.sim.hosthelpers import eventually
 from tests.stolensignal import interrupt, main_thread_in
 from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, handed_over, leaked_threads
-from xenback import XenbusState, XenStore
+from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback.sim import SimHost
 from xenback.sim._xenstored import RawClient
 
@@ -993,6 +993,89 @@ def test_directories_that_are_not_domid_devid_are_ignored(
         assert dom0_xs.read(f"/local/domain/0/backend/xbtest/{junk}/state") == "1"
         # "01/0" would be served as device 1/0, whose directory does not exist
         assert f"xbtest/{junk}: not <domid>/<devid>" in said
+
+
+class _Discovery:
+    """Junk in the backend directory, and a way to know that the driver's
+    discovery has seen every event so far: it takes them one at a time, in
+    the order the watch fired, so a device added after them and probed
+    (InitWait) comes after them all."""
+
+    def __init__(self, host, dom0_xs, caplog) -> None:
+        self.root = "/local/domain/0/backend/xbtest"
+        self.xs = dom0_xs
+        self.caplog = caplog
+        self.toolstack = host.toolstack
+        self.guest = host.create_domain("guest")
+        self.devid = 0
+
+    def write(self, junk: str, node: str = "state", value: int = 1) -> None:
+        self.xs.write(f"{self.root}/{junk}/{node}", value)
+
+    def rm(self, junk: str) -> None:
+        self.xs.rm(f"{self.root}/{junk}")
+
+    def seen(self) -> None:
+        dev = self.toolstack.add_device("xbtest", self.guest.domid, devid=self.devid)
+        self.devid += 1
+        self.xs.wait_for(f"{dev.backend_path}/state", str(int(S.INIT_WAIT)), timeout=TIMEOUT)
+
+    def warnings(self, junk: str) -> int:
+        return sum(f"xbtest/{junk}: not <domid>/<devid>" in r.getMessage()
+                   for r in self.caplog.records if r.levelno == logging.WARNING)
+
+
+def test_a_junk_directory_is_reported_once_until_it_goes(
+        host, driver, dom0_xs, caplog) -> None:
+    """Every change under the backend directory used to say again what it
+    ignores: one line per junk directory per event flooded the log.  Once
+    per directory now, again only after it went away and came back."""
+    d = _Discovery(host, dom0_xs, caplog)
+    for junk in ("01/0", "1/x"):
+        d.write(junk)
+    d.seen()
+    assert (d.warnings("01/0"), d.warnings("1/x")) == (1, 1)
+    for value in range(5):
+        d.write("01/0", value=value)           # the junk's own nodes change
+        d.write("01/0", node=f"n{value}")
+        d.xs.write(f"{d.root}/leaf", value)    # a whole listing (depth 1)
+    d.seen()                                   # other devices come and go
+    assert (d.warnings("01/0"), d.warnings("1/x")) == (1, 1)
+    d.rm("01/0")
+    d.seen()
+    d.write("01/0")                            # back: said again
+    d.seen()
+    assert (d.warnings("01/0"), d.warnings("1/x")) == (2, 1)
+    d.rm("01")                                 # gone with its parent (a listing)
+    d.seen()
+    d.write("01/0")
+    d.seen()
+    assert (d.warnings("01/0"), d.warnings("1/x")) == (3, 1)
+    # What the driver remembers is what exists, however many came and went.
+    for n in range(20):
+        d.write(f"dom{n}/0")
+        d.rm(f"dom{n}")
+    d.rm("1/x")
+    d.seen()
+    assert driver._junk == {("01", "0")}
+
+
+def test_junk_beyond_what_the_driver_remembers_is_rate_limited(
+        host, driver, dom0_xs, caplog, monkeypatch) -> None:
+    """A toolstack may make more junk than is worth remembering (dom0 has
+    no XenStore quota): past the bound, it is said at a bounded rate."""
+    monkeypatch.setattr(xenbus, "_MAX_JUNK", 2)
+    driver._junk_ratelimit = RateLimit("xbtest backend", burst=3, clock=lambda: 0.0)
+    d = _Discovery(host, dom0_xs, caplog)
+    for n in range(5):
+        d.write(f"0{n}/0")
+    for _ in range(5):
+        d.xs.write(f"{d.root}/leaf", 1)        # each a listing of all five
+    d.seen()
+    assert len(driver._junk) == 2
+    remembered = [f"{fe}/{devid}" for fe, devid in sorted(driver._junk)]
+    assert [d.warnings(junk) for junk in remembered] == [1, 1]
+    assert sum(d.warnings(f"0{n}/0") for n in range(5)) == 2 + 3
 
 
 def test_a_driver_can_be_started_again(host, frontends) -> None:
