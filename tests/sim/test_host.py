@@ -6,6 +6,7 @@ import errno
 import itertools
 import os
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 import pyxs
 from hosthelpers import eventually, wait_pending
 from racewindow import TIMEOUT, stands_at
-from stolensignal import Interrupted
+from stolensignal import Interrupted, interrupted_as_call_returns
 
 from xenback.platform import Platform, PlatformError
 from xenback.sim import Domain, SimHost, Toolstack, attach, create_domain
@@ -781,3 +782,181 @@ def test_stats_count_a_handle_the_service_has_not_accepted_yet(host: SimHost) ->
         hv._selector.select = select  # type: ignore[method-assign]
         resume.set()
     assert eventually(lambda: hv.stats()["connections"] == before)
+
+
+class Hung(BaseException):
+    """Raised in the main thread by :class:`CallFromHandler` when the
+    handler's call did not return in time: a deadlock ends the test."""
+
+
+class CallFromHandler:
+    """``call()`` from a signal's handler, run in the main thread in
+    :meth:`pause`, which a test patches in where it wants the main thread
+    (a lock of the host held, say).  :meth:`pause` sends SIGUSR1 to its own
+    thread, so the handler runs as ``pthread_kill`` returns, there and
+    nowhere else (a signal sent from another thread may come as the main
+    thread is about to sleep in a lock, and wait as long as the lock).  The
+    handler makes the call and lets what it raised go on (kept in
+    :attr:`raised`).  Should the call not return within ``TIMEOUT``, a
+    watchdog's SIGUSR2 interrupts it with :class:`Hung`."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.call = call
+        self.raised: list[BaseException] = []
+        self._paused = threading.Event()
+        self._returned = threading.Event()
+        # _lock makes a signal and the end of the block exclusive: none is
+        # sent once the handlers are put back.
+        self._lock = threading.Lock()
+        self._over = False
+        self._watchdog = threading.Thread(target=self._watch, name="signal-watchdog")
+
+    def pause(self) -> None:
+        assert threading.current_thread() is threading.main_thread()
+        self._paused.set()
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        try:
+            self.call()
+        except BaseException as e:
+            self.raised.append(e)
+            raise
+        finally:
+            self._returned.set()
+
+    @staticmethod
+    def _hung(signum: int, frame: object) -> None:
+        raise Hung(f"a call from a signal's handler did not return in {TIMEOUT} s")
+
+    def _watch(self) -> None:
+        self._paused.wait(TIMEOUT)
+        if not self._returned.wait(TIMEOUT):
+            with self._lock:
+                if not self._over:
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR2)
+
+    def __enter__(self) -> CallFromHandler:
+        self._old = (signal.signal(signal.SIGUSR1, self._handler),
+                     signal.signal(signal.SIGUSR2, self._hung))
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._over = True
+        self._paused.set()
+        self._returned.set()
+        self._watchdog.join()
+        signal.signal(signal.SIGUSR1, self._old[0])
+        signal.signal(signal.SIGUSR2, self._old[1])
+
+
+def _no_guest_left(host: SimHost) -> None:
+    assert host.domains() == [host.dom0]
+    assert host.hypervisor.stats()["domains"] == 1
+    assert os.listdir(host.run_dir / "domains") == ["0"]
+    with host.dom0.xenstore() as c:
+        assert c.list(b"/local/domain") == [b"0"]
+        assert not c.exists(b"/libxl") or c.list(b"/libxl") == []
+
+
+@pytest.mark.parametrize("nested", ["close", "domains", "create_domain"])
+def test_a_signal_handler_calling_the_host_inside_create_domain_is_refused(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch, nested: str
+) -> None:
+    """A signal's handler runs in the main thread wherever that is: here in
+    create_domain(), which holds the host's lock.  close() (or any call of
+    the host that takes the lock) from the handler waited for it for ever.
+    It is refused, saying why; the error goes out through create_domain(),
+    which undoes what it did, and the host serves and closes as usual."""
+    calls: dict[str, Callable[[], object]] = {
+        "close": host.close, "domains": host.domains,
+        "create_domain": lambda: host.create_domain("other"),
+    }
+    add_domain = host.hypervisor.add_domain
+    with CallFromHandler(calls[nested]) as handler:
+        def paused_add_domain(domid: int, name: str) -> None:
+            add_domain(domid, name)
+            handler.pause()
+
+        monkeypatch.setattr(host.hypervisor, "add_domain", paused_add_domain)
+        with pytest.raises(RuntimeError) as info:
+            host.create_domain("guest")
+    assert handler.raised == [info.value]
+    assert str(info.value).startswith(
+        f"SimHost.{nested}() called while this thread is inside SimHost.create_domain()"
+        " (from a signal handler?)")
+    monkeypatch.undo()
+    _no_guest_left(host)
+    assert host.create_domain("guest").domid == 2
+    host.close()
+    assert not host.run_dir.exists()
+
+
+def test_a_signal_handler_closing_the_host_inside_destroy_domain_is_refused(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same in the part of destroy_domain() that holds the lock (the
+    hypervisor's and XenStore's parts of the destroy): refused, and the
+    rest of the destroy done as the error goes out through it."""
+    guest = host.create_domain("guest")
+    remove_domain = host.hypervisor.remove_domain
+    with CallFromHandler(host.close) as handler:
+        def paused_remove_domain(domid: int) -> None:
+            remove_domain(domid)
+            handler.pause()
+
+        monkeypatch.setattr(host.hypervisor, "remove_domain", paused_remove_domain)
+        with pytest.raises(RuntimeError, match=r"inside SimHost\.destroy_domain\(\)"):
+            host.destroy_domain(guest)
+    monkeypatch.undo()
+    _no_guest_left(host)  # the rest of the destroy was done on the way out
+    host.close()
+    assert not host.run_dir.exists()
+
+
+def test_a_signal_handler_closes_the_host_while_no_lock_is_held(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused only where it would wait for itself: while destroy_domain()
+    waits for the domain's backends (without the host's lock), close() from
+    a handler closes the host, and the destroy returns, the domain gone
+    with the host."""
+    guest = host.create_domain("guest")
+    destroy_devices = host.toolstack.destroy_devices
+    with CallFromHandler(host.close) as handler:
+        def paused_destroy_devices(domid: int, timeout: float) -> list[Any]:
+            handler.pause()
+            return destroy_devices(domid, timeout)
+
+        monkeypatch.setattr(host.toolstack, "destroy_devices", paused_destroy_devices)
+        host.destroy_domain(guest)
+    assert handler.raised == []
+    assert not host.run_dir.exists()
+    with pytest.raises(RuntimeError, match="SimHost is closed"):
+        host.create_domain("late")
+
+
+@pytest.mark.parametrize("function", ["_locked", "_create_domain"])
+def test_an_interrupt_as_any_call_of_create_domain_returns_leaves_no_half_domain(
+    host: SimHost, function: str
+) -> None:
+    """What a signal's handler raises (KeyboardInterrupt, or the RuntimeError
+    the host gives it above) comes as a call returns, any call: the lock is
+    not left held or marked, and a domain is made whole or not at all."""
+    code = getattr(SimHost, function).__code__
+    for n in itertools.count():
+        if not interrupted_as_call_returns(code, n, lambda: host.create_domain("guest")):
+            break
+        held = host._lock.locked()
+        if held:
+            host._lock.release()  # or the fixture's close() would hang
+        assert not held, f"lock left held by an interrupt as call {n} returned"
+        assert host._holder is None
+        for domain in host.domains()[1:]:  # made whole: the call had returned
+            host.destroy_domain(domain)
+        _no_guest_left(host)
+    assert n > 0  # there were calls to interrupt
+    # The last call went undisturbed.
+    assert [d.name for d in host.domains()] == ["Domain-0", "guest"]

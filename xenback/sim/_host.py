@@ -11,7 +11,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import pyxs
 
@@ -23,6 +23,8 @@ from ._toolstack import REMOVE_TIMEOUT, Toolstack, check_timeout
 from ._xenstored import XenStored
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: libxl's DOMID_FIRST_RESERVED: domain ids above are special.
 DOMID_FIRST_RESERVED = 0x7FF0
@@ -119,16 +121,21 @@ class SimHost(Closing):
         # forgets it.  Rule: held for the whole of create/close and for the
         # hypervisor and XenStore part of destroy (they talk to our own
         # servers, which never call back into the host); never while
-        # waiting for a backend to close a device.
+        # waiting for a backend to close a device.  Taken only by
+        # _locked(), which refuses the calls that would wait for it for ever.
         self._lock = threading.Lock()
+        # (thread id, method) of the call holding _lock, for _locked().
+        self._holder: tuple[int, str] | None = None
         self._domains: dict[int, Domain] = {}
         self._domids = itertools.count(1)
         self._state = "new"
         # _control_lock protects _control_threads: the threads serving dom0's
         # create/destroy requests from other processes (they block on _lock,
         # which the service thread must never do).  Rule: never held while
-        # joining or while taking _lock.
-        self._control_lock = threading.Lock()
+        # joining or while taking _lock.  Reentrant: a close() from a
+        # signal's handler may come while this thread holds it (in close()),
+        # and what it guards is only copied, added to and discarded from.
+        self._control_lock = threading.RLock()
         self._control_threads: set[threading.Thread] = set()
 
     # -- lifecycle -----------------------------------------------------------
@@ -136,48 +143,50 @@ class SimHost(Closing):
     def start(self) -> SimHost:
         """Start XenStore and the hypervisor and create dom0; returns the
         host.  ``with`` calls it; a host starts once (RuntimeError after)."""
-        with self._lock:
-            if self._state != "new":
-                raise RuntimeError(f"SimHost is {self._state}")
-            self._state = "starting"
-            try:
-                if self._run_dir is None:
-                    self._run_dir = Path(tempfile.mkdtemp(prefix="xenback-sim-"))
-                run_dir = self._run_dir
-                missing = run_dir
-                while not self._own_run_dir and not missing.exists():
-                    self._made_dirs.append(missing)
-                    missing = missing.parent
-                run_dir.mkdir(parents=True, exist_ok=True)
-                self._xenstored = XenStored(run_dir)
-                self._hypervisor = Hypervisor(run_dir)
-                self._toolstack = Toolstack(self._xenstored.path)
-                self._xenstored.start()
-                # Served by us now, so no live host uses the directory:
-                # whatever sockets it holds are a killed one's.
-                _remove_stale_sockets(run_dir)
-                self._hypervisor.set_control(self._control)
-                self._hypervisor.start()
-                self._hypervisor.add_domain(0, "Domain-0")
-                self._hypervisor.set_xenstore_path(0, os.fspath(self._xenstored.path))
-                self._populate(0, "Domain-0")
-                self._domains[0] = Domain(run_dir, 0, "Domain-0", self._xenstored.path)
-            except BaseException:
-                self._teardown()
-                raise
-            self._state = "running"
+        self._locked("start", self._start)
         logger.info("simulated host running in %s", self._run_dir)
         return self
 
+    def _start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"SimHost is {self._state}")
+        self._state = "starting"
+        try:
+            if self._run_dir is None:
+                self._run_dir = Path(tempfile.mkdtemp(prefix="xenback-sim-"))
+            run_dir = self._run_dir
+            missing = run_dir
+            while not self._own_run_dir and not missing.exists():
+                self._made_dirs.append(missing)
+                missing = missing.parent
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._xenstored = XenStored(run_dir)
+            self._hypervisor = Hypervisor(run_dir)
+            self._toolstack = Toolstack(self._xenstored.path)
+            self._xenstored.start()
+            # Served by us now, so no live host uses the directory:
+            # whatever sockets it holds are a killed one's.
+            _remove_stale_sockets(run_dir)
+            self._hypervisor.set_control(self._control)
+            self._hypervisor.start()
+            self._hypervisor.add_domain(0, "Domain-0")
+            self._hypervisor.set_xenstore_path(0, os.fspath(self._xenstored.path))
+            self._populate(0, "Domain-0")
+            self._domains[0] = Domain(run_dir, 0, "Domain-0", self._xenstored.path)
+        except BaseException:
+            self._teardown()
+            raise
+        self._state = "running"
+
     def close(self) -> None:
         """Destroy every domain and stop everything; idempotent, and a
-        close() interrupted (Ctrl-C) is finished by the next one."""
-        with self._lock:
-            if self._state in ("closed", "new"):
-                self._state = "closed"
-                self._cleanup_run_dir()
-            else:
-                self._teardown()
+        close() interrupted (Ctrl-C) is finished by the next one.
+
+        From a signal's handler that interrupted this thread in another
+        call of the host that holds its lock (create_domain(), say), it is a
+        :class:`RuntimeError`: see :meth:`_locked`.
+        """
+        self._locked("close", self._close)
         # The service has stopped: no control request can start a thread
         # any more, and those still running fail fast on the closed host.
         while True:
@@ -187,6 +196,13 @@ class SimHost(Closing):
                 break
             for thread in threads:
                 thread.join()
+
+    def _close(self) -> None:
+        if self._state in ("closed", "new"):
+            self._state = "closed"
+            self._cleanup_run_dir()
+        else:
+            self._teardown()
 
     def _teardown(self) -> None:
         # "closing" until every part has stopped: a close() interrupted in
@@ -236,9 +252,12 @@ class SimHost(Closing):
     @property
     def dom0(self) -> Domain:
         """Domain 0, where backends run."""
-        with self._lock:
+
+        def dom0() -> Domain:
             self._check_running()
             return self._domains[0]
+
+        return self._locked("dom0", dom0)
 
     @property
     def toolstack(self) -> Toolstack:
@@ -263,19 +282,21 @@ class SimHost(Closing):
 
     def domains(self) -> list[Domain]:
         """Live domains, dom0 first."""
-        with self._lock:
-            return [self._domains[d] for d in sorted(self._domains)]
+        return self._locked("domains", lambda: [self._domains[d] for d in sorted(self._domains)])
 
     def domain(self, domid: int) -> Domain:
         """The live domain ``domid``; :class:`LookupError` if there is none."""
         if type(domid) is not int:
             # Not isinstance: True and 1.0 hash as 1 and would find domain 1.
             raise ValueError(f"invalid domain id {domid!r}")
-        with self._lock:
+
+        def domain() -> Domain:
             try:
                 return self._domains[domid]
             except KeyError:
                 raise LookupError(f"no domain {domid}") from None
+
+        return self._locked("domain", domain)
 
     def create_domain(self, name: str) -> Domain:
         """Create a guest: XenStore home populated, then @introduceDomain.
@@ -285,36 +306,53 @@ class SimHost(Closing):
         has been given out (domids are not reused).
         """
         check_domain_name(name)
-        with self._lock:
-            self._check_running()
-            if any(d.name == name for d in self._domains.values()):
-                raise ValueError(f"a domain named {name!r} exists already")
-            domid = next(self._domids)
-            if domid >= DOMID_FIRST_RESERVED:
-                # Xen's XEN_DOMCTL_createdomain with no free domid: ENOMEM.
-                raise OSError(errno.ENOMEM, "out of domain ids")
+        domain = self._locked("create_domain", lambda: self._create_domain(name))
+        logger.info("created domain %d (%s)", domain.domid, name)
+        return domain
+
+    def _create_domain(self, name: str) -> Domain:
+        self._check_running()
+        if any(d.name == name for d in self._domains.values()):
+            raise ValueError(f"a domain named {name!r} exists already")
+        domid = next(self._domids)
+        if domid >= DOMID_FIRST_RESERVED:
+            # Xen's XEN_DOMCTL_createdomain with no free domid: ENOMEM.
+            raise OSError(errno.ENOMEM, "out of domain ids")
+        try:
             # As libxl: the domain's home first, then introduce it; the
             # hypervisor knows the domain before anyone hears of it.
             self._populate(domid, name)
-            try:
-                self.hypervisor.add_domain(domid, name)
-                try:
-                    xs_path = self.xenstored.introduce_domain(domid)
-                    self.hypervisor.set_xenstore_path(domid, os.fspath(xs_path))
-                except BaseException:
-                    self.hypervisor.remove_domain(domid)
-                    raise
-            except BaseException:
-                self._forget_home(domid)
-                try:  # the directory its sockets were to be made in
-                    (self.run_dir / "domains" / str(domid)).rmdir()
-                except OSError:
-                    pass
-                raise
+            self.hypervisor.add_domain(domid, name)
+            xs_path = self.xenstored.introduce_domain(domid)
+            self.hypervisor.set_xenstore_path(domid, os.fspath(xs_path))
             domain = Domain(self.run_dir, domid, name, xs_path)
             self._domains[domid] = domain
-        logger.info("created domain %d (%s)", domid, name)
+        except BaseException:
+            self._undo_create(domid)
+            raise
         return domain
+
+    def _undo_create(self, domid: int) -> None:
+        """Undo what _create_domain() did of ``domid``, wherever it stopped.
+
+        Not step by step as each fails: an exception may also come as a
+        step has just returned (a signal's handler raising there, see
+        _locked), so every undo is tried and takes a step not done for done.
+        """
+        self._domains.pop(domid, None)
+        try:
+            self.xenstored.release_domain(domid)
+        except KeyError:
+            pass  # never introduced
+        try:
+            self.hypervisor.remove_domain(domid)
+        except ValueError:
+            pass  # never added
+        self._forget_home(domid)
+        try:  # the directory its sockets were to be made in
+            (self.run_dir / "domains" / str(domid)).rmdir()
+        except OSError:
+            pass
 
     def destroy_domain(self, domain: Domain | int, timeout: float = REMOVE_TIMEOUT) -> None:
         """Destroy a guest in libxl's order (``libxl__destroy_domid``).
@@ -342,7 +380,8 @@ class SimHost(Closing):
         if domid == 0:
             raise ValueError("dom0 cannot be destroyed")
         check_timeout(timeout)
-        with self._lock:
+
+        def unlist() -> None:
             self._check_running()
             if isinstance(domain, Domain) and not _same_dir(domain.run_dir, self._run_dir):
                 # Another host's Domain has a domid too, perhaps one of ours.
@@ -355,6 +394,19 @@ class SimHost(Closing):
             # Unlisted first: nobody else can destroy it while we wait for
             # its backends, which is done without _lock.
             del self._domains[domid]
+
+        def remove() -> None:
+            # A host closed meanwhile took the domain down with it.
+            if self._state == "running":
+                try:
+                    self.hypervisor.remove_domain(domid)
+                finally:  # even if an exception comes as it returns
+                    try:
+                        self.xenstored.release_domain(domid)
+                    except KeyError:
+                        pass  # dom0 already sent RELEASE over the wire
+
+        self._locked("destroy_domain", unlist)
         try:
             try:
                 for dev in self.toolstack.devices():
@@ -363,21 +415,13 @@ class SimHost(Closing):
                 self.toolstack.destroy_devices(domid, timeout)
                 self._forget_home(domid)
             except Exception as e:
-                with self._lock:
-                    if self._state == "running":
-                        raise
+                if self._locked("destroy_domain", lambda: self._state == "running"):
+                    raise
                 # XenStore went away under the toolstack: the host closed
                 # meanwhile, and took the domain down with it.
                 logger.debug("domain %d went down with the host: %s", domid, e)
         finally:
-            with self._lock:
-                # A host closed meanwhile took the domain down with it.
-                if self._state == "running":
-                    self.hypervisor.remove_domain(domid)
-                    try:
-                        self.xenstored.release_domain(domid)
-                    except KeyError:
-                        pass  # dom0 already sent RELEASE over the wire
+            self._locked("destroy_domain", remove)
             try:
                 (self.run_dir / "domains" / str(domid)).rmdir()
             except OSError:
@@ -385,6 +429,45 @@ class SimHost(Closing):
         logger.info("destroyed domain %d", domid)
 
     # -- internals -----------------------------------------------------------
+
+    def _locked(self, method: str, body: Callable[[], T]) -> T:
+        """``body()`` under _lock, for the public ``method``.
+
+        A signal's handler runs in the main thread wherever that is, and so
+        perhaps inside another call of the host that holds the lock (a
+        create_domain() writing to XenStore).  A call of the host from the
+        handler would wait for the lock for ever, since the call that holds
+        it cannot go on until the handler returns: it is refused with a
+        :class:`RuntimeError` instead, before it changes anything.  Carrying
+        it out in the middle of the other (closing the host under a
+        create_domain()) would leave that one to fail in ways of its own;
+        refused, the error goes out through the call it interrupted, which
+        undoes what it did as it would for Ctrl-C.
+
+        No function is called between taking the lock and the ``try``, nor
+        in the ``finally`` before it is released: CPython runs a handler
+        as a call returns (or a function starts, or a loop goes round), and
+        one run there would find the lock held but not marked as ours.  And
+        what ``body()`` returns is stored inside the ``try``, so that an
+        exception coming just after it, too, clears the mark.
+        """
+        me = threading.get_ident()
+        holder = self._holder
+        if holder is not None and holder[0] == me:
+            raise RuntimeError(
+                f"SimHost.{method}() called while this thread is inside "
+                f"SimHost.{holder[1]}() (from a signal handler?), which holds the "
+                f"host's lock: it would wait for itself.  Raise from the handler "
+                f"instead and call {method}() once {holder[1]}() is over (leaving "
+                f"a with block closes the host)"
+            )
+        with self._lock:
+            self._holder = (me, method)
+            try:
+                result = body()  # (not returned from here: see above)
+            finally:
+                self._holder = None
+        return result
 
     def _control(
         self, op: str, args: dict[str, Any], reply: Callable[[dict[str, Any]], None]
