@@ -39,6 +39,8 @@ from collections.abc import Callable
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 
+import benchlib
+
 HEADER = struct.Struct("<IIII")
 READ, WRITE = 2, 11
 RESULTS = Path(__file__).resolve().parent / "results" / "xenstore.md"
@@ -278,9 +280,11 @@ def _measure_all(args: argparse.Namespace) -> list[tuple[str, str, int, float, f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--seconds", type=benchlib.seconds, default=1.0, help="per measurement")
+    parser.add_argument("--rounds", type=benchlib.at_least(1), default=3,
+                        help="best of this many")
+    parser.add_argument("--clients", type=benchlib.at_least(1), default=8,
+                        help="concurrent clients")
     parser.add_argument("--no-write", action="store_true", help="print only, no results file")
     parser.add_argument("--no-evtchn", action="store_true", help="skip the event-channel part")
     args = parser.parse_args(argv)

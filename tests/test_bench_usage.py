@@ -1,0 +1,44 @@
+"""Every benchmark refuses a bad option as a usage error: exit status 2,
+one line naming the option and what was wrong with it, and nothing
+started (no process, no measurement) before it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+BAD = [
+    ("xenstore_bench", "--seconds", "0", "more than 0"),
+    ("xenstore_bench", "--seconds", "-1", "more than 0"),
+    ("xenstore_bench", "--seconds", "nan", "more than 0"),
+    ("xenstore_bench", "--seconds", "inf", "finite"),
+    ("xenstore_bench", "--seconds", "soon", "not a number"),
+    ("xenstore_bench", "--rounds", "0", "at least 1"),
+    ("xenstore_bench", "--rounds", "-2", "at least 1"),
+    ("xenstore_bench", "--rounds", "1.5", "not a whole number"),
+    ("xenstore_bench", "--clients", "0", "at least 1"),
+    ("xenstore_bench", "--clients", "-3", "at least 1"),
+]
+
+
+@pytest.mark.parametrize(("bench", "option", "value", "why"), BAD)
+def test_a_bad_option_is_a_usage_error(bench: str, option: str, value: str, why: str,
+                                       tmp_path: Path) -> None:
+    out = tmp_path / "table.md"
+    extra = ["--output", str(out)] if bench == "pvcalls_bench" else ["--no-write"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / f"{bench}.py"), f"{option}={value}", *extra],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert error.startswith(f"{bench}.py: error: argument {option}: "), error
+    assert why in error, error
+    assert "Traceback" not in proc.stderr
+    # Refused before anything started: no progress line, no table.
+    assert proc.stderr.startswith("usage:") and proc.stdout == ""
+    assert not out.exists()
