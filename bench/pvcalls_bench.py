@@ -62,6 +62,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
 
+import benchlib
+
 CHUNK = 64 * 1024
 NR_GUESTS = 4
 STREAMS = 256
@@ -433,6 +435,18 @@ KEYS = ("single", "streams", "rr", "connects")
 RESULTS = Path(__file__).resolve().parent / "results" / "pvcalls.md"
 
 
+def _keys(text: str) -> list[str]:
+    """``--only``'s comma-separated measurements, checked."""
+    keys = list(dict.fromkeys(key for key in text.split(",") if key))  # each once
+    unknown = [key for key in keys if key not in KEYS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"no measurement {', '.join(map(repr, unknown))} (there are {','.join(KEYS)})")
+    if not keys:
+        raise argparse.ArgumentTypeError(f"takes some of {','.join(KEYS)}, got {text!r}")
+    return keys
+
+
 def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, list[Party]],
             on_open: Callable[[], Any] | None = None) -> tuple[float, dict[str, float], Any]:
     """One measurement ``key`` with ``clients``: (value, CPU cores used by
@@ -462,23 +476,28 @@ def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, li
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pvcalls._wire import MAX_PAGE_ORDER_LIMIT
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--seconds", type=benchlib.seconds, default=2.0,
+                   help="duration of each measurement")
+    p.add_argument("--rounds", type=benchlib.at_least(1), default=5,
                    help="rounds; in each, every measurement is made with direct loopback and "
                         "with each ring order, back to back (in reverse order every other "
                         "round, so that a drifting load favours neither)")
-    p.add_argument("--large-order", type=int, default=6,
+    p.add_argument("--large-order", type=benchlib.at_least(LINUX_ORDER, MAX_PAGE_ORDER_LIMIT),
+                   default=6,
                    help="the ring order of the second set of PV Calls rows (and the "
-                        "backend's max-page-order); 4 is Linux's")
-    p.add_argument("--only", default=",".join(KEYS),
+                        f"backend's max-page-order): {LINUX_ORDER}, Linux's, up to "
+                        f"{MAX_PAGE_ORDER_LIMIT}, the most one indexes page can describe")
+    p.add_argument("--only", type=_keys, default=list(KEYS),
                    help=f"comma-separated measurements to make, of {','.join(KEYS)} "
                         "(for working on one; the README's table is of all)")
-    p.add_argument("--warmup", type=float, default=None,
+    p.add_argument("--warmup", type=benchlib.seconds_or_none, default=None,
                    help="seconds of each measurement made once, with every setup alike, "
                         "before the first round and not counted (default: --seconds, at "
                         "most 0.5; 0 for none)")
-    p.add_argument("--max-ioworkers", type=int, default=None,
+    p.add_argument("--max-ioworkers", type=benchlib.at_least(1), default=None,
                    help="the backend's max_ioworkers (default: the backend's own, "
                         "DEFAULT_MAX_IOWORKERS, so one ioworker per CPU here); 1 shows "
                         "what the second ioworker of one process costs under the GIL")
@@ -487,21 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                         "bench/results/pvcalls.md, and only by a run of every "
                         "measurement)")
     args = p.parse_args(argv)
-    if args.large_order < LINUX_ORDER:
-        p.error(f"--large-order must be at least {LINUX_ORDER}")
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
-    if not args.seconds > 0:
-        p.error("--seconds must be more than 0")
-    if args.max_ioworkers is not None and args.max_ioworkers < 1:
-        p.error("--max-ioworkers must be at least 1")
     warmup = min(args.seconds, 0.5) if args.warmup is None else args.warmup
-    if warmup < 0:
-        p.error("--warmup must not be negative")
-    keys = [key for key in args.only.split(",") if key]
-    unknown = sorted(set(keys) - set(KEYS))
-    if unknown or not keys:
-        p.error(f"--only takes some of {','.join(KEYS)}, got {args.only!r}")
+    keys = args.only
     orders = sorted({LINUX_ORDER, args.large_order})
     _raise_nofile()
     load_before = Path("/proc/loadavg").read_text().split()[0]

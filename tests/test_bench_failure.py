@@ -21,14 +21,33 @@ def _bench() -> ModuleType:
     return load_script(BENCH, "pvcalls_bench")
 
 
+# The backend process is given max-page-order 30, which pvcalls.Backend
+# refuses (the bench itself refuses --large-order 30 as a usage error).  A
+# module of its own, so that the spawned backend process finds the function.
+_FAILING = """
+import pvcalls_bench
+
+def backend_main(conn, run_dir, max_page_order, *rest):
+    pvcalls_bench.backend_main(conn, run_dir, 30, *rest)
+"""
+
+_RUN = """
+import sys
+import failing, pvcalls_bench
+pvcalls_bench.backend_main = failing.backend_main
+sys.exit(pvcalls_bench.main(sys.argv[1:]))
+"""
+
+
 def test_a_failing_party_fails_the_run_with_its_reason(tmp_path: Path) -> None:
-    # max-page-order 30 is refused by pvcalls.Backend in the backend process.
+    (tmp_path / "failing.py").write_text(_FAILING)
     out = tmp_path / "table.md"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--only", "rr", "--seconds", "0.05", "--rounds", "1",
-         "--large-order", "30", "--output", str(out)],
+        [sys.executable, "-c", _RUN, "--only", "rr", "--seconds", "0.05", "--rounds", "1",
+         "--output", str(out)],
         capture_output=True, text=True, timeout=120,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
+        env={**os.environ, "TMPDIR": str(tmp_path),
+             "PYTHONPATH": os.pathsep.join([str(tmp_path), str(BENCH.parent)])},
     )
     assert proc.returncode == 1, proc.stderr
     assert "FAILED" in proc.stderr and "max_page_order" in proc.stderr

@@ -54,9 +54,3 @@ def test_max_ioworkers_reaches_the_backend(tmp_path: Path) -> None:
     assert "sockets per ioworker CPU with 256 streams open: CPU 0: 256 (max - min = 0" in table
     assert "backend max_ioworkers 1;" in table
 
-
-def test_max_ioworkers_below_one_is_refused() -> None:
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / "pvcalls_bench.py"),
-                           "--max-ioworkers", "0"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "--max-ioworkers must be at least 1" in proc.stderr

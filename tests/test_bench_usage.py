@@ -23,6 +23,19 @@ BAD = [
     ("xenstore_bench", "--rounds", "1.5", "not a whole number"),
     ("xenstore_bench", "--clients", "0", "at least 1"),
     ("xenstore_bench", "--clients", "-3", "at least 1"),
+    ("pvcalls_bench", "--large-order", "3", "4..9"),
+    ("pvcalls_bench", "--large-order", "10", "4..9"),
+    ("pvcalls_bench", "--large-order", "30", "4..9"),
+    ("pvcalls_bench", "--seconds", "0", "more than 0"),
+    ("pvcalls_bench", "--seconds", "nan", "more than 0"),
+    ("pvcalls_bench", "--seconds", "inf", "finite"),
+    ("pvcalls_bench", "--rounds", "0", "at least 1"),
+    ("pvcalls_bench", "--warmup", "-1", "not be negative"),
+    ("pvcalls_bench", "--warmup", "nan", "not be negative"),
+    ("pvcalls_bench", "--warmup", "inf", "finite"),
+    ("pvcalls_bench", "--max-ioworkers", "0", "at least 1"),
+    ("pvcalls_bench", "--only", "rr,bogus", "'bogus'"),
+    ("pvcalls_bench", "--only", ",", "some of single,streams,rr,connects"),
 ]
 
 
