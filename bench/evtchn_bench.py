@@ -48,6 +48,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import benchlib
+
 WARMUP = 1000
 
 
@@ -301,12 +303,10 @@ def make_eventfd() -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=20000,
+    parser.add_argument("--rounds", type=benchlib.at_least(1), default=20000,
                         help=f"timed round trips of each run (after {WARMUP} not timed)")
     parser.add_argument("--no-write", action="store_true", help="print only, no results file")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     try:
         return _main(args)
     except BenchError as exc:

@@ -36,6 +36,8 @@ BAD = [
     ("pvcalls_bench", "--max-ioworkers", "0", "at least 1"),
     ("pvcalls_bench", "--only", "rr,bogus", "'bogus'"),
     ("pvcalls_bench", "--only", ",", "some of single,streams,rr,connects"),
+    ("evtchn_bench", "--rounds", "0", "at least 1"),
+    ("evtchn_bench", "--rounds", "many", "not a whole number"),
 ]
 
 
