@@ -1,4 +1,5 @@
-"""What the benchmarks do alike: check their options.
+"""What the benchmarks do alike: check their options, and stop cleanly on
+Ctrl-C or SIGTERM.
 
 Imported by the scripts next to it (``python bench/<name>_bench.py`` puts
 this directory first on ``sys.path``; the tests add it too).
@@ -8,7 +9,16 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+import multiprocessing as mp
+import multiprocessing.util
+import os
+import signal
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from multiprocessing.process import BaseProcess
+from types import FrameType, TracebackType
 
 # -- option types: argparse says "argument --NAME: <message>", exit status 2 --
 
@@ -67,3 +77,169 @@ def seconds_or_none(text: str) -> float:
     if not value >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"{text} must not be negative")
     return value
+
+
+# -- signals -------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupts:
+    """How a benchmark takes SIGINT (Ctrl-C) and SIGTERM while it runs.
+
+    The first raises :class:`KeyboardInterrupt` in the main thread; later
+    ones are ignored, so that a second Ctrl-C does not cut short the
+    cleanup the first started (stopping child processes, removing
+    directories).  With ``grace``, the first SIGINT only asks the run to
+    stop at its next :meth:`checkpoint`, so that the measurement under way
+    ends as it would have; a second SIGINT, or a SIGTERM, raises at once.
+
+    The handlers are the previous ones again on exit, and in a child
+    forked meanwhile (multiprocessing's "fork"): a child's SIGTERM ends it,
+    as :meth:`Process.terminate` expects, and its SIGINT is blocked (see
+    :func:`start`).
+    """
+
+    def __init__(self, *, grace: bool = False) -> None:
+        self.grace = grace
+        self.signum: int | None = None  # the first signal taken
+        self._deferred = 0
+        self._held = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Interrupts:
+        global _running
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handler)
+        _running = self
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        global _running
+        _running = None
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self.grace and signum == signal.SIGINT:
+                return  # taken at the next checkpoint()
+        if self._deferred or _in_finalizer(frame):
+            self._held = True  # raised once the deferral ends, or at checkpoint()
+            return
+        self._stop()
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold a stop back until the body is done (when a signal comes
+        in the middle of starting a child process, say: it must not leave
+        the child started but unknown)."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+        if not self._deferred and self._held:
+            self._held = False
+            self._stop()
+
+    def _stop(self) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    @property
+    def stopping(self) -> bool:
+        return self.signum is not None
+
+    def checkpoint(self) -> None:
+        """Raise :class:`KeyboardInterrupt` if a signal asked to stop (one
+        held back, or one taken with ``grace``)."""
+        if self.stopping:
+            self._stop()
+
+    def status(self) -> int:
+        """The exit status for a run ended by a signal: 128 + its number."""
+        return 128 + (self.signum or signal.SIGINT)
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    # An exception raised in a finalizer (a weakref callback, as
+    # multiprocessing's Finalize is, or a __del__) is printed and then
+    # ignored: the stop would be lost.
+    while frame is not None:
+        if frame.f_code in _FINALIZERS or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+_FINALIZERS = {mp.util.Finalize.__call__.__code__, weakref.finalize.__call__.__code__}
+
+_running: Interrupts | None = None
+
+
+def _after_fork_in_child() -> None:
+    if _running is not None:
+        _running._restore()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def run(name: str, body: Callable[[Interrupts], int], *,
+        failure: type[Exception] | tuple[type[Exception], ...] = (),
+        grace: bool = False) -> int:
+    """``body(interrupts)``'s exit status; or, when it raised ``failure``,
+    "NAME: FAILED, no results: <why>" on stderr and 1; or, when a signal
+    stopped it, "NAME: interrupted, no results" and 128 + the signal's
+    number (130 for Ctrl-C).  No traceback either way."""
+    with Interrupts(grace=grace) as interrupts:
+        try:
+            # A signal held back and not raised by a checkpoint since came
+            # too late to matter: the results are out.
+            return body(interrupts)
+        except KeyboardInterrupt:
+            pass
+        except failure as exc:
+            if not interrupts.stopping:
+                print(f"{name}: FAILED, no results: {exc}", file=sys.stderr, flush=True)
+                return 1
+            # Failed on its way out of an interrupted run (SIGTERM to the
+            # process group ends a child first, say): the signal's doing.
+        print(f"{name}: interrupted, no results", file=sys.stderr, flush=True)
+        return interrupts.status()
+
+
+def start(proc: BaseProcess) -> None:
+    """Start a child process that leaves SIGINT to this one.
+
+    Ctrl-C reaches every process of the terminal's foreground group, the
+    children too; this process stops them in order (as it does when a run
+    fails), so they keep SIGINT blocked from birth, where no handler of
+    theirs can print a traceback nor exit before being told.  SIGTERM
+    still ends them (``Process.terminate()``).  A stop that comes while
+    the child starts is held back until it is started and known to
+    ``proc`` and to :func:`reap_children`.
+    """
+    with _running.deferred() if _running is not None else nullcontext():
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def reap_children(timeout: float = 10.0) -> None:
+    """Kill and wait for every child process still running (the last
+    resort of a run's cleanup: none must outlive it)."""
+    for child in mp.active_children():
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
+            child.join()

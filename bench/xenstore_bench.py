@@ -29,6 +29,7 @@ import os
 import platform
 import queue
 import selectors
+import signal
 import socket
 import struct
 import subprocess
@@ -36,7 +37,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from multiprocessing.synchronize import Barrier, Event
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import benchlib
@@ -51,32 +54,44 @@ class BenchError(Exception):
 
 
 # --- servers (each in its own process) -----------------------------------------
+#
+# A server process says it is ready on a pipe and serves until the parent
+# terminates it: it has nothing to clean up that the parent does not (the
+# run's directory), and no lock of multiprocessing's is shared with it, which
+# it could die holding (a SIGTERM to the process group ends it first).
 
 
-def serve_xenstored(run_dir: str, ready: Event, stop: Event) -> None:
+def serve_xenstored(run_dir: str, ready: Connection) -> None:
     from xenback.sim._xenstored import RawClient, XenStored
 
     with XenStored(Path(run_dir)) as xsd:
         with RawClient(xsd.path) as c:
             c.write("/bench/node", b"v" * 16)
-        ready.set()
-        stop.wait()
+        ready.send("ready")
+        while True:
+            signal.pause()
 
 
-def serve_echo(path: str, ready: Event, stop: Event) -> None:
-    """The baseline: a selector loop sending back whatever arrives."""
+def echo_server(path: str, ready: Connection) -> None:
+    serve_echo(path, lambda: ready.send("ready"))
+
+
+def serve_echo(path: str, ready: Callable[[], None],
+               stopped: Callable[[], bool] | None = None) -> None:
+    """The baseline: a selector loop sending back whatever arrives, until
+    ``stopped()``, or for ever."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
     listener.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, None)
-    ready.set()
-    # As lean as it gets: nothing but select, recv and send (``stop`` is
+    ready()
+    # As lean as it gets: nothing but select, recv and send (``stopped`` is
     # looked at only when idle; the bench is done with it by then).
     while True:
-        events = sel.select(timeout=0.2)
-        if not events and stop.is_set():
+        events = sel.select(timeout=None if stopped is None else 0.2)
+        if not events and stopped is not None and stopped():
             break
         for key, _mask in events:
             if key.data is None:
@@ -171,11 +186,14 @@ def embedded_client(path: str, op: int, seconds: float, start: Barrier, out: mp.
 
     from xenback.sim._xenstored import RawClient, XenStored
 
-    with tempfile.TemporaryDirectory(prefix="xse") as d:
+    # In the run's directory (``path``), which the parent removes even if
+    # this process is killed.
+    with tempfile.TemporaryDirectory(prefix="xse", dir=path) as d:
         if echo:
             ready, stop = threading.Event(), threading.Event()
             local = os.path.join(d, "echo")
-            server = threading.Thread(target=serve_echo, args=(local, ready, stop), daemon=True)
+            server = threading.Thread(target=serve_echo, args=(local, ready.set, stop.is_set),
+                                      daemon=True)
             server.start()
             ready.wait()
             try:
@@ -191,7 +209,8 @@ def embedded_client(path: str, op: int, seconds: float, start: Barrier, out: mp.
 
 
 def measure(client: str, path: str, op: int, nclients: int, seconds: float, echo: bool) -> float:
-    """Round trips per second, summed over ``nclients`` client processes."""
+    """Round trips per second, summed over ``nclients`` client processes
+    (for the embedded client, ``path`` is a directory for its server)."""
     ctx = mp.get_context("fork")
     start = ctx.Barrier(nclients)
     out: mp.Queue = ctx.Queue()
@@ -199,50 +218,60 @@ def measure(client: str, path: str, op: int, nclients: int, seconds: float, echo
     target = {"pyxs": pyxs_client, "raw": raw_client, "embedded": embedded_client}[client]
     for _ in range(nclients):
         procs.append(ctx.Process(target=target, args=(path, op, seconds, start, out, echo)))
-    for p in procs:
-        p.start()
-    results: list[tuple[int, float]] = []
-    deadline = time.monotonic() + 60 + seconds
-    while len(results) < nclients:
-        try:
-            results.append(out.get(timeout=1))
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-                for p in procs:
-                    p.join(10)
-                codes = [p.exitcode for p in procs]
-                raise BenchError(f"{client} clients against {path or 'an embedded server'} "
-                                 f"failed or hung (exit codes {codes}; their tracebacks, "
-                                 f"if any, are above)") from None
-    for p in procs:
-        p.join()
+    try:
+        for p in procs:
+            benchlib.start(p)
+        results: list[tuple[int, float]] = []
+        deadline = time.monotonic() + 60 + seconds
+        while len(results) < nclients:
+            try:
+                results.append(out.get(timeout=1))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                    _kill(procs)
+                    codes = [p.exitcode for p in procs]
+                    server = "an embedded server" if client == "embedded" else path
+                    raise BenchError(f"{client} clients against {server} failed or hung (exit "
+                                     f"codes {codes}; their tracebacks, if any, are above)") from None
+        for p in procs:
+            p.join()
+    finally:
+        _kill(procs)  # interrupted: none outlives the measurement
     return sum(n / elapsed for n, elapsed in results)
 
 
-def _measure_all(args: argparse.Namespace) -> list[tuple[str, str, int, float, float]]:
+def _kill(procs: list[BaseProcess]) -> None:
+    """Kill and reap those of ``procs`` that were started and still run."""
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.exitcode is None:
+            p.kill()
+    for p in started:
+        p.join()
+
+
+def _measure_all(args: argparse.Namespace,
+                 interrupts: benchlib.Interrupts) -> list[tuple[str, str, int, float, float]]:
     """Both servers in processes of their own, every row measured; the
     servers are gone when this returns or raises."""
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="xsb") as d:
-        stop = ctx.Event()
-        ready_x, ready_e = ctx.Event(), ctx.Event()
+        (ready_x, said_x), (ready_e, said_e) = ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)
         echo_path = os.path.join(d, "echo")
         servers = [
-            ctx.Process(target=serve_xenstored, args=(d, ready_x, stop), name="xenstored"),
-            ctx.Process(target=serve_echo, args=(echo_path, ready_e, stop), name="echo server"),
+            ctx.Process(target=serve_xenstored, args=(d, said_x), name="xenstored"),
+            ctx.Process(target=echo_server, args=(echo_path, said_e), name="echo server"),
         ]
         xs_path = os.path.join(d, "xenstored", "socket")
         rows = []
         try:
             for p in servers:
-                p.start()
+                benchlib.start(p)
             deadline = time.monotonic() + 30
             for p, ready in zip(servers, (ready_x, ready_e), strict=True):
-                # Waiting on the event and on the process's exit together:
+                # Waiting on the pipe and on the process's exit together:
                 # a server that dies starting fails the run at once.
-                while not ready.wait(0.1):
+                while not ready.poll(0.1):
                     if not p.is_alive() or time.monotonic() > deadline:
                         raise BenchError(f"the {p.name} did not start (exit code "
                                          f"{p.exitcode}; its traceback, if any, is above)")
@@ -253,6 +282,7 @@ def _measure_all(args: argparse.Namespace) -> list[tuple[str, str, int, float, f
                         # shared, and noise only ever makes a run slower.
                         ours = base = 0.0
                         for _ in range(args.rounds):
+                            interrupts.checkpoint()
                             ours = max(ours, measure(client, xs_path, op, n, args.seconds, False))
                             base = max(base, measure(client, echo_path, op, n, args.seconds, True))
                         rows.append((client, opname, n, ours, base))
@@ -261,20 +291,18 @@ def _measure_all(args: argparse.Namespace) -> list[tuple[str, str, int, float, f
             for op, opname in ((READ, "READ"), (WRITE, "WRITE")):
                 ours = base = 0.0
                 for _ in range(args.rounds):
-                    ours = max(ours, measure("embedded", "", op, 1, args.seconds, False))
-                    base = max(base, measure("embedded", "", op, 1, args.seconds, True))
+                    interrupts.checkpoint()
+                    ours = max(ours, measure("embedded", d, op, 1, args.seconds, False))
+                    base = max(base, measure("embedded", d, op, 1, args.seconds, True))
                 rows.append(("pyxs, server embedded", opname, 1, ours, base))
                 print(f"  embedded {opname:5} x1: {ours:9.0f}/s vs echo {base:9.0f}/s",
                       file=sys.stderr)
         finally:
-            stop.set()
             for p in servers:
-                if p.pid is None:
-                    continue  # never started
-                p.join(10)
-                if p.is_alive():  # not left to block this process's exit
-                    p.kill()
+                if p.pid is not None:  # started
+                    p.terminate()
                     p.join()
+            benchlib.reap_children()
     return rows
 
 
@@ -288,12 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only, no results file")
     parser.add_argument("--no-evtchn", action="store_true", help="skip the event-channel part")
     args = parser.parse_args(argv)
+    return benchlib.run("xenstore_bench", lambda interrupts: _bench(args, interrupts),
+                        failure=BenchError)
 
-    try:
-        rows = _measure_all(args)
-    except BenchError as exc:
-        print(f"xenstore_bench: FAILED, no results: {exc}", file=sys.stderr)
-        return 1
+
+def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
+    rows = _measure_all(args, interrupts)
+    interrupts.checkpoint()
     pyxs_echo_1 = {op: base for c, op, n, _o, base in rows if c == "pyxs" and n == 1}
     raw_echo_1 = next(base for c, op, n, _o, base in rows if c == "raw" and n == 1)
     lines = [
