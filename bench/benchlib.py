@@ -235,11 +235,11 @@ def start(proc: BaseProcess) -> None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def reap_children(timeout: float = 10.0) -> None:
-    """Kill and wait for every child process still running (the last
-    resort of a run's cleanup: none must outlive it)."""
+def reap_children() -> None:
+    """Kill and reap every child process still running: the last resort
+    of a run's cleanup, for those a stop left between their start and the
+    code that would have stopped them (blocking SIGINT, they wait for
+    nobody)."""
     for child in mp.active_children():
-        child.join(timeout)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        child.kill()
+        child.join()

@@ -51,6 +51,7 @@ from typing import Any
 import benchlib
 
 WARMUP = 1000
+RESULTS = Path(__file__).resolve().parent / "results" / "evtchn.md"
 
 
 class BenchError(Exception):
@@ -91,19 +92,21 @@ def watched(child: BaseProcess, what: str, timeout: float) -> Iterator[None]:
     previous = signal.signal(signal.SIGUSR1, _interrupt)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    done = False
     try:
         yield
-    except BaseException:
-        if child.is_alive():
-            child.kill()
-            child.join()
-        raise
+        done = True
     finally:
         os.write(stop_w, b"x")
         watcher.join()
         os.close(stop_r)
         os.close(stop_w)
         signal.signal(signal.SIGUSR1, previous)
+        # Killed only now that the watchdog is gone: its death must not
+        # be taken for a failure (of a run stopped by Ctrl-C, say).
+        if not done and child.is_alive():
+            child.kill()
+            child.join()
     if fired.is_set():  # fired as the body ended: the run is still suspect
         raise BenchError(_why[0])
 
@@ -194,7 +197,7 @@ def run_evtchn(rounds: int, blocking: bool) -> list[float]:
                 target=evtchn_echo,
                 args=(str(host.run_dir), guest.domid, port, rounds, child_ctl, blocking),
             )
-            child.start()
+            benchlib.start(child)
             child_ctl.close()
             poller = select.poll()
             poller.register(ch.fileno(), select.POLLIN)
@@ -236,7 +239,7 @@ def run_fd(rounds: int, make: Callable[[], tuple[int, int]], size: int,
     pong_r, pong_w = make()
     ctl, child_ctl = mp.Pipe()
     child = mp.Process(target=fd_echo, args=(ping_r, pong_w, rounds, child_ctl, size, cpu))
-    child.start()
+    benchlib.start(child)
     child_ctl.close()
     data = b"\x00" if size == 1 else (1).to_bytes(8, sys.byteorder)
 
@@ -266,7 +269,7 @@ def run_epoll_floor(rounds: int) -> list[float]:
     pong_r, pong_w = make_pipe()
     ctl, child_ctl = mp.Pipe()
     child = mp.Process(target=epoll_echo, args=(ping_r, pong_w, rounds, child_ctl))
-    child.start()
+    benchlib.start(child)
     child_ctl.close()
     ep = select.epoll()
     ep.register(pong_r, select.EPOLLIN)
@@ -307,14 +310,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"timed round trips of each run (after {WARMUP} not timed)")
     parser.add_argument("--no-write", action="store_true", help="print only, no results file")
     args = parser.parse_args(argv)
+    return benchlib.run("evtchn_bench", lambda interrupts: _main(args, interrupts),
+                        failure=BenchError)
+
+
+def _main(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
     try:
-        return _main(args)
-    except BenchError as exc:
-        print(f"evtchn_bench: FAILED, no results: {exc}", file=sys.stderr)
-        return 1
+        return _bench(args, interrupts)
+    finally:
+        benchlib.reap_children()  # those a stop left between start and watch
 
 
-def _main(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
     # fork: the bare baselines' children inherit their descriptors.  The
     # evtchn child is spawned: the host in this process runs threads.
     mp.set_start_method("fork", force=True)
@@ -323,7 +330,7 @@ def _main(args: argparse.Namespace) -> int:
 
     results: dict[str, list[float]] = {}
     # Interleave so that drifting machine load hits all of them alike.
-    for _ in range(2):
+    for n in range(2):
         for name, run in (
             ("pipe", lambda: run_fd(rounds, make_pipe, 1)),
             ("eventfd", lambda: run_fd(rounds, make_eventfd, 8)),
@@ -332,6 +339,8 @@ def _main(args: argparse.Namespace) -> int:
             ("evtchn-wait", lambda: run_evtchn(rounds, True)),
             ("pipe, one CPU", lambda: run_fd(rounds, make_pipe, 1, one_cpu)),
         ):
+            interrupts.checkpoint()
+            print(f"run {n + 1} of 2: {name} ...", file=sys.stderr, flush=True)
             times = run()
             if name not in results or statistics.median(times) < statistics.median(results[name]):
                 results[name] = times
@@ -383,9 +392,8 @@ def _main(args: argparse.Namespace) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        out = Path(__file__).parent / "results" / "evtchn.md"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(text)
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(text)
     return 0
 
 

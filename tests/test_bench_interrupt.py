@@ -54,3 +54,12 @@ def test_xenstore_bench(tmp_path: Path, started: str, sig: int) -> None:
                      started, sig)
     _check(tmp_path, "xenstore_bench", run, sig)
 
+
+@pytest.mark.parametrize("sig", SIGNALS)
+@pytest.mark.parametrize("started", ["pipe ...", "evtchn ..."])
+def test_evtchn_bench(tmp_path: Path, started: str, sig: int) -> None:
+    # Each measurement takes a second or so, the signal comes in the first
+    # milliseconds of the one named.
+    run = _interrupt(tmp_path, "evtchn_bench", ["--rounds", "20000"], started, sig)
+    _check(tmp_path, "evtchn_bench", run, sig)
+
