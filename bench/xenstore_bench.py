@@ -358,7 +358,17 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
         # A process of its own: it needs the "fork" start method for itself.
         evtchn = Path(__file__).with_name("evtchn_bench.py")
         extra = ["--no-write"] if args.no_write else []
-        return subprocess.run([sys.executable, str(evtchn), *extra], check=False).returncode
+        proc = subprocess.Popen([sys.executable, str(evtchn), *extra])
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # It stops as this process does, saying so, and must be let
+            # finish that (subprocess would kill it 0.25 s later, leaving
+            # its processes and simulated host behind).  The signal was
+            # for it too, unless it was sent to this process alone.
+            assert interrupts.signum is not None
+            proc.send_signal(interrupts.signum)
+            return proc.wait()
     return 0
 
 

@@ -57,6 +57,24 @@ def test_xenstore_bench(tmp_path: Path, started: str, sig: int) -> None:
 
 @pytest.mark.parametrize("sig", SIGNALS)
 @pytest.mark.parametrize("started", ["pipe ...", "evtchn ..."])
+def test_xenstore_bench_in_its_event_channel_part(tmp_path: Path, started: str,
+                                                  sig: int) -> None:
+    # The XenStore table is done (and written); evtchn_bench, a process of
+    # its own, has none.
+    run = _interrupt(tmp_path, "xenstore_bench",
+                     ["--seconds", "0.05", "--rounds", "1", "--clients", "1"],
+                     f"run 1 of 2: {started}", sig)
+    assert run.returncode == 128 + sig, run.stderr
+    assert "evtchn_bench: interrupted, no results" in run.stderr
+    assert "Traceback" not in run.stderr and "FAILED" not in run.stderr, run.stderr
+    assert "| xenstored round trips/s |" in run.stdout
+    assert "| mechanism |" not in run.stdout
+    assert not run.left_running
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+@pytest.mark.parametrize("started", ["pipe ...", "evtchn ..."])
 def test_evtchn_bench(tmp_path: Path, started: str, sig: int) -> None:
     # Each measurement takes a second or so, the signal comes in the first
     # milliseconds of the one named.
