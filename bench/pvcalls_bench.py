@@ -369,7 +369,7 @@ class Party:
         self.name = name
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=target, args=(child, *args), daemon=True, name=name)
-        self.proc.start()
+        benchlib.start(self.proc)
         # Only the child holds its end now: should it die, ask() sees EOF
         # at once instead of waiting out its timeout.
         child.close()
@@ -508,14 +508,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     warmup = min(args.seconds, 0.5) if args.warmup is None else args.warmup
     keys = args.only
+    return benchlib.run(
+        "pvcalls_bench", lambda interrupts: _bench(args, keys, warmup, interrupts),
+        failure=BenchError)
+
+
+def _bench(args: argparse.Namespace, keys: list[str], warmup: float,
+           interrupts: benchlib.Interrupts) -> int:
     orders = sorted({LINUX_ORDER, args.large_order})
     _raise_nofile()
     load_before = Path("/proc/loadavg").read_text().split()[0]
-    try:
-        runs, opened, rss_before = _run(args, keys, orders, warmup)
-    except BenchError as exc:
-        print(f"pvcalls_bench: FAILED, no results: {exc}", file=sys.stderr)
-        return 1
+    runs, opened, rss_before = _run(args, keys, orders, warmup, interrupts)
+    interrupts.checkpoint()
 
     measurements = {
         "single": ("single stream, 64 KiB writes (MB/s)", 1e6, 0.50),
@@ -599,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
 Runs = dict[Any, dict[str, list[tuple[float, dict[str, float]]]]]
 
 
-def _run(args: argparse.Namespace, keys: list[str], orders: list[int],
-         warmup: float) -> tuple[Runs, dict[int, Any], dict[int, int]]:
+def _run(args: argparse.Namespace, keys: list[str], orders: list[int], warmup: float,
+         interrupts: benchlib.Interrupts) -> tuple[Runs, dict[int, Any], dict[int, int]]:
     """Start every party, wait until all are set up, warm up, then make the
     rounds.  Every process and the simulated host's directory are gone
     when this returns, whether or not it raises."""
@@ -613,6 +617,8 @@ def _run(args: argparse.Namespace, keys: list[str], orders: list[int],
     from pvcalls import DEFAULT_MAX_IOWORKERS
 
     max_ioworkers = args.max_ioworkers or DEFAULT_MAX_IOWORKERS
+    print(f"starting the echo server, the backend and {NR_GUESTS * (1 + len(orders))} "
+          "clients ...", file=sys.stderr, flush=True)
     run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
     try:
         echo = Party(ctx, "echo server", echo_main)
@@ -661,16 +667,19 @@ def _run(args: argparse.Namespace, keys: list[str], orders: list[int],
             print(f"warm-up, {warmup:g} s each ...", file=sys.stderr)
             for key in keys:
                 for setup, clients, groups in setups:
+                    interrupts.checkpoint()
                     one(key, setup, clients, groups, warmup)
         for rnd in range(args.rounds):
             print(f"round {rnd + 1} of {args.rounds} ...", file=sys.stderr)
             for key in keys:
                 for setup, clients, groups in setups[:: -1 if rnd % 2 else 1]:
+                    interrupts.checkpoint()
                     runs.setdefault(setup, {}).setdefault(key, []).append(
                         one(key, setup, clients, groups, args.seconds))
     finally:
         for party, quit_msg in reversed(parties):
             party.close(quit_msg)
+        benchlib.reap_children()  # one a stop caught before it was in parties
         shutil.rmtree(run_dir, ignore_errors=True)
     return runs, opened, rss_before
 

@@ -6,12 +6,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+# How long the process group may outlive its leader: multiprocessing's
+# resource tracker, a process of the group too, exits once it reads the
+# end of its pipe, a moment after the last process holding that pipe.
+GRACE = 5.0
 
 
 @dataclass
@@ -46,11 +52,19 @@ def interrupt(cmd: list[str], started: str, *, sig: int = signal.SIGINT,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        left_running = False
-    else:
-        left_running = True
+    left_running = not _group_gone(proc.pid, GRACE)
+    if left_running:
         os.killpg(proc.pid, signal.SIGKILL)  # not left to the next test
     return Interrupted(proc.returncode, out, "".join(seen) + err, left_running)
+
+
+def _group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)

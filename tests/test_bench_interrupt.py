@@ -6,8 +6,11 @@ and no process, run directory or socket left behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,42 +29,51 @@ sys.exit({bench}.main(sys.argv[2:]))
 """
 
 
-def _interrupt(tmp_path: Path, bench: str, args: list[str], started: str,
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    # Short: a simulated host's sockets are made in TMPDIR, and a socket's
+    # path has room for 107 bytes.
+    path = Path(tempfile.mkdtemp(prefix="bi-"))
+    yield path
+    shutil.rmtree(path)
+
+
+def _interrupt(short_tmp: Path, bench: str, args: list[str], started: str,
                sig: int) -> Interrupted:
-    (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(BENCH_DIR)}
+    (short_tmp / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(short_tmp / "tmp"), "PYTHONPATH": str(BENCH_DIR)}
     return interrupt([sys.executable, "-c", _RUN.format(bench=bench),
-                      str(tmp_path / "results.md"), *args], started, sig=sig, env=env)
+                      str(short_tmp / "results.md"), *args], started, sig=sig, env=env)
 
 
-def _check(tmp_path: Path, bench: str, run: Interrupted, sig: int) -> None:
+def _check(short_tmp: Path, bench: str, run: Interrupted, sig: int) -> None:
     assert run.returncode == 128 + sig, run.stderr
     assert f"{bench}: interrupted, no results" in run.stderr
     assert "Traceback" not in run.stderr and "FAILED" not in run.stderr, run.stderr
     assert run.stdout == ""  # no table
-    assert not (tmp_path / "results.md").exists()
+    assert not (short_tmp / "results.md").exists()
     assert not run.left_running
-    assert list((tmp_path / "tmp").iterdir()) == []  # run directories, sockets
+    assert list((short_tmp / "tmp").iterdir()) == []  # run directories, sockets
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
 @pytest.mark.parametrize("started", ["pyxs READ  x1:", "raw  READ  x1:"])
-def test_xenstore_bench(tmp_path: Path, started: str, sig: int) -> None:
+def test_xenstore_bench(short_tmp: Path, started: str, sig: int) -> None:
     # After the first row (pyxs) or the eighth (raw, whose next rows are
     # raw clients, against xenstored or the echo server).
-    run = _interrupt(tmp_path, "xenstore_bench",
+    run = _interrupt(short_tmp, "xenstore_bench",
                      ["--seconds", "0.5", "--rounds", "1", "--clients", "2", "--no-evtchn"],
                      started, sig)
-    _check(tmp_path, "xenstore_bench", run, sig)
+    _check(short_tmp, "xenstore_bench", run, sig)
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
 @pytest.mark.parametrize("started", ["pipe ...", "evtchn ..."])
-def test_xenstore_bench_in_its_event_channel_part(tmp_path: Path, started: str,
+def test_xenstore_bench_in_its_event_channel_part(short_tmp: Path, started: str,
                                                   sig: int) -> None:
     # The XenStore table is done (and written); evtchn_bench, a process of
     # its own, has none.
-    run = _interrupt(tmp_path, "xenstore_bench",
+    run = _interrupt(short_tmp, "xenstore_bench",
                      ["--seconds", "0.05", "--rounds", "1", "--clients", "1"],
                      f"run 1 of 2: {started}", sig)
     assert run.returncode == 128 + sig, run.stderr
@@ -70,14 +82,24 @@ def test_xenstore_bench_in_its_event_channel_part(tmp_path: Path, started: str,
     assert "| xenstored round trips/s |" in run.stdout
     assert "| mechanism |" not in run.stdout
     assert not run.left_running
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list((short_tmp / "tmp").iterdir()) == []
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
 @pytest.mark.parametrize("started", ["pipe ...", "evtchn ..."])
-def test_evtchn_bench(tmp_path: Path, started: str, sig: int) -> None:
+def test_evtchn_bench(short_tmp: Path, started: str, sig: int) -> None:
     # Each measurement takes a second or so, the signal comes in the first
     # milliseconds of the one named.
-    run = _interrupt(tmp_path, "evtchn_bench", ["--rounds", "20000"], started, sig)
-    _check(tmp_path, "evtchn_bench", run, sig)
+    run = _interrupt(short_tmp, "evtchn_bench", ["--rounds", "20000"], started, sig)
+    _check(short_tmp, "evtchn_bench", run, sig)
 
+
+@pytest.mark.parametrize("sig", SIGNALS)
+@pytest.mark.parametrize("started", ["starting", "round 1 of"])
+def test_pvcalls_bench(short_tmp: Path, started: str, sig: int) -> None:
+    # While its processes start, and while it measures.
+    run = _interrupt(short_tmp, "pvcalls_bench",
+                     ["--only", "rr", "--seconds", "0.5", "--rounds", "3", "--warmup", "0",
+                      "--large-order", "4", "--output", str(short_tmp / "results.md")],
+                     started, sig)
+    _check(short_tmp, "pvcalls_bench", run, sig)
