@@ -92,7 +92,8 @@ class Interrupts:
     cleanup the first started (stopping child processes, removing
     directories).  With ``grace``, the first SIGINT only asks the run to
     stop at its next :meth:`checkpoint`, so that the measurement under way
-    ends as it would have; a second SIGINT, or a SIGTERM, raises at once.
+    ends as it would have, and ``grace`` is printed to say so; a second
+    SIGINT, or a SIGTERM, raises at once.
 
     The handlers are the previous ones again on exit, and in a child
     forked meanwhile (multiprocessing's "fork"): a child's SIGTERM ends it,
@@ -100,7 +101,7 @@ class Interrupts:
     :func:`start`).
     """
 
-    def __init__(self, *, grace: bool = False) -> None:
+    def __init__(self, *, grace: str | None = None) -> None:
         self.grace = grace
         self.signum: int | None = None  # the first signal taken
         self._deferred = 0
@@ -127,7 +128,10 @@ class Interrupts:
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
-            if self.grace and signum == signal.SIGINT:
+            if self.grace is not None and signum == signal.SIGINT:
+                # Not print(): the main thread may be inside a write to
+                # sys.stderr, which is not reentrant.
+                os.write(2, f"{self.grace}\n".encode())
                 return  # taken at the next checkpoint()
         if self._deferred or _in_finalizer(frame):
             self._held = True  # raised once the deferral ends, or at checkpoint()
@@ -194,7 +198,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def run(name: str, body: Callable[[Interrupts], int], *,
         failure: type[Exception] | tuple[type[Exception], ...] = (),
-        grace: bool = False) -> int:
+        grace: str | None = None) -> int:
     """``body(interrupts)``'s exit status; or, when it raised ``failure``,
     "NAME: FAILED, no results: <why>" on stderr and 1; or, when a signal
     stopped it, "NAME: interrupted, no results" and 128 + the signal's

@@ -40,6 +40,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+import benchlib
+
 from workqueue import Work, alloc_workqueue
 
 RESULTS = Path(__file__).resolve().parent / "results" / "workqueue.md"
@@ -339,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
     args = parser.parse_args(argv)
+    # The first Ctrl-C lets the measurement under way end as usual: then
+    # every workqueue and pool is taken down in order, as after any run.
+    return benchlib.run("workqueue_bench", lambda interrupts: _bench(args, interrupts),
+                        grace="interrupted: stopping once this measurement is done "
+                              "(Ctrl-C again to stop now)")
+
+
+def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
 
     n_a = 20_000 if args.quick else 200_000
     n_b = 20_000 if args.quick else 100_000
@@ -362,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
 
     def note(msg: str) -> None:
+        interrupts.checkpoint()
         print(msg, file=sys.stderr, flush=True)
 
     note("(a) queue_work of distinct Work items ...")
@@ -439,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(Row("(d) queue-to-start latency p50, idle", "us", ours50, base50, "<= TPE", False))
     rows.append(Row("(d) queue-to-start latency p99, idle", "us", ours99, base99, "<= TPE", False))
 
+    interrupts.checkpoint()
     goals = {">= 10x": 10.0, ">= 2x": 2.0, ">= 3x": 3.0, "<= TPE": 1.0}
     for row in rows:
         if row.target in goals:
@@ -448,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     future_bytes = memory_per_object(Future)
 
     load = os.getloadavg()[0]
+    interrupts.checkpoint()
     lines = [
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs ({platform.machine()}), "
         f"baseline ThreadPoolExecutor(max_workers={os.cpu_count()}), "

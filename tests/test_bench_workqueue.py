@@ -1,0 +1,110 @@
+"""bench/workqueue_bench.py on Ctrl-C: the first ends the measurement under
+way as usual and then the run, the second ends it at once; either way it
+says so, exits 130 with no traceback and no table, and leaves no
+workqueue or thread of its own running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from benchrun import BENCH_DIR, interrupt
+from scripts import load_script
+
+BENCH = BENCH_DIR / "workqueue_bench.py"
+
+
+def test_ctrl_c_from_the_terminal(tmp_path: Path) -> None:
+    run = interrupt([sys.executable, str(BENCH), "--quick", "--no-write"],
+                    "(a) queue_work of distinct Work items")
+    assert run.returncode == 130, run.stderr
+    assert "interrupted: stopping once this measurement is done" in run.stderr
+    assert run.stderr.endswith("workqueue_bench: interrupted, no results\n"), run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stdout == ""  # no table
+    assert not run.left_running
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The benchmark as a module, recording the workqueues it makes and
+    which scenarios ran to their end."""
+    module: Any = load_script(BENCH, "workqueue_bench")
+    module.made, module.ran = [], []
+    alloc = module.alloc_workqueue
+
+    def alloc_recorded(*args: Any, **kwargs: Any) -> Any:
+        wq = alloc(*args, **kwargs)
+        module.made.append(wq)
+        return wq
+
+    monkeypatch.setattr(module, "alloc_workqueue", alloc_recorded)
+    for name in ("a_workqueue", "a_tpe", "b_workqueue", "b_tpe"):
+        monkeypatch.setattr(module, name, _recorded(module, name, getattr(module, name)))
+    return module
+
+
+def _recorded(module: Any, name: str, scenario: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        result = scenario(*args)
+        module.ran.append(name)
+        return result
+
+    return run
+
+
+def _ctrl_c(module: ModuleType, name: str, times: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make scenario ``name`` press Ctrl-C ``times`` times as it starts."""
+    scenario = getattr(module, name)
+
+    def interrupted(*args: Any) -> Any:
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+        return scenario(*args)
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+def _own_threads(before: set[int | None]) -> list[str]:
+    # The workqueue's shared pool workers and timer belong to the process,
+    # as kworkers do, not to a workqueue: they stay.
+    return [t.name for t in threading.enumerate()
+            if t.ident not in before and not t.name.startswith(("kworker/", "wq-"))]
+
+
+def _check_stopped(bench: Any, capsys: pytest.CaptureFixture[str], before: set[int | None]) -> None:
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith("workqueue_bench: interrupted, no results\n"), err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert bench.made
+    for wq in bench.made:
+        with pytest.raises(RuntimeError, match="is destroyed"):
+            wq.queue_work(bench.Work(print))
+    assert _own_threads(before) == []
+
+
+def test_the_first_ctrl_c_ends_the_measurement_under_way(
+        bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _ctrl_c(bench, "a_workqueue", 1, monkeypatch)
+    before = {t.ident for t in threading.enumerate()}
+    assert bench.main(["--quick", "--no-write"]) == 130
+    # (a) ran to its end, both sides; nothing after it started.
+    assert bench.ran == ["a_workqueue", "a_tpe"]
+    _check_stopped(bench, capsys, before)
+
+
+def test_a_second_ctrl_c_ends_the_run_at_once(
+        bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _ctrl_c(bench, "b_tpe", 2, monkeypatch)
+    before = {t.ident for t in threading.enumerate()}
+    assert bench.main(["--quick", "--no-write"]) == 130
+    assert "b_tpe" not in bench.ran and "b_workqueue" in bench.ran
+    _check_stopped(bench, capsys, before)
