@@ -21,6 +21,7 @@ import logging
 import tempfile
 import threading
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 from workqueue import Work, Workqueue
@@ -135,17 +136,22 @@ def _demo() -> None:
         with ConsoleBackend(host.dom0, Path(logs), on_output=lambda d, b: done.set()):
             guest = host.create_domain("demo")
             dev = host.toolstack.add_device("console", guest.domid)
-            page, evtchn = guest.gntshr().share_pages(0, 1), guest.evtchn()
-            port = evtchn.bind_unbound_port(0)
-            with guest.xenstore() as xs:
-                for key, value in (("ring-ref", page.refs[0]), ("port", port), ("state", 3)):
-                    xs.write(f"{dev.frontend_path}/{key}".encode(), str(value).encode())
-            out, _ = console_rings(page.buffer)
-            text = b"Hello from a simulated guest's console\n"
-            out.writable()[0][:len(text)] = text
-            out.produce(len(text))
-            evtchn.notify(port)
-            done.wait(10)
+            # The guest's handles are closed as a program's must be (closing
+            # the grant-sharing one ends its grants too).
+            with closing(guest.gntshr()) as gntshr, closing(guest.evtchn()) as evtchn:
+                page = gntshr.share_pages(0, 1)
+                port = evtchn.bind_unbound_port(0)
+                with guest.xenstore() as xs:
+                    for key, value in (("ring-ref", page.refs[0]), ("port", port), ("state", 3)):
+                        xs.write(f"{dev.frontend_path}/{key}".encode(), str(value).encode())
+                out, _ = console_rings(page.buffer)
+                text = b"Hello from a simulated guest's console\n"
+                out.writable()[0][:len(text)] = text
+                out.produce(len(text))
+                evtchn.notify(port)
+                if not done.wait(10):
+                    raise SystemExit("console_backend: the guest's output did not reach "
+                                     "the backend within 10 s")
             print((Path(logs) / f"console-{guest.domid}.log").read_text(), end="")
 
 
