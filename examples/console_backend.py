@@ -155,13 +155,22 @@ def _demo() -> None:
             print((Path(logs) / f"console-{guest.domid}.log").read_text(), end="")
 
 
+def _directory(text: str) -> Path:
+    # Checked now: a missing directory would fail only when a guest's
+    # console connects, as a device error in XenStore.
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return Path(text)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", action="store_true",
-                        help="run against a simulated guest (the default without --log-dir)")
-    parser.add_argument("--log-dir", type=Path,
-                        help="serve the real dom0 (xenback.xen), writing the guests' "
-                             "console logs to LOG_DIR, until SIGINT or SIGTERM")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--demo", action="store_true",
+                      help="run against a simulated guest (the default without --log-dir)")
+    mode.add_argument("--log-dir", type=_directory,
+                      help="serve the real dom0 (xenback.xen), writing the guests' "
+                           "console logs to LOG_DIR, until SIGINT or SIGTERM")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.demo or args.log_dir is None:

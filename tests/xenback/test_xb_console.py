@@ -290,3 +290,13 @@ def test_the_demo_closes_what_it_opens() -> None:
     assert result.stdout == "Hello from a simulated guest's console\n"
     assert "ResourceWarning" not in result.stderr and "unclosed" not in result.stderr
 
+
+@pytest.mark.parametrize(("args", "why"), [
+    (["--demo", "--log-dir", "."], "argument --log-dir: not allowed with argument --demo"),
+    (["--log-dir", "no/such/dir"], "argument --log-dir: 'no/such/dir' is not a directory"),
+])
+def test_wrong_options_are_usage_errors(args: list[str], why: str) -> None:
+    result = _run_example(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(f"error: {why}\n"), result.stderr
+    assert result.stdout == ""
