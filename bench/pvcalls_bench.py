@@ -534,7 +534,8 @@ def _bench(args: argparse.Namespace, keys: list[str], warmup: float,
         return " / ".join(f"{median([c[n] for c in cores]):.2f}" for n in names)
 
     lines = [
-        "| measurement | ring order | pvcalls | direct loopback | ratio (median; range) | "
+        "| measurement | ring order | pvcalls | direct loopback | "
+        "pvcalls / direct loopback, median of the rounds (range) | "
         "target | CPU cores used, pvcalls (guests / backend / echo) | "
         "CPU cores used, direct (clients / echo) |",
         "|---|---|---:|---:|---:|---|---|---|",

@@ -43,6 +43,8 @@ def test_a_partial_run_writes_where_it_is_told(tmp_path: Path) -> None:
     assert not rec.exists()
     table = out.read_text()
     assert "64-byte round trips" in table
+    # Which way the ratio goes, and of what.
+    assert "| pvcalls / direct loopback, median of the rounds (range) |" in table
     assert "single stream" not in table
 
 
