@@ -108,3 +108,16 @@ def test_a_second_ctrl_c_ends_the_run_at_once(
     assert bench.main(["--quick", "--no-write"]) == 130
     assert "b_tpe" not in bench.ran and "b_workqueue" in bench.ran
     _check_stopped(bench, capsys, before)
+
+
+def test_the_table_says_which_way_its_ratios_go(capsys: pytest.CaptureFixture[str]) -> None:
+    bench: Any = load_script(BENCH, "workqueue_bench")
+    assert bench.main(["--quick", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| ratio (> 1x: workqueue better) | ratio by CPU time |" in out
+    assert bench.RATIOS in out
+    # The latency rows' ratio is TPE's time over workqueue's.
+    row = next(line for line in out.splitlines() if "latency p50" in line)
+    ours, base, ratio = (float(cell.strip().rstrip("x").replace(",", ""))
+                         for cell in row.split("|")[3:6])
+    assert ratio == pytest.approx(base / ours, rel=0.01)
