@@ -20,6 +20,11 @@ from contextlib import contextmanager, nullcontext
 from multiprocessing.process import BaseProcess
 from types import FrameType, TracebackType
 
+EPILOG = ("Exit status: 0 when done, 1 when a measurement failed (with why, and no results), "
+          "2 for a usage error, 130 (143) when interrupted by Ctrl-C (SIGTERM), with no "
+          "results.")
+
+
 # -- option types: argparse says "argument --NAME: <message>", exit status 2 --
 
 

@@ -478,21 +478,30 @@ def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, li
 def main(argv: list[str] | None = None) -> int:
     from pvcalls._wire import MAX_PAGE_ORDER_LIMIT
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description="Throughput, round trips and connects of guests through the PV Calls "
+        "backend, each guest and the backend in a process of their own on a simulated host, "
+        "against a baseline: direct loopback TCP, the same client code on plain sockets, "
+        "measured in the same run (rounds of back-to-back pairs).  Prints a Markdown table "
+        "with pvcalls / direct loopback for each measurement and ring order and writes "
+        "bench/results/pvcalls.md (only a run of every measurement; see --output).",
+        epilog=benchlib.EPILOG)
     p.add_argument("--seconds", type=benchlib.seconds, default=2.0,
-                   help="duration of each measurement")
+                   help="duration of each measurement (default: %(default)s)")
     p.add_argument("--rounds", type=benchlib.at_least(1), default=5,
                    help="rounds; in each, every measurement is made with direct loopback and "
                         "with each ring order, back to back (in reverse order every other "
-                        "round, so that a drifting load favours neither)")
+                        "round, so that a drifting load favours neither) (default: "
+                        "%(default)s)")
     p.add_argument("--large-order", type=benchlib.at_least(LINUX_ORDER, MAX_PAGE_ORDER_LIMIT),
                    default=6,
                    help="the ring order of the second set of PV Calls rows (and the "
                         f"backend's max-page-order): {LINUX_ORDER}, Linux's, up to "
-                        f"{MAX_PAGE_ORDER_LIMIT}, the most one indexes page can describe")
+                        f"{MAX_PAGE_ORDER_LIMIT}, the most one indexes page can describe "
+                        "(default: %(default)s)")
     p.add_argument("--only", type=_keys, default=list(KEYS),
                    help=f"comma-separated measurements to make, of {','.join(KEYS)} "
-                        "(for working on one; the README's table is of all)")
+                        "(for working on one; the README's table is of all, the default)")
     p.add_argument("--warmup", type=benchlib.seconds_or_none, default=None,
                    help="seconds of each measurement made once, with every setup alike, "
                         "before the first round and not counted (default: --seconds, at "

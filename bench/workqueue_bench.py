@@ -340,12 +340,23 @@ def memory_per_object(make: Callable[[], object], n: int = 10_000) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts (for a smoke run)")
+    parser = argparse.ArgumentParser(
+        description="Throughput and latency of workqueue against a baseline: "
+        f"ThreadPoolExecutor(max_workers={os.cpu_count()}), measured in the same run, the two "
+        "sides alternating: (a) queue_work of distinct items, (b) submit() and wait, (c) "
+        "per-key serial execution, (d) queue-to-start latency; and an idle Work's memory.  "
+        "Prints a Markdown table of both sides and their ratio (above 1x: workqueue better) "
+        "and writes bench/results/workqueue.md.  The first Ctrl-C ends the measurement under "
+        "way, then the run; a second, at once.",
+        epilog=benchlib.EPILOG)
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller counts, one round (a smoke run: no results file)")
     parser.add_argument(
-        "--profile", choices="abcd", help="cProfile the workqueue side of one scenario"
+        "--profile", choices="abcd",
+        help="instead of the table, cProfile the workqueue side of one scenario"
     )
-    parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print the table only: no bench/results/workqueue.md")
     args = parser.parse_args(argv)
     # The first Ctrl-C lets the measurement under way end as usual: then
     # every workqueue and pool is taken down in order, as after any run.

@@ -307,14 +307,27 @@ def _measure_all(args: argparse.Namespace,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=benchlib.seconds, default=1.0, help="per measurement")
+    parser = argparse.ArgumentParser(
+        description="XenStore round trips per second of the simulated host's xenstored "
+        "against a baseline: a bare Python Unix-socket echo server, with the same clients "
+        "(pyxs, and the thinnest raw socket client), each in a process of its own, measured "
+        "in the same run.  Prints a Markdown table with xenstored / echo for each client, "
+        "operation and number of clients and writes bench/results/xenstore.md; then runs "
+        "bench/evtchn_bench.py (the event channels), so that one run covers the simulated "
+        "host.",
+        epilog=benchlib.EPILOG)
+    parser.add_argument("--seconds", type=benchlib.seconds, default=1.0,
+                        help="seconds of each measurement (default: %(default)s)")
     parser.add_argument("--rounds", type=benchlib.at_least(1), default=3,
-                        help="best of this many")
+                        help="rounds of each measurement, the best counts "
+                             "(default: %(default)s)")
     parser.add_argument("--clients", type=benchlib.at_least(1), default=8,
-                        help="concurrent clients")
-    parser.add_argument("--no-write", action="store_true", help="print only, no results file")
-    parser.add_argument("--no-evtchn", action="store_true", help="skip the event-channel part")
+                        help="client processes of the many-clients rows (default: %(default)s)")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print the tables only: no bench/results/xenstore.md, nor "
+                             "evtchn.md")
+    parser.add_argument("--no-evtchn", action="store_true",
+                        help="skip the event-channel part (bench/evtchn_bench.py)")
     args = parser.parse_args(argv)
     return benchlib.run("xenstore_bench", lambda interrupts: _bench(args, interrupts),
                         failure=BenchError)

@@ -57,3 +57,23 @@ def test_a_bad_option_is_a_usage_error(bench: str, option: str, value: str, why:
     # Refused before anything started: no progress line, no table.
     assert proc.stderr.startswith("usage:") and proc.stdout == ""
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("bench", "measures", "baseline"), [
+    ("workqueue_bench", "workqueue", "ThreadPoolExecutor"),
+    ("xenstore_bench", "round trips per second of the simulated host's xenstored",
+     "a bare Python Unix-socket echo server"),
+    ("evtchn_bench", "Notify-to-wakeup round trips of the simulated host's event channels",
+     "bare pipes and eventfds"),
+    ("pvcalls_bench", "guests through the PV Calls backend", "direct loopback TCP"),
+])
+def test_help_says_what_is_measured_against_what(bench: str, measures: str,
+                                                 baseline: str) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / f"{bench}.py"), "--help"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # unwrapped
+    assert measures in text and f"baseline: {baseline}" in text, text
+    assert f"bench/results/{bench.removesuffix('_bench')}.md" in text
+    assert "Exit status: 0 when done, 1 when a measurement failed" in text
+    assert "130 (143) when interrupted by Ctrl-C (SIGTERM)" in text
