@@ -447,6 +447,13 @@ def _keys(text: str) -> list[str]:
     return keys
 
 
+def _output(text: str) -> Path:
+    # Found out now rather than after the whole run, with no table written.
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    return Path(text)
+
+
 def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, list[Party]],
             on_open: Callable[[], Any] | None = None) -> tuple[float, dict[str, float], Any]:
     """One measurement ``key`` with ``clients``: (value, CPU cores used by
@@ -510,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the backend's max_ioworkers (default: the backend's own, "
                         "DEFAULT_MAX_IOWORKERS, so one ioworker per CPU here); 1 shows "
                         "what the second ioworker of one process costs under the GIL")
-    p.add_argument("--output", type=Path, default=None,
+    p.add_argument("--output", type=_output, default=None,
                    help="where to write the table (default: the recorded table, "
                         "bench/results/pvcalls.md, and only by a run of every "
                         "measurement)")

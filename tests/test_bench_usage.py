@@ -36,6 +36,7 @@ BAD = [
     ("pvcalls_bench", "--max-ioworkers", "0", "at least 1"),
     ("pvcalls_bench", "--only", "rr,bogus", "'bogus'"),
     ("pvcalls_bench", "--only", ",", "some of single,streams,rr,connects"),
+    ("pvcalls_bench", "--output", ".", "'.' is a directory"),
     ("evtchn_bench", "--rounds", "0", "at least 1"),
     ("evtchn_bench", "--rounds", "many", "not a whole number"),
 ]
@@ -47,7 +48,7 @@ def test_a_bad_option_is_a_usage_error(bench: str, option: str, value: str, why:
     out = tmp_path / "table.md"
     extra = ["--output", str(out)] if bench == "pvcalls_bench" else ["--no-write"]
     proc = subprocess.run(
-        [sys.executable, str(BENCH_DIR / f"{bench}.py"), f"{option}={value}", *extra],
+        [sys.executable, str(BENCH_DIR / f"{bench}.py"), *extra, f"{option}={value}"],
         capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2, proc.stderr
     (error,) = [line for line in proc.stderr.splitlines() if "error:" in line]
