@@ -16,7 +16,7 @@ import signal
 import sys
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from multiprocessing.process import BaseProcess
 from types import FrameType, TracebackType
 
@@ -225,6 +225,14 @@ def run(name: str, body: Callable[[Interrupts], int], *,
         return interrupts.status()
 
 
+def held_back() -> AbstractContextManager[None]:
+    """:meth:`Interrupts.deferred` of the run under way, if any: around
+    what must be done whole or not at all, such as making a temporary
+    directory and noting it for the cleanup (``tempfile`` itself leaves a
+    file behind when stopped as it first looks for a directory)."""
+    return _running.deferred() if _running is not None else nullcontext()
+
+
 def start(proc: BaseProcess) -> None:
     """Start a child process that leaves SIGINT to this one.
 
@@ -236,7 +244,7 @@ def start(proc: BaseProcess) -> None:
     the child starts is held back until it is started and known to
     ``proc`` and to :func:`reap_children`.
     """
-    with _running.deferred() if _running is not None else nullcontext():
+    with held_back():
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             proc.start()

@@ -634,10 +634,12 @@ def _run(args: argparse.Namespace, keys: list[str], orders: list[int], warmup: f
     from pvcalls import DEFAULT_MAX_IOWORKERS
 
     max_ioworkers = args.max_ioworkers or DEFAULT_MAX_IOWORKERS
-    print(f"starting the echo server, the backend and {NR_GUESTS * (1 + len(orders))} "
-          "clients ...", file=sys.stderr, flush=True)
-    run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
+    run_dir = None
     try:
+        with benchlib.held_back():
+            run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
+        print(f"starting the echo server, the backend and {NR_GUESTS * (1 + len(orders))} "
+              "clients ...", file=sys.stderr, flush=True)
         echo = Party(ctx, "echo server", echo_main)
         parties.append((echo, "quit"))
         addr = tuple(echo.ask())
@@ -697,7 +699,8 @@ def _run(args: argparse.Namespace, keys: list[str], orders: list[int], warmup: f
         for party, quit_msg in reversed(parties):
             party.close(quit_msg)
         benchlib.reap_children()  # one a stop caught before it was in parties
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return runs, opened, rss_before
 
 

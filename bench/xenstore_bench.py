@@ -24,6 +24,7 @@ pipe/eventfd round trip), so that one run covers the simulated host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import platform
@@ -255,7 +256,9 @@ def _measure_all(args: argparse.Namespace,
     """Both servers in processes of their own, every row measured; the
     servers are gone when this returns or raises."""
     ctx = mp.get_context("fork")
-    with tempfile.TemporaryDirectory(prefix="xsb") as d:
+    with contextlib.ExitStack() as stack:
+        with benchlib.held_back():
+            d = stack.enter_context(tempfile.TemporaryDirectory(prefix="xsb"))
         (ready_x, said_x), (ready_e, said_e) = ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)
         echo_path = os.path.join(d, "echo")
         servers = [
