@@ -62,7 +62,7 @@ def test_xenstore_bench(short_tmp: Path, started: str, sig: int) -> None:
     # After the first row (pyxs) or the eighth (raw, whose next rows are
     # raw clients, against xenstored or the echo server).
     run = _interrupt(short_tmp, "xenstore_bench",
-                     ["--seconds", "0.5", "--rounds", "1", "--clients", "2", "--no-evtchn"],
+                     ["--seconds", "0.2", "--rounds", "1", "--clients", "2", "--no-evtchn"],
                      started, sig)
     _check(short_tmp, "xenstore_bench", run, sig)
 
