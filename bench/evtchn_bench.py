@@ -89,16 +89,22 @@ def watched(child: BaseProcess, what: str, timeout: float) -> Iterator[None]:
         assert main is not None
         signal.pthread_kill(main, signal.SIGUSR1)
 
-    previous = signal.signal(signal.SIGUSR1, _interrupt)
     watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    previous = signal.getsignal(signal.SIGUSR1)
     done = False
     try:
+        signal.signal(signal.SIGUSR1, _interrupt)
+        # A stop is held back while the watchdog starts: one raised inside
+        # start() (which waits for the thread) would leave it unknown to
+        # the join below, and alive to take the child's kill for a failure.
+        with benchlib.held_back():
+            watcher.start()
         yield
         done = True
     finally:
         os.write(stop_w, b"x")
-        watcher.join()
+        if watcher.ident is not None:  # started: a stop comes before or after
+            watcher.join()
         os.close(stop_r)
         os.close(stop_w)
         signal.signal(signal.SIGUSR1, previous)
