@@ -213,8 +213,12 @@ def measure(client: str, path: str, op: int, nclients: int, seconds: float, echo
     """Round trips per second, summed over ``nclients`` client processes
     (for the embedded client, ``path`` is a directory for its server)."""
     ctx = mp.get_context("fork")
-    start = ctx.Barrier(nclients)
-    out: mp.Queue = ctx.Queue()
+    # Made whole or not at all: multiprocessing's objects register
+    # finalizers as they are made, and one stopped half made fails later
+    # with a traceback ("Exception ignored in: <Finalize object, dead>").
+    with benchlib.held_back():
+        start = ctx.Barrier(nclients)
+        out: mp.Queue = ctx.Queue()
     procs = []
     target = {"pyxs": pyxs_client, "raw": raw_client, "embedded": embedded_client}[client]
     for _ in range(nclients):
