@@ -38,6 +38,9 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
     which scenarios ran to their end."""
     module: Any = load_script(BENCH, "workqueue_bench")
     module.made, module.ran = [], []
+    # What the run must leave: the default handler, or SIG_IGN in a
+    # pytest started in the background (a shell's job ignores SIGINT).
+    module.sigint_before = signal.getsignal(signal.SIGINT)
     alloc = module.alloc_workqueue
 
     def alloc_recorded(*args: Any, **kwargs: Any) -> Any:
@@ -83,7 +86,7 @@ def _check_stopped(bench: Any, capsys: pytest.CaptureFixture[str], before: set[i
     out, err = capsys.readouterr()
     assert out == ""
     assert err.endswith("workqueue_bench: interrupted, no results\n"), err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is bench.sigint_before
     assert bench.made
     for wq in bench.made:
         with pytest.raises(RuntimeError, match="is destroyed"):
