@@ -131,3 +131,28 @@ def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], objec
     finally:
         sys.settrace(None)
     return raised
+
+
+def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object]) -> bool:
+    """Run ``call()`` with :class:`Interrupted` raised as the first frame of
+    ``code`` starts: where CPython runs a signal's handler before the
+    function does anything.  True if it was raised; False if no frame of
+    ``code`` ran."""
+    raised = False
+
+    def enter(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal raised
+        if frame.f_code is code and not raised:
+            raised = True
+            raise Interrupted
+        return None
+
+    sys.settrace(enter)
+    try:
+        call()
+    except Interrupted:
+        if not raised:
+            raise
+    finally:
+        sys.settrace(None)
+    return raised

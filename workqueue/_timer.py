@@ -43,7 +43,12 @@ class _TimerBase:
         # callers may hold the engine lock when they add or delete a timer,
         # and the timer thread never holds it while running a callback, so
         # a callback may take the engine lock (order: engine lock -> _cond).
-        self._cond = threading.Condition(threading.Lock())
+        # Blocks take the lock itself, not the Condition: its __enter__ and
+        # __exit__ are Python functions, where a signal's handler may run
+        # in the main thread between the lock and the with block, and leave
+        # the lock held for good when it raises (Ctrl-C).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         # Invariant: _heap holds (deadline, seq, handle) for every armed
         # handle, plus _nr_dead entries whose handle was deleted (lazy
         # deletion; compacted when they are the majority).
@@ -54,7 +59,7 @@ class _TimerBase:
 
     def add(self, delay: float, callback: Callable[[Any], None], arg: Any) -> TimerHandle:
         handle = TimerHandle(time.monotonic() + delay, callback, arg)
-        with self._cond:
+        with self._lock:
             first = not self._heap or handle.deadline < self._heap[0][0]
             heapq.heappush(self._heap, (handle.deadline, next(self._seq), handle))
             if self._thread is None:
@@ -66,7 +71,7 @@ class _TimerBase:
 
     def delete(self, handle: TimerHandle) -> bool:
         """Disarm *handle*; True if it was armed (the kernel's del_timer)."""
-        with self._cond:
+        with self._lock:
             if handle.callback is None:
                 return False
             handle.callback = None
@@ -81,7 +86,7 @@ class _TimerBase:
     def _run(self) -> None:
         heap = self._heap  # compacted in place, never replaced
         while True:
-            with self._cond:
+            with self._lock:
                 while True:
                     now = time.monotonic()
                     while heap and heap[0][2].callback is None:
@@ -130,7 +135,8 @@ def _after_fork_in_child() -> None:
     not run in the child (see _pool._after_fork_in_child): they are
     disarmed, as if deleted."""
     timer = _timer
-    timer._cond = threading.Condition(threading.Lock())  # a thread of the parent may hold it
+    timer._lock = threading.Lock()  # a thread of the parent may hold it
+    timer._cond = threading.Condition(timer._lock)
     for _, _, handle in timer._heap:
         handle.callback = None
         handle.arg = None

@@ -15,9 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_elsewhere
+from stolensignal import (
+    Interrupted,
+    interrupt,
+    interrupted_as_call_returns,
+    interrupted_as_frame_starts,
+    main_thread_in,
+    signal_taken_elsewhere,
+)
 
-from workqueue import Work, Workqueue
+from workqueue import DelayedWork, Work, Workqueue
 
 TIMEOUT = 10.0
 
@@ -158,3 +165,35 @@ def test_a_destroy_refused_by_a_freeze_leaves_no_uncaught_exception(
         if t.name == f"{wq.name}-shutdown":
             t.join(TIMEOUT)
     assert uncaught == []
+
+
+@pytest.mark.parametrize("where", [
+    "as __enter__ took the lock",  # the with block not yet entered
+    "as __exit__ started",  # the with block left, the lock not yet released
+])
+def test_an_interrupt_as_a_delayed_item_is_queued_leaves_the_timer_free(
+        make_wq: Callable[..., Workqueue], where: str) -> None:
+    # The timer's blocks were ``with`` on a threading.Condition, whose
+    # __enter__ and __exit__ are Python functions: Ctrl-C in the main
+    # thread as it went in or out left the timer's lock held, and every
+    # delayed item of the process stood still (each later queue_delayed_work
+    # from the main thread hung).
+    wq = make_wq()
+    # The timer thread started first: Thread.start() waits on a Condition
+    # of threading's own, which the interrupt would otherwise find.
+    started = threading.Event()
+    assert wq.queue_delayed_work(DelayedWork(lambda w: started.set()), 0.001)
+    assert started.wait(TIMEOUT)
+    first = DelayedWork(lambda w: None)
+    if "__enter__" in where:
+        interrupted_as_call_returns(threading.Condition.__enter__.__code__, 0,
+                                    lambda: wq.queue_delayed_work(first, 60))
+    else:
+        interrupted_as_frame_starts(threading.Condition.__exit__.__code__,
+                                    lambda: wq.queue_delayed_work(first, 60))
+    ran = threading.Event()
+    later = DelayedWork(lambda w: ran.set())
+    queued = threading.Thread(target=wq.queue_delayed_work, args=(later, 0.01), daemon=True)
+    queued.start()
+    assert ran.wait(TIMEOUT), "the timer stood still"
+    first.cancel_sync()
