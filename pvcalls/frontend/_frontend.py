@@ -221,6 +221,8 @@ class Frontend(Closing):
         # while consuming responses but runs socket callbacks after
         # releasing it.
         self._lock = threading.Lock()
+        # Waited on only; blocks take _lock itself (see SocketState's _mutex
+        # in _socket.py: a signal's handler cannot leave it held).
         self._cmd_cond = threading.Condition(self._lock)
         self._req_prod_pvt = 0
         self._slots: list[Slot | None] = [None] * RING_SLOTS
@@ -763,7 +765,7 @@ class Frontend(Closing):
         self._wakeup = None
 
     def _wake_everyone(self) -> None:
-        with self._cmd_cond:
+        with self._lock:
             self._cmd_cond.notify_all()
         for st in list(self._sockets.values()):
             sock = st.owner()
@@ -913,7 +915,7 @@ class Frontend(Closing):
         slot = Slot(cmd, sock_id)
         slot.on_done = on_done
         spare = 1 if cmd in _LONG_LIVED else 0
-        with self._cmd_cond:
+        with self._lock:
             while True:
                 if self._dead:
                     raise self._gone()
@@ -1016,7 +1018,7 @@ class Frontend(Closing):
         the request in flight; the caller either waits again later or
         abandons it.
         """
-        with self._cmd_cond:
+        with self._lock:
             while not slot.done:
                 if self._dead:
                     raise self._gone()
@@ -1035,7 +1037,7 @@ class Frontend(Closing):
         """Nobody will wait for ``slot``: free it now if answered, else when
         the answer comes.  ``on_late(ret)`` is called with the answer, now
         or by the event thread when it comes."""
-        with self._cmd_cond:
+        with self._lock:
             answered = slot.done
             if answered:
                 if self._slots[req_id] is slot:
@@ -1066,7 +1068,7 @@ class Frontend(Closing):
         accepts: list[PVSocket] = []
         done: list[tuple[Callable[[int], None], int]] = []
         broken: RingError | None = None
-        with self._cmd_cond:
+        with self._lock:
             ring = self._ring
             if ring is None or self._ring_broken:
                 return
@@ -1235,7 +1237,7 @@ class Frontend(Closing):
                                st.id)
             with self._lock:
                 self._sockets.pop(st.id, None)
-            with sock._cond:
+            with sock._mutex:
                 fd, st.readyfd = st.readyfd, None
         fd_error: OSError | None = None
         if fd is not None:
@@ -1357,7 +1359,7 @@ class Frontend(Closing):
         """Wait (up to ``timeout``) for the RELEASEs in flight; free what
         the unanswered ones hold without reusing it."""
         deadline = Deadline(self.timeout)
-        with self._cmd_cond:
+        with self._lock:
             while self._releases and not self._dead:
                 try:
                     self._cmd_cond.wait(deadline.nap())

@@ -358,7 +358,16 @@ class PVSocket(Closing):
         # ring lock) to wake them.  Lock order: _recv_lock / _send_lock /
         # _accept_lock, then the frontend's command lock, then _cond.  Never
         # call into the command ring while holding _cond.
-        self._cond = threading.Condition(threading.Lock())
+        #
+        # Blocks take it as ``with self._mutex``, never ``with self._cond``:
+        # Condition's __enter__ and __exit__ are Python functions, where
+        # CPython may run a signal's handler between the lock and the with
+        # block (as the acquire returns, or as __exit__ starts), and a
+        # KeyboardInterrupt raised there in the main thread would leave the
+        # lock held for good.  A lock's own __enter__ and __exit__ are C:
+        # no handler runs between them and the block.
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         # One receiver, one sender and one acceptor at a time, like the
         # kernel's socket lock; close() takes them to wait out copies from
         # the shared pages before unsharing them.
@@ -453,7 +462,7 @@ class PVSocket(Closing):
             if not 0 < buflen <= 1024:
                 raise OSError("getsockopt buflen out of range")
         if level == socket.SOL_SOCKET and optname == socket.SO_ERROR:
-            with self._cond:
+            with self._mutex:
                 value, self._so_error = self._so_error, 0
                 if not value and self._connecting and self._fe._dead:
                     # The backend went away with the CONNECT in flight: no
@@ -522,7 +531,7 @@ class PVSocket(Closing):
         asyncio's ``loop.sock_connect()`` expect."""
         host, port = resolve(address)
         self._check_open()
-        with self._cond:
+        with self._mutex:
             started = self._connecting or self._connect_failed or self._connect_unreported
         if started and self._finish_connect(Deadline(self._timeout)):
             return
@@ -607,7 +616,7 @@ class PVSocket(Closing):
         """Non-blocking connect(): the CONNECT went out; its answer
         completes the connect (:meth:`_connect_answered`) whenever it
         comes.  Called under the receive and send locks."""
-        with self._cond:
+        with self._mutex:
             self._connecting = True
         # The answer may never come (a silent peer), so the callback holds
         # the socket weakly: dropped unclosed meanwhile, it is garbage at
@@ -634,7 +643,7 @@ class PVSocket(Closing):
         ring under ``_cond`` as this does, so exactly one of the two frees
         it.  Once the socket is closed its RELEASE owns the ring."""
         ring = None
-        with self._cond:
+        with self._mutex:
             self._connecting = False
             if not self._closed:
                 if ret < 0:
@@ -659,7 +668,7 @@ class PVSocket(Closing):
         it) once if it failed, leaving the socket unconnected.  False if
         another thread's connect() took the outcome meanwhile: this one is
         a connect() as on any socket."""
-        with self._cond:
+        with self._mutex:
             self._await_connect_answer(deadline, errno.EALREADY)
             if self._connect_unreported:
                 self._connect_unreported = False
@@ -726,7 +735,7 @@ class PVSocket(Closing):
             raise host_error(ret, f"bind to {host}:{port}")
         self._st.bound = True
         self._sockname = (host, port)
-        with self._cond:
+        with self._mutex:
             # A non-blocking connect() that failed before has nothing left
             # to report on what is a passive socket now: its flag made
             # fileno() poll readable and writable for good, and an asyncio
@@ -847,14 +856,14 @@ class PVSocket(Closing):
         except BaseException as exc:
             # Nothing went out: the new socket goes, without RELEASE.
             self._fe._drop_socket(new, reusable=True)
-            with self._cond:
+            with self._mutex:
                 self._accepting = False
                 self._poll_ready = True
             if isinstance(exc, BlockingIOError):
                 self._room_later()  # non-blocking: readable again once there is room
             self._update_ready()
             raise
-        with self._cond:
+        with self._mutex:
             self._st.accept_inflight = (req_id, slot, new)
             self._accepting = False
 
@@ -1217,7 +1226,7 @@ class PVSocket(Closing):
         """
         if self._closed:
             return -1
-        with self._cond:
+        with self._mutex:
             # Again under _cond: a close() since the check above took
             # _readyfd under it, and would not see a descriptor made now.
             if self._closed:
@@ -1313,7 +1322,7 @@ class PVSocket(Closing):
     def _real_close(self) -> None:
         # Tested and set under _cond: of two threads closing at once, only
         # one may send the RELEASE.
-        with self._cond:
+        with self._mutex:
             if self._closed:
                 return
             self._closed = True
@@ -1322,7 +1331,7 @@ class PVSocket(Closing):
         self._finalizer.detach()
         # Wake this socket's waiters (on its data, or on an answer to its
         # ACCEPT): they see _closed and leave with EBADF.
-        with self._fe._cmd_cond:
+        with self._fe._lock:
             self._fe._cmd_cond.notify_all()
         try:
             self._on_event()
@@ -1355,7 +1364,7 @@ class PVSocket(Closing):
 
     def _wait_connected(self, deadline: Deadline | None) -> None:
         """See :meth:`_active_ring`."""
-        with self._cond:
+        with self._mutex:
             self._await_connect_answer(deadline, errno.EAGAIN)
             err, self._so_error = self._so_error, 0
         if err:
@@ -1382,7 +1391,7 @@ class PVSocket(Closing):
             raise BlockingIOError(errno.EAGAIN, "operation would block")
         ring = self._st.ring
         polling = self._polling
-        with self._cond:
+        with self._mutex:
             while not ready() and not self._closed and not self._fe._dead:
                 timeout = deadline.nap()
                 if ring is None or not ring.direct:
@@ -1440,7 +1449,7 @@ class PVSocket(Closing):
     def _on_event(self) -> None:
         """The backend signalled this socket's channel (the event thread
         took the event), or the socket closes: wake the waiters."""
-        with self._cond:
+        with self._mutex:
             self._cond.notify_all()
             # Under _cond: a poller clears its flag under it before it
             # leaves the call that keeps the ring (and wakefds) alive.
@@ -1483,14 +1492,14 @@ class PVSocket(Closing):
     def _report_failure(self) -> bool:
         """The connection failed: True the first time, when the caller is
         to raise the error (see ``_failure_reported``)."""
-        with self._cond:
+        with self._mutex:
             first, self._failure_reported = not self._failure_reported, True
         return first
 
     def _update_ready(self) -> None:
         """Make fileno()'s descriptor poll as :meth:`_readable` and
         :meth:`_writable` say."""
-        with self._cond:
+        with self._mutex:
             fd = self._st.readyfd
             if fd is None:
                 return
@@ -1509,7 +1518,7 @@ class PVSocket(Closing):
             req.u.poll.id = self.id
 
         while True:
-            with self._cond:
+            with self._mutex:
                 # An error accept() has not reported yet is the POLL's outcome
                 # until it has (fileno() said accept() would not block): no new
                 # POLL, and the error is not wiped.
@@ -1525,7 +1534,7 @@ class PVSocket(Closing):
                                  reserve=False, sock=self)
                 return
             except BaseException as exc:
-                with self._cond:
+                with self._mutex:
                     self._poll_inflight = False
                 if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
                     return  # closed while it waited for room: no POLL wanted
@@ -1540,10 +1549,10 @@ class PVSocket(Closing):
         block, so fileno() must not poll readable (a selector or asyncio
         loop would call it over and over); the event thread calls
         :meth:`_on_room` once there is.  True if there is room already."""
-        with self._cond:
+        with self._mutex:
             self._no_room = True
         if self._fe._want_room(self):
-            with self._cond:
+            with self._mutex:
                 self._no_room = False
             return True
         return False
@@ -1551,7 +1560,7 @@ class PVSocket(Closing):
     def _on_room(self) -> None:
         """Event thread: the command ring has room again for what this
         listener would not wait for (see :meth:`_room_later`)."""
-        with self._cond:
+        with self._mutex:
             self._no_room = False
             arm = self._armed and self._st.listening
         if arm:
@@ -1560,7 +1569,7 @@ class PVSocket(Closing):
 
     def _on_poll(self, ret: int) -> None:
         """Event thread: the backend answered this socket's POLL."""
-        with self._cond:
+        with self._mutex:
             self._poll_inflight = False
             if ret == 0:
                 self._poll_ready = True
@@ -1574,7 +1583,7 @@ class PVSocket(Closing):
         pending; consume that readiness (Linux's POLL_RET bit)."""
         while True:
             self._arm_poll(deadline)
-            with self._cond:
+            with self._mutex:
                 err, self._poll_error = self._poll_error, 0
                 if not err:
                     if self._poll_ready:

@@ -28,7 +28,14 @@ from highfds import descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
 from racewindow import PauseAt
-from stolensignal import Interrupted, interrupt, main_thread_in, signal_taken_elsewhere
+from stolensignal import (
+    Interrupted,
+    interrupt,
+    interrupted_as_call_returns,
+    interrupted_as_frame_starts,
+    main_thread_in,
+    signal_taken_elsewhere,
+)
 
 import pvcalls
 from pvcalls import _wire
@@ -2043,6 +2050,35 @@ def test_close_does_not_hang_on_a_lock_an_interrupt_left_held(
         assert (lock == "_accept_lock") == bool(fe._ring_pool)
         with connected(fe, srv.address) as again:
             echo_through(again, b"still works")
+
+
+@pytest.mark.parametrize("where", [
+    "as __enter__ took the lock",  # the with block not yet entered
+    "as __exit__ started",  # the with block left, the lock not yet released
+])
+def test_an_interrupt_as_a_socket_takes_or_leaves_its_condition_leaves_it_free(
+        host: SimHost, backend: Any, server: Any, where: str) -> None:
+    """Ctrl-C (any signal whose handler raises) in the main thread as it
+    went in or out of ``with`` on a socket's threading.Condition, whose
+    __enter__ and __exit__ are Python functions, left the condition's lock
+    held: the socket's close() then waited for it for ever (the demo
+    stopped by SIGTERM hung so, in its Frontend's clean-up)."""
+    srv = server()
+    guest = host.create_domain(f"cond-{where.split()[1].strip('_')}")
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
+        s = connected(fe, srv.address)
+
+        def so_error() -> object:
+            return s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+        if "__enter__" in where:
+            interrupted_as_call_returns(threading.Condition.__enter__.__code__, 0, so_error)
+        else:
+            interrupted_as_frame_starts(threading.Condition.__exit__.__code__, so_error)
+        for cond in (s._cond, fe._cmd_cond):
+            assert cond.acquire(timeout=1), "left held"
+            cond.release()
+        s.close()
 
 
 def test_close_with_an_accept_in_flight_releases_the_listener_only(

@@ -858,7 +858,7 @@ def test_two_threads_closing_one_socket_send_one_release(
         second = Call(s.close)
         # Either the second close() went all the way (the race), or it
         # waits for the first to have marked the socket closed.
-        wait_until(lambda: done_or_at(second, real_close, "with self._cond"))
+        wait_until(lambda: done_or_at(second, real_close, "with self._mutex"))
     finally:
         pause.resume()
     first.join()
@@ -874,7 +874,7 @@ def test_fileno_racing_close_keeps_no_descriptor(fe: pvcalls.Frontend, fake: Fak
     """fileno() that saw the socket open, then lost the race with close(),
     makes no eventfd (close() had nothing to close) and returns -1."""
     s, _ = connected(fe, fake)
-    pause = PauseAt(pvcalls.PVSocket.fileno, "with self._cond")
+    pause = PauseAt(pvcalls.PVSocket.fileno, "with self._mutex")
     call = Call(lambda: pause.run(s.fileno))
     try:
         assert pause.reached.wait(TIMEOUT)
