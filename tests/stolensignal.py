@@ -122,15 +122,7 @@ def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], objec
         after_call = False
         return in_frame
 
-    sys.settrace(enter)
-    try:
-        call()
-    except Interrupted:
-        if not raised:
-            raise
-    finally:
-        sys.settrace(None)
-    return raised
+    return _traced(enter, call, lambda: raised)
 
 
 def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object]) -> bool:
@@ -147,12 +139,19 @@ def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object]) -> b
             raise Interrupted
         return None
 
-    sys.settrace(enter)
+    return _traced(enter, call, lambda: raised)
+
+
+def _traced(tracer: Any, call: Callable[[], object], raised: Callable[[], bool]) -> bool:
+    """``call()`` under ``tracer``; True if the tracer raised its
+    :class:`Interrupted` (``raised()``), which ends the call; any other
+    goes on."""
+    sys.settrace(tracer)
     try:
         call()
     except Interrupted:
-        if not raised:
+        if not raised():
             raise
     finally:
         sys.settrace(None)
-    return raised
+    return raised()
