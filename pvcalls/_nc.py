@@ -322,6 +322,22 @@ class _SignalGate:
             raise _Signalled(self.pending)
 
     @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Inside :meth:`opened`, keep a signal pending through the body,
+        then raise it: around what threading does under a Condition
+        (Thread.start() waits on one), whose wait a handler's exception
+        can leave without its lock, failing with 'release unlocked lock'
+        instead of the signal."""
+        was, self._open = self._open, False
+        try:
+            yield
+        finally:
+            self._open = was
+        if was and self.pending is not None:
+            self._open = False
+            raise _Signalled(self.pending)
+
+    @contextlib.contextmanager
     def opened(self) -> Iterator[None]:
         self._open = True
         try:
@@ -469,8 +485,9 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
         with conn:
             conn.settimeout(None)
             pump = _Pump(conn, stdout.fileno())
-            pump.start()
             try:
+                with gate.held():
+                    pump.start()
                 send_failure = _send_input(conn, stdin.fileno(), pump.done_r, gate.wake_fd)
                 _linger(pump, args.quit_after, gate.wake_fd)
             finally:

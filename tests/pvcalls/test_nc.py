@@ -264,10 +264,11 @@ def test_signal_closes_the_connection(
             conn.sendall(b"ping")
             assert nc.stdout.read(4) == b"ping"  # it is piping
             nc.send_signal(signum)
-            assert nc.wait(TIMEOUT) == status
+            returncode = nc.wait(TIMEOUT)
         finally:
             reap(nc)
-        assert nc.stderr.read() == b""  # quietly
+        err = nc.stderr.read()
+        assert (returncode, err.decode()) == (status, ""), err.decode()  # quietly
         assert_closed(conn)
     guest.log.wait_for("pvcalls frontend disconnected")
 
