@@ -333,21 +333,24 @@ class _SignalGate:
             yield
         finally:
             self._open = was
-        if was and self.pending is not None:
-            self._open = False
-            raise _Signalled(self.pending)
+        if was:
+            self._raise_pending()
 
     @contextlib.contextmanager
     def opened(self) -> Iterator[None]:
         self._open = True
         try:
             # A signal kept from before (or come just now) is raised here.
-            if self.pending is not None:
-                self._open = False
-                raise _Signalled(self.pending)
+            self._raise_pending()
             yield
         finally:
             self._open = False
+
+    def _raise_pending(self) -> None:
+        """Raise the signal kept, if any, with the gate closed (once)."""
+        if self.pending is not None:
+            self._open = False
+            raise _Signalled(self.pending)
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
