@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from multiprocessing.process import BaseProcess
 from types import FrameType, TracebackType
@@ -82,6 +82,39 @@ def seconds_or_none(text: str) -> float:
     if not value >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"{text} must not be negative")
     return value
+
+
+def cpus_text(cpus: Iterable[int]) -> str:
+    """``CPU 0``, ``CPUs 0-3`` or ``CPUs 0,2,5``."""
+    ordered = sorted(cpus)
+    if len(ordered) == 1:
+        return f"CPU {ordered[0]}"
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"CPUs {ordered[0]}-{ordered[-1]}"
+    return "CPUs " + ",".join(map(str, ordered))
+
+
+def cpu_list(text: str) -> frozenset[int]:
+    """A set of CPUs for argparse, as taskset's ``-c`` takes it (``0``,
+    ``0,2``, ``0-3``), each one this process may run on."""
+    if not text:
+        raise argparse.ArgumentTypeError("no CPU given")
+    allowed = os.sched_getaffinity(0)
+    cpus: set[int] = set()
+    for item in text.split(","):
+        low, _, high = item.partition("-")
+        if not all(part.isascii() and part.isdigit() for part in (low, high or low)) \
+                or int(low) > int(high or low):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list (e.g. 0 or 0,2 or 0-3)")
+        first, last = int(low), int(high or low)
+        # Cut at the first CPU past the allowed ones, which is enough to
+        # refuse: "0-999999999" is not built.
+        cpus.update(range(first, min(last, max(allowed) + 1) + 1) or (first,))
+    refused = sorted(cpus - allowed)
+    if refused:
+        raise argparse.ArgumentTypeError(
+            f"CPU {refused[0]} is not one this process may run on ({cpus_text(allowed)})")
+    return frozenset(cpus)
 
 
 # -- signals -------------------------------------------------------------------

@@ -517,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the backend's max_ioworkers (default: the backend's own, "
                         "DEFAULT_MAX_IOWORKERS, so one ioworker per CPU here); 1 shows "
                         "what the second ioworker of one process costs under the GIL")
+    p.add_argument("--cpus", type=benchlib.cpu_list, default=None,
+                   help="run every process (echo server, backend, clients) on these CPUs "
+                        "only, as taskset -c takes them (0, 0,2, 0-3): 0 shows what the path "
+                        "costs when no wake-up has to reach another CPU (default: wherever "
+                        "this process may run)")
     p.add_argument("--output", type=_output, default=None,
                    help="where to write the table (default: the recorded table, "
                         "bench/results/pvcalls.md, and only by a run of every "
@@ -534,7 +539,7 @@ def _bench(args: argparse.Namespace, keys: list[str], warmup: float,
     orders = sorted({LINUX_ORDER, args.large_order})
     _raise_nofile()
     load_before = Path("/proc/loadavg").read_text().split()[0]
-    runs, opened, rss_before = _run(args, keys, orders, warmup, interrupts)
+    runs, opened, rss_before, placed = _run(args, keys, orders, warmup, interrupts)
     interrupts.checkpoint()
 
     measurements = {
@@ -603,6 +608,8 @@ def _bench(args: argparse.Namespace, keys: list[str], warmup: float,
         f"- machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{args.seconds:g} s per measurement; guests and backend in separate processes; "
         f"backend max_ioworkers {args.max_ioworkers or 'default'}; "
+        f"every process (echo server, backend, clients) on {benchlib.cpus_text(placed)}"
+        f"{' (--cpus)' if args.cpus else ''}; "
         f"load average before the run {load_before}",
     ]
     text = "\n".join(lines) + "\n"
@@ -621,10 +628,12 @@ Runs = dict[Any, dict[str, list[tuple[float, dict[str, float]]]]]
 
 
 def _run(args: argparse.Namespace, keys: list[str], orders: list[int], warmup: float,
-         interrupts: benchlib.Interrupts) -> tuple[Runs, dict[int, Any], dict[int, int]]:
+         interrupts: benchlib.Interrupts
+         ) -> tuple[Runs, dict[int, Any], dict[int, int], set[int]]:
     """Start every party, wait until all are set up, warm up, then make the
-    rounds.  Every process and the simulated host's directory are gone
-    when this returns, whether or not it raises."""
+    rounds; also returns the CPUs the parties could run on.  Every process
+    and the simulated host's directory are gone when this returns, whether
+    or not it raises."""
     ctx = mp.get_context("spawn")
     parties: list[tuple[Party, Any]] = []
     # runs[setup][key]: (value, cores) of each round; setup "direct" or an order.
@@ -635,7 +644,11 @@ def _run(args: argparse.Namespace, keys: list[str], orders: list[int], warmup: f
 
     max_ioworkers = args.max_ioworkers or DEFAULT_MAX_IOWORKERS
     run_dir = None
+    placed: set[int] = set()
+    allowed = os.sched_getaffinity(0)
     try:
+        if args.cpus:
+            os.sched_setaffinity(0, args.cpus)  # inherited by every party
         with benchlib.held_back():
             run_dir = tempfile.mkdtemp(prefix="pvcalls-bench-")
         print(f"starting the echo server, the backend and {NR_GUESTS * (1 + len(orders))} "
@@ -666,6 +679,10 @@ def _run(args: argparse.Namespace, keys: list[str], orders: list[int], warmup: f
             for c in setup[1]:
                 if c.ask(timeout=60) != "ready":
                     raise BenchError(f"{c.name} did not say it was ready")
+        # Read from each party, which --cpus reached only by inheritance.
+        for party, _ in parties:
+            assert party.proc.pid is not None
+            placed |= os.sched_getaffinity(party.proc.pid)
 
         def on_open() -> Any:
             return backend.ask("stats")
@@ -701,7 +718,8 @@ def _run(args: argparse.Namespace, keys: list[str], orders: list[int], warmup: f
         benchlib.reap_children()  # one a stop caught before it was in parties
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
-    return runs, opened, rss_before
+        os.sched_setaffinity(0, allowed)
+    return runs, opened, rss_before, placed
 
 
 def _per_cpu_counts(stats: Any) -> dict[int, int]:

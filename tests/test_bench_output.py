@@ -56,3 +56,20 @@ def test_max_ioworkers_reaches_the_backend(tmp_path: Path) -> None:
     assert "sockets per ioworker CPU with 256 streams open: CPU 0: 256 (max - min = 0" in table
     assert "backend max_ioworkers 1;" in table
 
+
+
+def test_cpus_pins_every_process(tmp_path: Path) -> None:
+    out = tmp_path / "rr.md"
+    _run(tmp_path, "--cpus", "0", "--output", str(out))
+    # Read back from every party's affinity, not from the option.
+    assert "every process (echo server, backend, clients) on CPU 0 (--cpus);" in out.read_text()
+
+
+def test_unpinned_runs_say_where_they_ran(tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "rr.md"
+    _run(tmp_path, "--output", str(out))
+    allowed = sorted(os.sched_getaffinity(0))
+    where = f"CPU {allowed[0]}" if len(allowed) == 1 else f"CPUs {allowed[0]}-{allowed[-1]}"
+    assert f"every process (echo server, backend, clients) on {where};" in out.read_text()

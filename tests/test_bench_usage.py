@@ -37,6 +37,11 @@ BAD = [
     ("pvcalls_bench", "--only", "rr,bogus", "'bogus'"),
     ("pvcalls_bench", "--only", ",", "some of single,streams,rr,connects"),
     ("pvcalls_bench", "--output", ".", "'.' is a directory"),
+    ("pvcalls_bench", "--cpus", "", "no CPU"),
+    ("pvcalls_bench", "--cpus", "one", "'one' is not a CPU list"),
+    ("pvcalls_bench", "--cpus", "0,,1", "'0,,1' is not a CPU list"),
+    ("pvcalls_bench", "--cpus", "1-0", "'1-0' is not a CPU list"),
+    ("pvcalls_bench", "--cpus", "4096", "CPU 4096 is not one this process may run on"),
     ("evtchn_bench", "--rounds", "0", "at least 1"),
     ("evtchn_bench", "--rounds", "many", "not a whole number"),
 ]
