@@ -10,6 +10,10 @@ library a real dom0 uses:
 * an event channel handle (``libxenevtchn``: one pollable descriptor for many
   ports).
 
+Besides, a platform says where the processes of its host keep what they
+share while they run (``run_dir``: lock files such as
+:class:`xenback.hostlock.HostLock`'s).
+
 Two implementations exist: :mod:`xenback.sim` (the simulated host, which needs
 no hypervisor) and :mod:`xenback.xen` (a real dom0 through cffi).  Backends
 receive a :class:`Platform` and never ask which one it is.
@@ -22,6 +26,7 @@ the other.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -203,6 +208,14 @@ class Platform(Protocol):
     @property
     def domid(self) -> int:
         """This domain's id."""
+        ...
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this host keeps what its processes share while they run,
+        such as lock files (:class:`xenback.hostlock.HostLock`): ``/run``
+        on Xen, the run directory of a simulated host (which its domains
+        share: a file there names its domain)."""
         ...
 
     def xenstore(self) -> pyxs.Client:

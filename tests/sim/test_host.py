@@ -642,7 +642,11 @@ def test_joining_leaves_no_socket_open(host: SimHost, tmp_path: Path) -> None:
     assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
-@pytest.mark.parametrize("missing", ["domid", "xenstore", "gnttab", "gntshr", "evtchn"])
+_MEMBERS = {"domid": 0, "run_dir": Path("/run"), "xenstore": None, "gnttab": None,
+            "gntshr": None, "evtchn": None}
+
+
+@pytest.mark.parametrize("missing", sorted(_MEMBERS))
 def test_a_platform_has_every_service(missing: str) -> None:
     # What a backend checks its platform argument against.
     class Partial:
@@ -651,11 +655,11 @@ def test_a_platform_has_every_service(missing: str) -> None:
     def service(self: Partial) -> None:
         return None
 
-    for name in ("domid", "xenstore", "gnttab", "gntshr", "evtchn"):
+    for name, value in _MEMBERS.items():
         if name != missing:
-            setattr(Partial, name, 0 if name == "domid" else service)
+            setattr(Partial, name, service if value is None else value)
     assert not isinstance(Partial(), Platform)
-    setattr(Partial, missing, 0 if missing == "domid" else service)
+    setattr(Partial, missing, service if _MEMBERS[missing] is None else _MEMBERS[missing])
     assert isinstance(Partial(), Platform)
 
 

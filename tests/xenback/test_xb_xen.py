@@ -530,3 +530,12 @@ def test_two_handles_on_one_domain_are_equal(tmp_path: Path) -> None:
     assert one != _platform.XenPlatform(1, sock)
     assert one != _platform.XenPlatform(0, tmp_path / "other")
     assert one != object()
+
+
+def test_the_platform_keeps_what_its_host_s_processes_share_in_run(tmp_path: Path) -> None:
+    # All a HostLock asks of it, without Xen.
+    from xenback.platform import Platform
+
+    platform = _platform.XenPlatform(0, tmp_path / "socket")
+    assert isinstance(platform, Platform)
+    assert platform.run_dir == Path("/run")

@@ -52,7 +52,8 @@ class Domain:
 
     @property
     def run_dir(self) -> Path:
-        """The run directory of the host this domain lives on."""
+        """The run directory of the host this domain lives on (the
+        platform's ``run_dir``: shared by all of the host's domains)."""
         return self._run_dir
 
     @property

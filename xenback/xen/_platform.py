@@ -137,6 +137,8 @@ EVTCHN_LIBRARY = "libxenevtchn.so.1"
 GNTDEV = Path("/dev/xen/gntdev")
 GNTALLOC = Path("/dev/xen/gntalloc")
 EVTCHN_DEVICE = Path("/dev/xen/evtchn")
+#: Where the processes of a host keep what they share while it runs (the FHS's).
+RUN_DIR = Path("/run")
 
 
 def xenstored_socket() -> Path:
@@ -583,6 +585,11 @@ class XenPlatform:
     def domid(self) -> int:
         """This domain's id."""
         return self._domid
+
+    @property
+    def run_dir(self) -> Path:
+        """``/run`` (of this domain's own system: a driver domain has its own)."""
+        return RUN_DIR
 
     def xenstore(self) -> pyxs.Client:
         """A new, not yet connected :class:`pyxs.Client` on the xenstored socket."""
