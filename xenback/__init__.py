@@ -11,6 +11,8 @@ The pieces, each in a module of its own:
 * :mod:`xenback.ring`: ``ring.h`` request/response rings and flex byte rings;
 * :mod:`xenback.events`: an event-channel handle and an epoll loop, on a
   thread of its own or polled by a work item (poll mode);
+* :mod:`xenback.hostlock`: :class:`HostLock`, one process at a time for a
+  job on a host (a backend per domain), refused with :class:`HostLockHeld`;
 * :mod:`xenback.ratelimit`: :class:`RateLimit`, the kernel's
   ``printk_ratelimited`` for what a guest can make a backend log;
 * :class:`Closing`: the ``with`` mixin of everything whose way out is
@@ -25,6 +27,7 @@ The pieces, each in a module of its own:
 from xenback._closing import Closing
 from xenback._wire import ffi as wire
 from xenback.events import EventDispatcher
+from xenback.hostlock import HostLock, HostLockHeld
 from xenback.platform import (
     PAGE_SIZE,
     EventChannelError,
@@ -50,6 +53,8 @@ __all__ = [
     "FlexRing",
     "FrontRing",
     "GrantError",
+    "HostLock",
+    "HostLockHeld",
     "Platform",
     "PlatformError",
     "PlatformUnavailable",
