@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import http.server
 import logging
 import os
@@ -255,62 +254,11 @@ def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any
         error(f"cannot open the Xen platform: {exc}")
 
 
-#: Where the backend of a real dom0 holds its lock (see _claim_host).
-_XEN_LOCK = Path("/run/pvcalls-backend.lock")
-
-
-def _claim_host(path: Path, error: Callable[[str], Any]) -> int:
-    """Lock ``path`` for the life of the process; the descriptor.
-
-    Two backends serving one host would both answer every frontend's
-    handshake and fight over its devices (and the one without a policy
-    would serve guests the other's policy refuses): the second is refused.
-    An flock goes with its process, however that ends, so a crash leaves
-    no stale lock.
-    """
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            error(f"cannot open the lock file {path}: {exc.strerror}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            error(f"another pvcalls-backend (pid {holder}) serves this host already; "
-                  f"it holds {path}")
-        # The backend before us may have removed the file between our open
-        # and our flock (_release_host): a lock on a file no longer at
-        # ``path`` keeps nobody out.  Then lock the one there now.
-        try:
-            held = os.stat(path)
-        except FileNotFoundError:
-            held = None
-        mine = os.fstat(fd)
-        if held is not None and (held.st_dev, held.st_ino) == (mine.st_dev, mine.st_ino):
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _release_host(path: Path, fd: int) -> None:
-    """Undo :func:`_claim_host`: remove the lock file, so that serve leaves
-    nothing behind in the run directory, and only then unlock (closing),
-    so that no other backend can lock it in between (see _claim_host)."""
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        logger.warning("cannot remove the lock file %s: %s", path, exc.strerror)
-    os.close(fd)
-
-
 def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     """Serve until SIGTERM, SIGINT or SIGHUP (or the host goes); returns the exit status."""
     import pvcalls
     from pvcalls._policy import Policy, PolicyError
+    from xenback.hostlock import HostLockHeld
 
     policy = None
     if args.policy is not None:
@@ -338,12 +286,8 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     # stop_lock orders the watcher's SIGUSR2 before our stopping.set().
     stop_lock = threading.Lock()
     stopping = threading.Event()
-    lock = -1
     try:
         platform = _open_platform(args, error)
-        lock_path = (args.run_dir / "pvcalls-backend.lock" if args.platform == "sim"
-                     else _XEN_LOCK)
-        lock = _claim_host(lock_path, error)
         try:
             backend = pvcalls.Backend(
                 platform,
@@ -351,9 +295,17 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
                 max_page_order=args.max_page_order,
                 policy=policy,
             )
+        except HostLockHeld as exc:
+            # Whoever holds it, serve or a script of its own: two backends
+            # would both answer every frontend's handshake and fight over
+            # its devices (the one without a policy serving guests the
+            # other's refuses).
+            error(f"another pvcalls-backend (pid {'?' if exc.pid is None else exc.pid}) "
+                  f"serves this host already; it holds {exc.path}")
         except OSError as exc:
             # The host went between joining it and starting on it (or its
-            # hypervisor or XenStore refuses us): as a missing host, one
+            # hypervisor or XenStore refuses us, or its run directory the
+            # lock file, which the error names): as a missing host, one
             # line, not a traceback.  The backend released what it took.
             error(f"cannot start serving the host's guests (is the host gone?): {exc}")
         with backend:
@@ -386,8 +338,6 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
                     break
         logger.warning("pvcalls backend stopped")
     finally:
-        if lock >= 0:
-            _release_host(lock_path, lock)
         # The connection may go while the backend closes (the host stopping
         # with us): no SIGUSR2 from now on, and one sent already is taken
         # here, or restoring the mask would deliver it, and its default

@@ -262,102 +262,6 @@ def test_a_demo_that_went_wrong_says_so(monkeypatch: pytest.MonkeyPatch, broken:
     assert out.getvalue().splitlines()[-1] == "demo FAILED"
 
 
-class Refused(Exception):
-    """What the ``error`` callback of _claim_host raises in these tests."""
-
-
-def refuse(message: str) -> None:
-    raise Refused(message)
-
-
-def test_the_host_lock_says_who_holds_it_and_nothing_else(tmp_path: Path) -> None:
-    # A lock file left by a backend that was killed, with a longer pid.
-    import pvcalls._cli as cli
-
-    path = tmp_path / "pvcalls-backend.lock"
-    path.write_text("4194304\n" + "x" * 100)
-    fd = cli._claim_host(path, refuse)
-    try:
-        assert path.read_text() == f"{os.getpid()}\n"
-    finally:
-        cli._release_host(path, fd)
-    assert not path.exists()
-
-
-def test_a_refused_host_lock_leaves_no_descriptor_open(tmp_path: Path) -> None:
-    import pvcalls._cli as cli
-
-    path = tmp_path / "pvcalls-backend.lock"
-    held = cli._claim_host(path, refuse)
-    try:
-        fds = sorted(os.listdir("/proc/self/fd"))
-        with pytest.raises(Refused, match=f"another pvcalls-backend \\(pid {os.getpid()}\\)"):
-            cli._claim_host(path, refuse)
-        assert sorted(os.listdir("/proc/self/fd")) == fds
-    finally:
-        cli._release_host(path, held)
-
-
-def test_the_host_lock_is_taken_on_the_file_there_now(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backend before us removed the lock file between our open() and
-    our flock(): the lock taken on the file it removed keeps nobody out,
-    so it is taken again on the one there now."""
-    import fcntl
-
-    import pvcalls._cli as cli
-
-    path = tmp_path / "pvcalls-backend.lock"
-    flock = fcntl.flock
-    removed = []
-
-    def removed_first(fd: int, operation: int) -> None:
-        if not removed:
-            removed.append(fd)
-            path.unlink()  # as _release_host
-        flock(fd, operation)
-
-    monkeypatch.setattr(fcntl, "flock", removed_first)
-    fd = cli._claim_host(path, refuse)
-    monkeypatch.undo()
-    try:
-        assert removed
-        assert os.path.samestat(os.fstat(fd), os.stat(path))
-        with pytest.raises(Refused):
-            cli._claim_host(path, refuse)
-    finally:
-        cli._release_host(path, fd)
-
-
-def test_a_backend_letting_go_of_the_host_lets_one_other_in(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backend starting just as another lets go of the lock is the only
-    one to get it: the file goes before its lock, or a third backend would
-    make a new one, and serve the host together with the second."""
-    import pvcalls._cli as cli
-
-    path = tmp_path / "pvcalls-backend.lock"
-    first = cli._claim_host(path, refuse)
-    close = os.close
-    second = []
-
-    def close_then_claim(fd: int) -> None:
-        close(fd)
-        if fd == first and not second:
-            second.append(-1)
-            second[0] = cli._claim_host(path, refuse)  # the lock just let go of
-
-    monkeypatch.setattr(os, "close", close_then_claim)
-    cli._release_host(path, first)
-    monkeypatch.undo()
-    try:
-        assert second[0] >= 0
-        with pytest.raises(Refused):
-            cli._claim_host(path, refuse)  # the third
-    finally:
-        cli._release_host(path, second[0])
-
-
 def test_serve_stops_when_it_loses_its_host(
         sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
     run_dir, host = sim_host
@@ -370,8 +274,9 @@ def test_serve_stops_when_it_loses_its_host(
         log.wait_for("pvcalls backend stopped")
         assert "lost the XenStore connection" in "".join(log.lines)
         assert "Traceback" not in "".join(log.lines), "".join(log.lines)
-    # The host removed what it made; serve, its lock file.  (Which of them
-    # was last decides whether the run directory the host made is gone too.)
+    # The host removed what it made; serve's backend, its lock file.  (Which
+    # of them was last decides whether the run directory the host made is
+    # gone too.)
     assert not run_dir.exists() or list(run_dir.iterdir()) == []
 
 
@@ -394,7 +299,7 @@ def test_serve_leaves_nothing_in_the_run_dir(
                  preexec_fn=sighup_set_to(signal.SIG_DFL)) as serve:
         log = Lines(serve.stderr)
         log.wait_for("serving")
-        assert (run_dir / "pvcalls-backend.lock").exists()
+        assert (run_dir / "pvcalls-backend.dom0.lock").exists()
         serve.send_signal(getattr(signal, signum))
         assert serve.wait(TIMEOUT) == 0
         log.wait_for(f"{signum}: closing every frontend")
@@ -450,7 +355,7 @@ def test_a_host_gone_during_start_up_is_a_clear_error(
     from xenback.sim import SimHost, attach
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()  # stays when the host goes: serve locks it next
+    run_dir.mkdir()  # stays when the host goes: the backend locks it next
     host = SimHost(run_dir).start()
 
     def join_then_lose_the_host(args: Any, error: Any) -> Any:
@@ -486,6 +391,20 @@ def test_a_second_backend_on_one_host_is_refused(
         Lines(again.stderr).wait_for("serving")
         again.send_signal(signal.SIGTERM)
         assert again.wait(TIMEOUT) == 0
+
+
+def test_serve_is_refused_by_a_backend_a_script_started(
+        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    # Not only a serve keeps a second backend out: any pvcalls.Backend.
+    import pvcalls
+    from xenback.sim import attach
+
+    argv = serve_argv(sim_host[0])
+    with pvcalls.Backend(attach(sim_host[0], 0), cpus=1):
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+    assert second.returncode == 2
+    assert f"another pvcalls-backend (pid {os.getpid()}) serves this host" in second.stderr
+    assert "Traceback" not in second.stderr
 
 
 def test_sigint_while_reading_the_policy_is_quiet(tmp_path: Path) -> None:
@@ -538,7 +457,6 @@ class Platform:
     domid = 0
 
 cli._open_platform = lambda args, error: Platform()
-cli._claim_host = lambda path, error: -1
 pvcalls.Backend = Backend
 args = argparse.Namespace(policy=None, platform="sim", run_dir=Path("."), max_ioworkers=1,
                           max_page_order=4)
