@@ -30,13 +30,19 @@ logger = logging.getLogger(__name__)
 
 
 class HostLockHeld(RuntimeError):
-    """Another process holds the lock: the file it holds is ``path``, its
-    process ``pid`` (``None`` if it has not written it yet)."""
+    """Another process (or another :class:`HostLock` of this one) holds the
+    lock: the file it holds is ``path``, its process ``pid`` (``None`` if
+    it has not written it yet)."""
 
     def __init__(self, path: Path, pid: int | None, message: str | None = None) -> None:
         self.path = path
         self.pid = pid
         super().__init__(message or f"process {_pid_text(pid)} holds {path} already")
+
+    def __reduce__(self) -> tuple[type[HostLockHeld], tuple[Path, int | None, str]]:
+        # As it was made: pickle's default would call us with the message
+        # alone (a process pool handing it back to its caller).
+        return type(self), (self.path, self.pid, str(self))
 
 
 def _pid_text(pid: int | None) -> str:

@@ -173,3 +173,13 @@ def test_a_domain_s_lock_is_in_its_host_s_run_dir_by_name_and_domid(tmp_path: Pa
             assert (info.value.pid, info.value.path) == (os.getpid(), dom0_lock.path)
         assert sorted(host.run_dir.glob("*.lock")) == []
 
+
+
+def test_the_refusal_crosses_processes_whole() -> None:
+    # A process pool hands its workers' exceptions back pickled.
+    import pickle
+
+    refused = HostLockHeld(Path("/run/job.dom0.lock"), 42, "domain 0 of this host has a job")
+    again = pickle.loads(pickle.dumps(refused))
+    assert (type(again), again.path, again.pid, str(again)) == (
+        HostLockHeld, refused.path, 42, "domain 0 of this host has a job")
