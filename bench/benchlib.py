@@ -102,11 +102,11 @@ def cpu_list(text: str) -> frozenset[int]:
     allowed = os.sched_getaffinity(0)
     cpus: set[int] = set()
     for item in text.split(","):
-        low, _, high = item.partition("-")
-        if not all(part.isascii() and part.isdigit() for part in (low, high or low)) \
-                or int(low) > int(high or low):
+        ends = item.split("-")
+        if not (len(ends) <= 2 and all(end.isascii() and end.isdigit() for end in ends)
+                and int(ends[0]) <= int(ends[-1])):
             raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list (e.g. 0 or 0,2 or 0-3)")
-        first, last = int(low), int(high or low)
+        first, last = int(ends[0]), int(ends[-1])
         # Cut at the first CPU past the allowed ones, which is enough to
         # refuse: "0-999999999" is not built.
         cpus.update(range(first, min(last, max(allowed) + 1) + 1) or (first,))

@@ -41,6 +41,8 @@ BAD = [
     ("pvcalls_bench", "--cpus", "one", "'one' is not a CPU list"),
     ("pvcalls_bench", "--cpus", "0,,1", "'0,,1' is not a CPU list"),
     ("pvcalls_bench", "--cpus", "1-0", "'1-0' is not a CPU list"),
+    ("pvcalls_bench", "--cpus", "0-", "'0-' is not a CPU list"),
+    ("pvcalls_bench", "--cpus", "0-1-2", "'0-1-2' is not a CPU list"),
     ("pvcalls_bench", "--cpus", "4096", "CPU 4096 is not one this process may run on"),
     ("evtchn_bench", "--rounds", "0", "at least 1"),
     ("evtchn_bench", "--rounds", "many", "not a whole number"),
