@@ -721,8 +721,8 @@ class XenStore(_Ops, Closing):
         ``predicate`` is a function of the value (``None`` when the node is
         missing), or a string the value must equal, or an int whose decimal
         text it must equal (as :meth:`write` writes it); by default, wait
-        for the node to exist.  Raises :class:`TimeoutError` with the last
-        value seen, and :class:`ConnectionError` as soon as the connection
+        for the node to exist.  Raises :class:`TimeoutError` saying what
+        it waited for and the last value seen, and :class:`ConnectionError` as soon as the connection
         is lost or :meth:`close` is called.  Not from a watch callback run
         on the watch thread (one without an :class:`EventQueue`):
         :class:`RuntimeError`.
@@ -740,11 +740,15 @@ class XenStore(_Ops, Closing):
                 "see the change: give the watch an EventQueue"
             )
         check: Callable[[str | None], bool]
+        # What a timeout says was awaited: the last value alone does not
+        # tell a reader which one the caller wanted.
+        awaited: str
         if predicate is None:
-            check = _exists
+            check, awaited = _exists, "appear"
         elif isinstance(predicate, str | int) and not isinstance(predicate, bool):
             # int(): an IntEnum's str() may be its name.
             expected = predicate if isinstance(predicate, str) else str(int(predicate))
+            awaited = f"become {expected!r}"
 
             def check(value: str | None) -> bool:
                 # Not expected.__eq__: that is NotImplemented, which is
@@ -753,6 +757,8 @@ class XenStore(_Ops, Closing):
 
         elif callable(predicate):
             check = predicate
+            name = getattr(predicate, "__name__", "<lambda>")
+            awaited = "satisfy " + ("the predicate" if name == "<lambda>" else name)
         else:
             raise TypeError(f"predicate must be a function, a str, an int or None, "
                             f"not {type(predicate).__name__}")
@@ -779,7 +785,7 @@ class XenStore(_Ops, Closing):
                     remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
-                        f"{path} did not reach the expected value within {timeout} s "
+                        f"{path} did not {awaited} within {timeout} s "
                         f"(last value {value!r})"
                     )
         finally:

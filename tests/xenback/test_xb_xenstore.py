@@ -336,10 +336,28 @@ def test_wait_for(dom0_xs) -> None:
     assert dom0_xs.wait_for("/w", "b", timeout=TIMEOUT) == "b"
     assert dom0_xs.wait_for("/w", timeout=TIMEOUT) == "b"
     assert dom0_xs.wait_for("/w2", lambda v: v is None, timeout=TIMEOUT) is None
-    with pytest.raises(TimeoutError, match=r"/w2 did not reach .* \(last value None\)"):
+    with pytest.raises(TimeoutError, match=r"/w2 did not become 'b' .* \(last value None\)"):
         dom0_xs.wait_for("/w2", "b", timeout=0.05)  # a missing node is no value
-    with pytest.raises(TimeoutError, match=r"/w did not reach .* \(last value 'b'\)"):
+    with pytest.raises(TimeoutError, match=r"/w did not become 'c' .* \(last value 'b'\)"):
         dom0_xs.wait_for("/w", "c", timeout=0.05)
+
+
+def test_wait_for_timeout_says_what_was_awaited(dom0_xs) -> None:
+    """A frontend waiting for its backend's state learns from the
+    TimeoutError which value it waited for, not only the last one seen."""
+    from xenback import XenbusState
+
+    dom0_xs.write("/s", XenbusState.CLOSING)
+    with pytest.raises(TimeoutError, match=r"^/s did not become '4' within 0.05 s \(last value '5'\)$"):
+        dom0_xs.wait_for("/s", XenbusState.CONNECTED, timeout=0.05)
+    with pytest.raises(TimeoutError, match=r"^/none did not appear within 0.05 s \(last value None\)$"):
+        dom0_xs.wait_for("/none", timeout=0.05)
+
+    def backend_ready(value: str | None) -> bool:
+        return False
+
+    with pytest.raises(TimeoutError, match=r"^/s did not satisfy backend_ready within 0.05 s "):
+        dom0_xs.wait_for("/s", backend_ready, timeout=0.05)
 
 
 def test_wait_for_gives_its_watch_back(host) -> None:
