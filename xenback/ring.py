@@ -173,7 +173,15 @@ class BackRing(_SharedRing):
     """
 
     def __init__(self, buffer: memoryview | bytearray, slot_size: int, *, index: int = 0) -> None:
-        """``index`` is where the private indexes start (``BACK_RING_ATTACH``:
+        """``buffer`` is the whole shared ring, header first (the mapped
+        pages); ``slot_size`` is the size of one slot, the union of request
+        and response that ``DEFINE_RING_TYPES`` declares.  With cffi:
+        ``ffi.sizeof("union my_sring_entry")``, declaring the union of the
+        two structs, not the larger of their sizes, which is smaller when
+        their alignments differ (a 9-byte request and a 4-byte response
+        make 12-byte slots): the other end would find the slots elsewhere.
+
+        ``index`` is where the private indexes start (``BACK_RING_ATTACH``:
         a ring re-attached after the backend restarted)."""
         if type(index) is not int:
             raise TypeError(f"index must be an int, not {type(index).__name__}")
@@ -190,7 +198,8 @@ class BackRing(_SharedRing):
         return (self._idx[_REQ_PROD] - self.req_cons) & _MASK
 
     def requests(self) -> Iterator[bytes]:
-        """Yield a private copy of each request published so far.
+        """Yield a private copy of each request published so far, a whole
+        slot each (``slot_size`` bytes).
 
         ``req_prod`` is read once per call, then each request is copied out
         once and ``req_cons`` advanced before it is yielded (a request is
@@ -213,7 +222,9 @@ class BackRing(_SharedRing):
 
     def push_response(self, rsp: bytes | bytearray | memoryview) -> None:
         """Write the next response (``RING_GET_RESPONSE`` + ``rsp_prod_pvt++``);
-        it becomes visible with :meth:`push_responses`."""
+        it becomes visible with :meth:`push_responses`.  One shorter than
+        the slot leaves the rest of the slot as it was (the request's
+        bytes), as a C backend writing only some fields does."""
         if self.rsp_prod_pvt == self.req_cons:
             raise RingError("no request is waiting for a response")
         self._put(self.rsp_prod_pvt, rsp)
@@ -261,6 +272,7 @@ class FrontRing(_SharedRing):
     def __init__(
         self, buffer: memoryview | bytearray, slot_size: int, *, init: bool = True
     ) -> None:
+        """``buffer`` and ``slot_size`` as for :class:`BackRing`."""
         check_flag("init", init)
         super().__init__(buffer, slot_size)
         if init:
@@ -277,7 +289,9 @@ class FrontRing(_SharedRing):
         return self.nr_ents - ((self.req_prod_pvt - self.rsp_cons) & _MASK)
 
     def push_request(self, req: bytes | bytearray | memoryview) -> None:
-        """Write the next request; visible after :meth:`push_requests`."""
+        """Write the next request; visible after :meth:`push_requests`.
+        One shorter than the slot leaves the rest of the slot as it was
+        (an earlier response's bytes)."""
         if self.free_slots <= 0:
             raise RingError("ring is full")
         self._put(self.req_prod_pvt, req)
