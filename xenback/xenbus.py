@@ -176,6 +176,15 @@ class BackendDevice:
     with :meth:`read_otherend`, writes its own with :meth:`write` /
     :meth:`write_nodes`, and keeps its per-device state in
     :attr:`driver_data`.
+
+    Attributes (read-only but for ``driver_data``): ``frontend_id`` and
+    ``devid``; ``nodename``, our directory
+    (``/local/domain/<self>/backend/<type>/<frontend_id>/<devid>``);
+    ``otherend``, the frontend's directory (set before :meth:`BackendDriver.probe`);
+    ``state`` and ``frontend_state``, the two ``XenbusState`` values as
+    last written or seen; ``driver_data``, free for the driver (None until
+    it sets it); ``driver`` and ``device_type``; ``ratelimit``, the
+    :class:`~xenback.ratelimit.RateLimit` for lines the guest can cause.
     """
 
     def __init__(self, driver: BackendDriver, frontend_id: int, devid: int) -> None:
