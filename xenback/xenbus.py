@@ -1100,12 +1100,24 @@ class BackendDriver:
         there (Closed: reconnect when the frontend writes Initialising;
         InitWait: connect when it publishes its ring).  A connection the
         earlier backend made cannot be: its sockets went with it.  Closing
-        tells the frontend so, as a fatal error would."""
+        tells the frontend so, as a fatal error would.  So it does a
+        frontend still Initialised or Connected after a stop left Closed
+        (it has not seen the Closed yet): the table would connect to its
+        ring as a new one, from index 0, and answer again every request
+        the earlier backend answered."""
         # The state in our directory is a backend's: from now on
         # Initialising there means a new device (see _switched).
         dev._switched = True
         dev.state = XenbusState.parse(dev.read("state"))
-        if dev.state in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+        connected = (XenbusState.INITIALISED, XenbusState.CONNECTED)
+        if dev.state == XenbusState.CLOSED:
+            try:
+                stale = XenbusState.parse(dev.read_otherend("state")) in connected
+            except ValueError:
+                stale = False  # the table fails the device for it
+        else:
+            stale = dev.state in connected
+        if stale:
             logger.info("%s: the connection of an earlier backend: closing it", dev.nodename)
             dev.switch_state(XenbusState.CLOSING)
 

@@ -1818,6 +1818,37 @@ def test_a_device_an_earlier_backend_left_is_taken_over(
     assert drv.calls_of(guest.domid)[:2] == ["probe", "connect"]
 
 
+def test_a_frontend_still_connected_to_a_stopped_backend_is_not_reconnected_as_it_is(
+        host, frontends, dom0_xs) -> None:
+    """stop() leaves Closed, and the next backend may start before the
+    frontend has seen it: the frontend is still Connected, its ring still
+    holds the earlier backend's indexes.  Connecting to it as a new ring
+    (index 0) replays every request the earlier backend answered, so the
+    new backend must not connect until the frontend starts again; it tells
+    the frontend to close, as it does a killed backend's connection."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    first = RecordingDriver(host.dom0)
+    with first:
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish(state=S.CONNECTED)
+        fe.wait_backend(S.CONNECTED)
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    second = RecordingDriver(host.dom0)
+    with second:
+        fe.wait_backend(S.CLOSING, timeout=3)
+        assert second.calls_of(guest.domid) == ["probe"]
+        fe.set_state(S.CLOSED)
+        fe.wait_backend(S.CLOSED, timeout=3)
+        fe.set_state(S.INITIALISING)
+        fe.wait_backend(S.INIT_WAIT, timeout=3)
+        fe.publish()
+        fe.wait_backend(S.CONNECTED, timeout=3)
+        assert second.calls_of(guest.domid)[:2] == ["probe", "connect"]
+        assert _error(dom0_xs, dev) is None
+
+
 @pytest.mark.parametrize("hook", ["probe", "connect"])
 def test_stop_from_a_driver_callback_is_refused_before_it_does_anything(
         host, driver, frontends, hook) -> None:

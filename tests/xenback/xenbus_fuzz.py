@@ -730,12 +730,23 @@ class Fuzzer:
 
     def op_restart(self) -> None:
         """The backend is restarted (stop, start) with its devices in any
-        state: the new one takes them over."""
-        drv = self.drivers[self.rng.choice(sorted(self.drivers))]
+        state: the new one takes them over.  A connection the old one
+        made is told to close (the bystander's ring holds the old one's
+        indexes): the bystander goes on from Closing."""
+        backend = self.rng.choice(sorted(self.drivers))
+        drv = self.drivers[backend]
         drv.stop()
         drv.start()
         drv.events  # noqa: B018 (see Run)
         drv.gnttab  # noqa: B018
+        if self.by_phase.get(backend) == "connected":
+            fd = self.bystander.devs[(backend, backend)]
+            try:
+                self.bystander.xs.wait_for(f"{fd.device.backend_path}/state",
+                                           str(int(S.CLOSING)), timeout=TIMEOUT)
+            except TimeoutError as exc:
+                raise FuzzFailure(f"bystander {fd.device.backend_path}: {exc}") from None
+            self.by_phase[backend] = "closing"
 
     # -- the bystander -----------------------------------------------------------------
 
@@ -763,7 +774,7 @@ class Fuzzer:
             wait(S.CONNECTED)
             self.by_phase[backend] = "connected"
         elif phase == "connected":
-            wait(S.CONNECTED)  # again: a restarted backend connects anew
+            wait(S.CONNECTED)
             with drv.changed:
                 before = len(drv.events_seen)
             g.evtchn.notify(fd.port)
