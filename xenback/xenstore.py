@@ -722,8 +722,9 @@ class XenStore(_Ops, Closing):
         missing), or a string the value must equal, or an int whose decimal
         text it must equal (as :meth:`write` writes it); by default, wait
         for the node to exist.  Raises :class:`TimeoutError` saying what
-        it waited for and the last value seen, and :class:`ConnectionError` as soon as the connection
-        is lost or :meth:`close` is called.  Not from a watch callback run
+        it waited for and the last value seen, and
+        :class:`ConnectionError` as soon as the connection is lost or
+        :meth:`close` is called.  Not from a watch callback run
         on the watch thread (one without an :class:`EventQueue`):
         :class:`RuntimeError`.
         """
