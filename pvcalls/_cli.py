@@ -259,6 +259,7 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     import pvcalls
     from pvcalls._policy import Policy, PolicyError
     from xenback.hostlock import HostLockHeld
+    from xenback.platform import EventChannelError, GrantError
 
     policy = None
     if args.policy is not None:
@@ -302,12 +303,18 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             # other's refuses).
             error(f"another pvcalls-backend (pid {'?' if exc.pid is None else exc.pid}) "
                   f"serves this host already; it holds {exc.path}")
-        except OSError as exc:
-            # The host went between joining it and starting on it (or its
-            # hypervisor or XenStore refuses us, or its run directory the
-            # lock file, which the error names): as a missing host, one
-            # line, not a traceback.  The backend released what it took.
+        except (ConnectionError, GrantError, EventChannelError) as exc:
+            # XenStore refused us or hung up, or the simulated hypervisor
+            # did (Xen's device nodes failing to open are
+            # PlatformUnavailable): the host went between joining it and
+            # starting on it.  As a missing host, one line, not a
+            # traceback.  The backend released what it took.
             error(f"cannot start serving the host's guests (is the host gone?): {exc}")
+        except OSError as exc:
+            # Not the host: a lock file its run directory refuses, a device
+            # node we may not open, no descriptors left.  The error says
+            # which; a guess at the host would only mislead.
+            error(f"cannot start serving the host's guests: {exc}")
         with backend:
             logger.warning("pvcalls backend serving domain %d's guests (%s platform); "
                            "SIGUSR1 logs its sockets, SIGTERM stops it",

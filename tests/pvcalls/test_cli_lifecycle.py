@@ -347,20 +347,27 @@ def test_serve_in_a_script_s_background_keeps_sigint_ignored(
         assert "SIGINT" not in "".join(log.lines)
 
 
+@pytest.mark.parametrize("gone", ["host", "xenstored"])
 def test_a_host_gone_during_start_up_is_a_clear_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    # The host goes after serve joined it, before the backend starts on it.
+        capsys: pytest.CaptureFixture[str], gone: str) -> None:
+    # The host goes after serve joined it, before the backend starts on it
+    # (the simulated hypervisor refuses the backend first); or only its
+    # XenStore does (XenStore refuses it).
     import pvcalls._cli as cli
     from xenback.sim import SimHost, attach
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()  # stays when the host goes: the backend locks it next
     host = SimHost(run_dir).start()
+    xenstored = run_dir / "xenstored" / "socket"
 
     def join_then_lose_the_host(args: Any, error: Any) -> Any:
         platform = attach(run_dir, 0)
-        host.close()
+        if gone == "host":
+            host.close()
+        else:
+            xenstored.rename(tmp_path / "socket")
         return platform
 
     monkeypatch.setattr(cli, "_open_platform", join_then_lose_the_host)
@@ -368,12 +375,36 @@ def test_a_host_gone_during_start_up_is_a_clear_error(
         with pytest.raises(SystemExit) as info:
             main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
     finally:
+        if gone == "xenstored":
+            (tmp_path / "socket").rename(xenstored)  # for the host to close as usual
         host.close()
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     assert err.splitlines()[-1].startswith(
-        "pvcalls-backend serve: error: cannot start serving the host's guests"), err
+        "pvcalls-backend serve: error: cannot start serving the host's guests "
+        "(is the host gone?): "), err
+    assert ("cannot connect to XenStore" in err) == (gone == "xenstored"), err
+
+
+def test_a_lock_file_that_cannot_be_opened_is_said_as_it_is(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The host is there, but not the lock file: its run directory refuses
+    # it (a directory in its place here; elsewhere a run directory that is
+    # not writable).  Nothing points at the host.
+    from xenback.sim import SimHost
+
+    run_dir = tmp_path / "run"
+    lock = run_dir / "pvcalls-backend.dom0.lock"
+    with SimHost(run_dir):
+        lock.mkdir()
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "pvcalls-backend serve: error: cannot start serving the host's guests: "
+        f"[Errno 21] cannot open the lock file {lock}: Is a directory"), err
 
 
 def test_a_second_backend_on_one_host_is_refused(
