@@ -63,8 +63,9 @@ class HostLock(Closing):
 
     Raises :class:`HostLockHeld` if another process holds it (or another
     :class:`HostLock` of this one: locks belong to an open file, not to a
-    process), :class:`OSError` if the file cannot be opened.  The holder's
-    pid is written in the file, for the refusal to name it.
+    process), :class:`OSError` naming the file if it cannot be opened or
+    written.  The holder's pid is written in the file, for the refusal to
+    name it.
 
     :meth:`close` removes the file and only then unlocks it, so that
     nobody can lock it in between; a process that opened the file before
@@ -103,6 +104,10 @@ class HostLock(Closing):
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            HostLock._release(path, fd)
+            raise OSError(exc.errno, f"cannot write to the lock file {path}: {exc.strerror}"
+                          ) from None
         except BaseException:
             HostLock._release(path, fd)
             raise

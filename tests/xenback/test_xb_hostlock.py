@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
@@ -87,6 +88,24 @@ def test_a_lock_file_that_cannot_be_made_is_said(tmp_path: Path) -> None:
     path = tmp_path / "missing" / "job.lock"
     with pytest.raises(FileNotFoundError, match=f"cannot open the lock file {path}: "):
         HostLock(path)
+
+
+def test_a_lock_file_that_cannot_be_written_is_said(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "job.lock"
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    fds = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match=(
+            rf"^\[Errno {errno.ENOSPC}\] cannot write to the lock file {path}: "
+            rf"{os.strerror(errno.ENOSPC)}$")):
+        HostLock(path)
+    monkeypatch.undo()
+    assert not path.exists()
+    assert sorted(os.listdir("/proc/self/fd")) == fds
 
 
 def test_the_lock_is_taken_on_the_file_there_now(
