@@ -10,7 +10,9 @@ process holds which file.
 The lock is an ``flock`` on a file in the platform's ``run_dir`` (a real
 host's ``/run``, the simulated host's run directory), so it goes with its
 process however that ends: a crash leaves no stale lock, only a file the
-next holder takes over.  A clean release removes the file.
+next holder takes over.  A clean release removes the file.  It is the
+process's alone: the programs it starts and the children it forks do not
+hold it, or one of them living on would keep it after its holder.
 """
 
 from __future__ import annotations
@@ -58,6 +60,52 @@ def _same_file(path: Path, fd: int) -> bool:
     return os.path.samestat(there, os.fstat(fd))
 
 
+# Every HostLock's descriptor is opened and entered in _held, and taken out
+# and closed, under _fork_lock, which os.fork() takes too: a child is forked
+# with each lock of this process open and in _held, or not open at all,
+# never in between (and then kept by the child unknown to _forget_in_child).
+# Reentrant, for a signal handler that takes or lets go of a lock while the
+# main thread is doing so, and for __init__'s close() of a lock it could not
+# write to.
+_fork_lock = threading.RLock()
+# The locks this process holds, for a forked child to let go of.  Strong
+# references: a lock dropped without close() still holds its file, and must
+# not be passed on to children any more than a kept one.  close() takes a
+# lock out, so that nothing keeps a closed lock alive.
+_held: set[HostLock] = set()
+
+
+def _forget_in_child() -> None:
+    """In a child just forked: close its copy of each descriptor its
+    parent's locks hold, leaving the file and the lock to the parent.
+
+    The copy shares the parent's open file, and an flock belongs to the
+    open file, not to a descriptor or a process: kept, it would hold the
+    lock after the parent let go of it or died, keeping every next holder
+    out for as long as the child lives.  Closing the copy drops the child's
+    share only; unlocking (flock's LOCK_UN acts on the shared open file)
+    or removing the file would take the lock from under the parent.  The
+    child's HostLock is left released, its close() doing nothing.
+    """
+    try:
+        for lock in _held:
+            fd, lock._fd = lock._fd, -1
+            os.close(fd)
+    finally:
+        _held.clear()
+        _fork_lock.release()
+
+
+def _before_fork() -> None:
+    # A function of ours rather than _fork_lock.acquire itself: a fork that
+    # waits here shows where in a thread's Python stack.
+    _fork_lock.acquire()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_fork_lock.release,
+                    after_in_child=_forget_in_child)
+
+
 class HostLock(Closing):
     """An exclusive lock on ``path`` for this process, until :meth:`close`.
 
@@ -66,6 +114,11 @@ class HostLock(Closing):
     process), :class:`OSError` naming the file if it cannot be opened or
     written.  The holder's pid is written in the file, for the refusal to
     name it.
+
+    The lock is this process's alone: a program it starts does not get its
+    descriptor (close-on-exec), and a child it forks (``os.fork()``,
+    :mod:`multiprocessing`'s fork) closes its copy at once, its HostLock
+    released, so that neither outlives the holder with the lock.
 
     :meth:`close` removes the file and only then unlocks it, so that
     nobody can lock it in between; a process that opened the file before
@@ -76,8 +129,19 @@ class HostLock(Closing):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = Path(path)
-        self._guard = threading.Lock()
-        self._fd = self._lock(self._path)
+        with _fork_lock:
+            self._fd = self._lock(self._path)
+            try:
+                _held.add(self)
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:
+                self.close()
+                raise OSError(exc.errno, f"cannot write to the lock file {path}: {exc.strerror}"
+                              ) from None
+            except BaseException:
+                self.close()
+                raise
 
     @staticmethod
     def _lock(path: Path) -> int:
@@ -97,21 +161,10 @@ class HostLock(Closing):
                 os.close(fd)
                 raise
             if _same_file(path, fd):
-                break
+                return fd
             # Removed by the holder before us between our open and our
             # flock (see close()): lock the file there now.
             os.close(fd)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:
-            HostLock._release(path, fd)
-            raise OSError(exc.errno, f"cannot write to the lock file {path}: {exc.strerror}"
-                          ) from None
-        except BaseException:
-            HostLock._release(path, fd)
-            raise
-        return fd
 
     @classmethod
     def for_domain(cls, platform: Platform, name: str) -> HostLock:
@@ -138,24 +191,26 @@ class HostLock(Closing):
         return self._path
 
     def close(self) -> None:
-        """Remove the lock file and unlock it; idempotent."""
-        with self._guard:
+        """Remove the lock file and unlock it; idempotent.  Does nothing in
+        a forked child (see the class)."""
+        unlinked: OSError | None = None
+        with _fork_lock:
             fd, self._fd = self._fd, -1
-            if fd >= 0:
-                self._release(self._path, fd)
-
-    @staticmethod
-    def _release(path: Path, fd: int) -> None:
-        try:
-            # Only the file we hold: whoever removed ours (the simulated
-            # host removing its run directory) may have let another
-            # process lock a new one there, which is not ours to remove.
-            if _same_file(path, fd):
-                os.unlink(path)
-        except OSError as exc:
-            logger.warning("cannot remove the lock file %s: %s", path, exc.strerror)
-        finally:
-            os.close(fd)
+            if fd < 0:
+                return
+            try:
+                _held.discard(self)
+                # Only the file we hold: whoever removed ours (the simulated
+                # host removing its run directory) may have let another
+                # process lock a new one there, which is not ours to remove.
+                if _same_file(self._path, fd):
+                    os.unlink(self._path)
+            except OSError as exc:
+                unlinked = exc
+            finally:
+                os.close(fd)
+        if unlinked is not None:  # once out of _fork_lock: forks need not wait for the log
+            logger.warning("cannot remove the lock file %s: %s", self._path, unlinked.strerror)
 
     def __repr__(self) -> str:
         state = "released" if self._fd < 0 else "held"

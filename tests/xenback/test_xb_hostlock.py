@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import multiprocessing
 import os
+import select
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from racewindow import PauseAt, stands_at
 
-from xenback import HostLock, HostLockHeld
+from xenback import HostLock, HostLockHeld, hostlock
 from xenback.sim import SimHost
 
 TIMEOUT = 30.0
@@ -176,6 +182,202 @@ def test_closing_a_lock_whose_file_was_replaced_keeps_the_new_one(tmp_path: Path
             HostLock(path)
     finally:
         reap(holder)
+
+
+def opened_on(there: os.stat_result, pid: int | str = "self") -> list[int]:
+    """The descriptors of process ``pid`` open on the file ``there`` (an
+    ``os.stat()`` of it: it may have been removed since)."""
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), there):
+                fds.append(int(fd))
+        except FileNotFoundError:  # closed meanwhile (listdir()'s own)
+            pass
+    return fds
+
+
+def test_a_started_program_gets_no_descriptor_of_the_lock(tmp_path: Path) -> None:
+    # Started without fork()'s hooks (subprocess forks in C): it is the
+    # descriptor's close-on-exec that keeps it out.
+    path = tmp_path / "job.lock"
+    with HostLock(path):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; print('started', flush=True); sys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, close_fds=False)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+            assert opened_on(os.stat(path), proc.pid) == []
+        finally:
+            reap(proc)
+
+
+def test_a_forked_child_leaves_its_parent_s_lock_alone(tmp_path: Path) -> None:
+    """The child shares the parent's open lock file, and the flock with it:
+    it lets go of its descriptor without unlocking the file (that would
+    unlock the parent's) or removing it, and its lock is released; its
+    close() does nothing."""
+    path = tmp_path / "job.lock"
+    with HostLock(path) as lock:
+        seen_r, seen_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: what it sees goes back through the pipe
+            try:
+                os.close(seen_r)
+                os.write(seen_w, f"{lock!r} {opened_on(os.stat(path))}".encode())
+                lock.close()
+            finally:
+                os._exit(0)
+        os.close(seen_w)
+        with os.fdopen(seen_r) as seen:
+            assert seen.read() == f"<HostLock {path} released> []"
+        assert os.waitpid(pid, 0)[1] == 0
+        # Still the parent's, file and lock.
+        assert path.read_text() == f"{os.getpid()}\n"
+        assert repr(lock) == f"<HostLock {path} held>"
+        with pytest.raises(HostLockHeld):
+            HostLock(path)
+    assert not path.exists()
+
+
+def _wait_for(started: Any, release: Any) -> None:
+    started.set()
+    release.wait(TIMEOUT)
+
+
+def test_a_child_forked_by_multiprocessing_keeps_nobody_out(tmp_path: Path) -> None:
+    """The parent lets go while its child lives on: the next holder is let
+    in at once, and the child never had the lock file open."""
+    context = multiprocessing.get_context("fork")
+    started, release = context.Event(), context.Event()
+    path = tmp_path / "job.lock"
+    lock = HostLock(path)
+    child = context.Process(target=_wait_for, args=(started, release))
+    child.start()
+    try:
+        assert started.wait(TIMEOUT)
+        assert child.pid is not None and opened_on(os.stat(path), child.pid) == []
+        lock.close()
+        with HostLock(path):
+            assert path.read_text() == f"{os.getpid()}\n"
+        assert child.is_alive()
+    finally:
+        lock.close()
+        release.set()
+        child.join(TIMEOUT)
+    assert child.exitcode == 0
+
+
+@pytest.mark.parametrize(("method", "line"), [
+    ("__init__", "_held.add(self)"),  # opened, not yet known as held
+    ("close", "os.close(fd)"),  # no longer known as held, not yet closed
+])
+def test_a_fork_waits_for_a_lock_being_taken_or_let_go_of(
+        tmp_path: Path, method: str, line: str) -> None:
+    """A child forked just then would keep a descriptor that its hook does
+    not know of: the fork waits until the lock is held or let go of."""
+    path = tmp_path / "job.lock"
+    locks = [] if method == "__init__" else [HostLock(path)]
+    there = [os.stat(path)] if locks else []  # the file, removed or not
+    pause = PauseAt(getattr(HostLock, method), line)
+    lock_or_unlock = threading.Thread(target=pause.run, args=(
+        (lambda: locks.append(HostLock(path))) if method == "__init__" else locks[0].close,))
+    seen_r, seen_w = os.pipe()
+    forked: list[int] = []
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:  # the child: its descriptors on the lock file
+            try:
+                os.write(seen_w, str(opened_on(there[0])).encode())
+            finally:
+                os._exit(0)
+        forked.append(pid)
+
+    forker = threading.Thread(target=fork)
+    lock_or_unlock.start()
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        there = there or [os.stat(path)]
+        forker.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not stands_at(forker.ident or 0, hostlock._before_fork, "_fork_lock.acquire()"):
+            assert forker.is_alive() and time.monotonic() < deadline, "the fork did not wait"
+            time.sleep(0.005)
+    finally:
+        pause.resume()
+        lock_or_unlock.join(TIMEOUT)
+        forker.join(TIMEOUT)
+        os.close(seen_w)
+        for pid in forked:
+            assert os.waitpid(pid, 0)[1] == 0
+        for lock in locks:
+            lock.close()
+    with os.fdopen(seen_r) as seen:
+        assert seen.read() == "[]"
+
+
+def test_a_closed_lock_is_kept_by_nothing(tmp_path: Path) -> None:
+    # Forks take the held ones in hand, the closed ones are let go.
+    import gc
+    import weakref
+
+    lock = HostLock(tmp_path / "job.lock")
+    lock.close()
+    gone = weakref.ref(lock)
+    del lock
+    gc.collect()
+    assert gone() is None
+
+
+# Takes the lock, forks a child that says it runs on the descriptor argv[3]
+# and lives (holding argv[3] open) until the descriptor argv[2] reads EOF;
+# says so and waits.
+_FORKS_AND_WAITS = """
+import os, sys
+from xenback import HostLock
+
+lock = HostLock(sys.argv[1])
+release, alive = int(sys.argv[2]), int(sys.argv[3])
+if os.fork() == 0:
+    os.write(alive, b"r")
+    os.read(release, 1)
+    os._exit(0)
+os.close(alive)
+print("forked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_crashed_holder_s_child_keeps_nobody_out(tmp_path: Path) -> None:
+    """The holder dies (killed) before its child: its lock goes with it,
+    the child being no holder."""
+    path = tmp_path / "job.lock"
+    release_r, release_w = os.pipe()  # the child lives until release_w closes
+    alive_r, alive_w = os.pipe()  # "r": the child runs; then EOF: it has gone
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FORKS_AND_WAITS, str(path), str(release_r), str(alive_w)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        pass_fds=(release_r, alive_w))
+    os.close(release_r)
+    os.close(alive_w)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "forked\n"
+        # Out of fork(): a child just forked holds the lock until its
+        # fork() returns, as every descriptor of its parent's.
+        assert select.select([alive_r], [], [], TIMEOUT)[0] == [alive_r]
+        assert os.read(alive_r, 1) == b"r"
+        reap(holder)  # killed, its lock file left behind
+        assert path.exists()
+        with HostLock(path):
+            assert path.read_text() == f"{os.getpid()}\n"
+        assert select.select([alive_r], [], [], 0)[0] == [], "the child has gone already"
+    finally:
+        reap(holder)
+        os.close(release_w)
+        assert select.select([alive_r], [], [], TIMEOUT)[0] == [alive_r]
+        assert os.read(alive_r, 1) == b""
+        os.close(alive_r)
 
 
 def test_a_domain_s_lock_is_in_its_host_s_run_dir_by_name_and_domid(tmp_path: Path) -> None:
