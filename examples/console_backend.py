@@ -10,7 +10,9 @@ the ``in`` ring.  Run it against a simulated host::
     .venv/bin/python examples/console_backend.py --demo
 
 Everything xenbus (discovery, InitWait, Connected, closing, removal, domain
-death, error nodes) is the framework's; this file only moves bytes.
+death, error nodes) is the framework's; this file only moves bytes.  One
+console backend serves a domain's consoles at a time, on the whole host:
+another is refused (:class:`xenback.HostLockHeld`) until it stops.
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ from contextlib import closing
 from pathlib import Path
 
 from workqueue import Work, Workqueue
-from xenback import BackendDevice, BackendDriver, FlexRing, Platform, RingError, wire
+from xenback import (
+    BackendDevice,
+    BackendDriver,
+    FlexRing,
+    HostLock,
+    HostLockHeld,
+    Platform,
+    RingError,
+    wire,
+)
 
 logger = logging.getLogger("console_backend")
 
@@ -94,6 +105,27 @@ class ConsoleBackend(BackendDriver):
                  on_output: Callable[[int, bytes], object] | None = None) -> None:
         super().__init__(platform, workqueue=workqueue)
         self.log_dir, self.on_output = Path(log_dir), on_output
+        self.host_lock: HostLock | None = None
+
+    def start(self) -> None:
+        """Serve, unless another console backend serves this domain:
+        :class:`HostLockHeld` then, before anything starts."""
+        # A second backend would connect every console too, and both would
+        # drain its ring, each logging part of the output.
+        lock = HostLock.for_domain(self.platform, "console-backend")
+        try:
+            super().start()
+        except BaseException:
+            lock.close()
+            raise
+        self.host_lock = lock
+
+    def stop(self) -> None:
+        super().stop()
+        # Not before: a stop() refused (from a driver callback) or
+        # interrupted leaves the consoles served, and the lock held.
+        if self.host_lock is not None:
+            self.host_lock.close()
 
     def connect(self, dev: BackendDevice) -> None:
         ref, port = dev.read_otherend_int("ring-ref"), dev.read_otherend_int("port")
@@ -186,5 +218,14 @@ if __name__ == "__main__":
         # thread could take SIGINT while sigwait() went on waiting.
         stop = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        with ConsoleBackend(xenback.xen.open(), args.log_dir):
+        backend = ConsoleBackend(xenback.xen.open(), args.log_dir)
+        try:
+            backend.start()
+        except HostLockHeld as exc:
+            holder = "?" if exc.pid is None else exc.pid
+            parser.error(f"another console backend (pid {holder}) serves this host already; "
+                         f"it holds {exc.path}")
+        try:
             signal.sigwait(stop)
+        finally:
+            backend.stop()

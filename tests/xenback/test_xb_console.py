@@ -204,6 +204,32 @@ def test_backend_and_guest_through_the_run_directory(host, tmp_path) -> None:
     assert not leaked_threads(before)
 
 
+def test_one_console_backend_per_domain_on_a_host(host, tmp_path) -> None:
+    """A second would connect every console too, each logging its output:
+    it is refused before it starts, whichever process it is in, and the
+    first's stop() lets the next in."""
+    from xenback import HostLockHeld
+
+    lock = host.run_dir / "console-backend.dom0.lock"
+    before = {t.ident for t in threading.enumerate()}
+    with console_backend.ConsoleBackend(host.dom0, tmp_path):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        second = console_backend.ConsoleBackend(host.dom0, tmp_path)
+        with pytest.raises(HostLockHeld, match=(
+                rf"^domain 0 of this host has a console-backend already, in process "
+                rf"{os.getpid()} \(it holds {lock}\)$")):
+            second.start()
+        with pytest.raises(RuntimeError, match="is not started"):
+            second.xenstore  # noqa: B018 (the refusal is the point)
+        second.stop()  # nothing to stop, and not the first's lock to let go of
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()
+    with console_backend.ConsoleBackend(host.dom0, tmp_path):
+        assert lock.exists()
+    assert not lock.exists()
+    assert not leaked_threads(before)
+
+
 def test_the_example_uses_only_public_apis() -> None:
     """What a newcomer copies must not lean on framework internals: every
     name it imports from workqueue or xenback is exported (``__all__``),
@@ -266,14 +292,30 @@ def test_serving_dom0_stops_cleanly_on_a_signal(host, tmp_path, sig) -> None:
                 break
         else:
             pytest.fail(f"the backend did not start: {''.join(lines)}")
+        assert (host.run_dir / "console-backend.dom0.lock").read_text() == f"{proc.pid}\n"
         proc.send_signal(getattr(signal, sig))
         rest = proc.stderr.read()
         assert proc.wait(TIMEOUT) == 0, rest
         assert "console backend stopped" in rest
+        assert not (host.run_dir / "console-backend.dom0.lock").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serving_dom0_is_refused_while_another_backend_serves_it(host, tmp_path) -> None:
+    lock = host.run_dir / "console-backend.dom0.lock"
+    code = _SERVE_DOM0.format(script=str(ROOT / "examples" / "console_backend.py"))
+    with console_backend.ConsoleBackend(host.dom0, tmp_path):
+        second = subprocess.run([sys.executable, "-c", code, str(host.run_dir), str(tmp_path)],
+                                capture_output=True, text=True, timeout=TIMEOUT * 3)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.endswith(
+            f"console_backend.py: error: another console backend (pid {os.getpid()}) "
+            f"serves this host already; it holds {lock}\n"), second.stderr
+        assert "Traceback" not in second.stderr
+        assert lock.read_text() == f"{os.getpid()}\n"  # still ours
 
 
 def _run_example(*args: str) -> subprocess.CompletedProcess[str]:
