@@ -10,12 +10,11 @@ import struct
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 from scripts import ROOT, load_script
 
-from tests.xenback.xbhelpers import TIMEOUT, Census, leaked_threads
+from tests.xenback.xbhelpers import TIMEOUT, Census, check_public_apis_only, leaked_threads
 from xenback import FlexRing, XenbusState, wire
 
 S = XenbusState
@@ -231,29 +230,7 @@ def test_one_console_backend_per_domain_on_a_host(host, tmp_path) -> None:
 
 
 def test_the_example_uses_only_public_apis() -> None:
-    """What a newcomer copies must not lean on framework internals: every
-    name it imports from workqueue or xenback is exported (``__all__``),
-    and it touches no underscored attribute of anything."""
-    import ast
-    import importlib
-
-    source = Path(console_backend.__file__).read_text()
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
-            "workqueue", "xenback"
-        ):
-            exported = importlib.import_module(node.module).__all__
-            for alias in node.names:
-                assert alias.name in exported, f"{node.module}.{alias.name} is not public"
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                assert not any(part.startswith("_") for part in alias.name.split(".")), alias.name
-        elif isinstance(node, ast.Attribute):
-            name = node.attr
-            assert not name.startswith("_") or (name.startswith("__") and name.endswith("__")), (
-                f"line {node.lineno}: .{name}"
-            )
+    check_public_apis_only(console_backend.__file__)
 
 
 def test_the_demo_runs(capsys) -> None:

@@ -3,9 +3,12 @@ backend driver, and leak counts (threads, event channels, grants)."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from xenback import BackendDevice, BackendDriver, XenbusState, XenStore
@@ -216,3 +219,26 @@ class Census:
             time.sleep(0.005)
             now = self._counts()
         assert now == self.before, f"left behind: {now}, before: {self.before}"
+
+
+def check_public_apis_only(script: str | Path) -> None:
+    """Assert that an example leans on no framework internals: every name
+    it imports from workqueue or xenback is exported (``__all__``), and it
+    touches no underscored attribute of anything.  What a newcomer copies
+    must keep working when the internals change."""
+    tree = ast.parse(Path(script).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
+            "workqueue", "xenback"
+        ):
+            exported = importlib.import_module(node.module).__all__
+            for alias in node.names:
+                assert alias.name in exported, f"{node.module}.{alias.name} is not public"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                assert not any(part.startswith("_") for part in alias.name.split(".")), alias.name
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+            assert not name.startswith("_") or (name.startswith("__") and name.endswith("__")), (
+                f"line {node.lineno}: .{name}"
+            )
