@@ -21,7 +21,8 @@ The pieces, each in a module of its own:
   ``xs_wire.h``'s ``xsd_sockmsg`` and ``console.h``'s ``xencons_interface``
   (``wire.offsetof("struct xencons_interface", "out_prod")``).
 
-``examples/console_backend.py`` is a complete backend to copy from.
+``examples/console_backend.py`` (byte rings) and ``examples/ring_backend.py``
+(a ``ring.h`` request/response ring) are complete backends to copy from.
 """
 
 from xenback._closing import Closing
