@@ -135,7 +135,11 @@ class ConsoleBackend(BackendDriver):
         name = f"console-{dev.frontend_id}" + (f"-{dev.devid}" if dev.devid else "") + ".log"
         console = Console(dev, page, self.log_dir / name, self.on_output)
         dev.driver_data = console
+        # Not run until it knows its port: the guest may notify as soon as
+        # we bind, and a run then would notify port 0, which goes nowhere.
+        console.disable()
         console.port = dev.bind_evtchn(port, lambda _port: self.workqueue.queue_work(console))
+        console.enable()
         self.workqueue.queue_work(console)  # output written before we connected
 
     def disconnect(self, dev: BackendDevice) -> None:

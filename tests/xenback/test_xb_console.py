@@ -10,12 +10,13 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from scripts import ROOT, load_script
 
 from tests.xenback.xbhelpers import TIMEOUT, Census, check_public_apis_only, leaked_threads
-from xenback import FlexRing, XenbusState, wire
+from xenback import BackendDevice, FlexRing, XenbusState, wire
 
 S = XenbusState
 console_backend = load_script(ROOT / "examples" / "console_backend.py", "console_backend")
@@ -132,6 +133,39 @@ def test_guest_output_is_logged_across_ring_wraps(host, console, frontends, tmp_
     assert (tmp_path / f"console-{domain.domid}.log").read_bytes() == expected
     prod, cons = struct.unpack_from("<II", guest.page, IDX + 8)
     assert cons == prod == len(expected)
+
+
+def test_an_event_before_the_port_is_known_loses_no_notify(
+        host, console, frontends, monkeypatch) -> None:
+    """The guest may notify as soon as the backend binds its port, before
+    bind_evtchn() has returned it: a run then must not drain the ring and
+    notify a port the console does not know yet (0, dropped), or a guest
+    waiting for room waits for ever.  Here that event comes at the worst
+    moment, and its work, if queued, runs before bind_evtchn() returns."""
+    real_bind = BackendDevice.bind_evtchn
+
+    def bind_then_event(dev, remote_port, callback):
+        port = real_bind(dev, remote_port, callback)
+        callback(port)
+        dev.driver_data.flush()
+        return port
+
+    monkeypatch.setattr(BackendDevice, "bind_evtchn", bind_then_event)
+    domain, dev, fe, guest = _start(host, frontends)
+    guest.write(b"output the guest waits to see consumed\n")
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    # The backend consumed it and said so, on the right port (a wake-up
+    # with no port pending is allowed: look again).
+    deadline = time.monotonic() + TIMEOUT
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([fe.evtchn.fileno()], [], [], left)[0]:
+            if fe.evtchn.pending() == fe.port:
+                break
+    else:
+        raise AssertionError("no event from the backend")
+    prod, cons = struct.unpack_from("<II", guest.page, IDX + 8)
+    assert cons == prod
 
 
 def test_input_is_forwarded(host, console, frontends) -> None:
