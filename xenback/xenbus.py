@@ -5,6 +5,12 @@ A driver subclasses :class:`BackendDriver`, names its ``device_type`` and
 overrides up to four methods; the base class does the rest of the xenbus
 protocol (section 2 of the protocol reference), item by item:
 
+* one driver of a type per domain on a host: start() takes the domain's
+  ``xenback-<type>`` :class:`~xenback.hostlock.HostLock` before anything
+  else, and stop() lets go of it once every device is gone; a second
+  driver, in this process or another, is refused with
+  :class:`~xenback.hostlock.HostLockHeld` (it would watch the same
+  directory and fight over every device);
 * discovery: a watch on ``/local/domain/<self>/backend/<type>``; a device
   ``backend/<type>/<frontend-id>/<devid>`` is probed only when its backend
   ``state`` is Initialising (1), except at start: a device found then in
@@ -76,6 +82,7 @@ from workqueue import WQ_UNBOUND, alloc_workqueue, wait_slice
 from xenback._eventqueue import EventQueue
 from xenback._flags import check_flag
 from xenback.events import EventDispatcher, PortCallback
+from xenback.hostlock import HostLock
 from xenback.ratelimit import RateLimit
 from xenback.xenstore import Transaction, Watch, XenStore
 
@@ -529,6 +536,14 @@ class BackendDriver:
 
     ``workqueue`` runs the device callbacks; without one, the driver
     allocates an unbound workqueue of its own and destroys it on stop.
+
+    One driver of a ``device_type`` serves a domain at a time, on the
+    whole host: from :meth:`start` to the end of :meth:`stop` it holds the
+    domain's ``xenback-<type>.dom<domid>.lock`` in the platform's
+    ``run_dir``, and another driver's start() raises
+    :class:`~xenback.hostlock.HostLockHeld` (a :class:`RuntimeError`
+    naming the process that holds it) before it starts anything.  A
+    stopped driver may be started again.
     """
 
     device_type: ClassVar[str] = ""
@@ -552,6 +567,8 @@ class BackendDriver:
         self._own_workqueue = workqueue is None
         self._workqueue = workqueue
         self._xs: XenStore | None = None
+        # Held from start() to the end of stop(), while _xs is set.
+        self._host_lock: HostLock | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
         # _lock guards _devices, _stopping, _domain_gone, _stop_running
@@ -679,18 +696,30 @@ class BackendDriver:
             return list(self._devices.values())
 
     def start(self) -> None:
-        """Connect to XenStore and start serving devices."""
+        """Connect to XenStore and start serving devices.
+
+        Raises :class:`~xenback.hostlock.HostLockHeld` if another driver
+        of our ``device_type`` serves our domain, in this process or
+        another on the host (it names that process and the lock file), and
+        :class:`OSError` naming the lock file if that cannot be made:
+        either before anything is started.
+        """
         if self._xs is not None:
             raise RuntimeError(f"{type(self).__name__} is already started")
-        if self._own_workqueue:
-            self._workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
+        # First: a second driver would watch our backend directory too and
+        # fight over every device, so it must start nothing at all.
+        host_lock = HostLock.for_domain(self.platform, f"xenback-{self.device_type}")
         try:
+            if self._own_workqueue:
+                self._workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
             self._xs = XenStore.connect_to(self.platform, on_lost=self._xenstore_lost)
         except BaseException:
             if self._own_workqueue and self._workqueue is not None:
                 self._workqueue.destroy()
                 self._workqueue = None
+            host_lock.close()
             raise
+        self._host_lock = host_lock
         with self._lock:
             self._stopping = False
             self._domain_gone = False
@@ -721,7 +750,9 @@ class BackendDriver:
         threads, handles and watches.  Not from a driver callback (it
         would wait for itself): that is a :class:`RuntimeError`, raised
         before anything is stopped.  Called while another thread's stop()
-        is under way, it returns when that one has stopped the driver."""
+        is under way, it returns when that one has stopped the driver.
+        The domain's lock (see the class) goes last: a stop() refused or
+        interrupted keeps it, with the devices it still serves."""
         with self._lock:
             if self._xs is None:
                 return
@@ -784,6 +815,11 @@ class BackendDriver:
             self._workqueue = None
         assert self._xs is not None
         self._xs.close()
+        # Last, with every device gone, and before _xs (which says we are
+        # started): interrupted in between, a later stop() closes it again.
+        if self._host_lock is not None:
+            self._host_lock.close()
+            self._host_lock = None
         self._xs = None
         logger.info("%s backend stopped", self.device_type)
 

@@ -1236,9 +1236,10 @@ def test_start_twice_is_refused(driver) -> None:
         driver.start()
 
 
-def test_start_without_xenstore_fails_and_holds_nothing() -> None:
-
-    with SimHost() as host:
+def test_start_without_xenstore_fails_and_holds_nothing(tmp_path) -> None:
+    # A run directory of ours, which outlives the host: in the host's own,
+    # removed with it, start() would fail at its lock file, before XenStore.
+    with SimHost(tmp_path) as host:
         dom0 = host.dom0
     before = {t.ident for t in threading.enumerate()}
     drv = RecordingDriver(dom0)
@@ -1252,6 +1253,7 @@ def test_start_without_xenstore_fails_and_holds_nothing() -> None:
             drv.xenstore  # noqa: B018
     drv.stop()  # a no-op
     assert not leaked_threads(before)
+    assert list(tmp_path.glob("*.lock")) == []
 
 
 def _stop_returns(drv: RecordingDriver) -> None:

@@ -242,3 +242,14 @@ def check_public_apis_only(script: str | Path) -> None:
             assert not name.startswith("_") or (name.startswith("__") and name.endswith("__")), (
                 f"line {node.lineno}: .{name}"
             )
+
+
+def serve_in_child(run_dir: str, domid: int, serving: Any, done: Any) -> None:
+    """A process's RecordingDriver for domain ``domid`` of the simulated
+    host in ``run_dir``: sets ``serving`` once started, stops when ``done``
+    is set (multiprocessing Events; the target of a spawned Process)."""
+    from xenback.sim import attach
+
+    with RecordingDriver(attach(run_dir, domid)):
+        serving.set()
+        done.wait(TIMEOUT)
