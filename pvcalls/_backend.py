@@ -71,7 +71,6 @@ from typing import TYPE_CHECKING, Any
 from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
 from xenback import BackendDevice, BackendDriver, Closing, XenbusState
 from xenback.events import EventDispatcher
-from xenback.hostlock import HostLock
 from xenback.platform import Platform
 from xenback.ratelimit import RateLimit
 from xenback.ring import BackRing, RingError
@@ -128,7 +127,10 @@ Socket = NewSocket | ActiveSocket | PassiveSocket
 
 # The backends of this process, each from its start until its close() is
 # over: a second one for an equal platform (the same domain) is refused.
-# Those of other processes, by each one's HostLock (see Backend._claim).
+# Those of other processes are kept out by our driver's HostLock (see
+# xenback.BackendDriver), which would refuse this process's second one
+# too, but only once it had made its workqueues, pollers and their
+# threads, and naming this process where this names the backend.
 # A list, not a dict: a Platform need not be hashable.
 _serving_lock = threading.Lock()
 _serving: list[Backend] = []
@@ -208,8 +210,9 @@ class Backend(Closing):
     until the first is closed; in another process on the same host,
     :exc:`xenback.HostLockHeld` (a RuntimeError too), naming the process
     that serves it and the lock file it holds
-    (``pvcalls-backend.dom<domid>.lock`` in the platform's ``run_dir``).
-    That lock goes with its process however it ends.
+    (``xenback-pvcalls.dom<domid>.lock`` in the platform's ``run_dir``:
+    that of its :class:`xenback.BackendDriver`).  That lock goes with its
+    process however it ends.
 
     Public attributes (read-only): ``platform``, ``topology`` (CPU hotplug
     on it re-homes sockets), ``nr_ioworkers``, ``max_page_order``,
@@ -420,27 +423,19 @@ class Backend(Closing):
                 f"frontends={len(self._frontends)}>")
 
     def _claim(self) -> None:
-        """Become the backend of our platform's domain: in this process,
-        then on its host."""
+        """Become the backend of our platform's domain in this process (on
+        its host: our driver's start())."""
         with _serving_lock:
             for other in _serving:
                 if other.platform == self.platform:
                     raise RuntimeError(
                         f"domain {self.platform.domid} of this host is served by {other!r} "
                         "already: close it first")
-            # After the look at this process's backends: their locks are
-            # on open files of their own, which ours would find held too,
-            # and name this process as the holder.
-            self._host_lock = HostLock.for_domain(self.platform, "pvcalls-backend")
             _serving.append(self)
 
     def _unclaim(self) -> None:
         with _serving_lock:
             if self in _serving:
-                # Before we leave the list: a close() interrupted here
-                # (Ctrl-C) finds us still in it, and the next one
-                # releases the lock.
-                self._host_lock.close()
                 _serving.remove(self)
 
     # -- xenbus callbacks (ordered per device by the driver) ----------------------

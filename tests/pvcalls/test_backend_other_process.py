@@ -22,6 +22,7 @@ import pytest
 from pvcalls_rawfront import TIMEOUT
 
 import pvcalls
+from xenback import HostLockHeld
 from xenback.sim import SimHost
 
 # A backend in a child process: serves domain argv[2] of the host in
@@ -71,13 +72,17 @@ def close_child(proc: subprocess.Popen[str]) -> None:
 def test_a_backend_in_another_process_is_refused(host: SimHost, child_backend: Any) -> None:
     first = child_backend()
     before = set(threading.enumerate())
-    with pytest.raises(RuntimeError, match=(
-            rf"^domain 0 of this host has a pvcalls-backend already, in process {first.pid} "
-            rf"\(it holds {host.run_dir}/pvcalls-backend\.dom0\.lock\)$")):
+    lock = host.run_dir / "xenback-pvcalls.dom0.lock"
+    with pytest.raises(HostLockHeld, match=(
+            rf"^domain 0 of this host has a xenback-pvcalls already, in process {first.pid} "
+            rf"\(it holds {lock}\)$")) as info:
         pvcalls.Backend(host.dom0, cpus=1)
-    # Refused before anything started.
+    assert (info.value.pid, info.value.path) == (first.pid, lock)
+    # Nothing left running (its driver, refused, started nothing; what
+    # the Backend made before it is released), but the workqueue's pool
+    # workers and timer, which are the process's.
     started = set(threading.enumerate()) - before
-    assert [t.name for t in started if not t.name.startswith("kworker/")] == []
+    assert [t.name for t in started if not t.name.startswith(("kworker/", "wq-"))] == []
     close_child(first)
     # Its claim went with its close().
     with pvcalls.Backend(host.dom0, cpus=1):
@@ -90,7 +95,7 @@ def test_a_killed_backend_leaves_no_claim_behind(host: SimHost, child_backend: A
     first.wait(TIMEOUT)
     with pvcalls.Backend(host.dom0, cpus=1):
         # Its file is taken over, saying who holds it now.
-        lock = host.run_dir / "pvcalls-backend.dom0.lock"
+        lock = host.run_dir / "xenback-pvcalls.dom0.lock"
         assert lock.read_text() == f"{os.getpid()}\n"
     assert not lock.exists()
 
@@ -116,8 +121,8 @@ def test_a_backend_started_here_refuses_one_elsewhere(host: SimHost) -> None:
                               input="", capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        f"xenback.hostlock.HostLockHeld: domain 0 of this host has a pvcalls-backend "
-        f"already, in process {os.getpid()} (it holds {host.run_dir}/pvcalls-backend.dom0.lock)")
+        f"xenback.hostlock.HostLockHeld: domain 0 of this host has a xenback-pvcalls "
+        f"already, in process {os.getpid()} (it holds {host.run_dir}/xenback-pvcalls.dom0.lock)")
 
 
 def test_a_failed_start_holds_no_claim(host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +133,7 @@ def test_a_failed_start_holds_no_claim(host: SimHost, monkeypatch: pytest.Monkey
         raise OSError("no pollers today")
 
     monkeypatch.setattr(_backend, "CpuPoller", fail)
-    lock = host.run_dir / "pvcalls-backend.dom0.lock"
+    lock = host.run_dir / "xenback-pvcalls.dom0.lock"
     with pytest.raises(OSError, match="no pollers today"):
         pvcalls.Backend(host.dom0, cpus=1)
     assert not lock.exists()
@@ -152,7 +157,7 @@ def test_host_and_backend_close_in_either_order_leaving_nothing(
     run_dir = tmp_path / "run"
     host = SimHost(run_dir).start()
     backend = pvcalls.Backend(host.dom0, cpus=1)
-    assert (run_dir / "pvcalls-backend.dom0.lock").exists()
+    assert (run_dir / "xenback-pvcalls.dom0.lock").exists()
     with caplog.at_level(logging.WARNING, logger="xenback"):
         if first == "host":
             host.close()

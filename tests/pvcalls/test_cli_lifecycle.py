@@ -299,7 +299,7 @@ def test_serve_leaves_nothing_in_the_run_dir(
                  preexec_fn=sighup_set_to(signal.SIG_DFL)) as serve:
         log = Lines(serve.stderr)
         log.wait_for("serving")
-        assert (run_dir / "pvcalls-backend.dom0.lock").exists()
+        assert (run_dir / "xenback-pvcalls.dom0.lock").exists()
         serve.send_signal(getattr(signal, signum))
         assert serve.wait(TIMEOUT) == 0
         log.wait_for(f"{signum}: closing every frontend")
@@ -395,7 +395,7 @@ def test_a_lock_file_that_cannot_be_opened_is_said_as_it_is(
     from xenback.sim import SimHost
 
     run_dir = tmp_path / "run"
-    lock = run_dir / "pvcalls-backend.dom0.lock"
+    lock = run_dir / "xenback-pvcalls.dom0.lock"
     with SimHost(run_dir):
         lock.mkdir()
         with pytest.raises(SystemExit) as info:
