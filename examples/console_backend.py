@@ -10,9 +10,9 @@ the ``in`` ring.  Run it against a simulated host::
     .venv/bin/python examples/console_backend.py --demo
 
 Everything xenbus (discovery, InitWait, Connected, closing, removal, domain
-death, error nodes) is the framework's; this file only moves bytes.  One
-console backend serves a domain's consoles at a time, on the whole host:
-another is refused (:class:`xenback.HostLockHeld`) until it stops.
+death, error nodes) is the framework's, and so is keeping out a second
+console backend of the domain, in any process on the host (its start()
+raises :class:`xenback.HostLockHeld`); this file only moves bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from xenback import (
     BackendDevice,
     BackendDriver,
     FlexRing,
-    HostLock,
     HostLockHeld,
     Platform,
     RingError,
@@ -105,27 +104,6 @@ class ConsoleBackend(BackendDriver):
                  on_output: Callable[[int, bytes], object] | None = None) -> None:
         super().__init__(platform, workqueue=workqueue)
         self.log_dir, self.on_output = Path(log_dir), on_output
-        self.host_lock: HostLock | None = None
-
-    def start(self) -> None:
-        """Serve, unless another console backend serves this domain:
-        :class:`HostLockHeld` then, before anything starts."""
-        # A second backend would connect every console too, and both would
-        # drain its ring, each logging part of the output.
-        lock = HostLock.for_domain(self.platform, "console-backend")
-        try:
-            super().start()
-        except BaseException:
-            lock.close()
-            raise
-        self.host_lock = lock
-
-    def stop(self) -> None:
-        super().stop()
-        # Not before: a stop() refused (from a driver callback) or
-        # interrupted leaves the consoles served, and the lock held.
-        if self.host_lock is not None:
-            self.host_lock.close()
 
     def connect(self, dev: BackendDevice) -> None:
         ref, port = dev.read_otherend_int("ring-ref"), dev.read_otherend_int("port")

@@ -14,7 +14,8 @@ guest::
 
 blkback and netback follow this pattern, with more fields and rings.
 Everything xenbus (discovery, InitWait, Connected, closing, removal, domain
-death, error nodes) is the framework's; this file only answers requests.
+death, error nodes, one backend per domain on a host) is the framework's;
+this file only answers requests.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from contextlib import closing
 import cffi
 
 from workqueue import Work, Workqueue
-from xenback import BackendDevice, BackendDriver, BackRing, RingError
+from xenback import BackendDevice, BackendDriver, BackRing, HostLockHeld, RingError
 
 # What a C frontend would find in the device's header, io/uppercase.h.
 ffi = cffi.FFI()
@@ -197,5 +198,14 @@ if __name__ == "__main__":
         # process before the backend closed its devices.
         stop = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        with UpperBackend(xenback.xen.open()):
+        backend = UpperBackend(xenback.xen.open())
+        try:
+            backend.start()
+        except HostLockHeld as exc:
+            holder = "?" if exc.pid is None else exc.pid
+            parser.error(f"another uppercase backend (pid {holder}) serves this host already; "
+                         f"it holds {exc.path}")
+        try:
             signal.sigwait(stop)
+        finally:
+            backend.stop()

@@ -243,13 +243,13 @@ def test_one_console_backend_per_domain_on_a_host(host, tmp_path) -> None:
     first's stop() lets the next in."""
     from xenback import HostLockHeld
 
-    lock = host.run_dir / "console-backend.dom0.lock"
+    lock = host.run_dir / "xenback-console.dom0.lock"
     before = {t.ident for t in threading.enumerate()}
     with console_backend.ConsoleBackend(host.dom0, tmp_path):
         assert lock.read_text() == f"{os.getpid()}\n"
         second = console_backend.ConsoleBackend(host.dom0, tmp_path)
         with pytest.raises(HostLockHeld, match=(
-                rf"^domain 0 of this host has a console-backend already, in process "
+                rf"^domain 0 of this host has a xenback-console already, in process "
                 rf"{os.getpid()} \(it holds {lock}\)$")):
             second.start()
         with pytest.raises(RuntimeError, match="is not started"):
@@ -303,12 +303,12 @@ def test_serving_dom0_stops_cleanly_on_a_signal(host, tmp_path, sig) -> None:
                 break
         else:
             pytest.fail(f"the backend did not start: {''.join(lines)}")
-        assert (host.run_dir / "console-backend.dom0.lock").read_text() == f"{proc.pid}\n"
+        assert (host.run_dir / "xenback-console.dom0.lock").read_text() == f"{proc.pid}\n"
         proc.send_signal(getattr(signal, sig))
         rest = proc.stderr.read()
         assert proc.wait(TIMEOUT) == 0, rest
         assert "console backend stopped" in rest
-        assert not (host.run_dir / "console-backend.dom0.lock").exists()
+        assert not (host.run_dir / "xenback-console.dom0.lock").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -316,7 +316,7 @@ def test_serving_dom0_stops_cleanly_on_a_signal(host, tmp_path, sig) -> None:
 
 
 def test_serving_dom0_is_refused_while_another_backend_serves_it(host, tmp_path) -> None:
-    lock = host.run_dir / "console-backend.dom0.lock"
+    lock = host.run_dir / "xenback-console.dom0.lock"
     code = _SERVE_DOM0.format(script=str(ROOT / "examples" / "console_backend.py"))
     with console_backend.ConsoleBackend(host.dom0, tmp_path):
         second = subprocess.run([sys.executable, "-c", code, str(host.run_dir), str(tmp_path)],

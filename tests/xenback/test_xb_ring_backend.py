@@ -4,6 +4,7 @@ their ``ring.h`` rings."""
 from __future__ import annotations
 
 import errno
+import os
 import select
 import signal
 import struct
@@ -250,3 +251,17 @@ def test_serving_dom0_answers_then_stops_cleanly_on_a_signal(host, frontends, si
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serving_dom0_is_refused_while_another_backend_serves_it(host) -> None:
+    lock = host.run_dir / "xenback-uppercase.dom0.lock"
+    with ring_backend.UpperBackend(host.dom0):
+        second = subprocess.run([sys.executable, "-c", _SERVE_DOM0.format(script=str(SCRIPT)),
+                                 str(host.run_dir)],
+                                capture_output=True, text=True, timeout=TIMEOUT * 3)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.endswith(
+            f"ring_backend.py: error: another uppercase backend (pid {os.getpid()}) "
+            f"serves this host already; it holds {lock}\n"), second.stderr
+        assert "Traceback" not in second.stderr
+        assert lock.read_text() == f"{os.getpid()}\n"  # still ours
