@@ -708,7 +708,7 @@ class BackendDriver:
             raise RuntimeError(f"{type(self).__name__} is already started")
         # First: a second driver would watch our backend directory too and
         # fight over every device, so it must start nothing at all.
-        host_lock = HostLock.for_domain(self.platform, f"xenback-{self.device_type}")
+        self._host_lock = HostLock.for_domain(self.platform, f"xenback-{self.device_type}")
         try:
             if self._own_workqueue:
                 self._workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
@@ -717,9 +717,9 @@ class BackendDriver:
             if self._own_workqueue and self._workqueue is not None:
                 self._workqueue.destroy()
                 self._workqueue = None
-            host_lock.close()
+            self._host_lock.close()
+            self._host_lock = None
             raise
-        self._host_lock = host_lock
         with self._lock:
             self._stopping = False
             self._domain_gone = False
