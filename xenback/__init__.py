@@ -12,7 +12,8 @@ The pieces, each in a module of its own:
 * :mod:`xenback.events`: an event-channel handle and an epoll loop, on a
   thread of its own or polled by a work item (poll mode);
 * :mod:`xenback.hostlock`: :class:`HostLock`, one process at a time for a
-  job on a host (a backend per domain), refused with :class:`HostLockHeld`;
+  job on a host (every :class:`BackendDriver` holds one for its device
+  type and domain), refused with :class:`HostLockHeld`;
 * :mod:`xenback.ratelimit`: :class:`RateLimit`, the kernel's
   ``printk_ratelimited`` for what a guest can make a backend log;
 * :class:`Closing`: the ``with`` mixin of everything whose way out is

@@ -1,11 +1,12 @@
 """One process at a time for a job on a host: a lock file naming its holder.
 
 Two backends serving one domain's devices would both answer every
-frontend's handshake and fight over its devices.  Within a process a
-backend can see the others; across processes it takes a
-:class:`HostLock` (``HostLock.for_domain(platform, "my-backend")``): the
-second process is refused with :class:`HostLockHeld`, which says which
-process holds which file.
+frontend's handshake and fight over its devices.  So every
+:class:`~xenback.xenbus.BackendDriver` holds one while it is started
+(``xenback-<device type>``), and a second one, in this process or
+another, is refused with :class:`HostLockHeld`, which says which process
+holds which file.  A job of another kind takes its own with
+``HostLock.for_domain(platform, "my-job")``.
 
 The lock is an ``flock`` on a file in the platform's ``run_dir`` (a real
 host's ``/run``, the simulated host's run directory), so it goes with its
