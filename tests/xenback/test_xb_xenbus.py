@@ -1617,6 +1617,12 @@ def test_a_frontend_flooding_its_state_queues_one_event(host, driver, frontends)
     anyway, and the queue cannot grow without bound."""
     guest, dev, fe = _connected(host, driver, frontends)
     bdev = _bdev(driver, guest.domid)
+    # The events of the connection (the frontend's publish fires one per
+    # node it wrote) are over before counting: one still on its way would
+    # run ahead of the blocker and count the frontend's state before the
+    # flood.
+    handed_over(driver.xenstore, "connected")
+    bdev.events.flush()
     seen: list[S] = []
     handle = driver.frontend_changed
 
