@@ -34,8 +34,12 @@ BIN = Path(sys.executable).parent
 
 
 #: The environment of a child that may hang: SIGABRT then makes Python
-#: print every thread's stack (see reap).
-FAULTHANDLER_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+#: print every thread's stack (see reap).  Without the NOTIFY_SOCKET of a
+#: service manager the tests may run under: a serve would tell it that it
+#: is ready, and stopping.
+FAULTHANDLER_ENV = {**{name: value for name, value in os.environ.items()
+                       if name != "NOTIFY_SOCKET"},
+                    "PYTHONFAULTHANDLER": "1"}
 
 
 def reap(proc: subprocess.Popen[bytes]) -> None:
