@@ -11,7 +11,8 @@
     Serve the guests of a running ``xenback-sim --run-dir DIR`` host as its
     domain 0 (``--platform xen``: a real dom0).  SIGTERM, SIGINT or SIGHUP
     (unless started ignored: nohup, a script's background job) closes
-    every frontend cleanly and exits 0.
+    every frontend cleanly and exits 0.  Under a systemd ``Type=notify``
+    unit (``contrib/systemd/``) it says when it is ready and when it stops.
 """
 
 from __future__ import annotations
@@ -261,6 +262,9 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     from xenback.hostlock import HostLockHeld
     from xenback.platform import EventChannelError, GrantError
 
+    from ._sdnotify import Notifier
+
+    service_manager = Notifier(os.environ.get("NOTIFY_SOCKET"))
     policy = None
     if args.policy is not None:
         try:
@@ -331,16 +335,27 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
 
             threading.Thread(target=wake_on_lost_connection, name="xenstore-watcher",
                              daemon=True).start()
+            # systemd takes us as started now, not once forked: units
+            # ordered after ours (guests that need PV Calls) start now.
+            n = backend.nr_ioworkers
+            service_manager.notify(
+                "READY=1", f"STATUS=serving domain {platform.domid}'s guests, "
+                           f"{n} ioworker{'' if n == 1 else 's'}")
             while True:
                 signum = signal.sigwait(signals)
                 if signum == signal.SIGUSR1:
                     _log_stats(backend.stats())
                 elif signum != signal.SIGUSR2:
-                    logger.warning("%s: closing every frontend", signal.Signals(signum).name)
+                    why = f"{signal.Signals(signum).name}: closing every frontend"
+                    logger.warning("%s", why)
+                    service_manager.notify("STOPPING=1", f"STATUS={why}")
                     break
                 elif backend.connection_lost.is_set():
                     logger.error("lost the XenStore connection (is the host gone?): "
                                  "there is nobody left to serve")
+                    # Stopping of our own accord: systemd's status says why.
+                    service_manager.notify(
+                        "STOPPING=1", "STATUS=lost the XenStore connection (is the host gone?)")
                     status = 1
                     break
         logger.warning("pvcalls backend stopped")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,10 +23,12 @@ from pvcalls._cli import main
 
 
 @contextlib.contextmanager
-def running(argv: list[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+def running(argv: list[str], env: dict[str, str] | None = None,
+            **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
     """A process, killed on the way out if the test left it running (and
-    then, where its stderr is a pipe, its threads' stacks printed)."""
-    proc = subprocess.Popen(argv, env=FAULTHANDLER_ENV, **popen)
+    then, where its stderr is a pipe, its threads' stacks printed); ``env``
+    is added to its environment."""
+    proc = subprocess.Popen(argv, env={**FAULTHANDLER_ENV, **(env or {})}, **popen)
     try:
         yield proc
     finally:
@@ -43,6 +47,30 @@ def sim_host(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
 
 def serve_argv(run_dir: Path) -> list[str]:
     return [*script("pvcalls-backend"), "serve", "--platform", "sim", "--run-dir", str(run_dir)]
+
+
+@contextlib.contextmanager
+def service_manager(tmp_path: Path, *, abstract: bool = False) -> Iterator[tuple[str, socket.socket]]:
+    """What systemd listens on for the messages of a Type=notify service:
+    ``(NOTIFY_SOCKET's value, the socket)``.  A file in ``tmp_path``, or a
+    name in the abstract namespace, which NOTIFY_SOCKET writes with '@'."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        if abstract:
+            name = f"xenback-test-notify-{secrets.token_hex(8)}"
+            sock.bind("\0" + name)
+            notify_socket = "@" + name
+        else:
+            notify_socket = str(tmp_path / "notify")
+            sock.bind(notify_socket)
+        sock.settimeout(TIMEOUT)
+        yield notify_socket, sock
+
+
+def nothing_more_from(sock: socket.socket) -> None:
+    """Assert that ``sock`` holds no datagram (its senders have exited)."""
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recv(4096)
 
 
 def test_serve_on_a_run_dir_without_a_host_is_a_clear_error(
@@ -263,14 +291,20 @@ def test_a_demo_that_went_wrong_says_so(monkeypatch: pytest.MonkeyPatch, broken:
 
 
 def test_serve_stops_when_it_loses_its_host(
-        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+        sim_host: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path) -> None:
     run_dir, host = sim_host
-    with running(serve_argv(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as serve:
+    with service_manager(tmp_path) as (notify_socket, manager), \
+            running(serve_argv(run_dir), env={"NOTIFY_SOCKET": notify_socket},
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as serve:
         log = Lines(serve.stderr)
-        log.wait_for("serving")
+        assert manager.recv(4096).startswith(b"READY=1\n")
         host.send_signal(signal.SIGTERM)
         assert host.wait(TIMEOUT) == 0
+        # Stopping of its own accord, and systemd's status says why.
+        assert manager.recv(4096) == (b"STOPPING=1\n"
+                                      b"STATUS=lost the XenStore connection (is the host gone?)")
         assert serve.wait(TIMEOUT) == 1
+        nothing_more_from(manager)
         log.wait_for("pvcalls backend stopped")
         assert "lost the XenStore connection" in "".join(log.lines)
         assert "Traceback" not in "".join(log.lines), "".join(log.lines)
@@ -302,8 +336,79 @@ def test_serve_leaves_nothing_in_the_run_dir(
         assert (run_dir / "xenback-pvcalls.dom0.lock").exists()
         serve.send_signal(getattr(signal, signum))
         assert serve.wait(TIMEOUT) == 0
-        log.wait_for(f"{signum}: closing every frontend")
+        log.wait_for("pvcalls backend stopped")
+        assert f"{signum}: closing every frontend" in "".join(log.lines)
+        # Not under systemd: nothing to tell it, and nothing said of it.
+        assert "NOTIFY_SOCKET" not in "".join(log.lines)
     assert sorted(run_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_serve_tells_systemd_once_it_serves_and_as_it_stops(
+        sim_host: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path, abstract: bool) -> None:
+    """Under a Type=notify unit: READY=1 once guests are served, so that
+    units ordered after it start then, and STOPPING=1 on SIGTERM, before
+    the frontends close."""
+    run_dir = sim_host[0]
+    with service_manager(tmp_path, abstract=abstract) as (notify_socket, manager), \
+            running(serve_argv(run_dir), env={"NOTIFY_SOCKET": notify_socket},
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as serve:
+        log = Lines(serve.stderr)
+        ready = manager.recv(4096).decode()
+        # Its first word, and only once its backend has started: it holds
+        # the host's lock, which it takes before it watches for frontends.
+        assert (run_dir / "pvcalls-backend.dom0.lock").exists()
+        assert re.fullmatch(r"READY=1\nSTATUS=serving domain 0's guests, [1-9]\d* ioworkers?",
+                            ready), ready
+        serve.send_signal(signal.SIGUSR1)  # logs, tells systemd nothing
+        log.wait_for("active sockets per CPU")
+        serve.send_signal(signal.SIGTERM)
+        assert manager.recv(4096) == b"STOPPING=1\nSTATUS=SIGTERM: closing every frontend"
+        assert serve.wait(TIMEOUT) == 0
+        nothing_more_from(manager)
+        log.wait_for("pvcalls backend stopped")
+        assert "NOTIFY_SOCKET" not in "".join(log.lines)
+
+
+@pytest.mark.parametrize("unreachable", ["missing", "file", "stream", "too-long", "relative"])
+def test_serve_serves_all_the_same_when_systemd_cannot_be_told(
+        sim_host: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path, unreachable: str) -> None:
+    """A NOTIFY_SOCKET serve cannot send to is a broken service manager
+    or a stray variable, no reason not to serve: it says once what was
+    wrong, and goes on."""
+    with contextlib.ExitStack() as stack:
+        notify_socket = str(tmp_path / "notify")
+        if unreachable == "file":
+            Path(notify_socket).touch()
+        elif unreachable == "stream":
+            listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            listener.bind(notify_socket)
+            listener.listen()
+        elif unreachable == "too-long":
+            notify_socket = "/" + "n" * 200
+        elif unreachable == "relative":
+            notify_socket = "notify"
+        said = {"missing": f"{notify_socket}: [Errno 2] No such file or directory",
+                "file": f"{notify_socket}: not a socket",
+                "stream": f"{notify_socket}: [Errno 91] Protocol wrong type for socket",
+                "too-long": "AF_UNIX path too long",
+                "relative": "notify: neither an absolute path nor '@' and an abstract name",
+                }[unreachable]
+        serve = stack.enter_context(running(
+            serve_argv(sim_host[0]), env={"NOTIFY_SOCKET": notify_socket},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        log = Lines(serve.stderr)
+        log.wait_for("serving")
+        warning = log.wait_for("NOTIFY_SOCKET")
+        assert " WARNING " in warning and said in warning, warning
+        serve.send_signal(signal.SIGUSR1)  # still serving
+        log.wait_for("active sockets per CPU")
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(TIMEOUT) == 0
+        log.wait_for("pvcalls backend stopped")
+    # Once, though STOPPING=1 could not be sent either.
+    assert [line for line in log.lines if "NOTIFY_SOCKET" in line] == [warning]
+    assert "Traceback" not in "".join(log.lines)
 
 
 @pytest.mark.parametrize("stray", [signal.SIGHUP, signal.SIGUSR2], ids=["SIGHUP", "SIGUSR2"])
@@ -408,13 +513,18 @@ def test_a_lock_file_that_cannot_be_opened_is_said_as_it_is(
 
 
 def test_a_second_backend_on_one_host_is_refused(
-        sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
+        sim_host: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path) -> None:
     argv = serve_argv(sim_host[0])
-    with running(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as first:
+    with running(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as first, \
+            service_manager(tmp_path) as (notify_socket, manager):
         Lines(first.stderr).wait_for("serving")
-        second = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
+                                env={**FAULTHANDLER_ENV, "NOTIFY_SOCKET": notify_socket})
         assert second.returncode == 2
         assert f"another pvcalls-backend (pid {first.pid}) serves this host" in second.stderr
+        # systemd is not told that a backend refused before it served is
+        # ready: it sees the start fail.
+        nothing_more_from(manager)
         first.send_signal(signal.SIGTERM)
         assert first.wait(TIMEOUT) == 0
     # Its lock went with it: a new backend may serve the host.
@@ -475,8 +585,9 @@ def test_a_bad_policy_file_is_named_once(tmp_path: Path,
 def serve_with(backend: str, *args: str) -> subprocess.CompletedProcess[str]:
     """serve() in a child process, on a stand-in platform, with the class
     ``Backend`` defined by the source ``backend`` (its ``__enter__`` and
-    ``__exit__`` are where serve starts and stops serving); ``args`` are
-    the child's sys.argv[1:]."""
+    ``__exit__`` are where serve starts and stops serving; it has the
+    ``connection_lost`` and ``nr_ioworkers`` serve reads); ``args`` are the
+    child's sys.argv[1:]."""
     child = f"""
 import argparse, os, signal, sys, threading
 from pathlib import Path
@@ -503,6 +614,8 @@ print("serve returned", status, flush=True)
 # and must not kill the process once serve() restores its mask.
 _LOST_WHILE_CLOSING = """
 class Backend:
+    nr_ioworkers = 1
+
     def __init__(self, *args, **kwargs):
         self.connection_lost = threading.Event()
     def __enter__(self):
@@ -528,6 +641,8 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 signum = signal.Signals[sys.argv[1]]
 
 class Backend:
+    nr_ioworkers = 1
+
     def __init__(self, *args, **kwargs):
         self.connection_lost = threading.Event()
     def __enter__(self):
@@ -565,6 +680,8 @@ def pthread_kill_late(thread_id, signum):
 signal.pthread_kill = pthread_kill_late
 
 class Backend:
+    nr_ioworkers = 1
+
     def __init__(self, *args, **kwargs):
         self.connection_lost = threading.Event()
     def __enter__(self):
