@@ -416,6 +416,20 @@ def _policy_file(text: str) -> Path:
     return Path(text)
 
 
+# What a supervisor needs to know (contrib/systemd's unit restarts on the
+# ones a restart may cure; its test reads this).
+_SERVE_EXIT_STATUSES = """\
+exit status:
+  0    stopped by SIGTERM, SIGINT or SIGHUP, every frontend closed
+  1    lost the XenStore connection (the host went away), or failed with a
+       traceback
+  2    bad options, no host, a bad policy file, a lock file the run directory
+       refuses, or another backend serving the host: started again, it would
+       fail the same way
+  130  SIGINT before serving (while it read the policy file)
+"""
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the sub-parsers by command (for their errors)."""
     from xenback.sim import run_dir_argument
@@ -454,7 +468,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     d = sub.add_parser("demo", parents=[options], help="two guests on an embedded simulated host",
                        description="Run the backend and two guests on an embedded simulated host.")
     s = sub.add_parser("serve", parents=[options], help="serve the guests of a host",
-                       description="Serve every pvcalls device of a host until SIGTERM, SIGINT or SIGHUP.")
+                       description="Serve every pvcalls device of a host until SIGTERM, SIGINT or SIGHUP.",
+                       epilog=_SERVE_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--platform", choices=["sim", "xen"], required=True,
                    help="sim: join a xenback-sim host; xen: a real dom0")
     s.add_argument("--run-dir", type=run_dir_argument, help="run directory of the xenback-sim host")
