@@ -357,7 +357,7 @@ def test_serve_tells_systemd_once_it_serves_and_as_it_stops(
         ready = manager.recv(4096).decode()
         # Its first word, and only once its backend has started: it holds
         # the host's lock, which it takes before it watches for frontends.
-        assert (run_dir / "pvcalls-backend.dom0.lock").exists()
+        assert (run_dir / "xenback-pvcalls.dom0.lock").exists()
         assert re.fullmatch(r"READY=1\nSTATUS=serving domain 0's guests, [1-9]\d* ioworkers?",
                             ready), ready
         serve.send_signal(signal.SIGUSR1)  # logs, tells systemd nothing
