@@ -29,7 +29,7 @@ import os
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from . import _atexit, _pool
 from ._flags import WQ_DFL_ACTIVE, WQ_MAX_ACTIVE, WQ_ORDERED, WQ_USER_FLAGS, WQFlags
@@ -59,6 +59,9 @@ from ._stats import PoolStats, TraceHook, WorkqueueStats
 from ._timer import add_timer
 from ._topology import Topology, _sched_getcpu, _this_thread
 from ._work import DelayedWork, Work
+
+if TYPE_CHECKING:
+    from ._serial import SerialExecutor  # which imports us
 
 __all__ = ["Workqueue", "alloc_workqueue", "alloc_ordered_workqueue", "default_topology"]
 
@@ -835,8 +838,16 @@ class Workqueue(Executor):
                          and w.current_pwq in mine)
             return list(found)
 
-    def serial(self, key: Hashable) -> Executor:
-        """An Executor whose calls run one at a time, in order, on *key*'s CPU."""
+    def serial(self, key: Hashable) -> SerialExecutor:
+        """An Executor whose calls run one at a time, in order, on *key*'s CPU.
+
+        Every call for the same key returns the same executor, until it is
+        shut down; keys run in parallel, spread over the CPUs by a LoadIndex
+        and re-homed when their CPU goes down (its ``cpu`` says where).  A
+        key is held until its executor's shutdown(), which releases it: shut
+        down the executor of a key you are done with (a connection that
+        closed, say), or the workqueue keeps every key it was ever given.
+        """
         from ._serial import SerialExecutor
         return SerialExecutor(self, key)
 

@@ -521,3 +521,14 @@ def test_a_call_refused_by_a_draining_queue_but_taken_by_the_keys_run_is_accepte
         drainer.join(TIMEOUT)
     assert second.result(TIMEOUT) is None
     assert second_ran.is_set()
+
+
+def test_serial_is_typed_as_what_it_returns() -> None:
+    """A type checker sees wq.serial(key).cpu, .key and .pending: the
+    demo shows .cpu, and an Executor has none of them."""
+    import typing
+
+    from workqueue import Workqueue, _serial, _workqueue
+
+    hints = typing.get_type_hints(Workqueue.serial, vars(_workqueue) | vars(_serial))
+    assert hints["return"] is SerialExecutor
