@@ -103,7 +103,11 @@ class LoadIndex:
     down, its keys are moved, heaviest first, each onto the then least-loaded
     online CPU, and on_move(key, old_cpu, new_cpu) is called for each of them
     before Topology.cpu_down() returns.  When a CPU comes up, nothing moves
-    back; new keys fill it first since it is the emptiest.
+    back; new keys fill it first since it is the emptiest.  on_move is where
+    a key's owner notes its new CPU for its next queue_work_on(); a Work
+    that queues itself again from its own function is queued where it runs
+    (see Workqueue.queue_work()): it moves only once queued while not
+    running, as pvcalls' sockets are, by their events.
 
     Evenness.  Each assignment and each move goes to a least-loaded CPU, so
     while keys of weight 1 are only added (and CPUs only taken down), the

@@ -231,6 +231,12 @@ class Workqueue(Executor):
         """Queue *work* on the calling thread's CPU (queue_work).
 
         Returns False, doing nothing, if it is already pending or disabled.
+        An item that is running on one of this workqueue's pools is queued
+        on that pool instead, whatever CPU is asked for, as the kernel's
+        __queue_work does: that is how it never runs concurrently with
+        itself.  So an item that queues itself again from its own function
+        stays on the pool it runs on: it moves to another CPU only when
+        queued there while it is not running.
         """
         if not isinstance(work, Work):
             _check_work(work)
@@ -303,6 +309,8 @@ class Workqueue(Executor):
 
         The CPU may be offline: its pool then runs unbound.  For unbound
         workqueues the CPU is only checked, as the kernel treats it as a hint.
+        An item still running on another of this workqueue's pools is queued
+        there, not on *cpu* (see queue_work()).
         """
         pwq = self._unbound_pwq
         if pwq is None:
