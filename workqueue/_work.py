@@ -48,7 +48,19 @@ _CANCEL_HOLD = 1 << 32
 
 
 class Work:
-    """A work item: Work(func) runs func(work) on a workqueue."""
+    """A work item: Work(func) runs func(work) on a workqueue.
+
+    Subclass it to carry your own fields, calling super().__init__(func)
+    (see the module's docstring).  Its function's return value is dropped,
+    and an exception it raises goes nowhere but the log: logged with its
+    traceback (logger ``workqueue._pool``, ERROR) and counted in the
+    workqueue's stats().failed, the worker going on with the next item.
+    Use Workqueue.submit() for a call whose result or exception you want.
+
+    At interpreter exit, items still pending are dropped without a word
+    and running ones stop with the process, as the kernel does not wait
+    for work at power-off; only submitted calls are waited for.
+    """
 
     # All fields below are guarded by the engine lock (_pool.lock).
     __slots__ = (
