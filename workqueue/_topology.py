@@ -217,11 +217,10 @@ class Topology:
         A worker of an online CPU of this topology is on its CPU.  Any other
         thread is on the lowest online logical CPU mapped to the host CPU it
         runs on right now (or the lowest online CPU if none is mapped there).
-
-        Workqueue.queue_work() inlines the path of a thread that is not a
-        worker (measured: the method call alone is some 3% of that call);
-        keep the two alike.
         """
+        # Workqueue.queue_work() inlines the path of a thread that is not a
+        # worker (measured: the method call alone is some 3% of that call);
+        # keep the two alike.
         binding = _this_thread.binding
         if binding is not None and binding[0] is self and binding[1] in self._online:
             cpu = binding[1]
