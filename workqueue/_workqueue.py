@@ -558,8 +558,9 @@ class Workqueue(Executor):
                         break
                 tries += 1
                 if tries == 10 or tries % 100 == 0:
-                    logger.warning("workqueue %s: drain() isn't complete after %d tries",
-                                   self.name, tries)
+                    # What is still there is what keeps queueing itself.
+                    logger.warning("workqueue %s: drain() isn't complete after %d tries; "
+                                   "still there:\n%s", self.name, tries, self.dump())
         finally:
             with lock:
                 self._nr_drainers -= 1
