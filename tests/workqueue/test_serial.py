@@ -532,3 +532,7 @@ def test_serial_is_typed_as_what_it_returns() -> None:
 
     hints = typing.get_type_hints(Workqueue.serial, vars(_workqueue) | vars(_serial))
     assert hints["return"] is SerialExecutor
+    # And a program can name it in its own hints.
+    import workqueue
+
+    assert workqueue.SerialExecutor is SerialExecutor and "SerialExecutor" in workqueue.__all__
