@@ -102,7 +102,11 @@ def _check_delay(delay: float) -> float:
 
 def _check_work(work: object, kind: type[Work] = Work) -> None:
     if not isinstance(work, kind):
-        raise TypeError(f"expected a {kind.__name__}, not {type(work).__name__}")
+        hint = ""
+        if callable(work) and not isinstance(work, type):
+            # What a concurrent.futures user passes first.
+            hint = f": make it a {kind.__name__}(func), which calls func(work), or submit() the call"
+        raise TypeError(f"expected a {kind.__name__}, not {type(work).__name__}{hint}")
 
 
 class Workqueue(Executor):

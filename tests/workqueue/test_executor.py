@@ -705,7 +705,9 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
     with pytest.raises(TypeError, match="callable"):
         Work(42)  # type: ignore[arg-type]
     wq = make_wq()
-    with pytest.raises(TypeError, match="expected a Work"):
+    # A function is what a concurrent.futures user passes first: say what to do.
+    with pytest.raises(TypeError, match=r"expected a Work, not builtin_function_or_method: "
+                                        r"make it a Work\(func\), which calls func\(work\), or submit\(\) the call"):
         wq.queue_work(print)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected a Work"):
         wq.queue_work_on(0, None)  # type: ignore[arg-type]
