@@ -24,7 +24,7 @@ FIXED_NAMES = {
     ],
     "xenback": ["XenbusState", "BackendDriver", "BackendDevice", "BackRing", "FrontRing",
                 "FlexRing", "Platform", "PlatformUnavailable"],
-    "xenback.sim": ["SimHost", "Domain", "attach", "Toolstack"],
+    "xenback.sim": ["SimHost", "Domain", "attach", "Toolstack", "FrontendDevice"],
     "xenback.xen": ["open"],
     "pvcalls": ["Backend", "Frontend", "Policy"],
 }

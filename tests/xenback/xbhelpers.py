@@ -253,3 +253,22 @@ def serve_in_child(run_dir: str, domid: int, serving: Any, done: Any) -> None:
     with RecordingDriver(attach(run_dir, domid)):
         serving.set()
         done.wait(TIMEOUT)
+
+
+def frontend_in_child(run_dir: str, domid: int, device: Any, results: Any) -> None:
+    """A guest process's frontend for ``device`` of domain ``domid`` on the
+    simulated host in ``run_dir``: handshakes to Connected, notifies the
+    backend once, closes, and puts each step's outcome on ``results`` (a
+    multiprocessing Queue; the target of a spawned Process)."""
+    from xenback.sim import FrontendDevice, attach
+
+    try:
+        with FrontendDevice(attach(run_dir, domid), device, timeout=TIMEOUT) as fe:
+            page = fe.share()
+            port = fe.bind_port()
+            fe.publish({"ring-ref": page.refs[0], "port": port})
+            results.put(("connected", fe.wait_backend(XenbusState.CONNECTED).name, port))
+            fe.evtchn.notify(port)
+        results.put(("closed", repr(fe), None))
+    except BaseException as exc:  # the parent reports it, not a lost child
+        results.put(("error", f"{type(exc).__name__}: {exc}", None))

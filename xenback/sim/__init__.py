@@ -19,6 +19,9 @@ toolstack code run and are tested without a hypervisor::
   event channels.  :func:`create_domain` and :func:`destroy_domain` ask a
   running host for guests from another process (as dom0).
 * :class:`Toolstack` adds and removes devices the way libxl does.
+* :class:`FrontendDevice` plays a device's frontend on a guest (shares
+  pages, allocates a port, publishes them, walks the xenbus states, closes
+  as a Linux frontend does): what a test of a backend needs of a guest.
 * ``xenback-sim --run-dir DIR`` (or ``python -m xenback.sim``) runs the host
   as a daemon.
 
@@ -31,6 +34,7 @@ simulated host is a test bed, not a security boundary.
 
 from ._domain import Domain, attach, create_domain, destroy_domain, run_dir_argument
 from ._evtchn import EventChannel
+from ._frontend import FrontendDevice
 from ._grant import GrantMapping, GrantShare, GrantTable, SharedPages
 from ._host import SimHost
 from ._toolstack import Device, Toolstack
@@ -39,6 +43,7 @@ __all__ = [
     "Device",
     "Domain",
     "EventChannel",
+    "FrontendDevice",
     "GrantMapping",
     "GrantShare",
     "GrantTable",

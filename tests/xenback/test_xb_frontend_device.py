@@ -1,0 +1,165 @@
+"""xenback.sim.FrontendDevice: a device's frontend on a simulated guest,
+against the framework's own BackendDriver (the tests' RecordingDriver)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+import time
+
+import pytest
+
+from tests.xenback.xbhelpers import TIMEOUT, Census, frontend_in_child
+from xenback import XenbusState
+from xenback.sim import FrontendDevice
+
+S = XenbusState
+
+
+def _connect(fe: FrontendDevice) -> int:
+    """Share a ring page, bind a port, publish both and wait for Connected:
+    a frontend driver's probe.  Returns the port."""
+    fe.wait_backend(S.INIT_WAIT)
+    page = fe.share()
+    port = fe.bind_port()
+    fe.publish({"ring-ref": page.refs[0], "port": port})
+    assert fe.wait_backend(S.CONNECTED) is S.CONNECTED
+    return port
+
+
+def test_handshake_reaches_connected_and_events_flow(host, driver, dom0_xs) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    try:
+        # The features a backend writes before InitWait are there to read.
+        assert fe.wait_backend(S.INIT_WAIT) is S.INIT_WAIT
+        assert fe.xenstore.read(f"{dev.backend_path}/feature-test") == "1"
+        port = _connect(fe)
+        assert driver.calls_of(guest.domid) == ["probe", "connect"]
+        assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.INITIALISED))
+        fe.evtchn.notify(port)
+        driver.wait(lambda: len(driver.events_seen) == 1)
+    finally:
+        fe.close()
+
+
+def test_close_does_the_handshake_and_releases_everything(host, driver, dom0_xs) -> None:
+    census = Census(host, driver)
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    _connect(fe)
+    fe.close()
+    # Closing, the backend's Closing, Closed, the backend's Closed.
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    census.check()  # no grant mapped or shared, no port bound, on either side
+    fe.close()  # idempotent
+    with pytest.raises(RuntimeError, match=f"frontend of {re.escape(dev.frontend_path)} is closed"):
+        fe.share()
+
+
+def test_close_against_a_backend_that_does_not_answer(host, dom0_xs) -> None:
+    census = Census(host)
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    fe.share()
+    fe.bind_port()
+    # A backend that took the device up, then hangs: nothing changes its state.
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CONNECTED))
+    with pytest.raises(TimeoutError, match=(
+            f"backend {re.escape(dev.backend_path)} did not close within 0.2 s "
+            r"\(it is Connected\); the frontend's pages and ports are released anyway")):
+        fe.close(timeout=0.2)
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    census.check()
+    fe.close()  # nothing left to do, nothing raised again
+
+
+def test_wait_backend_timeout_names_the_device_and_the_state(host) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)  # no backend serves it
+    with FrontendDevice(guest, dev, timeout=0.2) as fe:
+        with pytest.raises(TimeoutError, match=(
+                f"backend {re.escape(dev.backend_path)} did not reach Connected within 0.2 s "
+                r"\(it is Initialising\)")):
+            fe.wait_backend(S.CONNECTED)
+        with pytest.raises(TimeoutError, match=r"did not satisfy backend_gone within 0.1 s"):
+            def backend_gone(state: XenbusState) -> bool:
+                return state is S.UNKNOWN
+            fe.wait_backend(backend_gone, timeout=0.1)
+
+
+def test_with_block_adds_and_removes_its_device(host, driver, dom0_xs) -> None:
+    census = Census(host, driver)
+    guest = host.create_domain("guest")
+    with FrontendDevice.add(guest, "xbtest", devid=3) as fe:
+        assert fe.device.devid == 3
+        _connect(fe)
+    assert not dom0_xs.exists(fe.device.backend_path)
+    assert not dom0_xs.exists(fe.device.frontend_path)
+    driver.wait_call("remove", guest.domid, 3)
+    assert driver.calls_of(guest.domid, 3) == ["probe", "connect", "disconnect", "remove"]
+    census.check()
+    # The device is gone: the same one can be added again.
+    with FrontendDevice.add(guest, "xbtest", devid=3) as again:
+        _connect(again)
+
+
+def test_publish_and_share_say_what_was_wrong(host) -> None:
+    guest = host.create_domain("guest")
+    with FrontendDevice.add(guest, "xbtest") as fe:
+        with pytest.raises(ValueError, match="'state' is publish\\(\\)'s state argument"):
+            fe.publish({"state": 4})
+        with pytest.raises(OSError, match=f"{re.escape(fe.device.frontend_path)}: sharing 0 "
+                                          "pages with domain 0: can share 1..\\d+ pages"):
+            fe.share(0)
+
+
+def test_a_guest_in_another_process(host, driver, dom0_xs) -> None:
+    guest = host.create_domain("remote")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    child = spawn.Process(target=frontend_in_child,
+                          args=(str(host.run_dir), guest.domid, dev, results))
+    child.start()
+    try:
+        assert results.get(timeout=TIMEOUT * 3)[:2] == ("connected", "CONNECTED")
+        assert results.get(timeout=TIMEOUT) == (
+            "closed", f"<FrontendDevice {dev.frontend_path} closed>", None)
+    finally:
+        child.join(TIMEOUT)
+        if child.exitcode is None:
+            child.kill()
+    assert child.exitcode == 0
+    driver.wait(lambda: len(driver.events_seen) == 1)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+
+
+def test_close_without_the_handshake_leaves_the_backend_connected(host, driver, dom0_xs) -> None:
+    """As a guest whose driver died: for testing how a backend copes."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    _connect(fe)
+    fe.close(handshake=False)
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.INITIALISED))
+    assert driver.calls_of(guest.domid) == ["probe", "connect"]
+
+
+def test_close_of_a_device_no_backend_took_up_does_not_wait(host, dom0_xs) -> None:
+    """Nobody answers, nobody needs to: the device goes at once, not after
+    libxl's wait for a backend to close it."""
+    guest = host.create_domain("guest")
+    fe = FrontendDevice.add(guest, "xbtest", timeout=60)
+    started = time.monotonic()
+    fe.close()
+    assert time.monotonic() - started < 5
+    assert not dom0_xs.exists(fe.device.backend_path)
+    assert not dom0_xs.exists(fe.device.frontend_path)
