@@ -120,6 +120,17 @@ def test_xenback_sim_docstring() -> None:
     assert ns["device"].device_type == "pvcalls"
 
 
+def test_frontend_device_docstring(tmp_path: Path) -> None:
+    from tests.scripts import load_script
+
+    console = load_script(ROOT / "examples" / "console_backend.py", "console_backend")
+    with SimHost() as host, console.ConsoleBackend(host.dom0, tmp_path):
+        guest = host.create_domain("guest1")
+        ns = run(docstring_example("xenback.sim._frontend"), guest=guest)
+        assert host.toolstack.devices(guest.domid) == []  # closed, and removed
+    assert repr(ns["fe"]) == "<FrontendDevice /local/domain/1/device/console/0 closed>"
+
+
 def test_pvcalls_docstring(echo_port: int) -> None:
     ns = run(docstring_example("pvcalls"), port=echo_port)
     assert ns["s"].closed
