@@ -23,7 +23,6 @@ import logging
 import tempfile
 import threading
 from collections.abc import Callable
-from contextlib import closing
 from pathlib import Path
 
 from workqueue import Work, Workqueue
@@ -143,26 +142,23 @@ class ConsoleBackend(BackendDriver):
 
 def _demo() -> None:
     """A simulated guest prints a line; the backend logs it."""
-    from xenback.sim import SimHost
+    from xenback import XenbusState
+    from xenback.sim import FrontendDevice, SimHost
 
     with SimHost() as host, tempfile.TemporaryDirectory() as logs:
         done = threading.Event()
         with ConsoleBackend(host.dom0, Path(logs), on_output=lambda d, b: done.set()):
             guest = host.create_domain("demo")
-            dev = host.toolstack.add_device("console", guest.domid)
-            # The guest's handles are closed as a program's must be (closing
-            # the grant-sharing one ends its grants too).
-            with closing(guest.gntshr()) as gntshr, closing(guest.evtchn()) as evtchn:
-                page = gntshr.share_pages(0, 1)
-                port = evtchn.bind_unbound_port(0)
-                with guest.xenstore() as xs:
-                    for key, value in (("ring-ref", page.refs[0]), ("port", port), ("state", 3)):
-                        xs.write(f"{dev.frontend_path}/{key}".encode(), str(value).encode())
+            # The guest's side: adds the device, closes and removes it at the end.
+            with FrontendDevice.add(guest, "console") as fe:
+                page, port = fe.share(), fe.bind_port()
+                fe.publish({"ring-ref": page.refs[0], "port": port})
+                fe.wait_backend(XenbusState.CONNECTED)
                 out, _ = console_rings(page.buffer)
                 text = b"Hello from a simulated guest's console\n"
                 out.writable()[0][:len(text)] = text
                 out.produce(len(text))
-                evtchn.notify(port)
+                fe.evtchn.notify(port)
                 if not done.wait(10):
                     raise SystemExit("console_backend: the guest's output did not reach "
                                      "the backend within 10 s")

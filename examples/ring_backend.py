@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-from contextlib import closing
 
 import cffi
 
@@ -131,9 +130,8 @@ class UpperBackend(BackendDriver):
 def _demo() -> None:
     """A simulated guest sends three requests, the last claiming more bytes
     than its slot holds, and prints the answers."""
-    from xenback import FrontRing, XenbusState, XenStore
-    from xenback.sim import SimHost
-    from xenback.xenstore import Transaction
+    from xenback import FrontRing, XenbusState
+    from xenback.sim import FrontendDevice, SimHost
 
     def request(req_id: int, data: bytes, length: int | None = None) -> bytes:
         fields = {"id": req_id, "len": len(data) if length is None else length, "data": data}
@@ -141,25 +139,16 @@ def _demo() -> None:
 
     with SimHost() as host, UpperBackend(host.dom0):
         guest = host.create_domain("demo")
-        dev = host.toolstack.add_device("uppercase", guest.domid)
-        with closing(guest.gntshr()) as gntshr, closing(guest.evtchn()) as evtchn, \
-                XenStore.connect_to(guest) as xs:
-            page = gntshr.share_pages(dev.backend_id, 1)
+        with FrontendDevice.add(guest, "uppercase") as fe:  # removes the device at the end
+            page, port = fe.share(), fe.bind_port()
             ring = FrontRing(page.buffer, SLOT_SIZE)
-            port = evtchn.bind_unbound_port(dev.backend_id)
-
-            def publish(t: Transaction) -> None:
-                t.write(f"{dev.frontend_path}/ring-ref", page.refs[0])
-                t.write(f"{dev.frontend_path}/event-channel", port)
-                t.write(f"{dev.frontend_path}/state", int(XenbusState.INITIALISED))
-
-            xs.transaction(publish)
-            xs.wait_for(f"{dev.backend_path}/state", int(XenbusState.CONNECTED), timeout=10)
+            fe.publish({"ring-ref": page.refs[0], "event-channel": port})
+            fe.wait_backend(XenbusState.CONNECTED)
             for req in (request(0, b"hello from the guest"), request(1, b"xen split drivers"),
                         request(2, b"", length=1000)):
                 ring.push_request(req)
             if ring.push_requests():
-                evtchn.notify(port)
+                fe.evtchn.notify(port)
             answered = 0
             while answered < 3:
                 for raw in ring.responses():
@@ -170,10 +159,10 @@ def _demo() -> None:
                         print(f"request {rsp.id}: {ffi.buffer(rsp.data)[: rsp.len]!r}")
                     answered += 1
                 if answered < 3 and not ring.final_check_for_responses():
-                    fired = evtchn.wait(10)
+                    fired = fe.evtchn.wait(10)
                     if fired is None:
                         raise SystemExit("ring_backend: the backend did not answer within 10 s")
-                    evtchn.unmask(fired)
+                    fe.evtchn.unmask(fired)
             ring.release()
 
 
