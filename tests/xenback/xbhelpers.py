@@ -17,19 +17,22 @@ TIMEOUT = 10.0
 
 
 class SimFrontend:
-    """A guest's frontend driver, written out by hand as the tests need it:
-    it shares a ring page, allocates an event channel and walks the xenbus
-    states, or writes whatever garbage a test asks for."""
+    """A guest's frontend as the tests need it: xenback.sim.FrontendDevice
+    for the xenbus side, with the shortcuts the tests lean on (share() and
+    publish() of one ring page and port), raw state writes for the garbage
+    a test asks for, and a close() that says nothing to the backend, as a
+    guest whose driver died (FrontendDevice.close() does the handshake)."""
 
     def __init__(self, guest: Any, device: Any) -> None:
+        from xenback.sim import FrontendDevice
+
         self.guest = guest
         self.device = device
         self.path = device.frontend_path
         self.backend = device.backend_path
-        self.xs = XenStore(guest.xenstore())
-        self.xs.open()
-        self.gntshr = guest.gntshr()
-        self.evtchn = guest.evtchn()
+        self.frontend = FrontendDevice(guest, device, timeout=TIMEOUT)
+        self.xs = self.frontend.xenstore
+        self.evtchn = self.frontend.evtchn
         self.pages: Any = None
         self.port: int | None = None
 
@@ -37,8 +40,8 @@ class SimFrontend:
         self.xs.write(f"{self.path}/state", state if isinstance(state, str) else int(state))
 
     def share(self, npages: int = 1) -> None:
-        self.pages = self.gntshr.share_pages(self.device.backend_id, npages)
-        self.port = self.evtchn.bind_unbound_port(self.device.backend_id)
+        self.pages = self.frontend.share(npages)
+        self.port = self.frontend.bind_port()
 
     def publish(self, nodes: dict[str, str | int] | None = None,
                 state: XenbusState = XenbusState.INITIALISED) -> None:
@@ -47,29 +50,13 @@ class SimFrontend:
             if self.pages is None:
                 self.share()
             nodes = {"ring-ref": self.pages.refs[0], "port": self.port}
-
-        def tx(t: Any) -> None:
-            for key, value in nodes.items():
-                t.write(f"{self.path}/{key}", value)
-            t.write(f"{self.path}/state", int(state))
-
-        self.xs.transaction(tx)
+        self.frontend.publish(nodes, state=state)
 
     def wait_backend(self, state: XenbusState, timeout: float = TIMEOUT) -> None:
-        self.xs.wait_for(f"{self.backend}/state", str(int(state)), timeout=timeout)
+        self.frontend.wait_backend(state, timeout)
 
     def close(self) -> None:
-        if self.xs is None:
-            return
-        if self.pages is not None:
-            try:
-                self.pages.unshare()
-            except OSError:
-                pass
-        self.gntshr.close()
-        self.evtchn.close()
-        self.xs.close()
-        self.xs = None
+        self.frontend.close(handshake=False)
 
 
 class RecordingDriver(BackendDriver):
