@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.xenback.xbhelpers import TIMEOUT, Census, frontend_in_child
+from tests.xenback.xbhelpers import TIMEOUT, Census, frontend_in_child, handed_over
 from xenback import XenbusState
 from xenback.sim import FrontendDevice
 
@@ -117,6 +117,9 @@ def test_publish_and_share_say_what_was_wrong(host) -> None:
         with pytest.raises(OSError, match=f"{re.escape(fe.device.frontend_path)}: sharing 0 "
                                           "pages with domain 0: can share 1..\\d+ pages"):
             fe.share(0)
+        with pytest.raises(TypeError, match="state must be a XenbusState or a function of one, "
+                                            "not bool"):
+            fe.wait_backend(True)  # type: ignore[arg-type]
 
 
 def test_a_guest_in_another_process(host, driver, dom0_xs) -> None:
@@ -163,3 +166,21 @@ def test_close_of_a_device_no_backend_took_up_does_not_wait(host, dom0_xs) -> No
     assert time.monotonic() - started < 5
     assert not dom0_xs.exists(fe.device.backend_path)
     assert not dom0_xs.exists(fe.device.frontend_path)
+
+
+def test_close_after_the_frontend_closed_itself_does_not_go_back_to_closing(
+        host, driver, dom0_xs) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    _connect(fe)
+    fe.publish(state=S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    states: list[str | None] = []
+    watch = dom0_xs.watch(f"{dev.frontend_path}/state",
+                          lambda path: states.append(dom0_xs.read(path)))
+    fe.close()
+    handed_over(dom0_xs, "closed-itself")
+    watch.unwatch()
+    assert str(int(S.CLOSING)) not in states, states
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))

@@ -207,7 +207,7 @@ class FrontendDevice(Closing):
         wait = self.timeout if timeout is None else timeout
         check_timeout(wait)
         done: Callable[[XenbusState], bool]
-        if isinstance(state, int):  # an IntEnum is an int
+        if isinstance(state, int) and not isinstance(state, bool):  # a XenbusState is an int
             awaited = XenbusState(state)
             what = f"reach {_NAMES[awaited]}"
 
@@ -276,7 +276,8 @@ class FrontendDevice(Closing):
 
     def _close_handshake(self, wait: float, deadline: float) -> str | None:
         """The closing states; what went wrong if the backend was late."""
-        if self.xenstore.read(f"{self.device.frontend_path}/state") is None:
+        ours = self.xenstore.read(f"{self.device.frontend_path}/state")
+        if ours is None:
             return None  # the device is gone (a dying domain's): nobody to tell
         if self._backend_state() in (XenbusState.UNKNOWN, XenbusState.INITIALISING):
             # No backend took the device up (none runs, say): closing
@@ -284,12 +285,21 @@ class FrontendDevice(Closing):
             self._unserved = True
             self._switch_state(XenbusState.CLOSED)
             return None
+        if ours == str(int(XenbusState.CLOSED)):
+            # Closed already (published so): going back to Closing would
+            # ask a closed backend to close again.
+            if self._await_backend(_CLOSED_OR_GONE, deadline):
+                return None
+            return self._late(wait)
         self._switch_state(XenbusState.CLOSING)
         on_time = self._await_backend(_CLOSING_OR_GONE, deadline)
         # Closed even when late: the pages and ports are about to go.
         self._switch_state(XenbusState.CLOSED)
         if on_time and self._await_backend(_CLOSED_OR_GONE, deadline):
             return None
+        return self._late(wait)
+
+    def _late(self, wait: float) -> str:
         return (f"backend {self.device.backend_path} did not close within {wait:g} s "
                 f"(it is {self._describe_backend()}); the frontend's pages and ports "
                 f"are released anyway")
