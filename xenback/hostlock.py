@@ -67,7 +67,7 @@ def _same_file(path: Path, fd: int) -> bool:
 # never in between (and then kept by the child unknown to _forget_in_child).
 # Reentrant, for a signal handler that takes or lets go of a lock while the
 # main thread is doing so, and for __init__'s close() of a lock it could not
-# write to.
+# write to (or was interrupted in).
 _fork_lock = threading.RLock()
 # The locks this process holds, for a forked child to let go of.  Strong
 # references: a lock dropped without close() still holds its file, and must
@@ -130,22 +130,27 @@ class HostLock(Closing):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = Path(path)
+        self._fd = -1  # set by _lock() once the file is locked
         with _fork_lock:
-            self._fd = self._lock(self._path)
             try:
+                self._lock()
                 _held.add(self)
-                os.ftruncate(self._fd, 0)
-                os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-            except OSError as exc:
-                self.close()
-                raise OSError(exc.errno, f"cannot write to the lock file {path}: {exc.strerror}"
-                              ) from None
+                try:
+                    os.ftruncate(self._fd, 0)
+                    os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot write to the lock file {path}: "
+                                             f"{exc.strerror}") from None
             except BaseException:
                 self.close()
                 raise
 
-    @staticmethod
-    def _lock(path: Path) -> int:
+    def _lock(self) -> None:
+        """Lock the file at our path, as ``self._fd``.  Recorded there as
+        soon as it is locked, and the descriptor closed on every way out
+        until then: whatever interrupts us after (Ctrl-C) finds it for
+        close(), not left open and locked for the life of the process."""
+        path = self._path
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -155,16 +160,20 @@ class HostLock(Closing):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
+                try:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                finally:
+                    os.close(fd)
                 raise HostLockHeld(path, int(holder) if holder.isdecimal() else None) from None
             except BaseException:
                 os.close(fd)
                 raise
+            self._fd = fd
             if _same_file(path, fd):
-                return fd
+                return
             # Removed by the holder before us between our open and our
             # flock (see close()): lock the file there now.
+            self._fd = -1
             os.close(fd)
 
     @classmethod

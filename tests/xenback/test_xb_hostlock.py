@@ -114,6 +114,37 @@ def test_a_lock_file_that_cannot_be_written_is_said(
     assert sorted(os.listdir("/proc/self/fd")) == fds
 
 
+@pytest.mark.parametrize("step", ["_same_file", "pread"])
+def test_an_interrupted_lock_leaves_no_descriptor_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    """Ctrl-C in the main thread while HostLock() checks the file it has
+    just locked, or reads who holds it: the descriptor goes with the
+    KeyboardInterrupt.  Kept, it would hold the lock for the life of the
+    process, its own next HostLock refused, and be inherited by every
+    child it forks, unknown to the fork hook."""
+    path = tmp_path / "job.lock"
+    other = HostLock(path) if step == "pread" else None  # refused: reads the holder
+    there = os.stat(path) if other else None
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    if step == "pread":
+        monkeypatch.setattr(os, "pread", interrupted)
+    else:
+        monkeypatch.setattr(hostlock, "_same_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        HostLock(path)
+    monkeypatch.undo()
+    if other is not None:
+        assert there is not None and opened_on(there) == [other._fd]
+        other.close()
+    else:
+        assert opened_on(os.stat(path)) == []
+    with HostLock(path):  # nobody holds it
+        pass
+
+
 def test_the_lock_is_taken_on_the_file_there_now(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The holder before us removed the lock file between our open() and
