@@ -125,19 +125,35 @@ def test_a_backend_started_here_refuses_one_elsewhere(host: SimHost) -> None:
         f"already, in process {os.getpid()} (it holds {host.run_dir}/xenback-pvcalls.dom0.lock)")
 
 
-def test_a_failed_start_holds_no_claim(host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A start that fails half-way lets the next backend in, in any process."""
+@pytest.mark.parametrize("where", ["pollers", "driver"])
+def test_a_failed_start_holds_no_claim(
+        host: SimHost, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A start that fails half-way lets the next backend in, in any
+    process: before its driver took the domain's lock (making its
+    pollers), or after (once the driver started)."""
     from pvcalls import _backend
 
     def fail(*args: object, **kwargs: object) -> None:
-        raise OSError("no pollers today")
+        raise OSError(f"no {where} today")
 
-    monkeypatch.setattr(_backend, "CpuPoller", fail)
+    if where == "pollers":
+        monkeypatch.setattr(_backend, "CpuPoller", fail)
+    else:
+        start = _backend._PvcallsDriver.start
+
+        def start_then_fail(driver: Any) -> None:
+            start(driver)
+            fail()
+
+        monkeypatch.setattr(_backend._PvcallsDriver, "start", start_then_fail)
     lock = host.run_dir / "xenback-pvcalls.dom0.lock"
-    with pytest.raises(OSError, match="no pollers today"):
+    with pytest.raises(OSError, match=f"no {where} today"):
         pvcalls.Backend(host.dom0, cpus=1)
+    monkeypatch.undo()
     assert not lock.exists()
     assert str(lock) not in " ".join(open_files())
+    with pvcalls.Backend(host.dom0, cpus=1):  # nor in this process
+        assert lock.exists()
 
 
 def open_files() -> list[str]:
