@@ -31,7 +31,7 @@ EMSGSIZE = -errno.EMSGSIZE
 
 
 class Guest:
-    """The frontend's end of the ring, on a hand-written frontend."""
+    """The frontend's end of the ring, on the tests' SimFrontend."""
 
     def __init__(self, fe) -> None:
         self.fe = fe

@@ -1,4 +1,4 @@
-"""Helpers of the xenback tests: a hand-written frontend, a recording
+"""Helpers of the xenback tests: a guest's frontend, a recording
 backend driver, and leak counts (threads, event channels, grants)."""
 
 from __future__ import annotations
