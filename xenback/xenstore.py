@@ -461,6 +461,13 @@ class Watch:
         self._xs._unwatch(self)
 
 
+def _predicate_name(predicate: Callable[..., object]) -> str:
+    """How a timeout names what a waiter's function waited for: its name,
+    or "the predicate" for a lambda (whose name says nothing)."""
+    name = getattr(predicate, "__name__", "<lambda>")
+    return "the predicate" if name == "<lambda>" else name
+
+
 class XenStore(_Ops, Closing):
     """One XenStore connection with typed operations and watches.
 
@@ -758,8 +765,7 @@ class XenStore(_Ops, Closing):
 
         elif callable(predicate):
             check = predicate
-            name = getattr(predicate, "__name__", "<lambda>")
-            awaited = "satisfy " + ("the predicate" if name == "<lambda>" else name)
+            awaited = "satisfy " + _predicate_name(predicate)
         else:
             raise TypeError(f"predicate must be a function, a str, an int or None, "
                             f"not {type(predicate).__name__}")

@@ -36,7 +36,7 @@ from typing import Self
 from xenback._closing import Closing
 from xenback.platform import EventChannelError, GrantError
 from xenback.xenbus import XenbusState
-from xenback.xenstore import Transaction, XenStore
+from xenback.xenstore import Transaction, XenStore, _predicate_name
 
 from ._domain import Domain
 from ._evtchn import EventChannel
@@ -215,8 +215,7 @@ class FrontendDevice(Closing):
                 return s is awaited
         elif callable(state):
             done = state
-            name = getattr(state, "__name__", "<lambda>")
-            what = "satisfy " + ("the predicate" if name == "<lambda>" else name)
+            what = "satisfy " + _predicate_name(state)
         else:
             raise TypeError(f"state must be a XenbusState or a function of one, "
                             f"not {type(state).__name__}")
