@@ -184,3 +184,46 @@ def test_close_after_the_frontend_closed_itself_does_not_go_back_to_closing(
     watch.unwatch()
     assert str(int(S.CLOSING)) not in states, states
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+
+
+def test_wait_backend_ends_when_the_backend_closes_instead(host, driver) -> None:
+    """A backend that fails the device (connect() raised: its error node,
+    then Closing) will not reach Connected until the frontend starts over:
+    the wait ends with that, not with the whole timeout."""
+    def refuse(dev: object) -> None:
+        raise OSError(5, "no ring for you")
+
+    driver.connect_hook = refuse
+    guest = host.create_domain("guest")
+    with FrontendDevice.add(guest, "xbtest", timeout=TIMEOUT) as fe:
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish({"ring-ref": fe.share().refs[0], "port": fe.bind_port()})
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefusedError, match=(
+                f"backend {re.escape(fe.device.backend_path)} went Closing "
+                "instead of reaching Connected")):
+            fe.wait_backend(S.CONNECTED)
+        assert time.monotonic() - started < TIMEOUT / 2
+        # What the backend is waiting for now is still there to wait for.
+        assert fe.wait_backend(S.CLOSING) is S.CLOSING
+
+
+def test_wait_backend_from_a_closed_backend_waits_for_it_to_come_back(host, driver,
+                                                                      dom0_xs) -> None:
+    """A Closed backend seen first is one the frontend may be restarting:
+    only a close seen after a state below Closing ends the wait early."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    try:
+        _connect(fe)
+        fe.close()  # both sides Closed; the device stays
+        assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    finally:
+        fe.close()
+    again = FrontendDevice(guest, dev)
+    try:
+        again.publish(state=S.INITIALISING)  # starting over: the backend probes anew
+        _connect(again)
+    finally:
+        again.close()

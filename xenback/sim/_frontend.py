@@ -28,6 +28,7 @@ The guest may be in this process (``host.create_domain()``) or in another
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -198,6 +199,13 @@ class FrontendDevice(Closing):
         Raises :class:`TimeoutError` after ``timeout`` seconds (default:
         the frontend's), naming the backend, what was awaited and the
         state it is in; :class:`ConnectionError` if XenStore goes away.
+        Awaiting a state below Closing, :class:`ConnectionRefusedError` as
+        soon as the backend, seen below Closing during the wait, goes
+        Closing or Closed (or its directory goes): it failed the device
+        (its error node says why) or was told to let go of it, and will
+        not get there until the frontend starts over.  A Closing or Closed seen first is not taken
+        for that: it may be the end of the frontend's previous connection,
+        which a backend leaves once the frontend is Initialising again.
         """
         self._check_open()
         return self._wait_backend(state, timeout)
@@ -207,12 +215,26 @@ class FrontendDevice(Closing):
         wait = self.timeout if timeout is None else timeout
         check_timeout(wait)
         done: Callable[[XenbusState], bool]
+        # The closing state that ended the wait early, if one did.
+        refused: XenbusState | None = None
         if isinstance(state, int) and not isinstance(state, bool):  # a XenbusState is an int
             awaited = XenbusState(state)
             what = f"reach {_NAMES[awaited]}"
+            # Whether the backend was seen below Closing: from then on its
+            # closing is its answer, not what it left of an earlier one.
+            up = False
 
             def done(s: XenbusState) -> bool:
-                return s is awaited
+                nonlocal up, refused
+                if s is awaited:
+                    return True
+                if s in _CLOSING_OR_GONE:
+                    if up and awaited not in _CLOSING_OR_GONE:
+                        refused = s
+                        return True
+                else:
+                    up = True
+                return False
         elif callable(state):
             done = state
             what = "satisfy " + _predicate_name(state)
@@ -233,6 +255,12 @@ class FrontendDevice(Closing):
         except TimeoutError:
             raise TimeoutError(f"backend {self.device.backend_path} did not {what} within "
                                f"{wait:g} s (it is {self._describe_backend()})") from None
+        if refused is not None:
+            gone = "went away" if refused is XenbusState.UNKNOWN else f"went {_NAMES[refused]}"
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED,
+                f"backend {self.device.backend_path} {gone} instead of reaching "
+                f"{_NAMES[awaited]}")
         return XenbusState.parse(value)
 
     # -- closing ---------------------------------------------------------------
