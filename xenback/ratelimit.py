@@ -93,15 +93,17 @@ class RateLimit:
             self._missed += 1
             return False, reported
 
-    def log(self, logger: logging.Logger, level: int, msg: str, *args: object) -> bool:
+    def log(self, logger: logging.Logger, level: int, msg: str, *args: object,
+            exc_info: BaseException | None = None) -> bool:
         """``logger.log(level, msg, *args)`` if the limit lets it through,
         preceded by the count of messages suppressed since the last report.
-        Whether it went out."""
+        Whether it went out.  With ``exc_info``, an exception, its
+        traceback goes with the line (and not without it)."""
         allowed, reported = self()
         if reported:
             self._report(logger, level, reported)
         if allowed:
-            logger.log(level, msg, *args)
+            logger.log(level, msg, *args, exc_info=exc_info)
         return allowed
 
     def close(self, logger: logging.Logger, level: int = logging.WARNING) -> None:

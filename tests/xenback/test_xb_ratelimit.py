@@ -146,3 +146,20 @@ def test_the_count_goes_out_at_the_level_of_the_message_after_it(
         ("dom4: 1 message suppressed", logging.INFO),
         ("third", logging.INFO),
     ]
+
+
+def test_a_line_let_through_carries_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A driver's bug that the guest can set off again and again is worth
+    its traceback, within the guest's budget like any other line."""
+    caplog.set_level(logging.INFO, logger=logger.name)
+    limit = RateLimit("dom5", burst=1, clock=Clock())
+    try:
+        raise LookupError("no such queue")
+    except LookupError as exc:
+        caught = exc
+    assert limit.log(logger, logging.ERROR, "failed: %s", "x", exc_info=caught)
+    assert not limit.log(logger, logging.ERROR, "failed again", exc_info=caught)
+    (record,) = [r for r in caplog.records if r.name == logger.name]
+    assert record.getMessage() == "failed: x"
+    assert record.exc_info is not None and record.exc_info[1] is caught
+    assert "LookupError: no such queue" in caplog.text
