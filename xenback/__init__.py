@@ -6,7 +6,9 @@ The pieces, each in a module of its own:
   channels) with two implementations, :mod:`xenback.sim` (a simulated host)
   and :mod:`xenback.xen` (a real dom0, ``xenback.xen.open()``);
 * :mod:`xenback.xenbus`: :class:`XenbusState`, :class:`BackendDriver` and
-  :class:`BackendDevice`, the xenbus state machine a driver plugs into;
+  :class:`BackendDevice`, the xenbus state machine a driver plugs into,
+  and :class:`DeviceWork`, a device's work item, whose exception fails the
+  device;
 * :mod:`xenback.xenstore`: a typed XenStore helper over pyxs;
 * :mod:`xenback.ring`: ``ring.h`` request/response rings and flex byte rings;
 * :mod:`xenback.events`: an event-channel handle and an epoll loop, on a
@@ -40,7 +42,7 @@ from xenback.platform import (
 )
 from xenback.ratelimit import RateLimit
 from xenback.ring import BackRing, FlexRing, FrontRing, RingError
-from xenback.xenbus import BackendDevice, BackendDriver, XenbusState
+from xenback.xenbus import BackendDevice, BackendDriver, DeviceWork, XenbusState
 from xenback.xenstore import EventQueue, XenStore
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "BackendDevice",
     "BackendDriver",
     "Closing",
+    "DeviceWork",
     "EventChannelError",
     "EventDispatcher",
     "EventQueue",

@@ -46,6 +46,18 @@ protocol (section 2 of the protocol reference), item by item:
 * failures (:meth:`BackendDevice.fatal`, or an exception from a driver
   method): ``error/<backend-path>/error`` = ``"<errno> <message>"`` under
   our domain's home, and the device goes Closing (``xenbus_dev_fatal``);
+* so does a bug in what a driver sets going for a device, to run later:
+  an exception escaping a call queued with :meth:`BackendDevice.queue`,
+  the callback of a port bound with :meth:`BackendDevice.bind_evtchn` or
+  a :class:`DeviceWork` fails the device as one escaping connect() does,
+  rather than leave it Connected to a frontend that would wait for ever:
+  disconnect(), the device's grants and ports released, the error node
+  naming what failed, and Closing.  Its traceback is logged, through
+  the device's rate limit (the guest may set it off again and again).
+  Failing runs on the device's queue: a failure on another thread is
+  handed over to it, and while one waits there, those after it are only
+  logged.  The frontend may then start again (Initialising) and connect,
+  as after any fatal error;
 * our own domain going away (a driver domain destroyed under its
   backend): libxl deletes its home before the domain, and with it goes
   our right to read anything we had there (EACCES where a node was).  A
@@ -71,6 +83,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import logging
 import re
 import threading
@@ -78,8 +91,8 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from workqueue import WQ_UNBOUND, alloc_workqueue, wait_slice
-from xenback._eventqueue import EventQueue
+from workqueue import WQ_UNBOUND, Work, alloc_workqueue, wait_slice
+from xenback._eventqueue import EventQueue, check_callback
 from xenback._flags import check_flag
 from xenback.events import EventDispatcher, PortCallback
 from xenback.hostlock import HostLock
@@ -92,7 +105,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackendDevice", "BackendDriver", "XenbusState"]
+__all__ = ["BackendDevice", "BackendDriver", "DeviceWork", "XenbusState"]
 
 
 class XenbusState(enum.IntEnum):
@@ -164,6 +177,12 @@ def _check_error(err: int, message: str) -> None:
         raise TypeError(f"error message must be a str, not {type(message).__name__}")
 
 
+def _name(fn: Callable[..., object]) -> str:
+    """What the error node calls a driver's function that failed.  Never
+    its repr(): that would show the guest an address of ours."""
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
 def _errno_of(exc: BaseException) -> tuple[int, str]:
     """Map a driver's exception to ``xenbus_dev_fatal``'s (errno, message)."""
     if isinstance(exc, OSError) and exc.errno:
@@ -224,9 +243,10 @@ class BackendDevice:
                                  handled=driver._callback_failed)
         # Everything below is only touched from this device's event queue,
         # except _gone and the resources, guarded by _lock (drivers may map
-        # and bind from their own work items too), and _otherend_pending,
-        # also set by the watch thread under _lock.  Invariant: once _gone
-        # is set, nothing is tracked and nothing more can be.
+        # and bind from their own work items too), and _otherend_pending
+        # and _failing, also set by other threads (the watch thread, the
+        # driver's) under _lock.  Invariant: once _gone is set, nothing is
+        # tracked and nothing more can be.
         self._otherend_watch: Watch | None = None
         # probe() was called (remove() undoes it), as _connected for connect().
         self._probed = False
@@ -243,6 +263,9 @@ class BackendDevice:
         self._probe_nodes: dict[str, str] | None = None
         # A frontend state event waits in the queue (see _otherend_event).
         self._otherend_pending = False
+        # A failure of the driver's code, handed over from another thread,
+        # waits in the queue to fail the device (see _hand_over_failure).
+        self._failing = False
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
         self._ports: list[int] = []
@@ -437,10 +460,21 @@ class BackendDevice:
     def bind_evtchn(self, remote_port: int, callback: PortCallback) -> int:
         """Bind the frontend's ``remote_port`` (tracked); ``callback(port)``
         runs on the dispatcher thread and must only queue work.  Raises
-        :class:`OSError` ENODEV once the device was removed."""
+        :class:`OSError` ENODEV once the device was removed.
+
+        An exception escaping ``callback`` fails the device (see the
+        module docstring), on its queue, after the callback returned."""
+        check_callback(callback)  # now: the dispatcher is given the wrapper below
         if self._gone:
             raise self._removed()  # see map_grant_refs
-        port = self.driver.events.bind_interdomain(self.frontend_id, remote_port, callback)
+
+        def guarded(port: int) -> None:
+            try:
+                callback(port)
+            except Exception as exc:
+                self._hand_over_failure(f"callback of event channel port {port}", exc)
+
+        port = self.driver.events.bind_interdomain(self.frontend_id, remote_port, guarded)
         with self._lock:
             if not self._gone:
                 self._ports.append(port)
@@ -515,8 +549,95 @@ class BackendDevice:
 
     def queue(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on this device's event queue, ordered with its
-        xenbus callbacks.  False once the device is gone."""
-        return self.events.call(fn, *args)
+        xenbus callbacks.  False once the device is gone.
+
+        An exception escaping ``fn`` fails the device there and then (see
+        the module docstring)."""
+        check_callback(fn)
+        return self.events.call(self._call, fn, args)
+
+    def _call(self, fn: Callable[..., object], args: tuple[object, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            if not self.driver._callback_failed(exc):
+                what = f"call {_name(fn)}"
+                self._log_failure(what, exc)
+                self.driver._fail(self, what, exc)
+
+    def _hand_over_failure(self, what: str, exc: Exception) -> None:
+        """``exc`` escaped ``what``, the driver's code for this device, on a
+        thread other than the device's queue (the dispatcher's, a worker's):
+        logged here, and the device failed on its queue, where everything
+        about its state is done.  While one failure waits there, the next
+        ones (the guest notifies again, a Work is queued again) are only
+        logged: the first fails the device, and a second fatal() would only
+        write over the first one's error."""
+        if self.driver._callback_failed(exc):
+            return
+        with self._lock:
+            failing, self._failing = self._failing, True
+        self._log_failure(what, exc, " (the device is failing already)" if failing else "")
+        if not failing:
+            # Refused once the device is gone: there is nothing to fail.
+            self.events.call(self._fail_handed_over, what, exc)
+
+    def _fail_handed_over(self, what: str, exc: Exception) -> None:
+        with self._lock:
+            self._failing = False
+        self.driver._fail(self, what, exc)
+
+    def _log_failure(self, what: str, exc: Exception, context: str = "") -> None:
+        """Log ``exc``, escaped from ``what``, with its traceback (``context``
+        ends the line).  A driver's bug, but one the guest may set off as
+        often as it likes: through the device's rate limit."""
+        if self._gone:
+            context = " after the device was removed"
+        self.ratelimit.log(logger, logging.ERROR, "%s: %s failed%s", self.nodename, what, context,
+                           exc_info=exc)
+
+
+class DeviceWork(Work):
+    """A work item of a device: ``DeviceWork(dev, func)`` runs ``func(work)``
+    as a :class:`~workqueue.Work` does, on any workqueue, and an exception
+    escaping ``func`` fails ``dev`` as one escaping
+    :meth:`BackendDriver.connect` does (see the module docstring) instead
+    of going only to the log and the workqueue's ``stats().failed``, the
+    device left Connected and its frontend waiting for ever.
+
+    Subclass it to carry a device's state, as a Work (``dev`` is the
+    device)::
+
+        class Ring(DeviceWork):
+            def __init__(self, dev, page):
+                super().__init__(dev, Ring.serve)
+                self.ring = BackRing(page, SLOT_SIZE)
+
+    As any Work of a connection, it is stopped by the driver's
+    :meth:`~BackendDriver.disconnect` (``disable_sync()``), which its own
+    failure calls too: the item hands the failure over to the device's
+    queue and returns, so that wait ends.
+    """
+
+    __slots__ = ("dev",)
+
+    def __init__(self, dev: BackendDevice, func: Callable[[Any], object]) -> None:
+        if not callable(func):
+            raise TypeError(f"DeviceWork needs a callable, not {type(func).__name__}")
+        what = f"work {_name(func)}"
+
+        # Wrapped here rather than told to the workqueue, which knows
+        # nothing of devices: the item is what any Work is to it, and keeps
+        # func's name where it shows it (repr, dump()).
+        @functools.wraps(func)
+        def run(work: Any) -> None:
+            try:
+                func(work)
+            except Exception as exc:
+                dev._hand_over_failure(what, exc)
+
+        super().__init__(run)
+        self.dev = dev
 
 
 class BackendDriver:
@@ -611,7 +732,10 @@ class BackendDriver:
     def connect(self, dev: BackendDevice) -> None:
         """The frontend is Initialised or Connected: read its ring
         references and event channel, map and bind them.  Raising makes the
-        device fail; :meth:`disconnect` is still called to undo the rest."""
+        device fail; :meth:`disconnect` is still called to undo the rest.
+        So does an exception in what it sets going for later: a port's
+        callback, a call queued with :meth:`BackendDevice.queue`, a
+        :class:`DeviceWork` (see the module docstring)."""
 
     def disconnect(self, dev: BackendDevice) -> None:
         """Undo :meth:`connect` (also after a partial or failed connect, and
@@ -795,7 +919,7 @@ class BackendDriver:
         assert self._bus is not None
         self._bus.close(wait=True)
         for dev in self.devices():
-            dev.queue(self._drop, dev)
+            dev.events.call(self._drop, dev)
         for dev in self.devices():
             dev.events.close(wait=True)
         with self._lock:
@@ -885,13 +1009,15 @@ class BackendDriver:
                        "dropping its %d device%s", self.device_type, self.platform.domid,
                        self.home, len(devices), "" if len(devices) == 1 else "s")
         for dev in devices:
-            dev.queue(self._drop, dev)
+            dev.events.call(self._drop, dev)
 
     def _callback_failed(self, exc: Exception) -> bool:
-        """The ``handled`` of our event queues: a callback that failed as
-        our domain went away, or as XenStore ended our connection, is no
-        bug of its own, and every callback of every device would say the
-        same: _lose_domain or _xenstore_lost says it once."""
+        """The ``handled`` of our event queues, and what spares a device
+        whose driver's code failed (see BackendDevice.queue): a callback
+        that failed as our domain went away, or as XenStore ended our
+        connection, is no bug of its own, and every callback of every
+        device would say the same: _lose_domain or _xenstore_lost says it
+        once."""
         if self._lost_domain(exc):
             why = f"domain {self.platform.domid} goes"
         elif isinstance(exc, OSError) and self._xs is not None and not self._xs.connected:
@@ -925,7 +1051,7 @@ class BackendDriver:
         if path.startswith(self.backend_root + "/") and len(parts) >= 2:
             with self._lock:
                 dev = self._devices.get((_number(parts[0]), _number(parts[1])))
-            if dev is not None and dev.queue(self._backend_changed, dev):
+            if dev is not None and dev.events.call(self._backend_changed, dev):
                 return
         assert self._bus is not None
         self._bus.call(self._backend_event, path)
@@ -954,7 +1080,7 @@ class BackendDriver:
         known = {(str(dev.frontend_id), str(dev.devid)): dev for dev in self.devices()}
         for key, dev in known.items():
             if key not in listed:
-                dev.queue(self._backend_changed, dev)
+                dev.events.call(self._backend_changed, dev)
         # The error nodes of devices deleted in one go with their parent
         # directory (whose own events name only that directory).
         errors = self.error_root
@@ -975,7 +1101,7 @@ class BackendDriver:
         with self._lock:
             dev = self._devices.get(key)
         if dev is not None:
-            dev.queue(self._backend_changed, dev)
+            dev.events.call(self._backend_changed, dev)
             return
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
         state = self.xenstore.read(f"{path}/state")
@@ -1000,7 +1126,7 @@ class BackendDriver:
             logger.info("%s: taking over a device left in state %s", dev.nodename, state)
         else:
             logger.info("%s: new device", dev.nodename)
-        dev.queue(self._probe, dev, taken_over)
+        dev.events.call(self._probe, dev, taken_over)
 
     def _check_junk(self, fe: str, devid: str, listed: bool) -> None:
         """Report a junk directory once, and forget it once it is gone."""
@@ -1072,7 +1198,7 @@ class BackendDriver:
             if fe not in alive:
                 alive[fe] = self._domain_alive(fe)
             if not alive[fe]:
-                dev.queue(self._domain_dead, dev)
+                dev.events.call(self._domain_dead, dev)
 
     def _domain_alive(self, domid: int) -> bool:
         try:
@@ -1167,7 +1293,7 @@ class BackendDriver:
             if dev._otherend_pending:
                 return
             dev._otherend_pending = True
-        dev.queue(self._otherend_changed, dev)
+        dev.events.call(self._otherend_changed, dev)
 
     def _otherend_changed(self, dev: BackendDevice) -> None:
         with dev._lock:
@@ -1265,6 +1391,27 @@ class BackendDriver:
                 self._drop(dev)
             return
         dev.switch_state(XenbusState.CONNECTED)
+
+    def _fail(self, dev: BackendDevice, what: str, exc: Exception) -> None:
+        """``exc`` escaped ``what``, the driver's code for ``dev`` run after
+        connect(), and was logged: fail the device as for a failed
+        connect().  On the device's queue.  Failing may fail in turn (the
+        device directory or the connection gone meanwhile): that is logged,
+        never raised into the queue, which would log the bug a second time,
+        and never tried again."""
+        if dev.gone or self._domain_gone:
+            return  # dropped already, or being dropped: nothing to fail
+        err, message = _errno_of(exc)
+        try:
+            self._disconnect(dev)
+            if self.xenstore.exists(dev.nodename):
+                dev.fatal(err, f"{what}: {message}")
+            else:
+                self._drop(dev)
+        except Exception as again:
+            if not self._callback_failed(again):
+                dev.ratelimit.log(logger, logging.ERROR, "%s: could not fail the device: %s",
+                                  dev.nodename, again, exc_info=again)
 
     def _disconnect(self, dev: BackendDevice) -> None:
         if dev._connected:

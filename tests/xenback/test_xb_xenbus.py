@@ -1505,9 +1505,9 @@ def test_the_driver_domain_destroyed_under_devices_being_dropped(host, dom0_xs, 
 
 def test_eacces_in_a_live_driver_domain_is_still_an_error(host, dom0_xs, frontends, caplog) -> None:
     """EACCES while the backend's domain and home live is a refusal, not
-    the domain's end: the device it hit fails as ever (error node, Closing)
-    and a work item that raises it is logged with its traceback, while
-    the other devices go on being served."""
+    the domain's end: the device it hit fails as ever (error node, Closing),
+    from a queued call too, which is logged with its traceback, while the
+    other devices go on being served."""
     drvdom, drv, fes = _driver_domain_backend(host, dom0_xs, frontends, ("hider", "other"), (0,))
     hider, other = fes
     try:
@@ -1516,10 +1516,15 @@ def test_eacces_in_a_live_driver_domain_is_still_an_error(host, dom0_xs, fronten
         hider.xs.set_perms(f"{hider.path}/ring-ref", [f"n{hider.guest.domid}"])
         bdev = _bdev(drv, hider.guest.domid)
         assert bdev.queue(bdev.read_otherend, "ring-ref")
+        hider.wait_backend(S.CLOSING)
         bdev.events.flush()
-        (failed,) = [r for r in caplog.records if r.name == "xenback._eventqueue"]
+        (failed,) = [r for r in caplog.records if r.exc_info is not None]
         assert failed.levelno == logging.ERROR and failed.exc_info is not None
         assert isinstance(failed.exc_info[1], PermissionError)
+        error = dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
+                             f"{hider.guest.domid}/0/error")
+        assert error == (f"{errno.EACCES} call BackendDevice.read_otherend: "
+                         f"Permission denied: {hider.path}/ring-ref")
         # Reconnecting needs the ring-ref: connect() fails on it.
         hider.set_state(S.CLOSED)
         hider.wait_backend(S.CLOSED)

@@ -72,6 +72,9 @@ class RecordingDriver(BackendDriver):
         self.probe_hook: Callable[[BackendDevice], None] | None = None
         self.connect_hook: Callable[[BackendDevice], None] | None = None
         self.disconnect_hook: Callable[[BackendDevice], None] | None = None
+        #: Called by a device's event channel callback, on the dispatcher
+        #: thread, with the device and the port, after the event is recorded.
+        self.event_hook: Callable[[BackendDevice, int], None] | None = None
         self.events_seen: list[int] = []
         #: Hooks that ran outside their device's queue (the ``driver``
         #: fixture fails the test if any did).
@@ -114,12 +117,14 @@ class RecordingDriver(BackendDriver):
         if ref is None or port is None:
             raise FileNotFoundError(2, "frontend did not publish ring-ref and port")
         dev.driver_data = dev.map_grant_refs([ref])
-        dev.bind_evtchn(port, self._event)
+        dev.bind_evtchn(port, lambda local: self._event(dev, local))
 
-    def _event(self, port: int) -> None:
+    def _event(self, dev: BackendDevice, port: int) -> None:
         with self.changed:
             self.events_seen.append(port)
             self.changed.notify_all()
+        if self.event_hook is not None:
+            self.event_hook(dev, port)
 
     def disconnect(self, dev: BackendDevice) -> None:
         self._record("disconnect", dev)

@@ -1,0 +1,341 @@
+"""A bug in what a driver runs for a device after connect() (a call queued
+with BackendDevice.queue(), the callback of a port bound with
+BackendDevice.bind_evtchn(), a DeviceWork) fails that device as a failed
+connect() does: its traceback logged once, disconnect() once, its grants
+and ports released, the error node and Closing, and the frontend may start
+again.  Not when it comes of our own domain going away, and never by
+raising out of the thread that ran it, however failing fails in turn."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, leaked_threads
+from xenback import BackendDevice, XenbusState
+from xenback.sim import SimHost
+
+S = XenbusState
+
+#: How a driver's code runs for a device later (see _run).
+PATHS = ["call", "port", "work"]
+
+#: What runs that code, and only logged what escaped it before: a record
+#: of theirs means the exception was not taken care of.
+RUNNERS = ("xenback._eventqueue", "xenback.events", "workqueue._pool")
+
+
+def _connected(host: Any, frontends: Any, name: str) -> tuple[Any, Any, Any]:
+    guest = host.create_domain(name)
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    return guest, dev, fe
+
+
+def _bdev(driver: RecordingDriver, domid: int) -> BackendDevice:
+    (bdev,) = [d for d in driver.devices() if d.frontend_id == domid]
+    return bdev
+
+
+def _error(dom0_xs: Any, dev: Any) -> str | None:
+    relative = dev.backend_path[len("/local/domain/0/"):]
+    return dom0_xs.read(f"/local/domain/0/error/{relative}/error")
+
+
+def _run(path: str, driver: RecordingDriver, bdev: BackendDevice, fe: Any,
+         fn: Callable[[], object]) -> Callable[[], str]:
+    """Make ``driver`` call ``fn()`` for ``bdev`` later, as ``path`` says:
+    queued on the device, from its port's callback (the frontend
+    notifies), or in a DeviceWork.  Returns what tells the name the error
+    node gives the failing code (a port's is known once it fired)."""
+    if path == "call":
+        assert bdev.queue(fn)
+        return lambda: f"call {fn.__qualname__}"
+    if path == "port":
+        fired: list[int] = []
+
+        def hook(dev: BackendDevice, port: int) -> None:
+            if dev is bdev:
+                fired.append(port)
+                fn()
+
+        driver.event_hook = hook
+        fe.evtchn.notify(fe.port)
+        return lambda: f"callback of event channel port {fired[0]}"
+    from xenback import DeviceWork  # here: the other paths fail on their own without it
+
+    def serve(_work: object) -> None:
+        fn()
+
+    assert driver.workqueue.queue_work(DeviceWork(bdev, serve))
+    return lambda: f"work {serve.__qualname__}"
+
+
+def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+
+
+def _unhandled(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name in RUNNERS and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("make, text", [
+    (lambda: RuntimeError("boom"), f"{errno.EIO} {{what}}: RuntimeError: boom"),
+    (lambda: OSError(errno.ENOSPC, "No space left on device"),
+     f"{errno.ENOSPC} {{what}}: No space left on device"),
+], ids=["RuntimeError", "OSError"])
+def test_an_exception_in_deferred_code_fails_its_device_only(
+        host, driver, frontends, dom0_xs, caplog, path, make, text) -> None:
+    """As for an exception from connect(): EIO, or an OSError's errno, and
+    what failed in the error node, disconnect() and the release, Closing;
+    the traceback logged once, by the framework rather than by whatever
+    ran the code.  The frontend connects again after it, and the driver's
+    other device goes on as if nothing happened."""
+    good_guest, good_dev, _ = _connected(host, frontends, "good")
+    good = _bdev(driver, good_guest.domid)
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, frontends, "bad")
+    bdev = _bdev(driver, guest.domid)
+    exc = make()
+
+    def broken() -> None:
+        raise exc
+
+    what = _run(path, driver, bdev, fe, broken)
+    fe.wait_backend(S.CLOSING)
+    bdev.events.flush()
+    assert _error(dom0_xs, dev) == text.format(what=what())
+    # disconnect() once (on the device's queue: the driver fixture checks),
+    # and what the device held given back.
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert bdev.resources == (0, 0) and not bdev.gone
+    (logged,) = _tracebacks(caplog)
+    assert logged.exc_info is not None and logged.exc_info[1] is exc
+    assert bdev.nodename in logged.getMessage()
+    assert _unhandled(caplog) == []
+    assert driver.workqueue.stats().failed == 0
+    # The other device is served on, untouched.
+    assert good.state == S.CONNECTED and good.resources == (1, 1)
+    assert driver.calls_of(good_guest.domid) == ["probe", "connect"]
+    assert _error(dom0_xs, good_dev) is None
+
+    # As after any fatal error, the frontend starts again and connects.
+    driver.event_hook = None
+    fe.set_state(S.INITIALISING)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
+    assert bdev.resources == (1, 1)
+    fe.evtchn.notify(fe.port)  # served again
+    driver.wait(lambda: len(driver.events_seen) >= (2 if path == "port" else 1))
+
+    fe.close()
+    host.destroy_domain(guest)
+    dom0_xs.wait_for(dev.backend_path, lambda v: v is None, timeout=TIMEOUT)
+    bdev.events.flush()
+    census.check()
+
+
+@pytest.mark.parametrize("path", ["port", "work"])
+def test_failures_handed_over_together_fail_the_device_once(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch, path) -> None:
+    """A port's callback or a Work hands its failure over to the device's
+    queue; until that has run, the code may fail again (the guest notifies
+    again, the Work is queued again): each failure is logged, the device
+    failed once, for the first."""
+    guest, dev, fe = _connected(host, frontends, "bad")
+    bdev = _bdev(driver, guest.domid)
+    tries: list[str] = []
+    fatal = bdev.fatal
+
+    def counted(err: int, message: str) -> None:
+        tries.append(message)
+        fatal(err, message)
+
+    monkeypatch.setattr(bdev, "fatal", counted)
+    held, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the device's queue, until both failures are handed over
+        holding.set()
+        assert held.wait(TIMEOUT)
+
+    assert bdev.queue(hold)
+    assert holding.wait(TIMEOUT)
+    failures = iter([RuntimeError("first"), RuntimeError("second")])
+    if path == "port":
+        fired = threading.Semaphore(0)
+
+        def hook(d: BackendDevice, _port: int) -> None:
+            if d is bdev:
+                fired.release()
+                exc = next(failures, None)
+                if exc is not None:
+                    raise exc
+
+        driver.event_hook = hook
+        # One callback at a time: the third runs once the second is over.
+        for _ in range(3):
+            fe.evtchn.notify(fe.port)
+            assert fired.acquire(timeout=TIMEOUT)
+    else:
+        from xenback import DeviceWork
+
+        def serve(_work: object) -> None:
+            raise next(failures)
+
+        work = DeviceWork(bdev, serve)
+        for _ in range(2):
+            assert driver.workqueue.queue_work(work)
+            work.flush()
+    held.set()
+    fe.wait_backend(S.CLOSING)
+    bdev.events.flush()
+    assert len(tries) == 1 and tries[0].endswith(": RuntimeError: first")
+    assert _error(dom0_xs, dev) == f"{errno.EIO} {tries[0]}"
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert [str(r.exc_info[1]) for r in _tracebacks(caplog)] == [  # type: ignore[index]
+        "first", "second"]
+    assert _unhandled(caplog) == []
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_code_failing_as_our_domain_goes_does_not_fail_the_device(
+        host, dom0_xs, frontends, caplog, path) -> None:
+    """Our driver domain going away fails every request on its nodes
+    (EACCES: its home is gone): the code that fails so has no bug, and its
+    device is dropped with the others, disconnect() once, without a
+    traceback or an error node."""
+    before = {t.ident for t in threading.enumerate()}
+    drvdom = host.create_domain("driver-domain")
+    drv = RecordingDriver(drvdom)
+    drv.start()
+    try:
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        fe = frontends(guest, dev)
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish()
+        fe.wait_backend(S.CONNECTED)
+        bdev = _bdev(drv, guest.domid)
+        started, home_gone = threading.Event(), threading.Event()
+
+        def read_our_node() -> None:
+            started.set()
+            assert home_gone.wait(TIMEOUT)
+            bdev.read("state")
+
+        _run(path, drv, bdev, fe, read_our_node)
+        assert started.wait(TIMEOUT)
+        dom0_xs.rm(f"/local/domain/{drvdom.domid}")
+        home_gone.set()
+        drv.wait_call("remove", guest.domid)
+        bdev.events.flush()
+        assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+        assert bdev.gone and bdev.resources == (0, 0)
+        assert _tracebacks(caplog) == []
+        assert _unhandled(caplog) == []
+        if path == "work":
+            assert drv.workqueue.stats().failed == 0
+        fe.close()
+    finally:
+        drv.stop()
+    assert not leaked_threads(before)
+    assert drv.unordered == []
+
+
+def test_a_fatal_that_raises_is_logged_not_raised_nor_retried(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    census = Census(host, driver)
+    guest, dev, fe = _connected(host, frontends, "bad")
+    bdev = _bdev(driver, guest.domid)
+    tries: list[tuple[int, str]] = []
+
+    def fatal(err: int, message: str) -> None:
+        tries.append((err, message))
+        raise RuntimeError("fatal broke")
+
+    monkeypatch.setattr(bdev, "fatal", fatal)
+    _run("work", driver, bdev, fe, lambda: 1 / 0)
+    driver.wait_call("disconnect", guest.domid)
+    bdev.events.flush()
+    assert [e for e, _ in tries] == [errno.EIO]
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert bdev.resources == (0, 0)
+    # The bug, then what failing it ran into: both with their traceback.
+    assert [type(r.exc_info[1]) for r in _tracebacks(caplog)] == [  # type: ignore[index]
+        ZeroDivisionError, RuntimeError]
+    assert _unhandled(caplog) == []
+    assert driver.workqueue.stats().failed == 0
+    # The device still closes, and goes with its guest.
+    fe.set_state(S.CLOSING)
+    fe.wait_backend(S.CLOSING)
+    fe.close()
+    host.destroy_domain(guest)
+    dom0_xs.wait_for(dev.backend_path, lambda v: v is None, timeout=TIMEOUT)
+    census.check()
+
+
+def test_a_work_failing_after_its_device_was_removed_is_only_logged(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    guest, dev, fe = _connected(host, frontends, "gone")
+    other, _, _ = _connected(host, frontends, "other")
+    bdev = _bdev(driver, guest.domid)
+    dropped = threading.Event()
+    _run("work", driver, bdev, fe, lambda: (dropped.wait(TIMEOUT), 1 / 0))
+    fe.close()
+    host.destroy_domain(guest)
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone
+    dropped.set()
+    driver.workqueue.flush()
+    (logged,) = _tracebacks(caplog)
+    assert isinstance(logged.exc_info[1], ZeroDivisionError)  # type: ignore[index]
+    assert bdev.nodename in logged.getMessage()
+    assert _unhandled(caplog) == []
+    assert driver.workqueue.stats().failed == 0
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert _error(dom0_xs, dev) is None
+    assert _bdev(driver, other.domid).state == S.CONNECTED
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_work_failing_once_the_host_is_gone_is_logged_not_raised(frontends, caplog) -> None:
+    """XenStore and the hypervisor gone, failing the device fails at each
+    step; that is the host's loss, said once, and the driver's bug is
+    still logged, nothing raised out of the worker."""
+    before = {t.ident for t in threading.enumerate()}
+    host = SimHost()
+    host.start()
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    try:
+        guest, _, fe = _connected(host, frontends, "guest")
+        bdev = _bdev(drv, guest.domid)
+    finally:
+        host.close()
+    assert drv.xenstore.connection_lost.wait(TIMEOUT)
+    caplog.clear()
+    _run("work", drv, bdev, fe, lambda: 1 / 0)
+    drv.workqueue.flush()
+    bdev.events.flush()
+    assert [type(r.exc_info[1]) for r in _tracebacks(caplog)] == [  # type: ignore[index]
+        ZeroDivisionError]
+    assert _unhandled(caplog) == []
+    assert drv.workqueue.stats().failed == 0
+    assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    drv.stop()
+    assert bdev.gone and drv.devices() == []
+    fe.close()
+    assert not leaked_threads(before)
