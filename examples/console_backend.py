@@ -25,10 +25,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from workqueue import Work, Workqueue
+from workqueue import Workqueue
 from xenback import (
     BackendDevice,
     BackendDriver,
+    DeviceWork,
     FlexRing,
     HostLockHeld,
     Platform,
@@ -51,18 +52,21 @@ def console_rings(page: memoryview) -> tuple[FlexRing, FlexRing]:
             FlexRing(page[inp:out], page, prod_offset=off("in_prod"), cons_offset=off("in_cons")))
 
 
-class Console(Work):
+class Console(DeviceWork):
     """One guest console: a work item that drains ``out`` and fills ``in``.
 
     Queued by the event channel (guest wrote output or consumed input) and
     by :meth:`ConsoleBackend.send_input`; a Work never runs concurrently
-    with itself, so the rings have one user at a time.
+    with itself, so the rings have one user at a time.  A DeviceWork: what
+    it raises (the log's disk full, ``on_output`` failing) fails the
+    device, error node and Closing, rather than leave the guest's output
+    unread for ever.
     """
 
     def __init__(self, dev: BackendDevice, page: memoryview, log: Path,
                  on_output: Callable[[int, bytes], object] | None) -> None:
-        super().__init__(Console.run)
-        self.dev, self.on_output = dev, on_output
+        super().__init__(dev, Console.run)
+        self.on_output = on_output
         self.out, self.inp = console_rings(page)
         self.log = log.open("ab")
         self.port = 0

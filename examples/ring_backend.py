@@ -26,8 +26,8 @@ import logging
 
 import cffi
 
-from workqueue import Work, Workqueue
-from xenback import BackendDevice, BackendDriver, BackRing, HostLockHeld, RingError
+from workqueue import Workqueue
+from xenback import BackendDevice, BackendDriver, BackRing, DeviceWork, HostLockHeld, RingError
 
 # What a C frontend would find in the device's header, io/uppercase.h.
 ffi = cffi.FFI()
@@ -66,16 +66,18 @@ def answer(raw: bytes) -> bytes:
     return ffi.buffer(rsp)[:]
 
 
-class Upper(Work):
+class Upper(DeviceWork):
     """One connected device: a work item that answers what is on its ring.
 
     Queued by the event channel and once on connect; a Work never runs
-    concurrently with itself, so the ring has one user at a time.
+    concurrently with itself, so the ring has one user at a time.  A
+    DeviceWork: should it raise (a bug of ours), the device fails (error
+    node, Closing), and its guest does not wait for an answer for ever.
     """
 
     def __init__(self, dev: BackendDevice, page: memoryview, workqueue: Workqueue) -> None:
-        super().__init__(Upper.run)
-        self.dev, self.workqueue = dev, workqueue
+        super().__init__(dev, Upper.run)
+        self.workqueue = workqueue
         self.ring = BackRing(page, SLOT_SIZE)
         self.port = 0
 

@@ -208,6 +208,51 @@ def test_two_guests_and_a_hostile_one(host, console, frontends, dom0_xs, tmp_pat
     census.check()
 
 
+def test_an_output_callback_that_raises_fails_that_console_only(
+        host, console, frontends, dom0_xs) -> None:
+    """``on_output`` is the program's code, run by the console's Work, a
+    DeviceWork: what it raises fails that guest's console (error node,
+    Closing) rather than leave its output unread for ever, and the guest
+    can start it again."""
+    good, _, good_fe, good_guest = _start(host, frontends, "good")
+    good_fe.publish()
+    good_fe.wait_backend(S.CONNECTED)
+    census = Census(host, console)
+    on_output = console.on_output
+
+    def picky(domid: int, data: bytes) -> None:
+        if data.startswith(b"crash"):
+            raise LookupError("no terminal for this guest")
+        on_output(domid, data)
+
+    console.on_output = picky  # for the consoles connected from now on
+    bad, bad_dev, bad_fe, bad_guest = _start(host, frontends, "bad")
+    bad_fe.publish()
+    bad_fe.wait_backend(S.CONNECTED)
+    (dev,) = [d for d in console.devices() if d.frontend_id == bad.domid]
+    bad_guest.write(b"crash\n")
+    bad_fe.wait_backend(S.CLOSING)
+    relative = bad_dev.backend_path[len("/local/domain/0/"):]
+    assert dom0_xs.read(f"/local/domain/0/error/{relative}/error") == (
+        f"{errno.EIO} work Console.run: LookupError: no terminal for this guest")
+    dev.events.flush()
+    assert dev.resources == (0, 0) and dev.driver_data is None
+    good_guest.write(b"still here\n")
+    assert console.wait_output(good.domid, 11) == b"still here\n"
+    bad_fe.set_state(S.INITIALISING)
+    bad_fe.wait_backend(S.INIT_WAIT)
+    bad_fe.publish()
+    bad_fe.wait_backend(S.CONNECTED)
+    bad_guest.write(b"fine now\n")
+    assert console.wait_output(bad.domid, 9) == b"fine now\n"
+    bad_fe.close()
+    host.destroy_domain(bad)
+    dom0_xs.wait_for(bad_dev.backend_path, lambda v: v is None, timeout=TIMEOUT)
+    dev.events.flush()
+    assert dev.gone
+    census.check()
+
+
 def test_backend_and_guest_through_the_run_directory(host, tmp_path) -> None:
     """The backend and the guest each join the host by its run directory
     (as separate processes would), not through the embedded objects."""

@@ -147,6 +147,52 @@ def test_broken_ring_indexes_close_only_that_device(host, upper, frontends, dom0
     census.check()
 
 
+def test_a_bug_in_the_work_fails_its_device_only(
+        host, upper, frontends, dom0_xs, monkeypatch) -> None:
+    """The example's Work is a DeviceWork: what escapes it (a bug, here
+    answer() made to fail on one request) fails that device, error node
+    and Closing, instead of leaving its guest waiting for an answer for
+    ever; the guest starts again and is served."""
+    good, _, good_fe, good_guest = _start(host, frontends, "good")
+    good_guest.publish()
+    good_fe.wait_backend(S.CONNECTED)
+    census = Census(host, upper)
+    answer = ring_backend.answer
+
+    def buggy(raw: bytes) -> bytes:
+        if b"crash" in raw:
+            raise ZeroDivisionError("a bug")
+        return answer(raw)
+
+    monkeypatch.setattr(ring_backend, "answer", buggy)
+    bad, bad_dev, bad_fe, bad_guest = _start(host, frontends, "bad")
+    bad_guest.publish()
+    bad_fe.wait_backend(S.CONNECTED)
+    (device,) = [d for d in upper.devices() if d.frontend_id == bad.domid]
+    bad_guest.send(1, b"crash")
+    bad_guest.flush()
+    bad_fe.wait_backend(S.CLOSING)
+    relative = bad_dev.backend_path[len("/local/domain/0/"):]
+    assert dom0_xs.read(f"/local/domain/0/error/{relative}/error") == (
+        f"{errno.EIO} work Upper.run: ZeroDivisionError: a bug")
+    device.events.flush()
+    assert device.resources == (0, 0) and device.driver_data is None
+    assert good_guest.ask(1, b"unaffected") == (1, 0, b"UNAFFECTED")
+    # As after any fatal error: Initialising, a ring made anew, Connected.
+    bad_fe.set_state(S.INITIALISING)
+    bad_fe.wait_backend(S.INIT_WAIT)
+    bad_guest.ring = FrontRing(bad_fe.pages.buffer, SLOT)
+    bad_guest.publish()
+    bad_fe.wait_backend(S.CONNECTED)
+    assert bad_guest.ask(2, b"served again") == (2, 0, b"SERVED AGAIN")
+    bad_fe.close()
+    host.destroy_domain(bad)
+    dom0_xs.wait_for(bad_dev.backend_path, lambda v: v is None, timeout=TIMEOUT)
+    device.events.flush()
+    assert device.gone
+    census.check()
+
+
 @pytest.mark.parametrize("end", ["frontend closes", "domain destroyed"])
 def test_teardown_leaves_no_grants_or_ports(host, upper, frontends, dom0_xs, end) -> None:
     domain = host.create_domain("guest")
