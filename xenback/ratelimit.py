@@ -103,7 +103,8 @@ class RateLimit:
         if reported:
             self._report(logger, level, reported)
         if allowed:
-            logger.log(level, msg, *args, exc_info=exc_info)
+            # stacklevel: the line is the caller's, not ours.
+            logger.log(level, msg, *args, exc_info=exc_info, stacklevel=2)
         return allowed
 
     def close(self, logger: logging.Logger, level: int = logging.WARNING) -> None:
@@ -115,5 +116,6 @@ class RateLimit:
             self._report(logger, level, reported)
 
     def _report(self, logger: logging.Logger, level: int, count: int) -> None:
+        # Reached from log() or close(): the line is their caller's.
         logger.log(level, "%s: %d message%s suppressed", self.name, count,
-                   "" if count == 1 else "s")
+                   "" if count == 1 else "s", stacklevel=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,17 @@ def test_a_line_let_through_carries_its_traceback(caplog: pytest.LogCaptureFixtu
     assert record.getMessage() == "failed: x"
     assert record.exc_info is not None and record.exc_info[1] is caught
     assert "LookupError: no such queue" in caplog.text
+
+
+def test_a_line_names_its_caller_not_the_rate_limit(caplog: pytest.LogCaptureFixture) -> None:
+    """The log's file and line are where the line was said: every line of
+    every guest's rate limit came from ratelimit.py, which tells nothing."""
+    caplog.set_level(logging.INFO, logger=logger.name)
+    limit = RateLimit("dom6", burst=1, clock=Clock())
+    limit.log(logger, logging.INFO, "said here")
+    limit.log(logger, logging.INFO, "suppressed")
+    limit.close(logger)
+    said, suppressed = [r for r in caplog.records if r.name == logger.name]
+    here = (Path(__file__).name, "test_a_line_names_its_caller_not_the_rate_limit")
+    assert (said.filename, said.funcName) == here
+    assert (suppressed.filename, suppressed.funcName) == here
