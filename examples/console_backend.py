@@ -109,9 +109,7 @@ class ConsoleBackend(BackendDriver):
         self.log_dir, self.on_output = Path(log_dir), on_output
 
     def connect(self, dev: BackendDevice) -> None:
-        ref, port = dev.read_otherend_int("ring-ref"), dev.read_otherend_int("port")
-        if ref is None or port is None:
-            raise FileNotFoundError(errno.ENOENT, "frontend published no ring-ref/port", dev.otherend)
+        ref, port = dev.read_otherend_u32("ring-ref"), dev.read_otherend_u32("port")
         page = dev.map_grant_refs([ref]).buffer
         name = f"console-{dev.frontend_id}" + (f"-{dev.devid}" if dev.devid else "") + ".log"
         console = Console(dev, page, self.log_dir / name, self.on_output)

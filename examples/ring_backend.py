@@ -105,10 +105,7 @@ class UpperBackend(BackendDriver):
     device_type = "uppercase"
 
     def connect(self, dev: BackendDevice) -> None:
-        ref, port = dev.read_otherend_int("ring-ref"), dev.read_otherend_int("event-channel")
-        if ref is None or port is None:
-            raise FileNotFoundError(errno.ENOENT, "frontend published no ring-ref/event-channel",
-                                    dev.otherend)
+        ref, port = dev.read_otherend_u32("ring-ref"), dev.read_otherend_u32("event-channel")
         upper = Upper(dev, dev.map_grant_refs([ref]).buffer, self.workqueue)
         dev.driver_data = upper
         # Not run until it knows its port: the guest may notify as soon as

@@ -448,8 +448,8 @@ class Backend(Closing):
         if version not in PVCALLS_VERSIONS.split(","):
             raise ValueError(f"frontend protocol version {version!r} is not one of "
                              f"{PVCALLS_VERSIONS!r}")
-        ring_ref = _read_u32(dev, "ring-ref")
-        port = _read_u32(dev, "port")
+        ring_ref = dev.read_otherend_u32("ring-ref")
+        port = dev.read_otherend_u32("port")
         fe = _Frontend(self, dev, ring_ref, port)
         with self._lock:
             if self._closed:
@@ -539,25 +539,6 @@ def _domain_name(dev: BackendDevice) -> str | None:
         return dev.xenstore.read(f"/local/domain/{dev.frontend_id}/name")
     except OSError:
         return None
-
-
-def _read_u32(dev: BackendDevice, key: str) -> int:
-    text = dev.read_otherend(key)
-    if text is None:
-        raise ValueError(f"frontend node {key!r} is missing")
-    # ASCII digits only (leading zeros allowed): int() alone also takes a
-    # sign, white space, underscores and other scripts' digits, and so
-    # would turn a guest's garbage into a grant or a port.  Stricter than
-    # Linux's xenbus_scanf("%u"), which skips leading white space and
-    # ignores whatever follows the digits: a frontend writing either is
-    # broken, and is better told so than half understood.
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"frontend node {key!r} is not a decimal number: {text!r}")
-    # Length first: int() refuses more digits than sys.get_int_max_str_digits().
-    digits = text.lstrip("0") or "0"
-    if len(digits) > 10 or int(digits) > 0xFFFFFFFF:
-        raise ValueError(f"frontend node {key!r} out of range: {text}")
-    return int(digits)
 
 
 class _PvcallsDriver(BackendDriver):

@@ -177,6 +177,9 @@ def _check_error(err: int, message: str) -> None:
         raise TypeError(f"error message must be a str, not {type(message).__name__}")
 
 
+_U32_MAX = 0xFFFF_FFFF
+
+
 def _name(fn: Callable[..., object]) -> str:
     """What the error node calls a driver's function that failed.  Never
     its repr(): that would show the guest an address of ours."""
@@ -302,6 +305,39 @@ class BackendDevice:
         """``<otherend>/<key>`` as an integer; :class:`ValueError` naming
         the node if the frontend wrote something else."""
         return self.xenstore.read_int(f"{self.otherend}/{key}", default)
+
+    def read_otherend_u32(self, key: str, default: int | None = None) -> int:
+        """``<otherend>/<key>`` as a 32-bit unsigned number: a grant
+        reference, a port, a page order, as Linux's ``xenbus_scanf(...,
+        "%u")`` reads them (leading zeros included).  Stricter than it,
+        and than :meth:`read_otherend_int`: ASCII decimal digits and nothing
+        else, for ``int()`` alone would also take a sign, white space,
+        underscores and other scripts' digits, and so turn a guest's garbage
+        into a grant or a port; a frontend writing them is broken, and is
+        better told so than half understood.  :class:`ValueError` saying
+        which node and what is wrong with it, which makes the device fail
+        with EINVAL when raised from :meth:`BackendDriver.connect`; a
+        missing node is ``default``, or that error if there is none."""
+        if default is not None:
+            if isinstance(default, bool) or not isinstance(default, int):
+                raise TypeError(f"default must be an int, not {type(default).__name__}")
+            if not 0 <= default <= _U32_MAX:
+                raise ValueError(f"default must be a 32-bit unsigned integer, not {default}")
+        text = self.read_otherend(key)
+        if text is None:
+            if default is None:
+                raise ValueError(f"frontend node {key!r} is missing")
+            return default
+        if not (text.isascii() and text.isdigit()):
+            # ascii(), and a prefix: the value is the guest's, and may be
+            # anything up to XenStore's 4096 bytes.
+            raise ValueError(f"frontend node {key!r} is not a decimal number: "
+                             f"{ascii(text[:32])}")
+        # Length first: int() refuses more digits than sys.get_int_max_str_digits().
+        digits = text.lstrip("0") or "0"
+        if len(digits) > 10 or int(digits) > _U32_MAX:
+            raise ValueError(f"frontend node {key!r} out of range: {text[:32]}")
+        return int(digits)
 
     def write(self, key: str, value: str | int) -> None:
         """Write ``<nodename>/<key>``; see :meth:`write_nodes`."""

@@ -1,0 +1,82 @@
+"""BackendDevice.read_otherend_u32(): a grant reference, a port, a page
+order from the frontend, read as strictly as the guest's word deserves."""
+
+from __future__ import annotations
+
+import pytest
+
+from xenback import XenbusState
+from xenback.sim._xenstored import RawClient
+
+S = XenbusState
+
+
+@pytest.fixture
+def nodes(host, driver, frontends):
+    """``(backend device, write)``: write(key, value) puts a node in the
+    frontend's directory, as the guest would."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    (bdev,) = [d for d in driver.devices() if d.frontend_id == guest.domid]
+
+    # The guest's own connection, raw: XenStore() refuses to write much of
+    # what a hostile guest would.
+    with RawClient(guest.xenstore_path) as raw:
+        def write(key: str, value: str | bytes) -> None:
+            raw.write(f"{dev.frontend_path}/{key}", value)
+
+        yield bdev, write
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("8", 8), ("007", 7),
+                                         ("4294967295", 0xFFFFFFFF),
+                                         ("0000000000004294967295", 0xFFFFFFFF)])
+def test_decimal_digits_are_read_as_linux_reads_them(nodes, text: str, value: int) -> None:
+    bdev, write = nodes
+    write("ring-ref", text)
+    assert bdev.read_otherend_u32("ring-ref") == value
+
+
+@pytest.mark.parametrize("text", ["-1", "+1", " 1", "1 ", "1_0", "0x10", "", "١", "1\n", "abc"])
+def test_anything_but_digits_is_refused_naming_the_node(nodes, text: str) -> None:
+    """int() would take a sign, white space, underscores and other scripts'
+    digits: a frontend writes none of them, and a broken one is better
+    told so than half understood."""
+    bdev, write = nodes
+    write("port", text)
+    with pytest.raises(ValueError, match=r"frontend node 'port' is not a decimal number: "):
+        bdev.read_otherend_u32("port")
+
+
+@pytest.mark.parametrize("text", ["4294967296", "9" * 2000])
+def test_beyond_32_bits_is_refused(nodes, text: str) -> None:
+    bdev, write = nodes
+    write("ring-ref", text)
+    with pytest.raises(ValueError, match=r"frontend node 'ring-ref' out of range: \d{1,64}$"):
+        bdev.read_otherend_u32("ring-ref")
+
+
+def test_a_missing_node_is_refused_unless_there_is_a_default(nodes) -> None:
+    bdev, _ = nodes
+    with pytest.raises(ValueError, match="frontend node 'ring-page-order' is missing"):
+        bdev.read_otherend_u32("ring-page-order")
+    assert bdev.read_otherend_u32("ring-page-order", 0) == 0
+
+
+def test_what_is_quoted_of_the_guest_is_short_and_printable(nodes) -> None:
+    bdev, write = nodes
+    write("port", b"\x1b[2J" + b"x" * 1900)
+    with pytest.raises(ValueError) as caught:
+        bdev.read_otherend_u32("port")
+    message = str(caught.value)
+    assert message.isprintable() and "\x1b" not in message and len(message) < 200
+
+
+def test_default_and_key_are_checked(nodes) -> None:
+    bdev, _ = nodes
+    with pytest.raises(ValueError, match="default must be a 32-bit unsigned integer, not -1"):
+        bdev.read_otherend_u32("x", -1)
+    with pytest.raises(TypeError, match="default must be an int, not str"):
+        bdev.read_otherend_u32("x", "0")  # type: ignore[arg-type]
