@@ -40,7 +40,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._timer import TimerHandle, add_timer, del_timer
 from ._topology import Topology, _this_thread
@@ -169,6 +169,37 @@ def sleep_on(lock: threading.Lock, timeout: float | None = None) -> bool:
             return True
         if nap == left:  # that was all the time left
             return False
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """The ``timeout`` of a call that waits, checked: None (no limit), or
+    seconds, 0 or more.  One beyond threading.TIMEOUT_MAX (about 292 years;
+    infinity) is no limit either: no lock takes it.  NaN is refused, as a
+    wait for ever would be the wrong answer to a limit never reached."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be 0 or more seconds, or None; got {timeout}")
+    return None if timeout > threading.TIMEOUT_MAX else float(timeout)
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    """When a wait of ``timeout`` seconds (checked) that starts now ends."""
+    return None if timeout is None else _monotonic() + timeout
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (None: no limit), never below 0."""
+    return None if deadline is None else max(deadline - _monotonic(), 0.0)
+
+
+class Flusher(Protocol):
+    """What waits on a work item for one of its queueings to be over (see
+    Work._flushers): completed under the engine lock."""
+
+    def complete(self) -> None: ...
 
 
 class Completion:

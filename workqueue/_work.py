@@ -12,6 +12,14 @@ follows the kernel's, including the return values:
     flush           True if it waited for a pending or running instance
     disable/enable  a nesting count; queueing a disabled item returns False
 
+The calls that wait (flush, cancel_sync, disable_sync) take a keyword-only
+timeout in seconds, as threading's and concurrent.futures' waits do, and
+raise TimeoutError when it passes first.  Only the wait is over then: no
+flush stays registered, and the item is left as the call left it before
+waiting -- a pending instance cancelled (and a cancel_sync() goes on
+without its caller: see there), a DelayedWork taken off its timer by
+flush() queued.  Ctrl-C in the wait leaves the same.
+
 Carry your own fields by subclassing (the kernel's container_of idiom):
 
     class Conn(Work):
@@ -33,7 +41,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _pool
-from ._pool import Completion, Worker, WorkList, current_work, current_worker, try_to_grab_pending
+from ._pool import (
+    Completion,
+    Flusher,
+    Worker,
+    WorkList,
+    check_timeout,
+    current_work,
+    current_worker,
+    try_to_grab_pending,
+)
 from ._timer import TimerHandle, del_timer
 
 if TYPE_CHECKING:
@@ -42,8 +59,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Work", "DelayedWork", "current_work"]
 
-#: What a waiting cancel_sync() adds to Work._disable: more than any number
-#: of disable() calls a program makes, so the two counts never mix.
+#: What a cancel_sync() under way adds to Work._disable, until the run it
+#: waits for ends: more than any number of disable() calls a program makes,
+#: so the two counts never mix.
 _CANCEL_HOLD = 1 << 32
 
 
@@ -88,15 +106,16 @@ class Work:
         # _worker is the worker running func, or None.
         self._pending = False
         # Queueing is refused while non-zero.  disable() calls count 1 each,
-        # and a waiting cancel_sync() _CANCEL_HOLD: its hold is not the
-        # caller's to enable(), which sees only the remainder.
+        # and a cancel_sync() under way _CANCEL_HOLD (held by its caller,
+        # or by the _CancelGoesOn it left if it stopped waiting): its hold
+        # is not the caller's to enable(), which sees only the remainder.
         self._disable = 0
         self._entry: WorkList | None = None
         self._pwq: PoolWorkqueue | None = None
         self._color = 0
         self._seq = 0
         self._worker: Worker | None = None
-        self._flushers: list[tuple[int, Completion]] | None = None
+        self._flushers: list[tuple[int, Flusher]] | None = None
 
     if not TYPE_CHECKING:  # a __getattr__ would let mypy pass any attribute
 
@@ -135,22 +154,24 @@ class Work:
     @property
     def disabled(self) -> bool:
         """True while queueing is refused: disable() calls outnumber
-        enable() calls, or a cancel_sync() is waiting."""
+        enable() calls, or a cancel_sync() is under way (see there)."""
         return self._disable > 0
 
-    def flush(self) -> bool:
+    def flush(self, *, timeout: float | None = None) -> bool:
         """Wait for the last queueing of this item to finish (flush_work).
 
         Returns True if it waited for a pending or running instance, False if
         the item was idle.  An item pending only on its timer is not waited
-        for (use DelayedWork.flush()).
+        for (use DelayedWork.flush()).  TimeoutError if *timeout* seconds
+        pass first, saying where the item is; the item goes on unchanged.
         """
-        completion = None
+        timeout = check_timeout(timeout)
         with _pool.lock:
             completion = self._start_flush()
         if completion is None:
             return False
-        completion.wait()
+        if not self._wait_flush(completion, timeout):
+            raise self._timed_out("flush", timeout)
         return True
 
     def _start_flush(self) -> Completion | None:
@@ -163,6 +184,69 @@ class Work:
             self._flushers = []
         self._flushers.append((self._seq, completion))
         return completion
+
+    def _wait_flush(self, completion: Completion, timeout: float | None,
+                    instead: Flusher | None = None) -> bool:
+        """Wait for a flush that _start_flush() registered; False if
+        *timeout* passed first.
+
+        However the wait ends -- done, timed out or interrupted (Ctrl-C) --
+        the flush is no longer registered when this returns or raises: it
+        is taken back, or replaced by *instead*, which completes in the
+        waiter's stead once the queueing waited for is over (at once if it
+        already is).  Left behind, a flush would stay on the item until its
+        next run: one more for every call that timed out.
+        """
+        done = False
+        try:
+            done = completion.wait(timeout)
+        finally:
+            if not done or instead is not None:
+                with _pool.lock:
+                    if not done:
+                        # Not found: it completed as the wait ended.
+                        done = not self._take_back_flush(completion, instead)
+                    if done and instead is not None:
+                        instead.complete()
+        return done
+
+    def _take_back_flush(self, completion: Completion, instead: Flusher | None) -> bool:
+        """Remove a registered flush, or put *instead* in its place; False
+        if it is not registered any more (engine lock held)."""
+        flushers = self._flushers
+        for i, (target, flusher) in enumerate(flushers or ()):
+            if flusher is completion:
+                assert flushers is not None
+                if instead is not None:
+                    flushers[i] = (target, instead)
+                elif len(flushers) > 1:
+                    del flushers[i]
+                else:
+                    self._flushers = None
+                return True
+        return False
+
+    def _timed_out(self, what: str, timeout: float | None, then: str = "") -> TimeoutError:
+        """The TimeoutError of a wait for this item, saying where it is now,
+        and then *then*."""
+        assert timeout is not None  # only a bounded wait times out
+        wq = None
+        with _pool.lock:
+            where = []
+            worker = self._worker
+            if worker is not None:
+                where.append(f"it has run on {worker.name} "
+                             f"for {_pool._monotonic() - worker.start:.3f} s")
+            if self._pending and self._entry is not None and self._pwq is not None:
+                wq = self._pwq.wq
+                where.append(f"it is pending on workqueue {wq.name!r}")
+            text = f"{what}() of {self!r} timed out after {timeout:g} s"
+        if where:
+            text += ": " + ", and ".join(where)
+        text += then
+        if wq is not None:  # what runs ahead of it; dump() takes the engine lock
+            text += f"; there:\n{wq.dump()}"
+        return TimeoutError(text)
 
     def _check_not_own_function(self, what: str) -> None:
         """Refuse to wait for ourselves (engine lock held)."""
@@ -178,14 +262,21 @@ class Work:
         with _pool.lock:
             return try_to_grab_pending(self)
 
-    def cancel_sync(self) -> bool:
+    def cancel_sync(self, *, timeout: float | None = None) -> bool:
         """Cancel and wait for a running instance (cancel_work_sync).
 
         Returns True if the item was pending.  When it returns, the item is
         neither pending nor running; re-queueing, by the item itself or
-        anyone, is refused while it waits.
+        anyone, is refused while it waits (the item is *cancelling*).
+
+        TimeoutError if *timeout* seconds pass before the run ends.  The
+        cancel then goes on without its caller: the item stays cancelling
+        until that run ends -- queue_work() returns False, also from the
+        run itself -- and is then idle and can be queued again, as if
+        cancel_sync() had waited.  A later cancel_sync() waits for the same
+        run.  Ctrl-C in the wait leaves the same.
         """
-        return self._cancel(disable=False, sync=True)
+        return self._cancel(disable=False, sync=True, timeout=timeout)
 
     def disable(self) -> bool:
         """Cancel and disable the item (disable_work); True if it was pending.
@@ -195,9 +286,13 @@ class Work:
         """
         return self._cancel(disable=True, sync=False)
 
-    def disable_sync(self) -> bool:
-        """disable() and wait for a running instance (disable_work_sync)."""
-        return self._cancel(disable=True, sync=True)
+    def disable_sync(self, *, timeout: float | None = None) -> bool:
+        """disable() and wait for a running instance (disable_work_sync).
+
+        TimeoutError if *timeout* seconds pass before the run ends; the
+        item stays disabled, as the call's disable() is the caller's.
+        """
+        return self._cancel(disable=True, sync=True, timeout=timeout)
 
     def enable(self) -> bool:
         """Undo one disable() (enable_work); True when no disable is left.
@@ -210,25 +305,32 @@ class Work:
             self._disable -= 1
             return not self._disable % _CANCEL_HOLD
 
-    def _cancel(self, *, disable: bool, sync: bool) -> bool:
+    def _cancel(self, *, disable: bool, sync: bool, timeout: float | None = None) -> bool:
+        what = "disable_sync" if disable else "cancel_sync"
+        timeout = check_timeout(timeout)
+        # Disabled while we wait, so that nobody re-queues it meanwhile: by
+        # the caller's disable(), or by a hold of our own.
+        hold = 1 if disable else _CANCEL_HOLD
         with _pool.lock:
             if sync:
-                self._check_not_own_function("disable_sync" if disable else "cancel_sync")
-            # Disabled while we wait, so that nobody re-queues it meanwhile.
-            hold = 1 if disable else _CANCEL_HOLD
+                self._check_not_own_function(what)
             self._disable += hold
             was_pending = try_to_grab_pending(self)
             completion = self._start_flush() if sync else None
-        try:
-            if completion is not None:
-                completion.wait()
-        finally:
-            # Also when the wait ends in an exception (Ctrl-C): the hold
-            # left behind would refuse all queueing of the item for ever.
-            if not disable:
-                with _pool.lock:
-                    self._disable -= hold
-        return was_pending
+            if completion is None and not disable:
+                self._disable -= hold  # nothing runs: nothing to wait for
+        if completion is None:
+            return was_pending
+        # Our hold goes once the run is over, whether we still wait then or
+        # not (timeout, Ctrl-C): never before, or that run could queue the
+        # item again; never later, or all queueing of it would be refused.
+        left = None if disable else _CancelGoesOn(self)
+        if self._wait_flush(completion, timeout, left):
+            return was_pending
+        then = "; its pending instance was cancelled" if was_pending else "; it was not pending"
+        then += (", and it stays disabled" if disable else
+                 ", and it stays cancelling (queueing it is refused) until that run ends")
+        raise self._timed_out(what, timeout, then)
 
 
 class DelayedWork(Work):
@@ -248,11 +350,13 @@ class DelayedWork(Work):
         self._wq: Workqueue | None = None
         self._cpu: int | None = None
 
-    def flush(self) -> bool:
+    def flush(self, *, timeout: float | None = None) -> bool:
         """Queue at once if on the timer, then wait (flush_delayed_work).
 
         Returns True if it waited for a pending or running instance.
+        TimeoutError if *timeout* seconds pass first; the item stays queued.
         """
+        timeout = check_timeout(timeout)
         dropped_by = None
         with _pool.lock:
             # Before the timer is touched: a refused flush changes nothing.
@@ -270,8 +374,25 @@ class DelayedWork(Work):
             dropped_by._log_dropped(self)
         if completion is None:
             return False
-        completion.wait()
+        if not self._wait_flush(completion, timeout):
+            raise self._timed_out("flush", timeout)
         return True
+
+
+class _CancelGoesOn:
+    """What a cancel_sync() whose wait ended early (timeout, Ctrl-C) leaves
+    on the item in its flush's place: its hold, dropped once the run it
+    waited for is over.  The item ends as the cancel_sync() would have
+    left it -- neither pending, nor running, nor cancelling -- and that
+    run could not queue it again meanwhile."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work: Work) -> None:
+        self.work = work
+
+    def complete(self) -> None:  # engine lock held
+        self.work._disable -= _CANCEL_HOLD
 
 
 #: The slots Work.__init__ and DelayedWork.__init__ set (see Work.__getattr__).

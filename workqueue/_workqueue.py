@@ -40,7 +40,9 @@ from ._pool import (
     WorkerPool,
     activate_inactive,
     arm_tick,
+    check_timeout,
     current_worker,
+    deadline_of,
     every_worker,
     insert_work,
     kick_pool,
@@ -52,7 +54,9 @@ from ._pool import (
     release_pwq,
     running_workers,
     start_rescuer,
+    time_left,
     try_to_grab_pending,
+    wait_slice,
     wake_work_flushers,
 )
 from ._stats import PoolStats, TraceHook, WorkqueueStats
@@ -120,6 +124,9 @@ class Workqueue(Executor):
         flush(), drain(), destroy(), set_max_active(n), freeze(), thaw()
         stats(), dump(), add_trace_hook(hook), remove_trace_hook(hook)
 
+    flush(), drain() and destroy() take a keyword-only timeout (seconds),
+    past which they raise TimeoutError (see each).
+
     The Executor interface, where each call becomes a work item of its own:
 
         submit(fn, *args, **kwargs) -> Future, map(...), shutdown(...),
@@ -180,9 +187,10 @@ class Workqueue(Executor):
         self._state = _RUNNING
         self._nr_drainers = 0
         self._shutdown = False
-        # A destroy() (or shutdown(wait=True)) was interrupted in its drain
-        # and left the rest to a thread of its own (see _destroy).
-        self._destroy_interrupted = False
+        # A destroy() (or shutdown(wait=True)) stopped waiting in its drain
+        # (interrupted, or timed out) and left the rest to a thread of its
+        # own (see _destroy).
+        self._destroy_handed_off = False
         self._destroyed = threading.Event()
         # Flush colors.  Every item queued now takes color _work_color, and
         # _nr_current counts those not yet finished (or cancelled).  For
@@ -506,12 +514,20 @@ class Workqueue(Executor):
             raise RuntimeError(
                 f"{what}() of workqueue {self.name!r} from one of its own work items would deadlock")
 
-    def flush(self) -> None:
+    def flush(self, *, timeout: float | None = None) -> None:
         """Wait for every item queued before the call (flush_workqueue).
 
         Items queued meanwhile do not delay it.  Delayed items still on their
-        timers are not waited for.
+        timers are not waited for.  TimeoutError if *timeout* seconds pass
+        first, with the workqueue's dump(); later flushes wait as if this
+        one had never been.
         """
+        timeout = check_timeout(timeout)
+        if not self._flush(deadline_of(timeout)):
+            raise self._timed_out("flush", timeout)
+
+    def _flush(self, deadline: float | None) -> bool:
+        """flush(); False if *deadline* (None: none) passed first."""
         with lock:
             self._check_not_own_item("flush")
             color = self._work_color
@@ -520,10 +536,32 @@ class Workqueue(Executor):
                 self._nr_current = 0
             self._work_color = color + 1
             if not self._in_flight or min(self._in_flight) > color:
-                return
-            completion = Completion()
-            self._flushers.append((color, completion))
-        completion.wait()
+                return True
+            flusher = (color, Completion())
+            self._flushers.append(flusher)
+        done = False
+        try:
+            done = flusher[1].wait(time_left(deadline))
+        finally:
+            if not done:
+                # Timed out or interrupted: taken back, or it would stay
+                # until its color drains, one more for every such call.
+                # The new color stays: it is the one every item queued
+                # since has, and an older color only ever completes
+                # flushes sooner.
+                with lock:
+                    try:
+                        self._flushers.remove(flusher)
+                    except ValueError:
+                        done = True  # completed as the wait ended
+        return done
+
+    def _timed_out(self, what: str, timeout: float | None, then: str = "") -> TimeoutError:
+        """The TimeoutError of a wait for the workqueue: what is still
+        there (its dump()), after *then*."""
+        assert timeout is not None  # only a bounded wait times out
+        return TimeoutError(f"{what}() of workqueue {self.name!r} timed out after {timeout:g} s"
+                            f"{then}; still there:\n{self.dump()}")
 
     def _flush_progress(self) -> None:
         """A flush color drained: complete the flushes it held (lock held)."""
@@ -536,13 +574,22 @@ class Workqueue(Executor):
                 left.append((color, completion))
         self._flushers = left
 
-    def drain(self) -> None:
+    def drain(self, *, timeout: float | None = None) -> None:
         """Flush until empty, refusing all but chained queueing (drain_workqueue).
 
         While it runs, only this workqueue's own items may queue on it; other
         queueing raises RuntimeError.  Cancel delayed items first: one whose
-        timer fires meanwhile is dropped and logged.
+        timer fires meanwhile is dropped and logged.  TimeoutError if
+        *timeout* seconds pass first, with the workqueue's dump(): the
+        workqueue then takes everyone's items again, as after a drain
+        (unless another drain, or a destroy(), is under way).
         """
+        timeout = check_timeout(timeout)
+        if not self._drain(deadline_of(timeout)):
+            raise self._timed_out("drain", timeout)
+
+    def _drain(self, deadline: float | None) -> bool:
+        """drain(); False if *deadline* (None: none) passed first."""
         with lock:
             self._check_not_own_item("drain")
             if self._state == _DESTROYED:
@@ -556,7 +603,8 @@ class Workqueue(Executor):
         try:
             tries = 0
             while True:
-                self.flush()
+                if not self._flush(deadline):
+                    return False
                 with lock:
                     if not self._in_flight and not self._nr_current:
                         break
@@ -570,19 +618,27 @@ class Workqueue(Executor):
                 self._nr_drainers -= 1
                 if not self._nr_drainers and self._state == _DRAINING:
                     self._state = _RUNNING
+        return True
 
-    def destroy(self) -> None:
+    def destroy(self, *, timeout: float | None = None) -> None:
         """Drain, then release the pools and stop the rescuer (destroy_workqueue).
 
         Later queueing raises RuntimeError.  Idle workers of pools that no
-        workqueue uses any longer exit.  Destroying a workqueue twice is an
-        error, except after a destroy() that was interrupted in its wait
-        (Ctrl-C): the destruction went on without its caller, and a second
-        destroy() waits for its end.
+        workqueue uses any longer exit.
+
+        TimeoutError if *timeout* seconds pass before the drain ends, with
+        the workqueue's dump().  The destruction then goes on without its
+        caller, on a thread of its own: the workqueue refuses all but
+        chained queueing, as it did, and is released once its items are
+        done; Ctrl-C in the wait does the same.  Destroying a workqueue
+        twice is an error, except after a destroy() that stopped waiting: a
+        second destroy() waits for the end of the first one's destruction
+        (with a timeout of its own), and may be called again.
         """
+        timeout = check_timeout(timeout)
         with lock:
             self._check_not_own_item("destroy")
-            resume = self._destroy_interrupted
+            resume = self._destroy_handed_off
             if self._state >= _DESTROYING and not resume:
                 raise RuntimeError(f"workqueue {self.name!r} is already destroyed")
             if not resume:
@@ -591,40 +647,55 @@ class Workqueue(Executor):
                                        "wait for thaw(); thaw it first")
                 self._state = _DESTROYING
                 self._shutdown = True
-        if resume:
-            self._wait_destroyed()
-        else:
-            self._destroy()
+        if not resume:
+            self._destroy(timeout)
+        elif not self._wait_destroyed(deadline_of(timeout)):
+            raise self._timed_out("destroy", timeout, " waiting for the end of the "
+                                  "destruction an earlier destroy() left going on")
 
-    def _wait_destroyed(self) -> None:
-        while not self._destroyed.wait(_pool.wait_slice(None)):
-            pass
+    def _wait_destroyed(self, deadline: float | None = None) -> bool:
+        """Wait for the end of destroy(); False if *deadline* passed first."""
+        while True:
+            left = time_left(deadline)
+            nap = wait_slice(left)
+            if self._destroyed.wait(nap):
+                return True
+            if nap == left:  # that was all the time left
+                return False
 
-    def _destroy(self) -> None:
+    def _destroy(self, timeout: float | None = None) -> None:
         try:
-            self.drain()
+            drained = self._drain(deadline_of(timeout))
         except BaseException:
-            # Interrupted (Ctrl-C in the main thread's wait): the items still
-            # queued or running must not lose their pools and rescuer, nor
-            # chained queueing be refused, nor shutdown(wait=True) elsewhere
-            # return before they end.  The destruction goes on without the
-            # caller, as shutdown(wait=False)'s does, and a second destroy()
-            # waits for it instead of calling it an error.
-            with lock:
-                self._destroy_interrupted = True
-            threading.Thread(target=self._drain_and_release, name=f"{self.name}-shutdown",
-                             daemon=True).start()
+            self._hand_off_destroy()
             raise
+        if not drained:
+            self._hand_off_destroy()
+            raise self._timed_out("destroy", timeout, (
+                f"; its destruction goes on in thread {self.name}-shutdown, "
+                "and destroy() again waits for its end"))
         self._finish_destroy()
+
+    def _hand_off_destroy(self) -> None:
+        """destroy() stopped waiting in its drain (Ctrl-C, timeout): the
+        items still queued or running must not lose their pools and
+        rescuer, nor chained queueing be refused, nor shutdown(wait=True)
+        elsewhere return before they end.  The destruction goes on without
+        the caller, as shutdown(wait=False)'s does, and a second destroy()
+        waits for it instead of calling it an error."""
+        with lock:
+            self._destroy_handed_off = True
+        threading.Thread(target=self._drain_and_release, name=f"{self.name}-shutdown",
+                         daemon=True).start()
 
     def _drain_and_release(self) -> None:
         """destroy() on a thread of its own (shutdown(wait=False), or the
-        rest of an interrupted destroy()).  A drain() that fails (frozen
+        rest of a destroy() that stopped waiting).  A drain() that fails (frozen
         meanwhile) is logged: nobody waits here to hear it, and it must not
         end up as a traceback of the library's thread.  The workqueue is
         released either way, as destroy() does."""
         try:
-            self.drain()
+            self._drain(None)
         except Exception:
             logger.exception("workqueue %s: drain() failed while destroying it", self.name)
         finally:

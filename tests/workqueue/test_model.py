@@ -16,6 +16,11 @@ The model, per the kernel's rules:
   - enable: decrements; True when the count reaches zero.
   - flush: True if the item was pending or running; returns once the last
     queueing before the call has finished running.
+  - with a timeout, the waiting calls (flush, cancel_sync, disable_sync,
+    the workqueue's flush) raise TimeoutError when they would wait for a
+    run the test holds, having changed what the call changes before it
+    waits; a cancel_sync leaves the item cancelling -- queueing refused --
+    until its running instance finishes.
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ class WorkModel(RuleBasedStateMachine):
         self.queue: list[str] = []  # pending items, FIFO
         self.running: str | None = None
         self.disabled = dict.fromkeys(NAMES, 0)
+        # cancel_syncs that timed out while the item ran: until that run
+        # finishes, they refuse its queueing.
+        self.cancelling = dict.fromkeys(NAMES, 0)
         self.starts = dict.fromkeys(NAMES, 0)
         self.finishes = dict.fromkeys(NAMES, 0)
 
@@ -108,6 +116,7 @@ class WorkModel(RuleBasedStateMachine):
         name = self.running
         self.items[name].releases.release()
         self.finishes[name] += 1
+        self.cancelling[name] = 0
         self.running = None
         self.settle()
 
@@ -132,7 +141,7 @@ class WorkModel(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(NAMES))
     def queue_work(self, name: str) -> None:
-        expected = self.disabled[name] == 0 and name not in self.queue
+        expected = not self.disabled[name] and not self.cancelling[name] and name not in self.queue
         assert self.wq.queue_work(self.items[name]) is expected
         if expected:
             self.queue.append(name)
@@ -180,6 +189,34 @@ class WorkModel(RuleBasedStateMachine):
     def disable_sync(self, name: str) -> None:
         self.cancel_and_wait(name, disable=True)
 
+    def cancel_with_timeout(self, name: str, *, disable: bool) -> None:
+        """cancel_sync() or disable_sync() with a timeout: as without one,
+        but a wait for the run, which the test holds, times out."""
+        item = self.items[name]
+        call = item.disable_sync if disable else item.cancel_sync
+        expected = name in self.queue
+        if disable:
+            self.disabled[name] += 1
+        if expected:
+            self.queue.remove(name)
+        if self.running != name:
+            assert call(timeout=0.001) is expected
+        else:
+            with pytest.raises(TimeoutError, match="pending instance was cancelled" if expected
+                               else "it was not pending"):
+                call(timeout=0.001)
+            if not disable:
+                self.cancelling[name] += 1
+        self.settle()
+
+    @rule(name=st.sampled_from(NAMES))
+    def cancel_sync_with_timeout(self, name: str) -> None:
+        self.cancel_with_timeout(name, disable=False)
+
+    @rule(name=st.sampled_from(NAMES))
+    def disable_sync_with_timeout(self, name: str) -> None:
+        self.cancel_with_timeout(name, disable=True)
+
     @rule(name=st.sampled_from(NAMES))
     def disable(self, name: str) -> None:
         expected = name in self.queue
@@ -218,6 +255,27 @@ class WorkModel(RuleBasedStateMachine):
         self.finish_until(lambda: self.finishes[name] >= target, thread, f"{name}.flush()")
         assert result == [(True, target)]
 
+    @rule(name=st.sampled_from(NAMES))
+    def flush_with_timeout(self, name: str) -> None:
+        """A busy item's flush waits for a run the test holds: it times out,
+        changing nothing."""
+        item = self.items[name]
+        if name in self.queue or self.running == name:
+            with pytest.raises(TimeoutError, match=r"flush\(\) of <Item"):
+                item.flush(timeout=0.001)
+        else:
+            assert item.flush(timeout=0.001) is False
+        self.settle()
+
+    @rule()
+    def flush_workqueue_with_timeout(self) -> None:
+        if self.running is not None:
+            with pytest.raises(TimeoutError, match=r"flush\(\) of workqueue 'model'"):
+                self.wq.flush(timeout=0.001)
+        else:
+            self.wq.flush(timeout=0.001)
+        self.settle()
+
     @precondition(lambda self: bool(self.queue))
     @rule(data=st.data())
     def flush_queued(self, data: st.DataObject) -> None:
@@ -243,7 +301,12 @@ class WorkModel(RuleBasedStateMachine):
         for name, item in self.items.items():
             assert item.pending is (name in self.queue), f"{name}.pending"
             assert item.running is (self.running == name), f"{name}.running"
-            assert item.disabled is (self.disabled[name] > 0), f"{name}.disabled"
+            assert item.disabled is (self.disabled[name] + self.cancelling[name] > 0), \
+                f"{name}.disabled"
+            assert ("cancelling" in repr(item)) is (self.cancelling[name] > 0), repr(item)
+            # Nothing of the timed-out waits stays behind; what a timed-out
+            # cancel_sync left is dropped as the run ends.
+            assert len(item._flushers or ()) == self.cancelling[name], f"{name}._flushers"
             assert not item.stuck
 
     def teardown(self) -> None:

@@ -148,14 +148,14 @@ def test_a_destroy_refused_by_a_freeze_leaves_no_uncaught_exception(
     from workqueue import WQ_FREEZABLE
 
     wq = make_wq(flags=WQ_FREEZABLE)
-    real_drain = wq.drain
+    real_drain = wq._drain
 
-    def frozen_meanwhile() -> None:
-        del wq.drain  # only this call
+    def frozen_meanwhile(deadline: float | None) -> bool:
+        del wq._drain  # only this call
         wq.freeze()
-        real_drain()
+        return real_drain(deadline)
 
-    wq.drain = frozen_meanwhile  # type: ignore[method-assign]
+    wq._drain = frozen_meanwhile  # type: ignore[method-assign]
     uncaught: list[Any] = []
     monkeypatch.setattr(threading, "excepthook", uncaught.append)
     with pytest.raises(RuntimeError, match="frozen"):
@@ -197,3 +197,84 @@ def test_an_interrupt_as_a_delayed_item_is_queued_leaves_the_timer_free(
     queued.start()
     assert ran.wait(TIMEOUT), "the timer stood still"
     first.cancel_sync()
+
+
+@pytest.mark.parametrize("call", ["flush", "cancel_sync", "flush_workqueue", "drain"])
+def test_an_interrupted_wait_leaves_what_a_timeout_leaves(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """Ctrl-C in a wait is a timeout that raised something else: no flush
+    stays registered (each interrupted call would leave one more behind),
+    a drain() leaves the workqueue running, and a cancel_sync() goes on
+    without its caller -- the item stays cancelling, refusing to be queued
+    (by the run it waited for, too), until that run ends (see
+    test_timeouts)."""
+    wq = make_wq()
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    requeued: list[bool] = []
+
+    def stuck(work: Work) -> None:
+        started.release()
+        assert release.wait(TIMEOUT)
+        if not requeued:  # once: more would keep it queueing itself
+            requeued.append(wq.queue_work(work))
+
+    work = Work(stuck)
+    wq.queue_work(work)
+    assert started.acquire(timeout=TIMEOUT)
+    calls: dict[str, Callable[[], object]] = {
+        "flush": work.flush, "cancel_sync": work.cancel_sync,
+        "flush_workqueue": wq.flush, "drain": wq.drain,
+    }
+    try:
+        interrupt(main_sleeps_in_a_wait, calls[call])
+        assert wq._flushers == []
+        assert wq._nr_drainers == 0 and "running" in repr(wq)
+        if call == "cancel_sync":
+            # Only what drops the hold once the run ends.
+            assert [type(f).__name__ for _, f in work._flushers or ()] == ["_CancelGoesOn"]
+            assert work.disabled and "cancelling" in repr(work)
+            assert wq.queue_work(work) is False
+        else:
+            assert work._flushers is None
+    finally:
+        release.set()
+    work.flush(timeout=TIMEOUT)  # the run, and the one it queued, if it could
+    assert requeued == [call != "cancel_sync"]
+    work.cancel_sync(timeout=TIMEOUT)
+    assert not work.disabled and wq.queue_work(work)
+    work.cancel_sync(timeout=TIMEOUT)
+
+
+def test_an_interrupt_as_cancel_sync_wakes_drops_its_hold(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C just after the run that cancel_sync() waited for ended (the
+    handler runs as the wait returns): nobody is left to drop the item's
+    hold but the interrupted call, which must."""
+    from workqueue._pool import Completion
+
+    wq = make_wq()
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def stuck(work: Work) -> None:
+        started.release()
+        assert release.wait(TIMEOUT)
+
+    work = Work(stuck)
+    wq.queue_work(work)
+    assert started.acquire(timeout=TIMEOUT)
+    real_wait = Completion.wait
+
+    def woke_then_interrupted(self: Completion, timeout: float | None = None) -> bool:
+        release.set()
+        assert real_wait(self, TIMEOUT)
+        raise Interrupted
+
+    monkeypatch.setattr(Completion, "wait", woke_then_interrupted)
+    with pytest.raises(Interrupted):
+        work.cancel_sync()
+    monkeypatch.undo()
+    assert not work.disabled and not work.running and work._flushers is None
+    assert wq.queue_work(work)
+    work.flush(timeout=TIMEOUT)

@@ -1,0 +1,399 @@
+"""Bounded waits: the timeout of flush, cancel_sync, drain and destroy.
+
+A timed-out call raises the builtin TimeoutError, saying what it still
+waited for, and leaves a state that later calls handle as the kernel's
+would: no flush is left registered (a later flush waits for what it
+should, no more), a cancel_sync() goes on without its caller until the run
+it waited for ends, a drain() leaves the workqueue running, a destroy()
+goes on without its caller and a second destroy() waits for its end.
+Without a timeout, or one that does not expire, the calls return what the
+kernel's return.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from workqueue import DelayedWork, Work, Workqueue
+
+TIMEOUT = 10.0
+# How long the timed-out calls below wait: the items they wait for are
+# held by events, so the call times out whatever this is.
+SHORT = 0.05
+
+
+class Held:
+    """A work function that says when it started, then waits to be released."""
+
+    def __init__(self) -> None:
+        self.started = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.runs = 0
+        self.requeue: Callable[[Work], bool] | None = None
+        self.requeued: list[bool] = []
+
+    def __call__(self, work: Work) -> None:
+        self.runs += 1
+        self.started.release()
+        assert self.release.wait(TIMEOUT)
+        if self.requeue is not None:
+            self.requeued.append(self.requeue(work))
+
+    def wait_started(self) -> None:
+        assert self.started.acquire(timeout=TIMEOUT)
+
+
+def wait_until(pred: Callable[[], object]) -> None:
+    """Poll a state another thread reaches, within the test's limit."""
+    deadline = time.monotonic() + TIMEOUT
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        threading.Event().wait(0.001)
+
+
+def running(wq: Workqueue, held: Held, kind: type[Work] = Work) -> Work:
+    """An item of ``held`` that runs on ``wq``, held."""
+    work = kind(held)
+    assert wq.queue_work(work)
+    held.wait_started()
+    return work
+
+
+def times_out(call: Callable[[], object], *, timeout: float = SHORT) -> str:
+    """call() must raise TimeoutError, the builtin, no sooner than
+    ``timeout`` and well before the test's own limit; its message."""
+    began = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        call()
+    took = time.monotonic() - began
+    assert type(info.value) is TimeoutError
+    assert took >= timeout, f"timed out early, after {took:.3f} s"
+    assert took < TIMEOUT / 2
+    return str(info.value)
+
+
+@pytest.fixture
+def held() -> Any:
+    held = Held()
+    yield held
+    held.release.set()  # whatever the test did, nothing stays held
+
+
+# -- flush_work --------------------------------------------------------------
+
+def test_flush_of_a_running_item_times_out_and_takes_its_flush_back(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    message = times_out(lambda: work.flush(timeout=SHORT))
+    assert f"flush() of {work!r} timed out after {SHORT:g} s" in message
+    assert "has run on kworker/" in message, message
+    # Nobody waits for it any more: nothing of it stays on the item.
+    assert work._flushers is None
+    assert work.running and not work.pending
+    held.release.set()
+    work.flush(timeout=TIMEOUT)
+    assert not work.running and work._flushers is None
+    assert work.flush(timeout=TIMEOUT) is False  # idle
+    assert held.runs == 1
+
+
+def test_flush_of_an_item_pending_behind_another_says_what_holds_it(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq(ordered=True)
+    blocker = running(wq, held)
+    work = Work(lambda w: None)
+    assert wq.queue_work(work)
+    message = times_out(lambda: work.flush(timeout=SHORT))
+    assert repr(work) in message and "pending" in message
+    # The workqueue's dump: the item that runs, and ours behind it.
+    assert "in-flight: kworker/" in message and repr(blocker) in message, message
+    assert work.pending and work._flushers is None  # only the wait is over
+    held.release.set()
+    work.flush(timeout=TIMEOUT)
+    assert not work.pending and not work.running
+
+
+def test_flush_with_a_timeout_that_does_not_expire_returns_the_kernels_value(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(work.flush(timeout=TIMEOUT)))
+    flusher.start()
+    wait_until(lambda: work._flushers)  # it waits
+    held.release.set()
+    flusher.join(TIMEOUT)
+    assert result == [True]
+    assert work.flush(timeout=0) is False
+    assert work.flush(timeout=math.inf) is False  # no limit
+
+
+def test_many_timed_out_flushes_leave_nothing_behind(make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    for _ in range(5):
+        times_out(lambda: work.flush(timeout=0.001), timeout=0.001)
+        times_out(lambda: wq.flush(timeout=0.001), timeout=0.001)
+    assert work._flushers is None and wq._flushers == []
+
+
+def test_flush_of_delayed_work_that_times_out_leaves_it_queued(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq(ordered=True)
+    running(wq, held)
+    ran = threading.Event()
+    dwork = DelayedWork(lambda w: ran.set())
+    assert wq.queue_delayed_work(dwork, 3600)
+    message = times_out(lambda: dwork.flush(timeout=SHORT))
+    assert f"flush() of {dwork!r}" in message
+    # flush_delayed_work queued it at once; the timeout ended only the wait.
+    assert dwork.pending and dwork._timer is None and dwork._flushers is None
+    held.release.set()
+    assert ran.wait(TIMEOUT)
+    dwork.flush(timeout=TIMEOUT)
+    assert not dwork.pending and not dwork.running
+
+
+# -- cancel_work_sync, disable_work_sync ---------------------------------------
+
+def test_a_timed_out_cancel_sync_goes_on_until_the_run_ends(make_wq: Any, held: Held) -> None:
+    """cancel_sync() marks the item cancelling while it waits (the kernel's
+    WORK_OFFQ_CANCELING, its disable count since Linux 6.10): queueing it
+    is refused.  When the wait times out, the cancel goes on without its
+    caller: the item stays cancelling until the run it waited for ends --
+    so that run cannot queue it again -- and is then idle and queueable,
+    as a cancel_sync() that waited leaves it."""
+    wq = make_wq()
+    work = running(wq, held)
+    assert wq.queue_work(work)  # pending behind its own run
+    held.requeue = wq.queue_work
+    message = times_out(lambda: work.cancel_sync(timeout=SHORT))
+    assert f"cancel_sync() of {work!r} timed out after {SHORT:g} s" in message
+    assert "has run on kworker/" in message and "cancelling" in message, message
+    assert "its pending instance was cancelled" in message
+    assert not work.pending and work.running
+    assert work.disabled and "cancelling" in repr(work)
+    assert wq.queue_work(work) is False  # refused, as while cancel_sync() waits
+    with pytest.raises(RuntimeError, match="not disabled"):
+        work.enable()  # the hold is not the caller's
+    held.release.set()
+    work.flush(timeout=TIMEOUT)
+    assert held.requeued == [False]  # the run did not queue it again
+    assert not work.disabled and not work.pending and not work.running
+    assert work._flushers is None
+    assert held.runs == 1
+    held.requeue = None
+    assert wq.queue_work(work) is True
+    work.flush(timeout=TIMEOUT)
+    assert held.runs == 2
+
+
+def test_a_cancel_sync_after_a_timed_out_one_waits_for_the_same_run(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    message = times_out(lambda: work.cancel_sync(timeout=SHORT))
+    assert "it was not pending" in message
+    result: list[bool] = []
+    canceller = threading.Thread(target=lambda: result.append(work.cancel_sync()))
+    canceller.start()
+    canceller.join(SHORT)
+    assert canceller.is_alive()
+    held.release.set()
+    canceller.join(TIMEOUT)
+    assert result == [False]  # it was not pending: the kernel's value
+    assert not work.disabled and not work.running
+    assert wq.queue_work(work) is True
+    work.cancel_sync(timeout=TIMEOUT)
+    assert not work.disabled and not work.pending and not work.running
+
+
+def test_cancel_sync_with_a_timeout_that_does_not_expire(make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    assert wq.queue_work(work)
+    result: list[bool] = []
+    canceller = threading.Thread(target=lambda: result.append(work.cancel_sync(timeout=TIMEOUT)))
+    canceller.start()
+    wait_until(lambda: work.disabled)  # it took the pending instance, and waits
+    held.release.set()
+    canceller.join(TIMEOUT)
+    assert result == [True]
+    assert not work.disabled and not work.pending and not work.running
+    assert work.cancel_sync(timeout=0) is False
+
+
+def test_a_timed_out_disable_sync_leaves_the_item_disabled_by_its_caller(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    message = times_out(lambda: work.disable_sync(timeout=SHORT))
+    assert f"disable_sync() of {work!r}" in message
+    assert work.disabled and work._flushers is None
+    held.release.set()
+    work.flush(timeout=TIMEOUT)
+    assert work.disabled  # the caller's disable, which the timeout does not undo
+    assert wq.queue_work(work) is False
+    assert work.enable() is True
+    assert wq.queue_work(work) is True
+    work.flush(timeout=TIMEOUT)
+    assert held.runs == 2
+
+
+def test_a_timed_out_cancel_sync_of_delayed_work_takes_it_off_its_timer(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    dwork = DelayedWork(held)
+    assert wq.queue_delayed_work(dwork, 0)
+    held.wait_started()
+    assert wq.queue_delayed_work(dwork, 3600)
+    message = times_out(lambda: dwork.cancel_sync(timeout=SHORT))
+    assert "its pending instance was cancelled" in message
+    assert not dwork.pending and dwork._timer is None and dwork.disabled
+    assert wq.queue_delayed_work(dwork, 0) is False
+    held.release.set()
+    dwork.flush(timeout=TIMEOUT)
+    assert not dwork.disabled and not dwork.running
+    assert wq.mod_delayed_work(dwork, 3600) is False  # idle: queued
+    assert dwork.cancel_sync(timeout=TIMEOUT) is True
+
+
+# -- flush_workqueue, drain_workqueue, destroy_workqueue ------------------------
+
+def test_flush_workqueue_times_out_and_a_later_flush_waits_as_the_kernels(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq(ordered=True)
+    blocker = running(wq, held)
+    message = times_out(lambda: wq.flush(timeout=SHORT))
+    assert f"flush() of workqueue {wq.name!r} timed out after {SHORT:g} s" in message
+    assert repr(blocker) in message and "in-flight: kworker/" in message, message
+    assert wq._flushers == []  # taken back
+    # Later flushes wait for what was queued before them, no more, no less.
+    times_out(lambda: wq.flush(timeout=SHORT))
+    held.release.set()
+    wq.flush(timeout=TIMEOUT)
+    assert not blocker.running
+    assert wq.flush(timeout=0) is None  # idle: returns at once
+
+
+def test_flush_workqueue_with_a_timeout_that_does_not_expire(make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    flusher = threading.Thread(target=lambda: wq.flush(timeout=TIMEOUT))
+    flusher.start()
+    flusher.join(SHORT)
+    assert flusher.is_alive()
+    held.release.set()
+    flusher.join(TIMEOUT)
+    assert not flusher.is_alive() and not work.running
+
+
+def test_a_timed_out_drain_leaves_the_workqueue_running(make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    message = times_out(lambda: wq.drain(timeout=SHORT))
+    assert f"drain() of workqueue {wq.name!r} timed out after {SHORT:g} s" in message
+    assert repr(work) in message
+    assert wq._nr_drainers == 0 and wq._flushers == [] and "running" in repr(wq)
+    other = Work(lambda w: None)
+    assert wq.queue_work(other)  # anyone may queue again, as after a drain
+    held.release.set()
+    wq.drain(timeout=TIMEOUT)
+    assert not work.running and not other.pending
+
+
+def test_a_timed_out_destroy_goes_on_and_a_second_destroy_waits_for_it(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    message = times_out(lambda: wq.destroy(timeout=SHORT))
+    assert f"destroy() of workqueue {wq.name!r} timed out after {SHORT:g} s" in message
+    assert "destroy() again waits" in message and repr(work) in message, message
+    assert not wq._destroyed.is_set()
+    with pytest.raises(RuntimeError, match="only its own work items may queue"):
+        wq.queue_work(Work(lambda w: None))
+    # Not "already destroyed": the second destroy() waits, within its own limit.
+    message = times_out(lambda: wq.destroy(timeout=SHORT))
+    assert "destroy() of workqueue" in message and "earlier destroy()" in message, message
+    held.release.set()
+    wq.destroy(timeout=TIMEOUT)
+    assert wq._destroyed.is_set() and not work.running
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.queue_work(work)
+    wq.destroy()  # and again: the destruction is over
+    wq.shutdown()
+
+
+def test_destroy_with_a_timeout_that_does_not_expire(make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    destroyer = threading.Thread(target=lambda: wq.destroy(timeout=TIMEOUT))
+    destroyer.start()
+    destroyer.join(SHORT)
+    assert destroyer.is_alive()
+    held.release.set()
+    destroyer.join(TIMEOUT)
+    assert wq._destroyed.is_set() and not work.running
+    with pytest.raises(RuntimeError, match="already destroyed"):
+        wq.destroy(timeout=TIMEOUT)  # one that was not cut short: as the kernel's
+
+
+def test_an_idle_workqueue_is_destroyed_with_a_zero_timeout(make_wq: Any) -> None:
+    wq = make_wq()
+    wq.flush(timeout=0)
+    wq.drain(timeout=0)
+    wq.destroy(timeout=0)
+    assert wq._destroyed.is_set()
+
+
+# -- the argument -------------------------------------------------------------
+
+def waiting_calls(wq: Workqueue, work: Work, dwork: DelayedWork) -> dict[str, Callable[..., object]]:
+    return {
+        "Work.flush": work.flush, "Work.cancel_sync": work.cancel_sync,
+        "Work.disable_sync": work.disable_sync,
+        "DelayedWork.flush": dwork.flush, "DelayedWork.cancel_sync": dwork.cancel_sync,
+        "Workqueue.flush": wq.flush, "Workqueue.drain": wq.drain,
+        "Workqueue.destroy": wq.destroy,
+    }
+
+
+@pytest.mark.parametrize("bad, error, text", [
+    ("1", TypeError, "timeout must be a number of seconds or None, not str"),
+    (True, TypeError, "timeout must be a number of seconds or None, not bool"),
+    (-1, ValueError, "timeout must be 0 or more seconds, or None; got -1"),
+    (-0.5, ValueError, "got -0.5"),
+    (math.nan, ValueError, "got nan"),
+])
+def test_a_bad_timeout_is_refused_before_anything_changes(
+        make_wq: Any, held: Held, bad: object, error: type[Exception], text: str) -> None:
+    wq = make_wq(ordered=True)  # everything stays pending behind the held item
+    running(wq, held)
+    work = Work(lambda w: None)
+    dwork = DelayedWork(lambda w: None)
+    for name, call in waiting_calls(wq, work, dwork).items():
+        assert wq.queue_work(work) or work.pending
+        assert wq.queue_delayed_work(dwork, 3600) or dwork.pending
+        with pytest.raises(error, match=text):
+            call(timeout=bad)
+        # Nothing was cancelled, queued early, disabled or destroyed.
+        assert work.pending and not work.disabled, name
+        assert dwork.pending and dwork._timer is not None and not dwork.disabled, name
+        assert work._flushers is None and wq._flushers == [], name
+        assert "running" in repr(wq), name
+    dwork.cancel()
+
+
+def test_the_timeout_is_keyword_only(make_wq: Any) -> None:
+    wq = make_wq()
+    work = Work(lambda w: None)
+    for call in waiting_calls(wq, work, DelayedWork(lambda w: None)).values():
+        with pytest.raises(TypeError):
+            call(1.0)
