@@ -10,7 +10,10 @@ refused (RuntimeError, as ThreadPoolExecutor's), and the work items behind
 the calls already accepted are flushed until none is left.  Plain work
 items are not waited for: a workqueue's own items (pollers that queue
 themselves again, say) may never be done, and the kernel does not wait for
-them either.
+them either.  But a program that meant them to run must hear that they do
+not: the items still pending then -- queued, or on their timers -- are
+counted in one warning, per workqueue, with the first few of each.
+Running ones stop with the process, unsaid.
 
 A frozen workqueue's calls cannot run until thaw(), which nobody will call
 any more: they are dropped, with a warning.  Nor can those a forked child
@@ -39,6 +42,9 @@ __all__ = ["register", "wait_for_calls"]
 
 logger = logging.getLogger(__name__)
 
+#: How many of a workqueue's dropped items the exit warning names.
+_SHOWN_DROPPED = 3
+
 # Every workqueue not yet collected.  _lock makes register() and the
 # snapshot in wait_for_calls() exclusive: a WeakSet must not grow while
 # it is iterated.  Collected workqueues leave the set by themselves, so
@@ -57,7 +63,8 @@ def register(wq: Workqueue) -> None:
 
 
 def wait_for_calls() -> None:
-    """Refuse new calls, then wait until every accepted call has run."""
+    """Refuse new calls, then wait until every accepted call has run, and
+    say which work items are dropped."""
     global _exiting
     _exiting = True
     dropped: set[Workqueue] = set()
@@ -74,9 +81,32 @@ def wait_for_calls() -> None:
             else:
                 works += found
         if not works:
-            return
+            break
         for work in works:
             work.flush()
+    with _lock:
+        everyone = list(_live)
+    _warn_dropped(everyone)
+
+
+def _warn_dropped(wqs: list[Workqueue]) -> None:
+    """One warning for the work items of *wqs* that the exit drops, if any."""
+    lines = []
+    total = 0
+    for wq in sorted(wqs, key=lambda wq: wq.name):
+        works = wq._dropped_at_exit()
+        if not works:
+            continue
+        total += len(works)
+        shown = ", ".join(repr(work) for work in works[:_SHOWN_DROPPED])
+        if len(works) > _SHOWN_DROPPED:
+            shown += f" and {len(works) - _SHOWN_DROPPED} more"
+        lines.append(f"  workqueue {wq.name!r}: {len(works)} pending: {shown}")
+    if lines:
+        logger.warning("interpreter exit drops %d pending work item%s of %d workqueue%s (flush "
+                       "or cancel them, or destroy their workqueues, before the program "
+                       "ends):\n%s", total, "" if total == 1 else "s",
+                       len(lines), "" if len(lines) == 1 else "s", "\n".join(lines))
 
 
 def _forget_inherited() -> None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TimerHandle", "add_timer", "del_timer", "timer_pending"]
+__all__ = ["TimerHandle", "add_timer", "armed_timers", "del_timer", "timer_pending"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ class _TimerBase:
                 self._nr_dead = 0
             return True
 
+    def armed(self) -> list[TimerHandle]:
+        with self._lock:
+            return [handle for _, _, handle in self._heap if handle.callback is not None]
+
     def _run(self) -> None:
         heap = self._heap  # compacted in place, never replaced
         while True:
@@ -122,6 +126,11 @@ def add_timer(delay: float, callback: Callable[[Any], None], arg: Any = None) ->
 def del_timer(handle: TimerHandle) -> bool:
     """Disarm a timer; True if it had not fired yet."""
     return _timer.delete(handle)
+
+
+def armed_timers() -> list[TimerHandle]:
+    """The timers armed now, in no particular order."""
+    return _timer.armed()
 
 
 def timer_pending(handle: TimerHandle | None) -> bool:

@@ -75,9 +75,10 @@ class Work:
     workqueue's stats().failed, the worker going on with the next item.
     Use Workqueue.submit() for a call whose result or exception you want.
 
-    At interpreter exit, items still pending are dropped without a word
-    and running ones stop with the process, as the kernel does not wait
-    for work at power-off; only submitted calls are waited for.
+    At interpreter exit, items still pending are dropped (with a logged
+    warning that counts them) and running ones stop with the process, as
+    the kernel does not wait for work at power-off; only submitted calls
+    are waited for.
     """
 
     # All fields below are guarded by the engine lock (_pool.lock).

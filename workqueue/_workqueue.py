@@ -60,7 +60,7 @@ from ._pool import (
     wake_work_flushers,
 )
 from ._stats import PoolStats, TraceHook, WorkqueueStats
-from ._timer import add_timer
+from ._timer import add_timer, armed_timers
 from ._topology import Topology, _sched_getcpu, _this_thread
 from ._work import DelayedWork, Work
 
@@ -921,6 +921,24 @@ class Workqueue(Executor):
                          if w.current is not None and w.current._is_call
                          and w.current_pwq in mine)
             return list(found)
+
+    def _dropped_at_exit(self) -> list[Work]:
+        """The items that the exit of the program drops (see _atexit): those
+        pending -- in the order they would run, then those on their timers
+        -- but the calls of submit(), which the exit waits for."""
+        with lock:
+            pwqs = self._all_pwqs()
+            mine = set(pwqs)
+            lists = [w.scheduled for w in every_worker(pwqs)]
+            lists += [pool.worklist for pool in {pwq.pool: None for pwq in pwqs}]
+            lists += [pwq.inactive for pwq in pwqs]
+            works = [work for lst in lists for work in lst.items
+                     if work._entry is lst and work._pwq in mine]
+            timer_fn = self._delayed_work_timer_fn
+            works += [handle.arg for handle in armed_timers() if handle.callback == timer_fn]
+            # By identity: a Work subclass may compare by value (see WorkList).
+            dropped = {id(work): work for work in works if work._pending and not work._is_call}
+            return list(dropped.values())
 
     def serial(self, key: Hashable) -> SerialExecutor:
         """An Executor whose calls run one at a time, in order, on *key*'s CPU.
