@@ -503,8 +503,9 @@ class Backend(Closing):
     def _release_shared(self) -> None:
         """Release what the frontends share.  Every step may be done again,
         by the close() after an interrupted one: the handles' close() is
-        idempotent, and shutdown() (not destroy(), which raises after one
-        interrupted in its drain) waits for a destruction under way."""
+        idempotent, and shutdown() (not destroy(), which raises once the
+        workqueue is destroyed) returns, or waits for a destruction under
+        way."""
         self._close_pollers()
         self.lingerer.close()
         self.dispatcher.close()

@@ -969,8 +969,9 @@ class BackendDriver:
         if gnttab is not None:
             gnttab.close()
         if self._own_workqueue and self._workqueue is not None:
-            # Not destroy(): after one interrupted by an earlier stop(), a
-            # second one raises; shutdown() waits for the first to end.
+            # Not destroy(): the stop() after an interrupted one may find
+            # it destroyed already, and a second destroy() raises then;
+            # shutdown() returns, or waits for a destruction under way.
             self._workqueue.shutdown(wait=True)
             self._workqueue = None
         assert self._xs is not None
