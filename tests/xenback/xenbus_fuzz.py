@@ -119,6 +119,8 @@ class FuzzDriver(RecordingDriver):
         self.probe_hook = lambda dev: self._fault("probe", dev)
         self.connect_hook = lambda dev: self._fault("connect", dev)
         self.disconnect_hook = lambda dev: self._fault("disconnect", dev)
+        # A port's callback that raises fails its device, on its queue.
+        self.event_hook = lambda dev, _port: self._fault("event", dev)
 
     def remove(self, dev: BackendDevice) -> None:
         super().remove(dev)
@@ -723,8 +725,13 @@ class Fuzzer:
             return
         _, (backend, devid), fd = picked
         drv = self.drivers[backend]
-        hook = self.rng.choice(["probe", "connect", "connect", "disconnect", "remove"])
+        hook = self.rng.choice(["probe", "connect", "connect", "disconnect", "remove", "event"])
         what = self.rng.choice(["slow", "slow", "oserror", "valueerror", "lookuperror"])
+        if hook == "event" and what == "slow":
+            # A port's callback runs on the dispatcher thread of every
+            # device, and must only queue work: a slow one is a bug of
+            # another kind, which holds up every device.
+            what = "lookuperror"
         with drv.changed:
             drv.faults.setdefault((fd.device.frontend_id, devid), {})[hook] = what
 
@@ -1097,11 +1104,15 @@ def wait_released(host: Any, before: dict[str, Any], *, fds: bool = True,
 
 def expected_error(record: logging.LogRecord, drivers: list[FuzzDriver] | None = None) -> bool:
     """Errors the fuzzer asks for: a device failed (``dev.error``, rate
-    limited), and the disconnect and remove hooks it made raise.  The
+    limited), and the disconnect and remove hooks and port callbacks it
+    made raise.  The
     rate limit's count of the lines it held back goes out at the level of
     the line it lets through next (an error line itself, checked apart)."""
     if record.name != "xenback.xenbus":
         return False
+    if record.msg == "%s: %s failed%s":
+        # A port's callback that raised (the device failed for it): ours only.
+        return record.exc_info is not None and "injected failure" in str(record.exc_info[1])
     return record.msg in ("%s: error %d: %s", "%s: disconnect failed", "%s: remove failed",
                           "%s: %d message%s suppressed")
 
