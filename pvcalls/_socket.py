@@ -48,6 +48,16 @@ full is always notified.  A 64-byte request thus costs the frontend no
 wake-up for the room it freed.  Each run moves at most
 :data:`IO_BUDGET` bytes before re-queueing itself behind the other sockets
 of its CPU.
+
+A bug of ours
+-------------
+An exception escaping a socket's Work is no fault of the guest's but ours
+(or the host's), and it fails that socket alone, as a connection that
+failed: -EIO in ``in_error`` and ``out_error``, a notification, the host
+socket closed, the Work disabled.  The socket is FAILED until the guest
+releases it, as any socket, which frees the rest; a CONNECT still in
+progress is answered -EIO instead.  Its traceback goes to the log once,
+through the guest's rate limit.
 """
 
 from __future__ import annotations
@@ -130,6 +140,7 @@ class SockState(enum.Enum):
     BOUND = "bound"              # passive, after BIND
     LISTENING = "listening"      # passive, after LISTEN
     CLOSED = "closed"            # released (or a failed CONNECT): inert
+    FAILED = "failed"            # a bug of ours stopped it: only RELEASE is left
 
 
 class NewSocket:
@@ -471,34 +482,88 @@ class ActiveSocket(Work):
     # -- the Work -------------------------------------------------------------
 
     def _run(self) -> None:
-        state = self.state
-        if state is SockState.CONNECTING:
-            if not self._finish_connect():
+        # One try around the whole run, none per pass: what escapes it is
+        # a bug of ours (or the host's), and fails this socket (_fail)
+        # rather than reach only the workqueue's log, at every event, while
+        # the guest waits for ever.
+        try:
+            state = self.state
+            if state is SockState.CONNECTING:
+                if not self._finish_connect():
+                    return
+            elif state is not SockState.CONNECTED:
                 return
-        elif state is not SockState.CONNECTED:
+            ring = self.ring
+            host = self.host
+            if ring is None or host is None:
+                return
+            budget = IO_BUDGET
+            while budget > 0:
+                changed = False
+                sent = self._tx(ring, host)
+                if sent < 0:
+                    changed, sent = True, 0
+                received = self._rx(ring, host)
+                if received < 0:
+                    changed, received = True, 0
+                if received or self._room_made:
+                    changed, self._room_made = True, False
+                if changed:
+                    self._notify()
+                if not (sent or received):
+                    return
+                budget -= sent + received
+            # Out of budget with more to do: let the other sockets of this CPU in.
+            self.kick()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """The Work raised ``exc``: nothing it does for this socket can be
+        trusted any more.  The socket stops as a connection that failed
+        does, the Work disabled and the host socket closed (its peer sees
+        the end of the stream), and the guest is told as it is of one:
+        -EIO in both error fields (but for an error set already, which the
+        guest may have read), and a notification.  The socket stays in its
+        frontend's table, FAILED, until the guest's RELEASE, which frees
+        the rest as for any socket.  A CONNECT still in progress is
+        answered -EIO instead, and the id is NEW again, as after any
+        connect that failed.  Logged with the traceback, through the
+        guest's rate limit: a guest may set the bug off socket after
+        socket."""
+        fe = self.frontend
+        self.disable()  # not _sync: this is the Work
+        fe.ratelimit.log(logger, logging.ERROR,
+                         "dom%d socket %#x: serving it failed, socket stopped (EIO)",
+                         fe.domid, self.id, exc_info=exc)
+        with self._lock:
+            request, self.connect_request = self.connect_request, None
+            torn_down = self.state is SockState.CLOSED  # by a connect that failed
+            if request is None and not torn_down:
+                self.state = SockState.FAILED
+        if request is not None:
+            fe.connect_failed(self, request, -_errno.EIO)
             return
-        ring = self.ring
+        if torn_down:
+            return
+        # The guest is told last, of a socket that is stopped already.
+        steps = _Steps(self)
         host = self.host
-        if ring is None or host is None:
-            return
-        budget = IO_BUDGET
-        while budget > 0:
-            changed = False
-            sent = self._tx(ring, host)
-            if sent < 0:
-                changed, sent = True, 0
-            received = self._rx(ring, host)
-            if received < 0:
-                changed, received = True, 0
-            if received or self._room_made:
-                changed, self._room_made = True, False
-            if changed:
-                self._notify()
-            if not (sent or received):
-                return
-            budget -= sent + received
-        # Out of budget with more to do: let the other sockets of this CPU in.
-        self.kick()
+        if host is not None and not self._host_released:
+            steps.run("unwatching the host socket", self._unwatch, host)
+            if not steps.interrupted:
+                steps.run("closing the host socket", host.close)
+                self._host_released = True
+        ring = self.ring
+        if ring is not None:
+            if not self._rx_done:
+                self._rx_done = True
+                steps.run("setting in_error", ring.set_in_error, -_errno.EIO)
+            if not self._tx_done:
+                self._tx_done = True
+                steps.run("setting out_error", ring.set_out_error, -_errno.EIO)
+            steps.run("notifying the guest", self._notify)
+        steps.done()
 
     def _tx(self, ring: DataRing, host: socket.socket) -> int:
         """Guest -> host.  Bytes moved, or -1 if only the error state changed."""
@@ -619,12 +684,14 @@ class ActiveSocket(Work):
                 host.getpeername()
             except OSError:
                 return False  # still in progress (woken by something else)
+            # Before the CONNECT is taken: if epoll_ctl fails, _fail
+            # finds it still to be answered.
+            self._watch_write_space(host, False)
             with self._lock:
                 if self.state is not SockState.CONNECTING:
                     return False
                 self.state = SockState.CONNECTED
                 request, self.connect_request = self.connect_request, None
-            self._watch_write_space(host, False)
             if request is not None:
                 self.frontend.respond(request, 0)
             return True

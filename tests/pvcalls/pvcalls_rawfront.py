@@ -515,3 +515,10 @@ def bound_ports(backend: Any) -> list[int]:
     for poller in backend._pollers.values():
         ports += poller.events.ports
     return ports
+
+
+def resources(backend: Any, host: Any) -> tuple[object, ...]:
+    """What active sockets hold: the backend's event channel ports (and the
+    hypervisor's count of ports), its grant mappings, and the CPUs' loads."""
+    return (sorted(bound_ports(backend)), host.hypervisor.stats()["ports"],
+            len(backend.gnttab._live), [c.sockets for c in backend.stats().cpus])

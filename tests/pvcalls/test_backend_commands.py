@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, DataRing, RawFrontend, Response, bound_ports, wait_until
+from pvcalls_rawfront import (
+    TIMEOUT,
+    DataRing,
+    RawFrontend,
+    Response,
+    bound_ports,
+    resources,
+    wait_until,
+)
 from racewindow import PauseAt, stands_at
 
 import pvcalls
@@ -117,13 +125,6 @@ def sends_blocked(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     module.socket = SendBlocks
     monkeypatch.setattr(_socket, "socket", module)
     return blocked
-
-
-def _resources(backend: pvcalls.Backend, host: Any) -> tuple[object, ...]:
-    """What active sockets hold: the backend's event channel ports (and the
-    hypervisor's count of ports), its grant mappings, and the CPUs' loads."""
-    return (sorted(bound_ports(backend)), host.hypervisor.stats()["ports"],
-            len(backend.gnttab._live), [c.sockets for c in backend.stats().cpus])
 
 
 # -- SOCKET ------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(
     retry with the same ring works and sends those bytes."""
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
-    before = _resources(backend, host)
+    before = resources(backend, host)
     assert ring.write(b"early", notify=False) == 5
     sends_blocked.set()
     refused = _fail_add_fd_once(monkeypatch, *(p.events for p in backend._pollers.values()))
@@ -389,7 +390,7 @@ def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(
     row, = backend.stats().sockets
     assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
     assert backend.domain_sockets(raw.guest.domid) == 1
-    assert _resources(backend, host) == before
+    assert resources(backend, host) == before
     sends_blocked.clear()
     assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
     raw.evtchn.notify(ring.port)  # for the bytes written before
@@ -635,15 +636,15 @@ def test_a_connect_failing_later_holds_nothing(
     listener, filler = _full_listener()
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
-    before = _resources(backend, host)
+    before = resources(backend, host)
     connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
     _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
     assert rsp.ret == 0 and connect_req not in raw.responses
-    assert _resources(backend, host) != before
+    assert resources(backend, host) != before
     filler.close()
     listener.close()  # the next SYN is refused
     assert raw.response(connect_req).ret == ECONNREFUSED
-    assert _resources(backend, host) == before
+    assert resources(backend, host) == before
     assert next(r.state for r in backend.stats().sockets if r.id == sock_id) == "new"
 
 
@@ -672,6 +673,73 @@ def test_a_release_taking_the_id_of_a_failing_connect_frees_it(
     assert raw.responses.pop(release_req).ret == 0
     assert [r.id for r in backend.stats().sockets if r.id == sock_id] == []
     assert raw.socket(sock_id)[1].ret == 0  # the id is free
+
+
+def test_a_bug_while_a_connect_is_in_progress_answers_it_eio(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping the socket's Work (a bug of ours) while its
+    connect is in progress: the CONNECT is answered -EIO, once, what the
+    socket held goes back, and the id is NEW again, as after a connect
+    that failed; the traceback is logged once.  (The CONNECT used to wait
+    for ever.)"""
+    caplog.set_level(logging.ERROR)
+    listener, filler = _full_listener()
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
+    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
+    assert rsp.ret == 0 and connect_req not in raw.responses
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+
+    def finish_connect(self: ActiveSocket) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ActiveSocket, "_finish_connect", finish_connect)
+    sock.kick()
+    assert raw.response(connect_req).ret == EIO
+    assert resources(backend, host) == before
+    assert next(r.state for r in backend.stats().sockets if r.id == sock_id) == "new"
+    sock.kick()  # woken again: nothing more is answered
+    sock.flush()
+    raw.poll_responses()
+    assert raw.unexpected == [] and connect_req not in raw.responses
+    bugs = [r for r in caplog.records if r.name.startswith("pvcalls") and r.exc_info]
+    assert len(bugs) == 1 and f"socket {sock_id:#x}" in bugs[0].getMessage()
+    assert raw.release(sock_id).ret == 0
+    filler.close()
+    listener.close()
+
+
+def test_a_connect_whose_completion_cannot_be_watched_is_answered(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connect completing after its CONNECT was processed, whose host
+    socket then cannot stop watching for write space (epoll_ctl failing:
+    the host out of memory): the CONNECT is answered -EIO, not left
+    unanswered, and the socket holds nothing."""
+    # The connect completes within the CONNECT, as on loopback it does,
+    # but is taken for one in progress: the Work completes it.
+    monkeypatch.setattr(_socket, "_connected", lambda sock: False)
+    refused: list[int] = []
+    for poller in backend._pollers.values():
+        def modify_fd(fd: int, events: int, real: Any = poller.events.modify_fd) -> None:
+            if not events & select.EPOLLOUT and not refused:
+                refused.append(fd)
+                raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+            real(fd, events)
+
+        monkeypatch.setattr(poller.events, "modify_fd", modify_fd)
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == EIO
+    assert len(refused) == 1
+    assert resources(backend, host) == before
+    assert next(r.state for r in backend.stats().sockets if r.id == sock_id) == "new"
+    assert raw.release(sock_id).ret == 0
 
 
 def test_a_connect_completing_as_it_starts_is_answered(
@@ -1267,7 +1335,7 @@ def test_a_release_whose_flush_fails_still_frees_everything(
     RELEASE of a known id."""
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
-    before = _resources(backend, host)
+    before = resources(backend, host)
     assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
     sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
     assert isinstance(sock, ActiveSocket)
@@ -1287,7 +1355,7 @@ def test_a_release_whose_flush_fails_still_frees_everything(
     assert failed == [fd]
     assert backend.stats().sockets == ()
     assert backend.domain_sockets(raw.guest.domid) == 0
-    assert _resources(backend, host) == before
+    assert resources(backend, host) == before
     assert fd not in sock.events._fds and sock.host.fileno() == -1
     assert len(backend.lingerer) == 0
     record, = (r for r in caplog.records if r.levelno >= logging.ERROR)

@@ -12,10 +12,11 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
+from pvcalls_rawfront import TIMEOUT, RawFrontend, resources, wait_until
 from racewindow import PauseAt
 
 import pvcalls
@@ -579,3 +580,101 @@ def test_data_and_fin_in_one_epoll_event_end_the_stream(
     assert ring.read() == b"last words"
     assert ring.in_error == -_errno.ENOTCONN
     assert raw.release(sock_id).ret == 0
+
+
+def _bug_in(monkeypatch: pytest.MonkeyPatch, method: str,
+            victims: Callable[[ActiveSocket], bool]) -> None:
+    """ActiveSocket.<method> raises RuntimeError("a bug") for the sockets
+    ``victims`` says: a bug of ours in serving them."""
+    real = getattr(ActiveSocket, method)
+
+    def buggy(self: ActiveSocket, *args: Any) -> Any:
+        if victims(self):
+            raise RuntimeError("a bug")
+        return real(self, *args)
+
+    monkeypatch.setattr(ActiveSocket, method, buggy)
+
+
+def _bugs_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The tracebacks of our bugs that pvcalls logged (not the workqueue)."""
+    return [r for r in caplog.records if r.name.startswith("pvcalls")
+            and r.exc_info and isinstance(r.exc_info[1], RuntimeError)]
+
+
+@pytest.mark.parametrize("method", ["_tx", "_rx"])
+def test_a_bug_moving_data_fails_that_socket_only(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        make_frontend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, method: str) -> None:
+    """An exception escaping a socket's Work (a bug of ours, here as it
+    sends or receives): that socket fails, -EIO in in_error and out_error,
+    notified, its host connection closed, and it is served no more; the
+    traceback is logged once.  The guest releases it as any socket, which
+    frees everything.  Its other sockets and the other guests' carry on.
+    (The exception used to reach only the workqueue's log, at every
+    notification, and the guest waited for ever.)"""
+    caplog.set_level(logging.ERROR)
+    good_id, good = raw.connect_socket(echo_server.address)
+    other = make_frontend("other")
+    other_id, other_ring = other.connect_socket(echo_server.address)
+    server = socket.create_server(("127.0.0.1", 0))
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    assert raw.response(raw.push_connect(sock_id, server.getsockname(), ring)).ret == 0
+    peer, _ = server.accept()
+    server.close()
+    bad = _socket_of(backend, raw, sock_id)
+    bad.flush()  # the run its CONNECT queued is over
+    _bug_in(monkeypatch, method, lambda sock: sock is bad)
+    raw.drain_events()
+    if method == "_tx":
+        assert ring.write(b"never sent") == 10
+    else:
+        peer.sendall(b"never received")
+    raw.wait_notified(ring.port)
+    assert (ring.in_error, ring.out_error) == (-_errno.EIO, -_errno.EIO)
+    peer.settimeout(TIMEOUT)
+    try:
+        assert peer.recv(16) == b""  # the host connection was closed
+    except ConnectionResetError:
+        assert method == "_rx"  # closed with what the peer sent unread
+    for _ in range(3):  # woken again: it is not served any more
+        raw.evtchn.notify(ring.port)
+        bad.kick()
+    bad.flush()
+    assert ring.get(_wire.OUT_CONS_OFFSET) == 0 and ring.get(_wire.IN_PROD_OFFSET) == 0
+    bugs = _bugs_logged(caplog)
+    assert len(bugs) == 1, [r.getMessage() for r in bugs]
+    assert f"dom{raw.guest.domid} socket {sock_id:#x}" in bugs[0].getMessage()
+    row, = (r for r in backend.stats().sockets if r.id == sock_id)
+    assert row.state == "failed"
+    raw.send_all(good, b"still fine")
+    assert raw.recv_exactly(good, 10) == b"still fine"
+    other.send_all(other_ring, b"so is this")
+    assert other.recv_exactly(other_ring, 10) == b"so is this"
+    assert raw.release(sock_id).ret == 0
+    assert resources(backend, host) == before
+    assert raw.unexpected == []
+    peer.close()
+    assert raw.release(good_id).ret == 0 and other.release(other_id).ret == 0
+
+
+def test_bugs_moving_data_are_logged_through_the_rate_limit(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Each socket's failure is logged through its guest's rate limit: a
+    guest that can set a bug of ours off, socket after socket, gets 10
+    lines per interval, not one per socket."""
+    caplog.set_level(logging.ERROR)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    fe.ratelimit = RateLimit(f"dom{raw.guest.domid}", clock=lambda: 0.0)  # one interval
+    _bug_in(monkeypatch, "_tx", lambda sock: True)
+    for _ in range(12):
+        _, ring, peer = _accepted_pair(raw, order=1)
+        ring.write(b"x")
+        raw.wait(lambda r=ring: r.out_error != 0)
+        assert ring.out_error == -_errno.EIO
+        peer.close()
+    assert len(_bugs_logged(caplog)) == 10
