@@ -850,6 +850,8 @@ class _Frontend:
 
     def _listening(self, sock_id: int) -> PassiveSocket:
         entry = self._lookup(sock_id)
+        if entry.state is SockState.FAILED:
+            raise CommandError(_errno.EIO, f"socket {sock_id:#x} failed")
         if not isinstance(entry, PassiveSocket) or entry.state is not SockState.LISTENING:
             raise CommandError(_errno.EINVAL, f"socket {sock_id:#x} is not listening")
         return entry

@@ -56,8 +56,11 @@ An exception escaping a socket's Work is no fault of the guest's but ours
 failed: -EIO in ``in_error`` and ``out_error``, a notification, the host
 socket closed, the Work disabled.  The socket is FAILED until the guest
 releases it, as any socket, which frees the rest; a CONNECT still in
-progress is answered -EIO instead.  Its traceback goes to the log once,
-through the guest's rate limit.
+progress is answered -EIO instead.  A listening socket's Work failing
+answers the ACCEPT or POLL it served -EIO, closes the host socket, and
+leaves the socket FAILED: every later ACCEPT, POLL or LISTEN gets -EIO.
+Either way the traceback goes to the log once, through the guest's rate
+limit.
 """
 
 from __future__ import annotations
@@ -827,7 +830,8 @@ class PassiveSocket(Work):
     ActiveSocket reserved for an ACCEPT's ``id_new``) and ``state``.  The
     Work runs on the backend's command workqueue (it maps no data and moves
     no bytes) whenever the listening socket becomes readable or a request
-    arrives.
+    arrives.  An exception escaping it (a bug of ours) fails the socket:
+    see :meth:`_fail`.
     """
 
     def __init__(self, frontend: _Frontend, sock_id: int, host: socket.socket) -> None:
@@ -839,8 +843,9 @@ class PassiveSocket(Work):
         self._lock = threading.Lock()
         self.waiting: tuple[Request, ActiveSocket | None] | None = None
         # Whether the host socket is in the dispatcher's epoll set: changed
-        # by LISTEN and teardown only, both from the command processing,
-        # one at a time (no lock).
+        # by LISTEN and teardown, both from the command processing, one at
+        # a time (no lock), and by the Work failing, which runs only once
+        # LISTEN has set it (ACCEPT and POLL wait for LISTENING).
         self._registered = False
         self._torn_down = False
 
@@ -861,7 +866,9 @@ class PassiveSocket(Work):
         host socket's listen() cannot be undone, so it comes last, after
         the step that may fail (epoll out of memory or of watches), and
         its own failure (EADDRINUSE) takes back the watch added here.
-        Only then LISTENING, which lets ACCEPT and POLL wait for edges."""
+        Only then LISTENING, which lets ACCEPT and POLL wait for edges.
+        A FAILED socket is refused with EIO."""
+        self._check_failed()
         added = False
         if not self._registered:
             # Watched before it listens: the edge of a connection arriving
@@ -877,7 +884,14 @@ class PassiveSocket(Work):
                 self._unregister()
             raise
         with self._lock:
+            # Once more under the lock: the Work may have failed meanwhile
+            # (a second LISTEN while an ACCEPT waits).
+            self._check_failed()
             self.state = SockState.LISTENING
+
+    def _check_failed(self) -> None:
+        if self.state is SockState.FAILED:
+            raise CommandError(_errno.EIO, f"socket {self.id:#x} failed")
 
     def _unregister(self) -> None:
         """Stop watching the host socket (before it is closed).  If that
@@ -894,9 +908,11 @@ class PassiveSocket(Work):
 
         Raises CommandError(EINTR) if one is already in flight: like Linux's
         backend, one ACCEPT or POLL at a time per passive socket, which bounds
-        what a frontend can pin (mapped rings) per socket to one.
+        what a frontend can pin (mapped rings) per socket to one; EIO once
+        the socket failed.
         """
         with self._lock:
+            self._check_failed()
             if self.waiting is not None:
                 raise CommandError(
                     _errno.EINTR,
@@ -916,26 +932,43 @@ class PassiveSocket(Work):
         if waiting is None:
             return
         request, new = waiting
-        if new is None:  # POLL
-            if not _readable(self.host):
-                return
-            if self._take(request):
-                self.frontend.respond(request, 0)
+        try:
+            ret = self._serve(request, new)
+        except Exception as exc:
+            self._fail(request, new, exc)
             return
+        if ret is None:
+            return
+        self.frontend.respond(request, ret)
+        if ret == 0 and new is not None:
+            # Only now: a RELEASE of ``new`` that finds ``parent`` set
+            # waits for this run to end (see _Frontend._cancel_accept), so
+            # it neither tears ``new`` down under start_accepted nor is
+            # answered before the ACCEPT.
+            new.parent = None
+            new.kick()  # data may have arrived before we were watching
+
+    def _serve(self, request: Request, new: ActiveSocket | None) -> int | None:
+        """The POLL (``new`` None) or ACCEPT in flight: its answer, once it
+        is taken from ``waiting``; None while there is nothing to answer,
+        or if someone else took it."""
+        if new is None:  # POLL
+            if not _readable(self.host) or not self._take(request):
+                return None
+            return 0
         try:
             conn, address = self.host.accept()
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError as exc:
             if not self._take(request):
-                return
+                return None
             logger.debug("%r: accept failed: %s", self, exc)
             self.frontend.accept_failed(new)
-            self.frontend.respond(request, -_errno.from_oserror(exc))
-            return
+            return -_errno.from_oserror(exc)
         if not self._take(request):
             conn.close()
-            return
+            return None
         try:
             new.start_accepted(conn, address)
         except OSError as exc:
@@ -944,15 +977,39 @@ class PassiveSocket(Work):
             logger.debug("%r: cannot take over an accepted connection: %s", self, exc)
             self.frontend.accept_failed(new)
             conn.close()  # if start_accepted failed before new held it
-            self.frontend.respond(request, -_errno.from_oserror(exc))
-            return
-        self.frontend.respond(request, 0)
-        # Only now: a RELEASE of ``new`` that finds ``parent`` set waits for
-        # this run to end (see _Frontend._cancel_accept), so it neither
-        # tears ``new`` down under start_accepted nor is answered before
-        # the ACCEPT.
-        new.parent = None
-        new.kick()  # data may have arrived before we were watching
+            return -_errno.from_oserror(exc)
+        except BaseException:
+            if new.host is not conn:  # else new's teardown closes it
+                conn.close()
+            raise
+        return 0
+
+    def _fail(self, request: Request, new: ActiveSocket | None, exc: Exception) -> None:
+        """The Work raised ``exc`` serving ``request``: a bug of ours (or
+        the host's), after which the socket cannot be trusted to answer
+        ACCEPT or POLL.  The request is answered -EIO, whether or not this
+        run took it from ``waiting`` already (only a run of this Work takes
+        it while the Work is enabled), an ACCEPT's ``new`` is given up, and
+        the host socket closed; from now on the socket is FAILED and ACCEPT,
+        POLL and LISTEN get EIO, until the guest releases it as any socket.
+        Logged with the traceback, through the guest's rate limit."""
+        fe = self.frontend
+        fe.ratelimit.log(logger, logging.ERROR,
+                         "dom%d socket %#x: serving the listening socket failed, socket "
+                         "stopped (EIO)", fe.domid, self.id, exc_info=exc)
+        with self._lock:
+            self.state = SockState.FAILED
+            if self.waiting is not None and self.waiting[0] is request:
+                self.waiting = None
+        # The guest is told last, of a socket that is stopped already.
+        steps = _Steps(self)
+        if new is not None:
+            steps.run("giving up the ACCEPT's socket", fe.accept_failed, new)
+        if self._registered:
+            steps.run("unwatching the host socket", self._unregister)
+        steps.run("closing the host socket", self.host.close)
+        steps.run("answering the request", fe.respond, request, -_errno.EIO)
+        steps.done()
 
     def _take(self, request: Request) -> bool:
         with self._lock:

@@ -1264,6 +1264,86 @@ def test_an_accepted_connection_that_cannot_be_watched_fails_the_accept(
         assert raw.recv_exactly(ring, 4) == b"next"
 
 
+def _bugs_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The tracebacks of our bugs that pvcalls logged (not the workqueue)."""
+    return [r for r in caplog.records if r.name.startswith("pvcalls")
+            and r.exc_info and isinstance(r.exc_info[1], RuntimeError)]
+
+
+def test_a_bug_answering_a_poll_fails_that_listener_only(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping a listening socket's Work (a bug of ours):
+    the POLL it served is answered -EIO, the host socket is closed (no
+    connection is taken any more) and so is every later ACCEPT, POLL or
+    LISTEN; the traceback is logged once.  RELEASE is answered as for any
+    listener.  The other listeners and sockets of the guest carry on.
+    (The POLL used to wait for ever.)"""
+    caplog.set_level(logging.ERROR)
+    good, good_address = _listener(raw, backend)
+    conn_id, ring = raw.connect_socket(echo_server.address)
+    listener, address = _listener(raw, backend)
+    readable = _socket._readable
+    bad = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
+
+    def buggy(sock: socket.socket) -> bool:
+        if sock is bad.host:
+            raise RuntimeError("a bug")
+        return readable(sock)
+
+    monkeypatch.setattr(_socket, "_readable", buggy)
+    assert raw.response(raw.push_poll(listener)).ret == EIO
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=TIMEOUT).close()
+    assert raw.response(raw.push_poll(listener)).ret == EIO
+    id_new = raw.new_id()
+    assert raw.response(raw.push_accept(listener, id_new, raw.new_ring())).ret == EIO
+    assert raw.listen(listener).ret == EIO
+    row = next(r for r in backend.stats().sockets if r.id == listener)
+    assert (row.kind, row.state) == ("passive", "failed")
+    assert id_new not in {r.id for r in backend.stats().sockets}
+    bugs = _bugs_logged(caplog)
+    assert len(bugs) == 1 and f"socket {listener:#x}" in bugs[0].getMessage()
+    poll = raw.push_poll(good)
+    with socket.create_connection(good_address, timeout=TIMEOUT):
+        assert raw.response(poll).ret == 0
+    raw.send_all(ring, b"still fine")
+    assert raw.recv_exactly(ring, 10) == b"still fine"
+    assert raw.release(listener).ret == 0
+    assert raw.unexpected == []
+    assert {r.id for r in backend.stats().sockets} == {good, conn_id}
+
+
+def test_a_bug_taking_an_accepted_connection_answers_the_accept_eio(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The same as the ACCEPT's connection is taken over: the ACCEPT is
+    answered -EIO, its id_new gives back all it held, the client sees its
+    connection closed, and the listener takes no more."""
+    caplog.set_level(logging.ERROR)
+    listener, address = _listener(raw, backend)
+    id_new = raw.new_id()
+    ring = raw.new_ring()
+    before = resources(backend, host)
+
+    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    accept = raw.push_accept(listener, id_new, ring)
+    with socket.create_connection(address, timeout=TIMEOUT) as client:
+        assert raw.response(accept).ret == EIO
+        assert client.recv(1) == b""
+    assert resources(backend, host) == before
+    assert id_new not in {r.id for r in backend.stats().sockets}
+    assert len(_bugs_logged(caplog)) == 1
+    assert raw.response(raw.push_accept(listener, id_new, ring)).ret == EIO
+    assert resources(backend, host) == before
+    assert raw.release(listener).ret == 0
+    assert backend.stats().sockets == ()
+    assert raw.unexpected == []
+
+
 # -- RELEASE ------------------------------------------------------------------------------
 
 def test_release_frees_everything_before_answering(
