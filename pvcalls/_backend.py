@@ -54,6 +54,14 @@ Protocol choices left open by the specification
   bind its port again while old connections linger in TIME_WAIT).
 * Policy (:mod:`pvcalls._policy`): a refused CONNECT/BIND gets ``-EACCES``,
   a SOCKET/ACCEPT beyond ``max_sockets`` gets ``-EMFILE``.
+* A bug of ours fails no more than what it was serving, and never leaves
+  the guest waiting: an exception escaping a command's handler answers
+  that command ``-EIO``; one escaping a socket's Work fails that socket
+  (``-EIO`` in its data ring's errors, or as the answer of the CONNECT,
+  ACCEPT or POLL it served: see :mod:`pvcalls._socket`); one escaping the
+  command Work elsewhere fails the device, as a connect that failed does
+  (the frontend may connect again).  Each is logged with its traceback
+  through the guest's rate limit.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
-from xenback import BackendDevice, BackendDriver, Closing, XenbusState
+from xenback import BackendDevice, BackendDriver, Closing, DeviceWork, XenbusState
 from xenback.events import EventDispatcher
 from xenback.platform import Platform
 from xenback.ratelimit import RateLimit
@@ -609,7 +617,11 @@ class _Frontend:
         # and the command Work must not run before (on a half-built
         # frontend, or one whose sockets no limit check counts yet).
         self._started = False
-        self._work = Work(self._process_commands)
+        # A DeviceWork: an exception escaping it (a bug of ours outside the
+        # handlers, which answer their own -EIO) fails the device, as a
+        # connect that failed does; the requests it took off the ring can
+        # no longer be answered.
+        self._work = DeviceWork(dev, self._process_commands)
         self._mapping: GrantMapping = self.gnttab.map_grant_refs(self.domid, [ring_ref])
         ring = None
         try:
@@ -704,9 +716,10 @@ class _Frontend:
             ret = -exc.errno
             logger.debug("dom%d: %s id %#x: %s: %s", self.domid, PVCALLS_COMMANDS[request.cmd],
                          request.id, _errno.name_of(exc.errno), exc)
-        except Exception:
-            logger.exception("dom%d: %s id %#x failed", self.domid,
-                             PVCALLS_COMMANDS[request.cmd], request.id)
+        except Exception as exc:
+            # A bug of ours, but the guest decides how often it is set off.
+            self.ratelimit.log(logger, logging.ERROR, "dom%d: %s id %#x failed", self.domid,
+                               PVCALLS_COMMANDS[request.cmd], request.id, exc_info=exc)
             ret = -_errno.EIO
         if ret is not None:
             self.respond(request, ret)

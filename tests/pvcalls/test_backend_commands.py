@@ -36,6 +36,7 @@ from pvcalls._backend import _Frontend
 from pvcalls._socket import ActiveSocket, PassiveSocket, Request
 from pvcalls._wire import ffi
 from xenback.events import EventDispatcher
+from xenback.ratelimit import RateLimit
 
 EBADF, EINVAL, EINTR, EEXIST = -9, -22, -4, -17
 EAFNOSUPPORT, EISCONN, ECONNREFUSED, ENOTSUPP = -97, -106, -111, -524
@@ -218,6 +219,28 @@ def test_a_failing_handler_is_eio_and_the_ring_goes_on(
     assert raw.release(sock_id).ret == 0
     _, rsp = raw.socket()
     assert rsp.ret == 0 and raw.unexpected == []
+
+
+def test_failing_handlers_are_logged_through_the_rate_limit(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guest decides how often a handler's bug is set off: each time
+    it is answered -EIO, but the tracebacks go through the guest's rate
+    limit, 10 per interval, not one per command."""
+    caplog.set_level(logging.ERROR)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    fe.ratelimit = RateLimit(f"dom{raw.guest.domid}", clock=lambda: 0.0)  # one interval
+
+    def broken(self: _Frontend, request: Request, req: Any) -> int:
+        raise RuntimeError("bug in socket")
+
+    monkeypatch.setitem(pvcalls._backend._HANDLERS, _wire.PVCALLS_SOCKET, broken)
+    for _ in range(12):
+        assert raw.socket()[1].ret == EIO
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failed) == 10
+    assert all(r.exc_info is not None and str(r.exc_info[1]) == "bug in socket"
+               for r in failed)
 
 
 # -- CONNECT ---------------------------------------------------------------------------

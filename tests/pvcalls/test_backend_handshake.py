@@ -391,6 +391,46 @@ def test_close_waits_for_the_command_being_handled(
     assert len(backend.gnttab._live) == 0
 
 
+def test_a_bug_in_the_command_rings_work_fails_that_device_only(
+        dom0_xs: Any, make_frontend: Any, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping a frontend's command Work outside the
+    handlers (a bug of ours as it takes a request off the ring): what it
+    took cannot be answered any more, and the device fails as a connect
+    that failed does: its sockets released, its ring unmapped and port
+    unbound, the error node saying what failed, Closing; the traceback is
+    logged once.  Another guest's frontend carries on.  (The exception
+    used to reach only the workqueue's log, and the guest waited for its
+    answers for ever.)"""
+    caplog.set_level(logging.ERROR)
+    bystander = make_frontend("bystander")
+    by_id, by_ring = bystander.connect_socket(echo_server.address)
+    held = (sorted(bound_ports(backend)), len(backend.gnttab._live))
+    fe = make_frontend("g")
+    fe.connect_socket(echo_server.address)
+    front = backend._frontends[(fe.guest.domid, 0)]
+    handle = _Frontend._handle
+
+    def buggy(self: _Frontend, raw: bytes) -> None:
+        if self is front:
+            raise RuntimeError("a bug")
+        handle(self, raw)
+
+    monkeypatch.setattr(_Frontend, "_handle", buggy)
+    fe.push(_wire.PVCALLS_SOCKET)
+    fe.wait_backend_state(5)
+    error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error == "5 work _Frontend._process_commands: RuntimeError: a bug"
+    assert backend.stats().frontends == 1
+    assert (sorted(bound_ports(backend)), len(backend.gnttab._live)) == held
+    bugs = [r for r in caplog.records if not r.name.startswith("workqueue") and r.exc_info]
+    assert len(bugs) == 1, [r.getMessage() for r in bugs]
+    bystander.send_all(by_ring, b"undisturbed")
+    assert bystander.recv_exactly(by_ring, 11) == b"undisturbed"
+    assert bystander.release(by_id).ret == 0
+    fe.close()
+
+
 def test_missing_ring_ref_is_fatal(dom0_xs: Any, make_frontend: Any,
                                    backend: pvcalls.Backend) -> None:
     fe = make_frontend("g", connect=False)
