@@ -27,20 +27,32 @@ placed meanwhile) or moves off an offline CPU still works: the poller
 queues it on the socket's CPU, at the price of the wake-up this module
 otherwise saves.  The poller of an offline CPU keeps running, unbound, like
 every item of that CPU's pool.
+
+A poll that raises (a bug of ours, or an event channel handle failing as
+a port is unmasked) is logged and the poller queues itself again all the
+same: given up, it would leave every socket of its CPU, of every guest,
+waiting for ever.  What the failed poll was dispatching may be lost (a
+port left masked, say), not what is still in the epoll set or the handle.
+A poll failing at every turn keeps the poller's worker busy; its
+tracebacks are rate-limited.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from workqueue import Work
 from xenback.events import EventDispatcher
+from xenback.ratelimit import RateLimit
 
 if TYPE_CHECKING:
     from workqueue import Workqueue
     from xenback.platform import Platform
 
 __all__ = ["CpuPoller"]
+
+logger = logging.getLogger(__name__)
 
 
 class CpuPoller(Work):
@@ -52,6 +64,7 @@ class CpuPoller(Work):
         self.cpu = cpu
         self.events = EventDispatcher(platform, name=f"pvcalls-cpu{cpu}", thread=False)
         self._timeout = wq.topology.watchdog_thresh / 2
+        self._ratelimit = RateLimit(f"the poller of CPU {cpu}")
 
     def __repr__(self) -> str:
         return f"<CpuPoller cpu={self.cpu}>"
@@ -60,7 +73,10 @@ class CpuPoller(Work):
         self.wq.queue_work_on(self.cpu, self)
 
     def _run(self) -> None:
-        self.events.poll(self._timeout)
+        try:
+            self.events.poll(self._timeout)
+        except Exception as exc:
+            self._ratelimit.log(logger, logging.ERROR, "%r: poll failed", self, exc_info=exc)
         # Behind what the callbacks queued: this worker runs those first.
         self.wq.queue_work_on(self.cpu, self)
 
@@ -71,3 +87,4 @@ class CpuPoller(Work):
         self.events.wakeup()
         self.cancel_sync()
         self.events.close()
+        self._ratelimit.close(logger)

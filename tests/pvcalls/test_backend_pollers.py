@@ -16,6 +16,7 @@ import pvcalls
 from pvcalls._poller import CpuPoller
 from pvcalls._socket import ActiveSocket
 from workqueue import Topology
+from xenback.ratelimit import RateLimit
 
 WATCHDOG = 0.2
 
@@ -101,6 +102,43 @@ def test_an_idle_poller_is_no_lockup(
     finally:
         backend.io_wq.remove_trace_hook(hook)
     assert not [r for r in caplog.records if "lockup" in r.getMessage()]
+
+
+def test_a_failing_poll_does_not_stop_its_cpus_sockets(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Polls that raise (a bug of ours, or an event channel handle failing
+    as a port is unmasked): the poller polls again, and the sockets of its
+    CPU, every guest's, are still served.  A poll failing at every turn
+    is logged through a rate limit, 10 tracebacks per interval.  (The
+    poller did not queue itself again, and every socket of its CPU waited
+    for ever.)"""
+    caplog.set_level(logging.ERROR)
+    sock_id, ring = raw.connect_socket(echo_server.address)
+    poller, = backend._pollers.values()
+    poller._ratelimit = RateLimit("the poller", clock=lambda: 0.0)  # one interval
+    poll = poller.events.poll
+    failures = threading.Semaphore(0)
+    to_fail = 30
+
+    def buggy(timeout: float | None = None) -> int:
+        nonlocal to_fail
+        if to_fail:
+            to_fail -= 1
+            failures.release()
+            raise RuntimeError("a bug")
+        return poll(timeout)
+
+    monkeypatch.setattr(poller.events, "poll", buggy)
+    poller.events.wakeup()  # the poll under way returns; the next ones fail
+    for _ in range(30):
+        assert failures.acquire(timeout=TIMEOUT)
+    raw.send_all(ring, b"ping")
+    assert raw.recv_exactly(ring, 4) == b"ping"
+    bugs = [r for r in caplog.records if r.name.startswith("pvcalls") and r.exc_info]
+    assert len(bugs) == 10
+    assert all(isinstance(r.exc_info[1], RuntimeError) for r in bugs if r.exc_info)
+    assert raw.release(sock_id).ret == 0
 
 
 def test_close_stops_the_pollers(host: Any, topology: Topology) -> None:
