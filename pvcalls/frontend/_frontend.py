@@ -769,8 +769,15 @@ class Frontend(Closing):
             self._cmd_cond.notify_all()
         for st in list(self._sockets.values()):
             sock = st.owner()
-            if sock is not None:
+            if sock is None:
+                continue
+            try:
                 sock._on_event()
+            except OSError as exc:
+                # Woken, but its fileno() descriptor could not be made
+                # ready: the program closed it, and its calls say so.
+                # The sockets after it are woken all the same.
+                logger.debug("pvcalls frontend: waking %r: %s", sock, exc)
 
     # -- command ring ----------------------------------------------------------
 
@@ -1087,15 +1094,23 @@ class Frontend(Closing):
                          self.domain.domid, broken)
             self._wake_everyone()
         for sock, ret in polls:
-            sock._on_poll(ret)
+            self._complete(sock._on_poll, ret)
         for sock in accepts:
-            sock._update_ready()  # see _readable()
+            self._complete(sock._update_ready)  # see _readable()
         for callback, ret in done:
-            try:
-                callback(ret)
-            except Exception:
-                logger.exception("pvcalls frontend: completing a command")
+            self._complete(callback, ret)
         self._tell_room_waiters()
+
+    @staticmethod
+    def _complete(fn: Callable[..., None], *args: Any) -> None:
+        """Event thread: ``fn(*args)``, one socket's part of an answer.  What
+        it raises is that socket's (its fileno() descriptor closed by the
+        program, say), not the command ring's: logged, and the answers
+        after it are still handed over."""
+        try:
+            fn(*args)
+        except Exception:
+            logger.exception("pvcalls frontend: completing a command")
 
     def _owner(self, sock_id: int) -> PVSocket | None:
         """Under _lock: the socket ``sock_id``, unless released or dropped."""

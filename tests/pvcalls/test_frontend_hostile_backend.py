@@ -1363,3 +1363,63 @@ def test_accept_on_a_socket_not_listening_sends_nothing(
     fake.hold = set()
     fence.close()
     s.close()
+
+
+
+def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The backend goes away: every blocked call is woken, also behind a
+    socket whose fileno() descriptor the program closed (its readiness
+    cannot be set: EBADF), where the wake-ups used to stop, leaving the
+    calls after it waiting for ever."""
+    a, _ = connected(fe, fake)
+    readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(readonly, a.fileno())  # closed, with no file taking its number
+    finally:
+        os.close(readonly)
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    receiving = Call(lambda: r.recv(10))
+    wait_until(lambda: sleeping_in_wait(r))
+    fake.set_state(5)
+    err = receiving.oserror()
+    assert (err.errno, err.strerror) == (errno.ENOTCONN, "the PV Calls backend went away")
+    with pytest.raises(OSError) as info:
+        a.close()
+    assert info.value.errno == errno.EBADF
+    r.close()
+
+
+def test_an_answer_whose_socket_cannot_take_it_holds_up_no_other(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Answers published together: the first, a POLL's, for a listener
+    whose fileno() descriptor the program closed (its readiness cannot be
+    set: EBADF); the next, a non-blocking connect()'s CONNECT, still
+    completes that connect.  (The first one's error ended the handing
+    over, and the connect waited for ever.)"""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    fake.hold = {PVCALLS_POLL, PVCALLS_CONNECT}
+    fd = ls.fileno()  # keeps a POLL in flight
+    poll = fake.next_request(PVCALLS_POLL)
+    readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(readonly, fd)  # closed, with no file taking its number
+    finally:
+        os.close(readonly)
+    s = fe.socket()
+    s.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        s.connect(("127.0.0.1", 4001))
+    connect = fake.next_request(PVCALLS_CONNECT)
+    fake.respond_many([(poll, 0, {}), (connect, 0, {})])
+    s.settimeout(TIMEOUT)
+    assert Call(lambda: s.connect(("127.0.0.1", 4001))).join().error is None
+    assert s.getpeername() == ("127.0.0.1", 4001)
+    fake.hold = set()
+    with pytest.raises(OSError) as info:
+        ls.close()
+    assert info.value.errno == errno.EBADF
+    s.close()
