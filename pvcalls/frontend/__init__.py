@@ -56,7 +56,12 @@ wake-ups go through the event thread.  Sockets the program dropped without
 closing them are released by a short-lived thread, which the event thread
 starts when there are some (see :meth:`Frontend._collect`).  Several
 threads may use different sockets of one frontend at the same time; one
-socket may have one thread receiving while another sends.
+socket may have one thread receiving while another sends.  Should the event
+thread fail (a bug of ours, or its event channel handle), or the watch on
+the backend's state, nobody would hand over the backend's answers any
+more: every call then fails with :class:`OSError` EIO saying that the
+frontend failed, the blocked ones at once, and :meth:`Frontend.close`
+still closes the device with the backend.
 
 What a :class:`PVSocket` cannot do as a ``socket.socket`` does, because
 PV Calls cannot carry it, fails with an error that says so (EOPNOTSUPP

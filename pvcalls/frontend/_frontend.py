@@ -258,10 +258,11 @@ class Frontend(Closing):
         self._wakeup: _Wakeup | None = None  # the event thread's, while it runs
         self._stopping = False
         # Set once the backend is gone (its state left Connected), the
-        # XenStore connection is lost or the frontend closes: every waiter
-        # gives up with ENOTCONN and _why_dead.
+        # XenStore connection is lost, the frontend closes or fails (see
+        # _fail): every waiter gives up with _dead_errno and _why_dead.
         self._dead = False
         self._why_dead = ""  # set with _dead, by _die()
+        self._dead_errno = errno.ENOTCONN
         # Why XenStore dropped the connection; None while it is up.
         self._xs_lost: str | None = None
         self._connected = False
@@ -301,6 +302,7 @@ class Frontend(Closing):
         Socket ids go on counting: one frontend never reuses them."""
         self._dead = False
         self._why_dead = ""
+        self._dead_errno = errno.ENOTCONN
         self._xs_lost = None
         self._ring_broken = False
         self._req_prod_pvt = 0
@@ -381,6 +383,13 @@ class Frontend(Closing):
         Connected: if the backend left Connected (it closed, or the device
         was removed), fail every waiter with ENOTCONN instead of letting it
         wait for answers that never come; as Linux's frontend, go Closed."""
+        try:
+            self._backend_state_changed()
+        except Exception as exc:
+            # Whether the backend is still there is unknown now.
+            self._fail("watching the backend's state", exc)
+
+    def _backend_state_changed(self) -> None:
         with self._watch_lock:
             if self._backend_watch is None or self._dead:
                 return  # close() is under way, or it is over already
@@ -416,18 +425,33 @@ class Frontend(Closing):
         if self._die(_LOST_XENSTORE):
             self._wake_everyone()
 
-    def _die(self, why: str) -> bool:
-        """From now on every call fails with ENOTCONN and ``why``; the
+    def _die(self, why: str, err: int = errno.ENOTCONN) -> bool:
+        """From now on every call fails with ``err`` and ``why``; the
         first reason given stays.  Whether the frontend was alive."""
         if self._dead:
             return False
         self._why_dead = why
+        self._dead_errno = err
         self._dead = True
         return True
 
     def _gone(self) -> OSError:
         """The error of a call that can no longer be answered."""
-        return OSError(errno.ENOTCONN, self._why_dead)
+        return OSError(self._dead_errno, self._why_dead)
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        """``exc`` escaped ``what``, the frontend's own code on a thread of
+        its own (a bug of ours, or its event channel handle failing):
+        whatever that was doing for the program's calls is lost, an answer
+        taken off the command ring or the backend's departure, and they
+        would wait for it for ever.  So every call fails from now on, the
+        waiting ones at once, with EIO saying so; close() still closes the
+        device with the backend, which releases what the guest held."""
+        logger.error("pvcalls frontend of domain %d: %s failed", self.domain.domid, what,
+                     exc_info=exc)
+        if self._die(f"the PV Calls frontend failed ({what}: {type(exc).__name__}: {exc})",
+                     errno.EIO):
+            self._wake_everyone()
 
     def close(self) -> None:
         """Release every socket (also those dropped unclosed whose release
@@ -685,7 +709,20 @@ class Frontend(Closing):
         """One thread per frontend: read fired ports, run their handlers,
         unmask.  Handlers only copy responses and wake waiters.  Also runs
         the relays of rings with handles of their own (see :meth:`_relay`),
-        and starts the reaper when sockets were dropped (see :meth:`_collect`)."""
+        and starts the reaper when sockets were dropped (see :meth:`_collect`).
+
+        What escapes the loop ends it, and with nobody left to take the
+        backend's answers, fails the frontend (see :meth:`_fail`)."""
+        try:
+            self._serve_events()
+        except Exception as exc:
+            if self._stopping:
+                # close() took the handles from under it: nothing waits.
+                logger.debug("pvcalls frontend event thread stopping: %s", exc)
+                return
+            self._fail("its event thread", exc)
+
+    def _serve_events(self) -> None:
         evtchn = self._evtchn
         epoll = self._event_epoll
         wakeup = self._wakeup
@@ -717,13 +754,7 @@ class Frontend(Closing):
             if not any(fd == shared_fd for fd, _ in events):
                 continue
             while True:
-                try:
-                    port = evtchn.pending()
-                except OSError as exc:
-                    if self._stopping:
-                        return
-                    logger.error("event channel failed: %s", exc)
-                    return
+                port = evtchn.pending()
                 if port is None:
                     break
                 handler = self._handlers.get(port)
@@ -731,6 +762,11 @@ class Frontend(Closing):
                     if handler is not None:
                         handler()
                 except Exception:
+                    if port == self._port:
+                        # The command ring: the answers taken off it are
+                        # lost to their callers (see _event_loop).  A data
+                        # ring's handler only wakes its socket's callers.
+                        raise
                     logger.exception("pvcalls frontend event handler for port %d", port)
                 finally:
                     try:

@@ -465,12 +465,12 @@ class PVSocket(Closing):
             with self._mutex:
                 value, self._so_error = self._so_error, 0
                 if not value and self._connecting and self._fe._dead:
-                    # The backend went away with the CONNECT in flight: no
-                    # answer will come.  fileno() polls ready (every call
-                    # fails at once), and a 0 here would have select-based
-                    # programs and asyncio's sock_connect() take the
-                    # connect for done.
-                    value = errno.ENOTCONN
+                    # The backend went away (or the frontend failed) with
+                    # the CONNECT in flight: no answer will come.  fileno()
+                    # polls ready (every call fails at once), and a 0 here
+                    # would have select-based programs and asyncio's
+                    # sock_connect() take the connect for done.
+                    value = self._fe._dead_errno
                 ring = self._st.ring
                 if (not value and ring is not None and not self._failure_reported
                         and not self._connecting):

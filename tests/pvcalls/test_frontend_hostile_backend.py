@@ -1365,6 +1365,111 @@ def test_accept_on_a_socket_not_listening_sends_nothing(
     s.close()
 
 
+# -- a bug of the frontend's own ------------------------------------------------------------
+
+
+def _pending_raises(exc: Exception) -> Callable[[pvcalls.Frontend, pytest.MonkeyPatch], None]:
+    def inject(fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch) -> None:
+        def pending() -> int | None:
+            raise exc
+
+        monkeypatch.setattr(fe._evtchn, "pending", pending)
+
+    return inject
+
+
+def _consuming_raises(fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch) -> None:
+    def consume(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fe, "_consume_responses", consume)
+
+
+_EVENT_THREAD_BUGS = {
+    # A bug of ours in the event thread's own loop.
+    "the loop": _pending_raises(RuntimeError("a bug")),
+    # The frontend's event channel handle failing.
+    "the handle": _pending_raises(OSError(errno.EBADF, "Bad file descriptor")),
+    # A bug of ours taking the answers off the command ring: what it took
+    # is lost to the callers that wait for it.
+    "the command ring": _consuming_raises,
+}
+
+
+@pytest.mark.parametrize("where", list(_EVENT_THREAD_BUGS))
+def test_a_failing_event_thread_fails_every_call_with_eio(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The frontend's event thread fails (a bug of ours, or its event
+    channel handle): nobody is left to take the backend's answers, so
+    every call waiting for one (a CONNECT's, or data, without a timeout)
+    fails with EIO saying that the frontend failed, as does every later
+    call; the failure is logged with its traceback.  close() still
+    closes the device with the backend.  (The thread ended, with a line
+    in the log at most, and every blocked call of the guest waited for
+    ever.)"""
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    receiving = Call(lambda: r.recv(10))
+    wait_until(lambda: sleeping_in_wait(r))
+    fake.hold = {PVCALLS_CONNECT}
+    n = fe.socket()
+    n.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        n.connect(("127.0.0.1", 4001))
+    fake.next_request(PVCALLS_CONNECT)
+    s = fe.socket()
+    s.settimeout(None)
+    connecting = Call(lambda: s.connect(("127.0.0.1", 4000)))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: done_or_at(connecting, pvcalls.Frontend._wait_slot,
+                                  "self._cmd_cond.wait("))
+    _EVENT_THREAD_BUGS[where](fe, monkeypatch)
+    fake.respond(req, 0)  # the event that sets it off
+    for call in (connecting, receiving):
+        err = call.oserror()
+        assert err.errno == errno.EIO
+        assert err.strerror.startswith("the PV Calls frontend failed"), err.strerror
+    with pytest.raises(OSError) as info:
+        fe.socket()
+    assert info.value.errno == errno.EIO
+    # The non-blocking connect's outcome, as select-based programs ask it.
+    assert n.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.EIO
+    assert "failed" in log.wait("frontend of domain", level=logging.ERROR)
+    failed = [rec for rec in log.records if rec.levelno >= logging.ERROR and rec.exc_info]
+    assert len(failed) == 1
+    r.close()
+    s.close()
+    n.close()
+    monkeypatch.undo()
+    assert Call(fe.close).join().error is None
+    assert fake._closed_once  # the frontend went Closing with the backend
+
+
+def test_a_failing_backend_state_watch_fails_every_call_with_eio(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of ours in the watch on the backend's state: whether the
+    backend is still there is unknown, and calls waiting for it fail with
+    EIO rather than wait for ever.  (The backend left unnoticed.)"""
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    receiving = Call(lambda: r.recv(10))
+    wait_until(lambda: sleeping_in_wait(r))
+
+    def backend_state() -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fe, "_backend_state", backend_state)
+    fake.set_state(5)
+    err = receiving.oserror()
+    assert err.errno == errno.EIO
+    assert err.strerror.startswith("the PV Calls frontend failed"), err.strerror
+    log.wait("frontend of domain", level=logging.ERROR)
+    r.close()
+    monkeypatch.undo()
+    assert Call(fe.close).join().error is None
+
 
 def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
