@@ -410,6 +410,33 @@ def test_a_guest_cannot_flood_the_log_with_lingering_sockets_its_peers_reset(
     assert 0 < len(unsent) <= ratelimit.burst
 
 
+def test_a_bug_sending_what_a_released_socket_holds_ends_that_socket(
+        backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping the send of a lingering socket (a bug of ours):
+    the socket is closed with what it holds, and the traceback logged once,
+    through its guest's rate limit.  (The socket, still writable, had the
+    backend's event thread, which serves every guest's commands, call it
+    again at every turn, a traceback each time, until its timeout.)"""
+    caplog.set_level(logging.ERROR)
+
+    class BuggySend(socket.socket):
+        def send(self, *args: Any) -> int:
+            raise RuntimeError("a bug")
+
+    a, b = socket.socketpair()
+    buggy = BuggySend(fileno=a.detach())
+    buggy.setblocking(False)
+    with b:
+        assert backend.lingerer.adopt(buggy, 4242, b"lost", RateLimit("dom4242")) is True
+        wait_until(lambda: len(backend.lingerer) == 0)
+        assert buggy.fileno() == -1
+        b.settimeout(TIMEOUT)
+        assert b.recv(16) == b""
+    bugs = [r for r in caplog.records if r.exc_info]
+    assert len(bugs) == 1, [r.getMessage() for r in bugs]
+    assert bugs[0].name.startswith("pvcalls") and "dom4242" in bugs[0].getMessage()
+
+
 def test_a_domain_with_a_socket_limit_lingers_no_more_sockets_than_it(
         host: SimHost, topology: Any, make_frontend: Any, peer: Peer) -> None:
     """A lingering socket holds a host descriptor the domain's limit no
