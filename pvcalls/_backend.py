@@ -697,10 +697,10 @@ class _Frontend:
             self.ratelimit.log(logger, logging.ERROR,
                                "dom%d: command ring protocol error, frontend stopped: %s",
                                self.domid, exc)
-            try:
-                self.dev.fatal(_errno.EINVAL, f"pvcalls command ring: {exc}")
-            except Exception:
-                logger.exception("dom%d: cannot report the ring error", self.domid)
+            # On the device's queue, where everything about its state is
+            # done: from here, our Closing could land after the frontend's
+            # Closed was answered, and stay.
+            self.dev.queue(self.dev.fatal, _errno.EINVAL, f"pvcalls command ring: {exc}")
 
     def _handle(self, raw: bytes) -> None:
         req = ffi.from_buffer("struct xen_pvcalls_request *", raw)

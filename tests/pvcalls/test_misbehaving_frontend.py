@@ -390,3 +390,27 @@ def test_restarting_the_device_does_not_renew_the_log_budget(
         assert len(lines) == 10
         counts = [r for r in caplog.records if "suppressed" in r.getMessage()]
         assert counts == []
+
+
+def test_a_broken_command_ring_fails_its_device_on_the_device_queue(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device's state changes on its queue only (xenback's rule): a
+    Closing written from the command Work's thread could land after the
+    frontend's Closed was answered, and stay."""
+    fe = make_frontend("breaker")
+    assert fe.ring is not None
+    dev = backend._frontends[(fe.guest.domid, 0)].dev
+    where: list[bool] = []
+    fatal = dev.fatal
+
+    def recorded(err: int, message: str) -> None:
+        where.append(dev.events.in_queue())
+        fatal(err, message)
+
+    monkeypatch.setattr(dev, "fatal", recorded)
+    fe.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
+    fe.evtchn.notify(fe.port)
+    fe.wait_backend_state(5)
+    assert where == [True]
+    fe.close()
+    fe.xs.close()
