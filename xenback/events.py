@@ -40,6 +40,7 @@ from workqueue import blocking, wait_slice
 from xenback._closing import Closing
 from xenback._eventqueue import check_callback as _check_callback
 from xenback._flags import check_flag
+from xenback.ratelimit import RateLimit
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, Platform
@@ -101,6 +102,9 @@ class EventDispatcher(Closing):
         # Taken only by poll(): see close() for why close() never takes it.
         self._poll_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # A callback that raises is a bug, but a guest may set it off at
+        # every notify, as fast as it likes: its tracebacks are limited.
+        self._failures = RateLimit(f"{name} callbacks")
         # Short of descriptors or threads, any step may fail: what the ones
         # before it opened is closed again, not left behind the error.
         with contextlib.ExitStack() as undo:
@@ -289,6 +293,8 @@ class EventDispatcher(Closing):
             self._epoll.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+            # The failures held back since the last report: none is lost.
+            self._failures.close(logger, logging.ERROR)
 
     @property
     def ports(self) -> list[int]:
@@ -358,8 +364,9 @@ class EventDispatcher(Closing):
                 ran += 1
                 try:
                     callback(port)
-                except Exception:
-                    logger.exception("event channel port %d: callback failed", port)
+                except Exception as exc:
+                    self._failures.log(logger, logging.ERROR,
+                                       "event channel port %d: callback failed", port, exc_info=exc)
             with self._lock:
                 self._running = None
                 self._idle.notify_all()
@@ -386,8 +393,8 @@ class EventDispatcher(Closing):
             self._running = ("fd", fd)
         try:
             callback(fd, revents)
-        except Exception:
-            logger.exception("fd %d: callback failed", fd)
+        except Exception as exc:
+            self._failures.log(logger, logging.ERROR, "fd %d: callback failed", fd, exc_info=exc)
         finally:
             with self._lock:
                 self._running = None

@@ -559,3 +559,33 @@ def test_a_failing_handle_is_reported_once_and_polled_no_more(pair, monkeypatch,
     dispatcher.remove_fd(r)
     os.close(r)
     os.close(w)
+
+
+def test_a_port_callback_failing_at_every_event_is_logged_within_a_rate_limit(
+        pair, caplog) -> None:
+    """A guest notifies as often as it likes: a callback that raises at
+    every event must not put a traceback in the host's log for each one.
+    The first few go out, the rest are counted (xenback.RateLimit)."""
+    _guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    ran = threading.Semaphore(0)
+
+    def broken(port: int) -> None:
+        ran.release()
+        raise RuntimeError("broken callback")
+
+    local = dispatcher.bind_interdomain(_guest.domid, remote, broken)
+    caplog.set_level(logging.ERROR, logger="xenback.events")
+    for _ in range(50):
+        evtchn.notify(remote)
+        assert ran.acquire(timeout=TIMEOUT)  # one run per event: masked until it returned
+    dispatcher.unbind(local)
+    failures = [r for r in caplog.records
+                if r.getMessage() == f"event channel port {local}: callback failed"]
+    assert 1 <= len(failures) <= 10, len(failures)
+    assert all(r.exc_info and str(r.exc_info[1]) == "broken callback" for r in failures)
+    # What was held back is counted, at the latest when the dispatcher closes.
+    dispatcher.close()
+    suppressed = [int(r.getMessage().split(": ")[1].split()[0]) for r in caplog.records
+                  if r.getMessage().startswith("xenback-events callbacks: ")]
+    assert len(failures) + sum(suppressed) == 50
