@@ -968,7 +968,16 @@ class PVSocket(Closing):
         (wait for ``nbytes``, or the end of the stream or an error, which
         the next call reports), as on a TCP socket: the last two only in
         blocking mode, as socket.socket's, and a peek waits for no more
-        than the ring holds."""
+        than the ring holds.
+
+        A receive of nothing returns 0 at once, whatever the socket's
+        state (closed too), as socket.socket's recv() and recv_into(),
+        which make no system call for it; recvfrom() and recvmsg() of
+        nothing wait as the kernel's do (see :meth:`_recv_nothing`)."""
+        return self._recv_into(buffer, nbytes, flags, kernel=False)
+
+    def _recv_into(self, buffer: Any, nbytes: int, flags: int, *, kernel: bool) -> int:
+        """:meth:`recv_into`; of nothing as the kernel's if ``kernel``."""
         flags = _check_flags(flags, _RECV_FLAGS, "recv")
         dst = memoryview(buffer).cast("B")
         if dst.readonly:
@@ -983,12 +992,21 @@ class PVSocket(Closing):
             raise ValueError("buffer too small for requested bytes")
         if nbytes == 0:
             nbytes = len(dst)
-        timeout = self._call_timeout(flags)
         if nbytes == 0:
-            # At once, as socket.socket's, even with another receiver
-            # blocked; only a connect still in flight is waited for.
-            self._active_ring(Deadline(timeout))
-            return 0
+            return self._recv_nothing(flags) if kernel else 0
+        return self._receive(dst, nbytes, flags)
+
+    def _recv_nothing(self, flags: int) -> int:
+        """A receive of nothing as Linux's TCP does it (for recvfrom() and
+        recvmsg(), which make the system call): it waits as a receive of
+        one byte would, for data, the end of the stream or an error, and
+        raises the error, but takes no data.  Returns 0."""
+        self._receive(memoryview(bytearray(1)), 1, flags | _MSG_PEEK)
+        return 0
+
+    def _receive(self, dst: memoryview, nbytes: int, flags: int) -> int:
+        """Receive up to ``nbytes`` > 0 into ``dst``; ``flags`` checked."""
+        timeout = self._call_timeout(flags)
         peek = bool(flags & _MSG_PEEK)
         want = nbytes if flags & _MSG_WAITALL and timeout is None else 1
         deadline = Deadline(timeout)
@@ -1056,33 +1074,40 @@ class PVSocket(Closing):
             self._recv_lock.release()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        """Receive up to ``bufsize`` bytes; ``b""`` at end of stream."""
+        """Receive up to ``bufsize`` bytes; ``b""`` at end of stream (and
+        at once for ``bufsize`` 0, see :meth:`recv_into`)."""
+        return self._recv(bufsize, flags, kernel=False)
+
+    def _recv(self, bufsize: int, flags: int, *, kernel: bool) -> bytes:
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
         buf = bytearray(bufsize)
-        n = self.recv_into(buf, bufsize, flags)
+        n = self._recv_into(buf, bufsize, flags, kernel=kernel)
         del buf[n:]
         return bytes(buf)
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, None]:
-        """:meth:`recv`, and the sender's address: None on a TCP stream."""
-        return self.recv(bufsize, flags), None
+        """:meth:`recv`, and the sender's address: None on a TCP stream.
+        Of nothing it waits as the kernel's (see :meth:`_recv_nothing`)."""
+        return self._recv(bufsize, flags, kernel=True), None
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, None]:
-        """:meth:`recv_into`, and the sender's address: None on a TCP stream."""
-        return self.recv_into(buffer, nbytes, flags), None
+        """:meth:`recv_into`, and the sender's address: None on a TCP
+        stream.  Of nothing it waits as the kernel's (see
+        :meth:`_recv_nothing`)."""
+        return self._recv_into(buffer, nbytes, flags, kernel=True), None
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0,
                 flags: int = 0) -> tuple[bytes, list[tuple[int, int, bytes]], int, None]:
-        """:meth:`recv` as ``(data, ancdata, msg_flags, address)``: what a
-        TCP stream gives there, no ancillary data, no message flags and
-        no address."""
+        """:meth:`recvfrom` as ``(data, ancdata, msg_flags, address)``:
+        what a TCP stream gives there, no ancillary data, no message flags
+        and no address."""
         bufsize, ancbufsize = operator.index(bufsize), operator.index(ancbufsize)
         if bufsize < 0:
             raise ValueError("negative buffer size in recvmsg()")
         if ancbufsize < 0:
             raise ValueError("negative ancillary buffer size in recvmsg()")
-        return self.recv(bufsize, flags), [], 0, None
+        return self._recv(bufsize, flags, kernel=True), [], 0, None
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0,
                      flags: int = 0) -> tuple[int, list[tuple[int, int, bytes]], int, None]:
@@ -1095,7 +1120,7 @@ class PVSocket(Closing):
             raise ValueError("negative ancillary buffer size in recvmsg_into()")
         # One receive, as the kernel's: copied out to the buffers after.
         data = bytearray(sum(map(len, views)))
-        got = self.recv_into(data, len(data), flags) if data else 0
+        got = self._recv_into(data, len(data), flags, kernel=True)
         done = 0
         for view in views:
             n = min(len(view), got - done)

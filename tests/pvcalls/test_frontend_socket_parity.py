@@ -248,6 +248,81 @@ def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
         c.recvmsg(10, -1)
 
 
+#: The receives of nothing that reach the kernel (CPython's recv() and
+#: recv_into() of nothing return before it).
+RECEIVES_OF_NOTHING: list[Callable[[Any], Any]] = [
+    lambda s: s.recvfrom(0),
+    lambda s: s.recvfrom_into(bytearray()),
+    lambda s: s.recvmsg(0),
+    lambda s: s.recvmsg_into([]),
+    lambda s: s.recvmsg_into([bytearray()]),
+]
+
+
+def test_recv_of_nothing_returns_at_once_whatever_the_state(make: Callable[[], Any]) -> None:
+    """CPython's recv() and recv_into() of nothing make no system call:
+    they return nothing at once, unconnected, connected or closed."""
+    s = make()
+    assert s.recv(0) == b"" and s.recv_into(bytearray()) == 0
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        s.settimeout(TIMEOUT)
+        s.connect(listener.getsockname())
+    assert s.recv(0) == b"" and s.recv_into(bytearray()) == 0
+    s.close()
+    assert s.recv(0) == b"" and s.recv_into(bytearray()) == 0
+
+
+def test_a_receive_of_nothing_waits_as_the_kernels(pair: tuple[Any, socket.socket]) -> None:
+    """recvfrom(), recvmsg() and their _into forms of nothing reach the
+    kernel, which waits as for a receive of one byte (for data, the end
+    of the stream or an error) and takes nothing."""
+    c, peer = pair
+    c.setblocking(False)
+    for call in RECEIVES_OF_NOTHING:
+        with pytest.raises(BlockingIOError):
+            call(c)
+    c.settimeout(0.01)
+    for call in RECEIVES_OF_NOTHING:
+        with pytest.raises(TimeoutError):
+            call(c)
+    peer.sendall(b"data")
+    arrived(c, b"data")
+    assert [call(c)[0] for call in RECEIVES_OF_NOTHING] == [b"", 0, b"", 0, 0]
+    assert c.recv(10) == b"data"  # none of it taken
+    c.settimeout(None)
+    receiving = Call(lambda: c.recvmsg(0))  # blocks until something comes
+    peer.sendall(b"x")
+    assert receiving.join().result == (b"", [], 0, None)
+    assert c.recv(10) == b"x"
+    peer.close()
+    assert [call(c)[0] for call in RECEIVES_OF_NOTHING] == [b"", 0, b"", 0, 0]
+
+
+@pytest.mark.parametrize("state", ["unconnected", "closed", "reset"])
+def test_a_receive_of_nothing_fails_as_a_receive(
+        make: Callable[[], Any], state: str) -> None:
+    errnos = {"unconnected": errno.ENOTCONN, "closed": errno.EBADF, "reset": errno.ECONNRESET}
+    for call in RECEIVES_OF_NOTHING:
+        s = make()
+        if state == "closed":
+            s.close()
+        elif state == "reset":
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                s.settimeout(TIMEOUT)
+                s.connect(listener.getsockname())
+                peer, _ = listener.accept()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()
+            wait_readable(s)
+        with pytest.raises(OSError) as info:
+            call(s)
+        assert info.value.errno == errnos[state]
+        if state == "reset":
+            # Reported once, as by a receive of data: then the end.
+            assert call(s)[0] in (b"", 0)
+            assert s.recv(1) == b""
+
+
 def test_sendto_and_sendmsg(pair: tuple[Any, socket.socket]) -> None:
     """On a connected TCP socket the address is checked, then ignored."""
     c, peer = pair
