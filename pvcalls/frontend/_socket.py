@@ -406,9 +406,12 @@ class PVSocket(Closing):
 
     def settimeout(self, value: float | None) -> None:
         """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
-        never blocks, a positive number of seconds bounds every call."""
-        self._check_open()
+        never blocks, a positive number of seconds bounds every call.
+        On a closed socket it fails with EBADF but sets the timeout all
+        the same, as socket.socket's, which sets it before it fails to
+        set its descriptor's mode."""
         self._timeout = timeout_value(value)
+        self._check_open()
 
     def gettimeout(self) -> float | None:
         """The timeout in seconds, ``None`` if blocking, ``0.0`` if not."""
@@ -416,10 +419,10 @@ class PVSocket(Closing):
 
     def setblocking(self, flag: bool) -> None:
         """``settimeout(None)`` if ``flag``, else ``settimeout(0.0)``."""
-        self._check_open()
         # An integer, as socket.socket's: None or a string must not pass
         # as a truth value (setblocking(None) would make it non-blocking).
         self._timeout = None if operator.index(flag) else 0.0
+        self._check_open()
 
     @property
     def timeout(self) -> float | None:

@@ -398,6 +398,26 @@ def test_settimeout_takes_a_float_or_an_integer(make: Callable[[], Any]) -> None
     assert str(s.gettimeout()) == "0.0" and not s.getblocking()
 
 
+def test_settimeout_of_a_closed_socket_fails_but_sets_it(make: Callable[[], Any]) -> None:
+    """CPython sets the timeout, then fails to set the descriptor's mode
+    (EBADF): gettimeout() says the new one.  A bad value is refused first."""
+    s = make()
+    s.close()
+    with pytest.raises(OSError) as info:
+        s.settimeout(2.5)
+    assert info.value.errno == errno.EBADF
+    assert s.gettimeout() == 2.5
+    with pytest.raises(OSError) as info:
+        s.setblocking(False)
+    assert info.value.errno == errno.EBADF
+    assert s.gettimeout() == 0.0 and not s.getblocking()
+    with pytest.raises(TypeError):
+        s.settimeout("1")
+    with pytest.raises(ValueError):
+        s.settimeout(-1)
+    assert s.gettimeout() == 0.0
+
+
 def test_detach_of_a_closed_socket(make: Callable[[], Any]) -> None:
     s = make()
     s.close()
