@@ -1295,12 +1295,14 @@ class PVSocket(Closing):
         only release a whole socket.  asyncio's ``write_eof()`` calls it
         (see the module's notes on asyncio).  What socket.socket's says
         before it would shut down, it says too: TypeError or EINVAL for a
-        bad ``how``, ENOTCONN on a socket neither connected nor listening."""
+        bad ``how``, ENOTCONN on a socket neither connected nor listening,
+        or whose connection failed (a reset: a TCP socket is closed then)."""
         how = operator.index(how)
         self._check_open()
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)} (shutdown how={how})")
-        if self._st.ring is None and not self._st.listening:
+        ring = self._st.ring
+        if (ring is None and not self._st.listening) or (ring is not None and _connection_error(ring)):
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         raise OSError(errno.EOPNOTSUPP, "PV Calls has no shutdown; close() releases the socket")
 

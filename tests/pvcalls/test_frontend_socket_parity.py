@@ -215,6 +215,22 @@ def test_a_reset_is_reported_once_then_the_connection_is_gone(
             c.sendall(b"")
 
 
+def test_shutdown_after_a_reset_says_not_connected(pair: tuple[Any, socket.socket]) -> None:
+    """Once the peer reset the connection, it is gone: shutdown() fails
+    with ENOTCONN, as on any socket not connected, and leaves the error
+    for the next call to report."""
+    c, peer = pair
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    wait_readable(c)
+    for how in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+        with pytest.raises(OSError) as info:
+            c.shutdown(how)
+        assert info.value.errno == errno.ENOTCONN
+    with pytest.raises(ConnectionResetError):
+        c.recv(1)
+
+
 # -- the rest of socket.socket's calls -------------------------------------------------
 
 
