@@ -531,7 +531,9 @@ class PVSocket(Closing):
         connect() returns (success) or raises the error, as Linux's
         second connect() does; later ones fail with EISCONN, or start over
         after a failure.  That is what ``select``-based programs and
-        asyncio's ``loop.sock_connect()`` expect."""
+        asyncio's ``loop.sock_connect()`` expect.  A connect() with a
+        timeout that succeeded is followed by one more that succeeds too,
+        as socket.socket's on Linux (see the comment in the code)."""
         host, port = resolve(address)
         self._check_open()
         with self._mutex:
@@ -611,6 +613,13 @@ class PVSocket(Closing):
             if ret < 0:
                 raise host_error(ret, f"connect to {host}:{port}")
             self._peername = (host, port)
+            if deadline.timeout is not None:
+                # CPython connects with a timeout by a non-blocking connect()
+                # and a wait for the handshake, after which Linux still has
+                # the socket connecting: the next connect() succeeds once
+                # more, as after a non-blocking connect() here.
+                with self._mutex:
+                    self._connect_unreported = True
         finally:
             self._send_lock.release()
             self._recv_lock.release()

@@ -1634,6 +1634,7 @@ def test_a_busy_socket_does_not_hold_calls_past_their_timeout(
     others' calls still fail at once or time out, as on socket.socket."""
     srv = server()
     s = connected(fe, srv.address)
+    s.connect(srv.address)  # after a connect() with a timeout, succeeds once more
     reader = blocked_recv(s)  # holding s._recv_lock
     s.settimeout(1.0)
     with pytest.raises(OSError) as info:

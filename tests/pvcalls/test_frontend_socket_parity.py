@@ -234,6 +234,26 @@ def test_shutdown_after_a_reset_says_not_connected(pair: tuple[Any, socket.socke
 # -- the rest of socket.socket's calls -------------------------------------------------
 
 
+@pytest.mark.parametrize("timeout", [None, TIMEOUT])
+def test_connect_again_after_a_connect(make: Callable[[], Any], timeout: float | None) -> None:
+    """With a timeout, CPython's connect() is a non-blocking connect and a
+    wait for the handshake, which leaves Linux's socket connecting: the
+    next connect() completes it and succeeds (connect_ex() returns 0)
+    once, as after a non-blocking connect(), and only then is the socket
+    connected (EISCONN).  A blocking connect() leaves it connected."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        address = listener.getsockname()
+        s = make()
+        s.settimeout(timeout)
+        s.connect(address)
+        if timeout is not None:
+            assert s.connect_ex(address) == 0
+        assert s.connect_ex(address) == errno.EISCONN
+        with pytest.raises(OSError) as info:
+            s.connect(address)
+        assert info.value.errno == errno.EISCONN
+
+
 def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
     c, peer = pair
     peer.sendall(b"one")
