@@ -677,14 +677,24 @@ class PVSocket(Closing):
         does on a socket in SS_CONNECTING.  EALREADY while the CONNECT is
         in flight (in blocking mode: wait for it); then return True once
         if it succeeded, or raise its error (ECONNABORTED if SO_ERROR took
-        it) once if it failed, leaving the socket unconnected.  False if
-        another thread's connect() took the outcome meanwhile: this one is
-        a connect() as on any socket."""
+        it) once if it failed, leaving the socket unconnected.  If it
+        succeeded but the connection has failed since (a reset), raise
+        that (ECONNABORTED if a call reported it already), as Linux's
+        connect() finding the socket closed does.  False if another
+        thread's connect() took the outcome meanwhile: this one is a
+        connect() as on any socket."""
         with self._mutex:
             self._await_connect_answer(deadline, errno.EALREADY)
             if self._connect_unreported:
                 self._connect_unreported = False
-                return True
+                ring = self._st.ring
+                failed = _connection_error(ring) if ring is not None else 0
+                if not failed:
+                    return True
+                first, self._failure_reported = not self._failure_reported, True
+                if first:
+                    raise host_error(failed, "connect")
+                raise OSError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED))
             if self._connect_failed:
                 self._connect_failed = False
                 err, self._so_error = self._so_error, 0

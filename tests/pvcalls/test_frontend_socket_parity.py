@@ -254,6 +254,27 @@ def test_connect_again_after_a_connect(make: Callable[[], Any], timeout: float |
         assert info.value.errno == errno.EISCONN
 
 
+@pytest.mark.parametrize("reported", [False, True])
+def test_connect_again_after_a_reset_raises_it(make: Callable[[], Any], reported: bool) -> None:
+    """The connect() that completes a connect() with a timeout (see
+    above) reports the reset that came meanwhile, or ECONNABORTED if a
+    call has reported it already."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        address = listener.getsockname()
+        s = make()
+        s.settimeout(TIMEOUT)
+        s.connect(address)
+        peer, _ = listener.accept()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    wait_readable(s)
+    if reported:
+        with pytest.raises(ConnectionResetError):
+            s.recv(1)
+    with pytest.raises(ConnectionAbortedError if reported else ConnectionResetError):
+        s.connect(address)
+
+
 def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
     c, peer = pair
     peer.sendall(b"one")
