@@ -88,6 +88,30 @@ its argument checks and its errors:
 * ``dup()``, ``detach()`` and ``set_inheritable(True)``: the socket has
   no descriptor of its own (``fileno()`` is for waiting only, see below).
 
+A few calls differ with no error of their own:
+
+* ``shutdown()`` of a socket not connected fails with ENOTCONN, as a TCP
+  socket's, but leaves it as it was, where Linux shuts it down all the
+  same (its ``recv()`` returns ``b""``, its ``send()`` after ``connect()``
+  fails with EPIPE).
+* A connection the peer reset stays the socket's until ``close()``:
+  ``bind()`` fails with EINVAL (Linux lets go of the port), and so does
+  ``connect()`` with EISCONN (Linux's may connect anew), but for the one
+  that completes a non-blocking or timed ``connect()``, which reports
+  the reset as Linux's does.
+* ``accept()`` of a socket that is not listening fails with EINVAL at
+  once, also with a timeout, where CPython's waits for a connected
+  socket to poll readable first.
+
+What the peer sees is the backend's doing.  A ``close()`` with received
+data unread resets a TCP connection; the backend (as Linux's) closes its
+host socket, which sees nothing of what the ring holds: the peer gets a
+reset only if unread data was still in that socket, else a FIN.  A reset
+the peer sends after its FIN is seen only once the backend fails to send
+to it (``send()`` then fails with EPIPE): until then ``getpeername()``
+answers and ``SO_ERROR`` is 0, where a TCP socket's say ENOTCONN and
+EPIPE.
+
 Signals: a call blocked in the main thread looks again at least every half
 second, so that a signal handler (Ctrl-C's) runs soon even when the kernel
 gave the signal to another thread, which a plain ``socket.socket`` blocked

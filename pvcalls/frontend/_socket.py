@@ -1296,7 +1296,10 @@ class PVSocket(Closing):
         threads blocked in this socket's calls get ``OSError(EBADF)``.
         What was sent still reaches the peer with this package's backend,
         which sends the out ring's last bytes before it closes its host
-        socket (Linux's backend drops them).
+        socket (Linux's backend drops them).  Data received and not read
+        does not reset the connection, as a TCP socket's close() does,
+        unless some was still in the backend's host socket (see the
+        module's notes).
 
         While files from :meth:`makefile` are open, the release waits for
         the last of them to close, as with :class:`socket.socket`.  A
