@@ -55,9 +55,9 @@ protocol (section 2 of the protocol reference), item by item:
   naming what failed, and Closing.  Its traceback is logged, through
   the device's rate limit (the guest may set it off again and again).
   Failing runs on the device's queue: a failure on another thread is
-  handed over to it, and while one waits there, those after it are only
-  logged.  The frontend may then start again (Initialising) and connect,
-  as after any fatal error;
+  handed over to it, and until the first has failed the device, those
+  after it are only logged.  The frontend may then start again
+  (Initialising) and connect, as after any fatal error;
 * our own domain going away (a driver domain destroyed under its
   backend): libxl deletes its home before the domain, and with it goes
   our right to read anything we had there (EACCES where a node was).  A
@@ -266,8 +266,8 @@ class BackendDevice:
         self._probe_nodes: dict[str, str] | None = None
         # A frontend state event waits in the queue (see _otherend_event).
         self._otherend_pending = False
-        # A failure of the driver's code, handed over from another thread,
-        # waits in the queue to fail the device (see _hand_over_failure).
+        # A failure of the driver's code is about to fail the device, or
+        # doing so (see _claim_failure).
         self._failing = False
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
@@ -596,32 +596,39 @@ class BackendDevice:
         try:
             fn(*args)
         except Exception as exc:
-            if not self.driver._callback_failed(exc):
-                what = f"call {_name(fn)}"
-                self._log_failure(what, exc)
-                self.driver._fail(self, what, exc)
+            what = f"call {_name(fn)}"
+            if self._claim_failure(what, exc):
+                self._fail(what, exc)
 
     def _hand_over_failure(self, what: str, exc: Exception) -> None:
         """``exc`` escaped ``what``, the driver's code for this device, on a
         thread other than the device's queue (the dispatcher's, a worker's):
         logged here, and the device failed on its queue, where everything
-        about its state is done.  While one failure waits there, the next
-        ones (the guest notifies again, a Work is queued again) are only
-        logged: the first fails the device, and a second fatal() would only
-        write over the first one's error."""
+        about its state is done."""
+        if self._claim_failure(what, exc):
+            # Refused once the device is gone: there is nothing to fail.
+            self.events.call(self._fail, what, exc)
+
+    def _claim_failure(self, what: str, exc: Exception) -> bool:
+        """Log ``exc``, escaped from ``what``; whether it is the one to fail
+        the device.  From the moment one is, until the device is failed,
+        the next ones (the guest notifies again, a Work is queued again,
+        another Work of the device fails as disconnect() waits for it)
+        are only logged: the first one is the bug, and a second fatal()
+        would write over its error."""
         if self.driver._callback_failed(exc):
-            return
+            return False
         with self._lock:
             failing, self._failing = self._failing, True
         self._log_failure(what, exc, " (the device is failing already)" if failing else "")
-        if not failing:
-            # Refused once the device is gone: there is nothing to fail.
-            self.events.call(self._fail_handed_over, what, exc)
+        return not failing
 
-    def _fail_handed_over(self, what: str, exc: Exception) -> None:
-        with self._lock:
-            self._failing = False
-        self.driver._fail(self, what, exc)
+    def _fail(self, what: str, exc: Exception) -> None:
+        try:
+            self.driver._fail(self, what, exc)
+        finally:
+            with self._lock:
+                self._failing = False
 
     def _log_failure(self, what: str, exc: Exception, context: str = "") -> None:
         """Log ``exc``, escaped from ``what``, with its traceback (``context``

@@ -339,3 +339,50 @@ def test_a_work_failing_once_the_host_is_gone_is_logged_not_raised(frontends, ca
     assert bdev.gone and drv.devices() == []
     fe.close()
     assert not leaked_threads(before)
+
+
+def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """Two works of a device running at once, the second failing while
+    disconnect() waits for it, as the first one's failure is being dealt
+    with: the error node keeps the first failure, the second is logged."""
+    from xenback import DeviceWork
+
+    guest, dev, fe = _connected(host, frontends, "bad")
+    bdev = _bdev(driver, guest.domid)
+    tries: list[str] = []
+    fatal = bdev.fatal
+
+    def counted(err: int, message: str) -> None:
+        tries.append(message)
+        fatal(err, message)
+
+    monkeypatch.setattr(bdev, "fatal", counted)
+    disconnecting = threading.Event()
+
+    def second(_work: object) -> None:
+        assert disconnecting.wait(TIMEOUT)
+        raise RuntimeError("second")
+
+    def first(_work: object) -> None:
+        raise RuntimeError("first")
+
+    late = DeviceWork(bdev, second)
+
+    def disconnect(d: BackendDevice) -> None:  # as a driver's disable_sync()
+        if d is bdev:
+            disconnecting.set()
+            late.disable_sync(timeout=TIMEOUT)
+
+    driver.disconnect_hook = disconnect
+    assert driver.workqueue.queue_work(late)
+    assert driver.workqueue.queue_work(DeviceWork(bdev, first))
+    fe.wait_backend(S.CLOSING)
+    driver.workqueue.flush()
+    bdev.events.flush()
+    assert len(tries) == 1 and tries[0].endswith(": RuntimeError: first"), tries
+    assert _error(dom0_xs, dev) == f"{errno.EIO} {tries[0]}"
+    assert [str(r.exc_info[1]) for r in _tracebacks(caplog)] == [  # type: ignore[index]
+        "first", "second"]
+    assert "failing already" in _tracebacks(caplog)[1].getMessage()
+    assert _unhandled(caplog) == []
