@@ -56,8 +56,11 @@ protocol (section 2 of the protocol reference), item by item:
   the device's rate limit (the guest may set it off again and again).
   Failing runs on the device's queue: a failure on another thread is
   handed over to it, and until the first has failed the device, those
-  after it are only logged.  The frontend may then start again
-  (Initialising) and connect, as after any fatal error;
+  after it are only logged, as is one met once the device is no longer
+  connected (the frontend closed it or started over: a Closing then
+  would outlive its Closed, or fail its next connection).  The frontend
+  may then start again (Initialising) and connect, as after any fatal
+  error;
 * our own domain going away (a driver domain destroyed under its
   backend): libxl deletes its home before the domain, and with it goes
   our right to read anything we had there (EACCES where a node was).  A
@@ -1445,6 +1448,12 @@ class BackendDriver:
         and never tried again."""
         if dev.gone or self._domain_gone:
             return  # dropped already, or being dropped: nothing to fail
+        if not dev._connected:
+            # The connection the code served is over, and the frontend was
+            # told (it closed it, started over, or it failed already): a
+            # Closing now would land after its Closed was answered, and
+            # stay, or fail the connection it is setting up anew.
+            return
         err, message = _errno_of(exc)
         try:
             self._disconnect(dev)

@@ -386,3 +386,38 @@ def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
         "first", "second"]
     assert "failing already" in _tracebacks(caplog)[1].getMessage()
     assert _unhandled(caplog) == []
+
+
+def test_a_work_failing_as_its_frontend_closes_leaves_the_device_closed(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """The failure of a Work that disconnect() waited for comes after the
+    frontend's Closed was answered: the connection it would end is over,
+    and a Closing then would stay, with an error for a guest that left."""
+    from xenback import DeviceWork
+
+    guest, dev, fe = _connected(host, frontends, "leaving")
+    bdev = _bdev(driver, guest.domid)
+    disconnecting = threading.Event()
+
+    def serve(_work: object) -> None:
+        assert disconnecting.wait(TIMEOUT)
+        raise RuntimeError("too late")
+
+    work = DeviceWork(bdev, serve)
+
+    def disconnect(d: BackendDevice) -> None:  # as a driver's disable_sync()
+        if d is bdev:
+            disconnecting.set()
+            work.disable_sync(timeout=TIMEOUT)
+
+    driver.disconnect_hook = disconnect
+    assert driver.workqueue.queue_work(work)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    bdev.events.flush()
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    assert _error(dom0_xs, dev) is None
+    (logged,) = _tracebacks(caplog)
+    assert str(logged.exc_info[1]) == "too late"  # type: ignore[index]
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert _unhandled(caplog) == []
