@@ -700,7 +700,18 @@ class _Frontend:
             # On the device's queue, where everything about its state is
             # done: from here, our Closing could land after the frontend's
             # Closed was answered, and stay.
-            self.dev.queue(self.dev.fatal, _errno.EINVAL, f"pvcalls command ring: {exc}")
+            self.dev.queue(self._fail_broken_ring, str(exc))
+
+    def _fail_broken_ring(self, why: str) -> None:
+        # On the device's queue.  Not once we are disconnected: the
+        # frontend closed or started over as the Work met its broken ring
+        # (disconnect() waited for the Work, which queued this behind it),
+        # and a Closing now would outlive its Closed, or fail its next
+        # connection.
+        with self._rsp_lock:
+            closed = self._closed
+        if not closed:
+            self.dev.fatal(_errno.EINVAL, f"pvcalls command ring: {why}")
 
     def _handle(self, raw: bytes) -> None:
         req = ffi.from_buffer("struct xen_pvcalls_request *", raw)

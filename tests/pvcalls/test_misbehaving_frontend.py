@@ -414,3 +414,36 @@ def test_a_broken_command_ring_fails_its_device_on_the_device_queue(
     assert where == [True]
     fe.close()
     fe.xs.close()
+
+
+def test_a_command_ring_broken_as_the_frontend_closes_leaves_the_device_closed(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command Work meets the broken ring as the frontend goes Closed,
+    and disconnect() waits for it: the failure it queues comes after the
+    Closed was answered, and must not write Closing over it for a guest
+    that has left."""
+    fe = make_frontend("leaver")
+    assert fe.ring is not None
+    front = backend._frontends[(fe.guest.domid, 0)]
+    dev = front.dev
+    disconnecting = threading.Event()
+    close, queue = front.close, dev.queue
+
+    def close_seen() -> None:
+        disconnecting.set()
+        close()  # waits for the command Work
+
+    def queue_late(fn: Any, *args: object) -> bool:
+        if not dev.events.in_queue():  # the command Work's
+            assert disconnecting.wait(TIMEOUT)
+        return queue(fn, *args)
+
+    monkeypatch.setattr(front, "close", close_seen)
+    monkeypatch.setattr(dev, "queue", queue_late)
+    fe.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
+    fe.evtchn.notify(fe.port)
+    fe.xs.write(f"{fe.fe_path}/state", "6")
+    fe.wait_backend_state(6)
+    dev.events.flush()
+    assert fe.backend_state() == 6
+    assert dev.xenstore.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error") is None
