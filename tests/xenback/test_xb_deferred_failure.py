@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 
-from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, leaked_threads
+from tests.xenback.xbhelpers import (
+    TIMEOUT,
+    Census,
+    RecordingDriver,
+    backend_device,
+    connected,
+    error_node,
+    leaked_threads,
+)
 from xenback import BackendDevice, XenbusState
 from xenback.sim import SimHost
 
@@ -28,26 +36,6 @@ PATHS = ["call", "port", "work"]
 #: What runs that code, and only logged what escaped it before: a record
 #: of theirs means the exception was not taken care of.
 RUNNERS = ("xenback._eventqueue", "xenback.events", "workqueue._pool")
-
-
-def _connected(host: Any, frontends: Any, name: str) -> tuple[Any, Any, Any]:
-    guest = host.create_domain(name)
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
-    fe.publish()
-    fe.wait_backend(S.CONNECTED)
-    return guest, dev, fe
-
-
-def _bdev(driver: RecordingDriver, domid: int) -> BackendDevice:
-    (bdev,) = [d for d in driver.devices() if d.frontend_id == domid]
-    return bdev
-
-
-def _error(dom0_xs: Any, dev: Any) -> str | None:
-    relative = dev.backend_path[len("/local/domain/0/"):]
-    return dom0_xs.read(f"/local/domain/0/error/{relative}/error")
 
 
 def _run(path: str, driver: RecordingDriver, bdev: BackendDevice, fe: Any,
@@ -101,11 +89,11 @@ def test_an_exception_in_deferred_code_fails_its_device_only(
     the traceback logged once, by the framework rather than by whatever
     ran the code.  The frontend connects again after it, and the driver's
     other device goes on as if nothing happened."""
-    good_guest, good_dev, _ = _connected(host, frontends, "good")
-    good = _bdev(driver, good_guest.domid)
+    good_guest, good_dev, _ = connected(host, frontends, "good")
+    good = backend_device(driver, good_guest.domid)
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, frontends, "bad")
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
     exc = make()
 
     def broken() -> None:
@@ -114,7 +102,7 @@ def test_an_exception_in_deferred_code_fails_its_device_only(
     what = _run(path, driver, bdev, fe, broken)
     fe.wait_backend(S.CLOSING)
     bdev.events.flush()
-    assert _error(dom0_xs, dev) == text.format(what=what())
+    assert error_node(dom0_xs, dev) == text.format(what=what())
     # disconnect() once (on the device's queue: the driver fixture checks),
     # and what the device held given back.
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
@@ -127,7 +115,7 @@ def test_an_exception_in_deferred_code_fails_its_device_only(
     # The other device is served on, untouched.
     assert good.state == S.CONNECTED and good.resources == (1, 1)
     assert driver.calls_of(good_guest.domid) == ["probe", "connect"]
-    assert _error(dom0_xs, good_dev) is None
+    assert error_node(dom0_xs, good_dev) is None
 
     # As after any fatal error, the frontend starts again and connects.
     driver.event_hook = None
@@ -154,8 +142,8 @@ def test_failures_handed_over_together_fail_the_device_once(
     queue; until that has run, the code may fail again (the guest notifies
     again, the Work is queued again): each failure is logged, the device
     failed once, for the first."""
-    guest, dev, fe = _connected(host, frontends, "bad")
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
     tries: list[str] = []
     fatal = bdev.fatal
 
@@ -202,7 +190,7 @@ def test_failures_handed_over_together_fail_the_device_once(
     fe.wait_backend(S.CLOSING)
     bdev.events.flush()
     assert len(tries) == 1 and tries[0].endswith(": RuntimeError: first")
-    assert _error(dom0_xs, dev) == f"{errno.EIO} {tries[0]}"
+    assert error_node(dom0_xs, dev) == f"{errno.EIO} {tries[0]}"
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
     assert [str(r.exc_info[1]) for r in _tracebacks(caplog)] == [  # type: ignore[index]
         "first", "second"]
@@ -227,7 +215,7 @@ def test_code_failing_as_our_domain_goes_does_not_fail_the_device(
         fe.wait_backend(S.INIT_WAIT)
         fe.publish()
         fe.wait_backend(S.CONNECTED)
-        bdev = _bdev(drv, guest.domid)
+        bdev = backend_device(drv, guest.domid)
         started, home_gone = threading.Event(), threading.Event()
 
         def read_our_node() -> None:
@@ -257,8 +245,8 @@ def test_code_failing_as_our_domain_goes_does_not_fail_the_device(
 def test_a_fatal_that_raises_is_logged_not_raised_nor_retried(
         host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, frontends, "bad")
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
     tries: list[tuple[int, str]] = []
 
     def fatal(err: int, message: str) -> None:
@@ -288,9 +276,9 @@ def test_a_fatal_that_raises_is_logged_not_raised_nor_retried(
 
 def test_a_work_failing_after_its_device_was_removed_is_only_logged(
         host, driver, frontends, dom0_xs, caplog) -> None:
-    guest, dev, fe = _connected(host, frontends, "gone")
-    other, _, _ = _connected(host, frontends, "other")
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends, "gone")
+    other, _, _ = connected(host, frontends, "other")
+    bdev = backend_device(driver, guest.domid)
     dropped = threading.Event()
     _run("work", driver, bdev, fe, lambda: (dropped.wait(TIMEOUT), 1 / 0))
     fe.close()
@@ -306,8 +294,8 @@ def test_a_work_failing_after_its_device_was_removed_is_only_logged(
     assert _unhandled(caplog) == []
     assert driver.workqueue.stats().failed == 0
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
-    assert _error(dom0_xs, dev) is None
-    assert _bdev(driver, other.domid).state == S.CONNECTED
+    assert error_node(dom0_xs, dev) is None
+    assert backend_device(driver, other.domid).state == S.CONNECTED
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -321,8 +309,8 @@ def test_a_work_failing_once_the_host_is_gone_is_logged_not_raised(frontends, ca
     drv = RecordingDriver(host.dom0)
     drv.start()
     try:
-        guest, _, fe = _connected(host, frontends, "guest")
-        bdev = _bdev(drv, guest.domid)
+        guest, _, fe = connected(host, frontends, "guest")
+        bdev = backend_device(drv, guest.domid)
     finally:
         host.close()
     assert drv.xenstore.connection_lost.wait(TIMEOUT)
@@ -348,8 +336,8 @@ def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
     with: the error node keeps the first failure, the second is logged."""
     from xenback import DeviceWork
 
-    guest, dev, fe = _connected(host, frontends, "bad")
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
     tries: list[str] = []
     fatal = bdev.fatal
 
@@ -381,7 +369,7 @@ def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
     driver.workqueue.flush()
     bdev.events.flush()
     assert len(tries) == 1 and tries[0].endswith(": RuntimeError: first"), tries
-    assert _error(dom0_xs, dev) == f"{errno.EIO} {tries[0]}"
+    assert error_node(dom0_xs, dev) == f"{errno.EIO} {tries[0]}"
     assert [str(r.exc_info[1]) for r in _tracebacks(caplog)] == [  # type: ignore[index]
         "first", "second"]
     assert "failing already" in _tracebacks(caplog)[1].getMessage()
@@ -395,8 +383,8 @@ def test_a_work_failing_as_its_frontend_closes_leaves_the_device_closed(
     and a Closing then would stay, with an error for a guest that left."""
     from xenback import DeviceWork
 
-    guest, dev, fe = _connected(host, frontends, "leaving")
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends, "leaving")
+    bdev = backend_device(driver, guest.domid)
     disconnecting = threading.Event()
 
     def serve(_work: object) -> None:
@@ -416,7 +404,7 @@ def test_a_work_failing_as_its_frontend_closes_leaves_the_device_closed(
     fe.wait_backend(S.CLOSED)
     bdev.events.flush()
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
-    assert _error(dom0_xs, dev) is None
+    assert error_node(dom0_xs, dev) is None
     (logged,) = _tracebacks(caplog)
     assert str(logged.exc_info[1]) == "too late"  # type: ignore[index]
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]

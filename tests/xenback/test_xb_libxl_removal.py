@@ -16,25 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.xenback.xbhelpers import Census
+from tests.xenback.xbhelpers import Census, backend_device, connected
 from xenback import XenbusState as S
 
 TIMEOUT = 10.0
-
-
-def _connected(host: Any, driver: Any, frontends: Any, name: str) -> tuple[Any, Any, Any]:
-    guest = host.create_domain(name)
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    fe = frontends(guest, dev)
-    fe.wait_backend(S.INIT_WAIT)
-    fe.publish()
-    fe.wait_backend(S.CONNECTED)
-    return guest, dev, fe
-
-
-def _bdev(driver: Any, fe_id: int) -> Any:
-    (bdev,) = [d for d in driver.devices() if d.frontend_id == fe_id]
-    return bdev
 
 
 def _linux_shutdown(fe: Any) -> None:
@@ -67,8 +52,8 @@ def test_domain_death_then_a_new_domain_under_the_recreated_root(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="xenback.sim._toolstack")
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends, "first")
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends, "first")
+    bdev = backend_device(driver, guest.domid)
     if shutdown == "linux":
         _linux_shutdown(fe)
         # Closed is written before the callback that handled the frontend's
@@ -83,10 +68,10 @@ def test_domain_death_then_a_new_domain_under_the_recreated_root(
 
     # backend/xbtest was deleted and is re-created for the next domain:
     # the watch on it still fires, and the device is found and connects.
-    guest, dev, fe = _connected(host, driver, frontends, "second")
+    guest, dev, fe = connected(host, frontends, "second")
     assert driver.calls_of(guest.domid) == ["probe", "connect"]
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
-    bdev = _bdev(driver, guest.domid)
+    bdev = backend_device(driver, guest.domid)
     fe.close()
     host.destroy_domain(guest)
     _no_forced_removal(caplog)
@@ -99,8 +84,8 @@ def test_hot_unplug_of_the_last_device_then_a_new_one(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="xenback.sim._toolstack")
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends, "guest")
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends, "guest")
+    bdev = backend_device(driver, guest.domid)
     # A frontend that answers the backend's Closing as Linux's does.
     fe.xs.watch(f"{dev.backend_path}/state", lambda _p: _follow(fe, dev))
     assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True

@@ -17,7 +17,16 @@ import pytest
 
 from tests.sim.hosthelpers import eventually
 from tests.stolensignal import interrupt, main_thread_in
-from tests.xenback.xbhelpers import TIMEOUT, Census, RecordingDriver, handed_over, leaked_threads
+from tests.xenback.xbhelpers import (
+    TIMEOUT,
+    Census,
+    RecordingDriver,
+    backend_device,
+    connected,
+    error_node,
+    handed_over,
+    leaked_threads,
+)
 from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback.sim import SimHost
 from xenback.sim._xenstored import RawClient
@@ -45,12 +54,6 @@ def _at_init_wait(host, frontends, name="guest", devid=0):
     return guest, dev, fe
 
 
-def _connected(host, driver, frontends, name="guest", devid=0):
-    guest = host.create_domain(name)
-    dev = host.toolstack.add_device("xbtest", guest.domid, devid=devid)
-    return guest, dev, _connect(frontends, guest, dev)
-
-
 def _connect(frontends, guest, dev):
     """A frontend for ``dev`` that waits for InitWait, publishes and waits
     for Connected."""
@@ -61,20 +64,10 @@ def _connect(frontends, guest, dev):
     return fe
 
 
-def _bdev(driver, fe_id, devid=0):
-    (bdev,) = [d for d in driver.devices() if (d.frontend_id, d.devid) == (fe_id, devid)]
-    return bdev
-
-
 def _watches_on(host, path: str) -> int:
     """Watches on exactly ``path`` in the host's XenStore (asked on its loop thread)."""
     xsd = host._xenstored
     return xsd._call(lambda: len(xsd._dispatcher.watches.matching(path, False)))
-
-
-def _error(dom0_xs, dev) -> str | None:
-    relative = dev.backend_path[len("/local/domain/0/"):]
-    return dom0_xs.read(f"/local/domain/0/error/{relative}/error")
 
 
 def test_state_values_and_parsing() -> None:
@@ -120,7 +113,7 @@ def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_
 
     fe.publish()
     fe.wait_backend(S.CONNECTED)
-    bdev = _bdev(driver, guest.domid)
+    bdev = backend_device(driver, guest.domid)
     assert bdev.resources == (1, 1)
     assert bdev.otherend == dev.frontend_path
     assert bdev.frontend_state == S.INITIALISED
@@ -159,7 +152,7 @@ def test_lifecycle_connect_close_reconnect_remove(host, driver, frontends, dom0_
     assert bdev.gone and bdev.resources == (0, 0)
     assert driver.calls_of(guest.domid)[-2:] == ["disconnect", "remove"]
     assert _ports(host) == baseline_ports + 1  # only the frontend's own port
-    assert _error(dom0_xs, dev) is None
+    assert error_node(dom0_xs, dev) is None
     fe.pages.unshare()
     assert _grants(host) == 0  # nobody maps the ring page any more
 
@@ -168,13 +161,13 @@ def test_a_frontend_may_connect_again_straight_from_closed(host, driver, fronten
     """After Closed (the device stays online) a frontend may publish its
     ring and go Initialised without passing through Initialising: as
     Linux's backends, connect from any state but Closing."""
-    guest, dev, fe = _connected(host, driver, frontends)
+    guest, dev, fe = connected(host, frontends)
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
     fe.publish()
     fe.wait_backend(S.CONNECTED)
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
-    assert _bdev(driver, guest.domid).resources == (1, 1)
+    assert backend_device(driver, guest.domid).resources == (1, 1)
 
 
 def test_init_wait_comes_after_the_features(host, driver, frontends, dom0_xs) -> None:
@@ -205,11 +198,11 @@ def test_removal_of_a_device_whose_frontend_never_connected(host, driver, fronte
     assert driver.calls_of(guest.domid) == ["probe", "remove"]
     fe.close()
     census.check()
-    _connected(host, driver, frontends, "other")
+    connected(host, frontends, "other")
 
 
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
-    guest, dev, fe = _connected(host, driver, frontends)
+    guest, dev, fe = connected(host, frontends)
     fe.set_state(S.CONNECTED)  # Initialised -> Connected on the frontend
     fe.set_state(S.CONNECTED)
     fe.xs.write(f"{dev.frontend_path}/unrelated", "x")
@@ -222,8 +215,8 @@ def test_tracked_resources_can_be_released_early(host, driver, frontends) -> Non
     """A driver may unmap and unbind before disconnect; what it released
     is no longer tracked, and disconnect releases only the rest."""
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     (port,) = driver.events.ports
     bdev.unbind_evtchn(port)
     assert bdev.resources == (1, 0) and driver.events.ports == []
@@ -242,8 +235,8 @@ def test_releasing_what_the_framework_released_already(host, driver, frontends) 
     released everything: unmapping again is a no-op, as it is for the
     mapping itself; unbinding says which port the device does not hold."""
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     mapping = bdev.driver_data
     (port,) = driver.events.ports
     fe.set_state(S.CLOSING)
@@ -264,8 +257,8 @@ def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> Non
     """A driver's own work item may try to map or bind after the device was
     dropped: it gets ENODEV and nothing stays mapped or bound."""
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     fe.set_state(S.CLOSED)
     fe.xs.rm(f"{dev.frontend_path}/state")  # Unknown: the device is dropped
     driver.wait_call("remove", guest.domid)
@@ -286,8 +279,8 @@ def test_a_mapping_flag_must_be_true_or_false(host, driver, frontends, monkeypat
     """writable="no" is refused by the device itself, before any platform
     (one that read it for its truth would map the frontend's pages
     writable): TypeError naming the argument, nothing mapped."""
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     resources = bdev.resources
     asked: list[object] = []
     monkeypatch.setattr(driver.gnttab, "map_grant_refs", lambda *a, **kw: asked.append(kw))
@@ -303,8 +296,8 @@ def test_resources_taken_while_the_device_is_being_dropped_are_released(
     disconnect released everything, until the device is gone: here as
     remove() runs.  What it took is released with the device."""
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     plain_remove = driver.remove
 
     def remove_racing_a_work_item(d) -> None:
@@ -330,8 +323,8 @@ def test_a_stopped_driver_opens_no_handles_for_a_late_work_item(host, driver, fr
         return host.hypervisor.stats()["connections"]
 
     before = handles()
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     driver.stop()
     threads = set(threading.enumerate())
     with pytest.raises(OSError) as info:
@@ -378,7 +371,7 @@ def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     assert driver.calls_of(guest.domid) == []
     census.check()
     # And the backend still serves other devices.
-    _connected(host, driver, frontends, "other")
+    connected(host, frontends, "other")
 
 
 @pytest.mark.parametrize("lie", ["frontend-id", "relative frontend"])
@@ -411,7 +404,7 @@ def test_frontend_id_that_does_not_match_the_path(host, driver, frontends, dom0_
     assert "does not match" in error
     assert driver.calls_of(guest.domid) == []
     census.check()
-    _connected(host, driver, frontends, "other")
+    connected(host, frontends, "other")
 
 
 @pytest.mark.parametrize(
@@ -432,11 +425,11 @@ def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs
     guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish(nodes)
     fe.wait_backend(S.CLOSING)
-    error = _error(dom0_xs, dev)
+    error = error_node(dom0_xs, dev)
     assert error is not None and text in error, error
     code = int(error.split()[0])
     assert code > 0 and (err is None or code == err)
-    bdev = _bdev(driver, guest.domid)
+    bdev = backend_device(driver, guest.domid)
     assert bdev.resources == (0, 0)
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
     # A Connected written now is ignored: the frontend must close first.
@@ -446,7 +439,7 @@ def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs
     assert driver.calls_of(guest.domid).count("connect") == 1
     fe.close()
     census.check()
-    _connected(host, driver, frontends, "good")
+    connected(host, frontends, "good")
 
 
 def test_bad_event_channel_releases_the_grant_already_mapped(host, driver, frontends, dom0_xs) -> None:
@@ -455,21 +448,21 @@ def test_bad_event_channel_releases_the_grant_already_mapped(host, driver, front
     fe.share()
     fe.publish({"ring-ref": fe.pages.refs[0], "port": fe.port + 100})
     fe.wait_backend(S.CLOSING)
-    assert _bdev(driver, guest.domid).resources == (0, 0)
-    error = _error(dom0_xs, dev)
+    assert backend_device(driver, guest.domid).resources == (0, 0)
+    error = error_node(dom0_xs, dev)
     assert error is not None and error.startswith(f"{errno.EINVAL} connecting: ")
     # The page is no longer mapped by anyone: once the guest ends access,
     # its grant entry is gone.
     fe.close()
     census.check()
-    _connected(host, driver, frontends, "good")
+    connected(host, frontends, "good")
 
 
 def test_frontend_state_vanishing_drops_the_device(host, driver, frontends, dom0_xs) -> None:
     """A missing frontend ``state`` reads as Unknown: Closed, then dropped."""
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     state = f"{dev.frontend_path}/state"
     assert _watches_on(host, state) == 1
     fe.xs.rm(state)
@@ -480,15 +473,15 @@ def test_frontend_state_vanishing_drops_the_device(host, driver, frontends, dom0
     # Nor does it watch the frontend any more: a driver domain has 128 watches.
     assert _watches_on(host, state) == 0
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
-    assert _error(dom0_xs, dev) is None
+    assert error_node(dom0_xs, dev) is None
     fe.close()
     census.check()
-    _connected(host, driver, frontends, "next")
+    connected(host, frontends, "next")
 
 
 def test_state_is_written_only_when_it_changes(host, driver, frontends, dom0_xs) -> None:
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     writes: list[str] = []
     seen = threading.Event()
 
@@ -531,7 +524,7 @@ def test_a_blocked_device_holds_up_only_itself(host, driver, frontends) -> None:
     fe.set_state(S.CLOSING)
     fe.set_state(S.CLOSED)
     # Meanwhile another device goes all the way through.
-    fast, _, fast_fe = _connected(host, driver, frontends, "fast")
+    fast, _, fast_fe = connected(host, frontends, "fast")
     fast_fe.set_state(S.CLOSED)
     fast_fe.wait_backend(S.CLOSED)
     assert driver.calls_of(slow.domid) == ["probe", "connect"]
@@ -546,8 +539,8 @@ def test_backend_events_go_straight_to_their_device(host, driver, frontends, dom
     """An event under a known device's directory is queued on that
     device's queue by the watch thread, in arrival order with its
     frontend's events; it does not wait behind discovery (the bus queue)."""
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     in_bus, release = threading.Event(), threading.Event()
     driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
     try:
@@ -566,10 +559,10 @@ def test_impossible_frontend_state_is_fatal(host, driver, frontends, dom0_xs, va
     guest, dev, fe = _at_init_wait(host, frontends, "odd")
     fe.set_state(value)
     fe.wait_backend(S.CLOSING)
-    assert _error(dom0_xs, dev).startswith(f"{errno.EINVAL} ")
+    assert error_node(dom0_xs, dev).startswith(f"{errno.EINVAL} ")
     fe.close()
     census.check()
-    _connected(host, driver, frontends, "good")
+    connected(host, frontends, "good")
 
 
 def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -600,7 +593,7 @@ def test_non_ascii_from_the_frontend_is_reported_and_fatal(
         for key, value in nodes.items():
             raw.write(f"{dev.frontend_path}/{key}", value)
     fe.wait_backend(S.CLOSING)
-    assert _error(dom0_xs, dev) == text.format(fe=guest.domid)
+    assert error_node(dom0_xs, dev) == text.format(fe=guest.domid)
     assert _no_tracebacks(caplog) == []
 
 
@@ -612,7 +605,7 @@ def test_error_message_is_escaped_for_the_error_node(host, driver, frontends, do
     guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish()
     fe.wait_backend(S.CLOSING)
-    assert _error(dom0_xs, dev) == r"22 connecting: caf\xe9\nor\ttea"
+    assert error_node(dom0_xs, dev) == r"22 connecting: caf\xe9\nor\ttea"
     assert _no_tracebacks(caplog) == []
 
 
@@ -620,19 +613,19 @@ def test_an_errno_given_negative_as_in_the_kernel_is_written_positive(
         host, driver, frontends, dom0_xs) -> None:
     """Kernel drivers pass -ENOMEM to xenbus_dev_error(), which writes the
     positive number: a driver ported from one may do the same here."""
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     bdev.error(-errno.ENOMEM, "no memory")
-    assert _error(dom0_xs, dev) == "12 no memory"
+    assert error_node(dom0_xs, dev) == "12 no memory"
     bdev.queue(bdev.fatal, -errno.EIO, "broken")
     fe.wait_backend(S.CLOSING)
-    assert _error(dom0_xs, dev) == "5 broken"
+    assert error_node(dom0_xs, dev) == "5 broken"
 
 
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs) -> None:
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     dom0_xs.rm(dev.backend_path)
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
@@ -647,7 +640,7 @@ def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom
     fe.set_state(S.CLOSED)
     fe.close()
     census.check()
-    _connected(host, driver, frontends, "next")
+    connected(host, frontends, "next")
     assert not dom0_xs.exists(dev.backend_path)
 
 
@@ -656,8 +649,8 @@ def test_a_frontend_domains_backend_directory_deleted_drops_its_devices(
     """libxl prunes ``backend/<type>/<domid>`` with a domain's last device:
     then the one event names that directory, not the device's."""
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     dom0_xs.rm(dev.backend_path.rsplit("/", 1)[0])
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
@@ -673,12 +666,12 @@ def test_a_rescan_leaves_devices_that_were_dropped_alone(host, driver, frontends
     in any state: a later one (another frontend domain's directory
     pruned) must not pick up again a device dropped and left Closed for
     the toolstack to delete."""
-    g1, dev1, fe1 = _connected(host, driver, frontends, "closed")
+    g1, dev1, fe1 = connected(host, frontends, "closed")
     dom0_xs.write(f"{dev1.backend_path}/online", 0)
     fe1.set_state(S.CLOSED)
     fe1.wait_backend(S.CLOSED)
     driver.wait_call("remove", g1.domid)
-    g2, dev2, fe2 = _connected(host, driver, frontends, "pruned")
+    g2, dev2, fe2 = connected(host, frontends, "pruned")
     dom0_xs.rm(dev2.backend_path.rsplit("/", 1)[0])  # the whole directory is listed again
     driver.wait_call("remove", g2.domid)
     assert driver.devices() == []
@@ -692,8 +685,8 @@ def test_a_device_re_created_at_the_same_path_is_served(
     # The toolstack removes a device and adds it again at the same path
     # while the backend still knows the old one: the old one must neither
     # write into the new directory nor keep the new device from its probe.
-    guest, dev, fe = _connected(host, driver, frontends)
-    old = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
     stalled, go = threading.Event(), threading.Event()
 
     def stall(bdev: Any) -> None:
@@ -721,7 +714,7 @@ def test_a_device_re_created_at_the_same_path_is_served(
     assert dom0_xs.read(f"{again.backend_path}/feature-late") is None
     go.set()
     fe = _connect(frontends, guest, again)
-    assert _bdev(driver, guest.domid) is not old and old.gone
+    assert backend_device(driver, guest.domid) is not old and old.gone
     assert driver.calls_of(guest.domid).count("probe") == 2
 
 
@@ -748,7 +741,7 @@ def test_a_device_re_created_while_probe_runs_gets_its_features(
     fe = _connect(frontends, guest, again)
     assert dom0_xs.read(f"{again.backend_path}/feature-test") == "1"
     assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
-    assert _error(dom0_xs, again) is None
+    assert error_node(dom0_xs, again) is None
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
 
@@ -795,7 +788,7 @@ def test_the_error_node_goes_with_the_device(host, driver, frontends, dom0_xs) -
     guest, dev, fe = _at_init_wait(host, frontends)
     fe.set_state("9")
     fe.wait_backend(S.CLOSING)
-    assert _error(dom0_xs, dev) == f"{errno.EINVAL} frontend invalid xenbus state '9'"
+    assert error_node(dom0_xs, dev) == f"{errno.EINVAL} frontend invalid xenbus state '9'"
     fe.set_state(S.CLOSED)
     assert host.toolstack.remove_device(dev, timeout=TIMEOUT)
     driver.wait_call("remove", guest.domid)
@@ -808,7 +801,7 @@ def test_the_error_node_goes_with_the_device(host, driver, frontends, dom0_xs) -
     fe2.wait_backend(S.INIT_WAIT)
     fe2.set_state("9")
     fe2.wait_backend(S.CLOSING)
-    assert _error(dom0_xs, again) == f"{errno.EINVAL} frontend invalid xenbus state '9'"
+    assert error_node(dom0_xs, again) == f"{errno.EINVAL} frontend invalid xenbus state '9'"
 
 
 def test_a_taken_over_device_re_created_at_the_same_path_is_served(
@@ -822,7 +815,7 @@ def test_a_taken_over_device_re_created_at_the_same_path_is_served(
     dom0_xs.write(f"{dev.backend_path}/state", int(S.INIT_WAIT))  # an earlier backend's
     with RecordingDriver(host.dom0) as drv:
         drv.wait_call("probe", guest.domid)
-        old = _bdev(drv, guest.domid)
+        old = backend_device(drv, guest.domid)
         stalled, go = threading.Event(), threading.Event()
         old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))  # its events wait
         assert stalled.wait(TIMEOUT)
@@ -832,15 +825,15 @@ def test_a_taken_over_device_re_created_at_the_same_path_is_served(
         again = host.toolstack.add_device("xbtest", guest.domid)
         go.set()
         fe = _connect(frontends, guest, again)
-        assert _bdev(drv, guest.domid) is not old and old.gone
+        assert backend_device(drv, guest.domid) is not old and old.gone
         assert drv.calls_of(guest.domid).count("probe") == 2
 
 
 def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
-    other, _, other_fe = _connected(host, driver, frontends, "other")
+    other, _, other_fe = connected(host, frontends, "other")
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     fe.close()  # the guest's own connections die with it
     host.destroy_domain(guest)
     driver.wait_call("remove", guest.domid)
@@ -911,7 +904,7 @@ def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
     guest, dev, fe = _at_init_wait(host, frontends, "dying")
     fe.publish()
     assert entered.wait(TIMEOUT)
-    bdev = _bdev(driver, guest.domid)
+    bdev = backend_device(driver, guest.domid)
     fe.close()
     # The stuck backend cannot close: libxl removes the device anyway after
     # its timeout (shortened here), then destroys the domain.
@@ -922,7 +915,7 @@ def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
     assert bdev.gone and bdev.resources == (0, 0) and driver.devices() == []
     census.check()
     driver.connect_hook = None
-    _connected(host, driver, frontends, "survivor")
+    connected(host, frontends, "survivor")
 
 
 def test_devices_are_found_at_start_and_stop_closes_them(host, frontends) -> None:
@@ -985,7 +978,7 @@ def test_directories_that_are_not_domid_devid_are_ignored(
         base = f"/local/domain/0/backend/xbtest/{junk}"
         dom0_xs.transaction(lambda t, base=base: (t.write(f"{base}/frontend-id", 1),
                                                   t.write(f"{base}/state", 1)))
-    guest, dev, fe = _connected(host, driver, frontends)  # discovery went past them
+    guest, dev, fe = connected(host, frontends)  # discovery went past them
     assert [(d.frontend_id, d.devid) for d in driver.devices()] == [(guest.domid, 0)]
     assert not dom0_xs.exists("/local/domain/0/error")
     said = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -1115,7 +1108,7 @@ def test_only_initialising_devices_are_probed(host, driver, frontends, dom0_xs) 
         t.write(f"{root}/notanumber/state", 1)
 
     dom0_xs.transaction(tx)
-    _connected(host, driver, frontends, "good")
+    connected(host, frontends, "good")
     assert all(d.frontend_id != guest.domid for d in driver.devices())
     assert dom0_xs.read(f"{root}/5/state") == "6" and dom0_xs.read(f"{root}/6/state") is None
 
@@ -1177,7 +1170,7 @@ def test_driver_stops_after_the_host_went_away(frontends) -> None:
     drv = RecordingDriver(host.dom0)
     drv.start()
     try:
-        guest, dev, fe = _connected(host, drv, frontends)
+        guest, dev, fe = connected(host, frontends)
         fe.set_state(S.CLOSED)  # ports and grants released while the host lives
         fe.wait_backend(S.CLOSED)
         fe.close()
@@ -1199,7 +1192,7 @@ def test_any_other_driver_exception_is_reported_as_eio(host, driver, frontends, 
     guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish()
     fe.wait_backend(S.CLOSING)
-    assert _error(dom0_xs, dev) == f"{errno.EIO} connecting: LookupError: no such queue"
+    assert error_node(dom0_xs, dev) == f"{errno.EIO} connecting: LookupError: no such queue"
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
     assert _no_tracebacks(caplog) == []
     fe.close()
@@ -1213,8 +1206,8 @@ def test_frontend_closed_while_offline_drops_the_device(
     the frontend closes: Closed is written and the device dropped, though
     the toolstack has not deleted its directory."""
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     if online is None:
         dom0_xs.rm(f"{dev.backend_path}/online")
     else:
@@ -1226,7 +1219,7 @@ def test_frontend_closed_while_offline_drops_the_device(
     assert bdev.gone and driver.devices() == []
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
-    assert _error(dom0_xs, dev) is None
+    assert error_node(dom0_xs, dev) is None
     fe.close()
     census.check()
 
@@ -1281,8 +1274,8 @@ def _host_that_dies(frontends) -> Iterator[tuple[SimHost, RecordingDriver, Any, 
     drv = RecordingDriver(host.dom0)
     drv.start()
     try:
-        guest, dev, fe = _connected(host, drv, frontends)
-        yield host, drv, guest, _bdev(drv, guest.domid), fe
+        guest, dev, fe = connected(host, frontends)
+        yield host, drv, guest, backend_device(drv, guest.domid), fe
     finally:
         host.close()
     assert drv.xenstore.connection_lost.wait(TIMEOUT)
@@ -1514,7 +1507,7 @@ def test_eacces_in_a_live_driver_domain_is_still_an_error(host, dom0_xs, fronten
         caplog.clear()
         # The guest takes the backend's right to read its ring-ref away.
         hider.xs.set_perms(f"{hider.path}/ring-ref", [f"n{hider.guest.domid}"])
-        bdev = _bdev(drv, hider.guest.domid)
+        bdev = backend_device(drv, hider.guest.domid)
         assert bdev.queue(bdev.read_otherend, "ring-ref")
         hider.wait_backend(S.CLOSING)
         bdev.events.flush()
@@ -1563,7 +1556,7 @@ def test_a_probe_failing_on_its_deleted_directory_reports_nothing(
     release.set()
     driver.wait_call("remove", guest.domid)
     assert driver.devices() == []
-    assert _error(dom0_xs, dev) is None
+    assert error_node(dom0_xs, dev) is None
     assert not dom0_xs.exists(dev.backend_path)
 
 
@@ -1592,7 +1585,7 @@ def test_removal_while_probe_or_connect_runs_is_not_overwritten(
         guest, dev, fe = _at_init_wait(host, frontends)
         fe.publish()
     assert entered.wait(TIMEOUT)
-    bdev = _bdev(driver, guest.domid)
+    bdev = backend_device(driver, guest.domid)
     removed: list[bool] = []
     remover = threading.Thread(
         target=lambda: removed.append(host.toolstack.remove_device(dev, timeout=TIMEOUT)))
@@ -1620,8 +1613,8 @@ def test_a_frontend_flooding_its_state_queues_one_event(host, driver, frontends)
     device's queue, the next ones are dropped (XSA-349, Linux's
     frontend_will_handle()): the waiting one reads the newest state
     anyway, and the queue cannot grow without bound."""
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     # The events of the connection (the frontend's publish fires one per
     # node it wrote) are over before counting: one still on its way would
     # run ahead of the blocker and count the frontend's state before the
@@ -1664,7 +1657,7 @@ def test_a_stop_interrupted_in_its_wait_can_be_finished_by_another(host, driver,
     """Ctrl-C while stop() waits for a device's queue (its disconnect hook
     still runs): a later stop() must do what is left, not return at once
     with the devices, threads and XenStore connection still there."""
-    guest, _dev, fe = _connected(host, driver, frontends)
+    guest, _dev, fe = connected(host, frontends)
     release = threading.Event()
     driver.disconnect_hook = lambda dev: release.wait(TIMEOUT)
 
@@ -1689,8 +1682,8 @@ def test_a_frontend_restarting_without_closing_can_connect_again(
     and netback's set_backend_state do), or the new frontend waits for an
     InitWait that never comes while the old ring stays mapped."""
     census = Census(host, driver)
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     if was == S.CLOSING:
         fe.set_state(S.CLOSING)
         fe.wait_backend(S.CLOSING)
@@ -1704,7 +1697,7 @@ def test_a_frontend_restarting_without_closing_can_connect_again(
     fe.wait_backend(S.CONNECTED)
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
     assert bdev.resources == (1, 1)
-    assert _error(dom0_xs, dev) is None
+    assert error_node(dom0_xs, dev) is None
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
     fe.close()
@@ -1717,8 +1710,8 @@ def test_a_frontend_restarting_during_removal_lets_the_toolstack_go(
     restarts instead of closing: a frontend in Initialising has nothing to
     close, so the device goes Closed at once, as when the toolstack finds
     the frontend in Initialising; libxl must not wait out its timeout."""
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     removed: list[bool] = []
     remover = threading.Thread(
         target=lambda: removed.append(host.toolstack.remove_device(dev, timeout=3)))
@@ -1756,7 +1749,7 @@ def test_a_frontend_changed_that_raises_fails_the_device(
     guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish()
     fe.wait_backend(S.CLOSING, timeout=3)
-    assert _error(dom0_xs, dev) == (
+    assert error_node(dom0_xs, dev) == (
         f"{errno.EIO} frontend state 3: LookupError: no queue for this frontend")
     assert _no_tracebacks(caplog) == []
     fe.set_state(S.CLOSED)  # and the device still closes
@@ -1779,15 +1772,15 @@ def test_a_frontend_changed_that_raises_after_dropping_the_device(
             raise LookupError("no queue for this frontend")
 
     driver.frontend_changed = extended  # type: ignore[method-assign]
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     dom0_xs.write(f"{dev.backend_path}/online", 0)
     fe.set_state(S.CLOSED)
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
     assert bdev.gone
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
-    assert _error(dom0_xs, dev) is None
+    assert error_node(dom0_xs, dev) is None
 
 
 @pytest.mark.parametrize("left", [S.INIT_WAIT, S.INITIALISED, S.CONNECTED, S.CLOSING, S.CLOSED])
@@ -1822,9 +1815,9 @@ def test_a_device_an_earlier_backend_left_is_taken_over(
             fe.wait_backend(S.INIT_WAIT, timeout=3)
         fe.publish()
         fe.wait_backend(S.CONNECTED, timeout=3)
-        bdev = _bdev(drv, guest.domid)
+        bdev = backend_device(drv, guest.domid)
         assert bdev.resources == (1, 1)
-        assert _error(dom0_xs, dev) is None
+        assert error_node(dom0_xs, dev) is None
         fe.set_state(S.CLOSED)
         fe.wait_backend(S.CLOSED, timeout=3)
         assert bdev.resources == (0, 0)
@@ -1859,7 +1852,7 @@ def test_a_frontend_still_connected_to_a_stopped_backend_is_not_reconnected_as_i
         fe.publish()
         fe.wait_backend(S.CONNECTED, timeout=3)
         assert second.calls_of(guest.domid)[:2] == ["probe", "connect"]
-        assert _error(dom0_xs, dev) is None
+        assert error_node(dom0_xs, dev) is None
 
 
 @pytest.mark.parametrize("hook", ["probe", "connect"])
@@ -1878,12 +1871,12 @@ def test_stop_from_a_driver_callback_is_refused_before_it_does_anything(
             refused.append(exc)
 
     setattr(driver, f"{hook}_hook", stop_from_callback)
-    guest, dev, fe = _connected(host, driver, frontends)
+    guest, dev, fe = connected(host, frontends)
     assert len(refused) == 1
     assert "stop() from a callback of RecordingDriver" in str(refused[0])
     assert driver.calls_of(guest.domid) == ["probe", "connect"]
     # Still serving: a second device comes and connects.
-    _connected(host, driver, frontends, name="guest2")
+    connected(host, frontends, name="guest2")
 
 
 def test_error_and_fatal_name_a_wrong_argument(host, driver, frontends, dom0_xs) -> None:
@@ -1902,7 +1895,7 @@ def test_error_and_fatal_name_a_wrong_argument(host, driver, frontends, dom0_xs)
                 raised.append(exc)
 
     driver.connect_hook = misuse
-    guest, dev, fe = _connected(host, driver, frontends)
+    guest, dev, fe = connected(host, frontends)
     assert [str(e) for e in raised] == [
         "error number must be an int, not str",
         "error number must be an int, not NoneType",
@@ -1910,7 +1903,7 @@ def test_error_and_fatal_name_a_wrong_argument(host, driver, frontends, dom0_xs)
         "error message must be a str, not NoneType",
         "error message must be a str, not bytes",
     ]
-    assert _error(dom0_xs, dev) is None
+    assert error_node(dom0_xs, dev) is None
 
 
 def test_a_device_notifies_only_ports_it_holds(host, driver, frontends, monkeypatch) -> None:
@@ -1918,8 +1911,8 @@ def test_a_device_notifies_only_ports_it_holds(host, driver, frontends, monkeypa
     driver's work item running after disconnect released it) sent the
     event anyway, on whatever that number is bound to by then: another
     device's frontend, in another guest.  It is not sent."""
-    guest, dev, fe = _connected(host, driver, frontends)
-    bdev = _bdev(driver, guest.domid)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
     (port,) = bdev._ports
     sent: list[int] = []
     notify = driver.events.notify
@@ -1950,7 +1943,7 @@ def test_a_second_stop_returns_only_once_the_driver_is_stopped(host, driver, fro
     main thread's finally, say): the second returned at once, while the
     first was still disconnecting devices, and its caller went on to tear
     down what the driver still used.  It waits for the first to finish."""
-    guest, _dev, _fe = _connected(host, driver, frontends)
+    guest, _dev, _fe = connected(host, frontends)
     in_hook = threading.Event()
     release = threading.Event()
 

@@ -136,6 +136,30 @@ class RecordingDriver(BackendDriver):
         self._record("remove", dev)
 
 
+def connected(host: Any, frontends: Any, name: str = "guest", devid: int = 0) -> tuple[Any, Any, Any]:
+    """A new guest ``name`` whose ``xbtest`` device is Connected:
+    ``(guest, toolstack device, frontend)``."""
+    guest = host.create_domain(name)
+    dev = host.toolstack.add_device("xbtest", guest.domid, devid=devid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(XenbusState.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(XenbusState.CONNECTED)
+    return guest, dev, fe
+
+
+def backend_device(driver: BackendDriver, fe_id: int, devid: int = 0) -> BackendDevice:
+    """The device ``driver`` serves for frontend domain ``fe_id``."""
+    (dev,) = [d for d in driver.devices() if (d.frontend_id, d.devid) == (fe_id, devid)]
+    return dev
+
+
+def error_node(dom0_xs: XenStore, dev: Any) -> str | None:
+    """What dom0's backend wrote to the error node of toolstack device ``dev``."""
+    relative = dev.backend_path[len("/local/domain/0/"):]
+    return dom0_xs.read(f"/local/domain/0/error/{relative}/error")
+
+
 def handed_over(xs: XenStore, tag: str, base: str = "/ord-sync") -> None:
     """Return once every watch event XenStore sent ``xs`` so far has been
     handed to its callback or its EventQueue: the events of one connection
