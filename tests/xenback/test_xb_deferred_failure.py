@@ -25,7 +25,7 @@ from tests.xenback.xbhelpers import (
     error_node,
     leaked_threads,
 )
-from xenback import BackendDevice, XenbusState
+from xenback import BackendDevice, DeviceWork, XenbusState
 from xenback.sim import SimHost
 
 S = XenbusState
@@ -58,8 +58,6 @@ def _run(path: str, driver: RecordingDriver, bdev: BackendDevice, fe: Any,
         driver.event_hook = hook
         fe.evtchn.notify(fe.port)
         return lambda: f"callback of event channel port {fired[0]}"
-    from xenback import DeviceWork  # here: the other paths fail on their own without it
-
     def serve(_work: object) -> None:
         fn()
 
@@ -144,14 +142,7 @@ def test_failures_handed_over_together_fail_the_device_once(
     failed once, for the first."""
     guest, dev, fe = connected(host, frontends, "bad")
     bdev = backend_device(driver, guest.domid)
-    tries: list[str] = []
-    fatal = bdev.fatal
-
-    def counted(err: int, message: str) -> None:
-        tries.append(message)
-        fatal(err, message)
-
-    monkeypatch.setattr(bdev, "fatal", counted)
+    tries = _count_fatal(bdev, monkeypatch)
     held, holding = threading.Event(), threading.Event()
 
     def hold() -> None:  # the device's queue, until both failures are handed over
@@ -177,8 +168,6 @@ def test_failures_handed_over_together_fail_the_device_once(
             fe.evtchn.notify(fe.port)
             assert fired.acquire(timeout=TIMEOUT)
     else:
-        from xenback import DeviceWork
-
         def serve(_work: object) -> None:
             raise next(failures)
 
@@ -329,15 +318,9 @@ def test_a_work_failing_once_the_host_is_gone_is_logged_not_raised(frontends, ca
     assert not leaked_threads(before)
 
 
-def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
-        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
-    """Two works of a device running at once, the second failing while
-    disconnect() waits for it, as the first one's failure is being dealt
-    with: the error node keeps the first failure, the second is logged."""
-    from xenback import DeviceWork
 
-    guest, dev, fe = connected(host, frontends, "bad")
-    bdev = backend_device(driver, guest.domid)
+def _count_fatal(bdev: BackendDevice, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The messages of every fatal() of ``bdev`` from now on."""
     tries: list[str] = []
     fatal = bdev.fatal
 
@@ -346,24 +329,44 @@ def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
         fatal(err, message)
 
     monkeypatch.setattr(bdev, "fatal", counted)
+    return tries
+
+
+def _failing_in_disconnect(driver: RecordingDriver, bdev: BackendDevice,
+                           message: str) -> DeviceWork:
+    """A DeviceWork of ``bdev`` that, queued, raises RuntimeError(message)
+    once the driver's disconnect() of ``bdev`` has begun, which waits for
+    it (disable_sync(), as a driver stops its work items)."""
     disconnecting = threading.Event()
 
-    def second(_work: object) -> None:
+    def serve(_work: object) -> None:
         assert disconnecting.wait(TIMEOUT)
-        raise RuntimeError("second")
+        raise RuntimeError(message)
+
+    work = DeviceWork(bdev, serve)
+
+    def disconnect(d: BackendDevice) -> None:
+        if d is bdev:
+            disconnecting.set()
+            work.disable_sync(timeout=TIMEOUT)
+
+    driver.disconnect_hook = disconnect
+    return work
+
+
+def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """Two works of a device running at once, the second failing while
+    disconnect() waits for it, as the first one's failure is being dealt
+    with: the error node keeps the first failure, the second is logged."""
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
+    tries = _count_fatal(bdev, monkeypatch)
 
     def first(_work: object) -> None:
         raise RuntimeError("first")
 
-    late = DeviceWork(bdev, second)
-
-    def disconnect(d: BackendDevice) -> None:  # as a driver's disable_sync()
-        if d is bdev:
-            disconnecting.set()
-            late.disable_sync(timeout=TIMEOUT)
-
-    driver.disconnect_hook = disconnect
-    assert driver.workqueue.queue_work(late)
+    assert driver.workqueue.queue_work(_failing_in_disconnect(driver, bdev, "second"))
     assert driver.workqueue.queue_work(DeviceWork(bdev, first))
     fe.wait_backend(S.CLOSING)
     driver.workqueue.flush()
@@ -381,25 +384,9 @@ def test_a_work_failing_as_its_frontend_closes_leaves_the_device_closed(
     """The failure of a Work that disconnect() waited for comes after the
     frontend's Closed was answered: the connection it would end is over,
     and a Closing then would stay, with an error for a guest that left."""
-    from xenback import DeviceWork
-
     guest, dev, fe = connected(host, frontends, "leaving")
     bdev = backend_device(driver, guest.domid)
-    disconnecting = threading.Event()
-
-    def serve(_work: object) -> None:
-        assert disconnecting.wait(TIMEOUT)
-        raise RuntimeError("too late")
-
-    work = DeviceWork(bdev, serve)
-
-    def disconnect(d: BackendDevice) -> None:  # as a driver's disable_sync()
-        if d is bdev:
-            disconnecting.set()
-            work.disable_sync(timeout=TIMEOUT)
-
-    driver.disconnect_hook = disconnect
-    assert driver.workqueue.queue_work(work)
+    assert driver.workqueue.queue_work(_failing_in_disconnect(driver, bdev, "too late"))
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
     bdev.events.flush()
