@@ -199,11 +199,12 @@ class FrontendDevice(Closing):
         Raises :class:`TimeoutError` after ``timeout`` seconds (default:
         the frontend's), naming the backend, what was awaited and the
         state it is in; :class:`ConnectionError` if XenStore goes away.
-        Awaiting a state below Closing, :class:`ConnectionRefusedError` as
-        soon as the backend, seen below Closing during the wait, goes
-        Closing or Closed (or its directory goes): it failed the device
-        (its error node says why) or was told to let go of it, and will
-        not get there until the frontend starts over.  A Closing or Closed seen first is not taken
+        Awaiting a state other than Closing, Closed or Unknown,
+        :class:`ConnectionRefusedError` as soon as the backend, seen in
+        such a state during the wait, goes Closing or Closed (or its
+        directory goes): it failed the device (its error node says why) or
+        was told to let go of it, and will not get there until the
+        frontend starts over.  A Closing or Closed seen first is not taken
         for that: it may be the end of the frontend's previous connection,
         which a backend leaves once the frontend is Initialising again.
         """
