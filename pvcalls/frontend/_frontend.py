@@ -807,13 +807,16 @@ class Frontend(Closing):
             sock = st.owner()
             if sock is None:
                 continue
+            # The sockets after one that fails here are woken all the
+            # same: nothing else would wake them.
             try:
                 sock._on_event()
             except OSError as exc:
                 # Woken, but its fileno() descriptor could not be made
                 # ready: the program closed it, and its calls say so.
-                # The sockets after it are woken all the same.
                 logger.debug("pvcalls frontend: waking %r: %s", sock, exc)
+            except Exception:
+                logger.exception("pvcalls frontend: waking %r failed", sock)
 
     # -- command ring ----------------------------------------------------------
 

@@ -1496,6 +1496,34 @@ def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
     r.close()
 
 
+
+def test_a_socket_failing_to_be_woken_keeps_no_other_asleep(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug of ours in waking one socket (anything but the EBADF of a
+    closed descriptor, above) is logged with its traceback, and the
+    sockets after it are woken all the same: it escaped the wake-ups, and
+    the blocked calls after it waited for ever."""
+    a, _ = connected(fe, fake)
+    r, _ = connected(fe, fake)
+
+    def broken() -> None:
+        raise RuntimeError("cannot wake")
+
+    monkeypatch.setattr(a, "_on_event", broken)
+    r.settimeout(None)
+    receiving = Call(lambda: r.recv(10))
+    wait_until(lambda: sleeping_in_wait(r))
+    fake.set_state(5)
+    err = receiving.oserror()
+    assert (err.errno, err.strerror) == (errno.ENOTCONN, "the PV Calls backend went away")
+    (logged,) = [rec for rec in caplog.records if rec.exc_info
+                 and isinstance(rec.exc_info[1], RuntimeError)]
+    assert str(logged.exc_info[1]) == "cannot wake"  # type: ignore[index]
+    monkeypatch.undo()
+    a.close()
+    r.close()
+
 def test_an_answer_whose_socket_cannot_take_it_holds_up_no_other(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """Answers published together: the first, a POLL's, for a listener
