@@ -74,7 +74,7 @@ def test_what_is_quoted_of_the_guest_is_short_and_printable(nodes) -> None:
     assert message.isprintable() and "\x1b" not in message and len(message) < 200
 
 
-def test_default_and_key_are_checked(nodes) -> None:
+def test_the_default_is_checked(nodes) -> None:
     bdev, _ = nodes
     with pytest.raises(ValueError, match="default must be a 32-bit unsigned integer, not -1"):
         bdev.read_otherend_u32("x", -1)
