@@ -10,7 +10,11 @@ thread and must be tiny: queue a work item and return.
 
 A fired port stays masked until its callback has returned (libxenevtchn's
 semantics): a guest hammering its port costs one callback per dispatch
-round, not one per notification.
+round, not one per notification.  A callback that raises is logged and
+the dispatching goes on; its tracebacks share one rate limit per
+dispatcher (a guest may set a failing callback off at every notify), so
+a driver that wants a budget per guest catches in its callbacks, as
+:meth:`~xenback.BackendDevice.bind_evtchn` does for a device's.
 
 Poll mode
 ---------

@@ -259,10 +259,16 @@ class Frontend(Closing):
         self._stopping = False
         # Set once the backend is gone (its state left Connected), the
         # XenStore connection is lost, the frontend closes or fails (see
-        # _fail): every waiter gives up with _dead_errno and _why_dead.
+        # _fail): every waiter gives up with _death, (errno, why), one
+        # object so that a reader never pairs one death's errno with
+        # another's reason.  _death_lock makes _die()'s test and set one
+        # step: the threads that may find the frontend dead (the event
+        # thread, XenStore's, the backend state watch's) can do so at once,
+        # and the first reason must stay.  Never held while anything else
+        # is taken.
         self._dead = False
-        self._why_dead = ""  # set with _dead, by _die()
-        self._dead_errno = errno.ENOTCONN
+        self._death: tuple[int, str] = (errno.ENOTCONN, "")  # set with _dead, by _die()
+        self._death_lock = threading.Lock()
         # Why XenStore dropped the connection; None while it is up.
         self._xs_lost: str | None = None
         self._connected = False
@@ -301,8 +307,7 @@ class Frontend(Closing):
         an open() after it (a retry once the backend runs) starts afresh.
         Socket ids go on counting: one frontend never reuses them."""
         self._dead = False
-        self._why_dead = ""
-        self._dead_errno = errno.ENOTCONN
+        self._death = (errno.ENOTCONN, "")
         self._xs_lost = None
         self._ring_broken = False
         self._req_prod_pvt = 0
@@ -428,16 +433,16 @@ class Frontend(Closing):
     def _die(self, why: str, err: int = errno.ENOTCONN) -> bool:
         """From now on every call fails with ``err`` and ``why``; the
         first reason given stays.  Whether the frontend was alive."""
-        if self._dead:
-            return False
-        self._why_dead = why
-        self._dead_errno = err
-        self._dead = True
+        with self._death_lock:
+            if self._dead:
+                return False
+            self._death = (err, why)
+            self._dead = True
         return True
 
     def _gone(self) -> OSError:
         """The error of a call that can no longer be answered."""
-        return OSError(self._dead_errno, self._why_dead)
+        return OSError(*self._death)
 
     def _fail(self, what: str, exc: Exception) -> None:
         """``exc`` escaped ``what``, the frontend's own code on a thread of

@@ -473,7 +473,7 @@ class PVSocket(Closing):
                     # polls ready (every call fails at once), and a 0 here
                     # would have select-based programs and asyncio's
                     # sock_connect() take the connect for done.
-                    value = self._fe._dead_errno
+                    value = self._fe._death[0]
                 ring = self._st.ring
                 if (not value and ring is not None and not self._failure_reported
                         and not self._connecting):
