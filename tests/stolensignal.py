@@ -142,6 +142,62 @@ def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object]) -> b
     return _traced(enter, call, lambda: raised)
 
 
+def interrupted_at(n: int, within: str, call: Callable[[], object],
+                   unless: Callable[[], bool] = lambda: False) -> str:
+    """Run ``call()`` with :class:`Interrupted` raised at the ``n``-th place
+    (counting from 0) where CPython may run a signal's handler in a frame
+    of a file under the directory ``within``: as such a frame starts, or
+    as a call it makes returns.  Where it was raised (function and line);
+    '' if there were fewer places, and ``call()`` ran undisturbed.
+
+    Going through n = 0, 1, 2, ... until it returns '' lands a Ctrl-C
+    at every such place of one call, however its code is split into
+    functions.  A place where ``unless()`` holds does not count."""
+    within = os.path.join(within, "")
+    places = 0
+    raised = ""
+    calls: dict[CodeType, set[int]] = {}
+    # The frames whose last instruction was a call, which has returned
+    # by their next one.
+    in_call: set[FrameType] = set()
+
+    def land(frame: FrameType, event: str) -> None:
+        nonlocal places, raised
+        if raised or unless():  # one signal
+            return
+        if places == n:
+            code = frame.f_code
+            raised = (f"{event} {code.co_qualname}, "
+                      f"{os.path.basename(code.co_filename)}:{frame.f_lineno}")
+            raise Interrupted
+        places += 1
+
+    def in_frame(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "return":
+            in_call.discard(frame)
+        elif event == "opcode":
+            if frame in in_call:
+                in_call.discard(frame)
+                land(frame, "as a call returns in")
+            if frame.f_lasti in calls[frame.f_code]:
+                in_call.add(frame)
+        return in_frame
+
+    def enter(frame: FrameType, event: str, arg: object) -> Any:
+        code = frame.f_code
+        if raised or not code.co_filename.startswith(within):
+            return None
+        if code not in calls:
+            calls[code] = {ins.offset for ins in dis.get_instructions(code)
+                           if ins.opname == "CALL"}
+        frame.f_trace_opcodes = True
+        land(frame, "as it starts:")
+        return in_frame
+
+    _traced(enter, call, lambda: bool(raised))
+    return raised
+
+
 def _traced(tracer: Any, call: Callable[[], object], raised: Callable[[], bool]) -> bool:
     """``call()`` under ``tracer``; True if the tracer raised its
     :class:`Interrupted` (``raised()``), which ends the call; any other

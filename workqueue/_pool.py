@@ -40,7 +40,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ._timer import TimerHandle, add_timer, del_timer
 from ._topology import Topology, _this_thread
@@ -193,13 +193,6 @@ def deadline_of(timeout: float | None) -> float | None:
 def time_left(deadline: float | None) -> float | None:
     """Seconds left until ``deadline`` (None: no limit), never below 0."""
     return None if deadline is None else max(deadline - _monotonic(), 0.0)
-
-
-class Flusher(Protocol):
-    """What waits on a work item for one of its queueings to be over (see
-    Work._flushers): completed under the engine lock."""
-
-    def complete(self) -> None: ...
 
 
 class Completion:

@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 from . import _pool
 from ._pool import (
     Completion,
-    Flusher,
     Worker,
     WorkList,
     check_timeout,
@@ -107,16 +106,15 @@ class Work:
         # _worker is the worker running func, or None.
         self._pending = False
         # Queueing is refused while non-zero.  disable() calls count 1 each,
-        # and a cancel_sync() under way _CANCEL_HOLD (held by its caller,
-        # or by the _CancelGoesOn it left if it stopped waiting): its hold
-        # is not the caller's to enable(), which sees only the remainder.
+        # and a cancel_sync() under way _CANCEL_HOLD, which its _CancelSync
+        # holds: not the caller's to enable(), which sees only the remainder.
         self._disable = 0
         self._entry: WorkList | None = None
         self._pwq: PoolWorkqueue | None = None
         self._color = 0
         self._seq = 0
         self._worker: Worker | None = None
-        self._flushers: list[tuple[int, Flusher]] | None = None
+        self._flushers: list[tuple[int, Completion]] | None = None
 
     if not TYPE_CHECKING:  # a __getattr__ would let mypy pass any attribute
 
@@ -166,61 +164,64 @@ class Work:
         for (use DelayedWork.flush()).  TimeoutError if *timeout* seconds
         pass first, saying where the item is; the item goes on unchanged.
         """
+        return self._flush(timeout, from_timer=False)
+
+    def _flush(self, timeout: float | None, *, from_timer: bool) -> bool:
+        """flush(), queueing the item at once first if *from_timer* and it
+        is on its timer (DelayedWork.flush())."""
         timeout = check_timeout(timeout)
-        with _pool.lock:
-            completion = self._start_flush()
-        if completion is None:
+        completion = Completion()
+        # The flush is registered, and taken back when the wait times out,
+        # inside the try that takes it back on any other way out: Ctrl-C,
+        # wherever it lands, leaves none behind.
+        try:
+            with _pool.lock:
+                dropped_by = None
+                if from_timer:
+                    assert isinstance(self, DelayedWork)
+                    dropped_by = self._queue_from_timer()
+                waiting = self._start_flush(completion)
+            if dropped_by is not None:
+                assert isinstance(self, DelayedWork)
+                dropped_by._log_dropped(self)
+            if not waiting:
+                return False
+            if completion.wait(timeout):
+                return True
+            with _pool.lock:
+                if not self._take_back_flush(completion):
+                    return True  # it completed as the wait ended
+        except BaseException:
+            with _pool.lock:
+                self._take_back_flush(completion)
+            raise
+        raise self._timed_out("flush", timeout)
+
+    def _start_flush(self, completion: Completion, hold: int = 0) -> bool:
+        """Register *completion* to complete once the current instance of
+        the item is over, and add *hold* to its disable count; False, doing
+        neither, if there is none (engine lock held)."""
+        if not (self._pending and self._entry is not None) and self._worker is None:
             return False
-        if not self._wait_flush(completion, timeout):
-            raise self._timed_out("flush", timeout)
+        self._check_not_own_function("flush")
+        flushers = self._flushers
+        if flushers is None:
+            flushers = self._flushers = []
+        # The hold, then its owner, with no call in between: Ctrl-C lands
+        # as a call returns, and it must find both or neither.
+        self._disable += hold
+        flushers.append((self._seq, completion))
         return True
 
-    def _start_flush(self) -> Completion | None:
-        """Register a flusher of the current instance (engine lock held)."""
-        if not (self._pending and self._entry is not None) and self._worker is None:
-            return None
-        self._check_not_own_function("flush")
-        completion = Completion()
-        if self._flushers is None:
-            self._flushers = []
-        self._flushers.append((self._seq, completion))
-        return completion
-
-    def _wait_flush(self, completion: Completion, timeout: float | None,
-                    instead: Flusher | None = None) -> bool:
-        """Wait for a flush that _start_flush() registered; False if
-        *timeout* passed first.
-
-        However the wait ends -- done, timed out or interrupted (Ctrl-C) --
-        the flush is no longer registered when this returns or raises: it
-        is taken back, or replaced by *instead*, which completes in the
-        waiter's stead once the queueing waited for is over (at once if it
-        already is).  Left behind, a flush would stay on the item until its
-        next run: one more for every call that timed out.
-        """
-        done = False
-        try:
-            done = completion.wait(timeout)
-        finally:
-            if not done or instead is not None:
-                with _pool.lock:
-                    if not done:
-                        # Not found: it completed as the wait ended.
-                        done = not self._take_back_flush(completion, instead)
-                    if done and instead is not None:
-                        instead.complete()
-        return done
-
-    def _take_back_flush(self, completion: Completion, instead: Flusher | None) -> bool:
-        """Remove a registered flush, or put *instead* in its place; False
-        if it is not registered any more (engine lock held)."""
+    def _take_back_flush(self, completion: Completion) -> bool:
+        """Unregister a flush that its caller stopped waiting for (timeout,
+        Ctrl-C); False if it is not registered: not yet, or completed
+        (engine lock held)."""
         flushers = self._flushers
-        for i, (target, flusher) in enumerate(flushers or ()):
-            if flusher is completion:
+        for i, (_, registered) in enumerate(flushers or ()):
+            if registered is completion:
                 assert flushers is not None
-                if instead is not None:
-                    flushers[i] = (target, instead)
-                elif len(flushers) > 1:
+                if len(flushers) > 1:
                     del flushers[i]
                 else:
                     self._flushers = None
@@ -309,25 +310,42 @@ class Work:
     def _cancel(self, *, disable: bool, sync: bool, timeout: float | None = None) -> bool:
         what = "disable_sync" if disable else "cancel_sync"
         timeout = check_timeout(timeout)
-        # Disabled while we wait, so that nobody re-queues it meanwhile: by
-        # the caller's disable(), or by a hold of our own.
-        hold = 1 if disable else _CANCEL_HOLD
-        with _pool.lock:
-            if sync:
-                self._check_not_own_function(what)
-            self._disable += hold
-            was_pending = try_to_grab_pending(self)
-            completion = self._start_flush() if sync else None
-            if completion is None and not disable:
-                self._disable -= hold  # nothing runs: nothing to wait for
-        if completion is None:
-            return was_pending
-        # Our hold goes once the run is over, whether we still wait then or
-        # not (timeout, Ctrl-C): never before, or that run could queue the
-        # item again; never later, or all queueing of it would be refused.
-        left = None if disable else _CancelGoesOn(self)
-        if self._wait_flush(completion, timeout, left):
-            return was_pending
+        # Nobody may queue the item again while we wait for its run: the
+        # caller's disable() refuses it, or a cancel_sync()'s own hold,
+        # which its wait holds (see _CancelSync).
+        completion = None
+        if sync:
+            completion = Completion() if disable else _CancelSync(self)
+        try:
+            with _pool.lock:
+                if sync:
+                    self._check_not_own_function(what)
+                if disable:
+                    self._disable += 1
+                was_pending = try_to_grab_pending(self)
+                waiting = completion is not None and self._start_flush(
+                    completion, 0 if disable else _CANCEL_HOLD)
+            if not waiting:
+                return was_pending
+            assert completion is not None
+            if completion.wait(timeout):
+                return was_pending
+            # Timed out: unless it completed as the wait ended, a
+            # disable_sync()'s flush is taken back (see flush()); a
+            # cancel_sync()'s stays, and the item cancelling, until the
+            # run ends.
+            if not disable:
+                if completion.wait(0):
+                    return was_pending
+            else:
+                with _pool.lock:
+                    if not self._take_back_flush(completion):
+                        return was_pending
+        except BaseException:
+            if disable and completion is not None:
+                with _pool.lock:
+                    self._take_back_flush(completion)
+            raise
         then = "; its pending instance was cancelled" if was_pending else "; it was not pending"
         then += (", and it stays disabled" if disable else
                  ", and it stays cancelling (queueing it is refused) until that run ends")
@@ -357,43 +375,41 @@ class DelayedWork(Work):
         Returns True if it waited for a pending or running instance.
         TimeoutError if *timeout* seconds pass first; the item stays queued.
         """
-        timeout = check_timeout(timeout)
-        dropped_by = None
-        with _pool.lock:
-            # Before the timer is touched: a refused flush changes nothing.
-            self._check_not_own_function("flush")
-            if self._timer is not None:
-                # Even if it just fired: its callback will find _timer None.
-                del_timer(self._timer)
-                self._timer = None
-                wq = self._wq
-                assert wq is not None
-                if not wq._timer_queue_locked(self):
-                    dropped_by = wq
-            completion = self._start_flush()
-        if dropped_by is not None:
-            dropped_by._log_dropped(self)
-        if completion is None:
-            return False
-        if not self._wait_flush(completion, timeout):
-            raise self._timed_out("flush", timeout)
-        return True
+        return self._flush(timeout, from_timer=True)
+
+    def _queue_from_timer(self) -> Workqueue | None:
+        """Queue at once if on the timer; the workqueue that refused it,
+        if one did (engine lock held)."""
+        # Before the timer is touched: a refused flush changes nothing.
+        self._check_not_own_function("flush")
+        if self._timer is None:
+            return None
+        # Even if it just fired: its callback will find _timer None.
+        del_timer(self._timer)
+        self._timer = None
+        wq = self._wq
+        assert wq is not None
+        return None if wq._timer_queue_locked(self) else wq
 
 
-class _CancelGoesOn:
-    """What a cancel_sync() whose wait ended early (timeout, Ctrl-C) leaves
-    on the item in its flush's place: its hold, dropped once the run it
-    waited for is over.  The item ends as the cancel_sync() would have
-    left it -- neither pending, nor running, nor cancelling -- and that
-    run could not queue it again meanwhile."""
+class _CancelSync(Completion):
+    """The wait of a cancel_sync(), which holds the item: registered as a
+    flush of its running instance together with _CANCEL_HOLD on the item
+    (see Work._start_flush), it drops the hold as it completes, once that
+    run is over.  Whether its caller still waits then or stopped waiting
+    (timeout, Ctrl-C), the run cannot queue the item again meanwhile, and
+    nothing but the run's end is needed to end the hold: the item ends as
+    cancel_sync() leaves it, neither pending, nor running, nor cancelling."""
 
     __slots__ = ("work",)
 
     def __init__(self, work: Work) -> None:
+        super().__init__()
         self.work = work
 
     def complete(self) -> None:  # engine lock held
         self.work._disable -= _CANCEL_HOLD
+        super().complete()
 
 
 #: The slots Work.__init__ and DelayedWork.__init__ set (see Work.__getattr__).

@@ -9,6 +9,7 @@ the handler run soon, not when the work item ends.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,11 +21,13 @@ from stolensignal import (
     interrupt,
     interrupted_as_call_returns,
     interrupted_as_frame_starts,
+    interrupted_at,
     main_thread_in,
     signal_taken_elsewhere,
 )
 
-from workqueue import DelayedWork, Work, Workqueue
+import workqueue
+from workqueue import DelayedWork, Work, Workqueue, _pool
 
 TIMEOUT = 10.0
 
@@ -232,7 +235,7 @@ def test_an_interrupted_wait_leaves_what_a_timeout_leaves(
         assert wq._nr_drainers == 0 and "running" in repr(wq)
         if call == "cancel_sync":
             # Only what drops the hold once the run ends.
-            assert [type(f).__name__ for _, f in work._flushers or ()] == ["_CancelGoesOn"]
+            assert [type(f).__name__ for _, f in work._flushers or ()] == ["_CancelSync"]
             assert work.disabled and "cancelling" in repr(work)
             assert wq.queue_work(work) is False
         else:
@@ -278,3 +281,157 @@ def test_an_interrupt_as_cancel_sync_wakes_drops_its_hold(
     assert not work.disabled and not work.running and work._flushers is None
     assert wq.queue_work(work)
     work.flush(timeout=TIMEOUT)
+
+
+# -- Ctrl-C anywhere ----------------------------------------------------------
+#
+# CPython runs a signal's handler in the main thread as a function starts
+# or as a call returns, wherever that is; Ctrl-C in a call of ours may land
+# at any of them, not only in its wait.  The tests below land it at each
+# such place of one call in turn, in every frame of the package, and check
+# what the call leaves: never a hold, a flush, a drain or a destruction
+# that nothing will end.
+#
+# But not while the engine lock is held: its blocks are the engine's
+# bookkeeping, which Ctrl-C there leaves half-done wherever it lands
+# (queue_work() starting a worker, say).  The places of a call between its
+# blocks are what the call itself must get right.  (The lock is taken to
+# be the caller's when it is held: the other threads here take it only
+# for a moment, so a place they make this skip is a rare one left out.)
+
+PACKAGE = os.path.dirname(workqueue.__file__)
+
+
+def at_every_place(attempt: Callable[[Callable[[Callable[[], object]], None]], None]) -> int:
+    """attempt(interrupted) once per place (see interrupted_at), until
+    there is none left: ``interrupted(call)`` runs ``call()`` with Ctrl-C
+    landing at the place, a TimeoutError from it being its normal end.
+    How many places there were."""
+    n = 0
+    while True:
+        landed: list[str] = []
+
+        def interrupted(call: Callable[[], object], n: int = n,
+                        landed: list[str] = landed) -> None:
+            def ending_in_time() -> None:
+                try:
+                    call()
+                except TimeoutError:
+                    pass
+
+            landed.append(interrupted_at(n, PACKAGE, ending_in_time, unless=_pool.lock.locked))
+
+        try:
+            attempt(interrupted)
+        except AssertionError as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed}: {exc}") from exc
+        assert len(landed) == 1
+        if not landed[0]:
+            return n
+        n += 1
+
+
+class Stuck:
+    """A work function that runs until released, then tries once to queue
+    its item again, as a poller does."""
+
+    def __init__(self, wq: Workqueue) -> None:
+        self.wq = wq
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.requeued: list[bool] = []
+        self.tried = threading.Event()
+
+    def __call__(self, work: Work) -> None:
+        if self.tried.is_set():
+            return
+        self.started.set()
+        assert self.release.wait(TIMEOUT)
+        self.requeued.append(self.wq.queue_work(work))
+        self.tried.set()
+
+    def running(self, kind: type[Work] = Work) -> Work:
+        work = kind(self)
+        assert self.wq.queue_work(work)
+        assert self.started.wait(TIMEOUT)
+        return work
+
+    def finish(self, work: Work) -> None:
+        """Let the run end, and what it queued run too."""
+        self.release.set()
+        assert self.tried.wait(TIMEOUT)
+        work.flush(timeout=TIMEOUT)
+
+
+def released_as_the_caller_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[Stuck]:
+    """The run the main thread waits for ends as it starts to sleep, so
+    that a wait without a timeout ends: the Stuck put in the list is
+    released there."""
+    real_sleep_on = _pool.sleep_on
+    current: list[Stuck] = []
+
+    def releasing(lock: Any, timeout: float | None = None) -> bool:
+        for stuck in current:
+            stuck.release.set()
+        return real_sleep_on(lock, TIMEOUT if timeout is None else timeout)
+
+    monkeypatch.setattr(_pool, "sleep_on", releasing)
+    return current
+
+
+@pytest.mark.parametrize("timeout", [0.0, None])
+def test_ctrl_c_anywhere_in_cancel_sync_holds_the_item_until_the_run_ends_and_no_longer(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch,
+        timeout: float | None) -> None:
+    """cancel_sync() interrupted wherever: the item is left either as the
+    cancel found it, or cancelling until the run it waits for ends, its
+    own queueing refused meanwhile -- and then queueable again (a hold
+    left with nobody to drop it refused the item for ever)."""
+    wq = make_wq()
+    current = released_as_the_caller_sleeps(monkeypatch)
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        stuck = Stuck(wq)
+        try:
+            work = stuck.running()
+            current[:] = [stuck] if timeout is None else []
+            interrupted(lambda: work.cancel_sync(timeout=timeout))
+            with _pool.lock:
+                holding = work._disable and work._worker is not None
+            stuck.finish(work)
+            if holding:
+                assert stuck.requeued == [False]
+            with _pool.lock:
+                assert not work._disable and work._flushers is None, repr(work)
+            assert wq.queue_work(work)
+            assert work.cancel_sync(timeout=TIMEOUT)
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+
+    assert at_every_place(attempt) > 10
+
+
+@pytest.mark.parametrize("call", ["flush", "disable_sync", "DelayedWork.flush"])
+def test_ctrl_c_anywhere_in_a_flush_of_an_item_leaves_no_flush_registered(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    wq = make_wq()
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        stuck = Stuck(wq)
+        try:
+            work = stuck.running(DelayedWork if call == "DelayedWork.flush" else Work)
+            if isinstance(work, DelayedWork):
+                assert wq.queue_delayed_work(work, 3600)  # flush() queues it at once
+            method = work.disable_sync if call == "disable_sync" else work.flush
+            interrupted(lambda: method(timeout=0))
+            with _pool.lock:
+                assert work._flushers is None, repr(work)
+                assert work._disable in ((0, 1) if call == "disable_sync" else (0,)), repr(work)
+            if work.disabled:
+                assert work.enable()
+            stuck.finish(work)
+            work.cancel_sync(timeout=TIMEOUT)
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+
+    assert at_every_place(attempt) > 10
