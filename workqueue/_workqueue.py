@@ -528,33 +528,42 @@ class Workqueue(Executor):
 
     def _flush(self, deadline: float | None) -> bool:
         """flush(); False if *deadline* (None: none) passed first."""
-        with lock:
-            self._check_not_own_item("flush")
-            color = self._work_color
-            if self._nr_current:
-                self._in_flight[color] = self._nr_current
-                self._nr_current = 0
-            self._work_color = color + 1
-            if not self._in_flight or min(self._in_flight) > color:
-                return True
-            flusher = (color, Completion())
-            self._flushers.append(flusher)
-        done = False
+        completion = Completion()
+        # Registered, and taken back when the wait times out, inside the try
+        # that takes it back on any other way out: Ctrl-C, wherever it
+        # lands, leaves no flush behind (it would stay until its color
+        # drains, one more for every such call).  The new color stays: it
+        # is the one every item queued since has, and an older color only
+        # ever completes flushes sooner.
         try:
-            done = flusher[1].wait(time_left(deadline))
-        finally:
-            if not done:
-                # Timed out or interrupted: taken back, or it would stay
-                # until its color drains, one more for every such call.
-                # The new color stays: it is the one every item queued
-                # since has, and an older color only ever completes
-                # flushes sooner.
-                with lock:
-                    try:
-                        self._flushers.remove(flusher)
-                    except ValueError:
-                        done = True  # completed as the wait ended
-        return done
+            with lock:
+                self._check_not_own_item("flush")
+                color = self._work_color
+                if self._nr_current:
+                    self._in_flight[color] = self._nr_current
+                    self._nr_current = 0
+                self._work_color = color + 1
+                if not self._in_flight or min(self._in_flight) > color:
+                    return True
+                self._flushers.append((color, completion))
+            if completion.wait(time_left(deadline)):
+                return True
+            with lock:
+                return not self._take_back_flush(completion)  # or it completed as the wait ended
+        except BaseException:
+            with lock:
+                self._take_back_flush(completion)
+            raise
+
+    def _take_back_flush(self, completion: Completion) -> bool:
+        """Unregister a flush that its caller stopped waiting for (timeout,
+        Ctrl-C); False if it is not registered: not yet, or completed
+        (engine lock held)."""
+        for i, (_, registered) in enumerate(self._flushers):
+            if registered is completion:
+                del self._flushers[i]
+                return True
+        return False
 
     def _timed_out(self, what: str, timeout: float | None, then: str = "") -> TimeoutError:
         """The TimeoutError of a wait for the workqueue: what is still
@@ -590,35 +599,40 @@ class Workqueue(Executor):
 
     def _drain(self, deadline: float | None) -> bool:
         """drain(); False if *deadline* (None: none) passed first."""
-        with lock:
-            self._check_not_own_item("drain")
-            if self._state == _DESTROYED:
-                raise RuntimeError(f"workqueue {self.name!r} is destroyed")
-            if self._frozen:
-                raise RuntimeError(f"drain() of frozen workqueue {self.name!r} would wait "
-                                   "for thaw(); thaw it first")
-            self._nr_drainers += 1
-            if self._state == _RUNNING:
-                self._state = _DRAINING
+        draining = False
+        # Counted inside the try that ends it, in the same breath as the
+        # count (no call in between, where Ctrl-C lands): a drain left
+        # counted would refuse everyone's queueing for ever.
         try:
+            with lock:
+                self._check_not_own_item("drain")
+                if self._state == _DESTROYED:
+                    raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+                if self._frozen:
+                    raise RuntimeError(f"drain() of frozen workqueue {self.name!r} would wait "
+                                       "for thaw(); thaw it first")
+                self._nr_drainers += 1
+                draining = True
+                if self._state == _RUNNING:
+                    self._state = _DRAINING
             tries = 0
             while True:
                 if not self._flush(deadline):
                     return False
                 with lock:
                     if not self._in_flight and not self._nr_current:
-                        break
+                        return True
                 tries += 1
                 if tries == 10 or tries % 100 == 0:
                     # What is still there is what keeps queueing itself.
                     logger.warning("workqueue %s: drain() isn't complete after %d tries; "
                                    "still there:\n%s", self.name, tries, self.dump())
         finally:
-            with lock:
-                self._nr_drainers -= 1
-                if not self._nr_drainers and self._state == _DRAINING:
-                    self._state = _RUNNING
-        return True
+            if draining:
+                with lock:
+                    self._nr_drainers -= 1
+                    if not self._nr_drainers and self._state == _DRAINING:
+                        self._state = _RUNNING
 
     def destroy(self, *, timeout: float | None = None) -> None:
         """Drain, then release the pools and stop the rescuer (destroy_workqueue).

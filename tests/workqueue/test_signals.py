@@ -435,3 +435,29 @@ def test_ctrl_c_anywhere_in_a_flush_of_an_item_leaves_no_flush_registered(
             stuck.release.set()  # a failed check must not leave it running
 
     assert at_every_place(attempt) > 10
+
+
+@pytest.mark.parametrize("call", ["flush", "drain"])
+def test_ctrl_c_anywhere_in_a_flush_of_the_workqueue_leaves_it_as_it_was(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """No flush registered, no drain left holding the workqueue (one left
+    refused everyone's queueing for ever)."""
+    wq = make_wq()
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        stuck = Stuck(wq)
+        try:
+            work = stuck.running()
+            interrupted(lambda: getattr(wq, call)(timeout=0))
+            with _pool.lock:
+                left = wq._flushers, wq._nr_drainers
+            assert left == ([], 0), wq.dump()
+            assert "running" in repr(wq)
+            other = Work(lambda w: None)
+            assert wq.queue_work(other)
+            stuck.finish(work)
+            other.flush(timeout=TIMEOUT)
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+
+    assert at_every_place(attempt) > 10
