@@ -65,8 +65,9 @@ logger = logging.getLogger(__name__)
 #
 # Rules: it is held only for bookkeeping, never while a work function runs
 # and never while waiting for anything but itself -- with one exception:
-# worker threads are started while it is held (Thread.start() waits only for
-# the new thread to exist, which needs nothing of ours).  Trace hooks run under
+# threads are started while it is held, workers and the thread a destroy()
+# hands its destruction to (Thread.start() waits only for the new thread to
+# exist, which needs nothing of ours).  Trace hooks run under
 # it, like kernel tracepoints, so they must be quick and must not call back
 # into the workqueue.  Lock order: topology hotplug lock -> engine lock ->
 # timer lock.  A future's condition is never taken while it is held.

@@ -189,8 +189,10 @@ class Workqueue(Executor):
         self._shutdown = False
         # A destroy() (or shutdown(wait=True)) stopped waiting in its drain
         # (interrupted, or timed out) and left the rest to a thread of its
-        # own (see _destroy).
+        # own (see _hand_off_destroy), which is _destroy_thread; a
+        # shutdown(wait=False)'s is too.
         self._destroy_handed_off = False
+        self._destroy_thread: threading.Thread | None = None
         self._destroyed = threading.Event()
         # Flush colors.  Every item queued now takes color _work_color, and
         # _nr_current counts those not yet finished (or cancelled).  For
@@ -650,22 +652,40 @@ class Workqueue(Executor):
         (with a timeout of its own), and may be called again.
         """
         timeout = check_timeout(timeout)
-        with lock:
-            self._check_not_own_item("destroy")
-            resume = self._destroy_handed_off
-            if self._state >= _DESTROYING and not resume:
-                raise RuntimeError(f"workqueue {self.name!r} is already destroyed")
-            if not resume:
-                if self._frozen:
-                    raise RuntimeError(f"destroy() of frozen workqueue {self.name!r} would "
-                                       "wait for thaw(); thaw it first")
-                self._state = _DESTROYING
-                self._shutdown = True
-        if not resume:
-            self._destroy(timeout)
-        elif not self._wait_destroyed(deadline_of(timeout)):
-            raise self._timed_out("destroy", timeout, " waiting for the end of the "
-                                  "destruction an earlier destroy() left going on")
+        deadline = deadline_of(timeout)
+        ours = False
+        # The destruction is ours from the moment the workqueue says so, in
+        # the same breath (no call in between, where Ctrl-C lands), and
+        # inside the try that hands it off if the call ends early: never
+        # left half-way with nobody to end it.
+        try:
+            with lock:
+                self._check_not_own_item("destroy")
+                resume = self._destroy_handed_off
+                if self._state >= _DESTROYING and not resume:
+                    raise RuntimeError(f"workqueue {self.name!r} is already destroyed")
+                if not resume:
+                    if self._frozen:
+                        raise RuntimeError(f"destroy() of frozen workqueue {self.name!r} would "
+                                           "wait for thaw(); thaw it first")
+                    self._shutdown = True
+                    self._state = _DESTROYING
+                    ours = True
+            if resume:
+                if not self._wait_destroyed(deadline):
+                    raise self._timed_out("destroy", timeout, " waiting for the end of the "
+                                          "destruction an earlier destroy() left going on")
+                return
+            if not self._destroy(deadline):
+                self._hand_off_destroy()
+                ours = False
+                raise self._timed_out("destroy", timeout, (
+                    f"; its destruction goes on in thread {self.name}-shutdown, "
+                    "and destroy() again waits for its end"))
+        except BaseException:
+            if ours:
+                self._hand_off_destroy()
+            raise
 
     def _wait_destroyed(self, deadline: float | None = None) -> bool:
         """Wait for the end of destroy(); False if *deadline* passed first."""
@@ -677,30 +697,35 @@ class Workqueue(Executor):
             if nap == left:  # that was all the time left
                 return False
 
-    def _destroy(self, timeout: float | None = None) -> None:
-        try:
-            drained = self._drain(deadline_of(timeout))
-        except BaseException:
-            self._hand_off_destroy()
-            raise
-        if not drained:
-            self._hand_off_destroy()
-            raise self._timed_out("destroy", timeout, (
-                f"; its destruction goes on in thread {self.name}-shutdown, "
-                "and destroy() again waits for its end"))
+    def _destroy(self, deadline: float | None) -> bool:
+        """The rest of a destroy() that marked the workqueue: drain, then
+        release; False if *deadline* passed first, nothing released."""
+        if not self._drain(deadline):
+            return False
         self._finish_destroy()
+        return True
 
-    def _hand_off_destroy(self) -> None:
-        """destroy() stopped waiting in its drain (Ctrl-C, timeout): the
-        items still queued or running must not lose their pools and
-        rescuer, nor chained queueing be refused, nor shutdown(wait=True)
-        elsewhere return before they end.  The destruction goes on without
-        the caller, as shutdown(wait=False)'s does, and a second destroy()
-        waits for it instead of calling it an error."""
+    def _hand_off_destroy(self, resumable: bool = True) -> None:
+        """The destruction goes on without its caller, on a thread of its
+        own: shutdown(wait=False)'s, or the rest of a destroy() that
+        stopped waiting (Ctrl-C, timeout).  The items still queued or
+        running must not lose their pools and rescuer, nor chained
+        queueing be refused, nor shutdown(wait=True) elsewhere return
+        before they end.  If *resumable*, a second destroy() waits for it
+        instead of calling it an error.  Calling this again starts no
+        second thread; after the end of the destruction, one that ends
+        at once."""
         with lock:
-            self._destroy_handed_off = True
-        threading.Thread(target=self._drain_and_release, name=f"{self.name}-shutdown",
-                         daemon=True).start()
+            if self._destroy_thread is None:
+                # Started under the lock, as workers are (see the lock's
+                # rules in _pool): no Ctrl-C lands between the start and
+                # its record, which a second destroy() relies on.
+                thread = threading.Thread(target=self._drain_and_release,
+                                          name=f"{self.name}-shutdown", daemon=True)
+                thread.start()
+                self._destroy_thread = thread
+            if resumable:
+                self._destroy_handed_off = True
 
     def _drain_and_release(self) -> None:
         """destroy() on a thread of its own (shutdown(wait=False), or the
@@ -709,24 +734,28 @@ class Workqueue(Executor):
         end up as a traceback of the library's thread.  The workqueue is
         released either way, as destroy() does."""
         try:
-            self._drain(None)
+            if self._state != _DESTROYED:  # see _finish_destroy
+                self._drain(None)
         except Exception:
             logger.exception("workqueue %s: drain() failed while destroying it", self.name)
         finally:
             self._finish_destroy()
 
     def _finish_destroy(self) -> None:
-        """The end of destroy(), once drained (or drain() failed)."""
+        """The end of destroy(), once drained (or drain() failed).  Once
+        more does no harm: a destroy() that Ctrl-C cut short as it ended
+        hands off a destruction that is over, or all but."""
         with lock:
-            self._state = _DESTROYED
-            for pwq in self._all_pwqs():
-                release_pwq(pwq)
-            rescuer = self._rescuer
-            if rescuer is not None:
-                rescuer.die = True
-                if rescuer.idle:
-                    rescuer.idle = False
-                    rescuer.wake.release()
+            if self._state != _DESTROYED:
+                self._state = _DESTROYED
+                for pwq in self._all_pwqs():
+                    release_pwq(pwq)
+                rescuer = self._rescuer
+                if rescuer is not None:
+                    rescuer.die = True
+                    if rescuer.idle:
+                        rescuer.idle = False
+                        rescuer.wake.release()
         # Also when serial() was never used: it is refused from now on.
         # Without the engine lock: it takes the topology's hotplug lock.
         from ._serial import close_serial
@@ -888,28 +917,34 @@ class Workqueue(Executor):
         thread), and on a frozen workqueue (the drain would wait for
         thaw()).  shutdown(wait=False) from an item is fine.
         """
-        with lock:
-            if wait:
-                self._check_not_own_item("shutdown")
-            start = self._state < _DESTROYING
-            if start and self._frozen:
-                raise RuntimeError(f"shutdown() of frozen workqueue {self.name!r} would wait "
-                                   "for thaw(); thaw it first")
-            self._shutdown = True
-            if start:
-                self._state = _DESTROYING
-        if cancel_futures:
-            from ._serial import cancel_serial_calls
-            cancel_pending_futures(self)
-            cancel_serial_calls(self)
-        if start:
-            if wait:
-                self._destroy()
+        ours = False
+        try:  # as in destroy(): the destruction we start is never left half-way
+            with lock:
+                if wait:
+                    self._check_not_own_item("shutdown")
+                start = self._state < _DESTROYING
+                if start and self._frozen:
+                    raise RuntimeError(f"shutdown() of frozen workqueue {self.name!r} would "
+                                       "wait for thaw(); thaw it first")
+                self._shutdown = True
+                if start:
+                    self._state = _DESTROYING
+                    ours = True
+            if cancel_futures:
+                from ._serial import cancel_serial_calls
+                cancel_pending_futures(self)
+                cancel_serial_calls(self)
+            if not start:
+                if wait:
+                    self._wait_destroyed()
+            elif wait:
+                self._destroy(None)
             else:
-                threading.Thread(target=self._drain_and_release, name=f"{self.name}-shutdown",
-                                 daemon=True).start()
-        elif wait:
-            self._wait_destroyed()
+                self._hand_off_destroy(resumable=False)
+        except BaseException:
+            if ours:
+                self._hand_off_destroy()
+            raise
 
     def _call_works(self) -> list[Work]:
         """The items behind the calls that submit() and our serial

@@ -461,3 +461,39 @@ def test_ctrl_c_anywhere_in_a_flush_of_the_workqueue_leaves_it_as_it_was(
             stuck.release.set()  # a failed check must not leave it running
 
     assert at_every_place(attempt) > 10
+
+
+@pytest.mark.parametrize("call", ["destroy", "shutdown"])
+def test_ctrl_c_anywhere_in_destroy_leaves_a_destruction_that_ends(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    """destroy() (or shutdown(), cancelling futures) interrupted wherever:
+    the workqueue is left as it was, or its destruction goes on without
+    the caller and ends, a second destroy() waiting for it; "already
+    destroyed" only once it is (one left half-way was never released, and
+    a shutdown(wait=True) elsewhere waited for ever)."""
+    current = released_as_the_caller_sleeps(monkeypatch)
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        wq = make_wq()
+        stuck = Stuck(wq)
+        try:
+            work = stuck.running()
+            if call == "destroy":
+                interrupted(lambda: wq.destroy(timeout=0))
+            else:
+                current[:] = [stuck]
+                interrupted(lambda: wq.shutdown(cancel_futures=True))
+            stuck.release.set()
+            try:
+                wq.destroy(timeout=TIMEOUT)
+            except RuntimeError as exc:
+                assert "already destroyed" in str(exc)
+                assert wq._destroyed.is_set(), wq.dump()
+            assert wq._destroyed.wait(TIMEOUT), wq.dump()
+            assert not work.pending and not work.running
+            with pytest.raises(RuntimeError, match="destroyed"):
+                wq.queue_work(work)
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+
+    assert at_every_place(attempt) > 10
