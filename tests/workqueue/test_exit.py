@@ -85,3 +85,50 @@ dwork.cancel()
 wq.submit(int)
 """)
     assert done.stderr == ""
+
+
+def test_a_work_item_whose_repr_fails_is_named_all_the_same(tmp_path: Path) -> None:
+    """The exit names the items it drops with their repr(), which is the
+    program's: one that raises (a connection's, on its closed socket)
+    must not end the exit hook, which would leave unsaid what it had to
+    say and skip what follows it at exit -- the wait for the program's
+    own threads, here one that runs to its end once the main thread
+    has."""
+    done = run(tmp_path, r"""
+import logging
+import socket
+import threading
+from workqueue import Topology, Work, alloc_ordered_workqueue
+
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+
+class Conn(Work):
+    def __init__(self, sock):
+        super().__init__(Conn.poll)
+        self.sock = sock
+
+    def poll(self):
+        pass
+
+    def __repr__(self):
+        return f"<Conn {self.sock.getpeername()}>"
+
+never = threading.Event()
+wq = alloc_ordered_workqueue("conns", topology=Topology(2))
+wq.queue_work(Work(lambda work: never.wait()))
+closed, _ = socket.socketpair()
+closed.close()
+wq.queue_work(Conn(closed))  # pending behind the held one
+
+def last():
+    threading.main_thread().join()
+    print("the program's last thread ran to its end", flush=True)
+
+threading.Thread(target=last).start()
+""")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "interpreter exit drops 1 pending work item of 1 workqueue" in done.stderr, done.stderr
+    assert "workqueue 'conns': 1 pending: <__main__.Conn object at 0x" in done.stderr
+    assert "(its repr() raised OSError)" in done.stderr, done.stderr
+    assert done.stdout == "the program's last thread ran to its end\n"
+
