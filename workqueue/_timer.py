@@ -83,9 +83,10 @@ class _TimerBase:
                 self._nr_dead = 0
             return True
 
-    def armed(self) -> list[TimerHandle]:
+    def armed(self) -> list[tuple[Callable[[Any], None], Any]]:
         with self._lock:
-            return [handle for _, _, handle in self._heap if handle.callback is not None]
+            return [(handle.callback, handle.arg) for _, _, handle in self._heap
+                    if handle.callback is not None]
 
     def _run(self) -> None:
         heap = self._heap  # compacted in place, never replaced
@@ -128,8 +129,11 @@ def del_timer(handle: TimerHandle) -> bool:
     return _timer.delete(handle)
 
 
-def armed_timers() -> list[TimerHandle]:
-    """The timers armed now, in no particular order."""
+def armed_timers() -> list[tuple[Callable[[Any], None], Any]]:
+    """The callback and argument of each timer armed now, in no
+    particular order.  Read under the timer's lock: a handle's own fields
+    may be cleared at any time by the timer thread, which holds only that
+    lock as it takes a timer that is due."""
     return _timer.armed()
 
 

@@ -984,7 +984,9 @@ class Workqueue(Executor):
             works = [work for lst in lists for work in lst.items
                      if work._entry is lst and work._pwq in mine]
             timer_fn = self._delayed_work_timer_fn
-            works += [handle.arg for handle in armed_timers() if handle.callback == timer_fn]
+            # One whose timer the timer thread took as we look, its callback
+            # yet to queue it, is in neither place: left out.
+            works += [arg for callback, arg in armed_timers() if callback == timer_fn]
             # By identity: a Work subclass may compare by value (see WorkList).
             dropped = {id(work): work for work in works if work._pending and not work._is_call}
             return list(dropped.values())

@@ -6,7 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import CodeType, FrameType
+from typing import Any
+
+from workqueue import DelayedWork, Workqueue
+from workqueue._timer import del_timer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -132,3 +138,64 @@ threading.Thread(target=last).start()
     assert "(its repr() raised OSError)" in done.stderr, done.stderr
     assert done.stdout == "the program's last thread ran to its end\n"
 
+
+def _codes(code: CodeType) -> set[CodeType]:
+    """``code`` and the code of the comprehensions and functions in it."""
+    found = {code}
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            found |= _codes(const)
+    return found
+
+
+def dropped_with_the_timer_firing_at(instruction: int, wq: Workqueue,
+                                     dwork: DelayedWork) -> tuple[list[Any], bool]:
+    """wq._dropped_at_exit(), with the timer of *dwork* taken as the
+    timer thread takes one that is due (callback and argument cleared
+    under the timer's lock, as del_timer() does) at that instruction of
+    the listing; and whether the listing had so many."""
+    codes = _codes(Workqueue._dropped_at_exit.__code__)
+    handle = dwork._timer
+    assert handle is not None
+    seen = 0
+    fired = False
+
+    def trace(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal seen, fired
+        if frame.f_code not in codes:
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            if seen == instruction:
+                fired = del_timer(handle)
+            seen += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        return wq._dropped_at_exit(), fired
+    finally:
+        sys.settrace(None)
+
+
+def test_a_timer_that_fires_as_the_exit_counts_its_item_fails_nothing(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """The timer thread takes a timer that is due -- clearing its callback
+    and argument under the timer's lock only -- whenever it likes, also
+    while the exit lists the items it drops, which holds the engine lock
+    but not the timer's.  Here it does so at each instruction of the
+    listing in turn: the item is listed or not, and the listing never
+    reads what the timer cleared (None's _pending, which raised
+    AttributeError out of the exit hook)."""
+    wq = make_wq()
+    instruction = 0
+    while True:
+        dwork = DelayedWork(lambda work: None)
+        assert wq.queue_delayed_work(dwork, 3600)
+        dropped, fired = dropped_with_the_timer_firing_at(instruction, wq, dwork)
+        assert dropped in ([dwork], []), dropped
+        assert dwork.cancel()
+        if not fired:
+            break
+        instruction += 1
+    assert instruction > 10
