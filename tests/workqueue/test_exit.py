@@ -23,8 +23,10 @@ from workqueue import DelayedWork, Topology, Work, alloc_ordered_workqueue, allo
 
 logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
 never = threading.Event()  # never set: the item runs until the process ends
+holding = threading.Event()
 
 def hold(work):
+    holding.set()
     never.wait()
 
 def named(tag):
@@ -36,6 +38,7 @@ def named(tag):
 topo = Topology(2)
 busy = alloc_ordered_workqueue("busy", topology=topo)
 busy.queue_work(Work(hold))
+holding.wait()  # running, not pending: the exit does not count it
 for i in range(5):  # behind the held one: an ordered workqueue runs one at a time
     busy.queue_work(Work(named(f"item{i}")))
 timers = alloc_workqueue("timers", topology=topo)
@@ -119,9 +122,10 @@ class Conn(Work):
     def __repr__(self):
         return f"<Conn {self.sock.getpeername()}>"
 
-never = threading.Event()
+never, running = threading.Event(), threading.Event()
 wq = alloc_ordered_workqueue("conns", topology=Topology(2))
-wq.queue_work(Work(lambda work: never.wait()))
+wq.queue_work(Work(lambda work: (running.set(), never.wait())))
+running.wait()  # running, not pending: the exit counts only the Conn
 closed, _ = socket.socketpair()
 closed.close()
 wq.queue_work(Conn(closed))  # pending behind the held one
