@@ -1496,7 +1496,6 @@ def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
     r.close()
 
 
-
 def test_a_socket_failing_to_be_woken_keeps_no_other_asleep(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
