@@ -242,7 +242,12 @@ def _route(router: Any) -> None:
                 raise XSConnectionError(_read_failure(exc)) from exc
             _dispatch(router, packet)
     finally:
-        connection.close()
+        # Under send_lock: pyxs's send(), which holds it, tests that the
+        # connection is open and then writes to its transport, which
+        # close() sets to None; closed in between, a request would fail
+        # with AttributeError instead of as a lost connection.
+        with router.send_lock:
+            connection.close()
         router.r_terminator.close()
         router.w_terminator.close()
 
@@ -293,12 +298,6 @@ class _Ops:
             raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
         try:
             return fn(_path(path), *args)
-        except AttributeError:
-            # pyxs's send() can find the connection closed by its router
-            # thread between checking and using it.
-            if self._client.router.is_connected:
-                raise
-            raise ConnectionError(errno.ENOTCONN, "XenStore connection lost", path) from None
         except InvalidPath:
             raise ValueError(f"invalid XenStore path {path!r}") from None
         except InvalidPermission as exc:

@@ -16,6 +16,7 @@ import pyxs
 from pyxs._internal import Op
 
 from tests.highfds import Filled, descriptors_past_fd_setsize, past_fd_setsize
+from tests.racewindow import PauseAt, stands_at
 from tests.sim.hosthelpers import answer_one_request, hang_up_after_one_request
 from tests.stolensignal import (
     interrupt,
@@ -549,6 +550,56 @@ def test_a_socket_failing_under_pyxs_is_a_lost_connection(host, monkeypatch, whe
             with pytest.raises(ConnectionError) as info:
                 xs.transaction(lambda t: t.read("/local"))
         assert info.value.errno == errno.ENOTCONN
+
+
+@pytest.mark.parametrize("where", ["request", "transaction"])
+def test_a_request_sent_as_the_router_closes_is_a_lost_connection(
+    host, monkeypatch, where: str
+) -> None:
+    """pyxs's send() tests that the connection is open and then writes to
+    its transport, which the router thread's close() sets to None: a
+    request caught between the two (a driver's event callback as its
+    XenStore connection closes; the xenbus fuzzer's seed 2747 met it) got
+    pyxs's AttributeError.  It is a lost connection, as any other request
+    of that moment."""
+    import pyxs.connection
+
+    from xenback import xenstore
+
+    pause = PauseAt.in_method(monkeypatch, pyxs.connection.PacketConnection, "send",
+                              "self.transport.send(header)")
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    outcome: list[BaseException | str | None] = []
+
+    def request() -> None:
+        try:
+            if where == "request":
+                outcome.append(xs.read("/local"))
+            else:
+                outcome.append(xs.transaction(lambda t: t.read("/local")))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=request, daemon=True)
+    caller.start()
+    assert pause.reached.wait(TIMEOUT)
+    router = xs._client.router.thread
+    closer = threading.Thread(target=xs.close, daemon=True)
+    closer.start()
+    # The router ends, waiting for the sender to be done with send_lock:
+    # after closing the connection (without the rule) or before.
+    deadline = time.monotonic() + TIMEOUT
+    while not any(stands_at(router.ident, fn, "with router.send_lock")
+                  for fn in (xenstore.route_until_lost, xenstore._route)):
+        assert time.monotonic() < deadline, "the router does not wait for the sender"
+        time.sleep(0.001)
+    pause.resume()
+    caller.join(TIMEOUT)
+    closer.join(TIMEOUT)
+    assert not caller.is_alive() and not closer.is_alive()
+    (exc,) = outcome
+    assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
 
 
 def test_on_lost_is_told_instead_of_a_warning(host, caplog) -> None:
