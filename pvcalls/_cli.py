@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import http.server
 import logging
 import os
@@ -255,8 +256,9 @@ def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any
         error(f"cannot open the Xen platform: {exc}")
 
 
-def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
-    """Serve until SIGTERM, SIGINT or SIGHUP (or the host goes); returns the exit status."""
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Serve until SIGTERM, SIGINT or SIGHUP (or the host goes); returns the exit
+    status.  ``parser`` (serve's) tells what stops it from starting."""
     import pvcalls
     from pvcalls._policy import Policy, PolicyError
     from xenback.hostlock import HostLockHeld
@@ -264,6 +266,7 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
 
     from ._sdnotify import Notifier
 
+    error = parser.error
     service_manager = Notifier(os.environ.get("NOTIFY_SOCKET"))
     policy = None
     if args.policy is not None:
@@ -315,9 +318,14 @@ def serve(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             # traceback.  The backend released what it took.
             error(f"cannot start serving the host's guests (is the host gone?): {exc}")
         except OSError as exc:
+            if exc.errno in _SHORT_OF_RESOURCES:
+                # What the host lacks now it may have again later: the one
+                # start failure a supervisor's restart may cure.
+                parser.exit(1, f"{parser.prog}: error: cannot start serving the host's guests "
+                               f"(short of resources, worth a restart): {exc}\n")
             # Not the host: a lock file its run directory refuses, a device
-            # node we may not open, no descriptors left.  The error says
-            # which; a guess at the host would only mislead.
+            # node we may not open.  The error says which; a guess at the
+            # host would only mislead.
             error(f"cannot start serving the host's guests: {exc}")
         with backend:
             logger.warning("pvcalls backend serving domain %d's guests (%s platform); "
@@ -416,12 +424,18 @@ def _policy_file(text: str) -> Path:
     return Path(text)
 
 
+# Why a start may fail that a later one would not: the process's or the
+# system's descriptors, memory, room in the run directory.
+_SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC,
+                                 errno.EDQUOT})
+
 # What a supervisor needs to know (contrib/systemd's unit restarts on the
 # ones a restart may cure; its test reads this).
 _SERVE_EXIT_STATUSES = """\
 exit status:
   0    stopped by SIGTERM, SIGINT or SIGHUP, every frontend closed
-  1    lost the XenStore connection (the host went away), or failed with a
+  1    lost the XenStore connection (the host went away), short of
+       descriptors, memory or disk space as it started, or failed with a
        traceback
   2    bad options, no host, a bad policy file, a lock file the run directory
        refuses, or another backend serving the host: started again, it would
@@ -496,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.platform == "xen" and args.run_dir is not None:
         serve_parser.error("--run-dir only applies to --platform sim")
     try:
-        return serve(args, serve_parser.error)
+        return serve(args, serve_parser)
     except KeyboardInterrupt:
         # Only before serve() blocks SIGINT for sigwait(): while it reads
         # the policy (a FIFO, a slow disk).  Nothing is up yet to close.

@@ -4,6 +4,7 @@ second backend, signals in the middle of the demo."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -512,6 +513,33 @@ def test_a_lock_file_that_cannot_be_opened_is_said_as_it_is(
         f"[Errno 21] cannot open the lock file {lock}: Is a directory"), err
 
 
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC])
+def test_a_host_short_of_resources_at_start_is_worth_a_restart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    # No descriptors, memory or room in the run directory left as it
+    # starts: what the host is short of now it may have again later, so
+    # status 1, which the systemd unit restarts on (2 it does not: the same
+    # options would fail the same way).
+    import pvcalls
+    from xenback.sim import SimHost
+
+    def short(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(pvcalls, "Backend", short)
+    run_dir = tmp_path / "run"
+    with SimHost(run_dir):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == (
+        "pvcalls-backend serve: error: cannot start serving the host's guests "
+        f"(short of resources, worth a restart): [Errno {code}] {os.strerror(code)}"), err
+
+
 def test_a_second_backend_on_one_host_is_refused(
         sim_host: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path) -> None:
     argv = serve_argv(sim_host[0])
@@ -602,7 +630,7 @@ cli._open_platform = lambda args, error: Platform()
 pvcalls.Backend = Backend
 args = argparse.Namespace(policy=None, platform="sim", run_dir=Path("."), max_ioworkers=1,
                           max_page_order=4)
-status = cli.serve(args, sys.exit)
+status = cli.serve(args, argparse.ArgumentParser("serve"))
 print("serve returned", status, flush=True)
 """
     return subprocess.run([sys.executable, "-c", child, *args], capture_output=True,
