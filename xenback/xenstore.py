@@ -568,7 +568,17 @@ class XenStore(_Ops, Closing):
                 thread.join()
         if self._connected:
             self._connected = False
-            self._client.close()
+            router = self._client.router
+            try:
+                self._client.close()
+            except OSError:
+                # XenStore hung up between pyxs's test that the connection
+                # is up and its write to the router's terminator pair, which
+                # the router closed as it ended: it ends all the same.
+                if router.is_connected:
+                    raise
+                if router.thread is not threading.current_thread():
+                    router.thread.join()
         # wait_for() callers in other threads: their next read fails now,
         # rather than after their whole timeout.
         with self._lock:

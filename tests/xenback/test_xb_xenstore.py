@@ -602,6 +602,43 @@ def test_a_request_sent_as_the_router_closes_is_a_lost_connection(
     assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
 
 
+def test_close_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) -> None:
+    """close() asks pyxs's router to stop by writing to its terminator
+    pair, if the connection is still up; XenStore hanging up between that
+    test and the write has the router close the pair, and close() met a
+    closed socket (EBADF).  Both mean the same: the connection is over."""
+    import pyxs
+    from pyxs.client import Router
+
+    path = str(tmp_path / "xenstored")
+    server = hang_up_after_one_request(path)
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    router = xs._client.router
+    pause = PauseAt.in_method(monkeypatch, Router, "terminate", "self.w_terminator.sendall")
+    outcome: list[BaseException | None] = []
+
+    def close() -> None:
+        try:
+            xs.close()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    closer = threading.Thread(target=close, daemon=True)
+    closer.start()
+    assert pause.reached.wait(TIMEOUT)
+    exc = _try_read(xs)  # the server hangs up on it
+    assert isinstance(exc, ConnectionError), repr(exc)
+    router.thread.join(TIMEOUT)
+    assert not router.thread.is_alive()
+    pause.resume()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive()
+    assert outcome == [None]
+    server.join(TIMEOUT)
+
+
 def test_on_lost_is_told_instead_of_a_warning(host, caplog) -> None:
     told: list[Exception] = []
     seen = threading.Event()
