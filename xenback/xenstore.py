@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EventQueue", "Transaction", "Watch", "XenStore", "route_until_lost"]
+__all__ = ["EventQueue", "Transaction", "Watch", "XenStore", "adopt_router", "route_until_lost"]
 
 T = TypeVar("T")
 
@@ -178,6 +178,35 @@ def _exists(value: str | None) -> bool:
     return value is not None
 
 
+def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str) -> None:
+    """Make pyxs's ``router``, of a client not yet connected, route on a
+    thread named ``name`` running :func:`route_until_lost`, and close its
+    connection only under its ``send_lock``.
+
+    pyxs's senders hold ``send_lock`` while they test that the connection
+    is up and then write a request's header and payload to its transport,
+    which closing the connection sets to None; the router thread closes it
+    without the lock (a read finding it reset, or as the router ends).
+    Closed between a sender's test and its writes, the request failed with
+    AttributeError rather than as a lost connection.  The lock becomes
+    reentrant because a sender closes the connection itself, under it,
+    when a write finds it broken.
+    """
+    if router.thread.ident is not None:
+        raise RuntimeError("the router has run already: adopt a new client's router")
+    router.send_lock = send_lock = threading.RLock()
+    connection = router.connection
+    close = connection.close
+
+    def close_under_send_lock(silent: bool = True) -> None:
+        with send_lock:
+            close(silent)
+
+    connection.close = close_under_send_lock
+    router.thread = threading.Thread(target=route_until_lost, args=(router, on_lost),
+                                     name=name, daemon=True)
+
+
 def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
     """Do the work of pyxs's ``router`` (as its thread's target) so that
     its end leaves nobody waiting.
@@ -186,8 +215,7 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
     client is closed), and tells nobody: requests wait for ever for their
     replies.  Here the requests left waiting are answered ENOTCONN, and
     ``on_lost(exc)`` is called when it was XenStore (or anything but
-    close()) that ended the connection.  Set ``router.thread`` to a thread
-    running this before the client connects.
+    close()) that ended the connection.  :func:`adopt_router` sets it up.
     """
     lost: Exception | None = None
     try:
@@ -242,12 +270,7 @@ def _route(router: Any) -> None:
                 raise XSConnectionError(_read_failure(exc)) from exc
             _dispatch(router, packet)
     finally:
-        # Under send_lock: pyxs's send(), which holds it, tests that the
-        # connection is open and then writes to its transport, which
-        # close() sets to None; closed in between, a request would fail
-        # with AttributeError instead of as a lost connection.
-        with router.send_lock:
-            connection.close()
+        connection.close()  # under send_lock: see adopt_router()
         router.r_terminator.close()
         router.w_terminator.close()
 
@@ -522,10 +545,7 @@ class XenStore(_Ops, Closing):
                 f"this XenStore connection was {how}: make a new XenStore to connect again"
             )
         if router.thread.ident is None:  # not started: route through route_until_lost
-            router.thread = threading.Thread(
-                target=route_until_lost, args=(router, self._lost), name="xenstore-router",
-                daemon=True,
-            )
+            adopt_router(router, self._lost, name="xenstore-router")
         try:
             self._client.connect()
         except PyXSError as exc:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
+import socket
 import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -552,24 +554,19 @@ def test_a_socket_failing_under_pyxs_is_a_lost_connection(host, monkeypatch, whe
         assert info.value.errno == errno.ENOTCONN
 
 
-@pytest.mark.parametrize("where", ["request", "transaction"])
-def test_a_request_sent_as_the_router_closes_is_a_lost_connection(
-    host, monkeypatch, where: str
-) -> None:
-    """pyxs's send() tests that the connection is open and then writes to
-    its transport, which the router thread's close() sets to None: a
-    request caught between the two (a driver's event callback as its
-    XenStore connection closes; the xenbus fuzzer's seed 2747 met it) got
-    pyxs's AttributeError.  It is a lost connection, as any other request
-    of that moment."""
+def _request_as_the_connection_closes(
+    xs: XenStore, monkeypatch: pytest.MonkeyPatch, where: str, at: str,
+    close: Callable[[], object],
+) -> BaseException | str | None:
+    """What a request (a read, or a transaction) of ``xs`` comes to when its
+    sender stops in pyxs's send() before the line containing ``at``, and
+    ``close()`` has the router close the connection meanwhile: at once
+    without the rule, or waiting for the sender to be done with send_lock
+    (see xenback.xenstore.adopt_router)."""
     import pyxs.connection
 
-    from xenback import xenstore
-
-    pause = PauseAt.in_method(monkeypatch, pyxs.connection.PacketConnection, "send",
-                              "self.transport.send(header)")
-    xs = XenStore(host.dom0.xenstore())
-    xs.open()
+    router = xs._client.router
+    pause = PauseAt.in_method(monkeypatch, pyxs.connection.PacketConnection, "send", at)
     outcome: list[BaseException | str | None] = []
 
     def request() -> None:
@@ -583,23 +580,62 @@ def test_a_request_sent_as_the_router_closes_is_a_lost_connection(
 
     caller = threading.Thread(target=request, daemon=True)
     caller.start()
-    assert pause.reached.wait(TIMEOUT)
-    router = xs._client.router.thread
-    closer = threading.Thread(target=xs.close, daemon=True)
-    closer.start()
-    # The router ends, waiting for the sender to be done with send_lock:
-    # after closing the connection (without the rule) or before.
-    deadline = time.monotonic() + TIMEOUT
-    while not any(stands_at(router.ident, fn, "with router.send_lock")
-                  for fn in (xenstore.route_until_lost, xenstore._route)):
-        assert time.monotonic() < deadline, "the router does not wait for the sender"
-        time.sleep(0.001)
-    pause.resume()
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        close()
+        deadline = time.monotonic() + TIMEOUT
+        while router.connection.is_connected and not stands_at(
+                router.thread.ident, router.connection.close, "with send_lock"):
+            assert time.monotonic() < deadline, "the router did not close the connection"
+            time.sleep(0.001)
+    finally:
+        pause.resume()
     caller.join(TIMEOUT)
-    closer.join(TIMEOUT)
-    assert not caller.is_alive() and not closer.is_alive()
+    assert not caller.is_alive()
     (exc,) = outcome
+    return exc
+
+
+@pytest.mark.parametrize("where", ["request", "transaction"])
+def test_a_request_sent_as_the_router_closes_is_a_lost_connection(
+    host, monkeypatch, where: str
+) -> None:
+    """pyxs's send() tests that the connection is open and then writes to
+    its transport, which the router thread's close() sets to None: a
+    request caught between the two (a driver's event callback as its
+    XenStore connection closes; the xenbus fuzzer's seed 2747 met it) got
+    pyxs's AttributeError.  It is a lost connection, as any other request
+    of that moment."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    closer = threading.Thread(target=xs.close, daemon=True)
+    exc = _request_as_the_connection_closes(
+        xs, monkeypatch, where, "self.transport.send(header)", closer.start)
+    closer.join(TIMEOUT)
+    assert not closer.is_alive()
     assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
+
+
+@pytest.mark.parametrize("where", ["request", "transaction"])
+def test_a_request_half_sent_as_xenstore_hangs_up_is_a_lost_connection(
+    tmp_path, monkeypatch, where: str
+) -> None:
+    """pyxs's router closes the connection itself when a read finds it
+    reset, which sets its transport to None; a sender between its
+    header and its payload then met AttributeError (the xenbus fuzzer's
+    seed 2882: a driver domain destroyed under a driver's request)."""
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    # Reads the header, and hangs up.
+    server = serve_one_client(path, lambda conn: conn.recv(16, socket.MSG_WAITALL))
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    exc = _request_as_the_connection_closes(
+        xs, monkeypatch, where, "self.transport.send(packet.payload)",
+        lambda: server.join(TIMEOUT))
+    assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
+    xs.close()
 
 
 def test_close_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) -> None:

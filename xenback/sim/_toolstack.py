@@ -39,7 +39,6 @@ import functools
 import logging
 import os
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -51,7 +50,7 @@ import pyxs
 from workqueue import wait_slice
 from xenback._closing import Closing
 from xenback._flags import check_flag
-from xenback.xenstore import route_until_lost
+from xenback.xenstore import adopt_router
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +138,7 @@ class Toolstack(Closing):
         client = pyxs.Client(unix_socket_path=self._xenstore_path)
         # Should XenStore go away (the host closing under us), requests
         # waiting for replies fail with ENOTCONN instead of waiting forever.
-        client.router.thread = threading.Thread(
-            target=route_until_lost, args=(client.router, on_lost or _lost),
-            name="toolstack-xenstore", daemon=True,
-        )
+        adopt_router(client.router, on_lost or _lost, name="toolstack-xenstore")
         client.connect()
         try:
             yield client
