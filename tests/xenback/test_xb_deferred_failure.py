@@ -9,6 +9,7 @@ raising out of the thread that ran it, however failing fails in turn."""
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -396,3 +397,141 @@ def test_a_work_failing_as_its_frontend_closes_leaves_the_device_closed(
     assert str(logged.exc_info[1]) == "too late"  # type: ignore[index]
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
     assert _unhandled(caplog) == []
+
+
+def test_a_queued_call_failing_while_a_failure_waits_is_only_logged(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """A call queued before a Work's failure was handed over runs first,
+    and fails: the device is failing for the Work's bug already, so the
+    call's is only logged, and the error node keeps the first."""
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
+    tries = _count_fatal(bdev, monkeypatch)
+    held, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        assert held.wait(TIMEOUT)
+
+    def second() -> None:
+        raise RuntimeError("second")
+
+    def first(_work: object) -> None:
+        raise RuntimeError("first")
+
+    assert bdev.queue(hold)
+    assert holding.wait(TIMEOUT)
+    assert bdev.queue(second)
+    work = DeviceWork(bdev, first)
+    assert driver.workqueue.queue_work(work)
+    work.flush()  # the failure is handed over, behind second()
+    held.set()
+    fe.wait_backend(S.CLOSING)
+    bdev.events.flush()
+    assert len(tries) == 1 and tries[0].endswith(": RuntimeError: first"), tries
+    assert error_node(dom0_xs, dev) == f"{errno.EIO} {tries[0]}"
+    logged = _tracebacks(caplog)
+    assert [str(r.exc_info[1]) for r in logged] == ["first", "second"]  # type: ignore[index]
+    assert "failing already" in logged[1].getMessage()
+    assert _unhandled(caplog) == []
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_device_connected_again_after_a_failure_fails_again(
+        host, driver, frontends, monkeypatch, path) -> None:
+    """Failing the device for one bug leaves nothing that would spare the
+    next connection's: it fails as the first did, for its own."""
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
+    tries = _count_fatal(bdev, monkeypatch)
+    for n, name in enumerate(["first", "second"], 1):
+        def broken(name: str = name) -> None:
+            raise RuntimeError(name)
+
+        _run(path, driver, bdev, fe, broken)
+        fe.wait_backend(S.CLOSING)
+        bdev.events.flush()
+        assert len(tries) == n and tries[-1].endswith(f": RuntimeError: {name}"), tries
+        driver.event_hook = None
+        fe.set_state(S.INITIALISING)
+        fe.wait_backend(S.INIT_WAIT)
+        fe.publish()
+        fe.wait_backend(S.CONNECTED)
+    assert driver.calls_of(guest.domid) == [
+        "probe", "connect", "disconnect", "connect", "disconnect", "connect"]
+
+
+def test_what_cannot_be_called_is_refused_when_given(host, driver, frontends) -> None:
+    """Not later on the device's queue or the dispatcher thread, where it
+    would fail the device for a bug of the call that gave it."""
+    guest, _, fe = connected(host, frontends, "guest")
+    bdev = backend_device(driver, guest.domid)
+    with pytest.raises(TypeError, match="callback must be callable, not NoneType"):
+        bdev.queue(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="DeviceWork needs a callable, not int"):
+        DeviceWork(bdev, 42)  # type: ignore[arg-type]
+    port = fe.frontend.bind_port()
+    with pytest.raises(TypeError, match="callback must be callable, not str"):
+        bdev.bind_evtchn(port, "kick")  # type: ignore[arg-type]
+    assert bdev.resources == (1, 1)  # nothing bound
+    bdev.events.flush()
+    assert bdev.state == S.CONNECTED
+
+
+def test_the_error_node_names_a_callable_by_its_type_not_its_address(
+        host, driver, frontends, dom0_xs) -> None:
+    """A call without a name of its own (a partial, an object with
+    __call__) is named by its type: its repr() would show the guest an
+    address of ours."""
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
+
+    def broken(what: str) -> None:
+        raise RuntimeError(what)
+
+    assert bdev.queue(functools.partial(broken, "boom"))
+    fe.wait_backend(S.CLOSING)
+    bdev.events.flush()
+    assert error_node(dom0_xs, dev) == f"{errno.EIO} call partial: RuntimeError: boom"
+
+
+def test_a_device_work_shows_its_function_as_a_work_does(host, driver, frontends) -> None:
+    guest, _, _ = connected(host, frontends, "guest")
+    bdev = backend_device(driver, guest.domid)
+
+    def serve_the_ring(_work: object) -> None:
+        pass
+
+    assert serve_the_ring.__qualname__ in repr(DeviceWork(bdev, serve_the_ring))
+
+
+def test_a_failure_after_the_device_directory_went_drops_the_device(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """The toolstack deleted the device's directory while the failure
+    waited: there is nothing to write Closing or an error into, so the
+    device is dropped, as after a failed connect(), and no error node is
+    made for a device that is gone."""
+    guest, dev, fe = connected(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
+    held, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        assert held.wait(TIMEOUT)
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    assert bdev.queue(hold)
+    assert holding.wait(TIMEOUT)
+    assert bdev.queue(broken)
+    dom0_xs.rm(dev.backend_path)
+    held.set()
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert error_node(dom0_xs, dev) is None
+    assert dom0_xs.read(dev.backend_path) is None
+    (logged,) = _tracebacks(caplog)
+    assert str(logged.exc_info[1]) == "boom"  # type: ignore[index]
