@@ -3,6 +3,8 @@ order from the frontend, read as strictly as the guest's word deserves."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from xenback import XenbusState
@@ -80,3 +82,27 @@ def test_the_default_is_checked(nodes) -> None:
         bdev.read_otherend_u32("x", -1)
     with pytest.raises(TypeError, match="default must be an int, not str"):
         bdev.read_otherend_u32("x", "0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="default must be a 32-bit unsigned integer, not 4294967296"):
+        bdev.read_otherend_u32("x", 1 << 32)
+    with pytest.raises(TypeError, match="default must be an int, not bool"):
+        bdev.read_otherend_u32("x", True)
+
+
+@pytest.mark.parametrize("text, value", [("9" * 2000, None), ("0" * 2000 + "7", 7)])
+def test_a_long_value_is_read_by_its_digits_whatever_int_s_limit(
+        nodes, text: str, value: int | None) -> None:
+    """A program may lower int()'s limit on digits (down to 640): a value
+    longer than that is still out of range, or the number its leading
+    zeros pad, never int()'s refusal."""
+    bdev, write = nodes
+    write("ring-ref", text)
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(640)
+    try:
+        if value is None:
+            with pytest.raises(ValueError, match=r"frontend node 'ring-ref' out of range: \d{1,64}$"):
+                bdev.read_otherend_u32("ring-ref")
+        else:
+            assert bdev.read_otherend_u32("ring-ref") == value
+    finally:
+        sys.set_int_max_str_digits(limit)
