@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.stolensignal import interrupt, main_thread_in
+from tests.stolensignal import Interrupted, interrupt, main_thread_in
 from tests.xenback.xbhelpers import (
     TIMEOUT,
     Census,
@@ -25,7 +25,7 @@ from tests.xenback.xbhelpers import (
     leaked_threads,
     serve_in_child,
 )
-from xenback import HostLockHeld, XenbusState, XenStore, xenbus
+from xenback import HostLock, HostLockHeld, XenbusState, XenStore, xenbus
 from xenback.sim import SimHost
 
 S = XenbusState
@@ -190,6 +190,32 @@ def test_a_stop_interrupted_half_way_keeps_the_lock_until_finished(
         release.set()
     driver.stop()
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert not _lock(host).exists()
+    with RecordingDriver(host.dom0):
+        pass
+
+
+def test_a_stop_interrupted_as_it_lets_go_of_the_lock_is_finished_by_the_next(
+        host, monkeypatch) -> None:
+    """Ctrl-C in the lock's close(), the last step: the driver is still
+    started, and the next stop() lets go of the lock (one that said the
+    driver stopped would return at once, the lock held for good)."""
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    close = HostLock.close
+    interrupted: list[HostLock] = []
+
+    def close_once_interrupted(self: HostLock) -> None:
+        if not interrupted:
+            interrupted.append(self)
+            raise Interrupted
+        close(self)
+
+    monkeypatch.setattr(HostLock, "close", close_once_interrupted)
+    with pytest.raises(Interrupted):
+        drv.stop()
+    assert interrupted and _lock(host).exists()
+    drv.stop()
     assert not _lock(host).exists()
     with RecordingDriver(host.dom0):
         pass
