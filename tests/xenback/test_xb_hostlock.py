@@ -114,14 +114,14 @@ def test_a_lock_file_that_cannot_be_written_is_said(
     assert sorted(os.listdir("/proc/self/fd")) == fds
 
 
-@pytest.mark.parametrize("step", ["_same_file", "pread"])
+@pytest.mark.parametrize("step", ["flock", "_same_file", "pread"])
 def test_an_interrupted_lock_leaves_no_descriptor_behind(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
-    """Ctrl-C in the main thread while HostLock() checks the file it has
-    just locked, or reads who holds it: the descriptor goes with the
-    KeyboardInterrupt.  Kept, it would hold the lock for the life of the
-    process, its own next HostLock refused, and be inherited by every
-    child it forks, unknown to the fork hook."""
+    """Ctrl-C in the main thread as HostLock()'s flock() returns, while it
+    checks the file it has just locked, or while it reads who holds it:
+    the descriptor goes with the KeyboardInterrupt.  Kept, it would hold
+    the lock for the life of the process, its own next HostLock refused,
+    and be inherited by every child it forks, unknown to the fork hook."""
     path = tmp_path / "job.lock"
     other = HostLock(path) if step == "pread" else None  # refused: reads the holder
     there = os.stat(path) if other else None
@@ -129,8 +129,16 @@ def test_an_interrupted_lock_leaves_no_descriptor_behind(
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
+    flock = fcntl.flock
+
+    def locked_then_interrupted(fd: int, operation: int) -> None:
+        flock(fd, operation)
+        raise KeyboardInterrupt
+
     if step == "pread":
         monkeypatch.setattr(os, "pread", interrupted)
+    elif step == "flock":
+        monkeypatch.setattr(fcntl, "flock", locked_then_interrupted)
     else:
         monkeypatch.setattr(hostlock, "_same_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -170,6 +178,40 @@ def test_the_lock_is_taken_on_the_file_there_now(
             HostLock(path)
     finally:
         lock.close()
+
+
+def test_a_lock_whose_retry_fails_closes_no_descriptor_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file we locked was removed under us, and opening the one there
+    now fails: the descriptor already closed is not closed again, which
+    would close whatever the process opened since under its number."""
+    path = tmp_path / "job.lock"
+    flock, open_ = fcntl.flock, os.open
+    locked: list[int] = []
+    spare: list[int] = []
+
+    def removed_first(fd: int, operation: int) -> None:
+        flock(fd, operation)
+        locked.append(fd)
+        path.unlink()  # as the holder before us did
+
+    def open_once(*args: Any) -> int:
+        if locked:  # the retry: the number just freed goes to another file
+            spare.append(open_(os.devnull, os.O_RDONLY))
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return open_(*args)
+
+    monkeypatch.setattr(fcntl, "flock", removed_first)
+    monkeypatch.setattr(os, "open", open_once)
+    with pytest.raises(PermissionError, match=f"cannot open the lock file {path}"):
+        HostLock(path)
+    monkeypatch.undo()
+    try:
+        assert spare == locked  # the same number, or this proves nothing
+        os.fstat(spare[0])  # still open
+    finally:
+        for fd in spare:
+            os.close(fd)
 
 
 def test_letting_go_lets_one_other_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,6 +270,27 @@ def opened_on(there: os.stat_result, pid: int | str = "self") -> list[int]:
     return fds
 
 
+def test_a_lock_file_that_cannot_be_removed_is_said_and_let_go_of(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """close() unlocks all the same (the next holder takes the file over),
+    and says which file it left behind and why."""
+    path = tmp_path / "job.lock"
+    lock = HostLock(path)
+
+    def refused(*args: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "unlink", refused)
+    lock.close()
+    monkeypatch.undo()
+    assert repr(lock) == f"<HostLock {path} released>"
+    assert [r.getMessage() for r in caplog.records if r.name == "xenback.hostlock"] == [
+        f"cannot remove the lock file {path}: Permission denied"]
+    with HostLock(path):
+        assert path.read_text() == f"{os.getpid()}\n"
+
+
 def test_a_started_program_gets_no_descriptor_of_the_lock(tmp_path: Path) -> None:
     # Started without fork()'s hooks (subprocess forks in C): it is the
     # descriptor's close-on-exec that keeps it out.
@@ -269,6 +332,42 @@ def test_a_forked_child_leaves_its_parent_s_lock_alone(tmp_path: Path) -> None:
         with pytest.raises(HostLockHeld):
             HostLock(path)
     assert not path.exists()
+
+
+def test_a_forked_child_locks_and_forks_as_any_process(tmp_path: Path) -> None:
+    """Having let go of its parent's lock, a child is a process like any
+    other: any of its threads takes a lock of its own, and a child it
+    forks in turn lets go of that one, nothing failing in the fork's
+    hook."""
+    with HostLock(tmp_path / "parent.lock"):
+        seen_r, seen_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: what it found goes back through the pipe
+            try:
+                os.close(seen_r)
+                failed: list[Any] = []
+                sys.unraisablehook = failed.append  # an exception in a fork hook
+                taken: list[HostLock] = []
+                taker = threading.Thread(
+                    target=lambda: taken.append(HostLock(tmp_path / "child.lock")))
+                taker.start()
+                taker.join(10)
+                said = "the thread could not lock" if not taken else ""
+                for mine in taken:
+                    grandchild = os.fork()
+                    if grandchild == 0:
+                        os._exit(0 if not failed and repr(mine).endswith(" released>")
+                                 and opened_on(os.stat(mine.path)) == [] else 1)
+                    code = os.waitstatus_to_exitcode(os.waitpid(grandchild, 0)[1])
+                    said += f"its child: {code}"
+                    mine.close()
+                os.write(seen_w, said.encode())
+            finally:
+                os._exit(0)
+        os.close(seen_w)
+        with os.fdopen(seen_r) as seen:
+            assert seen.read() == "its child: 0"
+        assert os.waitpid(pid, 0)[1] == 0
 
 
 def _wait_for(started: Any, release: Any) -> None:
