@@ -3,14 +3,18 @@ against the framework's own BackendDriver (the tests' RecordingDriver)."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import re
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from tests.stolensignal import Interrupted
 from tests.xenback.xbhelpers import TIMEOUT, Census, frontend_in_child, handed_over
-from xenback import XenbusState
+from xenback import GrantError, XenbusState
 from xenback.sim import FrontendDevice
 
 S = XenbusState
@@ -227,3 +231,227 @@ def test_wait_backend_from_a_closed_backend_waits_for_it_to_come_back(host, driv
         _connect(again)
     finally:
         again.close()
+
+
+def _acting_as_it_waits(fe: FrontendDevice, monkeypatch: pytest.MonkeyPatch,
+                        act: Callable[[str | None], object]) -> None:
+    """Make ``fe``'s waits call ``act(value)`` with each value of the
+    backend's state they check, once checked: what ``act`` does happens
+    while the wait is surely under way, having seen that value."""
+    wait_for = fe.xenstore.wait_for
+
+    def wait_for_acting(path: str, check: Callable[[str | None], bool],
+                        timeout: float) -> str | None:
+        def check_then_act(value: str | None) -> bool:
+            done = check(value)
+            act(value)
+            return done
+
+        return wait_for(path, check_then_act, timeout=timeout)
+
+    monkeypatch.setattr(fe.xenstore, "wait_for", wait_for_acting)
+
+
+def _scripted_backend(host: Any, dom0_xs: Any, monkeypatch: pytest.MonkeyPatch,
+                      script: dict[str | None, Callable[[str], None]]
+                      ) -> tuple[Any, FrontendDevice]:
+    """A frontend whose backend is the test: in InitWait, and as a wait of
+    the frontend first checks each value of the backend's state node,
+    ``script[value]`` is called with the backend's path."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.INIT_WAIT))
+    fe = FrontendDevice(guest, dev, timeout=TIMEOUT)
+    pending = dict(script)
+
+    def act(value: str | None) -> None:
+        step = pending.pop(value, None)
+        if step is not None:
+            step(dev.backend_path)
+
+    _acting_as_it_waits(fe, monkeypatch, act)
+    return dev, fe
+
+
+def test_waiting_for_closed_goes_through_the_backend_s_closing(
+        host, dom0_xs, monkeypatch) -> None:
+    """Closing on the way to an awaited Closed is no refusal: it is the
+    way there."""
+    dev, fe = _scripted_backend(host, dom0_xs, monkeypatch, {
+        str(int(S.INIT_WAIT)): lambda path: dom0_xs.write(f"{path}/state", int(S.CLOSING)),
+        str(int(S.CLOSING)): lambda path: dom0_xs.write(f"{path}/state", int(S.CLOSED)),
+    })
+    try:
+        assert fe.wait_backend(S.CLOSED) is S.CLOSED
+    finally:
+        fe.close(handshake=False)
+        host.toolstack.destroy_device(dev)
+
+
+def test_wait_backend_says_a_backend_gone_went_away(host, dom0_xs, monkeypatch) -> None:
+    dev, fe = _scripted_backend(host, dom0_xs, monkeypatch, {
+        str(int(S.INIT_WAIT)): lambda path: dom0_xs.rm(f"{path}/state"),
+    })
+    try:
+        with pytest.raises(ConnectionRefusedError, match=(
+                f"backend {re.escape(dev.backend_path)} went away instead of reaching "
+                "Connected$")):
+            fe.wait_backend(S.CONNECTED)
+    finally:
+        fe.close(handshake=False)
+        host.toolstack.destroy_device(dev)
+
+
+def test_close_interrupted_in_the_handshake_still_releases_everything(
+        host, dom0_xs, monkeypatch) -> None:
+    """Ctrl-C as close() waits for the backend: the pages, the ports and
+    the guest's handles go all the same, before the interrupt goes on."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CONNECTED))  # and never answers
+    census = Census(host)
+    fe = FrontendDevice(guest, dev, timeout=TIMEOUT)
+    fe.share()
+    fe.bind_port()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(fe.xenstore, "wait_for", interrupted)
+    with pytest.raises(Interrupted):
+        fe.close()
+    census.check()
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSING))
+    host.toolstack.destroy_device(dev)
+
+
+def test_close_with_no_time_left_says_the_backend_was_late(host, dom0_xs) -> None:
+    """timeout=0: no wait at all, the time up before the first one began;
+    the refusal is the late backend's, not a wait's for less than none."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CONNECTED))  # and never answers
+    with pytest.raises(TimeoutError, match=(
+            f"backend {re.escape(dev.backend_path)} did not close within 0 s "
+            r"\(it is Connected\)")):
+        fe.close(timeout=0)
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    host.toolstack.destroy_device(dev)
+
+
+def test_close_without_the_handshake_leaves_an_added_device(host, driver, dom0_xs) -> None:
+    """The device added by add() too: removing it is the toolstack's job
+    then, as for a guest whose driver died."""
+    guest = host.create_domain("guest")
+    fe = FrontendDevice.add(guest, "xbtest")
+    _connect(fe)
+    fe.close(handshake=False)
+    assert dom0_xs.read(f"{fe.device.frontend_path}/state") == str(int(S.INITIALISED))
+    assert dom0_xs.read(f"{fe.device.backend_path}/state") == str(int(S.CONNECTED))
+    host.toolstack.destroy_device(fe.device)
+
+
+def test_close_tries_every_step_and_raises_the_first_failure(
+        host, caplog, monkeypatch) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)  # no backend serves it
+    fe = FrontendDevice(guest, dev)
+    ports, xenstore = fe.evtchn.close, fe.xenstore.close
+
+    def failing(what: str, close: Callable[[], None]) -> Callable[[], None]:
+        def closed_then_failed() -> None:
+            close()
+            raise OSError(errno.EIO, f"{what} broke")
+        return closed_then_failed
+
+    monkeypatch.setattr(fe.evtchn, "close", failing("unbinding", ports))
+    monkeypatch.setattr(fe.xenstore, "close", failing("closing", xenstore))
+    with pytest.raises(OSError, match="unbinding broke"):
+        fe.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "xenback.sim._frontend"] == [
+        f"frontend of {dev.frontend_path}: unbinding its ports: [Errno 5] unbinding broke",
+        f"frontend of {dev.frontend_path}: closing its XenStore connection: "
+        "[Errno 5] closing broke",
+    ]
+    host.toolstack.destroy_device(dev)
+
+
+def test_publish_writes_nodes_given_by_name_too(host, dom0_xs) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    with FrontendDevice(guest, dev) as fe:
+        fe.publish({"ring-ref": 8}, port=3, state=S.INITIALISING)
+        assert [dom0_xs.read(f"{dev.frontend_path}/{key}") for key in ("ring-ref", "port", "state")
+                ] == ["8", "3", str(int(S.INITIALISING))]
+        fe.close(handshake=False)
+    host.toolstack.destroy_device(dev)
+
+
+def test_a_frontend_is_refused_another_domain_s_device(host) -> None:
+    guest, other = host.create_domain("guest"), host.create_domain("other")
+    dev = host.toolstack.add_device("xbtest", other.domid)
+    with pytest.raises(ValueError, match=(
+            f"device {re.escape(dev.frontend_path)} is domain {other.domid}'s, "
+            f"not domain {guest.domid}'s")):
+        FrontendDevice(guest, dev)
+    host.toolstack.destroy_device(dev)
+
+
+def test_add_removes_the_device_again_if_the_frontend_cannot_be_made(
+        host, dom0_xs, monkeypatch) -> None:
+    guest = host.create_domain("guest")
+
+    def no_gntshr() -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(guest, "gntshr", no_gntshr)
+    with pytest.raises(OSError, match="Too many open files"):
+        FrontendDevice.add(guest, "xbtest")
+    assert not dom0_xs.exists(f"/local/domain/{guest.domid}/device/xbtest/0")
+    assert not dom0_xs.exists(f"/local/domain/0/backend/xbtest/{guest.domid}/0")
+    monkeypatch.undo()
+    with FrontendDevice.add(guest, "xbtest"):  # not refused: nothing was left
+        pass
+
+
+def test_wait_backend_says_the_backend_is_gone_and_refuses_once_closed(host, dom0_xs) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    dom0_xs.rm(f"{dev.backend_path}/state")
+    fe = FrontendDevice(guest, dev)
+    with pytest.raises(TimeoutError, match=r"did not reach Connected within 0 s \(it is gone\)"):
+        fe.wait_backend(S.CONNECTED, timeout=0)
+    fe.close()
+    with pytest.raises(RuntimeError, match=f"frontend of {re.escape(dev.frontend_path)} is closed"):
+        fe.wait_backend(S.CONNECTED)
+    host.toolstack.destroy_device(dev)
+
+
+def test_pages_shared_read_only_cannot_be_mapped_writable(host) -> None:
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    gnttab = host.dom0.gnttab()
+    try:
+        with FrontendDevice(guest, dev) as fe:
+            page = fe.share(writable=False)
+            with pytest.raises(GrantError):
+                gnttab.map_grant_refs(guest.domid, page.refs, writable=True)
+            gnttab.map_grant_refs(guest.domid, page.refs, writable=False).unmap()
+            fe.close(handshake=False)
+    finally:
+        gnttab.close()
+        host.toolstack.destroy_device(dev)
+
+
+def test_a_backend_state_that_is_no_state_satisfies_no_wait(host, dom0_xs) -> None:
+    """Garbage in the backend's state node is waited past, and named."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    dom0_xs.write(f"{dev.backend_path}/state", "garbage")
+    with FrontendDevice(guest, dev) as fe:
+        with pytest.raises(TimeoutError, match=(
+                r"did not satisfy the predicate within 0 s \(it is in no state: 'garbage'\)")):
+            fe.wait_backend(lambda _state: True, timeout=0)
+        fe.close(handshake=False)
+    host.toolstack.destroy_device(dev)
