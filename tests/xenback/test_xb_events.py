@@ -589,3 +589,36 @@ def test_a_port_callback_failing_at_every_event_is_logged_within_a_rate_limit(
     suppressed = [int(r.getMessage().split(": ")[1].split()[0]) for r in caplog.records
                   if r.getMessage().startswith("xenback-events callbacks: ")]
     assert len(failures) + sum(suppressed) == 50
+
+
+def test_an_fd_callback_failing_at_every_event_is_logged_within_the_same_limit(
+        pair, caplog) -> None:
+    """As a port's: an fd's callback that raises whenever its descriptor
+    is ready goes through the dispatcher's rate limit, and what was held
+    back is counted when the dispatcher closes."""
+    _guest, _evtchn, dispatcher = pair
+    r, w = os.pipe()
+    ran = threading.Semaphore(0)
+
+    def broken(fd: int, _revents: int) -> None:
+        os.read(fd, 1)
+        ran.release()
+        raise RuntimeError("broken fd callback")
+
+    caplog.set_level(logging.ERROR, logger="xenback.events")
+    dispatcher.add_fd(r, select.EPOLLIN, broken)
+    try:
+        for _ in range(50):
+            os.write(w, b"x")
+            assert ran.acquire(timeout=TIMEOUT)
+        dispatcher.remove_fd(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    failures = [rec for rec in caplog.records if rec.getMessage() == f"fd {r}: callback failed"]
+    assert 1 <= len(failures) <= 10, len(failures)
+    assert all(rec.exc_info and str(rec.exc_info[1]) == "broken fd callback" for rec in failures)
+    dispatcher.close()
+    suppressed = [int(rec.getMessage().split(": ")[1].split()[0]) for rec in caplog.records
+                  if rec.getMessage().startswith("xenback-events callbacks: ")]
+    assert len(failures) + sum(suppressed) == 50
