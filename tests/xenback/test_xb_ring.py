@@ -556,3 +556,18 @@ def test_flex_ring_threads_on_shared_memory() -> None:
     assert bytes(received) == payload
     producer.release()
     consumer.release()
+
+
+def test_a_message_shorter_than_its_slot_leaves_the_rest_of_the_slot_alone() -> None:
+    """As a C end writing only some fields of the union: a short response
+    leaves the request's bytes after it, and each request and response
+    read back is the whole slot."""
+    page = _page()
+    front, back = FrontRing(page, SLOT), BackRing(page, SLOT)
+    request = bytes(range(SLOT))
+    front.push_request(request)
+    front.push_requests()
+    assert list(back.requests()) == [request]
+    back.push_response(b"\xff\xfe")
+    back.push_responses()
+    assert list(front.responses()) == [b"\xff\xfe" + request[2:]]
