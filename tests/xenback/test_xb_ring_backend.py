@@ -15,6 +15,7 @@ import threading
 import pytest
 from scripts import ROOT, load_script
 
+from tests.sim.hosthelpers import eventually
 from tests.xenback.xbhelpers import TIMEOUT, Census, check_public_apis_only, leaked_threads
 from xenback import FrontRing, XenbusState
 
@@ -145,6 +146,46 @@ def test_broken_ring_indexes_close_only_that_device(host, upper, frontends, dom0
     device.events.flush()
     assert device.gone and device.resources == (0, 0)
     census.check()
+
+
+def test_a_broken_ring_stops_its_work_and_fails_the_device_on_its_queue(
+        host, upper, frontends, monkeypatch) -> None:
+    """The Work stops serving the ring at the first broken index (the
+    guest's notifies run it no more), and leaves failing the device to
+    the device's queue, ordered with its xenbus events: never from the
+    worker, where its Closing could land after the frontend's Closed was
+    answered, and stay."""
+    domain, dev, fe, guest = _start(host, frontends)
+    guest.publish()
+    fe.wait_backend(S.CONNECTED)
+    (device,) = upper.devices()
+    work = device.driver_data
+    fatal = device.fatal
+    tries: list[str] = []
+
+    def counted(err: int, message: str) -> None:
+        tries.append(message)
+        fatal(err, message)
+
+    monkeypatch.setattr(device, "fatal", counted)
+    held, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        assert held.wait(TIMEOUT)
+
+    assert device.queue(hold)
+    assert holding.wait(TIMEOUT)
+    try:
+        struct.pack_into("<I", fe.pages.buffer, 0, 1000)  # req_prod: 1000 requests in 32 slots
+        fe.evtchn.notify(fe.port)
+        assert eventually(lambda: work.disabled), "the Work serves the broken ring on"
+        assert tries == [] and device.state == S.CONNECTED  # the queue is held
+    finally:
+        held.set()
+    fe.wait_backend(S.CLOSING)
+    device.events.flush()
+    assert len(tries) == 1 and tries[0].startswith("uppercase ring: req_prod 1000"), tries
 
 
 def test_a_bug_in_the_work_fails_its_device_only(
