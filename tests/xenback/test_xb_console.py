@@ -208,6 +208,20 @@ def test_two_guests_and_a_hostile_one(host, console, frontends, dom0_xs, tmp_pat
     census.check()
 
 
+def test_a_ring_ref_that_is_not_plain_digits_fails_the_device(
+        host, console, frontends, dom0_xs) -> None:
+    """Read as Linux's %u would not half-read it: a space int() would skip
+    is refused, naming the node, rather than mapped as a grant."""
+    _, dev, fe, _ = _start(host, frontends)
+    fe.publish({"ring-ref": f" {fe.pages.refs[0]}", "port": fe.port})
+    fe.wait_backend(S.CLOSING)
+    relative = dev.backend_path[len("/local/domain/0/"):]
+    assert dom0_xs.read(f"/local/domain/0/error/{relative}/error") == (
+        f"{errno.EINVAL} connecting: frontend node 'ring-ref' is not a decimal number: "
+        f"' {fe.pages.refs[0]}'")
+    assert console.devices()[0].resources == (0, 0)
+
+
 def test_an_output_callback_that_raises_fails_that_console_only(
         host, console, frontends, dom0_xs) -> None:
     """``on_output`` is the program's code, run by the console's Work, a
