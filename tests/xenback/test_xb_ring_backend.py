@@ -13,6 +13,7 @@ import sys
 import threading
 
 import pytest
+from racewindow import stands_at
 from scripts import ROOT, load_script
 
 from tests.sim.hosthelpers import eventually
@@ -186,6 +187,51 @@ def test_a_broken_ring_stops_its_work_and_fails_the_device_on_its_queue(
     fe.wait_backend(S.CLOSING)
     device.events.flush()
     assert len(tries) == 1 and tries[0].startswith("uppercase ring: req_prod 1000"), tries
+
+
+def test_disconnect_waits_for_a_run_under_way_before_the_ring_goes(
+        host, upper, frontends, monkeypatch) -> None:
+    """The frontend closes while the Work answers a request: disconnect()
+    returns, and the framework unmaps the page, only once that run is
+    over (a run left going would write its answer into a ring let go
+    of)."""
+    domain, dev, fe, guest = _start(host, frontends)
+    guest.publish()
+    fe.wait_backend(S.CONNECTED)
+    (device,) = upper.devices()
+    work = device.driver_data
+    answer = ring_backend.answer
+    answering, answered = threading.Event(), threading.Event()
+
+    def slow_answer(raw: bytes) -> bytes:
+        answering.set()
+        assert answered.wait(TIMEOUT)
+        return answer(raw)
+
+    monkeypatch.setattr(ring_backend, "answer", slow_answer)
+    disconnect = upper.disconnect
+    waiter: list[int] = []
+    running_after: list[bool] = []
+
+    def watched_disconnect(d: object) -> None:
+        waiter.append(threading.get_ident())
+        disconnect(d)
+        running_after.append(work.running)
+
+    monkeypatch.setattr(upper, "disconnect", watched_disconnect)
+    guest.send(1, b"slow")
+    guest.flush()
+    assert answering.wait(TIMEOUT)
+    fe.set_state(S.CLOSING)
+    try:
+        # Until disconnect() has returned, or waits for the run.
+        assert eventually(lambda: bool(running_after) or bool(waiter) and stands_at(
+            waiter[0], ring_backend.UpperBackend.disconnect, "upper.disable_sync()"))
+    finally:
+        answered.set()
+    fe.wait_backend(S.CLOSING)
+    device.events.flush()
+    assert running_after == [False]
 
 
 def test_a_bug_in_the_work_fails_its_device_only(
