@@ -736,6 +736,44 @@ def test_a_bug_while_a_connect_is_in_progress_answers_it_eio(
     listener.close()
 
 
+def test_a_bug_after_a_connect_failed_leaves_the_socket_as_its_failure_did(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping the socket's Work after the connect's failure
+    tore the socket down and answered the CONNECT: the socket is not
+    failed on top of it (its ring is unmapped, its port unbound), nothing
+    more is answered, and the bug is the one traceback logged."""
+    caplog.set_level(logging.ERROR)
+    connect_failed = _Frontend.connect_failed
+
+    def buggy(self: _Frontend, sock: ActiveSocket, request: Request | None, ret: int) -> None:
+        connect_failed(self, sock, request, ret)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_Frontend, "connect_failed", buggy)
+    listener, filler = _full_listener()
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
+    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
+    assert rsp.ret == 0 and connect_req not in raw.responses
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    filler.close()
+    listener.close()  # the next SYN is refused
+    assert raw.response(connect_req).ret == ECONNREFUSED
+    sock.flush()  # the run that failed is over
+    assert resources(backend, host) == before
+    assert next(r.state for r in backend.stats().sockets if r.id == sock_id) == "new"
+    logged = [r for r in caplog.records if r.name.startswith("pvcalls") and r.exc_info]
+    assert [type(r.exc_info[1]) for r in logged if r.exc_info] == [RuntimeError], \
+        [r.getMessage() for r in logged]
+    raw.poll_responses()
+    assert raw.unexpected == []
+    assert raw.release(sock_id).ret == 0
+
+
 def test_a_connect_whose_completion_cannot_be_watched_is_answered(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
