@@ -661,6 +661,38 @@ def test_a_bug_moving_data_fails_that_socket_only(
     assert raw.release(good_id).ret == 0 and other.release(other_id).ret == 0
 
 
+@pytest.mark.parametrize("before", ["in", "out"])
+def test_a_bug_keeps_the_error_the_guest_was_given(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        before: str) -> None:
+    """A socket failing for a bug of ours after one direction of it had
+    ended (the peer's FIN: in_error -ENOTCONN; its reset met by a send:
+    out_error): that error stays, which the guest may have read already,
+    and only the other direction's says EIO."""
+    sock_id, ring, peer = _accepted_pair(raw)
+    bad = _socket_of(backend, raw, sock_id)
+    bad.flush()  # the run its CONNECT queued is over
+    if before == "in":
+        peer.close()  # FIN: the end of the stream
+        raw.wait(lambda: ring.in_error != 0)
+        assert ring.in_error == -_errno.ENOTCONN
+        _bug_in(monkeypatch, "_tx", lambda sock: sock is bad)
+        ring.write(b"x")
+        raw.wait(lambda: ring.out_error != 0)
+        assert (ring.in_error, ring.out_error) == (-_errno.ENOTCONN, -_errno.EIO)
+    else:
+        # Before the peer resets, so that the run it sets off sends, fails,
+        # then receives: the bug.
+        _bug_in(monkeypatch, "_rx", lambda sock: sock is bad)
+        assert ring.write(b"x", notify=False) == 1
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # a reset
+        raw.wait(lambda: ring.in_error != 0)
+        assert ring.in_error == -_errno.EIO
+        assert ring.out_error in (-_errno.ECONNRESET, -_errno.EPIPE)
+    assert raw.release(sock_id).ret == 0
+
+
 def test_bugs_moving_data_are_logged_through_the_rate_limit(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
