@@ -517,6 +517,17 @@ def bound_ports(backend: Any) -> list[int]:
     return ports
 
 
+def watched_fds(backend: Any) -> list[int]:
+    """Every host descriptor the backend watches: its listeners' and
+    lingering sockets' (its event thread) and the active sockets' (its
+    per-CPU pollers).  One left behind by a socket that closed its host
+    socket keeps the number from the next socket that gets it."""
+    fds = []
+    for events in [backend.dispatcher, *(p.events for p in backend._pollers.values())]:
+        with events._lock:
+            fds += events._fds
+    return sorted(fds)
+
 def resources(backend: Any, host: Any) -> tuple[object, ...]:
     """What active sockets hold: the backend's event channel ports (and the
     hypervisor's count of ports), its grant mappings, and the CPUs' loads."""

@@ -27,6 +27,7 @@ from pvcalls_rawfront import (
     bound_ports,
     resources,
     wait_until,
+    watched_fds,
 )
 from racewindow import PauseAt, stands_at
 
@@ -1343,6 +1344,7 @@ def test_a_bug_answering_a_poll_fails_that_listener_only(
     caplog.set_level(logging.ERROR)
     good, good_address = _listener(raw, backend)
     conn_id, ring = raw.connect_socket(echo_server.address)
+    watched = watched_fds(backend)
     listener, address = _listener(raw, backend)
     readable = _socket._readable
     bad = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
@@ -1373,6 +1375,7 @@ def test_a_bug_answering_a_poll_fails_that_listener_only(
     assert raw.release(listener).ret == 0
     assert raw.unexpected == []
     assert {r.id for r in backend.stats().sockets} == {good, conn_id}
+    assert watched_fds(backend) == watched
 
 
 def test_a_bug_taking_an_accepted_connection_answers_the_accept_eio(

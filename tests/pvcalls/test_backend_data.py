@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, RawFrontend, resources, wait_until
+from pvcalls_rawfront import TIMEOUT, RawFrontend, resources, wait_until, watched_fds
 from racewindow import PauseAt
 
 import pvcalls
@@ -622,6 +622,7 @@ def test_a_bug_moving_data_fails_that_socket_only(
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
     before = resources(backend, host)
+    watched = watched_fds(backend)
     assert raw.response(raw.push_connect(sock_id, server.getsockname(), ring)).ret == 0
     peer, _ = server.accept()
     server.close()
@@ -656,6 +657,7 @@ def test_a_bug_moving_data_fails_that_socket_only(
     assert other.recv_exactly(other_ring, 10) == b"so is this"
     assert raw.release(sock_id).ret == 0
     assert resources(backend, host) == before
+    assert watched_fds(backend) == watched
     assert raw.unexpected == []
     peer.close()
     assert raw.release(good_id).ret == 0 and other.release(other_id).ret == 0
