@@ -1367,6 +1367,9 @@ def test_a_bug_answering_a_poll_fails_that_listener_only(
     assert id_new not in {r.id for r in backend.stats().sockets}
     bugs = _bugs_logged(caplog)
     assert len(bugs) == 1 and f"socket {listener:#x}" in bugs[0].getMessage()
+    # The one traceback: neither the Work's end nor the LISTEN refused
+    # after it raised anything more.
+    assert [r for r in caplog.records if r.exc_info] == bugs
     poll = raw.push_poll(good)
     with socket.create_connection(good_address, timeout=TIMEOUT):
         assert raw.response(poll).ret == 0
