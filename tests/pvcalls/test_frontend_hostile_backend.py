@@ -1471,6 +1471,35 @@ def test_a_failing_backend_state_watch_fails_every_call_with_eio(
     assert Call(fe.close).join().error is None
 
 
+def test_a_failing_data_ring_handler_fails_nothing_else(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug of ours in a data ring's handler on the frontend's shared
+    event channel handle is logged with its traceback, and that is all:
+    such a handler only wakes its socket's callers, and the frontend goes
+    on (only the command ring's handler fails it, see above)."""
+
+    def no_handle_of_its_own() -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(fe.domain, "evtchn", no_handle_of_its_own)
+    s, ring = connected(fe, fake)
+    assert s._st.ring is not None and not s._st.ring.direct
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with fe._lock:
+        fe._handlers[s._st.ring.port] = broken
+    ring.produce(b"x")
+    wait_until(lambda: any(rec.exc_info and isinstance(rec.exc_info[1], RuntimeError)
+                           for rec in caplog.records))
+    with fe.socket():  # the command ring is still served
+        pass
+    assert not fe._dead
+    s.close()
+
+
 def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """The backend goes away: every blocked call is woken, also behind a
