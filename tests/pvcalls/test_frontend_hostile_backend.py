@@ -11,6 +11,7 @@ timeout), never another exception, a hang, or a copy from outside its ring.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import queue
@@ -20,6 +21,7 @@ import struct
 import threading
 import time
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -1551,6 +1553,29 @@ def test_a_socket_failing_to_be_woken_keeps_no_other_asleep(
     monkeypatch.undo()
     a.close()
     r.close()
+
+def test_a_dropped_socket_not_yet_released_holds_up_no_wake_up(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The backend goes away while a socket the program dropped unclosed
+    waits for its release: it is no one's to wake, and is passed over
+    without a word (no traceback for a socket that is gone)."""
+    monkeypatch.setattr(fe, "_start_reaper", lambda: None)  # it stays in the table
+    dropped, _ = connected(fe, fake)
+    ref = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert ref() is None
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    receiving = Call(lambda: r.recv(10))
+    wait_until(lambda: sleeping_in_wait(r))
+    fake.set_state(5)
+    assert receiving.oserror().errno == errno.ENOTCONN
+    assert [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR] == []
+    monkeypatch.undo()
+    r.close()
+
 
 def test_an_answer_whose_socket_cannot_take_it_holds_up_no_other(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
