@@ -1453,7 +1453,9 @@ def test_a_failing_backend_state_watch_fails_every_call_with_eio(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug of ours in the watch on the backend's state: whether the
     backend is still there is unknown, and calls waiting for it fail with
-    EIO rather than wait for ever.  (The backend left unnoticed.)"""
+    EIO rather than wait for ever.  (The backend left unnoticed.)  The
+    event thread failing next changes nothing: calls go on saying what
+    failed first."""
     r, _ = connected(fe, fake)
     r.settimeout(None)
     receiving = Call(lambda: r.recv(10))
@@ -1468,6 +1470,16 @@ def test_a_failing_backend_state_watch_fails_every_call_with_eio(
     assert err.errno == errno.EIO
     assert err.strerror.startswith("the PV Calls frontend failed"), err.strerror
     log.wait("frontend of domain", level=logging.ERROR)
+    _pending_raises(RuntimeError("a bug"))(fe, monkeypatch)
+    fake.evtchn.notify(fake.port)
+    thread = fe._thread
+    assert thread is not None
+    thread.join(TIMEOUT)  # its failure is over
+    assert not thread.is_alive()
+    log.wait("its event thread failed", level=logging.ERROR)
+    with pytest.raises(OSError) as info:
+        r.recv(10)
+    assert (info.value.errno, info.value.strerror) == (errno.EIO, err.strerror)
     r.close()
     monkeypatch.undo()
     assert Call(fe.close).join().error is None
