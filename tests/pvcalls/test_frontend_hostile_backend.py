@@ -1514,6 +1514,16 @@ def test_a_failing_data_ring_handler_fails_nothing_else(
     s.close()
 
 
+def _descriptor_closed(fd: int) -> None:
+    """Close ``fd`` as a program that closed a socket's fileno() would,
+    with no file taking its number."""
+    readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(readonly, fd)
+    finally:
+        os.close(readonly)
+
+
 def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
         fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture) -> None:
     """The backend goes away: every blocked call is woken, also behind a
@@ -1522,11 +1532,7 @@ def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
     calls after it waiting for ever.  That is the program's doing, which
     its calls report: no error of ours in the log."""
     a, _ = connected(fe, fake)
-    readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.dup2(readonly, a.fileno())  # closed, with no file taking its number
-    finally:
-        os.close(readonly)
+    _descriptor_closed(a.fileno())
     r, _ = connected(fe, fake)
     r.settimeout(None)
     receiving = Call(lambda: r.recv(10))
@@ -1604,11 +1610,7 @@ def test_an_answer_whose_socket_cannot_take_it_holds_up_no_other(
     fake.hold = {PVCALLS_POLL, PVCALLS_CONNECT}
     fd = ls.fileno()  # keeps a POLL in flight
     poll = fake.next_request(PVCALLS_POLL)
-    readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.dup2(readonly, fd)  # closed, with no file taking its number
-    finally:
-        os.close(readonly)
+    _descriptor_closed(fd)
     s = fe.socket()
     s.setblocking(False)
     with pytest.raises(BlockingIOError):
@@ -1621,5 +1623,43 @@ def test_an_answer_whose_socket_cannot_take_it_holds_up_no_other(
     fake.hold = set()
     with pytest.raises(OSError) as info:
         ls.close()
+    assert info.value.errno == errno.EBADF
+    s.close()
+
+
+@pytest.mark.parametrize("first", ["accept", "connect"])
+def test_an_accept_or_connect_answer_whose_socket_cannot_take_it_holds_up_no_other(
+        fe: pvcalls.Frontend, fake: FakeBackend, first: str) -> None:
+    """As above, the first answer an ACCEPT's, kept for the listener's
+    next accept(), or a non-blocking connect()'s, for sockets whose
+    fileno() descriptor the program closed: the next answer, a
+    non-blocking connect()'s, still completes that connect."""
+    if first == "accept":
+        fake.hold = {PVCALLS_ACCEPT}
+        blind, req, _, _ = _accept_in_flight(fe, fake)
+        fake.rings[req.id_new] = FakeDataRing(fake, req.ref, req.evtchn)
+        fake.hold = {PVCALLS_CONNECT}
+        _descriptor_closed(blind.fileno())
+    else:
+        fake.hold = {PVCALLS_CONNECT}
+        blind = fe.socket()
+        blind.setblocking(False)
+        fd = blind.fileno()
+        with pytest.raises(BlockingIOError):
+            blind.connect(("127.0.0.1", 4002))
+        req = fake.next_request(PVCALLS_CONNECT)
+        _descriptor_closed(fd)
+    s = fe.socket()
+    s.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        s.connect(("127.0.0.1", 4001))
+    connect = fake.next_request(PVCALLS_CONNECT)
+    fake.respond_many([(req, 0, {}), (connect, 0, {})])
+    s.settimeout(TIMEOUT)
+    assert Call(lambda: s.connect(("127.0.0.1", 4001))).join().error is None
+    assert s.getpeername() == ("127.0.0.1", 4001)
+    fake.hold = set()
+    with pytest.raises(OSError) as info:
+        blind.close()
     assert info.value.errno == errno.EBADF
     s.close()
