@@ -352,6 +352,11 @@ class PVSocket(Closing):
         # _cond): as a TCP socket reports its error once, from now on
         # recv() is at the end of the stream and send() fails with EPIPE.
         self._failure_reported = False
+        # The failure was reported by the connect() that completed a
+        # non-blocking or timed one (set under _cond): that leaves Linux's
+        # socket unconnected, and recv() fails with ENOTCONN rather than
+        # being at the end of the stream.
+        self._failure_reported_by_connect = False
 
         # _cond guards the socket's state flags below and is what waiters
         # sleep on; the event thread takes it (after releasing the command
@@ -692,6 +697,7 @@ class PVSocket(Closing):
                 if not failed:
                     return True
                 first, self._failure_reported = not self._failure_reported, True
+                self._failure_reported_by_connect = True
                 if first:
                     raise host_error(failed, "connect")
                 raise OSError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED))
@@ -1077,8 +1083,12 @@ class PVSocket(Closing):
                 if err:
                     if got:
                         return got  # MSG_WAITALL cut short: the next call says why
-                    if not _failure(err) or not self._report_failure():
-                        return 0  # orderly shutdown by the peer, or a failure said
+                    if not _failure(err):
+                        return 0  # orderly shutdown by the peer
+                    if not self._report_failure():
+                        if self._failure_reported_by_connect:
+                            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+                        return 0  # a failure said
                     raise host_error(err, "recv")
                 if peek and parts:
                     def ready() -> bool:

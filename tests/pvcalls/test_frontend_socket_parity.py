@@ -258,7 +258,9 @@ def test_connect_again_after_a_connect(make: Callable[[], Any], timeout: float |
 def test_connect_again_after_a_reset_raises_it(make: Callable[[], Any], reported: bool) -> None:
     """The connect() that completes a connect() with a timeout (see
     above) reports the reset that came meanwhile, or ECONNABORTED if a
-    call has reported it already."""
+    call has reported it already.  That leaves the socket unconnected:
+    recv() fails with ENOTCONN, not at the end of the stream as after a
+    reset that recv() or send() reported."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         address = listener.getsockname()
         s = make()
@@ -273,6 +275,11 @@ def test_connect_again_after_a_reset_raises_it(make: Callable[[], Any], reported
             s.recv(1)
     with pytest.raises(ConnectionAbortedError if reported else ConnectionResetError):
         s.connect(address)
+    with pytest.raises(OSError) as info:
+        s.recv(1)
+    assert info.value.errno == errno.ENOTCONN
+    with pytest.raises(BrokenPipeError):
+        s.send(b"z")
 
 
 def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
