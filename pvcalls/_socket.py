@@ -952,6 +952,15 @@ class PassiveSocket(Work):
         """The POLL (``new`` None) or ACCEPT in flight: its answer, once it
         is taken from ``waiting``; None while there is nothing to answer,
         or if someone else took it."""
+        if self.state is SockState.FAILED:
+            # Taken in while the run before this one was failing (from
+            # then on they are refused): the host socket is closed, and
+            # its accept() would say EBADF.
+            if not self._take(request):
+                return None
+            if new is not None:
+                self.frontend.accept_failed(new)
+            return -_errno.EIO
         if new is None:  # POLL
             if not _readable(self.host) or not self._take(request):
                 return None

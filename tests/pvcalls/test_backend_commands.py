@@ -1411,6 +1411,41 @@ def test_a_bug_taking_an_accepted_connection_answers_the_accept_eio(
     assert raw.unexpected == []
 
 
+def test_an_accept_sent_as_the_listener_fails_is_answered_eio(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An ACCEPT taken in while the listener's Work is failing, serving the
+    one before it: it gets -EIO as every later one does, and gives back
+    what its id_new held."""
+    caplog.set_level(logging.ERROR)
+    listener, address = _listener(raw, backend)
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    serving, go = threading.Event(), threading.Event()
+
+    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
+        serving.set()
+        assert go.wait(TIMEOUT)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    first_ring, second_ring = raw.new_ring(), raw.new_ring()
+    before = resources(backend, host)
+    first = raw.push_accept(listener, raw.new_id(), first_ring)
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert serving.wait(TIMEOUT)
+        try:
+            second = raw.push_accept(listener, raw.new_id(), second_ring)
+            wait_until(lambda: passive.waiting is not None)  # taken in
+        finally:
+            go.set()
+        assert raw.response(first).ret == EIO
+        assert raw.response(second).ret == EIO
+    assert resources(backend, host) == before
+    assert raw.release(listener).ret == 0
+    assert raw.unexpected == []
+
+
 # -- RELEASE ------------------------------------------------------------------------------
 
 def test_release_frees_everything_before_answering(
