@@ -1411,12 +1411,14 @@ def test_a_bug_taking_an_accepted_connection_answers_the_accept_eio(
     assert raw.unexpected == []
 
 
-def test_an_accept_sent_as_the_listener_fails_is_answered_eio(
+@pytest.mark.parametrize("second", ["accept", "poll"])
+def test_an_accept_or_poll_sent_as_the_listener_fails_is_answered_eio(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any,
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """An ACCEPT taken in while the listener's Work is failing, serving the
-    one before it: it gets -EIO as every later one does, and gives back
-    what its id_new held."""
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, second: str) -> None:
+    """An ACCEPT or POLL taken in while the listener's Work is failing,
+    serving the ACCEPT before it: it gets -EIO as every later one does,
+    an ACCEPT gives back what its id_new held, and the failure is logged
+    once."""
     caplog.set_level(logging.ERROR)
     listener, address = _listener(raw, backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
@@ -1435,13 +1437,17 @@ def test_an_accept_sent_as_the_listener_fails_is_answered_eio(
     with socket.create_connection(address, timeout=TIMEOUT):
         assert serving.wait(TIMEOUT)
         try:
-            second = raw.push_accept(listener, raw.new_id(), second_ring)
-            wait_until(lambda: passive.waiting is not None)  # taken in
+            if second == "accept":
+                taken_in = raw.push_accept(listener, raw.new_id(), second_ring)
+            else:
+                taken_in = raw.push_poll(listener)
+            wait_until(lambda: passive.waiting is not None)
         finally:
             go.set()
         assert raw.response(first).ret == EIO
-        assert raw.response(second).ret == EIO
+        assert raw.response(taken_in).ret == EIO
     assert resources(backend, host) == before
+    assert len([r for r in caplog.records if r.exc_info]) == 1
     assert raw.release(listener).ret == 0
     assert raw.unexpected == []
 
