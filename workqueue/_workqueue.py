@@ -124,8 +124,8 @@ class Workqueue(Executor):
         flush(), drain(), destroy(), set_max_active(n), freeze(), thaw()
         stats(), dump(), add_trace_hook(hook), remove_trace_hook(hook)
 
-    flush(), drain() and destroy() take a keyword-only timeout (seconds),
-    past which they raise TimeoutError (see each).
+    flush(), drain(), destroy() and freeze() take a keyword-only timeout
+    (seconds), past which they raise TimeoutError (see each).
 
     The Executor interface, where each call becomes a work item of its own:
 
@@ -781,29 +781,63 @@ class Workqueue(Executor):
                     pwq.max_active = max_active
                     activate_inactive(pwq)
 
-    def freeze(self) -> None:
+    def freeze(self, *, timeout: float | None = None) -> None:
         """Hold new items back, and return once in-flight ones are done.
 
         Only for WQ_FREEZABLE workqueues (freeze_workqueues_begin/busy).
         Items queued while frozen wait, in order, until thaw().
+
+        TimeoutError if *timeout* seconds pass while items are still in
+        flight, with the workqueue's dump(), which names them.  Only the
+        wait is over: the workqueue stays frozen, the items in flight go
+        on, and thaw() or another freeze() work as ever.  Ctrl-C in the
+        wait leaves the same.
         """
+        timeout = check_timeout(timeout)
         if not self.flags & WQFlags.WQ_FREEZABLE:
             raise RuntimeError(f"workqueue {self.name!r} was not allocated with WQ_FREEZABLE")
-        with lock:
-            self._check_not_own_item("freeze")
-            if self._state == _DESTROYED:
-                raise RuntimeError(f"workqueue {self.name!r} is destroyed")
-            self._frozen = True
-            pwqs = self._all_pwqs()
-            for pwq in pwqs:
-                pwq.max_active = 0
-            if not any(pwq.nr_active for pwq in pwqs):
+        completion = Completion()
+        # Registered, and taken back when the wait times out, inside the try
+        # that takes it back on any other way out (see _flush()).
+        try:
+            with lock:
+                self._check_not_own_item("freeze")
+                if self._state == _DESTROYED:
+                    raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+                self._frozen = True
+                pwqs = self._all_pwqs()
+                for pwq in pwqs:
+                    pwq.max_active = 0
+                if not any(pwq.nr_active for pwq in pwqs):
+                    return
+                freezing = self._freezing
+                if freezing is None:
+                    freezing = self._freezing = []
+                freezing.append(completion)
+            if completion.wait(timeout):
                 return
-            completion = Completion()
-            if self._freezing is None:
-                self._freezing = []
-            self._freezing.append(completion)
-        completion.wait()
+            with lock:
+                if not self._take_back_freeze(completion):
+                    return  # it completed as the wait ended
+        except BaseException:
+            with lock:
+                self._take_back_freeze(completion)
+            raise
+        raise self._timed_out("freeze", timeout, " with items still in flight; it stays "
+                              "frozen (thaw() lets the held-back items run)")
+
+    def _take_back_freeze(self, completion: Completion) -> bool:
+        """Unregister a freeze() that its caller stopped waiting for
+        (timeout, Ctrl-C); False if it is not registered: not yet, or
+        completed (engine lock held).  None once it is the last: the
+        engine looks for a freeze to complete while _freezing is set."""
+        freezing = self._freezing
+        if freezing is None or completion not in freezing:
+            return False
+        freezing.remove(completion)
+        if not freezing:
+            self._freezing = None
+        return True
 
     def _freeze_progress(self) -> None:
         """A pwq went idle while freezing (lock held)."""

@@ -497,3 +497,62 @@ def test_ctrl_c_anywhere_in_destroy_leaves_a_destruction_that_ends(
             stuck.release.set()  # a failed check must not leave it running
 
     assert at_every_place(attempt) > 10
+
+
+def test_an_interrupted_freeze_leaves_what_a_timeout_leaves(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """The workqueue stays frozen, and nobody waits for the freeze: its
+    completion left in _freezing (one more for every such call) would be
+    completed only by the next time nothing is in flight, or thaw()."""
+    wq = make_wq("frz", workqueue.WQ_FREEZABLE)
+    stuck = Stuck(wq)
+    try:
+        work = stuck.running()
+        interrupt(main_sleeps_in_a_wait, wq.freeze)
+        with _pool.lock:
+            left = wq._frozen, wq._freezing
+        assert left == (True, None), wq.dump()
+        later = Work(lambda w: None)
+        assert wq.queue_work(later)
+        stuck.release.set()
+        wq.freeze(timeout=TIMEOUT)  # the run ends, and queues its item again
+        assert stuck.requeued == [True]
+        assert later.pending and work.pending  # held back: still frozen
+        wq.thaw()
+        later.flush(timeout=TIMEOUT)
+        work.flush(timeout=TIMEOUT)
+        assert not later.pending and not work.pending
+    finally:
+        stuck.release.set()
+
+
+def test_ctrl_c_anywhere_in_freeze_leaves_it_frozen_or_as_it_was(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """freeze() interrupted wherever: the workqueue is frozen, or as the
+    call found it, with no freeze left waiting in _freezing; thaw() and
+    freeze() work as ever."""
+    wq = make_wq("frz", workqueue.WQ_FREEZABLE)
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        stuck = Stuck(wq)
+        try:
+            work = stuck.running()
+            interrupted(lambda: wq.freeze(timeout=0))
+            with _pool.lock:
+                frozen, freezing = wq._frozen, wq._freezing
+            assert freezing is None, wq.dump()
+            later = Work(lambda w: None)
+            assert wq.queue_work(later)
+            stuck.release.set()
+            wq.freeze(timeout=TIMEOUT)  # the run ends, and queues its item again
+            assert stuck.requeued == [True]
+            if frozen:  # held back
+                assert later.pending and work.pending
+            wq.thaw()
+            later.flush(timeout=TIMEOUT)
+            work.flush(timeout=TIMEOUT)
+            assert not later.pending and not work.pending and not wq._frozen
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+
+    assert at_every_place(attempt) > 5

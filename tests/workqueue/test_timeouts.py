@@ -1,12 +1,12 @@
-"""Bounded waits: the timeout of flush, cancel_sync, drain and destroy.
+"""Bounded waits: the timeout of flush, cancel_sync, drain, destroy and freeze.
 
 A timed-out call raises the builtin TimeoutError, saying what it still
 waited for, and leaves a state that later calls handle as the kernel's
 would: no flush is left registered (a later flush waits for what it
 should, no more), a cancel_sync() goes on without its caller until the run
 it waited for ends, a drain() leaves the workqueue running, a destroy()
-goes on without its caller and a second destroy() waits for its end.
-Without a timeout, or one that does not expire, the calls return what the
+goes on without its caller and a second destroy() waits for its end, a
+freeze() leaves the workqueue frozen.  Without a timeout, or one that does not expire, the calls return what the
 kernel's return.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import DelayedWork, Work, Workqueue
+from workqueue import WQ_FREEZABLE, DelayedWork, Work, Workqueue
 
 TIMEOUT = 10.0
 # How long the timed-out calls below wait: the items they wait for are
@@ -353,6 +353,81 @@ def test_an_idle_workqueue_is_destroyed_with_a_zero_timeout(make_wq: Any) -> Non
     assert wq._destroyed.is_set()
 
 
+# -- freeze ------------------------------------------------------------------
+
+def test_a_timed_out_freeze_leaves_the_workqueue_frozen_and_says_what_is_in_flight(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq("frz", WQ_FREEZABLE)
+    work = running(wq, held)
+    message = times_out(lambda: wq.freeze(timeout=SHORT))
+    assert f"freeze() of workqueue 'frz' timed out after {SHORT:g} s" in message
+    assert "stays frozen" in message, message
+    assert repr(work) in message and "in-flight: kworker/" in message, message
+    assert wq._frozen and "running frozen" in wq.dump()
+    assert wq._freezing is None  # nobody waits for the freeze any more
+    later = Work(lambda w: None)
+    assert wq.queue_work(later)
+    held.release.set()
+    work.flush(timeout=TIMEOUT)
+    assert later.pending  # held back: still frozen
+    assert wq._freezing is None
+    wq.freeze(timeout=0)  # nothing in flight now: frozen at once
+    wq.thaw()
+    later.flush(timeout=TIMEOUT)
+    assert not later.pending and not wq._frozen
+
+
+def test_a_freeze_after_a_timed_out_one_waits_for_the_same_items(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq("frz", WQ_FREEZABLE)
+    work = running(wq, held)
+    times_out(lambda: wq.freeze(timeout=SHORT))
+    times_out(lambda: wq.freeze(timeout=SHORT))  # the item is still in flight
+    assert wq._freezing is None
+    freezer = threading.Thread(target=lambda: wq.freeze(timeout=TIMEOUT))
+    freezer.start()
+    wait_until(lambda: wq._freezing)  # it waits
+    held.release.set()
+    freezer.join(TIMEOUT)
+    assert not freezer.is_alive() and not work.running
+    assert wq._frozen and wq._freezing is None
+    wq.thaw()
+
+
+def test_thaw_after_a_timed_out_freeze_lets_the_held_items_run(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq("frz", WQ_FREEZABLE)
+    work = running(wq, held)
+    times_out(lambda: wq.freeze(timeout=SHORT))
+    later = Work(lambda w: None)
+    assert wq.queue_work(later)
+    wq.thaw()  # with the item still in flight
+    assert not wq._frozen and wq._freezing is None
+    held.release.set()
+    later.flush(timeout=TIMEOUT)
+    work.flush(timeout=TIMEOUT)
+    assert not later.pending
+    assert wq.queue_work(work)  # as ever
+    work.flush(timeout=TIMEOUT)
+    assert held.runs == 2
+
+
+def test_freeze_with_a_timeout_that_does_not_expire(make_wq: Any, held: Held) -> None:
+    wq = make_wq("frz", WQ_FREEZABLE)
+    work = running(wq, held)
+    freezer = threading.Thread(target=lambda: wq.freeze(timeout=TIMEOUT))
+    freezer.start()
+    freezer.join(SHORT)
+    assert freezer.is_alive()
+    held.release.set()
+    freezer.join(TIMEOUT)
+    assert not freezer.is_alive() and not work.running
+    assert wq._frozen and wq._freezing is None
+    wq.thaw()
+    wq.freeze(timeout=0)  # idle: frozen at once
+    wq.thaw()
+
+
 # -- the argument -------------------------------------------------------------
 
 def waiting_calls(wq: Workqueue, work: Work, dwork: DelayedWork) -> dict[str, Callable[..., object]]:
@@ -361,7 +436,7 @@ def waiting_calls(wq: Workqueue, work: Work, dwork: DelayedWork) -> dict[str, Ca
         "Work.disable_sync": work.disable_sync,
         "DelayedWork.flush": dwork.flush, "DelayedWork.cancel_sync": dwork.cancel_sync,
         "Workqueue.flush": wq.flush, "Workqueue.drain": wq.drain,
-        "Workqueue.destroy": wq.destroy,
+        "Workqueue.destroy": wq.destroy, "Workqueue.freeze": wq.freeze,
     }
 
 
@@ -374,7 +449,8 @@ def waiting_calls(wq: Workqueue, work: Work, dwork: DelayedWork) -> dict[str, Ca
 ])
 def test_a_bad_timeout_is_refused_before_anything_changes(
         make_wq: Any, held: Held, bad: object, error: type[Exception], text: str) -> None:
-    wq = make_wq(ordered=True)  # everything stays pending behind the held item
+    # Everything stays pending behind the held item.
+    wq = make_wq(flags=WQ_FREEZABLE, ordered=True)
     running(wq, held)
     work = Work(lambda w: None)
     dwork = DelayedWork(lambda w: None)
@@ -387,12 +463,12 @@ def test_a_bad_timeout_is_refused_before_anything_changes(
         assert work.pending and not work.disabled, name
         assert dwork.pending and dwork._timer is not None and not dwork.disabled, name
         assert work._flushers is None and wq._flushers == [], name
-        assert "running" in repr(wq), name
+        assert "running" in repr(wq) and not wq._frozen, name
     dwork.cancel()
 
 
 def test_the_timeout_is_keyword_only(make_wq: Any) -> None:
-    wq = make_wq()
+    wq = make_wq(flags=WQ_FREEZABLE)
     work = Work(lambda w: None)
     for call in waiting_calls(wq, work, DelayedWork(lambda w: None)).values():
         with pytest.raises(TypeError):
