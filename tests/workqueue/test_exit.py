@@ -42,7 +42,8 @@ holding.wait()  # running, not pending: the exit does not count it
 for i in range(5):  # behind the held one: an ordered workqueue runs one at a time
     busy.queue_work(Work(named(f"item{i}")))
 timers = alloc_workqueue("timers", topology=topo)
-timers.queue_delayed_work(DelayedWork(named("tick")), 3600)
+for i in range(3):  # as many as the warning names: all of them, and no "more"
+    timers.queue_delayed_work(DelayedWork(named(f"tick{i}")), 3600 + i)
 idle = alloc_workqueue("idle", topology=topo)
 ran = Work(named("ran"))
 idle.queue_work(ran)
@@ -69,10 +70,15 @@ def test_the_work_items_dropped_at_exit_are_logged_once(tmp_path: Path) -> None:
     the first few of each."""
     stderr = run(tmp_path, _DROPPING_SCRIPT).stderr
     assert stderr.count("WARNING workqueue._atexit: interpreter exit drops") == 1, stderr
-    assert "interpreter exit drops 6 pending work items of 2 workqueues" in stderr, stderr
+    assert "interpreter exit drops 8 pending work items of 2 workqueues" in stderr, stderr
     assert ("workqueue 'busy': 5 pending: <Work item0 pending>, <Work item1 pending>, "
             "<Work item2 pending> and 2 more") in stderr, stderr
-    assert "workqueue 'timers': 1 pending: <DelayedWork tick pending>" in stderr, stderr
+    timers = [line for line in stderr.splitlines() if "workqueue 'timers'" in line]
+    assert len(timers) == 1, stderr
+    # In the timer's order, which is its own.
+    assert timers[0].startswith("  workqueue 'timers': 3 pending: <DelayedWork tick"), timers
+    assert sorted(timers[0].split(": ", 2)[2].split(", ")) == [
+        f"<DelayedWork tick{i} pending>" for i in range(3)], timers
     # The running item is not dropped (it stops with the process), nor are
     # calls (run before exit), nor items of the other workqueues.
     assert "hold" not in stderr and "'idle'" not in stderr and "'destroyed'" not in stderr

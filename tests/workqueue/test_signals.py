@@ -526,21 +526,27 @@ def test_an_interrupted_freeze_leaves_what_a_timeout_leaves(
         stuck.release.set()
 
 
+@pytest.mark.parametrize("another", [False, True])
 def test_ctrl_c_anywhere_in_freeze_leaves_it_frozen_or_as_it_was(
-        make_wq: Callable[..., Workqueue]) -> None:
+        make_wq: Callable[..., Workqueue], another: bool) -> None:
     """freeze() interrupted wherever: the workqueue is frozen, or as the
-    call found it, with no freeze left waiting in _freezing; thaw() and
-    freeze() work as ever."""
+    call found it, with its freeze no longer waiting in _freezing, and
+    another's (*another*) still there; thaw() and freeze() work as ever."""
     wq = make_wq("frz", workqueue.WQ_FREEZABLE)
 
     def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
         stuck = Stuck(wq)
+        freezer = threading.Thread(target=lambda: wq.freeze(timeout=TIMEOUT))
         try:
             work = stuck.running()
+            if another:
+                freezer.start()
+                while not wq._freezing:
+                    freezer.join(0.001)
             interrupted(lambda: wq.freeze(timeout=0))
             with _pool.lock:
-                frozen, freezing = wq._frozen, wq._freezing
-            assert freezing is None, wq.dump()
+                frozen, freezing = wq._frozen, list(wq._freezing or ())
+            assert len(freezing) == another, wq.dump()
             later = Work(lambda w: None)
             assert wq.queue_work(later)
             stuck.release.set()
@@ -554,5 +560,7 @@ def test_ctrl_c_anywhere_in_freeze_leaves_it_frozen_or_as_it_was(
             assert not later.pending and not work.pending and not wq._frozen
         finally:
             stuck.release.set()  # a failed check must not leave it running
+            if another:
+                freezer.join(TIMEOUT)
 
     assert at_every_place(attempt) > 5

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from workqueue import WQ_FREEZABLE, DelayedWork, Work, Workqueue
+from workqueue._pool import Completion
 
 TIMEOUT = 10.0
 # How long the timed-out calls below wait: the items they wait for are
@@ -133,6 +134,36 @@ def test_flush_with_a_timeout_that_does_not_expire_returns_the_kernels_value(
     assert result == [True]
     assert work.flush(timeout=0) is False
     assert work.flush(timeout=math.inf) is False  # no limit
+
+
+def test_a_timed_out_flush_takes_back_its_own_flush_only(make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(work.flush(timeout=TIMEOUT)))
+    flusher.start()
+    wait_until(lambda: work._flushers)
+    times_out(lambda: work.flush(timeout=SHORT))
+    assert work._flushers is not None and len(work._flushers) == 1  # the other one's
+    held.release.set()
+    flusher.join(TIMEOUT)
+    assert result == [True]
+    assert work._flushers is None
+
+
+def test_an_infinite_timeout_is_no_limit_in_any_thread(make_wq: Any, held: Held) -> None:
+    """No lock takes a timeout beyond threading.TIMEOUT_MAX: a wait that
+    has to sleep, in a thread whose sleep is not cut into slices (the
+    main thread's is), must take it as none."""
+    wq = make_wq()
+    work = running(wq, held)
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(work.flush(timeout=math.inf)))
+    flusher.start()
+    wait_until(lambda: work._flushers)
+    held.release.set()
+    flusher.join(TIMEOUT)
+    assert result == [True]
 
 
 def test_many_timed_out_flushes_leave_nothing_behind(make_wq: Any, held: Held) -> None:
@@ -426,6 +457,46 @@ def test_freeze_with_a_timeout_that_does_not_expire(make_wq: Any, held: Held) ->
     wq.thaw()
     wq.freeze(timeout=0)  # idle: frozen at once
     wq.thaw()
+
+
+# -- a timeout as the wait ends -------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    "Work.flush", "Work.cancel_sync", "Work.disable_sync", "Workqueue.flush",
+    "Workqueue.drain", "Workqueue.freeze"])
+def test_a_wait_that_times_out_as_it_completes_is_no_timeout(
+        make_wq: Any, held: Held, monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    """The wait's time passes just as the run it waits for ends: the call
+    finds its wait completed as it takes it back, and returns what it
+    would have returned had it woken a moment sooner."""
+    wq = make_wq("late", WQ_FREEZABLE)
+    work = running(wq, held)
+    assert wq.queue_work(work)  # and pending behind its run
+    real_wait = Completion.wait
+
+    def completed_as_it_times_out(self: Completion, timeout: float | None = None) -> bool:
+        monkeypatch.setattr(Completion, "wait", real_wait)  # once
+        held.release.set()
+        assert real_wait(self, TIMEOUT)
+        self._lock.release()  # completed, as it was before this wait took it
+        return False
+
+    calls: dict[str, tuple[Callable[..., object], object]] = {
+        "Work.flush": (work.flush, True), "Work.cancel_sync": (work.cancel_sync, True),
+        "Work.disable_sync": (work.disable_sync, True), "Workqueue.flush": (wq.flush, None),
+        "Workqueue.drain": (wq.drain, None), "Workqueue.freeze": (wq.freeze, None),
+    }
+    method, expected = calls[call]
+    monkeypatch.setattr(Completion, "wait", completed_as_it_times_out)
+    assert method(timeout=SHORT) == expected
+    monkeypatch.undo()
+    assert work._flushers is None and wq._flushers == [] and wq._freezing is None
+    assert wq._nr_drainers == 0
+    wq.thaw()
+    if call == "Work.disable_sync":
+        assert work.enable()
+    work.cancel_sync(timeout=TIMEOUT)
+    assert not work.disabled
 
 
 # -- the argument -------------------------------------------------------------
