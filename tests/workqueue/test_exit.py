@@ -3,6 +3,7 @@ program waits for submitted calls, and says which work items it drops."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
-from workqueue import DelayedWork, Workqueue
+import pytest
+
+from workqueue import DelayedWork, Workqueue, _atexit
 from workqueue._timer import del_timer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -143,10 +146,28 @@ def last():
 threading.Thread(target=last).start()
 """)
     assert "Traceback" not in done.stderr, done.stderr
-    assert "interpreter exit drops 1 pending work item of 1 workqueue" in done.stderr, done.stderr
+    assert "interpreter exit drops 1 pending work item of 1 workqueue (flush" in done.stderr, \
+        done.stderr
     assert "workqueue 'conns': 1 pending: <__main__.Conn object at 0x" in done.stderr
     assert "(its repr() raised OSError)" in done.stderr, done.stderr
     assert done.stdout == "the program's last thread ran to its end\n"
+
+
+def test_the_exit_warning_lists_the_workqueues_by_name(
+        make_wq: Callable[..., Workqueue], caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever order the workqueues are found in (a WeakSet's)."""
+    found = [make_wq(name) for name in ("zeta", "alpha", "mu")]
+    dworks = [DelayedWork(lambda work: None) for _ in found]
+    for wq, dwork in zip(found, dworks, strict=True):
+        assert wq.queue_delayed_work(dwork, 3600)
+    with caplog.at_level(logging.WARNING, logger="workqueue._atexit"):
+        _atexit._warn_dropped(found)
+    [record] = caplog.records
+    lines = record.getMessage().splitlines()
+    assert lines[0].startswith("interpreter exit drops 3 pending work items of 3 workqueues")
+    assert [line.split("'")[1] for line in lines[1:]] == ["alpha", "mu", "zeta"], lines
+    for dwork in dworks:
+        assert dwork.cancel()
 
 
 def _codes(code: CodeType) -> set[CodeType]:
