@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import CodeType, FrameType
@@ -14,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from workqueue import DelayedWork, Workqueue, _atexit
+from workqueue import DelayedWork, Workqueue, _atexit, _timer
 from workqueue._timer import del_timer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+TIMEOUT = 10.0
 
 _DROPPING_SCRIPT = r"""
 import logging
@@ -230,3 +232,57 @@ def test_a_timer_that_fires_as_the_exit_counts_its_item_fails_nothing(
             break
         instruction += 1
     assert instruction > 10
+
+
+def armed_with_the_timer_taken_at(instruction: int, handle: Any) -> tuple[list[Any], bool]:
+    """armed_timers(), with another thread taking the timer of *handle*
+    (del_timer(), as the timer thread does) at that instruction of the
+    reading of *handle* (the heap holds others, dead ones too); and
+    whether the reading had so many."""
+    codes = _codes(_timer._TimerBase.armed.__code__)
+    seen = 0
+    taker: threading.Thread | None = None
+
+    def trace(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal seen, taker
+        if frame.f_code not in codes:
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode" and frame.f_locals.get("handle") is handle:
+            if seen == instruction:
+                taker = threading.Thread(target=del_timer, args=(handle,))
+                taker.start()
+                # Done by now, unless the lock it takes is held, as it
+                # must be: then it waits for the reading to end.
+                taker.join(0.05)
+            seen += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        armed = _timer.armed_timers()
+    finally:
+        sys.settrace(None)
+    if taker is not None:
+        taker.join(TIMEOUT)
+    return armed, taker is not None
+
+
+def test_the_timers_are_read_whole_as_the_timer_thread_takes_one(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """armed_timers() reads each timer's callback and argument together,
+    while the timer thread, taking a timer that is due, clears both under
+    the timer's lock: at each instruction of the reading in turn, an
+    entry is whole or absent, never a callback with no argument."""
+    wq = make_wq()
+    instruction = 0
+    while True:
+        dwork = DelayedWork(lambda work: None)
+        assert wq.queue_delayed_work(dwork, 3600)
+        armed, taken = armed_with_the_timer_taken_at(instruction, dwork._timer)
+        assert all(callback is not None and arg is not None for callback, arg in armed), armed
+        assert dwork.cancel()
+        if not taken:
+            break
+        instruction += 1
+    assert instruction > 3
