@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import DelayedWork, Workqueue, _atexit, _timer
+from workqueue import DelayedWork, Work, Workqueue, _atexit, _timer
 from workqueue._timer import del_timer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -170,6 +170,40 @@ def test_the_exit_warning_lists_the_workqueues_by_name(
     assert [line.split("'")[1] for line in lines[1:]] == ["alpha", "mu", "zeta"], lines
     for dwork in dworks:
         assert dwork.cancel()
+
+
+def test_each_workqueue_lists_its_own_pending_items_and_no_call(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """Bound workqueues share their CPUs' pools, and a pool's list holds
+    the items of every workqueue on it: each lists only its own.  And
+    the calls of submit() pending there are not dropped: the exit waits
+    for them (or, on a frozen workqueue, drops them with a warning of
+    their own)."""
+    mine, theirs = make_wq("mine"), make_wq("theirs")
+    started, release = threading.Event(), threading.Event()
+    held = Work(lambda work: (started.set(), release.wait(TIMEOUT)))
+    try:
+        assert mine.queue_work_on(0, held)
+        assert started.wait(TIMEOUT)
+        # Behind the held item, on the pool of CPU 0, which runs one at a time.
+        ours, other = Work(lambda work: None), Work(lambda work: None)
+        assert mine.queue_work_on(0, ours)
+        assert theirs.queue_work_on(0, other)
+        assert mine._dropped_at_exit() == [ours]
+        assert theirs._dropped_at_exit() == [other]
+        calls = make_wq("calls", ordered=True)
+        started.clear()
+        assert calls.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+        assert started.wait(TIMEOUT)
+        call = calls.submit(int)
+        pending = Work(lambda work: None)
+        assert calls.queue_work(pending)
+        assert calls._dropped_at_exit() == [pending]
+    finally:
+        release.set()
+    assert call.result(TIMEOUT) == 0
+    for work in (held, ours, other, pending):
+        work.flush(timeout=TIMEOUT)
 
 
 def _codes(code: CodeType) -> set[CodeType]:
