@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import CodeType, FrameType
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import DelayedWork, Work, Workqueue, _atexit, _timer
+from workqueue import DelayedWork, Work, Workqueue, _atexit, _timer, blocking
 from workqueue._timer import del_timer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -204,6 +205,35 @@ def test_each_workqueue_lists_its_own_pending_items_and_no_call(
     assert call.result(TIMEOUT) == 0
     for work in (held, ours, other, pending):
         work.flush(timeout=TIMEOUT)
+
+
+def test_the_exit_lists_an_item_handed_to_the_worker_still_running_it(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """An item queued again while it runs, and taken by another worker of
+    its pool, waits on the scheduled list of the worker running it (it
+    never runs concurrently with itself): pending there, it is listed."""
+    wq = make_wq("handed")
+    started, release = threading.Event(), threading.Event()
+
+    def func(work: Work) -> None:
+        if not started.is_set():
+            started.set()
+            with blocking():  # the pool runs its next item meanwhile
+                release.wait(TIMEOUT)
+
+    work = Work(func)
+    try:
+        assert wq.queue_work_on(0, work)
+        assert started.wait(TIMEOUT)
+        assert wq.queue_work_on(0, work)
+        deadline = time.monotonic() + TIMEOUT
+        while work._entry is not work._worker.scheduled:
+            assert time.monotonic() < deadline, wq.dump()
+            threading.Event().wait(0.001)
+        assert wq._dropped_at_exit() == [work]
+    finally:
+        release.set()
+    work.flush(timeout=TIMEOUT)
 
 
 def _codes(code: CodeType) -> set[CodeType]:
