@@ -564,3 +564,47 @@ def test_ctrl_c_anywhere_in_freeze_leaves_it_frozen_or_as_it_was(
                 freezer.join(TIMEOUT)
 
     assert at_every_place(attempt) > 5
+
+
+@pytest.mark.parametrize("call", ["cancel_sync", "disable_sync", "flush"])
+def test_ctrl_c_as_a_wait_is_registered_leaves_its_hold_and_owner_together(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """Ctrl-C as a call returns while the engine lock is held, in the one
+    block where a wait on an item is registered (which the tests above
+    leave out): a cancel_sync()'s hold is there with its owner, which
+    drops it as the run ends, or neither is (an owner without its hold
+    dropped one nobody took, and the item's count went below zero)."""
+    from workqueue._work import _CANCEL_HOLD, _CancelSync
+
+    wq = make_wq()
+    n = 0
+    while True:
+        stuck = Stuck(wq)
+        try:
+            work = stuck.running()
+            method = getattr(work, call)
+
+            def ending_in_time(wait: Callable[..., object] = method) -> None:
+                try:
+                    wait(timeout=0)
+                except TimeoutError:
+                    pass
+
+            landed = interrupted_as_call_returns(Work._start_flush.__code__, n, ending_in_time)
+            with _pool.lock:
+                disable, flushers = work._disable, list(work._flushers or ())
+            holds = [f for _, f in flushers if isinstance(f, _CancelSync)]
+            assert disable - (call == "disable_sync") == _CANCEL_HOLD * len(holds), repr(work)
+            stuck.finish(work)
+            with _pool.lock:
+                disable, flushers = work._disable, work._flushers
+            assert (disable, flushers) == (int(call == "disable_sync"), None), repr(work)
+            if work.disabled:
+                assert work.enable()
+            work.cancel_sync(timeout=TIMEOUT)
+        finally:
+            stuck.release.set()
+        if not landed:
+            break
+        n += 1
+    assert n >= 2

@@ -394,6 +394,28 @@ def test_disable_sync_waits_for_the_running_instance(make_wq: Any) -> None:
     assert w.enable() is True
 
 
+def test_an_item_may_cancel_and_disable_itself_without_waiting(make_wq: Any) -> None:
+    """cancel() and disable() wait for nothing, so an item's own function
+    may call them, as the kernel's may (the waiting ones would deadlock)."""
+    wq = make_wq()
+    results: list[bool] = []
+
+    def func(work: Work) -> None:
+        results.append(wq.queue_work(work))  # pending again behind its own run
+        results.append(work.cancel())
+        results.append(wq.queue_work(work))
+        results.append(work.disable())
+        with pytest.raises(RuntimeError, match="would deadlock"):
+            work.disable_sync()
+
+    w = Work(func)
+    assert wq.queue_work(w)
+    w.flush(timeout=TIMEOUT)
+    assert results == [True, True, True, True]
+    assert not w.pending and w.disabled
+    assert w.enable() is True  # the refused disable_sync() took none
+
+
 def test_current_work_is_the_running_item(make_wq: Any) -> None:
     wq = make_wq()
     seen: list[Any] = []
