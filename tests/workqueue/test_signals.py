@@ -9,6 +9,7 @@ the handler run soon, not when the work item ends.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -465,13 +466,25 @@ def test_ctrl_c_anywhere_in_a_flush_of_the_workqueue_leaves_it_as_it_was(
 
 @pytest.mark.parametrize("call", ["destroy", "shutdown"])
 def test_ctrl_c_anywhere_in_destroy_leaves_a_destruction_that_ends(
-        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, call: str) -> None:
     """destroy() (or shutdown(), cancelling futures) interrupted wherever:
     the workqueue is left as it was, or its destruction goes on without
     the caller and ends, a second destroy() waiting for it; "already
     destroyed" only once it is (one left half-way was never released, and
-    a shutdown(wait=True) elsewhere waited for ever)."""
+    a shutdown(wait=True) elsewhere waited for ever).  On one thread at
+    most, which finds nothing wrong (one handed a destruction that was
+    over drained a destroyed workqueue, and logged that it failed)."""
     current = released_as_the_caller_sleeps(monkeypatch)
+    handed: list[Workqueue] = []
+    real_drain_and_release = Workqueue._drain_and_release
+
+    def drain_and_release(wq: Workqueue) -> None:
+        handed.append(wq)
+        real_drain_and_release(wq)
+
+    monkeypatch.setattr(Workqueue, "_drain_and_release", drain_and_release)
+    caplog.set_level(logging.ERROR, logger="workqueue")
 
     def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
         wq = make_wq()
@@ -493,6 +506,11 @@ def test_ctrl_c_anywhere_in_destroy_leaves_a_destruction_that_ends(
             assert not work.pending and not work.running
             with pytest.raises(RuntimeError, match="destroyed"):
                 wq.queue_work(work)
+            thread = wq._destroy_thread
+            if thread is not None:
+                thread.join(TIMEOUT)
+            assert handed.count(wq) <= 1, "the destruction was handed off twice"
+            assert not caplog.records, caplog.text
         finally:
             stuck.release.set()  # a failed check must not leave it running
 

@@ -340,6 +340,37 @@ def test_a_timed_out_drain_leaves_the_workqueue_running(make_wq: Any, held: Held
     assert not work.running and not other.pending
 
 
+def test_a_timed_out_drain_leaves_another_drain_holding_the_workqueue(
+        make_wq: Any, held: Held) -> None:
+    wq = make_wq()
+    work = running(wq, held)
+    drainer = threading.Thread(target=lambda: wq.drain(timeout=TIMEOUT))
+    drainer.start()
+    wait_until(lambda: wq._nr_drainers)
+    times_out(lambda: wq.drain(timeout=SHORT))
+    assert wq._nr_drainers == 1 and "draining" in repr(wq)
+    with pytest.raises(RuntimeError, match="only its own work items may queue"):
+        wq.queue_work(Work(lambda w: None))
+    held.release.set()
+    drainer.join(TIMEOUT)
+    assert not drainer.is_alive() and not work.running
+    assert wq._nr_drainers == 0 and "running" in repr(wq)
+
+
+def test_a_destroy_after_shutdown_without_waiting_is_an_error(
+        make_wq: Any, held: Held) -> None:
+    """Only a destroy() that stopped waiting lets a second one wait for
+    its end: shutdown(wait=False) is not one, as the kernel's second
+    destroy_workqueue() is a bug."""
+    wq = make_wq()
+    running(wq, held)
+    wq.shutdown(wait=False)
+    with pytest.raises(RuntimeError, match="already destroyed"):
+        wq.destroy(timeout=TIMEOUT)
+    held.release.set()
+    assert wq._destroyed.wait(TIMEOUT)
+
+
 def test_a_timed_out_destroy_goes_on_and_a_second_destroy_waits_for_it(
         make_wq: Any, held: Held) -> None:
     wq = make_wq()
