@@ -711,6 +711,9 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
         wq.queue_work(print)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected a Work"):
         wq.queue_work_on(0, None)  # type: ignore[arg-type]
+    # A class is callable too, but what it lacks is only its instance.
+    with pytest.raises(TypeError, match=r"expected a Work, not type$"):
+        wq.queue_work(Work)  # type: ignore[arg-type]
     w = Work(lambda w: None)
     with pytest.raises(ValueError, match="CPU 5 is not a possible CPU"):
         wq.queue_work_on(5, w)

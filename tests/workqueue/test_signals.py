@@ -24,6 +24,7 @@ from stolensignal import (
     interrupted_as_frame_starts,
     interrupted_at,
     main_thread_in,
+    main_thread_within,
     signal_taken_elsewhere,
 )
 
@@ -626,3 +627,29 @@ def test_ctrl_c_as_a_wait_is_registered_leaves_its_hold_and_owner_together(
             break
         n += 1
     assert n >= 2
+
+
+@pytest.mark.parametrize("then", ["destroy", "shutdown"])
+def test_a_signal_another_thread_took_interrupts_a_wait_for_a_handed_off_destruction(
+        make_wq: Callable[..., Workqueue], then: str) -> None:
+    """A second destroy() (or shutdown(wait=True)) waits for the end of
+    the destruction an earlier destroy() left going on; in the main
+    thread, Ctrl-C ends that wait soon too, whoever took the signal."""
+    wq = make_wq()
+    stuck = Stuck(wq)
+    try:
+        work = stuck.running()
+        with pytest.raises(TimeoutError):
+            wq.destroy(timeout=0)
+        with signal_taken_elsewhere(lambda: main_thread_within("_wait_destroyed", 3)):
+            began = time.monotonic()
+            with pytest.raises(Interrupted):
+                getattr(wq, then)()
+            # Well before the item ends (it waits TIMEOUT for its release).
+            assert time.monotonic() - began < TIMEOUT / 2
+        assert not wq._destroyed.is_set()
+    finally:
+        stuck.release.set()
+    assert stuck.tried.wait(TIMEOUT)
+    wq.destroy(timeout=TIMEOUT)
+    assert wq._destroyed.is_set() and not work.pending

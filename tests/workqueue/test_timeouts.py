@@ -357,6 +357,25 @@ def test_a_timed_out_drain_leaves_another_drain_holding_the_workqueue(
     assert wq._nr_drainers == 0 and "running" in repr(wq)
 
 
+def test_destroy_from_its_own_item_is_refused_before_anything_changes(make_wq: Any) -> None:
+    wq = make_wq()
+    refused: list[str] = []
+
+    def destroying(work: Work) -> None:
+        with pytest.raises(RuntimeError) as info:
+            wq.destroy(timeout=TIMEOUT)
+        refused.append(str(info.value))
+
+    work = Work(destroying)
+    assert wq.queue_work(work)
+    work.flush(timeout=TIMEOUT)
+    assert refused == [f"destroy() of workqueue {wq.name!r} from one of its own work items "
+                       "would deadlock"]
+    assert "running" in repr(wq) and wq._destroy_thread is None
+    assert wq.queue_work(work)  # as ever
+    work.flush(timeout=TIMEOUT)
+
+
 def test_a_destroy_after_shutdown_without_waiting_is_an_error(
         make_wq: Any, held: Held) -> None:
     """Only a destroy() that stopped waiting lets a second one wait for
