@@ -1015,8 +1015,10 @@ class Workqueue(Executor):
             lists = [w.scheduled for w in every_worker(pwqs)]
             lists += [pool.worklist for pool in {pwq.pool: None for pwq in pwqs}]
             lists += [pwq.inactive for pwq in pwqs]
-            works = [work for lst in lists for work in lst.items
-                     if work._entry is lst and work._pwq in mine]
+            # A list's live entries (its iterator): an item cancelled and
+            # queued again on the same list still has a dead entry where it
+            # was, ahead of where it runs now.
+            works = [work for lst in lists for work in lst if work._pwq in mine]
             timer_fn = self._delayed_work_timer_fn
             # One whose timer the timer thread took as we look, its callback
             # yet to queue it, is in neither place: left out.

@@ -207,6 +207,29 @@ def test_each_workqueue_lists_its_own_pending_items_and_no_call(
         work.flush(timeout=TIMEOUT)
 
 
+def test_the_exit_lists_the_items_in_the_order_they_would_run(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """An item cancelled and queued again runs after those queued
+    meanwhile: listed where it is now, not where its cancelled entry
+    still lies (a tombstone, see WorkList)."""
+    wq = make_wq("order")
+    started, release = threading.Event(), threading.Event()
+    held = Work(lambda work: (started.set(), release.wait(TIMEOUT)))
+    first, second = Work(lambda work: None), Work(lambda work: None)
+    try:
+        assert wq.queue_work_on(0, held)
+        assert started.wait(TIMEOUT)
+        assert wq.queue_work_on(0, first)
+        assert wq.queue_work_on(0, second)
+        assert first.cancel()
+        assert wq.queue_work_on(0, first)
+        assert wq._dropped_at_exit() == [second, first]
+    finally:
+        release.set()
+    for work in (held, first, second):
+        work.flush(timeout=TIMEOUT)
+
+
 def test_the_exit_lists_an_item_handed_to_the_worker_still_running_it(
         make_wq: Callable[..., Workqueue]) -> None:
     """An item queued again while it runs, and taken by another worker of
