@@ -829,8 +829,9 @@ class Workqueue(Executor):
     def _take_back_freeze(self, completion: Completion) -> bool:
         """Unregister a freeze() that its caller stopped waiting for
         (timeout, Ctrl-C); False if it is not registered: not yet, or
-        completed (engine lock held).  None once it is the last: the
-        engine looks for a freeze to complete while _freezing is set."""
+        completed (engine lock held).  With the last one taken back,
+        _freezing is None again: the engine looks for a freeze to complete
+        while it is set."""
         freezing = self._freezing
         if freezing is None or completion not in freezing:
             return False
