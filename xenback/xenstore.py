@@ -69,7 +69,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EventQueue", "Transaction", "Watch", "XenStore", "adopt_router", "route_until_lost"]
+__all__ = [
+    "EventQueue",
+    "Transaction",
+    "Watch",
+    "XenStore",
+    "adopt_router",
+    "close_client",
+    "route_until_lost",
+]
 
 T = TypeVar("T")
 
@@ -205,6 +213,25 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     connection.close = close_under_send_lock
     router.thread = threading.Thread(target=route_until_lost, args=(router, on_lost),
                                      name=name, daemon=True)
+
+
+def close_client(client: pyxs.Client) -> None:
+    """Close ``client``, whose router :func:`adopt_router` set up: its
+    router thread has ended when this returns.
+
+    pyxs's ``terminate()`` tests that the connection is up and then writes
+    to the router's terminator pair, which the router closes as it ends:
+    XenStore hanging up between the two failed the write (EBADF, or EPIPE)
+    although the connection is over all the same.
+    """
+    router = client.router
+    try:
+        client.close()
+    except OSError:
+        if router.is_connected:
+            raise
+        if router.thread is not threading.current_thread():
+            router.thread.join()
 
 
 def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
@@ -588,17 +615,7 @@ class XenStore(_Ops, Closing):
                 thread.join()
         if self._connected:
             self._connected = False
-            router = self._client.router
-            try:
-                self._client.close()
-            except OSError:
-                # XenStore hung up between pyxs's test that the connection
-                # is up and its write to the router's terminator pair, which
-                # the router closed as it ended: it ends all the same.
-                if router.is_connected:
-                    raise
-                if router.thread is not threading.current_thread():
-                    router.thread.join()
+            close_client(self._client)
         # wait_for() callers in other threads: their next read fails now,
         # rather than after their whole timeout.
         with self._lock:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import inspect
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -13,8 +15,8 @@ from typing import Any
 import pytest
 import pyxs
 from highfds import descriptors_past_fd_setsize
-from hosthelpers import eventually, hang_up_after_one_request
-from racewindow import TIMEOUT, stands_at
+from hosthelpers import eventually, hang_up_after_one_request, serve_one_client
+from racewindow import TIMEOUT, PauseAt, stands_at
 from stolensignal import interrupt, main_thread_in, main_thread_within
 
 from xenback import XenStore
@@ -624,3 +626,54 @@ def test_a_removal_waiting_for_a_backend_fails_at_once_when_xenstore_goes() -> N
     (error,) = outcome
     assert isinstance(error, pyxs.ConnectionError)
     assert f"XenStore went away while waiting for {dev.backend_path}/state" in str(error)
+
+
+def test_a_client_closed_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) -> None:
+    """Each operation closes its client as it ends: pyxs's terminate()
+    tests that the connection is up and then writes to the router's
+    terminator pair, which the router closes as it ends when XenStore
+    hangs up in between.  The operation, done, failed with EBADF."""
+    from pyxs.client import Router
+
+    from xenback.sim import _toolstack as toolstack
+
+    path = str(tmp_path / "xenstored")
+    hang_up = threading.Event()
+
+    def answer_then_hang_up(conn: socket.socket) -> None:
+        _op, rq_id, tx_id, size = struct.unpack("<4I", conn.recv(16, socket.MSG_WAITALL))
+        conn.recv(size, socket.MSG_WAITALL)
+        error = b"ENOENT\0"  # no /libxl: no devices
+        conn.sendall(struct.pack("<4I", 16, rq_id, tx_id, len(error)) + error)
+        hang_up.wait(TIMEOUT)
+
+    server = serve_one_client(path, answer_then_hang_up)
+    routers: list[Any] = []
+    adopt = toolstack.adopt_router
+
+    def adopt_and_keep(router: Any, *args: Any, **kwargs: Any) -> None:
+        adopt(router, *args, **kwargs)
+        routers.append(router)
+
+    monkeypatch.setattr(toolstack, "adopt_router", adopt_and_keep)
+    pause = PauseAt.in_method(monkeypatch, Router, "terminate", "self.w_terminator.sendall")
+    outcome: list[BaseException | list[Device]] = []
+
+    def devices() -> None:
+        try:
+            outcome.append(Toolstack(path).devices())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=devices, daemon=True)
+    caller.start()
+    assert pause.reached.wait(TIMEOUT)
+    hang_up.set()
+    server.join(TIMEOUT)
+    (router,) = routers
+    router.thread.join(TIMEOUT)
+    assert not router.thread.is_alive()
+    pause.resume()
+    caller.join(TIMEOUT)
+    assert not caller.is_alive()
+    assert outcome == [[]]

@@ -50,7 +50,7 @@ import pyxs
 from workqueue import wait_slice
 from xenback._closing import Closing
 from xenback._flags import check_flag
-from xenback.xenstore import adopt_router
+from xenback.xenstore import adopt_router, close_client
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Toolstack(Closing):
         try:
             yield client
         finally:
-            client.close()
+            close_client(client)  # quiet if XenStore hangs up meanwhile
 
     def close(self) -> None:
         """Nothing to release; kept so that a Toolstack works in ``with``."""
