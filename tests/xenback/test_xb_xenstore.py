@@ -1213,3 +1213,33 @@ def test_a_watch_on_a_connection_not_open_starts_no_thread(host) -> None:
         xs.wait_for("/test/w", timeout=TIMEOUT)
     assert not leaked_threads(before)
     assert xs._watches == {} and xs._waiters == set()
+
+
+
+def test_unwatch_as_the_connection_is_lost_is_quiet(host, monkeypatch) -> None:
+    """unwatch() is quiet once the connection is lost, but one that found
+    it up and sent UNWATCH as it went raised ConnectionError: from
+    wait_for()'s finally, that replaced the value it had read."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    w = xs.watch("/test/w", lambda _p: None)
+    pause = PauseAt.in_method(monkeypatch, XenStore, "_unwatch", "self._do(")
+    outcome: list[BaseException | None] = []
+
+    def unwatch() -> None:
+        try:
+            w.unwatch()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    unwatcher = threading.Thread(target=unwatch, daemon=True)
+    unwatcher.start()
+    assert pause.reached.wait(TIMEOUT)
+    host.close()
+    assert xs.connection_lost.wait(TIMEOUT)
+    pause.resume()
+    unwatcher.join(TIMEOUT)
+    assert not unwatcher.is_alive()
+    assert outcome == [None]
+    xs.close()
