@@ -276,15 +276,21 @@ def _route(router: Any) -> None:
     pyxs's router leaves them.
     """
     connection = router.connection
+    watched = -1
     try:
         terminator = router.r_terminator.fileno()
         poller = select.poll()
         poller.register(terminator, select.POLLIN)
-        poller.register(connection.fileno(), select.POLLIN)
+        # A sender closes the connection when a write finds it broken
+        # (pyxs's send() on EPIPE), which frees its number for the next
+        # file anyone opens: closed just before our poll(), that number
+        # could have us wait on that file for ever.  A duplicate stays
+        # ours, and shows the hang-up of the socket the sender shut down.
+        watched = os.dup(connection.fileno())
+        poller.register(watched, select.POLLIN)
         while True:
             if not connection.is_connected:
-                # Closed under us (pyxs's send() does so on EPIPE): its
-                # number may belong to another file by now.
+                # Closed under us by a sender, as above.
                 raise XSConnectionError("not connected")
             ready = {fd for fd, _events in poller.poll()}
             if terminator in ready:
@@ -298,6 +304,8 @@ def _route(router: Any) -> None:
             _dispatch(router, packet)
     finally:
         connection.close()  # under send_lock: see adopt_router()
+        if watched >= 0:
+            os.close(watched)
         router.r_terminator.close()
         router.w_terminator.close()
 

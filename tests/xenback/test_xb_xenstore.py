@@ -1243,3 +1243,46 @@ def test_unwatch_as_the_connection_is_lost_is_quiet(host, monkeypatch) -> None:
     assert not unwatcher.is_alive()
     assert outcome == [None]
     xs.close()
+
+
+
+def test_a_connection_a_sender_closes_ends_the_router(tmp_path, monkeypatch) -> None:
+    """pyxs's send() closes the connection itself when a write finds it
+    broken (EPIPE).  The router, between its test that the connection is
+    up and its poll(), then polled a descriptor number that another file
+    may take meanwhile: it waited on that file, for ever, and close()
+    with it (terminate() wakes no router of a closed connection)."""
+    import os
+
+    import xenback.xenstore as xenstore
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    server = serve_one_client(path, lambda _conn: None)  # hangs up at once
+    real_route = xenstore._route
+    pause = PauseAt(real_route, "poller.poll()")
+    monkeypatch.setattr(xenstore, "_route", lambda router: pause.run(lambda: real_route(router)))
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    assert pause.reached.wait(TIMEOUT)
+    server.join(TIMEOUT)
+    number = xs._client.router.connection.fileno()
+    other, peer = socket.socketpair()  # before the number is free
+    exc = _try_read(xs)  # EPIPE: pyxs closes the connection
+    assert isinstance(exc, ConnectionError), repr(exc)
+    try:
+        with contextlib.suppress(OSError):
+            os.fstat(number)
+            pytest.skip("another thread took the connection's descriptor number first")
+        os.dup2(other.fileno(), number)  # the next file opened takes the number
+        pause.resume()
+        lost = xs.connection_lost.wait(TIMEOUT)
+        if not lost:
+            peer.send(b"\0")  # lets the router go, to end the test
+        assert lost, "the router waits on a file that is not its connection"
+        xs.close()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(number)
+        other.close()
+        peer.close()
