@@ -225,13 +225,17 @@ def close_client(client: pyxs.Client) -> None:
     although the connection is over all the same.
     """
     router = client.router
+    if router.thread is threading.current_thread():
+        # on_lost, the router's last act (a daemon closing as XenStore goes
+        # away): it has closed everything, and terminate() would join this
+        # very thread.
+        return
     try:
         client.close()
     except OSError:
         if router.is_connected:
             raise
-        if router.thread is not threading.current_thread():
-            router.thread.join()
+        router.thread.join()
 
 
 def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
@@ -538,8 +542,9 @@ class XenStore(_Ops, Closing):
         self, client: pyxs.Client, *, on_lost: Callable[[Exception], None] | None = None
     ) -> None:
         """``on_lost(exc)`` is called once, on pyxs's router thread, if
-        XenStore ends the connection; without it the loss is logged as a
-        warning.  Either way :attr:`connection_lost` is set first."""
+        XenStore ends the connection (it may :meth:`close` this); without
+        it the loss is logged as a warning.  Either way
+        :attr:`connection_lost` is set first."""
         self._client = client
         self._on_lost = on_lost
         # _lock guards _watches, _waiters and the creation of the monitor

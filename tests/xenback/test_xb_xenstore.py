@@ -1286,3 +1286,30 @@ def test_a_connection_a_sender_closes_ends_the_router(tmp_path, monkeypatch) -> 
             os.close(number)
         other.close()
         peer.close()
+
+
+
+def test_close_from_on_lost_is_quiet(host) -> None:
+    """on_lost runs on pyxs's router thread as it ends: a close() from
+    there (a daemon shutting down on the loss) had pyxs's terminate()
+    join that very thread, a RuntimeError."""
+    outcome: list[BaseException | None] = []
+    done = threading.Event()
+
+    def on_lost(_exc: Exception) -> None:
+        try:
+            xs.close()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+        done.set()
+
+    xs = XenStore(host.dom0.xenstore(), on_lost=on_lost)
+    xs.open()
+    xs.watch("/test/w", lambda _p: None)  # a watch thread, for close() to stop
+    host.close()
+    assert done.wait(TIMEOUT)
+    assert outcome == [None]
+    xs._client.router.thread.join(TIMEOUT)
+    assert not xs._client.router.thread.is_alive()
+    xs.close()  # again, from here: it waits for what the first one started
