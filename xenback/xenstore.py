@@ -613,8 +613,8 @@ class XenStore(_Ops, Closing):
 
     def close(self) -> None:
         """Drop every watch, stop the watch thread, disconnect."""
-        self._closed = True
-        with self._lock:
+        with self._lock:  # with watch()'s test of it
+            self._closed = True
             watches = list(self._watches.values())
             thread, self._thread = self._thread, None
         for w in watches:
@@ -737,6 +737,10 @@ class XenStore(_Ops, Closing):
             # Before the watch thread is started: nobody would stop it.
             raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
         with self._lock:
+            if self._closed:
+                # close() may have taken the watch thread to stop already:
+                # one started now would run for ever.
+                raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
             token = f"xb{next(self._tokens)}"
             w = Watch(self, path, token, callback, events)
             self._watches[token] = w

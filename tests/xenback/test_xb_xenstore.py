@@ -1313,3 +1313,33 @@ def test_close_from_on_lost_is_quiet(host) -> None:
     xs._client.router.thread.join(TIMEOUT)
     assert not xs._client.router.thread.is_alive()
     xs.close()  # again, from here: it waits for what the first one started
+
+
+
+def test_a_watch_racing_close_leaves_no_thread(host, monkeypatch) -> None:
+    """watch() tests that the connection is up and then, under _lock,
+    starts the watch thread if there is none: a close() in between had
+    already taken the thread to stop, and the new one ran for ever."""
+    before = {t.ident for t in threading.enumerate()}
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    pause = PauseAt.in_method(monkeypatch, XenStore, "watch", "with self._lock:")
+    outcome: list[BaseException | None] = []
+
+    def watch() -> None:
+        try:
+            xs.watch("/test/w", lambda _p: None)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert pause.reached.wait(TIMEOUT)
+    xs.close()
+    pause.resume()
+    watcher.join(TIMEOUT)
+    assert not watcher.is_alive()
+    (exc,) = outcome
+    assert isinstance(exc, ConnectionError), repr(exc)
+    assert not leaked_threads(before)
