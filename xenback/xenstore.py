@@ -576,7 +576,8 @@ class XenStore(_Ops, Closing):
     def open(self) -> None:
         """Connect (pyxs starts its router thread); nothing to do if
         connected.  A connection closed or lost cannot be opened again
-        (pyxs's client cannot reconnect): make a new :class:`XenStore`."""
+        (pyxs's client cannot reconnect): make a new :class:`XenStore`.
+        Nor one closed while it connects: :class:`RuntimeError`."""
         router = self._client.router
         if self._closed or router.thread.ident is not None and not router.is_connected:
             # Its router thread has run (and a thread runs once only).
@@ -590,7 +591,13 @@ class XenStore(_Ops, Closing):
             self._client.connect()
         except PyXSError as exc:
             raise ConnectionError(f"cannot connect to XenStore: {exc}") from exc
-        self._connected = True
+        with self._lock:  # with close()'s setting of _closed
+            self._connected = not self._closed
+        if not self._connected:
+            # close() came as we connected: too early to find anything to
+            # close, so ours to do.
+            close_client(self._client)
+            raise RuntimeError("this XenStore connection was closed as it opened")
 
     @property
     def connected(self) -> bool:

@@ -1343,3 +1343,34 @@ def test_a_watch_racing_close_leaves_no_thread(host, monkeypatch) -> None:
     (exc,) = outcome
     assert isinstance(exc, ConnectionError), repr(exc)
     assert not leaked_threads(before)
+
+
+
+def test_close_as_open_connects_leaves_nothing_open(host, monkeypatch) -> None:
+    """close() while open() connects: close() found nothing connected
+    yet and returned, then open() finished, leaving the connection, its
+    descriptor and its router thread open for good."""
+    xs = XenStore(host.dom0.xenstore())
+    router = xs._client.router
+    pause = PauseAt.in_method(monkeypatch, XenStore, "open", "self._client.connect()")
+    outcome: list[BaseException | None] = []
+
+    def open_() -> None:
+        try:
+            xs.open()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_, daemon=True)
+    opener.start()
+    assert pause.reached.wait(TIMEOUT)
+    xs.close()
+    pause.resume()
+    opener.join(TIMEOUT)
+    assert not opener.is_alive()
+    assert not router.connection.is_connected, "open() left the connection open"
+    assert not router.thread.is_alive()
+    assert not xs.connected
+    (exc,) = outcome
+    assert isinstance(exc, RuntimeError) and "closed" in str(exc), repr(exc)
