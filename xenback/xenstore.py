@@ -33,6 +33,7 @@ loop of ours that waits in ``poll()`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import itertools
@@ -556,6 +557,8 @@ class XenStore(_Ops, Closing):
         self._waiters: set[threading.Event] = set()
         self._tokens = itertools.count()
         self._monitor: Any = None
+        # Held by close() (see there).
+        self._closing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._connected = False
         self._closed = False
@@ -619,23 +622,32 @@ class XenStore(_Ops, Closing):
             self._on_lost(exc)
 
     def close(self) -> None:
-        """Drop every watch, stop the watch thread, disconnect."""
-        with self._lock:  # with watch()'s test of it
-            self._closed = True
-            watches = list(self._watches.values())
-            thread, self._thread = self._thread, None
-        for w in watches:
-            try:
-                self._unwatch(w)
-            except OSError:
-                pass
-        if thread is not None:
-            self._monitor.events.put(None)  # wakes the watch thread up to exit
-            if thread is not threading.current_thread():
-                thread.join()
-        if self._connected:
-            self._connected = False
-            close_client(self._client)
+        """Drop every watch, stop the watch thread, disconnect.  No watch
+        callback runs once it returns, also when another thread's close()
+        is the one doing the work, unless called from a watch callback or
+        from ``on_lost``, which such a close() may be waiting for."""
+        me = threading.current_thread()
+        ours = me is self._thread or me is self._client.router.thread
+        # A second close() waits for the first, which may be waiting for
+        # the watch or router thread: a close() on either must not wait.
+        with contextlib.nullcontext() if ours else self._closing:
+            with self._lock:  # with watch()'s test of it
+                self._closed = True
+                watches = list(self._watches.values())
+                # Kept: watch() starts no other thread once _closed is set.
+                thread = self._thread
+            for w in watches:
+                try:
+                    self._unwatch(w)
+                except OSError:
+                    pass
+            if thread is not None:
+                self._monitor.events.put(None)  # wakes the watch thread up to exit
+                if thread is not me:
+                    thread.join()
+            if self._connected:
+                self._connected = False
+                close_client(self._client)
         # wait_for() callers in other threads: their next read fails now,
         # rather than after their whole timeout.
         with self._lock:

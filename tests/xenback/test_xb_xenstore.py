@@ -1374,3 +1374,86 @@ def test_close_as_open_connects_leaves_nothing_open(host, monkeypatch) -> None:
     assert not xs.connected
     (exc,) = outcome
     assert isinstance(exc, RuntimeError) and "closed" in str(exc), repr(exc)
+
+
+
+def _waits_for_a_lock_in_close(thread: threading.Thread) -> bool:
+    """Whether ``thread`` has returned from XenStore.close() or waits in it
+    for the close in progress to end."""
+    deadline = time.monotonic() + TIMEOUT
+    while thread.is_alive() and not stands_at(thread.ident, XenStore.close, "self._closing"):
+        assert time.monotonic() < deadline, "close() neither returned nor waited"
+        time.sleep(0.001)
+    return True
+
+
+
+def test_a_second_close_returns_once_the_first_is_done(host) -> None:
+    """Two threads closing at once (a driver's stop() and its owner's
+    with): the second found the watch thread taken and the connection
+    marked closed, and returned while the first still waited for a
+    watch callback to end; no callback may run after close() returns."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    running = threading.Event()
+    release = threading.Event()
+
+    def busy(_path: str) -> None:
+        running.set()
+        release.wait(TIMEOUT)
+
+    xs.watch("/test/busy", busy)  # fires once at once
+    assert running.wait(TIMEOUT)
+    first = threading.Thread(target=xs.close, daemon=True)
+    first.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not stands_at(first.ident, XenStore.close, "thread.join()"):
+        assert time.monotonic() < deadline, "close() did not wait for the watch thread"
+        time.sleep(0.001)
+    callback_ran: list[bool] = []
+
+    def second_close() -> None:
+        xs.close()
+        callback_ran.append(not release.is_set())
+
+    second = threading.Thread(target=second_close, daemon=True)
+    second.start()
+    _waits_for_a_lock_in_close(second)
+    release.set()
+    for thread in (first, second):
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    assert callback_ran == [False], "the second close() returned as a callback ran"
+
+
+def test_close_from_a_callback_another_close_waits_for(host) -> None:
+    """A close() waits for the watch thread, and a second one for the
+    first: a callback's own close() must wait for neither."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    running = threading.Event()
+    release = threading.Event()
+    closed: list[BaseException | None] = []
+
+    def closing(_path: str) -> None:
+        running.set()
+        release.wait(TIMEOUT)
+        try:
+            xs.close()
+            closed.append(None)
+        except BaseException as exc:
+            closed.append(exc)
+
+    xs.watch("/test/closing", closing)
+    assert running.wait(TIMEOUT)
+    first = threading.Thread(target=xs.close, daemon=True)
+    first.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not stands_at(first.ident, XenStore.close, "thread.join()"):
+        assert time.monotonic() < deadline, "close() did not wait for the watch thread"
+        time.sleep(0.001)
+    release.set()
+    first.join(TIMEOUT)
+    assert not first.is_alive(), "close() and the callback's close() wait for each other"
+    assert closed == [None]
+    assert not xs._client.router.thread.is_alive()
