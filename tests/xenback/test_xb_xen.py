@@ -539,3 +539,31 @@ def test_the_platform_keeps_what_its_host_s_processes_share_in_run(tmp_path: Pat
     platform = _platform.XenPlatform(0, tmp_path / "socket")
     assert isinstance(platform, Platform)
     assert platform.run_dir == Path("/run")
+
+
+def test_open_fails_when_xenstored_hangs_up_under_its_read(monkeypatch, tmp_path) -> None:
+    """open() reads our domid with a pyxs client of its own, whose
+    request waited for ever for a reply once xenstored hung up (pyxs's
+    router ends and tells nobody): it is a platform that cannot be used."""
+    from tests.sim.hosthelpers import hang_up_after_one_request
+
+    path = str(tmp_path / "socket")
+    server = hang_up_after_one_request(path)
+    monkeypatch.setenv("XENSTORED_PATH", path)
+    monkeypatch.setattr(_platform, "missing_pieces", lambda: [])
+    outcome: list[BaseException | object] = []
+
+    def open_() -> None:
+        try:
+            outcome.append(xenback.xen.open())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_, daemon=True)
+    opener.start()
+    opener.join(TIMEOUT)
+    assert not opener.is_alive(), "open() waits for ever for its domid"
+    (exc,) = outcome
+    assert isinstance(exc, PlatformUnavailable), repr(exc)
+    assert "cannot read our domid from xenstored" in str(exc)
+    server.join(TIMEOUT)

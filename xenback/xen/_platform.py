@@ -43,6 +43,7 @@ from xenback.platform import (
     PlatformError,
     PlatformUnavailable,
 )
+from xenback.xenstore import XenStore
 
 logger = logging.getLogger(__name__)
 
@@ -608,6 +609,11 @@ class XenPlatform:
         return XenEventChannel()
 
 
+def _lost_in_open(exc: Exception) -> None:
+    # The read fails with the loss, and open() says so.
+    logger.debug("xenstored hung up as we read our domid: %s", exc)
+
+
 def open() -> XenPlatform:  # noqa: A001 - the module's verb, like io.open
     """Open the real Xen platform of this domain.
 
@@ -621,10 +627,12 @@ def open() -> XenPlatform:  # noqa: A001 - the module's verb, like io.open
             errno.ENODEV, "Xen is not available here; missing: " + "; ".join(missing)
         )
     sock = xenstored_socket()
-    client = pyxs.Client(unix_socket_path=str(sock))
+    # Through XenStore, not a bare pyxs client: whose read would wait for
+    # ever for its reply should xenstored hang up under it.
+    xs = XenStore(pyxs.Client(unix_socket_path=str(sock)), on_lost=_lost_in_open)
     try:
-        with client:
-            domid = int(client.read(b"domid", b"0"))
-    except (pyxs.PyXSError, ValueError) as exc:
+        with xs:
+            domid = xs.read_int("domid") or 0  # none: dom0
+    except (OSError, ValueError) as exc:
         raise PlatformUnavailable(errno.EIO, f"cannot read our domid from xenstored at {sock}: {exc}") from exc
     return XenPlatform(domid, sock)
