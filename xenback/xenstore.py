@@ -629,7 +629,9 @@ class XenStore(_Ops, Closing):
         me = threading.current_thread()
         ours = me is self._thread or me is self._client.router.thread
         # A second close() waits for the first, which may be waiting for
-        # the watch or router thread: a close() on either must not wait.
+        # the watch or router thread; and pyxs has a close() on the watch
+        # thread wait for the router thread: a close() on either thread
+        # waits for neither the lock nor the watch thread.
         with contextlib.nullcontext() if ours else self._closing:
             with self._lock:  # with watch()'s test of it
                 self._closed = True
@@ -643,7 +645,7 @@ class XenStore(_Ops, Closing):
                     pass
             if thread is not None:
                 self._monitor.events.put(None)  # wakes the watch thread up to exit
-                if thread is not me:
+                if not ours:
                     thread.join()
             if self._connected:
                 self._connected = False

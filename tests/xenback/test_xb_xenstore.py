@@ -1457,3 +1457,39 @@ def test_close_from_a_callback_another_close_waits_for(host) -> None:
     assert not first.is_alive(), "close() and the callback's close() wait for each other"
     assert closed == [None]
     assert not xs._client.router.thread.is_alive()
+
+
+def test_close_from_on_lost_and_from_a_callback_at_once(host) -> None:
+    """A daemon closing its connection both from on_lost and from a watch
+    callback: on_lost's close() waited for the watch thread, whose
+    callback's close() had pyxs's terminate() wait for the router thread,
+    on which on_lost was waiting."""
+    running = threading.Event()
+    release = threading.Event()
+    closed: list[str] = []
+
+    def close(where: str) -> None:
+        xs.close()
+        closed.append(where)
+
+    def callback(_path: str) -> None:
+        running.set()
+        release.wait(TIMEOUT)
+        close("callback")
+
+    xs = XenStore(host.dom0.xenstore(), on_lost=lambda _exc: close("on_lost"))
+    xs.open()
+    xs.watch("/test/closing", callback)
+    assert running.wait(TIMEOUT)
+    router = xs._client.router.thread
+    host.close()
+    deadline = time.monotonic() + TIMEOUT
+    # on_lost's close() in progress, waiting for the watch thread or not.
+    while not closed and not stands_at(router.ident, XenStore.close, "thread.join()"):
+        assert time.monotonic() < deadline, "on_lost was not called"
+        time.sleep(0.001)
+    release.set()
+    router.join(TIMEOUT)
+    assert not router.is_alive(), "on_lost's close() and the callback's wait for each other"
+    xs.close()
+    assert sorted(closed) == ["callback", "on_lost"]
