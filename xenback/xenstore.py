@@ -622,10 +622,11 @@ class XenStore(_Ops, Closing):
             self._on_lost(exc)
 
     def close(self) -> None:
-        """Drop every watch, stop the watch thread, disconnect.  No watch
-        callback runs once it returns, also when another thread's close()
-        is the one doing the work, unless called from a watch callback or
-        from ``on_lost``, which such a close() may be waiting for."""
+        """Drop every watch, stop the watch thread, disconnect.  Once it
+        returns no callback runs on the watch thread, also when another
+        thread's close() did the work; except when called from a watch
+        callback or from ``on_lost``, which such a close() may be waiting
+        for."""
         me = threading.current_thread()
         ours = me is self._thread or me is self._client.router.thread
         # A second close() waits for the first, which may be waiting for
