@@ -677,3 +677,33 @@ def test_a_client_closed_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) ->
     caller.join(TIMEOUT)
     assert not caller.is_alive()
     assert outcome == [[]]
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def test_a_failing_transaction_on_a_lost_connection_says_why_it_failed(
+    tmp_path, monkeypatch
+) -> None:
+    """The body of a transaction fails as the connection goes: its
+    rollback then fails too, and that error replaced the body's (even a
+    KeyboardInterrupt), although the connection's end drops the
+    transaction anyway."""
+    path = str(tmp_path / "xenstored")
+
+    def start_then_hang_up(conn: socket.socket) -> None:
+        op, rq_id, tx_id, size = struct.unpack("<4I", conn.recv(16, socket.MSG_WAITALL))
+        conn.recv(size, socket.MSG_WAITALL)
+        reply = b"1\0"  # the transaction's id
+        conn.sendall(struct.pack("<4I", op, rq_id, tx_id, len(reply)) + reply)
+
+    server = serve_one_client(path, start_then_hang_up)
+
+    def body(c: pyxs.Client) -> None:
+        server.join(TIMEOUT)
+        assert eventually(lambda: not c.router.is_connected, TIMEOUT)
+        raise Interrupted  # as a KeyboardInterrupt would, but pytest's own
+
+    with pytest.raises(Interrupted):
+        Toolstack(path).transaction(body)

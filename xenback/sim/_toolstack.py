@@ -41,7 +41,7 @@ import os
 import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -156,7 +156,11 @@ class Toolstack(Closing):
                 try:
                     result = body(client)
                 except BaseException:
-                    client.rollback()
+                    # The body's error says more than one of the rollback's
+                    # (the connection lost meanwhile, which drops the
+                    # transaction anyway; so does the close after this).
+                    with suppress(pyxs.PyXSError):
+                        client.rollback()
                     raise
                 if client.commit():
                     return result
