@@ -5,7 +5,8 @@ particular line while the other runs.  :class:`PauseAt` stops a thread there
 (with a trace function, so the code under test is unchanged), and
 :func:`stands_at` tells whether a thread has got to a line, as one that
 waits there for a lock has.  Lines are found by their text, so that a test
-still finds its line after unrelated edits.
+still finds its line after unrelated edits.  :class:`Attempt` runs the
+call that races on a thread of its own and hands back how it ended.
 """
 
 from __future__ import annotations
@@ -74,6 +75,32 @@ class PauseAt:
 
         monkeypatch.setattr(owner, name, paused)
         return pause
+
+
+class Attempt:
+    """``fn()``, started at once on a daemon thread of its own (a call that
+    hangs must not keep the test run from ending), for the test to race
+    it meanwhile.  :meth:`result` says how it ended."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._outcome: list[Any] = []
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._outcome.append(fn())
+        except BaseException as exc:
+            self._outcome.append(exc)
+
+    def result(self, timeout: float = TIMEOUT, msg: str = "the call has not ended") -> Any:
+        """What ``fn()`` returned, or the exception it raised, once it has
+        ended; AssertionError with ``msg`` if it is still running after
+        ``timeout`` seconds."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), msg
+        (outcome,) = self._outcome
+        return outcome
 
 
 def stands_at(thread_id: int, func: Callable[..., Any], text: str) -> bool:

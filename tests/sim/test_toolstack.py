@@ -16,7 +16,7 @@ import pytest
 import pyxs
 from highfds import descriptors_past_fd_setsize
 from hosthelpers import eventually, hang_up_after_one_request, serve_one_client
-from racewindow import TIMEOUT, PauseAt, stands_at
+from racewindow import TIMEOUT, Attempt, PauseAt, stands_at
 from stolensignal import interrupt, main_thread_in, main_thread_within
 
 from xenback import XenStore
@@ -371,19 +371,8 @@ def test_a_request_the_host_never_answers_fails(tmp_path) -> None:
     # of waiting forever for its reply (and pyxs's thread dies quietly).
     path = str(tmp_path / "xenstored")
     server = hang_up_after_one_request(path)
-    outcome: list[BaseException] = []
-
-    def ask() -> None:
-        try:
-            Toolstack(path).devices()
-        except BaseException as exc:
-            outcome.append(exc)
-
-    caller = threading.Thread(target=ask, daemon=True)
-    caller.start()
-    caller.join(10)
-    assert not caller.is_alive(), "the request is still waiting for its reply"
-    (exc,) = outcome
+    caller = Attempt(lambda: Toolstack(path).devices())
+    exc = caller.result(msg="the request is still waiting for its reply")
     assert isinstance(exc, pyxs.PyXSError) and exc.args[0] == errno.ENOTCONN, exc
     server.join(10)
 
@@ -657,16 +646,7 @@ def test_a_client_closed_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) ->
 
     monkeypatch.setattr(toolstack, "adopt_router", adopt_and_keep)
     pause = PauseAt.in_method(monkeypatch, Router, "terminate", "self.w_terminator.sendall")
-    outcome: list[BaseException | list[Device]] = []
-
-    def devices() -> None:
-        try:
-            outcome.append(Toolstack(path).devices())
-        except BaseException as exc:
-            outcome.append(exc)
-
-    caller = threading.Thread(target=devices, daemon=True)
-    caller.start()
+    caller = Attempt(lambda: Toolstack(path).devices())
     assert pause.reached.wait(TIMEOUT)
     hang_up.set()
     server.join(TIMEOUT)
@@ -674,9 +654,7 @@ def test_a_client_closed_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) ->
     router.thread.join(TIMEOUT)
     assert not router.thread.is_alive()
     pause.resume()
-    caller.join(TIMEOUT)
-    assert not caller.is_alive()
-    assert outcome == [[]]
+    assert caller.result() == []
 
 
 class Interrupted(BaseException):

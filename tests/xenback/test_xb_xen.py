@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from cffi import FFI
-from racewindow import TIMEOUT, stands_at
+from racewindow import TIMEOUT, Attempt, stands_at
 
 import xenback.xen
 from xenback.platform import PAGE_SIZE, EventChannelError, GrantError, PlatformUnavailable
@@ -551,19 +551,8 @@ def test_open_fails_when_xenstored_hangs_up_under_its_read(monkeypatch, tmp_path
     server = hang_up_after_one_request(path)
     monkeypatch.setenv("XENSTORED_PATH", path)
     monkeypatch.setattr(_platform, "missing_pieces", lambda: [])
-    outcome: list[BaseException | object] = []
-
-    def open_() -> None:
-        try:
-            outcome.append(xenback.xen.open())
-        except BaseException as exc:
-            outcome.append(exc)
-
-    opener = threading.Thread(target=open_, daemon=True)
-    opener.start()
-    opener.join(TIMEOUT)
-    assert not opener.is_alive(), "open() waits for ever for its domid"
-    (exc,) = outcome
+    opener = Attempt(xenback.xen.open)
+    exc = opener.result(msg="open() waits for ever for its domid")
     assert isinstance(exc, PlatformUnavailable), repr(exc)
     assert "cannot read our domid from xenstored" in str(exc)
     server.join(TIMEOUT)

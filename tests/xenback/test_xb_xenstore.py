@@ -18,7 +18,7 @@ import pyxs
 from pyxs._internal import Op
 
 from tests.highfds import Filled, descriptors_past_fd_setsize, past_fd_setsize
-from tests.racewindow import PauseAt, stands_at
+from tests.racewindow import Attempt, PauseAt, stands_at
 from tests.sim.hosthelpers import answer_one_request, hang_up_after_one_request
 from tests.stolensignal import (
     interrupt,
@@ -389,19 +389,8 @@ def test_wait_for_raises_once_the_deadline_has_passed(dom0_xs, monkeypatch) -> N
     fake_time = types.SimpleNamespace(monotonic=lambda: next(readings, 1001.5))
     monkeypatch.setattr(xenstore_module, "time", fake_time)
     dom0_xs.write("/deadline", "a")
-    outcome: list[BaseException | str | None] = []
-
-    def waiter() -> None:
-        try:
-            outcome.append(dom0_xs.wait_for("/deadline", "b", timeout=1.0))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=waiter, daemon=True)
-    thread.start()
-    thread.join(TIMEOUT)
-    assert not thread.is_alive(), "wait_for() went on waiting past its deadline"
-    (exc,) = outcome
+    waiter = Attempt(lambda: dom0_xs.wait_for("/deadline", "b", timeout=1.0))
+    exc = waiter.result(msg="wait_for() went on waiting past its deadline")
     assert isinstance(exc, TimeoutError), exc
 
 
@@ -567,19 +556,13 @@ def _request_as_the_connection_closes(
 
     router = xs._client.router
     pause = PauseAt.in_method(monkeypatch, pyxs.connection.PacketConnection, "send", at)
-    outcome: list[BaseException | str | None] = []
 
-    def request() -> None:
-        try:
-            if where == "request":
-                outcome.append(xs.read("/local"))
-            else:
-                outcome.append(xs.transaction(lambda t: t.read("/local")))
-        except BaseException as exc:
-            outcome.append(exc)
+    def request() -> str | None:
+        if where == "request":
+            return xs.read("/local")
+        return xs.transaction(lambda t: t.read("/local"))
 
-    caller = threading.Thread(target=request, daemon=True)
-    caller.start()
+    caller = Attempt(request)
     try:
         assert pause.reached.wait(TIMEOUT)
         close()
@@ -590,10 +573,7 @@ def _request_as_the_connection_closes(
             time.sleep(0.001)
     finally:
         pause.resume()
-    caller.join(TIMEOUT)
-    assert not caller.is_alive()
-    (exc,) = outcome
-    return exc
+    return caller.result()
 
 
 @pytest.mark.parametrize("where", ["request", "transaction"])
@@ -652,26 +632,14 @@ def test_close_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) -> None:
     xs.open()
     router = xs._client.router
     pause = PauseAt.in_method(monkeypatch, Router, "terminate", "self.w_terminator.sendall")
-    outcome: list[BaseException | None] = []
-
-    def close() -> None:
-        try:
-            xs.close()
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    closer = threading.Thread(target=close, daemon=True)
-    closer.start()
+    closer = Attempt(xs.close)
     assert pause.reached.wait(TIMEOUT)
     exc = _try_read(xs)  # the server hangs up on it
     assert isinstance(exc, ConnectionError), repr(exc)
     router.thread.join(TIMEOUT)
     assert not router.thread.is_alive()
     pause.resume()
-    closer.join(TIMEOUT)
-    assert not closer.is_alive()
-    assert outcome == [None]
+    assert closer.result() is None
     server.join(TIMEOUT)
 
 
@@ -703,29 +671,19 @@ def test_wait_for_fails_as_soon_as_the_connection_ends(host, end: str) -> None:
     xs = XenStore(host.dom0.xenstore())
     xs.open()
     try:
-        outcome: list[BaseException | str | None] = []
         checked = threading.Event()
 
         def never(_value: str | None) -> bool:
             checked.set()  # the watch is in place: wait_for goes on to wait
             return False
 
-        def wait() -> None:
-            try:
-                outcome.append(xs.wait_for("/never", never, timeout=600))
-            except BaseException as exc:
-                outcome.append(exc)
-
-        waiter = threading.Thread(target=wait, daemon=True)
-        waiter.start()
+        waiter = Attempt(lambda: xs.wait_for("/never", never, timeout=600))
         assert checked.wait(TIMEOUT)
         if end == "lost":
             host.close()
         else:
             xs.close()
-        waiter.join(TIMEOUT)
-        assert not waiter.is_alive(), "wait_for waits for its timeout"
-        (exc,) = outcome
+        exc = waiter.result(msg="wait_for waits for its timeout")
         assert isinstance(exc, ConnectionError), exc
         assert not xs._waiters
     finally:
@@ -1224,24 +1182,12 @@ def test_unwatch_as_the_connection_is_lost_is_quiet(host, monkeypatch) -> None:
     xs.open()
     w = xs.watch("/test/w", lambda _p: None)
     pause = PauseAt.in_method(monkeypatch, XenStore, "_unwatch", "self._do(")
-    outcome: list[BaseException | None] = []
-
-    def unwatch() -> None:
-        try:
-            w.unwatch()
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    unwatcher = threading.Thread(target=unwatch, daemon=True)
-    unwatcher.start()
+    unwatcher = Attempt(w.unwatch)
     assert pause.reached.wait(TIMEOUT)
     host.close()
     assert xs.connection_lost.wait(TIMEOUT)
     pause.resume()
-    unwatcher.join(TIMEOUT)
-    assert not unwatcher.is_alive()
-    assert outcome == [None]
+    assert unwatcher.result() is None
     xs.close()
 
 
@@ -1324,23 +1270,11 @@ def test_a_watch_racing_close_leaves_no_thread(host, monkeypatch) -> None:
     xs = XenStore(host.dom0.xenstore())
     xs.open()
     pause = PauseAt.in_method(monkeypatch, XenStore, "watch", "with self._lock:")
-    outcome: list[BaseException | None] = []
-
-    def watch() -> None:
-        try:
-            xs.watch("/test/w", lambda _p: None)
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    watcher = Attempt(lambda: xs.watch("/test/w", lambda _p: None))
     assert pause.reached.wait(TIMEOUT)
     xs.close()
     pause.resume()
-    watcher.join(TIMEOUT)
-    assert not watcher.is_alive()
-    (exc,) = outcome
+    exc = watcher.result()
     assert isinstance(exc, ConnectionError), repr(exc)
     assert not leaked_threads(before)
 
@@ -1353,26 +1287,14 @@ def test_close_as_open_connects_leaves_nothing_open(host, monkeypatch) -> None:
     xs = XenStore(host.dom0.xenstore())
     router = xs._client.router
     pause = PauseAt.in_method(monkeypatch, XenStore, "open", "self._client.connect()")
-    outcome: list[BaseException | None] = []
-
-    def open_() -> None:
-        try:
-            xs.open()
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    opener = threading.Thread(target=open_, daemon=True)
-    opener.start()
+    opener = Attempt(xs.open)
     assert pause.reached.wait(TIMEOUT)
     xs.close()
     pause.resume()
-    opener.join(TIMEOUT)
-    assert not opener.is_alive()
+    exc = opener.result()
     assert not router.connection.is_connected, "open() left the connection open"
     assert not router.thread.is_alive()
     assert not xs.connected
-    (exc,) = outcome
     assert isinstance(exc, RuntimeError) and "closed" in str(exc), repr(exc)
 
 
