@@ -1415,3 +1415,54 @@ def test_close_from_on_lost_and_from_a_callback_at_once(host) -> None:
     assert not router.is_alive(), "on_lost's close() and the callback's wait for each other"
     xs.close()
     assert sorted(closed) == ["callback", "on_lost"]
+
+
+def test_a_xenbus_connection_a_sender_closes_ends_the_router() -> None:
+    """On XenBus (/dev/xen/xenbus) the transport's close() is a bare
+    os.close(), with no shutdown() that would show on the duplicate of
+    its descriptor the router polls: a sender closing the connection on
+    a write failing with EPIPE left the router waiting on a file nothing
+    would ever make readable, the loss untold, and close() waiting for
+    the router (terminate() wakes no router of a closed connection)."""
+    import os
+
+    from pyxs.client import Router
+    from pyxs.connection import XenBusConnection, _XenBusTransport
+
+    import xenback.xenstore as xenstore
+
+    ours, xenstored = socket.socketpair()  # xenstored: silent, never hangs up
+
+    def broken(_data: bytes) -> None:
+        raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    class Transport(_XenBusTransport):
+        def __init__(self) -> None:
+            self.fd = os.dup(ours.fileno())
+
+        send = staticmethod(broken)
+
+    class Connection(XenBusConnection):
+        def create_transport(self) -> Transport:
+            return Transport()
+
+    xs = XenStore(pyxs.Client(router=Router(Connection("xenbus"))))
+    xs.open()
+    router = xs._client.router
+    closer = threading.Thread(target=xs.close, daemon=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not stands_at(router.thread.ident, xenstore._route, "poller.poll()"):
+            assert time.monotonic() < deadline, "the router does not wait"
+            time.sleep(0.001)
+        exc = _try_read(xs)  # EPIPE: pyxs closes the connection
+        assert isinstance(exc, ConnectionError), repr(exc)
+        assert xs.connection_lost.wait(TIMEOUT), "the router waits on a closed connection"
+        closer.start()
+        closer.join(TIMEOUT)
+        assert not closer.is_alive(), "close() waits for the router"
+    finally:
+        if router.thread.is_alive():
+            xenstored.send(b"\0")  # lets the router go, to end the test
+        ours.close()
+        xenstored.close()
