@@ -200,6 +200,10 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     AttributeError rather than as a lost connection.  The lock becomes
     reentrant because a sender closes the connection itself, under it,
     when a write finds it broken.
+
+    A sender closing it also wakes the router through the terminator pair:
+    the router polls a duplicate of the connection's descriptor, on which
+    XenBus's close() (a bare os.close(), no shutdown()) shows nothing.
     """
     if router.thread.ident is not None:
         raise RuntimeError("the router has run already: adopt a new client's router")
@@ -209,7 +213,14 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
 
     def close_under_send_lock(silent: bool = True) -> None:
         with send_lock:
-            close(silent)
+            was_connected = connection.is_connected
+            try:
+                close(silent)
+            finally:
+                # The router closes the terminator pair only after the
+                # connection, under send_lock: still open here.
+                if was_connected and threading.current_thread() is not router.thread:
+                    router.w_terminator.sendall(b"\0")
 
     connection.close = close_under_send_lock
     router.thread = threading.Thread(target=route_until_lost, args=(router, on_lost),
@@ -290,7 +301,8 @@ def _route(router: Any) -> None:
         # (pyxs's send() on EPIPE), which frees its number for the next
         # file anyone opens: closed just before our poll(), that number
         # could have us wait on that file for ever.  A duplicate stays
-        # ours, and shows the hang-up of the socket the sender shut down.
+        # ours; the sender wakes us through the terminator pair (see
+        # adopt_router()).
         watched = os.dup(connection.fileno())
         poller.register(watched, select.POLLIN)
         while True:
@@ -299,6 +311,9 @@ def _route(router: Any) -> None:
                 raise XSConnectionError("not connected")
             ready = {fd for fd, _events in poller.poll()}
             if terminator in ready:
+                if not connection.is_connected:
+                    # A sender closed it, and woke us: as above.
+                    raise XSConnectionError("not connected")
                 return  # terminate() wins over packets still unread
             # Readable, hung up or failed: recv() returns the packet or
             # raises pyxs's ConnectionError.
