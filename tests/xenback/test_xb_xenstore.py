@@ -1466,3 +1466,53 @@ def test_a_xenbus_connection_a_sender_closes_ends_the_router() -> None:
             xenstored.send(b"\0")  # lets the router go, to end the test
         ours.close()
         xenstored.close()
+
+
+def test_close_ends_a_request_stuck_in_its_write(tmp_path) -> None:
+    """A xenstored that stops reading (hung) leaves a sender blocked in
+    its write, holding send_lock.  close() has the router close the
+    connection, which shuts the socket down and so ends that write (with
+    EPIPE): a router waiting for send_lock to close the connection waited
+    for that very write, and close() with it."""
+    from pyxs.connection import PacketConnection
+
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    release = threading.Event()
+    # Reads nothing until the test ends (longer than close() may take).
+    server = serve_one_client(path, lambda _conn: release.wait(3 * TIMEOUT))
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    xs._client.router.connection.transport.sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the smallest: a few KiB
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            xs.write("/big", "x" * 4000)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    writers = [threading.Thread(target=write, daemon=True) for _ in range(8)]
+    for writer in writers:
+        writer.start()
+    closer = threading.Thread(target=xs.close, daemon=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not any(stands_at(writer.ident, PacketConnection.send,
+                                "self.transport.send(packet.payload)")
+                      for writer in writers if writer.ident is not None):
+            assert time.monotonic() < deadline, "no write blocks"
+            time.sleep(0.001)
+        closer.start()
+        closer.join(TIMEOUT)
+        assert not closer.is_alive(), "close() waits for a write xenstored never reads"
+        for writer in writers:
+            writer.join(TIMEOUT)
+            assert not writer.is_alive()
+        assert all(isinstance(exc, ConnectionError) for exc in outcome), outcome
+    finally:
+        release.set()
+        server.join(TIMEOUT)
