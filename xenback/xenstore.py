@@ -43,6 +43,8 @@ import os
 import queue
 import re
 import select
+import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -323,11 +325,30 @@ def _route(router: Any) -> None:
                 raise XSConnectionError(_read_failure(exc)) from exc
             _dispatch(router, packet)
     finally:
+        if watched >= 0:
+            # A sender blocked in a write (a xenstored that reads nothing)
+            # holds send_lock, which the close() below waits for: shut
+            # down, the socket fails that write.
+            _shut_down(watched)
         connection.close()  # under send_lock: see adopt_router()
         if watched >= 0:
             os.close(watched)
         router.r_terminator.close()
         router.w_terminator.close()
+
+
+def _shut_down(fd: int) -> None:
+    """Shut down the socket of descriptor ``fd``, which stays open; nothing
+    if it is no socket (XenBus's device, whose writes wait for nobody)."""
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # nothing left to shut down
+    finally:
+        sock.detach()
 
 
 def _read_failure(exc: XSConnectionError) -> str:
