@@ -541,6 +541,47 @@ def test_a_host_short_of_resources_at_start_is_worth_a_restart(
         f"(short of resources, worth a restart): [Errno {code}] {os.strerror(code)}"), err
 
 
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_no_socket_left_for_xenstore_at_start_is_worth_a_restart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    # The backend's first descriptor of its own is its XenStore socket:
+    # the host short of descriptors or memory fails it, which is no host
+    # gone (status 2, never restarted) but a shortage (status 1).
+    import pyxs.connection
+
+    import pvcalls._cli as cli
+    from xenback.sim import SimHost
+
+    open_platform = cli._open_platform
+
+    def then_no_socket(args: Any, error: Any) -> Any:
+        platform = open_platform(args, error)
+
+        class NoSocket:  # pyxs's view of the socket module
+            AF_UNIX, SOCK_STREAM, SHUT_RDWR = socket.AF_UNIX, socket.SOCK_STREAM, socket.SHUT_RDWR
+            error = OSError
+
+            @staticmethod
+            def socket(*_args: Any) -> socket.socket:
+                raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(pyxs.connection, "socket", NoSocket)
+        return platform
+
+    monkeypatch.setattr(cli, "_open_platform", then_no_socket)
+    run_dir = tmp_path / "run"
+    with SimHost(run_dir):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(
+        "pvcalls-backend serve: error: cannot start serving the host's guests "
+        f"(short of resources, worth a restart): [Errno {code}] "), err
+
+
 def test_a_second_backend_on_one_host_is_refused(
         sim_host: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path) -> None:
     argv = serve_argv(sim_host[0])
