@@ -310,19 +310,20 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             # other's refuses).
             error(f"another pvcalls-backend (pid {'?' if exc.pid is None else exc.pid}) "
                   f"serves this host already; it holds {exc.path}")
-        except (ConnectionError, GrantError, EventChannelError) as exc:
-            # XenStore refused us or hung up, or the simulated hypervisor
-            # did (Xen's device nodes failing to open are
-            # PlatformUnavailable): the host went between joining it and
-            # starting on it.  As a missing host, one line, not a
-            # traceback.  The backend released what it took.
-            error(f"cannot start serving the host's guests (is the host gone?): {exc}")
         except OSError as exc:
             if exc.errno in _SHORT_OF_RESOURCES:
                 # What the host lacks now it may have again later: the one
-                # start failure a supervisor's restart may cure.
+                # start failure a supervisor's restart may cure.  Whatever
+                # failed for it: the XenStore connection's socket as well.
                 parser.exit(1, f"{parser.prog}: error: cannot start serving the host's guests "
                                f"(short of resources, worth a restart): {exc}\n")
+            if isinstance(exc, ConnectionError | GrantError | EventChannelError):
+                # XenStore refused us or hung up, or the simulated
+                # hypervisor did (Xen's device nodes failing to open are
+                # PlatformUnavailable): the host went between joining it
+                # and starting on it.  As a missing host, one line, not a
+                # traceback.  The backend released what it took.
+                error(f"cannot start serving the host's guests (is the host gone?): {exc}")
             # Not the host: a lock file its run directory refuses, a device
             # node we may not open.  The error says which; a guess at the
             # host would only mislead.

@@ -629,7 +629,14 @@ class XenStore(_Ops, Closing):
         try:
             self._client.connect()
         except PyXSError as exc:
-            raise ConnectionError(f"cannot connect to XenStore: {exc}") from exc
+            message = f"cannot connect to XenStore: {exc}"
+            # pyxs's error keeps the system's only as its context: its
+            # errno tells a host short of descriptors from one without
+            # xenstored.
+            cause = exc.__context__
+            if isinstance(cause, OSError) and cause.errno is not None:
+                raise ConnectionError(cause.errno, message) from exc
+            raise ConnectionError(message) from exc
         with self._lock:  # with close()'s setting of _closed
             self._connected = not self._closed
         if not self._connected:
