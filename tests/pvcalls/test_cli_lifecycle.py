@@ -582,6 +582,37 @@ def test_no_socket_left_for_xenstore_at_start_is_worth_a_restart(
         f"(short of resources, worth a restart): [Errno {code}] "), err
 
 
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_no_socket_left_to_open_xen_is_worth_a_restart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    # On Xen the first socket is the one that reads our domid, as the
+    # platform opens: the shortage is no missing Xen (status 2).
+    import pyxs.connection
+
+    from xenback.xen import _platform
+
+    class NoSocket:  # pyxs's view of the socket module
+        AF_UNIX, SOCK_STREAM, SHUT_RDWR = socket.AF_UNIX, socket.SOCK_STREAM, socket.SHUT_RDWR
+        error = OSError
+
+        @staticmethod
+        def socket(*_args: Any) -> socket.socket:
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(_platform, "missing_pieces", lambda: [])
+    monkeypatch.setenv("XENSTORED_PATH", str(tmp_path / "socket"))
+    monkeypatch.setattr(pyxs.connection, "socket", NoSocket)
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "xen"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(
+        "pvcalls-backend serve: error: cannot open the Xen platform "
+        f"(short of resources, worth a restart): [Errno {code}] "), err
+
+
 def test_a_second_backend_on_one_host_is_refused(
         sim_host: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path) -> None:
     argv = serve_argv(sim_host[0])
