@@ -28,7 +28,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -253,6 +253,8 @@ def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any
     try:
         return open_xen()
     except PlatformUnavailable as exc:
+        if exc.errno in _SHORT_OF_RESOURCES:
+            raise  # for serve(): no Xen missing, and worth a restart
         error(f"cannot open the Xen platform: {exc}")
 
 
@@ -295,7 +297,10 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     stop_lock = threading.Lock()
     stopping = threading.Event()
     try:
-        platform = _open_platform(args, error)
+        try:
+            platform = _open_platform(args, error)
+        except OSError as exc:  # a shortage: the others are error()s
+            _exit_short_of_resources(parser, "open the Xen platform", exc)
         try:
             backend = pvcalls.Backend(
                 platform,
@@ -312,11 +317,9 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                   f"serves this host already; it holds {exc.path}")
         except OSError as exc:
             if exc.errno in _SHORT_OF_RESOURCES:
-                # What the host lacks now it may have again later: the one
-                # start failure a supervisor's restart may cure.  Whatever
-                # failed for it: the XenStore connection's socket as well.
-                parser.exit(1, f"{parser.prog}: error: cannot start serving the host's guests "
-                               f"(short of resources, worth a restart): {exc}\n")
+                # Whatever failed for it: the XenStore connection's socket
+                # as well.
+                _exit_short_of_resources(parser, "start serving the host's guests", exc)
             if isinstance(exc, ConnectionError | GrantError | EventChannelError):
                 # XenStore refused us or hung up, or the simulated
                 # hypervisor did (Xen's device nodes failing to open are
@@ -429,6 +432,15 @@ def _policy_file(text: str) -> Path:
 # system's descriptors, memory, room in the run directory.
 _SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC,
                                  errno.EDQUOT})
+
+
+def _exit_short_of_resources(parser: argparse.ArgumentParser, what: str,
+                             exc: OSError) -> NoReturn:
+    """Exit 1: what the host lacks now it may have again later, the one
+    start failure a supervisor's restart may cure."""
+    parser.exit(1, f"{parser.prog}: error: cannot {what} "
+                   f"(short of resources, worth a restart): {exc}\n")
+
 
 # What a supervisor needs to know (contrib/systemd's unit restarts on the
 # ones a restart may cure; its test reads this).

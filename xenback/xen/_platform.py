@@ -634,5 +634,7 @@ def open() -> XenPlatform:  # noqa: A001 - the module's verb, like io.open
         with xs:
             domid = xs.read_int("domid") or 0  # none: dom0
     except (OSError, ValueError) as exc:
-        raise PlatformUnavailable(errno.EIO, f"cannot read our domid from xenstored at {sock}: {exc}") from exc
+        # The errno kept: a host short of descriptors is no host without Xen.
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+        raise PlatformUnavailable(code, f"cannot read our domid from xenstored at {sock}: {exc}") from exc
     return XenPlatform(domid, sock)
