@@ -1516,3 +1516,34 @@ def test_close_ends_a_request_stuck_in_its_write(tmp_path) -> None:
     finally:
         release.set()
         server.join(TIMEOUT)
+
+
+def test_a_read_a_sender_closes_under_is_a_lost_connection(tmp_path, monkeypatch) -> None:
+    """xenstored hanging up wakes the router, whose read of the end of
+    file races a sender whose write fails (EPIPE): pyxs's send() closes
+    the connection, setting its transport to None between the router's
+    test that it is up and its read.  on_lost was told of pyxs's
+    AttributeError ("'NoneType' object has no attribute 'recv'") rather
+    than of the connection lost."""
+    from pyxs.connection import PacketConnection
+
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    server = serve_one_client(path, lambda _conn: None)  # hangs up at once
+    pause = PauseAt.in_method(monkeypatch, PacketConnection, "recv",
+                              "header = self.transport.recv(")
+    told: list[Exception] = []
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
+    xs.open()
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        exc = _try_read(xs)  # EPIPE: pyxs closes the connection
+        assert isinstance(exc, ConnectionError), repr(exc)
+    finally:
+        pause.resume()
+    assert xs.connection_lost.wait(TIMEOUT)
+    (lost,) = told
+    assert isinstance(lost, pyxs.exceptions.ConnectionError), repr(lost)
+    xs.close()
+    server.join(TIMEOUT)
