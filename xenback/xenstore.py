@@ -323,6 +323,13 @@ def _route(router: Any) -> None:
                 packet = connection.recv()
             except XSConnectionError as exc:
                 raise XSConnectionError(_read_failure(exc)) from exc
+            except AttributeError:
+                # recv() tests that the connection is up and then reads
+                # its transport, which a sender closing it sets to None
+                # (we cannot take send_lock for a read that may wait).
+                if connection.is_connected:
+                    raise
+                raise XSConnectionError("not connected") from None
             _dispatch(router, packet)
     finally:
         if watched >= 0:
