@@ -1547,3 +1547,28 @@ def test_a_read_a_sender_closes_under_is_a_lost_connection(tmp_path, monkeypatch
     assert isinstance(lost, pyxs.exceptions.ConnectionError), repr(lost)
     xs.close()
     server.join(TIMEOUT)
+
+
+def test_open_retried_until_xenstored_comes_closes_as_any(tmp_path, caplog) -> None:
+    """open() failing to connect leaves the client unconnected, to be
+    opened again (a daemon waiting for xenstored to start).  Each attempt
+    wrapped the connection's close() once more: past the recursion limit
+    of attempts, the router's close() overflowed, and the connection
+    ended as "lost: maximum recursion depth exceeded"."""
+    import sys
+
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    for _ in range(sys.getrecursionlimit() + 1):
+        with pytest.raises(ConnectionError, match="cannot connect to XenStore"):
+            xs.open()
+    server = serve_one_client(path, lambda conn: conn.recv(1))  # until we hang up
+    xs.open()
+    router = xs._client.router.thread
+    xs.close()
+    assert not router.is_alive()
+    assert not xs.connection_lost.is_set()
+    assert not [r for r in caplog.records if r.name == "xenback.xenstore"]
+    server.join(TIMEOUT)
