@@ -209,8 +209,15 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     """
     if router.thread.ident is not None:
         raise RuntimeError("the router has run already: adopt a new client's router")
-    router.send_lock = send_lock = threading.RLock()
+    router.thread = threading.Thread(target=route_until_lost, args=(router, on_lost),
+                                     name=name, daemon=True)
     connection = router.connection
+    if "close" in vars(connection):
+        # Adopted already, by a connect that failed (open() retried until
+        # xenstored comes): wrapped once more at every attempt, close()
+        # would end up past the recursion limit.
+        return
+    router.send_lock = send_lock = threading.RLock()
     close = connection.close
 
     def close_under_send_lock(silent: bool = True) -> None:
@@ -225,8 +232,6 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
                     router.w_terminator.sendall(b"\0")
 
     connection.close = close_under_send_lock
-    router.thread = threading.Thread(target=route_until_lost, args=(router, on_lost),
-                                     name=name, daemon=True)
 
 
 def close_client(client: pyxs.Client) -> None:
