@@ -299,8 +299,12 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         try:
             platform = _open_platform(args, error)
-        except OSError as exc:  # a shortage: the others are error()s
-            _exit_short_of_resources(parser, "open the Xen platform", exc)
+        except OSError as exc:
+            # The expected failures are error()s already, but for a
+            # shortage; anything else goes on as the surprise it is.
+            if exc.errno in _SHORT_OF_RESOURCES:
+                _exit_short_of_resources(parser, "open the platform", exc)
+            raise
         try:
             backend = pvcalls.Backend(
                 platform,

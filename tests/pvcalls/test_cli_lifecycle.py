@@ -609,8 +609,26 @@ def test_no_socket_left_to_open_xen_is_worth_a_restart(
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     assert err.splitlines()[-1].startswith(
-        "pvcalls-backend serve: error: cannot open the Xen platform "
+        "pvcalls-backend serve: error: cannot open the platform "
         f"(short of resources, worth a restart): [Errno {code}] "), err
+
+
+def test_only_a_shortage_as_the_platform_opens_is_called_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Any other OSError out of joining the host is not "short of
+    # resources, worth a restart": it goes on as the error it is.
+    import xenback.sim
+
+    def refused(*_args: Any, **_kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, "refused for the test")
+
+    monkeypatch.setattr(xenback.sim, "attach", refused)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(PermissionError, match="refused for the test"):
+        main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
+    assert "short of resources" not in capsys.readouterr().err
 
 
 def test_a_second_backend_on_one_host_is_refused(
