@@ -541,6 +541,33 @@ def test_a_host_short_of_resources_at_start_is_worth_a_restart(
         f"(short of resources, worth a restart): [Errno {code}] {os.strerror(code)}"), err
 
 
+def _no_socket_left(code: int) -> type:
+    """pyxs's view of the socket module on a host short of descriptors
+    or memory: every new socket fails with ``code``."""
+
+    class NoSocket:
+        AF_UNIX, SOCK_STREAM, SHUT_RDWR = socket.AF_UNIX, socket.SOCK_STREAM, socket.SHUT_RDWR
+        error = OSError
+
+        @staticmethod
+        def socket(*_args: Any) -> socket.socket:
+            raise OSError(code, os.strerror(code))
+
+    return NoSocket
+
+
+def _said_worth_a_restart(info: pytest.ExceptionInfo[SystemExit],
+                          capsys: pytest.CaptureFixture[str], what: str, code: int) -> None:
+    """serve exited 1, saying in one line that it could not ``what`` for
+    the shortage ``code``."""
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(
+        f"pvcalls-backend serve: error: cannot {what} "
+        f"(short of resources, worth a restart): [Errno {code}] "), err
+
+
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
 def test_no_socket_left_for_xenstore_at_start_is_worth_a_restart(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -558,15 +585,7 @@ def test_no_socket_left_for_xenstore_at_start_is_worth_a_restart(
     def then_no_socket(args: Any, error: Any) -> Any:
         platform = open_platform(args, error)
 
-        class NoSocket:  # pyxs's view of the socket module
-            AF_UNIX, SOCK_STREAM, SHUT_RDWR = socket.AF_UNIX, socket.SOCK_STREAM, socket.SHUT_RDWR
-            error = OSError
-
-            @staticmethod
-            def socket(*_args: Any) -> socket.socket:
-                raise OSError(code, os.strerror(code))
-
-        monkeypatch.setattr(pyxs.connection, "socket", NoSocket)
+        monkeypatch.setattr(pyxs.connection, "socket", _no_socket_left(code))
         return platform
 
     monkeypatch.setattr(cli, "_open_platform", then_no_socket)
@@ -574,12 +593,7 @@ def test_no_socket_left_for_xenstore_at_start_is_worth_a_restart(
     with SimHost(run_dir):
         with pytest.raises(SystemExit) as info:
             main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
-    assert info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    assert err.splitlines()[-1].startswith(
-        "pvcalls-backend serve: error: cannot start serving the host's guests "
-        f"(short of resources, worth a restart): [Errno {code}] "), err
+    _said_worth_a_restart(info, capsys, "start serving the host's guests", code)
 
 
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
@@ -592,25 +606,12 @@ def test_no_socket_left_to_open_xen_is_worth_a_restart(
 
     from xenback.xen import _platform
 
-    class NoSocket:  # pyxs's view of the socket module
-        AF_UNIX, SOCK_STREAM, SHUT_RDWR = socket.AF_UNIX, socket.SOCK_STREAM, socket.SHUT_RDWR
-        error = OSError
-
-        @staticmethod
-        def socket(*_args: Any) -> socket.socket:
-            raise OSError(code, os.strerror(code))
-
     monkeypatch.setattr(_platform, "missing_pieces", lambda: [])
     monkeypatch.setenv("XENSTORED_PATH", str(tmp_path / "socket"))
-    monkeypatch.setattr(pyxs.connection, "socket", NoSocket)
+    monkeypatch.setattr(pyxs.connection, "socket", _no_socket_left(code))
     with pytest.raises(SystemExit) as info:
         main(["serve", "--platform", "xen"])
-    assert info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    assert err.splitlines()[-1].startswith(
-        "pvcalls-backend serve: error: cannot open the platform "
-        f"(short of resources, worth a restart): [Errno {code}] "), err
+    _said_worth_a_restart(info, capsys, "open the platform", code)
 
 
 def test_only_a_shortage_as_the_platform_opens_is_called_one(
