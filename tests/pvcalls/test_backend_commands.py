@@ -699,15 +699,11 @@ def test_a_release_taking_the_id_of_a_failing_connect_frees_it(
     assert raw.socket(sock_id)[1].ret == 0  # the id is free
 
 
-def test_a_bug_while_a_connect_is_in_progress_answers_it_eio(
-        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """An exception escaping the socket's Work (a bug of ours) while its
-    connect is in progress: the CONNECT is answered -EIO, once, what the
-    socket held goes back, and the id is NEW again, as after a connect
-    that failed; the traceback is logged once.  (The CONNECT used to wait
-    for ever.)"""
-    caplog.set_level(logging.ERROR)
+def _connect_in_progress(raw: RawFrontend, backend: pvcalls.Backend, host: Any
+                         ) -> tuple[socket.socket, socket.socket, ActiveSocket, Request, Any]:
+    """A new socket's CONNECT to a listener whose backlog is full, processed
+    and in progress: the listener and what fills it, the backend's socket,
+    the request, and the backend's resources before it."""
     listener, filler = _full_listener()
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
@@ -717,6 +713,20 @@ def test_a_bug_while_a_connect_is_in_progress_answers_it_eio(
     assert rsp.ret == 0 and connect_req not in raw.responses
     sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
     assert isinstance(sock, ActiveSocket)
+    return listener, filler, sock, connect_req, before
+
+
+def test_a_bug_while_a_connect_is_in_progress_answers_it_eio(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping the socket's Work (a bug of ours) while its
+    connect is in progress: the CONNECT is answered -EIO, once, what the
+    socket held goes back, and the id is NEW again, as after a connect
+    that failed; the traceback is logged once.  (The CONNECT used to wait
+    for ever.)"""
+    caplog.set_level(logging.ERROR)
+    listener, filler, sock, connect_req, before = _connect_in_progress(raw, backend, host)
+    sock_id = sock.id
 
     def finish_connect(self: ActiveSocket) -> bool:
         raise RuntimeError("a bug")
@@ -752,15 +762,8 @@ def test_a_bug_after_a_connect_failed_leaves_the_socket_as_its_failure_did(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(_Frontend, "connect_failed", buggy)
-    listener, filler = _full_listener()
-    sock_id, _ = raw.socket()
-    ring = raw.new_ring()
-    before = resources(backend, host)
-    connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
-    _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
-    assert rsp.ret == 0 and connect_req not in raw.responses
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
+    listener, filler, sock, connect_req, before = _connect_in_progress(raw, backend, host)
+    sock_id = sock.id
     filler.close()
     listener.close()  # the next SYN is refused
     assert raw.response(connect_req).ret == ECONNREFUSED

@@ -1611,18 +1611,26 @@ def test_an_answer_whose_socket_cannot_take_it_holds_up_no_other(
     fd = ls.fileno()  # keeps a POLL in flight
     poll = fake.next_request(PVCALLS_POLL)
     _descriptor_closed(fd)
+    _the_next_connect_completes(fe, fake, poll, ls)
+
+
+def _the_next_connect_completes(fe: pvcalls.Frontend, fake: FakeBackend, first: Any,
+                                blind: Any) -> None:
+    """A non-blocking connect() whose answer comes right behind ``first``'s
+    (answered 0) completes; ``blind``, whose fileno() descriptor the
+    program closed, says EBADF as it closes."""
     s = fe.socket()
     s.setblocking(False)
     with pytest.raises(BlockingIOError):
         s.connect(("127.0.0.1", 4001))
     connect = fake.next_request(PVCALLS_CONNECT)
-    fake.respond_many([(poll, 0, {}), (connect, 0, {})])
+    fake.respond_many([(first, 0, {}), (connect, 0, {})])
     s.settimeout(TIMEOUT)
     assert Call(lambda: s.connect(("127.0.0.1", 4001))).join().error is None
     assert s.getpeername() == ("127.0.0.1", 4001)
     fake.hold = set()
     with pytest.raises(OSError) as info:
-        ls.close()
+        blind.close()
     assert info.value.errno == errno.EBADF
     s.close()
 
@@ -1649,17 +1657,4 @@ def test_an_accept_or_connect_answer_whose_socket_cannot_take_it_holds_up_no_oth
             blind.connect(("127.0.0.1", 4002))
         req = fake.next_request(PVCALLS_CONNECT)
         _descriptor_closed(fd)
-    s = fe.socket()
-    s.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        s.connect(("127.0.0.1", 4001))
-    connect = fake.next_request(PVCALLS_CONNECT)
-    fake.respond_many([(req, 0, {}), (connect, 0, {})])
-    s.settimeout(TIMEOUT)
-    assert Call(lambda: s.connect(("127.0.0.1", 4001))).join().error is None
-    assert s.getpeername() == ("127.0.0.1", 4001)
-    fake.hold = set()
-    with pytest.raises(OSError) as info:
-        blind.close()
-    assert info.value.errno == errno.EBADF
-    s.close()
+    _the_next_connect_completes(fe, fake, req, blind)

@@ -1310,6 +1310,18 @@ def _waits_for_a_lock_in_close(thread: threading.Thread) -> bool:
 
 
 
+def _close_waiting_for_the_watch_thread(xs: XenStore) -> threading.Thread:
+    """A thread running xs.close(), once it waits for the watch thread (a
+    callback of which the test holds)."""
+    first = threading.Thread(target=xs.close, daemon=True)
+    first.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not stands_at(first.ident, XenStore.close, "thread.join()"):
+        assert time.monotonic() < deadline, "close() did not wait for the watch thread"
+        time.sleep(0.001)
+    return first
+
+
 def test_a_second_close_returns_once_the_first_is_done(host) -> None:
     """Two threads closing at once (a driver's stop() and its owner's
     with): the second found the watch thread taken and the connection
@@ -1326,12 +1338,7 @@ def test_a_second_close_returns_once_the_first_is_done(host) -> None:
 
     xs.watch("/test/busy", busy)  # fires once at once
     assert running.wait(TIMEOUT)
-    first = threading.Thread(target=xs.close, daemon=True)
-    first.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not stands_at(first.ident, XenStore.close, "thread.join()"):
-        assert time.monotonic() < deadline, "close() did not wait for the watch thread"
-        time.sleep(0.001)
+    first = _close_waiting_for_the_watch_thread(xs)
     callback_ran: list[bool] = []
 
     def second_close() -> None:
@@ -1368,12 +1375,7 @@ def test_close_from_a_callback_another_close_waits_for(host) -> None:
 
     xs.watch("/test/closing", closing)
     assert running.wait(TIMEOUT)
-    first = threading.Thread(target=xs.close, daemon=True)
-    first.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not stands_at(first.ident, XenStore.close, "thread.join()"):
-        assert time.monotonic() < deadline, "close() did not wait for the watch thread"
-        time.sleep(0.001)
+    first = _close_waiting_for_the_watch_thread(xs)
     release.set()
     first.join(TIMEOUT)
     assert not first.is_alive(), "close() and the callback's close() wait for each other"
