@@ -10,10 +10,16 @@ the rest must come from its own imports.
 from __future__ import annotations
 
 import importlib
+import os
+import queue
 import re
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,14 @@ def readme_block(first_line: str) -> str:
     found = [block for block in blocks if block.startswith(first_line)]
     assert len(found) == 1, f"no single README python block starts with {first_line!r}"
     return str(found[0])
+
+
+def readme_commands(intro: str) -> list[str]:
+    """The command lines of the README's indented block that follows the
+    line ``intro``, their comments left out."""
+    match = re.search(re.escape(intro) + r"\n\n((?:    .*\n)+)", README)
+    assert match is not None, f"no indented block follows {intro!r} in the README"
+    return [line.strip().split("  #")[0].strip() for line in match[1].splitlines()]
 
 
 def docstring_example(module: str) -> str:
@@ -144,3 +158,74 @@ def test_pvcalls_frontend_docstring(echo_port: int) -> None:
         ns = run(docstring_example("pvcalls.frontend"),
                  pvcalls=pvcalls, guest=guest, port=echo_port)
     assert ns["reply"] == b"hello"
+
+
+def _lines(stream: Any) -> queue.Queue[str]:
+    """``stream``'s lines as they come, to be waited for with a timeout."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line.decode())
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _wait_until_served(port: int, timeout: float) -> None:
+    """Wait for a host server to accept on ``port``: http.server says
+    nothing when it listens (its stdout is a buffered pipe here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_readme_by_hand_on_a_simulated_host(tmp_path: Path) -> None:
+    """The three processes of "By hand", each command as written (in the
+    environment that ``. .venv/bin/activate`` gives), but for the run
+    directory and a port of the host's that is free."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    background: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        for command in readme_commands("By hand, on a simulated host in separate processes:"):
+            command = command.replace("/tmp/xs", str(tmp_path / "xs")).replace("8080", str(port))
+            if not command.endswith("&"):
+                done = subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path,
+                                      capture_output=True, timeout=60)
+                assert done.returncode == 0, (command, done.stderr)
+                assert done.stdout.startswith(b"HTTP/1.0 200 OK\r\n"), done.stdout
+                break
+            proc = subprocess.Popen(["bash", "-c", f"exec {command.removesuffix('&')}"],
+                                    env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+            background.append((command, proc))
+            if command.startswith("xenback-sim"):
+                # What the README says to wait for before the others.
+                lines = _lines(proc.stdout)
+                while not lines.get(timeout=30).startswith("DOMAIN guest1 1"):
+                    pass
+            elif "http.server" in command:
+                _wait_until_served(port, 30)
+        else:
+            raise AssertionError("no command of the block runs in the foreground")
+    finally:
+        for _, proc in reversed(background):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    # SIGTERM stops ours cleanly (http.server just dies of it).
+    ours = [(command.split()[0], proc.returncode) for command, proc in background
+            if "http.server" not in command]
+    assert ours == [("xenback-sim", 0), ("pvcalls-backend", 0)]
