@@ -388,6 +388,33 @@ def test_serving_dom0_is_refused_while_another_backend_serves_it(host, tmp_path)
         assert lock.read_text() == f"{os.getpid()}\n"  # still ours
 
 
+_NO_XEN = """
+import errno, runpy, sys
+import xenback, xenback.xen
+
+def unavailable():
+    raise xenback.PlatformUnavailable(errno.ENODEV, "Xen is not available here; missing: it all")
+
+xenback.xen.open = unavailable  # as on a machine without Xen, wherever the test runs
+sys.argv = ["console_backend.py", *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_serving_dom0_without_xen_is_a_usage_error(tmp_path) -> None:
+    """No Xen is something to say in one line, with status 2 as
+    pvcalls-backend says it (starting again would fail the same way),
+    not a traceback and status 1."""
+    code = _NO_XEN.format(script=str(ROOT / "examples" / "console_backend.py"))
+    result = subprocess.run([sys.executable, "-c", code, "--log-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=TIMEOUT * 3)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(
+        "console_backend.py: error: cannot open the Xen platform: "
+        "[Errno 19] Xen is not available here; missing: it all\n"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _run_example(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning",
                            str(ROOT / "examples" / "console_backend.py"), *args],

@@ -398,3 +398,27 @@ def test_serving_dom0_is_refused_while_another_backend_serves_it(host) -> None:
             f"serves this host already; it holds {lock}\n"), second.stderr
         assert "Traceback" not in second.stderr
         assert lock.read_text() == f"{os.getpid()}\n"  # still ours
+
+
+_NO_XEN = """
+import errno, runpy, sys
+import xenback, xenback.xen
+
+def unavailable():
+    raise xenback.PlatformUnavailable(errno.ENODEV, "Xen is not available here; missing: it all")
+
+xenback.xen.open = unavailable  # as on a machine without Xen, wherever the test runs
+sys.argv = ["ring_backend.py", "--serve"]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_serving_dom0_without_xen_is_a_usage_error() -> None:
+    """As pvcalls-backend serve says it: one line, status 2."""
+    result = subprocess.run([sys.executable, "-c", _NO_XEN.format(script=str(SCRIPT))],
+                            capture_output=True, text=True, timeout=TIMEOUT * 3)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(
+        "ring_backend.py: error: cannot open the Xen platform: "
+        "[Errno 19] Xen is not available here; missing: it all\n"), result.stderr
+    assert "Traceback" not in result.stderr
