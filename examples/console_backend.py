@@ -33,6 +33,7 @@ from xenback import (
     FlexRing,
     HostLockHeld,
     Platform,
+    PlatformUnavailable,
     RingError,
     wire,
 )
@@ -198,7 +199,11 @@ if __name__ == "__main__":
         # thread could take SIGINT while sigwait() went on waiting.
         stop = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        backend = ConsoleBackend(xenback.xen.open(), args.log_dir)
+        try:
+            platform = xenback.xen.open()
+        except PlatformUnavailable as exc:
+            parser.error(f"cannot open the Xen platform: {exc}")
+        backend = ConsoleBackend(platform, args.log_dir)
         try:
             backend.start()
         except HostLockHeld as exc:

@@ -27,7 +27,15 @@ import logging
 import cffi
 
 from workqueue import Workqueue
-from xenback import BackendDevice, BackendDriver, BackRing, DeviceWork, HostLockHeld, RingError
+from xenback import (
+    BackendDevice,
+    BackendDriver,
+    BackRing,
+    DeviceWork,
+    HostLockHeld,
+    PlatformUnavailable,
+    RingError,
+)
 
 # What a C frontend would find in the device's header, io/uppercase.h.
 ffi = cffi.FFI()
@@ -186,7 +194,11 @@ if __name__ == "__main__":
         # process before the backend closed its devices.
         stop = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        backend = UpperBackend(xenback.xen.open())
+        try:
+            platform = xenback.xen.open()
+        except PlatformUnavailable as exc:
+            parser.error(f"cannot open the Xen platform: {exc}")
+        backend = UpperBackend(platform)
         try:
             backend.start()
         except HostLockHeld as exc:
