@@ -9,6 +9,10 @@ the ``in`` ring.  Run it against a simulated host::
 
     .venv/bin/python examples/console_backend.py --demo
 
+On a real dom0, ``--log-dir DIR`` serves the host's guests until SIGINT
+or SIGTERM; it exits 2 saying why without Xen, or while another console
+backend serves the domain.
+
 Everything xenbus (discovery, InitWait, Connected, closing, removal, domain
 death, error nodes) is the framework's, and so is keeping out a second
 console backend of the domain, in any process on the host (its start()

@@ -12,6 +12,10 @@ guest::
 
     .venv/bin/python examples/ring_backend.py --demo
 
+On a real dom0, ``--serve`` serves the host's guests until SIGINT or
+SIGTERM; it exits 2 saying why without Xen, or while another uppercase
+backend serves the domain.
+
 blkback and netback follow this pattern, with more fields and rings.
 Everything xenbus (discovery, InitWait, Connected, closing, removal, domain
 death, error nodes, one backend per domain on a host) is the framework's;
