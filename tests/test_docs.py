@@ -9,7 +9,9 @@ the rest must come from its own imports.
 
 from __future__ import annotations
 
+import builtins
 import importlib
+import inspect
 import os
 import queue
 import re
@@ -229,3 +231,61 @@ def test_readme_by_hand_on_a_simulated_host(tmp_path: Path) -> None:
     ours = [(command.split()[0], proc.returncode) for command, proc in background
             if "http.server" not in command]
     assert ours == [("xenback-sim", 0), ("pvcalls-backend", 0)]
+
+
+_PUBLIC_APIS = ["pvcalls", "pvcalls.frontend", "xenback"]
+
+
+def _public_docstrings(module: str) -> Iterator[tuple[str, str]]:
+    """``(name, docstring)`` of ``module`` and of what it exports, as
+    help() shows them: each class with its public methods and properties."""
+    mod = importlib.import_module(module)
+    yield module, mod.__doc__ or ""
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if not isinstance(obj, type):
+            yield f"{module}.{name}", getattr(obj, "__doc__", None) or "" if callable(obj) else ""
+            continue
+        yield f"{module}.{name}", obj.__doc__ or ""
+        for attr, value in vars(obj).items():
+            if attr.startswith("_") and attr != "__init__":
+                continue
+            if isinstance(value, (classmethod, staticmethod)):
+                value = value.__func__
+            yield f"{module}.{name}.{attr}", getattr(value, "__doc__", None) or ""
+
+
+@pytest.mark.parametrize("module", _PUBLIC_APIS)
+def test_every_export_is_documented(module: str) -> None:
+    """A class or function by its own docstring; a constant, which has
+    none, by a mention in the module's."""
+    mod = importlib.import_module(module)
+    undocumented = []
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        own = isinstance(obj, type) or inspect.isfunction(obj)
+        if (own and obj.__doc__ is None) or (not own and f"``{name}``" not in (mod.__doc__ or "")
+                                              and f":data:`{name}`" not in (mod.__doc__ or "")):
+            undocumented.append(name)
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("module", _PUBLIC_APIS)
+def test_public_docstrings_point_to_nothing_private(module: str) -> None:
+    """help() does not show a private method or class, so a docstring
+    that sends its reader there ("see :meth:`_recv_nothing`") leaves them
+    nowhere.  Private modules may be named: their help() is there."""
+    exported = set()
+    for mod in _PUBLIC_APIS:
+        exported.update(importlib.import_module(mod).__all__)
+    role = re.compile(r":(meth|class|func|attr|exc|data):`~?([\w.]+)`")
+    private = []
+    for where, doc in _public_docstrings(module):
+        for kind, target in role.findall(doc):
+            last = target.rsplit(".", 1)[-1]
+            if last.startswith("_") and not last.startswith("__"):
+                private.append((where, target))
+            elif kind == "class" and "." not in target and target not in exported:
+                if not hasattr(builtins, target):
+                    private.append((where, target))
+    assert private == []
