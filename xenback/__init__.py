@@ -9,10 +9,14 @@ The pieces, each in a module of its own:
   :class:`BackendDevice`, the xenbus state machine a driver plugs into,
   and :class:`DeviceWork`, a device's work item, whose exception fails the
   device;
-* :mod:`xenback.xenstore`: a typed XenStore helper over pyxs;
-* :mod:`xenback.ring`: ``ring.h`` request/response rings and flex byte rings;
-* :mod:`xenback.events`: an event-channel handle and an epoll loop, on a
-  thread of its own or polled by a work item (poll mode);
+* :mod:`xenback.xenstore`: :class:`XenStore`, a typed XenStore helper over
+  pyxs, and :class:`EventQueue`, calls run one at a time in order on a
+  shared workqueue (how watch events reach a device in order);
+* :mod:`xenback.ring`: ``ring.h`` request/response rings (:class:`BackRing`,
+  :class:`FrontRing`) and flex byte rings (:class:`FlexRing`);
+* :mod:`xenback.events`: :class:`EventDispatcher`, an event-channel handle
+  and an epoll loop, on a thread of its own or polled by a work item (poll
+  mode);
 * :mod:`xenback.hostlock`: :class:`HostLock`, one process at a time for a
   job on a host (every :class:`BackendDriver` holds one for its device
   type and domain), refused with :class:`HostLockHeld`;
@@ -20,6 +24,11 @@ The pieces, each in a module of its own:
   ``printk_ratelimited`` for what a guest can make a backend log;
 * :class:`Closing`: the ``with`` mixin of everything whose way out is
   ``close()``;
+* errors: :class:`PlatformError`, an :class:`OSError`, and its kinds
+  :class:`PlatformUnavailable` (no Xen here: the message names every
+  missing piece), :class:`GrantError` and :class:`EventChannelError`;
+  :class:`RingError` (the other end broke a ring's protocol);
+* ``PAGE_SIZE``: 4096, the size of a granted page;
 * :data:`wire`: the cffi declarations of ``ring.h``'s shared ring header,
   ``xs_wire.h``'s ``xsd_sockmsg`` and ``console.h``'s ``xencons_interface``
   (``wire.offsetof("struct xencons_interface", "out_prod")``).

@@ -20,7 +20,7 @@ tested against this class works with real guests:
   non-blocking connect() say: then the next free one, where Linux would
   wait or fail with -EAGAIN);
 * socket ids are unique pointer-sized values, never reused by one frontend;
-* every active socket gets a data ring of ``ring_order`` 4 (16 pages, 32 KiB
+* every active socket gets a data ring of ``ring_order`` 4 (``FRONTEND_RING_ORDER``: 16 pages, 32 KiB
   each way) plus its indexes page, and an event channel of its own (the
   ``ring_order`` option asks for larger rings, up to the backend's
   ``max-page-order``: not what Linux does, but allowed by the protocol and
@@ -54,7 +54,7 @@ bottleneck for many sockets).  Only if the handle cannot be opened (the
 host's limit on handles) does the ring share the frontend's handle, and its
 wake-ups go through the event thread.  Sockets the program dropped without
 closing them are released by a short-lived thread, which the event thread
-starts when there are some (see :meth:`Frontend._collect`).  Several
+starts when there are some.  Several
 threads may use different sockets of one frontend at the same time; one
 socket may have one thread receiving while another sends.  Should the event
 thread fail (a bug of ours, or its event channel handle), or the watch on

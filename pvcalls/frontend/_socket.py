@@ -1001,7 +1001,9 @@ class PVSocket(Closing):
         A receive of nothing returns 0 at once, whatever the socket's
         state (closed too), as socket.socket's recv() and recv_into(),
         which make no system call for it; recvfrom() and recvmsg() of
-        nothing wait as the kernel's do (see :meth:`_recv_nothing`)."""
+        nothing wait as Linux's TCP does, as for one byte: for data, the
+        end of the stream or an error (which they raise), and take no
+        data."""
         return self._recv_into(buffer, nbytes, flags, kernel=False)
 
     def _recv_into(self, buffer: Any, nbytes: int, flags: int, *, kernel: bool) -> int:
@@ -1120,13 +1122,13 @@ class PVSocket(Closing):
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, None]:
         """:meth:`recv`, and the sender's address: None on a TCP stream.
-        Of nothing it waits as the kernel's (see :meth:`_recv_nothing`)."""
+        Of nothing it waits as the kernel's (see :meth:`recv_into`)."""
         return self._recv(bufsize, flags, kernel=True), None
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, None]:
         """:meth:`recv_into`, and the sender's address: None on a TCP
         stream.  Of nothing it waits as the kernel's (see
-        :meth:`_recv_nothing`)."""
+        :meth:`recv_into`)."""
         return self._recv_into(buffer, nbytes, flags, kernel=True), None
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0,
@@ -1274,7 +1276,8 @@ class PVSocket(Closing):
 
     def fileno(self) -> int:
         """A descriptor readable while recv()/accept() would not block, and
-        writable while send() would not (see :class:`ReadyFd`).
+        writable while send() would not (one end of a Unix socket pair:
+        see "Waiting on sockets" in :mod:`pvcalls.frontend`).
 
         Not the connection: use it with select/poll/selectors only.  On
         a listening socket the first call starts keeping a POLL in flight, as
