@@ -141,6 +141,21 @@ class Frontend(Closing):
     :func:`xenback.sim.attach`).  Entering the ``with`` block adds the device
     through the toolstack and connects; leaving it releases every socket,
     closes the device and removes it.
+
+    ``backend_id`` is the domain whose backend serves the device (0, or a
+    driver domain); ``devid`` the device's number among the domain's
+    ``pvcalls`` devices, for more than one frontend in a domain at once.
+    A wrong argument is a :class:`TypeError` or :class:`ValueError` here.
+
+    :meth:`open` (entering the ``with`` block) raises
+    :class:`TimeoutError` if no backend answers within ``timeout`` (none
+    serves ``backend_id``), and :class:`OSError` if the backend's answer
+    will not do: EPROTONOSUPPORT (no protocol version 1, or its
+    ``max-page-order`` is below ``ring_order``), EPROTO or ECONNREFUSED
+    (it went to a state other than the one expected); it closes what it
+    had opened first.  Once the backend goes away (its state leaves
+    Connected), every call of the frontend and its sockets fails with
+    :class:`OSError` ENOTCONN.
     """
 
     def __init__(
@@ -614,7 +629,14 @@ class Frontend(Closing):
         self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
     ) -> PVSocket:
         """A new socket (sends SOCKET).  Only AF_INET / SOCK_STREAM exist in
-        PV Calls."""
+        PV Calls: others fail with :class:`OSError` EAFNOSUPPORT.
+
+        Also :class:`OSError` ENOTCONN before :meth:`open` or once the
+        backend went away, :class:`TimeoutError` if the backend does not
+        answer within the frontend's ``timeout``, or the backend's refusal
+        as a host socket's error (EMFILE: the domain is at its
+        ``max_sockets``).
+        """
         if family != socket.AF_INET or type != socket.SOCK_STREAM or proto not in (0, 6):
             raise OSError(errno.EAFNOSUPPORT, "PV Calls only carries AF_INET SOCK_STREAM sockets")
         if not self._connected:

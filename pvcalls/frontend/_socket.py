@@ -309,6 +309,13 @@ class PVSocket(Closing):
     after BIND is refused with EINVAL, where a :class:`socket.socket`
     would connect from the bound address.
 
+    Errors are a host socket's: :class:`OSError` with the errno the
+    backend met (:class:`ConnectionRefusedError`, EADDRINUSE...; EACCES
+    for a CONNECT or BIND the backend's policy refuses),
+    :class:`socket.gaierror` for a host name that does not resolve,
+    :class:`TimeoutError` once a timeout passes, EBADF once closed, and
+    ENOTCONN for every call once the backend went away.
+
     A socket the program drops without closing it is released once it is
     garbage, as a :class:`socket.socket` closes itself, with a
     :class:`ResourceWarning` ``unclosed <PVSocket ...>``: its RELEASE goes
