@@ -148,32 +148,47 @@ _serving: list[Backend] = []
 
 @dataclass(frozen=True, slots=True)
 class SocketStats:
-    """One socket of one frontend."""
+    """One socket of one frontend.
+
+    ``domain``: the frontend's domid; ``id``: the socket's id, the
+    guest's; ``kind``: ``"new"`` (only SOCKET so far), ``"active"``
+    (connecting, connected, or made by an ACCEPT) or ``"passive"`` (bound,
+    listening); ``state``: ``"new"``, ``"accepting"``, ``"connecting"``,
+    ``"connected"``, ``"bound"``, ``"listening"``, ``"closed"`` or
+    ``"failed"`` (a bug of ours stopped it); ``cpu``: the ioworker CPU an
+    active socket is homed on, else None; ``bytes_in``: host to guest,
+    ``bytes_out``: guest to host; ``address``: an active socket's peer, a
+    passive one's bound address, else None.
+    """
 
     domain: int
     id: int
-    kind: str                       # "new", "active" or "passive"
-    state: str                      # a SockState value
-    cpu: int | None                 # the CPU an active socket is homed on
-    bytes_in: int                   # host -> guest
-    bytes_out: int                  # guest -> host
-    address: tuple[str, int] | None  # active: the peer; passive: the bound address
+    kind: str
+    state: str
+    cpu: int | None
+    bytes_in: int
+    bytes_out: int
+    address: tuple[str, int] | None
 
 
 @dataclass(frozen=True, slots=True)
 class CpuStats:
-    """One CPU of the ioworker topology."""
+    """One CPU of the ioworker topology: its number ``cpu``, whether it
+    is ``online``, and ``sockets``, the snapshot's active sockets homed
+    on it."""
 
     cpu: int
     online: bool
-    sockets: int                    # the snapshot's active sockets homed here
+    sockets: int
 
 
 @dataclass(frozen=True, slots=True)
 class BackendStats:
-    """A snapshot of :meth:`Backend.stats`: each CPU's ``sockets`` are its
-    rows in ``sockets``.  Each frontend's sockets are read at once, one
-    frontend after the other."""
+    """A snapshot of :meth:`Backend.stats`: ``nr_ioworkers`` (as the
+    backend's), ``frontends`` (connected devices), ``sockets`` (a
+    :class:`SocketStats` each) and ``cpus`` (a :class:`CpuStats` each):
+    each CPU's ``sockets`` counts its active rows in ``sockets``.  Each
+    frontend's sockets are read at once, one frontend after the other."""
 
     nr_ioworkers: int
     frontends: int

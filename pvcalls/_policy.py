@@ -260,9 +260,11 @@ class Policy:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
-        """Load a TOML policy file (see the module docstring).
+        """Load a TOML policy file (the format: :mod:`pvcalls._policy`).
 
-        A :class:`PolicyError` message starts with ``path`` and names it
+        Raises :class:`PolicyError` for a file that cannot be read, is
+        larger than 1 MiB, is not UTF-8 or not TOML, or holds a rule or
+        value that is wrong.  Its message starts with ``path`` and names it
         only there, so a caller can add context without repeating it.
         """
         path = Path(path)
