@@ -50,16 +50,20 @@ def readme_commands(intro: str) -> list[str]:
     return [line.strip().split("  #")[0].strip() for line in match[1].splitlines()]
 
 
-def docstring_example(module: str) -> str:
-    """The first indented block of ``module``'s docstring, dedented."""
-    doc = importlib.import_module(module).__doc__ or ""
+def docstring_example(module: str, name: str | None = None) -> str:
+    """The first indented block of ``module``'s docstring (or that of
+    ``module.name``), dedented."""
+    obj = importlib.import_module(module)
+    if name is not None:
+        obj = getattr(obj, name)
+    doc = inspect.getdoc(obj) or ""
     lines: list[str] = []
     for line in doc.splitlines():
         if line.startswith("    ") or (lines and not line.strip()):
             lines.append(line)
         elif lines:
             break
-    assert lines, f"{module}'s docstring has no example"
+    assert lines, f"{module} {name or ''}'s docstring has no example"
     return textwrap.dedent("\n".join(lines))
 
 
@@ -160,6 +164,50 @@ def test_pvcalls_frontend_docstring(echo_port: int) -> None:
         ns = run(docstring_example("pvcalls.frontend"),
                  pvcalls=pvcalls, guest=guest, port=echo_port)
     assert ns["reply"] == b"hello"
+
+
+def test_back_ring_docstring() -> None:
+    from xenback import BackRing, FrontRing
+
+    page = bytearray(4096)
+    front = FrontRing(page, 8)
+    for request in (b"ping----", b"pong----"):
+        front.push_request(request)
+    front.push_requests()
+    notified = []
+    run(docstring_example("xenback", "BackRing"), ring=BackRing(page, 8), handle=bytes.upper,
+        notify=lambda: notified.append(True))
+    assert list(front.responses()) == [b"PING----", b"PONG----"]
+    assert notified == [True]
+
+
+def test_backend_driver_docstring() -> None:
+    from xenback import BackendDriver
+
+    with SimHost() as host:
+        ns = run(docstring_example("xenback", "BackendDriver"),
+                 BackendDriver=BackendDriver, platform=host.dom0)
+        assert ns["backend"].device_type == "console"
+        # Started in the with block, and stopped at its end.
+        assert not (host.run_dir / "xenback-console.dom0.lock").exists()
+
+
+def test_device_work_docstring() -> None:
+    from workqueue import alloc_workqueue
+    from xenback import BackRing, DeviceWork
+
+    ns = run(docstring_example("xenback", "DeviceWork"),
+             DeviceWork=DeviceWork, BackRing=BackRing, SLOT_SIZE=64)
+    dev = object()  # stored, used only to fail the device
+    work = ns["Ring"](dev, bytearray(4096))
+    assert work.dev is dev and work.ring.nr_ents == 32
+    wq = alloc_workqueue("docstring")
+    try:
+        wq.queue_work(work)
+        work.flush(timeout=10)
+        assert wq.stats().failed == 0
+    finally:
+        wq.destroy()
 
 
 def _lines(stream: Any) -> queue.Queue[str]:
