@@ -659,6 +659,9 @@ class DeviceWork(Work):
                 super().__init__(dev, Ring.serve)
                 self.ring = BackRing(page, SLOT_SIZE)
 
+            def serve(self):
+                ...  # BackRing's loop: what escapes here fails self.dev
+
     As any Work of a connection, it is stopped by the driver's
     :meth:`~BackendDriver.disconnect` (``disable_sync()``), which its own
     failure calls too: the item hands the failure over to the device's
