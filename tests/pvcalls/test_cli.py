@@ -494,6 +494,16 @@ def test_nc_takes_the_log_levels_pvcalls_backend_takes() -> None:
     assert args.log_level == "CRITICAL"
 
 
+def test_nc_help_lists_its_exit_statuses() -> None:
+    """As serve's does: a script's author looks there, not in the code."""
+    from pvcalls._nc import _parser
+
+    text = _parser().format_help()
+    _, _, table = text.partition("\nexit status:\n")
+    statuses = re.findall(r"^  (\d+) ", table, re.MULTILINE)
+    assert statuses == ["0", "1", "2", "129", "130", "141", "143"], text
+
+
 def test_nc_without_host_fails_clearly(tmp_path: Path) -> None:
     nc = subprocess.run(
         [*script("pvcalls-nc"), "--run-dir", str(tmp_path), "--domid", "1", "127.0.0.1", "80"],
