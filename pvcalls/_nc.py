@@ -117,12 +117,26 @@ def _timeout(text: str) -> float:
 
 
 
+_EXIT_STATUSES = """\
+exit status:
+  0    the other side closed the connection (or -q SECS passed)
+  1    anything failed (receiving, sending, reading input, writing output,
+       the backend or the host going away), said in one line on stderr
+  2    a usage error
+  129  SIGHUP (its terminal closed), having closed its connection first
+  130  SIGINT, the same
+  141  whoever read its output went away
+  143  SIGTERM, having closed its connection first
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     from xenback.sim import run_dir_argument
 
     p = argparse.ArgumentParser(
         prog="pvcalls-nc",
         description="Pipe stdin/stdout through a PV Calls connection of a simulated guest.",
+        epilog=_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run-dir", required=True, type=run_dir_argument, help="run directory of the xenback-sim host")
     p.add_argument("--domid", required=True, type=_domid, help="guest domain to act as (not 0)")
