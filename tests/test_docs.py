@@ -9,6 +9,7 @@ the rest must come from its own imports.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import importlib
 import inspect
@@ -337,3 +338,11 @@ def test_public_docstrings_point_to_nothing_private(module: str) -> None:
                 if not hasattr(builtins, target):
                     private.append((where, target))
     assert private == []
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_every_example_says_how_to_run_it_and_a_test_runs_it(example: str) -> None:
+    doc = ast.get_docstring(ast.parse((ROOT / "examples" / example).read_text())) or ""
+    assert f".venv/bin/python examples/{example}" in doc
+    tests = [path for path in (ROOT / "tests").rglob("test_*.py") if example in path.read_text()]
+    assert tests, f"no test names examples/{example}"
