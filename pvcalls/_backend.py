@@ -217,8 +217,10 @@ class Backend(Closing):
     ``max_ioworkers`` caps the CPUs the ioworkers use (default 64);
     ``max_page_order`` is offered to frontends as ``max-page-order``
     (default 4, the order Linux's frontend uses; 1 to
-    :data:`pvcalls._wire.MAX_PAGE_ORDER_LIMIT`, what one indexes page can
-    reference); ``policy`` restricts what guests may do (default: anything).
+    :data:`pvcalls._wire.MAX_PAGE_ORDER_LIMIT`, 9, what one indexes page
+    can reference); ``policy``, a :class:`Policy`, restricts what guests
+    may do (default: anything).  A wrong argument is a :class:`TypeError`
+    or :class:`ValueError` saying which, before anything starts.
 
     The ioworker CPUs are this process's CPUs, at most ``max_ioworkers`` of
     them.  ``cpus=N`` models N logical CPUs instead (capped the same way;
