@@ -346,3 +346,19 @@ def test_every_example_says_how_to_run_it_and_a_test_runs_it(example: str) -> No
     assert f".venv/bin/python examples/{example}" in doc
     tests = [path for path in (ROOT / "tests").rglob("test_*.py") if example in path.read_text()]
     assert tests, f"no test names examples/{example}"
+
+
+@pytest.mark.parametrize("tool", ["wq_model_campaign.py", "wq_race_campaign.py"])
+def test_campaign_tools_explain_their_arguments(tool: str) -> None:
+    # The README gives them numbers by position: --help must say what they
+    # are, and a wrong one must be a usage error, not a traceback.
+    script = str(ROOT / "tools" / tool)
+    helped = subprocess.run([sys.executable, script, "--help"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert helped.returncode == 0, helped.stderr
+    assert "seed" in helped.stdout and "default" in helped.stdout
+    wrong = subprocess.run([sys.executable, script, "many"], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT)
+    assert wrong.returncode == 2
+    assert "invalid int value: 'many'" in wrong.stderr
+    assert "Traceback" not in wrong.stderr

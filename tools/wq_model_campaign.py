@@ -9,6 +9,7 @@ examples and longer walks, and prints how many steps each seed took.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
@@ -24,9 +25,15 @@ import test_wq_model  # noqa: E402
 
 
 def main() -> int:
-    examples = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 50
-    seeds = [int(s) for s in sys.argv[3:]] or [1]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("examples", nargs="?", type=int, default=1000,
+                   help="hypothesis examples per seed and model (default 1000)")
+    p.add_argument("steps", nargs="?", type=int, default=50,
+                   help="most steps of one example (default 50)")
+    p.add_argument("seeds", nargs="*", type=int, default=[1], metavar="seed",
+                   help="hypothesis seeds, each run in turn (default 1)")
+    args = p.parse_args()
+    examples, steps, seeds = args.examples, args.steps, args.seeds
     # Dropped delayed work is logged at ERROR on purpose: not news here.
     logging.disable(logging.CRITICAL)
     steps_run = [0]

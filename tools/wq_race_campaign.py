@@ -19,8 +19,8 @@ answers (kernel/workqueue.c):
 
 from __future__ import annotations
 
+import argparse
 import random
-import sys
 import threading
 import time
 
@@ -237,8 +237,11 @@ def serial_round(rng: random.Random) -> None:
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("rounds", nargs="?", type=int, default=20, help="rounds to run (default 20)")
+    p.add_argument("seed", nargs="?", type=int, default=1, help="the rounds' seed (default 1)")
+    args = p.parse_args()
+    rounds, seed = args.rounds, args.seed
     rng = random.Random(seed)
     random.seed(seed)
     for n in range(rounds):
