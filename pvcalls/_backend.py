@@ -508,15 +508,15 @@ class Backend(Closing):
             frontends = [fe for (d, _), fe in self._frontends.items() if d == domid]
         return sum(fe.nr_sockets for fe in frontends)
 
-    def events_of(self, cpu: int) -> EventDispatcher:
+    def _events_of(self, cpu: int) -> EventDispatcher:
         """The event dispatcher of ``cpu``'s poller."""
         return self._pollers[cpu].events
 
-    def events_for_next_socket(self) -> EventDispatcher:
+    def _events_for_next_socket(self) -> EventDispatcher:
         """The event dispatcher of the CPU the load index would give a socket
         placed now: a socket's event channel and host socket go to the
         poller of the CPU it will most likely run on."""
-        return self.events_of(self.load_index.least_loaded())
+        return self._events_of(self.load_index.least_loaded())
 
     def _close_pollers(self) -> None:
         # One at a time, so that a close() interrupted here does not close

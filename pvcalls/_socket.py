@@ -362,8 +362,8 @@ class ActiveSocket(Work):
         # Our CPU's poller if we have a CPU (CONNECT), else the one of the
         # CPU we will most likely get (ACCEPT, placed when a connection comes).
         backend = fe.backend
-        self.events = (backend.events_of(self.cpu) if self._placed
-                       else backend.events_for_next_socket())
+        self.events = (backend._events_of(self.cpu) if self._placed
+                       else backend._events_for_next_socket())
         try:
             self.port = self.events.bind_interdomain(fe.domid, remote_port, self._on_event)
         except (OSError, ValueError) as exc:
