@@ -229,3 +229,66 @@ def test_a_socket_keeps_its_poller_when_its_cpu_goes_offline(
     finally:
         backend.close()  # with the CPU offline
     assert backend._pollers == {}
+
+
+def _failing_once(fn: Any, failed: threading.Event, *, after: bool = False) -> Any:
+    """``fn``, but its first call raises (``after``: once ``fn`` has done
+    its part, as a handle failing after it took a port)."""
+    def wrapper(*args: Any) -> Any:
+        if failed.is_set():
+            return fn(*args)
+        if after:
+            result = fn(*args)
+            if result is None:  # pending() found nothing: nothing taken yet
+                return result
+        failed.set()
+        raise RuntimeError("a bug")
+    return wrapper
+
+
+@pytest.mark.parametrize("where", ["pending", "port callback", "unmask", "fd callback"])
+def test_a_failed_poll_loses_no_event(
+        where: str, raw: RawFrontend, backend: pvcalls.Backend,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A poll that fails with an event in hand (a port the handle took, a
+    callback that raised, a port left masked, a host socket's edge) hands
+    it out again: the socket's data still moves, both ways, with nothing
+    else to wake it.  (It waited until the guest released it.)
+
+    One direction at a time: the Work of either direction's event moves
+    both, and would cover up the loss of the other's."""
+    caplog.set_level(logging.CRITICAL)  # the failure's traceback is expected
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sock_id, ring = raw.connect_socket(listener.getsockname())
+        peer, _ = listener.accept()
+    peer.settimeout(TIMEOUT)
+    sock = _socket(raw, backend, sock_id)
+    events = backend._pollers[sock.cpu].events
+    assert sock.port is not None and sock.host is not None
+    failed = threading.Event()
+    if where == "pending":
+        monkeypatch.setattr(events._evtchn, "pending",
+                            _failing_once(events._evtchn.pending, failed, after=True))
+    elif where == "unmask":
+        monkeypatch.setattr(events._evtchn, "unmask", _failing_once(events._evtchn.unmask, failed))
+    elif where == "port callback":
+        events._ports[sock.port] = _failing_once(events._ports[sock.port], failed)
+    else:
+        fd = sock.host.fileno()
+        events._fds[fd] = _failing_once(events._fds[fd], failed)
+    with peer:
+        # Two rounds: the second finds whatever the first left masked.
+        for i in range(2):
+            message = b"to the host %d" % i
+            # Idle first, or a run still going could take the write.
+            wait_until(lambda: not (sock.running or sock.pending))
+            assert ring.write(message) == len(message)  # and one notification
+            got = b""
+            while len(got) < len(message):
+                got += peer.recv(len(message) - len(got))
+            assert got == message
+            message = b"to the guest %d" % i
+            peer.sendall(message)
+            assert raw.recv_exactly(ring, len(message)) == message
+            assert failed.wait(TIMEOUT)  # in the first round
+    assert raw.release(sock_id).ret == 0
