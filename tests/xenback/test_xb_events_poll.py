@@ -341,3 +341,66 @@ def test_wakeups_beyond_what_the_pipe_holds_are_one_wakeup(polled) -> None:
     assert time.monotonic() - start < TIMEOUT / 2, "poll() was not woken"
     dispatcher.wakeup()  # the pipe was drained: there is room again
     assert dispatcher.poll(TIMEOUT) == 0
+
+
+def test_an_event_whose_callback_failed_is_handed_out_again(polled) -> None:
+    """A callback that raised lost its event (the work it would have
+    queued): the next poll runs every callback once more, before it
+    waits; a host fd's with its readiness of now, as a level-triggered
+    watch would report it."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    port_calls: list[int] = []
+    fd_calls: list[int] = []
+
+    def port_callback(port: int) -> None:
+        port_calls.append(port)
+        if len(port_calls) == 1:
+            raise RuntimeError("a bug")
+
+    local = dispatcher.bind_interdomain(guest.domid, remote, port_callback)
+    r, w = os.pipe()
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLET,
+                          lambda _fd, revents: fd_calls.append(revents))
+        os.write(w, b"x")
+        evtchn.notify(remote)
+        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+        assert dispatcher.poll(TIMEOUT) == 2
+        assert port_calls == [local] and fd_calls == [select.POLLIN]
+        start = time.monotonic()
+        assert dispatcher.poll(TIMEOUT) == 2
+        assert time.monotonic() - start < TIMEOUT / 2, "the resync waited"
+        assert port_calls == [local, local]
+        assert fd_calls == [select.POLLIN, select.POLLIN]  # still unread
+        # Handed out once: the port was unmasked, nothing is run again.
+        assert dispatcher.poll(0) == 0
+        evtchn.notify(remote)
+        assert dispatcher.poll(TIMEOUT) == 1
+        assert len(port_calls) == 3
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_callback_failing_at_every_call_costs_a_resync_per_wakeup(polled) -> None:
+    """A resync that fails in its turn is done again only after the next
+    wait: a callback that always raises does not make the poller spin."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[int] = []
+
+    def broken(port: int) -> None:
+        calls.append(port)
+        raise RuntimeError("a bug")
+
+    dispatcher.bind_interdomain(guest.domid, remote, broken)
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1  # failed
+    assert dispatcher.poll(TIMEOUT) == 1  # the resync, at once; failed again
+    assert len(calls) == 2
+    start = time.monotonic()
+    assert dispatcher.poll(0.2) == 1  # waited for nothing, then resynced
+    assert time.monotonic() - start >= 0.2
+    assert len(calls) == 3
