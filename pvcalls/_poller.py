@@ -31,10 +31,16 @@ every item of that CPU's pool.
 A poll that raises (a bug of ours, or an event channel handle failing as
 a port is unmasked) is logged and the poller queues itself again all the
 same: given up, it would leave every socket of its CPU, of every guest,
-waiting for ever.  What the failed poll was dispatching may be lost (a
-port left masked, say), not what is still in the epoll set or the handle.
-A poll failing at every turn keeps the poller's worker busy; its
-tracebacks are rate-limited.
+waiting for ever.  Nor is what it was dispatching lost (a port the handle
+had taken, a port left masked, an edge of a host socket): the next poll
+hands every event of the dispatcher out again, before it waits (see
+:mod:`xenback.events`), which queues each socket of the CPU once.  A
+socket's Work woken so for nothing finds nothing to do: it skips the
+receive unless the host socket signalled (or may hold more), its send
+finds the out ring empty, and it notifies the guest only of what it
+moved; a connect in progress is still in progress, a listening socket
+with nothing waiting returns.  A poll failing at every turn keeps the
+poller's worker busy; its tracebacks are rate-limited.
 """
 
 from __future__ import annotations

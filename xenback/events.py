@@ -28,6 +28,17 @@ typically from a work item that queues itself again.  The callbacks then
 queue work on the pool of the very worker that polls, which runs it next,
 without waking anybody.  The sleep in ``epoll_wait`` is wrapped in
 :func:`workqueue.blocking`, so the pool runs other items meanwhile.
+
+A poll that fails (the handle's ``pending()`` or ``unmask()`` raising)
+or whose callback raises may have taken an event and not delivered it,
+or left a port masked, and its owner polls again: so the next poll,
+before it waits, runs every port's callback and unmasks the port, and
+runs every host fd's callback with the readiness a level-triggered watch
+would report now.  In poll mode a callback must therefore take a call
+that no new event caused (queueing work that then finds nothing to do
+does).  A resync that fails in its turn is done again after the next
+wait, not at once: a callback that raises at every call costs a resync
+per wake-up, not a spinning poller.
 """
 
 from __future__ import annotations
@@ -93,6 +104,7 @@ class EventDispatcher(Closing):
         self._idle = threading.Condition(self._lock)
         self._ports: dict[int, PortCallback] = {}
         self._fds: dict[int, FdCallback] = {}
+        self._fd_events: dict[int, int] = {}  # their epoll masks, for _resync
         self._running: tuple[str, int] | None = None
         # _closed: no more binding or dispatching; _released: the ports
         # unbound and the descriptors closed, after the wait for the thread.
@@ -106,6 +118,16 @@ class EventDispatcher(Closing):
         # Taken only by poll(): see close() for why close() never takes it.
         self._poll_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # Poll mode: a dispatch cut short by a failure may have taken an
+        # event and not delivered it, or left a port masked, so the next
+        # poll() hands every event out again (_resync): at once, before it
+        # waits; or, when a resync failed in its turn, after its wait, so
+        # that a failure that stays costs a resync per wake-up rather than
+        # a poller spinning.  _lost: a callback raised since poll() looked.
+        # Written only by the thread inside poll().
+        self._resync_now = False
+        self._resync_later = False
+        self._lost = False
         # A callback that raises is a bug, but a guest may set it off at
         # every notify, as fast as it likes: its tracebacks are limited.
         self._failures = RateLimit(f"{name} callbacks")
@@ -179,6 +201,7 @@ class EventDispatcher(Closing):
                 raise ValueError(f"fd {fd} is already registered")
             self._epoll.register(fd, events)
             self._fds[fd] = callback
+            self._fd_events[fd] = events
 
     def modify_fd(self, fd: int, events: int) -> None:
         """Change the epoll mask of a registered ``fd`` (re-arms ONESHOT)."""
@@ -186,6 +209,7 @@ class EventDispatcher(Closing):
             if fd not in self._fds:
                 raise KeyError(f"fd {fd} is not registered")
             self._epoll.modify(fd, events)
+            self._fd_events[fd] = events
 
     def remove_fd(self, fd: int) -> None:
         """Stop watching ``fd``; waits for a running callback of it to return.
@@ -194,6 +218,7 @@ class EventDispatcher(Closing):
             self._wait_idle("fd", fd)
             if self._fds.pop(fd, None) is None:
                 raise KeyError(f"fd {fd} is not registered")
+            del self._fd_events[fd]
             self._epoll.unregister(fd)
 
     # Poll mode.
@@ -208,6 +233,10 @@ class EventDispatcher(Closing):
         (:func:`workqueue.blocking`); the callbacks run after it, as the
         item itself.  One event-channel port is taken per call (and every
         ready fd): the next call takes the next port at once.
+
+        A call that raised, or whose callbacks did, may have lost events:
+        the next call hands every one out again, before it waits (see
+        :meth:`_resync`).
         """
         if self._thread is not None:
             raise RuntimeError(f"{self.name}: poll() is for a dispatcher made with thread=False")
@@ -216,16 +245,32 @@ class EventDispatcher(Closing):
         try:
             if self._closed:
                 return 0
-            with blocking():
-                try:
-                    ready = self._epoll.poll(-1 if timeout is None else max(0.0, timeout))
-                except InterruptedError:
-                    return 0
+            ready: list[tuple[int, int]] = []
+            # What a failed dispatch lost comes first, without a wait.
+            resync, self._resync_now = self._resync_now, False
+            if not resync:
+                with blocking():
+                    try:
+                        ready = self._epoll.poll(-1 if timeout is None else max(0.0, timeout))
+                    except InterruptedError:
+                        return 0
+                resync, self._resync_later = self._resync_later, False
             self._dispatching = threading.current_thread()
+            self._lost = False
             try:
-                return self._dispatch(ready)
+                ran = 0
+                if resync:
+                    ran = self._resync()
+                    # Failed in its turn: again after the next wait, not at once.
+                    self._resync_later, self._lost = self._lost, False
+                ran += self._dispatch(ready)
+            except BaseException:
+                self._resync_now = True
+                raise
             finally:
                 self._dispatching = None
+            self._resync_now = self._lost
+            return ran
         finally:
             self._poll_lock.release()
             if self._closed:  # close() may wait for this poll to leave
@@ -293,6 +338,7 @@ class EventDispatcher(Closing):
             with self._lock:
                 self._ports.clear()
                 self._fds.clear()
+                self._fd_events.clear()
             self._evtchn.close()
             self._epoll.close()
             os.close(self._wake_r)
@@ -359,27 +405,11 @@ class EventDispatcher(Closing):
                 return ran
             if port is None:
                 return ran
-            with self._lock:
-                if self._closed:
-                    return ran
-                callback = self._ports.get(port)
-                self._running = ("port", port)
-            if callback is not None:
-                ran += 1
-                try:
-                    callback(port)
-                except Exception as exc:
-                    self._failures.log(logger, logging.ERROR,
-                                       "event channel port %d: callback failed", port, exc_info=exc)
-            with self._lock:
-                self._running = None
-                self._idle.notify_all()
-                if self._closed:
-                    # The callback closed us (close() does not wait for its
-                    # own thread): the handle is gone, pending() would fail.
-                    return ran
-                if port in self._ports:
-                    self._evtchn.unmask(port)
+            ran += self._dispatch_port(port)
+            if self._closed:
+                # The callback closed us (close() does not wait for its
+                # own thread): the handle is gone, pending() would fail.
+                return ran
             if self._thread is None:
                 # Poll mode: one port per poll.  The handle's descriptor
                 # stays readable while others are pending, so the next poll
@@ -388,6 +418,28 @@ class EventDispatcher(Closing):
                 # call or two on every poll, most of which find one port.
                 return ran
         return ran
+
+    def _dispatch_port(self, port: int) -> int:
+        """Run the callback of ``port`` (masked: taken from the handle, or
+        by a resync), then unmask it."""
+        with self._lock:
+            if self._closed:
+                return 0
+            callback = self._ports.get(port)
+            self._running = ("port", port)
+        if callback is not None:
+            try:
+                callback(port)
+            except Exception as exc:
+                self._lost = True
+                self._failures.log(logger, logging.ERROR,
+                                   "event channel port %d: callback failed", port, exc_info=exc)
+        with self._lock:
+            self._running = None
+            self._idle.notify_all()
+            if not self._closed and port in self._ports:
+                self._evtchn.unmask(port)
+        return 0 if callback is None else 1
 
     def _dispatch_fd(self, fd: int, revents: int) -> int:
         with self._lock:
@@ -398,12 +450,46 @@ class EventDispatcher(Closing):
         try:
             callback(fd, revents)
         except Exception as exc:
+            self._lost = True
             self._failures.log(logger, logging.ERROR, "fd %d: callback failed", fd, exc_info=exc)
         finally:
             with self._lock:
                 self._running = None
                 self._idle.notify_all()
         return 1
+
+
+    def _resync(self) -> int:
+        """Poll mode, after a dispatch that failed: hand out again whatever
+        it may have lost.  Which port the handle had taken is not known
+        (it may fail inside pending()), nor which edges of the host fds
+        were in the epoll set's answer: so every port's callback runs and
+        the port is unmasked, and every fd's with the readiness a level-
+        triggered watch would report now.  A failure is logged and leaves
+        :attr:`_lost` set, as in a dispatch."""
+        ran = 0
+        with self._lock:
+            ports = list(self._ports)
+        for port in ports:
+            try:
+                ran += self._dispatch_port(port)
+            except Exception as exc:
+                self._lost = True
+                self._failures.log(logger, logging.ERROR,
+                                   "event channel port %d: unmask failed", port, exc_info=exc)
+        with self._lock:
+            if self._closed:
+                return ran
+            # Under _lock: no fd is removed, closed and its number reused
+            # meanwhile.  The poll(2) bits are epoll's low 16; its flags
+            # (EPOLLET, EPOLLONESHOT...) are above them.
+            levels = select.poll()
+            for fd, events in self._fd_events.items():
+                levels.register(fd, events & 0xFFFF)
+            ready = levels.poll(0)
+        for fd, revents in ready:
+            ran += self._dispatch_fd(fd, revents)
+        return ran
 
 
 def _drain(fd: int) -> None:
