@@ -11,6 +11,7 @@ import os
 import selectors
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from fractions import Fraction
@@ -213,6 +214,39 @@ def test_a_reset_is_reported_once_then_the_connection_is_gone(
             c.send(b"z")
         with pytest.raises(BrokenPipeError):
             c.sendall(b"")
+
+
+@pytest.mark.parametrize("first", ["send", "SO_ERROR"])
+def test_a_reset_after_the_peers_fin_is_seen_before_a_send(
+        pair: tuple[Any, socket.socket], first: str) -> None:
+    """A reset after the peer's end of the stream: recv() stays at the
+    end (no error), but the connection is gone, with no peer name, and
+    the first send() fails with EPIPE, not taking the data (SO_ERROR says
+    EPIPE once instead).  A PVSocket knows it only when the backend tells
+    it (it once took the send, and learnt only when the backend failed
+    to pass it on)."""
+    c, peer = pair
+    peer.shutdown(socket.SHUT_WR)
+    assert c.recv(10) == b""
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # with SO_LINGER 0: a reset
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the pv world hears of it through the backend: no call to wait in
+        try:
+            c.getpeername()
+        except OSError as exc:
+            assert exc.errno == errno.ENOTCONN
+            break
+        assert time.monotonic() < deadline, "the reset was never seen"
+        time.sleep(0.001)
+    assert c.recv(10) == b""
+    if first == "SO_ERROR":
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.EPIPE
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    for _ in range(2):
+        with pytest.raises(BrokenPipeError):
+            c.send(b"z")
+        assert c.recv(10) == b""
 
 
 def test_shutdown_after_a_reset_says_not_connected(pair: tuple[Any, socket.socket]) -> None:
