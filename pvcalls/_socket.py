@@ -348,6 +348,11 @@ class ActiveSocket(Work):
         self._host_ready = False
         self._rx_more = True
         self._host_hangup = False
+        # The host socket reported an error (EPOLLERR): a receive takes
+        # it, but once the peer's FIN was received, Linux's recv() says
+        # EOF for ever before it looks at the error (a reset after the
+        # FIN), so that one is asked for with SO_ERROR (_host_failed).
+        self._host_error = False
 
     def __repr__(self) -> str:
         return (f"<ActiveSocket dom{self.frontend.domid} id={self.id:#x} "
@@ -473,6 +478,8 @@ class ActiveSocket(Work):
         # Set before queueing: a Work that misses the flags is queued again.
         if events & _HANGUP_EVENTS:
             self._host_hangup = True
+        if events & select.EPOLLERR:
+            self._host_error = True
         self._host_ready = True
         self.kick()
 
@@ -509,6 +516,8 @@ class ActiveSocket(Work):
                 received = self._rx(ring, host)
                 if received < 0:
                     changed, received = True, 0
+                if self._host_error and self._rx_done and self._host_failed(ring, host):
+                    changed = True
                 if received or self._room_made:
                     changed, self._room_made = True, False
                 if changed:
@@ -663,6 +672,26 @@ class ActiveSocket(Work):
         self.bytes_in += received
         ring.in_ring.produce(received)
         return received
+
+    def _host_failed(self, ring: DataRing, host: socket.socket) -> bool:
+        """The host socket reported an error after the receive side
+        ended: take it, and stop the send side with it (True), as a TCP
+        socket fails its next send.  A reset after the peer's FIN is one
+        (EPIPE: the guest sees it at once, as on Linux, not only once a
+        send of ours failed).  Only once the receive side ended: before,
+        the receive reports the error (as in_error), and SO_ERROR taking
+        it first would make a reset look like an orderly end."""
+        self._host_error = False
+        if self._tx_done:
+            return False
+        err = host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err:
+            return False
+        self._tx_done = True
+        ring.set_out_error(-_errno.from_host_errno(err))
+        logger.debug("%r: host socket failed after the end of the stream: %s",
+                     self, _errno.name_of(_errno.from_host_errno(err)))
+        return True
 
     def _protocol_error(self, ring: DataRing, host: socket.socket, exc: Exception) -> None:
         """Impossible indexes: this socket stops, the others carry on."""

@@ -107,10 +107,10 @@ What the peer sees is the backend's doing.  A ``close()`` with received
 data unread resets a TCP connection; the backend (as Linux's) closes its
 host socket, which sees nothing of what the ring holds: the peer gets a
 reset only if unread data was still in that socket, else a FIN.  A reset
-the peer sends after its FIN is seen only once the backend fails to send
-to it (``send()`` then fails with EPIPE): until then ``getpeername()``
-answers and ``SO_ERROR`` is 0, where a TCP socket's say ENOTCONN and
-EPIPE.
+the peer sends after its FIN is seen as a TCP socket sees it, once the
+backend has told (``out_error``): ``recv()`` stays at the end of the
+stream, ``getpeername()`` fails with ENOTCONN, ``SO_ERROR`` says EPIPE
+once, and ``send()`` fails with EPIPE.
 
 Signals: a call blocked in the main thread looks again at least every half
 second, so that a signal handler (Ctrl-C's) runs soon even when the kernel
