@@ -163,9 +163,6 @@ DOCUMENTED: dict[tuple[str, str], tuple[Outcome, str]] = {
 #: What the walk does not do, as the worlds would differ for reasons that
 #: are no PVSocket's, or only by timing.
 NOT_DRIVEN = {
-    "the peer's reset after its FIN": (
-        "a TCP socket sees it (getpeername() fails, SO_ERROR says EPIPE); the "
-        "backend only once it fails to send to the peer: see the frontend's docstring"),
     "the client's send after the peer closed": (
         "the peer's stack answers with a reset, which races the client's next call"),
     "the peer's reset with data in flight to the client": (
@@ -557,8 +554,9 @@ class SocketParity(RuleBasedStateMachine):
     def peer_closes(self, reset: bool) -> None:
         """The peer closes once it has read all the client sent (unread
         data would make it a reset, racing the data), with a reset if
-        asked and not in :data:`NOT_DRIVEN`."""
-        if reset and (self.inbound or self.peer_eof):
+        asked and not in :data:`NOT_DRIVEN`: also after the peer's FIN,
+        once the clients have received all that came before it."""
+        if reset and self.inbound:
             reset = False
         for w in self.worlds:
             w.drain()
