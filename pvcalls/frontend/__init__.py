@@ -106,7 +106,8 @@ A few calls differ with no error of their own:
 What the peer sees is the backend's doing.  A ``close()`` with received
 data unread resets a TCP connection; the backend (as Linux's) closes its
 host socket, which sees nothing of what the ring holds: the peer gets a
-reset only if unread data was still in that socket, else a FIN.  A reset
+reset only if unread data was still in that socket, else a FIN (a reset
+would drop what the backend still had to send for this socket).  A reset
 the peer sends after its FIN is seen as a TCP socket sees it, once the
 backend has told (``out_error``): ``recv()`` stays at the end of the
 stream, ``getpeername()`` fails with ENOTCONN, ``SO_ERROR`` says EPIPE
