@@ -235,8 +235,10 @@ class EventDispatcher(Closing):
         ready fd): the next call takes the next port at once.
 
         A call that raised, or whose callbacks did, may have lost events:
-        the next call hands every one out again, before it waits (see
-        :meth:`_resync`).
+        the next call hands every one out again, before it waits: every
+        port's callback and every fd's with its present readiness (see
+        :mod:`xenback.events`), so a callback must take a call that no new
+        event caused.
         """
         if self._thread is not None:
             raise RuntimeError(f"{self.name}: poll() is for a dispatcher made with thread=False")
@@ -457,7 +459,6 @@ class EventDispatcher(Closing):
                 self._running = None
                 self._idle.notify_all()
         return 1
-
 
     def _resync(self) -> int:
         """Poll mode, after a dispatch that failed: hand out again whatever
