@@ -614,6 +614,53 @@ def test_no_socket_left_to_open_xen_is_worth_a_restart(
     _said_worth_a_restart(info, capsys, "open the platform", code)
 
 
+def _joining_dom0_fails(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """Connecting to domain 0's hypervisor socket fails with ``code``, as
+    serve joins the simulated host; the host's own sockets work."""
+    connect = socket.socket.connect
+
+    def failing_connect(sock: socket.socket, address: Any) -> None:
+        if str(address).endswith("/domains/0/hypervisor"):
+            raise OSError(code, os.strerror(code))
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", failing_connect)
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_a_shortage_as_serve_joins_the_simulated_host_is_worth_a_restart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    # The host is there: what serve lacks to join it is no missing host
+    # (status 2, never restarted).
+    from xenback.sim import SimHost
+
+    run_dir = tmp_path / "run"
+    with SimHost(run_dir):
+        _joining_dom0_fails(monkeypatch, code)
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
+    _said_worth_a_restart(info, capsys, "open the platform", code)
+
+
+def test_a_host_refusing_serve_is_still_no_host(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A host whose socket is there but nobody listens (it was killed)
+    # is a missing host, whatever else an errno may now mean.
+    from xenback.sim import SimHost
+
+    run_dir = tmp_path / "run"
+    with SimHost(run_dir):
+        _joining_dom0_fails(monkeypatch, errno.ECONNREFUSED)
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--platform", "sim", "--run-dir", str(run_dir)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "short of resources" not in err, err
+    assert "cannot join the simulated host as domain 0" in err.splitlines()[-1], err
+
+
 def test_only_a_shortage_as_the_platform_opens_is_called_one(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
