@@ -246,6 +246,8 @@ def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any
         try:
             return attach(args.run_dir, 0)
         except PlatformUnavailable as exc:
+            if exc.errno in _SHORT_OF_RESOURCES:
+                raise  # for serve(): no host missing, and worth a restart
             error(f"--run-dir {args.run_dir}: cannot join the simulated host as domain 0 "
                   f"(is xenback-sim running there?): {exc}")
     from xenback.xen import open as open_xen
