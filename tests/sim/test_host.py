@@ -136,6 +136,27 @@ def test_attach_joins_a_running_host(host: SimHost) -> None:
         attach(host.run_dir, 7)
 
 
+def test_attach_short_of_memory_names_no_missing_domain(
+        host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The domain is there: what failed is reaching it, and says why.
+    import socket
+
+    connect = socket.socket.connect
+
+    def no_memory(sock: socket.socket, address: Any) -> None:
+        if str(address).endswith("/domains/0/hypervisor"):
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", no_memory)
+    with pytest.raises(PlatformError) as info:
+        attach(host.run_dir, 0)
+    assert info.value.errno == errno.ENOMEM
+    assert str(info.value.strerror).startswith(
+        f"cannot join domain 0 of the simulated host in {host.run_dir}: "), info.value
+    assert "no domain" not in str(info.value)
+
+
 def test_stopped_host_refuses_work() -> None:
     host = SimHost()
     host.start()
