@@ -152,6 +152,11 @@ def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
     _dom0_call(run_dir_path(run_dir), "domain_destroy", domid=domid)
 
 
+#: How a connection to a domain's hypervisor socket fails when the domain,
+#: or the host, is not there (ECONNREFUSED: its socket outlived its host).
+_NOT_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ECONNREFUSED})
+
+
 def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     """Join a running host (embedded or ``xenback-sim``) as domain ``domid``.
 
@@ -166,9 +171,16 @@ def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     try:
         conn = ServiceConnection(path, PlatformUnavailable)
     except PlatformUnavailable as e:
+        if e.errno in _NOT_THERE:
+            raise PlatformUnavailable(
+                e.errno,
+                f"no domain {domid} on a simulated host in {run_dir} ({path}: {e.strerror or e})",
+            ) from None
+        # Anything else (no descriptors or memory left to connect with)
+        # says nothing of whether the domain is there.
         raise PlatformUnavailable(
-            e.errno or errno.ENOENT,
-            f"no domain {domid} on a simulated host in {run_dir} ({path}: {e.strerror or e})",
+            e.errno or errno.ENODEV,
+            f"cannot join domain {domid} of the simulated host in {run_dir}: {e.strerror or e}",
         ) from None
     try:
         info, _ = conn.call("info")
