@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import logging
 import re
 import socket
 import struct
@@ -661,14 +662,9 @@ class Interrupted(BaseException):
     pass
 
 
-def test_a_failing_transaction_on_a_lost_connection_says_why_it_failed(
-    tmp_path, monkeypatch
-) -> None:
-    """The body of a transaction fails as the connection goes: its
-    rollback then fails too, and that error replaced the body's (even a
-    KeyboardInterrupt), although the connection's end drops the
-    transaction anyway."""
-    path = str(tmp_path / "xenstored")
+def _fail_as_the_connection_goes(path: str) -> None:
+    """A transaction whose body fails (Interrupted) as its connection to
+    the XenStore at ``path`` goes: its rollback fails too."""
 
     def start_then_hang_up(conn: socket.socket) -> None:
         op, rq_id, tx_id, size = struct.unpack("<4I", conn.recv(16, socket.MSG_WAITALL))
@@ -683,5 +679,22 @@ def test_a_failing_transaction_on_a_lost_connection_says_why_it_failed(
         assert eventually(lambda: not c.router.is_connected, TIMEOUT)
         raise Interrupted  # as a KeyboardInterrupt would, but pytest's own
 
+    Toolstack(path).transaction(body)
+
+
+def test_a_failing_transaction_on_a_lost_connection_says_why_it_failed(tmp_path) -> None:
+    """The rollback's error replaced the body's (even a KeyboardInterrupt),
+    although the connection's end drops the transaction anyway."""
     with pytest.raises(Interrupted):
-        Toolstack(path).transaction(body)
+        _fail_as_the_connection_goes(str(tmp_path / "xenstored"))
+
+
+def test_a_failed_rollback_leaves_a_trace(tmp_path, caplog) -> None:
+    """The body's error is the one raised, but the rollback's is not lost:
+    a DEBUG record says why it failed."""
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._toolstack")
+    with pytest.raises(Interrupted):
+        _fail_as_the_connection_goes(str(tmp_path / "xenstored"))
+    [record] = [r for r in caplog.records if "rollback" in r.getMessage()]
+    assert (record.name, record.levelno) == ("xenback.sim._toolstack", logging.DEBUG)
+    assert isinstance(record.args and record.args[0], pyxs.PyXSError), record.args
