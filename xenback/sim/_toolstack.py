@@ -41,7 +41,7 @@ import os
 import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -159,8 +159,11 @@ class Toolstack(Closing):
                     # The body's error says more than one of the rollback's
                     # (the connection lost meanwhile, which drops the
                     # transaction anyway; so does the close after this).
-                    with suppress(pyxs.PyXSError):
+                    try:
                         client.rollback()
+                    except pyxs.PyXSError as e:
+                        logger.debug("toolstack: rollback after a failed transaction "
+                                     "failed too: %s", e)
                     raise
                 if client.commit():
                     return result
