@@ -541,6 +541,23 @@ def test_the_platform_keeps_what_its_host_s_processes_share_in_run(tmp_path: Pat
     assert platform.run_dir == Path("/run")
 
 
+@pytest.mark.parametrize(("node", "domid"), [(None, 0), ("0", 0), ("7", 7)])
+def test_open_reads_our_domid(monkeypatch, node: str | None, domid: int) -> None:
+    """Our domain's ``domid`` node, relative to our home; dom0's may be
+    missing (xenstored writes none for it)."""
+    from xenback.sim import SimHost
+
+    monkeypatch.setattr(_platform, "missing_pieces", lambda: [])
+    with SimHost() as host:
+        monkeypatch.setenv("XENSTORED_PATH", str(host.xenstore_path))
+        with host.dom0.xenstore() as xs:
+            if node is None:
+                xs.delete(b"/local/domain/0/domid")
+            else:
+                xs.write(b"/local/domain/0/domid", node.encode())
+        assert xenback.xen.open().domid == domid
+
+
 def test_open_fails_when_xenstored_hangs_up_under_its_read(monkeypatch, tmp_path) -> None:
     """open() reads our domid with a pyxs client of its own, whose
     request waited for ever for a reply once xenstored hung up (pyxs's
