@@ -48,7 +48,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 import pyxs
 from pyxs._internal import Event, Op, Packet
@@ -433,6 +433,12 @@ class _Ops:
         except FileNotFoundError:
             return default
         return raw.decode("utf-8", errors="replace")
+
+    @overload
+    def read_int(self, path: str, default: int) -> int: ...
+
+    @overload
+    def read_int(self, path: str, default: int | None = None) -> int | None: ...
 
     def read_int(self, path: str, default: int | None = None) -> int | None:
         """The value of ``path`` as an integer; ``default`` if missing.

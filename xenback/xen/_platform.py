@@ -632,7 +632,7 @@ def open() -> XenPlatform:  # noqa: A001 - the module's verb, like io.open
     xs = XenStore(pyxs.Client(unix_socket_path=str(sock)), on_lost=_lost_in_open)
     try:
         with xs:
-            domid = xs.read_int("domid") or 0  # none: dom0
+            domid = xs.read_int("domid", 0)  # none: dom0
     except (OSError, ValueError) as exc:
         # The errno kept: a host short of descriptors is no host without Xen.
         code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
