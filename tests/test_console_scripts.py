@@ -1,0 +1,72 @@
+"""The console scripts as pip installs them, from pyproject's
+``[project.scripts]``: what Ctrl-C does to one before it is under way."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 30.0
+
+
+def console_script(name: str) -> list[str]:
+    """The command that runs console script ``name`` as pip's wrapper does
+    (``from MODULE import FUNC; sys.exit(FUNC())``), with the test-only
+    :mod:`interruptimport` imported first."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        entry = tomllib.load(f)["project"]["scripts"][name]
+    module, func = entry.split(":")
+    return [sys.executable, "-c",
+            f"import sys, interruptimport\nfrom {module} import {func}\nsys.exit({func}())"]
+
+
+def interrupted_while_importing(argv: list[str], module: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv``, SIGINT it once it imports ``module``, and wait for it."""
+    mark_r, mark_w = os.pipe()
+    env = {**os.environ, "INTERRUPT_IMPORT": module, "INTERRUPT_IMPORT_FD": str(mark_w),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"),
+                                                       os.environ.get("PYTHONPATH")]))}
+    try:
+        with subprocess.Popen(argv, env=env, pass_fds=(mark_w,), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            os.close(mark_w)
+            mark_w = -1
+            try:
+                ready, _, _ = select.select([mark_r], [], [], TIMEOUT)
+                assert ready and os.read(mark_r, 256) == f"{module}\n".encode(), \
+                    f"{argv} never imported {module}"
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        os.close(mark_r)
+        if mark_w >= 0:
+            os.close(mark_w)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize(("name", "args", "module", "said"), [
+    # As the console script imports the command's module...
+    ("pvcalls-backend", ["demo"], "pvcalls._backend", "pvcalls-backend: interrupted\n"),
+    ("xenback-sim", ["--run-dir", "{tmp}"], "xenback.sim._host", "xenback-sim: interrupted\n"),
+    # ...quietly, as its signals later: closed what it opened, it says nothing.
+    ("pvcalls-nc", ["--run-dir", "{tmp}", "--domid", "1", "127.0.0.1", "80"],
+     "pvcalls._backend", ""),
+    # ...and in main(), before the demo takes SIGINT itself.
+    ("pvcalls-backend", ["demo"], "pvcalls._nc", "pvcalls-backend: interrupted\n"),
+], ids=["pvcalls-backend", "xenback-sim", "pvcalls-nc", "pvcalls-backend-main"])
+def test_ctrl_c_as_a_command_starts_is_one_line(
+        tmp_path: Path, name: str, args: list[str], module: str, said: str) -> None:
+    argv = [*console_script(name), *(a.format(tmp=tmp_path) for a in args)]
+    done = interrupted_while_importing(argv, module)
+    assert (done.returncode, done.stderr, done.stdout) == (130, said, "")
