@@ -459,7 +459,7 @@ exit status:
   2    bad options, no host, a bad policy file, a lock file the run directory
        refuses, or another backend serving the host: started again, it would
        fail the same way
-  130  SIGINT before serving (while it read the policy file)
+  130  SIGINT before serving (as it starts, or while it reads the policy file)
 """
 
 

@@ -8,7 +8,8 @@ Serves XenStore on ``DIR/xenstored/socket`` (so ``XENSTORED_PATH`` and
 everything is ready it prints ``XENSTORED_PATH=<path>`` as its first line,
 then one ``DOMAIN <name> <domid>`` line per ``--domain``.  SIGTERM, SIGINT
 or SIGHUP (its terminal closed; not under ``nohup``, which ignores it)
-closes everything and exits 0.
+closes everything and exits 0; a SIGINT before it takes them (as it
+starts) exits 130, having made nothing.
 """
 
 from __future__ import annotations
