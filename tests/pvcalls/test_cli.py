@@ -96,6 +96,10 @@ def script(name: str) -> list[str]:
         (["serve", "--platform", "sim", "--run-dir", "/nonexistent/run"], "no such directory"),
         (["serve", "--platform", "sim", "--run-dir", "/dev/null"],
          "--run-dir /dev/null: not a directory"),
+        # One the kernel will not look up: stat() fails with other than
+        # ENOENT, which Path.exists() raised, a traceback.
+        (["serve", "--platform", "sim", "--run-dir", "/" + "r" * 256],
+         f"--run-dir /{'r' * 256}: File name too long"),
         # Path("") is the current directory: an unset $RUN_DIR would go there.
         (["serve", "--platform", "sim", "--run-dir", ""], "argument --run-dir: empty path"),
         (["serve", "--platform", "xen", "--run-dir", "/tmp"], "only applies to --platform sim"),
