@@ -239,9 +239,13 @@ def _open_platform(args: argparse.Namespace, error: Callable[[str], Any]) -> Any
 
         if args.run_dir is None:
             error("--platform sim needs --run-dir DIR (the run directory of xenback-sim)")
-        if args.run_dir.exists() and not args.run_dir.is_dir():
+        try:
+            exists, is_dir = args.run_dir.exists(), args.run_dir.is_dir()
+        except OSError as exc:  # a name too long, a directory we may not search
+            error(f"--run-dir {args.run_dir}: {exc.strerror}")
+        if exists and not is_dir:
             error(f"--run-dir {args.run_dir}: not a directory")
-        if not args.run_dir.is_dir():
+        if not is_dir:
             error(f"--run-dir {args.run_dir}: no such directory (is xenback-sim running?)")
         try:
             return attach(args.run_dir, 0)
