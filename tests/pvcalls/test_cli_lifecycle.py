@@ -84,6 +84,25 @@ def test_serve_on_a_run_dir_without_a_host_is_a_clear_error(
     assert "Traceback" not in err
 
 
+def test_a_demo_whose_host_cannot_start_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its run directory goes in TMPDIR: one this deep leaves no room for
+    # the name of a socket in it.  Where the demo runs is wrong, not the
+    # demo: one line, not a traceback, and nothing left behind.
+    import tempfile
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    assert main(["demo"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert re.fullmatch(r"pvcalls-backend: demo: cannot start the simulated host: "
+                        r"\[Errno 36\] cannot listen on .*: AF_UNIX path too long\n", err), err
+    assert list(deep.iterdir()) == []
+
+
 def test_demo_needs_the_ring_order_of_its_guests(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["demo", "--max-page-order", "3"])
