@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import http.server
 import logging
@@ -156,16 +157,31 @@ def _print_stats(stats: Any, names: Mapping[int, str], out: Any) -> None:
 
 def demo(args: argparse.Namespace, out: Any = None) -> int:
     """Run the demo; returns the exit status."""
-    import pvcalls
     from xenback.sim import SimHost
 
-    out = out or sys.stdout
+    try:
+        host = SimHost().start()
+    except OSError as exc:
+        # Where it runs is wrong, not the demo: a TMPDIR too deep for the
+        # names of the host's sockets, no room or descriptors left.
+        # start() took down what it had made.
+        print(f"pvcalls-backend: demo: cannot start the simulated host: {exc}",
+              file=sys.stderr)
+        return 1
+    with contextlib.closing(host):
+        return _demo_on(host, args, out or sys.stdout)
+
+
+def _demo_on(host: Any, args: argparse.Namespace, out: Any) -> int:
+    """The demo on a started :class:`xenback.sim.SimHost`; its exit status."""
+    import pvcalls
+
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, name="demo-http", daemon=True).start()
     web_host, web_port = str(httpd.server_address[0]), int(httpd.server_address[1])
     try:
-        with SimHost() as host, pvcalls.Backend(
+        with pvcalls.Backend(
             host.dom0, max_ioworkers=args.max_ioworkers, max_page_order=args.max_page_order
         ) as backend:
             print(f"Simulated Xen host in {host.run_dir}; PV Calls backend running in domain 0.",
