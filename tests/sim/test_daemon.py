@@ -146,7 +146,9 @@ def test_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
     proc = start(not_a_dir)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 1
-    assert "cannot start" in err
+    # Not mkdir()'s "File exists": it does, and is no directory.
+    assert err == (f"xenback-sim: cannot start in {not_a_dir}: "
+                   f"[Errno {errno.ENOTDIR}] Not a directory: '{not_a_dir}'\n"), err
 
 
 def test_an_empty_run_dir_is_a_usage_error(tmp_path: Path) -> None:
