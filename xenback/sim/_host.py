@@ -159,7 +159,12 @@ class SimHost(Closing):
             while not self._own_run_dir and not missing.exists():
                 self._made_dirs.append(missing)
                 missing = missing.parent
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                # mkdir()'s word for a path that is something else.
+                raise NotADirectoryError(
+                    errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(run_dir)) from None
             self._xenstored = XenStored(run_dir)
             self._hypervisor = Hypervisor(run_dir)
             self._toolstack = Toolstack(self._xenstored.path)
