@@ -517,14 +517,17 @@ def test_nc_without_host_fails_clearly(tmp_path: Path) -> None:
     assert b"pvcalls-nc:" in nc.stderr and b"Traceback" not in nc.stderr
 
 
-@pytest.mark.parametrize(("make", "said"), [
-    (False, "no such directory (is xenback-sim running?)"),
-    (True, "not a directory"),
+@pytest.mark.parametrize(("name", "make", "said"), [
+    ("run", False, "no such directory (is xenback-sim running?)"),
+    ("run", True, "not a directory"),
+    # Not even looked up: it said "[Errno 36] File name too long: 'DIR'".
+    ("r" * 256, False, "File name too long"),
 ])
-def test_nc_on_a_run_dir_that_is_none_says_so(tmp_path: Path, make: bool, said: str) -> None:
+def test_nc_on_a_run_dir_that_is_none_says_so(
+        tmp_path: Path, name: str, make: bool, said: str) -> None:
     # As serve says it.  It used to be "no domain 1 on a simulated host in
     # DIR (DIR/domains/1/hypervisor: ...)": as if the host were there.
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / name
     if make:
         run_dir.touch()
     nc = subprocess.run(
