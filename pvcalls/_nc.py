@@ -472,10 +472,13 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
     gate = gate or _SignalGate()
     # As serve says it: attach() would say there is no such domain on a
     # host in that directory, as if the host were there.
-    if not args.run_dir.is_dir():
+    try:
+        exists, is_dir = args.run_dir.exists(), args.run_dir.is_dir()
+    except OSError as exc:  # a name too long, a directory we may not search
+        raise _Failed(f"--run-dir {args.run_dir}: {exc.strerror}") from None
+    if not is_dir:
         raise _Failed(f"--run-dir {args.run_dir}: " + (
-            "not a directory" if args.run_dir.exists()
-            else "no such directory (is xenback-sim running?)"))
+            "not a directory" if exists else "no such directory (is xenback-sim running?)"))
     domain = attach(args.run_dir, args.domid)
     claim, devid = _claim_devid(args.run_dir, args.domid)
     # Signals wait while Frontend() adds the device and does the handshake
