@@ -156,6 +156,11 @@ class Frontend(Closing):
     had opened first.  Once the backend goes away (its state leaves
     Connected), every call of the frontend and its sockets fails with
     :class:`OSError` ENOTCONN.
+
+    The arguments stay readable as attributes (``domain``, ``backend_id``,
+    ``devid``, ``ring_order``, and ``timeout`` as a float); ``device`` is
+    the :class:`xenback.sim.Device` the toolstack added (its frontend and
+    backend paths in XenStore), None until the first :meth:`open`.
     """
 
     def __init__(
