@@ -404,3 +404,96 @@ def test_a_callback_failing_at_every_call_costs_a_resync_per_wakeup(polled) -> N
     assert dispatcher.poll(0.2) == 1  # waited for nothing, then resynced
     assert time.monotonic() - start >= 0.2
     assert len(calls) == 3
+
+
+def test_a_resync_leaves_a_oneshot_fd_to_its_owner(polled) -> None:
+    """A ONESHOT fd whose callback took its event is its owner's until
+    modify_fd re-arms it: a resync that another callback's failure set
+    off does not call it again meanwhile.  Re-armed, it is epoll's."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    failed: list[int] = []
+
+    def broken(port: int) -> None:
+        failed.append(port)
+        if len(failed) == 1:
+            raise RuntimeError("a bug")
+
+    dispatcher.bind_interdomain(guest.domid, remote, broken)
+    r, w = os.pipe()
+    oneshot = select.EPOLLIN | select.EPOLLONESHOT
+    calls: list[int] = []
+    try:
+        dispatcher.add_fd(r, oneshot, lambda _fd, revents: calls.append(revents))
+        os.write(w, b"x")  # never read: readable throughout
+        assert dispatcher.poll(TIMEOUT) == 1
+        assert calls == [select.EPOLLIN]  # taken: disarmed until re-armed
+        evtchn.notify(remote)
+        assert dispatcher.poll(TIMEOUT) == 1  # the port's callback raised
+        assert dispatcher.poll(TIMEOUT) == 1  # the resync: the port alone
+        assert len(failed) == 2 and calls == [select.EPOLLIN]
+        dispatcher.modify_fd(r, oneshot)
+        assert dispatcher.poll(TIMEOUT) == 1
+        assert calls == [select.EPOLLIN, select.EPOLLIN]
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_resync_calls_an_armed_oneshot_fd_once(polled) -> None:
+    """A ONESHOT fd still armed is epoll's to report: a resync that
+    called it as well would call it twice for one arming."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    failed: list[int] = []
+
+    def broken(port: int) -> None:
+        failed.append(port)
+        if len(failed) == 1:
+            raise RuntimeError("a bug")
+
+    dispatcher.bind_interdomain(guest.domid, remote, broken)
+    r, w = os.pipe()
+    calls: list[int] = []
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT,
+                          lambda _fd, revents: calls.append(revents))
+        evtchn.notify(remote)
+        assert dispatcher.poll(TIMEOUT) == 1  # the port's callback raised
+        os.write(w, b"x")  # never read: readable throughout
+        dispatcher.poll(TIMEOUT)  # the resync
+        dispatcher.poll(0)
+        assert dispatcher.poll(0) == 0
+        assert len(failed) == 2 and calls == [select.EPOLLIN]
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_resync_hands_out_again_what_a_oneshot_callback_lost(polled) -> None:
+    """A ONESHOT fd's callback that raised lost its event, and nobody
+    will re-arm the fd: a resync hands the event out again, once."""
+    _, _, dispatcher = polled
+    r, w = os.pipe()
+    calls: list[int] = []
+
+    def once(_fd: int, revents: int) -> None:
+        calls.append(revents)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT, once)
+        os.write(w, b"x")  # never read: readable throughout
+        assert dispatcher.poll(TIMEOUT) == 1  # raised
+        dispatcher.poll(TIMEOUT)  # the resync
+        dispatcher.poll(0)
+        assert calls == [select.EPOLLIN, select.EPOLLIN]
+        assert dispatcher.poll(0) == 0  # taken: its owner's until re-armed
+        assert len(calls) == 2
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
