@@ -34,11 +34,14 @@ or whose callback raises may have taken an event and not delivered it,
 or left a port masked, and its owner polls again: so the next poll,
 before it waits, runs every port's callback and unmasks the port, and
 runs every host fd's callback with the readiness a level-triggered watch
-would report now.  In poll mode a callback must therefore take a call
-that no new event caused (queueing work that then finds nothing to do
-does).  A resync that fails in its turn is done again after the next
-wait, not at once: a callback that raises at every call costs a resync
-per wake-up, not a spinning poller.
+would report now.  Not a ``select.EPOLLONESHOT`` fd's: one whose callback
+took its event is its owner's until re-armed, and is left alone; any
+other is re-armed, so that epoll reports it, once, if it is ready.  In
+poll mode a callback must therefore take a call that no new event caused
+(queueing work that then finds nothing to do does).  A resync that fails
+in its turn is done again after the next wait, not at once: a callback
+that raises at every call costs a resync per wake-up, not a spinning
+poller.
 """
 
 from __future__ import annotations
@@ -105,6 +108,9 @@ class EventDispatcher(Closing):
         self._ports: dict[int, PortCallback] = {}
         self._fds: dict[int, FdCallback] = {}
         self._fd_events: dict[int, int] = {}  # their epoll masks, for _resync
+        # ONESHOT fds whose callback took their event (did not raise):
+        # disarmed until modify_fd, and so left alone by _resync.
+        self._fds_taken: set[int] = set()
         self._running: tuple[str, int] | None = None
         # _closed: no more binding or dispatching; _released: the ports
         # unbound and the descriptors closed, after the wait for the thread.
@@ -210,6 +216,7 @@ class EventDispatcher(Closing):
                 raise KeyError(f"fd {fd} is not registered")
             self._epoll.modify(fd, events)
             self._fd_events[fd] = events
+            self._fds_taken.discard(fd)
 
     def remove_fd(self, fd: int) -> None:
         """Stop watching ``fd``; waits for a running callback of it to return.
@@ -219,6 +226,7 @@ class EventDispatcher(Closing):
             if self._fds.pop(fd, None) is None:
                 raise KeyError(f"fd {fd} is not registered")
             del self._fd_events[fd]
+            self._fds_taken.discard(fd)
             self._epoll.unregister(fd)
 
     # Poll mode.
@@ -236,9 +244,9 @@ class EventDispatcher(Closing):
 
         A call that raised, or whose callbacks did, may have lost events:
         the next call hands every one out again, before it waits: every
-        port's callback and every fd's with its present readiness (see
-        :mod:`xenback.events`), so a callback must take a call that no new
-        event caused.
+        port's callback and every fd's with its present readiness (a
+        ONESHOT fd's only if its event was lost; see :mod:`xenback.events`),
+        so a callback must take a call that no new event caused.
         """
         if self._thread is not None:
             raise RuntimeError(f"{self.name}: poll() is for a dispatcher made with thread=False")
@@ -341,6 +349,7 @@ class EventDispatcher(Closing):
                 self._ports.clear()
                 self._fds.clear()
                 self._fd_events.clear()
+                self._fds_taken.clear()
             self._evtchn.close()
             self._epoll.close()
             os.close(self._wake_r)
@@ -449,10 +458,15 @@ class EventDispatcher(Closing):
             if callback is None or self._closed:
                 return 0
             self._running = ("fd", fd)
+            # Taken before the call: the callback may re-arm the fd itself.
+            if self._fd_events[fd] & select.EPOLLONESHOT:
+                self._fds_taken.add(fd)
         try:
             callback(fd, revents)
         except Exception as exc:
             self._lost = True
+            with self._lock:
+                self._fds_taken.discard(fd)  # lost: for the resync
             self._failures.log(logger, logging.ERROR, "fd %d: callback failed", fd, exc_info=exc)
         finally:
             with self._lock:
@@ -466,7 +480,10 @@ class EventDispatcher(Closing):
         (it may fail inside pending()), nor which edges of the host fds
         were in the epoll set's answer: so every port's callback runs and
         the port is unmasked, and every fd's with the readiness a level-
-        triggered watch would report now.  A failure is logged and leaves
+        triggered watch would report now.  Not a ONESHOT fd's, which may
+        be armed still: one not taken is re-armed instead, and epoll
+        reports it if it is ready (epoll_ctl looks), once whether its
+        event was lost or not.  A failure is logged and leaves
         :attr:`_lost` set, as in a dispatch."""
         ran = 0
         with self._lock:
@@ -485,9 +502,20 @@ class EventDispatcher(Closing):
             # meanwhile.  The poll(2) bits are epoll's low 16; its flags
             # (EPOLLET, EPOLLONESHOT...) are above them.
             levels = select.poll()
+            failed: list[tuple[int, OSError]] = []
             for fd, events in self._fd_events.items():
-                levels.register(fd, events & 0xFFFF)
+                if not events & select.EPOLLONESHOT:
+                    levels.register(fd, events & 0xFFFF)
+                elif fd not in self._fds_taken:
+                    try:
+                        self._epoll.modify(fd, events)
+                    except OSError as exc:
+                        failed.append((fd, exc))
             ready = levels.poll(0)
+        for fd, error in failed:
+            self._lost = True
+            self._failures.log(logger, logging.ERROR, "fd %d: re-arming failed", fd,
+                               exc_info=error)
         for fd, revents in ready:
             ran += self._dispatch_fd(fd, revents)
         return ran
