@@ -497,3 +497,31 @@ def test_a_resync_hands_out_again_what_a_oneshot_callback_lost(polled) -> None:
         dispatcher.remove_fd(r)
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_a_port_callback_interrupted_is_no_longer_running(polled, interrupt) -> None:
+    """A port's callback that leaves by a BaseException (Ctrl-C in the
+    thread that polls) has returned: unbind() waits for it no more, as
+    for an fd's; the owner may well be cleaning up after the Ctrl-C."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+
+    def interrupted(port: int) -> None:
+        raise interrupt
+
+    local = dispatcher.bind_interdomain(guest.domid, remote, interrupted)
+    evtchn.notify(remote)
+    with pytest.raises(interrupt):
+        dispatcher.poll(TIMEOUT)
+    unbinder = threading.Thread(target=dispatcher.unbind, args=(local,), daemon=True)
+    unbinder.start()
+    unbinder.join(TIMEOUT)
+    stuck = unbinder.is_alive()
+    if stuck:  # free it, then fail
+        with dispatcher._lock:
+            dispatcher._running = None
+            dispatcher._idle.notify_all()
+        unbinder.join(TIMEOUT)
+    assert not stuck, "unbind() waited for a callback that had returned"
+    assert dispatcher.ports == []
