@@ -438,18 +438,25 @@ class EventDispatcher(Closing):
                 return 0
             callback = self._ports.get(port)
             self._running = ("port", port)
-        if callback is not None:
-            try:
-                callback(port)
-            except Exception as exc:
-                self._lost = True
-                self._failures.log(logger, logging.ERROR,
-                                   "event channel port %d: callback failed", port, exc_info=exc)
-        with self._lock:
-            self._running = None
-            self._idle.notify_all()
-            if not self._closed and port in self._ports:
-                self._evtchn.unmask(port)
+        returned = False
+        try:
+            if callback is not None:
+                try:
+                    callback(port)
+                except Exception as exc:
+                    self._lost = True
+                    self._failures.log(logger, logging.ERROR,
+                                       "event channel port %d: callback failed", port,
+                                       exc_info=exc)
+            returned = True
+        finally:
+            with self._lock:
+                self._running = None
+                self._idle.notify_all()
+                # Masked still after a BaseException (an unmask failing
+                # would hide it): the resync that it sets off unmasks.
+                if returned and not self._closed and port in self._ports:
+                    self._evtchn.unmask(port)
         return 0 if callback is None else 1
 
     def _dispatch_fd(self, fd: int, revents: int) -> int:
