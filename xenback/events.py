@@ -29,19 +29,21 @@ queue work on the pool of the very worker that polls, which runs it next,
 without waking anybody.  The sleep in ``epoll_wait`` is wrapped in
 :func:`workqueue.blocking`, so the pool runs other items meanwhile.
 
-A poll that fails (the handle's ``pending()`` or ``unmask()`` raising)
-or whose callback raises may have taken an event and not delivered it,
-or left a port masked, and its owner polls again: so the next poll,
-before it waits, runs every port's callback and unmasks the port, and
-runs every host fd's callback with the readiness a level-triggered watch
-would report now.  Not a ``select.EPOLLONESHOT`` fd's: one whose callback
-took its event is its owner's until re-armed, and is left alone; any
-other is re-armed, so that epoll reports it, once, if it is ready.  In
-poll mode a callback must therefore take a call that no new event caused
-(queueing work that then finds nothing to do does).  A resync that fails
-in its turn is done again after the next wait, not at once: a callback
-that raises at every call costs a resync per wake-up, not a spinning
-poller.
+A poll that fails (the handle's ``unmask()`` raising, or ``pending()``
+with anything but an :class:`OSError`, which stops the dispatching of
+ports as a dead handle's) or whose callback raises may have taken an
+event and not delivered it, or left a port masked, and its owner polls
+again: so the next poll, before it waits, runs every port's callback and
+unmasks the port, and runs every host fd's callback with the readiness a
+level-triggered watch would report now.  Not a ``select.EPOLLONESHOT``
+fd's: one whose callback took its event is its owner's until re-armed,
+and is left alone; any other is re-armed, so that epoll reports it,
+once, if it is ready.  In poll mode a callback must therefore take a
+call that no new event caused (queueing work that then finds nothing to
+do does).  A resync that fails in its turn is done again after the next
+wait, not at once: a callback that raises at every call costs a resync
+or two per wake-up (one after the wait, one for the dispatch that
+follows it), not a spinning poller.
 """
 
 from __future__ import annotations
