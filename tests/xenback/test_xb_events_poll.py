@@ -525,3 +525,43 @@ def test_a_port_callback_interrupted_is_no_longer_running(polled, interrupt) -> 
         unbinder.join(TIMEOUT)
     assert not stuck, "unbind() waited for a callback that had returned"
     assert dispatcher.ports == []
+
+
+def test_a_oneshot_fd_re_armed_and_lost_is_handed_out_again(polled, monkeypatch) -> None:
+    """Re-armed, a ONESHOT fd is no longer its owner's: an event of it
+    that a failed dispatch lost (reported, so disarmed, but its callback
+    never called) is handed out again."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    r, w = os.pipe()
+    oneshot = select.EPOLLIN | select.EPOLLONESHOT
+    calls: list[int] = []
+    unmask = dispatcher._evtchn.unmask
+    failed: list[int] = []
+
+    def failing_once(port: int) -> None:
+        if not failed:
+            failed.append(port)
+            raise OSError(5, "the handle failed")
+        unmask(port)
+
+    try:
+        dispatcher.add_fd(r, oneshot, lambda _fd, revents: calls.append(revents))
+        os.write(w, b"x")  # never read: readable throughout
+        assert dispatcher.poll(TIMEOUT) == 1
+        dispatcher.modify_fd(r, 0)  # re-armed, but for nothing yet
+        monkeypatch.setattr(dispatcher._evtchn, "unmask", failing_once)
+        evtchn.notify(remote)
+        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+        dispatcher.modify_fd(r, oneshot)  # ready behind the port
+        with pytest.raises(OSError):
+            dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
+        assert failed and calls == [select.EPOLLIN]
+        dispatcher.poll(TIMEOUT)  # the resync
+        dispatcher.poll(0)
+        assert calls == [select.EPOLLIN, select.EPOLLIN]
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
