@@ -161,7 +161,9 @@ def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     """Join a running host (embedded or ``xenback-sim``) as domain ``domid``.
 
     Raises :class:`~xenback.platform.PlatformUnavailable` if there is no
-    such host or domain, :class:`ValueError` for an empty ``run_dir`` or a
+    such host or domain (errno ENOENT, ENOTDIR or ECONNREFUSED) or it
+    cannot be reached (the connection's own errno: EMFILE, EACCES...),
+    :class:`ValueError` for an empty ``run_dir`` or a
     ``domid`` that is not a domain id (0 to 0x7FEF).
     """
     if type(domid) is not int or not 0 <= domid < 0x7FF0:
