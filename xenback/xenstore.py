@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 import pyxs
 from pyxs._internal import Event, Op, Packet
+from pyxs.client import RVar
 from pyxs.exceptions import ConnectionError as XSConnectionError
 from pyxs.exceptions import (
     InvalidPath,
@@ -206,6 +207,13 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     A sender closing it also wakes the router through the terminator pair:
     the router polls a duplicate of the connection's descriptor, on which
     XenBus's close() (a bare os.close(), no shutdown()) shows nothing.
+
+    Requests are sent by our ``router.send``, in one write counted as it
+    goes: pyxs writes a header and then a payload, and a Ctrl-C (or a
+    write failing) between the two, or within either, left part of a
+    request on a connection that stayed up, whose stream xenstored could
+    no longer frame.  Such a connection is lost now, ``on_lost`` told
+    why; one on which nothing of the request went stays up.
     """
     if router.thread.ident is not None:
         raise RuntimeError("the router has run already: adopt a new client's router")
@@ -232,6 +240,83 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
                     router.w_terminator.sendall(b"\0")
 
     connection.close = close_under_send_lock
+    router.lost_cause = None
+
+    def send(packet: Packet) -> RVar:
+        rvar = RVar()
+        sent: list[int] = []
+        with send_lock:
+            try:
+                if not connection.is_connected:
+                    raise XSConnectionError("not connected")
+                # Before the write: the reply may come before it returns.
+                router.rvars[packet.rq_id] = rvar
+                _write(connection.fileno(), _wire(packet), sent)
+                return rvar
+            except BaseException as exc:
+                _unsent(router, packet, rvar, sum(sent), exc)
+                raise
+
+    router.send = send
+
+
+def _wire(packet: Packet) -> bytes:
+    """``packet`` as sent: header and payload in one buffer, one write."""
+    header = Packet._struct.pack(packet.op, packet.rq_id, packet.tx_id, packet.size)
+    return header + packet.payload
+
+
+def _write(fd: int, data: bytes, sent: list[int]) -> None:
+    """Write ``data`` to ``fd``, appending to ``sent`` what each write took.
+
+    Counted so that a request cut short (a Ctrl-C, a failing write) can
+    tell a connection with part of a request on it, which can no longer
+    be framed, from one on which nothing went.  list.extend() stores
+    what os.write() returns before a signal handler can run: CPython
+    runs handlers when a call returns to Python code, and ``n =
+    os.write(...)`` would lose n to a KeyboardInterrupt raised there.
+    """
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        sent.extend(map(os.write, (fd,), (view[done:],)))
+        done += sent[-1]
+
+
+def _unsent(router: Any, packet: Packet, rvar: RVar, sent: int, exc: BaseException) -> None:
+    """Clean up after a request whose sending ``exc`` ended, ``sent`` bytes
+    of it written; called under ``send_lock``.  Unless none or all of the
+    request went, the stream can no longer be framed (xenstored would
+    take the next request's bytes for the rest of this one): the
+    connection is lost."""
+    size = Packet._struct.size + packet.size
+    if sent == size:
+        return  # interrupted as the write returned: its reply will come
+    if sent == 0:
+        if router.rvars.get(packet.rq_id) is rvar:
+            del router.rvars[packet.rq_id]
+        if not isinstance(exc, OSError):
+            return
+        if exc.errno in _CONNECTION_GONE:
+            router.connection.close()  # wakes the router (see adopt_router)
+        raise XSConnectionError(f"writing to XenStore failed: {exc.strerror}") from exc
+    if isinstance(exc, OSError):
+        cause = XSConnectionError(f"writing to XenStore failed after {sent} of {size} "
+                                  f"bytes of a request: {exc.strerror}")
+    else:
+        cause = XSConnectionError(f"a write to XenStore was interrupted after {sent} of "
+                                  f"{size} bytes of a request ({type(exc).__name__}): "
+                                  f"the rest will never follow")
+    if router.connection.is_connected:
+        router.lost_cause = cause
+        router.connection.close()  # wakes the router (see adopt_router)
+    if isinstance(exc, OSError):
+        raise cause from exc
+
+
+#: The errors of a write that pyxs's send() takes for the end of the
+#: connection.
+_CONNECTION_GONE = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE})
 
 
 def close_client(client: pyxs.Client) -> None:
@@ -282,7 +367,8 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
         for rvar in waiting:
             rvar.set(Packet(Op.ERROR, b"ENOTCONN\x00", rq_id=0))
     if lost is not None:
-        on_lost(lost)
+        # A sender that closed the connection knows better than we do why.
+        on_lost(router.lost_cause or lost)
 
 
 def _route(router: Any) -> None:

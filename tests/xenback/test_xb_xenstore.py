@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import itertools
 import re
 import socket
 import struct
@@ -548,14 +550,17 @@ def _request_as_the_connection_closes(
     close: Callable[[], object],
 ) -> BaseException | str | None:
     """What a request (a read, or a transaction) of ``xs`` comes to when its
-    sender stops in pyxs's send() before the line containing ``at``, and
-    ``close()`` has the router close the connection meanwhile: at once
-    without the rule, or waiting for the sender to be done with send_lock
-    (see xenback.xenstore.adopt_router)."""
-    import pyxs.connection
+    sender stops in its write (xenback.xenstore._write) before the line
+    containing ``at``, and ``close()`` has the router close the connection
+    meanwhile: at once without the rule, or waiting for the sender to be
+    done with send_lock (see xenback.xenstore.adopt_router)."""
+    import xenback.xenstore as xenstore
 
     router = xs._client.router
-    pause = PauseAt.in_method(monkeypatch, pyxs.connection.PacketConnection, "send", at)
+    real_write = xenstore._write
+    pause = PauseAt(real_write, at)
+    monkeypatch.setattr(xenstore, "_write",
+                        lambda *args: pause.run(lambda: real_write(*args)))
 
     def request() -> str | None:
         if where == "request":
@@ -590,7 +595,7 @@ def test_a_request_sent_as_the_router_closes_is_a_lost_connection(
     xs.open()
     closer = threading.Thread(target=xs.close, daemon=True)
     exc = _request_as_the_connection_closes(
-        xs, monkeypatch, where, "self.transport.send(header)", closer.start)
+        xs, monkeypatch, where, "view = memoryview(data)", closer.start)
     closer.join(TIMEOUT)
     assert not closer.is_alive()
     assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
@@ -603,17 +608,22 @@ def test_a_request_half_sent_as_xenstore_hangs_up_is_a_lost_connection(
     """pyxs's router closes the connection itself when a read finds it
     reset, which sets its transport to None; a sender between its
     header and its payload then met AttributeError (the xenbus fuzzer's
-    seed 2882: a driver domain destroyed under a driver's request)."""
+    seed 2882: a driver domain destroyed under a driver's request).  A
+    request is one write now: the sender stops in front of it."""
     from tests.sim.hosthelpers import serve_one_client
 
     path = str(tmp_path / "xenstored")
-    # Reads the header, and hangs up.
-    server = serve_one_client(path, lambda conn: conn.recv(16, socket.MSG_WAITALL))
+    hang_up = threading.Event()
+    server = serve_one_client(path, lambda _conn: hang_up.wait(TIMEOUT))
+
+    def xenstored_hangs_up() -> None:
+        hang_up.set()
+        server.join(TIMEOUT)
+
     xs = XenStore(pyxs.Client(unix_socket_path=path))
     xs.open()
     exc = _request_as_the_connection_closes(
-        xs, monkeypatch, where, "self.transport.send(packet.payload)",
-        lambda: server.join(TIMEOUT))
+        xs, monkeypatch, where, "sent.extend(", xenstored_hangs_up)
     assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
     xs.close()
 
@@ -1435,14 +1445,11 @@ def test_a_xenbus_connection_a_sender_closes_ends_the_router() -> None:
 
     ours, xenstored = socket.socketpair()  # xenstored: silent, never hangs up
 
-    def broken(_data: bytes) -> None:
-        raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
+    ours.shutdown(socket.SHUT_WR)  # writes fail with EPIPE; nothing to read
 
     class Transport(_XenBusTransport):
         def __init__(self) -> None:
             self.fd = os.dup(ours.fileno())
-
-        send = staticmethod(broken)
 
     class Connection(XenBusConnection):
         def create_transport(self) -> Transport:
@@ -1476,8 +1483,7 @@ def test_close_ends_a_request_stuck_in_its_write(tmp_path) -> None:
     connection, which shuts the socket down and so ends that write (with
     EPIPE): a router waiting for send_lock to close the connection waited
     for that very write, and close() with it."""
-    from pyxs.connection import PacketConnection
-
+    import xenback.xenstore as xenstore
     from tests.sim.hosthelpers import serve_one_client
 
     path = str(tmp_path / "xenstored")
@@ -1503,8 +1509,7 @@ def test_close_ends_a_request_stuck_in_its_write(tmp_path) -> None:
     closer = threading.Thread(target=xs.close, daemon=True)
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not any(stands_at(writer.ident, PacketConnection.send,
-                                "self.transport.send(packet.payload)")
+        while not any(stands_at(writer.ident, xenstore._write, "sent.extend(")
                       for writer in writers if writer.ident is not None):
             assert time.monotonic() < deadline, "no write blocks"
             time.sleep(0.001)
@@ -1574,3 +1579,122 @@ def test_open_retried_until_xenstored_comes_closes_as_any(tmp_path, caplog) -> N
     assert not xs.connection_lost.is_set()
     assert not [r for r in caplog.records if r.name == "xenback.xenstore"]
     server.join(TIMEOUT)
+
+
+def _interrupted_request(xs: XenStore, n: int, within: str) -> str:
+    """Where a Ctrl-C landed at the ``n``-th place in ``within`` of a WRITE
+    of ``xs`` (see tests.stolensignal.interrupted_at): '' once past them."""
+    from tests.stolensignal import interrupted_at
+
+    return interrupted_at(n, within, lambda: xs.write("/test/ctrl-c", "x" * 64))
+
+
+@pytest.mark.parametrize("package", ["pyxs", "xenback"])
+def test_a_request_interrupted_half_sent_loses_the_connection(host, package: str) -> None:
+    """A Ctrl-C between pyxs's writes of a request's header and payload
+    left half a request on the connection, and the connection up: the
+    next request's bytes were taken for the rest (or xenstored waited
+    for it), and that request waited for ever.  A Ctrl-C landing anywhere
+    in a request leaves the connection either up and framed, or lost,
+    saying that a write was interrupted."""
+    import importlib
+    import os
+
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    landed: list[str] = []
+    for n in itertools.count():
+        told: list[Exception] = []
+        xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+        xs.open()
+        try:
+            where = _interrupted_request(xs, n, within)
+            if not where:
+                break
+            landed.append(where)
+            if xs.connected:
+                reader = Attempt(functools.partial(xs.read, "/test/ctrl-c"))
+                value = reader.result(msg=f"interrupted {where}: the next request hangs")
+                assert value is None or value == "x" * 64, f"interrupted {where}: {value!r}"
+                continue
+            assert xs.connection_lost.wait(TIMEOUT), where
+            exc = _try_read(xs)
+            assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, where
+            (reason,) = told
+            assert "interrupted" in str(reason), f"interrupted {where}: {reason!r}"
+        finally:
+            xs.close()
+    assert len(landed) > 10, landed
+
+
+def test_a_request_interrupted_in_a_partial_write_loses_the_connection(tmp_path) -> None:
+    """Ctrl-C as a write to a xenstored slow to read has sent part of a
+    request: the rest is never sent, and the connection, which can no
+    longer be framed, must be lost, not left up."""
+    import fcntl
+    import signal
+    import termios
+
+    path = str(tmp_path / "xenstored")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    told: list[Exception] = []
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
+    xs.open()
+    xenstored, _ = listener.accept()
+    listener.close()
+    sock = xs._client.router.connection.transport.sock
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the smallest: a few KiB
+    chunk = b"\0" * 1000
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:  # xenstored reads nothing yet: fill what it has to read
+            filled += sock.send(chunk, socket.MSG_DONTWAIT)
+
+    def queued() -> int:
+        buf = bytearray(4)
+        fcntl.ioctl(xenstored, termios.FIONREAD, buf)
+        return int.from_bytes(buf, "little")
+
+    class Interrupted(BaseException):
+        pass
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise Interrupted
+
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+
+    # Room for part of the request.  Made before the write: once a writer
+    # sleeps, a socket wakes it only when most of its buffer is free.
+    xenstored.recv(len(chunk), socket.MSG_WAITALL)
+    before = filled - len(chunk)
+    request = 16 + len("/big\0") + 4000
+
+    def interrupt_once_part_went() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while queued() <= before and time.monotonic() < deadline:
+            time.sleep(0.001)
+        signal.pthread_kill(main, signal.SIGUSR1)  # type: ignore[arg-type]
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    interrupter = threading.Thread(target=interrupt_once_part_went, daemon=True)
+    try:
+        interrupter.start()
+        with pytest.raises(Interrupted):
+            xs.write("/big", "x" * 4000)
+    finally:
+        interrupter.join(TIMEOUT)
+        signal.signal(signal.SIGUSR1, old)
+    try:
+        went = queued() - before
+        if not 0 < went < request:
+            pytest.skip(f"{went} of the {request} bytes went: this kernel buffers otherwise")
+        assert xs.connection_lost.wait(TIMEOUT), "the connection is up with half a request on it"
+        exc = _try_read(xs)
+        assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
+        (reason,) = told
+        assert "interrupted" in str(reason), repr(reason)
+    finally:
+        xs.close()
+        xenstored.close()
