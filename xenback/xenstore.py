@@ -697,6 +697,8 @@ class XenStore(_Ops, Closing):
         self._waiters: set[threading.Event] = set()
         self._tokens = itertools.count()
         self._monitor: Any = None
+        # Held by open() (see there).
+        self._opening = threading.Lock()
         # Held by close() (see there).
         self._closing = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -720,7 +722,15 @@ class XenStore(_Ops, Closing):
         """Connect (pyxs starts its router thread); nothing to do if
         connected.  A connection closed or lost cannot be opened again
         (pyxs's client cannot reconnect): make a new :class:`XenStore`.
-        Nor one closed while it connects: :class:`RuntimeError`."""
+        Nor one closed while it connects: :class:`RuntimeError`.  A
+        second open() at once waits for the first, and finds it done."""
+        # Two at once would both adopt the router and both connect: the
+        # second socket replaced the first under a router still polling
+        # the first.
+        with self._opening:
+            self._open()
+
+    def _open(self) -> None:
         router = self._client.router
         if self._closed or router.thread.ident is not None and not router.is_connected:
             # Its router thread has run (and a thread runs once only).

@@ -1296,7 +1296,7 @@ def test_close_as_open_connects_leaves_nothing_open(host, monkeypatch) -> None:
     descriptor and its router thread open for good."""
     xs = XenStore(host.dom0.xenstore())
     router = xs._client.router
-    pause = PauseAt.in_method(monkeypatch, XenStore, "open", "self._client.connect()")
+    pause = PauseAt.in_method(monkeypatch, XenStore, "_open", "self._client.connect()")
     opener = Attempt(xs.open)
     assert pause.reached.wait(TIMEOUT)
     xs.close()
@@ -1698,3 +1698,33 @@ def test_a_request_interrupted_in_a_partial_write_loses_the_connection(tmp_path)
     finally:
         xs.close()
         xenstored.close()
+
+
+def test_two_opens_at_once_open_one_connection(host, monkeypatch) -> None:
+    """Two threads opening one XenStore at once (a driver's start() and
+    its owner's with) both adopted the router and both connected: the
+    second socket replaced the first under a router still polling the
+    first, so that no reply was ever read, and the first socket leaked."""
+    from pyxs.connection import PacketConnection
+
+    before = {t.ident for t in threading.enumerate()}
+    xs = XenStore(host.dom0.xenstore())
+    pause = PauseAt.in_method(monkeypatch, PacketConnection, "connect",
+                              "self.transport = self.create_transport()")
+    first = Attempt(xs.open)
+    assert pause.reached.wait(TIMEOUT)
+    second = Attempt(xs.open)
+    deadline = time.monotonic() + TIMEOUT
+    # Done, or waiting for the first: whichever, let the first go on.
+    while second.thread.is_alive() and not stands_at(
+            second.thread.ident, XenStore.open, "with self._opening:"):
+        assert time.monotonic() < deadline, "the second open() neither returned nor waited"
+        time.sleep(0.001)
+    pause.resume()
+    assert first.result() is None and second.result() is None
+    try:
+        reader = Attempt(lambda: xs.read("/local/domain/0/name"))
+        assert reader.result(msg="no reply is read") == "Domain-0"
+    finally:
+        xs.close()
+    assert not leaked_threads(before)
