@@ -208,7 +208,8 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     the router polls a duplicate of the connection's descriptor, on which
     XenBus's close() (a bare os.close(), no shutdown()) shows nothing.
 
-    Requests are sent by our ``router.send``, in one write counted as it
+    Requests are sent by our ``router.send``, numbered by the router (see
+    :func:`_next_rq_id`), in one write counted as it
     goes: pyxs writes a header and then a payload, and a Ctrl-C (or a
     write failing) between the two, or within either, left part of a
     request on a connection that stayed up, whose stream xenstored could
@@ -241,6 +242,7 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
 
     connection.close = close_under_send_lock
     router.lost_cause = None
+    router.last_rq_id = -1
 
     def send(packet: Packet) -> RVar:
         rvar = RVar()
@@ -249,6 +251,7 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
             try:
                 if not connection.is_connected:
                     raise XSConnectionError("not connected")
+                packet = packet._replace(rq_id=_next_rq_id(router))
                 # Before the write: the reply may come before it returns.
                 router.rvars[packet.rq_id] = rvar
                 _write(connection.fileno(), _wire(packet), sent)
@@ -258,6 +261,24 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
                 raise
 
     router.send = send
+
+
+def _next_rq_id(router: Any) -> int:
+    """The id of the next request, called under ``send_lock``.
+
+    pyxs's ids come from one counter of the process, which has no lock
+    (two threads could be given one id, and take each other's replies)
+    and wraps at sys.maxsize, far past the u32 that xenstored echoes
+    (the 2**32nd request failed to pack).  Ours are the router's, and
+    skip the ids of requests still waiting for their replies.
+    """
+    rq_id = router.last_rq_id
+    while True:  # ends: there are far fewer than 2**32 requests waiting
+        rq_id = (rq_id + 1) & 0xFFFFFFFF
+        if rq_id not in router.rvars:
+            break
+    router.last_rq_id = rq_id
+    return rq_id
 
 
 def _wire(packet: Packet) -> bytes:

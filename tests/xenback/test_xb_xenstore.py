@@ -1728,3 +1728,85 @@ def test_two_opens_at_once_open_one_connection(host, monkeypatch) -> None:
     finally:
         xs.close()
     assert not leaked_threads(before)
+
+
+def _serve_reads(path: str, count: int) -> tuple[threading.Thread, list[int]]:
+    """A xenstored at ``path`` that reads ``count`` READ requests, and only
+    then answers each with its own path for a value; the thread serving
+    it, and the request ids it has read so far."""
+    ids: list[int] = []
+
+    def handle(conn: socket.socket) -> None:
+        requests = []
+        for _ in range(count):
+            op, rq_id, tx_id, size = struct.unpack("<4I", conn.recv(16, socket.MSG_WAITALL))
+            requests.append((op, rq_id, tx_id, conn.recv(size, socket.MSG_WAITALL)))
+            ids.append(rq_id)
+        for op, rq_id, tx_id, payload in requests:
+            conn.sendall(_packet(op, rq_id, tx_id, payload.rstrip(b"\0")))
+        while conn.recv(4096):  # until we hang up
+            pass
+
+    from tests.sim.hosthelpers import serve_one_client
+
+    return serve_one_client(path, handle), ids
+
+
+def _read_count(ids: list[int], count: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while len(ids) < count:
+        assert time.monotonic() < deadline, f"xenstored read {len(ids)} requests, not {count}"
+        time.sleep(0.001)
+
+
+def test_request_ids_wrap_within_32_bits_past_those_in_use(tmp_path, monkeypatch) -> None:
+    """pyxs's request ids wrap at sys.maxsize: a process's 2**32nd request
+    failed to pack (xenstored's req_id is a u32).  Ids wrap within 32 bits
+    and skip those of requests still waiting for their replies."""
+    import pyxs._internal
+
+    monkeypatch.setattr(pyxs._internal, "_rq_id", 2**32 - 2)  # pyxs's next: 2**32 - 1
+    path = str(tmp_path / "xenstored")
+    server, ids = _serve_reads(path, 3)
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    try:
+        router = xs._client.router
+        router.last_rq_id = 2**32 - 2
+        readers = []
+        for i, name in enumerate("ab"):
+            readers.append(Attempt(functools.partial(xs.read, f"/{name}")))
+            _read_count(ids, i + 1)
+        router.last_rq_id = 2**32 - 2  # as if 2**32 requests had gone since
+        readers.append(Attempt(functools.partial(xs.read, "/c")))
+        assert [r.result() for r in readers] == ["/a", "/b", "/c"]
+        assert ids == [2**32 - 1, 0, 1]
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
+
+
+def test_requests_of_threads_at_once_get_ids_of_their_own(tmp_path, monkeypatch) -> None:
+    """pyxs's id counter has no lock: a thread between its increment and
+    its modulo, another thread's request took the id it was about to
+    return, and two requests waited under one id, one of them for ever."""
+    import pyxs._internal
+
+    path = str(tmp_path / "xenstored")
+    server, ids = _serve_reads(path, 2)
+    real = pyxs._internal.next_rq_id
+    pause = PauseAt(real, "_rq_id %= sys.maxsize")
+    monkeypatch.setattr(pyxs.client, "next_rq_id", lambda: pause.run(real))
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    try:
+        first = Attempt(lambda: xs.read("/a"))
+        assert pause.reached.wait(TIMEOUT)
+        second = Attempt(lambda: xs.read("/b"))
+        _read_count(ids, 1)
+        pause.resume()
+        assert first.result() == "/a" and second.result() == "/b"
+        assert len(set(ids)) == 2, ids
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
