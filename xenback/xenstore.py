@@ -956,21 +956,32 @@ class XenStore(_Ops, Closing):
         except BaseException:
             with self._lock:
                 self._watches.pop(token, None)
+            self._unsubscribe(token)
             raise
         return w
+
+    def _unsubscribe(self, token: str) -> None:
+        # pyxs subscribes a token before it sends the WATCH, which leaves
+        # the subscription of a watch refused, and its unwatch leaves the
+        # token's empty list: for as long as the connection lives, one
+        # more with every wait_for().  The token is ours alone.
+        self._client.router.monitors.pop(token.encode(), None)
 
     def _unwatch(self, w: Watch) -> None:
         with self._lock:
             if self._watches.pop(w.token, None) is None:
                 return
         # A pyxs request on a dead connection would wait forever for its reply.
-        if self._connected and self._client.router.is_connected:
-            try:
-                self._do(lambda p: self._monitor.unwatch(p, w.token.encode()), w.path)
-            except ConnectionError:
-                # Lost since the test above: the watch went with the
-                # connection, as it does when lost before.
-                pass
+        try:
+            if self._connected and self._client.router.is_connected:
+                try:
+                    self._do(lambda p: self._monitor.unwatch(p, w.token.encode()), w.path)
+                except ConnectionError:
+                    # Lost since the test above: the watch went with the
+                    # connection, as it does when lost before.
+                    pass
+        finally:
+            self._unsubscribe(w.token)
 
     def _run_watches(self) -> None:
         events: queue.Queue[Any] = self._monitor.events

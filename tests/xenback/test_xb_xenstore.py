@@ -1810,3 +1810,34 @@ def test_requests_of_threads_at_once_get_ids_of_their_own(tmp_path, monkeypatch)
     finally:
         xs.close()
         server.join(TIMEOUT)
+
+
+def test_a_watch_xenstore_refuses_leaves_no_subscription(tmp_path) -> None:
+    """pyxs subscribes a watch's token to the router before it asks
+    XenStore: a WATCH refused (a quota: ENOSPC) left the subscription,
+    one per refusal, for as long as the connection lives."""
+    path = str(tmp_path / "xenstored")
+    server = answer_one_request(path, lambda rq_id, tx_id: _packet(Op.ERROR, rq_id, tx_id,
+                                                                   b"ENOSPC\0"))
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    try:
+        with pytest.raises(OSError) as info:
+            xs.watch("/test/w", lambda _p: None)
+        assert info.value.errno == errno.ENOSPC
+        assert xs._watches == {}
+        assert dict(xs._client.router.monitors) == {}
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
+
+
+def test_a_watch_removed_leaves_no_subscription(dom0_xs) -> None:
+    """pyxs's unwatch leaves its token's empty list of monitors behind:
+    every wait_for() left one more for as long as the connection lives."""
+    monitors = {k: list(v) for k, v in dom0_xs._client.router.monitors.items()}
+    dom0_xs.write("/test/w", "1")
+    for _ in range(3):
+        assert dom0_xs.wait_for("/test/w", "1", timeout=TIMEOUT) == "1"
+    dom0_xs.watch("/test/w", lambda _p: None).unwatch()
+    assert dict(dom0_xs._client.router.monitors) == monitors
