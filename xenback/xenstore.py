@@ -318,17 +318,20 @@ def _unsent(router: Any, packet: Packet, rvar: RVar, sent: int, exc: BaseExcepti
             del router.rvars[packet.rq_id]
         if not isinstance(exc, OSError):
             return
-        if exc.errno in _CONNECTION_GONE:
-            router.connection.close()  # wakes the router (see adopt_router)
-        raise XSConnectionError(f"writing to XenStore failed: {exc.strerror}") from exc
-    if isinstance(exc, OSError):
+        cause = XSConnectionError(f"writing to XenStore failed: {exc.strerror}")
+        if exc.errno not in _CONNECTION_GONE:
+            raise cause from exc  # still framed, and maybe a passing failure
+    elif isinstance(exc, OSError):
         cause = XSConnectionError(f"writing to XenStore failed after {sent} of {size} "
                                   f"bytes of a request: {exc.strerror}")
     else:
         cause = XSConnectionError(f"a write to XenStore was interrupted after {sent} of "
                                   f"{size} bytes of a request ({type(exc).__name__}): "
                                   f"the rest will never follow")
+    if isinstance(exc, OSError):
+        cause.__cause__ = exc  # before on_lost may be given it
     if router.connection.is_connected:
+        # For on_lost: the router finds only that the connection is closed.
         router.lost_cause = cause
         router.connection.close()  # wakes the router (see adopt_router)
     if isinstance(exc, OSError):
@@ -371,7 +374,9 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
     client is closed), and tells nobody: requests wait for ever for their
     replies.  Here the requests left waiting are answered ENOTCONN, and
     ``on_lost(exc)`` is called when it was XenStore (or anything but
-    close()) that ended the connection.  :func:`adopt_router` sets it up.
+    close()) that ended the connection: with ``router.lost_cause``, the
+    error of the sender that closed it, if one did (the router sees only
+    a closed connection).  :func:`adopt_router` sets it up.
     """
     lost: Exception | None = None
     try:

@@ -1841,3 +1841,37 @@ def test_a_watch_removed_leaves_no_subscription(dom0_xs) -> None:
         assert dom0_xs.wait_for("/test/w", "1", timeout=TIMEOUT) == "1"
     dom0_xs.watch("/test/w", lambda _p: None).unwatch()
     assert dict(dom0_xs._client.router.monitors) == monitors
+
+
+def test_on_lost_is_told_the_write_error_that_ended_the_connection(tmp_path, monkeypatch) -> None:
+    """A sender whose write fails (EPIPE: xenstored has gone) closes the
+    connection; the router then found it closed, and on_lost was told a
+    bare "not connected", which says nothing of why."""
+    import os
+
+    from pyxs.connection import PacketConnection
+
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    server = serve_one_client(path, lambda _conn: None)  # hangs up at once
+    # The router must not read the hang-up first: the sender meets it.
+    pause = PauseAt.in_method(monkeypatch, PacketConnection, "recv",
+                              "header = self.transport.recv(")
+    told: list[Exception] = []
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
+    xs.open()
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        server.join(TIMEOUT)
+        exc = _try_read(xs)
+        assert isinstance(exc, ConnectionError), repr(exc)
+    finally:
+        pause.resume()
+    assert xs.connection_lost.wait(TIMEOUT)
+    (lost,) = told
+    cause = lost.__cause__
+    assert isinstance(cause, OSError) and cause.errno in (errno.EPIPE, errno.ECONNRESET), (
+        repr(lost))
+    assert str(lost) == f"writing to XenStore failed: {os.strerror(cause.errno)}"
+    xs.close()
