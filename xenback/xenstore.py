@@ -723,9 +723,7 @@ class XenStore(_Ops, Closing):
         self._waiters: set[threading.Event] = set()
         self._tokens = itertools.count()
         self._monitor: Any = None
-        # Held by open() (see there).
-        self._opening = threading.Lock()
-        # Held by close() (see there).
+        # Held by open() and close() (see there).
         self._closing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._connected = False
@@ -752,8 +750,8 @@ class XenStore(_Ops, Closing):
         second open() at once waits for the first, and finds it done."""
         # Two at once would both adopt the router and both connect: the
         # second socket replaced the first under a router still polling
-        # the first.
-        with self._opening:
+        # the first.  close() waits for it too (see there).
+        with self._closing:
             self._open()
 
     def _open(self) -> None:
@@ -815,7 +813,11 @@ class XenStore(_Ops, Closing):
         # A second close() waits for the first, which may be waiting for
         # the watch or router thread; and pyxs has a close() on the watch
         # thread wait for the router thread: a close() on either thread
-        # waits for neither the lock nor the watch thread.
+        # waits for neither the lock nor the watch thread.  An open() in
+        # progress holds the lock too: told first that we close, it undoes
+        # what it made, before we return.
+        with self._lock:
+            self._closed = True
         with contextlib.nullcontext() if ours else self._closing:
             with self._lock:  # with watch()'s test of it
                 self._closed = True

@@ -1299,8 +1299,10 @@ def test_close_as_open_connects_leaves_nothing_open(host, monkeypatch) -> None:
     pause = PauseAt.in_method(monkeypatch, XenStore, "_open", "self._client.connect()")
     opener = Attempt(xs.open)
     assert pause.reached.wait(TIMEOUT)
-    xs.close()
+    closer = Attempt(xs.close)
+    _waits_for_a_lock_in_close(closer.thread)
     pause.resume()
+    assert closer.result() is None
     exc = opener.result()
     assert not router.connection.is_connected, "open() left the connection open"
     assert not router.thread.is_alive()
@@ -1717,7 +1719,7 @@ def test_two_opens_at_once_open_one_connection(host, monkeypatch) -> None:
     deadline = time.monotonic() + TIMEOUT
     # Done, or waiting for the first: whichever, let the first go on.
     while second.thread.is_alive() and not stands_at(
-            second.thread.ident, XenStore.open, "with self._opening:"):
+            second.thread.ident, XenStore.open, "with self._closing:"):
         assert time.monotonic() < deadline, "the second open() neither returned nor waited"
         time.sleep(0.001)
     pause.resume()
@@ -1875,3 +1877,27 @@ def test_on_lost_is_told_the_write_error_that_ended_the_connection(tmp_path, mon
         repr(lost))
     assert str(lost) == f"writing to XenStore failed: {os.strerror(cause.errno)}"
     xs.close()
+
+
+def test_close_returns_once_an_open_in_progress_is_undone(host, monkeypatch) -> None:
+    """close() as open() had connected but not yet said so: close() found
+    nothing connected and returned, the socket and the router thread
+    still open until open() saw that it was closed and closed them.  Once
+    close() returns, nothing of the XenStore may be open."""
+    xs = XenStore(host.dom0.xenstore())
+    router = xs._client.router
+    pause = PauseAt.in_method(monkeypatch, XenStore, "_open", "with close()'s setting of _closed")
+
+    def close_and_look() -> tuple[bool, bool]:
+        xs.close()
+        return router.connection.is_connected, router.thread.is_alive()
+
+    opener = Attempt(xs.open)
+    assert pause.reached.wait(TIMEOUT)
+    closer = Attempt(close_and_look)
+    _waits_for_a_lock_in_close(closer.thread)
+    pause.resume()
+    assert closer.result() == (False, False), "close() returned with the connection open"
+    exc = opener.result()
+    assert isinstance(exc, RuntimeError) and "closed" in str(exc), repr(exc)
+    assert not xs.connected
