@@ -375,8 +375,8 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
     replies.  Here the requests left waiting are answered ENOTCONN, and
     ``on_lost(exc)`` is called when it was XenStore (or anything but
     close()) that ended the connection: with ``router.lost_cause``, the
-    error of the sender that closed it, if one did (the router sees only
-    a closed connection).  :func:`adopt_router` sets it up.
+    error of the sender that closed it, if one did so before the router
+    ended (the router sees only a closed connection).  :func:`adopt_router` sets it up.
     """
     lost: Exception | None = None
     try:
@@ -393,8 +393,7 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
         for rvar in waiting:
             rvar.set(Packet(Op.ERROR, b"ENOTCONN\x00", rq_id=0))
     if lost is not None:
-        # A sender that closed the connection knows better than we do why.
-        on_lost(router.lost_cause or lost)
+        on_lost(lost)
 
 
 def _route(router: Any) -> None:
@@ -448,6 +447,14 @@ def _route(router: Any) -> None:
                     raise
                 raise XSConnectionError("not connected") from None
             _dispatch(router, packet)
+    except Exception:
+        # A sender that closes the connection says why first (_unsent):
+        # if one has, what we met is that close.  One that says so only
+        # later met our shutdown below, as the consequence of ours.
+        cause = router.lost_cause
+        if cause is None:
+            raise
+        raise cause from cause.__cause__  # the OSError, if a write failed
     finally:
         if watched >= 0:
             # A sender blocked in a write (a xenstored that reads nothing)

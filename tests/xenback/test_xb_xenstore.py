@@ -1901,3 +1901,40 @@ def test_close_returns_once_an_open_in_progress_is_undone(host, monkeypatch) -> 
     exc = opener.result()
     assert isinstance(exc, RuntimeError) and "closed" in str(exc), repr(exc)
     assert not xs.connected
+
+
+def test_on_lost_is_told_why_the_router_ended_not_what_followed(tmp_path) -> None:
+    """The router ending (here on a packet nobody asked for) shuts the
+    socket down, which fails a write blocked on it: that sender's EPIPE,
+    a consequence, was what on_lost heard, not the packet that ended the
+    connection."""
+    import xenback.xenstore as xenstore
+
+    path = str(tmp_path / "xenstored")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    told: list[Exception] = []
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
+    xs.open()
+    xenstored, _ = listener.accept()
+    listener.close()
+    try:
+        sock = xs._client.router.connection.transport.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # xenstored reads nothing: the next write blocks
+                sock.send(b"\0" * 1000, socket.MSG_DONTWAIT)
+        writer = Attempt(lambda: xs.write("/big", "x" * 4000))
+        deadline = time.monotonic() + TIMEOUT
+        while not stands_at(writer.thread.ident, xenstore._write, "sent.extend("):
+            assert time.monotonic() < deadline, "the write does not block"
+            time.sleep(0.001)
+        xenstored.sendall(_packet(Op.READ, 12345, 0, b"x"))  # nobody asked for it
+        assert isinstance(writer.result(), ConnectionError)
+        assert xs.connection_lost.wait(TIMEOUT)
+        (lost,) = told
+        assert isinstance(lost, pyxs.exceptions.UnexpectedPacket), repr(lost)
+    finally:
+        xs.close()
+        xenstored.close()
