@@ -208,10 +208,10 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     the router polls a duplicate of the connection's descriptor, on which
     XenBus's close() (a bare os.close(), no shutdown()) shows nothing.
 
-    Requests are sent by our ``router.send``, numbered by the router (see
-    :func:`_next_rq_id`), in one write counted as it
-    goes: pyxs writes a header and then a payload, and a Ctrl-C (or a
-    write failing) between the two, or within either, left part of a
+    Requests are sent by our ``router.send``: numbered by the router (see
+    :func:`_next_rq_id`), and written in one buffer whose writes are
+    counted.  pyxs writes a header and then a payload, and a Ctrl-C (or
+    a write failing) between the two, or within either, left part of a
     request on a connection that stayed up, whose stream xenstored could
     no longer frame.  Such a connection is lost now, ``on_lost`` told
     why; one on which nothing of the request went stays up.
@@ -376,7 +376,8 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
     ``on_lost(exc)`` is called when it was XenStore (or anything but
     close()) that ended the connection: with ``router.lost_cause``, the
     error of the sender that closed it, if one did so before the router
-    ended (the router sees only a closed connection).  :func:`adopt_router` sets it up.
+    ended (the router sees only a closed connection).
+    :func:`adopt_router` sets it up.
     """
     lost: Exception | None = None
     try:
