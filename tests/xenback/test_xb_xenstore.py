@@ -1623,6 +1623,9 @@ def test_a_request_interrupted_half_sent_loses_the_connection(host, package: str
             assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, where
             (reason,) = told
             assert "interrupted" in str(reason), f"interrupted {where}: {reason!r}"
+            # Lost for part of a request only: none, or all, keeps it framed.
+            went = re.search(r"after (\d+) of (\d+) bytes", str(reason))
+            assert went and 0 < int(went[1]) < int(went[2]), f"interrupted {where}: {reason!r}"
         finally:
             xs.close()
     assert len(landed) > 10, landed
