@@ -28,6 +28,13 @@ def console_script(name: str) -> list[str]:
             f"import sys, interruptimport\nfrom {module} import {func}\nsys.exit({func}())"]
 
 
+def _sigint_default() -> None:
+    # Run in the background (a shell's job, nohup), the tests pass SIGINT
+    # on ignored, and Python then leaves it ignored: the command would
+    # never see our Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted_while_importing(argv: list[str], module: str) -> subprocess.CompletedProcess[str]:
     """Run ``argv``, SIGINT it once it imports ``module``, and wait for it."""
     mark_r, mark_w = os.pipe()
@@ -36,7 +43,8 @@ def interrupted_while_importing(argv: list[str], module: str) -> subprocess.Comp
                                                        os.environ.get("PYTHONPATH")]))}
     try:
         with subprocess.Popen(argv, env=env, pass_fds=(mark_w,), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=_sigint_default) as proc:
             os.close(mark_w)
             mark_w = -1
             try:
