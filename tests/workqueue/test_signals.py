@@ -653,3 +653,83 @@ def test_a_signal_another_thread_took_interrupts_a_wait_for_a_handed_off_destruc
     assert stuck.tried.wait(TIMEOUT)
     wq.destroy(timeout=TIMEOUT)
     assert wq._destroyed.is_set() and not work.pending
+
+
+# -- Ctrl-C under the engine lock ---------------------------------------------
+#
+# The blocks of a call that the main thread runs under the engine lock are
+# not spared either: Ctrl-C lands there as anywhere else.  Such a block
+# must leave the engine as it found it or as the call would have, and
+# never the lock held.
+
+
+def assert_lists_consistent(wq: Workqueue) -> None:
+    """Every list of *wq*'s pools counts its live entries, and each of them
+    is a pending item that knows it is there (engine lock free)."""
+    assert not _pool.lock.locked(), "the engine lock was left held"
+    with _pool.lock:
+        for pwq in wq._all_pwqs():
+            for lst in (pwq.pool.worklist, pwq.inactive):
+                live = list(lst)
+                assert lst.nr == len(live), f"{lst.owner}: nr {lst.nr}, {len(live)} live"
+                for work in live:
+                    assert work._pending and work._entry is lst, repr(work)
+            if pwq.inactive.nr:
+                assert pwq.nr_active >= pwq.max_active, "an item waits with a slot free"
+
+
+@pytest.mark.parametrize("call", ["queue_work", "queue_work_on", "behind max_active"])
+def test_ctrl_c_anywhere_in_queue_work_queues_the_item_whole_or_not_at_all(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """Wherever Ctrl-C lands in queue_work(), the lock held or not, the
+    engine lock is free afterwards (once left held, nothing was ever
+    queued again), and the item is either not queued or queued whole and
+    runs (once left on its pool's list uncounted, or counted with no
+    worker woken, it stayed pending for ever).  Each attempt on pools of
+    its own, so that the first queueing starts a worker."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        wq = make_wq(max_active=1, topology=workqueue.Topology(2, cpu_intensive_thresh=60.0))
+        stuck = Stuck(wq)
+        ran = threading.Event()
+        work = Work(lambda w: ran.set())
+        try:
+            first = stuck.running() if call == "behind max_active" else None
+            interrupted(lambda: wq.queue_work_on(0, work) if call == "queue_work_on"
+                        else wq.queue_work(work))
+            assert_lists_consistent(wq)
+            with _pool.lock:  # or it ran already
+                queued = work.pending or work.running or ran.is_set()
+            stuck.release.set()
+            if first is not None:
+                stuck.finish(first)
+            work.flush(timeout=TIMEOUT)
+            assert ran.is_set() is queued
+            assert_lists_consistent(wq)
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+            if _pool.lock.locked():  # left held: the rest of the run needs it
+                _pool.lock.release()
+
+    assert at_every_place_under_the_lock(attempt) > 5
+
+
+def at_every_place_under_the_lock(
+        attempt: Callable[[Callable[[Callable[[], object]], None]], None]) -> int:
+    """at_every_place(), the places where the engine lock is held included."""
+    n = 0
+    while True:
+        landed: list[str] = []
+
+        def interrupted(call: Callable[[], object], n: int = n,
+                        landed: list[str] = landed) -> None:
+            landed.append(interrupted_at(n, PACKAGE, call))
+
+        try:
+            attempt(interrupted)
+        except AssertionError as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed}: {exc}") from exc
+        assert len(landed) == 1
+        if not landed[0]:
+            return n
+        n += 1
