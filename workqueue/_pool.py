@@ -82,6 +82,7 @@ lock = threading.Lock()
 # calling these is some 60 ns cheaper than lock.acquire() and lock.release().
 lock_acquire = lock.acquire
 lock_release = lock.release
+lock_locked = lock.locked
 
 # Taking the engine lock when another thread holds it (the per-item paths).
 #
@@ -108,6 +109,16 @@ def lock_acquire_contended() -> None:
         if lock_acquire(False):
             return
     lock_acquire()
+
+
+def lock_wait_contended() -> None:
+    """Yield the GIL while the engine lock is held, as
+    lock_acquire_contended() does, but leave the taking to the caller's
+    ``with lock``: for threads that Ctrl-C may interrupt (see insert_work)."""
+    for _ in range(_CONTENDED_YIELDS):
+        _yield_gil()
+        if not lock_locked():
+            return
 
 _monotonic = time.monotonic
 
@@ -616,10 +627,19 @@ def create_worker(pool: WorkerPool) -> bool:
         if pool.retry is None:
             pool.retry = add_timer(MAYDAY_INTERVAL, _retry_create, pool)
         return False
+    except BaseException:
+        # Ctrl-C as the thread starts (see insert_work): it may run
+        # already, on none of the pool's lists, where nobody would ever
+        # wake it.  It exits as it wakes.
+        worker.die = True
+        worker.wake.release()
+        raise
+    # Onto both lists with no call in between, where Ctrl-C would land:
+    # a worker on one only was never woken, or never left.
     pool.create_failed = False
-    pool.workers.add(worker)
+    pool.workers |= {worker}
     worker.idle = True
-    pool.idle.append(worker)
+    pool.idle += [worker]
     pin_worker(worker)
     if pool.highpri:
         try:  # HIGHPRI_NICE_LEVEL; only privileged processes may raise priority
@@ -916,37 +936,43 @@ def wake_work_flushers(work: Work, done: int) -> None:
 
 
 def insert_work(pwq: PoolWorkqueue, work: Work) -> None:
-    """Queue a pending item on *pwq* (engine lock held): __queue_work's tail.
+    """Make *work* pending on *pwq* (engine lock held): __queue_work's tail.
+
+    The main thread may run this, and Ctrl-C lands there as any call
+    returns or starts, under the lock too: the item must be queued whole
+    or not at all.  So the pool is woken first (which may start a worker:
+    Ctrl-C there leaves a spare idle one), then the item is accounted with
+    no call in between, and put on its list by the last call, after which
+    it is queued whatever happens.  (The woken worker waits for the lock,
+    and finds the item.)
 
     Workqueue.queue_work() has a copy of this, inlined: keep them alike.
     """
     wq = pwq.wq
+    pool = pwq.pool
+    active = pwq.nr_active < pwq.max_active
+    if active:
+        if pool.nr_running == 0:
+            kick_pool(pool)
+        elif pool.tick is None:
+            arm_tick(pool)
+        pwq.nr_active += 1
+        worklist = pool.worklist
+    else:
+        worklist = pwq.inactive
+    work._pending = True
     work._pwq = pwq
     work._seq += 1
     work._color = wq._work_color
     wq._nr_current += 1
     pwq.nr_queued += 1
-    pool = pwq.pool
-    if pwq.nr_active < pwq.max_active:
-        pwq.nr_active += 1
-        worklist = pool.worklist
-        worklist.items.append(work)  # worklist.push(work), inlined
-        work._entry = worklist
-        worklist.nr += 1
-        if wq._trace_hooks:  # under the lock: nobody sees the item yet
-            wq._trace("queue", work, pool)
+    work._entry = worklist  # worklist.push(work), inlined
+    worklist.nr += 1
+    worklist.items.append(work)
+    if wq._trace_hooks:  # under the lock: nobody sees the item yet
+        wq._trace("queue", work, pool)
+        if active:
             wq._trace("activate", work, pool)
-        if pool.nr_running == 0:
-            kick_pool(pool)
-        elif pool.tick is None:
-            arm_tick(pool)
-    else:
-        inactive = pwq.inactive
-        inactive.items.append(work)  # inactive.push(work), inlined
-        work._entry = inactive
-        inactive.nr += 1
-        if wq._trace_hooks:
-            wq._trace("queue", work, pool)
 
 
 def activate_inactive(pwq: PoolWorkqueue) -> None:

@@ -47,9 +47,8 @@ from ._pool import (
     insert_work,
     kick_pool,
     lock,
-    lock_acquire,
-    lock_acquire_contended,
-    lock_release,
+    lock_locked,
+    lock_wait_contended,
     pool_set,
     release_pwq,
     running_workers,
@@ -272,10 +271,14 @@ class Workqueue(Executor):
             if cpu is None:
                 cpu = topology.current_cpu()
             pwq = self._pwqs[cpu]
-        # Not `with lock`: the hot path, and `with` costs twice as much.
-        if not lock_acquire(False):
-            lock_acquire_contended()
-        try:
+        # `with lock`, not acquire() and a try: Ctrl-C lands as a call
+        # returns, and between acquire() and the try it left the lock held
+        # for good.  A `with` takes a lock and enters its block in one
+        # instruction.  Yielding first keeps the contended case as cheap as
+        # lock_acquire_contended() makes it (see there).
+        if lock_locked():
+            lock_wait_contended()
+        with lock:
             if work._pending or work._disable:
                 # Turned so since the look above: as there, a destroyed
                 # queue is said to be one whatever the item's state.
@@ -286,36 +289,32 @@ class Workqueue(Executor):
             worker = work._worker
             if worker is not None:
                 pwq = self._last_pwq(worker, pwq)
+            # insert_work(pwq, work), inlined: the hot path (keep them
+            # alike).  In that order for Ctrl-C: see there.
+            pool = pwq.pool
+            active = pwq.nr_active < pwq.max_active
+            if active:
+                if pool.nr_running == 0:
+                    kick_pool(pool)
+                elif pool.tick is None:
+                    arm_tick(pool)
+                pwq.nr_active += 1
+                worklist = pool.worklist
+            else:
+                worklist = pwq.inactive
             work._pending = True
-            # insert_work(pwq, work), inlined: the hot path (keep them alike).
             work._pwq = pwq
             work._seq += 1
             work._color = self._work_color
             self._nr_current += 1
             pwq.nr_queued += 1
-            pool = pwq.pool
-            if pwq.nr_active < pwq.max_active:
-                pwq.nr_active += 1
-                worklist = pool.worklist
-                worklist.items.append(work)
-                work._entry = worklist
-                worklist.nr += 1
-                if self._trace_hooks:  # under the lock: nobody sees the item yet
-                    self._trace("queue", work, pool)
+            work._entry = worklist
+            worklist.nr += 1
+            worklist.items.append(work)
+            if self._trace_hooks:  # under the lock: nobody sees the item yet
+                self._trace("queue", work, pool)
+                if active:
                     self._trace("activate", work, pool)
-                if pool.nr_running == 0:
-                    kick_pool(pool)
-                elif pool.tick is None:
-                    arm_tick(pool)
-            else:
-                inactive = pwq.inactive
-                inactive.items.append(work)
-                work._entry = inactive
-                inactive.nr += 1
-                if self._trace_hooks:
-                    self._trace("queue", work, pool)
-        finally:
-            lock_release()
         return True
 
     def queue_work_on(self, cpu: int, work: Work) -> bool:
@@ -344,9 +343,9 @@ class Workqueue(Executor):
         if work._pending or work._disable:  # lock-free early out: see queue_work()
             self._check_not_destroyed()
             return False
-        if not lock_acquire(False):
-            lock_acquire_contended()
-        try:
+        if lock_locked():  # as in queue_work()
+            lock_wait_contended()
+        with lock:
             if work._pending or work._disable:
                 # Turned so since the look above: as there, a destroyed
                 # queue is said to be one whatever the item's state.
@@ -357,10 +356,7 @@ class Workqueue(Executor):
             worker = work._worker
             if worker is not None:
                 pwq = self._last_pwq(worker, pwq)
-            work._pending = True
             insert_work(pwq, work)
-        finally:
-            lock_release()
         return True
 
     def _last_pwq(self, worker: _pool.Worker, pwq: PoolWorkqueue) -> PoolWorkqueue:
