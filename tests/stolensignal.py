@@ -91,6 +91,34 @@ def interrupt(when: Callable[[], bool], call: Callable[[], object]) -> None:
             call()
 
 
+def _handlers(code: CodeType) -> Callable[[int], object]:
+    """Which handler of ``code``'s exception table covers an instruction
+    (by offset); None if none does."""
+    entries = [(e.start, e.end, (e.target, e.depth))
+               for e in dis._parse_exception_table(code)]  # type: ignore[attr-defined]
+
+    def handler(offset: int) -> object:
+        for start, end, target in entries:
+            if start <= offset < end:
+                return target
+        return None
+
+    return handler
+
+
+def _raisable_after(code: CodeType) -> Callable[[int, int], bool]:
+    """Whether an exception raised by a trace function as the instruction
+    at one offset of ``code`` starts is handled as one that CPython raises
+    where the call at another offset returns: the signal's handler runs
+    in that CALL instruction, the trace function in the next one, and
+    the two may lie on either side of the end of a try or a with block
+    (``with lock: return f()`` leaves its block after f's CALL).  There
+    an exception the tracer raises would skip the block's exit, which a
+    real signal never does: such places are left out."""
+    handler = _handlers(code)
+    return lambda call, then: handler(call) == handler(then)
+
+
 def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], object]) -> bool:
     """Run ``call()`` with :class:`Interrupted` raised as the ``n``-th call
     (counting from 0) made by a frame of ``code`` returns: where CPython
@@ -99,19 +127,21 @@ def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], objec
     False if the frames made fewer calls, and ``call()`` ran undisturbed.
     """
     names = {ins.offset: ins.opname for ins in dis.get_instructions(code)}
+    raisable = _raisable_after(code)
     returned = 0
-    after_call = raised = False
+    after_call: int | None = None
+    raised = False
 
     def in_frame(frame: FrameType, event: str, arg: object) -> Any:
         nonlocal returned, after_call, raised
         if event != "opcode":
             return in_frame
-        if after_call:
+        if after_call is not None and raisable(after_call, frame.f_lasti):
             if returned == n:
                 raised = True
                 raise Interrupted
             returned += 1
-        after_call = names.get(frame.f_lasti) == "CALL"
+        after_call = frame.f_lasti if names.get(frame.f_lasti) == "CALL" else None
         return in_frame
 
     def enter(frame: FrameType, event: str, arg: object) -> Any:
@@ -119,7 +149,7 @@ def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], objec
         if frame.f_code is not code:
             return None
         frame.f_trace_opcodes = True
-        after_call = False
+        after_call = None
         return in_frame
 
     return _traced(enter, call, lambda: raised)
@@ -157,9 +187,10 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     places = 0
     raised = ""
     calls: dict[CodeType, set[int]] = {}
+    raisable: dict[CodeType, Callable[[int, int], bool]] = {}
     # The frames whose last instruction was a call, which has returned
-    # by their next one.
-    in_call: set[FrameType] = set()
+    # by their next one, and where that call is.
+    in_call: dict[FrameType, int] = {}
 
     def land(frame: FrameType, event: str) -> None:
         nonlocal places, raised
@@ -174,13 +205,13 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
 
     def in_frame(frame: FrameType, event: str, arg: object) -> Any:
         if event == "return":
-            in_call.discard(frame)
+            in_call.pop(frame, None)
         elif event == "opcode":
-            if frame in in_call:
-                in_call.discard(frame)
+            call = in_call.pop(frame, None)
+            if call is not None and raisable[frame.f_code](call, frame.f_lasti):
                 land(frame, "as a call returns in")
             if frame.f_lasti in calls[frame.f_code]:
-                in_call.add(frame)
+                in_call[frame] = frame.f_lasti
         return in_frame
 
     def enter(frame: FrameType, event: str, arg: object) -> Any:
@@ -190,6 +221,7 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
         if code not in calls:
             calls[code] = {ins.offset for ins in dis.get_instructions(code)
                            if ins.opname == "CALL"}
+            raisable[code] = _raisable_after(code)
         frame.f_trace_opcodes = True
         land(frame, "as it starts:")
         return in_frame

@@ -666,8 +666,11 @@ def test_a_signal_another_thread_took_interrupts_a_wait_for_a_handed_off_destruc
 def assert_lists_consistent(wq: Workqueue) -> None:
     """Every list of *wq*'s pools counts its live entries, and each of them
     is a pending item that knows it is there (engine lock free)."""
-    assert not _pool.lock.locked(), "the engine lock was left held"
-    with _pool.lock:
+    # Not lock.locked(): a worker may hold it for a moment.
+    if not _pool.lock.acquire(timeout=TIMEOUT):
+        _pool.lock.release()  # left held by us: the rest of the run needs it
+        raise AssertionError("the engine lock was left held")
+    try:
         for pwq in wq._all_pwqs():
             for lst in (pwq.pool.worklist, pwq.inactive):
                 live = list(lst)
@@ -676,6 +679,8 @@ def assert_lists_consistent(wq: Workqueue) -> None:
                     assert work._pending and work._entry is lst, repr(work)
             if pwq.inactive.nr:
                 assert pwq.nr_active >= pwq.max_active, "an item waits with a slot free"
+    finally:
+        _pool.lock.release()
 
 
 @pytest.mark.parametrize("call", ["queue_work", "queue_work_on", "behind max_active"])
@@ -708,8 +713,6 @@ def test_ctrl_c_anywhere_in_queue_work_queues_the_item_whole_or_not_at_all(
             assert_lists_consistent(wq)
         finally:
             stuck.release.set()  # a failed check must not leave it running
-            if _pool.lock.locked():  # left held: the rest of the run needs it
-                _pool.lock.release()
 
     assert at_every_place_under_the_lock(attempt) > 5
 
