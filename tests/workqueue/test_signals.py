@@ -726,13 +726,111 @@ def at_every_place_under_the_lock(
 
         def interrupted(call: Callable[[], object], n: int = n,
                         landed: list[str] = landed) -> None:
-            landed.append(interrupted_at(n, PACKAGE, call))
+            def ending_in_time() -> None:
+                try:
+                    call()
+                except TimeoutError:
+                    pass
+
+            landed.append(interrupted_at(n, PACKAGE, ending_in_time))
 
         try:
             attempt(interrupted)
-        except AssertionError as exc:
+        except (AssertionError, TimeoutError) as exc:
             raise AssertionError(f"with Ctrl-C at place {n}, {landed}: {exc}") from exc
         assert len(landed) == 1
         if not landed[0]:
             return n
         n += 1
+
+
+def assert_nothing_left(wq: Workqueue, works: list[Work]) -> None:
+    """Once every item is done: no item pending, nothing counted in flight."""
+    with _pool.lock:
+        for work in works:
+            assert not work._pending, repr(work)
+        assert (wq._nr_current, wq._in_flight) == (0, {}), wq.dump()
+        for pwq in wq._all_pwqs():
+            assert (pwq.nr_active, pwq.inactive.nr) == (0, 0), wq.dump()
+
+
+CALLS: dict[str, Callable[[Workqueue, list[Work], list[DelayedWork]], object]] = {
+    # ws[0] and ws[1] wait behind the running item, ws[0] active (max_active 2).
+    "cancel": lambda wq, ws, dws: ws[0].cancel(),
+    "cancel behind max_active": lambda wq, ws, dws: ws[1].cancel(),
+    "disable": lambda wq, ws, dws: ws[0].disable(),
+    "set_max_active": lambda wq, ws, dws: wq.set_max_active(3),
+    "queue_delayed_work": lambda wq, ws, dws: wq.queue_delayed_work_on(0, dws[0], 3600),
+    "queue_delayed_work at once": lambda wq, ws, dws: wq.queue_delayed_work_on(0, dws[0], 0),
+    "mod_delayed_work": lambda wq, ws, dws: wq.mod_delayed_work_on(0, dws[1], 0),
+    "DelayedWork.flush": lambda wq, ws, dws: dws[1].flush(timeout=0),
+}
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """Wherever Ctrl-C lands, the engine lock held or not, a call that
+    queues, cancels or activates items leaves each of them pending on a
+    list that counts it, or on its timer, or not pending, and counted in
+    flight exactly while pending or running: once everything has run,
+    nothing is left pending or counted (an item once left pending on no
+    list and no timer was never run, nor queued again; a count left
+    behind made flush() and destroy() wait for ever)."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        wq = make_wq(max_active=2)
+        stuck = Stuck(wq)
+        ws = [Work(lambda w: None) for _ in range(2)]
+        dws = [DelayedWork(lambda w: None) for _ in range(2)]
+        try:
+            first = stuck.running()
+            for work in ws:
+                assert wq.queue_work_on(0, work)
+            assert wq.queue_delayed_work_on(0, dws[1], 3600)
+            interrupted(lambda: CALLS[call](wq, ws, dws))
+            assert_lists_consistent(wq)
+            with _pool.lock:
+                for dwork in dws:
+                    on_timer = dwork._timer is not None
+                    assert not dwork._pending or on_timer or dwork._entry, repr(dwork)
+            for dwork in dws:
+                dwork.cancel()
+            stuck.finish(first)
+            for work in [*ws, *dws]:
+                work.flush(timeout=TIMEOUT)
+            assert_nothing_left(wq, [*ws, *dws])
+            wq.destroy(timeout=TIMEOUT)
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+
+    assert at_every_place_under_the_lock(attempt) > 5
+
+
+def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """Wherever Ctrl-C lands in destroy(), the engine lock held or not,
+    the destruction that goes on without the caller releases every pool
+    (one cut short as it released them left the rest holding the
+    workqueue, and their idle workers, for ever)."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        wq = make_wq(topology=workqueue.Topology(2, cpu_intensive_thresh=60.0))
+        work = Work(lambda w: None)
+        for cpu in (0, 1):  # a worker on each pool
+            assert wq.queue_work_on(cpu, work)
+            work.flush(timeout=TIMEOUT)
+        interrupted(lambda: wq.destroy(timeout=TIMEOUT))
+        try:
+            wq.destroy(timeout=TIMEOUT)
+        except RuntimeError as exc:
+            assert "already destroyed" in str(exc)
+        assert wq._destroyed.wait(TIMEOUT)
+        thread = wq._destroy_thread
+        if thread is not None:
+            thread.join(TIMEOUT)
+        with _pool.lock:
+            for pwq in wq._all_pwqs():
+                assert pwq not in pwq.pool.pwqs, pwq.pool.dump()
+
+    assert at_every_place_under_the_lock(attempt) > 5
