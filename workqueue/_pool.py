@@ -27,7 +27,7 @@ This is kernel/workqueue.c's middle layer, on Python threads:
   rescuer thread (send_mayday/rescuer_thread).
 
 Work-item bookkeeping that the pools do on behalf of workqueues (flush
-colors, freeze) is at the end of process_works and in dec_nr_in_flight.
+colors, freeze) is at the end of process_works and in try_to_grab_pending.
 """
 
 from __future__ import annotations
@@ -210,13 +210,21 @@ def time_left(deadline: float | None) -> float | None:
 class Completion:
     """A one-shot event (the kernel's struct completion), as cheap as a lock."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "done")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
+        self.done = False
 
     def complete(self) -> None:
+        # Once only, however often called: Ctrl-C may cut short a loop
+        # that completes several, and the loop is then run again (see
+        # settle()).  The test, `done` and the release with no call in
+        # between, where Ctrl-C would land.
+        if self.done:
+            return
+        self.done = True
         self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -981,44 +989,65 @@ def activate_inactive(pwq: PoolWorkqueue) -> None:
     On the hot path too: a workqueue queued faster than it runs keeps
     max_active items active and the rest inactive, so every finished item
     activates the next one.  Hence WorkList.pop() and push() inlined.
+
+    In the main thread, Ctrl-C may land at any call (see insert_work): the
+    pool is woken first, and each item moved with no call in between, so
+    that every item is on one list, counted there, whatever happens (and
+    settle() can finish the moves).
     """
     inactive = pwq.inactive
+    if not inactive.nr or pwq.nr_active >= pwq.max_active:
+        return
     pool = pwq.pool
+    if pool.nr_running == 0:
+        kick_pool(pool)
+    elif pool.tick is None:
+        arm_tick(pool)
+    items = inactive.items
+    dead = inactive.dead
     worklist = pool.worklist
     wq = pwq.wq
     while inactive.nr and pwq.nr_active < pwq.max_active:
-        if inactive.dead:
-            work = inactive.pop()
-            assert work is not None
-        else:
-            work = inactive.items.popleft()
-            inactive.nr -= 1
+        work = items[0]
+        if dead:
+            key = id(work)
+            n = dead.get(key)
+            if n:  # a tombstone (see WorkList.pop)
+                del items[0]
+                if n == 1:
+                    del dead[key]
+                else:
+                    dead[key] = n - 1
+                continue
+        del items[0]
+        inactive.nr -= 1
         pwq.nr_active += 1
-        worklist.items.append(work)
         work._entry = worklist
         worklist.nr += 1
+        worklist.items.append(work)
         if wq._trace_hooks:
             wq._trace("activate", work, pool)
-    if worklist.nr:
-        if pool.nr_running == 0:
-            kick_pool(pool)
-        elif pool.tick is None:
-            arm_tick(pool)
 
 
-def dec_nr_in_flight(pwq: PoolWorkqueue, color: int, active: bool) -> None:
-    """An item left *pwq*, done or cancelled (pwq_dec_nr_in_flight, lock held)."""
-    if active:
-        pwq.nr_active -= 1
-        if pwq.inactive.nr and pwq.nr_active < pwq.max_active:
-            activate_inactive(pwq)
+def settle(pwq: PoolWorkqueue, work: Work | None = None) -> None:
+    """What follows from counts that went down on *pwq*, and from *work*
+    leaving it (lock held): activate the inactive items that now fit,
+    complete the flushes and freezes that nothing holds up any longer.
+
+    Each step does nothing when there is nothing to do, so after Ctrl-C
+    cut a change's own steps short, this finishes them (the change itself
+    made with no call in between, see try_to_grab_pending).
+    """
+    activate_inactive(pwq)
     wq = pwq.wq
-    if color == wq._work_color:
-        wq._nr_current -= 1
-    else:
-        dec_old_color(wq, color)
+    if wq._flushers:
+        wq._flush_progress()
     if wq._freezing is not None and not pwq.nr_active:
         wq._freeze_progress()
+    if work is not None and work._worker is None and work._flushers:
+        # As at the end of a run (see process_works).
+        on_list = work._pending and work._entry is not None
+        wake_work_flushers(work, work._seq - 1 if on_list else work._seq)
 
 
 def dec_old_color(wq: Workqueue, color: int) -> None:
@@ -1038,26 +1067,59 @@ def try_to_grab_pending(work: Work) -> bool:
 
     Returns True if the item was pending -- on a timer, an inactive list, a
     worklist or a worker's scheduled list -- and now is not.
+
+    Ctrl-C may land at any call (see insert_work): the item leaves its
+    list and its counts with no call in between, and settle() finishes
+    what follows if Ctrl-C cuts that short.
     """
     if not work._pending:
         return False
     entry = work._entry
-    if entry is not None:
-        entry.kill(work)
-        work._entry = None
-        pwq = work._pwq
-        assert pwq is not None
-        if not entry.active:
-            pwq.nr_cancelled_inactive += 1
-        dec_nr_in_flight(pwq, work._color, entry.active)
-    else:
+    if entry is None:  # on its timer
         handle = getattr(work, "_timer", None)
+        work._pending = False
         if handle is not None:
-            del_timer(handle)
+            # Deleted last: a timer that fires meanwhile finds _timer None,
+            # and does nothing.
             work._timer = None  # type: ignore[attr-defined]
+            del_timer(handle)
+        try:
+            if work._worker is None and work._flushers:
+                wake_work_flushers(work, work._seq)
+        except BaseException:  # Ctrl-C: see settle()
+            if work._worker is None and work._flushers:
+                wake_work_flushers(work, work._seq)
+            raise
+        return True
+    pwq = work._pwq
+    assert pwq is not None
+    wq = pwq.wq
+    color = work._color
+    key = id(work)
+    dead = entry.dead.get(key, 0) + 1
+    # entry.kill(work) and pwq_dec_nr_in_flight()'s counts, inlined.
+    entry.dead[key] = dead
+    entry.nr -= 1
+    work._entry = None
     work._pending = False
-    if work._worker is None and work._flushers:
-        wake_work_flushers(work, work._seq)
+    if entry.active:
+        pwq.nr_active -= 1
+    else:
+        pwq.nr_cancelled_inactive += 1
+    if color == wq._work_color:
+        wq._nr_current -= 1
+    else:
+        in_flight = wq._in_flight
+        n = in_flight[color] - 1
+        if n:
+            in_flight[color] = n
+        else:
+            del in_flight[color]
+    try:
+        settle(pwq, work)
+    except BaseException:
+        settle(pwq, work)
+        raise
     return True
 
 
@@ -1068,21 +1130,23 @@ def release_pwq(pwq: PoolWorkqueue) -> None:
     its busy ones (running items of other, already gone, users) as they finish.
     """
     pool = pwq.pool
+    if pool.pwqs == [pwq]:
+        for worker in pool.idle:
+            worker.die = True
+            worker.idle = False
+            pool.workers.discard(worker)
+            if not worker.woken:
+                worker.woken = True
+                worker.wake.release()
+        pool.idle.clear()
+        for handle in (pool.tick, pool.retry):
+            if handle is not None:
+                del_timer(handle)
+        pool.tick = pool.retry = None
+    # Last: a call that Ctrl-C cuts short leaves the pool in use, and
+    # the destruction that takes up the destroy() calls this again (see
+    # Workqueue._finish_destroy).
     pool.pwqs.remove(pwq)
-    if pool.pwqs:
-        return
-    for worker in pool.idle:
-        worker.die = True
-        worker.idle = False
-        pool.workers.discard(worker)
-        if not worker.woken:
-            worker.woken = True
-            worker.wake.release()
-    pool.idle.clear()
-    for handle in (pool.tick, pool.retry):
-        if handle is not None:
-            del_timer(handle)
-    pool.tick = pool.retry = None
 
 
 def send_mayday(pool: WorkerPool) -> None:

@@ -382,14 +382,25 @@ class DelayedWork(Work):
         if one did (engine lock held)."""
         # Before the timer is touched: a refused flush changes nothing.
         self._check_not_own_function("flush")
-        if self._timer is None:
+        handle = self._timer
+        if handle is None:
             return None
-        # Even if it just fired: its callback will find _timer None.
-        del_timer(self._timer)
-        self._timer = None
         wq = self._wq
         assert wq is not None
-        return None if wq._timer_queue_locked(self) else wq
+        # Queued while its timer is still armed, and the timer deleted
+        # last: Ctrl-C before the item is on its list (see insert_work)
+        # leaves it on its timer, and after, with a timer that finds
+        # _timer None as it fires and does nothing -- as does one that
+        # fires as we queue the item.
+        self._timer = None
+        try:
+            queued = wq._timer_queue_locked(self)
+        except BaseException:
+            if self._pending and self._entry is None:
+                self._timer = handle
+            raise
+        del_timer(handle)
+        return None if queued else wq
 
 
 class _CancelSync(Completion):
@@ -408,8 +419,13 @@ class _CancelSync(Completion):
         self.work = work
 
     def complete(self) -> None:  # engine lock held
+        # Once only, as Completion.complete(), and the hold dropped with
+        # it: no call in between, where Ctrl-C would land.
+        if self.done:
+            return
         self.work._disable -= _CANCEL_HOLD
-        super().complete()
+        self.done = True
+        self._lock.release()
 
 
 #: The slots Work.__init__ and DelayedWork.__init__ set (see Work.__getattr__).

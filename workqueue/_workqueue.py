@@ -423,7 +423,6 @@ class Workqueue(Executor):
                 return False
             if self._state:
                 self._check_queueing()
-            dwork._pending = True
             self._arm_delayed(cpu, dwork, delay)
         return True
 
@@ -448,19 +447,26 @@ class Workqueue(Executor):
                 self._check_queueing()
             was_pending = try_to_grab_pending(dwork)
             if not dwork._disable:
-                dwork._pending = True
                 self._arm_delayed(cpu, dwork, delay)
             return was_pending
 
     def _arm_delayed(self, cpu: int | None, dwork: DelayedWork, delay: float) -> None:
-        """__queue_delayed_work (lock held, pending bit already set)."""
+        """__queue_delayed_work: make *dwork*, checked, pending (lock held).
+
+        Pending on its timer from the last call on, as insert_work()
+        makes it pending on a list (see there, for Ctrl-C): a timer armed
+        by a call cut short finds _timer None as it fires, and does
+        nothing.
+        """
         dwork._wq = self
         dwork._cpu = cpu
         if delay == 0:
             self._timer_queue_locked(dwork)
         else:
+            handle = add_timer(delay, self._delayed_work_timer_fn, dwork)
             dwork._entry = None  # pending on the timer, not on a list
-            dwork._timer = add_timer(delay, self._delayed_work_timer_fn, dwork)
+            dwork._timer = handle
+            dwork._pending = True
 
     def _delayed_work_timer_fn(self, dwork: DelayedWork) -> None:
         """delayed_work_timer_fn: runs on the timer thread."""
@@ -482,7 +488,7 @@ class Workqueue(Executor):
             self.name, dwork, _STATE_NAMES[self._state])
 
     def _timer_queue_locked(self, dwork: DelayedWork) -> bool:
-        """Queue a pending delayed item whose delay is over (lock held).
+        """Queue a delayed item whose delay is over, or that has none (lock held).
 
         False if the workqueue refused it (draining or destroyed, and not
         chained): the item is then idle, and the caller logs that after
@@ -742,16 +748,18 @@ class Workqueue(Executor):
         more does no harm: a destroy() that Ctrl-C cut short as it ended
         hands off a destruction that is over, or all but."""
         with lock:
-            if self._state != _DESTROYED:
-                self._state = _DESTROYED
-                for pwq in self._all_pwqs():
+            # Each step once, and taken up again after a call that Ctrl-C
+            # cut short (see _pool.insert_work).
+            self._state = _DESTROYED
+            for pwq in self._all_pwqs():
+                if pwq in pwq.pool.pwqs:
                     release_pwq(pwq)
-                rescuer = self._rescuer
-                if rescuer is not None:
-                    rescuer.die = True
-                    if rescuer.idle:
-                        rescuer.idle = False
-                        rescuer.wake.release()
+            rescuer = self._rescuer
+            if rescuer is not None:
+                rescuer.die = True
+                if rescuer.idle:
+                    rescuer.idle = False
+                    rescuer.wake.release()
         # Also when serial() was never used: it is refused from now on.
         # Without the engine lock: it takes the topology's hotplug lock.
         from ._serial import close_serial
@@ -773,9 +781,25 @@ class Workqueue(Executor):
                 raise RuntimeError(f"workqueue {self.name!r} is destroyed")
             self._max_active = max_active
             if not self._frozen:
-                for pwq in self._all_pwqs():
-                    pwq.max_active = max_active
-                    activate_inactive(pwq)
+                self._set_pwqs_max_active(max_active)
+
+    def _set_pwqs_max_active(self, max_active: int) -> None:
+        """Give every pwq *max_active*, and activate what fits (lock held).
+
+        A pwq whose max_active went up with its inactive items left there
+        would keep them waiting: Ctrl-C in the loop (see insert_work) has
+        it run again, to the end.
+        """
+        pwqs = self._all_pwqs()
+        try:
+            for pwq in pwqs:
+                pwq.max_active = max_active
+                activate_inactive(pwq)
+        except BaseException:
+            for pwq in pwqs:
+                pwq.max_active = max_active
+                activate_inactive(pwq)
+            raise
 
     def freeze(self, *, timeout: float | None = None) -> None:
         """Hold new items back, and return once in-flight ones are done.
@@ -801,10 +825,8 @@ class Workqueue(Executor):
                 if self._state == _DESTROYED:
                     raise RuntimeError(f"workqueue {self.name!r} is destroyed")
                 self._frozen = True
-                pwqs = self._all_pwqs()
-                for pwq in pwqs:
-                    pwq.max_active = 0
-                if not any(pwq.nr_active for pwq in pwqs):
+                self._set_pwqs_max_active(0)
+                if not any(pwq.nr_active for pwq in self._all_pwqs()):
                     return
                 freezing = self._freezing
                 if freezing is None:
@@ -839,9 +861,7 @@ class Workqueue(Executor):
     def _freeze_progress(self) -> None:
         """A pwq went idle while freezing (lock held)."""
         if self._freezing is not None and not any(p.nr_active for p in self._all_pwqs()):
-            for completion in self._freezing:
-                completion.complete()
-            self._freezing = None
+            self._complete_freezes()
 
     def thaw(self) -> None:
         """Let held-back items run again (thaw_workqueues); a no-op if not frozen."""
@@ -849,13 +869,24 @@ class Workqueue(Executor):
             if not self._frozen:
                 return
             self._frozen = False
+            self._set_pwqs_max_active(self._max_active)
             if self._freezing is not None:
-                for completion in self._freezing:
-                    completion.complete()
-                self._freezing = None
-            for pwq in self._all_pwqs():
-                pwq.max_active = self._max_active
-                activate_inactive(pwq)
+                self._complete_freezes()
+
+    def _complete_freezes(self) -> None:
+        """Complete every freeze() waiting (lock held), even if Ctrl-C
+        cuts the loop short: it runs again (completing is idempotent)."""
+        freezing = self._freezing
+        assert freezing is not None
+        try:
+            for completion in freezing:
+                completion.complete()
+        except BaseException:
+            for completion in freezing:
+                completion.complete()
+            raise
+        finally:
+            self._freezing = None
 
     # -- introspection -------------------------------------------------------
 
