@@ -33,11 +33,13 @@ def line_of(func: Callable[..., Any], text: str) -> int:
 
 class PauseAt:
     """Stops the thread that runs :meth:`run` just before the first line of
-    ``func`` that contains ``text``, until :meth:`resume` (or ``TIMEOUT``)."""
+    ``func`` that contains ``text``, until :meth:`resume` (or ``TIMEOUT``);
+    with ``skip``, as it gets there for the ``skip + 1``-th time."""
 
-    def __init__(self, func: Callable[..., Any], text: str) -> None:
+    def __init__(self, func: Callable[..., Any], text: str, skip: int = 0) -> None:
         self._code = func.__code__
         self._lineno = line_of(func, text)
+        self._skip = skip
         self.reached = threading.Event()
         self._go = threading.Event()
 
@@ -46,6 +48,9 @@ class PauseAt:
 
         def local(frame: FrameType, event: str, arg: Any) -> Any:
             if event == "line" and frame.f_lineno == self._lineno and not self.reached.is_set():
+                if self._skip:
+                    self._skip -= 1
+                    return local
                 self.reached.set()
                 self._go.wait(TIMEOUT)
             return local

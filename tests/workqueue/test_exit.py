@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
 import pytest
+from racewindow import Attempt, PauseAt, stands_at
 
 from workqueue import DelayedWork, Work, Workqueue, _atexit, _timer, blocking
 from workqueue._timer import del_timer
@@ -373,3 +375,31 @@ def test_the_timers_are_read_whole_as_the_timer_thread_takes_one(
             break
         instruction += 1
     assert instruction > 3
+
+
+@pytest.mark.parametrize("copy", ["the calls'", "the dropped items'"])
+def test_a_workqueue_made_as_the_exit_hook_copies_the_live_ones_waits(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, copy: str) -> None:
+    """Another thread makes a workqueue while the exit hook goes through
+    the live ones (to wait for their calls, then to count their dropped
+    items): it waits for the hook's copy, which a WeakSet growing under
+    its iterator would end with "Set changed size during iteration"."""
+    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
+    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
+    make_wq("first")
+    # One live workqueue: the hook's first pass over them yields once.
+    pause = PauseAt(weakref.WeakSet.__iter__, "yield item", skip=copy != "the calls'")
+    hook = Attempt(lambda: pause.run(_atexit.wait_for_calls))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        maker = Attempt(lambda: make_wq("late"))
+        deadline = time.monotonic() + TIMEOUT
+        while maker.thread.is_alive() and not stands_at(
+                maker.thread.ident or 0, _atexit.register, "with _lock"):
+            assert time.monotonic() < deadline, "register() neither waits nor returns"
+            maker.thread.join(0.001)
+    finally:
+        pause.resume()
+    assert hook.result() is None
+    assert isinstance(maker.result(), Workqueue)
+    assert sorted(wq.name for wq in _atexit._live) == ["first", "late"]
