@@ -9,8 +9,10 @@ the handler run soon, not when the work item ends.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -834,3 +836,75 @@ def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
                 assert pwq not in pwq.pool.pwqs, pwq.pool.dump()
 
     assert at_every_place_under_the_lock(attempt) > 5
+
+
+def assert_pools_count_their_workers(topology: workqueue.Topology) -> None:
+    """Each pool is bound exactly while its CPU is online, its workers
+    say so, and nr_running counts those whose flags are all clear."""
+    pset = topology._pools
+    with _pool.lock:
+        for pool in pset.pools():
+            online = pool.cpu is not None and topology.is_online(pool.cpu)
+            assert pool.disassociated is not online, pool.dump()
+            for worker in pool.workers:
+                assert bool(worker.flags & _pool.WORKER_UNBOUND) is not online, pool.dump()
+            assert pool.nr_running == sum(not w.flags for w in pool.workers), pool.dump()
+
+
+@pytest.mark.parametrize("going", ["down", "up"])
+def test_ctrl_c_anywhere_in_the_pools_hotplug_notifier_leaves_them_whole(
+        make_wq: Callable[..., Workqueue], going: str) -> None:
+    """Ctrl-C in the pools' hotplug notifier as it holds the engine lock:
+    every pool of the CPU is left bound or not as the CPU is, with all
+    its workers (a worker left counted on an offline CPU's pool was never
+    counted out, its pool thinking it busy for ever once the CPU came
+    back), and the items run.  (Ctrl-C in cpu_down() or cpu_up() before
+    the notifier takes the lock leaves it not called: the topology's
+    business, not the engine's.)"""
+    hotplug = _pool.PoolSet.hotplug.__code__
+
+    def outside_the_notifier() -> bool:
+        if not _pool.lock.locked():  # the other threads here hardly take it
+            return True
+        frame: Any = sys._getframe()
+        while frame is not None:
+            if frame.f_code is hotplug:
+                return False
+            frame = frame.f_back
+        return True
+
+    n = 0
+    while True:
+        topology = workqueue.Topology(2, cpu_intensive_thresh=60.0)
+        wq = make_wq(topology=topology)
+        if going == "up":
+            topology.cpu_down(0)
+        stuck = Stuck(wq)
+        try:
+            first = Work(stuck)
+            assert wq.queue_work_on(0, first)
+            assert stuck.started.wait(TIMEOUT)
+            waiting = Work(lambda w: None)
+            assert wq.queue_work_on(0, waiting)
+            change = topology.cpu_down if going == "down" else topology.cpu_up
+            landed = interrupted_at(n, PACKAGE, functools.partial(change, 0),
+                                    unless=outside_the_notifier)
+            try:
+                assert_pools_count_their_workers(topology)
+                stuck.release.set()
+                assert stuck.tried.wait(TIMEOUT)
+                for work in (first, waiting):
+                    work.flush(timeout=TIMEOUT)
+                (topology.cpu_up if going == "down" else topology.cpu_down)(0)
+                assert_pools_count_their_workers(topology)
+                assert wq.queue_work_on(0, waiting)
+                waiting.flush(timeout=TIMEOUT)
+                assert_pools_count_their_workers(topology)
+            except (AssertionError, TimeoutError) as exc:
+                raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc}") from exc
+        finally:
+            stuck.release.set()
+        if not landed:
+            break
+        n += 1
+    assert n > 5
