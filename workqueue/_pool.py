@@ -518,29 +518,41 @@ class PoolSet:
     def hotplug(self, cpu: int, online: bool) -> None:
         """The topology notifier: unbind_workers / rebind_workers."""
         with lock:
-            for highpri in (False, True):
-                pool = self.bound.get((cpu, highpri))
-                if pool is None:
-                    continue
-                pool.disassociated = not online
+            try:
+                self._hotplug_locked(cpu, online)
+            except BaseException:
+                # Ctrl-C (see insert_work): a worker left counted on an
+                # offline CPU would stay counted for good once it came
+                # back.  Every step can be done twice under one hold of
+                # the lock, so all of them are, to the end.
+                self._hotplug_locked(cpu, online)
+                raise
+
+    def _hotplug_locked(self, cpu: int, online: bool) -> None:
+        """hotplug(), engine lock held."""
+        for highpri in (False, True):
+            pool = self.bound.get((cpu, highpri))
+            if pool is None:
+                continue
+            pool.disassociated = not online
+            for worker in pool.workers:
+                if online:
+                    # Still not counted (rebind_workers): a worker busy
+                    # with items taken while the CPU was away counts
+                    # from its next run loop on, so that what is queued
+                    # now is not held back behind them.
+                    worker.flags = worker.flags & ~WORKER_UNBOUND | WORKER_REBOUND
+                else:
+                    set_flags(worker, WORKER_UNBOUND)
+            # Offline: nr_running is now 0, so every waiting item gets a
+            # worker, on another CPU; order and non-reentrancy hold since
+            # the items stay in this pool.
+            if pool.worklist.nr and pool.nr_running == 0:
+                kick_pool(pool)
+        for pool in self.pools():
+            if pool.disassociated or pool.cpu == cpu:
                 for worker in pool.workers:
-                    if online:
-                        # Still not counted (rebind_workers): a worker busy
-                        # with items taken while the CPU was away counts
-                        # from its next run loop on, so that what is queued
-                        # now is not held back behind them.
-                        worker.flags = worker.flags & ~WORKER_UNBOUND | WORKER_REBOUND
-                    else:
-                        set_flags(worker, WORKER_UNBOUND)
-                # Offline: nr_running is now 0, so every waiting item gets a
-                # worker, on another CPU; order and non-reentrancy hold since
-                # the items stay in this pool.
-                if pool.worklist.nr and pool.nr_running == 0:
-                    kick_pool(pool)
-            for pool in self.pools():
-                if pool.disassociated or pool.cpu == cpu:
-                    for worker in pool.workers:
-                        pin_worker(worker)
+                    pin_worker(worker)
 
 
 # Serialises the creation of a topology's PoolSet (and the registration of
