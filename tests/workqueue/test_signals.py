@@ -908,3 +908,39 @@ def test_ctrl_c_anywhere_in_the_pools_hotplug_notifier_leaves_them_whole(
             break
         n += 1
     assert n > 5
+
+
+@pytest.mark.parametrize("flags", [0, workqueue.WQ_UNBOUND | workqueue.WQ_MEM_RECLAIM])
+def test_ctrl_c_anywhere_in_making_a_workqueue_leaves_none_behind(flags: int) -> None:
+    """Ctrl-C in Workqueue(), the engine lock held or not: the caller
+    gets a workqueue, or none is left in the pools (which held the one
+    it never got, and their idle workers, for ever) and no rescuer
+    thread of it waits for a mayday that will never come.  (Not through
+    alloc_workqueue(): Ctrl-C as the constructor returns there loses the
+    workqueue as any call loses what it was about to return.)"""
+    n = 0
+    while True:
+        topology = workqueue.Topology(2, cpu_intensive_thresh=60.0)
+        made: list[Workqueue] = []
+        before = {t.name for t in threading.enumerate()}
+
+        def alloc(made: list[Workqueue] = made, topology: workqueue.Topology = topology) -> None:
+            made.append(Workqueue("made", flags, topology=topology))
+
+        landed = interrupted_at(n, PACKAGE, alloc)
+        try:
+            pools = topology._pools.pools() if topology._pools is not None else []
+            with _pool.lock:
+                users = {pwq.wq for pool in pools for pwq in pool.pwqs}
+            assert users == set(made), f"with Ctrl-C at place {n}, {landed!r}"
+        finally:
+            for wq in made:
+                wq.destroy(timeout=TIMEOUT)
+        for thread in threading.enumerate():
+            if thread.name == "made-rescuer" and thread.name not in before:
+                thread.join(TIMEOUT)
+                assert not thread.is_alive(), f"with Ctrl-C at place {n}, {landed!r}"
+        if not landed:
+            break
+        n += 1
+    assert n > 5
