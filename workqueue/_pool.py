@@ -1209,13 +1209,18 @@ def rescuer_thread(worker: Worker, wq: Workqueue) -> None:
         _this_thread.worker = None
 
 
-def start_rescuer(wq: Workqueue) -> Worker:
-    """Create the rescuer of a WQ_MEM_RECLAIM workqueue, at allocation time."""
+def start_rescuer(wq: Workqueue) -> None:
+    """Create the rescuer of a WQ_MEM_RECLAIM workqueue, at allocation time.
+
+    The workqueue has it before its thread starts: Ctrl-C as it starts
+    (see insert_work) leaves it to the workqueue to stop (see
+    Workqueue._unmake), whether it runs already or not.
+    """
     worker = Worker(None, WORKER_PREP | WORKER_RESCUER)
     worker.rescuer_of = wq
     worker.idle = True
+    wq._rescuer = worker
     worker.thread = _start_thread(lambda: rescuer_thread(worker, wq), f"{wq.name}-rescuer")
-    return worker
 
 
 # -- the calling thread ------------------------------------------------------

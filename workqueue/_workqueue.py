@@ -211,18 +211,38 @@ class Workqueue(Executor):
         # first use; guarded by _serial's own lock.
         self._serial_domain: object = None
         pset = pool_set(topology)
+        # Made whole or not at all: the pools would hold a workqueue that
+        # Ctrl-C kept from its caller, who cannot destroy it, for good.
+        try:
+            with lock:
+                if flags & (WQFlags.WQ_UNBOUND | WQ_ORDERED):
+                    self._pwqs: dict[int, PoolWorkqueue] = {}
+                    self._unbound_pwq: PoolWorkqueue | None = self._link(
+                        pset.get_pool(None, highpri))
+                else:
+                    self._unbound_pwq = None
+                    self._pwqs = {cpu: self._link(pset.get_pool(cpu, highpri))
+                                  for cpu in topology.possible()}
+            if flags & WQFlags.WQ_MEM_RECLAIM:
+                # Made now, while threads can still be made (the point of a rescuer).
+                start_rescuer(self)
+            _atexit.register(self)
+        except BaseException:
+            self._unmake(pset)
+            raise
+
+    def _unmake(self, pset: _pool.PoolSet) -> None:
+        """Undo an __init__ that Ctrl-C cut short (see _pool.insert_work)."""
         with lock:
-            if flags & (WQFlags.WQ_UNBOUND | WQ_ORDERED):
-                self._pwqs: dict[int, PoolWorkqueue] = {}
-                self._unbound_pwq: PoolWorkqueue | None = self._link(pset.get_pool(None, highpri))
-            else:
-                self._unbound_pwq = None
-                self._pwqs = {cpu: self._link(pset.get_pool(cpu, highpri))
-                              for cpu in topology.possible()}
-        if flags & WQFlags.WQ_MEM_RECLAIM:
-            # Made now, while threads can still be made (the point of a rescuer).
-            self._rescuer = start_rescuer(self)
-        _atexit.register(self)
+            for pool in pset.pools():
+                if any(pwq.wq is self for pwq in pool.pwqs):
+                    pool.pwqs[:] = [pwq for pwq in pool.pwqs if pwq.wq is not self]
+            rescuer = self._rescuer
+            if rescuer is not None:
+                rescuer.die = True
+                if rescuer.idle:
+                    rescuer.idle = False
+                    rescuer.wake.release()
 
     def _link(self, pool: WorkerPool) -> PoolWorkqueue:
         pwq = PoolWorkqueue(self, pool, self._max_active)
