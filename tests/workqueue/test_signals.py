@@ -806,7 +806,10 @@ def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
         finally:
             stuck.release.set()  # a failed check must not leave it running
 
-    assert at_every_place_under_the_lock(attempt) > 5
+    # Some places at least (the sweep ran).  How many varies from run to
+    # run with what the earlier attempts left (cancel: 9 or 10 alone, 4
+    # once after other files' tests): the invariants above are the test.
+    assert at_every_place_under_the_lock(attempt) >= 3
 
 
 def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
