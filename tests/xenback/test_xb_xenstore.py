@@ -1941,3 +1941,96 @@ def test_on_lost_is_told_why_the_router_ended_not_what_followed(tmp_path) -> Non
     finally:
         xs.close()
         xenstored.close()
+
+
+class _ShortWrites:
+    """The os module, but for a write() that takes at most ``most`` bytes,
+    as a write interrupted by a signal handler that returns does."""
+
+    def __init__(self, most: int) -> None:
+        import os
+
+        self._os = os
+        self._most = most
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._os, name)
+
+    def write(self, fd: int, data: Any) -> int:
+        return self._os.write(fd, bytes(data[:self._most]))
+
+
+def test_a_request_written_in_parts_goes_whole(host, monkeypatch) -> None:
+    """A write may take only part of a request: the rest follows, and
+    once only, or xenstored could no longer frame the stream."""
+    import xenback.xenstore as xenstore
+
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    try:
+        monkeypatch.setattr(xenstore, "os", _ShortWrites(5))
+        writer = Attempt(lambda: xs.write("/test/parts", "x" * 100))
+        assert writer.result(msg="the request did not go whole") is None
+        assert Attempt(lambda: xs.read("/test/parts")).result() == "x" * 100
+    finally:
+        monkeypatch.undo()
+        xs.close()
+
+
+def test_a_sender_waits_for_one_half_sent(host, monkeypatch) -> None:
+    """Two requests at once: the second is written only once the first
+    has gone whole, not into its middle."""
+    import xenback.xenstore as xenstore
+
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    try:
+        xs.write("/test/a", "1")
+        xs.write("/test/b", "2")
+        monkeypatch.setattr(xenstore, "os", _ShortWrites(5))
+        real = xenstore._write
+        pause = PauseAt(real, "done += sent[-1]")  # part of the first went
+        monkeypatch.setattr(xenstore, "_write", lambda *args: pause.run(lambda: real(*args)))
+        first = Attempt(lambda: xs.read("/test/a"))
+        assert pause.reached.wait(TIMEOUT)
+        second = Attempt(lambda: xs.read("/test/b"))
+        deadline = time.monotonic() + TIMEOUT
+        while not stands_at(second.thread.ident, xs._client.router.send, "with send_lock:"):
+            assert time.monotonic() < deadline, "the second sender does not wait for the first"
+            time.sleep(0.001)
+        pause.resume()
+        assert first.result() == "1" and second.result() == "2"
+    finally:
+        monkeypatch.undo()
+        xs.close()
+
+
+def test_a_request_interrupted_as_its_write_returned_keeps_the_connection(
+        host, monkeypatch) -> None:
+    """A Ctrl-C once the whole request went: the stream is still framed,
+    the connection stays up, and its reply is read like any other."""
+    import xenback.xenstore as xenstore
+
+    class Interrupted(BaseException):
+        pass
+
+    real = xenstore._write
+
+    def write_then_interrupt(*args: Any) -> None:
+        real(*args)
+        raise Interrupted
+
+    told: list[Exception] = []
+    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    xs.open()
+    try:
+        monkeypatch.setattr(xenstore, "_write", write_then_interrupt)
+        with pytest.raises(Interrupted):
+            xs.write("/test/whole", "1")
+        monkeypatch.undo()
+        assert Attempt(lambda: xs.read("/test/whole")).result() == "1"
+        assert xs.connected and told == []
+    finally:
+        monkeypatch.undo()
+        xs.close()
+
