@@ -318,9 +318,12 @@ def _unsent(router: Any, packet: Packet, rvar: RVar, sent: int, exc: BaseExcepti
             del router.rvars[packet.rq_id]
         if not isinstance(exc, OSError):
             return
-        cause = XSConnectionError(f"writing to XenStore failed: {exc.strerror}")
         if exc.errno not in _CONNECTION_GONE:
-            raise cause from exc  # still framed, and maybe a passing failure
+            # Still framed, and maybe a passing failure: this request's
+            # error (its errno, as XenStore's are), not pyxs's
+            # ConnectionError, which callers are told is a lost connection.
+            raise PyXSError(exc.errno, f"writing to XenStore failed: {exc.strerror}") from exc
+        cause = XSConnectionError(f"writing to XenStore failed: {exc.strerror}")
     elif isinstance(exc, OSError):
         cause = XSConnectionError(f"writing to XenStore failed after {sent} of {size} "
                                   f"bytes of a request: {exc.strerror}")

@@ -2034,3 +2034,31 @@ def test_a_request_interrupted_as_its_write_returned_keeps_the_connection(
         monkeypatch.undo()
         xs.close()
 
+
+def test_a_write_failing_before_any_byte_went_keeps_the_connection(host, monkeypatch) -> None:
+    """A write failing for a passing reason (ENOBUFS) before any of the
+    request went leaves the stream framed: the request fails with that
+    error, not as a lost connection, and leaves nothing waiting."""
+    import os
+
+    import xenback.xenstore as xenstore
+
+    def no_buffers(*_args: Any) -> None:
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+
+    told: list[Exception] = []
+    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    xs.open()
+    try:
+        xs.write("/test/framed", "1")
+        monkeypatch.setattr(xenstore, "_write", no_buffers)
+        exc = _try_read(xs)
+        monkeypatch.undo()
+        assert isinstance(exc, OSError) and not isinstance(exc, ConnectionError), repr(exc)
+        assert exc.errno == errno.ENOBUFS, repr(exc)
+        assert xs._client.router.rvars == {}
+        assert Attempt(lambda: xs.read("/test/framed")).result() == "1"
+        assert xs.connected and told == []
+    finally:
+        monkeypatch.undo()
+        xs.close()
