@@ -2055,7 +2055,7 @@ def test_a_write_failing_before_any_byte_went_keeps_the_connection(host, monkeyp
         exc = _try_read(xs)
         monkeypatch.undo()
         assert isinstance(exc, OSError) and not isinstance(exc, ConnectionError), repr(exc)
-        assert exc.errno == errno.ENOBUFS, repr(exc)
+        assert exc.errno == errno.ENOBUFS and exc.filename == "/anything", repr(exc)
         assert xs._client.router.rvars == {}
         assert Attempt(lambda: xs.read("/test/framed")).result() == "1"
         assert xs.connected and told == []
