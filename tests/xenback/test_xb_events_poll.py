@@ -431,6 +431,7 @@ def test_a_resync_leaves_a_oneshot_fd_to_its_owner(polled) -> None:
         evtchn.notify(remote)
         assert dispatcher.poll(TIMEOUT) == 1  # the port's callback raised
         assert dispatcher.poll(TIMEOUT) == 1  # the resync: the port alone
+        assert dispatcher.poll(0) == 0  # nor did the resync re-arm the fd
         assert len(failed) == 2 and calls == [select.EPOLLIN]
         dispatcher.modify_fd(r, oneshot)
         assert dispatcher.poll(TIMEOUT) == 1
