@@ -566,3 +566,203 @@ def test_a_oneshot_fd_re_armed_and_lost_is_handed_out_again(polled, monkeypatch)
         dispatcher.remove_fd(r)
         os.close(r)
         os.close(w)
+
+
+def _failing_once(dispatcher: EventDispatcher, remote: int, guest: Any) -> tuple[int, list[int]]:
+    """A port of ``dispatcher`` bound to ``remote``, whose callback raises
+    at its first call, and the list of the ports it was called for."""
+    calls: list[int] = []
+
+    def broken(port: int) -> None:
+        calls.append(port)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    return dispatcher.bind_interdomain(guest.domid, remote, broken), calls
+
+
+def test_a_resync_watches_an_fd_for_its_mask_as_modified(polled) -> None:
+    """A resync hands a level-triggered fd out again with its readiness
+    for the events of its latest modify_fd, not those it was added with."""
+    _, _, dispatcher = polled
+    r, w = os.pipe()
+    calls: list[int] = []
+
+    def once(_fd: int, revents: int) -> None:
+        calls.append(revents)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    try:
+        dispatcher.add_fd(w, select.EPOLLIN, once)  # a pipe's write end: never readable
+        dispatcher.modify_fd(w, select.EPOLLOUT | select.EPOLLET)
+        assert dispatcher.poll(TIMEOUT) == 1  # raised
+        assert dispatcher.poll(TIMEOUT) == 1  # the resync: writable still
+        assert calls == [select.EPOLLOUT, select.POLLOUT]
+    finally:
+        dispatcher.remove_fd(w)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_oneshot_fd_removed_and_added_again_is_not_its_owners(polled) -> None:
+    """A ONESHOT fd its callback took, removed and then added again, is
+    armed: an event of it that a failed dispatch lost is handed out
+    again, as any armed fd's."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    r, w = os.pipe()
+    oneshot = select.EPOLLIN | select.EPOLLONESHOT
+    calls: list[int] = []
+    unmask = dispatcher._evtchn.unmask
+    failed: list[int] = []
+
+    def failing_once(port: int) -> None:
+        if not failed:
+            failed.append(port)
+            raise OSError(5, "the handle failed")
+        unmask(port)
+
+    def record(_fd: int, revents: int) -> None:
+        calls.append(revents)
+
+    try:
+        dispatcher.add_fd(r, oneshot, record)
+        os.write(w, b"x")  # never read: readable throughout
+        assert dispatcher.poll(TIMEOUT) == 1  # taken
+        dispatcher.remove_fd(r)
+        dispatcher._evtchn.unmask = failing_once  # type: ignore[method-assign]
+        evtchn.notify(remote)
+        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+        dispatcher.add_fd(r, oneshot, record)  # ready behind the port
+        with pytest.raises(OSError):
+            dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
+        assert failed and calls == [select.EPOLLIN]
+        dispatcher.poll(TIMEOUT)  # the resync
+        dispatcher.poll(0)
+        assert calls == [select.EPOLLIN, select.EPOLLIN]
+    finally:
+        dispatcher._evtchn.unmask = unmask  # type: ignore[method-assign]
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_resync_leaves_a_removed_fd_alone(polled, caplog) -> None:
+    """A ONESHOT fd removed is no longer re-armed by a resync (which
+    failed, and was done again after every wait, logging each time)."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    _, failed = _failing_once(dispatcher, remote, guest)
+    r, w = os.pipe()
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT, lambda _fd, _ev: None)
+        dispatcher.remove_fd(r)
+        evtchn.notify(remote)
+        assert dispatcher.poll(TIMEOUT) == 1  # raised
+        assert dispatcher.poll(TIMEOUT) == 1  # the resync
+        assert len(failed) == 2
+        assert dispatcher.poll(0) == 0  # and no resync after the wait
+        assert "re-arming failed" not in caplog.text
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_port_interrupted_is_what_poll_raises_if_its_unmask_would_fail(
+        polled, monkeypatch) -> None:
+    """A Ctrl-C in a port's callback leaves the port masked, for the
+    resync to unmask: an unmask failing meanwhile (a dead handle) must
+    not replace the Ctrl-C."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+
+    def interrupted(_port: int) -> None:
+        raise KeyboardInterrupt
+
+    def dead(_port: int) -> None:
+        raise OSError(5, "the handle failed")
+
+    dispatcher.bind_interdomain(guest.domid, remote, interrupted)
+    monkeypatch.setattr(dispatcher._evtchn, "unmask", dead)
+    evtchn.notify(remote)
+    with pytest.raises(KeyboardInterrupt):
+        dispatcher.poll(TIMEOUT)
+
+
+def test_a_resync_whose_unmask_failed_is_done_again_after_the_wait(
+        polled, monkeypatch) -> None:
+    """A port the resync could not unmask is masked still: the resync is
+    done again after the next wait, or nothing of the port came again."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[int] = []
+    local = dispatcher.bind_interdomain(guest.domid, remote, calls.append)
+    unmask = dispatcher._evtchn.unmask
+    failures = [OSError(5, "the handle failed")] * 2
+
+    def failing_twice(port: int) -> None:
+        if failures:
+            raise failures.pop()
+        unmask(port)
+
+    monkeypatch.setattr(dispatcher._evtchn, "unmask", failing_twice)
+    evtchn.notify(remote)
+    with pytest.raises(OSError):
+        dispatcher.poll(TIMEOUT)  # the unmask after the callback
+    dispatcher.poll(TIMEOUT)  # the resync, whose unmask failed
+    assert calls == [local] * 2
+    dispatcher.poll(0)  # after the wait: the resync again
+    assert calls == [local] * 3
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1  # unmasked: delivered
+    assert calls == [local] * 4
+
+
+class _FailingModify:
+    """Stands in for a dispatcher's epoll object, whose modify() fails
+    ``count`` times."""
+
+    def __init__(self, real: Any, count: int) -> None:
+        self._real = real
+        self.count = count
+
+    def modify(self, fd: int, events: int) -> None:
+        if self.count:
+            self.count -= 1
+            raise OSError(12, "Cannot allocate memory")
+        self._real.modify(fd, events)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_a_oneshot_fd_the_resync_could_not_re_arm_is_re_armed_later(
+        polled, monkeypatch, caplog) -> None:
+    """Re-arming a ONESHOT fd whose event was lost can fail: logged, and
+    done again after the next wait, or the fd is never reported again."""
+    _, _, dispatcher = polled
+    r, w = os.pipe()
+    calls: list[int] = []
+
+    def once(_fd: int, revents: int) -> None:
+        calls.append(revents)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT, once)
+        os.write(w, b"x")  # never read: readable throughout
+        assert dispatcher.poll(TIMEOUT) == 1  # raised: the event lost
+        monkeypatch.setattr(dispatcher, "_epoll", _FailingModify(dispatcher._epoll, 1))
+        assert dispatcher.poll(TIMEOUT) == 0  # the resync, whose re-arming failed
+        assert f"fd {r}: re-arming failed" in caplog.text
+        dispatcher.poll(0)  # after the wait: the resync again, which re-arms
+        dispatcher.poll(0)
+        assert calls == [select.EPOLLIN, select.EPOLLIN]
+    finally:
+        monkeypatch.undo()
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
