@@ -584,3 +584,32 @@ def test_what_pv_calls_cannot_do_fails_with_eopnotsupp_saying_so(
     c.set_inheritable(False)
     c.sendall(b"still fine")
     assert recv_exactly(peer, 10) == b"still fine"
+
+
+def test_a_reset_behind_data_not_yet_read_comes_after_it(
+        pair: tuple[Any, socket.socket]) -> None:
+    """The peer sends more than the receiver holds, then resets: recv()
+    hands out what had arrived and then fails with ECONNRESET, not an
+    orderly end.  For a PV socket, more than its in ring holds: the
+    backend still has some in its host socket when the reset comes, and
+    the error is the receive's to report, not SO_ERROR's to take."""
+    c, peer = pair
+    peer.setblocking(False)
+    chunk = b"x" * 65536
+    sent = 0
+    deadline = time.monotonic() + TIMEOUT
+    while sent < 4 * len(chunk):  # past the in ring, once the backend filled it
+        try:
+            sent += peer.send(chunk)
+        except BlockingIOError:
+            assert time.monotonic() < deadline, f"{sent} bytes went, then nothing"
+            time.sleep(0.01)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # with SO_LINGER 0: a reset
+    got = 0
+    with pytest.raises(ConnectionResetError):
+        while True:
+            data = c.recv(65536)
+            assert data, f"an orderly end after {got} of {sent} bytes"
+            got += len(data)
+    assert got <= sent
