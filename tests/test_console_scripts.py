@@ -78,3 +78,11 @@ def test_ctrl_c_as_a_command_starts_is_one_line(
     argv = [*console_script(name), *(a.format(tmp=tmp_path) for a in args)]
     done = interrupted_while_importing(argv, module)
     assert (done.returncode, done.stderr, done.stdout) == (130, said, "")
+
+
+def test_ctrl_c_as_a_command_starts_without_a_stderr_is_quiet(tmp_path: Path) -> None:
+    """With descriptor 2 closed, sys.stderr is None: print(file=None)
+    would have put the line on stdout, the command's output."""
+    argv = ["sh", "-c", 'exec "$@" 2>&-', "sh", *console_script("pvcalls-backend"), "demo"]
+    done = interrupted_while_importing(argv, "pvcalls._backend")
+    assert (done.returncode, done.stdout) == (130, "")
