@@ -985,3 +985,19 @@ def test_an_interrupt_as_any_call_of_create_domain_returns_leaves_no_half_domain
     assert n > 0  # there were calls to interrupt
     # The last call went undisturbed.
     assert [d.name for d in host.domains()] == ["Domain-0", "guest"]
+
+
+def test_attach_to_a_host_that_died_finds_no_domain(tmp_path: Path) -> None:
+    # A host killed leaves its sockets behind, which refuse a connection:
+    # the domain is not there, as in a run directory without them.
+    import socket
+
+    path = tmp_path / "domains" / "0" / "hypervisor"
+    path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    with pytest.raises(PlatformError) as info:
+        attach(tmp_path, 0)
+    assert info.value.errno == errno.ECONNREFUSED
+    assert str(info.value.strerror).startswith(
+        f"no domain 0 on a simulated host in {tmp_path} "), info.value
