@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import select
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -16,6 +20,7 @@ from tests.sim.hosthelpers import eventually, service_caught_up
 from tests.stolensignal import Interrupted, interrupt, main_thread_in
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from xenback import EventDispatcher
+from xenback.platform import EventChannelError
 
 
 @pytest.fixture
@@ -622,3 +627,95 @@ def test_an_fd_callback_failing_at_every_event_is_logged_within_the_same_limit(
     suppressed = [int(rec.getMessage().split(": ")[1].split()[0]) for rec in caplog.records
                   if rec.getMessage().startswith("xenback-events callbacks: ")]
     assert len(failures) + sum(suppressed) == 50
+
+
+def _fails_once(real: Callable[..., Any], exc: Exception, *, after: bool = False
+                ) -> Callable[..., Any]:
+    """``real``, but its first call raises ``exc``: before doing anything,
+    or (``after``) once it has done its work, as a handle whose reply was
+    lost on the way back."""
+    calls = itertools.count()
+
+    def call(*args: Any) -> Any:
+        if next(calls):
+            return real(*args)
+        if after:
+            real(*args)
+        raise exc
+
+    return call
+
+
+@pytest.mark.parametrize("step, exc, after", [
+    # pending() took a port, masked now, and raised: only a resync finds it.
+    ("pending", RuntimeError("a bug"), True),
+    ("pending", RuntimeError("a bug"), False),
+    # The port was left masked.
+    ("unmask", EventChannelError(errno.EIO, "a transient failure"), False),
+    ("unmask", RuntimeError("a bug"), False),
+], ids=["pending-took-a-port", "pending", "unmask-oserror", "unmask-bug"])
+def test_the_thread_survives_a_failing_handle_and_loses_no_event(
+        pair, monkeypatch, caplog, step: str, exc: Exception, after: bool) -> None:
+    """A pending() or unmask() that raises once (other than pending()'s
+    OSError: see below) ended the dispatcher's thread, and with it every
+    port and fd of the dispatcher (a pvcalls backend's command rings,
+    listening sockets and lingerer).  The thread logs it and hands every
+    event out again: the port's callback runs and the port is unmasked."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    local = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+    handle = dispatcher._evtchn
+    monkeypatch.setattr(handle, step, _fails_once(getattr(handle, step), exc, after=after))
+    caplog.set_level(logging.ERROR, logger="xenback.events")
+    evtchn.notify(remote)
+    if step == "unmask":
+        assert fired.acquire(timeout=TIMEOUT)  # before the unmask failed
+    assert fired.acquire(timeout=TIMEOUT), "the event was lost"
+    # The port is unmasked and the thread alive: events come through.
+    for _ in range(3):
+        evtchn.notify(remote)
+        assert fired.acquire(timeout=TIMEOUT)
+    assert dispatcher._thread is not None and dispatcher._thread.is_alive()
+    failures = [r for r in caplog.records if r.name == "xenback.events"]
+    assert [r.getMessage() for r in failures] == [
+        "xenback-events: dispatching failed; every port and fd is handed out again"]
+    assert failures[0].exc_info and failures[0].exc_info[1] is exc
+    assert dispatcher.ports == [local]
+
+
+def test_an_unmask_failing_at_every_call_costs_a_resync_per_wakeup(pair, monkeypatch) -> None:
+    """A failure that stays does not make the thread spin: the resync that
+    fails in its turn is done again after the next wake-up, not at once."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+
+    def unmask(port: int) -> None:
+        raise EventChannelError(errno.EIO, "a failure that stays")
+
+    monkeypatch.setattr(dispatcher._evtchn, "unmask", unmask)
+    evtchn.notify(remote)
+    assert fired.acquire(timeout=TIMEOUT)  # the event
+    assert fired.acquire(timeout=TIMEOUT)  # the resync, at once; failed again
+    assert not fired.acquire(timeout=0.2), "the thread resyncs without a wake-up"
+    r, w = os.pipe2(os.O_NONBLOCK)
+    woken = threading.Semaphore(0)
+
+    def drain(fd: int, _events: int) -> None:
+        # Called twice for the one byte: by the resync, then as ready.
+        with contextlib.suppress(BlockingIOError):
+            os.read(fd, 1)
+        woken.release()
+
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN, drain)
+        os.write(w, b"x")
+        assert woken.acquire(timeout=TIMEOUT)
+        assert fired.acquire(timeout=TIMEOUT)  # one resync for the wake-up
+        assert not fired.acquire(timeout=0.2), "the thread resyncs without a wake-up"
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
