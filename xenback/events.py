@@ -16,6 +16,26 @@ dispatcher (a guest may set a failing callback off at every notify), so
 a driver that wants a budget per guest catches in its callbacks, as
 :meth:`~xenback.BackendDevice.bind_evtchn` does for a device's.
 
+The dispatching itself may fail: the handle's ``pending()`` raising
+(other than an OSError, which says the handle is dead: its ports are no
+longer dispatched), or its ``unmask()``.  Either may have taken an event
+and not delivered it, or left a port masked, and the thread would take
+every port and fd of the dispatcher with it.  It logs the failure (within
+a rate limit of its own) and goes on, and at once, before it waits again,
+hands every event out again: every port's callback runs and the port is
+unmasked, every host fd's callback runs with the readiness a
+level-triggered watch would report now.  Not a ``select.EPOLLONESHOT``
+fd's: one whose callback took its event is its owner's until re-armed,
+and is left alone; any other is re-armed, so that epoll reports it,
+once, if it is ready.  A callback must therefore take
+a call that no new event caused (queueing work that then finds nothing to
+do does).  A hand-out that fails in its turn is done again after the next
+wake-up, not at once: an ``unmask()`` failing at every call costs one per
+wake-up, not a spinning thread.  A callback's own failure is not handed
+out again in this mode: its port is unmasked all the same, and one
+dispatcher thread serves every guest of a backend, whose every event would
+then cost every port's callback.
+
 Poll mode
 ---------
 A callback that queues a work item hands the event to another thread: the
@@ -29,21 +49,15 @@ queue work on the pool of the very worker that polls, which runs it next,
 without waking anybody.  The sleep in ``epoll_wait`` is wrapped in
 :func:`workqueue.blocking`, so the pool runs other items meanwhile.
 
-A poll that fails (the handle's ``unmask()`` raising, or ``pending()``
-with anything but an :class:`OSError`, which stops the dispatching of
-ports as a dead handle's) or whose callback raises may have taken an
-event and not delivered it, or left a port masked, and its owner polls
-again: so the next poll, before it waits, runs every port's callback and
-unmasks the port, and runs every host fd's callback with the readiness a
-level-triggered watch would report now.  Not a ``select.EPOLLONESHOT``
-fd's: one whose callback took its event is its owner's until re-armed,
-and is left alone; any other is re-armed, so that epoll reports it,
-once, if it is ready.  In poll mode a callback must therefore take a
-call that no new event caused (queueing work that then finds nothing to
-do does).  A resync that fails in its turn is done again after the next
-wait, not at once: a callback that raises at every call costs a resync
-or two per wake-up (one after the wait, one for the dispatch that
-follows it), not a spinning poller.
+A poll that fails (the handle's ``pending()`` or ``unmask()`` raising)
+raises, and its owner polls again: the next poll hands every event out
+again, before it waits, as the thread does.  So does the next poll after
+one whose callback raised: the work the callback would have queued is
+lost, and a poller serves the sockets of one CPU only.  A hand-out that
+fails in its turn is done again after the next wait, not at once: a
+callback that raises at every call costs a hand-out or two per wake-up
+(one after the wait, one for the dispatch that follows it), not a
+spinning poller.
 """
 
 from __future__ import annotations
@@ -126,19 +140,24 @@ class EventDispatcher(Closing):
         # Taken only by poll(): see close() for why close() never takes it.
         self._poll_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        # Poll mode: a dispatch cut short by a failure may have taken an
-        # event and not delivered it, or left a port masked, so the next
-        # poll() hands every event out again (_resync): at once, before it
-        # waits; or, when a resync failed in its turn, after its wait, so
-        # that a failure that stays costs a resync per wake-up rather than
-        # a poller spinning.  _lost: a callback raised since poll() looked.
-        # Written only by the thread inside poll().
+        # A dispatch cut short by a failure may have taken an event and
+        # not delivered it, or left a port masked, so the next round hands
+        # every event out again (_resync): at once, before it waits; or,
+        # when a resync failed in its turn, after its wait, so that a
+        # failure that stays costs a resync per wake-up rather than a
+        # thread spinning.  _lost: an event may have been lost since the
+        # round began (poll mode: also a callback that raised).  Written
+        # only by the thread that dispatches.
         self._resync_now = False
         self._resync_later = False
         self._lost = False
         # A callback that raises is a bug, but a guest may set it off at
         # every notify, as fast as it likes: its tracebacks are limited.
         self._failures = RateLimit(f"{name} callbacks")
+        # And those of the dispatching itself (the handle's pending() or
+        # unmask() raising), which the dispatcher survives: they may come
+        # at every event too, and no callback's may silence them.
+        self._breakdowns = RateLimit(name)
         # Short of descriptors or threads, any step may fail: what the ones
         # before it opened is closed again, not left behind the error.
         with contextlib.ExitStack() as undo:
@@ -257,32 +276,11 @@ class EventDispatcher(Closing):
         try:
             if self._closed:
                 return 0
-            ready: list[tuple[int, int]] = []
-            # What a failed dispatch lost comes first, without a wait.
-            resync, self._resync_now = self._resync_now, False
-            if not resync:
-                with blocking():
-                    try:
-                        ready = self._epoll.poll(-1 if timeout is None else max(0.0, timeout))
-                    except InterruptedError:
-                        return 0
-                resync, self._resync_later = self._resync_later, False
             self._dispatching = threading.current_thread()
-            self._lost = False
             try:
-                ran = 0
-                if resync:
-                    ran = self._resync()
-                    # Failed in its turn: again after the next wait, not at once.
-                    self._resync_later, self._lost = self._lost, False
-                ran += self._dispatch(ready)
-            except BaseException:
-                self._resync_now = True
-                raise
+                return self._round(-1 if timeout is None else max(0.0, timeout))
             finally:
                 self._dispatching = None
-            self._resync_now = self._lost
-            return ran
         finally:
             self._poll_lock.release()
             if self._closed:  # close() may wait for this poll to leave
@@ -358,6 +356,7 @@ class EventDispatcher(Closing):
             os.close(self._wake_w)
             # The failures held back since the last report: none is lost.
             self._failures.close(logger, logging.ERROR)
+            self._breakdowns.close(logger, logging.ERROR)
 
     @property
     def ports(self) -> list[int]:
@@ -380,10 +379,44 @@ class EventDispatcher(Closing):
         self._dispatching = threading.current_thread()
         while not self._closed:
             try:
-                ready = self._epoll.poll()
-            except InterruptedError:
-                continue
-            self._dispatch(ready)
+                self._round(-1)
+            except Exception as exc:
+                # Given up, the thread would take every port and fd of
+                # the dispatcher with it, for good.
+                self._breakdowns.log(
+                    logger, logging.ERROR,
+                    "%s: dispatching failed; every port and fd is handed out again",
+                    self.name, exc_info=exc)
+
+    def _round(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds (-1: for ever), then run the
+        callbacks of what is ready; but first, and without a wait, hand
+        out again what the last round may have lost.  Returns how many
+        callbacks ran."""
+        ready: list[tuple[int, int]] = []
+        resync, self._resync_now = self._resync_now, False
+        if not resync:
+            with blocking():
+                try:
+                    ready = self._epoll.poll(timeout)
+                except InterruptedError:
+                    return 0
+            resync, self._resync_later = self._resync_later, False
+        self._lost = False
+        try:
+            ran = 0
+            if resync:
+                # Failed in its turn (also by raising): again after the
+                # next wait, not at once.
+                self._resync_later = True
+                ran = self._resync()
+                self._resync_later, self._lost = self._lost, False
+            ran += self._dispatch(ready)
+        except BaseException:
+            self._resync_now = not self._resync_later
+            raise
+        self._resync_now = self._lost
+        return ran
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> int:
         ran = 0
@@ -446,7 +479,8 @@ class EventDispatcher(Closing):
                 try:
                     callback(port)
                 except Exception as exc:
-                    self._lost = True
+                    if self._thread is None:  # see the module docstring
+                        self._lost = True
                     self._failures.log(logger, logging.ERROR,
                                        "event channel port %d: callback failed", port,
                                        exc_info=exc)
@@ -473,9 +507,10 @@ class EventDispatcher(Closing):
         try:
             callback(fd, revents)
         except Exception as exc:
-            self._lost = True
+            if self._thread is None:  # see the module docstring
+                self._lost = True
             with self._lock:
-                self._fds_taken.discard(fd)  # lost: for the resync
+                self._fds_taken.discard(fd)  # lost: for a resync
             self._failures.log(logger, logging.ERROR, "fd %d: callback failed", fd, exc_info=exc)
         finally:
             with self._lock:
@@ -484,8 +519,8 @@ class EventDispatcher(Closing):
         return 1
 
     def _resync(self) -> int:
-        """Poll mode, after a dispatch that failed: hand out again whatever
-        it may have lost.  Which port the handle had taken is not known
+        """After a dispatch that failed: hand out again whatever it may
+        have lost.  Which port the handle had taken is not known
         (it may fail inside pending()), nor which edges of the host fds
         were in the epoll set's answer: so every port's callback runs and
         the port is unmasked, and every fd's with the readiness a level-

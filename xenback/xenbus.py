@@ -498,8 +498,11 @@ class BackendDevice:
 
     def bind_evtchn(self, remote_port: int, callback: PortCallback) -> int:
         """Bind the frontend's ``remote_port`` (tracked); ``callback(port)``
-        runs on the dispatcher thread and must only queue work.  Raises
-        :class:`OSError` ENODEV once the device was removed.
+        runs on the dispatcher thread and must only queue work, which must
+        take finding nothing to do: after a failure of its own the
+        dispatcher runs every callback once more (see
+        :mod:`xenback.events`).  Raises :class:`OSError` ENODEV once the
+        device was removed.
 
         An exception escaping ``callback`` fails the device (see the
         module docstring), on its queue, after the callback returned."""
