@@ -106,6 +106,38 @@ def test_port_stays_masked_until_unmask_and_remembers(
     assert e0.pending() is None
 
 
+def test_an_overflowed_handle_says_efbig_until_reset(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    """As Linux's evtchn device once its queue of fired ports overflowed:
+    pending() and wait() fail with EFBIG, and the descriptor stays
+    readable (POLLERR), until reset().  The reset drops what the queue
+    held: a port that fired and was not taken stays masked, its later
+    notifications remembered, until it is unmasked."""
+    e0, p0, e1, p1 = pair
+    e1.notify(p1)
+    assert readable(e0, 5.0)
+    e0.overflow()
+    for _ in range(2):
+        assert readable(e0, 0)
+        for call in (e0.pending, lambda: e0.wait(0)):
+            with pytest.raises(EventChannelError, match="overflowed") as info:
+                call()
+            assert info.value.errno == errno.EFBIG
+    e0.reset()
+    assert e0.pending() is None  # dropped with the queue
+    e1.notify(p1)
+    # Masked, as if taken (lazily: one spurious wake-up at most).
+    assert e0.pending() is None
+    assert not readable(e0, 0.05)
+    e0.unmask(p0)
+    assert wait_pending(e0) == p0  # what came since the reset
+    e0.unmask(p0)
+    e0.reset()  # with nothing queued: nothing changes
+    e1.notify(p1)
+    assert wait_pending(e0) == p0
+
+
 def test_unmask_without_notification_stays_quiet(
     pair: tuple[EventChannel, int, EventChannel, int],
 ) -> None:
