@@ -95,14 +95,14 @@ def test_handles_fail_cleanly_without_the_devices() -> None:
 
 # -- the declarations against the headers -------------------------------------
 
-HEADERS = ["xenevtchn.h", "xen/sys/gntdev.h", "xen/sys/gntalloc.h"]
+HEADERS = ["xenevtchn.h", "xen/sys/evtchn.h", "xen/sys/gntdev.h", "xen/sys/gntalloc.h"]
 
 
 def kernel_constants() -> dict[str, int]:
     """The module's ioctl numbers and gntalloc flags, by their C names."""
     constants = {name: value for name, value in vars(_platform).items()
-                 if name.startswith(("IOCTL_GNT", "GNTALLOC_FLAG_"))}
-    assert len(constants) == 5, constants
+                 if name.startswith(("IOCTL_GNT", "IOCTL_EVTCHN_", "GNTALLOC_FLAG_"))}
+    assert len(constants) == 6, constants
     return constants
 
 
@@ -447,7 +447,7 @@ def test_a_closed_event_channel_is_ebadf_and_never_reaches_the_library(
     calls: list[Callable[[], object]] = [
         channel.fileno, channel.pending, lambda: channel.notify(5), lambda: channel.unmask(5),
         lambda: channel.unbind(5), lambda: channel.bind_interdomain(1, 5),
-        lambda: channel.bind_unbound_port(1),
+        lambda: channel.bind_unbound_port(1), channel.reset,
     ]
     for call in calls:
         with pytest.raises(EventChannelError, match="the event channel handle is closed") as info:
@@ -480,6 +480,21 @@ def test_close_waits_for_a_call_in_flight(fake_evtchn: FakeEvtchnLib) -> None:
     closing.join(TIMEOUT)
     assert fake_evtchn.calls[-2:] == ["xenevtchn_notify", "xenevtchn_close"]
     assert fake_evtchn.after_free == []
+
+
+def test_reset_is_the_evtchn_device_s_ioctl_on_the_handle_s_descriptor(
+        fake_evtchn: FakeEvtchnLib) -> None:
+    """libxenevtchn has no call for IOCTL_EVTCHN_RESET: it goes to the
+    handle's descriptor (here a pipe, which knows no such ioctl), and its
+    failure says what failed, with the errno."""
+    channel = _platform.XenEventChannel()
+    try:
+        with pytest.raises(EventChannelError, match="resetting the event channel handle: ") as info:
+            channel.reset()
+        assert info.value.errno == errno.ENOTTY
+        assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
+    finally:
+        channel.close()
 
 
 @pytest.mark.parametrize("bad", [-1, 2**32, True, "5"], ids=["negative", "huge", "bool", "str"])
