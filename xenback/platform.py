@@ -166,6 +166,10 @@ class EventChannel(Protocol):
     returns one fired port (or ``None``); that port stays masked, and further
     notifications are only remembered, until :meth:`unmask` is called.  Drain
     the port's work first, then unmask: this survives event storms.
+
+    The fired ports wait in a queue of the handle's, one entry per port
+    (Linux sizes it so), which only an unmask before the port was taken can
+    overflow.  Then :meth:`pending` fails with EFBIG until :meth:`reset`.
     """
 
     def fileno(self) -> int:
@@ -194,6 +198,13 @@ class EventChannel(Protocol):
 
     def unbind(self, port: int) -> None:
         """Close local ``port``."""
+        ...
+
+    def reset(self) -> None:
+        """Empty the handle's queue of fired ports and clear its overflow
+        (Linux's ``IOCTL_EVTCHN_RESET``), after :meth:`pending` failed
+        with EFBIG.  The ports that fired and were not taken, in the queue
+        or lost to the overflow, stay masked until :meth:`unmask`."""
         ...
 
     def close(self) -> None:

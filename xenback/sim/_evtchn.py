@@ -107,7 +107,8 @@ class EventChannel(Closing):
         try:
             self._conn_fd: int | None = self._conn.fileno()
             self._epoll.register(self._conn_fd, select.EPOLLIN)
-            # Written by close() to wake threads blocked in wait().
+            # Written by close() to wake threads blocked in wait(), and by
+            # overflow() to keep the handle readable until reset().
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except BaseException:
             # Short of descriptors: give back the connection too.
@@ -138,6 +139,8 @@ class EventChannel(Closing):
         # port, so no stale news can reach a new port of the same number.
         self._unbinding: set[int] = set()
         self._closed = False
+        # Set by overflow(): pending() and wait() fail until reset().
+        self._overflowed = False
         # The port pending() returned last (None after its pipe was found
         # empty, or once unbound: its descriptor may be reused), and how
         # many more events pending() may read from it before asking epoll.
@@ -298,6 +301,7 @@ class EventChannel(Closing):
             with lock:
                 if self._closed:
                     raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+                self._check_overflow()
                 hot = self._hot
                 if hot is None or hot.masked:
                     port = self._take_ready()
@@ -388,6 +392,7 @@ class EventChannel(Closing):
                     if not self._waiters:
                         self._release()
                     raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+                self._check_overflow()
                 if not events:
                     return None
                 port = self._take(events[0][0])
@@ -474,6 +479,45 @@ class EventChannel(Closing):
             if lp.ignored and not lp.dead:
                 lp.ignored = False
                 self._epoll.register(lp.rfd, _WATCH)
+
+    def reset(self) -> None:
+        """Empty the queue of fired ports and clear its overflow (Linux's
+        ``IOCTL_EVTCHN_RESET``).  What the queue held is dropped: a port
+        that fired and was not taken stays masked, as if taken, and what
+        notifies it meanwhile is remembered until :meth:`unmask`.
+
+        The simulated handle keeps no queue, only its ports' pipes: each
+        pipe that holds a notification is read and its port masked.
+        """
+        with self._lock:
+            self._check_open()
+            if self._overflowed:
+                self._overflowed = False
+                os.eventfd_read(self._wake)
+            for lp in self._ports.values():
+                if not lp.masked:
+                    self._clear(lp)
+
+    def overflow(self) -> None:
+        """Act as Linux's evtchn device once its queue of fired ports
+        overflowed: :meth:`pending` and :meth:`wait` fail with EFBIG, and
+        :meth:`fileno` stays readable, until :meth:`reset`.
+
+        Not part of libxenevtchn: the simulated handle has no queue that
+        could overflow, and this lets tests reach a backend's recovery.
+        """
+        with self._lock:
+            self._check_open()
+            if not self._overflowed:
+                self._overflowed = True
+                os.eventfd_write(self._wake, 1)
+
+    def _check_overflow(self) -> None:
+        # Called with _lock held.  Linux's read() says EFBIG, its poll()
+        # POLLERR (here: _wake is readable).
+        if self._overflowed:
+            raise EventChannelError(
+                errno.EFBIG, "the queue of fired ports overflowed: reset the handle")
 
     def remote(self, port: int) -> tuple[int, int] | None:
         """``(domid, port)`` of the peer of ``port``, or None while unbound.

@@ -127,6 +127,9 @@ IOCTL_GNTDEV_MAP_GRANT_REF = _ioc_none(0, "struct ioctl_gntdev_map_grant_ref")
 IOCTL_GNTDEV_UNMAP_GRANT_REF = _ioc_none(1, "struct ioctl_gntdev_unmap_grant_ref")
 IOCTL_GNTALLOC_ALLOC_GREF = _ioc_none(5, "struct ioctl_gntalloc_alloc_gref")
 IOCTL_GNTALLOC_DEALLOC_GREF = _ioc_none(6, "struct ioctl_gntalloc_dealloc_gref")
+#: ``xen/sys/evtchn.h``'s ``_IOC(_IOC_NONE, 'E', 5, 0)``: libxenevtchn has
+#: no call for it.
+IOCTL_EVTCHN_RESET = ord("E") << 8 | 5
 GNTALLOC_FLAG_WRITABLE = 1
 
 _MAP_FIXED = 0x10  # the same on every Linux architecture; Python's mmap module lacks it
@@ -554,6 +557,15 @@ class XenEventChannel(Closing):
         _unsigned(EventChannelError, port, "event channel port")
         if self._call(self._lib.xenevtchn_unbind, port) < 0:
             raise _error(EventChannelError, f"unbinding port {port}")
+
+    def reset(self) -> None:
+        # On the handle's descriptor: libxenevtchn has no call for it, and
+        # its Linux backend reads and writes that descriptor directly too.
+        with self._lock:
+            if self._handle is None:
+                raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+            if _libc.ioctl(self._fd, IOCTL_EVTCHN_RESET) < 0:
+                raise _error(EventChannelError, "resetting the event channel handle")
 
     def close(self) -> None:
         with self._lock:
