@@ -719,3 +719,39 @@ def test_an_unmask_failing_at_every_call_costs_a_resync_per_wakeup(pair, monkeyp
         dispatcher.remove_fd(r)
         os.close(r)
         os.close(w)
+
+
+def test_an_overflowed_handle_is_reset_and_every_port_handed_out_again(
+        pair, caplog) -> None:
+    """pending() failing with EFBIG is Linux's evtchn device saying that
+    its queue of fired ports overflowed, not that the handle died: the
+    ports that fired since are masked and queued no more.  The dispatcher
+    resets the handle and hands every port out again (it stopped
+    dispatching ports for good)."""
+    guest, evtchn, dispatcher = pair
+    holding, held = threading.Event(), threading.Event()
+    fired = threading.Semaphore(0)
+
+    def hold(_port: int) -> None:
+        holding.set()
+        assert held.wait(TIMEOUT)
+
+    remotes = [evtchn.bind_unbound_port(0) for _ in range(2)]
+    dispatcher.bind_interdomain(guest.domid, remotes[0], hold)
+    dispatcher.bind_interdomain(guest.domid, remotes[1], lambda _port: fired.release())
+    caplog.set_level(logging.WARNING, logger="xenback.events")
+    evtchn.notify(remotes[0])
+    assert holding.wait(TIMEOUT)
+    try:
+        # Fired while the thread is busy, and lost in the overflow.
+        evtchn.notify(remotes[1])
+        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+        dispatcher._evtchn.overflow()
+    finally:
+        held.set()
+    assert fired.acquire(timeout=TIMEOUT), "the port lost in the overflow was not handed out"
+    for _ in range(3):  # unmasked, and the handle dispatched still
+        evtchn.notify(remotes[1])
+        assert fired.acquire(timeout=TIMEOUT)
+    assert [r.getMessage() for r in caplog.records if r.name == "xenback.events"] == [
+        "event channel handle overflowed: reset; every port is handed out again"]
