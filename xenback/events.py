@@ -16,25 +16,31 @@ dispatcher (a guest may set a failing callback off at every notify), so
 a driver that wants a budget per guest catches in its callbacks, as
 :meth:`~xenback.BackendDevice.bind_evtchn` does for a device's.
 
-The dispatching itself may fail: the handle's ``pending()`` raising
-(other than an OSError, which says the handle is dead: its ports are no
-longer dispatched), or its ``unmask()``.  Either may have taken an event
-and not delivered it, or left a port masked, and the thread would take
-every port and fd of the dispatcher with it.  It logs the failure (within
-a rate limit of its own) and goes on, and at once, before it waits again,
-hands every event out again: every port's callback runs and the port is
-unmasked, every host fd's callback runs with the readiness a
-level-triggered watch would report now.  Not a ``select.EPOLLONESHOT``
-fd's: one whose callback took its event is its owner's until re-armed,
-and is left alone; any other is re-armed, so that epoll reports it,
-once, if it is ready.  A callback must therefore take
-a call that no new event caused (queueing work that then finds nothing to
-do does).  A hand-out that fails in its turn is done again after the next
-wake-up, not at once: an ``unmask()`` failing at every call costs one per
-wake-up, not a spinning thread.  A callback's own failure is not handed
-out again in this mode: its port is unmasked all the same, and one
-dispatcher thread serves every guest of a backend, whose every event would
-then cost every port's callback.
+The dispatching itself may fail: the handle's ``pending()`` or
+``unmask()`` raising.  Either may have taken an event and not delivered
+it, or left a port masked, and the thread would take every port and fd
+of the dispatcher with it.  It logs the failure (within a rate limit of
+its own) and goes on, and at once, before it waits again, hands every
+event out again: every port's callback runs and the port is unmasked,
+every host fd's callback runs with the readiness a level-triggered watch
+would report now.  Not a ``select.EPOLLONESHOT`` fd's: one whose
+callback took its event is its owner's until re-armed, and is left
+alone; any other is re-armed, so that epoll reports it, once, if it is
+ready.  A callback must therefore take a call that no new event caused
+(queueing work that then finds nothing to do does).  A hand-out that
+fails in its turn is done again after the next wake-up, not at once: an
+``unmask()`` failing at every call costs one per wake-up, not a spinning
+thread.  A callback's own failure is not handed out again in this mode:
+its port is unmasked all the same, and one dispatcher thread serves every guest of a backend, whose every event
+would then cost every port's callback.
+
+Two failures of ``pending()`` are told apart.  EFBIG says that Linux's
+queue of the handle's fired ports overflowed (sized to the ports bound
+since 2015, it overflows only if a port is unmasked before it was taken,
+as by the hand-out above): the ports that fired meanwhile are masked and
+lost, so the dispatcher resets the handle and hands every event out
+again.  Any other OSError says that the handle is dead (the hypervisor
+side went away): its ports are no longer dispatched, its fds still are.
 
 Poll mode
 ---------
@@ -63,6 +69,7 @@ spinning poller.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -441,7 +448,9 @@ class EventDispatcher(Closing):
             # one must not hold up bind/unbind callers either.
             try:
                 port = self._evtchn.pending()
-            except OSError:
+            except OSError as exc:
+                if exc.errno == errno.EFBIG and self._reset():
+                    return ran
                 # The handle is dead (the hypervisor side went away): stop
                 # polling it rather than spin on a descriptor stuck readable.
                 logger.exception("event channel handle failed; ports are no longer dispatched")
@@ -464,6 +473,21 @@ class EventDispatcher(Closing):
                 # call or two on every poll, most of which find one port.
                 return ran
         return ran
+
+    def _reset(self) -> bool:
+        """The handle's queue of fired ports overflowed (pending() said
+        EFBIG): what it held, and the ports that fired since, are masked
+        and lost.  Reset it and have every port handed out again; False
+        if the reset failed."""
+        try:
+            self._evtchn.reset()
+        except OSError:
+            logger.exception("resetting the event channel handle after its overflow failed")
+            return False
+        self._lost = True
+        self._breakdowns.log(logger, logging.WARNING,
+                             "event channel handle overflowed: reset; every port is handed out again")
+        return True
 
     def _dispatch_port(self, port: int) -> int:
         """Run the callback of ``port`` (masked: taken from the handle, or
