@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import logging
 import os
 import queue
@@ -51,7 +52,7 @@ from pvcalls._wire import (
     ffi,
 )
 from xenback import _wire as _xb_wire
-from xenback.platform import GrantMapping
+from xenback.platform import EventChannelError, GrantMapping
 from xenback.ring import BackRing, FlexRing
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
@@ -1446,6 +1447,49 @@ def test_a_failing_event_thread_fails_every_call_with_eio(
     monkeypatch.undo()
     assert Call(fe.close).join().error is None
     assert fake._closed_once  # the frontend went Closing with the backend
+
+
+def _fails_once(real: Callable[..., Any], exc: Exception, *, after: bool) -> Callable[..., Any]:
+    """``real``, but its first call raises ``exc``: before doing anything,
+    or (``after``) once it has done its work."""
+    calls = itertools.count()
+
+    def call(*args: Any) -> Any:
+        if next(calls):
+            return real(*args)
+        if after:
+            real(*args)
+        raise exc
+
+    return call
+
+
+@pytest.mark.parametrize("step, exc, after", [
+    # The command ring's port taken, masked, and lost with the failure.
+    ("pending", RuntimeError("a bug"), True),
+    # The port left masked.
+    ("unmask", EventChannelError(errno.EIO, "a transient failure"), False),
+    ("unmask", RuntimeError("a bug"), False),
+], ids=["pending", "unmask-oserror", "unmask-bug"])
+def test_an_event_channel_handle_failing_once_fails_nothing(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch, step: str, exc: Exception, after: bool) -> None:
+    """A failure of the handle's pending() or unmask() that does not stay:
+    the event thread logs it, runs every port's handler once more and
+    unmasks the port, and goes on; the calls are answered.  (An unmask
+    failing with an OSError was taken for the port unbound meanwhile,
+    leaving the command ring's port masked: every call waited for its
+    answer until its timeout; any other failure failed every call with
+    EIO.)  A failure that stays still does (see above)."""
+    handle = fe._evtchn
+    assert handle is not None
+    monkeypatch.setattr(handle, step, _fails_once(getattr(handle, step), exc, after=after))
+    for _ in range(3):
+        fe.socket().close()
+    assert "handed out again" in log.wait("event thread", level=logging.ERROR)
+    failed = [rec for rec in log.records if rec.levelno >= logging.ERROR and rec.exc_info]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert failed[0].exc_info[1] is exc
 
 
 def test_a_failing_backend_state_watch_fails_every_call_with_eio(
