@@ -47,6 +47,15 @@ if TYPE_CHECKING:
     from xenback.platform import EventChannel, GrantShare, SharedPages
     from xenback.xenstore import Transaction, Watch
 
+class _AnswersLost(Exception):
+    """The command ring's handler failed with ``error``: the answers it
+    took off the ring are lost to their callers."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 # One logger for the whole frontend library, as concurrent.futures has.
 logger = logging.getLogger("pvcalls.frontend")
 
@@ -743,11 +752,20 @@ class Frontend(Closing):
         the relays of rings with handles of their own (see :meth:`_relay`),
         and starts the reaper when sockets were dropped (see :meth:`_collect`).
 
-        What escapes the loop ends it, and with nobody left to take the
-        backend's answers, fails the frontend (see :meth:`_fail`)."""
+        A failure of the event channel handle's pending() or unmask() may
+        have taken a port's event, or left the port masked: it is logged,
+        and every port's handler runs once more and the port is unmasked,
+        before the next wait.  A failure in that hand-out, or in the round
+        right after it, is one that stays: it escapes the loop, as does a
+        failure of the command ring's handler (the answers it took off
+        the ring are lost).  What escapes the loop ends it, and with
+        nobody left to take the backend's answers, fails the frontend (see
+        :meth:`_fail`)."""
         try:
             self._serve_events()
         except Exception as exc:
+            if isinstance(exc, _AnswersLost):
+                exc = exc.error
             if self._stopping:
                 # close() took the handles from under it: nothing waits.
                 logger.debug("pvcalls frontend event thread stopping: %s", exc)
@@ -760,11 +778,38 @@ class Frontend(Closing):
         wakeup = self._wakeup
         assert evtchn is not None and epoll is not None and wakeup is not None
         shared_fd = evtchn.fileno()
+        # failed: a failure that no round has gone well since.  resync:
+        # every port is to be handed out again before the next wait.
+        failed = resync = False
         while not self._stopping:
             try:
-                events = epoll.poll()
-            except InterruptedError:
-                continue
+                if resync:
+                    resync = False
+                    with self._lock:
+                        ports = list(self._handlers)
+                    for port in ports:
+                        self._handle_port(evtchn, port)
+                try:
+                    events = epoll.poll()
+                except InterruptedError:
+                    continue
+                self._serve_round(evtchn, wakeup, shared_fd, events)
+            except _AnswersLost:
+                raise
+            except Exception as exc:
+                if failed:
+                    raise  # it stays
+                failed = resync = True
+                logger.warning("pvcalls frontend of domain %d: its event thread failed; "
+                               "every port is handed out again", self.domain.domid,
+                               exc_info=exc)
+            else:
+                failed = False
+
+    def _serve_round(self, evtchn: EventChannel, wakeup: _Wakeup, shared_fd: int,
+                     events: list[tuple[int, int]]) -> None:
+        """Serve what one wait of the event thread found ready."""
+        if events:
             relays = []
             woken = False
             with self._lock:
@@ -783,28 +828,36 @@ class Frontend(Closing):
                     relay()
                 except Exception:
                     logger.exception("pvcalls frontend relay")
-            if not any(fd == shared_fd for fd, _ in events):
-                continue
-            while True:
-                port = evtchn.pending()
-                if port is None:
-                    break
-                handler = self._handlers.get(port)
-                try:
-                    if handler is not None:
-                        handler()
-                except Exception:
-                    if port == self._port:
-                        # The command ring: the answers taken off it are
-                        # lost to their callers (see _event_loop).  A data
-                        # ring's handler only wakes its socket's callers.
-                        raise
-                    logger.exception("pvcalls frontend event handler for port %d", port)
-                finally:
-                    try:
-                        evtchn.unmask(port)
-                    except OSError:
-                        pass  # unbound meanwhile
+        if not any(fd == shared_fd for fd, _ in events):
+            return
+        while True:
+            port = evtchn.pending()
+            if port is None:
+                break
+            self._handle_port(evtchn, port)
+
+    def _handle_port(self, evtchn: EventChannel, port: int) -> None:
+        """Run the handler of ``port`` (masked), then unmask it."""
+        handler = self._handlers.get(port)
+        lost = None
+        try:
+            if handler is not None:
+                handler()
+        except Exception as exc:
+            if port != self._port:
+                # A data ring's handler only wakes its socket's callers.
+                logger.exception("pvcalls frontend event handler for port %d", port)
+            else:
+                lost = exc  # the answers taken off the command ring
+        try:
+            evtchn.unmask(port)
+        except OSError:
+            with self._lock:
+                if port in self._handlers and lost is None:
+                    raise  # still bound, and left masked
+            # Unbound meanwhile (or the frontend fails anyway).
+        if lost is not None:
+            raise _AnswersLost(lost) from lost
 
     def _stop_thread(self) -> None:
         """Stop the event thread, then wait for the reaper: it frees what

@@ -1410,7 +1410,8 @@ def test_a_failing_event_thread_fails_every_call_with_eio(
     call; the failure is logged with its traceback.  close() still
     closes the device with the backend.  (The thread ended, with a line
     in the log at most, and every blocked call of the guest waited for
-    ever.)"""
+    ever.)  A failure of the handle is one that stays: the thread goes
+    on after the first (see below), not after the second."""
     r, _ = connected(fe, fake)
     r.settimeout(None)
     receiving = Call(lambda: r.recv(10))
@@ -1429,7 +1430,14 @@ def test_a_failing_event_thread_fails_every_call_with_eio(
                                   "self._cmd_cond.wait("))
     _EVENT_THREAD_BUGS[where](fe, monkeypatch)
     fake.respond(req, 0)  # the event that sets it off
-    for call in (connecting, receiving):
+    calls = [connecting, receiving]
+    if where != "the command ring":
+        # The thread survives the first failure, and its hand-out of
+        # every port takes the CONNECT's answer; the failure that stays
+        # fails the frontend.
+        assert connecting.join().error is None
+        calls.remove(connecting)
+    for call in calls:
         err = call.oserror()
         assert err.errno == errno.EIO
         assert err.strerror.startswith("the PV Calls frontend failed"), err.strerror
@@ -1486,10 +1494,10 @@ def test_an_event_channel_handle_failing_once_fails_nothing(
     monkeypatch.setattr(handle, step, _fails_once(getattr(handle, step), exc, after=after))
     for _ in range(3):
         fe.socket().close()
-    assert "handed out again" in log.wait("event thread", level=logging.ERROR)
-    failed = [rec for rec in log.records if rec.levelno >= logging.ERROR and rec.exc_info]
+    assert "handed out again" in log.wait("event thread failed")
+    failed = [rec for rec in log.records if rec.levelno >= logging.WARNING and rec.exc_info]
     assert len(failed) == 1 and failed[0].exc_info is not None
-    assert failed[0].exc_info[1] is exc
+    assert failed[0].levelno == logging.WARNING and failed[0].exc_info[1] is exc
 
 
 def test_a_failing_backend_state_watch_fails_every_call_with_eio(
