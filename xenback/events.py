@@ -31,8 +31,9 @@ ready.  A callback must therefore take a call that no new event caused
 fails in its turn is done again after the next wake-up, not at once: an
 ``unmask()`` failing at every call costs one per wake-up, not a spinning
 thread.  A callback's own failure is not handed out again in this mode:
-its port is unmasked all the same, and one dispatcher thread serves every guest of a backend, whose every event
-would then cost every port's callback.
+its port is unmasked all the same, and one dispatcher thread serves
+every guest of a backend, whose every event would then cost every
+port's callback.
 
 Two failures of ``pending()`` are told apart.  EFBIG says that Linux's
 queue of the handle's fired ports overflowed (sized to the ports bound
