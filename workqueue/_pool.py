@@ -82,7 +82,6 @@ lock = threading.Lock()
 # calling these is some 60 ns cheaper than lock.acquire() and lock.release().
 lock_acquire = lock.acquire
 lock_release = lock.release
-lock_locked = lock.locked
 
 # Taking the engine lock when another thread holds it (the per-item paths).
 #
@@ -111,14 +110,34 @@ def lock_acquire_contended() -> None:
     lock_acquire()
 
 
-def lock_wait_contended() -> None:
-    """Yield the GIL while the engine lock is held, as
-    lock_acquire_contended() does, but leave the taking to the caller's
-    ``with lock``: for threads that Ctrl-C may interrupt (see insert_work)."""
+# Taking the lock where Ctrl-C may land (queue_work(), in the main thread).
+#
+# CPython runs a signal's handler as a call returns to Python code: after
+# ``lock_acquire(False)`` returned True and before a ``try`` began, a
+# KeyboardInterrupt left the lock held for good.  A ``with lock`` has no
+# such window, but sleeps on a held lock at once, the convoy above, and
+# yielding until the lock looks free does not help: a worker woken on the
+# lock takes it without the GIL, between our look and our ``with`` (a
+# fifth of submit()'s throughput).  So the caller takes it inside its
+# ``try``, through ``taken.extend(map(lock_acquire, ...))``: list.extend()
+# stores what acquire() returned before control is back in Python code,
+# where a handler could run, and the ``finally`` releases the lock if
+# ``taken`` ends with True.
+NOWAIT = (False,)
+WAIT = (True,)
+
+
+def lock_take_contended(taken: list[bool]) -> None:
+    """Take the engine lock, which ``taken.extend(map(lock_acquire,
+    NOWAIT))`` found held, appending to ``taken`` what each attempt
+    returned: it ends with True once the lock is ours (see above)."""
     for _ in range(_CONTENDED_YIELDS):
         _yield_gil()
-        if not lock_locked():
+        taken.extend(map(lock_acquire, NOWAIT))
+        if taken[-1]:
             return
+    taken.extend(map(lock_acquire, WAIT))
+
 
 _monotonic = time.monotonic
 

@@ -35,6 +35,7 @@ from . import _atexit, _pool
 from ._flags import WQ_DFL_ACTIVE, WQ_MAX_ACTIVE, WQ_ORDERED, WQ_USER_FLAGS, WQFlags
 from ._future import CallWork, cancel_pending_futures
 from ._pool import (
+    NOWAIT,
     Completion,
     PoolWorkqueue,
     WorkerPool,
@@ -47,8 +48,9 @@ from ._pool import (
     insert_work,
     kick_pool,
     lock,
-    lock_locked,
-    lock_wait_contended,
+    lock_acquire,
+    lock_release,
+    lock_take_contended,
     pool_set,
     release_pwq,
     running_workers,
@@ -291,14 +293,13 @@ class Workqueue(Executor):
             if cpu is None:
                 cpu = topology.current_cpu()
             pwq = self._pwqs[cpu]
-        # `with lock`, not acquire() and a try: Ctrl-C lands as a call
-        # returns, and between acquire() and the try it left the lock held
-        # for good.  A `with` takes a lock and enters its block in one
-        # instruction.  Yielding first keeps the contended case as cheap as
-        # lock_acquire_contended() makes it (see there).
-        if lock_locked():
-            lock_wait_contended()
-        with lock:
+        # Taken inside the try, for Ctrl-C, and not with a `with`, for
+        # the convoy (see lock_take_contended).
+        taken: list[bool] = []
+        try:
+            taken.extend(map(lock_acquire, NOWAIT))
+            if not taken[-1]:
+                lock_take_contended(taken)
             if work._pending or work._disable:
                 # Turned so since the look above: as there, a destroyed
                 # queue is said to be one whatever the item's state.
@@ -335,6 +336,9 @@ class Workqueue(Executor):
                 self._trace("queue", work, pool)
                 if active:
                     self._trace("activate", work, pool)
+        finally:
+            if taken and taken[-1]:
+                lock_release()
         return True
 
     def queue_work_on(self, cpu: int, work: Work) -> bool:
@@ -363,9 +367,11 @@ class Workqueue(Executor):
         if work._pending or work._disable:  # lock-free early out: see queue_work()
             self._check_not_destroyed()
             return False
-        if lock_locked():  # as in queue_work()
-            lock_wait_contended()
-        with lock:
+        taken: list[bool] = []
+        try:  # as in queue_work()
+            taken.extend(map(lock_acquire, NOWAIT))
+            if not taken[-1]:
+                lock_take_contended(taken)
             if work._pending or work._disable:
                 # Turned so since the look above: as there, a destroyed
                 # queue is said to be one whatever the item's state.
@@ -377,6 +383,9 @@ class Workqueue(Executor):
             if worker is not None:
                 pwq = self._last_pwq(worker, pwq)
             insert_work(pwq, work)
+        finally:
+            if taken and taken[-1]:
+                lock_release()
         return True
 
     def _last_pwq(self, worker: _pool.Worker, pwq: PoolWorkqueue) -> PoolWorkqueue:

@@ -219,16 +219,16 @@ def test_a_destroyed_queue_raises_also_for_an_item_queued_elsewhere_meanwhile(
     dead.destroy()
     other = make_wq("other")
     dwork = DelayedWork(lambda w: None)
-    real_locked = _workqueue.lock_locked  # looked at just before it is taken
+    real_acquire = _workqueue.lock_acquire
     armed = [True]
 
-    def locked_after_another_queueing() -> bool:
+    def acquire_after_another_queueing(blocking: bool = True) -> bool:
         if armed[0]:
             armed[0] = False
             assert other.queue_delayed_work(dwork, 60)  # pending on its timer
-        return real_locked()
+        return real_acquire(blocking)
 
-    monkeypatch.setattr(_workqueue, "lock_locked", locked_after_another_queueing)
+    monkeypatch.setattr(_workqueue, "lock_acquire", acquire_after_another_queueing)
     queue = dead.queue_work if call == "queue_work" else lambda w: dead.queue_work_on(0, w)
     try:
         with pytest.raises(RuntimeError, match="workqueue 'test' is destroyed"):
