@@ -528,6 +528,24 @@ def test_a_port_callback_interrupted_is_no_longer_running(polled, interrupt) -> 
     assert dispatcher.ports == []
 
 
+def _unmask_failing_once(dispatcher: EventDispatcher,
+                         monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the handle's next unmask() of ``dispatcher`` fail, as a dead
+    handle's would, and the later ones work; the list of the port it
+    failed for."""
+    unmask = dispatcher._evtchn.unmask
+    failed: list[int] = []
+
+    def failing_once(port: int) -> None:
+        if not failed:
+            failed.append(port)
+            raise OSError(5, "the handle failed")
+        unmask(port)
+
+    monkeypatch.setattr(dispatcher._evtchn, "unmask", failing_once)
+    return failed
+
+
 def test_a_oneshot_fd_re_armed_and_lost_is_handed_out_again(polled, monkeypatch) -> None:
     """Re-armed, a ONESHOT fd is no longer its owner's: an event of it
     that a failed dispatch lost (reported, so disarmed, but its callback
@@ -538,21 +556,13 @@ def test_a_oneshot_fd_re_armed_and_lost_is_handed_out_again(polled, monkeypatch)
     r, w = os.pipe()
     oneshot = select.EPOLLIN | select.EPOLLONESHOT
     calls: list[int] = []
-    unmask = dispatcher._evtchn.unmask
-    failed: list[int] = []
-
-    def failing_once(port: int) -> None:
-        if not failed:
-            failed.append(port)
-            raise OSError(5, "the handle failed")
-        unmask(port)
 
     try:
         dispatcher.add_fd(r, oneshot, lambda _fd, revents: calls.append(revents))
         os.write(w, b"x")  # never read: readable throughout
         assert dispatcher.poll(TIMEOUT) == 1
         dispatcher.modify_fd(r, 0)  # re-armed, but for nothing yet
-        monkeypatch.setattr(dispatcher._evtchn, "unmask", failing_once)
+        failed = _unmask_failing_once(dispatcher, monkeypatch)
         evtchn.notify(remote)
         assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
         dispatcher.modify_fd(r, oneshot)  # ready behind the port
@@ -605,7 +615,7 @@ def test_a_resync_watches_an_fd_for_its_mask_as_modified(polled) -> None:
         os.close(w)
 
 
-def test_a_oneshot_fd_removed_and_added_again_is_not_its_owners(polled) -> None:
+def test_a_oneshot_fd_removed_and_added_again_is_not_its_owners(polled, monkeypatch) -> None:
     """A ONESHOT fd its callback took, removed and then added again, is
     armed: an event of it that a failed dispatch lost is handed out
     again, as any armed fd's."""
@@ -615,14 +625,6 @@ def test_a_oneshot_fd_removed_and_added_again_is_not_its_owners(polled) -> None:
     r, w = os.pipe()
     oneshot = select.EPOLLIN | select.EPOLLONESHOT
     calls: list[int] = []
-    unmask = dispatcher._evtchn.unmask
-    failed: list[int] = []
-
-    def failing_once(port: int) -> None:
-        if not failed:
-            failed.append(port)
-            raise OSError(5, "the handle failed")
-        unmask(port)
 
     def record(_fd: int, revents: int) -> None:
         calls.append(revents)
@@ -632,7 +634,7 @@ def test_a_oneshot_fd_removed_and_added_again_is_not_its_owners(polled) -> None:
         os.write(w, b"x")  # never read: readable throughout
         assert dispatcher.poll(TIMEOUT) == 1  # taken
         dispatcher.remove_fd(r)
-        dispatcher._evtchn.unmask = failing_once  # type: ignore[method-assign]
+        failed = _unmask_failing_once(dispatcher, monkeypatch)
         evtchn.notify(remote)
         assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
         dispatcher.add_fd(r, oneshot, record)  # ready behind the port
@@ -643,7 +645,7 @@ def test_a_oneshot_fd_removed_and_added_again_is_not_its_owners(polled) -> None:
         dispatcher.poll(0)
         assert calls == [select.EPOLLIN, select.EPOLLIN]
     finally:
-        dispatcher._evtchn.unmask = unmask  # type: ignore[method-assign]
+        monkeypatch.undo()
         dispatcher.remove_fd(r)
         os.close(r)
         os.close(w)
