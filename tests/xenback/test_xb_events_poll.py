@@ -7,6 +7,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -473,17 +474,25 @@ def test_a_resync_calls_an_armed_oneshot_fd_once(polled) -> None:
         os.close(w)
 
 
-def test_a_resync_hands_out_again_what_a_oneshot_callback_lost(polled) -> None:
-    """A ONESHOT fd's callback that raised lost its event, and nobody
-    will re-arm the fd: a resync hands the event out again, once."""
-    _, _, dispatcher = polled
-    r, w = os.pipe()
+def _fd_callback_failing_once() -> tuple[Callable[[int, int], None], list[int]]:
+    """An fd callback that raises at its first call, and the list of the
+    events it was called with."""
     calls: list[int] = []
 
     def once(_fd: int, revents: int) -> None:
         calls.append(revents)
         if len(calls) == 1:
             raise RuntimeError("a bug")
+
+    return once, calls
+
+
+def test_a_resync_hands_out_again_what_a_oneshot_callback_lost(polled) -> None:
+    """A ONESHOT fd's callback that raised lost its event, and nobody
+    will re-arm the fd: a resync hands the event out again, once."""
+    _, _, dispatcher = polled
+    r, w = os.pipe()
+    once, calls = _fd_callback_failing_once()
 
     try:
         dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT, once)
@@ -596,12 +605,7 @@ def test_a_resync_watches_an_fd_for_its_mask_as_modified(polled) -> None:
     for the events of its latest modify_fd, not those it was added with."""
     _, _, dispatcher = polled
     r, w = os.pipe()
-    calls: list[int] = []
-
-    def once(_fd: int, revents: int) -> None:
-        calls.append(revents)
-        if len(calls) == 1:
-            raise RuntimeError("a bug")
+    once, calls = _fd_callback_failing_once()
 
     try:
         dispatcher.add_fd(w, select.EPOLLIN, once)  # a pipe's write end: never readable
@@ -746,12 +750,7 @@ def test_a_oneshot_fd_the_resync_could_not_re_arm_is_re_armed_later(
     done again after the next wait, or the fd is never reported again."""
     _, _, dispatcher = polled
     r, w = os.pipe()
-    calls: list[int] = []
-
-    def once(_fd: int, revents: int) -> None:
-        calls.append(revents)
-        if len(calls) == 1:
-            raise RuntimeError("a bug")
+    once, calls = _fd_callback_failing_once()
 
     try:
         dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT, once)
