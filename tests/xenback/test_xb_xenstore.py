@@ -1527,13 +1527,12 @@ def test_close_ends_a_request_stuck_in_its_write(tmp_path) -> None:
         server.join(TIMEOUT)
 
 
-def test_a_read_a_sender_closes_under_is_a_lost_connection(tmp_path, monkeypatch) -> None:
-    """xenstored hanging up wakes the router, whose read of the end of
-    file races a sender whose write fails (EPIPE): pyxs's send() closes
-    the connection, setting its transport to None between the router's
-    test that it is up and its read.  on_lost was told of pyxs's
-    AttributeError ("'NoneType' object has no attribute 'recv'") rather
-    than of the connection lost."""
+def _opened_on_a_hang_up_router_paused(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Thread, PauseAt, XenStore, list[Exception]]:
+    """A XenStore opened on a xenstored that hangs up at once, its router
+    to pause just before it reads (so that a sender meets the hang-up
+    first), and the list of what on_lost is told."""
     from pyxs.connection import PacketConnection
 
     from tests.sim.hosthelpers import serve_one_client
@@ -1545,6 +1544,17 @@ def test_a_read_a_sender_closes_under_is_a_lost_connection(tmp_path, monkeypatch
     told: list[Exception] = []
     xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
     xs.open()
+    return server, pause, xs, told
+
+
+def test_a_read_a_sender_closes_under_is_a_lost_connection(tmp_path, monkeypatch) -> None:
+    """xenstored hanging up wakes the router, whose read of the end of
+    file races a sender whose write fails (EPIPE): pyxs's send() closes
+    the connection, setting its transport to None between the router's
+    test that it is up and its read.  on_lost was told of pyxs's
+    AttributeError ("'NoneType' object has no attribute 'recv'") rather
+    than of the connection lost."""
+    server, pause, xs, told = _opened_on_a_hang_up_router_paused(tmp_path, monkeypatch)
     try:
         assert pause.reached.wait(TIMEOUT)
         exc = _try_read(xs)  # EPIPE: pyxs closes the connection
@@ -1854,18 +1864,7 @@ def test_on_lost_is_told_the_write_error_that_ended_the_connection(tmp_path, mon
     bare "not connected", which says nothing of why."""
     import os
 
-    from pyxs.connection import PacketConnection
-
-    from tests.sim.hosthelpers import serve_one_client
-
-    path = str(tmp_path / "xenstored")
-    server = serve_one_client(path, lambda _conn: None)  # hangs up at once
-    # The router must not read the hang-up first: the sender meets it.
-    pause = PauseAt.in_method(monkeypatch, PacketConnection, "recv",
-                              "header = self.transport.recv(")
-    told: list[Exception] = []
-    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
-    xs.open()
+    server, pause, xs, told = _opened_on_a_hang_up_router_paused(tmp_path, monkeypatch)
     try:
         assert pause.reached.wait(TIMEOUT)
         server.join(TIMEOUT)
