@@ -306,11 +306,14 @@ def test_an_interrupt_as_cancel_sync_wakes_drops_its_hold(
 PACKAGE = os.path.dirname(workqueue.__file__)
 
 
-def at_every_place(attempt: Callable[[Callable[[Callable[[], object]], None]], None]) -> int:
+def at_every_place(attempt: Callable[[Callable[[Callable[[], object]], None]], None], *,
+                   under_the_lock: bool = False) -> int:
     """attempt(interrupted) once per place (see interrupted_at), until
     there is none left: ``interrupted(call)`` runs ``call()`` with Ctrl-C
     landing at the place, a TimeoutError from it being its normal end.
+    The places where the engine lock is held count only ``under_the_lock``.
     How many places there were."""
+    unless = (lambda: False) if under_the_lock else _pool.lock.locked
     n = 0
     while True:
         landed: list[str] = []
@@ -323,11 +326,11 @@ def at_every_place(attempt: Callable[[Callable[[Callable[[], object]], None]], N
                 except TimeoutError:
                     pass
 
-            landed.append(interrupted_at(n, PACKAGE, ending_in_time, unless=_pool.lock.locked))
+            landed.append(interrupted_at(n, PACKAGE, ending_in_time, unless=unless))
 
         try:
             attempt(interrupted)
-        except AssertionError as exc:
+        except (AssertionError, TimeoutError) as exc:
             raise AssertionError(f"with Ctrl-C at place {n}, {landed}: {exc}") from exc
         assert len(landed) == 1
         if not landed[0]:
@@ -716,34 +719,7 @@ def test_ctrl_c_anywhere_in_queue_work_queues_the_item_whole_or_not_at_all(
         finally:
             stuck.release.set()  # a failed check must not leave it running
 
-    assert at_every_place_under_the_lock(attempt) > 5
-
-
-def at_every_place_under_the_lock(
-        attempt: Callable[[Callable[[Callable[[], object]], None]], None]) -> int:
-    """at_every_place(), the places where the engine lock is held included."""
-    n = 0
-    while True:
-        landed: list[str] = []
-
-        def interrupted(call: Callable[[], object], n: int = n,
-                        landed: list[str] = landed) -> None:
-            def ending_in_time() -> None:
-                try:
-                    call()
-                except TimeoutError:
-                    pass
-
-            landed.append(interrupted_at(n, PACKAGE, ending_in_time))
-
-        try:
-            attempt(interrupted)
-        except (AssertionError, TimeoutError) as exc:
-            raise AssertionError(f"with Ctrl-C at place {n}, {landed}: {exc}") from exc
-        assert len(landed) == 1
-        if not landed[0]:
-            return n
-        n += 1
+    assert at_every_place(attempt, under_the_lock=True) > 5
 
 
 def assert_nothing_left(wq: Workqueue, works: list[Work]) -> None:
@@ -809,7 +785,7 @@ def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
     # Some places at least (the sweep ran).  How many varies from run to
     # run with what the earlier attempts left (cancel: 9 or 10 alone, 4
     # once after other files' tests): the invariants above are the test.
-    assert at_every_place_under_the_lock(attempt) >= 3
+    assert at_every_place(attempt, under_the_lock=True) >= 3
 
 
 def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
@@ -838,7 +814,7 @@ def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
             for pwq in wq._all_pwqs():
                 assert pwq not in pwq.pool.pwqs, pwq.pool.dump()
 
-    assert at_every_place_under_the_lock(attempt) > 5
+    assert at_every_place(attempt, under_the_lock=True) > 5
 
 
 def assert_pools_count_their_workers(topology: workqueue.Topology) -> None:
