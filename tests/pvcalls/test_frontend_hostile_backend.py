@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import itertools
 import logging
 import os
 import queue
@@ -51,6 +50,7 @@ from pvcalls._wire import (
     SLOT_SIZE,
     ffi,
 )
+from tests.xenback.xbhelpers import fails_once
 from xenback import _wire as _xb_wire
 from xenback.platform import EventChannelError, GrantMapping
 from xenback.ring import BackRing, FlexRing
@@ -1457,21 +1457,6 @@ def test_a_failing_event_thread_fails_every_call_with_eio(
     assert fake._closed_once  # the frontend went Closing with the backend
 
 
-def _fails_once(real: Callable[..., Any], exc: Exception, *, after: bool) -> Callable[..., Any]:
-    """``real``, but its first call raises ``exc``: before doing anything,
-    or (``after``) once it has done its work."""
-    calls = itertools.count()
-
-    def call(*args: Any) -> Any:
-        if next(calls):
-            return real(*args)
-        if after:
-            real(*args)
-        raise exc
-
-    return call
-
-
 @pytest.mark.parametrize("step, exc, after", [
     # The command ring's port taken, masked, and lost with the failure.
     ("pending", RuntimeError("a bug"), True),
@@ -1491,7 +1476,7 @@ def test_an_event_channel_handle_failing_once_fails_nothing(
     EIO.)  A failure that stays still does (see above)."""
     handle = fe._evtchn
     assert handle is not None
-    monkeypatch.setattr(handle, step, _fails_once(getattr(handle, step), exc, after=after))
+    monkeypatch.setattr(handle, step, fails_once(getattr(handle, step), exc, after=after))
     for _ in range(3):
         fe.socket().close()
     assert "handed out again" in log.wait("event thread failed")

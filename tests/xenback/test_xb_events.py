@@ -5,20 +5,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import logging
 import os
 import select
 import socket
 import threading
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from tests.sim.hosthelpers import eventually, service_caught_up
 from tests.stolensignal import Interrupted, interrupt, main_thread_in
-from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
+from tests.xenback.xbhelpers import TIMEOUT, fails_once, leaked_threads
 from xenback import EventDispatcher
 from xenback.platform import EventChannelError
 
@@ -629,23 +626,6 @@ def test_an_fd_callback_failing_at_every_event_is_logged_within_the_same_limit(
     assert len(failures) + sum(suppressed) == 50
 
 
-def _fails_once(real: Callable[..., Any], exc: Exception, *, after: bool = False
-                ) -> Callable[..., Any]:
-    """``real``, but its first call raises ``exc``: before doing anything,
-    or (``after``) once it has done its work, as a handle whose reply was
-    lost on the way back."""
-    calls = itertools.count()
-
-    def call(*args: Any) -> Any:
-        if next(calls):
-            return real(*args)
-        if after:
-            real(*args)
-        raise exc
-
-    return call
-
-
 @pytest.mark.parametrize("step, exc, after", [
     # pending() took a port, masked now, and raised: only a resync finds it.
     ("pending", RuntimeError("a bug"), True),
@@ -666,7 +646,7 @@ def test_the_thread_survives_a_failing_handle_and_loses_no_event(
     fired = threading.Semaphore(0)
     local = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
     handle = dispatcher._evtchn
-    monkeypatch.setattr(handle, step, _fails_once(getattr(handle, step), exc, after=after))
+    monkeypatch.setattr(handle, step, fails_once(getattr(handle, step), exc, after=after))
     caplog.set_level(logging.ERROR, logger="xenback.events")
     evtchn.notify(remote)
     if step == "unmask":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -288,3 +289,21 @@ def frontend_in_child(run_dir: str, domid: int, device: Any, results: Any) -> No
         results.put(("closed", repr(fe), None))
     except BaseException as exc:  # the parent reports it, not a lost child
         results.put(("error", f"{type(exc).__name__}: {exc}", None))
+
+
+def fails_once(real: Callable[..., Any], exc: Exception, *, after: bool = False
+               ) -> Callable[..., Any]:
+    """``real``, but its first call raises ``exc``: before doing anything,
+    or (``after``) once it has done its work, as a handle whose reply was
+    lost on the way back (an event channel handle's pending() or unmask()
+    failing once, say)."""
+    calls = itertools.count()
+
+    def call(*args: Any) -> Any:
+        if next(calls):
+            return real(*args)
+        if after:
+            real(*args)
+        raise exc
+
+    return call
