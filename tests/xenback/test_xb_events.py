@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import select
@@ -735,3 +736,66 @@ def test_an_overflowed_handle_is_reset_and_every_port_handed_out_again(
         assert fired.acquire(timeout=TIMEOUT)
     assert [r.getMessage() for r in caplog.records if r.name == "xenback.events"] == [
         "event channel handle overflowed: reset; every port is handed out again"]
+
+
+def test_a_pending_failing_at_every_call_backs_off_and_serves_the_fds(
+        pair, monkeypatch, caplog) -> None:
+    """A handle whose pending() raises at every call (a bug of the
+    platform's handle, not an OSError) leaves its descriptor readable for
+    good: the thread took it, failed, handed every event out, took it
+    again at once, and so on, a CPU burnt for as long as the bug lasts.
+    It backs off instead: after a second failure in a row the handle is
+    left out of the wait for a delay that doubles up to a bound, its fds
+    served meanwhile; each failure is logged with its traceback.  Once
+    the handle works again, its ports are dispatched again."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    local = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+    real = dispatcher._evtchn.pending
+    bug = RuntimeError("a bug in the handle")
+    calls = itertools.count()
+    taken: list[int] = []
+    broken = True
+
+    def pending() -> int | None:
+        next(calls)
+        if broken:
+            raise bug
+        port = real()
+        if port is not None:
+            taken.append(port)
+        return port
+
+    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
+    caplog.set_level(logging.ERROR, logger="xenback.events")
+    evtchn.notify(remote)  # never taken while the bug lasts: readable for good
+    assert fired.acquire(timeout=TIMEOUT)  # the hand-out after the first failure
+    r, w = os.pipe()
+    served = threading.Semaphore(0)
+    dispatcher.add_fd(r, select.EPOLLIN, lambda fd, _events: (os.read(fd, 1), served.release()))
+    try:
+        before = next(calls)
+        for _ in range(3):  # served while the handle fails
+            os.write(w, b"x")
+            assert served.acquire(timeout=TIMEOUT)
+        threading.Event().wait(0.5)  # what a spinning thread does meanwhile
+        # Backing off from 10 ms, doubling: some 7 calls in the half second
+        # (a spinning thread made tens of thousands).
+        assert next(calls) - before < 30
+        failures = [rec for rec in caplog.records if rec.name == "xenback.events"]
+        assert failures and all(rec.exc_info and rec.exc_info[1] is bug for rec in failures)
+        assert any("backing off" in rec.getMessage() for rec in failures)
+        broken = False
+        # The port is taken from the handle again, at the latest when the
+        # back-off ends (a second at most).
+        assert eventually(lambda: taken == [local], TIMEOUT)
+        while fired.acquire(timeout=0):
+            pass
+        evtchn.notify(remote)
+        assert fired.acquire(timeout=TIMEOUT)
+        assert eventually(lambda: taken == [local, local], TIMEOUT)
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
