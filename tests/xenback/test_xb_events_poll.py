@@ -767,3 +767,56 @@ def test_a_oneshot_fd_the_resync_could_not_re_arm_is_re_armed_later(
         dispatcher.remove_fd(r)
         os.close(r)
         os.close(w)
+
+
+def test_poll_counts_every_callback_a_resync_ran_and_no_other(polled, monkeypatch) -> None:
+    """poll() returns how many callbacks ran, also in a resync: a port's
+    whose unmask failed afterwards ran (it was not counted), a ONESHOT
+    fd's re-armed rather than called did not, nor a port's unbound."""
+    guest, evtchn, dispatcher = polled
+    calls: list[object] = []
+    remotes = [evtchn.bind_unbound_port(0) for _ in range(3)]
+    ports = [dispatcher.bind_interdomain(guest.domid, remote, calls.append)
+             for remote in remotes]
+    r, w = os.pipe()
+    r1, w1 = os.pipe()
+    unmask = dispatcher._evtchn.unmask
+    failing: list[int] = []  # the ports whose next unmask fails
+
+    def unmask_failing(port: int) -> None:
+        if port in failing:
+            failing.remove(port)
+            raise OSError(5, "the handle failed")
+        unmask(port)
+
+    def ran(call: Callable[[], int]) -> tuple[int, int]:
+        before = len(calls)
+        return call(), len(calls) - before
+
+    monkeypatch.setattr(dispatcher._evtchn, "unmask", unmask_failing)
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN, lambda fd, _revents: calls.append(fd))
+        dispatcher.add_fd(r1, select.EPOLLIN | select.EPOLLONESHOT,
+                          lambda fd, _revents: calls.append(fd))
+        os.write(w, b"x")  # never read: readable throughout
+        assert ran(lambda: dispatcher.poll(TIMEOUT)) == (1, 1)  # the level fd
+        dispatcher.unbind(ports[2])
+        failing[:] = [ports[0], ports[0]]  # after the event, and in the resync
+        evtchn.notify(remotes[0])
+        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+        with pytest.raises(OSError):
+            dispatcher.poll(0)
+        # The resync: both ports (the first one's unmask failing again)
+        # and the level fd; the ONESHOT fd, not ready, is re-armed only.
+        count, really = ran(lambda: dispatcher.poll(0))
+        assert really == 3 and count == really
+        # After the wait: the resync again, and the level fd as ready.
+        count, really = ran(lambda: dispatcher.poll(0))
+        assert really == 4 and count == really
+        os.read(r, 1)
+        assert ran(lambda: dispatcher.poll(0)) == (0, 0)
+    finally:
+        dispatcher.remove_fd(r)
+        dispatcher.remove_fd(r1)
+        for fd in (r, w, r1, w1):
+            os.close(fd)
