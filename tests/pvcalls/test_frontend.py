@@ -740,6 +740,114 @@ def test_a_freed_ring_on_the_shared_handle_unbinds_its_port(
         wait_until(lambda: port not in bound)
 
 
+def _on_the_shared_handle(fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Put every data ring ``fe`` makes from now on its shared handle."""
+    def refuse() -> Any:
+        raise OSError(errno.EMFILE, "too many handles")
+
+    monkeypatch.setattr(fe.domain, "evtchn", refuse)
+
+
+def test_an_overflowed_handle_is_reset_and_loses_no_event(
+        host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The handle's pending() failing with EFBIG is Linux's evtchn device
+    saying that its queue of fired ports overflowed: the ports that fired
+    and were not taken are masked, their events lost.  The event thread
+    resets the handle and hands every port out again (the command ring's
+    answers are taken, the data rings' waiters woken); it failed the
+    frontend instead.  Here the command ring's port fires, and is lost,
+    while the event thread is held in a data ring's handler."""
+    srv = server()
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    with pvcalls.Frontend(host.create_domain("overflowed")) as other:
+        _on_the_shared_handle(other, monkeypatch)
+        handle = other._evtchn
+        assert handle is not None
+        with connected(other, srv.address) as s:
+            ring = s._st.ring
+            assert ring is not None and not ring.direct
+            holding, held = threading.Event(), threading.Event()
+            on_event = other._handlers[ring.port]
+
+            def hold() -> None:
+                if not holding.is_set():
+                    holding.set()
+                    assert held.wait(TIMEOUT)
+                on_event()
+
+            other._handlers[ring.port] = hold
+            s.sendall(b"ping")  # its echo fires the data ring's port
+            assert holding.wait(TIMEOUT)
+            try:
+                opening = Call(other.socket)  # its answer fires the command ring's
+                assert select.select([handle.fileno()], [], [], TIMEOUT)[0]
+                handle.overflow()
+            finally:
+                held.set()
+            opening.join(TIMEOUT)
+            assert opening.error is None, opening.error
+            opening.result.close()
+            assert recv_exactly(s, 4) == b"ping"
+            other.socket().close()  # the frontend lives on
+            echo_through(s, b"pong")
+            assert "handle overflowed: reset" in caplog.text
+
+
+def test_overflows_under_traffic_hang_no_call_and_lose_no_data(
+        host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frontend's handle overflowing again and again while data goes
+    both ways on rings of that handle and commands are in flight: every
+    call returns and every byte comes back."""
+    srv = server()
+    with pvcalls.Frontend(host.create_domain("overflowing")) as other:
+        _on_the_shared_handle(other, monkeypatch)
+        handle = other._evtchn
+        assert handle is not None
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def echo_some(seed: int) -> None:
+            try:
+                data = os.urandom(100_000 + seed)
+                with connected(other, srv.address) as s:
+                    assert s._st.ring is not None and not s._st.ring.direct
+                    sender = Call(lambda: s.sendall(data))
+                    assert recv_exactly(s, len(data)) == data
+                    sender.join(TIMEOUT)
+                    assert sender.error is None, sender.error
+            except BaseException as exc:
+                errors.append(exc)
+
+        def open_and_close() -> None:
+            try:
+                while not done.is_set():
+                    other.socket().close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=echo_some, args=(i,)) for i in range(3)]
+        threads.append(threading.Thread(target=open_and_close))
+        for t in threads:
+            t.start()
+        try:
+            overflows = 0
+            while any(t.is_alive() for t in threads[:-1]) and overflows < 200:
+                handle.overflow()
+                overflows += 1
+                # Reset by the event thread (or the frontend failed).
+                wait_until(lambda: not handle._overflowed)  # type: ignore[attr-defined]
+        finally:
+            done.set()
+            for t in threads:
+                t.join(TIMEOUT * 3)
+        assert not any(t.is_alive() for t in threads), "a call hangs"
+        assert not errors, errors
+        assert overflows > 1
+        with connected(other, srv.address) as s:  # and the frontend still works
+            echo_through(s, b"after")
+
+
 def test_many_threads_many_sockets(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     errors: list[BaseException] = []
