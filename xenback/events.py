@@ -159,6 +159,10 @@ class EventDispatcher(Closing):
         self._resync_now = False
         self._resync_later = False
         self._lost = False
+        # Callbacks called since the dispatcher was made: poll() returns
+        # what a round added, also the ones a round that raised in the
+        # end ran.  Written only by the thread that dispatches.
+        self._ran = 0
         # A callback that raises is a bug, but a guest may set it off at
         # every notify, as fast as it likes: its tracebacks are limited.
         self._failures = RateLimit(f"{name} callbacks")
@@ -263,7 +267,8 @@ class EventDispatcher(Closing):
     def poll(self, timeout: float | None = None) -> int:
         """Wait up to ``timeout`` seconds (None: for ever) until a port or an
         fd is ready or :meth:`wakeup` is called, then run the callbacks of
-        what is ready, in the calling thread; returns how many ran.
+        what is ready, in the calling thread; returns how many callbacks
+        it called (also those that raised, and those of a hand-out again).
 
         For a dispatcher made with ``thread=False``, by one thread at a time.
         The wait counts as blocking for a calling work item
@@ -402,6 +407,7 @@ class EventDispatcher(Closing):
         out again what the last round may have lost.  Returns how many
         callbacks ran."""
         ready: list[tuple[int, int]] = []
+        ran = self._ran
         resync, self._resync_now = self._resync_now, False
         if not resync:
             with blocking():
@@ -412,35 +418,31 @@ class EventDispatcher(Closing):
             resync, self._resync_later = self._resync_later, False
         self._lost = False
         try:
-            ran = 0
             if resync:
                 # Failed in its turn (also by raising): again after the
                 # next wait, not at once.
                 self._resync_later = True
-                ran = self._resync()
+                self._resync()
                 self._resync_later, self._lost = self._lost, False
-            ran += self._dispatch(ready)
+            self._dispatch(ready)
         except BaseException:
             self._resync_now = not self._resync_later
             raise
         self._resync_now = self._lost
-        return ran
+        return self._ran - ran
 
-    def _dispatch(self, ready: list[tuple[int, int]]) -> int:
-        ran = 0
+    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
         for fd, revents in ready:
             if self._closed:
                 break  # closed by a callback: the descriptors are going
             if fd == self._wake_r:
                 _drain(fd)
             elif fd == self._evtchn_fd:
-                ran += self._dispatch_ports()
+                self._dispatch_ports()
             else:
-                ran += self._dispatch_fd(fd, revents)
-        return ran
+                self._dispatch_fd(fd, revents)
 
-    def _dispatch_ports(self) -> int:
-        ran = 0
+    def _dispatch_ports(self) -> None:
         # At most _PORT_BATCH ports, then back to the fds: the handle's
         # descriptor is level-triggered, so the next epoll round returns at
         # once if ports are still pending.
@@ -451,29 +453,28 @@ class EventDispatcher(Closing):
                 port = self._evtchn.pending()
             except OSError as exc:
                 if exc.errno == errno.EFBIG and self._reset():
-                    return ran
+                    return
                 # The handle is dead (the hypervisor side went away): stop
                 # polling it rather than spin on a descriptor stuck readable.
                 logger.exception("event channel handle failed; ports are no longer dispatched")
                 with self._lock:
                     if not self._closed:
                         self._epoll.unregister(self._evtchn_fd)
-                return ran
+                return
             if port is None:
-                return ran
-            ran += self._dispatch_port(port)
+                return
+            self._dispatch_port(port)
             if self._closed:
                 # The callback closed us (close() does not wait for its
                 # own thread): the handle is gone, pending() would fail.
-                return ran
+                return
             if self._thread is None:
                 # Poll mode: one port per poll.  The handle's descriptor
                 # stays readable while others are pending, so the next poll
                 # returns at once, after the work this one queued; asking
                 # the handle again until it has nothing would cost a system
                 # call or two on every poll, most of which find one port.
-                return ran
-        return ran
+                return
 
     def _reset(self) -> bool:
         """The handle's queue of fired ports overflowed (pending() said
@@ -490,17 +491,20 @@ class EventDispatcher(Closing):
                              "event channel handle overflowed: reset; every port is handed out again")
         return True
 
-    def _dispatch_port(self, port: int) -> int:
+    def _dispatch_port(self, port: int) -> None:
         """Run the callback of ``port`` (masked: taken from the handle, or
         by a resync), then unmask it."""
         with self._lock:
             if self._closed:
-                return 0
+                return
             callback = self._ports.get(port)
             self._running = ("port", port)
         returned = False
         try:
             if callback is not None:
+                # Counted as called: the unmask after it may fail, and a
+                # resync goes on past that.
+                self._ran += 1
                 try:
                     callback(port)
                 except Exception as exc:
@@ -518,17 +522,17 @@ class EventDispatcher(Closing):
                 # would hide it): the resync that it sets off unmasks.
                 if returned and not self._closed and port in self._ports:
                     self._evtchn.unmask(port)
-        return 0 if callback is None else 1
 
-    def _dispatch_fd(self, fd: int, revents: int) -> int:
+    def _dispatch_fd(self, fd: int, revents: int) -> None:
         with self._lock:
             callback = self._fds.get(fd)
             if callback is None or self._closed:
-                return 0
+                return
             self._running = ("fd", fd)
             # Taken before the call: the callback may re-arm the fd itself.
             if self._fd_events[fd] & select.EPOLLONESHOT:
                 self._fds_taken.add(fd)
+        self._ran += 1
         try:
             callback(fd, revents)
         except Exception as exc:
@@ -541,9 +545,8 @@ class EventDispatcher(Closing):
             with self._lock:
                 self._running = None
                 self._idle.notify_all()
-        return 1
 
-    def _resync(self) -> int:
+    def _resync(self) -> None:
         """After a dispatch that failed: hand out again whatever it may
         have lost.  Which port the handle had taken is not known
         (it may fail inside pending()), nor which edges of the host fds
@@ -554,19 +557,18 @@ class EventDispatcher(Closing):
         reports it if it is ready (epoll_ctl looks), once whether its
         event was lost or not.  A failure is logged and leaves
         :attr:`_lost` set, as in a dispatch."""
-        ran = 0
         with self._lock:
             ports = list(self._ports)
         for port in ports:
             try:
-                ran += self._dispatch_port(port)
+                self._dispatch_port(port)
             except Exception as exc:
                 self._lost = True
                 self._failures.log(logger, logging.ERROR,
                                    "event channel port %d: unmask failed", port, exc_info=exc)
         with self._lock:
             if self._closed:
-                return ran
+                return
             # Under _lock: no fd is removed, closed and its number reused
             # meanwhile.  The poll(2) bits are epoll's low 16; its flags
             # (EPOLLET, EPOLLONESHOT...) are above them.
@@ -586,8 +588,7 @@ class EventDispatcher(Closing):
             self._failures.log(logger, logging.ERROR, "fd %d: re-arming failed", fd,
                                exc_info=error)
         for fd, revents in ready:
-            ran += self._dispatch_fd(fd, revents)
-        return ran
+            self._dispatch_fd(fd, revents)
 
 
 def _drain(fd: int) -> None:
