@@ -39,8 +39,10 @@ socket's Work woken so for nothing finds nothing to do: it skips the
 receive unless the host socket signalled (or may hold more), its send
 finds the out ring empty, and it notifies the guest only of what it
 moved; a connect in progress is still in progress, a listening socket
-with nothing waiting returns.  A poll failing at every turn keeps the
-poller's worker busy; its tracebacks are rate-limited.
+with nothing waiting returns.  A poll failing at every turn does not keep
+the poller's worker busy: the dispatcher leaves its failing handle out
+of the wait for a while (see :mod:`xenback.events`); its tracebacks are
+rate-limited.
 """
 
 from __future__ import annotations

@@ -35,6 +35,19 @@ its port is unmasked all the same, and one dispatcher thread serves
 every guest of a backend, whose every event would then cost every
 port's callback.
 
+A ``pending()`` that raises at every call (a bug of the platform's
+handle) would still spin the thread: the port it failed to take keeps
+the handle's descriptor readable, and every wake-up comes at once.  So
+after a second failure in a row (of rounds that waited with the handle
+watched, none gone well between them) the dispatcher backs off: it
+leaves the handle out of its epoll set for 10 ms, doubled at each
+failure in a row up to a second, serving its fds meanwhile, then
+watches it again.  Every failure is logged with its traceback (within
+the rate limit); the ones that back off say so.  Backing off, not
+stopping: a failure that passes costs its ports a delay, not the
+dispatcher, and one that stays costs a hand-out and a traceback a
+second, not a CPU.
+
 Two failures of ``pending()`` are told apart.  EFBIG says that Linux's
 queue of the handle's fired ports overflowed (sized to the ports bound
 since 2015, it overflows only if a port is unmasked before it was taken,
@@ -64,7 +77,9 @@ lost, and a poller serves the sockets of one CPU only.  A hand-out that
 fails in its turn is done again after the next wait, not at once: a
 callback that raises at every call costs a hand-out or two per wake-up
 (one after the wait, one for the dispatch that follows it), not a
-spinning poller.
+spinning poller.  A poll that fails again backs off as the thread does:
+while the handle is left out of the wait, a poll returns at the latest
+when the delay ends.
 """
 
 from __future__ import annotations
@@ -75,6 +90,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -98,6 +114,12 @@ __all__ = ["EventDispatcher", "FdCallback", "PortCallback"]
 #: never end, leaving every fd (another guest's listening socket, say)
 #: unserved for as long as that guest wished.
 _PORT_BATCH = 64
+
+#: The first and the longest time the handle is left out of the wait
+#: after the dispatching failed twice in a row (see the module docstring):
+#: doubled at each failure in a row, from the first to the longest.
+_BACKOFF_FIRST = 0.01
+_BACKOFF_MAX = 1.0
 
 #: ``callback(port)``, run on the dispatcher thread (poll mode: the polling one).
 PortCallback = Callable[[int], object]
@@ -163,6 +185,16 @@ class EventDispatcher(Closing):
         # what a round added, also the ones a round that raised in the
         # end ran.  Written only by the thread that dispatches.
         self._ran = 0
+        # A handle whose pending() raises at every call (a bug, not an
+        # OSError) leaves its descriptor readable for good: each round
+        # would fail at once.  _backoff: None while the last round that
+        # waited with the handle watched went well; 0.0 after one that
+        # failed; else the delay of the back-off that the next failure
+        # doubles.  _handle_back: while the handle is left out of the
+        # epoll set, when it is watched again.  Written only by the
+        # thread that dispatches.
+        self._backoff: float | None = None
+        self._handle_back: float | None = None
         # A callback that raises is a bug, but a guest may set it off at
         # every notify, as fast as it likes: its tracebacks are limited.
         self._failures = RateLimit(f"{name} callbacks")
@@ -396,10 +428,17 @@ class EventDispatcher(Closing):
             except Exception as exc:
                 # Given up, the thread would take every port and fd of
                 # the dispatcher with it, for good.
-                self._breakdowns.log(
-                    logger, logging.ERROR,
-                    "%s: dispatching failed; every port and fd is handed out again",
-                    self.name, exc_info=exc)
+                if self._handle_back is None:
+                    self._breakdowns.log(
+                        logger, logging.ERROR,
+                        "%s: dispatching failed; every port and fd is handed out again",
+                        self.name, exc_info=exc)
+                else:
+                    self._breakdowns.log(
+                        logger, logging.ERROR,
+                        "%s: dispatching failed again; every port and fd is handed out "
+                        "again, and the event channel handle waited for again in %.2f s "
+                        "(backing off)", self.name, self._backoff, exc_info=exc)
 
     def _round(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds (-1: for ever), then run the
@@ -409,7 +448,13 @@ class EventDispatcher(Closing):
         ready: list[tuple[int, int]] = []
         ran = self._ran
         resync, self._resync_now = self._resync_now, False
-        if not resync:
+        # watched: this round waits with the handle in the epoll set, and
+        # its failure or success is the handle's (see _backoff).
+        watched = not resync
+        if watched:
+            if self._handle_back is not None:
+                timeout = self._backing_off(timeout)
+                watched = self._handle_back is None
             with blocking():
                 try:
                     ready = self._epoll.poll(timeout)
@@ -425,11 +470,49 @@ class EventDispatcher(Closing):
                 self._resync()
                 self._resync_later, self._lost = self._lost, False
             self._dispatch(ready)
+        except Exception:
+            self._resync_now = not self._resync_later
+            if watched:
+                self._back_off()
+            raise
         except BaseException:
             self._resync_now = not self._resync_later
             raise
+        if watched and self._backoff is not None:
+            self._backoff = None
         self._resync_now = self._lost
         return self._ran - ran
+
+    def _back_off(self) -> None:
+        """A round that waited with the handle watched failed: after
+        another such failure with no round gone well between them, leave
+        the handle out of the epoll set for a while (see the module
+        docstring)."""
+        if self._backoff is None:
+            self._backoff = 0.0
+            return
+        self._backoff = min(max(2 * self._backoff, _BACKOFF_FIRST), _BACKOFF_MAX)
+        with self._lock:
+            if self._closed or self._handle_back is not None:
+                return
+            try:
+                self._epoll.unregister(self._evtchn_fd)
+            except FileNotFoundError:
+                return  # given up as dead: no longer watched anyway
+            self._handle_back = time.monotonic() + self._backoff
+
+    def _backing_off(self, timeout: float) -> float:
+        """The handle is left out of the epoll set: watch it again if its
+        time has come; the wait's timeout, cut to that time if not."""
+        assert self._handle_back is not None
+        left = self._handle_back - time.monotonic()
+        if left > 0:
+            return left if timeout < 0 else min(timeout, left)
+        with self._lock:
+            if not self._closed:
+                self._epoll.register(self._evtchn_fd, select.EPOLLIN)
+            self._handle_back = None
+        return timeout
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> None:
         for fd, revents in ready:

@@ -820,3 +820,48 @@ def test_poll_counts_every_callback_a_resync_ran_and_no_other(polled, monkeypatc
         dispatcher.remove_fd(r1)
         for fd in (r, w, r1, w1):
             os.close(fd)
+
+
+def test_a_pending_failing_at_every_call_is_left_out_of_the_wait_for_a_while(
+        polled, monkeypatch) -> None:
+    """A handle whose pending() raises at every call keeps its descriptor
+    readable: each poll failed at once, or handed every event out, and
+    the poller's worker spun.  After a second failure in a row the
+    handle is left out of the wait for a delay (doubled at each failure
+    in a row): polls meanwhile serve the rest and return at its end."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[int] = []
+    local = dispatcher.bind_interdomain(guest.domid, remote, calls.append)
+    real = dispatcher._evtchn.pending
+    asked: list[int | None] = []
+    broken = True
+
+    def pending() -> int | None:
+        if broken:
+            asked.append(None)
+            raise RuntimeError("a bug in the handle")
+        port = real()
+        asked.append(port)
+        return port
+
+    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
+    evtchn.notify(remote)  # never taken while the bug lasts: readable for good
+    with pytest.raises(RuntimeError):
+        dispatcher.poll(TIMEOUT)
+    assert dispatcher.poll(TIMEOUT) == 1  # the resync, at once
+    with pytest.raises(RuntimeError):
+        dispatcher.poll(TIMEOUT)  # a failure in a row: backing off
+    assert dispatcher.poll(TIMEOUT) == 1  # the resync, at once
+    assert len(asked) == 2
+    assert dispatcher.poll(0) == 0  # the handle is not asked meanwhile
+    start = time.monotonic()
+    assert dispatcher.poll(TIMEOUT) == 0  # returns as the delay ends
+    assert time.monotonic() - start < TIMEOUT / 2, "the back-off did not end"
+    assert len(asked) == 2
+    broken = False
+    assert dispatcher.poll(TIMEOUT) == 1  # watched and asked again: the port
+    assert asked == [None, None, local] and calls == [local] * 3
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert asked[-1] == local and len(calls) == 4
