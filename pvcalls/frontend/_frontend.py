@@ -760,7 +760,14 @@ class Frontend(Closing):
         failure of the command ring's handler (the answers it took off
         the ring are lost).  What escapes the loop ends it, and with
         nobody left to take the backend's answers, fails the frontend (see
-        :meth:`_fail`)."""
+        :meth:`_fail`).
+
+        pending() failing with EFBIG is no such failure: Linux's queue of
+        the handle's fired ports overflowed (it can when a port is
+        unmasked before it was taken, as by the hand-out above), and the
+        ports that fired meanwhile are masked, their events lost.  The
+        handle is reset and every port handed out again, as after a
+        failure; a reset that fails is a failure."""
         try:
             self._serve_events()
         except Exception as exc:
@@ -779,7 +786,8 @@ class Frontend(Closing):
         assert evtchn is not None and epoll is not None and wakeup is not None
         shared_fd = evtchn.fileno()
         # failed: a failure that no round has gone well since.  resync:
-        # every port is to be handed out again before the next wait.
+        # every port is to be handed out again before the next wait (also
+        # after the handle was reset: see _serve_round).
         failed = resync = False
         while not self._stopping:
             try:
@@ -793,7 +801,7 @@ class Frontend(Closing):
                     events = epoll.poll()
                 except InterruptedError:
                     continue
-                self._serve_round(evtchn, wakeup, shared_fd, events)
+                resync = self._serve_round(evtchn, wakeup, shared_fd, events)
             except _AnswersLost:
                 raise
             except Exception as exc:
@@ -807,8 +815,10 @@ class Frontend(Closing):
                 failed = False
 
     def _serve_round(self, evtchn: EventChannel, wakeup: _Wakeup, shared_fd: int,
-                     events: list[tuple[int, int]]) -> None:
-        """Serve what one wait of the event thread found ready."""
+                     events: list[tuple[int, int]]) -> bool:
+        """Serve what one wait of the event thread found ready.  True if
+        the handle overflowed and was reset: every port is to be handed
+        out again."""
         if events:
             relays = []
             woken = False
@@ -829,11 +839,20 @@ class Frontend(Closing):
                 except Exception:
                     logger.exception("pvcalls frontend relay")
         if not any(fd == shared_fd for fd, _ in events):
-            return
+            return False
         while True:
-            port = evtchn.pending()
+            try:
+                port = evtchn.pending()
+            except OSError as exc:
+                if exc.errno != errno.EFBIG:
+                    raise
+                evtchn.reset()
+                logger.warning("pvcalls frontend of domain %d: its event channel handle "
+                               "overflowed: reset; every port is handed out again",
+                               self.domain.domid)
+                return True
             if port is None:
-                break
+                return False
             self._handle_port(evtchn, port)
 
     def _handle_port(self, evtchn: EventChannel, port: int) -> None:
