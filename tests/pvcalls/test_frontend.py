@@ -848,6 +848,33 @@ def test_overflows_under_traffic_hang_no_call_and_lose_no_data(
             echo_through(s, b"after")
 
 
+def test_a_rings_own_handle_overflowed_is_reset_by_its_waiter(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """A data ring's own handle (one port, always taken before it is
+    unmasked: Linux's would not overflow) that reports EFBIG all the
+    same is reset by whoever waits on it, and its port taken as fired:
+    the waiter did not reset it and spun on the readable descriptor."""
+    go = threading.Event()
+
+    def later(conn: socket.socket) -> None:
+        assert go.wait(TIMEOUT)
+        conn.sendall(b"data")
+        echo(conn)
+
+    srv = server(later)
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        call = blocked_recv(s)
+        try:
+            ring.evtchn.overflow()  # type: ignore[attr-defined]
+            wait_until(lambda: not ring.evtchn._overflowed)  # type: ignore[attr-defined]
+        finally:
+            go.set()
+        assert call.join().result == b"data"
+        echo_through(s, b"more")
+
+
 def test_many_threads_many_sockets(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     errors: list[BaseException] = []
