@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -111,8 +112,16 @@ class DataRing:
         # makes the descriptor readable again.  (Asking until None costs the
         # simulated handle two more system calls per event.)
         evtchn = self.evtchn
-        if evtchn.pending() is None:
-            return False
+        try:
+            if evtchn.pending() is None:
+                return False
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            # The handle's queue of fired ports overflowed (it cannot with
+            # one port taken before its unmask, but a handle may say so):
+            # reset it and take the port as fired, its event maybe lost.
+            evtchn.reset()
         evtchn.unmask(self.port)
         return True
 
