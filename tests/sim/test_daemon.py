@@ -221,16 +221,52 @@ def test_the_installed_command_prints_one_line_and_stops_cleanly(tmp_path: Path)
     assert (proc.returncode, out, err) == (0, "", "")
 
 
-def test_a_guest_that_uses_up_the_descriptors_gets_errors_and_hangs_nobody(
-    tmp_path: Path,
-) -> None:
-    """Every port a guest binds is a descriptor in the service.  Once a
-    guest has used them all up (here under a low RLIMIT_NOFILE), its
-    requests fail with EMFILE rather than an internal error with a
-    traceback, and a new handle, of any domain, fails at once rather than
-    waiting forever in the backlog of a listener the service can no longer
-    accept from (while spinning on it)."""
-    run_dir = tmp_path / "run"
+class OutOfDescriptors:
+    """A daemon whose guest has used up every descriptor of the service
+    (see :func:`out_of_descriptors`)."""
+
+    def __init__(self, proc: subprocess.Popen[str], run_dir: Path) -> None:
+        self.proc = proc
+        self.run_dir = run_dir
+        self.hostile: list[EventChannel] = []
+        self.idle: list[socket.socket] = []
+
+    def release(self) -> None:
+        """The guest lets go of everything it took."""
+        for ch in self.hostile:
+            ch.close()
+        for sock in self.idle:
+            sock.close()
+        self.hostile, self.idle = [], []
+
+    def first_request(self, domid: int) -> OSError | None:
+        """How the first request of a new handle of ``domid`` fails (None:
+        it did not fail in the service, only for what it asked)."""
+        result: list[OSError | None] = []
+
+        def call() -> None:
+            try:
+                with attach(self.run_dir, domid).gnttab() as tab:
+                    tab.map_grant_refs(1, [8])
+            except GrantError as e:
+                result.append(None if e.errno == errno.EINVAL else e)  # ref 8: not granted
+            except OSError as e:
+                result.append(e)
+            else:
+                result.append(None)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        thread.join(TIMEOUT)
+        assert result, f"a handle of domain {domid} waits forever for the service"
+        return result[0]
+
+
+@contextlib.contextmanager
+def out_of_descriptors(run_dir: Path) -> Iterator[OutOfDescriptors]:
+    """A daemon with one guest (domain 1) that has used up every
+    descriptor of the service, under a low RLIMIT_NOFILE: every port it
+    binds is a descriptor in the service."""
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
@@ -239,55 +275,70 @@ def test_a_guest_that_uses_up_the_descriptors_gets_errors_and_hangs_nobody(
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("XENSTORED_PATH=")
         assert proc.stdout.readline().strip() == "DOMAIN g 1"
+        state = OutOfDescriptors(proc, run_dir)
         guest = attach(run_dir, 1)
-        hostile: list[EventChannel] = []
-        with pytest.raises(EventChannelError) as info:
-            for _ in range(4):  # at most 256 ports per handle would be needed
-                hostile.append(guest.evtchn())
-                for _ in range(100):
-                    hostile[-1].bind_unbound_port(0)
-        assert info.value.errno == errno.EMFILE
-        # A pipe takes two descriptors: the last one goes to an idle handle
-        # (each costs the service its connection), and any more wait.
-        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(3)]
-        for sock in idle:
-            sock.connect(str(run_dir / "domains" / "1" / "hypervisor"))
+        try:
+            with pytest.raises(EventChannelError) as info:
+                for _ in range(4):  # at most 256 ports per handle would be needed
+                    state.hostile.append(guest.evtchn())
+                    for _ in range(100):
+                        state.hostile[-1].bind_unbound_port(0)
+            assert info.value.errno == errno.EMFILE
+            # A pipe takes two descriptors: the last one goes to an idle
+            # handle (each costs the service its connection), and any more
+            # wait.
+            for _ in range(3):
+                state.idle.append(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+                state.idle[-1].connect(str(run_dir / "domains" / "1" / "hypervisor"))
+            yield state
+        finally:
+            state.release()
 
-        def first_request(domid: int) -> OSError | None:
-            result: list[OSError | None] = []
 
-            def call() -> None:
-                try:
-                    with attach(run_dir, domid).gnttab() as tab:
-                        tab.map_grant_refs(1, [8])
-                except OSError as e:
-                    result.append(e)
-                else:
-                    result.append(None)
-
-            thread = threading.Thread(target=call, daemon=True)
-            thread.start()
-            thread.join(TIMEOUT)
-            assert result, f"a handle of domain {domid} waits forever for the service"
-            return result[0]
-
+def test_a_guest_that_uses_up_the_descriptors_gets_errors_and_hangs_nobody(
+    tmp_path: Path,
+) -> None:
+    """Once a guest has used up the service's descriptors, its requests
+    fail with EMFILE rather than an internal error with a traceback, and a
+    new handle, of any domain, fails at once, with EMFILE too (the service
+    is short, no domain or host is missing), rather than waiting forever
+    in the backlog of a listener the service can no longer accept from
+    (while spinning on it)."""
+    with out_of_descriptors(tmp_path / "run") as host:
         for domid in (1, 0):
-            error = first_request(domid)
-            assert isinstance(error, OSError) and error.errno == errno.ENODEV, error
+            error = host.first_request(domid)
+            assert isinstance(error, OSError) and error.errno == errno.EMFILE, error
+            assert "out of descriptors" in str(error), error
         # Once the guest lets go, everybody is served again.
-        for ch in hostile:
-            ch.close()
-        for sock in idle:
-            sock.close()
+        host.release()
         deadline = time.monotonic() + TIMEOUT  # the service sees the closes asynchronously
-        while (error := first_request(0)) is not None and error.errno == errno.ENODEV:
+        while (error := host.first_request(0)) is not None and error.errno == errno.EMFILE:
             assert time.monotonic() < deadline, "the service never got its descriptors back"
-        assert isinstance(error, GrantError) and error.errno == errno.EINVAL, error  # ref 8: not granted
-        proc.terminate()
-        _, err = proc.communicate(timeout=TIMEOUT)
-        assert proc.returncode == 0
+        assert error is None, error
+        host.proc.terminate()
+        _, err = host.proc.communicate(timeout=TIMEOUT)
+        assert host.proc.returncode == 0
         assert "Traceback" not in err
         assert "out of descriptors" in err
+
+
+def test_serve_on_a_host_out_of_descriptors_is_worth_a_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``pvcalls-backend serve`` on a host that cannot take its handles
+    exits 1, which its systemd unit restarts on (the host may have
+    descriptors again by then), not 2 (no host, never restarted)."""
+    from pvcalls._cli import main
+
+    with out_of_descriptors(tmp_path / "run") as host:
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--platform", "sim", "--run-dir", str(host.run_dir)])
+    err = capsys.readouterr().err
+    assert info.value.code == 1, err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(
+        "pvcalls-backend serve: error: cannot open the platform "
+        f"(short of resources, worth a restart): [Errno {errno.EMFILE}] "), err
 
 
 def test_only_its_user_may_connect_whatever_the_umask(tmp_path: Path) -> None:

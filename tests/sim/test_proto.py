@@ -189,3 +189,60 @@ def test_drain_delivers_what_came_and_says_whether_the_service_is_there(
     finally:
         hang_up.set()
         conn.close()
+
+
+_REFUSAL = {"event": "refused", "errno": errno.EMFILE,
+            "error": "the hypervisor service is out of descriptors"}
+
+
+def _refuse(*, after_request: bool) -> Callable[[socket.socket], None]:
+    """A service out of descriptors: it accepts a connection only to say
+    so and close it, before its client's request arrives or with the
+    request left unread."""
+
+    def handle(conn: socket.socket) -> None:
+        if after_request:
+            select.select([conn], [], [], TIMEOUT)
+        send_message(conn, _REFUSAL)
+
+    return handle
+
+
+@pytest.mark.parametrize("after_request", [False, True], ids=["before", "after"])
+def test_a_refused_connection_says_why_whenever_its_request_went(
+        tmp_path: Path, after_request: bool) -> None:
+    """Closed with the request unread, the client's receive fails
+    (ECONNRESET) before it reads the refusal; closed before the request,
+    the send fails (EPIPE).  Either way it is the refusal's errno, not
+    ENODEV (a host gone)."""
+    path = str(tmp_path / "hypervisor")
+    server = serve_one_client(path, _refuse(after_request=after_request), socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        if not after_request:
+            server.join(TIMEOUT)  # refused and closed
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert (info.value.errno, info.value.strerror) == (errno.EMFILE, _REFUSAL["error"])
+        with pytest.raises(PlatformError) as info:  # and so on, every time
+            conn.call("info")
+        assert info.value.errno == errno.EMFILE
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_a_refused_connection_that_only_drains_is_gone_and_says_why(tmp_path: Path) -> None:
+    path = str(tmp_path / "hypervisor")
+    pushed: list[dict[str, object]] = []
+    server = serve_one_client(path, _refuse(after_request=False), socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError, lambda msg, _fds: pushed.append(msg))
+    try:
+        server.join(TIMEOUT)
+        assert not conn.drain()
+        assert pushed == []  # not a message for the handle
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.EMFILE
+    finally:
+        conn.close()
