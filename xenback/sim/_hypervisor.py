@@ -97,6 +97,13 @@ _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 _ACCEPT_RETRY = 0.1
 #: The longest error text a reply carries (a message holds 64 KiB).
 _ERROR_TEXT_MAX = 1024
+#: What a handle accepted only to be closed for want of a descriptor is
+#: told (see _proto.py).
+_REFUSED: Message = {
+    "event": "refused",
+    "errno": errno.EMFILE,
+    "error": "the hypervisor service is out of descriptors",
+}
 
 
 #: ``control(op, args, reply)`` performs a dom0 request to create
@@ -275,8 +282,9 @@ class Hypervisor:
         # Out of descriptors, accept() fails and leaves the connection in
         # the backlog: the listener stays readable (the loop would spin)
         # and the client waits forever for its first reply.  Closing this
-        # spare descriptor lets the service accept such a connection and
-        # close it at once, so that the client fails instead (ENODEV).
+        # spare descriptor lets the service accept such a connection, tell
+        # it why and close it at once, so that the client fails instead
+        # (EMFILE: the host is there, only short for now).
         self._reserve = _open_reserve()
         # Listeners unwatched because even the reserve is gone; watched
         # again at _accept_retry_at.
@@ -467,6 +475,13 @@ class Hypervisor:
             except OSError:
                 pass
             else:
+                # Said before the close, or the client would take it for a
+                # host gone (ENODEV) where the host is only short for now.
+                # The message waits in its socket: it reads it before the end.
+                try:
+                    send_message(sock, _REFUSED, (), socket.MSG_DONTWAIT)
+                except OSError:
+                    pass  # the client is gone already
                 sock.close()
             self._reserve = _open_reserve()
             return

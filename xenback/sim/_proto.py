@@ -34,6 +34,9 @@ peer's write end, and ``{"event": "unbound", "port"}``.  Either may carry
 ``"rfd"``, the index of a descriptor that is the port's new read end: the
 service gives a port a new pipe when its peer goes, so that write ends of
 the old one kept by the peer's process fire nothing.
+``{"event": "refused", "errno", "error"}`` is the only message of a
+connection the service accepted only to close it, for want of a descriptor:
+its requests fail with that errno (EMFILE), not as if the host were gone.
 """
 
 from __future__ import annotations
@@ -150,6 +153,9 @@ class ServiceConnection:
     ) -> None:
         self._error = error
         self._on_push = on_push
+        # (errno, text): why the service refused this connection, once it
+        # said so.
+        self._refusal: tuple[int, str] | None = None
         # _lock serialises the use of the socket: one request and its reply
         # at a time, and no draining of pushed messages in between.  Rule:
         # taken before any lock of the handle that owns this connection.
@@ -179,14 +185,18 @@ class ServiceConnection:
 
         ``apply(reply, fds)``, if given, runs before any message pushed
         after the reply is delivered (it runs under the connection's lock).
-        Raises ``error`` with the errno the service answered, or ``ENODEV``
-        once the service has gone (host stopped, domain destroyed).
+        Raises ``error`` with the errno the service answered, with the one
+        it refused the connection with (EMFILE: it had no descriptor for
+        it), or ``ENODEV`` once the service has gone (host stopped, domain
+        destroyed).
         """
         with self._lock:
+            if self._refusal is not None:
+                raise self._error(*self._refusal)
             try:
                 send_message(self._sock, {"op": op, **args}, fds)
             except OSError as e:
-                raise self._gone(e) from None
+                raise self._refused() or self._gone(e) from None
             while True:
                 msg, rfds = self._receive(0)
                 if "event" in msg:
@@ -230,14 +240,43 @@ class ServiceConnection:
         except BlockingIOError:
             raise
         except OSError as e:
-            raise self._gone(e) from None
+            raise self._refused() or self._gone(e) from None
         if not data:
             close_fds(fds)
             raise self._gone(None)
         if truncated:
             close_fds(fds)
             raise self._error(errno.EPROTO, "oversized message from the hypervisor service")
-        return decode(data), fds
+        msg = decode(data)
+        if msg.get("event") == "refused":
+            close_fds(fds)
+            raise self._error(*self._refuse(msg))
+        return msg, fds
+
+    def _refuse(self, msg: Message) -> tuple[int, str]:
+        self._refusal = (int(msg.get("errno", errno.ENODEV)), str(msg.get("error", "")))
+        return self._refusal
+
+    def _refused(self) -> OSError | None:
+        """Why the service refused this connection, if it said so (caller
+        holds _lock).  Its message may wait in the socket behind an error:
+        a send after the service closed the connection fails (EPIPE), and
+        so does the first receive once it closed it with our request
+        unread (ECONNRESET comes before the messages that are queued)."""
+        if self._refusal is None:
+            try:
+                data, fds, _ = recv_message(self._sock, socket.MSG_DONTWAIT)
+            except OSError:
+                return None  # nothing there, or the error again
+            close_fds(fds)
+            try:
+                msg = decode(data)
+            except ValueError:
+                return None  # the end (b""), or garbage: gone all the same
+            if msg.get("event") != "refused":
+                return None
+            self._refusal = self._refuse(msg)
+        return self._error(*self._refusal)
 
     def _push(self, msg: Message, fds: list[int]) -> None:
         if self._on_push is None:
