@@ -28,6 +28,13 @@ def console_script(name: str) -> list[str]:
             f"import sys, interruptimport\nfrom {module} import {func}\nsys.exit({func}())"]
 
 
+def script_env() -> dict[str, str]:
+    """The environment :func:`console_script`'s command needs (it imports
+    :mod:`interruptimport` from ``tests``)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+
+
 def _sigint_default() -> None:
     # Run in the background (a shell's job, nohup), the tests pass SIGINT
     # on ignored, and Python then leaves it ignored: the command would
@@ -38,9 +45,7 @@ def _sigint_default() -> None:
 def interrupted_while_importing(argv: list[str], module: str) -> subprocess.CompletedProcess[str]:
     """Run ``argv``, SIGINT it once it imports ``module``, and wait for it."""
     mark_r, mark_w = os.pipe()
-    env = {**os.environ, "INTERRUPT_IMPORT": module, "INTERRUPT_IMPORT_FD": str(mark_w),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {**script_env(), "INTERRUPT_IMPORT": module, "INTERRUPT_IMPORT_FD": str(mark_w)}
     try:
         with subprocess.Popen(argv, env=env, pass_fds=(mark_w,), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -86,3 +91,25 @@ def test_ctrl_c_as_a_command_starts_without_a_stderr_is_quiet(tmp_path: Path) ->
     argv = ["sh", "-c", 'exec "$@" 2>&-', "sh", *console_script("pvcalls-backend"), "demo"]
     done = interrupted_while_importing(argv, "pvcalls._backend")
     assert (done.returncode, done.stdout) == (130, "")
+
+
+@pytest.mark.parametrize(("name", "args", "status"), [
+    ("pvcalls-backend", ["--bogus"], 2),
+    ("pvcalls-backend", ["serve", "--platform", "sim", "--run-dir", "{tmp}/none"], 2),
+    ("pvcalls-nc", ["--bogus"], 2),
+    ("xenback-sim", ["--bogus"], 2),
+    # A message of its own, not argparse's.
+    ("xenback-sim", ["--run-dir", "{tmp}/file/run"], 1),
+], ids=["pvcalls-backend", "pvcalls-backend-serve", "pvcalls-nc", "xenback-sim",
+        "xenback-sim-cannot-start"])
+def test_without_a_stderr_a_failing_command_writes_nothing_on_stdout(
+        tmp_path: Path, name: str, args: list[str], status: int) -> None:
+    """With descriptor 2 closed, sys.stderr is None, and both argparse's
+    usage (print_usage() defaults to stdout) and print(file=None) would
+    put the message on stdout, where a pipeline reads data."""
+    (tmp_path / "file").touch()
+    argv = ["sh", "-c", 'exec "$@" 2>&-', "sh", *console_script(name),
+            *(a.format(tmp=tmp_path) for a in args)]
+    done = subprocess.run(argv, env=script_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert (done.returncode, done.stdout) == (status, "")
