@@ -7,6 +7,7 @@ project, a third of a second.  Ctrl-C in that time, or in a command's
 later, with status 130 and one line at most, rather than a traceback.
 """
 
+import os
 import sys
 from importlib import import_module
 
@@ -18,9 +19,15 @@ _INTERRUPTED = 130
 def _run(module: str, prog: str, *, quiet: bool = False) -> int:
     """``module.main()``'s status, or _INTERRUPTED for a Ctrl-C it left to us."""
     try:
+        if sys.stderr is None:
+            # Descriptor 2 is closed (2>&-): messages go nowhere, rather
+            # than to stdout, where a pipeline reads data (print(file=None)
+            # and argparse's usage write there), or into whatever the
+            # command opens next, which would take number 2.
+            sys.stderr = open(os.devnull, "w")  # for the life of the process
         return int(import_module(module).main())
     except KeyboardInterrupt:
-        if not quiet and sys.stderr is not None:  # None: descriptor 2 closed
+        if not quiet and sys.stderr is not None:  # None: interrupted before the open
             print(f"{prog}: interrupted", file=sys.stderr)
         return _INTERRUPTED
 
