@@ -473,9 +473,9 @@ def _exit_short_of_resources(parser: argparse.ArgumentParser, what: str,
 _SERVE_EXIT_STATUSES = """\
 exit status:
   0    stopped by SIGTERM, SIGINT or SIGHUP, every frontend closed
-  1    lost the XenStore connection (the host went away), short of
-       descriptors, memory or disk space as it started, or failed with a
-       traceback
+  1    lost the XenStore connection (the host went away), short (or the
+       simulated host short) of descriptors, memory or disk space as it
+       started, or failed with a traceback
   2    bad options, no host, a bad policy file, a lock file the run directory
        refuses, or another backend serving the host: started again, it would
        fail the same way
