@@ -275,7 +275,8 @@ class ServiceConnection:
                 return None  # the end (b""), or garbage: gone all the same
             if msg.get("event") != "refused":
                 return None
-            self._refusal = self._refuse(msg)
+            self._refuse(msg)
+        assert self._refusal is not None
         return self._error(*self._refusal)
 
     def _push(self, msg: Message, fds: list[int]) -> None:
