@@ -58,6 +58,7 @@ _futures_lock.
 from __future__ import annotations
 
 import _thread
+import logging
 import os
 import sys
 import threading
@@ -78,6 +79,9 @@ from ._work import Work
 
 if TYPE_CHECKING:
     from ._workqueue import Workqueue
+
+# Where concurrent.futures logs a failed done-callback; so do we.
+_cf_logger = logging.getLogger("concurrent.futures")
 
 __all__ = ["LeanFuture", "CallWork", "cancel_pending_futures"]
 
@@ -225,6 +229,9 @@ class LeanFuture(Future[Any]):
     _callback_list: list[Callable[[Future[Any]], object]] | None = None
     # Under _futures_lock: a lock per thread asleep in result().
     _blocked: list[threading.Lock] | None = None
+    # Under the condition: how many of _waiter_list were told the future is
+    # done (see _tell_watchers).
+    _told = 0
 
     def __init__(  # no super().__init__(): that is the cost
         self,
@@ -366,48 +373,104 @@ class LeanFuture(Future[Any]):
 
     def _wake_sleepers(self) -> None:
         """Release the threads asleep in result() (_futures_lock held, in
-        the hold that made the state done)."""
-        blocked, self._blocked = self._blocked, None
-        for sleeper in blocked or ():
+        the hold that made the state done).
+
+        Each sleeper leaves the list with no call before its release,
+        where Ctrl-C would land in the main thread: cut short, this
+        wakes the rest when called again."""
+        blocked = self._blocked
+        while blocked:
+            sleeper = blocked[-1]
+            del blocked[-1]
             sleeper.release()
 
     def _tell_watchers(self, own: _OwnCondition) -> None:
         """Tell the watchers that the future is done (*own*, its condition,
-        held since before the state became final; _futures_lock not held)."""
-        for waiter in self._waiter_list or ():
-            if self._state != FINISHED:
-                waiter.add_cancelled(self)
-            elif self._exception is None:
-                waiter.add_result(self)
-            else:
-                waiter.add_exception(self)
+        held since before the state became final; _futures_lock not held).
+
+        Each waiter is counted as told before it is (a waiter told twice
+        counts the future twice): cut short by Ctrl-C in the main thread,
+        this tells the rest when called again in the same hold."""
+        waiters = self._waiter_list
+        if waiters:
+            told = self._told
+            for waiter in waiters[told:]:
+                told += 1
+                self._told = told
+                if self._state != FINISHED:
+                    waiter.add_cancelled(self)
+                elif self._exception is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
         own.notify_all()  # for code that waits on _condition itself
 
     def _let_go(self) -> None:
         """Drop the call and run the done-callbacks, once final (no lock held:
         callbacks, and the __del__ of a dropped argument, are user code).
         add_done_callback() adds to them only under the condition, while the
-        future is not done; they all came before the hold that made it so."""
+        future is not done; they all came before the hold that made it so.
+
+        Each callback leaves the list before it is called, as
+        concurrent.futures logs what it raises: cut short by Ctrl-C in the
+        main thread, this calls the rest, and none twice, when called
+        again."""
         self._fn = self._kwargs = self._work = None
         self._args = ()
-        if self._callback_list:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
+        callbacks = self._callback_list
+        while callbacks:
+            callback = callbacks[0]
+            del callbacks[0]
+            try:
+                callback(self)
+            except Exception:
+                _cf_logger.exception("exception calling callback for %r", self)
 
     # -- the caller's side ------------------------------------------------
 
     def cancel(self) -> bool:
-        with _futures_lock:
-            own = self._own
-            if own is None:  # none can be made in this hold: final in it
-                cancelled, now = self._cancel_locked()
-        if own is not None:
-            with own:
-                with _futures_lock:
-                    cancelled, now = self._cancel_locked()
-                if now:
-                    self._tell_watchers(own)
-        if now:
-            self._let_go()
+        # Ctrl-C may land in the main thread as any call returns (see
+        # _pool.insert_work).  A future cancelled here is the only one its
+        # watchers and callbacks will hear of, so the steps that tell them
+        # are taken up again if cut short: each tells nobody twice.  Whether
+        # it was cancelled here: pending at the start of the hold that
+        # decides, and final at the end (nobody else makes it final in that
+        # hold, see the module docstring).
+        owed = False  # cancelled here: the done-callbacks are ours to call
+        try:
+            with _futures_lock:
+                own = self._own
+                if own is None:  # none can be made in this hold: final in it
+                    before = self._state
+                    try:
+                        cancelled, owed = self._cancel_locked()
+                    except BaseException:
+                        owed = before == PENDING and self._state == CANCELLED_AND_NOTIFIED
+                        if owed:
+                            self._wake_sleepers()
+                        raise
+            if own is not None:
+                with own:
+                    before = self._state
+                    try:
+                        with _futures_lock:
+                            cancelled, now = self._cancel_locked()
+                        if now:
+                            self._tell_watchers(own)
+                    except BaseException:
+                        owed = before == PENDING and self._state == CANCELLED_AND_NOTIFIED
+                        if owed:
+                            with _futures_lock:
+                                self._wake_sleepers()
+                            self._tell_watchers(own)
+                        raise
+                    owed = now
+            if owed:
+                self._let_go()
+        except BaseException:
+            if owed:
+                self._let_go()
+            raise
         return cancelled
 
     def _cancel_locked(self) -> tuple[bool, bool]:
@@ -419,10 +482,20 @@ class LeanFuture(Future[Any]):
         work = self._work
         if work is not None:
             with _pool.lock:  # only a pending item can be taken back
-                if not try_to_grab_pending(work):
+                if not work._pending:
                     return False, False
+                try:
+                    try_to_grab_pending(work)
+                finally:
+                    # Taken back, even if Ctrl-C cut short what follows in
+                    # the engine (which try_to_grab_pending finishes): made
+                    # final in the same hold of the engine lock, or it
+                    # would stay pending, with nobody to run it.
+                    if not work._pending:
+                        self._state = CANCELLED_AND_NOTIFIED
+        else:
+            self._state = CANCELLED_AND_NOTIFIED
         # Nobody will run it, so there is nothing left to notify later.
-        self._state = CANCELLED_AND_NOTIFIED
         if self._blocked is not None:
             self._wake_sleepers()
         return True, True
@@ -520,23 +593,54 @@ def _run_call(work: CallWork) -> None:
 
 
 def cancel_pending_futures(wq: Workqueue) -> int:
-    """Cancel the submitted calls of *wq* that have not started; how many."""
-    watched = []
-    with _futures_lock:
-        with _pool.lock:  # all at once: no call of *wq* starts meanwhile
-            # A call is never handed to a worker running it (it runs once),
-            # so it waits on an inactive list, a worklist, or the list of
-            # the rescuer that took it from a worklist.
-            rescuer = wq._rescuer
-            taken = [*rescuer.scheduled] if rescuer is not None else []
-            cancelled = [
-                work.future
-                for pwq in wq._all_pwqs()
-                for work in [*pwq.inactive, *(w for w in [*pwq.pool.worklist, *taken]
-                                              if w._pwq is pwq)]
-                if isinstance(work, CallWork) and try_to_grab_pending(work)
-            ]
-        for future in cancelled:
+    """Cancel the submitted calls of *wq* that have not started; how many.
+
+    Ctrl-C may land in the main thread as any call returns (see
+    _pool.insert_work): each step is taken up again if cut short, and
+    does nothing twice (see _mark_cancelled, _tell_cancelled).
+    """
+    cancelled: list[LeanFuture] = []
+    try:
+        with _futures_lock:
+            with _pool.lock:  # all at once: no call of *wq* starts meanwhile
+                # A call is never handed to a worker running it (it runs
+                # once), so it waits on an inactive list, a worklist, or the
+                # list of the rescuer that took it from a worklist.
+                rescuer = wq._rescuer
+                taken = [*rescuer.scheduled] if rescuer is not None else []
+                queued = [
+                    work
+                    for pwq in wq._all_pwqs()
+                    for work in [*pwq.inactive, *(w for w in [*pwq.pool.worklist, *taken]
+                                                  if w._pwq is pwq)]
+                    if isinstance(work, CallWork)
+                ]
+                try:
+                    for work in queued:
+                        try_to_grab_pending(work)
+                    cancelled = _mark_cancelled(queued)
+                except BaseException:
+                    cancelled = _mark_cancelled(queued)
+                    raise
+        _tell_cancelled(cancelled)
+    except BaseException:
+        _tell_cancelled(cancelled)
+        raise
+    return len(cancelled)
+
+
+def _mark_cancelled(queued: list[CallWork]) -> list[LeanFuture]:
+    """The futures of the calls of *queued* (all pending when listed) that
+    were taken back, each one cancelled (_futures_lock and the engine lock
+    held, since before the calls were listed: an item no longer pending
+    was taken back, not started).  Again, it changes nothing more."""
+    cancelled = []
+    for work in queued:
+        if work._pending:
+            continue
+        future = work.future
+        cancelled.append(future)
+        if future._state == PENDING:
             if future._own is None:  # none can be made in this hold: final in it
                 future._state = CANCELLED_AND_NOTIFIED
             else:
@@ -544,18 +648,25 @@ def cancel_pending_futures(wq: Workqueue) -> int:
                 # CANCELLED for now, as Future.cancel() leaves a standard
                 # future.  cancel() answers True and result() raises
                 # CancelledError at once; wait() and as_completed() count it
-                # as not done, and hear of it below, where it becomes final.
+                # as not done, and hear of it in _tell_cancelled(), where it
+                # becomes final.
                 future._state = CANCELLED
-                watched.append(future)
-            if future._blocked is not None:
-                future._wake_sleepers()
-    for future in watched:
+        if future._blocked is not None:
+            future._wake_sleepers()
+    return cancelled
+
+
+def _tell_cancelled(cancelled: list[LeanFuture]) -> None:
+    """Make final the *cancelled* futures that have watchers, telling
+    them, then call the done-callbacks (no lock held).  Again, it tells
+    nobody twice."""
+    for future in cancelled:
         own = future._own
-        assert own is not None
-        with own:
-            with _futures_lock:
-                future._state = CANCELLED_AND_NOTIFIED
-            future._tell_watchers(own)
+        if own is not None:
+            with own:
+                if future._state == CANCELLED:
+                    with _futures_lock:
+                        future._state = CANCELLED_AND_NOTIFIED
+                future._tell_watchers(own)
     for future in cancelled:
         future._let_go()
-    return len(cancelled)

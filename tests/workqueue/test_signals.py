@@ -9,6 +9,7 @@ the handler run soon, not when the work item ends.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import functools
 import logging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from racewindow import Attempt
 from stolensignal import (
     Interrupted,
     interrupt,
@@ -32,6 +34,7 @@ from stolensignal import (
 
 import workqueue
 from workqueue import DelayedWork, Work, Workqueue, _pool
+from workqueue._future import cancel_pending_futures
 
 TIMEOUT = 10.0
 
@@ -923,3 +926,82 @@ def test_ctrl_c_anywhere_in_making_a_workqueue_leaves_none_behind(flags: int) ->
             break
         n += 1
     assert n > 5
+
+
+# -- Ctrl-C as a submitted call is cancelled -----------------------------------
+
+
+def _watching(future: cf.Future[Any], watch: str) -> Attempt | None:
+    """Somebody waiting for *future*, as *watch* says, asleep once this
+    returns: a thread in result() (a sleeper, with no condition made), or
+    one in concurrent.futures.wait() (a waiter on the future's own
+    condition).  None for nobody."""
+    if watch == "unwatched":
+        return None
+    if watch == "result":
+        def outcome() -> object:
+            try:
+                return future.result(TIMEOUT)
+            except cf.CancelledError:
+                return "cancelled"
+
+        sleeping = Attempt(outcome)
+        asleep: Callable[[], object] = lambda: future._blocked  # noqa: E731
+    else:
+        sleeping = Attempt(lambda: cf.wait([future], TIMEOUT).done)
+        asleep = lambda: future._waiter_list  # noqa: E731
+    deadline = time.monotonic() + TIMEOUT
+    while not asleep():
+        assert time.monotonic() < deadline, "the watcher never went to sleep"
+        time.sleep(0.001)
+    return sleeping
+
+
+CANCELS: dict[str, Callable[[Workqueue, cf.Future[Any]], object]] = {
+    "Future.cancel": lambda wq, future: future.cancel(),
+    "cancel_pending_futures": lambda wq, future: cancel_pending_futures(wq),
+}
+
+
+@pytest.mark.parametrize("watch", ["unwatched", "result", "wait"])
+@pytest.mark.parametrize("how", CANCELS)
+def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
+        make_wq: Callable[..., Workqueue], how: str, watch: str) -> None:
+    """Wherever Ctrl-C lands as a submitted call waiting its turn is
+    cancelled, the engine lock held or not, the call is either cancelled
+    -- done, its waiters woken and its done-callbacks called, once -- or
+    still queued, and runs (a call taken back from its list with its
+    future left pending was never run, nor cancelled: result() and
+    concurrent.futures.wait() waited for ever)."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        wq = make_wq(ordered=True)  # the call waits behind the running one
+        release, started = threading.Event(), threading.Event()
+        wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+        ran: list[int] = []
+        called: list[cf.Future[Any]] = []
+        try:
+            assert started.wait(TIMEOUT)
+            future = wq.submit(ran.append, 1)
+            if watch == "wait":
+                future.add_done_callback(called.append)
+            watcher = _watching(future, watch)
+            interrupted(lambda: CANCELS[how](wq, future))
+            assert_lists_consistent(wq)
+            cancelled = future.cancelled()
+            if cancelled:
+                # Done now, for everybody: nothing else will make it so.
+                assert cf.wait([future], timeout=0).done == {future}, repr(future)
+            release.set()
+            wq.flush(timeout=TIMEOUT)
+            assert ran == ([] if cancelled else [1]), repr(future)
+            assert cf.wait([future], timeout=TIMEOUT).done == {future}, repr(future)
+            if watcher is not None:
+                outcome = watcher.result(msg=f"the watcher of {future!r} still sleeps")
+                assert outcome == ({future} if watch == "wait"
+                                   else "cancelled" if cancelled else None), repr(future)
+            assert called == ([future] if watch == "wait" else []), repr(future)
+        finally:
+            release.set()  # a failed check must not leave it running
+
+    assert at_every_place(attempt, under_the_lock=True) > 3
