@@ -210,14 +210,19 @@ def cancel_serial_calls(wq: Workqueue) -> int:
 
 
 def _cancel_calls(work: _SerialWork) -> int:
-    """Cancel the calls of *work* that have not started; how many."""
+    """Cancel the calls of *work* that have not started; how many.
+
+    They stay on the key's list, which its run empties, skipping them:
+    a call taken off it here and not yet cancelled as Ctrl-C landed (as
+    popleft() returned, in the main thread) was left pending for ever,
+    with nobody to run it.  A run that takes one meanwhile starts it or
+    finds it cancelled, whichever comes first (see LeanFuture).
+    """
     cancelled = 0
-    while True:
-        try:
-            future = work.calls.popleft()  # atomic against a run taking one
-        except IndexError:
-            return cancelled
-        cancelled += future.cancel()
+    for future in list(work.calls):  # the list as it is: a run takes calls meanwhile
+        if not future.done() and future.cancel():  # not one cancelled before
+            cancelled += 1
+    return cancelled
 
 
 # -- the executor -------------------------------------------------------------

@@ -35,6 +35,7 @@ from stolensignal import (
 import workqueue
 from workqueue import DelayedWork, Work, Workqueue, _pool
 from workqueue._future import cancel_pending_futures
+from workqueue._serial import cancel_serial_calls
 
 TIMEOUT = 10.0
 
@@ -960,6 +961,10 @@ def _watching(future: cf.Future[Any], watch: str) -> Attempt | None:
 CANCELS: dict[str, Callable[[Workqueue, cf.Future[Any]], object]] = {
     "Future.cancel": lambda wq, future: future.cancel(),
     "cancel_pending_futures": lambda wq, future: cancel_pending_futures(wq),
+    # The calls of a serial executor: cancelled one by one, or all at once
+    # as shutdown(cancel_futures=True) does.
+    "serial Future.cancel": lambda wq, future: future.cancel(),
+    "cancel_serial_calls": lambda wq, future: cancel_serial_calls(wq),
 }
 
 
@@ -976,13 +981,14 @@ def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
 
     def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
         wq = make_wq(ordered=True)  # the call waits behind the running one
+        executor: Any = wq.serial("key") if how.startswith(("serial", "cancel_serial")) else wq
         release, started = threading.Event(), threading.Event()
-        wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+        executor.submit(lambda: (started.set(), release.wait(TIMEOUT)))
         ran: list[int] = []
         called: list[cf.Future[Any]] = []
         try:
             assert started.wait(TIMEOUT)
-            future = wq.submit(ran.append, 1)
+            future = executor.submit(ran.append, 1)
             if watch == "wait":
                 future.add_done_callback(called.append)
             watcher = _watching(future, watch)
