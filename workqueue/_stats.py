@@ -13,7 +13,9 @@ the workqueue's trace hooks if it has any:
 
 `cpu` is the CPU of the pool (None for an unbound pool).  Hooks run under
 the engine lock, like tracepoints with interrupts off: they must be quick and
-must not call into the workqueue.
+must not call into the workqueue.  What a hook raises, whatever it is, is
+logged, and the engine goes on: in the main thread, that includes a Ctrl-C
+that lands while a hook runs.
 """
 
 from __future__ import annotations

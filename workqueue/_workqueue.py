@@ -920,7 +920,11 @@ class Workqueue(Executor):
     # -- introspection -------------------------------------------------------
 
     def add_trace_hook(self, hook: TraceHook) -> None:
-        """Call hook(event, work, cpu) at every trace point; see workqueue._stats."""
+        """Call hook(event, work, cpu) at every trace point; see workqueue._stats.
+
+        Whatever a hook raises, KeyboardInterrupt and SystemExit included,
+        is logged and the engine goes on, as after a work function that
+        raises: hooks run under the engine lock, inside its steps."""
         if not callable(hook):
             raise TypeError(f"a trace hook must be callable, not {type(hook).__name__}")
         with lock:
@@ -940,7 +944,16 @@ class Workqueue(Executor):
         for hook in self._trace_hooks:
             try:
                 hook(event, work, pool.cpu)
-            except Exception:
+            except BaseException:
+                # Whatever it is, as a work function's (see process_works):
+                # a hook runs inside a step of the engine, under its lock,
+                # and one that raised out of it killed a worker in the
+                # middle of its item, counted in its pool for good, or the
+                # timer thread every timer needs.  In the main thread, a
+                # hook raising every time would also cut short the steps
+                # that finish what a Ctrl-C cut short.  The price: Ctrl-C
+                # landing inside a hook of the main thread is logged here,
+                # not raised (a hook must be quick: that window is short).
                 logger.exception("trace hook %r failed", hook)
 
     def stats(self) -> WorkqueueStats:

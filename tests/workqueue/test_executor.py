@@ -19,10 +19,12 @@ import pytest
 
 from workqueue import (
     WQ_UNBOUND,
+    DelayedWork,
     Topology,
     Work,
     WorkqueueStats,
     WQFlags,
+    _pool,
     alloc_ordered_workqueue,
     alloc_workqueue,
 )
@@ -181,6 +183,63 @@ def test_a_failing_trace_hook_is_logged_and_the_items_still_run(
     assert [str(r.exc_info[1]) for r in failures if r.exc_info] == [
         f"hook broke at {event}" for event in ("queue", "activate", "execute_start", "execute_end")
     ]
+
+
+class HookEscape(BaseException):
+    """Raised by a hostile trace hook: no Exception, as KeyboardInterrupt."""
+
+
+def _pools_whole(wq: Any) -> None:
+    """Every worker of *wq*'s pools is alive, and each pool's nr_running
+    counts those whose flags are all clear (engine lock free)."""
+    with _pool.lock:
+        for pool in {pwq.pool for pwq in wq._all_pwqs()}:
+            for worker in pool.workers:
+                assert worker.thread is not None and worker.thread.is_alive(), pool.dump()
+            assert pool.nr_running == sum(not w.flags for w in pool.workers), pool.dump()
+            assert set(pool.idle) <= pool.workers, pool.dump()
+
+
+@pytest.mark.parametrize("exc", [HookEscape, SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("event", ["activate", "execute_start", "execute_end", "delayed queue"])
+def test_a_trace_hook_raising_a_base_exception_is_logged_and_the_workers_go_on(
+        make_wq: Any, caplog: pytest.LogCaptureFixture, exc: type[BaseException],
+        event: str) -> None:
+    """A hook that raises what is no Exception, in a worker or on the
+    timer thread, is logged as a failing hook is, and the engine goes on,
+    as a worker goes on after a work function that raises it (it killed
+    the worker in the middle of its item, left counted in its pool and
+    the item never run; on the timer thread, every later timer of the
+    process)."""
+    wq = make_wq(max_active=1)  # the later items activate as one ends: in the worker
+    raised: list[str] = []
+
+    def hostile(ev: str, work: Any, cpu: int | None) -> None:
+        if threading.current_thread() is not threading.main_thread() and (
+                ev == event or f"delayed {ev}" == event):
+            raised.append(threading.current_thread().name)
+            raise exc(f"hook escaped at {ev}")
+
+    wq.add_trace_hook(hostile)
+    ran: list[int] = []
+    for round_ in range(2):  # the second after the hook raised, on the same workers
+        works = [Work(lambda w, n=n: ran.append(n)) for n in range(3)]
+        due = threading.Event()
+        delayed = DelayedWork(lambda w, due=due: (ran.append(-1), due.set()))
+        for w in works:
+            assert wq.queue_work_on(0, w)
+        assert wq.queue_delayed_work_on(0, delayed, 0.001)
+        # Queued by its timer, not by a flush() that finds it still there.
+        assert due.wait(TIMEOUT)
+        for w in [*works, delayed]:
+            w.flush(timeout=TIMEOUT)
+        assert sorted(ran) == [-1, 0, 1, 2], (round_, ran)
+        ran.clear()
+        _pools_whole(wq)
+    assert raised, "the hook never raised"
+    failures = [r for r in caplog.records if r.getMessage().startswith("trace hook ")]
+    assert len(failures) == len(raised)
+    assert all(r.exc_info and isinstance(r.exc_info[1], exc) for r in failures)
 
 
 def test_shutdown_cancel_futures_cancels_what_has_not_started(make_wq: Any) -> None:
