@@ -535,7 +535,11 @@ class PoolSet:
         return [*self.bound.values(), *self.unbound.values()]
 
     def hotplug(self, cpu: int, online: bool) -> None:
-        """The topology notifier: unbind_workers / rebind_workers."""
+        """The topology notifier: unbind_workers / rebind_workers.
+
+        Called again for the same change, it changes nothing more: the
+        topology calls it again if Ctrl-C lands as it starts (see
+        Topology._change)."""
         with lock:
             try:
                 self._hotplug_locked(cpu, online)
@@ -553,16 +557,21 @@ class PoolSet:
             pool = self.bound.get((cpu, highpri))
             if pool is None:
                 continue
-            pool.disassociated = not online
-            for worker in pool.workers:
-                if online:
-                    # Still not counted (rebind_workers): a worker busy
-                    # with items taken while the CPU was away counts
-                    # from its next run loop on, so that what is queued
-                    # now is not held back behind them.
-                    worker.flags = worker.flags & ~WORKER_UNBOUND | WORKER_REBOUND
-                else:
-                    set_flags(worker, WORKER_UNBOUND)
+            # The workers first and the pool's state last, so that a
+            # pool in the CPU's state is done with: a call again finds
+            # nothing to do there (a worker that started its run loop
+            # since would lose its count to WORKER_REBOUND set again).
+            if pool.disassociated is online:
+                for worker in pool.workers:
+                    if online:
+                        # Still not counted (rebind_workers): a worker busy
+                        # with items taken while the CPU was away counts
+                        # from its next run loop on, so that what is queued
+                        # now is not held back behind them.
+                        worker.flags = worker.flags & ~WORKER_UNBOUND | WORKER_REBOUND
+                    else:
+                        set_flags(worker, WORKER_UNBOUND)
+                pool.disassociated = not online
             # Offline: nr_running is now 0, so every waiting item gets a
             # worker, on another CPU; order and non-reentrancy hold since
             # the items stay in this pool.

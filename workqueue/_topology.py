@@ -153,8 +153,7 @@ class Topology:
         self._notifiers: list[HotplugNotifier] = []
         self._online: frozenset[int] = self._possible_set
         self._online_list: tuple[int, ...] = self._possible
-        self._host_to_logical: dict[int, int] = {}
-        self._update_host_map()
+        self._host_to_logical: dict[int, int] = self._host_map(self._possible)
 
         # The worker pools of this topology (workqueue._pool.PoolSet), made
         # on first use.  It lives here, not in a module global, so that each
@@ -241,11 +240,12 @@ class Topology:
             if cpu not in self._possible_set:
                 raise ValueError(f"CPU {cpu} is not a possible CPU of this topology")
 
-    def _update_host_map(self) -> None:
+    def _host_map(self, online_list: tuple[int, ...]) -> dict[int, int]:
+        """Each host CPU's lowest online logical CPU, with *online_list* online."""
         host_map: dict[int, int] = {}
-        for cpu in self._online_list:  # ascending: the lowest wins
+        for cpu in online_list:  # ascending: the lowest wins
             host_map.setdefault(self._real[cpu], cpu)
-        self._host_to_logical = host_map
+        return host_map
 
     # -- hotplug ----------------------------------------------------------
 
@@ -272,7 +272,9 @@ class Topology:
     def cpu_down(self, cpu: int) -> None:
         """Take *cpu* offline, synchronously (a no-op if it is offline).
 
-        ValueError for an unknown CPU or for the last online CPU.
+        ValueError for an unknown CPU or for the last online CPU.  Ctrl-C
+        in it leaves the CPU online and no notifier called, or offline
+        and every notifier called once.
         """
         self._check_cpu(cpu)
         with self._hotplug_lock:
@@ -280,31 +282,72 @@ class Topology:
                 return
             if len(self._online) == 1:
                 raise ValueError(f"CPU {cpu} is the last online CPU; it cannot go down")
-            self._set_online(self._online - {cpu})
-            for fn in reversed(self._notifiers):
-                self._notify(fn, cpu, False)
+            self._change(cpu, False, self._online - {cpu}, self._notifiers[::-1])
 
     def cpu_up(self, cpu: int) -> None:
-        """Bring *cpu* online, synchronously (a no-op if it is online)."""
+        """Bring *cpu* online, synchronously (a no-op if it is online).
+
+        Ctrl-C in it leaves the CPU offline and no notifier called, or
+        online and every notifier called once.
+        """
         self._check_cpu(cpu)
         with self._hotplug_lock:
             if cpu in self._online:
                 return
-            self._set_online(self._online | {cpu})
-            for fn in list(self._notifiers):
-                self._notify(fn, cpu, True)
+            self._change(cpu, True, self._online | {cpu}, self._notifiers[:])
 
-    def _set_online(self, online: frozenset[int]) -> None:
-        self._online = online
-        self._online_list = tuple(sorted(online))
-        self._update_host_map()
+    def _change(self, cpu: int, online: bool, cpus: frozenset[int],
+                notifiers: list[HotplugNotifier]) -> None:
+        """Make *cpus* the online ones, *cpu* going up or down, and tell
+        *notifiers*, in that order (hotplug lock held).
+
+        Whole or not at all when Ctrl-C lands in the main thread, as any
+        call returns (see _pool.insert_work): the new state is made first,
+        then switched to with no call in between; from then on every
+        notifier is called, once, and Ctrl-C is passed on after the last.
+        Nothing can be undone once a notifier has run, and one left out
+        would never hear of the change: the next cpu_down() or cpu_up()
+        of the CPU finds nothing to do, or tells of the opposite change.
+        """
+        online_list = tuple(sorted(cpus))
+        host_map = self._host_map(online_list)
+        self._online = cpus
+        self._online_list = online_list
+        self._host_to_logical = host_map
+        # Each notifier counted as called before its call, with no call in
+        # between, and called here, not through _notify(), where Ctrl-C
+        # could land before the call: it lands as the notifier starts, or
+        # once it has run, which is the notifier's own business, as any
+        # exception it raises.
+        called = 0
+        try:
+            for fn in notifiers:
+                called += 1
+                try:
+                    fn(cpu, online)
+                except Exception:
+                    self._failed(fn, cpu, online)
+        except BaseException:
+            # The engine's pools' notifier (see _pool.pool_set), cut short
+            # as it started, would leave the pools bound as the CPU was:
+            # called again, it finishes what is not done, and nothing more.
+            pools = self._pools
+            if pools is not None and pools.hotplug in notifiers[:called]:
+                self._notify(pools.hotplug, cpu, online)
+            for fn in notifiers[called:]:
+                self._notify(fn, cpu, online)
+            raise
 
     @staticmethod
-    def _notify(fn: HotplugNotifier, cpu: int, online: bool) -> None:
+    def _failed(fn: HotplugNotifier, cpu: int, online: bool) -> None:
         # Hotplug cannot be rolled back half-way: a failing notifier is a bug
         # in its owner, reported, and the others still run.
+        logger.exception("hotplug notifier %r failed for CPU %d going %s",
+                         fn, cpu, "up" if online else "down")
+
+    @classmethod
+    def _notify(cls, fn: HotplugNotifier, cpu: int, online: bool) -> None:
         try:
             fn(cpu, online)
         except Exception:
-            logger.exception("hotplug notifier %r failed for CPU %d going %s",
-                             fn, cpu, "up" if online else "down")
+            cls._failed(fn, cpu, online)

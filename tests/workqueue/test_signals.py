@@ -841,9 +841,8 @@ def test_ctrl_c_anywhere_in_the_pools_hotplug_notifier_leaves_them_whole(
     every pool of the CPU is left bound or not as the CPU is, with all
     its workers (a worker left counted on an offline CPU's pool was never
     counted out, its pool thinking it busy for ever once the CPU came
-    back), and the items run.  (Ctrl-C in cpu_down() or cpu_up() before
-    the notifier takes the lock leaves it not called: the topology's
-    business, not the engine's.)"""
+    back), and the items run.  (Ctrl-C in cpu_down() or cpu_up() outside
+    the notifier: test_ctrl_c_anywhere_in_cpu_down_or_up_changes_all_or_nothing.)"""
     hotplug = _pool.PoolSet.hotplug.__code__
 
     def outside_the_notifier() -> bool:
@@ -1011,3 +1010,55 @@ def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
             release.set()  # a failed check must not leave it running
 
     assert at_every_place(attempt, under_the_lock=True) > 3
+
+
+@pytest.mark.parametrize("going", ["down", "up"])
+def test_ctrl_c_anywhere_in_cpu_down_or_up_changes_all_or_nothing(
+        make_wq: Callable[..., Workqueue], going: str) -> None:
+    """Wherever Ctrl-C lands in cpu_down() or cpu_up(), the hotplug lock
+    held or not: either the CPU is as it was and no notifier heard of it,
+    or it changed and every notifier heard of it once, in order (a CPU
+    taken out of online() with notifiers left uncalled had pools bound
+    to it for good: a second cpu_down() found nothing to do, and the
+    cpu_up() that followed told every notifier of a change that half of
+    them had never seen)."""
+    n = 0
+    while True:
+        topology = workqueue.Topology(2, cpu_intensive_thresh=60.0)
+        heard: list[tuple[str, int, bool]] = []
+        topology.add_hotplug_notifier(
+            lambda cpu, online, heard=heard: heard.append(("first", cpu, online)))
+        wq = make_wq(topology=topology)
+        assert wq.queue_work_on(0, Work(lambda w: None))  # makes the pools: a notifier
+        topology.add_hotplug_notifier(
+            lambda cpu, online, heard=heard: heard.append(("last", cpu, online)))
+        if going == "up":
+            topology.cpu_down(0)
+            heard.clear()
+        online = going == "up"
+        change = topology.cpu_up if online else topology.cpu_down
+        landed = interrupted_at(n, PACKAGE, functools.partial(change, 0))
+        try:
+            if topology.is_online(0) is online:
+                order = ["first", "last"] if online else ["last", "first"]
+                assert heard == [(name, 0, online) for name in order]
+            else:
+                assert heard == []
+            assert topology.online() == sorted({1} | ({0} if topology.is_online(0) else set()))
+            assert_pools_count_their_workers(topology)
+            heard.clear()
+            # And back: each notifier hears of that once too.
+            back = not topology.is_online(0)
+            (topology.cpu_up if back else topology.cpu_down)(0)
+            order = ["first", "last"] if back else ["last", "first"]
+            assert heard == [(name, 0, back) for name in order]
+            assert_pools_count_their_workers(topology)
+            work = Work(lambda w: None)
+            assert wq.queue_work_on(0, work)
+            work.flush(timeout=TIMEOUT)
+        except (AssertionError, TimeoutError) as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc}") from exc
+        if not landed:
+            break
+        n += 1
+    assert n > 5
