@@ -964,6 +964,9 @@ CANCELS: dict[str, Callable[[Workqueue, cf.Future[Any]], object]] = {
     # as shutdown(cancel_futures=True) does.
     "serial Future.cancel": lambda wq, future: future.cancel(),
     "cancel_serial_calls": lambda wq, future: cancel_serial_calls(wq),
+    # Both, and the destruction that drains what is left.
+    "shutdown": lambda wq, future: wq.shutdown(wait=False, cancel_futures=True),
+    "serial shutdown": lambda wq, future: wq.shutdown(wait=False, cancel_futures=True),
 }
 
 
@@ -980,7 +983,7 @@ def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
 
     def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
         wq = make_wq(ordered=True)  # the call waits behind the running one
-        executor: Any = wq.serial("key") if how.startswith(("serial", "cancel_serial")) else wq
+        executor: Any = wq.serial("key") if "serial" in how else wq
         release, started = threading.Event(), threading.Event()
         executor.submit(lambda: (started.set(), release.wait(TIMEOUT)))
         ran: list[int] = []
@@ -998,7 +1001,15 @@ def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
                 # Done now, for everybody: nothing else will make it so.
                 assert cf.wait([future], timeout=0).done == {future}, repr(future)
             release.set()
-            wq.flush(timeout=TIMEOUT)
+            if how.endswith("shutdown"):
+                # A destruction goes on, that a second one waits for.
+                try:
+                    wq.destroy(timeout=TIMEOUT)
+                except RuntimeError as exc:
+                    assert "already destroyed" in str(exc)
+                assert wq._destroyed.wait(TIMEOUT)
+            else:
+                wq.flush(timeout=TIMEOUT)
             assert ran == ([] if cancelled else [1]), repr(future)
             assert cf.wait([future], timeout=TIMEOUT).done == {future}, repr(future)
             if watcher is not None:
