@@ -430,12 +430,12 @@ class LeanFuture(Future[Any]):
 
     def cancel(self) -> bool:
         # Ctrl-C may land in the main thread as any call returns (see
-        # _pool.insert_work).  A future cancelled here is the only one its
-        # watchers and callbacks will hear of, so the steps that tell them
-        # are taken up again if cut short: each tells nobody twice.  Whether
-        # it was cancelled here: pending at the start of the hold that
-        # decides, and final at the end (nobody else makes it final in that
-        # hold, see the module docstring).
+        # _pool.insert_work).  Of a future cancelled here, this call alone
+        # tells the sleepers, watchers and callbacks, so the steps that tell
+        # them are taken up again if cut short: each tells nobody twice.
+        # Whether it was cancelled here: pending at the start of the hold
+        # that decides, and final at its end (nobody else makes it final in
+        # that hold, see the module docstring).
         owed = False  # cancelled here: the done-callbacks are ours to call
         try:
             with _futures_lock:
