@@ -758,21 +758,41 @@ class XenStore(_Ops, Closing):
         connected.  A connection closed or lost cannot be opened again
         (pyxs's client cannot reconnect): make a new :class:`XenStore`.
         Nor one closed while it connects: :class:`RuntimeError`.  A
-        second open() at once waits for the first, and finds it done."""
+        second open() at once waits for the first, and finds it done.
+        From a watch callback or ``on_lost``, which a close() may be
+        waiting for, it waits for nothing: :class:`RuntimeError` at once
+        if the connection is closing or lost."""
+        me = threading.current_thread()
+        if me is self._thread or me is self._client.router.thread:
+            # A close() on another thread holds _closing while it waits for
+            # this very thread.  Nothing to connect here anyway: the watch
+            # thread runs only once connected, on_lost only once lost.
+            self._refuse_reopening(closing=True)
+            return
         # Two at once would both adopt the router and both connect: the
         # second socket replaced the first under a router still polling
         # the first.  close() waits for it too (see there).
         with self._closing:
             self._open()
 
-    def _open(self) -> None:
+    def _refuse_reopening(self, *, closing: bool = False) -> None:
+        """:class:`RuntimeError` if the connection was closed (or, with
+        ``closing``, is being closed) or lost: pyxs's client cannot
+        connect again (its router thread has run, and a thread runs once)."""
         router = self._client.router
-        if self._closed or router.thread.ident is not None and not router.is_connected:
-            # Its router thread has run (and a thread runs once only).
-            how = "closed" if self._closed else "lost"
-            raise RuntimeError(
-                f"this XenStore connection was {how}: make a new XenStore to connect again"
-            )
+        if self._closed:
+            state = "is closing" if closing else "was closed"
+        elif router.thread.ident is not None and not router.is_connected:
+            state = "was lost"
+        else:
+            return
+        raise RuntimeError(
+            f"this XenStore connection {state}: make a new XenStore to connect again"
+        )
+
+    def _open(self) -> None:
+        self._refuse_reopening()
+        router = self._client.router
         if router.thread.ident is None:  # not started: route through route_until_lost
             adopt_router(router, self._lost, name="xenstore-router")
         try:

@@ -29,6 +29,7 @@ from tests.stolensignal import (
 )
 from tests.xenback.xbhelpers import TIMEOUT, handed_over, leaked_threads
 from xenback import EventQueue, XenStore
+from xenback.xenstore import close_client
 
 
 @pytest.fixture
@@ -1429,6 +1430,93 @@ def test_close_from_on_lost_and_from_a_callback_at_once(host) -> None:
     assert not router.is_alive(), "on_lost's close() and the callback's wait for each other"
     xs.close()
     assert sorted(closed) == ["callback", "on_lost"]
+
+
+def test_open_from_a_callback_another_close_waits_for(host) -> None:
+    """open() waits for a close() in progress (to find it done), and that
+    close() waits for the watch thread: an open() from a watch callback
+    waited for a close() that waited for it.  It must fail at once, saying
+    the connection is closing, and the close() return."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    running = threading.Event()
+    release = threading.Event()
+    opened: list[BaseException | None] = []
+
+    def opening(_path: str) -> None:
+        running.set()
+        release.wait(TIMEOUT)
+        try:
+            xs.open()
+            opened.append(None)
+        except BaseException as exc:
+            opened.append(exc)
+
+    xs.watch("/test/opening", opening)
+    assert running.wait(TIMEOUT)
+    first = _close_waiting_for_the_watch_thread(xs)
+    release.set()
+    first.join(TIMEOUT)
+    assert not first.is_alive(), "close() and the callback's open() wait for each other"
+    (exc,) = opened
+    assert isinstance(exc, RuntimeError) and "closing" in str(exc), repr(exc)
+    assert not xs._client.router.thread.is_alive()
+
+
+def test_open_from_on_lost_as_another_close_waits_for_it(host) -> None:
+    """on_lost runs on the router thread, which a close() from another
+    thread waits for, holding what open() waits for: an open() from
+    on_lost (a daemon trying its connection again) hung both."""
+    running = threading.Event()
+    release = threading.Event()
+    opened: list[BaseException | None] = []
+
+    def on_lost(_exc: Exception) -> None:
+        running.set()
+        release.wait(TIMEOUT)
+        try:
+            xs.open()
+            opened.append(None)
+        except BaseException as exc:
+            opened.append(exc)
+
+    xs = XenStore(host.dom0.xenstore(), on_lost=on_lost)
+    xs.open()
+    host.close()
+    assert running.wait(TIMEOUT)
+    closer = threading.Thread(target=xs.close, daemon=True)
+    closer.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not stands_at(closer.ident, close_client, "client.close()"):
+        assert time.monotonic() < deadline, "close() did not wait for the router thread"
+        time.sleep(0.001)
+    release.set()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive(), "close() and on_lost's open() wait for each other"
+    (exc,) = opened
+    assert isinstance(exc, RuntimeError), repr(exc)
+    assert "closing" in str(exc) or "lost" in str(exc), repr(exc)
+
+
+def test_open_from_a_callback_of_an_open_connection_does_nothing(dom0_xs) -> None:
+    """On the watch thread the connection is open already: open() there
+    has nothing to do (as anywhere else), and says nothing."""
+    opened: list[BaseException | None] = []
+    done = threading.Event()
+
+    def opening(_path: str) -> None:
+        try:
+            dom0_xs.open()
+            opened.append(None)
+        except BaseException as exc:
+            opened.append(exc)
+        done.set()
+
+    w = dom0_xs.watch("/test/opening", opening)
+    assert done.wait(TIMEOUT)
+    w.unwatch()
+    assert opened[0] is None
+    assert dom0_xs.read("/local/domain/0/name") == "Domain-0"
 
 
 def test_a_xenbus_connection_a_sender_closes_ends_the_router() -> None:
