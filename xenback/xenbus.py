@@ -45,7 +45,10 @@ protocol (section 2 of the protocol reference), item by item:
   exists, retried on EAGAIN, and skipped when the node already holds it;
 * failures (:meth:`BackendDevice.fatal`, or an exception from a driver
   method): ``error/<backend-path>/error`` = ``"<errno> <message>"`` under
-  our domain's home, and the device goes Closing (``xenbus_dev_fatal``);
+  our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
+  An exception's errno is its own for an :class:`OSError` (the message
+  then ends with its ``filename``: the node that was missing, say), EINVAL
+  for a :class:`ValueError` or :class:`TypeError`, EIO for anything else;
 * so does a bug in what a driver sets going for a device, to run later:
   an exception escaping a call queued with :meth:`BackendDevice.queue`,
   the callback of a port bound with :meth:`BackendDevice.bind_evtchn` or
@@ -317,29 +320,37 @@ class BackendDevice:
         else, for ``int()`` alone would also take a sign, white space,
         underscores and other scripts' digits, and so turn a guest's garbage
         into a grant or a port; a frontend writing them is broken, and is
-        better told so than half understood.  :class:`ValueError` saying
-        which node and what is wrong with it, which makes the device fail
-        with EINVAL when raised from :meth:`BackendDriver.connect`; a
-        missing node is ``default``, or that error if there is none."""
+        better told so than half understood.
+
+        A value that is not such a number is a :class:`ValueError` naming
+        the node's path and quoting the value; a missing node is
+        ``default``, or else :class:`FileNotFoundError` (ENOENT) naming the
+        path.  Raised from :meth:`BackendDriver.connect`, they fail the
+        device with that errno, and the error node says
+        ``22 connecting: frontend node <path> is not a decimal number:
+        '<value>'`` or ``2 connecting: frontend node is missing: <path>``."""
         if default is not None:
             if isinstance(default, bool) or not isinstance(default, int):
                 raise TypeError(f"default must be an int, not {type(default).__name__}")
             if not 0 <= default <= _U32_MAX:
                 raise ValueError(f"default must be a 32-bit unsigned integer, not {default}")
-        text = self.read_otherend(key)
+        path = f"{self.otherend}/{key}"
+        text = self.xenstore.read(path)
         if text is None:
             if default is None:
-                raise ValueError(f"frontend node {key!r} is missing")
+                # Not EINVAL: nothing is wrong with a value that is not
+                # there, and the frontend may only not have written it yet.
+                raise FileNotFoundError(errno.ENOENT, "frontend node is missing", path)
             return default
         if not (text.isascii() and text.isdigit()):
             # ascii(), and a prefix: the value is the guest's, and may be
             # anything up to XenStore's 4096 bytes.
-            raise ValueError(f"frontend node {key!r} is not a decimal number: "
+            raise ValueError(f"frontend node {path} is not a decimal number: "
                              f"{ascii(text[:32])}")
         # Length first: int() refuses more digits than sys.get_int_max_str_digits().
         digits = text.lstrip("0") or "0"
         if len(digits) > 10 or int(digits) > _U32_MAX:
-            raise ValueError(f"frontend node {key!r} out of range: {text[:32]}")
+            raise ValueError(f"frontend node {path} is out of range: {text[:32]}")
         return int(digits)
 
     def write(self, key: str, value: str | int) -> None:

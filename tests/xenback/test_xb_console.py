@@ -217,8 +217,8 @@ def test_a_ring_ref_that_is_not_plain_digits_fails_the_device(
     fe.wait_backend(S.CLOSING)
     relative = dev.backend_path[len("/local/domain/0/"):]
     assert dom0_xs.read(f"/local/domain/0/error/{relative}/error") == (
-        f"{errno.EINVAL} connecting: frontend node 'ring-ref' is not a decimal number: "
-        f"' {fe.pages.refs[0]}'")
+        f"{errno.EINVAL} connecting: frontend node {dev.frontend_path}/ring-ref is not a "
+        f"decimal number: ' {fe.pages.refs[0]}'")
     assert console.devices()[0].resources == (0, 0)
 
 

@@ -3,6 +3,7 @@ order from the frontend, read as strictly as the guest's word deserves."""
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import pytest
@@ -14,9 +15,9 @@ S = XenbusState
 
 
 @pytest.fixture
-def nodes(host, driver, frontends):
-    """``(backend device, write)``: write(key, value) puts a node in the
-    frontend's directory, as the guest would."""
+def guest_nodes(host, driver, frontends):
+    """``(backend device, write, frontend)``: write(key, value) puts a node
+    in the frontend's directory, as the guest would."""
     guest = host.create_domain("guest")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     fe = frontends(guest, dev)
@@ -29,7 +30,14 @@ def nodes(host, driver, frontends):
         def write(key: str, value: str | bytes) -> None:
             raw.write(f"{dev.frontend_path}/{key}", value)
 
-        yield bdev, write
+        yield bdev, write, fe
+
+
+@pytest.fixture
+def nodes(guest_nodes):
+    """``(backend device, write)``, as guest_nodes."""
+    bdev, write, _fe = guest_nodes
+    return bdev, write
 
 
 @pytest.mark.parametrize("text, value", [("0", 0), ("8", 8), ("007", 7),
@@ -48,23 +56,58 @@ def test_anything_but_digits_is_refused_naming_the_node(nodes, text: str) -> Non
     told so than half understood."""
     bdev, write = nodes
     write("port", text)
-    with pytest.raises(ValueError, match=r"frontend node 'port' is not a decimal number: "):
+    with pytest.raises(ValueError) as caught:
         bdev.read_otherend_u32("port")
+    assert str(caught.value) == (f"frontend node {bdev.otherend}/port is not a decimal number: "
+                                 f"{ascii(text)}")
 
 
 @pytest.mark.parametrize("text", ["4294967296", "9" * 2000])
 def test_beyond_32_bits_is_refused(nodes, text: str) -> None:
     bdev, write = nodes
     write("ring-ref", text)
-    with pytest.raises(ValueError, match=r"frontend node 'ring-ref' out of range: \d{1,64}$"):
+    with pytest.raises(ValueError) as caught:
         bdev.read_otherend_u32("ring-ref")
+    assert str(caught.value) == (f"frontend node {bdev.otherend}/ring-ref is out of range: "
+                                 f"{text[:32]}")
 
 
 def test_a_missing_node_is_refused_unless_there_is_a_default(nodes) -> None:
+    """Missing is not wrong (EINVAL): ENOENT, naming the node's path, as
+    Linux's backends report a node they cannot read."""
     bdev, _ = nodes
-    with pytest.raises(ValueError, match="frontend node 'ring-page-order' is missing"):
+    with pytest.raises(FileNotFoundError) as caught:
         bdev.read_otherend_u32("ring-page-order")
+    assert caught.value.errno == errno.ENOENT
+    assert caught.value.filename == f"{bdev.otherend}/ring-page-order"
     assert bdev.read_otherend_u32("ring-page-order", 0) == 0
+
+
+def _error_node_after_connect(driver, fe, dom0_xs, key: str) -> str | None:
+    """The device's error node once connect() has read ``key`` with
+    read_otherend_u32 and so failed the device."""
+    driver.connect_hook = lambda dev: dev.read_otherend_u32(key)
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    (bdev,) = [d for d in driver.devices() if d.frontend_id == fe.guest.domid]
+    return dom0_xs.read(bdev.error_path)
+
+
+def test_a_missing_node_fails_the_device_with_enoent_naming_its_path(
+        guest_nodes, driver, dom0_xs) -> None:
+    bdev, _, fe = guest_nodes
+    error = _error_node_after_connect(driver, fe, dom0_xs, "ring-page-order")
+    assert error == (f"{errno.ENOENT} connecting: frontend node is missing: "
+                     f"{bdev.otherend}/ring-page-order")
+
+
+def test_a_bad_value_fails_the_device_with_einval_naming_path_and_value(
+        guest_nodes, driver, dom0_xs) -> None:
+    bdev, write, fe = guest_nodes
+    write("ring-page-order", "\x1b1")
+    error = _error_node_after_connect(driver, fe, dom0_xs, "ring-page-order")
+    assert error == (f"{errno.EINVAL} connecting: frontend node {bdev.otherend}/ring-page-order "
+                     f"is not a decimal number: '\\x1b1'")
 
 
 def test_what_is_quoted_of_the_guest_is_short_and_printable(nodes) -> None:
@@ -100,7 +143,7 @@ def test_a_long_value_is_read_by_its_digits_whatever_int_s_limit(
     sys.set_int_max_str_digits(640)
     try:
         if value is None:
-            with pytest.raises(ValueError, match=r"frontend node 'ring-ref' out of range: \d{1,64}$"):
+            with pytest.raises(ValueError, match=r"/ring-ref is out of range: \d{1,64}$"):
                 bdev.read_otherend_u32("ring-ref")
         else:
             assert bdev.read_otherend_u32("ring-ref") == value
