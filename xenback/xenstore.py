@@ -361,6 +361,14 @@ def close_client(client: pyxs.Client) -> None:
         # away): it has closed everything, and terminate() would join this
         # very thread.
         return
+    if router.thread.ident is None:
+        # No router ever ran to close what it would have: a connect that
+        # failed, or one interrupted (Ctrl-C) after pyxs had connected the
+        # socket but before it started the thread.
+        router.connection.close()
+        router.r_terminator.close()
+        router.w_terminator.close()
+        return
     try:
         client.close()
     except OSError:
@@ -750,7 +758,13 @@ class XenStore(_Ops, Closing):
     ) -> XenStore:
         """Connect to ``platform``'s XenStore (``on_lost`` as for the constructor)."""
         xs = cls(platform.xenstore(), on_lost=on_lost)
-        xs.open()
+        try:
+            xs.open()
+        except BaseException:
+            # Nobody else has it to close: open() may have got as far as
+            # starting the router thread (a Ctrl-C as it connected).
+            xs.close()
+            raise
         return xs
 
     def open(self) -> None:
@@ -864,9 +878,11 @@ class XenStore(_Ops, Closing):
                 self._monitor.events.put(None)  # wakes the watch thread up to exit
                 if not ours:
                     thread.join()
-            if self._connected:
-                self._connected = False
-                close_client(self._client)
+            # Not only when open() said it connected: one interrupted (a
+            # Ctrl-C as pyxs connected) may have started the router thread
+            # and not got to say so.  Closing a client again does nothing.
+            self._connected = False
+            close_client(self._client)
         # wait_for() callers in other threads: their next read fails now,
         # rather than after their whole timeout.
         with self._lock:
@@ -876,7 +892,17 @@ class XenStore(_Ops, Closing):
 
     def __enter__(self) -> Self:
         if not self._connected:
-            self.open()
+            try:
+                self.open()
+            except BaseException:
+                # ``with`` calls no __exit__ for an __enter__ that raised:
+                # what open() started before a Ctrl-C (the router thread,
+                # the socket) is closed here.  Nothing started (XenStore
+                # not there yet), it stays openable, to be tried again.
+                router = self._client.router
+                if router.thread.ident is not None or router.is_connected:
+                    self.close()
+                raise
         return self
 
     # Domains.
@@ -974,22 +1000,25 @@ class XenStore(_Ops, Closing):
         if not self._client.router.is_connected:
             # Before the watch thread is started: nobody would stop it.
             raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
-        with self._lock:
-            if self._closed:
-                # close() may have taken the watch thread to stop already:
-                # one started now would run for ever.
-                raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
-            token = f"xb{next(self._tokens)}"
-            w = Watch(self, path, token, callback, events)
-            self._watches[token] = w
-            if self._monitor is None:
-                self._monitor = self._client.monitor()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run_watches, name="xenstore-watch", daemon=True
-                )
-                self._thread.start()
+        token = f"xb{next(self._tokens)}"
+        w = Watch(self, path, token, callback, events)
         try:
+            with self._lock:
+                if self._closed:
+                    # close() may have taken the watch thread to stop already:
+                    # one started now would run for ever.
+                    raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
+                # The monitor and the thread before the watch is listed: a
+                # Ctrl-C as either call returns left a watch that close()
+                # could not remove (no monitor to unwatch with).
+                if self._monitor is None:
+                    self._monitor = self._client.monitor()
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run_watches, name="xenstore-watch", daemon=True
+                    )
+                    self._thread.start()
+                self._watches[token] = w
             self._do(lambda p: self._monitor.watch(p, token.encode()), path)
         except BaseException:
             with self._lock:

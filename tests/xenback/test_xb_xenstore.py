@@ -1689,6 +1689,82 @@ def _interrupted_request(xs: XenStore, n: int, within: str) -> str:
     return interrupted_at(n, within, lambda: xs.write("/test/ctrl-c", "x" * 64))
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("package", ["xenback", "pyxs"])
+@pytest.mark.parametrize("how", ["open", "connect_to", "with"])
+def test_an_open_interrupted_anywhere_leaves_nothing_open(host, package: str, how: str) -> None:
+    """A Ctrl-C landing as any call of an open returns (in xenback's code
+    or pyxs's): pyxs's router thread started and the connection up, but
+    open() not yet saying so, so that close() found nothing to close (or
+    connect_to() and ``with`` never handed it back), and the router
+    thread ran for ever.  After it, close() leaves nothing open."""
+    import importlib
+    import os
+
+    from tests.stolensignal import interrupted_at
+
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    landed: list[str] = []
+    for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
+        made: list[XenStore] = []
+        # Once in the with block: a Ctrl-C in __exit__ is one in close().
+        inside: list[bool] = []
+
+        def opening(made: list[XenStore] = made, inside: list[bool] = inside) -> None:
+            if how == "connect_to":
+                made.append(XenStore.connect_to(host.dom0))
+                return
+            made.append(XenStore(host.dom0.xenstore()))
+            if how == "open":
+                made[0].open()
+            else:
+                with made[0]:
+                    inside.append(True)
+
+        where = interrupted_at(n, within, opening, unless=lambda inside=inside: bool(inside))
+        if how == "open":  # close() is the caller's, and must undo it all
+            for xs in made:
+                xs.close()
+        elif how == "connect_to":  # returned, and whole: closed by its caller
+            for xs in made:
+                assert xs.connected, f"interrupted {where}"
+                xs.close()
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 5, landed
+
+
+def test_a_first_watch_interrupted_anywhere_leaves_what_close_removes(host) -> None:
+    """A Ctrl-C landing as any call of a connection's first watch() returns:
+    the watch was listed before the monitor it is removed with was made,
+    and close() then failed on it (AttributeError), leaving the router
+    thread running."""
+    import os
+
+    import xenback
+    from tests.stolensignal import interrupted_at
+
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
+        xs = XenStore(host.dom0.xenstore())
+        xs.open()
+        where = interrupted_at(n, within, lambda xs=xs: xs.watch("/test/w", lambda _p: None))
+        try:
+            xs.close()
+        except Exception as exc:
+            raise AssertionError(f"interrupted {where}: close() failed: {exc!r}") from exc
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 5, landed
+
+
 @pytest.mark.parametrize("package", ["pyxs", "xenback"])
 def test_a_request_interrupted_half_sent_loses_the_connection(host, package: str) -> None:
     """A Ctrl-C between pyxs's writes of a request's header and payload
