@@ -128,9 +128,16 @@ class HostLock(Closing):
     lock on a removed file keeps nobody out.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *,
+                 into: list[HostLock] | None = None) -> None:
+        """Lock ``path``.  With ``into``, the lock is appended to it before
+        the file is locked: for a caller that must release it whatever
+        interrupts its making, a Ctrl-C as this returns included, which
+        would lose a held lock to it (closing one not locked does nothing)."""
         self._path = Path(path)
         self._fd = -1  # set by _lock() once the file is locked
+        if into is not None:
+            into.append(self)
         with _fork_lock:
             try:
                 self._lock()
@@ -177,7 +184,8 @@ class HostLock(Closing):
             os.close(fd)
 
     @classmethod
-    def for_domain(cls, platform: Platform, name: str) -> HostLock:
+    def for_domain(cls, platform: Platform, name: str, *,
+                   into: list[HostLock] | None = None) -> HostLock:
         """The lock of job ``name`` (a file name's stem: ``"my-backend"``)
         for ``platform``'s domain on its host: the file
         ``<run_dir>/<name>.dom<domid>.lock``.
@@ -185,11 +193,12 @@ class HostLock(Closing):
         The domain's id is in its name because the domains of a simulated
         host share its run directory: the backend of a driver domain is no
         second backend of dom0's.  :class:`HostLockHeld` says which domain
-        and job are taken, and by which process.
+        and job are taken, and by which process.  ``into`` as for the
+        constructor.
         """
         domid = platform.domid
         try:
-            return cls(Path(platform.run_dir) / f"{name}.dom{domid}.lock")
+            return cls(Path(platform.run_dir) / f"{name}.dom{domid}.lock", into=into)
         except HostLockHeld as exc:
             raise HostLockHeld(exc.path, exc.pid, (
                 f"domain {domid} of this host has a {name} already, in process "

@@ -889,35 +889,37 @@ class BackendDriver:
         of our ``device_type`` serves our domain, in this process or
         another on the host (it names that process and the lock file), and
         :class:`OSError` naming the lock file if that cannot be made:
-        either before anything is started.
+        either before anything is started.  Whole or nothing: failing or
+        interrupted (Ctrl-C) halfway, it undoes what it had started before
+        it raises.
         """
         if self._xs is not None:
             raise RuntimeError(f"{type(self).__name__} is already started")
-        # First: a second driver would watch our backend directory too and
-        # fight over every device, so it must start nothing at all.
-        self._host_lock = HostLock.for_domain(self.platform, f"xenback-{self.device_type}")
+        # Everything is recorded as it is made (the lock before it is
+        # taken, the XenStore connection before it connects), so that
+        # whatever ends start() early, a Ctrl-C landing as any call
+        # returns included, finds all of it to undo: a lock or a router
+        # thread made but not yet recorded would outlive the driver.
+        locks: list[HostLock] = []
         try:
+            # First: a second driver would watch our backend directory too
+            # and fight over every device, so it must start nothing at all.
+            HostLock.for_domain(self.platform, f"xenback-{self.device_type}", into=locks)
+            self._host_lock = locks[0]
             if self._own_workqueue:
                 self._workqueue = alloc_workqueue(f"xenback-{self.device_type}", WQ_UNBOUND)
-            self._xs = XenStore.connect_to(self.platform, on_lost=self._xenstore_lost)
-        except BaseException:
-            if self._own_workqueue and self._workqueue is not None:
-                self._workqueue.destroy()
-                self._workqueue = None
-            self._host_lock.close()
-            self._host_lock = None
-            raise
-        with self._lock:
-            self._stopping = False
-            self._domain_gone = False
-        self._first_scan = True
-        self._junk.clear()  # a new run says what it ignores
-        self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus",
-                               handled=self._callback_failed)
-        try:
-            self._watches.append(
-                self._xs.watch(self.backend_root, self._backend_watch)
-            )
+            with self._lock:
+                self._stopping = False
+                self._domain_gone = False
+            self._first_scan = True
+            self._junk.clear()  # a new run says what it ignores
+            self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus",
+                                   handled=self._callback_failed)
+            self._xs = XenStore(self.platform.xenstore(), on_lost=self._xenstore_lost)
+            self._xs.open()
+            # From the first watch on, devices may be found and probed:
+            # undoing that is all of _stop().
+            self._watches.append(self._xs.watch(self.backend_root, self._backend_watch))
             try:
                 self._watches.append(
                     self._xs.watch("@releaseDomain", self._release_domain, events=self._bus)
@@ -927,7 +929,12 @@ class BackendDriver:
                 # directories vanishing still tell us, only later.
                 logger.warning("cannot watch @releaseDomain: relying on frontend removal")
         except BaseException:
-            self.stop()
+            try:
+                self._stop(started=False)
+            finally:
+                for lock in locks:  # taken, maybe not yet recorded; last, as in _stop()
+                    lock.close()
+                self._host_lock = None
             raise
         logger.info("%s backend serving %s", self.device_type, self.backend_root)
 
@@ -972,15 +979,18 @@ class BackendDriver:
                 self._stop_running = False
                 self._stop_done.notify_all()
 
-    def _stop(self) -> None:
+    def _stop(self, *, started: bool = True) -> None:
+        """Undo what start() did, or (not ``started``) what it got to do
+        before it failed or was interrupted: every step is skipped if
+        there is nothing for it, and can be done again."""
         for w in self._watches:
             try:
                 w.unwatch()
             except OSError:
                 pass
         self._watches.clear()
-        assert self._bus is not None
-        self._bus.close(wait=True)
+        if self._bus is not None:
+            self._bus.close(wait=True)
         for dev in self.devices():
             dev.events.call(self._drop, dev)
         for dev in self.devices():
@@ -1001,18 +1011,28 @@ class BackendDriver:
             # shutdown() returns, or waits for a destruction under way.
             self._workqueue.shutdown(wait=True)
             self._workqueue = None
-        assert self._xs is not None
-        self._xs.close()
+        if self._xs is not None:
+            self._xs.close()
         # Last, with every device gone, and before _xs (which says we are
         # started): interrupted in between, a later stop() closes it again.
         if self._host_lock is not None:
             self._host_lock.close()
             self._host_lock = None
         self._xs = None
-        logger.info("%s backend stopped", self.device_type)
+        if started:
+            logger.info("%s backend stopped", self.device_type)
 
     def __enter__(self) -> BackendDriver:
-        self.start()
+        started = self._xs is not None  # then start() refuses, and it is not ours to stop
+        try:
+            self.start()
+        except BaseException:
+            # start() undoes itself; but a Ctrl-C as it returned here comes
+            # after that, and ``with`` calls no __exit__ for an __enter__
+            # that raised.
+            if not started:
+                self.stop()
+            raise
         return self
 
     def __exit__(

@@ -534,3 +534,28 @@ def test_the_refusal_crosses_processes_whole() -> None:
     again = pickle.loads(pickle.dumps(refused))
     assert (type(again), again.path, again.pid, str(again)) == (
         HostLockHeld, refused.path, 42, "domain 0 of this host has a job")
+
+
+def test_a_lock_made_into_a_list_is_found_there_whatever_interrupts_it(tmp_path: Path) -> None:
+    """A Ctrl-C landing as any call of the making returns, the last one
+    (as the constructor returns) included: a lock taken but never handed
+    back stayed held (and listed for forks) for the life of the process.
+    With ``into``, the caller has it to close, and closing frees it."""
+    import itertools
+
+    from stolensignal import interrupted_at
+
+    within = os.path.dirname(hostlock.__file__)
+    path = tmp_path / "job.lock"
+    landed: list[str] = []
+    for n in itertools.count():
+        locks: list[HostLock] = []
+        where = interrupted_at(n, within, lambda locks=locks: HostLock(path, into=locks))
+        for lock in locks:
+            lock.close()
+        HostLock(path).close()  # free again, whatever happened
+        assert not path.exists(), where
+        if not where:
+            break
+        landed.append(where)
+    assert any("HostLock.__init__" in where for where in landed), landed

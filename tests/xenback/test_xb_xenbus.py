@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import re
 import sys
@@ -1247,6 +1248,55 @@ def test_start_without_xenstore_fails_and_holds_nothing(tmp_path) -> None:
     drv.stop()  # a no-op
     assert not leaked_threads(before)
     assert list(tmp_path.glob("*.lock")) == []
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("package", ["xenback", "pyxs"])
+@pytest.mark.parametrize("how", ["start", "with"])
+def test_a_start_interrupted_anywhere_leaves_nothing_stop_cannot_undo(
+        host, package: str, how: str) -> None:
+    """A Ctrl-C landing as any call of start() returns (in xenback's code
+    or pyxs's): the domain's lock taken or the XenStore connection (its
+    router thread) opened but not yet recorded, out of stop()'s reach, the
+    lock refusing every later driver of the process; or start() ended
+    with the connection recorded and no event queue, on which stop()
+    failed an assertion.  After it, stop() leaves nothing behind: no
+    thread, and the domain's lock free for the next driver.  In ``with``,
+    a Ctrl-C as start() returned in __enter__ left it started, with no
+    __exit__ to stop it: there, nothing is left without a stop()."""
+    import importlib
+    import os
+
+    from tests.stolensignal import interrupted_at
+    from xenback.hostlock import HostLock
+
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    landed: list[str] = []
+    for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
+        drv = RecordingDriver(host.dom0)
+        # Once in the with block: a Ctrl-C in __exit__ is one in stop().
+        inside: list[bool] = []
+
+        def starting(drv: RecordingDriver = drv, inside: list[bool] = inside) -> None:
+            if how == "start":
+                drv.start()
+                return
+            with drv:
+                inside.append(True)
+
+        where = interrupted_at(n, within, starting, unless=lambda inside=inside: bool(inside))
+        if how == "start":
+            drv.stop()
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        try:
+            HostLock.for_domain(host.dom0, "xenback-xbtest").close()
+        except RuntimeError as exc:
+            raise AssertionError(f"interrupted {where}: {exc}") from exc
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 20, landed
 
 
 def _stop_returns(drv: RecordingDriver) -> None:
