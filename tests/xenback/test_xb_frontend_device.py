@@ -455,3 +455,41 @@ def test_a_backend_state_that_is_no_state_satisfies_no_wait(host, dom0_xs) -> No
             fe.wait_backend(lambda _state: True, timeout=0)
         fe.close(handshake=False)
     host.toolstack.destroy_device(dev)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("package", ["xenback", "pyxs"])
+def test_an_add_interrupted_anywhere_is_whole_or_leaves_nothing(host, package: str) -> None:
+    """A Ctrl-C landing as any call of add() returns (in xenback's code or
+    pyxs's): the toolstack's device added, or the frontend's XenStore
+    connection opened, but neither yet handed back, so that nobody could
+    remove or close them (the device refused every later add with
+    FileExistsError; the router thread ran for ever).  Either add()
+    returns a whole frontend, or it leaves nothing."""
+    import importlib
+    import itertools
+    import os
+    import threading
+
+    from tests.stolensignal import interrupted_at
+    from tests.xenback.xbhelpers import leaked_threads
+
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    guest = host.create_domain("guest")
+    landed: list[str] = []
+    for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
+        made: list[FrontendDevice] = []
+        where = interrupted_at(n, within,
+                               lambda made=made: made.append(FrontendDevice.add(guest, "xbtest")))
+        for fe in made:  # interrupted as the append returned: add() was whole
+            fe.close()
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        left = host.toolstack.devices(guest.domid)
+        for device in left:
+            host.toolstack.destroy_device(device)  # for the next round
+        assert left == [], f"interrupted {where}: {left} left behind"
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 100, landed

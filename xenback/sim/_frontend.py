@@ -103,17 +103,25 @@ class FrontendDevice(Closing):
         self._closed = False
         self._owned = False
         self._unserved = False  # no backend had taken the device up at close()
-        self.xenstore = XenStore.connect_to(domain)
+        # The connection is recorded before it connects, so that a Ctrl-C
+        # as it does (its router thread started) finds it to close.  (A
+        # handle lost as its maker returns holds only a socket, which the
+        # garbage collector closes.)
+        self.xenstore = XenStore(domain.xenstore())
         try:
+            self.xenstore.open()
             self._gntshr: GrantShare = domain.gntshr()
-            try:
-                self.evtchn: EventChannel = domain.evtchn()
-            except BaseException:
-                self._gntshr.close()
-                raise
+            self.evtchn: EventChannel = domain.evtchn()
         except BaseException:
-            self.xenstore.close()
+            self._close_handles()
             raise
+
+    def _close_handles(self) -> None:
+        """Close the handles __init__ got to open, if it got that far."""
+        for name in ("evtchn", "_gntshr", "xenstore"):
+            handle = getattr(self, name, None)
+            if handle is not None:
+                handle.close()
 
     @classmethod
     def add(cls, domain: Domain, device_type: str, devid: int = 0, *, backend_id: int = 0,
@@ -121,14 +129,25 @@ class FrontendDevice(Closing):
         """Add a ``device_type`` device of ``domain``, served by
         ``backend_id``, through the host's toolstack, and play its frontend;
         :meth:`close` removes the device again, as libxl does (a leftover
-        would make the next add refused with :class:`FileExistsError`)."""
-        device = domain.toolstack.add_device(device_type, domain.domid, backend_id, devid)
+        would make the next add refused with :class:`FileExistsError`).
+        Whole or nothing: failing or interrupted (Ctrl-C) halfway, it
+        removes the device and closes the handles it had made."""
+        toolstack = domain.toolstack
+        # A Ctrl-C can land as any call returns, the device added or the
+        # handles opened but neither handed back yet: so the toolstack
+        # lists the device before it may exist, and the frontend exists
+        # before it opens anything, for the way out to find both.
+        devices: list[Device] = []
+        frontend = cls.__new__(cls)
         try:
-            frontend = cls(domain, device, timeout=timeout)
+            toolstack.add_device(device_type, domain.domid, backend_id, devid, into=devices)
+            cls.__init__(frontend, domain, devices[0], timeout=timeout)
+            frontend._owned = True
         except BaseException:
-            domain.toolstack.destroy_device(device)
+            frontend._close_handles()
+            for device in devices:
+                toolstack.destroy_device(device)
             raise
-        frontend._owned = True
         return frontend
 
     # -- the frontend's resources ----------------------------------------------

@@ -139,11 +139,21 @@ class Toolstack(Closing):
         # Should XenStore go away (the host closing under us), requests
         # waiting for replies fail with ENOTCONN instead of waiting forever.
         adopt_router(client.router, on_lost or _lost, name="toolstack-xenstore")
-        client.connect()
         try:
+            # In the try: a Ctrl-C as connect() returns (its router thread
+            # started) must not leave that thread running.
+            client.connect()
             yield client
         finally:
-            close_client(client)  # quiet if XenStore hangs up meanwhile
+            try:
+                close_client(client)  # quiet if XenStore hangs up meanwhile
+            except BaseException:
+                # A Ctrl-C in the close (as it starts, or in its wait for
+                # the router): nobody else has this client to close, and
+                # its router thread would run for ever.  Closing again
+                # finishes what the first got to.
+                close_client(client)
+                raise
 
     def close(self) -> None:
         """Nothing to release; kept so that a Toolstack works in ``with``."""
@@ -180,6 +190,7 @@ class Toolstack(Closing):
         backend_nodes: Mapping[str, str] = _EMPTY,
         frontend_nodes: Mapping[str, str] = _EMPTY,
         replace: bool = False,
+        into: list[Device] | None = None,
     ) -> Device:
         """Create a device pair, both sides in state Initialising.
 
@@ -190,6 +201,13 @@ class Toolstack(Closing):
         ``replace`` a device that exists is written afresh in the same
         transaction, as libxl never does: for testing a backend against a
         toolstack that re-creates a device under it.
+
+        With ``into``, the device is appended to it from the moment the
+        transaction that adds it may commit: for a caller that must remove
+        it whatever interrupts the call (a Ctrl-C as the commit's reply
+        comes, or as this returns, would otherwise leave a device nobody
+        knows of, and every later add of it refused).  It may then not
+        have been added after all; removing it does no harm.
         """
         _check_name("device_type", device_type)
         _check_domid("frontend_id", frontend_id)
@@ -209,6 +227,10 @@ class Toolstack(Closing):
                 c.write(base + b"/" + key.encode(), str(value).encode())
 
         def body(c: pyxs.Client) -> None:
+            if into is not None and dev in into:
+                # An attempt before this one (ended in EAGAIN) listed it;
+                # this one may yet find another's device there, not ours.
+                into.remove(dev)
             # libxl refuses a device of a domain that does not exist, and
             # one whose backend directory exists (ERROR_DEVICE_EXISTS):
             # writing it again would wipe what a backend serves.
@@ -241,6 +263,8 @@ class Toolstack(Closing):
             write(c, be, backend_nodes)
             write(c, lx, {"frontend-id": frontend_id, "online": 1})
             write(c, lx, {"state": XENBUS_STATE_INITIALISING})
+            if into is not None:
+                into.append(dev)  # the commit comes next
 
         self.transaction(body)
         logger.info("toolstack: added %s device %d: %s <- %s", device_type, devid, be, fe)
