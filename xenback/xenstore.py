@@ -946,13 +946,31 @@ class XenStore(_Ops, Closing):
             if not self._client.router.is_connected:
                 raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", "@transaction")
             client = copy.copy(self._client)  # own tx_id, shared connection
-            try:
-                client.transaction()
-            except PyXSError as exc:
-                raise _oserror(exc, "@transaction") from None
             t = Transaction(client)
+            # Whatever ends the attempt early, a Ctrl-C landing as any call
+            # returns included, ends the transaction too: one left open
+            # counts against the domain's quota of them (10 in cxenstored)
+            # for as long as the connection lives.
             try:
-                result = fn(t)
+                try:
+                    client.transaction()
+                except PyXSError as exc:
+                    raise _oserror(exc, "@transaction") from None
+                try:
+                    result = fn(t)
+                finally:
+                    t._ended = True
+                tx_id = client.tx_id
+                try:
+                    committed = client.commit()
+                except PyXSError as exc:
+                    raise _oserror(exc, "@transaction") from None
+                except BaseException:
+                    # pyxs forgets the id whether the commit went or not (a
+                    # Ctrl-C before it did): ended below, which XenStore
+                    # refuses, harmlessly, if the commit went.
+                    client.tx_id = tx_id
+                    raise
             except OSError as exc:
                 self._abort(client)
                 if exc.errno == errno.EAGAIN:
@@ -961,17 +979,14 @@ class XenStore(_Ops, Closing):
             except BaseException:
                 self._abort(client)
                 raise
-            finally:
-                t._ended = True
-            try:
-                if client.commit():
-                    return result
-            except PyXSError as exc:
-                raise _oserror(exc, "@transaction") from None
+            if committed:
+                return result
         raise OSError(errno.EAGAIN, f"transaction still conflicting after {attempts} attempts")
 
     @staticmethod
     def _abort(client: pyxs.Client) -> None:
+        if not client.tx_id:
+            return  # none begun (or pyxs's id for it unknown), or ended already
         try:
             client.rollback()
         except PyXSError:
@@ -994,6 +1009,13 @@ class XenStore(_Ops, Closing):
         without, ``callback`` runs on the watch thread and must be brief.
         ``path`` may also be ``@releaseDomain`` or ``@introduceDomain``.
         """
+        return self._watch(path, callback, events, [])
+
+    def _watch(self, path: str, callback: Callable[[str], object], events: EventQueue | None,
+               into: list[Watch]) -> Watch:
+        """:meth:`watch`, the watch appended to ``into`` before it is set:
+        a caller that must remove it whatever interrupts the call has it
+        (a Ctrl-C as this returns would otherwise lose it to it)."""
         check_callback(callback)
         if events is not None and not isinstance(events, EventQueue):
             raise TypeError(f"events must be an EventQueue, not {type(events).__name__}")
@@ -1002,6 +1024,7 @@ class XenStore(_Ops, Closing):
             raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
         token = f"xb{next(self._tokens)}"
         w = Watch(self, path, token, callback, events)
+        into.append(w)
         try:
             with self._lock:
                 if self._closed:
@@ -1020,9 +1043,16 @@ class XenStore(_Ops, Closing):
                     self._thread.start()
                 self._watches[token] = w
             self._do(lambda p: self._monitor.watch(p, token.encode()), path)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
-                self._watches.pop(token, None)
+                listed = self._watches.pop(token, None) is not None
+            if listed and not isinstance(exc, Exception):
+                # Interrupted (Ctrl-C) once the WATCH may have gone:
+                # XenStore would keep it, counted against the domain's
+                # quota of watches, for the life of the connection.
+                # Removed there too (refused if it never got there).
+                with contextlib.suppress(OSError, ValueError):
+                    self._do(lambda p: self._monitor.unwatch(p, token.encode()), path)
             self._unsubscribe(token)
             raise
         return w
@@ -1119,13 +1149,11 @@ class XenStore(_Ops, Closing):
         with self._lock:
             self._waiters.add(changed)
         deadline = time.monotonic() + timeout
+        # Listed before it is set (see _watch): a Ctrl-C as the watch is
+        # made must not leave it behind, firing for nobody.
+        watches: list[Watch] = []
         try:
-            w = self.watch(path, lambda _p: changed.set())
-        except BaseException:
-            with self._lock:
-                self._waiters.discard(changed)
-            raise
-        try:
+            self._watch(path, lambda _p: changed.set(), None, watches)
             while True:
                 changed.clear()
                 value = self.read(path)
@@ -1144,4 +1172,5 @@ class XenStore(_Ops, Closing):
         finally:
             with self._lock:
                 self._waiters.discard(changed)
-            w.unwatch()
+            for w in watches:
+                w.unwatch()

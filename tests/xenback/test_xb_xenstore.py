@@ -6,9 +6,11 @@ import contextlib
 import errno
 import functools
 import itertools
+import os
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -19,6 +21,7 @@ import pytest
 import pyxs
 from pyxs._internal import Op
 
+import xenback
 from tests.highfds import Filled, descriptors_past_fd_setsize, past_fd_setsize
 from tests.racewindow import Attempt, PauseAt, stands_at
 from tests.sim.hosthelpers import answer_one_request, hang_up_after_one_request
@@ -1280,7 +1283,7 @@ def test_a_watch_racing_close_leaves_no_thread(host, monkeypatch) -> None:
     before = {t.ident for t in threading.enumerate()}
     xs = XenStore(host.dom0.xenstore())
     xs.open()
-    pause = PauseAt.in_method(monkeypatch, XenStore, "watch", "with self._lock:")
+    pause = PauseAt.in_method(monkeypatch, XenStore, "_watch", "with self._lock:")
     watcher = Attempt(lambda: xs.watch("/test/w", lambda _p: None))
     assert pause.reached.wait(TIMEOUT)
     xs.close()
@@ -1763,6 +1766,92 @@ def test_a_first_watch_interrupted_anywhere_leaves_what_close_removes(host) -> N
             break
         landed.append(where)
     assert len(landed) > 5, landed
+
+
+def _guest_connection_counts(host: Any) -> tuple[Any, XenStore, Callable[[], tuple[int, int]]]:
+    """A guest, its XenStore connection, and what XenStore holds for it:
+    (open transactions, watches), each within a quota for a guest."""
+    guest = host.create_domain("guest")
+    xs = XenStore.connect_to(guest)
+    domain = host._xenstored._dispatcher.domains[guest.domid]
+
+    def held() -> tuple[int, int]:
+        # A request answered: XenStore has done those sent before it.
+        xs.read(f"/local/domain/{guest.domid}/name")
+        return domain.ntransactions, domain.nwatches
+
+    return guest, xs, held
+
+
+def _within_code(code: Any) -> bool:
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.timeout(300)
+def test_a_transaction_interrupted_anywhere_leaves_none_open(host) -> None:
+    """A Ctrl-C landing as any call of transaction() returns once XenStore
+    has begun the transaction: as the start returned, or as the commit
+    was about to go (pyxs forgets the id either way); the transaction
+    stayed open for the life of the connection, and a guest, after ten
+    of them (cxenstored's quota), could begin none (ENOSPC).  Left: the
+    start's request in flight, whose id only its reply would tell."""
+    from tests.stolensignal import interrupted_at
+
+    guest, xs, held = _guest_connection_counts(host)
+    node = f"/local/domain/{guest.domid}/data/tx"
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            where = interrupted_at(
+                n, within, lambda: xs.transaction(lambda t: t.write(node, "x")),
+                unless=lambda: _within_code(pyxs.Client.transaction.__code__))
+            assert held() == (0, 0), f"interrupted {where}"
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        xs.close()
+    assert any("commit" in where or "XenStore.transaction" in where for where in landed), landed
+
+
+@pytest.mark.timeout(300)
+def test_a_wait_for_interrupted_anywhere_leaves_no_watch(host) -> None:
+    """A Ctrl-C landing as any call of wait_for() returns, until it has
+    its value: once the WATCH had gone, watch() forgot the watch but
+    XenStore kept it; and as watch() returned, wait_for() never had it to
+    remove.  Each stayed for the life of the connection (a guest has 128).
+    Left: a Ctrl-C in the removal itself, once the value is found."""
+    from tests.stolensignal import interrupted_at
+
+    guest, xs, held = _guest_connection_counts(host)
+    node = f"/local/domain/{guest.domid}/data/w"
+    xs.write(node, "1")
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            found: list[bool] = []
+
+            def seen(value: str | None, found: list[bool] = found) -> bool:
+                found.append(value == "1")
+                return found[-1]
+
+            where = interrupted_at(n, within, lambda seen=seen: xs.wait_for(node, seen, timeout=TIMEOUT),
+                                   unless=lambda found=found: any(found))
+            assert held() == (0, 0), f"interrupted {where}"
+            assert xs._watches == {}, f"interrupted {where}"
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        xs.close()
+    assert len(landed) > 20, landed
 
 
 @pytest.mark.parametrize("package", ["pyxs", "xenback"])
