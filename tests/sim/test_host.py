@@ -519,15 +519,16 @@ def test_dom0_is_not_destroyed(host: SimHost) -> None:
     assert host.create_domain("guest").domid == 1
 
 
-def test_destroying_a_driver_domain_deletes_what_it_served_at_once(host: SimHost) -> None:
+def test_destroying_a_driver_domain_deletes_what_it_served_at_once(
+        host: SimHost, caplog: pytest.LogCaptureFixture) -> None:
     """Its backends die with it: the devices it served, to a guest or to
-    itself, go at once, without waiting for a Closed nobody can write."""
+    itself, go at once, without waiting for a Closed nobody can write (a
+    wait for it would run out, and the toolstack say so)."""
     driver, guest = host.create_domain("driver"), host.create_domain("guest")
     served = host.toolstack.add_device("vif", guest.domid, backend_id=driver.domid)
     own = host.toolstack.add_device("console", driver.domid, backend_id=driver.domid)
-    start = time.monotonic()
     host.destroy_domain(driver, timeout=30)
-    assert time.monotonic() - start < 10
+    assert "did not close" not in caplog.text
     assert host.toolstack.devices() == []
     with host.dom0.xenstore() as c:
         for dev in (served, own):

@@ -184,14 +184,17 @@ def test_remove_of_a_closed_backend_does_not_wait(host: SimHost, guest: Domain) 
     assert host.toolstack.remove_device(dev, timeout=30) is True
 
 
-def test_destroying_a_domain_removes_its_devices(host: SimHost, guest: Domain) -> None:
+def test_destroying_a_domain_removes_its_devices(
+        host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture) -> None:
     timeout = inspect.signature(host.destroy_domain).parameters["timeout"]
     assert timeout.default == 10.0  # libxl's LIBXL_DESTROY_TIMEOUT
     dev = host.toolstack.add_device("vif", guest.domid)
     other = host.toolstack.add_device("vif", host.create_domain("other").domid)
     start = time.monotonic()
     host.destroy_domain(guest, timeout=0.3)  # nobody closes the backend
-    assert 0.3 <= time.monotonic() - start < 5  # the timeout given, not libxl's 10 s
+    assert time.monotonic() - start >= 0.3
+    # It gave up at the timeout given, not at libxl's 10 s.
+    assert f"backend {dev.backend_path} did not close within 0.3 s" in caplog.text
     with host.dom0.xenstore() as c:
         assert not c.exists(dev.backend_path.encode())
         assert not c.exists(f"/local/domain/{guest.domid}".encode())
@@ -316,15 +319,14 @@ def test_destroy_domain_order(host: SimHost, guest: Domain, recorder: Recorder) 
 
 
 def test_destroy_domain_of_a_closed_backend_writes_only_online(
-    host: SimHost, guest: Domain, recorder: Recorder
+    host: SimHost, guest: Domain, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     dev = host.toolstack.add_device("pvcalls", guest.domid)
     with host.dom0.xenstore() as c:
         c.write(dev.backend_path.encode() + b"/state", b"6")
     recorder.paths()
-    start = time.monotonic()
     host.destroy_domain(guest, timeout=30)
-    assert time.monotonic() - start < 10  # no wait for a Closed backend
+    assert "did not close" not in caplog.text  # no wait for a Closed backend ran out
     changes = recorder.paths()
     assert changes[3:5] == [f"{dev.backend_path}/online", dev.libxl_path]
 

@@ -160,14 +160,15 @@ def test_close_without_the_handshake_leaves_the_backend_connected(host, driver, 
     assert driver.calls_of(guest.domid) == ["probe", "connect"]
 
 
-def test_close_of_a_device_no_backend_took_up_does_not_wait(host, dom0_xs) -> None:
+def test_close_of_a_device_no_backend_took_up_does_not_wait(host, dom0_xs, caplog) -> None:
     """Nobody answers, nobody needs to: the device goes at once, not after
-    libxl's wait for a backend to close it."""
+    libxl's wait for a backend to close it.  (A wait of the handshake that
+    ran out would make close() raise TimeoutError; one of the toolstack's,
+    the toolstack say so.)"""
     guest = host.create_domain("guest")
     fe = FrontendDevice.add(guest, "xbtest", timeout=60)
-    started = time.monotonic()
     fe.close()
-    assert time.monotonic() - started < 5
+    assert "did not close" not in caplog.text
     assert not dom0_xs.exists(fe.device.backend_path)
     assert not dom0_xs.exists(fe.device.frontend_path)
 
