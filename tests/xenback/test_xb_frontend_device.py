@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -194,7 +193,8 @@ def test_close_after_the_frontend_closed_itself_does_not_go_back_to_closing(
 def test_wait_backend_ends_when_the_backend_closes_instead(host, driver) -> None:
     """A backend that fails the device (connect() raised: its error node,
     then Closing) will not reach Connected until the frontend starts over:
-    the wait ends with that, not with the whole timeout."""
+    the wait ends with that, not with the whole timeout (a wait that ran
+    out would raise TimeoutError, not ConnectionRefusedError)."""
     def refuse(dev: object) -> None:
         raise OSError(5, "no ring for you")
 
@@ -203,12 +203,10 @@ def test_wait_backend_ends_when_the_backend_closes_instead(host, driver) -> None
     with FrontendDevice.add(guest, "xbtest", timeout=TIMEOUT) as fe:
         fe.wait_backend(S.INIT_WAIT)
         fe.publish({"ring-ref": fe.share().refs[0], "port": fe.bind_port()})
-        started = time.monotonic()
         with pytest.raises(ConnectionRefusedError, match=(
                 f"backend {re.escape(fe.device.backend_path)} went Closing "
                 "instead of reaching Connected")):
             fe.wait_backend(S.CONNECTED)
-        assert time.monotonic() - started < TIMEOUT / 2
         # What the backend is waiting for now is still there to wait for.
         assert fe.wait_backend(S.CLOSING) is S.CLOSING
 
