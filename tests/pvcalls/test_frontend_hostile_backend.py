@@ -928,7 +928,8 @@ def test_a_failed_accept_leaves_the_connection_pending(
 def test_a_backend_that_never_answers(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """Every call with a timeout times out; close() of a socket returns at
-    once and close() of the frontend within its timeout."""
+    once and close() of the frontend within its timeout (the join says
+    whether it returned, and the log that it gave up on the answers)."""
     s = fe.socket()
     ls = fe.socket()
     ls.bind(("127.0.0.1", 4000))
@@ -946,10 +947,8 @@ def test_a_backend_that_never_answers(
     assert isinstance(Call(ls.accept).join().error, TimeoutError)
     Call(s.close).join(TIMEOUT)
     Call(ls.close).join(TIMEOUT)
-    start = time.monotonic()
     closing = Call(fe.close).join(TIMEOUT)
     assert closing.error is None
-    assert time.monotonic() - start < TIMEOUT
     log.wait("not answered")
 
 
