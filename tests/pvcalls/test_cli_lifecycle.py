@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stolensignal import OUTLASTS_THE_TEST
 from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, script
 
 from pvcalls._cli import main
@@ -895,13 +896,15 @@ def test_a_second_stop_signal_while_closing_is_no_crash(signum: str) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_a_guest_connected_to_a_killed_backend_reconnects_to_the_next(tmp_path: Path) -> None:
+def test_a_guest_connected_to_a_killed_backend_reconnects_to_the_next(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # serve killed (no clean-up: its device stays Connected) and started
     # again while the guest keeps its frontend: the new backend must tell
     # the frontend that its connection is gone (or every call of the guest
     # times out, and a blocking one waits forever), and the guest must be
     # able to connect again; the killed backend's grant mappings and ports
-    # must not outlive it.
+    # must not outlive it.  The frontend's timeout outlasts the test: a
+    # close() that waited for the gone backend's answers is a test timeout.
     import pvcalls
     from xenback.sim import SimHost
     from xenback.xenstore import XenStore
@@ -913,7 +916,7 @@ def test_a_guest_connected_to_a_killed_backend_reconnects_to_the_next(tmp_path: 
         with running(serve_argv(run_dir), stdout=subprocess.DEVNULL,
                      stderr=subprocess.PIPE) as first:
             Lines(first.stderr).wait_for("serving")
-            fe = pvcalls.Frontend(guest, timeout=3)
+            fe = pvcalls.Frontend(guest, timeout=OUTLASTS_THE_TEST)
             fe.open()
             fe.socket().close()
             first.kill()
@@ -928,9 +931,11 @@ def test_a_guest_connected_to_a_killed_backend_reconnects_to_the_next(tmp_path: 
             with pytest.raises(OSError) as info:
                 fe.socket()
             assert "backend went away" in str(info.value)
-            start = time.monotonic()
+            caplog.clear()
             fe.close()
-            assert time.monotonic() - start < 2
+            # Nor a wait for the new backend to close (at most 2 s, for a
+            # frontend not connected), which the toolstack would report.
+            assert "did not close" not in caplog.text
             fe.open()
             fe.socket().close()
             fe.close()
