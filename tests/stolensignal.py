@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 TIMEOUT = 10.0
-#: The timeout of a wait that a signal must end, in the tests that say so:
-#: longer than pytest-timeout lets a test run (120 s, pyproject.toml).  A
-#: wait the signal did not end then fails the test as a test timeout,
-#: instead of ending at its own timeout (where the handler runs too, late)
-#: -- and no machine is too slow for it, as for a bound on the time taken.
+#: The timeout of a wait that something else must end (a signal, here), in
+#: the tests that say so: longer than pytest-timeout lets a test run (120
+#: s, pyproject.toml).  A wait that nothing ended then fails the test as a
+#: test timeout, instead of ending at its own timeout (where a signal's
+#: handler runs too, late) -- and no machine is too slow for it, as for a
+#: bound on the time taken.
 OUTLASTS_THE_TEST = 3600.0
 
 
