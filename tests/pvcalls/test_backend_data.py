@@ -403,6 +403,42 @@ def test_bytes_received_count_against_the_budget(
     assert receiving_run == [(0, 100)]  # and the send came with another run
 
 
+def test_a_run_that_drains_both_ways_makes_one_pass(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that sent the whole out ring and read the host socket short
+    stops after that pass: what comes next is announced (the guest's
+    notify after it writes, the host socket's next edge), and a pass that
+    finds nothing costs the backend as much as one that moves a small
+    request.  So each event of a round trip is one pass."""
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    sock.flush()
+    passes: list[int] = []  # per run
+    real_run, real_tx = sock.func, ActiveSocket._tx
+
+    def run(self: ActiveSocket) -> None:
+        passes.append(0)
+        real_run(self)
+
+    def tx(self: ActiveSocket, data_ring: Any, host: socket.socket) -> int:
+        passes[-1] += 1
+        sent: int = real_tx(self, data_ring, host)
+        return sent
+
+    monkeypatch.setattr(sock, "func", run)  # what the Work calls: _run, taken at creation
+    monkeypatch.setattr(ActiveSocket, "_tx", tx)
+    peer.settimeout(TIMEOUT)
+    for _ in range(3):
+        assert ring.write(b"q" * 64) == 64
+        got = b""
+        while len(got) < 64:
+            got += peer.recv(64)
+        peer.sendall(b"r" * 64)
+        assert raw.recv_exactly(ring, 64) == b"r" * 64
+    sock.flush()
+    assert passes and passes == [1] * len(passes)
+
+
 def test_ring_overflow_is_an_error_of_that_socket_only(raw: RawFrontend,
                                                        echo_server: Any) -> None:
     good_id, good = raw.connect_socket(echo_server.address)
