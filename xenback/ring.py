@@ -416,9 +416,13 @@ class FlexRing:
         prod = self._prod[0]
         cons = self._cons[0]
         _rmb()  # Read the data only after reading prod.
-        used = self._used(prod, cons)
+        # _used() inlined, and no _pieces() call for an empty ring: this
+        # runs at every event of a pvcalls socket.
+        used = (prod - cons) & _MASK
+        if used > self.size:
+            self._used(prod, cons)  # raises RingError
         self._pos, self._limit = cons, used
-        return self._pieces(cons, used)
+        return self._pieces(cons, used) if used else ()
 
     def consume(self, n: int) -> None:
         """Release the first ``n`` bytes of the last :meth:`readable`."""
@@ -435,9 +439,12 @@ class FlexRing:
         prod = self._prod[0]
         cons = self._cons[0]
         _mb()  # Read cons before overwriting the space it released.
-        free = self.size - self._used(prod, cons)
+        used = (prod - cons) & _MASK  # _used() inlined, as in readable()
+        if used > self.size:
+            self._used(prod, cons)  # raises RingError
+        free = self.size - used
         self._pos, self._limit = prod, free
-        return self._pieces(prod, free)
+        return self._pieces(prod, free) if free else ()
 
     def produce(self, n: int) -> None:
         """Publish the first ``n`` bytes written into the last :meth:`writable`."""
