@@ -147,10 +147,13 @@ class EventDispatcher(Closing):
         # evtchn bind/unbind/unmask so that a port is never unmasked after
         # it was unbound.  pending() is called only by the dispatcher
         # thread, without it.  _idle is notified whenever a callback
-        # finishes, and as a poll() leaves a closed dispatcher.  Never held
-        # while a callback runs.
+        # finishes while _wait_idle() waits on it (_idle_waiters, under
+        # _lock: a notify_all() with no waiter is three Python calls, at
+        # every event), and as a poll() leaves a closed dispatcher.  Never
+        # held while a callback runs.
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._idle_waiters = 0
         self._ports: dict[int, PortCallback] = {}
         self._fds: dict[int, FdCallback] = {}
         self._fd_events: dict[int, int] = {}  # their epoll masks, for _resync
@@ -162,9 +165,11 @@ class EventDispatcher(Closing):
         # unbound and the descriptors closed, after the wait for the thread.
         self._closed = False
         self._released = False
-        # The thread that runs the callbacks: ours, or (poll mode) the one
-        # inside poll(), None between polls.  Written only by that thread.
-        self._dispatching: threading.Thread | None = None
+        # The ident of the thread that runs the callbacks: ours, or (poll
+        # mode) the one inside poll(), None between polls and once ours
+        # has ended.  Written only by that thread.  An ident, not the
+        # Thread: threading.current_thread() is a Python call, at every poll.
+        self._dispatching: int | None = None
         # Poll mode: held by the one thread inside poll(), so that close()
         # can wait (on _idle, for it to be free) before the descriptors go.
         # Taken only by poll(): see close() for why close() never takes it.
@@ -321,7 +326,7 @@ class EventDispatcher(Closing):
         try:
             if self._closed:
                 return 0
-            self._dispatching = threading.current_thread()
+            self._dispatching = threading.get_ident()
             try:
                 return self._round(-1 if timeout is None else max(0.0, timeout))
             finally:
@@ -361,7 +366,7 @@ class EventDispatcher(Closing):
             self._closed = True
         self.wakeup()
         if self._thread is None:
-            if self._dispatching is not threading.current_thread():
+            if self._dispatching != threading.get_ident():
                 # Not by taking _poll_lock in slices: the interrupt of a
                 # signal another thread took during a slice is raised only
                 # once the acquire has returned, with the lock taken if the
@@ -415,30 +420,37 @@ class EventDispatcher(Closing):
 
     def _wait_idle(self, kind: str, key: int) -> None:
         # Called with _lock held.
-        if threading.current_thread() is self._dispatching:
+        if threading.get_ident() == self._dispatching:
             return
         while self._running == (kind, key):
-            self._idle.wait()
+            self._idle_waiters += 1
+            try:
+                self._idle.wait()
+            finally:
+                self._idle_waiters -= 1
 
     def _run(self) -> None:
-        self._dispatching = threading.current_thread()
-        while not self._closed:
-            try:
-                self._round(-1)
-            except Exception as exc:
-                # Given up, the thread would take every port and fd of
-                # the dispatcher with it, for good.
-                if self._handle_back is None:
-                    self._breakdowns.log(
-                        logger, logging.ERROR,
-                        "%s: dispatching failed; every port and fd is handed out again",
-                        self.name, exc_info=exc)
-                else:
-                    self._breakdowns.log(
-                        logger, logging.ERROR,
-                        "%s: dispatching failed again; every port and fd is handed out "
-                        "again, and the event channel handle waited for again in %.2f s "
-                        "(backing off)", self.name, self._backoff, exc_info=exc)
+        self._dispatching = threading.get_ident()
+        try:
+            while not self._closed:
+                try:
+                    self._round(-1)
+                except Exception as exc:
+                    # Given up, the thread would take every port and fd of
+                    # the dispatcher with it, for good.
+                    if self._handle_back is None:
+                        self._breakdowns.log(
+                            logger, logging.ERROR,
+                            "%s: dispatching failed; every port and fd is handed out again",
+                            self.name, exc_info=exc)
+                    else:
+                        self._breakdowns.log(
+                            logger, logging.ERROR,
+                            "%s: dispatching failed again; every port and fd is handed out "
+                            "again, and the event channel handle waited for again in %.2f s "
+                            "(backing off)", self.name, self._backoff, exc_info=exc)
+        finally:
+            self._dispatching = None  # its ident may go to a new thread
 
     def _round(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds (-1: for ever), then run the
@@ -600,7 +612,8 @@ class EventDispatcher(Closing):
         finally:
             with self._lock:
                 self._running = None
-                self._idle.notify_all()
+                if self._idle_waiters:
+                    self._idle.notify_all()
                 # Masked still after a BaseException (an unmask failing
                 # would hide it): the resync that it sets off unmasks.
                 if returned and not self._closed and port in self._ports:
@@ -627,7 +640,8 @@ class EventDispatcher(Closing):
         finally:
             with self._lock:
                 self._running = None
-                self._idle.notify_all()
+                if self._idle_waiters:
+                    self._idle.notify_all()
 
     def _resync(self) -> None:
         """After a dispatch that failed: hand out again whatever it may
