@@ -469,8 +469,10 @@ class ActiveSocket(Work):
         """Kick the frontend on our event channel."""
         port = self.port
         if port is not None:
+            events = self.events  # not _events(): a call less per notify
+            assert events is not None, "bound through the dispatcher"
             try:
-                self._events().notify(port)
+                events.notify(port)
             except OSError:
                 logger.debug("%r: notify on port %d failed", self, port, exc_info=True)
 
@@ -602,7 +604,7 @@ class ActiveSocket(Work):
         if not views:
             self._tx_more = False
             return 0
-        available = sum(len(view) for view in views)
+        available = sum(map(len, views))
         # The index this consume starts from, as readable() read it: the
         # word on the page is the guest's to overwrite at any moment.
         cons = ring.out_ring.position
@@ -662,7 +664,7 @@ class ActiveSocket(Work):
         if not (self._host_ready or self._rx_more):
             return 0
         self._host_ready = False
-        space = sum(len(view) for view in views)
+        space = sum(map(len, views))
         try:
             if len(views) == 1:
                 received = host.recv_into(views[0])

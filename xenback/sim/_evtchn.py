@@ -251,7 +251,8 @@ class EventChannel(Closing):
     def notify(self, port: int) -> None:
         """Fire the peer of ``port``; a no-op while it has no peer (as in Xen)."""
         with self._lock:
-            self._check_open()
+            if self._closed:  # the check only: a call less per event
+                self._check_open()
             lp = self._ports.get(port)
             if lp is not None:
                 fd = lp.peer_fd
@@ -301,7 +302,8 @@ class EventChannel(Closing):
             with lock:
                 if self._closed:
                     raise EventChannelError(errno.EBADF, "the event channel handle is closed")
-                self._check_overflow()
+                if self._overflowed:  # the check only: a call less per event
+                    self._check_overflow()
                 hot = self._hot
                 if hot is None or hot.masked:
                     port = self._take_ready()
@@ -471,7 +473,8 @@ class EventChannel(Closing):
         the xen platform the same call does nothing).
         """
         with self._lock:
-            self._check_open()
+            if self._closed:  # the check only: a call less per event
+                self._check_open()
             lp = self._ports.get(port)
             if lp is None:
                 raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
