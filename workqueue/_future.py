@@ -659,14 +659,25 @@ def _mark_cancelled(queued: list[CallWork]) -> list[LeanFuture]:
 def _tell_cancelled(cancelled: list[LeanFuture]) -> None:
     """Make final the *cancelled* futures that have watchers, telling
     them, then call the done-callbacks (no lock held).  Again, it tells
-    nobody twice."""
+    nobody twice.
+
+    A future is told of only in the hold of its condition that makes it
+    final, taken up again there if cut short: a future final already is
+    skipped, for a wait() may have put its waiter on it once the hold
+    that made it so ended, and counted it done; told again, the waiter
+    would count it twice and return with futures not done."""
     for future in cancelled:
         own = future._own
         if own is not None:
             with own:
                 if future._state == CANCELLED:
-                    with _futures_lock:
-                        future._state = CANCELLED_AND_NOTIFIED
-                future._tell_watchers(own)
+                    try:
+                        with _futures_lock:
+                            future._state = CANCELLED_AND_NOTIFIED
+                        future._tell_watchers(own)
+                    except BaseException:
+                        if future._state == CANCELLED_AND_NOTIFIED:
+                            future._tell_watchers(own)
+                        raise
     for future in cancelled:
         future._let_go()

@@ -1023,6 +1023,63 @@ def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
     assert at_every_place(attempt, under_the_lock=True) > 3
 
 
+class _InterruptingWaiter:
+    """A watcher of a future whose telling is cut short by Ctrl-C, once,
+    after another thread's concurrent.futures.wait() has put its waiter on
+    *other*, a future told of already: as a Ctrl-C landing in that telling
+    while a wait() in another thread starts."""
+
+    def __init__(self, other: cf.Future[Any], pending: cf.Future[Any]) -> None:
+        self.other, self.pending = other, pending
+        self.waiting: Attempt | None = None
+        self.installed: Any = None  # the wait()'s waiter
+
+    def add_cancelled(self, future: cf.Future[Any]) -> None:
+        if self.waiting is not None:
+            return
+        other = self.other
+        self.waiting = Attempt(lambda: cf.wait([other, self.pending], TIMEOUT))
+        deadline = time.monotonic() + TIMEOUT
+        while not other._waiters:
+            assert time.monotonic() < deadline, "the wait() never put its waiter on"
+            time.sleep(0.001)
+        self.installed = other._waiters[0]
+        raise Interrupted
+
+    add_result = add_exception = add_cancelled
+
+
+def test_ctrl_c_as_cancel_pending_futures_tells_a_watcher_tells_no_later_one(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """Ctrl-C landing as cancel_pending_futures() tells the watchers of its
+    second future: taken up again, it tells each watcher of the first
+    future once, and not a wait() that came for it once it was final (its
+    waiter would count it done twice: the wait() for it and another future
+    returned with the other not done)."""
+    wq = make_wq(ordered=True)  # the calls wait behind the running one
+    release, started = threading.Event(), threading.Event()
+    wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    try:
+        assert started.wait(TIMEOUT)
+        first, second = wq.submit(int), wq.submit(int)
+        assert first._condition is not None  # watched: it has its own condition
+        pending: cf.Future[Any] = cf.Future()
+        waiter = _InterruptingWaiter(first, pending)
+        with second._condition:
+            second._waiters.append(waiter)
+        with pytest.raises(Interrupted):
+            cancel_pending_futures(wq)
+        assert first.cancelled() and second.cancelled()
+        assert waiter.waiting is not None
+        # Set by the telling alone, not by the wait()'s thread: no race.
+        assert not waiter.installed.event.is_set(), "the wait() was told of the first twice"
+        pending.set_result(None)
+        done, not_done = waiter.waiting.result(msg="the wait() still sleeps")
+        assert (done, not_done) == ({first, pending}, set()), "the wait() returned early"
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize("going", ["down", "up"])
 def test_ctrl_c_anywhere_in_cpu_down_or_up_changes_all_or_nothing(
         make_wq: Callable[..., Workqueue], going: str) -> None:
