@@ -186,6 +186,14 @@ def _check_error(err: int, message: str) -> None:
 _U32_MAX = 0xFFFF_FFFF
 
 
+class _MissingNode(FileNotFoundError, ValueError):
+    """A frontend node that read_otherend_u32() needs is not there: ENOENT
+    for the error node (an OSError comes first in _errno_of), and a
+    ValueError still, as it was before it said ENOENT, so that a driver
+    that catches ValueError around the read still catches it (as
+    io.UnsupportedOperation is both an OSError and a ValueError)."""
+
+
 def _name(fn: Callable[..., object]) -> str:
     """What the error node calls a driver's function that failed.  Never
     its repr(): that would show the guest an address of ours."""
@@ -325,8 +333,9 @@ class BackendDevice:
         A value that is not such a number is a :class:`ValueError` naming
         the node's path and quoting the value; a missing node is
         ``default``, or else :class:`FileNotFoundError` (ENOENT) naming the
-        path.  Raised from :meth:`BackendDriver.connect`, they fail the
-        device with that errno, and the error node says
+        path, which is a :class:`ValueError` too.  Raised from
+        :meth:`BackendDriver.connect`, they fail the device with that
+        errno, and the error node says
         ``22 connecting: frontend node <path> is not a decimal number:
         '<value>'`` or ``2 connecting: frontend node is missing: <path>``."""
         if default is not None:
@@ -340,7 +349,7 @@ class BackendDevice:
             if default is None:
                 # Not EINVAL: nothing is wrong with a value that is not
                 # there, and the frontend may only not have written it yet.
-                raise FileNotFoundError(errno.ENOENT, "frontend node is missing", path)
+                raise _MissingNode(errno.ENOENT, "frontend node is missing", path)
             return default
         if not (text.isascii() and text.isdigit()):
             # ascii(), and a prefix: the value is the guest's, and may be

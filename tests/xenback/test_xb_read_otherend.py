@@ -83,6 +83,16 @@ def test_a_missing_node_is_refused_unless_there_is_a_default(nodes) -> None:
     assert bdev.read_otherend_u32("ring-page-order", 0) == 0
 
 
+def test_a_missing_node_is_still_a_value_error_for_callers_catching_that(nodes) -> None:
+    """Before it was ENOENT, a missing node was the ValueError of a bad
+    value: a driver that catches ValueError around the read (to give a
+    default, or to fail the device its own way) must still catch it."""
+    bdev, _ = nodes
+    with pytest.raises(ValueError) as caught:
+        bdev.read_otherend_u32("ring-page-order")
+    assert isinstance(caught.value, FileNotFoundError)
+
+
 def _error_node_after_connect(driver, fe, dom0_xs, key: str) -> str | None:
     """The device's error node once connect() has read ``key`` with
     read_otherend_u32 and so failed the device."""
