@@ -1372,32 +1372,40 @@ def test_a_second_close_returns_once_the_first_is_done(host) -> None:
     assert callback_ran == [False], "the second close() returned as a callback ran"
 
 
-def test_close_from_a_callback_another_close_waits_for(host) -> None:
-    """A close() waits for the watch thread, and a second one for the
-    first: a callback's own close() must wait for neither."""
+def _from_a_callback_another_close_waits_for(host, call: str) -> BaseException | None:
+    """Call ``xs.<call>()`` from a watch callback while another thread's
+    close() waits for the watch thread; what it raised (None: nothing).
+    Both must return: the close() and the callback's call."""
     xs = XenStore(host.dom0.xenstore())
     xs.open()
     running = threading.Event()
     release = threading.Event()
-    closed: list[BaseException | None] = []
+    outcome: list[BaseException | None] = []
 
-    def closing(_path: str) -> None:
+    def calling(_path: str) -> None:
         running.set()
         release.wait(TIMEOUT)
         try:
-            xs.close()
-            closed.append(None)
+            getattr(xs, call)()
+            outcome.append(None)
         except BaseException as exc:
-            closed.append(exc)
+            outcome.append(exc)
 
-    xs.watch("/test/closing", closing)
+    xs.watch(f"/test/{call}", calling)
     assert running.wait(TIMEOUT)
     first = _close_waiting_for_the_watch_thread(xs)
     release.set()
     first.join(TIMEOUT)
-    assert not first.is_alive(), "close() and the callback's close() wait for each other"
-    assert closed == [None]
+    assert not first.is_alive(), f"close() and the callback's {call}() wait for each other"
     assert not xs._client.router.thread.is_alive()
+    (raised,) = outcome
+    return raised
+
+
+def test_close_from_a_callback_another_close_waits_for(host) -> None:
+    """A close() waits for the watch thread, and a second one for the
+    first: a callback's own close() must wait for neither."""
+    assert _from_a_callback_another_close_waits_for(host, "close") is None
 
 
 def test_close_from_on_lost_and_from_a_callback_at_once(host) -> None:
@@ -1441,30 +1449,8 @@ def test_open_from_a_callback_another_close_waits_for(host) -> None:
     close() waits for the watch thread: an open() from a watch callback
     waited for a close() that waited for it.  It must fail at once, saying
     the connection is closing, and the close() return."""
-    xs = XenStore(host.dom0.xenstore())
-    xs.open()
-    running = threading.Event()
-    release = threading.Event()
-    opened: list[BaseException | None] = []
-
-    def opening(_path: str) -> None:
-        running.set()
-        release.wait(TIMEOUT)
-        try:
-            xs.open()
-            opened.append(None)
-        except BaseException as exc:
-            opened.append(exc)
-
-    xs.watch("/test/opening", opening)
-    assert running.wait(TIMEOUT)
-    first = _close_waiting_for_the_watch_thread(xs)
-    release.set()
-    first.join(TIMEOUT)
-    assert not first.is_alive(), "close() and the callback's open() wait for each other"
-    (exc,) = opened
+    exc = _from_a_callback_another_close_waits_for(host, "open")
     assert isinstance(exc, RuntimeError) and "closing" in str(exc), repr(exc)
-    assert not xs._client.router.thread.is_alive()
 
 
 def test_open_from_on_lost_as_another_close_waits_for_it(host) -> None:
