@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import gc
+import logging
 import math
 import os
 import random
@@ -111,6 +112,110 @@ def test_future_cancel_while_pending_and_not_once_running(make_wq: Any) -> None:
     release.set()
     assert first.result(TIMEOUT) == (None, True)
     assert cf.wait([first, second], timeout=TIMEOUT).not_done == set()
+
+
+def _queued_behind_a_running_call(wq: Any) -> tuple[cf.Future[Any], threading.Event]:
+    """A call of ordered *wq* waiting behind a running one, and the event
+    that lets the running one end."""
+    release, started = threading.Event(), threading.Event()
+    wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    return wq.submit(int), release
+
+
+def test_cancel_wakes_every_thread_asleep_in_result(make_wq: Any) -> None:
+    """Each thread asleep in result() of a call cancelled is woken at once
+    with CancelledError, not when its own timeout ends (one sleeper
+    released twice and the others never would be)."""
+    wq = make_wq(ordered=True)
+    future, release = _queued_behind_a_running_call(wq)
+    try:
+        def outcome() -> str:
+            try:
+                future.result(TIMEOUT)
+            except cf.CancelledError:
+                return "cancelled"
+            except TimeoutError:
+                return "timed out"
+            return "ran"
+
+        with cf.ThreadPoolExecutor(3) as sleepers:
+            outcomes = [sleepers.submit(outcome) for _ in range(3)]
+            assert _within(TIMEOUT, lambda: len(future._blocked or ()) == 3)
+            assert future.cancel() is True
+        assert [o.result() for o in outcomes] == ["cancelled"] * 3
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("finish", ["cancel", "set_result"])
+def test_a_failing_done_callback_is_logged_and_the_others_still_run_in_order(
+        make_wq: Any, caplog: pytest.LogCaptureFixture, finish: str) -> None:
+    """As concurrent.futures does: the done-callbacks run in the order they
+    were added, and one that raises is logged (on its logger), not raised
+    into whoever made the future done, and the rest still run."""
+    wq = make_wq(ordered=True)
+    release = threading.Event()
+    if finish == "cancel":
+        future, release = _queued_behind_a_running_call(wq)
+    else:
+        future = LeanFuture()
+        future.set_running_or_notify_cancel()
+    calls: list[str] = []
+    bug = ValueError("a bug in a done-callback")
+
+    def failing(_f: cf.Future[Any]) -> None:
+        calls.append("failing")
+        raise bug
+
+    future.add_done_callback(lambda _f: calls.append("first"))
+    future.add_done_callback(failing)
+    future.add_done_callback(lambda _f: calls.append("last"))
+    try:
+        with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+            if finish == "cancel":
+                assert future.cancel() is True
+            else:
+                future.set_result(1)
+        assert calls == ["first", "failing", "last"]
+        assert [rec.exc_info[1] if rec.exc_info else None for rec in caplog.records
+                if rec.name == "concurrent.futures"] == [bug]
+    finally:
+        release.set()
+
+
+def test_a_refused_cancel_of_a_watched_running_call_calls_no_callback(make_wq: Any) -> None:
+    """cancel() of a call already running is refused, and tells nobody: its
+    done-callbacks run once, when the call ends (also with the future's
+    condition made, by a watcher, which takes cancel() another way)."""
+    wq = make_wq()
+    started, release = threading.Event(), threading.Event()
+    future = wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    try:
+        assert started.wait(TIMEOUT)
+        calls: list[cf.Future[Any]] = []
+        future.add_done_callback(calls.append)
+        assert cf.wait([future], timeout=0).not_done == {future}  # a watcher came and went
+        assert future.cancel() is False
+        assert calls == []
+    finally:
+        release.set()
+    assert future.result(TIMEOUT) == (None, True)
+    assert _within(TIMEOUT, lambda: calls == [future])
+
+
+def test_cancel_pending_futures_calls_the_callbacks_of_every_call(make_wq: Any) -> None:
+    wq = make_wq(ordered=True)
+    first, release = _queued_behind_a_running_call(wq)
+    try:
+        futures = [first, wq.submit(int), wq.submit(int)]
+        calls: list[cf.Future[Any]] = []
+        for future in futures:
+            future.add_done_callback(calls.append)
+        assert cancel_pending_futures(wq) == 3
+        assert calls == futures
+    finally:
+        release.set()
 
 
 def test_a_call_whose_item_has_started_cannot_be_cancelled(
