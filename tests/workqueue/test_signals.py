@@ -834,6 +834,37 @@ def assert_pools_count_their_workers(topology: workqueue.Topology) -> None:
             assert pool.nr_running == sum(not w.flags for w in pool.workers), pool.dump()
 
 
+def test_ctrl_c_in_a_notifier_after_the_pools_one_leaves_their_workers_counted(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """Ctrl-C in a notifier that cpu_up() calls after the pools' one: it
+    calls the pools' notifier again (cut short as it started, that one
+    would have left them unbound), which must then change nothing.  Set
+    again, WORKER_REBOUND took its count from a worker that had since
+    started an item, as a notifier may have made one do."""
+    topology = workqueue.Topology(2, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topology)
+    assert wq.queue_work_on(0, Work(lambda w: None))  # makes the pools: their notifier first
+    topology.cpu_down(0)
+    stuck = Stuck(wq)
+
+    def busy_then_interrupted(cpu: int, online: bool) -> None:
+        if online:
+            assert wq.queue_work_on(cpu, Work(stuck))
+            assert stuck.started.wait(TIMEOUT)  # a worker of the CPU counted, running it
+            raise KeyboardInterrupt
+
+    topology.add_hotplug_notifier(busy_then_interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            topology.cpu_up(0)
+        assert topology.is_online(0)
+        assert_pools_count_their_workers(topology)
+    finally:
+        stuck.release.set()
+    assert stuck.tried.wait(TIMEOUT)
+    assert_pools_count_their_workers(topology)
+
+
 @pytest.mark.parametrize("going", ["down", "up"])
 def test_ctrl_c_anywhere_in_the_pools_hotplug_notifier_leaves_them_whole(
         make_wq: Callable[..., Workqueue], going: str) -> None:
