@@ -14,7 +14,7 @@ import pytest
 from wqhelpers import assert_waits_until_released
 
 from workqueue import Topology, Work, alloc_workqueue
-from workqueue._serial import SerialExecutor, close_serial
+from workqueue._serial import SerialExecutor, cancel_serial_calls, close_serial
 
 TIMEOUT = 10.0
 
@@ -264,6 +264,52 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started(wq: object) -> Non
     for future in queued:
         with pytest.raises(CancelledError):
             future.result(0)
+
+
+@pytest.mark.parametrize("how", ["shutdown", "cancel_serial_calls"])
+def test_cancelling_a_keys_calls_as_its_run_takes_them(wq: object, how: str) -> None:
+    """The key's run takes calls off its list while shutdown() cancels them
+    (here in a done-callback of the first one cancelled, as another CPU
+    does at any time): each call is run or cancelled, and the shutdown
+    goes on (walking the list itself, it failed: the deque mutated).
+    The count is of the calls cancelled, not of those that ran."""
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate, second_gate = threading.Event(), threading.Event()
+    second_started = threading.Event()
+    submit_held(ex, gate)
+    first = ex.submit(lambda: "never")
+    second = ex.submit(lambda: (second_started.set(), second_gate.wait(TIMEOUT)))
+    third = ex.submit(lambda: "never")
+
+    def let_the_run_take_the_next_calls(_f: Future[Any]) -> None:
+        gate.set()
+        assert second_started.wait(TIMEOUT)  # first taken and skipped, second taken
+
+    first.add_done_callback(let_the_run_take_the_next_calls)
+    try:
+        if how == "shutdown":
+            ex.shutdown(wait=False, cancel_futures=True)
+        else:
+            assert cancel_serial_calls(wq) == 2  # type: ignore[arg-type]
+        assert first.cancelled() and not second.cancelled() and third.cancelled()
+    finally:
+        gate.set()
+        second_gate.set()
+    assert second.result(TIMEOUT) == (None, True)
+
+
+def test_cancel_serial_calls_counts_the_calls_it_cancelled(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    submit_held(ex, gate)
+    queued = [ex.submit(lambda: "never") for _ in range(3)]
+    try:
+        assert queued[1].cancel()
+        assert cancel_serial_calls(wq) == 2  # type: ignore[arg-type]
+        assert cancel_serial_calls(wq) == 0  # type: ignore[arg-type]
+        assert all(f.cancelled() for f in queued)
+    finally:
+        gate.set()
 
 
 def test_workqueue_shutdown_cancel_futures_cancels_the_serial_calls_too(topo: Topology) -> None:
