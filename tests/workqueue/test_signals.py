@@ -962,6 +962,26 @@ def test_ctrl_c_anywhere_in_making_a_workqueue_leaves_none_behind(flags: int) ->
 # -- Ctrl-C as a submitted call is cancelled -----------------------------------
 
 
+class _Told:
+    """A watcher as concurrent.futures' own (wait(), as_completed()) are
+    to a future: told of its outcome through one of these calls, each
+    of which counts (told twice, wait() counts the future twice)."""
+
+    def __init__(self, future: cf.Future[Any]) -> None:
+        self.told: list[str] = []
+        with future._condition:  # type: ignore[attr-defined]
+            future._waiters.append(self)  # type: ignore[attr-defined]
+
+    def add_result(self, future: cf.Future[Any]) -> None:
+        self.told.append("result")
+
+    def add_exception(self, future: cf.Future[Any]) -> None:
+        self.told.append("exception")
+
+    def add_cancelled(self, future: cf.Future[Any]) -> None:
+        self.told.append("cancelled")
+
+
 def _watching(future: cf.Future[Any], watch: str) -> Attempt | None:
     """Somebody waiting for *future*, as *watch* says, asleep once this
     returns: a thread in result() (a sleeper, with no condition made), or
@@ -1001,16 +1021,16 @@ CANCELS: dict[str, Callable[[Workqueue, cf.Future[Any]], object]] = {
 }
 
 
-@pytest.mark.parametrize("watch", ["unwatched", "result", "wait"])
+@pytest.mark.parametrize("watch", ["unwatched", "result", "wait", "result and wait"])
 @pytest.mark.parametrize("how", CANCELS)
 def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
         make_wq: Callable[..., Workqueue], how: str, watch: str) -> None:
     """Wherever Ctrl-C lands as a submitted call waiting its turn is
     cancelled, the engine lock held or not, the call is either cancelled
-    -- done, its waiters woken and its done-callbacks called, once -- or
-    still queued, and runs (a call taken back from its list with its
-    future left pending was never run, nor cancelled: result() and
-    concurrent.futures.wait() waited for ever)."""
+    -- done, its waiters woken and told and its done-callbacks called,
+    once -- or still queued, and runs (a call taken back from its list
+    with its future left pending was never run, nor cancelled: result()
+    and concurrent.futures.wait() waited for ever)."""
 
     def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
         wq = make_wq(ordered=True)  # the call waits behind the running one
@@ -1022,9 +1042,11 @@ def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
         try:
             assert started.wait(TIMEOUT)
             future = executor.submit(ran.append, 1)
-            if watch == "wait":
+            if "wait" in watch:
                 future.add_done_callback(called.append)
-            watcher = _watching(future, watch)
+            watcher = _watching(future, "wait" if "wait" in watch else watch)
+            sleeper = _watching(future, "result") if watch == "result and wait" else None
+            told = _Told(future) if "wait" in watch else None
             interrupted(lambda: CANCELS[how](wq, future))
             assert_lists_consistent(wq)
             cancelled = future.cancelled()
@@ -1045,9 +1067,14 @@ def test_ctrl_c_anywhere_in_cancelling_a_call_leaves_it_cancelled_or_to_run(
             assert cf.wait([future], timeout=TIMEOUT).done == {future}, repr(future)
             if watcher is not None:
                 outcome = watcher.result(msg=f"the watcher of {future!r} still sleeps")
-                assert outcome == ({future} if watch == "wait"
+                assert outcome == ({future} if "wait" in watch
                                    else "cancelled" if cancelled else None), repr(future)
-            assert called == ([future] if watch == "wait" else []), repr(future)
+            if sleeper is not None:
+                outcome = sleeper.result(msg=f"the sleeper in {future!r} still sleeps")
+                assert outcome == ("cancelled" if cancelled else None), repr(future)
+            if told is not None:
+                assert told.told == ["cancelled" if cancelled else "result"], repr(future)
+            assert called == ([future] if "wait" in watch else []), repr(future)
         finally:
             release.set()  # a failed check must not leave it running
 
