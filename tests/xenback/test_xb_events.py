@@ -17,7 +17,7 @@ import pytest
 from tests.sim.hosthelpers import eventually, service_caught_up
 from tests.stolensignal import Interrupted, interrupt, main_thread_in
 from tests.xenback.xbhelpers import TIMEOUT, fails_once, leaked_threads
-from xenback import EventDispatcher
+from xenback import EventDispatcher, events
 from xenback.platform import EventChannelError
 
 
@@ -799,3 +799,30 @@ def test_a_pending_failing_at_every_call_backs_off_and_serves_the_fds(
         dispatcher.remove_fd(r)
         os.close(r)
         os.close(w)
+
+
+def test_the_back_off_doubles_up_to_its_bound_and_no_further(pair, monkeypatch, caplog) -> None:
+    """The handle is left out of the wait for a delay doubled at each
+    failure in a row, from the first up to the longest (a second, here
+    shortened), which it then keeps: each failure that backs off says
+    for how long."""
+    monkeypatch.setattr(events, "_BACKOFF_FIRST", 0.001)
+    monkeypatch.setattr(events, "_BACKOFF_MAX", 0.004)
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+
+    def pending() -> int | None:
+        evtchn.notify(remote)  # the handle readable again, for the next round
+        raise RuntimeError("a bug in the handle")
+
+    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
+    caplog.set_level(logging.ERROR, logger="xenback.events")
+
+    def backing_off() -> list[logging.LogRecord]:
+        return [rec for rec in list(caplog.records) if "backing off" in rec.msg]
+
+    evtchn.notify(remote)
+    assert eventually(lambda: len(backing_off()) >= 6, TIMEOUT)
+    assert [rec.args[-1] for rec in backing_off()[:6]] == [  # type: ignore[index]
+        0.001, 0.002, 0.004, 0.004, 0.004, 0.004]
