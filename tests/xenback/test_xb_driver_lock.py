@@ -9,6 +9,7 @@ lets go of it once every device is gone.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -114,14 +115,23 @@ def test_a_driver_started_again_holds_the_lock_again(host) -> None:
         assert not _lock(host).exists()
 
 
-def test_start_twice_keeps_the_lock(driver, host) -> None:
-    # Refused as already started, not by its own lock, and nothing let go.
+@pytest.mark.parametrize("how", ["start", "with"])
+def test_start_twice_keeps_the_lock(driver, host, how) -> None:
+    # Refused as already started, not by its own lock, and nothing let go
+    # (nor stopped by the ``with`` whose __enter__ was refused: the driver
+    # is not that block's to stop).
     with pytest.raises(RuntimeError, match="RecordingDriver is already started"):
-        driver.start()
+        if how == "start":
+            driver.start()
+        else:
+            with driver:
+                pass
     _refused(RecordingDriver(host.dom0), host)
+    _probed(host, driver, "guest")
 
 
-def test_a_start_xenstore_refuses_lets_go_of_the_lock(tmp_path) -> None:
+def test_a_start_xenstore_refuses_lets_go_of_the_lock(tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="xenback")
     with SimHost(tmp_path / "run") as host:
         socket = host.run_dir / "xenstored" / "socket"
         socket.rename(tmp_path / "socket")  # XenStore refuses our connection
@@ -134,6 +144,8 @@ def test_a_start_xenstore_refuses_lets_go_of_the_lock(tmp_path) -> None:
             (tmp_path / "socket").rename(socket)
         assert not _lock(host).exists()
         assert not leaked_threads(before)
+        # Never started, so never said to be stopped.
+        assert not [r for r in caplog.records if "stopped" in r.getMessage()]
         with drv:  # and it can be started once XenStore is back
             _probed(host, drv, "guest")
 

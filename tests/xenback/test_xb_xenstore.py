@@ -1661,6 +1661,10 @@ def test_open_retried_until_xenstored_comes_closes_as_any(tmp_path, caplog) -> N
     for _ in range(sys.getrecursionlimit() + 1):
         with pytest.raises(ConnectionError, match="cannot connect to XenStore"):
             xs.open()
+    # So does a ``with`` block that failed to connect: nothing to close.
+    with pytest.raises(ConnectionError, match="cannot connect to XenStore"):
+        with xs:
+            pass
     server = serve_one_client(path, lambda conn: conn.recv(1))  # until we hang up
     xs.open()
     router = xs._client.router.thread
@@ -1721,6 +1725,9 @@ def test_an_open_interrupted_anywhere_leaves_nothing_open(host, package: str, ho
                 assert xs.connected, f"interrupted {where}"
                 xs.close()
         assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        for xs in made:  # nor a socket left connected to XenStore
+            if how != "with" or xs._client.router.thread.ident is not None:
+                assert not xs._client.router.is_connected, f"interrupted {where}"
         if not where:
             break
         landed.append(where)
