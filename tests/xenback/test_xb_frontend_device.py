@@ -6,13 +6,21 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import re
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.stolensignal import Interrupted
-from tests.xenback.xbhelpers import TIMEOUT, Census, frontend_in_child, handed_over
+from tests.xenback.xbhelpers import (
+    TIMEOUT,
+    Census,
+    frontend_in_child,
+    handed_over,
+    leaked_threads,
+)
 from xenback import GrantError, XenbusState
 from xenback.sim import FrontendDevice
 
@@ -412,6 +420,37 @@ def test_add_removes_the_device_again_if_the_frontend_cannot_be_made(
     monkeypatch.undo()
     with FrontendDevice.add(guest, "xbtest"):  # not refused: nothing was left
         pass
+
+
+@pytest.mark.parametrize("failing", ["gntshr", "evtchn"])
+def test_a_frontend_that_cannot_be_made_closes_what_it_had_opened(
+        host, monkeypatch, failing: str) -> None:
+    """Made for a device of its own (not by add()), a frontend that fails
+    halfway closes the handles it had opened: its XenStore connection's
+    router thread, and the grant handle, ran on for nobody."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    opened: list[Any] = []
+    real_gntshr = guest.gntshr
+
+    def gntshr() -> Any:
+        opened.append(real_gntshr())
+        return opened[-1]
+
+    def refused() -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(guest, "gntshr", refused if failing == "gntshr" else gntshr)
+    monkeypatch.setattr(guest, "evtchn", refused)
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(OSError, match="Too many open files"):
+        FrontendDevice(guest, dev)
+    assert not leaked_threads(before)
+    for handle in opened:
+        with pytest.raises(GrantError):
+            handle.share_pages(0, 1)  # closed
+    monkeypatch.undo()
+    host.toolstack.destroy_device(dev)
 
 
 def test_wait_backend_says_the_backend_is_gone_and_refuses_once_closed(host, dom0_xs) -> None:
