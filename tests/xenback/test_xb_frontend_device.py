@@ -22,7 +22,7 @@ from tests.xenback.xbhelpers import (
     leaked_threads,
 )
 from xenback import GrantError, XenbusState
-from xenback.sim import FrontendDevice
+from xenback.sim import FrontendDevice, Toolstack
 
 S = XenbusState
 
@@ -451,6 +451,44 @@ def test_a_frontend_that_cannot_be_made_closes_what_it_had_opened(
             handle.share_pages(0, 1)  # closed
     monkeypatch.undo()
     host.toolstack.destroy_device(dev)
+
+
+def test_an_add_that_conflicts_with_another_s_removes_none_of_it(
+        host, dom0_xs, monkeypatch) -> None:
+    """Another toolstack call adds the same device while our transaction
+    is open: ours conflicts (EAGAIN) and its retry finds the device
+    there, FileExistsError.  The device it had listed in its first
+    attempt is not ours: the failed add must leave it alone."""
+    guest = host.create_domain("guest")
+    toolstack = guest.toolstack
+    real = Toolstack.transaction
+    theirs: list[Any] = []
+    inner: list[bool] = []
+
+    def conflicting(self: Toolstack, body: Callable[[Any], Any]) -> Any:
+        if inner:
+            return real(self, body)
+
+        def another_adds_it_meanwhile(c: Any) -> Any:
+            result = body(c)
+            if not theirs:
+                inner.append(True)
+                try:
+                    theirs.append(toolstack.add_device("xbtest", guest.domid))
+                finally:
+                    inner.clear()
+            return result
+
+        return real(self, another_adds_it_meanwhile)
+
+    monkeypatch.setattr(Toolstack, "transaction", conflicting)
+    with pytest.raises(FileExistsError):
+        FrontendDevice.add(guest, "xbtest")
+    assert theirs
+    assert dom0_xs.exists(f"/local/domain/{guest.domid}/device/xbtest/0")
+    assert dom0_xs.exists(f"/local/domain/0/backend/xbtest/{guest.domid}/0")
+    monkeypatch.undo()
+    toolstack.destroy_device(theirs[0])
 
 
 def test_wait_backend_says_the_backend_is_gone_and_refuses_once_closed(host, dom0_xs) -> None:
