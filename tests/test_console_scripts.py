@@ -113,3 +113,19 @@ def test_without_a_stderr_a_failing_command_writes_nothing_on_stdout(
     done = subprocess.run(argv, env=script_env(), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert (done.returncode, done.stdout) == (status, "")
+
+
+def test_ctrl_c_as_a_closed_stderr_is_replaced_writes_nothing_on_stdout(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C can land as the stand-in for a closed stderr is opened:
+    sys.stderr is still None there, and print(file=None) would have put
+    the line on stdout, the command's output."""
+    import _xenback_scripts
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_xenback_scripts, "open", interrupted, raising=False)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert _xenback_scripts._run("json", "prog") == 130
+    assert capsys.readouterr().out == ""
