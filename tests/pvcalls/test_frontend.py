@@ -881,6 +881,39 @@ def test_a_rings_own_handle_overflowed_is_reset_by_its_waiter(
         echo_through(s, b"more")
 
 
+def test_a_rings_own_handle_overflowed_with_its_port_fired_is_unmasked_after_the_reset(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """The reset leaves a port that fired and was not taken masked, as if
+    taken: the waiter that reset the handle takes the port as fired and
+    unmasks it.  Left masked, the ring's events no longer came: its
+    waiters saw the data only as their naps ended."""
+    go = threading.Event()
+
+    def later(conn: socket.socket) -> None:
+        conn.sendall(b"ping")
+        assert go.wait(TIMEOUT)
+        conn.sendall(b"data")
+        echo(conn)
+
+    srv = server(later)
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        # The ping fires the ring's port, which nobody takes, and then the
+        # handle overflows: the reset that the first wait makes masks it.
+        assert select.select([ring.evtchn.fileno()], [], [], TIMEOUT)[0]
+        ring.evtchn.overflow()  # type: ignore[attr-defined]
+        call = Call(lambda: recv_exactly(s, 8))  # the ping at once, then a wait
+        try:
+            wait_until(lambda: not ring.evtchn._overflowed)  # type: ignore[attr-defined]
+        finally:
+            go.set()
+        assert call.join().result == b"pingdata"
+        echo_through(s, b"more")
+        # Only a waiter takes (and so masks) the port, and none is left.
+        assert not ring.evtchn._ports[ring.port].masked  # type: ignore[attr-defined]
+
+
 def test_many_threads_many_sockets(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     errors: list[BaseException] = []
