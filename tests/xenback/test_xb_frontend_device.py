@@ -7,7 +7,6 @@ import errno
 import multiprocessing
 import re
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
