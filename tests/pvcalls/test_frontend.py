@@ -855,6 +855,19 @@ def test_overflows_under_traffic_hang_no_call_and_lose_no_data(
             echo_through(s, b"after")
 
 
+def _data_once_told(server: Any, go: threading.Event, *, first: bytes = b"") -> Any:
+    """A server that sends ``first`` at once, b"data" once ``go`` is set,
+    then echoes."""
+    def later(conn: socket.socket) -> None:
+        if first:
+            conn.sendall(first)
+        assert go.wait(TIMEOUT)
+        conn.sendall(b"data")
+        echo(conn)
+
+    return server(later)
+
+
 def test_a_rings_own_handle_overflowed_is_reset_by_its_waiter(
         fe: pvcalls.Frontend, server: Any) -> None:
     """A data ring's own handle (one port, always taken before it is
@@ -862,13 +875,7 @@ def test_a_rings_own_handle_overflowed_is_reset_by_its_waiter(
     same is reset by whoever waits on it, and its port taken as fired:
     the waiter did not reset it and spun on the readable descriptor."""
     go = threading.Event()
-
-    def later(conn: socket.socket) -> None:
-        assert go.wait(TIMEOUT)
-        conn.sendall(b"data")
-        echo(conn)
-
-    srv = server(later)
+    srv = _data_once_told(server, go)
     with connected(fe, srv.address) as s:
         ring = s._st.ring
         assert ring is not None and ring.direct
@@ -889,14 +896,7 @@ def test_a_rings_own_handle_overflowed_with_its_port_fired_is_unmasked_after_the
     unmasks it.  Left masked, the ring's events no longer came: its
     waiters saw the data only as their naps ended."""
     go = threading.Event()
-
-    def later(conn: socket.socket) -> None:
-        conn.sendall(b"ping")
-        assert go.wait(TIMEOUT)
-        conn.sendall(b"data")
-        echo(conn)
-
-    srv = server(later)
+    srv = _data_once_told(server, go, first=b"ping")
     with connected(fe, srv.address) as s:
         ring = s._st.ring
         assert ring is not None and ring.direct
