@@ -1278,18 +1278,12 @@ class _Blocking:
         if worker is None or worker.current is None:
             return self
         with lock:
-            flags = worker.flags
-            if flags & WORKER_BLOCKED:
+            if worker.flags & WORKER_BLOCKED:
                 return self  # nested: the outermost one accounts
             self._worker = worker
-            # wq_worker_sleeping: set_flags(worker, WORKER_BLOCKED), then
-            # kick_pool() if need_more_worker(), inlined (three Python
-            # calls less: a pvcalls CPU poller comes here at every poll).
+            set_flags(worker, WORKER_BLOCKED)  # wq_worker_sleeping
             pool = worker.pool
-            if not flags and pool is not None:
-                pool.nr_running -= 1
-            worker.flags = flags | WORKER_BLOCKED
-            if pool is not None and pool.worklist.nr > 0 and pool.nr_running == 0:
+            if pool is not None and need_more_worker(pool):
                 kick_pool(pool)
         return self
 
@@ -1298,11 +1292,7 @@ class _Blocking:
         if worker is not None:
             self._worker = None
             with lock:
-                # wq_worker_running: clr_flags(worker, WORKER_BLOCKED), inlined.
-                old = worker.flags
-                worker.flags = new = old & ~WORKER_BLOCKED
-                if old and not new and worker.pool is not None:
-                    worker.pool.nr_running += 1
+                clr_flags(worker, WORKER_BLOCKED)  # wq_worker_running
 
 
 def blocking() -> _Blocking:
