@@ -897,6 +897,30 @@ def test_a_long_chain_of_dead_handles_is_closed_without_recursion(
         host.destroy_domain(guest)
 
 
+def test_an_event_channel_handle_past_the_domains_limit_says_why(
+    host: SimHost, guest: Domain
+) -> None:
+    """Refused for the domain's limit on handles, the handle's calls fail
+    with EMFILE (too many open), not ENODEV (the host gone), also once
+    its wait for events has met the end of the connection."""
+    from xenback.sim._hypervisor import MAX_HANDLES_PER_DOMAIN
+
+    handles = [guest.gnttab() for _ in range(MAX_HANDLES_PER_DOMAIN)]
+    try:
+        with guest.evtchn() as extra:
+            # Connected after extra's: refused once extra's was.
+            with guest.gnttab() as later, pytest.raises(OSError):
+                later.map_grant_refs(0, [8])
+            assert extra.wait(0) is None  # takes the refusal as a hang-up
+            with pytest.raises(EventChannelError) as info:
+                extra.bind_unbound_port(0)
+            assert info.value.errno == errno.EMFILE
+            assert f"{MAX_HANDLES_PER_DOMAIN} handles" in str(info.value.strerror)
+    finally:
+        for handle in handles:
+            handle.close()
+
+
 def test_a_dead_domain_cannot_fire_its_former_peer(host: SimHost) -> None:
     """Its process may live on with the handle: the write end it holds of
     the peer's pipe must not reach the peer's port any more (Xen runs no

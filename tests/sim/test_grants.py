@@ -561,14 +561,20 @@ def test_fuzzed_requests_never_hurt_the_service(
 
 
 def test_a_domain_cannot_hoard_handles(host: SimHost, guest: Domain) -> None:
+    """A handle past the domain's limit is refused with EMFILE, saying so,
+    as opening one more file past a process's limit is (or one more inotify
+    instance past the user's): not ENODEV, which says the host has gone."""
     from xenback.sim._hypervisor import MAX_HANDLES_PER_DOMAIN
 
     handles = [guest.gnttab() for _ in range(MAX_HANDLES_PER_DOMAIN)]
     try:
-        with pytest.raises(GrantError) as info:
-            extra = guest.gnttab()
-            extra.map_grant_refs(0, [8])  # the refused connection is closed
-        assert info.value.errno == errno.ENODEV
+        with guest.gnttab() as tab, pytest.raises(GrantError) as info:
+            tab.map_grant_refs(0, [8])
+        assert info.value.errno == errno.EMFILE
+        assert f"{MAX_HANDLES_PER_DOMAIN} handles" in str(info.value.strerror)
+        with guest.gntshr() as shr, pytest.raises(GrantError) as info:
+            shr.share_pages(0, 1)
+        assert info.value.errno == errno.EMFILE
         with host.dom0.gnttab():  # other domains are not affected
             pass
     finally:

@@ -104,6 +104,15 @@ _REFUSED: Message = {
     "errno": errno.EMFILE,
     "error": "the hypervisor service is out of descriptors",
 }
+#: What a handle past its domain's MAX_HANDLES_PER_DOMAIN is told: EMFILE,
+#: as for one more open file past a process's limit, or one more inotify
+#: instance past a user's (Linux's errno for a per-owner count of open
+#: handles; ENFILE is for the whole system's).
+_TOO_MANY_HANDLES: Message = {
+    "event": "refused",
+    "errno": errno.EMFILE,
+    "error": f"the domain has {MAX_HANDLES_PER_DOMAIN} handles open, the most one may have",
+}
 
 
 #: ``control(op, args, reply)`` performs a dom0 request to create
@@ -454,7 +463,7 @@ class Hypervisor:
                 dom.domid,
                 len(dom.conns),
             )
-            sock.close()
+            _refuse(sock, _TOO_MANY_HANDLES)
             return True
         sock.setblocking(False)
         conn = _Conn(dom, sock)
@@ -475,14 +484,7 @@ class Hypervisor:
             except OSError:
                 pass
             else:
-                # Said before the close, or the client would take it for a
-                # host gone (ENODEV) where the host is only short for now.
-                # The message waits in its socket: it reads it before the end.
-                try:
-                    send_message(sock, _REFUSED, (), socket.MSG_DONTWAIT)
-                except OSError:
-                    pass  # the client is gone already
-                sock.close()
+                _refuse(sock, _REFUSED)
             self._reserve = _open_reserve()
             return
         # Not even that: stop watching the listener for a while.
@@ -1004,6 +1006,19 @@ class Hypervisor:
 def _no_fds(fds: list[int]) -> None:
     if fds:
         raise RequestError(errno.EINVAL, "this request carries no descriptors")
+
+
+def _refuse(sock: socket.socket, why: Message) -> None:
+    """Tell a connection just accepted why it is refused, and close it.
+
+    Said before the close, or the client would take it for a host gone
+    (ENODEV).  The message waits in its socket: the client reads it
+    before the end, whenever its first request went."""
+    try:
+        send_message(sock, why, (), socket.MSG_DONTWAIT)
+    except OSError:
+        pass  # the client is gone already
+    sock.close()
 
 
 def _open_reserve() -> int:

@@ -35,8 +35,9 @@ peer's write end, and ``{"event": "unbound", "port"}``.  Either may carry
 service gives a port a new pipe when its peer goes, so that write ends of
 the old one kept by the peer's process fire nothing.
 ``{"event": "refused", "errno", "error"}`` is the only message of a
-connection the service accepted only to close it, for want of a descriptor:
-its requests fail with that errno (EMFILE), not as if the host were gone.
+connection the service accepted only to close it, for want of a descriptor
+or past its domain's limit on handles: its requests fail with that errno
+(EMFILE either way), not as if the host were gone.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ class ServiceConnection:
         after the reply is delivered (it runs under the connection's lock).
         Raises ``error`` with the errno the service answered, with the one
         it refused the connection with (EMFILE: it had no descriptor for
-        it), or ``ENODEV`` once the service has gone (host stopped, domain
+        it, or the domain has as many handles open as it may), or
+        ``ENODEV`` once the service has gone (host stopped, domain
         destroyed).
         """
         with self._lock:
