@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import socket
@@ -585,6 +586,33 @@ def test_a_domain_cannot_hoard_handles(host: SimHost, guest: Domain) -> None:
         with pytest.raises(GrantError) as info:
             again.map_grant_refs(0, [8])
         assert info.value.errno == errno.EINVAL
+
+
+def test_a_domain_refused_handle_after_handle_is_warned_of_within_a_rate_limit(
+    host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A domain opening handle after handle past its limit gets each refused,
+    but the host's log a few lines only (the domain decides how often), and
+    the count of the others when the domain goes at the latest."""
+    from xenback.sim._hypervisor import MAX_HANDLES_PER_DOMAIN
+
+    handles = [guest.gnttab() for _ in range(MAX_HANDLES_PER_DOMAIN)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="xenback.sim._hypervisor"):
+            for _ in range(50):
+                with guest.gnttab() as extra, pytest.raises(GrantError) as info:
+                    extra.map_grant_refs(0, [8])
+                assert info.value.errno == errno.EMFILE
+            warned = [r for r in caplog.records if "handles open" in r.getMessage()]
+            assert 1 <= len(warned) <= 10
+            host.destroy_domain(guest)
+        suppressed = sum(int(m.group(1)) for r in caplog.records
+                         if (m := re.search(r"domain \d+: (\d+) messages? suppressed",
+                                            r.getMessage())))
+        assert len(warned) + suppressed == 50
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 def test_read_only_pages_resist_a_reopen_for_writing(handles: tuple[GrantShare, GrantTable]) -> None:

@@ -219,6 +219,11 @@ class _Domain:
     ports: dict[int, _Port] = field(default_factory=dict)
     conns: set[_Conn] = field(default_factory=set)
     mapped: int = 0  # pages in the maps of all its handles (its maptrack)
+    # What the domain can make the service log at will (handles refused).
+    warnings: RateLimit = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.warnings = RateLimit(f"hypervisor: domain {self.domid}")
 
 
 @dataclass(eq=False)
@@ -458,7 +463,11 @@ class Hypervisor:
                 self._refuse_for_want_of_fds(dom)
             return False  # BlockingIOError after a racing close, ECONNABORTED...
         if len(dom.conns) >= MAX_HANDLES_PER_DOMAIN:
-            logger.warning(
+            # The domain decides how often: its own rate limit, so that it
+            # neither floods the log nor silences what others cause.
+            dom.warnings.log(
+                logger,
+                logging.WARNING,
                 "hypervisor: domain %d has %d handles open; refusing another",
                 dom.domid,
                 len(dom.conns),
@@ -691,6 +700,7 @@ class Hypervisor:
         for conn in list(dom.conns):
             self._close_conn(conn)
         self._reap()
+        dom.warnings.close(logger)  # the count of refusals it was not warned of
         # Unbound ports the domain allocated stay with their handles; those
         # handles were closed above, so nothing is left.
         assert not dom.ports, dom.ports
