@@ -207,9 +207,13 @@ class EventDispatcher(Closing):
         # unmask() raising), which the dispatcher survives: they may come
         # at every event too, and no callback's may silence them.
         self._breakdowns = RateLimit(name)
-        # Short of descriptors or threads, any step may fail: what the ones
-        # before it opened is closed again, not left behind the error.
-        with contextlib.ExitStack() as undo:
+        # Whole or nothing.  Short of descriptors or threads, any step may
+        # fail, and a Ctrl-C may land as any call returns, the thread's
+        # start() included: what the steps before it made is undone, not
+        # left behind the error.  Not an ExitStack's with block, whose
+        # pop_all() a Ctrl-C could follow, leaving the thread running.
+        undo = contextlib.ExitStack()
+        try:
             self._evtchn: EventChannel = platform.evtchn()
             undo.callback(self._evtchn.close)
             self._epoll = select.epoll()
@@ -222,8 +226,27 @@ class EventDispatcher(Closing):
             self._epoll.register(self._wake_r, select.EPOLLIN)
             if thread:
                 self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+                # Undone first: the thread waits on the descriptors above,
+                # which must not be closed (and their numbers reused)
+                # under it.
+                undo.callback(self._stop_unreturned)
                 self._thread.start()
-            undo.pop_all()
+        except BaseException:
+            undo.close()
+            raise
+
+    def _stop_unreturned(self) -> None:
+        """Stop the thread of a dispatcher whose making failed or was
+        interrupted: it was never handed out, so nothing but the thread
+        uses it.  Also a thread whose start() was cut short, before or
+        after it began: one that begins later finds the dispatcher
+        closed, and leaves at once."""
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        assert self._thread is not None
+        # In slices, for a signal's handler (see wait_slice).
+        while self._thread.is_alive():
+            self._thread.join(wait_slice(None))
 
     # Event channels.
 

@@ -332,9 +332,11 @@ def test_a_dispatcher_that_fails_to_start_keeps_nothing(host, monkeypatch, faili
         fake = types.SimpleNamespace(epoll=refuse, EPOLLIN=select.EPOLLIN)
         monkeypatch.setattr(xenback.events, "select", fake)
     else:
-        fake = types.SimpleNamespace(Thread=lambda **_kw: types.SimpleNamespace(start=refuse))
+        class Unstartable(threading.Thread):
+            start = refuse  # type: ignore[assignment]
+
         monkeypatch.setattr(xenback.events, "threading", types.SimpleNamespace(
-            Lock=threading.Lock, Condition=threading.Condition, Thread=fake.Thread))
+            Lock=threading.Lock, Condition=threading.Condition, Thread=Unstartable))
 
     def handles() -> int:
         return host.hypervisor.stats()["connections"]
@@ -352,6 +354,46 @@ def test_a_dispatcher_that_fails_to_start_keeps_nothing(host, monkeypatch, faili
     # meanwhile.)
     service_caught_up(host.dom0)
     assert eventually(lambda: handles() == before[0] and fds() <= before[1], TIMEOUT)
+
+
+def test_a_dispatcher_interrupted_anywhere_in_its_making_is_whole_or_nothing(
+        host, caplog) -> None:
+    """A Ctrl-C landing as any call of EventDispatcher() returns, or as any
+    of its frames starts: either the dispatcher is handed back running,
+    or nothing of it is left.  Landing as its thread's start() returned,
+    it closed the descriptors that thread waits on and left it running,
+    for ever and unknown to anybody, on closed (and then reused) ones."""
+    from tests.stolensignal import interrupted_at
+
+    within = os.path.dirname(events.__file__)
+    caplog.set_level(logging.DEBUG, logger="xenback.events")
+    landed: list[str] = []
+    for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
+        made: list[EventDispatcher] = []
+        where = interrupted_at(
+            n, within, lambda made=made: made.append(EventDispatcher(host.dom0)))
+        if made:
+            (dispatcher,) = made
+            fired = threading.Event()
+            r, w = os.pipe()
+            try:  # running: it dispatches
+                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _ev, fired=fired: fired.set())
+                os.write(w, b"x")
+                assert fired.wait(TIMEOUT), f"interrupted {where}"
+                dispatcher.remove_fd(r)
+            finally:
+                dispatcher.close()
+                os.close(r)
+                os.close(w)
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        # Nor did the thread meet a closed descriptor on its way out.
+        assert [rec.getMessage() for rec in caplog.records
+                if rec.name == "xenback.events"] == [], f"interrupted {where}"
+        if not where:
+            break
+        landed.append(where)
+    assert any("EventDispatcher.__init__" in where for where in landed), landed
 
 
 def test_close_from_a_port_callback_stops_quietly(host, caplog) -> None:
