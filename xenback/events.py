@@ -140,7 +140,13 @@ class EventDispatcher(Closing):
     """
 
     def __init__(self, platform: Platform, *, name: str = "xenback-events",
-                 thread: bool = True) -> None:
+                 thread: bool = True, into: list[EventDispatcher] | None = None) -> None:
+        """Whole or nothing: failing or interrupted (Ctrl-C) at any step,
+        the making closes what it had opened, its thread stopped first.
+        With ``into``, the dispatcher is appended to it as the last step:
+        for a caller that must close it whatever interrupts its making, a
+        Ctrl-C as this returns included, which would lose a running
+        dispatcher to it."""
         check_flag("thread", thread)
         self.name = name
         # _lock guards _ports, _fds, _running, _closed and _released, and serialises
@@ -231,7 +237,11 @@ class EventDispatcher(Closing):
                 # under it.
                 undo.callback(self._stop_unreturned)
                 self._thread.start()
+            if into is not None:
+                into.append(self)
         except BaseException:
+            if into and into[-1] is self:
+                del into[-1]  # interrupted as append() returned
             undo.close()
             raise
 

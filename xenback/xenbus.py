@@ -875,7 +875,16 @@ class BackendDriver:
         """The driver's event dispatcher (created on first use)."""
         with self._lock:
             if self._events is None:
-                self._events = EventDispatcher(self.platform, name=f"{self.device_type}-events")
+                # Handed back through a list, by the dispatcher's last
+                # step: a Ctrl-C as the constructor returns would lose it,
+                # its thread running, to us and to _stop().
+                made: list[EventDispatcher] = []
+                try:
+                    EventDispatcher(self.platform, name=f"{self.device_type}-events", into=made)
+                finally:
+                    if made:
+                        self._events = made[0]
+                return made[0]
             return self._events
 
     @property

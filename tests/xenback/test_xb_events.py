@@ -356,13 +356,16 @@ def test_a_dispatcher_that_fails_to_start_keeps_nothing(host, monkeypatch, faili
     assert eventually(lambda: handles() == before[0] and fds() <= before[1], TIMEOUT)
 
 
+@pytest.mark.parametrize("into", [False, True])
 def test_a_dispatcher_interrupted_anywhere_in_its_making_is_whole_or_nothing(
-        host, caplog) -> None:
+        host, caplog, into: bool) -> None:
     """A Ctrl-C landing as any call of EventDispatcher() returns, or as any
     of its frames starts: either the dispatcher is handed back running,
     or nothing of it is left.  Landing as its thread's start() returned,
     it closed the descriptors that thread waits on and left it running,
-    for ever and unknown to anybody, on closed (and then reused) ones."""
+    for ever and unknown to anybody, on closed (and then reused) ones.
+    With ``into``, the dispatcher is found there if and only if it runs,
+    also after a Ctrl-C as the constructor returns."""
     from tests.stolensignal import interrupted_at
 
     within = os.path.dirname(events.__file__)
@@ -371,8 +374,11 @@ def test_a_dispatcher_interrupted_anywhere_in_its_making_is_whole_or_nothing(
     for n in itertools.count():
         before = {t.ident for t in threading.enumerate()}
         made: list[EventDispatcher] = []
-        where = interrupted_at(
-            n, within, lambda made=made: made.append(EventDispatcher(host.dom0)))
+        if into:
+            where = interrupted_at(n, within, lambda made=made: EventDispatcher(host.dom0, into=made))
+        else:
+            where = interrupted_at(
+                n, within, lambda made=made: made.append(EventDispatcher(host.dom0)))
         if made:
             (dispatcher,) = made
             fired = threading.Event()

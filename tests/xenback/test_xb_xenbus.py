@@ -2021,3 +2021,44 @@ def test_a_second_stop_returns_only_once_the_driver_is_stopped(host, driver, fro
         second.join(TIMEOUT)
     assert outcome == [(True, [])], "the second stop() returned before the driver was stopped"
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+
+
+def test_a_driver_dispatcher_interrupted_in_its_making_is_kept_for_stop(host) -> None:
+    """A Ctrl-C landing as any call of the making of a driver's event
+    dispatcher returns (the first use of ``events``), the constructor's
+    own return included: there the dispatcher was lost, its thread
+    running, and unknown to stop().  (Device callbacks, which make it,
+    run on workers, which get no KeyboardInterrupt; a driver's code in
+    the main thread may make it too.)  Whatever the place, stop() leaves
+    no thread, and the next use finds a running dispatcher."""
+    import os
+    import select
+
+    from tests.stolensignal import interrupted_at
+
+    within = os.path.dirname(xenbus.__file__)
+    landed: list[str] = []
+    for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
+        drv = RecordingDriver(host.dom0)
+        drv.start()
+        try:
+            where = interrupted_at(n, within, lambda drv=drv: drv.events)
+            dispatcher = drv.events
+            fired = threading.Event()
+            r, w = os.pipe()
+            try:  # running: it dispatches
+                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _ev, fired=fired: fired.set())
+                os.write(w, b"x")
+                assert fired.wait(TIMEOUT), f"interrupted {where}"
+                dispatcher.remove_fd(r)
+            finally:
+                os.close(r)
+                os.close(w)
+        finally:
+            drv.stop()
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        if not where:
+            break
+        landed.append(where)
+    assert any("BackendDriver.events" in where for where in landed), landed
