@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from xenback import Closing
 from xenback.platform import Platform
+from xenback.ratelimit import RateLimit
 from xenback.ring import FrontRing, RingError
 from xenback.xenbus import XenbusState
 from xenback.xenstore import XenStore
@@ -47,13 +48,18 @@ if TYPE_CHECKING:
     from xenback.platform import EventChannel, GrantShare, SharedPages
     from xenback.xenstore import Transaction, Watch
 
-class _AnswersLost(Exception):
-    """The command ring's handler failed with ``error``: the answers it
-    took off the ring are lost to their callers."""
+class _Fatal(Exception):
+    """A failure that the event thread does not survive: ``error``, which
+    the frontend then fails with (see :meth:`Frontend._event_loop`)."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(error)
         self.error = error
+
+
+class _AnswersLost(_Fatal):
+    """The command ring's handler failed with ``error``: the answers it
+    took off the ring are lost to their callers."""
 
 
 # One logger for the whole frontend library, as concurrent.futures has.
@@ -74,6 +80,15 @@ _ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
 
 
 _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
+
+
+#: The resets in a row of the shared event channel handle after which it
+#: is taken for broken (see Frontend._event_loop): resets with no read of
+#: its queue of fired ports that found it empty between them.  More than
+#: one: the hand-out after a reset unmasks every port, and Linux's queue
+#: holds a port that fires again then twice, which a storm on every port
+#: may overflow once more.
+_RESETS_IN_A_ROW = 3
 
 
 #: Released data rings a frontend keeps for reuse (17 pages and a port each).
@@ -285,6 +300,14 @@ class Frontend(Closing):
 
         self._thread: threading.Thread | None = None
         self._wakeup: _Wakeup | None = None  # the event thread's, while it runs
+        # The resets of the shared handle since its queue of fired ports
+        # was last read empty (see _event_loop).  Written only by the
+        # event thread.
+        self._resets = 0
+        # The handle may overflow again and again, each time after its
+        # queue was read empty: a reset is worth a line, not every one.
+        # For the life of the frontend: an open() again gets no new budget.
+        self._overflows = RateLimit(f"pvcalls frontend of domain {domain.domid}")
         self._stopping = False
         # Set once the backend is gone (its state left Connected), the
         # XenStore connection is lost, the frontend closes or fails (see
@@ -611,6 +634,8 @@ class Frontend(Closing):
 
     def _release_handles(self) -> None:
         self._stop_thread()
+        # The overflows not said since the last report: none goes unmentioned.
+        self._overflows.close(logger)
         # No answer is matched any more: drop what the table still holds
         # (what a backend that went away left unanswered), and with it the
         # callbacks and what they hold (an unanswered RELEASE's pages), not
@@ -767,11 +792,17 @@ class Frontend(Closing):
         unmasked before it was taken, as by the hand-out above), and the
         ports that fired meanwhile are masked, their events lost.  The
         handle is reset and every port handed out again, as after a
-        failure; a reset that fails is a failure."""
+        failure; a reset that fails is a failure.  But the reset empties
+        the queue, and the hand-out after it unmasks each port once: a
+        queue that overflows again before a read found it empty, after
+        ``_RESETS_IN_A_ROW`` resets in a row, says that the handle is
+        broken.  That failure stays (a steady overflow would otherwise
+        spin the thread, a reset and a hand-out of every port per round,
+        for ever)."""
         try:
             self._serve_events()
         except Exception as exc:
-            if isinstance(exc, _AnswersLost):
+            if isinstance(exc, _Fatal):
                 exc = exc.error
             if self._stopping:
                 # close() took the handles from under it: nothing waits.
@@ -785,6 +816,7 @@ class Frontend(Closing):
         wakeup = self._wakeup
         assert evtchn is not None and epoll is not None and wakeup is not None
         shared_fd = evtchn.fileno()
+        self._resets = 0
         # failed: a failure that no round has gone well since.  resync:
         # every port is to be handed out again before the next wait (also
         # after the handle was reset: see _serve_round).
@@ -802,7 +834,7 @@ class Frontend(Closing):
                 except InterruptedError:
                     continue
                 resync = self._serve_round(evtchn, wakeup, shared_fd, events)
-            except _AnswersLost:
+            except _Fatal:
                 raise
             except Exception as exc:
                 if failed:
@@ -846,14 +878,29 @@ class Frontend(Closing):
             except OSError as exc:
                 if exc.errno != errno.EFBIG:
                     raise
-                evtchn.reset()
-                logger.warning("pvcalls frontend of domain %d: its event channel handle "
-                               "overflowed: reset; every port is handed out again",
-                               self.domain.domid)
+                self._reset(evtchn, exc)
                 return True
             if port is None:
+                self._resets = 0
                 return False
             self._handle_port(evtchn, port)
+
+    def _reset(self, evtchn: EventChannel, overflow: OSError) -> None:
+        """The shared handle's pending() said EFBIG, ``overflow``: reset
+        the handle, unless it overflowed again after too many resets in a
+        row (see :meth:`_event_loop`)."""
+        if self._resets >= _RESETS_IN_A_ROW:
+            raise _Fatal(OSError(
+                errno.EFBIG,
+                f"its event channel handle overflowed again after {self._resets} resets "
+                f"in a row, its queue of fired ports never read empty between them "
+                f"(a reset empties it): the handle is broken")) from overflow
+        self._resets += 1  # first: a reset seen done is counted
+        evtchn.reset()
+        self._overflows.log(logger, logging.WARNING,
+                            "pvcalls frontend of domain %d: its event channel handle "
+                            "overflowed: reset; every port is handed out again",
+                            self.domain.domid)
 
     def _handle_port(self, evtchn: EventChannel, port: int) -> None:
         """Run the handler of ``port`` (masked), then unmask it."""

@@ -805,7 +805,9 @@ def test_overflows_under_traffic_hang_no_call_and_lose_no_data(
         host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The frontend's handle overflowing again and again while data goes
     both ways on rings of that handle and commands are in flight: every
-    call returns and every byte comes back."""
+    call returns and every byte comes back.  Each overflow comes once the
+    event thread has read the handle's queue empty since the last reset,
+    as Linux's can overflow again (one that overflows before is broken)."""
     srv = server()
     with pvcalls.Frontend(host.create_domain("overflowing")) as other:
         _on_the_shared_handle(other, monkeypatch)
@@ -842,8 +844,10 @@ def test_overflows_under_traffic_hang_no_call_and_lose_no_data(
             while any(t.is_alive() for t in threads[:-1]) and overflows < 200:
                 handle.overflow()
                 overflows += 1
-                # Reset by the event thread (or the frontend failed).
-                wait_until(lambda: not handle._overflowed)  # type: ignore[attr-defined]
+                # Reset by the event thread (or the frontend failed), and
+                # the handle read empty since.
+                wait_until(lambda: not handle._overflowed  # type: ignore[attr-defined]
+                           and other._resets == 0)
         finally:
             done.set()
             for t in threads:
@@ -853,6 +857,69 @@ def test_overflows_under_traffic_hang_no_call_and_lose_no_data(
         assert overflows > 1
         with connected(other, srv.address) as s:  # and the frontend still works
             echo_through(s, b"after")
+
+
+def test_a_handle_that_overflows_again_at_once_fails_the_frontend(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux's reset empties the handle's queue of fired ports: one that
+    overflows again before it was once read empty since, reset after
+    reset, is broken.  The event thread reset it for ever, at full speed
+    (a reset, a hand-out of every port and a warning per round); after a
+    few resets in a row it fails the frontend, as a handle that fails
+    otherwise does: every call fails with EIO, saying why."""
+    with pvcalls.Frontend(host.create_domain("overflowing-for-good")) as other:
+        handle = other._evtchn
+        thread = other._thread
+        assert handle is not None and thread is not None
+        real_reset = handle.reset
+        resets: list[None] = []
+
+        def reset() -> None:
+            real_reset()
+            resets.append(None)
+            handle.overflow()  # type: ignore[attr-defined]
+
+        monkeypatch.setattr(handle, "reset", reset)
+        handle.overflow()  # type: ignore[attr-defined]
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), "the event thread resets the handle for ever"
+        assert len(resets) == _frontend._RESETS_IN_A_ROW
+        with pytest.raises(OSError) as info:
+            other.socket()
+        assert info.value.errno == errno.EIO
+        assert "overflowed again" in info.value.strerror, info.value.strerror
+
+
+def test_overflows_are_logged_within_a_rate_limit(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Each overflow after the handle was read empty is reset, as often as
+    it comes; its warning goes out within the kernel's rate limit (10 per
+    5 s), not once per reset, and the others are counted: by the close()
+    at the latest."""
+    from xenback.ratelimit import DEFAULT_RATELIMIT_BURST, DEFAULT_RATELIMIT_INTERVAL
+
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    with pvcalls.Frontend(host.create_domain("overflowing-often")) as other:
+        handle = other._evtchn
+        assert handle is not None
+
+        def read_empty() -> bool:
+            other.socket().close()  # an event for the thread to take
+            return other._resets == 0
+
+        began = time.monotonic()
+        for _ in range(3 * DEFAULT_RATELIMIT_BURST):
+            handle.overflow()  # type: ignore[attr-defined]
+            wait_until(lambda: not handle._overflowed)  # type: ignore[attr-defined]
+            wait_until(read_empty)
+        windows = 1 + (time.monotonic() - began) // DEFAULT_RATELIMIT_INTERVAL
+        said = [r for r in caplog.records if "overflowed: reset" in r.getMessage()]
+        assert 0 < len(said) <= DEFAULT_RATELIMIT_BURST * windows
+        assert not other._dead
+    counted = [r.args[1] for r in caplog.records  # type: ignore[index]
+               if r.getMessage().startswith(f"pvcalls frontend of domain {other.domain.domid}: ")
+               and "suppressed" in r.getMessage()]
+    assert len(said) + sum(counted) == 3 * DEFAULT_RATELIMIT_BURST  # type: ignore[arg-type]
 
 
 def _data_once_told(server: Any, go: threading.Event, *, first: bytes = b"") -> Any:
