@@ -71,7 +71,7 @@ from concurrent.futures._base import (  # the states, as concurrent.futures spel
     PENDING,
     RUNNING,
 )
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _pool
 from ._pool import try_to_grab_pending
@@ -82,6 +82,8 @@ if TYPE_CHECKING:
 
 # Where concurrent.futures logs a failed done-callback; so do we.
 _cf_logger = logging.getLogger("concurrent.futures")
+
+_T = TypeVar("_T")
 
 __all__ = ["LeanFuture", "CallWork", "cancel_pending_futures"]
 
@@ -426,64 +428,75 @@ class LeanFuture(Future[Any]):
             except Exception:
                 _cf_logger.exception("exception calling callback for %r", self)
 
-    # -- the caller's side ------------------------------------------------
+    def _settle(self, decide: Callable[[], _T]) -> _T:
+        """What decide() answers, called under _futures_lock (and first
+        under the future's own condition, if it has one) to make the
+        future final or leave it be; made final, it is told of at once,
+        in that hold, to the threads asleep in result() and to the
+        waiters, and then, with no lock held, to the done-callbacks.
 
-    def cancel(self) -> bool:
-        # Ctrl-C may land in the main thread as any call returns (see
-        # _pool.insert_work).  Of a future cancelled here, this call alone
-        # tells the sleepers, watchers and callbacks, so the steps that tell
-        # them are taken up again if cut short: each tells nobody twice.
-        # Whether it was cancelled here: pending at the start of the hold
-        # that decides, and final at its end (nobody else makes it final in
-        # that hold, see the module docstring).
-        owed = False  # cancelled here: the done-callbacks are ours to call
+        Ctrl-C may land in the main thread as any call returns (see
+        _pool.insert_work).  Of a future made final here, this call alone
+        tells the sleepers, the waiters and the callbacks, so each step
+        that tells them is taken up again if cut short: each tells nobody
+        twice.  Whether it was made final here: not final at the start
+        of the hold that decides, and final at its end (nobody else makes
+        it final in that hold, see the module docstring).
+        """
+        owed = False  # made final here: the done-callbacks are ours to call
         try:
             with _futures_lock:
                 own = self._own
                 if own is None:  # none can be made in this hold: final in it
                     before = self._state
                     try:
-                        cancelled, owed = self._cancel_locked()
+                        answer = decide()
                     except BaseException:
-                        owed = before == PENDING and self._state == CANCELLED_AND_NOTIFIED
+                        owed = before not in _FINAL and self._state in _FINAL
                         if owed:
                             self._wake_sleepers()
                         raise
+                    owed = before not in _FINAL and self._state in _FINAL
             if own is not None:
                 with own:
                     before = self._state
                     try:
                         with _futures_lock:
-                            cancelled, now = self._cancel_locked()
-                        if now:
+                            answer = decide()
+                        owed = before not in _FINAL and self._state in _FINAL
+                        if owed:
                             self._tell_watchers(own)
                     except BaseException:
-                        owed = before == PENDING and self._state == CANCELLED_AND_NOTIFIED
+                        owed = before not in _FINAL and self._state in _FINAL
                         if owed:
                             with _futures_lock:
                                 self._wake_sleepers()
                             self._tell_watchers(own)
                         raise
-                    owed = now
             if owed:
                 self._let_go()
         except BaseException:
             if owed:
                 self._let_go()
             raise
-        return cancelled
+        return answer
 
-    def _cancel_locked(self) -> tuple[bool, bool]:
+    # -- the caller's side ------------------------------------------------
+
+    def cancel(self) -> bool:
+        return self._settle(self._cancel_locked)
+
+    def _cancel_locked(self) -> bool:
         """cancel()'s step under _futures_lock: whether the future is
-        cancelled, and whether it was just now."""
+        cancelled."""
         state = self._state
         if state != PENDING:
-            return state in (CANCELLED, CANCELLED_AND_NOTIFIED), False
+            return state in (CANCELLED, CANCELLED_AND_NOTIFIED)
         work = self._work
         if work is not None:
             with _pool.lock:  # only a pending item can be taken back
                 if not work._pending:
-                    return False, False
+                    return False
                 try:
                     try_to_grab_pending(work)
                 finally:
@@ -498,7 +511,7 @@ class LeanFuture(Future[Any]):
         # Nobody will run it, so there is nothing left to notify later.
         if self._blocked is not None:
             self._wake_sleepers()
-        return True, True
+        return True
 
     def cancelled(self) -> bool:  # one read, which needs no condition
         return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
