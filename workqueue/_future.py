@@ -333,17 +333,10 @@ class LeanFuture(Future[Any]):
 
     def _set_final(self, result: Any, exception: BaseException | None) -> None:
         """set_result() and set_exception(): as a standard Future's, they
-        refuse a future already done (its maker's bug; _run() never does)."""
-        with _futures_lock:
-            own = self._own
-            if own is None:  # none can be made in this hold: final in it
-                self._finish_locked(result, exception)
-        if own is not None:
-            with own:
-                with _futures_lock:
-                    self._finish_locked(result, exception)
-                self._tell_watchers(own)
-        self._let_go()
+        refuse a future already done (its maker's bug; _run() never does).
+        Its maker may call them in the main thread, where Ctrl-C lands:
+        _settle() then tells everybody all the same."""
+        self._settle(lambda: self._finish_locked(result, exception))
 
     def _finish_locked(self, result: Any, exception: BaseException | None) -> None:
         """_set_final()'s step under _futures_lock."""

@@ -35,7 +35,7 @@ from stolensignal import (
 
 import workqueue
 from workqueue import DelayedWork, Work, Workqueue, _pool
-from workqueue._future import cancel_pending_futures
+from workqueue._future import LeanFuture, _sleeping, cancel_pending_futures
 from workqueue._serial import cancel_serial_calls
 
 TIMEOUT = 10.0
@@ -1136,6 +1136,100 @@ def test_ctrl_c_as_cancel_pending_futures_tells_a_watcher_tells_no_later_one(
         assert (done, not_done) == ({first, pending}, set()), "the wait() returned early"
     finally:
         release.set()
+
+
+# -- Ctrl-C as a bare LeanFuture is given its outcome --------------------------
+
+
+def _asleep_until(what: str, ready: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        assert time.monotonic() < deadline, f"{what} never went to sleep"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("outcome", ["result", "exception"])
+@pytest.mark.parametrize("watch", ["result", "everybody"])
+@pytest.mark.parametrize("start", ["pending", "running"])
+def test_ctrl_c_anywhere_in_finishing_a_bare_future_tells_every_watcher_once(
+        start: str, watch: str, outcome: str) -> None:
+    """Wherever Ctrl-C lands as the main thread gives a bare LeanFuture its
+    outcome (set_result(), set_exception()), the future is either still
+    not done, with nobody told, and takes the outcome when given it again,
+    or done: then every thread asleep in result() returns, every wait()
+    and as_completed() counts it once, everybody waiting on its condition
+    wakes, and each done-callback is called once (cut short, the telling
+    left the future final with some of them never told)."""
+    failure = ValueError("the outcome")
+
+    def finish(future: LeanFuture) -> None:
+        if outcome == "result":
+            future.set_result(42)
+        else:
+            future.set_exception(failure)
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        future = LeanFuture()
+        if start == "running":
+            assert future.set_running_or_notify_cancel()
+        # Done after the checks: a wait() that counted the future twice
+        # would have returned before it.
+        later: cf.Future[Any] = cf.Future()
+
+        def result() -> object:
+            try:
+                return future.result(OUTLASTS_THE_TEST)
+            except ValueError as exc:
+                return exc
+
+        sleepers = [Attempt(result) for _ in range(2)]
+        _asleep_until("result()", lambda: len(future._blocked or ()) == 2)
+        waits: list[Attempt] = []
+        told: list[_Told] = []
+        called: list[list[cf.Future[Any]]] = []
+        if watch == "everybody":
+            told = [_Told(future), _Told(future)]
+            waits = [
+                Attempt(lambda: cf.wait([future, later], OUTLASTS_THE_TEST)),
+                Attempt(lambda: cf.wait([future, later], OUTLASTS_THE_TEST,
+                                        return_when=cf.FIRST_COMPLETED)),
+                Attempt(lambda: list(cf.as_completed([future, later], OUTLASTS_THE_TEST))),
+            ]
+            _asleep_until("wait()", lambda: len(future._waiter_list or ()) == 5)
+
+            def on_condition() -> bool:
+                with future._condition:
+                    return bool(future._condition.wait_for(future.done, OUTLASTS_THE_TEST))
+
+            waits.append(Attempt(on_condition))
+            _asleep_until("a wait on the condition",
+                          lambda: _sleeping.get(future._own, [0, 0])[1] == 1)
+            for _ in range(3):
+                called.append([])
+                future.add_done_callback(called[-1].append)
+        interrupted(lambda: finish(future))
+        if not future.done():
+            # Nothing done: nobody told, and the outcome can be given again.
+            assert all(told_.told == [] for told_ in told)
+            assert called == [[] for _ in called]
+            assert all(attempt.thread.is_alive() for attempt in sleepers + waits)
+            finish(future)
+        expected = 42 if outcome == "result" else failure
+        for sleeper in sleepers:
+            assert sleeper.result(msg=f"a sleeper in {future!r} still sleeps") is expected
+        assert all(told_.told == [outcome] for told_ in told), [t.told for t in told]
+        assert called == [[future] for _ in called]
+        if waits:
+            first = waits[1].result(msg=f"a wait(FIRST_COMPLETED) for {future!r} still sleeps")
+            assert first == ({future}, {later})
+            assert waits[3].result(msg=f"a wait on the condition of {future!r} still sleeps")
+            later.set_result(None)
+            done = waits[0].result(msg=f"a wait() for {future!r} still sleeps")
+            assert done == ({future, later}, set()), "wait() returned early"
+            seen = waits[2].result(msg=f"an as_completed() over {future!r} still sleeps")
+            assert seen == [future, later], seen
+
+    assert at_every_place(attempt, under_the_lock=True) > 5
 
 
 @pytest.mark.parametrize("going", ["down", "up"])
