@@ -299,35 +299,44 @@ class SerialExecutor(Executor):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
         future = LeanFuture(fn, args, kwargs)
         work = self._work
-        with self._lock:
-            # The workqueue's shutdown() refuses our calls too, as its own
-            # submit()'s: they are the workqueue's calls (it cancels them
-            # with cancel_futures), and a key whose Work is pending would
-            # otherwise take one in without queueing anything, unrefused.
-            if self._shutdown or work.wq._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _atexit._exiting:  # as Workqueue.submit()
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            work.calls.append(future)
-        # If the Work is pending, its run has not started yet and will find
-        # this call; otherwise queue it (again).  Reading the pending bit
-        # without a lock is safe because the bit is cleared before the run
-        # starts draining, never after.
-        if not work.pending:
-            try:
+        # From the append on, a call that no run is sure to find is taken
+        # back: Ctrl-C lands in the main thread as any call returns, the
+        # append's too, and a call left on the list with no run queued
+        # would wait for the key's next submit(), and shutdown(wait=True)
+        # for ever.  Set before the append, which Ctrl-C cannot cut short.
+        appended = False
+        try:
+            with self._lock:
+                # The workqueue's shutdown() refuses our calls too, as its
+                # own submit()'s: they are the workqueue's calls (it cancels
+                # them with cancel_futures), and a key whose Work is pending
+                # would otherwise take one in without queueing anything.
+                if self._shutdown or work.wq._shutdown:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                if _atexit._exiting:  # as Workqueue.submit()
+                    raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+                appended = True
+                work.calls.append(future)
+            # If the Work is pending, its run has not started yet and will
+            # find this call; otherwise queue it (again).  Reading the
+            # pending bit without a lock is safe because the bit is cleared
+            # before the run starts draining, never after.
+            if not work._pending:
                 work.wq.queue_work_on(work.cpu, work)
-            except BaseException as exc:
-                try:
-                    work.calls.remove(future)
-                except ValueError:
-                    # Already taken by a run that was going on (the pending
-                    # bit clears before a run drains): the call is accepted
-                    # after all, and a refusal would say it never runs.  An
-                    # interrupt (Ctrl-C) is still passed on.
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
+        except BaseException as exc:
+            if not appended:
+                raise
+            try:
+                work.calls.remove(future)
+            except ValueError:
+                # Already taken by a run that was going on (the pending bit
+                # clears before a run drains): the call is accepted after
+                # all, and a refusal would say it never runs.  An interrupt
+                # (Ctrl-C) is still passed on.
+                if not isinstance(exc, Exception):
                     raise
+            else:
+                raise
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -1232,6 +1232,28 @@ def test_ctrl_c_anywhere_in_finishing_a_bare_future_tells_every_watcher_once(
     assert at_every_place(attempt, under_the_lock=True) > 5
 
 
+# -- Ctrl-C as a call is submitted to a serial executor ------------------------
+
+
+def test_ctrl_c_anywhere_in_a_serial_submit_leaves_no_call_stranded(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """Wherever Ctrl-C lands as the main thread submits a call to an idle
+    key, the call is taken back or runs: none is left on the key's list
+    with no run queued (found by no run until the key's next submit, and
+    waited for by shutdown(wait=True) for ever)."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        executor = make_wq().serial("key")
+        calls = executor._work.calls
+        ran: list[int] = []
+        interrupted(lambda: executor.submit(ran.append, 1))
+        ending = Attempt(lambda: executor.shutdown(wait=True))
+        assert ending.result(msg=f"shutdown() waits for {list(calls)!r}, with no run") is None
+        assert not calls and ran in ([], [1])
+
+    assert at_every_place(attempt) > 3
+
+
 @pytest.mark.parametrize("going", ["down", "up"])
 def test_ctrl_c_anywhere_in_cpu_down_or_up_changes_all_or_nothing(
         make_wq: Callable[..., Workqueue], going: str) -> None:
