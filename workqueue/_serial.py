@@ -133,17 +133,34 @@ class _SerialDomain:
             if executor is None:
                 wq = self.wq_ref()
                 assert wq is not None  # the caller holds it
-                cpu = self.index.assign(key)
-                executor = object.__new__(SerialExecutor)
-                executor._setup(self, key, _SerialWork(wq, cpu))
-                self.executors[key] = executor
+                # A key is in the index exactly while it has an executor
+                # here: cut short between the two (Ctrl-C, in the main
+                # thread), the key is released again, or every later
+                # assign() of it would raise.
+                try:
+                    cpu = self.index.assign(key)
+                    executor = object.__new__(SerialExecutor)
+                    executor._setup(self, key, _SerialWork(wq, cpu))
+                    self.executors[key] = executor
+                except BaseException:
+                    if key not in self.executors and key in self.index:
+                        self.index.release(key)
+                    raise
             return executor
 
     def retire(self, executor: SerialExecutor) -> None:
+        """Forget *executor*, and its key in the index, unless done already.
+
+        Cut short (by Ctrl-C), it finishes the job when called again: the
+        key is released first, and while the executor is here no other
+        can take the key, so a key no longer in the index was released by
+        the call cut short."""
+        key = executor.key
         with self._lock:
-            if self.executors.get(executor.key) is executor:
-                del self.executors[executor.key]
-                self.index.release(executor.key)
+            if self.executors.get(key) is executor:
+                if key in self.index:
+                    self.index.release(key)
+                del self.executors[key]
 
     def _on_move(self, key: Hashable, old_cpu: int, new_cpu: int) -> None:
         with self._lock:
@@ -348,11 +365,16 @@ class SerialExecutor(Executor):
         work = self._work
         if wait and current_work() is work:
             raise RuntimeError("shutdown(wait=True) from one of its own calls would deadlock")
-        with self._lock:
-            already = self._shutdown
-            self._shutdown = True
-        if not already:
+        try:
+            with self._lock:
+                self._shutdown = True
             self._domain.retire(self)
+        except BaseException:
+            # Cut short (Ctrl-C), the key would be kept by an executor
+            # that refuses every call, for wq.serial(key) to give out.
+            if self._shutdown:
+                self._domain.retire(self)
+            raise
         if cancel_futures:
             _cancel_calls(work)
         if wait:

@@ -1254,6 +1254,47 @@ def test_ctrl_c_anywhere_in_a_serial_submit_leaves_no_call_stranded(
     assert at_every_place(attempt) > 3
 
 
+@pytest.mark.parametrize("call", ["serial", "shutdown"])
+def test_ctrl_c_anywhere_in_making_or_shutting_down_a_keys_executor_keeps_the_key(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """Wherever Ctrl-C lands as wq.serial(key) makes the key's executor, or
+    as its shutdown() releases the key (but under the engine's lock or the
+    LoadIndex's, whose bookkeeping is their own), the key stays usable:
+    the next wq.serial(key) gives an executor that runs its calls and
+    counts once in the index, and whose shutdown() releases the key.  (Cut
+    short between the index and the executors, a key was placed in the
+    index with no executor, or kept by an executor shut down: every later
+    serial(key) raised ValueError, or gave the executor that refuses
+    calls.)"""
+    n = 0
+    while True:
+        wq = make_wq()
+        other = wq.serial("other")  # the serial executors' bookkeeping, made
+        domain: Any = wq._serial_domain  # type: ignore[attr-defined]
+        index = domain.index
+
+        def under_a_lock(index: Any = index) -> bool:
+            return bool(index._lock.locked() or _pool.lock.locked())
+
+        if call == "serial":
+            change = functools.partial(wq.serial, "key")
+        else:
+            change = functools.partial(wq.serial("key").shutdown, wait=False)
+        landed = interrupted_at(n, PACKAGE, change, unless=under_a_lock)
+        try:
+            executor = wq.serial("key")
+            assert executor.submit(int, 7).result(TIMEOUT) == 7
+            assert len(index) == 2 and set(domain.executors) == {"other", "key"}
+            executor.shutdown()
+            assert "key" not in index and domain.executors == {"other": other}
+        except (AssertionError, TimeoutError, RuntimeError, ValueError) as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc!r}") from exc
+        if not landed:
+            break
+        n += 1
+    assert n > 3
+
+
 @pytest.mark.parametrize("going", ["down", "up"])
 def test_ctrl_c_anywhere_in_cpu_down_or_up_changes_all_or_nothing(
         make_wq: Callable[..., Workqueue], going: str) -> None:
