@@ -88,27 +88,32 @@ def _drain(work: Work) -> None:
 
     The pending bit is cleared before this runs, so a submit() that lands
     after the final check below queues the Work again: no call is stranded.
+    Nor by a run that fails: a done-callback may raise what its future
+    passes on (SystemExit, say), and the calls behind it came in while
+    this run was due, with no other queued.
     """
     assert isinstance(work, _SerialWork)
     popleft = work.calls.popleft
     wq = work.wq
     budget = _BATCH
-    while True:
-        try:
-            future = popleft()
-        except IndexError:
-            return
-        future._run()  # unless it was cancelled
-        # A traceback the call raised keeps this frame: it must not hold the
-        # future, which holds the traceback (see _run_call).
-        del future
-        budget -= 1
-        if not budget:
-            if not wq._state:  # running, not draining (one read: no lock needed)
-                break
-            budget = _BATCH
-    if work.calls:
-        wq.queue_work_on(work.cpu, work)
+    try:
+        while True:
+            try:
+                future = popleft()
+            except IndexError:
+                return
+            future._run()  # unless it was cancelled
+            # A traceback the call raised keeps this frame: it must not hold
+            # the future, which holds the traceback (see _run_call).
+            del future
+            budget -= 1
+            if not budget:
+                if not wq._state:  # running, not draining (one read: no lock needed)
+                    break
+                budget = _BATCH
+    finally:
+        if work.calls:
+            wq.queue_work_on(work.cpu, work)
 
 
 class _SerialDomain:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from wqhelpers import assert_waits_until_released
 
-from workqueue import Topology, Work, alloc_workqueue
+from workqueue import WQ_FREEZABLE, Topology, Work, alloc_workqueue
 from workqueue._serial import SerialExecutor, cancel_serial_calls, close_serial
 
 TIMEOUT = 10.0
@@ -582,3 +582,28 @@ def test_serial_is_typed_as_what_it_returns() -> None:
     import workqueue
 
     assert workqueue.SerialExecutor is SerialExecutor and "SerialExecutor" in workqueue.__all__
+
+
+def test_a_done_callback_raising_a_base_exception_strands_no_call_of_its_key(
+        topo: Topology) -> None:
+    """A done-callback that raises what no callback should (SystemExit:
+    concurrent.futures passes on all but an Exception) fails the run of
+    the key that called it, which the engine logs; the key's later calls
+    still run (they stayed on its list with no run queued)."""
+    wq = alloc_workqueue("serial-frozen", WQ_FREEZABLE, topology=topo)
+    try:
+        ex = wq.serial("k")
+        wq.freeze(timeout=TIMEOUT)  # both calls wait for one run of the key
+        exiting = ex.submit(lambda: "exiting")
+        later = ex.submit(lambda: "later")
+
+        def exits(_f: Future[Any]) -> None:
+            raise SystemExit("a done-callback that exits")
+
+        exiting.add_done_callback(exits)
+        wq.thaw()
+        assert exiting.result(TIMEOUT) == "exiting"
+        assert later.result(TIMEOUT) == "later"
+    finally:
+        wq.thaw()
+        wq.destroy(timeout=TIMEOUT)
