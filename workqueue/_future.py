@@ -199,6 +199,13 @@ class _Settled:
     def wait(self, timeout: float | None = None) -> bool:
         raise RuntimeError("waiting on the condition of a future that is done: nothing will notify it")
 
+    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        # As Condition.wait_for: what holds already is no reason to wait.
+        result = predicate()
+        if not result:
+            self.wait(timeout)
+        return result
+
 
 _SETTLED: Any = _Settled()
 

@@ -767,6 +767,19 @@ def test_code_that_waits_on_the_condition_itself_is_woken() -> None:
     assert woken == [True] * 3 and not _sleeping
 
 
+def test_code_that_waits_on_the_condition_of_a_future_done_before_returns_at_once() -> None:
+    """As on a standard Future's condition: wait_for() of what holds
+    already returns it without waiting, also on a future that was done
+    before anybody asked for its condition (it raised AttributeError)."""
+    f = LeanFuture()
+    f.set_result(1)
+    with f._condition:
+        assert f._condition.wait_for(f.done, TIMEOUT) is True
+    # What will never hold does not wait for ever: nothing will notify it.
+    with f._condition, pytest.raises(RuntimeError, match="nothing will notify it"):
+        f._condition.wait_for(f.cancelled)
+
+
 def test_standalone_lean_future() -> None:
     f = LeanFuture()
     assert f.set_running_or_notify_cancel() is True
