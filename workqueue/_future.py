@@ -528,23 +528,24 @@ class LeanFuture(Future[Any]):
             return
         sleeper = threading.Lock()  # made before the hold, which then calls nothing
         sleeper.acquire()
-        with _futures_lock:  # where the state becomes done
-            if self._state in _DONE:
-                return
-            if self._blocked is None:
-                self._blocked = []
-            self._blocked.append(sleeper)
         woke = False
         try:
+            with _futures_lock:  # where the state becomes done
+                if self._state in _DONE:
+                    return
+                if self._blocked is None:
+                    self._blocked = []
+                self._blocked.append(sleeper)
             with _pool.blocking():  # a worker waiting here lets its pool run others
                 # Not max(timeout, 0), which keeps a NaN: as Condition.wait,
                 # a timeout that is not above 0 (NaN included) waits not at all.
                 woke = _pool.sleep_on(sleeper, None if timeout is None
                                       else timeout if timeout > 0 else 0)
         finally:
-            # Timed out, or interrupted (Ctrl-C in the main thread): nobody
-            # sleeps on it any more, and every interrupted call would leave
-            # one more lock on the list until the future is done.
+            # Timed out, or interrupted (Ctrl-C in the main thread, as soon
+            # as the sleeper is on the list): nobody sleeps on it any more,
+            # and every interrupted call would leave one more lock on the
+            # list until the future is done.
             if not woke:
                 with _futures_lock:
                     if self._blocked is not None and sleeper in self._blocked:

@@ -150,6 +150,23 @@ def test_an_interrupted_result_leaves_no_sleeper_behind(
     assert future.result(TIMEOUT) is True
 
 
+@pytest.mark.parametrize("call", ["result", "exception"])
+def test_ctrl_c_anywhere_in_result_leaves_no_sleeper_behind(call: str) -> None:
+    """Wherever Ctrl-C lands in Future.result() or exception() on a future
+    not done, the lock it would sleep on is not left on the future's list
+    (it was, with Ctrl-C as it was put there, one more per call) and the
+    future, done later, wakes nobody twice."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        future = LeanFuture()
+        interrupted(lambda: getattr(future, call)(0.001))
+        assert not future._blocked, future._blocked
+        future.set_result(1)
+        assert getattr(future, call)(0) == (1 if call == "result" else None)
+
+    assert at_every_place(attempt) > 3
+
+
 def test_a_destroy_refused_by_a_freeze_leaves_no_uncaught_exception(
         make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch) -> None:
     """Another thread froze the workqueue just after destroy() looked: the
