@@ -356,6 +356,10 @@ class LeanFuture(Future[Any]):
             self._wake_sleepers()
 
     def _finish(self, result: Any, exception: BaseException | None) -> None:
+        """_set_final() for _run(), on the per-call path: it runs on a
+        worker only (the engine never runs an item in the thread that
+        queues it), where no Ctrl-C lands, so it need not take up again
+        what it tells, as _settle() does."""
         self._result = result
         self._exception = exception
         with _futures_lock:

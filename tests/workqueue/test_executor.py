@@ -780,6 +780,27 @@ def test_code_that_waits_on_the_condition_of_a_future_done_before_returns_at_onc
         f._condition.wait_for(f.cancelled)
 
 
+@pytest.mark.parametrize("executor", ["submit", "serial"])
+def test_a_call_finishes_its_future_off_the_main_thread(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, executor: str) -> None:
+    """What LeanFuture._finish() counts on, to tell the watchers with no
+    care for Ctrl-C (which lands in the main thread only): a call's
+    future is finished on a worker, never in the main thread, even when
+    that is the one waiting for it."""
+    real = LeanFuture._finish
+    where: list[threading.Thread] = []
+
+    def finish(self: LeanFuture, *outcome: Any) -> None:
+        where.append(threading.current_thread())
+        real(self, *outcome)
+
+    monkeypatch.setattr(LeanFuture, "_finish", finish)
+    wq = make_wq()
+    ex = wq if executor == "submit" else wq.serial("key")
+    assert ex.submit(pow, 2, 3).result(TIMEOUT) == 8
+    assert len(where) == 1 and where[0] is not threading.main_thread()
+
+
 def test_standalone_lean_future() -> None:
     f = LeanFuture()
     assert f.set_running_or_notify_cancel() is True
