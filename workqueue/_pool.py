@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._timer import TimerHandle, add_timer, del_timer
-from ._topology import Topology, _this_thread
+from ._topology import Topology, _this_thread, idempotent_notifier
 
 if TYPE_CHECKING:
     from ._work import Work
@@ -534,6 +534,7 @@ class PoolSet:
     def pools(self) -> list[WorkerPool]:
         return [*self.bound.values(), *self.unbound.values()]
 
+    @idempotent_notifier
     def hotplug(self, cpu: int, online: bool) -> None:
         """The topology notifier: unbind_workers / rebind_workers.
 

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["Topology"]
 
@@ -66,6 +66,19 @@ def _check_thresh(name: str, value: float) -> float:
         raise ValueError(f"{name} must be a number of seconds > 0 and at most "
                          f"threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g}), got {value}")
     return float(value)
+
+
+_T = TypeVar("_T")
+
+
+def idempotent_notifier(fn: _T) -> _T:
+    """Mark a hotplug notifier (a function, or a class of callables) as one
+    that may be called twice for one change, the second call changing
+    nothing that the first has done: cpu_down() and cpu_up() call it again
+    when Ctrl-C cuts them short after it (see Topology._change), as it may
+    have been cut short itself as it started."""
+    fn.hotplug_idempotent = True  # type: ignore[attr-defined]
+    return fn
 
 
 class _ThreadState(threading.local):
@@ -328,12 +341,13 @@ class Topology:
                 except Exception:
                     self._failed(fn, cpu, online)
         except BaseException:
-            # The engine's pools' notifier (see _pool.pool_set), cut short
-            # as it started, would leave the pools bound as the CPU was:
-            # called again, it finishes what is not done, and nothing more.
-            pools = self._pools
-            if pools is not None and pools.hotplug in notifiers[:called]:
-                self._notify(pools.hotplug, cpu, online)
+            # A notifier cut short as it started has done nothing: the
+            # engine's pools' left them bound as the CPU was, a LoadIndex
+            # its keys on it.  Those marked idempotent_notifier, called
+            # again, finish what is not done, and nothing more.
+            for fn in notifiers[:called]:
+                if getattr(fn, "hotplug_idempotent", False):
+                    self._notify(fn, cpu, online)
             for fn in notifiers[called:]:
                 self._notify(fn, cpu, online)
             raise
