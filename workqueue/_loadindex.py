@@ -12,21 +12,27 @@ CPU.  LoadIndex does the bookkeeping:
     index.release(sock)
 
 The index keeps every online CPU in a sorted list of (load, cpu) pairs, so
-placing a key is O(log n) in the number of CPUs, which matters for a 640-CPU
-dom0 with tens of thousands of sockets.
+that placing a key takes the head and finds where it goes back by bisection:
+for a 640-CPU dom0 with tens of thousands of sockets, a memmove of a few
+hundred pointers.  A plain list, not a tree such as sortedcontainers': its
+changes are single calls into C, which Ctrl-C cannot cut in half (see
+LoadIndex).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
-from sortedcontainers import SortedList
+from ._topology import idempotent_notifier
 
 if TYPE_CHECKING:
     from ._topology import Topology
@@ -73,6 +79,16 @@ def _check_cpu_number(cpu: object) -> None:
         raise ValueError(f"{cpu!r} is not a possible CPU of this topology")
 
 
+def _take_head(index: list[tuple[int, int]], weight: int) -> tuple[int, int, int]:
+    """The CPU at the head of *index* (the least loaded), its load with
+    *weight* added, and where its entry goes with that load once the head
+    is deleted.  Changes nothing."""
+    load, cpu = index[0]
+    load += weight
+    return cpu, load, bisect_left(index, (load, cpu)) - 1
+
+
+@idempotent_notifier
 class _HotplugNotifier:
     """The callable registered with the topology on behalf of a LoadIndex.
 
@@ -123,6 +139,21 @@ class LoadIndex:
 
     Call close() (or use the index as a context manager) to unregister from
     the topology; after close() the index refuses new keys.
+
+    Ctrl-C.  Every method, and the index's part of a cpu_down() or cpu_up(),
+    is whole or not at all when Ctrl-C lands in the main thread, where
+    CPython runs its handler as a function starts or a call returns: the
+    call raises with the key placed or not (released or not, the index made
+    or closed or not), and the books straight.  So each change is made of
+    statements that call nothing, and at most one call into C, last; what
+    they need is worked out before, changing nothing.  A cpu_down()
+    cut short in the notifier has it called again (see Topology._change),
+    which finishes the job; on_move, cut short, is called again for the
+    same move, so it must not mind being told twice (noting the new CPU
+    does not).  A key whose __hash__ or __eq__ is Python code has Ctrl-C
+    land in every dict operation on it: keys hashed in C (ints, strings,
+    tuples of them, objects hashed by identity, as pvcalls' sockets) are
+    safe.
     """
 
     def __init__(self, topology: Topology | _HotplugSource, on_move: OnMove | None = None) -> None:
@@ -150,29 +181,45 @@ class LoadIndex:
         #  - _keys_on[cpu] holds exactly the keys k with _cpu_of[k] == cpu, in
         #    assignment order (dicts keep insertion order);
         #  - _load[cpu] is the sum of _weight over _keys_on[cpu];
-        #  - _index holds (_load[cpu], cpu) for exactly the CPUs in _online.
+        #  - _index holds (_load[cpu], cpu) for exactly the CPUs in _online,
+        #    sorted.
         self._cpu_of: dict[Hashable, int] = {}
         self._weight: dict[Hashable, int] = {}
         possible = list(topology.possible())
         self._keys_on: dict[int, dict[Hashable, None]] = {cpu: {} for cpu in possible}
         self._load: dict[int, int] = dict.fromkeys(possible, 0)
         self._online: set[int] = set()
-        self._index: SortedList = SortedList()
+        self._index: list[tuple[int, int]] = []
         self._moves = 0
         self._closed = False
+        # The moves that on_move has not been told of yet, oldest first.
+        # Only the hotplug notifier uses it, which the topology serialises.
+        self._untold: deque[tuple[Hashable, int, int]] = deque()
 
         self._notifier = _HotplugNotifier(self)
-        with self._lock:
-            # Register first, then read the online set, both under _lock: a
-            # hotplug event racing with us blocks in _hotplug() until the
-            # index is initialised, and _hotplug() ignores an event that the
-            # online set we read already reflects.
-            topology.add_hotplug_notifier(self._notifier)
-            for cpu in topology.online():
-                self._online.add(cpu)
-                self._index.add((0, cpu))
-            if not self._online:
-                raise ValueError("topology has no online CPU")
+        # Counted as registered before the call, which Ctrl-C may cut short
+        # as it returns: an __init__ that raises must leave no notifier with
+        # the topology, which would keep it for good.
+        registering = False
+        try:
+            with self._lock:
+                # Register first, then read the online set, both under
+                # _lock: a hotplug event racing with us blocks in
+                # _hotplug() until the index is initialised, and _hotplug()
+                # ignores an event that the online set we read already
+                # reflects.
+                registering = True
+                topology.add_hotplug_notifier(self._notifier)
+                online = set(topology.online())
+                if not online:
+                    raise ValueError("topology has no online CPU")
+                self._online = online
+                self._index = [(0, cpu) for cpu in sorted(online)]
+        except BaseException:
+            if registering:
+                # Outside _lock, as in close().
+                self._unregister()
+            raise
 
     # -- placing keys ---------------------------------------------------------
 
@@ -195,20 +242,30 @@ class LoadIndex:
                 raise ValueError(
                     f"key {key!r} is already assigned to CPU {self._cpu_of[key]}; release it first"
                 )
-            cpu = self._place(key, weight)
-            self._weight[key] = weight
-            return cpu
+            return self._place(key, weight)
 
     def release(self, key: Hashable) -> None:
         """Forget *key*; its weight no longer counts.  KeyError if unknown."""
         with self._lock:
             try:
-                cpu = self._cpu_of.pop(key)
+                cpu = self._cpu_of[key]
             except KeyError:
                 raise KeyError(key) from None
-            weight = self._weight.pop(key)
+            load = self._load[cpu] - self._weight[key]
+            index = self._index
+            online = cpu in self._online
+            if online:
+                # Where the CPU's entry is, and where it goes, lighter now.
+                at = bisect_left(index, (self._load[cpu], cpu))
+                to = bisect_left(index, (load, cpu))
+            # The change (see the class on Ctrl-C).
+            del self._cpu_of[key]
+            del self._weight[key]
             del self._keys_on[cpu][key]
-            self._add_load(cpu, -weight)
+            self._load[cpu] = load
+            if online:
+                del index[at]
+                index.insert(to, (load, cpu))
 
     def cpu_of(self, key: Hashable) -> int:
         """The CPU *key* is assigned to.  KeyError if unknown."""
@@ -284,13 +341,27 @@ class LoadIndex:
         Assigned keys stay readable and releasable.  Must not be called from
         on_move.
         """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        # Outside _lock: removing may wait for the topology's hotplug lock,
-        # whose holder may be waiting for _lock in _hotplug().
-        self._topology.remove_hotplug_notifier(self._notifier)
+        closing = False
+        try:
+            with self._lock:
+                if self._closed:
+                    return
+                closing = self._closed = True
+            # Outside _lock: removing may wait for the topology's hotplug
+            # lock, whose holder may be waiting for _lock in _hotplug().
+            self._topology.remove_hotplug_notifier(self._notifier)
+        except BaseException:
+            # Cut short (Ctrl-C), the index would refuse keys and keep its
+            # notifier for good: the next close() returns at once.
+            if closing:
+                self._unregister()
+            raise
+
+    def _unregister(self) -> None:
+        """Remove the notifier, unless a call that Ctrl-C cut short as it
+        returned did (the topology then says it is not registered)."""
+        with contextlib.suppress(ValueError):
+            self._topology.remove_hotplug_notifier(self._notifier)
 
     def __enter__(self) -> LoadIndex:
         return self
@@ -302,59 +373,104 @@ class LoadIndex:
 
     def _place(self, key: Hashable, weight: int) -> int:
         """Put *key* on the least-loaded online CPU, lowest number on a tie."""
-        load, cpu = self._index.pop(0)
-        self._index.add((load + weight, cpu))
-        self._load[cpu] = load + weight
+        index = self._index
+        cpu, load, to = _take_head(index, weight)
+        # The change (see the class on Ctrl-C).
+        self._load[cpu] = load
         self._keys_on[cpu][key] = None
         self._cpu_of[key] = cpu
+        self._weight[key] = weight
+        del index[0]
+        index.insert(to, (load, cpu))
         return cpu
-
-    def _add_load(self, cpu: int, delta: int) -> None:
-        load = self._load[cpu]
-        if cpu in self._online:
-            self._index.remove((load, cpu))
-            self._index.add((load + delta, cpu))
-        self._load[cpu] = load + delta
 
     # -- hotplug --------------------------------------------------------------
 
     def _hotplug(self, cpu: int, online: bool) -> None:
-        """Topology notifier: runs inside cpu_down()/cpu_up(), serialised."""
-        moved: list[tuple[Hashable, int, int]] = []
+        """Topology notifier: runs inside cpu_down()/cpu_up(), serialised.
+
+        Called again for the same change, it changes nothing more, and
+        tells the moves not told yet: the topology calls it again when
+        Ctrl-C cuts it short (see Topology._change)."""
+        moved = 0
         with self._lock:
             if self._closed:
-                return
-            if online:
-                if cpu not in self._online and cpu in self._load:
-                    self._online.add(cpu)
-                    self._index.add((self._load[cpu], cpu))
-                return
-            if cpu not in self._online:
-                return  # already reflected in the online set read by __init__
-            if len(self._online) == 1:
+                pass
+            elif online:
+                self._cpu_up(cpu)
+            elif cpu not in self._online:
+                pass  # done already, or reflected in the online set read by __init__
+            elif len(self._online) == 1:
                 # The topology refuses to take its last CPU down, so this
                 # means the index and the topology disagree; keep the keys.
                 logger.error("LoadIndex: CPU %d going down but it is the last online CPU", cpu)
-                return
-            self._online.discard(cpu)
-            self._index.remove((self._load[cpu], cpu))
-            # Heaviest first, each to the then least-loaded CPU (greedy LPT):
-            # this keeps the online CPUs as even as a one-pass move can.
-            keys = sorted(self._keys_on[cpu], key=self._weight.__getitem__, reverse=True)
-            self._keys_on[cpu] = {}
-            self._load[cpu] = 0
-            for key in keys:
-                moved.append((key, cpu, self._place(key, self._weight[key])))
-            self._moves += len(moved)
+            else:
+                moved = self._cpu_down(cpu)
         if moved:
-            logger.debug("LoadIndex: CPU %d down, moved %d keys", cpu, len(moved))
+            logger.debug("LoadIndex: CPU %d down, moved %d keys", cpu, moved)
+        self._tell()
+
+    def _cpu_up(self, cpu: int) -> None:
+        """Put *cpu* in the index, unless it is there (or not possible)."""
+        if cpu not in self._online and cpu in self._load:
+            entry = (self._load[cpu], cpu)
+            at = bisect_left(self._index, entry)
+            # The change (see the class on Ctrl-C): |= calls nothing.
+            self._online |= {cpu}
+            self._index.insert(at, entry)
+
+    def _cpu_down(self, cpu: int) -> int:
+        """Take online *cpu* out of the index and move its keys; how many.
+
+        Heaviest first, each to the then least-loaded CPU (greedy LPT):
+        this keeps the online CPUs as even as a one-pass move can.  Worked
+        out on copies of what changes, which are then switched in."""
+        index = self._index.copy()
+        del index[bisect_left(index, (self._load[cpu], cpu))]
+        weight = self._weight
+        loads = {cpu: 0}
+        keys_on: dict[int, dict[Hashable, None]] = {cpu: {}}
+        cpu_of: dict[Hashable, int] = {}
+        moved: list[tuple[Hashable, int, int]] = []
+        for key in sorted(self._keys_on[cpu], key=weight.__getitem__, reverse=True):
+            new_cpu, load, to = _take_head(index, weight[key])
+            del index[0]
+            index.insert(to, (load, new_cpu))
+            loads[new_cpu] = load
+            if new_cpu not in keys_on:
+                keys_on[new_cpu] = self._keys_on[new_cpu].copy()
+            keys_on[new_cpu][key] = None
+            cpu_of[key] = new_cpu
+            moved.append((key, cpu, new_cpu))
+        moves = self._moves + len(moved)
+        # The change (see the class on Ctrl-C): in-place operators and
+        # stores, calling nothing.
+        self._cpu_of |= cpu_of
+        self._keys_on |= keys_on
+        self._load |= loads
+        self._index = index
+        self._moves = moves
+        if self._on_move is not None:
+            self._untold += moved
+        self._online -= {cpu}
+        return len(moved)
+
+    def _tell(self) -> None:
+        """Call on_move for each move not told yet, oldest first.
+
+        A move leaves the list once on_move has returned for it: Ctrl-C
+        (in the main thread, running cpu_down) as on_move starts or
+        returns leaves it to the notifier's next call, which tells it
+        again."""
         on_move = self._on_move
-        if on_move is None:
-            return
-        for key, old_cpu, new_cpu in moved:
+        untold = self._untold
+        while untold:
+            assert on_move is not None  # nothing is left untold without one
+            key, old_cpu, new_cpu = untold[0]
             try:
                 on_move(key, old_cpu, new_cpu)
             except Exception:
                 # One owner's bug must not stop the others' keys from being
                 # re-homed, nor make cpu_down fail half way.
                 logger.exception("LoadIndex on_move(%r, %d, %d) raised", key, old_cpu, new_cpu)
+            untold.popleft()

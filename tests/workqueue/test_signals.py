@@ -1362,3 +1362,148 @@ def test_ctrl_c_anywhere_in_cpu_down_or_up_changes_all_or_nothing(
             break
         n += 1
     assert n > 5
+
+
+# -- Ctrl-C in a LoadIndex ----------------------------------------------------
+#
+# Anywhere, its lock held or not: the index is the caller's bookkeeping,
+# used by pvcalls in the main thread, and a CPU left out of its sorted
+# list was never picked again, a load left stale skewed every placement.
+
+
+def assert_index_whole(index: workqueue.LoadIndex, topology: workqueue.Topology) -> None:
+    """Every online CPU in the index's sorted list once, with its true
+    load (the sum of the weights of its keys); every key on one online CPU,
+    counted there once."""
+    online = topology.online()
+    assert index._online == set(online)
+    assert list(index._index) == sorted((index._load[cpu], cpu) for cpu in online)
+    assert index._cpu_of.keys() == index._weight.keys()
+    for cpu, keys in index._keys_on.items():
+        assert all(index._cpu_of[key] == cpu for key in keys), (cpu, keys, index._cpu_of)
+        assert index._load[cpu] == sum(index._weight[key] for key in keys), (cpu, index._load)
+    assert sum(map(len, index._keys_on.values())) == len(index._cpu_of)
+    assert set(index._cpu_of.values()) <= set(online)
+
+
+def assert_adding_evens_out(index: workqueue.LoadIndex, keys: range) -> None:
+    """Each key of weight 1 goes to a least-loaded CPU, and by the last
+    the loads differ by one at most (they do all along, once they do)."""
+    even = False
+    for key in keys:
+        loads = dict(index.statistics().loads)
+        even = even or max(loads.values()) - min(loads.values()) <= 1
+        assert not even or max(loads.values()) - min(loads.values()) <= 1, loads
+        assert loads[index.assign(key)] == min(loads.values()), loads
+    loads = dict(index.statistics().loads)
+    assert max(loads.values()) - min(loads.values()) <= 1, loads
+
+
+@pytest.mark.parametrize("call", ["assign", "release"])
+def test_ctrl_c_anywhere_in_assign_or_release_leaves_the_index_whole(call: str) -> None:
+    """Wherever Ctrl-C lands in assign() or release(), the key is placed
+    (released) or not, and the index is whole: a CPU popped off the sorted
+    list and not put back was never picked again, and a release cut short
+    left a load that counted a key no longer there."""
+    n = 0
+    while True:
+        topology = workqueue.Topology(4)
+        index = workqueue.LoadIndex(topology)
+        for key in range(6):
+            index.assign(key)
+        before = set(index._cpu_of)
+        if call == "assign":
+            key: object = "key"
+            landed = interrupted_at(n, PACKAGE, functools.partial(index.assign, key))
+        else:
+            key = 2
+            landed = interrupted_at(n, PACKAGE, functools.partial(index.release, key))
+        try:
+            assert set(index._cpu_of) in (before, before ^ {key})
+            assert_index_whole(index, topology)
+            assert_adding_evens_out(index, range(100, 120))
+            assert_index_whole(index, topology)
+        except AssertionError as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc}") from exc
+        finally:
+            index.close()
+        if not landed:
+            break
+        n += 1
+    assert n > 3
+
+
+@pytest.mark.parametrize("going", ["down", "up"])
+def test_ctrl_c_anywhere_in_cpu_down_or_up_leaves_a_load_index_whole(going: str) -> None:
+    """Wherever Ctrl-C lands in cpu_down() or cpu_up(), in the topology or
+    in the index's notifier: the index follows the topology's online CPUs
+    (cut short as its notifier started, it kept a CPU that went down, with
+    its keys, or never had the one that came up), and the owner of each
+    key moved off the CPU is told where it went."""
+    n = 0
+    while True:
+        topology = workqueue.Topology(4)
+        told: dict[object, int] = {}
+        index = workqueue.LoadIndex(
+            topology, on_move=lambda key, old, new, told=told: told.__setitem__(key, new))
+        if going == "up":
+            topology.cpu_down(1)
+        for key in range(10):
+            index.assign(key)
+        homes = dict(index._cpu_of)
+        change = topology.cpu_down if going == "down" else topology.cpu_up
+        landed = interrupted_at(n, PACKAGE, functools.partial(change, 1))
+        try:
+            assert_index_whole(index, topology)
+            moved = {key: cpu for key, cpu in index._cpu_of.items() if cpu != homes[key]}
+            assert told == moved
+            if going == "down" and not topology.is_online(1):
+                assert set(moved) == {key for key, cpu in homes.items() if cpu == 1}
+            assert_adding_evens_out(index, range(100, 130))
+            assert_index_whole(index, topology)
+        except AssertionError as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc}") from exc
+        finally:
+            index.close()
+        if not landed:
+            break
+        n += 1
+    assert n > 3
+
+
+@pytest.mark.parametrize("call", ["make", "close"])
+def test_ctrl_c_anywhere_in_making_or_closing_a_load_index_leaves_no_notifier_behind(
+        call: str) -> None:
+    """Wherever Ctrl-C lands in LoadIndex() or close(): the index is
+    registered with the topology exactly while it is made and not closed
+    (cut short, a notifier that does nothing stayed registered for good,
+    or a closed index kept its own)."""
+    n = 0
+    while True:
+        topology = workqueue.Topology(2)
+        made: list[workqueue.LoadIndex] = []
+        if call == "make":
+            landed = interrupted_at(
+                n, PACKAGE, lambda made=made, topology=topology: made.append(
+                    workqueue.LoadIndex(topology)))
+        else:
+            made.append(workqueue.LoadIndex(topology))
+            made[0].assign("key")
+            landed = interrupted_at(n, PACKAGE, made[0].close)
+        try:
+            open_ = [index for index in made if not index._closed]
+            assert len(topology._notifiers) == len(open_)
+            for index in open_:
+                assert_index_whole(index, topology)
+                topology.cpu_down(0)
+                assert_index_whole(index, topology)
+                index.close()
+                index.close()
+            assert topology._notifiers == []
+        except AssertionError as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc}") from exc
+        if not landed:
+            break
+        n += 1
+    assert n > 3
+
