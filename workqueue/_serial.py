@@ -126,7 +126,18 @@ class _SerialDomain:
         # and takes _lock; serial() takes _lock, then assigns in the index).
         self._lock = threading.Lock()
         self.executors: dict[Hashable, SerialExecutor] = {}
-        self.index = LoadIndex(wq.topology, on_move=self._on_move)
+        # The index registers with the topology: made through map(), it is
+        # in `made` once made, with no return to Python code in between,
+        # where Ctrl-C would land and lose it, registered for good (the
+        # idiom of _pool.lock_take_contended).
+        made: list[LoadIndex] = []
+        try:
+            made.extend(map(LoadIndex, (wq.topology,), (self._on_move,)))
+            self.index = made[0]
+        except BaseException:
+            for index in made:
+                index.close()
+            raise
 
     def executor(self, key: Hashable) -> SerialExecutor:
         # Fast path without the lock (dict.get is atomic): a key in use.
@@ -197,8 +208,18 @@ def _domain_of(wq: Workqueue) -> _SerialDomain:
         with _domains_lock:
             domain = getattr(wq, _DOMAIN_ATTR, None)
             if domain is None:
-                domain = _SerialDomain(wq)
-                setattr(wq, _DOMAIN_ATTR, domain)
+                # Made whole or not at all, as its index is (see there): a
+                # domain made and not stored would keep its index
+                # registered with the topology for good.
+                made: list[_SerialDomain] = []
+                try:
+                    made.extend(map(_SerialDomain, (wq,)))
+                    domain = made[0]
+                    setattr(wq, _DOMAIN_ATTR, domain)
+                except BaseException:
+                    if made and getattr(wq, _DOMAIN_ATTR, None) is not made[0]:
+                        made[0].close()
+                    raise
     if domain is _CLOSED:
         raise RuntimeError(f"workqueue {wq.name!r} is destroyed; it has no serial executors")
     assert isinstance(domain, _SerialDomain)
@@ -213,11 +234,20 @@ def close_serial(wq: Workqueue) -> None:
     topology's hotplug lock.  Executors of *wq* still held by someone keep
     working until they queue, which then fails as on any destroyed queue.
     """
-    with _domains_lock:
-        domain: _SerialDomain | str | None = getattr(wq, _DOMAIN_ATTR, None)
-        setattr(wq, _DOMAIN_ATTR, _CLOSED)
-    if isinstance(domain, _SerialDomain):
-        domain.close()
+    domain: _SerialDomain | str | None = None
+    try:
+        with _domains_lock:
+            domain = getattr(wq, _DOMAIN_ATTR, None)
+            setattr(wq, _DOMAIN_ATTR, _CLOSED)
+        if isinstance(domain, _SerialDomain):
+            domain.close()
+    except BaseException:
+        # Cut short (Ctrl-C) once the domain is no longer the
+        # workqueue's, it would keep its index registered for good.
+        # (LoadIndex.close() is whole or not at all, and idempotent.)
+        if isinstance(domain, _SerialDomain) and getattr(wq, _DOMAIN_ATTR, None) is _CLOSED:
+            domain.close()
+        raise
 
 
 def cancel_serial_calls(wq: Workqueue) -> int:

@@ -34,9 +34,9 @@ from stolensignal import (
 )
 
 import workqueue
-from workqueue import DelayedWork, Work, Workqueue, _pool
+from workqueue import DelayedWork, Work, Workqueue, _pool, _serial
 from workqueue._future import LeanFuture, _sleeping, cancel_pending_futures
-from workqueue._serial import cancel_serial_calls
+from workqueue._serial import cancel_serial_calls, close_serial
 
 TIMEOUT = 10.0
 
@@ -1507,3 +1507,38 @@ def test_ctrl_c_anywhere_in_making_or_closing_a_load_index_leaves_no_notifier_be
         n += 1
     assert n > 3
 
+
+@pytest.mark.parametrize("call", ["serial", "close_serial"])
+def test_ctrl_c_anywhere_in_making_or_closing_the_serial_executors_leaves_no_notifier(
+        make_wq: Callable[..., Workqueue], call: str) -> None:
+    """Wherever Ctrl-C lands as a workqueue's first serial() makes its
+    serial executors' LoadIndex, or as close_serial() (its destroy())
+    unregisters it: the workqueue has the index registered, or none is
+    (a domain made and not stored, or stored as closed and not closed,
+    left a notifier with the topology that did nothing, for good)."""
+    n = 0
+    while True:
+        topology = workqueue.Topology(2, cpu_intensive_thresh=60.0)
+        wq = make_wq(topology=topology)
+        assert wq.queue_work_on(0, Work(lambda w: None))  # makes the pools: their notifier
+        pools_only = list(topology._notifiers)
+        if call == "serial":
+            landed = interrupted_at(n, PACKAGE, functools.partial(wq.serial, "key"))
+        else:
+            wq.serial("key")
+            landed = interrupted_at(n, PACKAGE, functools.partial(close_serial, wq))
+        try:
+            domain: Any = wq._serial_domain  # type: ignore[attr-defined]
+            in_use = domain not in (None, _serial._CLOSED)
+            assert len(topology._notifiers) == len(pools_only) + in_use
+            if in_use:
+                assert wq.serial("key").submit(int, 7).result(TIMEOUT) == 7
+                assert len(topology._notifiers) == len(pools_only) + 1
+            wq.destroy(timeout=TIMEOUT)
+            assert topology._notifiers == pools_only
+        except (AssertionError, TimeoutError, RuntimeError) as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc!r}") from exc
+        if not landed:
+            break
+        n += 1
+    assert n > 3
