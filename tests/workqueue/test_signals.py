@@ -1275,8 +1275,8 @@ def test_ctrl_c_anywhere_in_a_serial_submit_leaves_no_call_stranded(
 def test_ctrl_c_anywhere_in_making_or_shutting_down_a_keys_executor_keeps_the_key(
         make_wq: Callable[..., Workqueue], call: str) -> None:
     """Wherever Ctrl-C lands as wq.serial(key) makes the key's executor, or
-    as its shutdown() releases the key (but under the engine's lock or the
-    LoadIndex's, whose bookkeeping is their own), the key stays usable:
+    as its shutdown() releases the key (but under the engine's lock, whose
+    bookkeeping is its own), the key stays usable:
     the next wq.serial(key) gives an executor that runs its calls and
     counts once in the index, and whose shutdown() releases the key.  (Cut
     short between the index and the executors, a key was placed in the
@@ -1289,16 +1289,13 @@ def test_ctrl_c_anywhere_in_making_or_shutting_down_a_keys_executor_keeps_the_ke
         other = wq.serial("other")  # the serial executors' bookkeeping, made
         domain: Any = wq._serial_domain  # type: ignore[attr-defined]
         index = domain.index
-
-        def under_a_lock(index: Any = index) -> bool:
-            return bool(index._lock.locked() or _pool.lock.locked())
-
         if call == "serial":
             change = functools.partial(wq.serial, "key")
         else:
             change = functools.partial(wq.serial("key").shutdown, wait=False)
-        landed = interrupted_at(n, PACKAGE, change, unless=under_a_lock)
+        landed = interrupted_at(n, PACKAGE, change, unless=_pool.lock.locked)
         try:
+            assert_index_whole(index, wq.topology)
             executor = wq.serial("key")
             assert executor.submit(int, 7).result(TIMEOUT) == 7
             assert len(index) == 2 and set(domain.executors) == {"other", "key"}
