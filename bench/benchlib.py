@@ -133,7 +133,8 @@ class Interrupts:
     ends as it would have, and ``grace`` is printed to say so; a second
     SIGINT, or a SIGTERM, raises at once.
 
-    The handlers are the previous ones again on exit, and in a child
+    The handlers are the previous ones again on exit (unless
+    :func:`stay_stopped` says a stop ends the process), and in a child
     forked meanwhile (multiprocessing's "fork"): a child's SIGTERM ends it,
     as :meth:`Process.terminate` expects, and its SIGINT is blocked (see
     :func:`start`).
@@ -157,7 +158,11 @@ class Interrupts:
                  tb: TracebackType | None) -> None:
         global _running
         _running = None
-        self._restore()
+        if self.stopping and _stay_stopped:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+        else:
+            self._restore()
 
     def _restore(self) -> None:
         for signum, previous in self._previous.items():
@@ -224,6 +229,25 @@ def _in_finalizer(frame: FrameType | None) -> bool:
 _FINALIZERS = {mp.util.Finalize.__call__.__code__, weakref.finalize.__call__.__code__}
 
 _running: Interrupts | None = None
+_stay_stopped = False
+
+
+def stay_stopped() -> None:
+    """Once a run of this process has taken a stop signal, ignore stop
+    signals until the process exits, instead of putting back the handlers
+    there were before the run.
+
+    For a benchmark's ``__main__``, whose process exits when its run ends.
+    A repeat of the stop there, after "interrupted, no results", would
+    otherwise land in the interpreter's exit: a KeyboardInterrupt traceback,
+    or (once the interpreter has put SIG_DFL back) a death by the signal.
+    xenstore_bench passes its Ctrl-C on to the evtchn_bench it runs, which
+    the terminal's Ctrl-C reached too; a user may press Ctrl-C twice.  A
+    caller that goes on after the run (a test calling ``main()``) leaves
+    this off and gets its handlers back.
+    """
+    global _stay_stopped
+    _stay_stopped = True
 
 
 def _after_fork_in_child() -> None:

@@ -728,4 +728,5 @@ def _per_cpu_counts(stats: Any) -> dict[int, int]:
 
 
 if __name__ == "__main__":
+    benchlib.stay_stopped()
     sys.exit(main())

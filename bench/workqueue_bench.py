@@ -518,4 +518,5 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
 
 
 if __name__ == "__main__":
+    benchlib.stay_stopped()
     sys.exit(main())
