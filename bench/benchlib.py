@@ -13,6 +13,7 @@ import multiprocessing as mp
 import multiprocessing.util
 import os
 import signal
+import subprocess
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -146,6 +147,12 @@ class Interrupts:
         self._deferred = 0
         self._held = False
         self._previous: dict[int, object] = {}
+        # While call() runs a child, a stop is passed on to it (through
+        # _relay_to, a pidfd: never another process that got its pid once
+        # it is reaped), or kept in _unsent until it is started.
+        self._relaying = False
+        self._relay_to: int | None = None
+        self._unsent: list[int] = []
 
     def __enter__(self) -> Interrupts:
         global _running
@@ -169,6 +176,13 @@ class Interrupts:
             signal.signal(signum, previous)  # type: ignore[arg-type]
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._relaying:
+            # Not raised: see call().  What a stop means is the child's
+            # to say, a second one too.
+            if self.signum is None:
+                self.signum = signum
+            self._pass_on(signum)
+            return
         if self.signum is None:
             self.signum = signum
             if self.grace is not None and signum == signal.SIGINT:
@@ -214,6 +228,53 @@ class Interrupts:
         """The exit status for a run ended by a signal: 128 + its number."""
         return 128 + (self.signum or signal.SIGINT)
 
+    def call(self, cmd: list[str]) -> int:
+        """Run ``cmd``, a benchmark of its own, to its end and return its
+        exit status (128 + N if signal N ended it, as a shell says it).
+
+        A stop signal that comes meanwhile is passed on to it instead of
+        raised here: it stops as it does when run alone, saying so, and its
+        status is the run's.  A Ctrl-C reaches it anyway (the terminal
+        signals the whole process group), one sent to this process alone
+        would not.  Raised here, it could also lose the child's status: a
+        KeyboardInterrupt raised after ``waitpid()`` reaped the child but
+        before :mod:`subprocess` noted its status leaves subprocess to wait
+        again, get ECHILD, and take the child for one that exited 0 -- which
+        it does when the child stops and exits before this process gets the
+        CPU back, as under load.
+
+        So the child gets a Ctrl-C twice, the terminal's and this one: it
+        must take a repeat quietly, up to its exit (:func:`stay_stopped`).
+        """
+        self.checkpoint()  # a stopping run starts nothing
+        self._relaying = True
+        pidfd = None
+        try:
+            proc = subprocess.Popen(cmd)
+            # Opened before the wait that reaps it, so that it is the
+            # child's for sure.
+            pidfd = os.pidfd_open(proc.pid)
+            self._relay_to = pidfd
+            while self._unsent:  # taken while the child was being started
+                self._pass_on(self._unsent.pop(0))
+            status = proc.wait()
+        finally:
+            self._relaying = False
+            self._relay_to = None
+            self._unsent.clear()
+            if pidfd is not None:
+                os.close(pidfd)
+        return status if status >= 0 else 128 - status
+
+    def _pass_on(self, signum: int) -> None:
+        if self._relay_to is None:
+            self._unsent.append(signum)
+            return
+        try:
+            signal.pidfd_send_signal(self._relay_to, signum)
+        except ProcessLookupError:
+            pass  # it has exited, and been reaped
+
 
 def _in_finalizer(frame: FrameType | None) -> bool:
     # An exception raised in a finalizer (a weakref callback, as
@@ -241,10 +302,10 @@ def stay_stopped() -> None:
     A repeat of the stop there, after "interrupted, no results", would
     otherwise land in the interpreter's exit: a KeyboardInterrupt traceback,
     or (once the interpreter has put SIG_DFL back) a death by the signal.
-    xenstore_bench passes its Ctrl-C on to the evtchn_bench it runs, which
-    the terminal's Ctrl-C reached too; a user may press Ctrl-C twice.  A
-    caller that goes on after the run (a test calling ``main()``) leaves
-    this off and gets its handlers back.
+    A benchmark that :meth:`Interrupts.call` runs gets such a repeat
+    whenever the terminal's Ctrl-C reached both processes; so does one
+    whose user presses Ctrl-C twice.  A caller that goes on after the run
+    (a test calling ``main()``) leaves this off and gets its handlers back.
     """
     global _stay_stopped
     _stay_stopped = True

@@ -33,7 +33,6 @@ import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -378,17 +377,8 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
         # A process of its own: it needs the "fork" start method for itself.
         evtchn = Path(__file__).with_name("evtchn_bench.py")
         extra = ["--no-write"] if args.no_write else []
-        proc = subprocess.Popen([sys.executable, str(evtchn), *extra])
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            # It stops as this process does, saying so, and must be let
-            # finish that (subprocess would kill it 0.25 s later, leaving
-            # its processes and simulated host behind).  The signal was
-            # for it too, unless it was sent to this process alone.
-            assert interrupts.signum is not None
-            proc.send_signal(interrupts.signum)
-            return proc.wait()
+        # A stop is its to take, and to say so: this process waits for it.
+        return interrupts.call([sys.executable, str(evtchn), *extra])
     return 0
 
 

@@ -1,5 +1,7 @@
 """bench/xenstore_bench.py when a server cannot start: exit status 1 with the
-reason, promptly, and no server process left to keep the run from exiting."""
+reason, promptly, and no server process left to keep the run from exiting.
+And the exit status of the evtchn_bench it runs, which is the run's, however
+a stop comes."""
 
 from __future__ import annotations
 
@@ -60,3 +62,86 @@ def test_a_stop_never_lands_inside_the_making_of_a_measurements_objects(
         xenstore_bench.measure("raw", "/nonexistent", 0, 1, 0.05, False)
     assert made, "no Finalize made: the test no longer tests anything"
     assert all(hasattr(f, "_key") for f in made), "a Finalize left half made"
+
+
+def _evtchn_bench_is(script: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
+    """Make xenstore_bench's run (its XenStore part faked) start ``script``
+    instead of evtchn_bench, and go on once ``script`` has printed "ready";
+    the list returned gets the pid of each one started."""
+    import xenstore_bench
+
+    monkeypatch.setattr(xenstore_bench, "RESULTS", tmp_path / "xenstore.md")
+    rows = [(client, op, 1, 1.0, 1.0) for client in ("pyxs", "raw") for op in ("READ", "WRITE")]
+    monkeypatch.setattr(xenstore_bench, "_measure_all", lambda args, interrupts: rows)
+    started: list[int] = []
+    popen = subprocess.Popen
+
+    def instead_of_evtchn_bench(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        assert args[1].endswith("evtchn_bench.py"), args
+        child = popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                      **kwargs)
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        child.stdout.close()
+        started.append(child.pid)
+        return child
+
+    monkeypatch.setattr(subprocess, "Popen", instead_of_evtchn_bench)
+    return started
+
+
+_XENSTORE_BENCH = ["--seconds", "0.05", "--rounds", "1", "--clients", "1"]
+
+
+def test_a_ctrl_c_as_evtchn_bench_is_reaped_keeps_its_exit_status(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Ctrl-C reaches both processes.  Under load, evtchn_bench could stop
+    # and exit before this one ran again: its waitpid() then reaped it, and
+    # the KeyboardInterrupt raised before subprocess noted the status made
+    # the next waitpid() fail with ECHILD, which subprocess takes for an
+    # exit status of 0.  The run "succeeded" with no event-channel table.
+    import xenstore_bench
+
+    started = _evtchn_bench_is("print('ready')\nraise SystemExit(130)", monkeypatch,
+                               tmp_path)
+    waitpid = xenstore_bench.os.waitpid
+
+    def waitpid_then_ctrl_c(pid: int, options: int) -> tuple[int, int]:
+        reaped = waitpid(pid, options)
+        if started and reaped[0] == started[0]:
+            signal.raise_signal(signal.SIGINT)
+        return reaped
+
+    monkeypatch.setattr(xenstore_bench.os, "waitpid", waitpid_then_ctrl_c)
+    assert xenstore_bench.main(_XENSTORE_BENCH) == 130
+    assert started, "evtchn_bench not run: the test no longer tests anything"
+
+
+def test_a_stop_sent_to_xenstore_bench_alone_is_passed_on_to_evtchn_bench(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # As "kill PID" sends it: evtchn_bench stops as it does on its own.
+    import xenstore_bench
+
+    _evtchn_bench_is("import signal, sys\n"
+                     "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+                     "print('ready', flush=True)\n"
+                     "signal.pause()\n", monkeypatch, tmp_path)
+    waitpid = xenstore_bench.os.waitpid
+
+    def sigterm_then_waitpid(pid: int, options: int) -> tuple[int, int]:
+        if options == 0:  # the wait for evtchn_bench
+            signal.raise_signal(signal.SIGTERM)
+        return waitpid(pid, options)
+
+    monkeypatch.setattr(xenstore_bench.os, "waitpid", sigterm_then_waitpid)
+    assert xenstore_bench.main(_XENSTORE_BENCH) == 143
+
+
+def test_evtchn_bench_killed_by_a_signal_is_128_plus_the_signal(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Its -9 was passed to sys.exit(), for an exit status of 247.
+    import xenstore_bench
+
+    _evtchn_bench_is("import os, signal\nprint('ready', flush=True)\n"
+                     "os.kill(os.getpid(), signal.SIGKILL)\n", monkeypatch, tmp_path)
+    assert xenstore_bench.main(_XENSTORE_BENCH) == 128 + signal.SIGKILL
