@@ -61,7 +61,7 @@ from pyxs.exceptions import (
     PyXSError,
     UnexpectedPacket,
 )
-from pyxs.helpers import check_path
+from pyxs.helpers import check_path, error
 
 from workqueue import wait_slice
 from xenback._closing import Closing
@@ -208,12 +208,13 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     the router polls a duplicate of the connection's descriptor, on which
     XenBus's close() (a bare os.close(), no shutdown()) shows nothing.
 
-    Requests are sent by our ``router.send``: numbered by the router (see
-    :func:`_next_rq_id`), and written in one buffer whose writes are
-    counted.  pyxs writes a header and then a payload, and a Ctrl-C (or
-    a write failing) between the two, or within either, left part of a
-    request on a connection that stayed up, whose stream xenstored could
-    no longer frame.  Such a connection is lost now, ``on_lost`` told
+    Requests are sent by our ``router.send(packet, rvar=None)``:
+    numbered by the router (see :func:`_next_rq_id`), their reply handed
+    to ``rvar`` (a new one by default), and written in one buffer whose
+    writes are counted.  pyxs writes a header and then a payload, and a
+    Ctrl-C (or a write failing) between the two, or within either, left
+    part of a request on a connection that stayed up, whose stream
+    xenstored could no longer frame.  Such a connection is lost now, ``on_lost`` told
     why; one on which nothing of the request went stays up.
     """
     if router.thread.ident is not None:
@@ -244,8 +245,11 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     router.lost_cause = None
     router.last_rq_id = -1
 
-    def send(packet: Packet) -> RVar:
-        rvar = RVar()
+    def send(packet: Packet, rvar: RVar | None = None) -> RVar:
+        # A caller's own rvar (a _Reply) is made before the call, so that
+        # a Ctrl-C as this returns does not lose it with the request gone.
+        if rvar is None:
+            rvar = RVar()
         sent: list[int] = []
         with send_lock:
             try:
@@ -339,6 +343,101 @@ def _unsent(router: Any, packet: Packet, rvar: RVar, sent: int, exc: BaseExcepti
         router.connection.close()  # wakes the router (see adopt_router)
     if isinstance(exc, OSError):
         raise cause from exc
+
+
+class _Reply(RVar):
+    """A reply variable that acts on its reply on the router thread.
+
+    ``taken(packet)`` runs as the reply comes, before the requester is
+    woken: CPython runs signal handlers in the main thread only, so no
+    Ctrl-C lands between the reply and what it must leave behind (a
+    transaction's id where the requester's clean-up finds it), as one
+    would in the requester.  A requester that stops waiting
+    (:meth:`abandon`) before the reply comes leaves it to
+    ``orphaned(packet)`` instead.  Both are called on the router thread,
+    where an exception would end the connection: they raise none.  They
+    are also given the ENOTCONN that :func:`route_until_lost` answers
+    with as the connection ends.
+    """
+
+    def __init__(self, taken: Callable[[Packet], None],
+                 orphaned: Callable[[Packet], None]) -> None:
+        super().__init__()
+        self._taken = taken
+        self._orphaned = orphaned
+        # Under condition: set() and abandon() agree on which of the two
+        # runs.
+        self._abandoned = False
+
+    def set(self, target: Packet) -> None:
+        with self.condition:
+            if not self._abandoned:
+                self._taken(target)
+                self.target = target
+                self.condition.notify_all()
+                return
+        self._orphaned(target)
+
+    def abandon(self) -> None:
+        """Stop waiting: a reply that has not come yet goes to ``orphaned``
+        (one never sent, to nobody)."""
+        with self.condition:
+            self._abandoned = self.target is None
+
+
+def _begin(client: pyxs.Client) -> None:
+    """Start a transaction on ``client``, as pyxs's ``transaction()``, but
+    leaving none at XenStore that nobody knows of, whatever cuts it short.
+
+    pyxs learns the transaction's id from the reply, in the requester: a
+    Ctrl-C while the request was in flight, or as the reply was read,
+    lost it, and the transaction stayed open for the life of the
+    connection, counted against the domain's quota (10 in cxenstored).
+    Here the router sets ``client.tx_id`` as the reply comes, where a
+    caller that is interrupted afterwards ends it; and for a caller that
+    gave up before the reply came, the router ends it itself.
+    """
+    router = client.router
+
+    def taken(packet: Packet) -> None:
+        client.tx_id = _started_id(packet)
+
+    def orphaned(packet: Packet) -> None:
+        tx_id = _started_id(packet)
+        if not tx_id:
+            return
+        try:
+            # Its reply, to nobody, is dropped as it comes.
+            router.send(Packet(Op.TRANSACTION_END, b"F\0", rq_id=0, tx_id=tx_id))
+        except (PyXSError, OSError) as exc:
+            # Lost, and the transaction with it.
+            logger.debug("ending abandoned transaction %d failed: %s", tx_id, exc)
+
+    if client.tx_id:
+        raise PyXSError(errno.EALREADY, os.strerror(errno.EALREADY))
+    reply = _Reply(taken, orphaned)
+    try:
+        router.send(Packet(Op.TRANSACTION_START, b"\0", rq_id=0), reply)
+        packet = reply.get()
+    except BaseException:
+        reply.abandon()
+        raise
+    if packet.op == Op.ERROR:
+        raise error(packet.payload[:-1])
+    if not client.tx_id:
+        raise UnexpectedPacket(packet)
+
+
+def _started_id(packet: Packet) -> int:
+    """The id of the transaction a reply to TRANSACTION_START began; 0 if
+    none (an error, or a reply that is no such answer)."""
+    if packet.op != Op.TRANSACTION_START:
+        return 0
+    digits = packet.payload.rstrip(b"\0")
+    if not (digits.isdigit() and len(digits) <= 10):
+        return 0
+    tx_id = int(digits)
+    return tx_id if tx_id <= 0xFFFFFFFF else 0
 
 
 #: The errors of a write that pyxs's send() takes for the end of the
@@ -950,10 +1049,11 @@ class XenStore(_Ops, Closing):
             # Whatever ends the attempt early, a Ctrl-C landing as any call
             # returns included, ends the transaction too: one left open
             # counts against the domain's quota of them (10 in cxenstored)
-            # for as long as the connection lives.
+            # for as long as the connection lives.  One whose start is
+            # still in flight is ended by the router (see _begin).
             try:
                 try:
-                    client.transaction()
+                    _begin(client)
                 except PyXSError as exc:
                     raise _oserror(exc, "@transaction") from None
                 try:
@@ -986,7 +1086,7 @@ class XenStore(_Ops, Closing):
     @staticmethod
     def _abort(client: pyxs.Client) -> None:
         if not client.tx_id:
-            return  # none begun (or pyxs's id for it unknown), or ended already
+            return  # none begun (or its start's reply still to come: _begin), or ended
         try:
             client.rollback()
         except PyXSError:
