@@ -385,6 +385,7 @@ class _Reply(RVar):
             self._abandoned = self.target is None
 
 
+
 def _begin(client: pyxs.Client) -> None:
     """Start a transaction on ``client``, as pyxs's ``transaction()``, but
     leaving none at XenStore that nobody knows of, whatever cuts it short.
@@ -807,6 +808,17 @@ class Watch:
         self._xs._unwatch(self)
 
 
+class _Removal:
+    """The watches of a wait_for() for the watch thread to remove, and an
+    event set once they are gone (or the connection closed)."""
+
+    __slots__ = ("watches", "done")
+
+    def __init__(self, watches: list[Watch]) -> None:
+        self.watches = watches
+        self.done = threading.Event()
+
+
 def _predicate_name(predicate: Callable[..., object]) -> str:
     """How a timeout names what a waiter's function waited for: its name,
     or "the predicate" for a lambda (whose name says nothing)."""
@@ -832,13 +844,16 @@ class XenStore(_Ops, Closing):
         :attr:`connection_lost` is set first."""
         self._client = client
         self._on_lost = on_lost
-        # _lock guards _watches, _waiters and the creation of the monitor
-        # thread.
+        # _lock guards _watches, _waiters, _removals and the creation of
+        # the monitor thread.
         self._lock = threading.Lock()
         self._watches: dict[str, Watch] = {}
         # The events wait_for() callers sleep on: set when the connection
         # is lost as well, so that they fail at once, not at their timeout.
         self._waiters: set[threading.Event] = set()
+        # Those of wait_for() callers that may hand their watch to the
+        # watch thread to remove: close() ends their wait for it.
+        self._removals: set[_Removal] = set()
         self._tokens = itertools.count()
         self._monitor: Any = None
         # Held by open() and close() (see there).
@@ -983,11 +998,15 @@ class XenStore(_Ops, Closing):
             self._connected = False
             close_client(self._client)
         # wait_for() callers in other threads: their next read fails now,
-        # rather than after their whole timeout.
+        # rather than after their whole timeout; and their watches, which
+        # the watch thread may no longer remove, are gone.
         with self._lock:
             waiters = list(self._waiters)
+            removals = list(self._removals)
         for changed in waiters:
             changed.set()
+        for removal in removals:
+            removal.done.set()
 
     def __enter__(self) -> Self:
         if not self._connected:
@@ -1112,10 +1131,11 @@ class XenStore(_Ops, Closing):
         return self._watch(path, callback, events, [])
 
     def _watch(self, path: str, callback: Callable[[str], object], events: EventQueue | None,
-               into: list[Watch]) -> Watch:
+               into: list[Watch], *, undo: bool = True) -> Watch:
         """:meth:`watch`, the watch appended to ``into`` before it is set:
         a caller that must remove it whatever interrupts the call has it
-        (a Ctrl-C as this returns would otherwise lose it to it)."""
+        (a Ctrl-C as this returns would otherwise lose it to it).  Without
+        ``undo``, what an exception leaves is that caller's to remove."""
         check_callback(callback)
         if events is not None and not isinstance(events, EventQueue):
             raise TypeError(f"events must be an EventQueue, not {type(events).__name__}")
@@ -1135,7 +1155,12 @@ class XenStore(_Ops, Closing):
                 # Ctrl-C as either call returns left a watch that close()
                 # could not remove (no monitor to unwatch with).
                 if self._monitor is None:
-                    self._monitor = self._client.monitor()
+                    monitor = self._client.monitor()
+                    # pyxs's queue.Queue, whose put() is Python code, and
+                    # wait_for() puts to it where a Ctrl-C must not land
+                    # halfway (see there).
+                    monitor.events = queue.SimpleQueue()
+                    self._monitor = monitor
                 if self._thread is None:
                     self._thread = threading.Thread(
                         target=self._run_watches, name="xenstore-watch", daemon=True
@@ -1144,6 +1169,8 @@ class XenStore(_Ops, Closing):
                 self._watches[token] = w
             self._do(lambda p: self._monitor.watch(p, token.encode()), path)
         except BaseException as exc:
+            if not undo:
+                raise
             with self._lock:
                 listed = self._watches.pop(token, None) is not None
             if listed and not isinstance(exc, Exception):
@@ -1181,16 +1208,30 @@ class XenStore(_Ops, Closing):
             self._unsubscribe(w.token)
 
     def _run_watches(self) -> None:
-        events: queue.Queue[Any] = self._monitor.events
+        events: queue.SimpleQueue[Any] = self._monitor.events
         while True:
             event = events.get()
             if event is None:
                 return
+            if isinstance(event, _Removal):
+                self._remove(event)
+                continue
             path, token = event
             with self._lock:
                 w = self._watches.get(token.decode(errors="replace"))
             if w is not None:
                 w._deliver(path.decode("utf-8", errors="replace"))
+
+    def _remove(self, removal: _Removal) -> None:
+        """Remove the watches of a wait_for() that has ended, on the watch
+        thread (see wait_for)."""
+        for w in removal.watches:
+            try:
+                self._unwatch(w)
+            except (OSError, ValueError) as exc:
+                # Refused if its WATCH never went (or failed): gone.
+                logger.debug("removing watch %s after wait_for(): %s", w.path, exc)
+        removal.done.set()
 
     def wait_for(
         self,
@@ -1209,7 +1250,10 @@ class XenStore(_Ops, Closing):
         :class:`ConnectionError` as soon as the connection is lost or
         :meth:`close` is called.  Not from a watch callback run
         on the watch thread (one without an :class:`EventQueue`):
-        :class:`RuntimeError`.
+        :class:`RuntimeError`.  Its watch is gone from XenStore when it
+        returns or raises; cut short by a Ctrl-C (a second one during
+        its clean-up included), it leaves the removal to the watch
+        thread, which may finish it a moment later.
         """
         # Checked first: a NaN deadline is never reached nor passed, and
         # the loop below would re-read the node for ever.
@@ -1246,14 +1290,16 @@ class XenStore(_Ops, Closing):
             raise TypeError(f"predicate must be a function, a str, an int or None, "
                             f"not {type(predicate).__name__}")
         changed = threading.Event()
-        with self._lock:
-            self._waiters.add(changed)
-        deadline = time.monotonic() + timeout
         # Listed before it is set (see _watch): a Ctrl-C as the watch is
         # made must not leave it behind, firing for nobody.
         watches: list[Watch] = []
+        removal = _Removal(watches)
+        with self._lock:
+            self._waiters.add(changed)
+            self._removals.add(removal)
+        deadline = time.monotonic() + timeout
         try:
-            self._watch(path, lambda _p: changed.set(), None, watches)
+            self._watch(path, lambda _p: changed.set(), None, watches, undo=False)
             while True:
                 changed.clear()
                 value = self.read(path)
@@ -1270,7 +1316,24 @@ class XenStore(_Ops, Closing):
                         f"(last value {value!r})"
                     )
         finally:
+            # The watch is removed by the watch thread, where no Ctrl-C
+            # lands: here a second one (the first, or a timeout, having
+            # brought us here) would leave it at XenStore, forgotten, as
+            # the removal's requests went or not.  Handed over first, in
+            # one C call (SimpleQueue.put): a signal's handler runs only
+            # as a call returns.  Nothing to hand over without a monitor,
+            # nor to wait for without a watch thread running: a watch is
+            # listed only once it runs.  (A thread started later, by
+            # another watch, finds nothing to do.)  close() ends the wait
+            # if it stops the thread first.
+            if watches and self._monitor is not None:
+                self._monitor.events.put(removal)
+                # Removed when we return, as callers expect of a wait
+                # that is over.  A Ctrl-C here leaves it to finish.
+                thread = self._thread
+                if thread is not None and thread.is_alive():
+                    while not removal.done.wait(wait_slice(None)):
+                        pass
             with self._lock:
                 self._waiters.discard(changed)
-            for w in watches:
-                w.unwatch()
+                self._removals.discard(removal)

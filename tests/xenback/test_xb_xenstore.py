@@ -21,7 +21,6 @@ import pytest
 import pyxs
 from pyxs._internal import Op
 
-import xenback
 from tests.highfds import Filled, descriptors_past_fd_setsize, past_fd_setsize
 from tests.racewindow import Attempt, PauseAt, stands_at
 from tests.sim.hosthelpers import answer_one_request, eventually, hang_up_after_one_request
@@ -1821,38 +1820,100 @@ def test_a_transaction_interrupted_anywhere_leaves_none_open(host, package: str)
 
 
 
+class _FirstCtrlC(BaseException):
+    """The Ctrl-C that starts a wait_for()'s clean-up, for a second one to
+    land in."""
+
+
 @pytest.mark.timeout(300)
-def test_a_wait_for_interrupted_anywhere_leaves_no_watch(host) -> None:
-    """A Ctrl-C landing as any call of wait_for() returns, until it has
-    its value: once the WATCH had gone, watch() forgot the watch but
-    XenStore kept it; and as watch() returned, wait_for() never had it to
-    remove.  Each stayed for the life of the connection (a guest has 128).
-    Left: a Ctrl-C in the removal itself, once the value is found."""
+@pytest.mark.parametrize("package", ["xenback", "pyxs"])
+@pytest.mark.parametrize("second", [False, True], ids=["once", "in-the-clean-up"])
+def test_a_wait_for_interrupted_anywhere_leaves_no_watch(host, package: str, second: bool) -> None:
+    """A Ctrl-C landing as any call of wait_for() returns (in xenback's
+    code or pyxs's): once the WATCH had gone, watch() forgot the watch
+    but XenStore kept it; as watch() returned, wait_for() never had it
+    to remove; and in the removal (the value found, or a first Ctrl-C
+    cutting the wait short), the watch, forgotten first, stayed at
+    XenStore.  Each stayed for the life of the connection (a guest has
+    128), firing for nobody."""
+    import importlib
+
     from tests.stolensignal import interrupted_at
 
     guest, xs, held = _guest_connection_counts(host)
     node = f"/local/domain/{guest.domid}/data/w"
     xs.write(node, "1")
-    within = os.path.dirname(xenback.__file__)
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
     landed: list[str] = []
     try:
         for n in itertools.count():
             found: list[bool] = []
 
             def seen(value: str | None, found: list[bool] = found) -> bool:
-                found.append(value == "1")
-                return found[-1]
+                found.append(True)
+                if second:
+                    raise _FirstCtrlC
+                return value == "1"
 
-            where = interrupted_at(n, within, lambda seen=seen: xs.wait_for(node, seen, timeout=TIMEOUT),
-                                   unless=lambda found=found: any(found))
-            assert held() == (0, 0), f"interrupted {where}"
+            def waiting(seen: Callable[[str | None], bool] = seen) -> None:
+                with contextlib.suppress(_FirstCtrlC):
+                    xs.wait_for(node, seen, timeout=TIMEOUT)
+
+            # The second Ctrl-C lands only once the first has: in the
+            # clean-up.
+            where = interrupted_at(n, within, waiting,
+                                   unless=lambda found=found: second and not found)
+            # Interrupted, wait_for() may return before the watch thread
+            # has removed its watch.
+            assert eventually(lambda: held() == (0, 0) and not xs._client.router.monitors,
+                              TIMEOUT), f"interrupted {where}"
             assert xs._watches == {}, f"interrupted {where}"
             if not where:
                 break
             landed.append(where)
     finally:
         xs.close()
-    assert len(landed) > 20, landed
+    if second and package == "pyxs":
+        # The clean-up runs none of pyxs's code in the caller's thread.
+        assert landed == [], landed
+    else:
+        assert len(landed) > (5 if second else 20), landed
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("package", ["xenback", "pyxs"])
+def test_a_close_interrupted_anywhere_is_finished_by_the_next(host, package: str) -> None:
+    """A Ctrl-C landing as any call of close() returns (in xenback's code
+    or pyxs's), with a watch set: a later close() finishes the job, the
+    watch thread and the router thread stopped, the connection and its
+    watch gone from XenStore."""
+    import importlib
+
+    from tests.stolensignal import interrupted_at
+
+    guest = host.create_domain("guest")
+    domain = host._xenstored._dispatcher.domains[guest.domid]
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    landed: list[str] = []
+    for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
+        xs = XenStore.connect_to(guest)
+        fired = threading.Event()
+        xs.watch(f"/local/domain/{guest.domid}", lambda _p, fired=fired: fired.set())
+        assert fired.wait(TIMEOUT)
+        where = interrupted_at(n, within, xs.close)
+        try:
+            xs.close()
+        except Exception as exc:
+            raise AssertionError(f"interrupted {where}: close() failed: {exc!r}") from exc
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        assert not xs._client.router.is_connected, f"interrupted {where}"
+        assert eventually(lambda: not domain.conns and domain.nwatches == 0, TIMEOUT), \
+            f"interrupted {where}"
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 10, landed
 
 
 @pytest.mark.parametrize("package", ["pyxs", "xenback"])
