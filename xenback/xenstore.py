@@ -384,6 +384,13 @@ class _Reply(RVar):
         with self.condition:
             self._abandoned = self.target is None
 
+    def outstanding(self, router: Any) -> bool:
+        """Whether the request went and its reply is still to come: the
+        router answers it (ENOTCONN if the connection ends first).
+        Sound because _dispatch unregisters a reply variable only once
+        it is set: one neither registered nor set was never sent."""
+        registered = any(rvar is self for rvar in list(router.rvars.values()))
+        return registered and self.target is None
 
 
 def _begin(client: pyxs.Client) -> None:
@@ -427,6 +434,52 @@ def _begin(client: pyxs.Client) -> None:
         raise error(packet.payload[:-1])
     if not client.tx_id:
         raise UnexpectedPacket(packet)
+
+
+def _commit(client: pyxs.Client, committed: Callable[[], None]) -> bool:
+    """Commit ``client``'s transaction as pyxs's ``commit()`` does (False
+    if it conflicted, EAGAIN), and call ``committed()`` on the router
+    thread as the reply says it went.
+
+    For a caller that must know whatever cuts this short whether the
+    transaction's writes are in the store (the toolstack's add_device(),
+    whose caller removes a device it added, and only one it added):
+    ``committed()`` runs where no Ctrl-C lands, between the reply and
+    the caller; and a Ctrl-C once the request went waits for the reply
+    before it goes on, as the connection, closed on the way out, would
+    drop the reply unread.  (A second Ctrl-C in that wait leaves the
+    outcome unknown: that window stays.)
+    """
+    router = client.router
+    tx_id = client.tx_id
+
+    def taken(packet: Packet) -> None:
+        if packet.op != Op.TRANSACTION_END:
+            return  # refused (EAGAIN), or the connection ended first
+        try:
+            committed()
+        except Exception:  # on the router thread: it must go on
+            logger.exception("XenStore commit: the commit's callback failed")
+
+    # Taken whether its requester still waits or not: the commit went.
+    reply = _Reply(taken, taken)
+    try:
+        router.send(Packet(Op.TRANSACTION_END, b"T\0", rq_id=0, tx_id=tx_id), reply)
+        packet = reply.get()
+    except BaseException:
+        if reply.outstanding(router):
+            reply.get()
+        raise
+    finally:
+        client.tx_id = 0  # ended, committed or not (as pyxs's commit())
+    if packet.op == Op.ERROR:
+        exc = error(packet.payload[:-1])
+        if exc.args[0] == errno.EAGAIN:
+            return False
+        raise exc
+    if packet.op != Op.TRANSACTION_END:
+        raise UnexpectedPacket(packet)
+    return True
 
 
 def _started_id(packet: Packet) -> int:
@@ -622,10 +675,15 @@ def _dispatch(router: Any, packet: Packet) -> None:
         for monitor in list(router.monitors.get(event.token, ())):
             monitor.events.put(event)
         return
-    rvar = router.rvars.pop(packet.rq_id, None)
+    rvar = router.rvars.get(packet.rq_id)
     if rvar is None:
         raise UnexpectedPacket(packet)
-    rvar.set(packet)
+    try:
+        rvar.set(packet)
+    finally:
+        # Only now (see _Reply.outstanding).  Its id is not given out
+        # again meanwhile: _next_rq_id skips ids still listed.
+        router.rvars.pop(packet.rq_id, None)
 
 
 class _Ops:

@@ -460,13 +460,13 @@ def test_an_add_that_conflicts_with_another_s_removes_none_of_it(
     attempt is not ours: the failed add must leave it alone."""
     guest = host.create_domain("guest")
     toolstack = guest.toolstack
-    real = Toolstack.transaction
+    real = Toolstack._transaction
     theirs: list[Any] = []
     inner: list[bool] = []
 
-    def conflicting(self: Toolstack, body: Callable[[Any], Any]) -> Any:
+    def conflicting(self: Toolstack, body: Callable[[Any], Any], *args: Any) -> Any:
         if inner:
-            return real(self, body)
+            return real(self, body, *args)
 
         def another_adds_it_meanwhile(c: Any) -> Any:
             result = body(c)
@@ -478,9 +478,9 @@ def test_an_add_that_conflicts_with_another_s_removes_none_of_it(
                     inner.clear()
             return result
 
-        return real(self, another_adds_it_meanwhile)
+        return real(self, another_adds_it_meanwhile, *args)
 
-    monkeypatch.setattr(Toolstack, "transaction", conflicting)
+    monkeypatch.setattr(Toolstack, "_transaction", conflicting)
     with pytest.raises(FileExistsError):
         FrontendDevice.add(guest, "xbtest")
     assert theirs
@@ -568,3 +568,66 @@ def test_an_add_interrupted_anywhere_is_whole_or_leaves_nothing(host, package: s
             break
         landed.append(where)
     assert len(landed) > 100, landed
+
+
+class _RacedNodes(dict[str, str]):
+    """Backend nodes whose first reading (in the add's transaction, after
+    it found the device absent) lets another adder add the same device
+    first: the add's commit then fails with EAGAIN."""
+
+    def __init__(self, rival: Callable[[], object]) -> None:
+        super().__init__()
+        self._rival: Callable[[], object] | None = rival
+
+    def items(self) -> Any:
+        rival, self._rival = self._rival, None
+        if rival is not None:
+            from tests.racewindow import Attempt
+
+            # On a thread of its own: the Ctrl-C sweep is of this one.
+            outcome = Attempt(rival).result()
+            assert not isinstance(outcome, BaseException), outcome
+        return super().items()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("package", ["xenback", "pyxs"])
+def test_an_add_that_lost_the_race_lists_nothing_wherever_interrupted(host, package: str) -> None:
+    """Two adders race for one device: ours finds it absent, the other
+    adds it, our commit fails (EAGAIN), and a Ctrl-C lands anywhere in
+    our add_device(into=), before or while it tries again.  into= listed
+    the device from before the failed commit until the next attempt
+    began, so that FrontendDevice.add()'s way out removed the other
+    adder's device.  Now into= lists only a device this call added: here
+    none, and the other's stays."""
+    import importlib
+    import itertools
+    import os
+
+    from tests.stolensignal import interrupted_at
+
+    toolstack = host.toolstack
+    guest = host.create_domain("guest")
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    landed: list[str] = []
+    for n in itertools.count():
+        theirs: list[Any] = []
+        ours: list[Any] = []
+        rival = _RacedNodes(lambda theirs=theirs: theirs.append(
+            toolstack.add_device("xbtest", guest.domid)))
+
+        def adding(ours: list[Any] = ours, rival: _RacedNodes = rival) -> None:
+            with pytest.raises(FileExistsError):
+                toolstack.add_device("xbtest", guest.domid, backend_nodes=rival, into=ours)
+
+        where = interrupted_at(n, within, adding)
+        assert ours == [], f"interrupted {where}: the other adder's device listed as ours"
+        left = toolstack.devices(guest.domid)
+        for device in left:
+            toolstack.destroy_device(device)  # for the next round
+        if theirs:
+            assert left == theirs, f"interrupted {where}: {left}"
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 20, landed

@@ -135,8 +135,9 @@ class FrontendDevice(Closing):
         toolstack = domain.toolstack
         # A Ctrl-C can land as any call returns, the device added or the
         # handles opened but neither handed back yet: so the toolstack
-        # lists the device before it may exist, and the frontend exists
-        # before it opens anything, for the way out to find both.
+        # lists the device as its commit goes (and only a device it
+        # added: a rival's may be there), and the frontend exists before
+        # it opens anything, for the way out to find both.
         devices: list[Device] = []
         frontend = cls.__new__(cls)
         try:

@@ -50,7 +50,7 @@ import pyxs
 from workqueue import wait_slice
 from xenback._closing import Closing
 from xenback._flags import check_flag
-from xenback.xenstore import adopt_router, close_client
+from xenback.xenstore import _commit, adopt_router, close_client
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,11 @@ class Toolstack(Closing):
 
     def transaction(self, body: Callable[[pyxs.Client], T]) -> T:
         """Run ``body(client)`` in a transaction, retrying on EAGAIN."""
+        return self._transaction(body, _nothing)
+
+    def _transaction(self, body: Callable[[pyxs.Client], T], committed: Callable[[], None]) -> T:
+        """:meth:`transaction`, calling ``committed()`` as the commit's
+        reply says it went, where no Ctrl-C lands (see _commit)."""
         with self._client() as client:
             while True:
                 client.transaction()
@@ -175,7 +180,7 @@ class Toolstack(Closing):
                         logger.debug("toolstack: rollback after a failed transaction "
                                      "failed too: %s", e)
                     raise
-                if client.commit():
+                if _commit(client, committed):
                     return result
 
     # -- devices -------------------------------------------------------------
@@ -202,12 +207,15 @@ class Toolstack(Closing):
         transaction, as libxl never does: for testing a backend against a
         toolstack that re-creates a device under it.
 
-        With ``into``, the device is appended to it from the moment the
-        transaction that adds it may commit: for a caller that must remove
-        it whatever interrupts the call (a Ctrl-C as the commit's reply
-        comes, or as this returns, would otherwise leave a device nobody
-        knows of, and every later add of it refused).  It may then not
-        have been added after all; removing it does no harm.
+        With ``into``, the device is appended to it as XenStore's reply
+        says the transaction that adds it committed, before this call
+        hears of it: for a caller that must remove it whatever interrupts
+        the call (a Ctrl-C as the commit's reply comes, or as this
+        returns, would otherwise leave a device nobody knows of, and every
+        later add of it refused).  A Ctrl-C once the commit went waits
+        for its reply.  Nothing else is appended: the device may be
+        another caller's, added while this call's commit failed, which
+        that caller removes.
         """
         _check_name("device_type", device_type)
         _check_domid("frontend_id", frontend_id)
@@ -227,10 +235,6 @@ class Toolstack(Closing):
                 c.write(base + b"/" + key.encode(), str(value).encode())
 
         def body(c: pyxs.Client) -> None:
-            if into is not None and dev in into:
-                # An attempt before this one (ended in EAGAIN) listed it;
-                # this one may yet find another's device there, not ours.
-                into.remove(dev)
             # libxl refuses a device of a domain that does not exist, and
             # one whose backend directory exists (ERROR_DEVICE_EXISTS):
             # writing it again would wipe what a backend serves.
@@ -263,10 +267,10 @@ class Toolstack(Closing):
             write(c, be, backend_nodes)
             write(c, lx, {"frontend-id": frontend_id, "online": 1})
             write(c, lx, {"state": XENBUS_STATE_INITIALISING})
-            if into is not None:
-                into.append(dev)  # the commit comes next
 
-        self.transaction(body)
+        # Listed on the router thread as the commit's reply comes (see
+        # _commit): no Ctrl-C lands between the two.
+        self._transaction(body, _nothing if into is None else functools.partial(into.append, dev))
         logger.info("toolstack: added %s device %d: %s <- %s", device_type, devid, be, fe)
         return dev
 
@@ -389,6 +393,10 @@ class Toolstack(Closing):
                     raise pyxs.ConnectionError(
                         f"XenStore went away while waiting for {path.decode()} to read Closed"
                     )
+
+
+def _nothing() -> None:
+    pass
 
 
 #: Put in a watch's event queue when its connection is lost.
