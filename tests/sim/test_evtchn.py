@@ -532,6 +532,43 @@ def test_wait_blocks_until_a_port_fires(pair: tuple[EventChannel, int, EventChan
     assert e0.wait(5) == p0
 
 
+@pytest.mark.parametrize("request_kind", ["bind", "unbind"])
+def test_the_reply_to_a_request_does_not_wake_the_handles_waiters(
+        host: SimHost, guest: Domain, request_kind: str) -> None:
+    """A request of the handle takes its own reply: a thread waiting on
+    fileno() (or in wait()) would only find it taken, so the reply must
+    not make the handle readable meanwhile (a pvcalls poller was woken
+    twice per connect so)."""
+    e1 = guest.evtchn()
+    with host.dom0.evtchn() as e0:
+        gone, kept = (e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
+                      for _ in range(2))
+        remote = e1.bind_unbound_port(0)
+        # The reply is in the socket (the connection polls readable) when
+        # the handle is looked at: at the receive, before taking it.
+        seen: list[bool] = []
+        conn = e0._conn
+        receive = conn._receive
+
+        def look_then_receive(flags: int) -> tuple[dict[str, object], list[int]]:
+            assert readable(conn.fileno(), 5)
+            seen.append(readable(e0.fileno(), 0))
+            return receive(flags)
+
+        conn._receive = look_then_receive  # type: ignore[method-assign]
+        if request_kind == "bind":
+            e0.bind_interdomain(guest.domid, remote)
+        else:
+            e0.unbind(gone)
+        conn._receive = receive  # type: ignore[method-assign]
+        assert seen == [False]
+        # Watched again once the request is over: pushed news still wakes
+        # the handle's waiters (the guest unbinding its end of our port).
+        e1.close()
+        assert readable(e0.fileno(), 5)
+        assert eventually(lambda: e0.remote(kept) is None)
+
+
 def test_handles_go_quiet_when_the_host_stops() -> None:
     host = SimHost()
     host.start()

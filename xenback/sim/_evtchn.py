@@ -100,7 +100,8 @@ class EventChannel(Closing):
         raise_nofile_limit()
         self._epoll = select.epoll()
         try:
-            self._conn = ServiceConnection(socket_path, EventChannelError, self._on_push)
+            self._conn = ServiceConnection(socket_path, EventChannelError, self._on_push,
+                                           on_wait=self._quiet_service)
         except BaseException:
             self._epoll.close()
             raise
@@ -456,6 +457,19 @@ class EventChannel(Closing):
                 pass
         lp.masked = True
         return True
+
+    def _quiet_service(self, quiet: bool) -> None:
+        """The connection's on_wait: while a request of ours waits for its
+        reply (under the connection's lock), the service connection is out
+        of the epoll set (no events, though a hang-up is still reported),
+        so that the reply does not wake a thread waiting in :meth:`wait`
+        or on :meth:`fileno`, which would only find it taken.  Pushed
+        messages that come meanwhile are taken by the request; those that
+        come after its reply are reported as the connection is watched
+        again (epoll_ctl checks readiness)."""
+        with self._lock:
+            if self._conn_fd is not None and not self._closed:
+                self._epoll.modify(self._conn_fd, 0 if quiet else select.EPOLLIN)
 
     def _drain_service(self) -> None:
         if not self._conn.drain():

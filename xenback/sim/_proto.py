@@ -144,6 +144,14 @@ class ServiceConnection:
     ``on_push(msg, fds)`` receives the messages the service pushes; it owns
     the descriptors.  ``error`` is the :class:`OSError` subclass raised for a
     failed request (GrantError or EventChannelError).
+
+    ``on_wait(True)`` is called before a request goes out and
+    ``on_wait(False)`` once it is over, both under the connection's lock.
+    An owner that watches the connection for pushed messages in an epoll
+    set, where another thread may be waiting, stops watching it meanwhile:
+    the caller takes every message until its reply itself, and the reply
+    would otherwise wake that thread for nothing (a context switch and a
+    pass of its loop per request).
     """
 
     def __init__(
@@ -151,9 +159,12 @@ class ServiceConnection:
         path: str | os.PathLike[str],
         error: type[OSError],
         on_push: Callable[[Message, list[int]], None] | None = None,
+        *,
+        on_wait: Callable[[bool], None] | None = None,
     ) -> None:
         self._error = error
         self._on_push = on_push
+        self._on_wait = on_wait
         # (errno, text): why the service refused this connection, once it
         # said so.
         self._refusal: tuple[int, str] | None = None
@@ -195,21 +206,38 @@ class ServiceConnection:
         with self._lock:
             if self._refusal is not None:
                 raise self._error(*self._refusal)
+            on_wait = self._on_wait
+            if on_wait is None:
+                return self._call(op, fds, apply, args)
+            on_wait(True)
             try:
-                send_message(self._sock, {"op": op, **args}, fds)
-            except OSError as e:
-                raise self._refused() or self._gone(e) from None
-            while True:
-                msg, rfds = self._receive(0)
-                if "event" in msg:
-                    self._push(msg, rfds)
-                    continue
-                if "errno" in msg:
-                    close_fds(rfds)
-                    raise self._error(int(msg["errno"]), str(msg.get("error", "")))
-                if apply is not None:
-                    apply(msg, rfds)
-                return msg, rfds
+                return self._call(op, fds, apply, args)
+            finally:
+                on_wait(False)
+
+    def _call(
+        self,
+        op: str,
+        fds: Sequence[int],
+        apply: Callable[[Message, list[int]], None] | None,
+        args: dict[str, Any],
+    ) -> tuple[Message, list[int]]:
+        # Under _lock: call()'s request and the messages up to its reply.
+        try:
+            send_message(self._sock, {"op": op, **args}, fds)
+        except OSError as e:
+            raise self._refused() or self._gone(e) from None
+        while True:
+            msg, rfds = self._receive(0)
+            if "event" in msg:
+                self._push(msg, rfds)
+                continue
+            if "errno" in msg:
+                close_fds(rfds)
+                raise self._error(int(msg["errno"]), str(msg.get("error", "")))
+            if apply is not None:
+                apply(msg, rfds)
+            return msg, rfds
 
     def drain(self) -> bool:
         """Deliver the pushed messages that already arrived, without waiting.
