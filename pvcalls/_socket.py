@@ -230,6 +230,14 @@ class DataRing:
         assert self._words is not None
         return self._words[OUT_CONS_OFFSET // 4]
 
+    def out_pending(self) -> bool:
+        """Whether the out ring holds bytes, going by its indexes on the
+        page as they are now: a hint only, for whether to run the Work,
+        which reads them again and checks them."""
+        assert self._words is not None
+        words = self._words
+        return words[OUT_PROD_OFFSET // 4] != words[OUT_CONS_OFFSET // 4]
+
     def out_was_full(self, cons: int) -> bool:
         """After a consume: was the out ring full with ``cons``, our index
         before it?  (See the module docstring for why this read of
@@ -332,6 +340,10 @@ class ActiveSocket(Work):
         self._rx_done = False               # in_error set: we produce no more
         self._tx_done = False               # out_error set: we consume no more
         self._placed = False
+        # The Work ran while NEW (under _lock): an event came before
+        # start_connect() was done with the socket, for it to run the Work
+        # once more.
+        self._missed = False
         # The host socket was closed or handed to the lingerer (teardown).
         self._host_released = False
         self._out_armed = False             # EPOLLOUT in the host socket's mask
@@ -425,19 +437,32 @@ class ActiveSocket(Work):
                                f"connect to {address[0]}:{address[1]} failed at once")
         self.place()
         if err == 0 or _connected(host):
+            # Watched from here: whatever arrives is an edge, and what came
+            # before is reported as one (epoll_ctl checks readiness), so no
+            # receive is due until one comes.
+            self._rx_more = False
             self._events().add_fd(host.fileno(), ACTIVE_EVENTS, self._on_host_event)
             with self._lock:
                 self.state = SockState.CONNECTED
+                missed, self._missed = self._missed, False
             # An edge since add_fd (data that came already: epoll_ctl
-            # checks readiness) ran the Work while NEW, which did nothing;
-            # so did a notification of the frontend.  One run now.
-            self.kick()
+            # checks readiness) or a notification of the frontend ran the
+            # Work while NEW, which only noted it; or the guest wrote into
+            # the out ring before, its notification gone to nobody (a
+            # connect that failed, or none given): one run now.  Else the
+            # Work waits for the first event, as a connected socket's
+            # always does (a run for nothing cost a worker's wake-up per
+            # connect).
+            ring = self.ring
+            if missed or (ring is not None and ring.out_pending()):
+                self.kick()
             return True
         self._out_armed = True
         self._events().add_fd(host.fileno(), ACTIVE_EVENTS_OUT, self._on_host_event)
         with self._lock:
             self.connect_request = request
             self.state = SockState.CONNECTING
+            self._missed = False  # the kick below runs it anyway
         # Also covers a connect that completed before we were CONNECTING
         # (its event ran the Work, which then did nothing).
         self.kick()
@@ -507,6 +532,8 @@ class ActiveSocket(Work):
                 if not self._finish_connect():
                     return
             elif state is not SockState.CONNECTED:
+                if state is SockState.NEW:
+                    self._missed_run()
                 return
             ring = self.ring
             host = self.host
@@ -544,6 +571,17 @@ class ActiveSocket(Work):
             self.kick()
         except Exception as exc:
             self._fail(exc)
+
+    def _missed_run(self) -> None:
+        """The Work ran while NEW: an event came while the CONNECT is set
+        up.  Noted under ``_lock``, where start_connect() changes the state
+        and looks at the note, so that it runs the Work once more; if the
+        state changed meanwhile, the Work runs again now."""
+        with self._lock:
+            if self.state is SockState.NEW:
+                self._missed = True
+                return
+        self.kick()
 
     def _fail(self, exc: Exception) -> None:
         """The Work raised ``exc``: nothing it does for this socket can be

@@ -34,7 +34,7 @@ from racewindow import PauseAt, stands_at
 import pvcalls
 from pvcalls import _errno, _socket, _wire
 from pvcalls._backend import _Frontend
-from pvcalls._socket import ActiveSocket, PassiveSocket, Request
+from pvcalls._socket import ActiveSocket, PassiveSocket, Request, SockState
 from pvcalls._wire import ffi
 from xenback.events import EventDispatcher
 from xenback.ratelimit import RateLimit
@@ -262,6 +262,61 @@ def test_connect_and_echo(raw: RawFrontend, echo_server: Any, backend: pvcalls.B
     assert row.address == echo_server.address
     assert raw.release(sock_id).ret == 0
     assert backend.stats().sockets == ()
+
+
+def test_a_connect_answered_at_once_runs_the_socket_for_its_events_only(
+        raw: RawFrontend, echo_server: Any, backend: pvcalls.Backend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connect that completes within the CONNECT (loopback) queues no
+    run of the socket's Work that nothing asked for: a wake-up of a worker
+    per connect.  The first event runs it."""
+    runs: list[SockState] = []
+    real_run = ActiveSocket._run
+
+    def counted(self: ActiveSocket) -> None:
+        runs.append(self.state)
+        real_run(self)
+
+    monkeypatch.setattr(ActiveSocket, "_run", counted)
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    sock.flush()
+    assert runs == []
+    raw.send_all(ring, b"first")
+    assert raw.recv_exactly(ring, 5) == b"first"
+    assert runs and set(runs) == {SockState.CONNECTED}
+    assert raw.release(sock_id).ret == 0
+
+
+def test_a_notification_while_the_connect_is_set_up_is_not_lost(
+        raw: RawFrontend, echo_server: Any, backend: pvcalls.Backend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frontend writes and notifies while its CONNECT is still being
+    processed (the port is bound, the socket not yet CONNECTED): the Work
+    that this runs finds the socket NEW and does nothing, and the CONNECT,
+    connected at once, runs it again, which sends the bytes."""
+    # Connected and watched, not yet CONNECTED: the first "with" of
+    # start_connect is the connected-at-once path's.
+    starting = PauseAt.in_method(monkeypatch, ActiveSocket, "start_connect",
+                                 "with self._lock:")
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    connect_req = raw.push_connect(sock_id, echo_server.address, ring)
+    assert starting.reached.wait(TIMEOUT)
+    try:
+        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+        assert isinstance(sock, ActiveSocket)
+        assert ring.write(b"early") == 5  # and notifies
+        wait_until(lambda: sock._missed)  # the Work ran, NEW
+        assert connect_req not in raw.responses
+    finally:
+        starting.resume()
+    assert raw.response(connect_req).ret == 0
+    assert raw.recv_exactly(ring, 5) == b"early"
+    assert raw.release(sock_id).ret == 0
 
 
 def test_connect_refused(raw: RawFrontend) -> None:

@@ -273,7 +273,7 @@ def test_a_work_woken_by_the_frontend_alone_does_not_receive(
     _host_sockets_are(monkeypatch, CountedReceives)
     sock_id, ring, peer = _accepted_pair(raw)
     sock = _socket_of(backend, raw, sock_id)
-    sock.flush()  # its first run received (EAGAIN), and found the socket drained
+    sock.flush()  # not run yet: connected at once, it waits for an event
     before = len(receives)
     peer.settimeout(TIMEOUT)
     for word in (b"one", b"two", b"three"):
