@@ -627,6 +627,9 @@ class _Frontend:
         self._lock = threading.Lock()
         self._sockets: dict[int, Socket] = {}
         self._reserved = 0  # see _accept
+        # Indexes page grant -> the data refs of the last ring given with
+        # it (see pvcalls._socket.DataRing).  The command Work's alone.
+        self.ring_hints: dict[int, tuple[int, ...]] = {}
 
         self._broken = False
         # Set by start(), once the frontend is set up and counted among the

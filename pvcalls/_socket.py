@@ -109,6 +109,11 @@ _T = TypeVar("_T")
 #: itself behind the other sockets of its CPU (fairness, like NAPI's budget).
 IO_BUDGET = 1 << 20
 
+#: Indexes pages of a frontend whose last ``ref[]`` array is kept, to map
+#: a ring it gives again in one request (see :class:`DataRing`): a
+#: frontend recycling more rings than that only loses the shortcut.
+RING_HINTS = 256
+
 #: Host socket events an active socket waits for (edge-triggered).  Write
 #: space is only watched while a send is blocked (or a connect in progress):
 #: on loopback every ACK would otherwise wake the Work for nothing.
@@ -162,46 +167,57 @@ class DataRing:
     """The data ring of one active socket, mapped from the frontend.
 
     Maps the indexes page, reads ``ring_order`` and the ``ref[]`` array out of
-    it once, validates them, and maps the data pages contiguously.  The
-    first half of the data is the ``in`` ring (we produce), the second half
-    the ``out`` ring (we consume).  Every access goes through
+    it once, validates them, and maps the indexes page and the data pages
+    again as one contiguous mapping (the indexes page first), which is the
+    ring's for its life; the first mapping goes.  The first half of the
+    data is the ``in`` ring (we produce), the second half the ``out`` ring
+    (we consume).  Every access goes through
     :class:`xenback.ring.FlexRing`, which masks positions, so nothing the
     frontend writes can make us touch memory outside the mapped pages.
+
+    ``hint`` is the ``ref[]`` array of the last ring the frontend gave with
+    this indexes page (ours recycles its rings, pages, grants and all):
+    the whole ring is then mapped at once, and if the array read from it
+    is the hint, that is all, one request to the hypervisor where there
+    are two, and one to unmap where there would be two.  A hint the
+    hypervisor refuses (the grants ended) or that the page contradicts
+    costs what it saved: the long way follows, from the page just read.
+    Only the copy read from the page decides what is mapped, and the
+    hypervisor checks every ref, whatever the hint was.
     """
 
-    def __init__(self, gnttab: GrantTable, domid: int, ref: int, max_page_order: int) -> None:
-        self._indexes: GrantMapping | None = None
-        self._data: GrantMapping | None = None
+    def __init__(self, gnttab: GrantTable, domid: int, ref: int, max_page_order: int,
+                 hint: tuple[int, ...] | None = None) -> None:
+        self._pages: GrantMapping | None = None
         self._page: memoryview | None = None
         self._errors: memoryview | None = None
         self._words: memoryview | None = None
         self._rings: list[FlexRing] = []
-        try:
-            self._indexes = gnttab.map_grant_refs(domid, [ref])
-        except (OSError, ValueError) as exc:
-            raise CommandError(_errno.EINVAL, f"cannot map indexes page grant {ref}: {exc}") from None
-        try:
-            self._page = page = self._indexes.buffer[:PAGE_SIZE]
-            with page.cast("I") as words:
-                # Copied out once: the frontend may change the page under us.
-                order = words[RING_ORDER_OFFSET // 4]
-                if not 1 <= order <= max_page_order:
-                    raise CommandError(
-                        _errno.EINVAL, f"ring_order {order} not in 1..{max_page_order}")
-                first = REF_OFFSET // 4
-                refs = tuple(words[first : first + (1 << order)])
+        if hint is not None:
             try:
-                self._data = gnttab.map_grant_refs(domid, refs)
-            except (OSError, ValueError) as exc:
-                raise CommandError(
-                    _errno.EINVAL, f"cannot map {len(refs)} data ring pages: {exc}") from None
+                self._pages = gnttab.map_grant_refs(domid, (ref, *hint))
+            except (OSError, ValueError):
+                pass  # the long way
+        if self._pages is None:
+            self._pages = _map_ring(gnttab, domid, (ref,), f"indexes page grant {ref}")
+        try:
+            order, refs = _read_layout(self._pages.buffer, max_page_order)
+            if self._pages.refs[1:] != refs:
+                # The whole ring, as the page says it is; then the first
+                # mapping goes (held until then, for close() on failure).
+                first = self._pages
+                self._pages = _map_ring(gnttab, domid, (ref, *refs),
+                                        f"{len(refs)} data ring pages")
+                _unmap(first)
+            self.refs = refs
             self.ring_order = order
             self.size = size = flex_ring_size(order)
-            data = self._data.buffer
-            self.in_ring = FlexRing(data[:size], page,
+            buffer = self._pages.buffer
+            self._page = page = buffer[:PAGE_SIZE]
+            self.in_ring = FlexRing(buffer[PAGE_SIZE : PAGE_SIZE + size], page,
                                     prod_offset=IN_PROD_OFFSET, cons_offset=IN_CONS_OFFSET)
             self._rings.append(self.in_ring)
-            self.out_ring = FlexRing(data[size : 2 * size], page,
+            self.out_ring = FlexRing(buffer[PAGE_SIZE + size : PAGE_SIZE + 2 * size], page,
                                      prod_offset=OUT_PROD_OFFSET, cons_offset=OUT_CONS_OFFSET)
             self._rings.append(self.out_ring)
             # Signed views of the two error fields.
@@ -258,7 +274,7 @@ class DataRing:
         self._errors[OUT_ERROR_OFFSET // 4] = value
 
     def close(self) -> None:
-        """Drop every view, then unmap the data pages and the indexes page."""
+        """Drop every view, then unmap the pages."""
         for ring in self._rings:
             ring.release()
         self._rings = []
@@ -266,13 +282,35 @@ class DataRing:
             if view is not None:
                 view.release()
         self._errors = self._words = self._page = None
-        for mapping in (self._data, self._indexes):
-            if mapping is not None:
-                try:
-                    mapping.unmap()
-                except (OSError, BufferError):
-                    logger.exception("unmapping a data ring failed")
-        self._data = self._indexes = None
+        pages, self._pages = self._pages, None
+        if pages is not None:
+            _unmap(pages)
+
+
+def _map_ring(gnttab: GrantTable, domid: int, refs: tuple[int, ...], what: str) -> GrantMapping:
+    try:
+        return gnttab.map_grant_refs(domid, refs)
+    except (OSError, ValueError) as exc:
+        raise CommandError(_errno.EINVAL, f"cannot map {what}: {exc}") from None
+
+
+def _unmap(pages: GrantMapping) -> None:
+    try:
+        pages.unmap()
+    except (OSError, BufferError):
+        logger.exception("unmapping a data ring failed")
+
+
+def _read_layout(buffer: memoryview, max_page_order: int) -> tuple[int, tuple[int, ...]]:
+    """``ring_order`` and the ``ref[]`` array of the indexes page at the
+    start of ``buffer``, copied out once (the frontend may change the page
+    under us) and checked."""
+    with buffer[:PAGE_SIZE] as page, page.cast("I") as words:
+        order = words[RING_ORDER_OFFSET // 4]
+        if not 1 <= order <= max_page_order:
+            raise CommandError(_errno.EINVAL, f"ring_order {order} not in 1..{max_page_order}")
+        first = REF_OFFSET // 4
+        return order, tuple(words[first : first + (1 << order)])
 
 
 class _Steps:
@@ -378,7 +416,14 @@ class ActiveSocket(Work):
     def attach_ring(self, ref: int, remote_port: int) -> None:
         """Map the data ring at ``ref`` and bind the frontend's ``remote_port``."""
         fe = self.frontend
-        self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order)
+        # The hints are the command Work's, which makes every ring of its
+        # frontend (CONNECT, ACCEPT), one command at a time: no lock.
+        hints = fe.ring_hints
+        self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order,
+                             hints.pop(ref, None))
+        hints[ref] = self.ring.refs  # the newest last
+        if len(hints) > RING_HINTS:
+            del hints[next(iter(hints))]
         # Our CPU's poller if we have a CPU (CONNECT), else the one of the
         # CPU we will most likely get (ACCEPT, placed when a connection comes).
         backend = fe.backend

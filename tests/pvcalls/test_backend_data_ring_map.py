@@ -1,0 +1,162 @@
+"""pvcalls Backend: how a socket's data ring is mapped, and how a ring the
+frontend gives again (ours recycles them) is mapped in one request.
+
+The guest's pages are one share: the indexes page, then two sets of data
+pages (A and B), so that the indexes page can name either."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from pvcalls_rawfront import RawFrontend
+
+import pvcalls
+from pvcalls._socket import CommandError, DataRing
+from pvcalls._wire import OUT_PROD_OFFSET, PAGE_SIZE, REF_OFFSET, RING_ORDER_OFFSET
+from xenback.sim import SimHost
+
+ORDER = 2
+NPAGES = 1 << ORDER
+
+
+class Guest:
+    """A guest's pages for one ring, granted to dom0, and dom0's grant
+    table, which counts its map requests."""
+
+    def __init__(self, host: SimHost) -> None:
+        self.domain = host.create_domain("ringer")
+        self.gntshr = self.domain.gntshr()
+        self.pages = self.gntshr.share_pages(0, 1 + 2 * NPAGES)
+        refs = self.pages.refs
+        self.indexes, self.a, self.b = refs[0], refs[1 : 1 + NPAGES], refs[1 + NPAGES :]
+        self.gnttab = host.dom0.gnttab()
+        self.maps: list[tuple[int, ...]] = []
+        real_map = self.gnttab.map_grant_refs
+
+        def counted(domid: int, refs: Sequence[int]) -> Any:
+            self.maps.append(tuple(refs))
+            return real_map(domid, refs)
+
+        self.gnttab.map_grant_refs = counted  # type: ignore[method-assign]
+
+    def lay_out(self, order: int, data: Sequence[int]) -> None:
+        """Write ``ring_order`` and ``ref[]`` into the indexes page."""
+        page = self.pages.buffer
+        struct.pack_into("<I", page, RING_ORDER_OFFSET, order)
+        struct.pack_into(f"<{len(data)}I", page, REF_OFFSET, *data)
+
+    def put_out_byte(self, data_set: int, value: bytes) -> None:
+        """One byte at the start of the out ring of data set 0 (A) or 1
+        (B), published."""
+        out_start = (1 + data_set * NPAGES) * PAGE_SIZE + NPAGES * PAGE_SIZE // 2
+        self.pages.buffer[out_start : out_start + 1] = value
+        struct.pack_into("<I", self.pages.buffer, OUT_PROD_OFFSET, 1)
+
+    def ring(self, hint: tuple[int, ...] | None) -> DataRing:
+        return DataRing(self.gnttab, self.domain.domid, self.indexes, ORDER, hint)
+
+    def live_mappings(self) -> int:
+        return len(self.gnttab._live)
+
+
+@pytest.fixture
+def guest(host: SimHost) -> Iterator[Guest]:
+    g = Guest(host)
+    yield g
+    g.gnttab.close()
+    g.gntshr.close()
+
+
+def _out_bytes(ring: DataRing) -> bytes:
+    return b"".join(bytes(v) for v in ring.out_ring.readable())
+
+
+def test_without_a_hint_the_ring_is_the_page_s(guest: Guest) -> None:
+    guest.lay_out(ORDER, guest.a)
+    guest.put_out_byte(0, b"A")
+    ring = guest.ring(None)
+    try:
+        assert guest.maps == [(guest.indexes,), (guest.indexes, *guest.a)]
+        assert ring.refs == guest.a
+        assert guest.live_mappings() == 1  # the first one went
+        assert _out_bytes(ring) == b"A"
+    finally:
+        ring.close()
+    assert guest.live_mappings() == 0
+
+
+def test_a_hint_the_page_confirms_maps_the_ring_in_one_request(guest: Guest) -> None:
+    guest.lay_out(ORDER, guest.a)
+    guest.put_out_byte(0, b"A")
+    ring = guest.ring(guest.a)
+    try:
+        assert guest.maps == [(guest.indexes, *guest.a)]
+        assert ring.refs == guest.a and guest.live_mappings() == 1
+        assert _out_bytes(ring) == b"A"
+    finally:
+        ring.close()
+    assert guest.live_mappings() == 0
+
+
+def test_a_hint_the_page_contradicts_maps_what_the_page_says(guest: Guest) -> None:
+    """The frontend gave the indexes page again with other data pages:
+    they are the ring, and the mapping made on the hint's word goes."""
+    guest.lay_out(ORDER, guest.b)
+    guest.put_out_byte(1, b"B")
+    ring = guest.ring(guest.a)
+    try:
+        assert guest.maps == [(guest.indexes, *guest.a), (guest.indexes, *guest.b)]
+        assert ring.refs == guest.b and guest.live_mappings() == 1
+        assert _out_bytes(ring) == b"B"
+    finally:
+        ring.close()
+    assert guest.live_mappings() == 0
+
+
+def test_a_hint_the_hypervisor_refuses_takes_the_long_way(guest: Guest) -> None:
+    """The hint's grants ended (or were never ours): the ring is mapped
+    from the indexes page alone, as without a hint."""
+    guest.lay_out(ORDER, guest.a)
+    stale = tuple(ref + 10_000 for ref in guest.a)
+    ring = guest.ring(stale)
+    try:
+        assert guest.maps == [(guest.indexes, *stale), (guest.indexes,),
+                              (guest.indexes, *guest.a)]
+        assert ring.refs == guest.a and guest.live_mappings() == 1
+    finally:
+        ring.close()
+
+
+@pytest.mark.parametrize("hint", [False, True])
+def test_a_bad_ring_order_maps_nothing_whatever_the_hint(guest: Guest, hint: bool) -> None:
+    guest.lay_out(ORDER + 1, guest.a + guest.b)  # beyond max_page_order
+    with pytest.raises(CommandError, match="ring_order"):
+        guest.ring(guest.a + guest.b if hint else None)
+    assert guest.live_mappings() == 0
+
+
+def test_a_recycled_ring_is_mapped_in_one_request(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our frontend gives a released socket's ring to its next socket:
+    the backend maps it, indexes page and data pages, with one request."""
+    maps: list[int] = []
+    real_map = backend.gnttab.map_grant_refs
+
+    def counted(domid: int, refs: Sequence[int], **kwargs: Any) -> Any:
+        maps.append(len(refs))
+        return real_map(domid, refs, **kwargs)
+
+    monkeypatch.setattr(backend.gnttab, "map_grant_refs", counted)
+    ring = raw.new_ring()
+    for word in (b"first", b"again"):
+        maps.clear()
+        sock_id, _ = raw.socket()
+        assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+        raw.send_all(ring, word)
+        assert raw.recv_exactly(ring, len(word)) == word
+        assert raw.release(sock_id).ret == 0
+    assert maps == [1 + 16]
