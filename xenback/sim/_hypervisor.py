@@ -53,6 +53,7 @@ from xenback.ratelimit import RateLimit
 
 from ._proto import (
     MAX_FDS,
+    MSG_DONTWAIT,
     Message,
     close_fds,
     decode,
@@ -516,7 +517,7 @@ class Hypervisor:
 
     def _receive(self, conn: _Conn) -> None:
         try:
-            data, fds, truncated = recv_message(conn.sock, socket.MSG_DONTWAIT)
+            data, fds, truncated = recv_message(conn.sock, MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -575,7 +576,7 @@ class Hypervisor:
         if conn.closed:
             return
         try:
-            send_message(conn.sock, msg, fds or (), socket.MSG_DONTWAIT)
+            send_message(conn.sock, msg, fds or (), MSG_DONTWAIT)
         except OSError as e:
             # A handle that does not take its messages is dropped; one that
             # is already gone (EPIPE) just has not been reaped yet.

@@ -66,6 +66,15 @@ Message = dict[str, Any]
 
 _FDS = array.array("i")
 
+# Plain ints: socket's flags are IntFlag members, and each | or & of them
+# makes a new member through the enum machinery, some microseconds in
+# Python 3.11, three times per message received.
+#: ``MSG_DONTWAIT``, as an int, for callers of :func:`recv_message`.
+MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FDS.itemsize)
+
 
 def raise_nofile_limit() -> None:
     """Lift this process's soft descriptor limit to the hard one.
@@ -118,13 +127,13 @@ def recv_message(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int],
     """
     # Not socket.recv_fds: Python 3.11's ignores its flags argument.
     data, ancdata, msg_flags, _ = sock.recvmsg(
-        MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * _FDS.itemsize), flags | socket.MSG_CMSG_CLOEXEC
+        MAX_MESSAGE + 1, _ANCILLARY_SPACE, flags | _MSG_CMSG_CLOEXEC
     )
     fds = array.array("i")
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    truncated = bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > MAX_MESSAGE
+    truncated = bool(msg_flags & _TRUNCATED) or len(data) > MAX_MESSAGE
     return data, list(fds), truncated
 
 
@@ -247,7 +256,7 @@ class ServiceConnection:
         with self._lock:
             while True:
                 try:
-                    msg, fds = self._receive(socket.MSG_DONTWAIT)
+                    msg, fds = self._receive(MSG_DONTWAIT)
                 except BlockingIOError:
                     return True
                 except self._error:
@@ -295,7 +304,7 @@ class ServiceConnection:
         unread (ECONNRESET comes before the messages that are queued)."""
         if self._refusal is None:
             try:
-                data, fds, _ = recv_message(self._sock, socket.MSG_DONTWAIT)
+                data, fds, _ = recv_message(self._sock, MSG_DONTWAIT)
             except OSError:
                 return None  # nothing there, or the error again
             close_fds(fds)
