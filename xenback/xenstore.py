@@ -1311,7 +1311,11 @@ class XenStore(_Ops, Closing):
         :class:`RuntimeError`.  Its watch is gone from XenStore when it
         returns or raises; cut short by a Ctrl-C (a second one during
         its clean-up included), it leaves the removal to the watch
-        thread, which may finish it a moment later.
+        thread, which may finish it a moment later.  The watch thread
+        removes it, after the callbacks queued before: so a caller must
+        not hold, while it waits, what a watch callback without an
+        EventQueue waits for (the rule for such callbacks anyway: they
+        are brief and block on nothing).
         """
         # Checked first: a NaN deadline is never reached nor passed, and
         # the loop below would re-read the node for ever.
