@@ -56,6 +56,21 @@ lost, so the dispatcher resets the handle and hands every event out
 again.  Any other OSError says that the handle is dead (the hypervisor
 side went away): its ports are no longer dispatched, its fds still are.
 
+The reset empties the queue, but the hand-out after it unmasks ports
+that may be in the queue again already, which then fire and are queued
+twice: a storm on every port may overflow it once more.  Not for ever:
+as the ports are taken, the queue drains, and a read of it that finds
+it empty (``pending()`` saying None, or a wait with the handle watched
+that finds it not ready) says that the overflow is over.  So an
+overflow that comes before any read found the queue empty since the
+last reset is a failure of the dispatching: the handle is reset all
+the same (else nothing would clear the overflow), and the round fails
+with EFBIG, which backs off as above.  The first two overflows in a row
+cost a reset each, at once; from the third the handle is left out of
+the wait, and a queue that overflows again at once after every reset
+costs a reset, a hand-out and a traceback per back-off, not a CPU, its
+fds served meanwhile, until an overflow no longer follows the reset.
+
 Poll mode
 ---------
 A callback that queues a work item hands the event to another thread: the
@@ -69,15 +84,15 @@ queue work on the pool of the very worker that polls, which runs it next,
 without waking anybody.  The sleep in ``epoll_wait`` is wrapped in
 :func:`workqueue.blocking`, so the pool runs other items meanwhile.
 
-A poll that fails (the handle's ``pending()`` or ``unmask()`` raising)
-raises, and its owner polls again: the next poll hands every event out
-again, before it waits, as the thread does.  So does the next poll after
-one whose callback raised: the work the callback would have queued is
-lost, and a poller serves the sockets of one CPU only.  A hand-out that
-fails in its turn is done again after the next wait, not at once: a
-callback that raises at every call costs a hand-out or two per wake-up
-(one after the wait, one for the dispatch that follows it), not a
-spinning poller.  A poll that fails again backs off as the thread does:
+A poll that fails (the handle's ``pending()`` or ``unmask()`` raising,
+or its queue overflowing again: see above) raises, and its owner polls
+again: the next poll hands every event out again, before it waits, as
+the thread does.  So does the next poll after one whose callback
+raised: the work the callback would have queued is lost, and a poller
+serves the sockets of one CPU only.  A hand-out that fails in its turn
+is done again after the next wait, not at once: a callback that raises
+at every call costs a hand-out or two per wake-up (one after the wait,
+one for the dispatch that follows it), not a spinning poller.  A poll that fails again backs off as the thread does:
 while the handle is left out of the wait, a poll returns at the latest
 when the delay ends.
 """
@@ -206,6 +221,11 @@ class EventDispatcher(Closing):
         # thread that dispatches.
         self._backoff: float | None = None
         self._handle_back: float | None = None
+        # The handle was reset after an overflow, and no read or wait has
+        # found its queue empty since: another overflow is a failure (see
+        # the module docstring).  Written only by the thread that
+        # dispatches.
+        self._overflowed = False
         # A callback that raises is a bug, but a guest may set it off at
         # every notify, as fast as it likes: its tracebacks are limited.
         self._failures = RateLimit(f"{name} callbacks")
@@ -505,6 +525,14 @@ class EventDispatcher(Closing):
                     ready = self._epoll.poll(timeout)
                 except InterruptedError:
                     return 0
+            if self._overflowed and watched and all(fd != self._evtchn_fd for fd, _ in ready):
+                # Level-triggered, and Linux's poll() says POLLIN while its
+                # queue holds a port, POLLERR once it overflowed: not ready
+                # is empty.  (A poller takes one port per poll, and seldom
+                # reads the queue empty.  Not so if more fds were ready
+                # than one wait returns, a thousand: a reset is free again
+                # then, with a round of every fd between two.)
+                self._overflowed = False
             resync, self._resync_later = self._resync_later, False
         self._lost = False
         try:
@@ -580,7 +608,7 @@ class EventDispatcher(Closing):
             try:
                 port = self._evtchn.pending()
             except OSError as exc:
-                if exc.errno == errno.EFBIG and self._reset():
+                if exc.errno == errno.EFBIG and self._reset(exc):
                     return
                 # The handle is dead (the hypervisor side went away): stop
                 # polling it rather than spin on a descriptor stuck readable.
@@ -590,6 +618,7 @@ class EventDispatcher(Closing):
                         self._epoll.unregister(self._evtchn_fd)
                 return
             if port is None:
+                self._overflowed = False  # read empty (see _reset)
                 return
             self._dispatch_port(port)
             if self._closed:
@@ -604,17 +633,26 @@ class EventDispatcher(Closing):
                 # call or two on every poll, most of which find one port.
                 return
 
-    def _reset(self) -> bool:
+    def _reset(self, overflow: OSError) -> bool:
         """The handle's queue of fired ports overflowed (pending() said
-        EFBIG): what it held, and the ports that fired since, are masked
-        and lost.  Reset it and have every port handed out again; False
-        if the reset failed."""
+        EFBIG, ``overflow``): what it held, and the ports that fired
+        since, are masked and lost.  Reset it and have every port handed
+        out again; False if the reset failed.  Raises EFBIG, once the
+        handle is reset, if it overflowed again before any read found its
+        queue empty since the last reset: a failure, which backs off (see
+        the module docstring)."""
+        again = self._overflowed
         try:
             self._evtchn.reset()
         except OSError:
             logger.exception("resetting the event channel handle after its overflow failed")
             return False
         self._lost = True
+        self._overflowed = True
+        if again:
+            # Logged as the failure it is, with the back-off it sets off.
+            raise OSError(errno.EFBIG, "the event channel handle overflowed again before its "
+                          "queue was found empty since its reset: reset again") from overflow
         self._breakdowns.log(logger, logging.WARNING,
                              "event channel handle overflowed: reset; every port is handed out again")
         return True

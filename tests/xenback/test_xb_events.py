@@ -19,6 +19,7 @@ from tests.stolensignal import Interrupted, interrupt, main_thread_in
 from tests.xenback.xbhelpers import TIMEOUT, fails_once, leaked_threads
 from xenback import EventDispatcher, events
 from xenback.platform import EventChannelError
+from xenback.ratelimit import RateLimit
 
 
 @pytest.fixture
@@ -893,3 +894,118 @@ def test_the_back_off_doubles_up_to_its_bound_and_no_further(pair, monkeypatch, 
     assert eventually(lambda: len(backing_off()) >= 6, TIMEOUT)
     assert [rec.args[-1] for rec in backing_off()[:6]] == [  # type: ignore[index]
         0.001, 0.002, 0.004, 0.004, 0.004, 0.004]
+
+
+class SteadyOverflow:
+    """The dispatcher's simulated handle made to overflow again as soon
+    as each reset has emptied its queue, while ``on``: Linux's queue of
+    fired ports overflowing as fast as the handle is reset.  Counts the
+    resets, and the ports that pending() took."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, dispatcher: EventDispatcher) -> None:
+        self.on = True
+        self.resets = self.taken = 0
+        handle = dispatcher._evtchn
+        real_reset, real_pending = handle.reset, handle.pending
+
+        def reset() -> None:
+            real_reset()
+            self.resets += 1
+            if self.on:
+                handle.overflow()
+
+        def pending() -> int | None:
+            port = real_pending()
+            if port is not None:
+                self.taken += 1
+            return port
+
+        monkeypatch.setattr(handle, "reset", reset)
+        monkeypatch.setattr(handle, "pending", pending)
+        self._handle = handle
+
+    def start(self) -> None:
+        self._handle.overflow()
+
+
+def test_a_handle_overflowing_after_every_reset_does_not_spin_the_thread(
+        pair, monkeypatch, caplog) -> None:
+    """A handle whose queue overflows again at once after each reset had
+    the thread reset it, hand every port out and reset it again, as fast
+    as it could (a hundred thousand resets a second).  An overflow before
+    a read found the queue empty since the reset is a failure of the
+    dispatching, and backs off as one: the handle is left out of the
+    wait, here for longer than the test, and the thread's fds are served
+    meanwhile with no reset.  Counted over a window of fd events, not of
+    time."""
+    monkeypatch.setattr(events, "_BACKOFF_FIRST", 3600.0)
+    monkeypatch.setattr(events, "_BACKOFF_MAX", 3600.0)
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    overflow = SteadyOverflow(monkeypatch, dispatcher)
+    r, w = os.pipe()
+    served = threading.Semaphore(0)
+    dispatcher.add_fd(r, select.EPOLLIN, lambda fd, _events: (os.read(fd, 1), served.release()))
+    caplog.set_level(logging.WARNING, logger="xenback.events")
+    try:
+        overflow.start()
+        assert eventually(lambda: overflow.resets >= 1, TIMEOUT)
+        before = overflow.resets
+        for _ in range(100):
+            os.write(w, b"x")
+            assert served.acquire(timeout=TIMEOUT), "an fd went unserved"
+        # Two overflows in a row may be the hand-out's (see events.py),
+        # the third backs off.
+        assert overflow.resets - before <= 2, "the thread resets the handle as it overflows"
+        failures = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+        assert failures and all(
+            rec.exc_info and isinstance(rec.exc_info[1], OSError)
+            and rec.exc_info[1].errno == errno.EFBIG for rec in failures)
+        assert "backing off" in failures[-1].getMessage()
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_handle_that_stops_overflowing_is_dispatched_again(pair, monkeypatch, caplog) -> None:
+    """Once the overflow stops, the back-off ends and the ports are
+    dispatched again; a read that finds the queue empty clears the
+    count, so that a single overflow later is only reset, as ever."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+    overflow = SteadyOverflow(monkeypatch, dispatcher)
+    # Every failure told: none held back by the rate limit.
+    monkeypatch.setattr(dispatcher, "_breakdowns", RateLimit("test", burst=1000))
+    caplog.set_level(logging.WARNING, logger="xenback.events")
+    overflow.start()
+    # The fourth reset comes after the handle was left out of the wait.
+    assert eventually(lambda: overflow.resets >= 4, TIMEOUT)
+    assert "backing off" in caplog.records[-1].getMessage()
+    overflow.on = False
+
+    def taken() -> bool:
+        # A notify may go to the reset of an overflow left from before,
+        # and its port to the hand-out after it: notified until taken.
+        evtchn.notify(remote)
+        return overflow.taken > 0
+
+    # Taken from the handle, the back-off over: so is the overflow (the
+    # dispatcher thread made the last one before it asked the handle).
+    assert eventually(taken, TIMEOUT)
+    _a_round_went_by(dispatcher)
+    while fired.acquire(timeout=0):
+        pass
+    # The queue was read empty since: one overflow is a reset, not a failure.
+    caplog.clear()
+    resets = overflow.resets
+    dispatcher._evtchn.overflow()
+    assert fired.acquire(timeout=TIMEOUT)  # handed out again
+    assert overflow.resets == resets + 1
+    evtchn.notify(remote)
+    assert fired.acquire(timeout=TIMEOUT)
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "event channel handle overflowed: reset; every port is handed out again"]

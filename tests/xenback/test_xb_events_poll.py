@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
@@ -19,7 +20,7 @@ from tests.stolensignal import (
 )
 from tests.xenback.xbhelpers import TIMEOUT, leaked_threads
 from workqueue import Topology, Work, alloc_workqueue
-from xenback import EventDispatcher
+from xenback import EventDispatcher, events
 
 
 @pytest.fixture
@@ -894,3 +895,87 @@ def test_a_pending_failing_at_every_call_is_left_out_of_the_wait_for_a_while(
     evtchn.notify(remote)
     assert dispatcher.poll(TIMEOUT) == 1
     assert asked[-1] == local and len(calls) == 4
+
+
+def _overflowing_after_every_reset(monkeypatch: pytest.MonkeyPatch,
+                                   dispatcher: EventDispatcher) -> list[int]:
+    """Have the dispatcher's simulated handle overflow now, and again as
+    soon as each reset has emptied its queue while the list returned
+    holds a true first item (clear it to stop).  Counts the resets in
+    its second item."""
+    handle = dispatcher._evtchn
+    real = handle.reset
+    state = [1, 0]
+
+    def reset() -> None:
+        real()
+        state[1] += 1
+        if state[0]:
+            handle.overflow()
+
+    monkeypatch.setattr(handle, "reset", reset)
+    handle.overflow()
+    return state
+
+
+def test_polls_of_a_handle_overflowing_after_every_reset_back_off(
+        polled, monkeypatch) -> None:
+    """A handle whose queue overflows again at once after each reset had
+    every poll that waited reset it (and the next hand every port out
+    again): a poller's worker spinning.  An overflow before a read or a
+    wait found the queue empty since the reset is a failure: the poll
+    raises it, and a second one backs off as any failure does (here for
+    longer than the test).  Counted over a window of fd events."""
+    monkeypatch.setattr(events, "_BACKOFF_FIRST", 3600.0)
+    monkeypatch.setattr(events, "_BACKOFF_MAX", 3600.0)
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    r, w = os.pipe2(os.O_NONBLOCK)
+    served: list[bytes] = []
+
+    def drain(fd: int, _events: int) -> None:
+        try:
+            served.append(os.read(fd, 1))
+        except BlockingIOError:
+            pass  # a resync's call
+
+    dispatcher.add_fd(r, select.EPOLLIN, drain)
+    try:
+        state = _overflowing_after_every_reset(monkeypatch, dispatcher)
+        raised: list[OSError] = []
+        for i in range(50):
+            os.write(w, b"x")
+            for _ in range(4):  # a reset, a hand-out, then the fd at the latest
+                try:
+                    dispatcher.poll(TIMEOUT)
+                except OSError as exc:
+                    raised.append(exc)
+                if len(served) > i:
+                    break
+            assert len(served) == i + 1, "the fd went unserved"
+        assert state[1] <= 3, "every poll resets the handle"
+        assert raised and all(exc.errno == errno.EFBIG for exc in raised)
+    finally:
+        dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_poll_that_found_the_handle_not_ready_clears_its_overflows(
+        polled, monkeypatch) -> None:
+    """A poller takes one port per poll, and so seldom reads the queue
+    empty: a wait that found the handle not ready says as much.  Then an
+    overflow is reset again and raises nothing, also after earlier ones."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[int] = []
+    local = dispatcher.bind_interdomain(guest.domid, remote, calls.append)
+    for _ in range(3):
+        dispatcher._evtchn.overflow()
+        assert dispatcher.poll(TIMEOUT) == 0  # reset
+        assert dispatcher.poll(TIMEOUT) == 1  # the hand-out again
+        evtchn.notify(remote)
+        assert dispatcher.poll(TIMEOUT) == 1  # the port, taken
+        assert dispatcher.poll(0) == 0  # the queue is empty
+    assert calls == [local] * 6
