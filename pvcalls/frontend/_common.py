@@ -25,6 +25,15 @@ from .. import _errno
 FRONTEND_RING_ORDER = 4
 
 
+#: The resets in a row of an event channel handle after which it is taken
+#: for broken: resets with no read of its queue of fired ports that found
+#: it empty between them (see Frontend._event_loop, and DataRing's for a
+#: ring's own handle).  More than one: the hand-out after a reset unmasks
+#: every port, and Linux's queue holds a port that fires again then
+#: twice, which a storm on every port may overflow once more.
+RESETS_IN_A_ROW = 3
+
+
 U32 = struct.Struct("=I")
 
 

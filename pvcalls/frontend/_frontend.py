@@ -40,7 +40,16 @@ from .._wire import (
     SOCK_STREAM,
     ffi,
 )
-from ._common import FRONTEND_RING_ORDER, Deadline, Slot, bad_fd, held, host_error, timeout_value
+from ._common import (
+    FRONTEND_RING_ORDER,
+    RESETS_IN_A_ROW,
+    Deadline,
+    Slot,
+    bad_fd,
+    held,
+    host_error,
+    timeout_value,
+)
 from ._ring import DataRing
 from ._socket import PVSocket, SocketState
 
@@ -80,15 +89,6 @@ _ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
 
 
 _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
-
-
-#: The resets in a row of the shared event channel handle after which it
-#: is taken for broken (see Frontend._event_loop): resets with no read of
-#: its queue of fired ports that found it empty between them.  More than
-#: one: the hand-out after a reset unmasks every port, and Linux's queue
-#: holds a port that fires again then twice, which a storm on every port
-#: may overflow once more.
-_RESETS_IN_A_ROW = 3
 
 
 #: Released data rings a frontend keeps for reuse (17 pages and a port each).
@@ -795,7 +795,7 @@ class Frontend(Closing):
         failure; a reset that fails is a failure.  But the reset empties
         the queue, and the hand-out after it unmasks each port once: a
         queue that overflows again before a read found it empty, after
-        ``_RESETS_IN_A_ROW`` resets in a row, says that the handle is
+        ``RESETS_IN_A_ROW`` resets in a row, says that the handle is
         broken.  That failure stays (a steady overflow would otherwise
         spin the thread, a reset and a hand-out of every port per round,
         for ever)."""
@@ -889,7 +889,7 @@ class Frontend(Closing):
         """The shared handle's pending() said EFBIG, ``overflow``: reset
         the handle, unless it overflowed again after too many resets in a
         row (see :meth:`_event_loop`)."""
-        if self._resets >= _RESETS_IN_A_ROW:
+        if self._resets >= RESETS_IN_A_ROW:
             raise _Fatal(OSError(
                 errno.EFBIG,
                 f"its event channel handle overflowed again after {self._resets} resets "
@@ -1045,12 +1045,23 @@ class Frontend(Closing):
         if not ring.direct:
             return
         with self._lock:
-            if ring.relayed or self._event_epoll is None or st.ring is not ring:
+            if (ring.relayed or self._event_epoll is None or st.ring is not ring
+                    or ring.failure is not None):
                 return
             ring.relayed = True
             fd = ring.evtchn.fileno()
-            self._relays[fd] = functools.partial(st.on_relayed_event, ring)
+            self._relays[fd] = functools.partial(self._relayed, ring, st)
             self._event_epoll.register(fd, select.EPOLLIN)
+
+    def _relayed(self, ring: DataRing, st: SocketState) -> None:
+        """Event thread: the own handle of ``ring``, relayed for ``st``,
+        is readable (see :meth:`_relay`)."""
+        st.on_relayed_event(ring)
+        if ring.failure is not None:
+            # Its handle is broken, and left readable (see
+            # DataRing.consume_events): watched, it would spin the thread.
+            with self._lock:
+                self._unrelay(ring)
 
     def _unrelay(self, ring: DataRing) -> None:
         """Stop watching ``ring``'s handle (under _lock)."""
@@ -1071,7 +1082,8 @@ class Frontend(Closing):
         with self._lock:
             self._handlers.pop(ring.port, None)
             self._unrelay(ring)
-            if reusable and not self._dead and len(self._ring_pool) < _RING_POOL_MAX:
+            if (reusable and not self._dead and ring.failure is None
+                    and len(self._ring_pool) < _RING_POOL_MAX):
                 self._ring_pool.append(ring)
                 return
         ring.free()

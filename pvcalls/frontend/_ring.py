@@ -23,7 +23,7 @@ from .._wire import (
     RING_ORDER_OFFSET,
     flex_ring_size,
 )
-from ._common import U32
+from ._common import RESETS_IN_A_ROW, U32
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, GrantShare, SharedPages
@@ -83,6 +83,13 @@ class DataRing:
         self.evtchn = evtchn
         self.direct = direct
         self.relayed = False  # the frontend's event thread watches ``evtchn``
+        # A handle of its own: its resets since a pending() last answered,
+        # and, once it is taken for broken, why (see consume_events).
+        # Written by whoever consumes the ring's events, two threads at
+        # once at times: a count lost between them delays the verdict by
+        # a reset, and the verdict, once written, stays.
+        self._resets = 0
+        self.failure: str | None = None
         try:
             self.port = evtchn.bind_unbound_port(backend_id)
         except BaseException:
@@ -106,24 +113,54 @@ class DataRing:
     def consume_events(self) -> bool:
         """Take (and unmask) the ring's fired port from a handle of its own;
         True if it had fired.  Any thread may call it: whoever gets the
-        event wakes the others (PVSocket._on_event)."""
+        event wakes the others (PVSocket._on_event).
+
+        A handle that overflows again at once after every reset is
+        broken, and its descriptor stays readable: its waiters would
+        reset it, take the port as fired and poll again, for ever.  After
+        ``RESETS_IN_A_ROW`` resets with no pending() that answered between
+        them, as for the frontend's shared handle, the ring fails: the
+        handle is left overflowed, and every call raises :class:`OSError`
+        EIO, saying why, which :attr:`failure` keeps for the socket's
+        waiters (see PVSocket._wait)."""
         # One pending() is enough: the handle has this one port, which is
         # pending at most once, and a notify that comes after the unmask
         # makes the descriptor readable again.  (Asking until None costs the
         # simulated handle two more system calls per event.)
         evtchn = self.evtchn
         try:
-            if evtchn.pending() is None:
-                return False
+            fired = evtchn.pending() is not None
         except OSError as exc:
             if exc.errno != errno.EFBIG:
                 raise
-            # The handle's queue of fired ports overflowed (it cannot with
-            # one port taken before its unmask, but a handle may say so):
-            # reset it and take the port as fired, its event maybe lost.
-            evtchn.reset()
+            self._overflowed(exc)
+            fired = True
+        else:
+            # Its queue holds the one port, twice at most (queued after a
+            # reset, then again after the unmask below), far from full: a
+            # read that took it, not only one that found none, says that
+            # the overflow is over.
+            self._resets = 0
+            if not fired:
+                return False
         evtchn.unmask(self.port)
         return True
+
+    def _overflowed(self, overflow: OSError) -> None:
+        """The handle's queue of fired ports overflowed (it cannot with
+        one port taken before its unmask, but a handle may say so): reset
+        it, the port to be taken as fired, its event maybe lost; or fail
+        the ring, if the reset does not help (see :meth:`consume_events`)."""
+        if self._resets >= RESETS_IN_A_ROW:
+            if self.failure is None:
+                self.failure = (f"the event channel handle of its data ring overflowed again "
+                                f"after {self._resets} resets in a row, its port never taken "
+                                f"between them (a reset empties its queue): the handle is broken")
+                logger.warning("pvcalls frontend: data ring on port %d: %s", self.port,
+                               self.failure)
+            raise OSError(errno.EIO, self.failure) from overflow
+        self._resets += 1  # first: a reset seen done is counted
+        self.evtchn.reset()
 
     # Peeks for wait predicates and the readiness eventfd: they must not
     # disturb the FlexRing's notion of the last readable()/writable().
@@ -151,7 +188,9 @@ class DataRing:
 
     def reset(self) -> None:
         """Make a recycled ring new: indexes and errors back to zero (the
-        ring order and grant references stay)."""
+        ring order and grant references stay), and its handle's resets
+        (one that failed is not recycled)."""
+        self._resets = 0
         for offset in (IN_CONS_OFFSET, IN_PROD_OFFSET, IN_ERROR_OFFSET,
                        OUT_CONS_OFFSET, OUT_PROD_OFFSET, OUT_ERROR_OFFSET):
             U32.pack_into(self.indexes, offset, 0)

@@ -278,7 +278,9 @@ class SocketState:
         try:
             fired = ring.consume_events()
         except OSError:
-            return
+            # Closing; or failed, which its waiters and fileno() are to
+            # see (and the event thread watches the ring no more).
+            fired = ring.failure is not None
         sock = self.owner()
         if fired and sock is not None:
             sock._on_event()
@@ -313,8 +315,10 @@ class PVSocket(Closing):
     backend met (:class:`ConnectionRefusedError`, EADDRINUSE...; EACCES
     for a CONNECT or BIND the backend's policy refuses),
     :class:`socket.gaierror` for a host name that does not resolve,
-    :class:`TimeoutError` once a timeout passes, EBADF once closed, and
-    ENOTCONN for every call once the backend went away.
+    :class:`TimeoutError` once a timeout passes, EBADF once closed,
+    ENOTCONN for every call once the backend went away, and EIO for a
+    call that would wait for a data ring whose event channel handle broke
+    (one of its own that kept overflowing).
 
     A socket the program drops without closing it is released once it is
     garbage, as a :class:`socket.socket` closes itself, with a
@@ -1456,12 +1460,18 @@ class PVSocket(Closing):
         ``ready`` is checked under ``_cond`` as the caller says it polls or
         sleeps, and every consumer of the event looks, under ``_cond``, who
         polls or sleeps after taking it, so no wake-up is lost.
+
+        A ring whose own handle failed (see :meth:`DataRing.consume_events`)
+        brings no event any more: instead of waiting for one, the call
+        fails with EIO, saying why.
         """
+        ring = self._st.ring
         if deadline.timeout == 0.0:
             if self._fe._dead and not ready():
                 raise self._fe._gone()
+            if ring is not None and ring.failure is not None and not ready():
+                raise OSError(errno.EIO, ring.failure)
             raise BlockingIOError(errno.EAGAIN, "operation would block")
-        ring = self._st.ring
         polling = self._polling
         with self._mutex:
             while not ready() and not self._closed and not self._fe._dead:
@@ -1469,6 +1479,10 @@ class PVSocket(Closing):
                 if ring is None or not ring.direct:
                     self._cond.wait(timeout)
                     continue
+                if ring.failure is not None:
+                    # Its handle is broken (see DataRing.consume_events):
+                    # no event comes any more.
+                    break
                 polling[side] = True
                 # Each release() opens its try: CPython may run a signal's
                 # handler as release() returns, and the KeyboardInterrupt it
@@ -1496,6 +1510,8 @@ class PVSocket(Closing):
                             self._cond.acquire()
         if self._fe._dead and not ready():
             raise self._fe._gone()
+        if ring is not None and ring.failure is not None and not self._closed and not ready():
+            raise OSError(errno.EIO, ring.failure)
 
     @staticmethod
     def _poll_ring(ring: DataRing, side: int, timeout: float | None) -> bool:
@@ -1516,7 +1532,7 @@ class PVSocket(Closing):
         try:
             return ring.consume_events()
         except OSError:
-            return False  # the handle is closing: the caller sees why
+            return False  # closing, or the ring failed: the caller sees why
 
     def _on_event(self) -> None:
         """The backend signalled this socket's channel (the event thread
@@ -1540,7 +1556,7 @@ class PVSocket(Closing):
         if self._connecting:
             return False
         if ring is not None and not self._st.listening:
-            return ring.in_pending() or bool(ring.in_error())
+            return ring.in_pending() or bool(ring.in_error()) or ring.failure is not None
         # An ACCEPT left in flight by a non-blocking or timed-out accept()
         # and since answered: the next accept() returns at once.
         inflight = self._st.accept_inflight
@@ -1559,7 +1575,7 @@ class PVSocket(Closing):
             return False
         if ring is None or self._broken:
             return True  # send() fails at once: not connected
-        return ring.out_has_room() or bool(_connection_error(ring))
+        return ring.out_has_room() or bool(_connection_error(ring)) or ring.failure is not None
 
     def _report_failure(self) -> bool:
         """The connection failed: True the first time, when the caller is

@@ -43,7 +43,7 @@ import pvcalls
 from pvcalls import _wire
 from pvcalls._socket import PassiveSocket
 from pvcalls.frontend import _frontend
-from pvcalls.frontend._common import RECV, SEND, Deadline
+from pvcalls.frontend._common import RECV, RESETS_IN_A_ROW, SEND, Deadline
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
 
@@ -883,7 +883,7 @@ def test_a_handle_that_overflows_again_at_once_fails_the_frontend(
         handle.overflow()  # type: ignore[attr-defined]
         thread.join(TIMEOUT)
         assert not thread.is_alive(), "the event thread resets the handle for ever"
-        assert len(resets) == _frontend._RESETS_IN_A_ROW
+        assert len(resets) == RESETS_IN_A_ROW
         with pytest.raises(OSError) as info:
             other.socket()
         assert info.value.errno == errno.EIO
@@ -980,6 +980,86 @@ def test_a_rings_own_handle_overflowed_with_its_port_fired_is_unmasked_after_the
         echo_through(s, b"more")
         # Only a waiter takes (and so masks) the port, and none is left.
         assert not ring.evtchn._ports[ring.port].masked  # type: ignore[attr-defined]
+
+
+def _overflowing_after_every_reset(ring: Any, monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """Have ``ring``'s own handle overflow now, and again at once after
+    every reset: a handle broken for good.  The list returned grows by
+    one per reset."""
+    handle = ring.evtchn
+    real_reset = handle.reset
+    resets: list[None] = []
+
+    def reset() -> None:
+        real_reset()
+        resets.append(None)
+        handle.overflow()
+
+    monkeypatch.setattr(handle, "reset", reset)
+    handle.overflow()
+    return resets
+
+
+def test_a_rings_own_handle_that_overflows_again_at_once_fails_its_socket(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data ring's own handle that overflows again after every reset is
+    broken: its waiter reset it, took the port as fired and polled it
+    again at once, spinning until its timeout (for ever without one).
+    After as many resets in a row as the frontend's shared handle gets,
+    every call of the socket that waits for the ring fails with EIO,
+    saying why (not the frontend, whose other sockets go on).  Counted in
+    resets, not in time."""
+    go = threading.Event()
+    srv = _data_once_told(server, go)
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        call = blocked_recv(s)
+        try:
+            resets = _overflowing_after_every_reset(ring, monkeypatch)
+            call.join(TIMEOUT)
+        finally:
+            go.set()
+        assert isinstance(call.error, OSError), call.error
+        assert call.error.errno == errno.EIO
+        assert "overflowed again" in call.error.strerror, call.error.strerror
+        assert len(resets) == RESETS_IN_A_ROW
+        wait_until(ring.in_pending)  # the data the ring holds is read still
+        assert s.recv(4) == b"data"
+        for failing in (lambda: s.recv(4), lambda: s.recv(4, socket.MSG_DONTWAIT)):
+            with pytest.raises(OSError) as info:
+                failing()
+            assert info.value.errno == errno.EIO
+        assert len(resets) == RESETS_IN_A_ROW  # no waiter asks it again
+    with connected(fe, srv.address) as other:  # the frontend goes on
+        go.set()
+        assert recv_exactly(other, 4) == b"data"
+        echo_through(other, b"more")
+
+
+def test_a_relayed_rings_own_handle_that_overflows_again_at_once_is_relayed_no_more(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the socket selected (its fileno() given out) and nobody in
+    its calls, the event thread takes the ring's events: a handle that
+    overflows again after every reset had the thread spin on it.  After
+    the resets in a row the ring failed, its handle is watched no more,
+    and fileno() says readable: the call that comes fails with EIO."""
+    srv = server()
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        fd = s.fileno()
+        wait_until(lambda: ring.relayed)
+        resets = _overflowing_after_every_reset(ring, monkeypatch)
+        assert select.select([fd], [], [], TIMEOUT)[0]
+        wait_until(lambda: not ring.relayed)
+        assert len(resets) == RESETS_IN_A_ROW
+        with pytest.raises(OSError) as info:
+            s.recv(4, socket.MSG_DONTWAIT)
+        assert info.value.errno == errno.EIO
+        assert len(resets) == RESETS_IN_A_ROW
+    with connected(fe, srv.address) as other:
+        echo_through(other, b"more")
 
 
 def test_the_event_thread_hands_out_only_the_ports_that_fired(
