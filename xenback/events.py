@@ -87,14 +87,14 @@ without waking anybody.  The sleep in ``epoll_wait`` is wrapped in
 A poll that fails (the handle's ``pending()`` or ``unmask()`` raising,
 or its queue overflowing again: see above) raises, and its owner polls
 again: the next poll hands every event out again, before it waits, as
-the thread does.  So does the next poll after one whose callback
-raised: the work the callback would have queued is lost, and a poller
-serves the sockets of one CPU only.  A hand-out that fails in its turn
-is done again after the next wait, not at once: a callback that raises
-at every call costs a hand-out or two per wake-up (one after the wait,
-one for the dispatch that follows it), not a spinning poller.  A poll that fails again backs off as the thread does:
-while the handle is left out of the wait, a poll returns at the latest
-when the delay ends.
+the thread does.  So does the next poll after one whose callback raised:
+the work the callback would have queued is lost, and a poller serves the
+sockets of one CPU only.  A hand-out that fails in its turn is done
+again after the next wait, not at once: a callback that raises at every
+call costs a hand-out or two per wake-up (one after the wait, one for
+the dispatch that follows it), not a spinning poller.  A poll that fails
+again backs off as the thread does: while the handle is left out of the
+wait, a poll returns at the latest when the delay ends.
 """
 
 from __future__ import annotations
