@@ -71,7 +71,9 @@ protocol (section 2 of the protocol reference), item by item:
   once that the domain is going, drops every device without writing
   anything (disconnect, release, remove) and serves nothing more; stop()
   still works.  As for the loss of the XenStore connection (which comes
-  next), said once too: the callbacks that fail on either add nothing.
+  next), said once too, and only one of the two is said: the first (a
+  callback held until the domain is gone learns of its going late); the
+  callbacks that fail on either add nothing.
 
 Ordering: every callback for one device runs on that device's
 :class:`~xenback._eventqueue.EventQueue`, one at a time, in the order the
@@ -764,9 +766,9 @@ class BackendDriver:
         self._host_lock: HostLock | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
-        # _lock guards _devices, _stopping, _domain_gone, _stop_running
-        # and the lazy creation of the event dispatcher and grant table
-        # handle.
+        # _lock guards _devices, _stopping, _domain_gone, _xs_lost,
+        # _stop_running and the lazy creation of the event dispatcher and
+        # grant table handle.
         self._lock = threading.Lock()
         self._devices: dict[tuple[int, int], BackendDevice] = {}
         self._stopping = False
@@ -775,6 +777,10 @@ class BackendDriver:
         # where a stale False only costs a request that fails and is taken
         # for the domain's death like any other.  Until the next start().
         self._domain_gone = False
+        # XenStore ended our connection (see _xenstore_lost).  With
+        # _domain_gone, under _lock, it decides which of the two says the
+        # end: the one that comes first.  Until the next start().
+        self._xs_lost = False
         # A stop() is under way: another one waits on _stop_done for it to
         # end, then does what it left, if anything (it ended in an
         # exception: Ctrl-C in one of its waits).
@@ -929,6 +935,7 @@ class BackendDriver:
             with self._lock:
                 self._stopping = False
                 self._domain_gone = False
+                self._xs_lost = False
             self._first_scan = True
             self._junk.clear()  # a new run says what it ignores
             self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus",
@@ -1106,10 +1113,14 @@ class BackendDriver:
             if self._domain_gone:
                 return
             self._domain_gone = True
+            # The domain may have gone the rest of the way since the EACCES
+            # that told us: then the loss of its connection, said already,
+            # was its end.
+            level = logging.DEBUG if self._xs_lost else logging.WARNING
             devices = list(self._devices.values())
-        logger.warning("%s backend: domain %d is going away (its XenStore home %s is gone): "
-                       "dropping its %d device%s", self.device_type, self.platform.domid,
-                       self.home, len(devices), "" if len(devices) == 1 else "s")
+        logger.log(level, "%s backend: domain %d is going away (its XenStore home %s is gone): "
+                   "dropping its %d device%s", self.device_type, self.platform.domid,
+                   self.home, len(devices), "" if len(devices) == 1 else "s")
         for dev in devices:
             dev.events.call(self._drop, dev)
 
@@ -1136,6 +1147,7 @@ class BackendDriver:
         # its connection is the end of that, said already.
         with self._lock:
             gone = self._domain_gone
+            self._xs_lost = True
         if gone:
             logger.debug("%s backend: XenStore connection of domain %d closed: %s",
                          self.device_type, self.platform.domid, exc)

@@ -1546,6 +1546,44 @@ def test_the_driver_domain_destroyed_under_devices_being_dropped(host, dom0_xs, 
     assert [r.msg for r in said].count("XenStore connection lost: %s") == 1
 
 
+def test_the_domain_going_learnt_as_its_connection_goes_is_said_once(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """A callback learns from EACCES with our home gone that our domain is
+    going, but the domain and its XenStore connection go before it says so
+    (it is held here, as a loaded machine may hold it): the connection's
+    loss, said first, was the end already, and the domain's going is not
+    said again.  Every device is still dropped."""
+    lose_domain = xenbus.BackendDriver._lose_domain
+    learnt, go = threading.Event(), threading.Event()
+
+    def late(self: xenbus.BackendDriver) -> None:
+        learnt.set()
+        go.wait(TIMEOUT)
+        lose_domain(self)
+
+    monkeypatch.setattr(xenbus.BackendDriver, "_lose_domain", late)
+    drvdom, drv, fes = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        caplog.clear()
+        dom0_xs.rm(f"/local/domain/{drvdom.domid}")  # libxl's step before the last
+        assert learnt.wait(TIMEOUT)
+        host.destroy_domain(drvdom)
+        assert eventually(lambda: any(r.msg == "XenStore connection lost: %s"
+                                      for r in _backend_warnings(caplog)))
+        go.set()
+        drv.wait(lambda: [n for n, _, _ in drv.calls].count("remove") == 1)
+        assert drv.devices() == []
+        for fe in fes:
+            fe.close()
+        _stop_returns(drv)
+    finally:
+        go.set()
+        drv.stop()
+    said = [r.getMessage() for r in _backend_warnings(caplog)]
+    assert [m for m in said if "going away" in m or "connection lost" in m] == [
+        "XenStore connection lost: XenStore closed the connection"]
+
+
 def test_eacces_in_a_live_driver_domain_is_still_an_error(host, dom0_xs, frontends, caplog) -> None:
     """EACCES while the backend's domain and home live is a refusal, not
     the domain's end: the device it hit fails as ever (error node, Closing),
