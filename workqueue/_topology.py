@@ -287,7 +287,8 @@ class Topology:
 
         ValueError for an unknown CPU or for the last online CPU.  Ctrl-C
         in it leaves the CPU online and no notifier called, or offline
-        and every notifier called once.
+        and every notifier called (see _change: once, or again if it is
+        an idempotent_notifier).
         """
         self._check_cpu(cpu)
         with self._hotplug_lock:
@@ -301,7 +302,8 @@ class Topology:
         """Bring *cpu* online, synchronously (a no-op if it is online).
 
         Ctrl-C in it leaves the CPU offline and no notifier called, or
-        online and every notifier called once.
+        online and every notifier called (see _change: once, or again if
+        it is an idempotent_notifier).
         """
         self._check_cpu(cpu)
         with self._hotplug_lock:
@@ -317,7 +319,9 @@ class Topology:
         Whole or not at all when Ctrl-C lands in the main thread, as any
         call returns (see _pool.insert_work): the new state is made first,
         then switched to with no call in between; from then on every
-        notifier is called, once, and Ctrl-C is passed on after the last.
+        notifier is called, and Ctrl-C is passed on after the last: once,
+        but for those marked idempotent_notifier, which are called again
+        if Ctrl-C came after their call began (it may have cut them short).
         Nothing can be undone once a notifier has run, and one left out
         would never hear of the change: the next cpu_down() or cpu_up()
         of the CPU finds nothing to do, or tells of the opposite change.
