@@ -396,7 +396,13 @@ class LeanFuture(Future[Any]):
 
         Each waiter is counted as told before it is (a waiter told twice
         counts the future twice): cut short by Ctrl-C in the main thread,
-        this tells the rest when called again in the same hold."""
+        this tells the rest when called again in the same hold.  The one
+        it was telling is not told again, and concurrent.futures' waiters
+        are Python code, where Ctrl-C lands too (as add_result() starts,
+        say): that one may stay untold, its wait() sleeping to its
+        timeout.  Nothing here can tell how far it got, and told twice, a
+        wait(ALL_COMPLETED) would return with a future not done, and
+        as_completed() would fail with KeyError."""
         waiters = self._waiter_list
         if waiters:
             told = self._told
