@@ -325,6 +325,42 @@ def test_the_last_online_cpu_going_down_keeps_its_keys(caplog: pytest.LogCapture
     assert index.assign("b") == 0
 
 
+def test_a_source_with_no_online_cpu_is_refused_and_keeps_no_notifier() -> None:
+    """With no CPU online a key has nowhere to go: the making fails with
+    ValueError, and takes back the notifier it had registered (the source
+    would keep it, and the index, for good)."""
+
+    class NoneOnline(_HandDrivenHotplug):
+        def online(self) -> list[int]:
+            return []
+
+        def remove_hotplug_notifier(self, fn: Any) -> None:
+            self.notifiers.remove(fn)
+
+    source = NoneOnline([0, 1])
+    with pytest.raises(ValueError, match="no online CPU"):
+        LoadIndex(source)
+    assert source.notifiers == []
+
+
+def test_cpu_down_without_on_move_fails_no_notifier(caplog: pytest.LogCaptureFixture) -> None:
+    """An index with no on_move has nobody to tell of its moves: a
+    cpu_down() moves its keys and leaves nothing owed to tell, which the
+    index's notifier would otherwise trip over at every later change."""
+    topo = Topology(3)
+    index = LoadIndex(topo)
+    for key in range(6):
+        index.assign(key)
+    with caplog.at_level(logging.ERROR):
+        topo.cpu_down(0)
+        topo.cpu_up(0)
+        topo.cpu_down(1)
+    assert caplog.records == []
+    assert not index._untold
+    assert index.keys_on(1) == [] and index.statistics().moves == 5
+    index.close()
+
+
 def test_forgotten_index_is_not_kept_alive_by_the_topology() -> None:
     topo = Topology(2)
     index = LoadIndex(topo)
