@@ -114,6 +114,28 @@ def test_future_cancel_while_pending_and_not_once_running(make_wq: Any) -> None:
     assert cf.wait([first, second], timeout=TIMEOUT).not_done == set()
 
 
+def test_a_call_cancelled_unwatched_lets_go_of_its_arguments(make_wq: Any) -> None:
+    """A done future lets go of its call: one cancelled while pending, that
+    nobody watched (no condition of its own, no done-callback), too, or
+    its arguments lived as long as the future."""
+    wq = make_wq(ordered=True)
+    release, started = threading.Event(), threading.Event()
+    first = wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    arg = Work(lambda w: None)  # any object we can hold a weak reference to
+    arg_ref = weakref.ref(arg)
+    gc.disable()
+    try:
+        second = wq.submit(id, arg)
+        del arg
+        assert second.cancel() is True
+        assert arg_ref() is None
+    finally:
+        gc.enable()
+        release.set()
+    assert first.result(TIMEOUT) == (None, True)
+
+
 def _queued_behind_a_running_call(wq: Any) -> tuple[cf.Future[Any], threading.Event]:
     """A call of ordered *wq* waiting behind a running one, and the event
     that lets the running one end."""
