@@ -569,6 +569,34 @@ def test_a_call_refused_by_a_draining_queue_but_taken_by_the_keys_run_is_accepte
     assert second_ran.is_set()
 
 
+def test_a_call_refused_by_a_draining_queue_while_its_key_is_idle_raises(
+        wq: Any, topo: Topology) -> None:
+    """The other way it goes: the queueing is refused (a drain is going
+    on) and no run of the key is there to take the call.  submit() takes
+    it back and raises what the queueing raised: a future handed back
+    for it would never be done."""
+    ex = wq.serial("k")
+    hold = threading.Event()
+    # Keeps the drain going (on another CPU than the key's).
+    wq.queue_work_on((ex.cpu + 1) % len(topo.possible()), Work(lambda w: hold.wait(TIMEOUT)))
+    drainer = threading.Thread(target=wq.drain, daemon=True)
+    drainer.start()
+    try:
+        tick = threading.Event()
+        for _ in range(int(TIMEOUT / 0.001)):
+            if wq._state:  # draining
+                break
+            tick.wait(0.001)
+        assert wq._state
+        with pytest.raises(RuntimeError, match="draining"):
+            ex.submit(int)
+        assert ex.pending == 0
+    finally:
+        hold.set()
+        drainer.join(TIMEOUT)
+    assert ex.submit(int, 7).result(TIMEOUT) == 7  # the drain over, it takes calls
+
+
 def test_serial_is_typed_as_what_it_returns() -> None:
     """A type checker sees wq.serial(key).cpu, .key and .pending: the
     demo shows .cpu, and an Executor has none of them."""
