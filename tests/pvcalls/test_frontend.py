@@ -860,13 +860,16 @@ def test_overflows_under_traffic_hang_no_call_and_lose_no_data(
 
 
 def test_a_handle_that_overflows_again_at_once_fails_the_frontend(
-        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Linux's reset empties the handle's queue of fired ports: one that
     overflows again before it was once read empty since, reset after
     reset, is broken.  The event thread reset it for ever, at full speed
     (a reset, a hand-out of every port and a warning per round); after a
     few resets in a row it fails the frontend, as a handle that fails
-    otherwise does: every call fails with EIO, saying why."""
+    otherwise does: every call fails with EIO, saying why.  At once: not
+    taken for a failure that a hand-out of every port may get over."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
     with pvcalls.Frontend(host.create_domain("overflowing-for-good")) as other:
         handle = other._evtchn
         thread = other._thread
@@ -888,6 +891,35 @@ def test_a_handle_that_overflows_again_at_once_fails_the_frontend(
             other.socket()
         assert info.value.errno == errno.EIO
         assert "overflowed again" in info.value.strerror, info.value.strerror
+        assert f"OSError: [Errno {errno.EFBIG}]" in info.value.strerror, info.value.strerror
+        # Failed once, not first retried as a failure a hand-out gets over.
+        assert [r.getMessage() for r in caplog.records
+                if "event thread failed; every port" in r.getMessage()] == []
+
+
+def test_a_handle_that_overflows_again_after_one_reset_lives_on(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-out after a reset unmasks every port, and a storm on every
+    port may overflow the queue once more before it is read: two resets
+    in a row are no broken handle.  The frontend resets it again, and
+    lives on."""
+    with pvcalls.Frontend(host.create_domain("overflowing-twice")) as other:
+        handle = other._evtchn
+        assert handle is not None
+        real_reset = handle.reset
+        resets: list[None] = []
+
+        def reset() -> None:
+            real_reset()
+            resets.append(None)
+            if len(resets) == 1:
+                handle.overflow()  # type: ignore[attr-defined]
+
+        monkeypatch.setattr(handle, "reset", reset)
+        handle.overflow()  # type: ignore[attr-defined]
+        wait_until(lambda: len(resets) == 2 and not handle._overflowed)  # type: ignore[attr-defined]
+        other.socket().close()  # its answer is taken: the event thread lives
+        assert not other._dead
 
 
 def test_overflows_are_logged_within_a_rate_limit(
