@@ -357,6 +357,30 @@ def test_a_dispatcher_that_fails_to_start_keeps_nothing(host, monkeypatch, faili
     assert eventually(lambda: handles() == before[0] and fds() <= before[1], TIMEOUT)
 
 
+def test_a_dispatcher_that_fails_to_start_leaves_what_into_held(host, monkeypatch) -> None:
+    """With ``into``, a making that fails appends nothing, and takes off
+    nothing that the list held before: here, another dispatcher, which
+    its caller would then lose, running."""
+    import types
+
+    import xenback.events
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    first = EventDispatcher(host.dom0, thread=False)
+    try:
+        made = [first]
+        fake = types.SimpleNamespace(epoll=refuse, EPOLLIN=select.EPOLLIN)
+        monkeypatch.setattr(xenback.events, "select", fake)
+        with pytest.raises(OSError, match="Too many open files"):
+            EventDispatcher(host.dom0, into=made)
+        monkeypatch.undo()
+        assert made == [first]
+    finally:
+        first.close()
+
+
 @pytest.mark.parametrize("into", [False, True])
 def test_a_dispatcher_interrupted_anywhere_in_its_making_is_whole_or_nothing(
         host, caplog, into: bool) -> None:
