@@ -588,6 +588,34 @@ def test_a_domain_cannot_hoard_handles(host: SimHost, guest: Domain) -> None:
         assert info.value.errno == errno.EINVAL
 
 
+def test_a_handle_past_the_limit_gone_before_its_refusal_troubles_nobody(
+    host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client past its domain's limit on handles that has closed its
+    connection before the service refuses it: the refusal has nobody to
+    tell (its send fails), and the service goes on, with no error."""
+    from xenback.sim._hypervisor import MAX_HANDLES_PER_DOMAIN, domain_socket
+
+    handles = [guest.gnttab() for _ in range(MAX_HANDLES_PER_DOMAIN)]
+    try:
+        # Every handle taken off the backlog first: a connect() blocks on
+        # a full one, which the service would empty only once let in.
+        assert host.hypervisor.stats()["connections"] == MAX_HANDLES_PER_DOMAIN
+        with host.hypervisor._lock:  # gone before the service sees it
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.setblocking(False)  # a failure, not a hang, if the backlog were full
+            sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
+            sock.close()
+        assert host.hypervisor.stats()["connections"] == MAX_HANDLES_PER_DOMAIN
+        with guest.gnttab() as tab, pytest.raises(GrantError) as info:  # still served
+            tab.map_grant_refs(0, [8])
+        assert info.value.errno == errno.EMFILE
+    finally:
+        for handle in handles:
+            handle.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_a_domain_refused_handle_after_handle_is_warned_of_within_a_rate_limit(
     host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture
 ) -> None:
