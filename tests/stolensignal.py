@@ -180,7 +180,7 @@ def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object]) -> b
 
 
 def interrupted_at(n: int, within: str, call: Callable[[], object],
-                   unless: Callable[[], bool] = lambda: False) -> str:
+                   unless: Callable[[], bool] = lambda: False, *, besides: str = "") -> str:
     """Run ``call()`` with :class:`Interrupted` raised at the ``n``-th place
     (counting from 0) where CPython may run a signal's handler in a frame
     of a file under the directory ``within``: as such a frame starts, or
@@ -189,8 +189,10 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
 
     Going through n = 0, 1, 2, ... until it returns '' lands a Ctrl-C
     at every such place of one call, however its code is split into
-    functions.  A place where ``unless()`` holds does not count."""
+    functions.  A place where ``unless()`` holds does not count, nor one
+    in a file under the directory ``besides``."""
     within = os.path.join(within, "")
+    besides = os.path.join(besides, "") if besides else ""
     places = 0
     raised = ""
     calls: dict[CodeType, set[int]] = {}
@@ -224,6 +226,8 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     def enter(frame: FrameType, event: str, arg: object) -> Any:
         code = frame.f_code
         if raised or not code.co_filename.startswith(within):
+            return None
+        if besides and code.co_filename.startswith(besides):
             return None
         if code not in calls:
             calls[code] = {ins.offset for ins in dis.get_instructions(code)
