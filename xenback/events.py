@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import select
@@ -237,16 +238,22 @@ class EventDispatcher(Closing):
         # fail, and a Ctrl-C may land as any call returns, the thread's
         # start() included: what the steps before it made is undone, not
         # left behind the error.  Not an ExitStack's with block, whose
-        # pop_all() a Ctrl-C could follow, leaving the thread running.
+        # pop_all() a Ctrl-C could follow, leaving the thread running.  The
+        # handle and the pipe, which nothing closes when they are dropped,
+        # are recorded by the call that makes them (list.extend() stores
+        # what it returned before control is back in Python code): as
+        # ``self._evtchn = platform.evtchn()``, a Ctrl-C as the call
+        # returned would lose it before undo had it.
+        handles: list[EventChannel] = []
+        pipes: list[tuple[int, int]] = []
         undo = contextlib.ExitStack()
         try:
-            self._evtchn: EventChannel = platform.evtchn()
-            undo.callback(self._evtchn.close)
+            handles.extend(itertools.starmap(platform.evtchn, ((),)))
+            self._evtchn: EventChannel = handles[0]
             self._epoll = select.epoll()
             undo.callback(self._epoll.close)
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            undo.callback(os.close, self._wake_r)
-            undo.callback(os.close, self._wake_w)
+            pipes.extend(map(os.pipe2, (os.O_NONBLOCK | os.O_CLOEXEC,)))
+            self._wake_r, self._wake_w = pipes[0]
             self._evtchn_fd = self._evtchn.fileno()
             self._epoll.register(self._evtchn_fd, select.EPOLLIN)
             self._epoll.register(self._wake_r, select.EPOLLIN)
@@ -262,7 +269,11 @@ class EventDispatcher(Closing):
         except BaseException:
             if into and into[-1] is self:
                 del into[-1]  # interrupted as append() returned
-            undo.close()
+            undo.close()  # the thread first: it waits on the pipe and the handle
+            for fd in (fd for pipe in pipes for fd in pipe):
+                os.close(fd)
+            for handle in handles:
+                handle.close()
             raise
 
     def _stop_unreturned(self) -> None:

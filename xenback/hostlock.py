@@ -52,6 +52,9 @@ def _pid_text(pid: int | None) -> str:
     return "?" if pid is None else str(pid)
 
 
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+
+
 def _same_file(path: Path, fd: int) -> bool:
     """Whether ``fd`` is the file at ``path`` now."""
     try:
@@ -159,21 +162,26 @@ class HostLock(Closing):
         close(), not left open and locked for the life of the process."""
         path = self._path
         while True:
+            # Opened through list.extend(), which stores the descriptor
+            # before control is back in Python code: as ``fd = os.open()``,
+            # a Ctrl-C as the call returned would leave it open for good.
+            opened: list[int] = []
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot open the lock file {path}: {exc.strerror}"
-                              ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
                 try:
+                    opened.extend(map(os.open, (path,), (_OPEN_FLAGS,), (0o644,)))
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot open the lock file {path}: "
+                                             f"{exc.strerror}") from None
+                fd = opened[0]
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                finally:
-                    os.close(fd)
-                raise HostLockHeld(path, int(holder) if holder.isdecimal() else None) from None
+                    raise HostLockHeld(path, int(holder) if holder.isdecimal() else None
+                                       ) from None
             except BaseException:
-                os.close(fd)
+                for fd in opened:
+                    os.close(fd)
                 raise
             self._fd = fd
             if _same_file(path, fd):
