@@ -67,16 +67,17 @@ Protocol choices left open by the specification
 from __future__ import annotations
 
 import collections
-import contextlib
+import functools
+import itertools
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, alloc_workqueue
+from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, Workqueue
 from xenback import BackendDevice, BackendDriver, Closing, DeviceWork, XenbusState
 from xenback.events import EventDispatcher
 from xenback.platform import Platform
@@ -118,6 +119,8 @@ from ._wire import (
 
 if TYPE_CHECKING:
     from xenback.platform import GrantMapping, GrantTable
+
+    _Made = Workqueue | LoadIndex | GrantTable | EventDispatcher | CpuPoller
 
 __all__ = ["DEFAULT_MAX_IOWORKERS", "Backend", "BackendStats", "CpuStats", "SocketStats"]
 
@@ -318,35 +321,49 @@ class Backend(Closing):
         # going need not take it: they only make the count smaller.
         self.limit_lock = threading.Lock()
 
-        with contextlib.ExitStack() as undo:  # on failure, release in reverse
+        # Whole or nothing.  A Ctrl-C may land as any call returns, a
+        # constructor's included: ``self.x = Make()`` would lose what Make()
+        # made (a workqueue and its rescuer, the load index's notifier on
+        # the topology, a handle's descriptors) before anything could undo
+        # it.  So each is recorded in `made` by the call that makes it (see
+        # _keep), and the undo releases whatever is there.  Not an
+        # ExitStack's with block, whose pop_all() a Ctrl-C could follow.
+        made: list[_Made] = []
+        try:
             self._claim()
-            undo.callback(self._unclaim)
-            self.io_wq = alloc_workqueue("pvcalls_io", 0, 0, topology=topology)
-            undo.callback(self.io_wq.destroy)
-            self.cmd_wq = alloc_workqueue("pvcalls_cmd", WQ_UNBOUND, 0, topology=topology)
-            undo.callback(self.cmd_wq.destroy)
-            self.load_index = LoadIndex(topology, on_move=_rehome)
-            undo.callback(self.load_index.close)
-            self.gnttab: GrantTable = platform.gnttab()
-            undo.callback(self.gnttab.close)
-            self.dispatcher = EventDispatcher(platform, name="pvcalls-events")
-            undo.callback(self.dispatcher.close)
-            # Released sockets still sending what their guest wrote.
+            # Not through alloc_workqueue(), which a Ctrl-C could leave as
+            # the constructor returns to it.
+            self.io_wq = _keep(made, Workqueue, "pvcalls_io", 0, 0, topology)
+            self.cmd_wq = _keep(made, Workqueue, "pvcalls_cmd", WQ_UNBOUND, 0, topology)
+            self.load_index = _keep(made, LoadIndex, topology, _rehome)
+            self.gnttab: GrantTable = _keep(made, platform.gnttab)
+            self.dispatcher = _keep(made, functools.partial(EventDispatcher, name="pvcalls-events"),
+                                    platform)
+            # Released sockets still sending what their guest wrote.  It
+            # holds nothing until one does.
             self.lingerer = Lingerer(self.dispatcher, self.cmd_wq)
-            undo.callback(self.lingerer.close)
             self._pollers: dict[int, CpuPoller] = {}
-            undo.callback(self._close_pollers)
             for cpu in topology.possible():
-                self._pollers[cpu] = poller = CpuPoller(platform, self.io_wq, cpu)
-                poller.start()
+                self._pollers[cpu] = _keep(made, CpuPoller, platform, self.io_wq, cpu)
+                self._pollers[cpu].start()
+            # Holds nothing until started.
             self._driver = _PvcallsDriver(self, platform)
-            undo.callback(self._driver.stop)
+        except BaseException:
+            _release(made)
+            self._unclaim()
+            raise
+        # From here on the backend is whole, and close() releases it: the
+        # driver's start() undoes itself, and after it frontends may have
+        # connected, which only close() knows how to let go.
+        try:
             self._driver.start()
             # Kept: the driver's connection, which has it, goes at close().
             self._connection_lost = self._driver.xenstore.connection_lost
-            undo.pop_all()
-        logger.info("pvcalls backend in domain %d: %d ioworker CPUs, max-page-order %d",
-                    platform.domid, self.nr_ioworkers, max_page_order)
+            logger.info("pvcalls backend in domain %d: %d ioworker CPUs, max-page-order %d",
+                        platform.domid, self.nr_ioworkers, max_page_order)
+        except BaseException:
+            self.close()
+            raise
 
     # -- public -----------------------------------------------------------------
 
@@ -538,6 +555,27 @@ class Backend(Closing):
         self.load_index.close()
         self.cmd_wq.shutdown()
         self.io_wq.shutdown()
+
+
+_T = TypeVar("_T")
+
+
+def _keep(made: list[Any], make: Callable[..., _T], *args: Any) -> _T:
+    """``make(*args)``, appended to ``made`` before control is back in
+    Python code, where a Ctrl-C could land and lose it: list.extend()
+    stores what the call returned itself (the idiom of
+    workqueue._pool.lock_take_contended)."""
+    made.extend(itertools.starmap(make, (args,)))
+    return made[-1]
+
+
+def _release(made: list[_Made]) -> None:
+    """Release, last made first, what a Backend() cut short had made."""
+    for thing in reversed(made):
+        if isinstance(thing, Workqueue):
+            thing.shutdown()
+        else:
+            thing.close()
 
 
 def _policy_hint(wrong: object) -> str:

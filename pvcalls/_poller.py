@@ -70,9 +70,19 @@ class CpuPoller(Work):
         super().__init__(CpuPoller._run)
         self.wq = wq
         self.cpu = cpu
-        self.events = EventDispatcher(platform, name=f"pvcalls-cpu{cpu}", thread=False)
         self._timeout = wq.topology.watchdog_thresh / 2
         self._ratelimit = RateLimit(f"the poller of CPU {cpu}")
+        # Last, and handed back through a list by its own last step: a
+        # Ctrl-C as the constructor returned here would lose it, and its
+        # descriptors, to the Backend() that makes us and undoes us.
+        made: list[EventDispatcher] = []
+        try:
+            EventDispatcher(platform, name=f"pvcalls-cpu{cpu}", thread=False, into=made)
+            self.events = made[0]
+        except BaseException:
+            for events in made:
+                events.close()
+            raise
 
     def __repr__(self) -> str:
         return f"<CpuPoller cpu={self.cpu}>"

@@ -718,3 +718,70 @@ def test_the_documented_read_only_attributes_are(backend: pvcalls.Backend, name:
     with pytest.raises(AttributeError):
         setattr(backend, name, value)
     assert getattr(backend, name) is value
+
+
+@pytest.mark.parametrize("package", ["pvcalls", "xenback", "workqueue"])
+def test_a_backend_interrupted_anywhere_in_its_making_leaves_nothing(
+        host: Any, package: str) -> None:
+    """A Ctrl-C landing as any call of Backend() returns, in pvcalls' code
+    or in what it calls of xenback's and workqueue's: the constructor
+    raises having released all it made, or returns a Backend that serves
+    and closes.  As ``self.x = Make()``, a Ctrl-C as Make() returned lost
+    what it made: a workqueue with its rescuer, a LoadIndex registered
+    with the topology for good, a grant handle's or a poller's
+    descriptors, a started driver (its threads, the domain's lock)."""
+    import importlib
+
+    from stolensignal import interrupted_at
+
+    from workqueue._loadindex import _HotplugNotifier
+    from xenback.hostlock import HostLock
+
+    def indexes(topology: Topology) -> list[object]:
+        return [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
+
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    # Not in the simulated host's handles: they stand for libxen's, and
+    # a Ctrl-C as its factories (Domain.evtchn()) return loses the handle
+    # they made to any caller, as one after xenevtchn_open() would.
+    besides = os.path.join(within, "sim") if package == "xenback" else ""
+    landed: list[str] = []
+    n = 0
+    while True:
+        topology = Topology(2)
+        before_threads = {t.ident for t in threading.enumerate()}
+        before = _held(host)
+        made: list[pvcalls.Backend] = []
+        # This lambda is no place of the package's: a Ctrl-C lands in
+        # Backend() or not at all.
+        where = interrupted_at(n, within, lambda made=made, topology=topology: made.append(
+            pvcalls.Backend(host.dom0, topology=topology)), besides=besides)
+        try:
+            if where:
+                assert made == []
+            else:
+                (backend,) = made
+                with backend:
+                    guest = host.create_domain("g")
+                    fe = RawFrontend(host, guest)
+                    assert fe.backend_state() == 4
+                _end_guest_side(fe)  # what it holds is not the backend's
+                host.destroy_domain(guest)
+            assert indexes(topology) == []
+            def new_threads(before_threads: set[int | None] = before_threads) -> list[str]:
+                return [t.name for t in threading.enumerate() if t.ident not in before_threads
+                        and not t.name.startswith(("kworker/", "wq-"))]
+            try:
+                wait_until(lambda: not new_threads())
+            except TimeoutError:
+                raise AssertionError(f"threads left: {new_threads()}") from None
+            _wait_released(host, before)
+            HostLock.for_domain(host.dom0, "xenback-pvcalls").close()
+            pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
+        except (AssertionError, RuntimeError, TimeoutError, pytest.fail.Exception) as exc:
+            raise AssertionError(f"interrupted {where}: {exc!r}") from exc
+        if not where:
+            break
+        landed.append(where)
+        n += 1
+    assert len(landed) > 10, landed
