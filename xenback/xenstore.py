@@ -172,6 +172,28 @@ def _check_domid(domid: int) -> None:
         raise TypeError(f"domid must be an int, not {type(domid).__name__}")
 
 
+#: Why a connection may end before XenStore said a word on it.  xenstored
+#: has no message to refuse one with: it closes the socket as it accepts
+#: it, cxenstored when it cannot allocate the connection, the simulated
+#: host's past a guest's limit of connections (xenstored's socket is
+#: root's alone, and so has none).  The client sees its connect() succeed
+#: (or pyxs's router die as it starts) and the first request fail.
+_REFUSED = ("XenStore closed the connection before its first reply: it refused it "
+            "(too many connections of this domain?) or went away")
+
+
+def _unanswered(router: Any) -> bool:
+    """Whether the connection of ``router`` ended with a request sent and
+    nothing ever answered: as a refused one does (see _REFUSED)."""
+    return router.last_rq_id >= 0 and not router.replied
+
+
+def _connection_lost(router: Any, path: str, what: str = "XenStore connection lost"
+                     ) -> ConnectionError:
+    """The error of a request on the connection of ``router``, lost."""
+    return ConnectionError(errno.ENOTCONN, _REFUSED if router.refused else what, path)
+
+
 def _oserror(exc: PyXSError, path: str) -> OSError:
     if isinstance(exc, XSConnectionError):
         # The socket failed under pyxs before its router thread noticed (so
@@ -243,6 +265,11 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
 
     connection.close = close_under_send_lock
     router.lost_cause = None
+    # Whether XenStore has said anything on the connection, and whether
+    # it ended the connection before it answered the first request (see
+    # _REFUSED).
+    router.replied = False
+    router.refused = False
     router.last_rq_id = -1
 
     def send(packet: Packet, rvar: RVar | None = None) -> RVar:
@@ -340,6 +367,7 @@ def _unsent(router: Any, packet: Packet, rvar: RVar, sent: int, exc: BaseExcepti
     if router.connection.is_connected:
         # For on_lost: the router finds only that the connection is closed.
         router.lost_cause = cause
+        router.refused = _unanswered(router)  # for our caller's error too
         router.connection.close()  # wakes the router (see adopt_router)
     if isinstance(exc, OSError):
         raise cause from exc
@@ -548,6 +576,8 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
         _route(router)
     except Exception as exc:  # pyxs's ConnectionError, or whatever broke it
         lost = exc
+        # Before the waiting requests are answered: their errors say it.
+        router.refused = _unanswered(router)
     finally:
         # The router closed the connection before we get here, so a request
         # sent after we take send_lock fails in send(); one sent before has
@@ -558,6 +588,11 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
         for rvar in waiting:
             rvar.set(Packet(Op.ERROR, b"ENOTCONN\x00", rq_id=0))
     if lost is not None:
+        if router.refused:
+            refused = XSConnectionError(f"{_REFUSED} ({lost})")
+            # The system's error, if one ended it, stays the cause.
+            refused.__cause__ = lost.__cause__ if lost.__cause__ is not None else lost
+            lost = refused
         on_lost(lost)
 
 
@@ -665,6 +700,7 @@ def _read_failure(exc: XSConnectionError) -> str:
 def _dispatch(router: Any, packet: Packet) -> None:
     """Hand ``packet`` to the monitors of its watch token, or to the request
     waiting for it, as pyxs's router does."""
+    router.replied = True
     if packet.op == Op.WATCH_EVENT:
         fields = packet.payload.split(b"\0")
         if len(fields) != 3:  # "<path>\0<token>\0"
@@ -695,7 +731,7 @@ class _Ops:
         # pyxs waits forever for the reply to a request sent on a connection
         # its router thread has given up on; fail fast instead.
         if not self._client.router.is_connected:
-            raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)
+            raise _connection_lost(self._client.router, path, "not connected to XenStore")
         try:
             return fn(_path(path), *args)
         except InvalidPath:
@@ -712,7 +748,7 @@ class _Ops:
                 raise ValueError(f"pyxs refused the request for {path!r}: {exc!r}") from None
             if not self._client.router.is_connected:
                 # Whatever the reply said, the cause is the lost connection.
-                raise ConnectionError(errno.ENOTCONN, "XenStore connection lost", path) from None
+                raise _connection_lost(self._client.router, path) from None
             raise _oserror(exc, path) from None
 
     def read(self, path: str, default: str | None = None) -> str | None:
@@ -984,7 +1020,10 @@ class XenStore(_Ops, Closing):
         try:
             self._client.connect()
         except PyXSError as exc:
-            message = f"cannot connect to XenStore: {exc}"
+            # pyxs's "router died": XenStore closed the connection as it
+            # was made, which is how it refuses one.
+            died = router.thread.ident is not None and not router.thread.is_alive()
+            message = f"cannot connect to XenStore: {_REFUSED if died else exc}"
             # pyxs's error keeps the system's only as its context: its
             # errno tells a host short of descriptors from one without
             # xenstored.

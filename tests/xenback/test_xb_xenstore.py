@@ -2192,7 +2192,9 @@ def test_on_lost_is_told_the_write_error_that_ended_the_connection(tmp_path, mon
     cause = lost.__cause__
     assert isinstance(cause, OSError) and cause.errno in (errno.EPIPE, errno.ECONNRESET), (
         repr(lost))
-    assert str(lost) == f"writing to XenStore failed: {os.strerror(cause.errno)}"
+    # And, with no reply before it, what that likely means.
+    assert str(lost).endswith(f"(writing to XenStore failed: {os.strerror(cause.errno)})")
+    assert str(lost).startswith("XenStore closed the connection before its first reply")
     xs.close()
 
 
@@ -2376,3 +2378,37 @@ def test_a_write_failing_before_any_byte_went_keeps_the_connection(host, monkeyp
     finally:
         monkeypatch.undo()
         xs.close()
+
+
+def test_a_connection_xenstore_refuses_says_so(host) -> None:
+    """xenstored may close a socket connection as it accepts it, before a
+    word is said: cxenstored when it cannot allocate one, the simulated
+    host's past a guest's limit on connections.  The protocol has no
+    message for it, so open() succeeds (unless pyxs's router sees the end
+    first); what fails next (open(), or the first request and on_lost)
+    must say that XenStore closed the connection before its first reply,
+    and what that likely means, not "connection lost" (which reads as a
+    crash of xenstored) or pyxs's "router died"."""
+    from xenback.sim._xenstored._ops import Quota
+
+    guest = host.create_domain("g")
+    path = os.fspath(host.xenstored.introduce_path(guest.domid))
+    with contextlib.ExitStack() as stack:
+        for _ in range(Quota().connections):  # accepted before ours: in order
+            stack.enter_context(socket.socket(socket.AF_UNIX)).connect(path)
+        lost: list[Exception] = []
+        xs = XenStore(guest.xenstore(), on_lost=lost.append)
+        stack.callback(xs.close)
+        requested = False
+        with pytest.raises(ConnectionError) as info:
+            xs.open()
+            requested = True
+            xs.read("/local/domain")
+        assert "before its first reply" in str(info.value)
+        assert "too many connections" in str(info.value)
+        assert xs.connection_lost.wait(TIMEOUT)
+        (exc,) = lost
+        if requested:
+            assert info.value.errno == errno.ENOTCONN
+            assert "before its first reply" in str(exc)
+            assert "too many connections" in str(exc)
