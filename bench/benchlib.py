@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
+import multiprocessing.resource_tracker
 import multiprocessing.util
 import os
 import signal
@@ -365,9 +366,26 @@ def start(proc: BaseProcess) -> None:
     with held_back():
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
+            if _start_method(proc) != "fork":
+                # The first child of a spawn or forkserver context starts
+                # multiprocessing's resource tracker, which blocks SIGINT
+                # and SIGTERM around its own start and then unblocks them
+                # instead of putting the mask back: the child started next
+                # would have SIGINT open.  So it is started first, and our
+                # mask put back after it.
+                mp.resource_tracker.ensure_running()
+                signal.pthread_sigmask(signal.SIG_SETMASK, old | {signal.SIGINT})
             proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _start_method(proc: BaseProcess) -> str:
+    """How ``proc`` will be started: its context's method, or (made by
+    ``multiprocessing.Process``) the default context's, which its start()
+    would fix as this does."""
+    method: str | None = getattr(proc, "_start_method", None)
+    return method or mp.get_context().get_start_method()
 
 
 def reap_children() -> None:
