@@ -350,7 +350,7 @@ class Topology:
             # its keys on it.  Those marked idempotent_notifier, called
             # again, finish what is not done, and nothing more.
             for fn in notifiers[:called]:
-                if getattr(fn, "hotplug_idempotent", False):
+                if getattr(fn, "hotplug_idempotent", False) is True:
                     self._notify(fn, cpu, online)
             for fn in notifiers[called:]:
                 self._notify(fn, cpu, online)

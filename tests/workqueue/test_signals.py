@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import unittest.mock
 from collections.abc import Callable
 from typing import Any
 
@@ -1318,13 +1319,15 @@ def test_ctrl_c_anywhere_in_cpu_down_or_up_changes_all_or_nothing(
     taken out of online() with notifiers left uncalled had pools bound
     to it for good: a second cpu_down() found nothing to do, and the
     cpu_up() that followed told every notifier of a change that half of
-    them had never seen)."""
+    them had never seen).  Once also for a notifier whose every attribute
+    is true, as a Mock's are: only idempotent_notifier marks one to be
+    called again."""
     n = 0
     while True:
         topology = workqueue.Topology(2, cpu_intensive_thresh=60.0)
         heard: list[tuple[str, int, bool]] = []
-        topology.add_hotplug_notifier(
-            lambda cpu, online, heard=heard: heard.append(("first", cpu, online)))
+        topology.add_hotplug_notifier(unittest.mock.Mock(
+            side_effect=lambda cpu, online, heard=heard: heard.append(("first", cpu, online))))
         wq = make_wq(topology=topology)
         assert wq.queue_work_on(0, Work(lambda w: None))  # makes the pools: a notifier
         topology.add_hotplug_notifier(
