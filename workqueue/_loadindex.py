@@ -176,8 +176,9 @@ class LoadIndex:
         self._lock = threading.Lock()
 
         # Invariants, whenever _lock is free:
-        #  - _cpu_of and _weight have the same keys, and _cpu_of[k] is online
-        #    (until close(): a closed index no longer follows hotplug);
+        #  - _cpu_of and _weight have the same keys, and _cpu_of[k] is in
+        #    _online (which a closed index no longer changes: it keeps the
+        #    CPUs online at close());
         #  - _keys_on[cpu] holds exactly the keys k with _cpu_of[k] == cpu, in
         #    assignment order (dicts keep insertion order);
         #  - _load[cpu] is the sum of _weight over _keys_on[cpu];
@@ -253,19 +254,17 @@ class LoadIndex:
                 raise KeyError(key) from None
             load = self._load[cpu] - self._weight[key]
             index = self._index
-            online = cpu in self._online
-            if online:
-                # Where the CPU's entry is, and where it goes, lighter now.
-                at = bisect_left(index, (self._load[cpu], cpu))
-                to = bisect_left(index, (load, cpu))
+            # Where the CPU's entry is (a key's CPU has one), and where it
+            # goes, lighter now.
+            at = bisect_left(index, (self._load[cpu], cpu))
+            to = bisect_left(index, (load, cpu))
             # The change (see the class on Ctrl-C).
             del self._cpu_of[key]
             del self._weight[key]
             del self._keys_on[cpu][key]
             self._load[cpu] = load
-            if online:
-                del index[at]
-                index.insert(to, (load, cpu))
+            del index[at]
+            index.insert(to, (load, cpu))
 
     def cpu_of(self, key: Hashable) -> int:
         """The CPU *key* is assigned to.  KeyError if unknown."""
