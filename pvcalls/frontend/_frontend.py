@@ -890,12 +890,16 @@ class Frontend(Closing):
         the handle, unless it overflowed again after too many resets in a
         row (see :meth:`_event_loop`)."""
         if self._resets >= RESETS_IN_A_ROW:
-            raise _Fatal(OSError(
+            broken = OSError(
                 errno.EFBIG,
                 f"its event channel handle overflowed again after {self._resets} resets "
                 f"in a row, its queue of fired ports never read empty between them "
-                f"(a reset empties it): the handle is broken")) from overflow
-        self._resets += 1  # first: a reset seen done is counted
+                f"(a reset empties it): the handle is broken")
+            # On the error the frontend fails with, not on _Fatal.
+            broken.__cause__ = overflow
+            raise _Fatal(broken)
+        # Counted before it is tried: a reset that fails counts too.
+        self._resets += 1
         evtchn.reset()
         self._overflows.log(logger, logging.WARNING,
                             "pvcalls frontend of domain %d: its event channel handle "

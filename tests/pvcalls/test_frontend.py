@@ -892,6 +892,12 @@ def test_a_handle_that_overflows_again_at_once_fails_the_frontend(
         assert info.value.errno == errno.EIO
         assert "overflowed again" in info.value.strerror, info.value.strerror
         assert f"OSError: [Errno {errno.EFBIG}]" in info.value.strerror, info.value.strerror
+        # The error logged says which overflow it was.
+        [failed] = [r for r in caplog.records if "its event thread failed" in r.getMessage()]
+        assert failed.exc_info is not None
+        logged = failed.exc_info[1]
+        assert isinstance(logged, OSError) and isinstance(logged.__cause__, OSError)
+        assert logged.__cause__.errno == errno.EFBIG
         # Failed once, not first retried as a failure a hand-out gets over.
         assert [r.getMessage() for r in caplog.records
                 if "event thread failed; every port" in r.getMessage()] == []
