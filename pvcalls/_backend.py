@@ -666,8 +666,11 @@ class _Frontend:
         self._sockets: dict[int, Socket] = {}
         self._reserved = 0  # see _accept
         # Indexes page grant -> the data refs of the last ring given with
-        # it (see pvcalls._socket.DataRing).  The command Work's alone.
+        # it (see pvcalls._socket.DataRing), oldest first, and how many
+        # refs they hold in all (see ActiveSocket.attach_ring).  The
+        # command Work's alone.
         self.ring_hints: dict[int, tuple[int, ...]] = {}
+        self.ring_hint_refs = 0
 
         self._broken = False
         # Set by start(), once the frontend is set up and counted among the

@@ -81,6 +81,7 @@ from xenback.ring import FlexRing, RingError, mb, wmb
 
 from . import _errno
 from ._wire import (
+    DEFAULT_MAX_PAGE_ORDER,
     IN_CONS_OFFSET,
     IN_ERROR_OFFSET,
     IN_PROD_OFFSET,
@@ -113,6 +114,13 @@ IO_BUDGET = 1 << 20
 #: a ring it gives again in one request (see :class:`DataRing`): a
 #: frontend recycling more rings than that only loses the shortcut.
 RING_HINTS = 256
+
+#: And the refs those arrays hold in all: as many as RING_HINTS rings of
+#: the default order have.  The length of an array is the frontend's
+#: choice, up to 512 refs, and 256 of those would keep some 5 MB of ours
+#: for a few hundred grants of a guest.  More than the largest ring has:
+#: the newest array always stays.
+RING_HINT_REFS = RING_HINTS << DEFAULT_MAX_PAGE_ORDER
 
 #: Host socket events an active socket waits for (edge-triggered).  Write
 #: space is only watched while a send is blocked (or a connect in progress):
@@ -419,11 +427,15 @@ class ActiveSocket(Work):
         # The hints are the command Work's, which makes every ring of its
         # frontend (CONNECT, ACCEPT), one command at a time: no lock.
         hints = fe.ring_hints
-        self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order,
-                             hints.pop(ref, None))
-        hints[ref] = self.ring.refs  # the newest last
-        if len(hints) > RING_HINTS:
-            del hints[next(iter(hints))]
+        hint = hints.pop(ref, None)
+        if hint is not None:
+            fe.ring_hint_refs -= len(hint)
+        self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order, hint)
+        hints[ref] = refs = self.ring.refs  # the newest last
+        fe.ring_hint_refs += len(refs)
+        # The oldest go, for as many refs as rings (see RING_HINT_REFS).
+        while len(hints) > RING_HINTS or fe.ring_hint_refs > RING_HINT_REFS:
+            fe.ring_hint_refs -= len(hints.pop(next(iter(hints))))
         # Our CPU's poller if we have a CPU (CONNECT), else the one of the
         # CPU we will most likely get (ACCEPT, placed when a connection comes).
         backend = fe.backend

@@ -7,15 +7,24 @@ pages (A and B), so that the indexes page can name either."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 from pvcalls_rawfront import RawFrontend
 
 import pvcalls
+from pvcalls import _socket
 from pvcalls._socket import CommandError, DataRing
-from pvcalls._wire import OUT_PROD_OFFSET, PAGE_SIZE, REF_OFFSET, RING_ORDER_OFFSET
+from pvcalls._wire import (
+    DEFAULT_MAX_PAGE_ORDER,
+    MAX_PAGE_ORDER_LIMIT,
+    OUT_PROD_OFFSET,
+    PAGE_SIZE,
+    REF_OFFSET,
+    RING_ORDER_OFFSET,
+)
+from workqueue import Topology
 from xenback.sim import SimHost
 
 ORDER = 2
@@ -160,3 +169,30 @@ def test_a_recycled_ring_is_mapped_in_one_request(
         assert raw.recv_exactly(ring, len(word)) == word
         assert raw.release(sock_id).ret == 0
     assert maps == [1 + 16]
+
+
+def test_the_hints_a_frontend_leaves_hold_a_bounded_number_of_refs(
+        host: SimHost, make_frontend: Callable[..., RawFrontend], echo_server: Any) -> None:
+    """A hostile frontend gives ring after ring of the largest order, each
+    with an indexes page of its own (one set of data pages will do for
+    all): the refs the backend keeps as hints are bounded in number, as
+    if the rings were of the default order, not 256 rings of 512 refs,
+    megabytes of the backend's memory for a few hundred grants of the
+    guest.  The newest is kept."""
+    order = MAX_PAGE_ORDER_LIMIT
+    bound = _socket.RING_HINTS << DEFAULT_MAX_PAGE_ORDER
+    with pvcalls.Backend(host.dom0, max_page_order=order, topology=Topology(2)) as backend:
+        raw = make_frontend("hinter")
+        data = raw.gntshr.share_pages(0, 1 << order)
+        rings = [raw.new_ring(1, refs=list(data.refs), ring_order=order)
+                 for _ in range(bound // (1 << order) + 2)]
+        for ring in rings:
+            sock_id, _ = raw.socket()
+            assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+            assert raw.release(sock_id).ret == 0
+        fe = backend._frontends[(raw.guest.domid, 0)]
+        hints = fe.ring_hints
+        kept = sum(map(len, hints.values()))
+        assert kept <= bound
+        assert fe.ring_hint_refs == kept
+        assert hints[rings[-1].ref] == data.refs
