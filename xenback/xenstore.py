@@ -190,8 +190,10 @@ def _unanswered(router: Any) -> bool:
 
 def _connection_lost(router: Any, path: str, what: str = "XenStore connection lost"
                      ) -> ConnectionError:
-    """The error of a request on the connection of ``router``, lost."""
-    return ConnectionError(errno.ENOTCONN, _REFUSED if router.refused else what, path)
+    """The error of a request on the connection of ``router``, lost (or
+    never made: a router that no open() adopted has no ``refused``)."""
+    refused = getattr(router, "refused", False)
+    return ConnectionError(errno.ENOTCONN, _REFUSED if refused else what, path)
 
 
 def _oserror(exc: PyXSError, path: str) -> OSError:

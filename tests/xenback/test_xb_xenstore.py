@@ -1188,6 +1188,20 @@ def test_a_watch_on_a_connection_not_open_starts_no_thread(host) -> None:
 
 
 
+def test_a_request_on_a_connection_never_opened_is_not_connected(host) -> None:
+    """A read before open() fails as one after the connection's loss
+    does, ENOTCONN, whether its router was ever adopted or not."""
+    xs = XenStore(host.dom0.xenstore())
+    try:
+        with pytest.raises(ConnectionError, match="not connected") as caught:
+            xs.read("/test/r")
+        assert caught.value.errno == errno.ENOTCONN
+        with pytest.raises(ConnectionError, match="not connected"):
+            xs.write("/test/r", "1")
+    finally:
+        xs.close()
+
+
 def test_unwatch_as_the_connection_is_lost_is_quiet(host, monkeypatch) -> None:
     """unwatch() is quiet once the connection is lost, but one that found
     it up and sent UNWATCH as it went raised ConnectionError: from
