@@ -1323,14 +1323,20 @@ class XenStore(_Ops, Closing):
 
     def _remove(self, removal: _Removal) -> None:
         """Remove the watches of a wait_for() that has ended, on the watch
-        thread (see wait_for)."""
-        for w in removal.watches:
-            try:
-                self._unwatch(w)
-            except (OSError, ValueError) as exc:
-                # Refused if its WATCH never went (or failed): gone.
-                logger.debug("removing watch %s after wait_for(): %s", w.path, exc)
-        removal.done.set()
+        thread (see wait_for).  Nothing may escape, as from a watch's
+        delivery: the thread would end, and with it every watch and the
+        wait_for() waiting for this."""
+        try:
+            for w in removal.watches:
+                try:
+                    self._unwatch(w)
+                except (OSError, ValueError) as exc:
+                    # Refused if its WATCH never went (or failed): gone.
+                    logger.debug("removing watch %s after wait_for(): %s", w.path, exc)
+                except Exception:
+                    logger.exception("removing watch %s after wait_for() failed", w.path)
+        finally:
+            removal.done.set()
 
     def wait_for(
         self,

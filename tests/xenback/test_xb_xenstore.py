@@ -383,6 +383,31 @@ def test_wait_for_gives_its_watch_back(host) -> None:
         gxs.watch(node, lambda _p: None).unwatch()  # room for a watch still
 
 
+def test_a_removal_that_fails_unexpectedly_ends_the_wait_for_all_the_same(
+        dom0_xs, monkeypatch) -> None:
+    """The watch thread removes a wait_for()'s watch, and the wait_for()
+    waits for it.  A removal failing with what it does not expect (a bug)
+    is logged: it neither ends the watch thread, which would leave every
+    watch silent and this wait_for() waiting for ever, nor the wait."""
+    dom0_xs.write("/test/rm", "1")
+    real_unwatch = XenStore._unwatch
+    failures: list[str] = []
+
+    def unwatch_once_broken(self: XenStore, w: Any) -> None:
+        if not failures:
+            failures.append(w.path)
+            raise RuntimeError("a bug in the removal")
+        real_unwatch(self, w)
+
+    monkeypatch.setattr(XenStore, "_unwatch", unwatch_once_broken)
+    waiter = Attempt(lambda: dom0_xs.wait_for("/test/rm", "1", timeout=TIMEOUT))
+    assert waiter.result() == "1"
+    assert failures == ["/test/rm"]
+    fired = threading.Event()
+    dom0_xs.watch("/test/rm2", lambda _p: fired.set())
+    assert fired.wait(TIMEOUT)
+
+
 def test_wait_for_raises_once_the_deadline_has_passed(dom0_xs, monkeypatch) -> None:
     """However little past the deadline the clock is, wait_for() raises
     rather than waiting on.  The clock is faked: from the second reading
