@@ -349,8 +349,10 @@ class Backend(Closing):
             # Holds nothing until started.
             self._driver = _PvcallsDriver(self, platform)
         except BaseException:
-            _release(made)
-            self._unclaim()
+            try:
+                _release(made)
+            finally:
+                self._unclaim()
             raise
         # From here on the backend is whole, and close() releases it: the
         # driver's start() undoes itself, and after it frontends may have
@@ -570,12 +572,26 @@ def _keep(made: list[Any], make: Callable[..., _T], *args: Any) -> _T:
 
 
 def _release(made: list[_Made]) -> None:
-    """Release, last made first, what a Backend() cut short had made."""
+    """Release, last made first, what a Backend() cut short had made.
+
+    Each, whatever the release of another raised, as an ExitStack's
+    callbacks are: a second Ctrl-C, which lands in these waits as the
+    user loses patience, must not leave the workqueues and the handles
+    after it.  A failure is logged, the error that cut Backend() short
+    being the one it raises; the first Ctrl-C met is raised at the end."""
+    interrupt: BaseException | None = None
     for thing in reversed(made):
-        if isinstance(thing, Workqueue):
-            thing.shutdown()
-        else:
-            thing.close()
+        try:
+            if isinstance(thing, Workqueue):
+                thing.shutdown()
+            else:
+                thing.close()
+        except Exception:
+            logger.exception("releasing %r after a failed start failed", thing)
+        except BaseException as exc:
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt
 
 
 def _policy_hint(wrong: object) -> str:

@@ -785,3 +785,38 @@ def test_a_backend_interrupted_anywhere_in_its_making_leaves_nothing(
         landed.append(where)
         n += 1
     assert len(landed) > 10, landed
+
+
+def test_a_backend_whose_undo_is_interrupted_undoes_the_rest(
+        host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backend() failed, and a second Ctrl-C cuts one step of its undo
+    short (here, closing the last poller made): the steps after it are
+    done all the same, as the ExitStack's callbacks were, and the domain
+    is claimed no longer, or every later Backend would be refused."""
+    from pvcalls import _backend, _poller
+    from workqueue._loadindex import _HotplugNotifier
+
+    def no_driver(*_args: Any) -> None:
+        raise RuntimeError("no driver")
+
+    real_close = _poller.CpuPoller.close
+    cut: list[object] = []
+
+    def close_cut_once(self: Any) -> None:
+        if not cut:
+            cut.append(self)
+            real_close(self)
+            raise KeyboardInterrupt
+        real_close(self)
+
+    topology = Topology(2)
+    before = _held(host)
+    monkeypatch.setattr(_backend, "_PvcallsDriver", no_driver)
+    monkeypatch.setattr(_poller.CpuPoller, "close", close_cut_once)
+    with pytest.raises(KeyboardInterrupt):
+        pvcalls.Backend(host.dom0, topology=topology)
+    assert len(cut) == 1
+    _wait_released(host, before)  # the other poller's descriptors, the handles'
+    assert not [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
+    monkeypatch.undo()
+    pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
