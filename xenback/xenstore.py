@@ -183,9 +183,11 @@ _REFUSED = ("XenStore closed the connection before its first reply: it refused i
 
 
 def _unanswered(router: Any) -> bool:
-    """Whether the connection of ``router`` ended with a request sent and
-    nothing ever answered: as a refused one does (see _REFUSED)."""
-    return router.last_rq_id >= 0 and not router.replied
+    """Whether the connection of ``router`` ended with nothing ever
+    answered: as a refused one does (see _REFUSED).  With a request sent
+    or not: the router may see the end before the first request goes,
+    and that request fails for the same reason."""
+    return not router.replied
 
 
 def _connection_lost(router: Any, path: str, what: str = "XenStore connection lost"

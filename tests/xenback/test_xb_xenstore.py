@@ -691,6 +691,8 @@ def test_on_lost_is_told_instead_of_a_warning(host, caplog) -> None:
         seen.set()
 
     with XenStore(host.dom0.xenstore(), on_lost=on_lost) as xs:
+        # Answered once: one never answered ends as a refused one does.
+        xs.read("/local")
         host.close()
         assert seen.wait(TIMEOUT)
         assert xs.connection_lost.is_set()  # set before on_lost runs
@@ -2451,3 +2453,40 @@ def test_a_connection_xenstore_refuses_says_so(host) -> None:
             assert info.value.errno == errno.ENOTCONN
             assert "before its first reply" in str(exc)
             assert "too many connections" in str(exc)
+
+
+def test_a_connection_refused_before_its_first_request_says_so(host, monkeypatch) -> None:
+    """The same refusal, seen by the router only once open() returned and
+    before the first request went (a loaded machine's order of things):
+    nothing was ever answered on the connection, and its request says
+    that XenStore closed it before its first reply, as on_lost does, not
+    "connection lost"."""
+    import xenback.xenstore as xenstore
+    from xenback.sim._xenstored._ops import Quota
+
+    guest = host.create_domain("g")
+    path = os.fspath(host.xenstored.introduce_path(guest.domid))
+    with contextlib.ExitStack() as stack:
+        for _ in range(Quota().connections):  # accepted before ours: in order
+            stack.enter_context(socket.socket(socket.AF_UNIX)).connect(path)
+        lost: list[Exception] = []
+        xs = XenStore(guest.xenstore(), on_lost=lost.append)
+        stack.callback(xs.close)
+        real_route = xenstore._route
+        opened = threading.Event()
+
+        def route_once_opened(router: Any) -> None:
+            if router is xs._client.router:  # not the host's own clients
+                assert opened.wait(TIMEOUT)
+            real_route(router)
+
+        monkeypatch.setattr(xenstore, "_route", route_once_opened)
+        xs.open()
+        opened.set()
+        assert xs.connection_lost.wait(TIMEOUT)
+        with pytest.raises(ConnectionError) as info:
+            xs.read("/local/domain")
+        assert info.value.errno == errno.ENOTCONN
+        assert "before its first reply" in str(info.value)
+        (exc,) = lost
+        assert "before its first reply" in str(exc)
