@@ -319,6 +319,94 @@ def test_a_notification_while_the_connect_is_set_up_is_not_lost(
     assert raw.release(sock_id).ret == 0
 
 
+
+class _Greeter:
+    """A host server that sends ``greeting`` on each connection as it
+    accepts it, and keeps the connection open."""
+
+    def __init__(self, greeting: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.conns: list[socket.socket] = []
+        self._greeting = greeting
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.listener.accept()
+            self.conns.append(conn)
+            conn.sendall(self._greeting)
+
+    def close(self) -> None:
+        self.listener.close()
+        self._thread.join(TIMEOUT)
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def greeter() -> Iterator[_Greeter]:
+    server = _Greeter(b"hello")
+    yield server
+    server.close()
+
+
+def test_data_from_the_peer_while_the_connect_is_set_up_is_not_lost(
+        raw: RawFrontend, greeter: _Greeter, backend: pvcalls.Backend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer sends as it accepts, while the CONNECT is still being
+    processed (the host socket watched, the socket not yet CONNECTED): the
+    Work its edge runs finds the socket NEW, and the guest wrote nothing,
+    so only the note of that run makes the CONNECT run it again.  No
+    other edge comes: without it, the bytes would wait in the host socket
+    for ever."""
+    starting = PauseAt.in_method(monkeypatch, ActiveSocket, "start_connect",
+                                 "with self._lock:")
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    connect_req = raw.push_connect(sock_id, greeter.address, ring)
+    assert starting.reached.wait(TIMEOUT)
+    try:
+        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+        assert isinstance(sock, ActiveSocket)
+        wait_until(lambda: sock._missed)  # the host's edge ran the Work, NEW
+    finally:
+        starting.resume()
+    assert raw.response(connect_req).ret == 0
+    assert raw.recv_exactly(ring, 5) == b"hello"
+    assert raw.release(sock_id).ret == 0
+
+
+def test_a_work_that_found_the_socket_new_as_it_connected_runs_again(
+        raw: RawFrontend, greeter: _Greeter, backend: pvcalls.Backend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Work, run by the peer's edge, read the state NEW, and the
+    CONNECT made the socket CONNECTED before the Work could note that it
+    ran: the CONNECT found no note, so the Work, seeing the state changed
+    under the lock, runs again itself."""
+    starting = PauseAt.in_method(monkeypatch, ActiveSocket, "start_connect",
+                                 "with self._lock:")
+    noting = PauseAt.in_method(monkeypatch, ActiveSocket, "_missed_run", "with self._lock:")
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+    connect_req = raw.push_connect(sock_id, greeter.address, ring)
+    try:
+        assert starting.reached.wait(TIMEOUT)
+        assert noting.reached.wait(TIMEOUT)  # the edge came; the Work read NEW
+    finally:
+        starting.resume()
+    try:
+        assert raw.response(connect_req).ret == 0
+        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
+        assert isinstance(sock, ActiveSocket)
+        assert sock.state is SockState.CONNECTED and not sock._missed
+    finally:
+        noting.resume()
+    assert raw.recv_exactly(ring, 5) == b"hello"
+    assert raw.release(sock_id).ret == 0
+
+
 def test_connect_refused(raw: RawFrontend) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
