@@ -196,3 +196,35 @@ def test_the_hints_a_frontend_leaves_hold_a_bounded_number_of_refs(
         assert kept <= bound
         assert fe.ring_hint_refs == kept
         assert hints[rings[-1].ref] == data.refs
+
+
+def test_the_hints_kept_are_those_of_the_rings_given_last(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frontend's hints are bounded, and the one that goes to make room
+    is that of the ring given least recently: a ring given again is the
+    newest, however early it was first given."""
+    monkeypatch.setattr(_socket, "RING_HINTS", 2)
+    maps: list[int] = []
+    real_map = backend.gnttab.map_grant_refs
+
+    def counted(domid: int, refs: Sequence[int], **kwargs: Any) -> Any:
+        maps.append(len(refs))
+        return real_map(domid, refs, **kwargs)
+
+    monkeypatch.setattr(backend.gnttab, "map_grant_refs", counted)
+
+    def give(ring: Any) -> list[int]:
+        """Connect a socket with ``ring``, release it: its map requests."""
+        maps.clear()
+        sock_id, _ = raw.socket()
+        assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+        assert raw.release(sock_id).ret == 0
+        return list(maps)
+
+    a, b, c = raw.new_ring(), raw.new_ring(), raw.new_ring()
+    for ring in (a, b, a, c):  # b given least recently, then a, then c
+        give(ring)
+    assert give(a) == [1 + 16]
+    assert give(c) == [1 + 16]
+    assert give(b) == [1, 1 + 16]  # its hint went
