@@ -1861,6 +1861,78 @@ def test_a_transaction_interrupted_anywhere_leaves_none_open(host, package: str)
 
 
 
+
+def test_a_transaction_start_given_up_before_its_reply_is_ended(
+        host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C while the start of a transaction waits for its reply: the
+    requester is gone by the time the reply tells the transaction's id,
+    so the router ends it, which nobody else could, rather than leave it
+    open for the life of the connection (and take it for the requester's,
+    which has gone on)."""
+    from xenback import xenstore
+
+    guest, xs, held = _guest_connection_counts(host)
+    node = f"/local/domain/{guest.domid}/data/tx"
+    # The start's reply is held on the router thread until the requester
+    # has given up on it.
+    given_up = threading.Event()
+    real_dispatch = xenstore._dispatch
+
+    def dispatch(router: Any, packet: Any) -> None:
+        if packet.op == Op.TRANSACTION_START:
+            assert given_up.wait(TIMEOUT)
+        real_dispatch(router, packet)
+
+    monkeypatch.setattr(xenstore, "_dispatch", dispatch)
+    real_get = xenstore._Reply.get
+    waits: list[object] = []
+
+    def get(reply: Any) -> Any:
+        if not waits:
+            waits.append(reply)
+            raise KeyboardInterrupt  # as the first wait for a reply begins
+        return real_get(reply)
+
+    monkeypatch.setattr(xenstore._Reply, "get", get)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            xs.transaction(lambda t: t.write(node, "x"))
+        given_up.set()
+        assert eventually(lambda: held() == (0, 0), TIMEOUT), held()
+        assert xs.read(node) is None
+        xs.transaction(lambda t: t.write(node, "y"))
+        assert xs.read(node) == "y"
+        assert held() == (0, 0)
+    finally:
+        given_up.set()
+        xs.close()
+
+
+def test_a_connection_that_ends_before_any_reply_is_said_refused(tmp_path) -> None:
+    """XenStore hangs up on the first request, having said nothing on the
+    connection: the request's error, and on_lost's, say that it refused
+    the connection, not that an established one was lost."""
+    import pyxs
+
+    path = str(tmp_path / "xenstored")
+    server = hang_up_after_one_request(path)
+    lost: list[Exception] = []
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=lost.append)
+    try:
+        xs.open()
+        exc = _try_read(xs)
+        assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
+        assert "before its first reply" in str(exc)
+        with pytest.raises(ConnectionError, match="before its first reply"):
+            xs.read("/again")
+        assert xs.connection_lost.wait(TIMEOUT)
+        (reported,) = lost
+        assert "before its first reply" in str(reported)
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
+
+
 class _FirstCtrlC(BaseException):
     """The Ctrl-C that starts a wait_for()'s clean-up, for a second one to
     land in."""
