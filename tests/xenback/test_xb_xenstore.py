@@ -1933,6 +1933,59 @@ def test_a_connection_that_ends_before_any_reply_is_said_refused(tmp_path) -> No
         server.join(TIMEOUT)
 
 
+
+@pytest.mark.parametrize(("op", "payload", "tx_id"), [
+    (Op.TRANSACTION_START, b"7\0", 7),
+    (Op.TRANSACTION_START, b"4294967295\0", 0xFFFFFFFF),   # the largest id
+    (Op.TRANSACTION_START, b"4294967296\0", 0),            # past 32 bits
+    (Op.TRANSACTION_START, b"04294967295\0", 0),           # 11 digits
+    (Op.TRANSACTION_START, b"-1\0", 0),
+    (Op.TRANSACTION_START, b"\0", 0),
+    (Op.ERROR, b"7\0", 0),
+])
+def test_the_id_of_a_started_transaction_is_a_32_bit_number(op, payload, tx_id) -> None:
+    from pyxs._internal import Packet
+
+    from xenback.xenstore import _started_id
+
+    assert _started_id(Packet(op, payload, rq_id=1)) == tx_id
+
+
+def test_a_transaction_start_answered_without_an_id_runs_nothing(tmp_path) -> None:
+    """A reply to TRANSACTION_START that names no transaction: the body
+    must not run, its writes outside any transaction."""
+    import pyxs
+
+    path = str(tmp_path / "xenstored")
+    server = answer_one_request(path, lambda rq_id, tx_id: _packet(
+        Op.TRANSACTION_START, rq_id, tx_id, b"not an id\0"))
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    ran: list[object] = []
+
+    def body(t: Any) -> None:
+        ran.append(t)
+        xs.close()  # or the commit would wait for a reply for ever
+
+    try:
+        with pytest.raises(OSError):
+            xs.transaction(body)
+        assert ran == []
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
+
+
+def test_a_wait_for_over_keeps_nothing_for_close(dom0_xs) -> None:
+    """What close() must end for a wait_for() in progress is let go of
+    once it is over, whichever way."""
+    dom0_xs.write("/test/kept", "1")
+    assert dom0_xs.wait_for("/test/kept", "1", timeout=TIMEOUT) == "1"
+    with pytest.raises(TimeoutError):
+        dom0_xs.wait_for("/test/kept", "2", timeout=0.001)
+    assert dom0_xs._removals == set() and dom0_xs._waiters == set()
+
+
 class _FirstCtrlC(BaseException):
     """The Ctrl-C that starts a wait_for()'s clean-up, for a second one to
     land in."""
