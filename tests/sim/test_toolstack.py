@@ -429,6 +429,25 @@ def test_a_conflicting_transaction_runs_again(host: SimHost) -> None:
         assert other.read(b"/counter") == b"11"
 
 
+
+def test_only_the_commit_that_went_is_told(host: SimHost) -> None:
+    """The callback of a transaction's commit (add_device()'s listing of
+    its device) runs for the commit that went, not for one refused with
+    EAGAIN before it."""
+    seen: list[bytes] = []
+    told: list[int] = []
+    with host.dom0.xenstore() as other:
+
+        def body(c: pyxs.Client) -> None:
+            seen.append(c.read(b"/counter", b"0"))
+            if len(seen) == 1:
+                other.write(b"/counter", b"1")  # meanwhile, outside it
+            c.write(b"/counter", b"2")
+
+        host.toolstack._transaction(body, lambda: told.append(len(seen)))
+    assert told == [2]
+
+
 def test_a_parent_with_a_value_is_not_pruned(host: SimHost, guest: Domain) -> None:
     # libxl__xs_path_cleanup stops at the first parent that has a value.
     dev = host.toolstack.add_device("vif", guest.domid)
