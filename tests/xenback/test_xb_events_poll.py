@@ -979,3 +979,40 @@ def test_a_poll_that_found_the_handle_not_ready_clears_its_overflows(
         assert dispatcher.poll(TIMEOUT) == 1  # the port, taken
         assert dispatcher.poll(0) == 0  # the queue is empty
     assert calls == [local] * 6
+
+
+def test_an_overflow_after_a_back_off_is_still_a_failure(polled) -> None:
+    """Backing off, the handle is left out of the wait: a wait that could
+    not see it has not found its queue empty.  A queue that overflows
+    again at once after every reset is then still failing once the
+    handle is watched again, and backs off again, rather than being
+    reset quietly as a first overflow every other time."""
+    _guest, _evtchn, dispatcher = polled
+    outcomes: list[str] = []
+
+    def poll() -> None:
+        try:
+            dispatcher.poll(TIMEOUT)
+        except OSError as exc:
+            assert exc.errno == errno.EFBIG
+            outcomes.append("failed")
+        else:
+            outcomes.append("ok")
+
+    dispatcher._evtchn.overflow()
+    poll()  # reset
+    poll()  # the hand-out
+    dispatcher._evtchn.overflow()  # again, before any read found it empty
+    poll()  # a failure
+    poll()  # the hand-out
+    dispatcher._evtchn.overflow()
+    poll()  # a failure again: the handle is left out of the wait
+    assert dispatcher._handle_back is not None
+    assert outcomes == ["ok", "ok", "failed", "ok", "failed"]
+    dispatcher._evtchn.overflow()  # at once after that reset, again
+    poll()  # the hand-out
+    outcomes.clear()
+    out_until = dispatcher._handle_back
+    while dispatcher._handle_back == out_until:
+        poll()  # waits out the back-off, the handle not watched; then watched
+    assert outcomes[-1] == "failed" and set(outcomes[:-1]) <= {"ok"}
