@@ -1075,6 +1075,98 @@ def test_a_rings_own_handle_that_overflows_again_at_once_fails_its_socket(
         echo_through(other, b"more")
 
 
+
+def test_a_rings_own_handle_that_overflows_now_and_then_goes_on(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """Overflows of a ring's own handle with its port taken between them
+    (the handle working again after each reset) are no resets in a row:
+    however many there are, the ring goes on."""
+    srv = server()
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        for _ in range(RESETS_IN_A_ROW + 1):
+            ring.evtchn.overflow()
+            assert ring.consume_events()  # reset: taken as fired
+            s.sendall(b"x")
+            wait_until(ring.in_pending)  # the echo, then its event
+            assert select.select([ring.evtchn.fileno()], [], [], TIMEOUT)[0]
+            assert ring.consume_events()  # taken: the handle works again
+            assert recv_exactly(s, 1) == b"x"
+        assert ring.failure is None
+        echo_through(s, b"more")
+
+
+
+def test_a_recycled_ring_starts_with_no_resets(fe: pvcalls.Frontend, server: Any) -> None:
+    """The resets in a row of a ring's own handle are its socket's: the
+    next socket that gets the ring recycled has as many before its ring
+    is taken for broken as a new one."""
+    srv = server()
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+    wait_until(lambda: ring in fe._ring_pool)  # released (asynchronously)
+    for _ in range(RESETS_IN_A_ROW - 1):  # nobody else takes its events now
+        ring.evtchn.overflow()
+        assert ring.consume_events()
+    ring.evtchn.overflow()  # and once more, for the recycling to reset
+    with connected(fe, srv.address) as s:
+        assert s._st.ring is ring
+        # One reset in a row so far, the recycling's: as many to come as
+        # for a new ring's handle that overflowed once.
+        for _ in range(RESETS_IN_A_ROW - 1):
+            ring.evtchn.overflow()
+            assert ring.consume_events()
+        assert ring.failure is None
+
+
+def test_a_rings_own_handle_taken_for_broken_says_so_once(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The verdict on a ring whose own handle overflows after every reset
+    is logged once, however many calls meet it afterwards."""
+    srv = server()
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        _overflowing_after_every_reset(ring, monkeypatch)
+        with caplog.at_level(logging.WARNING, logger="pvcalls.frontend"):
+            for _ in range(RESETS_IN_A_ROW):
+                assert ring.consume_events()
+            for _ in range(3):
+                with pytest.raises(OSError) as info:
+                    ring.consume_events()
+                assert info.value.errno == errno.EIO
+        said = [r for r in caplog.records if "data ring on port" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in said]
+
+
+
+def test_a_rings_own_handle_whose_reset_fails_is_taken_for_broken(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reset that fails counts among the resets in a row: a handle that
+    cannot be reset is broken too, not reset again at every call."""
+    srv = server()
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        handle = ring.evtchn
+
+        def reset() -> None:
+            raise OSError(errno.EIO, "no reset today")
+
+        monkeypatch.setattr(handle, "reset", reset)
+        handle.overflow()
+        for _ in range(RESETS_IN_A_ROW):
+            with pytest.raises(OSError, match="no reset today"):
+                ring.consume_events()
+        with pytest.raises(OSError) as info:
+            ring.consume_events()
+        assert info.value.errno == errno.EIO
+        assert ring.failure is not None and "overflowed again" in ring.failure
+
+
 def test_a_relayed_rings_own_handle_that_overflows_again_at_once_is_relayed_no_more(
         fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the socket selected (its fileno() given out) and nobody in
