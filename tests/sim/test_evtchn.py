@@ -513,6 +513,20 @@ def test_a_handle_that_fails_to_open_keeps_nothing(
     assert eventually(lambda: len(os.listdir("/proc/self/fd")) <= before[1])
 
 
+
+def test_a_refused_request_leaves_the_handle_watching_its_service(
+        pair: tuple[EventChannel, int, EventChannel, int]) -> None:
+    """The service connection is out of the handle's wait only while a
+    request waits for its reply, a refused one's included: after it, what
+    the service pushes (a peer's unbinding) wakes the handle again."""
+    e0, p0, e1, p1 = pair
+    with pytest.raises(EventChannelError):
+        e0.bind_interdomain(77, 1)  # ESRCH
+    e1.unbind(p1)  # pushed to e0 by the service: its port fires
+    assert readable(e0, 5)
+    assert e0.wait(5) == p0
+
+
 def test_wait_blocks_until_a_port_fires(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
     e0, p0, e1, p1 = pair
     assert e0.wait(0.02) is None
