@@ -1986,6 +1986,35 @@ def test_a_wait_for_over_keeps_nothing_for_close(dom0_xs) -> None:
     assert dom0_xs._removals == set() and dom0_xs._waiters == set()
 
 
+
+def test_a_connection_closed_as_it_opens_is_said_refused(tmp_path, monkeypatch) -> None:
+    """XenStore closes the connection as it accepts it, and pyxs's router
+    dies before open() is done: open() says that XenStore refused it, not
+    pyxs's "router died"."""
+    import pyxs
+    from pyxs.client import Router
+
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    server = serve_one_client(path, lambda conn: None)  # accepted, closed
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    started = PauseAt.in_method(monkeypatch, Router, "start", "while not self.is_connected")
+    opening = Attempt(xs.open)
+    try:
+        assert started.reached.wait(TIMEOUT)
+        router = xs._client.router
+        router.thread.join(TIMEOUT)
+        assert not router.thread.is_alive()
+    finally:
+        started.resume()
+    exc = opening.result()
+    assert isinstance(exc, ConnectionError), repr(exc)
+    assert "before its first reply" in str(exc) and "router died" not in str(exc)
+    xs.close()
+    server.join(TIMEOUT)
+
+
 class _FirstCtrlC(BaseException):
     """The Ctrl-C that starts a wait_for()'s clean-up, for a second one to
     land in."""
