@@ -2015,6 +2015,47 @@ def test_a_connection_closed_as_it_opens_is_said_refused(tmp_path, monkeypatch) 
     server.join(TIMEOUT)
 
 
+
+def test_close_ends_a_wait_for_removal_the_watch_thread_will_not_do(
+        host, monkeypatch) -> None:
+    """A wait_for() over hands its watch to the watch thread to remove and
+    waits for that; but close() got there first, and the thread, told to
+    stop before the removal was queued, stops without doing it.  close()
+    ends the wait (the watch goes with the connection)."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    calls: list[str] = []
+    armed, held, hold = threading.Event(), threading.Event(), threading.Event()
+
+    def blocking(path: str) -> None:
+        calls.append(path)
+        if armed.is_set():
+            held.set()
+            hold.wait(TIMEOUT)
+
+    wait_for = XenStore.wait_for
+    try:
+        xs.watch("/test/blk", blocking)
+        assert eventually(lambda: calls, TIMEOUT)  # the watch's first event
+        armed.set()
+        xs.write("/test/blk", "1")
+        assert held.wait(TIMEOUT)  # the watch thread is busy
+        over = PauseAt.in_method(monkeypatch, XenStore, "wait_for",
+                                 "if watches and self._monitor is not None")
+        waiter = Attempt(lambda: xs.wait_for("/test/w", "never", timeout=0.001))
+        assert over.reached.wait(TIMEOUT)  # timed out, its watch set
+        closer = Attempt(xs.close)
+        assert eventually(lambda: stands_at(closer.thread.ident, XenStore.close,
+                                            "thread.join()"), TIMEOUT)
+        over.resume()  # queues its removal behind close()'s stop
+        assert eventually(lambda: stands_at(waiter.thread.ident, wait_for,
+                                            "while not removal.done.wait"), TIMEOUT)
+    finally:
+        hold.set()
+    assert isinstance(waiter.result(), TimeoutError)
+    assert closer.result() is None
+
+
 class _FirstCtrlC(BaseException):
     """The Ctrl-C that starts a wait_for()'s clean-up, for a second one to
     land in."""
