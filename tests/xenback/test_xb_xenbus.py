@@ -1633,6 +1633,27 @@ def test_the_domain_going_learnt_as_its_connection_goes_is_said_once(
         "XenStore connection lost: %s"]
 
 
+
+def test_a_connection_lost_in_a_run_before_says_nothing_of_this_one(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The loss of XenStore in a run before (a driver stopped and started
+    again) is not this run's end: the domain going in this run is said
+    as a warning, as in a run that lost nothing."""
+    drvdom, drv, fes = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        drv._xenstore_lost(ConnectionError(errno.ENOTCONN, "an earlier loss"))
+        for fe in fes:
+            fe.close()
+        drv.stop()
+        drv.start()
+        caplog.clear()
+        dom0_xs.rm(f"/local/domain/{drvdom.domid}")
+        assert eventually(lambda: any("is going away" in r.getMessage()
+                                      for r in _backend_warnings(caplog)))
+    finally:
+        drv.stop()
+
+
 def test_eacces_in_a_live_driver_domain_is_still_an_error(host, dom0_xs, frontends, caplog) -> None:
     """EACCES while the backend's domain and home live is a refusal, not
     the domain's end: the device it hit fails as ever (error node, Closing),
