@@ -2616,6 +2616,18 @@ def test_a_write_failing_before_any_byte_went_keeps_the_connection(host, monkeyp
         xs.close()
 
 
+def _guest_at_its_connection_limit(host: Any, stack: contextlib.ExitStack) -> Any:
+    """A new guest of ``host`` with as many XenStore connections open as
+    it may have (closed by ``stack``): its next one is refused."""
+    from xenback.sim._xenstored._ops import Quota
+
+    guest = host.create_domain("g")
+    path = os.fspath(host.xenstored.introduce_path(guest.domid))
+    for _ in range(Quota().connections):  # accepted before ours: in order
+        stack.enter_context(socket.socket(socket.AF_UNIX)).connect(path)
+    return guest
+
+
 def test_a_connection_xenstore_refuses_says_so(host) -> None:
     """xenstored may close a socket connection as it accepts it, before a
     word is said: cxenstored when it cannot allocate one, the simulated
@@ -2625,13 +2637,8 @@ def test_a_connection_xenstore_refuses_says_so(host) -> None:
     must say that XenStore closed the connection before its first reply,
     and what that likely means, not "connection lost" (which reads as a
     crash of xenstored) or pyxs's "router died"."""
-    from xenback.sim._xenstored._ops import Quota
-
-    guest = host.create_domain("g")
-    path = os.fspath(host.xenstored.introduce_path(guest.domid))
     with contextlib.ExitStack() as stack:
-        for _ in range(Quota().connections):  # accepted before ours: in order
-            stack.enter_context(socket.socket(socket.AF_UNIX)).connect(path)
+        guest = _guest_at_its_connection_limit(host, stack)
         lost: list[Exception] = []
         xs = XenStore(guest.xenstore(), on_lost=lost.append)
         stack.callback(xs.close)
@@ -2657,13 +2664,9 @@ def test_a_connection_refused_before_its_first_request_says_so(host, monkeypatch
     that XenStore closed it before its first reply, as on_lost does, not
     "connection lost"."""
     import xenback.xenstore as xenstore
-    from xenback.sim._xenstored._ops import Quota
 
-    guest = host.create_domain("g")
-    path = os.fspath(host.xenstored.introduce_path(guest.domid))
     with contextlib.ExitStack() as stack:
-        for _ in range(Quota().connections):  # accepted before ours: in order
-            stack.enter_context(socket.socket(socket.AF_UNIX)).connect(path)
+        guest = _guest_at_its_connection_limit(host, stack)
         lost: list[Exception] = []
         xs = XenStore(guest.xenstore(), on_lost=lost.append)
         stack.callback(xs.close)
