@@ -16,7 +16,7 @@ import pytest
 
 from tests.sim.hosthelpers import eventually, service_caught_up
 from tests.stolensignal import Interrupted, interrupt, main_thread_in
-from tests.xenback.xbhelpers import TIMEOUT, fails_once, leaked_threads
+from tests.xenback.xbhelpers import TIMEOUT, assert_dispatches, fails_once, leaked_threads
 from xenback import EventDispatcher, events
 from xenback.platform import EventChannelError
 from xenback.ratelimit import RateLimit
@@ -406,17 +406,10 @@ def test_a_dispatcher_interrupted_anywhere_in_its_making_is_whole_or_nothing(
                 n, within, lambda made=made: made.append(EventDispatcher(host.dom0)))
         if made:
             (dispatcher,) = made
-            fired = threading.Event()
-            r, w = os.pipe()
-            try:  # running: it dispatches
-                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _ev, fired=fired: fired.set())
-                os.write(w, b"x")
-                assert fired.wait(TIMEOUT), f"interrupted {where}"
-                dispatcher.remove_fd(r)
+            try:
+                assert_dispatches(dispatcher, where)
             finally:
                 dispatcher.close()
-                os.close(r)
-                os.close(w)
         assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
         # Nor did the thread meet a closed descriptor on its way out.
         assert [rec.getMessage() for rec in caplog.records

@@ -22,6 +22,7 @@ from tests.xenback.xbhelpers import (
     TIMEOUT,
     Census,
     RecordingDriver,
+    assert_dispatches,
     backend_device,
     connected,
     error_node,
@@ -2140,7 +2141,6 @@ def test_a_driver_dispatcher_interrupted_in_its_making_is_kept_for_stop(host) ->
     the main thread may make it too.)  Whatever the place, stop() leaves
     no thread, and the next use finds a running dispatcher."""
     import os
-    import select
 
     from tests.stolensignal import interrupted_at
 
@@ -2152,17 +2152,7 @@ def test_a_driver_dispatcher_interrupted_in_its_making_is_kept_for_stop(host) ->
         drv.start()
         try:
             where = interrupted_at(n, within, lambda drv=drv: drv.events)
-            dispatcher = drv.events
-            fired = threading.Event()
-            r, w = os.pipe()
-            try:  # running: it dispatches
-                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _ev, fired=fired: fired.set())
-                os.write(w, b"x")
-                assert fired.wait(TIMEOUT), f"interrupted {where}"
-                dispatcher.remove_fd(r)
-            finally:
-                os.close(r)
-                os.close(w)
+            assert_dispatches(drv.events, where)
         finally:
             drv.stop()
         assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import importlib
 import itertools
+import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -172,6 +174,22 @@ def handed_over(xs: XenStore, tag: str, base: str = "/ord-sync") -> None:
     xs.write(f"{node}/x", 1)
     assert synced.wait(TIMEOUT)
     sentinel.unwatch()
+
+
+def assert_dispatches(dispatcher: Any, where: str) -> None:
+    """That ``dispatcher`` (an EventDispatcher with its thread) runs: a
+    pipe made readable calls its callback.  ``where`` says, on failure,
+    where the test had interrupted its making."""
+    fired = threading.Event()
+    r, w = os.pipe()
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _ev: fired.set())
+        os.write(w, b"x")
+        assert fired.wait(TIMEOUT), f"interrupted {where}"
+        dispatcher.remove_fd(r)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def leaked_threads(before: set[int | None]) -> list[str]:
