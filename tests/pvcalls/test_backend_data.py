@@ -570,11 +570,19 @@ def test_a_data_ring_protocol_error_is_notified(raw: RawFrontend) -> None:
     assert ring.in_error == ring.out_error == -_errno.EINVAL
 
 
-def test_a_send_failure_is_notified(raw: RawFrontend) -> None:
+def test_a_send_failure_is_notified(raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """out_error set by a failed send is announced on the event channel,
     even when the receive side changes nothing (here: in_error was set by
-    the frontend, so the backend does not receive)."""
-    _, ring, peer = _accepted_pair(raw)
+    the frontend, so the backend does not receive).
+
+    The socket's Work is let finish first: a connect the host completed
+    late is answered by a run that goes on to receive, and if it read
+    in_error before the frontend set it and received after the reset, it
+    would write the reset's error over the frontend's (as Linux's backend
+    would: in_error has two writers, and no store of either can be
+    conditional on the other's)."""
+    sock_id, ring, peer = _accepted_pair(raw)
+    _socket_of(backend, raw, sock_id).flush()
     ring.put(_wire.IN_ERROR_OFFSET, -_errno.EBADF)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.close()  # a reset: the backend's next send fails
