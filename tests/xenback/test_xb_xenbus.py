@@ -1319,7 +1319,9 @@ def _backend_warnings(caplog) -> list[logging.LogRecord]:
 def _host_that_dies(frontends) -> Iterator[tuple[SimHost, RecordingDriver, Any, Any, Any]]:
     """A started RecordingDriver on a host of its own, with one connected
     device: yields ``(host, driver, guest, bdev, fe)``.  The host closes
-    as the block ends, and the driver has lost XenStore after it."""
+    as the block ends, and the driver has lost XenStore after it, and has
+    been told: ``connection_lost`` is set before ``on_lost`` is called
+    (the driver's warning), which is the router thread's last act."""
     host = SimHost()
     host.start()
     drv = RecordingDriver(host.dom0)
@@ -1330,6 +1332,9 @@ def _host_that_dies(frontends) -> Iterator[tuple[SimHost, RecordingDriver, Any, 
     finally:
         host.close()
     assert drv.xenstore.connection_lost.wait(TIMEOUT)
+    router = drv.xenstore._client.router.thread
+    router.join(TIMEOUT)
+    assert not router.is_alive()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
