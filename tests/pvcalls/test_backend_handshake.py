@@ -720,6 +720,9 @@ def test_the_documented_read_only_attributes_are(backend: pvcalls.Backend, name:
     assert getattr(backend, name) is value
 
 
+# A sweep of a few hundred Backend() lives: some 35 s for xenback's places
+# on an idle machine, past the suite's 120 s on a loaded one.
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("package", ["pvcalls", "xenback", "workqueue"])
 def test_a_backend_interrupted_anywhere_in_its_making_leaves_nothing(
         host: Any, package: str) -> None:
