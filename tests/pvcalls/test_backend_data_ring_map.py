@@ -147,11 +147,9 @@ def test_a_bad_ring_order_maps_nothing_whatever_the_hint(guest: Guest, hint: boo
     assert guest.live_mappings() == 0
 
 
-def test_a_recycled_ring_is_mapped_in_one_request(
-        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our frontend gives a released socket's ring to its next socket:
-    the backend maps it, indexes page and data pages, with one request."""
+def _counted_maps(backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The refs of each grant mapping ``backend`` asks for from now on,
+    one number per request, in a list kept up to date."""
     maps: list[int] = []
     real_map = backend.gnttab.map_grant_refs
 
@@ -160,6 +158,15 @@ def test_a_recycled_ring_is_mapped_in_one_request(
         return real_map(domid, refs, **kwargs)
 
     monkeypatch.setattr(backend.gnttab, "map_grant_refs", counted)
+    return maps
+
+
+def test_a_recycled_ring_is_mapped_in_one_request(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our frontend gives a released socket's ring to its next socket:
+    the backend maps it, indexes page and data pages, with one request."""
+    maps = _counted_maps(backend, monkeypatch)
     ring = raw.new_ring()
     for word in (b"first", b"again"):
         maps.clear()
@@ -205,14 +212,7 @@ def test_the_hints_kept_are_those_of_the_rings_given_last(
     is that of the ring given least recently: a ring given again is the
     newest, however early it was first given."""
     monkeypatch.setattr(_socket, "RING_HINTS", 2)
-    maps: list[int] = []
-    real_map = backend.gnttab.map_grant_refs
-
-    def counted(domid: int, refs: Sequence[int], **kwargs: Any) -> Any:
-        maps.append(len(refs))
-        return real_map(domid, refs, **kwargs)
-
-    monkeypatch.setattr(backend.gnttab, "map_grant_refs", counted)
+    maps = _counted_maps(backend, monkeypatch)
 
     def give(ring: Any) -> list[int]:
         """Connect a socket with ``ring``, release it: its map requests."""
