@@ -974,6 +974,26 @@ def test_an_event_channel_handle_past_the_domains_limit_says_why(
             handle.close()
 
 
+def test_the_first_handle_past_the_domains_limit_is_logged_at_once(
+        host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture) -> None:
+    """Someone debugging a guest that hits its limit finds a line in the
+    log as the first handle is refused, not only a count of refusals when
+    the domain goes (those past the domain's rate limit are counted)."""
+    from xenback.sim._hypervisor import MAX_HANDLES_PER_DOMAIN
+
+    handles = [guest.gnttab() for _ in range(MAX_HANDLES_PER_DOMAIN)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="xenback.sim._hypervisor"):
+            with guest.evtchn() as extra, pytest.raises(EventChannelError):
+                extra.bind_unbound_port(0)  # told of the refusal after it was logged
+        assert [r.getMessage() for r in caplog.records] == [
+            f"hypervisor: domain {guest.domid} has {MAX_HANDLES_PER_DOMAIN} handles open; "
+            "refusing another"]
+    finally:
+        for handle in handles:
+            handle.close()
+
+
 def test_a_dead_domain_cannot_fire_its_former_peer(host: SimHost) -> None:
     """Its process may live on with the handle: the write end it holds of
     the peer's pipe must not reach the peer's port any more (Xen runs no
