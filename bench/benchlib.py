@@ -235,7 +235,8 @@ class Interrupts:
 
         A stop signal that comes meanwhile is passed on to it instead of
         raised here: it stops as it does when run alone, saying so, and its
-        status is the run's.  A Ctrl-C reaches it anyway (the terminal
+        status is the run's.  (If it cannot be started, the stop is raised
+        here after all, rather than the error.)  A Ctrl-C reaches it anyway (the terminal
         signals the whole process group), one sent to this process alone
         would not.  Raised here, it could also lose the child's status: a
         KeyboardInterrupt raised after ``waitpid()`` reaped the child but
@@ -251,7 +252,14 @@ class Interrupts:
         self._relaying = True
         pidfd = None
         try:
-            proc = subprocess.Popen(cmd)
+            try:
+                proc = subprocess.Popen(cmd)
+            except Exception:
+                # A stop taken meanwhile was kept for a child that never
+                # came: it is this run's to take again, and a stop wins
+                # over a failure, as in run().
+                self.checkpoint()
+                raise
             # Opened before the wait that reaps it, so that it is the
             # child's for sure.
             pidfd = os.pidfd_open(proc.pid)

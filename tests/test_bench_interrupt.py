@@ -135,6 +135,44 @@ def test_evtchn_bench_stopped_takes_a_repeat_of_the_stop_quietly(short_tmp: Path
     assert list((short_tmp / "tmp").iterdir()) == []
 
 
+# xenstore_bench, its XenStore part faked, stopped as the start of
+# evtchn_bench fails (a fork short of memory, say).
+_STOPPED_AS_POPEN_FAILS = """
+import errno
+import signal
+import subprocess
+import sys
+import benchlib
+import xenstore_bench
+benchlib.stay_stopped()
+rows = [(client, op, 1, 1.0, 1.0) for client in ("pyxs", "raw") for op in ("READ", "WRITE")]
+xenstore_bench._measure_all = lambda args, interrupts: rows
+
+def stopped_as_it_fails(*args, **kwargs):
+    signal.raise_signal(signal.{sig})
+    raise OSError(errno.EAGAIN, "fork failed")
+
+subprocess.Popen = stopped_as_it_fails
+sys.exit(xenstore_bench.main(["--seconds", "0.05", "--rounds", "1", "--clients", "1",
+                              "--no-write"]))
+"""
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_a_stop_as_a_child_fails_to_start_is_a_stop(sig: int) -> None:
+    # The stop is passed on to the child being started, not raised; when
+    # there was no child to take it, the run ended with Popen's error (a
+    # traceback, exit status 1) as if nobody had asked it to stop.
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(BENCH_DIR)}
+    run = subprocess.run([sys.executable, "-c",
+                          _STOPPED_AS_POPEN_FAILS.format(sig=signal.Signals(sig).name)],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 128 + sig, run.stderr
+    assert run.stderr.endswith("xenstore_bench: interrupted, no results\n"), run.stderr
+
+
 @pytest.mark.parametrize("sig", SIGNALS)
 @pytest.mark.parametrize("started", ["starting", "round 1 of"])
 def test_pvcalls_bench(short_tmp: Path, started: str, sig: int) -> None:

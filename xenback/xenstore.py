@@ -371,7 +371,10 @@ def _unsent(router: Any, packet: Packet, rvar: RVar, sent: int, exc: BaseExcepti
     if router.connection.is_connected:
         # For on_lost: the router finds only that the connection is closed.
         router.lost_cause = cause
-        router.refused = _unanswered(router)  # for our caller's error too
+        # For our caller's error too.  A first write failing is how a
+        # refusal shows; one our own Ctrl-C cut short is no refusal: we
+        # end the connection, XenStore did not.
+        router.refused = isinstance(exc, OSError) and _unanswered(router)
         router.connection.close()  # wakes the router (see adopt_router)
     if isinstance(exc, OSError):
         raise cause from exc
@@ -581,7 +584,10 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
     except Exception as exc:  # pyxs's ConnectionError, or whatever broke it
         lost = exc
         # Before the waiting requests are answered: their errors say it.
-        router.refused = _unanswered(router)
+        # A sender that closed the connection said already whether it was
+        # refused (_unsent; under send_lock, which _route's close waited for).
+        if router.lost_cause is None:
+            router.refused = _unanswered(router)
     finally:
         # The router closed the connection before we get here, so a request
         # sent after we take send_lock fails in send(); one sent before has

@@ -744,9 +744,9 @@ def test_a_backend_interrupted_anywhere_in_its_making_leaves_nothing(
         return [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
 
     within = os.path.dirname(importlib.import_module(package).__file__ or "")
-    # Not in the simulated host's handles: they stand for libxen's, and
-    # a Ctrl-C as its factories (Domain.evtchn()) return loses the handle
-    # they made to any caller, as one after xenevtchn_open() would.
+    # Not in the simulated host's handles: a Ctrl-C as its grant handles'
+    # factories (Domain.gnttab()) return still loses what they made to any
+    # caller (evtchn()'s is swept on its own, in tests/sim/test_evtchn.py).
     besides = os.path.join(within, "sim") if package == "xenback" else ""
     landed: list[str] = []
     n = 0

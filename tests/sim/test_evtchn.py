@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import itertools
 import logging
 import os
@@ -11,8 +12,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from hosthelpers import eventually, readable, service_caught_up, wait_pending
-from stolensignal import interrupted_as_call_returns
+from stolensignal import interrupted_as_call_returns, interrupted_at
 
+import xenback
 from xenback.platform import EventChannel as EventChannelProtocol
 from xenback.platform import EventChannelError
 from xenback.sim import Domain, EventChannel, SimHost, _evtchn
@@ -972,6 +974,26 @@ def test_an_event_channel_handle_past_the_domains_limit_says_why(
             handle.close()
 
 
+def test_the_first_handle_past_the_domains_limit_is_logged_at_once(
+        host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture) -> None:
+    """Someone debugging a guest that hits its limit finds a line in the
+    log as the first handle is refused, not only a count of refusals when
+    the domain goes (those past the domain's rate limit are counted)."""
+    from xenback.sim._hypervisor import MAX_HANDLES_PER_DOMAIN
+
+    handles = [guest.gnttab() for _ in range(MAX_HANDLES_PER_DOMAIN)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="xenback.sim._hypervisor"):
+            with guest.evtchn() as extra, pytest.raises(EventChannelError):
+                extra.bind_unbound_port(0)  # told of the refusal after it was logged
+        assert [r.getMessage() for r in caplog.records] == [
+            f"hypervisor: domain {guest.domid} has {MAX_HANDLES_PER_DOMAIN} handles open; "
+            "refusing another"]
+    finally:
+        for handle in handles:
+            handle.close()
+
+
 def test_a_dead_domain_cannot_fire_its_former_peer(host: SimHost) -> None:
     """Its process may live on with the handle: the write end it holds of
     the peer's pipe must not reach the peer's port any more (Xen runs no
@@ -1027,3 +1049,51 @@ def test_a_port_set_aside_while_masked_keeps_its_event_across_a_new_pipe(
     assert wait_pending(e0) == p0
     e0.unmask(p0)
     assert e0.pending() is None
+
+
+def _descriptors() -> frozenset[tuple[int, str]]:
+    """This process's descriptors, each with what it refers to; collected
+    first, so that what is only waiting for the garbage collector does
+    not count as held."""
+    gc.collect()
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+        except FileNotFoundError:
+            pass  # listdir()'s own, or closed meanwhile
+    return frozenset(fds)
+
+
+@pytest.mark.timeout(600)
+def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C landing as any call of Domain.evtchn() returns, the
+    handle's constructor included: the factory raises having closed all
+    it opened, or returns a handle that works.  As ``return
+    EventChannel()``, one as the constructor returned lost the handle, its
+    eventfd open for good and its connection counted against the domain's
+    handles until the garbage collector found it."""
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    for n in itertools.count():
+        before = (host.hypervisor.stats()["connections"], _descriptors())
+        made: list[EventChannel] = []
+        # This lambda is no place of xenback's: a Ctrl-C lands in
+        # evtchn() or not at all.
+        where = interrupted_at(n, within, lambda made=made: made.append(guest.evtchn()))
+        if where:
+            assert made == [], where
+        else:
+            (ch,) = made
+            with ch:
+                assert ch.bind_unbound_port(0) > 0
+        assert eventually(lambda before=before: (
+            host.hypervisor.stats()["connections"] == before[0]
+            and _descriptors() <= before[1])), (
+            f"interrupted {where}: still held: {host.hypervisor.stats()['connections']} "
+            f"connections (was {before[0]}), new descriptors {sorted(_descriptors() - before[1])}")
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 5, landed

@@ -6,6 +6,7 @@ view pointing at nothing (a memfd stands in for the grant devices)."""
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from cffi import FFI
 from racewindow import TIMEOUT, Attempt, stands_at
+from stolensignal import interrupted_at
 
 import xenback.xen
 from xenback.platform import PAGE_SIZE, EventChannelError, GrantError, PlatformUnavailable
@@ -495,6 +497,36 @@ def test_reset_is_the_evtchn_device_s_ioctl_on_the_handle_s_descriptor(
         assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
     finally:
         channel.close()
+
+
+def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
+        fake_evtchn: FakeEvtchnLib, tmp_path: Path) -> None:
+    """A Ctrl-C landing as any call of XenPlatform.evtchn() returns: the
+    factory raises having closed the libxenevtchn handle it opened, or
+    returns one that works.  As ``self._handle = xenevtchn_open()`` and
+    ``return XenEventChannel()``, one as the call returned lost the handle,
+    and its descriptor of /dev/xen/evtchn, for the life of the process."""
+    platform = _platform.XenPlatform(0, tmp_path / "socket")
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    for n in itertools.count():
+        fake_evtchn.calls.clear()
+        made: list[_platform.XenEventChannel] = []
+        # This lambda is no place of xenback's: a Ctrl-C lands in
+        # evtchn() or not at all.
+        where = interrupted_at(n, within, lambda made=made: made.append(platform.evtchn()))
+        if not where:
+            break
+        landed.append(where)
+        assert made == [], where
+        assert fake_evtchn.calls.count("xenevtchn_open") == fake_evtchn.calls.count(
+            "xenevtchn_close"), f"interrupted {where}: {fake_evtchn.calls}"
+    (channel,) = made
+    channel.notify(5)
+    channel.close()
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_notify",
+                                 "xenevtchn_close"]
+    assert len(landed) > 3, landed
 
 
 @pytest.mark.parametrize("bad", [-1, 2**32, True, "5"], ids=["negative", "huge", "bool", "str"])

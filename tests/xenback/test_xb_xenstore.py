@@ -2192,6 +2192,41 @@ def test_a_request_interrupted_half_sent_loses_the_connection(host, package: str
     assert len(landed) > 10, landed
 
 
+def test_a_first_request_interrupted_half_sent_is_not_said_refused(
+        host, monkeypatch) -> None:
+    """The first request of a connection, cut mid-write by our own Ctrl-C:
+    the connection is lost, but XenStore refused nothing.  It was said to
+    have ("closed the connection before its first reply: it refused
+    it"), to on_lost and to the requests after, sending whoever reads the
+    log to count the domain's connections."""
+    from xenback import xenstore
+
+    class Interrupted(BaseException):
+        pass
+
+    def half_then_interrupted(fd: int, data: bytes, sent: list[int]) -> None:
+        sent.append(os.write(fd, data[:8]))
+        raise Interrupted
+
+    told: list[Exception] = []
+    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    xs.open()
+    try:
+        monkeypatch.setattr(xenstore, "_write", half_then_interrupted)
+        with pytest.raises(Interrupted):
+            xs.write("/test/ctrl-c", "x")
+        monkeypatch.undo()
+        assert xs.connection_lost.wait(TIMEOUT)
+        (reason,) = told
+        assert "interrupted after 8 of" in str(reason), repr(reason)
+        assert "refused" not in str(reason), repr(reason)
+        exc = _try_read(xs)
+        assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
+        assert "refused" not in str(exc), repr(exc)
+    finally:
+        xs.close()
+
+
 def test_a_request_interrupted_in_a_partial_write_loses_the_connection(tmp_path) -> None:
     """Ctrl-C as a write to a xenstored slow to read has sent part of a
     request: the rest is never sent, and the connection, which can no

@@ -83,7 +83,18 @@ class Domain:
 
     def evtchn(self) -> EventChannel:
         """A new event channel handle (``xenevtchn``) of this domain."""
-        return EventChannel(domain_socket(self._run_dir, self._domid))
+        # Made through list.extend(), which stores the handle before
+        # control is back in Python code: as ``return EventChannel()``, a
+        # Ctrl-C as the constructor returned would lose it, its
+        # descriptors open, before our caller had it.
+        made: list[EventChannel] = []
+        try:
+            made.extend(map(EventChannel, (domain_socket(self._run_dir, self._domid),)))
+        except BaseException:
+            for handle in made:
+                handle.close()
+            raise
+        return made[0]
 
     def __repr__(self) -> str:
         return f"<Domain {self._domid} {self._name!r}>"

@@ -97,26 +97,6 @@ class EventChannel(Closing):
     """
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
-        raise_nofile_limit()
-        self._epoll = select.epoll()
-        try:
-            self._conn = ServiceConnection(socket_path, EventChannelError, self._on_push,
-                                           on_wait=self._quiet_service)
-        except BaseException:
-            self._epoll.close()
-            raise
-        try:
-            self._conn_fd: int | None = self._conn.fileno()
-            self._epoll.register(self._conn_fd, select.EPOLLIN)
-            # Written by close() to wake threads blocked in wait(), and by
-            # overflow() to keep the handle readable until reset().
-            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        except BaseException:
-            # Short of descriptors: give back the connection too.
-            self._conn.close()
-            self._epoll.close()
-            raise
-        self._epoll.register(self._wake, select.EPOLLIN)
         # _lock protects _ports, _by_fd, _closed, _waiters and the epoll
         # registrations, and keeps a descriptor from being closed while
         # another thread uses it.  Rule: may be taken while holding the
@@ -151,6 +131,36 @@ class EventChannel(Closing):
         # epoll descriptor is closed only once none is left, so that none
         # can block on a closed (or reused) descriptor.
         self._waiters = 0
+        # Whole or nothing.  Short of descriptors any step may fail, and a
+        # Ctrl-C may land as any call returns: what the steps before had
+        # opened is closed before the error goes on, or a handle never
+        # returned would keep it for the life of the process.  The eventfd,
+        # an int that nothing closes when it is dropped, is recorded by the
+        # call that makes it (list.extend() stores what it returned before
+        # control is back in Python code); an epoll or a connection dropped
+        # on its way in closes its descriptor itself.  Last, so that the
+        # steps which open nothing come before and no undo is needed after.
+        raise_nofile_limit()
+        conn: ServiceConnection | None = None
+        wake: list[int] = []
+        self._epoll = select.epoll()
+        try:
+            conn = ServiceConnection(socket_path, EventChannelError, self._on_push,
+                                     on_wait=self._quiet_service)
+            self._conn = conn
+            self._conn_fd: int | None = conn.fileno()
+            self._epoll.register(self._conn_fd, select.EPOLLIN)
+            # Written by close() to wake threads blocked in wait(), and by
+            # overflow() to keep the handle readable until reset().
+            wake.extend(map(os.eventfd, (0,), (os.EFD_NONBLOCK | os.EFD_CLOEXEC,)))
+            self._wake = wake[0]
+            self._epoll.register(self._wake, select.EPOLLIN)
+        except BaseException:
+            close_fds(wake)
+            if conn is not None:
+                conn.close()
+            self._epoll.close()
+            raise
 
     def _check_open(self) -> None:
         # Called with _lock held.  EBADF for every call once closed, as the

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import logging
 import mmap
 import os
@@ -487,19 +488,32 @@ class XenEventChannel(Closing):
     ``with`` closes it, as it does the simulated host's handle."""
 
     def __init__(self) -> None:
-        self._lib = _load(EVTCHN_LIBRARY)
-        self._handle = self._lib.xenevtchn_open(ffi.NULL, 0)
-        if self._handle == ffi.NULL:
-            raise _error(PlatformUnavailable, f"xenevtchn_open ({EVTCHN_DEVICE})")
-        self._fd = self._lib.xenevtchn_fd(self._handle)
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         # Held around every call that uses the handle: xenevtchn_close frees
         # it and closes its descriptor, whose number another open may then
         # reuse, so a call in flight in another thread (a worker's notify
         # while the backend closes) must finish first.  The calls are short
         # and never block: the descriptor is non-blocking.
         self._lock = threading.Lock()
+        self._lib = _load(EVTCHN_LIBRARY)
+        # Whole or nothing, a Ctrl-C landing as any call returns included:
+        # the handle, which nothing frees when it is dropped, is recorded
+        # by the call that opens it (list.extend() stores what it returned
+        # before control is back in Python code) and closed again if the
+        # rest fails, or it would stay open for the life of the process.
+        opened: list[Any] = []
+        try:
+            opened.extend(map(self._lib.xenevtchn_open, (ffi.NULL,), (0,)))
+            if opened[0] == ffi.NULL:
+                raise _error(PlatformUnavailable, f"xenevtchn_open ({EVTCHN_DEVICE})")
+            self._fd = self._lib.xenevtchn_fd(opened[0])
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        except BaseException:
+            for handle in opened:
+                if handle != ffi.NULL:
+                    self._lib.xenevtchn_close(handle)
+            raise
+        self._handle = opened[0]
 
     def fileno(self) -> int:
         with self._lock:
@@ -618,7 +632,17 @@ class XenPlatform:
 
     def evtchn(self) -> XenEventChannel:
         """A new event channel handle (``libxenevtchn``)."""
-        return XenEventChannel()
+        # Made through list.extend(), as the handle is in its constructor:
+        # as ``return XenEventChannel()``, a Ctrl-C as the constructor
+        # returned would lose it before our caller had it.
+        made: list[XenEventChannel] = []
+        try:
+            made.extend(itertools.starmap(XenEventChannel, ((),)))
+        except BaseException:
+            for handle in made:
+                handle.close()
+            raise
+        return made[0]
 
 
 def _lost_in_open(exc: Exception) -> None:
