@@ -482,8 +482,7 @@ class Hostile:
         # would fail); still the backend's, until released.
         conn = self.conns.pop(self.rng.choice(sorted(self.conns)))
         self.fz.retired.append(conn)
-        with contextlib.suppress(OSError):
-            self.fe.evtchn.unbind(conn.ring.port)
+        conn.ring.unbind()
 
     def op_death(self) -> None:
         """The domain dies mid-traffic; a new one takes its place."""

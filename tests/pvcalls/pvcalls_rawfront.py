@@ -195,6 +195,7 @@ class DataRing:
                                  cons_offset=_wire.OUT_CONS_OFFSET)
         self._words = page[:256].cast("i")
         self.closed = False
+        self._bound = True
 
     # Raw index access (tests write hostile values through these).
     def get(self, offset: int) -> int:
@@ -261,10 +262,15 @@ class DataRing:
         self.in_ring.release()
         self.out_ring.release()
         self._words.release()
-        try:
-            self.fe.evtchn.unbind(self.port)
-        except OSError:
-            pass
+        self.unbind()
+
+    def unbind(self) -> None:
+        """Close the guest's end of the ring's event channel, once (see
+        close())."""
+        if self._bound:
+            self._bound = False
+            with contextlib.suppress(OSError):
+                self.fe.evtchn.unbind(self.port)
 
 
 # Every RawFrontend not yet disposed of, for dispose_all() at each test's
