@@ -107,6 +107,7 @@ class Hostile:
         self.canary: set[int] = set()   # pool pages no ring has mapped since we filled them
         self.gone: list[int] = []       # refs of pages unshared (maybe granted again since)
         self.readonly: Any = None       # a page granted read-only
+        self.reconnected = False        # since op_recycle last looked
         self.reset()
 
     def reset(self) -> None:
@@ -694,12 +695,13 @@ class Hostile:
         rng = self.rng
         self.quiesce()  # what we pushed before is handled: its map requests are done
         self.check_rings()
-        if rng.random() < 0.1:
+        if rng.random() < 0.2:
             # Revoked; then maybe granted again: the same refs, most likely
             # (the hypervisor hands the lowest free ones out), other contents.
             if self.spares and rng.random() < 0.7:
-                if self.revoke(rng.choice(self.spares)) and rng.random() < 0.5:
-                    self.spare(new=True)
+                if self.revoke(rng.choice(self.spares)) and rng.random() < 0.7:
+                    again = self.spare(new=True).refs[0] in self.gone
+                    self.fz.seen[f"recycle indexes page granted again, {'same' if again else 'other'} ref"] += 1
             elif self.data_pool is not None and self.revoke(self.data_pool):
                 self.pool_pages()
         listener = self._idle_listener() if rng.random() < 0.25 else None
@@ -736,6 +738,11 @@ class Hostile:
         front = self.fz.backend._frontends.get((self.domid, 0))
         hinted = front is not None and front.ring_hints.get(ring.ref) == ring.refs
         mark = len(self.fz.maps)
+        if ring.ref in held:
+            self.fz.seen["recycle indexes page in use"] += 1
+        if self.reconnected:
+            self.reconnected = False
+            self.fz.seen["recycle after a reconnect"] += 1
         self.fz.seen[f"recycle {'accept' if accept else 'connect'} "
                      f"{'unknown' if unknown else 'good' if good else 'bad'}"
                      f"{' hinted' if hinted else ''}{' clean' if clean else ''}"] += 1
@@ -949,6 +956,7 @@ class Hostile:
         if fe.ring is not None:
             fe.ring.release()
         self.reset()
+        self.reconnected = True
         fe.responses.clear()
         fe.xs.write(state, "1")
         fe.connect()
