@@ -5,7 +5,9 @@ interleaves, over several hostile frontends of one backend, valid and
 invalid commands on existing, released, reused and random ids, data ring
 abuse while data flows, RELEASE racing data and connects in progress,
 event channel storms and xenbus state changes (Closing mid-traffic, then
-a reconnect), while a well-behaved bystander's echoed traffic must stay
+a reconnect), indexes pages given again as a recycling frontend gives them
+and as a hostile one abuses that (the backend's ring hints: see
+op_recycle), while a well-behaved bystander's echoed traffic must stay
 byte-exact.  Invariants checked as it goes and at the end:
 
 * every request is answered exactly once, ``req_id``, ``cmd`` and id echoed,
@@ -14,12 +16,18 @@ byte-exact.  Invariants checked as it goes and at the end:
 * a data ring the driver did not abuse carries bytes exactly, also through
   the 32-bit wrap of its indexes and after its ``ring_order`` and ``ref[]``
   words were scribbled over after CONNECT (read once, then ignored);
+* a ring given again carries bytes through the pages its CONNECT named
+  (not those of an earlier ring on the same indexes page), in one map
+  request when they are those of the hint; one naming a page not granted
+  is refused with EINVAL; pages no ring maps any more are not written;
+  the hints the backend keeps stay within RING_HINTS and RING_HINT_REFS;
 * once every frontend is gone: no frontend, socket, bound port, CPU load,
   grant mapping or new descriptor is left.
 
 Used by the suite with a fixed seed and few steps, and run long by hand::
 
     python tests/pvcalls/pvcalls_fuzz.py --seeds 0-200 --steps 300
+    python tests/pvcalls/pvcalls_fuzz.py --seeds 0-200 --ring-hints 4  # few hints: outgrown
 """
 
 from __future__ import annotations
