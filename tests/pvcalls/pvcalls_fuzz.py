@@ -5,7 +5,9 @@ interleaves, over several hostile frontends of one backend, valid and
 invalid commands on existing, released, reused and random ids, data ring
 abuse while data flows, RELEASE racing data and connects in progress,
 event channel storms and xenbus state changes (Closing mid-traffic, then
-a reconnect), while a well-behaved bystander's echoed traffic must stay
+a reconnect), indexes pages given again as a recycling frontend gives them
+and as a hostile one abuses that (the backend's ring hints: see
+op_recycle), while a well-behaved bystander's echoed traffic must stay
 byte-exact.  Invariants checked as it goes and at the end:
 
 * every request is answered exactly once, ``req_id``, ``cmd`` and id echoed,
@@ -14,12 +16,18 @@ byte-exact.  Invariants checked as it goes and at the end:
 * a data ring the driver did not abuse carries bytes exactly, also through
   the 32-bit wrap of its indexes and after its ``ring_order`` and ``ref[]``
   words were scribbled over after CONNECT (read once, then ignored);
+* a ring given again carries bytes through the pages its CONNECT named
+  (not those of an earlier ring on the same indexes page), in one map
+  request when they are those of the hint; one naming a page not granted
+  is refused with EINVAL; pages no ring maps any more are not written;
+  the hints the backend keeps stay within RING_HINTS and RING_HINT_REFS;
 * once every frontend is gone: no frontend, socket, bound port, CPU load,
   grant mapping or new descriptor is left.
 
 Used by the suite with a fixed seed and few steps, and run long by hand::
 
     python tests/pvcalls/pvcalls_fuzz.py --seeds 0-200 --steps 300
+    python tests/pvcalls/pvcalls_fuzz.py --seeds 0-200 --ring-hints 4  # few hints: outgrown
 """
 
 from __future__ import annotations
@@ -34,9 +42,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 if __name__ == "__main__":  # run by hand: the paths pytest sets (pyproject.toml)
@@ -47,6 +55,7 @@ if __name__ == "__main__":  # run by hand: the paths pytest sets (pyproject.toml
 from pvcalls_rawfront import (
     TIMEOUT,
     DataRing,
+    Pages,
     RawFrontend,
     bound_ports,
     dispose_all,
@@ -54,16 +63,22 @@ from pvcalls_rawfront import (
 )
 
 import pvcalls
-from pvcalls import _wire
+from pvcalls import _socket, _wire
 from xenback.ring import RingError
 
-EINTR, EBADF, EEXIST, EINVAL = -4, -9, -17, -22
+EINTR, EBADF, EEXIST, EINVAL, EMFILE = -4, -9, -17, -22, -24
 ENOTSUPP = -524
 _MARKER = 0x7FFF0001  # an unknown command: answered at once, in ring order
 
 
 class FuzzFailure(AssertionError):
     pass
+
+
+@cache
+def _canary(page: int) -> bytes:
+    """What a pool page no ring maps holds (see Hostile.check_rings)."""
+    return struct.pack("<I", 0xC0FFEE00 | page & 0xFF) * (_wire.PAGE_SIZE // 4)
 
 
 def check(cond: bool, what: str) -> None:
@@ -91,6 +106,16 @@ class Hostile:
         self.rng = fz.rng
         self.pool = [RawFrontend.new_id() for _ in range(6)]
         self._req_ids = itertools.count(self.rng.randrange(1 << 31))
+        # Pages the guest keeps to give again, as a thrifty frontend keeps
+        # its rings, across RELEASE and reconnects (see op_recycle):
+        # indexes pages given before, and a pool of data pages that rings
+        # are laid out on in windows, overlapping or not.
+        self.spares: list[Any] = []
+        self.data_pool: Any = None
+        self.canary: set[int] = set()   # pool pages no ring has mapped since we filled them
+        self.gone: list[int] = []       # refs of pages unshared (maybe granted again since)
+        self.readonly: Any = None       # a page granted read-only
+        self.reconnected = False        # since op_recycle last looked
         self.reset()
 
     def reset(self) -> None:
@@ -100,6 +125,11 @@ class Hostile:
         self.conns: dict[int, Conn] = {}      # id -> its ring, once CONNECT/ACCEPT answered 0
         self.rings_of: dict[int, Conn] = {}   # req_id of CONNECT/ACCEPT -> the ring it gave
         self.addresses: dict[int, tuple[str, int]] = {}  # listening id -> address
+        # req_id of a CONNECT or ACCEPT -> the answers its ring allows
+        # (EINVAL alone for a page not granted, 0 alone for a good ring
+        # connecting to the echo server).
+        self.expected: dict[int, frozenset[int]] = {}
+        self.watched: dict[int, int | None] = {}  # req_id -> its answer's ret, once come
 
     @property
     def domid(self) -> int:
@@ -145,6 +175,13 @@ class Hostile:
     def apply(self, req_id: int, cmd: int, sock_id: int, extra: int, ret: int) -> None:
         self.fz.seen[f"{_wire.PVCALLS_COMMANDS.get(cmd, 'other')} {ret}"] += 1
         conn = self.rings_of.pop(req_id, None)
+        expected = self.expected.pop(req_id, None)
+        if req_id in self.watched:
+            self.watched[req_id] = ret
+        check(expected is None or ret in expected,
+              f"dom{self.domid}: {_wire.PVCALLS_COMMANDS.get(cmd)} of a ring laid out "
+              f"{conn and (conn.ring.ring_order, conn.ring.refs)} answered {ret}, "
+              f"not one of {expected}")
         if cmd == _MARKER:
             check(ret == ENOTSUPP, f"marker answered {ret}")
         elif ret != 0:
@@ -425,6 +462,9 @@ class Hostile:
         if rng.random() < 0.7:
             owner = rng.choice(owners)
             ref = fe.page.refs[0] if owner is None else owner.ring.ref
+            # What the page names now (laid out again since, maybe) may be
+            # mapped: no longer pages nobody maps.
+            self.give(self.names(ref))
             if owner is not None:
                 # Its pages may now carry a second socket's bytes too: its
                 # echo and counters are no longer its own to check.
@@ -451,8 +491,7 @@ class Hostile:
         # would fail); still the backend's, until released.
         conn = self.conns.pop(self.rng.choice(sorted(self.conns)))
         self.fz.retired.append(conn)
-        with contextlib.suppress(OSError):
-            self.fe.evtchn.unbind(conn.ring.port)
+        conn.ring.unbind()
 
     def op_death(self) -> None:
         """The domain dies mid-traffic; a new one takes its place."""
@@ -487,6 +526,343 @@ class Hostile:
                 topology.cpu_down(cpu)
         else:
             topology.cpu_up(cpu)
+
+    # -- rings given again (the backend's ring hints) ------------------------------
+
+    def pool_pages(self) -> Any:
+        """The guest's pool of data pages, twice the largest ring, shared
+        once (and again after op_recycle revoked it)."""
+        if self.data_pool is None:
+            self.data_pool = self.fe.gntshr.share_pages(0, 2 << self.fz.backend.max_page_order)
+            self.canary.clear()
+        return self.data_pool
+
+    def granted(self) -> dict[int, bool]:
+        """Every ref the guest grants now, and whether writably."""
+        with self.fe.gntshr._lock:
+            shares = list(self.fe.gntshr._live.values())
+        refs = {ref: True for share in shares for ref in share.refs}
+        if self.readonly is not None:
+            refs[self.readonly.refs[0]] = False
+        return refs
+
+    def held_refs(self) -> set[int]:
+        """The refs of every ring the backend's table holds for us (the
+        indexes page and the data pages each maps)."""
+        front = self.fz.backend._frontends.get((self.domid, 0))
+        if front is None:
+            return set()
+        with front._lock:
+            sockets = list(front._sockets.values())
+        refs: set[int] = set()
+        for sock in sockets:
+            pages = getattr(getattr(sock, "ring", None), "_pages", None)
+            if pages is not None:
+                refs.update(pages.refs)
+        return refs
+
+    def check_rings(self) -> None:
+        """At a quiescent point of ours: no pool page a ring of ours no
+        longer maps was written since we filled it (a stale mapping would
+        write there), and the hints stay within their bounds; then the
+        pool pages no ring maps are filled anew."""
+        front = self.fz.backend._frontends.get((self.domid, 0))
+        if front is not None:
+            # The command Work's, and ours is idle: nothing pushed since the
+            # quiesce.
+            hints = dict(front.ring_hints)
+            kept = sum(map(len, hints.values()))
+            check(len(hints) <= _socket.RING_HINTS and kept <= _socket.RING_HINT_REFS
+                  and front.ring_hint_refs == kept,
+                  f"dom{self.domid}: {len(hints)} hints of {kept} refs, counted "
+                  f"{front.ring_hint_refs}, bounds {_socket.RING_HINTS}, "
+                  f"{_socket.RING_HINT_REFS}")
+        if self.data_pool is None:
+            return
+        # And the pages we write through our rings: a ring laid out with
+        # a ref[] word changed has pages we write and the backend does not
+        # map.
+        held = self.held_refs()
+        for conn in [*self.conns.values(), *self.rings_of.values()]:
+            held.update(conn.ring.data.refs)
+        buffer, refs = self.data_pool.buffer, self.data_pool.refs
+        for page in range(len(refs)):
+            chunk = buffer[page * _wire.PAGE_SIZE : (page + 1) * _wire.PAGE_SIZE]
+            if refs[page] in held:
+                self.canary.discard(page)  # given again since: a ring's
+            elif page in self.canary:
+                check(chunk == _canary(page),
+                      f"dom{self.domid}: pool page {page} (ref {refs[page]}) written "
+                      f"while no ring held it")
+            else:
+                chunk[:] = _canary(page)
+                self.canary.add(page)
+
+    def give(self, refs: Iterable[int]) -> None:
+        """Pages about to be named in a ring: no longer canaries."""
+        if self.data_pool is not None:
+            index = {ref: page for page, ref in enumerate(self.data_pool.refs)}
+            self.canary.difference_update(index[r] for r in refs if r in index)
+
+    def names(self, ref: int) -> tuple[int, ...]:
+        """The data pages the page granted as ``ref`` names, as the backend
+        would read them if it were given as an indexes page now (none if
+        the guest does not grant it, or its ring_order is out of range)."""
+        with self.fe.gntshr._lock:
+            shares = list(self.fe.gntshr._live.values())
+        for share in shares:
+            if ref in share.refs:
+                offset = share.refs.index(ref) * _wire.PAGE_SIZE
+                with share.buffer[offset : offset + _wire.PAGE_SIZE] as page:
+                    order = struct.unpack_from("=I", page, _wire.RING_ORDER_OFFSET)[0]
+                    if not 1 <= order <= _wire.MAX_PAGE_ORDER_LIMIT:
+                        return ()
+                    return struct.unpack_from(f"={1 << order}I", page, _wire.REF_OFFSET)
+        return ()
+
+    def forget_rings(self, refs: Iterable[int]) -> None:
+        """Close the guest's views of the rings laid out on ``refs`` (pages
+        it is about to unshare), but for those of live sockets."""
+        refs = set(refs)
+        live = {id(c.ring) for c in [*self.conns.values(), *self.rings_of.values()]}
+        for ring in [r for r in self.fe.rings if id(r) not in live
+                     and refs & {r.ref, *r.data.refs, *r.indexes.refs}]:
+            ring.close()
+            self.fe.rings.remove(ring)
+
+    def spare(self, *, new: bool = False) -> Any:
+        """An indexes page given before (maybe now in use), or a new one."""
+        if self.spares and not new and self.rng.random() < 0.85:
+            return self.rng.choice(self.spares)
+        page = self.fe.gntshr.share_pages(0, 1)
+        self.spares.append(page)
+        if len(self.spares) > 6:
+            self.revoke(self.spares[0])
+        return page
+
+    def revoke(self, share: Any) -> bool:
+        """End the guest's grant of ``share`` (an indexes page or the pool)
+        if no ring of the backend's table maps it; its refs go to
+        ``gone``, to be named again (the hypervisor may grant them anew)."""
+        if set(share.refs) & self.held_refs():
+            return False
+        self.forget_rings(share.refs)
+        share.unshare()
+        self.gone = (self.gone + list(share.refs))[-64:]
+        if share in self.spares:
+            self.spares.remove(share)
+        if share is self.data_pool:
+            self.data_pool = None
+        return True
+
+    def layout(self, indexes: Any) -> tuple[DataRing, bool]:
+        """A guest ring on ``indexes`` and a window of the pool, laid out
+        as a thrifty frontend does (the window it named last) or a hostile
+        one (some refs changed, another ring_order, a ref not granted, read
+        only or another ring's); and whether the ring must map."""
+        rng = self.rng
+        max_order = self.fz.backend.max_page_order
+        pool = self.pool_pages()
+        last = getattr(indexes, "last_window", None)
+        order, first = last if last is not None else (rng.randint(1, max_order), 0)
+        what = rng.randrange(8)
+        if what == 1:    # some refs changed: the window slides
+            first += rng.choice([-2, -1, 1, 2])
+        elif what == 2:  # another order, the same first page
+            order = max(1, min(max_order, order + rng.choice([-1, 1])))
+        elif what == 3 or last is None:
+            order, first = rng.randint(1, max_order), rng.randrange(len(pool.refs))
+        first = max(0, min(first, len(pool.refs) - (1 << order)))
+        window = Pages.window(pool, first, 1 << order)
+        refs = list(window.refs)
+        ring_order = order
+        if what == 4:    # out of range, the refs a larger ring would name
+            ring_order = rng.choice([0, max_order + 1, 9, 0xFFFFFFFF])
+            refs = list(pool.refs)
+        elif what == 5:  # a word naming a page not granted, read only, or another ring's
+            others = [r for c in self.conns.values() for r in c.ring.data.refs]
+            if self.readonly is None:
+                self.readonly = self.fe.gntshr.share_pages(0, 1, writable=False)
+            choices = [*self.gone, self.readonly.refs[0], 0xFFFFFFF0, *others[:8]]
+            refs[rng.randrange(len(refs))] = rng.choice(choices)
+        indexes.last_window = (order, first)
+        ring = self.fe.new_ring(order, refs=refs, ring_order=ring_order,
+                                indexes=indexes, data=window)
+        granted = self.granted()
+        good = (indexes.refs[0] in granted and 1 <= ring_order <= max_order
+                and all(granted.get(r, False) for r in refs[: 1 << ring_order]))
+        return ring, good
+
+    def op_recycle(self) -> None:
+        """CONNECT (or ACCEPT) with an indexes page given before: with the
+        same ref[] (one map request, on the backend's hint), or changed,
+        or naming pages not granted; maybe in use by a live socket at
+        once; maybe revoked first, and granted again with other contents.
+        A ring that maps must carry bytes through its own pages, one that
+        cannot must be refused with EINVAL."""
+        rng = self.rng
+        self.quiesce()  # what we pushed before is handled: its map requests are done
+        self.check_rings()
+        if rng.random() < 0.2:
+            # Revoked; then maybe granted again: the same refs, most likely
+            # (the hypervisor hands the lowest free ones out), other contents.
+            if self.spares and rng.random() < 0.7:
+                if self.revoke(rng.choice(self.spares)) and rng.random() < 0.7:
+                    again = self.spare(new=True).refs[0] in self.gone
+                    self.fz.seen[f"recycle indexes page granted again, {'same' if again else 'other'} ref"] += 1
+            elif self.data_pool is not None and self.revoke(self.data_pool):
+                self.pool_pages()
+        listener = self._idle_listener() if rng.random() < 0.25 else None
+        accept = listener is not None
+        if not accept:
+            sock_id = RawFrontend.new_id()
+            self.push(_wire.PVCALLS_SOCKET, sock_id, struct.pack(
+                "=III", _wire.AF_INET, _wire.SOCK_STREAM, 0))
+            self.quiesce()
+            if self.model.get(sock_id) != "new":
+                return  # over the limit
+        if rng.random() < 0.1 and self.gone:
+            # An indexes page no longer granted: refused, unless it was
+            # granted again since, as some other page (what it holds then
+            # decides).
+            ring, good = self.fe.new_ring(1), False
+            ring.ref = rng.choice(self.gone)
+            unknown = ring.ref in self.granted()
+        else:
+            ring, good = self.layout(self.spare())
+            unknown = False
+        held = self.held_refs()
+        named = {ring.ref, *self.names(ring.ref)}
+        # The guest sees the window it laid out: a ref[] word naming a
+        # page outside it (or a page a live ring has too) spoils the echo.
+        clean = good and ring.refs == ring.data.refs and not named & held
+        # A live ring of ours on the same pages is no longer ours alone
+        # (its indexes page was laid out anew even if this one is refused).
+        spoiled = named if good or unknown else {ring.ref}
+        for conn in [*self.conns.values(), *self.rings_of.values()]:
+            if spoiled & {conn.ring.ref, *conn.ring.refs}:
+                conn.clean = False
+        self.give(named | set(ring.data.refs))
+        front = self.fz.backend._frontends.get((self.domid, 0))
+        hinted = front is not None and front.ring_hints.get(ring.ref) == ring.refs
+        mark = len(self.fz.maps)
+        if ring.ref in held:
+            self.fz.seen["recycle indexes page in use"] += 1
+        if self.reconnected:
+            self.reconnected = False
+            self.fz.seen["recycle after a reconnect"] += 1
+        self.fz.seen[f"recycle {'accept' if accept else 'connect'} "
+                     f"{'unknown' if unknown else 'good' if good else 'bad'}"
+                     f"{' hinted' if hinted else ''}{' clean' if clean else ''}"] += 1
+        if listener is not None:
+            id_new = RawFrontend.new_id()
+            req_id = self.push(_wire.PVCALLS_ACCEPT, listener,
+                               struct.pack("=QII", id_new, ring.ref, ring.port), extra=id_new)
+            self.rings_of[req_id] = Conn(ring, clean=clean, echo=False)
+            if not good and not unknown:
+                self.expected[req_id] = frozenset({EINVAL, EMFILE})
+            self.quiesce()
+            if good and listener in self.addresses and rng.random() < 0.7:
+                self.connect_to(self.addresses[listener])
+            return
+        addr = _wire.pack_sockaddr_in(*self.fz.echo_address).ljust(28, b"\0")
+        req_id = self.push(_wire.PVCALLS_CONNECT, sock_id,
+                           addr + struct.pack("=IIII", 16, 0, ring.ref, ring.port))
+        self.rings_of[req_id] = conn = Conn(ring, clean=clean)
+        if not unknown:
+            self.expected[req_id] = frozenset({0 if good else EINVAL})
+        self.fe.wait(lambda: self._collected(req_id))
+        maps = [n for domid, n in self.fz.maps[mark:] if domid == self.domid]
+        if good:
+            whole = 1 + (1 << ring.order)
+            # On the hint the ring is mapped at once; else the indexes page
+            # (or a hint it contradicts, or one refused), then the ring.
+            check(maps == [whole] if hinted else (maps[-1:] == [whole] and 2 <= len(maps) <= 3),
+                  f"dom{self.domid}: map requests {maps} for a ring of {whole} pages"
+                  f"{' given again with the same refs' if hinted else ''}")
+            check(self._newest_hint() == (ring.ref, ring.refs),
+                  f"dom{self.domid}: the hint of the ring just given is not the newest")
+        if clean:
+            # Through the pages this CONNECT named, whatever came before.
+            self.roundtrip(sock_id, conn)
+        if rng.random() < 0.5:
+            self.push(_wire.PVCALLS_RELEASE, sock_id)
+            self.quiesce()
+            self.check_rings()
+
+    def _newest_hint(self) -> tuple[int, tuple[int, ...]] | None:
+        front = self.fz.backend._frontends.get((self.domid, 0))
+        if front is None or not front.ring_hints:
+            return None
+        ref = next(reversed(front.ring_hints))
+        return ref, front.ring_hints[ref]
+
+    def _idle_listener(self) -> int | None:
+        """A listener of ours with no ACCEPT or POLL in flight."""
+        busy = {sock_id for cmd, sock_id, _ in self.pending.values()
+                if cmd in (_wire.PVCALLS_ACCEPT, _wire.PVCALLS_POLL, _wire.PVCALLS_RELEASE)}
+        idle = sorted(i for i, k in self.model.items() if k == "listening" and i not in busy)
+        return self.rng.choice(idle) if idle else None
+
+    def roundtrip(self, sock_id: int, conn: Conn) -> None:
+        """Bytes through a clean ring to the echo server and back, exactly."""
+        ring = conn.ring
+        payload = self.rng.randbytes(self.rng.randrange(1, ring.size))
+        sent = 0
+        got = bytearray()
+
+        def echoed() -> bool:
+            nonlocal sent
+            sent += ring.write(payload[sent:])
+            got.extend(ring.read())
+            return len(got) >= len(payload) or ring.in_error != 0
+
+        try:
+            self.fe.wait(echoed)
+        except TimeoutError:
+            raise FuzzFailure(f"dom{self.domid} socket {sock_id:#x}: {len(got)} of "
+                              f"{len(payload)} bytes came back through the pages "
+                              f"{ring.refs[: 1 << ring.order]}") from None
+        check(bytes(got) == payload and ring.in_error == 0,
+              f"dom{self.domid} socket {sock_id:#x}: the echo through the pages "
+              f"{ring.refs[: 1 << ring.order]} differs (in_error {ring.in_error})")
+        conn.sent += payload
+        conn.received += got
+
+    def op_hint_flood(self) -> None:
+        """More indexes pages than the backend keeps hints for, of rings
+        of every order (more refs than it keeps too), each given once
+        and released: its hints stay bounded, the newest kept."""
+        bound = min(_socket.RING_HINTS, 64)
+        pages = self.fe.gntshr.share_pages(0, bound + self.rng.randint(1, 3))
+        pool = self.pool_pages()
+        last: tuple[int, tuple[int, ...]] | None = None
+        socket_req = 0
+        for page in range(len(pages.refs)):
+            indexes = Pages.window(pages, page, 1)
+            order = self.rng.randint(1, self.fz.backend.max_page_order)
+            window = Pages.window(pool, self.rng.randrange(len(pool.refs) - (1 << order) + 1),
+                                  1 << order)
+            self.give(window.refs)
+            ring = self.fe.new_ring(order, indexes=indexes, data=window)
+            sock_id = RawFrontend.new_id()
+            socket_req = self.push(_wire.PVCALLS_SOCKET, sock_id, struct.pack(
+                "=III", _wire.AF_INET, _wire.SOCK_STREAM, 0))
+            addr = _wire.pack_sockaddr_in(*self.fz.echo_address).ljust(28, b"\0")
+            req_id = self.push(_wire.PVCALLS_CONNECT, sock_id,
+                               addr + struct.pack("=IIII", 16, 0, ring.ref, ring.port))
+            self.rings_of[req_id] = Conn(ring, clean=False)
+            self.push(_wire.PVCALLS_RELEASE, sock_id)
+            last = (ring.ref, ring.refs)
+        self.watched[socket_req] = None
+        self.quiesce()
+        self.check_rings()
+        self.fz.seen[f"hint flood {len(pages.refs)}"] += 1
+        if self.watched.pop(socket_req) == 0:  # its CONNECT was handled
+            check(self._newest_hint() == last,
+                  f"dom{self.domid}: the newest hint is {self._newest_hint()}, "
+                  f"the last ring given {last}")
+        self.revoke(pages)
 
     def op_storm(self) -> None:
         ports = [self.fe.port] + [c.ring.port for c in self.conns.values()]
@@ -588,6 +964,7 @@ class Hostile:
         if fe.ring is not None:
             fe.ring.release()
         self.reset()
+        self.reconnected = True
         fe.responses.clear()
         fe.xs.write(state, "1")
         fe.connect()
@@ -620,7 +997,7 @@ class Fuzzer:
         "storm": 2, "release_racing": 3, "batch": 5, "quiesce": 6, "check_echo": 3,
         "closing": 1, "shared_ring": 2, "unbind": 1, "death": 1, "client_close": 2,
         "blackhole": 1, "wait_release": 3, "listener": 3,
-        "hotplug": 1,
+        "hotplug": 1, "recycle": 6, "hint_flood": 1,
     }
 
     def __init__(self, seed: int, host: Any, backend: pvcalls.Backend,
@@ -634,6 +1011,16 @@ class Fuzzer:
         self.echo_address = echo_address
         self.clients: list[socket.socket] = []
         self.retired: list[Conn] = []
+        # (domid, refs) of each grant map request of the backend, in order:
+        # a ring given again with its hint is mapped in one.
+        self.maps: list[tuple[int, int]] = []
+        real_map = backend.gnttab.map_grant_refs
+
+        def counted(domid: int, refs: Any, **kwargs: Any) -> Any:
+            self.maps.append((domid, len(refs)))
+            return real_map(domid, refs, **kwargs)
+
+        backend.gnttab.map_grant_refs = counted  # type: ignore[method-assign]
         self.dead: list[RawFrontend] = []
         self._blackhole = self._new_blackhole(None)
         refused = socket.socket()
@@ -855,10 +1242,17 @@ def run_seed(seed: int, args: Any, seen: collections.Counter[str],
     def no_new_threads(was: collections.Counter[str]) -> bool:
         return not collections.Counter(threads()) - was
 
-    with SimHost() as host, pvcalls.Backend(
+    hint_bounds = _socket.RING_HINTS, _socket.RING_HINT_REFS
+    if args.ring_hints is not None:
+        # Few, so that a run of a few hundred steps outgrows them.
+        _socket.RING_HINTS = args.ring_hints
+        _socket.RING_HINT_REFS = max(args.ring_hints << 2, 1 << args.max_page_order)
+    with contextlib.ExitStack() as restore, SimHost() as host, pvcalls.Backend(
             host.dom0, topology=Topology(args.cpus), max_page_order=args.max_page_order,
             policy=pvcalls.Policy(pvcalls.DomainPolicy(max_sockets=args.max_sockets)),
     ) as backend:
+        restore.callback(setattr, _socket, "RING_HINTS", hint_bounds[0])
+        restore.callback(setattr, _socket, "RING_HINT_REFS", hint_bounds[1])
         echo = make_echo()
         try:
             before = held(host)
@@ -918,6 +1312,8 @@ def main() -> None:
     parser.add_argument("--max-sockets", type=int, default=None)
     parser.add_argument("--max-page-order", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=4)
+    parser.add_argument("--ring-hints", type=int, default=None,
+                        help="the backend's RING_HINTS (and 4 refs each) for the run")
     parser.add_argument("--abrupt", action="store_true",
                         help="end each run by closing the backend mid-traffic")
     args = parser.parse_args()

@@ -139,19 +139,50 @@ class Response:
     id: int
 
 
+@dataclass(frozen=True)
+class Pages:
+    """Granted pages of the guest seen as one: a slice of a larger share
+    (``buffer`` and ``refs`` as :class:`xenback.platform.SharedPages` has
+    them), for a ring laid out on pages the guest shared before."""
+
+    buffer: memoryview
+    refs: tuple[int, ...]
+
+    @classmethod
+    def window(cls, share: Any, first: int, count: int) -> Pages:
+        """``count`` pages of ``share`` from its page ``first``."""
+        return cls(share.buffer[first * _wire.PAGE_SIZE : (first + count) * _wire.PAGE_SIZE],
+                   tuple(share.refs[first : first + count]))
+
+
 class DataRing:
-    """The guest's side of one active socket's data ring."""
+    """The guest's side of one active socket's data ring.
+
+    Its pages are new unless given: ``indexes`` (a share of one page) and
+    ``data`` (2**order pages, a share or :class:`Pages`) the guest gives
+    again, as a frontend recycling its rings does, its indexes and errors
+    back to zero then.  ``refs`` and ``ring_order`` replace what is laid
+    out in the indexes page (hostile)."""
 
     def __init__(self, fe: RawFrontend, order: int = 4, *, refs: list[int] | None = None,
-                 ring_order: int | None = None) -> None:
+                 ring_order: int | None = None, indexes: Any = None,
+                 data: Any = None) -> None:
         self.fe = fe
         self.order = order
-        self.indexes = fe.gntshr.share_pages(0, 1)
-        self.data = fe.gntshr.share_pages(0, 1 << order)
+        self.indexes = fe.gntshr.share_pages(0, 1) if indexes is None else indexes
+        self.data = fe.gntshr.share_pages(0, 1 << order) if data is None else data
         page = self.indexes.buffer
         words = page.cast("I")
-        words[_wire.RING_ORDER_OFFSET // 4] = order if ring_order is None else ring_order
-        for i, ref in enumerate(refs if refs is not None else self.data.refs):
+        if indexes is not None:
+            for offset in (_wire.IN_CONS_OFFSET, _wire.IN_PROD_OFFSET, _wire.IN_ERROR_OFFSET,
+                           _wire.OUT_CONS_OFFSET, _wire.OUT_PROD_OFFSET,
+                           _wire.OUT_ERROR_OFFSET):
+                words[offset // 4] = 0
+        # What the indexes page says, as the backend is to read it.
+        self.ring_order = order if ring_order is None else ring_order
+        self.refs = tuple(refs if refs is not None else self.data.refs)
+        words[_wire.RING_ORDER_OFFSET // 4] = self.ring_order
+        for i, ref in enumerate(self.refs):
             words[_wire.REF_OFFSET // 4 + i] = ref
         words.release()
         self.ref = self.indexes.refs[0]
@@ -163,6 +194,8 @@ class DataRing:
         self.out_ring = FlexRing(self.data.buffer[size:], page, prod_offset=_wire.OUT_PROD_OFFSET,
                                  cons_offset=_wire.OUT_CONS_OFFSET)
         self._words = page[:256].cast("i")
+        self.closed = False
+        self._bound = True
 
     # Raw index access (tests write hostile values through these).
     def get(self, offset: int) -> int:
@@ -220,13 +253,24 @@ class DataRing:
         return b"".join(chunks)
 
     def close(self) -> None:
+        """Release the views and unbind the port; idempotent (a second
+        unbind could hit the port's number bound again since, for another
+        ring or the command ring)."""
+        if self.closed:
+            return
+        self.closed = True
         self.in_ring.release()
         self.out_ring.release()
         self._words.release()
-        try:
-            self.fe.evtchn.unbind(self.port)
-        except OSError:
-            pass
+        self.unbind()
+
+    def unbind(self) -> None:
+        """Close the guest's end of the ring's event channel, once (see
+        close())."""
+        if self._bound:
+            self._bound = False
+            with contextlib.suppress(OSError):
+                self.fe.evtchn.unbind(self.port)
 
 
 # Every RawFrontend not yet disposed of, for dispose_all() at each test's

@@ -6,7 +6,9 @@ bound, listening, released, reused), data ring abuse while data flows,
 indexes starting just before the 32-bit wrap, ``ring_order`` and ``ref[]``
 changed after CONNECT, rings and ports shared between sockets, RELEASE
 racing data and connects in progress, xenbus state changes and domain death
-mid-traffic, with two hostile frontends and a bystander at once; the
+mid-traffic, indexes pages given again (the backend's ring hints: same or
+changed ``ref[]``, pages revoked, more pages than it keeps hints for),
+with two hostile frontends and a bystander at once; the
 backend's table, loads and counters are checked against the answers, and
 everything is released once the frontends are gone.  Run it long by hand
 (see the module's docstring).
@@ -26,6 +28,7 @@ from pvcalls_fuzz import Fuzzer, end_guests, expected_error, held, run_seed, wai
 from pvcalls_rawfront import RawFrontend
 
 import pvcalls
+from pvcalls import _socket
 
 # Rarer operations made more frequent, so that a short run meets them.
 _OPS = dict(Fuzzer.OPS, closing=2, death=1, shared_ring=4, unbind=2, blackhole=2)
@@ -39,6 +42,10 @@ def test_stateful_fuzz(seed: int, host: Any, backend: pvcalls.Backend,
                        monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.WARNING)
     monkeypatch.setattr(Fuzzer, "OPS", _OPS)
+    # Few hints, so that 400 steps outgrow them (the refs: four rings'
+    # of the default order, one of the largest).
+    monkeypatch.setattr(_socket, "RING_HINTS", 4)
+    monkeypatch.setattr(_socket, "RING_HINT_REFS", 16)
     before = held(host)
     fz = Fuzzer(seed, host, backend, make_frontend, echo_server.address)
     fz.run(400)
@@ -59,7 +66,7 @@ def test_campaign_seed_lets_go_of_its_frontends(echo_server: Any) -> None:
     seven hundredth)."""
     pvcalls_rawfront.dispose_all()
     args = argparse.Namespace(steps=40, hostiles=2, max_sockets=None, max_page_order=4,
-                              cpus=4, abrupt=False)
+                              cpus=4, abrupt=False, ring_hints=None)
     seen: collections.Counter[str] = collections.Counter()
     run_seed(1000, args, seen, type(echo_server))
     assert seen, "the seed made no requests"
