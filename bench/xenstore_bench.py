@@ -378,7 +378,10 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
         evtchn = Path(__file__).with_name("evtchn_bench.py")
         extra = ["--no-write"] if args.no_write else []
         # A stop is its to take, and to say so: this process waits for it.
-        return interrupts.call([sys.executable, str(evtchn), *extra])
+        try:
+            return interrupts.call([sys.executable, str(evtchn), *extra])
+        except OSError as exc:  # it could not be started (a stop wins: raised)
+            raise BenchError(f"cannot run {evtchn.name}: {exc}") from None
     return 0
 
 

@@ -149,7 +149,8 @@ rows = [(client, op, 1, 1.0, 1.0) for client in ("pyxs", "raw") for op in ("READ
 xenstore_bench._measure_all = lambda args, interrupts: rows
 
 def stopped_as_it_fails(*args, **kwargs):
-    signal.raise_signal(signal.{sig})
+    if {sig!r}:
+        signal.raise_signal(signal.Signals[{sig!r}])
     raise OSError(errno.EAGAIN, "fork failed")
 
 subprocess.Popen = stopped_as_it_fails
@@ -171,6 +172,20 @@ def test_a_stop_as_a_child_fails_to_start_is_a_stop(sig: int) -> None:
                          env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 128 + sig, run.stderr
     assert run.stderr.endswith("xenstore_bench: interrupted, no results\n"), run.stderr
+
+
+def test_a_child_that_fails_to_start_unasked_fails_the_run() -> None:
+    # Popen's OSError is no BenchError: the run ended with a traceback,
+    # where every other failure says FAILED in one line.
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(BENCH_DIR)}
+    run = subprocess.run([sys.executable, "-c", _STOPPED_AS_POPEN_FAILS.format(sig="")],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.endswith("xenstore_bench: FAILED, no results: cannot run "
+                               "evtchn_bench.py: [Errno 11] fork failed\n"), run.stderr
 
 
 @pytest.mark.parametrize("sig", SIGNALS)

@@ -8,6 +8,7 @@ import errno
 import functools
 import itertools
 import logging
+import operator
 import os
 import select
 import socket
@@ -398,8 +399,19 @@ class Frontend(Closing):
         if self._xs.read(f"{be_path}/function-calls") != "1":
             raise OSError(errno.EPROTONOSUPPORT, "backend does not offer function-calls 1")
 
-        self._gntshr = domain.gntshr()
-        self._evtchn = domain.evtchn()
+        # Stored by the calls that make them (list.extend() keeps what a
+        # call returned before control is back in Python code): as
+        # ``self._evtchn = domain.evtchn()``, a Ctrl-C as the factory
+        # returned lost the handle before close() could see it, and an
+        # event channel's eventfd with it, for good.
+        handles: list[Any] = []
+        try:
+            handles.extend(map(operator.call, (domain.gntshr, domain.evtchn)))
+        except BaseException:
+            for handle in handles:
+                handle.close()
+            raise
+        self._gntshr, self._evtchn = handles
         self._cmd_pages = self._gntshr.share_pages(self.backend_id, 1)
         self._ring = FrontRing(self._cmd_pages.buffer, SLOT_SIZE, init=True)
         self._port = self._evtchn.bind_unbound_port(self.backend_id)

@@ -59,13 +59,65 @@ class DataRing:
         *,
         direct: bool = False,
     ) -> None:
+        self.evtchn = evtchn
+        self.direct = direct
+        self.relayed = False  # the frontend's event thread watches ``evtchn``
+        # A handle of its own: its resets since a pending() last answered,
+        # and, once it is taken for broken, why (see consume_events).
+        # Written by whoever consumes the ring's events, two threads at
+        # once at times: a count lost between them delays the verdict by
+        # a reset, and the verdict, once written, stays.
+        self._resets = 0
+        self.failure: str | None = None
+        # Whole or nothing: short of grants, ports or descriptors any step
+        # may fail, and what the steps before made is given back before the
+        # error goes on, a handle of the ring's own with it (it is the
+        # ring's from the call on), or its eventfd would stay open for the
+        # life of the process.  Each step's result is recorded by the call
+        # that makes it (list.extend() stores it before control is back in
+        # Python code), the eventfds being ints that nothing closes.
+        pages: list[SharedPages] = []
+        ports: list[int] = []
+        wakefds: list[int] = []
+        try:
+            pages.extend(map(gntshr.share_pages, (backend_id,), (1 + (1 << order),)))
+            self._lay_out(pages[0], order)
+            ports.extend(map(evtchn.bind_unbound_port, (backend_id,)))
+            # Indexed by RECV and SEND, each used by that caller only.
+            flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+            wakefds.extend(map(os.eventfd, (0, 0), (flags, flags)))
+            self.pollers = (select.poll(), select.poll())
+            for poller, wakefd in zip(self.pollers, wakefds, strict=True):
+                if direct:
+                    poller.register(evtchn.fileno(), select.POLLIN)
+                poller.register(wakefd, select.POLLIN)
+        except BaseException:
+            for wakefd in wakefds:
+                os.close(wakefd)
+            if direct:
+                evtchn.close()  # its port with it
+            else:
+                for port in ports:
+                    try:
+                        evtchn.unbind(port)
+                    except OSError as exc:
+                        logger.debug("unbinding port %d: %s", port, exc)
+            for shared in pages:
+                shared.unshare()
+            raise
+        self.port = ports[0]
+        self.wakefds = (wakefds[0], wakefds[1])
+
+    def _lay_out(self, pages: SharedPages, order: int) -> None:
+        """Write the ring's order and data refs into its indexes page, and
+        make its two queues over the data pages."""
         npages = 1 << order
         size = flex_ring_size(order)
-        self.pages: SharedPages = gntshr.share_pages(backend_id, 1 + npages)
-        buf = self.pages.buffer
+        self.pages = pages
+        buf = pages.buffer
         self.indexes = buf[:PAGE_SIZE]
         data = buf[PAGE_SIZE:]
-        refs = self.pages.refs
+        refs = pages.refs
         U32.pack_into(self.indexes, RING_ORDER_OFFSET, order)
         for i in range(npages):
             U32.pack_into(self.indexes, REF_OFFSET + 4 * i, refs[1 + i])
@@ -80,31 +132,6 @@ class DataRing:
             prod_offset=OUT_PROD_OFFSET,
             cons_offset=OUT_CONS_OFFSET,
         )
-        self.evtchn = evtchn
-        self.direct = direct
-        self.relayed = False  # the frontend's event thread watches ``evtchn``
-        # A handle of its own: its resets since a pending() last answered,
-        # and, once it is taken for broken, why (see consume_events).
-        # Written by whoever consumes the ring's events, two threads at
-        # once at times: a count lost between them delays the verdict by
-        # a reset, and the verdict, once written, stays.
-        self._resets = 0
-        self.failure: str | None = None
-        try:
-            self.port = evtchn.bind_unbound_port(backend_id)
-        except BaseException:
-            self.pages.unshare()
-            if direct:
-                evtchn.close()
-            raise
-        # Indexed by RECV and SEND, each used by that caller only.
-        self.wakefds = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
-                        os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-        self.pollers = (select.poll(), select.poll())
-        for poller, wakefd in zip(self.pollers, self.wakefds, strict=True):
-            if direct:
-                poller.register(evtchn.fileno(), select.POLLIN)
-            poller.register(wakefd, select.POLLIN)
 
     def notify(self) -> None:
         """Tell the backend we produced or consumed."""

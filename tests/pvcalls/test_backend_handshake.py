@@ -744,10 +744,6 @@ def test_a_backend_interrupted_anywhere_in_its_making_leaves_nothing(
         return [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
 
     within = os.path.dirname(importlib.import_module(package).__file__ or "")
-    # Not in the simulated host's handles: a Ctrl-C as its grant handles'
-    # factories (Domain.gnttab()) return still loses what they made to any
-    # caller (evtchn()'s is swept on its own, in tests/sim/test_evtchn.py).
-    besides = os.path.join(within, "sim") if package == "xenback" else ""
     landed: list[str] = []
     n = 0
     while True:
@@ -758,7 +754,7 @@ def test_a_backend_interrupted_anywhere_in_its_making_leaves_nothing(
         # This lambda is no place of the package's: a Ctrl-C lands in
         # Backend() or not at all.
         where = interrupted_at(n, within, lambda made=made, topology=topology: made.append(
-            pvcalls.Backend(host.dom0, topology=topology)), besides=besides)
+            pvcalls.Backend(host.dom0, topology=topology)))
         try:
             if where:
                 assert made == []

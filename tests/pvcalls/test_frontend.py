@@ -10,7 +10,9 @@ import asyncio
 import collections
 import contextlib
 import errno
+import gc
 import io
+import itertools
 import logging
 import math
 import os
@@ -2521,6 +2523,78 @@ def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
         fe.close()
         os.close(r)
         os.close(w)
+
+
+def _held(host: SimHost) -> tuple[dict[str, int], frozenset[tuple[int, str]]]:
+    """The host's counts and this process's descriptors, each with what it
+    refers to; collected first, so that what only waits for the garbage
+    collector does not count as held."""
+    gc.collect()
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+        except FileNotFoundError:
+            pass  # listdir()'s own, or closed meanwhile
+    return host.hypervisor.stats(), frozenset(fds)
+
+
+def _released(host: SimHost, before: tuple[dict[str, int], frozenset[tuple[int, str]]]) -> bool:
+    stats, fds = _held(host)
+    return all(n <= before[0][k] for k, n in stats.items()) and fds <= before[1]
+
+
+@pytest.mark.timeout(600)
+def test_a_frontend_interrupted_anywhere_in_its_connection_leaves_nothing(
+    host: SimHost, backend: Any
+) -> None:
+    """A Ctrl-C landing as any call made by the handshake's own frame
+    (Frontend._connect) returns: open() raises having released all it
+    opened.  As ``self._evtchn = domain.evtchn()``, one as the factory
+    returned lost the handle before close() could see it, and its
+    eventfd with it, for the life of the process."""
+    guest = host.create_domain("interrupted-connect")
+    fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+    landed = 0
+    for n in itertools.count():
+        before = _held(host)
+        if not interrupted_as_call_returns(_frontend.Frontend._connect.__code__, n, fe.open):
+            break
+        landed += 1
+        fe.close()
+        try:
+            wait_until(lambda before=before: _released(host, before))
+        except TimeoutError:
+            raise AssertionError(
+                f"call {n} returning in _connect: still held {_held(host)[0]} (was "
+                f"{before[0]}), new descriptors {sorted(_held(host)[1] - before[1])}") from None
+    try:  # opened, undisturbed
+        fe.socket().close()
+    finally:
+        fe.close()
+    assert landed > 10
+
+
+def test_a_data_ring_that_cannot_share_its_pages_closes_its_own_handle(
+    host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No grant left for a new socket's data ring: the connect fails, and
+    the event channel handle opened for the ring is closed, not left with
+    its eventfd open for the life of the process."""
+    srv = server()
+    guest = host.create_domain("ring-without-grants")
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
+        with fe.socket() as s:  # the frontend's own handles are made
+            before = _held(host)
+            assert fe._gntshr is not None
+
+            def no_grants(*args: Any, **kwargs: Any) -> Any:
+                raise OSError(errno.ENOSPC, "no grant references left")
+
+            monkeypatch.setattr(fe._gntshr, "share_pages", no_grants)
+            with pytest.raises(OSError, match="no grant references left"):
+                s.connect(srv.address)
+            assert _released(host, before), sorted(_held(host)[1] - before[1])
 
 
 @pytest.mark.parametrize("lock", ["_recv_lock", "_send_lock", "_accept_lock"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import select
 import socket
 import struct
@@ -119,3 +121,17 @@ def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> thread
             pass
 
     return serve_one_client(path, handle)
+
+
+def descriptors() -> frozenset[tuple[int, str]]:
+    """This process's descriptors, each with what it refers to; collected
+    first, so that what is only waiting for the garbage collector does
+    not count as held."""
+    gc.collect()
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+        except FileNotFoundError:
+            pass  # listdir()'s own, or closed meanwhile
+    return frozenset(fds)

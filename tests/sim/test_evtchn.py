@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import gc
 import itertools
 import logging
 import os
@@ -11,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from hosthelpers import eventually, readable, service_caught_up, wait_pending
+from hosthelpers import descriptors, eventually, readable, service_caught_up, wait_pending
 from stolensignal import interrupted_as_call_returns, interrupted_at
 
 import xenback
@@ -1051,20 +1050,6 @@ def test_a_port_set_aside_while_masked_keeps_its_event_across_a_new_pipe(
     assert e0.pending() is None
 
 
-def _descriptors() -> frozenset[tuple[int, str]]:
-    """This process's descriptors, each with what it refers to; collected
-    first, so that what is only waiting for the garbage collector does
-    not count as held."""
-    gc.collect()
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
-        except FileNotFoundError:
-            pass  # listdir()'s own, or closed meanwhile
-    return frozenset(fds)
-
-
 @pytest.mark.timeout(600)
 def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
         host: SimHost, guest: Domain) -> None:
@@ -1077,7 +1062,7 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
     within = os.path.dirname(xenback.__file__)
     landed: list[str] = []
     for n in itertools.count():
-        before = (host.hypervisor.stats()["connections"], _descriptors())
+        before = (host.hypervisor.stats()["connections"], descriptors())
         made: list[EventChannel] = []
         # This lambda is no place of xenback's: a Ctrl-C lands in
         # evtchn() or not at all.
@@ -1090,9 +1075,9 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
                 assert ch.bind_unbound_port(0) > 0
         assert eventually(lambda before=before: (
             host.hypervisor.stats()["connections"] == before[0]
-            and _descriptors() <= before[1])), (
+            and descriptors() <= before[1])), (
             f"interrupted {where}: still held: {host.hypervisor.stats()['connections']} "
-            f"connections (was {before[0]}), new descriptors {sorted(_descriptors() - before[1])}")
+            f"connections (was {before[0]}), new descriptors {sorted(descriptors() - before[1])}")
         if not where:
             break
         landed.append(where)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -13,11 +14,13 @@ import types
 from collections.abc import Callable, Iterator
 
 import pytest
-from hosthelpers import eventually
+from hosthelpers import descriptors, eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
+from stolensignal import interrupted_at
 
+import xenback
 from xenback.platform import PAGE_SIZE, GrantError
 from xenback.platform import GrantMapping as GrantMappingProtocol
 from xenback.platform import GrantShare as GrantShareProtocol
@@ -943,3 +946,52 @@ def _mapped_grant_files(domid: int) -> list[str]:
     """Lines of /proc/self/maps for pages ``domid`` shares (its memfd name)."""
     with open("/proc/self/maps") as maps:
         return [line for line in maps if f"xenback-sim-grant-d{domid} " in line]
+
+
+def _use(handle: GrantShare | GrantTable, guest: Domain) -> None:
+    """Share a page with dom0 through ``handle``, or map one the guest
+    shared, and end it: the handle works."""
+    if isinstance(handle, GrantShare):
+        with handle.share_pages(0, 1):
+            return
+    with guest.gntshr() as shr, shr.share_pages(0, 1) as pages, \
+            handle.map_grant_refs(guest.domid, pages.refs):
+        pass
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("factory", ["gnttab", "gntshr"])
+def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
+        host: SimHost, guest: Domain, factory: str) -> None:
+    """A Ctrl-C landing as any call of Domain.gnttab() or gntshr()
+    returns, the handle's constructor included: the factory raises having
+    released what it opened, or returns a handle that works.  Unlike an
+    event channel's, a grant handle holds no bare descriptor: one dropped
+    on its way out, as ``return GrantTable()`` did, closed its socket as
+    it went (with a ResourceWarning), so this guards the shape the
+    factories now share rather than a leak seen before."""
+    domain = guest if factory == "gntshr" else host.dom0
+    make = getattr(domain, factory)
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    for n in itertools.count():
+        before = (host.hypervisor.stats()["connections"], descriptors())
+        made: list[GrantShare | GrantTable] = []
+        # This lambda is no place of xenback's: a Ctrl-C lands in the
+        # factory or not at all.
+        where = interrupted_at(n, within, lambda made=made: made.append(make()))
+        if where:
+            assert made == [], where
+        else:
+            (handle,) = made
+            with handle:
+                _use(handle, guest)
+        assert eventually(lambda before=before: (
+            host.hypervisor.stats()["connections"] == before[0]
+            and descriptors() <= before[1])), (
+            f"interrupted {where}: still held: {host.hypervisor.stats()['connections']} "
+            f"connections (was {before[0]}), new descriptors {sorted(descriptors() - before[1])}")
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 3, landed

@@ -529,6 +529,49 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
     assert len(landed) > 3, landed
 
 
+def _device_descriptors(path: Path) -> int:
+    """How many of this process's descriptors are open on ``path``."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == str(path)
+        except FileNotFoundError:
+            pass  # listdir()'s own, or closed meanwhile
+    return count
+
+
+@pytest.mark.usefixtures("fake_devices")
+@pytest.mark.parametrize("factory", ["gnttab", "gntshr"])
+def test_a_grant_handle_interrupted_anywhere_in_its_making_leaves_nothing(
+        tmp_path: Path, factory: str) -> None:
+    """A Ctrl-C landing as any call of XenPlatform.gnttab() or gntshr()
+    returns: the factory raises having closed the device it opened, or
+    returns a handle on it.  As ``return os.open()``, ``self._fd =
+    _open_device()`` and ``return XenGrantTable()``, one as the call
+    returned lost the descriptor, an int nothing closes, for the life of
+    the process."""
+    platform = _platform.XenPlatform(0, tmp_path / "socket")
+    device = _platform.GNTDEV if factory == "gnttab" else _platform.GNTALLOC
+    make = getattr(platform, factory)
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    for n in itertools.count():
+        made: list[_platform.XenGrantTable | _platform.XenGrantShare] = []
+        # This lambda is no place of xenback's: a Ctrl-C lands in the
+        # factory or not at all.
+        where = interrupted_at(n, within, lambda made=made: made.append(make()))
+        if not where:
+            break
+        landed.append(where)
+        assert made == [], where
+        assert _device_descriptors(device) == 0, f"interrupted {where}"
+    (handle,) = made
+    assert _device_descriptors(device) == 1
+    handle.close()
+    assert _device_descriptors(device) == 0
+    assert len(landed) > 3, landed
+
+
 @pytest.mark.parametrize("bad", [-1, 2**32, True, "5"], ids=["negative", "huge", "bool", "str"])
 def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLib, bad) -> None:
     """Every port or domain id that does not fit libxenevtchn's uint32_t is

@@ -75,11 +75,27 @@ class Domain:
 
     def gnttab(self) -> GrantTable:
         """A new grant table handle (``xengnttab``) of this domain."""
-        return GrantTable(domain_socket(self._run_dir, self._domid))
+        # Made through list.extend(), as evtchn()'s handle is.
+        made: list[GrantTable] = []
+        try:
+            made.extend(map(GrantTable, (domain_socket(self._run_dir, self._domid),)))
+        except BaseException:
+            for handle in made:
+                handle.close()
+            raise
+        return made[0]
 
     def gntshr(self) -> GrantShare:
         """A new grant share handle (``xengntshr``) of this domain."""
-        return GrantShare(domain_socket(self._run_dir, self._domid))
+        # Made through list.extend(), as evtchn()'s handle is.
+        made: list[GrantShare] = []
+        try:
+            made.extend(map(GrantShare, (domain_socket(self._run_dir, self._domid),)))
+        except BaseException:
+            for handle in made:
+                handle.close()
+            raise
+        return made[0]
 
     def evtchn(self) -> EventChannel:
         """A new event channel handle (``xenevtchn``) of this domain."""

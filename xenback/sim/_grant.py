@@ -226,13 +226,15 @@ class _Handle(Closing, Generic[P]):
     _kind = "handle"
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
-        self._conn = ServiceConnection(socket_path, GrantError)
         # _lock protects _live, _closed and the _region of the pages made
         # through this handle.  Rule: never held across a request to the
         # service (the connection has its own lock), nor across a scrub.
         self._lock = threading.Lock()
         self._live: dict[int, P] = {}
         self._closed = False
+        # Last, so that a Ctrl-C landing in a step after it cannot drop it
+        # unclosed; dropped on its way in, it closes its socket itself.
+        self._conn = ServiceConnection(socket_path, GrantError)
 
     def _check_open(self) -> None:
         with self._lock:

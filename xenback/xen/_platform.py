@@ -199,13 +199,6 @@ def _error(cls: type[PlatformError], what: str) -> PlatformError:
     return cls(code, f"{what}: {os.strerror(code)}")
 
 
-def _open_device(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise PlatformUnavailable(exc.errno, f"cannot open {path}: {exc.strerror}") from None
-
-
 def _ioctl_arg(struct: str, count: int) -> Any:
     """A zeroed ``struct`` whose trailing one-element array has room for
     ``count`` elements (the buffer lives as long as the returned pointer)."""
@@ -362,9 +355,33 @@ class _Device(Closing):
 
     _kind = "device"
 
-    def __init__(self, path: Path) -> None:
-        self._fd: int | None = _open_device(path)
+    # Which device: looked up as the handle opens (the tests point it at
+    # files of their own).  Not a constructor argument passed on by
+    # subclasses: a Ctrl-C landing as super().__init__() returned would
+    # drop the handle, its descriptor open.
+    @property
+    def _path(self) -> Path:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
+        path = self._path
+        # Whole or nothing, a Ctrl-C landing as any call returns included:
+        # the descriptor, an int that nothing closes when it is dropped, is
+        # recorded by the call that opens it (list.extend() stores what it
+        # returned before control is back in Python code), or one landing
+        # as os.open() returned would leave the device open for the life
+        # of the process.
+        opened: list[int] = []
+        try:
+            opened.extend(map(os.open, (path,), (os.O_RDWR | os.O_CLOEXEC,)))
+        except OSError as exc:  # from os.open(): nothing is open
+            raise PlatformUnavailable(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        self._fd: int | None = opened[0]
 
     @contextlib.contextmanager
     def _open_fd(self, what: str) -> Iterator[int]:
@@ -386,8 +403,9 @@ class XenGrantTable(_Device):
 
     _kind = "grant table"
 
-    def __init__(self) -> None:
-        super().__init__(GNTDEV)
+    @property
+    def _path(self) -> Path:
+        return GNTDEV
 
     def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
         check_flag("writable", writable)
@@ -450,8 +468,9 @@ class XenGrantShare(_Device):
 
     _kind = "grant share handle"
 
-    def __init__(self) -> None:
-        super().__init__(GNTALLOC)
+    @property
+    def _path(self) -> Path:
+        return GNTALLOC
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> XenSharedPages:
         check_flag("writable", writable)
@@ -624,11 +643,27 @@ class XenPlatform:
 
     def gnttab(self) -> XenGrantTable:
         """A new grant table handle on ``/dev/xen/gntdev``."""
-        return XenGrantTable()
+        # Made through list.extend(), as evtchn()'s handle is.
+        made: list[XenGrantTable] = []
+        try:
+            made.extend(itertools.starmap(XenGrantTable, ((),)))
+        except BaseException:
+            for handle in made:
+                handle.close()
+            raise
+        return made[0]
 
     def gntshr(self) -> XenGrantShare:
         """A new grant share handle on ``/dev/xen/gntalloc``."""
-        return XenGrantShare()
+        # Made through list.extend(), as evtchn()'s handle is.
+        made: list[XenGrantShare] = []
+        try:
+            made.extend(itertools.starmap(XenGrantShare, ((),)))
+        except BaseException:
+            for handle in made:
+                handle.close()
+            raise
+        return made[0]
 
     def evtchn(self) -> XenEventChannel:
         """A new event channel handle (``libxenevtchn``)."""
