@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import select
@@ -14,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from fdcensus import descriptors
 from pvcalls_rawfront import TIMEOUT, Call, RawFrontend, bound_ports, wait_until
 from racewindow import PauseAt, stands_at
 from stolensignal import interrupt, main_thread_in
@@ -187,15 +187,9 @@ def _held(host: Any) -> tuple[int, int, frozenset[tuple[int, str]]]:
     each with what it refers to.  Collected first: what earlier tests left
     to the garbage collector must not close its descriptors in the middle
     of the count."""
-    gc.collect()
+    fds = descriptors()  # collects first
     hv = host.hypervisor.stats()
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
-        except FileNotFoundError:
-            pass  # listdir()'s own, or closed meanwhile
-    return hv["grants"], hv["ports"], frozenset(fds)
+    return hv["grants"], hv["ports"], fds
 
 
 def _wait_released(host: Any, before: tuple[int, int, frozenset[tuple[int, str]]]) -> None:

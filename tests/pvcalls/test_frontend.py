@@ -10,7 +10,6 @@ import asyncio
 import collections
 import contextlib
 import errno
-import gc
 import io
 import itertools
 import logging
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from fdcensus import descriptors
 from highfds import descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
@@ -2529,14 +2529,8 @@ def _held(host: SimHost) -> tuple[dict[str, int], frozenset[tuple[int, str]]]:
     """The host's counts and this process's descriptors, each with what it
     refers to; collected first, so that what only waits for the garbage
     collector does not count as held."""
-    gc.collect()
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
-        except FileNotFoundError:
-            pass  # listdir()'s own, or closed meanwhile
-    return host.hypervisor.stats(), frozenset(fds)
+    fds = descriptors()  # collects first
+    return host.hypervisor.stats(), fds
 
 
 def _released(host: SimHost, before: tuple[dict[str, int], frozenset[tuple[int, str]]]) -> bool:

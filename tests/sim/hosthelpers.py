@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import os
 import select
 import socket
 import struct
@@ -12,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from fdcensus import descriptors  # noqa: F401  (re-exported for the sim tests)
 
 from xenback.sim import Domain, EventChannel
 from xenback.sim._xenstored import RawClient, XenStored, XsError
@@ -121,17 +120,3 @@ def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> thread
             pass
 
     return serve_one_client(path, handle)
-
-
-def descriptors() -> frozenset[tuple[int, str]]:
-    """This process's descriptors, each with what it refers to; collected
-    first, so that what is only waiting for the garbage collector does
-    not count as held."""
-    gc.collect()
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
-        except FileNotFoundError:
-            pass  # listdir()'s own, or closed meanwhile
-    return frozenset(fds)

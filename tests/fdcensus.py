@@ -1,0 +1,21 @@
+"""A census of this process's descriptors, for tests that check a
+failure or a Ctrl-C left none open."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+
+def descriptors() -> frozenset[tuple[int, str]]:
+    """This process's descriptors, each with what it refers to; collected
+    first, so that what is only waiting for the garbage collector does
+    not count as held."""
+    gc.collect()
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+        except FileNotFoundError:
+            pass  # listdir()'s own, or closed meanwhile
+    return frozenset(fds)
