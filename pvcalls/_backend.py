@@ -436,12 +436,14 @@ class Backend(Closing):
             if self._closed and not self._close_unfinished:
                 return
             again, self._closed, self._close_unfinished = self._closed, True, False
-        if not again:
-            # Each device goes Closing after its sockets are released (ordered
-            # with its other xenbus callbacks); stop() then writes Closed.
-            for dev in self._driver.devices():
-                dev.queue(self._close_device, dev)
         try:
+            if not again:
+                # Each device goes Closing after its sockets are released
+                # (ordered with its other xenbus callbacks); stop() then
+                # writes Closed.  Not done again: a device left out here
+                # is dropped by stop() alone, straight to Closed.
+                for dev in self._driver.devices():
+                    dev.queue(self._close_device, dev)
             self._driver.stop()
             with self._lock:
                 left = list(self._frontends.values())
@@ -451,11 +453,11 @@ class Backend(Closing):
             self._release_shared()
         except BaseException:
             # Interrupted while stop() waited for the devices (Ctrl-C in the
-            # main thread): their callbacks may still run and use what is
-            # shared, so nothing is released under them.  Or interrupted
-            # while releasing (a workqueue's drain): what is left is
-            # released too.  A later close() has stop() do what it left,
-            # then releases what is still held.
+            # main thread), or before: their callbacks may still run and use
+            # what is shared, so nothing is released under them.  Or
+            # interrupted while releasing (a workqueue's drain): what is
+            # left is released too.  A later close() has stop() do what it
+            # left, then releases what is still held.
             with self._lock:
                 self._close_unfinished = True
             raise

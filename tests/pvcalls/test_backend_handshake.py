@@ -813,3 +813,43 @@ def test_a_backend_whose_undo_is_interrupted_undoes_the_rest(
     assert not [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
     monkeypatch.undo()
     pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
+
+
+def _cut_once(real: Any) -> tuple[Any, list[object]]:
+    """``real`` standing in for a method that a Ctrl-C cuts short once,
+    as it returns (the first call does its work, then raises), and the
+    list of the objects it was cut short on."""
+    cut: list[object] = []
+
+    def cut_once(self: Any, *args: Any) -> Any:
+        result = real(self, *args)
+        if not cut:
+            cut.append(self)
+            raise KeyboardInterrupt
+        return result
+
+    return cut_once, cut
+
+
+def test_a_close_interrupted_as_it_starts_is_finished_by_the_next(
+        host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C as close() asked the driver for its devices, before what
+    an interrupted close() marks for the next one to finish: the backend
+    counted as closed, and every later close() returned at once, leaving
+    it serving, its handles open and the domain claimed."""
+    from pvcalls import _backend
+    from workqueue._loadindex import _HotplugNotifier
+
+    topology = Topology(2)
+    before = _held(host)
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    cut_devices, cut = _cut_once(_backend._PvcallsDriver.devices)
+    monkeypatch.setattr(_backend._PvcallsDriver, "devices", cut_devices)
+    with pytest.raises(KeyboardInterrupt):
+        backend.close()
+    assert cut == [backend._driver], "cut short elsewhere: the test no longer tests anything"
+    monkeypatch.undo()
+    backend.close()
+    _wait_released(host, before)
+    assert not [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
+    pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
