@@ -364,8 +364,38 @@ class Backend(Closing):
             logger.info("pvcalls backend in domain %d: %d ioworker CPUs, max-page-order %d",
                         platform.domid, self.nr_ioworkers, max_page_order)
         except BaseException:
-            self.close()
+            self._undo_start()
             raise
+
+    def _undo_start(self) -> None:
+        """Close a Backend() that failed, or was interrupted, once its
+        driver was starting: to the end, however often a Ctrl-C cuts the
+        close short.
+
+        A user who pressed Ctrl-C once presses it again while the devices
+        close.  close() leaves what it could not do to a later close(),
+        which nobody can call on a Backend() that raised: so it is called
+        again here, each time taking up where the last was cut short.  As
+        in _release(), a failure is logged, the error that cut Backend()
+        short being the one raised, and the first Ctrl-C met is raised at
+        the end.  The claim goes last, whatever happened: left, it would
+        refuse every later Backend for the domain."""
+        interrupt: BaseException | None = None
+        try:
+            while True:
+                try:
+                    self.close()
+                except Exception:
+                    # Not tried again: it would most likely fail again.
+                    logger.exception("closing %r after a failed start failed", self)
+                except BaseException as exc:
+                    interrupt = interrupt or exc
+                    continue
+                break
+        finally:
+            self._unclaim()
+        if interrupt is not None:
+            raise interrupt
 
     # -- public -----------------------------------------------------------------
 
