@@ -233,17 +233,18 @@ class Interrupts:
         """Run ``cmd``, a benchmark of its own, to its end and return its
         exit status (128 + N if signal N ended it, as a shell says it).
 
-        A stop signal that comes meanwhile is passed on to it instead of
-        raised here: it stops as it does when run alone, saying so, and its
-        status is the run's.  (If it cannot be started, the stop is raised
-        here after all, rather than the error.)  A Ctrl-C reaches it anyway (the terminal
-        signals the whole process group), one sent to this process alone
-        would not.  Raised here, it could also lose the child's status: a
+        A stop signal that comes meanwhile is passed on to it instead of raised
+        here: it stops as it does when run alone, saying so, and its status is
+        the run's.  (If it cannot be started, or watched once started, the stop
+        is raised here after all, rather than the error; a child started is
+        stopped and reaped first.)  A Ctrl-C reaches it anyway (the terminal
+        signals the whole process group), one sent to this process alone would
+        not.  Raised here, it could also lose the child's status: a
         KeyboardInterrupt raised after ``waitpid()`` reaped the child but
         before :mod:`subprocess` noted its status leaves subprocess to wait
-        again, get ECHILD, and take the child for one that exited 0 -- which
-        it does when the child stops and exits before this process gets the
-        CPU back, as under load.
+        again, get ECHILD, and take the child for one that exited 0 -- which it
+        does when the child stops and exits before this process gets the CPU
+        back, as under load.
 
         So the child gets a Ctrl-C twice, the terminal's and this one: it
         must take a repeat quietly, up to its exit (:func:`stay_stopped`).
@@ -260,13 +261,25 @@ class Interrupts:
                 # over a failure, as in run().
                 self.checkpoint()
                 raise
-            # Opened before the wait that reaps it, so that it is the
-            # child's for sure.
-            pidfd = os.pidfd_open(proc.pid)
-            self._relay_to = pidfd
-            while self._unsent:  # taken while the child was being started
-                self._pass_on(self._unsent.pop(0))
-            status = proc.wait()
+            try:
+                # Opened before the wait that reaps it, so that it is the
+                # child's for sure.
+                pidfd = os.pidfd_open(proc.pid)
+                self._relay_to = pidfd
+                while self._unsent:  # taken while the child was being started
+                    self._pass_on(self._unsent.pop(0))
+                status = proc.wait()
+            except BaseException:
+                # Out of descriptors, say: the child must not run on, unknown
+                # and unreaped.  SIGTERM, which a benchmark takes as a stop
+                # and cleans up after; waited for as the run would have.
+                # Still relaying meanwhile, so that a stop that comes is kept
+                # and then wins over the failure.
+                if proc.returncode is None:
+                    proc.terminate()
+                    proc.wait()
+                self.checkpoint()
+                raise
         finally:
             self._relaying = False
             self._relay_to = None

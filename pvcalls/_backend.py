@@ -364,8 +364,38 @@ class Backend(Closing):
             logger.info("pvcalls backend in domain %d: %d ioworker CPUs, max-page-order %d",
                         platform.domid, self.nr_ioworkers, max_page_order)
         except BaseException:
-            self.close()
+            self._undo_start()
             raise
+
+    def _undo_start(self) -> None:
+        """Close a Backend() that failed, or was interrupted, once its
+        driver was starting: to the end, however often a Ctrl-C cuts the
+        close short.
+
+        A user who pressed Ctrl-C once presses it again while the devices
+        close.  close() leaves what it could not do to a later close(),
+        which nobody can call on a Backend() that raised: so it is called
+        again here, each time taking up where the last was cut short.  As
+        in _release(), a failure is logged, the error that cut Backend()
+        short being the one raised, and the first Ctrl-C met is raised at
+        the end.  The claim goes last, whatever happened: left, it would
+        refuse every later Backend for the domain."""
+        interrupt: BaseException | None = None
+        try:
+            while True:
+                try:
+                    self.close()
+                except Exception:
+                    # Not tried again: it would most likely fail again.
+                    logger.exception("closing %r after a failed start failed", self)
+                except BaseException as exc:
+                    interrupt = interrupt or exc
+                    continue
+                break
+        finally:
+            self._unclaim()
+        if interrupt is not None:
+            raise interrupt
 
     # -- public -----------------------------------------------------------------
 
@@ -436,12 +466,14 @@ class Backend(Closing):
             if self._closed and not self._close_unfinished:
                 return
             again, self._closed, self._close_unfinished = self._closed, True, False
-        if not again:
-            # Each device goes Closing after its sockets are released (ordered
-            # with its other xenbus callbacks); stop() then writes Closed.
-            for dev in self._driver.devices():
-                dev.queue(self._close_device, dev)
         try:
+            if not again:
+                # Each device goes Closing after its sockets are released
+                # (ordered with its other xenbus callbacks); stop() then
+                # writes Closed.  Not done again: a device left out here
+                # is dropped by stop() alone, straight to Closed.
+                for dev in self._driver.devices():
+                    dev.queue(self._close_device, dev)
             self._driver.stop()
             with self._lock:
                 left = list(self._frontends.values())
@@ -451,11 +483,11 @@ class Backend(Closing):
             self._release_shared()
         except BaseException:
             # Interrupted while stop() waited for the devices (Ctrl-C in the
-            # main thread): their callbacks may still run and use what is
-            # shared, so nothing is released under them.  Or interrupted
-            # while releasing (a workqueue's drain): what is left is
-            # released too.  A later close() has stop() do what it left,
-            # then releases what is still held.
+            # main thread), or before: their callbacks may still run and use
+            # what is shared, so nothing is released under them.  Or
+            # interrupted while releasing (a workqueue's drain): what is
+            # left is released too.  A later close() has stop() do what it
+            # left, then releases what is still held.
             with self._lock:
                 self._close_unfinished = True
             raise

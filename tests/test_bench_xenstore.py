@@ -5,6 +5,7 @@ a stop comes."""
 
 from __future__ import annotations
 
+import errno
 import signal
 import subprocess
 import sys
@@ -145,3 +146,69 @@ def test_evtchn_bench_killed_by_a_signal_is_128_plus_the_signal(
     _evtchn_bench_is("import os, signal\nprint('ready', flush=True)\n"
                      "os.kill(os.getpid(), signal.SIGKILL)\n", monkeypatch, tmp_path)
     assert xenstore_bench.main(_XENSTORE_BENCH) == 128 + signal.SIGKILL
+
+
+def _started_children(monkeypatch: pytest.MonkeyPatch, also: Any = None) -> list[Any]:
+    """Make subprocess.Popen note each child it starts (and then call
+    ``also()``); the list returned gets them."""
+    started: list[subprocess.Popen[Any]] = []
+    popen = subprocess.Popen
+
+    def noting(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        child = popen(args, **kwargs)
+        started.append(child)
+        if also is not None:
+            also()
+        return child
+
+    monkeypatch.setattr(subprocess, "Popen", noting)
+    return started
+
+
+def _no_pidfd(pid: int, flags: int = 0) -> int:
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+_SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+def test_a_child_whose_pidfd_cannot_be_opened_is_not_left_running(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Out of descriptors after Popen: the child was left running, and
+    # unreaped, with nobody to wait for it.
+    import benchlib
+
+    started = _started_children(monkeypatch)
+    monkeypatch.setattr(benchlib.os, "pidfd_open", _no_pidfd)
+    try:
+        with benchlib.Interrupts() as interrupts, pytest.raises(OSError) as failed:
+            interrupts.call(_SLEEPER)
+        assert failed.value.errno == errno.EMFILE
+        assert len(started) == 1, "no child started: the test no longer tests anything"
+        assert started[0].returncode is not None, "the child is left running"
+    finally:
+        for child in started:  # whatever the outcome, not for the next tests
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, id="SIGINT"),
+                                 pytest.param(signal.SIGTERM, id="SIGTERM")])
+def test_a_stop_as_a_childs_pidfd_fails_to_open_is_a_stop(
+        monkeypatch: pytest.MonkeyPatch, sig: int) -> None:
+    # The stop was kept for the child, which never got it: the run ended
+    # with the EMFILE as if nobody had asked it to stop.
+    import benchlib
+
+    started = _started_children(monkeypatch, lambda: signal.raise_signal(sig))
+    monkeypatch.setattr(benchlib.os, "pidfd_open", _no_pidfd)
+    try:
+        with benchlib.Interrupts() as interrupts, pytest.raises(KeyboardInterrupt):
+            interrupts.call(_SLEEPER)
+        assert interrupts.signum == sig
+        assert len(started) == 1, "no child started: the test no longer tests anything"
+        assert started[0].returncode is not None, "the child is left running"
+    finally:
+        for child in started:
+            child.kill()
+            child.wait()

@@ -1103,6 +1103,18 @@ class BackendDriver:
         self._lose_domain()
         return True
 
+    def _said_already(self, exc: BaseException) -> bool:
+        """Whether XenStore's error ``exc`` is said already, by what caused
+        it: our domain going (see :meth:`_lost_domain`), or the loss of
+        our connection to an EACCES that XenStore could not explain before
+        it went.  That EACCES is most likely our home gone as our domain
+        went the rest of the way; a refusal it may have been, but nobody
+        can tell any more, and "Permission denied" would say one."""
+        if self._lost_domain(exc):
+            return True
+        return (isinstance(exc, PermissionError) and self._xs is not None
+                and not self._xs.connected)
+
     def _lose_domain(self) -> None:
         """Our domain is going away: say so once, and drop every device.
         Nothing is written (our nodes went with our home, and a write
@@ -1562,7 +1574,9 @@ class BackendDriver:
             if not self._domain_gone:
                 dev.switch_state(XenbusState.CLOSED)
         except OSError as exc:
-            if not self._lost_domain(exc):
+            if self._said_already(exc):
+                logger.debug("%s: could not switch to Closed: %s", dev.nodename, exc)
+            else:
                 logger.warning("%s: could not switch to Closed: %s", dev.nodename, exc)
         if dev._otherend_watch is not None:
             try:

@@ -813,3 +813,95 @@ def test_a_backend_whose_undo_is_interrupted_undoes_the_rest(
     assert not [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
     monkeypatch.undo()
     pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
+
+
+def _cut_once(real: Any) -> tuple[Any, list[object]]:
+    """``real`` standing in for a method that a Ctrl-C cuts short once,
+    as it returns (the first call does its work, then raises), and the
+    list of the objects it was cut short on."""
+    cut: list[object] = []
+
+    def cut_once(self: Any, *args: Any) -> Any:
+        result = real(self, *args)
+        if not cut:
+            cut.append(self)
+            raise KeyboardInterrupt
+        return result
+
+    return cut_once, cut
+
+
+@pytest.mark.parametrize("second", ["as close() starts", "in the driver's stop",
+                                    "in a poller's close"])
+def test_a_backend_whose_close_after_a_failed_start_is_interrupted_closes_all_the_same(
+        host: Any, monkeypatch: pytest.MonkeyPatch, second: str) -> None:
+    """A Ctrl-C landed as the driver started (or as its start returned),
+    and a second one, as the user loses patience, cut the close() that
+    undoes the backend short: the rest of it was never done (close() left
+    it to a later close(), but nobody holds a Backend() that raised), and
+    the domain stayed claimed, refusing every later Backend."""
+    from pvcalls import _backend, _poller
+    from workqueue._loadindex import _HotplugNotifier
+    from xenback import xenbus
+    from xenback.hostlock import HostLock
+
+    real_start = _backend._PvcallsDriver.start
+    cut_devices, cut = _cut_once(_backend._PvcallsDriver.devices)
+
+    def started_then_ctrl_c(self: Any) -> None:
+        if second != "in a poller's close":  # started: stop() has all to undo
+            real_start(self)
+        if second == "as close() starts":  # the first thing close() asks
+            monkeypatch.setattr(_backend._PvcallsDriver, "devices", cut_devices)
+        raise KeyboardInterrupt
+
+    if second == "in a poller's close":
+        cut_close, cut = _cut_once(_poller.CpuPoller.close)
+        monkeypatch.setattr(_poller.CpuPoller, "close", cut_close)
+    elif second == "in the driver's stop":
+        cut_close, cut = _cut_once(lambda _self: None)  # before it stops anything
+        real_stop = xenbus.BackendDriver._stop
+
+        def stop_cut_at_its_start(self: Any, **kwargs: Any) -> None:
+            cut_close(self)
+            real_stop(self, **kwargs)
+
+        monkeypatch.setattr(xenbus.BackendDriver, "_stop", stop_cut_at_its_start)
+    topology = Topology(2)
+    threads = {t.ident for t in threading.enumerate()}
+    before = _held(host)
+    monkeypatch.setattr(_backend._PvcallsDriver, "start", started_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        pvcalls.Backend(host.dom0, topology=topology)
+    assert len(cut) == 1, "no second Ctrl-C: the test no longer tests anything"
+    monkeypatch.undo()
+    _wait_released(host, before)  # the pollers', the handles', the connection's
+    assert not [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
+    wait_until(lambda: not [t for t in threading.enumerate() if t.ident not in threads
+                            and not t.name.startswith(("kworker/", "wq-"))])
+    HostLock.for_domain(host.dom0, "xenback-pvcalls").close()  # the domain's lock
+    pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
+
+
+def test_a_close_interrupted_as_it_starts_is_finished_by_the_next(
+        host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C as close() asked the driver for its devices, before what
+    an interrupted close() marks for the next one to finish: the backend
+    counted as closed, and every later close() returned at once, leaving
+    it serving, its handles open and the domain claimed."""
+    from pvcalls import _backend
+    from workqueue._loadindex import _HotplugNotifier
+
+    topology = Topology(2)
+    before = _held(host)
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    cut_devices, cut = _cut_once(_backend._PvcallsDriver.devices)
+    monkeypatch.setattr(_backend._PvcallsDriver, "devices", cut_devices)
+    with pytest.raises(KeyboardInterrupt):
+        backend.close()
+    assert cut == [backend._driver], "cut short elsewhere: the test no longer tests anything"
+    monkeypatch.undo()
+    backend.close()
+    _wait_released(host, before)
+    assert not [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
+    pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's

@@ -1660,6 +1660,73 @@ def test_a_connection_lost_in_a_run_before_says_nothing_of_this_one(
         drv.stop()
 
 
+def _closed_refused_in_stop(host, dom0_xs, frontends, monkeypatch, refuse, then) -> None:
+    """stop() a driver domain's backend whose Closed is refused with
+    EACCES: ``refuse(drvdom, bdev)`` runs just before the switch (where no
+    watch or bus callback can learn of it first: stop() has ended them),
+    ``then(drvdom)`` just after it failed."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    switch_state = xenbus.BackendDevice.switch_state
+    refused: list[BaseException] = []
+
+    def refused_then(self: xenbus.BackendDevice, state: XenbusState) -> bool:
+        if state != S.CLOSED:
+            return switch_state(self, state)
+        refuse(drvdom, self)
+        try:
+            return switch_state(self, state)
+        except PermissionError as exc:
+            refused.append(exc)
+            then(drvdom)
+            raise
+
+    monkeypatch.setattr(xenbus.BackendDevice, "switch_state", refused_then)
+    try:
+        fe.close()  # no frontend left to wait for the backend's Closed
+        _stop_returns(drv)
+    finally:
+        drv.stop()
+    assert refused, "Closed was not refused: the test no longer tests anything"
+    assert drv.calls_of(fe.guest.domid) == ["probe", "connect", "disconnect", "remove"]
+
+
+def test_closed_refused_as_the_domain_goes_the_rest_of_the_way_says_nothing_more(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """libxl deletes the driver domain's home (its Closed is refused with
+    EACCES), then destroys it before the backend could ask whether the
+    home is gone: XenStore can no longer tell why, and the connection's
+    loss, said already, was the cause.  "could not switch to Closed:
+    Permission denied" said a refusal that nobody made."""
+    def rm_home(drvdom, _bdev) -> None:
+        dom0_xs.rm(f"/local/domain/{drvdom.domid}")
+
+    def destroy(drvdom) -> None:
+        host.destroy_domain(drvdom)
+        assert eventually(lambda: any(r.msg == "XenStore connection lost: %s"
+                                      for r in _backend_warnings(caplog)))
+
+    caplog.clear()
+    _closed_refused_in_stop(host, dom0_xs, frontends, monkeypatch, rm_home, destroy)
+    said = [r.getMessage() for r in _backend_warnings(caplog)]
+    assert [m.split(":")[0] for m in said] == ["XenStore connection lost"], said
+
+
+def test_closed_refused_in_a_live_driver_domain_is_still_said(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """EACCES on Closed while the backend's domain, home and connection
+    live is a refusal of its own, and nothing else says it."""
+    def take_the_state_node(_drvdom, bdev) -> None:
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+
+    caplog.clear()
+    _closed_refused_in_stop(host, dom0_xs, frontends, monkeypatch, take_the_state_node,
+                            lambda _drvdom: None)
+    (closed,) = [r for r in _backend_warnings(caplog)
+                 if r.msg == "%s: could not switch to Closed: %s"]
+    assert isinstance(closed.args[1], PermissionError)  # type: ignore[index]
+    assert closed.exc_info is None
+
+
 def test_eacces_in_a_live_driver_domain_is_still_an_error(host, dom0_xs, frontends, caplog) -> None:
     """EACCES while the backend's domain and home live is a refusal, not
     the domain's end: the device it hit fails as ever (error node, Closing),
