@@ -5,6 +5,7 @@ Threading: none.  Everything here belongs to the server's loop thread.
 
 from __future__ import annotations
 
+import collections
 import socket
 from pathlib import Path
 
@@ -51,8 +52,8 @@ class Connection:
     """One client connection: its buffers, watches and transactions."""
 
     __slots__ = (
-        "sock", "fd", "domain", "home", "inbuf", "out", "watches",
-        "transactions", "next_tx_id", "closed", "paused", "events", "name",
+        "sock", "fd", "domain", "home", "inbuf", "out", "out_base", "queued_events",
+        "watches", "transactions", "next_tx_id", "closed", "paused", "events", "name",
     )
 
     def __init__(self, sock: socket.socket, domain: Domain, name: str) -> None:
@@ -65,6 +66,13 @@ class Connection:
         self.inbuf = b""
         #: bytes queued for the client, not yet accepted by the kernel
         self.out = bytearray()
+        #: bytes of output the kernel has taken so far: the offset of
+        #: ``out[0]`` in everything ever queued for this client
+        self.out_base = 0
+        #: watch events in ``out`` (whole messages) -> the offset just past
+        #: the last copy queued, oldest first; an entry whose offset is at
+        #: most ``out_base`` is stale (see XenStored._send_event)
+        self.queued_events: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.watches: list[Watch] = []
         self.transactions: dict[int, Transaction] = {}
         self.next_tx_id = 1

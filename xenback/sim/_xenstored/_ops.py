@@ -96,14 +96,17 @@ def _nstrings(payload: bytes, n: int) -> list[str]:
 class Dispatcher:
     """Processes requests against one store.
 
-    ``send(conn, data)`` queues bytes for a connection.  ``introduce(domid)``
-    and ``release(domid)`` are the server's hooks that create and tear down
-    a domain's socket; they return the Domain and nothing respectively.
+    ``send(conn, data)`` queues bytes for a connection; ``send_event(conn,
+    message)`` queues a watch event, which the server may drop if an
+    identical one still waits for that client.  ``introduce(domid)`` and
+    ``release(domid)`` are the server's hooks that create and tear down a
+    domain's socket; they return the Domain and nothing respectively.
     """
 
     def __init__(
         self,
         send: Callable[[Connection, bytes], None],
+        send_event: Callable[[Connection, bytes], None],
         introduce: Callable[[int], Domain],
         release: Callable[[int], None],
         quota: Quota | None = None,
@@ -114,6 +117,7 @@ class Dispatcher:
         self.domains: dict[int, Domain] = {0: self.dom0}
         self.quota = quota or Quota()
         self._send = send
+        self._send_event = send_event
         self._introduce = introduce
         self._release = release
         #: events caused by the request being processed, sent after its reply
@@ -366,7 +370,7 @@ class Dispatcher:
         deferred, self._deferred = self._deferred, []
         for target, event in deferred:
             if not target.closed:
-                self._send(target, event)
+                self._send_event(target, event)
 
     # --- handlers: reading ---------------------------------------------------
 
