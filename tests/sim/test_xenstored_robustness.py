@@ -558,3 +558,22 @@ def test_a_guest_cannot_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
     assert "dom0" in warned[1].getMessage()
     assert sum("too many connections" in r.getMessage() for r in caplog.records) == 5
     assert sum("announces 4097" in r.getMessage() for r in caplog.records) == 6
+
+
+def test_a_guest_cannot_flood_the_log_with_watches_too_long_to_fire(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An event too long to send is dropped with a warning once per watch,
+    # and a guest can set up any number of watches in turn: one warning per
+    # guest, the rest at DEBUG.
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    token = "t" * 4000
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd, \
+            RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        for i in range(5):
+            guest.watch("w", token)
+            assert guest.wait_event() == ("w", token)
+            guest.write(f"w/{'c' * 100}{i}", "")  # path and token: over 4096 bytes
+            guest.unwatch("w", token)
+    drops = [r for r in caplog.records if "XENSTORE_PAYLOAD_MAX" in r.getMessage()]
+    assert [r.levelno for r in drops] == [logging.WARNING] + [logging.DEBUG] * 4

@@ -6,6 +6,7 @@ Threading: none.  Everything here belongs to the server's loop thread.
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 from pathlib import Path
 
@@ -41,8 +42,20 @@ class Domain:
         self.listener: socket.socket | None = None
         self.socket_path: Path | None = None
         #: a warning about this domain's misbehaviour was logged (see
-        #: XenStored._fault_level)
+        #: fault_level)
         self.warned = False
+
+    def fault_level(self) -> int:
+        """The level to log this domain's fault at: WARNING, but for a guest
+        only the first time.  A guest can commit any number of them (one
+        per connection it opens, or per watch it sets up) and must not fill
+        the host's log."""
+        if self.privileged:
+            return logging.WARNING
+        if self.warned:
+            return logging.DEBUG
+        self.warned = True
+        return logging.WARNING
 
     def __repr__(self) -> str:
         return f"Domain({self.domid})"

@@ -330,9 +330,11 @@ class Dispatcher:
         payload = watch.event_payload(path)
         if len(payload) > PAYLOAD_MAX:
             watch.dropped += 1
-            # Warn once per watch: a guest can cause any number of these.
-            log = logger.warning if watch.dropped == 1 else logger.debug
-            log(
+            # Warn once per watch, and for a guest's watches once per guest:
+            # it can set up any number of watches in turn.
+            level = watch.conn.domain.fault_level() if watch.dropped == 1 else logging.DEBUG
+            logger.log(
+                level,
                 "%r: dropped an event of the watch on %.64s: path %.64s (%d bytes) "
                 "and token (%d bytes) make %d bytes, over XENSTORE_PAYLOAD_MAX (%d)",
                 watch.conn, watch.node, path, len(path) - watch.prefix_len,

@@ -358,7 +358,7 @@ class XenStored:
                 self._accept_paused.append(domain)
                 return
             if not domain.privileged and len(domain.conns) >= self._dispatcher.quota.connections:
-                logger.log(self._fault_level(domain), "%r: too many connections, refusing one",
+                logger.log(domain.fault_level(), "%r: too many connections, refusing one",
                            domain)
                 sock.close()
                 continue
@@ -425,7 +425,7 @@ class XenStored:
             if length > PAYLOAD_MAX:
                 self._close(
                     conn, f"header announces {length} bytes (max {PAYLOAD_MAX})",
-                    self._fault_level(conn.domain),
+                    conn.domain.fault_level(),
                 )
                 return
             end = off + HEADER_SIZE + length
@@ -445,7 +445,7 @@ class XenStored:
         if len(conn.out) > self.max_queued:
             self._close(
                 conn, f"more than {self.max_queued} bytes queued: client does not read",
-                self._fault_level(conn.domain),
+                conn.domain.fault_level(),
             )
             return
         self._dirty.add(conn)
@@ -524,18 +524,6 @@ class XenStored:
             assert self._selector is not None and events
             conn.events = events
             self._selector.modify(conn.sock, events, (self._on_event, conn))
-
-    @staticmethod
-    def _fault_level(domain: Domain) -> int:
-        """The level to log a client's fault at: WARNING, but for a guest
-        only the first time.  A guest can commit any number of them (one
-        per connection it opens) and must not fill the host's log."""
-        if domain.privileged:
-            return logging.WARNING
-        if domain.warned:
-            return logging.DEBUG
-        domain.warned = True
-        return logging.WARNING
 
     def _close(self, conn: Connection, why: str, level: int = logging.DEBUG) -> None:
         """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING)."""
