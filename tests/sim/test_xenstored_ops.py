@@ -262,6 +262,17 @@ def test_get_set_perms(dom0: RawClient) -> None:
     assert error_of(dom0.set_perms, "/missing", ["n0"]) == "ENOENT"
 
 
+def test_perms_read_domids_as_strtol_does(dom0: RawClient) -> None:
+    # cxenstored reads the domid of a permission with strtol(p, &end, 0):
+    # a leading 0 means octal, 0x hexadecimal.  Granting domain 10 where
+    # Xen grants domain 8 would hide a client's bug.
+    dom0.write("/p", "")
+    dom0.set_perms("/p", ["b0", "r010", "w0x1f", "n 7", "r+3"])
+    assert dom0.get_perms("/p") == ["b0", "r8", "w31", "n7", "r3"]
+    for bad in (["r08"], ["r0x"], ["r0x1g"], ["r7 "], ["r0x10000"]):
+        assert error_of(dom0.set_perms, "/p", bad) == "EINVAL"
+
+
 def test_a_missing_special_path_is_hidden_as_the_root_hides_it(
     dom0: RawClient, guest: RawClient
 ) -> None:
