@@ -205,6 +205,20 @@ def _children_in_parts(client: RawClient, path: str) -> list[str]:
             return got
 
 
+def test_numbers_are_read_as_atoi_reads_them(xsd: XenStored, dom0: RawClient) -> None:
+    # cxenstored reads DIRECTORY_PART's offset and INTRODUCE's port with
+    # atoi(): leading digits count, whatever follows them.
+    dom0.write("/ai/a", "")
+    dom0.write("/ai/bb", "")
+    gen = dom0.request(Op.DIRECTORY_PART, b"/ai\0" b"0\0").partition(b"\0")[0]
+    for offset, rest in ((b"2junk", b"bb\0\0"), (b"1_0", b"\0bb\0\0"), (b" +2", b"bb\0\0"),
+                         (b"junk", b"a\0bb\0\0"), (b"-1", b"\0")):
+        payload = dom0.request(Op.DIRECTORY_PART, b"/ai\0" + offset + b"\0")
+        assert payload == gen + b"\0" + rest, offset
+    assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7x\0") == b"OK\0"
+    assert xsd.is_introduced(5)
+
+
 def test_directory_part_of_a_list_that_would_fill_a_reply_exactly(dom0: RawClient) -> None:
     # The end-of-list marker needs a byte of its own: children that fill
     # the rest of a reply to its last byte come in two parts, not as E2BIG.

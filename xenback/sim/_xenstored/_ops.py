@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable
 
 from ._connection import Connection, Domain
@@ -84,6 +85,16 @@ def _strings(payload: bytes) -> list[str]:
     parts = payload.split(b"\0")
     parts.pop()  # what follows the last NUL: empty, or not a complete string
     return [p.decode("latin-1") for p in parts]
+
+
+_atoi_prefix = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)?").match
+
+
+def _atoi(text: str) -> int:
+    """C's atoi(), which cxenstored reads some numbers with: the leading
+    decimal digits after optional space and sign; 0 if there are none."""
+    m = _atoi_prefix(text)  # matches any text, if only its empty start
+    return int(m[1]) if m and m[1] else 0
 
 
 def _nstrings(payload: bytes, n: int) -> list[str]:
@@ -393,10 +404,7 @@ class Dispatcher:
         """
         raw_path, raw_offset = _nstrings(payload, 2)
         node = self._lookup(conn, view, self._path(conn, raw_path), PERM_READ)
-        try:
-            offset = int(raw_offset)
-        except ValueError:
-            offset = 0  # atoi()
+        offset = _atoi(raw_offset)
         gen = f"{node.generation}\0".encode()
         children = "".join(f"{c}\0" for c in node.children).encode("latin-1")
         if offset < 0 or offset >= len(children):
@@ -702,10 +710,7 @@ class Dispatcher:
         if len(strings) < 3:
             raise XsError("EINVAL", "INTRODUCE needs domid, mfn, port")
         domid = parse_domid(strings[0])
-        try:
-            port = int(strings[2])
-        except ValueError:
-            port = 0
+        port = _atoi(strings[2])
         if port <= 0:
             raise XsError("EINVAL", "bad event channel port")
         if domid not in self.domains:
