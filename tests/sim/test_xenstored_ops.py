@@ -473,6 +473,26 @@ def test_domain_ops(xsd: XenStored, dom0: RawClient) -> None:
     assert error_of(dom0.request, Op.RELEASE, b"0\0") == "EINVAL"
 
 
+def test_introducing_a_domain_again_resets_its_connections(xsd: XenStored, dom0: RawClient) -> None:
+    # cxenstored's do_introduce() calls domain_conn_reset() also for a domain
+    # it knows (restore, resume): the guest's watches and transactions go,
+    # and so do the quota they used.  The connection itself stays.
+    with make_guest(xsd, dom0, 5) as guest:
+        guest.watch("w", "tok")
+        assert guest.wait_event() == ("w", "tok")
+        tx = guest.transaction_start()
+        guest.write("in-tx", "", tx)
+        assert dom0.request(Op.INTRODUCE, b"5\0" b"0\0" b"1\0") == b"OK\0"
+        dom0.write("/local/domain/5/w", "")
+        assert error_of(guest.transaction_end, tx) == "ENOENT"
+        assert error_of(guest.unwatch, "w", "tok") == "ENOENT"
+        assert not guest.events
+        assert xsd._call(lambda: xsd._dispatcher.domains[5].nwatches) == 0
+        assert xsd._call(lambda: xsd._dispatcher.domains[5].ntransactions) == 0
+        guest.watch("w", "again")  # the connection serves on
+        assert guest.wait_event() == ("w", "again")
+
+
 def test_python_introduce_and_release(xsd: XenStored) -> None:
     path = xsd.introduce_domain(9)
     assert xsd.introduce_domain(9) == path

@@ -706,6 +706,16 @@ class Dispatcher:
     # --- handlers: domains ------------------------------------------------------
 
     def _introduce_op(self, conn: Connection, view: View, payload: bytes) -> bytes:
+        """Introduce a domain, or reset one introduced already.
+
+        cxenstored's do_introduce() resets the domain's connection either
+        way (domain_conn_reset(): a domain restored or resumed starts
+        afresh), so a domain introduced again loses the watches and
+        transactions of all its connections here.  What is queued for them
+        still goes out: on a socket, unlike a ring, dropping it could cut a
+        message in two.  Dom0's connections are its sockets', which
+        cxenstored does not reset either.
+        """
         strings = _strings(payload)
         if len(strings) < 3:
             raise XsError("EINVAL", "INTRODUCE needs domid, mfn, port")
@@ -713,8 +723,12 @@ class Dispatcher:
         port = _atoi(strings[2])
         if port <= 0:
             raise XsError("EINVAL", "bad event channel port")
-        if domid not in self.domains:
+        domain = self.domains.get(domid)
+        if domain is None:
             self._introduce(domid)
+        elif not domain.privileged:
+            for c in domain.conns:
+                self.drop_connection_state(c)
         return _OK
 
     def _domain_arg(self, payload: bytes) -> Domain:
