@@ -205,6 +205,20 @@ def _children_in_parts(client: RawClient, path: str) -> list[str]:
             return got
 
 
+def test_numbers_are_read_as_atoi_reads_them(xsd: XenStored, dom0: RawClient) -> None:
+    # cxenstored reads DIRECTORY_PART's offset and INTRODUCE's port with
+    # atoi(): leading digits count, whatever follows them.
+    dom0.write("/ai/a", "")
+    dom0.write("/ai/bb", "")
+    gen = dom0.request(Op.DIRECTORY_PART, b"/ai\0" b"0\0").partition(b"\0")[0]
+    for offset, rest in ((b"2junk", b"bb\0\0"), (b"1_0", b"\0bb\0\0"), (b" +2", b"bb\0\0"),
+                         (b"junk", b"a\0bb\0\0"), (b"-1", b"\0")):
+        payload = dom0.request(Op.DIRECTORY_PART, b"/ai\0" + offset + b"\0")
+        assert payload == gen + b"\0" + rest, offset
+    assert dom0.request(Op.INTRODUCE, b"5\0" b"1234\0" b"7x\0") == b"OK\0"
+    assert xsd.is_introduced(5)
+
+
 def test_directory_part_of_a_list_that_would_fill_a_reply_exactly(dom0: RawClient) -> None:
     # The end-of-list marker needs a byte of its own: children that fill
     # the rest of a reply to its last byte come in two parts, not as E2BIG.
@@ -260,6 +274,17 @@ def test_get_set_perms(dom0: RawClient) -> None:
     for bad in (["x1"], ["r"], ["r-1"], ["r70000"], ["r1x"]):
         assert error_of(dom0.set_perms, "/p", bad) == "EINVAL"
     assert error_of(dom0.set_perms, "/missing", ["n0"]) == "ENOENT"
+
+
+def test_perms_read_domids_as_strtol_does(dom0: RawClient) -> None:
+    # cxenstored reads the domid of a permission with strtol(p, &end, 0):
+    # a leading 0 means octal, 0x hexadecimal.  Granting domain 10 where
+    # Xen grants domain 8 would hide a client's bug.
+    dom0.write("/p", "")
+    dom0.set_perms("/p", ["b0", "r010", "w0x1f", "n 7", "r+3"])
+    assert dom0.get_perms("/p") == ["b0", "r8", "w31", "n7", "r3"]
+    for bad in (["r08"], ["r0x"], ["r0x1g"], ["r7 "], ["r0x10000"]):
+        assert error_of(dom0.set_perms, "/p", bad) == "EINVAL"
 
 
 def test_a_missing_special_path_is_hidden_as_the_root_hides_it(
@@ -446,6 +471,26 @@ def test_domain_ops(xsd: XenStored, dom0: RawClient) -> None:
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"F\0"
     assert error_of(dom0.request, Op.RELEASE, b"5\0") == "ENOENT"
     assert error_of(dom0.request, Op.RELEASE, b"0\0") == "EINVAL"
+
+
+def test_introducing_a_domain_again_resets_its_connections(xsd: XenStored, dom0: RawClient) -> None:
+    # cxenstored's do_introduce() calls domain_conn_reset() also for a domain
+    # it knows (restore, resume): the guest's watches and transactions go,
+    # and so do the quota they used.  The connection itself stays.
+    with make_guest(xsd, dom0, 5) as guest:
+        guest.watch("w", "tok")
+        assert guest.wait_event() == ("w", "tok")
+        tx = guest.transaction_start()
+        guest.write("in-tx", "", tx)
+        assert dom0.request(Op.INTRODUCE, b"5\0" b"0\0" b"1\0") == b"OK\0"
+        dom0.write("/local/domain/5/w", "")
+        assert error_of(guest.transaction_end, tx) == "ENOENT"
+        assert error_of(guest.unwatch, "w", "tok") == "ENOENT"
+        assert not guest.events
+        assert xsd._call(lambda: xsd._dispatcher.domains[5].nwatches) == 0
+        assert xsd._call(lambda: xsd._dispatcher.domains[5].ntransactions) == 0
+        guest.watch("w", "again")  # the connection serves on
+        assert guest.wait_event() == ("w", "again")
 
 
 def test_python_introduce_and_release(xsd: XenStored) -> None:

@@ -282,18 +282,53 @@ def test_client_not_reading_events_is_dropped(caplog: pytest.LogCaptureFixture) 
             deaf.watch("/", "all")
             long_path = "/" + "/".join(["n" * 60] * 33)  # ~2 KiB per event
             writer.write(long_path, "")
-            # Each write queues one big event for the deaf client; the writer
-            # is never held up by it.  Enough writes overflow kernel buffers
-            # plus the server's queue, whatever the socket buffer sizes are.
+            # Each write queues one big event for the deaf client (each
+            # names another node: identical events would be queued once);
+            # the writer is never held up by it.  Enough writes overflow
+            # kernel buffers plus the server's queue, whatever the socket
+            # buffer sizes are.
             sndbuf = deaf.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             rcvbuf = deaf.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             writes = 2 * (max_queued + sndbuf + rcvbuf + (1 << 20)) // 2000
             for i in range(writes):
-                writer.write(long_path, str(i))
+                writer.write(f"{long_path}/{i}", "")
             assert closed_by_server(deaf.sock)
-            assert writer.read(long_path) == str(writes - 1).encode()
+            assert writer.read(f"{long_path}/{writes - 1}") == b""
     assert any("client does not read" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_identical_events_waiting_for_a_slow_watcher_are_queued_once() -> None:
+    # As cxenstored's send_event() (XSA-326): an event identical to one still
+    # waiting for the watcher is dropped, so that another client rewriting a
+    # node the watcher follows cannot pile up events until it is cut off.
+    # Special events ("@...") are exempt: each one may matter on its own.
+    token = "t" * 1000  # ~1 KiB per event
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED
+    ) as xsd:
+        with RawClient(xsd.path) as slow, RawClient(xsd.path) as writer:
+            slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.watch("/n", token)
+            slow.watch("@introduceDomain", token)
+            sndbuf = slow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            rcvbuf = slow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            # Without coalescing, far more than every buffer on the way holds.
+            writes = 2 * (_server.MIN_QUEUED + sndbuf + rcvbuf + (1 << 20)) // 1000
+            for i in range(writes):
+                writer.write("/n", str(i))
+            slow.sock.settimeout(30)
+            assert slow.read("/n") == str(writes - 1).encode()  # still connected
+            events = list(slow.events)
+            assert 2 <= len(events) < writes
+            assert set(events) == {("/n", token), ("@introduceDomain", token)}
+            slow.events.clear()
+            # Special events are all queued, however alike.
+            specials = _server.MIN_QUEUED // 2 // (len(token) + 40)
+            for _ in range(specials):
+                writer.set_perms("@introduceDomain", ["n0"])
+            assert slow.read("/n") == str(writes - 1).encode()
+            assert list(slow.events) == [("@introduceDomain", token)] * specials
 
 
 def test_client_not_reading_replies_is_paused_not_dropped(xsd: XenStored) -> None:
@@ -523,3 +558,22 @@ def test_a_guest_cannot_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
     assert "dom0" in warned[1].getMessage()
     assert sum("too many connections" in r.getMessage() for r in caplog.records) == 5
     assert sum("announces 4097" in r.getMessage() for r in caplog.records) == 6
+
+
+def test_a_guest_cannot_flood_the_log_with_watches_too_long_to_fire(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An event too long to send is dropped with a warning once per watch,
+    # and a guest can set up any number of watches in turn: one warning per
+    # guest, the rest at DEBUG.
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    token = "t" * 4000
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd, \
+            RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        for i in range(5):
+            guest.watch("w", token)
+            assert guest.wait_event() == ("w", token)
+            guest.write(f"w/{'c' * 100}{i}", "")  # path and token: over 4096 bytes
+            guest.unwatch("w", token)
+    drops = [r for r in caplog.records if "XENSTORE_PAYLOAD_MAX" in r.getMessage()]
+    assert [r.levelno for r in drops] == [logging.WARNING] + [logging.DEBUG] * 4

@@ -5,6 +5,8 @@ Threading: none.  Everything here belongs to the server's loop thread.
 
 from __future__ import annotations
 
+import collections
+import logging
 import socket
 from pathlib import Path
 
@@ -40,8 +42,20 @@ class Domain:
         self.listener: socket.socket | None = None
         self.socket_path: Path | None = None
         #: a warning about this domain's misbehaviour was logged (see
-        #: XenStored._fault_level)
+        #: fault_level)
         self.warned = False
+
+    def fault_level(self) -> int:
+        """The level to log this domain's fault at: WARNING, but for a guest
+        only the first time.  A guest can commit any number of them (one
+        per connection it opens, or per watch it sets up) and must not fill
+        the host's log."""
+        if self.privileged:
+            return logging.WARNING
+        if self.warned:
+            return logging.DEBUG
+        self.warned = True
+        return logging.WARNING
 
     def __repr__(self) -> str:
         return f"Domain({self.domid})"
@@ -51,8 +65,8 @@ class Connection:
     """One client connection: its buffers, watches and transactions."""
 
     __slots__ = (
-        "sock", "fd", "domain", "home", "inbuf", "out", "watches",
-        "transactions", "next_tx_id", "closed", "paused", "events", "name",
+        "sock", "fd", "domain", "home", "inbuf", "out", "out_base", "queued_events",
+        "watches", "transactions", "next_tx_id", "closed", "paused", "events", "name",
     )
 
     def __init__(self, sock: socket.socket, domain: Domain, name: str) -> None:
@@ -65,6 +79,13 @@ class Connection:
         self.inbuf = b""
         #: bytes queued for the client, not yet accepted by the kernel
         self.out = bytearray()
+        #: bytes of output the kernel has taken so far: the offset of
+        #: ``out[0]`` in everything ever queued for this client
+        self.out_base = 0
+        #: watch events in ``out`` (whole messages) -> the offset just past
+        #: the last copy queued, oldest first; an entry whose offset is at
+        #: most ``out_base`` is stale (see XenStored._send_event)
+        self.queued_events: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.watches: list[Watch] = []
         self.transactions: dict[int, Transaction] = {}
         self.next_tx_id = 1

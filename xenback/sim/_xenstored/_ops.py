@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable
 
 from ._connection import Connection, Domain
@@ -86,6 +87,16 @@ def _strings(payload: bytes) -> list[str]:
     return [p.decode("latin-1") for p in parts]
 
 
+_atoi_prefix = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)?").match
+
+
+def _atoi(text: str) -> int:
+    """C's atoi(), which cxenstored reads some numbers with: the leading
+    decimal digits after optional space and sign; 0 if there are none."""
+    m = _atoi_prefix(text)  # matches any text, if only its empty start
+    return int(m[1]) if m and m[1] else 0
+
+
 def _nstrings(payload: bytes, n: int) -> list[str]:
     strings = _strings(payload)
     if len(strings) != n:
@@ -96,14 +107,17 @@ def _nstrings(payload: bytes, n: int) -> list[str]:
 class Dispatcher:
     """Processes requests against one store.
 
-    ``send(conn, data)`` queues bytes for a connection.  ``introduce(domid)``
-    and ``release(domid)`` are the server's hooks that create and tear down
-    a domain's socket; they return the Domain and nothing respectively.
+    ``send(conn, data)`` queues bytes for a connection; ``send_event(conn,
+    message)`` queues a watch event, which the server may drop if an
+    identical one still waits for that client.  ``introduce(domid)`` and
+    ``release(domid)`` are the server's hooks that create and tear down a
+    domain's socket; they return the Domain and nothing respectively.
     """
 
     def __init__(
         self,
         send: Callable[[Connection, bytes], None],
+        send_event: Callable[[Connection, bytes], None],
         introduce: Callable[[int], Domain],
         release: Callable[[int], None],
         quota: Quota | None = None,
@@ -114,6 +128,7 @@ class Dispatcher:
         self.domains: dict[int, Domain] = {0: self.dom0}
         self.quota = quota or Quota()
         self._send = send
+        self._send_event = send_event
         self._introduce = introduce
         self._release = release
         #: events caused by the request being processed, sent after its reply
@@ -326,9 +341,11 @@ class Dispatcher:
         payload = watch.event_payload(path)
         if len(payload) > PAYLOAD_MAX:
             watch.dropped += 1
-            # Warn once per watch: a guest can cause any number of these.
-            log = logger.warning if watch.dropped == 1 else logger.debug
-            log(
+            # Warn once per watch, and for a guest's watches once per guest:
+            # it can set up any number of watches in turn.
+            level = watch.conn.domain.fault_level() if watch.dropped == 1 else logging.DEBUG
+            logger.log(
+                level,
                 "%r: dropped an event of the watch on %.64s: path %.64s (%d bytes) "
                 "and token (%d bytes) make %d bytes, over XENSTORE_PAYLOAD_MAX (%d)",
                 watch.conn, watch.node, path, len(path) - watch.prefix_len,
@@ -366,7 +383,7 @@ class Dispatcher:
         deferred, self._deferred = self._deferred, []
         for target, event in deferred:
             if not target.closed:
-                self._send(target, event)
+                self._send_event(target, event)
 
     # --- handlers: reading ---------------------------------------------------
 
@@ -387,10 +404,7 @@ class Dispatcher:
         """
         raw_path, raw_offset = _nstrings(payload, 2)
         node = self._lookup(conn, view, self._path(conn, raw_path), PERM_READ)
-        try:
-            offset = int(raw_offset)
-        except ValueError:
-            offset = 0  # atoi()
+        offset = _atoi(raw_offset)
         gen = f"{node.generation}\0".encode()
         children = "".join(f"{c}\0" for c in node.children).encode("latin-1")
         if offset < 0 or offset >= len(children):
@@ -692,18 +706,29 @@ class Dispatcher:
     # --- handlers: domains ------------------------------------------------------
 
     def _introduce_op(self, conn: Connection, view: View, payload: bytes) -> bytes:
+        """Introduce a domain, or reset one introduced already.
+
+        cxenstored's do_introduce() resets the domain's connection either
+        way (domain_conn_reset(): a domain restored or resumed starts
+        afresh), so a domain introduced again loses the watches and
+        transactions of all its connections here.  What is queued for them
+        still goes out: on a socket, unlike a ring, dropping it could cut a
+        message in two.  Dom0's connections are its sockets', which
+        cxenstored does not reset either.
+        """
         strings = _strings(payload)
         if len(strings) < 3:
             raise XsError("EINVAL", "INTRODUCE needs domid, mfn, port")
         domid = parse_domid(strings[0])
-        try:
-            port = int(strings[2])
-        except ValueError:
-            port = 0
+        port = _atoi(strings[2])
         if port <= 0:
             raise XsError("EINVAL", "bad event channel port")
-        if domid not in self.domains:
+        domain = self.domains.get(domid)
+        if domain is None:
             self._introduce(domid)
+        elif not domain.privileged:
+            for c in domain.conns:
+                self.drop_connection_state(c)
         return _OK
 
     def _domain_arg(self, payload: bytes) -> Domain:

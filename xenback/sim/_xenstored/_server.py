@@ -13,7 +13,8 @@ stall the others:
   ``PAUSE_OUTPUT`` bytes wait for it, its further requests stay unread in
   the kernel until it catches up;
 * watch events are queued regardless (they are caused by other clients),
-  but a client with more than ``max_queued`` bytes waiting is disconnected:
+  except one identical to an event still waiting (cxenstored's rule), but
+  a client with more than ``max_queued`` bytes waiting is disconnected:
   the server's memory stays bounded.
 
 A header announcing more than XENSTORE_PAYLOAD_MAX bytes means the stream is
@@ -93,7 +94,9 @@ class XenStored:
             raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
         self.run_dir = Path(run_dir)
         self.max_queued = max_queued
-        self._dispatcher = Dispatcher(self._send, self._introduce, self._release, quota)
+        self._dispatcher = Dispatcher(
+            self._send, self._send_event, self._introduce, self._release, quota
+        )
         self._selector: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -355,7 +358,7 @@ class XenStored:
                 self._accept_paused.append(domain)
                 return
             if not domain.privileged and len(domain.conns) >= self._dispatcher.quota.connections:
-                logger.log(self._fault_level(domain), "%r: too many connections, refusing one",
+                logger.log(domain.fault_level(), "%r: too many connections, refusing one",
                            domain)
                 sock.close()
                 continue
@@ -422,7 +425,7 @@ class XenStored:
             if length > PAYLOAD_MAX:
                 self._close(
                     conn, f"header announces {length} bytes (max {PAYLOAD_MAX})",
-                    self._fault_level(conn.domain),
+                    conn.domain.fault_level(),
                 )
                 return
             end = off + HEADER_SIZE + length
@@ -442,10 +445,51 @@ class XenStored:
         if len(conn.out) > self.max_queued:
             self._close(
                 conn, f"more than {self.max_queued} bytes queued: client does not read",
-                self._fault_level(conn.domain),
+                conn.domain.fault_level(),
             )
             return
         self._dirty.add(conn)
+
+    def _send_event(self, conn: Connection, event: bytes) -> None:
+        """Queue the watch event ``event`` (a whole message) for ``conn``,
+        unless an identical one still waits in ``conn.out``.
+
+        cxenstored's send_event() does the same since XSA-326: otherwise a
+        client that reads slowly gets one event per change of a node it
+        watches, and another client rewriting that node piles them up until
+        the watcher is cut off (``max_queued``).  The event waiting already
+        says all the dropped one would have: it reaches the watcher after
+        the change, so what the watcher reads then is at least as new.
+        Special events ("@releaseDomain") are queued every time, as
+        cxenstored does: some handlers count on each one.
+        """
+        if event.startswith(b"@", HEADER_SIZE):
+            self._send(conn, event)
+            return
+        queued = conn.queued_events
+        end = queued.get(event)
+        if end is not None and end > conn.out_base:
+            return  # still waiting, wholly or in part
+        self._send(conn, event)
+        if not conn.closed:
+            queued[event] = conn.out_base + len(conn.out)
+            queued.move_to_end(event)
+
+    @staticmethod
+    def _forget_sent_events(conn: Connection) -> None:
+        """Drop the entries of ``conn.queued_events`` the kernel has taken
+        whole (oldest first: their offsets only grow), so that the table
+        stays as small as the events waiting in ``conn.out``."""
+        queued = conn.queued_events
+        if not conn.out:
+            queued.clear()
+            return
+        base = conn.out_base
+        while queued:
+            event, end = next(iter(queued.items()))
+            if end > base:
+                break
+            del queued[event]
 
     def _flush(self, conn: Connection) -> None:
         """Send what the kernel takes; wait for writability if not all."""
@@ -461,6 +505,9 @@ class XenStored:
                 self._close(conn, f"send: {e}")
                 return
             del out[:sent]
+            conn.out_base += sent
+            if conn.queued_events:
+                self._forget_sent_events(conn)
         if conn.paused and len(out) <= PAUSE_OUTPUT:
             # Room again: serve the requests read before pausing.  This may
             # queue output (the connection is then dirty again) or pause anew.
@@ -477,18 +524,6 @@ class XenStored:
             assert self._selector is not None and events
             conn.events = events
             self._selector.modify(conn.sock, events, (self._on_event, conn))
-
-    @staticmethod
-    def _fault_level(domain: Domain) -> int:
-        """The level to log a client's fault at: WARNING, but for a guest
-        only the first time.  A guest can commit any number of them (one
-        per connection it opens) and must not fill the host's log."""
-        if domain.privileged:
-            return logging.WARNING
-        if domain.warned:
-            return logging.DEBUG
-        domain.warned = True
-        return logging.WARNING
 
     def _close(self, conn: Connection, why: str, level: int = logging.DEBUG) -> None:
         """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING)."""
@@ -511,6 +546,7 @@ class XenStored:
         self._conns.discard(conn)
         self._dirty.discard(conn)
         conn.out.clear()
+        conn.queued_events.clear()
         if self._accept_paused:
             self._resume_accept()  # a descriptor is free now
 

@@ -62,6 +62,8 @@ _PERM_NAMES = "nrwb"
 _valid_path = re.compile(r"[A-Za-z0-9\-/_@]*\Z").match
 _local_prefix = re.compile(r"/local/domain/\d{1,5}/").match
 _decimal = re.compile(r"\d+\Z").match
+#: what strtol(p, &end, 0) reads whole (C locale space, sign, base prefix)
+_strtol0 = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z").match
 
 
 class Node:
@@ -166,18 +168,37 @@ def parse_domid(text: str) -> int:
 
 
 def parse_perms(items: Sequence[str]) -> Perms:
-    """Permission strings ("b0", "r5", ...) into a Perms tuple."""
+    """Permission strings ("b0", "r5", ...) into a Perms tuple.
+
+    The domid is read as cxenstored's xs_strings_to_perms() reads it, with
+    strtol() in base 0, so "r010" names domain 8 and "r0x1f" domain 31.
+    One thing is stricter: a domid outside 0..65535, which strtol() would
+    wrap into an unsigned id no domain has, is EINVAL.
+    """
     out = []
     for item in items:
-        if len(item) < 2 or item[0] not in _PERM_CHARS or not _decimal(item[1:]):
-            raise XsError("EINVAL", f"bad permission {item[:16]!r}")
-        domid = int(item[1:])
-        if domid > 0xFFFF:
+        domid = _strtol_whole(item[1:])
+        if not item or item[0] not in _PERM_CHARS or domid is None or not 0 <= domid <= 0xFFFF:
             raise XsError("EINVAL", f"bad permission {item[:16]!r}")
         out.append((domid, _PERM_CHARS[item[0]]))
     if not out:
         raise XsError("EINVAL", "no permissions given")
     return tuple(out)
+
+
+def _strtol_whole(text: str) -> int | None:
+    """strtol(text, &end, 0) if it reads all of ``text``, else None."""
+    m = _strtol0(text)
+    if m is None:
+        return None
+    sign, digits = m.groups()
+    if digits[:2] in ("0x", "0X"):
+        value = int(digits, 16)
+    elif digits[0] == "0":
+        value = int(digits, 8)
+    else:
+        value = int(digits)
+    return -value if sign == "-" else value
 
 
 def format_perms(perms: Perms) -> bytes:
