@@ -43,8 +43,14 @@ The file format is TOML (read with :mod:`tomllib`)::
 
 A section keyed by a number applies to that domid; any other key is a
 domain name.  A domid section wins over a name section, and a name section
-over ``[default]``.  A file without any section is an error, not a policy
-that allows everything: it is more likely truncated than meant.  An empty
+over ``[default]``.  A domain without a ``name`` node has no name.  One
+whose name the backend may not read (a backend in a driver domain, which
+the toolstack lets read no other domain's home) is refused its device if a
+name section could apply to it: its rules cannot be known, and
+``[default]``'s may be the laxer ones.
+
+A file without any section is an error, not a policy that allows
+everything: it is more likely truncated than meant.  An empty
 ``[default]`` section says "allow everything" on purpose.
 
 A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
@@ -355,6 +361,11 @@ class Policy:
         if rules is None and name is not None:
             rules = self._names.get(name)
         return rules if rules is not None else self._default
+
+    def needs_name(self, domid: int) -> bool:
+        """Whether the rules of domain ``domid`` may depend on its name:
+        there are name sections, and none by its domid (which would win)."""
+        return bool(self._names) and domid not in self._domains
 
     def connect_allowed(self, domid: int, host: str, port: int, name: str | None = None) -> bool:
         """Whether domain ``domid`` (``name``) may connect to ``host:port``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import subprocess
 import sys
@@ -502,6 +503,44 @@ def test_backend_applies_name_sections(make_frontend: Any, host: Any, topology: 
         assert other.socket()[1].ret == 0
         tiny.close()
         other.close()
+
+
+def test_policy_says_which_domains_rules_depend_on_their_name() -> None:
+    policy = Policy.from_toml("[domain.web]\nmax_sockets = 2\n[domain.5]\nmax_sockets = 5\n")
+    assert policy.needs_name(3)
+    assert not policy.needs_name(5)  # its domid section wins whatever its name
+    assert not Policy.from_toml("[domain.5]\nmax_sockets = 5\n").needs_name(3)
+    assert not Policy().needs_name(3)
+
+
+def test_a_backend_that_cannot_read_a_name_does_not_guess_its_rules(
+        host: Any, dom0_xs: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A driver domain may not read other domains' homes, ``name``
+    included.  Where a name section could apply, the domain's device is
+    refused, saying why, rather than served by [default]'s rules: a name
+    section may be the stricter one."""
+    policy = Policy.from_toml("[default]\n[domain.tiny]\nmax_sockets = 1\n[domain.2]\n")
+    driver = host.create_domain("driver")  # domid 1
+    tiny = host.create_domain("tiny")  # 2: its domid section needs no name
+    other = host.create_domain("tiny2")
+    with pvcalls.Backend(driver, policy=policy, cpus=1):
+        served = RawFrontend(host, tiny, backend_id=driver.domid)
+        assert served.socket()[1].ret == 0
+        refused = RawFrontend(host, other, backend_id=driver.domid, connect=False)
+        refused.connect(wait=False)
+        refused.wait_backend_state(5)
+        error = dom0_xs.read(
+            f"/local/domain/{driver.domid}/error/backend/pvcalls/{other.domid}/0/error")
+        assert error == (f"{errno.EACCES} connecting: the policy needs the domain's name, "
+                         "which cannot be read: Permission denied")
+        assert any(f"dom{other.domid}" in r.getMessage() and "name" in r.getMessage()
+                   and r.levelno == logging.ERROR for r in caplog.records)
+        served.close()
+    with pvcalls.Backend(driver, policy=Policy.from_toml("[domain.7]\n"), cpus=1):
+        # Without name sections, no name is needed.
+        fe = RawFrontend(host, host.create_domain("plain"), backend_id=driver.domid)
+        assert fe.socket()[1].ret == 0
+        fe.close()
 
 
 def test_a_domain_with_two_devices_has_one_socket_limit(host: Any, topology: Any) -> None:
