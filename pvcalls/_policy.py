@@ -287,13 +287,11 @@ class Policy:
                               "too large for a policy file")
         try:
             # TOML is UTF-8 whatever the locale says.
-            data = tomllib.loads(raw.decode("utf-8"))
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PolicyError(f"{path}: not UTF-8, as TOML must be: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{path}: not valid TOML: {exc}") from None
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(_load_toml(text))
         except PolicyError as exc:
             raise PolicyError(f"{path}: {exc}") from None
 
@@ -304,10 +302,7 @@ class Policy:
         if not isinstance(text, str):
             hint = " (decode it, or use Policy.from_file())" if isinstance(text, bytes) else ""
             raise TypeError(f"policy text must be a str, not {type(text).__name__}{hint}")
-        try:
-            return cls.from_dict(tomllib.loads(text))
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"not valid TOML: {exc}") from None
+        return cls.from_dict(_load_toml(text))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
@@ -383,6 +378,16 @@ class Policy:
     def __repr__(self) -> str:
         return (f"Policy(default={self._default!r}, domains={self._domains!r}, "
                 f"names={self._names!r})")
+
+
+def _load_toml(text: str) -> dict[str, Any]:
+    """``text`` parsed; raises :class:`PolicyError` for anything tomllib refuses."""
+    try:
+        return tomllib.loads(text)
+    except ValueError as exc:
+        # TOMLDecodeError, or int()'s own ValueError, which tomllib lets
+        # out for an integer of more than sys.get_int_max_str_digits().
+        raise PolicyError(f"not valid TOML: {exc}") from None
 
 
 def _decimal(text: str, maximum: int, what: str) -> int:
