@@ -309,11 +309,14 @@ class Policy:
         """Build a policy from the parsed file structure.
 
         As a file, a structure without any section is an error, not a
-        policy that allows everything: ``Policy()`` is that policy.
+        policy that allows everything: ``Policy()`` is that policy.  Its
+        keys are strings, as TOML's are (domids too: ``"7"``), else
+        TypeError.
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"policy data must be a mapping (parsed TOML), "
                             f"not {type(data).__name__}")
+        _check_keys(data, "policy data")
         unknown = set(data) - {"default", "domain"}
         if unknown:
             raise PolicyError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
@@ -462,7 +465,17 @@ def _sections(value: object, what: str,
 def _table(value: object, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise PolicyError(f"{where} must be a table")
+    _check_keys(value, where)
     return value
+
+
+def _check_keys(table: Mapping[Any, Any], where: str) -> None:
+    # Parsed TOML has none but str keys; from_dict() may be given others.
+    for key in table:
+        if not isinstance(key, str):
+            hint = (f"; a domid too: {str(key)!r}"
+                    if isinstance(key, int) and not isinstance(key, bool) else "")
+            raise TypeError(f"{where}: key {key!r} is not a string (TOML keys are{hint})")
 
 
 def _parse_rules(value: object, where: str) -> tuple[Rule, ...]:

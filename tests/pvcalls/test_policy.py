@@ -762,6 +762,19 @@ _NET = __import__("ipaddress").IPv4Network("10.0.0.0/8")
         (lambda: Rule(_NET, ports=range(0, 100, 2)), ValueError,
          r"^ports must be a range of step 1, got range\(0, 100, 2\)$"),
         (lambda: Rule(_NET, ports=[80]), TypeError, r"^ports must be a range, not list$"),
+        # from_dict() takes parsed TOML, whose keys are strings: a domid
+        # given as an int failed with an AttributeError, other keys in a
+        # str.join() deep inside.
+        (lambda: Policy.from_dict({"domain": {7: {"max_sockets": 1}}}), TypeError,
+         r"^\[domain\]: key 7 is not a string \(TOML keys are; a domid too: '7'\)$"),
+        (lambda: Policy.from_dict({"default": {}, 5: {}}), TypeError,
+         r"^policy data: key 5 is not a string"),
+        (lambda: Policy.from_dict({"default": {"max_sockets": 1, 3: 4}}), TypeError,
+         r"^\[default\]: key 3 is not a string"),
+        (lambda: Policy.from_dict({"domain": {"web": {None: 1}}}), TypeError,
+         r"^\[domain.web\]: key None is not a string"),
+        (lambda: Policy.from_dict({"default": {"connect": {1: []}}}), TypeError,
+         r"^\[default\] connect: key 1 is not a string"),
     ],
 )
 def test_a_policy_built_in_python_is_checked_as_it_is_built(
