@@ -68,6 +68,7 @@ A connect to ``0.0.0.0`` is checked, and made, as a connect to
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -462,9 +463,34 @@ def _sections(value: object, what: str,
     return sections
 
 
+def _found(value: object) -> str:
+    """What a parsed TOML value is, in TOML's words, for a message saying
+    it is not what was expected.  Clipped: a string may be a whole file."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        return f"a string ({value if len(value) <= 40 else value[:39] + '...'!r})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, int):
+        # str() refuses more than sys.get_int_max_str_digits() digits.
+        return f"an integer ({value})" if value.bit_length() <= 64 else "an integer"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, datetime.datetime):
+        return f"a date-time ({value.isoformat()})"
+    if isinstance(value, datetime.date):
+        return f"a date ({value.isoformat()})"
+    if isinstance(value, datetime.time):
+        return f"a time ({value.isoformat()})"
+    return f"a {type(value).__name__}"
+
+
 def _table(value: object, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise PolicyError(f"{where} must be a table")
+        raise PolicyError(f"{where} must be a table, not {_found(value)}")
     _check_keys(value, where)
     return value
 
@@ -480,7 +506,7 @@ def _check_keys(table: Mapping[Any, Any], where: str) -> None:
 
 def _parse_rules(value: object, where: str) -> tuple[Rule, ...]:
     if not isinstance(value, list):
-        raise PolicyError(f"{where} must be a list of rule strings")
+        raise PolicyError(f"{where} must be a list of rule strings, not {_found(value)}")
     rules = []
     for item in value:
         try:
@@ -512,8 +538,10 @@ def _parse_domain(where: str, table: Mapping[str, Any], inherited: DomainPolicy)
     max_sockets = inherited.max_sockets
     if "max_sockets" in table:
         value = table["max_sockets"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise PolicyError(f"{where}: max_sockets must be a non-negative integer")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PolicyError(f"{where}: max_sockets must be an integer, not {_found(value)}")
+        if value < 0:
+            raise PolicyError(f"{where}: max_sockets must be at least 0, got {value}")
         max_sockets = value
     return DomainPolicy(connect, bind, max_sockets)
 
