@@ -67,6 +67,7 @@ Protocol choices left open by the specification
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import itertools
 import logging
@@ -644,13 +645,28 @@ def _rehome(key: object, old_cpu: int, new_cpu: int) -> None:
         logger.debug("%r moved from CPU %d to CPU %d", key, old_cpu, new_cpu)
 
 
-def _domain_name(dev: BackendDevice) -> str | None:
+def _domain_name(dev: BackendDevice, policy: Policy) -> str | None:
     """The frontend domain's ``name`` node (written by the toolstack, not
-    by the guest), for name sections of the policy."""
+    by the guest), for name sections of the policy; None if it has none.
+
+    Raises :class:`OSError` if the node cannot be read (a driver domain
+    may not read other domains' homes) and a name section could apply:
+    the domain would get ``[default]``'s rules, which may be laxer than
+    its own, without a word."""
+    path = f"/local/domain/{dev.frontend_id}/name"
     try:
-        return dev.xenstore.read(f"/local/domain/{dev.frontend_id}/name")
-    except OSError:
-        return None
+        return dev.xenstore.read(path)
+    except OSError as exc:
+        if not policy.needs_name(dev.frontend_id):
+            return None
+        # The guest may reconnect at will: through the device's budget.
+        dev.ratelimit.log(logger, logging.ERROR,
+                          "dom%d: pvcalls device refused: the policy has sections by domain "
+                          "name, and its name cannot be read: %s: %s",
+                          dev.frontend_id, path, exc.strerror or exc)
+        raise OSError(exc.errno or errno.EIO,
+                      f"the policy needs the domain's name, which cannot be read: "
+                      f"{exc.strerror or exc}") from None
 
 
 class _PvcallsDriver(BackendDriver):
@@ -694,7 +710,7 @@ class _Frontend:
         self.domid = dev.frontend_id
         self.gnttab = backend.gnttab
         self.dispatcher = backend.dispatcher
-        self.name = _domain_name(dev)
+        self.name = _domain_name(dev, backend.policy)
         self.policy = backend.policy.for_domain(self.domid, self.name)
         # What this guest's requests make us log (refusals, broken data
         # rings), at most 10 lines per 5 s: a guest cannot flood the host's

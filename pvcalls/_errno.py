@@ -8,8 +8,10 @@ translated **by name** (``errno.errorcode``), never by value.
 
 Xen's ``errno.h`` stops short of several socket errors (ECONNRESET, EPIPE,
 EHOSTUNREACH...); for those the table carries x86 Linux's values, which is
-what a Linux guest understands.  A host error without a name in the table
-becomes ``EIO``.
+what a Linux guest understands.  That includes every error ``accept(2)``
+passes on from the new connection (ENONET and EPROTO among them), which a
+server is told to retry on: as EIO it would give up.  A host error without
+a name in the table becomes ``EIO``.
 
 ``ENOTSUPP`` (524) is Linux's kernel-internal "operation not supported"
 that the PV Calls specification names ENOTSUP for unknown commands; the
@@ -104,6 +106,8 @@ XEN_ERRNO: dict[str, int] = {
     "ECONNREFUSED": 111,
     # x86 Linux values (asm-generic/errno*.h) for socket errors Xen's header lacks
     "EPIPE": 32,
+    "ENONET": 64,
+    "EPROTO": 71,
     "EDESTADDRREQ": 89,
     "EPROTOTYPE": 91,
     "ENOPROTOOPT": 92,

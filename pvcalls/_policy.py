@@ -43,8 +43,14 @@ The file format is TOML (read with :mod:`tomllib`)::
 
 A section keyed by a number applies to that domid; any other key is a
 domain name.  A domid section wins over a name section, and a name section
-over ``[default]``.  A file without any section is an error, not a policy
-that allows everything: it is more likely truncated than meant.  An empty
+over ``[default]``.  A domain without a ``name`` node has no name.  One
+whose name the backend may not read (a backend in a driver domain, which
+the toolstack lets read no other domain's home) is refused its device if a
+name section could apply to it: its rules cannot be known, and
+``[default]``'s may be the laxer ones.
+
+A file without any section is an error, not a policy that allows
+everything: it is more likely truncated than meant.  An empty
 ``[default]`` section says "allow everything" on purpose.
 
 A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
@@ -62,6 +68,7 @@ A connect to ``0.0.0.0`` is checked, and made, as a connect to
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -281,13 +288,11 @@ class Policy:
                               "too large for a policy file")
         try:
             # TOML is UTF-8 whatever the locale says.
-            data = tomllib.loads(raw.decode("utf-8"))
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PolicyError(f"{path}: not UTF-8, as TOML must be: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{path}: not valid TOML: {exc}") from None
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(_load_toml(text))
         except PolicyError as exc:
             raise PolicyError(f"{path}: {exc}") from None
 
@@ -298,21 +303,21 @@ class Policy:
         if not isinstance(text, str):
             hint = " (decode it, or use Policy.from_file())" if isinstance(text, bytes) else ""
             raise TypeError(f"policy text must be a str, not {type(text).__name__}{hint}")
-        try:
-            return cls.from_dict(tomllib.loads(text))
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"not valid TOML: {exc}") from None
+        return cls.from_dict(_load_toml(text))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
         """Build a policy from the parsed file structure.
 
         As a file, a structure without any section is an error, not a
-        policy that allows everything: ``Policy()`` is that policy.
+        policy that allows everything: ``Policy()`` is that policy.  Its
+        keys are strings, as TOML's are (domids too: ``"7"``), else
+        TypeError.
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"policy data must be a mapping (parsed TOML), "
                             f"not {type(data).__name__}")
+        _check_keys(data, "policy data")
         unknown = set(data) - {"default", "domain"}
         if unknown:
             raise PolicyError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
@@ -356,6 +361,11 @@ class Policy:
             rules = self._names.get(name)
         return rules if rules is not None else self._default
 
+    def needs_name(self, domid: int) -> bool:
+        """Whether the rules of domain ``domid`` may depend on its name:
+        there are name sections, and none by its domid (which would win)."""
+        return bool(self._names) and domid not in self._domains
+
     def connect_allowed(self, domid: int, host: str, port: int, name: str | None = None) -> bool:
         """Whether domain ``domid`` (``name``) may connect to ``host:port``
         (checked where the connection goes: see :func:`connect_destination`)."""
@@ -372,6 +382,16 @@ class Policy:
     def __repr__(self) -> str:
         return (f"Policy(default={self._default!r}, domains={self._domains!r}, "
                 f"names={self._names!r})")
+
+
+def _load_toml(text: str) -> dict[str, Any]:
+    """``text`` parsed; raises :class:`PolicyError` for anything tomllib refuses."""
+    try:
+        return tomllib.loads(text)
+    except ValueError as exc:
+        # TOMLDecodeError, or int()'s own ValueError, which tomllib lets
+        # out for an integer of more than sys.get_int_max_str_digits().
+        raise PolicyError(f"not valid TOML: {exc}") from None
 
 
 def _decimal(text: str, maximum: int, what: str) -> int:
@@ -443,15 +463,50 @@ def _sections(value: object, what: str,
     return sections
 
 
+def _found(value: object) -> str:
+    """What a parsed TOML value is, in TOML's words, for a message saying
+    it is not what was expected.  Clipped: a string may be a whole file."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        return f"a string ({value if len(value) <= 40 else value[:39] + '...'!r})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, int):
+        # str() refuses more than sys.get_int_max_str_digits() digits.
+        return f"an integer ({value})" if value.bit_length() <= 64 else "an integer"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, datetime.datetime):
+        return f"a date-time ({value.isoformat()})"
+    if isinstance(value, datetime.date):
+        return f"a date ({value.isoformat()})"
+    if isinstance(value, datetime.time):
+        return f"a time ({value.isoformat()})"
+    return f"a {type(value).__name__}"
+
+
 def _table(value: object, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise PolicyError(f"{where} must be a table")
+        raise PolicyError(f"{where} must be a table, not {_found(value)}")
+    _check_keys(value, where)
     return value
+
+
+def _check_keys(table: Mapping[Any, Any], where: str) -> None:
+    # Parsed TOML has none but str keys; from_dict() may be given others.
+    for key in table:
+        if not isinstance(key, str):
+            hint = (f"; a domid too: {str(key)!r}"
+                    if isinstance(key, int) and not isinstance(key, bool) else "")
+            raise TypeError(f"{where}: key {key!r} is not a string (TOML keys are{hint})")
 
 
 def _parse_rules(value: object, where: str) -> tuple[Rule, ...]:
     if not isinstance(value, list):
-        raise PolicyError(f"{where} must be a list of rule strings")
+        raise PolicyError(f"{where} must be a list of rule strings, not {_found(value)}")
     rules = []
     for item in value:
         try:
@@ -483,8 +538,10 @@ def _parse_domain(where: str, table: Mapping[str, Any], inherited: DomainPolicy)
     max_sockets = inherited.max_sockets
     if "max_sockets" in table:
         value = table["max_sockets"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise PolicyError(f"{where}: max_sockets must be a non-negative integer")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PolicyError(f"{where}: max_sockets must be an integer, not {_found(value)}")
+        if value < 0:
+            raise PolicyError(f"{where}: max_sockets must be at least 0, got {value}")
         max_sockets = value
     return DomainPolicy(connect, bind, max_sockets)
 

@@ -169,8 +169,8 @@ class DataRing:
                  data: Any = None) -> None:
         self.fe = fe
         self.order = order
-        self.indexes = fe.gntshr.share_pages(0, 1) if indexes is None else indexes
-        self.data = fe.gntshr.share_pages(0, 1 << order) if data is None else data
+        self.indexes = fe.gntshr.share_pages(fe.backend_id, 1) if indexes is None else indexes
+        self.data = fe.gntshr.share_pages(fe.backend_id, 1 << order) if data is None else data
         page = self.indexes.buffer
         words = page.cast("I")
         if indexes is not None:
@@ -186,7 +186,7 @@ class DataRing:
             words[_wire.REF_OFFSET // 4 + i] = ref
         words.release()
         self.ref = self.indexes.refs[0]
-        self.port = fe.evtchn.bind_unbound_port(0)
+        self.port = fe.evtchn.bind_unbound_port(fe.backend_id)
         size = _wire.flex_ring_size(order)
         self.size = size
         self.in_ring = FlexRing(self.data.buffer[:size], page, prod_offset=_wire.IN_PROD_OFFSET,
@@ -291,10 +291,12 @@ class RawFrontend:
 
     _ids = itertools.count(0xFFFF888000001000, 0x40)  # kernel-pointer-like ids
 
-    def __init__(self, host: Any, guest: Any, *, devid: int = 0, connect: bool = True) -> None:
+    def __init__(self, host: Any, guest: Any, *, devid: int = 0, connect: bool = True,
+                 backend_id: int = 0) -> None:
         self.host = host
         self.guest = guest
-        self.device = host.toolstack.add_device("pvcalls", guest.domid, 0, devid)
+        self.backend_id = backend_id
+        self.device = host.toolstack.add_device("pvcalls", guest.domid, backend_id, devid)
         self.xs = XenStore.connect_to(guest)
         self.gntshr = guest.gntshr()
         self.evtchn = guest.evtchn()
@@ -329,9 +331,9 @@ class RawFrontend:
         ``ring_ref`` and ``port`` replace the values written; ``{}`` in
         them stands for the real one."""
         self.wait_backend_state(2)
-        self.page = self.gntshr.share_pages(0, 1)
+        self.page = self.gntshr.share_pages(self.backend_id, 1)
         self.ring = FrontRing(self.page.buffer, _wire.SLOT_SIZE)
-        self.port = self.evtchn.bind_unbound_port(0)
+        self.port = self.evtchn.bind_unbound_port(self.backend_id)
         nodes = {
             "version": version,
             "ring-ref": (ring_ref if ring_ref is not None else "{}").format(self.page.refs[0]),

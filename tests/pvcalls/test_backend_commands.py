@@ -64,6 +64,20 @@ def test_host_errors_map_by_name() -> None:
     assert _errno.from_host_errno(errno.ENOKEY) == _errno.EIO
 
 
+def test_every_error_a_host_socket_reports_keeps_its_name() -> None:
+    # accept(2) passes the new connection's pending network errors on
+    # (ENONET, EPROTO among them) and tells servers to retry on them as on
+    # EAGAIN; a TCP connect meeting ICMP "host isolated" fails with ENONET.
+    # Read as EIO, each would end a guest's accept loop, or pass for a
+    # local I/O failure: they go over with x86 Linux's numbers, as Linux's
+    # backend passes them.
+    accept_errors = {"ENETDOWN": 100, "EPROTO": 71, "ENOPROTOOPT": 92, "EHOSTDOWN": 112,
+                     "ENONET": 64, "EHOSTUNREACH": 113, "EOPNOTSUPP": 95, "ENETUNREACH": 101}
+    for name, value in accept_errors.items():
+        assert _errno.from_host_errno(getattr(errno, name)) == value, name
+        assert _errno.name_of(-value) == name
+
+
 def test_errno_names_in_log_lines() -> None:
     # Of two names for one number, the usual one; a number without a name as it is.
     assert [_errno.name_of(n) for n in (-11, -95, -35, 524, -9999)] == [

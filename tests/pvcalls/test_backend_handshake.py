@@ -448,10 +448,10 @@ def test_backend_closing_during_a_handshake(
     inside, go_on = threading.Event(), threading.Event()
     domain_name = pvcalls._backend._domain_name
 
-    def name_when_told(dev: Any) -> str | None:
+    def name_when_told(dev: Any, policy: Any) -> str | None:
         inside.set()
         go_on.wait(10)
-        return domain_name(dev)
+        return domain_name(dev, policy)
 
     monkeypatch.setattr(pvcalls._backend, "_domain_name", name_when_told)
     fe = make_frontend("g", connect=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import subprocess
 import sys
@@ -272,28 +273,39 @@ def test_rule_str_is_its_rule_text(text: str) -> None:
         ('[default]\nconnect.allow = ["[::1]:80"]', "IPv6 is not supported"),
         ('[default]\nconnect.allow = ["::ffff:10.0.0.1"]', "IPv6 is not supported"),
         ('[default]\nconnect.allow = ["1.2.3.4:80:90"]', "'1.2.3.4:80:90': more than one ':'$"),
-        ('[default]\nconnect.allow = "1.2.3.4"', "must be a list"),
+        ('[default]\nconnect.allow = "1.2.3.4"',
+         r"^\[default\] connect.allow must be a list of rule strings, not a string \('1.2.3.4'\)$"),
+        ("[default]\nbind.deny = {}", r"bind.deny must be a list of rule strings, not a table$"),
         ('[default]\nconnect.allow = [""]', r"^\[default\] connect.allow: empty rule ''"),
         ('[domain.3]\nbind.deny = ["  "]', r"^\[domain.3\] bind.deny: empty rule '  '"),
         ('[default]\nconnect.deny = [":80"]', "no network before ':'"),
         ('[default]\nconnect.deny = ["10.0.0.0/8:"]', "no port after ':'"),
         ('[default]\nconnect.allow = [7]', "not a string"),
-        ("[default]\nmax_sockets = -1", "non-negative"),
-        ("[default]\nmax_sockets = true", "non-negative"),
+        ("[default]\nmax_sockets = -1", r"^\[default\]: max_sockets must be at least 0, got -1$"),
+        ("[default]\nmax_sockets = true",
+         r"^\[default\]: max_sockets must be an integer, not a boolean \(true\)$"),
+        ('[default]\nmax_sockets = "5"',
+         r"^\[default\]: max_sockets must be an integer, not a string \('5'\)$"),
+        ("[default]\nmax_sockets = 5.0", r"max_sockets must be an integer, not a float \(5.0\)$"),
+        ("[default]\nmax_sockets = [5]", r"max_sockets must be an integer, not an array$"),
+        ("[default]\nmax_sockets = 1979-05-27", r"must be an integer, not a date \(1979-05-27\)$"),
         ("[default]\nlisten.allow = []", "unknown key"),
         ("[default]\nconnect.maybe = []", "unknown key"),
         ('[domain."a/b"]\nmax_sockets = 1', "not a domid or a domain name"),
         ('[domain."a\\tb"]\nmax_sockets = 1', "not a domid or a domain name"),
-        ("default = 1", r"^\[default\] must be a table$"),
-        ("domain = 1", r"^\[domain\] must be a table$"),
-        ("[domain]\n7 = 1", r"^\[domain.7\] must be a table$"),
-        ("[default]\nbind = 1", r"^\[default\] bind must be a table$"),
+        ("default = 1", r"^\[default\] must be a table, not an integer \(1\)$"),
+        ("domain = 1", r"^\[domain\] must be a table, not an integer \(1\)$"),
+        ("[domain]\n7 = 'x'", r"^\[domain.7\] must be a table, not a string \('x'\)$"),
+        ("[default]\nbind = []", r"^\[default\] bind must be a table, not an array$"),
+        (f"default = '{'x' * 100}'", r"must be a table, not a string \('x{39}\.\.\.'\)$"),
         ('[domain.""]\nmax_sockets = 1', "not a domid or a domain name"),
         ("[domain.99999]\nmax_sockets = 1", r"\[domain.99999\]: domid 99999 is not within 0-32751"),
         ("[domain.32752]\nmax_sockets = 1", "not within 0-32751"),
         (f"[domain.{'9' * 5000}]\nmax_sockets = 1", "not within 0-32751"),
         ("[other]\n", "unknown top-level"),
         ("[default\n", "not valid TOML"),
+        (f"[default]\nmax_sockets = {'9' * 5000}", "^not valid TOML: .*5000 digits"),
+        (f"[default]\nconnect.allow = [{'1' * 4301}]", "^not valid TOML: .*4301 digits"),
     ],
 )
 def test_bad_policy_says_what_is_wrong(text: str, message: str) -> None:
@@ -345,6 +357,9 @@ def test_empty_default_section_allows_everything() -> None:
         (b"[default\n", "not valid TOML"),
         (b"[domain.caf\xe9]\n", "not UTF-8"),
         (b"[default]\nmax_sockets = 'x'", r"\[default\]: max_sockets must be"),
+        # tomllib lets int()'s ValueError out for a number this long: a
+        # traceback, and serve's exit status 1, which systemd restarts.
+        (b"[default]\nmax_sockets = " + b"9" * 5000, r": not valid TOML: .*5000 digits"),
         # Valid TOML, but a policy file that large is a mistake (and is not read whole).
         (b"[default]\n#" + b"#" * (1 << 20), "larger than 1 MiB, too large for a policy file$"),
     ],
@@ -502,6 +517,44 @@ def test_backend_applies_name_sections(make_frontend: Any, host: Any, topology: 
         assert other.socket()[1].ret == 0
         tiny.close()
         other.close()
+
+
+def test_policy_says_which_domains_rules_depend_on_their_name() -> None:
+    policy = Policy.from_toml("[domain.web]\nmax_sockets = 2\n[domain.5]\nmax_sockets = 5\n")
+    assert policy.needs_name(3)
+    assert not policy.needs_name(5)  # its domid section wins whatever its name
+    assert not Policy.from_toml("[domain.5]\nmax_sockets = 5\n").needs_name(3)
+    assert not Policy().needs_name(3)
+
+
+def test_a_backend_that_cannot_read_a_name_does_not_guess_its_rules(
+        host: Any, dom0_xs: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A driver domain may not read other domains' homes, ``name``
+    included.  Where a name section could apply, the domain's device is
+    refused, saying why, rather than served by [default]'s rules: a name
+    section may be the stricter one."""
+    policy = Policy.from_toml("[default]\n[domain.tiny]\nmax_sockets = 1\n[domain.2]\n")
+    driver = host.create_domain("driver")  # domid 1
+    tiny = host.create_domain("tiny")  # 2: its domid section needs no name
+    other = host.create_domain("tiny2")
+    with pvcalls.Backend(driver, policy=policy, cpus=1):
+        served = RawFrontend(host, tiny, backend_id=driver.domid)
+        assert served.socket()[1].ret == 0
+        refused = RawFrontend(host, other, backend_id=driver.domid, connect=False)
+        refused.connect(wait=False)
+        refused.wait_backend_state(5)
+        error = dom0_xs.read(
+            f"/local/domain/{driver.domid}/error/backend/pvcalls/{other.domid}/0/error")
+        assert error == (f"{errno.EACCES} connecting: the policy needs the domain's name, "
+                         "which cannot be read: Permission denied")
+        assert any(f"dom{other.domid}" in r.getMessage() and "name" in r.getMessage()
+                   and r.levelno == logging.ERROR for r in caplog.records)
+        served.close()
+    with pvcalls.Backend(driver, policy=Policy.from_toml("[domain.7]\n"), cpus=1):
+        # Without name sections, no name is needed.
+        fe = RawFrontend(host, host.create_domain("plain"), backend_id=driver.domid)
+        assert fe.socket()[1].ret == 0
+        fe.close()
 
 
 def test_a_domain_with_two_devices_has_one_socket_limit(host: Any, topology: Any) -> None:
@@ -718,6 +771,19 @@ _NET = __import__("ipaddress").IPv4Network("10.0.0.0/8")
         (lambda: Rule(_NET, ports=range(0, 100, 2)), ValueError,
          r"^ports must be a range of step 1, got range\(0, 100, 2\)$"),
         (lambda: Rule(_NET, ports=[80]), TypeError, r"^ports must be a range, not list$"),
+        # from_dict() takes parsed TOML, whose keys are strings: a domid
+        # given as an int failed with an AttributeError, other keys in a
+        # str.join() deep inside.
+        (lambda: Policy.from_dict({"domain": {7: {"max_sockets": 1}}}), TypeError,
+         r"^\[domain\]: key 7 is not a string \(TOML keys are; a domid too: '7'\)$"),
+        (lambda: Policy.from_dict({"default": {}, 5: {}}), TypeError,
+         r"^policy data: key 5 is not a string"),
+        (lambda: Policy.from_dict({"default": {"max_sockets": 1, 3: 4}}), TypeError,
+         r"^\[default\]: key 3 is not a string"),
+        (lambda: Policy.from_dict({"domain": {"web": {None: 1}}}), TypeError,
+         r"^\[domain.web\]: key None is not a string"),
+        (lambda: Policy.from_dict({"default": {"connect": {1: []}}}), TypeError,
+         r"^\[default\] connect: key 1 is not a string"),
     ],
 )
 def test_a_policy_built_in_python_is_checked_as_it_is_built(
