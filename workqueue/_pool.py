@@ -492,9 +492,22 @@ class WorkerPool:
         assert self.cpu is not None
         return {topo.real_cpu(self.cpu)}
 
+    def busy_workers(self) -> list[Worker]:
+        """The workers running an item of this pool now (engine lock held):
+        its own, and a rescuer working on it.  The kernel attaches a rescuer
+        to the pool it rescues (worker_attach_to_pool), so the watchdog and
+        the dumps see its item; ours only points at the pool, which keeps it
+        out of the pool's idle accounting, hence this look at the rescuers."""
+        busy = [w for w in self.workers if w.current is not None]
+        for pwq in self.pwqs:
+            rescuer = pwq.wq._rescuer
+            if rescuer is not None and rescuer.pool is self and rescuer.current is not None:
+                busy.append(rescuer)
+        return busy
+
     def dump(self) -> str:
         """One pool, like the kernel's show_one_worker_pool (engine lock held)."""
-        busy = [w for w in self.workers if w.current is not None]
+        busy = self.busy_workers()
         idle = " ".join(w.name for w in self.idle)
         lines = [
             f"pool {self.id} ({self.name}): cpus={sorted(self.cpumask())} "

@@ -34,9 +34,7 @@ def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
         now = time.monotonic()
         busy = False
         for pool in pset.pools():
-            for worker in pool.workers:
-                if worker.current is None:
-                    continue
+            for worker in pool.busy_workers():
                 busy = True
                 if now - worker.start >= thresh and worker.reported != worker.start:
                     worker.reported = worker.start
