@@ -253,6 +253,21 @@ class Completion:
             return sleep_on(self._lock, timeout)
 
 
+def work_name(work: object) -> str:
+    """repr(work), for the engine's reports: dumps, the watchdog, timeouts,
+    the log, the exit hook's warning.  A work item's repr() is the
+    program's code, and may fail (a connection naming its peer, on a
+    socket closed since); the report must not fail with it -- a watchdog
+    silenced for good, a TimeoutError turned into the repr's error, the
+    traceback of an item that raised lost to a "Logging error", an exit
+    hook cut short with what follows it at exit -- so it names the item
+    without it then."""
+    try:
+        return repr(work)
+    except Exception as exc:
+        return f"{object.__repr__(work)} (its repr() raised {type(exc).__name__})"
+
+
 class WorkList:
     """A FIFO of pending work items with O(1) removal.
 
@@ -516,9 +531,9 @@ class WorkerPool:
         ]
         now = time.monotonic()
         for w in busy:
-            lines.append(f"  in-flight: {w.name}:{w.current!r} for {now - w.start:.3f}s")
+            lines.append(f"  in-flight: {w.name}:{work_name(w.current)} for {now - w.start:.3f}s")
         if self.worklist.nr:
-            lines.append("  pending: " + ", ".join(repr(w) for w in self.worklist))
+            lines.append("  pending: " + ", ".join(map(work_name, self.worklist)))
         return "\n".join(lines)
 
 
@@ -770,8 +785,9 @@ def _cpu_intensive_tick(pool: WorkerPool) -> None:
                 set_flags(w, WORKER_CPU_INTENSIVE)
                 if w.current_pwq is not None:
                     w.current_pwq.nr_cpu_intensive += 1
-                logger.debug("workqueue: %r hogged %s for %.1f ms; no longer counted",
-                             w.current, pool.name, (now - w.start) * 1e3)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("workqueue: %s hogged %s for %.1f ms; no longer counted",
+                                 work_name(w.current), pool.name, (now - w.start) * 1e3)
         if pool.worklist.nr:
             if pool.nr_running == 0:
                 kick_pool(pool)
@@ -924,7 +940,9 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
         try:
             work.func(work)
         except BaseException:
-            logger.exception("workqueue %s: work item %r raised", wq.name, work)
+            # Named now: the logging module would format the message
+            # late, in a handler, where a failing repr() loses the record.
+            logger.exception("workqueue %s: work item %s raised", wq.name, work_name(work))
             if not acquire(False):
                 acquire_contended()
             pwq.nr_failed += 1

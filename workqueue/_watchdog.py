@@ -38,7 +38,7 @@ def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
                 busy = True
                 if now - worker.start >= thresh and worker.reported != worker.start:
                     worker.reported = worker.start
-                    reports.append((pool.name, worker.name, repr(worker.current),
+                    reports.append((pool.name, worker.name, _pool.work_name(worker.current),
                                     now - worker.start, pool.dump()))
         if busy:
             arm_watchdog(pset)
