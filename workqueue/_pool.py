@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._timer import TimerHandle, add_timer, del_timer
+from ._timer import TimerHandle, add_timer, del_timer, timer_pending
 from ._topology import Topology, _this_thread, idempotent_notifier
 
 if TYPE_CHECKING:
@@ -561,6 +561,29 @@ class PoolSet:
 
     def pools(self) -> list[WorkerPool]:
         return [*self.bound.values(), *self.unbound.values()]
+
+    def rearm_checks(self) -> None:
+        """A tunable of the topology changed: arm again the checks armed
+        with its old value -- each pool's CPU-intensive tick and the
+        watchdog -- so that the new one applies at once, as the kernel's
+        does (wq_watchdog_set_thresh re-arms; wq_worker_tick reads the
+        threshold on every scheduler tick).  A check whose timer is firing
+        now reads the new value itself.
+
+        Each new timer is armed before the old one is deleted: Ctrl-C in
+        between (see insert_work) leaves both armed, and the check is made
+        twice for a while, which is harmless; the other way round it would
+        leave a stall unwatched."""
+        with lock:
+            for pool in self.pools():
+                handle = pool.tick
+                if handle is not None and timer_pending(handle):
+                    arm_tick(pool)
+                    del_timer(handle)
+            handle = self.watchdog
+            if handle is not None and timer_pending(handle):
+                _arm_watchdog(self)
+                del_timer(handle)
 
     @idempotent_notifier
     def hotplug(self, cpu: int, online: bool) -> None:

@@ -306,6 +306,33 @@ def test_the_tunables_are_checked_when_changed_too(make_wq: Any) -> None:
         hog.set()
 
 
+def test_a_tunable_lowered_applies_to_the_checks_already_armed(
+        make_wq: Any, log_waiter: Any) -> None:
+    """Lowered while an item runs, a tunable applies to it at once, as
+    the kernel's do (wq_watchdog_set_thresh re-arms the watchdog; the
+    CPU-intensive check runs on every scheduler tick), not once the checks
+    armed with the old value, an hour away here, come due."""
+    topo = Topology(1, cpu_intensive_thresh=3600.0, watchdog_thresh=3600.0)
+    wq = make_wq(topology=topo)
+    logged = log_waiter("workqueue._watchdog", "lockup")
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def hog(work: Work) -> None:
+        started.set()
+        assert release.wait(10)
+
+    wq.queue_work(Work(hog))
+    try:
+        assert started.wait(10)
+        wq.queue_work(Work(lambda work: done.set()))  # waits behind the hog
+        topo.cpu_intensive_thresh = 0.001
+        assert done.wait(10), "the hog kept counting: the lowered threshold was not used"
+        topo.watchdog_thresh = 0.05
+        assert logged.seen.wait(10), "the stall was not reported: the watchdog slept on"
+    finally:
+        release.set()
+
+
 def test_a_topology_has_at_most_nr_cpus_cpus() -> None:
     # Topology(10**8) built a list of 10**8 CPUs (gigabytes; 10**7 took
     # 1.2 GB), and a workqueue on 10**7 of them did not start in minutes.
