@@ -35,8 +35,9 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
+from ._pool import work_name
+
 if TYPE_CHECKING:
-    from ._work import Work
     from ._workqueue import Workqueue
 
 __all__ = ["register", "wait_for_calls"]
@@ -99,7 +100,7 @@ def _warn_dropped(wqs: list[Workqueue]) -> None:
         if not works:
             continue
         total += len(works)
-        shown = ", ".join(_name(work) for work in works[:_SHOWN_DROPPED])
+        shown = ", ".join(map(work_name, works[:_SHOWN_DROPPED]))
         if len(works) > _SHOWN_DROPPED:
             shown += f" and {len(works) - _SHOWN_DROPPED} more"
         lines.append(f"  workqueue {wq.name!r}: {len(works)} pending: {shown}")
@@ -108,17 +109,6 @@ def _warn_dropped(wqs: list[Workqueue]) -> None:
                        "or cancel them, or destroy their workqueues, before the program "
                        "ends):\n%s", total, "" if total == 1 else "s",
                        len(lines), "" if len(lines) == 1 else "s", "\n".join(lines))
-
-
-def _name(work: Work) -> str:
-    """repr(work), which is the program's code and may fail (a connection
-    naming its peer, on a socket closed since): the exit hook must not,
-    or what follows it at exit -- other hooks, the wait for the program's
-    own threads -- is skipped."""
-    try:
-        return repr(work)
-    except Exception as exc:
-        return f"{object.__repr__(work)} (its repr() raised {type(exc).__name__})"
 
 
 def _forget_inherited() -> None:

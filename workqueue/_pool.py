@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._timer import TimerHandle, add_timer, del_timer
+from ._timer import TimerHandle, add_timer, del_timer, timer_pending
 from ._topology import Topology, _this_thread, idempotent_notifier
 
 if TYPE_CHECKING:
@@ -251,6 +251,21 @@ class Completion:
         # the next item meanwhile (often the very one we wait for).
         with _Blocking():
             return sleep_on(self._lock, timeout)
+
+
+def work_name(work: object) -> str:
+    """repr(work), for the engine's reports: dumps, the watchdog, timeouts,
+    the log, the exit hook's warning.  A work item's repr() is the
+    program's code, and may fail (a connection naming its peer, on a
+    socket closed since); the report must not fail with it -- a watchdog
+    silenced for good, a TimeoutError turned into the repr's error, the
+    traceback of an item that raised lost to a "Logging error", an exit
+    hook cut short with what follows it at exit -- so it names the item
+    without it then."""
+    try:
+        return repr(work)
+    except Exception as exc:
+        return f"{object.__repr__(work)} (its repr() raised {type(exc).__name__})"
 
 
 class WorkList:
@@ -492,9 +507,22 @@ class WorkerPool:
         assert self.cpu is not None
         return {topo.real_cpu(self.cpu)}
 
+    def busy_workers(self) -> list[Worker]:
+        """The workers running an item of this pool now (engine lock held):
+        its own, and a rescuer working on it.  The kernel attaches a rescuer
+        to the pool it rescues (worker_attach_to_pool), so the watchdog and
+        the dumps see its item; ours only points at the pool, which keeps it
+        out of the pool's idle accounting, hence this look at the rescuers."""
+        busy = [w for w in self.workers if w.current is not None]
+        for pwq in self.pwqs:
+            rescuer = pwq.wq._rescuer
+            if rescuer is not None and rescuer.pool is self and rescuer.current is not None:
+                busy.append(rescuer)
+        return busy
+
     def dump(self) -> str:
         """One pool, like the kernel's show_one_worker_pool (engine lock held)."""
-        busy = [w for w in self.workers if w.current is not None]
+        busy = self.busy_workers()
         idle = " ".join(w.name for w in self.idle)
         lines = [
             f"pool {self.id} ({self.name}): cpus={sorted(self.cpumask())} "
@@ -503,9 +531,9 @@ class WorkerPool:
         ]
         now = time.monotonic()
         for w in busy:
-            lines.append(f"  in-flight: {w.name}:{w.current!r} for {now - w.start:.3f}s")
+            lines.append(f"  in-flight: {w.name}:{work_name(w.current)} for {now - w.start:.3f}s")
         if self.worklist.nr:
-            lines.append("  pending: " + ", ".join(repr(w) for w in self.worklist))
+            lines.append("  pending: " + ", ".join(map(work_name, self.worklist)))
         return "\n".join(lines)
 
 
@@ -533,6 +561,29 @@ class PoolSet:
 
     def pools(self) -> list[WorkerPool]:
         return [*self.bound.values(), *self.unbound.values()]
+
+    def rearm_checks(self) -> None:
+        """A tunable of the topology changed: arm again the checks armed
+        with its old value -- each pool's CPU-intensive tick and the
+        watchdog -- so that the new one applies at once, as the kernel's
+        does (wq_watchdog_set_thresh re-arms; wq_worker_tick reads the
+        threshold on every scheduler tick).  A check whose timer is firing
+        now reads the new value itself.
+
+        Each new timer is armed before the old one is deleted: Ctrl-C in
+        between (see insert_work) leaves both armed, and the check is made
+        twice for a while, which is harmless; the other way round it would
+        leave a stall unwatched."""
+        with lock:
+            for pool in self.pools():
+                handle = pool.tick
+                if handle is not None and timer_pending(handle):
+                    arm_tick(pool)
+                    del_timer(handle)
+            handle = self.watchdog
+            if handle is not None and timer_pending(handle):
+                _arm_watchdog(self)
+                del_timer(handle)
 
     @idempotent_notifier
     def hotplug(self, cpu: int, online: bool) -> None:
@@ -757,8 +808,9 @@ def _cpu_intensive_tick(pool: WorkerPool) -> None:
                 set_flags(w, WORKER_CPU_INTENSIVE)
                 if w.current_pwq is not None:
                     w.current_pwq.nr_cpu_intensive += 1
-                logger.debug("workqueue: %r hogged %s for %.1f ms; no longer counted",
-                             w.current, pool.name, (now - w.start) * 1e3)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("workqueue: %s hogged %s for %.1f ms; no longer counted",
+                                 work_name(w.current), pool.name, (now - w.start) * 1e3)
         if pool.worklist.nr:
             if pool.nr_running == 0:
                 kick_pool(pool)
@@ -911,7 +963,9 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
         try:
             work.func(work)
         except BaseException:
-            logger.exception("workqueue %s: work item %r raised", wq.name, work)
+            # Named now: the logging module would format the message
+            # late, in a handler, where a failing repr() loses the record.
+            logger.exception("workqueue %s: work item %s raised", wq.name, work_name(work))
             if not acquire(False):
                 acquire_contended()
             pwq.nr_failed += 1

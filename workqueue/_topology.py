@@ -154,9 +154,6 @@ class Topology:
         self._real: dict[int, int] = {
             cpu: cpu if cpu in host_set else host[cpu % len(host)] for cpu in possible
         }
-        self.cpu_intensive_thresh = cpu_intensive_thresh
-        self.watchdog_thresh = watchdog_thresh
-
         # _hotplug_lock serialises cpu_down/cpu_up and notifier (un)registration,
         # so a notifier sees every transition exactly once, in order.  It is
         # held while notifiers run: a notifier must not call cpu_down/cpu_up.
@@ -172,6 +169,9 @@ class Topology:
         # on first use.  It lives here, not in a module global, so that each
         # topology -- and each test -- gets its own pools.
         self._pools: Any = None
+        # The tunables after _pools, which their setters read.
+        self.cpu_intensive_thresh = cpu_intensive_thresh
+        self.watchdog_thresh = watchdog_thresh
 
     def __repr__(self) -> str:
         return f"<Topology possible={list(self._possible)} online={list(self._online_list)}>"
@@ -181,7 +181,10 @@ class Topology:
     # Writable at run time, as the kernel's module parameters are, and
     # checked when written: a bad value would otherwise be found only by
     # the timer thread, or by a queue_work() arming a check with it after
-    # it had queued its item.  A new value applies from the next check on.
+    # it had queued its item.  A new value applies at once: the checks
+    # armed with the old one are armed again (see PoolSet.rearm_checks).
+    # Not to be written under the engine lock (a trace hook), which that
+    # takes.
 
     @property
     def cpu_intensive_thresh(self) -> float:
@@ -192,6 +195,8 @@ class Topology:
     @cpu_intensive_thresh.setter
     def cpu_intensive_thresh(self, value: float) -> None:
         self._cpu_intensive_thresh = _check_thresh("cpu_intensive_thresh", value)
+        if self._pools is not None:
+            self._pools.rearm_checks()
 
     @property
     def watchdog_thresh(self) -> float:
@@ -202,6 +207,8 @@ class Topology:
     @watchdog_thresh.setter
     def watchdog_thresh(self, value: float) -> None:
         self._watchdog_thresh = _check_thresh("watchdog_thresh", value)
+        if self._pools is not None:
+            self._pools.rearm_checks()
 
     # -- queries ----------------------------------------------------------
 

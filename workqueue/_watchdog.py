@@ -34,13 +34,11 @@ def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
         now = time.monotonic()
         busy = False
         for pool in pset.pools():
-            for worker in pool.workers:
-                if worker.current is None:
-                    continue
+            for worker in pool.busy_workers():
                 busy = True
                 if now - worker.start >= thresh and worker.reported != worker.start:
                     worker.reported = worker.start
-                    reports.append((pool.name, worker.name, repr(worker.current),
+                    reports.append((pool.name, worker.name, _pool.work_name(worker.current),
                                     now - worker.start, pool.dump()))
         if busy:
             arm_watchdog(pset)

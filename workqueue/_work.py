@@ -49,6 +49,7 @@ from ._pool import (
     current_work,
     current_worker,
     try_to_grab_pending,
+    work_name,
 )
 from ._timer import TimerHandle, del_timer
 
@@ -242,7 +243,7 @@ class Work:
             if self._pending and self._entry is not None and self._pwq is not None:
                 wq = self._pwq.wq
                 where.append(f"it is pending on workqueue {wq.name!r}")
-            text = f"{what}() of {self!r} timed out after {timeout:g} s"
+            text = f"{what}() of {work_name(self)} timed out after {timeout:g} s"
         if where:
             text += ": " + ", and ".join(where)
         text += then
@@ -254,7 +255,7 @@ class Work:
         """Refuse to wait for ourselves (engine lock held)."""
         worker = current_worker()
         if worker is not None and self._worker is worker:
-            raise RuntimeError(f"{what}() of {self!r} from its own function would deadlock")
+            raise RuntimeError(f"{what}() of {work_name(self)} from its own function would deadlock")
 
     def cancel(self) -> bool:
         """Remove the item if pending (cancel_work); True if it was pending.
@@ -303,7 +304,7 @@ class Work:
         """
         with _pool.lock:
             if not self._disable % _CANCEL_HOLD:
-                raise RuntimeError(f"enable() of {self!r}, which is not disabled")
+                raise RuntimeError(f"enable() of {work_name(self)}, which is not disabled")
             self._disable -= 1
             return not self._disable % _CANCEL_HOLD
 

@@ -59,6 +59,7 @@ from ._pool import (
     try_to_grab_pending,
     wait_slice,
     wake_work_flushers,
+    work_name,
 )
 from ._stats import PoolStats, TraceHook, WorkqueueStats
 from ._timer import add_timer, armed_timers
@@ -512,9 +513,9 @@ class Workqueue(Executor):
 
     def _log_dropped(self, dwork: DelayedWork) -> None:
         logger.error(
-            "workqueue %s: delayed work %r became due while the workqueue is %s; "
+            "workqueue %s: delayed work %s became due while the workqueue is %s; "
             "it is not run (cancel delayed work before drain() or destroy())",
-            self.name, dwork, _STATE_NAMES[self._state])
+            self.name, work_name(dwork), _STATE_NAMES[self._state])
 
     def _timer_queue_locked(self, dwork: DelayedWork) -> bool:
         """Queue a delayed item whose delay is over, or that has none (lock held).
@@ -979,11 +980,11 @@ class Workqueue(Executor):
                              f"{pwq.max_active} inactive={pwq.inactive.nr}")
                 if running:
                     lines.append("    in-flight: " + ", ".join(
-                        f"{w.name}:{w.current!r}" for w in running))
+                        f"{w.name}:{work_name(w.current)}" for w in running))
                 if pending:
-                    lines.append("    pending: " + ", ".join(repr(w) for w in pending))
+                    lines.append("    pending: " + ", ".join(map(work_name, pending)))
                 if pwq.inactive.nr:
-                    lines.append("    inactive: " + ", ".join(repr(w) for w in pwq.inactive))
+                    lines.append("    inactive: " + ", ".join(map(work_name, pwq.inactive)))
             return "\n".join(lines)
 
     # -- the Executor face --------------------------------------------------

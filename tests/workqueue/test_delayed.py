@@ -286,6 +286,29 @@ def test_delayed_work_runs_on_the_cpu_it_was_queued_on(make_wq: Any, tracer: Any
         tracer.events.clear()
 
 
+def test_a_timer_for_a_cpu_that_went_down_queues_the_item_there_to_run_unbound(
+        make_wq: Any, tracer: Any) -> None:
+    """The timer of an item queued on a CPU fires after that CPU went down:
+    the item is queued on the CPU's pool, which runs unbound on the CPUs
+    still online (as queue_work_on() an offline CPU does), once."""
+    topo = Topology(2, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    wq.add_trace_hook(tracer)
+    ran: list[str] = []
+    done = threading.Event()
+    dw = DelayedWork(lambda w: (ran.append(threading.current_thread().name), done.set()))
+    timers = HeldTimers()
+    assert wq.queue_delayed_work_on(1, dw, 0.001) is True
+    topo.cpu_down(1)
+    timers.release.set()  # the timer fires, not a flush()
+    assert done.wait(TIMEOUT)
+    dw.flush(timeout=TIMEOUT)
+    assert len(ran) == 1 and ran[0].startswith("kworker/cpu1:")
+    assert tracer.cpus("execute_start", dw) == [1]
+    assert not wq.stats().pools[1].bound
+    topo.cpu_up(1)
+
+
 def test_delayed_work_queued_by_a_worker_runs_on_the_workers_cpu(
         make_wq: Any, tracer: Any) -> None:
     # CPU 3 of four logical CPUs is never where a thread that is not a worker

@@ -216,6 +216,46 @@ def test_hotplug_keeps_non_reentrancy_order_and_loses_nothing(make_wq: Any, trac
         assert ns == list(range(cpu, queued[0], 4))
 
 
+def test_an_ordered_workqueue_stays_ordered_across_cpu_down_and_up(make_wq: Any) -> None:
+    """Whatever CPU each item is queued on, and whichever CPUs come and go
+    while they wait, an ordered workqueue runs them one at a time, in the
+    order they were queued."""
+    topo = Topology(3, cpu_intensive_thresh=60.0)
+    wq = make_wq(ordered=True, topology=topo)
+    lock = threading.Lock()
+    ran: list[int] = []
+    overlaps: list[int] = []
+    running = [0]
+    release = threading.Event()
+
+    def item(n: int) -> Work:
+        def func(work: Work) -> None:
+            with lock:
+                running[0] += 1
+                if running[0] > 1:
+                    overlaps.append(n)
+            if n == 0:  # holds the queue while the CPUs change under the rest
+                assert release.wait(TIMEOUT)
+            with lock:
+                ran.append(n)
+                running[0] -= 1
+        return Work(func)
+
+    plan = [lambda: topo.cpu_down(1), lambda: topo.cpu_down(2), lambda: topo.cpu_up(1),
+            lambda: topo.cpu_down(0), lambda: topo.cpu_up(2), lambda: topo.cpu_up(0)]
+    n = 0
+    try:
+        for change in plan:
+            for _ in range(5):
+                assert wq.queue_work_on(n % 3, item(n))
+                n += 1
+            change()
+    finally:
+        release.set()
+    wq.flush()
+    assert ran == list(range(n)) and overlaps == []
+
+
 def test_loadindex_rehomes_keys_on_cpu_down(topo: Any) -> None:
     moves: list[tuple[object, int, int]] = []
     with LoadIndex(topo, on_move=lambda k, old, new: moves.append((k, old, new))) as index:
@@ -304,6 +344,33 @@ def test_the_tunables_are_checked_when_changed_too(make_wq: Any) -> None:
         assert done.wait(10), "the hog kept counting: the new threshold was not used"
     finally:
         hog.set()
+
+
+def test_a_tunable_lowered_applies_to_the_checks_already_armed(
+        make_wq: Any, log_waiter: Any) -> None:
+    """Lowered while an item runs, a tunable applies to it at once, as
+    the kernel's do (wq_watchdog_set_thresh re-arms the watchdog; the
+    CPU-intensive check runs on every scheduler tick), not once the checks
+    armed with the old value, an hour away here, come due."""
+    topo = Topology(1, cpu_intensive_thresh=3600.0, watchdog_thresh=3600.0)
+    wq = make_wq(topology=topo)
+    logged = log_waiter("workqueue._watchdog", "lockup")
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def hog(work: Work) -> None:
+        started.set()
+        assert release.wait(10)
+
+    wq.queue_work(Work(hog))
+    try:
+        assert started.wait(10)
+        wq.queue_work(Work(lambda work: done.set()))  # waits behind the hog
+        topo.cpu_intensive_thresh = 0.001
+        assert done.wait(10), "the hog kept counting: the lowered threshold was not used"
+        topo.watchdog_thresh = 0.05
+        assert logged.seen.wait(10), "the stall was not reported: the watchdog slept on"
+    finally:
+        release.set()
 
 
 def test_a_topology_has_at_most_nr_cpus_cpus() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -619,6 +620,36 @@ def test_an_exception_is_logged_with_the_item_and_the_worker_survives(
     assert len(failures) == 3
     assert "boom" in caplog.records[0].getMessage()
     assert wq.stats().failed == 3
+
+
+def test_the_exception_of_an_item_whose_repr_fails_is_logged_all_the_same(
+        make_wq: Any) -> None:
+    """The log is where the exception goes: a message that cannot be
+    formatted (the logging module formats it late, in the handler) would
+    lose it to a "Logging error" on stderr."""
+
+    class Conn(Work):
+        def __repr__(self) -> str:
+            raise OSError("the socket is closed")
+
+    def boom(work: Work) -> None:
+        raise ValueError("kaboom")
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[assignment,method-assign]
+    logger = logging.getLogger("workqueue")
+    logger.addHandler(handler)
+    try:
+        w = Conn(boom)
+        make_wq().queue_work(w)
+        w.flush()
+    finally:
+        logger.removeHandler(handler)
+    (record,) = records
+    assert record.exc_info is not None and "kaboom" in str(record.exc_info[1])
+    message = record.getMessage()
+    assert "Conn object at" in message and "its repr() raised OSError" in message, message
 
 
 def test_waiting_in_flush_or_result_lets_the_pool_run_the_awaited_item(make_wq: Any) -> None:

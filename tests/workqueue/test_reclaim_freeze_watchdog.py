@@ -332,6 +332,63 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
     assert len(logged.records) == 2
 
 
+def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
+    """The rescuer runs items exactly when a pool is in trouble (no worker
+    can be made): an item of its that stalls is the one stall most worth
+    hearing of, and it is no worker of the pool."""
+    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    logged = log_waiter("workqueue._watchdog", "lockup")
+    started, release = threading.Event(), threading.Event()
+
+    def stuck(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    w = Work(stuck)
+    wq.queue_work(w)
+    try:
+        assert started.wait(TIMEOUT)
+        assert logged.seen.wait(TIMEOUT), "the rescuer's stalled item was not reported"
+    finally:
+        release.set()
+    w.flush()
+    message = logged.records[0].getMessage()
+    assert "reclaim-rescuer" in message and "stuck" in message
+
+
+def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
+        make_wq: Any, log_waiter: Any) -> None:
+    """A failing repr() of one item must not silence the watchdog: it
+    names the item anyway, and stays armed for the stalls to come."""
+
+    class Conn(Work):
+        def __repr__(self) -> str:
+            raise OSError("the socket is closed")
+
+    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    logged = log_waiter("workqueue._watchdog", "lockup")
+    release = threading.Event()
+
+    def stuck(work: Work) -> None:
+        assert release.wait(TIMEOUT)
+
+    for _ in range(2):  # the second stall is reported too
+        logged.seen.clear()
+        release.clear()
+        wq.queue_work(Conn(stuck))
+        try:
+            assert logged.seen.wait(TIMEOUT), "the stall was not reported"
+        finally:
+            release.set()
+        wq.flush()
+    message = logged.records[-1].getMessage()
+    assert "Conn object at" in message and "its repr() raised OSError" in message, message
+
+
 def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Five blocking items get cpu0's pool five busy workers and one in

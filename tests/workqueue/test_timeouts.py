@@ -122,6 +122,30 @@ def test_flush_of_an_item_pending_behind_another_says_what_holds_it(
     assert not work.pending and not work.running
 
 
+class _Conn(Work):
+    """An item whose repr() fails: a connection naming its peer, on a
+    socket closed since."""
+
+    def __repr__(self) -> str:
+        raise OSError("the socket is closed")
+
+
+def test_a_timed_out_flush_names_an_item_whose_repr_fails(make_wq: Any, held: Held) -> None:
+    """The TimeoutError is the contract, whatever the item's repr() does,
+    and the workqueue's dump, which it carries, names the items anyway."""
+    wq = make_wq(ordered=True)
+    blocker = running(wq, held, _Conn)
+    work = _Conn(lambda w: None)
+    assert wq.queue_work(work)
+    message = times_out(lambda: work.flush(timeout=SHORT))
+    assert "_Conn object at" in message and "its repr() raised OSError" in message, message
+    dump = wq.dump()
+    assert dump.count("its repr() raised OSError") == 2, dump
+    held.release.set()
+    work.flush(timeout=TIMEOUT)
+    assert not blocker.running
+
+
 def test_flush_with_a_timeout_that_does_not_expire_returns_the_kernels_value(
         make_wq: Any, held: Held) -> None:
     wq = make_wq()
