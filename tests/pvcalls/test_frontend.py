@@ -37,6 +37,7 @@ from stolensignal import (
     interrupt,
     interrupted_as_call_returns,
     interrupted_as_frame_starts,
+    interrupted_at,
     main_thread_in,
     signal_taken_elsewhere,
 )
@@ -2589,6 +2590,73 @@ def test_a_data_ring_that_cannot_share_its_pages_closes_its_own_handle(
             with pytest.raises(OSError, match="no grant references left"):
                 s.connect(srv.address)
             assert _released(host, before), sorted(_held(host)[1] - before[1])
+
+
+def _sweep_interrupts(host: SimHost, name: str,
+                      prepare: Callable[[pvcalls.Frontend], pvcalls.PVSocket],
+                      call: Callable[[pvcalls.PVSocket], object]) -> list[str]:
+    """Land a Ctrl-C at each place where CPython may run a signal's
+    handler in the frontend library's code during ``call(s)``, ``s``
+    being ``prepare(fe)`` on a frontend of its own each time, then close
+    ``s`` and the frontend: all they held is released (what the call
+    had made included) whichever place it was.  Where it landed, in
+    order."""
+    within = os.path.dirname(_frontend.__file__)
+    guest = host.create_domain(name)
+    landed: list[str] = []
+    for n in itertools.count():
+        before = _held(host)
+        fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+        try:
+            fe.open()
+            what = prepare(fe)
+            where = interrupted_at(n, within, lambda what=what: call(what))
+            # Not waiting long for a lock that the interrupt left held,
+            # which close() leaves alone (see the test after next).
+            fe.timeout = 1.0
+            what.close()
+            fe.timeout = TIMEOUT
+        finally:
+            fe.close()
+        try:
+            wait_until(lambda before=before: _released(host, before))
+        except TimeoutError:
+            raise AssertionError(
+                f"interrupted {where or 'nowhere'}: still held {_held(host)[0]} (was "
+                f"{before[0]}), new descriptors {sorted(_held(host)[1] - before[1])}") from None
+        if not where:
+            return landed
+        landed.append(where)
+    raise AssertionError("unreachable")
+
+
+def _pool_one_ring(fe: pvcalls.Frontend, address: tuple[str, int]) -> None:
+    connected(fe, address).close()
+    wait_until(lambda: len(fe._ring_pool) == 1)  # back once the RELEASE is answered
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("pooled", [False, True], ids=["new-ring", "pooled-ring"])
+def test_a_connect_interrupted_anywhere_loses_no_data_ring(
+        host: SimHost, backend: Any, server: Any, pooled: bool) -> None:
+    """A Ctrl-C landing anywhere in connect(): the data ring it took from
+    the pool, or made, is the socket's or the frontend's, never lost.
+    Between _new_data_ring taking the ring and storing it in the socket's
+    state it was in no list that close() frees: its granted pages, port
+    and (a ring of its own handle) eventfd stayed for the life of the
+    process."""
+    srv = server()
+
+    def prepare(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
+        if pooled:
+            _pool_one_ring(fe, srv.address)
+        s = fe.socket()
+        s.settimeout(TIMEOUT)
+        return s
+
+    landed = _sweep_interrupts(host, f"connect-{pooled}", prepare,
+                               lambda s: s.connect(srv.address))
+    assert any("_new_data_ring" in where for where in landed), landed
 
 
 @pytest.mark.parametrize("lock", ["_recv_lock", "_send_lock", "_accept_lock"])
