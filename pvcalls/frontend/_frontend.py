@@ -1002,47 +1002,79 @@ class Frontend(Closing):
             self._sockets.pop(sock.id, None)
 
     def _new_data_ring(self, sock: PVSocket) -> DataRing:
-        """A data ring for ``sock``: a recycled one if the pool has one."""
+        """Give ``sock`` a data ring, a recycled one if the pool has one,
+        and return it.
+
+        Whole or nothing, a Ctrl-C included: whatever interrupts it, the
+        ring is the pool's or the socket's, whose close() frees it.  As
+        ``ring = pool.pop()`` or ``= DataRing()``, a signal's handler run
+        as the call returned lost it, with its granted pages, its port
+        and (one of its own) its event channel handle.  So it is moved by
+        steps that call nothing (where CPython could run the handler)
+        into ``rings``, given back from there if it does not get to the
+        socket, and moved on to the socket's state likewise."""
         if self._gntshr is None or self._evtchn is None:
             raise OSError(errno.ENOTCONN, "frontend is closed")
-        with self._lock:
-            ring = self._ring_pool.pop() if self._ring_pool else None
-            if ring is not None:
-                # A fileno() racing with the ring's return to the pool may
-                # have relayed it for its old socket after it was unrelayed.
-                self._unrelay(ring)
-        if ring is None:
-            ring = self._make_data_ring()
-        else:
-            ring.reset()
-            if ring.direct:
-                # Nobody read the idle handle: take the stale event and the
-                # service's news that the old peer unbound (it came before
-                # the RELEASE answer), so that the new peer's port is the
-                # one notified.
-                ring.consume_events()
-        # The socket's before it is relayed for it (see _relay).  Under its
-        # receive and send locks (connect()), or not handed out yet (an
-        # ACCEPT's id_new).
-        sock._st.ring = ring
+        st = sock._st
+        rings: list[DataRing] = []
+        try:
+            with self._lock:
+                rings[:] = self._ring_pool[-1:]
+                del self._ring_pool[-1:]
+                if rings:
+                    # A fileno() racing with the ring's return to the pool
+                    # may have relayed it for its old socket after it was
+                    # unrelayed.
+                    self._unrelay(rings[0])
+            if not rings:
+                self._make_data_ring(rings)
+            else:
+                rings[0].reset()
+                if rings[0].direct:
+                    # Nobody read the idle handle: take the stale event and
+                    # the service's news that the old peer unbound (it
+                    # came before the RELEASE answer), so that the new
+                    # peer's port is the one notified.
+                    rings[0].consume_events()
+            # The socket's before it is relayed for it (see _relay).  Under
+            # its receive and send locks (connect()), or not handed out yet
+            # (an ACCEPT's id_new).
+            ring = st.ring = rings[0]
+            del rings[:]
+        except BaseException:
+            for ring in rings:
+                self._put_data_ring(ring, reusable=True)
+            raise
         if not ring.direct:
             with self._lock:
-                self._handlers[ring.port] = sock._st.on_event
-        elif sock._st.readyfd is not None:
-            self._relay(ring, sock._st)
+                self._handlers[ring.port] = st.on_event
+        elif st.readyfd is not None:
+            self._relay(ring, st)
         return ring
 
-    def _make_data_ring(self) -> DataRing:
-        """A new data ring, on an event channel handle of its own if the
-        host lets us open one more."""
+    def _make_data_ring(self, into: list[DataRing]) -> None:
+        """Append a new data ring to ``into``: on an event channel handle
+        of its own if the host lets us open one more.  Whole or nothing,
+        as DataRing(): the handle is recorded by the call that opens it,
+        and closed unless the ring got it."""
         assert self._gntshr is not None and self._evtchn is not None
+        own: list[EventChannel] = []
         try:
-            handle = self.domain.evtchn()
-        except OSError as exc:
-            logger.debug("no event channel handle of its own for a data ring: %s", exc)
-        else:
-            return DataRing(self._gntshr, handle, self.backend_id, self.ring_order, direct=True)
-        return DataRing(self._gntshr, self._evtchn, self.backend_id, self.ring_order)
+            try:
+                own.extend(map(operator.call, (self.domain.evtchn,)))
+            except OSError as exc:
+                logger.debug("no event channel handle of its own for a data ring: %s", exc)
+            if own:
+                DataRing(self._gntshr, own[0], self.backend_id, self.ring_order, direct=True,
+                         into=into)
+            else:
+                DataRing(self._gntshr, self._evtchn, self.backend_id, self.ring_order,
+                         into=into)
+        except BaseException:
+            # Unless the ring has it: interrupted as DataRing() returned.
+            if own and not (into and into[-1].evtchn is own[0]):
+                own[0].close()
+            raise
 
     def _relay(self, ring: DataRing, st: SocketState) -> None:
         """Have the event thread watch ``ring``'s own handle, so that the

@@ -58,7 +58,14 @@ class DataRing:
         order: int,
         *,
         direct: bool = False,
+        into: list[DataRing] | None = None,
     ) -> None:
+        """Whole or nothing.  A handle of the ring's own (``direct``) is
+        the ring's once it is made, to close when it is freed; until then
+        it is the caller's, also when the making fails.  With ``into``,
+        the ring is appended to it as the last step: for a caller that
+        must free it whatever interrupts its making, a Ctrl-C as this
+        returns included, which would lose a ring made whole."""
         self.evtchn = evtchn
         self.direct = direct
         self.relayed = False  # the frontend's event thread watches ``evtchn``
@@ -71,10 +78,8 @@ class DataRing:
         self.failure: str | None = None
         # Whole or nothing: short of grants, ports or descriptors any step
         # may fail, and what the steps before made is given back before the
-        # error goes on, a handle of the ring's own with it (it is the
-        # ring's from the call on), or its eventfd would stay open for the
-        # life of the process.  Each step's result is recorded by the call
-        # that makes it (list.extend() stores it before control is back in
+        # error goes on.  Each step's result is recorded by the call that
+        # makes it (list.extend() stores it before control is back in
         # Python code), the eventfds being ints that nothing closes.
         pages: list[SharedPages] = []
         ports: list[int] = []
@@ -91,22 +96,24 @@ class DataRing:
                 if direct:
                     poller.register(evtchn.fileno(), select.POLLIN)
                 poller.register(wakefd, select.POLLIN)
+            self.port = ports[0]
+            self.wakefds = (wakefds[0], wakefds[1])
+            if into is not None:
+                into.append(self)
         except BaseException:
+            if into and into[-1] is self:
+                del into[-1]  # interrupted as append() returned
             for wakefd in wakefds:
                 os.close(wakefd)
-            if direct:
-                evtchn.close()  # its port with it
-            else:
-                for port in ports:
-                    try:
-                        evtchn.unbind(port)
-                    except OSError as exc:
-                        logger.debug("unbinding port %d: %s", port, exc)
+            # The handle stays the caller's: its port goes, not the handle.
+            for port in ports:
+                try:
+                    evtchn.unbind(port)
+                except OSError as exc:
+                    logger.debug("unbinding port %d: %s", port, exc)
             for shared in pages:
                 shared.unshare()
             raise
-        self.port = ports[0]
-        self.wakefds = (wakefds[0], wakefds[1])
 
     def _lay_out(self, pages: SharedPages, order: int) -> None:
         """Write the ring's order and data refs into its indexes page, and

@@ -567,27 +567,29 @@ class PVSocket(Closing):
         try:
             self._check_open()
             self._check_unconnected()
-            ring = self._fe._new_data_ring(self)
-            self._st.ring = ring
             sockaddr = pack_sockaddr_in(host, port)
-
-            def fill(req: Any) -> None:
-                req.u.connect.id = self.id
-                ffi.memmove(req.u.connect.addr, sockaddr, len(sockaddr))
-                req.u.connect.len = SOCKADDR_IN_LEN
-                req.u.connect.flags = 0
-                req.u.connect.ref = ring.ref
-                req.u.connect.evtchn = ring.port
-
             try:
+                # In the try: a Ctrl-C as it returns must not leave the
+                # socket with a ring and no CONNECT (EISCONN for ever).
+                ring = self._fe._new_data_ring(self)
+
+                def fill(req: Any) -> None:
+                    req.u.connect.id = self.id
+                    ffi.memmove(req.u.connect.addr, sockaddr, len(sockaddr))
+                    req.u.connect.len = SOCKADDR_IN_LEN
+                    req.u.connect.flags = 0
+                    req.u.connect.ref = ring.ref
+                    req.u.connect.evtchn = ring.port
+
                 req_id, slot = self._fe._submit(PVCALLS_CONNECT, self.id, fill,
                                                 Deadline(self._timeout), sock=self)
             except BaseException as exc:
                 # Nothing went out (no room on the command ring in time, or
-                # closed meanwhile): the ring is ours to free, and connect()
-                # may be tried again.
-                self._st.ring = None
-                self._fe._put_data_ring(ring, reusable=True)
+                # closed meanwhile): the ring, if the socket got one, is
+                # ours to free, and connect() may be tried again.
+                taken, self._st.ring = self._st.ring, None
+                if taken is not None:
+                    self._fe._put_data_ring(taken, reusable=True)
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN
                     # (Linux's frontend's): asyncio's sock_connect() and
@@ -637,8 +639,13 @@ class PVSocket(Closing):
                 with self._mutex:
                     self._connect_unreported = True
         finally:
-            self._send_lock.release()
-            self._recv_lock.release()
+            # Nested: a Ctrl-C as the first release returns must not leave
+            # the other lock held, and with it the ring, which close()
+            # would then leave alone.
+            try:
+                self._send_lock.release()
+            finally:
+                self._recv_lock.release()
 
     def _connect_in_background(self, req_id: int, slot: Slot, host: str, port: int) -> None:
         """Non-blocking connect(): the CONNECT went out; its answer
@@ -883,7 +890,7 @@ class PVSocket(Closing):
         still pending: the next accept() takes it."""
         new = self._fe._new_socket(offered=True)
         try:
-            ring = new._st.ring = self._fe._new_data_ring(new)
+            ring = self._fe._new_data_ring(new)
 
             def fill(req: Any) -> None:
                 req.u.accept.id = self.id

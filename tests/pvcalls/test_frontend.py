@@ -37,6 +37,7 @@ from stolensignal import (
     interrupt,
     interrupted_as_call_returns,
     interrupted_as_frame_starts,
+    interrupted_at,
     main_thread_in,
     signal_taken_elsewhere,
 )
@@ -2589,6 +2590,133 @@ def test_a_data_ring_that_cannot_share_its_pages_closes_its_own_handle(
             with pytest.raises(OSError, match="no grant references left"):
                 s.connect(srv.address)
             assert _released(host, before), sorted(_held(host)[1] - before[1])
+
+
+def _sweep_interrupts(host: SimHost, name: str,
+                      prepare: Callable[[pvcalls.Frontend], pvcalls.PVSocket],
+                      call: Callable[[pvcalls.PVSocket], object],
+                      after: Callable[[], object] = lambda: None) -> list[str]:
+    """Land a Ctrl-C at each place where CPython may run a signal's
+    handler in the frontend library's code during ``call(s)``, ``s``
+    being ``prepare(fe)`` on a frontend of its own each time, then close
+    ``s`` and the frontend, and call ``after()``: all they held is
+    released (what the call had made included) whichever place it was.
+    Where it landed, in order.
+
+    Not between a command's push onto the command ring and its notify:
+    there the kick is lost (the pushes after it do not notify, and no
+    command is answered any more: each such place cost the frontend's
+    close() its timeout), and the caller takes the command for one that
+    did not go out.  That is _submit's own hand-off, not whole yet."""
+    within = os.path.dirname(_frontend.__file__)
+    guest = host.create_domain(name)
+    landed: list[str] = []
+    for n in itertools.count():
+        before = _held(host)
+        fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+        try:
+            fe.open()
+            what = prepare(fe)
+            pushed = fe._req_prod_pvt
+
+            def unkicked(fe: pvcalls.Frontend = fe, pushed: int = pushed) -> bool:
+                # The innermost frame of the library's, under the tracer's.
+                frame = sys._getframe(1)
+                while frame is not None and not frame.f_code.co_filename.startswith(within):
+                    frame = frame.f_back
+                return (fe._req_prod_pvt != pushed and frame is not None
+                        and frame.f_code.co_name in ("_submit", "_notify"))
+
+            where = interrupted_at(n, within, lambda what=what: call(what), unkicked)
+            # Not waiting long for a lock that the interrupt left held,
+            # which close() leaves alone (see
+            # test_close_does_not_hang_on_a_lock_an_interrupt_left_held).
+            fe.timeout = 1.0
+            what.close()
+            fe.timeout = TIMEOUT
+        finally:
+            fe.close()
+            after()
+        try:
+            wait_until(lambda before=before: _released(host, before))
+        except TimeoutError:
+            raise AssertionError(
+                f"interrupted {where or 'nowhere'}: still held {_held(host)[0]} (was "
+                f"{before[0]}), new descriptors {sorted(_held(host)[1] - before[1])}") from None
+        if not where:
+            return landed
+        landed.append(where)
+    raise AssertionError("unreachable")
+
+
+def _pool_one_ring(fe: pvcalls.Frontend, address: tuple[str, int]) -> None:
+    connected(fe, address).close()
+    wait_until(lambda: len(fe._ring_pool) == 1)  # back once the RELEASE is answered
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("pooled", [False, True], ids=["new-ring", "pooled-ring"])
+def test_a_connect_interrupted_anywhere_loses_no_data_ring(
+        host: SimHost, backend: Any, server: Any, pooled: bool) -> None:
+    """A Ctrl-C landing anywhere in connect(): the data ring it took from
+    the pool, or made, is the socket's or the frontend's, never lost.
+    Between _new_data_ring taking the ring and storing it in the socket's
+    state it was in no list that close() frees: its granted pages, port
+    and (a ring of its own handle) eventfd stayed for the life of the
+    process."""
+    srv = server()
+
+    def prepare(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
+        if pooled:
+            _pool_one_ring(fe, srv.address)
+        s = fe.socket()
+        s.settimeout(TIMEOUT)
+        return s
+
+    landed = _sweep_interrupts(host, f"connect-{pooled}", prepare,
+                               lambda s: s.connect(srv.address))
+    assert any("_new_data_ring" in where for where in landed), landed
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("pooled", [False, True], ids=["new-ring", "pooled-ring"])
+def test_an_accept_interrupted_anywhere_loses_no_data_ring(
+        host: SimHost, backend: Any, server: Any, pooled: bool) -> None:
+    """As for connect(): the ring of the socket an ACCEPT offers (its
+    id_new) is taken by the same _new_data_ring, and whatever interrupts
+    accept() it is the pool's, the listener's (with the ACCEPT in flight)
+    or the new socket's."""
+    srv = server()
+    clients: list[socket.socket] = []
+    name = f"accept-{pooled}"
+
+    def prepare(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
+        if pooled:
+            _pool_one_ring(fe, srv.address)
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        ls.settimeout(TIMEOUT)
+        domid = fe.domain.domid
+        clients.append(socket.create_connection(listen_address(backend, domid, ls.id),
+                                                timeout=TIMEOUT))
+        return ls
+
+    accepted: list[pvcalls.PVSocket] = []
+
+    def close_clients() -> None:
+        accepted.clear()  # released by the frontend's close()
+        while clients:
+            clients.pop().close()
+
+    # The accepted socket is left to the frontend's close(): the sweep is
+    # of accept(), not of the socket's close().
+    try:
+        landed = _sweep_interrupts(host, name, prepare,
+                                   lambda ls: accepted.append(ls.accept()[0]), close_clients)
+    finally:
+        close_clients()
+    assert any("_new_data_ring" in where for where in landed), landed
 
 
 @pytest.mark.parametrize("lock", ["_recv_lock", "_send_lock", "_accept_lock"])
