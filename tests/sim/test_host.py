@@ -41,28 +41,116 @@ def test_dom0_and_guests(host: SimHost) -> None:
         assert isinstance(domain, Platform)
 
 
-def test_domain_home_as_a_toolstack_writes_it(host: SimHost) -> None:
-    guest = host.create_domain("guest")
+#: What libxl__domain_make (libxl_create.c) makes of a PV guest's home, and
+#: the permissions: "ro" is libxl's roperm (dom0's, the guest may read),
+#: "rw" its rwperm (the guest's own).  name and the platform-feature nodes
+#: are written under a roperm parent and take its permissions; domid comes
+#: from libxl__build_post, the same way.
+LIBXL_HOME = {
+    "": "ro",
+    "name": "ro",
+    "cpu": "ro",
+    "memory": "ro",
+    "device": "ro",
+    "device/suspend": "ro",
+    "device/suspend/event-channel": "rw",
+    "control": "ro",
+    "control/shutdown": "rw",
+    "control/feature-poweroff": "rw",
+    "control/feature-reboot": "rw",
+    "control/feature-suspend": "rw",
+    "control/sysrq": "rw",
+    "control/platform-feature-multiprocessor-suspend": "ro",
+    "control/platform-feature-xs_reset_watches": "ro",
+    "data": "rw",
+    "drivers": "rw",
+    "feature": "rw",
+    "attr": "rw",
+    "error": "rw",
+    "domid": "ro",
+}
+
+
+def walk(c: pyxs.Client, path: bytes) -> list[bytes]:
+    """``path`` and every node below it, parents first."""
+    found = [path]
+    for child in c.list(path):
+        found += walk(c, path + b"/" + child)
+    return found
+
+
+def test_domain_home_as_libxl_makes_it(host: SimHost) -> None:
+    host.create_domain("guest")
+    home = b"/local/domain/1"
+    perms = {"ro": [b"n0", b"r1"], "rw": [b"n1"]}
     with host.dom0.xenstore() as c:
-        assert c.read(b"/local/domain/1/name") == b"guest"
-        assert c.read(b"/local/domain/1/domid") == b"1"
-        assert c.get_perms(b"/local/domain/1") == [b"n1"]
-        assert c.get_perms(b"/local/domain/1/name") == [b"n0", b"r1"]
-        assert sorted(c.list(b"/local/domain/1")) == sorted([  # libxl's subdirectories
-            b"name", b"domid", b"device", b"control", b"data", b"drivers", b"feature", b"attr",
-            b"error"])
+        assert c.read(home + b"/name") == b"guest"
+        assert c.read(home + b"/domid") == b"1"
+        assert c.read(home + b"/control/platform-feature-xs_reset_watches") == b"1"
+        assert c.read(home + b"/control/platform-feature-multiprocessor-suspend") == b"1"
+        nodes = {p[len(home) + 1 :].decode(): c.get_perms(p) for p in walk(c, home)}
+        assert nodes == {node: perms[kind] for node, kind in LIBXL_HOME.items()}
         assert c.read(b"/local/domain/0/name") == b"Domain-0"
+
+
+def test_guest_reads_its_home_but_not_dom0s(host: SimHost, guest: Domain) -> None:
     with guest.xenstore() as c:
-        # Relative paths are the guest's home; it owns it, but not its name.
+        # Relative paths are the guest's home.
         assert c.read(b"name") == b"guest"
-        c.write(b"data/x", b"1")
-        assert c.read(b"/local/domain/1/data/x") == b"1"
-        with pytest.raises(pyxs.PyXSError) as info:
-            c.write(b"name", b"evil")
-        assert info.value.args[0] == errno.EACCES
+        assert c.read(b"/local/domain/1/domid") == b"1"
+        assert b"data" in c.list(b"/local/domain/1")
         with pytest.raises(pyxs.PyXSError) as info:
             c.read(b"/local/domain/0/name")
         assert info.value.args[0] == errno.EACCES
+
+
+@pytest.mark.parametrize(
+    "path", [b"data/x", b"drivers/d", b"feature/f", b"attr/a", b"error/e", b"control/shutdown",
+             b"control/feature-poweroff", b"control/sysrq", b"device/suspend/event-channel"]
+)
+def test_guest_writes_where_libxl_lets_it(host: SimHost, guest: Domain, path: bytes) -> None:
+    with guest.xenstore() as c:
+        c.write(path, b"1")
+        assert c.read(b"/local/domain/1/" + path) == b"1"
+
+
+@pytest.mark.parametrize(
+    "path", [b"name", b"domid", b"mine", b"cpu/0", b"memory/target", b"device/vif",
+             b"device/suspend/other", b"control/other",
+             b"control/platform-feature-xs_reset_watches"]
+)
+def test_guest_cannot_write_where_libxl_does_not_let_it(
+    host: SimHost, guest: Domain, path: bytes
+) -> None:
+    with guest.xenstore() as c:
+        with pytest.raises(pyxs.PyXSError) as info:
+            c.write(path, b"evil")
+        assert info.value.args[0] == errno.EACCES
+    with host.dom0.xenstore() as c:
+        node = b"/local/domain/1/" + path
+        assert not c.exists(node) or c.read(node) != b"evil"
+        assert (c.read(b"/local/domain/1/name"), c.read(b"/local/domain/1/domid")) == (
+            b"guest", b"1")
+
+
+@pytest.mark.parametrize("path", [b"", b"name", b"domid", b"device", b"control", b"cpu"])
+def test_guest_cannot_delete_its_home(host: SimHost, guest: Domain, path: bytes) -> None:
+    node = b"/local/domain/1" + (b"/" + path if path else b"")
+    with guest.xenstore() as c:
+        with pytest.raises(pyxs.PyXSError) as info:
+            c.delete(node)
+        assert info.value.args[0] == errno.EACCES
+    with host.dom0.xenstore() as c:
+        assert c.exists(node)
+        assert c.read(b"/local/domain/1/name") == b"guest"
+
+
+def test_guest_deletes_what_is_its_own(host: SimHost, guest: Domain) -> None:
+    with guest.xenstore() as c:
+        c.write(b"data/x", b"1")
+        c.delete(b"data/x")
+        c.delete(b"data")  # libxl's rwperm: the node is the guest's
+        assert not c.exists(b"data")
 
 
 def test_introduce_and_release_fire(host: SimHost) -> None:

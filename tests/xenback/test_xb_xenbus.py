@@ -848,11 +848,17 @@ def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
 
 
 
-def _add_device_by_hand(xs: XenStore, base: str, frontend: str, frontend_id: int) -> None:
+def _add_device_by_hand(
+    xs: XenStore, base: str, frontend: str, frontend_id: int, backend_id: int = 0
+) -> None:
     """Add a device as a toolstack does, with its frontend directory at
-    ``frontend`` (the simulated toolstack puts it in the guest's home)."""
+    ``frontend`` (the simulated toolstack puts it in the guest's home).
+    The backend directory is the backend domain's, as libxl makes it: in a
+    driver domain's home, which is dom0's, it could not write it else."""
     def tx(t):
         t.write(f"{frontend}/state", 1)
+        t.mkdir(base)
+        t.set_perms(base, [f"n{backend_id}", f"r{frontend_id}"])
         t.write(f"{base}/frontend", frontend)
         t.write(f"{base}/frontend-id", frontend_id)
         t.write(f"{base}/online", 1)
@@ -1417,7 +1423,7 @@ def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
         host.destroy_domain(dying.guest)
         drv.wait_call("remove", dying.guest.domid)
         # The @releaseDomain event has reached the bus queue, and ran.
-        handed_over(drv.xenstore, "released", base=f"/local/domain/{drvdom.domid}/sync")
+        handed_over(drv.xenstore, "released", base=f"/local/domain/{drvdom.domid}/data/sync")
         drv._bus.flush()
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
         # The dying device closed at once: the toolstack did not time out.
@@ -1447,7 +1453,7 @@ def test_release_domain_in_a_driver_domain_that_may_look_at_homes(host) -> None:
         dom0_xs.set_perms("@releaseDomain", ["n0", f"r{drvdom.domid}"])
         dom0_xs.set_perms("/local/domain", ["n0", f"r{drvdom.domid}"])
         with RecordingDriver(drvdom) as drv:
-            _add_device_by_hand(dom0_xs, base, frontend, guest.domid)
+            _add_device_by_hand(dom0_xs, base, frontend, guest.domid, drvdom.domid)
             dom0_xs.wait_for(f"{base}/state", "2", timeout=TIMEOUT)
             _publish_by_hand(dom0_xs, frontend, pages.refs[0], port)
             dom0_xs.wait_for(f"{base}/state", "4", timeout=TIMEOUT)

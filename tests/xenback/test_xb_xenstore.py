@@ -260,35 +260,35 @@ def test_a_commit_refused_for_another_reason_is_raised(host) -> None:
     """A guest's commit that would exceed its node quota fails with
     ENOSPC: raised at once, not retried, and nothing is written."""
     guest = host.create_domain("quota")
-    home = f"/local/domain/{guest.domid}"
+    data = f"/local/domain/{guest.domid}/data"  # where a guest may write
     attempts = []
     with XenStore(guest.xenstore()) as gxs:
 
         def body(t) -> None:
             attempts.append(1)
-            t.write(f"{home}/tx/a", 1)
-            t.write(f"{home}/tx/b", 1)
+            t.write(f"{data}/tx/a", 1)
+            t.write(f"{data}/tx/b", 1)
             # Meanwhile the guest uses its quota up outside the transaction
             # (up to one node short: the two above do not fit any more).
             n = 0
             while True:
                 try:
-                    gxs.write(f"{home}/fill/{n // 100}/{n % 100}", 1)
+                    gxs.write(f"{data}/fill/{n // 100}/{n % 100}", 1)
                 except OSError as exc:
                     assert exc.errno == errno.ENOSPC, exc
                     break
                 n += 1
-            gxs.rm(f"{home}/fill/0/0")
+            gxs.rm(f"{data}/fill/0/0")
 
         with pytest.raises(OSError) as info:
             gxs.transaction(body)
         assert info.value.errno == errno.ENOSPC
         assert info.value.filename == "@transaction"
         assert attempts == [1]
-        assert not gxs.exists(f"{home}/tx")
-        gxs.rm(f"{home}/fill")
-        gxs.transaction(lambda t: t.write(f"{home}/tx/a", 2))  # room again
-        assert gxs.read(f"{home}/tx/a") == "2"
+        assert not gxs.exists(f"{data}/tx")
+        gxs.rm(f"{data}/fill")
+        gxs.transaction(lambda t: t.write(f"{data}/tx/a", 2))  # room again
+        assert gxs.read(f"{data}/tx/a") == "2"
 
 
 def test_a_transaction_whose_function_fails_is_aborted(host) -> None:
@@ -296,19 +296,19 @@ def test_a_transaction_whose_function_fails_is_aborted(host) -> None:
     Quota.transactions (10) open, so leaked ones would soon make every
     transaction of the domain fail with ENOSPC."""
     guest = host.create_domain("aborts")
-    home = f"/local/domain/{guest.domid}"
+    data = f"/local/domain/{guest.domid}/data"  # where a guest may write
     failures: list[Exception] = [ValueError("a bug in fn"), FileNotFoundError(errno.ENOENT, "gone")]
     with XenStore(guest.xenstore()) as gxs:
         for exc in failures * 11:
 
             def body(t, exc: Exception = exc) -> None:
-                t.write(f"{home}/tx", "never")
+                t.write(f"{data}/tx", "never")
                 raise exc
 
             with pytest.raises(type(exc)):
                 gxs.transaction(body)
-        gxs.transaction(lambda t: t.write(f"{home}/tx", "done"))
-        assert gxs.read(f"{home}/tx") == "done"
+        gxs.transaction(lambda t: t.write(f"{data}/tx", "done"))
+        assert gxs.read(f"{data}/tx") == "done"
 
 
 def test_transaction_gives_up_after_attempts(dom0_xs) -> None:
@@ -373,7 +373,7 @@ def test_wait_for_gives_its_watch_back(host) -> None:
     """Every wait_for() watches the node for its duration only: a guest has
     Quota.watches (128), which waits that kept theirs would use up."""
     guest = host.create_domain("waits")
-    node = f"/local/domain/{guest.domid}/w"
+    node = f"/local/domain/{guest.domid}/data/w"
     with XenStore(guest.xenstore()) as gxs:
         gxs.write(node, "x")
         for _ in range(70):

@@ -29,10 +29,37 @@ T = TypeVar("T")
 #: libxl's DOMID_FIRST_RESERVED: domain ids above are special.
 DOMID_FIRST_RESERVED = 0x7FF0
 
-#: Subdirectories libxl creates in a guest's home, writable by the guest
-#: (here the guest owns its whole home; they exist for software that
-#: expects them).
-_GUEST_DIRS = ("device", "control", "data", "drivers", "feature", "attr", "error")
+#: The nodes libxl__domain_make (tools/libs/light/libxl_create.c) makes in a
+#: PV guest's home, in its order, and whose they are: False for its roperm
+#: (dom0's, readable by the guest), True for its rwperm (the guest's own).
+#: The home itself is roperm, so a guest can neither delete it nor create
+#: nodes directly under it: it writes where these let it, and in the
+#: device directories the toolstack makes for it.  device/suspend is not in
+#: the list: writing event-channel makes it, with its parent's permissions.
+_LIBXL_HOME_NODES = (
+    ("cpu", False),
+    ("memory", False),
+    ("device", False),
+    ("device/suspend/event-channel", True),
+    ("control", False),
+    ("control/shutdown", True),
+    ("control/feature-poweroff", True),
+    ("control/feature-reboot", True),
+    ("control/feature-suspend", True),
+    ("control/sysrq", True),
+    ("data", True),
+    ("drivers", True),
+    ("feature", True),
+    ("attr", True),
+    ("error", True),
+)
+
+#: What libxl tells the guest of its platform in control/: "1" each, in
+#: nodes that take control's permissions (the guest reads them only).
+_LIBXL_PLATFORM_FEATURES = (
+    "control/platform-feature-multiprocessor-suspend",
+    "control/platform-feature-xs_reset_watches",
+)
 
 
 def check_domain_name(name: str) -> str:
@@ -527,25 +554,39 @@ class SimHost(Closing):
         self.toolstack.transaction(body)
 
     def _populate(self, domid: int, name: str) -> None:
-        """Write the domain's home as a toolstack would.
+        """Write the domain's home as its toolstack would.
 
-        The domain owns ``/local/domain/<domid>``; ``name`` and ``domid``
-        are the toolstack's, readable by the domain, so a guest cannot
-        rename itself.
+        A guest's is made as libxl__domain_make makes a PV guest's: the
+        home and most of what is in it are dom0's, readable by the guest,
+        which owns only the nodes libxl gives it (_LIBXL_HOME_NODES).  So
+        a guest can neither rename itself nor delete its home nor create
+        nodes directly under it.  ``name`` and ``domid``, like any node
+        written without permissions of its own, take their parent's.
+        (libxl writes ``domid`` later, in libxl__build_post; here the
+        whole home is one transaction.)
+
+        Dom0's home is what xen-init-dom0 writes: ``domid`` and ``name``.
         """
         home = f"/local/domain/{domid}".encode()
-        ro = [b"n0", f"r{domid}".encode()]
+        roperm = [b"n0", f"r{domid}".encode()]
+        rwperm = [f"n{domid}".encode()]
 
         def body(c: pyxs.Client) -> None:
             if c.exists(home):
                 c.delete(home)
             c.mkdir(home)
-            c.set_perms(home, [f"n{domid}".encode()])
-            for key, value in (("name", name), ("domid", str(domid))):
-                c.write(home + b"/" + key.encode(), value.encode())
-                c.set_perms(home + b"/" + key.encode(), ro)
-            if domid != 0:
-                for sub in _GUEST_DIRS:
-                    c.mkdir(home + b"/" + sub.encode())
+            if domid == 0:
+                c.write(home + b"/domid", b"0")
+                c.write(home + b"/name", name.encode())
+                return
+            c.set_perms(home, roperm)
+            c.write(home + b"/name", name.encode())
+            for node, guest_owned in _LIBXL_HOME_NODES:
+                path = home + b"/" + node.encode()
+                c.mkdir(path)  # libxl__xs_mknod: an empty value
+                c.set_perms(path, rwperm if guest_owned else roperm)
+            for node in _LIBXL_PLATFORM_FEATURES:
+                c.write(home + b"/" + node.encode(), b"1")
+            c.write(home + b"/domid", str(domid).encode())
 
         self.toolstack.transaction(body)
