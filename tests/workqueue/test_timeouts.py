@@ -169,6 +169,25 @@ def test_refusals_name_an_item_whose_repr_fails(make_wq: Any) -> None:
     assert re.match(f"^flush\\(\\) of {named} from its own function would deadlock$", message)
 
 
+class _DelayedConn(DelayedWork):
+    def __repr__(self) -> str:
+        raise OSError("the socket is closed")
+
+
+def test_a_delayed_item_dropped_is_logged_though_its_repr_fails(
+        make_wq: Any, log_waiter: Any) -> None:
+    """The error that says a delayed item was not run is the one trace of
+    it: a failing repr() must not lose it (on the timer thread, where the
+    logging module would format it late)."""
+    logged = log_waiter("workqueue._workqueue", "became due")
+    wq = make_wq()
+    assert wq.queue_delayed_work(_DelayedConn(lambda w: None), 0.01)
+    wq.destroy(timeout=TIMEOUT)
+    assert logged.seen.wait(TIMEOUT), "the dropped item was not logged"
+    message = logged.records[0].getMessage()
+    assert "_DelayedConn object at" in message and "its repr() raised OSError" in message
+
+
 def test_a_hog_whose_repr_fails_is_named_in_the_debug_log(
         make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture) -> None:
     """The CPU-intensive check logs the item it stops counting, on the
