@@ -571,9 +571,12 @@ class PoolSet:
         now reads the new value itself.
 
         Each new timer is armed before the old one is deleted: Ctrl-C in
-        between (see insert_work) leaves both armed, and the check is made
-        twice for a while, which is harmless; the other way round it would
-        leave a stall unwatched."""
+        between (see insert_work) leaves both armed; the other way round it
+        would leave a stall unwatched.  The old one may also fire in
+        between, its callback waiting for the lock held here.  Either way
+        the old check finds the new one armed and leaves the watching to
+        it (see _cpu_intensive_tick), rather than run a second chain of
+        checks beside it, which nothing would delete."""
         with lock:
             for pool in self.pools():
                 handle = pool.tick
@@ -796,6 +799,9 @@ def arm_tick(pool: WorkerPool) -> None:
 def _cpu_intensive_tick(pool: WorkerPool) -> None:
     """wq_worker_tick: items running longer than the threshold stop counting."""
     with lock:
+        if timer_pending(pool.tick):
+            # Superseded: armed again (PoolSet.rearm_checks) as we fired.
+            return
         pool.tick = None
         if not pool.worklist.nr or pool.nr_running == 0:
             if pool.worklist.nr:

@@ -13,7 +13,7 @@ import logging
 import time
 
 from . import _pool
-from ._timer import add_timer
+from ._timer import add_timer, timer_pending
 
 __all__ = ["arm_watchdog"]
 
@@ -29,6 +29,9 @@ def arm_watchdog(pset: _pool.PoolSet) -> None:
 def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
     reports = []
     with _pool.lock:
+        if timer_pending(pset.watchdog):
+            # Superseded: armed again (PoolSet.rearm_checks) as we fired.
+            return
         pset.watchdog = None
         thresh = pset.topology.watchdog_thresh
         now = time.monotonic()

@@ -298,6 +298,8 @@ def test_rule_str_is_its_rule_text(text: str) -> None:
         ("[domain]\n7 = 'x'", r"^\[domain.7\] must be a table, not a string \('x'\)$"),
         ("[default]\nbind = []", r"^\[default\] bind must be a table, not an array$"),
         (f"default = '{'x' * 100}'", r"must be a table, not a string \('x{39}\.\.\.'\)$"),
+        # A long integer is not spelt out in the message.
+        (f"default = {'9' * 4000}", r"^\[default\] must be a table, not an integer$"),
         ('[domain.""]\nmax_sockets = 1', "not a domid or a domain name"),
         ("[domain.99999]\nmax_sockets = 1", r"\[domain.99999\]: domid 99999 is not within 0-32751"),
         ("[domain.32752]\nmax_sockets = 1", "not within 0-32751"),

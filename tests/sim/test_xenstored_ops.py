@@ -493,6 +493,18 @@ def test_introducing_a_domain_again_resets_its_connections(xsd: XenStored, dom0:
         assert guest.wait_event() == ("w", "again")
 
 
+def test_introducing_dom0_again_resets_none_of_its_sockets(dom0: RawClient) -> None:
+    # cxenstored resets a domain's ring connection; dom0's are sockets,
+    # which an INTRODUCE of domain 0 leaves as they are.
+    dom0.watch("/i0", "tok")
+    assert dom0.wait_event() == ("/i0", "tok")
+    tx = dom0.transaction_start()
+    assert dom0.request(Op.INTRODUCE, b"0\0" b"0\0" b"1\0") == b"OK\0"
+    dom0.write("/i0", "")
+    assert dom0.wait_event() == ("/i0", "tok")
+    dom0.transaction_end(tx)
+
+
 def test_python_introduce_and_release(xsd: XenStored) -> None:
     path = xsd.introduce_domain(9)
     assert xsd.introduce_domain(9) == path

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import selectors
 import socket
 import struct
 import tempfile
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
+from xenback.sim._xenstored._connection import Connection, Domain
 
 HEADER = struct.Struct("<IIII")
 
@@ -329,6 +331,72 @@ def test_identical_events_waiting_for_a_slow_watcher_are_queued_once() -> None:
                 writer.set_perms("@introduceDomain", ["n0"])
             assert slow.read("/n") == str(writes - 1).encode()
             assert list(slow.events) == [("@introduceDomain", token)] * specials
+
+
+class _Kernel:
+    """The socket of a connection whose kernel takes ``room`` bytes more."""
+
+    def __init__(self) -> None:
+        self.room = 0
+
+    def fileno(self) -> int:
+        return -1
+
+    def send(self, data: bytes) -> int:
+        n = min(self.room, len(data))
+        self.room -= n
+        return n
+
+    def close(self) -> None:
+        pass
+
+
+def _event(path: str, token: str = "t") -> bytes:
+    payload = f"{path}\0{token}\0".encode()
+    return HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload
+
+
+def test_identical_events_are_coalesced_only_while_one_waits_in_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An event the kernel took whole may have been read and acted on
+    # already: an identical one must be queued again, whatever else waits.
+    # One the kernel took in part has not reached the watcher whole yet.
+    # The table of waiting events follows the output it describes, and a
+    # closed connection keeps none.  (The loop thread's work, done here.)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, selectors.DefaultSelector() as sel:
+        xsd = XenStored(Path(d))
+        xsd._selector = sel  # which the connection is not registered with
+        monkeypatch.setattr(xsd, "_set_events", lambda conn, events: None)
+        kernel = _Kernel()
+        conn = Connection(kernel, Domain(0, True), "#1")  # type: ignore[arg-type]
+        a, b, special = _event("/a"), _event("/b"), _event("@releaseDomain")
+        xsd._send_event(conn, a)
+        xsd._send_event(conn, a)
+        xsd._send_event(conn, special)
+        xsd._send_event(conn, special)
+        assert bytes(conn.out) == a + special + special
+        kernel.room = len(a)  # a sent whole; the specials wait
+        xsd._flush(conn)
+        assert list(conn.queued_events) == []
+        xsd._send_event(conn, a)
+        xsd._send_event(conn, b)
+        kernel.room = 2 * len(special) + 1  # a sent in part
+        xsd._flush(conn)
+        xsd._send_event(conn, a)
+        xsd._send_event(conn, b)
+        assert bytes(conn.out) == (a + b)[1:]
+        kernel.room = len(a) - 1  # a sent whole, b waits
+        xsd._flush(conn)
+        assert list(conn.queued_events) == [b]
+        kernel.room = len(b)
+        xsd._flush(conn)
+        assert not conn.out and not conn.queued_events
+        xsd._send_event(conn, b)
+        xsd._close(conn, "test")
+        assert not conn.queued_events
+        xsd._send_event(conn, a)
+        assert not conn.queued_events
 
 
 def test_client_not_reading_replies_is_paused_not_dropped(xsd: XenStored) -> None:

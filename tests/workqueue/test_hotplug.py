@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from workqueue import LoadIndex, Topology, Work, blocking
+from workqueue import LoadIndex, Topology, Work, _pool, blocking
+from workqueue._timer import armed_timers, del_timer
+from workqueue._watchdog import _watchdog_timer_fn
 
 TIMEOUT = 10.0
 
@@ -369,6 +371,107 @@ def test_a_tunable_lowered_applies_to_the_checks_already_armed(
         assert done.wait(10), "the hog kept counting: the lowered threshold was not used"
         topo.watchdog_thresh = 0.05
         assert logged.seen.wait(10), "the stall was not reported: the watchdog slept on"
+    finally:
+        release.set()
+
+
+def test_a_tunable_set_as_its_check_fires_leaves_one_check_armed(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog's timer may fire while the setter re-arms it (the
+    timer thread takes it, then its callback waits for the engine lock the
+    setter holds).  The callback then arms the next check itself: the one
+    the setter armed must not be left armed beside it, a second watchdog
+    re-arming itself for as long as items run, that nothing deletes."""
+    topo = Topology(1, cpu_intensive_thresh=3600.0, watchdog_thresh=3600.0)
+    wq = make_wq(topology=topo)
+    started, release = threading.Event(), threading.Event()
+    arm = _pool._arm_watchdog
+    firing: list[threading.Thread] = []
+
+    def arm_as_the_old_check_fires(pset: Any) -> None:
+        # What the timer thread does with a due timer: take it, and call
+        # its callback, which waits for the lock the setter holds.
+        assert del_timer(pset.watchdog)
+        firing.append(threading.Thread(target=_watchdog_timer_fn, args=(pset,)))
+        firing[0].start()
+        arm(pset)
+
+    wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        pset = topo._pools
+        assert pset.watchdog is not None  # armed before the item ran
+        monkeypatch.setattr(_pool, "_arm_watchdog", arm_as_the_old_check_fires)
+        topo.watchdog_thresh = 1800.0
+        monkeypatch.undo()
+        firing[0].join(TIMEOUT)
+        assert not firing[0].is_alive()
+        with _pool.lock:
+            armed = [fn for fn, arg in armed_timers() if arg is pset]
+            assert armed == [_watchdog_timer_fn] and pset.watchdog is not None
+    finally:
+        release.set()
+
+
+def test_a_tunable_set_cut_short_by_ctrl_c_leaves_one_check_running(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between the arming of the new check and the deletion of the
+    old one leaves both armed: the old one, when it fires, must leave the
+    watching to the new one, not start a second chain of checks."""
+    topo = Topology(1, cpu_intensive_thresh=3600.0, watchdog_thresh=3600.0)
+    wq = make_wq(topology=topo)
+    started, release = threading.Event(), threading.Event()
+
+    def ctrl_c(handle: Any) -> bool:
+        raise KeyboardInterrupt
+
+    wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        pset = topo._pools
+        old = pset.watchdog
+        assert old is not None  # armed before the item ran
+        monkeypatch.setattr(_pool, "del_timer", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            topo.watchdog_thresh = 1800.0
+        monkeypatch.undo()
+        assert del_timer(old)  # as the timer thread takes it when due
+        _watchdog_timer_fn(pset)
+        with _pool.lock:
+            armed = [fn for fn, arg in armed_timers() if arg is pset]
+            assert armed == [_watchdog_timer_fn] and pset.watchdog is not None
+    finally:
+        release.set()
+
+
+def test_a_tunable_set_as_its_tick_fires_leaves_one_tick_armed(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for the CPU-intensive check of a pool."""
+    topo = Topology(1, cpu_intensive_thresh=3600.0, watchdog_thresh=3600.0)
+    wq = make_wq(topology=topo)
+    started, release = threading.Event(), threading.Event()
+    arm = _pool.arm_tick
+    firing: list[threading.Thread] = []
+
+    def arm_as_the_old_tick_fires(pool: Any) -> None:
+        assert del_timer(pool.tick)
+        firing.append(threading.Thread(target=_pool._cpu_intensive_tick, args=(pool,)))
+        firing[0].start()
+        arm(pool)
+
+    wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        wq.queue_work(Work(lambda work: None))  # waits: the hog's run time is watched
+        (pool,) = [p for p in topo._pools.pools() if p.tick is not None]
+        monkeypatch.setattr(_pool, "arm_tick", arm_as_the_old_tick_fires)
+        topo.cpu_intensive_thresh = 1800.0
+        monkeypatch.undo()
+        firing[0].join(TIMEOUT)
+        assert not firing[0].is_alive()
+        with _pool.lock:
+            armed = [fn for fn, arg in armed_timers() if arg is pool]
+            assert armed == [_pool._cpu_intensive_tick] and pool.tick is not None
     finally:
         release.set()
 

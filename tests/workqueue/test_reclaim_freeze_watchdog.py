@@ -380,6 +380,7 @@ def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
         logged.seen.clear()
         release.clear()
         wq.queue_work(Conn(stuck))
+        wq.queue_work(Conn(lambda w: None))  # pending behind it, in the pool's dump
         try:
             assert logged.seen.wait(TIMEOUT), "the stall was not reported"
         finally:
@@ -387,6 +388,7 @@ def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
         wq.flush()
     message = logged.records[-1].getMessage()
     assert "Conn object at" in message and "its repr() raised OSError" in message, message
+    assert "pending: <" in message and message.count("its repr() raised OSError") == 3, message
 
 
 def test_idle_workers_beyond_two_exit_after_the_idle_timeout(

@@ -12,7 +12,9 @@ kernel's return.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import WQ_FREEZABLE, DelayedWork, Work, Workqueue
+from workqueue import WQ_FREEZABLE, DelayedWork, Topology, Work, Workqueue
 from workqueue._pool import Completion
 
 TIMEOUT = 10.0
@@ -144,6 +146,64 @@ def test_a_timed_out_flush_names_an_item_whose_repr_fails(make_wq: Any, held: He
     held.release.set()
     work.flush(timeout=TIMEOUT)
     assert not blocker.running
+
+
+
+def test_refusals_name_an_item_whose_repr_fails(make_wq: Any) -> None:
+    """A misuse is a RuntimeError saying what was misused, whatever the
+    item's repr() does, not the repr's own error."""
+    named = r"<.*_Conn object at 0x[0-9a-f]+> \(its repr\(\) raised OSError\)"
+    with pytest.raises(RuntimeError, match=f"^enable\\(\\) of {named}, which is not disabled$"):
+        _Conn(lambda w: None).enable()
+    refused: list[str] = []
+
+    def flush_self(work: Work) -> None:
+        with pytest.raises(RuntimeError) as info:
+            work.flush(timeout=TIMEOUT)
+        refused.append(str(info.value))
+
+    work = _Conn(flush_self)
+    assert make_wq().queue_work(work)
+    work.flush(timeout=TIMEOUT)
+    (message,) = refused
+    assert re.match(f"^flush\\(\\) of {named} from its own function would deadlock$", message)
+
+
+class _DelayedConn(DelayedWork):
+    def __repr__(self) -> str:
+        raise OSError("the socket is closed")
+
+
+def test_a_delayed_item_dropped_is_logged_though_its_repr_fails(
+        make_wq: Any, log_waiter: Any) -> None:
+    """The error that says a delayed item was not run is the one trace of
+    it: a failing repr() must not lose it (on the timer thread, where the
+    logging module would format it late)."""
+    logged = log_waiter("workqueue._workqueue", "became due")
+    wq = make_wq()
+    assert wq.queue_delayed_work(_DelayedConn(lambda w: None), 0.01)
+    wq.destroy(timeout=TIMEOUT)
+    assert logged.seen.wait(TIMEOUT), "the dropped item was not logged"
+    message = logged.records[0].getMessage()
+    assert "_DelayedConn object at" in message and "its repr() raised OSError" in message
+
+
+def test_a_hog_whose_repr_fails_is_named_in_the_debug_log(
+        make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture) -> None:
+    """The CPU-intensive check logs the item it stops counting, on the
+    timer thread under the engine lock: a repr() that raised there would
+    leave the pool's other items waiting behind the hog."""
+    caplog.set_level(logging.DEBUG, logger="workqueue._pool")
+    wq = make_wq(topology=Topology(1, cpu_intensive_thresh=0.01))
+    running(wq, held, _Conn)
+    behind = threading.Event()
+    assert wq.queue_work(Work(lambda w: behind.set()))
+    try:
+        assert behind.wait(TIMEOUT), "the item behind the hog did not run"
+    finally:
+        held.release.set()
+    hogged = [r.getMessage() for r in caplog.records if "hogged" in r.getMessage()]
+    assert hogged and "its repr() raised OSError" in hogged[0], hogged
 
 
 def test_flush_with_a_timeout_that_does_not_expire_returns_the_kernels_value(
