@@ -297,10 +297,16 @@ class FrontRing(_SharedRing):
         self._put(self.req_prod_pvt, req)
         self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK
 
-    def push_requests(self) -> bool:
+    def push_requests(self, since: int | None = None) -> bool:
         """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`` (the old ``req_prod``
-        is the one we last published, as in :meth:`BackRing.push_responses`)."""
-        old = self._req_pushed
+        is the one we last published, as in :meth:`BackRing.push_responses`).
+
+        ``since``, if given, is the old ``req_prod`` instead: the one up to
+        which the other end was last notified, or needed no notify.  For a
+        caller whose notify may be lost between this check and the notify
+        (a signal's handler raising there): the next check then still asks
+        for the notify that the other end's ``req_event`` waits for."""
+        old = self._req_pushed if since is None else since
         new = self.req_prod_pvt
         _wmb()
         self._idx[_REQ_PROD] = new

@@ -193,11 +193,16 @@ def held(lock: threading.Lock, deadline: Deadline) -> Iterator[None]:
 class Slot:
     """One command in flight: the response table entry of its ring slot."""
 
-    __slots__ = ("cmd", "sock_id", "done", "ret", "abandoned", "on_done")
+    __slots__ = ("cmd", "sock_id", "req_id", "sent", "done", "ret", "abandoned", "on_done")
 
     def __init__(self, cmd: int, sock_id: int) -> None:
         self.cmd = cmd
         self.sock_id = sock_id
+        # Set by Frontend._submit under its lock, as the request goes on
+        # the command ring: whatever interrupts the submitter, its caller
+        # knows whether the request went out (its answer will come).
+        self.req_id = -1
+        self.sent = False
         self.done = False
         self.ret = 0
         # Nobody will collect the answer: free the slot when it arrives.

@@ -269,7 +269,14 @@ class Frontend(Closing):
         # Waited on only; blocks take _lock itself (see SocketState's _mutex
         # in _socket.py: a signal's handler cannot leave it held).
         self._cmd_cond = threading.Condition(self._lock)
-        self._req_prod_pvt = 0
+        # The command ring's req_prod up to which the backend was notified,
+        # or needed no notify: a submitter interrupted between its push and
+        # its notify leaves it behind, and whoever checks next (see
+        # _kick_owed) sends the notify that the backend still waits for.
+        # Written under _lock, and by a notifier after its notify without
+        # it: that may set it back (another one notified further
+        # meanwhile), which costs a notify more, never one less.
+        self._kicked_to = 0
         self._slots: list[Slot | None] = [None] * RING_SLOTS
         # Sockets that found no room for a CONNECT, ACCEPT or POLL they
         # would not wait for (fileno()'s POLL, a non-blocking accept()'s
@@ -363,7 +370,7 @@ class Frontend(Closing):
         self._death = (errno.ENOTCONN, "")
         self._xs_lost = None
         self._ring_broken = False
-        self._req_prod_pvt = 0
+        self._kicked_to = 0
         self._slots = [None] * RING_SLOTS
         self._room_waiters.clear()
         self._handlers.clear()
@@ -875,6 +882,7 @@ class Frontend(Closing):
             if woken:
                 # Cleared before looking: a finaliser appends, then sets.
                 wakeup.clear()
+                self._kick_owed()
                 self._start_reaper()
                 self._tell_room_waiters()
             for relay in relays:
@@ -1145,16 +1153,15 @@ class Frontend(Closing):
 
     def _submit(
         self,
-        cmd: int,
-        sock_id: int,
+        slot: Slot,
         fill: Callable[[Any], None],
         deadline: Deadline,
         *,
         reserve: bool = True,
-        on_done: Callable[[int], None] | None = None,
         sock: PVSocket | None = None,
-    ) -> tuple[int, Slot]:
-        """Put one request on the command ring and notify the backend.
+    ) -> int:
+        """Put the request of ``slot`` (its command, for its socket) on the
+        command ring, notify the backend, and return its ``req_id``.
 
         ``req_id`` is the slot index, as in Linux, unless that response
         table entry is still taken (see :meth:`_free_entry`).  A request
@@ -1165,37 +1172,89 @@ class Frontend(Closing):
         free slot and entry to others (see ``_LONG_LIVED``): with 32
         non-blocking connects to silent peers in flight, no close() could
         send its RELEASE (it timed out, and left the socket in the backend).
+
+        Whatever it raises, ``slot.sent`` says whether the request went
+        out, and ``slot.req_id`` is then its entry: a Ctrl-C between the
+        push and the notify leaves a request that the backend will answer
+        (the notify it owes is sent by whoever looks next: see
+        :meth:`_kick_owed`), and its caller must treat it as it treats an
+        interrupted wait for the answer.
         """
         req = ffi.new("struct xen_pvcalls_request *")
-        req.cmd = cmd
+        req.cmd = slot.cmd
         fill(req)
-        slot = Slot(cmd, sock_id)
-        slot.on_done = on_done
-        spare = 1 if cmd in _LONG_LIVED else 0
+        spare = 1 if slot.cmd in _LONG_LIVED else 0
+        try:
+            with self._lock:
+                while True:
+                    if self._dead:
+                        raise self._gone()
+                    ring = self._ring
+                    if ring is None:
+                        raise OSError(errno.ENOTCONN, "the PV Calls frontend is not connected")
+                    if sock is not None and sock._closed:
+                        raise bad_fd()
+                    req_id = self._free_entry()
+                    if req_id is not None and self._has_room(spare):
+                        break
+                    if deadline.timeout == 0.0:
+                        raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+                    self._cmd_cond.wait(deadline.nap())
+                req.req_id = slot.req_id = req_id
+                raw = bytes(ffi.buffer(req))
+                prod = ring.req_prod_pvt
+                if reserve:
+                    self._slots[req_id] = slot
+                try:
+                    ring.push_request(raw)
+                finally:
+                    # No call in here, so no signal's handler runs in it:
+                    # the request is on the ring once the index moved (the
+                    # next push_requests() publishes it, if this one does
+                    # not get to).
+                    slot.sent = ring.req_prod_pvt != prod
+                    if reserve and not slot.sent:
+                        self._slots[req_id] = None
+                # Since the last notify, not the last push: one that an
+                # interrupt cut off is asked for again.
+                notify = ring.push_requests(self._kicked_to)
+                pushed = ring.req_prod_pvt
+                if not notify:
+                    self._kicked_to = pushed
+            logger.debug("-> %s req_id=%d id=%#x", PVCALLS_COMMANDS[slot.cmd], req_id,
+                         slot.sock_id)
+            if notify:
+                self._notify(self._port)
+                self._kicked_to = pushed
+        except BaseException:
+            if slot.sent:
+                # Perhaps with its notify owed: the event thread sends it,
+                # if nobody submits or waits before.
+                wakeup = self._wakeup
+                if wakeup is not None:
+                    wakeup.set()
+            raise
+        return req_id
+
+    def _kick_owed(self) -> None:
+        """Notify the backend if a submitter was interrupted between its
+        push and its notify (see :meth:`_submit`), and nobody notified
+        since: its request, and every one after it, would wait for the
+        next command's push.  Called by waiters and the event thread."""
+        ring = self._ring
+        if ring is None or self._kicked_to == ring.req_prod_pvt:
+            return  # read without the lock: nothing pushed since the last kick
         with self._lock:
-            while True:
-                if self._dead:
-                    raise self._gone()
-                if self._ring is None:
-                    raise OSError(errno.ENOTCONN, "the PV Calls frontend is not connected")
-                if sock is not None and sock._closed:
-                    raise bad_fd()
-                req_id = self._free_entry()
-                if req_id is not None and self._has_room(spare):
-                    break
-                if deadline.timeout == 0.0:
-                    raise BlockingIOError(errno.EAGAIN, "the command ring is full")
-                self._cmd_cond.wait(deadline.nap())
-            req.req_id = req_id
-            if reserve:
-                self._slots[req_id] = slot
-            self._ring.push_request(bytes(ffi.buffer(req)))
-            self._req_prod_pvt = (self._req_prod_pvt + 1) & 0xFFFFFFFF
-            notify = self._ring.push_requests()
-        logger.debug("-> %s req_id=%d id=%#x", PVCALLS_COMMANDS[cmd], req_id, sock_id)
-        if notify:
-            self._notify(self._port)
-        return req_id, slot
+            ring = self._ring
+            if ring is None or self._dead:
+                return
+            notify = ring.push_requests(self._kicked_to)
+            pushed = ring.req_prod_pvt
+            if not notify:
+                self._kicked_to = pushed
+                return
+        self._notify(self._port)
+        self._kicked_to = pushed
 
     def _has_room(self, spare: int) -> bool:
         """Under _lock: whether the command ring and the response table
@@ -1259,7 +1318,8 @@ class Frontend(Closing):
         short among them, would wait for it: the whole frontend stalled 31
         commands after one connect to a slow peer.  The backend only echoes
         req_id, so any free entry serves."""
-        first = self._req_prod_pvt & (RING_SLOTS - 1)
+        assert self._ring is not None
+        first = self._ring.req_prod_pvt & (RING_SLOTS - 1)
         for i in range(RING_SLOTS):
             req_id = (first + i) & (RING_SLOTS - 1)
             if self._slots[req_id] is None:
@@ -1275,6 +1335,7 @@ class Frontend(Closing):
         the request in flight; the caller either waits again later or
         abandons it.
         """
+        self._kick_owed()
         with self._lock:
             while not slot.done:
                 if self._dead:
@@ -1311,12 +1372,15 @@ class Frontend(Closing):
               sock: PVSocket | None = None, on_late: Callable[[int], None] | None = None) -> int:
         """Submit one command and wait for its ``ret``; abandon it on timeout
         (or when ``sock`` gets closed, or an interrupt), with ``on_late``
-        to take the answer (see :meth:`_abandon`)."""
-        req_id, slot = self._submit(cmd, sock_id, fill, deadline)
+        to take the answer (see :meth:`_abandon`), also when an interrupt
+        cut the submit short after the request went out."""
+        slot = Slot(cmd, sock_id)
         try:
+            req_id = self._submit(slot, fill, deadline)
             return self._wait_slot(req_id, slot, deadline, sock)
         except BaseException:
-            self._abandon(req_id, slot, on_late)
+            if slot.sent:
+                self._abandon(slot.req_id, slot, on_late)
             raise
 
     def _on_command_event(self) -> None:
@@ -1450,15 +1514,15 @@ class Frontend(Closing):
             # The event thread (releasing an accepted socket, see
             # _finish_release) must not wait for a slot only it can free.
             timeout = 0.0 if threading.current_thread() is self._thread else self.timeout
+            slot = Slot(PVCALLS_RELEASE, st.id)
+            slot.on_done = lambda ret: self._released(pending, ret)
             try:
-                self._submit(PVCALLS_RELEASE, st.id, fill, Deadline(timeout),
-                             on_done=lambda ret: self._released(pending, ret))
+                self._submit(slot, fill, Deadline(timeout))
             except BaseException as exc:
-                # Not sent.  Also when the wait for room was interrupted
-                # (Ctrl-C in the main thread): the socket is closed already
-                # (a second close() does nothing), so what it shared is
-                # freed here, not left for an answer that will never come;
-                # the interrupt goes on once that is done.
+                # The socket is closed already (a second close() does
+                # nothing), so what it shared is freed here or by the
+                # answer, and an interrupt (Ctrl-C in the main thread)
+                # goes on once that is done.
                 if isinstance(exc, OSError | TimeoutError):
                     # Moot if the backend went away meanwhile: the socket
                     # went with it (every call says so, with ENOTCONN).
@@ -1466,10 +1530,13 @@ class Frontend(Closing):
                     logger.log(level, "RELEASE of %#x failed: %s", st.id, exc)
                 else:
                     interrupted = exc
-                with self._lock:
-                    self._releases.discard(rel)
-                    self._cmd_cond.notify_all()  # close() may wait for the last one
-                rel = None
+                if not slot.sent:
+                    # Not freed by an answer that will never come.  Also
+                    # when the wait for room was interrupted.
+                    with self._lock:
+                        self._releases.discard(rel)
+                        self._cmd_cond.notify_all()  # close() may wait for the last one
+                    rel = None
         inflight = ring = None
         if sock is None:
             # Dropped: no call of the socket is left to wait out, and
@@ -1514,8 +1581,6 @@ class Frontend(Closing):
                 fd_error = exc
         if rel is None:
             self._finish_release(ring, inflight, released=False)
-            if interrupted is not None:
-                raise interrupted
         else:
             with self._lock:
                 rel.ring, rel.inflight, rel.taken = ring, inflight, True
@@ -1525,6 +1590,8 @@ class Frontend(Closing):
                     self._cmd_cond.notify_all()  # close() may wait for the last one
             if finish:
                 self._finish_release(ring, inflight, released=rel.ret == 0)
+        if interrupted is not None:
+            raise interrupted
         if fd_error is not None:
             raise fd_error
 

@@ -568,6 +568,7 @@ class PVSocket(Closing):
             self._check_open()
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
+            slot = Slot(PVCALLS_CONNECT, self.id)
             try:
                 # In the try: a Ctrl-C as it returns must not leave the
                 # socket with a ring and no CONNECT (EISCONN for ever).
@@ -581,9 +582,13 @@ class PVSocket(Closing):
                     req.u.connect.ref = ring.ref
                     req.u.connect.evtchn = ring.port
 
-                req_id, slot = self._fe._submit(PVCALLS_CONNECT, self.id, fill,
-                                                Deadline(self._timeout), sock=self)
+                req_id = self._fe._submit(slot, fill, Deadline(self._timeout), sock=self)
             except BaseException as exc:
+                if slot.sent:
+                    # Interrupted between the push and the notify: the
+                    # backend has the ring, as after an interrupted wait.
+                    self._abandon_connect(slot)
+                    raise
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
                 # ours to free, and connect() may be tried again.
@@ -609,14 +614,7 @@ class PVSocket(Closing):
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
             except BaseException:
-                self._fe._abandon(req_id, slot)
-                # The answer still comes; nobody will read it.  Like Linux,
-                # keep the ring until RELEASE.  Not only on a timeout: after
-                # an interrupt (Ctrl-C in the main thread's wait) nobody
-                # knows either whether the socket will be connected, and a
-                # recv() on the ring would wait for data that may never come.
-                # (Closed or frontend gone: only close() was left anyway.)
-                self._broken = True
+                self._abandon_connect(slot)
                 raise
             if ret < 0:
                 # The backend has let go of the ring and the id is a new
@@ -646,6 +644,18 @@ class PVSocket(Closing):
                 self._send_lock.release()
             finally:
                 self._recv_lock.release()
+
+    def _abandon_connect(self, slot: Slot) -> None:
+        """connect() gives up on its CONNECT, sent: the answer still comes;
+        nobody will read it.  Like Linux, keep the ring until RELEASE.  Not
+        only on a timeout: after an interrupt (Ctrl-C in the main thread's
+        wait, or between the push and the notify) nobody knows either
+        whether the socket will be connected, and a recv() on the ring
+        would wait for data that may never come.  (Closed or frontend
+        gone: only close() was left anyway.)  Under the receive and send
+        locks."""
+        self._fe._abandon(slot.req_id, slot)
+        self._broken = True
 
     def _connect_in_background(self, req_id: int, slot: Slot, host: str, port: int) -> None:
         """Non-blocking connect(): the CONNECT went out; its answer
@@ -889,6 +899,7 @@ class PVSocket(Closing):
         ring until ``deadline``.  If it cannot be sent, the connection is
         still pending: the next accept() takes it."""
         new = self._fe._new_socket(offered=True)
+        slot = Slot(PVCALLS_ACCEPT, self.id)
         try:
             ring = self._fe._new_data_ring(new)
 
@@ -898,8 +909,10 @@ class PVSocket(Closing):
                 req.u.accept.ref = ring.ref
                 req.u.accept.evtchn = ring.port
 
-            req_id, slot = self._fe._submit(PVCALLS_ACCEPT, self.id, fill, deadline, sock=self)
+            self._fe._submit(slot, fill, deadline, sock=self)
         except BaseException as exc:
+            if slot.sent:
+                raise  # in flight all the same (below)
             # Nothing went out: the new socket goes, without RELEASE.
             self._fe._drop_socket(new, reusable=True)
             with self._mutex:
@@ -909,9 +922,14 @@ class PVSocket(Closing):
                 self._room_later()  # non-blocking: readable again once there is room
             self._update_ready()
             raise
-        with self._mutex:
-            self._st.accept_inflight = (req_id, slot, new)
-            self._accepting = False
+        finally:
+            if slot.sent:
+                # Also when interrupted between the push and the notify:
+                # in flight, as after an interrupted wait for the answer,
+                # which the next accept() takes.
+                with self._mutex:
+                    self._st.accept_inflight = (slot.req_id, slot, new)
+                    self._accepting = False
 
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         """Copy ``data`` into the out ring and return how many bytes were
@@ -1623,12 +1641,16 @@ class PVSocket(Closing):
                 if self._closed:
                     return
                 self._poll_inflight = True
+            slot = Slot(PVCALLS_POLL, self.id)
             try:
-                self._fe._submit(PVCALLS_POLL, self.id, fill,
-                                 deadline if wait and deadline else Deadline(0.0),
+                self._fe._submit(slot, fill, deadline if wait and deadline else Deadline(0.0),
                                  reserve=False, sock=self)
                 return
             except BaseException as exc:
+                if slot.sent:
+                    # Interrupted between the push and the notify: in
+                    # flight, its answer comes to _on_poll.
+                    raise
                 with self._mutex:
                     self._poll_inflight = False
                 if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:

@@ -107,6 +107,23 @@ def test_init_must_be_true_or_false(flag: object) -> None:
     assert _header(memoryview(buf)) == (7, 8, 5, 6)
 
 
+def test_a_notify_lost_is_asked_for_again_since_the_last_one_sent() -> None:
+    """push_requests(since=...): the check spans every push after the
+    last notify, so that a notify the first push asked for, and its
+    caller never sent, is asked for again by the next push (which by
+    itself needs none: the other end still waits for the first)."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    assert front.push_requests(0) is True  # req_event 1: notify... lost
+    front.push_request(REQ.pack(2, 0))
+    assert front.push_requests(0) is True  # still owed
+    front.push_request(REQ.pack(3, 0))
+    assert front.push_requests(2) is False  # notified up to 2 since
+    assert front.push_requests(3) is False  # nothing new
+    assert _header(memoryview(buf))[0] == 3  # all published
+
+
 def test_notification_rules() -> None:
     buf = bytearray(4096)
     front = FrontRing(buf, SLOT)
