@@ -47,6 +47,7 @@ from pvcalls import _wire
 from pvcalls._socket import PassiveSocket
 from pvcalls.frontend import _frontend
 from pvcalls.frontend._common import RECV, RESETS_IN_A_ROW, SEND, Deadline
+from xenback.ring import _REQ_EVENT
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
 
@@ -2592,6 +2593,14 @@ def test_a_data_ring_that_cannot_share_its_pages_closes_its_own_handle(
             assert _released(host, before), sorted(_held(host)[1] - before[1])
 
 
+def _command_ring_idle(fe: pvcalls.Frontend) -> bool:
+    """The backend has taken every request and waits for the next one's
+    notify (its req_event is just past our req_prod)."""
+    ring = fe._ring
+    assert ring is not None
+    return ring._idx[_REQ_EVENT] == (ring.req_prod_pvt + 1) & 0xFFFFFFFF
+
+
 def _sweep_interrupts(host: SimHost, name: str,
                       prepare: Callable[[pvcalls.Frontend], pvcalls.PVSocket],
                       call: Callable[[pvcalls.PVSocket], object],
@@ -2620,6 +2629,11 @@ def _sweep_interrupts(host: SimHost, name: str,
         try:
             fe.open()
             what = prepare(fe)
+            # The backend waits for a notify before the call, as the
+            # sweep's "landed in _notify" assertions want: a backend still
+            # in its last check of the command ring needs none (ring.h's
+            # req_event), and a loaded machine made that happen.
+            wait_until(lambda fe=fe: _command_ring_idle(fe))
             where = interrupted_at(n, within, lambda what=what: call(what), unless)
             try:
                 if then is None:
