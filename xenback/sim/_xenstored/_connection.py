@@ -5,7 +5,6 @@ Threading: none.  Everything here belongs to the server's loop thread.
 
 from __future__ import annotations
 
-import collections
 import logging
 import socket
 from pathlib import Path
@@ -82,10 +81,11 @@ class Connection:
         #: bytes of output the kernel has taken so far: the offset of
         #: ``out[0]`` in everything ever queued for this client
         self.out_base = 0
-        #: watch events in ``out`` (whole messages) -> the offset just past
-        #: the last copy queued, oldest first; an entry whose offset is at
-        #: most ``out_base`` is stale (see XenStored._send_event)
-        self.queued_events: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        #: watch events waiting in ``out``, wholly or in part (whole
+        #: messages) -> the offset just past them, oldest first.  Every
+        #: entry waits: only XenStored._flush moves ``out_base``, and it
+        #: drops the entries the kernel has taken (see _send_event).
+        self.queued_events: dict[bytes, int] = {}
         self.watches: list[Watch] = []
         self.transactions: dict[int, Transaction] = {}
         self.next_tx_id = 1

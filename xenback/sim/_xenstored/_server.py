@@ -466,14 +466,11 @@ class XenStored:
         if event.startswith(b"@", HEADER_SIZE):
             self._send(conn, event)
             return
-        queued = conn.queued_events
-        end = queued.get(event)
-        if end is not None and end > conn.out_base:
+        if event in conn.queued_events:
             return  # still waiting, wholly or in part
         self._send(conn, event)
         if not conn.closed:
-            queued[event] = conn.out_base + len(conn.out)
-            queued.move_to_end(event)
+            conn.queued_events[event] = conn.out_base + len(conn.out)
 
     @staticmethod
     def _forget_sent_events(conn: Connection) -> None:
