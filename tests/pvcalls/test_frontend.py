@@ -2540,6 +2540,18 @@ def _released(host: SimHost, before: tuple[dict[str, int], frozenset[tuple[int, 
     return all(n <= before[0][k] for k, n in stats.items()) and fds <= before[1]
 
 
+def _wait_released(host: SimHost, before: tuple[dict[str, int], frozenset[tuple[int, str]]],
+                   what: str) -> None:
+    """Wait until all held since ``before`` is released, else fail saying
+    what is still held after ``what``."""
+    try:
+        wait_until(lambda: _released(host, before))
+    except TimeoutError:
+        raise AssertionError(
+            f"{what}: still held {_held(host)[0]} (was {before[0]}), "
+            f"new descriptors {sorted(_held(host)[1] - before[1])}") from None
+
+
 @pytest.mark.timeout(600)
 def test_a_frontend_interrupted_anywhere_in_its_connection_leaves_nothing(
     host: SimHost, backend: Any
@@ -2558,12 +2570,7 @@ def test_a_frontend_interrupted_anywhere_in_its_connection_leaves_nothing(
             break
         landed += 1
         fe.close()
-        try:
-            wait_until(lambda before=before: _released(host, before))
-        except TimeoutError:
-            raise AssertionError(
-                f"call {n} returning in _connect: still held {_held(host)[0]} (was "
-                f"{before[0]}), new descriptors {sorted(_held(host)[1] - before[1])}") from None
+        _wait_released(host, before, f"call {n} returning in _connect")
     try:  # opened, undisturbed
         fe.socket().close()
     finally:
@@ -2651,12 +2658,7 @@ def _sweep_interrupts(host: SimHost, name: str,
         finally:
             fe.close()
             after()
-        try:
-            wait_until(lambda before=before: _released(host, before))
-        except TimeoutError:
-            raise AssertionError(
-                f"interrupted {where or 'nowhere'}: still held {_held(host)[0]} (was "
-                f"{before[0]}), new descriptors {sorted(_held(host)[1] - before[1])}") from None
+        _wait_released(host, before, f"interrupted {where or 'nowhere'}")
         if not where:
             return landed
         landed.append(where)

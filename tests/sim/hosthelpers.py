@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from fdcensus import descriptors  # noqa: F401  (re-exported for the sim tests)
 
-from xenback.sim import Domain, EventChannel
+from xenback.sim import Domain, EventChannel, SimHost
 from xenback.sim._xenstored import RawClient, XenStored, XsError
 
 
@@ -120,3 +120,22 @@ def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> thread
             pass
 
     return serve_one_client(path, handle)
+
+
+HandleCensus = tuple[int, frozenset[tuple[int, str]]]
+
+
+def handle_census(host: SimHost) -> HandleCensus:
+    """The simulated hypervisor's handle connections and this process's
+    descriptors, for :func:`released_since`."""
+    return host.hypervisor.stats()["connections"], descriptors()
+
+
+def released_since(host: SimHost, before: HandleCensus, where: str) -> None:
+    """Wait until every handle and descriptor made since ``before`` is
+    gone; else fail saying what is left after ``where``."""
+    assert eventually(lambda: (
+        host.hypervisor.stats()["connections"] == before[0]
+        and descriptors() <= before[1])), (
+        f"interrupted {where}: still held: {host.hypervisor.stats()['connections']} "
+        f"connections (was {before[0]}), new descriptors {sorted(descriptors() - before[1])}")

@@ -10,7 +10,14 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from hosthelpers import descriptors, eventually, readable, service_caught_up, wait_pending
+from hosthelpers import (
+    eventually,
+    handle_census,
+    readable,
+    released_since,
+    service_caught_up,
+    wait_pending,
+)
 from stolensignal import interrupted_as_call_returns, interrupted_at
 
 import xenback
@@ -1062,7 +1069,7 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
     within = os.path.dirname(xenback.__file__)
     landed: list[str] = []
     for n in itertools.count():
-        before = (host.hypervisor.stats()["connections"], descriptors())
+        before = handle_census(host)
         made: list[EventChannel] = []
         # This lambda is no place of xenback's: a Ctrl-C lands in
         # evtchn() or not at all.
@@ -1073,11 +1080,7 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
             (ch,) = made
             with ch:
                 assert ch.bind_unbound_port(0) > 0
-        assert eventually(lambda before=before: (
-            host.hypervisor.stats()["connections"] == before[0]
-            and descriptors() <= before[1])), (
-            f"interrupted {where}: still held: {host.hypervisor.stats()['connections']} "
-            f"connections (was {before[0]}), new descriptors {sorted(descriptors() - before[1])}")
+        released_since(host, before, where)
         if not where:
             break
         landed.append(where)

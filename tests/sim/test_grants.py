@@ -14,7 +14,7 @@ import types
 from collections.abc import Callable, Iterator
 
 import pytest
-from hosthelpers import descriptors, eventually
+from hosthelpers import eventually, handle_census, released_since
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
@@ -975,7 +975,7 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
     within = os.path.dirname(xenback.__file__)
     landed: list[str] = []
     for n in itertools.count():
-        before = (host.hypervisor.stats()["connections"], descriptors())
+        before = handle_census(host)
         made: list[GrantShare | GrantTable] = []
         # This lambda is no place of xenback's: a Ctrl-C lands in the
         # factory or not at all.
@@ -986,11 +986,7 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
             (handle,) = made
             with handle:
                 _use(handle, guest)
-        assert eventually(lambda before=before: (
-            host.hypervisor.stats()["connections"] == before[0]
-            and descriptors() <= before[1])), (
-            f"interrupted {where}: still held: {host.hypervisor.stats()['connections']} "
-            f"connections (was {before[0]}), new descriptors {sorted(descriptors() - before[1])}")
+        released_since(host, before, where)
         if not where:
             break
         landed.append(where)
