@@ -111,7 +111,13 @@ class _TimerBase:
             assert callback is not None
             try:
                 callback(arg)
-            except Exception:
+            except BaseException:
+                # Whatever it is, as a work function's (see _pool's
+                # process_works): a SystemExit or another BaseException
+                # that ended this thread would leave every later timer of
+                # the process unfired, delayed work never queued, without
+                # a word.  No signal's handler runs here (CPython runs
+                # them in the main thread), so this swallows no Ctrl-C.
                 logger.exception("timer callback %r failed", callback)
             del callback, arg, handle
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from wqhelpers import assert_next_run_waits
 
-from workqueue import DelayedWork, Topology, Work
+from workqueue import DelayedWork, Topology, Work, _timer
 from workqueue._timer import add_timer
 
 TIMEOUT = 10.0
@@ -462,3 +462,29 @@ def test_mod_delayed_work_while_its_function_runs(make_wq: Any, tracer: Any) -> 
     assert tracer.of(dw) == ["queue", "activate", "execute_start", "queue", "activate",
                              "execute_end", "execute_start", "execute_end"]
     assert dw.pending is False
+
+
+class _Stop(BaseException):
+    """What no `except Exception` catches, as SystemExit is not."""
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), _Stop("out")], ids=["SystemExit", "BaseException"])
+def test_a_timer_callback_raising_a_base_exception_leaves_the_timers_running(
+        exc: BaseException, log_waiter: Any) -> None:
+    """The timer thread is every timer's, of every workqueue: a callback
+    that raises, whatever it raises, is logged and the later timers still
+    fire, as a worker logs a work function's and runs the next item.  (A
+    private timer thread: the process's one must outlive the test even
+    where this fails.)"""
+    timers = _timer._TimerBase()
+    logged = log_waiter("workqueue._timer", "timer callback")
+    fired = threading.Event()
+
+    def raising(arg: object) -> None:
+        raise exc
+
+    timers.add(0, raising, None)
+    timers.add(0, lambda arg: fired.set(), None)  # due after it (FIFO for equal deadlines)
+    assert fired.wait(TIMEOUT), "the timer thread died with the callback"
+    assert len(logged.records) == 1
+    assert logged.records[0].exc_info is not None and logged.records[0].exc_info[1] is exc
