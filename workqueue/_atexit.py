@@ -15,12 +15,16 @@ not: the items still pending then -- queued, or on their timers -- are
 counted in one warning, per workqueue, with the first few of each.
 Running ones stop with the process, unsaid.
 
-A frozen workqueue's calls cannot run until thaw(), which nobody will call
-any more: they are dropped, with a warning.  Nor can those a forked child
-inherits: only the forking thread lives on in the child, not the workers,
-so the child forgets the workqueues it inherited and exits without waiting
-for them (a ThreadPoolExecutor's child does too: its exit hook joins
-threads that the child does not have).
+A frozen workqueue's calls queued since the freeze cannot run until thaw(),
+which nobody will call any more: they are dropped, with a warning.  Those
+it still runs -- a freeze() that timed out leaves them running, and one
+still waiting lets them run -- are waited for, as freeze() waits for them.
+
+Nor can the calls run that a forked child inherits: only the forking
+thread lives on in the child, not the workers, so the child forgets the
+workqueues it inherited and exits without waiting for them (a
+ThreadPoolExecutor's child does too: its exit hook joins threads that the
+child does not have).
 
 The hook is threading's, not atexit's, as concurrent.futures' is: it runs
 before the interpreter starts refusing new threads, which a pool may need
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING
 from ._pool import work_name
 
 if TYPE_CHECKING:
+    from ._work import Work
     from ._workqueue import Workqueue
 
 __all__ = ["register", "wait_for_calls"]
@@ -69,26 +74,40 @@ def wait_for_calls() -> None:
     say which work items are dropped."""
     global _exiting
     _exiting = True
-    dropped: set[Workqueue] = set()
     while True:
         with _lock:
-            live = [wq for wq in _live if wq not in dropped]
-        works = []
+            live = list(_live)
+        held: dict[Workqueue, list[Work]] = {}
+        waited = False
         for wq in live:
-            found = wq._call_works()
-            if found and wq._frozen:
-                logger.warning("workqueue %r is frozen at exit: %d submitted calls will not run",
-                               wq.name, len(found))
-                dropped.add(wq)
-            else:
-                works += found
-        if not works:
+            will_run, held_back = wq._calls_at_exit()
+            for work in will_run:
+                work.flush()
+                waited = True
+            # A freeze holds back the next run of these, not the one going
+            # on, which freeze() itself waits for: so does the exit.
+            for work in held_back:
+                waited |= work._flush(None, from_timer=False, run_only=True)
+            if held_back:
+                held[wq] = held_back
+        if not waited:
             break
-        for work in works:
-            work.flush()
+    for wq, works in held.items():
+        nr_calls = sum(map(_calls_of, works))
+        if nr_calls:
+            logger.warning("workqueue %r is frozen at exit: %d submitted calls will not run",
+                           wq.name, nr_calls)
     with _lock:
         everyone = list(_live)
     _warn_dropped(everyone)
+
+
+def _calls_of(work: Work) -> int:
+    """How many calls *work*, a call item, would run: a serial executor's
+    item runs those of its key still waiting; a run of it that ended as
+    the exit waited may have run them all."""
+    from ._serial import _SerialWork
+    return len(work.calls) if isinstance(work, _SerialWork) else 1
 
 
 def _warn_dropped(wqs: list[Workqueue]) -> None:

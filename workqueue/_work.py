@@ -167,9 +167,13 @@ class Work:
         """
         return self._flush(timeout, from_timer=False)
 
-    def _flush(self, timeout: float | None, *, from_timer: bool) -> bool:
+    def _flush(self, timeout: float | None, *, from_timer: bool, run_only: bool = False) -> bool:
         """flush(), queueing the item at once first if *from_timer* and it
-        is on its timer (DelayedWork.flush())."""
+        is on its timer (DelayedWork.flush()).  With *run_only*, it waits
+        only for the run going on now, if any, and not for a queueing
+        still pending: the exit hook's wait for an item whose next run a
+        freeze holds back (see _atexit), which a flush would wait for
+        until a thaw() nobody will call."""
         timeout = check_timeout(timeout)
         completion = Completion()
         # The flush is registered, and taken back when the wait times out,
@@ -181,7 +185,7 @@ class Work:
                 if from_timer:
                     assert isinstance(self, DelayedWork)
                     dropped_by = self._queue_from_timer()
-                waiting = self._start_flush(completion)
+                waiting = self._start_flush(completion, run_only=run_only)
             if dropped_by is not None:
                 assert isinstance(self, DelayedWork)
                 dropped_by._log_dropped(self)
@@ -198,11 +202,14 @@ class Work:
             raise
         raise self._timed_out("flush", timeout)
 
-    def _start_flush(self, completion: Completion, hold: int = 0) -> bool:
+    def _start_flush(self, completion: Completion, hold: int = 0, *,
+                     run_only: bool = False) -> bool:
         """Register *completion* to complete once the current instance of
-        the item is over, and add *hold* to its disable count; False, doing
-        neither, if there is none (engine lock held)."""
-        if not (self._pending and self._entry is not None) and self._worker is None:
+        the item is over (with *run_only*, its run going on now), and add
+        *hold* to its disable count; False, doing neither, if there is
+        none (engine lock held)."""
+        on_list = self._pending and self._entry is not None
+        if self._worker is None and (run_only or not on_list):
             return False
         self._check_not_own_function("flush")
         flushers = self._flushers
@@ -211,7 +218,9 @@ class Work:
         # The hold, then its owner, with no call in between: Ctrl-C lands
         # as a call returns, and it must find both or neither.
         self._disable += hold
-        flushers.append((self._seq, completion))
+        # The queueing that runs now is an earlier one than the pending
+        # queueing's, which is the last (see wake_work_flushers).
+        flushers.append((self._seq - 1 if run_only and on_list else self._seq, completion))
         return True
 
     def _take_back_flush(self, completion: Completion) -> bool:

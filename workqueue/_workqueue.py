@@ -1055,26 +1055,49 @@ class Workqueue(Executor):
         """The items behind the calls that submit() and our serial
         executors accepted and that have not finished: queued, waiting for
         max_active, handed to a busy worker or taken by the rescuer, or
-        running.  For the exit hook
-        (see _atexit), which flushes them (a frozen workqueue's cannot run:
-        it drops them), and for shutdown(cancel_futures=True), which
-        cancels the calls waiting in the serial ones."""
+        running.  For the exit hook (see _calls_at_exit), and for
+        shutdown(cancel_futures=True), which cancels the calls waiting in
+        the serial ones."""
         with lock:
-            pwqs = self._all_pwqs()
-            pools = {pwq.pool for pwq in pwqs}
-            # Any pool's: a call still running elsewhere is handed to the
-            # worker running it (see _pool.process_works).
-            workers = every_worker(pwqs)
-            lists = [pwq.inactive for pwq in pwqs]
-            lists += [pool.worklist for pool in pools]
-            lists += [w.scheduled for w in workers]
-            mine = set(pwqs)
-            found = {work: None for lst in lists for work in lst.items
-                     if work._is_call and work._entry is lst and work._pwq in mine}
-            found.update((w.current, None) for w in workers
-                         if w.current is not None and w.current._is_call
-                         and w.current_pwq in mine)
-            return list(found)
+            return self._call_works_locked()
+
+    def _calls_at_exit(self) -> tuple[list[Work], list[Work]]:
+        """_call_works() in two: the items whose pending queueing will run,
+        or that only run now, which the exit hook flushes; and those whose
+        pending queueing waits on an inactive list of a frozen workqueue,
+        which only thaw() would let run (some may still run now: the hook
+        waits for that run, and drops the queueing)."""
+        with lock:
+            found = self._call_works_locked()
+            if not self._frozen:
+                return found, []
+            will_run: list[Work] = []
+            held: list[Work] = []
+            for work in found:
+                entry = work._entry
+                if work._pending and entry is not None and not entry.active:
+                    held.append(work)
+                else:
+                    will_run.append(work)
+            return will_run, held
+
+    def _call_works_locked(self) -> list[Work]:
+        """_call_works(), engine lock held."""
+        pwqs = self._all_pwqs()
+        pools = {pwq.pool for pwq in pwqs}
+        # Any pool's: a call still running elsewhere is handed to the
+        # worker running it (see _pool.process_works).
+        workers = every_worker(pwqs)
+        lists = [pwq.inactive for pwq in pwqs]
+        lists += [pool.worklist for pool in pools]
+        lists += [w.scheduled for w in workers]
+        mine = set(pwqs)
+        found = {work: None for lst in lists for work in lst.items
+                 if work._is_call and work._entry is lst and work._pwq in mine}
+        found.update((w.current, None) for w in workers
+                     if w.current is not None and w.current._is_call
+                     and w.current_pwq in mine)
+        return list(found)
 
     def _dropped_at_exit(self) -> list[Work]:
         """The items that the exit of the program drops (see _atexit): those

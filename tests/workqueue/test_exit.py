@@ -403,3 +403,49 @@ def test_a_workqueue_made_as_the_exit_hook_copies_the_live_ones_waits(
     assert hook.result() is None
     assert isinstance(maker.result(), Workqueue)
     assert sorted(wq.name for wq in _atexit._live) == ["first", "late"]
+
+
+def test_the_exit_waits_for_the_calls_a_frozen_workqueue_runs(tmp_path: Path) -> None:
+    """A freeze holds back what is queued after it, not what runs: freeze()
+    waits for those calls (here it timed out waiting, and the workqueue
+    stays frozen), and so does the exit, as for any workqueue's calls.
+    Only the calls that wait for a thaw() are dropped, and counted --
+    also when the serial executor whose next run is held back is still
+    running, and runs the call behind that queueing itself."""
+    done = run(tmp_path, r"""
+import logging
+import os
+import threading
+from workqueue import WQ_FREEZABLE, Topology, alloc_workqueue
+
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+# Opened only once the interpreter exits, by an exit hook of threading's,
+# registered after workqueue's, hence run before it.
+gate = threading.Event()
+threading._register_atexit(gate.set)
+
+def job(started, tag):
+    started.set()
+    assert gate.wait(30)
+    os.write(2, f"{tag} ran\n".encode())
+
+wq = alloc_workqueue("frozen", WQ_FREEZABLE, topology=Topology(2))
+started = [threading.Event(), threading.Event()]
+wq.submit(job, started[0], "the running call")
+wq.serial("key").submit(job, started[1], "serial 0")
+for event in started:
+    assert event.wait(30)
+try:
+    wq.freeze(timeout=0)
+except TimeoutError:
+    pass
+else:
+    raise AssertionError("frozen with calls in flight")
+wq.submit(job, threading.Event(), "the held call")
+wq.serial("key").submit(job, threading.Event(), "serial 1")  # run by the run of serial 0
+""")
+    lines = done.stderr.splitlines()
+    warning = "WARNING workqueue._atexit: workqueue 'frozen' is frozen at exit: 1 submitted calls"
+    assert lines[-1].startswith(warning), done.stderr
+    assert sorted(lines[:-1]) == ["serial 0 ran", "serial 1 ran", "the running call ran"], \
+        done.stderr
