@@ -490,6 +490,12 @@ class WorkerPool:
         self.tick: TimerHandle | None = None   # CPU-intensive check, when armed
         self.retry: TimerHandle | None = None  # worker creation retry, when armed
         self.create_failed = False
+        # The watchdog's view of the worklist (see _watchdog): since when
+        # it has waited with no item started (None: seen empty), what
+        # count of starts it saw then, and the stall it last reported.
+        self.watchdog_ts: float | None = None
+        self.watchdog_started = 0
+        self.watchdog_reported: float | None = None
 
     def __repr__(self) -> str:
         return f"<WorkerPool {self.name}>"
@@ -729,6 +735,10 @@ def create_worker(pool: WorkerPool) -> bool:
         send_mayday(pool)
         if pool.retry is None:
             pool.retry = add_timer(MAYDAY_INTERVAL, _retry_create, pool)
+        if pool.pset.watchdog is None:
+            # No worker runs, so none arms the watchdog: a pool that no
+            # rescuer helps would starve unreported.
+            _arm_watchdog(pool.pset)
         return False
     except BaseException:
         # Ctrl-C as the thread starts (see insert_work): it may run
@@ -893,7 +903,9 @@ def _arm_watchdog(pset: PoolSet) -> None:
 
     Once per run of a worker rather than once per item: while a worker is
     in process_works() and the lock is free, it has a current item, which
-    keeps the watchdog armed (it re-arms itself while any worker is busy).
+    keeps the watchdog armed (it re-arms itself while any worker is busy
+    or any worklist holds items).  A pool that cannot make a worker arms
+    it too (create_worker).
     """
     from ._watchdog import arm_watchdog
     arm_watchdog(pset)

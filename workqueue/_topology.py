@@ -106,8 +106,9 @@ class Topology:
     The tunables of the engine on it, in seconds: ``cpu_intensive_thresh``
     (default 0.01), after which a running item stops counting for
     concurrency management (wq_cpu_intensive_thresh_us), and
-    ``watchdog_thresh`` (default 30), after which a running item is
-    reported as stalled (wq_watchdog_thresh).
+    ``watchdog_thresh`` (default 30), after which a running item, or a
+    pool none of whose waiting items starts, is reported as stalled
+    (wq_watchdog_thresh).
     """
 
     def __init__(
@@ -200,8 +201,8 @@ class Topology:
 
     @property
     def watchdog_thresh(self) -> float:
-        """Seconds after which a running item is reported as stalled
-        (wq_watchdog_thresh)."""
+        """Seconds after which a running item, or a pool none of whose
+        waiting items starts, is reported as stalled (wq_watchdog_thresh)."""
         return self._watchdog_thresh
 
     @watchdog_thresh.setter

@@ -1,10 +1,33 @@
-"""The lockup watchdog (the kernel's wq_watchdog), reduced to one promise.
+"""The lockup watchdog (the kernel's wq_watchdog), reduced to two promises.
 
-A work item that runs longer than topology.watchdog_thresh seconds (default
-30, like wq_watchdog_thresh) is reported once per stall, through logging at
-WARNING, with a dump of its pool.  The check runs on the timer thread every
-quarter threshold while any worker of the topology is busy, and sleeps
-otherwise (a worker arms it when it starts an item).
+Each stall is reported once, through logging at WARNING, with a dump of
+its pool, once it has lasted topology.watchdog_thresh seconds (default 30,
+like wq_watchdog_thresh):
+
+* a work item that runs that long;
+
+* a pool whose worklist does not move that long: items wait on it and
+  none of the pool's items starts (every worker busy with items that
+  neither return nor say they block, or no worker to be had).  This is
+  the kernel's own lockup check, which watches pool->watchdog_ts.
+
+The kernel touches pool->watchdog_ts as a worker takes an item, on the
+hot path; ours reads instead the count of started items that every pwq
+keeps anyway (PoolWorkqueue.nr_started) and notes when it last saw it
+move, so that watching costs queue_work() and the workers nothing.  A
+stall is timed from the first check that saw the worklist waiting, or
+saw the count move while it waited: never reported early, and at most
+a quarter threshold late.  (The count moves with the pool's workers'
+`scheduled` lists too, which the kernel's stamp does not watch: an item
+that a busy worker keeps running from there hides a stall of the
+worklist behind it.)
+
+The check runs on the timer thread every quarter threshold while any
+worker of the topology is busy or any of its worklists holds items, and
+sleeps otherwise: a worker arms it when it starts running items, and so
+does a pool that fails to make a worker.  A worklist whose pool lost a
+wake-up with no worker busy anywhere would go unwatched; that is a bug
+of the engine, not a stall of the program's.
 """
 
 from __future__ import annotations
@@ -26,8 +49,26 @@ def arm_watchdog(pset: _pool.PoolSet) -> None:
     pset.watchdog = add_timer(period, _watchdog_timer_fn, pset)
 
 
+def _pool_stalled(pool: _pool.WorkerPool, now: float, thresh: float) -> float | None:
+    """For how long *pool*'s worklist has waited with no item started, if
+    that is a stall to report now, else None (engine lock held)."""
+    if not pool.worklist.nr:
+        pool.watchdog_ts = None
+        return None
+    started = sum(pwq.nr_started for pwq in pool.pwqs)
+    if pool.watchdog_ts is None or started != pool.watchdog_started:
+        pool.watchdog_ts = now
+        pool.watchdog_started = started
+        return None
+    stalled = now - pool.watchdog_ts
+    if stalled < thresh or pool.watchdog_reported == pool.watchdog_ts:
+        return None
+    pool.watchdog_reported = pool.watchdog_ts
+    return stalled
+
+
 def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
-    reports = []
+    reports: list[tuple[str, tuple[object, ...]]] = []  # logged once the lock is free
     with _pool.lock:
         if timer_pending(pset.watchdog):
             # Superseded: armed again (PoolSet.rearm_checks) as we fired.
@@ -35,17 +76,26 @@ def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
         pset.watchdog = None
         thresh = pset.topology.watchdog_thresh
         now = time.monotonic()
-        busy = False
+        watching = False
         for pool in pset.pools():
             for worker in pool.busy_workers():
-                busy = True
+                watching = True
                 if now - worker.start >= thresh and worker.reported != worker.start:
                     worker.reported = worker.start
-                    reports.append((pool.name, worker.name, _pool.work_name(worker.current),
-                                    now - worker.start, pool.dump()))
-        if busy:
+                    reports.append((
+                        "BUG: workqueue lockup - pool %s: %s has been running %s for %.1fs\n%s",
+                        (pool.name, worker.name, _pool.work_name(worker.current),
+                         now - worker.start, pool.dump())))
+            stalled = _pool_stalled(pool, now, thresh)
+            if stalled is not None:
+                reports.append((
+                    "BUG: workqueue lockup - pool %s stuck for %.1fs: %s waits, and no item "
+                    "of the pool has started since\n%s",
+                    (pool.name, stalled, _pool.work_name(next(iter(pool.worklist))),
+                     pool.dump())))
+            if pool.worklist.nr:
+                watching = True
+        if watching:
             arm_watchdog(pset)
-    for pool_name, worker_name, work, stalled, dump in reports:
-        logger.warning(
-            "BUG: workqueue lockup - pool %s: %s has been running %s for %.1fs\n%s",
-            pool_name, worker_name, work, stalled, dump)
+    for message, args in reports:
+        logger.warning(message, *args)

@@ -340,7 +340,9 @@ def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
     topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
     wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
-    logged = log_waiter("workqueue._watchdog", "lockup")
+    # The run, not the pool: the rescuer may take the item only once the
+    # pool has waited long enough to be reported as well.
+    logged = log_waiter("workqueue._watchdog", "has been running")
     started, release = threading.Event(), threading.Event()
 
     def stuck(work: Work) -> None:
@@ -389,6 +391,66 @@ def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
     message = logged.records[-1].getMessage()
     assert "Conn object at" in message and "its repr() raised OSError" in message, message
     assert "pending: <" in message and message.count("its repr() raised OSError") == 3, message
+
+
+def test_watchdog_reports_a_pool_that_cannot_start_its_items_once_per_stall(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
+    """The kernel's other lockup: a worklist that does not move, no item
+    of it started for watchdog_thresh -- here no worker can be made, and
+    no rescuer helps.  No item runs, so no run is too long: the pool
+    itself is reported, once per stall, with its dump."""
+    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    logged = log_waiter("workqueue._watchdog", "stuck for")
+    ran = threading.Event()
+    starved = Work(lambda work: ran.set())
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    assert wq.queue_work(starved)
+    assert logged.seen.wait(TIMEOUT), "the starved pool was not reported"
+    # Several more watchdog periods (timers fire in deadline order).
+    later = threading.Event()
+    add_timer(0.2, lambda arg: later.set())
+    assert later.wait(TIMEOUT)
+    assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
+    message = logged.records[0].getMessage()
+    assert message.startswith("BUG: workqueue lockup - pool cpu0 stuck for "), message
+    assert f"{starved!r} waits" in message and f"pending: {starved!r}" in message, message
+    assert "pool 0 (cpu0)" in message, message  # the dump
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert ran.wait(TIMEOUT)
+
+
+def test_watchdog_reports_each_stall_of_a_pool_whose_workers_are_all_busy(
+        make_wq: Any, log_waiter: Any) -> None:
+    """An item that hogs a concurrency-managed pool (it neither returns
+    nor says it blocks, and the CPU-intensive threshold is far) holds up
+    the items behind it: the running item is reported, and the pool whose
+    worklist stopped moving too.  Once it moves again, the next stall is
+    a new one, reported again."""
+    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    logged = log_waiter("workqueue._watchdog", "stuck for")
+    release = threading.Event()
+
+    def hog(work: Work) -> None:
+        assert release.wait(TIMEOUT)
+
+    def behind(work: Work) -> None:
+        pass
+
+    for stall in (1, 2):
+        release.clear()
+        logged.seen.clear()
+        assert wq.queue_work(Work(hog))
+        assert wq.queue_work(Work(behind))
+        try:
+            assert logged.seen.wait(TIMEOUT), f"stall {stall} was not reported"
+        finally:
+            release.set()
+        wq.flush()
+        assert len(logged.records) == stall
+        message = logged.records[-1].getMessage()
+        assert ".behind pending> waits" in message and ".hog running> for" in message, message
 
 
 def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
