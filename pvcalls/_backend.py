@@ -728,10 +728,13 @@ class _Frontend:
         self.ratelimit: RateLimit = dev.ratelimit
 
         # _rsp_lock: the one producer of responses.  It serialises
-        # push_response/push_responses/notify and guards _closed; taken
-        # last (nothing else is acquired under it).
+        # push_response/push_responses/notify and guards _closed and
+        # _released; taken last (nothing else is acquired under it).
         self._rsp_lock = threading.Lock()
         self._closed = False
+        # close() ran to its end; until then (one cut short by a Ctrl-C)
+        # the next close() does every step again.
+        self._released = False
         # _lock guards the sockets table.  Never held across socket set-up or
         # teardown (they may wait for Work items).
         self._lock = threading.Lock()
@@ -1106,35 +1109,44 @@ class _Frontend:
     # -- lifetime ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the command Work and release every socket and the ring."""
+        """Stop the command Work and release every socket and the ring.
+        Idempotent; a close() cut short (Ctrl-C) is finished by the next,
+        as every step may be done again."""
         # No response (and no notification on the port) from here on: the
         # frontend is going away and the port is about to be unbound.
         with self._rsp_lock:
-            if self._closed:
+            if self._released:
                 return
             self._closed = True
         try:
             self.dispatcher.unbind(self.port)
         except (OSError, KeyError, RuntimeError):
+            # KeyError too once a close() cut short has unbound it.
             logger.debug("dom%d: unbinding the command port failed", self.domid, exc_info=True)
         self._work.disable_sync()
         with self._lock:
-            sockets = list(self._sockets.values())
-            self._sockets.clear()
-        # Listening sockets first: they may hold ACCEPT sockets.
-        for sock in sockets:
-            if isinstance(sock, PassiveSocket):
-                sock.teardown()
-        for sock in sockets:
-            if isinstance(sock, ActiveSocket):
-                sock.teardown()
-            elif isinstance(sock, NewSocket):
-                sock.release()
+            sockets = list(self._sockets.items())
+        # Listening sockets first: they may hold ACCEPT sockets.  Each is
+        # taken out of the table once torn down, not before: a close() cut
+        # short leaves the rest to the next one.
+        for listening in (True, False):
+            for sock_id, sock in sockets:
+                if isinstance(sock, PassiveSocket) is not listening:
+                    continue
+                if isinstance(sock, PassiveSocket | ActiveSocket):
+                    sock.teardown()
+                else:
+                    sock.release()
+                with self._lock:
+                    if self._sockets.get(sock_id) is sock:
+                        del self._sockets[sock_id]
         self.ring.release()
         try:
             self._mapping.unmap()
         except (OSError, BufferError):
             logger.exception("dom%d: unmapping the command ring failed", self.domid)
+        with self._rsp_lock:
+            self._released = True
         # No count of suppressed lines here: the limit is the device's, and
         # a guest restarting it would get one line per restart.  The count
         # comes with the next line let through, or when the device goes.
