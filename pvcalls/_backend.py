@@ -313,8 +313,11 @@ class Backend(Closing):
         # Held by close() from start to end: a second one, from another
         # thread, returns only once everything is released.
         self._close_lock = threading.Lock()
-        # A close() ended in an exception while the driver stopped (Ctrl-C
-        # in one of its waits): the next close() finishes it.
+        # A close() started and has not finished (Ctrl-C in one of the
+        # driver's waits, or anywhere else in it): the next close()
+        # finishes it.  Set as _closed is, cleared only at the very end,
+        # so that no place in between can leave a backend counted as
+        # closed that holds anything.
         self._close_unfinished = False
         # limit_lock makes checking a domain's socket limit and adding the
         # socket one step across all the domain's frontends (devices):
@@ -466,34 +469,39 @@ class Backend(Closing):
         with self._lock:
             if self._closed and not self._close_unfinished:
                 return
-            again, self._closed, self._close_unfinished = self._closed, True, False
-        try:
-            if not again:
-                # Each device goes Closing after its sockets are released
-                # (ordered with its other xenbus callbacks); stop() then
-                # writes Closed.  Not done again: a device left out here
-                # is dropped by stop() alone, straight to Closed.
-                for dev in self._driver.devices():
-                    dev.queue(self._close_device, dev)
-            self._driver.stop()
-            with self._lock:
-                left = list(self._frontends.values())
-                self._frontends.clear()
-            for fe in left:
-                fe.close()
-            self._release_shared()
-        except BaseException:
-            # Interrupted while stop() waited for the devices (Ctrl-C in the
-            # main thread), or before: their callbacks may still run and use
-            # what is shared, so nothing is released under them.  Or
-            # interrupted while releasing (a workqueue's drain): what is
-            # left is released too.  A later close() has stop() do what it
-            # left, then releases what is still held.
-            with self._lock:
-                self._close_unfinished = True
-            raise
+            again, self._closed, self._close_unfinished = self._closed, True, True
+        # A Ctrl-C may end this anywhere (the main thread's waits in stop(),
+        # or any call as it returns): before stop() returned, the devices'
+        # callbacks may still run and use what is shared, so nothing is
+        # released under them.  Every step below may be done again, and
+        # the next close() does them all again.
+        if not again:
+            # Each device goes Closing after its sockets are released
+            # (ordered with its other xenbus callbacks); stop() then
+            # writes Closed.  Not done again: a device left out here
+            # is dropped by stop() alone, straight to Closed.
+            for dev in self._driver.devices():
+                dev.queue(self._close_device, dev)
+        self._driver.stop()
+        self._close_frontends()
+        self._release_shared()
         self._unclaim()
+        with self._lock:
+            self._close_unfinished = False
         logger.info("pvcalls backend in domain %d closed", self.platform.domid)
+
+    def _close_frontends(self) -> None:
+        """Close the frontends their devices' disconnect left (one cut
+        short, or failed).  One at a time, each taken off the list once
+        closed, as _close_pollers does: a close() interrupted in the
+        middle leaves the rest to the next one."""
+        with self._lock:
+            left = list(self._frontends.items())
+        for key, fe in left:
+            fe.close()
+            with self._lock:
+                if self._frontends.get(key) is fe:
+                    del self._frontends[key]
 
     def __repr__(self) -> str:
         return (f"<pvcalls.Backend dom{self.platform.domid} ioworkers={self.nr_ioworkers} "
@@ -720,10 +728,13 @@ class _Frontend:
         self.ratelimit: RateLimit = dev.ratelimit
 
         # _rsp_lock: the one producer of responses.  It serialises
-        # push_response/push_responses/notify and guards _closed; taken
-        # last (nothing else is acquired under it).
+        # push_response/push_responses/notify and guards _closed and
+        # _released; taken last (nothing else is acquired under it).
         self._rsp_lock = threading.Lock()
         self._closed = False
+        # close() ran to its end; until then (one cut short by a Ctrl-C)
+        # the next close() does every step again.
+        self._released = False
         # _lock guards the sockets table.  Never held across socket set-up or
         # teardown (they may wait for Work items).
         self._lock = threading.Lock()
@@ -1098,35 +1109,44 @@ class _Frontend:
     # -- lifetime ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the command Work and release every socket and the ring."""
+        """Stop the command Work and release every socket and the ring.
+        Idempotent; a close() cut short (Ctrl-C) is finished by the next,
+        as every step may be done again."""
         # No response (and no notification on the port) from here on: the
         # frontend is going away and the port is about to be unbound.
         with self._rsp_lock:
-            if self._closed:
+            if self._released:
                 return
             self._closed = True
         try:
             self.dispatcher.unbind(self.port)
         except (OSError, KeyError, RuntimeError):
+            # KeyError too once a close() cut short has unbound it.
             logger.debug("dom%d: unbinding the command port failed", self.domid, exc_info=True)
         self._work.disable_sync()
         with self._lock:
-            sockets = list(self._sockets.values())
-            self._sockets.clear()
-        # Listening sockets first: they may hold ACCEPT sockets.
-        for sock in sockets:
-            if isinstance(sock, PassiveSocket):
-                sock.teardown()
-        for sock in sockets:
-            if isinstance(sock, ActiveSocket):
-                sock.teardown()
-            elif isinstance(sock, NewSocket):
-                sock.release()
+            sockets = list(self._sockets.items())
+        # Listening sockets first: they may hold ACCEPT sockets.  Each is
+        # taken out of the table once torn down, not before: a close() cut
+        # short leaves the rest to the next one.
+        for listening in (True, False):
+            for sock_id, sock in sockets:
+                if isinstance(sock, PassiveSocket) is not listening:
+                    continue
+                if isinstance(sock, PassiveSocket | ActiveSocket):
+                    sock.teardown()
+                else:
+                    sock.release()
+                with self._lock:
+                    if self._sockets.get(sock_id) is sock:
+                        del self._sockets[sock_id]
         self.ring.release()
         try:
             self._mapping.unmap()
         except (OSError, BufferError):
             logger.exception("dom%d: unmapping the command ring failed", self.domid)
+        with self._rsp_lock:
+            self._released = True
         # No count of suppressed lines here: the limit is the device's, and
         # a guest restarting it would get one line per restart.  The count
         # comes with the next line let through, or when the device goes.

@@ -461,6 +461,10 @@ class BackendDevice:
 
     def error(self, err: int, message: str) -> None:
         """``xenbus_dev_error``: log and write the error node."""
+        self._error(err, message)
+
+    def _error(self, err: int, message: str) -> Exception | None:
+        """:meth:`error`; what the error node's write failed with, if it did."""
         _check_error(err, message)
         err = abs(err)
         message = _printable(message)
@@ -471,20 +475,26 @@ class BackendDevice:
             self.xenstore.write(self.error_path, f"{err} {message}"[:1024])
         except (OSError, ValueError) as exc:
             # Reporting an error must not raise one: fatal() still has to go
-            # Closing.  No traceback: XenStore's error says it all (most
-            # likely the connection is gone, and every device says so).
-            if not self.driver._lost_domain(exc):
-                logger.warning("%s: could not write the error node: %s", self.nodename, exc)
+            # Closing.  No traceback: XenStore's error says it all.
+            level = logging.DEBUG if self.driver._said_already(exc) else logging.WARNING
+            logger.log(level, "%s: could not write the error node: %s", self.nodename, exc)
+            return exc
+        return None
 
     def fatal(self, err: int, message: str) -> None:
         """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing."""
         _check_error(err, message)  # before anything is written
-        self.error(err, message)
+        unwritten = self._error(err, message)
         try:
             self.switch_state(XenbusState.CLOSING)
         except OSError as exc:
-            if not self.driver._lost_domain(exc):
-                logger.warning("%s: could not switch to Closing: %s", self.nodename, exc)
+            # Once the connection is gone, the error node's line (or the
+            # loss's own) has said why nothing more gets written: once is
+            # enough.
+            said = self.driver._said_already(exc) or (
+                unwritten is not None and self.driver._connection_gone(exc))
+            level = logging.DEBUG if said else logging.WARNING
+            logger.log(level, "%s: could not switch to Closing: %s", self.nodename, exc)
 
     # Grants and event channels, released automatically on disconnect.
 
@@ -1112,8 +1122,14 @@ class BackendDriver:
         can tell any more, and "Permission denied" would say one."""
         if self._lost_domain(exc):
             return True
-        return (isinstance(exc, PermissionError) and self._xs is not None
-                and not self._xs.connected)
+        return isinstance(exc, PermissionError) and self._connection_gone(exc)
+
+    def _connection_gone(self, exc: BaseException) -> bool:
+        """Whether XenStore's error ``exc`` came as our connection is gone:
+        ENOTCONN, or whatever else a request got as XenStore ended it.
+        The loss is said once, by _xenstore_lost (or, once our domain is
+        going, by _lose_domain)."""
+        return isinstance(exc, OSError) and self._xs is not None and not self._xs.connected
 
     def _lose_domain(self) -> None:
         """Our domain is going away: say so once, and drop every device.
@@ -1145,7 +1161,7 @@ class BackendDriver:
         once."""
         if self._lost_domain(exc):
             why = f"domain {self.platform.domid} goes"
-        elif isinstance(exc, OSError) and self._xs is not None and not self._xs.connected:
+        elif self._connection_gone(exc):
             # ENOTCONN, or an EACCES whose cause XenStore can no longer
             # tell (a home going as the domain goes the rest of the way).
             why = "the XenStore connection is lost"

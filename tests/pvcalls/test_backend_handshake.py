@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import select
@@ -636,6 +637,56 @@ def test_a_close_interrupted_while_it_releases_can_be_finished_by_another(
     b.close()
     assert b.cmd_wq._destroyed.is_set() and b.io_wq._destroyed.is_set()
     assert not b._pollers
+
+
+@pytest.mark.timeout(600)
+def test_a_close_interrupted_anywhere_closes_every_frontend_when_called_again(
+        host: Any, topology: Topology, echo_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing as any call made by close()'s own frames returns,
+    then close() again: every frontend is closed, its ring, port and
+    sockets released.  The frontends close() closes itself are those
+    its devices' disconnect left (here, all of them); it took them all
+    off its list before closing the first, so a Ctrl-C in the middle
+    lost the rest, open for the life of the process.  And one as its
+    first ``with self._lock`` ended left the backend counted as closed
+    but not as unfinished: every later close() returned at once.  Nor
+    may one in a frontend's own close() lose what that one still held:
+    its second close() returned at once, its host sockets left open."""
+    from stolensignal import interrupted_as_call_returns
+
+    landed: dict[str, int] = {}
+    for code in (pvcalls.Backend._close.__code__, pvcalls.Backend._close_frontends.__code__,
+                 _Frontend.close.__code__):
+        for n in itertools.count():
+            where = f"call {n} returning in {code.co_name}"
+            before = _held(host)
+            b = pvcalls.Backend(host.dom0, topology=topology)
+            fes = []
+            for name in ("first", "second"):
+                fe = RawFrontend(host, host.create_domain(name))
+                fe.connect_socket(echo_server.address)
+                fe.socket()
+                listener, _ = fe.socket()
+                assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
+                assert fe.listen(listener).ret == 0
+                fes.append(fe)
+            assert b.stats().frontends == 2 and len(b.stats().sockets) == 6
+            monkeypatch.setattr(b, "_disconnect", lambda dev: None)
+            interrupted = interrupted_as_call_returns(code, n, b.close)
+            b.close()
+            assert b.stats().frontends == 0, where
+            for fe in fes:
+                _end_guest_side(fe)
+                host.destroy_domain(fe.guest)
+            try:
+                _wait_released(host, before)
+            except pytest.fail.Exception as exc:
+                raise AssertionError(f"interrupted at {where}: {exc}") from None
+            if not interrupted:
+                break
+            landed[code.co_name] = n + 1
+    assert min(landed.get(name, 0) for name in ("_close", "_close_frontends", "close")) >= 5, \
+        landed
 
 
 def test_a_close_from_another_thread_returns_once_everything_is_released(
