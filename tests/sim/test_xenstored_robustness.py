@@ -273,6 +273,19 @@ def test_client_that_shut_its_reading_side_is_dropped(
     check_alive(xsd)
 
 
+def _fill_socket_buffers(sock: socket.socket) -> int:
+    """Bytes the kernel may hold on the way to ``sock`` (its receive buffer,
+    the same again for the server's send buffer), plus a margin."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return 2 * sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + (1 << 20)
+
+
+def _server_conn(xsd: XenStored, domid: int) -> Connection:
+    """The server's end of the one connection ``domid`` has."""
+    (conn,) = xsd._call(lambda: list(xsd._dispatcher.domains[domid].conns))
+    return conn
+
+
 def test_client_not_reading_events_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
     max_queued = 128 * 1024
@@ -298,6 +311,39 @@ def test_client_not_reading_events_is_dropped(caplog: pytest.LogCaptureFixture) 
             assert writer.read(f"{long_path}/{writes - 1}") == b""
     assert any("client does not read" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_events_a_guest_does_not_read_are_dropped_not_the_guest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As cxenstored's send_event() over the guest's memory quota: once
+    # ``max_queued`` bytes wait for a guest, further events for it are
+    # dropped, with one warning; the guest stays connected.
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    token = "t" * 1000  # ~1 KiB per event
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        guest.watch("/local/domain/1", token)
+        assert guest.wait_event() == ("/local/domain/1", token)
+        deaf = _server_conn(xsd, 1)
+        writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(guest.sock)) // 1000
+        for i in range(writes):
+            dom0.write(f"/local/domain/1/n{i}", "")
+        assert not deaf.closed
+        assert xsd._call(lambda: len(deaf.out)) <= _server.MIN_QUEUED
+        # Still served, and the events it gets are the oldest ones, intact.
+        rid = guest.send(Op.READ, b"/local/domain/1/n0\0")
+        assert guest.reply(rid) == (Op.READ, 0, b"")
+        got = list(guest.events)
+        assert got[0] == ("/local/domain/1/n0", token)
+        assert 0 < len(got) < writes
+        assert all(path.startswith("/local/domain/1/n") and t == token for path, t in got)
+        assert xsd._call(lambda: deaf.domain.queued) == 0  # all read
+    drops = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert drops, "no drop logged"
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and warned[0] is drops[0], [r.getMessage() for r in warned]
 
 
 def test_identical_events_waiting_for_a_slow_watcher_are_queued_once() -> None:

@@ -25,7 +25,7 @@ class Domain:
 
     __slots__ = (
         "domid", "privileged", "target", "conns", "nwatches", "ntransactions",
-        "listener", "socket_path", "warned",
+        "listener", "socket_path", "warned", "queued",
     )
 
     def __init__(self, domid: int, privileged: bool) -> None:
@@ -43,6 +43,9 @@ class Domain:
         #: a warning about this domain's misbehaviour was logged (see
         #: fault_level)
         self.warned = False
+        #: bytes waiting in the ``out`` of this domain's connections (its
+        #: share of the server's memory: see XenStored.max_queued)
+        self.queued = 0
 
     def fault_level(self) -> int:
         """The level to log this domain's fault at: WARNING, but for a guest

@@ -109,7 +109,8 @@ class Dispatcher:
 
     ``send(conn, data)`` queues bytes for a connection; ``send_event(conn,
     message)`` queues a watch event, which the server may drop if an
-    identical one still waits for that client.  ``introduce(domid)`` and
+    identical one still waits for that client or the client is a guest
+    over its share.  ``introduce(domid)`` and
     ``release(domid)`` are the server's hooks that create and tear down a
     domain's socket; they return the Domain and nothing respectively.
     """

@@ -13,9 +13,11 @@ stall the others:
   ``PAUSE_OUTPUT`` bytes wait for it, its further requests stay unread in
   the kernel until it catches up;
 * watch events are queued regardless (they are caused by other clients),
-  except one identical to an event still waiting (cxenstored's rule), but
-  a client with more than ``max_queued`` bytes waiting is disconnected:
-  the server's memory stays bounded.
+  except one identical to an event still waiting (cxenstored's rule), or
+  one for a guest for which ``max_queued`` bytes wait already (cxenstored's
+  memory quota, which its send_event() checks since XSA-326); but a
+  privileged client with more than ``max_queued`` bytes waiting is
+  disconnected: the server's memory stays bounded.
 
 A header announcing more than XENSTORE_PAYLOAD_MAX bytes means the stream is
 out of sync for good: the client is disconnected (cxenstored does the
@@ -82,8 +84,9 @@ class XenStored:
     adds ``run_dir/"domains"/<domid>/"xenstore"``, whose connections are that
     domain, unprivileged, subject to permissions and quotas.
 
-    ``max_queued`` bounds the bytes waiting for one client; a client that
-    lets more pile up (by not reading its watch events) is disconnected.
+    ``max_queued`` bounds the bytes waiting for one guest, over all its
+    connections (watch events past it are dropped), and for one privileged
+    client (one that lets more pile up is disconnected).
     ``quota`` replaces cxenstored's default limits for unprivileged domains.
     """
 
@@ -442,6 +445,9 @@ class XenStored:
         if conn.closed:
             return
         conn.out += data
+        conn.domain.queued += len(data)
+        # Never a guest: its replies wait for it to read (PAUSE_OUTPUT),
+        # and its share stops its events first.
         if len(conn.out) > self.max_queued:
             self._close(
                 conn, f"more than {self.max_queued} bytes queued: client does not read",
@@ -451,18 +457,31 @@ class XenStored:
         self._dirty.add(conn)
 
     def _send_event(self, conn: Connection, event: bytes) -> None:
-        """Queue the watch event ``event`` (a whole message) for ``conn``,
-        unless an identical one still waits in ``conn.out``.
+        """Queue the watch event ``event`` (a whole message) for ``conn``.
 
-        cxenstored's send_event() does the same since XSA-326: otherwise a
-        client that reads slowly gets one event per change of a node it
-        watches, and another client rewriting that node piles them up until
-        the watcher is cut off (``max_queued``).  The event waiting already
-        says all the dropped one would have: it reaches the watcher after
-        the change, so what the watcher reads then is at least as new.
-        Special events ("@releaseDomain") are queued every time, as
-        cxenstored does: some handlers count on each one.
+        As cxenstored's send_event() since XSA-326, the event is dropped
+
+        * if an identical one still waits in ``conn.out``: otherwise a client
+          that reads slowly gets one event per change of a node it watches,
+          and another client rewriting that node piles them up until the
+          watcher is cut off.  The event waiting already says all the
+          dropped one would have: it reaches the watcher after the change,
+          so what the watcher reads then is at least as new.  Special
+          events ("@releaseDomain") are queued every time: some handlers
+          count on each one;
+        * if ``conn`` is a guest's and ``max_queued`` bytes wait for that
+          guest already (cxenstored's memory quota): it does not read, and
+          nothing else bounds what other clients' changes make it owe.
         """
+        if conn.closed:
+            return
+        domain = conn.domain
+        if not domain.privileged and domain.queued + len(event) > self.max_queued:
+            # Warn once per guest: it chooses how many events it gets.
+            logger.log(domain.fault_level(),
+                       "%r: dropped a watch event: %d bytes wait for %r already (max %d)",
+                       conn, domain.queued, domain, self.max_queued)
+            return
         if event.startswith(b"@", HEADER_SIZE):
             self._send(conn, event)
             return
@@ -503,6 +522,7 @@ class XenStored:
                 return
             del out[:sent]
             conn.out_base += sent
+            conn.domain.queued -= sent
             if conn.queued_events:
                 self._forget_sent_events(conn)
         if conn.paused and len(out) <= PAUSE_OUTPUT:
@@ -542,6 +562,7 @@ class XenStored:
         conn.domain.conns.discard(conn)
         self._conns.discard(conn)
         self._dirty.discard(conn)
+        conn.domain.queued -= len(conn.out)
         conn.out.clear()
         conn.queued_events.clear()
         if self._accept_paused:
