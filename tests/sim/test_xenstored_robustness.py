@@ -273,31 +273,138 @@ def test_client_that_shut_its_reading_side_is_dropped(
     check_alive(xsd)
 
 
-def test_client_not_reading_events_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+def _fill_socket_buffers(sock: socket.socket) -> int:
+    """Bytes the kernel may hold on the way to ``sock`` (its receive buffer,
+    the same again for the server's send buffer), plus a margin."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return 2 * sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + (1 << 20)
+
+
+def _server_conn(xsd: XenStored, domid: int) -> Connection:
+    """The server's end of the one connection ``domid`` has."""
+    (conn,) = xsd._call(lambda: list(xsd._dispatcher.domains[domid].conns))
+    return conn
+
+
+def test_guest_events_for_dom0_hold_the_guest_back_not_cut_dom0(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A guest writing node after node that dom0 watches, faster than dom0
+    # reads the events: as cxenstored, where a request stays "outstanding"
+    # until the events it caused are delivered, the guest's further
+    # requests wait.  Dom0 is never cut off for it, loses no event, and
+    # what waits for it stays bounded, however much the guest sends.
     caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
-    max_queued = 128 * 1024
+    token = "t" * 3000  # ~3 KiB per event
+    quota = Quota(nodes=1 << 20, node_size=1 << 20)  # room for the writes
     with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
-        Path(d), max_queued=max_queued
+        Path(d), max_queued=_server.MIN_QUEUED, quota=quota
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        dom0.watch("/local/domain/1", token)
+        assert dom0.wait_event() == ("/local/domain/1", token)
+        writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(dom0.sock)) // 3000
+        requests = b"".join(
+            HEADER.pack(Op.WRITE, i, 0, len(f"n{i}\0")) + f"n{i}\0".encode()
+            for i in range(writes)
+        )
+        backend = _server_conn(xsd, 0)
+        guest_conn = _server_conn(xsd, 1)
+        sender = threading.Thread(target=guest.send_raw, args=(requests,), daemon=True)
+        sender.start()
+        assert eventually(lambda: xsd._call(lambda: backend.closed or guest_conn.paused), 60)
+        assert not backend.closed, "dom0 was cut off"
+        event_size = HEADER.size + len(f"/local/domain/1/n{writes}") + 1 + len(token) + 1
+        waiting = xsd._call(lambda: len(backend.out))
+        assert waiting <= (quota.outstanding + 1) * event_size
+        # Dom0 reads: every event reaches it, in order, and the guest goes on.
+        for i in range(writes):
+            assert dom0.wait_event() == (f"/local/domain/1/n{i}", token)
+        sender.join(timeout=30)
+        assert not sender.is_alive()
+        for i in range(writes):
+            assert guest.recv_message() == (Op.WRITE, i, 0, b"OK\0")
+        assert dom0.read("/local/domain/1/n0") == b""
+        # All read, so nothing is charged any more.
+        domain = xsd._dispatcher.domains[1]
+        assert xsd._call(lambda: (domain.outstanding, domain.queued, len(backend.caused))) == (0, 0, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_guest_held_back_for_a_watcher_goes_on_when_it_closes() -> None:
+    # The events the guest is charged for go with the connection they
+    # waited for: closing it lets the guest go on at once.
+    token = "t" * 3000
+    quota = Quota(nodes=1 << 20, node_size=1 << 20)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED, quota=quota
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        with RawClient(xsd.path) as backend:
+            backend.watch("/local/domain/1", token)
+            assert backend.wait_event() == ("/local/domain/1", token)
+            writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(backend.sock)) // 3000
+            requests = b"".join(
+                HEADER.pack(Op.WRITE, i, 0, len(f"n{i}\0")) + f"n{i}\0".encode()
+                for i in range(writes)
+            )
+            guest_conn = _server_conn(xsd, 1)
+            sender = threading.Thread(target=guest.send_raw, args=(requests,), daemon=True)
+            sender.start()
+            assert eventually(lambda: xsd._call(lambda: guest_conn.paused), 60)
+        for i in range(writes):
+            assert guest.recv_message() == (Op.WRITE, i, 0, b"OK\0")
+        sender.join(timeout=30)
+        assert not sender.is_alive()
+        assert xsd._call(lambda: guest_conn.domain.outstanding) == 0
+
+
+def test_dom0_not_reading_events_dom0_caused_is_not_cut() -> None:
+    # Dom0 is trusted, and cxenstored lets its queue grow: a privileged
+    # watcher loses neither its connection nor an event, whatever waits.
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED
     ) as xsd:
         with RawClient(xsd.path) as deaf, RawClient(xsd.path) as writer:
-            deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            deaf.watch("/", "all")
-            long_path = "/" + "/".join(["n" * 60] * 33)  # ~2 KiB per event
-            writer.write(long_path, "")
-            # Each write queues one big event for the deaf client (each
-            # names another node: identical events would be queued once);
-            # the writer is never held up by it.  Enough writes overflow
-            # kernel buffers plus the server's queue, whatever the socket
-            # buffer sizes are.
-            sndbuf = deaf.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            rcvbuf = deaf.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            writes = 2 * (max_queued + sndbuf + rcvbuf + (1 << 20)) // 2000
+            deaf.watch("/w", "tok")
+            assert deaf.wait_event() == ("/w", "tok")
+            path = "/w/" + "/".join(["n" * 60] * 33)  # ~2 KiB per event
+            writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(deaf.sock)) // 2000
             for i in range(writes):
-                writer.write(f"{long_path}/{i}", "")
-            assert closed_by_server(deaf.sock)
-            assert writer.read(f"{long_path}/{writes - 1}") == b""
-    assert any("client does not read" in r.getMessage() for r in caplog.records)
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+                writer.write(f"{path}/{i}", "")
+            for i in range(writes):
+                assert deaf.wait_event() == (f"{path}/{i}", "tok")
+
+
+def test_events_a_guest_does_not_read_are_dropped_not_the_guest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As cxenstored's send_event() over the guest's memory quota: once
+    # ``max_queued`` bytes wait for a guest, further events for it are
+    # dropped, with one warning; the guest stays connected.
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    token = "t" * 1000  # ~1 KiB per event
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        guest.watch("/local/domain/1", token)
+        assert guest.wait_event() == ("/local/domain/1", token)
+        deaf = _server_conn(xsd, 1)
+        writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(guest.sock)) // 1000
+        for i in range(writes):
+            dom0.write(f"/local/domain/1/n{i}", "")
+        assert not deaf.closed
+        assert xsd._call(lambda: len(deaf.out)) <= _server.MIN_QUEUED
+        # Still served, and the events it gets are the oldest ones, intact.
+        rid = guest.send(Op.READ, b"/local/domain/1/n0\0")
+        assert guest.reply(rid) == (Op.READ, 0, b"")
+        got = list(guest.events)
+        assert got[0] == ("/local/domain/1/n0", token)
+        assert 0 < len(got) < writes
+        assert all(path.startswith("/local/domain/1/n") and t == token for path, t in got)
+        assert xsd._call(lambda: deaf.domain.queued) == 0  # all read
+    drops = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert drops, "no drop logged"
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and warned[0] is drops[0], [r.getMessage() for r in warned]
 
 
 def test_identical_events_waiting_for_a_slow_watcher_are_queued_once() -> None:

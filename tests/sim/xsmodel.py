@@ -110,7 +110,13 @@ class MConn:
         """send_event(): an event identical to one still waiting to be sent
         is dropped, unless special (XSA-326).  ``expected`` holds what the
         test has not read yet, which is what waits: the test reads every
-        connection's events after each request."""
+        connection's events after each request.
+
+        The server's other drop, an event for a guest over its share
+        (``max_queued``), is not modelled: one request's events for a guest
+        (at most one per watch, 128 watches of at most 4 KiB) fit in the
+        default share, and nothing else waits here.  Nor does holding a
+        guest back for dom0's sake change what anybody receives."""
         if path.startswith("@") or (path, token) not in self.expected:
             self.expected.append((path, token))
 

@@ -5,6 +5,7 @@ Threading: none.  Everything here belongs to the server's loop thread.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 from pathlib import Path
@@ -25,7 +26,7 @@ class Domain:
 
     __slots__ = (
         "domid", "privileged", "target", "conns", "nwatches", "ntransactions",
-        "listener", "socket_path", "warned",
+        "listener", "socket_path", "warned", "queued", "outstanding",
     )
 
     def __init__(self, domid: int, privileged: bool) -> None:
@@ -43,6 +44,12 @@ class Domain:
         #: a warning about this domain's misbehaviour was logged (see
         #: fault_level)
         self.warned = False
+        #: bytes waiting in the ``out`` of this domain's connections (its
+        #: share of the server's memory: see XenStored.max_queued)
+        self.queued = 0
+        #: watch events this domain caused that wait for a privileged
+        #: client; only a guest's are counted (see Quota.outstanding)
+        self.outstanding = 0
 
     def fault_level(self) -> int:
         """The level to log this domain's fault at: WARNING, but for a guest
@@ -66,6 +73,7 @@ class Connection:
     __slots__ = (
         "sock", "fd", "domain", "home", "inbuf", "out", "out_base", "queued_events",
         "watches", "transactions", "next_tx_id", "closed", "paused", "events", "name",
+        "caused",
     )
 
     def __init__(self, sock: socket.socket, domain: Domain, name: str) -> None:
@@ -86,13 +94,18 @@ class Connection:
         #: entry waits: only XenStored._flush moves ``out_base``, and it
         #: drops the entries the kernel has taken (see _send_event).
         self.queued_events: dict[bytes, int] = {}
+        #: for a privileged client, the events in ``out`` a guest caused:
+        #: (the offset just past the event, the guest), oldest first.  Each
+        #: is one of the guest's Domain.outstanding until the kernel takes it.
+        self.caused: collections.deque[tuple[int, Domain]] = collections.deque()
         self.watches: list[Watch] = []
         self.transactions: dict[int, Transaction] = {}
         self.next_tx_id = 1
         self.closed = False
-        #: not reading requests until the client has read its replies
+        #: not reading requests until the client has read its replies, or
+        #: (a guest) until privileged clients have read the events it caused
         self.paused = False
-        #: selector event mask currently registered
+        #: selector event mask currently registered (0: not registered)
         self.events = 0
         self.name = name
 

@@ -68,6 +68,12 @@ class Quota:
     #: connections on a domain's socket (not in cxenstored, where a domain
     #: has exactly one ring; here a guest could otherwise open any number)
     connections: int = 64
+    #: watch events a domain caused that may wait for privileged clients;
+    #: at this many, its further requests wait until those clients read.
+    #: cxenstored keeps a request "outstanding" until the events it caused
+    #: are delivered and counts 20 such requests; counting the events
+    #: bounds what a guest can pile up for dom0 without a per-request record.
+    outstanding: int = 20
 
 
 # --- argument parsing: cxenstored's onearg() and get_strings() -------------
@@ -108,8 +114,10 @@ class Dispatcher:
     """Processes requests against one store.
 
     ``send(conn, data)`` queues bytes for a connection; ``send_event(conn,
-    message)`` queues a watch event, which the server may drop if an
-    identical one still waits for that client.  ``introduce(domid)`` and
+    message, cause)`` queues a watch event that ``cause`` (the requester's
+    domain, or None) brought about, which the server may drop if an
+    identical one still waits for that client or the client is a guest
+    over its share.  ``introduce(domid)`` and
     ``release(domid)`` are the server's hooks that create and tear down a
     domain's socket; they return the Domain and nothing respectively.
     """
@@ -117,7 +125,7 @@ class Dispatcher:
     def __init__(
         self,
         send: Callable[[Connection, bytes], None],
-        send_event: Callable[[Connection, bytes], None],
+        send_event: Callable[[Connection, bytes, Domain | None], None],
         introduce: Callable[[int], Domain],
         release: Callable[[int], None],
         quota: Quota | None = None,
@@ -196,7 +204,7 @@ class Dispatcher:
         else:
             self._send(conn, HEADER.pack(op, req_id, tx_id, len(reply)) + reply)
         if self._deferred:
-            self.flush_deferred()
+            self.flush_deferred(conn.domain)
 
     # --- node access with cxenstored's permission rules ---------------------
 
@@ -377,13 +385,13 @@ class Dispatcher:
         assert node is not None
         self._fire(self.store, name, False, node.perms)
 
-    def flush_deferred(self) -> None:
-        """Send the events raised by a request, after its reply, or outside
-        one (domain introduce/release)."""
+    def flush_deferred(self, cause: Domain | None = None) -> None:
+        """Send the events raised by a request of ``cause``, after its
+        reply, or outside one (domain introduce/release: no cause)."""
         deferred, self._deferred = self._deferred, []
         for target, event in deferred:
             if not target.closed:
-                self._send_event(target, event)
+                self._send_event(target, event, cause)
 
     # --- handlers: reading ---------------------------------------------------
 

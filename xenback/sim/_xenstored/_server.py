@@ -13,9 +13,20 @@ stall the others:
   ``PAUSE_OUTPUT`` bytes wait for it, its further requests stay unread in
   the kernel until it catches up;
 * watch events are queued regardless (they are caused by other clients),
-  except one identical to an event still waiting (cxenstored's rule), but
-  a client with more than ``max_queued`` bytes waiting is disconnected:
-  the server's memory stays bounded.
+  except one identical to an event still waiting (cxenstored's rule);
+* no client is disconnected for what waits for it.  As in cxenstored since
+  XSA-326, the server's memory stays bounded by charging the events:
+
+  - an event for a guest is dropped once ``max_queued`` bytes wait for
+    that guest's connections (cxenstored's memory quota, which its
+    send_event() checks);
+  - an event for a privileged client (dom0, which the backends use) is
+    never dropped; instead the guest that caused it is held back: while
+    ``Quota.outstanding`` of the events it caused wait for privileged
+    clients, its further requests wait in the kernel (cxenstored keeps
+    the causing request "outstanding" and stops reading the guest's ring).
+    Only dom0's own doings can grow dom0's queue without bound: dom0 is
+    trusted, and cxenstored lets its queue grow too.
 
 A header announcing more than XENSTORE_PAYLOAD_MAX bytes means the stream is
 out of sync for good: the client is disconnected (cxenstored does the
@@ -82,9 +93,10 @@ class XenStored:
     adds ``run_dir/"domains"/<domid>/"xenstore"``, whose connections are that
     domain, unprivileged, subject to permissions and quotas.
 
-    ``max_queued`` bounds the bytes waiting for one client; a client that
-    lets more pile up (by not reading its watch events) is disconnected.
-    ``quota`` replaces cxenstored's default limits for unprivileged domains.
+    ``max_queued`` bounds the bytes waiting for one guest, over all its
+    connections: watch events past it are dropped (see the module's
+    docstring for dom0's queue).  ``quota`` replaces cxenstored's default
+    limits for unprivileged domains.
     """
 
     def __init__(
@@ -94,6 +106,7 @@ class XenStored:
             raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
         self.run_dir = Path(run_dir)
         self.max_queued = max_queued
+        self._max_outstanding = (quota or Quota()).outstanding
         self._dispatcher = Dispatcher(
             self._send, self._send_event, self._introduce, self._release, quota
         )
@@ -416,8 +429,10 @@ class XenStored:
         out = conn.out
         off = 0
         size = len(data)
+        domain = conn.domain
+        max_outstanding = self._max_outstanding
         while size - off >= HEADER_SIZE:
-            if len(out) > PAUSE_OUTPUT:
+            if len(out) > PAUSE_OUTPUT or domain.outstanding >= max_outstanding:
                 conn.paused = True
                 self._dirty.add(conn)
                 break
@@ -442,35 +457,50 @@ class XenStored:
         if conn.closed:
             return
         conn.out += data
-        if len(conn.out) > self.max_queued:
-            self._close(
-                conn, f"more than {self.max_queued} bytes queued: client does not read",
-                conn.domain.fault_level(),
-            )
-            return
+        conn.domain.queued += len(data)
         self._dirty.add(conn)
 
-    def _send_event(self, conn: Connection, event: bytes) -> None:
-        """Queue the watch event ``event`` (a whole message) for ``conn``,
-        unless an identical one still waits in ``conn.out``.
+    def _send_event(self, conn: Connection, event: bytes, cause: Domain | None = None) -> None:
+        """Queue the watch event ``event`` (a whole message) for ``conn``;
+        ``cause`` is the domain whose request fired it (None: the server's
+        own doing, as @introduceDomain).
 
-        cxenstored's send_event() does the same since XSA-326: otherwise a
-        client that reads slowly gets one event per change of a node it
-        watches, and another client rewriting that node piles them up until
-        the watcher is cut off (``max_queued``).  The event waiting already
-        says all the dropped one would have: it reaches the watcher after
-        the change, so what the watcher reads then is at least as new.
-        Special events ("@releaseDomain") are queued every time, as
-        cxenstored does: some handlers count on each one.
+        As cxenstored's send_event() since XSA-326, the event is dropped
+
+        * if an identical one still waits in ``conn.out``: otherwise a client
+          that reads slowly gets one event per change of a node it watches,
+          and another client rewriting that node piles them up.  The event
+          waiting already says all the dropped one would have: it reaches
+          the watcher after the change, so what the watcher reads then is at
+          least as new.  Special events ("@releaseDomain") are queued every
+          time: some handlers count on each one;
+        * if ``conn`` is a guest's and ``max_queued`` bytes wait for that
+          guest already (cxenstored's memory quota): it does not read, and
+          nothing else bounds what other clients' changes make it owe.
+
+        A privileged client gets every other event, however many wait; a
+        guest that caused one is charged for it until it is sent (see the
+        module's docstring).
         """
+        if conn.closed:
+            return
+        domain = conn.domain
+        if not domain.privileged and domain.queued + len(event) > self.max_queued:
+            # Warn once per guest: it chooses how many events it gets.
+            logger.log(domain.fault_level(),
+                       "%r: dropped a watch event: %d bytes wait for %r already (max %d)",
+                       conn, domain.queued, domain, self.max_queued)
+            return
         if event.startswith(b"@", HEADER_SIZE):
             self._send(conn, event)
-            return
-        if event in conn.queued_events:
+        elif event in conn.queued_events:
             return  # still waiting, wholly or in part
-        self._send(conn, event)
-        if not conn.closed:
+        else:
+            self._send(conn, event)
             conn.queued_events[event] = conn.out_base + len(conn.out)
+        if cause is not None and not cause.privileged and domain.privileged:
+            conn.caused.append((conn.out_base + len(conn.out), cause))
+            cause.outstanding += 1
 
     @staticmethod
     def _forget_sent_events(conn: Connection) -> None:
@@ -488,6 +518,20 @@ class XenStored:
                 break
             del queued[event]
 
+    def _release_caused(self, conn: Connection, upto: int | None) -> None:
+        """Uncharge the guests for the events of privileged ``conn`` the
+        kernel has taken (those ending at or before offset ``upto``; all of
+        them if None), and wake the guests that were held back for them."""
+        caused = conn.caused
+        limit = self._max_outstanding
+        while caused and (upto is None or caused[0][0] <= upto):
+            _end, guest = caused.popleft()
+            guest.outstanding -= 1
+            if guest.outstanding == limit - 1:
+                for other in guest.conns:
+                    if other.paused:
+                        self._dirty.add(other)  # _flush resumes it
+
     def _flush(self, conn: Connection) -> None:
         """Send what the kernel takes; wait for writability if not all."""
         if conn.closed:
@@ -503,9 +547,13 @@ class XenStored:
                 return
             del out[:sent]
             conn.out_base += sent
+            conn.domain.queued -= sent
             if conn.queued_events:
                 self._forget_sent_events(conn)
-        if conn.paused and len(out) <= PAUSE_OUTPUT:
+            if conn.caused:
+                self._release_caused(conn, conn.out_base)
+        if (conn.paused and len(out) <= PAUSE_OUTPUT
+                and conn.domain.outstanding < self._max_outstanding):
             # Room again: serve the requests read before pausing.  This may
             # queue output (the connection is then dirty again) or pause anew.
             conn.paused = False
@@ -516,11 +564,18 @@ class XenStored:
         self._set_events(conn, (_WRITE if out else 0) | (0 if conn.paused else _READ))
 
     def _set_events(self, conn: Connection, events: int) -> None:
-        # Never 0: a paused connection has output waiting, so wants WRITE.
-        if events != conn.events and not conn.closed:
-            assert self._selector is not None and events
-            conn.events = events
+        # 0 for a guest held back with nothing to send: out of the selector
+        # until _release_caused wakes it (a hang-up is noticed then).
+        if events == conn.events or conn.closed:
+            return
+        assert self._selector is not None
+        if not events:
+            self._selector.unregister(conn.sock)
+        elif not conn.events:
+            self._selector.register(conn.sock, events, (self._on_event, conn))
+        else:
             self._selector.modify(conn.sock, events, (self._on_event, conn))
+        conn.events = events
 
     def _close(self, conn: Connection, why: str, level: int = logging.DEBUG) -> None:
         """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING)."""
@@ -542,8 +597,10 @@ class XenStored:
         conn.domain.conns.discard(conn)
         self._conns.discard(conn)
         self._dirty.discard(conn)
+        conn.domain.queued -= len(conn.out)
         conn.out.clear()
         conn.queued_events.clear()
+        self._release_caused(conn, None)
         if self._accept_paused:
             self._resume_accept()  # a descriptor is free now
 
