@@ -1128,7 +1128,7 @@ class Frontend(Closing):
         socket, whose readiness descriptor would then never hear of its
         data (its own relay finds the ring relayed).  Whoever takes the
         ring from ``st`` clears ``st.ring`` before it unrelays the ring
-        under ``_lock`` (_put_data_ring): a relay that saw ``st.ring`` here
+        under ``_lock`` (_return_rings): a relay that saw ``st.ring`` here
         is undone there."""
         if not ring.direct:
             return

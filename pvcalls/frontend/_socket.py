@@ -1355,7 +1355,9 @@ class PVSocket(Closing):
         :class:`ResourceWarning` (see the class).  If the program closed
         the descriptor :meth:`fileno` gave it, close() raises
         :class:`OSError` EBADF, as socket.socket's does, once the socket
-        is released."""
+        is released.  A close() that a Ctrl-C interrupts leaves the socket
+        closed to its calls, and the next close() (or the frontend's)
+        finishes releasing it."""
         self._close_requested = True
         if self._io_refs <= 0:
             self._real_close()
