@@ -182,12 +182,28 @@ class Deadline:
 
 @contextlib.contextmanager
 def held(lock: threading.Lock, deadline: Deadline) -> Iterator[None]:
-    """``with lock:``, taken within ``deadline`` (:meth:`Deadline.acquire`)."""
-    deadline.acquire(lock)
+    """``with lock:``, taken within ``deadline`` as :meth:`Deadline.acquire`
+    takes it, and let go whatever interrupts the block or the taking.
+
+    A Ctrl-C as an acquire returns would leave the lock held for good (and
+    what it guards with it, see Frontend._release): so each acquire's
+    outcome is recorded by the call that makes it, as the C ``__enter__``
+    of a ``with lock:`` takes it with no handler run in between.  (One
+    landing in contextlib's ``__enter__`` once this has yielded leaves the
+    lock to the generator's close, when the exception lets go of it.)"""
+    taken: list[bool] = []
     try:
+        taken.extend(map(lock.acquire, (False,)))
+        if not taken[-1]:
+            if deadline.timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "operation would block")
+            while not taken[-1]:
+                nap = deadline.nap()
+                taken.extend(map(lock.acquire, (True,), (-1 if nap is None else nap,)))
         yield
     finally:
-        lock.release()
+        if taken and taken[-1]:
+            lock.release()
 
 
 class Slot:

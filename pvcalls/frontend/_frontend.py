@@ -16,7 +16,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from xenback import Closing
 from xenback.platform import Platform
@@ -52,7 +52,7 @@ from ._common import (
     timeout_value,
 )
 from ._ring import DataRing
-from ._socket import PVSocket, SocketState
+from ._socket import PVSocket, ReadyFd, SocketState
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, GrantShare, SharedPages
@@ -111,18 +111,34 @@ def _state(value: str | None) -> XenbusState:
         return XenbusState.UNKNOWN
 
 
-class _Release:
-    """A RELEASE in flight (see :meth:`Frontend._release`): what its
-    socket shared, freed once the backend answered *and* close() took it
-    from the socket.  Fields under the frontend's ``_lock``."""
+class _HoldsRing(Protocol):
+    """What holds a data ring on its way back (see Frontend._give_back)."""
 
-    __slots__ = ("sock_id", "ring", "inflight", "taken", "ret")
+    ring: DataRing | None
+
+
+class _Release:
+    """A socket's release (see :meth:`Frontend._release`), from its claim
+    on: what the socket shared, moved here from its state and freed once
+    the backend answered the RELEASE (or will not), by whoever comes last
+    of the answer and the release.
+
+    ``ring`` and ``inflight`` are moved in and out by steps that call
+    nothing (see :meth:`Frontend._give_back`), so that exactly one party
+    takes each; ``settled`` and ``ret`` are under the frontend's
+    ``_lock``."""
+
+    __slots__ = ("sock_id", "ring", "inflight", "settled", "ret")
 
     def __init__(self, sock_id: int) -> None:
         self.sock_id = sock_id
         self.ring: DataRing | None = None
         self.inflight: tuple[int, Slot, PVSocket] | None = None
-        self.taken = False  # close() has moved ring and inflight here
+        # The RELEASE went out, or will not (the frontend is dead, or
+        # sending it failed): from then on any release of the socket
+        # finishes taking what it shared.  Until then only the thread
+        # sending it does.
+        self.settled = False
         self.ret: int | None = None  # the answer, once it came
 
 
@@ -303,6 +319,14 @@ class Frontend(Closing):
         # Data rings the backend let go of, kept for the next sockets: a
         # connect then costs no page sharing and no event channel set-up.
         self._ring_pool: list[DataRing] = []
+        # Where a ring given up goes on its way to the pool or to be freed
+        # (see _give_back), with whether it may be reused; appended to with
+        # no lock, emptied under _lock.  And the rings to free, each by the
+        # one thread that claims it (DataRing.freeing, under _lock).  A
+        # ring whose way a Ctrl-C cut short waits in one of them for the
+        # next ring given back, or handed out, or Frontend.close().
+        self._given_back: list[tuple[DataRing, bool]] = []
+        self._rings_to_free: list[DataRing] = []
         # RELEASEs in flight, until answered and finished (_release).
         self._releases: set[_Release] = set()
 
@@ -561,10 +585,7 @@ class Frontend(Closing):
         # and open() forgets the queue of dropped sockets.  Any socket made
         # later finds the frontend dead before its SOCKET goes out.
         self._release_sockets()
-        with self._lock:
-            pool, self._ring_pool = self._ring_pool, []
-        for ring in pool:
-            ring.free()
+        self._free_every_ring()
         owned = self._owns_device()
         if not owned:
             # A frontend opened after this one died added the device again
@@ -653,6 +674,9 @@ class Frontend(Closing):
 
     def _release_handles(self) -> None:
         self._stop_thread()
+        # Before the handles they were made through: what a close() that a
+        # Ctrl-C cut short left, or what the device part was not run for.
+        self._free_every_ring()
         # The overflows not said since the last report: none goes unmentioned.
         self._overflows.close(logger)
         # No answer is matched any more: drop what the table still holds
@@ -713,6 +737,8 @@ class Frontend(Closing):
             # would count against the domain's limit until the frontend
             # goes, so it is released.
             if ret == 0:
+                with self._lock:  # forgotten by the caller: in the table again
+                    self._sockets.setdefault(sock.id, sock._st)
                 self._release(sock._st, sock)
 
         try:
@@ -731,7 +757,9 @@ class Frontend(Closing):
         the backend: no caller has them yet)."""
         with self._lock:
             socks = [st.owner() for st in self._sockets.values()]
-        return [sock for sock in socks if sock is not None and not sock._offered]
+        # Not one whose release a Ctrl-C cut short: closed, if in the table.
+        return [sock for sock in socks
+                if sock is not None and not sock._offered and not sock._closed]
 
     # -- XenStore ------------------------------------------------------------
 
@@ -1023,6 +1051,8 @@ class Frontend(Closing):
         socket, and moved on to the socket's state likewise."""
         if self._gntshr is None or self._evtchn is None:
             raise OSError(errno.ENOTCONN, "frontend is closed")
+        if self._given_back:
+            self._return_rings()  # left by a Ctrl-C: maybe one for the pool
         st = sock._st
         rings: list[DataRing] = []
         try:
@@ -1050,8 +1080,10 @@ class Frontend(Closing):
             ring = st.ring = rings[0]
             del rings[:]
         except BaseException:
-            for ring in rings:
-                self._put_data_ring(ring, reusable=True)
+            if rings:
+                # One step, from a list that is dropped (see _give_back).
+                self._given_back.append((rings[0], True))
+            self._return_rings()
             raise
         if not ring.direct:
             with self._lock:
@@ -1096,7 +1128,7 @@ class Frontend(Closing):
         socket, whose readiness descriptor would then never hear of its
         data (its own relay finds the ring relayed).  Whoever takes the
         ring from ``st`` clears ``st.ring`` before it unrelays the ring
-        under ``_lock`` (_put_data_ring): a relay that saw ``st.ring`` here
+        under ``_lock`` (_return_rings): a relay that saw ``st.ring`` here
         is undone there."""
         if not ring.direct:
             return
@@ -1131,25 +1163,92 @@ class Frontend(Closing):
                 except OSError:
                     pass
 
-    def _put_data_ring(self, ring: DataRing, *, reusable: bool) -> None:
-        """Take back a ring no socket uses.  ``reusable``: the backend said
-        it let go of it (answered RELEASE, or refused the CONNECT or ACCEPT
-        that offered it), so its pages and port may serve the next socket."""
+    def _put_data_ring(self, holder: _HoldsRing, *, reusable: bool) -> None:
+        """Take back the ring of ``holder`` (a socket's state, or a
+        release), if it still has one.  ``reusable``: the backend said it
+        let go of it (answered RELEASE, or refused the CONNECT or ACCEPT
+        that offered it), so its pages and port may serve the next socket.
+        Under the locks that guard ``holder.ring``, and not under a
+        socket's ``_cond`` (see :meth:`_give_back`)."""
+        self._give_back(holder, reusable=reusable)
+        self._return_rings()
+
+    def _give_back(self, holder: _HoldsRing, *, reusable: bool) -> None:
+        """Move the ring of ``holder``, if it still has one, to
+        ``_given_back``, for :meth:`_return_rings`.  Takes no lock: under
+        any, a socket's ``_cond`` included.
+
+        By steps that call nothing, where CPython runs no signal's
+        handler, nor switches threads: those run only as a function
+        starts, as a loop goes round and as a call returns.  So a Ctrl-C
+        finds the ring in the holder or in ``_given_back``, never in
+        neither (lost: its pages, port and eventfds for the life of the
+        process) nor in both (freed twice), and of two threads giving back
+        the same holder's ring one takes it."""
+        ring = holder.ring
+        if ring is not None:
+            holder.ring = None
+            self._given_back.append((ring, reusable))
+
+    def _return_rings(self) -> None:
+        """Move the rings given back to the pool, or to be freed, and free
+        those (see :meth:`_give_back`)."""
         with self._lock:
-            self._handlers.pop(ring.port, None)
-            self._unrelay(ring)
-            if (reusable and not self._dead and ring.failure is None
-                    and len(self._ring_pool) < _RING_POOL_MAX):
-                self._ring_pool.append(ring)
-                return
-        ring.free()
+            given = self._given_back
+            while given:
+                # From the front: others append meanwhile (see _give_back).
+                ring, reusable = given[0]
+                # Both again for a ring a Ctrl-C left here after them.
+                self._handlers.pop(ring.port, None)
+                self._unrelay(ring)
+                to = (self._ring_pool if reusable and not self._dead and ring.failure is None
+                      and len(self._ring_pool) < _RING_POOL_MAX else self._rings_to_free)
+                del given[0]
+                to.append(ring)
+        if self._rings_to_free:
+            self._free_rings()
+
+    def _free_rings(self) -> None:
+        """Free the rings in ``_rings_to_free`` that nobody is freeing.
+        Each is claimed under ``_lock`` and freed outside it; a Ctrl-C
+        gives the claim back, and whoever comes next finishes the ring
+        (DataRing.free() is resumable)."""
+        mine: DataRing | None = None
+        try:
+            while True:
+                with self._lock:
+                    for ring in self._rings_to_free:
+                        if not ring.freeing:
+                            ring.freeing = True
+                            mine = ring
+                            break
+                    else:
+                        return
+                ring.free()
+                with self._lock:
+                    self._rings_to_free.remove(ring)
+                mine = None
+        except BaseException:
+            if mine is not None:
+                mine.freeing = False  # first: nothing runs a handler before it
+            raise
+
+    def _free_every_ring(self) -> None:
+        """Free the pool's rings and those on their way (for close())."""
+        with self._lock:
+            pool = self._ring_pool
+            self._ring_pool = []
+            self._rings_to_free.extend(pool)  # no handler runs since the line above
+            for i, (ring, _) in enumerate(self._given_back):
+                self._given_back[i] = (ring, False)
+        self._return_rings()
 
     def _drop_socket(self, sock: PVSocket, *, reusable: bool) -> None:
         """Free a socket the backend never made (a failed ACCEPT's id_new)."""
+        # The ring first: the socket's state, left in the table by a
+        # Ctrl-C, keeps it until then.
+        self._put_data_ring(sock._st, reusable=reusable)
         self._forget(sock)
-        ring, sock._st.ring = sock._st.ring, None
-        if ring is not None:
-            self._put_data_ring(ring, reusable=reusable)
 
     def _submit(
         self,
@@ -1491,58 +1590,58 @@ class Frontend(Closing):
         order, so whatever the guest sends next (a SOCKET counted against a
         policy limit, a BIND to the same port) finds the socket released.
         """
-        rel: _Release | None = None
+        # Resumable, as close() must be under Ctrl-C.  The release is
+        # claimed under _lock (st.release), the state staying in the table
+        # until the release is done.  Until the RELEASE went out an
+        # interrupt gives the claim back, the socket whole, for the next
+        # close(), the reaper (a socket then dropped) or Frontend.close()
+        # to release; once it went out any of them finishes the rest.
+        # Before a close() that marked the socket closed and was cut short
+        # there returned at once the next time, the socket left in the
+        # backend for good.
+        rel = _Release(st.id)  # made before it may be the claim
+        slot = Slot(PVCALLS_RELEASE, st.id)
+        claimed = False
         interrupted: BaseException | None = None
-        with self._lock:
-            if sock is None:
-                # A dropped socket's state is released by whoever takes it
-                # out of the table: the reaper or Frontend.close(), not both.
+        try:
+            with self._lock:
                 if self._sockets.get(st.id) is not st:
-                    return
-                del self._sockets[st.id]
-            if not self._dead and self._ring is not None:
-                # Registered with the claim: a Frontend.close() that found
-                # the state gone waits for this RELEASE (_wait_releases).
-                rel = pending = _Release(st.id)
-                self._releases.add(rel)
-        if rel is not None:
-
-            def fill(req: Any) -> None:
-                req.u.release.id = st.id
-                req.u.release.reuse = 0
-
-            # The event thread (releasing an accepted socket, see
-            # _finish_release) must not wait for a slot only it can free.
-            timeout = 0.0 if threading.current_thread() is self._thread else self.timeout
-            slot = Slot(PVCALLS_RELEASE, st.id)
-            slot.on_done = lambda ret: self._released(pending, ret)
-            try:
-                self._submit(slot, fill, Deadline(timeout))
-            except BaseException as exc:
-                # The socket is closed already (a second close() does
-                # nothing), so what it shared is freed here or by the
-                # answer, and an interrupt (Ctrl-C in the main thread)
-                # goes on once that is done.
-                if isinstance(exc, OSError | TimeoutError):
-                    # Moot if the backend went away meanwhile: the socket
-                    # went with it (every call says so, with ENOTCONN).
-                    level = logging.DEBUG if self._dead else logging.WARNING
-                    logger.log(level, "RELEASE of %#x failed: %s", st.id, exc)
+                    return  # released
+                if st.release is not None:
+                    if not st.release.settled:
+                        return  # another thread is sending the RELEASE
+                    rel = st.release  # a release a Ctrl-C cut short
                 else:
-                    interrupted = exc
-                if not slot.sent:
-                    # Not freed by an answer that will never come.  Also
-                    # when the wait for room was interrupted.
-                    with self._lock:
-                        self._releases.discard(rel)
-                        self._cmd_cond.notify_all()  # close() may wait for the last one
-                    rel = None
-        inflight = ring = None
+                    st.release = rel
+                    claimed = True
+                    if self._dead or self._ring is None:
+                        rel.settled = True  # no RELEASE to send
+                    else:
+                        # Registered with the claim: a Frontend.close()
+                        # that found it claimed waits for this RELEASE
+                        # (_wait_releases).
+                        self._releases.add(rel)
+            if claimed and not rel.settled:
+                self._send_release(rel, slot)
+        except BaseException as exc:
+            if not claimed or rel.settled:
+                raise
+            if not slot.sent:
+                # Not sent: the claim goes back, and with it the release.
+                st.release = None  # first: nothing runs a handler before it
+                with self._lock:
+                    self._releases.discard(rel)
+                    self._cmd_cond.notify_all()  # close() may wait for the last one
+                raise
+            # Interrupted between the push and the notify (see _submit):
+            # sent, and finished here.
+            rel.settled = True
+            interrupted = exc
+        fd: ReadyFd | None = None
         if sock is None:
             # Dropped: no call of the socket is left to wait out, and
-            # nobody else can reach its state any more.
-            inflight, st.accept_inflight = st.accept_inflight, None
-            ring, st.ring = st.ring, None
+            # nobody else can reach its state but another release.
+            self._take(st, rel)
             fd, st.readyfd = st.readyfd, None
         else:
             # The socket's own calls have seen _closed and left (or, a
@@ -1556,19 +1655,17 @@ class Frontend(Closing):
             deadline = Deadline(self.timeout)
             try:
                 with held(sock._accept_lock, deadline):
-                    inflight, st.accept_inflight = st.accept_inflight, None
+                    self._take(st, rel, ring=False)
             except (TimeoutError, BlockingIOError):
                 logger.warning("socket %#x: its accept lock is still held; a pending ACCEPT "
                                "is not freed", st.id)
             try:
                 with (held(sock._recv_lock, deadline), held(sock._send_lock, deadline),
-                      sock._cond):
-                    ring, st.ring = st.ring, None
+                      sock._mutex):
+                    self._take(st, rel, inflight=False)
             except (TimeoutError, BlockingIOError):
                 logger.warning("socket %#x: a call's lock is still held; its ring is not freed",
                                st.id)
-            with self._lock:
-                self._sockets.pop(st.id, None)
             with sock._mutex:
                 fd, st.readyfd = st.readyfd, None
         fd_error: OSError | None = None
@@ -1579,21 +1676,64 @@ class Frontend(Closing):
                 # The program closed the descriptor fileno() gave it: said
                 # once the rest is freed, as socket.socket's close() says it.
                 fd_error = exc
-        if rel is None:
-            self._finish_release(ring, inflight, released=False)
-        else:
-            with self._lock:
-                rel.ring, rel.inflight, rel.taken = ring, inflight, True
-                finish = rel.ret is not None and rel in self._releases
-                if finish:
-                    self._releases.discard(rel)
-                    self._cmd_cond.notify_all()  # close() may wait for the last one
-            if finish:
-                self._finish_release(ring, inflight, released=rel.ret == 0)
+        with self._lock:
+            # Answered, or no answer is waited for (never sent, or given
+            # up on by Frontend.close()): what rel holds is ours to free.
+            # Else the answer frees it.
+            finish = rel.ret is not None or rel not in self._releases
+            released = rel.ret == 0
+        if finish:
+            self._finish_release(rel, released=released)
+        # Last: until here a release cut short is found in the table.
+        with self._lock:
+            self._sockets.pop(st.id, None)
+        if sock is not None:
+            # Not by the finaliser too; a closed socket the program drops
+            # is no warning.
+            sock._finalizer.detach()
         if interrupted is not None:
             raise interrupted
         if fd_error is not None:
             raise fd_error
+
+    def _send_release(self, rel: _Release, slot: Slot) -> None:
+        """Send ``rel``'s RELEASE (not waiting for the answer), claimed by
+        _release; settle it, also if it cannot be sent."""
+
+        def fill(req: Any) -> None:
+            req.u.release.id = rel.sock_id
+            req.u.release.reuse = 0
+
+        # The event thread (releasing an accepted socket, see
+        # _finish_release) must not wait for a slot only it can free.
+        timeout = 0.0 if threading.current_thread() is self._thread else self.timeout
+        slot.on_done = functools.partial(self._released, rel)
+        try:
+            self._submit(slot, fill, Deadline(timeout))
+        except (OSError, TimeoutError) as exc:
+            # Moot if the backend went away meanwhile: the socket went
+            # with it (every call says so, with ENOTCONN).  Else what it
+            # shared is freed with no answer to wait for.
+            level = logging.DEBUG if self._dead else logging.WARNING
+            logger.log(level, "RELEASE of %#x failed: %s", rel.sock_id, exc)
+            if not slot.sent:  # sent, its notify failed: the answer may come
+                with self._lock:
+                    self._releases.discard(rel)
+                    self._cmd_cond.notify_all()  # close() may wait for the last one
+        rel.settled = True
+
+    @staticmethod
+    def _take(st: SocketState, rel: _Release, *, ring: bool = True,
+              inflight: bool = True) -> None:
+        """Move what ``st`` shares to ``rel``, by steps that call nothing
+        (see _give_back): a release cut short and taken up again finds
+        each piece in one place."""
+        if ring and st.ring is not None:
+            rel.ring = st.ring
+            st.ring = None
+        if inflight and st.accept_inflight is not None:
+            rel.inflight = st.accept_inflight
+            st.accept_inflight = None
 
     def _collect(self, st: SocketState) -> None:
         """The finaliser of a PVSocket dropped unclosed (see PVSocket's
@@ -1659,20 +1799,30 @@ class Frontend(Closing):
             logger.warning("RELEASE of %#x: %s", rel.sock_id, _errno.name_of(ret))
         with self._lock:
             rel.ret = ret
-            if not rel.taken or rel not in self._releases:
-                return  # close() is still taking it, or gave up waiting
+            if rel not in self._releases:
+                return  # Frontend.close() gave up waiting, and freed it
             self._releases.discard(rel)
             self._cmd_cond.notify_all()
-        self._finish_release(rel.ring, rel.inflight, released=ret == 0)
+        # What the release has moved here so far; it frees what it moves
+        # after this (see _release).
+        self._finish_release(rel, released=ret == 0)
 
-    def _finish_release(self, ring: DataRing | None,
-                        inflight: tuple[int, Slot, PVSocket] | None, *, released: bool) -> None:
-        """Free a released socket's ring and pending ACCEPT.  ``released``:
-        the backend answered RELEASE, so they may be reused."""
-        if ring is not None:
-            # As Linux: after RELEASE the frontend writes -EBADF into in_error.
-            ring.set_in_error(-_errno.EBADF)
-            self._put_data_ring(ring, reusable=released)
+    def _finish_release(self, rel: _Release, *, released: bool) -> None:
+        """Free what ``rel`` holds of a released socket: its ring and
+        pending ACCEPT.  ``released``: the backend answered RELEASE, so
+        they may be reused.  Whoever else finishes ``rel`` meanwhile takes
+        none of what this takes (see _give_back)."""
+        with self._lock:  # the one place that takes from rel: one party at a time
+            ring = rel.ring
+            if ring is not None:
+                # As Linux: after RELEASE the frontend writes -EBADF into
+                # in_error.  Before the ring leaves rel: once it has, it
+                # may be on its way to the next socket.
+                ring.set_in_error(-_errno.EBADF)
+                self._give_back(rel, reusable=released)
+            inflight = rel.inflight
+            rel.inflight = None
+        self._return_rings()
         if inflight is not None:
             req_id, slot, new = inflight
             self._abandon(req_id, slot)
@@ -1689,7 +1839,8 @@ class Frontend(Closing):
 
     def _wait_releases(self) -> None:
         """Wait (up to ``timeout``) for the RELEASEs in flight; free what
-        the unanswered ones hold without reusing it."""
+        the unanswered ones hold without reusing it.  Each is given up on
+        once freed: a Ctrl-C meanwhile leaves the rest to the next close()."""
         deadline = Deadline(self.timeout)
         with self._lock:
             while self._releases and not self._dead:
@@ -1697,8 +1848,9 @@ class Frontend(Closing):
                     self._cmd_cond.wait(deadline.nap())
                 except TimeoutError:
                     break
-            left = [rel for rel in self._releases if rel.taken]
-            self._releases.difference_update(left)
+            left = list(self._releases)
         for rel in left:
             logger.warning("RELEASE of %#x not answered", rel.sock_id)
-            self._finish_release(rel.ring, rel.inflight, released=False)
+            self._finish_release(rel, released=False)
+            with self._lock:
+                self._releases.discard(rel)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import operator
 import os
 import select
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from xenback.ring import FlexRing, mb
@@ -76,6 +79,11 @@ class DataRing:
         # a reset, and the verdict, once written, stays.
         self._resets = 0
         self.failure: str | None = None
+        # What free() has released so far, one entry per step (see free).
+        self._released: list[object] = []
+        # Set under the frontend's _lock by whoever frees the ring (see
+        # Frontend._free_rings): one thread at a time.
+        self.freeing = False
         # Whole or nothing: short of grants, ports or descriptors any step
         # may fail, and what the steps before made is given back before the
         # error goes on.  Each step's result is recorded by the call that
@@ -247,22 +255,48 @@ class DataRing:
         _I32.pack_into(self.indexes, IN_ERROR_OFFSET, value)
 
     def free(self) -> None:
-        if self.direct:
+        """Give back what the ring holds: its port, its own handle, the
+        eventfds and the granted pages.
+
+        Resumable: a Ctrl-C may land anywhere in it, and a free() again
+        releases what is left, each resource at most once (a port or a
+        descriptor released twice may be someone else's by then).  So each
+        release is recorded by the call that makes it, as __init__ records
+        what it makes, and one that fails counts as done: there is nothing
+        left to retry.  Not by two threads at once: the frontend claims a
+        ring before it frees it (see Frontend._free_rings)."""
+        done = self._released
+        if not done and self.direct:
             # Read the service's news about our port (the backend unbinding
             # it) while the port is still ours to be told about.
             try:
                 self.consume_events()
             except OSError:
                 pass
-        try:
-            self.evtchn.unbind(self.port)
-        except OSError as exc:
-            logger.debug("unbinding port %d: %s", self.port, exc)
+        steps = self._releases()
+        while len(done) < len(steps):
+            release, what = steps[len(done)]
+            try:
+                done.extend(map(operator.call, (release,)))
+            except OSError as exc:
+                done.append(exc)  # first: recorded before a handler may run
+                logger.debug("freeing the data ring on port %d: %s: %s", self.port, what, exc)
+
+    def _releases(self) -> list[tuple[Callable[[], object], str]]:
+        """free()'s steps, in order: the same list every time."""
+        steps: list[tuple[Callable[[], object], str]] = [
+            (functools.partial(self.evtchn.unbind, self.port), "unbinding its port")]
         if self.direct:
-            self.evtchn.close()
-        for wakefd in self.wakefds:
-            os.close(wakefd)
+            steps.append((self.evtchn.close, "closing its handle"))
+        steps.extend((functools.partial(os.close, wakefd), f"closing eventfd {wakefd}")
+                     for wakefd in self.wakefds)
+        # Repeatable: a view released twice is released.  Before the pages
+        # go, which may not be unshared under views still exported.
+        steps.append((self._release_views, "releasing its views"))
+        steps.append((self.pages.unshare, "unsharing its pages"))
+        return steps
+
+    def _release_views(self) -> None:
         self.inq.release()
         self.outq.release()
         self.indexes.release()
-        self.pages.unshare()

@@ -32,7 +32,7 @@ from ._common import RECV, SEND, Deadline, Slot, bad_fd, host_error, resolve, ti
 from ._ring import DataRing
 
 if TYPE_CHECKING:
-    from ._frontend import Frontend
+    from ._frontend import Frontend, _Release
 
 #: The range of a C int: what socket.socket.listen() takes as a backlog.
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
@@ -236,7 +236,7 @@ class SocketState:
     """
 
     __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening",
-                 "connecting")
+                 "connecting", "release")
 
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
@@ -255,6 +255,9 @@ class SocketState:
         # here, not in the PVSocket, so that the warning of a socket
         # dropped meanwhile says so, as its repr did.
         self.connecting = False
+        # The socket's release once claimed (under the frontend's _lock):
+        # see Frontend._release.
+        self.release: _Release | None = None
 
     def describe(self, *, closed: bool) -> str:
         """The socket's repr."""
@@ -592,9 +595,7 @@ class PVSocket(Closing):
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
                 # ours to free, and connect() may be tried again.
-                taken, self._st.ring = self._st.ring, None
-                if taken is not None:
-                    self._fe._put_data_ring(taken, reusable=True)
+                self._fe._put_data_ring(self._st, reusable=True)
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN
                     # (Linux's frontend's): asyncio's sock_connect() and
@@ -620,8 +621,7 @@ class PVSocket(Closing):
                 # The backend has let go of the ring and the id is a new
                 # socket again (as in Linux's backend): free the ring, so
                 # that connect() may be tried again.
-                self._st.ring = None
-                self._fe._put_data_ring(ring, reusable=True)
+                self._fe._put_data_ring(self._st, reusable=True)
             if self._closed:
                 # close() from another thread: its RELEASE may have cut the
                 # CONNECT short (-EINTR), but what happened is EBADF.
@@ -687,7 +687,6 @@ class PVSocket(Closing):
         (:meth:`_active_ring` waits for its end), and close() takes the
         ring under ``_cond`` as this does, so exactly one of the two frees
         it.  Once the socket is closed its RELEASE owns the ring."""
-        ring = None
         with self._mutex:
             self._connecting = False
             if not self._closed:
@@ -696,13 +695,13 @@ class PVSocket(Closing):
                     # socket again (as after a blocking connect() failed).
                     self._so_error = host_error(ret, "connect").errno or errno.EIO
                     self._connect_failed = True
-                    ring, self._st.ring = self._st.ring, None
+                    # Only moved under _cond, the lock order's last.
+                    self._fe._give_back(self._st, reusable=True)
                 else:
                     self._peername = (host, port)
                     self._connect_unreported = True
             self._cond.notify_all()
-        if ring is not None:
-            self._fe._put_data_ring(ring, reusable=True)
+        self._fe._return_rings()
         self._update_ready()
 
     def _finish_connect(self, deadline: Deadline) -> bool:
@@ -1356,7 +1355,9 @@ class PVSocket(Closing):
         :class:`ResourceWarning` (see the class).  If the program closed
         the descriptor :meth:`fileno` gave it, close() raises
         :class:`OSError` EBADF, as socket.socket's does, once the socket
-        is released."""
+        is released.  A close() that a Ctrl-C interrupts leaves the socket
+        closed to its calls, and the next close() (or the frontend's)
+        finishes releasing it."""
         self._close_requested = True
         if self._io_refs <= 0:
             self._real_close()
@@ -1421,15 +1422,16 @@ class PVSocket(Closing):
     # -- internals ---------------------------------------------------------
 
     def _real_close(self) -> None:
-        # Tested and set under _cond: of two threads closing at once, only
-        # one may send the RELEASE.
+        # Of two threads closing at once, only one sends the RELEASE: the
+        # frontend's claim (see Frontend._release), not this flag, which
+        # marks the socket closed for its calls from now on.  A close() a
+        # Ctrl-C cut short before its release was done left the socket in
+        # the frontend's table: this one finishes it.
         with self._mutex:
-            if self._closed:
-                return
+            again = self._closed
             self._closed = True
-        # Released here: not again by the finaliser, and a closed socket
-        # the program drops is no warning.
-        self._finalizer.detach()
+        if again and self._fe._sockets.get(self.id) is not self._st:
+            return  # released
         # Wake this socket's waiters (on its data, or on an answer to its
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._lock:

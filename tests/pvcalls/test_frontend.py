@@ -1505,7 +1505,6 @@ def test_requests_on_the_wire_are_linux_like(
 ) -> None:
     from pvcalls import _wire
     from pvcalls.frontend import FRONTEND_RING_ORDER
-    from pvcalls.frontend._ring import DataRing
 
     ring = fe._ring
     assert ring is not None
@@ -1522,17 +1521,19 @@ def test_requests_on_the_wire_are_linux_like(
     monkeypatch.setattr(ring, "push_request", record)
     in_error_at_free: list[int] = []
     freed = threading.Condition()
-    put = fe._put_data_ring
+    give_back = fe._give_back
 
-    def put_and_record(ring: DataRing, *, reusable: bool) -> None:
-        with freed:
-            in_error_at_free.append(ring.in_error())
-            freed.notify_all()
-        assert _wire.ffi.from_buffer("struct pvcalls_data_intf *", ring.indexes).ring_order \
-            == FRONTEND_RING_ORDER
-        put(ring, reusable=reusable)
+    def give_back_and_record(holder: Any, *, reusable: bool) -> None:
+        ring = holder.ring
+        if ring is not None:
+            with freed:
+                in_error_at_free.append(ring.in_error())
+                freed.notify_all()
+            assert _wire.ffi.from_buffer("struct pvcalls_data_intf *",
+                                         ring.indexes).ring_order == FRONTEND_RING_ORDER
+        give_back(holder, reusable=reusable)
 
-    monkeypatch.setattr(fe, "_put_data_ring", put_and_record)
+    monkeypatch.setattr(fe, "_give_back", give_back_and_record)
 
     srv = server()
     with connected(fe, srv.address) as s:
@@ -2445,15 +2446,15 @@ def test_an_interrupted_connect_leaves_a_socket_only_to_close(
         assert fe._slots == [None] * len(fe._slots)
 
 
-def test_a_close_interrupted_before_its_release_went_out_frees_the_socket(
+def test_a_close_interrupted_before_its_release_went_out_is_finished_by_the_next(
     host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C while close() waits for room on the command ring for its
-    RELEASE: the interrupt goes through, and the socket is closed all the
-    same, with what it shared freed (not left for a RELEASE answer that
-    never comes, which Frontend.close() would wait its whole timeout for:
-    here longer than the test may run, so that such a wait is a test
-    timeout)."""
+    RELEASE: the interrupt goes through and the socket is closed for its
+    calls, but it is still the backend's, and the next close() releases
+    it (before, it returned at once, and the socket and its ring stayed in
+    the backend for the life of the frontend).  The frontend's timeout
+    outlasts the test: a RELEASE that never goes out is a test timeout."""
     srv = server()
     guest = host.create_domain("interrupted-close")
     before = host.hypervisor.stats()
@@ -2471,9 +2472,14 @@ def test_a_close_interrupted_before_its_release_went_out_frees_the_socket(
             s.close()
         monkeypatch.undo()
         assert s.closed
+        assert_fails(errno.EBADF, lambda: s.recv(1))
+        assert s not in fe.sockets()
+        assert any(r.domain == guest.domid for r in backend.stats().sockets)
+        s.close()  # releases it
+        wait_until(lambda: all(r.domain != guest.domid for r in backend.stats().sockets))
+        wait_until(lambda: not fe._releases)
+        assert s._st.ring is None and s._st.id not in fe._sockets
         s.close()  # nothing left to do
-        assert not fe._releases
-        assert s not in fe.sockets() and s._st.ring is None
     wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
 
 
@@ -2613,12 +2619,15 @@ def _sweep_interrupts(host: SimHost, name: str,
                       call: Callable[[pvcalls.PVSocket], object],
                       after: Callable[[], object] = lambda: None,
                       then: Callable[[pvcalls.Frontend], object] | None = None,
-                      unless: Callable[[], bool] = lambda: False) -> list[str]:
+                      unless: Callable[[], bool] = lambda: False,
+                      closed: Callable[[pvcalls.Frontend], object] = lambda fe: None
+                      ) -> list[str]:
     """Land a Ctrl-C at each place where CPython may run a signal's
     handler in the frontend library's code during ``call(s)``, ``s``
     being ``prepare(fe)`` on a frontend of its own each time, then
     ``then(fe)`` (by default a SOCKET and its RELEASE: the frontend still
-    answers), then close ``s`` and the frontend, and call ``after()``: all
+    answers), then close ``s``, check ``closed(fe)``, close the frontend,
+    and call ``after()``: all
     they held is released (what the call had made included) whichever
     place it was.  Not where ``unless()`` holds.  Where it landed, in
     order.
@@ -2655,6 +2664,10 @@ def _sweep_interrupts(host: SimHost, name: str,
             fe.timeout = 1.0
             what.close()
             fe.timeout = TIMEOUT
+            try:
+                closed(fe)
+            except Exception as exc:
+                raise AssertionError(f"interrupted {where or 'nowhere'}: closed, {exc!r}") from exc
         finally:
             fe.close()
             after()
@@ -2738,6 +2751,129 @@ def test_an_accept_interrupted_anywhere_loses_no_data_ring(
     assert any("Frontend._notify" in where for where in landed), landed
 
 
+def _refused_address() -> tuple[str, int]:
+    """An address on this host nobody listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("pooled", [True, False], ids=["to-the-pool", "freed"])
+def test_a_refused_connect_interrupted_anywhere_loses_no_data_ring(
+        host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch,
+        pooled: bool) -> None:
+    """A Ctrl-C landing anywhere in a connect() the backend refuses, as
+    it gives the socket's ring back: to the pool, or (the pool full) to be
+    freed, the interrupt in the middle of DataRing.free() included.  The
+    ring is the socket's, the pool's or the frontend's to free, never
+    lost: before, one landing as the socket's state had let go of it and
+    the pool or free() had not got it yet lost its pages, port and
+    eventfds for the life of the process."""
+    srv = server()
+    if not pooled:
+        monkeypatch.setattr(_frontend, "_RING_POOL_MAX", 0)
+    refused = _refused_address()
+
+    def prepare(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
+        s = fe.socket()
+        s.settimeout(TIMEOUT)
+        return s
+
+    def connect(s: pvcalls.PVSocket) -> object:
+        with contextlib.suppress(ConnectionRefusedError):
+            s.connect(refused)
+        return None
+
+    landed = _sweep_interrupts(host, f"refused-{pooled}", prepare, connect,
+                               then=_connects(srv.address))
+    assert any("_put_data_ring" in where for where in landed), landed
+    if pooled:
+        assert any("_return_rings" in where for where in landed), landed
+    else:
+        assert any("DataRing.free" in where for where in landed), landed
+        assert any("Frontend._free_rings" in where for where in landed), landed
+
+
+class _Rings:
+    """A frontend for _sweep_interrupts whose close() is the call swept."""
+
+    def __init__(self, fe: pvcalls.Frontend) -> None:
+        self.fe = fe
+
+    def close(self) -> None:
+        self.fe.close()
+
+
+@pytest.mark.timeout(600)
+def test_a_frontend_close_interrupted_anywhere_frees_its_pooled_rings(
+        host: SimHost, backend: Any, server: Any) -> None:
+    """A Ctrl-C landing anywhere in Frontend.close() of a frontend with
+    rings in its pool: the next close() frees those the interrupted one
+    did not.  Before, it took the pool whole and freed its rings from a
+    list of its own, and a Ctrl-C lost the rest of them."""
+    srv = server()
+
+    def prepare(fe: pvcalls.Frontend) -> _Rings:
+        both = [connected(fe, srv.address) for _ in range(2)]
+        for s in both:
+            s.close()
+        wait_until(lambda: len(fe._ring_pool) == 2)  # back once the RELEASEs are answered
+        return _Rings(fe)
+
+    landed = _sweep_interrupts(host, "close-pool", prepare,  # type: ignore[arg-type]
+                               lambda rings: rings.close(), then=lambda fe: None)
+    assert any("DataRing.free" in where for where in landed), landed
+    assert any("_free_every_ring" in where for where in landed), landed
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("then", ["close-again", "frontend-close"])
+def test_a_close_interrupted_anywhere_releases_the_socket_once(
+        host: SimHost, backend: Any, server: Any, then: str) -> None:
+    """A Ctrl-C landing anywhere in a connected socket's close(), then
+    close() again, or Frontend.close(): the backend holds no socket of the
+    guest any more, its RELEASE went out exactly once, and all the socket
+    shared is freed.  Before, a close() cut short once it had marked the
+    socket closed and before its RELEASE went out left it in the backend,
+    and the next close() returned at once."""
+    srv = server()
+    releases: list[int] = []
+    swept: list[pvcalls.PVSocket] = []
+
+    def prepare(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
+        releases.clear()
+        s = connected(fe, srv.address)
+        swept[:] = [s]
+        submit = fe._submit
+
+        def counted(slot: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return submit(slot, *args, **kwargs)
+            finally:
+                if slot.cmd == _wire.PVCALLS_RELEASE and slot.sent:
+                    releases.append(slot.sock_id)
+
+        fe._submit = counted  # type: ignore[method-assign]
+        return s
+
+    def after_close(fe: pvcalls.Frontend) -> None:
+        if then == "frontend-close":
+            # The device goes, and with it the backend's sockets: what
+            # is checked is the RELEASE and what the socket shared.
+            fe.close()
+        else:
+            domid = fe.domain.domid
+            wait_until(lambda: all(r.domain != domid for r in backend.stats().sockets))
+        assert releases.count(swept[0].id) == 1, releases
+
+    landed = _sweep_interrupts(
+        host, f"close-{then}", prepare, lambda s: s.close(), closed=after_close,
+        then=_connects(srv.address) if then == "close-again" else lambda fe: fe.close())
+    assert any("Frontend._release" in where for where in landed), landed
+    assert any("Frontend._notify" in where for where in landed), landed
+
+
 def _connects(address: tuple[str, int]) -> Callable[[pvcalls.Frontend], None]:
     """A check for _sweep_interrupts: the frontend still connects, and
     with a ring that the backend does not hold (the pool's, if it has
@@ -2809,9 +2945,8 @@ def test_a_command_interrupted_anywhere_leaves_the_frontend_working(
         return s.close()
 
     def outside_submit() -> bool:
-        # Of close(), only its RELEASE's _submit is swept: an interrupt
-        # before, once close() marked the socket closed, leaves it
-        # unreleased, its ring with it (a bug of its own).
+        # Of close(), only its RELEASE's _submit is swept here: the rest
+        # in test_a_close_interrupted_anywhere_releases_the_socket_once.
         frame: Any = sys._getframe(1)
         while frame is not None and frame.f_code is not _frontend.Frontend._submit.__code__:
             frame = frame.f_back

@@ -348,7 +348,7 @@ def test_a_fileno_racing_with_a_refused_connect_leaves_the_ring_to_its_next_sock
     fileno() never polled readable for the data that came."""
     echo = socket.create_server(("127.0.0.1", 0))
     answering = PauseAt.in_method(monkeypatch, pvcalls.PVSocket, "_connect_answered",
-                                  "ring = None")
+                                  "with self._mutex:")
     relaying = PauseAt(pvcalls.PVSocket.fileno, "self._fe._relay(ring, self._st)")
     old = start_connect(fe, refused_address())
     assert answering.reached.wait(TIMEOUT)  # the refusal came: the event thread holds it
