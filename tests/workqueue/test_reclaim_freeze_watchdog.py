@@ -453,6 +453,37 @@ def test_watchdog_reports_each_stall_of_a_pool_whose_workers_are_all_busy(
         assert ".behind pending> waits" in message and ".hog running> for" in message, message
 
 
+def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
+        make_wq: Any, log_waiter: Any) -> None:
+    """A workqueue destroyed while another one's items stall on a pool it
+    used takes its count of started items with it: that is no start of
+    an item, and the stall goes on -- neither reported again nor timed
+    afresh."""
+    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    other = make_wq("other", topology=topo)
+    assert other.queue_work(Work(lambda work: None))
+    other.flush()  # its pwq of cpu0 has started an item
+    wq = make_wq(topology=topo)
+    logged = log_waiter("workqueue._watchdog", "stuck for")
+    release = threading.Event()
+
+    def hog(work: Work) -> None:
+        assert release.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(hog))
+        assert wq.queue_work(Work(lambda work: None))
+        assert logged.seen.wait(TIMEOUT), "the stall was not reported"
+        other.destroy(timeout=TIMEOUT)
+        # Several more watchdog periods (timers fire in deadline order).
+        later = threading.Event()
+        add_timer(0.2, lambda arg: later.set())
+        assert later.wait(TIMEOUT)
+    finally:
+        release.set()
+    assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
+
+
 def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Five blocking items get cpu0's pool five busy workers and one in
