@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from racewindow import Attempt, PauseAt, stands_at
 
-from workqueue import DelayedWork, Work, Workqueue, _atexit, _timer, blocking
+from workqueue import WQ_FREEZABLE, DelayedWork, Work, Workqueue, _atexit, _timer, blocking
+from workqueue._serial import _BATCH
 from workqueue._timer import del_timer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -449,3 +450,55 @@ wq.serial("key").submit(job, threading.Event(), "serial 1")  # run by the run of
     assert lines[-1].startswith(warning), done.stderr
     assert sorted(lines[:-1]) == ["serial 0 ran", "serial 1 ran", "the running call ran"], \
         done.stderr
+
+
+def test_the_exit_waits_for_no_thaw_when_a_run_queues_its_call_item_again(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, tracer: Any,
+        log_waiter: Any) -> None:
+    """A serial executor's run that ends its batch queues its item again,
+    behind the freeze, as the exit hook looks: the hook found the item
+    running and nothing more, and must not then wait for the queueing
+    held back for a thaw() that nobody will call.  What holds it back is
+    read where the wait is registered: only that run is waited for, and
+    the call it left is dropped, and counted."""
+    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
+    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
+    wq = make_wq("frozen", WQ_FREEZABLE)
+    wq.add_trace_hook(tracer)
+    logged = log_waiter("workqueue._atexit", "is frozen at exit")
+    first, second = threading.Event(), threading.Event()
+    gates = [threading.Event(), threading.Event()]
+
+    def blocker(started: threading.Event, gate: threading.Event) -> None:
+        started.set()
+        assert gate.wait(TIMEOUT)
+
+    key = wq.serial("key")
+    # The first run: the blocker and _BATCH - 1 more calls; the second:
+    # one call, the blocker and _BATCH - 2 more, which leaves one call.
+    key.submit(blocker, first, gates[0])
+    assert first.wait(TIMEOUT)
+    for _ in range(_BATCH):
+        key.submit(int)
+    key.submit(blocker, second, gates[1])
+    for _ in range(_BATCH - 1):
+        key.submit(int)
+    gates[0].set()
+    assert second.wait(TIMEOUT)
+    with pytest.raises(TimeoutError):
+        wq.freeze(timeout=0)
+    (work,) = wq._call_works()
+    assert work.running and not work.pending
+    # Past the look at the workqueue's calls, before the wait for them.
+    pause = PauseAt(_atexit.wait_for_calls, "for work in will_run")
+    hook = Attempt(lambda: pause.run(_atexit.wait_for_calls))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        gates[1].set()
+        tracer.wait_for(lambda: tracer.of(work).count("execute_end") == 2)
+        assert work.pending and not work.running
+    finally:
+        pause.resume()
+    assert hook.result(msg="the exit waits for a thaw()") is None
+    assert [r.getMessage() for r in logged.records] == [
+        "workqueue 'frozen' is frozen at exit: 1 submitted calls will not run"]
