@@ -18,7 +18,16 @@ from typing import Any
 import pytest
 from racewindow import Attempt, PauseAt, stands_at
 
-from workqueue import WQ_FREEZABLE, DelayedWork, Work, Workqueue, _atexit, _timer, blocking
+from workqueue import (
+    WQ_FREEZABLE,
+    DelayedWork,
+    Topology,
+    Work,
+    Workqueue,
+    _atexit,
+    _timer,
+    blocking,
+)
 from workqueue._serial import _BATCH
 from workqueue._timer import del_timer
 
@@ -502,3 +511,79 @@ def test_the_exit_waits_for_no_thaw_when_a_run_queues_its_call_item_again(
     assert hook.result(msg="the exit waits for a thaw()") is None
     assert [r.getMessage() for r in logged.records] == [
         "workqueue 'frozen' is frozen at exit: 1 submitted calls will not run"]
+
+
+@pytest.mark.parametrize("behind", ["the worklist of a frozen workqueue",
+                                    "max_active, on an inactive list"])
+def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, log_waiter: Any,
+        behind: str) -> None:
+    """A call that waits behind an item still running will run once that
+    item ends: on the worklist, where a freeze leaves it, or on an
+    inactive list of a workqueue not frozen.  The exit waits for it, in a
+    wait for its run -- not in a loop that looks again and again until
+    the item ahead ends."""
+    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
+    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
+    topo = Topology(1, cpu_intensive_thresh=60.0)  # the call waits behind the running item
+    frozen = behind.endswith("frozen workqueue")
+    wq = make_wq("wq", WQ_FREEZABLE, 0 if frozen else 1, topology=topo)
+    logged = log_waiter("workqueue._atexit", "is frozen at exit")
+    started, gate = threading.Event(), threading.Event()
+
+    def hog(work: Work) -> None:
+        started.set()
+        assert gate.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(hog))  # no call: the exit does not wait for it
+        assert started.wait(TIMEOUT)
+        call = wq.submit(int, 7)
+        if frozen:
+            with pytest.raises(TimeoutError):
+                wq.freeze(timeout=0)
+        (work,) = wq._call_works()
+        assert work.pending and work._entry is not None and work._entry.active is frozen
+        hook = Attempt(_atexit.wait_for_calls)
+        deadline = time.monotonic() + TIMEOUT
+        while not stands_at(hook.thread.ident or 0, Work._flush, "completion.wait(timeout)"):
+            assert hook.thread.is_alive(), "the exit did not wait for the call"
+            assert time.monotonic() < deadline, "the exit does not wait in a flush"
+            hook.thread.join(0.001)
+    finally:
+        gate.set()
+    assert hook.result() is None
+    assert call.done() and call.result() == 7
+    assert not logged.records
+
+
+def test_the_exit_counts_no_call_for_a_held_item_whose_run_took_them_all(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, tracer: Any,
+        log_waiter: Any) -> None:
+    """A call submitted to a serial executor whose run goes on queues its
+    item again, behind the freeze; the run takes that call all the same.
+    The item left queued holds no call: nothing is dropped, and the exit
+    says nothing of a frozen workqueue."""
+    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
+    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
+    wq = make_wq("frozen", WQ_FREEZABLE)
+    wq.add_trace_hook(tracer)
+    logged = log_waiter("workqueue._atexit", "is frozen at exit")
+    started, gate = threading.Event(), threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        assert gate.wait(TIMEOUT)
+
+    key = wq.serial("key")
+    key.submit(blocker)
+    assert started.wait(TIMEOUT)
+    with pytest.raises(TimeoutError):
+        wq.freeze(timeout=0)
+    later = key.submit(int, 3)
+    (work,) = wq._call_works()
+    gate.set()
+    tracer.wait_for(lambda: "execute_end" in tracer.of(work))
+    assert later.result(0) == 3 and work.pending and not work.calls
+    assert _atexit.wait_for_calls() is None
+    assert not logged.records
