@@ -81,13 +81,16 @@ def wait_for_calls() -> None:
         waited = False
         for wq in live:
             will_run, held_back = wq._calls_at_exit()
+            # Each wait is for what its item holds as it is registered: a
+            # run that ends its batch may have queued its item again since,
+            # behind the freeze (the next pass finds it held back).
             for work in will_run:
-                work.flush()
+                work._flush(None, from_timer=False, at_exit=True)
                 waited = True
             # A freeze holds back the next run of these, not the one going
             # on, which freeze() itself waits for: so does the exit.
             for work in held_back:
-                waited |= work._flush(None, from_timer=False, run_only=True)
+                waited |= work._flush(None, from_timer=False, at_exit=True)
             if held_back:
                 held[wq] = held_back
         if not waited:

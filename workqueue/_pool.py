@@ -491,10 +491,10 @@ class WorkerPool:
         self.retry: TimerHandle | None = None  # worker creation retry, when armed
         self.create_failed = False
         # The watchdog's view of the worklist (see _watchdog): since when
-        # it has waited with no item started (None: seen empty), what
-        # count of starts it saw then, and the stall it last reported.
+        # it has waited with no item started (None: seen empty), each
+        # pwq's count of starts it saw then, and the stall it last reported.
         self.watchdog_ts: float | None = None
-        self.watchdog_started = 0
+        self.watchdog_started: dict[PoolWorkqueue, int] = {}
         self.watchdog_reported: float | None = None
 
     def __repr__(self) -> str:

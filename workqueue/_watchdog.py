@@ -12,12 +12,12 @@ like wq_watchdog_thresh):
   the kernel's own lockup check, which watches pool->watchdog_ts.
 
 The kernel touches pool->watchdog_ts as a worker takes an item, on the
-hot path; ours reads instead the count of started items that every pwq
-keeps anyway (PoolWorkqueue.nr_started) and notes when it last saw it
+hot path; ours reads instead the counts of started items that every pwq
+keeps anyway (PoolWorkqueue.nr_started) and notes when it last saw one
 move, so that watching costs queue_work() and the workers nothing.  A
 stall is timed from the first check that saw the worklist waiting, or
-saw the count move while it waited: never reported early, and at most
-a quarter threshold late.  (The count moves with the pool's workers'
+saw a count move while it waited: never reported early, and at most
+a quarter threshold late.  (The counts move with the pool's workers'
 `scheduled` lists too, which the kernel's stamp does not watch: an item
 that a busy worker keeps running from there hides a stall of the
 worklist behind it.)
@@ -52,13 +52,18 @@ def arm_watchdog(pset: _pool.PoolSet) -> None:
 def _pool_stalled(pool: _pool.WorkerPool, now: float, thresh: float) -> float | None:
     """For how long *pool*'s worklist has waited with no item started, if
     that is a stall to report now, else None (engine lock held)."""
+    seen = pool.watchdog_started
     if not pool.worklist.nr:
         pool.watchdog_ts = None
+        seen.clear()  # nor keeps the pwqs of workqueues destroyed since
         return None
-    started = sum(pwq.nr_started for pwq in pool.pwqs)
-    if pool.watchdog_ts is None or started != pool.watchdog_started:
+    # Pwq by pwq, not their sum: a workqueue destroyed meanwhile takes its
+    # count along with its pwq (release_pwq), which starts nothing, and
+    # would otherwise hide a start elsewhere or time the stall afresh.
+    if pool.watchdog_ts is None or any(pwq.nr_started != seen.get(pwq, 0)
+                                       for pwq in pool.pwqs):
         pool.watchdog_ts = now
-        pool.watchdog_started = started
+        pool.watchdog_started = {pwq: pwq.nr_started for pwq in pool.pwqs}
         return None
     stalled = now - pool.watchdog_ts
     if stalled < thresh or pool.watchdog_reported == pool.watchdog_ts:

@@ -167,13 +167,12 @@ class Work:
         """
         return self._flush(timeout, from_timer=False)
 
-    def _flush(self, timeout: float | None, *, from_timer: bool, run_only: bool = False) -> bool:
+    def _flush(self, timeout: float | None, *, from_timer: bool, at_exit: bool = False) -> bool:
         """flush(), queueing the item at once first if *from_timer* and it
-        is on its timer (DelayedWork.flush()).  With *run_only*, it waits
-        only for the run going on now, if any, and not for a queueing
-        still pending: the exit hook's wait for an item whose next run a
-        freeze holds back (see _atexit), which a flush would wait for
-        until a thaw() nobody will call."""
+        is on its timer (DelayedWork.flush()).  With *at_exit*, the exit
+        hook's wait (see _atexit): a pending queueing that a freeze holds
+        back is not waited for, only the run going on now, if any -- else
+        the wait would last until a thaw() that nobody will call."""
         timeout = check_timeout(timeout)
         completion = Completion()
         # The flush is registered, and taken back when the wait times out,
@@ -185,7 +184,7 @@ class Work:
                 if from_timer:
                     assert isinstance(self, DelayedWork)
                     dropped_by = self._queue_from_timer()
-                waiting = self._start_flush(completion, run_only=run_only)
+                waiting = self._start_flush(completion, at_exit=at_exit)
             if dropped_by is not None:
                 assert isinstance(self, DelayedWork)
                 dropped_by._log_dropped(self)
@@ -203,13 +202,16 @@ class Work:
         raise self._timed_out("flush", timeout)
 
     def _start_flush(self, completion: Completion, hold: int = 0, *,
-                     run_only: bool = False) -> bool:
+                     at_exit: bool = False) -> bool:
         """Register *completion* to complete once the current instance of
-        the item is over (with *run_only*, its run going on now), and add
-        *hold* to its disable count; False, doing neither, if there is
-        none (engine lock held)."""
+        the item is over (with *at_exit*, its run going on now if a freeze
+        holds back its pending queueing), and add *hold* to its disable
+        count; False, doing neither, if there is none (engine lock held)."""
         on_list = self._pending and self._entry is not None
-        if self._worker is None and (run_only or not on_list):
+        # Read here, under the lock that registers the wait, not where the
+        # exit hook looked: a run may have queued its item again since.
+        held = at_exit and self._held_by_freeze()
+        if self._worker is None and (held or not on_list):
             return False
         self._check_not_own_function("flush")
         flushers = self._flushers
@@ -220,8 +222,16 @@ class Work:
         self._disable += hold
         # The queueing that runs now is an earlier one than the pending
         # queueing's, which is the last (see wake_work_flushers).
-        flushers.append((self._seq - 1 if run_only and on_list else self._seq, completion))
+        flushers.append((self._seq - 1 if held else self._seq, completion))
         return True
+
+    def _held_by_freeze(self) -> bool:
+        """Whether the item is pending on an inactive list of a frozen
+        workqueue, where only thaw() lets it run (engine lock held)."""
+        entry = self._entry
+        pwq = self._pwq
+        return (self._pending and entry is not None and not entry.active
+                and pwq is not None and pwq.wq._frozen)
 
     def _take_back_flush(self, completion: Completion) -> bool:
         """Unregister a flush that its caller stopped waiting for (timeout,

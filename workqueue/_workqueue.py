@@ -1074,8 +1074,7 @@ class Workqueue(Executor):
             will_run: list[Work] = []
             held: list[Work] = []
             for work in found:
-                entry = work._entry
-                if work._pending and entry is not None and not entry.active:
+                if work._held_by_freeze():
                     held.append(work)
                 else:
                     will_run.append(work)

@@ -18,7 +18,17 @@ from typing import Any
 import pytest
 from racewindow import Attempt, PauseAt, stands_at
 
-from workqueue import DelayedWork, Work, Workqueue, _atexit, _timer, blocking
+from workqueue import (
+    WQ_FREEZABLE,
+    DelayedWork,
+    Topology,
+    Work,
+    Workqueue,
+    _atexit,
+    _timer,
+    blocking,
+)
+from workqueue._serial import _BATCH
 from workqueue._timer import del_timer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -449,3 +459,131 @@ wq.serial("key").submit(job, threading.Event(), "serial 1")  # run by the run of
     assert lines[-1].startswith(warning), done.stderr
     assert sorted(lines[:-1]) == ["serial 0 ran", "serial 1 ran", "the running call ran"], \
         done.stderr
+
+
+def test_the_exit_waits_for_no_thaw_when_a_run_queues_its_call_item_again(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, tracer: Any,
+        log_waiter: Any) -> None:
+    """A serial executor's run that ends its batch queues its item again,
+    behind the freeze, as the exit hook looks: the hook found the item
+    running and nothing more, and must not then wait for the queueing
+    held back for a thaw() that nobody will call.  What holds it back is
+    read where the wait is registered: only that run is waited for, and
+    the call it left is dropped, and counted."""
+    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
+    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
+    wq = make_wq("frozen", WQ_FREEZABLE)
+    wq.add_trace_hook(tracer)
+    logged = log_waiter("workqueue._atexit", "is frozen at exit")
+    first, second = threading.Event(), threading.Event()
+    gates = [threading.Event(), threading.Event()]
+
+    def blocker(started: threading.Event, gate: threading.Event) -> None:
+        started.set()
+        assert gate.wait(TIMEOUT)
+
+    key = wq.serial("key")
+    # The first run: the blocker and _BATCH - 1 more calls; the second:
+    # one call, the blocker and _BATCH - 2 more, which leaves one call.
+    key.submit(blocker, first, gates[0])
+    assert first.wait(TIMEOUT)
+    for _ in range(_BATCH):
+        key.submit(int)
+    key.submit(blocker, second, gates[1])
+    for _ in range(_BATCH - 1):
+        key.submit(int)
+    gates[0].set()
+    assert second.wait(TIMEOUT)
+    with pytest.raises(TimeoutError):
+        wq.freeze(timeout=0)
+    (work,) = wq._call_works()
+    assert work.running and not work.pending
+    # Past the look at the workqueue's calls, before the wait for them.
+    pause = PauseAt(_atexit.wait_for_calls, "for work in will_run")
+    hook = Attempt(lambda: pause.run(_atexit.wait_for_calls))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        gates[1].set()
+        tracer.wait_for(lambda: tracer.of(work).count("execute_end") == 2)
+        assert work.pending and not work.running
+    finally:
+        pause.resume()
+    assert hook.result(msg="the exit waits for a thaw()") is None
+    assert [r.getMessage() for r in logged.records] == [
+        "workqueue 'frozen' is frozen at exit: 1 submitted calls will not run"]
+
+
+@pytest.mark.parametrize("behind", ["the worklist of a frozen workqueue",
+                                    "max_active, on an inactive list"])
+def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, log_waiter: Any,
+        behind: str) -> None:
+    """A call that waits behind an item still running will run once that
+    item ends: on the worklist, where a freeze leaves it, or on an
+    inactive list of a workqueue not frozen.  The exit waits for it, in a
+    wait for its run -- not in a loop that looks again and again until
+    the item ahead ends."""
+    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
+    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
+    topo = Topology(1, cpu_intensive_thresh=60.0)  # the call waits behind the running item
+    frozen = behind.endswith("frozen workqueue")
+    wq = make_wq("wq", WQ_FREEZABLE, 0 if frozen else 1, topology=topo)
+    logged = log_waiter("workqueue._atexit", "is frozen at exit")
+    started, gate = threading.Event(), threading.Event()
+
+    def hog(work: Work) -> None:
+        started.set()
+        assert gate.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(hog))  # no call: the exit does not wait for it
+        assert started.wait(TIMEOUT)
+        call = wq.submit(int, 7)
+        if frozen:
+            with pytest.raises(TimeoutError):
+                wq.freeze(timeout=0)
+        (work,) = wq._call_works()
+        assert work.pending and work._entry is not None and work._entry.active is frozen
+        hook = Attempt(_atexit.wait_for_calls)
+        deadline = time.monotonic() + TIMEOUT
+        while not stands_at(hook.thread.ident or 0, Work._flush, "completion.wait(timeout)"):
+            assert hook.thread.is_alive(), "the exit did not wait for the call"
+            assert time.monotonic() < deadline, "the exit does not wait in a flush"
+            hook.thread.join(0.001)
+    finally:
+        gate.set()
+    assert hook.result() is None
+    assert call.done() and call.result() == 7
+    assert not logged.records
+
+
+def test_the_exit_counts_no_call_for_a_held_item_whose_run_took_them_all(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, tracer: Any,
+        log_waiter: Any) -> None:
+    """A call submitted to a serial executor whose run goes on queues its
+    item again, behind the freeze; the run takes that call all the same.
+    The item left queued holds no call: nothing is dropped, and the exit
+    says nothing of a frozen workqueue."""
+    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
+    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
+    wq = make_wq("frozen", WQ_FREEZABLE)
+    wq.add_trace_hook(tracer)
+    logged = log_waiter("workqueue._atexit", "is frozen at exit")
+    started, gate = threading.Event(), threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        assert gate.wait(TIMEOUT)
+
+    key = wq.serial("key")
+    key.submit(blocker)
+    assert started.wait(TIMEOUT)
+    with pytest.raises(TimeoutError):
+        wq.freeze(timeout=0)
+    later = key.submit(int, 3)
+    (work,) = wq._call_works()
+    gate.set()
+    tracer.wait_for(lambda: "execute_end" in tracer.of(work))
+    assert later.result(0) == 3 and work.pending and not work.calls
+    assert _atexit.wait_for_calls() is None
+    assert not logged.records

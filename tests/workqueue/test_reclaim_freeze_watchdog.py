@@ -12,6 +12,7 @@ import pytest
 import workqueue._pool as pool_module
 from workqueue import WQ_FREEZABLE, WQ_MEM_RECLAIM, WQ_UNBOUND, Topology, Work, blocking
 from workqueue._timer import add_timer
+from workqueue._watchdog import _pool_stalled
 
 TIMEOUT = 10.0
 
@@ -451,6 +452,72 @@ def test_watchdog_reports_each_stall_of_a_pool_whose_workers_are_all_busy(
         assert len(logged.records) == stall
         message = logged.records[-1].getMessage()
         assert ".behind pending> waits" in message and ".hog running> for" in message, message
+
+
+def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
+        make_wq: Any, log_waiter: Any) -> None:
+    """A workqueue destroyed while another one's items stall on a pool it
+    used takes its count of started items with it: that is no start of
+    an item, and the stall goes on -- neither reported again nor timed
+    afresh."""
+    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    other = make_wq("other", topology=topo)
+    assert other.queue_work(Work(lambda work: None))
+    other.flush()  # its pwq of cpu0 has started an item
+    wq = make_wq(topology=topo)
+    logged = log_waiter("workqueue._watchdog", "stuck for")
+    release = threading.Event()
+
+    def hog(work: Work) -> None:
+        assert release.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(hog))
+        assert wq.queue_work(Work(lambda work: None))
+        assert logged.seen.wait(TIMEOUT), "the stall was not reported"
+        other.destroy(timeout=TIMEOUT)
+        # Several more watchdog periods (timers fire in deadline order).
+        later = threading.Event()
+        add_timer(0.2, lambda arg: later.set())
+        assert later.wait(TIMEOUT)
+    finally:
+        release.set()
+    assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
+
+
+def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool check, called with the clock in the test's hand (the
+    watchdog's own first check is an hour away), on a pool that has never
+    started an item (no worker can be made): a stall is timed from the
+    first check that saw an item wait, afresh once the worklist was seen
+    empty -- an item cancelled is no stall of the one queued after it --
+    not from when a new workqueue joins the pool, and is reported once it
+    has lasted the threshold, not before."""
+    topo = Topology(1, watchdog_thresh=3600.0)
+    wq = make_wq(topology=topo)
+    (pwq,) = wq._all_pwqs()
+    pool = pwq.pool
+
+    def stalled(now: float) -> float | None:
+        with pool_module.lock:
+            return _pool_stalled(pool, now, 1.0)
+
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    cancelled = Work(lambda work: None)
+    assert wq.queue_work(cancelled)
+    assert stalled(100.0) is None  # first seen waiting
+    assert cancelled.cancel()
+    assert stalled(100.5) is None  # seen empty
+    ran = threading.Event()
+    assert wq.queue_work(Work(lambda work: ran.set()))
+    assert stalled(101.5) is None  # first seen waiting: timed from here
+    make_wq("late", topology=topo)  # a pwq of the pool that started nothing
+    assert stalled(102.4) is None
+    assert stalled(102.5) == 1.0
+    assert stalled(103.5) is None  # reported already
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert ran.wait(TIMEOUT)
 
 
 def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
