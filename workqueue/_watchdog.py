@@ -16,11 +16,13 @@ hot path; ours reads instead the counts of started items that every pwq
 keeps anyway (PoolWorkqueue.nr_started) and notes when it last saw one
 move, so that watching costs queue_work() and the workers nothing.  A
 stall is timed from the first check that saw the worklist waiting, or
-saw a count move while it waited: never reported early, and at most
-a quarter threshold late.  (The counts move with the pool's workers'
-`scheduled` lists too, which the kernel's stamp does not watch: an item
-that a busy worker keeps running from there hides a stall of the
-worklist behind it.)
+saw a count move while it waited: at most a quarter threshold late, and
+early only by as much, when a waiting item is cancelled and another
+queued between two checks with nothing started (the kernel stamps an
+empty worklist's first item; the checks cannot see it empty).  (The
+counts move with the pool's workers' `scheduled` lists too, which the
+kernel's stamp does not watch: an item that a busy worker keeps running
+from there hides a stall of the worklist behind it.)
 
 The check runs on the timer thread every quarter threshold while any
 worker of the topology is busy or any of its worklists holds items, and
