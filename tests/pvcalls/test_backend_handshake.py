@@ -732,14 +732,14 @@ def test_a_close_interrupted_in_any_frame_releases_everything_when_called_again(
         host: Any, monkeypatch: pytest.MonkeyPatch, package: str) -> None:
     """A Ctrl-C landing anywhere in what close() runs of pvcalls' code (a
     socket's teardown and its steps, the rings', the lingerer's, the
-    pollers'), or of xenback's as it unbinds a port or stops watching a
-    descriptor, then close() again: every grant, port, descriptor and host
-    socket is released.  A step that recorded a resource as gone before it
-    was (a listening socket torn down before its host socket was closed,
-    say) left the retry nothing to do, and the resource held for the life
-    of the process.  Not in the simulated hypervisor's own code (grant
-    unmapping is all there), which stands for the kernel's: no signal cuts
-    an ioctl in half."""
+    pollers'), or of xenback's event dispatcher as it unbinds a port,
+    stops watching a descriptor or closes, then close() again: every
+    grant, port, descriptor and host socket is released.  A step that
+    recorded a resource as gone before it was (a listening socket torn
+    down before its host socket was closed, say) left the retry nothing
+    to do, and the resource held for the life of the process.  Not in the
+    simulated hypervisor's own code (grant unmapping is all there), which
+    stands for the kernel's: no signal cuts an ioctl in half."""
     import importlib
 
     from stolensignal import interrupted_at
@@ -751,7 +751,7 @@ def test_a_close_interrupted_in_any_frame_releases_everything_when_called_again(
     unless: Callable[[], bool] = lambda: False  # noqa: E731
     if package == "xenback":
         releasing = _on_stack(frozenset(f.__code__ for f in (
-            EventDispatcher.unbind, EventDispatcher.remove_fd)))
+            EventDispatcher.unbind, EventDispatcher.remove_fd, EventDispatcher.close)))
         unless = lambda: not releasing()  # noqa: E731
     landed: list[str] = []
     for n in itertools.count():
