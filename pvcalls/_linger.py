@@ -125,6 +125,10 @@ class Lingerer:
                 # another orphan's by the time a late timer runs.
                 orphan.timer = timer = DelayedWork(
                     lambda _work: self._finish(fd, "timed out", only=orphan))
+                # Ours from here on, before the steps a Ctrl-C may cut
+                # short: the caller then leaves ``host`` to us (holds()),
+                # and _finish ends it whether it was watched or not.
+                self._account(fd, orphan, +1)
                 # Timer and watch both under _lock, which the timer's
                 # _finish and the sender take first: neither may end the
                 # orphan, and close its descriptor, before it is watched
@@ -134,11 +138,9 @@ class Lingerer:
                     self._wq.queue_delayed_work(timer, self.timeout)
                     self._dispatcher.add_fd(fd, select.EPOLLOUT, self._on_writable)
                 except (OSError, RuntimeError) as exc:  # out of epoll watches, or closed
+                    self._account(fd, orphan, -1)
                     timer.cancel()
                     failed = exc
-                else:
-                    self._orphans[fd] = orphan
-                    self._charge(orphan, +1)
         if not taken:
             ratelimit.log(logger, logging.WARNING,
                           "dom%d: a released socket's last %d bytes dropped: the domain's "
@@ -182,44 +184,67 @@ class Lingerer:
         if not orphan.rest:
             self._finish(fd, None)
 
-    def _charge(self, orphan: _Orphan, sign: int) -> None:
-        """Count ``orphan`` in (+1) or out of (-1) its domain's bounds.
-        Called with _lock held."""
-        domid = orphan.domid
-        for table, amount in ((self._bytes, orphan.size), (self._count, 1)):
-            total = table.get(domid, 0) + sign * amount
-            if total:
-                table[domid] = total
-            else:
-                del table[domid]
-
-    def _finish(self, fd: int, why: str | None, *, only: _Orphan | None = None) -> None:
+    def holds(self, host: socket.socket) -> bool:
+        """Whether ``host`` is lingering here: adopt() took it, even if a
+        Ctrl-C cut that call short, and nothing has closed it yet."""
+        fd = host.fileno()
         with self._lock:
             orphan = self._orphans.get(fd)
-            if orphan is None or (only is not None and orphan is not only):
-                return
+        return orphan is not None and orphan.host is host
+
+    def _account(self, fd: int, orphan: _Orphan, sign: int) -> None:
+        """Record ``orphan`` under ``fd`` and count it in its domain's
+        bounds (+1), or forget and count it out (-1).  Called with _lock
+        held.  No call and no loop: a Ctrl-C lands before or after, never
+        between the table and the counts."""
+        domid = orphan.domid
+        if sign > 0:
+            self._orphans[fd] = orphan
+        else:
             del self._orphans[fd]
-            self._charge(orphan, -1)
+        size = orphan.size * sign
+        if domid in self._bytes:
+            size += self._bytes[domid]
+        count = sign
+        if domid in self._count:
+            count += self._count[domid]
+        if count:
+            self._bytes[domid] = size
+            self._count[domid] = count
+        else:
+            del self._bytes[domid]
+            del self._count[domid]
+
+    def _finish(self, fd: int, why: str | None, *, only: _Orphan | None = None) -> None:
+        taken: _Orphan | None = None
         try:
-            self._dispatcher.remove_fd(fd)  # waits for a send in progress
-        except (KeyError, OSError, RuntimeError):
-            pass
-        except BaseException:
-            # Interrupted in that wait (Ctrl-C in close()): nothing is
-            # closed yet, so the descriptor is still the orphan's and it
-            # goes back, for the next close() (or its timer) to finish.
             with self._lock:
-                self._orphans[fd] = orphan
-                self._charge(orphan, +1)
+                orphan = self._orphans.get(fd)
+                if orphan is None or (only is not None and orphan is not only):
+                    return
+                taken = orphan
+                self._account(fd, orphan, -1)
+            try:
+                self._dispatcher.remove_fd(fd)  # waits for a send in progress
+            except (KeyError, OSError, RuntimeError):
+                pass  # not watched (adopt() cut short), or the dispatcher closed
+            if orphan.timer is not None:
+                orphan.timer.cancel()
+            orphan.host.close()
+        except BaseException:
+            # Interrupted (Ctrl-C in close()) before the descriptor was
+            # closed: it is still the orphan's, and goes back (unwatched,
+            # perhaps), for the next close() (or its timer) to finish.
+            if taken is not None and taken.host.fileno() != -1:
+                with self._lock:
+                    if fd not in self._orphans:
+                        self._account(fd, taken, +1)
             raise
-        if orphan.timer is not None:
-            orphan.timer.cancel()
         if why is not None and orphan.rest:
             orphan.ratelimit.log(logger, logging.INFO,
                                  "dom%d: released socket closed with %d bytes unsent: %s",
                                  orphan.domid, len(orphan.rest), why)
         orphan.rest.release()
-        orphan.host.close()
 
     def close(self) -> None:
         """Close every lingering socket with what it holds, and take no more."""

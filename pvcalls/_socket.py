@@ -918,7 +918,9 @@ class ActiveSocket(Work):
             # watched, and its number must not be another file's by then.
             if not steps.interrupted:
                 steps.run("closing the host socket", self._release_host, host, rest)
-                self._host_released = True
+                # Not after a step cut short, which may have left it open:
+                # the next teardown closes it (or sees the lingerer has it).
+                self._host_released = not steps.interrupted
         if self.port is not None:
             steps.run("unbinding the event channel", self._unbind)
         if self.ring is not None:
@@ -939,14 +941,17 @@ class ActiveSocket(Work):
                 pass  # not watched: its add_fd failed
 
     def _release_host(self, host: socket.socket, rest: bytes) -> None:
-        """Hand ``host`` to the lingerer with ``rest`` to send, or close it."""
+        """Hand ``host`` to the lingerer with ``rest`` to send, or close it.
+        Done again after a Ctrl-C, which may have landed as adopt() took it
+        (returned, or not): the lingerer's is not closed under it."""
         fe = self.frontend
+        lingerer = fe.backend.lingerer
         adopted = False
         try:
-            adopted = bool(rest) and fe.backend.lingerer.adopt(
+            adopted = bool(rest) and lingerer.adopt(
                 host, fe.domid, rest, fe.ratelimit, limit=fe.policy.max_sockets)
         finally:
-            if not adopted:
+            if not adopted and not lingerer.holds(host):
                 host.close()
 
     def _unbind(self) -> None:
@@ -1179,13 +1184,16 @@ class PassiveSocket(Work):
             self.state = SockState.CLOSED
             if self._torn_down:
                 return waiting
-            self._torn_down = True
+        # Torn down once the host socket is closed, not before: a teardown
+        # cut short (Ctrl-C) is done again by the next.  Closed, its
+        # fileno() is -1, which no remove_fd() finds.
         if self._registered:
             try:
                 self.frontend.dispatcher.remove_fd(self.host.fileno())
             except (OSError, KeyError, ValueError):
                 pass
         self.host.close()
+        self._torn_down = True
         return waiting
 
 

@@ -185,8 +185,12 @@ class EventDispatcher(Closing):
         self._running: tuple[str, int] | None = None
         # _closed: no more binding or dispatching; _released: the ports
         # unbound and the descriptors closed, after the wait for the thread.
+        # _release_unfinished: a close() set _released and has not yet
+        # closed every descriptor (a Ctrl-C cut it short): the next one
+        # does it all again.  Set with _released, cleared at the very end.
         self._closed = False
         self._released = False
+        self._release_unfinished = False
         # The ident of the thread that runs the callbacks: ours, or (poll
         # mode) the one inside poll(), None between polls and once ours
         # has ended.  Written only by that thread.  An ident, not the
@@ -420,12 +424,12 @@ class EventDispatcher(Closing):
         """Stop the thread (or wait for a poll in progress to return),
         unbind every port, close the handle.
 
-        Idempotent, and a close() interrupted in its wait (Ctrl-C in the
+        Idempotent, and a close() interrupted anywhere (Ctrl-C in the
         main thread) is finished by the next one: the first call marks the
         dispatcher closed, the descriptors go only after the wait.
         """
         with self._lock:
-            if self._released:
+            if self._released and not self._release_unfinished:
                 return
             self._closed = True
         self.wakeup()
@@ -445,12 +449,13 @@ class EventDispatcher(Closing):
             while self._thread.is_alive():
                 self._thread.join(wait_slice(None))
         with self._lock:
-            if self._released:
+            if self._released and not self._release_unfinished:
                 return  # another close() finished meanwhile
-            self._released = True
-        # From here on no later close() would close the descriptors: they
-        # go also when an unbind (a round trip to the hypervisor) is
-        # interrupted, and closing the handle unbinds the ports left.
+            self._released = self._release_unfinished = True
+        # The descriptors go also when an unbind (a round trip to the
+        # hypervisor) is interrupted, and closing the handle unbinds the
+        # ports left.  Every step below may be done again, by the next
+        # close() after a Ctrl-C as any of their calls returned.
         try:
             with self._lock:
                 for port in list(self._ports):
@@ -466,11 +471,19 @@ class EventDispatcher(Closing):
                 self._fds_taken.clear()
             self._evtchn.close()
             self._epoll.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            # The failures held back since the last report: none is lost.
-            self._failures.close(logger, logging.ERROR)
-            self._breakdowns.close(logger, logging.ERROR)
+            # Each number forgotten by a step that calls nothing, then
+            # closed: never closed twice (it may be another file's by then).
+            wake_r, self._wake_r = self._wake_r, -1
+            if wake_r >= 0:
+                os.close(wake_r)
+            wake_w, self._wake_w = self._wake_w, -1
+            if wake_w >= 0:
+                os.close(wake_w)
+        with self._lock:
+            self._release_unfinished = False
+        # The failures held back since the last report: none is lost.
+        self._failures.close(logger, logging.ERROR)
+        self._breakdowns.close(logger, logging.ERROR)
 
     @property
     def ports(self) -> list[int]:
