@@ -14,6 +14,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hosthelpers import error_of, eventually, make_guest
@@ -647,6 +648,28 @@ def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
     assert xsd._thread is not None and xsd._thread.is_alive()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["internal error serving Connection(#1, dom0)"]
+
+
+def test_events_of_a_request_a_bug_cut_short_are_sent_at_once(
+        xsd: XenStored, caplog: pytest.LogCaptureFixture) -> None:
+    """A request that changed the store before a server bug cost its
+    connection has fired its watches: the watchers hear of the change
+    then, not after whatever request comes next."""
+    caplog.set_level(logging.CRITICAL, logger="xenback.sim._xenstored")
+    write = xsd._dispatcher._handlers[Op.WRITE]
+    assert write is not None
+
+    def buggy(*args: Any) -> bytes:
+        write(*args)
+        raise RuntimeError("a bug in a handler, after the write")
+
+    with RawClient(xsd.path) as watcher, RawClient(xsd.path) as c:
+        watcher.watch("/w", "tok")
+        assert watcher.wait_event() == ("/w", "tok")
+        xsd._call(xsd._dispatcher._handlers.__setitem__, Op.WRITE, buggy)
+        c.send(Op.WRITE, b"/w/x\0v")
+        assert closed_by_server(c.sock)
+        assert watcher.wait_event() == ("/w/x", "tok")
 
 
 class _OutOfDescriptors:

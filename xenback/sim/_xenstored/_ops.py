@@ -203,8 +203,13 @@ class Dispatcher:
                        + e.name.encode() + b"\0")
         else:
             self._send(conn, HEADER.pack(op, req_id, tx_id, len(reply)) + reply)
-        if self._deferred:
-            self.flush_deferred(conn.domain)
+        finally:
+            # Also when a bug cuts the request short (costing the
+            # connection): what it changed has fired watches, which would
+            # otherwise go out after some later request, charged to that
+            # request's domain.
+            if self._deferred:
+                self.flush_deferred(conn.domain)
 
     # --- node access with cxenstored's permission rules ---------------------
 
