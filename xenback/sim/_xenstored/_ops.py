@@ -75,6 +75,13 @@ class Quota:
     #: bounds what a guest can pile up for dom0 without a per-request record.
     outstanding: int = 20
 
+    def __post_init__(self) -> None:
+        # Any other limit at 0 fails requests; this one would stall a
+        # guest's first request for good (no event of its waits, so none
+        # is ever taken to wake it).
+        if self.outstanding < 1:
+            raise ValueError(f"Quota.outstanding must be at least 1, not {self.outstanding}")
+
 
 # --- argument parsing: cxenstored's onearg() and get_strings() -------------
 
