@@ -742,3 +742,10 @@ def test_connections_per_domain_are_limited() -> None:
                 third.read("/local/domain/1")
             assert first.read("/local/domain/1") == b""
             assert second.read("/local/domain/1") == b""
+
+
+def test_a_quota_that_would_hold_every_guest_back_is_refused() -> None:
+    # At 0, a guest's first request would wait for ever: nothing it caused
+    # ever waits for dom0, so nothing wakes it.
+    with pytest.raises(ValueError, match="outstanding"):
+        Quota(outstanding=0)

@@ -4,7 +4,10 @@ connection, never crash, and keep serving everybody else."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
+import itertools
 import logging
 import os
 import selectors
@@ -14,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hosthelpers import error_of, eventually, make_guest
@@ -374,6 +378,242 @@ def test_dom0_not_reading_events_dom0_caused_is_not_cut() -> None:
                 assert deaf.wait_event() == (f"{path}/{i}", "tok")
 
 
+# --- guests held back for dom0 (Quota.outstanding) ------------------------------------
+
+_LIMIT = 3  # Quota.outstanding in these tests
+_PAD = "/".join(["p" * 60] * 30)  # ~2 KiB per event
+
+
+@dataclasses.dataclass
+class _Backlog:
+    """A server, dom0, guest 1 and a backend (dom0) watching the guest's
+    home with events waiting for it in the server."""
+
+    xsd: XenStored
+    dom0: RawClient
+    guest: RawClient
+    backend: RawClient
+
+    def guest_conns(self) -> list[Connection]:
+        return self.xsd._call(lambda: sorted(self.xsd._dispatcher.domains[1].conns,
+                                             key=lambda c: int(c.name[1:])))
+
+    def read_events_until(self, path: str) -> None:
+        """The backend reads its events, up to the one naming ``path``."""
+        while self.backend.wait_event()[0] != path:
+            pass
+
+    def charges(self) -> tuple[int, int, int]:
+        """What is still charged: domain 1's events and bytes, dom0's bytes."""
+        def get() -> tuple[int, int, int]:
+            guest = self.xsd._dispatcher.domains[1]
+            return guest.outstanding, guest.queued, self.xsd._dispatcher.dom0.queued
+        return self.xsd._call(get)
+
+
+@contextlib.contextmanager
+def _dom0_backlog() -> Iterator[_Backlog]:
+    """A guest whose every event for dom0 waits, held by dom0's own events:
+    a backend watching the guest's home that has not read what dom0's
+    writes there sent it, more than the kernel holds."""
+    quota = Quota(outstanding=_LIMIT, nodes=1 << 20, node_size=1 << 20)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), quota=quota
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest, RawClient(
+        xsd.path
+    ) as backend:
+        backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        backend.watch("/local/domain/1", "be")
+        assert backend.wait_event() == ("/local/domain/1", "be")
+        (backend_conn,) = [c for c in xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+                           if c.watches]
+        for i in itertools.count():
+            if xsd._call(lambda: len(backend_conn.out)):
+                break
+            dom0.write(f"/local/domain/1/pad{i}/{_PAD}", "")
+        yield _Backlog(xsd, dom0, guest, backend)
+
+
+def _write(i: int, name: str = "g") -> bytes:
+    """A WRITE request (id 1000 + i) of node ``name``<i> in domain 1's home."""
+    path = f"/local/domain/1/{name}{i}\0".encode()
+    return HEADER.pack(Op.WRITE, 1000 + i, 0, len(path)) + path
+
+
+def test_a_guest_is_held_back_once_its_quota_of_events_waits_for_dom0() -> None:
+    # The request that brings the count to the quota is served, the next
+    # waits (in the kernel, not in the server: the connection is out of
+    # the selector) until the backend reads, and then nothing is charged.
+    with _dom0_backlog() as b:
+        b.guest.send_raw(b"".join(_write(i) for i in range(_LIMIT + 1)))
+        for i in range(_LIMIT):
+            assert b.guest.recv_message()[:2] == (Op.WRITE, 1000 + i)
+        (conn,) = b.guest_conns()
+        assert eventually(lambda: b.xsd._call(lambda: (conn.paused, conn.events)) == (True, 0))
+        assert b.xsd._call(lambda: (conn.domain.outstanding, conn.inbuf)) == (
+            _LIMIT, _write(_LIMIT))
+        b.read_events_until(f"/local/domain/1/g{_LIMIT}")
+        assert b.guest.recv_message()[:2] == (Op.WRITE, 1000 + _LIMIT)
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+
+
+def test_every_connection_of_a_held_back_guest_goes_on() -> None:
+    with _dom0_backlog() as b, RawClient(b.xsd.introduce_path(1)) as other:
+        other.read("/local/domain/1")  # accepted
+        b.guest.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
+        first, second = b.guest_conns()
+        assert eventually(lambda: b.xsd._call(lambda: first.paused))
+        other.send_raw(_write(50, "h"))
+        assert eventually(lambda: b.xsd._call(lambda: second.paused))
+        b.read_events_until("/local/domain/1/h50")
+        for i in range(_LIMIT + 2):
+            assert b.guest.recv_message()[:2] == (Op.WRITE, 1000 + i)
+        assert other.recv_message()[:2] == (Op.WRITE, 1050)
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+
+
+@pytest.mark.parametrize("first", ["guest reads", "backend reads"])
+def test_a_guest_held_back_with_replies_waiting_goes_on(first: str) -> None:
+    # One connection paused for its replies (PAUSE_OUTPUT) and the guest
+    # held back for the backend: it goes on once both have read, in
+    # either order.
+    with _dom0_backlog() as b, RawClient(b.xsd.introduce_path(1)) as reader:
+        reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        b.dom0.write("/local/domain/1/big", "x" * 1500)
+        reads = 2 * (_server.PAUSE_OUTPUT + (1 << 20)) // 1500
+        request = HEADER.pack(Op.READ, 0, 0, 20) + b"/local/domain/1/big\0"
+        reader.read("/local/domain/1")  # accepted
+        _guest_conn, conn = b.guest_conns()
+        sender = threading.Thread(target=reader.send_raw,
+                                  args=(request * reads + _write(99),), daemon=True)
+        sender.start()
+        assert eventually(lambda: b.xsd._call(lambda: conn.paused), 30)
+        b.guest.send_raw(b"".join(_write(i) for i in range(_LIMIT + 1)))
+        assert eventually(lambda: b.xsd._call(lambda: conn.domain.outstanding) >= _LIMIT)
+        done = 0
+        if first == "guest reads":
+            # All its replies are sent, but it stays held back.
+            assert eventually(lambda: b.xsd._call(lambda: len(conn.out)) > 0)
+            while b.xsd._call(lambda: (len(conn.out), conn.events)) != (0, 0):
+                assert reader.recv_message()[:2] == (Op.READ, 0)
+                done += 1
+            assert b.xsd._call(lambda: conn.paused)
+        b.read_events_until(f"/local/domain/1/g{_LIMIT - 1}")
+        for _ in range(done, reads):
+            assert reader.recv_message()[:2] == (Op.READ, 0)
+        assert reader.recv_message()[:2] == (Op.WRITE, 1099)
+        sender.join(timeout=30)
+        assert not sender.is_alive()
+        b.read_events_until("/local/domain/1/g99")
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+
+
+def test_an_event_for_dom0_dropped_as_a_duplicate_is_not_charged() -> None:
+    # The backend gets nothing more for it, so it holds nobody back: a
+    # guest rewriting one node goes on however slow the backend is.
+    with _dom0_backlog() as b:
+        for i in range(_LIMIT + 2):
+            b.guest.write("/local/domain/1/state", str(i))
+        assert b.charges()[0] == 1
+        b.read_events_until("/local/domain/1/state")
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+
+
+def test_a_held_back_connection_whose_client_left_is_closed_once_dom0_reads() -> None:
+    # Out of the selector, its hang-up goes unnoticed while it is held
+    # back; once woken, it is noticed and the connection freed.
+    with _dom0_backlog() as b:
+        with RawClient(b.xsd.introduce_path(1)) as leaving:
+            leaving.read("/local/domain/1")  # accepted
+            _guest_conn, conn = b.guest_conns()
+            leaving.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
+            assert eventually(lambda: b.xsd._call(lambda: (conn.paused, conn.events)) == (True, 0))
+        b.read_events_until(f"/local/domain/1/g{_LIMIT - 1}")
+        assert eventually(lambda: b.xsd._call(lambda: conn.closed))
+        b.read_events_until(f"/local/domain/1/g{_LIMIT + 1}")  # still served
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+
+
+def test_a_guest_released_while_held_back_leaves_nothing_charged() -> None:
+    with _dom0_backlog() as b:
+        b.guest.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
+        (conn,) = b.guest_conns()
+        assert eventually(lambda: b.xsd._call(lambda: conn.paused))
+        b.backend.watch("@releaseDomain", "gone")
+        b.xsd.release_domain(1)
+        while b.backend.wait_event() != ("@releaseDomain", "gone"):
+            pass
+        domain, dom0 = conn.domain, b.xsd._dispatcher.dom0
+        assert eventually(lambda: b.xsd._call(
+            lambda: (domain.outstanding, domain.queued, dom0.queued)) == (0, 0, 0))
+
+
+def test_a_guest_introduced_again_while_held_back_goes_on() -> None:
+    # INTRODUCE resets the guest's connections (watches, transactions):
+    # the events it caused still wait for the backend, and still hold it.
+    with _dom0_backlog() as b:
+        b.guest.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
+        (conn,) = b.guest_conns()
+        assert eventually(lambda: b.xsd._call(lambda: conn.paused))
+        b.dom0.request(Op.INTRODUCE, b"1\0" b"4096\0" b"5\0")
+        assert b.xsd._call(lambda: (conn.paused, conn.domain.outstanding)) == (True, _LIMIT)
+        b.read_events_until(f"/local/domain/1/g{_LIMIT + 1}")
+        for i in range(_LIMIT + 2):
+            assert b.guest.recv_message()[:2] == (Op.WRITE, 1000 + i)
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+
+
+def test_events_a_guests_transaction_fires_are_charged_to_it() -> None:
+    with _dom0_backlog() as b:
+        tx = b.guest.transaction_start()
+        for i in range(_LIMIT + 2):
+            b.guest.write(f"/local/domain/1/t{i}", "", tx)
+        b.guest.transaction_end(tx)
+        rid = b.guest.send(Op.READ, b"/local/domain/1/t0\0")
+        (conn,) = b.guest_conns()
+        assert eventually(lambda: b.xsd._call(lambda: conn.paused))
+        assert b.xsd._call(lambda: conn.domain.outstanding) == _LIMIT + 2
+        b.read_events_until(f"/local/domain/1/t{_LIMIT + 1}")
+        assert b.guest.reply(rid) == (Op.READ, 0, b"")
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+
+
+def test_a_guest_is_not_held_back_for_events_another_guest_does_not_read() -> None:
+    # Only privileged watchers hold a guest back; a guest that does not
+    # read loses events over its share instead (and may not stall others).
+    token = "t" * 1000
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED, quota=Quota(nodes=1 << 20, node_size=1 << 20)
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as writer, make_guest(
+        xsd, dom0, 2
+    ) as deaf:
+        dom0.mkdir("/shared")
+        dom0.set_perms("/shared", ["n1", "r2"])
+        deaf.watch("/shared", token)
+        assert deaf.wait_event() == ("/shared", token)
+        writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(deaf.sock)) // 1000
+        for i in range(writes):
+            writer.write(f"/shared/n{i}", "")
+        assert xsd._call(lambda: xsd._dispatcher.domains[1].outstanding) == 0
+
+
+def test_a_guests_share_is_freed_with_a_connection_closed_with_events_waiting() -> None:
+    token = "t" * 1000
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        with RawClient(xsd.introduce_path(1)) as deaf:
+            deaf.watch("/local/domain/1", token)
+            assert deaf.wait_event() == ("/local/domain/1", token)
+            domain = xsd._dispatcher.domains[1]
+            for i in itertools.count():
+                if xsd._call(lambda: domain.queued):
+                    break
+                dom0.write(f"/local/domain/1/n{i}/{_PAD}", "")
+        guest.read("/local/domain/1")  # after the close
+        assert eventually(lambda: xsd._call(lambda: (len(domain.conns), domain.queued)) == (1, 0))
+
+
 def test_events_a_guest_does_not_read_are_dropped_not_the_guest(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -647,6 +887,28 @@ def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
     assert xsd._thread is not None and xsd._thread.is_alive()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["internal error serving Connection(#1, dom0)"]
+
+
+def test_events_of_a_request_a_bug_cut_short_are_sent_at_once(
+        xsd: XenStored, caplog: pytest.LogCaptureFixture) -> None:
+    """A request that changed the store before a server bug cost its
+    connection has fired its watches: the watchers hear of the change
+    then, not after whatever request comes next."""
+    caplog.set_level(logging.CRITICAL, logger="xenback.sim._xenstored")
+    write = xsd._dispatcher._handlers[Op.WRITE]
+    assert write is not None
+
+    def buggy(*args: Any) -> bytes:
+        write(*args)
+        raise RuntimeError("a bug in a handler, after the write")
+
+    with RawClient(xsd.path) as watcher, RawClient(xsd.path) as c:
+        watcher.watch("/w", "tok")
+        assert watcher.wait_event() == ("/w", "tok")
+        xsd._call(xsd._dispatcher._handlers.__setitem__, Op.WRITE, buggy)
+        c.send(Op.WRITE, b"/w/x\0v")
+        assert closed_by_server(c.sock)
+        assert watcher.wait_event() == ("/w/x", "tok")
 
 
 class _OutOfDescriptors:

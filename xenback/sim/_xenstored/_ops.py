@@ -75,6 +75,13 @@ class Quota:
     #: bounds what a guest can pile up for dom0 without a per-request record.
     outstanding: int = 20
 
+    def __post_init__(self) -> None:
+        # Any other limit at 0 fails requests; this one would stall a
+        # guest's first request for good (no event of its waits, so none
+        # is ever taken to wake it).
+        if self.outstanding < 1:
+            raise ValueError(f"Quota.outstanding must be at least 1, not {self.outstanding}")
+
 
 # --- argument parsing: cxenstored's onearg() and get_strings() -------------
 
@@ -203,8 +210,13 @@ class Dispatcher:
                        + e.name.encode() + b"\0")
         else:
             self._send(conn, HEADER.pack(op, req_id, tx_id, len(reply)) + reply)
-        if self._deferred:
-            self.flush_deferred(conn.domain)
+        finally:
+            # Also when a bug cuts the request short (costing the
+            # connection): what it changed has fired watches, which would
+            # otherwise go out after some later request, charged to that
+            # request's domain.
+            if self._deferred:
+                self.flush_deferred(conn.domain)
 
     # --- node access with cxenstored's permission rules ---------------------
 
