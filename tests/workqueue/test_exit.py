@@ -387,15 +387,22 @@ def test_the_timers_are_read_whole_as_the_timer_thread_takes_one(
     assert instruction > 3
 
 
+@pytest.fixture
+def hook_of_our_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a test that runs the exit hook in this process: the hook sees
+    only the test's workqueues, and its mark of the exit is undone after."""
+    monkeypatch.setattr(_atexit, "_exiting", False)
+    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
+
+
+@pytest.mark.usefixtures("hook_of_our_own")
 @pytest.mark.parametrize("copy", ["the calls'", "the dropped items'"])
 def test_a_workqueue_made_as_the_exit_hook_copies_the_live_ones_waits(
-        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, copy: str) -> None:
+        make_wq: Callable[..., Workqueue], copy: str) -> None:
     """Another thread makes a workqueue while the exit hook goes through
     the live ones (to wait for their calls, then to count their dropped
     items): it waits for the hook's copy, which a WeakSet growing under
     its iterator would end with "Set changed size during iteration"."""
-    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
-    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
     make_wq("first")
     # One live workqueue: the hook's first pass over them yields once.
     pause = PauseAt(weakref.WeakSet.__iter__, "yield item", skip=copy != "the calls'")
@@ -461,8 +468,9 @@ wq.serial("key").submit(job, threading.Event(), "serial 1")  # run by the run of
         done.stderr
 
 
+@pytest.mark.usefixtures("hook_of_our_own")
 def test_the_exit_waits_for_no_thaw_when_a_run_queues_its_call_item_again(
-        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, tracer: Any,
+        make_wq: Callable[..., Workqueue], tracer: Any,
         log_waiter: Any) -> None:
     """A serial executor's run that ends its batch queues its item again,
     behind the freeze, as the exit hook looks: the hook found the item
@@ -470,8 +478,6 @@ def test_the_exit_waits_for_no_thaw_when_a_run_queues_its_call_item_again(
     held back for a thaw() that nobody will call.  What holds it back is
     read where the wait is registered: only that run is waited for, and
     the call it left is dropped, and counted."""
-    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
-    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
     wq = make_wq("frozen", WQ_FREEZABLE)
     wq.add_trace_hook(tracer)
     logged = log_waiter("workqueue._atexit", "is frozen at exit")
@@ -513,18 +519,17 @@ def test_the_exit_waits_for_no_thaw_when_a_run_queues_its_call_item_again(
         "workqueue 'frozen' is frozen at exit: 1 submitted calls will not run"]
 
 
+@pytest.mark.usefixtures("hook_of_our_own")
 @pytest.mark.parametrize("behind", ["the worklist of a frozen workqueue",
                                     "max_active, on an inactive list"])
 def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
-        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, log_waiter: Any,
+        make_wq: Callable[..., Workqueue], log_waiter: Any,
         behind: str) -> None:
     """A call that waits behind an item still running will run once that
     item ends: on the worklist, where a freeze leaves it, or on an
     inactive list of a workqueue not frozen.  The exit waits for it, in a
     wait for its run -- not in a loop that looks again and again until
     the item ahead ends."""
-    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
-    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
     topo = Topology(1, cpu_intensive_thresh=60.0)  # the call waits behind the running item
     frozen = behind.endswith("frozen workqueue")
     wq = make_wq("wq", WQ_FREEZABLE, 0 if frozen else 1, topology=topo)
@@ -557,15 +562,14 @@ def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
     assert not logged.records
 
 
+@pytest.mark.usefixtures("hook_of_our_own")
 def test_the_exit_counts_no_call_for_a_held_item_whose_run_took_them_all(
-        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, tracer: Any,
+        make_wq: Callable[..., Workqueue], tracer: Any,
         log_waiter: Any) -> None:
     """A call submitted to a serial executor whose run goes on queues its
     item again, behind the freeze; the run takes that call all the same.
     The item left queued holds no call: nothing is dropped, and the exit
     says nothing of a frozen workqueue."""
-    monkeypatch.setattr(_atexit, "_exiting", False)  # the hook sets it: undone after
-    monkeypatch.setattr(_atexit, "_live", weakref.WeakSet())
     wq = make_wq("frozen", WQ_FREEZABLE)
     wq.add_trace_hook(tracer)
     logged = log_waiter("workqueue._atexit", "is frozen at exit")
