@@ -290,6 +290,19 @@ def _server_conn(xsd: XenStored, domid: int) -> Connection:
     return conn
 
 
+def _send_writes(guest: RawClient, writes: int) -> threading.Thread:
+    """A thread sending ``writes`` WRITE requests of ``guest`` (to n0, n1,
+    ... under its home), pipelined: it ends once the server took them all,
+    whatever it answered."""
+    requests = b"".join(
+        HEADER.pack(Op.WRITE, i, 0, len(f"n{i}\0")) + f"n{i}\0".encode()
+        for i in range(writes)
+    )
+    sender = threading.Thread(target=guest.send_raw, args=(requests,), daemon=True)
+    sender.start()
+    return sender
+
+
 def test_guest_events_for_dom0_hold_the_guest_back_not_cut_dom0(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -307,14 +320,9 @@ def test_guest_events_for_dom0_hold_the_guest_back_not_cut_dom0(
         dom0.watch("/local/domain/1", token)
         assert dom0.wait_event() == ("/local/domain/1", token)
         writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(dom0.sock)) // 3000
-        requests = b"".join(
-            HEADER.pack(Op.WRITE, i, 0, len(f"n{i}\0")) + f"n{i}\0".encode()
-            for i in range(writes)
-        )
         backend = _server_conn(xsd, 0)
         guest_conn = _server_conn(xsd, 1)
-        sender = threading.Thread(target=guest.send_raw, args=(requests,), daemon=True)
-        sender.start()
+        sender = _send_writes(guest, writes)
         assert eventually(lambda: xsd._call(lambda: backend.closed or guest_conn.paused), 60)
         assert not backend.closed, "dom0 was cut off"
         event_size = HEADER.size + len(f"/local/domain/1/n{writes}") + 1 + len(token) + 1
@@ -346,13 +354,8 @@ def test_a_guest_held_back_for_a_watcher_goes_on_when_it_closes() -> None:
             backend.watch("/local/domain/1", token)
             assert backend.wait_event() == ("/local/domain/1", token)
             writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(backend.sock)) // 3000
-            requests = b"".join(
-                HEADER.pack(Op.WRITE, i, 0, len(f"n{i}\0")) + f"n{i}\0".encode()
-                for i in range(writes)
-            )
             guest_conn = _server_conn(xsd, 1)
-            sender = threading.Thread(target=guest.send_raw, args=(requests,), daemon=True)
-            sender.start()
+            sender = _send_writes(guest, writes)
             assert eventually(lambda: xsd._call(lambda: guest_conn.paused), 60)
         for i in range(writes):
             assert guest.recv_message() == (Op.WRITE, i, 0, b"OK\0")
