@@ -952,6 +952,60 @@ def test_a_backend_that_never_answers(
     log.wait("not answered")
 
 
+def test_a_release_sent_as_the_frontend_gives_up_on_it_frees_the_ring(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket's close() whose RELEASE goes out (slowly: it waited for
+    room, say) just as Frontend.close() gives up waiting for the answers:
+    the ring that close() then takes from the socket is freed, by it or by
+    Frontend.close().  Before, Frontend.close() freed what the release held
+    (nothing yet) and only then gave it up, and a close() that took the
+    ring in between left it to an answer that was no longer waited for:
+    its pages, port and eventfds kept for the life of the process."""
+    from pvcalls.frontend import _frontend
+    from pvcalls.frontend._ring import DataRing
+
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None
+    freed: list[DataRing] = []
+    free = DataRing.free
+
+    def recorded(self: DataRing) -> None:
+        freed.append(self)
+        free(self)
+
+    monkeypatch.setattr(DataRing, "free", recorded)
+    fake.hold = {PVCALLS_RELEASE}
+    fe.timeout = 0.3  # how long Frontend.close() waits for the answer
+    sending = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_send_release",
+                                "rel.settled = True")
+    gave_up, go = threading.Event(), threading.Event()
+    waiting = threading.local()
+    wait_releases, finish = fe._wait_releases, fe._finish_release
+
+    def marked() -> None:
+        waiting.on = True
+        wait_releases()
+
+    def finish_then_pause(rel: Any, *, released: bool) -> None:
+        finish(rel, released=released)
+        if getattr(waiting, "on", False) and not gave_up.is_set():
+            gave_up.set()
+            go.wait(TIMEOUT)
+
+    monkeypatch.setattr(fe, "_wait_releases", marked)
+    monkeypatch.setattr(fe, "_finish_release", finish_then_pause)
+    closing = Call(s.close)
+    assert sending.reached.wait(TIMEOUT)  # the RELEASE went out
+    frontend_closing = Call(fe.close)
+    assert gave_up.wait(TIMEOUT)  # not answered: what the release held is freed
+    sending.resume()
+    assert closing.join().error is None  # took the ring, for the answer
+    go.set()
+    assert frontend_closing.join().error is None
+    assert ring in freed
+
+
 def test_the_backend_closing_mid_call_fails_the_waiters(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """Calls blocked without a timeout (a CONNECT, a SOCKET, a recv) when
