@@ -1006,6 +1006,34 @@ def test_a_release_sent_as_the_frontend_gives_up_on_it_frees_the_ring(
     assert ring in freed
 
 
+def test_a_data_ring_whose_view_is_held_is_freed_all_the_same(
+        host: SimHost, fe: pvcalls.Frontend, fake: FakeBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data ring freed while something holds a buffer exported from
+    one of its views (a cffi buffer over it, here): the view cannot be
+    released, and stays on the zero pages its grants leave behind, but
+    the rest is freed, and so are the rings freed after it.  Before, the
+    BufferError stopped DataRing.free() before the pages were unshared,
+    left the ring first in line to be freed, and came out of every later
+    ring's return (each socket's close, Frontend.close()) with none of
+    them freed."""
+    from pvcalls.frontend import _frontend
+
+    monkeypatch.setattr(_frontend, "_RING_POOL_MAX", 0)  # freed, not pooled
+    before = host.hypervisor.stats()
+    s, _ = connected(fe, fake)
+    assert s._st.ring is not None
+    pin = _wire.ffi.from_buffer("char[]", s._st.ring.indexes)
+    s.close()
+    other, _ = connected(fe, fake)
+    other.close()
+    wait_until(lambda: not fe._releases)
+    assert Call(fe.close).join().error is None
+    wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
+    assert pin[0] == b"\0"  # on the zero pages
+    del pin
+
+
 def test_the_backend_closing_mid_call_fails_the_waiters(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """Calls blocked without a timeout (a CONNECT, a SOCKET, a recv) when
