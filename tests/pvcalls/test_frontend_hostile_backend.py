@@ -1034,6 +1034,64 @@ def test_a_data_ring_whose_view_is_held_is_freed_all_the_same(
     del pin
 
 
+def test_a_data_ring_whose_port_cannot_be_unbound_is_freed_all_the_same(
+        host: SimHost, fe: pvcalls.Frontend, fake: FakeBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data ring freed when unbinding its port fails (the host no longer
+    has it): the failed step is done, and the rest of the ring is freed
+    (its handle, eventfds and pages) by the same free().  Taken for a step
+    still to do, it would be tried again for ever, with the event thread
+    that frees the ring on the RELEASE answer."""
+    from pvcalls.frontend import _frontend
+
+    monkeypatch.setattr(_frontend, "_RING_POOL_MAX", 0)  # freed, not pooled
+    before = host.hypervisor.stats()
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None and ring.direct
+
+    def gone(port: int) -> None:
+        raise OSError(errno.EINVAL, f"port {port} is not bound")
+
+    monkeypatch.setattr(ring.evtchn, "unbind", gone)
+    s.close()
+    wait_until(lambda: not fe._releases and not fe._rings_to_free)
+    # Its own handle closed: the port went with it.
+    wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
+
+
+def test_a_close_racing_one_cut_short_leaves_the_socket_to_the_next(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() in a second thread while the first is sending the RELEASE:
+    it leaves the socket to the first, whose release it is.  The first,
+    cut short before the RELEASE went out (a Ctrl-C, made here by its
+    wait for room raising KeyboardInterrupt), gives the release back, and
+    the next close() releases the socket.  A second close() that went on
+    as if the RELEASE had gone out would take the socket out of the
+    frontend's table, and the next close() would find it released: the
+    socket kept in the backend for good."""
+    s, _ = connected(fe, fake)
+    submit = fe._submit
+    waiting, go = threading.Event(), threading.Event()
+
+    def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
+        if slot.cmd == PVCALLS_RELEASE and not waiting.is_set():
+            waiting.set()
+            go.wait(TIMEOUT)
+            raise KeyboardInterrupt  # nothing went out
+        return submit(slot, *args, **kwargs)
+
+    monkeypatch.setattr(fe, "_submit", cut_short)
+    first = Call(s.close)
+    assert waiting.wait(TIMEOUT)
+    assert Call(s.close).join().error is None
+    go.set()
+    assert isinstance(first.join().error, KeyboardInterrupt)
+    assert s.id in fake.rings  # not released yet
+    s.close()
+    wait_until(lambda: s.id not in fake.rings)  # the backend had its RELEASE
+
+
 def test_the_backend_closing_mid_call_fails_the_waiters(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """Calls blocked without a timeout (a CONNECT, a SOCKET, a recv) when
