@@ -1851,6 +1851,14 @@ class Frontend(Closing):
             left = list(self._releases)
         for rel in left:
             logger.warning("RELEASE of %#x not answered", rel.sock_id)
-            self._finish_release(rel, released=False)
-            with self._lock:
-                self._releases.discard(rel)
+            # Given up on only once found empty, under _lock: a close()
+            # still taking what its socket shared frees it itself if it
+            # finds rel given up, and leaves it to us if not (_release),
+            # so what it moved here before we gave up is ours to free.
+            given_up = False
+            while not given_up:
+                self._finish_release(rel, released=False)
+                with self._lock:
+                    given_up = rel.ring is None and rel.inflight is None
+                    if given_up:
+                        self._releases.discard(rel)

@@ -291,12 +291,20 @@ class DataRing:
         steps.extend((functools.partial(os.close, wakefd), f"closing eventfd {wakefd}")
                      for wakefd in self.wakefds)
         # Repeatable: a view released twice is released.  Before the pages
-        # go, which may not be unshared under views still exported.
+        # go (see _release_views).
         steps.append((self._release_views, "releasing its views"))
         steps.append((self.pages.unshare, "unsharing its pages"))
         return steps
 
     def _release_views(self) -> None:
-        self.inq.release()
-        self.outq.release()
-        self.indexes.release()
+        # A view whose buffer something still exports (a cffi or numpy
+        # object over it) cannot be released.  Left as it is, it sees the
+        # zero pages that unsharing puts in the grants' place, as xenback
+        # leaves such views of its own pages; raised, it would keep the
+        # pages shared and stop every ring freed after this one.
+        for view in (self.inq, self.outq, self.indexes):
+            try:
+                view.release()
+            except BufferError as exc:
+                logger.debug("freeing the data ring on port %d: a view is exported: %s",
+                             self.port, exc)

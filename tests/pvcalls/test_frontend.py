@@ -2985,6 +2985,9 @@ def test_close_does_not_hang_on_a_lock_an_interrupt_left_held(
         with monkeypatch.context() as patched:
             patched.setattr(_frontend, "Deadline", Watched)
             s.close()
+        # Still the call's that holds it: close() lets go only of a lock
+        # it took, or two calls would be in at once.
+        assert getattr(s, lock).locked()
         # Within the timeout of now, not another (none: for ever).
         assert deadlines and all(timeout == 0.5 for timeout in deadlines), deadlines
         fe.timeout = TIMEOUT

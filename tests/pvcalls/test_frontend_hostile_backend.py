@@ -952,6 +952,146 @@ def test_a_backend_that_never_answers(
     log.wait("not answered")
 
 
+def test_a_release_sent_as_the_frontend_gives_up_on_it_frees_the_ring(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket's close() whose RELEASE goes out (slowly: it waited for
+    room, say) just as Frontend.close() gives up waiting for the answers:
+    the ring that close() then takes from the socket is freed, by it or by
+    Frontend.close().  Before, Frontend.close() freed what the release held
+    (nothing yet) and only then gave it up, and a close() that took the
+    ring in between left it to an answer that was no longer waited for:
+    its pages, port and eventfds kept for the life of the process."""
+    from pvcalls.frontend import _frontend
+    from pvcalls.frontend._ring import DataRing
+
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None
+    freed: list[DataRing] = []
+    free = DataRing.free
+
+    def recorded(self: DataRing) -> None:
+        freed.append(self)
+        free(self)
+
+    monkeypatch.setattr(DataRing, "free", recorded)
+    fake.hold = {PVCALLS_RELEASE}
+    fe.timeout = 0.3  # how long Frontend.close() waits for the answer
+    sending = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_send_release",
+                                "rel.settled = True")
+    gave_up, go = threading.Event(), threading.Event()
+    waiting = threading.local()
+    wait_releases, finish = fe._wait_releases, fe._finish_release
+
+    def marked() -> None:
+        waiting.on = True
+        wait_releases()
+
+    def finish_then_pause(rel: Any, *, released: bool) -> None:
+        finish(rel, released=released)
+        if getattr(waiting, "on", False) and not gave_up.is_set():
+            gave_up.set()
+            go.wait(TIMEOUT)
+
+    monkeypatch.setattr(fe, "_wait_releases", marked)
+    monkeypatch.setattr(fe, "_finish_release", finish_then_pause)
+    closing = Call(s.close)
+    assert sending.reached.wait(TIMEOUT)  # the RELEASE went out
+    frontend_closing = Call(fe.close)
+    assert gave_up.wait(TIMEOUT)  # not answered: what the release held is freed
+    sending.resume()
+    assert closing.join().error is None  # took the ring, for the answer
+    go.set()
+    assert frontend_closing.join().error is None
+    assert ring in freed
+
+
+def test_a_data_ring_whose_view_is_held_is_freed_all_the_same(
+        host: SimHost, fe: pvcalls.Frontend, fake: FakeBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data ring freed while something holds a buffer exported from
+    one of its views (a cffi buffer over it, here): the view cannot be
+    released, and stays on the zero pages its grants leave behind, but
+    the rest is freed, and so are the rings freed after it.  Before, the
+    BufferError stopped DataRing.free() before the pages were unshared,
+    left the ring first in line to be freed, and came out of every later
+    ring's return (each socket's close, Frontend.close()) with none of
+    them freed."""
+    from pvcalls.frontend import _frontend
+
+    monkeypatch.setattr(_frontend, "_RING_POOL_MAX", 0)  # freed, not pooled
+    before = host.hypervisor.stats()
+    s, _ = connected(fe, fake)
+    assert s._st.ring is not None
+    pin = _wire.ffi.from_buffer("char[]", s._st.ring.indexes)
+    s.close()
+    other, _ = connected(fe, fake)
+    other.close()
+    wait_until(lambda: not fe._releases)
+    assert Call(fe.close).join().error is None
+    wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
+    assert pin[0] == b"\0"  # on the zero pages
+    del pin
+
+
+def test_a_data_ring_whose_port_cannot_be_unbound_is_freed_all_the_same(
+        host: SimHost, fe: pvcalls.Frontend, fake: FakeBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data ring freed when unbinding its port fails (the host no longer
+    has it): the failed step is done, and the rest of the ring is freed
+    (its handle, eventfds and pages) by the same free().  Taken for a step
+    still to do, it would be tried again for ever, with the event thread
+    that frees the ring on the RELEASE answer."""
+    from pvcalls.frontend import _frontend
+
+    monkeypatch.setattr(_frontend, "_RING_POOL_MAX", 0)  # freed, not pooled
+    before = host.hypervisor.stats()
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None and ring.direct
+
+    def gone(port: int) -> None:
+        raise OSError(errno.EINVAL, f"port {port} is not bound")
+
+    monkeypatch.setattr(ring.evtchn, "unbind", gone)
+    s.close()
+    wait_until(lambda: not fe._releases and not fe._rings_to_free)
+    # Its own handle closed: the port went with it.
+    wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
+
+
+def test_a_close_racing_one_cut_short_leaves_the_socket_to_the_next(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() in a second thread while the first is sending the RELEASE:
+    it leaves the socket to the first, whose release it is.  The first,
+    cut short before the RELEASE went out (a Ctrl-C, made here by its
+    wait for room raising KeyboardInterrupt), gives the release back, and
+    the next close() releases the socket.  A second close() that went on
+    as if the RELEASE had gone out would take the socket out of the
+    frontend's table, and the next close() would find it released: the
+    socket kept in the backend for good."""
+    s, _ = connected(fe, fake)
+    submit = fe._submit
+    waiting, go = threading.Event(), threading.Event()
+
+    def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
+        if slot.cmd == PVCALLS_RELEASE and not waiting.is_set():
+            waiting.set()
+            go.wait(TIMEOUT)
+            raise KeyboardInterrupt  # nothing went out
+        return submit(slot, *args, **kwargs)
+
+    monkeypatch.setattr(fe, "_submit", cut_short)
+    first = Call(s.close)
+    assert waiting.wait(TIMEOUT)
+    assert Call(s.close).join().error is None
+    go.set()
+    assert isinstance(first.join().error, KeyboardInterrupt)
+    assert s.id in fake.rings  # not released yet
+    s.close()
+    wait_until(lambda: s.id not in fake.rings)  # the backend had its RELEASE
+
+
 def test_the_backend_closing_mid_call_fails_the_waiters(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """Calls blocked without a timeout (a CONNECT, a SOCKET, a recv) when
