@@ -280,7 +280,11 @@ class DataRing:
                 done.extend(map(operator.call, (release,)))
             except OSError as exc:
                 done.append(exc)  # first: recorded before a handler may run
-                logger.debug("freeing the data ring on port %d: %s: %s", self.port, what, exc)
+                # The unbind (the first step) may fail harmlessly; any other
+                # step that fails keeps what it held for good: say so.
+                level = logging.DEBUG if len(done) == 1 else logging.WARNING
+                logger.log(level, "freeing the data ring on port %d: %s: %s",
+                           self.port, what, exc)
 
     def _releases(self) -> list[tuple[Callable[[], object], str]]:
         """free()'s steps, in order: the same list every time."""

@@ -1060,6 +1060,30 @@ def test_a_data_ring_whose_port_cannot_be_unbound_is_freed_all_the_same(
     wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
 
 
+def test_a_data_ring_whose_pages_cannot_be_unshared_says_so(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Unsharing a data ring's pages fails (ENOMEM, which libxengntshr
+    may return): the pages stay granted for the life of the process, and
+    a warning says so; the rest of the ring was freed before."""
+    from pvcalls.frontend import _frontend
+
+    monkeypatch.setattr(_frontend, "_RING_POOL_MAX", 0)  # freed, not pooled
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None
+
+    def refused() -> None:
+        raise OSError(errno.ENOMEM, "cannot unmap")
+
+    monkeypatch.setattr(ring.pages, "unshare", refused)
+    with caplog.at_level(logging.DEBUG, logger="pvcalls.frontend"):
+        s.close()
+        wait_until(lambda: not fe._releases and not fe._rings_to_free)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("unsharing its pages" in m and "cannot unmap" in m for m in warned), warned
+
+
 def test_a_close_racing_one_cut_short_leaves_the_socket_to_the_next(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     """close() in a second thread while the first is sending the RELEASE:
