@@ -39,7 +39,6 @@ _ffi = cffi.FFI()
 _ffi.cdef(
     """
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
-    int munmap(void *addr, size_t length);
     """
 )
 _libc: Any = _ffi.dlopen(None)
@@ -60,18 +59,26 @@ class _Region:
     """A reserved, page-aligned address range.
 
     Pages are mapped into it with :meth:`map`; :meth:`scrub` replaces them
-    all by private zero pages.  The range is unmapped by the garbage
-    collector once neither this object nor any memoryview uses it.
+    all by private zero pages.  The range is unmapped once neither this
+    object nor any memoryview uses it.
+
+    The range is reserved by an :class:`mmap.mmap`, whose deallocation
+    unmaps it in C.  A finalizer of our own (``ffi.gc`` with a Python
+    function) could be cut short by a Ctrl-C as it started, which is only
+    printed, and the range would stay mapped for the life of the process.
     """
 
     def __init__(self, npages: int) -> None:
         size = npages * PAGE_SIZE
-        addr = _libc.mmap(
-            _ffi.NULL, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
-        )
-        _check_mmap(addr, "cannot reserve address space")
+        try:
+            reservation = mmap.mmap(
+                -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=_PROT_NONE
+            )
+        except OSError as e:
+            raise GrantError(e.errno, f"cannot reserve address space: {e.strerror}") from None
         self.size = size
-        self._base = _ffi.gc(_ffi.cast("char *", addr), lambda p: _libc.munmap(p, size))
+        # Keeps the reservation alive, as does every buffer made of it.
+        self._base = _ffi.from_buffer("char[]", reservation)
 
     def map(self, page: int, npages: int, fd: int, file_page: int, writable: bool) -> None:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
