@@ -180,7 +180,8 @@ def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object]) -> b
 
 
 def interrupted_at(n: int, within: str, call: Callable[[], object],
-                   unless: Callable[[], bool] = lambda: False, *, besides: str = "") -> str:
+                   unless: Callable[[], bool] = lambda: False, *,
+                   besides: str | tuple[str, ...] = "") -> str:
     """Run ``call()`` with :class:`Interrupted` raised at the ``n``-th place
     (counting from 0) where CPython may run a signal's handler in a frame
     of a file under the directory ``within``: as such a frame starts, or
@@ -190,9 +191,11 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     Going through n = 0, 1, 2, ... until it returns '' lands a Ctrl-C
     at every such place of one call, however its code is split into
     functions.  A place where ``unless()`` holds does not count, nor one
-    in a file under the directory ``besides``."""
+    in a file ``besides`` names: a directory (every file under it) or a
+    ``.py`` file, or a tuple of them."""
     within = os.path.join(within, "")
-    besides = os.path.join(besides, "") if besides else ""
+    skipped = tuple(path if path.endswith(".py") else os.path.join(path, "")
+                    for path in ((besides,) if isinstance(besides, str) else besides) if path)
     places = 0
     raised = ""
     calls: dict[CodeType, set[int]] = {}
@@ -227,7 +230,7 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
         code = frame.f_code
         if raised or not code.co_filename.startswith(within):
             return None
-        if besides and code.co_filename.startswith(besides):
+        if skipped and code.co_filename.startswith(skipped):
             return None
         if code not in calls:
             calls[code] = {ins.offset for ins in dis.get_instructions(code)

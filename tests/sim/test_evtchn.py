@@ -1085,3 +1085,67 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
             break
         landed.append(where)
     assert len(landed) > 5, landed
+
+
+# The simulated host's code, and in it the round trip of a request to the
+# service, which stands for the ioctl it simulates: no signal cuts one in
+# half, so a sweep lands nowhere in it.
+_SIM = os.path.dirname(_evtchn.__file__)
+_ROUND_TRIP = os.path.join(_SIM, "_proto.py")
+
+
+def test_an_unbind_interrupted_anywhere_is_finished_when_called_again(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C landing anywhere in unbind(), then unbind() again: the
+    peer sees the port go and, once both handles are closed, nothing is
+    held.  One landing as the port was taken off the table, before its
+    descriptors were closed, lost them (the handle's close() never saw the
+    port again) and left the retry nothing to unbind, the peer still bound."""
+    landed: list[str] = []
+    for n in itertools.count():
+        before = handle_census(host)
+        e0, e1 = host.dom0.evtchn(), guest.evtchn()
+        p1 = e1.bind_unbound_port(0)
+        p0 = e0.bind_interdomain(guest.domid, p1)
+        where = interrupted_at(n, _SIM, lambda e0=e0, p0=p0: e0.unbind(p0), besides=_ROUND_TRIP)
+        try:
+            e0.unbind(p0)
+        except EventChannelError as e:
+            # The first one got through before the signal landed.
+            assert e.errno == errno.ENOTCONN, (where, e)
+        assert e0.ports() == [], where
+        assert e1.remote(p1) is None, where
+        e0.close()
+        e1.close()
+        released_since(host, before, where)
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 5, landed
+
+
+def test_a_close_interrupted_anywhere_is_finished_when_called_again(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C landing anywhere in close(), then close() again: every
+    port, descriptor and connection is released.  close() marked the
+    handle closed first and returned at once when it was, so one cut short
+    was never finished."""
+    landed: list[str] = []
+    for n in itertools.count():
+        before = handle_census(host)
+        e0, e1 = host.dom0.evtchn(), guest.evtchn()
+        p1 = e1.bind_unbound_port(0)
+        e0.bind_interdomain(guest.domid, p1)
+        e0.bind_unbound_port(guest.domid)
+        where = interrupted_at(n, _SIM, e0.close, besides=_ROUND_TRIP)
+        e0.close()
+        with pytest.raises(EventChannelError) as info:
+            e0.notify(1)
+        assert info.value.errno == errno.EBADF, where
+        assert eventually(lambda e1=e1, p1=p1: e1.remote(p1) is None), where
+        e1.close()
+        released_since(host, before, where)
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 5, landed

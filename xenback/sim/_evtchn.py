@@ -71,6 +71,10 @@ class _LocalPort:
     masked: bool = False  # fired, not yet unmasked
     ignored: bool = False  # notified while masked: rfd is out of the epoll set
     dead: bool = False  # the host went away: never watched again
+    # unbind() or close() began to forget the port: its descriptors go
+    # (each taken off it before it is closed, rfd set to -1), its number
+    # stays in the table until the service freed it.
+    unbound: bool = False
 
 
 def _expect_fds(fds: list[int], count: int) -> None:
@@ -112,14 +116,11 @@ class EventChannel(Closing):
         self._lock = threading.Lock()
         self._ports: dict[int, _LocalPort] = {}
         self._by_fd: dict[int, _LocalPort] = {}  # read end -> its port
-        # Ports unbind() has forgotten and the service not yet freed.  News
-        # about them still queued on the connection (the peer bound or
-        # unbound meanwhile: usual when both ends close at once) comes in
-        # during that request, and is stale, not a confused service.  The
-        # service answers the request after everything it sent about the
-        # port, so no stale news can reach a new port of the same number.
-        self._unbinding: set[int] = set()
+        # _closed: every call but close() says EBADF.  Set first by close(),
+        # which sets _released only once everything is: a close() cut short
+        # (Ctrl-C in the main thread) is finished by the next one.
         self._closed = False
+        self._released = False
         # Set by overflow(): pending() and wait() fail until reset().
         self._overflowed = False
         # The port pending() returned last (None after its pipe was found
@@ -233,29 +234,64 @@ class EventChannel(Closing):
         if type(port) is not int or not 0 <= port <= MAX_EVTCHN_PORT:
             raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
         # Forget the port before the service frees its number: a port bound
-        # meanwhile by another thread may get the same number.
+        # meanwhile by another thread may get the same number.  The port
+        # stays in the table, unbound, until the service answered: news
+        # about it still queued on the connection (the peer bound or
+        # unbound meanwhile: usual when both ends close at once) comes in
+        # during the request, and is stale, not a confused service; and an
+        # unbind() cut short by a Ctrl-C is finished by the next one, which
+        # finds the port there.  The service answers after everything it
+        # sent about the port, so no stale news reaches a new port of the
+        # same number.
         with self._lock:
             self._check_open()
-            lp = self._ports.pop(port, None)
+            lp = self._ports.get(port)
             if lp is None:
                 raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
+            again = lp.unbound
             self._forget(lp)
-            self._unbinding.add(port)
         try:
             self._conn.call("evtchn_unbind", port=port)
-        finally:
-            with self._lock:
-                self._unbinding.discard(port)
+        except EventChannelError as e:
+            # EINVAL to a request made again: the first one freed the port
+            # before a Ctrl-C cut its caller short.
+            if not (again and e.errno == errno.EINVAL):
+                self._drop(lp)
+                raise
+        self._drop(lp)
+
+    def _drop(self, lp: _LocalPort) -> None:
+        """Take ``lp``, unbound and freed by the service, off the table."""
+        with self._lock:
+            # A port bound since may have the number already.
+            if self._ports.get(lp.port) is lp:
+                del self._ports[lp.port]
 
     def _forget(self, lp: _LocalPort) -> None:
+        """Stop watching ``lp`` and close its descriptors (under _lock).
+
+        Each step may be done again, by the next unbind() or close() after
+        a Ctrl-C as any call here returned: each flag is set, and each
+        descriptor taken off the port, by a step that calls nothing before
+        the call it stands for, so that none is done twice (a descriptor
+        closed twice may be another file's by then).
+        """
+        # Never watched, read or reset again (unmask() and reset() look at
+        # these, pending() at _hot).
+        lp.unbound = lp.dead = lp.masked = True
         if self._hot is lp:
             self._hot = None
-        del self._by_fd[lp.rfd]
-        if not lp.ignored:
-            self._epoll.unregister(lp.rfd)
-        os.close(lp.rfd)
-        if lp.peer_fd is not None:
-            os.close(lp.peer_fd)
+        rfd = lp.rfd
+        if rfd >= 0:
+            if not lp.ignored:
+                lp.ignored = True
+                self._epoll.unregister(rfd)
+            self._by_fd.pop(rfd, None)
+            lp.rfd = -1
+            os.close(rfd)
+        peer_fd, lp.peer_fd = lp.peer_fd, None
+        if peer_fd is not None:
+            os.close(peer_fd)
 
     # -- events --------------------------------------------------------------
 
@@ -285,7 +321,7 @@ class EventChannel(Closing):
         with self._lock:
             self._check_open()
             lp = self._ports.get(port)
-            if lp is None:
+            if lp is None or lp.unbound:
                 # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes
                 # on: EINVAL past the last port (as unbind), else ENOTCONN.
                 if type(port) is not int or not 0 <= port <= MAX_EVTCHN_PORT:
@@ -522,7 +558,7 @@ class EventChannel(Closing):
                 self._overflowed = False
                 os.eventfd_read(self._wake)
             for lp in self._ports.values():
-                if not lp.masked:
+                if not (lp.masked or lp.unbound):
                     self._clear(lp)
 
     def overflow(self) -> None:
@@ -555,7 +591,7 @@ class EventChannel(Closing):
         with self._lock:
             self._check_open()
             lp = self._ports.get(port)
-            if lp is None:
+            if lp is None or lp.unbound:
                 raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
             if lp.remote_port is None:
                 return None
@@ -564,12 +600,16 @@ class EventChannel(Closing):
     def ports(self) -> list[int]:
         """The ports bound by this handle."""
         with self._lock:
-            return sorted(self._ports)
+            return sorted(port for port, lp in self._ports.items() if not lp.unbound)
 
     def close(self) -> None:
-        """Unbind every port (peers see it) and release the handle."""
+        """Unbind every port (peers see it) and release the handle.
+
+        Idempotent; a close() cut short by a Ctrl-C is finished by the
+        next one, which does every step again (each may be done twice).
+        """
         with self._lock:
-            if self._closed:
+            if self._released:
                 return
             self._closed = True
             for lp in self._ports.values():
@@ -581,10 +621,16 @@ class EventChannel(Closing):
                 self._release()
         # The service unbinds the ports when the connection closes.
         self._conn.close()
+        with self._lock:
+            self._released = True
 
     def _release(self) -> None:
+        """Close the epoll set and the eventfd (under _lock); may be done
+        again, as :meth:`_forget`'s steps."""
         self._epoll.close()
-        os.close(self._wake)
+        wake, self._wake = self._wake, -1
+        if wake >= 0:
+            os.close(wake)
 
     # -- messages pushed by the service --------------------------------------
 
@@ -613,9 +659,9 @@ class EventChannel(Closing):
         event, port = msg.get("event"), msg.get("port")
         with self._lock:
             lp = self._ports.get(port) if type(port) is int else None
-            if lp is None:
+            if lp is None or lp.unbound:
                 close_fds(fds)
-                if self._closed or (type(port) is int and port in self._unbinding):
+                if self._closed or lp is not None:
                     logger.debug("evtchn: news about a port we gave up: %r", msg)
                 else:
                     logger.warning("evtchn: message for unknown port: %r", msg)

@@ -39,7 +39,6 @@ _ffi = cffi.FFI()
 _ffi.cdef(
     """
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
-    int munmap(void *addr, size_t length);
     """
 )
 _libc: Any = _ffi.dlopen(None)
@@ -60,18 +59,26 @@ class _Region:
     """A reserved, page-aligned address range.
 
     Pages are mapped into it with :meth:`map`; :meth:`scrub` replaces them
-    all by private zero pages.  The range is unmapped by the garbage
-    collector once neither this object nor any memoryview uses it.
+    all by private zero pages.  The range is unmapped once neither this
+    object nor any memoryview uses it.
+
+    The range is reserved by an :class:`mmap.mmap`, whose deallocation
+    unmaps it in C.  A finalizer of our own (``ffi.gc`` with a Python
+    function) could be cut short by a Ctrl-C as it started, which is only
+    printed, and the range would stay mapped for the life of the process.
     """
 
     def __init__(self, npages: int) -> None:
         size = npages * PAGE_SIZE
-        addr = _libc.mmap(
-            _ffi.NULL, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
-        )
-        _check_mmap(addr, "cannot reserve address space")
+        try:
+            reservation = mmap.mmap(
+                -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=_PROT_NONE
+            )
+        except OSError as e:
+            raise GrantError(e.errno, f"cannot reserve address space: {e.strerror}") from None
         self.size = size
-        self._base = _ffi.gc(_ffi.cast("char *", addr), lambda p: _libc.munmap(p, size))
+        # Keeps the reservation alive, as does every buffer made of it.
+        self._base = _ffi.from_buffer("char[]", reservation)
 
     def map(self, page: int, npages: int, fd: int, file_page: int, writable: bool) -> None:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -151,6 +158,17 @@ class _Pages:
         self._key = key
         self._end_request = end_request
         self._refs = refs
+        # _ending serialises _end(): two threads ending the same pages (an
+        # unmap racing the handle's close) must not both tell the service,
+        # which may have given the refs to a new share by the second
+        # request.  Rule: taken before the handle's lock and the service
+        # connection's; held across the request.
+        self._ending = threading.Lock()
+        # The service's answer to the end request, stored by the call
+        # itself (list.extend): nonempty once it was told.
+        self._told: list[object] = []
+        # None once ended: the last step of _end(), so that one cut short
+        # is finished by the next.
         self._region: _Region | None = region
         self._buffer: memoryview | None = region.view(writable)
 
@@ -165,17 +183,21 @@ class _Pages:
         return self._refs
 
     def _end(self) -> None:
-        # Taken under the handle's lock: two threads ending the same pages
-        # (an unmap racing the handle's close) must not both scrub them.
-        with self._owner._lock:
-            region, self._region = self._region, None
-        if region is None:
-            return
-        region.scrub()
-        _release(self._buffer)
-        self._buffer = None
-        op, args = self._end_request
-        self._owner._forget(self._key, op, args)
+        # Every step may be done again, by the next _end() after a Ctrl-C
+        # as any call here returned: scrubbing scrubbed pages and
+        # releasing a released view do nothing, and the service is told
+        # only if its answer was not recorded.
+        with self._ending:
+            region = self._region
+            if region is None:
+                return
+            region.scrub()
+            _release(self._buffer)
+            self._buffer = None
+            if not self._told:
+                self._told.extend(map(self._owner._tell, (self._end_request,)))
+            self._owner._forget(self._key)
+            self._region = None
 
     def __enter__(self) -> Self:
         return self
@@ -226,9 +248,9 @@ class _Handle(Closing, Generic[P]):
     _kind = "handle"
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
-        # _lock protects _live, _closed and the _region of the pages made
-        # through this handle.  Rule: never held across a request to the
-        # service (the connection has its own lock), nor across a scrub.
+        # _lock protects _live and _closed.  Rule: never held across a
+        # request to the service (the connection has its own lock), nor
+        # across a scrub; taken after a page's _ending lock.
         self._lock = threading.Lock()
         self._live: dict[int, P] = {}
         self._closed = False
@@ -252,17 +274,22 @@ class _Handle(Closing, Generic[P]):
         pages._end()
         raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
 
-    def _forget(self, key: int, op: str, args: dict[str, Any]) -> None:
-        """Forget ``key``'s pages and tell the service they ended (once)."""
-        with self._lock:
-            if self._live.pop(key, None) is None:
-                return
+    def _tell(self, request: tuple[str, dict[str, Any]]) -> bool:
+        """Tell the service that pages ended (``request``: op and args)."""
+        op, args = request
         try:
             self._conn.call(op, **args)
         except GrantError as e:
             if e.errno != errno.ENODEV:
                 raise
             # The host is gone: there is nobody left to tell.
+        return True
+
+    def _forget(self, key: int) -> None:
+        """Forget ``key``'s pages, ended; the last step of their end, so
+        that close() still finds pages whose end was cut short."""
+        with self._lock:
+            self._live.pop(key, None)
 
     def close(self) -> None:
         with self._lock:
