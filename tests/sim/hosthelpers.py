@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -12,8 +13,16 @@ from collections.abc import Callable
 import pytest
 from fdcensus import descriptors  # noqa: F401  (re-exported for the sim tests)
 
+import xenback.sim
 from xenback.sim import Domain, EventChannel, SimHost
 from xenback.sim._xenstored import RawClient, XenStored, XsError
+
+# For the interrupt sweeps (stolensignal.interrupted_at): the simulated
+# host's code, and in it the round trip of a request to the service, which
+# stands for the ioctl it simulates: no signal cuts one in half, so a
+# sweep lands nowhere in it.
+SIM_CODE = os.path.dirname(xenback.sim.__file__)
+SIM_ROUND_TRIP = os.path.join(SIM_CODE, "_proto.py")
 
 
 def readable(ch: EventChannel, timeout: float) -> bool:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from hosthelpers import (
+    SIM_CODE,
+    SIM_ROUND_TRIP,
     eventually,
     handle_census,
     readable,
@@ -1087,11 +1089,13 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
     assert len(landed) > 5, landed
 
 
-# The simulated host's code, and in it the round trip of a request to the
-# service, which stands for the ioctl it simulates: no signal cuts one in
-# half, so a sweep lands nowhere in it.
-_SIM = os.path.dirname(_evtchn.__file__)
-_ROUND_TRIP = os.path.join(_SIM, "_proto.py")
+
+def _connected_pair(host: SimHost, guest: Domain) -> tuple[EventChannel, EventChannel, int, int]:
+    """A dom0 handle and a guest handle, and the two ends of a channel
+    between them: (dom0's handle, the guest's, dom0's port, the guest's)."""
+    e0, e1 = host.dom0.evtchn(), guest.evtchn()
+    p1 = e1.bind_unbound_port(0)
+    return e0, e1, e0.bind_interdomain(guest.domid, p1), p1
 
 
 def test_an_unbind_interrupted_anywhere_is_finished_when_called_again(
@@ -1104,10 +1108,9 @@ def test_an_unbind_interrupted_anywhere_is_finished_when_called_again(
     landed: list[str] = []
     for n in itertools.count():
         before = handle_census(host)
-        e0, e1 = host.dom0.evtchn(), guest.evtchn()
-        p1 = e1.bind_unbound_port(0)
-        p0 = e0.bind_interdomain(guest.domid, p1)
-        where = interrupted_at(n, _SIM, lambda e0=e0, p0=p0: e0.unbind(p0), besides=_ROUND_TRIP)
+        e0, e1, p0, p1 = _connected_pair(host, guest)
+        where = interrupted_at(n, SIM_CODE, lambda e0=e0, p0=p0: e0.unbind(p0),
+                               besides=SIM_ROUND_TRIP)
         try:
             e0.unbind(p0)
         except EventChannelError as e:
@@ -1133,11 +1136,9 @@ def test_a_close_interrupted_anywhere_is_finished_when_called_again(
     landed: list[str] = []
     for n in itertools.count():
         before = handle_census(host)
-        e0, e1 = host.dom0.evtchn(), guest.evtchn()
-        p1 = e1.bind_unbound_port(0)
-        e0.bind_interdomain(guest.domid, p1)
+        e0, e1, _, p1 = _connected_pair(host, guest)
         e0.bind_unbound_port(guest.domid)
-        where = interrupted_at(n, _SIM, e0.close, besides=_ROUND_TRIP)
+        where = interrupted_at(n, SIM_CODE, e0.close, besides=SIM_ROUND_TRIP)
         e0.close()
         with pytest.raises(EventChannelError) as info:
             e0.notify(1)

@@ -14,7 +14,7 @@ import types
 from collections.abc import Callable, Iterator
 
 import pytest
-from hosthelpers import eventually, handle_census, released_since
+from hosthelpers import SIM_CODE, SIM_ROUND_TRIP, eventually, handle_census, released_since
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
@@ -992,12 +992,6 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
     assert len(landed) > 3, landed
 
 
-# The simulated host's code, and in it the round trip of a request to the
-# service, which stands for the ioctl it simulates: no signal cuts one in
-# half, so a sweep lands nowhere in it.
-_SIM = os.path.dirname(_hypervisor.__file__)
-_ROUND_TRIP = os.path.join(_SIM, "_proto.py")
-
 
 # An interrupt in a finalizer (the region's unmapping, say) is only
 # printed, and whatever it cut short is never done.
@@ -1020,7 +1014,7 @@ def test_pages_whose_end_is_interrupted_anywhere_are_ended_when_called_again(
             mapping = tab.map_grant_refs(guest.domid, pages.refs)
             ended, other = (mapping.unmap, pages.unshare) if end == "unmap" else (
                 pages.unshare, mapping.unmap)
-            where = interrupted_at(n, _SIM, ended, besides=_ROUND_TRIP)
+            where = interrupted_at(n, SIM_CODE, ended, besides=SIM_ROUND_TRIP)
             ended()  # a request made twice would fail here (EINVAL)
             with pytest.raises(ValueError):
                 (mapping if end == "unmap" else pages).buffer  # noqa: B018
