@@ -522,19 +522,44 @@ def test_an_event_for_dom0_dropped_as_a_duplicate_is_not_charged() -> None:
         assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
 
 
-def test_a_held_back_connection_whose_client_left_is_closed_once_dom0_reads() -> None:
-    # Out of the selector, its hang-up goes unnoticed while it is held
-    # back; once woken, it is noticed and the connection freed.
+@pytest.mark.parametrize("how", ["close", "shutdown"])
+def test_a_held_back_connection_whose_client_left_is_closed_at_once(how: str) -> None:
+    # Held back, its requests stay unread, yet its hang-up is noticed while
+    # the backend still reads nothing: its watches and transaction go at
+    # once.  The events it caused still wait for the backend, charged to
+    # the guest until read, and its requests left unread are not served.
     with _dom0_backlog() as b:
-        with RawClient(b.xsd.introduce_path(1)) as leaving:
-            leaving.read("/local/domain/1")  # accepted
+        domain = b.xsd._dispatcher.domains[1]
+        leaving = RawClient(b.xsd.introduce_path(1))
+        with contextlib.closing(leaving):
+            leaving.watch("/local/domain/1/data", "mine")
+            assert leaving.wait_event() == ("/local/domain/1/data", "mine")
+            leaving.transaction_start()
             _guest_conn, conn = b.guest_conns()
             leaving.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
             assert eventually(lambda: b.xsd._call(lambda: (conn.paused, conn.events)) == (True, 0))
-        b.read_events_until(f"/local/domain/1/g{_LIMIT - 1}")
+            if how == "shutdown":
+                leaving.sock.shutdown(socket.SHUT_RDWR)
         assert eventually(lambda: b.xsd._call(lambda: conn.closed))
-        b.read_events_until(f"/local/domain/1/g{_LIMIT + 1}")  # still served
+        assert b.xsd._call(lambda: (domain.nwatches, domain.ntransactions, domain.outstanding)) == (
+            0, 0, _LIMIT)
+        b.read_events_until(f"/local/domain/1/g{_LIMIT - 1}")
         assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+        assert b.dom0.request(Op.DIRECTORY, b"/local/domain/1\0").count(b"g") == _LIMIT
+
+
+def test_a_held_back_client_that_only_stopped_writing_still_gets_its_replies() -> None:
+    # shutdown(SHUT_WR) is no hang-up: the client may still read.  Its
+    # requests sent before are served once the backend reads.
+    with _dom0_backlog() as b, RawClient(b.xsd.introduce_path(1)) as half:
+        half.read("/local/domain/1")  # accepted
+        _guest_conn, conn = b.guest_conns()
+        half.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
+        assert eventually(lambda: b.xsd._call(lambda: (conn.paused, conn.events)) == (True, 0))
+        half.sock.shutdown(socket.SHUT_WR)
+        b.read_events_until(f"/local/domain/1/g{_LIMIT + 1}")
+        for i in range(_LIMIT + 2):
+            assert half.recv_message()[:2] == (Op.WRITE, 1000 + i)
 
 
 def test_a_guest_released_while_held_back_leaves_nothing_charged() -> None:

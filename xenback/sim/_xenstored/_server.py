@@ -26,7 +26,16 @@ stall the others:
     clients, its further requests wait in the kernel (cxenstored keeps
     the causing request "outstanding" and stops reading the guest's ring).
     Only dom0's own doings can grow dom0's queue without bound: dom0 is
-    trusted, and cxenstored lets its queue grow too.
+    trusted, and cxenstored lets its queue grow too.  A dom0 that never
+    reads therefore stalls the guests whose events wait for it, as in
+    cxenstored.
+
+A held-back connection with nothing to send is out of the selector (its
+requests wait in the kernel), but in ``_hup``, an epoll set listening for
+nothing, which epoll reports hang-ups on all the same: a guest that closes
+its socket, or dies, while held back is forgotten at once (its watches and
+transactions with it), not once dom0 reads.  A client that only shut its
+writing side still gets the replies to what it sent.
 
 A header announcing more than XENSTORE_PAYLOAD_MAX bytes means the stream is
 out of sync for good: the client is disconnected (cxenstored does the
@@ -51,6 +60,7 @@ import concurrent.futures
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import threading
@@ -111,6 +121,13 @@ class XenStored:
             self._send, self._send_event, self._introduce, self._release, quota
         )
         self._selector: selectors.BaseSelector | None = None
+        #: hang-ups of the held-back connections (see the module's
+        #: docstring); its own descriptor is in _selector.  Loop thread
+        #: only, once started.
+        self._hup: select.epoll | None = None
+        #: fd -> the held-back connection registered in _hup under it
+        #: (exactly those whose ``events`` is 0).  Loop thread only.
+        self._held: dict[int, Connection] = {}
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         # Cross-thread call queue; see "Threading rules" above.
@@ -154,6 +171,8 @@ class XenStored:
         self._wake_w.setblocking(False)
         self._selector.register(self._listener, _READ, (self._accept, self._dispatcher.dom0))
         self._selector.register(self._wake_r, _READ, (self._run_calls, None))
+        self._hup = select.epoll()
+        self._selector.register(self._hup, _READ, (self._on_hangup, None))
         self._thread = threading.Thread(target=self._loop, name="xenstored", daemon=True)
         self._thread.start()
         logger.info("xenstored listening on %s", self.path)
@@ -294,7 +313,9 @@ class XenStored:
         for domid in [d for d in self._dispatcher.domains if d != 0]:
             self._teardown_domain(domid)
         assert self._selector is not None and self._listener is not None
+        assert self._hup is not None
         self._selector.close()
+        self._hup.close()
         self._listener.close()
         self._unlink(self.path)
         with self._calls_lock:
@@ -565,17 +586,29 @@ class XenStored:
 
     def _set_events(self, conn: Connection, events: int) -> None:
         # 0 for a guest held back with nothing to send: out of the selector
-        # until _release_caused wakes it (a hang-up is noticed then).
+        # until _release_caused wakes it, in _hup meanwhile.
         if events == conn.events or conn.closed:
             return
-        assert self._selector is not None
+        assert self._selector is not None and self._hup is not None
         if not events:
             self._selector.unregister(conn.sock)
+            self._hup.register(conn.fd, 0)
+            self._held[conn.fd] = conn
         elif not conn.events:
+            self._hup.unregister(conn.fd)
+            del self._held[conn.fd]
             self._selector.register(conn.sock, events, (self._on_event, conn))
         else:
             self._selector.modify(conn.sock, events, (self._on_event, conn))
         conn.events = events
+
+    def _on_hangup(self, _mask: int, _data: Any) -> None:
+        """Close the held-back connections whose client is gone."""
+        assert self._hup is not None
+        for fd, _events in self._hup.poll(0):
+            conn = self._held.get(fd)
+            if conn is not None:
+                self._close(conn, "hung up while held back")
 
     def _close(self, conn: Connection, why: str, level: int = logging.DEBUG) -> None:
         """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING)."""
@@ -584,10 +617,15 @@ class XenStored:
         logger.log(level, "closing %r: %s", conn, why)
         conn.closed = True
         assert self._selector is not None
-        try:
-            self._selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+        if self._held.get(conn.fd) is conn:
+            assert self._hup is not None
+            self._hup.unregister(conn.fd)
+            del self._held[conn.fd]
+        else:
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
         try:
             conn.sock.close()
         except OSError as e:
