@@ -15,6 +15,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -338,7 +339,7 @@ def test_guest_events_for_dom0_hold_the_guest_back_not_cut_dom0(
         assert dom0.read("/local/domain/1/n0") == b""
         # All read, so nothing is charged any more.
         domain = xsd._dispatcher.domains[1]
-        assert xsd._call(lambda: (domain.outstanding, domain.queued, len(backend.caused))) == (0, 0, 0)
+        assert xsd._call(lambda: (domain.outstanding, domain.queued, len(backend.waiting))) == (0, 0, 0)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -414,14 +415,24 @@ class _Backlog:
         return self.xsd._call(get)
 
 
+def _fill(xsd: XenStored, writer: RawClient, watcher: Connection, under: str) -> None:
+    """Make events wait in the server for ``watcher`` (watching ``under``,
+    not reading, with a small receive buffer): ``writer`` writes nodes
+    below ``under`` until the kernel holds no more."""
+    for i in itertools.count():
+        if xsd._call(lambda: len(watcher.out)):
+            return
+        writer.write(f"{under}/pad{i}/{_PAD}", "")
+
+
 @contextlib.contextmanager
-def _dom0_backlog() -> Iterator[_Backlog]:
+def _dom0_backlog(watch_event_timeout: float = 20.0) -> Iterator[_Backlog]:
     """A guest whose every event for dom0 waits, held by dom0's own events:
     a backend watching the guest's home that has not read what dom0's
     writes there sent it, more than the kernel holds."""
     quota = Quota(outstanding=_LIMIT, nodes=1 << 20, node_size=1 << 20)
     with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
-        Path(d), quota=quota
+        Path(d), quota=quota, watch_event_timeout=watch_event_timeout
     ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest, RawClient(
         xsd.path
     ) as backend:
@@ -430,10 +441,7 @@ def _dom0_backlog() -> Iterator[_Backlog]:
         assert backend.wait_event() == ("/local/domain/1", "be")
         (backend_conn,) = [c for c in xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
                            if c.watches]
-        for i in itertools.count():
-            if xsd._call(lambda: len(backend_conn.out)):
-                break
-            dom0.write(f"/local/domain/1/pad{i}/{_PAD}", "")
+        _fill(xsd, dom0, backend_conn, "/local/domain/1")
         yield _Backlog(xsd, dom0, guest, backend)
 
 
@@ -606,23 +614,104 @@ def test_events_a_guests_transaction_fires_are_charged_to_it() -> None:
         assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
 
 
-def test_a_guest_is_not_held_back_for_events_another_guest_does_not_read() -> None:
-    # Only privileged watchers hold a guest back; a guest that does not
-    # read loses events over its share instead (and may not stall others).
-    token = "t" * 1000
+def _write_at(path: str, i: int) -> bytes:
+    """A WRITE request (id 1000 + i) of ``path``/g<i>."""
+    node = f"{path}/g{i}\0".encode()
+    return HEADER.pack(Op.WRITE, 1000 + i, 0, len(node)) + node
+
+
+@contextlib.contextmanager
+def _deaf_guest(watch_event_timeout: float) -> Iterator[tuple[XenStored, RawClient, RawClient]]:
+    """Guest 1 (the writer) owns /shared, which guest 2 (deaf) watches
+    with events waiting for it in the server, more than the kernel holds."""
+    quota = Quota(outstanding=_LIMIT, nodes=1 << 20, node_size=1 << 20)
     with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
-        Path(d), max_queued=_server.MIN_QUEUED, quota=Quota(nodes=1 << 20, node_size=1 << 20)
+        Path(d), quota=quota, watch_event_timeout=watch_event_timeout
     ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as writer, make_guest(
         xsd, dom0, 2
     ) as deaf:
         dom0.mkdir("/shared")
         dom0.set_perms("/shared", ["n1", "r2"])
-        deaf.watch("/shared", token)
-        assert deaf.wait_event() == ("/shared", token)
-        writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(deaf.sock)) // 1000
-        for i in range(writes):
-            writer.write(f"/shared/n{i}", "")
-        assert xsd._call(lambda: xsd._dispatcher.domains[1].outstanding) == 0
+        deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deaf.watch("/shared", "deaf")
+        assert deaf.wait_event() == ("/shared", "deaf")
+        _fill(xsd, dom0, _server_conn(xsd, 2), "/shared")
+        yield xsd, writer, deaf
+
+
+def test_a_guest_is_held_back_for_a_guest_that_does_not_read_until_its_events_go_stale() -> None:
+    # As cxenstored: the writer is charged for the events waiting for
+    # another guest too, and held back at its quota; the deaf guest cannot
+    # stall it for good: unsent after watch_event_timeout, the events are
+    # dropped, oldest first, and the writer goes on.
+    timeout = 1.0
+    with _deaf_guest(timeout) as (xsd, writer, deaf):
+        writer_domain = xsd._dispatcher.domains[1]
+        began = time.monotonic()
+        writer.send_raw(b"".join(_write_at("/shared", i) for i in range(_LIMIT + 2)))
+        for i in range(_LIMIT):
+            assert writer.recv_message()[:2] == (Op.WRITE, 1000 + i)
+        # Served only once an event of the first ones went stale.
+        assert writer.recv_message()[:2] == (Op.WRITE, 1000 + _LIMIT)
+        assert time.monotonic() - began >= timeout
+        assert writer.recv_message()[:2] == (Op.WRITE, 1000 + _LIMIT + 1)
+        # The deaf guest reads at last: whole events, the stale ones gone.
+        rid = deaf.send(Op.READ, b"/shared/g0\0")
+        assert deaf.reply(rid) == (Op.READ, 0, b"")
+        got = [path for path, token in deaf.events if token == "deaf"]
+        assert len(got) == len(deaf.events)
+        assert "/shared/g0" not in got and "/shared/g1" not in got
+        assert all(path.startswith(("/shared/pad", "/shared/g")) for path in got)
+        assert eventually(lambda: xsd._call(
+            lambda: (writer_domain.outstanding, xsd._dispatcher.domains[2].queued)) == (0, 0))
+
+
+def test_stale_events_free_the_deaf_guests_share() -> None:
+    # Nobody caused them but dom0, yet they go stale all the same and
+    # leave nothing waiting, but for one the kernel took part of.
+    with _deaf_guest(0.5) as (xsd, _writer, _deaf):
+        conn = _server_conn(xsd, 2)
+
+        def begun_only() -> bool:
+            return all(event.start < conn.out_base for event in conn.waiting)
+
+        assert eventually(lambda: xsd._call(begun_only))
+        waiting, queued, left = xsd._call(lambda: (list(conn.waiting), conn.domain.queued,
+                                                   len(conn.out)))
+        assert len(waiting) <= 1 and queued == left
+        assert left <= sum(event.end - event.start for event in waiting)
+
+
+def test_events_for_dom0_never_go_stale() -> None:
+    # Dom0 is trusted to read: the guest stays held back past the timeout.
+    # The sign the timeout passed: an event for a guest queued after the
+    # guest's went stale.
+    with _dom0_backlog(watch_event_timeout=0.3) as b, RawClient(
+        b.xsd.introduce_path(1)
+    ) as deaf:
+        deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deaf.watch("/local/domain/1/data", "deaf")
+        assert deaf.wait_event() == ("/local/domain/1/data", "deaf")
+        _guest_conn, deaf_conn = b.guest_conns()
+        _fill(b.xsd, b.dom0, deaf_conn, "/local/domain/1/data")
+        b.guest.send_raw(b"".join(_write(i) for i in range(_LIMIT + 1)))
+        for i in range(_LIMIT):
+            assert b.guest.recv_message()[:2] == (Op.WRITE, 1000 + i)
+        b.dom0.write("/local/domain/1/data/late", "")
+        late = b.xsd._call(lambda: deaf_conn.waiting[-1])
+        assert eventually(lambda: b.xsd._call(lambda: late not in deaf_conn.waiting))
+        guest_conn = b.guest_conns()[0]
+        assert b.xsd._call(lambda: (guest_conn.paused, guest_conn.domain.outstanding)) == (
+            True, _LIMIT)
+        b.read_events_until(f"/local/domain/1/g{_LIMIT}")
+        assert b.guest.recv_message()[:2] == (Op.WRITE, 1000 + _LIMIT)
+
+
+def test_watch_event_timeout_must_be_positive_or_none() -> None:
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        with pytest.raises(ValueError, match="watch_event_timeout"):
+            XenStored(Path(d), watch_event_timeout=0)
+        XenStored(Path(d), watch_event_timeout=None)
 
 
 def test_a_guests_share_is_freed_with_a_connection_closed_with_events_waiting() -> None:

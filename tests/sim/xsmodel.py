@@ -116,7 +116,8 @@ class MConn:
         (``max_queued``), is not modelled: one request's events for a guest
         (at most one per watch, 128 watches of at most 4 KiB) fit in the
         default share, and nothing else waits here.  Nor does holding a
-        guest back for dom0's sake change what anybody receives."""
+        guest back for the events it caused change what anybody receives,
+        and no event waits long enough to go stale (20 s)."""
         if path.startswith("@") or (path, token) not in self.expected:
             self.expected.append((path, token))
 

@@ -14,7 +14,7 @@ from ._transaction import Transaction
 from ._tree import domain_path
 from ._watch import Watch
 
-__all__ = ["Domain", "Connection"]
+__all__ = ["Domain", "Connection", "WaitingEvent"]
 
 
 class Domain:
@@ -47,7 +47,7 @@ class Domain:
         #: bytes waiting in the ``out`` of this domain's connections (its
         #: share of the server's memory: see XenStored.max_queued)
         self.queued = 0
-        #: watch events this domain caused that wait for a privileged
+        #: watch events this domain caused that wait in the server, for any
         #: client; only a guest's are counted (see Quota.outstanding)
         self.outstanding = 0
 
@@ -67,13 +67,32 @@ class Domain:
         return f"Domain({self.domid})"
 
 
+class WaitingEvent:
+    """A watch event waiting in a connection's ``out``: where it lies (as
+    offsets in everything ever queued for the client, see
+    ``Connection.out_base``), the guest charged for it, and when it goes
+    stale."""
+
+    __slots__ = ("start", "end", "cause", "deadline")
+
+    def __init__(self, start: int, end: int, cause: Domain | None, deadline: float) -> None:
+        self.start = start
+        self.end = end
+        #: the guest that caused it, charged until it is sent or dropped
+        #: (None: nobody is, it was the server's or a privileged client's)
+        self.cause = cause
+        #: time.monotonic() at which it is dropped unless sending it has
+        #: begun (inf: never; events for privileged clients)
+        self.deadline = deadline
+
+
 class Connection:
     """One client connection: its buffers, watches and transactions."""
 
     __slots__ = (
         "sock", "fd", "domain", "home", "inbuf", "out", "out_base", "queued_events",
         "watches", "transactions", "next_tx_id", "closed", "paused", "events", "name",
-        "caused",
+        "waiting", "expiry_armed",
     )
 
     def __init__(self, sock: socket.socket, domain: Domain, name: str) -> None:
@@ -94,16 +113,20 @@ class Connection:
         #: entry waits: only XenStored._flush moves ``out_base``, and it
         #: drops the entries the kernel has taken (see _send_event).
         self.queued_events: dict[bytes, int] = {}
-        #: for a privileged client, the events in ``out`` a guest caused:
-        #: (the offset just past the event, the guest), oldest first.  Each
-        #: is one of the guest's Domain.outstanding until the kernel takes it.
-        self.caused: collections.deque[tuple[int, Domain]] = collections.deque()
+        #: watch events in ``out``, oldest first: for a guest's connection
+        #: every one (each goes stale), for a privileged one those a guest
+        #: caused.  Each charged one is one of its guest's
+        #: Domain.outstanding until the kernel takes it whole or it is
+        #: dropped as stale.
+        self.waiting: collections.deque[WaitingEvent] = collections.deque()
+        #: an entry for this connection is in XenStored._expiry
+        self.expiry_armed = False
         self.watches: list[Watch] = []
         self.transactions: dict[int, Transaction] = {}
         self.next_tx_id = 1
         self.closed = False
         #: not reading requests until the client has read its replies, or
-        #: (a guest) until privileged clients have read the events it caused
+        #: (a guest) until the events it caused are read or go stale
         self.paused = False
         #: selector event mask currently registered (0: not registered)
         self.events = 0

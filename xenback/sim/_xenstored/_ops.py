@@ -68,17 +68,18 @@ class Quota:
     #: connections on a domain's socket (not in cxenstored, where a domain
     #: has exactly one ring; here a guest could otherwise open any number)
     connections: int = 64
-    #: watch events a domain caused that may wait for privileged clients;
-    #: at this many, its further requests wait until those clients read.
-    #: cxenstored keeps a request "outstanding" until the events it caused
-    #: are delivered and counts 20 such requests; counting the events
-    #: bounds what a guest can pile up for dom0 without a per-request record.
+    #: watch events a domain caused that may wait in the server (for any
+    #: client); at this many, its further requests wait until those
+    #: clients read or, for guests, the events go stale.  cxenstored keeps
+    #: a request "outstanding" until the events it caused are delivered
+    #: and counts 20 such requests; counting the events bounds what a
+    #: guest can pile up without a per-request record.
     outstanding: int = 20
 
     def __post_init__(self) -> None:
         # Any other limit at 0 fails requests; this one would stall a
         # guest's first request for good (no event of its waits, so none
-        # is ever taken to wake it).
+        # is ever sent or dropped to wake it).
         if self.outstanding < 1:
             raise ValueError(f"Quota.outstanding must be at least 1, not {self.outstanding}")
 

@@ -20,15 +20,20 @@ stall the others:
   - an event for a guest is dropped once ``max_queued`` bytes wait for
     that guest's connections (cxenstored's memory quota, which its
     send_event() checks);
+  - the guest that caused an event is held back while
+    ``Quota.outstanding`` of the events it caused wait in the server, for
+    whichever client: its further requests wait in the kernel (cxenstored
+    keeps the causing request "outstanding" and stops reading the guest's
+    ring);
+  - an event for a guest that waits ``watch_event_timeout`` seconds with
+    none of it sent is dropped (cxenstored's watch-event timeout, 20 s):
+    a guest that never reads can stall a guest whose writes it watches
+    for that long, never for good;
   - an event for a privileged client (dom0, which the backends use) is
-    never dropped; instead the guest that caused it is held back: while
-    ``Quota.outstanding`` of the events it caused wait for privileged
-    clients, its further requests wait in the kernel (cxenstored keeps
-    the causing request "outstanding" and stops reading the guest's ring).
-    Only dom0's own doings can grow dom0's queue without bound: dom0 is
-    trusted, and cxenstored lets its queue grow too.  A dom0 that never
-    reads therefore stalls the guests whose events wait for it, as in
-    cxenstored.
+    never dropped.  Only dom0's own doings can grow dom0's queue without
+    bound: dom0 is trusted, and cxenstored lets its queue grow too.  A
+    dom0 that never reads therefore stalls the guests whose events wait
+    for it, for good, as in cxenstored.
 
 A held-back connection with nothing to send is out of the selector (its
 requests wait in the kernel), but in ``_hup``, an epoll set listening for
@@ -58,7 +63,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import errno
+import heapq
+import itertools
 import logging
+import math
 import os
 import select
 import selectors
@@ -70,7 +78,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._connection import Connection, Domain
+from ._connection import Connection, Domain, WaitingEvent
 from ._ops import Dispatcher, Quota
 from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
 
@@ -105,17 +113,29 @@ class XenStored:
 
     ``max_queued`` bounds the bytes waiting for one guest, over all its
     connections: watch events past it are dropped (see the module's
-    docstring for dom0's queue).  ``quota`` replaces cxenstored's default
-    limits for unprivileged domains.
+    docstring for dom0's queue).  A watch event for a guest that waits
+    ``watch_event_timeout`` seconds unsent is dropped (None: never, and a
+    guest that never reads then stalls for good the guests whose writes
+    it watches).  ``quota`` replaces cxenstored's default limits for
+    unprivileged domains.
     """
 
     def __init__(
-        self, run_dir: Path, *, max_queued: int = 1 << 20, quota: Quota | None = None
+        self,
+        run_dir: Path,
+        *,
+        max_queued: int = 1 << 20,
+        quota: Quota | None = None,
+        watch_event_timeout: float | None = 20.0,
     ) -> None:
         if max_queued < MIN_QUEUED:
             raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
+        if watch_event_timeout is not None and not watch_event_timeout > 0:
+            raise ValueError(f"watch_event_timeout must be positive or None, "
+                             f"not {watch_event_timeout}")
         self.run_dir = Path(run_dir)
         self.max_queued = max_queued
+        self.watch_event_timeout = watch_event_timeout
         self._max_outstanding = (quota or Quota()).outstanding
         self._dispatcher = Dispatcher(
             self._send, self._send_event, self._introduce, self._release, quota
@@ -152,6 +172,12 @@ class XenStored:
         #: Loop thread only.
         self._accept_paused: list[Domain] = []
         self._accept_retry_at = 0.0
+        #: heap of (deadline, tie-breaker, guest connection): when to look
+        #: for stale events in that connection's ``waiting``.  At most one
+        #: entry per connection (Connection.expiry_armed); an entry may be
+        #: early (its event was sent since), never late.  Loop thread only.
+        self._expiry: list[tuple[float, int, Connection]] = []
+        self._expiry_seq = itertools.count()
 
     # --- public face ---------------------------------------------------------
 
@@ -286,16 +312,22 @@ class XenStored:
         selector = self._selector
         assert selector is not None
         dirty = self._dirty
+        expiry = self._expiry
         try:
             while not self._stopping:
                 timeout = None
                 if self._accept_paused:
                     timeout = max(0.0, self._accept_retry_at - time.monotonic())
+                if expiry:
+                    wait = max(0.0, expiry[0][0] - time.monotonic())
+                    timeout = wait if timeout is None else min(timeout, wait)
                 for key, mask in selector.select(timeout):
                     callback, data = key.data
                     callback(mask, data)
                 if self._accept_paused and time.monotonic() >= self._accept_retry_at:
                     self._resume_accept()
+                if expiry and expiry[0][0] <= time.monotonic():
+                    self._expire_due()
                 while dirty:
                     # Through _on_event(): a flush may serve requests held
                     # back by a pause, and a bug met there must cost that
@@ -500,8 +532,9 @@ class XenStored:
           nothing else bounds what other clients' changes make it owe.
 
         A privileged client gets every other event, however many wait; a
-        guest that caused one is charged for it until it is sent (see the
-        module's docstring).
+        guest gets it unless it goes stale (see the module's docstring).
+        A guest that caused one is charged for it until it is sent or
+        dropped as stale.
         """
         if conn.closed:
             return
@@ -519,9 +552,18 @@ class XenStored:
         else:
             self._send(conn, event)
             conn.queued_events[event] = conn.out_base + len(conn.out)
-        if cause is not None and not cause.privileged and domain.privileged:
-            conn.caused.append((conn.out_base + len(conn.out), cause))
-            cause.outstanding += 1
+        charged = cause if cause is not None and not cause.privileged else None
+        deadline = math.inf
+        if not domain.privileged and self.watch_event_timeout is not None:
+            deadline = time.monotonic() + self.watch_event_timeout
+        elif charged is None:
+            return
+        end = conn.out_base + len(conn.out)
+        conn.waiting.append(WaitingEvent(end - len(event), end, charged, deadline))
+        if charged is not None:
+            charged.outstanding += 1
+        if deadline != math.inf and not conn.expiry_armed:
+            self._arm_expiry(conn, deadline)
 
     @staticmethod
     def _forget_sent_events(conn: Connection) -> None:
@@ -539,19 +581,94 @@ class XenStored:
                 break
             del queued[event]
 
-    def _release_caused(self, conn: Connection, upto: int | None) -> None:
-        """Uncharge the guests for the events of privileged ``conn`` the
-        kernel has taken (those ending at or before offset ``upto``; all of
-        them if None), and wake the guests that were held back for them."""
-        caused = conn.caused
-        limit = self._max_outstanding
-        while caused and (upto is None or caused[0][0] <= upto):
-            _end, guest = caused.popleft()
-            guest.outstanding -= 1
-            if guest.outstanding == limit - 1:
-                for other in guest.conns:
-                    if other.paused:
-                        self._dirty.add(other)  # _flush resumes it
+    def _release_waiting(self, conn: Connection, upto: int | None) -> None:
+        """Forget the events of ``conn`` the kernel has taken (those ending
+        at or before offset ``upto``; all of them if None), uncharging the
+        guests that caused them."""
+        waiting = conn.waiting
+        while waiting and (upto is None or waiting[0].end <= upto):
+            guest = waiting.popleft().cause
+            if guest is not None:
+                self._uncharge(guest)
+
+    def _uncharge(self, guest: Domain) -> None:
+        """One event ``guest`` caused is sent or dropped: wake its
+        connections if they were held back for it."""
+        guest.outstanding -= 1
+        if guest.outstanding == self._max_outstanding - 1:
+            for other in guest.conns:
+                if other.paused:
+                    self._dirty.add(other)  # _flush resumes it
+
+    def _arm_expiry(self, conn: Connection, deadline: float) -> None:
+        heapq.heappush(self._expiry, (deadline, next(self._expiry_seq), conn))
+        conn.expiry_armed = True
+
+    def _expire_due(self) -> None:
+        """Drop the stale events of the connections whose time has come,
+        and look again when their next event goes stale."""
+        expiry = self._expiry
+        now = time.monotonic()
+        while expiry and expiry[0][0] <= now:
+            _deadline, _seq, conn = heapq.heappop(expiry)
+            conn.expiry_armed = False
+            if conn.closed:
+                continue
+            self._expire(conn, now)
+            # The oldest is inf only if sending it has begun (see _expire).
+            for event in itertools.islice(conn.waiting, 2):
+                if event.deadline != math.inf:
+                    self._arm_expiry(conn, event.deadline)
+                    break
+
+    def _expire(self, conn: Connection, now: float) -> None:
+        """Drop the events of guest ``conn`` stale at ``now`` (cxenstored's
+        watch-event timeout): a guest that does not read must not hold
+        back for long the guests whose writes it watches.
+
+        An event the kernel has taken part of goes on whole (the client
+        would lose its framing otherwise), as in cxenstored; events go
+        stale in the order they were queued, so it can only be the oldest.
+        """
+        waiting = conn.waiting
+        base = conn.out_base
+        begun = None
+        stale: list[WaitingEvent] = []
+        while waiting and waiting[0].deadline <= now:
+            event = waiting.popleft()
+            if event.start < base:
+                event.deadline = math.inf
+                begun = event
+            else:
+                stale.append(event)
+        if begun is not None:
+            waiting.appendleft(begun)
+        if not stale:
+            return
+        out = conn.out
+        queued = conn.queued_events
+        for event in reversed(stale):
+            chunk = bytes(out[event.start - base : event.end - base])
+            if queued.get(chunk) == event.end:
+                del queued[chunk]
+            del out[event.start - base : event.end - base]
+        dropped = sum(event.end - event.start for event in stale)
+        # Whatever waits is either older than every stale event (the one
+        # begun) or newer than all of them: it moves back by all they took.
+        last = stale[-1].end
+        for event in waiting:
+            if event.start >= last:
+                event.start -= dropped
+                event.end -= dropped
+        for chunk, end in queued.items():
+            if end > last:
+                queued[chunk] = end - dropped
+        conn.domain.queued -= dropped
+        logger.debug("%r: dropped %d stale watch events (%d bytes)", conn, len(stale), dropped)
+        for event in stale:
+            if event.cause is not None:
+                self._uncharge(event.cause)
+        self._dirty.add(conn)  # less to send: a pause may end, or all is sent
 
     def _flush(self, conn: Connection) -> None:
         """Send what the kernel takes; wait for writability if not all."""
@@ -571,8 +688,8 @@ class XenStored:
             conn.domain.queued -= sent
             if conn.queued_events:
                 self._forget_sent_events(conn)
-            if conn.caused:
-                self._release_caused(conn, conn.out_base)
+            if conn.waiting:
+                self._release_waiting(conn, conn.out_base)
         if (conn.paused and len(out) <= PAUSE_OUTPUT
                 and conn.domain.outstanding < self._max_outstanding):
             # Room again: serve the requests read before pausing.  This may
@@ -586,7 +703,7 @@ class XenStored:
 
     def _set_events(self, conn: Connection, events: int) -> None:
         # 0 for a guest held back with nothing to send: out of the selector
-        # until _release_caused wakes it, in _hup meanwhile.
+        # until _uncharge wakes it, in _hup meanwhile.
         if events == conn.events or conn.closed:
             return
         assert self._selector is not None and self._hup is not None
@@ -638,7 +755,7 @@ class XenStored:
         conn.domain.queued -= len(conn.out)
         conn.out.clear()
         conn.queued_events.clear()
-        self._release_caused(conn, None)
+        self._release_waiting(conn, None)
         if self._accept_paused:
             self._resume_accept()  # a descriptor is free now
 
