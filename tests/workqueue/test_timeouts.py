@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from wqhelpers import wait_until
 
 from workqueue import WQ_FREEZABLE, DelayedWork, Topology, Work, Workqueue
 from workqueue._pool import Completion
@@ -50,14 +51,6 @@ class Held:
 
     def wait_started(self) -> None:
         assert self.started.acquire(timeout=TIMEOUT)
-
-
-def wait_until(pred: Callable[[], object]) -> None:
-    """Poll a state another thread reaches, within the test's limit."""
-    deadline = time.monotonic() + TIMEOUT
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        threading.Event().wait(0.001)
 
 
 def running(wq: Workqueue, held: Held, kind: type[Work] = Work) -> Work:
@@ -146,7 +139,6 @@ def test_a_timed_out_flush_names_an_item_whose_repr_fails(make_wq: Any, held: He
     held.release.set()
     work.flush(timeout=TIMEOUT)
     assert not blocker.running
-
 
 
 def test_refusals_name_an_item_whose_repr_fails(make_wq: Any) -> None:
