@@ -8,6 +8,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
+from wqhelpers import wait_until
 
 import workqueue._pool as pool_module
 from workqueue import WQ_FREEZABLE, WQ_MEM_RECLAIM, WQ_UNBOUND, Topology, Work, blocking
@@ -518,6 +519,89 @@ def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
     assert stalled(103.5) is None  # reported already
     monkeypatch.undo()  # the pool's retry makes a worker now
     assert ran.wait(TIMEOUT)
+
+
+def test_watchdog_times_a_pool_stall_afresh_when_a_cancel_emptied_the_worklist(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An item cancelled and another queued between two checks, nothing
+    started: the worklist was empty in between, and the kernel times the
+    stall from the new item's queueing.  The check cannot see it empty,
+    and must not time the stall from when it saw the cancelled item wait:
+    that would report it early."""
+    topo = Topology(1, watchdog_thresh=3600.0)
+    wq = make_wq(topology=topo)
+    (pwq,) = wq._all_pwqs()
+    pool = pwq.pool
+
+    def stalled(now: float) -> float | None:
+        with pool_module.lock:
+            return _pool_stalled(pool, now, 1.0)
+
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    cancelled = Work(lambda work: None)
+    assert wq.queue_work(cancelled)
+    assert stalled(100.0) is None  # first seen waiting
+    assert cancelled.cancel()
+    ran = threading.Event()
+    assert wq.queue_work(Work(lambda work: ran.set()))
+    assert stalled(100.25) is None  # the queueing is before this, not before 100.0
+    assert stalled(101.0) is None
+    assert stalled(101.25) == 1.0
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert ran.wait(TIMEOUT)
+
+
+def test_watchdog_times_a_pool_stall_afresh_when_a_busy_worker_took_the_worklist(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, tracer: Any) -> None:
+    """An item queued again while it runs, taken off the worklist by
+    another worker and handed to the one still running it (non-reentrancy),
+    starts nothing: the worklist is empty until the next queueing, and a
+    stall of that one is timed from there, not from when the check saw the
+    item that left wait."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    wq.add_trace_hook(tracer)
+    (pwq,) = wq._all_pwqs()
+    pool = pwq.pool
+
+    def stalled(now: float) -> float | None:
+        with pool_module.lock:
+            return _pool_stalled(pool, now, 1.0)
+
+    gates = [threading.Event() for _ in range(3)]
+    started = threading.Event()
+
+    def func(work: Work) -> None:
+        if started.is_set():
+            return
+        started.set()
+        assert gates[0].wait(TIMEOUT)
+        with blocking():  # another worker takes the item's next queueing
+            assert gates[1].wait(TIMEOUT)
+        assert gates[2].wait(TIMEOUT)  # and this one runs again, not the pool's
+
+    w = Work(func)
+    try:
+        assert wq.queue_work(w)
+        assert started.wait(TIMEOUT)
+        assert wq.queue_work(w)  # waits on the worklist: the running item counts
+        assert stalled(100.0) is None  # first seen waiting
+        with pool_module.lock:
+            (runner,) = [x for x in pool.workers if x.current is w]
+        gates[0].set()
+        wait_until(lambda: w._entry is runner.scheduled,
+                   "another worker handed the item to its runner")
+        gates[1].set()  # the runner counts again: what is queued now waits
+        wait_until(lambda: pool.nr_running == 1, "the runner left blocking()")
+        waiting = Work(lambda work: None)
+        assert wq.queue_work(waiting)
+        assert stalled(100.25) is None  # the queueing is before this, not before 100.0
+        assert stalled(101.0) is None
+        assert stalled(101.25) == 1.0
+    finally:
+        for gate in gates:
+            gate.set()
+    tracer.wait_for(lambda: "execute_end" in tracer.of(waiting))
 
 
 def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
