@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
@@ -486,6 +487,19 @@ def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
     assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
 
 
+def _checks_of(wq: Any) -> Callable[[float], float | None]:
+    """The pool check of *wq*'s one pool, with a threshold of 1 s, called
+    with the clock in the test's hand at the times it is given (the
+    topology's own watchdog_thresh keeps its real checks an hour away)."""
+    (pwq,) = wq._all_pwqs()
+
+    def stalled(now: float) -> float | None:
+        with pool_module.lock:
+            return _pool_stalled(pwq.pool, now, 1.0)
+
+    return stalled
+
+
 def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pool check, called with the clock in the test's hand (the
@@ -497,13 +511,7 @@ def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
     has lasted the threshold, not before."""
     topo = Topology(1, watchdog_thresh=3600.0)
     wq = make_wq(topology=topo)
-    (pwq,) = wq._all_pwqs()
-    pool = pwq.pool
-
-    def stalled(now: float) -> float | None:
-        with pool_module.lock:
-            return _pool_stalled(pool, now, 1.0)
-
+    stalled = _checks_of(wq)
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
     cancelled = Work(lambda work: None)
     assert wq.queue_work(cancelled)
@@ -530,13 +538,7 @@ def test_watchdog_times_a_pool_stall_afresh_when_a_cancel_emptied_the_worklist(
     that would report it early."""
     topo = Topology(1, watchdog_thresh=3600.0)
     wq = make_wq(topology=topo)
-    (pwq,) = wq._all_pwqs()
-    pool = pwq.pool
-
-    def stalled(now: float) -> float | None:
-        with pool_module.lock:
-            return _pool_stalled(pool, now, 1.0)
-
+    stalled = _checks_of(wq)
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
     cancelled = Work(lambda work: None)
     assert wq.queue_work(cancelled)
@@ -551,37 +553,49 @@ def test_watchdog_times_a_pool_stall_afresh_when_a_cancel_emptied_the_worklist(
     assert ran.wait(TIMEOUT)
 
 
-def test_watchdog_times_a_pool_stall_afresh_when_a_busy_worker_took_the_worklist(
-        make_wq: Any, monkeypatch: pytest.MonkeyPatch, tracer: Any) -> None:
-    """An item queued again while it runs, taken off the worklist by
-    another worker and handed to the one still running it (non-reentrancy),
-    starts nothing: the worklist is empty until the next queueing, and a
-    stall of that one is timed from there, not from when the check saw the
-    item that left wait."""
+@pytest.mark.parametrize("taker", ["an idle worker", "the rescuer"])
+def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, tracer: Any, taker: str) -> None:
+    """An item queued again while it runs, taken off the worklist and
+    handed to the worker still running it (non-reentrancy) -- by another
+    worker, or by the rescuer when no worker can be made -- starts
+    nothing: the worklist is empty until the next queueing, and a stall of
+    that one is timed from there, not from when the check saw the item
+    that left wait."""
     topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
-    wq.add_trace_hook(tracer)
-    (pwq,) = wq._all_pwqs()
-    pool = pwq.pool
-
-    def stalled(now: float) -> float | None:
-        with pool_module.lock:
-            return _pool_stalled(pool, now, 1.0)
-
-    gates = [threading.Event() for _ in range(3)]
-    started = threading.Event()
+    rescued = taker == "the rescuer"
+    wq = make_wq("reclaim" if rescued else "wq", WQ_MEM_RECLAIM if rescued else 0,
+                 topology=topo)
+    plain = make_wq("plain", topology=topo)  # whose items no rescuer takes
+    plain.add_trace_hook(tracer)
+    stalled = _checks_of(wq)
+    pool = wq._all_pwqs()[0].pool
+    gates = [threading.Event() for _ in range(4)]
+    started, holding = threading.Event(), threading.Event()
 
     def func(work: Work) -> None:
         if started.is_set():
             return
         started.set()
         assert gates[0].wait(TIMEOUT)
-        with blocking():  # another worker takes the item's next queueing
+        with blocking():  # the pool wants a worker for the item's next queueing
             assert gates[1].wait(TIMEOUT)
-        assert gates[2].wait(TIMEOUT)  # and this one runs again, not the pool's
+        assert gates[2].wait(TIMEOUT)  # and this one runs it again, next
+
+    def holder(work: Work) -> None:
+        holding.set()
+        with blocking():
+            assert gates[3].wait(TIMEOUT)
 
     w = Work(func)
     try:
+        if rescued:
+            warm = Work(lambda work: None)
+            assert wq.queue_work(warm)
+            warm.flush()  # the pool now has a worker and an idle reserve
+            monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+            assert wq.queue_work(Work(holder))  # takes the reserve
+            assert holding.wait(TIMEOUT)
         assert wq.queue_work(w)
         assert started.wait(TIMEOUT)
         assert wq.queue_work(w)  # waits on the worklist: the running item counts
@@ -590,17 +604,18 @@ def test_watchdog_times_a_pool_stall_afresh_when_a_busy_worker_took_the_worklist
             (runner,) = [x for x in pool.workers if x.current is w]
         gates[0].set()
         wait_until(lambda: w._entry is runner.scheduled,
-                   "another worker handed the item to its runner")
+                   f"{taker} handed the item to its runner")
         gates[1].set()  # the runner counts again: what is queued now waits
         wait_until(lambda: pool.nr_running == 1, "the runner left blocking()")
         waiting = Work(lambda work: None)
-        assert wq.queue_work(waiting)
+        assert plain.queue_work(waiting)
         assert stalled(100.25) is None  # the queueing is before this, not before 100.0
         assert stalled(101.0) is None
         assert stalled(101.25) == 1.0
     finally:
         for gate in gates:
             gate.set()
+    monkeypatch.undo()
     tracer.wait_for(lambda: "execute_end" in tracer.of(waiting))
 
 
