@@ -519,18 +519,6 @@ def test_the_exit_waits_for_no_thaw_when_a_run_queues_its_call_item_again(
         "workqueue 'frozen' is frozen at exit: 1 submitted calls will not run"]
 
 
-def exit_waiting_in_a_flush() -> Attempt:
-    """The exit hook, run on a thread of its own once it waits for a call
-    in that call's flush -- not in a loop that looks again and again."""
-    hook = Attempt(_atexit.wait_for_calls)
-    deadline = time.monotonic() + TIMEOUT
-    while not stands_at(hook.thread.ident or 0, Work._flush, "completion.wait(timeout)"):
-        assert hook.thread.is_alive(), "the exit did not wait for the call"
-        assert time.monotonic() < deadline, "the exit does not wait in a flush"
-        hook.thread.join(0.001)
-    return hook
-
-
 @pytest.mark.usefixtures("hook_of_our_own")
 @pytest.mark.parametrize("behind", ["the worklist of a frozen workqueue",
                                     "max_active, on an inactive list"])
@@ -541,7 +529,9 @@ def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
     item ends: on the worklist, where a freeze leaves it, or on an
     inactive list of a workqueue not frozen.  The exit waits for it, in a
     wait for its run -- not in a loop that looks again and again until
-    the item ahead ends."""
+    the item ahead ends.  Nor may a freeze() hold it back then: once the
+    exit began, freeze() is refused, as the kernel's suspend is once a
+    reboot began (-EBUSY)."""
     topo = Topology(1, cpu_intensive_thresh=60.0)  # the call waits behind the running item
     frozen = behind.endswith("frozen workqueue")
     wq = make_wq("wq", WQ_FREEZABLE, 0 if frozen else 1, topology=topo)
@@ -561,7 +551,18 @@ def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
                 wq.freeze(timeout=0)
         (work,) = wq._call_works()
         assert work.pending and work._entry is not None and work._entry.active is frozen
-        hook = exit_waiting_in_a_flush()
+        hook = Attempt(_atexit.wait_for_calls)
+        deadline = time.monotonic() + TIMEOUT
+        while not stands_at(hook.thread.ident or 0, Work._flush, "completion.wait(timeout)"):
+            assert hook.thread.is_alive(), "the exit did not wait for the call"
+            assert time.monotonic() < deadline, "the exit does not wait in a flush"
+            hook.thread.join(0.001)
+        # A freeze from now on would hold the call back for a thaw() that
+        # nobody calls (from its inactive list: max_active 0), and the
+        # exit would never end.
+        with pytest.raises(RuntimeError, match="after interpreter exit began"):
+            wq.freeze(timeout=0)
+        assert wq._frozen is frozen  # refused, it changed nothing
     finally:
         gate.set()
     assert hook.result() is None
@@ -597,36 +598,4 @@ def test_the_exit_counts_no_call_for_a_held_item_whose_run_took_them_all(
     tracer.wait_for(lambda: "execute_end" in tracer.of(work))
     assert later.result(0) == 3 and work.pending and not work.calls
     assert _atexit.wait_for_calls() is None
-    assert not logged.records
-
-
-@pytest.mark.usefixtures("hook_of_our_own")
-def test_no_freeze_once_the_exit_began(make_wq: Callable[..., Workqueue],
-                                       log_waiter: Any) -> None:
-    """The exit waits for a call that max_active holds on an inactive list,
-    behind a running item.  A freeze() from another thread now would hold
-    it there for a thaw() that nobody calls, and the exit would never end:
-    once the exit began, freeze() refuses, as the kernel's suspend does
-    once a reboot began (-EBUSY), and the call runs."""
-    topo = Topology(1, cpu_intensive_thresh=60.0)  # the call waits behind the running item
-    wq = make_wq("wq", WQ_FREEZABLE, 1, topology=topo)
-    logged = log_waiter("workqueue._atexit", "is frozen at exit")
-    started, gate = threading.Event(), threading.Event()
-
-    def hog(work: Work) -> None:
-        started.set()
-        assert gate.wait(TIMEOUT)
-
-    try:
-        assert wq.queue_work(Work(hog))
-        assert started.wait(TIMEOUT)
-        call = wq.submit(int, 7)
-        hook = exit_waiting_in_a_flush()
-        with pytest.raises(RuntimeError, match="exit"):
-            wq.freeze(timeout=0)
-        assert "frozen" not in wq.dump().splitlines()[0]
-    finally:
-        gate.set()
-    assert hook.result(msg="the exit waits for a thaw()") is None
-    assert call.done() and call.result() == 7
     assert not logged.records
