@@ -305,9 +305,22 @@ def test_freeze_needs_wq_freezable_and_blocks_drain(make_wq: Any) -> None:
     assert fz.submit(len, "abc").result(TIMEOUT) == 3
 
 
+def _watched() -> Topology:
+    """One CPU whose watchdog reports a stall after 0.05 s, and whose items
+    never count as CPU-intensive: one that runs on holds up the pool."""
+    return Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+
+
+def _several_watchdog_periods() -> None:
+    """Wait through several periods of a _watched() watchdog: the timers
+    fire in deadline order, so its checks of the time before have run."""
+    later = threading.Event()
+    add_timer(0.2, lambda arg: later.set())
+    assert later.wait(TIMEOUT)
+
+
 def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_waiter: Any) -> None:
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
+    wq = make_wq(topology=_watched())
     logged = log_waiter("workqueue._watchdog", "lockup")
     release = threading.Event()
 
@@ -316,10 +329,7 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
 
     wq.queue_work(Work(stuck))
     assert logged.seen.wait(TIMEOUT)
-    # Several more watchdog periods (timers fire in deadline order).
-    later = threading.Event()
-    add_timer(0.2, lambda arg: later.set())
-    assert later.wait(TIMEOUT)
+    _several_watchdog_periods()
     release.set()
     wq.flush()
     assert len(logged.records) == 1
@@ -340,8 +350,7 @@ def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
     """The rescuer runs items exactly when a pool is in trouble (no worker
     can be made): an item of its that stalls is the one stall most worth
     hearing of, and it is no worker of the pool."""
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=_watched())
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
     # The run, not the pool: the rescuer may take the item only once the
     # pool has waited long enough to be reported as well.
@@ -373,8 +382,7 @@ def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
         def __repr__(self) -> str:
             raise OSError("the socket is closed")
 
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
+    wq = make_wq(topology=_watched())
     logged = log_waiter("workqueue._watchdog", "lockup")
     release = threading.Event()
 
@@ -402,18 +410,14 @@ def test_watchdog_reports_a_pool_that_cannot_start_its_items_once_per_stall(
     of it started for watchdog_thresh -- here no worker can be made, and
     no rescuer helps.  No item runs, so no run is too long: the pool
     itself is reported, once per stall, with its dump."""
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
+    wq = make_wq(topology=_watched())
     logged = log_waiter("workqueue._watchdog", "stuck for")
     ran = threading.Event()
     starved = Work(lambda work: ran.set())
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
     assert wq.queue_work(starved)
     assert logged.seen.wait(TIMEOUT), "the starved pool was not reported"
-    # Several more watchdog periods (timers fire in deadline order).
-    later = threading.Event()
-    add_timer(0.2, lambda arg: later.set())
-    assert later.wait(TIMEOUT)
+    _several_watchdog_periods()
     assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
     message = logged.records[0].getMessage()
     assert message.startswith("BUG: workqueue lockup - pool cpu0 stuck for "), message
@@ -430,8 +434,7 @@ def test_watchdog_reports_each_stall_of_a_pool_whose_workers_are_all_busy(
     the items behind it: the running item is reported, and the pool whose
     worklist stopped moving too.  Once it moves again, the next stall is
     a new one, reported again."""
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
+    wq = make_wq(topology=_watched())
     logged = log_waiter("workqueue._watchdog", "stuck for")
     release = threading.Event()
 
@@ -462,7 +465,7 @@ def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
     used takes its count of started items with it: that is no start of
     an item, and the stall goes on -- neither reported again nor timed
     afresh."""
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    topo = _watched()
     other = make_wq("other", topology=topo)
     assert other.queue_work(Work(lambda work: None))
     other.flush()  # its pwq of cpu0 has started an item
@@ -478,10 +481,7 @@ def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
         assert wq.queue_work(Work(lambda work: None))
         assert logged.seen.wait(TIMEOUT), "the stall was not reported"
         other.destroy(timeout=TIMEOUT)
-        # Several more watchdog periods (timers fire in deadline order).
-        later = threading.Event()
-        add_timer(0.2, lambda arg: later.set())
-        assert later.wait(TIMEOUT)
+        _several_watchdog_periods()
     finally:
         release.set()
     assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
