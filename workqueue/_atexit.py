@@ -19,6 +19,9 @@ A frozen workqueue's calls queued since the freeze cannot run until thaw(),
 which nobody will call any more: they are dropped, with a warning.  Those
 it still runs -- a freeze() that timed out leaves them running, and one
 still waiting lets them run -- are waited for, as freeze() waits for them.
+A freeze() once the exit began is refused (RuntimeError), as the kernel
+refuses to suspend once a reboot began: it would hold back a call that
+the exit already waits for.
 
 Nor can the calls run that a forked child inherits: only the forking
 thread lives on in the child, not the workers, so the child forgets the

@@ -493,6 +493,11 @@ class WorkerPool:
         # The watchdog's view of the worklist (see _watchdog): since when
         # it has waited with no item started (None: seen empty), each
         # pwq's count of starts it saw then, and the stall it last reported.
+        # The checks see the worklist empty only when it is so as they
+        # look; the few places that empty it without starting an item (a
+        # cancel, a hand-over to the worker still running the item, the
+        # rescuer's take) set watchdog_ts to None themselves, else a stall
+        # of the next item queued is timed from before its queueing.
         self.watchdog_ts: float | None = None
         self.watchdog_started: dict[PoolWorkqueue, int] = {}
         self.watchdog_reported: float | None = None
@@ -952,6 +957,8 @@ def process_works(worker: Worker, worklist: WorkList, keep_working: bool) -> Non
             collision = work._worker
             if collision is not None:
                 collision.scheduled.push(work)
+                if not worklist.nr and worklist is pool_worklist:
+                    pool.watchdog_ts = None  # emptied, nothing started: see WorkerPool
                 continue
         else:
             return
@@ -1213,6 +1220,8 @@ def try_to_grab_pending(work: Work) -> bool:
     # entry.kill(work) and pwq_dec_nr_in_flight()'s counts, inlined.
     entry.dead[key] = dead
     entry.nr -= 1
+    if not entry.nr and entry is pwq.pool.worklist:
+        pwq.pool.watchdog_ts = None  # emptied, nothing started: see WorkerPool
     work._entry = None
     work._pending = False
     if entry.active:
@@ -1298,6 +1307,11 @@ def rescuer_thread(worker: Worker, wq: Workqueue) -> None:
                         collision = work._worker
                         target = collision if collision is not None else worker
                         target.scheduled.push(work)
+                    if not pool.worklist.nr:
+                        # Emptied, and its items may all have gone to the
+                        # workers still running them, starting nothing:
+                        # see WorkerPool.
+                        pool.watchdog_ts = None
                     if pool.pset.watchdog is None:
                         _arm_watchdog(pool.pset)
                     process_works(worker, worker.scheduled, keep_working=False)

@@ -11,18 +11,22 @@ like wq_watchdog_thresh):
   neither return nor say they block, or no worker to be had).  This is
   the kernel's own lockup check, which watches pool->watchdog_ts.
 
-The kernel touches pool->watchdog_ts as a worker takes an item, on the
-hot path; ours reads instead the counts of started items that every pwq
-keeps anyway (PoolWorkqueue.nr_started) and notes when it last saw one
-move, so that watching costs queue_work() and the workers nothing.  A
-stall is timed from the first check that saw the worklist waiting, or
-saw a count move while it waited: at most a quarter threshold late, and
-early only by as much, when a waiting item is cancelled and another
-queued between two checks with nothing started (the kernel stamps an
-empty worklist's first item; the checks cannot see it empty).  (The
-counts move with the pool's workers' `scheduled` lists too, which the
-kernel's stamp does not watch: an item that a busy worker keeps running
-from there hides a stall of the worklist behind it.)
+The kernel touches pool->watchdog_ts as a worker takes an item, and as
+an item is queued on an empty worklist, both on the hot path; ours reads
+instead the counts of started items that every pwq keeps anyway
+(PoolWorkqueue.nr_started) and notes when it last saw one move, so that
+watching costs queue_work() and the workers nothing.  A stall is timed
+from the first check that saw the worklist waiting, or saw a count move
+while it waited: at most a quarter threshold late, never early.  A
+worklist that empties between two checks with nothing started -- its
+items cancelled, handed to the workers still running them, or taken by
+a rescuer that starts none -- would time a stall of the next item queued
+from before its queueing: those few places, none of them queue_work()
+or an item's way through a worker, clear the pool's watchdog_ts
+themselves.  (The counts move with the pool's workers' `scheduled`
+lists too, which the kernel's stamp does not watch: an item that a busy
+worker keeps running from there hides a stall of the worklist behind
+it.)
 
 The check runs on the timer thread every quarter threshold while any
 worker of the topology is busy or any of its worklists holds items, and

@@ -842,6 +842,13 @@ class Workqueue(Executor):
         wait is over: the workqueue stays frozen, the items in flight go
         on, and thaw() or another freeze() work as ever.  Ctrl-C in the
         wait leaves the same.
+
+        RuntimeError once the interpreter exits (see _atexit), as the
+        kernel's suspend fails with -EBUSY once a reboot has begun: the
+        exit waits for the submitted calls, and one that a freeze held back
+        from then on would wait for a thaw() that nobody calls any more.
+        A freeze() that came first stands: the exit drops the calls it
+        holds back, and waits for those it lets run.
         """
         timeout = check_timeout(timeout)
         if not self.flags & WQFlags.WQ_FREEZABLE:
@@ -854,6 +861,12 @@ class Workqueue(Executor):
                 self._check_not_own_item("freeze")
                 if self._state == _DESTROYED:
                     raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+                # Read under the lock that the exit hook's every look at our
+                # calls takes, after setting it: a freeze either comes
+                # before a look, which sees it, or refuses.
+                if _atexit._exiting:
+                    raise RuntimeError(f"cannot freeze workqueue {self.name!r} after "
+                                       "interpreter exit began")
                 self._frozen = True
                 self._set_pwqs_max_active(0)
                 if not any(pwq.nr_active for pwq in self._all_pwqs()):

@@ -529,7 +529,9 @@ def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
     item ends: on the worklist, where a freeze leaves it, or on an
     inactive list of a workqueue not frozen.  The exit waits for it, in a
     wait for its run -- not in a loop that looks again and again until
-    the item ahead ends."""
+    the item ahead ends.  Nor may a freeze() hold it back then: once the
+    exit began, freeze() is refused, as the kernel's suspend is once a
+    reboot began (-EBUSY)."""
     topo = Topology(1, cpu_intensive_thresh=60.0)  # the call waits behind the running item
     frozen = behind.endswith("frozen workqueue")
     wq = make_wq("wq", WQ_FREEZABLE, 0 if frozen else 1, topology=topo)
@@ -555,6 +557,12 @@ def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
             assert hook.thread.is_alive(), "the exit did not wait for the call"
             assert time.monotonic() < deadline, "the exit does not wait in a flush"
             hook.thread.join(0.001)
+        # A freeze from now on would hold the call back for a thaw() that
+        # nobody calls (from its inactive list: max_active 0), and the
+        # exit would never end.
+        with pytest.raises(RuntimeError, match="after interpreter exit began"):
+            wq.freeze(timeout=0)
+        assert wq._frozen is frozen  # refused, it changed nothing
     finally:
         gate.set()
     assert hook.result() is None

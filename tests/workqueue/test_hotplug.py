@@ -375,40 +375,50 @@ def test_a_tunable_lowered_applies_to_the_checks_already_armed(
         release.set()
 
 
+@pytest.mark.parametrize("tunable", ["watchdog_thresh", "cpu_intensive_thresh"])
 def test_a_tunable_set_as_its_check_fires_leaves_one_check_armed(
-        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The watchdog's timer may fire while the setter re-arms it (the
-    timer thread takes it, then its callback waits for the engine lock the
-    setter holds).  The callback then arms the next check itself: the one
-    the setter armed must not be left armed beside it, a second watchdog
-    re-arming itself for as long as items run, that nothing deletes."""
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, tunable: str) -> None:
+    """The check that a tunable times -- the watchdog of the pool set, or
+    the CPU-intensive tick of a pool -- may fire while the setter re-arms
+    it (the timer thread takes it, then its callback waits for the engine
+    lock the setter holds).  The callback then arms the next check itself:
+    the one the setter armed must not be left armed beside it, a second
+    chain of checks re-arming itself for as long as items run, that
+    nothing deletes."""
     topo = Topology(1, cpu_intensive_thresh=3600.0, watchdog_thresh=3600.0)
     wq = make_wq(topology=topo)
     started, release = threading.Event(), threading.Event()
-    arm = _pool._arm_watchdog
+    watchdog = tunable == "watchdog_thresh"
+    arm_name, check, handle = (("_arm_watchdog", _watchdog_timer_fn, "watchdog") if watchdog
+                               else ("arm_tick", _pool._cpu_intensive_tick, "tick"))
+    arm = getattr(_pool, arm_name)
     firing: list[threading.Thread] = []
 
-    def arm_as_the_old_check_fires(pset: Any) -> None:
+    def arm_as_the_old_check_fires(owner: Any) -> None:
         # What the timer thread does with a due timer: take it, and call
         # its callback, which waits for the lock the setter holds.
-        assert del_timer(pset.watchdog)
-        firing.append(threading.Thread(target=_watchdog_timer_fn, args=(pset,)))
+        assert del_timer(getattr(owner, handle))
+        firing.append(threading.Thread(target=check, args=(owner,)))
         firing[0].start()
-        arm(pset)
+        arm(owner)
 
     wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
     try:
         assert started.wait(TIMEOUT)
-        pset = topo._pools
-        assert pset.watchdog is not None  # armed before the item ran
-        monkeypatch.setattr(_pool, "_arm_watchdog", arm_as_the_old_check_fires)
-        topo.watchdog_thresh = 1800.0
+        if watchdog:
+            owner: Any = topo._pools
+            assert owner.watchdog is not None  # armed before the item ran
+        else:
+            wq.queue_work(Work(lambda work: None))  # waits: the hog's run time is watched
+            (owner,) = [p for p in topo._pools.pools() if p.tick is not None]
+        monkeypatch.setattr(_pool, arm_name, arm_as_the_old_check_fires)
+        setattr(topo, tunable, 1800.0)
         monkeypatch.undo()
         firing[0].join(TIMEOUT)
         assert not firing[0].is_alive()
         with _pool.lock:
-            armed = [fn for fn, arg in armed_timers() if arg is pset]
-            assert armed == [_watchdog_timer_fn] and pset.watchdog is not None
+            armed = [fn for fn, arg in armed_timers() if arg is owner]
+            assert armed == [check] and getattr(owner, handle) is not None
     finally:
         release.set()
 
@@ -440,38 +450,6 @@ def test_a_tunable_set_cut_short_by_ctrl_c_leaves_one_check_running(
         with _pool.lock:
             armed = [fn for fn, arg in armed_timers() if arg is pset]
             assert armed == [_watchdog_timer_fn] and pset.watchdog is not None
-    finally:
-        release.set()
-
-
-def test_a_tunable_set_as_its_tick_fires_leaves_one_tick_armed(
-        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As above, for the CPU-intensive check of a pool."""
-    topo = Topology(1, cpu_intensive_thresh=3600.0, watchdog_thresh=3600.0)
-    wq = make_wq(topology=topo)
-    started, release = threading.Event(), threading.Event()
-    arm = _pool.arm_tick
-    firing: list[threading.Thread] = []
-
-    def arm_as_the_old_tick_fires(pool: Any) -> None:
-        assert del_timer(pool.tick)
-        firing.append(threading.Thread(target=_pool._cpu_intensive_tick, args=(pool,)))
-        firing[0].start()
-        arm(pool)
-
-    wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
-    try:
-        assert started.wait(TIMEOUT)
-        wq.queue_work(Work(lambda work: None))  # waits: the hog's run time is watched
-        (pool,) = [p for p in topo._pools.pools() if p.tick is not None]
-        monkeypatch.setattr(_pool, "arm_tick", arm_as_the_old_tick_fires)
-        topo.cpu_intensive_thresh = 1800.0
-        monkeypatch.undo()
-        firing[0].join(TIMEOUT)
-        assert not firing[0].is_alive()
-        with _pool.lock:
-            armed = [fn for fn, arg in armed_timers() if arg is pool]
-            assert armed == [_pool._cpu_intensive_tick] and pool.tick is not None
     finally:
         release.set()
 

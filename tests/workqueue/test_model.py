@@ -26,27 +26,18 @@ The model, per the kernel's rules:
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from wqhelpers import wait_until
 
 from workqueue import Work, alloc_ordered_workqueue
 
 NAMES = ("a", "b", "c")
 TIMEOUT = 10.0
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    """Wait for a condition the engine reaches asynchronously, or fail."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.0005)
 
 
 class Item(Work):

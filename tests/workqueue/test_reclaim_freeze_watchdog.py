@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
+from wqhelpers import wait_until
 
 import workqueue._pool as pool_module
 from workqueue import WQ_FREEZABLE, WQ_MEM_RECLAIM, WQ_UNBOUND, Topology, Work, blocking
@@ -303,9 +305,22 @@ def test_freeze_needs_wq_freezable_and_blocks_drain(make_wq: Any) -> None:
     assert fz.submit(len, "abc").result(TIMEOUT) == 3
 
 
+def _watched() -> Topology:
+    """One CPU whose watchdog reports a stall after 0.05 s, and whose items
+    never count as CPU-intensive: one that runs on holds up the pool."""
+    return Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+
+
+def _several_watchdog_periods() -> None:
+    """Wait through several periods of a _watched() watchdog: the timers
+    fire in deadline order, so its checks of the time before have run."""
+    later = threading.Event()
+    add_timer(0.2, lambda arg: later.set())
+    assert later.wait(TIMEOUT)
+
+
 def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_waiter: Any) -> None:
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
+    wq = make_wq(topology=_watched())
     logged = log_waiter("workqueue._watchdog", "lockup")
     release = threading.Event()
 
@@ -314,10 +329,7 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
 
     wq.queue_work(Work(stuck))
     assert logged.seen.wait(TIMEOUT)
-    # Several more watchdog periods (timers fire in deadline order).
-    later = threading.Event()
-    add_timer(0.2, lambda arg: later.set())
-    assert later.wait(TIMEOUT)
+    _several_watchdog_periods()
     release.set()
     wq.flush()
     assert len(logged.records) == 1
@@ -338,8 +350,7 @@ def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
     """The rescuer runs items exactly when a pool is in trouble (no worker
     can be made): an item of its that stalls is the one stall most worth
     hearing of, and it is no worker of the pool."""
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=_watched())
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
     # The run, not the pool: the rescuer may take the item only once the
     # pool has waited long enough to be reported as well.
@@ -371,8 +382,7 @@ def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
         def __repr__(self) -> str:
             raise OSError("the socket is closed")
 
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
+    wq = make_wq(topology=_watched())
     logged = log_waiter("workqueue._watchdog", "lockup")
     release = threading.Event()
 
@@ -400,18 +410,14 @@ def test_watchdog_reports_a_pool_that_cannot_start_its_items_once_per_stall(
     of it started for watchdog_thresh -- here no worker can be made, and
     no rescuer helps.  No item runs, so no run is too long: the pool
     itself is reported, once per stall, with its dump."""
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
+    wq = make_wq(topology=_watched())
     logged = log_waiter("workqueue._watchdog", "stuck for")
     ran = threading.Event()
     starved = Work(lambda work: ran.set())
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
     assert wq.queue_work(starved)
     assert logged.seen.wait(TIMEOUT), "the starved pool was not reported"
-    # Several more watchdog periods (timers fire in deadline order).
-    later = threading.Event()
-    add_timer(0.2, lambda arg: later.set())
-    assert later.wait(TIMEOUT)
+    _several_watchdog_periods()
     assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
     message = logged.records[0].getMessage()
     assert message.startswith("BUG: workqueue lockup - pool cpu0 stuck for "), message
@@ -428,8 +434,7 @@ def test_watchdog_reports_each_stall_of_a_pool_whose_workers_are_all_busy(
     the items behind it: the running item is reported, and the pool whose
     worklist stopped moving too.  Once it moves again, the next stall is
     a new one, reported again."""
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
-    wq = make_wq(topology=topo)
+    wq = make_wq(topology=_watched())
     logged = log_waiter("workqueue._watchdog", "stuck for")
     release = threading.Event()
 
@@ -460,7 +465,7 @@ def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
     used takes its count of started items with it: that is no start of
     an item, and the stall goes on -- neither reported again nor timed
     afresh."""
-    topo = Topology(1, watchdog_thresh=0.05, cpu_intensive_thresh=60.0)
+    topo = _watched()
     other = make_wq("other", topology=topo)
     assert other.queue_work(Work(lambda work: None))
     other.flush()  # its pwq of cpu0 has started an item
@@ -476,39 +481,46 @@ def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
         assert wq.queue_work(Work(lambda work: None))
         assert logged.seen.wait(TIMEOUT), "the stall was not reported"
         other.destroy(timeout=TIMEOUT)
-        # Several more watchdog periods (timers fire in deadline order).
-        later = threading.Event()
-        add_timer(0.2, lambda arg: later.set())
-        assert later.wait(TIMEOUT)
+        _several_watchdog_periods()
     finally:
         release.set()
     assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
 
 
-def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
-        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pool check, called with the clock in the test's hand (the
-    watchdog's own first check is an hour away), on a pool that has never
-    started an item (no worker can be made): a stall is timed from the
-    first check that saw an item wait, afresh once the worklist was seen
-    empty -- an item cancelled is no stall of the one queued after it --
-    not from when a new workqueue joins the pool, and is reported once it
-    has lasted the threshold, not before."""
-    topo = Topology(1, watchdog_thresh=3600.0)
-    wq = make_wq(topology=topo)
+def _checks_of(wq: Any) -> Callable[[float], float | None]:
+    """The pool check of *wq*'s one pool, with a threshold of 1 s, called
+    with the clock in the test's hand at the times it is given (the
+    topology's own watchdog_thresh keeps its real checks an hour away)."""
     (pwq,) = wq._all_pwqs()
-    pool = pwq.pool
 
     def stalled(now: float) -> float | None:
         with pool_module.lock:
-            return _pool_stalled(pool, now, 1.0)
+            return _pool_stalled(pwq.pool, now, 1.0)
 
+    return stalled
+
+
+@pytest.mark.parametrize("emptied", ["seen empty", "emptied between two checks"])
+def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, emptied: str) -> None:
+    """The pool check, called with the clock in the test's hand, on a pool
+    that has never started an item (no worker can be made): a stall is
+    timed from the first check that saw an item wait, afresh once the
+    worklist was empty -- an item cancelled is no stall of the one queued
+    after it, also when no check saw the worklist empty in between (the
+    kernel stamps the new item's queueing; timed from the cancelled one,
+    it was reported early) -- not from when a new workqueue joins the
+    pool, and is reported once it has lasted the threshold, not before."""
+    topo = Topology(1, watchdog_thresh=3600.0)
+    wq = make_wq(topology=topo)
+    stalled = _checks_of(wq)
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
     cancelled = Work(lambda work: None)
     assert wq.queue_work(cancelled)
     assert stalled(100.0) is None  # first seen waiting
     assert cancelled.cancel()
-    assert stalled(100.5) is None  # seen empty
+    if emptied == "seen empty":
+        assert stalled(100.5) is None
     ran = threading.Event()
     assert wq.queue_work(Work(lambda work: ran.set()))
     assert stalled(101.5) is None  # first seen waiting: timed from here
@@ -518,6 +530,72 @@ def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
     assert stalled(103.5) is None  # reported already
     monkeypatch.undo()  # the pool's retry makes a worker now
     assert ran.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("taker", ["an idle worker", "the rescuer"])
+def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, tracer: Any, taker: str) -> None:
+    """An item queued again while it runs, taken off the worklist and
+    handed to the worker still running it (non-reentrancy) -- by another
+    worker, or by the rescuer when no worker can be made -- starts
+    nothing: the worklist is empty until the next queueing, and a stall of
+    that one is timed from there, not from when the check saw the item
+    that left wait."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    rescued = taker == "the rescuer"
+    wq = make_wq("reclaim" if rescued else "wq", WQ_MEM_RECLAIM if rescued else 0,
+                 topology=topo)
+    plain = make_wq("plain", topology=topo)  # whose items no rescuer takes
+    plain.add_trace_hook(tracer)
+    stalled = _checks_of(wq)
+    pool = wq._all_pwqs()[0].pool
+    gates = [threading.Event() for _ in range(4)]
+    started, holding = threading.Event(), threading.Event()
+
+    def func(work: Work) -> None:
+        if started.is_set():
+            return
+        started.set()
+        assert gates[0].wait(TIMEOUT)
+        with blocking():  # the pool wants a worker for the item's next queueing
+            assert gates[1].wait(TIMEOUT)
+        assert gates[2].wait(TIMEOUT)  # and this one runs it again, next
+
+    def holder(work: Work) -> None:
+        holding.set()
+        with blocking():
+            assert gates[3].wait(TIMEOUT)
+
+    w = Work(func)
+    try:
+        if rescued:
+            warm = Work(lambda work: None)
+            assert wq.queue_work(warm)
+            warm.flush()  # the pool now has a worker and an idle reserve
+            monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+            assert wq.queue_work(Work(holder))  # takes the reserve
+            assert holding.wait(TIMEOUT)
+        assert wq.queue_work(w)
+        assert started.wait(TIMEOUT)
+        assert wq.queue_work(w)  # waits on the worklist: the running item counts
+        assert stalled(100.0) is None  # first seen waiting
+        with pool_module.lock:
+            (runner,) = [x for x in pool.workers if x.current is w]
+        gates[0].set()
+        wait_until(lambda: w._entry is runner.scheduled,
+                   f"{taker} handed the item to its runner")
+        gates[1].set()  # the runner counts again: what is queued now waits
+        wait_until(lambda: pool.nr_running == 1, "the runner left blocking()")
+        waiting = Work(lambda work: None)
+        assert plain.queue_work(waiting)
+        assert stalled(100.25) is None  # the queueing is before this, not before 100.0
+        assert stalled(101.0) is None
+        assert stalled(101.25) == 1.0
+    finally:
+        for gate in gates:
+            gate.set()
+    monkeypatch.undo()
+    tracer.wait_for(lambda: "execute_end" in tracer.of(waiting))
 
 
 def test_idle_workers_beyond_two_exit_after_the_idle_timeout(

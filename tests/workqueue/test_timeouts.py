@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from wqhelpers import assert_waits_until_released, wait_until
 
 from workqueue import WQ_FREEZABLE, DelayedWork, Topology, Work, Workqueue
 from workqueue._pool import Completion
@@ -50,14 +51,6 @@ class Held:
 
     def wait_started(self) -> None:
         assert self.started.acquire(timeout=TIMEOUT)
-
-
-def wait_until(pred: Callable[[], object]) -> None:
-    """Poll a state another thread reaches, within the test's limit."""
-    deadline = time.monotonic() + TIMEOUT
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        threading.Event().wait(0.001)
 
 
 def running(wq: Workqueue, held: Held, kind: type[Work] = Work) -> Work:
@@ -146,7 +139,6 @@ def test_a_timed_out_flush_names_an_item_whose_repr_fails(make_wq: Any, held: He
     held.release.set()
     work.flush(timeout=TIMEOUT)
     assert not blocker.running
-
 
 
 def test_refusals_name_an_item_whose_repr_fails(make_wq: Any) -> None:
@@ -402,13 +394,8 @@ def test_flush_workqueue_times_out_and_a_later_flush_waits_as_the_kernels(
 def test_flush_workqueue_with_a_timeout_that_does_not_expire(make_wq: Any, held: Held) -> None:
     wq = make_wq()
     work = running(wq, held)
-    flusher = threading.Thread(target=lambda: wq.flush(timeout=TIMEOUT))
-    flusher.start()
-    flusher.join(SHORT)
-    assert flusher.is_alive()
-    held.release.set()
-    flusher.join(TIMEOUT)
-    assert not flusher.is_alive() and not work.running
+    assert_waits_until_released(lambda: wq.flush(timeout=TIMEOUT), held.release, "flush()")
+    assert not work.running
 
 
 def test_a_timed_out_drain_leaves_the_workqueue_running(make_wq: Any, held: Held) -> None:
@@ -500,12 +487,7 @@ def test_a_timed_out_destroy_goes_on_and_a_second_destroy_waits_for_it(
 def test_destroy_with_a_timeout_that_does_not_expire(make_wq: Any, held: Held) -> None:
     wq = make_wq()
     work = running(wq, held)
-    destroyer = threading.Thread(target=lambda: wq.destroy(timeout=TIMEOUT))
-    destroyer.start()
-    destroyer.join(SHORT)
-    assert destroyer.is_alive()
-    held.release.set()
-    destroyer.join(TIMEOUT)
+    assert_waits_until_released(lambda: wq.destroy(timeout=TIMEOUT), held.release, "destroy()")
     assert wq._destroyed.is_set() and not work.running
     with pytest.raises(RuntimeError, match="already destroyed"):
         wq.destroy(timeout=TIMEOUT)  # one that was not cut short: as the kernel's
@@ -581,13 +563,8 @@ def test_thaw_after_a_timed_out_freeze_lets_the_held_items_run(
 def test_freeze_with_a_timeout_that_does_not_expire(make_wq: Any, held: Held) -> None:
     wq = make_wq("frz", WQ_FREEZABLE)
     work = running(wq, held)
-    freezer = threading.Thread(target=lambda: wq.freeze(timeout=TIMEOUT))
-    freezer.start()
-    freezer.join(SHORT)
-    assert freezer.is_alive()
-    held.release.set()
-    freezer.join(TIMEOUT)
-    assert not freezer.is_alive() and not work.running
+    assert_waits_until_released(lambda: wq.freeze(timeout=TIMEOUT), held.release, "freeze()")
+    assert not work.running
     assert wq._frozen and wq._freezing is None
     wq.thaw()
     wq.freeze(timeout=0)  # idle: frozen at once

@@ -9,22 +9,12 @@ import threading
 from typing import Any
 
 import pytest
-from wqhelpers import assert_next_run_waits
+from wqhelpers import assert_next_run_waits, wait_until
 
 from workqueue import DelayedWork, Work, current_work
 from workqueue._pool import Worker
 
 TIMEOUT = 10.0
-
-
-def wait_until(pred: Any, timeout: float = TIMEOUT) -> None:
-    """Poll a condition another thread makes true (no sleeping for correctness)."""
-    done = threading.Event()
-    deadline = timeout
-    while not pred():
-        assert deadline > 0, "condition not reached"
-        done.wait(0.001)
-        deadline -= 0.001
 
 
 class Gate:

@@ -44,6 +44,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from wqhelpers import wait_until
 
 from workqueue import (
     WQ_UNBOUND,
@@ -195,14 +196,6 @@ class PDelayedWork(DelayedWork):
     def __init__(self, probe: Probe) -> None:
         super().__init__(lambda w: probe.body())
         self.probe = probe
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.0005)
 
 
 def waiting_in_completion(thread: threading.Thread) -> bool:

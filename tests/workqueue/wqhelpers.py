@@ -4,12 +4,23 @@ what (a bounded wait proves the first half, an event the second)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from workqueue import Work
 
 TIMEOUT = 10.0
+
+
+def wait_until(predicate: Callable[[], object], what: str = "the condition holds",
+               timeout: float = TIMEOUT) -> None:
+    """Poll a state that another thread (a worker, the timer thread)
+    reaches, failing with *what* if it is not reached in time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.0005)
 
 
 def assert_waits_until_released(call: Callable[[], object], release: threading.Event,
