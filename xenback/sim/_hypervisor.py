@@ -31,6 +31,7 @@ nothing any more.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
 import functools
@@ -291,6 +292,9 @@ class Hypervisor:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._handles = itertools.count(1)
         self._doomed: list[_Conn] = []
+        # remove_domain()'s requests for the service thread, with the
+        # future each caller waits on (see remove_domain).
+        self._removals: list[tuple[int, concurrent.futures.Future[None]]] = []
         self._control: ControlHandler | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -328,6 +332,11 @@ class Hypervisor:
             os.write(self._wake_w, b"x")
             self._thread.join()
             self._thread = None
+        with self._lock:
+            # Asked for as the thread stopped: done by the loop above.
+            for _, future in self._removals:
+                future.set_result(None)
+            self._removals.clear()
         # Once: a stop() interrupted in the join is called again, and the
         # numbers of closed descriptors may belong to other files by then.
         if self._wake_r < 0:
@@ -386,11 +395,44 @@ class Hypervisor:
 
     def remove_domain(self, domid: int) -> None:
         """Destroy ``domid``: close its handles, unbind its ports (peers see
-        it), end its grants (freed once nobody maps them)."""
+        it), end its grants (freed once nobody maps them).
+
+        Done by the service thread, as any change of its state, while the
+        caller waits: a hypercall, which no signal cuts in half.  A
+        KeyboardInterrupt in the wait leaves the removal to finish without
+        the caller, whose next remove_domain() finds the domain gone
+        (ValueError) or waits for the removal again.
+        """
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
             if domid not in self._domains:
                 raise ValueError(f"no domain {domid}")
-            self._remove_domain(domid)
+            if self._thread is None or self._stopping or threading.get_ident() == self._thread.ident:
+                self._remove_domain(domid)
+                return
+            self._removals.append((domid, future))
+            # Under _lock: stop() closes the pipe under it, after the thread ended.
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # a wake-up is pending already
+        future.result()
+
+    def _run_removals(self) -> None:
+        """remove_domain()'s requests (service thread, under _lock); a
+        domain asked for twice (by a call cut short, then again) is
+        removed once."""
+        removals, self._removals = self._removals, []
+        for domid, future in removals:
+            try:
+                if domid in self._domains:
+                    self._remove_domain(domid)
+            except Exception as e:
+                # A bug: its caller hears of it, the others still go.
+                logger.exception("hypervisor: failure removing domain %d", domid)
+                future.set_exception(e)
+            else:
+                future.set_result(None)
 
     def stats(self) -> dict[str, int]:
         """Counts of live objects, for leak tests."""
@@ -425,6 +467,8 @@ class Hypervisor:
                     return
                 if self._accept_paused and time.monotonic() >= self._accept_retry_at:
                     self._resume_accepting()
+                if self._removals:
+                    self._run_removals()
                 for key, mask in events:
                     try:
                         self._dispatch(key.data, mask)
