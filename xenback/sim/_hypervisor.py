@@ -572,6 +572,9 @@ class Hypervisor:
             self._close_conn(conn)
             return
         op: object = "?"
+        # The request's id, echoed in its reply (see _proto.py); none for
+        # a packet that is no request.
+        request_id: int | None = None
         try:
             if truncated:
                 raise RequestError(errno.E2BIG, "message too long")
@@ -579,6 +582,7 @@ class Hypervisor:
                 msg = decode(data)
             except ValueError:
                 raise RequestError(errno.EINVAL, "a request must be a JSON object") from None
+            request_id = _request_id(msg)
             op = msg.get("op")
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
@@ -588,30 +592,31 @@ class Hypervisor:
             close_fds(fds)
             # Cut: a message may quote the request, which may be as long
             # as a message, and the reply must fit in one.
-            self._send(conn, {"errno": e.errno, "error": str(e)[:_ERROR_TEXT_MAX]})
+            self._send(conn, _reply_to(request_id, {"errno": e.errno, "error": str(e)[:_ERROR_TEXT_MAX]}))
             return
         except OSError as e:
             close_fds(fds)
             if e.errno not in _OUT_OF_FDS:
                 logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
-                self._send(conn, {"errno": errno.EIO, "error": "internal error"})
+                self._send(conn, _reply_to(request_id, {"errno": errno.EIO, "error": "internal error"}))
                 return
             # What a domain can cause (ports and shares hold descriptors
             # here), not a bug: an errno, as Linux gives for a full table.
             self._warn_fds("request %r from domain %d refused", op, conn.domain.domid)
-            self._send(conn, {"errno": e.errno, "error": "the hypervisor service is out of descriptors"})
+            self._send(conn, _reply_to(request_id, {
+                "errno": e.errno, "error": "the hypervisor service is out of descriptors"}))
             return
         except Exception:
             close_fds(fds)
             logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
-            self._send(conn, {"errno": errno.EIO, "error": "internal error"})
+            self._send(conn, _reply_to(request_id, {"errno": errno.EIO, "error": "internal error"}))
             return
         if result is None:
             return  # answered later (see _reply_later)
         reply, rfds = result
         # Reply descriptors are the service's copies made for this reply.
         try:
-            self._send(conn, reply, rfds)
+            self._send(conn, _reply_to(request_id, reply), rfds)
         finally:
             close_fds(rfds)
 
@@ -1033,12 +1038,12 @@ class Hypervisor:
             args: dict[str, Any] = {"name": name}
         else:
             args = {"domid": _int_arg(msg, "domid", 1, 0x7FEF)}
-        self._control(op, args, functools.partial(self._reply_later, conn))
+        self._control(op, args, functools.partial(self._reply_later, conn, _request_id(msg)))
         return None
 
-    def _reply_later(self, conn: _Conn, msg: Message) -> None:
+    def _reply_later(self, conn: _Conn, request_id: int | None, msg: Message) -> None:
         with self._lock:
-            self._send(conn, msg)
+            self._send(conn, _reply_to(request_id, msg))
             self._reap()
 
     _ops: dict[
@@ -1056,6 +1061,19 @@ class Hypervisor:
         "domain_create": _op_domain_control,
         "domain_destroy": _op_domain_control,
     }
+
+
+def _request_id(msg: Message) -> int | None:
+    """A request's ``"id"``, if it is one a reply can carry back."""
+    request_id = msg.get("id")
+    return request_id if type(request_id) is int else None
+
+
+def _reply_to(request_id: int | None, reply: Message) -> Message:
+    """``reply``, carrying the id of the request it answers (if it had one)."""
+    if request_id is not None:
+        reply["id"] = request_id
+    return reply
 
 
 def _no_fds(fds: list[int]) -> None:
