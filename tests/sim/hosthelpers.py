@@ -20,7 +20,8 @@ from xenback.sim._xenstored import RawClient, XenStored, XsError
 # For the interrupt sweeps (stolensignal.interrupted_at): the simulated
 # host's code, and in it the round trip of a request to the service, which
 # stands for the ioctl it simulates: no signal cuts one in half, so a
-# sweep lands nowhere in it.
+# sweep lands nowhere in it.  (One cut between its request and its reply,
+# where a call waits, is test_proto.py's: the next call sorts it out.)
 SIM_CODE = os.path.dirname(xenback.sim.__file__)
 SIM_ROUND_TRIP = os.path.join(SIM_CODE, "_proto.py")
 

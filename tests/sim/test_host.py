@@ -16,12 +16,20 @@ from typing import Any
 
 import pytest
 import pyxs
-from hosthelpers import eventually, wait_pending
+from hosthelpers import (
+    SIM_CODE,
+    SIM_ROUND_TRIP,
+    eventually,
+    handle_census,
+    released_since,
+    wait_pending,
+)
 from racewindow import TIMEOUT, stands_at
-from stolensignal import Interrupted, interrupted_as_call_returns
+from stolensignal import Interrupted, interrupted_as_call_returns, interrupted_at
 
 from xenback.platform import Platform, PlatformError
 from xenback.sim import Domain, SimHost, Toolstack, attach, create_domain
+from xenback.sim._xenstored import XenStored
 
 
 def open_fds() -> set[int]:
@@ -469,6 +477,7 @@ def test_destroy_waits_for_the_backend_without_holding_the_host(host: SimHost) -
             done.set()
 
         thread = threading.Thread(target=destroy)
+        second = threading.Thread(target=host.destroy_domain, args=(guest,))
         thread.start()
         try:
             while c.read(state, b"") != b"5":  # the toolstack asks it to close
@@ -477,15 +486,22 @@ def test_destroy_waits_for_the_backend_without_holding_the_host(host: SimHost) -
             # while libxl waits for the backend.
             assert guest not in host.domains()
             other = host.create_domain("other")
-            with pytest.raises(LookupError):
-                host.destroy_domain(guest)
+            with pytest.raises(ValueError, match="exists already"):
+                host.create_domain("guest")  # its name is taken until it is gone
+            # A second destroy waits for the first to end, and returns
+            # with it; it does not destroy the devices a second time.
+            second.start()
+            assert eventually(lambda: stands_at(
+                second.ident, SimHost.destroy_domain, "with other.running:"))
             assert not done.is_set()
             with guest.xenstore() as g:  # alive until its devices are gone
                 assert g.read(b"name") == b"guest"
             c.write(state, b"6")  # the backend closes: the wait ends
         finally:
             thread.join(30)
-        assert done.is_set()
+            if second.ident is not None:
+                second.join(30)
+        assert done.is_set() and not second.is_alive()
         assert host.domains() == [host.dom0, other]
         with pytest.raises(LookupError):
             host.domain(guest.domid)
@@ -1012,8 +1028,8 @@ def test_a_signal_handler_closing_the_host_inside_destroy_domain_is_refused(
     host: SimHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same in the part of destroy_domain() that holds the lock (the
-    hypervisor's and XenStore's parts of the destroy): refused, and the
-    rest of the destroy done as the error goes out through it."""
+    hypervisor's and XenStore's parts of the destroy): refused, the domain
+    left dying, and the next destroy_domain() finishes it."""
     guest = host.create_domain("guest")
     remove_domain = host.hypervisor.remove_domain
     with CallFromHandler(host.close) as handler:
@@ -1025,7 +1041,9 @@ def test_a_signal_handler_closing_the_host_inside_destroy_domain_is_refused(
         with pytest.raises(RuntimeError, match=r"inside SimHost\.destroy_domain\(\)"):
             host.destroy_domain(guest)
     monkeypatch.undo()
-    _no_guest_left(host)  # the rest of the destroy was done on the way out
+    assert host.domains() == [host.dom0]
+    host.destroy_domain(guest)
+    _no_guest_left(host)
     host.close()
     assert not host.run_dir.exists()
 
@@ -1090,3 +1108,84 @@ def test_attach_to_a_host_that_died_finds_no_domain(tmp_path: Path) -> None:
     assert info.value.errno == errno.ECONNREFUSED
     assert str(info.value.strerror).startswith(
         f"no domain 0 on a simulated host in {tmp_path} "), info.value
+
+
+@pytest.mark.timeout(600)
+def test_a_destroy_interrupted_anywhere_is_finished_when_called_again(host: SimHost) -> None:
+    """A Ctrl-C landing anywhere in destroy_domain(), then destroy_domain()
+    again: the domain is gone whole (unlisted, its home deleted, its
+    devices too, the channel's peer unbound, its grant revoked,
+    @releaseDomain fired, nothing held).  The domain was unlisted first,
+    so one cut short after that was lost: the retry said there was no such
+    domain, and nothing could finish the destroy but the host's close()."""
+    landed: list[str] = []
+    with host.dom0.xenstore() as c:
+        monitor = c.monitor()
+        events: queue.Queue[tuple[bytes, bytes]] = monitor.events
+        monitor.watch(b"@releaseDomain", b"release")
+        assert events.get(timeout=TIMEOUT) == (b"@releaseDomain", b"release")
+        for n in itertools.count():
+            before = handle_census(host)
+            grants = host.hypervisor.stats()["grants"]
+            guest = host.create_domain("guest")
+            host.toolstack.add_device("vif", guest.domid)
+            e0, e1, shr, tab = host.dom0.evtchn(), guest.evtchn(), guest.gntshr(), host.dom0.gnttab()
+            p0 = e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
+            pages = shr.share_pages(0, 1)
+            mapping = tab.map_grant_refs(guest.domid, pages.refs)
+            where = interrupted_at(n, SIM_CODE, lambda d=guest.domid: host.destroy_domain(d, 0),
+                                   besides=SIM_ROUND_TRIP)
+            try:
+                host.destroy_domain(guest.domid, 0)
+            except LookupError:
+                pass  # the first one was over when the signal came, if it came
+            assert host.domains() == [host.dom0], where
+            with pytest.raises(LookupError):
+                host.domain(guest.domid)
+            assert host.hypervisor.stats()["domains"] == 1, where
+            assert host.toolstack.devices() == [], where
+            assert not c.exists(f"/local/domain/{guest.domid}".encode()), where
+            assert not c.exists(f"/libxl/{guest.domid}".encode()), where
+            assert not c.is_domain_introduced(guest.domid), where
+            assert not (host.run_dir / "domains" / str(guest.domid)).exists(), where
+            assert events.get(timeout=TIMEOUT) == (b"@releaseDomain", b"release"), where
+            assert e0.remote(p0) is None, where
+            assert wait_pending(e0) == p0, where
+            with pytest.raises(PlatformError) as info:  # revoked: no new mapping
+                tab.map_grant_refs(guest.domid, pages.refs)
+            assert info.value.errno == errno.ESRCH, where
+            mapping.unmap()
+            assert host.hypervisor.stats()["grants"] == grants, where
+            for handle in (e0, e1, shr, tab):
+                handle.close()
+            released_since(host, before, where)
+            if not where:
+                break
+            landed.append(where)
+    assert len(landed) > 50, landed
+
+
+@pytest.mark.parametrize("landing", ["in the devices' part", "in the domain's own end"])
+def test_close_finishes_a_destroy_cut_short(tmp_path: Path, landing: str) -> None:
+    """A domain left dying by a destroy cut short goes with the host:
+    close() leaves nothing of it (nor of the host) in a caller's run
+    directory, and no thread or descriptor."""
+    threads, fds = set(threading.enumerate()), open_fds()
+    host = SimHost(tmp_path / "run")
+    host.start()
+    guest = host.create_domain("guest")
+    host.toolstack.add_device("vif", guest.domid)
+    # As the first call of the wait for its backends returns, or as
+    # XenStore's release of the domain (after the hypervisor's) does.
+    code = (Toolstack._remove if landing == "in the devices' part"
+            else XenStored.release_domain).__code__
+    assert interrupted_as_call_returns(code, 0, lambda: host.destroy_domain(guest, 0))
+    assert host.domains() == [host.dom0]
+    with pytest.raises(ValueError, match="exists already"):
+        host.create_domain("guest")  # dying, not gone
+    host.close()
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(RuntimeError, match="closed"):
+        host.destroy_domain(guest)
+    assert set(threading.enumerate()) - threads == set()
+    assert eventually(lambda: open_fds() <= fds), landing

@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hosthelpers import serve_one_client
+from hosthelpers import descriptors, eventually, serve_one_client
 from racewindow import TIMEOUT
+from stolensignal import interrupted_as_call_returns
 
-from xenback.platform import PlatformError
+from xenback.platform import PAGE_SIZE, PlatformError
+from xenback.sim import Domain, SimHost
 from xenback.sim._proto import (
     MAX_MESSAGE,
     ServiceConnection,
@@ -246,3 +248,54 @@ def test_a_refused_connection_that_only_drains_is_gone_and_says_why(tmp_path: Pa
         assert info.value.errno == errno.EMFILE
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("cut", [
+    "gnt_map", "gnt_share", "evtchn_alloc_unbound", "evtchn_bind_interdomain", "gnt_unmap"])
+def test_a_call_cut_short_before_its_reply_leaves_the_reply_to_nobody(
+        host: SimHost, guest: Domain, cut: str) -> None:
+    """A Ctrl-C as a request has gone, before its reply is taken: the
+    reply stays in the socket.  The next call took it for its own (an
+    unmap took a map's reply, the unmap's own went to the call after, a
+    map, which found no handle in it), and what it gave (a mapping, a
+    share, a port, descriptors) stayed with nobody until the handle
+    closed.  Now each call takes its own reply, and what an abandoned one
+    gave is given back at once."""
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab, \
+            host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        pages = shr.share_pages(0, 1)
+        mapping = tab.map_grant_refs(guest.domid, pages.refs)
+        p1 = e1.bind_unbound_port(0)
+        stats, fds = host.hypervisor.stats(), descriptors()
+        calls: dict[str, tuple[ServiceConnection, Callable[[], object]]] = {
+            "gnt_map": (tab._conn, lambda: tab.map_grant_refs(guest.domid, pages.refs)),
+            "gnt_share": (shr._conn, lambda: shr.share_pages(0, 1)),
+            "evtchn_alloc_unbound": (e0._conn, lambda: e0.bind_unbound_port(guest.domid)),
+            "evtchn_bind_interdomain": (e0._conn, lambda: e0.bind_interdomain(guest.domid, p1)),
+            "gnt_unmap": (tab._conn, mapping.unmap),
+        }
+        conn, call = calls[cut]
+        # As the request's send returns, in the call waiting for its reply.
+        assert interrupted_as_call_returns(ServiceConnection._call.__code__, 0, call)
+        # The next calls of the same connection get their own replies.
+        if conn is tab._conn:
+            mapping.unmap()  # again, if it was the one cut short
+            with tab.map_grant_refs(guest.domid, pages.refs) as again:
+                assert len(again.buffer) == PAGE_SIZE
+        elif conn is shr._conn:
+            with shr.share_pages(0, 2) as other:
+                assert len(other.refs) == 2
+        else:
+            port = e0.bind_unbound_port(guest.domid)
+            assert e0.ports() == [port]
+            e0.unbind(port)
+        mapping.unmap()
+        pages.unshare()
+        # Nothing the cut call got is held: no port, mapping or share in
+        # the service (the pages' grant is gone), no descriptor here.
+        after = host.hypervisor.stats()
+        assert (after["ports"], after["grants"]) == (stats["ports"], stats["grants"] - 1)
+        # The guest's port was connected to the abandoned one: unbound
+        # again, it reads a new pipe (the service's, see _hypervisor.py).
+        assert e1.remote(p1) is None
+        assert eventually(lambda: len(descriptors()) <= len(fds)), sorted(descriptors() - fds)

@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from xenback._closing import Closing
 from xenback.platform import EventChannelError
@@ -199,7 +200,7 @@ class EventChannel(Closing):
 
         return self._bind("evtchn_bind_interdomain", apply, domid=domid, port=remote_port)
 
-    def _bind(self, op: str, apply: Callable[[Message, list[int]], None], **args: int) -> int:
+    def _bind(self, op: str, apply: Callable[[Message, list[int]], None], **args: Any) -> int:
         """Send bind request ``op``; the service answers with the new port's
         read end (and, when connected, a write end of the peer's port).
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Self, TypeVar
 
 import cffi
@@ -195,7 +196,16 @@ class _Pages:
             _release(self._buffer)
             self._buffer = None
             if not self._told:
-                self._told.extend(map(self._owner._tell, (self._end_request,)))
+                # done: the service's answer also reaches _told when it
+                # comes to a later call, this one cut short before it.
+                done = functools.partial(self._told.append, True)
+                try:
+                    self._told.extend(map(self._owner._tell, (self._end_request,), (done,)))
+                except GrantError:
+                    # EINVAL to a request made again: the first one ended
+                    # the pages, its answer read in this one's wait.
+                    if not self._told:
+                        raise
             self._owner._forget(self._key)
             self._region = None
 
@@ -274,11 +284,12 @@ class _Handle(Closing, Generic[P]):
         pages._end()
         raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
 
-    def _tell(self, request: tuple[str, dict[str, Any]]) -> bool:
-        """Tell the service that pages ended (``request``: op and args)."""
+    def _tell(self, request: tuple[str, dict[str, Any]], done: Callable[[], None]) -> bool:
+        """Tell the service that pages ended (``request``: op and args);
+        ``done()`` once it said so (see ServiceConnection.call)."""
         op, args = request
         try:
-            self._conn.call(op, **args)
+            self._conn.call(op, done=done, **args)
         except GrantError as e:
             if e.errno != errno.ENODEV:
                 raise

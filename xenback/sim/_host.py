@@ -116,6 +116,25 @@ def _remove_stale_sockets(run_dir: Path) -> None:
             pass
 
 
+class _Destroy:
+    """One destroy_domain() call, for the others of the same domain.
+
+    ``running`` is held from its making until the call sets ``over`` and
+    releases it in its ``finally``, however it ends: another destroy waits
+    for it with ``with running``.  Both are done there with no Python
+    frame before them, which a signal's handler could cut short as it
+    starts (release() is a C call: a handler runs only as it returns).
+    """
+
+    __slots__ = ("thread", "running", "over")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.over = False
+        self.running = threading.Lock()
+        self.running.acquire()
+
+
 class SimHost(Closing):
     """A simulated Xen host, embedded in this process.
 
@@ -142,11 +161,11 @@ class SimHost(Closing):
         self._xenstored: XenStored | None = None
         self._hypervisor: Hypervisor | None = None
         self._toolstack: Toolstack | None = None
-        # _lock protects _domains, _domids, _state, and makes creating and
-        # destroying a domain atomic: a domain is listed only once XenStore
-        # and the hypervisor both know it, and unlisted before either
-        # forgets it.  Rule: held for the whole of create/close and for the
-        # hypervisor and XenStore part of destroy (they talk to our own
+        # _lock protects _domains, _dying, _domids, _state, and makes
+        # creating and destroying a domain atomic: a domain is listed only
+        # once XenStore and the hypervisor both know it, and unlisted only
+        # once both forgot it.  Rule: held for the whole of create/close and
+        # for the hypervisor and XenStore part of destroy (they talk to our own
         # servers, which never call back into the host); never while
         # waiting for a backend to close a device.  Taken only by
         # _locked(), which refuses the calls that would wait for it for ever.
@@ -154,6 +173,11 @@ class SimHost(Closing):
         # (thread id, method) of the call holding _lock, for _locked().
         self._holder: tuple[int, str] | None = None
         self._domains: dict[int, Domain] = {}
+        # The domains whose destroy began, each with the destroy running it
+        # (None while none does: it was cut short).  A dying domain stays
+        # in _domains, its name taken, until the destroy that ends it drops
+        # it from both; domains() and domain() leave it out.
+        self._dying: dict[int, _Destroy | None] = {}
         self._domids = itertools.count(1)
         self._state = "new"
         # _control_lock protects _control_threads: the threads serving dom0's
@@ -245,6 +269,7 @@ class SimHost(Closing):
         if self._xenstored is not None:
             self._xenstored.stop()
         self._domains.clear()
+        self._dying.clear()
         self._cleanup_run_dir()
         self._state = "closed"
 
@@ -313,16 +338,20 @@ class SimHost(Closing):
         return self._hypervisor
 
     def domains(self) -> list[Domain]:
-        """Live domains, dom0 first."""
-        return self._locked("domains", lambda: [self._domains[d] for d in sorted(self._domains)])
+        """Live domains, dom0 first (not those being destroyed)."""
+        return self._locked("domains", lambda: [
+            self._domains[d] for d in sorted(self._domains) if d not in self._dying])
 
     def domain(self, domid: int) -> Domain:
-        """The live domain ``domid``; :class:`LookupError` if there is none."""
+        """The live domain ``domid``; :class:`LookupError` if there is none
+        (or it is being destroyed)."""
         if type(domid) is not int:
             # Not isinstance: True and 1.0 hash as 1 and would find domain 1.
             raise ValueError(f"invalid domain id {domid!r}")
 
         def domain() -> Domain:
+            if domid in self._dying:
+                raise LookupError(f"domain {domid} is being destroyed")
             try:
                 return self._domains[domid]
             except KeyError:
@@ -333,7 +362,8 @@ class SimHost(Closing):
     def create_domain(self, name: str) -> Domain:
         """Create a guest: XenStore home populated, then @introduceDomain.
 
-        Raises :class:`ValueError` for a bad or taken name, and
+        Raises :class:`ValueError` for a bad or taken name (a domain being
+        destroyed keeps its name until it is gone, as in libxl), and
         :class:`OSError` ``ENOMEM`` once every guest domid (1 to 0x7FEF)
         has been given out (domids are not reused).
         """
@@ -398,9 +428,18 @@ class SimHost(Closing):
         close (peers see their ports unbound and fire), its grants are
         revoked once nobody maps them, and @releaseDomain fires.
 
+        From the start the domain is dying: no longer among
+        :meth:`domains`, but its name still taken, until the destroy ends
+        it.  A destroy cut short (Ctrl-C) or failed leaves it dying, and
+        the next destroy_domain() of it, or :meth:`close`, finishes it.
+        One of a domain that another thread is destroying waits for that
+        destroy to end (for as long as it takes: ``timeout`` is the other
+        one's), and finishes it if it was cut short; it returns once the
+        domain is gone, as the other does.
+
         ``domain`` is one of this host's Domains or a domain id; anything
         else, dom0 included, is a :class:`ValueError`, and an id of no
-        live domain a :class:`LookupError`.
+        live or dying domain a :class:`LookupError`.
         """
         if isinstance(domain, Domain):
             domid = domain.domid
@@ -412,8 +451,14 @@ class SimHost(Closing):
         if domid == 0:
             raise ValueError("dom0 cannot be destroyed")
         check_timeout(timeout)
+        mine = _Destroy()
+        waited = False
 
-        def unlist() -> None:
+        def claim() -> _Destroy | None:
+            """Mark the domain dying, destroyed by ``mine``; else the other
+            destroy to wait for (None: ours, or gone with the host)."""
+            if waited and self._state != "running":
+                return None  # the destroy we waited for found the host closing
             self._check_running()
             if isinstance(domain, Domain) and not _same_dir(domain.run_dir, self._run_dir):
                 # Another host's Domain has a domid too, perhaps one of ours.
@@ -422,24 +467,50 @@ class SimHost(Closing):
                     f" (it lives in {domain.run_dir})"
                 )
             if domid not in self._domains:
+                if waited:
+                    return None  # the destroy we waited for ended it
                 raise LookupError(f"no domain {domid}")
-            # Unlisted first: nobody else can destroy it while we wait for
-            # its backends, which is done without _lock.
-            del self._domains[domid]
+            other = self._dying.get(domid)
+            # An earlier destroy of this thread is over, or suspended under
+            # us (this call came from a signal's handler): ours goes on
+            # with what it left (each step may be done twice), as one cut
+            # short by the interrupt would.
+            if other is not None and not other.over and other.thread != mine.thread:
+                return other
+            self._dying[domid] = mine
+            return None
 
-        def remove() -> None:
-            # A host closed meanwhile took the domain down with it.
+        def finish() -> None:
+            if domid not in self._dying:
+                return  # gone with the host, or ended by a destroy under ours
+            # One step after the other, each taking one done before (by a
+            # destroy cut short) for done; unlisted last, both with no call
+            # between: until then a retry finds the domain to finish.
             if self._state == "running":
                 try:
                     self.hypervisor.remove_domain(domid)
-                finally:  # even if an exception comes as it returns
-                    try:
-                        self.xenstored.release_domain(domid)
-                    except KeyError:
-                        pass  # dom0 already sent RELEASE over the wire
+                except ValueError:
+                    pass  # done before
+                try:
+                    self.xenstored.release_domain(domid)
+                except KeyError:
+                    pass  # dom0 sent RELEASE over the wire, or done before
+            try:
+                (self.run_dir / "domains" / str(domid)).rmdir()
+            except OSError:
+                pass
+            del self._domains[domid]
+            del self._dying[domid]
 
-        self._locked("destroy_domain", unlist)
+        # Everything after mine is made is in the try: however it ends, a
+        # destroy waiting for this one is let go (see _Destroy).
         try:
+            while (other := self._locked("destroy_domain", claim)) is not None:
+                waited = True
+                with other.running:  # held until that destroy ends
+                    pass
+            if domid not in self._dying:
+                return  # gone with the host meanwhile, or by the one we waited for
             try:
                 for dev in self.toolstack.devices():
                     if dev.backend_id == domid:
@@ -452,12 +523,10 @@ class SimHost(Closing):
                 # XenStore went away under the toolstack: the host closed
                 # meanwhile, and took the domain down with it.
                 logger.debug("domain %d went down with the host: %s", domid, e)
+            self._locked("destroy_domain", finish)
         finally:
-            self._locked("destroy_domain", remove)
-            try:
-                (self.run_dir / "domains" / str(domid)).rmdir()
-            except OSError:
-                pass
+            mine.over = True
+            mine.running.release()
         logger.info("destroyed domain %d", domid)
 
     # -- internals -----------------------------------------------------------

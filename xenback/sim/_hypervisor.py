@@ -31,6 +31,7 @@ nothing any more.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
 import functools
@@ -291,6 +292,9 @@ class Hypervisor:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._handles = itertools.count(1)
         self._doomed: list[_Conn] = []
+        # remove_domain()'s requests for the service thread, with the
+        # future each caller waits on (see remove_domain).
+        self._removals: list[tuple[int, concurrent.futures.Future[None]]] = []
         self._control: ControlHandler | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -328,6 +332,11 @@ class Hypervisor:
             os.write(self._wake_w, b"x")
             self._thread.join()
             self._thread = None
+        with self._lock:
+            # Asked for as the thread stopped: done by the loop above.
+            for _, future in self._removals:
+                future.set_result(None)
+            self._removals.clear()
         # Once: a stop() interrupted in the join is called again, and the
         # numbers of closed descriptors may belong to other files by then.
         if self._wake_r < 0:
@@ -386,11 +395,44 @@ class Hypervisor:
 
     def remove_domain(self, domid: int) -> None:
         """Destroy ``domid``: close its handles, unbind its ports (peers see
-        it), end its grants (freed once nobody maps them)."""
+        it), end its grants (freed once nobody maps them).
+
+        Done by the service thread, as any change of its state, while the
+        caller waits: a hypercall, which no signal cuts in half.  A
+        KeyboardInterrupt in the wait leaves the removal to finish without
+        the caller, whose next remove_domain() finds the domain gone
+        (ValueError) or waits for the removal again.
+        """
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
             if domid not in self._domains:
                 raise ValueError(f"no domain {domid}")
-            self._remove_domain(domid)
+            if self._thread is None or self._stopping or threading.get_ident() == self._thread.ident:
+                self._remove_domain(domid)
+                return
+            self._removals.append((domid, future))
+            # Under _lock: stop() closes the pipe under it, after the thread ended.
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # a wake-up is pending already
+        future.result()
+
+    def _run_removals(self) -> None:
+        """remove_domain()'s requests (service thread, under _lock); a
+        domain asked for twice (by a call cut short, then again) is
+        removed once."""
+        removals, self._removals = self._removals, []
+        for domid, future in removals:
+            try:
+                if domid in self._domains:
+                    self._remove_domain(domid)
+            except Exception as e:
+                # A bug: its caller hears of it, the others still go.
+                logger.exception("hypervisor: failure removing domain %d", domid)
+                future.set_exception(e)
+            else:
+                future.set_result(None)
 
     def stats(self) -> dict[str, int]:
         """Counts of live objects, for leak tests."""
@@ -425,6 +467,8 @@ class Hypervisor:
                     return
                 if self._accept_paused and time.monotonic() >= self._accept_retry_at:
                     self._resume_accepting()
+                if self._removals:
+                    self._run_removals()
                 for key, mask in events:
                     try:
                         self._dispatch(key.data, mask)
@@ -528,6 +572,9 @@ class Hypervisor:
             self._close_conn(conn)
             return
         op: object = "?"
+        # The request's id, echoed in its reply (see _proto.py); none for
+        # a packet that is no request.
+        request_id: int | None = None
         try:
             if truncated:
                 raise RequestError(errno.E2BIG, "message too long")
@@ -535,6 +582,7 @@ class Hypervisor:
                 msg = decode(data)
             except ValueError:
                 raise RequestError(errno.EINVAL, "a request must be a JSON object") from None
+            request_id = _request_id(msg)
             op = msg.get("op")
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
@@ -544,30 +592,31 @@ class Hypervisor:
             close_fds(fds)
             # Cut: a message may quote the request, which may be as long
             # as a message, and the reply must fit in one.
-            self._send(conn, {"errno": e.errno, "error": str(e)[:_ERROR_TEXT_MAX]})
+            self._send(conn, _reply_to(request_id, {"errno": e.errno, "error": str(e)[:_ERROR_TEXT_MAX]}))
             return
         except OSError as e:
             close_fds(fds)
             if e.errno not in _OUT_OF_FDS:
                 logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
-                self._send(conn, {"errno": errno.EIO, "error": "internal error"})
+                self._send(conn, _reply_to(request_id, {"errno": errno.EIO, "error": "internal error"}))
                 return
             # What a domain can cause (ports and shares hold descriptors
             # here), not a bug: an errno, as Linux gives for a full table.
             self._warn_fds("request %r from domain %d refused", op, conn.domain.domid)
-            self._send(conn, {"errno": e.errno, "error": "the hypervisor service is out of descriptors"})
+            self._send(conn, _reply_to(request_id, {
+                "errno": e.errno, "error": "the hypervisor service is out of descriptors"}))
             return
         except Exception:
             close_fds(fds)
             logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
-            self._send(conn, {"errno": errno.EIO, "error": "internal error"})
+            self._send(conn, _reply_to(request_id, {"errno": errno.EIO, "error": "internal error"}))
             return
         if result is None:
             return  # answered later (see _reply_later)
         reply, rfds = result
         # Reply descriptors are the service's copies made for this reply.
         try:
-            self._send(conn, reply, rfds)
+            self._send(conn, _reply_to(request_id, reply), rfds)
         finally:
             close_fds(rfds)
 
@@ -989,12 +1038,12 @@ class Hypervisor:
             args: dict[str, Any] = {"name": name}
         else:
             args = {"domid": _int_arg(msg, "domid", 1, 0x7FEF)}
-        self._control(op, args, functools.partial(self._reply_later, conn))
+        self._control(op, args, functools.partial(self._reply_later, conn, _request_id(msg)))
         return None
 
-    def _reply_later(self, conn: _Conn, msg: Message) -> None:
+    def _reply_later(self, conn: _Conn, request_id: int | None, msg: Message) -> None:
         with self._lock:
-            self._send(conn, msg)
+            self._send(conn, _reply_to(request_id, msg))
             self._reap()
 
     _ops: dict[
@@ -1012,6 +1061,19 @@ class Hypervisor:
         "domain_create": _op_domain_control,
         "domain_destroy": _op_domain_control,
     }
+
+
+def _request_id(msg: Message) -> int | None:
+    """A request's ``"id"``, if it is one a reply can carry back."""
+    request_id = msg.get("id")
+    return request_id if type(request_id) is int else None
+
+
+def _reply_to(request_id: int | None, reply: Message) -> Message:
+    """``reply``, carrying the id of the request it answers (if it had one)."""
+    if request_id is not None:
+        reply["id"] = request_id
+    return reply
 
 
 def _no_fds(fds: list[int]) -> None:

@@ -14,6 +14,14 @@ push unsolicited messages carrying ``"event"`` to event channel handles (a
 peer bound or unbound one of their ports).  Replies are sent in request
 order, so a client only has to skip pushed messages while it waits.
 
+A request may carry ``"id"``, an integer the service echoes in its reply.
+:class:`ServiceConnection` numbers its requests so: a call cut short
+(Ctrl-C) between its request and its reply leaves that reply in the
+socket, and the next call, which waits for its own id, takes it for what
+it is.  It closes the descriptors of such an abandoned reply and releases
+what the reply gave (see :data:`_UNDO`), with a request of its own whose
+reply it drops too.
+
 =========================  ==============================  ==========================
 request                    arguments (descriptors)         reply (descriptors)
 =========================  ==============================  ==========================
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import array
 import errno
+import itertools
 import json
 import logging
 import os
@@ -147,6 +156,23 @@ def send_message(
         sock.send(data, flags)
 
 
+#: What gives back what an abandoned reply to ``op`` gave (a grant share,
+#: a mapping, a bound port): ``(op, args)`` from the reply.  The other
+#: requests give nothing (an end, unmap or unbind took effect all the
+#: same), or go over a connection of their own that is closed after them
+#: (domain control: a domain created stays, as after ``xl create``).
+_UNDO: dict[str, Callable[[Message], tuple[str, dict[str, Any]]]] = {
+    "gnt_share": lambda reply: ("gnt_end", {"refs": reply["refs"]}),
+    "gnt_map": lambda reply: ("gnt_unmap", {"handle": reply["handle"]}),
+    "evtchn_alloc_unbound": lambda reply: ("evtchn_unbind", {"port": reply["port"]}),
+    "evtchn_bind_interdomain": lambda reply: ("evtchn_unbind", {"port": reply["port"]}),
+}
+
+
+#: A request sent whose reply was not taken yet: its op and call()'s ``done``.
+_Request = tuple[str, Callable[[], None] | None]
+
+
 class ServiceConnection:
     """The client end of one handle's connection to the hypervisor service.
 
@@ -181,6 +207,13 @@ class ServiceConnection:
         # at a time, and no draining of pushed messages in between.  Rule:
         # taken before any lock of the handle that owns this connection.
         self._lock = threading.Lock()
+        # The ids requests are numbered with, and the requests sent whose
+        # replies were not taken yet, by id: op and done (under _lock).  One
+        # left there by a call cut short is answered to nobody; those of
+        # requests that never went, or whose replies were lost, go as a
+        # later reply comes (replies come in request order).
+        self._ids = itertools.count(1)
+        self._unanswered: dict[int, _Request] = {}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self._sock.connect(os.fspath(path))
@@ -200,12 +233,16 @@ class ServiceConnection:
         fds: Sequence[int] = (),
         *,
         apply: Callable[[Message, list[int]], None] | None = None,
+        done: Callable[[], None] | None = None,
         **args: Any,
     ) -> tuple[Message, list[int]]:
         """Send one request and wait for its reply: ``(reply, fds)``.
 
         ``apply(reply, fds)``, if given, runs before any message pushed
         after the reply is delivered (it runs under the connection's lock).
+        ``done()``, if given, runs (under the lock, before ``apply``) once
+        the request succeeded, also if this call was cut short before its
+        reply came: then as a later call takes it.
         Raises ``error`` with the errno the service answered, with the one
         it refused the connection with (EMFILE: it had no descriptor for
         it, or the domain has as many handles open as it may), or
@@ -217,10 +254,10 @@ class ServiceConnection:
                 raise self._error(*self._refusal)
             on_wait = self._on_wait
             if on_wait is None:
-                return self._call(op, fds, apply, args)
+                return self._call(op, fds, apply, done, args)
             on_wait(True)
             try:
-                return self._call(op, fds, apply, args)
+                return self._call(op, fds, apply, done, args)
             finally:
                 on_wait(False)
 
@@ -229,24 +266,83 @@ class ServiceConnection:
         op: str,
         fds: Sequence[int],
         apply: Callable[[Message, list[int]], None] | None,
+        done: Callable[[], None] | None,
         args: dict[str, Any],
     ) -> tuple[Message, list[int]]:
         # Under _lock: call()'s request and the messages up to its reply.
-        try:
-            send_message(self._sock, {"op": op, **args}, fds)
-        except OSError as e:
-            raise self._refused() or self._gone(e) from None
+        request_id = self._send(op, args, fds, done)
         while True:
             msg, rfds = self._receive(0)
             if "event" in msg:
                 self._push(msg, rfds)
                 continue
+            answered, request = self._answered(msg)
+            if answered is None:
+                self._unanswered.pop(request_id, None)  # ours, from a service without ids
+            elif answered != request_id:
+                self._abandoned(request, msg, rfds)
+                continue
             if "errno" in msg:
                 close_fds(rfds)
                 raise self._error(int(msg["errno"]), str(msg.get("error", "")))
+            if done is not None:
+                done()
             if apply is not None:
                 apply(msg, rfds)
             return msg, rfds
+
+    def _send(self, op: str, args: dict[str, Any], fds: Sequence[int] = (),
+              done: Callable[[], None] | None = None) -> int:
+        """Send request ``op`` (under _lock); returns its id."""
+        request_id = next(self._ids)
+        # Recorded before it goes: a Ctrl-C as the send returns leaves it
+        # known, and its reply is taken for abandoned.
+        self._unanswered[request_id] = (op, done)
+        try:
+            send_message(self._sock, {"op": op, **args, "id": request_id}, fds)
+        except OSError as e:
+            self._unanswered.pop(request_id, None)
+            raise self._refused() or self._gone(e) from None
+        return request_id
+
+    def _answered(self, reply: Message) -> tuple[int | None, _Request | None]:
+        """The id of the request ``reply`` answers and its op and done,
+        now answered, with the requests before it (under _lock).  (None, None)
+        for a reply without an id: a service that numbers nothing, which
+        answers the request the caller waits for (in order)."""
+        request_id = reply.get("id")
+        if type(request_id) is not int:
+            return None, None
+        for earlier in [i for i in self._unanswered if i < request_id]:
+            # Never sent, or its reply lost with a call cut short: none comes.
+            del self._unanswered[earlier]
+        return request_id, self._unanswered.pop(request_id, None)
+
+    def _abandoned(self, request: _Request | None, reply: Message, fds: list[int]) -> None:
+        """Let go of ``reply``, to ``request`` whose call was cut short
+        (None: to no request, from a confused service) (under _lock)."""
+        close_fds(fds)
+        if request is None:
+            logger.warning("a reply from the hypervisor service to no request: %r", reply)
+            return
+        op, done = request
+        if "errno" in reply:
+            return
+        if done is not None:
+            done()
+        undo = _UNDO.get(op)
+        if undo is None:
+            return
+        try:
+            undo_op, undo_args = undo(reply)
+        except (KeyError, TypeError):
+            logger.warning("a malformed reply from the hypervisor service to %s: %r", op, reply)
+            return
+        logger.debug("releasing what an abandoned %s gave: %s %r", op, undo_op, undo_args)
+        try:
+            self._send(undo_op, undo_args)  # its reply is dropped in turn
+        except self._error:
+            pass  # gone: the service released everything the handle held
 
     def drain(self) -> bool:
         """Deliver the pushed messages that already arrived, without waiting.
@@ -261,7 +357,10 @@ class ServiceConnection:
                     return True
                 except self._error:
                     return False
-                self._push(msg, fds)
+                if "event" in msg:
+                    self._push(msg, fds)
+                else:
+                    self._abandoned(self._answered(msg)[1], msg, fds)
 
     def close(self) -> None:
         # Shut down first, without the lock: a thread waiting in call() (or
