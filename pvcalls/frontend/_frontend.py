@@ -1748,6 +1748,10 @@ class Frontend(Closing):
         the reaper (:meth:`_reap`) to send the RELEASE.  Once the frontend
         is closed nothing reads the queue, and nothing is left to release:
         its close() released every socket.
+
+        A socket whose close() a Ctrl-C cut short was closed by the
+        program all the same: the reaper finishes its release, with no
+        warning.
         """
         # What it was, before the reaper takes its ring.
         message = f"unclosed {st.describe(closed=False)}"
@@ -1755,6 +1759,8 @@ class Frontend(Closing):
         wakeup = self._wakeup  # once: _stop_thread may drop it meanwhile
         if wakeup is not None:
             wakeup.set()
+        if st.close_called:
+            return
         # Last, as a warning filter may turn it into an exception.  Without
         # socket.socket's ``source``: the socket is gone.  stacklevel 3 is
         # the code that dropped it (under _collect, weakref.finalize).

@@ -236,7 +236,7 @@ class SocketState:
     """
 
     __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening",
-                 "connecting", "release")
+                 "connecting", "release", "close_called")
 
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
@@ -258,6 +258,9 @@ class SocketState:
         # The socket's release once claimed (under the frontend's _lock):
         # see Frontend._release.
         self.release: _Release | None = None
+        # The program called close(): dropped with that close() cut short,
+        # the socket is no "unclosed" one (see Frontend._collect).
+        self.close_called = False
 
     def describe(self, *, closed: bool) -> str:
         """The socket's repr."""
@@ -1357,8 +1360,12 @@ class PVSocket(Closing):
         :class:`OSError` EBADF, as socket.socket's does, once the socket
         is released.  A close() that a Ctrl-C interrupts leaves the socket
         closed to its calls, and the next close() (or the frontend's)
-        finishes releasing it."""
+        finishes releasing it (or, the socket dropped, the frontend does,
+        with no ResourceWarning)."""
         self._close_requested = True
+        # Before anything that calls: a close() cut short anywhere after
+        # this counts as one for the finaliser's warning.
+        self._st.close_called = True
         if self._io_refs <= 0:
             self._real_close()
 
@@ -1431,7 +1438,10 @@ class PVSocket(Closing):
             again = self._closed
             self._closed = True
         if again and self._fe._sockets.get(self.id) is not self._st:
-            return  # released
+            # Released, by a close() cut short before it detached the
+            # finaliser: nothing is left for the reaper.
+            self._finalizer.detach()
+            return
         # Wake this socket's waiters (on its data, or on an answer to its
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._lock:

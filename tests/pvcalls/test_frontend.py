@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import gc
 import io
 import itertools
 import logging
@@ -22,6 +23,7 @@ import struct
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -2874,6 +2876,57 @@ def test_a_close_interrupted_anywhere_releases_the_socket_once(
         then=_connects(srv.address) if then == "close-again" else lambda fe: fe.close())
     assert any("Frontend._release" in where for where in landed), landed
     assert any("Frontend._notify" in where for where in landed), landed
+
+
+def _unclosed(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if w.category is ResourceWarning]
+
+
+class _Dropped:
+    """A socket for _sweep_interrupts that the check after the call drops."""
+
+    def __init__(self, s: pvcalls.PVSocket) -> None:
+        self.box = [s]
+        self.id = s.id
+
+    def close(self) -> None:
+        pass  # dropped by then
+
+
+@pytest.mark.timeout(600)
+def test_a_socket_dropped_after_an_interrupted_close_is_no_unclosed_socket(
+        host: SimHost, backend: Any, server: Any) -> None:
+    """A Ctrl-C landing anywhere in close(), then the program drops the
+    socket: no "unclosed" ResourceWarning (the program did close it), and
+    the release is finished all the same, by the frontend's reaper with
+    no call of the program's, and the backend lets go of the socket.
+    Only a Ctrl-C as close() starts, before it did anything, leaves an
+    unclosed socket.  Before, every one landing before the release was
+    done warned."""
+    srv = server()
+    swept: list[_Dropped] = []
+
+    def prepare(fe: pvcalls.Frontend) -> _Dropped:
+        swept[:] = [_Dropped(connected(fe, srv.address))]
+        return swept[0]
+
+    def drop(fe: pvcalls.Frontend) -> None:
+        dropping = swept[0]
+        started = dropping.box[0]._close_requested  # close() did something
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dropping.box.clear()
+            gc.collect()
+        expected = [] if started else [f"unclosed <PVSocket id={dropping.id:#x} active>"]
+        assert _unclosed(caught) == expected
+        wait_until(lambda: dropping.id not in fe._sockets)
+        domid = fe.domain.domid
+        wait_until(lambda: all(r.domain != domid for r in backend.stats().sockets))
+        _connects(srv.address)(fe)
+
+    landed = _sweep_interrupts(host, "dropped-after-close", prepare,  # type: ignore[arg-type]
+                               lambda d: d.box[0].close(), then=drop)
+    assert any("Frontend._release" in where for where in landed), landed
 
 
 def _connects(address: tuple[str, int]) -> Callable[[pvcalls.Frontend], None]:
