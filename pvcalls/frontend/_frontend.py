@@ -142,6 +142,21 @@ class _Release:
         self.ret: int | None = None  # the answer, once it came
 
 
+class _EndingAccept:
+    """The ACCEPT a released listener had in flight, on its way to be
+    ended (see :meth:`Frontend._end_accepts`): ``inflight`` as the
+    listener's state held it, and whether the backend answered the
+    listener's RELEASE.  ``claimed`` (under the frontend's ``_lock``):
+    a thread is ending it."""
+
+    __slots__ = ("inflight", "released", "claimed")
+
+    def __init__(self, inflight: tuple[int, Slot, PVSocket], released: bool) -> None:
+        self.inflight = inflight
+        self.released = released
+        self.claimed = False
+
+
 class _Wakeup:
     """The eventfd that wakes a frontend's event thread: to stop it, to
     have it release sockets dropped unclosed (see :meth:`Frontend._collect`),
@@ -329,6 +344,13 @@ class Frontend(Closing):
         self._rings_to_free: list[DataRing] = []
         # RELEASEs in flight, until answered and finished (_release).
         self._releases: set[_Release] = set()
+        # The ACCEPTs of released listeners, from their release to the end
+        # of the socket each offered: moved here by a step that calls
+        # nothing (see _finish_release), appended to under _lock, each
+        # ended by the one thread that claims it and dropped once ended.
+        # One a Ctrl-C cut short waits here for the next release finished,
+        # or Frontend.close().
+        self._accepts_to_end: list[_EndingAccept] = []
 
         self._thread: threading.Thread | None = None
         self._wakeup: _Wakeup | None = None  # the event thread's, while it runs
@@ -1234,7 +1256,11 @@ class Frontend(Closing):
             raise
 
     def _free_every_ring(self) -> None:
-        """Free the pool's rings and those on their way (for close())."""
+        """Free the pool's rings and those on their way (for close()),
+        those of the sockets that released listeners' ACCEPTs offered
+        included."""
+        if self._accepts_to_end:
+            self._end_accepts()  # their rings on their way first
         with self._lock:
             pool = self._ring_pool
             self._ring_pool = []
@@ -1826,22 +1852,62 @@ class Frontend(Closing):
                 # may be on its way to the next socket.
                 ring.set_in_error(-_errno.EBADF)
                 self._give_back(rel, reusable=released)
-            inflight = rel.inflight
-            rel.inflight = None
+            if rel.inflight is not None:
+                # Made while rel still holds it; then moved by steps that
+                # call nothing, as _give_back moves a ring: held in a local
+                # variable instead, a Ctrl-C lost the socket the ACCEPT
+                # offers, its ring with it.
+                ending = _EndingAccept(rel.inflight, released)
+                rel.inflight = None
+                self._accepts_to_end.append(ending)
         self._return_rings()
-        if inflight is not None:
-            req_id, slot, new = inflight
-            self._abandon(req_id, slot)
-            if released and slot.done and slot.ret == 0:
-                # The backend accepted a connection into the new socket
-                # before the RELEASE (it answers in ring order): that socket
-                # is not the listener's, and is released in turn (its ring
-                # comes back with that answer, not before).
-                new.close()  # never handed out: no makefile() stream holds it
-            else:
-                # The backend released the listening socket, and with it
-                # the pending ACCEPT's new socket.
-                self._drop_socket(new, reusable=released)
+        if self._accepts_to_end:
+            self._end_accepts()
+
+    def _end_accepts(self) -> None:
+        """End the ACCEPTs in ``_accepts_to_end`` that nobody is ending.
+        Each is claimed under ``_lock``, ended outside it, and dropped
+        once ended; a Ctrl-C gives the claim back, and whoever comes next
+        ends it again: each step of :meth:`_end_accept` may be taken
+        again (and two threads may take one at once, but do not)."""
+        mine: _EndingAccept | None = None
+        try:
+            while True:
+                with self._lock:
+                    for ending in self._accepts_to_end:
+                        if not ending.claimed:
+                            ending.claimed = True
+                            mine = ending
+                            break
+                    else:
+                        return
+                self._end_accept(mine)
+                with self._lock:
+                    self._accepts_to_end.remove(mine)
+                mine = None
+        except BaseException:
+            if mine is not None:
+                mine.claimed = False  # first: nothing runs a handler before it
+            raise
+
+    def _end_accept(self, ending: _EndingAccept) -> None:
+        """Free the slot of a released listener's ACCEPT and the socket it
+        offered."""
+        req_id, slot, new = ending.inflight
+        self._abandon(req_id, slot)
+        # Read after the abandon, and the same every time: the listener's
+        # RELEASE was answered after the ACCEPT (ring order), and one not
+        # answered makes the socket go whatever the ACCEPT's answer says.
+        if ending.released and slot.done and slot.ret == 0:
+            # The backend accepted a connection into the new socket
+            # before the RELEASE (it answers in ring order): that socket
+            # is not the listener's, and is released in turn (its ring
+            # comes back with that answer, not before).
+            new.close()  # never handed out: no makefile() stream holds it
+        else:
+            # The backend released the listening socket, and with it
+            # the pending ACCEPT's new socket.
+            self._drop_socket(new, reusable=ending.released)
 
     def _wait_releases(self) -> None:
         """Wait (up to ``timeout``) for the RELEASEs in flight; free what

@@ -2882,6 +2882,67 @@ def _unclosed(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if w.category is ResourceWarning]
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("alive", [False, True], ids=["backend-gone", "answered"])
+def test_a_listener_close_interrupted_anywhere_loses_no_pending_accept(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch, alive: bool) -> None:
+    """A Ctrl-C landing anywhere in close() of a listener with an ACCEPT
+    in flight: the data ring of the socket the ACCEPT offers is freed by
+    the next close() or Frontend.close(), and nobody is told of an
+    "unclosed" socket the program never had.  Before, _finish_release held
+    that socket in a local variable from taking it out of the release to
+    dropping it, and one landing there lost it: only its finaliser (with
+    that warning) or nothing got it back.  With the backend gone,
+    close() finishes the release itself; answered, only if the answer
+    came before it looked."""
+
+    def held_accepts(self: PassiveSocket) -> None:
+        with self._lock:
+            waiting = self.waiting
+        if waiting is not None and waiting[1] is not None:
+            return  # an ACCEPT: stays in flight until the RELEASE
+        run(self)
+
+    run = PassiveSocket._run
+    monkeypatch.setattr(PassiveSocket, "_run", held_accepts)
+    clients: list[socket.socket] = []
+
+    def prepare(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        ls.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ls.accept()  # its POLL goes out
+        clients.append(socket.create_connection(
+            listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT))
+        wait_until(lambda: ls._poll_ready)
+        ls.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            ls.accept()  # its ACCEPT goes out, and stays
+        assert ls._st.accept_inflight is not None
+        if not alive:
+            fe._die("the PV Calls backend went away")  # as its state watch does
+        return ls
+
+    def close_clients() -> None:
+        while clients:
+            clients.pop().close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            landed = _sweep_interrupts(host, f"listener-close-{alive}", prepare,
+                                       lambda ls: ls.close(), close_clients,
+                                       then=lambda fe: None)
+        finally:
+            close_clients()
+    assert _unclosed(caught) == []
+    if not alive:
+        assert any("_finish_release" in where for where in landed), landed
+        assert any("_drop_socket" in where for where in landed), landed
+
+
 class _Dropped:
     """A socket for _sweep_interrupts that the check after the call drops."""
 
