@@ -1673,10 +1673,9 @@ class Frontend(Closing):
             # The socket's own calls have seen _closed and left (or, a
             # CONNECT cut short by this RELEASE, gave its ring back): take
             # the ring under their locks so that exactly one party frees it.
-            # Within the timeout: a lock still held then was left behind by
-            # a call that an interrupt cut short as it took the lock
-            # (CPython runs a signal's handler as the acquire returns,
-            # before the call's try), and what it guards is left alone
+            # Within the timeout: a lock still held then is a call's that
+            # does not leave (an interrupt leaves none held: see held()
+            # and taken_if_free()), and what it guards is left alone
             # rather than freed under a possible user.
             deadline = Deadline(self.timeout)
             try:

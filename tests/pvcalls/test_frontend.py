@@ -2943,6 +2943,84 @@ def test_a_listener_close_interrupted_anywhere_loses_no_pending_accept(
         assert any("_drop_socket" in where for where in landed), landed
 
 
+def _hold_until_waited_for(lock: threading.Lock, taken: threading.Event,
+                           done: threading.Event) -> None:
+    """Hold ``lock`` until the main thread waits for it in the frontend's
+    Deadline code (or ``done`` is set); ``taken`` once held."""
+    with lock:
+        taken.set()
+        while not done.is_set() and not main_thread_in("acquire", "take", path="_common"):
+            done.wait(0.001)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("contended", [False, True], ids=["free", "contended"])
+@pytest.mark.parametrize("call", ["recv", "send", "connect"])
+def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
+        host: SimHost, backend: Any, server: Any, call: str, contended: bool) -> None:
+    """A Ctrl-C landing anywhere in recv(), send() or connect() (whose
+    held() accept() shares), the lock it takes free or held by another
+    thread for a moment: the socket's locks are free afterwards.  Before, one landing as the
+    acquire returned (in the call, or in Deadline.acquire), before the
+    try that lets go of it, left the lock held for good: every later call
+    waited for it, and close() left the socket's ring alone."""
+    def greet_and_sink(conn: socket.socket) -> None:
+        conn.settimeout(None)  # the sweep may outlast the server's timeout
+        conn.sendall(b"for recv to find")
+        sink(conn)
+
+    srv = server(greet_and_sink)
+    guest = host.create_domain(f"locks-{call}-{contended}")
+    within = os.path.dirname(_frontend.__file__)
+    made: list[pvcalls.PVSocket] = []
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
+        s = connected(fe, srv.address)
+        s.settimeout(None if contended else TIMEOUT)
+        lock_name = {"recv": "_recv_lock", "send": "_send_lock", "connect": "_recv_lock"}[call]
+
+        def run() -> object:
+            if call == "recv":
+                return s.recv(1, socket.MSG_PEEK)
+            if call == "send":
+                return s.send(b"x")
+            with contextlib.suppress(OSError):  # refused: the lock is what counts
+                made[-1].connect(srv.address)
+            return None
+
+        landed = 0
+        for n in itertools.count():
+            if call == "connect":  # a socket of its own each time
+                made.append(fe.socket())
+                made[-1].settimeout(TIMEOUT)
+            swept = made[-1] if call == "connect" else s
+            done = threading.Event()
+            taken = threading.Event()
+            holder = threading.Thread(target=_hold_until_waited_for, args=(
+                getattr(swept, lock_name), taken, done)) if contended else None
+            if holder is not None:
+                holder.start()
+                assert taken.wait(TIMEOUT)
+            try:
+                # In the socket's and the deadline's code: the command
+                # ring's and the data ring's take no socket lock.
+                where = interrupted_at(n, within, run, besides=(
+                    _frontend.__file__, os.path.join(within, "_ring.py")))
+            finally:
+                done.set()
+                if holder is not None:
+                    holder.join(TIMEOUT)
+            left = [name for name in ("_recv_lock", "_send_lock", "_accept_lock")
+                    if getattr(swept, name).locked()]
+            assert left == [], f"interrupted {where or 'nowhere'}: {left} left held"
+            if not where:
+                break
+            landed += 1
+        assert landed > 3
+        fe.timeout = 1.0  # a lock left held is not waited for
+        for sock in (*made, s):
+            sock.close()
+
+
 class _Dropped:
     """A socket for _sweep_interrupts that the check after the call drops."""
 
