@@ -696,6 +696,16 @@ class Frontend(Closing):
 
     def _release_handles(self) -> None:
         self._stop_thread()
+        # No answer is taken off the command ring any more: a RELEASE
+        # still in flight now is never answered.  One claimed after
+        # _wait_releases and before the frontend died (another thread's
+        # close()) would keep its ring for the life of the process.  Freed
+        # while the backend may still map it (it went away, or the device's
+        # removal failed) as _wait_releases frees one: a grantee keeps
+        # what it mapped until it unmaps (Linux's gntalloc defers ending
+        # such a grant, and the page's reuse, to the unmap; so does the
+        # simulated host), so no page the backend still maps is reused.
+        self._give_up_releases()
         # Before the handles they were made through: what a close() that a
         # Ctrl-C cut short left, or what the device part was not run for.
         self._free_every_ring()
@@ -1919,6 +1929,12 @@ class Frontend(Closing):
                     self._cmd_cond.wait(deadline.nap())
                 except TimeoutError:
                     break
+        self._give_up_releases()
+
+    def _give_up_releases(self) -> None:
+        """Free what the RELEASEs in flight hold, without reusing it: for
+        close(), which waits no longer for their answers."""
+        with self._lock:
             left = list(self._releases)
         for rel in left:
             logger.warning("RELEASE of %#x not answered", rel.sock_id)

@@ -3068,6 +3068,40 @@ def test_a_socket_dropped_after_an_interrupted_close_is_no_unclosed_socket(
     assert any("Frontend._release" in where for where in landed), landed
 
 
+def test_a_release_claimed_as_the_frontend_closes_and_never_answered_frees_its_ring(
+        host: SimHost, backend: Any, server: Any) -> None:
+    """A socket made and closed by another thread while Frontend.close()
+    is past its wait for the RELEASEs in flight, and before the frontend
+    is dead:
+    its RELEASE goes out, and no answer comes (the backend goes with the
+    device).  Frontend.close() frees its ring all the same, once no answer
+    can come any more.  Before, the ring waited for that answer, its pages,
+    port and eventfds kept for the life of the process."""
+    srv = server()
+    guest = host.create_domain("late-release")
+    before = _held(host)
+    fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+    try:
+        fe.open()
+        wait_releases = fe._wait_releases
+
+        def then_a_close() -> None:
+            wait_releases()
+            # Another thread's socket, made and closed meanwhile.
+            s = connected(fe, srv.address)
+            # The answer is lost (dropped here, as a backend gone drops it).
+            fe._released = lambda rel, ret: None  # type: ignore[method-assign]
+            s.close()
+            assert fe._releases  # in flight, unanswered
+
+        fe._wait_releases = then_a_close  # type: ignore[method-assign]
+        fe.close()
+        assert not fe._releases
+    finally:
+        fe.close()
+    _wait_released(host, before, "a RELEASE claimed after the wait")
+
+
 def _connects(address: tuple[str, int]) -> Callable[[pvcalls.Frontend], None]:
     """A check for _sweep_interrupts: the frontend still connects, and
     with a ring that the backend does not hold (the pool's, if it has
