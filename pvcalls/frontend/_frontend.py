@@ -142,6 +142,21 @@ class _Release:
         self.ret: int | None = None  # the answer, once it came
 
 
+class _EndingAccept:
+    """The ACCEPT a released listener had in flight, on its way to be
+    ended (see :meth:`Frontend._end_accepts`): ``inflight`` as the
+    listener's state held it, and whether the backend answered the
+    listener's RELEASE.  ``claimed`` (under the frontend's ``_lock``):
+    a thread is ending it."""
+
+    __slots__ = ("inflight", "released", "claimed")
+
+    def __init__(self, inflight: tuple[int, Slot, PVSocket], released: bool) -> None:
+        self.inflight = inflight
+        self.released = released
+        self.claimed = False
+
+
 class _Wakeup:
     """The eventfd that wakes a frontend's event thread: to stop it, to
     have it release sockets dropped unclosed (see :meth:`Frontend._collect`),
@@ -329,6 +344,13 @@ class Frontend(Closing):
         self._rings_to_free: list[DataRing] = []
         # RELEASEs in flight, until answered and finished (_release).
         self._releases: set[_Release] = set()
+        # The ACCEPTs of released listeners, from their release to the end
+        # of the socket each offered: moved here by a step that calls
+        # nothing (see _finish_release), appended to under _lock, each
+        # ended by the one thread that claims it and dropped once ended.
+        # One a Ctrl-C cut short waits here for the next release finished,
+        # or Frontend.close().
+        self._accepts_to_end: list[_EndingAccept] = []
 
         self._thread: threading.Thread | None = None
         self._wakeup: _Wakeup | None = None  # the event thread's, while it runs
@@ -674,6 +696,16 @@ class Frontend(Closing):
 
     def _release_handles(self) -> None:
         self._stop_thread()
+        # No answer is taken off the command ring any more: a RELEASE
+        # still in flight now is never answered.  One claimed after
+        # _wait_releases and before the frontend died (another thread's
+        # close()) would keep its ring for the life of the process.  Freed
+        # while the backend may still map it (it went away, or the device's
+        # removal failed) as _wait_releases frees one: a grantee keeps
+        # what it mapped until it unmaps (Linux's gntalloc defers ending
+        # such a grant, and the page's reuse, to the unmap; so does the
+        # simulated host), so no page the backend still maps is reused.
+        self._give_up_releases()
         # Before the handles they were made through: what a close() that a
         # Ctrl-C cut short left, or what the device part was not run for.
         self._free_every_ring()
@@ -1234,7 +1266,11 @@ class Frontend(Closing):
             raise
 
     def _free_every_ring(self) -> None:
-        """Free the pool's rings and those on their way (for close())."""
+        """Free the pool's rings and those on their way (for close()),
+        those of the sockets that released listeners' ACCEPTs offered
+        included."""
+        if self._accepts_to_end:
+            self._end_accepts()  # their rings on their way first
         with self._lock:
             pool = self._ring_pool
             self._ring_pool = []
@@ -1647,10 +1683,9 @@ class Frontend(Closing):
             # The socket's own calls have seen _closed and left (or, a
             # CONNECT cut short by this RELEASE, gave its ring back): take
             # the ring under their locks so that exactly one party frees it.
-            # Within the timeout: a lock still held then was left behind by
-            # a call that an interrupt cut short as it took the lock
-            # (CPython runs a signal's handler as the acquire returns,
-            # before the call's try), and what it guards is left alone
+            # Within the timeout: a lock still held then is a call's that
+            # does not leave (an interrupt leaves none held: see held()
+            # and taken_if_free()), and what it guards is left alone
             # rather than freed under a possible user.
             deadline = Deadline(self.timeout)
             try:
@@ -1748,6 +1783,10 @@ class Frontend(Closing):
         the reaper (:meth:`_reap`) to send the RELEASE.  Once the frontend
         is closed nothing reads the queue, and nothing is left to release:
         its close() released every socket.
+
+        A socket whose close() a Ctrl-C cut short was closed by the
+        program all the same: the reaper finishes its release, with no
+        warning.
         """
         # What it was, before the reaper takes its ring.
         message = f"unclosed {st.describe(closed=False)}"
@@ -1755,6 +1794,8 @@ class Frontend(Closing):
         wakeup = self._wakeup  # once: _stop_thread may drop it meanwhile
         if wakeup is not None:
             wakeup.set()
+        if st.close_called:
+            return
         # Last, as a warning filter may turn it into an exception.  Without
         # socket.socket's ``source``: the socket is gone.  stacklevel 3 is
         # the code that dropped it (under _collect, weakref.finalize).
@@ -1820,22 +1861,62 @@ class Frontend(Closing):
                 # may be on its way to the next socket.
                 ring.set_in_error(-_errno.EBADF)
                 self._give_back(rel, reusable=released)
-            inflight = rel.inflight
-            rel.inflight = None
+            if rel.inflight is not None:
+                # Made while rel still holds it; then moved by steps that
+                # call nothing, as _give_back moves a ring: held in a local
+                # variable instead, a Ctrl-C lost the socket the ACCEPT
+                # offers, its ring with it.
+                ending = _EndingAccept(rel.inflight, released)
+                rel.inflight = None
+                self._accepts_to_end.append(ending)
         self._return_rings()
-        if inflight is not None:
-            req_id, slot, new = inflight
-            self._abandon(req_id, slot)
-            if released and slot.done and slot.ret == 0:
-                # The backend accepted a connection into the new socket
-                # before the RELEASE (it answers in ring order): that socket
-                # is not the listener's, and is released in turn (its ring
-                # comes back with that answer, not before).
-                new.close()  # never handed out: no makefile() stream holds it
-            else:
-                # The backend released the listening socket, and with it
-                # the pending ACCEPT's new socket.
-                self._drop_socket(new, reusable=released)
+        if self._accepts_to_end:
+            self._end_accepts()
+
+    def _end_accepts(self) -> None:
+        """End the ACCEPTs in ``_accepts_to_end`` that nobody is ending.
+        Each is claimed under ``_lock``, ended outside it, and dropped
+        once ended; a Ctrl-C gives the claim back, and whoever comes next
+        ends it again: each step of :meth:`_end_accept` may be taken
+        again (and two threads may take one at once, but do not)."""
+        mine: _EndingAccept | None = None
+        try:
+            while True:
+                with self._lock:
+                    for ending in self._accepts_to_end:
+                        if not ending.claimed:
+                            ending.claimed = True
+                            mine = ending
+                            break
+                    else:
+                        return
+                self._end_accept(mine)
+                with self._lock:
+                    self._accepts_to_end.remove(mine)
+                mine = None
+        except BaseException:
+            if mine is not None:
+                mine.claimed = False  # first: nothing runs a handler before it
+            raise
+
+    def _end_accept(self, ending: _EndingAccept) -> None:
+        """Free the slot of a released listener's ACCEPT and the socket it
+        offered."""
+        req_id, slot, new = ending.inflight
+        self._abandon(req_id, slot)
+        # Read after the abandon, and the same every time: the listener's
+        # RELEASE was answered after the ACCEPT (ring order), and one not
+        # answered makes the socket go whatever the ACCEPT's answer says.
+        if ending.released and slot.done and slot.ret == 0:
+            # The backend accepted a connection into the new socket
+            # before the RELEASE (it answers in ring order): that socket
+            # is not the listener's, and is released in turn (its ring
+            # comes back with that answer, not before).
+            new.close()  # never handed out: no makefile() stream holds it
+        else:
+            # The backend released the listening socket, and with it
+            # the pending ACCEPT's new socket.
+            self._drop_socket(new, reusable=ending.released)
 
     def _wait_releases(self) -> None:
         """Wait (up to ``timeout``) for the RELEASEs in flight; free what
@@ -1848,6 +1929,12 @@ class Frontend(Closing):
                     self._cmd_cond.wait(deadline.nap())
                 except TimeoutError:
                     break
+        self._give_up_releases()
+
+    def _give_up_releases(self) -> None:
+        """Free what the RELEASEs in flight hold, without reusing it: for
+        close(), which waits no longer for their answers."""
+        with self._lock:
             left = list(self._releases)
         for rel in left:
             logger.warning("RELEASE of %#x not answered", rel.sock_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import operator
 import os
@@ -28,7 +29,18 @@ from .._wire import (
     ffi,
     pack_sockaddr_in,
 )
-from ._common import RECV, SEND, Deadline, Slot, bad_fd, host_error, resolve, timeout_value
+from ._common import (
+    RECV,
+    SEND,
+    Deadline,
+    Slot,
+    bad_fd,
+    held,
+    host_error,
+    resolve,
+    taken_if_free,
+    timeout_value,
+)
 from ._ring import DataRing
 
 if TYPE_CHECKING:
@@ -236,7 +248,7 @@ class SocketState:
     """
 
     __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening",
-                 "connecting", "release")
+                 "connecting", "release", "close_called")
 
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
@@ -258,6 +270,9 @@ class SocketState:
         # The socket's release once claimed (under the frontend's _lock):
         # see Frontend._release.
         self.release: _Release | None = None
+        # The program called close(): dropped with that close() cut short,
+        # the socket is no "unclosed" one (see Frontend._collect).
+        self.close_called = False
 
     def describe(self, *, closed: bool) -> str:
         """The socket's repr."""
@@ -336,6 +351,11 @@ class PVSocket(Closing):
     type = socket.SOCK_STREAM
     proto = 0
 
+    # Take the lock if free, and say so, with no signal's handler run in
+    # between (see taken_if_free): the data path's first try.
+    _recv_lock_taken = taken_if_free("_try_recv_lock")
+    _send_lock_taken = taken_if_free("_try_send_lock")
+
     def __init__(self, frontend: Frontend, sock_id: int) -> None:
         self._fe = frontend
         self.id = sock_id
@@ -393,6 +413,9 @@ class PVSocket(Closing):
         self._recv_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._accept_lock = threading.Lock()
+        # What reading _recv_lock_taken and _send_lock_taken calls.
+        self._try_recv_lock = functools.partial(self._recv_lock.acquire, False)
+        self._try_send_lock = functools.partial(self._send_lock.acquire, False)
 
         # Passive socket state (under _cond).
         self._poll_inflight = False
@@ -561,13 +584,9 @@ class PVSocket(Closing):
             return
         self._check_unconnected()
         lock_deadline = Deadline(self._timeout)
-        lock_deadline.acquire(self._recv_lock)
-        try:
-            lock_deadline.acquire(self._send_lock)
-        except BaseException:
-            self._recv_lock.release()
-            raise
-        try:
+        # Let go whatever interrupts the taking (see held): a lock left
+        # held keeps the ring, which close() would then leave alone.
+        with held(self._recv_lock, lock_deadline), held(self._send_lock, lock_deadline):
             self._check_open()
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
@@ -636,14 +655,6 @@ class PVSocket(Closing):
                 # more, as after a non-blocking connect() here.
                 with self._mutex:
                     self._connect_unreported = True
-        finally:
-            # Nested: a Ctrl-C as the first release returns must not leave
-            # the other lock held, and with it the ring, which close()
-            # would then leave alone.
-            try:
-                self._send_lock.release()
-            finally:
-                self._recv_lock.release()
 
     def _abandon_connect(self, slot: Slot) -> None:
         """connect() gives up on its CONNECT, sent: the answer still comes;
@@ -854,8 +865,7 @@ class PVSocket(Closing):
         deadline = Deadline(self._timeout)
         # Within the timeout, as socket.socket's: another thread may be
         # blocked in accept() with the lock.
-        deadline.acquire(self._accept_lock)
-        try:
+        with held(self._accept_lock, deadline):
             self._check_open()
             if not self._st.listening:
                 raise OSError(errno.EINVAL, "accept() on a socket that is not listening")
@@ -885,8 +895,6 @@ class PVSocket(Closing):
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()
             new._offered = False
-        finally:
-            self._accept_lock.release()
         if self._armed:
             self._arm_poll()
         self._update_ready()
@@ -954,10 +962,15 @@ class PVSocket(Closing):
         """Send ``view``: return once ``want`` bytes of it went into the
         out ring (fewer if an error came after some: the next call says
         it), or it is empty."""
-        if not self._send_lock.acquire(False):  # uncontended: no call more
-            deadline.acquire(self._send_lock)
+        # Taken with no handler run before the try (see taken_if_free);
+        # contended, every try's outcome is recorded (Deadline.take).
+        free = self._send_lock_taken
+        waited: list[bool] | None = None
         total = 0
         try:
+            if not free:
+                waited = []
+                deadline.take(self._send_lock, waited)
             ring = self._active_ring(deadline)
             while True:
                 if self._closed:
@@ -1004,7 +1017,8 @@ class PVSocket(Closing):
                         return total
                     raise
         finally:
-            self._send_lock.release()
+            if free or (waited and waited[-1]):
+                self._send_lock.release()
 
     def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
         """Send all of ``data``; the timeout bounds the whole call, as
@@ -1075,9 +1089,13 @@ class PVSocket(Closing):
         peek = bool(flags & _MSG_PEEK)
         want = nbytes if flags & _MSG_WAITALL and timeout is None else 1
         deadline = Deadline(timeout)
-        if not self._recv_lock.acquire(False):  # uncontended: no call more
-            deadline.acquire(self._recv_lock)
+        # As _send takes its lock.
+        free = self._recv_lock_taken
+        waited: list[bool] | None = None
         try:
+            if not free:
+                waited = []
+                deadline.take(self._recv_lock, waited)
             ring = self._active_ring(deadline)
             if peek:
                 want = min(want, ring.inq.size)  # more never comes in
@@ -1140,7 +1158,8 @@ class PVSocket(Closing):
                         return got
                     raise
         finally:
-            self._recv_lock.release()
+            if free or (waited and waited[-1]):
+                self._recv_lock.release()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """Receive up to ``bufsize`` bytes; ``b""`` at end of stream (and
@@ -1357,8 +1376,12 @@ class PVSocket(Closing):
         :class:`OSError` EBADF, as socket.socket's does, once the socket
         is released.  A close() that a Ctrl-C interrupts leaves the socket
         closed to its calls, and the next close() (or the frontend's)
-        finishes releasing it."""
+        finishes releasing it (or, the socket dropped, the frontend does,
+        with no ResourceWarning)."""
         self._close_requested = True
+        # Before anything that calls: a close() cut short anywhere after
+        # this counts as one for the finaliser's warning.
+        self._st.close_called = True
         if self._io_refs <= 0:
             self._real_close()
 
@@ -1431,7 +1454,10 @@ class PVSocket(Closing):
             again = self._closed
             self._closed = True
         if again and self._fe._sockets.get(self.id) is not self._st:
-            return  # released
+            # Released, by a close() cut short before it detached the
+            # finaliser: nothing is left for the reaper.
+            self._finalizer.detach()
+            return
         # Wake this socket's waiters (on its data, or on an answer to its
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._lock:

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import gc
 import io
 import itertools
 import logging
@@ -22,6 +23,7 @@ import struct
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -2874,6 +2876,230 @@ def test_a_close_interrupted_anywhere_releases_the_socket_once(
         then=_connects(srv.address) if then == "close-again" else lambda fe: fe.close())
     assert any("Frontend._release" in where for where in landed), landed
     assert any("Frontend._notify" in where for where in landed), landed
+
+
+def _unclosed(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if w.category is ResourceWarning]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("alive", [False, True], ids=["backend-gone", "answered"])
+def test_a_listener_close_interrupted_anywhere_loses_no_pending_accept(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch, alive: bool) -> None:
+    """A Ctrl-C landing anywhere in close() of a listener with an ACCEPT
+    in flight: the data ring of the socket the ACCEPT offers is freed by
+    the next close() or Frontend.close(), and nobody is told of an
+    "unclosed" socket the program never had.  Before, _finish_release held
+    that socket in a local variable from taking it out of the release to
+    dropping it, and one landing there lost it: only its finaliser (with
+    that warning) or nothing got it back.  With the backend gone,
+    close() finishes the release itself; answered, only if the answer
+    came before it looked."""
+
+    def held_accepts(self: PassiveSocket) -> None:
+        with self._lock:
+            waiting = self.waiting
+        if waiting is not None and waiting[1] is not None:
+            return  # an ACCEPT: stays in flight until the RELEASE
+        run(self)
+
+    run = PassiveSocket._run
+    monkeypatch.setattr(PassiveSocket, "_run", held_accepts)
+    clients: list[socket.socket] = []
+
+    def prepare(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        ls.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ls.accept()  # its POLL goes out
+        clients.append(socket.create_connection(
+            listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT))
+        wait_until(lambda: ls._poll_ready)
+        ls.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            ls.accept()  # its ACCEPT goes out, and stays
+        assert ls._st.accept_inflight is not None
+        if not alive:
+            fe._die("the PV Calls backend went away")  # as its state watch does
+        return ls
+
+    def close_clients() -> None:
+        while clients:
+            clients.pop().close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            landed = _sweep_interrupts(host, f"listener-close-{alive}", prepare,
+                                       lambda ls: ls.close(), close_clients,
+                                       then=lambda fe: None)
+        finally:
+            close_clients()
+    assert _unclosed(caught) == []
+    if not alive:
+        assert any("_finish_release" in where for where in landed), landed
+        assert any("_drop_socket" in where for where in landed), landed
+
+
+def _hold_until_waited_for(lock: threading.Lock, taken: threading.Event,
+                           done: threading.Event) -> None:
+    """Hold ``lock`` until the main thread waits for it in the frontend's
+    Deadline code (or ``done`` is set); ``taken`` once held."""
+    with lock:
+        taken.set()
+        while not done.is_set() and not main_thread_in("acquire", "take", path="_common"):
+            done.wait(0.001)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("contended", [False, True], ids=["free", "contended"])
+@pytest.mark.parametrize("call", ["recv", "send", "connect"])
+def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
+        host: SimHost, backend: Any, server: Any, call: str, contended: bool) -> None:
+    """A Ctrl-C landing anywhere in recv(), send() or connect() (whose
+    held() accept() shares), the lock it takes free or held by another
+    thread for a moment: the socket's locks are free afterwards.  Before, one landing as the
+    acquire returned (in the call, or in Deadline.acquire), before the
+    try that lets go of it, left the lock held for good: every later call
+    waited for it, and close() left the socket's ring alone."""
+    def greet_and_sink(conn: socket.socket) -> None:
+        conn.settimeout(None)  # the sweep may outlast the server's timeout
+        conn.sendall(b"for recv to find")
+        sink(conn)
+
+    srv = server(greet_and_sink)
+    guest = host.create_domain(f"locks-{call}-{contended}")
+    within = os.path.dirname(_frontend.__file__)
+    made: list[pvcalls.PVSocket] = []
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
+        s = connected(fe, srv.address)
+        s.settimeout(None if contended else TIMEOUT)
+        lock_name = {"recv": "_recv_lock", "send": "_send_lock", "connect": "_recv_lock"}[call]
+
+        def run() -> object:
+            if call == "recv":
+                return s.recv(1, socket.MSG_PEEK)
+            if call == "send":
+                return s.send(b"x")
+            with contextlib.suppress(OSError):  # refused: the lock is what counts
+                made[-1].connect(srv.address)
+            return None
+
+        landed = 0
+        for n in itertools.count():
+            if call == "connect":  # a socket of its own each time
+                made.append(fe.socket())
+                made[-1].settimeout(TIMEOUT)
+            swept = made[-1] if call == "connect" else s
+            done = threading.Event()
+            taken = threading.Event()
+            holder = threading.Thread(target=_hold_until_waited_for, args=(
+                getattr(swept, lock_name), taken, done)) if contended else None
+            if holder is not None:
+                holder.start()
+                assert taken.wait(TIMEOUT)
+            try:
+                # In the socket's and the deadline's code: the command
+                # ring's and the data ring's take no socket lock.
+                where = interrupted_at(n, within, run, besides=(
+                    _frontend.__file__, os.path.join(within, "_ring.py")))
+            finally:
+                done.set()
+                if holder is not None:
+                    holder.join(TIMEOUT)
+            left = [name for name in ("_recv_lock", "_send_lock", "_accept_lock")
+                    if getattr(swept, name).locked()]
+            assert left == [], f"interrupted {where or 'nowhere'}: {left} left held"
+            if not where:
+                break
+            landed += 1
+        assert landed > 3
+        fe.timeout = 1.0  # a lock left held is not waited for
+        for sock in (*made, s):
+            sock.close()
+
+
+class _Dropped:
+    """A socket for _sweep_interrupts that the check after the call drops."""
+
+    def __init__(self, s: pvcalls.PVSocket) -> None:
+        self.box = [s]
+        self.id = s.id
+
+    def close(self) -> None:
+        pass  # dropped by then
+
+
+@pytest.mark.timeout(600)
+def test_a_socket_dropped_after_an_interrupted_close_is_no_unclosed_socket(
+        host: SimHost, backend: Any, server: Any) -> None:
+    """A Ctrl-C landing anywhere in close(), then the program drops the
+    socket: no "unclosed" ResourceWarning (the program did close it), and
+    the release is finished all the same, by the frontend's reaper with
+    no call of the program's, and the backend lets go of the socket.
+    Only a Ctrl-C as close() starts, before it did anything, leaves an
+    unclosed socket.  Before, every one landing before the release was
+    done warned."""
+    srv = server()
+    swept: list[_Dropped] = []
+
+    def prepare(fe: pvcalls.Frontend) -> _Dropped:
+        swept[:] = [_Dropped(connected(fe, srv.address))]
+        return swept[0]
+
+    def drop(fe: pvcalls.Frontend) -> None:
+        dropping = swept[0]
+        started = dropping.box[0]._close_requested  # close() did something
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dropping.box.clear()
+            gc.collect()
+        expected = [] if started else [f"unclosed <PVSocket id={dropping.id:#x} active>"]
+        assert _unclosed(caught) == expected
+        wait_until(lambda: dropping.id not in fe._sockets)
+        domid = fe.domain.domid
+        wait_until(lambda: all(r.domain != domid for r in backend.stats().sockets))
+        _connects(srv.address)(fe)
+
+    landed = _sweep_interrupts(host, "dropped-after-close", prepare,  # type: ignore[arg-type]
+                               lambda d: d.box[0].close(), then=drop)
+    assert any("Frontend._release" in where for where in landed), landed
+
+
+def test_a_release_claimed_as_the_frontend_closes_and_never_answered_frees_its_ring(
+        host: SimHost, backend: Any, server: Any) -> None:
+    """A socket made and closed by another thread while Frontend.close()
+    is past its wait for the RELEASEs in flight, and before the frontend
+    is dead:
+    its RELEASE goes out, and no answer comes (the backend goes with the
+    device).  Frontend.close() frees its ring all the same, once no answer
+    can come any more.  Before, the ring waited for that answer, its pages,
+    port and eventfds kept for the life of the process."""
+    srv = server()
+    guest = host.create_domain("late-release")
+    before = _held(host)
+    fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+    try:
+        fe.open()
+        wait_releases = fe._wait_releases
+
+        def then_a_close() -> None:
+            wait_releases()
+            # Another thread's socket, made and closed meanwhile.
+            s = connected(fe, srv.address)
+            # The answer is lost (dropped here, as a backend gone drops it).
+            fe._released = lambda rel, ret: None  # type: ignore[method-assign]
+            s.close()
+            assert fe._releases  # in flight, unanswered
+
+        fe._wait_releases = then_a_close  # type: ignore[method-assign]
+        fe.close()
+        assert not fe._releases
+    finally:
+        fe.close()
+    _wait_released(host, before, "a RELEASE claimed after the wait")
 
 
 def _connects(address: tuple[str, int]) -> Callable[[pvcalls.Frontend], None]:
