@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
-from xenback.sim._xenstored._connection import Connection, Domain
+from xenback.sim._xenstored._connection import Connection, Domain, WaitingEvent
 
 HEADER = struct.Struct("<IIII")
 
@@ -621,10 +621,12 @@ def _write_at(path: str, i: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _deaf_guest(watch_event_timeout: float) -> Iterator[tuple[XenStored, RawClient, RawClient]]:
+def _deaf_guest(
+    watch_event_timeout: float, outstanding: int = _LIMIT
+) -> Iterator[tuple[XenStored, RawClient, RawClient]]:
     """Guest 1 (the writer) owns /shared, which guest 2 (deaf) watches
     with events waiting for it in the server, more than the kernel holds."""
-    quota = Quota(outstanding=_LIMIT, nodes=1 << 20, node_size=1 << 20)
+    quota = Quota(outstanding=outstanding, nodes=1 << 20, node_size=1 << 20)
     with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
         Path(d), quota=quota, watch_event_timeout=watch_event_timeout
     ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as writer, make_guest(
@@ -680,6 +682,52 @@ def test_stale_events_free_the_deaf_guests_share() -> None:
                                                    len(conn.out)))
         assert len(waiting) <= 1 and queued == left
         assert left <= sum(event.end - event.start for event in waiting)
+
+
+def _begin_an_event(xsd: XenStored, writer: RawClient, deaf: RawClient) -> WaitingEvent:
+    """Make the kernel take part of an event for ``deaf`` (from the
+    _deaf_guest set-up), that ``writer`` caused: the server has more queued
+    than one send takes, and ``deaf`` reads just enough for it to send."""
+    conn = _server_conn(xsd, 2)
+    for i in range(100):  # ~190 KB: more than the kernel takes at once
+        writer.write(f"/shared/more{i}/{_PAD}", "")
+
+    def begun() -> WaitingEvent | None:
+        waiting = conn.waiting
+        return waiting[0] if waiting and waiting[0].start < conn.out_base else None
+
+    deaf.sock.setblocking(False)
+    try:
+        while (event := xsd._call(begun)) is None:
+            try:
+                deaf.sock.recv(4096)
+            except BlockingIOError:
+                time.sleep(0.005)
+    finally:
+        deaf.sock.settimeout(10.0)
+    return event
+
+
+def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
+    # Once the kernel took part of the oldest event, it goes on whole;
+    # events queued after it was found stale still go stale in turn (the
+    # server once spun on them, serving nobody), and the writer is not
+    # charged for good for the one begun.
+    quota_limit = 1000
+    with _deaf_guest(1.0, outstanding=quota_limit) as (xsd, writer, deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        begun = _begin_an_event(xsd, writer, deaf)
+        assert begun.cause is writer_domain
+        assert eventually(lambda: xsd._call(lambda: list(conn.waiting) == [begun]), 10.0)
+        assert xsd._call(lambda: writer_domain.outstanding) == 0
+        writer.write("/shared/late", "")
+        late = xsd._call(lambda: conn.waiting[-1])
+        assert late is not begun
+        assert eventually(lambda: xsd._call(lambda: list(conn.waiting) == [begun]), 10.0)
+        assert writer.read("/shared/late") == b""
+        assert xsd._call(lambda: (writer_domain.outstanding, conn.domain.queued, len(conn.out))) == (
+            0, len(conn.out), begun.end - conn.out_base)
 
 
 def test_events_for_dom0_never_go_stale() -> None:
