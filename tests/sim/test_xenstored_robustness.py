@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
-from xenback.sim._xenstored._connection import Connection, Domain
+from xenback.sim._xenstored._connection import Connection, Domain, WaitingEvent
 
 HEADER = struct.Struct("<IIII")
 
@@ -574,9 +574,13 @@ def test_a_guest_released_while_held_back_leaves_nothing_charged() -> None:
     with _dom0_backlog() as b:
         b.guest.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
         (conn,) = b.guest_conns()
-        assert eventually(lambda: b.xsd._call(lambda: conn.paused))
-        b.backend.watch("@releaseDomain", "gone")
+        assert eventually(lambda: b.xsd._call(lambda: (conn.paused, conn.events)) == (True, 0))
+        # Released while held back (the backend has read nothing yet): its
+        # descriptor is no longer listened to for a hang-up.
         b.xsd.release_domain(1)
+        assert b.xsd._call(lambda: (conn.closed, dict(b.xsd._held))) == (True, {})
+        # A new watch's first event comes after all that waits.
+        b.backend.watch("@releaseDomain", "gone")
         while b.backend.wait_event() != ("@releaseDomain", "gone"):
             pass
         domain, dom0 = conn.domain, b.xsd._dispatcher.dom0
@@ -621,10 +625,12 @@ def _write_at(path: str, i: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _deaf_guest(watch_event_timeout: float) -> Iterator[tuple[XenStored, RawClient, RawClient]]:
+def _deaf_guest(
+    watch_event_timeout: float, outstanding: int = _LIMIT
+) -> Iterator[tuple[XenStored, RawClient, RawClient]]:
     """Guest 1 (the writer) owns /shared, which guest 2 (deaf) watches
     with events waiting for it in the server, more than the kernel holds."""
-    quota = Quota(outstanding=_LIMIT, nodes=1 << 20, node_size=1 << 20)
+    quota = Quota(outstanding=outstanding, nodes=1 << 20, node_size=1 << 20)
     with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
         Path(d), quota=quota, watch_event_timeout=watch_event_timeout
     ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as writer, make_guest(
@@ -671,6 +677,8 @@ def test_stale_events_free_the_deaf_guests_share() -> None:
     # leave nothing waiting, but for one the kernel took part of.
     with _deaf_guest(0.5) as (xsd, _writer, _deaf):
         conn = _server_conn(xsd, 2)
+        # Many events wait, yet the server looks at the connection once.
+        assert xsd._call(lambda: [c for _deadline, _seq, c in xsd._expiry]) == [conn]
 
         def begun_only() -> bool:
             return all(event.start < conn.out_base for event in conn.waiting)
@@ -680,6 +688,91 @@ def test_stale_events_free_the_deaf_guests_share() -> None:
                                                    len(conn.out)))
         assert len(waiting) <= 1 and queued == left
         assert left <= sum(event.end - event.start for event in waiting)
+
+
+def _begin_an_event(xsd: XenStored, writer: RawClient, deaf: RawClient) -> WaitingEvent:
+    """Make the kernel take part of an event for ``deaf`` (from the
+    _deaf_guest set-up), that ``writer`` caused: the server has more queued
+    than one send takes, and ``deaf`` reads just enough for it to send."""
+    conn = _server_conn(xsd, 2)
+    for i in range(100):  # ~190 KB: more than the kernel takes at once
+        writer.write(f"/shared/more{i}/{_PAD}", "")
+
+    def begun() -> WaitingEvent | None:
+        waiting = conn.waiting
+        return waiting[0] if waiting and waiting[0].start < conn.out_base else None
+
+    deaf.sock.setblocking(False)
+    try:
+        while (event := xsd._call(begun)) is None:
+            try:
+                deaf.sock.recv(4096)
+            except BlockingIOError:
+                time.sleep(0.005)
+    finally:
+        deaf.sock.settimeout(10.0)
+    return event
+
+
+def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
+    # Once the kernel took part of the oldest event, it goes on whole;
+    # events queued after it was found stale still go stale in turn (the
+    # server once spun on them, serving nobody), and the writer is not
+    # charged for good for the one begun.
+    with _deaf_guest(2.0, outstanding=1000) as (xsd, writer, deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        begun = _begin_an_event(xsd, writer, deaf)
+        assert begun.cause is writer_domain
+        # Queued before the begun one goes stale (unless this machine is
+        # very slow), so it is still fresh when that one is found stale.
+        writer.write("/shared/late", "")
+        assert eventually(lambda: xsd._call(lambda: list(conn.waiting) == [begun]), 10.0)
+        assert xsd._call(lambda: writer_domain.outstanding) == 0
+        # Queued once the begun one was found stale.
+        writer.write("/shared/later", "")
+        assert xsd._call(lambda: len(conn.waiting)) == 2
+        assert eventually(lambda: xsd._call(lambda: list(conn.waiting) == [begun]), 10.0)
+        assert writer.read("/shared/later") == b""
+        assert xsd._call(lambda: (writer_domain.outstanding, conn.domain.queued, len(conn.out))) == (
+            0, len(conn.out), begun.end - conn.out_base)
+        # Its connection gone, the begun one is not uncharged twice.
+        deaf.close()
+        assert eventually(lambda: xsd._call(lambda: conn.closed))
+        assert xsd._call(lambda: writer_domain.outstanding) == 0
+
+
+def test_an_event_dropped_as_stale_does_not_hide_the_next_one_alike() -> None:
+    # The stale event no longer waits: the same change again is news.
+    with _deaf_guest(0.3) as (xsd, writer, _deaf):
+        conn = _server_conn(xsd, 2)
+        writer.write("/shared/again", "")
+        assert eventually(lambda: xsd._call(lambda: not conn.waiting))
+        writer.write("/shared/again", "")
+        assert xsd._call(lambda: len(conn.waiting)) == 1
+
+
+def test_a_deaf_guest_paused_for_its_replies_goes_on_once_its_events_go_stale() -> None:
+    # Its own request waited for room in its output; the stale events made
+    # room, so the request is served without the guest reading anything.
+    with _deaf_guest(0.5) as (xsd, _writer, deaf):
+        conn = _server_conn(xsd, 2)
+        dom0 = RawClient(xsd.path)
+        with contextlib.closing(dom0):
+            for i in range(40):  # ~75 KB: over PAUSE_OUTPUT
+                dom0.write(f"/shared/more{i}/{_PAD}", "")
+            assert xsd._call(lambda: len(conn.out)) > _server.PAUSE_OUTPUT
+            node = b"/local/domain/2/data/spoke\0"
+            deaf.send_raw(HEADER.pack(Op.WRITE, 7, 0, len(node)) + node)
+            assert eventually(lambda: xsd._call(lambda: conn.paused))
+
+            def spoke() -> bool:
+                try:
+                    return dom0.read("/local/domain/2/data/spoke") == b""
+                except XsError:
+                    return False
+
+            assert eventually(spoke)
 
 
 def test_events_for_dom0_never_go_stale() -> None:

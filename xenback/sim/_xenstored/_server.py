@@ -28,7 +28,8 @@ stall the others:
   - an event for a guest that waits ``watch_event_timeout`` seconds with
     none of it sent is dropped (cxenstored's watch-event timeout, 20 s):
     a guest that never reads can stall a guest whose writes it watches
-    for that long, never for good;
+    for that long, never for good.  One the kernel took part of goes on
+    whole, but stale, it is no longer charged to the guest that caused it;
   - an event for a privileged client (dom0, which the backends use) is
     never dropped.  Only dom0's own doings can grow dom0's queue without
     bound: dom0 is trusted, and cxenstored lets its queue grow too.  A
@@ -627,20 +628,27 @@ class XenStored:
         back for long the guests whose writes it watches.
 
         An event the kernel has taken part of goes on whole (the client
-        would lose its framing otherwise), as in cxenstored; events go
-        stale in the order they were queued, so it can only be the oldest.
+        would lose its framing otherwise), as in cxenstored; only the
+        oldest can be.  Stale, it no longer charges the guest that caused
+        it: a guest that reads part of an event and stops must not hold
+        a writer back for good (with a connection per event, up to
+        Quota.connections, it could otherwise use up the writer's quota).
+        Its bytes still count in ``max_queued``, which bounds them.
         """
         waiting = conn.waiting
         base = conn.out_base
         begun = None
+        if waiting and waiting[0].start < base:
+            # Set aside, so that events behind it still go stale in turn.
+            begun = waiting.popleft()
+            if begun.deadline <= now:
+                begun.deadline = math.inf
+                if begun.cause is not None:
+                    self._uncharge(begun.cause)
+                    begun.cause = None
         stale: list[WaitingEvent] = []
         while waiting and waiting[0].deadline <= now:
-            event = waiting.popleft()
-            if event.start < base:
-                event.deadline = math.inf
-                begun = event
-            else:
-                stale.append(event)
+            stale.append(waiting.popleft())
         if begun is not None:
             waiting.appendleft(begun)
         if not stale:
