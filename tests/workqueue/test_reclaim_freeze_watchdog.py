@@ -532,6 +532,47 @@ def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
     assert ran.wait(TIMEOUT)
 
 
+def test_watchdog_times_a_stall_afresh_when_a_user_that_started_items_goes(
+        make_wq: Any) -> None:
+    """The items the pool started count even when the workqueue that
+    started them is destroyed before the next check: the worklist moved,
+    and a stall of an item queued after it is timed from the check that
+    first saw that item wait, not from before (the check compared only the
+    pwqs still in the pool, and reported it early)."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    wq = make_wq("wq", topology=topo)
+    gone = make_wq("gone", topology=topo)
+    stalled = _checks_of(wq)
+    gate, release = threading.Event(), threading.Event()
+    started, started_gone, waited = threading.Event(), threading.Event(), threading.Event()
+
+    def hog(work: Work) -> None:  # counts, so that what is queued waits
+        started.set()
+        assert gate.wait(TIMEOUT)
+        with blocking():  # but not while the other workqueue's item starts
+            assert started_gone.wait(TIMEOUT)
+        waited.set()
+        assert release.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(hog))
+        assert started.wait(TIMEOUT)
+        assert gone.queue_work(Work(lambda work: started_gone.set()))
+        assert stalled(100.0) is None  # first seen waiting
+        gate.set()
+        assert waited.wait(TIMEOUT)
+        gone.destroy(timeout=TIMEOUT)  # its pwq leaves the pool, and its count
+        ran = threading.Event()
+        assert wq.queue_work(Work(lambda work: ran.set()))  # waits behind the hog
+        assert stalled(100.5) is None  # first seen waiting: timed from here
+        assert stalled(101.0) is None
+        assert stalled(101.5) == 1.0
+    finally:
+        gate.set()
+        release.set()
+    assert ran.wait(TIMEOUT)
+
+
 @pytest.mark.parametrize("taker", ["an idle worker", "the rescuer"])
 def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch, tracer: Any, taker: str) -> None:
