@@ -532,6 +532,33 @@ def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
     assert ran.wait(TIMEOUT)
 
 
+def test_watchdog_goes_on_timing_a_stall_when_a_cancel_leaves_items_waiting(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a cancel that empties the worklist times the next stall
+    afresh: one that leaves an item waiting there, or that empties an
+    inactive list, is no start, and the pool has not moved since the
+    first check saw it wait.  (Timed afresh at each cancel, a stall of a
+    pool whose items are cancelled and queued again would never be
+    reported.)"""
+    topo = Topology(1, watchdog_thresh=3600.0)
+    wq = make_wq("wq", 0, 2, topology=topo)
+    stalled = _checks_of(wq)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    ran = threading.Event()
+    first, second, third = Work(lambda work: None), Work(lambda work: ran.set()), Work(lambda work: None)
+    for work in (first, second, third):
+        assert wq.queue_work(work)
+    (pwq,) = wq._all_pwqs()
+    assert third._entry is pwq.inactive  # max_active 2
+    assert stalled(100.0) is None  # first seen waiting
+    assert third.cancel()  # the inactive list empties
+    assert first.cancel()  # the worklist keeps the second
+    assert stalled(100.5) is None
+    assert stalled(101.0) == 1.0
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert ran.wait(TIMEOUT)
+
+
 def test_watchdog_times_a_stall_afresh_when_a_user_that_started_items_goes(
         make_wq: Any) -> None:
     """The items the pool started count even when the workqueue that
@@ -581,7 +608,8 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
     worker, or by the rescuer when no worker can be made -- starts
     nothing: the worklist is empty until the next queueing, and a stall of
     that one is timed from there, not from when the check saw the item
-    that left wait."""
+    that left wait.  Cancelled from the runner's list, the item leaves
+    the worklist's stall as it was."""
     topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
     rescued = taker == "the rescuer"
     wq = make_wq("reclaim" if rescued else "wq", WQ_MEM_RECLAIM if rescued else 0,
@@ -630,6 +658,7 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
         waiting = Work(lambda work: None)
         assert plain.queue_work(waiting)
         assert stalled(100.25) is None  # the queueing is before this, not before 100.0
+        assert w.cancel()  # from the runner's list: the worklist did not move
         assert stalled(101.0) is None
         assert stalled(101.25) == 1.0
     finally:
