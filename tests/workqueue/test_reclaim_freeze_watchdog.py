@@ -600,7 +600,8 @@ def test_watchdog_times_a_stall_afresh_when_a_user_that_started_items_goes(
     assert ran.wait(TIMEOUT)
 
 
-@pytest.mark.parametrize("taker", ["an idle worker", "the rescuer"])
+@pytest.mark.parametrize("taker", ["an idle worker", "the rescuer",
+                                   "the rescuer, another item waiting"])
 def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch, tracer: Any, taker: str) -> None:
     """An item queued again while it runs, taken off the worklist and
@@ -609,9 +610,12 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
     nothing: the worklist is empty until the next queueing, and a stall of
     that one is timed from there, not from when the check saw the item
     that left wait.  Cancelled from the runner's list, the item leaves
-    the worklist's stall as it was."""
+    the worklist's stall as it was.  So does a rescuer's take that
+    leaves another item waiting: the worklist never emptied, and nothing
+    started."""
     topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
-    rescued = taker == "the rescuer"
+    rescued = taker.startswith("the rescuer")
+    behind = taker.endswith("another item waiting")
     wq = make_wq("reclaim" if rescued else "wq", WQ_MEM_RECLAIM if rescued else 0,
                  topology=topo)
     plain = make_wq("plain", topology=topo)  # whose items no rescuer takes
@@ -636,6 +640,7 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
             assert gates[3].wait(TIMEOUT)
 
     w = Work(func)
+    waiting = Work(lambda work: None)
     try:
         if rescued:
             warm = Work(lambda work: None)
@@ -647,6 +652,8 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
         assert wq.queue_work(w)
         assert started.wait(TIMEOUT)
         assert wq.queue_work(w)  # waits on the worklist: the running item counts
+        if behind:
+            assert plain.queue_work(waiting)
         assert stalled(100.0) is None  # first seen waiting
         with pool_module.lock:
             (runner,) = [x for x in pool.workers if x.current is w]
@@ -655,12 +662,16 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
                    f"{taker} handed the item to its runner")
         gates[1].set()  # the runner counts again: what is queued now waits
         wait_until(lambda: pool.nr_running == 1, "the runner left blocking()")
-        waiting = Work(lambda work: None)
-        assert plain.queue_work(waiting)
-        assert stalled(100.25) is None  # the queueing is before this, not before 100.0
-        assert w.cancel()  # from the runner's list: the worklist did not move
-        assert stalled(101.0) is None
-        assert stalled(101.25) == 1.0
+        if behind:
+            assert stalled(100.25) is None
+            assert w.cancel()  # from the runner's list: the worklist did not move
+            assert stalled(101.0) == 1.0  # waiting since 100.0, nothing started
+        else:
+            assert plain.queue_work(waiting)
+            assert stalled(100.25) is None  # the queueing is before this, not before 100.0
+            assert w.cancel()  # from the runner's list: the worklist did not move
+            assert stalled(101.0) is None
+            assert stalled(101.25) == 1.0
     finally:
         for gate in gates:
             gate.set()
