@@ -600,6 +600,36 @@ def test_watchdog_times_a_stall_afresh_when_a_user_that_started_items_goes(
     assert ran.wait(TIMEOUT)
 
 
+def test_watchdog_times_a_stall_afresh_when_a_user_that_joined_since_starts_items(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start counts also when its pwq joined the pool after the check
+    that stamped the stall: here a rescuer, which no worker shortage
+    stops, runs the item of a workqueue made since, while the item
+    first seen waiting stays (its workqueue has no rescuer)."""
+    topo = Topology(1, watchdog_thresh=3600.0)
+    wq = make_wq("plain", topology=topo)
+    stalled = _checks_of(wq)
+    real_start = pool_module._start_thread
+
+    def no_workers(target: Any, name: str) -> threading.Thread:
+        if name.endswith("-rescuer"):
+            return real_start(target, name)
+        return _no_threads(target, name)
+
+    monkeypatch.setattr(pool_module, "_start_thread", no_workers)
+    waited, rescued = threading.Event(), threading.Event()
+    assert wq.queue_work(Work(lambda work: waited.set()))
+    assert stalled(100.0) is None  # first seen waiting
+    late = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    assert late.queue_work(Work(lambda work: rescued.set()))
+    assert rescued.wait(TIMEOUT)  # the pool's retry sent the rescuer
+    assert stalled(100.5) is None  # an item started: timed afresh
+    assert stalled(101.0) is None
+    assert stalled(101.5) == 1.0
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert waited.wait(TIMEOUT)
+
+
 @pytest.mark.parametrize("taker", ["an idle worker", "the rescuer",
                                    "the rescuer, another item waiting"])
 def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
