@@ -498,6 +498,10 @@ class WorkerPool:
         # cancel, a hand-over to the worker still running the item, the
         # rescuer's take) set watchdog_ts to None themselves, else a stall
         # of the next item queued is timed from before its queueing.
+        # Engine lock, as the worklist they describe: the checks read and
+        # write them under it, and each clear is made in the hold that
+        # empties the worklist, so that no item is queued, and seen by a
+        # check under the old stamp, between the emptying and the clear.
         self.watchdog_ts: float | None = None
         self.watchdog_started: dict[PoolWorkqueue, int] = {}
         self.watchdog_reported: float | None = None

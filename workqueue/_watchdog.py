@@ -66,8 +66,12 @@ def _pool_stalled(pool: _pool.WorkerPool, now: float, thresh: float) -> float | 
     # Pwq by pwq, not their sum: a workqueue destroyed meanwhile takes its
     # count along with its pwq (release_pwq), which starts nothing, and
     # would otherwise hide a start elsewhere or time the stall afresh.
-    if pool.watchdog_ts is None or any(pwq.nr_started != seen.get(pwq, 0)
-                                       for pwq in pool.pwqs):
+    # Those seen last time too, gone or not: one that started items, then
+    # left, moved the worklist, and the item waiting now may be younger
+    # than the stamp.  (`seen` keeps a gone pwq until the next stamp.)
+    if pool.watchdog_ts is None or any(
+            pwq.nr_started != n for pwq, n in seen.items()) or any(
+            pwq.nr_started and pwq not in seen for pwq in pool.pwqs):
         pool.watchdog_ts = now
         pool.watchdog_started = {pwq: pwq.nr_started for pwq in pool.pwqs}
         return None

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from racewindow import Attempt, PauseAt, stands_at
+from wqhelpers import wait_until
 
 from workqueue import (
     WQ_FREEZABLE,
@@ -28,6 +29,7 @@ from workqueue import (
     _timer,
     blocking,
 )
+from workqueue._pool import lock as engine_lock
 from workqueue._serial import _BATCH
 from workqueue._timer import del_timer
 
@@ -568,6 +570,43 @@ def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
     assert hook.result() is None
     assert call.done() and call.result() == 7
     assert not logged.records
+
+
+@pytest.mark.usefixtures("hook_of_our_own")
+def test_a_freeze_waiting_for_the_engine_lock_as_the_exit_begins_is_refused(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """A freeze() that waits for the engine lock as the exit hook marks the
+    exit refuses, whichever of the two then takes the lock first: one that
+    had looked at the mark before would freeze after the hook saw a call
+    that will run, and hold it back on its inactive list for good (or,
+    first to the lock, have the hook drop a call it had accepted)."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)  # the call waits behind the running item
+    wq = make_wq("wq", WQ_FREEZABLE, 1, topology=topo)
+    started, gate = threading.Event(), threading.Event()
+
+    def hog(work: Work) -> None:
+        started.set()
+        assert gate.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(hog))
+        assert started.wait(TIMEOUT)
+        call = wq.submit(int, 7)  # on the inactive list: max_active 1
+        with engine_lock:
+            freeze = Attempt(lambda: wq.freeze(timeout=0))
+            hook = Attempt(_atexit.wait_for_calls)
+            wait_until(lambda: stands_at(freeze.thread.ident or 0, Workqueue.freeze, "with lock:")
+                       and stands_at(hook.thread.ident or 0, Workqueue._calls_at_exit,
+                                     "with lock:"),
+                       "both wait for the engine lock")
+        refused = freeze.result()
+        assert isinstance(refused, RuntimeError), refused
+        assert "after interpreter exit began" in str(refused)
+        assert not wq._frozen
+    finally:
+        gate.set()
+    assert hook.result(msg="the exit waits for a call that a freeze holds back") is None
+    assert call.done() and call.result() == 7
 
 
 @pytest.mark.usefixtures("hook_of_our_own")

@@ -532,7 +532,106 @@ def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
     assert ran.wait(TIMEOUT)
 
 
-@pytest.mark.parametrize("taker", ["an idle worker", "the rescuer"])
+def test_watchdog_goes_on_timing_a_stall_when_a_cancel_leaves_items_waiting(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a cancel that empties the worklist times the next stall
+    afresh: one that leaves an item waiting there, or that empties an
+    inactive list, is no start, and the pool has not moved since the
+    first check saw it wait.  (Timed afresh at each cancel, a stall of a
+    pool whose items are cancelled and queued again would never be
+    reported.)"""
+    topo = Topology(1, watchdog_thresh=3600.0)
+    wq = make_wq("wq", 0, 2, topology=topo)
+    stalled = _checks_of(wq)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    ran = threading.Event()
+    first, second, third = Work(lambda work: None), Work(lambda work: ran.set()), Work(lambda work: None)
+    for work in (first, second, third):
+        assert wq.queue_work(work)
+    (pwq,) = wq._all_pwqs()
+    assert third._entry is pwq.inactive  # max_active 2
+    assert stalled(100.0) is None  # first seen waiting
+    assert third.cancel()  # the inactive list empties
+    assert first.cancel()  # the worklist keeps the second
+    assert stalled(100.5) is None
+    assert stalled(101.0) == 1.0
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert ran.wait(TIMEOUT)
+
+
+def test_watchdog_times_a_stall_afresh_when_a_user_that_started_items_goes(
+        make_wq: Any) -> None:
+    """The items the pool started count even when the workqueue that
+    started them is destroyed before the next check: the worklist moved,
+    and a stall of an item queued after it is timed from the check that
+    first saw that item wait, not from before (the check compared only the
+    pwqs still in the pool, and reported it early)."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    wq = make_wq("wq", topology=topo)
+    gone = make_wq("gone", topology=topo)
+    stalled = _checks_of(wq)
+    gate, release = threading.Event(), threading.Event()
+    started, started_gone, waited = threading.Event(), threading.Event(), threading.Event()
+
+    def hog(work: Work) -> None:  # counts, so that what is queued waits
+        started.set()
+        assert gate.wait(TIMEOUT)
+        with blocking():  # but not while the other workqueue's item starts
+            assert started_gone.wait(TIMEOUT)
+        waited.set()
+        assert release.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(hog))
+        assert started.wait(TIMEOUT)
+        assert gone.queue_work(Work(lambda work: started_gone.set()))
+        assert stalled(100.0) is None  # first seen waiting
+        gate.set()
+        assert waited.wait(TIMEOUT)
+        gone.destroy(timeout=TIMEOUT)  # its pwq leaves the pool, and its count
+        ran = threading.Event()
+        assert wq.queue_work(Work(lambda work: ran.set()))  # waits behind the hog
+        assert stalled(100.5) is None  # first seen waiting: timed from here
+        assert stalled(101.0) is None
+        assert stalled(101.5) == 1.0
+    finally:
+        gate.set()
+        release.set()
+    assert ran.wait(TIMEOUT)
+
+
+def test_watchdog_times_a_stall_afresh_when_a_user_that_joined_since_starts_items(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start counts also when its pwq joined the pool after the check
+    that stamped the stall: here a rescuer, which no worker shortage
+    stops, runs the item of a workqueue made since, while the item
+    first seen waiting stays (its workqueue has no rescuer)."""
+    topo = Topology(1, watchdog_thresh=3600.0)
+    wq = make_wq("plain", topology=topo)
+    stalled = _checks_of(wq)
+    real_start = pool_module._start_thread
+
+    def no_workers(target: Any, name: str) -> threading.Thread:
+        if name.endswith("-rescuer"):
+            return real_start(target, name)
+        return _no_threads(target, name)
+
+    monkeypatch.setattr(pool_module, "_start_thread", no_workers)
+    waited, rescued = threading.Event(), threading.Event()
+    assert wq.queue_work(Work(lambda work: waited.set()))
+    assert stalled(100.0) is None  # first seen waiting
+    late = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    assert late.queue_work(Work(lambda work: rescued.set()))
+    assert rescued.wait(TIMEOUT)  # the pool's retry sent the rescuer
+    assert stalled(100.5) is None  # an item started: timed afresh
+    assert stalled(101.0) is None
+    assert stalled(101.5) == 1.0
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert waited.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("taker", ["an idle worker", "the rescuer",
+                                   "the rescuer, another item waiting"])
 def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch, tracer: Any, taker: str) -> None:
     """An item queued again while it runs, taken off the worklist and
@@ -540,9 +639,13 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
     worker, or by the rescuer when no worker can be made -- starts
     nothing: the worklist is empty until the next queueing, and a stall of
     that one is timed from there, not from when the check saw the item
-    that left wait."""
+    that left wait.  Cancelled from the runner's list, the item leaves
+    the worklist's stall as it was.  So does a rescuer's take that
+    leaves another item waiting: the worklist never emptied, and nothing
+    started."""
     topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
-    rescued = taker == "the rescuer"
+    rescued = taker.startswith("the rescuer")
+    behind = taker.endswith("another item waiting")
     wq = make_wq("reclaim" if rescued else "wq", WQ_MEM_RECLAIM if rescued else 0,
                  topology=topo)
     plain = make_wq("plain", topology=topo)  # whose items no rescuer takes
@@ -567,6 +670,7 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
             assert gates[3].wait(TIMEOUT)
 
     w = Work(func)
+    waiting = Work(lambda work: None)
     try:
         if rescued:
             warm = Work(lambda work: None)
@@ -578,6 +682,8 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
         assert wq.queue_work(w)
         assert started.wait(TIMEOUT)
         assert wq.queue_work(w)  # waits on the worklist: the running item counts
+        if behind:
+            assert plain.queue_work(waiting)
         assert stalled(100.0) is None  # first seen waiting
         with pool_module.lock:
             (runner,) = [x for x in pool.workers if x.current is w]
@@ -586,11 +692,16 @@ def test_watchdog_times_a_pool_stall_afresh_when_its_item_went_to_its_runner(
                    f"{taker} handed the item to its runner")
         gates[1].set()  # the runner counts again: what is queued now waits
         wait_until(lambda: pool.nr_running == 1, "the runner left blocking()")
-        waiting = Work(lambda work: None)
-        assert plain.queue_work(waiting)
-        assert stalled(100.25) is None  # the queueing is before this, not before 100.0
-        assert stalled(101.0) is None
-        assert stalled(101.25) == 1.0
+        if behind:
+            assert stalled(100.25) is None
+            assert w.cancel()  # from the runner's list: the worklist did not move
+            assert stalled(101.0) == 1.0  # waiting since 100.0, nothing started
+        else:
+            assert plain.queue_work(waiting)
+            assert stalled(100.25) is None  # the queueing is before this, not before 100.0
+            assert w.cancel()  # from the runner's list: the worklist did not move
+            assert stalled(101.0) is None
+            assert stalled(101.25) == 1.0
     finally:
         for gate in gates:
             gate.set()
