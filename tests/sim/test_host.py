@@ -1189,3 +1189,65 @@ def test_close_finishes_a_destroy_cut_short(tmp_path: Path, landing: str) -> Non
         host.destroy_domain(guest)
     assert set(threading.enumerate()) - threads == set()
     assert eventually(lambda: open_fds() <= fds), landing
+
+
+def _destroy_in_a_thread(host: SimHost, guest: Domain) -> BaseException | None:
+    """destroy_domain(guest) in a thread, joined with a timeout: it must
+    end (what it raised, if anything)."""
+    raised: list[BaseException] = []
+
+    def destroy() -> None:
+        try:
+            host.destroy_domain(guest)
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=destroy)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "destroy_domain() waits for a dead service thread"
+    return raised[0] if raised else None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_destroy_after_the_hypervisor_thread_died_of_a_bug(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service thread dead of a bug (logged): nobody serves the
+    removal, so remove_domain() does it itself.  It waited for the thread
+    for ever, the host's lock held, and close() with it."""
+    guest = host.create_domain("guest")
+    hv = host.hypervisor
+    service = hv._thread
+    assert service is not None
+
+    def select(timeout: float | None = None) -> Any:
+        raise RuntimeError("a bug in the service loop")
+
+    monkeypatch.setattr(hv._selector, "select", select)
+    os.write(hv._wake_w, b"x")  # its select returns, and the next one fails
+    service.join(TIMEOUT)
+    assert not service.is_alive()
+    monkeypatch.undo()
+    assert _destroy_in_a_thread(host, guest) is None
+    _no_guest_left(host)
+    assert "hypervisor: the service thread died" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_removal_pending_as_the_hypervisor_thread_dies_is_done(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal asked for just as the service thread dies of a bug
+    (before it ran the removals) is done as it dies: its caller waited
+    for ever."""
+    guest = host.create_domain("guest")
+    hv = host.hypervisor
+
+    def run_removals() -> None:
+        raise RuntimeError("a bug in the service loop")
+
+    monkeypatch.setattr(hv, "_run_removals", run_removals)
+    assert _destroy_in_a_thread(host, guest) is None
+    monkeypatch.undo()
+    _no_guest_left(host)
