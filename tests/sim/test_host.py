@@ -492,7 +492,7 @@ def test_destroy_waits_for_the_backend_without_holding_the_host(host: SimHost) -
             # with it; it does not destroy the devices a second time.
             second.start()
             assert eventually(lambda: stands_at(
-                second.ident, SimHost.destroy_domain, "with other.running:"))
+                second.ident, SimHost.destroy_domain, "other.running.acquire("))
             assert not done.is_set()
             with guest.xenstore() as g:  # alive until its devices are gone
                 assert g.read(b"name") == b"guest"
@@ -1189,3 +1189,110 @@ def test_close_finishes_a_destroy_cut_short(tmp_path: Path, landing: str) -> Non
         host.destroy_domain(guest)
     assert set(threading.enumerate()) - threads == set()
     assert eventually(lambda: open_fds() <= fds), landing
+
+
+def _destroy_in_a_thread(host: SimHost, guest: Domain) -> BaseException | None:
+    """destroy_domain(guest) in a thread, joined with a timeout: it must
+    end (what it raised, if anything)."""
+    raised: list[BaseException] = []
+
+    def destroy() -> None:
+        try:
+            host.destroy_domain(guest)
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=destroy)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "destroy_domain() waits for a dead service thread"
+    return raised[0] if raised else None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_destroy_after_the_hypervisor_thread_died_of_a_bug(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service thread dead of a bug (logged): nobody serves the
+    removal, so remove_domain() does it itself.  It waited for the thread
+    for ever, the host's lock held, and close() with it."""
+    guest = host.create_domain("guest")
+    hv = host.hypervisor
+    service = hv._thread
+    assert service is not None
+
+    def select(timeout: float | None = None) -> Any:
+        raise RuntimeError("a bug in the service loop")
+
+    monkeypatch.setattr(hv._selector, "select", select)
+    os.write(hv._wake_w, b"x")  # its select returns, and the next one fails
+    service.join(TIMEOUT)
+    assert not service.is_alive()
+    monkeypatch.undo()
+    assert _destroy_in_a_thread(host, guest) is None
+    _no_guest_left(host)
+    assert "hypervisor: the service thread died" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_removal_pending_as_the_hypervisor_thread_dies_is_done(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal asked for just as the service thread dies of a bug
+    (before it ran the removals) is done as it dies: its caller waited
+    for ever."""
+    guest = host.create_domain("guest")
+    hv = host.hypervisor
+
+    def run_removals() -> None:
+        raise RuntimeError("a bug in the service loop")
+
+    monkeypatch.setattr(hv, "_run_removals", run_removals)
+    assert _destroy_in_a_thread(host, guest) is None
+    monkeypatch.undo()
+    _no_guest_left(host)
+
+
+def test_close_from_a_handler_inside_destroy_lets_a_waiting_destroy_go(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() from a signal's handler that came in destroy_domain()'s wait
+    for the backends (where the lock is not held: close() is allowed),
+    while dom0's destroy of the same domain waits for that destroy: close()
+    joins the control thread, which waited for the interrupted destroy,
+    which cannot end before the handler returns, for ever.  (The handler
+    is played by a thread the interrupted one waits for.)"""
+    guest = host.create_domain("guest")
+    host.toolstack.add_device("vif", guest.domid)
+    from xenback.sim import destroy_domain as wire_destroy
+
+    def destroy_devices(domid: int, timeout: float | None = None) -> None:
+        wire = threading.Thread(target=lambda: _ignore(wire_destroy, host.run_dir, domid))
+        wire.start()
+
+        def control_waits() -> bool:
+            with host._control_lock:
+                threads = list(host._control_threads)
+            return any(t.ident is not None and stands_at(
+                t.ident, SimHost.destroy_domain, "other.running.acquire(") for t in threads)
+
+        # (Said, not asserted: destroy_domain() takes an error from here,
+        # the host closed, for the host's going.)
+        seen.append(eventually(control_waits))
+        handler = threading.Thread(target=host.close)
+        handler.start()
+        handler.join(TIMEOUT)
+        seen.append(not handler.is_alive())
+        wire.join(TIMEOUT)
+
+    seen: list[bool] = []
+    monkeypatch.setattr(host.toolstack, "destroy_devices", destroy_devices)
+    host.destroy_domain(guest)
+    assert seen == [True, True], "close() waited for a destroy its caller interrupted"
+
+
+def _ignore(call: Callable[..., object], *args: object) -> None:
+    try:
+        call(*args)
+    except OSError:
+        pass  # the host closed under it

@@ -116,6 +116,11 @@ def _remove_stale_sockets(run_dir: Path) -> None:
             pass
 
 
+#: How often a destroy_domain() waiting for another one of the same
+#: domain looks whether the host closed meanwhile (seconds).
+_DESTROY_WAIT_SLICE = 0.1
+
+
 class _Destroy:
     """One destroy_domain() call, for the others of the same domain.
 
@@ -434,8 +439,8 @@ class SimHost(Closing):
         the next destroy_domain() of it, or :meth:`close`, finishes it.
         One of a domain that another thread is destroying waits for that
         destroy to end (for as long as it takes: ``timeout`` is the other
-        one's), and finishes it if it was cut short; it returns once the
-        domain is gone, as the other does.
+        one's), or the host to close, and finishes it if it was cut short;
+        it returns once the domain is gone, as the other does.
 
         ``domain`` is one of this host's Domains or a domain id; anything
         else, dom0 included, is a :class:`ValueError`, and an id of no
@@ -507,8 +512,18 @@ class SimHost(Closing):
         try:
             while (other := self._locked("destroy_domain", claim)) is not None:
                 waited = True
-                with other.running:  # held until that destroy ends
-                    pass
+                # Held until that destroy ends; waited for in slices, to
+                # stop once the host closes: a close() from a signal's
+                # handler that came in that destroy joins this thread (if
+                # it serves dom0), and that destroy cannot end before the
+                # handler returns.
+                # Its over too: a waiter cut short between acquiring and
+                # releasing leaves the lock held.
+                while not other.running.acquire(timeout=_DESTROY_WAIT_SLICE):
+                    if self._state != "running" or other.over:  # (claim() reads again)
+                        break
+                else:
+                    other.running.release()
             if domid not in self._dying:
                 return  # gone with the host meanwhile, or by the one we waited for
             try:

@@ -298,6 +298,10 @@ class Hypervisor:
         self._control: ControlHandler | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Whether the service thread serves (under _lock): set as it
+        # starts, cleared as it ends, of a bug too.  remove_domain() asks it
+        # only then; a dead one would leave its caller waiting for ever.
+        self._serving = False
         # Out of descriptors, accept() fails and leaves the connection in
         # the backlog: the listener stays readable (the loop would spin)
         # and the client waits forever for its first reply.  Closing this
@@ -320,7 +324,14 @@ class Hypervisor:
         self._thread = threading.Thread(
             target=self._serve, name=f"xenback-sim-hypervisor:{self.run_dir}", daemon=True
         )
-        self._thread.start()
+        with self._lock:
+            self._serving = True
+        try:
+            self._thread.start()
+        except BaseException:
+            with self._lock:
+                self._serving = False
+            raise
 
     def stop(self) -> None:
         """Destroy every domain, join the service thread, free everything."""
@@ -407,7 +418,8 @@ class Hypervisor:
         with self._lock:
             if domid not in self._domains:
                 raise ValueError(f"no domain {domid}")
-            if self._thread is None or self._stopping or threading.get_ident() == self._thread.ident:
+            # Not by thread ident: a dead thread's is given to the next one.
+            if not self._serving or threading.current_thread() is self._thread:
                 self._remove_domain(domid)
                 return
             self._removals.append((domid, future))
@@ -424,15 +436,32 @@ class Hypervisor:
         removed once."""
         removals, self._removals = self._removals, []
         for domid, future in removals:
-            try:
-                if domid in self._domains:
-                    self._remove_domain(domid)
-            except Exception as e:
-                # A bug: its caller hears of it, the others still go.
-                logger.exception("hypervisor: failure removing domain %d", domid)
-                future.set_exception(e)
-            else:
-                future.set_result(None)
+            self._run_removal(domid, future)
+
+    def _run_removal(self, domid: int, future: concurrent.futures.Future[None]) -> None:
+        try:
+            if domid in self._domains:
+                self._remove_domain(domid)
+        except Exception as e:
+            # A bug: its caller hears of it, the others still go.
+            logger.exception("hypervisor: failure removing domain %d", domid)
+            future.set_exception(e)
+        else:
+            future.set_result(None)
+
+    def _serve(self) -> None:
+        try:
+            self._serve_loop()
+        except BaseException:
+            logger.exception("hypervisor: the service thread died")
+            raise
+        finally:
+            with self._lock:
+                self._serving = False
+                # Asked for before it died: nobody else would do them.
+                removals, self._removals = self._removals, []
+                for domid, future in removals:
+                    self._run_removal(domid, future)
 
     def stats(self) -> dict[str, int]:
         """Counts of live objects, for leak tests."""
@@ -456,7 +485,7 @@ class Hypervisor:
 
     # -- service thread ------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve_loop(self) -> None:
         while True:
             timeout = None
             if self._accept_paused:
