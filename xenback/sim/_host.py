@@ -178,11 +178,11 @@ class SimHost(Closing):
         # (thread id, method) of the call holding _lock, for _locked().
         self._holder: tuple[int, str] | None = None
         self._domains: dict[int, Domain] = {}
-        # The domains whose destroy began, each with the destroy running it
-        # (None while none does: it was cut short).  A dying domain stays
-        # in _domains, its name taken, until the destroy that ends it drops
-        # it from both; domains() and domain() leave it out.
-        self._dying: dict[int, _Destroy | None] = {}
+        # The domains whose destroy began, each with the last destroy that
+        # claimed it (``over`` once that one returned or was cut short).  A
+        # dying domain stays in _domains, its name taken, until the destroy
+        # that ends it drops it from both; domains() and domain() leave it out.
+        self._dying: dict[int, _Destroy] = {}
         self._domids = itertools.count(1)
         self._state = "new"
         # _control_lock protects _control_threads: the threads serving dom0's
