@@ -16,7 +16,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from xenback import Closing
 from xenback.platform import Platform
@@ -57,6 +57,17 @@ from ._socket import PVSocket, ReadyFd, SocketState
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, GrantShare, SharedPages
     from xenback.xenstore import Transaction, Watch
+
+
+class _Claim(Protocol):
+    """What Frontend._finish_each() claims: set under the frontend's
+    ``_lock`` while a thread takes the item's step."""
+
+    claimed: bool
+
+
+_Claimable = TypeVar("_Claimable", bound=_Claim)
+
 
 class _Fatal(Exception):
     """A failure that the event thread does not survive: ``error``, which
@@ -337,7 +348,7 @@ class Frontend(Closing):
         # Where a ring given up goes on its way to the pool or to be freed
         # (see _give_back), with whether it may be reused; appended to with
         # no lock, emptied under _lock.  And the rings to free, each by the
-        # one thread that claims it (DataRing.freeing, under _lock).  A
+        # one thread that claims it (DataRing.claimed, under _lock).  A
         # ring whose way a Ctrl-C cut short waits in one of them for the
         # next ring given back, or handed out, or Frontend.close().
         self._given_back: list[tuple[DataRing, bool]] = []
@@ -1241,28 +1252,34 @@ class Frontend(Closing):
             self._free_rings()
 
     def _free_rings(self) -> None:
-        """Free the rings in ``_rings_to_free`` that nobody is freeing.
-        Each is claimed under ``_lock`` and freed outside it; a Ctrl-C
-        gives the claim back, and whoever comes next finishes the ring
+        """Free the rings in ``_rings_to_free`` that nobody is freeing
         (DataRing.free() is resumable)."""
-        mine: DataRing | None = None
+        self._finish_each(self._rings_to_free, DataRing.free)
+
+    def _finish_each(self, todo: list[_Claimable], step: Callable[[_Claimable], None]) -> None:
+        """Take ``step`` for each item of ``todo`` (rings to free, ACCEPTs
+        to end) that no thread is taking it for, and drop the item once
+        done.  Each is claimed under ``_lock`` and its step taken outside
+        it; a Ctrl-C gives the claim back, and whoever comes next takes
+        the step again: each must be resumable."""
+        mine: _Claimable | None = None
         try:
             while True:
                 with self._lock:
-                    for ring in self._rings_to_free:
-                        if not ring.freeing:
-                            ring.freeing = True
-                            mine = ring
+                    for item in todo:
+                        if not item.claimed:
+                            item.claimed = True
+                            mine = item
                             break
                     else:
                         return
-                ring.free()
+                step(mine)
                 with self._lock:
-                    self._rings_to_free.remove(ring)
+                    todo.remove(mine)
                 mine = None
         except BaseException:
             if mine is not None:
-                mine.freeing = False  # first: nothing runs a handler before it
+                mine.claimed = False  # first: nothing runs a handler before it
             raise
 
     def _free_every_ring(self) -> None:
@@ -1874,30 +1891,9 @@ class Frontend(Closing):
             self._end_accepts()
 
     def _end_accepts(self) -> None:
-        """End the ACCEPTs in ``_accepts_to_end`` that nobody is ending.
-        Each is claimed under ``_lock``, ended outside it, and dropped
-        once ended; a Ctrl-C gives the claim back, and whoever comes next
-        ends it again: each step of :meth:`_end_accept` may be taken
-        again (and two threads may take one at once, but do not)."""
-        mine: _EndingAccept | None = None
-        try:
-            while True:
-                with self._lock:
-                    for ending in self._accepts_to_end:
-                        if not ending.claimed:
-                            ending.claimed = True
-                            mine = ending
-                            break
-                    else:
-                        return
-                self._end_accept(mine)
-                with self._lock:
-                    self._accepts_to_end.remove(mine)
-                mine = None
-        except BaseException:
-            if mine is not None:
-                mine.claimed = False  # first: nothing runs a handler before it
-            raise
+        """End the ACCEPTs in ``_accepts_to_end`` that nobody is ending
+        (each step of :meth:`_end_accept` may be taken again)."""
+        self._finish_each(self._accepts_to_end, self._end_accept)
 
     def _end_accept(self, ending: _EndingAccept) -> None:
         """Free the slot of a released listener's ACCEPT and the socket it

@@ -83,7 +83,7 @@ class DataRing:
         self._released: list[object] = []
         # Set under the frontend's _lock by whoever frees the ring (see
         # Frontend._free_rings): one thread at a time.
-        self.freeing = False
+        self.claimed = False
         # Whole or nothing: short of grants, ports or descriptors any step
         # may fail, and what the steps before made is given back before the
         # error goes on.  Each step's result is recorded by the call that
