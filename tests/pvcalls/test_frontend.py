@@ -3192,16 +3192,17 @@ def test_close_does_not_hang_on_a_lock_an_interrupt_left_held(
     host: SimHost, backend: Any, server: Any, caplog: pytest.LogCaptureFixture, lock: str,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A call interrupted just as it took one of the socket's locks (the
-    handler runs as the acquire returns, before the call's try) leaves the
-    lock held: close() must not wait for it for ever.  It gives up on the
-    ring at the frontend's timeout, says so, and the frontend goes on.
-    (Its waits are watched through the deadlines they are given.)"""
+    """A socket lock that stays held (a call that never returns: no
+    interrupt leaves one held any more, see test_a_call_interrupted_
+    anywhere_leaves_its_socket_locks_free) must not make close() wait for
+    ever.  It gives up on the ring at the frontend's timeout, says so, and
+    the frontend goes on.  (Its waits are watched through the deadlines
+    they are given.)"""
     srv = server()
     guest = host.create_domain(f"left-{lock}")
     with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
         s = connected(fe, srv.address)
-        getattr(s, lock).acquire()  # as the interrupted call left it
+        getattr(s, lock).acquire()  # as a call that never returns holds it
         fe.timeout = 0.5
         deadlines: list[float | None] = []
 
