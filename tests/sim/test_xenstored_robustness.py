@@ -603,18 +603,22 @@ def test_a_guest_introduced_again_while_held_back_goes_on() -> None:
         assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
 
 
-def test_events_a_guests_transaction_fires_are_charged_to_it() -> None:
+def test_events_a_guests_transaction_fires_are_charged_to_it_once() -> None:
+    # Fired by its TRANSACTION_END: that one request is outstanding until
+    # the last of them is read, whichever connection they wait for.
     with _dom0_backlog() as b:
-        tx = b.guest.transaction_start()
-        for i in range(_LIMIT + 2):
-            b.guest.write(f"/local/domain/1/t{i}", "", tx)
-        b.guest.transaction_end(tx)
-        rid = b.guest.send(Op.READ, b"/local/domain/1/t0\0")
         (conn,) = b.guest_conns()
+        for n in range(_LIMIT):
+            tx = b.guest.transaction_start()
+            for i in range(_LIMIT + 2):
+                b.guest.write(f"/local/domain/1/t{n}-{i}", "", tx)
+            b.guest.transaction_end(tx)
+            assert b.xsd._call(lambda: conn.domain.outstanding) == n + 1
+        rid = b.guest.send(Op.READ, b"/local/domain/1/t0-0\0")
         assert eventually(lambda: b.xsd._call(lambda: conn.paused))
-        assert b.xsd._call(lambda: conn.domain.outstanding) == _LIMIT + 2
-        b.read_events_until(f"/local/domain/1/t{_LIMIT + 1}")
+        b.read_events_until(f"/local/domain/1/t0-{_LIMIT + 1}")
         assert b.guest.reply(rid) == (Op.READ, 0, b"")
+        b.read_events_until(f"/local/domain/1/t{_LIMIT - 1}-{_LIMIT + 1}")
         assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
 
 
@@ -643,6 +647,45 @@ def _deaf_guest(
         assert deaf.wait_event() == ("/shared", "deaf")
         _fill(xsd, dom0, _server_conn(xsd, 2), "/shared")
         yield xsd, writer, deaf
+
+
+def test_one_request_firing_many_events_for_a_deaf_guest_is_charged_once() -> None:
+    # As cxenstored, the charge is per request: a write that fires more
+    # events than Quota.outstanding (one per watch of a guest that does
+    # not read) is one request outstanding, not one per event, so the
+    # writer is not held back after one write for watch_event_timeout.
+    with _deaf_guest(60.0) as (xsd, writer, deaf), RawClient(xsd.path) as dom0:
+        for i in range(_LIMIT + 2):
+            deaf.watch("/shared/many", f"w{i}")
+        conn = _server_conn(xsd, 2)
+        _fill(xsd, dom0, conn, "/shared")  # what deaf read meanwhile
+        writer_domain = xsd._dispatcher.domains[1]
+        waiting = xsd._call(lambda: len(conn.waiting))
+        writer.write("/shared/many", "")
+        # One event per watch of deaf's on it (and one for its watch on /shared).
+        assert xsd._call(lambda: (len(conn.waiting) - waiting, writer_domain.outstanding)) == (
+            _LIMIT + 3, 1)
+        # Held back only once _LIMIT requests are outstanding.
+        writer.send_raw(b"".join(_write_at("/shared", i) for i in range(_LIMIT)))
+        for i in range(_LIMIT - 1):
+            assert writer.recv_message()[:2] == (Op.WRITE, 1000 + i)
+        (writer_conn,) = xsd._call(lambda: list(writer_domain.conns))
+        assert eventually(lambda: xsd._call(lambda: writer_conn.paused))
+        assert xsd._call(lambda: writer_domain.outstanding) == _LIMIT
+
+
+def test_a_request_is_charged_until_the_last_of_its_events_is_sent() -> None:
+    # Its events for dom0 and for the deaf guest: those for dom0 read,
+    # the request stays outstanding while the deaf guest's wait, and
+    # is released once they go stale.
+    with _deaf_guest(1.0) as (xsd, writer, _deaf), RawClient(xsd.path) as backend:
+        backend.watch("/shared/both", "be")
+        assert backend.wait_event() == ("/shared/both", "be")
+        writer_domain = xsd._dispatcher.domains[1]
+        writer.write("/shared/both", "")
+        assert backend.wait_event() == ("/shared/both", "be")
+        assert xsd._call(lambda: writer_domain.outstanding) == 1
+        assert eventually(lambda: xsd._call(lambda: writer_domain.outstanding) == 0)
 
 
 def test_a_guest_is_held_back_for_a_guest_that_does_not_read_until_its_events_go_stale() -> None:
@@ -723,7 +766,7 @@ def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
         conn = _server_conn(xsd, 2)
         writer_domain = xsd._dispatcher.domains[1]
         begun = _begin_an_event(xsd, writer, deaf)
-        assert begun.cause is writer_domain
+        assert begun.cause is not None and begun.cause.domain is writer_domain
         # Queued before the begun one goes stale (unless this machine is
         # very slow), so it is still fresh when that one is found stale.
         writer.write("/shared/late", "")

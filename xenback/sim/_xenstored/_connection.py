@@ -14,7 +14,7 @@ from ._transaction import Transaction
 from ._tree import domain_path
 from ._watch import Watch
 
-__all__ = ["Domain", "Connection", "WaitingEvent"]
+__all__ = ["Domain", "Connection", "Outstanding", "WaitingEvent"]
 
 
 class Domain:
@@ -47,8 +47,9 @@ class Domain:
         #: bytes waiting in the ``out`` of this domain's connections (its
         #: share of the server's memory: see XenStored.max_queued)
         self.queued = 0
-        #: watch events this domain caused that wait in the server, for any
-        #: client; only a guest's are counted (see Quota.outstanding)
+        #: requests of this domain outstanding: some watch event each
+        #: caused still waits in the server, for any client; only a
+        #: guest's are counted (see Quota.outstanding and Outstanding)
         self.outstanding = 0
 
     def fault_level(self) -> int:
@@ -67,19 +68,38 @@ class Domain:
         return f"Domain({self.domid})"
 
 
+class Outstanding:
+    """A guest's request whose watch events wait in the server: one of
+    its Domain.outstanding until the last of them is sent or dropped, as
+    cxenstored keeps a request until the events it caused are written
+    (its pend.ref.event_cnt)."""
+
+    __slots__ = ("domain", "events")
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        #: its events that wait, for whichever client
+        self.events = 0
+
+    def __repr__(self) -> str:
+        return f"Outstanding({self.domain}, events={self.events})"
+
+
 class WaitingEvent:
     """A watch event waiting in a connection's ``out``: where it lies (as
     offsets in everything ever queued for the client, see
-    ``Connection.out_base``), the guest charged for it, and when it goes
-    stale."""
+    ``Connection.out_base``), the guest's request it counts in, and when
+    it goes stale."""
 
     __slots__ = ("start", "end", "cause", "deadline")
 
-    def __init__(self, start: int, end: int, cause: Domain | None, deadline: float) -> None:
+    def __init__(self, start: int, end: int, cause: Outstanding | None,
+                 deadline: float) -> None:
         self.start = start
         self.end = end
-        #: the guest that caused it, charged until it is sent or dropped
-        #: (None: nobody is, it was the server's or a privileged client's)
+        #: the guest's request that caused it, outstanding until this and
+        #: its other events are sent or dropped (None: nobody is charged,
+        #: it was the server's doing or a privileged client's)
         self.cause = cause
         #: time.monotonic() at which it is dropped unless sending it has
         #: begun (inf: never; events for privileged clients)
@@ -115,9 +135,9 @@ class Connection:
         self.queued_events: dict[bytes, int] = {}
         #: watch events in ``out``, oldest first: for a guest's connection
         #: every one (each goes stale), for a privileged one those a guest
-        #: caused.  Each charged one is one of its guest's
-        #: Domain.outstanding until the kernel takes it whole or it is
-        #: dropped as stale.
+        #: caused.  Each charged one keeps its guest's request
+        #: outstanding until the kernel takes it whole or it is dropped as
+        #: stale.
         self.waiting: collections.deque[WaitingEvent] = collections.deque()
         #: an entry for this connection is in XenStored._expiry
         self.expiry_armed = False

@@ -68,12 +68,12 @@ class Quota:
     #: connections on a domain's socket (not in cxenstored, where a domain
     #: has exactly one ring; here a guest could otherwise open any number)
     connections: int = 64
-    #: watch events a domain caused that may wait in the server (for any
-    #: client); at this many, its further requests wait until those
-    #: clients read or, for guests, the events go stale.  cxenstored keeps
-    #: a request "outstanding" until the events it caused are delivered
-    #: and counts 20 such requests; counting the events bounds what a
-    #: guest can pile up without a per-request record.
+    #: requests of a domain that may be outstanding: some watch event
+    #: each caused waits in the server (for any client).  At this many,
+    #: its further requests wait until those clients read or, for
+    #: guests, the events go stale.  As cxenstored's
+    #: quota_req_outstanding: one request counts once however many
+    #: events it fired (see XenStored._send_events).
     outstanding: int = 20
 
     def __post_init__(self) -> None:
@@ -121,11 +121,11 @@ def _nstrings(payload: bytes, n: int) -> list[str]:
 class Dispatcher:
     """Processes requests against one store.
 
-    ``send(conn, data)`` queues bytes for a connection; ``send_event(conn,
-    message, cause)`` queues a watch event that ``cause`` (the requester's
-    domain, or None) brought about, which the server may drop if an
-    identical one still waits for that client or the client is a guest
-    over its share.  ``introduce(domid)`` and
+    ``send(conn, data)`` queues bytes for a connection; ``send_events(
+    events, cause)`` queues the watch events ``[(conn, message), ...]``
+    that one request of ``cause`` (the requester's domain, or None)
+    brought about, any of which the server may drop if an identical one
+    still waits for that client or the client is a guest over its share.  ``introduce(domid)`` and
     ``release(domid)`` are the server's hooks that create and tear down a
     domain's socket; they return the Domain and nothing respectively.
     """
@@ -133,7 +133,7 @@ class Dispatcher:
     def __init__(
         self,
         send: Callable[[Connection, bytes], None],
-        send_event: Callable[[Connection, bytes, Domain | None], None],
+        send_events: Callable[[list[tuple[Connection, bytes]], Domain | None], None],
         introduce: Callable[[int], Domain],
         release: Callable[[int], None],
         quota: Quota | None = None,
@@ -144,7 +144,7 @@ class Dispatcher:
         self.domains: dict[int, Domain] = {0: self.dom0}
         self.quota = quota or Quota()
         self._send = send
-        self._send_event = send_event
+        self._send_events = send_events
         self._introduce = introduce
         self._release = release
         #: events caused by the request being processed, sent after its reply
@@ -402,9 +402,8 @@ class Dispatcher:
         """Send the events raised by a request of ``cause``, after its
         reply, or outside one (domain introduce/release: no cause)."""
         deferred, self._deferred = self._deferred, []
-        for target, event in deferred:
-            if not target.closed:
-                self._send_event(target, event, cause)
+        if deferred:
+            self._send_events(deferred, cause)
 
     # --- handlers: reading ---------------------------------------------------
 

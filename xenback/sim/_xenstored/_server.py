@@ -20,16 +20,21 @@ stall the others:
   - an event for a guest is dropped once ``max_queued`` bytes wait for
     that guest's connections (cxenstored's memory quota, which its
     send_event() checks);
-  - the guest that caused an event is held back while
-    ``Quota.outstanding`` of the events it caused wait in the server, for
-    whichever client: its further requests wait in the kernel (cxenstored
-    keeps the causing request "outstanding" and stops reading the guest's
-    ring);
+  - a guest is held back while ``Quota.outstanding`` of its requests
+    are outstanding: its further requests wait in the kernel, as
+    cxenstored stops reading the guest's ring.  As in cxenstored, a
+    request is outstanding from the moment it fires an event that waits
+    (for whichever client) until the last of the events it fired is sent
+    or dropped, however many it fired: one write watched 20 times is one
+    request, not 20.  cxenstored counts the request while its reply
+    waits too; here a client's own replies are bounded by
+    ``PAUSE_OUTPUT`` instead, so only requests with events waiting count;
   - an event for a guest that waits ``watch_event_timeout`` seconds with
     none of it sent is dropped (cxenstored's watch-event timeout, 20 s):
     a guest that never reads can stall a guest whose writes it watches
     for that long, never for good.  One the kernel took part of goes on
-    whole, but stale, it is no longer charged to the guest that caused it;
+    whole, but stale, it no longer keeps the request that caused it
+    outstanding;
   - an event for a privileged client (dom0, which the backends use) is
     never dropped.  Only dom0's own doings can grow dom0's queue without
     bound: dom0 is trusted, and cxenstored lets its queue grow too.  A
@@ -79,7 +84,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._connection import Connection, Domain, WaitingEvent
+from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
 from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
 
@@ -139,7 +144,7 @@ class XenStored:
         self.watch_event_timeout = watch_event_timeout
         self._max_outstanding = (quota or Quota()).outstanding
         self._dispatcher = Dispatcher(
-            self._send, self._send_event, self._introduce, self._release, quota
+            self._send, self._send_events, self._introduce, self._release, quota
         )
         self._selector: selectors.BaseSelector | None = None
         #: hang-ups of the held-back connections (see the module's
@@ -514,10 +519,23 @@ class XenStored:
         conn.domain.queued += len(data)
         self._dirty.add(conn)
 
-    def _send_event(self, conn: Connection, event: bytes, cause: Domain | None = None) -> None:
+    def _send_events(self, events: list[tuple[Connection, bytes]], cause: Domain | None) -> None:
+        """Queue the watch events one request of ``cause`` fired (None: the
+        server's own doing, as @introduceDomain), each ``(conn, message)``.
+
+        A guest's request is outstanding while any of them waits (see the
+        module's docstring): one Outstanding record counts them down.
+        """
+        charge = Outstanding(cause) if cause is not None and not cause.privileged else None
+        for conn, event in events:
+            self._send_event(conn, event, charge)
+        if charge is not None and charge.events:
+            charge.domain.outstanding += 1
+
+    def _send_event(self, conn: Connection, event: bytes,
+                    charge: Outstanding | None = None) -> None:
         """Queue the watch event ``event`` (a whole message) for ``conn``;
-        ``cause`` is the domain whose request fired it (None: the server's
-        own doing, as @introduceDomain).
+        ``charge`` is the guest's request that fired it, if it is charged.
 
         As cxenstored's send_event() since XSA-326, the event is dropped
 
@@ -534,8 +552,9 @@ class XenStored:
 
         A privileged client gets every other event, however many wait; a
         guest gets it unless it goes stale (see the module's docstring).
-        A guest that caused one is charged for it until it is sent or
-        dropped as stale.
+        One queued counts in ``charge`` until it is sent or dropped as
+        stale; one dropped here never does (cxenstored counts it only once
+        queued, too).
         """
         if conn.closed:
             return
@@ -553,16 +572,15 @@ class XenStored:
         else:
             self._send(conn, event)
             conn.queued_events[event] = conn.out_base + len(conn.out)
-        charged = cause if cause is not None and not cause.privileged else None
         deadline = math.inf
         if not domain.privileged and self.watch_event_timeout is not None:
             deadline = time.monotonic() + self.watch_event_timeout
-        elif charged is None:
+        elif charge is None:
             return
         end = conn.out_base + len(conn.out)
-        conn.waiting.append(WaitingEvent(end - len(event), end, charged, deadline))
-        if charged is not None:
-            charged.outstanding += 1
+        conn.waiting.append(WaitingEvent(end - len(event), end, charge, deadline))
+        if charge is not None:
+            charge.events += 1
         if deadline != math.inf and not conn.expiry_armed:
             self._arm_expiry(conn, deadline)
 
@@ -584,17 +602,22 @@ class XenStored:
 
     def _release_waiting(self, conn: Connection, upto: int | None) -> None:
         """Forget the events of ``conn`` the kernel has taken (those ending
-        at or before offset ``upto``; all of them if None), uncharging the
-        guests that caused them."""
+        at or before offset ``upto``; all of them if None), counting down
+        the requests that caused them."""
         waiting = conn.waiting
         while waiting and (upto is None or waiting[0].end <= upto):
-            guest = waiting.popleft().cause
-            if guest is not None:
-                self._uncharge(guest)
+            charge = waiting.popleft().cause
+            if charge is not None:
+                self._uncharge(charge)
 
-    def _uncharge(self, guest: Domain) -> None:
-        """One event ``guest`` caused is sent or dropped: wake its
+    def _uncharge(self, charge: Outstanding) -> None:
+        """One event of ``charge``'s request is sent or dropped: once it was
+        the last, the request is no longer outstanding; wake the guest's
         connections if they were held back for it."""
+        charge.events -= 1
+        if charge.events:
+            return
+        guest = charge.domain
         guest.outstanding -= 1
         if guest.outstanding == self._max_outstanding - 1:
             for other in guest.conns:
@@ -629,9 +652,10 @@ class XenStored:
 
         An event the kernel has taken part of goes on whole (the client
         would lose its framing otherwise), as in cxenstored; only the
-        oldest can be.  Stale, it no longer charges the guest that caused
-        it: a guest that reads part of an event and stops must not hold
-        a writer back for good (with a connection per event, up to
+        oldest can be.  Stale, it no longer keeps the request that caused
+        it outstanding (cxenstored's does, until it is written): a guest
+        that reads part of an event and stops must not hold a writer
+        back for good (with a connection per event, up to
         Quota.connections, it could otherwise use up the writer's quota).
         Its bytes still count in ``max_queued``, which bounds them.
         """
