@@ -818,6 +818,45 @@ def test_a_deaf_guest_paused_for_its_replies_goes_on_once_its_events_go_stale() 
             assert eventually(spoke)
 
 
+def test_a_bug_met_expiring_events_costs_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As a bug met serving a client: the loop and the other guests' stale
+    # events go on, and the connection the bug was met for is closed.
+    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
+    expire = XenStored._expire
+
+    def buggy(self: XenStored, conn: Connection, now: float) -> None:
+        if conn.domid == 3:
+            raise RuntimeError("a bug expiring events")
+        expire(self, conn, now)
+
+    monkeypatch.setattr(XenStored, "_expire", buggy)
+    with _deaf_guest(0.5) as (xsd, writer, _deaf), RawClient(xsd.path) as dom0, make_guest(
+        xsd, dom0, 3
+    ) as buggy_guest:
+        dom0.set_perms("/shared", ["n1", "r2", "r3"])
+        buggy_guest.watch("/shared", "buggy")
+        assert buggy_guest.wait_event() == ("/shared", "buggy")
+        conn2, conn3 = _server_conn(xsd, 2), _server_conn(xsd, 3)
+        writer.write("/shared/late", "")  # a fresh event for both
+
+        def both_done() -> bool:
+            return conn3.closed and all(e.start < conn2.out_base for e in conn2.waiting)
+
+        assert eventually(lambda: xsd._call(both_done))
+        assert xsd._thread is not None and xsd._thread.is_alive()
+        check_alive(xsd)
+        assert writer.read("/shared/late") == b""
+        # The stale events of deaf still go, once it is over the bug.
+        writer.write("/shared/later", "")
+        assert eventually(lambda: xsd._call(
+            lambda: all(e.start < conn2.out_base for e in conn2.waiting)))
+        assert not xsd._call(lambda: conn2.closed)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"internal error expiring the events of {conn3!r}"]
+
+
 def test_events_for_dom0_never_go_stale() -> None:
     # Dom0 is trusted to read: the guest stays held back past the timeout.
     # The sign the timeout passed: an event for a guest queued after the

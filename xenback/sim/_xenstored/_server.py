@@ -638,7 +638,14 @@ class XenStored:
             conn.expiry_armed = False
             if conn.closed:
                 continue
-            self._expire(conn, now)
+            try:
+                self._expire(conn, now)
+            except Exception:
+                # As in _on_event: a bug must cost one connection, never
+                # the server (nor the other guests their stale events).
+                logger.exception("internal error expiring the events of %r", conn)
+                self._close(conn, "internal error")
+                continue
             # The oldest is inf only if sending it has begun (see _expire).
             for event in itertools.islice(conn.waiting, 2):
                 if event.deadline != math.inf:
