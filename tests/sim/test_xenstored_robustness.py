@@ -857,6 +857,28 @@ def test_a_bug_met_expiring_events_costs_that_connection_only(
     assert errors == [f"internal error expiring the events of {conn3!r}"]
 
 
+def test_closed_connections_do_not_pile_up_waiting_to_expire() -> None:
+    # Each guest connection here has had an event (its watch's first),
+    # so it has an entry in the expiry heap; closed, it is of no more use
+    # there, and a guest opening and closing connections must not grow
+    # the heap (and keep every Connection) for watch_event_timeout.
+    quota = Quota()
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), watch_event_timeout=60.0
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        domain = xsd._dispatcher.domains[1]
+        for i in range(3 * quota.connections):
+            with RawClient(xsd.introduce_path(1)) as c:
+                c.watch("/local/domain/1", f"w{i}")
+                assert c.wait_event() == ("/local/domain/1", f"w{i}")
+            assert eventually(lambda: xsd._call(lambda: len(domain.conns)) == 1)
+        assert xsd._call(lambda: len(xsd._expiry)) <= 2
+        assert xsd._call(lambda: xsd._expiry_dead == sum(c.closed for _d, _s, c in xsd._expiry))
+        guest.watch("/local/domain/1", "still")
+        assert guest.wait_event() == ("/local/domain/1", "still")
+        assert xsd._call(lambda: [c.domid for _d, _s, c in xsd._expiry if not c.closed]) == [1]
+
+
 def test_events_for_dom0_never_go_stale() -> None:
     # Dom0 is trusted to read: the guest stays held back past the timeout.
     # The sign the timeout passed: an event for a guest queued after the

@@ -181,9 +181,13 @@ class XenStored:
         #: heap of (deadline, tie-breaker, guest connection): when to look
         #: for stale events in that connection's ``waiting``.  At most one
         #: entry per connection (Connection.expiry_armed); an entry may be
-        #: early (its event was sent since), never late.  Loop thread only.
+        #: early (its event was sent since) or dead (its connection closed
+        #: since), never late.  Loop thread only.
         self._expiry: list[tuple[float, int, Connection]] = []
         self._expiry_seq = itertools.count()
+        #: entries of _expiry whose connection is closed: purged once they
+        #: are half of it (see _close).  Loop thread only.
+        self._expiry_dead = 0
 
     # --- public face ---------------------------------------------------------
 
@@ -628,6 +632,20 @@ class XenStored:
         heapq.heappush(self._expiry, (deadline, next(self._expiry_seq), conn))
         conn.expiry_armed = True
 
+    def _forget_expiry(self) -> None:
+        """A connection with an entry in _expiry is closed: purge the
+        entries of closed connections once they are half the heap.  A
+        guest opening and closing connections must not grow it, nor keep
+        them all, for watch_event_timeout; purging each at once would cost
+        a heap rebuild per close."""
+        self._expiry_dead += 1
+        expiry = self._expiry
+        if 2 * self._expiry_dead > len(expiry):
+            # In place: the loop holds this list.
+            expiry[:] = [entry for entry in expiry if not entry[2].closed]
+            heapq.heapify(expiry)
+            self._expiry_dead = 0
+
     def _expire_due(self) -> None:
         """Drop the stale events of the connections whose time has come,
         and look again when their next event goes stale."""
@@ -637,6 +655,7 @@ class XenStored:
             _deadline, _seq, conn = heapq.heappop(expiry)
             conn.expiry_armed = False
             if conn.closed:
+                self._expiry_dead -= 1
                 continue
             try:
                 self._expire(conn, now)
@@ -793,8 +812,11 @@ class XenStored:
         self._dirty.discard(conn)
         conn.domain.queued -= len(conn.out)
         conn.out.clear()
+        conn.inbuf = b""
         conn.queued_events.clear()
         self._release_waiting(conn, None)
+        if conn.expiry_armed:
+            self._forget_expiry()
         if self._accept_paused:
             self._resume_accept()  # a descriptor is free now
 
