@@ -182,6 +182,56 @@ def test_a_bad_domain_name_is_a_usage_error_before_the_host_starts(
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--timeout", "watch-event=-1"], "argument -w/--timeout: watch-event must be"),
+    (["--timeout", "watch-event=soon"], "argument -w/--timeout: watch-event must be"),
+    (["--timeout", "watch-event=nan"], "argument -w/--timeout: watch-event must be"),
+    (["--timeout", "event=5"], "argument -w/--timeout: unknown timeout 'event'"),
+    (["-w", "20"], "argument -w/--timeout: expected WHAT=SECONDS"),
+    (["--max-queued", "1000"], "argument --max-queued: must be at least"),
+    (["--max-queued", "lots"], "argument --max-queued: not a number of bytes: 'lots'"),
+])
+def test_a_bad_xenstored_option_is_a_usage_error_before_the_host_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+        message: str) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        _daemon.main(["--run-dir", str(run_dir), *args])
+    assert exit_.value.code == 2
+    assert f"xenback-sim: error: {message}" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], {"max_queued": 1 << 20, "watch_event_timeout": 20.0}),
+    (["-w", "watch-event=2.5", "--max-queued", "300000"],
+     {"max_queued": 300000, "watch_event_timeout": 2.5}),
+    # 0: never, as cxenstored's -w watch-event=0.
+    (["--timeout", "watch-event=0"], {"max_queued": 1 << 20, "watch_event_timeout": None}),
+])
+def test_xenstored_options_reach_the_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        args: list[str], expected: dict[str, object]) -> None:
+    made: list[dict[str, object]] = []
+
+    class Host:
+        def __init__(self, _run_dir: Path, **kwargs: object) -> None:
+            made.append(kwargs)
+
+        def start(self) -> None:
+            raise OSError(errno.EACCES, "no")  # enough: it was made
+
+    monkeypatch.setattr(_daemon, "SimHost", Host)
+    # main() blocks the stop signals for its sigwait: not this process's.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        assert _daemon.main(["--run-dir", str(tmp_path / "run"), *args]) == 1
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    assert made == [expected]
+    assert "cannot start" in capsys.readouterr().err
+
+
 def test_guests_are_created_from_other_processes(
     daemon: tuple[subprocess.Popen[str], Path, list[str]],
 ) -> None:

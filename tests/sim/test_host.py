@@ -1296,3 +1296,18 @@ def _ignore(call: Callable[..., object], *args: object) -> None:
         call(*args)
     except OSError:
         pass  # the host closed under it
+
+
+def test_the_xenstored_limits_are_the_hosts_to_set(tmp_path: Path) -> None:
+    with SimHost(tmp_path, max_queued=300000, watch_event_timeout=None) as host:
+        xsd = host._xenstored
+        assert xsd is not None
+        assert (xsd.max_queued, xsd.watch_event_timeout) == (300000, None)
+    with SimHost() as host:
+        xsd = host._xenstored
+        assert xsd is not None
+        assert (xsd.max_queued, xsd.watch_event_timeout) == (1 << 20, 20.0)
+    with pytest.raises(ValueError, match="watch_event_timeout"):
+        SimHost(tmp_path, watch_event_timeout=0)
+    with pytest.raises(ValueError, match="max_queued"):
+        SimHost(tmp_path, max_queued=1)

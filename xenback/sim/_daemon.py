@@ -1,6 +1,7 @@
 """``xenback-sim``: the simulated host as a daemon.
 
-    xenback-sim --run-dir DIR [--domain NAME]...
+    xenback-sim --run-dir DIR [--domain NAME]... [-w watch-event=SECONDS]
+                [--max-queued BYTES]
 
 Serves XenStore on ``DIR/xenstored/socket`` (so ``XENSTORED_PATH`` and
 ``XENSTORED_RUNDIR=DIR/xenstored`` both work) and the hypervisor under
@@ -10,12 +11,19 @@ then one ``DOMAIN <name> <domid>`` line per ``--domain``.  SIGTERM, SIGINT
 or SIGHUP (its terminal closed; not under ``nohup``, which ignores it)
 closes everything and exits 0; a SIGINT before it takes them (as it
 starts) exits 130, having made nothing.
+
+``-w``/``--timeout watch-event=SECONDS`` is cxenstored's option of that
+name: how long a watch event for a guest may wait unsent before it is
+dropped (20; 0: never, as in cxenstored).  ``--max-queued BYTES`` bounds
+what may wait for one guest (XenStored's ``max_queued``; cxenstored's
+nearest is its memory quota, which counts much more, hence not its name).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -23,6 +31,7 @@ from collections.abc import Sequence
 
 from ._domain import run_dir_argument
 from ._host import SimHost, check_domain_name
+from ._xenstored._server import MAX_QUEUED, MIN_QUEUED, WATCH_EVENT_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +47,38 @@ def _domain_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _timeout(text: str) -> tuple[str, float | None]:
+    # cxenstored's -w WHAT=SECONDS, where watch-event is the one WHAT.
+    what, equals, value = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"expected WHAT=SECONDS, not {text!r}")
+    if what != "watch-event":
+        raise argparse.ArgumentTypeError(f"unknown timeout {what!r} (only watch-event)")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise argparse.ArgumentTypeError(
+            f"watch-event must be a number of seconds, 0 for never, not {value!r}")
+    return what, seconds or None
+
+
+def _max_queued(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    if size < MIN_QUEUED:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_QUEUED} bytes, not {size}")
+    return size
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xenback-sim`` console script; returns the exit
     status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start,
     cannot create a ``--domain`` or cannot write to stdout, 2 for a bad
-    ``--domain``)."""
+    option)."""
     parser = argparse.ArgumentParser(
         prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
     )
@@ -50,6 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--domain", action="append", default=[], type=_domain_name, metavar="NAME",
         help="create a guest domain called NAME (repeat for more guests)"
+    )
+    parser.add_argument(
+        "-w", "--timeout", action="append", default=[], type=_timeout, metavar="watch-event=SECONDS",
+        help=f"drop a watch event for a guest left unsent this long (default "
+             f"{WATCH_EVENT_TIMEOUT:g}; 0: never), as cxenstored's option"
+    )
+    parser.add_argument(
+        "--max-queued", type=_max_queued, default=MAX_QUEUED, metavar="BYTES",
+        help=f"drop watch events for a guest once this much waits for it "
+             f"(default {MAX_QUEUED}, at least {MIN_QUEUED})"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     args = parser.parse_args(argv)
@@ -70,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # mask), so that only sigwait below ever sees them.
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
-        host = SimHost(args.run_dir)
+        host = SimHost(args.run_dir, max_queued=args.max_queued,
+                       watch_event_timeout=dict(args.timeout).get("watch-event",
+                                                                  WATCH_EVENT_TIMEOUT))
         host.start()
     except (OSError, RuntimeError) as e:
         print(f"xenback-sim: cannot start in {args.run_dir}: {e}", file=sys.stderr)

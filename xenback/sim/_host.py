@@ -21,6 +21,7 @@ from ._domain import Domain, run_dir_path
 from ._hypervisor import Hypervisor
 from ._toolstack import REMOVE_TIMEOUT, Toolstack, check_timeout
 from ._xenstored import XenStored
+from ._xenstored._server import MAX_QUEUED, WATCH_EVENT_TIMEOUT, check_limits
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +153,21 @@ class SimHost(Closing):
     Serves XenStore on ``run_dir/xenstored/socket`` and the hypervisor on
     ``run_dir/domains/<domid>/hypervisor``; other processes join it with
     :func:`xenback.sim.attach`.  Without ``run_dir`` a fresh temporary
-    directory is used and removed on exit.
+    directory is used and removed on exit.  ``max_queued`` and
+    ``watch_event_timeout`` go to its XenStore server (see XenStored;
+    ValueError at once if it would refuse them).
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        max_queued: int = MAX_QUEUED,
+        watch_event_timeout: float | None = WATCH_EVENT_TIMEOUT,
+    ) -> None:
+        check_limits(max_queued, watch_event_timeout)
+        self._xenstored_options: dict[str, Any] = {
+            "max_queued": max_queued, "watch_event_timeout": watch_event_timeout}
         # A temporary run directory is made by start(), so that a host that
         # is never started leaves nothing behind.
         self._own_run_dir = run_dir is None
@@ -221,7 +233,7 @@ class SimHost(Closing):
                 # mkdir()'s word for a path that is something else.
                 raise NotADirectoryError(
                     errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(run_dir)) from None
-            self._xenstored = XenStored(run_dir)
+            self._xenstored = XenStored(run_dir, **self._xenstored_options)
             self._hypervisor = Hypervisor(run_dir)
             self._toolstack = Toolstack(self._xenstored.path)
             self._xenstored.start()

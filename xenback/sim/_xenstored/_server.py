@@ -107,6 +107,20 @@ PAUSE_OUTPUT = 64 * 1024
 #: The least ``max_queued`` that lets a paused client still get the reply
 #: that paused it and some events.
 MIN_QUEUED = PAUSE_OUTPUT + 4 * (HEADER_SIZE + PAYLOAD_MAX)
+#: XenStored's default ``max_queued`` (bytes).
+MAX_QUEUED = 1 << 20
+#: XenStored's default ``watch_event_timeout`` (seconds): cxenstored's.
+WATCH_EVENT_TIMEOUT = 20.0
+
+
+def check_limits(max_queued: int, watch_event_timeout: float | None) -> None:
+    """Raise ValueError unless XenStored takes these (for its users that
+    make one later, so that they can say so at once)."""
+    if max_queued < MIN_QUEUED:
+        raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
+    if watch_event_timeout is not None and not watch_event_timeout > 0:
+        raise ValueError(f"watch_event_timeout must be positive or None, "
+                         f"not {watch_event_timeout}")
 
 
 class XenStored:
@@ -130,15 +144,11 @@ class XenStored:
         self,
         run_dir: Path,
         *,
-        max_queued: int = 1 << 20,
+        max_queued: int = MAX_QUEUED,
         quota: Quota | None = None,
-        watch_event_timeout: float | None = 20.0,
+        watch_event_timeout: float | None = WATCH_EVENT_TIMEOUT,
     ) -> None:
-        if max_queued < MIN_QUEUED:
-            raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
-        if watch_event_timeout is not None and not watch_event_timeout > 0:
-            raise ValueError(f"watch_event_timeout must be positive or None, "
-                             f"not {watch_event_timeout}")
+        check_limits(max_queued, watch_event_timeout)
         self.run_dir = Path(run_dir)
         self.max_queued = max_queued
         self.watch_event_timeout = watch_event_timeout
