@@ -465,3 +465,22 @@ def test_a_map_interrupted_anywhere_in_its_round_trip_is_released_by_close(
                 break
             landed.append(where)
     assert len(landed) > 5, landed
+
+
+def test_what_a_reply_gave_goes_back_when_apply_refuses_it(host: SimHost, guest: Domain) -> None:
+    """An ``apply`` that raises took nothing (an unexpected number of
+    descriptors, say): the port the reply gave is unbound at once, not
+    left to the service until the handle closes."""
+    with host.dom0.evtchn() as e0:
+        ports = host.hypervisor.stats()["ports"]
+
+        def refuse(reply: dict[str, object], fds: list[int]) -> None:
+            for fd in fds:
+                os.close(fd)
+            raise PlatformError(errno.EPROTO, "not this one")
+
+        with pytest.raises(PlatformError, match="not this one"):
+            e0._conn.call("evtchn_alloc_unbound", apply=refuse, domid=guest.domid)
+        assert eventually(lambda: host.hypervisor.stats()["ports"] == ports)
+        port = e0.bind_unbound_port(guest.domid)  # and the next call gets its own reply
+        assert e0.ports() == [port]

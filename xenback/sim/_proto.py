@@ -320,7 +320,9 @@ class ServiceConnection:
 
         ``apply(reply, fds)``, if given, runs before any message pushed
         after the reply is delivered (it runs under the connection's lock);
-        it owns the descriptors, and what the reply gave, as it starts.
+        it owns the descriptors, and what the reply gave, as it starts;
+        if it raises an :class:`Exception`, it took only the descriptors,
+        and what the reply gave is released.
         ``done()``, if given, runs (under the lock, before ``apply``) once
         the request succeeded, also if this call was cut short before its
         reply came: then as a later call takes it.
@@ -388,10 +390,17 @@ class ServiceConnection:
         if done is not None:
             done()
         if apply is not None:
-            given = taken.fds
+            given, undo = taken.fds, taken.undo
             taken.fds = []
             taken.undo = None
-            apply(msg, given)
+            try:
+                apply(msg, given)
+            except Exception:
+                # Refused (a reply short of descriptors, say): apply took
+                # nothing, and what the reply gave goes back.
+                taken.undo = undo
+                self._release_head(taken)
+                raise
         # One step, as far as a signal goes: no call in between.
         self._delivering[me] = taken
         del self._inbox[0]
