@@ -25,7 +25,7 @@ from hosthelpers import (
     wait_pending,
 )
 from racewindow import TIMEOUT, stands_at
-from stolensignal import Interrupted, interrupted_as_call_returns, interrupted_at
+from stolensignal import OUTLASTS_THE_TEST, Interrupted, interrupted_as_call_returns, interrupted_at
 
 from xenback.platform import Platform, PlatformError
 from xenback.sim import Domain, SimHost, Toolstack, attach, create_domain
@@ -505,6 +505,76 @@ def test_destroy_waits_for_the_backend_without_holding_the_host(host: SimHost) -
         assert host.domains() == [host.dom0, other]
         with pytest.raises(LookupError):
             host.domain(guest.domid)
+
+
+def _destroy_waiting_for_its_backend(host: SimHost, guest: Domain, timeout: float) -> tuple[
+        threading.Thread, list[BaseException], Callable[[], None]]:
+    """A destroy of ``guest`` with ``timeout``, in a thread, once it waits
+    for the backend of a device nobody serves: the thread, what it raised,
+    and what closes the backend."""
+    dev = host.toolstack.add_device("vif", guest.domid)
+    state = dev.backend_path.encode() + b"/state"
+    raised: list[BaseException] = []
+
+    def destroy() -> None:
+        try:
+            host.destroy_domain(guest, timeout=timeout)
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=destroy)
+    with host.dom0.xenstore() as c:
+        monitor = c.monitor()
+        monitor.watch(state, b"t")
+        thread.start()
+        while c.read(state, b"") != b"5":  # the toolstack asks it to close
+            monitor.events.get(timeout=TIMEOUT)
+
+    def close_backend() -> None:
+        with host.dom0.xenstore() as c:
+            c.write(state, b"6")
+
+    return thread, raised, close_backend
+
+
+def test_a_destroy_waiting_for_another_honours_its_own_timeout(host: SimHost) -> None:
+    """A destroy of a domain that another destroy, giving its backends
+    longer, is destroying: past its own timeout it raises TimeoutError
+    (ETIMEDOUT), the domain still dying, and the other goes on and ends
+    it.  It waited for the other for as long as that one took."""
+    guest = host.create_domain("guest")
+    first, raised, close_backend = _destroy_waiting_for_its_backend(
+        host, guest, OUTLASTS_THE_TEST)
+    try:
+        with pytest.raises(TimeoutError) as info:
+            host.destroy_domain(guest, timeout=0.2)
+        assert info.value.errno == errno.ETIMEDOUT
+        assert f"domain {guest.domid}" in str(info.value)
+        assert first.is_alive()
+        assert guest not in host.domains()
+        with pytest.raises(ValueError, match="exists already"):
+            host.create_domain("guest")  # still dying
+    finally:
+        close_backend()
+        first.join(TIMEOUT)
+    assert not first.is_alive() and raised == []
+    assert host.domains() == [host.dom0]
+
+
+def test_a_destroy_waiting_for_one_that_gives_its_backends_less_time_waits_it_out(
+        host: SimHost) -> None:
+    """The other destroy's timeout ends before this one's: it waits for
+    that destroy's forced removal, past its own timeout if the removal
+    takes that long, and returns with the domain gone, as its own destroy
+    would have."""
+    guest = host.create_domain("guest")
+    first, raised, _ = _destroy_waiting_for_its_backend(host, guest, 0.5)
+    try:
+        host.destroy_domain(guest, timeout=0.5)
+    finally:
+        first.join(TIMEOUT)
+    assert not first.is_alive() and raised == []
+    assert host.domains() == [host.dom0]
 
 
 def test_create_domain_whose_socket_path_is_too_long() -> None:

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import select
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hosthelpers import descriptors, eventually, serve_one_client
+from hosthelpers import SIM_CODE, descriptors, eventually, serve_one_client
 from racewindow import TIMEOUT
-from stolensignal import interrupted_as_call_returns
+from stolensignal import interrupted_as_call_returns, interrupted_at
 
-from xenback.platform import PAGE_SIZE, PlatformError
+from xenback.platform import PAGE_SIZE, EventChannelError, PlatformError
 from xenback.sim import Domain, SimHost
 from xenback.sim._proto import (
     MAX_MESSAGE,
@@ -299,3 +301,186 @@ def test_a_call_cut_short_before_its_reply_leaves_the_reply_to_nobody(
         # again, it reads a new pipe (the service's, see _hypervisor.py).
         assert e1.remote(p1) is None
         assert eventually(lambda: len(descriptors()) <= len(fds)), sorted(descriptors() - fds)
+
+
+# Every file of the simulated host but _proto.py: a sweep of the round
+# trip's own frames (stolensignal.interrupted_at).
+_BESIDES_PROTO = tuple(os.path.join(SIM_CODE, name) for name in os.listdir(SIM_CODE)
+                       if name != "_proto.py")
+
+
+_ROUND_TRIP = {ServiceConnection.call.__code__, ServiceConnection.close.__code__,
+               ServiceConnection.drain.__code__}
+
+
+def _outside_the_round_trip() -> bool:
+    """Whether a landing is in a helper of _proto.py's that a handle calls
+    itself (close_fds(), on the reply it got), not within a call to the
+    service: there it is the handle's, as one after an ioctl returned."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _ROUND_TRIP:
+            return False
+        frame = frame.f_back  # type: ignore[assignment]
+    return True
+
+
+class _Handles:
+    """A guest's share handle and event channel handle, and dom0's grant
+    table and event channel handle, each one connection kept open across a
+    sweep: a reply a Ctrl-C left behind meets the calls that follow."""
+
+    def __init__(self, host: SimHost, guest: Domain) -> None:
+        self.guest = guest
+        self.shr, self.tab = guest.gntshr(), host.dom0.gnttab()
+        self.e0, self.e1 = host.dom0.evtchn(), guest.evtchn()
+
+    def close(self) -> None:
+        for handle in (self.shr, self.tab, self.e0, self.e1):
+            handle.close()
+
+    def unbind_all(self) -> None:
+        """Unbind dom0's ports: one a bind got before a Ctrl-C landed after
+        the handle took it (``apply``) is the handle's, listed by ports()."""
+        for port in self.e0.ports():
+            self.e0.unbind(port)
+
+    def round(self, op: str) -> tuple[Callable[[], object], Callable[[list[object]], None]]:
+        """The call to interrupt, and what undoes it and checks that the
+        connection still answers each call with its own reply."""
+        h, domid = self, self.guest.domid
+        if op in ("gnt_map", "gnt_unmap"):
+            pages = h.shr.share_pages(0, 1)
+            mapped = h.tab.map_grant_refs(domid, pages.refs) if op == "gnt_unmap" else None
+
+            def after(made: list[object]) -> None:
+                for mapping in made:
+                    mapping.unmap()  # type: ignore[attr-defined]
+                if mapped is not None:
+                    mapped.unmap()  # again, if it was the one cut short
+                with h.tab.map_grant_refs(domid, pages.refs) as again:
+                    assert len(again.buffer) == PAGE_SIZE
+                pages.unshare()  # its grant goes once no mapping holds it
+
+            if mapped is None:
+                return lambda: h.tab.map_grant_refs(domid, pages.refs), after
+            return mapped.unmap, after
+        if op == "gnt_share":
+            def after_share(made: list[object]) -> None:
+                for shared in made:
+                    shared.unshare()  # type: ignore[attr-defined]
+                with h.shr.share_pages(0, 2) as other:
+                    assert len(other.refs) == 2
+
+            return lambda: h.shr.share_pages(0, 1), after_share
+        p1 = h.e1.bind_unbound_port(0)
+
+        def after_bind(made: list[object]) -> None:
+            h.unbind_all()
+            port = h.e0.bind_unbound_port(domid)
+            assert h.e0.ports() == [port]
+            h.e0.unbind(port)
+            h.e1.unbind(p1)
+
+        if op == "evtchn_alloc_unbound":
+            return lambda: h.e0.bind_unbound_port(domid), after_bind
+        if op == "evtchn_bind_interdomain":
+            return lambda: h.e0.bind_interdomain(domid, p1), after_bind
+        assert op == "evtchn_unbind"
+        p0 = h.e0.bind_interdomain(domid, p1)
+
+        def unbind() -> None:
+            h.e0.unbind(p0)
+
+        def after_unbind(made: list[object]) -> None:
+            try:
+                h.e0.unbind(p0)  # finishes one cut short
+            except EventChannelError as e:
+                assert e.errno == errno.ENOTCONN, e
+            assert eventually(lambda: h.e1.remote(p1) is None)
+            after_bind(made)
+
+        return unbind, after_unbind
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("op", ["gnt_map", "gnt_share", "evtchn_alloc_unbound",
+                                "evtchn_bind_interdomain", "gnt_unmap", "evtchn_unbind"])
+def test_a_call_interrupted_anywhere_in_its_round_trip_leaves_nothing(
+        host: SimHost, guest: Domain, op: str) -> None:
+    """A Ctrl-C landing anywhere in the round trip's own frames: between
+    the receive and the hand-over of a reply, or in the release of an
+    abandoned one.  Nothing the call got is left to nobody (no port or
+    grant at the service that the handle does not list, no descriptor
+    here), nothing is released twice, and the calls that follow on the
+    same connection get their own replies.  A landing after the reply left
+    the socket and before call() returned lost it: its descriptors stayed
+    open, and what it gave stayed until the handle closed."""
+    handles = _Handles(host, guest)
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            stats, fds = host.hypervisor.stats(), descriptors()
+            call, after = handles.round(op)
+            made: list[object] = []
+            where = interrupted_at(n, SIM_CODE, lambda made=made, call=call: made.append(call()),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            after([m for m in made if m is not None])
+            now = host.hypervisor.stats()
+            assert (now["ports"], now["grants"]) == (stats["ports"], stats["grants"]), where
+            assert eventually(lambda fds=fds: descriptors() <= fds), (
+                where, sorted(descriptors() - fds))
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        handles.close()
+    assert len(landed) > 5, landed
+
+
+def test_a_map_interrupted_anywhere_in_its_round_trip_is_released_by_close(
+        host: SimHost, guest: Domain) -> None:
+    """The same sweep, with the handle closed instead of called again: a
+    reply left on its way out of call(), or in the inbox, has its
+    descriptors closed with the connection (the service releases what it
+    gave as it sees the connection close)."""
+    landed: list[str] = []
+    with guest.gntshr() as shr:
+        for n in itertools.count():
+            stats, fds = host.hypervisor.stats(), descriptors()
+            pages = shr.share_pages(0, 1)
+            tab = host.dom0.gnttab()
+            made: list[object] = []
+            where = interrupted_at(
+                n, SIM_CODE,
+                lambda made=made, tab=tab, pages=pages: made.append(
+                    tab.map_grant_refs(guest.domid, pages.refs)),
+                unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            tab.close()
+            pages.unshare()
+            assert eventually(lambda stats=stats: host.hypervisor.stats() == stats), where
+            assert eventually(lambda fds=fds: descriptors() <= fds), (
+                where, sorted(descriptors() - fds))
+            if not where:
+                break
+            landed.append(where)
+    assert len(landed) > 5, landed
+
+
+def test_what_a_reply_gave_goes_back_when_apply_refuses_it(host: SimHost, guest: Domain) -> None:
+    """An ``apply`` that raises took nothing (an unexpected number of
+    descriptors, say): the port the reply gave is unbound at once, not
+    left to the service until the handle closes."""
+    with host.dom0.evtchn() as e0:
+        ports = host.hypervisor.stats()["ports"]
+
+        def refuse(reply: dict[str, object], fds: list[int]) -> None:
+            for fd in fds:
+                os.close(fd)
+            raise PlatformError(errno.EPROTO, "not this one")
+
+        with pytest.raises(PlatformError, match="not this one"):
+            e0._conn.call("evtchn_alloc_unbound", apply=refuse, domid=guest.domid)
+        assert eventually(lambda: host.hypervisor.stats()["ports"] == ports)
+        port = e0.bind_unbound_port(guest.domid)  # and the next call gets its own reply
+        assert e0.ports() == [port]

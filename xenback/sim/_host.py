@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -130,15 +131,27 @@ class _Destroy:
     for it with ``with running``.  Both are done there with no Python
     frame before them, which a signal's handler could cut short as it
     starts (release() is a C call: a handler runs only as it returns).
+    ``deadline`` (time.monotonic()) is when its timeout ends: another
+    destroy, of a timeout that ends sooner, waits for it only so long.
     """
 
-    __slots__ = ("thread", "running", "over")
+    __slots__ = ("thread", "deadline", "running", "over")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
         self.thread = threading.get_ident()
+        self.deadline = deadline
         self.over = False
         self.running = threading.Lock()
         self.running.acquire()
+
+
+def _wait_slice(other: _Destroy, deadline: float) -> float:
+    """How long a destroy with ``deadline`` waits at once for ``other``
+    (see destroy_domain): a slice, cut at the deadline if ``other`` may
+    outlast it."""
+    if other.deadline <= deadline:
+        return _DESTROY_WAIT_SLICE
+    return min(_DESTROY_WAIT_SLICE, max(0.0, deadline - time.monotonic()))
 
 
 class SimHost(Closing):
@@ -450,9 +463,13 @@ class SimHost(Closing):
         it.  A destroy cut short (Ctrl-C) or failed leaves it dying, and
         the next destroy_domain() of it, or :meth:`close`, finishes it.
         One of a domain that another thread is destroying waits for that
-        destroy to end (for as long as it takes: ``timeout`` is the other
-        one's), or the host to close, and finishes it if it was cut short;
-        it returns once the domain is gone, as the other does.
+        destroy to end, or the host to close, and finishes it (in what is
+        left of ``timeout``) if it was cut short; it returns once the
+        domain is gone, as the other does.  If the other gives its backends
+        longer, this one raises :class:`TimeoutError` (ETIMEDOUT) once its
+        own ``timeout`` is over, the domain still dying and the other
+        destroy going on; else it waits for the other's forced removal,
+        as its own would have been.
 
         ``domain`` is one of this host's Domains or a domain id; anything
         else, dom0 included, is a :class:`ValueError`, and an id of no
@@ -468,7 +485,8 @@ class SimHost(Closing):
         if domid == 0:
             raise ValueError("dom0 cannot be destroyed")
         check_timeout(timeout)
-        mine = _Destroy()
+        deadline = time.monotonic() + timeout
+        mine = _Destroy(deadline)
         waited = False
 
         def claim() -> _Destroy | None:
@@ -531,9 +549,17 @@ class SimHost(Closing):
                 # handler returns.
                 # Its over too: a waiter cut short between acquiring and
                 # releasing leaves the lock held.
-                while not other.running.acquire(timeout=_DESTROY_WAIT_SLICE):
+                while not other.running.acquire(timeout=_wait_slice(other, deadline)):
                     if self._state != "running" or other.over:  # (claim() reads again)
                         break
+                    if other.deadline > deadline and time.monotonic() >= deadline:
+                        # Not the other's to end sooner: its wait for the
+                        # backends began with its own deadline.
+                        raise TimeoutError(
+                            errno.ETIMEDOUT,
+                            f"domain {domid} is still being destroyed by another call,"
+                            f" which gives its backends longer than this one's {timeout} s",
+                        )
                 else:
                     other.running.release()
             if domid not in self._dying:
@@ -542,7 +568,7 @@ class SimHost(Closing):
                 for dev in self.toolstack.devices():
                     if dev.backend_id == domid:
                         self.toolstack.destroy_device(dev)
-                self.toolstack.destroy_devices(domid, timeout)
+                self.toolstack.destroy_devices(domid, max(0.0, deadline - time.monotonic()))
                 self._forget_home(domid)
             except Exception as e:
                 if self._locked("destroy_domain", lambda: self._state == "running"):

@@ -20,7 +20,9 @@ A request may carry ``"id"``, an integer the service echoes in its reply.
 socket, and the next call, which waits for its own id, takes it for what
 it is.  It closes the descriptors of such an abandoned reply and releases
 what the reply gave (see :data:`_UNDO`), with a request of its own whose
-reply it drops too.
+reply it drops too.  So does one cut short after its reply was received:
+a packet is part of the connection's state from the receive until it is
+handed on (see :class:`ServiceConnection`).
 
 =========================  ==============================  ==========================
 request                    arguments (descriptors)         reply (descriptors)
@@ -51,7 +53,9 @@ or past its domain's limit on handles: its requests fail with that errno
 from __future__ import annotations
 
 import array
+import collections
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -128,6 +132,19 @@ def close_fds(fds: Sequence[int]) -> None:
             pass
 
 
+def _close_all(fds: list[int]) -> None:
+    """Close ``fds``, emptying the list: each leaves it before it is
+    closed, with no call in between, so that one cut short by a Ctrl-C
+    and made again closes every one once."""
+    while fds:
+        fd = fds[-1]
+        del fds[-1]
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def recv_message(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int], bool]:
     """Receive one packet: ``(data, fds, truncated)``.
 
@@ -135,9 +152,16 @@ def recv_message(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int],
     also when the packet turns out to be invalid.
     """
     # Not socket.recv_fds: Python 3.11's ignores its flags argument.
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        MAX_MESSAGE + 1, _ANCILLARY_SPACE, flags | _MSG_CMSG_CLOEXEC
-    )
+    return _unpack(sock.recvmsg(MAX_MESSAGE + 1, _ANCILLARY_SPACE, flags | _MSG_CMSG_CLOEXEC))
+
+
+#: What socket.recvmsg returns.
+_Packet = tuple[bytes, list[tuple[int, int, bytes]], int, Any]
+
+
+def _unpack(packet: _Packet) -> tuple[bytes, list[int], bool]:
+    """A packet :meth:`socket.socket.recvmsg` returned, as :func:`recv_message`'s."""
+    data, ancdata, msg_flags, _ = packet
     fds = array.array("i")
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -173,6 +197,37 @@ _UNDO: dict[str, Callable[[Message], tuple[str, dict[str, Any]]]] = {
 _Request = tuple[str, Callable[[], None] | None]
 
 
+class _Taken:
+    """A packet taken off the socket, and what is left to do with it.
+
+    It lives in the connection's state from the receive on (see
+    :class:`ServiceConnection`), so that the next call, or close(),
+    finishes what a Ctrl-C cut short.  Each step that gives something away
+    (a descriptor closed, ``done`` called, an undo sent, the reply handed
+    on) first takes it out of here, with no call in between where a signal
+    handler could run: so a step is done once, and one not done yet is
+    still here.
+    """
+
+    __slots__ = ("msg", "error", "fds", "out", "classified", "request_id", "done", "undo")
+
+    def __init__(self, msg: Message, fds: list[int], error: OSError | None) -> None:
+        self.msg = msg
+        # Why the packet fails the call that meets it (the service gone or
+        # refusing, a malformed packet), or None.
+        self.error = error
+        # The descriptors that are still the connection's to close.
+        self.fds = fds
+        # The descriptors call() returns: the same list unless apply took them.
+        self.out = fds
+        # Once set, a reply's request is known (request_id, done, undo).
+        self.classified = False
+        self.request_id: int | None = None
+        self.done: Callable[[], None] | None = None
+        # The request that gives back what the reply gave, if nobody takes it.
+        self.undo: tuple[str, dict[str, Any]] | None = None
+
+
 class ServiceConnection:
     """The client end of one handle's connection to the hypervisor service.
 
@@ -187,6 +242,19 @@ class ServiceConnection:
     the caller takes every message until its reply itself, and the reply
     would otherwise wake that thread for nothing (a context switch and a
     pass of its loop per request).
+
+    A Ctrl-C (a signal handler's exception, which CPython raises after any
+    call returns) may land anywhere in here.  As the blocking receive
+    waits it gets EINTR before anything is taken; after that, every packet
+    received is in the connection's state until it is dealt with (see
+    :class:`_Taken`): the receive appends it there in one C-level step
+    (``deque.extend(map(recvmsg, ...))``, as no bytecode runs between
+    them), and each step after it is recorded before it happens.  A reply
+    whose call was cut short is released by the next call or drain() (its
+    descriptors closed, ``done`` called, what it gave undone) or by
+    close().  One cut short after ``apply`` ran is the handle's: it took
+    what the reply gave (as a file keeps what an ioctl interrupted after
+    it returned gave).
     """
 
     def __init__(
@@ -214,7 +282,19 @@ class ServiceConnection:
         # later reply comes (replies come in request order).
         self._ids = itertools.count(1)
         self._unanswered: dict[int, _Request] = {}
+        # The packets received and not dealt with yet, oldest first: raw
+        # (recvmsg's tuples) until parsed, then _Taken (under _lock).
+        self._inbox: collections.deque[_Packet | _Taken] = collections.deque()
+        # The replies on their way out of call(), by thread: put here under
+        # _lock, taken by the call once it let go of the lock (it has to,
+        # and no reply may be in its hands only as it does).  One left
+        # here by a call cut short there is released by the next call or
+        # drain() of the same thread, or by close(): only they know that
+        # this thread is not about to take it (no lock rule: a thread
+        # touches its own entry only, but under _lock).
+        self._delivering: dict[int, _Taken] = {}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._recvmsg = functools.partial(self._sock.recvmsg, MAX_MESSAGE + 1, _ANCILLARY_SPACE)
         try:
             self._sock.connect(os.fspath(path))
         except OSError as e:
@@ -239,7 +319,10 @@ class ServiceConnection:
         """Send one request and wait for its reply: ``(reply, fds)``.
 
         ``apply(reply, fds)``, if given, runs before any message pushed
-        after the reply is delivered (it runs under the connection's lock).
+        after the reply is delivered (it runs under the connection's lock);
+        it owns the descriptors, and what the reply gave, as it starts;
+        if it raises an :class:`Exception`, it took only the descriptors,
+        and what the reply gave is released.
         ``done()``, if given, runs (under the lock, before ``apply``) once
         the request succeeded, also if this call was cut short before its
         reply came: then as a later call takes it.
@@ -247,49 +330,80 @@ class ServiceConnection:
         it refused the connection with (EMFILE: it had no descriptor for
         it, or the domain has as many handles open as it may), or
         ``ENODEV`` once the service has gone (host stopped, domain
-        destroyed).
+        destroyed) or the connection was closed during the call.
         """
+        me = threading.get_ident()
         with self._lock:
+            self._settle_delivering(me)
             if self._refusal is not None:
                 raise self._error(*self._refusal)
             on_wait = self._on_wait
             if on_wait is None:
-                return self._call(op, fds, apply, done, args)
-            on_wait(True)
-            try:
-                return self._call(op, fds, apply, done, args)
-            finally:
-                on_wait(False)
+                self._call(me, op, fds, apply, done, args)
+            else:
+                on_wait(True)
+                try:
+                    self._call(me, op, fds, apply, done, args)
+                finally:
+                    on_wait(False)
+        # No call from here on: a signal's handler runs after one returns,
+        # and the reply would be lost there, out of _delivering and not
+        # returned yet.
+        try:
+            taken = self._delivering[me]
+        except KeyError:
+            # Released meanwhile, by a close() from another thread (or a
+            # call made by a signal's handler in this one).
+            raise self._error(
+                errno.ENODEV, "the connection to the simulated hypervisor was closed") from None
+        del self._delivering[me]
+        return taken.msg, taken.out
 
     def _call(
         self,
+        me: int,
         op: str,
         fds: Sequence[int],
         apply: Callable[[Message, list[int]], None] | None,
         done: Callable[[], None] | None,
         args: dict[str, Any],
-    ) -> tuple[Message, list[int]]:
-        # Under _lock: call()'s request and the messages up to its reply.
+    ) -> None:
+        # Under _lock: call()'s request and the messages up to its reply,
+        # which it leaves in _delivering[me].  First what earlier calls,
+        # cut short, left: their replies are not this one's.
+        while self._inbox:
+            self._dispatch(None)
         request_id = self._send(op, args, fds, done)
         while True:
-            msg, rfds = self._receive(0)
-            if "event" in msg:
-                self._push(msg, rfds)
-                continue
-            answered, request = self._answered(msg)
-            if answered is None:
-                self._unanswered.pop(request_id, None)  # ours, from a service without ids
-            elif answered != request_id:
-                self._abandoned(request, msg, rfds)
-                continue
-            if "errno" in msg:
-                close_fds(rfds)
-                raise self._error(int(msg["errno"]), str(msg.get("error", "")))
-            if done is not None:
-                done()
-            if apply is not None:
-                apply(msg, rfds)
-            return msg, rfds
+            if not self._inbox:
+                self._receive(0)
+            taken = self._dispatch(request_id)
+            if taken is not None:
+                break
+        msg = taken.msg
+        if "errno" in msg:
+            error = self._error(int(msg["errno"]), str(msg.get("error", "")))
+            self._release_head(taken)
+            raise error
+        done = taken.done
+        taken.done = None
+        if done is not None:
+            done()
+        if apply is not None:
+            given, undo = taken.fds, taken.undo
+            taken.fds = []
+            taken.undo = None
+            try:
+                apply(msg, given)
+            except Exception:
+                # Refused (a reply short of descriptors, say): apply took
+                # nothing, and what the reply gave goes back.
+                taken.undo = undo
+                self._release_head(taken)
+                raise
+        # One step, as far as a signal goes: no call in between.
+        self._delivering[me] = taken
+        del self._inbox[0]
 
     def _send(self, op: str, args: dict[str, Any], fds: Sequence[int] = (),
               done: Callable[[], None] | None = None) -> int:
@@ -305,62 +419,150 @@ class ServiceConnection:
             raise self._refused() or self._gone(e) from None
         return request_id
 
-    def _answered(self, reply: Message) -> tuple[int | None, _Request | None]:
-        """The id of the request ``reply`` answers and its op and done,
-        now answered, with the requests before it (under _lock).  (None, None)
-        for a reply without an id: a service that numbers nothing, which
-        answers the request the caller waits for (in order)."""
+    def _dispatch(self, request_id: int | None) -> _Taken | None:
+        """Deal with the packet at the head of the inbox (under _lock):
+        raise the error it means, hand a pushed message on, release a reply
+        to another request than ``request_id`` (None: to none).  The reply
+        to ``request_id`` is returned, left at the head."""
+        taken = self._head()
+        if taken.error is not None:
+            error = taken.error
+            self._release_head(taken)
+            raise error
+        msg = taken.msg
+        if "event" in msg:
+            on_push = self._on_push
+            if on_push is None:
+                logger.warning("unexpected message from the hypervisor service: %r", msg)
+                self._release_head(taken)
+            else:
+                fds = taken.fds
+                del self._inbox[0]
+                on_push(msg, fds)  # it owns them as it starts
+            return None
+        if not taken.classified:
+            self._classify(taken, request_id)
+        if taken.request_id is None or taken.request_id != request_id:
+            self._release_head(taken)
+            return None
+        return taken
+
+    def _head(self) -> _Taken:
+        """The packet at the head of the inbox, parsed (under _lock)."""
+        head = self._inbox[0]
+        if isinstance(head, _Taken):
+            return head
+        data, fds, truncated = _unpack(head)
+        error: OSError | None = None
+        msg: Message = {}
+        if not data:
+            error = self._gone(None)
+        elif truncated:
+            error = self._error(errno.EPROTO, "oversized message from the hypervisor service")
+        else:
+            try:
+                msg = decode(data)
+            except ValueError as e:
+                error = self._error(errno.EPROTO, f"malformed message from the hypervisor service: {e}")
+            else:
+                if msg.get("event") == "refused":
+                    error = self._error(*self._refuse(msg))
+        taken = _Taken(msg, fds, error)
+        # Parsing again after a Ctrl-C above costs nothing: nothing was
+        # given away yet.
+        self._inbox[0] = taken
+        return taken
+
+    def _classify(self, taken: _Taken, waiting: int | None) -> None:
+        """Find the request ``taken``, a reply, answers (under _lock): the
+        one of its id, or without one (a service that numbers nothing)
+        ``waiting``, the one a call waits for; and what releasing it
+        involves.  The request and those before it are then answered."""
+        reply = taken.msg
         request_id = reply.get("id")
         if type(request_id) is not int:
-            return None, None
-        for earlier in [i for i in self._unanswered if i < request_id]:
-            # Never sent, or its reply lost with a call cut short: none comes.
-            del self._unanswered[earlier]
-        return request_id, self._unanswered.pop(request_id, None)
-
-    def _abandoned(self, request: _Request | None, reply: Message, fds: list[int]) -> None:
-        """Let go of ``reply``, to ``request`` whose call was cut short
-        (None: to no request, from a confused service) (under _lock)."""
-        close_fds(fds)
+            request_id = waiting
+        request = self._unanswered.get(request_id) if request_id is not None else None
         if request is None:
             logger.warning("a reply from the hypervisor service to no request: %r", reply)
-            return
-        op, done = request
-        if "errno" in reply:
-            return
+        elif "errno" not in reply:
+            op, taken.done = request
+            undo = _UNDO.get(op)
+            if undo is not None:
+                try:
+                    taken.undo = undo(reply)
+                except (KeyError, TypeError):
+                    logger.warning("a malformed reply from the hypervisor service to %s: %r",
+                                   op, reply)
+        taken.request_id = request_id if request is not None else None
+        taken.classified = True
+        if request_id is not None:
+            for earlier in [i for i in self._unanswered if i <= request_id]:
+                # Never sent, or its reply lost with a call cut short: none comes.
+                del self._unanswered[earlier]
+
+    def _release_head(self, taken: _Taken) -> None:
+        """Let go of ``taken``, at the head of the inbox (under _lock)."""
+        self._settle(taken)
+        del self._inbox[0]
+
+    def _settle(self, taken: _Taken) -> None:
+        """Give back all ``taken`` holds, to a request whose call was cut
+        short (under _lock): close its descriptors, call its ``done`` and
+        release what it gave.  Called again after a Ctrl-C, it finishes."""
+        _close_all(taken.fds)
+        done = taken.done
+        taken.done = None
         if done is not None:
             done()
-        undo = _UNDO.get(op)
+        undo = taken.undo
         if undo is None:
             return
+        undo_op, undo_args = undo
+        logger.debug("releasing what an abandoned reply gave: %s %r", undo_op, undo_args)
+        request_id = next(self._ids)
+        data = encode({"op": undo_op, **undo_args, "id": request_id})
+        self._unanswered[request_id] = (undo_op, None)  # its reply is dropped in turn
+        sent: list[int] = []
+        taken.undo = None
         try:
-            undo_op, undo_args = undo(reply)
-        except (KeyError, TypeError):
-            logger.warning("a malformed reply from the hypervisor service to %s: %r", op, reply)
-            return
-        logger.debug("releasing what an abandoned %s gave: %s %r", op, undo_op, undo_args)
-        try:
-            self._send(undo_op, undo_args)  # its reply is dropped in turn
-        except self._error:
+            # list.extend: whether it went is known also when a signal's
+            # handler raises as the send returns.
+            sent.extend(map(self._sock.send, (data,)))
+        except OSError:
             pass  # gone: the service released everything the handle held
+        except BaseException:
+            if not sent:  # EINTR: to be sent by the next one
+                taken.undo = undo
+            raise
+
+    def _settle_delivering(self, me: int) -> None:
+        """Release the reply a call of this thread, cut short as it
+        returned, left in _delivering (under _lock)."""
+        if me in self._delivering:
+            self._settle(self._delivering[me])
+            del self._delivering[me]
 
     def drain(self) -> bool:
         """Deliver the pushed messages that already arrived, without waiting.
 
         Returns False once the service has gone (the next call reports it).
         """
+        me = threading.get_ident()
         with self._lock:
+            self._settle_delivering(me)
             while True:
+                if not self._inbox:
+                    try:
+                        self._receive(MSG_DONTWAIT)
+                    except BlockingIOError:
+                        return True
+                    except self._error:
+                        return False
                 try:
-                    msg, fds = self._receive(MSG_DONTWAIT)
-                except BlockingIOError:
-                    return True
+                    self._dispatch(None)
                 except self._error:
                     return False
-                if "event" in msg:
-                    self._push(msg, fds)
-                else:
-                    self._abandoned(self._answered(msg)[1], msg, fds)
 
     def close(self) -> None:
         # Shut down first, without the lock: a thread waiting in call() (or
@@ -370,26 +572,31 @@ class ServiceConnection:
         except OSError:
             pass
         with self._lock:
+            # What no call took: the service releases what it gave as the
+            # connection closes, the descriptors are ours to close.  A
+            # reply on its way out of call() moves to the inbox in one
+            # step, or not at all if its thread took it meanwhile (it does
+            # without the lock): never both.
+            for thread in list(self._delivering):
+                try:
+                    self._inbox.extend(map(self._delivering.pop, (thread,)))
+                except KeyError:
+                    pass
+            while self._inbox:
+                _close_all(self._head().fds)
+                del self._inbox[0]
             self._sock.close()
 
-    def _receive(self, flags: int) -> tuple[Message, list[int]]:
+    def _receive(self, flags: int) -> None:
+        """Append the next packet to the inbox (under _lock)."""
         try:
-            data, fds, truncated = recv_message(self._sock, flags)
+            # One C-level step from the kernel's hands to the inbox: the
+            # packet's descriptors are never in a frame only.
+            self._inbox.extend(map(self._recvmsg, (flags | _MSG_CMSG_CLOEXEC,)))
         except BlockingIOError:
             raise
         except OSError as e:
             raise self._refused() or self._gone(e) from None
-        if not data:
-            close_fds(fds)
-            raise self._gone(None)
-        if truncated:
-            close_fds(fds)
-            raise self._error(errno.EPROTO, "oversized message from the hypervisor service")
-        msg = decode(data)
-        if msg.get("event") == "refused":
-            close_fds(fds)
-            raise self._error(*self._refuse(msg))
-        return msg, fds
 
     def _refuse(self, msg: Message) -> tuple[int, str]:
         self._refusal = (int(msg.get("errno", errno.ENODEV)), str(msg.get("error", "")))
@@ -397,32 +604,23 @@ class ServiceConnection:
 
     def _refused(self) -> OSError | None:
         """Why the service refused this connection, if it said so (caller
-        holds _lock).  Its message may wait in the socket behind an error:
-        a send after the service closed the connection fails (EPIPE), and
-        so does the first receive once it closed it with our request
-        unread (ECONNRESET comes before the messages that are queued)."""
-        if self._refusal is None:
+        holds _lock, the inbox is empty).  Its message may wait in the
+        socket behind an error: a send after the service closed the
+        connection fails (EPIPE), and so does the first receive once it
+        closed it with our request unread (ECONNRESET comes before the
+        messages that are queued).  Another message read here stays in
+        the inbox, for the next call."""
+        if self._refusal is None and not self._inbox:
             try:
-                data, fds, _ = recv_message(self._sock, MSG_DONTWAIT)
+                self._inbox.extend(map(self._recvmsg, (MSG_DONTWAIT | _MSG_CMSG_CLOEXEC,)))
             except OSError:
                 return None  # nothing there, or the error again
-            close_fds(fds)
-            try:
-                msg = decode(data)
-            except ValueError:
-                return None  # the end (b""), or garbage: gone all the same
-            if msg.get("event") != "refused":
-                return None
-            self._refuse(msg)
-        assert self._refusal is not None
+            if self._head().error is None or self._refusal is None:
+                return None  # the end, garbage or a reply: gone all the same
+            self._release_head(self._head())
+        if self._refusal is None:
+            return None
         return self._error(*self._refusal)
-
-    def _push(self, msg: Message, fds: list[int]) -> None:
-        if self._on_push is None:
-            close_fds(fds)
-            logger.warning("unexpected message from the hypervisor service: %r", msg)
-        else:
-            self._on_push(msg, fds)
 
     def _gone(self, cause: OSError | None) -> OSError:
         detail = f": {cause.strerror or cause}" if cause is not None else ""
