@@ -19,4 +19,8 @@ install_debian_packages gcc libc6-dev python3-dev python3-venv \
 
 .venv/bin/ruff check .
 .venv/bin/mypy
-.venv/bin/python -m pytest "$@"
+# The suite is CPU-bound (most of its time goes to the Ctrl-C sweeps, each
+# landing a signal at every place of a call): one worker per CPU, up to
+# four, each test in its own worker's main thread (signals need it).
+# "-n 0" among the arguments runs it in this process instead.
+.venv/bin/python -m pytest -n auto --maxprocesses 4 --dist worksteal "$@"
