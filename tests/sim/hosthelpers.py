@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import socket
@@ -149,3 +150,24 @@ def released_since(host: SimHost, before: HandleCensus, where: str) -> None:
         and descriptors() <= before[1])), (
         f"interrupted {where}: still held: {host.hypervisor.stats()['connections']} "
         f"connections (was {before[0]}), new descriptors {sorted(descriptors() - before[1])}")
+
+
+def every_landing(host: SimHost, landing: Callable[[int], str], more_than: int) -> list[str]:
+    """Drive a Ctrl-C sweep: ``landing(n)`` for n = 0, 1, 2, ..., each
+    making what it needs, landing a Ctrl-C at the n-th place of the call
+    under test (stolensignal.interrupted_at, whose answer it returns) and
+    checking what that call must have done; after each, every handle and
+    descriptor made since it began must be released.  Ends with the first
+    that ran undisturbed (''), having checked it too; fails unless more
+    than ``more_than`` landed (a sweep that lands nowhere checks nothing).
+    Returns where they landed."""
+    landed: list[str] = []
+    for n in itertools.count():
+        before = handle_census(host)
+        where = landing(n)
+        released_since(host, before, where)
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > more_than, landed
+    return landed

@@ -14,9 +14,8 @@ from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
     eventually,
-    handle_census,
+    every_landing,
     readable,
-    released_since,
     service_caught_up,
     wait_pending,
 )
@@ -1069,24 +1068,21 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
     eventfd open for good and its connection counted against the domain's
     handles until the garbage collector found it."""
     within = os.path.dirname(xenback.__file__)
-    landed: list[str] = []
-    for n in itertools.count():
-        before = handle_census(host)
+
+    def landing(n: int) -> str:
         made: list[EventChannel] = []
         # This lambda is no place of xenback's: a Ctrl-C lands in
         # evtchn() or not at all.
-        where = interrupted_at(n, within, lambda made=made: made.append(guest.evtchn()))
+        where = interrupted_at(n, within, lambda: made.append(guest.evtchn()))
         if where:
             assert made == [], where
         else:
             (ch,) = made
             with ch:
                 assert ch.bind_unbound_port(0) > 0
-        released_since(host, before, where)
-        if not where:
-            break
-        landed.append(where)
-    assert len(landed) > 5, landed
+        return where
+
+    every_landing(host, landing, more_than=5)
 
 
 
@@ -1105,12 +1101,9 @@ def test_an_unbind_interrupted_anywhere_is_finished_when_called_again(
     held.  One landing as the port was taken off the table, before its
     descriptors were closed, lost them (the handle's close() never saw the
     port again) and left the retry nothing to unbind, the peer still bound."""
-    landed: list[str] = []
-    for n in itertools.count():
-        before = handle_census(host)
+    def landing(n: int) -> str:
         e0, e1, p0, p1 = _connected_pair(host, guest)
-        where = interrupted_at(n, SIM_CODE, lambda e0=e0, p0=p0: e0.unbind(p0),
-                               besides=SIM_ROUND_TRIP)
+        where = interrupted_at(n, SIM_CODE, lambda: e0.unbind(p0), besides=SIM_ROUND_TRIP)
         try:
             e0.unbind(p0)
         except EventChannelError as e:
@@ -1120,11 +1113,9 @@ def test_an_unbind_interrupted_anywhere_is_finished_when_called_again(
         assert e1.remote(p1) is None, where
         e0.close()
         e1.close()
-        released_since(host, before, where)
-        if not where:
-            break
-        landed.append(where)
-    assert len(landed) > 5, landed
+        return where
+
+    every_landing(host, landing, more_than=5)
 
 
 def test_a_close_interrupted_anywhere_is_finished_when_called_again(
@@ -1133,9 +1124,7 @@ def test_a_close_interrupted_anywhere_is_finished_when_called_again(
     port, descriptor and connection is released.  close() marked the
     handle closed first and returned at once when it was, so one cut short
     was never finished."""
-    landed: list[str] = []
-    for n in itertools.count():
-        before = handle_census(host)
+    def landing(n: int) -> str:
         e0, e1, _, p1 = _connected_pair(host, guest)
         e0.bind_unbound_port(guest.domid)
         where = interrupted_at(n, SIM_CODE, e0.close, besides=SIM_ROUND_TRIP)
@@ -1143,10 +1132,8 @@ def test_a_close_interrupted_anywhere_is_finished_when_called_again(
         with pytest.raises(EventChannelError) as info:
             e0.notify(1)
         assert info.value.errno == errno.EBADF, where
-        assert eventually(lambda e1=e1, p1=p1: e1.remote(p1) is None), where
+        assert eventually(lambda: e1.remote(p1) is None), where
         e1.close()
-        released_since(host, before, where)
-        if not where:
-            break
-        landed.append(where)
-    assert len(landed) > 5, landed
+        return where
+
+    every_landing(host, landing, more_than=5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import types
 from collections.abc import Callable, Iterator
 
 import pytest
-from hosthelpers import SIM_CODE, SIM_ROUND_TRIP, eventually, handle_census, released_since
+from hosthelpers import SIM_CODE, SIM_ROUND_TRIP, eventually, every_landing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
@@ -972,24 +971,21 @@ def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
     domain = guest if factory == "gntshr" else host.dom0
     make = getattr(domain, factory)
     within = os.path.dirname(xenback.__file__)
-    landed: list[str] = []
-    for n in itertools.count():
-        before = handle_census(host)
+
+    def landing(n: int) -> str:
         made: list[GrantShare | GrantTable] = []
         # This lambda is no place of xenback's: a Ctrl-C lands in the
         # factory or not at all.
-        where = interrupted_at(n, within, lambda made=made: made.append(make()))
+        where = interrupted_at(n, within, lambda: made.append(make()))
         if where:
             assert made == [], where
         else:
             (handle,) = made
             with handle:
                 _use(handle, guest)
-        released_since(host, before, where)
-        if not where:
-            break
-        landed.append(where)
-    assert len(landed) > 3, landed
+        return where
+
+    every_landing(host, landing, more_than=3)
 
 
 
@@ -1005,9 +1001,7 @@ def test_pages_whose_end_is_interrupted_anywhere_are_ended_when_called_again(
     them, so one cut short after that left the retry nothing to do: the
     pages mapped in this process and the grant held by the service until
     the handle closed."""
-    landed: list[str] = []
-    for n in itertools.count():
-        before = handle_census(host)
+    def landing(n: int) -> str:
         grants = live_grants(host)
         with guest.gntshr() as shr, host.dom0.gnttab() as tab:
             pages = shr.share_pages(0, 1)
@@ -1021,8 +1015,6 @@ def test_pages_whose_end_is_interrupted_anywhere_are_ended_when_called_again(
             other()
             assert live_grants(host) == grants, where
             assert not shr._live and not tab._live, where
-        released_since(host, before, where)
-        if not where:
-            break
-        landed.append(where)
-    assert len(landed) > 5, landed
+        return where
+
+    every_landing(host, landing, more_than=5)

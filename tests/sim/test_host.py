@@ -20,8 +20,7 @@ from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
     eventually,
-    handle_census,
-    released_since,
+    every_landing,
     wait_pending,
 )
 from racewindow import TIMEOUT, stands_at
@@ -1188,14 +1187,13 @@ def test_a_destroy_interrupted_anywhere_is_finished_when_called_again(host: SimH
     @releaseDomain fired, nothing held).  The domain was unlisted first,
     so one cut short after that was lost: the retry said there was no such
     domain, and nothing could finish the destroy but the host's close()."""
-    landed: list[str] = []
     with host.dom0.xenstore() as c:
         monitor = c.monitor()
         events: queue.Queue[tuple[bytes, bytes]] = monitor.events
         monitor.watch(b"@releaseDomain", b"release")
         assert events.get(timeout=TIMEOUT) == (b"@releaseDomain", b"release")
-        for n in itertools.count():
-            before = handle_census(host)
+
+        def landing(n: int) -> str:
             grants = host.hypervisor.stats()["grants"]
             guest = host.create_domain("guest")
             host.toolstack.add_device("vif", guest.domid)
@@ -1228,11 +1226,9 @@ def test_a_destroy_interrupted_anywhere_is_finished_when_called_again(host: SimH
             assert host.hypervisor.stats()["grants"] == grants, where
             for handle in (e0, e1, shr, tab):
                 handle.close()
-            released_since(host, before, where)
-            if not where:
-                break
-            landed.append(where)
-    assert len(landed) > 50, landed
+            return where
+
+        every_landing(host, landing, more_than=50)
 
 
 @pytest.mark.parametrize("landing", ["in the devices' part", "in the domain's own end"])
