@@ -1066,10 +1066,16 @@ class Frontend(Closing):
 
     # -- command ring ----------------------------------------------------------
 
-    def _new_socket(self, *, offered: bool = False) -> PVSocket:
+    def _new_socket(self, *, offered: bool = False,
+                    into: list[PVSocket] | None = None) -> PVSocket:
+        """A new socket, in the table; also appended to ``into`` first, so
+        that a caller that must drop it again (an ACCEPT's id_new that did
+        not go out) has it whatever interrupts this as it returns."""
         sock_id = _ID_BASE + _ID_STRIDE * next(self._ids)
         sock = PVSocket(self, sock_id)
         sock._offered = offered
+        if into is not None:
+            into.append(sock)
         with self._lock:
             self._sockets[sock_id] = sock._st
         return sock
