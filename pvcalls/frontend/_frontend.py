@@ -1078,6 +1078,7 @@ class Frontend(Closing):
             into.append(sock)
         with self._lock:
             self._sockets[sock_id] = sock._st
+            sock._st.listed = True
         return sock
 
     def _forget(self, sock: PVSocket) -> None:
@@ -1811,6 +1812,11 @@ class Frontend(Closing):
         program all the same: the reaper finishes its release, with no
         warning.
         """
+        if not st.listed:
+            # Dropped as it was made (a Ctrl-C in _new_socket, or in
+            # accept() before the ACCEPT's new socket was in its list):
+            # nothing to release, and no socket the program had.
+            return
         # What it was, before the reaper takes its ring.
         message = f"unclosed {st.describe(closed=False)}"
         self._dropped.append(st)

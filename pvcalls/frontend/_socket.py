@@ -248,7 +248,7 @@ class SocketState:
     """
 
     __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening",
-                 "connecting", "release", "close_called")
+                 "connecting", "release", "close_called", "listed")
 
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
@@ -273,6 +273,11 @@ class SocketState:
         # The program called close(): dropped with that close() cut short,
         # the socket is no "unclosed" one (see Frontend._collect).
         self.close_called = False
+        # Put in the frontend's table (under its _lock), once and for
+        # good: a socket dropped before then, its making cut short by a
+        # Ctrl-C, is none the backend or the program had (see
+        # Frontend._collect).
+        self.listed = False
 
     def describe(self, *, closed: bool) -> str:
         """The socket's repr."""
