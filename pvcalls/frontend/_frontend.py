@@ -1066,12 +1066,19 @@ class Frontend(Closing):
 
     # -- command ring ----------------------------------------------------------
 
-    def _new_socket(self, *, offered: bool = False) -> PVSocket:
+    def _new_socket(self, *, offered: bool = False,
+                    into: list[PVSocket] | None = None) -> PVSocket:
+        """A new socket, in the table; also appended to ``into`` first, so
+        that a caller that must drop it again (an ACCEPT's id_new that did
+        not go out) has it whatever interrupts this as it returns."""
         sock_id = _ID_BASE + _ID_STRIDE * next(self._ids)
         sock = PVSocket(self, sock_id)
         sock._offered = offered
+        if into is not None:
+            into.append(sock)
         with self._lock:
             self._sockets[sock_id] = sock._st
+            sock._st.listed = True
         return sock
 
     def _forget(self, sock: PVSocket) -> None:
@@ -1805,6 +1812,11 @@ class Frontend(Closing):
         program all the same: the reaper finishes its release, with no
         warning.
         """
+        if not st.listed:
+            # Dropped as it was made (a Ctrl-C in _new_socket, or in
+            # accept() before the ACCEPT's new socket was in its list):
+            # nothing to release, and no socket the program had.
+            return
         # What it was, before the reaper takes its ring.
         message = f"unclosed {st.describe(closed=False)}"
         self._dropped.append(st)

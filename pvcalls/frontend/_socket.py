@@ -248,7 +248,7 @@ class SocketState:
     """
 
     __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening",
-                 "connecting", "release", "close_called")
+                 "connecting", "release", "close_called", "listed")
 
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
@@ -273,6 +273,11 @@ class SocketState:
         # The program called close(): dropped with that close() cut short,
         # the socket is no "unclosed" one (see Frontend._collect).
         self.close_called = False
+        # Put in the frontend's table (under its _lock), once and for
+        # good: a socket dropped before then, its making cut short by a
+        # Ctrl-C, is none the backend or the program had (see
+        # Frontend._collect).
+        self.listed = False
 
     def describe(self, *, closed: bool) -> str:
         """The socket's repr."""
@@ -880,6 +885,8 @@ class PVSocket(Closing):
             assert self._st.accept_inflight is not None
             req_id, slot, new = self._st.accept_inflight
             try:
+                # Interrupted as it returns, it gives the same answer to
+                # the next accept(), which finds the ACCEPT still here.
                 ret = self._fe._wait_slot(req_id, slot, answer_by, self)
             except TimeoutError:
                 if answer_by is deadline:
@@ -887,27 +894,58 @@ class PVSocket(Closing):
                 # The socket is non-blocking: "would block", not a timeout
                 # it never set; the ACCEPT stays in flight.
                 raise BlockingIOError(errno.EAGAIN, "operation would block") from None
-            self._st.accept_inflight = None
             if ret < 0:
+                self._st.accept_inflight = None
                 # The backend did not take the new id: free it without RELEASE.
                 self._fe._drop_socket(new, reusable=True)
                 raise host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()
+            # Handed to the caller by stores that call nothing (no handler
+            # runs between them), and given back to accept_inflight, for
+            # the next accept(), if what follows is interrupted: under the
+            # lock, so that no other accept() sent an ACCEPT of its own
+            # meanwhile.  Only a Ctrl-C landing as held() lets go of the
+            # lock or as this returns loses the connection, as one in
+            # socket.socket.accept() after its _accept() does: the socket
+            # is released as one dropped unclosed.
             new._offered = False
-        if self._armed:
-            self._arm_poll()
-        self._update_ready()
+            self._st.accept_inflight = None
+            try:
+                if self._armed:
+                    self._arm_poll()
+                self._update_ready()
+            except BaseException:
+                new._offered = True
+                with self._mutex:
+                    self._st.accept_inflight = (req_id, slot, new)
+                self._update_ready()
+                raise
         return new, ("0.0.0.0", 0)
 
     def _start_accept(self, deadline: Deadline) -> None:
-        """Send the ACCEPT for the connection a POLL said is pending (under
-        _accept_lock, ``_accepting`` set), waiting for room on the command
-        ring until ``deadline``.  If it cannot be sent, the connection is
-        still pending: the next accept() takes it."""
-        new = self._fe._new_socket(offered=True)
+        """Take the readiness of the POLL that said a connection is pending
+        (Linux's POLL_RET bit) and send the ACCEPT for it (under
+        _accept_lock), waiting for room on the command ring until
+        ``deadline``.  If it cannot be sent, the connection is still
+        pending: the next accept() takes it.
+
+        Whatever interrupts it, a Ctrl-C included, the readiness is taken
+        only in the try that gives it back, and the socket the ACCEPT
+        offers is in ``made`` before it is in the frontend's table: either
+        the ACCEPT is in flight, or the readiness is back and the new
+        socket gone.  A readiness taken by the caller and interrupted
+        before this try was lost with ``_accepting`` left set: no POLL
+        went out any more, and every later accept() waited for good."""
         slot = Slot(PVCALLS_ACCEPT, self.id)
+        made: list[PVSocket] = []
+        took = False
         try:
+            with self._mutex:
+                self._poll_ready = False
+                self._accepting = took = True
+            self._update_ready()
+            new = self._fe._new_socket(offered=True, into=made)
             ring = self._fe._new_data_ring(new)
 
             def fill(req: Any) -> None:
@@ -921,13 +959,15 @@ class PVSocket(Closing):
             if slot.sent:
                 raise  # in flight all the same (below)
             # Nothing went out: the new socket goes, without RELEASE.
-            self._fe._drop_socket(new, reusable=True)
-            with self._mutex:
-                self._accepting = False
-                self._poll_ready = True
-            if isinstance(exc, BlockingIOError):
-                self._room_later()  # non-blocking: readable again once there is room
-            self._update_ready()
+            if made:
+                self._fe._drop_socket(made[0], reusable=True)
+            if took:
+                with self._mutex:
+                    self._accepting = False
+                    self._poll_ready = True
+                if isinstance(exc, BlockingIOError):
+                    self._room_later()  # non-blocking: readable again once there is room
+                self._update_ready()
             raise
         finally:
             if slot.sent:
@@ -935,7 +975,7 @@ class PVSocket(Closing):
                 # in flight, as after an interrupted wait for the answer,
                 # which the next accept() takes.
                 with self._mutex:
-                    self._st.accept_inflight = (slot.req_id, slot, new)
+                    self._st.accept_inflight = (slot.req_id, slot, made[0])
                     self._accepting = False
 
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
@@ -1659,22 +1699,30 @@ class PVSocket(Closing):
             req.u.poll.id = self.id
 
         while True:
-            with self._mutex:
-                # An error accept() has not reported yet is the POLL's outcome
-                # until it has (fileno() said accept() would not block): no new
-                # POLL, and the error is not wiped.
-                if (self._poll_inflight or self._poll_ready or self._poll_error
-                        or self._st.accept_inflight or self._accepting):
-                    return
-                if self._closed:
-                    return
-                self._poll_inflight = True
             slot = Slot(PVCALLS_POLL, self.id)
+            # Whether this call marked a POLL in flight: set with the mark,
+            # in the try, so that a Ctrl-C landing before the POLL is on
+            # its way (as the with block's exit returns, say) takes the
+            # mark back.  Left behind, it kept every later POLL from going
+            # out, and accept() waited for an answer that never came.
+            marked = False
             try:
+                with self._mutex:
+                    # An error accept() has not reported yet is the POLL's
+                    # outcome until it has (fileno() said accept() would not
+                    # block): no new POLL, and the error is not wiped.
+                    if (self._poll_inflight or self._poll_ready or self._poll_error
+                            or self._st.accept_inflight or self._accepting):
+                        return
+                    if self._closed:
+                        return
+                    self._poll_inflight = marked = True
                 self._fe._submit(slot, fill, deadline if wait and deadline else Deadline(0.0),
                                  reserve=False, sock=self)
                 return
             except BaseException as exc:
+                if not marked:
+                    raise
                 if slot.sent:
                     # Interrupted between the push and the notify: in
                     # flight, its answer comes to _on_poll.
@@ -1725,16 +1773,14 @@ class PVSocket(Closing):
 
     def _wait_pending_connection(self, deadline: Deadline) -> None:
         """POLL (unless in flight) and wait until it says a connection is
-        pending; consume that readiness (Linux's POLL_RET bit)."""
+        pending.  The readiness stays: :meth:`_start_accept` takes it."""
         while True:
             self._arm_poll(deadline)
             with self._mutex:
                 err, self._poll_error = self._poll_error, 0
                 if not err:
                     if self._poll_ready:
-                        self._poll_ready = False
-                        self._accepting = True
-                        break
+                        return
                     if deadline.timeout == 0.0:
                         if self._fe._dead:
                             raise self._fe._gone()
@@ -1752,4 +1798,3 @@ class PVSocket(Closing):
                 self._arm_poll()
             self._update_ready()
             raise host_error(err, "accept (poll)")
-        self._update_ready()

@@ -2955,15 +2955,24 @@ def _hold_until_waited_for(lock: threading.Lock, taken: threading.Event,
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("contended", [False, True], ids=["free", "contended"])
-@pytest.mark.parametrize("call", ["recv", "send", "connect"])
+@pytest.mark.parametrize("call", ["recv", "send", "connect", "accept", "accept-nonblocking"])
 def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
         host: SimHost, backend: Any, server: Any, call: str, contended: bool) -> None:
-    """A Ctrl-C landing anywhere in recv(), send() or connect() (whose
-    held() accept() shares), the lock it takes free or held by another
-    thread for a moment: the socket's locks are free afterwards.  Before, one landing as the
-    acquire returned (in the call, or in Deadline.acquire), before the
-    try that lets go of it, left the lock held for good: every later call
-    waited for it, and close() left the socket's ring alone."""
+    """A Ctrl-C landing anywhere in recv(), send(), connect() or accept()
+    (with a timeout, or none when contended; or non-blocking, once a POLL
+    said a connection is pending), the lock it takes free or held by
+    another thread for a moment: the socket's locks are free afterwards.
+    Before, one landing as the acquire returned (in the call, or in
+    Deadline.acquire), before the try that lets go of it, left the lock
+    held for good: every later call waited for it, and close() left the
+    socket's ring alone.
+
+    accept() has one connection pending each time, which the next accept()
+    takes if the interrupted one did not: it lost no POLL, pending
+    connection or ACCEPT.  Before, one landing once _arm_poll had marked
+    a POLL in flight and before it went out, or once accept() had taken a
+    POLL's readiness and before its ACCEPT was on the way, left every
+    later accept() waiting for an answer that would never come."""
     def greet_and_sink(conn: socket.socket) -> None:
         conn.settimeout(None)  # the sweep may outlast the server's timeout
         conn.sendall(b"for recv to find")
@@ -2973,52 +2982,109 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
     guest = host.create_domain(f"locks-{call}-{contended}")
     within = os.path.dirname(_frontend.__file__)
     made: list[pvcalls.PVSocket] = []
-    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
-        s = connected(fe, srv.address)
-        s.settimeout(None if contended else TIMEOUT)
-        lock_name = {"recv": "_recv_lock", "send": "_send_lock", "connect": "_recv_lock"}[call]
+    clients: list[socket.socket] = []
+    accepted: list[pvcalls.PVSocket] = []
+    accepts = call.startswith("accept")
+    with (pvcalls.Frontend(guest, timeout=TIMEOUT) as fe,
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("always")
+        if accepts:
+            s = fe.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            pending_at = listen_address(backend, fe.domain.domid, s.id)
+        else:
+            s = connected(fe, srv.address)
+        timeout = 0.0 if call == "accept-nonblocking" else None if contended else TIMEOUT
+        s.settimeout(timeout)
+        if call == "accept-nonblocking":
+            s.fileno()  # a POLL in flight from now on, as under a selector
+        lock_name = "_accept_lock" if accepts else {
+            "recv": "_recv_lock", "send": "_send_lock", "connect": "_recv_lock"}[call]
 
         def run() -> object:
             if call == "recv":
                 return s.recv(1, socket.MSG_PEEK)
             if call == "send":
                 return s.send(b"x")
+            if accepts:
+                with contextlib.suppress(BlockingIOError):  # the lock held
+                    accepted.append(s.accept()[0])
+                return None
             with contextlib.suppress(OSError):  # refused: the lock is what counts
                 made[-1].connect(srv.address)
             return None
 
-        landed = 0
-        for n in itertools.count():
-            if call == "connect":  # a socket of its own each time
-                made.append(fe.socket())
-                made[-1].settimeout(TIMEOUT)
-            swept = made[-1] if call == "connect" else s
-            done = threading.Event()
-            taken = threading.Event()
-            holder = threading.Thread(target=_hold_until_waited_for, args=(
-                getattr(swept, lock_name), taken, done)) if contended else None
-            if holder is not None:
-                holder.start()
-                assert taken.wait(TIMEOUT)
+        def accept_the_pending_one(where: str) -> None:
+            if len(accepted) == len(clients):
+                return
+            s.settimeout(TIMEOUT)
             try:
-                # In the socket's and the deadline's code: the command
-                # ring's and the data ring's take no socket lock.
-                where = interrupted_at(n, within, run, besides=(
-                    _frontend.__file__, os.path.join(within, "_ring.py")))
-            finally:
-                done.set()
+                accepted.append(s.accept()[0])
+            except TimeoutError:
+                raise AssertionError(f"interrupted {where or 'nowhere'}: "
+                                     "the next accept() found no connection") from None
+            s.settimeout(timeout)
+
+        def handed_over() -> bool:
+            # accept() gave the connection to its caller, and lets go of
+            # its lock in held() or returns: a Ctrl-C there loses it, as
+            # one in socket.socket.accept() after its _accept() does.
+            frame = sys._getframe(1)
+            while frame.f_code.co_name != "accept" or "frontend" not in frame.f_code.co_filename:
+                if frame.f_back is None:
+                    return False
+                frame = frame.f_back
+            new = frame.f_locals.get("new")
+            return (new is not None and not new._offered
+                    and frame.f_locals["self"]._st.accept_inflight is None)
+
+        landed = 0
+        try:
+            for n in itertools.count():
+                if call == "connect":  # a socket of its own each time
+                    made.append(fe.socket())
+                    made[-1].settimeout(TIMEOUT)
+                if accepts:
+                    clients.append(socket.create_connection(pending_at, timeout=TIMEOUT))
+                    if call == "accept-nonblocking":
+                        wait_until(lambda: s._poll_ready)
+                swept = made[-1] if call == "connect" else s
+                done = threading.Event()
+                taken = threading.Event()
+                holder = threading.Thread(target=_hold_until_waited_for, args=(
+                    getattr(swept, lock_name), taken, done)) if contended else None
                 if holder is not None:
-                    holder.join(TIMEOUT)
-            left = [name for name in ("_recv_lock", "_send_lock", "_accept_lock")
-                    if getattr(swept, name).locked()]
-            assert left == [], f"interrupted {where or 'nowhere'}: {left} left held"
-            if not where:
-                break
-            landed += 1
-        assert landed > 3
-        fe.timeout = 1.0  # a lock left held is not waited for
-        for sock in (*made, s):
-            sock.close()
+                    holder.start()
+                    assert taken.wait(TIMEOUT)
+                try:
+                    # In the socket's and the deadline's code: the command
+                    # ring's and the data ring's take no socket lock.
+                    where = interrupted_at(
+                        n, within, run, handed_over if accepts else lambda: False,
+                        besides=(_frontend.__file__, os.path.join(within, "_ring.py")))
+                finally:
+                    done.set()
+                    if holder is not None:
+                        holder.join(TIMEOUT)
+                left = [name for name in ("_recv_lock", "_send_lock", "_accept_lock")
+                        if getattr(swept, name).locked()]
+                assert left == [], f"interrupted {where or 'nowhere'}: {left} left held"
+                if accepts:
+                    accept_the_pending_one(where)
+                if not where:
+                    break
+                landed += 1
+            assert landed > 3
+            # Nor did the program get a socket it never had: the one an
+            # ACCEPT was to offer, made and dropped.
+            assert _unclosed(caught) == []
+        finally:
+            fe.timeout = 1.0  # a lock left held is not waited for
+            for sock in (*accepted, *made, s):
+                sock.close()
+            for client in clients:
+                client.close()
 
 
 class _Dropped:
