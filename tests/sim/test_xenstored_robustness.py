@@ -879,6 +879,21 @@ def test_closed_connections_do_not_pile_up_waiting_to_expire() -> None:
         assert xsd._call(lambda: [c.domid for _d, _s, c in xsd._expiry if not c.closed]) == [1]
 
 
+def test_a_watch_event_timeout_of_weeks_does_not_stop_the_server(
+    no_internal_errors: None,
+) -> None:
+    # cxenstored takes any -w watch-event=SECONDS; the loop's wait for the
+    # first deadline must not outgrow what the selector accepts (epoll's
+    # is about 24.8 days in milliseconds).
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), watch_event_timeout=30 * 86400.0
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        guest.watch("/local/domain/1", "w")
+        assert guest.wait_event() == ("/local/domain/1", "w")
+        check_alive(xsd)
+        assert xsd._thread is not None and xsd._thread.is_alive()
+
+
 def test_events_for_dom0_never_go_stale() -> None:
     # Dom0 is trusted to read: the guest stays held back past the timeout.
     # The sign the timeout passed: an event for a guest queued after the

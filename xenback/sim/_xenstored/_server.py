@@ -100,6 +100,10 @@ _RECV_SIZE = 65536
 # How long a listener whose accept() failed for want of a descriptor goes
 # unwatched (seconds), unless a connection closes first.
 _ACCEPT_RETRY = 0.1
+# The longest the loop waits in select() (seconds): epoll takes at most
+# INT_MAX milliseconds (about 24.8 days), and watch_event_timeout may be
+# longer.  Waking early costs nothing: an expiry entry may be early.
+_MAX_WAIT = 86400.0
 _unpack_header = HEADER.unpack_from
 
 #: Stop reading a client's requests while this many reply bytes wait for it.
@@ -339,7 +343,7 @@ class XenStored:
                 if self._accept_paused:
                     timeout = max(0.0, self._accept_retry_at - time.monotonic())
                 if expiry:
-                    wait = max(0.0, expiry[0][0] - time.monotonic())
+                    wait = min(_MAX_WAIT, max(0.0, expiry[0][0] - time.monotonic()))
                     timeout = wait if timeout is None else min(timeout, wait)
                 for key, mask in selector.select(timeout):
                     callback, data = key.data
