@@ -857,6 +857,35 @@ def test_a_bug_met_expiring_events_costs_that_connection_only(
     assert errors == [f"internal error expiring the events of {conn3!r}"]
 
 
+def test_a_bug_met_queueing_a_requests_events_leaves_its_count_right(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug cutting short the queueing of one request's events costs the
+    # requester's connection; the events queued before it still count
+    # that request as outstanding, no more and no less, once they go out.
+    send_event = XenStored._send_event
+    calls = itertools.count()
+
+    def buggy(self: XenStored, conn: Connection, event: bytes, charge: Any = None) -> None:
+        if charge is not None and next(calls) == 1:
+            raise RuntimeError("a bug queueing an event")
+        send_event(self, conn, event, charge)
+
+    monkeypatch.setattr(XenStored, "_send_event", buggy)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd, RawClient(
+        xsd.path
+    ) as dom0, make_guest(xsd, dom0, 1) as guest:
+        for token in ("a", "b"):
+            dom0.watch("/local/domain/1/x0", token)
+            assert dom0.wait_event() == ("/local/domain/1/x0", token)
+        domain = xsd._dispatcher.domains[1]
+        guest.send_raw(_write(0, "x"))
+        assert closed_by_server(guest.sock)
+        assert dom0.wait_event() == ("/local/domain/1/x0", "a")
+        assert xsd._call(lambda: domain.outstanding) == 0
+        check_alive(xsd)
+
+
 def test_closed_connections_do_not_pile_up_waiting_to_expire() -> None:
     # Each guest connection here has had an event (its watch's first),
     # so it has an entry in the expiry heap; closed, it is of no more use

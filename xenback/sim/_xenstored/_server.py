@@ -547,8 +547,6 @@ class XenStored:
         charge = Outstanding(cause) if cause is not None and not cause.privileged else None
         for conn, event in events:
             self._send_event(conn, event, charge)
-        if charge is not None and charge.events:
-            charge.domain.outstanding += 1
 
     def _send_event(self, conn: Connection, event: bytes,
                     charge: Outstanding | None = None) -> None:
@@ -598,6 +596,11 @@ class XenStored:
         end = conn.out_base + len(conn.out)
         conn.waiting.append(WaitingEvent(end - len(event), end, charge, deadline))
         if charge is not None:
+            # Counted with its first event, not after the loop in
+            # _send_events: a bug cutting that loop short must not leave
+            # events queued whose sending uncounts a request never counted.
+            if not charge.events:
+                charge.domain.outstanding += 1
             charge.events += 1
         if deadline != math.inf and not conn.expiry_armed:
             self._arm_expiry(conn, deadline)
