@@ -24,6 +24,7 @@ from racewindow import TIMEOUT
 
 from xenback.platform import EventChannelError, GrantError
 from xenback.sim import EventChannel, _daemon, attach
+from xenback.sim._xenstored._server import MIN_QUEUED
 
 
 def start(run_dir: Path, *args: str, sighup: signal.Handlers = signal.SIG_DFL,
@@ -186,6 +187,8 @@ def test_a_bad_domain_name_is_a_usage_error_before_the_host_starts(
     (["--timeout", "watch-event=-1"], "argument -w/--timeout: watch-event must be"),
     (["--timeout", "watch-event=soon"], "argument -w/--timeout: watch-event must be"),
     (["--timeout", "watch-event=nan"], "argument -w/--timeout: watch-event must be"),
+    # Never is 0, as in cxenstored.
+    (["--timeout", "watch-event=inf"], "argument -w/--timeout: watch-event must be"),
     (["--timeout", "event=5"], "argument -w/--timeout: unknown timeout 'event'"),
     (["-w", "20"], "argument -w/--timeout: expected WHAT=SECONDS"),
     (["--max-queued", "1000"], "argument --max-queued: must be at least"),
@@ -208,6 +211,9 @@ def test_a_bad_xenstored_option_is_a_usage_error_before_the_host_starts(
      {"max_queued": 300000, "watch_event_timeout": 2.5}),
     # 0: never, as cxenstored's -w watch-event=0.
     (["--timeout", "watch-event=0"], {"max_queued": 1 << 20, "watch_event_timeout": None}),
+    # The last -w wins, as in cxenstored; the least --max-queued is taken.
+    (["-w", "watch-event=5", "-w", "watch-event=2.5", "--max-queued", str(MIN_QUEUED)],
+     {"max_queued": MIN_QUEUED, "watch_event_timeout": 2.5}),
 ])
 def test_xenstored_options_reach_the_host(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

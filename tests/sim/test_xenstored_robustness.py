@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import itertools
 import logging
+import math
 import os
 import selectors
 import socket
@@ -16,6 +17,7 @@ import struct
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -575,10 +577,13 @@ def test_a_guest_released_while_held_back_leaves_nothing_charged() -> None:
         b.guest.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
         (conn,) = b.guest_conns()
         assert eventually(lambda: b.xsd._call(lambda: (conn.paused, conn.events)) == (True, 0))
+        assert b.xsd._call(lambda: conn.inbuf)  # the requests read, not served
         # Released while held back (the backend has read nothing yet): its
-        # descriptor is no longer listened to for a hang-up.
+        # descriptor is no longer listened to for a hang-up, nor are its
+        # requests kept.
         b.xsd.release_domain(1)
-        assert b.xsd._call(lambda: (conn.closed, dict(b.xsd._held))) == (True, {})
+        assert b.xsd._call(lambda: (conn.closed, dict(b.xsd._held), conn.inbuf)) == (
+            True, {}, b"")
         # A new watch's first event comes after all that waits.
         b.backend.watch("@releaseDomain", "gone")
         while b.backend.wait_event() != ("@releaseDomain", "gone"):
@@ -785,6 +790,33 @@ def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
         assert xsd._call(lambda: writer_domain.outstanding) == 0
 
 
+def test_a_begun_event_found_stale_counts_its_request_down_once() -> None:
+    # The request that fired the begun event also has one waiting for a
+    # backend that does not read: found stale, the begun one counts the
+    # request down; it must not again when it leaves with its connection,
+    # or the request is no longer outstanding while its event for the
+    # backend still waits.
+    with _deaf_guest(2.0, outstanding=1000) as (xsd, writer, deaf), RawClient(
+        xsd.path
+    ) as dom0, RawClient(xsd.path) as backend:
+        backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        backend.watch("/shared", "be")
+        assert backend.wait_event() == ("/shared", "be")
+        (backend_conn,) = [c for c in xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+                           if c.watches]
+        _fill(xsd, dom0, backend_conn, "/shared")
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        begun = _begin_an_event(xsd, writer, deaf)
+        assert begun.cause is not None and begun.cause.domain is writer_domain
+        assert eventually(lambda: xsd._call(lambda: begun.deadline == math.inf), 10.0)
+        before = xsd._call(lambda: writer_domain.outstanding)
+        assert before > 0
+        deaf.close()
+        assert eventually(lambda: xsd._call(lambda: conn.closed))
+        assert xsd._call(lambda: writer_domain.outstanding) == before
+
+
 def test_an_event_dropped_as_stale_does_not_hide_the_next_one_alike() -> None:
     # The stale event no longer waits: the same change again is news.
     with _deaf_guest(0.3) as (xsd, writer, _deaf):
@@ -857,6 +889,35 @@ def test_a_bug_met_expiring_events_costs_that_connection_only(
     assert errors == [f"internal error expiring the events of {conn3!r}"]
 
 
+def test_a_bug_met_queueing_a_requests_events_leaves_its_count_right(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug cutting short the queueing of one request's events costs the
+    # requester's connection; the events queued before it still count
+    # that request as outstanding, no more and no less, once they go out.
+    send_event = XenStored._send_event
+    calls = itertools.count()
+
+    def buggy(self: XenStored, conn: Connection, event: bytes, charge: Any = None) -> None:
+        if charge is not None and next(calls) == 1:
+            raise RuntimeError("a bug queueing an event")
+        send_event(self, conn, event, charge)
+
+    monkeypatch.setattr(XenStored, "_send_event", buggy)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd, RawClient(
+        xsd.path
+    ) as dom0, make_guest(xsd, dom0, 1) as guest:
+        for token in ("a", "b"):
+            dom0.watch("/local/domain/1/x0", token)
+            assert dom0.wait_event() == ("/local/domain/1/x0", token)
+        domain = xsd._dispatcher.domains[1]
+        guest.send_raw(_write(0, "x"))
+        assert closed_by_server(guest.sock)
+        assert dom0.wait_event() == ("/local/domain/1/x0", "a")
+        assert xsd._call(lambda: domain.outstanding) == 0
+        check_alive(xsd)
+
+
 def test_closed_connections_do_not_pile_up_waiting_to_expire() -> None:
     # Each guest connection here has had an event (its watch's first),
     # so it has an entry in the expiry heap; closed, it is of no more use
@@ -877,6 +938,58 @@ def test_closed_connections_do_not_pile_up_waiting_to_expire() -> None:
         guest.watch("/local/domain/1", "still")
         assert guest.wait_event() == ("/local/domain/1", "still")
         assert xsd._call(lambda: [c.domid for _d, _s, c in xsd._expiry if not c.closed]) == [1]
+
+
+def test_the_closed_connections_in_the_expiry_heap_stay_counted_as_they_leave() -> None:
+    # Entries of closed connections leave the heap at their deadline as
+    # well as by a purge: either way, _expiry_dead follows.
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), watch_event_timeout=0.3
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest, RawClient(
+        xsd.introduce_path(1)
+    ) as other:
+        for i, client in enumerate((guest, other)):
+            client.watch("/local/domain/1", f"w{i}")
+            assert client.wait_event() == ("/local/domain/1", f"w{i}")
+        with RawClient(xsd.introduce_path(1)) as short:
+            short.watch("/local/domain/1", "short")
+            assert short.wait_event() == ("/local/domain/1", "short")
+        domain = xsd._dispatcher.domains[1]
+        assert eventually(lambda: xsd._call(lambda: len(domain.conns)) == 2)
+        # Not purged: one dead entry of three.
+        assert xsd._call(lambda: (len(xsd._expiry), xsd._expiry_dead)) == (3, 1)
+        assert eventually(lambda: xsd._call(lambda: not xsd._expiry))
+        assert xsd._call(lambda: xsd._expiry_dead) == 0
+
+
+def test_purging_the_expiry_heap_keeps_it_a_heap() -> None:
+    # Dropping entries from a heap's list does not leave a heap: the loop
+    # would then miss the earliest deadline behind a later one.
+    xsd = XenStored(Path("/nonexistent"))
+    deadlines = [0.0, 1.0, 4.0, 2.0, 3.0, 5.0, 7.0]  # a heap
+    closed = {0.0, 1.0, 2.0, 5.0}  # leaving [4, 3, 7] in list order
+    xsd._expiry[:] = [(t, i, types.SimpleNamespace(closed=t in closed))
+                      for i, t in enumerate(deadlines)]
+    xsd._expiry_dead = len(closed) - 1
+    xsd._forget_expiry()  # the last of them closes: half are dead
+    assert xsd._expiry_dead == 0
+    assert sorted(e[0] for e in xsd._expiry) == [3.0, 4.0, 7.0]
+    assert xsd._expiry[0][0] == 3.0
+
+
+def test_a_watch_event_timeout_of_weeks_does_not_stop_the_server(
+    no_internal_errors: None,
+) -> None:
+    # cxenstored takes any -w watch-event=SECONDS; the loop's wait for the
+    # first deadline must not outgrow what the selector accepts (epoll's
+    # is about 24.8 days in milliseconds).
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), watch_event_timeout=30 * 86400.0
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        guest.watch("/local/domain/1", "w")
+        assert guest.wait_event() == ("/local/domain/1", "w")
+        check_alive(xsd)
+        assert xsd._thread is not None and xsd._thread.is_alive()
 
 
 def test_events_for_dom0_never_go_stale() -> None:

@@ -100,6 +100,10 @@ _RECV_SIZE = 65536
 # How long a listener whose accept() failed for want of a descriptor goes
 # unwatched (seconds), unless a connection closes first.
 _ACCEPT_RETRY = 0.1
+# The longest the loop waits in select() (seconds): epoll takes at most
+# INT_MAX milliseconds (about 24.8 days), and watch_event_timeout may be
+# longer.  Waking early costs nothing: an expiry entry may be early.
+_MAX_WAIT = 86400.0
 _unpack_header = HEADER.unpack_from
 
 #: Stop reading a client's requests while this many reply bytes wait for it.
@@ -339,7 +343,7 @@ class XenStored:
                 if self._accept_paused:
                     timeout = max(0.0, self._accept_retry_at - time.monotonic())
                 if expiry:
-                    wait = max(0.0, expiry[0][0] - time.monotonic())
+                    wait = min(_MAX_WAIT, max(0.0, expiry[0][0] - time.monotonic()))
                     timeout = wait if timeout is None else min(timeout, wait)
                 for key, mask in selector.select(timeout):
                     callback, data = key.data
@@ -543,8 +547,6 @@ class XenStored:
         charge = Outstanding(cause) if cause is not None and not cause.privileged else None
         for conn, event in events:
             self._send_event(conn, event, charge)
-        if charge is not None and charge.events:
-            charge.domain.outstanding += 1
 
     def _send_event(self, conn: Connection, event: bytes,
                     charge: Outstanding | None = None) -> None:
@@ -594,6 +596,11 @@ class XenStored:
         end = conn.out_base + len(conn.out)
         conn.waiting.append(WaitingEvent(end - len(event), end, charge, deadline))
         if charge is not None:
+            # Counted with its first event, not after the loop in
+            # _send_events: a bug cutting that loop short must not leave
+            # events queued whose sending uncounts a request never counted.
+            if not charge.events:
+                charge.domain.outstanding += 1
             charge.events += 1
         if deadline != math.inf and not conn.expiry_armed:
             self._arm_expiry(conn, deadline)
