@@ -39,21 +39,21 @@ sys.exit(pvcalls_bench.main(sys.argv[1:]))
 """
 
 
-def test_a_failing_party_fails_the_run_with_its_reason(tmp_path: Path) -> None:
-    (tmp_path / "failing.py").write_text(_FAILING)
-    out = tmp_path / "table.md"
+def test_a_failing_party_fails_the_run_with_its_reason(short_tmp: Path) -> None:
+    (short_tmp / "failing.py").write_text(_FAILING)
+    out = short_tmp / "table.md"
     proc = subprocess.run(
         [sys.executable, "-c", _RUN, "--only", "rr", "--seconds", "0.05", "--rounds", "1",
          "--output", str(out)],
         capture_output=True, text=True, timeout=120,
-        env={**os.environ, "TMPDIR": str(tmp_path),
-             "PYTHONPATH": os.pathsep.join([str(tmp_path), str(BENCH.parent)])},
+        env={**os.environ, "TMPDIR": str(short_tmp),
+             "PYTHONPATH": os.pathsep.join([str(short_tmp), str(BENCH.parent)])},
     )
     assert proc.returncode == 1, proc.stderr
     assert "FAILED" in proc.stderr and "max_page_order" in proc.stderr
     assert proc.stderr.count("Traceback") == 1  # said once, by the parent
     assert "round trips" not in proc.stdout and not out.exists()
-    assert not list(tmp_path.glob("pvcalls-bench-*"))  # the host's directory is gone
+    assert not list(short_tmp.glob("pvcalls-bench-*"))  # the host's directory is gone
 
 
 class _Answers:

@@ -6,11 +6,8 @@ and no process, run directory or socket left behind."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +26,6 @@ benchlib.stay_stopped()
 {bench}.RESULTS = Path(sys.argv[1])
 sys.exit({bench}.main(sys.argv[2:]))
 """
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    # Short: a simulated host's sockets are made in TMPDIR, and a socket's
-    # path has room for 107 bytes.
-    path = Path(tempfile.mkdtemp(prefix="bi-"))
-    yield path
-    shutil.rmtree(path)
 
 
 def _interrupt(short_tmp: Path, bench: str, args: list[str], started: str,

@@ -255,7 +255,7 @@ def test_the_demo_gives_back_the_signal_handlers_it_took(
     assert after == (old[signal.SIGTERM], signal.default_int_handler, signal.SIG_DFL)
 
 
-def test_the_demo_whose_reader_went_away_ends_quietly(tmp_path: Path) -> None:
+def test_the_demo_whose_reader_went_away_ends_quietly(short_tmp: Path) -> None:
     # As `pvcalls-backend demo | head -1`: it used to end in a
     # BrokenPipeError traceback, status 1.  Now as a tool killed by
     # SIGPIPE, but with its simulated host taken down.
@@ -265,7 +265,7 @@ def test_the_demo_whose_reader_went_away_ends_quietly(tmp_path: Path) -> None:
         # Its run directory is made in TMPDIR.
         proc = subprocess.Popen([*script("pvcalls-backend"), "demo"], stdout=w,
                                 stderr=subprocess.PIPE,
-                                env={**FAULTHANDLER_ENV, "TMPDIR": str(tmp_path)})
+                                env={**FAULTHANDLER_ENV, "TMPDIR": str(short_tmp)})
     finally:
         os.close(w)
     try:
@@ -275,7 +275,7 @@ def test_the_demo_whose_reader_went_away_ends_quietly(tmp_path: Path) -> None:
     finally:
         reap(proc)
     assert (returncode, err) == (141, "")
-    assert list(tmp_path.iterdir()) == []
+    assert list(short_tmp.iterdir()) == []
 
 
 def test_a_demo_failing_on_a_socket_is_not_taken_for_a_broken_stdout(
