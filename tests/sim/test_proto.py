@@ -112,11 +112,13 @@ def _with_pipe(send: Callable[[socket.socket, int], None]) -> tuple[Callable[[so
          errno.EINVAL),
         # An oversized reply is refused as a protocol error.
         (lambda conn, fd: socket.send_fds(conn, [b" " * (MAX_MESSAGE + 1)], [fd]), errno.EPROTO),
+        # So is one that is not a message (no JSON object).
+        (lambda conn, fd: socket.send_fds(conn, [b"{not json"], [fd]), errno.EPROTO),
         # A pushed event nobody listens for, then the error: both closed.
         (lambda conn, fd: (send_message(conn, {"event": "bound", "port": 1}, [fd]),
                            send_message(conn, {"errno": errno.EIO, "error": "no"})), errno.EIO),
     ],
-    ids=["error", "oversized", "unexpected-push"],
+    ids=["error", "oversized", "malformed", "unexpected-push"],
 )
 def test_a_handle_closes_the_descriptors_of_what_it_refuses(
     service: Callable[[Callable[[socket.socket], None]], str],
@@ -484,3 +486,37 @@ def test_what_a_reply_gave_goes_back_when_apply_refuses_it(host: SimHost, guest:
         assert eventually(lambda: host.hypervisor.stats()["ports"] == ports)
         port = e0.bind_unbound_port(guest.domid)  # and the next call gets its own reply
         assert e0.ports() == [port]
+
+
+def test_a_call_interrupted_anywhere_after_a_pushed_message_leaves_nothing(
+        host: SimHost, guest: Domain) -> None:
+    """The sweep of a call whose reply comes after a message the service
+    pushed (the peer bound the port: a pipe to write to comes with it): a
+    Ctrl-C anywhere in the round trip loses neither.  The push reaches the
+    handle, by the next call at the latest, before anything that came after
+    it, and its descriptor is the handle's or closed."""
+    landed: list[str] = []
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        for n in itertools.count():
+            stats, fds = host.hypervisor.stats(), descriptors()
+            p1 = e1.bind_unbound_port(0)
+            p0 = e0.bind_interdomain(guest.domid, p1)  # pushes "bound" to e1
+            made: list[int] = []
+            where = interrupted_at(n, SIM_CODE,
+                                   lambda made=made: made.append(e1.bind_unbound_port(0)),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            assert e1.remote(p1) == (0, p0), where
+            e1.notify(p1)
+            assert select.select([e0], [], [], TIMEOUT)[0] == [e0], where
+            assert e0.pending() == p0, where
+            for port in e1.ports():
+                e1.unbind(port)
+            e0.unbind(p0)
+            now = host.hypervisor.stats()
+            assert (now["ports"], now["grants"]) == (stats["ports"], stats["grants"]), where
+            assert eventually(lambda fds=fds: descriptors() <= fds), (
+                where, sorted(descriptors() - fds))
+            if not where:
+                break
+            landed.append(where)
+    assert len(landed) > 5, landed
