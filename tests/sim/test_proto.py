@@ -4,8 +4,10 @@ come with a reply it refuses."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import functools
 import itertools
 import os
 import select
@@ -112,11 +114,13 @@ def _with_pipe(send: Callable[[socket.socket, int], None]) -> tuple[Callable[[so
          errno.EINVAL),
         # An oversized reply is refused as a protocol error.
         (lambda conn, fd: socket.send_fds(conn, [b" " * (MAX_MESSAGE + 1)], [fd]), errno.EPROTO),
+        # So is one that is not a message (no JSON object).
+        (lambda conn, fd: socket.send_fds(conn, [b"{not json"], [fd]), errno.EPROTO),
         # A pushed event nobody listens for, then the error: both closed.
         (lambda conn, fd: (send_message(conn, {"event": "bound", "port": 1}, [fd]),
                            send_message(conn, {"errno": errno.EIO, "error": "no"})), errno.EIO),
     ],
-    ids=["error", "oversized", "unexpected-push"],
+    ids=["error", "oversized", "malformed", "unexpected-push"],
 )
 def test_a_handle_closes_the_descriptors_of_what_it_refuses(
     service: Callable[[Callable[[socket.socket], None]], str],
@@ -325,6 +329,33 @@ def _outside_the_round_trip() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _numbers_kept() -> Iterator[Callable[[str], None]]:
+    """Files opened on the lowest free descriptor numbers, those a Ctrl-C
+    may have left closed and still listed to close: ``check(where)`` asserts
+    that nothing closed them meanwhile (a descriptor closed twice closes
+    whatever file has its number by then)."""
+    guards = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(4)]
+    inodes = [os.fstat(fd).st_ino for fd in guards]
+
+    def check(where: str) -> None:
+        for fd, inode in zip(guards, inodes, strict=True):
+            try:
+                kept = os.fstat(fd).st_ino == inode
+            except OSError:
+                kept = False
+            assert kept, (where, f"descriptor {fd} closed twice")
+
+    try:
+        yield check
+    finally:
+        for fd in guards:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class _Handles:
     """A guest's share handle and event channel handle, and dom0's grant
     table and event channel handle, each one connection kept open across a
@@ -425,7 +456,9 @@ def test_a_call_interrupted_anywhere_in_its_round_trip_leaves_nothing(
             made: list[object] = []
             where = interrupted_at(n, SIM_CODE, lambda made=made, call=call: made.append(call()),
                                    unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
-            after([m for m in made if m is not None])
+            with _numbers_kept() as check:
+                after([m for m in made if m is not None])
+                check(where)
             now = host.hypervisor.stats()
             assert (now["ports"], now["grants"]) == (stats["ports"], stats["grants"]), where
             assert eventually(lambda fds=fds: descriptors() <= fds), (
@@ -484,3 +517,148 @@ def test_what_a_reply_gave_goes_back_when_apply_refuses_it(host: SimHost, guest:
         assert eventually(lambda: host.hypervisor.stats()["ports"] == ports)
         port = e0.bind_unbound_port(guest.domid)  # and the next call gets its own reply
         assert e0.ports() == [port]
+
+
+def test_a_call_interrupted_anywhere_after_a_pushed_message_leaves_nothing(
+        host: SimHost, guest: Domain) -> None:
+    """The sweep of a call whose reply comes after a message the service
+    pushed (the peer bound the port: a pipe to write to comes with it): a
+    Ctrl-C anywhere in the round trip loses neither.  The push reaches the
+    handle, by the next call at the latest, before anything that came after
+    it, and its descriptor is the handle's or closed."""
+    landed: list[str] = []
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        for n in itertools.count():
+            stats, fds = host.hypervisor.stats(), descriptors()
+            p1 = e1.bind_unbound_port(0)
+            p0 = e0.bind_interdomain(guest.domid, p1)  # pushes "bound" to e1
+            made: list[int] = []
+            where = interrupted_at(n, SIM_CODE,
+                                   lambda made=made: made.append(e1.bind_unbound_port(0)),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            assert e1.remote(p1) == (0, p0), where
+            e1.notify(p1)
+            assert select.select([e0], [], [], TIMEOUT)[0] == [e0], where
+            assert e0.pending() == p0, where
+            for port in e1.ports():
+                e1.unbind(port)
+            e0.unbind(p0)
+            now = host.hypervisor.stats()
+            assert (now["ports"], now["grants"]) == (stats["ports"], stats["grants"]), where
+            assert eventually(lambda fds=fds: descriptors() <= fds), (
+                where, sorted(descriptors() - fds))
+            if not where:
+                break
+            landed.append(where)
+    assert len(landed) > 5, landed
+
+
+def test_a_reply_to_no_request_is_dropped_by_drain_and_by_the_next_call(tmp_path: Path) -> None:
+    """A reply whose id no request of ours has (a confused service; 0, below
+    every id, so that it does not answer the requests before it): drain()
+    and the call after it drop it, closing its descriptors, and go on to
+    what follows it."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+
+    def serve(conn: socket.socket) -> None:
+        conn.recv(MAX_MESSAGE)
+        send_message(conn, {"id": 1, "ok": 1})
+        send_message(conn, {"id": 0, "ok": 2}, [w])  # to nobody
+        send_message(conn, {"event": "bound", "port": 1})
+        os.close(w)
+        conn.recv(MAX_MESSAGE)
+        send_message(conn, {"id": 0, "ok": 3})  # to nobody, then the reply
+        send_message(conn, {"id": 2, "ok": 4})
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, serve, socket.SOCK_SEQPACKET)
+    pushed: list[dict[str, object]] = []
+    conn = ServiceConnection(path, PlatformError, lambda msg, fds: pushed.append(msg))
+    try:
+        assert conn.call("info") == ({"id": 1, "ok": 1}, [])
+        assert eventually(lambda: bool(conn.drain() and pushed))
+        assert pushed == [{"event": "bound", "port": 1}]
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""  # the stray reply's descriptor is closed
+        assert conn.call("info") == ({"id": 2, "ok": 4}, [])
+    finally:
+        conn.close()
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+@pytest.mark.timeout(600)
+def test_a_reply_left_on_its_way_out_is_released_whatever_cuts_its_release_short(
+        host: SimHost, guest: Domain) -> None:
+    """Two Ctrl-Cs: one as a map's call lets go of the lock (the reply left
+    on its way out), one anywhere in the next call, which releases it.  The
+    call after that finishes the release: the mapping's descriptor is closed
+    once and the service's mapping released."""
+    landed: list[str] = []
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        pages = shr.share_pages(0, 1)
+        for n in itertools.count():
+            stats, fds = host.hypervisor.stats(), descriptors()
+            for k in itertools.count():
+                assert interrupted_as_call_returns(
+                    ServiceConnection.call.__code__, k,
+                    lambda: tab.map_grant_refs(guest.domid, pages.refs)), "never left"
+                if tab._conn._delivering:
+                    break
+                for handle in list(tab._live.values()):
+                    handle.unmap()
+                tab.map_grant_refs(guest.domid, pages.refs).unmap()  # flush
+            made: list[object] = []
+            where = interrupted_at(
+                n, SIM_CODE, lambda made=made: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
+                unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            with _numbers_kept() as check:
+                for mapping in made:
+                    mapping.unmap()  # type: ignore[attr-defined]
+                with tab.map_grant_refs(guest.domid, pages.refs) as again:
+                    assert len(again.buffer) == PAGE_SIZE
+                check(where)
+            assert not tab._conn._delivering, where
+            assert eventually(lambda stats=stats: host.hypervisor.stats() == stats), where
+            assert eventually(lambda fds=fds: descriptors() <= fds), (where, sorted(descriptors() - fds))
+            if not where:
+                break
+            landed.append(where)
+        pages.unshare()
+    assert len(landed) > 5, landed
+
+
+def test_done_runs_once_also_for_a_reply_left_on_its_way_out(host: SimHost) -> None:
+    """A Ctrl-C as call() lets go of the lock, its reply's done() run: the
+    thread's next drain(), which releases that reply, does not run it
+    again."""
+    with host.dom0.evtchn() as e0:
+        conn = e0._conn
+        ran: list[int] = []
+        for k in itertools.count():
+            ran.clear()
+            assert interrupted_as_call_returns(
+                ServiceConnection.call.__code__, k,
+                lambda: conn.call("info", done=functools.partial(ran.append, 1))), "never left"
+            if conn._delivering:
+                break
+        assert ran == [1]
+        assert conn.drain()
+        assert not conn._delivering
+        assert conn.call("info")[0]["domid"] == 0
+        assert ran == [1]
+
+
+def test_done_is_not_run_for_an_abandoned_reply_that_failed(host: SimHost) -> None:
+    """done() is for a request that succeeded: a call cut short before its
+    error reply came leaves done() unrun when a later call takes that
+    reply."""
+    with host.dom0.evtchn() as e0:
+        ran: list[int] = []
+        assert interrupted_as_call_returns(
+            ServiceConnection._call.__code__, 0,
+            lambda: e0._conn.call("evtchn_unbind", port=1, done=functools.partial(ran.append, 1)))
+        assert e0._conn.call("info")[0]["domid"] == 0
+        assert ran == []

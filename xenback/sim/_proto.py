@@ -334,7 +334,8 @@ class ServiceConnection:
         """
         me = threading.get_ident()
         with self._lock:
-            self._settle_delivering(me)
+            if self._delivering:  # a test, not a call, on the common path
+                self._settle_delivering(me)
             if self._refusal is not None:
                 raise self._error(*self._refusal)
             on_wait = self._on_wait
@@ -497,9 +498,11 @@ class ServiceConnection:
         taken.request_id = request_id if request is not None else None
         taken.classified = True
         if request_id is not None:
-            for earlier in [i for i in self._unanswered if i <= request_id]:
-                # Never sent, or its reply lost with a call cut short: none comes.
-                del self._unanswered[earlier]
+            self._unanswered.pop(request_id, None)
+            if self._unanswered:  # rarely: a list and a frame less per reply
+                for earlier in [i for i in self._unanswered if i < request_id]:
+                    # Never sent, or its reply lost with a call cut short: none comes.
+                    del self._unanswered[earlier]
 
     def _release_head(self, taken: _Taken) -> None:
         """Let go of ``taken``, at the head of the inbox (under _lock)."""
@@ -550,7 +553,8 @@ class ServiceConnection:
         """
         me = threading.get_ident()
         with self._lock:
-            self._settle_delivering(me)
+            if self._delivering:
+                self._settle_delivering(me)
             while True:
                 if not self._inbox:
                     try:
