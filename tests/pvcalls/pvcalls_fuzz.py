@@ -1233,7 +1233,7 @@ def threads() -> list[str]:
 def run_seed(seed: int, args: Any, seen: collections.Counter[str],
              make_echo: Callable[[], Any]) -> None:
     """One seed of the campaign: its own host, backend and echo server
-    (``make_echo()``: conftest's EchoServer), the frontends' steps, then
+    (``make_echo()``: echoserver.EchoServer), the frontends' steps, then
     everything must be released (FuzzFailure if not).  ``args`` has
     main()'s options as attributes."""
     from workqueue import Topology
@@ -1303,7 +1303,7 @@ def main() -> None:
     import sys
     import traceback
 
-    from conftest import EchoServer
+    from echoserver import EchoServer
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0-9")
