@@ -112,8 +112,16 @@ class ReadyFd:
 
     def set(self, readable: bool, writable: bool) -> None:
         """Make the descriptor poll as said (under the socket's _cond).
-        OSError EBADF if the program closed it."""
+        OSError EBADF if the program closed it.
+
+        Each record is stored before the call that makes it true: CPython
+        runs a signal's handler as a call returns, not before it starts,
+        so a Ctrl-C finds record and descriptor alike.  Stored after, one
+        landing as recv() returned left the record readable and the
+        descriptor not, and every later set() left it so: a selector
+        waited for good for the connection accept() would return."""
         if readable != self.readable:
+            self.readable = readable
             if readable:
                 try:
                     self.ours.send(b"\0")
@@ -125,11 +133,10 @@ class ReadyFd:
                     self.user.recv(16)
                 except BlockingIOError:
                     pass  # the program read it
-            self.readable = readable
         if writable != self.writable:
+            self.writable = writable
             self.user.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                                  self._sndbuf if writable else 0)
-            self.writable = writable
 
     def close(self) -> None:
         """Close both ends; OSError EBADF, once both are closed, if the

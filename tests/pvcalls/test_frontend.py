@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import gc
 import io
 import itertools
@@ -2953,6 +2954,37 @@ def _hold_until_waited_for(lock: threading.Lock, taken: threading.Event,
             done.wait(0.001)
 
 
+@pytest.mark.parametrize("start", list(itertools.product((False, True), repeat=2)),
+                         ids=lambda rw: f"r{int(rw[0])}w{int(rw[1])}")
+def test_a_readiness_update_interrupted_anywhere_leaves_the_descriptor_as_recorded(
+        start: tuple[bool, bool]) -> None:
+    """A Ctrl-C landing anywhere in ReadyFd.set leaves the descriptor
+    polling as its record says, so that the next set() makes it right.
+    Before, one landing as the recv() that clears readability returned
+    left the record readable and the descriptor not: every later set()
+    to readable did nothing, and a selector waited for good for what
+    accept() would return at once."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    for to in itertools.product((False, True), repeat=2):
+        for n in itertools.count():
+            fd = ReadyFd()
+            try:
+                fd.set(*start)
+                where = interrupted_at(n, within, functools.partial(fd.set, *to))
+                r, w, _ = select.select([fd], [fd], [], 0)
+                assert ((fd in r), (fd in w)) == (fd.readable, fd.writable), (
+                    f"{start} to {to}, interrupted {where or 'nowhere'}")
+                fd.set(*to)
+                r, w, _ = select.select([fd], [fd], [], 0)
+                assert ((fd in r), (fd in w)) == to, f"{start} to {to}, then again"
+            finally:
+                fd.close()
+            if not where:
+                break
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("contended", [False, True], ids=["free", "contended"])
 @pytest.mark.parametrize("call", ["recv", "send", "connect", "accept", "accept-nonblocking"])
@@ -3018,6 +3050,10 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
         def accept_the_pending_one(where: str) -> None:
             if len(accepted) == len(clients):
                 return
+            if call == "accept-nonblocking":
+                # A selector wakes for what the next accept() returns at once.
+                assert select.select([s], [], [], TIMEOUT)[0] == [s], (
+                    f"interrupted {where or 'nowhere'}: fileno() never readable")
             s.settimeout(TIMEOUT)
             try:
                 accepted.append(s.accept()[0])
