@@ -14,6 +14,7 @@ import functools
 import gc
 import io
 import itertools
+import linecache
 import logging
 import math
 import os
@@ -3017,6 +3018,7 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
     clients: list[socket.socket] = []
     accepted: list[pvcalls.PVSocket] = []
     accepts = call.startswith("accept")
+    accept_file = pvcalls.PVSocket.accept.__code__.co_filename
     with (pvcalls.Frontend(guest, timeout=TIMEOUT) as fe,
           warnings.catch_warnings(record=True) as caught):
         warnings.simplefilter("always")
@@ -3029,8 +3031,10 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
             s = connected(fe, srv.address)
         timeout = 0.0 if call == "accept-nonblocking" else None if contended else TIMEOUT
         s.settimeout(timeout)
+        selector = selectors.DefaultSelector()
         if call == "accept-nonblocking":
-            s.fileno()  # a POLL in flight from now on, as under a selector
+            # A POLL in flight from now on (fileno()), as under a selector.
+            selector.register(s, selectors.EVENT_READ)
         lock_name = "_accept_lock" if accepts else {
             "recv": "_recv_lock", "send": "_send_lock", "connect": "_recv_lock"}[call]
 
@@ -3048,11 +3052,15 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
             return None
 
         def accept_the_pending_one(where: str) -> None:
+            # The program has the sockets accept() returned, and no other:
+            # not the one of an ACCEPT an interrupted accept() put back.
+            assert set(fe.sockets()) == {s, *accepted}, f"interrupted {where or 'nowhere'}"
             if len(accepted) == len(clients):
                 return
             if call == "accept-nonblocking":
-                # A selector wakes for what the next accept() returns at once.
-                assert select.select([s], [], [], TIMEOUT)[0] == [s], (
+                # A selector wakes for what the next accept() returns at
+                # once: registered before, it asks fileno() nothing more.
+                assert selector.select(TIMEOUT) != [], (
                     f"interrupted {where or 'nowhere'}: fileno() never readable")
             s.settimeout(TIMEOUT)
             try:
@@ -3065,15 +3073,25 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
         def handed_over() -> bool:
             # accept() gave the connection to its caller, and lets go of
             # its lock in held() or returns: a Ctrl-C there loses it, as
-            # one in socket.socket.accept() after its _accept() does.
+            # one in socket.socket.accept() after its _accept() does.  Not
+            # in the POLL for fileno() and the readiness update before
+            # that (their try gives the answer back): swept, as the rest.
             frame = sys._getframe(1)
-            while frame.f_code.co_name != "accept" or "frontend" not in frame.f_code.co_filename:
+            inner: list[str] = []  # the frontend's frames inside accept()
+            while frame.f_code.co_name != "accept" or frame.f_code.co_filename != accept_file:
+                if frame.f_code.co_filename.startswith(within):
+                    inner.append(frame.f_code.co_name)
                 if frame.f_back is None:
                     return False
                 frame = frame.f_back
             new = frame.f_locals.get("new")
-            return (new is not None and not new._offered
-                    and frame.f_locals["self"]._st.accept_inflight is None)
+            if (new is None or new._offered
+                    or frame.f_locals["self"]._st.accept_inflight is not None):
+                return False
+            if inner:
+                return inner[-1] == "held"
+            # In accept() itself: as the with block's exit returns.
+            return linecache.getline(accept_file, frame.f_lineno).lstrip().startswith("with held(")
 
         landed = 0
         try:
@@ -3116,6 +3134,7 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
             # ACCEPT was to offer, made and dropped.
             assert _unclosed(caught) == []
         finally:
+            selector.close()
             fe.timeout = 1.0  # a lock left held is not waited for
             for sock in (*accepted, *made, s):
                 sock.close()
