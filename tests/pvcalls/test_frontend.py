@@ -3153,6 +3153,46 @@ class _Dropped:
         pass  # dropped by then
 
 
+def test_a_socket_call_interrupted_anywhere_leaves_no_socket_it_did_not_give(
+        host: SimHost, backend: Any) -> None:
+    """A Ctrl-C landing anywhere in Frontend.socket() leaves no socket
+    that the program never had in the frontend's table: none to warn of
+    as "unclosed", none to send a RELEASE for, none left in the backend.
+    Before, one landing as
+    _new_socket() returned (or as its with block's exit did), once the
+    socket was in the table, dropped it there: the finaliser warned of
+    an "unclosed <PVSocket new>" and the reaper's RELEASE got EBADF."""
+    guest = host.create_domain("socket-dropped-as-made")
+    within = os.path.dirname(_frontend.__file__)
+    with (pvcalls.Frontend(guest, timeout=TIMEOUT) as fe,
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("always")
+        landed = 0
+        made: list[pvcalls.PVSocket] = []
+        for n in itertools.count():
+            where = interrupted_at(n, within, lambda: made.append(fe.socket()))
+            for sock in made:
+                sock.close()
+            made.clear()
+            gc.collect()
+            assert _unclosed(caught) == [], f"interrupted {where or 'nowhere'}"
+            # Released, also the one whose SOCKET a Ctrl-C gave up on once
+            # it went out (the event thread releases it on its answer).
+            wait_until(lambda: not fe._sockets and not fe._releases)
+            # Nor one the backend made for nobody: counted against the
+            # domain's max_sockets until the frontend went.
+            try:
+                wait_until(lambda: not [row for row in backend.stats().sockets
+                                        if row.domain == fe.domain.domid])
+            except TimeoutError:
+                raise AssertionError(f"interrupted {where or 'nowhere'}: "
+                                     "a socket left in the backend") from None
+            if not where:
+                break
+            landed += 1
+        assert landed > 3
+
+
 @pytest.mark.timeout(600)
 def test_a_socket_dropped_after_an_interrupted_close_is_no_unclosed_socket(
         host: SimHost, backend: Any, server: Any) -> None:
