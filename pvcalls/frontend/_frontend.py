@@ -766,7 +766,12 @@ class Frontend(Closing):
             raise OSError(errno.EAFNOSUPPORT, "PV Calls only carries AF_INET SOCK_STREAM sockets")
         if not self._connected:
             raise OSError(errno.ENOTCONN, "frontend is not connected")
-        sock = self._new_socket()
+        # The socket, once made, is in ``made`` before it is in the table
+        # (see _new_socket): a Ctrl-C as that returns leaves it to the
+        # except below, not in the table with no caller (the finaliser
+        # warned of an "unclosed" socket the program never had, and the
+        # reaper sent a RELEASE the backend refused).
+        made: list[PVSocket] = []
 
         def fill(req: Any) -> None:
             req.u.socket.id = sock.id
@@ -784,11 +789,22 @@ class Frontend(Closing):
                     self._sockets.setdefault(sock.id, sock._st)
                 self._release(sock._st, sock)
 
+        # Not _call(): a Ctrl-C landing as its wait returned the answer,
+        # before ``ret`` was stored, forgot a socket the backend had made,
+        # with no RELEASE.  The slot here says whether the SOCKET went
+        # out, and an answered one is released (``late``) as one answered
+        # after a timeout is.
+        slots: list[Slot] = []
+        deadline = Deadline(self.timeout)
         try:
-            ret = self._call(PVCALLS_SOCKET, sock.id, fill, Deadline(self.timeout),
-                             on_late=late)
+            sock = self._new_socket(into=made)
+            slots.append(Slot(PVCALLS_SOCKET, sock.id))
+            ret = self._wait_slot(self._submit(slots[0], fill, deadline), slots[0], deadline)
         except BaseException:
-            self._forget(sock)
+            if made:
+                self._forget(made[0])
+            if slots and slots[0].sent:
+                self._abandon(slots[0].req_id, slots[0], late)
             raise
         if ret < 0:
             self._forget(sock)
@@ -1070,7 +1086,8 @@ class Frontend(Closing):
                     into: list[PVSocket] | None = None) -> PVSocket:
         """A new socket, in the table; also appended to ``into`` first, so
         that a caller that must drop it again (an ACCEPT's id_new that did
-        not go out) has it whatever interrupts this as it returns."""
+        not go out, a socket() cut short) has it whatever interrupts this
+        as it returns."""
         sock_id = _ID_BASE + _ID_STRIDE * next(self._ids)
         sock = PVSocket(self, sock_id)
         sock._offered = offered

@@ -112,24 +112,43 @@ class ReadyFd:
 
     def set(self, readable: bool, writable: bool) -> None:
         """Make the descriptor poll as said (under the socket's _cond).
-        OSError EBADF if the program closed it."""
+        OSError EBADF if the program closed it.
+
+        Each record is stored before the call that makes it true: CPython
+        runs a signal's handler as a call returns, not before it starts,
+        so a Ctrl-C finds record and descriptor alike.  Stored after, one
+        landing as recv() returned left the record readable and the
+        descriptor not, and every later set() left it so: a selector
+        waited for good for the connection accept() would return.  A call
+        that fails puts its record back, as before: the descriptor is as
+        it was."""
         if readable != self.readable:
+            self.readable = readable
             if readable:
                 try:
                     self.ours.send(b"\0")
                 except (BrokenPipeError, ConnectionResetError):
-                    # Our end's peer is gone: the program closed it.
+                    # Our end's peer is gone: the program closed it.  Not
+                    # made readable: every set() says so again, before it
+                    # would touch the descriptor's number (see below).
+                    self.readable = False
                     raise bad_fd() from None
             else:
                 try:
                     self.user.recv(16)
                 except BlockingIOError:
                     pass  # the program read it
-            self.readable = readable
+                except OSError:
+                    self.readable = True  # not cleared: tried again next time
+                    raise
         if writable != self.writable:
-            self.user.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                 self._sndbuf if writable else 0)
             self.writable = writable
+            try:
+                self.user.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                     self._sndbuf if writable else 0)
+            except OSError:
+                self.writable = not writable  # not set: tried again next time
+                raise
 
     def close(self) -> None:
         """Close both ends; OSError EBADF, once both are closed, if the

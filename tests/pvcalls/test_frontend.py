@@ -10,9 +10,11 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import gc
 import io
 import itertools
+import linecache
 import logging
 import math
 import os
@@ -2953,6 +2955,110 @@ def _hold_until_waited_for(lock: threading.Lock, taken: threading.Event,
             done.wait(0.001)
 
 
+def _accept_handed_over() -> bool:
+    """Whether a signal's handler run here (from a tracer) runs where
+    accept() has handed the connection to its caller and lets go of its
+    lock in held(), or returns: a Ctrl-C there loses the connection, as
+    one in socket.socket.accept() after its _accept() does.  Not in the
+    POLL for fileno() and the readiness update before that, whose try
+    gives the answer back."""
+    within = os.path.dirname(_frontend.__file__)
+    accept_file = pvcalls.PVSocket.accept.__code__.co_filename
+    frame = sys._getframe(1)
+    inner: list[str] = []  # the frontend's frames inside accept()
+    while frame.f_code.co_name != "accept" or frame.f_code.co_filename != accept_file:
+        if frame.f_code.co_filename.startswith(within):
+            inner.append(frame.f_code.co_name)
+        if frame.f_back is None:
+            return False
+        frame = frame.f_back
+    new = frame.f_locals.get("new")
+    if new is None or new._offered or frame.f_locals["self"]._st.accept_inflight is not None:
+        return False
+    if inner:
+        return inner[-1] == "held"
+    # In accept() itself: as the with block's exit returns.
+    return linecache.getline(accept_file, frame.f_lineno).lstrip().startswith("with held(")
+
+
+def test_an_accept_interrupted_as_it_hands_over_releases_what_it_lost(
+        host: SimHost, backend: Any) -> None:
+    """Where the accept() sweep lands no Ctrl-C (see _accept_handed_over),
+    one loses the connection, and the library cannot give it back: the
+    caller's own frame can lose a return value too.  What it can do, it
+    does: the socket goes as one the program dropped unclosed (one
+    ResourceWarning, a RELEASE: the peer sees the end), and the next
+    accept() gets the next connection."""
+    guest = host.create_domain("accept-lost")
+    within = os.path.dirname(_frontend.__file__)
+    clients: list[socket.socket] = []
+    accepted: list[pvcalls.PVSocket] = []
+    with (pvcalls.Frontend(guest, timeout=TIMEOUT) as fe,
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("always")
+        s = fe.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        s.settimeout(TIMEOUT)
+        pending_at = listen_address(backend, fe.domain.domid, s.id)
+
+        def in_backend() -> int:
+            return len([row for row in backend.stats().sockets if row.domain == fe.domain.domid])
+
+        try:
+            landed = 0
+            for n in itertools.count():
+                clients.append(socket.create_connection(pending_at, timeout=TIMEOUT))
+                where = interrupted_at(n, within, lambda: accepted.append(s.accept()[0]),
+                                       lambda: not _accept_handed_over())
+                if not where:
+                    break
+                landed += 1
+                gc.collect()
+                assert len(_unclosed(caught)) == 1, where
+                caught.clear()
+                assert clients[-1].recv(1) == b"", where  # released
+                wait_until(lambda: in_backend() == 1 + len(accepted))
+            assert landed >= 2  # held() letting go, the with block's exit
+            assert _unclosed(caught) == []
+        finally:
+            for sock in (*accepted, s):
+                sock.close()
+            for client in clients:
+                client.close()
+
+
+@pytest.mark.parametrize("start", list(itertools.product((False, True), repeat=2)),
+                         ids=lambda rw: f"r{int(rw[0])}w{int(rw[1])}")
+def test_a_readiness_update_interrupted_anywhere_leaves_the_descriptor_as_recorded(
+        start: tuple[bool, bool]) -> None:
+    """A Ctrl-C landing anywhere in ReadyFd.set leaves the descriptor
+    polling as its record says, so that the next set() makes it right.
+    Before, one landing as the recv() that clears readability returned
+    left the record readable and the descriptor not: every later set()
+    to readable did nothing, and a selector waited for good for what
+    accept() would return at once."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    for to in itertools.product((False, True), repeat=2):
+        for n in itertools.count():
+            fd = ReadyFd()
+            try:
+                fd.set(*start)
+                where = interrupted_at(n, within, functools.partial(fd.set, *to))
+                r, w, _ = select.select([fd], [fd], [], 0)
+                assert ((fd in r), (fd in w)) == (fd.readable, fd.writable), (
+                    f"{start} to {to}, interrupted {where or 'nowhere'}")
+                fd.set(*to)
+                r, w, _ = select.select([fd], [fd], [], 0)
+                assert ((fd in r), (fd in w)) == to, f"{start} to {to}, then again"
+            finally:
+                fd.close()
+            if not where:
+                break
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("contended", [False, True], ids=["free", "contended"])
 @pytest.mark.parametrize("call", ["recv", "send", "connect", "accept", "accept-nonblocking"])
@@ -2997,8 +3103,10 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
             s = connected(fe, srv.address)
         timeout = 0.0 if call == "accept-nonblocking" else None if contended else TIMEOUT
         s.settimeout(timeout)
+        selector = selectors.DefaultSelector()
         if call == "accept-nonblocking":
-            s.fileno()  # a POLL in flight from now on, as under a selector
+            # A POLL in flight from now on (fileno()), as under a selector.
+            selector.register(s, selectors.EVENT_READ)
         lock_name = "_accept_lock" if accepts else {
             "recv": "_recv_lock", "send": "_send_lock", "connect": "_recv_lock"}[call]
 
@@ -3016,8 +3124,16 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
             return None
 
         def accept_the_pending_one(where: str) -> None:
+            # The program has the sockets accept() returned, and no other:
+            # not the one of an ACCEPT an interrupted accept() put back.
+            assert set(fe.sockets()) == {s, *accepted}, f"interrupted {where or 'nowhere'}"
             if len(accepted) == len(clients):
                 return
+            if call == "accept-nonblocking":
+                # A selector wakes for what the next accept() returns at
+                # once: registered before, it asks fileno() nothing more.
+                assert selector.select(TIMEOUT) != [], (
+                    f"interrupted {where or 'nowhere'}: fileno() never readable")
             s.settimeout(TIMEOUT)
             try:
                 accepted.append(s.accept()[0])
@@ -3025,19 +3141,6 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
                 raise AssertionError(f"interrupted {where or 'nowhere'}: "
                                      "the next accept() found no connection") from None
             s.settimeout(timeout)
-
-        def handed_over() -> bool:
-            # accept() gave the connection to its caller, and lets go of
-            # its lock in held() or returns: a Ctrl-C there loses it, as
-            # one in socket.socket.accept() after its _accept() does.
-            frame = sys._getframe(1)
-            while frame.f_code.co_name != "accept" or "frontend" not in frame.f_code.co_filename:
-                if frame.f_back is None:
-                    return False
-                frame = frame.f_back
-            new = frame.f_locals.get("new")
-            return (new is not None and not new._offered
-                    and frame.f_locals["self"]._st.accept_inflight is None)
 
         landed = 0
         try:
@@ -3061,7 +3164,7 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
                     # In the socket's and the deadline's code: the command
                     # ring's and the data ring's take no socket lock.
                     where = interrupted_at(
-                        n, within, run, handed_over if accepts else lambda: False,
+                        n, within, run, _accept_handed_over if accepts else lambda: False,
                         besides=(_frontend.__file__, os.path.join(within, "_ring.py")))
                 finally:
                     done.set()
@@ -3080,6 +3183,7 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
             # ACCEPT was to offer, made and dropped.
             assert _unclosed(caught) == []
         finally:
+            selector.close()
             fe.timeout = 1.0  # a lock left held is not waited for
             for sock in (*accepted, *made, s):
                 sock.close()
@@ -3096,6 +3200,46 @@ class _Dropped:
 
     def close(self) -> None:
         pass  # dropped by then
+
+
+def test_a_socket_call_interrupted_anywhere_leaves_no_socket_it_did_not_give(
+        host: SimHost, backend: Any) -> None:
+    """A Ctrl-C landing anywhere in Frontend.socket() leaves no socket
+    that the program never had in the frontend's table: none to warn of
+    as "unclosed", none to send a RELEASE for, none left in the backend.
+    Before, one landing as
+    _new_socket() returned (or as its with block's exit did), once the
+    socket was in the table, dropped it there: the finaliser warned of
+    an "unclosed <PVSocket new>" and the reaper's RELEASE got EBADF."""
+    guest = host.create_domain("socket-dropped-as-made")
+    within = os.path.dirname(_frontend.__file__)
+    with (pvcalls.Frontend(guest, timeout=TIMEOUT) as fe,
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("always")
+        landed = 0
+        made: list[pvcalls.PVSocket] = []
+        for n in itertools.count():
+            where = interrupted_at(n, within, lambda: made.append(fe.socket()))
+            for sock in made:
+                sock.close()
+            made.clear()
+            gc.collect()
+            assert _unclosed(caught) == [], f"interrupted {where or 'nowhere'}"
+            # Released, also the one whose SOCKET a Ctrl-C gave up on once
+            # it went out (the event thread releases it on its answer).
+            wait_until(lambda: not fe._sockets and not fe._releases)
+            # Nor one the backend made for nobody: counted against the
+            # domain's max_sockets until the frontend went.
+            try:
+                wait_until(lambda: not [row for row in backend.stats().sockets
+                                        if row.domain == fe.domain.domid])
+            except TimeoutError:
+                raise AssertionError(f"interrupted {where or 'nowhere'}: "
+                                     "a socket left in the backend") from None
+            if not where:
+                break
+            landed += 1
+        assert landed > 3
 
 
 @pytest.mark.timeout(600)

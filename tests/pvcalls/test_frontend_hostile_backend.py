@@ -1270,7 +1270,8 @@ def test_an_accept_the_backend_refuses_keeps_nothing_of_its_new_socket(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """ACCEPT answered with an error: accept() raises it, and the socket
     it offered (which the backend never made) is gone from the frontend's
-    table, with no RELEASE for it, its ring back in the pool."""
+    table, with no RELEASE for it, its ring back in the pool.  The next
+    accept() sends an ACCEPT of its own: the refusal was reported once."""
     ls = fe.socket()
     ls.bind(("127.0.0.1", 4000))
     ls.listen()
@@ -1282,6 +1283,10 @@ def test_an_accept_the_backend_refuses_keeps_nothing_of_its_new_socket(
     assert info.value.errno == errno.EINVAL
     assert fe._sockets == held
     assert len(fe._ring_pool) == 1  # reusable: the backend did not take it
+    del fake.rets[PVCALLS_ACCEPT]
+    new, _ = ls.accept()
+    assert new.id not in held
+    new.close()
     ls.close()
 
 
