@@ -3081,8 +3081,15 @@ def test_a_call_interrupted_anywhere_leaves_its_socket_locks_free(
     later accept() waiting for an answer that would never come."""
     def greet_and_sink(conn: socket.socket) -> None:
         conn.settimeout(None)  # the sweep may outlast the server's timeout
-        conn.sendall(b"for recv to find")
-        sink(conn)
+        try:
+            conn.sendall(b"for recv to find")
+            sink(conn)
+        except ConnectionResetError:
+            # A socket released with the greeting still in its host
+            # socket (not yet moved to the ring) is closed with data
+            # unread: the kernel resets the connection.  Whether it was
+            # moved first is a race, and neither way is what is tested.
+            pass
 
     srv = server(greet_and_sink)
     guest = host.create_domain(f"locks-{call}-{contended}")
