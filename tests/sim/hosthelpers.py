@@ -133,31 +133,32 @@ def answer_one_request(path: str, answer: Callable[[int, int], bytes]) -> thread
     return serve_one_client(path, handle)
 
 
-HandleCensus = tuple[int, frozenset[tuple[int, str]]]
+HandleCensus = tuple[dict[str, int], frozenset[tuple[int, str]]]
 
 
 def handle_census(host: SimHost) -> HandleCensus:
-    """The simulated hypervisor's handle connections and this process's
-    descriptors, for :func:`released_since`."""
-    return host.hypervisor.stats()["connections"], descriptors()
+    """The simulated hypervisor's counts (domains, handle connections,
+    ports, grants) and this process's descriptors, for
+    :func:`released_since`."""
+    return host.hypervisor.stats(), descriptors()
 
 
 def released_since(host: SimHost, before: HandleCensus, where: str) -> None:
-    """Wait until every handle and descriptor made since ``before`` is
-    gone; else fail saying what is left after ``where``."""
-    assert eventually(lambda: (
-        host.hypervisor.stats()["connections"] == before[0]
-        and descriptors() <= before[1])), (
-        f"interrupted {where}: still held: {host.hypervisor.stats()['connections']} "
-        f"connections (was {before[0]}), new descriptors {sorted(descriptors() - before[1])}")
+    """Wait until every domain, handle, port, grant and descriptor made
+    since ``before`` is gone; else fail saying what is left after
+    ``where``."""
+    stats, fds = before
+    assert eventually(lambda: host.hypervisor.stats() == stats and descriptors() <= fds), (
+        f"interrupted {where}: still held: {host.hypervisor.stats()} (was {stats}), "
+        f"new descriptors {sorted(descriptors() - fds)}")
 
 
 def every_landing(host: SimHost, landing: Callable[[int], str], more_than: int) -> list[str]:
     """Drive a Ctrl-C sweep: ``landing(n)`` for n = 0, 1, 2, ..., each
     making what it needs, landing a Ctrl-C at the n-th place of the call
     under test (stolensignal.interrupted_at, whose answer it returns) and
-    checking what that call must have done; after each, every handle and
-    descriptor made since it began must be released.  Ends with the first
+    checking what that call must have done; after each, everything made
+    since it began must be released (see :func:`released_since`).  Ends with the first
     that ran undisturbed (''), having checked it too; fails unless more
     than ``more_than`` landed (a sweep that lands nowhere checks nothing).
     Returns where they landed."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hosthelpers import SIM_CODE, descriptors, eventually, serve_one_client
+from hosthelpers import SIM_CODE, descriptors, eventually, every_landing, serve_one_client
 from racewindow import TIMEOUT
 from stolensignal import interrupted_as_call_returns, interrupted_at
 
@@ -448,27 +448,21 @@ def test_a_call_interrupted_anywhere_in_its_round_trip_leaves_nothing(
     the socket and before call() returned lost it: its descriptors stayed
     open, and what it gave stayed until the handle closed."""
     handles = _Handles(host, guest)
-    landed: list[str] = []
+
+    def landing(n: int) -> str:
+        call, after = handles.round(op)
+        made: list[object] = []
+        where = interrupted_at(n, SIM_CODE, lambda: made.append(call()),
+                               unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+        with _numbers_kept() as check:
+            after([m for m in made if m is not None])
+            check(where)
+        return where
+
     try:
-        for n in itertools.count():
-            stats, fds = host.hypervisor.stats(), descriptors()
-            call, after = handles.round(op)
-            made: list[object] = []
-            where = interrupted_at(n, SIM_CODE, lambda made=made, call=call: made.append(call()),
-                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
-            with _numbers_kept() as check:
-                after([m for m in made if m is not None])
-                check(where)
-            now = host.hypervisor.stats()
-            assert (now["ports"], now["grants"]) == (stats["ports"], stats["grants"]), where
-            assert eventually(lambda fds=fds: descriptors() <= fds), (
-                where, sorted(descriptors() - fds))
-            if not where:
-                break
-            landed.append(where)
+        every_landing(host, landing, more_than=5)
     finally:
         handles.close()
-    assert len(landed) > 5, landed
 
 
 def test_a_map_interrupted_anywhere_in_its_round_trip_is_released_by_close(
@@ -477,27 +471,20 @@ def test_a_map_interrupted_anywhere_in_its_round_trip_is_released_by_close(
     reply left on its way out of call(), or in the inbox, has its
     descriptors closed with the connection (the service releases what it
     gave as it sees the connection close)."""
-    landed: list[str] = []
     with guest.gntshr() as shr:
-        for n in itertools.count():
-            stats, fds = host.hypervisor.stats(), descriptors()
+
+        def landing(n: int) -> str:
             pages = shr.share_pages(0, 1)
             tab = host.dom0.gnttab()
-            made: list[object] = []
+            made: list[object] = []  # kept: close() must release it, not the collector
             where = interrupted_at(
-                n, SIM_CODE,
-                lambda made=made, tab=tab, pages=pages: made.append(
-                    tab.map_grant_refs(guest.domid, pages.refs)),
+                n, SIM_CODE, lambda: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
                 unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
             tab.close()
             pages.unshare()
-            assert eventually(lambda stats=stats: host.hypervisor.stats() == stats), where
-            assert eventually(lambda fds=fds: descriptors() <= fds), (
-                where, sorted(descriptors() - fds))
-            if not where:
-                break
-            landed.append(where)
-    assert len(landed) > 5, landed
+            return where
+
+        every_landing(host, landing, more_than=5)
 
 
 def test_what_a_reply_gave_goes_back_when_apply_refuses_it(host: SimHost, guest: Domain) -> None:
@@ -526,15 +513,12 @@ def test_a_call_interrupted_anywhere_after_a_pushed_message_leaves_nothing(
     Ctrl-C anywhere in the round trip loses neither.  The push reaches the
     handle, by the next call at the latest, before anything that came after
     it, and its descriptor is the handle's or closed."""
-    landed: list[str] = []
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
-        for n in itertools.count():
-            stats, fds = host.hypervisor.stats(), descriptors()
+
+        def landing(n: int) -> str:
             p1 = e1.bind_unbound_port(0)
             p0 = e0.bind_interdomain(guest.domid, p1)  # pushes "bound" to e1
-            made: list[int] = []
-            where = interrupted_at(n, SIM_CODE,
-                                   lambda made=made: made.append(e1.bind_unbound_port(0)),
+            where = interrupted_at(n, SIM_CODE, lambda: e1.bind_unbound_port(0),
                                    unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
             assert e1.remote(p1) == (0, p0), where
             e1.notify(p1)
@@ -543,14 +527,9 @@ def test_a_call_interrupted_anywhere_after_a_pushed_message_leaves_nothing(
             for port in e1.ports():
                 e1.unbind(port)
             e0.unbind(p0)
-            now = host.hypervisor.stats()
-            assert (now["ports"], now["grants"]) == (stats["ports"], stats["grants"]), where
-            assert eventually(lambda fds=fds: descriptors() <= fds), (
-                where, sorted(descriptors() - fds))
-            if not where:
-                break
-            landed.append(where)
-    assert len(landed) > 5, landed
+            return where
+
+        every_landing(host, landing, more_than=5)
 
 
 def test_a_reply_to_no_request_is_dropped_by_drain_and_by_the_next_call(tmp_path: Path) -> None:
