@@ -7,12 +7,13 @@ import errno
 import multiprocessing
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.stolensignal import Interrupted
+from tests.stolensignal import Interrupted, main_thread_in, main_thread_within
 from tests.xenback.xbhelpers import (
     TIMEOUT,
     Census,
@@ -201,8 +202,21 @@ def test_wait_backend_ends_when_the_backend_closes_instead(host, driver) -> None
     """A backend that fails the device (connect() raised: its error node,
     then Closing) will not reach Connected until the frontend starts over:
     the wait ends with that, not with the whole timeout (a wait that ran
-    out would raise TimeoutError, not ConnectionRefusedError)."""
+    out would raise TimeoutError, not ConnectionRefusedError).
+
+    The backend fails the device once the wait is under way: one that
+    went Closing before the wait first looked would be taken for what an
+    earlier connection left (see wait_backend), and the wait would run
+    out (the suite lost that race once under load)."""
+    waiting: list[bool] = []
+
     def refuse(dev: object) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not (
+                main_thread_in("wait", path="threading.py")
+                and main_thread_within("_wait_backend", 12)):
+            time.sleep(0.001)
+        waiting.append(main_thread_within("_wait_backend", 12))
         raise OSError(5, "no ring for you")
 
     driver.connect_hook = refuse
@@ -214,6 +228,7 @@ def test_wait_backend_ends_when_the_backend_closes_instead(host, driver) -> None
                 f"backend {re.escape(fe.device.backend_path)} went Closing "
                 "instead of reaching Connected")):
             fe.wait_backend(S.CONNECTED)
+        assert waiting == [True]
         # What the backend is waiting for now is still there to wait for.
         assert fe.wait_backend(S.CLOSING) is S.CLOSING
 
