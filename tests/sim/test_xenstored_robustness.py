@@ -427,6 +427,18 @@ def _fill(xsd: XenStored, writer: RawClient, watcher: Connection, under: str) ->
         writer.write(f"{under}/pad{i}/{_PAD}", "")
 
 
+def _backed_up(xsd: XenStored, dom0: RawClient, backend: RawClient, under: str) -> Connection:
+    """Make ``backend`` (a dom0 client) watch ``under`` and stop reading
+    with its events waiting in the server (see :func:`_fill`); its
+    connection in the server."""
+    backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    backend.watch(under, "be")
+    assert backend.wait_event() == (under, "be")
+    (conn,) = [c for c in xsd._call(lambda: list(xsd._dispatcher.dom0.conns)) if c.watches]
+    _fill(xsd, dom0, conn, under)
+    return conn
+
+
 @contextlib.contextmanager
 def _dom0_backlog(watch_event_timeout: float = 20.0) -> Iterator[_Backlog]:
     """A guest whose every event for dom0 waits, held by dom0's own events:
@@ -438,12 +450,7 @@ def _dom0_backlog(watch_event_timeout: float = 20.0) -> Iterator[_Backlog]:
     ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest, RawClient(
         xsd.path
     ) as backend:
-        backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        backend.watch("/local/domain/1", "be")
-        assert backend.wait_event() == ("/local/domain/1", "be")
-        (backend_conn,) = [c for c in xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
-                           if c.watches]
-        _fill(xsd, dom0, backend_conn, "/local/domain/1")
+        _backed_up(xsd, dom0, backend, "/local/domain/1")
         yield _Backlog(xsd, dom0, guest, backend)
 
 
@@ -799,12 +806,7 @@ def test_a_begun_event_found_stale_counts_its_request_down_once() -> None:
     with _deaf_guest(2.0, outstanding=1000) as (xsd, writer, deaf), RawClient(
         xsd.path
     ) as dom0, RawClient(xsd.path) as backend:
-        backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        backend.watch("/shared", "be")
-        assert backend.wait_event() == ("/shared", "be")
-        (backend_conn,) = [c for c in xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
-                           if c.watches]
-        _fill(xsd, dom0, backend_conn, "/shared")
+        _backed_up(xsd, dom0, backend, "/shared")
         conn = _server_conn(xsd, 2)
         writer_domain = xsd._dispatcher.domains[1]
         begun = _begin_an_event(xsd, writer, deaf)
