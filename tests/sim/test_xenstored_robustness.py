@@ -891,6 +891,38 @@ def test_a_bug_met_expiring_events_costs_that_connection_only(
     assert errors == [f"internal error expiring the events of {conn3!r}"]
 
 
+def test_a_bug_met_expiring_events_leaves_no_request_outstanding(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The bug is met once _expire has taken the stale events out of the
+    # connection's waiting ones and dropped them (where it logs them): the
+    # connection is closed, and the requests that caused them are counted
+    # down all the same.  They once stayed outstanding for good, and the
+    # writer held back with them.
+    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
+    with _deaf_guest(0.5, outstanding=1) as (xsd, writer, _deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        # dom0's events for the deaf guest go stale first, as they should.
+        assert eventually(lambda: xsd._call(
+            lambda: all(e.start < conn.out_base for e in conn.waiting)), 10.0)
+
+        def buggy(*_args: object, **_kwargs: object) -> None:
+            raise RuntimeError("a bug dropping stale events")
+
+        monkeypatch.setattr(_server.logger, "debug", buggy)
+        # The first write's event waits, for the deaf guest only: one
+        # request outstanding, the quota, so the second write waits.
+        writer.send_raw(b"".join(_write_at("/shared", i) for i in range(2)))
+        assert writer.recv_message()[:2] == (Op.WRITE, 1000)
+        assert eventually(lambda: xsd._call(lambda: conn.closed), 10.0)
+        assert xsd._call(lambda: writer_domain.outstanding) == 0
+        assert writer.recv_message()[:2] == (Op.WRITE, 1001)
+        check_alive(xsd)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"internal error expiring the events of {conn!r}"]
+
+
 def test_a_bug_met_queueing_a_requests_events_leaves_its_count_right(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -701,23 +701,32 @@ class XenStored:
         back for good (with a connection per event, up to
         Quota.connections, it could otherwise use up the writer's quota).
         Its bytes still count in ``max_queued``, which bounds them.
+
+        Each stale event counts its request down as it leaves ``waiting``,
+        before its bytes go: a bug met after that closes the connection
+        (see _expire_due), which counts down only what is still in
+        ``waiting``, and the request must not stay outstanding for good.
         """
         waiting = conn.waiting
         base = conn.out_base
-        begun = None
+        # The one begun stays first in waiting, where _close finds it; the
+        # events behind it still go stale in turn.
+        first = 0
         if waiting and waiting[0].start < base:
-            # Set aside, so that events behind it still go stale in turn.
-            begun = waiting.popleft()
+            first = 1
+            begun = waiting[0]
             if begun.deadline <= now:
                 begun.deadline = math.inf
-                if begun.cause is not None:
-                    self._uncharge(begun.cause)
-                    begun.cause = None
+                charge, begun.cause = begun.cause, None
+                if charge is not None:
+                    self._uncharge(charge)
         stale: list[WaitingEvent] = []
-        while waiting and waiting[0].deadline <= now:
-            stale.append(waiting.popleft())
-        if begun is not None:
-            waiting.appendleft(begun)
+        while len(waiting) > first and waiting[first].deadline <= now:
+            event = waiting[first]
+            del waiting[first]  # O(1) so near the head
+            stale.append(event)
+            if event.cause is not None:
+                self._uncharge(event.cause)
         if not stale:
             return
         out = conn.out
@@ -740,9 +749,6 @@ class XenStored:
                 queued[chunk] = end - dropped
         conn.domain.queued -= dropped
         logger.debug("%r: dropped %d stale watch events (%d bytes)", conn, len(stale), dropped)
-        for event in stale:
-            if event.cause is not None:
-                self._uncharge(event.cause)
         self._dirty.add(conn)  # less to send: a pause may end, or all is sent
 
     def _flush(self, conn: Connection) -> None:
