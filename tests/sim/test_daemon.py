@@ -169,9 +169,32 @@ def test_an_empty_run_dir_is_a_usage_error(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def signal_mask() -> Iterator[None]:
+    """This process's signal mask, as it was before the test: main() blocks
+    the stop signals for its sigwait, and they are not this process's."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@pytest.fixture
+def no_host(monkeypatch: pytest.MonkeyPatch, signal_mask: None) -> None:
+    """main() in this process must stop before it makes the host: were an
+    option it should refuse taken, the test fails there, rather than wait
+    in sigwait for a signal that never comes."""
+    def made(*_args: object, **_kwargs: object) -> None:
+        pytest.fail("the host was made: the option was taken")
+
+    monkeypatch.setattr(_daemon, "SimHost", made)
+
+
 @pytest.mark.parametrize("domains", [["", "g"], ["a/b"], ["g", "h", "g"], ["caf\u00e9"]])
 def test_a_bad_domain_name_is_a_usage_error_before_the_host_starts(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], domains: list[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_host: None,
+        domains: list[str]) -> None:
     run_dir = tmp_path / "run"
     argv = ["--run-dir", str(run_dir)]
     for name in domains:
@@ -195,8 +218,8 @@ def test_a_bad_domain_name_is_a_usage_error_before_the_host_starts(
     (["--max-queued", "lots"], "argument --max-queued: not a number of bytes: 'lots'"),
 ])
 def test_a_bad_xenstored_option_is_a_usage_error_before_the_host_starts(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
-        message: str) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_host: None,
+        args: list[str], message: str) -> None:
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_:
         _daemon.main(["--run-dir", str(run_dir), *args])
@@ -217,7 +240,7 @@ def test_a_bad_xenstored_option_is_a_usage_error_before_the_host_starts(
 ])
 def test_xenstored_options_reach_the_host(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        args: list[str], expected: dict[str, object]) -> None:
+        signal_mask: None, args: list[str], expected: dict[str, object]) -> None:
     made: list[dict[str, object]] = []
 
     class Host:
@@ -228,12 +251,7 @@ def test_xenstored_options_reach_the_host(
             raise OSError(errno.EACCES, "no")  # enough: it was made
 
     monkeypatch.setattr(_daemon, "SimHost", Host)
-    # main() blocks the stop signals for its sigwait: not this process's.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    try:
-        assert _daemon.main(["--run-dir", str(tmp_path / "run"), *args]) == 1
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    assert _daemon.main(["--run-dir", str(tmp_path / "run"), *args]) == 1
     assert made == [expected]
     assert "cannot start" in capsys.readouterr().err
 
