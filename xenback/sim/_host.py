@@ -179,8 +179,9 @@ class SimHost(Closing):
         watch_event_timeout: float | None = WATCH_EVENT_TIMEOUT,
     ) -> None:
         check_limits(max_queued, watch_event_timeout)
-        self._xenstored_options: dict[str, Any] = {
-            "max_queued": max_queued, "watch_event_timeout": watch_event_timeout}
+        # For the XenStore server, which start() makes.
+        self._max_queued = max_queued
+        self._watch_event_timeout = watch_event_timeout
         # A temporary run directory is made by start(), so that a host that
         # is never started leaves nothing behind.
         self._own_run_dir = run_dir is None
@@ -246,7 +247,8 @@ class SimHost(Closing):
                 # mkdir()'s word for a path that is something else.
                 raise NotADirectoryError(
                     errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(run_dir)) from None
-            self._xenstored = XenStored(run_dir, **self._xenstored_options)
+            self._xenstored = XenStored(run_dir, max_queued=self._max_queued,
+                                        watch_event_timeout=self._watch_event_timeout)
             self._hypervisor = Hypervisor(run_dir)
             self._toolstack = Toolstack(self._xenstored.path)
             self._xenstored.start()
