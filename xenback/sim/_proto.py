@@ -12,7 +12,9 @@ for grants, pipe ends for event channels.  Requests carry ``"op"``; replies
 carry either the result or ``"errno"`` and ``"error"``; the service may also
 push unsolicited messages carrying ``"event"`` to event channel handles (a
 peer bound or unbound one of their ports).  Replies are sent in request
-order, so a client only has to skip pushed messages while it waits.
+order, so a client only has to skip pushed messages while it waits; it
+matches them by id all the same (below), and drops one of an id it never
+sent, whatever its id, logged: a stray reply answers no other request.
 
 A request may carry ``"id"``, an integer the service echoes in its reply.
 :class:`ServiceConnection` numbers its requests so: a call cut short
@@ -277,9 +279,10 @@ class ServiceConnection:
         self._lock = threading.Lock()
         # The ids requests are numbered with, and the requests sent whose
         # replies were not taken yet, by id: op and done (under _lock).  One
-        # left there by a call cut short is answered to nobody; those of
-        # requests that never went, or whose replies were lost, go as a
-        # later reply comes (replies come in request order).
+        # left there by a call cut short is answered to nobody.  Only a
+        # request that went is here (see _send), and only its own reply
+        # takes it off: a stray reply of a later id is no sign that the
+        # replies before it are lost, they come all the same.
         self._ids = itertools.count(1)
         self._unanswered: dict[int, _Request] = {}
         # The packets received and not dealt with yet, oldest first: raw
@@ -410,14 +413,24 @@ class ServiceConnection:
               done: Callable[[], None] | None = None) -> int:
         """Send request ``op`` (under _lock); returns its id."""
         request_id = next(self._ids)
+        data = encode({"op": op, **args, "id": request_id})
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         # Recorded before it goes: a Ctrl-C as the send returns leaves it
-        # known, and its reply is taken for abandoned.
+        # known, and its reply is taken for abandoned.  One that did not go
+        # is forgotten, or it would wait for ever (only its own reply
+        # answers a request): list.extend() stores what sendmsg returned
+        # before a signal's handler can run, so whether it went is known.
         self._unanswered[request_id] = (op, done)
+        sent: list[int] = []
         try:
-            send_message(self._sock, {"op": op, **args, "id": request_id}, fds)
+            sent.extend(map(self._sock.sendmsg, ([data],), (ancillary,)))
         except OSError as e:
             self._unanswered.pop(request_id, None)
             raise self._refused() or self._gone(e) from None
+        except BaseException:
+            if not sent:
+                self._unanswered.pop(request_id, None)
+            raise
         return request_id
 
     def _dispatch(self, request_id: int | None) -> _Taken | None:
@@ -478,7 +491,9 @@ class ServiceConnection:
         """Find the request ``taken``, a reply, answers (under _lock): the
         one of its id, or without one (a service that numbers nothing)
         ``waiting``, the one a call waits for; and what releasing it
-        involves.  The request and those before it are then answered."""
+        involves.  That request, and only that one, is then answered: a
+        reply of an id no request has (a confused service) is dropped and
+        leaves the requests that wait alone, whatever its id."""
         reply = taken.msg
         request_id = reply.get("id")
         if type(request_id) is not int:
@@ -495,14 +510,12 @@ class ServiceConnection:
                 except (KeyError, TypeError):
                     logger.warning("a malformed reply from the hypervisor service to %s: %r",
                                    op, reply)
-        taken.request_id = request_id if request is not None else None
+        if request is None:
+            request_id = None
+        taken.request_id = request_id
         taken.classified = True
         if request_id is not None:
-            self._unanswered.pop(request_id, None)
-            if self._unanswered:  # rarely: a list and a frame less per reply
-                for earlier in [i for i in self._unanswered if i < request_id]:
-                    # Never sent, or its reply lost with a call cut short: none comes.
-                    del self._unanswered[earlier]
+            del self._unanswered[request_id]
 
     def _release_head(self, taken: _Taken) -> None:
         """Let go of ``taken``, at the head of the inbox (under _lock)."""
@@ -533,10 +546,12 @@ class ServiceConnection:
             # handler raises as the send returns.
             sent.extend(map(self._sock.send, (data,)))
         except OSError:
-            pass  # gone: the service released everything the handle held
+            # Gone: the service released everything the handle held.
+            self._unanswered.pop(request_id, None)
         except BaseException:
-            if not sent:  # EINTR: to be sent by the next one
+            if not sent:  # EINTR: to be sent by the next one, with an id of its own
                 taken.undo = undo
+                self._unanswered.pop(request_id, None)
             raise
 
     def _settle_delivering(self, me: int) -> None:
