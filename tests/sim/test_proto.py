@@ -10,6 +10,7 @@ import fcntl
 import functools
 import itertools
 import json
+import logging
 import os
 import select
 import socket
@@ -654,6 +655,73 @@ def _serve(path: str, answer: Callable[[socket.socket, int], None]) -> threading
             pass
 
     return serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+
+
+_MALFORMED = {
+    "not-json": b"{not json",
+    "not-an-object": b"[1]",
+    "oversized": b" " * (MAX_MESSAGE + 1),
+}
+
+
+@pytest.mark.parametrize("packet", list(_MALFORMED.values()), ids=list(_MALFORMED))
+def test_a_malformed_push_is_logged_and_the_handle_keeps_listening(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, packet: bytes) -> None:
+    """A packet that is no message, where no call waits for a reply: the
+    service broke the protocol, which is logged as an error, and the packet
+    (its descriptors closed) is dropped; drain() goes on to what follows and
+    says the service is there.  It said it had gone (False), and the
+    event channel handle, which then stops watching the connection, never
+    heard from the service again."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    sent = threading.Event()
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        send_message(conn, {"id": request_id, "ok": 1})
+        socket.send_fds(conn, [packet], [w])
+        os.close(w)
+        send_message(conn, {"event": "bound", "port": 1})
+        sent.set()
+
+    server = _serve(path, answer)
+    pushed: list[dict[str, object]] = []
+    conn = ServiceConnection(path, PlatformError, lambda msg, fds: pushed.append(msg))
+    try:
+        assert conn.call("info") == ({"id": 1, "ok": 1}, [])
+        assert sent.wait(TIMEOUT)
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"):
+            assert conn.drain() is True
+        assert pushed == [{"event": "bound", "port": 1}]
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "hypervisor service" in record.getMessage()
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""  # its descriptor is closed
+        assert conn.drain() is True
+    finally:
+        conn.close()
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_malformed_packet_fails_the_call_waiting_and_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Where a call waits, a malformed packet may have been its reply: the
+    call fails (EPROTO), and the violation is logged as well, since the
+    caller may take an EPROTO for its own fault."""
+    path = str(tmp_path / "hypervisor")
+    server = _serve(path, lambda conn, _id: conn.send(b"{not json"))
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), \
+                pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.EPROTO
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "malformed" in record.getMessage()
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
 
 
 def test_a_stray_reply_with_a_later_id_leaves_the_waiting_request_alone(

@@ -15,6 +15,9 @@ peer bound or unbound one of their ports).  Replies are sent in request
 order, so a client only has to skip pushed messages while it waits; it
 matches them by id all the same (below), and drops one of an id it never
 sent, whatever its id, logged: a stray reply answers no other request.
+A packet that is no message (no JSON object, or too long) breaks the
+protocol: it is logged as an error and dropped, and fails the call that
+waits for a reply, if any (EPROTO); a drain goes on past it.
 
 A request may carry ``"id"``, an integer the service echoes in its reply.
 :class:`ServiceConnection` numbers its requests so: a call cut short
@@ -211,13 +214,18 @@ class _Taken:
     still here.
     """
 
-    __slots__ = ("msg", "error", "fds", "out", "classified", "request_id", "done", "undo")
+    __slots__ = ("msg", "error", "malformed", "fds", "out", "classified", "request_id",
+                 "done", "undo")
 
-    def __init__(self, msg: Message, fds: list[int], error: OSError | None) -> None:
+    def __init__(self, msg: Message, fds: list[int], error: OSError | None,
+                 malformed: bool = False) -> None:
         self.msg = msg
         # Why the packet fails the call that meets it (the service gone or
         # refusing, a malformed packet), or None.
         self.error = error
+        # The packet is no message (EPROTO): it fails only a call that
+        # waits for a reply, which it may have been (see _dispatch).
+        self.malformed = malformed
         # The descriptors that are still the connection's to close.
         self.fds = fds
         # The descriptors call() returns: the same list unless apply took them.
@@ -437,10 +445,27 @@ class ServiceConnection:
         """Deal with the packet at the head of the inbox (under _lock):
         raise the error it means, hand a pushed message on, release a reply
         to another request than ``request_id`` (None: to none).  The reply
-        to ``request_id`` is returned, left at the head."""
+        to ``request_id`` is returned, left at the head.
+
+        A malformed packet is the service breaking the protocol (a bug of
+        the host, not of the handle): it is logged as an error and
+        dropped, and fails the call waiting for ``request_id`` (EPROTO),
+        as it may have been its reply; if it was not, that reply comes
+        after it and is released as abandoned (if it was, the request
+        stays listed as unanswered, and what the reply gave, unknown,
+        stays with the service until the handle closes).  Where no call
+        waits (a drain), nobody is failed, and the connection goes on: a
+        handle that stopped listening at the first bad packet would miss
+        every later push without a word."""
         taken = self._head()
         if taken.error is not None:
             error = taken.error
+            if taken.malformed:
+                # Before the release: logged twice after a Ctrl-C, never not at all.
+                logger.error("%s (dropped)", error.strerror)
+                if request_id is None:
+                    self._release_head(taken)
+                    return None
             self._release_head(taken)
             raise error
         msg = taken.msg
@@ -468,20 +493,23 @@ class ServiceConnection:
             return head
         data, fds, truncated = _unpack(head)
         error: OSError | None = None
+        malformed = False
         msg: Message = {}
         if not data:
             error = self._gone(None)
         elif truncated:
             error = self._error(errno.EPROTO, "oversized message from the hypervisor service")
+            malformed = True
         else:
             try:
                 msg = decode(data)
             except ValueError as e:
                 error = self._error(errno.EPROTO, f"malformed message from the hypervisor service: {e}")
+                malformed = True
             else:
                 if msg.get("event") == "refused":
                     error = self._error(*self._refuse(msg))
-        taken = _Taken(msg, fds, error)
+        taken = _Taken(msg, fds, error, malformed)
         # Parsing again after a Ctrl-C above costs nothing: nothing was
         # given away yet.
         self._inbox[0] = taken
@@ -564,7 +592,11 @@ class ServiceConnection:
     def drain(self) -> bool:
         """Deliver the pushed messages that already arrived, without waiting.
 
-        Returns False once the service has gone (the next call reports it).
+        Returns False once the service has gone or refused the connection
+        (the next call reports it), and only then: its owner stops
+        watching the connection for good (EventChannel does).  A malformed
+        packet is the service's fault, not its end: it is logged as an
+        error and dropped, and the drain goes on to what follows it.
         """
         me = threading.get_ident()
         with self._lock:
