@@ -644,6 +644,33 @@ def test_done_is_not_run_for_an_abandoned_reply_that_failed(host: SimHost) -> No
         assert ran == []
 
 
+def test_a_push_left_by_a_drain_cut_short_wakes_the_handles_waiters(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C in the drain of a pushed message, after the receive took it
+    off the socket and before it was handed on: the message waits in the
+    inbox, and a thread waiting on the handle's fileno() (or in wait())
+    must still be woken for it.  It was not: the socket it watches had
+    nothing left to read, so the news (the peer bound the port) waited
+    for the next drain of some other cause, or for ever."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+
+        def landing(n: int) -> str:
+            p1 = e1.bind_unbound_port(0)
+            p0 = e0.bind_interdomain(guest.domid, p1)  # pushes "bound" to e1
+            assert select.select([e1._conn], [], [], TIMEOUT)[0], "no push came"
+            where = interrupted_at(n, SIM_CODE, e1.pending, besides=_BESIDES_PROTO)
+            if e1._ports[p1].remote_port is None:  # not handed on yet
+                assert select.select([e1], [], [], TIMEOUT)[0] == [e1], where
+                assert e1.pending() is None, where
+            assert e1._ports[p1].remote_port == p0, where
+            assert not e1._conn._inbox, where
+            e1.unbind(p1)
+            e0.unbind(p0)
+            return where
+
+        every_landing(host, landing, more_than=10)
+
+
 def _serve(path: str, answer: Callable[[socket.socket, int], None]) -> threading.Thread:
     """A service whose one connection ``answer(conn, request_id)`` serves
     after reading one request, and which then hangs up once the client did."""

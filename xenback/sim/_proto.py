@@ -262,7 +262,9 @@ class ServiceConnection:
     them), and each step after it is recorded before it happens.  A reply
     whose call was cut short is released by the next call or drain() (its
     descriptors closed, ``done`` called, what it gave undone) or by
-    close().  One cut short after ``apply`` ran is the handle's: it took
+    close().  A packet a Ctrl-C leaves in the inbox is no longer in the
+    socket, which the owner watches for pushes: the call or drain cut
+    short makes the socket readable again (see :meth:`_cut_short`).  One cut short after ``apply`` ran is the handle's: it took
     what the reply gave (as a file keeps what an ioctl interrupted after
     it returned gave).
     """
@@ -345,19 +347,23 @@ class ServiceConnection:
         """
         me = threading.get_ident()
         with self._lock:
-            if self._delivering:  # a test, not a call, on the common path
-                self._settle_delivering(me)
-            if self._refusal is not None:
-                raise self._error(*self._refusal)
-            on_wait = self._on_wait
-            if on_wait is None:
-                self._call(me, op, fds, apply, done, args)
-            else:
-                on_wait(True)
-                try:
+            try:
+                if self._delivering:  # a test, not a call, on the common path
+                    self._settle_delivering(me)
+                if self._refusal is not None:
+                    raise self._error(*self._refusal)
+                on_wait = self._on_wait
+                if on_wait is None:
                     self._call(me, op, fds, apply, done, args)
-                finally:
-                    on_wait(False)
+                else:
+                    on_wait(True)
+                    try:
+                        self._call(me, op, fds, apply, done, args)
+                    finally:
+                        on_wait(False)
+            except BaseException:
+                self._cut_short()
+                raise
         # No call from here on: a signal's handler runs after one returns,
         # and the reply would be lost there, out of _delivering and not
         # returned yet.
@@ -600,20 +606,58 @@ class ServiceConnection:
         """
         me = threading.get_ident()
         with self._lock:
-            if self._delivering:
-                self._settle_delivering(me)
-            while True:
-                if not self._inbox:
+            try:
+                if self._delivering:
+                    self._settle_delivering(me)
+                while True:
+                    if not self._inbox:
+                        try:
+                            self._receive(MSG_DONTWAIT)
+                        except BlockingIOError:
+                            return True
+                        except self._error:
+                            return False
                     try:
-                        self._receive(MSG_DONTWAIT)
-                    except BlockingIOError:
-                        return True
+                        self._dispatch(None)
                     except self._error:
                         return False
-                try:
-                    self._dispatch(None)
-                except self._error:
-                    return False
+            except BaseException:
+                self._cut_short()
+                raise
+
+    def _cut_short(self) -> None:
+        """A call or drain ends with an exception (under _lock): if it left
+        a packet in the inbox (a Ctrl-C after the receive took it), make
+        the socket readable again, or a thread waiting for pushed messages
+        on it (as EventChannel's do, in an epoll set) would not wake for
+        it: it is no longer in the socket, and what the thread watches
+        cannot see the inbox.  The service is asked for something (its
+        info), so that its reply, which is dropped, wakes that thread, and
+        the drain it makes then delivers what waits in the inbox first.
+
+        The normal path pays nothing for it (a failed request pays a test
+        of the inbox): making the inbox itself watchable (an eventfd that
+        says it is not empty, joined to the socket in an epoll of its own
+        as the descriptor owners watch) would cost every handle two more
+        descriptors, and every wake-up a nested epoll, for the rare
+        Ctrl-C.  Only for an owner of pushes: nobody else watches the
+        socket, and the next call takes what waits.  A second Ctrl-C
+        landing in here leaves the packet to the next call or drain."""
+        if not self._inbox or self._on_push is None or self._refusal is not None:
+            return
+        request_id = next(self._ids)
+        self._unanswered[request_id] = ("info", None)  # its reply is dropped
+        data = encode({"op": "info", "id": request_id})
+        sent: list[int] = []
+        try:
+            sent.extend(map(self._sock.send, (data,), (MSG_DONTWAIT,)))
+        except OSError:
+            # Full: replies to come wake the thread; gone: the end does.
+            self._unanswered.pop(request_id, None)
+        except BaseException:
+            if not sent:
+                self._unanswered.pop(request_id, None)
+            raise
 
     def close(self) -> None:
         # Shut down first, without the lock: a thread waiting in call() (or
