@@ -9,6 +9,8 @@ import errno
 import fcntl
 import functools
 import itertools
+import json
+import logging
 import os
 import select
 import socket
@@ -533,10 +535,9 @@ def test_a_call_interrupted_anywhere_after_a_pushed_message_leaves_nothing(
 
 
 def test_a_reply_to_no_request_is_dropped_by_drain_and_by_the_next_call(tmp_path: Path) -> None:
-    """A reply whose id no request of ours has (a confused service; 0, below
-    every id, so that it does not answer the requests before it): drain()
+    """A reply whose id no request of ours has (a confused service): drain()
     and the call after it drop it, closing its descriptors, and go on to
-    what follows it."""
+    what follows it.  (One of a later id than a request's: below.)"""
     path = str(tmp_path / "hypervisor")
     r, w = os.pipe()
 
@@ -641,3 +642,184 @@ def test_done_is_not_run_for_an_abandoned_reply_that_failed(host: SimHost) -> No
             lambda: e0._conn.call("evtchn_unbind", port=1, done=functools.partial(ran.append, 1)))
         assert e0._conn.call("info")[0]["domid"] == 0
         assert ran == []
+
+
+def test_a_push_left_by_a_drain_cut_short_wakes_the_handles_waiters(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C in the drain of a pushed message, after the receive took it
+    off the socket and before it was handed on: the message waits in the
+    inbox, and a thread waiting on the handle's fileno() (or in wait())
+    must still be woken for it.  It was not: the socket it watches had
+    nothing left to read, so the news (the peer bound the port) waited
+    for the next drain of some other cause, or for ever."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+
+        def landing(n: int) -> str:
+            p1 = e1.bind_unbound_port(0)
+            p0 = e0.bind_interdomain(guest.domid, p1)  # pushes "bound" to e1
+            assert select.select([e1._conn], [], [], TIMEOUT)[0], "no push came"
+            where = interrupted_at(n, SIM_CODE, e1.pending, besides=_BESIDES_PROTO)
+            if e1._ports[p1].remote_port is None:  # not handed on yet
+                assert select.select([e1], [], [], TIMEOUT)[0] == [e1], where
+                assert e1.pending() is None, where
+            assert e1._ports[p1].remote_port == p0, where
+            assert not e1._conn._inbox, where
+            e1.unbind(p1)
+            e0.unbind(p0)
+            return where
+
+        every_landing(host, landing, more_than=10)
+
+
+def _serve(path: str, answer: Callable[[socket.socket, int], None]) -> threading.Thread:
+    """A service whose one connection ``answer(conn, request_id)`` serves
+    after reading one request, and which then hangs up once the client did."""
+
+    def handle(conn: socket.socket) -> None:
+        request = conn.recv(MAX_MESSAGE)
+        answer(conn, json.loads(request)["id"])
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    return serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+
+
+_MALFORMED = {
+    "not-json": b"{not json",
+    "not-an-object": b"[1]",
+    "oversized": b" " * (MAX_MESSAGE + 1),
+}
+
+
+@pytest.mark.parametrize("packet", list(_MALFORMED.values()), ids=list(_MALFORMED))
+def test_a_malformed_push_is_logged_and_the_handle_keeps_listening(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, packet: bytes) -> None:
+    """A packet that is no message, where no call waits for a reply: the
+    service broke the protocol, which is logged as an error, and the packet
+    (its descriptors closed) is dropped; drain() goes on to what follows and
+    says the service is there.  It said it had gone (False), and the
+    event channel handle, which then stops watching the connection, never
+    heard from the service again."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    sent = threading.Event()
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        send_message(conn, {"id": request_id, "ok": 1})
+        socket.send_fds(conn, [packet], [w])
+        os.close(w)
+        send_message(conn, {"event": "bound", "port": 1})
+        sent.set()
+
+    server = _serve(path, answer)
+    pushed: list[dict[str, object]] = []
+    conn = ServiceConnection(path, PlatformError, lambda msg, fds: pushed.append(msg))
+    try:
+        assert conn.call("info") == ({"id": 1, "ok": 1}, [])
+        assert sent.wait(TIMEOUT)
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"):
+            assert conn.drain() is True
+        assert pushed == [{"event": "bound", "port": 1}]
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "hypervisor service" in record.getMessage()
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""  # its descriptor is closed
+        assert conn.drain() is True
+    finally:
+        conn.close()
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_malformed_packet_fails_the_call_waiting_and_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Where a call waits, a malformed packet may have been its reply: the
+    call fails (EPROTO), and the violation is logged as well, since the
+    caller may take an EPROTO for its own fault."""
+    path = str(tmp_path / "hypervisor")
+    server = _serve(path, lambda conn, _id: conn.send(b"{not json"))
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), \
+                pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.EPROTO
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "malformed" in record.getMessage()
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_a_stray_reply_with_a_later_id_leaves_the_waiting_request_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply whose id no request has, higher than that of the request a
+    call waits for: it is dropped (logged, its descriptors closed) and the
+    call gets its own reply.  It was taken to mean that the requests before
+    it were answered: the call's own reply then went to nobody and the call
+    waited on (here the service hangs up after it: ENODEV)."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        send_message(conn, {"id": request_id + 5, "ok": "stray"}, [w])
+        os.close(w)
+        send_message(conn, {"id": request_id, "ok": "mine"})
+        conn.shutdown(socket.SHUT_WR)
+
+    server = _serve(path, answer)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with caplog.at_level("WARNING", logger="xenback.sim._proto"):
+            assert conn.call("info") == ({"id": 1, "ok": "mine"}, [])
+        assert [r for r in caplog.records if "no request" in r.getMessage()]
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""  # the stray reply's descriptor is closed
+    finally:
+        conn.close()
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_stray_reply_leaves_a_reply_left_to_nobody_to_be_released(
+        host: SimHost, guest: Domain) -> None:
+    """A call cut short before its reply came, then a stray reply of a
+    later id: the abandoned reply, when it comes, is still known for what
+    it is, and what it gave (a port) is given back at once.  The stray
+    reply made it a reply to no request, dropped with its port bound."""
+    with host.dom0.evtchn() as e0:
+        conn = e0._conn
+        ports = host.hypervisor.stats()["ports"]
+        assert interrupted_as_call_returns(
+            ServiceConnection._call.__code__, 0, lambda: e0.bind_unbound_port(guest.domid))
+        (cut,) = conn._unanswered
+        # The stray reply comes first (as if the service sent it before).
+        with conn._lock:
+            stray = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with stray[0], stray[1]:
+                send_message(stray[0], {"id": cut + 10, "port": 99})
+                conn._inbox.appendleft(stray[1].recvmsg(MAX_MESSAGE + 1, 1024))
+        assert conn.call("info")[0]["domid"] == 0
+        assert eventually(lambda: host.hypervisor.stats()["ports"] == ports)
+        # The unbind that gave the port back is answered in turn.
+        assert eventually(lambda: conn.drain() and not conn._unanswered), conn._unanswered
+
+
+def test_no_request_is_left_unanswered_by_a_call_cut_short_anywhere(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C anywhere in a call, one more call after it: every request
+    is answered, none is left waiting for a reply that never comes (one
+    recorded and never sent, say), now that a reply answers its own
+    request only."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+
+        def landing(n: int) -> str:
+            where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            assert conn.call("info")[0]["domid"] == guest.domid, where
+            assert eventually(lambda: not conn.drain() or not conn._unanswered), where
+            assert not conn._unanswered, (where, conn._unanswered)
+            return where
+
+        every_landing(host, landing, more_than=5)

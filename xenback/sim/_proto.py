@@ -12,7 +12,12 @@ for grants, pipe ends for event channels.  Requests carry ``"op"``; replies
 carry either the result or ``"errno"`` and ``"error"``; the service may also
 push unsolicited messages carrying ``"event"`` to event channel handles (a
 peer bound or unbound one of their ports).  Replies are sent in request
-order, so a client only has to skip pushed messages while it waits.
+order, so a client only has to skip pushed messages while it waits; it
+matches them by id all the same (below), and drops one of an id it never
+sent, whatever its id, logged: a stray reply answers no other request.
+A packet that is no message (no JSON object, or too long) breaks the
+protocol: it is logged as an error and dropped, and fails the call that
+waits for a reply, if any (EPROTO); a drain goes on past it.
 
 A request may carry ``"id"``, an integer the service echoes in its reply.
 :class:`ServiceConnection` numbers its requests so: a call cut short
@@ -209,13 +214,18 @@ class _Taken:
     still here.
     """
 
-    __slots__ = ("msg", "error", "fds", "out", "classified", "request_id", "done", "undo")
+    __slots__ = ("msg", "error", "malformed", "fds", "out", "classified", "request_id",
+                 "done", "undo")
 
-    def __init__(self, msg: Message, fds: list[int], error: OSError | None) -> None:
+    def __init__(self, msg: Message, fds: list[int], error: OSError | None,
+                 malformed: bool = False) -> None:
         self.msg = msg
         # Why the packet fails the call that meets it (the service gone or
         # refusing, a malformed packet), or None.
         self.error = error
+        # The packet is no message (EPROTO): it fails only a call that
+        # waits for a reply, which it may have been (see _dispatch).
+        self.malformed = malformed
         # The descriptors that are still the connection's to close.
         self.fds = fds
         # The descriptors call() returns: the same list unless apply took them.
@@ -252,7 +262,9 @@ class ServiceConnection:
     them), and each step after it is recorded before it happens.  A reply
     whose call was cut short is released by the next call or drain() (its
     descriptors closed, ``done`` called, what it gave undone) or by
-    close().  One cut short after ``apply`` ran is the handle's: it took
+    close().  A packet a Ctrl-C leaves in the inbox is no longer in the
+    socket, which the owner watches for pushes: the call or drain cut
+    short makes the socket readable again (see :meth:`_cut_short`).  One cut short after ``apply`` ran is the handle's: it took
     what the reply gave (as a file keeps what an ioctl interrupted after
     it returned gave).
     """
@@ -277,9 +289,10 @@ class ServiceConnection:
         self._lock = threading.Lock()
         # The ids requests are numbered with, and the requests sent whose
         # replies were not taken yet, by id: op and done (under _lock).  One
-        # left there by a call cut short is answered to nobody; those of
-        # requests that never went, or whose replies were lost, go as a
-        # later reply comes (replies come in request order).
+        # left there by a call cut short is answered to nobody.  Only a
+        # request that went is here (see _send), and only its own reply
+        # takes it off: a stray reply of a later id is no sign that the
+        # replies before it are lost, they come all the same.
         self._ids = itertools.count(1)
         self._unanswered: dict[int, _Request] = {}
         # The packets received and not dealt with yet, oldest first: raw
@@ -334,19 +347,23 @@ class ServiceConnection:
         """
         me = threading.get_ident()
         with self._lock:
-            if self._delivering:  # a test, not a call, on the common path
-                self._settle_delivering(me)
-            if self._refusal is not None:
-                raise self._error(*self._refusal)
-            on_wait = self._on_wait
-            if on_wait is None:
-                self._call(me, op, fds, apply, done, args)
-            else:
-                on_wait(True)
-                try:
+            try:
+                if self._delivering:  # a test, not a call, on the common path
+                    self._settle_delivering(me)
+                if self._refusal is not None:
+                    raise self._error(*self._refusal)
+                on_wait = self._on_wait
+                if on_wait is None:
                     self._call(me, op, fds, apply, done, args)
-                finally:
-                    on_wait(False)
+                else:
+                    on_wait(True)
+                    try:
+                        self._call(me, op, fds, apply, done, args)
+                    finally:
+                        on_wait(False)
+            except BaseException:
+                self._cut_short()
+                raise
         # No call from here on: a signal's handler runs after one returns,
         # and the reply would be lost there, out of _delivering and not
         # returned yet.
@@ -410,24 +427,51 @@ class ServiceConnection:
               done: Callable[[], None] | None = None) -> int:
         """Send request ``op`` (under _lock); returns its id."""
         request_id = next(self._ids)
+        data = encode({"op": op, **args, "id": request_id})
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         # Recorded before it goes: a Ctrl-C as the send returns leaves it
-        # known, and its reply is taken for abandoned.
+        # known, and its reply is taken for abandoned.  One that did not go
+        # is forgotten, or it would wait for ever (only its own reply
+        # answers a request): list.extend() stores what sendmsg returned
+        # before a signal's handler can run, so whether it went is known.
         self._unanswered[request_id] = (op, done)
+        sent: list[int] = []
         try:
-            send_message(self._sock, {"op": op, **args, "id": request_id}, fds)
+            sent.extend(map(self._sock.sendmsg, ([data],), (ancillary,)))
         except OSError as e:
             self._unanswered.pop(request_id, None)
             raise self._refused() or self._gone(e) from None
+        except BaseException:
+            if not sent:
+                self._unanswered.pop(request_id, None)
+            raise
         return request_id
 
     def _dispatch(self, request_id: int | None) -> _Taken | None:
         """Deal with the packet at the head of the inbox (under _lock):
         raise the error it means, hand a pushed message on, release a reply
         to another request than ``request_id`` (None: to none).  The reply
-        to ``request_id`` is returned, left at the head."""
+        to ``request_id`` is returned, left at the head.
+
+        A malformed packet is the service breaking the protocol (a bug of
+        the host, not of the handle): it is logged as an error and
+        dropped, and fails the call waiting for ``request_id`` (EPROTO),
+        as it may have been its reply; if it was not, that reply comes
+        after it and is released as abandoned (if it was, the request
+        stays listed as unanswered, and what the reply gave, unknown,
+        stays with the service until the handle closes).  Where no call
+        waits (a drain), nobody is failed, and the connection goes on: a
+        handle that stopped listening at the first bad packet would miss
+        every later push without a word."""
         taken = self._head()
         if taken.error is not None:
             error = taken.error
+            if taken.malformed:
+                # Before the release: logged twice after a Ctrl-C, never not at all.
+                logger.error("%s (dropped)", error.strerror)
+                if request_id is None:
+                    self._release_head(taken)
+                    return None
             self._release_head(taken)
             raise error
         msg = taken.msg
@@ -455,20 +499,23 @@ class ServiceConnection:
             return head
         data, fds, truncated = _unpack(head)
         error: OSError | None = None
+        malformed = False
         msg: Message = {}
         if not data:
             error = self._gone(None)
         elif truncated:
             error = self._error(errno.EPROTO, "oversized message from the hypervisor service")
+            malformed = True
         else:
             try:
                 msg = decode(data)
             except ValueError as e:
                 error = self._error(errno.EPROTO, f"malformed message from the hypervisor service: {e}")
+                malformed = True
             else:
                 if msg.get("event") == "refused":
                     error = self._error(*self._refuse(msg))
-        taken = _Taken(msg, fds, error)
+        taken = _Taken(msg, fds, error, malformed)
         # Parsing again after a Ctrl-C above costs nothing: nothing was
         # given away yet.
         self._inbox[0] = taken
@@ -478,7 +525,9 @@ class ServiceConnection:
         """Find the request ``taken``, a reply, answers (under _lock): the
         one of its id, or without one (a service that numbers nothing)
         ``waiting``, the one a call waits for; and what releasing it
-        involves.  The request and those before it are then answered."""
+        involves.  That request, and only that one, is then answered: a
+        reply of an id no request has (a confused service) is dropped and
+        leaves the requests that wait alone, whatever its id."""
         reply = taken.msg
         request_id = reply.get("id")
         if type(request_id) is not int:
@@ -495,14 +544,12 @@ class ServiceConnection:
                 except (KeyError, TypeError):
                     logger.warning("a malformed reply from the hypervisor service to %s: %r",
                                    op, reply)
-        taken.request_id = request_id if request is not None else None
+        if request is None:
+            request_id = None
+        taken.request_id = request_id
         taken.classified = True
         if request_id is not None:
-            self._unanswered.pop(request_id, None)
-            if self._unanswered:  # rarely: a list and a frame less per reply
-                for earlier in [i for i in self._unanswered if i < request_id]:
-                    # Never sent, or its reply lost with a call cut short: none comes.
-                    del self._unanswered[earlier]
+            del self._unanswered[request_id]
 
     def _release_head(self, taken: _Taken) -> None:
         """Let go of ``taken``, at the head of the inbox (under _lock)."""
@@ -533,10 +580,12 @@ class ServiceConnection:
             # handler raises as the send returns.
             sent.extend(map(self._sock.send, (data,)))
         except OSError:
-            pass  # gone: the service released everything the handle held
+            # Gone: the service released everything the handle held.
+            self._unanswered.pop(request_id, None)
         except BaseException:
-            if not sent:  # EINTR: to be sent by the next one
+            if not sent:  # EINTR: to be sent by the next one, with an id of its own
                 taken.undo = undo
+                self._unanswered.pop(request_id, None)
             raise
 
     def _settle_delivering(self, me: int) -> None:
@@ -549,24 +598,66 @@ class ServiceConnection:
     def drain(self) -> bool:
         """Deliver the pushed messages that already arrived, without waiting.
 
-        Returns False once the service has gone (the next call reports it).
+        Returns False once the service has gone or refused the connection
+        (the next call reports it), and only then: its owner stops
+        watching the connection for good (EventChannel does).  A malformed
+        packet is the service's fault, not its end: it is logged as an
+        error and dropped, and the drain goes on to what follows it.
         """
         me = threading.get_ident()
         with self._lock:
-            if self._delivering:
-                self._settle_delivering(me)
-            while True:
-                if not self._inbox:
+            try:
+                if self._delivering:
+                    self._settle_delivering(me)
+                while True:
+                    if not self._inbox:
+                        try:
+                            self._receive(MSG_DONTWAIT)
+                        except BlockingIOError:
+                            return True
+                        except self._error:
+                            return False
                     try:
-                        self._receive(MSG_DONTWAIT)
-                    except BlockingIOError:
-                        return True
+                        self._dispatch(None)
                     except self._error:
                         return False
-                try:
-                    self._dispatch(None)
-                except self._error:
-                    return False
+            except BaseException:
+                self._cut_short()
+                raise
+
+    def _cut_short(self) -> None:
+        """A call or drain ends with an exception (under _lock): if it left
+        a packet in the inbox (a Ctrl-C after the receive took it), make
+        the socket readable again, or a thread waiting for pushed messages
+        on it (as EventChannel's do, in an epoll set) would not wake for
+        it: it is no longer in the socket, and what the thread watches
+        cannot see the inbox.  The service is asked for something (its
+        info), so that its reply, which is dropped, wakes that thread, and
+        the drain it makes then delivers what waits in the inbox first.
+
+        The normal path pays nothing for it (a failed request pays a test
+        of the inbox): making the inbox itself watchable (an eventfd that
+        says it is not empty, joined to the socket in an epoll of its own
+        as the descriptor owners watch) would cost every handle two more
+        descriptors, and every wake-up a nested epoll, for the rare
+        Ctrl-C.  Only for an owner of pushes: nobody else watches the
+        socket, and the next call takes what waits.  A second Ctrl-C
+        landing in here leaves the packet to the next call or drain."""
+        if not self._inbox or self._on_push is None or self._refusal is not None:
+            return
+        request_id = next(self._ids)
+        self._unanswered[request_id] = ("info", None)  # its reply is dropped
+        data = encode({"op": "info", "id": request_id})
+        sent: list[int] = []
+        try:
+            sent.extend(map(self._sock.send, (data,), (MSG_DONTWAIT,)))
+        except OSError:
+            # Full: replies to come wake the thread; gone: the end does.
+            self._unanswered.pop(request_id, None)
+        except BaseException:
+            if not sent:
+                self._unanswered.pop(request_id, None)
+            raise
 
     def close(self) -> None:
         # Shut down first, without the lock: a thread waiting in call() (or
