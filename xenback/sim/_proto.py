@@ -264,9 +264,10 @@ class ServiceConnection:
     descriptors closed, ``done`` called, what it gave undone) or by
     close().  A packet a Ctrl-C leaves in the inbox is no longer in the
     socket, which the owner watches for pushes: the call or drain cut
-    short makes the socket readable again (see :meth:`_cut_short`).  One cut short after ``apply`` ran is the handle's: it took
-    what the reply gave (as a file keeps what an ioctl interrupted after
-    it returned gave).
+    short makes the socket readable again (see :meth:`_cut_short`).  One
+    cut short after ``apply`` ran is the handle's: it took what the reply
+    gave (as a file keeps what an ioctl interrupted after it returned
+    gave).
     """
 
     def __init__(
