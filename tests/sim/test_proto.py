@@ -490,18 +490,18 @@ def test_a_map_interrupted_anywhere_in_its_round_trip_is_released_by_close(
 def test_what_a_reply_gave_goes_back_when_apply_refuses_it(host: SimHost, guest: Domain) -> None:
     """An ``apply`` that raises took nothing (an unexpected number of
     descriptors, say): the port the reply gave is unbound at once, not
-    left to the service until the handle closes."""
+    left to the service until the handle closes, and the descriptors it
+    left in its list are closed."""
     with host.dom0.evtchn() as e0:
-        ports = host.hypervisor.stats()["ports"]
+        ports, fds = host.hypervisor.stats()["ports"], descriptors()
 
         def refuse(reply: dict[str, object], fds: list[int]) -> None:
-            for fd in fds:
-                os.close(fd)
-            raise PlatformError(errno.EPROTO, "not this one")
+            raise PlatformError(errno.EPROTO, "not this one")  # fds left to the connection
 
         with pytest.raises(PlatformError, match="not this one"):
             e0._conn.call("evtchn_alloc_unbound", apply=refuse, domid=guest.domid)
         assert eventually(lambda: host.hypervisor.stats()["ports"] == ports)
+        assert descriptors() <= fds, sorted(descriptors() - fds)
         port = e0.bind_unbound_port(guest.domid)  # and the next call gets its own reply
         assert e0.ports() == [port]
 
