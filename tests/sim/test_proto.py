@@ -385,7 +385,8 @@ class _Handles:
             mapped = h.tab.map_grant_refs(domid, pages.refs) if op == "gnt_unmap" else None
 
             def after(made: list[object]) -> None:
-                for mapping in made:
+                # Those apply took are the handle's, returned or not.
+                for mapping in [*made, *h.tab._live.values()]:
                     mapping.unmap()  # type: ignore[attr-defined]
                 if mapped is not None:
                     mapped.unmap()  # again, if it was the one cut short
@@ -398,7 +399,7 @@ class _Handles:
             return mapped.unmap, after
         if op == "gnt_share":
             def after_share(made: list[object]) -> None:
-                for shared in made:
+                for shared in [*made, *h.shr._live.values()]:
                     shared.unshare()  # type: ignore[attr-defined]
                 with h.shr.share_pages(0, 2) as other:
                     assert len(other.refs) == 2
@@ -594,7 +595,7 @@ def test_a_reply_left_on_its_way_out_is_released_whatever_cuts_its_release_short
                 n, SIM_CODE, lambda made=made: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
                 unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
             with _numbers_kept() as check:
-                for mapping in made:
+                for mapping in [*made, *tab._live.values()]:
                     mapping.unmap()  # type: ignore[attr-defined]
                 with tab.map_grant_refs(guest.domid, pages.refs) as again:
                     assert len(again.buffer) == PAGE_SIZE
