@@ -1137,3 +1137,36 @@ def test_a_close_interrupted_anywhere_is_finished_when_called_again(
         return where
 
     every_landing(host, landing, more_than=5)
+
+
+@pytest.mark.parametrize("op", ["bind_unbound_port", "bind_interdomain"])
+def test_a_bind_interrupted_anywhere_leaves_its_port_to_the_handle_or_to_nobody(
+        host: SimHost, guest: Domain, op: str) -> None:
+    """A Ctrl-C landing anywhere in a bind, the reply's ``apply`` included:
+    the port the service made is either the handle's (listed by ports(),
+    its descriptors kept to be closed by unbind) or given back by the
+    next call.  One landing as apply started, before it stored the reply,
+    lost the port's read end for good and left the port at the service
+    until the handle closed."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+
+        def landing(n: int) -> str:
+            p1 = e1.bind_unbound_port(0)
+            bind: Callable[[], object] = {
+                "bind_unbound_port": lambda: e0.bind_unbound_port(guest.domid),
+                "bind_interdomain": lambda: e0.bind_interdomain(guest.domid, p1),
+            }[op]
+            ports = host.hypervisor.stats()["ports"]
+            where = interrupted_at(n, SIM_CODE, bind, besides=SIM_ROUND_TRIP)
+            # The next call gives back what the cut one left to the connection.
+            extra = e0.bind_unbound_port(guest.domid)
+            held = e0.ports()
+            assert extra in held, where
+            assert eventually(lambda: host.hypervisor.stats()["ports"] == ports + len(held)), (
+                where, held, host.hypervisor.stats())
+            for port in held:
+                e0.unbind(port)
+            e1.unbind(p1)
+            return where
+
+        every_landing(host, landing, more_than=5)

@@ -387,7 +387,8 @@ class _Handles:
             mapped = h.tab.map_grant_refs(domid, pages.refs) if op == "gnt_unmap" else None
 
             def after(made: list[object]) -> None:
-                for mapping in made:
+                # Those apply took are the handle's, returned or not.
+                for mapping in [*made, *h.tab._live.values()]:
                     mapping.unmap()  # type: ignore[attr-defined]
                 if mapped is not None:
                     mapped.unmap()  # again, if it was the one cut short
@@ -400,7 +401,7 @@ class _Handles:
             return mapped.unmap, after
         if op == "gnt_share":
             def after_share(made: list[object]) -> None:
-                for shared in made:
+                for shared in [*made, *h.shr._live.values()]:
                     shared.unshare()  # type: ignore[attr-defined]
                 with h.shr.share_pages(0, 2) as other:
                     assert len(other.refs) == 2
@@ -492,18 +493,18 @@ def test_a_map_interrupted_anywhere_in_its_round_trip_is_released_by_close(
 def test_what_a_reply_gave_goes_back_when_apply_refuses_it(host: SimHost, guest: Domain) -> None:
     """An ``apply`` that raises took nothing (an unexpected number of
     descriptors, say): the port the reply gave is unbound at once, not
-    left to the service until the handle closes."""
+    left to the service until the handle closes, and the descriptors it
+    left in its list are closed."""
     with host.dom0.evtchn() as e0:
-        ports = host.hypervisor.stats()["ports"]
+        ports, fds = host.hypervisor.stats()["ports"], descriptors()
 
         def refuse(reply: dict[str, object], fds: list[int]) -> None:
-            for fd in fds:
-                os.close(fd)
-            raise PlatformError(errno.EPROTO, "not this one")
+            raise PlatformError(errno.EPROTO, "not this one")  # fds left to the connection
 
         with pytest.raises(PlatformError, match="not this one"):
             e0._conn.call("evtchn_alloc_unbound", apply=refuse, domid=guest.domid)
         assert eventually(lambda: host.hypervisor.stats()["ports"] == ports)
+        assert descriptors() <= fds, sorted(descriptors() - fds)
         port = e0.bind_unbound_port(guest.domid)  # and the next call gets its own reply
         assert e0.ports() == [port]
 
@@ -595,7 +596,7 @@ def test_a_reply_left_on_its_way_out_is_released_whatever_cuts_its_release_short
                 n, SIM_CODE, lambda made=made: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
                 unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
             with _numbers_kept() as check:
-                for mapping in made:
+                for mapping in [*made, *tab._live.values()]:
                     mapping.unmap()  # type: ignore[attr-defined]
                 with tab.map_grant_refs(guest.domid, pages.refs) as again:
                     assert len(again.buffer) == PAGE_SIZE

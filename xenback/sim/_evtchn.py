@@ -33,12 +33,12 @@ epoll with that port left out, if any other is ready.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +76,6 @@ class _LocalPort:
     # (each taken off it before it is closed, rfd set to -1), its number
     # stays in the table until the service freed it.
     unbound: bool = False
-
-
-def _expect_fds(fds: list[int], count: int) -> None:
-    if len(fds) != count:
-        close_fds(fds)
-        raise EventChannelError(errno.EPROTO, f"expected {count} descriptors from the service")
 
 
 def _check_domid(domid: int) -> None:
@@ -182,50 +176,63 @@ class EventChannel(Closing):
     def bind_unbound_port(self, domid: int) -> int:
         """Allocate a port that ``domid`` may bind to; returns its number."""
         _check_domid(domid)
-
-        def apply(reply: Message, fds: list[int]) -> None:
-            _expect_fds(fds, 1)
-            self._add(_LocalPort(reply["port"], fds[0], domid))
-
-        return self._bind("evtchn_alloc_unbound", apply, domid=domid)
+        return self._bind("evtchn_alloc_unbound", 1, domid, None, domid=domid)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Connect a new local port to ``remote_port`` of ``domid``."""
         _check_domid(domid)
         _check_port(remote_port)
+        return self._bind("evtchn_bind_interdomain", 2, domid, remote_port,
+                          domid=domid, port=remote_port)
 
-        def apply(reply: Message, fds: list[int]) -> None:
-            _expect_fds(fds, 2)
-            self._add(_LocalPort(reply["port"], fds[0], domid, remote_port, fds[1]))
-
-        return self._bind("evtchn_bind_interdomain", apply, domid=domid, port=remote_port)
-
-    def _bind(self, op: str, apply: Callable[[Message, list[int]], None], **args: Any) -> int:
+    def _bind(self, op: str, nfds: int, domid: int, remote_port: int | None, /,
+              **args: Any) -> int:
         """Send bind request ``op``; the service answers with the new port's
-        read end (and, when connected, a write end of the peer's port).
+        read end (and, when connected, a write end of the peer's port):
+        ``nfds`` descriptors.
 
-        ``apply`` registers the port before any later pushed message about
-        it can be delivered.
+        The reply is taken by :meth:`_take_port`, as the connection's
+        ``apply``: the port is registered before any later pushed message
+        about it can be delivered, and it is the handle's or the
+        connection's whatever a Ctrl-C cuts short.
         """
         with self._lock:
             if self._closed:
                 raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+        apply = functools.partial(self._take_port, nfds, domid, remote_port)
         reply, _ = self._conn.call(op, (), apply=apply, **args)
         port: int = reply["port"]
         return port
 
-    def _add(self, lp: _LocalPort) -> None:
+    def _take_port(self, nfds: int, domid: int, remote_port: int | None,
+                   reply: Message, fds: list[int]) -> None:
+        """Make the port a bind's reply gave this handle's (the bind's
+        ``apply``, under the connection's lock).
+
+        The descriptors stay the connection's until the step that lists
+        the port: refused (an error raised here) or cut short before it,
+        the reply is given back by the connection, its descriptors closed.
+        """
+        port = reply["port"]
+        if len(fds) != nfds or type(port) is not int:
+            raise EventChannelError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
+        lp = _LocalPort(port, fds[0], domid, remote_port, fds[1] if nfds == 2 else None)
         with self._lock:
             if self._closed:
-                # Closed while the request was in flight: the service frees
-                # the port when it sees the connection close.
-                os.close(lp.rfd)
-                if lp.peer_fd is not None:
-                    os.close(lp.peer_fd)
-                return
-            self._ports[lp.port] = lp
-            self._by_fd[lp.rfd] = lp
+                # Closed while the request was in flight: close() did not
+                # see the port, the connection gives it back.
+                raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+            # Watched before it is listed: the read end is the only one
+            # left (the service closed its copy as it replied), so if the
+            # port is given back instead, closing it takes it out of the
+            # epoll set.
             self._epoll.register(lp.rfd, _WATCH)
+            # One step, as far as a signal goes (no call in between): the
+            # port and its descriptors become the handle's, no longer the
+            # connection's.
+            self._ports[port] = lp
+            self._by_fd[lp.rfd] = lp
+            del fds[:]
 
     def unbind(self, port: int) -> None:
         """Close ``port``; its peer's port becomes unbound and fires."""

@@ -32,7 +32,7 @@ from xenback._flags import check_flag
 from xenback.platform import PAGE_SIZE, GrantError
 
 from ._hypervisor import MAX_PAGES_PER_REQUEST
-from ._proto import ServiceConnection, close_fds
+from ._proto import Message, ServiceConnection, _close_all
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,10 @@ class _Pages:
         # The service's answer to the end request, stored by the call
         # itself (list.extend): nonempty once it was told.
         self._told: list[object] = []
+        # The reply's descriptors, taken from the connection with the pages
+        # (see _Handle._take) and closed right after; one a Ctrl-C left
+        # here is closed by _end().
+        self._fds: list[int] = []
         # None once ended: the last step of _end(), so that one cut short
         # is finished by the next.
         self._region: _Region | None = region
@@ -189,6 +193,7 @@ class _Pages:
         # releasing a released view do nothing, and the service is told
         # only if its answer was not recorded.
         with self._ending:
+            _close_all(self._fds)
             region = self._region
             if region is None:
                 return
@@ -207,6 +212,16 @@ class _Pages:
                     if not self._told:
                         raise
             self._owner._forget(self._key)
+            self._region = None
+
+    def _discard(self) -> None:
+        """Scrub the pages out of this process, never live: the service
+        is not told, their reply is given back by the connection."""
+        region = self._region
+        if region is not None:
+            region.scrub()
+            _release(self._buffer)
+            self._buffer = None
             self._region = None
 
     def __enter__(self) -> Self:
@@ -260,7 +275,8 @@ class _Handle(Closing, Generic[P]):
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
         # _lock protects _live and _closed.  Rule: never held across a
         # request to the service (the connection has its own lock), nor
-        # across a scrub; taken after a page's _ending lock.
+        # across a scrub; taken after a page's _ending lock, and after the
+        # connection's (the pages are listed by the reply's apply).
         self._lock = threading.Lock()
         self._live: dict[int, P] = {}
         self._closed = False
@@ -273,16 +289,45 @@ class _Handle(Closing, Generic[P]):
             if self._closed:
                 raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
 
-    def _add(self, key: int, pages: P) -> None:
+    def _take(self, key: int, pages: P, fds: list[int]) -> None:
+        """List ``pages``, made of a reply whose descriptors are ``fds``
+        (the end of the reply's ``apply``, under the connection's lock).
+
+        Until the step that lists them, the reply is the connection's,
+        which gives it back if a Ctrl-C lands before (or the handle was
+        closed meanwhile): descriptors closed, the service's mapping or
+        share released.  From that step on, the pages are the handle's,
+        live until ended, also if the call is cut short before it
+        returns them: its close() ends them.
+        """
         with self._lock:
-            if not self._closed:
+            closed = self._closed
+            if not closed:
+                # One step, as far as a signal goes (no call in between):
+                # the pages and the descriptors become the handle's, no
+                # longer the connection's.
                 self._live[key] = pages
-                return
-        # Closed while the request was in flight: close() did not see these
-        # pages, so end them here (the service frees its side when the
-        # connection closes).
-        pages._end()
-        raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
+                pages._fds = fds[:]
+                del fds[:]
+                # The pages are mapped: their files are no longer needed.
+                # Under the lock, which nobody else takes these pages by
+                # (close()) before it is let go of: those a Ctrl-C leaves
+                # are closed by _end(), never by two threads at once.
+                _close_all(pages._fds)
+        if closed:
+            # Closed while the request was in flight: close() did not see
+            # these pages.
+            pages._discard()
+            raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
+
+    def _taken(self, key: object) -> P:
+        """The pages a call's apply listed under ``key``, for the call to
+        return; EBADF if the handle's close() ended them since."""
+        with self._lock:
+            pages = self._live.get(key) if type(key) is int else None
+            if pages is None:
+                raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
+            return pages
 
     def _tell(self, request: tuple[str, dict[str, Any]], done: Callable[[], None]) -> bool:
         """Tell the service that pages ended (``request``: op and args);
@@ -331,25 +376,25 @@ class GrantTable(_Handle[GrantMapping]):
         if any(type(r) is not int or r < 0 for r in refs):
             raise GrantError(errno.EINVAL, f"grant refs must be non-negative integers: {refs!r}")
         self._check_open()
-        reply, fds = self._conn.call(
-            "gnt_map", domid=domid, refs=list(refs), writable=writable
+        apply = functools.partial(self._take_mapping, refs, writable)
+        reply, _ = self._conn.call(
+            "gnt_map", apply=apply, domid=domid, refs=list(refs), writable=writable
         )
+        return self._taken(reply["handle"])
+
+    def _take_mapping(self, refs: tuple[int, ...], writable: bool,
+                      reply: Message, fds: list[int]) -> None:
+        """Map the pages a map's reply gave, contiguously, and list them
+        (the map's ``apply``).  An error raised here, or a Ctrl-C, before
+        they are listed gives the reply back (see :meth:`_take`)."""
         handle = reply["handle"]
-        try:
-            region = _Region(len(refs))
-            page = 0
-            for index, file_page, npages in reply["segments"]:
-                region.map(page, npages, fds[index], file_page, writable)
-                page += npages
-        except BaseException:
-            self._conn.call("gnt_unmap", handle=handle)
-            raise
-        finally:
-            close_fds(fds)
+        region = _Region(len(refs))
+        page = 0
+        for index, file_page, npages in reply["segments"]:
+            region.map(page, npages, fds[index], file_page, writable)
+            page += npages
         end = ("gnt_unmap", {"handle": handle})
-        mapping = GrantMapping(self, handle, end, refs, region, writable)
-        self._add(handle, mapping)
-        return mapping
+        self._take(handle, GrantMapping(self, handle, end, refs, region, writable), fds)
 
 
 class GrantShare(_Handle[SharedPages]):
@@ -368,19 +413,22 @@ class GrantShare(_Handle[SharedPages]):
                 errno.EINVAL, f"can share 1..{MAX_PAGES_PER_REQUEST} pages at once, not {count!r}"
             )
         self._check_open()
-        reply, fds = self._conn.call("gnt_share", domid=domid, count=count, writable=writable)
-        refs = tuple(reply["refs"])
-        try:
-            region = _Region(count)
-            region.map(0, count, fds[0], 0, True)
-            if not writable:
-                _seal_future_writes(fds[0])
-        except BaseException:
-            self._conn.call("gnt_end", refs=list(refs))
-            raise
-        finally:
-            close_fds(fds)
+        apply = functools.partial(self._take_share, count, writable)
+        reply, _ = self._conn.call("gnt_share", apply=apply, domid=domid, count=count,
+                                   writable=writable)
         # Keyed by the first ref: unique while the share lives.
-        pages = SharedPages(self, refs[0], ("gnt_end", {"refs": list(refs)}), refs, region, True)
-        self._add(refs[0], pages)
-        return pages
+        return self._taken(reply["refs"][0])
+
+    def _take_share(self, count: int, writable: bool, reply: Message, fds: list[int]) -> None:
+        """Map the pages a share's reply gave and list them (the share's
+        ``apply``).  An error raised here, or a Ctrl-C, before they are
+        listed gives the reply back (see :meth:`_take`)."""
+        refs = tuple(reply["refs"])
+        if len(fds) != 1 or len(refs) != count:
+            raise GrantError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
+        region = _Region(count)
+        region.map(0, count, fds[0], 0, True)
+        if not writable:
+            _seal_future_writes(fds[0])
+        end = ("gnt_end", {"refs": list(refs)})
+        self._take(refs[0], SharedPages(self, refs[0], end, refs, region, True), fds)

@@ -214,8 +214,8 @@ class _Taken:
     still here.
     """
 
-    __slots__ = ("msg", "error", "malformed", "fds", "out", "classified", "request_id",
-                 "done", "undo")
+    __slots__ = ("msg", "error", "malformed", "fds", "out", "applying", "classified",
+                 "request_id", "done", "undo")
 
     def __init__(self, msg: Message, fds: list[int], error: OSError | None,
                  malformed: bool = False) -> None:
@@ -228,8 +228,12 @@ class _Taken:
         self.malformed = malformed
         # The descriptors that are still the connection's to close.
         self.fds = fds
-        # The descriptors call() returns: the same list unless apply took them.
+        # The descriptors call() returns: the same list, emptied if apply
+        # took them.
         self.out = fds
+        # Set as apply is given a reply with descriptors: once it emptied
+        # them, it took them and what the reply gave (see _settle).
+        self.applying = False
         # Once set, a reply's request is known (request_id, done, undo).
         self.classified = False
         self.request_id: int | None = None
@@ -265,9 +269,8 @@ class ServiceConnection:
     close().  A packet a Ctrl-C leaves in the inbox is no longer in the
     socket, which the owner watches for pushes: the call or drain cut
     short makes the socket readable again (see :meth:`_cut_short`).  One
-    cut short after ``apply`` ran is the handle's: it took what the reply
-    gave (as a file keeps what an ioctl interrupted after it returned
-    gave).
+    whose ``apply`` took it is the handle's, however the call ends (as a
+    file keeps what an ioctl interrupted after it returned gave).
     """
 
     def __init__(
@@ -333,10 +336,15 @@ class ServiceConnection:
         """Send one request and wait for its reply: ``(reply, fds)``.
 
         ``apply(reply, fds)``, if given, runs before any message pushed
-        after the reply is delivered (it runs under the connection's lock);
-        it owns the descriptors, and what the reply gave, as it starts;
-        if it raises an :class:`Exception`, it took only the descriptors,
-        and what the reply gave is released.
+        after the reply is delivered (it runs under the connection's lock).
+        It takes the descriptors, and with them what the reply gave, by
+        emptying ``fds`` (``del fds[:]``) in the step that records them
+        where its owner finds them, with no call in between, so that a
+        Ctrl-C finds them in one place or the other.  Until then they are
+        the connection's: if apply raises (an :class:`Exception`, refusing
+        the reply, or a Ctrl-C) before it took them, they are closed and
+        what the reply gave is released, as for a call cut short.  A reply
+        without descriptors is never taken by apply.
         ``done()``, if given, runs (under the lock, before ``apply``) once
         the request succeeded, also if this call was cut short before its
         reply came: then as a later call takes it.
@@ -409,15 +417,15 @@ class ServiceConnection:
         if done is not None:
             done()
         if apply is not None:
-            given, undo = taken.fds, taken.undo
-            taken.fds = []
-            taken.undo = None
+            # The reply stays the connection's until apply takes it, in a
+            # step of its own (see call()): apply is Python code, and a
+            # Ctrl-C as it starts would lose a reply already given to it.
+            taken.applying = bool(taken.fds)
             try:
-                apply(msg, given)
+                apply(msg, taken.fds)
             except Exception:
-                # Refused (a reply short of descriptors, say): apply took
-                # nothing, and what the reply gave goes back.
-                taken.undo = undo
+                # Refused (a reply short of descriptors, say): what apply
+                # did not take goes back.
                 self._release_head(taken)
                 raise
         # One step, as far as a signal goes: no call in between.
@@ -561,6 +569,12 @@ class ServiceConnection:
         """Give back all ``taken`` holds, to a request whose call was cut
         short (under _lock): close its descriptors, call its ``done`` and
         release what it gave.  Called again after a Ctrl-C, it finishes."""
+        if taken.applying:
+            # One step: an apply that emptied the descriptors took them,
+            # and what the reply gave with them.
+            taken.applying = False
+            if not taken.fds:
+                taken.undo = None
         _close_all(taken.fds)
         done = taken.done
         taken.done = None
