@@ -1321,7 +1321,12 @@ class Frontend(Closing):
         self._return_rings()
 
     def _drop_socket(self, sock: PVSocket, *, reusable: bool) -> None:
-        """Free a socket the backend never made (a failed ACCEPT's id_new)."""
+        """Free a socket the backend never made (a failed ACCEPT's id_new).
+
+        May be taken again, whole or after a Ctrl-C cut it short: each
+        step takes what is left (see _give_back).  So a caller keeps the
+        socket where the next caller finds it (a listener's
+        ``accept_inflight``, ``_accepts_to_end``) until this returns."""
         # The ring first: the socket's state, left in the table by a
         # Ctrl-C, keeps it until then.
         self._put_data_ring(sock._st, reusable=reusable)

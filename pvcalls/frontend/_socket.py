@@ -914,9 +914,18 @@ class PVSocket(Closing):
                 # it never set; the ACCEPT stays in flight.
                 raise BlockingIOError(errno.EAGAIN, "operation would block") from None
             if ret < 0:
-                self._st.accept_inflight = None
-                # The backend did not take the new id: free it without RELEASE.
+                # The backend did not take the new id: free it without
+                # RELEASE.  The ACCEPT stays the listener's until the
+                # socket is gone (_drop_socket may be taken again): a
+                # Ctrl-C landing in the drop leaves it to the next
+                # accept(), which gives the same answer and drops what is
+                # left, or to the listener's release (_end_accept).  Let
+                # go of first, it was in no hands but this call's, and
+                # stayed in the frontend's table, its ring with it, until
+                # the frontend closed.
                 self._fe._drop_socket(new, reusable=True)
+                with self._mutex:
+                    self._st.accept_inflight = None
                 raise host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()

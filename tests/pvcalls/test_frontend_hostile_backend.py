@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import logging
 import os
 import queue
@@ -21,6 +22,7 @@ import struct
 import threading
 import time
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from typing import Any
 import pytest
 from pvcalls_rawfront import Call, done_or_at, sleeping_in_wait, wait_until
 from racewindow import PauseAt
+from stolensignal import interrupted_at
 
 import pvcalls
 from pvcalls import _wire
@@ -50,6 +53,7 @@ from pvcalls._wire import (
     SLOT_SIZE,
     ffi,
 )
+from pvcalls.frontend import _frontend
 from tests.xenback.xbhelpers import fails_once
 from xenback import _wire as _xb_wire
 from xenback.platform import EventChannelError, GrantMapping
@@ -1863,3 +1867,95 @@ def test_an_accept_or_connect_answer_whose_socket_cannot_take_it_holds_up_no_oth
         req = fake.next_request(PVCALLS_CONNECT)
         _descriptor_closed(fd)
     _the_next_connect_completes(fe, fake, req, blind)
+
+
+# -- refusals cut short by a Ctrl-C --------------------------------------------------
+
+
+def _refusal_taken(fe: pvcalls.Frontend, cmd: int) -> list[int]:
+    """A list that gets the socket id of each ``cmd`` whose answer a wait
+    of the frontend's (_wait_slot) returns: from then on, the caller is on
+    the path of the answer.  For a sweep's ``unless``, which lands no
+    Ctrl-C before that (in the wait, say, which other sweeps cover)."""
+    taken: list[int] = []
+    wait = fe._wait_slot
+
+    def watched(req_id: int, slot: Any, *args: Any, **kwargs: Any) -> int:
+        try:
+            return wait(req_id, slot, *args, **kwargs)
+        finally:
+            if slot.cmd == cmd and slot.done:
+                taken.append(slot.sock_id)
+
+    fe._wait_slot = watched  # type: ignore[method-assign]
+    return taken
+
+
+def _refused(call: Callable[[], object], err: int) -> Callable[[], None]:
+    """``call()``, which is to fail with ``err``."""
+    def run() -> None:
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == err, info.value
+    return run
+
+
+def _unclosed(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if w.category is ResourceWarning]
+
+
+def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere along an accept() whose ACCEPT the
+    backend refuses, once accept() has the answer: the socket the ACCEPT
+    offered, which the backend never made, is still the listener's (its
+    ACCEPT's, for the next accept() to report and drop) or gone from the
+    frontend's table, its ring back in the pool; and the next accept()
+    leaves nothing of it.  Before, one landing once accept() had let go
+    of the ACCEPT and before the socket was dropped (as _drop_socket
+    started, or in it) left the socket in the table, with its ring, until
+    the frontend closed (or warned of it as "unclosed", and sent a
+    RELEASE for an id the backend never had)."""
+    within = os.path.dirname(_frontend.__file__)
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fake.rets[PVCALLS_ACCEPT] = -EINVAL
+    taken = _refusal_taken(fe, PVCALLS_ACCEPT)
+    offered: list[int] = []  # the id of the socket each ACCEPT offers
+    start = fe._new_socket
+
+    def recorded(*args: Any, **kwargs: Any) -> pvcalls.PVSocket:
+        new = start(*args, **kwargs)
+        offered.append(new.id)
+        return new
+
+    fe._new_socket = recorded  # type: ignore[method-assign]
+    landed: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in itertools.count():
+            taken.clear()
+            offered.clear()
+            where = interrupted_at(n, within, _refused(ls.accept, errno.EINVAL),
+                                   lambda: not taken)
+            (new_id,) = offered
+            inflight = ls._st.accept_inflight
+            kept = inflight is not None and inflight[2].id == new_id
+            assert kept or new_id not in fe._sockets, (
+                f"interrupted {where or 'nowhere'}: the refused socket left in the table")
+            # Reports the refusal cut short, or one of its own.
+            _refused(ls.accept, errno.EINVAL)()
+            gc.collect()
+            assert set(fe._sockets) == {ls.id}, f"interrupted {where or 'nowhere'}"
+            assert ls._st.accept_inflight is None
+            assert fe._given_back == [] and fe._accepts_to_end == []
+            # The one ring every ACCEPT offered: back each time.
+            assert len(fe._ring_pool) == 1, f"interrupted {where or 'nowhere'}"
+            assert _unclosed(caught) == [], f"interrupted {where or 'nowhere'}"
+            if not where:
+                break
+            landed.append(where)
+    assert any("_drop_socket" in where for where in landed), landed
+    ls.close()
