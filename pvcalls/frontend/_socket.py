@@ -292,10 +292,10 @@ class SocketState:
         # The program called close(): dropped with that close() cut short,
         # the socket is no "unclosed" one (see Frontend._collect).
         self.close_called = False
-        # Put in the frontend's table (under its _lock), once and for
-        # good: a socket dropped before then, its making cut short by a
-        # Ctrl-C, is none the backend or the program had (see
-        # Frontend._collect).
+        # Put in the frontend's table (under its _lock): a socket dropped
+        # before then, its making cut short by a Ctrl-C, is none the
+        # backend or the program had (see Frontend._collect); nor is one
+        # the frontend took out again as never made (Frontend._forget).
         self.listed = False
 
     def describe(self, *, closed: bool) -> str:

@@ -1959,3 +1959,33 @@ def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
             landed.append(where)
     assert any("_drop_socket" in where for where in landed), landed
     ls.close()
+
+
+def test_a_refused_socket_interrupted_anywhere_keeps_nothing_of_it(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere along a socket() whose SOCKET the
+    backend refuses, once socket() has the answer: the socket is gone
+    from the frontend's table, and its finaliser neither warns of an
+    "unclosed" socket the program never had nor queues it for a RELEASE.
+    Before, one landing as _forget started left the socket listed, for
+    the finaliser to warn of and the reaper to release; one landing as
+    its finaliser's detach() returned left it in the table until the
+    frontend closed."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.rets[PVCALLS_SOCKET] = -EINVAL
+    taken = _refusal_taken(fe, PVCALLS_SOCKET)
+    landed: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in itertools.count():
+            taken.clear()
+            where = interrupted_at(n, within, _refused(fe.socket, errno.EINVAL),
+                                   lambda: not taken)
+            gc.collect()  # the finaliser runs, if the socket is garbage
+            assert fe._sockets == {}, f"interrupted {where or 'nowhere'}: left in the table"
+            assert not fe._dropped and _unclosed(caught) == [], (
+                f"interrupted {where or 'nowhere'}: dropped as unclosed")
+            if not where:
+                break
+            landed.append(where)
+    assert any("_forget" in where for where in landed), landed
