@@ -1804,25 +1804,40 @@ class PVSocket(Closing):
         pending.  The readiness stays: :meth:`_start_accept` takes it."""
         while True:
             self._arm_poll(deadline)
-            with self._mutex:
-                err, self._poll_error = self._poll_error, 0
-                if not err:
-                    if self._poll_ready:
-                        return
-                    if deadline.timeout == 0.0:
+            # A refused POLL's error, taken in the try that gives it back
+            # if a Ctrl-C cuts the report short: lost, with the POLL that
+            # fileno() needs not yet out, it left the listener neither
+            # readable nor polled (a selector waited for good).
+            err = 0
+            try:
+                with self._mutex:
+                    err, self._poll_error = self._poll_error, 0
+                    if not err:
+                        if self._poll_ready:
+                            return
+                        if deadline.timeout == 0.0:
+                            if self._fe._dead:
+                                raise self._fe._gone()
+                            raise BlockingIOError(errno.EAGAIN, "no connection pending")
+                        while (not self._poll_ready and not self._poll_error
+                               and not self._closed and not self._fe._dead):
+                            self._cond.wait(deadline.nap())
+                        if self._closed:
+                            raise bad_fd()
                         if self._fe._dead:
                             raise self._fe._gone()
-                        raise BlockingIOError(errno.EAGAIN, "no connection pending")
-                    while (not self._poll_ready and not self._poll_error
-                           and not self._closed and not self._fe._dead):
-                        self._cond.wait(deadline.nap())
-                    if self._closed:
-                        raise bad_fd()
-                    if self._fe._dead:
-                        raise self._fe._gone()
-                    continue
-            # Reported once; fileno() needs a POLL in flight again.
-            if self._armed:
-                self._arm_poll()
-            self._update_ready()
+                        continue
+                # Reported once; fileno() needs a POLL in flight again.
+                if self._armed:
+                    self._arm_poll()
+                self._update_ready()
+            except BaseException:
+                if err:
+                    with self._mutex:
+                        # For the next accept() to report, unless the POLL
+                        # sent meanwhile was answered since.
+                        if not (self._poll_error or self._poll_ready):
+                            self._poll_error = err
+                    self._update_ready()
+                raise
             raise host_error(err, "accept (poll)")

@@ -19,6 +19,7 @@ import queue
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 import types
@@ -1989,3 +1990,58 @@ def test_a_refused_socket_interrupted_anywhere_keeps_nothing_of_it(
                 break
             landed.append(where)
     assert any("_forget" in where for where in landed), landed
+
+
+def _poll_refusal_taken() -> bool:
+    """For a sweep's ``unless`` (called in the main thread, under the
+    tracer): whether accept() has taken a refused POLL's error, which
+    _wait_pending_connection then reports."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_wait_pending_connection":
+            return bool(frame.f_locals.get("err"))
+        frame = frame.f_back
+    return False
+
+
+def test_a_refused_poll_interrupted_anywhere_leaves_the_listener_readable(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere along an accept() that reports a POLL
+    the backend refused, on a listener whose fileno() is in use: the
+    descriptor, brought up to date, still polls readable (the error is
+    back for the next accept() to report, or a POLL is in flight), and
+    the next accept() reports the refusal.  Before, one landing once the
+    error was taken and before the POLL that fileno() needs went out (as
+    _arm_poll started, or in it) left neither: the descriptor polled
+    readable only until anything brought it up to date (a selector's
+    register() calling fileno()), and then waited for good."""
+    within = os.path.dirname(_frontend.__file__)
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fake.rets[PVCALLS_POLL] = -EINVAL
+    fd = ls.fileno()  # its POLL goes out, refused
+
+    def readable() -> bool:
+        return select.select([fd], [], [], 0)[0] != []
+
+    landed: list[str] = []
+    for n in itertools.count():
+        wait_until(readable)
+        where = interrupted_at(n, within, _refused(ls.accept, errno.EINVAL),
+                               lambda: not _poll_refusal_taken())
+        # As a selector registering the listener (again) does: the
+        # descriptor follows the listener's state.
+        assert ls.fileno() == fd
+        try:
+            wait_until(readable)
+        except TimeoutError:
+            raise AssertionError(f"interrupted {where or 'nowhere'}: "
+                                 "the listener never polls readable again") from None
+        _refused(ls.accept, errno.EINVAL)()
+        if not where:
+            break
+        landed.append(where)
+    assert any("_arm_poll" in where for where in landed), landed
+    ls.close()
