@@ -657,14 +657,23 @@ class PVSocket(Closing):
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
+                if ret < 0:
+                    # The backend has let go of the ring and the id is a new
+                    # socket again (as in Linux's backend): free the ring, so
+                    # that connect() may be tried again.
+                    self._fe._put_data_ring(self._st, reusable=True)
             except BaseException:
-                self._abandon_connect(slot)
+                if slot.done and slot.ret < 0:
+                    # Refused, the report cut short (a Ctrl-C as the wait
+                    # returned, or in the giving back): as if reported.
+                    # Taken for an answer unknown, the socket kept a ring
+                    # the backend had let go of, and connect() said
+                    # EISCONN for good.
+                    self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
+                    self._fe._put_data_ring(self._st, reusable=True)
+                else:
+                    self._abandon_connect(slot)
                 raise
-            if ret < 0:
-                # The backend has let go of the ring and the id is a new
-                # socket again (as in Linux's backend): free the ring, so
-                # that connect() may be tried again.
-                self._fe._put_data_ring(self._st, reusable=True)
             if self._closed:
                 # close() from another thread: its RELEASE may have cut the
                 # CONNECT short (-EINTR), but what happened is EBADF.

@@ -64,7 +64,7 @@ from xenback.xenstore import XenStore
 
 TIMEOUT = 10.0
 #: Xen errno values (negative on the wire).
-EADDRINUSE, EINVAL, ENOTSUPP, ENOTCONN = 98, 22, 524, 107
+EADDRINUSE, EINVAL, ENOTSUPP, ENOTCONN, ECONNREFUSED = 98, 22, 524, 107, 111
 EAGAIN, EINPROGRESS, EINTR, ETIMEDOUT = 11, 115, 4, 110
 _RSP_PROD_OFFSET = _xb_wire.ffi.offsetof("struct xen_sring_header", "rsp_prod")
 _U32 = struct.Struct("=I")
@@ -2045,3 +2045,39 @@ def test_a_refused_poll_interrupted_anywhere_leaves_the_listener_readable(
         landed.append(where)
     assert any("_arm_poll" in where for where in landed), landed
     ls.close()
+
+
+def test_a_refused_connect_interrupted_anywhere_leaves_the_socket_unconnected(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere along a connect() whose CONNECT the
+    backend refuses, once connect() has the answer: the socket's ring is
+    given back (the backend let go of it) and the socket is unconnected,
+    so that connect() may be tried again and is refused again, as after
+    the refusal reported.  Before, one landing as the wait returned the
+    refusal took the socket for one whose CONNECT may have succeeded
+    (only close() was left), and one landing before the ring was given
+    back (as _put_data_ring started) kept it in the socket: either way
+    the next connect() failed with EISCONN, and the ring stayed the
+    socket's until it closed."""
+    within = os.path.dirname(_frontend.__file__)
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+    taken = _refusal_taken(fe, PVCALLS_CONNECT)
+    landed: list[str] = []
+    for n in itertools.count():
+        taken.clear()
+        where = interrupted_at(n, within,
+                               _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED),
+                               lambda: not taken)
+        assert s._st.ring is None, f"interrupted {where or 'nowhere'}: the ring kept"
+        try:
+            _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED)()
+        except AssertionError as exc:
+            raise AssertionError(f"interrupted {where or 'nowhere'}: then {exc}") from None
+        assert fe._given_back == [] and len(fe._ring_pool) == 1
+        if not where:
+            break
+        landed.append(where)
+    assert any("_put_data_ring" in where for where in landed), landed
+    s.close()
