@@ -615,10 +615,22 @@ class PVSocket(Closing):
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
             slot = Slot(PVCALLS_CONNECT, self.id)
+            background = self._timeout == 0.0
             try:
                 # In the try: a Ctrl-C as it returns must not leave the
                 # socket with a ring and no CONNECT (EISCONN for ever).
                 ring = self._fe._new_data_ring(self)
+                if background:
+                    # Before the CONNECT can go out, in the try that undoes
+                    # it if it does not: from the push on, whatever
+                    # interrupts this call, the answer completes the
+                    # connect.  Handed over after the push, it was lost to
+                    # a Ctrl-C landing in between: the socket connecting
+                    # for good, its response table entry taken until the
+                    # frontend closed.
+                    slot.on_done = self._connect_taker(host, port)
+                    with self._mutex:
+                        self._connecting = True
 
                 def fill(req: Any) -> None:
                     req.u.connect.id = self.id
@@ -632,12 +644,17 @@ class PVSocket(Closing):
             except BaseException as exc:
                 if slot.sent:
                     # Interrupted between the push and the notify: the
-                    # backend has the ring, as after an interrupted wait.
-                    self._abandon_connect(slot)
+                    # backend has the ring, as after an interrupted wait
+                    # (non-blocking: in flight, as it is to be).
+                    if not background:
+                        self._abandon_connect(slot)
                     raise
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
                 # ours to free, and connect() may be tried again.
+                if background:
+                    with self._mutex:
+                        self._connecting = False
                 self._fe._put_data_ring(self._st, reusable=True)
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN
@@ -649,8 +666,8 @@ class PVSocket(Closing):
                     raise OSError(errno.ENOBUFS, "the command ring is full: nothing was "
                                   "sent (too many commands in flight)") from None
                 raise
-            if self._timeout == 0.0:
-                self._connect_in_background(req_id, slot, host, port)
+            if background:
+                self._update_ready()  # neither readable nor writable until the answer
                 raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
             deadline = Deadline(self._timeout)
             try:
@@ -701,12 +718,10 @@ class PVSocket(Closing):
         self._fe._abandon(slot.req_id, slot)
         self._broken = True
 
-    def _connect_in_background(self, req_id: int, slot: Slot, host: str, port: int) -> None:
-        """Non-blocking connect(): the CONNECT went out; its answer
-        completes the connect (:meth:`_connect_answered`) whenever it
-        comes.  Called under the receive and send locks."""
-        with self._mutex:
-            self._connecting = True
+    def _connect_taker(self, host: str, port: int) -> Callable[[int], None]:
+        """What takes a non-blocking connect()'s answer (its slot's
+        ``on_done``): the event thread calls it whenever the answer comes,
+        and it completes the connect (:meth:`_connect_answered`)."""
         # The answer may never come (a silent peer), so the callback holds
         # the socket weakly: dropped unclosed meanwhile, it is garbage at
         # once, as any socket, and released.  Its RELEASE cuts the CONNECT
@@ -719,12 +734,12 @@ class PVSocket(Closing):
             if sock is not None:
                 sock._connect_answered(host, port, ret)
 
-        self._fe._abandon(req_id, slot, answered)
-        self._update_ready()  # neither readable nor writable until the answer
+        return answered
 
     def _connect_answered(self, host: str, port: int, ret: int) -> None:
         """The backend answered a non-blocking connect()'s CONNECT: called
-        by the event thread, or by connect() if the answer came first.
+        by the event thread (never in the main thread, where a Ctrl-C
+        could cut it short).
 
         A refused CONNECT gives the ring back here, not in a call of the
         socket: none of them uses the ring while the connect is in flight

@@ -11,6 +11,7 @@ timeout), never another exception, a hang, or a copy from outside its ring.
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import itertools
 import logging
@@ -2081,3 +2082,59 @@ def test_a_refused_connect_interrupted_anywhere_leaves_the_socket_unconnected(
         landed.append(where)
     assert any("_put_data_ring" in where for where in landed), landed
     s.close()
+
+
+def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere in a non-blocking connect() whose
+    CONNECT the backend refuses: the refusal, if the CONNECT went out,
+    completes the connect all the same (SO_ERROR says ECONNREFUSED, the
+    ring is given back), and no response table entry stays taken.
+    Before, one landing once the CONNECT was out and before its answer
+    had a taker (as _connect_in_background or its _abandon started) left
+    the answer to nobody: the socket connecting for good, its entry taken
+    until the frontend closed; and one landing in the taker connect()
+    ran itself, for an answer that came first, could leave the socket
+    with the ring the backend had let go of."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+    connects: list[Any] = []  # the CONNECT's slot
+    submit = fe._submit
+
+    def recorded(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            connects.append(slot)
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = recorded  # type: ignore[method-assign]
+    landed: list[str] = []
+    for n in itertools.count():
+        # The same path each time: a ring from the pool.  (A Ctrl-C in
+        # the making of one leaves none; the connect sweeps of
+        # test_frontend.py cover the making.)
+        if not fe._ring_pool:
+            with fe.socket() as first:
+                first.settimeout(TIMEOUT)
+                _refused(functools.partial(first.connect, ("127.0.0.1", 7)),
+                         errno.ECONNREFUSED)()
+        connects.clear()
+        s = fe.socket()
+        s.setblocking(False)
+        where = interrupted_at(n, within, _refused(functools.partial(s.connect, ("127.0.0.1", 7)),
+                                                   errno.EINPROGRESS))
+        try:
+            wait_until(functools.partial(lambda s: not s._connecting, s))
+        except TimeoutError:
+            raise AssertionError(f"interrupted {where or 'nowhere'}: connecting for good") from None
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        sent = bool(connects) and connects[0].sent
+        assert err == (errno.ECONNREFUSED if sent else 0), f"interrupted {where or 'nowhere'}"
+        assert s._st.ring is None, f"interrupted {where or 'nowhere'}: the ring kept"
+        assert fe._slots.count(None) == RING_SLOTS, (
+            f"interrupted {where or 'nowhere'}: a response table entry kept")
+        s.close()
+        if not where:
+            break
+        landed.append(where)
+    assert any("_connect_taker" in where for where in landed), landed
+    assert any("Frontend._notify" in where for where in landed), landed
