@@ -948,8 +948,24 @@ class PVSocket(Closing):
                 # stayed in the frontend's table, its ring with it, until
                 # the frontend closed.
                 self._fe._drop_socket(new, reusable=True)
-                with self._mutex:
-                    self._st.accept_inflight = None
+                refused = self._st.accept_inflight
+                try:
+                    with self._mutex:
+                        self._st.accept_inflight = None
+                    # fileno() needs a POLL in flight again, as after an
+                    # ACCEPT that succeeded: without one, a selector's
+                    # descriptor, once brought up to date, polled neither
+                    # way for good.
+                    if self._armed:
+                        self._arm_poll()
+                    self._update_ready()
+                except BaseException:
+                    # The refusal back, for the next accept() to report
+                    # (its drop done): the POLL cut short goes out then.
+                    with self._mutex:
+                        self._st.accept_inflight = refused
+                    self._update_ready()
+                    raise
                 raise host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()

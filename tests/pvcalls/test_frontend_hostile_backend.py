@@ -1906,8 +1906,29 @@ def _unclosed(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if w.category is ResourceWarning]
 
 
-def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
+def test_a_refused_accept_keeps_a_poll_in_flight_for_fileno(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """ACCEPT refused on a listener whose fileno() is in use: a POLL goes
+    out again, as after an ACCEPT answered, so that the descriptor polls
+    readable again once a connection is pending.  Before, none went out:
+    once anything brought the descriptor up to date (a selector's
+    register() calling fileno()), it polled neither way, for good."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fd = ls.fileno()  # its POLL goes out, answered at once
+    fake.rets[PVCALLS_ACCEPT] = -EINVAL
+    _refused(ls.accept, errno.EINVAL)()
+    assert ls.fileno() == fd
+    wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+    assert ls._poll_ready
+    ls.close()
+
+
+@pytest.mark.parametrize("armed", [False, True], ids=["plain", "fileno"])
+def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
+        fe: pvcalls.Frontend, fake: FakeBackend, armed: bool) -> None:
     """A Ctrl-C landing anywhere along an accept() whose ACCEPT the
     backend refuses, once accept() has the answer: the socket the ACCEPT
     offered, which the backend never made, is still the listener's (its
@@ -1917,12 +1938,18 @@ def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
     of the ACCEPT and before the socket was dropped (as _drop_socket
     started, or in it) left the socket in the table, with its ring, until
     the frontend closed (or warned of it as "unclosed", and sent a
-    RELEASE for an id the backend never had)."""
+    RELEASE for an id the backend never had).
+
+    With fileno() in use, its descriptor brought up to date after the
+    Ctrl-C polls readable again: the refusal is back for the next
+    accept() to report, or a POLL is in flight (see
+    test_a_refused_accept_keeps_a_poll_in_flight_for_fileno)."""
     within = os.path.dirname(_frontend.__file__)
     ls = fe.socket()
     ls.bind(("127.0.0.1", 4000))
     ls.listen()
     ls.settimeout(TIMEOUT)
+    fd = ls.fileno() if armed else -1
     fake.rets[PVCALLS_ACCEPT] = -EINVAL
     taken = _refusal_taken(fe, PVCALLS_ACCEPT)
     offered: list[int] = []  # the id of the socket each ACCEPT offers
@@ -1947,6 +1974,13 @@ def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
             kept = inflight is not None and inflight[2].id == new_id
             assert kept or new_id not in fe._sockets, (
                 f"interrupted {where or 'nowhere'}: the refused socket left in the table")
+            if armed:
+                assert ls.fileno() == fd  # up to date, as a selector's register() has it
+                try:
+                    wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+                except TimeoutError:
+                    raise AssertionError(f"interrupted {where or 'nowhere'}: "
+                                         "the listener never polls readable again") from None
             # Reports the refusal cut short, or one of its own.
             _refused(ls.accept, errno.EINVAL)()
             gc.collect()
