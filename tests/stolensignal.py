@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import inspect
 import os
 import signal
 import sys
@@ -126,6 +127,33 @@ def _raisable_after(code: CodeType) -> Callable[[int, int], bool]:
     return lambda call, then: handler(call) == handler(then)
 
 
+def _thrown_into(frame: FrameType, cache: dict[tuple[CodeType, int], bool]) -> bool:
+    """Whether ``frame``, a generator's starting (again), starts because
+    its caller threw an exception into it: ``gen.throw()``, as a ``with``
+    block of a :func:`contextlib.contextmanager` left by an exception
+    does.  CPython runs no signal's handler there (the generator goes on
+    unwinding the exception at once), but a tracer's call event comes,
+    and an exception the tracer raises in it ends the generator without
+    its own handlers (the finally that lets go of a lock), as no signal
+    does.  Told by the caller's call: a method named ``throw`` (``cache``:
+    by the caller's code and call)."""
+    caller = frame.f_back
+    if caller is None or not frame.f_code.co_flags & inspect.CO_GENERATOR:
+        return False
+    key = (caller.f_code, caller.f_lasti)
+    if key not in cache:
+        method = None
+        for ins in dis.get_instructions(caller.f_code):
+            if ins.offset >= caller.f_lasti:
+                break
+            if ins.opname == "CALL":
+                method = None  # an argument's call: not the one made
+            elif ins.opname in ("LOAD_METHOD", "LOAD_ATTR"):
+                method = ins.argval
+        cache[key] = method == "throw"
+    return cache[key]
+
+
 def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], object]) -> bool:
     """Run ``call()`` with :class:`Interrupted` raised as the ``n``-th call
     (counting from 0) made by a frame of ``code`` returns: where CPython
@@ -184,8 +212,9 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
                    besides: str | tuple[str, ...] = "") -> str:
     """Run ``call()`` with :class:`Interrupted` raised at the ``n``-th place
     (counting from 0) where CPython may run a signal's handler in a frame
-    of a file under the directory ``within``: as such a frame starts, or
-    as a call it makes returns.  Where it was raised (function and line);
+    of a file under the directory ``within``: as such a frame starts (not
+    a generator's that a throw() resumes: see _thrown_into), or as a call
+    it makes returns.  Where it was raised (function and line);
     '' if there were fewer places, and ``call()`` ran undisturbed.
 
     Going through n = 0, 1, 2, ... until it returns '' lands a Ctrl-C
@@ -203,6 +232,7 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     # The frames whose last instruction was a call, which has returned
     # by their next one, and where that call is.
     in_call: dict[FrameType, int] = {}
+    throws: dict[tuple[CodeType, int], bool] = {}
 
     def land(frame: FrameType, event: str) -> None:
         nonlocal places, raised
@@ -237,7 +267,8 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
                            if ins.opname == "CALL"}
             raisable[code] = _raisable_after(code)
         frame.f_trace_opcodes = True
-        land(frame, "as it starts:")
+        if not _thrown_into(frame, throws):
+            land(frame, "as it starts:")
         return in_frame
 
     _traced(enter, call, lambda: bool(raised))

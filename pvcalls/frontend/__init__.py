@@ -116,7 +116,13 @@ once, and ``send()`` fails with EPIPE.
 Signals: a call blocked in the main thread looks again at least every half
 second, so that a signal handler (Ctrl-C's) runs soon even when the kernel
 gave the signal to another thread, which a plain ``socket.socket`` blocked
-in the main thread would not notice until it woke.
+in the main thread would not notice until it woke.  A Ctrl-C that cuts
+short the report of a command the backend refused leaves nothing of it
+behind: the next ``accept()`` reports a refused ACCEPT or POLL (the
+socket the ACCEPT offered is dropped), a refused ``connect()`` leaves
+the socket unconnected (to be tried again), and a non-blocking
+``connect()`` whose CONNECT went out completes on its answer, as if it
+had said EINPROGRESS.
 
 Waiting on sockets: :meth:`PVSocket.fileno` returns a descriptor that is
 readable while ``recv`` or ``accept`` would not block (data, end of stream,

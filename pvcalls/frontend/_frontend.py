@@ -807,6 +807,15 @@ class Frontend(Closing):
                 self._abandon(slots[0].req_id, slots[0], late)
             raise
         if ret < 0:
+            # Out of the table before anything that calls, where a Ctrl-C
+            # may land: as _forget() started, it left the socket in the
+            # table, listed, for its finaliser to warn of as unclosed and
+            # the reaper to RELEASE; and as its detach() returned, in the
+            # table until the frontend closed.  What _forget() does then
+            # is only for the socket object, which nobody has.
+            with self._lock:
+                sock._st.listed = False
+                self._sockets.pop(sock.id, None)
             self._forget(sock)
             raise host_error(ret, "socket")
         return sock
@@ -1099,10 +1108,16 @@ class Frontend(Closing):
         return sock
 
     def _forget(self, sock: PVSocket) -> None:
+        """Drop ``sock``, which the backend never made, from the table:
+        nothing to release.  May be taken again after a Ctrl-C."""
         sock._closed = True
-        sock._finalizer.detach()  # nothing left to release
         with self._lock:
+            # Before the pop, with no call between: the finaliser of a
+            # socket out of the table (a Ctrl-C as the pop returned,
+            # before the detach) warned of it as unclosed.
+            sock._st.listed = False
             self._sockets.pop(sock.id, None)
+        sock._finalizer.detach()  # nothing left to release
 
     def _new_data_ring(self, sock: PVSocket) -> DataRing:
         """Give ``sock`` a data ring, a recycled one if the pool has one,
@@ -1321,7 +1336,12 @@ class Frontend(Closing):
         self._return_rings()
 
     def _drop_socket(self, sock: PVSocket, *, reusable: bool) -> None:
-        """Free a socket the backend never made (a failed ACCEPT's id_new)."""
+        """Free a socket the backend never made (a failed ACCEPT's id_new).
+
+        May be taken again, whole or after a Ctrl-C cut it short: each
+        step takes what is left (see _give_back).  So a caller keeps the
+        socket where the next caller finds it (a listener's
+        ``accept_inflight``, ``_accepts_to_end``) until this returns."""
         # The ring first: the socket's state, left in the table by a
         # Ctrl-C, keeps it until then.
         self._put_data_ring(sock._st, reusable=reusable)

@@ -292,10 +292,10 @@ class SocketState:
         # The program called close(): dropped with that close() cut short,
         # the socket is no "unclosed" one (see Frontend._collect).
         self.close_called = False
-        # Put in the frontend's table (under its _lock), once and for
-        # good: a socket dropped before then, its making cut short by a
-        # Ctrl-C, is none the backend or the program had (see
-        # Frontend._collect).
+        # Put in the frontend's table (under its _lock): a socket dropped
+        # before then, its making cut short by a Ctrl-C, is none the
+        # backend or the program had (see Frontend._collect); nor is one
+        # the frontend took out again as never made (Frontend._forget).
         self.listed = False
 
     def describe(self, *, closed: bool) -> str:
@@ -615,10 +615,22 @@ class PVSocket(Closing):
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
             slot = Slot(PVCALLS_CONNECT, self.id)
+            background = self._timeout == 0.0
             try:
                 # In the try: a Ctrl-C as it returns must not leave the
                 # socket with a ring and no CONNECT (EISCONN for ever).
                 ring = self._fe._new_data_ring(self)
+                if background:
+                    # Before the CONNECT can go out, in the try that undoes
+                    # it if it does not: from the push on, whatever
+                    # interrupts this call, the answer completes the
+                    # connect.  Handed over after the push, it was lost to
+                    # a Ctrl-C landing in between: the socket connecting
+                    # for good, its response table entry taken until the
+                    # frontend closed.
+                    slot.on_done = self._connect_taker(host, port)
+                    with self._mutex:
+                        self._connecting = True
 
                 def fill(req: Any) -> None:
                     req.u.connect.id = self.id
@@ -632,12 +644,17 @@ class PVSocket(Closing):
             except BaseException as exc:
                 if slot.sent:
                     # Interrupted between the push and the notify: the
-                    # backend has the ring, as after an interrupted wait.
-                    self._abandon_connect(slot)
+                    # backend has the ring, as after an interrupted wait
+                    # (non-blocking: in flight, as it is to be).
+                    if not background:
+                        self._abandon_connect(slot)
                     raise
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
                 # ours to free, and connect() may be tried again.
+                if background:
+                    with self._mutex:
+                        self._connecting = False
                 self._fe._put_data_ring(self._st, reusable=True)
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN
@@ -649,22 +666,31 @@ class PVSocket(Closing):
                     raise OSError(errno.ENOBUFS, "the command ring is full: nothing was "
                                   "sent (too many commands in flight)") from None
                 raise
-            if self._timeout == 0.0:
-                self._connect_in_background(req_id, slot, host, port)
+            if background:
+                self._update_ready()  # neither readable nor writable until the answer
                 raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
             deadline = Deadline(self._timeout)
             try:
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
+                if ret < 0:
+                    # The backend has let go of the ring and the id is a new
+                    # socket again (as in Linux's backend): free the ring, so
+                    # that connect() may be tried again.
+                    self._fe._put_data_ring(self._st, reusable=True)
             except BaseException:
-                self._abandon_connect(slot)
+                if slot.done and slot.ret < 0:
+                    # Refused, the report cut short (a Ctrl-C as the wait
+                    # returned, or in the giving back): as if reported.
+                    # Taken for an answer unknown, the socket kept a ring
+                    # the backend had let go of, and connect() said
+                    # EISCONN for good.
+                    self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
+                    self._fe._put_data_ring(self._st, reusable=True)
+                else:
+                    self._abandon_connect(slot)
                 raise
-            if ret < 0:
-                # The backend has let go of the ring and the id is a new
-                # socket again (as in Linux's backend): free the ring, so
-                # that connect() may be tried again.
-                self._fe._put_data_ring(self._st, reusable=True)
             if self._closed:
                 # close() from another thread: its RELEASE may have cut the
                 # CONNECT short (-EINTR), but what happened is EBADF.
@@ -692,12 +718,10 @@ class PVSocket(Closing):
         self._fe._abandon(slot.req_id, slot)
         self._broken = True
 
-    def _connect_in_background(self, req_id: int, slot: Slot, host: str, port: int) -> None:
-        """Non-blocking connect(): the CONNECT went out; its answer
-        completes the connect (:meth:`_connect_answered`) whenever it
-        comes.  Called under the receive and send locks."""
-        with self._mutex:
-            self._connecting = True
+    def _connect_taker(self, host: str, port: int) -> Callable[[int], None]:
+        """What takes a non-blocking connect()'s answer (its slot's
+        ``on_done``): the event thread calls it whenever the answer comes,
+        and it completes the connect (:meth:`_connect_answered`)."""
         # The answer may never come (a silent peer), so the callback holds
         # the socket weakly: dropped unclosed meanwhile, it is garbage at
         # once, as any socket, and released.  Its RELEASE cuts the CONNECT
@@ -710,12 +734,12 @@ class PVSocket(Closing):
             if sock is not None:
                 sock._connect_answered(host, port, ret)
 
-        self._fe._abandon(req_id, slot, answered)
-        self._update_ready()  # neither readable nor writable until the answer
+        return answered
 
     def _connect_answered(self, host: str, port: int, ret: int) -> None:
         """The backend answered a non-blocking connect()'s CONNECT: called
-        by the event thread, or by connect() if the answer came first.
+        by the event thread (never in the main thread, where a Ctrl-C
+        could cut it short).
 
         A refused CONNECT gives the ring back here, not in a call of the
         socket: none of them uses the ring while the connect is in flight
@@ -914,9 +938,34 @@ class PVSocket(Closing):
                 # it never set; the ACCEPT stays in flight.
                 raise BlockingIOError(errno.EAGAIN, "operation would block") from None
             if ret < 0:
-                self._st.accept_inflight = None
-                # The backend did not take the new id: free it without RELEASE.
+                # The backend did not take the new id: free it without
+                # RELEASE.  The ACCEPT stays the listener's until the
+                # socket is gone (_drop_socket may be taken again): a
+                # Ctrl-C landing in the drop leaves it to the next
+                # accept(), which gives the same answer and drops what is
+                # left, or to the listener's release (_end_accept).  Let
+                # go of first, it was in no hands but this call's, and
+                # stayed in the frontend's table, its ring with it, until
+                # the frontend closed.
                 self._fe._drop_socket(new, reusable=True)
+                refused = self._st.accept_inflight
+                try:
+                    with self._mutex:
+                        self._st.accept_inflight = None
+                    # fileno() needs a POLL in flight again, as after an
+                    # ACCEPT that succeeded: without one, a selector's
+                    # descriptor, once brought up to date, polled neither
+                    # way for good.
+                    if self._armed:
+                        self._arm_poll()
+                    self._update_ready()
+                except BaseException:
+                    # The refusal back, for the next accept() to report
+                    # (its drop done): the POLL cut short goes out then.
+                    with self._mutex:
+                        self._st.accept_inflight = refused
+                    self._update_ready()
+                    raise
                 raise host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()
@@ -1795,25 +1844,40 @@ class PVSocket(Closing):
         pending.  The readiness stays: :meth:`_start_accept` takes it."""
         while True:
             self._arm_poll(deadline)
-            with self._mutex:
-                err, self._poll_error = self._poll_error, 0
-                if not err:
-                    if self._poll_ready:
-                        return
-                    if deadline.timeout == 0.0:
+            # A refused POLL's error, taken in the try that gives it back
+            # if a Ctrl-C cuts the report short: lost, with the POLL that
+            # fileno() needs not yet out, it left the listener neither
+            # readable nor polled (a selector waited for good).
+            err = 0
+            try:
+                with self._mutex:
+                    err, self._poll_error = self._poll_error, 0
+                    if not err:
+                        if self._poll_ready:
+                            return
+                        if deadline.timeout == 0.0:
+                            if self._fe._dead:
+                                raise self._fe._gone()
+                            raise BlockingIOError(errno.EAGAIN, "no connection pending")
+                        while (not self._poll_ready and not self._poll_error
+                               and not self._closed and not self._fe._dead):
+                            self._cond.wait(deadline.nap())
+                        if self._closed:
+                            raise bad_fd()
                         if self._fe._dead:
                             raise self._fe._gone()
-                        raise BlockingIOError(errno.EAGAIN, "no connection pending")
-                    while (not self._poll_ready and not self._poll_error
-                           and not self._closed and not self._fe._dead):
-                        self._cond.wait(deadline.nap())
-                    if self._closed:
-                        raise bad_fd()
-                    if self._fe._dead:
-                        raise self._fe._gone()
-                    continue
-            # Reported once; fileno() needs a POLL in flight again.
-            if self._armed:
-                self._arm_poll()
-            self._update_ready()
+                        continue
+                # Reported once; fileno() needs a POLL in flight again.
+                if self._armed:
+                    self._arm_poll()
+                self._update_ready()
+            except BaseException:
+                if err:
+                    with self._mutex:
+                        # For the next accept() to report, unless the POLL
+                        # sent meanwhile was answered since.
+                        if not (self._poll_error or self._poll_ready):
+                            self._poll_error = err
+                    self._update_ready()
+                raise
             raise host_error(err, "accept (poll)")

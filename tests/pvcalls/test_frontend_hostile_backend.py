@@ -11,16 +11,20 @@ timeout), never another exception, a hang, or a copy from outside its ring.
 from __future__ import annotations
 
 import errno
+import functools
 import gc
+import itertools
 import logging
 import os
 import queue
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ from typing import Any
 import pytest
 from pvcalls_rawfront import Call, done_or_at, sleeping_in_wait, wait_until
 from racewindow import PauseAt
+from stolensignal import interrupted_at
 
 import pvcalls
 from pvcalls import _wire
@@ -50,6 +55,7 @@ from pvcalls._wire import (
     SLOT_SIZE,
     ffi,
 )
+from pvcalls.frontend import _frontend
 from tests.xenback.xbhelpers import fails_once
 from xenback import _wire as _xb_wire
 from xenback.platform import EventChannelError, GrantMapping
@@ -59,7 +65,7 @@ from xenback.xenstore import XenStore
 
 TIMEOUT = 10.0
 #: Xen errno values (negative on the wire).
-EADDRINUSE, EINVAL, ENOTSUPP, ENOTCONN = 98, 22, 524, 107
+EADDRINUSE, EINVAL, ENOTSUPP, ENOTCONN, ECONNREFUSED = 98, 22, 524, 107, 111
 EAGAIN, EINPROGRESS, EINTR, ETIMEDOUT = 11, 115, 4, 110
 _RSP_PROD_OFFSET = _xb_wire.ffi.offsetof("struct xen_sring_header", "rsp_prod")
 _U32 = struct.Struct("=I")
@@ -1863,3 +1869,306 @@ def test_an_accept_or_connect_answer_whose_socket_cannot_take_it_holds_up_no_oth
         req = fake.next_request(PVCALLS_CONNECT)
         _descriptor_closed(fd)
     _the_next_connect_completes(fe, fake, req, blind)
+
+
+# -- refusals cut short by a Ctrl-C --------------------------------------------------
+
+
+def _refusal_taken(fe: pvcalls.Frontend, cmd: int) -> list[int]:
+    """A list that gets the socket id of each ``cmd`` whose answer a wait
+    of the frontend's (_wait_slot) returns: from then on, the caller is on
+    the path of the answer.  For a sweep's ``unless``, which lands no
+    Ctrl-C before that (in the wait, say, which other sweeps cover)."""
+    taken: list[int] = []
+    wait = fe._wait_slot
+
+    def watched(req_id: int, slot: Any, *args: Any, **kwargs: Any) -> int:
+        try:
+            return wait(req_id, slot, *args, **kwargs)
+        finally:
+            if slot.cmd == cmd and slot.done:
+                taken.append(slot.sock_id)
+
+    fe._wait_slot = watched  # type: ignore[method-assign]
+    return taken
+
+
+def _refused(call: Callable[[], object], err: int) -> Callable[[], None]:
+    """``call()``, which is to fail with ``err``."""
+    def run() -> None:
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == err, info.value
+    return run
+
+
+def _unclosed(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if w.category is ResourceWarning]
+
+
+def test_a_refused_accept_keeps_a_poll_in_flight_for_fileno(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """ACCEPT refused on a listener whose fileno() is in use: a POLL goes
+    out again, as after an ACCEPT answered, so that the descriptor polls
+    readable again once a connection is pending.  Before, none went out:
+    once anything brought the descriptor up to date (a selector's
+    register() calling fileno()), it polled neither way, for good."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fd = ls.fileno()  # its POLL goes out, answered at once
+    fake.rets[PVCALLS_ACCEPT] = -EINVAL
+    _refused(ls.accept, errno.EINVAL)()
+    assert ls.fileno() == fd
+    wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+    assert ls._poll_ready
+    ls.close()
+
+
+@pytest.mark.parametrize("armed", [False, True], ids=["plain", "fileno"])
+def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
+        fe: pvcalls.Frontend, fake: FakeBackend, armed: bool) -> None:
+    """A Ctrl-C landing anywhere along an accept() whose ACCEPT the
+    backend refuses, once accept() has the answer: the socket the ACCEPT
+    offered, which the backend never made, is still the listener's (its
+    ACCEPT's, for the next accept() to report and drop) or gone from the
+    frontend's table, its ring back in the pool; and the next accept()
+    leaves nothing of it.  Before, one landing once accept() had let go
+    of the ACCEPT and before the socket was dropped (as _drop_socket
+    started, or in it) left the socket in the table, with its ring, until
+    the frontend closed (or warned of it as "unclosed", and sent a
+    RELEASE for an id the backend never had).
+
+    With fileno() in use, its descriptor brought up to date after the
+    Ctrl-C polls readable again: the refusal is back for the next
+    accept() to report, or a POLL is in flight (see
+    test_a_refused_accept_keeps_a_poll_in_flight_for_fileno)."""
+    within = os.path.dirname(_frontend.__file__)
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fd = ls.fileno() if armed else -1
+    fake.rets[PVCALLS_ACCEPT] = -EINVAL
+    taken = _refusal_taken(fe, PVCALLS_ACCEPT)
+    offered: list[int] = []  # the id of the socket each ACCEPT offers
+    start = fe._new_socket
+
+    def recorded(*args: Any, **kwargs: Any) -> pvcalls.PVSocket:
+        new = start(*args, **kwargs)
+        offered.append(new.id)
+        return new
+
+    fe._new_socket = recorded  # type: ignore[method-assign]
+    landed: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in itertools.count():
+            taken.clear()
+            offered.clear()
+            where = interrupted_at(n, within, _refused(ls.accept, errno.EINVAL),
+                                   lambda: not taken)
+            (new_id,) = offered
+            inflight = ls._st.accept_inflight
+            kept = inflight is not None and inflight[2].id == new_id
+            assert kept or new_id not in fe._sockets, (
+                f"interrupted {where or 'nowhere'}: the refused socket left in the table")
+            if armed:
+                assert ls.fileno() == fd  # up to date, as a selector's register() has it
+                try:
+                    wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+                except TimeoutError:
+                    raise AssertionError(f"interrupted {where or 'nowhere'}: "
+                                         "the listener never polls readable again") from None
+            # Reports the refusal cut short, or one of its own.
+            _refused(ls.accept, errno.EINVAL)()
+            gc.collect()
+            assert set(fe._sockets) == {ls.id}, f"interrupted {where or 'nowhere'}"
+            assert ls._st.accept_inflight is None
+            assert fe._given_back == [] and fe._accepts_to_end == []
+            # The one ring every ACCEPT offered: back each time.
+            assert len(fe._ring_pool) == 1, f"interrupted {where or 'nowhere'}"
+            assert _unclosed(caught) == [], f"interrupted {where or 'nowhere'}"
+            if not where:
+                break
+            landed.append(where)
+    assert any("_drop_socket" in where for where in landed), landed
+    ls.close()
+
+
+def test_a_refused_socket_interrupted_anywhere_keeps_nothing_of_it(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere along a socket() whose SOCKET the
+    backend refuses, once socket() has the answer: the socket is gone
+    from the frontend's table, and its finaliser neither warns of an
+    "unclosed" socket the program never had nor queues it for a RELEASE.
+    Before, one landing as _forget started left the socket listed, for
+    the finaliser to warn of and the reaper to release; one landing as
+    its finaliser's detach() returned left it in the table until the
+    frontend closed."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.rets[PVCALLS_SOCKET] = -EINVAL
+    taken = _refusal_taken(fe, PVCALLS_SOCKET)
+    landed: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in itertools.count():
+            taken.clear()
+            where = interrupted_at(n, within, _refused(fe.socket, errno.EINVAL),
+                                   lambda: not taken)
+            gc.collect()  # the finaliser runs, if the socket is garbage
+            assert fe._sockets == {}, f"interrupted {where or 'nowhere'}: left in the table"
+            assert not fe._dropped and _unclosed(caught) == [], (
+                f"interrupted {where or 'nowhere'}: dropped as unclosed")
+            if not where:
+                break
+            landed.append(where)
+    assert any("_forget" in where for where in landed), landed
+
+
+def _poll_refusal_taken() -> bool:
+    """For a sweep's ``unless`` (called in the main thread, under the
+    tracer): whether accept() has taken a refused POLL's error, which
+    _wait_pending_connection then reports."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_wait_pending_connection":
+            return bool(frame.f_locals.get("err"))
+        frame = frame.f_back
+    return False
+
+
+def test_a_refused_poll_interrupted_anywhere_leaves_the_listener_readable(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere along an accept() that reports a POLL
+    the backend refused, on a listener whose fileno() is in use: the
+    descriptor, brought up to date, still polls readable (the error is
+    back for the next accept() to report, or a POLL is in flight), and
+    the next accept() reports the refusal.  Before, one landing once the
+    error was taken and before the POLL that fileno() needs went out (as
+    _arm_poll started, or in it) left neither: the descriptor polled
+    readable only until anything brought it up to date (a selector's
+    register() calling fileno()), and then waited for good."""
+    within = os.path.dirname(_frontend.__file__)
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fake.rets[PVCALLS_POLL] = -EINVAL
+    fd = ls.fileno()  # its POLL goes out, refused
+
+    def readable() -> bool:
+        return select.select([fd], [], [], 0)[0] != []
+
+    landed: list[str] = []
+    for n in itertools.count():
+        wait_until(readable)
+        where = interrupted_at(n, within, _refused(ls.accept, errno.EINVAL),
+                               lambda: not _poll_refusal_taken())
+        # As a selector registering the listener (again) does: the
+        # descriptor follows the listener's state.
+        assert ls.fileno() == fd
+        try:
+            wait_until(readable)
+        except TimeoutError:
+            raise AssertionError(f"interrupted {where or 'nowhere'}: "
+                                 "the listener never polls readable again") from None
+        _refused(ls.accept, errno.EINVAL)()
+        if not where:
+            break
+        landed.append(where)
+    assert any("_arm_poll" in where for where in landed), landed
+    ls.close()
+
+
+def test_a_refused_connect_interrupted_anywhere_leaves_the_socket_unconnected(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere along a connect() whose CONNECT the
+    backend refuses, once connect() has the answer: the socket's ring is
+    given back (the backend let go of it) and the socket is unconnected,
+    so that connect() may be tried again and is refused again, as after
+    the refusal reported.  Before, one landing as the wait returned the
+    refusal took the socket for one whose CONNECT may have succeeded
+    (only close() was left), and one landing before the ring was given
+    back (as _put_data_ring started) kept it in the socket: either way
+    the next connect() failed with EISCONN, and the ring stayed the
+    socket's until it closed."""
+    within = os.path.dirname(_frontend.__file__)
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+    taken = _refusal_taken(fe, PVCALLS_CONNECT)
+    landed: list[str] = []
+    for n in itertools.count():
+        taken.clear()
+        where = interrupted_at(n, within,
+                               _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED),
+                               lambda: not taken)
+        assert s._st.ring is None, f"interrupted {where or 'nowhere'}: the ring kept"
+        try:
+            _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED)()
+        except AssertionError as exc:
+            raise AssertionError(f"interrupted {where or 'nowhere'}: then {exc}") from None
+        assert fe._given_back == [] and len(fe._ring_pool) == 1
+        if not where:
+            break
+        landed.append(where)
+    assert any("_put_data_ring" in where for where in landed), landed
+    s.close()
+
+
+def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere in a non-blocking connect() whose
+    CONNECT the backend refuses: the refusal, if the CONNECT went out,
+    completes the connect all the same (SO_ERROR says ECONNREFUSED, the
+    ring is given back), and no response table entry stays taken.
+    Before, one landing once the CONNECT was out and before its answer
+    had a taker (as _connect_in_background or its _abandon started) left
+    the answer to nobody: the socket connecting for good, its entry taken
+    until the frontend closed; and one landing in the taker connect()
+    ran itself, for an answer that came first, could leave the socket
+    with the ring the backend had let go of."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+    connects: list[Any] = []  # the CONNECT's slot
+    submit = fe._submit
+
+    def recorded(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            connects.append(slot)
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = recorded  # type: ignore[method-assign]
+    landed: list[str] = []
+    for n in itertools.count():
+        # The same path each time: a ring from the pool.  (A Ctrl-C in
+        # the making of one leaves none; the connect sweeps of
+        # test_frontend.py cover the making.)
+        if not fe._ring_pool:
+            with fe.socket() as first:
+                first.settimeout(TIMEOUT)
+                _refused(functools.partial(first.connect, ("127.0.0.1", 7)),
+                         errno.ECONNREFUSED)()
+        connects.clear()
+        s = fe.socket()
+        s.setblocking(False)
+        where = interrupted_at(n, within, _refused(functools.partial(s.connect, ("127.0.0.1", 7)),
+                                                   errno.EINPROGRESS))
+        try:
+            wait_until(functools.partial(lambda s: not s._connecting, s))
+        except TimeoutError:
+            raise AssertionError(f"interrupted {where or 'nowhere'}: connecting for good") from None
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        sent = bool(connects) and connects[0].sent
+        assert err == (errno.ECONNREFUSED if sent else 0), f"interrupted {where or 'nowhere'}"
+        assert s._st.ring is None, f"interrupted {where or 'nowhere'}: the ring kept"
+        assert fe._slots.count(None) == RING_SLOTS, (
+            f"interrupted {where or 'nowhere'}: a response table entry kept")
+        s.close()
+        if not where:
+            break
+        landed.append(where)
+    assert any("_connect_taker" in where for where in landed), landed
+    assert any("Frontend._notify" in where for where in landed), landed
