@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import heapq
 import itertools
 import logging
 import math
@@ -918,6 +919,48 @@ def test_a_bug_met_expiring_events_leaves_no_request_outstanding(
         assert eventually(lambda: xsd._call(lambda: conn.closed), 10.0)
         assert xsd._call(lambda: writer_domain.outstanding) == 0
         assert writer.recv_message()[:2] == (Op.WRITE, 1001)
+        check_alive(xsd)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"internal error expiring the events of {conn!r}"]
+
+
+def test_a_bug_met_dropping_stale_events_bytes_leaves_the_guests_share_right(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The bug is met once the bytes of one stale event are out of the
+    # connection's output, before the next: the connection is closed,
+    # and every byte it had queued leaves the guest's share (max_queued)
+    # with it.  Those dropped before the bug once stayed counted for
+    # good, and the guest got fewer events for them ever after.
+    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
+    with _deaf_guest(60.0) as (xsd, writer, _deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        for i in range(2):
+            writer.write(f"/shared/g{i}", "")
+        calls = itertools.count()
+
+        def buggy(data: bytearray) -> bytes:
+            # _expire copies each stale event's bytes out, newest first.
+            if next(calls) == 1:
+                raise RuntimeError("a bug dropping stale events")
+            return bytes(data)
+
+        def all_stale_now() -> None:
+            # Every event waiting goes stale at once: early entries in
+            # _expiry are allowed, and the loop looks at due ones only.
+            for event in conn.waiting:
+                event.deadline = min(event.deadline, 0.0)
+            xsd._expiry[:] = [(0.0, seq, c) for _deadline, seq, c in xsd._expiry]
+            heapq.heapify(xsd._expiry)
+            xsd._expire_due()
+
+        with monkeypatch.context() as patched:
+            patched.setattr(_server, "bytes", buggy, raising=False)
+            xsd._call(all_stale_now)
+        assert next(calls) == 2
+        assert xsd._call(lambda: (conn.closed, conn.domain.queued, writer_domain.outstanding)) == (
+            True, 0, 0)
         check_alive(xsd)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [f"internal error expiring the events of {conn!r}"]
