@@ -770,6 +770,26 @@ def _begin_an_event(xsd: XenStored, writer: RawClient, deaf: RawClient) -> Waiti
     return event
 
 
+def test_events_are_stale_at_their_deadline_not_only_after_it() -> None:
+    # _expire_due looks at a connection once its entry's deadline is at
+    # or before now: were an event not stale at exactly its deadline, the
+    # entry would be armed again at it, due still, and the loop would go
+    # round in _expire_due for good.  The one begun is found stale too.
+    with _deaf_guest(60.0, outstanding=1000) as (xsd, writer, deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        begun = _begin_an_event(xsd, writer, deaf)
+
+        def expire_at_the_deadline() -> tuple[list[WaitingEvent], float, int]:
+            deadline = time.monotonic()
+            for event in conn.waiting:
+                event.deadline = deadline
+            xsd._expire(conn, deadline)
+            return list(conn.waiting), begun.deadline, writer_domain.outstanding
+
+        assert xsd._call(expire_at_the_deadline) == ([begun], math.inf, 0)
+
+
 def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
     # Once the kernel took part of the oldest event, it goes on whole;
     # events queued after it was found stale still go stale in turn (the
