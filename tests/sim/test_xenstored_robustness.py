@@ -818,6 +818,21 @@ def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
         assert xsd._call(lambda: writer_domain.outstanding) == 0
 
 
+def test_a_begun_event_nobody_is_charged_for_goes_stale_quietly(
+    no_internal_errors: None,
+) -> None:
+    # dom0's doing, it counts no request: found stale, it goes on whole
+    # all the same, with nothing to count down, and its connection too.
+    with _deaf_guest(2.0) as (xsd, _writer, deaf), RawClient(xsd.path) as dom0:
+        conn = _server_conn(xsd, 2)
+        begun = _begin_an_event(xsd, dom0, deaf)
+        assert begun.cause is None
+        assert eventually(lambda: xsd._call(
+            lambda: conn.closed or (list(conn.waiting), begun.deadline) == ([begun], math.inf)
+        ), 10.0)
+        assert not xsd._call(lambda: conn.closed)
+
+
 def test_a_begun_event_found_stale_counts_its_request_down_once() -> None:
     # The request that fired the begun event also has one waiting for a
     # backend that does not read: found stale, the begun one counts the
