@@ -855,6 +855,26 @@ def test_a_begun_event_found_stale_counts_its_request_down_once() -> None:
         assert xsd._call(lambda: writer_domain.outstanding) == before
 
 
+def test_an_event_dropped_as_stale_counts_its_request_down_once() -> None:
+    # The request that fired it also has an event waiting for a backend
+    # that does not read: dropped, the stale one counts the request down
+    # once, and it stays outstanding until the backend reads its event.
+    with _deaf_guest(0.5, outstanding=1000) as (xsd, writer, _deaf), RawClient(
+        xsd.path
+    ) as dom0, RawClient(xsd.path) as backend:
+        _backed_up(xsd, dom0, backend, "/shared")
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        writer.write("/shared/both", "")
+        assert xsd._call(lambda: writer_domain.outstanding) == 1
+        assert eventually(lambda: xsd._call(
+            lambda: all(e.start < conn.out_base for e in conn.waiting)), 10.0)
+        assert xsd._call(lambda: writer_domain.outstanding) == 1
+        while backend.wait_event() != ("/shared/both", "be"):
+            pass
+        assert eventually(lambda: xsd._call(lambda: writer_domain.outstanding) == 0)
+
+
 def test_an_event_dropped_as_stale_does_not_hide_the_next_one_alike() -> None:
     # The stale event no longer waits: the same change again is news.
     with _deaf_guest(0.3) as (xsd, writer, _deaf):
