@@ -55,7 +55,9 @@ def start(run_dir: Path, *args: str, sighup: signal.Handlers = signal.SIG_DFL,
 @contextlib.contextmanager
 def started(run_dir: Path, *args: str, **kwargs: Any) -> Iterator[subprocess.Popen[str]]:
     """:func:`start`, and at the end the process killed if it still runs
-    and its pipes read and closed."""
+    and its pipes read and closed: also for a test expecting it to exit by
+    itself, which on a regression would leave it running (communicate()'s
+    timeout does not kill it)."""
     proc = start(run_dir, *args, **kwargs)
     try:
         yield proc
@@ -129,14 +131,14 @@ def test_signal_closes_everything_and_exits_0(
 
 
 def test_under_nohup_sighup_is_ignored(tmp_path: Path) -> None:
-    proc = start(tmp_path / "run", "-v", sighup=signal.SIG_IGN)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().startswith("XENSTORED_PATH=")
-    # Both pending at once if SIGHUP were waited for: sigwait takes the
-    # lower number, SIGHUP's, first.
-    proc.send_signal(signal.SIGHUP)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
+    with started(tmp_path / "run", "-v", sighup=signal.SIG_IGN) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("XENSTORED_PATH=")
+        # Both pending at once if SIGHUP were waited for: sigwait takes the
+        # lower number, SIGHUP's, first.
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert "SIGTERM: shutting down" in err and "SIGHUP" not in err
 
@@ -144,8 +146,8 @@ def test_under_nohup_sighup_is_ignored(tmp_path: Path) -> None:
 def test_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    proc = start(not_a_dir)
-    _, err = proc.communicate(timeout=10)
+    with started(not_a_dir) as proc:
+        _, err = proc.communicate(timeout=10)
     assert proc.returncode == 1
     # Not mkdir()'s "File exists": it does, and is no directory.
     assert err == (f"xenback-sim: cannot start in {not_a_dir}: "
@@ -436,8 +438,8 @@ def test_only_its_user_may_connect_whatever_the_umask(tmp_path: Path) -> None:
 def test_a_guest_named_like_dom0_exits_2_and_leaves_nothing(tmp_path: Path) -> None:
     # Only the running host knows the name is taken: it stops again.
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "--domain", "Domain-0")
-    out, err = proc.communicate(timeout=TIMEOUT)
+    with started(run_dir, "--domain", "Domain-0") as proc:
+        out, err = proc.communicate(timeout=TIMEOUT)
     assert (proc.returncode, out) == (2, "")
     assert err == "xenback-sim: a domain named 'Domain-0' exists already\n"
     assert not run_dir.exists()
@@ -520,8 +522,8 @@ def test_a_domain_the_host_cannot_create_is_an_error_not_a_traceback(tmp_path: P
         pytest.skip(f"{tmp_path} is too long for this test")
     run_dir = tmp_path / ("r" * pad)
     args = [arg for i in range(1, 11) for arg in ("--domain", f"g{i}")]
-    proc = start(run_dir, *args)
-    out, err = proc.communicate(timeout=TIMEOUT)
+    with started(run_dir, *args) as proc:
+        out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 1
     assert "Traceback" not in err
     assert err.startswith("xenback-sim: cannot create domain 'g10': ")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import heapq
 import itertools
 import logging
 import math
@@ -769,6 +770,26 @@ def _begin_an_event(xsd: XenStored, writer: RawClient, deaf: RawClient) -> Waiti
     return event
 
 
+def test_events_are_stale_at_their_deadline_not_only_after_it() -> None:
+    # _expire_due looks at a connection once its entry's deadline is at
+    # or before now: were an event not stale at exactly its deadline, the
+    # entry would be armed again at it, due still, and the loop would go
+    # round in _expire_due for good.  The one begun is found stale too.
+    with _deaf_guest(60.0, outstanding=1000) as (xsd, writer, deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        begun = _begin_an_event(xsd, writer, deaf)
+
+        def expire_at_the_deadline() -> tuple[list[WaitingEvent], float, int]:
+            deadline = time.monotonic()
+            for event in conn.waiting:
+                event.deadline = deadline
+            xsd._expire(conn, deadline)
+            return list(conn.waiting), begun.deadline, writer_domain.outstanding
+
+        assert xsd._call(expire_at_the_deadline) == ([begun], math.inf, 0)
+
+
 def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
     # Once the kernel took part of the oldest event, it goes on whole;
     # events queued after it was found stale still go stale in turn (the
@@ -797,6 +818,21 @@ def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
         assert xsd._call(lambda: writer_domain.outstanding) == 0
 
 
+def test_a_begun_event_nobody_is_charged_for_goes_stale_quietly(
+    no_internal_errors: None,
+) -> None:
+    # dom0's doing, it counts no request: found stale, it goes on whole
+    # all the same, with nothing to count down, and its connection too.
+    with _deaf_guest(2.0) as (xsd, _writer, deaf), RawClient(xsd.path) as dom0:
+        conn = _server_conn(xsd, 2)
+        begun = _begin_an_event(xsd, dom0, deaf)
+        assert begun.cause is None
+        assert eventually(lambda: xsd._call(
+            lambda: conn.closed or (list(conn.waiting), begun.deadline) == ([begun], math.inf)
+        ), 10.0)
+        assert not xsd._call(lambda: conn.closed)
+
+
 def test_a_begun_event_found_stale_counts_its_request_down_once() -> None:
     # The request that fired the begun event also has one waiting for a
     # backend that does not read: found stale, the begun one counts the
@@ -817,6 +853,26 @@ def test_a_begun_event_found_stale_counts_its_request_down_once() -> None:
         deaf.close()
         assert eventually(lambda: xsd._call(lambda: conn.closed))
         assert xsd._call(lambda: writer_domain.outstanding) == before
+
+
+def test_an_event_dropped_as_stale_counts_its_request_down_once() -> None:
+    # The request that fired it also has an event waiting for a backend
+    # that does not read: dropped, the stale one counts the request down
+    # once, and it stays outstanding until the backend reads its event.
+    with _deaf_guest(0.5, outstanding=1000) as (xsd, writer, _deaf), RawClient(
+        xsd.path
+    ) as dom0, RawClient(xsd.path) as backend:
+        _backed_up(xsd, dom0, backend, "/shared")
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        writer.write("/shared/both", "")
+        assert xsd._call(lambda: writer_domain.outstanding) == 1
+        assert eventually(lambda: xsd._call(
+            lambda: all(e.start < conn.out_base for e in conn.waiting)), 10.0)
+        assert xsd._call(lambda: writer_domain.outstanding) == 1
+        while backend.wait_event() != ("/shared/both", "be"):
+            pass
+        assert eventually(lambda: xsd._call(lambda: writer_domain.outstanding) == 0)
 
 
 def test_an_event_dropped_as_stale_does_not_hide_the_next_one_alike() -> None:
@@ -918,6 +974,48 @@ def test_a_bug_met_expiring_events_leaves_no_request_outstanding(
         assert eventually(lambda: xsd._call(lambda: conn.closed), 10.0)
         assert xsd._call(lambda: writer_domain.outstanding) == 0
         assert writer.recv_message()[:2] == (Op.WRITE, 1001)
+        check_alive(xsd)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"internal error expiring the events of {conn!r}"]
+
+
+def test_a_bug_met_dropping_stale_events_bytes_leaves_the_guests_share_right(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The bug is met once the bytes of one stale event are out of the
+    # connection's output, before the next: the connection is closed,
+    # and every byte it had queued leaves the guest's share (max_queued)
+    # with it.  Those dropped before the bug once stayed counted for
+    # good, and the guest got fewer events for them ever after.
+    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
+    with _deaf_guest(60.0) as (xsd, writer, _deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        for i in range(2):
+            writer.write(f"/shared/g{i}", "")
+        calls = itertools.count()
+
+        def buggy(data: bytearray) -> bytes:
+            # _expire copies each stale event's bytes out, newest first.
+            if next(calls) == 1:
+                raise RuntimeError("a bug dropping stale events")
+            return bytes(data)
+
+        def all_stale_now() -> None:
+            # Every event waiting goes stale at once: early entries in
+            # _expiry are allowed, and the loop looks at due ones only.
+            for event in conn.waiting:
+                event.deadline = min(event.deadline, 0.0)
+            xsd._expiry[:] = [(0.0, seq, c) for _deadline, seq, c in xsd._expiry]
+            heapq.heapify(xsd._expiry)
+            xsd._expire_due()
+
+        with monkeypatch.context() as patched:
+            patched.setattr(_server, "bytes", buggy, raising=False)
+            xsd._call(all_stale_now)
+        assert next(calls) == 2
+        assert xsd._call(lambda: (conn.closed, conn.domain.queued, writer_domain.outstanding)) == (
+            True, 0, 0)
         check_alive(xsd)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [f"internal error expiring the events of {conn!r}"]

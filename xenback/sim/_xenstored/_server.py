@@ -731,11 +731,15 @@ class XenStored:
             return
         out = conn.out
         queued = conn.queued_events
+        domain = conn.domain
         for event in reversed(stale):
             chunk = bytes(out[event.start - base : event.end - base])
             if queued.get(chunk) == event.end:
                 del queued[chunk]
+            # Uncounted with its bytes, not after the loop: a bug met in
+            # it closes the connection, which uncounts only what is left.
             del out[event.start - base : event.end - base]
+            domain.queued -= event.end - event.start
         dropped = sum(event.end - event.start for event in stale)
         # Whatever waits is either older than every stale event (the one
         # begun) or newer than all of them: it moves back by all they took.
@@ -747,7 +751,6 @@ class XenStored:
         for chunk, end in queued.items():
             if end > last:
                 queued[chunk] = end - dropped
-        conn.domain.queued -= dropped
         logger.debug("%r: dropped %d stale watch events (%d bytes)", conn, len(stale), dropped)
         self._dirty.add(conn)  # less to send: a pause may end, or all is sent
 
