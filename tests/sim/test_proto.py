@@ -823,3 +823,27 @@ def test_no_request_is_left_unanswered_by_a_call_cut_short_anywhere(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+def test_a_ctrl_c_in_the_wake_up_request_leaves_no_request_waiting(guest: Domain) -> None:
+    """A second Ctrl-C, in the request a call or drain cut short makes to
+    wake the handle's waiters (ServiceConnection._cut_short), as any call
+    it makes returns: the request is listed as waiting for its reply only
+    if it went.  It was listed before it was encoded, so a Ctrl-C as the
+    encoding returned left a request that never went waiting for ever."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        for k in itertools.count():
+            with conn._lock:
+                # A push a first Ctrl-C left in the inbox (for no port of ours).
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                with a, b:
+                    send_message(a, {"event": "unbound", "port": 4000})
+                    conn._inbox.append(b.recvmsg(MAX_MESSAGE + 1, 1024))
+                cut = interrupted_as_call_returns(
+                    ServiceConnection._cut_short.__code__, k, conn._cut_short)
+            assert conn.call("info")[0]["domid"] == guest.domid, k
+            assert eventually(lambda: conn.drain() and not conn._unanswered), (k, conn._unanswered)
+            if not cut:
+                break
+        assert k > 2, k

@@ -647,8 +647,10 @@ class ServiceConnection:
         if not self._inbox or self._on_push is None or self._refusal is not None:
             return
         request_id = next(self._ids)
-        self._unanswered[request_id] = ("info", None)  # its reply is dropped
         data = encode({"op": "info", "id": request_id})
+        # Listed last before the send, with no call in between: a Ctrl-C
+        # after a call here would leave it listed and never sent.
+        self._unanswered[request_id] = ("info", None)  # its reply is dropped
         sent: list[int] = []
         try:
             sent.extend(map(self._sock.send, (data,), (MSG_DONTWAIT,)))
