@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import select
 import socket
 import sys
@@ -29,6 +30,7 @@ from xenback.sim import Domain, SimHost
 from xenback.sim._proto import (
     MAX_MESSAGE,
     ServiceConnection,
+    close_fds,
     encode,
     recv_message,
     send_message,
@@ -847,3 +849,64 @@ def test_a_ctrl_c_in_the_wake_up_request_leaves_no_request_waiting(guest: Domain
             if not cut:
                 break
         assert k > 2, k
+
+
+@contextlib.contextmanager
+def _no_descriptor_left() -> Iterator[None]:
+    """In the block, this process can open no descriptor (EMFILE): every
+    number below the soft limit, lowered to just past the highest one in
+    use, is taken."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        yield
+    finally:
+        close_fds(fillers)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply whose descriptors this process has no number left for (the
+    kernel drops them and says MSG_CTRUNC): the call fails with EMFILE,
+    and the reply still answers its request, so what it gave (a port) is
+    given back at once, and no request is left waiting for ever.  It was
+    taken for an oversized packet, blamed on the service (EPROTO, logged
+    as an error), and its request stayed listed for the connection's life,
+    and its port bound."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    unbound: list[dict[str, object]] = []
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            if request["op"] == "evtchn_alloc_unbound":
+                send_message(conn, {"id": request["id"], "port": 7}, [w])
+                continue
+            if request["op"] == "evtchn_unbind":
+                unbound.append(request)
+            send_message(conn, {"id": request["id"]})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    try:
+        conn.call("info")  # the service is serving (it accepted already)
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_left(), \
+                pytest.raises(EventChannelError) as info:
+            conn.call("evtchn_alloc_unbound", domid=0)
+        assert info.value.errno == errno.EMFILE, info.value
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert eventually(lambda: conn.drain() and not conn._unanswered), conn._unanswered
+        assert [m["port"] for m in unbound] == [7]
+        assert conn.call("info")[0] == {"id": unbound[0]["id"] + 1}  # type: ignore[operator]
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+        server.join(TIMEOUT)

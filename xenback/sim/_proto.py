@@ -17,7 +17,11 @@ matches them by id all the same (below), and drops one of an id it never
 sent, whatever its id, logged: a stray reply answers no other request.
 A packet that is no message (no JSON object, or too long) breaks the
 protocol: it is logged as an error and dropped, and fails the call that
-waits for a reply, if any (EPROTO); a drain goes on past it.
+waits for a reply, if any (EPROTO); a drain goes on past it.  A message
+whose descriptors this process had no room for (the kernel drops them,
+``MSG_CTRUNC``) is whole: as a reply it answers its request, whose call
+fails (EMFILE) and what it gave is given back; pushed, it is logged as
+an error and dropped.
 
 A request may carry ``"id"``, an integer the service echoes in its reply.
 :class:`ServiceConnection` numbers its requests so: a call cut short
@@ -91,6 +95,8 @@ _FDS = array.array("i")
 MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FDS.itemsize)
 
 
@@ -214,11 +220,11 @@ class _Taken:
     still here.
     """
 
-    __slots__ = ("msg", "error", "malformed", "fds", "out", "classified", "request_id",
-                 "done", "undo")
+    __slots__ = ("msg", "error", "malformed", "short", "fds", "out", "classified",
+                 "request_id", "done", "undo")
 
     def __init__(self, msg: Message, fds: list[int], error: OSError | None,
-                 malformed: bool = False) -> None:
+                 malformed: bool = False, short: bool = False) -> None:
         self.msg = msg
         # Why the packet fails the call that meets it (the service gone or
         # refusing, a malformed packet), or None.
@@ -226,6 +232,10 @@ class _Taken:
         # The packet is no message (EPROTO): it fails only a call that
         # waits for a reply, which it may have been (see _dispatch).
         self.malformed = malformed
+        # A message whose descriptors this process had no room for (the
+        # kernel dropped them, MSG_CTRUNC): ``error`` (EMFILE) fails only
+        # the call it answers, and as a reply it still answers its request.
+        self.short = short
         # The descriptors that are still the connection's to close.
         self.fds = fds
         # The descriptors call() returns: the same list unless apply took them.
@@ -463,10 +473,12 @@ class ServiceConnection:
         stays with the service until the handle closes).  Where no call
         waits (a drain), nobody is failed, and the connection goes on: a
         handle that stopped listening at the first bad packet would miss
-        every later push without a word."""
+        every later push without a word.  A message short of its
+        descriptors (this process had no room for them) fails only the
+        call it answers (EMFILE), released as any reply nobody takes."""
         taken = self._head()
-        if taken.error is not None:
-            error = taken.error
+        error = taken.error
+        if error is not None and not taken.short:
             if taken.malformed:
                 # Before the release: logged twice after a Ctrl-C, never not at all.
                 logger.error("%s (dropped)", error.strerror)
@@ -478,7 +490,11 @@ class ServiceConnection:
         msg = taken.msg
         if "event" in msg:
             on_push = self._on_push
-            if on_push is None:
+            if error is not None:
+                # News whose pipe ends are lost would mislead the handle.
+                logger.error("%s: %r (dropped)", error.strerror, msg)
+                self._release_head(taken)
+            elif on_push is None:
                 logger.warning("unexpected message from the hypervisor service: %r", msg)
                 self._release_head(taken)
             else:
@@ -491,6 +507,9 @@ class ServiceConnection:
         if taken.request_id is None or taken.request_id != request_id:
             self._release_head(taken)
             return None
+        if error is not None and "errno" not in msg:
+            self._release_head(taken)  # what it gave goes back
+            raise error
         return taken
 
     def _head(self) -> _Taken:
@@ -498,13 +517,13 @@ class ServiceConnection:
         head = self._inbox[0]
         if isinstance(head, _Taken):
             return head
-        data, fds, truncated = _unpack(head)
+        data, fds, _ = _unpack(head)
         error: OSError | None = None
-        malformed = False
+        malformed = short = False
         msg: Message = {}
         if not data:
             error = self._gone(None)
-        elif truncated:
+        elif head[2] & _MSG_TRUNC or len(data) > MAX_MESSAGE:
             error = self._error(errno.EPROTO, "oversized message from the hypervisor service")
             malformed = True
         else:
@@ -516,7 +535,15 @@ class ServiceConnection:
             else:
                 if msg.get("event") == "refused":
                     error = self._error(*self._refuse(msg))
-        taken = _Taken(msg, fds, error, malformed)
+                elif head[2] & _MSG_CTRUNC:
+                    # The descriptors found no room in this process (the
+                    # ancillary space holds all a packet can carry): not the
+                    # service's fault, and the message is whole.
+                    error = self._error(
+                        errno.EMFILE,
+                        "no descriptor left for those the hypervisor service sent")
+                    short = True
+        taken = _Taken(msg, fds, error, malformed, short)
         # Parsing again after a Ctrl-C above costs nothing: nothing was
         # given away yet.
         self._inbox[0] = taken
