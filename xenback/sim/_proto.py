@@ -507,7 +507,7 @@ class ServiceConnection:
         if taken.request_id is None or taken.request_id != request_id:
             self._release_head(taken)
             return None
-        if error is not None and "errno" not in msg:
+        if error is not None:
             self._release_head(taken)  # what it gave goes back
             raise error
         return taken
