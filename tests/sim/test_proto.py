@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from hosthelpers import SIM_CODE, descriptors, eventually, every_landing, serve_one_client
 from racewindow import TIMEOUT
-from stolensignal import interrupted_as_call_returns, interrupted_at
+from stolensignal import OUTLASTS_THE_TEST, interrupted_as_call_returns, interrupted_at
 
 from xenback.platform import PAGE_SIZE, EventChannelError, PlatformError
 from xenback.sim import Domain, SimHost
@@ -603,6 +603,9 @@ def test_a_reply_left_on_its_way_out_is_released_whatever_cuts_its_release_short
                     assert len(again.buffer) == PAGE_SIZE
                 check(where)
             assert not tab._conn._delivering, where
+            # A release cut short as its request was about to go left it
+            # to the next call, and no request listed that never went.
+            assert not tab._conn._unanswered, (where, tab._conn._unanswered)
             assert eventually(lambda stats=stats: host.hypervisor.stats() == stats), where
             assert eventually(lambda fds=fds: descriptors() <= fds), (where, sorted(descriptors() - fds))
             if not where:
@@ -909,4 +912,120 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
         conn.close()
         os.close(w)
         os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_push_short_of_its_descriptors_is_dropped_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A pushed message whose descriptors found no room in this process:
+    news whose pipe ends are lost would mislead the handle, so it is not
+    handed on; it is logged as an error, and the drain goes on."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        send_message(conn, {"id": request_id})
+        assert conn.recv(MAX_MESSAGE)  # the next request, made out of descriptors
+        send_message(conn, {"event": "bound", "port": 1, "domid": 0, "remote_port": 2}, [w])
+        send_message(conn, {"event": "unbound", "port": 3})
+
+    server = _serve(path, answer)
+    pushed: list[dict[str, object]] = []
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: pushed.append(msg))
+    try:
+        conn.call("info")
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_left():
+            conn._sock.send(encode({"op": "info"}))  # the service pushes as it reads it
+            assert eventually(lambda: conn.drain() and bool(pushed))
+        assert pushed == [{"event": "unbound", "port": 3}]
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "no descriptor left" in record.getMessage()
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_reply_left_to_nobody_is_known_whenever_it_comes(tmp_path: Path) -> None:
+    """Each reply answers its own request, whatever came before it (the
+    service answers domain control later than requests made after it): a
+    reply to a call cut short that comes after the reply to a later
+    request is still known, and what it gave (a port) is given back.
+    Taking a reply for a sign that the requests before it were answered
+    made it a reply to nobody, and its port stayed bound."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    unbound: list[object] = []
+
+    def handle(conn: socket.socket) -> None:
+        cut = json.loads(conn.recv(MAX_MESSAGE))
+        later = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": later["id"], "domid": 0})
+        send_message(conn, {"id": cut["id"], "port": 7}, [w])
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            if request["op"] == "evtchn_unbind":
+                unbound.append(request["port"])
+            send_message(conn, {"id": request["id"]})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    try:
+        assert interrupted_as_call_returns(
+            ServiceConnection._call.__code__, 0,
+            lambda: conn.call("evtchn_alloc_unbound", domid=0))
+        assert conn.call("info")[0]["domid"] == 0
+        assert eventually(lambda: conn.drain() and unbound == [7] and not conn._unanswered), \
+            (unbound, conn._unanswered)
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_the_wake_up_request_never_blocks_and_is_forgotten_if_it_did_not_go(
+        tmp_path: Path) -> None:
+    """The request a Ctrl-C's cleanup makes to wake the handle's waiters,
+    with the socket's send buffer full (a service that reads nothing for
+    now): it does not go, and does not wait for room either, under the
+    lock that every call and drain of the handle takes (the replies to the
+    requests that fill the buffer wake the waiters); nor is it listed as
+    waiting for a reply."""
+    path = str(tmp_path / "hypervisor")
+    read = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        read.wait(OUTLASTS_THE_TEST)  # set by the test, whatever happens
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                conn._sock.send(b"{}", socket.MSG_DONTWAIT)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with a, b:
+            send_message(a, {"event": "unbound", "port": 1})
+            left = b.recvmsg(MAX_MESSAGE + 1, 1024)
+
+        def cut_short() -> None:
+            with conn._lock:
+                conn._inbox.append(left)  # a push a Ctrl-C left there
+                conn._cut_short()
+
+        thread = threading.Thread(target=cut_short, daemon=True)
+        thread.start()
+        thread.join(TIMEOUT)
+        blocked = thread.is_alive()
+        read.set()
+        thread.join(TIMEOUT)
+        assert not blocked, "waits for room under the lock"
+        assert not conn._unanswered
+    finally:
+        read.set()
+        conn.close()
         server.join(TIMEOUT)
