@@ -1029,3 +1029,29 @@ def test_the_wake_up_request_never_blocks_and_is_forgotten_if_it_did_not_go(
         read.set()
         conn.close()
         server.join(TIMEOUT)
+
+
+def test_a_call_cut_short_anywhere_leaves_the_handle_listening_for_pushes(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C anywhere in a call of an event channel handle with a pushed
+    message waiting: a thread waiting on the handle is woken for it.  One
+    landing as the handle's on_wait(True) returned (the connection taken
+    out of its epoll set while the request waits) skipped on_wait(False),
+    and the handle heard no push until its next call."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+
+        def landing(n: int) -> str:
+            p1 = e1.bind_unbound_port(0)
+            p0 = e0.bind_interdomain(guest.domid, p1)  # pushes "bound" to e1
+            assert select.select([e1._conn], [], [], TIMEOUT)[0], "no push came"
+            where = interrupted_at(n, SIM_CODE, lambda: e1._conn.call("info"),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            if e1._ports[p1].remote_port is None:  # not handed on yet
+                assert select.select([e1], [], [], TIMEOUT)[0] == [e1], where
+                assert e1.pending() is None, where
+            assert e1._ports[p1].remote_port == p0, where
+            e1.unbind(p1)
+            e0.unbind(p0)
+            return where
+
+        every_landing(host, landing, more_than=10)

@@ -256,7 +256,9 @@ class ServiceConnection:
     failed request (GrantError or EventChannelError).
 
     ``on_wait(True)`` is called before a request goes out and
-    ``on_wait(False)`` once it is over, both under the connection's lock.
+    ``on_wait(False)`` once it is over, both under the connection's lock;
+    a Ctrl-C may make the second come without the first, or after only
+    part of it.
     An owner that watches the connection for pushed messages in an epoll
     set, where another thread may be waiting, stops watching it meanwhile:
     the caller takes every message until its reply itself, and the reply
@@ -367,8 +369,11 @@ class ServiceConnection:
                 if on_wait is None:
                     self._call(me, op, fds, apply, done, args)
                 else:
-                    on_wait(True)
+                    # Both in the try: a Ctrl-C as on_wait(True) returns
+                    # left the owner deaf to pushes until its next call.
+                    # on_wait(False) alone is harmless (the usual state).
                     try:
+                        on_wait(True)
                         self._call(me, op, fds, apply, done, args)
                     finally:
                         on_wait(False)
