@@ -453,7 +453,10 @@ class ServiceConnection:
         self._unanswered[request_id] = (op, done)
         sent: list[int] = []
         try:
-            sent.extend(map(self._sock.sendmsg, ([data],), (ancillary,)))
+            if fds:
+                sent.extend(map(self._sock.sendmsg, ([data],), (ancillary,)))
+            else:  # most requests: send() is cheaper than sendmsg()
+                sent.extend(map(self._sock.send, (data,)))
         except OSError as e:
             self._unanswered.pop(request_id, None)
             raise self._refused() or self._gone(e) from None
