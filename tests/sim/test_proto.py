@@ -1055,3 +1055,33 @@ def test_a_call_cut_short_anywhere_leaves_the_handle_listening_for_pushes(
             return where
 
         every_landing(host, landing, more_than=10)
+
+
+def test_a_request_with_descriptors_cut_short_anywhere_keeps_its_reply_known(
+        host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture) -> None:
+    """The sweep of a call whose request carries a descriptor (sent with
+    sendmsg(), the others with send()): one cut short once it went is
+    still listed, so its reply is taken for abandoned, not for a stray
+    reply to no request, and none is left listed that never went."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        r, w = os.pipe()
+
+        def landing(n: int) -> str:
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="xenback.sim._proto"):
+                with contextlib.suppress(EventChannelError):  # it takes no descriptors
+                    where = ""
+                    where = interrupted_at(n, SIM_CODE, lambda: conn.call("info", [w]),
+                                           unless=_outside_the_round_trip,
+                                           besides=_BESIDES_PROTO)
+                assert conn.call("info")[0]["domid"] == guest.domid, where
+            assert not [r for r in caplog.records if "no request" in r.getMessage()], where
+            assert not conn._unanswered, (where, conn._unanswered)
+            return where
+
+        try:
+            every_landing(host, landing, more_than=3)
+        finally:
+            os.close(r)
+            os.close(w)

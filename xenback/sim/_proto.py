@@ -41,8 +41,8 @@ gnt_share                  domid, count, writable          refs (the pages, writ
 gnt_end                    refs                            -
 gnt_map                    domid, refs, writable           handle, segments (files)
 gnt_unmap                  handle                          -
-evtchn_alloc_unbound       domid (write end of port pipe)  port
-evtchn_bind_interdomain    domid, port (write end)         port (peer's write end)
+evtchn_alloc_unbound       domid                           port (its read end)
+evtchn_bind_interdomain    domid, port                     port (read end, peer's write end)
 evtchn_unbind              port                            -
 domain_create (dom0 only)  name                            domid, name, xenstore_path
 domain_destroy (dom0)      domid                           -
