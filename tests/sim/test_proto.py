@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import select
 import socket
 import sys
@@ -22,13 +23,14 @@ from pathlib import Path
 import pytest
 from hosthelpers import SIM_CODE, descriptors, eventually, every_landing, serve_one_client
 from racewindow import TIMEOUT
-from stolensignal import interrupted_as_call_returns, interrupted_at
+from stolensignal import OUTLASTS_THE_TEST, interrupted_as_call_returns, interrupted_at
 
 from xenback.platform import PAGE_SIZE, EventChannelError, PlatformError
 from xenback.sim import Domain, SimHost
 from xenback.sim._proto import (
     MAX_MESSAGE,
     ServiceConnection,
+    close_fds,
     encode,
     recv_message,
     send_message,
@@ -602,6 +604,9 @@ def test_a_reply_left_on_its_way_out_is_released_whatever_cuts_its_release_short
                     assert len(again.buffer) == PAGE_SIZE
                 check(where)
             assert not tab._conn._delivering, where
+            # A release cut short as its request was about to go left it
+            # to the next call, and no request listed that never went.
+            assert not tab._conn._unanswered, (where, tab._conn._unanswered)
             assert eventually(lambda stats=stats: host.hypervisor.stats() == stats), where
             assert eventually(lambda fds=fds: descriptors() <= fds), (where, sorted(descriptors() - fds))
             if not where:
@@ -824,3 +829,260 @@ def test_no_request_is_left_unanswered_by_a_call_cut_short_anywhere(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+def test_a_ctrl_c_in_the_wake_up_request_leaves_no_request_waiting(guest: Domain) -> None:
+    """A second Ctrl-C, in the request a call or drain cut short makes to
+    wake the handle's waiters (ServiceConnection._cut_short), as any call
+    it makes returns: the request is listed as waiting for its reply only
+    if it went.  It was listed before it was encoded, so a Ctrl-C as the
+    encoding returned left a request that never went waiting for ever."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        for k in itertools.count():
+            with conn._lock:
+                # A push a first Ctrl-C left in the inbox (for no port of ours).
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                with a, b:
+                    send_message(a, {"event": "unbound", "port": 4000})
+                    conn._inbox.append(b.recvmsg(MAX_MESSAGE + 1, 1024))
+                cut = interrupted_as_call_returns(
+                    ServiceConnection._cut_short.__code__, k, conn._cut_short)
+            assert conn.call("info")[0]["domid"] == guest.domid, k
+            assert eventually(lambda: conn.drain() and not conn._unanswered), (k, conn._unanswered)
+            if not cut:
+                break
+        assert k > 2, k
+
+
+@contextlib.contextmanager
+def _no_descriptor_left() -> Iterator[None]:
+    """In the block, this process can open no descriptor (EMFILE): every
+    number below the soft limit, lowered to just past the highest one in
+    use, is taken."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        yield
+    finally:
+        close_fds(fillers)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply whose descriptors this process has no number left for (the
+    kernel drops them and says MSG_CTRUNC): the call fails with EMFILE,
+    and the reply still answers its request, so what it gave (a port) is
+    given back at once, and no request is left waiting for ever.  It was
+    taken for an oversized packet, blamed on the service (EPROTO, logged
+    as an error), and its request stayed listed for the connection's life,
+    and its port bound."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    unbound: list[dict[str, object]] = []
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            if request["op"] == "evtchn_alloc_unbound":
+                send_message(conn, {"id": request["id"], "port": 7}, [w])
+                continue
+            if request["op"] == "evtchn_unbind":
+                unbound.append(request)
+            send_message(conn, {"id": request["id"]})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    try:
+        conn.call("info")  # the service is serving (it accepted already)
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_left(), \
+                pytest.raises(EventChannelError) as info:
+            conn.call("evtchn_alloc_unbound", domid=0)
+        assert info.value.errno == errno.EMFILE, info.value
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert eventually(lambda: conn.drain() and not conn._unanswered), conn._unanswered
+        assert [m["port"] for m in unbound] == [7]
+        assert conn.call("info")[0] == {"id": unbound[0]["id"] + 1}  # type: ignore[operator]
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_push_short_of_its_descriptors_is_dropped_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A pushed message whose descriptors found no room in this process:
+    news whose pipe ends are lost would mislead the handle, so it is not
+    handed on; it is logged as an error, and the drain goes on."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        send_message(conn, {"id": request_id})
+        assert conn.recv(MAX_MESSAGE)  # the next request, made out of descriptors
+        send_message(conn, {"event": "bound", "port": 1, "domid": 0, "remote_port": 2}, [w])
+        send_message(conn, {"event": "unbound", "port": 3})
+
+    server = _serve(path, answer)
+    pushed: list[dict[str, object]] = []
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: pushed.append(msg))
+    try:
+        conn.call("info")
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_left():
+            conn._sock.send(encode({"op": "info"}))  # the service pushes as it reads it
+            assert eventually(lambda: conn.drain() and bool(pushed))
+        assert pushed == [{"event": "unbound", "port": 3}]
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "no descriptor left" in record.getMessage()
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_reply_left_to_nobody_is_known_whenever_it_comes(tmp_path: Path) -> None:
+    """Each reply answers its own request, whatever came before it (the
+    service answers domain control later than requests made after it): a
+    reply to a call cut short that comes after the reply to a later
+    request is still known, and what it gave (a port) is given back.
+    Taking a reply for a sign that the requests before it were answered
+    made it a reply to nobody, and its port stayed bound."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    unbound: list[object] = []
+
+    def handle(conn: socket.socket) -> None:
+        cut = json.loads(conn.recv(MAX_MESSAGE))
+        later = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": later["id"], "domid": 0})
+        send_message(conn, {"id": cut["id"], "port": 7}, [w])
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            if request["op"] == "evtchn_unbind":
+                unbound.append(request["port"])
+            send_message(conn, {"id": request["id"]})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    try:
+        assert interrupted_as_call_returns(
+            ServiceConnection._call.__code__, 0,
+            lambda: conn.call("evtchn_alloc_unbound", domid=0))
+        assert conn.call("info")[0]["domid"] == 0
+        assert eventually(lambda: conn.drain() and unbound == [7] and not conn._unanswered), \
+            (unbound, conn._unanswered)
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_the_wake_up_request_never_blocks_and_is_forgotten_if_it_did_not_go(
+        tmp_path: Path) -> None:
+    """The request a Ctrl-C's cleanup makes to wake the handle's waiters,
+    with the socket's send buffer full (a service that reads nothing for
+    now): it does not go, and does not wait for room either, under the
+    lock that every call and drain of the handle takes (the replies to the
+    requests that fill the buffer wake the waiters); nor is it listed as
+    waiting for a reply."""
+    path = str(tmp_path / "hypervisor")
+    read = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        read.wait(OUTLASTS_THE_TEST)  # set by the test, whatever happens
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                conn._sock.send(b"{}", socket.MSG_DONTWAIT)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with a, b:
+            send_message(a, {"event": "unbound", "port": 1})
+            left = b.recvmsg(MAX_MESSAGE + 1, 1024)
+
+        def cut_short() -> None:
+            with conn._lock:
+                conn._inbox.append(left)  # a push a Ctrl-C left there
+                conn._cut_short()
+
+        thread = threading.Thread(target=cut_short, daemon=True)
+        thread.start()
+        thread.join(TIMEOUT)
+        blocked = thread.is_alive()
+        read.set()
+        thread.join(TIMEOUT)
+        assert not blocked, "waits for room under the lock"
+        assert not conn._unanswered
+    finally:
+        read.set()
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_a_call_cut_short_anywhere_leaves_the_handle_listening_for_pushes(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C anywhere in a call of an event channel handle with a pushed
+    message waiting: a thread waiting on the handle is woken for it.  One
+    landing as the handle's on_wait(True) returned (the connection taken
+    out of its epoll set while the request waits) skipped on_wait(False),
+    and the handle heard no push until its next call."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+
+        def landing(n: int) -> str:
+            p1 = e1.bind_unbound_port(0)
+            p0 = e0.bind_interdomain(guest.domid, p1)  # pushes "bound" to e1
+            assert select.select([e1._conn], [], [], TIMEOUT)[0], "no push came"
+            where = interrupted_at(n, SIM_CODE, lambda: e1._conn.call("info"),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            if e1._ports[p1].remote_port is None:  # not handed on yet
+                assert select.select([e1], [], [], TIMEOUT)[0] == [e1], where
+                assert e1.pending() is None, where
+            assert e1._ports[p1].remote_port == p0, where
+            e1.unbind(p1)
+            e0.unbind(p0)
+            return where
+
+        every_landing(host, landing, more_than=10)
+
+
+def test_a_request_with_descriptors_cut_short_anywhere_keeps_its_reply_known(
+        host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture) -> None:
+    """The sweep of a call whose request carries a descriptor (sent with
+    sendmsg(), the others with send()): one cut short once it went is
+    still listed, so its reply is taken for abandoned, not for a stray
+    reply to no request, and none is left listed that never went."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        r, w = os.pipe()
+
+        def landing(n: int) -> str:
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="xenback.sim._proto"):
+                with contextlib.suppress(EventChannelError):  # it takes no descriptors
+                    where = ""
+                    where = interrupted_at(n, SIM_CODE, lambda: conn.call("info", [w]),
+                                           unless=_outside_the_round_trip,
+                                           besides=_BESIDES_PROTO)
+                assert conn.call("info")[0]["domid"] == guest.domid, where
+            assert not [r for r in caplog.records if "no request" in r.getMessage()], where
+            assert not conn._unanswered, (where, conn._unanswered)
+            return where
+
+        try:
+            every_landing(host, landing, more_than=3)
+        finally:
+            os.close(r)
+            os.close(w)

@@ -17,7 +17,11 @@ matches them by id all the same (below), and drops one of an id it never
 sent, whatever its id, logged: a stray reply answers no other request.
 A packet that is no message (no JSON object, or too long) breaks the
 protocol: it is logged as an error and dropped, and fails the call that
-waits for a reply, if any (EPROTO); a drain goes on past it.
+waits for a reply, if any (EPROTO); a drain goes on past it.  A message
+whose descriptors this process had no room for (the kernel drops them,
+``MSG_CTRUNC``) is whole: as a reply it answers its request, whose call
+fails (EMFILE) and what it gave is given back; pushed, it is logged as
+an error and dropped.
 
 A request may carry ``"id"``, an integer the service echoes in its reply.
 :class:`ServiceConnection` numbers its requests so: a call cut short
@@ -37,8 +41,8 @@ gnt_share                  domid, count, writable          refs (the pages, writ
 gnt_end                    refs                            -
 gnt_map                    domid, refs, writable           handle, segments (files)
 gnt_unmap                  handle                          -
-evtchn_alloc_unbound       domid (write end of port pipe)  port
-evtchn_bind_interdomain    domid, port (write end)         port (peer's write end)
+evtchn_alloc_unbound       domid                           port (its read end)
+evtchn_bind_interdomain    domid, port                     port (read end, peer's write end)
 evtchn_unbind              port                            -
 domain_create (dom0 only)  name                            domid, name, xenstore_path
 domain_destroy (dom0)      domid                           -
@@ -91,6 +95,8 @@ _FDS = array.array("i")
 MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FDS.itemsize)
 
 
@@ -214,11 +220,11 @@ class _Taken:
     still here.
     """
 
-    __slots__ = ("msg", "error", "malformed", "fds", "out", "applying", "classified",
-                 "request_id", "done", "undo")
+    __slots__ = ("msg", "error", "malformed", "short", "fds", "out", "applying",
+                 "classified", "request_id", "done", "undo")
 
     def __init__(self, msg: Message, fds: list[int], error: OSError | None,
-                 malformed: bool = False) -> None:
+                 malformed: bool = False, short: bool = False) -> None:
         self.msg = msg
         # Why the packet fails the call that meets it (the service gone or
         # refusing, a malformed packet), or None.
@@ -226,6 +232,10 @@ class _Taken:
         # The packet is no message (EPROTO): it fails only a call that
         # waits for a reply, which it may have been (see _dispatch).
         self.malformed = malformed
+        # A message whose descriptors this process had no room for (the
+        # kernel dropped them, MSG_CTRUNC): ``error`` (EMFILE) fails only
+        # the call it answers, and as a reply it still answers its request.
+        self.short = short
         # The descriptors that are still the connection's to close.
         self.fds = fds
         # The descriptors call() returns: the same list, emptied if apply
@@ -250,7 +260,9 @@ class ServiceConnection:
     failed request (GrantError or EventChannelError).
 
     ``on_wait(True)`` is called before a request goes out and
-    ``on_wait(False)`` once it is over, both under the connection's lock.
+    ``on_wait(False)`` once it is over, both under the connection's lock;
+    a Ctrl-C may make the second come without the first, or after only
+    part of it.
     An owner that watches the connection for pushed messages in an epoll
     set, where another thread may be waiting, stops watching it meanwhile:
     the caller takes every message until its reply itself, and the reply
@@ -365,8 +377,11 @@ class ServiceConnection:
                 if on_wait is None:
                     self._call(me, op, fds, apply, done, args)
                 else:
-                    on_wait(True)
+                    # Both in the try: a Ctrl-C as on_wait(True) returns
+                    # left the owner deaf to pushes until its next call.
+                    # on_wait(False) alone is harmless (the usual state).
                     try:
+                        on_wait(True)
                         self._call(me, op, fds, apply, done, args)
                     finally:
                         on_wait(False)
@@ -446,7 +461,10 @@ class ServiceConnection:
         self._unanswered[request_id] = (op, done)
         sent: list[int] = []
         try:
-            sent.extend(map(self._sock.sendmsg, ([data],), (ancillary,)))
+            if fds:
+                sent.extend(map(self._sock.sendmsg, ([data],), (ancillary,)))
+            else:  # most requests: send() is cheaper than sendmsg()
+                sent.extend(map(self._sock.send, (data,)))
         except OSError as e:
             self._unanswered.pop(request_id, None)
             raise self._refused() or self._gone(e) from None
@@ -471,10 +489,12 @@ class ServiceConnection:
         stays with the service until the handle closes).  Where no call
         waits (a drain), nobody is failed, and the connection goes on: a
         handle that stopped listening at the first bad packet would miss
-        every later push without a word."""
+        every later push without a word.  A message short of its
+        descriptors (this process had no room for them) fails only the
+        call it answers (EMFILE), released as any reply nobody takes."""
         taken = self._head()
-        if taken.error is not None:
-            error = taken.error
+        error = taken.error
+        if error is not None and not taken.short:
             if taken.malformed:
                 # Before the release: logged twice after a Ctrl-C, never not at all.
                 logger.error("%s (dropped)", error.strerror)
@@ -486,7 +506,11 @@ class ServiceConnection:
         msg = taken.msg
         if "event" in msg:
             on_push = self._on_push
-            if on_push is None:
+            if error is not None:
+                # News whose pipe ends are lost would mislead the handle.
+                logger.error("%s: %r (dropped)", error.strerror, msg)
+                self._release_head(taken)
+            elif on_push is None:
                 logger.warning("unexpected message from the hypervisor service: %r", msg)
                 self._release_head(taken)
             else:
@@ -499,6 +523,9 @@ class ServiceConnection:
         if taken.request_id is None or taken.request_id != request_id:
             self._release_head(taken)
             return None
+        if error is not None:
+            self._release_head(taken)  # what it gave goes back
+            raise error
         return taken
 
     def _head(self) -> _Taken:
@@ -506,13 +533,13 @@ class ServiceConnection:
         head = self._inbox[0]
         if isinstance(head, _Taken):
             return head
-        data, fds, truncated = _unpack(head)
+        data, fds, _ = _unpack(head)
         error: OSError | None = None
-        malformed = False
+        malformed = short = False
         msg: Message = {}
         if not data:
             error = self._gone(None)
-        elif truncated:
+        elif head[2] & _MSG_TRUNC or len(data) > MAX_MESSAGE:
             error = self._error(errno.EPROTO, "oversized message from the hypervisor service")
             malformed = True
         else:
@@ -524,7 +551,15 @@ class ServiceConnection:
             else:
                 if msg.get("event") == "refused":
                     error = self._error(*self._refuse(msg))
-        taken = _Taken(msg, fds, error, malformed)
+                elif head[2] & _MSG_CTRUNC:
+                    # The descriptors found no room in this process (the
+                    # ancillary space holds all a packet can carry): not the
+                    # service's fault, and the message is whole.
+                    error = self._error(
+                        errno.EMFILE,
+                        "no descriptor left for those the hypervisor service sent")
+                    short = True
+        taken = _Taken(msg, fds, error, malformed, short)
         # Parsing again after a Ctrl-C above costs nothing: nothing was
         # given away yet.
         self._inbox[0] = taken
@@ -661,8 +696,10 @@ class ServiceConnection:
         if not self._inbox or self._on_push is None or self._refusal is not None:
             return
         request_id = next(self._ids)
-        self._unanswered[request_id] = ("info", None)  # its reply is dropped
         data = encode({"op": "info", "id": request_id})
+        # Listed last before the send, with no call in between: a Ctrl-C
+        # after a call here would leave it listed and never sent.
+        self._unanswered[request_id] = ("info", None)  # its reply is dropped
         sent: list[int] = []
         try:
             sent.extend(map(self._sock.send, (data,), (MSG_DONTWAIT,)))
