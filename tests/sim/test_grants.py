@@ -1065,3 +1065,50 @@ def test_pages_interrupted_anywhere_in_their_making_are_the_handles_or_nobodys(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+def test_a_map_failing_past_its_first_segment_keeps_nothing_mapped(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second of a map's segments cannot be mapped: the service's
+    mapping is given back, and the first segment, already mapped, goes
+    with it, even while the error (whose frames hold the region) is kept:
+    the process would otherwise go on seeing, and writing, pages the
+    service took for unmapped."""
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        a, b = shr.share_pages(0, 1), shr.share_pages(0, 1)  # two files: two segments
+        real_map = _Region.map
+        calls: list[int] = []
+
+        def second_fails(region: _Region, *args: object) -> None:
+            calls.append(1)
+            if len(calls) == 2:
+                raise GrantError(errno.ENOMEM, "cannot map granted pages: out of memory")
+            real_map(region, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(_Region, "map", second_fails)
+        with pytest.raises(GrantError) as info:
+            tab.map_grant_refs(guest.domid, a.refs + b.refs)
+        assert info.value.errno == errno.ENOMEM and len(calls) == 2
+        a.unshare()
+        b.unshare()
+        assert not _mapped_grant_files(guest.domid), info.value
+        assert eventually(lambda: live_grants(host) == 0)
+
+
+def test_a_share_failing_as_it_seals_keeps_nothing_mapped(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only share whose pages cannot be sealed: the share is ended
+    at the service, and this process's mapping of its pages goes too,
+    even while the error is kept."""
+
+    def cannot_seal(fd: int) -> None:
+        raise GrantError(errno.EIO, "cannot seal")
+
+    monkeypatch.setattr(xenback.sim._grant, "_seal_future_writes", cannot_seal)
+    with guest.gntshr() as shr:
+        with pytest.raises(GrantError) as info:
+            shr.share_pages(0, 1, writable=False)
+        assert info.value.errno == errno.EIO
+        assert not _mapped_grant_files(guest.domid), info.value
+        assert eventually(lambda: live_grants(host) == 0)
+

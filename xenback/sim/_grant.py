@@ -134,6 +134,16 @@ def _release(view: memoryview | None) -> None:
             pass
 
 
+def _unmap_failed(region: _Region) -> None:
+    """Scrub ``region``, whose pages an ``apply`` failed to make (the
+    connection gives the service's grant back): the error's frames hold
+    the region, and whoever keeps the error (a log record, a test) would
+    keep the granted pages mapped here, the service taking them for
+    unmapped.  A Ctrl-C that lands before the scrub leaves the region to
+    the garbage collector, which unmaps it once the error goes."""
+    region.scrub()
+
+
 def _check_domid(domid: int) -> None:
     if type(domid) is not int or not 0 <= domid < 0x7FF0:
         raise GrantError(errno.EINVAL, f"invalid domain id {domid!r}")
@@ -389,12 +399,17 @@ class GrantTable(_Handle[GrantMapping]):
         they are listed gives the reply back (see :meth:`_take`)."""
         handle = reply["handle"]
         region = _Region(len(refs))
-        page = 0
-        for index, file_page, npages in reply["segments"]:
-            region.map(page, npages, fds[index], file_page, writable)
-            page += npages
-        end = ("gnt_unmap", {"handle": handle})
-        self._take(handle, GrantMapping(self, handle, end, refs, region, writable), fds)
+        try:
+            page = 0
+            for index, file_page, npages in reply["segments"]:
+                region.map(page, npages, fds[index], file_page, writable)
+                page += npages
+            end = ("gnt_unmap", {"handle": handle})
+            mapping = GrantMapping(self, handle, end, refs, region, writable)
+        except BaseException:
+            _unmap_failed(region)
+            raise
+        self._take(handle, mapping, fds)
 
 
 class GrantShare(_Handle[SharedPages]):
@@ -427,8 +442,13 @@ class GrantShare(_Handle[SharedPages]):
         if len(fds) != 1 or len(refs) != count:
             raise GrantError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
         region = _Region(count)
-        region.map(0, count, fds[0], 0, True)
-        if not writable:
-            _seal_future_writes(fds[0])
-        end = ("gnt_end", {"refs": list(refs)})
-        self._take(refs[0], SharedPages(self, refs[0], end, refs, region, True), fds)
+        try:
+            region.map(0, count, fds[0], 0, True)
+            if not writable:
+                _seal_future_writes(fds[0])
+            end = ("gnt_end", {"refs": list(refs)})
+            pages = SharedPages(self, refs[0], end, refs, region, True)
+        except BaseException:
+            _unmap_failed(region)
+            raise
+        self._take(refs[0], pages, fds)
