@@ -1112,3 +1112,28 @@ def test_a_share_failing_as_it_seals_keeps_nothing_mapped(
         assert not _mapped_grant_files(guest.domid), info.value
         assert eventually(lambda: live_grants(host) == 0)
 
+
+def test_pages_ending_as_a_new_share_gets_their_first_ref_leave_it_listed(
+        host: SimHost, guest: Domain) -> None:
+    """unshare() in one thread, a share in another that the service gives
+    the refs just freed (it hands out the lowest free one): the end of
+    the first pages, keyed by that ref, must not take the second ones off
+    the handle's list, or the call fails or its pages outlive close()."""
+    with guest.gntshr() as shr:
+        first = shr.share_pages(0, 1)
+        pause = PauseAt(_Pages._end, "self._owner._forget(")
+        ending = _Thread(lambda: pause.run(first.unshare))
+        second: list[object] = []
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            again = shr.share_pages(0, 1)
+            second.append(again)
+        finally:
+            pause.resume()
+        assert ending.finish() is None
+        assert again.refs == first.refs  # the case at hand: the ref was reused
+        assert list(shr._live.values()) == [again]
+        shr.close()
+        with pytest.raises(ValueError):
+            again.buffer  # noqa: B018  (ended by close(), as every live page)
+    assert eventually(lambda: live_grants(host) == 0)

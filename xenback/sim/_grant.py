@@ -221,7 +221,7 @@ class _Pages:
                     # the pages, its answer read in this one's wait.
                     if not self._told:
                         raise
-            self._owner._forget(self._key)
+            self._owner._forget(self._key, self)
             self._region = None
 
     def _discard(self) -> None:
@@ -351,11 +351,14 @@ class _Handle(Closing, Generic[P]):
             # The host is gone: there is nobody left to tell.
         return True
 
-    def _forget(self, key: int) -> None:
-        """Forget ``key``'s pages, ended; the last step of their end, so
-        that close() still finds pages whose end was cut short."""
+    def _forget(self, key: int, pages: P) -> None:
+        """Forget ``pages``, ended, listed under ``key``; the last step of
+        their end, so that close() still finds pages whose end was cut
+        short.  Only if still theirs: once the service freed the key (a
+        share's first ref), a share made meanwhile may be listed under it."""
         with self._lock:
-            self._live.pop(key, None)
+            if self._live.get(key) is pages:
+                del self._live[key]
 
     def close(self) -> None:
         with self._lock:
