@@ -15,10 +15,13 @@ from hosthelpers import (
     SIM_ROUND_TRIP,
     eventually,
     every_landing,
+    handle_census,
     readable,
+    released_since,
     service_caught_up,
     wait_pending,
 )
+from racewindow import TIMEOUT, Attempt, PauseAt
 from stolensignal import interrupted_as_call_returns, interrupted_at
 
 import xenback
@@ -1170,3 +1173,41 @@ def test_a_bind_interrupted_anywhere_leaves_its_port_to_the_handle_or_to_nobody(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+
+
+@pytest.mark.parametrize("waiter", [False, True], ids=["alone", "while-a-thread-waits"])
+def test_a_bind_answered_after_the_handle_closed_keeps_nothing(
+        host: SimHost, guest: Domain, waiter: bool) -> None:
+    """A bind whose reply comes after another thread's close() marked the
+    handle closed: close() did not see that port, so the bind fails with
+    EBADF and keeps none of its descriptors (the connection closes them
+    and gives the port back).  Also while a thread in wait() keeps the
+    epoll set open: the port must not be watched and listed there, in a
+    handle nobody closes again."""
+    before = handle_census(host)
+    e0 = host.dom0.evtchn()
+    # A waiter stopped as it is about to poll: counted, so close() leaves
+    # the epoll set open for it.
+    woken = PauseAt(EventChannel.wait, "events = self._epoll.poll(remaining, 1)")
+    waiting = Attempt(lambda: woken.run(e0.wait)) if waiter else None
+    if waiting is not None:
+        assert woken.reached.wait(TIMEOUT) and e0._waiters == 1
+    bind = PauseAt(EventChannel._take_port, "with self._lock")
+    binding = Attempt(lambda: bind.run(lambda: e0.bind_unbound_port(guest.domid)))
+    try:
+        assert bind.reached.wait(TIMEOUT)
+        # close() marks the handle closed, then waits for the bind's
+        # round trip to end before it closes the connection.
+        closing = Attempt(e0.close)
+        assert eventually(lambda: e0._closed)
+    finally:
+        bind.resume()
+    error = binding.result()
+    woken.resume()
+    if waiting is not None:
+        assert isinstance(waiting.result(), EventChannelError)
+    assert closing.result() is None
+    assert isinstance(error, EventChannelError) and error.errno == errno.EBADF, error
+    released_since(host, before, "a bind answered after close()")
