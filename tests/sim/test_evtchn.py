@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
+import select
+import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hosthelpers import (
@@ -18,6 +23,7 @@ from hosthelpers import (
     handle_census,
     readable,
     released_since,
+    serve_one_client,
     service_caught_up,
     wait_pending,
 )
@@ -28,6 +34,7 @@ import xenback
 from xenback.platform import EventChannel as EventChannelProtocol
 from xenback.platform import EventChannelError
 from xenback.sim import Domain, EventChannel, SimHost, _evtchn
+from xenback.sim._proto import MAX_MESSAGE, send_message
 
 
 @pytest.fixture
@@ -1211,3 +1218,47 @@ def test_a_bind_answered_after_the_handle_closed_keeps_nothing(
     assert closing.result() is None
     assert isinstance(error, EventChannelError) and error.errno == errno.EBADF, error
     released_since(host, before, "a bind answered after close()")
+
+
+@pytest.mark.parametrize(("op", "count"), [
+    ("bind_unbound_port", 0), ("bind_unbound_port", 2),
+    ("bind_interdomain", 1), ("bind_interdomain", 3),
+])
+def test_a_bind_reply_with_other_descriptors_than_the_port_needs_is_given_back(
+        tmp_path: Path, op: str, count: int) -> None:
+    """A service answering a bind with more or fewer descriptors than the
+    port needs breaks the protocol: the bind fails (EPROTO), every
+    descriptor that came is closed and the port is unbound at once,
+    rather than listed with a descriptor lost or missing."""
+    path = str(tmp_path / "hypervisor")
+    pipes = [os.pipe() for _ in range(count)]
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "port": 7}, [w for _, w in pipes])
+        for _, w in pipes:
+            os.close(w)
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        with pytest.raises(EventChannelError) as info:
+            if op == "bind_unbound_port":
+                ch.bind_unbound_port(1)
+            else:
+                ch.bind_interdomain(1, 5)
+        assert info.value.errno == errno.EPROTO
+        assert ch.ports() == []
+        for r, _ in pipes:
+            assert select.select([r], [], [], TIMEOUT)[0] == [r]
+            assert os.read(r, 1) == b""  # no copy of its write end is left
+        assert eventually(lambda: [(m["op"], m.get("port")) for m in later]
+                          == [("evtchn_unbind", 7)]), later
+    finally:
+        ch.close()
+        for r, _ in pipes:
+            os.close(r)
+        server.join(TIMEOUT)
