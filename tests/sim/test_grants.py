@@ -13,7 +13,7 @@ import types
 from collections.abc import Callable, Iterator
 
 import pytest
-from hosthelpers import SIM_CODE, SIM_ROUND_TRIP, eventually, every_landing
+from hosthelpers import SIM_CODE, SIM_ROUND_TRIP, descriptors, eventually, every_landing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
@@ -1137,3 +1137,16 @@ def test_pages_ending_as_a_new_share_gets_their_first_ref_leave_it_listed(
         with pytest.raises(ValueError):
             again.buffer  # noqa: B018  (ended by close(), as every live page)
     assert eventually(lambda: live_grants(host) == 0)
+
+
+def test_a_live_mapping_holds_no_descriptor(host: SimHost, guest: Domain) -> None:
+    """The files of the pages a map gave are closed once the pages are
+    mapped, not kept as long as the mapping lives: a backend keeps its
+    rings mapped for the life of a device, and a descriptor each would
+    count against its RLIMIT_NOFILE for nothing."""
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        a, b = shr.share_pages(0, 1), shr.share_pages(0, 2)
+        held = descriptors()
+        with tab.map_grant_refs(guest.domid, a.refs + b.refs) as mapping:
+            assert len(mapping.buffer) == 3 * PAGE_SIZE
+            assert descriptors() == held, sorted(descriptors() ^ held)
