@@ -139,9 +139,13 @@ def _unmap_failed(region: _Region) -> None:
     connection gives the service's grant back): the error's frames hold
     the region, and whoever keeps the error (a log record, a test) would
     keep the granted pages mapped here, the service taking them for
-    unmapped.  A Ctrl-C that lands before the scrub leaves the region to
-    the garbage collector, which unmaps it once the error goes."""
-    region.scrub()
+    unmapped.  A Ctrl-C that lands before the scrub, or a scrub that
+    fails (logged: the error on its way out says more), leaves the region
+    to the garbage collector, which unmaps it once the error goes."""
+    try:
+        region.scrub()
+    except GrantError as e:
+        logger.warning("pages a failed map or share left stay mapped until collected: %s", e)
 
 
 def _check_domid(domid: int) -> None:
