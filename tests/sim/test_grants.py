@@ -11,9 +11,18 @@ import socket
 import threading
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
-from hosthelpers import SIM_CODE, SIM_ROUND_TRIP, descriptors, eventually, every_landing
+from hosthelpers import (
+    SIM_CODE,
+    SIM_ROUND_TRIP,
+    descriptors,
+    eventually,
+    every_landing,
+    serve_one_client,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
@@ -28,6 +37,7 @@ from xenback.platform import SharedPages as SharedPagesProtocol
 from xenback.sim import Domain, GrantShare, GrantTable, SimHost, _hypervisor
 from xenback.sim._grant import GrantMapping, _ffi, _Handle, _Pages, _Region
 from xenback.sim._hypervisor import domain_socket
+from xenback.sim._proto import MAX_MESSAGE, send_message
 
 
 @pytest.fixture
@@ -1150,3 +1160,65 @@ def test_a_live_mapping_holds_no_descriptor(host: SimHost, guest: Domain) -> Non
         with tab.map_grant_refs(guest.domid, a.refs + b.refs) as mapping:
             assert len(mapping.buffer) == 3 * PAGE_SIZE
             assert descriptors() == held, sorted(descriptors() ^ held)
+
+
+def test_a_map_whose_pages_close_ended_before_it_returned_fails(
+        host: SimHost, guest: Domain) -> None:
+    """map_grant_refs() cut off, between the apply that listed its pages
+    and its return, by another thread's close(), which ended them: the
+    call fails with EBADF, as for pages close() did not see, rather than
+    returning ended pages (or none at all)."""
+    with guest.gntshr() as shr:
+        pages = shr.share_pages(0, 1)
+        tab = host.dom0.gnttab()
+        got: list[object] = []
+        pause = PauseAt(GrantTable.map_grant_refs, "return self._taken(")
+        mapping = _Thread(lambda: got.append(pause.run(
+            lambda: tab.map_grant_refs(guest.domid, pages.refs))))
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            assert len(tab._live) == 1
+            tab.close()  # ends the listed mapping
+        finally:
+            pause.resume()
+        error = mapping.finish()
+        assert isinstance(error, GrantError) and error.errno == errno.EBADF, (error, got)
+        pages.unshare()
+    assert eventually(lambda: live_grants(host) == 0)
+
+
+@pytest.mark.parametrize(("nfds", "nrefs"), [(0, 2), (2, 2), (1, 1), (1, 3)])
+def test_a_share_reply_unlike_the_share_asked_for_is_given_back(
+        tmp_path: Path, nfds: int, nrefs: int) -> None:
+    """A service answering a share of 2 pages with other than one file
+    and two refs breaks the protocol: the call fails (EPROTO), every
+    descriptor that came is closed and the refs are ended at once."""
+    path = str(tmp_path / "hypervisor")
+    files = [os.memfd_create("fake-share", os.MFD_CLOEXEC) for _ in range(nfds)]
+    for fd in files:
+        os.ftruncate(fd, 3 * PAGE_SIZE)
+    refs = list(range(8, 8 + nrefs))
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "refs": refs}, files)
+        for fd in files:
+            os.close(fd)
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    held = descriptors()
+    shr = GrantShare(path)
+    try:
+        with pytest.raises(GrantError) as info:
+            shr.share_pages(0, 2)
+        assert info.value.errno == errno.EPROTO
+        assert shr._live == {}
+        assert not [fd for fd, what in descriptors() - held if "fake-share" in what]
+        assert eventually(lambda: [(m["op"], m.get("refs")) for m in later]
+                          == [("gnt_end", refs)]), later
+    finally:
+        shr.close()
+        server.join(TIMEOUT)
