@@ -1262,3 +1262,30 @@ def test_a_bind_reply_with_other_descriptors_than_the_port_needs_is_given_back(
         for r, _ in pipes:
             os.close(r)
         server.join(TIMEOUT)
+
+
+def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C landing anywhere in a call whose apply refuses the reply
+    (raises before it took the descriptors), the connection's release
+    of it included: the port is unbound by the call or by the next one,
+    also when the Ctrl-C landed between the descriptors' close and the
+    unbind's send."""
+    with host.dom0.evtchn() as e0:
+
+        def refuse(reply: dict[str, object], fds: list[int]) -> None:
+            raise EventChannelError(errno.EPROTO, "not this one")
+
+        def refused() -> None:
+            with pytest.raises(EventChannelError, match="not this one"):
+                e0._conn.call("evtchn_alloc_unbound", apply=refuse, domid=guest.domid)
+
+        def landing(n: int) -> str:
+            ports = host.hypervisor.stats()["ports"]
+            where = interrupted_at(n, SIM_CODE, refused)
+            e0.unbind(e0.bind_unbound_port(guest.domid))  # the next call finishes
+            assert eventually(lambda: host.hypervisor.stats()["ports"] == ports), (
+                where, host.hypervisor.stats())
+            return where
+
+        every_landing(host, landing, more_than=5)
