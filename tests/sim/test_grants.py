@@ -1133,11 +1133,9 @@ def test_pages_ending_as_a_new_share_gets_their_first_ref_leave_it_listed(
         first = shr.share_pages(0, 1)
         pause = PauseAt(_Pages._end, "self._owner._forget(")
         ending = _Thread(lambda: pause.run(first.unshare))
-        second: list[object] = []
         try:
             assert pause.reached.wait(TIMEOUT)
             again = shr.share_pages(0, 1)
-            second.append(again)
         finally:
             pause.resume()
         assert ending.finish() is None
