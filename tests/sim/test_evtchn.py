@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
+import select
+import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hosthelpers import (
@@ -15,16 +20,21 @@ from hosthelpers import (
     SIM_ROUND_TRIP,
     eventually,
     every_landing,
+    handle_census,
     readable,
+    released_since,
+    serve_one_client,
     service_caught_up,
     wait_pending,
 )
+from racewindow import TIMEOUT, Attempt, PauseAt
 from stolensignal import interrupted_as_call_returns, interrupted_at
 
 import xenback
 from xenback.platform import EventChannel as EventChannelProtocol
 from xenback.platform import EventChannelError
 from xenback.sim import Domain, EventChannel, SimHost, _evtchn
+from xenback.sim._proto import MAX_MESSAGE, send_message
 
 
 @pytest.fixture
@@ -1167,6 +1177,115 @@ def test_a_bind_interrupted_anywhere_leaves_its_port_to_the_handle_or_to_nobody(
             for port in held:
                 e0.unbind(port)
             e1.unbind(p1)
+            return where
+
+        every_landing(host, landing, more_than=5)
+
+
+
+
+@pytest.mark.parametrize("waiter", [False, True], ids=["alone", "while-a-thread-waits"])
+def test_a_bind_answered_after_the_handle_closed_keeps_nothing(
+        host: SimHost, guest: Domain, waiter: bool) -> None:
+    """A bind whose reply comes after another thread's close() marked the
+    handle closed: close() did not see that port, so the bind fails with
+    EBADF and keeps none of its descriptors (the connection closes them
+    and gives the port back).  Also while a thread in wait() keeps the
+    epoll set open: the port must not be watched and listed there, in a
+    handle nobody closes again."""
+    before = handle_census(host)
+    e0 = host.dom0.evtchn()
+    # A waiter stopped as it is about to poll: counted, so close() leaves
+    # the epoll set open for it.
+    woken = PauseAt(EventChannel.wait, "events = self._epoll.poll(remaining, 1)")
+    waiting = Attempt(lambda: woken.run(e0.wait)) if waiter else None
+    if waiting is not None:
+        assert woken.reached.wait(TIMEOUT) and e0._waiters == 1
+    bind = PauseAt(EventChannel._take_port, "with self._lock")
+    binding = Attempt(lambda: bind.run(lambda: e0.bind_unbound_port(guest.domid)))
+    try:
+        assert bind.reached.wait(TIMEOUT)
+        # close() marks the handle closed, then waits for the bind's
+        # round trip to end before it closes the connection.
+        closing = Attempt(e0.close)
+        assert eventually(lambda: e0._closed)
+    finally:
+        bind.resume()
+    error = binding.result()
+    woken.resume()
+    if waiting is not None:
+        assert isinstance(waiting.result(), EventChannelError)
+    assert closing.result() is None
+    assert isinstance(error, EventChannelError) and error.errno == errno.EBADF, error
+    released_since(host, before, "a bind answered after close()")
+
+
+@pytest.mark.parametrize(("op", "count"), [
+    ("bind_unbound_port", 0), ("bind_unbound_port", 2),
+    ("bind_interdomain", 1), ("bind_interdomain", 3),
+])
+def test_a_bind_reply_with_other_descriptors_than_the_port_needs_is_given_back(
+        tmp_path: Path, op: str, count: int) -> None:
+    """A service answering a bind with more or fewer descriptors than the
+    port needs breaks the protocol: the bind fails (EPROTO), every
+    descriptor that came is closed and the port is unbound at once,
+    rather than listed with a descriptor lost or missing."""
+    path = str(tmp_path / "hypervisor")
+    pipes = [os.pipe() for _ in range(count)]
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "port": 7}, [w for _, w in pipes])
+        for _, w in pipes:
+            os.close(w)
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        with pytest.raises(EventChannelError) as info:
+            if op == "bind_unbound_port":
+                ch.bind_unbound_port(1)
+            else:
+                ch.bind_interdomain(1, 5)
+        assert info.value.errno == errno.EPROTO
+        assert ch.ports() == []
+        for r, _ in pipes:
+            assert select.select([r], [], [], TIMEOUT)[0] == [r]
+            assert os.read(r, 1) == b""  # no copy of its write end is left
+        assert eventually(lambda: [(m["op"], m.get("port")) for m in later]
+                          == [("evtchn_unbind", 7)]), later
+    finally:
+        ch.close()
+        for r, _ in pipes:
+            os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C landing anywhere in a call whose apply refuses the reply
+    (raises before it took the descriptors), the connection's release
+    of it included: the port is unbound by the call or by the next one,
+    also when the Ctrl-C landed between the descriptors' close and the
+    unbind's send."""
+    with host.dom0.evtchn() as e0:
+
+        def refuse(reply: dict[str, object], fds: list[int]) -> None:
+            raise EventChannelError(errno.EPROTO, "not this one")
+
+        def refused() -> None:
+            with pytest.raises(EventChannelError, match="not this one"):
+                e0._conn.call("evtchn_alloc_unbound", apply=refuse, domid=guest.domid)
+
+        def landing(n: int) -> str:
+            ports = host.hypervisor.stats()["ports"]
+            where = interrupted_at(n, SIM_CODE, refused)
+            e0.unbind(e0.bind_unbound_port(guest.domid))  # the next call finishes
+            assert eventually(lambda: host.hypervisor.stats()["ports"] == ports), (
+                where, host.hypervisor.stats())
             return where
 
         every_landing(host, landing, more_than=5)

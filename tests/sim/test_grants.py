@@ -11,9 +11,18 @@ import socket
 import threading
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
-from hosthelpers import SIM_CODE, SIM_ROUND_TRIP, eventually, every_landing
+from hosthelpers import (
+    SIM_CODE,
+    SIM_ROUND_TRIP,
+    descriptors,
+    eventually,
+    every_landing,
+    serve_one_client,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
@@ -28,6 +37,7 @@ from xenback.platform import SharedPages as SharedPagesProtocol
 from xenback.sim import Domain, GrantShare, GrantTable, SimHost, _hypervisor
 from xenback.sim._grant import GrantMapping, _ffi, _Handle, _Pages, _Region
 from xenback.sim._hypervisor import domain_socket
+from xenback.sim._proto import MAX_MESSAGE, send_message
 
 
 @pytest.fixture
@@ -1065,3 +1075,148 @@ def test_pages_interrupted_anywhere_in_their_making_are_the_handles_or_nobodys(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+def test_a_map_failing_past_its_first_segment_keeps_nothing_mapped(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second of a map's segments cannot be mapped: the service's
+    mapping is given back, and the first segment, already mapped, goes
+    with it, even while the error (whose frames hold the region) is kept:
+    the process would otherwise go on seeing, and writing, pages the
+    service took for unmapped."""
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        a, b = shr.share_pages(0, 1), shr.share_pages(0, 1)  # two files: two segments
+        real_map = _Region.map
+        calls: list[int] = []
+
+        def second_fails(region: _Region, *args: object) -> None:
+            calls.append(1)
+            if len(calls) == 2:
+                raise GrantError(errno.ENOMEM, "cannot map granted pages: out of memory")
+            real_map(region, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(_Region, "map", second_fails)
+        with pytest.raises(GrantError) as info:
+            tab.map_grant_refs(guest.domid, a.refs + b.refs)
+        assert info.value.errno == errno.ENOMEM and len(calls) == 2
+        a.unshare()
+        b.unshare()
+        assert not _mapped_grant_files(guest.domid), info.value
+        assert eventually(lambda: live_grants(host) == 0)
+
+
+def test_a_share_failing_as_it_seals_keeps_nothing_mapped(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only share whose pages cannot be sealed: the share is ended
+    at the service, and this process's mapping of its pages goes too,
+    even while the error is kept."""
+
+    def cannot_seal(fd: int) -> None:
+        raise GrantError(errno.EIO, "cannot seal")
+
+    monkeypatch.setattr(xenback.sim._grant, "_seal_future_writes", cannot_seal)
+    with guest.gntshr() as shr:
+        with pytest.raises(GrantError) as info:
+            shr.share_pages(0, 1, writable=False)
+        assert info.value.errno == errno.EIO
+        assert not _mapped_grant_files(guest.domid), info.value
+        assert eventually(lambda: live_grants(host) == 0)
+
+
+def test_pages_ending_as_a_new_share_gets_their_first_ref_leave_it_listed(
+        host: SimHost, guest: Domain) -> None:
+    """unshare() in one thread, a share in another that the service gives
+    the refs just freed (it hands out the lowest free one): the end of
+    the first pages, keyed by that ref, must not take the second ones off
+    the handle's list, or the call fails or its pages outlive close()."""
+    with guest.gntshr() as shr:
+        first = shr.share_pages(0, 1)
+        pause = PauseAt(_Pages._end, "self._owner._forget(")
+        ending = _Thread(lambda: pause.run(first.unshare))
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            again = shr.share_pages(0, 1)
+        finally:
+            pause.resume()
+        assert ending.finish() is None
+        assert again.refs == first.refs  # the case at hand: the ref was reused
+        assert list(shr._live.values()) == [again]
+        shr.close()
+        with pytest.raises(ValueError):
+            again.buffer  # noqa: B018  (ended by close(), as every live page)
+    assert eventually(lambda: live_grants(host) == 0)
+
+
+def test_a_live_mapping_holds_no_descriptor(host: SimHost, guest: Domain) -> None:
+    """The files of the pages a map gave are closed once the pages are
+    mapped, not kept as long as the mapping lives: a backend keeps its
+    rings mapped for the life of a device, and a descriptor each would
+    count against its RLIMIT_NOFILE for nothing."""
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        a, b = shr.share_pages(0, 1), shr.share_pages(0, 2)
+        held = descriptors()
+        with tab.map_grant_refs(guest.domid, a.refs + b.refs) as mapping:
+            assert len(mapping.buffer) == 3 * PAGE_SIZE
+            assert descriptors() == held, sorted(descriptors() ^ held)
+
+
+def test_a_map_whose_pages_close_ended_before_it_returned_fails(
+        host: SimHost, guest: Domain) -> None:
+    """map_grant_refs() cut off, between the apply that listed its pages
+    and its return, by another thread's close(), which ended them: the
+    call fails with EBADF, as for pages close() did not see, rather than
+    returning ended pages (or none at all)."""
+    with guest.gntshr() as shr:
+        pages = shr.share_pages(0, 1)
+        tab = host.dom0.gnttab()
+        got: list[object] = []
+        pause = PauseAt(GrantTable.map_grant_refs, "return self._taken(")
+        mapping = _Thread(lambda: got.append(pause.run(
+            lambda: tab.map_grant_refs(guest.domid, pages.refs))))
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            assert len(tab._live) == 1
+            tab.close()  # ends the listed mapping
+        finally:
+            pause.resume()
+        error = mapping.finish()
+        assert isinstance(error, GrantError) and error.errno == errno.EBADF, (error, got)
+        pages.unshare()
+    assert eventually(lambda: live_grants(host) == 0)
+
+
+@pytest.mark.parametrize(("nfds", "nrefs"), [(0, 2), (2, 2), (1, 1), (1, 3)])
+def test_a_share_reply_unlike_the_share_asked_for_is_given_back(
+        tmp_path: Path, nfds: int, nrefs: int) -> None:
+    """A service answering a share of 2 pages with other than one file
+    and two refs breaks the protocol: the call fails (EPROTO), every
+    descriptor that came is closed and the refs are ended at once."""
+    path = str(tmp_path / "hypervisor")
+    files = [os.memfd_create("fake-share", os.MFD_CLOEXEC) for _ in range(nfds)]
+    for fd in files:
+        os.ftruncate(fd, 3 * PAGE_SIZE)
+    refs = list(range(8, 8 + nrefs))
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "refs": refs}, files)
+        for fd in files:
+            os.close(fd)
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    held = descriptors()
+    shr = GrantShare(path)
+    try:
+        with pytest.raises(GrantError) as info:
+            shr.share_pages(0, 2)
+        assert info.value.errno == errno.EPROTO
+        assert shr._live == {}
+        assert not [fd for fd, what in descriptors() - held if "fake-share" in what]
+        assert eventually(lambda: [(m["op"], m.get("refs")) for m in later]
+                          == [("gnt_end", refs)]), later
+    finally:
+        shr.close()
+        server.join(TIMEOUT)

@@ -134,6 +134,20 @@ def _release(view: memoryview | None) -> None:
             pass
 
 
+def _unmap_failed(region: _Region) -> None:
+    """Scrub ``region``, whose pages an ``apply`` failed to make (the
+    connection gives the service's grant back): the error's frames hold
+    the region, and whoever keeps the error (a log record, a test) would
+    keep the granted pages mapped here, the service taking them for
+    unmapped.  A Ctrl-C that lands before the scrub, or a scrub that
+    fails (logged: the error on its way out says more), leaves the region
+    to the garbage collector, which unmaps it once the error goes."""
+    try:
+        region.scrub()
+    except GrantError as e:
+        logger.warning("pages a failed map or share left stay mapped until collected: %s", e)
+
+
 def _check_domid(domid: int) -> None:
     if type(domid) is not int or not 0 <= domid < 0x7FF0:
         raise GrantError(errno.EINVAL, f"invalid domain id {domid!r}")
@@ -211,7 +225,7 @@ class _Pages:
                     # the pages, its answer read in this one's wait.
                     if not self._told:
                         raise
-            self._owner._forget(self._key)
+            self._owner._forget(self._key, self)
             self._region = None
 
     def _discard(self) -> None:
@@ -341,11 +355,14 @@ class _Handle(Closing, Generic[P]):
             # The host is gone: there is nobody left to tell.
         return True
 
-    def _forget(self, key: int) -> None:
-        """Forget ``key``'s pages, ended; the last step of their end, so
-        that close() still finds pages whose end was cut short."""
+    def _forget(self, key: int, pages: P) -> None:
+        """Forget ``pages``, ended, listed under ``key``; the last step of
+        their end, so that close() still finds pages whose end was cut
+        short.  Only if still theirs: once the service freed the key (a
+        share's first ref), a share made meanwhile may be listed under it."""
         with self._lock:
-            self._live.pop(key, None)
+            if self._live.get(key) is pages:
+                del self._live[key]
 
     def close(self) -> None:
         with self._lock:
@@ -389,12 +406,17 @@ class GrantTable(_Handle[GrantMapping]):
         they are listed gives the reply back (see :meth:`_take`)."""
         handle = reply["handle"]
         region = _Region(len(refs))
-        page = 0
-        for index, file_page, npages in reply["segments"]:
-            region.map(page, npages, fds[index], file_page, writable)
-            page += npages
-        end = ("gnt_unmap", {"handle": handle})
-        self._take(handle, GrantMapping(self, handle, end, refs, region, writable), fds)
+        try:
+            page = 0
+            for index, file_page, npages in reply["segments"]:
+                region.map(page, npages, fds[index], file_page, writable)
+                page += npages
+            end = ("gnt_unmap", {"handle": handle})
+            mapping = GrantMapping(self, handle, end, refs, region, writable)
+        except BaseException:
+            _unmap_failed(region)
+            raise
+        self._take(handle, mapping, fds)
 
 
 class GrantShare(_Handle[SharedPages]):
@@ -427,8 +449,13 @@ class GrantShare(_Handle[SharedPages]):
         if len(fds) != 1 or len(refs) != count:
             raise GrantError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
         region = _Region(count)
-        region.map(0, count, fds[0], 0, True)
-        if not writable:
-            _seal_future_writes(fds[0])
-        end = ("gnt_end", {"refs": list(refs)})
-        self._take(refs[0], SharedPages(self, refs[0], end, refs, region, True), fds)
+        try:
+            region.map(0, count, fds[0], 0, True)
+            if not writable:
+                _seal_future_writes(fds[0])
+            end = ("gnt_end", {"refs": list(refs)})
+            pages = SharedPages(self, refs[0], end, refs, region, True)
+        except BaseException:
+            _unmap_failed(region)
+            raise
+        self._take(refs[0], pages, fds)
