@@ -2315,3 +2315,34 @@ def test_a_refused_connect_cut_short_in_its_wait_frees_its_entry(
     fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
     _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED)()
     s.close()
+
+
+def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A non-blocking connect() is connecting from before its CONNECT goes
+    out (so that a Ctrl-C after the push leaves its answer a taker).  A
+    blocking connect() of another thread that came meanwhile waits for
+    that answer; when the CONNECT could not go out (the command ring
+    full), it is told, and connects.  Before, it was not: it slept until
+    the socket closed."""
+    s = fe.socket()
+    s.setblocking(False)
+    submit = fe._submit
+    waiting: list[Call] = []
+
+    def full(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT and not waiting:
+            s._timeout = None  # as another thread's settimeout(None) meanwhile
+            waiting.append(Call(lambda: s.connect(("127.0.0.1", 7))))
+            wait_until(lambda: bool(s._cond._waiters))  # waits for the answer
+            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = full  # type: ignore[method-assign]
+    with pytest.raises(OSError) as info:
+        s.connect(("127.0.0.1", 7))
+    assert info.value.errno == errno.ENOBUFS
+    (other,) = waiting
+    assert other.join().error is None  # connected
+    assert s.getpeername() == ("127.0.0.1", 7)
+    s.close()
