@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dis
-import inspect
 import os
 import signal
 import sys
@@ -127,31 +126,29 @@ def _raisable_after(code: CodeType) -> Callable[[int, int], bool]:
     return lambda call, then: handler(call) == handler(then)
 
 
-def _thrown_into(frame: FrameType, cache: dict[tuple[CodeType, int], bool]) -> bool:
-    """Whether ``frame``, a generator's starting (again), starts because
-    its caller threw an exception into it: ``gen.throw()``, as a ``with``
-    block of a :func:`contextlib.contextmanager` left by an exception
-    does.  CPython runs no signal's handler there (the generator goes on
-    unwinding the exception at once), but a tracer's call event comes,
-    and an exception the tracer raises in it ends the generator without
-    its own handlers (the finally that lets go of a lock), as no signal
-    does.  Told by the caller's call: a method named ``throw`` (``cache``:
-    by the caller's code and call)."""
-    caller = frame.f_back
-    if caller is None or not frame.f_code.co_flags & inspect.CO_GENERATOR:
-        return False
-    key = (caller.f_code, caller.f_lasti)
-    if key not in cache:
-        method = None
-        for ins in dis.get_instructions(caller.f_code):
-            if ins.offset >= caller.f_lasti:
-                break
-            if ins.opname == "CALL":
-                method = None  # an argument's call: not the one made
-            elif ins.opname in ("LOAD_METHOD", "LOAD_ATTR"):
-                method = ins.argval
-        cache[key] = method == "throw"
-    return cache[key]
+def _handler_runs_as_it_starts(frame: FrameType, cache: dict[CodeType, frozenset[int]]) -> bool:
+    """Whether CPython runs a signal's handler as ``frame`` starts (again),
+    where a tracer's call event comes.  It does in a RESUME instruction
+    with oparg 0 or 1 (a function starting, a generator started or resumed
+    by next() or send()), in which the call event comes too.  Not so in a
+    generator thrown into: by ``gen.throw()`` (as a ``with`` block of a
+    :func:`contextlib.contextmanager` left by an exception does), by
+    ``close()``, or by a ``yield from`` passing either on.  It stands at
+    its yield and goes on unwinding the exception at once, with no RESUME,
+    but the call event comes, and an exception the tracer raises in it
+    ends the generator without its own handlers (the finally that lets go
+    of a lock), as no signal does.  Nor in a RESUME after a ``yield from``
+    or an ``await`` (oparg 2 or 3), which looks for no signal.  Told by
+    the instruction the frame stands at, not by its caller's code, which
+    no call names for sure (a ``throw`` loaded, then a next() made; a
+    throw whose argument is a call's result; a ``yield from``).  ``cache``:
+    the offsets of those RESUMEs, by code."""
+    code = frame.f_code
+    if code not in cache:
+        # The low two bits: where (3.13 adds a flag above them).
+        cache[code] = frozenset(ins.offset for ins in dis.get_instructions(code)
+                                if ins.opname == "RESUME" and (ins.arg or 0) & 3 < 2)
+    return frame.f_lasti in cache[code]
 
 
 def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], object]) -> bool:
@@ -213,9 +210,9 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     """Run ``call()`` with :class:`Interrupted` raised at the ``n``-th place
     (counting from 0) where CPython may run a signal's handler in a frame
     of a file under the directory ``within``: as such a frame starts (not
-    a generator's that a throw() resumes: see _thrown_into), or as a call
-    it makes returns.  Where it was raised (function and line);
-    '' if there were fewer places, and ``call()`` ran undisturbed.
+    a generator's that a throw() resumes: see _handler_runs_as_it_starts),
+    or as a call it makes returns.  Where it was raised (function and
+    line); '' if there were fewer places, and ``call()`` ran undisturbed.
 
     Going through n = 0, 1, 2, ... until it returns '' lands a Ctrl-C
     at every such place of one call, however its code is split into
@@ -232,7 +229,7 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     # The frames whose last instruction was a call, which has returned
     # by their next one, and where that call is.
     in_call: dict[FrameType, int] = {}
-    throws: dict[tuple[CodeType, int], bool] = {}
+    resumes: dict[CodeType, frozenset[int]] = {}
 
     def land(frame: FrameType, event: str) -> None:
         nonlocal places, raised
@@ -267,7 +264,7 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
                            if ins.opname == "CALL"}
             raisable[code] = _raisable_after(code)
         frame.f_trace_opcodes = True
-        if not _thrown_into(frame, throws):
+        if _handler_runs_as_it_starts(frame, resumes):
             land(frame, "as it starts:")
         return in_frame
 

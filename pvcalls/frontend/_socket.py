@@ -655,6 +655,10 @@ class PVSocket(Closing):
                 if background:
                     with self._mutex:
                         self._connecting = False
+                        # A connect() of another thread may wait for the
+                        # answer to this one (_await_connect_answer): none
+                        # comes.
+                        self._cond.notify_all()
                 self._fe._put_data_ring(self._st, reusable=True)
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from pvcalls_rawfront import Call, done_or_at, sleeping_in_wait, wait_until
 from racewindow import PauseAt
-from stolensignal import interrupted_at
+from stolensignal import Interrupted, interrupted_as_frame_starts, interrupted_at
 
 import pvcalls
 from pvcalls import _wire
@@ -2166,9 +2166,183 @@ def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
         assert s._st.ring is None, f"interrupted {where or 'nowhere'}: the ring kept"
         assert fe._slots.count(None) == RING_SLOTS, (
             f"interrupted {where or 'nowhere'}: a response table entry kept")
+        # Unconnected, as a TCP socket whose connect failed: connect() may
+        # be tried again (after the failure said once more, as by Linux's
+        # second connect(), ECONNABORTED once SO_ERROR took it).
+        s.settimeout(TIMEOUT)
+        again = functools.partial(s.connect, ("127.0.0.1", 7))
+        try:
+            if sent:
+                _refused(again, errno.ECONNABORTED)()
+            _refused(again, errno.ECONNREFUSED)()
+        except AssertionError as exc:
+            raise AssertionError(f"interrupted {where or 'nowhere'}: then {exc}") from None
         s.close()
         if not where:
             break
         landed.append(where)
     assert any("_connect_taker" in where for where in landed), landed
     assert any("Frontend._notify" in where for where in landed), landed
+
+
+def test_a_refused_accept_leaves_the_listener_unreadable_until_a_connection_is_pending(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """ACCEPT refused on a listener whose fileno() is in use: its
+    descriptor, readable while the answer was there for accept() to take,
+    polls unreadable once accept() reported it, while the POLL sent again
+    waits for a connection, and readable once that POLL says one is
+    pending.  A descriptor left readable had a selector call accept()
+    over and over, each failing with EAGAIN."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fd = ls.fileno()  # its POLL goes out, answered at once
+    wait_until(lambda: ls._poll_ready)
+    fake.rets[PVCALLS_ACCEPT] = -EINVAL
+    fake.hold.add(PVCALLS_POLL)
+    _refused(ls.accept, errno.EINVAL)()
+    req = fake.next_request(PVCALLS_POLL)
+    # Not brought up to date by fileno(): as a selector that registered
+    # the listener before.
+    assert select.select([fd], [], [], 0)[0] == []
+    fake.respond(req, 0)
+    wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+    ls.close()
+
+
+def _refused_poll_listener(fe: pvcalls.Frontend, fake: FakeBackend) -> tuple[pvcalls.PVSocket, int]:
+    """A listener whose fileno() is in use, with a refused POLL's error
+    for accept() to report."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    fake.rets[PVCALLS_POLL] = -EINVAL
+    fd = ls.fileno()  # its POLL goes out, refused
+    wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+    del fake.rets[PVCALLS_POLL]
+    return ls, fd
+
+
+def test_a_refused_poll_cut_short_once_a_connection_is_pending_gives_the_connection(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C cutting short accept()'s report of a refused POLL once
+    the POLL sent again (for fileno()) said a connection is pending: the
+    next accept() takes the connection.  The newer answer stands; the
+    refusal given back as well failed that accept() with a stale error."""
+    ls, _ = _refused_poll_listener(fe, fake)
+    arm = ls._arm_poll
+
+    def arm_then_answered(deadline: Any = None) -> None:
+        arm(deadline)
+        if ls._poll_inflight or ls._poll_ready:  # the POLL sent again
+            wait_until(lambda: ls._poll_ready)
+
+    ls._arm_poll = arm_then_answered  # type: ignore[method-assign]
+    assert interrupted_as_frame_starts(pvcalls.PVSocket._update_ready.__code__, ls.accept)
+    del ls._arm_poll
+    conn, _ = ls.accept()
+    conn.close()
+    ls.close()
+
+
+def test_a_refused_poll_cut_short_as_the_descriptor_was_updated_leaves_it_readable(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C cutting short accept()'s report of a refused POLL as it
+    brought fileno()'s descriptor up to date (unreadable, the POLL sent
+    again unanswered): the refusal is back for the next accept() to
+    report, and the descriptor says so at once, without a fileno() call
+    (a selector that registered the listener makes none)."""
+    ls, fd = _refused_poll_listener(fe, fake)
+    fake.hold.add(PVCALLS_POLL)
+    update = ls._update_ready
+    cut: list[bool] = []
+
+    def then_cut() -> None:
+        update()
+        if threading.current_thread() is threading.main_thread() and not cut:
+            cut.append(True)
+            raise Interrupted
+
+    ls._update_ready = then_cut  # type: ignore[method-assign]
+    with pytest.raises(Interrupted):
+        ls.accept()
+    del ls._update_ready
+    req = fake.next_request(PVCALLS_POLL)  # sent again, for fileno()
+    assert select.select([fd], [], [], 0)[0] != []
+    _refused(ls.accept, errno.EINVAL)()
+    fake.respond(req, 0)
+    conn, _ = ls.accept()
+    conn.close()
+    ls.close()
+
+
+def test_a_refused_connect_cut_short_in_its_wait_frees_its_entry(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing in a blocking connect()'s wait once the refusal
+    came (as the wait wakes for it, before it freed the response table
+    entry): the entry is freed all the same, the ring given back, and
+    connect() may be tried again."""
+    within = os.path.dirname(_frontend.__file__)
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.hold.add(PVCALLS_CONNECT)
+    connects: list[Any] = []
+    submit = fe._submit
+
+    def recorded(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            connects.append(slot)
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = recorded  # type: ignore[method-assign]
+
+    def answer() -> None:
+        req = fake.next_request(PVCALLS_CONNECT)
+        wait_until(lambda: bool(fe._cmd_cond._waiters))  # connect() waits for it
+        fake.respond(req, -ECONNREFUSED)
+
+    answerer = threading.Thread(target=answer)
+    answerer.start()
+    where = interrupted_at(0, within, lambda: s.connect(("127.0.0.1", 7)),
+                           lambda: not (connects and connects[0].done))
+    answerer.join(TIMEOUT)
+    assert "_wait_slot" in where, where
+    assert fe._slots.count(None) == RING_SLOTS, "the response table entry kept"
+    assert s._st.ring is None
+    fake.hold.discard(PVCALLS_CONNECT)
+    fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+    _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED)()
+    s.close()
+
+
+def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A non-blocking connect() is connecting from before its CONNECT goes
+    out (so that a Ctrl-C after the push leaves its answer a taker).  A
+    blocking connect() of another thread that came meanwhile waits for
+    that answer; when the CONNECT could not go out (the command ring
+    full), it is told, and connects.  Before, it was not: it slept until
+    the socket closed."""
+    s = fe.socket()
+    s.setblocking(False)
+    submit = fe._submit
+    waiting: list[Call] = []
+
+    def full(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT and not waiting:
+            s._timeout = None  # as another thread's settimeout(None) meanwhile
+            waiting.append(Call(lambda: s.connect(("127.0.0.1", 7))))
+            wait_until(lambda: bool(s._cond._waiters))  # waits for the answer
+            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = full  # type: ignore[method-assign]
+    with pytest.raises(OSError) as info:
+        s.connect(("127.0.0.1", 7))
+    assert info.value.errno == errno.ENOBUFS
+    (other,) = waiting
+    assert other.join().error is None  # connected
+    assert s.getpeername() == ("127.0.0.1", 7)
+    s.close()

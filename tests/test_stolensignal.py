@@ -1,0 +1,112 @@
+"""The Ctrl-C sweep's helper (tests/stolensignal.py): it lands where CPython
+runs a signal's handler, and only there."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import textwrap
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from stolensignal import interrupted_at
+
+# Where a generator thrown into (throw(), close(), a yield from passing the
+# exception on) goes straight to its handlers: CPython 3.11 runs no signal's
+# handler as it starts again (no RESUME), but a tracer's call event comes,
+# and an exception raised there ended the generator without its finally.
+# Where one is resumed by next() (RESUME 1), a handler runs.
+_CODE = '''
+entered: list[int] = []
+left: list[int] = []
+
+
+def gen():
+    try:
+        entered.append(1)
+        yield
+    finally:
+        left.append(1)
+
+
+def delegating():
+    yield from gen()
+
+
+def thrown_with_a_made_exception():
+    g = gen()
+    next(g)
+    try:
+        g.throw(ValueError("made by a call"))
+    except ValueError:
+        pass
+
+
+def thrown_through_yield_from():
+    g = delegating()
+    next(g)
+    try:
+        g.throw(ValueError)
+    except ValueError:
+        pass
+
+
+def closed():
+    g = gen()
+    next(g)
+    g.close()
+
+
+def resumed_with_throw_at_hand():
+    g = gen()
+    next(g)
+    throw = g.throw
+    next(g, None)
+    return throw
+'''
+
+
+@pytest.fixture()
+def module(tmp_path: Path) -> types.ModuleType:
+    path = tmp_path / "sweptmod.py"
+    path.write_text(textwrap.dedent(_CODE))
+    spec = importlib.util.spec_from_file_location("sweptmod", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sweep(mod: types.ModuleType, call: Callable[[], object]) -> list[str]:
+    """Every landing along ``call()``; after each, the generator that got
+    into its try left it through its finally."""
+    within = os.path.dirname(mod.__file__ or "")
+    landed = []
+    for n in itertools.count():
+        mod.entered.clear()
+        mod.left.clear()
+        where = interrupted_at(n, within, call)
+        assert mod.entered == mod.left, f"interrupted {where or 'nowhere'}: no finally"
+        if not where:
+            return landed
+        landed.append(where)
+
+
+@pytest.mark.parametrize("name", ["thrown_with_a_made_exception", "thrown_through_yield_from",
+                                  "closed"])
+def test_no_landing_as_a_generator_thrown_into_starts_again(
+        module: types.ModuleType, name: str) -> None:
+    landed = _sweep(module, getattr(module, name))
+    # The sweep went past the throw: landings in the finally's append.
+    assert any("as a call returns in gen" in where for where in landed), landed
+
+
+def test_a_landing_as_a_generator_resumed_by_next_starts_again(module: types.ModuleType) -> None:
+    """Resumed by next() in a frame that has a generator's throw at hand
+    (loaded, not called): a real place, not a throw's."""
+    landed = _sweep(module, module.resumed_with_throw_at_hand)
+    starts = [where for where in landed if where.startswith("as it starts: gen,")]
+    assert len(starts) == 2, landed  # started, and resumed
