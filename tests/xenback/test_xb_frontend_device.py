@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.stolensignal import Interrupted, main_thread_in, main_thread_within
+from tests.stolensignal import Interrupted
 from tests.xenback.xbhelpers import (
     TIMEOUT,
     Census,
@@ -198,25 +199,37 @@ def test_close_after_the_frontend_closed_itself_does_not_go_back_to_closing(
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
 
 
+def wait_saw_backend_up() -> bool:
+    """Whether the main thread is in a wait_backend() that has seen the
+    backend below Closing (its ``up``), so that a Closing now is taken for
+    the backend's answer."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "_wait_backend":
+            return frame.f_locals.get("up") is True
+        frame = frame.f_back
+    return False
+
+
 def test_wait_backend_ends_when_the_backend_closes_instead(host, driver) -> None:
     """A backend that fails the device (connect() raised: its error node,
     then Closing) will not reach Connected until the frontend starts over:
     the wait ends with that, not with the whole timeout (a wait that ran
     out would raise TimeoutError, not ConnectionRefusedError).
 
-    The backend fails the device once the wait is under way: one that
+    The backend fails the device once the wait has seen it up: one that
     went Closing before the wait first looked would be taken for what an
     earlier connection left (see wait_backend), and the wait would run
-    out (the suite lost that race once under load)."""
+    out.  (The suite lost that race twice under load, with a hook that
+    waited only for the wait to block: it blocks first for the reply to
+    its watch, before it has read the backend's state.)"""
     waiting: list[bool] = []
 
     def refuse(dev: object) -> None:
         deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and not (
-                main_thread_in("wait", path="threading.py")
-                and main_thread_within("_wait_backend", 12)):
+        while time.monotonic() < deadline and not wait_saw_backend_up():
             time.sleep(0.001)
-        waiting.append(main_thread_within("_wait_backend", 12))
+        waiting.append(wait_saw_backend_up())
         raise OSError(5, "no ring for you")
 
     driver.connect_hook = refuse
