@@ -32,7 +32,7 @@ from xenback._flags import check_flag
 from xenback.platform import PAGE_SIZE, GrantError
 
 from ._hypervisor import MAX_PAGES_PER_REQUEST
-from ._proto import Message, ServiceConnection, _close_all
+from ._proto import Message, ServiceConnection, close_taken
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class _Pages:
         # releasing a released view do nothing, and the service is told
         # only if its answer was not recorded.
         with self._ending:
-            _close_all(self._fds)
+            close_taken(self._fds)
             region = self._region
             if region is None:
                 return
@@ -327,7 +327,7 @@ class _Handle(Closing, Generic[P]):
                 # Under the lock, which nobody else takes these pages by
                 # (close()) before it is let go of: those a Ctrl-C leaves
                 # are closed by _end(), never by two threads at once.
-                _close_all(pages._fds)
+                close_taken(pages._fds)
         if closed:
             # Closed while the request was in flight: close() did not see
             # these pages.

@@ -143,10 +143,12 @@ def close_fds(fds: Sequence[int]) -> None:
             pass
 
 
-def _close_all(fds: list[int]) -> None:
+def close_taken(fds: list[int]) -> None:
     """Close ``fds``, emptying the list: each leaves it before it is
     closed, with no call in between, so that one cut short by a Ctrl-C
-    and made again closes every one once."""
+    and made again closes every one once.  For descriptors a caller's
+    state holds (a reply's, pages'); :func:`close_fds` for a throw-away
+    sequence."""
     while fds:
         fd = fds[-1]
         del fds[-1]
@@ -610,7 +612,7 @@ class ServiceConnection:
             taken.applying = False
             if not taken.fds:
                 taken.undo = None
-        _close_all(taken.fds)
+        close_taken(taken.fds)
         done = taken.done
         taken.done = None
         if done is not None:
@@ -730,7 +732,7 @@ class ServiceConnection:
                 except KeyError:
                     pass
             while self._inbox:
-                _close_all(self._head().fds)
+                close_taken(self._head().fds)
                 del self._inbox[0]
             self._sock.close()
 
