@@ -138,12 +138,14 @@ def test_a_guest_in_another_process(host, driver, dom0_xs) -> None:
     guest = host.create_domain("remote")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     spawn = multiprocessing.get_context("spawn")
-    results = spawn.Queue()
+    results, seen = spawn.Queue(), spawn.Event()
     child = spawn.Process(target=frontend_in_child,
-                          args=(str(host.run_dir), guest.domid, dev, results))
+                          args=(str(host.run_dir), guest.domid, dev, results, seen))
     child.start()
     try:
         assert results.get(timeout=TIMEOUT * 3)[:2] == ("connected", "CONNECTED")
+        driver.wait(lambda: len(driver.events_seen) == 1)
+        seen.set()
         assert results.get(timeout=TIMEOUT) == (
             "closed", f"<FrontendDevice {dev.frontend_path} closed>", None)
     finally:
@@ -151,7 +153,7 @@ def test_a_guest_in_another_process(host, driver, dom0_xs) -> None:
         if child.exitcode is None:
             child.kill()
     assert child.exitcode == 0
-    driver.wait(lambda: len(driver.events_seen) == 1)
+    assert len(driver.events_seen) == 1
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
 

@@ -290,11 +290,17 @@ def serve_in_child(run_dir: str, domid: int, serving: Any, done: Any) -> None:
         done.wait(TIMEOUT)
 
 
-def frontend_in_child(run_dir: str, domid: int, device: Any, results: Any) -> None:
+def frontend_in_child(run_dir: str, domid: int, device: Any, results: Any,
+                      seen: Any) -> None:
     """A guest process's frontend for ``device`` of domain ``domid`` on the
     simulated host in ``run_dir``: handshakes to Connected, notifies the
-    backend once, closes, and puts each step's outcome on ``results`` (a
-    multiprocessing Queue; the target of a spawned Process)."""
+    backend once, closes once ``seen`` is set, and puts each step's outcome
+    on ``results`` (``seen`` a multiprocessing Event, ``results`` a Queue;
+    the target of a spawned Process).
+
+    Closing waits for the parent to have seen the event: a port's pending
+    event is lost when disconnect unbinds it, as on Xen, so a close right
+    after the notify races the backend's dispatcher thread."""
     from xenback.sim import FrontendDevice, attach
 
     try:
@@ -304,6 +310,8 @@ def frontend_in_child(run_dir: str, domid: int, device: Any, results: Any) -> No
             fe.publish({"ring-ref": page.refs[0], "port": port})
             results.put(("connected", fe.wait_backend(XenbusState.CONNECTED).name, port))
             fe.evtchn.notify(port)
+            if not seen.wait(TIMEOUT):
+                raise TimeoutError("the parent did not see the event")
         results.put(("closed", repr(fe), None))
     except BaseException as exc:  # the parent reports it, not a lost child
         results.put(("error", f"{type(exc).__name__}: {exc}", None))
