@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,14 @@ HEADER = struct.Struct("<IIII")
 def shared_xsd() -> Iterator[XenStored]:
     with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
         yield server
+
+
+@pytest.fixture
+def logged_errors(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    """What the server has logged at ERROR so far: the bugs it met and
+    contained (the tests that make one check it left this trace, no more)."""
+    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
+    return lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.fixture
@@ -909,11 +917,10 @@ def test_a_deaf_guest_paused_for_its_replies_goes_on_once_its_events_go_stale() 
 
 
 def test_a_bug_met_expiring_events_costs_that_connection_only(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:
     # As a bug met serving a client: the loop and the other guests' stale
     # events go on, and the connection the bug was met for is closed.
-    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
     expire = XenStored._expire
 
     def buggy(self: XenStored, conn: Connection, now: float) -> None:
@@ -943,19 +950,17 @@ def test_a_bug_met_expiring_events_costs_that_connection_only(
         assert eventually(lambda: xsd._call(
             lambda: all(e.start < conn2.out_base for e in conn2.waiting)))
         assert not xsd._call(lambda: conn2.closed)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == [f"internal error expiring the events of {conn3!r}"]
+    assert logged_errors() == [f"internal error expiring the events of {conn3!r}"]
 
 
 def test_a_bug_met_expiring_events_leaves_no_request_outstanding(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:
     # The bug is met once _expire has taken the stale events out of the
     # connection's waiting ones and dropped them (where it logs them): the
     # connection is closed, and the requests that caused them are counted
     # down all the same.  They once stayed outstanding for good, and the
     # writer held back with them.
-    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
     with _deaf_guest(0.5, outstanding=1) as (xsd, writer, _deaf):
         conn = _server_conn(xsd, 2)
         writer_domain = xsd._dispatcher.domains[1]
@@ -975,19 +980,17 @@ def test_a_bug_met_expiring_events_leaves_no_request_outstanding(
         assert xsd._call(lambda: writer_domain.outstanding) == 0
         assert writer.recv_message()[:2] == (Op.WRITE, 1001)
         check_alive(xsd)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == [f"internal error expiring the events of {conn!r}"]
+    assert logged_errors() == [f"internal error expiring the events of {conn!r}"]
 
 
 def test_a_bug_met_dropping_stale_events_bytes_leaves_the_guests_share_right(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:
     # The bug is met once the bytes of one stale event are out of the
     # connection's output, before the next: the connection is closed,
     # and every byte it had queued leaves the guest's share (max_queued)
     # with it.  Those dropped before the bug once stayed counted for
     # good, and the guest got fewer events for them ever after.
-    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
     with _deaf_guest(60.0) as (xsd, writer, _deaf):
         conn = _server_conn(xsd, 2)
         writer_domain = xsd._dispatcher.domains[1]
@@ -1017,8 +1020,7 @@ def test_a_bug_met_dropping_stale_events_bytes_leaves_the_guests_share_right(
         assert xsd._call(lambda: (conn.closed, conn.domain.queued, writer_domain.outstanding)) == (
             True, 0, 0)
         check_alive(xsd)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == [f"internal error expiring the events of {conn!r}"]
+    assert logged_errors() == [f"internal error expiring the events of {conn!r}"]
 
 
 def test_a_bug_met_queueing_a_requests_events_leaves_its_count_right(
@@ -1419,12 +1421,11 @@ def test_connect_to_a_domain_released_in_the_same_round(
 
 
 def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
-        xsd: XenStored, caplog: pytest.LogCaptureFixture) -> None:
+        xsd: XenStored, logged_errors: Callable[[], list[str]]) -> None:
     """Requests held back while a client was paused are served once its
     replies are sent, which can happen right after they were queued (the
     kernel takes them all).  A server bug met there must cost that one
     connection, as anywhere else, not the loop thread."""
-    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
 
     def buggy(*_args: object) -> bytes:
         raise RuntimeError("a bug in a handler")
@@ -1444,8 +1445,7 @@ def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
         other.write("/still", "served")
         assert other.read("/still") == b"served"
     assert xsd._thread is not None and xsd._thread.is_alive()
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == ["internal error serving Connection(#1, dom0)"]
+    assert logged_errors() == ["internal error serving Connection(#1, dom0)"]
 
 
 def test_events_of_a_request_a_bug_cut_short_are_sent_at_once(
