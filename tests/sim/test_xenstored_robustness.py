@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
 from xenback.sim._xenstored._connection import Connection, Domain, WaitingEvent
+from xenback.sim._xenstored._ops import Dispatcher
 
 HEADER = struct.Struct("<IIII")
 
@@ -1021,6 +1022,72 @@ def test_a_bug_met_dropping_stale_events_bytes_leaves_the_guests_share_right(
             True, 0, 0)
         check_alive(xsd)
     assert logged_errors() == [f"internal error expiring the events of {conn!r}"]
+
+
+@pytest.mark.parametrize("first_bug", ["serving it", "expiring its events", None])
+def test_a_bug_met_closing_a_connection_costs_that_connection_only(
+    first_bug: str | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    logged_errors: Callable[[], list[str]],
+) -> None:
+    # Closing is how the server contains a bug met serving a connection or
+    # expiring its events: a bug met closing it then stopped the loop.  A
+    # bug met closing a connection the client closed cut the closing short:
+    # the requests of the writer its events waited for stayed outstanding
+    # for good.  Either way, the rest of the closing must go on.
+    victims: list[Connection] = []
+    drop_connection_state = Dispatcher.drop_connection_state
+
+    def buggy_drop(self: Dispatcher, conn: Connection) -> None:
+        if conn in victims:
+            raise RuntimeError("a bug closing a connection")
+        drop_connection_state(self, conn)
+
+    def buggy(*_args: object) -> None:
+        raise RuntimeError("a first bug")
+
+    monkeypatch.setattr(Dispatcher, "drop_connection_state", buggy_drop)
+    if first_bug == "expiring its events":
+        monkeypatch.setattr(XenStored, "_expire", buggy)
+    timeout = 0.5 if first_bug == "expiring its events" else 60.0
+    with _deaf_guest(timeout) as (xsd, writer, deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        victims.append(conn)
+        writer.write("/shared/charged", "")  # waits for deaf, charged to writer
+        if first_bug == "serving it":
+            assert xsd._call(lambda: writer_domain.outstanding) == 1
+            read = xsd._dispatcher._handlers[Op.READ]
+            assert read is not None
+
+            def buggy_read(who: Connection, *args: Any) -> bytes:
+                if who is conn:
+                    raise RuntimeError("a first bug")
+                return read(who, *args)
+
+            xsd._dispatcher._handlers[Op.READ] = buggy_read
+            deaf.send_raw(HEADER.pack(Op.READ, 1, 0, 8) + b"/shared\0")
+        elif first_bug is None:
+            assert xsd._call(lambda: writer_domain.outstanding) == 1
+            deaf.close()
+        assert eventually(lambda: xsd._call(lambda: conn.closed), 10.0)
+
+        def forgotten() -> tuple[object, ...]:
+            assert xsd._selector is not None
+            watched = [key for key in xsd._selector.get_map().values() if key.data[1] is conn]
+            return (writer_domain.outstanding, conn.domain.queued, conn in xsd._conns,
+                    watched, conn.sock.fileno())
+
+        assert xsd._call(forgotten) == (0, 0, False, [], -1)
+        assert xsd._thread is not None and xsd._thread.is_alive()
+        writer.write("/shared/after", "")
+        check_alive(xsd)
+    expected = [f"internal error closing {conn!r}"]
+    if first_bug == "serving it":
+        expected.insert(0, f"internal error serving {conn!r}")
+    elif first_bug == "expiring its events":
+        expected.insert(0, f"internal error expiring the events of {conn!r}")
+    assert logged_errors() == expected
+    assert all(r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)
 
 
 def test_a_bug_met_queueing_a_requests_events_leaves_its_count_right(

@@ -812,27 +812,51 @@ class XenStored:
                 self._close(conn, "hung up while held back")
 
     def _close(self, conn: Connection, why: str, level: int = logging.DEBUG) -> None:
-        """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING)."""
+        """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING).
+
+        Never raises: closing is how a bug met serving a connection or
+        expiring its events is contained (see _on_event), so a bug met in
+        it must not reach the loop.  Nor may it cut the closing short:
+        each step runs whatever the one before it met (logged with its
+        traceback).  A closed connection left in the selector would spin
+        the loop; its events left counted would hold back for good the
+        guests whose requests fired them.
+        """
         if conn.closed:
             return
         logger.log(level, "closing %r: %s", conn, why)
         conn.closed = True
-        assert self._selector is not None
-        if self._held.get(conn.fd) is conn:
-            assert self._hup is not None
-            self._hup.unregister(conn.fd)
-            del self._held[conn.fd]
-        else:
+        for step in (self._unwatch, self._dispatcher.drop_connection_state, self._forget):
             try:
-                self._selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
+                step(conn)
+            except Exception:
+                logger.exception("internal error closing %r", conn)
+
+    def _unwatch(self, conn: Connection) -> None:
+        """Take closed ``conn`` out of the selector (or _hup) and close its socket."""
+        assert self._selector is not None
         try:
-            conn.sock.close()
-        except OSError as e:
-            if e.errno != errno.EBADF:
-                raise
-        self._dispatcher.drop_connection_state(conn)
+            if self._held.get(conn.fd) is conn:
+                assert self._hup is not None
+                del self._held[conn.fd]
+                self._hup.unregister(conn.fd)
+            else:
+                try:
+                    self._selector.unregister(conn.sock)
+                except (KeyError, ValueError):
+                    pass
+        finally:
+            # Whatever the unregistering met: the kernel drops a closed
+            # descriptor from epoll sets itself.
+            try:
+                conn.sock.close()
+            except OSError as e:
+                if e.errno != errno.EBADF:
+                    raise
+
+    def _forget(self, conn: Connection) -> None:
+        """Drop what closed ``conn`` holds of the server's: its place in the
+        sets, its share of its guest's queue, the requests its events count."""
         conn.domain.conns.discard(conn)
         self._conns.discard(conn)
         self._dirty.discard(conn)
