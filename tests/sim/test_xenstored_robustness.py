@@ -1515,6 +1515,68 @@ def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
     assert logged_errors() == ["internal error serving Connection(#1, dom0)"]
 
 
+def test_a_bug_met_accepting_a_connection_costs_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
+) -> None:
+    # Accepting is the loop's too: a bug met setting up one connection
+    # (or an epoll set refusing it) must not stop the loop, nor the
+    # connections waiting behind it in the backlog.
+    made = itertools.count()
+
+    def buggy(*args: Any) -> Connection:
+        if next(made) == 1:
+            raise RuntimeError("a bug accepting a connection")
+        return Connection(*args)
+
+    monkeypatch.setattr(_server, "Connection", buggy)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd, RawClient(
+        xsd.path
+    ) as first, socket.socket(socket.AF_UNIX) as refused:
+        first.write("/first", "")
+        refused.connect(str(xsd.path))
+        assert closed_by_server(refused)
+        assert xsd._thread is not None and xsd._thread.is_alive()
+        check_alive(xsd)
+        assert first.read("/health") == b"alive"
+        assert xsd._call(lambda: len(xsd._conns)) == 1
+    assert logged_errors() == ["internal error accepting a connection of Domain(0)"]
+
+
+def test_a_bug_met_stopping_leaves_no_caller_waiting_for_the_loop(
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
+) -> None:
+    # The loop once ended without saying it had (the calls of other
+    # threads still queued for it, and taken), and every later call
+    # waited for it for good.
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        xsd.start()
+        unlink = XenStored._unlink
+
+        def buggy(path: Path) -> None:
+            if path == xsd.path:
+                raise PermissionError(errno.EACCES, "a run directory made read-only", str(path))
+            unlink(path)
+
+        monkeypatch.setattr(XenStored, "_unlink", staticmethod(buggy))
+        xsd.stop()
+        answer: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                xsd.is_introduced(0)
+            except BaseException as e:
+                answer.append(e)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(10.0)
+        assert not caller.is_alive(), "a call waits for a loop that has ended"
+        assert [type(e) for e in answer] == [RuntimeError]
+        assert "not running" in str(answer[0])
+    assert logged_errors() == ["internal error stopping xenstored"]
+
+
 def test_events_of_a_request_a_bug_cut_short_are_sent_at_once(
         xsd: XenStored, caplog: pytest.LogCaptureFixture) -> None:
     """A request that changed the store before a server bug cost its

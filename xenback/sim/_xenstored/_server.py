@@ -364,23 +364,30 @@ class XenStored:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        for conn in list(self._conns):
-            self._close(conn, "server stopping")
-        for domid in [d for d in self._dispatcher.domains if d != 0]:
-            self._teardown_domain(domid)
-        assert self._selector is not None and self._listener is not None
-        assert self._hup is not None
-        self._selector.close()
-        self._hup.close()
-        self._listener.close()
-        self._unlink(self.path)
-        with self._calls_lock:
-            self._calls_closed = True
-            self._wake_r.close()
-            self._wake_w.close()
-            while self._calls:
-                _fn, future = self._calls.popleft()
-                future.cancel()
+        try:
+            for conn in list(self._conns):
+                self._close(conn, "server stopping")
+            for domid in [d for d in self._dispatcher.domains if d != 0]:
+                self._teardown_domain(domid)
+            assert self._selector is not None and self._listener is not None
+            assert self._hup is not None
+            self._selector.close()
+            self._hup.close()
+            self._listener.close()
+            self._unlink(self.path)
+        except Exception:
+            # Logged, not raised: the thread is ending, and nobody would
+            # read it there.  Whatever is left behind, the calls must end.
+            logger.exception("internal error stopping xenstored")
+        finally:
+            # No caller may wait for a loop that is gone (see _call).
+            with self._calls_lock:
+                self._calls_closed = True
+                self._wake_r.close()
+                self._wake_w.close()
+                while self._calls:
+                    _fn, future = self._calls.popleft()
+                    future.cancel()
         logger.info("xenstored stopped")
 
     # --- sockets -----------------------------------------------------------------
@@ -452,13 +459,26 @@ class XenStored:
                            domain)
                 sock.close()
                 continue
-            sock.setblocking(False)
-            self._nconn += 1
-            conn = Connection(sock, domain, f"#{self._nconn}")
-            domain.conns.add(conn)
-            self._conns.add(conn)
-            conn.events = _READ
-            self._selector.register(sock, _READ, (self._on_event, conn))
+            try:
+                self._add_connection(sock, domain)
+            except Exception:
+                # As a bug met serving a connection: it costs that one
+                # only, and the rest of the backlog is still accepted.
+                logger.exception("internal error accepting a connection of %r", domain)
+                sock.close()
+
+    def _add_connection(self, sock: socket.socket, domain: Domain) -> None:
+        """Serve ``sock`` as a connection of ``domain``: known to the
+        server only once it is in the selector, so that a failure leaves
+        nothing to undo but the socket."""
+        assert self._selector is not None
+        sock.setblocking(False)
+        self._nconn += 1
+        conn = Connection(sock, domain, f"#{self._nconn}")
+        conn.events = _READ
+        self._selector.register(sock, _READ, (self._on_event, conn))
+        domain.conns.add(conn)
+        self._conns.add(conn)
 
     def _resume_accept(self) -> None:
         """Watch the listeners _accept() gave up on again (loop thread)."""
