@@ -1193,6 +1193,25 @@ def test_a_watch_event_timeout_of_weeks_does_not_stop_the_server(
         assert xsd._thread is not None and xsd._thread.is_alive()
 
 
+def test_the_watch_event_timeout_is_fixed_once_the_server_runs() -> None:
+    # The events waiting keep the deadline they were queued with, and the
+    # loop looks for stale ones at the earliest it knows of: a timeout
+    # changed under them stalled their expiry (shortened, the new events
+    # waited behind the old deadline; from None, they were never looked
+    # at).  Refused, where it once went unnoticed.
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d), watch_event_timeout=60.0)
+        xsd.watch_event_timeout = None  # not started: nothing waits yet
+        with pytest.raises(ValueError, match="watch_event_timeout"):
+            xsd.watch_event_timeout = 0.0
+        with xsd:
+            with pytest.raises(AttributeError, match="watch_event_timeout .* started"):
+                xsd.watch_event_timeout = 0.5
+            assert xsd.watch_event_timeout is None
+        with pytest.raises(AttributeError, match="watch_event_timeout .* started"):
+            xsd.watch_event_timeout = 0.5
+
+
 def test_events_for_dom0_never_go_stale() -> None:
     # Dom0 is trusted to read: the guest stays held back past the timeout.
     # The sign the timeout passed: an event for a guest queued after the

@@ -142,6 +142,12 @@ class XenStored:
     guest that never reads then stalls for good the guests whose writes
     it watches).  ``quota`` replaces cxenstored's default limits for
     unprivileged domains.
+
+    ``watch_event_timeout`` is fixed once the server has started (as
+    cxenstored's ``-w``): a waiting event keeps the deadline it was queued
+    with, and the loop looks for stale ones at the earliest deadline it
+    knows of, so a new timeout would apply only to new events, behind the
+    old ones.  Setting it then is an AttributeError.
     """
 
     def __init__(
@@ -155,7 +161,7 @@ class XenStored:
         check_limits(max_queued, watch_event_timeout)
         self.run_dir = Path(run_dir)
         self.max_queued = max_queued
-        self.watch_event_timeout = watch_event_timeout
+        self._watch_event_timeout = watch_event_timeout
         self._max_outstanding = (quota or Quota()).outstanding
         self._dispatcher = Dispatcher(
             self._send, self._send_events, self._introduce, self._release, quota
@@ -204,6 +210,21 @@ class XenStored:
         self._expiry_dead = 0
 
     # --- public face ---------------------------------------------------------
+
+    @property
+    def watch_event_timeout(self) -> float | None:
+        """Seconds a watch event for a guest may wait unsent (None: for ever)."""
+        return self._watch_event_timeout
+
+    @watch_event_timeout.setter
+    def watch_event_timeout(self, value: float | None) -> None:
+        # Not on a running server: the deadlines in its queues, and the
+        # loop's wait for the earliest, are the old timeout's (see the
+        # class docstring).
+        if self._thread is not None:
+            raise AttributeError("watch_event_timeout cannot change once XenStored has started")
+        check_limits(self.max_queued, value)
+        self._watch_event_timeout = value
 
     @property
     def path(self) -> Path:
@@ -609,8 +630,8 @@ class XenStored:
             self._send(conn, event)
             conn.queued_events[event] = conn.out_base + len(conn.out)
         deadline = math.inf
-        if not domain.privileged and self.watch_event_timeout is not None:
-            deadline = time.monotonic() + self.watch_event_timeout
+        if not domain.privileged and self._watch_event_timeout is not None:
+            deadline = time.monotonic() + self._watch_event_timeout
         elif charge is None:
             return
         end = conn.out_base + len(conn.out)
@@ -702,7 +723,9 @@ class XenStored:
                 logger.exception("internal error expiring the events of %r", conn)
                 self._close(conn, "internal error")
                 continue
-            # The oldest is inf only if sending it has begun (see _expire).
+            # The oldest is inf only if sending it has begun (see _expire);
+            # the next is the earliest deadline left, the timeout being
+            # fixed (see watch_event_timeout).
             for event in itertools.islice(conn.waiting, 2):
                 if event.deadline != math.inf:
                     self._arm_expiry(conn, event.deadline)
