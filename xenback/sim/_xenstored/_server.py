@@ -77,8 +77,10 @@ import os
 import select
 import selectors
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -115,6 +117,10 @@ MIN_QUEUED = PAUSE_OUTPUT + 4 * (HEADER_SIZE + PAYLOAD_MAX)
 MAX_QUEUED = 1 << 20
 #: XenStored's default ``watch_event_timeout`` (seconds): cxenstored's.
 WATCH_EVENT_TIMEOUT = 20.0
+#: How long :meth:`XenStored.stop` waits for the loop thread by default
+#: (seconds).  Stopping closes sockets and forgets state: far less, even
+#: on a loaded machine; a loop not done by then is stuck.
+STOP_TIMEOUT = 10.0
 
 
 def check_limits(max_queued: int, watch_event_timeout: float | None) -> None:
@@ -248,10 +254,16 @@ class XenStored:
         self._thread.start()
         logger.info("xenstored listening on %s", self.path)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Close every connection and socket and stop the loop thread.
 
-        Idempotent; a stopped server cannot be started again.
+        Idempotent; a stopped server cannot be started again.  Waits for
+        the loop thread ``timeout`` seconds at most (:data:`STOP_TIMEOUT`
+        if None).  A loop still running then is stuck (a bug: something
+        it called has not returned), and waiting longer would hang the
+        caller for good: TimeoutError names the thread and where it is.
+        The server is then half stopped (its loop ends if it ever comes
+        back); stop() again waits for it again.
         """
         thread = self._thread
         if thread is None:
@@ -262,7 +274,15 @@ class XenStored:
         with self._calls_lock:
             if not self._calls_closed:
                 self._wake()
-        thread.join()
+        if timeout is None:
+            timeout = STOP_TIMEOUT
+        thread.join(timeout)
+        if thread.is_alive():
+            frame = sys._current_frames().get(thread.ident or 0)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "?\n"
+            raise TimeoutError(
+                f"the XenStore loop thread {thread.name!r} did not stop within {timeout:g} s;"
+                f" it is stuck at:\n{where.rstrip()}")
 
     def introduce_path(self, domid: int) -> Path:
         """The socket :meth:`introduce_domain` creates for ``domid`` (no side effect)."""
