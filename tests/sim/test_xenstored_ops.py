@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hosthelpers import error_of, make_guest
+from hosthelpers import SIM_CODE, error_of, make_guest
+from stolensignal import interrupted_at
 
-from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError
+from xenback.sim import SimHost
+from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
 from xenback.sim._xenstored._wire import ABS_PATH_MAX, ERRORS, PAYLOAD_MAX, REL_PATH_MAX
 
 
@@ -693,6 +701,128 @@ def test_lifecycle() -> None:
         assert not server.path.exists() and not guest_socket.exists()
         with pytest.raises(RuntimeError):
             server.introduce_domain(2)
+
+
+def test_stopping_a_stuck_loop_fails_naming_it() -> None:
+    # stop() once waited for the loop thread for ever: a bug that kept
+    # the loop from coming back to its select() hung whoever stopped it
+    # (a test's fixture, past pytest-timeout).  Bounded, it says which
+    # thread is stuck, and where; a later stop() finishes the job.
+    entered, gate = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        entered.set()
+        assert gate.wait(60)
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        xsd.start()
+        holder = threading.Thread(target=xsd._call, args=(stuck,), daemon=True)
+        holder.start()
+        try:
+            assert entered.wait(10)
+            began = time.monotonic()
+            with pytest.raises(TimeoutError) as info:
+                xsd.stop(timeout=0.5)
+            assert time.monotonic() - began < 10
+            message = str(info.value)
+            assert "'xenstored'" in message and "within 0.5 s" in message
+            assert "in stuck" in message  # where it is stuck
+            assert xsd._thread is not None and xsd._thread.is_alive()
+        finally:
+            gate.set()
+        xsd.stop()
+        holder.join(10)
+        assert not xsd._thread.is_alive() and not xsd.path.exists()
+        xsd.stop()  # stopped: nothing more to do
+
+
+def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+    entered, gate = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        entered.set()
+        assert gate.wait(60)
+
+    host = SimHost().start()
+    try:
+        run_dir = host.run_dir
+        holder = threading.Thread(target=host.xenstored._call, args=(stuck,), daemon=True)
+        holder.start()
+        assert entered.wait(10)
+        with pytest.raises(TimeoutError, match="'xenstored' did not stop within 0.5 s"):
+            host.close()
+    finally:
+        gate.set()
+        host.close()
+    holder.join(10)
+    assert not run_dir.exists()
+
+
+def test_a_stop_cut_short_by_ctrl_c_is_finished_by_the_next() -> None:
+    landed = []
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        for n in itertools.count():
+            xsd = XenStored(Path(d))
+            xsd.start()
+            try:
+                where = interrupted_at(n, SIM_CODE, xsd.stop)
+            finally:
+                xsd.stop()
+            assert xsd._thread is not None and not xsd._thread.is_alive(), where
+            assert not xsd.path.exists(), where
+            if not where:
+                break
+            landed.append(where)
+    assert len(landed) > 3, landed
+
+
+_STUCK_TEST = """
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from xenback.sim._xenstored import XenStored, _server
+
+_server.STOP_TIMEOUT = 1.0  # for a short test: 10 s by default
+
+
+@pytest.fixture
+def xsd():
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
+        yield server
+
+
+def test_with_a_stuck_loop(xsd):
+    # The loop waits for ever (a loop that spins is as stuck, and costs a
+    # CPU), and this call with it.
+    xsd._call(threading.Event().wait)
+"""
+
+
+def test_pytest_timeout_fails_a_test_whose_loop_is_stuck(tmp_path: Path) -> None:
+    # pytest-timeout ends the test's call once, and the fixture's stop()
+    # then ran with no timeout left: a test file hung for minutes, with
+    # --timeout 60.  Now the test fails, and its teardown says why.
+    (tmp_path / "test_stuck.py").write_text(_STUCK_TEST)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "2",
+             "-o", "timeout_method=signal", "test_stuck.py"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the stuck test hung pytest: {e.stdout!r}")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "1 failed, 1 error" in run.stdout, run.stdout
+    assert "Timeout (>2.0s)" in run.stdout, run.stdout
+    assert "TimeoutError: the XenStore loop thread 'xenstored' did not stop" in run.stdout
 
 
 def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:

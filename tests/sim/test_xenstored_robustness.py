@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
 from xenback.sim._xenstored._connection import Connection, Domain, WaitingEvent
+from xenback.sim._xenstored._ops import Dispatcher
 
 HEADER = struct.Struct("<IIII")
 
@@ -38,6 +39,14 @@ HEADER = struct.Struct("<IIII")
 def shared_xsd() -> Iterator[XenStored]:
     with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as server:
         yield server
+
+
+@pytest.fixture
+def logged_errors(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    """What the server has logged at ERROR so far: the bugs it met and
+    contained (the tests that make one check it left this trace, no more)."""
+    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
+    return lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.fixture
@@ -909,11 +918,10 @@ def test_a_deaf_guest_paused_for_its_replies_goes_on_once_its_events_go_stale() 
 
 
 def test_a_bug_met_expiring_events_costs_that_connection_only(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:
     # As a bug met serving a client: the loop and the other guests' stale
     # events go on, and the connection the bug was met for is closed.
-    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
     expire = XenStored._expire
 
     def buggy(self: XenStored, conn: Connection, now: float) -> None:
@@ -943,19 +951,17 @@ def test_a_bug_met_expiring_events_costs_that_connection_only(
         assert eventually(lambda: xsd._call(
             lambda: all(e.start < conn2.out_base for e in conn2.waiting)))
         assert not xsd._call(lambda: conn2.closed)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == [f"internal error expiring the events of {conn3!r}"]
+    assert logged_errors() == [f"internal error expiring the events of {conn3!r}"]
 
 
 def test_a_bug_met_expiring_events_leaves_no_request_outstanding(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:
     # The bug is met once _expire has taken the stale events out of the
     # connection's waiting ones and dropped them (where it logs them): the
     # connection is closed, and the requests that caused them are counted
     # down all the same.  They once stayed outstanding for good, and the
     # writer held back with them.
-    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
     with _deaf_guest(0.5, outstanding=1) as (xsd, writer, _deaf):
         conn = _server_conn(xsd, 2)
         writer_domain = xsd._dispatcher.domains[1]
@@ -975,19 +981,17 @@ def test_a_bug_met_expiring_events_leaves_no_request_outstanding(
         assert xsd._call(lambda: writer_domain.outstanding) == 0
         assert writer.recv_message()[:2] == (Op.WRITE, 1001)
         check_alive(xsd)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == [f"internal error expiring the events of {conn!r}"]
+    assert logged_errors() == [f"internal error expiring the events of {conn!r}"]
 
 
 def test_a_bug_met_dropping_stale_events_bytes_leaves_the_guests_share_right(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:
     # The bug is met once the bytes of one stale event are out of the
     # connection's output, before the next: the connection is closed,
     # and every byte it had queued leaves the guest's share (max_queued)
     # with it.  Those dropped before the bug once stayed counted for
     # good, and the guest got fewer events for them ever after.
-    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
     with _deaf_guest(60.0) as (xsd, writer, _deaf):
         conn = _server_conn(xsd, 2)
         writer_domain = xsd._dispatcher.domains[1]
@@ -1017,8 +1021,73 @@ def test_a_bug_met_dropping_stale_events_bytes_leaves_the_guests_share_right(
         assert xsd._call(lambda: (conn.closed, conn.domain.queued, writer_domain.outstanding)) == (
             True, 0, 0)
         check_alive(xsd)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == [f"internal error expiring the events of {conn!r}"]
+    assert logged_errors() == [f"internal error expiring the events of {conn!r}"]
+
+
+@pytest.mark.parametrize("first_bug", ["serving it", "expiring its events", None])
+def test_a_bug_met_closing_a_connection_costs_that_connection_only(
+    first_bug: str | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    logged_errors: Callable[[], list[str]],
+) -> None:
+    # Closing is how the server contains a bug met serving a connection or
+    # expiring its events: a bug met closing it then stopped the loop.  A
+    # bug met closing a connection the client closed cut the closing short:
+    # the requests of the writer its events waited for stayed outstanding
+    # for good.  Either way, the rest of the closing must go on.
+    victims: list[Connection] = []
+    drop_connection_state = Dispatcher.drop_connection_state
+
+    def buggy_drop(self: Dispatcher, conn: Connection) -> None:
+        if conn in victims:
+            raise RuntimeError("a bug closing a connection")
+        drop_connection_state(self, conn)
+
+    def buggy(*_args: object) -> None:
+        raise RuntimeError("a first bug")
+
+    monkeypatch.setattr(Dispatcher, "drop_connection_state", buggy_drop)
+    if first_bug == "expiring its events":
+        monkeypatch.setattr(XenStored, "_expire", buggy)
+    timeout = 0.5 if first_bug == "expiring its events" else 60.0
+    with _deaf_guest(timeout) as (xsd, writer, deaf):
+        conn = _server_conn(xsd, 2)
+        writer_domain = xsd._dispatcher.domains[1]
+        victims.append(conn)
+        writer.write("/shared/charged", "")  # waits for deaf, charged to writer
+        if first_bug == "serving it":
+            assert xsd._call(lambda: writer_domain.outstanding) == 1
+            read = xsd._dispatcher._handlers[Op.READ]
+            assert read is not None
+
+            def buggy_read(who: Connection, *args: Any) -> bytes:
+                if who is conn:
+                    raise RuntimeError("a first bug")
+                return read(who, *args)
+
+            xsd._dispatcher._handlers[Op.READ] = buggy_read
+            deaf.send_raw(HEADER.pack(Op.READ, 1, 0, 8) + b"/shared\0")
+        elif first_bug is None:
+            assert xsd._call(lambda: writer_domain.outstanding) == 1
+            deaf.close()
+        assert eventually(lambda: xsd._call(lambda: conn.closed), 10.0)
+
+        def forgotten() -> tuple[object, ...]:
+            assert xsd._selector is not None
+            watched = [key for key in xsd._selector.get_map().values() if key.data[1] is conn]
+            return (writer_domain.outstanding, conn.domain.queued, conn in xsd._conns,
+                    watched, conn.sock.fileno())
+
+        assert xsd._call(forgotten) == (0, 0, False, [], -1)
+        assert xsd._thread is not None and xsd._thread.is_alive()
+        writer.write("/shared/after", "")
+        check_alive(xsd)
+    expected = [f"internal error closing {conn!r}"]
+    if first_bug == "serving it":
+        expected.insert(0, f"internal error serving {conn!r}")
+    elif first_bug == "expiring its events":
+        expected.insert(0, f"internal error expiring the events of {conn!r}")
+    assert logged_errors() == expected
+    assert all(r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)
 
 
 def test_a_bug_met_queueing_a_requests_events_leaves_its_count_right(
@@ -1122,6 +1191,25 @@ def test_a_watch_event_timeout_of_weeks_does_not_stop_the_server(
         assert guest.wait_event() == ("/local/domain/1", "w")
         check_alive(xsd)
         assert xsd._thread is not None and xsd._thread.is_alive()
+
+
+def test_the_watch_event_timeout_is_fixed_once_the_server_runs() -> None:
+    # The events waiting keep the deadline they were queued with, and the
+    # loop looks for stale ones at the earliest it knows of: a timeout
+    # changed under them stalled their expiry (shortened, the new events
+    # waited behind the old deadline; from None, they were never looked
+    # at).  Refused, where it once went unnoticed.
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d), watch_event_timeout=60.0)
+        xsd.watch_event_timeout = None  # not started: nothing waits yet
+        with pytest.raises(ValueError, match="watch_event_timeout"):
+            xsd.watch_event_timeout = 0.0
+        with xsd:
+            with pytest.raises(AttributeError, match="watch_event_timeout .* started"):
+                xsd.watch_event_timeout = 0.5
+            assert xsd.watch_event_timeout is None
+        with pytest.raises(AttributeError, match="watch_event_timeout .* started"):
+            xsd.watch_event_timeout = 0.5
 
 
 def test_events_for_dom0_never_go_stale() -> None:
@@ -1419,12 +1507,11 @@ def test_connect_to_a_domain_released_in_the_same_round(
 
 
 def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
-        xsd: XenStored, caplog: pytest.LogCaptureFixture) -> None:
+        xsd: XenStored, logged_errors: Callable[[], list[str]]) -> None:
     """Requests held back while a client was paused are served once its
     replies are sent, which can happen right after they were queued (the
     kernel takes them all).  A server bug met there must cost that one
     connection, as anywhere else, not the loop thread."""
-    caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
 
     def buggy(*_args: object) -> bytes:
         raise RuntimeError("a bug in a handler")
@@ -1444,8 +1531,69 @@ def test_a_bug_met_resuming_a_paused_client_costs_that_connection_only(
         other.write("/still", "served")
         assert other.read("/still") == b"served"
     assert xsd._thread is not None and xsd._thread.is_alive()
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == ["internal error serving Connection(#1, dom0)"]
+    assert logged_errors() == ["internal error serving Connection(#1, dom0)"]
+
+
+def test_a_bug_met_accepting_a_connection_costs_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
+) -> None:
+    # Accepting is the loop's too: a bug met setting up one connection
+    # (or an epoll set refusing it) must not stop the loop, nor the
+    # connections waiting behind it in the backlog.
+    made = itertools.count()
+
+    def buggy(*args: Any) -> Connection:
+        if next(made) == 1:
+            raise RuntimeError("a bug accepting a connection")
+        return Connection(*args)
+
+    monkeypatch.setattr(_server, "Connection", buggy)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd, RawClient(
+        xsd.path
+    ) as first, socket.socket(socket.AF_UNIX) as refused:
+        first.write("/first", "")
+        refused.connect(str(xsd.path))
+        assert closed_by_server(refused)
+        assert xsd._thread is not None and xsd._thread.is_alive()
+        check_alive(xsd)
+        assert first.read("/health") == b"alive"
+        assert xsd._call(lambda: len(xsd._conns)) == 1
+    assert logged_errors() == ["internal error accepting a connection of Domain(0)"]
+
+
+def test_a_bug_met_stopping_leaves_no_caller_waiting_for_the_loop(
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
+) -> None:
+    # The loop once ended without saying it had (the calls of other
+    # threads still queued for it, and taken), and every later call
+    # waited for it for good.
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        xsd.start()
+        unlink = XenStored._unlink
+
+        def buggy(path: Path) -> None:
+            if path == xsd.path:
+                raise PermissionError(errno.EACCES, "a run directory made read-only", str(path))
+            unlink(path)
+
+        monkeypatch.setattr(XenStored, "_unlink", staticmethod(buggy))
+        xsd.stop()
+        answer: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                xsd.is_introduced(0)
+            except BaseException as e:
+                answer.append(e)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(10.0)
+        assert not caller.is_alive(), "a call waits for a loop that has ended"
+        assert [type(e) for e in answer] == [RuntimeError]
+        assert "not running" in str(answer[0])
+    assert logged_errors() == ["internal error stopping xenstored"]
 
 
 def test_events_of_a_request_a_bug_cut_short_are_sent_at_once(

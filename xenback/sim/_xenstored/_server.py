@@ -77,8 +77,10 @@ import os
 import select
 import selectors
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -115,6 +117,10 @@ MIN_QUEUED = PAUSE_OUTPUT + 4 * (HEADER_SIZE + PAYLOAD_MAX)
 MAX_QUEUED = 1 << 20
 #: XenStored's default ``watch_event_timeout`` (seconds): cxenstored's.
 WATCH_EVENT_TIMEOUT = 20.0
+#: How long :meth:`XenStored.stop` waits for the loop thread by default
+#: (seconds).  Stopping closes sockets and forgets state: far less, even
+#: on a loaded machine; a loop not done by then is stuck.
+STOP_TIMEOUT = 10.0
 
 
 def check_limits(max_queued: int, watch_event_timeout: float | None) -> None:
@@ -142,6 +148,12 @@ class XenStored:
     guest that never reads then stalls for good the guests whose writes
     it watches).  ``quota`` replaces cxenstored's default limits for
     unprivileged domains.
+
+    ``watch_event_timeout`` is fixed once the server has started (as
+    cxenstored's ``-w``): a waiting event keeps the deadline it was queued
+    with, and the loop looks for stale ones at the earliest deadline it
+    knows of, so a new timeout would apply only to new events, behind the
+    old ones.  Setting it then is an AttributeError.
     """
 
     def __init__(
@@ -155,7 +167,7 @@ class XenStored:
         check_limits(max_queued, watch_event_timeout)
         self.run_dir = Path(run_dir)
         self.max_queued = max_queued
-        self.watch_event_timeout = watch_event_timeout
+        self._watch_event_timeout = watch_event_timeout
         self._max_outstanding = (quota or Quota()).outstanding
         self._dispatcher = Dispatcher(
             self._send, self._send_events, self._introduce, self._release, quota
@@ -206,6 +218,21 @@ class XenStored:
     # --- public face ---------------------------------------------------------
 
     @property
+    def watch_event_timeout(self) -> float | None:
+        """Seconds a watch event for a guest may wait unsent (None: for ever)."""
+        return self._watch_event_timeout
+
+    @watch_event_timeout.setter
+    def watch_event_timeout(self, value: float | None) -> None:
+        # Not on a running server: the deadlines in its queues, and the
+        # loop's wait for the earliest, are the old timeout's (see the
+        # class docstring).
+        if self._thread is not None:
+            raise AttributeError("watch_event_timeout cannot change once XenStored has started")
+        check_limits(self.max_queued, value)
+        self._watch_event_timeout = value
+
+    @property
     def path(self) -> Path:
         """The dom0 socket (what XENSTORED_PATH should name)."""
         return self.run_dir / "xenstored" / "socket"
@@ -227,10 +254,16 @@ class XenStored:
         self._thread.start()
         logger.info("xenstored listening on %s", self.path)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Close every connection and socket and stop the loop thread.
 
-        Idempotent; a stopped server cannot be started again.
+        Idempotent; a stopped server cannot be started again.  Waits for
+        the loop thread ``timeout`` seconds at most (:data:`STOP_TIMEOUT`
+        if None).  A loop still running then is stuck (a bug: something
+        it called has not returned), and waiting longer would hang the
+        caller for good: TimeoutError names the thread and where it is.
+        The server is then half stopped (its loop ends if it ever comes
+        back); stop() again waits for it again.
         """
         thread = self._thread
         if thread is None:
@@ -241,7 +274,15 @@ class XenStored:
         with self._calls_lock:
             if not self._calls_closed:
                 self._wake()
-        thread.join()
+        if timeout is None:
+            timeout = STOP_TIMEOUT
+        thread.join(timeout)
+        if thread.is_alive():
+            frame = sys._current_frames().get(thread.ident or 0)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "?\n"
+            raise TimeoutError(
+                f"the XenStore loop thread {thread.name!r} did not stop within {timeout:g} s;"
+                f" it is stuck at:\n{where.rstrip()}")
 
     def introduce_path(self, domid: int) -> Path:
         """The socket :meth:`introduce_domain` creates for ``domid`` (no side effect)."""
@@ -364,23 +405,30 @@ class XenStored:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        for conn in list(self._conns):
-            self._close(conn, "server stopping")
-        for domid in [d for d in self._dispatcher.domains if d != 0]:
-            self._teardown_domain(domid)
-        assert self._selector is not None and self._listener is not None
-        assert self._hup is not None
-        self._selector.close()
-        self._hup.close()
-        self._listener.close()
-        self._unlink(self.path)
-        with self._calls_lock:
-            self._calls_closed = True
-            self._wake_r.close()
-            self._wake_w.close()
-            while self._calls:
-                _fn, future = self._calls.popleft()
-                future.cancel()
+        try:
+            for conn in list(self._conns):
+                self._close(conn, "server stopping")
+            for domid in [d for d in self._dispatcher.domains if d != 0]:
+                self._teardown_domain(domid)
+            assert self._selector is not None and self._listener is not None
+            assert self._hup is not None
+            self._selector.close()
+            self._hup.close()
+            self._listener.close()
+            self._unlink(self.path)
+        except Exception:
+            # Logged, not raised: the thread is ending, and nobody would
+            # read it there.  Whatever is left behind, the calls must end.
+            logger.exception("internal error stopping xenstored")
+        finally:
+            # No caller may wait for a loop that is gone (see _call).
+            with self._calls_lock:
+                self._calls_closed = True
+                self._wake_r.close()
+                self._wake_w.close()
+                while self._calls:
+                    _fn, future = self._calls.popleft()
+                    future.cancel()
         logger.info("xenstored stopped")
 
     # --- sockets -----------------------------------------------------------------
@@ -452,13 +500,26 @@ class XenStored:
                            domain)
                 sock.close()
                 continue
-            sock.setblocking(False)
-            self._nconn += 1
-            conn = Connection(sock, domain, f"#{self._nconn}")
-            domain.conns.add(conn)
-            self._conns.add(conn)
-            conn.events = _READ
-            self._selector.register(sock, _READ, (self._on_event, conn))
+            try:
+                self._add_connection(sock, domain)
+            except Exception:
+                # As a bug met serving a connection: it costs that one
+                # only, and the rest of the backlog is still accepted.
+                logger.exception("internal error accepting a connection of %r", domain)
+                sock.close()
+
+    def _add_connection(self, sock: socket.socket, domain: Domain) -> None:
+        """Serve ``sock`` as a connection of ``domain``: known to the
+        server only once it is in the selector, so that a failure leaves
+        nothing to undo but the socket."""
+        assert self._selector is not None
+        sock.setblocking(False)
+        self._nconn += 1
+        conn = Connection(sock, domain, f"#{self._nconn}")
+        conn.events = _READ
+        self._selector.register(sock, _READ, (self._on_event, conn))
+        domain.conns.add(conn)
+        self._conns.add(conn)
 
     def _resume_accept(self) -> None:
         """Watch the listeners _accept() gave up on again (loop thread)."""
@@ -589,8 +650,8 @@ class XenStored:
             self._send(conn, event)
             conn.queued_events[event] = conn.out_base + len(conn.out)
         deadline = math.inf
-        if not domain.privileged and self.watch_event_timeout is not None:
-            deadline = time.monotonic() + self.watch_event_timeout
+        if not domain.privileged and self._watch_event_timeout is not None:
+            deadline = time.monotonic() + self._watch_event_timeout
         elif charge is None:
             return
         end = conn.out_base + len(conn.out)
@@ -682,7 +743,9 @@ class XenStored:
                 logger.exception("internal error expiring the events of %r", conn)
                 self._close(conn, "internal error")
                 continue
-            # The oldest is inf only if sending it has begun (see _expire).
+            # The oldest is inf only if sending it has begun (see _expire);
+            # the next is the earliest deadline left, the timeout being
+            # fixed (see watch_event_timeout).
             for event in itertools.islice(conn.waiting, 2):
                 if event.deadline != math.inf:
                     self._arm_expiry(conn, event.deadline)
@@ -812,27 +875,51 @@ class XenStored:
                 self._close(conn, "hung up while held back")
 
     def _close(self, conn: Connection, why: str, level: int = logging.DEBUG) -> None:
-        """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING)."""
+        """Forget ``conn``: a normal end (DEBUG) or the client's fault (WARNING).
+
+        Never raises: closing is how a bug met serving a connection or
+        expiring its events is contained (see _on_event), so a bug met in
+        it must not reach the loop.  Nor may it cut the closing short:
+        each step runs whatever the one before it met (logged with its
+        traceback).  A closed connection left in the selector would spin
+        the loop; its events left counted would hold back for good the
+        guests whose requests fired them.
+        """
         if conn.closed:
             return
         logger.log(level, "closing %r: %s", conn, why)
         conn.closed = True
-        assert self._selector is not None
-        if self._held.get(conn.fd) is conn:
-            assert self._hup is not None
-            self._hup.unregister(conn.fd)
-            del self._held[conn.fd]
-        else:
+        for step in (self._unwatch, self._dispatcher.drop_connection_state, self._forget):
             try:
-                self._selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
+                step(conn)
+            except Exception:
+                logger.exception("internal error closing %r", conn)
+
+    def _unwatch(self, conn: Connection) -> None:
+        """Take closed ``conn`` out of the selector (or _hup) and close its socket."""
+        assert self._selector is not None
         try:
-            conn.sock.close()
-        except OSError as e:
-            if e.errno != errno.EBADF:
-                raise
-        self._dispatcher.drop_connection_state(conn)
+            if self._held.get(conn.fd) is conn:
+                assert self._hup is not None
+                del self._held[conn.fd]
+                self._hup.unregister(conn.fd)
+            else:
+                try:
+                    self._selector.unregister(conn.sock)
+                except (KeyError, ValueError):
+                    pass
+        finally:
+            # Whatever the unregistering met: the kernel drops a closed
+            # descriptor from epoll sets itself.
+            try:
+                conn.sock.close()
+            except OSError as e:
+                if e.errno != errno.EBADF:
+                    raise
+
+    def _forget(self, conn: Connection) -> None:
+        """Drop what closed ``conn`` holds of the server's: its place in the
+        sets, its share of its guest's queue, the requests its events count."""
         conn.domain.conns.discard(conn)
         self._conns.discard(conn)
         self._dirty.discard(conn)
