@@ -35,7 +35,9 @@ protocol (section 2 of the protocol reference), item by item:
   fatal error;
 * removal by the toolstack (``online`` = 0, backend ``state`` = Closing): the
   device is dropped once the frontend is closed or was never connected;
-  one removed before we probed it is switched to Closed at once;
+  one removed before we probed it is switched to Closed at once, and so
+  is one whose probe failed (it watches no frontend, whose Closed it
+  would wait for in vain), whether the removal came before or after;
   a deleted backend directory drops the device without writing anything;
 * ``@releaseDomain``: the devices of a frontend domain that no longer exists
   are disconnected and dropped at once, releasing its grants and ports;
@@ -1395,6 +1397,10 @@ class BackendDriver:
             err, message = _errno_of(exc)
             logger.debug("%s: probe failed", dev.nodename, exc_info=True)
             dev.fatal(err, f"probing: {message}")
+            # Watching no frontend, the device moves on only for events in
+            # its own directory, and a removal asked for before we looked
+            # (one found at start, online=0 and Closing) sends none.
+            self._backend_changed(dev)
 
     def _take_over(self, dev: BackendDevice) -> None:
         """Serve a device an earlier backend left in our directory (it was
@@ -1498,6 +1504,11 @@ class BackendDriver:
         # frontend_changed table finishes the job; one that is absent,
         # closed or never got going would leave the toolstack waiting.
         if dev.state == XenbusState.CLOSING and not self._online(dev):
+            if dev._otherend_watch is None:
+                # Its probe failed: it connected nothing, and would never
+                # hear its frontend close.
+                self._drop(dev)
+                return
             try:
                 fstate = XenbusState.parse(self._otherend_state(dev)) if dev.otherend else XenbusState.UNKNOWN
             except ValueError:

@@ -2178,6 +2178,84 @@ def test_a_frontend_still_connected_to_a_stopped_backend_is_not_reconnected_as_i
         assert error_node(dom0_xs, dev) is None
 
 
+def _remove_in_background(host, dev, *, destroy: bool) -> tuple[threading.Thread, list[bool]]:
+    """The toolstack's removal of ``dev`` (``destroy``: as its domain's
+    destruction does, the frontend directory deleted first) on a thread of
+    its own, as libxl's wait runs: ``(thread, [closed in time])``."""
+    closed: list[bool] = []
+
+    def remove() -> None:
+        if destroy:
+            closed.append(host.toolstack.destroy_devices(dev.frontend_id, timeout=3) == [])
+        else:
+            closed.append(host.toolstack.remove_device(dev, timeout=3))
+
+    remover = threading.Thread(target=remove)
+    remover.start()
+    return remover, closed
+
+
+@pytest.mark.parametrize("why", ["frontend gone", "probe raises"])
+def test_a_removal_asked_before_start_is_answered_when_the_probe_fails(
+        host, frontends, dom0_xs, caplog, why: str) -> None:
+    """The toolstack removes a device (online=0, Closing) while no backend
+    runs, between a stop and the next start, and libxl waits for Closed.
+    The next backend takes the device over at start, and its probe fails:
+    the frontend's directory is gone (the guest is being destroyed), or
+    probe() raised.  The failure leaves Closing and no watch on the
+    frontend, and the removal's writes came before the backend looked, so
+    no event follows: unless the probe's end looks at the removal, libxl
+    waits its whole timeout for a device that holds nothing."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    remover, closed = _remove_in_background(host, dev, destroy=why == "frontend gone")
+    dom0_xs.wait_for(f"{dev.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    drv = RecordingDriver(host.dom0)
+    probed: list[int] = []
+    if why == "probe raises":
+        def fail(bdev) -> None:
+            # Before writing anything: a write into the device's directory
+            # would fire the backend's watch, and that event would look
+            # at the removal.
+            probed.append(bdev.frontend_id)
+            raise OSError(errno.ENOMEM, "injected")
+
+        drv.probe = fail  # type: ignore[method-assign]
+    with drv:
+        remover.join(2 * TIMEOUT)
+        assert closed == [True]
+        drv.wait(lambda: drv.devices() == [])
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+    assert probed == ([] if why == "frontend gone" else [guest.domid])
+
+
+def test_a_device_whose_probe_failed_lets_a_removal_go_whatever_its_frontend_says(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """A failed probe leaves the device Closing with no watch on its
+    frontend: it connected nothing, and it cannot hear the frontend's
+    state change.  The guest is still Closing (about to write Closed, as
+    a Linux frontend answers a backend's Closing, or never) when the
+    toolstack removes the device: waiting for a Closed the backend would
+    never see makes libxl wait its whole timeout."""
+    def fail(_dev) -> None:
+        raise OSError(errno.ENOMEM, "injected")
+
+    driver.probe_hook = fail
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.CLOSING)
+    fe.set_state(S.CLOSING)
+    bdev = backend_device(driver, guest.domid)
+    remover, closed = _remove_in_background(host, dev, destroy=False)
+    remover.join(2 * TIMEOUT)
+    assert closed == [True]
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    assert bdev.gone and driver.devices() == []
+
+
 @pytest.mark.parametrize("hook", ["probe", "connect"])
 def test_stop_from_a_driver_callback_is_refused_before_it_does_anything(
         host, driver, frontends, hook) -> None:
