@@ -213,7 +213,9 @@ class EventChannel(Closing):
         the port: refused (an error raised here) or cut short before it,
         the reply is given back by the connection, its descriptors closed.
         """
-        port = reply["port"]
+        # get(): a reply without its port is the service's fault (EPROTO),
+        # not a KeyError that would pass for a bug of the handle.
+        port = reply.get("port")
         if len(fds) != nfds or type(port) is not int:
             raise EventChannelError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
         lp = _LocalPort(port, fds[0], domid, remote_port, fds[1] if nfds == 2 else None)
