@@ -1220,6 +1220,59 @@ def test_a_bind_answered_after_the_handle_closed_keeps_nothing(
     released_since(host, before, "a bind answered after close()")
 
 
+@pytest.mark.parametrize("bad", [
+    {"event": "bound", "port": 7, "remote_port": 5},
+    {"event": "bound", "port": 7, "domid": "one", "remote_port": 5},
+    {"event": "bound", "port": 7, "domid": 1, "remote_port": None},
+    {"event": "moved", "port": 7},
+], ids=["no-domid", "domid-not-int", "remote-port-not-int", "unknown-event"])
+def test_a_malformed_push_about_a_port_is_logged_and_dropped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: dict[str, object]) -> None:
+    """A push about a port of ours that is no news the handle knows (a
+    "bound" short of the peer's domain or port, an event it never heard
+    of) is the service breaking the protocol: it is logged as an error and
+    dropped, its descriptor closed and the port left as it was, and the
+    handle goes on hearing the service.  A "bound" without its domid let
+    a KeyError out of the drain (remote() here, pending() in an event
+    loop), the port already marked unbound and the peer's write end never
+    closed."""
+    path = str(tmp_path / "hypervisor")
+    port_r, port_w = os.pipe()
+    bad_r, bad_w = os.pipe()
+    good_r, good_w = os.pipe()
+    sent = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "port": 7}, [port_r])
+        send_message(conn, bad, [bad_w])
+        send_message(conn, {"event": "bound", "port": 7, "domid": 1, "remote_port": 5}, [good_w])
+        for fd in (port_r, bad_w, good_w):
+            os.close(fd)
+        sent.set()
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        assert sent.wait(TIMEOUT)
+        with caplog.at_level(logging.ERROR):
+            assert ch.remote(7) == (1, 5)
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "moved" in record.getMessage() or "bound" in record.getMessage()
+        assert select.select([bad_r], [], [], TIMEOUT)[0] == [bad_r]
+        assert os.read(bad_r, 1) == b""  # no copy of its write end is left
+        ch.notify(7)
+        assert os.read(good_r, 1) == b"\x00"  # the good news was taken
+    finally:
+        ch.close()
+        for fd in (port_w, bad_r, good_r):
+            os.close(fd)
+        server.join(TIMEOUT)
+
+
 @pytest.mark.parametrize(("op", "count", "port"), [
     ("bind_unbound_port", 0, 7), ("bind_unbound_port", 2, 7),
     ("bind_interdomain", 1, 7), ("bind_interdomain", 3, 7),

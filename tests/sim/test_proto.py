@@ -737,6 +737,48 @@ def test_a_malformed_push_is_logged_and_the_handle_keeps_listening(
         server.join(TIMEOUT)
 
 
+@pytest.mark.parametrize("raised", [PlatformError(errno.EINVAL, "bad news"), KeyError("domid")],
+                         ids=["the-handles-error", "a-bug"])
+def test_a_push_the_handle_cannot_take_is_logged_and_the_handle_keeps_listening(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, raised: Exception) -> None:
+    """on_push raising for a message it cannot take (news the service
+    should not have sent): the push is logged as an error and dropped, as
+    a malformed packet is, and neither the call that met it on the way to
+    its reply nor the drain fails for it.  The handle's own error made
+    drain() say that the service had gone (and the event channel handle
+    stop watching it for good), and failed the call, its reply left
+    behind for nobody."""
+    path = str(tmp_path / "hypervisor")
+    pushes = [{"event": "bound", "port": 1}, {"event": "unbound", "port": 2},
+              {"event": "bound", "port": 3}, {"event": "unbound", "port": 4}]
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        send_message(conn, pushes[0])  # met by the call, before its reply
+        send_message(conn, {"id": request_id, "ok": 1})
+        for push in pushes[1:]:
+            send_message(conn, push)
+
+    server = _serve(path, answer)
+    pushed: list[dict[str, object]] = []
+
+    def on_push(msg: dict[str, object], fds: list[int]) -> None:
+        pushed.append(msg)
+        if msg["event"] == "bound":
+            raise raised
+
+    conn = ServiceConnection(path, PlatformError, on_push)
+    try:
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"):
+            assert conn.call("info") == ({"id": 1, "ok": 1}, [])
+            assert eventually(lambda: conn.drain() and len(pushed) == len(pushes)), pushed
+        assert pushed == pushes
+        assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 2
+        assert conn.drain() is True
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
 def test_a_malformed_packet_fails_the_call_waiting_and_is_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Where a call waits, a malformed packet may have been its reply: the

@@ -667,6 +667,18 @@ class EventChannel(Closing):
 
     def _on_push(self, msg: Message, fds: list[int]) -> None:
         event, port = msg.get("event"), msg.get("port")
+        # Checked before anything changes: news the handle cannot take (the
+        # service broke the protocol) leaves the port as it was, and the
+        # message goes as a malformed packet does, logged.
+        if event == "bound":
+            malformed = type(msg.get("domid")) is not int or type(msg.get("remote_port")) is not int
+        else:
+            malformed = event != "unbound"
+        if malformed:
+            close_fds(fds)
+            logger.error("evtchn: a malformed message from the hypervisor service: %r (dropped)",
+                         msg)
+            return
         with self._lock:
             lp = self._ports.get(port) if type(port) is int else None
             if lp is None or lp.unbound:

@@ -258,8 +258,11 @@ class ServiceConnection:
     """The client end of one handle's connection to the hypervisor service.
 
     ``on_push(msg, fds)`` receives the messages the service pushes; it owns
-    the descriptors.  ``error`` is the :class:`OSError` subclass raised for a
-    failed request (GrantError or EventChannelError).
+    the descriptors, also if it raises.  An :class:`Exception` it raises
+    (news it cannot take) is logged as an error and the message dropped,
+    as a malformed packet is: no call or drain fails for it.  ``error`` is
+    the :class:`OSError` subclass raised for a failed request (GrantError
+    or EventChannelError).
 
     ``on_wait(True)`` is called before a request goes out and
     ``on_wait(False)`` once it is over, both under the connection's lock;
@@ -518,7 +521,16 @@ class ServiceConnection:
             else:
                 fds = taken.fds
                 del self._inbox[0]
-                on_push(msg, fds)  # it owns them as it starts
+                try:
+                    on_push(msg, fds)  # it owns them as it starts
+                except Exception:
+                    # News the owner cannot take: dropped as a malformed
+                    # packet is, logged.  Neither the call that met it on
+                    # the way to its reply nor a drain fails for it (a
+                    # drain would take the owner's error for the service's
+                    # end, and its owner stop listening for good).
+                    logger.exception("a message from the hypervisor service its handle "
+                                     "could not take: %r (dropped)", msg)
             return None
         if not taken.classified:
             self._classify(taken, request_id)
@@ -653,8 +665,9 @@ class ServiceConnection:
         Returns False once the service has gone or refused the connection
         (the next call reports it), and only then: its owner stops
         watching the connection for good (EventChannel does).  A malformed
-        packet is the service's fault, not its end: it is logged as an
-        error and dropped, and the drain goes on to what follows it.
+        packet, or a push its owner cannot take, is the service's fault,
+        not its end: it is logged as an error and dropped, and the drain
+        goes on to what follows it.
         """
         me = threading.get_ident()
         with self._lock:
