@@ -958,6 +958,33 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
         server.join(TIMEOUT)
 
 
+def test_a_request_whose_descriptors_find_no_room_at_the_service_is_answered_as_its_own(
+        guest: Domain) -> None:
+    """The service out of descriptor numbers as a request carrying one
+    comes (the kernel drops it, MSG_CTRUNC): the request is whole, and its
+    error reply (EMFILE, the service is out of descriptors) carries its
+    id.  It was taken for an oversized one and answered E2BIG without an
+    id, which a call took for its own reply whatever request it answered:
+    after a call cut short, the next call failed with the error of the
+    one before, and its own reply went to nobody."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        r, w = os.pipe()
+        try:
+            conn.call("info")  # the service is serving (it accepted already)
+            with _no_descriptor_left():
+                with pytest.raises(EventChannelError) as info:
+                    conn.call("info", [w])
+                assert info.value.errno == errno.EMFILE, info.value
+                assert interrupted_as_call_returns(
+                    ServiceConnection._call.__code__, 0, lambda: conn.call("info", [w]))
+                assert conn.call("info")[0]["domid"] == guest.domid
+            assert eventually(lambda: conn.drain() and not conn._unanswered), conn._unanswered
+        finally:
+            os.close(r)
+            os.close(w)
+
+
 def test_a_push_short_of_its_descriptors_is_dropped_and_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A pushed message whose descriptors found no room in this process:

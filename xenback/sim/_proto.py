@@ -161,7 +161,10 @@ def close_taken(fds: list[int]) -> None:
 def recv_message(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int], bool]:
     """Receive one packet: ``(data, fds, truncated)``.
 
-    ``data`` is empty at end of stream.  The caller owns the descriptors,
+    ``data`` is empty at end of stream.  ``truncated``: the packet was
+    longer than :data:`MAX_MESSAGE` (then so is ``data``), or the kernel
+    dropped descriptors it carried for want of a number in this process
+    (``MSG_CTRUNC``; ``data`` is whole).  The caller owns the descriptors,
     also when the packet turns out to be invalid.
     """
     # Not socket.recv_fds: Python 3.11's ignores its flags argument.
