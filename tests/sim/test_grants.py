@@ -26,7 +26,7 @@ from hosthelpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
-from stolensignal import interrupted_at
+from stolensignal import Interrupted, interrupted_at
 
 import xenback
 from xenback.platform import PAGE_SIZE, GrantError
@@ -1046,8 +1046,21 @@ def test_pages_interrupted_anywhere_in_their_making_are_the_handles_or_nobodys(
     or nobody holds them, at the service or here.  The descriptors of the
     reply and the service's mapping or share were taken after call()
     returned, and one landing there lost both: the descriptors for good,
-    the grant until the handle closed."""
+    the grant until the handle closed.  Nor are pages nobody lists left
+    mapped in this process while the error lives (whose frames hold what
+    the call made; a REPL keeps the last one): one landing as the apply
+    listed them left them to the garbage collector."""
     with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+
+        def make(handle: GrantShare | GrantTable, call: Callable[[], _Pages],
+                 made: list[_Pages]) -> None:
+            mapped, listed = len(_mapped_grant_files(guest.domid)), len(handle._live)
+            try:
+                made.append(call())
+            except Interrupted:
+                now = len(_mapped_grant_files(guest.domid))
+                assert now == mapped + len(handle._live) - listed, (now, mapped, handle._live)
+                raise
 
         def landing(n: int) -> str:
             grants = live_grants(host)
@@ -1057,13 +1070,15 @@ def test_pages_interrupted_anywhere_in_their_making_are_the_handles_or_nobodys(
                 pages = shr.share_pages(0, 1)
                 handle = tab
                 where = interrupted_at(
-                    n, SIM_CODE, lambda: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
+                    n, SIM_CODE,
+                    lambda: make(tab, lambda: tab.map_grant_refs(guest.domid, pages.refs), made),
                     besides=SIM_ROUND_TRIP)
                 # The next call gives back what the cut one left to the connection.
                 tab.map_grant_refs(guest.domid, pages.refs).unmap()
             else:
                 handle = shr
-                where = interrupted_at(n, SIM_CODE, lambda: made.append(shr.share_pages(0, 1)),
+                where = interrupted_at(n, SIM_CODE,
+                                       lambda: make(shr, lambda: shr.share_pages(0, 1), made),
                                        besides=SIM_ROUND_TRIP)
                 shr.share_pages(0, 1).unshare()
             assert all(p in handle._live.values() for p in made), where
@@ -1075,6 +1090,42 @@ def test_pages_interrupted_anywhere_in_their_making_are_the_handles_or_nobodys(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+@pytest.mark.parametrize("then", ["next-apply", "close"])
+def test_pages_a_second_ctrl_c_left_unlisted_are_scrubbed_by_the_next_apply_or_close(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch, then: str) -> None:
+    """A Ctrl-C as a share's apply lists its pages, and a second one as
+    the apply's clean-up starts to scrub them: the pages stay mapped
+    while the error lives, until the handle's next apply, or its close(),
+    scrubs them; neither leaves them to the garbage collector."""
+    with guest.gntshr() as shr:
+        real_scrub = _Handle._scrub_unlisted
+        scrubs: list[int] = []
+
+        def ctrl_c_as_it_lists(*args: object) -> None:
+            raise Interrupted
+
+        def second_ctrl_c(handle: _Handle[Any]) -> None:
+            scrubs.append(1)
+            if len(scrubs) == 2:  # the clean-up's (the first: before the region is made)
+                raise Interrupted
+            real_scrub(handle)
+
+        monkeypatch.setattr(_Handle, "_take", ctrl_c_as_it_lists)
+        monkeypatch.setattr(_Handle, "_scrub_unlisted", second_ctrl_c)
+        with pytest.raises(Interrupted) as info:
+            shr.share_pages(0, 1)
+        assert len(scrubs) == 2
+        monkeypatch.undo()
+        assert len(_mapped_grant_files(guest.domid)) == 1, info.value
+        if then == "next-apply":
+            with shr.share_pages(0, 1):
+                assert len(_mapped_grant_files(guest.domid)) == 1, info.value
+        else:
+            shr.close()
+        assert not _mapped_grant_files(guest.domid), info.value
+    assert eventually(lambda: live_grants(host) == 0)
 
 
 def test_a_map_failing_past_its_first_segment_keeps_nothing_mapped(
