@@ -1157,7 +1157,11 @@ def test_a_bind_interrupted_anywhere_leaves_its_port_to_the_handle_or_to_nobody(
     its descriptors kept to be closed by unbind) or given back by the
     next call.  One landing as apply started, before it stored the reply,
     lost the port's read end for good and left the port at the service
-    until the handle closed."""
+    until the handle closed.  And the handle hears the service's news at
+    once, before any call of its own: one landing as the bind's end of
+    its wait for the reply started (_quiet_service(False)) left the
+    service connection out of the handle's epoll set until the next
+    request, and a thread waiting on the handle deaf to it."""
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
 
         def landing(n: int) -> str:
@@ -1167,7 +1171,13 @@ def test_a_bind_interrupted_anywhere_leaves_its_port_to_the_handle_or_to_nobody(
                 "bind_interdomain": lambda: e0.bind_interdomain(guest.domid, p1),
             }[op]
             ports = host.hypervisor.stats()["ports"]
+            news = e0.bind_unbound_port(guest.domid)
             where = interrupted_at(n, SIM_CODE, bind, besides=SIM_ROUND_TRIP)
+            peer = e1.bind_interdomain(0, news)  # pushed to e0
+            assert readable(e0, TIMEOUT), where
+            assert e0.remote(news) == (guest.domid, peer), where
+            e1.unbind(peer)
+            e0.unbind(news)
             # The next call gives back what the cut one left to the connection.
             extra = e0.bind_unbound_port(guest.domid)
             held = e0.ports()

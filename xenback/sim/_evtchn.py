@@ -522,7 +522,9 @@ class EventChannel(Closing):
         or on :meth:`fileno`, which would only find it taken.  Pushed
         messages that come meanwhile are taken by the request; those that
         come after its reply are reported as the connection is watched
-        again (epoll_ctl checks readiness)."""
+        again (epoll_ctl checks readiness).  Watching it again twice (the
+        connection makes on_wait(False) again if a Ctrl-C cut it short)
+        changes nothing."""
         with self._lock:
             if self._conn_fd is not None and not self._closed:
                 self._epoll.modify(self._conn_fd, 0 if quiet else select.EPOLLIN)

@@ -270,7 +270,8 @@ class ServiceConnection:
     ``on_wait(True)`` is called before a request goes out and
     ``on_wait(False)`` once it is over, both under the connection's lock;
     a Ctrl-C may make the second come without the first, or after only
-    part of it.
+    part of it, and the second comes again if it raised (a Ctrl-C in it):
+    it must be harmless to make twice.
     An owner that watches the connection for pushed messages in an epoll
     set, where another thread may be waiting, stops watching it meanwhile:
     the caller takes every message until its reply itself, and the reply
@@ -387,12 +388,19 @@ class ServiceConnection:
                 else:
                     # Both in the try: a Ctrl-C as on_wait(True) returns
                     # left the owner deaf to pushes until its next call.
-                    # on_wait(False) alone is harmless (the usual state).
+                    # on_wait(False) alone is harmless (the usual state),
+                    # and so is one made twice: once more if the first
+                    # was cut short (a Ctrl-C as it started), which left
+                    # the owner deaf all the same.
                     try:
                         on_wait(True)
                         self._call(me, op, fds, apply, done, args)
                     finally:
-                        on_wait(False)
+                        try:
+                            on_wait(False)
+                        except BaseException:
+                            on_wait(False)
+                            raise
             except BaseException:
                 self._cut_short()
                 raise
