@@ -11,17 +11,23 @@ optionally carrying file descriptors (``SCM_RIGHTS``): shared-memory files
 for grants, pipe ends for event channels.  Requests carry ``"op"``; replies
 carry either the result or ``"errno"`` and ``"error"``; the service may also
 push unsolicited messages carrying ``"event"`` to event channel handles (a
-peer bound or unbound one of their ports).  Replies are sent in request
-order, so a client only has to skip pushed messages while it waits; it
-matches them by id all the same (below), and drops one of an id it never
-sent, whatever its id, logged: a stray reply answers no other request.
+peer bound or unbound one of their ports).  Replies do not always come in
+request order: the service answers grant and event channel requests at
+once, but domain control once the host has done it, in another thread,
+possibly after the replies to requests made after it on the same
+connection (:func:`~xenback.sim._domain.create_domain` makes it over a
+connection of its own, but nothing in the protocol says a client must).
+So a client matches replies by id (below), never by order, skipping
+pushed messages while it waits, and drops a reply of an id it never
+sent, logged: a stray reply answers no other request.
 A packet that is no message (no JSON object, or too long) breaks the
 protocol: it is logged as an error and dropped, and fails the call that
 waits for a reply, if any (EPROTO); a drain goes on past it.  A message
 whose descriptors this process had no room for (the kernel drops them,
 ``MSG_CTRUNC``) is whole: as a reply it answers its request, whose call
 fails (EMFILE) and what it gave is given back; pushed, it is logged as
-an error and dropped.
+an error and dropped.  The service, short of room so for a request's
+descriptors, answers it so too: EMFILE, with its id.
 
 A request may carry ``"id"``, an integer the service echoes in its reply.
 :class:`ServiceConnection` numbers its requests so: a call cut short
