@@ -874,7 +874,7 @@ def test_no_request_is_left_unanswered_by_a_call_cut_short_anywhere(
 
 
 def test_a_ctrl_c_in_the_wake_up_request_leaves_no_request_waiting(guest: Domain) -> None:
-    """A second Ctrl-C, in the request a call or drain cut short makes to
+    """A second Ctrl-C, in the request a drain cut short makes to
     wake the handle's waiters (ServiceConnection._cut_short), as any call
     it makes returns: the request is listed as waiting for its reply only
     if it went.  It was listed before it was encoded, so a Ctrl-C as the

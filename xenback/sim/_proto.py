@@ -294,10 +294,11 @@ class ServiceConnection:
     whose call was cut short is released by the next call or drain() (its
     descriptors closed, ``done`` called, what it gave undone) or by
     close().  A packet a Ctrl-C leaves in the inbox is no longer in the
-    socket, which the owner watches for pushes: the call or drain cut
-    short makes the socket readable again (see :meth:`_cut_short`).  One
-    whose ``apply`` took it is the handle's, however the call ends (as a
-    file keeps what an ioctl interrupted after it returned gave).
+    socket, which the owner watches for pushes: a drain cut short makes
+    the socket readable again (see :meth:`_cut_short`), a call's own
+    reply does.  One whose ``apply`` took it is the handle's, however the
+    call ends (as a file keeps what an ioctl interrupted after it
+    returned gave).
     """
 
     def __init__(
@@ -382,34 +383,38 @@ class ServiceConnection:
         destroyed) or the connection was closed during the call.
         """
         me = threading.get_ident()
+        # No wake-up request (see _cut_short) for a call cut short: the
+        # inbox holds one packet at most (a receive waits for it to be
+        # empty), so a push the call leaves there came either as its
+        # request waited, whose reply is still to be received, or before
+        # the request went, from a call or drain cut short earlier whose
+        # reply or wake-up is still to be received.  Either makes the
+        # socket readable.  A reply it leaves (a Ctrl-C after the receive)
+        # wakes nobody: the next call, drain or close() releases it.
         with self._lock:
-            try:
-                if self._delivering:  # a test, not a call, on the common path
-                    self._settle_delivering(me)
-                if self._refusal is not None:
-                    raise self._error(*self._refusal)
-                on_wait = self._on_wait
-                if on_wait is None:
+            if self._delivering:  # a test, not a call, on the common path
+                self._settle_delivering(me)
+            if self._refusal is not None:
+                raise self._error(*self._refusal)
+            on_wait = self._on_wait
+            if on_wait is None:
+                self._call(me, op, fds, apply, done, args)
+            else:
+                # Both in the try: a Ctrl-C as on_wait(True) returns
+                # left the owner deaf to pushes until its next call.
+                # on_wait(False) alone is harmless (the usual state),
+                # and so is one made twice: once more if the first
+                # was cut short (a Ctrl-C as it started), which left
+                # the owner deaf all the same.
+                try:
+                    on_wait(True)
                     self._call(me, op, fds, apply, done, args)
-                else:
-                    # Both in the try: a Ctrl-C as on_wait(True) returns
-                    # left the owner deaf to pushes until its next call.
-                    # on_wait(False) alone is harmless (the usual state),
-                    # and so is one made twice: once more if the first
-                    # was cut short (a Ctrl-C as it started), which left
-                    # the owner deaf all the same.
+                finally:
                     try:
-                        on_wait(True)
-                        self._call(me, op, fds, apply, done, args)
-                    finally:
-                        try:
-                            on_wait(False)
-                        except BaseException:
-                            on_wait(False)
-                            raise
-            except BaseException:
-                self._cut_short()
-                raise
+                        on_wait(False)
+                    except BaseException:
+                        on_wait(False)
+                        raise
         # No call from here on: a signal's handler runs after one returns,
         # and the reply would be lost there, out of _delivering and not
         # returned yet.
@@ -708,7 +713,7 @@ class ServiceConnection:
                 raise
 
     def _cut_short(self) -> None:
-        """A call or drain ends with an exception (under _lock): if it left
+        """A drain ends with an exception (under _lock): if it left
         a packet in the inbox (a Ctrl-C after the receive took it), make
         the socket readable again, or a thread waiting for pushed messages
         on it (as EventChannel's do, in an epoll set) would not wake for
@@ -723,7 +728,8 @@ class ServiceConnection:
         as the descriptor owners watch) would cost every handle two more
         descriptors, and every wake-up a nested epoll, for the rare
         Ctrl-C.  Only for an owner of pushes: nobody else watches the
-        socket, and the next call takes what waits.  A second Ctrl-C
+        socket, and the next call takes what waits.  Not for a call (see
+        call()): a reply still to come wakes the thread.  A second Ctrl-C
         landing in here leaves the packet to the next call or drain."""
         if not self._inbox or self._on_push is None or self._refusal is not None:
             return
