@@ -18,6 +18,7 @@ import pytest
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
+    closed_while_paused,
     eventually,
     every_landing,
     handle_census,
@@ -1211,21 +1212,11 @@ def test_a_bind_answered_after_the_handle_closed_keeps_nothing(
     waiting = Attempt(lambda: woken.run(e0.wait)) if waiter else None
     if waiting is not None:
         assert woken.reached.wait(TIMEOUT) and e0._waiters == 1
-    bind = PauseAt(EventChannel._take_port, "with self._lock")
-    binding = Attempt(lambda: bind.run(lambda: e0.bind_unbound_port(guest.domid)))
-    try:
-        assert bind.reached.wait(TIMEOUT)
-        # close() marks the handle closed, then waits for the bind's
-        # round trip to end before it closes the connection.
-        closing = Attempt(e0.close)
-        assert eventually(lambda: e0._closed)
-    finally:
-        bind.resume()
-    error = binding.result()
+    error = closed_while_paused(e0, PauseAt(EventChannel._take_port, "with self._lock"),
+                                lambda: e0.bind_unbound_port(guest.domid))
     woken.resume()
     if waiting is not None:
         assert isinstance(waiting.result(), EventChannelError)
-    assert closing.result() is None
     assert isinstance(error, EventChannelError) and error.errno == errno.EBADF, error
     released_since(host, before, "a bind answered after close()")
 

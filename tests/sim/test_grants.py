@@ -18,6 +18,7 @@ import pytest
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
+    closed_while_paused,
     descriptors,
     eventually,
     every_landing,
@@ -35,7 +36,7 @@ from xenback.platform import GrantShare as GrantShareProtocol
 from xenback.platform import GrantTable as GrantTableProtocol
 from xenback.platform import SharedPages as SharedPagesProtocol
 from xenback.sim import Domain, GrantShare, GrantTable, SimHost, _hypervisor
-from xenback.sim._grant import GrantMapping, _ffi, _Handle, _Pages, _Region
+from xenback.sim._grant import _ffi, _Handle, _Pages, _Region
 from xenback.sim._hypervisor import domain_socket
 from xenback.sim._proto import MAX_MESSAGE, send_message
 
@@ -935,22 +936,9 @@ def test_a_map_finishing_after_the_handle_closed_keeps_nothing(
     with guest.gntshr() as shr:
         pages = shr.share_pages(0, 1)
         tab = host.dom0.gnttab()
-        got: list[GrantMapping] = []
-        pause = PauseAt(_Handle._take, "with self._lock")
-        mapping = _Thread(lambda: got.append(pause.run(
-            lambda: tab.map_grant_refs(guest.domid, pages.refs))))
-        try:
-            assert pause.reached.wait(TIMEOUT)
-            # close() marks the handle closed, then waits for the map's
-            # round trip to end before it closes the connection.
-            closing = _Thread(tab.close)
-            assert eventually(lambda: tab._closed)
-        finally:
-            pause.resume()
-        error = mapping.finish()
-        assert closing.finish() is None
+        error = closed_while_paused(tab, PauseAt(_Handle._take, "with self._lock"),
+                                    lambda: tab.map_grant_refs(guest.domid, pages.refs))
         assert isinstance(error, GrantError) and error.errno == errno.EBADF, error
-        assert got == []
         pages.unshare()
         # Not even the failed call's frames (which the error keeps) hold the
         # pages mapped in this process.
@@ -1220,18 +1208,11 @@ def test_a_map_whose_pages_close_ended_before_it_returned_fails(
     with guest.gntshr() as shr:
         pages = shr.share_pages(0, 1)
         tab = host.dom0.gnttab()
-        got: list[object] = []
-        pause = PauseAt(GrantTable.map_grant_refs, "return self._taken(")
-        mapping = _Thread(lambda: got.append(pause.run(
-            lambda: tab.map_grant_refs(guest.domid, pages.refs))))
-        try:
-            assert pause.reached.wait(TIMEOUT)
-            assert len(tab._live) == 1
-            tab.close()  # ends the listed mapping
-        finally:
-            pause.resume()
-        error = mapping.finish()
-        assert isinstance(error, GrantError) and error.errno == errno.EBADF, (error, got)
+        # Stopped once call() returned, its apply having listed the pages.
+        error = closed_while_paused(tab, PauseAt(GrantTable.map_grant_refs, "return self._taken("),
+                                    lambda: tab.map_grant_refs(guest.domid, pages.refs),
+                                    close_returns_first=True)
+        assert isinstance(error, GrantError) and error.errno == errno.EBADF, error
         pages.unshare()
     assert eventually(lambda: live_grants(host) == 0)
 
