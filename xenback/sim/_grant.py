@@ -294,7 +294,8 @@ class _Handle(Closing, Generic[P]):
         # Ctrl-C left, cutting that scrub short, is scrubbed by the next
         # apply or by close().  Rule: used under the connection's lock
         # (applies run under it), or by close() once the connection is
-        # closed.
+        # closed (two close() calls at once may both scrub a region:
+        # harmless).
         self._unlisted: list[_Region] = []
         # Last, so that a Ctrl-C landing in a step after it cannot drop it
         # unclosed; dropped on its way in, it closes its socket itself.
@@ -319,8 +320,12 @@ class _Handle(Closing, Generic[P]):
         leaves it to be scrubbed again, which changes nothing."""
         unlisted = self._unlisted
         while unlisted:
-            _unmap_failed(unlisted[-1])
-            del unlisted[-1]
+            region = unlisted[-1]
+            _unmap_failed(region)
+            try:
+                unlisted.remove(region)
+            except ValueError:
+                pass  # taken off by a close() in another thread, which scrubbed it too
 
     def _take(self, key: int, pages: P, fds: list[int]) -> None:
         """List ``pages``, made of a reply whose descriptors are ``fds``
