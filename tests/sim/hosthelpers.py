@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import pytest
 from fdcensus import descriptors  # noqa: F401  (re-exported for the sim tests)
+from racewindow import TIMEOUT, Attempt, PauseAt
 
 import xenback.sim
-from xenback.sim import Domain, EventChannel, SimHost
+from xenback.sim import Domain, EventChannel, GrantShare, GrantTable, SimHost
 from xenback.sim._xenstored import RawClient, XenStored, XsError
 
 # For the interrupt sweeps (stolensignal.interrupted_at): the simulated
@@ -172,3 +173,28 @@ def every_landing(host: SimHost, landing: Callable[[int], str], more_than: int) 
         landed.append(where)
     assert len(landed) > more_than, landed
     return landed
+
+
+def closed_while_paused(handle: EventChannel | GrantShare | GrantTable, pause: PauseAt,
+                        call: Callable[[], object], *, close_returns_first: bool = False,
+                        ) -> object:
+    """What ``call()`` returned or raised, run in a thread of its own and
+    stopped at ``pause``'s line while another thread closes ``handle``:
+    until close() has marked the handle closed (then it waits for the
+    round trip the call is in to end before it closes the connection),
+    or, with ``close_returns_first``, until close() has returned (the
+    call stopped past its round trip, where close() waits for nothing of
+    it).  close() itself must succeed."""
+    calling = Attempt(lambda: pause.run(call))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        closing = Attempt(handle.close)
+        if close_returns_first:
+            assert closing.result() is None
+        else:
+            assert eventually(lambda: handle._closed)
+    finally:
+        pause.resume()
+    outcome = calling.result()
+    assert closing.result() is None
+    return outcome

@@ -18,6 +18,7 @@ import pytest
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
+    closed_while_paused,
     eventually,
     every_landing,
     handle_census,
@@ -1157,7 +1158,11 @@ def test_a_bind_interrupted_anywhere_leaves_its_port_to_the_handle_or_to_nobody(
     its descriptors kept to be closed by unbind) or given back by the
     next call.  One landing as apply started, before it stored the reply,
     lost the port's read end for good and left the port at the service
-    until the handle closed."""
+    until the handle closed.  And the handle hears the service's news at
+    once, before any call of its own: one landing as the bind's end of
+    its wait for the reply started (_quiet_service(False)) left the
+    service connection out of the handle's epoll set until the next
+    request, and a thread waiting on the handle deaf to it."""
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
 
         def landing(n: int) -> str:
@@ -1167,7 +1172,13 @@ def test_a_bind_interrupted_anywhere_leaves_its_port_to_the_handle_or_to_nobody(
                 "bind_interdomain": lambda: e0.bind_interdomain(guest.domid, p1),
             }[op]
             ports = host.hypervisor.stats()["ports"]
+            news = e0.bind_unbound_port(guest.domid)
             where = interrupted_at(n, SIM_CODE, bind, besides=SIM_ROUND_TRIP)
+            peer = e1.bind_interdomain(0, news)  # pushed to e0
+            assert readable(e0, TIMEOUT), where
+            assert e0.remote(news) == (guest.domid, peer), where
+            e1.unbind(peer)
+            e0.unbind(news)
             # The next call gives back what the cut one left to the connection.
             extra = e0.bind_unbound_port(guest.domid)
             held = e0.ports()
@@ -1201,42 +1212,89 @@ def test_a_bind_answered_after_the_handle_closed_keeps_nothing(
     waiting = Attempt(lambda: woken.run(e0.wait)) if waiter else None
     if waiting is not None:
         assert woken.reached.wait(TIMEOUT) and e0._waiters == 1
-    bind = PauseAt(EventChannel._take_port, "with self._lock")
-    binding = Attempt(lambda: bind.run(lambda: e0.bind_unbound_port(guest.domid)))
-    try:
-        assert bind.reached.wait(TIMEOUT)
-        # close() marks the handle closed, then waits for the bind's
-        # round trip to end before it closes the connection.
-        closing = Attempt(e0.close)
-        assert eventually(lambda: e0._closed)
-    finally:
-        bind.resume()
-    error = binding.result()
+    error = closed_while_paused(e0, PauseAt(EventChannel._take_port, "with self._lock"),
+                                lambda: e0.bind_unbound_port(guest.domid))
     woken.resume()
     if waiting is not None:
         assert isinstance(waiting.result(), EventChannelError)
-    assert closing.result() is None
     assert isinstance(error, EventChannelError) and error.errno == errno.EBADF, error
     released_since(host, before, "a bind answered after close()")
 
 
-@pytest.mark.parametrize(("op", "count"), [
-    ("bind_unbound_port", 0), ("bind_unbound_port", 2),
-    ("bind_interdomain", 1), ("bind_interdomain", 3),
+@pytest.mark.parametrize("bad", [
+    {"event": "bound", "port": 7, "remote_port": 5},
+    {"event": "bound", "port": 7, "domid": "one", "remote_port": 5},
+    {"event": "bound", "port": 7, "domid": 1, "remote_port": None},
+    {"event": "moved", "port": 7},
+], ids=["no-domid", "domid-not-int", "remote-port-not-int", "unknown-event"])
+def test_a_malformed_push_about_a_port_is_logged_and_dropped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: dict[str, object]) -> None:
+    """A push about a port of ours that is no news the handle knows (a
+    "bound" short of the peer's domain or port, an event it never heard
+    of) is the service breaking the protocol: it is logged as an error and
+    dropped, its descriptor closed and the port left as it was, and the
+    handle goes on hearing the service.  A "bound" without its domid let
+    a KeyError out of the drain (remote() here, pending() in an event
+    loop), the port already marked unbound and the peer's write end never
+    closed."""
+    path = str(tmp_path / "hypervisor")
+    port_r, port_w = os.pipe()
+    bad_r, bad_w = os.pipe()
+    good_r, good_w = os.pipe()
+    sent = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "port": 7}, [port_r])
+        send_message(conn, bad, [bad_w])
+        send_message(conn, {"event": "bound", "port": 7, "domid": 1, "remote_port": 5}, [good_w])
+        for fd in (port_r, bad_w, good_w):
+            os.close(fd)
+        sent.set()
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        assert sent.wait(TIMEOUT)
+        with caplog.at_level(logging.ERROR):
+            assert ch.remote(7) == (1, 5)
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "moved" in record.getMessage() or "bound" in record.getMessage()
+        assert select.select([bad_r], [], [], TIMEOUT)[0] == [bad_r]
+        assert os.read(bad_r, 1) == b""  # no copy of its write end is left
+        ch.notify(7)
+        assert os.read(good_r, 1) == b"\x00"  # the good news was taken
+    finally:
+        ch.close()
+        for fd in (port_w, bad_r, good_r):
+            os.close(fd)
+        server.join(TIMEOUT)
+
+
+@pytest.mark.parametrize(("op", "count", "port"), [
+    ("bind_unbound_port", 0, 7), ("bind_unbound_port", 2, 7),
+    ("bind_interdomain", 1, 7), ("bind_interdomain", 3, 7),
+    ("bind_unbound_port", 1, None), ("bind_interdomain", 2, None),
 ])
 def test_a_bind_reply_with_other_descriptors_than_the_port_needs_is_given_back(
-        tmp_path: Path, op: str, count: int) -> None:
+        tmp_path: Path, op: str, count: int, port: int | None) -> None:
     """A service answering a bind with more or fewer descriptors than the
-    port needs breaks the protocol: the bind fails (EPROTO), every
-    descriptor that came is closed and the port is unbound at once,
-    rather than listed with a descriptor lost or missing."""
+    port needs, or with no port number, breaks the protocol: the bind
+    fails (EPROTO), every descriptor that came is closed and the port,
+    if it has a number, is unbound at once, rather than listed with a
+    descriptor lost or missing.  A reply without its port let apply's
+    KeyError through, as if the handle had a bug."""
     path = str(tmp_path / "hypervisor")
     pipes = [os.pipe() for _ in range(count)]
     later: list[dict[str, Any]] = []
 
     def handle(conn: socket.socket) -> None:
         request = json.loads(conn.recv(MAX_MESSAGE))
-        send_message(conn, {"id": request["id"], "port": 7}, [w for _, w in pipes])
+        reply = {"id": request["id"]} if port is None else {"id": request["id"], "port": port}
+        send_message(conn, reply, [w for _, w in pipes])
         for _, w in pipes:
             os.close(w)
         while data := conn.recv(MAX_MESSAGE):
@@ -1255,8 +1313,9 @@ def test_a_bind_reply_with_other_descriptors_than_the_port_needs_is_given_back(
         for r, _ in pipes:
             assert select.select([r], [], [], TIMEOUT)[0] == [r]
             assert os.read(r, 1) == b""  # no copy of its write end is left
-        assert eventually(lambda: [(m["op"], m.get("port")) for m in later]
-                          == [("evtchn_unbind", 7)]), later
+        if port is not None:
+            assert eventually(lambda: [(m["op"], m.get("port")) for m in later]
+                              == [("evtchn_unbind", port)]), later
     finally:
         ch.close()
         for r, _ in pipes:

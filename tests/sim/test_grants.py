@@ -18,6 +18,7 @@ import pytest
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
+    closed_while_paused,
     descriptors,
     eventually,
     every_landing,
@@ -26,7 +27,7 @@ from hosthelpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from racewindow import PauseAt, stands_at
-from stolensignal import interrupted_at
+from stolensignal import Interrupted, interrupted_at
 
 import xenback
 from xenback.platform import PAGE_SIZE, GrantError
@@ -35,7 +36,7 @@ from xenback.platform import GrantShare as GrantShareProtocol
 from xenback.platform import GrantTable as GrantTableProtocol
 from xenback.platform import SharedPages as SharedPagesProtocol
 from xenback.sim import Domain, GrantShare, GrantTable, SimHost, _hypervisor
-from xenback.sim._grant import GrantMapping, _ffi, _Handle, _Pages, _Region
+from xenback.sim._grant import _ffi, _Handle, _Pages, _Region
 from xenback.sim._hypervisor import domain_socket
 from xenback.sim._proto import MAX_MESSAGE, send_message
 
@@ -935,22 +936,9 @@ def test_a_map_finishing_after_the_handle_closed_keeps_nothing(
     with guest.gntshr() as shr:
         pages = shr.share_pages(0, 1)
         tab = host.dom0.gnttab()
-        got: list[GrantMapping] = []
-        pause = PauseAt(_Handle._take, "with self._lock")
-        mapping = _Thread(lambda: got.append(pause.run(
-            lambda: tab.map_grant_refs(guest.domid, pages.refs))))
-        try:
-            assert pause.reached.wait(TIMEOUT)
-            # close() marks the handle closed, then waits for the map's
-            # round trip to end before it closes the connection.
-            closing = _Thread(tab.close)
-            assert eventually(lambda: tab._closed)
-        finally:
-            pause.resume()
-        error = mapping.finish()
-        assert closing.finish() is None
+        error = closed_while_paused(tab, PauseAt(_Handle._take, "with self._lock"),
+                                    lambda: tab.map_grant_refs(guest.domid, pages.refs))
         assert isinstance(error, GrantError) and error.errno == errno.EBADF, error
-        assert got == []
         pages.unshare()
         # Not even the failed call's frames (which the error keeps) hold the
         # pages mapped in this process.
@@ -1046,8 +1034,21 @@ def test_pages_interrupted_anywhere_in_their_making_are_the_handles_or_nobodys(
     or nobody holds them, at the service or here.  The descriptors of the
     reply and the service's mapping or share were taken after call()
     returned, and one landing there lost both: the descriptors for good,
-    the grant until the handle closed."""
+    the grant until the handle closed.  Nor are pages nobody lists left
+    mapped in this process while the error lives (whose frames hold what
+    the call made; a REPL keeps the last one): one landing as the apply
+    listed them left them to the garbage collector."""
     with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+
+        def make(handle: GrantShare | GrantTable, call: Callable[[], _Pages],
+                 made: list[_Pages]) -> None:
+            mapped, listed = len(_mapped_grant_files(guest.domid)), len(handle._live)
+            try:
+                made.append(call())
+            except Interrupted:
+                now = len(_mapped_grant_files(guest.domid))
+                assert now == mapped + len(handle._live) - listed, (now, mapped, handle._live)
+                raise
 
         def landing(n: int) -> str:
             grants = live_grants(host)
@@ -1057,13 +1058,15 @@ def test_pages_interrupted_anywhere_in_their_making_are_the_handles_or_nobodys(
                 pages = shr.share_pages(0, 1)
                 handle = tab
                 where = interrupted_at(
-                    n, SIM_CODE, lambda: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
+                    n, SIM_CODE,
+                    lambda: make(tab, lambda: tab.map_grant_refs(guest.domid, pages.refs), made),
                     besides=SIM_ROUND_TRIP)
                 # The next call gives back what the cut one left to the connection.
                 tab.map_grant_refs(guest.domid, pages.refs).unmap()
             else:
                 handle = shr
-                where = interrupted_at(n, SIM_CODE, lambda: made.append(shr.share_pages(0, 1)),
+                where = interrupted_at(n, SIM_CODE,
+                                       lambda: make(shr, lambda: shr.share_pages(0, 1), made),
                                        besides=SIM_ROUND_TRIP)
                 shr.share_pages(0, 1).unshare()
             assert all(p in handle._live.values() for p in made), where
@@ -1075,6 +1078,42 @@ def test_pages_interrupted_anywhere_in_their_making_are_the_handles_or_nobodys(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+@pytest.mark.parametrize("then", ["next-apply", "close"])
+def test_pages_a_second_ctrl_c_left_unlisted_are_scrubbed_by_the_next_apply_or_close(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch, then: str) -> None:
+    """A Ctrl-C as a share's apply lists its pages, and a second one as
+    the apply's clean-up starts to scrub them: the pages stay mapped
+    while the error lives, until the handle's next apply, or its close(),
+    scrubs them; neither leaves them to the garbage collector."""
+    with guest.gntshr() as shr:
+        real_scrub = _Handle._scrub_unlisted
+        scrubs: list[int] = []
+
+        def ctrl_c_as_it_lists(*args: object) -> None:
+            raise Interrupted
+
+        def second_ctrl_c(handle: _Handle[Any]) -> None:
+            scrubs.append(1)
+            if len(scrubs) == 2:  # the clean-up's (the first: before the region is made)
+                raise Interrupted
+            real_scrub(handle)
+
+        monkeypatch.setattr(_Handle, "_take", ctrl_c_as_it_lists)
+        monkeypatch.setattr(_Handle, "_scrub_unlisted", second_ctrl_c)
+        with pytest.raises(Interrupted) as info:
+            shr.share_pages(0, 1)
+        assert len(scrubs) == 2
+        monkeypatch.undo()
+        assert len(_mapped_grant_files(guest.domid)) == 1, info.value
+        if then == "next-apply":
+            with shr.share_pages(0, 1):
+                assert len(_mapped_grant_files(guest.domid)) == 1, info.value
+        else:
+            shr.close()
+        assert not _mapped_grant_files(guest.domid), info.value
+    assert eventually(lambda: live_grants(host) == 0)
 
 
 def test_a_map_failing_past_its_first_segment_keeps_nothing_mapped(
@@ -1169,18 +1208,11 @@ def test_a_map_whose_pages_close_ended_before_it_returned_fails(
     with guest.gntshr() as shr:
         pages = shr.share_pages(0, 1)
         tab = host.dom0.gnttab()
-        got: list[object] = []
-        pause = PauseAt(GrantTable.map_grant_refs, "return self._taken(")
-        mapping = _Thread(lambda: got.append(pause.run(
-            lambda: tab.map_grant_refs(guest.domid, pages.refs))))
-        try:
-            assert pause.reached.wait(TIMEOUT)
-            assert len(tab._live) == 1
-            tab.close()  # ends the listed mapping
-        finally:
-            pause.resume()
-        error = mapping.finish()
-        assert isinstance(error, GrantError) and error.errno == errno.EBADF, (error, got)
+        # Stopped once call() returned, its apply having listed the pages.
+        error = closed_while_paused(tab, PauseAt(GrantTable.map_grant_refs, "return self._taken("),
+                                    lambda: tab.map_grant_refs(guest.domid, pages.refs),
+                                    close_returns_first=True)
+        assert isinstance(error, GrantError) and error.errno == errno.EBADF, error
         pages.unshare()
     assert eventually(lambda: live_grants(host) == 0)
 

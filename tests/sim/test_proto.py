@@ -737,6 +737,48 @@ def test_a_malformed_push_is_logged_and_the_handle_keeps_listening(
         server.join(TIMEOUT)
 
 
+@pytest.mark.parametrize("raised", [PlatformError(errno.EINVAL, "bad news"), KeyError("domid")],
+                         ids=["the-handles-error", "a-bug"])
+def test_a_push_the_handle_cannot_take_is_logged_and_the_handle_keeps_listening(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, raised: Exception) -> None:
+    """on_push raising for a message it cannot take (news the service
+    should not have sent): the push is logged as an error and dropped, as
+    a malformed packet is, and neither the call that met it on the way to
+    its reply nor the drain fails for it.  The handle's own error made
+    drain() say that the service had gone (and the event channel handle
+    stop watching it for good), and failed the call, its reply left
+    behind for nobody."""
+    path = str(tmp_path / "hypervisor")
+    pushes = [{"event": "bound", "port": 1}, {"event": "unbound", "port": 2},
+              {"event": "bound", "port": 3}, {"event": "unbound", "port": 4}]
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        send_message(conn, pushes[0])  # met by the call, before its reply
+        send_message(conn, {"id": request_id, "ok": 1})
+        for push in pushes[1:]:
+            send_message(conn, push)
+
+    server = _serve(path, answer)
+    pushed: list[dict[str, object]] = []
+
+    def on_push(msg: dict[str, object], fds: list[int]) -> None:
+        pushed.append(msg)
+        if msg["event"] == "bound":
+            raise raised
+
+    conn = ServiceConnection(path, PlatformError, on_push)
+    try:
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"):
+            assert conn.call("info") == ({"id": 1, "ok": 1}, [])
+            assert eventually(lambda: conn.drain() and len(pushed) == len(pushes)), pushed
+        assert pushed == pushes
+        assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 2
+        assert conn.drain() is True
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
 def test_a_malformed_packet_fails_the_call_waiting_and_is_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Where a call waits, a malformed packet may have been its reply: the
@@ -832,7 +874,7 @@ def test_no_request_is_left_unanswered_by_a_call_cut_short_anywhere(
 
 
 def test_a_ctrl_c_in_the_wake_up_request_leaves_no_request_waiting(guest: Domain) -> None:
-    """A second Ctrl-C, in the request a call or drain cut short makes to
+    """A second Ctrl-C, in the request a drain cut short makes to
     wake the handle's waiters (ServiceConnection._cut_short), as any call
     it makes returns: the request is listed as waiting for its reply only
     if it went.  It was listed before it was encoded, so a Ctrl-C as the
@@ -914,6 +956,33 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
         os.close(w)
         os.close(r)
         server.join(TIMEOUT)
+
+
+def test_a_request_whose_descriptors_find_no_room_at_the_service_is_answered_as_its_own(
+        guest: Domain) -> None:
+    """The service out of descriptor numbers as a request carrying one
+    comes (the kernel drops it, MSG_CTRUNC): the request is whole, and its
+    error reply (EMFILE, the service is out of descriptors) carries its
+    id.  It was taken for an oversized one and answered E2BIG without an
+    id, which a call took for its own reply whatever request it answered:
+    after a call cut short, the next call failed with the error of the
+    one before, and its own reply went to nobody."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        r, w = os.pipe()
+        try:
+            conn.call("info")  # the service is serving (it accepted already)
+            with _no_descriptor_left():
+                with pytest.raises(EventChannelError) as info:
+                    conn.call("info", [w])
+                assert info.value.errno == errno.EMFILE, info.value
+                assert interrupted_as_call_returns(
+                    ServiceConnection._call.__code__, 0, lambda: conn.call("info", [w]))
+                assert conn.call("info")[0]["domid"] == guest.domid
+            assert eventually(lambda: conn.drain() and not conn._unanswered), conn._unanswered
+        finally:
+            os.close(r)
+            os.close(w)
 
 
 def test_a_push_short_of_its_descriptors_is_dropped_and_logged(

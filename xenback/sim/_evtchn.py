@@ -213,7 +213,9 @@ class EventChannel(Closing):
         the port: refused (an error raised here) or cut short before it,
         the reply is given back by the connection, its descriptors closed.
         """
-        port = reply["port"]
+        # get(): a reply without its port is the service's fault (EPROTO),
+        # not a KeyError that would pass for a bug of the handle.
+        port = reply.get("port")
         if len(fds) != nfds or type(port) is not int:
             raise EventChannelError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
         lp = _LocalPort(port, fds[0], domid, remote_port, fds[1] if nfds == 2 else None)
@@ -520,7 +522,9 @@ class EventChannel(Closing):
         or on :meth:`fileno`, which would only find it taken.  Pushed
         messages that come meanwhile are taken by the request; those that
         come after its reply are reported as the connection is watched
-        again (epoll_ctl checks readiness)."""
+        again (epoll_ctl checks readiness).  Watching it again twice (the
+        connection makes on_wait(False) again if a Ctrl-C cut it short)
+        changes nothing."""
         with self._lock:
             if self._conn_fd is not None and not self._closed:
                 self._epoll.modify(self._conn_fd, 0 if quiet else select.EPOLLIN)
@@ -665,6 +669,18 @@ class EventChannel(Closing):
 
     def _on_push(self, msg: Message, fds: list[int]) -> None:
         event, port = msg.get("event"), msg.get("port")
+        # Checked before anything changes: news the handle cannot take (the
+        # service broke the protocol) leaves the port as it was, and the
+        # message goes as a malformed packet does, logged.
+        if event == "bound":
+            malformed = type(msg.get("domid")) is not int or type(msg.get("remote_port")) is not int
+        else:
+            malformed = event != "unbound"
+        if malformed:
+            close_fds(fds)
+            logger.error("evtchn: a malformed message from the hypervisor service: %r (dropped)",
+                         msg)
+            return
         with self._lock:
             lp = self._ports.get(port) if type(port) is int else None
             if lp is None or lp.unbound:

@@ -137,11 +137,11 @@ def _release(view: memoryview | None) -> None:
 def _unmap_failed(region: _Region) -> None:
     """Scrub ``region``, whose pages an ``apply`` failed to make (the
     connection gives the service's grant back): the error's frames hold
-    the region, and whoever keeps the error (a log record, a test) would
-    keep the granted pages mapped here, the service taking them for
-    unmapped.  A Ctrl-C that lands before the scrub, or a scrub that
-    fails (logged: the error on its way out says more), leaves the region
-    to the garbage collector, which unmaps it once the error goes."""
+    the region, and whoever keeps the error (a log record, a test, a
+    REPL's last traceback) would keep the granted pages mapped here, the
+    service taking them for unmapped.  A scrub that fails (logged: the
+    error on its way out says more) leaves the region to the garbage
+    collector, which unmaps it once the error goes."""
     try:
         region.scrub()
     except GrantError as e:
@@ -228,16 +228,6 @@ class _Pages:
             self._owner._forget(self._key, self)
             self._region = None
 
-    def _discard(self) -> None:
-        """Scrub the pages out of this process, never live: the service
-        is not told, their reply is given back by the connection."""
-        region = self._region
-        if region is not None:
-            region.scrub()
-            _release(self._buffer)
-            self._buffer = None
-            self._region = None
-
     def __enter__(self) -> Self:
         return self
 
@@ -294,6 +284,19 @@ class _Handle(Closing, Generic[P]):
         self._lock = threading.Lock()
         self._live: dict[int, P] = {}
         self._closed = False
+        # The region an apply mapped granted pages into, until the step
+        # that lists its pages takes it off (see _take); one at most, as
+        # applies run one at a time.  It joins in the step that makes it,
+        # and an apply that fails (a Ctrl-C before that step, say) scrubs
+        # it before the error goes on: the error's frames hold the region,
+        # and the pages would stay mapped here, the service taking them
+        # for unmapped, for as long as the error is kept.  One a second
+        # Ctrl-C left, cutting that scrub short, is scrubbed by the next
+        # apply or by close().  Rule: used under the connection's lock
+        # (applies run under it), or by close() once the connection is
+        # closed (two close() calls at once may both scrub a region:
+        # harmless).
+        self._unlisted: list[_Region] = []
         # Last, so that a Ctrl-C landing in a step after it cannot drop it
         # unclosed; dropped on its way in, it closes its socket itself.
         self._conn = ServiceConnection(socket_path, GrantError)
@@ -303,24 +306,47 @@ class _Handle(Closing, Generic[P]):
             if self._closed:
                 raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
 
+    def _make_region(self, npages: int) -> _Region:
+        """A region for the pages an apply makes, in _unlisted (under the
+        connection's lock); first, what an apply cut short left there."""
+        self._scrub_unlisted()
+        # list.extend() stores the region before a signal's handler can run.
+        self._unlisted.extend(map(_Region, (npages,)))
+        return self._unlisted[-1]
+
+    def _scrub_unlisted(self) -> None:
+        """Scrub the region of pages an apply made and did not list (see
+        _unlisted).  It stays there until scrubbed: a Ctrl-C in between
+        leaves it to be scrubbed again, which changes nothing."""
+        unlisted = self._unlisted
+        while unlisted:
+            region = unlisted[-1]
+            _unmap_failed(region)
+            try:
+                unlisted.remove(region)
+            except ValueError:
+                pass  # taken off by a close() in another thread, which scrubbed it too
+
     def _take(self, key: int, pages: P, fds: list[int]) -> None:
         """List ``pages``, made of a reply whose descriptors are ``fds``
-        (the end of the reply's ``apply``, under the connection's lock).
+        and of the region in _unlisted (the end of the reply's ``apply``,
+        under the connection's lock).
 
         Until the step that lists them, the reply is the connection's,
         which gives it back if a Ctrl-C lands before (or the handle was
         closed meanwhile): descriptors closed, the service's mapping or
-        share released.  From that step on, the pages are the handle's,
-        live until ended, also if the call is cut short before it
-        returns them: its close() ends them.
+        share released; and the apply scrubs the region.  From that step
+        on, the pages are the handle's, live until ended, also if the
+        call is cut short before it returns them: its close() ends them.
         """
         with self._lock:
             closed = self._closed
             if not closed:
                 # One step, as far as a signal goes (no call in between):
-                # the pages and the descriptors become the handle's, no
-                # longer the connection's.
+                # the pages, their region and the descriptors become the
+                # handle's, no longer the apply's and the connection's.
                 self._live[key] = pages
+                del self._unlisted[:]
                 pages._fds = fds[:]
                 del fds[:]
                 # The pages are mapped: their files are no longer needed.
@@ -330,8 +356,7 @@ class _Handle(Closing, Generic[P]):
                 close_taken(pages._fds)
         if closed:
             # Closed while the request was in flight: close() did not see
-            # these pages.
-            pages._discard()
+            # these pages, which the apply scrubs as it fails.
             raise GrantError(errno.EBADF, f"the {self._kind} handle is closed")
 
     def _taken(self, key: object) -> P:
@@ -371,6 +396,7 @@ class _Handle(Closing, Generic[P]):
         for pages in live:
             pages._end()
         self._conn.close()
+        self._scrub_unlisted()  # no apply runs any more
 
 
 class GrantTable(_Handle[GrantMapping]):
@@ -405,18 +431,17 @@ class GrantTable(_Handle[GrantMapping]):
         (the map's ``apply``).  An error raised here, or a Ctrl-C, before
         they are listed gives the reply back (see :meth:`_take`)."""
         handle = reply["handle"]
-        region = _Region(len(refs))
         try:
+            region = self._make_region(len(refs))
             page = 0
             for index, file_page, npages in reply["segments"]:
                 region.map(page, npages, fds[index], file_page, writable)
                 page += npages
             end = ("gnt_unmap", {"handle": handle})
-            mapping = GrantMapping(self, handle, end, refs, region, writable)
+            self._take(handle, GrantMapping(self, handle, end, refs, region, writable), fds)
         except BaseException:
-            _unmap_failed(region)
+            self._scrub_unlisted()
             raise
-        self._take(handle, mapping, fds)
 
 
 class GrantShare(_Handle[SharedPages]):
@@ -448,14 +473,13 @@ class GrantShare(_Handle[SharedPages]):
         refs = tuple(reply["refs"])
         if len(fds) != 1 or len(refs) != count:
             raise GrantError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
-        region = _Region(count)
         try:
+            region = self._make_region(count)
             region.map(0, count, fds[0], 0, True)
             if not writable:
                 _seal_future_writes(fds[0])
             end = ("gnt_end", {"refs": list(refs)})
-            pages = SharedPages(self, refs[0], end, refs, region, True)
+            self._take(refs[0], SharedPages(self, refs[0], end, refs, region, True), fds)
         except BaseException:
-            _unmap_failed(region)
+            self._scrub_unlisted()
             raise
-        self._take(refs[0], pages, fds)

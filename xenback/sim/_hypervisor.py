@@ -54,6 +54,7 @@ from xenback.ratelimit import RateLimit
 
 from ._proto import (
     MAX_FDS,
+    MAX_MESSAGE,
     MSG_DONTWAIT,
     Message,
     close_fds,
@@ -605,7 +606,7 @@ class Hypervisor:
         # a packet that is no request.
         request_id: int | None = None
         try:
-            if truncated:
+            if len(data) > MAX_MESSAGE:
                 raise RequestError(errno.E2BIG, "message too long")
             try:
                 msg = decode(data)
@@ -613,6 +614,12 @@ class Hypervisor:
                 raise RequestError(errno.EINVAL, "a request must be a JSON object") from None
             request_id = _request_id(msg)
             op = msg.get("op")
+            if truncated:
+                # Whole, but the kernel dropped its descriptors for want of
+                # a number here (MSG_CTRUNC): refused as the service out of
+                # descriptors is, its id echoed, so that the error answers
+                # this request and no other.
+                raise OSError(errno.EMFILE, "no descriptor left for those the request carried")
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise RequestError(errno.ENOSYS, f"unknown operation {op!r}")

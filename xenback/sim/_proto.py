@@ -11,17 +11,23 @@ optionally carrying file descriptors (``SCM_RIGHTS``): shared-memory files
 for grants, pipe ends for event channels.  Requests carry ``"op"``; replies
 carry either the result or ``"errno"`` and ``"error"``; the service may also
 push unsolicited messages carrying ``"event"`` to event channel handles (a
-peer bound or unbound one of their ports).  Replies are sent in request
-order, so a client only has to skip pushed messages while it waits; it
-matches them by id all the same (below), and drops one of an id it never
-sent, whatever its id, logged: a stray reply answers no other request.
+peer bound or unbound one of their ports).  Replies do not always come in
+request order: the service answers grant and event channel requests at
+once, but domain control once the host has done it, in another thread,
+possibly after the replies to requests made after it on the same
+connection (:func:`~xenback.sim._domain.create_domain` makes it over a
+connection of its own, but nothing in the protocol says a client must).
+So a client matches replies by id (below), never by order, skipping
+pushed messages while it waits, and drops a reply of an id it never
+sent, logged: a stray reply answers no other request.
 A packet that is no message (no JSON object, or too long) breaks the
 protocol: it is logged as an error and dropped, and fails the call that
 waits for a reply, if any (EPROTO); a drain goes on past it.  A message
 whose descriptors this process had no room for (the kernel drops them,
 ``MSG_CTRUNC``) is whole: as a reply it answers its request, whose call
 fails (EMFILE) and what it gave is given back; pushed, it is logged as
-an error and dropped.
+an error and dropped.  The service, short of room so for a request's
+descriptors, answers it so too: EMFILE, with its id.
 
 A request may carry ``"id"``, an integer the service echoes in its reply.
 :class:`ServiceConnection` numbers its requests so: a call cut short
@@ -161,7 +167,10 @@ def close_taken(fds: list[int]) -> None:
 def recv_message(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int], bool]:
     """Receive one packet: ``(data, fds, truncated)``.
 
-    ``data`` is empty at end of stream.  The caller owns the descriptors,
+    ``data`` is empty at end of stream.  ``truncated``: the packet was
+    longer than :data:`MAX_MESSAGE` (then so is ``data``), or the kernel
+    dropped descriptors it carried for want of a number in this process
+    (``MSG_CTRUNC``; ``data`` is whole).  The caller owns the descriptors,
     also when the packet turns out to be invalid.
     """
     # Not socket.recv_fds: Python 3.11's ignores its flags argument.
@@ -258,13 +267,17 @@ class ServiceConnection:
     """The client end of one handle's connection to the hypervisor service.
 
     ``on_push(msg, fds)`` receives the messages the service pushes; it owns
-    the descriptors.  ``error`` is the :class:`OSError` subclass raised for a
-    failed request (GrantError or EventChannelError).
+    the descriptors, also if it raises.  An :class:`Exception` it raises
+    (news it cannot take) is logged as an error and the message dropped,
+    as a malformed packet is: no call or drain fails for it.  ``error`` is
+    the :class:`OSError` subclass raised for a failed request (GrantError
+    or EventChannelError).
 
     ``on_wait(True)`` is called before a request goes out and
     ``on_wait(False)`` once it is over, both under the connection's lock;
     a Ctrl-C may make the second come without the first, or after only
-    part of it.
+    part of it, and the second comes again if it raised (a Ctrl-C in it):
+    it must be harmless to make twice.
     An owner that watches the connection for pushed messages in an epoll
     set, where another thread may be waiting, stops watching it meanwhile:
     the caller takes every message until its reply itself, and the reply
@@ -281,10 +294,11 @@ class ServiceConnection:
     whose call was cut short is released by the next call or drain() (its
     descriptors closed, ``done`` called, what it gave undone) or by
     close().  A packet a Ctrl-C leaves in the inbox is no longer in the
-    socket, which the owner watches for pushes: the call or drain cut
-    short makes the socket readable again (see :meth:`_cut_short`).  One
-    whose ``apply`` took it is the handle's, however the call ends (as a
-    file keeps what an ioctl interrupted after it returned gave).
+    socket, which the owner watches for pushes: a drain cut short makes
+    the socket readable again (see :meth:`_cut_short`), a call's own
+    reply does.  One whose ``apply`` took it is the handle's, however the
+    call ends (as a file keeps what an ioctl interrupted after it
+    returned gave).
     """
 
     def __init__(
@@ -369,27 +383,38 @@ class ServiceConnection:
         destroyed) or the connection was closed during the call.
         """
         me = threading.get_ident()
+        # No wake-up request (see _cut_short) for a call cut short: the
+        # inbox holds one packet at most (a receive waits for it to be
+        # empty), so a push the call leaves there came either as its
+        # request waited, whose reply is still to be received, or before
+        # the request went, from a call or drain cut short earlier whose
+        # reply or wake-up is still to be received.  Either makes the
+        # socket readable.  A reply it leaves (a Ctrl-C after the receive)
+        # wakes nobody: the next call, drain or close() releases it.
         with self._lock:
-            try:
-                if self._delivering:  # a test, not a call, on the common path
-                    self._settle_delivering(me)
-                if self._refusal is not None:
-                    raise self._error(*self._refusal)
-                on_wait = self._on_wait
-                if on_wait is None:
+            if self._delivering:  # a test, not a call, on the common path
+                self._settle_delivering(me)
+            if self._refusal is not None:
+                raise self._error(*self._refusal)
+            on_wait = self._on_wait
+            if on_wait is None:
+                self._call(me, op, fds, apply, done, args)
+            else:
+                # Both in the try: a Ctrl-C as on_wait(True) returns
+                # left the owner deaf to pushes until its next call.
+                # on_wait(False) alone is harmless (the usual state),
+                # and so is one made twice: once more if the first
+                # was cut short (a Ctrl-C as it started), which left
+                # the owner deaf all the same.
+                try:
+                    on_wait(True)
                     self._call(me, op, fds, apply, done, args)
-                else:
-                    # Both in the try: a Ctrl-C as on_wait(True) returns
-                    # left the owner deaf to pushes until its next call.
-                    # on_wait(False) alone is harmless (the usual state).
+                finally:
                     try:
-                        on_wait(True)
-                        self._call(me, op, fds, apply, done, args)
-                    finally:
                         on_wait(False)
-            except BaseException:
-                self._cut_short()
-                raise
+                    except BaseException:
+                        on_wait(False)
+                        raise
         # No call from here on: a signal's handler runs after one returns,
         # and the reply would be lost there, out of _delivering and not
         # returned yet.
@@ -518,7 +543,16 @@ class ServiceConnection:
             else:
                 fds = taken.fds
                 del self._inbox[0]
-                on_push(msg, fds)  # it owns them as it starts
+                try:
+                    on_push(msg, fds)  # it owns them as it starts
+                except Exception:
+                    # News the owner cannot take: dropped as a malformed
+                    # packet is, logged.  Neither the call that met it on
+                    # the way to its reply nor a drain fails for it (a
+                    # drain would take the owner's error for the service's
+                    # end, and its owner stop listening for good).
+                    logger.exception("a message from the hypervisor service its handle "
+                                     "could not take: %r (dropped)", msg)
             return None
         if not taken.classified:
             self._classify(taken, request_id)
@@ -653,8 +687,9 @@ class ServiceConnection:
         Returns False once the service has gone or refused the connection
         (the next call reports it), and only then: its owner stops
         watching the connection for good (EventChannel does).  A malformed
-        packet is the service's fault, not its end: it is logged as an
-        error and dropped, and the drain goes on to what follows it.
+        packet, or a push its owner cannot take, is the service's fault,
+        not its end: it is logged as an error and dropped, and the drain
+        goes on to what follows it.
         """
         me = threading.get_ident()
         with self._lock:
@@ -678,7 +713,7 @@ class ServiceConnection:
                 raise
 
     def _cut_short(self) -> None:
-        """A call or drain ends with an exception (under _lock): if it left
+        """A drain ends with an exception (under _lock): if it left
         a packet in the inbox (a Ctrl-C after the receive took it), make
         the socket readable again, or a thread waiting for pushed messages
         on it (as EventChannel's do, in an epoll set) would not wake for
@@ -693,7 +728,8 @@ class ServiceConnection:
         as the descriptor owners watch) would cost every handle two more
         descriptors, and every wake-up a nested epoll, for the rare
         Ctrl-C.  Only for an owner of pushes: nobody else watches the
-        socket, and the next call takes what waits.  A second Ctrl-C
+        socket, and the next call takes what waits.  Not for a call (see
+        call()): a reply still to come wakes the thread.  A second Ctrl-C
         landing in here leaves the packet to the next call or drain."""
         if not self._inbox or self._on_push is None or self._refusal is not None:
             return
