@@ -564,8 +564,16 @@ def test_a_signal_another_thread_took_interrupts_a_blocked_call(
             first = blocked_recv(s)
 
     def main_waits_for(lock: Any) -> bool:
+        # In Deadline.take's blocking try: past its first (False, in
+        # taken) and its nap's reckoning.  (A look for a frame named
+        # "acquire", from before take(), never held: the signal came as
+        # the sender gave up, 10 s on, wherever the main thread was.)
         frame = sys._current_frames()[threading.main_thread().ident]
-        return frame.f_code.co_name == "acquire" and frame.f_locals.get("lock") is lock
+        if frame.f_code is not Deadline.take.__code__:
+            return False
+        names = frame.f_locals
+        taken = names.get("taken")
+        return names.get("lock") is lock and "nap" in names and bool(taken) and not taken[-1]
 
     def blocked_in_the_call() -> bool:
         return sleeping_in_wait(blocked) if first is None else main_waits_for(s._recv_lock)
