@@ -1561,6 +1561,37 @@ def test_a_bug_met_accepting_a_connection_costs_that_connection_only(
     assert logged_errors() == ["internal error accepting a connection of Domain(0)"]
 
 
+def test_a_bug_met_after_watching_an_accepted_connection_leaves_nothing_of_it(
+    logged_errors: Callable[[], list[str]],
+) -> None:
+    # A bug met once the new socket is in the selector: the socket, closed,
+    # once stayed there (and in its guest's connections).  The next
+    # connection, given the same descriptor number, was then refused as
+    # already watched, and so was every one after it.
+    class FailingOnce(set[Connection]):
+        armed = False
+
+        def add(self, conn: Connection) -> None:
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("a bug accepting a connection")
+            super().add(conn)
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        conns = FailingOnce()
+        xsd._call(lambda: setattr(xsd, "_conns", conns))
+        conns.armed = True
+        with socket.socket(socket.AF_UNIX) as refused:
+            refused.connect(str(xsd.path))
+            assert closed_by_server(refused)
+        with RawClient(xsd.path) as after:
+            after.write("/after", "served")
+            assert after.read("/after") == b"served"
+            dom0 = xsd._dispatcher.dom0
+            assert xsd._call(lambda: (len(xsd._conns), len(dom0.conns))) == (1, 1)
+    assert logged_errors() == ["internal error accepting a connection of Domain(0)"]
+
+
 def test_a_bug_met_stopping_leaves_no_caller_waiting_for_the_loop(
     monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:

@@ -509,17 +509,25 @@ class XenStored:
                 sock.close()
 
     def _add_connection(self, sock: socket.socket, domain: Domain) -> None:
-        """Serve ``sock`` as a connection of ``domain``: known to the
-        server only once it is in the selector, so that a failure leaves
-        nothing to undo but the socket."""
+        """Serve ``sock`` as a connection of ``domain``.  A failure leaves
+        nothing to undo but the socket: a closed socket left in the
+        selector would have the next connection given its descriptor
+        number refused as watched already, and one left in its guest's
+        connections would count in its quota for good."""
         assert self._selector is not None
         sock.setblocking(False)
         self._nconn += 1
         conn = Connection(sock, domain, f"#{self._nconn}")
         conn.events = _READ
         self._selector.register(sock, _READ, (self._on_event, conn))
-        domain.conns.add(conn)
-        self._conns.add(conn)
+        try:
+            domain.conns.add(conn)
+            self._conns.add(conn)
+        except BaseException:
+            domain.conns.discard(conn)
+            self._conns.discard(conn)
+            self._selector.unregister(sock)
+            raise
 
     def _resume_accept(self) -> None:
         """Watch the listeners _accept() gave up on again (loop thread)."""
