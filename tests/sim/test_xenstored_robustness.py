@@ -1627,6 +1627,37 @@ def test_a_bug_met_stopping_leaves_no_caller_waiting_for_the_loop(
     assert logged_errors() == ["internal error stopping xenstored"]
 
 
+def test_a_bug_met_stopping_leaves_no_other_socket_open(
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
+) -> None:
+    # One domain's socket file that cannot be removed once cut the
+    # stopping short: the other domains' sockets and the main one stayed
+    # open and in place (a server started again on the run directory
+    # found it served), with the selector's descriptors.
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        xsd.start()
+        stuck, other = xsd.introduce_domain(1), xsd.introduce_domain(2)
+        listeners = [xsd._dispatcher.domains[domid].listener for domid in (1, 2)]
+        unlink = XenStored._unlink
+
+        def buggy(path: Path) -> None:
+            if path == stuck:
+                raise PermissionError(errno.EACCES, "a directory made read-only", str(path))
+            unlink(path)
+
+        monkeypatch.setattr(XenStored, "_unlink", staticmethod(buggy))
+        xsd.stop()
+        assert stuck.exists() and not other.exists() and not xsd.path.exists()
+        assert xsd._listener is not None and xsd._listener.fileno() == -1
+        assert [s is not None and s.fileno() for s in listeners] == [-1, -1]
+        assert xsd._selector is not None and xsd._selector.get_map() is None
+        monkeypatch.undo()
+        with XenStored(Path(d)):  # the run directory is free again
+            pass
+    assert logged_errors() == ["internal error stopping xenstored"]
+
+
 def test_events_of_a_request_a_bug_cut_short_are_sent_at_once(
         xsd: XenStored, caplog: pytest.LogCaptureFixture) -> None:
     """A request that changed the store before a server bug cost its

@@ -69,6 +69,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import errno
+import functools
 import heapq
 import itertools
 import logging
@@ -407,21 +408,26 @@ class XenStored:
     def _shutdown(self) -> None:
         try:
             for conn in list(self._conns):
-                self._close(conn, "server stopping")
-            for domid in [d for d in self._dispatcher.domains if d != 0]:
-                self._teardown_domain(domid)
+                self._close(conn, "server stopping")  # never raises
             assert self._selector is not None and self._listener is not None
             assert self._hup is not None
-            self._selector.close()
-            self._hup.close()
-            self._listener.close()
-            self._unlink(self.path)
-        except Exception:
-            # Logged, not raised: the thread is ending, and nobody would
-            # read it there.  Whatever is left behind, the calls must end.
-            logger.exception("internal error stopping xenstored")
+            steps: list[Callable[[], None]] = [
+                functools.partial(self._teardown_domain, domid)
+                for domid in self._dispatcher.domains if domid != 0]
+            steps += [self._selector.close, self._hup.close, self._listener.close,
+                      functools.partial(self._unlink, self.path)]
+            # Each step runs whatever the one before met: a socket file
+            # that cannot go must not leave the others open and in place.
+            for step in steps:
+                try:
+                    step()
+                except Exception:
+                    # Logged, not raised: the thread is ending, and nobody
+                    # would read it there.
+                    logger.exception("internal error stopping xenstored")
         finally:
-            # No caller may wait for a loop that is gone (see _call).
+            # Whatever is left behind, no caller may wait for a loop that
+            # is gone (see _call).
             with self._calls_lock:
                 self._calls_closed = True
                 self._wake_r.close()
