@@ -264,7 +264,8 @@ class XenStored:
         it called has not returned), and waiting longer would hang the
         caller for good: TimeoutError names the thread and where it is.
         The server is then half stopped (its loop ends if it ever comes
-        back); stop() again waits for it again.
+        back, and calls are refused meanwhile); stop() again waits for it
+        again.
         """
         thread = self._thread
         if thread is None:
@@ -343,7 +344,9 @@ class XenStored:
             return fn(*args)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._calls_lock:
-            if self._thread is None or self._calls_closed:
+            # Once stop() began, too: a loop stop() found stuck may never
+            # come back to run the call, nor to cancel it.
+            if self._thread is None or self._calls_closed or self._stopping:
                 raise RuntimeError("XenStored is not running")
             self._calls.append((lambda: fn(*args), future))
         self._wake()
