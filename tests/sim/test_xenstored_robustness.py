@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import selectors
 import socket
 import struct
@@ -573,6 +574,44 @@ def test_a_held_back_connection_whose_client_left_is_closed_at_once(how: str) ->
         b.read_events_until(f"/local/domain/1/g{_LIMIT - 1}")
         assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
         assert b.dom0.request(Op.DIRECTORY, b"/local/domain/1\0").count(b"g") == _LIMIT
+
+
+def test_a_bug_met_unwatching_a_held_back_connection_still_closes_it(
+    logged_errors: Callable[[], list[str]],
+) -> None:
+    # The epoll set of held-back connections refusing to let one go: its
+    # socket is closed all the same (the kernel drops a closed descriptor
+    # from epoll sets), and it is no longer among the held-back ones,
+    # where a hang-up of the next socket given its number would find it.
+    class BuggyHup:
+        def __init__(self, hup: select.epoll) -> None:
+            self.hup = hup
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.hup, name)
+
+        def unregister(self, fd: int) -> None:
+            raise RuntimeError("a bug unwatching a connection")
+
+    with _dom0_backlog() as b:
+        leaving = RawClient(b.xsd.introduce_path(1))
+        with contextlib.closing(leaving):
+            leaving.read("/local/domain/1")  # accepted
+            _guest_conn, conn = b.guest_conns()
+            leaving.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
+            assert eventually(lambda: b.xsd._call(lambda: (conn.paused, conn.events)) == (True, 0))
+            hup = b.xsd._hup
+            assert hup is not None
+            b.xsd._call(lambda: setattr(b.xsd, "_hup", BuggyHup(hup)))
+        try:
+            assert eventually(lambda: b.xsd._call(lambda: conn.closed))
+            assert b.xsd._call(lambda: (dict(b.xsd._held), conn.sock.fileno(), conn in b.xsd._conns)
+                               ) == ({}, -1, False)
+        finally:
+            b.xsd._call(lambda: setattr(b.xsd, "_hup", hup))
+        b.read_events_until(f"/local/domain/1/g{_LIMIT - 1}")
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+    assert logged_errors() == [f"internal error closing {conn!r}"]
 
 
 def test_a_held_back_client_that_only_stopped_writing_still_gets_its_replies() -> None:
@@ -1592,24 +1631,36 @@ def test_a_bug_met_after_watching_an_accepted_connection_leaves_nothing_of_it(
     assert logged_errors() == ["internal error accepting a connection of Domain(0)"]
 
 
+@pytest.mark.parametrize("bug", ["removing its socket", "closing a connection"])
 def test_a_bug_met_stopping_leaves_no_caller_waiting_for_the_loop(
-    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
+    bug: str, monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:
     # The loop once ended without saying it had (the calls of other
     # threads still queued for it, and taken), and every later call
-    # waited for it for good.
-    with tempfile.TemporaryDirectory(prefix="xs") as d:
+    # waited for it for good.  (Closing a connection never raises: one
+    # that did, a bug, must not keep the loop's descriptors open either.)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, contextlib.ExitStack() as stack:
         xsd = XenStored(Path(d))
         xsd.start()
-        unlink = XenStored._unlink
+        if bug == "removing its socket":
+            unlink = XenStored._unlink
 
-        def buggy(path: Path) -> None:
-            if path == xsd.path:
-                raise PermissionError(errno.EACCES, "a run directory made read-only", str(path))
-            unlink(path)
+            def buggy(path: Path) -> None:
+                if path == xsd.path:
+                    raise PermissionError(errno.EACCES, "a run directory made read-only",
+                                          str(path))
+                unlink(path)
 
-        monkeypatch.setattr(XenStored, "_unlink", staticmethod(buggy))
+            monkeypatch.setattr(XenStored, "_unlink", staticmethod(buggy))
+        else:
+            stack.enter_context(RawClient(xsd.path)).read("/")  # accepted
+
+            def buggy_close(*_args: object) -> None:
+                raise RuntimeError("a bug closing a connection")
+
+            monkeypatch.setattr(XenStored, "_close", buggy_close)
         xsd.stop()
+        assert (xsd._wake_r.fileno(), xsd._wake_w.fileno()) == (-1, -1)
         answer: list[BaseException] = []
 
         def call() -> None:

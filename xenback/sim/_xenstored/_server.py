@@ -425,9 +425,11 @@ class XenStored:
                 try:
                     step()
                 except Exception:
-                    # Logged, not raised: the thread is ending, and nobody
-                    # would read it there.
                     logger.exception("internal error stopping xenstored")
+        except Exception:
+            # Logged, not raised (nor above): the thread is ending, and
+            # nobody would read it there.
+            logger.exception("internal error stopping xenstored")
         finally:
             # Whatever is left behind, no caller may wait for a loop that
             # is gone (see _call).
@@ -533,8 +535,7 @@ class XenStored:
             domain.conns.add(conn)
             self._conns.add(conn)
         except BaseException:
-            domain.conns.discard(conn)
-            self._conns.discard(conn)
+            domain.conns.discard(conn)  # (a set that refuses adds nothing)
             self._selector.unregister(sock)
             raise
 
