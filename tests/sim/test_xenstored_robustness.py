@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import selectors
 import socket
 import struct
@@ -573,6 +574,44 @@ def test_a_held_back_connection_whose_client_left_is_closed_at_once(how: str) ->
         b.read_events_until(f"/local/domain/1/g{_LIMIT - 1}")
         assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
         assert b.dom0.request(Op.DIRECTORY, b"/local/domain/1\0").count(b"g") == _LIMIT
+
+
+def test_a_bug_met_unwatching_a_held_back_connection_still_closes_it(
+    logged_errors: Callable[[], list[str]],
+) -> None:
+    # The epoll set of held-back connections refusing to let one go: its
+    # socket is closed all the same (the kernel drops a closed descriptor
+    # from epoll sets), and it is no longer among the held-back ones,
+    # where a hang-up of the next socket given its number would find it.
+    class BuggyHup:
+        def __init__(self, hup: select.epoll) -> None:
+            self.hup = hup
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.hup, name)
+
+        def unregister(self, fd: int) -> None:
+            raise RuntimeError("a bug unwatching a connection")
+
+    with _dom0_backlog() as b:
+        leaving = RawClient(b.xsd.introduce_path(1))
+        with contextlib.closing(leaving):
+            leaving.read("/local/domain/1")  # accepted
+            _guest_conn, conn = b.guest_conns()
+            leaving.send_raw(b"".join(_write(i) for i in range(_LIMIT + 2)))
+            assert eventually(lambda: b.xsd._call(lambda: (conn.paused, conn.events)) == (True, 0))
+            hup = b.xsd._hup
+            assert hup is not None
+            b.xsd._call(lambda: setattr(b.xsd, "_hup", BuggyHup(hup)))
+        try:
+            assert eventually(lambda: b.xsd._call(lambda: conn.closed))
+            assert b.xsd._call(lambda: (dict(b.xsd._held), conn.sock.fileno(), conn in b.xsd._conns)
+                               ) == ({}, -1, False)
+        finally:
+            b.xsd._call(lambda: setattr(b.xsd, "_hup", hup))
+        b.read_events_until(f"/local/domain/1/g{_LIMIT - 1}")
+        assert eventually(lambda: b.charges() == (0, 0, 0)), b.charges()
+    assert logged_errors() == [f"internal error closing {conn!r}"]
 
 
 def test_a_held_back_client_that_only_stopped_writing_still_gets_its_replies() -> None:
@@ -1561,24 +1600,67 @@ def test_a_bug_met_accepting_a_connection_costs_that_connection_only(
     assert logged_errors() == ["internal error accepting a connection of Domain(0)"]
 
 
+def test_a_bug_met_after_watching_an_accepted_connection_leaves_nothing_of_it(
+    logged_errors: Callable[[], list[str]],
+) -> None:
+    # A bug met once the new socket is in the selector: the socket, closed,
+    # once stayed there (and in its guest's connections).  The next
+    # connection, given the same descriptor number, was then refused as
+    # already watched, and so was every one after it.
+    class FailingOnce(set[Connection]):
+        armed = False
+
+        def add(self, conn: Connection) -> None:
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("a bug accepting a connection")
+            super().add(conn)
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        conns = FailingOnce()
+        xsd._call(lambda: setattr(xsd, "_conns", conns))
+        conns.armed = True
+        with socket.socket(socket.AF_UNIX) as refused:
+            refused.connect(str(xsd.path))
+            assert closed_by_server(refused)
+        with RawClient(xsd.path) as after:
+            after.write("/after", "served")
+            assert after.read("/after") == b"served"
+            dom0 = xsd._dispatcher.dom0
+            assert xsd._call(lambda: (len(xsd._conns), len(dom0.conns))) == (1, 1)
+    assert logged_errors() == ["internal error accepting a connection of Domain(0)"]
+
+
+@pytest.mark.parametrize("bug", ["removing its socket", "closing a connection"])
 def test_a_bug_met_stopping_leaves_no_caller_waiting_for_the_loop(
-    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
+    bug: str, monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
 ) -> None:
     # The loop once ended without saying it had (the calls of other
     # threads still queued for it, and taken), and every later call
-    # waited for it for good.
-    with tempfile.TemporaryDirectory(prefix="xs") as d:
+    # waited for it for good.  (Closing a connection never raises: one
+    # that did, a bug, must not keep the loop's descriptors open either.)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, contextlib.ExitStack() as stack:
         xsd = XenStored(Path(d))
         xsd.start()
-        unlink = XenStored._unlink
+        if bug == "removing its socket":
+            unlink = XenStored._unlink
 
-        def buggy(path: Path) -> None:
-            if path == xsd.path:
-                raise PermissionError(errno.EACCES, "a run directory made read-only", str(path))
-            unlink(path)
+            def buggy(path: Path) -> None:
+                if path == xsd.path:
+                    raise PermissionError(errno.EACCES, "a run directory made read-only",
+                                          str(path))
+                unlink(path)
 
-        monkeypatch.setattr(XenStored, "_unlink", staticmethod(buggy))
+            monkeypatch.setattr(XenStored, "_unlink", staticmethod(buggy))
+        else:
+            stack.enter_context(RawClient(xsd.path)).read("/")  # accepted
+
+            def buggy_close(*_args: object) -> None:
+                raise RuntimeError("a bug closing a connection")
+
+            monkeypatch.setattr(XenStored, "_close", buggy_close)
         xsd.stop()
+        assert (xsd._wake_r.fileno(), xsd._wake_w.fileno()) == (-1, -1)
         answer: list[BaseException] = []
 
         def call() -> None:
@@ -1593,6 +1675,37 @@ def test_a_bug_met_stopping_leaves_no_caller_waiting_for_the_loop(
         assert not caller.is_alive(), "a call waits for a loop that has ended"
         assert [type(e) for e in answer] == [RuntimeError]
         assert "not running" in str(answer[0])
+    assert logged_errors() == ["internal error stopping xenstored"]
+
+
+def test_a_bug_met_stopping_leaves_no_other_socket_open(
+    monkeypatch: pytest.MonkeyPatch, logged_errors: Callable[[], list[str]],
+) -> None:
+    # One domain's socket file that cannot be removed once cut the
+    # stopping short: the other domains' sockets and the main one stayed
+    # open and in place (a server started again on the run directory
+    # found it served), with the selector's descriptors.
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        xsd.start()
+        stuck, other = xsd.introduce_domain(1), xsd.introduce_domain(2)
+        listeners = [xsd._dispatcher.domains[domid].listener for domid in (1, 2)]
+        unlink = XenStored._unlink
+
+        def buggy(path: Path) -> None:
+            if path == stuck:
+                raise PermissionError(errno.EACCES, "a directory made read-only", str(path))
+            unlink(path)
+
+        monkeypatch.setattr(XenStored, "_unlink", staticmethod(buggy))
+        xsd.stop()
+        assert stuck.exists() and not other.exists() and not xsd.path.exists()
+        assert xsd._listener is not None and xsd._listener.fileno() == -1
+        assert [s is not None and s.fileno() for s in listeners] == [-1, -1]
+        assert xsd._selector is not None and xsd._selector.get_map() is None
+        monkeypatch.undo()
+        with XenStored(Path(d)):  # the run directory is free again
+            pass
     assert logged_errors() == ["internal error stopping xenstored"]
 
 

@@ -69,6 +69,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import errno
+import functools
 import heapq
 import itertools
 import logging
@@ -263,7 +264,8 @@ class XenStored:
         it called has not returned), and waiting longer would hang the
         caller for good: TimeoutError names the thread and where it is.
         The server is then half stopped (its loop ends if it ever comes
-        back); stop() again waits for it again.
+        back, and calls are refused meanwhile); stop() again waits for it
+        again.
         """
         thread = self._thread
         if thread is None:
@@ -342,7 +344,9 @@ class XenStored:
             return fn(*args)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._calls_lock:
-            if self._thread is None or self._calls_closed:
+            # Once stop() began, too: a loop stop() found stuck may never
+            # come back to run the call, nor to cancel it.
+            if self._thread is None or self._calls_closed or self._stopping:
                 raise RuntimeError("XenStored is not running")
             self._calls.append((lambda: fn(*args), future))
         self._wake()
@@ -407,21 +411,28 @@ class XenStored:
     def _shutdown(self) -> None:
         try:
             for conn in list(self._conns):
-                self._close(conn, "server stopping")
-            for domid in [d for d in self._dispatcher.domains if d != 0]:
-                self._teardown_domain(domid)
+                self._close(conn, "server stopping")  # never raises
             assert self._selector is not None and self._listener is not None
             assert self._hup is not None
-            self._selector.close()
-            self._hup.close()
-            self._listener.close()
-            self._unlink(self.path)
+            steps: list[Callable[[], None]] = [
+                functools.partial(self._teardown_domain, domid)
+                for domid in self._dispatcher.domains if domid != 0]
+            steps += [self._selector.close, self._hup.close, self._listener.close,
+                      functools.partial(self._unlink, self.path)]
+            # Each step runs whatever the one before met: a socket file
+            # that cannot go must not leave the others open and in place.
+            for step in steps:
+                try:
+                    step()
+                except Exception:
+                    logger.exception("internal error stopping xenstored")
         except Exception:
-            # Logged, not raised: the thread is ending, and nobody would
-            # read it there.  Whatever is left behind, the calls must end.
+            # Logged, not raised (nor above): the thread is ending, and
+            # nobody would read it there.
             logger.exception("internal error stopping xenstored")
         finally:
-            # No caller may wait for a loop that is gone (see _call).
+            # Whatever is left behind, no caller may wait for a loop that
+            # is gone (see _call).
             with self._calls_lock:
                 self._calls_closed = True
                 self._wake_r.close()
@@ -509,17 +520,24 @@ class XenStored:
                 sock.close()
 
     def _add_connection(self, sock: socket.socket, domain: Domain) -> None:
-        """Serve ``sock`` as a connection of ``domain``: known to the
-        server only once it is in the selector, so that a failure leaves
-        nothing to undo but the socket."""
+        """Serve ``sock`` as a connection of ``domain``.  A failure leaves
+        nothing to undo but the socket: a closed socket left in the
+        selector would have the next connection given its descriptor
+        number refused as watched already, and one left in its guest's
+        connections would count in its quota for good."""
         assert self._selector is not None
         sock.setblocking(False)
         self._nconn += 1
         conn = Connection(sock, domain, f"#{self._nconn}")
         conn.events = _READ
         self._selector.register(sock, _READ, (self._on_event, conn))
-        domain.conns.add(conn)
-        self._conns.add(conn)
+        try:
+            domain.conns.add(conn)
+            self._conns.add(conn)
+        except BaseException:
+            domain.conns.discard(conn)  # (a set that refuses adds nothing)
+            self._selector.unregister(sock)
+            raise
 
     def _resume_accept(self) -> None:
         """Watch the listeners _accept() gave up on again (loop thread)."""
