@@ -1347,6 +1347,15 @@ class Frontend(Closing):
         self._put_data_ring(sock._st, reusable=reusable)
         self._forget(sock)
 
+    def _drop_unsent(self, st: SocketState) -> None:
+        """Drop the socket in a listener's ``st.unsent`` (see SocketState),
+        if any: one whose ACCEPT did not go out.  Under the listener's
+        ``_accept_lock``, or once nobody has the listener.  May be taken
+        again after a Ctrl-C, as _drop_socket."""
+        if st.unsent:
+            self._drop_socket(st.unsent[0], reusable=True)  # never the backend's
+            del st.unsent[:]
+
     def _submit(
         self,
         slot: Slot,
@@ -1739,6 +1748,7 @@ class Frontend(Closing):
             # Dropped: no call of the socket is left to wait out, and
             # nobody else can reach its state but another release.
             self._take(st, rel)
+            self._drop_unsent(st)
             fd, st.readyfd = st.readyfd, None
         else:
             # The socket's own calls have seen _closed and left (or, a
@@ -1752,6 +1762,7 @@ class Frontend(Closing):
             try:
                 with held(sock._accept_lock, deadline):
                     self._take(st, rel, ring=False)
+                    self._drop_unsent(st)
             except (TimeoutError, BlockingIOError):
                 logger.warning("socket %#x: its accept lock is still held; a pending ACCEPT "
                                "is not freed", st.id)

@@ -266,8 +266,8 @@ class SocketState:
     whoever takes the state out of the frontend's table.
     """
 
-    __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening",
-                 "connecting", "release", "close_called", "listed")
+    __slots__ = ("id", "owner", "ring", "accept_inflight", "unsent", "readyfd", "bound",
+                 "listening", "connecting", "release", "close_called", "listed")
 
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
@@ -278,6 +278,13 @@ class SocketState:
         # An ACCEPT in flight and the socket it offers (under _accept_lock,
         # set and read under _cond too): the listener keeps that socket.
         self.accept_inflight: tuple[int, Slot, PVSocket] | None = None
+        # The socket an ACCEPT being sent offers (under _accept_lock): in
+        # this list before it is in the frontend's table, until the ACCEPT
+        # is in flight (then accept_inflight's) or the socket dropped.  A
+        # drop that a Ctrl-C cut short leaves it here, for the next
+        # accept() or the listener's release to finish (Frontend._drop_unsent);
+        # held nowhere else, it stayed in the table until the frontend closed.
+        self.unsent: list[PVSocket] = []
         # The descriptor of fileno(), made lazily (under _cond).
         self.readyfd: ReadyFd | None = None
         self.bound = False
@@ -1004,13 +1011,15 @@ class PVSocket(Closing):
 
         Whatever interrupts it, a Ctrl-C included, the readiness is taken
         only in the try that gives it back, and the socket the ACCEPT
-        offers is in ``made`` before it is in the frontend's table: either
-        the ACCEPT is in flight, or the readiness is back and the new
-        socket gone.  A readiness taken by the caller and interrupted
+        offers is in the listener's ``unsent`` before it is in the
+        frontend's table: either the ACCEPT is in flight, or the readiness
+        is back and the new socket gone (or left in ``unsent``, for the
+        next accept() or the listener's release to drop).  A readiness taken by the caller and interrupted
         before this try was lost with ``_accepting`` left set: no POLL
         went out any more, and every later accept() waited for good."""
         slot = Slot(PVCALLS_ACCEPT, self.id)
-        made: list[PVSocket] = []
+        self._fe._drop_unsent(self._st)  # what a Ctrl-C left of the last one
+        made = self._st.unsent
         took = False
         try:
             with self._mutex:
@@ -1030,9 +1039,10 @@ class PVSocket(Closing):
         except BaseException as exc:
             if slot.sent:
                 raise  # in flight all the same (below)
-            # Nothing went out: the new socket goes, without RELEASE.
-            if made:
-                self._fe._drop_socket(made[0], reusable=True)
+            # Nothing went out.  The readiness back first, by stores that
+            # call nothing: behind the drop, a Ctrl-C landing in that left
+            # _accepting set, no POLL went out any more, and every later
+            # accept() waited for good.
             if took:
                 with self._mutex:
                     self._accepting = False
@@ -1040,6 +1050,9 @@ class PVSocket(Closing):
                 if isinstance(exc, BlockingIOError):
                     self._room_later()  # non-blocking: readable again once there is room
                 self._update_ready()
+            # The new socket goes, without RELEASE; cut short, it stays
+            # in ``made`` for the next caller.
+            self._fe._drop_unsent(self._st)
             raise
         finally:
             if slot.sent:
@@ -1049,6 +1062,7 @@ class PVSocket(Closing):
                 with self._mutex:
                     self._st.accept_inflight = (slot.req_id, slot, made[0])
                     self._accepting = False
+                    del made[:]
 
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         """Copy ``data`` into the out ring and return how many bytes were

@@ -2346,3 +2346,60 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
     assert other.join().error is None  # connected
     assert s.getpeername() == ("127.0.0.1", 7)
     s.close()
+
+
+@pytest.mark.parametrize("err", [errno.EAGAIN, errno.EBADF], ids=["no-room", "ebadf"])
+def test_an_accept_that_sent_nothing_interrupted_anywhere_keeps_nothing_of_its_new_socket(
+        fe: pvcalls.Frontend, fake: FakeBackend, err: int) -> None:
+    """A Ctrl-C landing anywhere along an accept() whose ACCEPT could not
+    go out (no room on the command ring, or the listener closed by
+    another thread: EBADF), once it failed: the socket the ACCEPT would
+    have offered, which nobody ever had, is gone from the frontend's
+    table, its ring back in the pool, once the next accept() or the
+    listener's close() comes (each after every other landing: the sweep
+    is one of the costly ones).  Before, one landing as _start_accept's
+    drop of it started left it in the table until the frontend closed,
+    and the listener taken for one accepting: no POLL went out any
+    more, and the next accept() waited for good."""
+    within = os.path.dirname(_frontend.__file__)
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    failed: list[int] = []
+    submit = fe._submit
+
+    def cannot(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_ACCEPT:
+            failed.append(slot.sock_id)
+            if err == errno.EAGAIN:
+                raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = cannot  # type: ignore[method-assign]
+    landed: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in itertools.count():
+            failed.clear()
+            where = interrupted_at(n, within, _refused(ls.accept, err), lambda: not failed)
+            if n % 2 == 0:
+                _refused(ls.accept, err)()  # fails as the first did, and drops what is left
+                assert set(fe._sockets) == {ls.id}, f"interrupted {where or 'nowhere'}"
+                assert len(fe._ring_pool) == 1, f"interrupted {where or 'nowhere'}"
+            else:
+                ls.close()
+                assert fe._sockets == {}, f"interrupted {where or 'nowhere'}"
+                ls = fe.socket()
+                ls.bind(("127.0.0.1", 4000))
+                ls.listen()
+                ls.settimeout(TIMEOUT)
+            if not where:
+                break
+            landed.append(where)
+        gc.collect()
+        assert _unclosed(caught) == []
+    assert any("_drop_socket" in where for where in landed), landed
+    ls.close()
+
