@@ -1574,12 +1574,16 @@ class Frontend(Closing):
             on_late(slot.ret)
 
     def _call(self, cmd: int, sock_id: int, fill: Callable[[Any], None], deadline: Deadline,
-              sock: PVSocket | None = None, on_late: Callable[[int], None] | None = None) -> int:
+              sock: PVSocket | None = None, on_late: Callable[[int], None] | None = None,
+              on_done: Callable[[int], None] | None = None) -> int:
         """Submit one command and wait for its ``ret``; abandon it on timeout
         (or when ``sock`` gets closed, or an interrupt), with ``on_late``
         to take the answer (see :meth:`_abandon`), also when an interrupt
-        cut the submit short after the request went out."""
+        cut the submit short after the request went out.  ``on_done``
+        (not with ``on_late``): called with the answer by the event thread
+        as it comes, whether this call waits for it or not."""
         slot = Slot(cmd, sock_id)
+        slot.on_done = on_done
         try:
             req_id = self._submit(slot, fill, deadline)
             return self._wait_slot(req_id, slot, deadline, sock)

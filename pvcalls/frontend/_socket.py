@@ -606,7 +606,14 @@ class PVSocket(Closing):
         after a failure.  That is what ``select``-based programs and
         asyncio's ``loop.sock_connect()`` expect.  A connect() with a
         timeout that succeeded is followed by one more that succeeds too,
-        as socket.socket's on Linux (see the comment in the code)."""
+        as socket.socket's on Linux (see the comment in the code).
+
+        A KeyboardInterrupt once the backend's answer came leaves the
+        socket as the answer says, as if connect() had returned or raised
+        it: connected, or unconnected after a refusal.  (socket.socket's
+        state is the kernel's then, which CPython does not specify; this
+        library keeps its own, and the backend's answer is the truth.)
+        Before the answer came, nobody knows: only close() is left."""
         host, port = resolve(address)
         self._check_open()
         with self._mutex:
@@ -699,6 +706,18 @@ class PVSocket(Closing):
                     # EISCONN for good.
                     self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
                     self._fe._put_data_ring(self._st, reusable=True)
+                elif slot.done and not self._closed:
+                    # Connected, the report cut short: the backend's answer
+                    # is the truth, and the socket is left as a return
+                    # leaves it (stores first, which call nothing).  Where
+                    # socket.socket's state after a KeyboardInterrupt is
+                    # the kernel's, this library keeps its own: marked
+                    # broken, a connected socket could only be closed.
+                    self._peername = (host, port)
+                    if deadline.timeout is not None:
+                        with self._mutex:
+                            self._connect_unreported = True  # as below
+                    self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
                 else:
                     self._abandon_connect(slot)
                 raise
@@ -855,9 +874,34 @@ class PVSocket(Closing):
             ffi.memmove(req.u.bind.addr, sockaddr, len(sockaddr))
             req.u.bind.len = SOCKADDR_IN_LEN
 
-        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout))
+        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout),
+                             on_done=self._on_success(functools.partial(
+                                 PVSocket._bound, host=host, port=port)))
         if ret < 0:
             raise host_error(ret, f"bind to {host}:{port}")
+        self._bound(host, port)
+
+    def _on_success(self, mark: Callable[[PVSocket], None]) -> Callable[[int], None]:
+        """What marks what the backend made of this socket (bound,
+        listening) as its answer to BIND or LISTEN comes: a slot's
+        ``on_done``, called by the event thread, whatever became of the
+        call that sent it.  The call marks it too, as the event thread may
+        not have yet when it wakes.  Left to the call alone, a Ctrl-C
+        landing as its wait returned lost the mark: the socket bound or
+        listening in the backend, and listen() or accept() refused here.
+        It holds the socket weakly, as a non-blocking connect()'s taker
+        does (the answer may never come)."""
+        owner = self._st.owner
+
+        def answered(ret: int) -> None:
+            sock = owner()
+            if ret >= 0 and sock is not None and not sock._closed:
+                mark(sock)
+
+        return answered
+
+    def _bound(self, host: str, port: int) -> None:
+        """The backend bound this socket to (host, port)."""
         self._st.bound = True
         self._sockname = (host, port)
         with self._mutex:
@@ -894,9 +938,16 @@ class PVSocket(Closing):
             req.u.listen.id = self.id
             req.u.listen.backlog = backlog
 
-        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout))
+        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout),
+                             on_done=self._on_success(PVSocket._listening))
         if ret < 0:
             raise host_error(ret, "listen")
+        self._listening()
+
+    def _listening(self) -> None:
+        """The backend has this socket listening.  Also from the event
+        thread (see _on_success): the POLL that fileno() needs never waits
+        for room (see _arm_poll)."""
         self._st.listening = True
         if self._armed:
             self._arm_poll()

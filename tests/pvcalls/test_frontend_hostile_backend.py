@@ -2403,3 +2403,62 @@ def test_an_accept_that_sent_nothing_interrupted_anywhere_keeps_nothing_of_its_n
     assert any("_drop_socket" in where for where in landed), landed
     ls.close()
 
+
+def _connect_answered(s: pvcalls.PVSocket, fe: pvcalls.Frontend, where: str) -> None:
+    """``s`` is connected to 127.0.0.1:7, as after its connect() returned."""
+    assert not s._broken, f"interrupted {where or 'nowhere'}: marked broken"
+    assert s._st.ring is not None, f"interrupted {where or 'nowhere'}: no ring"
+    assert s.getpeername() == ("127.0.0.1", 7), f"interrupted {where or 'nowhere'}"
+    assert fe._slots.count(None) == RING_SLOTS, f"interrupted {where or 'nowhere'}"
+    assert s.send(b"x") == 1
+
+
+@pytest.mark.parametrize("call", ["connect", "bind", "listen"])
+def test_an_answered_call_interrupted_anywhere_keeps_what_the_backend_did(
+        fe: pvcalls.Frontend, fake: FakeBackend, call: str) -> None:
+    """A Ctrl-C landing anywhere along a connect(), bind() or listen()
+    once it has the backend's success: the socket is what the backend
+    made of it, connected, bound or listening.  The backend's answer
+    came, so that is the truth, whatever the program was told; a socket
+    left unmarked said EINVAL or EOPNOTSUPP to the listen() or accept()
+    that followed, on a socket the backend has bound or listening.
+    Before, one landing as the wait returned the answer marked a
+    connected socket broken (only close() was left), and lost BIND's and
+    LISTEN's marks."""
+    within = os.path.dirname(_frontend.__file__)
+    cmd = {"connect": PVCALLS_CONNECT, "bind": PVCALLS_BIND, "listen": PVCALLS_LISTEN}[call]
+    taken = _refusal_taken(fe, cmd)
+    landed: list[str] = []
+    for n in itertools.count():
+        s = fe.socket()
+        s.settimeout(TIMEOUT)
+        if call == "listen":
+            s.bind(("127.0.0.1", 4000))
+        taken.clear()
+        run = {"connect": functools.partial(s.connect, ("127.0.0.1", 7)),
+               "bind": functools.partial(s.bind, ("127.0.0.1", 4000)),
+               "listen": s.listen}[call]
+        where = interrupted_at(n, within, run, lambda: not taken)
+        if call == "connect":
+            _connect_answered(s, fe, where)
+        else:
+            # Marked by the event thread as it takes the answer, maybe
+            # only after the caller woke for it.
+            flag = "bound" if call == "bind" else "listening"
+            try:
+                wait_until(functools.partial(getattr, s._st, flag))
+            except TimeoutError:
+                raise AssertionError(f"interrupted {where or 'nowhere'}: not {flag}") from None
+        if call == "bind":
+            assert s.getsockname() == ("127.0.0.1", 4000)
+            s.listen()
+        elif call == "listen":
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.accept()  # not EINVAL: listening
+        s.close()
+        if not where:
+            break
+        landed.append(where)
+    # As the wait for the answer returned to the call (through _call's).
+    assert landed[0].startswith(f"as a call returns in PVSocket.{call},"), landed
