@@ -1347,6 +1347,15 @@ class Frontend(Closing):
         self._put_data_ring(sock._st, reusable=reusable)
         self._forget(sock)
 
+    def _drop_unsent(self, st: SocketState) -> None:
+        """Drop the socket in a listener's ``st.unsent`` (see SocketState),
+        if any: one whose ACCEPT did not go out.  Under the listener's
+        ``_accept_lock``, or once nobody has the listener.  May be taken
+        again after a Ctrl-C, as _drop_socket."""
+        if st.unsent:
+            self._drop_socket(st.unsent[0], reusable=True)  # never the backend's
+            del st.unsent[:]
+
     def _submit(
         self,
         slot: Slot,
@@ -1565,12 +1574,16 @@ class Frontend(Closing):
             on_late(slot.ret)
 
     def _call(self, cmd: int, sock_id: int, fill: Callable[[Any], None], deadline: Deadline,
-              sock: PVSocket | None = None, on_late: Callable[[int], None] | None = None) -> int:
+              sock: PVSocket | None = None, on_late: Callable[[int], None] | None = None,
+              on_done: Callable[[int], None] | None = None) -> int:
         """Submit one command and wait for its ``ret``; abandon it on timeout
         (or when ``sock`` gets closed, or an interrupt), with ``on_late``
         to take the answer (see :meth:`_abandon`), also when an interrupt
-        cut the submit short after the request went out."""
+        cut the submit short after the request went out.  ``on_done``
+        (not with ``on_late``): called with the answer by the event thread
+        as it comes, whether this call waits for it or not."""
         slot = Slot(cmd, sock_id)
+        slot.on_done = on_done
         try:
             req_id = self._submit(slot, fill, deadline)
             return self._wait_slot(req_id, slot, deadline, sock)
@@ -1739,6 +1752,7 @@ class Frontend(Closing):
             # Dropped: no call of the socket is left to wait out, and
             # nobody else can reach its state but another release.
             self._take(st, rel)
+            self._drop_unsent(st)
             fd, st.readyfd = st.readyfd, None
         else:
             # The socket's own calls have seen _closed and left (or, a
@@ -1752,6 +1766,7 @@ class Frontend(Closing):
             try:
                 with held(sock._accept_lock, deadline):
                     self._take(st, rel, ring=False)
+                    self._drop_unsent(st)
             except (TimeoutError, BlockingIOError):
                 logger.warning("socket %#x: its accept lock is still held; a pending ACCEPT "
                                "is not freed", st.id)

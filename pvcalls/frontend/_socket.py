@@ -266,8 +266,8 @@ class SocketState:
     whoever takes the state out of the frontend's table.
     """
 
-    __slots__ = ("id", "owner", "ring", "accept_inflight", "readyfd", "bound", "listening",
-                 "connecting", "release", "close_called", "listed")
+    __slots__ = ("id", "owner", "ring", "accept_inflight", "unsent", "readyfd", "bound",
+                 "listening", "connecting", "release", "close_called", "listed")
 
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
@@ -278,6 +278,13 @@ class SocketState:
         # An ACCEPT in flight and the socket it offers (under _accept_lock,
         # set and read under _cond too): the listener keeps that socket.
         self.accept_inflight: tuple[int, Slot, PVSocket] | None = None
+        # The socket an ACCEPT being sent offers (under _accept_lock): in
+        # this list before it is in the frontend's table, until the ACCEPT
+        # is in flight (then accept_inflight's) or the socket dropped.  A
+        # drop that a Ctrl-C cut short leaves it here, for the next
+        # accept() or the listener's release to finish (Frontend._drop_unsent);
+        # held nowhere else, it stayed in the table until the frontend closed.
+        self.unsent: list[PVSocket] = []
         # The descriptor of fileno(), made lazily (under _cond).
         self.readyfd: ReadyFd | None = None
         self.bound = False
@@ -599,7 +606,14 @@ class PVSocket(Closing):
         after a failure.  That is what ``select``-based programs and
         asyncio's ``loop.sock_connect()`` expect.  A connect() with a
         timeout that succeeded is followed by one more that succeeds too,
-        as socket.socket's on Linux (see the comment in the code)."""
+        as socket.socket's on Linux (see the comment in the code).
+
+        A KeyboardInterrupt once the backend's answer came leaves the
+        socket as the answer says, as if connect() had returned or raised
+        it: connected, or unconnected after a refusal.  (socket.socket's
+        state is the kernel's then, which CPython does not specify; this
+        library keeps its own, and the backend's answer is the truth.)
+        Before the answer came, nobody knows: only close() is left."""
         host, port = resolve(address)
         self._check_open()
         with self._mutex:
@@ -692,6 +706,18 @@ class PVSocket(Closing):
                     # EISCONN for good.
                     self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
                     self._fe._put_data_ring(self._st, reusable=True)
+                elif slot.done and not self._closed:
+                    # Connected, the report cut short: the backend's answer
+                    # is the truth, and the socket is left as a return
+                    # leaves it (stores first, which call nothing).  Where
+                    # socket.socket's state after a KeyboardInterrupt is
+                    # the kernel's, this library keeps its own: marked
+                    # broken, a connected socket could only be closed.
+                    self._peername = (host, port)
+                    if deadline.timeout is not None:
+                        with self._mutex:
+                            self._connect_unreported = True  # as below
+                    self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
                 else:
                     self._abandon_connect(slot)
                 raise
@@ -848,9 +874,34 @@ class PVSocket(Closing):
             ffi.memmove(req.u.bind.addr, sockaddr, len(sockaddr))
             req.u.bind.len = SOCKADDR_IN_LEN
 
-        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout))
+        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout),
+                             on_done=self._on_success(functools.partial(
+                                 PVSocket._bound, host=host, port=port)))
         if ret < 0:
             raise host_error(ret, f"bind to {host}:{port}")
+        self._bound(host, port)
+
+    def _on_success(self, mark: Callable[[PVSocket], None]) -> Callable[[int], None]:
+        """What marks what the backend made of this socket (bound,
+        listening) as its answer to BIND or LISTEN comes: a slot's
+        ``on_done``, called by the event thread, whatever became of the
+        call that sent it.  The call marks it too, as the event thread may
+        not have yet when it wakes.  Left to the call alone, a Ctrl-C
+        landing as its wait returned lost the mark: the socket bound or
+        listening in the backend, and listen() or accept() refused here.
+        It holds the socket weakly, as a non-blocking connect()'s taker
+        does (the answer may never come)."""
+        owner = self._st.owner
+
+        def answered(ret: int) -> None:
+            sock = owner()
+            if ret >= 0 and sock is not None and not sock._closed:
+                mark(sock)
+
+        return answered
+
+    def _bound(self, host: str, port: int) -> None:
+        """The backend bound this socket to (host, port)."""
         self._st.bound = True
         self._sockname = (host, port)
         with self._mutex:
@@ -887,9 +938,16 @@ class PVSocket(Closing):
             req.u.listen.id = self.id
             req.u.listen.backlog = backlog
 
-        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout))
+        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout),
+                             on_done=self._on_success(PVSocket._listening))
         if ret < 0:
             raise host_error(ret, "listen")
+        self._listening()
+
+    def _listening(self) -> None:
+        """The backend has this socket listening.  Also from the event
+        thread (see _on_success): the POLL that fileno() needs never waits
+        for room (see _arm_poll)."""
         self._st.listening = True
         if self._armed:
             self._arm_poll()
@@ -1004,13 +1062,15 @@ class PVSocket(Closing):
 
         Whatever interrupts it, a Ctrl-C included, the readiness is taken
         only in the try that gives it back, and the socket the ACCEPT
-        offers is in ``made`` before it is in the frontend's table: either
-        the ACCEPT is in flight, or the readiness is back and the new
-        socket gone.  A readiness taken by the caller and interrupted
+        offers is in the listener's ``unsent`` before it is in the
+        frontend's table: either the ACCEPT is in flight, or the readiness
+        is back and the new socket gone (or left in ``unsent``, for the
+        next accept() or the listener's release to drop).  A readiness taken by the caller and interrupted
         before this try was lost with ``_accepting`` left set: no POLL
         went out any more, and every later accept() waited for good."""
         slot = Slot(PVCALLS_ACCEPT, self.id)
-        made: list[PVSocket] = []
+        self._fe._drop_unsent(self._st)  # what a Ctrl-C left of the last one
+        made = self._st.unsent
         took = False
         try:
             with self._mutex:
@@ -1030,9 +1090,10 @@ class PVSocket(Closing):
         except BaseException as exc:
             if slot.sent:
                 raise  # in flight all the same (below)
-            # Nothing went out: the new socket goes, without RELEASE.
-            if made:
-                self._fe._drop_socket(made[0], reusable=True)
+            # Nothing went out.  The readiness back first, by stores that
+            # call nothing: behind the drop, a Ctrl-C landing in that left
+            # _accepting set, no POLL went out any more, and every later
+            # accept() waited for good.
             if took:
                 with self._mutex:
                     self._accepting = False
@@ -1040,6 +1101,9 @@ class PVSocket(Closing):
                 if isinstance(exc, BlockingIOError):
                     self._room_later()  # non-blocking: readable again once there is room
                 self._update_ready()
+            # The new socket goes, without RELEASE; cut short, it stays
+            # in ``made`` for the next caller.
+            self._fe._drop_unsent(self._st)
             raise
         finally:
             if slot.sent:
@@ -1049,6 +1113,7 @@ class PVSocket(Closing):
                 with self._mutex:
                     self._st.accept_inflight = (slot.req_id, slot, made[0])
                     self._accepting = False
+                    del made[:]
 
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         """Copy ``data`` into the out ring and return how many bytes were

@@ -363,6 +363,15 @@ def connected(fe: pvcalls.Frontend, fake: FakeBackend) -> tuple[pvcalls.PVSocket
     return s, fake.rings[s.id]
 
 
+def _listener(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
+    """A socket listening on port 4000, with the test's timeout."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 4000))
+    ls.listen()
+    ls.settimeout(TIMEOUT)
+    return ls
+
+
 # -- responses that answer nothing -------------------------------------------------
 
 
@@ -734,10 +743,7 @@ def test_the_sendall_timeout_bounds_the_whole_call(
 @pytest.mark.parametrize(("ret", "expected"), _ERRNOS)
 def test_a_poll_answered_with_an_error_fails_that_accept_only(
         fe: pvcalls.Frontend, fake: FakeBackend, ret: int, expected: int) -> None:
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.settimeout(TIMEOUT)
+    ls = _listener(fe)
     fake.rets[PVCALLS_POLL] = ret
     with pytest.raises(OSError) as info:
         ls.accept()
@@ -1261,10 +1267,7 @@ def test_an_accepted_socket_has_the_default_timeout_not_the_listeners(
     """As socket.socket's accept(): the new socket starts with
     socket.getdefaulttimeout() (None: blocking), whatever the listener's."""
     assert socket.getdefaulttimeout() is None
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.settimeout(TIMEOUT)
+    ls = _listener(fe)
     new, _ = ls.accept()  # POLL and ACCEPT answered at once
     assert new.gettimeout() is None
     assert new.getblocking()
@@ -1278,10 +1281,7 @@ def test_an_accept_the_backend_refuses_keeps_nothing_of_its_new_socket(
     it offered (which the backend never made) is gone from the frontend's
     table, with no RELEASE for it, its ring back in the pool.  The next
     accept() sends an ACCEPT of its own: the refusal was reported once."""
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.settimeout(TIMEOUT)
+    ls = _listener(fe)
     held = dict(fe._sockets)
     fake.rets[PVCALLS_ACCEPT] = -EINVAL
     with pytest.raises(OSError) as info:
@@ -1893,6 +1893,21 @@ def _refusal_taken(fe: pvcalls.Frontend, cmd: int) -> list[int]:
     return taken
 
 
+def _connects_submitted(fe: pvcalls.Frontend) -> list[Any]:
+    """A list that gets the slot of each CONNECT given to the frontend's
+    _submit: whether it went out is its ``sent``, its answer its ``done``."""
+    connects: list[Any] = []
+    submit = fe._submit
+
+    def recorded(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            connects.append(slot)
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = recorded  # type: ignore[method-assign]
+    return connects
+
+
 def _refused(call: Callable[[], object], err: int) -> Callable[[], None]:
     """``call()``, which is to fail with ``err``."""
     def run() -> None:
@@ -1906,6 +1921,25 @@ def _unclosed(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if w.category is ResourceWarning]
 
 
+def _sweep(attempt: Callable[[int], str], check: Callable[[str], object]) -> list[str]:
+    """Land a Ctrl-C at every place of a call in turn: ``attempt(n)`` runs
+    it with one at its n-th place (interrupted_at's answer: where, or ''
+    once there are fewer places), then ``check(where)`` asserts what it
+    left, its failure prefixed with where.  Until the call ran
+    undisturbed (checked too); returns where it landed."""
+    landed: list[str] = []
+    for n in itertools.count():
+        where = attempt(n)
+        try:
+            check(where)
+        except AssertionError as exc:
+            raise AssertionError(f"interrupted {where or 'nowhere'}: {exc}") from None
+        if not where:
+            return landed
+        landed.append(where)
+    raise AssertionError("unreachable")
+
+
 def test_a_refused_accept_keeps_a_poll_in_flight_for_fileno(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """ACCEPT refused on a listener whose fileno() is in use: a POLL goes
@@ -1913,10 +1947,7 @@ def test_a_refused_accept_keeps_a_poll_in_flight_for_fileno(
     readable again once a connection is pending.  Before, none went out:
     once anything brought the descriptor up to date (a selector's
     register() calling fileno()), it polled neither way, for good."""
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.settimeout(TIMEOUT)
+    ls = _listener(fe)
     fd = ls.fileno()  # its POLL goes out, answered at once
     fake.rets[PVCALLS_ACCEPT] = -EINVAL
     _refused(ls.accept, errno.EINVAL)()
@@ -1945,10 +1976,7 @@ def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
     accept() to report, or a POLL is in flight (see
     test_a_refused_accept_keeps_a_poll_in_flight_for_fileno)."""
     within = os.path.dirname(_frontend.__file__)
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.settimeout(TIMEOUT)
+    ls = _listener(fe)
     fd = ls.fileno() if armed else -1
     fake.rets[PVCALLS_ACCEPT] = -EINVAL
     taken = _refusal_taken(fe, PVCALLS_ACCEPT)
@@ -1961,38 +1989,36 @@ def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
         return new
 
     fe._new_socket = recorded  # type: ignore[method-assign]
-    landed: list[str] = []
+
+    def attempt(n: int) -> str:
+        taken.clear()
+        offered.clear()
+        return interrupted_at(n, within, _refused(ls.accept, errno.EINVAL), lambda: not taken)
+
+    def check(where: str) -> None:
+        (new_id,) = offered
+        inflight = ls._st.accept_inflight
+        kept = inflight is not None and inflight[2].id == new_id
+        assert kept or new_id not in fe._sockets, "the refused socket left in the table"
+        if armed:
+            assert ls.fileno() == fd  # up to date, as a selector's register() has it
+            try:
+                wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+            except TimeoutError:
+                raise AssertionError("the listener never polls readable again") from None
+        # Reports the refusal cut short, or one of its own.
+        _refused(ls.accept, errno.EINVAL)()
+        gc.collect()
+        assert set(fe._sockets) == {ls.id}
+        assert ls._st.accept_inflight is None
+        assert fe._given_back == [] and fe._accepts_to_end == []
+        # The one ring every ACCEPT offered: back each time.
+        assert len(fe._ring_pool) == 1
+        assert _unclosed(caught) == []
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for n in itertools.count():
-            taken.clear()
-            offered.clear()
-            where = interrupted_at(n, within, _refused(ls.accept, errno.EINVAL),
-                                   lambda: not taken)
-            (new_id,) = offered
-            inflight = ls._st.accept_inflight
-            kept = inflight is not None and inflight[2].id == new_id
-            assert kept or new_id not in fe._sockets, (
-                f"interrupted {where or 'nowhere'}: the refused socket left in the table")
-            if armed:
-                assert ls.fileno() == fd  # up to date, as a selector's register() has it
-                try:
-                    wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
-                except TimeoutError:
-                    raise AssertionError(f"interrupted {where or 'nowhere'}: "
-                                         "the listener never polls readable again") from None
-            # Reports the refusal cut short, or one of its own.
-            _refused(ls.accept, errno.EINVAL)()
-            gc.collect()
-            assert set(fe._sockets) == {ls.id}, f"interrupted {where or 'nowhere'}"
-            assert ls._st.accept_inflight is None
-            assert fe._given_back == [] and fe._accepts_to_end == []
-            # The one ring every ACCEPT offered: back each time.
-            assert len(fe._ring_pool) == 1, f"interrupted {where or 'nowhere'}"
-            assert _unclosed(caught) == [], f"interrupted {where or 'nowhere'}"
-            if not where:
-                break
-            landed.append(where)
+        landed = _sweep(attempt, check)
     assert any("_drop_socket" in where for where in landed), landed
     ls.close()
 
@@ -2010,20 +2036,19 @@ def test_a_refused_socket_interrupted_anywhere_keeps_nothing_of_it(
     within = os.path.dirname(_frontend.__file__)
     fake.rets[PVCALLS_SOCKET] = -EINVAL
     taken = _refusal_taken(fe, PVCALLS_SOCKET)
-    landed: list[str] = []
+
+    def attempt(n: int) -> str:
+        taken.clear()
+        return interrupted_at(n, within, _refused(fe.socket, errno.EINVAL), lambda: not taken)
+
+    def check(where: str) -> None:
+        gc.collect()  # the finaliser runs, if the socket is garbage
+        assert fe._sockets == {}, "left in the table"
+        assert not fe._dropped and _unclosed(caught) == [], "dropped as unclosed"
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for n in itertools.count():
-            taken.clear()
-            where = interrupted_at(n, within, _refused(fe.socket, errno.EINVAL),
-                                   lambda: not taken)
-            gc.collect()  # the finaliser runs, if the socket is garbage
-            assert fe._sockets == {}, f"interrupted {where or 'nowhere'}: left in the table"
-            assert not fe._dropped and _unclosed(caught) == [], (
-                f"interrupted {where or 'nowhere'}: dropped as unclosed")
-            if not where:
-                break
-            landed.append(where)
+        landed = _sweep(attempt, check)
     assert any("_forget" in where for where in landed), landed
 
 
@@ -2051,33 +2076,29 @@ def test_a_refused_poll_interrupted_anywhere_leaves_the_listener_readable(
     readable only until anything brought it up to date (a selector's
     register() calling fileno()), and then waited for good."""
     within = os.path.dirname(_frontend.__file__)
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.settimeout(TIMEOUT)
+    ls = _listener(fe)
     fake.rets[PVCALLS_POLL] = -EINVAL
     fd = ls.fileno()  # its POLL goes out, refused
 
     def readable() -> bool:
         return select.select([fd], [], [], 0)[0] != []
 
-    landed: list[str] = []
-    for n in itertools.count():
+    def attempt(n: int) -> str:
         wait_until(readable)
-        where = interrupted_at(n, within, _refused(ls.accept, errno.EINVAL),
-                               lambda: not _poll_refusal_taken())
+        return interrupted_at(n, within, _refused(ls.accept, errno.EINVAL),
+                              lambda: not _poll_refusal_taken())
+
+    def check(where: str) -> None:
         # As a selector registering the listener (again) does: the
         # descriptor follows the listener's state.
         assert ls.fileno() == fd
         try:
             wait_until(readable)
         except TimeoutError:
-            raise AssertionError(f"interrupted {where or 'nowhere'}: "
-                                 "the listener never polls readable again") from None
+            raise AssertionError("the listener never polls readable again") from None
         _refused(ls.accept, errno.EINVAL)()
-        if not where:
-            break
-        landed.append(where)
+
+    landed = _sweep(attempt, check)
     assert any("_arm_poll" in where for where in landed), landed
     ls.close()
 
@@ -2099,21 +2120,18 @@ def test_a_refused_connect_interrupted_anywhere_leaves_the_socket_unconnected(
     s.settimeout(TIMEOUT)
     fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
     taken = _refusal_taken(fe, PVCALLS_CONNECT)
-    landed: list[str] = []
-    for n in itertools.count():
+    refused = _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED)
+
+    def attempt(n: int) -> str:
         taken.clear()
-        where = interrupted_at(n, within,
-                               _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED),
-                               lambda: not taken)
-        assert s._st.ring is None, f"interrupted {where or 'nowhere'}: the ring kept"
-        try:
-            _refused(lambda: s.connect(("127.0.0.1", 7)), errno.ECONNREFUSED)()
-        except AssertionError as exc:
-            raise AssertionError(f"interrupted {where or 'nowhere'}: then {exc}") from None
+        return interrupted_at(n, within, refused, lambda: not taken)
+
+    def check(where: str) -> None:
+        assert s._st.ring is None, "the ring kept"
+        refused()  # again
         assert fe._given_back == [] and len(fe._ring_pool) == 1
-        if not where:
-            break
-        landed.append(where)
+
+    landed = _sweep(attempt, check)
     assert any("_put_data_ring" in where for where in landed), landed
     s.close()
 
@@ -2132,17 +2150,10 @@ def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
     with the ring the backend had let go of."""
     within = os.path.dirname(_frontend.__file__)
     fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
-    connects: list[Any] = []  # the CONNECT's slot
-    submit = fe._submit
+    connects = _connects_submitted(fe)
+    socks: list[pvcalls.PVSocket] = []  # the one each attempt connects
 
-    def recorded(slot: Any, *args: Any, **kwargs: Any) -> int:
-        if slot.cmd == PVCALLS_CONNECT:
-            connects.append(slot)
-        return submit(slot, *args, **kwargs)
-
-    fe._submit = recorded  # type: ignore[method-assign]
-    landed: list[str] = []
-    for n in itertools.count():
+    def attempt(n: int) -> str:
         # The same path each time: a ring from the pool.  (A Ctrl-C in
         # the making of one leaves none; the connect sweeps of
         # test_frontend.py cover the making.)
@@ -2152,35 +2163,33 @@ def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
                 _refused(functools.partial(first.connect, ("127.0.0.1", 7)),
                          errno.ECONNREFUSED)()
         connects.clear()
-        s = fe.socket()
-        s.setblocking(False)
-        where = interrupted_at(n, within, _refused(functools.partial(s.connect, ("127.0.0.1", 7)),
-                                                   errno.EINPROGRESS))
+        socks[:] = [fe.socket()]
+        socks[0].setblocking(False)
+        return interrupted_at(n, within, _refused(
+            functools.partial(socks[0].connect, ("127.0.0.1", 7)), errno.EINPROGRESS))
+
+    def check(where: str) -> None:
+        (s,) = socks
         try:
-            wait_until(functools.partial(lambda s: not s._connecting, s))
+            wait_until(lambda: not s._connecting)
         except TimeoutError:
-            raise AssertionError(f"interrupted {where or 'nowhere'}: connecting for good") from None
+            raise AssertionError("connecting for good") from None
         err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         sent = bool(connects) and connects[0].sent
-        assert err == (errno.ECONNREFUSED if sent else 0), f"interrupted {where or 'nowhere'}"
-        assert s._st.ring is None, f"interrupted {where or 'nowhere'}: the ring kept"
-        assert fe._slots.count(None) == RING_SLOTS, (
-            f"interrupted {where or 'nowhere'}: a response table entry kept")
+        assert err == (errno.ECONNREFUSED if sent else 0)
+        assert s._st.ring is None, "the ring kept"
+        assert fe._slots.count(None) == RING_SLOTS, "a response table entry kept"
         # Unconnected, as a TCP socket whose connect failed: connect() may
         # be tried again (after the failure said once more, as by Linux's
         # second connect(), ECONNABORTED once SO_ERROR took it).
         s.settimeout(TIMEOUT)
         again = functools.partial(s.connect, ("127.0.0.1", 7))
-        try:
-            if sent:
-                _refused(again, errno.ECONNABORTED)()
-            _refused(again, errno.ECONNREFUSED)()
-        except AssertionError as exc:
-            raise AssertionError(f"interrupted {where or 'nowhere'}: then {exc}") from None
+        if sent:
+            _refused(again, errno.ECONNABORTED)()
+        _refused(again, errno.ECONNREFUSED)()
         s.close()
-        if not where:
-            break
-        landed.append(where)
+
+    landed = _sweep(attempt, check)
     assert any("_connect_taker" in where for where in landed), landed
     assert any("Frontend._notify" in where for where in landed), landed
 
@@ -2193,10 +2202,7 @@ def test_a_refused_accept_leaves_the_listener_unreadable_until_a_connection_is_p
     waits for a connection, and readable once that POLL says one is
     pending.  A descriptor left readable had a selector call accept()
     over and over, each failing with EAGAIN."""
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.settimeout(TIMEOUT)
+    ls = _listener(fe)
     fd = ls.fileno()  # its POLL goes out, answered at once
     wait_until(lambda: ls._poll_ready)
     fake.rets[PVCALLS_ACCEPT] = -EINVAL
@@ -2214,10 +2220,7 @@ def test_a_refused_accept_leaves_the_listener_unreadable_until_a_connection_is_p
 def _refused_poll_listener(fe: pvcalls.Frontend, fake: FakeBackend) -> tuple[pvcalls.PVSocket, int]:
     """A listener whose fileno() is in use, with a refused POLL's error
     for accept() to report."""
-    ls = fe.socket()
-    ls.bind(("127.0.0.1", 4000))
-    ls.listen()
-    ls.settimeout(TIMEOUT)
+    ls = _listener(fe)
     fake.rets[PVCALLS_POLL] = -EINVAL
     fd = ls.fileno()  # its POLL goes out, refused
     wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
@@ -2288,15 +2291,7 @@ def test_a_refused_connect_cut_short_in_its_wait_frees_its_entry(
     s = fe.socket()
     s.settimeout(TIMEOUT)
     fake.hold.add(PVCALLS_CONNECT)
-    connects: list[Any] = []
-    submit = fe._submit
-
-    def recorded(slot: Any, *args: Any, **kwargs: Any) -> int:
-        if slot.cmd == PVCALLS_CONNECT:
-            connects.append(slot)
-        return submit(slot, *args, **kwargs)
-
-    fe._submit = recorded  # type: ignore[method-assign]
+    connects = _connects_submitted(fe)
 
     def answer() -> None:
         req = fake.next_request(PVCALLS_CONNECT)
@@ -2346,3 +2341,115 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
     assert other.join().error is None  # connected
     assert s.getpeername() == ("127.0.0.1", 7)
     s.close()
+
+
+@pytest.mark.parametrize("err", [errno.EAGAIN, errno.EBADF], ids=["no-room", "ebadf"])
+def test_an_accept_that_sent_nothing_interrupted_anywhere_keeps_nothing_of_its_new_socket(
+        fe: pvcalls.Frontend, fake: FakeBackend, err: int) -> None:
+    """A Ctrl-C landing anywhere along an accept() whose ACCEPT could not
+    go out (no room on the command ring, or the listener closed by
+    another thread: EBADF), once it failed: the socket the ACCEPT would
+    have offered, which nobody ever had, is gone from the frontend's
+    table, its ring back in the pool, once the next accept() or the
+    listener's close() comes (each after every other landing: the sweep
+    is one of the costly ones).  Before, one landing as _start_accept's
+    drop of it started left it in the table until the frontend closed,
+    and the listener taken for one accepting: no POLL went out any
+    more, and the next accept() waited for good."""
+    within = os.path.dirname(_frontend.__file__)
+    ls = _listener(fe)
+    failed: list[int] = []
+    submit = fe._submit
+
+    def cannot(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_ACCEPT:
+            failed.append(slot.sock_id)
+            if err == errno.EAGAIN:
+                raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = cannot  # type: ignore[method-assign]
+    listeners = [ls]
+    accepts = itertools.count()
+
+    def attempt(n: int) -> str:
+        failed.clear()
+        return interrupted_at(n, within, _refused(listeners[0].accept, err), lambda: not failed)
+
+    def check(where: str) -> None:
+        if next(accepts) % 2 == 0:
+            _refused(listeners[0].accept, err)()  # fails as the first did, and drops what is left
+            assert set(fe._sockets) == {listeners[0].id}
+            assert len(fe._ring_pool) == 1
+        else:
+            listeners[0].close()
+            assert fe._sockets == {}
+            listeners[0] = _listener(fe)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        landed = _sweep(attempt, check)
+        gc.collect()  # once: each costs as much as a landing
+        assert _unclosed(caught) == []
+    assert any("_drop_socket" in where for where in landed), landed
+    listeners[0].close()
+
+
+@pytest.mark.parametrize("call", ["connect", "bind", "listen"])
+def test_an_answered_call_interrupted_anywhere_keeps_what_the_backend_did(
+        fe: pvcalls.Frontend, fake: FakeBackend, call: str) -> None:
+    """A Ctrl-C landing anywhere along a connect(), bind() or listen()
+    once it has the backend's success: the socket is what the backend
+    made of it, connected, bound or listening.  The backend's answer
+    came, so that is the truth, whatever the program was told; a socket
+    left unmarked said EINVAL or EOPNOTSUPP to the listen() or accept()
+    that followed, on a socket the backend has bound or listening.
+    Before, one landing as the wait returned the answer marked a
+    connected socket broken (only close() was left), and lost BIND's and
+    LISTEN's marks."""
+    within = os.path.dirname(_frontend.__file__)
+    cmd = {"connect": PVCALLS_CONNECT, "bind": PVCALLS_BIND, "listen": PVCALLS_LISTEN}[call]
+    taken = _refusal_taken(fe, cmd)
+    socks: list[pvcalls.PVSocket] = []  # the one each attempt calls
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        if call == "listen":
+            s.bind(("127.0.0.1", 4000))
+        taken.clear()
+        run = {"connect": functools.partial(s.connect, ("127.0.0.1", 7)),
+               "bind": functools.partial(s.bind, ("127.0.0.1", 4000)),
+               "listen": s.listen}[call]
+        return interrupted_at(n, within, run, lambda: not taken)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        if call == "connect":
+            # As after connect() returned.
+            assert not s._broken, "marked broken"
+            assert s._st.ring is not None, "no ring"
+            assert s.getpeername() == ("127.0.0.1", 7)
+            assert fe._slots.count(None) == RING_SLOTS
+            assert s.send(b"x") == 1
+        else:
+            # Marked by the event thread as it takes the answer, maybe
+            # only after the caller woke for it.
+            flag = "bound" if call == "bind" else "listening"
+            try:
+                wait_until(functools.partial(getattr, s._st, flag))
+            except TimeoutError:
+                raise AssertionError(f"not {flag}") from None
+        if call == "bind":
+            assert s.getsockname() == ("127.0.0.1", 4000)
+            s.listen()
+        elif call == "listen":
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.accept()  # not EINVAL: listening
+        s.close()
+
+    landed = _sweep(attempt, check)
+    # As the wait for the answer returned to the call (through _call's).
+    assert landed[0].startswith(f"as a call returns in PVSocket.{call},"), landed
