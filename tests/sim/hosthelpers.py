@@ -70,6 +70,26 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
+def refused_as_not_running(xsd: XenStored) -> None:
+    """A call of ``xsd``'s from another thread is refused at once: not
+    left waiting for a loop that has ended or is stuck (for good, if it
+    never comes back)."""
+    answer: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            xsd.is_introduced(0)
+        except BaseException as e:
+            answer.append(e)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(10.0)
+    assert not caller.is_alive(), "a call waits for a loop that is not running"
+    assert [type(e) for e in answer] == [RuntimeError]
+    assert "not running" in str(answer[0])
+
+
 def make_guest(xsd: XenStored, dom0: RawClient, domid: int) -> RawClient:
     """Introduce a domain to a bare XenStore server the way a toolstack
     does, and connect as it."""
