@@ -2229,6 +2229,41 @@ def test_a_removal_asked_before_start_is_answered_when_the_probe_fails(
     assert probed == ([] if why == "frontend gone" else [guest.domid])
 
 
+@pytest.mark.parametrize("why", ["frontend gone", "probe raises"])
+def test_a_failed_probe_answers_a_removal_with_its_error_then_closed_for_good(
+        host, frontends, dom0_xs, why: str) -> None:
+    """As above, but the toolstack looks before it deletes anything: the
+    error node must be there when it sees Closed (the failure is what it
+    would report), and Closed must be the last word.  The failure's own
+    Closing, written after the removal was answered, would replace it:
+    a Closed already read stays, but a toolstack that reads the state
+    again (or a frontend) would see a device that is failing anew."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    base = dev.backend_path
+    if why == "frontend gone":
+        dom0_xs.rm(dev.frontend_path)
+    # libxl__initiate_device_generic_remove's transaction, nobody serving.
+    dom0_xs.transaction(lambda t: (t.write(f"{base}/online", 0), t.write(f"{base}/state", 5)))
+    drv = RecordingDriver(host.dom0)
+    if why == "probe raises":
+        def fail(_bdev) -> None:
+            raise OSError(errno.ENOMEM, "injected")
+
+        drv.probe_hook = fail
+    with drv:
+        dom0_xs.wait_for(f"{base}/state", str(int(S.CLOSED)), timeout=TIMEOUT)
+        error = error_node(dom0_xs, dev)
+        drv.wait(lambda: drv.devices() == [])
+    # stop() waited for the workqueue: what the failure had left to do is done.
+    expected = errno.ENOENT if why == "frontend gone" else errno.ENOMEM
+    assert error is not None and error.startswith(f"{expected} probing: ")
+    assert dom0_xs.read(f"{base}/state") == str(int(S.CLOSED))
+    assert error_node(dom0_xs, dev) == error
+    # remove() undoes a probe() that ran, even one that raised.
+    assert drv.calls_of(guest.domid) == ([] if why == "frontend gone" else ["probe", "remove"])
+
+
 def test_a_device_whose_probe_failed_lets_a_removal_go_whatever_its_frontend_says(
         host, driver, frontends, dom0_xs, caplog) -> None:
     """A failed probe leaves the device Closing with no watch on its
