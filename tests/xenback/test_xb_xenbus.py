@@ -2264,6 +2264,36 @@ def test_a_failed_probe_answers_a_removal_with_its_error_then_closed_for_good(
     assert drv.calls_of(guest.domid) == ([] if why == "frontend gone" else ["probe", "remove"])
 
 
+@pytest.mark.parametrize("frontend", ["gone", "closed"])
+def test_a_removal_an_earlier_backend_answered_is_left_alone_at_start(
+        host, frontends, dom0_xs, frontend: str) -> None:
+    """An earlier backend answered a removal (online=0, Closed) and was
+    stopped before the toolstack deleted the device, which it does next.
+    The device is done with: taken over, its probe would fail (a dying
+    domain's frontend directory goes first), and the failure would put an
+    error node and Closing over the Closed the toolstack may read again."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    base = dev.backend_path
+    if frontend == "gone":
+        dom0_xs.rm(dev.frontend_path)
+    else:
+        dom0_xs.write(f"{dev.frontend_path}/state", int(S.CLOSED))
+    dom0_xs.transaction(lambda t: (t.write(f"{base}/online", 0), t.write(f"{base}/state", 6)))
+    drv = RecordingDriver(host.dom0)
+    with drv:
+        # The watch's first event is on the bus, then the listing it makes
+        # is done (a device it took over has its probe queued).
+        handed_over(drv.xenstore, "earlier-answered")
+        assert drv._bus is not None
+        drv._bus.flush()
+        drv.wait(lambda: drv.devices() == [])
+    # stop() waited for the workqueue: anything a device had left is done.
+    assert dom0_xs.read(f"{base}/state") == str(int(S.CLOSED))
+    assert error_node(dom0_xs, dev) is None
+    assert drv.calls_of(guest.domid) == []
+
+
 def test_a_device_whose_probe_failed_lets_a_removal_go_whatever_its_frontend_says(
         host, driver, frontends, dom0_xs, caplog) -> None:
     """A failed probe leaves the device Closing with no watch on its
