@@ -2264,6 +2264,33 @@ def test_a_failed_probe_answers_a_removal_with_its_error_then_closed_for_good(
     assert drv.calls_of(guest.domid) == ([] if why == "frontend gone" else ["probe", "remove"])
 
 
+def test_a_device_whose_frontend_watch_failed_is_removed_with_its_probe_undone(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """probe() succeeded and the device went InitWait, but the watch on the
+    frontend's state could not be set (XenStore's watch quota, say): the
+    device fails, hearing nothing from the frontend, which may go on to
+    publish its ring.  A removal must not wait for a frontend Closed the
+    device cannot hear, and remove() must undo the probe() that ran."""
+    guest = host.create_domain("guest")
+    watch = driver.xenstore.watch
+
+    def refuse(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path.startswith(f"/local/domain/{guest.domid}/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return watch(path, *args, **kwargs)
+
+    monkeypatch.setattr(driver.xenstore, "watch", refuse)
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.CLOSING)
+    error = error_node(dom0_xs, dev)
+    assert error is not None and error.startswith(f"{errno.ENOSPC} probing: ")
+    fe.publish()  # it had seen InitWait
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT)
+    driver.wait_call("remove", guest.domid)
+    assert driver.calls_of(guest.domid) == ["probe", "remove"]
+
+
 @pytest.mark.parametrize("frontend", ["gone", "closed"])
 def test_a_removal_an_earlier_backend_answered_is_left_alone_at_start(
         host, frontends, dom0_xs, frontend: str) -> None:
