@@ -2264,6 +2264,46 @@ def test_a_failed_probe_answers_a_removal_with_its_error_then_closed_for_good(
     assert drv.calls_of(guest.domid) == ([] if why == "frontend gone" else ["probe", "remove"])
 
 
+def test_a_directory_without_state_found_at_start_is_not_taken_over(
+        host, frontends, dom0_xs) -> None:
+    """At start, a device in any state is an earlier backend's, but a
+    directory with no ``state`` at all is no device (libxl writes it with
+    the rest): nothing is probed, and nothing written into it."""
+    guest = host.create_domain("guest")
+    base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
+    dom0_xs.transaction(lambda t: (
+        t.write(f"{base}/frontend", f"/local/domain/{guest.domid}/device/xbtest/0"),
+        t.write(f"{base}/frontend-id", guest.domid)))
+    drv = RecordingDriver(host.dom0)
+    with drv:
+        # The watch's first event is on the bus, then its listing is done.
+        handed_over(drv.xenstore, "stateless")
+        assert drv._bus is not None
+        drv._bus.flush()
+        assert drv.devices() == []
+    assert dom0_xs.read(f"{base}/state") is None
+    assert drv.calls_of(guest.domid) == []
+
+
+def test_a_removal_of_a_device_whose_frontend_never_started_is_answered(
+        host, driver, dom0_xs) -> None:
+    """The guest never loaded its frontend driver (Initialising) when the
+    toolstack removes the device, waiting in InitWait: there is nothing to
+    close, and the frontend's state will not change to say so."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    dom0_xs.wait_for(f"{dev.backend_path}/state", str(int(S.INIT_WAIT)), timeout=TIMEOUT)
+    # The probe is over (its watch on the frontend set), and that watch's
+    # first event ran: from now on only the removal can answer itself.
+    bdev = backend_device(driver, guest.domid)
+    bdev.events.flush()
+    handed_over(driver.xenstore, "never-started")
+    bdev.events.flush()
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT)
+    driver.wait_call("remove", guest.domid)
+    assert driver.devices() == []
+
+
 def test_a_device_whose_frontend_watch_failed_is_removed_with_its_probe_undone(
         host, driver, frontends, dom0_xs, monkeypatch) -> None:
     """probe() succeeded and the device went InitWait, but the watch on the
