@@ -15,10 +15,12 @@ protocol (section 2 of the protocol reference), item by item:
   ``backend/<type>/<frontend-id>/<devid>`` is probed only when its backend
   ``state`` is Initialising (1), except at start: a device found then in
   another state is an earlier backend's (stopped, or killed), and is taken
-  over (see ``_take_over``).  libxl deletes that directory itself with
-  its last device (it prunes the parents a removal leaves empty) and
-  re-creates it for the next one: the watch outlives the node and fires
-  again, as XenStore's watches do, so nothing is re-armed;
+  over (see ``_take_over``), but for one Closed with ``online`` = 0: a
+  removal it answered, left for the toolstack to delete.  libxl deletes
+  that directory itself with its last device (it prunes the parents a
+  removal leaves empty) and re-creates it for the next one: the watch
+  outlives the node and fires again, as XenStore's watches do, so
+  nothing is re-armed;
 * probe: ``frontend`` and ``frontend-id`` are read and the frontend path
   must exist, then :meth:`BackendDriver.probe` writes the feature nodes and
   the base switches to InitWait and watches the frontend's ``state`` (if
@@ -149,6 +151,7 @@ _DEVICE_TYPE = re.compile("[A-Za-z0-9_-]+")
 
 _INITIALISING = str(int(XenbusState.INITIALISING))
 _CLOSING = str(int(XenbusState.CLOSING))
+_CLOSED = str(int(XenbusState.CLOSED))
 
 #: How many junk directories (not ``<domid>/<devid>``) a driver remembers
 #: having reported.  dom0 has no XenStore quota, so a broken toolstack can
@@ -1257,6 +1260,12 @@ class BackendDriver:
         # an earlier backend left behind: without us its frontend would
         # wait for it forever, and could never connect again.
         taken_over = adopt and state is not None and state != _INITIALISING
+        if taken_over and state == _CLOSED and self.xenstore.read(f"{path}/online") == "0":
+            # A removal an earlier backend answered; the toolstack deletes
+            # the device next.  Nothing is left to serve, and a probe would
+            # only fail (a dying domain's frontend goes first) and put an
+            # error node and Closing over the Closed it may read again.
+            taken_over = False
         if state != _INITIALISING and not taken_over:
             if state == _CLOSING:
                 self._close_unprobed(path)

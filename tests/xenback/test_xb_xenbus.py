@@ -2229,6 +2229,138 @@ def test_a_removal_asked_before_start_is_answered_when_the_probe_fails(
     assert probed == ([] if why == "frontend gone" else [guest.domid])
 
 
+@pytest.mark.parametrize("why", ["frontend gone", "probe raises"])
+def test_a_failed_probe_answers_a_removal_with_its_error_then_closed_for_good(
+        host, frontends, dom0_xs, why: str) -> None:
+    """As above, but the toolstack looks before it deletes anything: the
+    error node must be there when it sees Closed (the failure is what it
+    would report), and Closed must be the last word.  The failure's own
+    Closing, written after the removal was answered, would replace it:
+    a Closed already read stays, but a toolstack that reads the state
+    again (or a frontend) would see a device that is failing anew."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    base = dev.backend_path
+    if why == "frontend gone":
+        dom0_xs.rm(dev.frontend_path)
+    # libxl__initiate_device_generic_remove's transaction, nobody serving.
+    dom0_xs.transaction(lambda t: (t.write(f"{base}/online", 0), t.write(f"{base}/state", 5)))
+    drv = RecordingDriver(host.dom0)
+    if why == "probe raises":
+        def fail(_bdev) -> None:
+            raise OSError(errno.ENOMEM, "injected")
+
+        drv.probe_hook = fail
+    with drv:
+        dom0_xs.wait_for(f"{base}/state", str(int(S.CLOSED)), timeout=TIMEOUT)
+        error = error_node(dom0_xs, dev)
+        drv.wait(lambda: drv.devices() == [])
+    # stop() waited for the workqueue: what the failure had left to do is done.
+    expected = errno.ENOENT if why == "frontend gone" else errno.ENOMEM
+    assert error is not None and error.startswith(f"{expected} probing: ")
+    assert dom0_xs.read(f"{base}/state") == str(int(S.CLOSED))
+    assert error_node(dom0_xs, dev) == error
+    # remove() undoes a probe() that ran, even one that raised.
+    assert drv.calls_of(guest.domid) == ([] if why == "frontend gone" else ["probe", "remove"])
+
+
+def test_a_directory_without_state_found_at_start_is_not_taken_over(
+        host, frontends, dom0_xs) -> None:
+    """At start, a device in any state is an earlier backend's, but a
+    directory with no ``state`` at all is no device (libxl writes it with
+    the rest): nothing is probed, and nothing written into it."""
+    guest = host.create_domain("guest")
+    base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
+    dom0_xs.transaction(lambda t: (
+        t.write(f"{base}/frontend", f"/local/domain/{guest.domid}/device/xbtest/0"),
+        t.write(f"{base}/frontend-id", guest.domid)))
+    drv = RecordingDriver(host.dom0)
+    with drv:
+        # The watch's first event is on the bus, then its listing is done.
+        handed_over(drv.xenstore, "stateless")
+        assert drv._bus is not None
+        drv._bus.flush()
+        assert drv.devices() == []
+    assert dom0_xs.read(f"{base}/state") is None
+    assert drv.calls_of(guest.domid) == []
+
+
+def test_a_removal_of_a_device_whose_frontend_never_started_is_answered(
+        host, driver, dom0_xs) -> None:
+    """The guest never loaded its frontend driver (Initialising) when the
+    toolstack removes the device, waiting in InitWait: there is nothing to
+    close, and the frontend's state will not change to say so."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    dom0_xs.wait_for(f"{dev.backend_path}/state", str(int(S.INIT_WAIT)), timeout=TIMEOUT)
+    # The probe is over (its watch on the frontend set), and that watch's
+    # first event ran: from now on only the removal can answer itself.
+    bdev = backend_device(driver, guest.domid)
+    bdev.events.flush()
+    handed_over(driver.xenstore, "never-started")
+    bdev.events.flush()
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT)
+    driver.wait_call("remove", guest.domid)
+    assert driver.devices() == []
+
+
+def test_a_device_whose_frontend_watch_failed_is_removed_with_its_probe_undone(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """probe() succeeded and the device went InitWait, but the watch on the
+    frontend's state could not be set (XenStore's watch quota, say): the
+    device fails, hearing nothing from the frontend, which may go on to
+    publish its ring.  A removal must not wait for a frontend Closed the
+    device cannot hear, and remove() must undo the probe() that ran."""
+    guest = host.create_domain("guest")
+    watch = driver.xenstore.watch
+
+    def refuse(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path.startswith(f"/local/domain/{guest.domid}/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return watch(path, *args, **kwargs)
+
+    monkeypatch.setattr(driver.xenstore, "watch", refuse)
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.CLOSING)
+    error = error_node(dom0_xs, dev)
+    assert error is not None and error.startswith(f"{errno.ENOSPC} probing: ")
+    fe.publish()  # it had seen InitWait
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT)
+    driver.wait_call("remove", guest.domid)
+    assert driver.calls_of(guest.domid) == ["probe", "remove"]
+
+
+@pytest.mark.parametrize("frontend", ["gone", "closed"])
+def test_a_removal_an_earlier_backend_answered_is_left_alone_at_start(
+        host, frontends, dom0_xs, frontend: str) -> None:
+    """An earlier backend answered a removal (online=0, Closed) and was
+    stopped before the toolstack deleted the device, which it does next.
+    The device is done with: taken over, its probe would fail (a dying
+    domain's frontend directory goes first), and the failure would put an
+    error node and Closing over the Closed the toolstack may read again."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    base = dev.backend_path
+    if frontend == "gone":
+        dom0_xs.rm(dev.frontend_path)
+    else:
+        dom0_xs.write(f"{dev.frontend_path}/state", int(S.CLOSED))
+    dom0_xs.transaction(lambda t: (t.write(f"{base}/online", 0), t.write(f"{base}/state", 6)))
+    drv = RecordingDriver(host.dom0)
+    with drv:
+        # The watch's first event is on the bus, then the listing it makes
+        # is done (a device it took over has its probe queued).
+        handed_over(drv.xenstore, "earlier-answered")
+        assert drv._bus is not None
+        drv._bus.flush()
+        drv.wait(lambda: drv.devices() == [])
+    # stop() waited for the workqueue: anything a device had left is done.
+    assert dom0_xs.read(f"{base}/state") == str(int(S.CLOSED))
+    assert error_node(dom0_xs, dev) is None
+    assert drv.calls_of(guest.domid) == []
+
+
 def test_a_device_whose_probe_failed_lets_a_removal_go_whatever_its_frontend_says(
         host, driver, frontends, dom0_xs, caplog) -> None:
     """A failed probe leaves the device Closing with no watch on its
