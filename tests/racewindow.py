@@ -21,24 +21,32 @@ from typing import Any
 TIMEOUT = 10.0
 
 
-def line_of(func: Callable[..., Any], text: str) -> int:
+def line_of(func: Callable[..., Any], text: str, after: str = "") -> int:
     """The number of the first line of ``func`` whose source contains
-    ``text``; ValueError if none does."""
+    ``text`` (with ``after``, the first such line past the first one that
+    contains ``after``: for a line whose text recurs, as a ``with
+    self._lock:``); ValueError if none does."""
     lines, first = inspect.getsourcelines(func)
-    for i, line in enumerate(lines):
+    start = 0
+    if after:
+        start = next((i + 1 for i, line in enumerate(lines) if after in line), len(lines))
+    for i, line in enumerate(lines[start:], start):
         if text in line:
             return first + i
-    raise ValueError(f"no line of {func.__qualname__} contains {text!r}")
+    where = f" past {after!r}" if after else ""
+    raise ValueError(f"no line of {func.__qualname__}{where} contains {text!r}")
 
 
 class PauseAt:
     """Stops the thread that runs :meth:`run` just before the first line of
-    ``func`` that contains ``text``, until :meth:`resume` (or ``TIMEOUT``);
-    with ``skip``, as it gets there for the ``skip + 1``-th time."""
+    ``func`` that contains ``text`` (past ``after``: see :func:`line_of`),
+    until :meth:`resume` (or ``TIMEOUT``); with ``skip``, as it gets there
+    for the ``skip + 1``-th time."""
 
-    def __init__(self, func: Callable[..., Any], text: str, skip: int = 0) -> None:
+    def __init__(self, func: Callable[..., Any], text: str, skip: int = 0,
+                 after: str = "") -> None:
         self._code = func.__code__
-        self._lineno = line_of(func, text)
+        self._lineno = line_of(func, text, after)
         self._skip = skip
         self.reached = threading.Event()
         self._go = threading.Event()
@@ -68,12 +76,14 @@ class PauseAt:
         self._go.set()
 
     @classmethod
-    def in_method(cls, monkeypatch: Any, owner: type, name: str, text: str) -> PauseAt:
+    def in_method(cls, monkeypatch: Any, owner: type, name: str, text: str,
+                  after: str = "") -> PauseAt:
         """A PauseAt at the line of method ``owner.name`` that contains
-        ``text``, with the method patched (by ``monkeypatch``) so that every
-        call runs under it: the first to get there stops."""
+        ``text`` (past ``after``), with the method patched (by
+        ``monkeypatch``) so that every call runs under it: the first to get
+        there stops."""
         real = getattr(owner, name)
-        pause = cls(real, text)
+        pause = cls(real, text, after=after)
 
         def paused(*args: Any, **kwargs: Any) -> Any:
             return pause.run(lambda: real(*args, **kwargs))
