@@ -41,7 +41,12 @@ class PauseAt:
     """Stops the thread that runs :meth:`run` just before the first line of
     ``func`` that contains ``text`` (past ``after``: see :func:`line_of`),
     until :meth:`resume` (or ``TIMEOUT``); with ``skip``, as it gets there
-    for the ``skip + 1``-th time."""
+    for the ``skip + 1``-th time.
+
+    A thread that went on at ``TIMEOUT`` fails the test in :meth:`resume`:
+    the test itself waited for the paused thread (the pause is under a
+    lock the test's next step takes, say), and what it checked meanwhile
+    ran after the race, not in it."""
 
     def __init__(self, func: Callable[..., Any], text: str, skip: int = 0,
                  after: str = "") -> None:
@@ -50,6 +55,7 @@ class PauseAt:
         self._skip = skip
         self.reached = threading.Event()
         self._go = threading.Event()
+        self._timed_out = False
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, stopping once at the line."""
@@ -60,7 +66,7 @@ class PauseAt:
                     self._skip -= 1
                     return local
                 self.reached.set()
-                self._go.wait(TIMEOUT)
+                self._timed_out = not self._go.wait(TIMEOUT)
             return local
 
         def trace(frame: FrameType, event: str, arg: Any) -> Any:
@@ -74,6 +80,9 @@ class PauseAt:
 
     def resume(self) -> None:
         self._go.set()
+        assert not self._timed_out, (
+            f"the thread paused before line {self._lineno} of {self._code.co_qualname} went on"
+            f" at its {TIMEOUT} s timeout, before resume(): the test waited for it")
 
     @classmethod
     def in_method(cls, monkeypatch: Any, owner: type, name: str, text: str,
