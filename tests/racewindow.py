@@ -21,27 +21,41 @@ from typing import Any
 TIMEOUT = 10.0
 
 
-def line_of(func: Callable[..., Any], text: str) -> int:
+def line_of(func: Callable[..., Any], text: str, after: str = "") -> int:
     """The number of the first line of ``func`` whose source contains
-    ``text``; ValueError if none does."""
+    ``text`` (with ``after``, the first such line past the first one that
+    contains ``after``: for a line whose text recurs, as a ``with
+    self._lock:``); ValueError if none does."""
     lines, first = inspect.getsourcelines(func)
-    for i, line in enumerate(lines):
+    start = 0
+    if after:
+        start = next((i + 1 for i, line in enumerate(lines) if after in line), len(lines))
+    for i, line in enumerate(lines[start:], start):
         if text in line:
             return first + i
-    raise ValueError(f"no line of {func.__qualname__} contains {text!r}")
+    where = f" past {after!r}" if after else ""
+    raise ValueError(f"no line of {func.__qualname__}{where} contains {text!r}")
 
 
 class PauseAt:
     """Stops the thread that runs :meth:`run` just before the first line of
-    ``func`` that contains ``text``, until :meth:`resume` (or ``TIMEOUT``);
-    with ``skip``, as it gets there for the ``skip + 1``-th time."""
+    ``func`` that contains ``text`` (past ``after``: see :func:`line_of`),
+    until :meth:`resume` (or ``TIMEOUT``); with ``skip``, as it gets there
+    for the ``skip + 1``-th time.
 
-    def __init__(self, func: Callable[..., Any], text: str, skip: int = 0) -> None:
+    A thread that went on at ``TIMEOUT`` fails the test in :meth:`resume`:
+    the test itself waited for the paused thread (the pause is under a
+    lock the test's next step takes, say), and what it checked meanwhile
+    ran after the race, not in it."""
+
+    def __init__(self, func: Callable[..., Any], text: str, skip: int = 0,
+                 after: str = "") -> None:
         self._code = func.__code__
-        self._lineno = line_of(func, text)
+        self._lineno = line_of(func, text, after)
         self._skip = skip
         self.reached = threading.Event()
         self._go = threading.Event()
+        self._timed_out = False
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, stopping once at the line."""
@@ -52,7 +66,7 @@ class PauseAt:
                     self._skip -= 1
                     return local
                 self.reached.set()
-                self._go.wait(TIMEOUT)
+                self._timed_out = not self._go.wait(TIMEOUT)
             return local
 
         def trace(frame: FrameType, event: str, arg: Any) -> Any:
@@ -66,14 +80,19 @@ class PauseAt:
 
     def resume(self) -> None:
         self._go.set()
+        assert not self._timed_out, (
+            f"the thread paused before line {self._lineno} of {self._code.co_qualname} went on"
+            f" at its {TIMEOUT} s timeout, before resume(): the test waited for it")
 
     @classmethod
-    def in_method(cls, monkeypatch: Any, owner: type, name: str, text: str) -> PauseAt:
+    def in_method(cls, monkeypatch: Any, owner: type, name: str, text: str,
+                  after: str = "") -> PauseAt:
         """A PauseAt at the line of method ``owner.name`` that contains
-        ``text``, with the method patched (by ``monkeypatch``) so that every
-        call runs under it: the first to get there stops."""
+        ``text`` (past ``after``), with the method patched (by
+        ``monkeypatch``) so that every call runs under it: the first to get
+        there stops."""
         real = getattr(owner, name)
-        pause = cls(real, text)
+        pause = cls(real, text, after=after)
 
         def paused(*args: Any, **kwargs: Any) -> Any:
             return pause.run(lambda: real(*args, **kwargs))

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import inspect
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import Any
@@ -54,22 +56,65 @@ class Interrupted(BaseException):
     :class:`Exception`, which library code may catch and log."""
 
 
+def _describe(when: Callable[[], object]) -> str:
+    """``when`` as a failure names it: its name, where it is defined, and,
+    for a lambda, its source line (its name alone says nothing)."""
+    code = getattr(when, "__code__", None)
+    if code is None:
+        return repr(when)
+    place = f"{when.__qualname__} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+    if code.co_name == "<lambda>":
+        with contextlib.suppress(OSError, TypeError):
+            place += f": {inspect.getsource(when).strip()}"
+    return place
+
+
+def _main_thread_stack() -> str:
+    """Where the main thread is: the innermost frames of its Python stack
+    (innermost last), not pytest's own below the test."""
+    frame = sys._current_frames().get(threading.main_thread().ident)  # type: ignore[arg-type]
+    if frame is None:
+        return "  (no Python frame)\n"
+    return "".join(traceback.format_stack(frame, limit=12))
+
+
 @contextlib.contextmanager
-def signal_taken_elsewhere(when: Callable[[], bool]) -> Iterator[None]:
+def signal_taken_elsewhere(when: Callable[[], bool], within: float = TIMEOUT) -> Iterator[None]:
     """In the block, once ``when()`` is true (polled from another thread),
     SIGUSR1 is sent to the process; its handler raises :class:`Interrupted`
     in the main thread.  The main thread blocks SIGUSR1 meanwhile and a
     thread of its own does not, so that thread is the one to take it,
-    whatever other threads there are."""
+    whatever other threads there are.
+
+    If ``when()`` never holds ``within`` seconds (or raises), the test
+    fails, naming the condition and where the main thread was: a
+    condition that no longer matches the code it looks for would else let
+    the signal come late, anywhere, and the test check nothing it claims.
+    The signal is still sent then, only to end the main thread's wait."""
     assert threading.current_thread() is threading.main_thread()
 
+    never: list[str] = []  # why the signal came without the condition
+    ended = threading.Event()  # the block ended: no signal is due any more
+
     def handler(signum: int, frame: Any) -> None:
-        raise Interrupted
+        # One sent as the block ended would raise in the cleanup below.
+        if not ended.is_set():
+            raise Interrupted
 
     def send() -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not when() and time.monotonic() < deadline:
-            time.sleep(0.001)
+        deadline = time.monotonic() + within
+        try:
+            while not when():
+                if ended.is_set():
+                    return
+                if time.monotonic() >= deadline:
+                    never.append(f"{_describe(when)} never held in {within} s;"
+                                 f" the main thread was at:\n{_main_thread_stack()}")
+                    break
+                time.sleep(0.001)
+        except Exception:
+            never.append(f"{_describe(when)} raised:\n{traceback.format_exc()}"
+                         f"the main thread was at:\n{_main_thread_stack()}")
         os.kill(os.getpid(), signal.SIGUSR1)
 
     done = threading.Event()
@@ -83,11 +128,15 @@ def signal_taken_elsewhere(when: Callable[[], bool]) -> Iterator[None]:
         sender.start()
         yield
     finally:
+        ended.set()
         sender.join(TIMEOUT)
         done.set()
         taker.join(TIMEOUT)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         signal.signal(signal.SIGUSR1, old)
+        # In the finally: whatever the block raised (the late signal may
+        # have landed anywhere) is shown too, as this failure's context.
+        assert not never, "signal_taken_elsewhere: " + never[0]
 
 
 def interrupt(when: Callable[[], bool], call: Callable[[], object]) -> None:

@@ -7,12 +7,14 @@ import importlib.util
 import itertools
 import os
 import textwrap
+import threading
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from stolensignal import interrupted_at
+from stolensignal import Interrupted, interrupted_at, main_thread_in, signal_taken_elsewhere
 
 # Where a generator thrown into (throw(), close(), a yield from passing the
 # exception on) goes straight to its handlers: CPython 3.11 runs no signal's
@@ -110,3 +112,49 @@ def test_a_landing_as_a_generator_resumed_by_next_starts_again(module: types.Mod
     landed = _sweep(module, module.resumed_with_throw_at_hand)
     starts = [where for where in landed if where.startswith("as it starts: gen,")]
     assert len(starts) == 2, landed  # started, and resumed
+
+
+def _naps_until_interrupted() -> None:
+    # Naps, not one long wait: the main thread runs a signal's handler
+    # that another thread took only once it wakes.
+    while True:
+        time.sleep(0.005)
+
+
+def test_a_signal_whose_condition_never_holds_fails_the_test() -> None:
+    """The signal still ends the wait, but the test fails, naming the
+    condition and where the main thread was: a stale condition would else
+    let the signal come late, anywhere, and the test check nothing."""
+    with pytest.raises(AssertionError) as failure:
+        with signal_taken_elsewhere(lambda: False, within=0.2):
+            with pytest.raises(Interrupted):
+                _naps_until_interrupted()
+    message = str(failure.value)
+    assert "lambda: False, within=0.2" in message and "never held in 0.2 s" in message, message
+    # Where, exactly, depends on how far the main thread got in 0.2 s.
+    assert "the main thread was at:\n  File " in message, message
+
+
+def test_a_signal_whose_condition_raises_fails_the_test() -> None:
+    def when() -> bool:
+        # Once the main thread naps: the stack to show is known then.
+        if not main_thread_in("_naps_until_interrupted"):
+            return False
+        raise LookupError("no such frame")
+
+    with pytest.raises(AssertionError) as failure:
+        with signal_taken_elsewhere(when):
+            with pytest.raises(Interrupted):
+                _naps_until_interrupted()
+    message = str(failure.value)
+    assert "when (" in message and "LookupError: no such frame" in message, message
+    assert "in _naps_until_interrupted" in message, message
+
+
+def test_no_signal_once_the_block_ended() -> None:
+    """A block that ends before the condition holds gets no signal later,
+    in the cleanup or after it (its own failure, if any, stands): the
+    sender gives up at once, with no failure of its own."""
+    with signal_taken_elsewhere(lambda: False, within=0.2):
+        pass
+    assert not [t for t in threading.enumerate() if t.name == "signal-sender"]

@@ -968,10 +968,13 @@ def test_a_connect_completing_as_it_starts_is_answered(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connect in progress that completes after its host socket is
     watched but before it is CONNECTING: its one edge ran the Work while
-    NEW, which did nothing; the run queued once it is CONNECTING answers
-    it."""
+    NEW, which only noted the run it missed; the run start_connect queues
+    once it is CONNECTING answers it.  Paused before start_connect takes
+    the socket's lock for that: paused under it (as this test once was),
+    the Work's run waited for the lock until PauseAt's 10 s timeout, and
+    then, finding CONNECTING, answered by itself, kick or no kick."""
     starting = PauseAt.in_method(monkeypatch, ActiveSocket, "start_connect",
-                                 "self.connect_request = request")
+                                 "with self._lock:", after="ACTIVE_EVENTS_OUT")
     listener, filler = _full_listener()
     sock_id, _ = raw.socket()
     connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
@@ -982,9 +985,10 @@ def test_a_connect_completing_as_it_starts_is_answered(
         filler.close()
         listener.settimeout(TIMEOUT)
         listener.accept()[0].close()  # room: the SYN retransmission completes the connect
-        wait_until(lambda: sock._host_ready, timeout=30)  # its edge came (EPOLLOUT), and queued the Work
-        sock.flush()  # which ran, still NEW
-        assert connect_req not in raw.responses
+        # Its edge came (EPOLLOUT) and ran the Work, still NEW, which noted
+        # the run it missed (in the lock that start_connect holds no more).
+        wait_until(lambda: sock._missed, timeout=30)
+        assert sock.state is SockState.NEW and connect_req not in raw.responses
     finally:
         starting.resume()
     assert raw.response(connect_req).ret == 0

@@ -1906,6 +1906,11 @@ def test_a_backend_that_does_not_conform_fails_the_handshake(
                 if len(states) > 1:
                     xs.wait_for(fe_state, "3", timeout=TIMEOUT)  # Initialised
                     xs.write(f"{be}/state", states[1])
+                # Closed once the toolstack asks, as any backend: else the
+                # removal waits out the 2 s it gives one that never
+                # connected, and the test with it.
+                xs.wait_for(f"{be}/online", "0", timeout=TIMEOUT)
+                xs.write(f"{be}/state", "6")
             except BaseException as exc:
                 failures.append(exc)
 
