@@ -2453,3 +2453,59 @@ def test_an_answered_call_interrupted_anywhere_keeps_what_the_backend_did(
     landed = _sweep(attempt, check)
     # As the wait for the answer returned to the call (through _call's).
     assert landed[0].startswith(f"as a call returns in PVSocket.{call},"), landed
+
+
+@pytest.mark.parametrize("ret", [0, -ECONNREFUSED], ids=["connected", "refused"])
+def test_a_connect_answered_before_its_submit_returned_keeps_the_answer(
+        fe: pvcalls.Frontend, fake: FakeBackend, ret: int) -> None:
+    """A Ctrl-C landing anywhere along a connect() whose CONNECT was
+    answered before the submit returned to it (a fast backend, or the
+    answer taken as the notify went out): the socket is as the answer
+    says, as when the Ctrl-C lands after the wait (see
+    test_an_answered_call_interrupted_anywhere_keeps_what_the_backend_did):
+    connected, and the next connect() with a timeout succeeds once more,
+    or unconnected, refused again.  Before, the submit's own handler took
+    the answer for one unknown: the socket was marked broken, a refused
+    one kept the ring the backend had let go of, and connect() said
+    EISCONN for good."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.rets[PVCALLS_CONNECT] = ret
+    submit = fe._submit
+    answered: list[int] = []
+
+    def answered_first(slot: Any, *args: Any, **kwargs: Any) -> int:
+        req_id = submit(slot, *args, **kwargs)
+        if slot.cmd == PVCALLS_CONNECT:
+            wait_until(lambda: slot.done)
+            answered.append(slot.sock_id)
+        return req_id
+
+    fe._submit = answered_first  # type: ignore[method-assign]
+    socks: list[pvcalls.PVSocket] = []  # the one each attempt connects
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        answered.clear()
+        run = functools.partial(s.connect, ("127.0.0.1", 7))
+        if ret < 0:
+            run = _refused(run, errno.ECONNREFUSED)
+        return interrupted_at(n, within, run, lambda: not answered)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert fe._slots.count(None) == RING_SLOTS, "a response table entry kept"
+        if ret == 0:
+            assert not s._broken, "marked broken"
+            assert s.getpeername() == ("127.0.0.1", 7)
+            assert s.send(b"x") == 1
+            s.connect(("127.0.0.1", 7))  # the success, reported once
+            _refused(functools.partial(s.connect, ("127.0.0.1", 7)), errno.EISCONN)()
+        else:
+            assert s._st.ring is None, "the ring kept"
+            _refused(functools.partial(s.connect, ("127.0.0.1", 7)), errno.ECONNREFUSED)()
+            assert fe._given_back == [] and len(fe._ring_pool) == 1
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert landed[0].startswith("as a call returns in PVSocket.connect,"), landed
