@@ -2509,3 +2509,110 @@ def test_a_connect_answered_before_its_submit_returned_keeps_the_answer(
 
     landed = _sweep(attempt, check)
     assert landed[0].startswith("as a call returns in PVSocket.connect,"), landed
+
+
+@pytest.mark.parametrize("call", ["bind", "listen"])
+def test_bind_and_listen_return_marked_before_the_event_thread_marks(
+        fe: pvcalls.Frontend, fake: FakeBackend, call: str) -> None:
+    """bind() and listen() return with the socket bound or listening,
+    however late the event thread gets to the mark it makes as it takes
+    the answer (see _on_success): the waiter wakes before the event
+    thread runs the answer's callbacks, and a listen() or accept() right
+    after the return must not find the socket unmarked."""
+    s = fe.socket()
+    if call == "listen":
+        s.bind(("127.0.0.1", 4000))
+    late = threading.Event()
+    held: list[str] = []
+    complete = fe._complete
+
+    def held_back(fn: Callable[..., None], *args: Any) -> None:
+        if "_on_success" in getattr(fn, "__qualname__", ""):
+            held.append(fn.__qualname__)
+            late.wait(TIMEOUT)
+        complete(fn, *args)
+
+    fe._complete = held_back  # type: ignore[method-assign]
+    try:
+        if call == "bind":
+            s.bind(("127.0.0.1", 4000))
+            assert s._st.bound and s.getsockname() == ("127.0.0.1", 4000)
+        else:
+            s.listen()
+            assert s._st.listening
+        wait_until(lambda: held != [])  # the event thread's mark was held back
+    finally:
+        late.set()
+    s.close()
+
+
+def test_a_dropped_listener_drops_the_socket_an_accept_cut_short_left(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A listener dropped unclosed whose last accept() left the socket of
+    an ACCEPT that did not go out in its ``unsent`` (a Ctrl-C in the
+    drop): its release drops that socket too, with no RELEASE of its own
+    (the backend never made it) and no warning (the program never had
+    it).  Left there, it went with the listener's state as a socket
+    dropped unclosed: a ResourceWarning, and a RELEASE of an id the
+    backend does not know."""
+    ls = _listener(fe)
+    submit, drop = fe._submit, fe._drop_socket
+    released: list[int] = []
+
+    def no_room(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_ACCEPT:
+            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+        if slot.cmd == PVCALLS_RELEASE:
+            released.append(slot.sock_id)
+        return submit(slot, *args, **kwargs)
+
+    def cut_short(*args: Any, **kwargs: Any) -> None:
+        fe._drop_socket = drop  # type: ignore[method-assign]
+        raise Interrupted
+
+    fe._submit = no_room  # type: ignore[method-assign]
+    fe._drop_socket = cut_short  # type: ignore[method-assign]
+    try:
+        ls.accept()
+    except Interrupted:
+        pass
+    else:
+        raise AssertionError("accept() was not cut short")
+    (left,) = ls._st.unsent
+    assert left.id in fe._sockets
+    ls_id, ls_ref = ls.id, weakref.ref(ls)
+    del left
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del ls
+        gc.collect()
+        assert ls_ref() is None
+        wait_until(lambda: fe._sockets == {})
+        gc.collect()
+    assert released == [ls_id]
+    assert len(_unclosed(caught)) == 1  # the listener's
+    assert len(fe._ring_pool) == 1
+
+
+def test_a_socket_dropped_with_its_bind_unanswered_is_released(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The BIND's answer may never come, so what marks the socket as it
+    comes holds it weakly: a socket dropped while its BIND is unanswered
+    (its bind() timed out) is garbage at once and released, as any; the
+    late answer then marks nothing."""
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    fe.timeout = 0.05
+    with pytest.raises(TimeoutError):
+        s.bind(("127.0.0.1", 4000))
+    fe.timeout = TIMEOUT
+    bind = fake.next_request(PVCALLS_BIND)
+    ref = weakref.ref(s)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        del s
+        gc.collect()
+    assert ref() is None, "kept by its BIND's slot"
+    wait_until(lambda: fe._sockets == {})
+    fake.respond(bind, 0)
+    wait_until(lambda: fe._slots.count(None) == RING_SLOTS)
