@@ -2616,3 +2616,36 @@ def test_a_socket_dropped_with_its_bind_unanswered_is_released(
     wait_until(lambda: fe._sockets == {})
     fake.respond(bind, 0)
     wait_until(lambda: fe._slots.count(None) == RING_SLOTS)
+
+
+def test_a_listen_answered_with_no_room_for_the_poll_leaves_fileno_alive(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A socket whose fileno() is in use starts listening when the
+    command ring has no room for the POLL fileno() needs: the mark (the
+    caller's, and the event thread's, which never waits for room) leaves
+    the POLL to go out once answers make room, and the descriptor polls
+    readable once it says a connection is pending.  Lost, the descriptor
+    never polled readable again."""
+    s = fe.socket()
+    s.bind(("127.0.0.1", 4000))
+    fd = s.fileno()  # armed: listen()'s mark sends the POLL
+    full = [True]
+    has_room = fe._has_room
+    fe._has_room = lambda spare: has_room(spare) and not (full[0] and spare)  # type: ignore[method-assign]
+    polls: list[int] = []
+    submit = fe._submit
+
+    def recorded(slot: Any, *args: Any, **kwargs: Any) -> int:
+        req_id = submit(slot, *args, **kwargs)
+        if slot.cmd == PVCALLS_POLL:
+            polls.append(slot.sock_id)
+        return req_id
+
+    fe._submit = recorded  # type: ignore[method-assign]
+    s.listen()
+    assert polls == [] and select.select([fd], [], [], 0)[0] == []
+    full[0] = False
+    fe.socket().close()  # answers: the event thread finds room
+    wait_until(lambda: polls == [s.id])
+    wait_until(lambda: select.select([fd], [], [], 0)[0] == [fd])  # the POLL said: pending
+    s.close()
