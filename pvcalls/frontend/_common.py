@@ -245,8 +245,10 @@ class Slot:
         self.ret = 0
         # Nobody will collect the answer: free the slot when it arrives.
         self.abandoned = False
-        # Nobody waits: the event thread frees the slot and calls this
-        # with ``ret`` (outside the command lock) when the answer arrives.
+        # The event thread frees the slot and calls this with ``ret``
+        # (outside the command lock) when the answer arrives: nobody may
+        # be waiting any more (a BIND's or LISTEN's caller may, and reads
+        # ``ret``, but after a Ctrl-C only this takes the answer).
         self.on_done: Callable[[int], None] | None = None
 
 

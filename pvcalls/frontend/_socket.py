@@ -630,6 +630,7 @@ class PVSocket(Closing):
             sockaddr = pack_sockaddr_in(host, port)
             slot = Slot(PVCALLS_CONNECT, self.id)
             background = self._timeout == 0.0
+            timed = self._timeout is not None  # before the tries: their handlers read it
             try:
                 # In the try: a Ctrl-C as it returns must not leave the
                 # socket with a ring and no CONNECT (EISCONN for ever).
@@ -657,11 +658,12 @@ class PVSocket(Closing):
                 req_id = self._fe._submit(slot, fill, Deadline(self._timeout), sock=self)
             except BaseException as exc:
                 if slot.sent:
-                    # Interrupted between the push and the notify: the
-                    # backend has the ring, as after an interrupted wait
-                    # (non-blocking: in flight, as it is to be).
+                    # Interrupted between the push and the notify, or as
+                    # the submit returned (the answer perhaps in already):
+                    # as after an interrupted wait (non-blocking: in
+                    # flight, as it is to be).
                     if not background:
-                        self._abandon_connect(slot)
+                        self._connect_cut_short(slot, host, port, timed=timed)
                     raise
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
@@ -687,8 +689,12 @@ class PVSocket(Closing):
             if background:
                 self._update_ready()  # neither readable nor writable until the answer
                 raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
-            deadline = Deadline(self._timeout)
             try:
+                # In the try: a Ctrl-C as it is made left the CONNECT
+                # with nobody to take its answer (its response table
+                # entry taken for good, the socket neither broken nor
+                # connected).
+                deadline = Deadline(self._timeout)
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
@@ -698,28 +704,7 @@ class PVSocket(Closing):
                     # that connect() may be tried again.
                     self._fe._put_data_ring(self._st, reusable=True)
             except BaseException:
-                if slot.done and slot.ret < 0:
-                    # Refused, the report cut short (a Ctrl-C as the wait
-                    # returned, or in the giving back): as if reported.
-                    # Taken for an answer unknown, the socket kept a ring
-                    # the backend had let go of, and connect() said
-                    # EISCONN for good.
-                    self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
-                    self._fe._put_data_ring(self._st, reusable=True)
-                elif slot.done and not self._closed:
-                    # Connected, the report cut short: the backend's answer
-                    # is the truth, and the socket is left as a return
-                    # leaves it (stores first, which call nothing).  Where
-                    # socket.socket's state after a KeyboardInterrupt is
-                    # the kernel's, this library keeps its own: marked
-                    # broken, a connected socket could only be closed.
-                    self._peername = (host, port)
-                    if deadline.timeout is not None:
-                        with self._mutex:
-                            self._connect_unreported = True  # as below
-                    self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
-                else:
-                    self._abandon_connect(slot)
+                self._connect_cut_short(slot, host, port, timed=timed)
                 raise
             if self._closed:
                 # close() from another thread: its RELEASE may have cut the
@@ -728,13 +713,45 @@ class PVSocket(Closing):
             if ret < 0:
                 raise host_error(ret, f"connect to {host}:{port}")
             self._peername = (host, port)
-            if deadline.timeout is not None:
+            if timed:
                 # CPython connects with a timeout by a non-blocking connect()
                 # and a wait for the handshake, after which Linux still has
                 # the socket connecting: the next connect() succeeds once
                 # more, as after a non-blocking connect() here.
                 with self._mutex:
                     self._connect_unreported = True
+
+    def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
+        """A blocking connect()'s CONNECT went out and the call was cut
+        short (a Ctrl-C, its timeout, a close()): leave the socket as the
+        answer, if it came, says.  Under the receive and send locks.
+
+        Also from the submit's handler: the answer may be in before the
+        submit returns (a fast backend, or one that answered as the notify
+        went out), and taken there for an answer unknown, a connected
+        socket was marked broken and a refused one kept its ring."""
+        if slot.done and slot.ret < 0:
+            # Refused, the report cut short (a Ctrl-C as the wait
+            # returned, or in the giving back): as if reported.
+            # Taken for an answer unknown, the socket kept a ring
+            # the backend had let go of, and connect() said
+            # EISCONN for good.
+            self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
+            self._fe._put_data_ring(self._st, reusable=True)
+        elif slot.done and not self._closed:
+            # Connected, the report cut short: the backend's answer
+            # is the truth, and the socket is left as a return
+            # leaves it (stores first, which call nothing).  Where
+            # socket.socket's state after a KeyboardInterrupt is
+            # the kernel's, this library keeps its own: marked
+            # broken, a connected socket could only be closed.
+            self._peername = (host, port)
+            if timed:
+                with self._mutex:
+                    self._connect_unreported = True  # as connect()'s return
+            self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
+        else:
+            self._abandon_connect(slot)
 
     def _abandon_connect(self, slot: Slot) -> None:
         """connect() gives up on its CONNECT, sent: the answer still comes;

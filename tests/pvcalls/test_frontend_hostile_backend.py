@@ -2453,3 +2453,199 @@ def test_an_answered_call_interrupted_anywhere_keeps_what_the_backend_did(
     landed = _sweep(attempt, check)
     # As the wait for the answer returned to the call (through _call's).
     assert landed[0].startswith(f"as a call returns in PVSocket.{call},"), landed
+
+
+@pytest.mark.parametrize("ret", [0, -ECONNREFUSED], ids=["connected", "refused"])
+def test_a_connect_answered_before_its_submit_returned_keeps_the_answer(
+        fe: pvcalls.Frontend, fake: FakeBackend, ret: int) -> None:
+    """A Ctrl-C landing anywhere along a connect() whose CONNECT was
+    answered before the submit returned to it (a fast backend, or the
+    answer taken as the notify went out): the socket is as the answer
+    says, as when the Ctrl-C lands after the wait (see
+    test_an_answered_call_interrupted_anywhere_keeps_what_the_backend_did):
+    connected, and the next connect() with a timeout succeeds once more,
+    or unconnected, refused again.  Before, the submit's own handler took
+    the answer for one unknown: the socket was marked broken, a refused
+    one kept the ring the backend had let go of, and connect() said
+    EISCONN for good."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.rets[PVCALLS_CONNECT] = ret
+    submit = fe._submit
+    answered: list[int] = []
+
+    def answered_first(slot: Any, *args: Any, **kwargs: Any) -> int:
+        req_id = submit(slot, *args, **kwargs)
+        if slot.cmd == PVCALLS_CONNECT:
+            wait_until(lambda: slot.done)
+            answered.append(slot.sock_id)
+        return req_id
+
+    fe._submit = answered_first  # type: ignore[method-assign]
+    socks: list[pvcalls.PVSocket] = []  # the one each attempt connects
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        answered.clear()
+        run = functools.partial(s.connect, ("127.0.0.1", 7))
+        if ret < 0:
+            run = _refused(run, errno.ECONNREFUSED)
+        return interrupted_at(n, within, run, lambda: not answered)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert fe._slots.count(None) == RING_SLOTS, "a response table entry kept"
+        if ret == 0:
+            assert not s._broken, "marked broken"
+            assert s.getpeername() == ("127.0.0.1", 7)
+            assert s.send(b"x") == 1
+            s.connect(("127.0.0.1", 7))  # the success, reported once
+            _refused(functools.partial(s.connect, ("127.0.0.1", 7)), errno.EISCONN)()
+        else:
+            assert s._st.ring is None, "the ring kept"
+            _refused(functools.partial(s.connect, ("127.0.0.1", 7)), errno.ECONNREFUSED)()
+            assert fe._given_back == [] and len(fe._ring_pool) == 1
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert landed[0].startswith("as a call returns in PVSocket.connect,"), landed
+
+
+@pytest.mark.parametrize("call", ["bind", "listen"])
+def test_bind_and_listen_return_marked_before_the_event_thread_marks(
+        fe: pvcalls.Frontend, fake: FakeBackend, call: str) -> None:
+    """bind() and listen() return with the socket bound or listening,
+    however late the event thread gets to the mark it makes as it takes
+    the answer (see _on_success): the waiter wakes before the event
+    thread runs the answer's callbacks, and a listen() or accept() right
+    after the return must not find the socket unmarked."""
+    s = fe.socket()
+    if call == "listen":
+        s.bind(("127.0.0.1", 4000))
+    late = threading.Event()
+    held: list[str] = []
+    complete = fe._complete
+
+    def held_back(fn: Callable[..., None], *args: Any) -> None:
+        if "_on_success" in getattr(fn, "__qualname__", ""):
+            held.append(fn.__qualname__)
+            late.wait(TIMEOUT)
+        complete(fn, *args)
+
+    fe._complete = held_back  # type: ignore[method-assign]
+    try:
+        if call == "bind":
+            s.bind(("127.0.0.1", 4000))
+            assert s._st.bound and s.getsockname() == ("127.0.0.1", 4000)
+        else:
+            s.listen()
+            assert s._st.listening
+        wait_until(lambda: held != [])  # the event thread's mark was held back
+    finally:
+        late.set()
+    s.close()
+
+
+def test_a_dropped_listener_drops_the_socket_an_accept_cut_short_left(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A listener dropped unclosed whose last accept() left the socket of
+    an ACCEPT that did not go out in its ``unsent`` (a Ctrl-C in the
+    drop): its release drops that socket too, with no RELEASE of its own
+    (the backend never made it) and no warning (the program never had
+    it).  Left there, it went with the listener's state as a socket
+    dropped unclosed: a ResourceWarning, and a RELEASE of an id the
+    backend does not know."""
+    ls = _listener(fe)
+    submit, drop = fe._submit, fe._drop_socket
+    released: list[int] = []
+
+    def no_room(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_ACCEPT:
+            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+        if slot.cmd == PVCALLS_RELEASE:
+            released.append(slot.sock_id)
+        return submit(slot, *args, **kwargs)
+
+    def cut_short(*args: Any, **kwargs: Any) -> None:
+        fe._drop_socket = drop  # type: ignore[method-assign]
+        raise Interrupted
+
+    fe._submit = no_room  # type: ignore[method-assign]
+    fe._drop_socket = cut_short  # type: ignore[method-assign]
+    try:
+        ls.accept()
+    except Interrupted:
+        pass
+    else:
+        raise AssertionError("accept() was not cut short")
+    (left,) = ls._st.unsent
+    assert left.id in fe._sockets
+    ls_id, ls_ref = ls.id, weakref.ref(ls)
+    del left
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del ls
+        gc.collect()
+        assert ls_ref() is None
+        wait_until(lambda: fe._sockets == {})
+        gc.collect()
+    assert released == [ls_id]
+    assert len(_unclosed(caught)) == 1  # the listener's
+    assert len(fe._ring_pool) == 1
+
+
+def test_a_socket_dropped_with_its_bind_unanswered_is_released(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The BIND's answer may never come, so what marks the socket as it
+    comes holds it weakly: a socket dropped while its BIND is unanswered
+    (its bind() timed out) is garbage at once and released, as any; the
+    late answer then marks nothing."""
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    fe.timeout = 0.05
+    with pytest.raises(TimeoutError):
+        s.bind(("127.0.0.1", 4000))
+    fe.timeout = TIMEOUT
+    bind = fake.next_request(PVCALLS_BIND)
+    ref = weakref.ref(s)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        del s
+        gc.collect()
+    assert ref() is None, "kept by its BIND's slot"
+    wait_until(lambda: fe._sockets == {})
+    fake.respond(bind, 0)
+    wait_until(lambda: fe._slots.count(None) == RING_SLOTS)
+
+
+def test_a_listen_answered_with_no_room_for_the_poll_leaves_fileno_alive(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A socket whose fileno() is in use starts listening when the
+    command ring has no room for the POLL fileno() needs: the mark (the
+    caller's, and the event thread's, which never waits for room) leaves
+    the POLL to go out once answers make room, and the descriptor polls
+    readable once it says a connection is pending.  Lost, the descriptor
+    never polled readable again."""
+    s = fe.socket()
+    s.bind(("127.0.0.1", 4000))
+    fd = s.fileno()  # armed: listen()'s mark sends the POLL
+    full = [True]
+    has_room = fe._has_room
+    fe._has_room = lambda spare: has_room(spare) and not (full[0] and spare)  # type: ignore[method-assign]
+    polls: list[int] = []
+    submit = fe._submit
+
+    def recorded(slot: Any, *args: Any, **kwargs: Any) -> int:
+        req_id = submit(slot, *args, **kwargs)
+        if slot.cmd == PVCALLS_POLL:
+            polls.append(slot.sock_id)
+        return req_id
+
+    fe._submit = recorded  # type: ignore[method-assign]
+    s.listen()
+    assert polls == [] and select.select([fd], [], [], 0)[0] == []
+    full[0] = False
+    fe.socket().close()  # answers: the event thread finds room
+    wait_until(lambda: polls == [s.id])
+    wait_until(lambda: select.select([fd], [], [], 0)[0] == [fd])  # the POLL said: pending
+    s.close()
