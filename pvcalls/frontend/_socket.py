@@ -1082,9 +1082,10 @@ class PVSocket(Closing):
         offers is in the listener's ``unsent`` before it is in the
         frontend's table: either the ACCEPT is in flight, or the readiness
         is back and the new socket gone (or left in ``unsent``, for the
-        next accept() or the listener's release to drop).  A readiness taken by the caller and interrupted
-        before this try was lost with ``_accepting`` left set: no POLL
-        went out any more, and every later accept() waited for good."""
+        next accept() or the listener's release to drop).  A readiness
+        taken by the caller and interrupted before this try was lost with
+        ``_accepting`` left set: no POLL went out any more, and every later
+        accept() waited for good."""
         slot = Slot(PVCALLS_ACCEPT, self.id)
         self._fe._drop_unsent(self._st)  # what a Ctrl-C left of the last one
         made = self._st.unsent
