@@ -26,8 +26,8 @@ waits for a reply, if any (EPROTO); a drain goes on past it.  A message
 whose descriptors this process had no room for (the kernel drops them,
 ``MSG_CTRUNC``) is whole: as a reply it answers its request, whose call
 fails (EMFILE) and what it gave is given back; pushed, it is logged as
-an error and dropped.  The service, short of room so for a request's
-descriptors, answers it so too: EMFILE, with its id.
+an error and dropped.  The service answers a request whose descriptors
+it had no room for likewise: EMFILE, with the request's id.
 
 A request may carry ``"id"``, an integer the service echoes in its reply.
 :class:`ServiceConnection` numbers its requests so: a call cut short
