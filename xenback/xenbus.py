@@ -50,7 +50,9 @@ protocol (section 2 of the protocol reference), item by item:
   a transaction that checks the device directory is still this device's
   (there, and not made again by the toolstack for a new device at the
   same path: see ``BackendDevice._ours``), retried on EAGAIN; a state
-  is skipped when the node already holds it;
+  is skipped when the node already holds it.  A device that was dropped
+  writes nothing more (a driver's thread may still hold it while a new
+  device is served at its path);
 * failures (:meth:`BackendDevice.fatal`, or an exception from a driver
   method): ``error/<backend-path>/error`` = ``"<errno> <message>"`` under
   our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
@@ -381,10 +383,14 @@ class BackendDevice:
     def write_nodes(self, nodes: Mapping[str, str | int]) -> None:
         """Write several of our nodes in one transaction.  Raises
         :class:`FileNotFoundError` if the device directory was deleted
-        (nothing is written then: a write would re-create it)."""
+        (nothing is written then: a write would re-create it), and
+        otherwise :class:`OSError` ENODEV once the device was removed (a
+        new device may be served at its path by then)."""
 
         def tx(t: Transaction) -> None:
             if not self._ours(t):
+                if self._gone and t.read(self.nodename) is not None:
+                    raise self._removed()
                 raise FileNotFoundError(errno.ENOENT, "device directory was deleted", self.nodename)
             for key, value in nodes.items():
                 t.write(f"{self.nodename}/{key}", value)
@@ -397,8 +403,9 @@ class BackendDevice:
 
     def switch_state(self, state: XenbusState) -> bool:
         """``xenbus_switch_state``: write our ``state`` unless it already
-        holds ``state`` or the device directory is gone (or is a new
-        device's, made again at our path).  True if written.
+        holds ``state``, the device directory is gone (or is a new
+        device's, made again at our path) or the device was removed.
+        True if written.
 
         Once the toolstack asked for removal (``online`` = 0 and Closing in
         our directory), nothing but Closed replaces Closing: a probe or a
@@ -420,15 +427,15 @@ class BackendDevice:
         state = XenbusState(state)
         value = str(int(state))
         removing = False
-        recreated = False
+        stale = False
 
         def tx(t: Transaction) -> bool | None:
-            nonlocal removing, recreated
-            removing = recreated = False
+            nonlocal removing, stale
+            removing = stale = False
             if t.read(self.nodename) is None:
                 return None
             if not self._ours(t):
-                recreated = True
+                stale = True
                 return None
             current = t.read(f"{self.nodename}/state")
             if current == value:
@@ -441,7 +448,7 @@ class BackendDevice:
             return True
 
         written = self.xenstore.transaction(tx)
-        if recreated:
+        if stale:
             return None
         self.state = XenbusState.CLOSING if removing else state
         if written is not None:
@@ -461,14 +468,19 @@ class BackendDevice:
         of Initialising (see _switched); before, Initialising is all
         either one holds, but the new directory lacks what probe() wrote.
         A probe() that wrote nothing leaves nothing to tell by: a write
-        before its switch is taken as ours."""
+        before its switch is taken as ours.  Nor can the nodes tell once
+        a new device there switched in turn: but we were dropped (gone)
+        before it was made, and so before the reads that see it."""
         if t.read(self.nodename) is None:
             return False
         if self._switched:
-            return t.read(f"{self.nodename}/state") != _INITIALISING
-        # A copy: a driver's own work item may write (and add) meanwhile.
-        written = dict(self._probe_nodes or {})
-        return all(t.read(f"{self.nodename}/{key}") == value for key, value in written.items())
+            ours = t.read(f"{self.nodename}/state") != _INITIALISING
+        else:
+            # A copy: a driver's own work item may write (and add) meanwhile.
+            written = dict(self._probe_nodes or {})
+            ours = all(t.read(f"{self.nodename}/{key}") == value for key, value in written.items())
+        # After the reads, for the reason above.
+        return ours and not self._gone
 
     def _is_ours(self) -> bool:
         """:meth:`_ours`, in a transaction of its own."""

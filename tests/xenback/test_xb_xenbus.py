@@ -841,6 +841,34 @@ def test_a_connected_device_failing_after_it_was_re_created_leaves_no_error_node
     assert driver.calls_of(guest.domid).count("probe") == 2
 
 
+def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
+        host, driver, frontends, dom0_xs) -> None:
+    """A driver's thread may hold a device after it was dropped, and the
+    toolstack made a new device at its path, probed and connected by now:
+    its state is no longer Initialising, so only the old object's being
+    gone can tell.  Whatever it writes would be the new device's: its
+    nodes, its state, its error node."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    driver.wait_call("remove", guest.domid)
+    assert old.gone
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    fe = _connect(frontends, guest, again)
+    with pytest.raises(OSError, match="device was removed") as refused:
+        old.write("feature-late", 1)
+    assert refused.value.errno == errno.ENODEV
+    assert old.switch_state(S.CLOSING) is False
+    old.fatal(errno.EIO, "the old device's failure")
+    assert dom0_xs.read(f"{again.backend_path}/feature-late") is None
+    assert dom0_xs.read(f"{again.backend_path}/state") == str(int(S.CONNECTED))
+    assert error_node(dom0_xs, again) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
 def test_a_device_removed_before_it_was_probed_lets_the_toolstack_go(
         host, driver, frontends, dom0_xs, caplog) -> None:
     """The toolstack re-adds a device at the path of one still being
