@@ -459,7 +459,7 @@ class BackendDevice:
             logger.debug("%s: state -> %s", self.nodename, state.name)
         return written
 
-    def _ours(self, t: Transaction) -> bool:
+    def _ours(self, t: Transaction | XenStore) -> bool:
         """Whether our directory, as ``t`` reads it, is still this device's:
         there, and not deleted and made again by the toolstack for a new
         device at the same path (libxl's re-add of a device), which is to
@@ -483,8 +483,11 @@ class BackendDevice:
         return ours and not self._gone
 
     def _is_ours(self) -> bool:
-        """:meth:`_ours`, in a transaction of its own."""
-        return bool(self.xenstore.transaction(self._ours))
+        """:meth:`_ours`, read outside a transaction: a look before
+        deciding, on every event in our directory, where a transaction
+        each time would count against a driver domain's few (10 in
+        cxenstored).  What is written next checks again, in its own."""
+        return self._ours(self.xenstore)
 
     @property
     def error_path(self) -> str:
