@@ -26,7 +26,8 @@ protocol (section 2 of the protocol reference), item by item:
   the base switches to InitWait and watches the frontend's ``state`` (if
   the toolstack deleted the directory and made it again while probe()
   ran, the features went with the old one: the device is dropped, and the
-  new one probed);
+  new one probed; so is it if probe() then failed, the failure only
+  logged: its error node and Closing would greet the new device);
 * frontend Initialising -> InitWait again if we were not in InitWait
   (reconnect after Closed, or a frontend that restarted without closing:
   disconnect first), or dropped if a removal is under way;
@@ -45,8 +46,13 @@ protocol (section 2 of the protocol reference), item by item:
   are disconnected and dropped at once, releasing its grants and ports;
 * the error node of a device the toolstack deleted is deleted too (see
   ``_forget_error``);
-* state is written in a transaction that checks the device directory still
-  exists, retried on EAGAIN, and skipped when the node already holds it;
+* state, and every other node of ours, the error node too, is written in
+  a transaction that checks the device directory is still this device's
+  (there, and not made again by the toolstack for a new device at the
+  same path: see ``BackendDevice._ours``), retried on EAGAIN; a state
+  is skipped when the node already holds it.  A device that was dropped
+  writes nothing more (a driver's thread may still hold it while a new
+  device is served at its path);
 * failures (:meth:`BackendDevice.fatal`, or an exception from a driver
   method): ``error/<backend-path>/error`` = ``"<errno> <message>"`` under
   our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
@@ -281,9 +287,10 @@ class BackendDevice:
         # made a new device at the same path (only the toolstack writes
         # Initialising, and only into a new directory): not ours any more.
         self._switched = False
-        # What probe() wrote through write_nodes(), while it runs (None
-        # otherwise): the switch to InitWait checks that it is still there
-        # (see _switch_after_probe).
+        # What probe() wrote through write_nodes(), from its start until
+        # our first switch (None otherwise): until then the state cannot
+        # tell our directory from a new device's, and these nodes can
+        # (see _ours).
         self._probe_nodes: dict[str, str] | None = None
         # A frontend state event waits in the queue (see _otherend_event).
         self._otherend_pending = False
@@ -376,11 +383,14 @@ class BackendDevice:
     def write_nodes(self, nodes: Mapping[str, str | int]) -> None:
         """Write several of our nodes in one transaction.  Raises
         :class:`FileNotFoundError` if the device directory was deleted
-        (nothing is written then: a write would re-create it)."""
+        (nothing is written then: a write would re-create it), and
+        otherwise :class:`OSError` ENODEV once the device was removed (a
+        new device may be served at its path by then)."""
 
         def tx(t: Transaction) -> None:
-            gone = t.read(self.nodename) is None
-            if gone or self._recreated(t.read(f"{self.nodename}/state")):
+            if not self._ours(t):
+                if self._gone and t.read(self.nodename) is not None:
+                    raise self._removed()
                 raise FileNotFoundError(errno.ENOENT, "device directory was deleted", self.nodename)
             for key, value in nodes.items():
                 t.write(f"{self.nodename}/{key}", value)
@@ -393,7 +403,9 @@ class BackendDevice:
 
     def switch_state(self, state: XenbusState) -> bool:
         """``xenbus_switch_state``: write our ``state`` unless it already
-        holds ``state`` or the device directory is gone.  True if written.
+        holds ``state``, the device directory is gone (or is a new
+        device's, made again at our path) or the device was removed.
+        True if written.
 
         Once the toolstack asked for removal (``online`` = 0 and Closing in
         our directory), nothing but Closed replaces Closing: a probe or a
@@ -406,34 +418,26 @@ class BackendDevice:
         """Switch to InitWait after probe(), in the directory probe() wrote
         its features into.  False if that directory is gone: deleted, or
         deleted and made again by the toolstack (a new device, to be
-        probed anew) while probe() ran, which the state alone cannot tell
-        before our first switch: Initialising is all either one holds."""
-        written = self._switch(XenbusState.INIT_WAIT, expect=self._probe_nodes or {})
-        self._probe_nodes = None
-        return written is not None
+        probed anew) while probe() ran (see _ours)."""
+        return self._switch(XenbusState.INIT_WAIT) is not None
 
-    def _switch(self, state: XenbusState, expect: Mapping[str, str] | None = None) -> bool | None:
+    def _switch(self, state: XenbusState) -> bool | None:
         """:meth:`switch_state`; None if the device directory is gone or
-        is a new device's (nothing is written then), or if a node of
-        ``expect`` does not hold its value there: only the toolstack's
-        re-creation of the directory deletes our nodes, so from then on
-        Initialising there is the new device's (see _switched)."""
+        is a new device's (see _ours): nothing is written then."""
         state = XenbusState(state)
         value = str(int(state))
         removing = False
-        recreated = False
+        stale = False
 
         def tx(t: Transaction) -> bool | None:
-            nonlocal removing, recreated
-            removing = recreated = False
+            nonlocal removing, stale
+            removing = stale = False
             if t.read(self.nodename) is None:
                 return None
+            if not self._ours(t):
+                stale = True
+                return None
             current = t.read(f"{self.nodename}/state")
-            if self._recreated(current):
-                return None
-            if expect and any(t.read(f"{self.nodename}/{k}") != v for k, v in expect.items()):
-                recreated = True
-                return None
             if current == value:
                 return False
             if current == _CLOSING and state != XenbusState.CLOSED:
@@ -444,20 +448,46 @@ class BackendDevice:
             return True
 
         written = self.xenstore.transaction(tx)
-        if recreated:
-            self._switched = True
+        if stale:
             return None
         self.state = XenbusState.CLOSING if removing else state
         if written is not None:
+            # From now on the state tells a new device's directory.
             self._switched = True
+            self._probe_nodes = None
         if written:
             logger.debug("%s: state -> %s", self.nodename, state.name)
         return written
 
-    def _recreated(self, state: str | None) -> bool:
-        """Whether our directory, its ``state`` reading ``state``, is a new
-        device's now (see _switched)."""
-        return self._switched and state == _INITIALISING
+    def _ours(self, t: Transaction | XenStore) -> bool:
+        """Whether our directory, as ``t`` reads it, is still this device's:
+        there, and not deleted and made again by the toolstack for a new
+        device at the same path (libxl's re-add of a device), which is to
+        be probed afresh, with nothing of ours in it.  XenStore shows no
+        node's incarnation, so the nodes tell: once we switched, a state
+        of Initialising (see _switched); before, Initialising is all
+        either one holds, but the new directory lacks what probe() wrote.
+        A probe() that wrote nothing leaves nothing to tell by: a write
+        before its switch is taken as ours.  Nor can the nodes tell once
+        a new device there switched in turn: but we were dropped (gone)
+        before it was made, and so before the reads that see it."""
+        if t.read(self.nodename) is None:
+            return False
+        if self._switched:
+            ours = t.read(f"{self.nodename}/state") != _INITIALISING
+        else:
+            # A copy: a driver's own work item may write (and add) meanwhile.
+            written = dict(self._probe_nodes or {})
+            ours = all(t.read(f"{self.nodename}/{key}") == value for key, value in written.items())
+        # After the reads, for the reason above.
+        return ours and not self._gone
+
+    def _is_ours(self) -> bool:
+        """:meth:`_ours`, read outside a transaction: a look before
+        deciding, on every event in our directory, where a transaction
+        each time would count against a driver domain's few (10 in
+        cxenstored).  What is written next checks again, in its own."""
+        return self._ours(self.xenstore)
 
     @property
     def error_path(self) -> str:
@@ -476,8 +506,21 @@ class BackendDevice:
         # Rate-limited (see ``ratelimit``); the error node below is written
         # every time: the frontend must see each failure.
         self.ratelimit.log(logger, logging.ERROR, "%s: error %d: %s", self.nodename, err, message)
+        line = f"{err} {message}"[:1024]
+
+        def tx(t: Transaction) -> bool:
+            # The error path is a new device's as much as ours: it must not
+            # start its life with our failure.  (Nor is an error node of a
+            # device deleted for good left behind: nobody would read it.)
+            if not self._ours(t):
+                return False
+            t.write(self.error_path, line)
+            return True
+
         try:
-            self.xenstore.write(self.error_path, f"{err} {message}"[:1024])
+            if not self.xenstore.transaction(tx):
+                logger.debug("%s: error node not written: the device directory was deleted",
+                             self.nodename)
         except (OSError, ValueError) as exc:
             # Reporting an error must not raise one: fatal() still has to go
             # Closing.  No traceback: XenStore's error says it all.
@@ -1382,11 +1425,7 @@ class BackendDriver:
             dev.otherend = otherend
             dev._probed = True  # set first: remove() also undoes a probe that failed halfway
             dev._probe_nodes = {}
-            try:
-                self.probe(dev)
-            except BaseException:
-                dev._probe_nodes = None
-                raise
+            self.probe(dev)
             if taken_over:
                 dev._probe_nodes = None
                 self._take_over(dev)
@@ -1400,10 +1439,16 @@ class BackendDriver:
                 f"{otherend}/state", lambda _p: self._otherend_event(dev)
             )
         except Exception as exc:
-            if not self.xenstore.exists(dev.nodename):
+            err, message = _errno_of(exc)
+            if not dev._is_ours():
+                # Deleted, or deleted and made again for a new device (what
+                # probe() wrote is gone) while probe() ran: the failure is
+                # the old device's, and the new one's frontend must not
+                # hear of it.  The drop looks at the path again.
+                logger.info("%s: probe failed, and the device directory was deleted "
+                            "meanwhile (not reported there): %s", dev.nodename, message)
                 self._drop(dev)
                 return
-            err, message = _errno_of(exc)
             logger.debug("%s: probe failed", dev.nodename, exc_info=True)
             dev.fatal(err, f"probing: {message}")
             # Watching no frontend, the device moves on only for events in
@@ -1497,13 +1542,11 @@ class BackendDriver:
     def _backend_changed(self, dev: BackendDevice) -> None:
         if dev.gone or self._domain_gone:
             return
-        xs = self.xenstore
-        exists = xs.exists(dev.nodename)
-        state = dev.read("state") if exists else None
-        if not exists or dev._recreated(state):
+        if not dev._is_ours():
             logger.info("%s: device directory deleted", dev.nodename)
             self._drop(dev)
             return
+        state = dev.read("state")
         try:
             dev.state = XenbusState.parse(state)
         except ValueError:

@@ -32,6 +32,7 @@ from tests.xenback.xbhelpers import (
 from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback.sim import SimHost
 from xenback.sim._xenstored import RawClient
+from xenback.xenstore import Transaction
 
 S = XenbusState
 
@@ -743,6 +744,126 @@ def test_a_device_re_created_while_probe_runs_gets_its_features(
     fe = _connect(frontends, guest, again)
     assert dom0_xs.read(f"{again.backend_path}/feature-test") == "1"
     assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
+    assert error_node(dom0_xs, again) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
+def _probe_across_re_creation(host, driver, then):
+    """Block the first probe() (after it wrote feature-test), have the
+    toolstack delete the device and make it again at the same path (one
+    transaction, as libxl's re-add), then run ``then(dev)`` in that probe:
+    ``(guest, the new toolstack device)``."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(dev) -> None:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(TIMEOUT)
+            then(dev)
+
+    driver.probe_hook = hold
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    assert entered.wait(TIMEOUT)
+    again = host.toolstack.add_device("xbtest", guest.domid, replace=True)
+    assert again.backend_path == dev.backend_path
+    release.set()
+    return guest, again
+
+
+def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alone(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """probe() fails once the toolstack deleted its device and made a new
+    one at the same path: the failure is the old device's.  Its error
+    node and Closing, written there, would greet the new device, which
+    its frontend would then see fail before it was even probed; the new
+    device must be probed afresh, and the old failure only logged."""
+
+    def fail(_dev) -> None:
+        raise RuntimeError("the old device's failure")
+
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, again = _probe_across_re_creation(host, driver, fail)
+    fe = _connect(frontends, guest, again)
+    assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
+    assert error_node(dom0_xs, again) is None
+    assert any("the old device's failure" in r.getMessage() for r in caplog.records)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
+def test_a_probe_writing_after_the_device_was_re_created_writes_nothing_there(
+        host, driver, frontends, dom0_xs) -> None:
+    """A probe() that goes on writing features once its directory was
+    made again writes into a new device's directory, which the toolstack
+    alone may fill before that device is probed: refused, as a write into
+    a deleted directory is."""
+    refused: list[BaseException] = []
+
+    def write_late(dev) -> None:
+        try:
+            dev.write("feature-late", 1)
+        except FileNotFoundError as exc:
+            refused.append(exc)
+            raise
+
+    guest, again = _probe_across_re_creation(host, driver, write_late)
+    fe = _connect(frontends, guest, again)
+    assert len(refused) == 1
+    assert dom0_xs.read(f"{again.backend_path}/feature-late") is None
+    assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
+    assert error_node(dom0_xs, again) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
+def test_a_connected_device_failing_after_it_was_re_created_leaves_no_error_node(
+        host, driver, frontends, dom0_xs) -> None:
+    """A device that fails while the toolstack deleted it and made a new
+    one at the same path (its events still wait behind the failure):
+    the error node's path is the new device's too, which must not start
+    its life reporting the old one's failure."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    stalled, go = threading.Event(), threading.Event()
+    old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))
+    old.queue(old.fatal, errno.EIO, "the old device's failure")
+    assert stalled.wait(TIMEOUT)
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    go.set()
+    fe = _connect(frontends, guest, again)
+    assert backend_device(driver, guest.domid) is not old and old.gone
+    assert error_node(dom0_xs, again) is None
+    assert driver.calls_of(guest.domid).count("probe") == 2
+
+
+def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
+        host, driver, frontends, dom0_xs) -> None:
+    """A driver's thread may hold a device after it was dropped, and the
+    toolstack made a new device at its path, probed and connected by now:
+    its state is no longer Initialising, so only the old object's being
+    gone can tell.  Whatever it writes would be the new device's: its
+    nodes, its state, its error node."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    driver.wait_call("remove", guest.domid)
+    assert old.gone
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    fe = _connect(frontends, guest, again)
+    with pytest.raises(OSError, match="device was removed") as refused:
+        old.write("feature-late", 1)
+    assert refused.value.errno == errno.ENODEV
+    assert old.switch_state(S.CLOSING) is False
+    old.fatal(errno.EIO, "the old device's failure")
+    assert dom0_xs.read(f"{again.backend_path}/feature-late") is None
+    assert dom0_xs.read(f"{again.backend_path}/state") == str(int(S.CONNECTED))
     assert error_node(dom0_xs, again) is None
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
@@ -1743,16 +1864,16 @@ def _error_refused_as_the_domain_goes(host, dom0_xs, frontends, caplog, monkeypa
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     bdev = backend_device(drv, fe.guest.domid)
     xs = drv.xenstore
-    write = xs.write
+    write = Transaction.write
     refused: list[BaseException] = []
     told: list[bool] = []
 
-    def refused_then(path: str, value: str | int) -> None:
+    def refused_then(t: Transaction, path: str, value: str | int) -> None:
         if path != bdev.error_path:
-            return write(path, value)
+            return write(t, path, value)
         dom0_xs.rm(f"/local/domain/{drvdom.domid}")
         try:
-            return write(path, value)
+            return write(t, path, value)
         except PermissionError as exc:
             refused.append(exc)
             host.destroy_domain(drvdom)
@@ -1762,7 +1883,8 @@ def _error_refused_as_the_domain_goes(host, dom0_xs, frontends, caplog, monkeypa
             told.append(not router.is_alive() and not drv._domain_gone)
             raise
 
-    monkeypatch.setattr(xs, "write", refused_then)
+    # The error node is written in a transaction (see BackendDevice._error).
+    monkeypatch.setattr(Transaction, "write", refused_then)
     # Nothing may learn of the home's deletion first, and so of the
     # domain going (see _lost_domain): discovery waits, and report()
     # runs on the device's queue.
