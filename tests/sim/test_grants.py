@@ -1217,6 +1217,98 @@ def test_a_map_whose_pages_close_ended_before_it_returned_fails(
     assert eventually(lambda: live_grants(host) == 0)
 
 
+@pytest.mark.parametrize("reply", [
+    {}, {"refs": 8}, {"refs": ["8", "9"]}, {"refs": [8, -9]}, {"refs": [8, True]},
+], ids=["no-refs", "refs-not-a-list", "refs-not-ints", "negative-ref", "bool-ref"])
+def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
+        tmp_path: Path, reply: dict[str, object]) -> None:
+    """A service answering a share with no list of refs (missing, or
+    other than non-negative integers) breaks the protocol: the call fails
+    (EPROTO), the file that came is closed and nothing is listed.  A
+    reply without refs let apply's KeyError through, as if the handle had
+    a bug; refs of strings listed the pages under a key share_pages()
+    could not find, and the handle's close() failed telling the service
+    to end them."""
+    path = str(tmp_path / "hypervisor")
+    file = os.memfd_create("fake-share", os.MFD_CLOEXEC)
+    os.ftruncate(file, 2 * PAGE_SIZE)
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], **reply}, [file])
+        os.close(file)
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    held = descriptors()
+    shr = GrantShare(path)
+    try:
+        with pytest.raises(GrantError) as info:
+            shr.share_pages(0, 2)
+        assert info.value.errno == errno.EPROTO, info.value
+        assert shr._live == {}
+        assert not [fd for fd, what in descriptors() - held if "fake-share" in what]
+    finally:
+        shr.close()
+        server.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("reply", [
+    {"segments": [[0, 0, 2]]},
+    {"handle": "5", "segments": [[0, 0, 2]]},
+    {"handle": 5},
+    {"handle": 5, "segments": [[0, 0]]},
+    {"handle": 5, "segments": [[1, 0, 2]]},
+    {"handle": 5, "segments": [[0, 0, 1]]},
+    {"handle": 5, "segments": [[0, 0, 3]]},
+    {"handle": 5, "segments": [[0, 0, 0], [0, 0, 2]]},
+    {"handle": 5, "segments": [[0, -1, 2]]},
+    {"handle": 5, "segments": [[0, 1 << 62, 2]]},
+    {"handle": 5, "segments": [[0, 0, 1.5], [0, 1, 0.5]]},
+], ids=["no-handle", "handle-not-int", "no-segments", "segment-short", "file-out-of-range",
+        "too-few-pages", "too-many-pages", "empty-segment", "negative-file-page",
+        "file-page-past-any-file", "pages-not-ints"])
+def test_a_map_reply_whose_segments_are_not_the_pages_asked_for_fails_as_a_protocol_error(
+        tmp_path: Path, reply: dict[str, object]) -> None:
+    """A service answering a map of 2 refs without its handle, or with
+    segments that are not runs of 2 pages in all in the files it sent,
+    breaks the protocol: the call fails (EPROTO), the files that came are
+    closed, nothing is listed or left mapped, and a mapping that has a
+    handle is unmapped at once.  A reply without its handle let apply's
+    KeyError through, as if the handle had a bug; segments of fewer pages
+    left part of the buffer inaccessible (a crash as it is read), of more
+    pages mapped the file past the region over whatever follows it."""
+    path = str(tmp_path / "hypervisor")
+    file = os.memfd_create("fake-map", os.MFD_CLOEXEC)
+    os.ftruncate(file, 4 * PAGE_SIZE)
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], **reply}, [file])
+        os.close(file)
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    held = descriptors()
+    tab = GrantTable(path)
+    try:
+        with pytest.raises(GrantError) as info:
+            tab.map_grant_refs(1, [8, 9])
+        assert info.value.errno == errno.EPROTO, info.value
+        assert tab._live == {} and tab._unlisted == []
+        assert not [fd for fd, what in descriptors() - held if "fake-map" in what]
+        assert "fake-map" not in Path("/proc/self/maps").read_text()
+        if type(reply.get("handle")) is int:
+            assert eventually(lambda: [(m["op"], m.get("handle")) for m in later]
+                              == [("gnt_unmap", reply["handle"])]), later
+    finally:
+        tab.close()
+        server.join(TIMEOUT)
+
+
 @pytest.mark.parametrize(("nfds", "nrefs"), [(0, 2), (2, 2), (1, 1), (1, 3)])
 def test_a_share_reply_unlike_the_share_asked_for_is_given_back(
         tmp_path: Path, nfds: int, nrefs: int) -> None:

@@ -148,6 +148,36 @@ def _unmap_failed(region: _Region) -> None:
         logger.warning("pages a failed map or share left stay mapped until collected: %s", e)
 
 
+# The end of the last page a segment of a map's reply may name: a file
+# offset past it is none mmap takes (Linux's MAX_LFS_FILESIZE).
+_MAX_FILE_END = (1 << 63) - 1
+
+
+def _segments(reply: Message, nfds: int, npages: int) -> list[tuple[int, int, int]] | None:
+    """The segments of a map's reply, ``(file index, first page, pages)``,
+    if they are runs of ``npages`` pages in all, in the ``nfds`` files the
+    reply carried; None if not (the service broke the protocol).  Checked
+    before any is mapped: fewer pages would leave part of the buffer
+    inaccessible (a crash as it is read), more would map a file past the
+    region (MAP_FIXED) over whatever follows it in this process."""
+    segments = reply.get("segments")
+    if type(segments) is not list:
+        return None
+    runs: list[tuple[int, int, int]] = []
+    for segment in segments:
+        if (type(segment) is not list or len(segment) != 3
+                or any(type(n) is not int for n in segment)):
+            return None
+        index, file_page, count = segment
+        if (not 0 <= index < nfds or file_page < 0 or count < 1
+                or (file_page + count) * PAGE_SIZE > _MAX_FILE_END):
+            return None
+        runs.append((index, file_page, count))
+    if sum(count for _, _, count in runs) != npages:
+        return None
+    return runs
+
+
 def _check_domid(domid: int) -> None:
     if type(domid) is not int or not 0 <= domid < 0x7FF0:
         raise GrantError(errno.EINVAL, f"invalid domain id {domid!r}")
@@ -430,11 +460,16 @@ class GrantTable(_Handle[GrantMapping]):
         """Map the pages a map's reply gave, contiguously, and list them
         (the map's ``apply``).  An error raised here, or a Ctrl-C, before
         they are listed gives the reply back (see :meth:`_take`)."""
-        handle = reply["handle"]
+        # get(): a reply short of its handle or segments is the service's
+        # fault (EPROTO), not a KeyError that would pass for a bug here.
+        handle = reply.get("handle")
+        segments = _segments(reply, len(fds), len(refs))
+        if segments is None or type(handle) is not int:
+            raise GrantError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
         try:
             region = self._make_region(len(refs))
             page = 0
-            for index, file_page, npages in reply["segments"]:
+            for index, file_page, npages in segments:
                 region.map(page, npages, fds[index], file_page, writable)
                 page += npages
             end = ("gnt_unmap", {"handle": handle})
@@ -470,9 +505,16 @@ class GrantShare(_Handle[SharedPages]):
         """Map the pages a share's reply gave and list them (the share's
         ``apply``).  An error raised here, or a Ctrl-C, before they are
         listed gives the reply back (see :meth:`_take`)."""
-        refs = tuple(reply["refs"])
-        if len(fds) != 1 or len(refs) != count:
+        # Refs are the share's keys and what its end names: any but a list
+        # of count of them (get(): none at all, say) is the service's
+        # fault (EPROTO), not a KeyError or TypeError that would pass for
+        # a bug here, nor pages listed under a key share_pages() does not
+        # look for.
+        given = reply.get("refs")
+        if (len(fds) != 1 or type(given) is not list or len(given) != count
+                or any(type(ref) is not int or ref < 0 for ref in given)):
             raise GrantError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
+        refs: tuple[int, ...] = tuple(given)
         try:
             region = self._make_region(count)
             region.map(0, count, fds[0], 0, True)
