@@ -89,6 +89,10 @@ T = TypeVar("T")
 #: kernel retries forever; a bound turns a livelock into an error.
 TRANSACTION_ATTEMPTS = 1000
 
+#: How long a transaction's start is tried again while the domain's quota
+#: of open transactions is full (see ``_begin_within_quota``); then ENOSPC.
+TRANSACTION_QUOTA_WAIT = 5.0
+
 
 #: Longest path XenStore takes (``XENSTORE_ABS_PATH_MAX``); pyxs applies
 #: it to relative paths too.
@@ -426,6 +430,34 @@ class _Reply(RVar):
         it is set: one neither registered nor set was never sent."""
         registered = any(rvar is self for rvar in list(router.rvars.values()))
         return registered and self.target is None
+
+
+def _begin_within_quota(client: pyxs.Client) -> None:
+    """:func:`_begin`, started again for up to :data:`TRANSACTION_QUOTA_WAIT`
+    seconds while XenStore refuses it with ENOSPC: the domain holds as many
+    transactions open as its quota lets it (10 in cxenstored, for all its
+    processes together: ``/dev/xen/xenbus`` shares the kernel's connection),
+    which their ends soon make room in.  A driver's devices each write in
+    their own, in parallel, so a driver domain serving many fills it at
+    times; failing a write then would fail the device for nothing."""
+    deadline: float | None = None
+    pause = 0.001
+    while True:
+        try:
+            _begin(client)
+            return
+        except PyXSError as exc:
+            err = _oserror(exc, "@transaction")
+        if err.errno != errno.ENOSPC:
+            raise err from None
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + TRANSACTION_QUOTA_WAIT
+        if now >= deadline:
+            raise err from None
+        # Nothing is open meanwhile: a Ctrl-C here leaves nothing behind.
+        time.sleep(min(pause, deadline - now))
+        pause = min(pause * 2, 0.05)
 
 
 def _begin(client: pyxs.Client) -> None:
@@ -1160,7 +1192,9 @@ class XenStore(_Ops, Closing):
         ``fn`` must be safe to run more than once (it should only touch
         XenStore through ``t``).  Any other exception from ``fn`` aborts
         the transaction and propagates.  After ``attempts`` runs that all
-        ended in EAGAIN, raises :class:`OSError` EAGAIN.
+        ended in EAGAIN, raises :class:`OSError` EAGAIN.  A start refused
+        for the domain's quota of open transactions is tried again for up
+        to :data:`TRANSACTION_QUOTA_WAIT` seconds, then ENOSPC.
         """
         # Not left to range(): 0 would report a conflict that never was.
         if type(attempts) is not int:
@@ -1178,10 +1212,7 @@ class XenStore(_Ops, Closing):
             # for as long as the connection lives.  One whose start is
             # still in flight is ended by the router (see _begin).
             try:
-                try:
-                    _begin(client)
-                except PyXSError as exc:
-                    raise _oserror(exc, "@transaction") from None
+                _begin_within_quota(client)
                 try:
                     result = fn(t)
                 finally:

@@ -30,6 +30,7 @@ from tests.xenback.xbhelpers import (
     leaked_threads,
 )
 from xenback import RateLimit, XenbusState, XenStore, xenbus
+from xenback import xenstore as xenstore_module
 from xenback.sim import SimHost
 from xenback.sim._xenstored import RawClient
 from xenback.xenstore import Transaction
@@ -788,7 +789,10 @@ def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alon
     fe = _connect(frontends, guest, again)
     assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
     assert error_node(dom0_xs, again) is None
-    assert any("the old device's failure" in r.getMessage() for r in caplog.records)
+    said = [r for r in caplog.records if "the old device's failure" in r.getMessage()]
+    # Not as a failure of the device, which a log watcher would count
+    # against the new one.
+    assert [r.levelno for r in said] == [logging.INFO]
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
 
@@ -2656,3 +2660,41 @@ def test_a_driver_dispatcher_interrupted_in_its_making_is_kept_for_stop(host) ->
             break
         landed.append(where)
     assert any("BackendDriver.events" in where for where in landed), landed
+
+
+def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
+        host, dom0_xs, frontends, monkeypatch) -> None:
+    """cxenstored lets a driver domain hold 10 transactions open at once,
+    all its processes and devices together (Linux's /dev/xen/xenbus shares
+    the kernel's one connection), and refuses the 11th's start with ENOSPC.
+    Every write of a device is a transaction: one refused so, while others
+    ran, failed the probe, whose error node and Closing were refused too,
+    and the device stayed Initialising for good.  A full quota empties
+    within moments: the start is tried again."""
+    drvdom = host.create_domain("driver-domain")
+    refused = threading.Event()
+    begin = xenstore_module._begin
+
+    def counting_begin(client) -> None:
+        try:
+            begin(client)
+        except Exception as exc:
+            if getattr(exc, "args", (None,))[0] == errno.ENOSPC:
+                refused.set()
+            raise
+
+    monkeypatch.setattr(xenstore_module, "_begin", counting_begin)
+    with RawClient(drvdom.xenstore_path) as other, RecordingDriver(drvdom) as drv:
+        # Another process of the driver domain holds the whole quota.
+        held = [other.transaction_start() for _ in range(10)]
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        assert refused.wait(TIMEOUT)
+        for tx in held:
+            other.transaction_end(tx, commit=False)
+        fe = _connect(frontends, guest, dev)
+        errors = f"/local/domain/{drvdom.domid}/error/backend/xbtest/{guest.domid}/0"
+        assert dom0_xs.read(f"{errors}/error") is None
+        assert drv.calls_of(guest.domid) == ["probe", "connect"]
+        fe.set_state(S.CLOSED)
+        fe.wait_backend(S.CLOSED)

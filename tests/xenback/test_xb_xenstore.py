@@ -291,6 +291,30 @@ def test_a_commit_refused_for_another_reason_is_raised(host) -> None:
         assert gxs.read(f"{data}/tx/a") == "2"
 
 
+def test_a_transaction_start_waits_out_a_full_quota_for_a_while(host, monkeypatch) -> None:
+    """A start refused because the domain holds its quota of open
+    transactions (another process of it, say) is tried again, for
+    TRANSACTION_QUOTA_WAIT seconds, then refused with ENOSPC; one that
+    gets a slot meanwhile goes ahead."""
+    import xenback.xenstore as xenstore_module
+    from xenback.sim._xenstored import RawClient
+
+    guest = host.create_domain("quota")
+    node = f"/local/domain/{guest.domid}/data/tx"
+    monkeypatch.setattr(xenstore_module, "TRANSACTION_QUOTA_WAIT", 0.05)
+    with XenStore(guest.xenstore()) as gxs, RawClient(guest.xenstore_path) as other:
+        held = [other.transaction_start() for _ in range(10)]
+        with pytest.raises(OSError) as info:
+            gxs.transaction(lambda t: t.write(node, "never"))
+        assert info.value.errno == errno.ENOSPC
+        assert gxs.read(node) is None
+        other.transaction_end(held.pop(), commit=False)
+        gxs.transaction(lambda t: t.write(node, "done"))
+        assert gxs.read(node) == "done"
+        for tx in held:
+            other.transaction_end(tx, commit=False)
+
+
 def test_a_transaction_whose_function_fails_is_aborted(host) -> None:
     """Each failed run gives its transaction back: a guest may hold only
     Quota.transactions (10) open, so leaked ones would soon make every
