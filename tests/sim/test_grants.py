@@ -932,13 +932,18 @@ def test_a_map_finishing_after_the_handle_closed_keeps_nothing(
     """map_grant_refs() answered by the service after another thread closed
     the handle: close() did not see that mapping, so the call gives it
     back and fails with EBADF instead of returning it live in a closed
-    handle."""
+    handle.  Nor does the call hand the reply's descriptors to a caller
+    that never looks at them: the apply refuses the reply, so the
+    connection closes them."""
     with guest.gntshr() as shr:
         pages = shr.share_pages(0, 1)
+        held = descriptors()
         tab = host.dom0.gnttab()
         error = closed_while_paused(tab, PauseAt(_Handle._take, "with self._lock"),
                                     lambda: tab.map_grant_refs(guest.domid, pages.refs))
         assert isinstance(error, GrantError) and error.errno == errno.EBADF, error
+        assert not [what for _, what in descriptors() - held
+                    if f"xenback-sim-grant-d{guest.domid}" in what], error
         pages.unshare()
         # Not even the failed call's frames (which the error keeps) hold the
         # pages mapped in this process.
