@@ -1271,6 +1271,7 @@ def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
     {"handle": 5},
     {"handle": 5, "segments": [[0, 0]]},
     {"handle": 5, "segments": [[1, 0, 2]]},
+    {"handle": 5, "segments": [[-1, 0, 2]]},
     {"handle": 5, "segments": [[0, 0, 1]]},
     {"handle": 5, "segments": [[0, 0, 3]]},
     {"handle": 5, "segments": [[0, 0, 0], [0, 0, 2]]},
@@ -1278,7 +1279,7 @@ def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
     {"handle": 5, "segments": [[0, 1 << 62, 2]]},
     {"handle": 5, "segments": [[0, 0, 1.5], [0, 1, 0.5]]},
 ], ids=["no-handle", "handle-not-int", "no-segments", "segment-short", "file-out-of-range",
-        "too-few-pages", "too-many-pages", "empty-segment", "negative-file-page",
+        "negative-file-index", "too-few-pages", "too-many-pages", "empty-segment", "negative-file-page",
         "file-page-past-any-file", "pages-not-ints"])
 def test_a_map_reply_whose_segments_are_not_the_pages_asked_for_fails_as_a_protocol_error(
         tmp_path: Path, reply: dict[str, object]) -> None:
