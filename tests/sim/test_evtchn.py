@@ -1348,3 +1348,41 @@ def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+def test_a_push_naming_a_new_read_end_it_does_not_carry_is_taken_without_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A "bound" whose "rfd" is one past the descriptors it carries names
+    no new read end: the news is taken with the port's pipe as it was,
+    not dropped as if the handle could not take it."""
+    path = str(tmp_path / "hypervisor")
+    port_r, port_w = os.pipe()
+    peer_r, peer_w = os.pipe()
+    sent = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "port": 7}, [port_r])
+        send_message(conn, {"event": "bound", "port": 7, "domid": 1, "remote_port": 5,
+                            "rfd": 1}, [peer_w])
+        for fd in (port_r, peer_w):
+            os.close(fd)
+        sent.set()
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        assert sent.wait(TIMEOUT)
+        with caplog.at_level(logging.ERROR):
+            assert ch.remote(7) == (1, 5)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        ch.notify(7)
+        assert os.read(peer_r, 1) == b"\x00"
+    finally:
+        ch.close()
+        for fd in (port_w, peer_r):
+            os.close(fd)
+        server.join(TIMEOUT)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from hosthelpers import SIM_CODE, descriptors, eventually, every_landing, serve_one_client
 from racewindow import TIMEOUT
-from stolensignal import OUTLASTS_THE_TEST, interrupted_as_call_returns, interrupted_at
+from stolensignal import OUTLASTS_THE_TEST, Interrupted, interrupted_as_call_returns, interrupted_at
 
 from xenback.platform import PAGE_SIZE, EventChannelError, PlatformError
 from xenback.sim import Domain, SimHost
@@ -1155,3 +1155,72 @@ def test_a_request_with_descriptors_cut_short_anywhere_keeps_its_reply_known(
         finally:
             os.close(r)
             os.close(w)
+
+
+def test_a_ctrl_c_in_on_push_ends_the_call_and_is_not_taken_for_bad_news(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C landing in the owner's on_push as the call that met the
+    push hands it on: it ends the call, as anywhere else.  Only an
+    Exception is news the owner cannot take; caught as one, the Ctrl-C
+    was logged as a dropped message and the call went on for its reply."""
+    path = str(tmp_path / "hypervisor")
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        send_message(conn, {"event": "bound", "port": 1})
+        send_message(conn, {"id": request_id, "ok": 1})
+
+    server = _serve(path, answer)
+
+    def on_push(msg: dict[str, object], fds: list[int]) -> None:
+        raise Interrupted
+
+    conn = ServiceConnection(path, PlatformError, on_push)
+    try:
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), \
+                pytest.raises(Interrupted):
+            conn.call("info")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_a_ctrl_c_in_on_wait_false_is_made_good_and_still_ends_the_call(
+        tmp_path: Path) -> None:
+    """A Ctrl-C as the owner's on_wait(False) starts: it is made again,
+    so that the owner listens for pushes, and the Ctrl-C still ends the
+    call rather than being swallowed by the retry."""
+    path = str(tmp_path / "hypervisor")
+    server = _serve(path, lambda conn, request_id: send_message(conn, {"id": request_id}))
+    waits: list[bool] = []
+
+    def on_wait(waiting: bool) -> None:
+        waits.append(waiting)
+        if waits == [True, False]:
+            raise Interrupted
+
+    conn = ServiceConnection(path, PlatformError, on_wait=on_wait)
+    try:
+        with pytest.raises(Interrupted):
+            conn.call("info")
+        assert waits == [True, False, False]
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_a_request_filling_max_message_is_served(guest: Domain) -> None:
+    """The service takes a request of exactly MAX_MESSAGE bytes, as the
+    client may send one (encode()); only a longer packet is E2BIG."""
+    with guest.evtchn() as e1:
+        sock = e1._conn._sock
+        request = {"op": "info", "id": 1000, "pad": ""}
+        request["pad"] = "x" * (MAX_MESSAGE - len(encode(request)))
+        send_message(sock, request)
+        data, fds, _ = recv_message(sock)
+        reply = json.loads(data)
+        assert (reply.get("errno"), reply["id"], fds) == (None, 1000, [])
+        request["pad"] += "x"
+        sock.send(json.dumps(request, separators=(",", ":")).encode())
+        reply = json.loads(recv_message(sock)[0])
+        assert reply["errno"] == errno.E2BIG
