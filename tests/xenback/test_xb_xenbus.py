@@ -68,6 +68,29 @@ def _connect(frontends, guest, dev):
     return fe
 
 
+def _re_created_behind(drv, host, frontends, dom0_xs, guest, dev, fe, *behind):
+    """Hold the device of ``dev``'s queue (and the calls ``behind`` after
+    the hold) while its frontend closes and the toolstack deletes it and
+    makes it again at the same path; then let it go.  The new device must
+    be probed and connected, the old one dropped.  Returns the new
+    toolstack device and its connected frontend."""
+    old = backend_device(drv, guest.domid)
+    stalled, go = threading.Event(), threading.Event()
+    old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))  # its events wait
+    for call in behind:
+        old.queue(*call)
+    assert stalled.wait(TIMEOUT)
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    go.set()
+    fe = _connect(frontends, guest, again)
+    assert backend_device(drv, guest.domid) is not old and old.gone
+    assert drv.calls_of(guest.domid).count("probe") == 2
+    return again, fe
+
+
 def _watches_on(host, path: str) -> int:
     """Watches on exactly ``path`` in the host's XenStore (asked on its loop thread)."""
     xsd = host._xenstored
@@ -830,19 +853,9 @@ def test_a_connected_device_failing_after_it_was_re_created_leaves_no_error_node
     its life reporting the old one's failure."""
     guest, dev, fe = connected(host, frontends)
     old = backend_device(driver, guest.domid)
-    stalled, go = threading.Event(), threading.Event()
-    old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))
-    old.queue(old.fatal, errno.EIO, "the old device's failure")
-    assert stalled.wait(TIMEOUT)
-    fe.close()
-    dom0_xs.rm(dev.backend_path)
-    dom0_xs.rm(dev.frontend_path)
-    again = host.toolstack.add_device("xbtest", guest.domid)
-    go.set()
-    fe = _connect(frontends, guest, again)
-    assert backend_device(driver, guest.domid) is not old and old.gone
+    again, fe = _re_created_behind(driver, host, frontends, dom0_xs, guest, dev, fe,
+                                   (old.fatal, errno.EIO, "the old device's failure"))
     assert error_node(dom0_xs, again) is None
-    assert driver.calls_of(guest.domid).count("probe") == 2
 
 
 def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
@@ -942,18 +955,7 @@ def test_a_taken_over_device_re_created_at_the_same_path_is_served(
     dom0_xs.write(f"{dev.backend_path}/state", int(S.INIT_WAIT))  # an earlier backend's
     with RecordingDriver(host.dom0) as drv:
         drv.wait_call("probe", guest.domid)
-        old = backend_device(drv, guest.domid)
-        stalled, go = threading.Event(), threading.Event()
-        old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))  # its events wait
-        assert stalled.wait(TIMEOUT)
-        fe.close()
-        dom0_xs.rm(dev.backend_path)
-        dom0_xs.rm(dev.frontend_path)
-        again = host.toolstack.add_device("xbtest", guest.domid)
-        go.set()
-        fe = _connect(frontends, guest, again)
-        assert backend_device(drv, guest.domid) is not old and old.gone
-        assert drv.calls_of(guest.domid).count("probe") == 2
+        _re_created_behind(drv, host, frontends, dom0_xs, guest, dev, fe)
 
 
 def test_domain_destroyed_while_connected(host, driver, frontends) -> None:
