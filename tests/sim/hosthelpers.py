@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import select
 import socket
@@ -10,6 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from fdcensus import descriptors  # noqa: F401  (re-exported for the sim tests)
@@ -17,6 +19,7 @@ from racewindow import TIMEOUT, Attempt, PauseAt
 
 import xenback.sim
 from xenback.sim import Domain, EventChannel, GrantShare, GrantTable, SimHost
+from xenback.sim._proto import MAX_MESSAGE, send_message
 from xenback.sim._xenstored import RawClient, XenStored, XsError
 
 # For the interrupt sweeps (stolensignal.interrupted_at): the simulated
@@ -123,6 +126,25 @@ def serve_one_client(path: str, handle: Callable[[socket.socket], object],
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     return server
+
+
+def answering_once(path: str, reply: dict[str, Any], fds: list[int]
+                   ) -> tuple[threading.Thread, list[dict[str, Any]]]:
+    """A fake hypervisor service at ``path``: answers the first request
+    with ``reply`` (the request's id added) carrying ``fds`` (closed here
+    once sent), then records what the client sends after it.  Returns
+    the server thread and that record."""
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], **reply}, fds)
+        for fd in fds:
+            os.close(fd)
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+
+    return serve_one_client(path, handle, socket.SOCK_SEQPACKET), later
 
 
 def _read_request(conn: socket.socket) -> tuple[int, int]:

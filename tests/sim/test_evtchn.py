@@ -12,12 +12,12 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
+    answering_once,
     closed_while_paused,
     eventually,
     every_landing,
@@ -1289,18 +1289,8 @@ def test_a_bind_reply_with_other_descriptors_than_the_port_needs_is_given_back(
     KeyError through, as if the handle had a bug."""
     path = str(tmp_path / "hypervisor")
     pipes = [os.pipe() for _ in range(count)]
-    later: list[dict[str, Any]] = []
-
-    def handle(conn: socket.socket) -> None:
-        request = json.loads(conn.recv(MAX_MESSAGE))
-        reply = {"id": request["id"]} if port is None else {"id": request["id"], "port": port}
-        send_message(conn, reply, [w for _, w in pipes])
-        for _, w in pipes:
-            os.close(w)
-        while data := conn.recv(MAX_MESSAGE):
-            later.append(json.loads(data))
-
-    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    server, later = answering_once(path, {} if port is None else {"port": port},
+                                   [w for _, w in pipes])
     ch = EventChannel(path)
     try:
         with pytest.raises(EventChannelError) as info:

@@ -18,11 +18,11 @@ import pytest
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
+    answering_once,
     closed_while_paused,
     descriptors,
     eventually,
     every_landing,
-    serve_one_client,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,7 +38,6 @@ from xenback.platform import SharedPages as SharedPagesProtocol
 from xenback.sim import Domain, GrantShare, GrantTable, SimHost, _hypervisor
 from xenback.sim._grant import _ffi, _Handle, _Pages, _Region
 from xenback.sim._hypervisor import domain_socket
-from xenback.sim._proto import MAX_MESSAGE, send_message
 
 
 @pytest.fixture
@@ -1243,15 +1242,7 @@ def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
     path = str(tmp_path / "hypervisor")
     file = os.memfd_create("fake-share", os.MFD_CLOEXEC)
     os.ftruncate(file, 2 * PAGE_SIZE)
-
-    def handle(conn: socket.socket) -> None:
-        request = json.loads(conn.recv(MAX_MESSAGE))
-        send_message(conn, {"id": request["id"], **reply}, [file])
-        os.close(file)
-        while conn.recv(MAX_MESSAGE):
-            pass
-
-    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    server, _ = answering_once(path, reply, [file])
     held = descriptors()
     shr = GrantShare(path)
     try:
@@ -1294,16 +1285,7 @@ def test_a_map_reply_whose_segments_are_not_the_pages_asked_for_fails_as_a_proto
     path = str(tmp_path / "hypervisor")
     file = os.memfd_create("fake-map", os.MFD_CLOEXEC)
     os.ftruncate(file, 4 * PAGE_SIZE)
-    later: list[dict[str, Any]] = []
-
-    def handle(conn: socket.socket) -> None:
-        request = json.loads(conn.recv(MAX_MESSAGE))
-        send_message(conn, {"id": request["id"], **reply}, [file])
-        os.close(file)
-        while data := conn.recv(MAX_MESSAGE):
-            later.append(json.loads(data))
-
-    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    server, later = answering_once(path, reply, [file])
     held = descriptors()
     tab = GrantTable(path)
     try:
@@ -1332,17 +1314,7 @@ def test_a_share_reply_unlike_the_share_asked_for_is_given_back(
     for fd in files:
         os.ftruncate(fd, 3 * PAGE_SIZE)
     refs = list(range(8, 8 + nrefs))
-    later: list[dict[str, Any]] = []
-
-    def handle(conn: socket.socket) -> None:
-        request = json.loads(conn.recv(MAX_MESSAGE))
-        send_message(conn, {"id": request["id"], "refs": refs}, files)
-        for fd in files:
-            os.close(fd)
-        while data := conn.recv(MAX_MESSAGE):
-            later.append(json.loads(data))
-
-    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    server, later = answering_once(path, {"refs": refs}, files)
     held = descriptors()
     shr = GrantShare(path)
     try:
