@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hosthelpers import (
@@ -1221,6 +1222,28 @@ def test_a_bind_answered_after_the_handle_closed_keeps_nothing(
     released_since(host, before, "a bind answered after close()")
 
 
+def _bind_answered_then(path: str, port_r: int, pushes: list[tuple[dict[str, Any], int]]
+                        ) -> tuple[threading.Thread, threading.Event]:
+    """A fake service at ``path``: answers the first request (a bind) with
+    port 7 and ``port_r``, then pushes each message of ``pushes`` with its
+    descriptor, and closes every descriptor it sent.  Returns the server
+    thread and an Event set once everything went."""
+    sent = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "port": 7}, [port_r])
+        for msg, fd in pushes:
+            send_message(conn, msg, [fd])
+        for fd in (port_r, *(fd for _, fd in pushes)):
+            os.close(fd)
+        sent.set()
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    return serve_one_client(path, handle, socket.SOCK_SEQPACKET), sent
+
+
 @pytest.mark.parametrize("bad", [
     {"event": "bound", "port": 7, "remote_port": 5},
     {"event": "bound", "port": 7, "domid": "one", "remote_port": 5},
@@ -1241,20 +1264,8 @@ def test_a_malformed_push_about_a_port_is_logged_and_dropped(
     port_r, port_w = os.pipe()
     bad_r, bad_w = os.pipe()
     good_r, good_w = os.pipe()
-    sent = threading.Event()
-
-    def handle(conn: socket.socket) -> None:
-        request = json.loads(conn.recv(MAX_MESSAGE))
-        send_message(conn, {"id": request["id"], "port": 7}, [port_r])
-        send_message(conn, bad, [bad_w])
-        send_message(conn, {"event": "bound", "port": 7, "domid": 1, "remote_port": 5}, [good_w])
-        for fd in (port_r, bad_w, good_w):
-            os.close(fd)
-        sent.set()
-        while conn.recv(MAX_MESSAGE):
-            pass
-
-    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    server, sent = _bind_answered_then(path, port_r, [
+        (bad, bad_w), ({"event": "bound", "port": 7, "domid": 1, "remote_port": 5}, good_w)])
     ch = EventChannel(path)
     try:
         assert ch.bind_unbound_port(1) == 7
@@ -1348,20 +1359,8 @@ def test_a_push_naming_a_new_read_end_it_does_not_carry_is_taken_without_it(
     path = str(tmp_path / "hypervisor")
     port_r, port_w = os.pipe()
     peer_r, peer_w = os.pipe()
-    sent = threading.Event()
-
-    def handle(conn: socket.socket) -> None:
-        request = json.loads(conn.recv(MAX_MESSAGE))
-        send_message(conn, {"id": request["id"], "port": 7}, [port_r])
-        send_message(conn, {"event": "bound", "port": 7, "domid": 1, "remote_port": 5,
-                            "rfd": 1}, [peer_w])
-        for fd in (port_r, peer_w):
-            os.close(fd)
-        sent.set()
-        while conn.recv(MAX_MESSAGE):
-            pass
-
-    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    server, sent = _bind_answered_then(path, port_r, [
+        ({"event": "bound", "port": 7, "domid": 1, "remote_port": 5, "rfd": 1}, peer_w)])
     ch = EventChannel(path)
     try:
         assert ch.bind_unbound_port(1) == 7
