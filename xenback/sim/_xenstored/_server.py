@@ -82,7 +82,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -122,6 +122,17 @@ WATCH_EVENT_TIMEOUT = 20.0
 #: (seconds).  Stopping closes sockets and forgets state: far less, even
 #: on a loaded machine; a loop not done by then is stuck.
 STOP_TIMEOUT = 10.0
+
+
+def _each(steps: Iterable[Callable[[], object]], doing: str) -> None:
+    """Run every step whatever the one before met: a failure (a bug of
+    ours) is logged with its traceback, never raised, when what follows
+    must still be done (closing a connection, stopping the server)."""
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            logger.exception("internal error %s", doing)
 
 
 def check_limits(max_queued: int, watch_event_timeout: float | None) -> None:
@@ -419,13 +430,9 @@ class XenStored:
                 for domid in self._dispatcher.domains if domid != 0]
             steps += [self._selector.close, self._hup.close, self._listener.close,
                       functools.partial(self._unlink, self.path)]
-            # Each step runs whatever the one before met: a socket file
-            # that cannot go must not leave the others open and in place.
-            for step in steps:
-                try:
-                    step()
-                except Exception:
-                    logger.exception("internal error stopping xenstored")
+            # A socket file that cannot go must not leave the others open
+            # and in place.
+            _each(steps, "stopping xenstored")
         except Exception:
             # Logged, not raised (nor above): the thread is ending, and
             # nobody would read it there.
@@ -907,11 +914,9 @@ class XenStored:
             return
         logger.log(level, "closing %r: %s", conn, why)
         conn.closed = True
-        for step in (self._unwatch, self._dispatcher.drop_connection_state, self._forget):
-            try:
-                step(conn)
-            except Exception:
-                logger.exception("internal error closing %r", conn)
+        _each((functools.partial(step, conn) for step in
+               (self._unwatch, self._dispatcher.drop_connection_state, self._forget)),
+              f"closing {conn!r}")
 
     def _unwatch(self, conn: Connection) -> None:
         """Take closed ``conn`` out of the selector (or _hup) and close its socket."""
