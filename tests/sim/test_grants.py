@@ -1167,6 +1167,33 @@ def test_a_share_failing_as_it_seals_keeps_nothing_mapped(
         assert eventually(lambda: live_grants(host) == 0)
 
 
+def test_a_seal_the_kernel_refuses_fails_the_share_as_a_grant_error(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel refusing the seal (EPERM: a file made without
+    MFD_ALLOW_SEALING) let a bare OSError out of share_pages(), which
+    promises GrantError.  Now it is one, with the kernel's errno, and the
+    share is given back as in every other failure of its apply."""
+    import fcntl
+
+    def fcntl_refusing(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_ADD_SEALS:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        return fcntl.fcntl(fd, cmd, arg)
+
+    # The grant module's name only: the service keeps the real one.
+    monkeypatch.setattr(xenback.sim._grant, "fcntl", types.SimpleNamespace(
+        **{**vars(fcntl), "fcntl": fcntl_refusing}))
+    with guest.gntshr() as shr:
+        with pytest.raises(GrantError) as info:
+            shr.share_pages(0, 2, writable=False)
+        assert info.value.errno == errno.EPERM, info.value
+        assert "seal" in str(info.value)
+        assert not _mapped_grant_files(guest.domid), info.value
+        assert eventually(lambda: live_grants(host) == 0)
+        monkeypatch.undo()
+        assert len(shr.share_pages(0, 2, writable=False).refs) == 2  # still works
+
+
 def test_pages_ending_as_a_new_share_gets_their_first_ref_leave_it_listed(
         host: SimHost, guest: Domain) -> None:
     """unshare() in one thread, a share in another that the service gives

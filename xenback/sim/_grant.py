@@ -115,12 +115,14 @@ def _seal_future_writes(fd: int) -> None:
     The grantee gets a read-only descriptor already; this also stops one
     that reopens the file through ``/proc`` (same user).  Our own mapping,
     made before, stays writable.  Kernels before 5.1 lack the seal.
+    Any other refusal is a :class:`GrantError`, which is what share_pages()
+    promises (its apply gives the share back).
     """
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
     except OSError as e:
         if e.errno != errno.EINVAL:
-            raise
+            raise GrantError(e.errno, f"cannot seal a read-only share: {e.strerror}") from None
         logger.debug("no F_SEAL_FUTURE_WRITE on this kernel: %s", e)
 
 
