@@ -1222,20 +1222,22 @@ def test_a_bind_answered_after_the_handle_closed_keeps_nothing(
     released_since(host, before, "a bind answered after close()")
 
 
-def _bind_answered_then(path: str, port_r: int, pushes: list[tuple[dict[str, Any], int]]
+def _bind_answered_then(path: str, port_r: int,
+                        pushes: list[tuple[dict[str, Any], int | tuple[int, ...]]]
                         ) -> tuple[threading.Thread, threading.Event]:
     """A fake service at ``path``: answers the first request (a bind) with
     port 7 and ``port_r``, then pushes each message of ``pushes`` with its
-    descriptor, and closes every descriptor it sent.  Returns the server
-    thread and an Event set once everything went."""
+    descriptor (or tuple of them), and closes every descriptor it sent.
+    Returns the server thread and an Event set once everything went."""
     sent = threading.Event()
+    carried = [(fd,) if isinstance(fd, int) else fd for _, fd in pushes]
 
     def handle(conn: socket.socket) -> None:
         request = json.loads(conn.recv(MAX_MESSAGE))
         send_message(conn, {"id": request["id"], "port": 7}, [port_r])
-        for msg, fd in pushes:
-            send_message(conn, msg, [fd])
-        for fd in (port_r, *(fd for _, fd in pushes)):
+        for (msg, _), fds in zip(pushes, carried, strict=True):
+            send_message(conn, msg, list(fds))
+        for fd in (port_r, *itertools.chain.from_iterable(carried)):
             os.close(fd)
         sent.set()
         while conn.recv(MAX_MESSAGE):
@@ -1281,6 +1283,120 @@ def test_a_malformed_push_about_a_port_is_logged_and_dropped(
     finally:
         ch.close()
         for fd in (port_w, bad_r, good_r):
+            os.close(fd)
+        server.join(TIMEOUT)
+
+
+def _closed_by_all_but(r: int | None = None, w: int | None = None) -> bool:
+    """Whether the handle kept no copy of a pipe's far end: ``r`` reads
+    end of file (no write end left), or ``w`` writes into no read end."""
+    if r is not None:
+        return select.select([r], [], [], TIMEOUT)[0] == [r] and os.read(r, 1) == b""
+    assert w is not None
+    try:
+        os.write(w, b"\0")
+    except BrokenPipeError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("carried", ["nothing", "new-read-end-only", "two-write-ends"])
+def test_a_bound_push_without_its_one_write_end_is_logged_and_dropped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, carried: str) -> None:
+    """A "bound" must carry the peer's write end, one (besides the new
+    read end it names): short of it, it was taken as an "unbound", the
+    port's peer dropped on news that broke the protocol.  It is dropped
+    as the other malformed pushes are, logged, every descriptor it
+    carried closed, the port left connected as it was."""
+    path = str(tmp_path / "hypervisor")
+    port_r, port_w = os.pipe()
+    good_r, good_w = os.pipe()
+    new_r, new_w = os.pipe()
+    extra_r, extra_w = os.pipe()
+    bad: dict[str, Any] = {"event": "bound", "port": 7, "domid": 2, "remote_port": 9}
+    fds: tuple[int, ...] = ()
+    if carried == "new-read-end-only":
+        bad["rfd"], fds = 0, (new_r,)
+    elif carried == "two-write-ends":
+        fds = (new_w, extra_w)
+    server, sent = _bind_answered_then(path, port_r, [
+        ({"event": "bound", "port": 7, "domid": 1, "remote_port": 5}, good_w), (bad, fds)])
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        assert sent.wait(TIMEOUT)
+        with caplog.at_level(logging.ERROR):
+            assert ch.remote(7) == (1, 5)
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "malformed" in record.getMessage()
+        if carried == "new-read-end-only":
+            assert _closed_by_all_but(w=new_w)
+        elif carried == "two-write-ends":
+            assert _closed_by_all_but(r=new_r) and _closed_by_all_but(r=extra_r)
+        ch.notify(7)
+        assert os.read(good_r, 1) == b"\x00"  # still the first peer's
+        os.write(port_w, b"\0")
+        assert wait_pending(ch) == 7  # and still its own pipe
+    finally:
+        ch.close()
+        for fd in (port_w, good_r, new_r, new_w, extra_r, extra_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # sent, and closed by the fake service
+        server.join(TIMEOUT)
+
+
+class _EpollRefusingRegister:
+    """A handle's epoll set whose next register() fails, as one past
+    fs.epoll.max_user_watches does (ENOSPC); the rest is the real one's."""
+
+    def __init__(self, real: select.epoll) -> None:
+        self._real = real
+        self.refused: list[int] = []
+
+    def register(self, fd: int, mask: int = select.EPOLLIN) -> None:
+        if not self.refused:
+            self.refused.append(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._real.register(fd, mask)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_a_new_pipe_the_handle_cannot_watch_leaves_the_port_as_it_was(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """News of a peer that brings the port a new pipe, which the handle
+    cannot watch (its epoll set full): the old read end was closed before
+    the new one failed, the port left on a descriptor it no longer had,
+    and the peer's write end leaked.  The news is dropped whole, logged,
+    the port left on its pipe, every descriptor the news brought closed."""
+    path = str(tmp_path / "hypervisor")
+    port_r, port_w = os.pipe()
+    peer_r, peer_w = os.pipe()
+    new_r, new_w = os.pipe()
+    server, sent = _bind_answered_then(path, port_r, [
+        ({"event": "bound", "port": 7, "domid": 1, "remote_port": 5, "rfd": 1},
+         (peer_w, new_r))])
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        full = _EpollRefusingRegister(ch._epoll)
+        ch._epoll = full  # type: ignore[assignment]
+        assert sent.wait(TIMEOUT)
+        with caplog.at_level(logging.ERROR):
+            assert ch.remote(7) is None  # the news was not taken
+        assert full.refused
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert _closed_by_all_but(r=peer_r)
+        assert _closed_by_all_but(w=new_w)
+        os.write(port_w, b"\0")
+        assert wait_pending(ch) == 7  # the port's own pipe still fires it
+        ch.unmask(7)
+    finally:
+        ch.close()
+        for fd in (port_w, peer_r, new_w):
             os.close(fd)
         server.join(TIMEOUT)
 

@@ -46,7 +46,7 @@ from xenback._closing import Closing
 from xenback.platform import EventChannelError
 
 from ._hypervisor import MAX_EVTCHN_PORT
-from ._proto import Message, ServiceConnection, close_fds, raise_nofile_limit
+from ._proto import Message, ServiceConnection, close_fds, close_taken, raise_nofile_limit
 
 logger = logging.getLogger(__name__)
 
@@ -646,61 +646,90 @@ class EventChannel(Closing):
 
     # -- messages pushed by the service --------------------------------------
 
-    def _new_pipe(self, lp: _LocalPort, rfd: int) -> None:
-        """Read ``lp``'s events from ``rfd`` from now on (under _lock).
+    def _new_pipe(self, lp: _LocalPort, fds: list[int], index: int) -> None:
+        """Read ``lp``'s events from ``fds[index]`` from now on (under _lock).
 
         The service gave the port a new pipe as its peer went: whoever
         kept a write end of the old one can fire it no more.  The service
         fired the new one, so nothing that was pending is lost.
+
+        The new read end leaves ``fds`` only at the step that makes it
+        the port's.  What may fail (no room in the epoll set) comes first
+        and changes nothing: the port keeps its pipe, the caller closes
+        the new one (which takes it out of the epoll set if it got in).
         """
+        rfd = fds[index]
+        watch = not (lp.ignored and lp.masked)  # else set aside until unmask
+        if watch:
+            self._epoll.register(rfd, _WATCH)
         old = lp.rfd
         if not lp.ignored:
             self._epoll.unregister(old)
+        # One step, as far as a signal goes (no call in between): the new
+        # read end becomes the port's, the old one no longer is.
         del self._by_fd[old]
-        os.close(old)
-        os.set_blocking(rfd, False)
-        lp.rfd = rfd
         self._by_fd[rfd] = lp
+        lp.rfd = rfd
+        del fds[index]
         lp.dead = False
-        if lp.ignored and lp.masked:
-            return  # set aside until unmask, which watches the new pipe
-        lp.ignored = False
-        self._epoll.register(rfd, _WATCH)
+        lp.ignored = not watch
+        os.close(old)
 
     def _on_push(self, msg: Message, fds: list[int]) -> None:
-        event, port = msg.get("event"), msg.get("port")
+        event = msg.get("event")
+        # A "rfd" naming no descriptor the message carries names no new
+        # read end: the news is taken with the port's pipe as it was.
+        rfd = msg.get("rfd")
+        if type(rfd) is not int or not 0 <= rfd < len(fds):
+            rfd = None
+        peer_ends = len(fds) - (rfd is not None)
         # Checked before anything changes: news the handle cannot take (the
         # service broke the protocol) leaves the port as it was, and the
-        # message goes as a malformed packet does, logged.
+        # message goes as a malformed packet does, logged.  A "bound"
+        # carries its peer's write end, one: without it the port would
+        # lose its peer on news that is no news.
         if event == "bound":
-            malformed = type(msg.get("domid")) is not int or type(msg.get("remote_port")) is not int
+            malformed = (type(msg.get("domid")) is not int
+                         or type(msg.get("remote_port")) is not int or peer_ends != 1)
         else:
             malformed = event != "unbound"
         if malformed:
-            close_fds(fds)
+            close_taken(fds)
             logger.error("evtchn: a malformed message from the hypervisor service: %r (dropped)",
                          msg)
             return
         with self._lock:
-            lp = self._ports.get(port) if type(port) is int else None
-            if lp is None or lp.unbound:
-                close_fds(fds)
-                if self._closed or lp is not None:
-                    logger.debug("evtchn: news about a port we gave up: %r", msg)
-                else:
-                    logger.warning("evtchn: message for unknown port: %r", msg)
-                return
-            rfd = msg.get("rfd")
-            if type(rfd) is int and 0 <= rfd < len(fds):
-                self._new_pipe(lp, fds.pop(rfd))
-            if lp.peer_fd is not None:
-                os.close(lp.peer_fd)
-                lp.peer_fd = None
-            lp.remote_port = None
-            if event == "bound" and len(fds) == 1:
-                os.set_blocking(fds[0], False)
-                lp.peer_fd = fds[0]
-                lp.remote_domid = msg["domid"]
-                lp.remote_port = msg["remote_port"]
+            try:
+                self._take_news(msg, fds, rfd)
+            finally:
+                # Whatever the port did not take, also if a step failed
+                # (the news then dropped, logged by the connection).
+                close_taken(fds)
+
+    def _take_news(self, msg: Message, fds: list[int], rfd: int | None) -> None:
+        """Apply checked news ``msg`` to its port (under _lock); the
+        descriptors the port takes leave ``fds``."""
+        port = msg.get("port")
+        lp = self._ports.get(port) if type(port) is int else None
+        if lp is None or lp.unbound:
+            if self._closed or lp is not None:
+                logger.debug("evtchn: news about a port we gave up: %r", msg)
             else:
-                close_fds(fds)
+                logger.warning("evtchn: message for unknown port: %r", msg)
+            return
+        # Before anything changes, as all that may fail: a failure leaves
+        # the port as it was.
+        for fd in fds:
+            os.set_blocking(fd, False)
+        if rfd is not None:
+            self._new_pipe(lp, fds, rfd)
+        if lp.peer_fd is not None:
+            os.close(lp.peer_fd)
+            lp.peer_fd = None
+        lp.remote_port = None
+        if msg["event"] == "bound":
+            # One step, as far as a signal goes: the write end is the port's.
+            lp.peer_fd = fds[0]
+            del fds[0]
+            lp.remote_domid = msg["domid"]
+            lp.remote_port = msg["remote_port"]
