@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -738,6 +738,60 @@ def test_stopping_a_stuck_loop_fails_naming_it() -> None:
         xsd.stop()  # stopped: nothing more to do
 
 
+def test_a_call_to_a_stuck_loop_fails_naming_it_and_never_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A call from another thread waited on its Future for ever while the
+    # loop was stuck (stop() gave up after STOP_TIMEOUT, naming it, but a
+    # caller meanwhile hung for good).  It waits as long as stop() does,
+    # then fails the same way; a call the loop never began is withdrawn,
+    # not run once the loop comes back.  The stuck call itself fails too.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+    entered, gate = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        entered.set()
+        assert gate.wait(60)
+
+    ran: list[int] = []
+    answers: dict[str, BaseException | None] = {}
+
+    def call(name: str, fn: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            try:
+                xsd._call(fn)
+                answers[name] = None
+            except BaseException as e:
+                answers[name] = e
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        xsd.start()
+        try:
+            holder = call("stuck", stuck)
+            assert entered.wait(10)
+            began = time.monotonic()
+            caller = call("queued", lambda: ran.append(1))
+            caller.join(5)
+            assert not caller.is_alive(), "a call waits for a stuck loop for good"
+            assert time.monotonic() - began < 5
+            queued = answers["queued"]
+            assert isinstance(queued, TimeoutError), queued
+            assert "'xenstored'" in str(queued) and "0.5 s" in str(queued)
+            assert "in stuck" in str(queued)  # where the loop is stuck
+            holder.join(5)
+            assert isinstance(answers["stuck"], TimeoutError), answers
+        finally:
+            gate.set()
+        assert xsd.is_introduced(0)  # the loop is back
+        assert ran == []  # the withdrawn call never ran
+        xsd.stop()
+
+
 def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -748,10 +802,18 @@ def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
         entered.set()
         assert gate.wait(60)
 
+    answers: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            host.xenstored._call(stuck)
+        except TimeoutError as e:  # the stuck call, given up on after STOP_TIMEOUT
+            answers.append(e)
+
     host = SimHost().start()
     try:
         run_dir = host.run_dir
-        holder = threading.Thread(target=host.xenstored._call, args=(stuck,), daemon=True)
+        holder = threading.Thread(target=hold, daemon=True)
         holder.start()
         assert entered.wait(10)
         with pytest.raises(TimeoutError, match="'xenstored' did not stop within 0.5 s"):
@@ -761,6 +823,7 @@ def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
         host.close()
     holder.join(10)
     assert not run_dir.exists()
+    assert all("in stuck" in str(e) for e in answers), answers
 
 
 def test_a_stop_cut_short_by_ctrl_c_is_finished_by_the_next() -> None:
@@ -799,10 +862,18 @@ def xsd():
         yield server
 
 
+def _get_stuck(xsd):
+    try:
+        xsd._call(threading.Event().wait)
+    except TimeoutError:
+        pass  # the call gives up after STOP_TIMEOUT; the loop stays stuck
+
+
 def test_with_a_stuck_loop(xsd):
     # The loop waits for ever (a loop that spins is as stuck, and costs a
-    # CPU), and this call with it.
-    xsd._call(threading.Event().wait)
+    # CPU), and this test for something only it would do.
+    threading.Thread(target=_get_stuck, args=(xsd,), daemon=True).start()
+    threading.Event().wait()
 """
 
 

@@ -61,7 +61,8 @@ Threading rules
   one byte on the wake socket makes the loop run it, and the caller waits
   on a Future.  ``_calls_lock`` makes "append unless the loop has ended"
   and "end the loop, cancel what is queued" exclusive, so no caller can
-  wait for a loop that is gone.
+  wait for a loop that is gone.  Nor for one that is stuck: a caller
+  waits ``STOP_TIMEOUT`` at most, as stop() does.
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ MIN_QUEUED = PAUSE_OUTPUT + 4 * (HEADER_SIZE + PAYLOAD_MAX)
 MAX_QUEUED = 1 << 20
 #: XenStored's default ``watch_event_timeout`` (seconds): cxenstored's.
 WATCH_EVENT_TIMEOUT = 20.0
-#: How long :meth:`XenStored.stop` waits for the loop thread by default
-#: (seconds).  Stopping closes sockets and forgets state: far less, even
-#: on a loaded machine; a loop not done by then is stuck.
+#: How long :meth:`XenStored.stop` waits for the loop thread by default,
+#: and a call from another thread for the loop to run it (seconds).
+#: Stopping closes sockets and forgets state, and a call (introducing or
+#: releasing a domain) waits for one pass of the loop and runs as one:
+#: far less, even on a loaded machine; a loop not done by then is stuck.
 STOP_TIMEOUT = 10.0
 
 
@@ -133,6 +136,13 @@ def _each(steps: Iterable[Callable[[], object]], doing: str) -> None:
             step()
         except Exception:
             logger.exception("internal error %s", doing)
+
+
+def _stuck_at(thread: threading.Thread) -> str:
+    """Where ``thread`` is, as a traceback's lines, for an error saying it is stuck."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    where = "".join(traceback.format_stack(frame)) if frame is not None else "?\n"
+    return where.rstrip()
 
 
 def check_limits(max_queued: int, watch_event_timeout: float | None) -> None:
@@ -291,11 +301,9 @@ class XenStored:
             timeout = STOP_TIMEOUT
         thread.join(timeout)
         if thread.is_alive():
-            frame = sys._current_frames().get(thread.ident or 0)
-            where = "".join(traceback.format_stack(frame)) if frame is not None else "?\n"
             raise TimeoutError(
                 f"the XenStore loop thread {thread.name!r} did not stop within {timeout:g} s;"
-                f" it is stuck at:\n{where.rstrip()}")
+                f" it is stuck at:\n{_stuck_at(thread)}")
 
     def introduce_path(self, domid: int) -> Path:
         """The socket :meth:`introduce_domain` creates for ``domid`` (no side effect)."""
@@ -351,16 +359,42 @@ class XenStored:
     # --- cross-thread calls ---------------------------------------------------
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        if threading.current_thread() is self._thread:
+        """Run ``fn(*args)`` on the loop thread and return what it returns.
+
+        Waits :data:`STOP_TIMEOUT` at most, as stop() does, and for the
+        same reason: a loop that has not run the call by then is stuck (a
+        bug), and waiting longer would hang the caller for good.
+        TimeoutError then names the thread and where it is.  A call the
+        loop had not begun is withdrawn (it never runs); one it is running
+        (where it is stuck, then) may yet finish, which the error says.
+        """
+        thread = self._thread
+        if thread is threading.current_thread():
             return fn(*args)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._calls_lock:
             # Once stop() began, too: a loop stop() found stuck may never
             # come back to run the call, nor to cancel it.
-            if self._thread is None or self._calls_closed or self._stopping:
+            if thread is None or self._calls_closed or self._stopping:
                 raise RuntimeError("XenStored is not running")
             self._calls.append((lambda: fn(*args), future))
         self._wake()
+        timeout = STOP_TIMEOUT
+        # wait(), not result(timeout): a TimeoutError fn raised is the
+        # call's answer, not the loop's delay.
+        concurrent.futures.wait((future,), timeout)
+        if not future.done():
+            # Withdrawn unless the loop has begun it (cancel() is False),
+            # and then perhaps finished it just now.
+            if future.cancel():
+                what = "did not come to the call"
+            elif not future.done():
+                what = "has not finished the call (it may yet)"
+            else:
+                return future.result()
+            raise TimeoutError(
+                f"the XenStore loop thread {thread.name!r} {what} within {timeout:g} s;"
+                f" it is stuck at:\n{_stuck_at(thread)}")
         return future.result()
 
     def _wake(self) -> None:
