@@ -1251,6 +1251,24 @@ def test_the_watch_event_timeout_is_fixed_once_the_server_runs() -> None:
             xsd.watch_event_timeout = 0.5
 
 
+def test_max_queued_may_change_at_run_time_checked_as_at_start() -> None:
+    # The constructor refused a share too small for a paused guest to get
+    # the reply that paused it; set later, any value went unchecked.  It
+    # is checked the same way, and may change while the server runs (as
+    # cxenstored's quotas may, through xenstore-control): each event is
+    # checked against it as it is queued, nothing queued depends on it.
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        with pytest.raises(ValueError, match="max_queued"):
+            xsd.max_queued = _server.MIN_QUEUED - 1
+        with xsd:
+            with pytest.raises(ValueError, match="max_queued"):
+                xsd.max_queued = 1
+            assert xsd.max_queued == _server.MAX_QUEUED
+            xsd.max_queued = _server.MIN_QUEUED
+            assert xsd.max_queued == _server.MIN_QUEUED
+
+
 def test_events_for_dom0_never_go_stale() -> None:
     # Dom0 is trusted to read: the guest stays held back past the timeout.
     # The sign the timeout passed: an event for a guest queued after the

@@ -175,7 +175,13 @@ class XenStored:
     cxenstored's ``-w``): a waiting event keeps the deadline it was queued
     with, and the loop looks for stale ones at the earliest deadline it
     knows of, so a new timeout would apply only to new events, behind the
-    old ones.  Setting it then is an AttributeError.
+    old ones.  Setting it then is an AttributeError.  ``max_queued`` may
+    change at any time, checked as the constructor checks it (as
+    cxenstored's quotas may, through ``xenstore-control quota set``):
+    each event is held against it as it is queued, and nothing queued
+    depends on it.  Lowered below what waits for a guest, it drops that
+    guest's new events until its queue is under it again; what waits
+    stays.
     """
 
     def __init__(
@@ -188,7 +194,9 @@ class XenStored:
     ) -> None:
         check_limits(max_queued, watch_event_timeout)
         self.run_dir = Path(run_dir)
-        self.max_queued = max_queued
+        # Set by any thread, read by the loop thread for each event it
+        # queues: one int, replaced whole, needs no lock.
+        self._max_queued = max_queued
         self._watch_event_timeout = watch_event_timeout
         self._max_outstanding = (quota or Quota()).outstanding
         self._dispatcher = Dispatcher(
@@ -240,6 +248,16 @@ class XenStored:
     # --- public face ---------------------------------------------------------
 
     @property
+    def max_queued(self) -> int:
+        """Bytes that may wait for one guest over all its connections."""
+        return self._max_queued
+
+    @max_queued.setter
+    def max_queued(self, value: int) -> None:
+        check_limits(value, self._watch_event_timeout)
+        self._max_queued = value
+
+    @property
     def watch_event_timeout(self) -> float | None:
         """Seconds a watch event for a guest may wait unsent (None: for ever)."""
         return self._watch_event_timeout
@@ -251,7 +269,7 @@ class XenStored:
         # class docstring).
         if self._thread is not None:
             raise AttributeError("watch_event_timeout cannot change once XenStored has started")
-        check_limits(self.max_queued, value)
+        check_limits(self._max_queued, value)
         self._watch_event_timeout = value
 
     @property
@@ -695,11 +713,12 @@ class XenStored:
         if conn.closed:
             return
         domain = conn.domain
-        if not domain.privileged and domain.queued + len(event) > self.max_queued:
+        limit = self._max_queued  # once: another thread may set it meanwhile
+        if not domain.privileged and domain.queued + len(event) > limit:
             # Warn once per guest: it chooses how many events it gets.
             logger.log(domain.fault_level(),
                        "%r: dropped a watch event: %d bytes wait for %r already (max %d)",
-                       conn, domain.queued, domain, self.max_queued)
+                       conn, domain.queued, domain, limit)
             return
         if event.startswith(b"@", HEADER_SIZE):
             self._send(conn, event)
