@@ -983,6 +983,9 @@ class XenStored:
                 try:
                     self._selector.unregister(conn.sock)
                 except (KeyError, ValueError):
+                    # Not registered.  Nothing else can leave a stale key:
+                    # the stdlib selectors forget the key first, and take
+                    # the kernel's own failure to forget it for done.
                     pass
         finally:
             # Whatever the unregistering met: the kernel drops a closed
