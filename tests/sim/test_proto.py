@@ -684,8 +684,11 @@ def _serve(path: str, answer: Callable[[socket.socket, int], None]) -> threading
     def handle(conn: socket.socket) -> None:
         request = conn.recv(MAX_MESSAGE)
         answer(conn, json.loads(request)["id"])
-        while conn.recv(MAX_MESSAGE):
-            pass
+        try:
+            while conn.recv(MAX_MESSAGE):
+                pass
+        except ConnectionResetError:
+            pass  # a client that closed with packets unread hangs up so
 
     return serve_one_client(path, handle, socket.SOCK_SEQPACKET)
 
