@@ -58,7 +58,10 @@ protocol (section 2 of the protocol reference), item by item:
   our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
   An exception's errno is its own for an :class:`OSError` (the message
   then ends with its ``filename``: the node that was missing, say), EINVAL
-  for a :class:`ValueError` or :class:`TypeError`, EIO for anything else;
+  for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
+  One met once the device directory is no longer the device's (deleted,
+  or deleted and made again for a new device) is the old device's: only
+  logged, as information, and the device dropped (see ``_fatal_or_drop``);
 * so does a bug in what a driver sets going for a device, to run later:
   an exception escaping a call queued with :meth:`BackendDevice.queue`,
   the callback of a port bound with :meth:`BackendDevice.bind_evtchn` or
@@ -1440,21 +1443,12 @@ class BackendDriver:
             )
         except Exception as exc:
             err, message = _errno_of(exc)
-            if not dev._is_ours():
-                # Deleted, or deleted and made again for a new device (what
-                # probe() wrote is gone) while probe() ran: the failure is
-                # the old device's, and the new one's frontend must not
-                # hear of it.  The drop looks at the path again.
-                logger.info("%s: probe failed, and the device directory was deleted "
-                            "meanwhile (not reported there): %s", dev.nodename, message)
-                self._drop(dev)
-                return
             logger.debug("%s: probe failed", dev.nodename, exc_info=True)
-            dev.fatal(err, f"probing: {message}")
-            # Watching no frontend, the device moves on only for events in
-            # its own directory, and a removal asked for before we looked
-            # (one found at start, online=0 and Closing) sends none.
-            self._backend_changed(dev)
+            if self._fatal_or_drop(dev, err, f"probing: {message}"):
+                # Watching no frontend, the device moves on only for events
+                # in its own directory, and a removal asked for before we
+                # looked (one found at start, online=0 and Closing) sends none.
+                self._backend_changed(dev)
 
     def _take_over(self, dev: BackendDevice) -> None:
         """Serve a device an earlier backend left in our directory (it was
@@ -1507,7 +1501,7 @@ class BackendDriver:
         try:
             state = XenbusState.parse(raw)
         except ValueError as exc:
-            dev.fatal(errno.EINVAL, f"frontend {exc}")
+            self._fatal_or_drop(dev, errno.EINVAL, f"frontend {exc}")
             return
         dev.frontend_state = state
         logger.debug("%s: frontend %s", dev.nodename, state.name)
@@ -1523,10 +1517,8 @@ class BackendDriver:
                 # It dropped the device before raising: Closing must not
                 # replace the Closed the toolstack may be waiting for.
                 logger.error("%s: frontend state %d: %s", dev.nodename, state, message)
-            elif self.xenstore.exists(dev.nodename):
-                dev.fatal(err, f"frontend state {int(state)}: {message}")
             else:
-                self._drop(dev)
+                self._fatal_or_drop(dev, err, f"frontend state {int(state)}: {message}")
 
     @staticmethod
     def _otherend_state(dev: BackendDevice) -> str | None:
@@ -1590,10 +1582,7 @@ class BackendDriver:
             err, message = _errno_of(exc)
             logger.debug("%s: connect failed", dev.nodename, exc_info=True)
             self._disconnect(dev)
-            if self.xenstore.exists(dev.nodename):
-                dev.fatal(err, f"connecting: {message}")
-            else:
-                self._drop(dev)
+            self._fatal_or_drop(dev, err, f"connecting: {message}")
             return
         dev.switch_state(XenbusState.CONNECTED)
 
@@ -1615,14 +1604,31 @@ class BackendDriver:
         err, message = _errno_of(exc)
         try:
             self._disconnect(dev)
-            if self.xenstore.exists(dev.nodename):
-                dev.fatal(err, f"{what}: {message}")
-            else:
-                self._drop(dev)
+            self._fatal_or_drop(dev, err, f"{what}: {message}")
         except Exception as again:
             if not self._callback_failed(again):
                 dev.ratelimit.log(logger, logging.ERROR, "%s: could not fail the device: %s",
                                   dev.nodename, again, exc_info=again)
+
+    def _fatal_or_drop(self, dev: BackendDevice, err: int, message: str) -> bool:
+        """Report a failure of ``dev`` (:meth:`BackendDevice.fatal`) and
+        return True; but if its directory is no longer its own (deleted,
+        or deleted and made again by the toolstack for a new device at the
+        same path, see ``BackendDevice._ours``) drop it instead and return
+        False.  The failure is then the old device's: fatal() would write
+        nothing there (its transactions check the same), but would still
+        report it as the failure of the device at that path, which a log
+        watcher counts against the new one.  The drop looks at the path
+        again, and a new device there is probed.  (A re-creation between
+        this look and fatal()'s transactions still gets nothing written:
+        only fatal()'s log line is then the old device's.)"""
+        if dev._is_ours():
+            dev.fatal(err, message)
+            return True
+        logger.info("%s: %s, and the device directory was deleted meanwhile "
+                    "(not reported there)", dev.nodename, message)
+        self._drop(dev)
+        return False
 
     def _disconnect(self, dev: BackendDevice) -> None:
         if dev._connected:

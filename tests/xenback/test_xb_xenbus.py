@@ -858,6 +858,62 @@ def test_a_connected_device_failing_after_it_was_re_created_leaves_no_error_node
     assert error_node(dom0_xs, again) is None
 
 
+@pytest.mark.parametrize("failing", ["connect", "queued call", "frontend_changed"])
+def test_a_failure_after_the_device_was_re_created_is_not_reported_as_the_new_ones(
+        host, driver, frontends, dom0_xs, caplog, failing: str) -> None:
+    """The driver's code for a device fails while the toolstack deletes
+    the device and makes it again at the same path.  The failure is the
+    old device's: nothing of it may be written there (error node,
+    Closing), and it is not reported as a failure of the device at that
+    path, which a log watcher would count against the new one (as for a
+    probe failing so).  The old device is dropped and the new one
+    probed and connected."""
+    entered, release = threading.Event(), threading.Event()
+    old: list[Any] = []
+
+    def hold_then_fail(*_args: Any) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+        raise RuntimeError("the old device's failure")
+
+    if failing == "connect":
+        driver.connect_hook = lambda d: hold_then_fail() if d in old else None
+        guest, dev, fe = _at_init_wait(host, frontends)
+        old.append(backend_device(driver, guest.domid))
+        fe.publish()
+    elif failing == "queued call":
+        guest, dev, fe = connected(host, frontends)
+        old.append(backend_device(driver, guest.domid))
+        old[0].queue(hold_then_fail)
+    else:
+        handle = driver.frontend_changed
+
+        def extended(d: Any, state: S) -> None:
+            if d in old and not entered.is_set():
+                hold_then_fail()
+            handle(d, state)
+
+        driver.frontend_changed = extended  # type: ignore[method-assign]
+        guest, dev, fe = connected(host, frontends)
+        old.append(backend_device(driver, guest.domid))
+        fe.set_state(S.CONNECTED)  # an event; the table does nothing for it
+    assert entered.wait(TIMEOUT)
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    release.set()
+    fe = _connect(frontends, guest, again)
+    assert backend_device(driver, guest.domid) is not old[0] and old[0].gone
+    assert driver.calls_of(guest.domid).count("probe") == 2
+    assert error_node(dom0_xs, again) is None
+    said = [r for r in caplog.records
+            if r.levelno >= logging.WARNING and "the old device's failure" in r.getMessage()]
+    assert said == []
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
 def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
         host, driver, frontends, dom0_xs) -> None:
     """A driver's thread may hold a device after it was dropped, and the
