@@ -27,7 +27,10 @@ protocol (section 2 of the protocol reference), item by item:
   the toolstack deleted the directory and made it again while probe()
   ran, the features went with the old one: the device is dropped, and the
   new one probed; so is it if probe() then failed, the failure only
-  logged: its error node and Closing would greet the new device);
+  logged: its error node and Closing would greet the new device.  A
+  probe() that writes no node leaves nothing to tell the two apart, and
+  one of its nodes changed by another writer looks like a re-creation:
+  see ``BackendDevice._ours`` for both);
 * frontend Initialising -> InitWait again if we were not in InitWait
   (reconnect after Closed, or a frontend that restarted without closing:
   disconnect first), or dropped if a removal is under way;
@@ -465,15 +468,49 @@ class BackendDevice:
     def _ours(self, t: Transaction | XenStore) -> bool:
         """Whether our directory, as ``t`` reads it, is still this device's:
         there, and not deleted and made again by the toolstack for a new
-        device at the same path (libxl's re-add of a device), which is to
-        be probed afresh, with nothing of ours in it.  XenStore shows no
-        node's incarnation, so the nodes tell: once we switched, a state
-        of Initialising (see _switched); before, Initialising is all
-        either one holds, but the new directory lacks what probe() wrote.
-        A probe() that wrote nothing leaves nothing to tell by: a write
-        before its switch is taken as ours.  Nor can the nodes tell once
-        a new device there switched in turn: but we were dropped (gone)
-        before it was made, and so before the reads that see it."""
+        device at the same path (a removal and an add of the same device),
+        which is to be probed afresh, with nothing of ours in it.  XenStore
+        shows no node's incarnation, so the nodes tell: once we switched,
+        a state of Initialising (see _switched); before, Initialising is
+        all either one holds, but the new directory lacks what probe()
+        wrote (or holds other values there).
+
+        So a node that probe() wrote and that another writer (the
+        toolstack, a hotplug script) changes before our first switch looks
+        like a re-creation too: the device is dropped, writing nothing,
+        and probed again, which writes the node again.  Accepted: the nodes
+        a backend writes in its directory are its own, one writer to a
+        node (as docs/misc/xenstore-paths in Xen lists them); a second
+        writer racing probe() loses to it in one order or the other
+        anyway, and the re-probe costs a remove() and a probe(), with no
+        stall and nothing for the frontend to see.
+
+        A probe() that writes nothing (the default) leaves nothing to
+        tell by: until its switch, a directory made again at the path is
+        taken as ours, and the device serves the new one, with whatever
+        probe() read of the old.  Left open, as Linux leaves it (its
+        xenbus_switch_state() checks only that the state node is there),
+        for it is narrow and closing it has a price.  Both the removal and
+        the add (same frontend domain, same devid) must happen while
+        probe() runs, and libxl refuses to add a device whose directory
+        is there and deletes one only once its backend said Closed, which
+        we write after that switch, or when it forces the removal (its
+        destroy, or its remove after 10 s without Closed): a probe() that
+        blocks longer than that, or a forced detach and an attach within
+        one probe().  Closing it would cost every device a marker node
+        written before probe(), one more transaction and a node the
+        toolstack sees.  Node generations cannot stand in for it:
+        DIRECTORY_PART's generation (cxenstored, and the simulated
+        XenStore) changes with any child added, so a hotplug script's
+        nodes would have every device probed twice, and the oxenstored
+        of Xen's tree does not implement DIRECTORY_PART.  A driver that
+        reads the toolstack's nodes in probe() closes the window for
+        itself by writing a node there, as real backends write their
+        features.
+
+        Nor can the nodes tell once a new device there switched in turn:
+        but we were dropped (gone) before it was made, and so before the
+        reads that see it."""
         if t.read(self.nodename) is None:
             return False
         if self._switched:

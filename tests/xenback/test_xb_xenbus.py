@@ -845,6 +845,84 @@ def test_a_probe_writing_after_the_device_was_re_created_writes_nothing_there(
     fe.wait_backend(S.CLOSED)
 
 
+def test_a_node_probe_wrote_changed_by_the_toolstack_before_init_wait_is_a_re_probe(
+        host, driver, frontends, dom0_xs) -> None:
+    """Before the first switch, what probe() wrote is all that tells our
+    directory from one made again at its path, and a node of it with
+    another value cannot be told from a re-creation: the device is
+    dropped, without writing anything, and probed again, which writes the
+    node again.  A node with two writers loses one of them whatever the
+    order; what is pinned here is that the device goes on, and its
+    frontend only ever sees one probe's InitWait."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev) -> None:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(TIMEOUT)
+
+    driver.probe_hook = hold  # RecordingDriver writes feature-test first
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    assert entered.wait(TIMEOUT)
+    dom0_xs.write(f"{dev.backend_path}/feature-test", "0")
+    release.set()
+    fe = _connect(frontends, guest, dev)
+    # The second probe says the drop wrote no Closed (nor Closing): only
+    # a device still Initialising is probed.
+    assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
+    assert dom0_xs.read(f"{dev.backend_path}/feature-test") == "1"
+    assert error_node(dom0_xs, dev) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
+class _SilentProbe(RecordingDriver):
+    """A driver whose probe() writes no node (BackendDriver's default):
+    it only reads the toolstack's ``params`` (into ``params_read``)."""
+
+    def __init__(self, platform: Any) -> None:
+        super().__init__(platform)
+        self.params_read: list[str | None] = []
+
+    def probe(self, dev: Any) -> None:
+        self._record("probe", dev)
+        self.params_read.append(dev.read("params"))
+        if self.probe_hook is not None:
+            self.probe_hook(dev)
+
+
+def test_a_device_re_created_while_a_silent_probe_runs_is_served_by_that_probe(
+        host, frontends, dom0_xs) -> None:
+    """The window BackendDevice._ours documents: a probe() that writes
+    nothing leaves nothing to tell its directory from one the toolstack
+    made again at the path (a forced removal and an add of the same
+    device, both within probe()): the device carries on there, with what
+    probe() read of the old one, rather than being probed again.  Pinned
+    so that closing the window is a decision: nothing stalls, nothing is
+    written twice, and the new device's frontend connects."""
+    with _SilentProbe(host.dom0) as drv:
+        entered, release = threading.Event(), threading.Event()
+
+        def hold(_dev) -> None:
+            entered.set()
+            assert release.wait(TIMEOUT)
+
+        drv.probe_hook = hold
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_nodes={"params": "old"})
+        assert entered.wait(TIMEOUT)
+        host.toolstack.destroy_device(dev)  # libxl's forced removal
+        again = host.toolstack.add_device("xbtest", guest.domid, backend_nodes={"params": "new"})
+        release.set()
+        fe = _connect(frontends, guest, again)
+        assert drv.calls_of(guest.domid) == ["probe", "connect"]
+        assert drv.params_read == ["old"]
+        assert dom0_xs.read(f"{again.backend_path}/params") == "new"
+        fe.set_state(S.CLOSED)
+        fe.wait_backend(S.CLOSED)
+
+
 def test_a_connected_device_failing_after_it_was_re_created_leaves_no_error_node(
         host, driver, frontends, dom0_xs) -> None:
     """A device that fails while the toolstack deleted it and made a new
