@@ -1662,8 +1662,10 @@ class BackendDriver:
         if dev._is_ours():
             dev.fatal(err, message)
             return True
+        # Once per device (it is dropped next), but escaped as fatal()'s
+        # line is: the message may quote what the frontend wrote.
         logger.info("%s: %s, and the device directory was deleted meanwhile "
-                    "(not reported there)", dev.nodename, message)
+                    "(not reported there)", dev.nodename, _printable(message))
         self._drop(dev)
         return False
 
