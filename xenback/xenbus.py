@@ -27,7 +27,10 @@ protocol (section 2 of the protocol reference), item by item:
   the toolstack deleted the directory and made it again while probe()
   ran, the features went with the old one: the device is dropped, and the
   new one probed; so is it if probe() then failed, the failure only
-  logged: its error node and Closing would greet the new device);
+  logged: its error node and Closing would greet the new device.  A
+  probe() that writes no node leaves nothing to tell the two apart, and
+  one of its nodes changed by another writer looks like a re-creation:
+  see ``BackendDevice._ours`` for both);
 * frontend Initialising -> InitWait again if we were not in InitWait
   (reconnect after Closed, or a frontend that restarted without closing:
   disconnect first), or dropped if a removal is under way;
@@ -58,7 +61,10 @@ protocol (section 2 of the protocol reference), item by item:
   our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
   An exception's errno is its own for an :class:`OSError` (the message
   then ends with its ``filename``: the node that was missing, say), EINVAL
-  for a :class:`ValueError` or :class:`TypeError`, EIO for anything else;
+  for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
+  One met once the device directory is no longer the device's (deleted,
+  or deleted and made again for a new device) is the old device's: only
+  logged, as information, and the device dropped (see ``_fatal_or_drop``);
 * so does a bug in what a driver sets going for a device, to run later:
   an exception escaping a call queued with :meth:`BackendDevice.queue`,
   the callback of a port bound with :meth:`BackendDevice.bind_evtchn` or
@@ -462,15 +468,49 @@ class BackendDevice:
     def _ours(self, t: Transaction | XenStore) -> bool:
         """Whether our directory, as ``t`` reads it, is still this device's:
         there, and not deleted and made again by the toolstack for a new
-        device at the same path (libxl's re-add of a device), which is to
-        be probed afresh, with nothing of ours in it.  XenStore shows no
-        node's incarnation, so the nodes tell: once we switched, a state
-        of Initialising (see _switched); before, Initialising is all
-        either one holds, but the new directory lacks what probe() wrote.
-        A probe() that wrote nothing leaves nothing to tell by: a write
-        before its switch is taken as ours.  Nor can the nodes tell once
-        a new device there switched in turn: but we were dropped (gone)
-        before it was made, and so before the reads that see it."""
+        device at the same path (a removal and an add of the same device),
+        which is to be probed afresh, with nothing of ours in it.  XenStore
+        shows no node's incarnation, so the nodes tell: once we switched,
+        a state of Initialising (see _switched); before, Initialising is
+        all either one holds, but the new directory lacks what probe()
+        wrote (or holds other values there).
+
+        So a node that probe() wrote and that another writer (the
+        toolstack, a hotplug script) changes before our first switch looks
+        like a re-creation too: the device is dropped, writing nothing,
+        and probed again, which writes the node again.  Accepted: the nodes
+        a backend writes in its directory are its own, one writer to a
+        node (as docs/misc/xenstore-paths in Xen lists them); a second
+        writer racing probe() loses to it in one order or the other
+        anyway, and the re-probe costs a remove() and a probe(), with no
+        stall and nothing for the frontend to see.
+
+        A probe() that writes nothing (the default) leaves nothing to
+        tell by: until its switch, a directory made again at the path is
+        taken as ours, and the device serves the new one, with whatever
+        probe() read of the old.  Left open, as Linux leaves it (its
+        xenbus_switch_state() checks only that the state node is there),
+        for it is narrow and closing it has a price.  Both the removal and
+        the add (same frontend domain, same devid) must happen while
+        probe() runs, and libxl refuses to add a device whose directory
+        is there and deletes one only once its backend said Closed, which
+        we write after that switch, or when it forces the removal (its
+        destroy, or its remove after 10 s without Closed): a probe() that
+        blocks longer than that, or a forced detach and an attach within
+        one probe().  Closing it would cost every device a marker node
+        written before probe(), one more transaction and a node the
+        toolstack sees.  Node generations cannot stand in for it:
+        DIRECTORY_PART's generation (cxenstored, and the simulated
+        XenStore) changes with any child added, so a hotplug script's
+        nodes would have every device probed twice, and the oxenstored
+        of Xen's tree does not implement DIRECTORY_PART.  A driver that
+        reads the toolstack's nodes in probe() closes the window for
+        itself by writing a node there, as real backends write their
+        features.
+
+        Nor can the nodes tell once a new device there switched in turn:
+        but we were dropped (gone) before it was made, and so before the
+        reads that see it."""
         if t.read(self.nodename) is None:
             return False
         if self._switched:
@@ -1440,21 +1480,12 @@ class BackendDriver:
             )
         except Exception as exc:
             err, message = _errno_of(exc)
-            if not dev._is_ours():
-                # Deleted, or deleted and made again for a new device (what
-                # probe() wrote is gone) while probe() ran: the failure is
-                # the old device's, and the new one's frontend must not
-                # hear of it.  The drop looks at the path again.
-                logger.info("%s: probe failed, and the device directory was deleted "
-                            "meanwhile (not reported there): %s", dev.nodename, message)
-                self._drop(dev)
-                return
             logger.debug("%s: probe failed", dev.nodename, exc_info=True)
-            dev.fatal(err, f"probing: {message}")
-            # Watching no frontend, the device moves on only for events in
-            # its own directory, and a removal asked for before we looked
-            # (one found at start, online=0 and Closing) sends none.
-            self._backend_changed(dev)
+            if self._fatal_or_drop(dev, err, f"probing: {message}"):
+                # Watching no frontend, the device moves on only for events
+                # in its own directory, and a removal asked for before we
+                # looked (one found at start, online=0 and Closing) sends none.
+                self._backend_changed(dev)
 
     def _take_over(self, dev: BackendDevice) -> None:
         """Serve a device an earlier backend left in our directory (it was
@@ -1507,7 +1538,7 @@ class BackendDriver:
         try:
             state = XenbusState.parse(raw)
         except ValueError as exc:
-            dev.fatal(errno.EINVAL, f"frontend {exc}")
+            self._fatal_or_drop(dev, errno.EINVAL, f"frontend {exc}")
             return
         dev.frontend_state = state
         logger.debug("%s: frontend %s", dev.nodename, state.name)
@@ -1523,10 +1554,8 @@ class BackendDriver:
                 # It dropped the device before raising: Closing must not
                 # replace the Closed the toolstack may be waiting for.
                 logger.error("%s: frontend state %d: %s", dev.nodename, state, message)
-            elif self.xenstore.exists(dev.nodename):
-                dev.fatal(err, f"frontend state {int(state)}: {message}")
             else:
-                self._drop(dev)
+                self._fatal_or_drop(dev, err, f"frontend state {int(state)}: {message}")
 
     @staticmethod
     def _otherend_state(dev: BackendDevice) -> str | None:
@@ -1590,10 +1619,7 @@ class BackendDriver:
             err, message = _errno_of(exc)
             logger.debug("%s: connect failed", dev.nodename, exc_info=True)
             self._disconnect(dev)
-            if self.xenstore.exists(dev.nodename):
-                dev.fatal(err, f"connecting: {message}")
-            else:
-                self._drop(dev)
+            self._fatal_or_drop(dev, err, f"connecting: {message}")
             return
         dev.switch_state(XenbusState.CONNECTED)
 
@@ -1615,14 +1641,33 @@ class BackendDriver:
         err, message = _errno_of(exc)
         try:
             self._disconnect(dev)
-            if self.xenstore.exists(dev.nodename):
-                dev.fatal(err, f"{what}: {message}")
-            else:
-                self._drop(dev)
+            self._fatal_or_drop(dev, err, f"{what}: {message}")
         except Exception as again:
             if not self._callback_failed(again):
                 dev.ratelimit.log(logger, logging.ERROR, "%s: could not fail the device: %s",
                                   dev.nodename, again, exc_info=again)
+
+    def _fatal_or_drop(self, dev: BackendDevice, err: int, message: str) -> bool:
+        """Report a failure of ``dev`` (:meth:`BackendDevice.fatal`) and
+        return True; but if its directory is no longer its own (deleted,
+        or deleted and made again by the toolstack for a new device at the
+        same path, see ``BackendDevice._ours``) drop it instead and return
+        False.  The failure is then the old device's: fatal() would write
+        nothing there (its transactions check the same), but would still
+        report it as the failure of the device at that path, which a log
+        watcher counts against the new one.  The drop looks at the path
+        again, and a new device there is probed.  (A re-creation between
+        this look and fatal()'s transactions still gets nothing written:
+        only fatal()'s log line is then the old device's.)"""
+        if dev._is_ours():
+            dev.fatal(err, message)
+            return True
+        # Once per device (it is dropped next), but escaped as fatal()'s
+        # line is: the message may quote what the frontend wrote.
+        logger.info("%s: %s, and the device directory was deleted meanwhile "
+                    "(not reported there)", dev.nodename, _printable(message))
+        self._drop(dev)
+        return False
 
     def _disconnect(self, dev: BackendDevice) -> None:
         if dev._connected:

@@ -845,6 +845,84 @@ def test_a_probe_writing_after_the_device_was_re_created_writes_nothing_there(
     fe.wait_backend(S.CLOSED)
 
 
+def test_a_node_probe_wrote_changed_by_the_toolstack_before_init_wait_is_a_re_probe(
+        host, driver, frontends, dom0_xs) -> None:
+    """Before the first switch, what probe() wrote is all that tells our
+    directory from one made again at its path, and a node of it with
+    another value cannot be told from a re-creation: the device is
+    dropped, without writing anything, and probed again, which writes the
+    node again.  A node with two writers loses one of them whatever the
+    order; what is pinned here is that the device goes on, and its
+    frontend only ever sees one probe's InitWait."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev) -> None:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(TIMEOUT)
+
+    driver.probe_hook = hold  # RecordingDriver writes feature-test first
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    assert entered.wait(TIMEOUT)
+    dom0_xs.write(f"{dev.backend_path}/feature-test", "0")
+    release.set()
+    fe = _connect(frontends, guest, dev)
+    # The second probe says the drop wrote no Closed (nor Closing): only
+    # a device still Initialising is probed.
+    assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
+    assert dom0_xs.read(f"{dev.backend_path}/feature-test") == "1"
+    assert error_node(dom0_xs, dev) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
+class _SilentProbe(RecordingDriver):
+    """A driver whose probe() writes no node (BackendDriver's default):
+    it only reads the toolstack's ``params`` (into ``params_read``)."""
+
+    def __init__(self, platform: Any) -> None:
+        super().__init__(platform)
+        self.params_read: list[str | None] = []
+
+    def probe(self, dev: Any) -> None:
+        self._record("probe", dev)
+        self.params_read.append(dev.read("params"))
+        if self.probe_hook is not None:
+            self.probe_hook(dev)
+
+
+def test_a_device_re_created_while_a_silent_probe_runs_is_served_by_that_probe(
+        host, frontends, dom0_xs) -> None:
+    """The window BackendDevice._ours documents: a probe() that writes
+    nothing leaves nothing to tell its directory from one the toolstack
+    made again at the path (a forced removal and an add of the same
+    device, both within probe()): the device carries on there, with what
+    probe() read of the old one, rather than being probed again.  Pinned
+    so that closing the window is a decision: nothing stalls, nothing is
+    written twice, and the new device's frontend connects."""
+    with _SilentProbe(host.dom0) as drv:
+        entered, release = threading.Event(), threading.Event()
+
+        def hold(_dev) -> None:
+            entered.set()
+            assert release.wait(TIMEOUT)
+
+        drv.probe_hook = hold
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_nodes={"params": "old"})
+        assert entered.wait(TIMEOUT)
+        host.toolstack.destroy_device(dev)  # libxl's forced removal
+        again = host.toolstack.add_device("xbtest", guest.domid, backend_nodes={"params": "new"})
+        release.set()
+        fe = _connect(frontends, guest, again)
+        assert drv.calls_of(guest.domid) == ["probe", "connect"]
+        assert drv.params_read == ["old"]
+        assert dom0_xs.read(f"{again.backend_path}/params") == "new"
+        fe.set_state(S.CLOSED)
+        fe.wait_backend(S.CLOSED)
+
+
 def test_a_connected_device_failing_after_it_was_re_created_leaves_no_error_node(
         host, driver, frontends, dom0_xs) -> None:
     """A device that fails while the toolstack deleted it and made a new
@@ -856,6 +934,62 @@ def test_a_connected_device_failing_after_it_was_re_created_leaves_no_error_node
     again, fe = _re_created_behind(driver, host, frontends, dom0_xs, guest, dev, fe,
                                    (old.fatal, errno.EIO, "the old device's failure"))
     assert error_node(dom0_xs, again) is None
+
+
+@pytest.mark.parametrize("failing", ["connect", "queued call", "frontend_changed"])
+def test_a_failure_after_the_device_was_re_created_is_not_reported_as_the_new_ones(
+        host, driver, frontends, dom0_xs, caplog, failing: str) -> None:
+    """The driver's code for a device fails while the toolstack deletes
+    the device and makes it again at the same path.  The failure is the
+    old device's: nothing of it may be written there (error node,
+    Closing), and it is not reported as a failure of the device at that
+    path, which a log watcher would count against the new one (as for a
+    probe failing so).  The old device is dropped and the new one
+    probed and connected."""
+    entered, release = threading.Event(), threading.Event()
+    old: list[Any] = []
+
+    def hold_then_fail(*_args: Any) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+        raise RuntimeError("the old device's failure")
+
+    if failing == "connect":
+        driver.connect_hook = lambda d: hold_then_fail() if d in old else None
+        guest, dev, fe = _at_init_wait(host, frontends)
+        old.append(backend_device(driver, guest.domid))
+        fe.publish()
+    elif failing == "queued call":
+        guest, dev, fe = connected(host, frontends)
+        old.append(backend_device(driver, guest.domid))
+        old[0].queue(hold_then_fail)
+    else:
+        handle = driver.frontend_changed
+
+        def extended(d: Any, state: S) -> None:
+            if d in old and not entered.is_set():
+                hold_then_fail()
+            handle(d, state)
+
+        driver.frontend_changed = extended  # type: ignore[method-assign]
+        guest, dev, fe = connected(host, frontends)
+        old.append(backend_device(driver, guest.domid))
+        fe.set_state(S.CONNECTED)  # an event; the table does nothing for it
+    assert entered.wait(TIMEOUT)
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    release.set()
+    fe = _connect(frontends, guest, again)
+    assert backend_device(driver, guest.domid) is not old[0] and old[0].gone
+    assert driver.calls_of(guest.domid).count("probe") == 2
+    assert error_node(dom0_xs, again) is None
+    said = [r for r in caplog.records
+            if r.levelno >= logging.WARNING and "the old device's failure" in r.getMessage()]
+    assert said == []
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
 
 
 def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
