@@ -1555,12 +1555,16 @@ class PVSocket(Closing):
             if self._st.readyfd is None:
                 self._st.readyfd = ReadyFd()
             fd = self._st.readyfd.fileno()
-            arm = not self._armed
             self._armed = True
             ring = self._st.ring
         if ring is not None:
             self._fe._relay(ring, self._st)
-        if arm and self._st.listening:
+        if self._st.listening:
+            # At every call, not only the first: none goes out if one is
+            # in flight or its answer is not taken yet.  Sent by the first
+            # call only, a Ctrl-C landing in it before the POLL went out
+            # (or asked for room) left the listener with none for good,
+            # whatever fileno() was asked again.
             self._arm_poll()
         self._update_ready()
         return fd

@@ -1799,6 +1799,61 @@ def test_an_accept_finding_no_room_interrupted_anywhere_leaves_fileno_right(
                 c.close()
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
+def test_a_listeners_fileno_interrupted_anywhere_then_asked_again_polls_right(
+        host: SimHost, backend: Any, room: bool) -> None:
+    """A Ctrl-C landing anywhere in a listener's first fileno(), with a
+    connection pending: a program asking fileno() again gets a descriptor
+    that polls readable (once answers make room for the POLL, when there
+    was none), and accept() returns the connection.  Before, one landing
+    after the listener was marked as keeping a POLL in flight and before
+    the POLL went out (or asked to be told of room) left it with none,
+    and no later fileno() sent one: a selector waited for good."""
+    within = os.path.dirname(_frontend.__file__)
+    connections: list[socket.socket] = []
+    with pvcalls.Frontend(host.create_domain(f"fileno-{room}"), timeout=TIMEOUT) as fe:
+        free_slots: Callable[[int], None] = lambda n: None  # noqa: E731
+        try:
+            for n in itertools.count():
+                ls = fe.socket()
+                ls.bind(("127.0.0.1", 0))
+                ls.listen()
+                connections.append(socket.create_connection(
+                    listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT))
+                if not room:
+                    free_slots = fill_command_ring(fe, backend, connections)
+                where = interrupted_at(n, within, ls.fileno)
+                said = f"interrupted {where or 'nowhere'}"
+                fd = ls.fileno()
+
+                def as_its_state(fd: int = fd, ls: pvcalls.PVSocket = ls) -> bool:
+                    r, w, _ = select.select([fd], [fd], [], 0)
+                    with ls._mutex:  # the POLL's answer may come meanwhile
+                        return (fd in r, fd in w) == (ls._readable(), ls._writable())
+
+                try:
+                    wait_until(as_its_state)
+                except TimeoutError:
+                    raise AssertionError(f"{said}: not polling as its state says") from None
+                free_slots(_wire.RING_SLOTS)
+                assert select.select([fd], [], [], TIMEOUT)[0], f"{said}: never readable"
+                ls.settimeout(TIMEOUT)
+                ls.accept()[0].close()
+                for s in fe.sockets():
+                    s.close()
+                free_slots = lambda n: None  # noqa: E731
+                while connections:  # or the descriptors pass what select() takes
+                    connections.pop().close()
+                if not where:
+                    break
+            assert n >= 10
+        finally:
+            free_slots(_wire.RING_SLOTS)
+            for c in connections:
+                c.close()
+
+
 @contextlib.contextmanager
 def backend_of_its_own(name: str) -> Iterator[tuple[Any, pvcalls.Frontend]]:
     """A host, a backend and a frontend (domain ``name``) of the test's own,
