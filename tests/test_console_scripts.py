@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from scripts import helper_path
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0
@@ -32,7 +33,7 @@ def script_env() -> dict[str, str]:
     """The environment :func:`console_script`'s command needs (it imports
     :mod:`interruptimport` from ``tests``)."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+        filter(None, [*helper_path(), os.environ.get("PYTHONPATH")]))}
 
 
 def _sigint_default() -> None:

@@ -1474,13 +1474,17 @@ class Frontend(Closing):
 
         Registered under _lock, where room is made (answers consumed,
         entries freed: see _room_made): either the caller sees the room,
-        or the one who makes it sees the caller."""
+        or the one who makes it sees the caller.  ``sock._no_room`` (which
+        keeps its fileno() unreadable) is set after the registration, with
+        no call between: a Ctrl-C leaves it set only with an _on_room to
+        come, and at worst unset with one, which costs a wakeup."""
         with self._lock:
-            if self._dead or self._ring is None or self._has_room(1):
-                return True
-            if sock not in self._room_waiters:
+            room = self._dead or self._ring is None or self._has_room(1)
+            if not room and sock not in self._room_waiters:
                 self._room_waiters.append(sock)
-            return False
+            with sock._mutex:
+                sock._no_room = not room
+            return room
 
     def _room_made(self) -> None:
         """Under _lock: an answer freed a ring slot or a response table

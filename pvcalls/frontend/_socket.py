@@ -459,6 +459,7 @@ class PVSocket(Closing):
         self._armed = False  # fileno() asked for: keep a POLL in flight
         # A POLL or ACCEPT found no room on the command ring and would not
         # wait: not readable until the event thread says there is room.
+        # Set by Frontend._want_room only, with the request to be told.
         self._no_room = False
 
         # Which callers (RECV, SEND) are polling the data ring's own event
@@ -1113,12 +1114,23 @@ class PVSocket(Closing):
             # _accepting set, no POLL went out any more, and every later
             # accept() waited for good.
             if took:
-                with self._mutex:
-                    self._accepting = False
-                    self._poll_ready = True
-                if isinstance(exc, BlockingIOError):
-                    self._room_later()  # non-blocking: readable again once there is room
-                self._update_ready()
+                try:
+                    with self._mutex:
+                        self._accepting = False
+                        self._poll_ready = True
+                    if isinstance(exc, BlockingIOError):
+                        self._room_later()  # non-blocking: readable again once there is room
+                    self._update_ready()
+                except BaseException:
+                    # Come here by a failed send, a Ctrl-C landing in the
+                    # lines above is the first to cut them short: it left
+                    # the descriptor unreadable, as the try had made it,
+                    # with the connection pending again, and a selector
+                    # waited for good.  One that skipped _room_later
+                    # leaves it readable: a non-blocking accept() finds
+                    # no room once more, and says so then.
+                    self._update_ready()
+                    raise
             # The new socket goes, without RELEASE; cut short, it stays
             # in ``made`` for the next caller.
             self._fe._drop_unsent(self._st)
@@ -1543,12 +1555,16 @@ class PVSocket(Closing):
             if self._st.readyfd is None:
                 self._st.readyfd = ReadyFd()
             fd = self._st.readyfd.fileno()
-            arm = not self._armed
             self._armed = True
             ring = self._st.ring
         if ring is not None:
             self._fe._relay(ring, self._st)
-        if arm and self._st.listening:
+        if self._st.listening:
+            # At every call, not only the first: none goes out if one is
+            # in flight or its answer is not taken yet.  Sent by the first
+            # call only, a Ctrl-C landing in it before the POLL went out
+            # (or asked for room) left the listener with none for good,
+            # whatever fileno() was asked again.
             self._arm_poll()
         self._update_ready()
         return fd
@@ -1896,14 +1912,13 @@ class PVSocket(Closing):
         and is not to wait for it: until there is room, accept() would
         block, so fileno() must not poll readable (a selector or asyncio
         loop would call it over and over); the event thread calls
-        :meth:`_on_room` once there is.  True if there is room already."""
-        with self._mutex:
-            self._no_room = True
-        if self._fe._want_room(self):
-            with self._mutex:
-                self._no_room = False
-            return True
-        return False
+        :meth:`_on_room` once there is.  True if there is room already.
+
+        ``_no_room`` is set by the frontend together with the request to
+        be told of room (see Frontend._want_room): set here first, a
+        Ctrl-C landing before that request left the listener unreadable
+        with nobody to call _on_room, for good."""
+        return self._fe._want_room(self)
 
     def _on_room(self) -> None:
         """Event thread: the command ring has room again for what this

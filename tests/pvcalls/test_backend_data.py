@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from pvcalls_rawfront import TIMEOUT, RawFrontend, resources, wait_until, watched_fds
 from racewindow import PauseAt
+from scripts import helper_path
 
 import pvcalls
 from pvcalls import _errno, _socket, _wire
@@ -209,7 +210,7 @@ def test_a_send_into_a_reset_connection_raises_no_sigpipe() -> None:
     gets -EPIPE in out_error, and the backend lives on."""
     here = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
-        [sys.executable, "-c", _SIGPIPE_CHILD, here, os.path.dirname(here)],
+        [sys.executable, "-c", _SIGPIPE_CHILD, *helper_path(here)],
         capture_output=True, text=True, check=False, timeout=60)
     assert (result.returncode, result.stdout) == (0, f"{-_errno.EPIPE}\n"), result.stderr
 

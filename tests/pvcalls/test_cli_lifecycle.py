@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripts import helper_path
 from stolensignal import OUTLASTS_THE_TEST
 from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, script
 
@@ -884,8 +885,7 @@ atexit.register(lambda: [t.join(30) for t in threading.enumerate() if t.name == 
 
 
 def test_a_connection_lost_as_serve_stops_does_not_kill_it() -> None:
-    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = serve_with(_LOST_AS_SERVE_STOPS, tests)
+    done = serve_with(_LOST_AS_SERVE_STOPS, *helper_path())
     assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
 
 

@@ -1728,6 +1728,132 @@ def test_a_listener_waits_for_room_without_blocking_or_spinning(
                 c.close()
 
 
+def _no_room_for_long_lived(fe: pvcalls.Frontend) -> bool:
+    """The command ring has no room for a CONNECT, ACCEPT or POLL."""
+    with fe._lock:
+        return not fe._has_room(1)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("timeout", [0.0, 0.05], ids=["non-blocking", "timed"])
+def test_an_accept_finding_no_room_interrupted_anywhere_leaves_fileno_right(
+        host: SimHost, backend: Any, timeout: float) -> None:
+    """A Ctrl-C landing anywhere in an accept() whose ACCEPT finds no room
+    on the command ring, select() having said a connection is pending:
+    fileno() then polls as the listener's state says, becomes readable
+    once answers make room, and accept() returns the connection.  Before,
+    one landing in the update that gives the readiness back after the
+    failed send left the descriptor unreadable with the connection
+    pending, and one landing between marking the listener as waiting for
+    room and asking to be told of it left it unreadable for good: a
+    selector waited for a connection accept() would have returned."""
+    within = os.path.dirname(_frontend.__file__)
+    connections: list[socket.socket] = []
+    with pvcalls.Frontend(host.create_domain(f"no-room-{timeout}"), timeout=TIMEOUT) as fe:
+        free_slots: Callable[[int], None] = lambda n: None  # noqa: E731
+        try:
+            ls = fe.socket()
+            ls.bind(("127.0.0.1", 0))
+            ls.listen()
+            fd = ls.fileno()
+            pending_at = listen_address(backend, fe.domain.domid, ls.id)
+            free_slots = fill_command_ring(fe, backend, connections)
+            connections.append(socket.create_connection(pending_at, timeout=TIMEOUT))
+
+            def attempt() -> None:
+                with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError):
+                    ls.accept()
+
+            for n in itertools.count():
+                # A connection pending and known, and no room for its ACCEPT.
+                assert select.select([fd], [], [], TIMEOUT)[0]
+                wait_until(lambda: _no_room_for_long_lived(fe))
+                ls.settimeout(timeout)
+                where = interrupted_at(n, within, attempt)
+                said = f"interrupted {where or 'nowhere'}"
+                r, w, _ = select.select([fd], [fd], [], 0)
+                with ls._mutex:
+                    state = ls._readable(), ls._writable()
+                assert (fd in r, fd in w) == state, said
+                free_slots(1)
+                assert select.select([fd], [], [], TIMEOUT)[0], f"{said}: not readable with room"
+                ls.settimeout(TIMEOUT)
+                conn, _ = ls.accept()
+                conn.close()
+                if not where:
+                    break
+                # Back as before: the listener freed above takes its
+                # connection and POLLs again, once this one's POLL (sent
+                # again after the accept) is answered.
+                freed = [s for s in fe.sockets() if s is not ls and s._poll_ready]
+                assert len(freed) == 1, said
+                connections.append(socket.create_connection(pending_at, timeout=TIMEOUT))
+                assert select.select([fd], [], [], TIMEOUT)[0], said
+                freed[0].settimeout(TIMEOUT)
+                freed[0].accept()[0].close()
+                wait_until(lambda s=freed[0]: s._poll_inflight)
+            assert n >= 20  # it landed in the accept's path, not only in held()
+        finally:
+            free_slots(_wire.RING_SLOTS)  # or closing the frontend waits for room
+            for c in connections:
+                c.close()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
+def test_a_listeners_fileno_interrupted_anywhere_then_asked_again_polls_right(
+        host: SimHost, backend: Any, room: bool) -> None:
+    """A Ctrl-C landing anywhere in a listener's first fileno(), with a
+    connection pending: a program asking fileno() again gets a descriptor
+    that polls readable (once answers make room for the POLL, when there
+    was none), and accept() returns the connection.  Before, one landing
+    after the listener was marked as keeping a POLL in flight and before
+    the POLL went out (or asked to be told of room) left it with none,
+    and no later fileno() sent one: a selector waited for good."""
+    within = os.path.dirname(_frontend.__file__)
+    connections: list[socket.socket] = []
+    with pvcalls.Frontend(host.create_domain(f"fileno-{room}"), timeout=TIMEOUT) as fe:
+        free_slots: Callable[[int], None] = lambda n: None  # noqa: E731
+        try:
+            for n in itertools.count():
+                ls = fe.socket()
+                ls.bind(("127.0.0.1", 0))
+                ls.listen()
+                connections.append(socket.create_connection(
+                    listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT))
+                if not room:
+                    free_slots = fill_command_ring(fe, backend, connections)
+                where = interrupted_at(n, within, ls.fileno)
+                said = f"interrupted {where or 'nowhere'}"
+                fd = ls.fileno()
+
+                def as_its_state(fd: int = fd, ls: pvcalls.PVSocket = ls) -> bool:
+                    r, w, _ = select.select([fd], [fd], [], 0)
+                    with ls._mutex:  # the POLL's answer may come meanwhile
+                        return (fd in r, fd in w) == (ls._readable(), ls._writable())
+
+                try:
+                    wait_until(as_its_state)
+                except TimeoutError:
+                    raise AssertionError(f"{said}: not polling as its state says") from None
+                free_slots(_wire.RING_SLOTS)
+                assert select.select([fd], [], [], TIMEOUT)[0], f"{said}: never readable"
+                ls.settimeout(TIMEOUT)
+                ls.accept()[0].close()
+                for s in fe.sockets():
+                    s.close()
+                free_slots = lambda n: None  # noqa: E731
+                while connections:  # or the descriptors pass what select() takes
+                    connections.pop().close()
+                if not where:
+                    break
+            assert n >= 10
+        finally:
+            free_slots(_wire.RING_SLOTS)
+            for c in connections:
+                c.close()
+
+
 @contextlib.contextmanager
 def backend_of_its_own(name: str) -> Iterator[tuple[Any, pvcalls.Frontend]]:
     """A host, a backend and a frontend (domain ``name``) of the test's own,

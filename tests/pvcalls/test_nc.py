@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import pyxs
+from scripts import helper_path
 from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, run_daemon, script, unused_port
 
 from pvcalls import _nc
@@ -543,8 +544,7 @@ except Stop:
 
 
 def test_a_signal_taken_by_another_thread_ends_a_wait() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_WAITING, os.path.dirname(here)],
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_WAITING, *helper_path()],
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert (done.returncode, done.stdout) == (0, "stopped\n"), done.stderr
 
