@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("host", nargs="?", metavar="HOST",
                    help="IPv4 address or host name to connect to "
                         "(with -l: to listen on, default 0.0.0.0)")
-    p.add_argument("port", metavar="PORT", help="TCP port")
+    p.add_argument("port", metavar="PORT", help="TCP port, 1-65535")
     return p
 
 
@@ -180,8 +180,12 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     if not _is_decimal(port_text):  # as _domid
         p.error(f"port {port_text!r} is not a number")
     port = _small(port_text)
-    if (port is None or port_text.startswith("-") or port > 65535
-            or (port == 0 and not args.listen)):
+    if port == 0 and args.listen:
+        # The backend's kernel would pick a port, but a BIND's answer
+        # carries no address: the listener could never be found.
+        p.error(f"port {port_text}: the guest would never learn the port the backend "
+                "picks; give one (1-65535)")
+    if port is None or port_text.startswith("-") or port == 0 or port > 65535:
         p.error(f"port {port_text} is out of range")
     return host, port
 

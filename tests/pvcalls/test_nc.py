@@ -310,10 +310,12 @@ def test_closed_stderr_keeps_messages_out_of_the_output(guest: Guest,
 
 
 def test_accept_timeout_says_what_timed_out(guest: Guest) -> None:
-    nc = guest.nc("-w", "0.1", "-l", "127.0.0.1", "0", stdin=subprocess.DEVNULL)
+    port = unused_port()
+    nc = guest.nc("-w", "0.1", "-l", "127.0.0.1", str(port), stdin=subprocess.DEVNULL)
     status, _, err = finish(nc)
     assert (status, err.decode()) == (
-        1, "pvcalls-nc: waiting for a connection on 127.0.0.1:0 timed out after 0.1 s (-w)\n")
+        1, f"pvcalls-nc: waiting for a connection on 127.0.0.1:{port} timed out after 0.1 s "
+           "(-w)\n")
 
 
 def test_connect_timeout_says_what_timed_out(guest: Guest) -> None:
