@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .frontend import Frontend, PVSocket
-from .frontend._common import host_bytes
+from .frontend._common import host_bytes, resolve
 
 __all__ = ["main"]
 
@@ -483,6 +483,11 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
     if not is_dir:
         raise _Failed(f"--run-dir {args.run_dir}: " + (
             "not a directory" if exists else "no such directory (is xenback-sim running?)"))
+    # Looked up here, in the guest, as the frontend would at connect() or
+    # bind(), but before the device is added: a name that does not resolve
+    # is said at once, not after a handshake (10 s with no backend serving).
+    with _at(host, port):
+        address = resolve((host, port))
     domain = attach(args.run_dir, args.domid)
     claim, devid = _claim_devid(args.run_dir, args.domid)
     # Signals wait while Frontend() adds the device and does the handshake
@@ -491,8 +496,7 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
     with claim, Frontend(domain, devid=devid) as fe, gate.opened(), fe.socket() as s:
         s.settimeout(args.wait)
         if args.listen:
-            with _at(host, port):
-                s.bind((host, port))
+            s.bind(address)
             s.listen(1)
             _say(args, f"listening on {host}:{port} (in the backend's domain)")
             with _within(f"waiting for a connection on {host}:{port}", args.wait):
@@ -502,8 +506,8 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
             s.close()
             _say(args, "connection accepted")
         else:
-            with _at(host, port), _within(f"connect to {host}:{port}", args.wait):
-                s.connect((host, port))
+            with _within(f"connect to {host}:{port}", args.wait):
+                s.connect(address)
             _say(args, f"connected to {host}:{port}")
             conn = s
         with conn:
