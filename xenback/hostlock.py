@@ -142,6 +142,9 @@ class HostLock(Closing):
         the file is locked: for a caller that must release it whatever
         interrupts its making, a Ctrl-C as this returns included, which
         would lose a held lock to it (closing one not locked does nothing)."""
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"a lock file's path must be a str or an os.PathLike, "
+                            f"not {type(path).__name__}")
         self._path = Path(path)
         self._fd = -1  # set by _lock() once the file is locked
         if into is not None:

@@ -544,6 +544,14 @@ def test_a_job_name_that_cannot_name_a_lock_file_is_refused(
         assert sorted(p.name for p in host.run_dir.iterdir()) == ["domains", "xenstored"]
 
 
+@pytest.mark.parametrize("path", [3, None], ids=["int", "None"])
+def test_a_lock_path_of_the_wrong_type_is_named(path: object) -> None:
+    # os.fspath()'s "expected str, bytes or os.PathLike object" named no argument.
+    with pytest.raises(TypeError, match=f"^a lock file's path must be a str or an os.PathLike, "
+                                        f"not {type(path).__name__}$"):
+        HostLock(path)  # type: ignore[arg-type]
+
+
 def test_a_lock_s_platform_of_the_wrong_type_is_named() -> None:
     with pytest.raises(TypeError, match="^platform must be a xenback.platform.Platform, "
                                         "not NoneType$"):
