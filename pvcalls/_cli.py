@@ -544,6 +544,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             commands["demo"].error(
                 f"argument --max-page-order: {args.max_page_order} is below "
                 f"{FRONTEND_RING_ORDER}, the ring order of the demo's guests (Linux's)")
+        if sys.stdout is None:
+            # Descriptor 1 closed (>&-): print() would write nothing, and
+            # the demo end with 0 having shown nothing.
+            commands["demo"].error("standard output must be open (the demo's output is "
+                                   "what it shows)")
         return _run_demo(args)
     serve_parser = commands["serve"]
     if args.platform == "xen" and args.run_dir is not None:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .frontend import Frontend, PVSocket
-from .frontend._common import host_bytes
+from .frontend._common import host_bytes, resolve
 
 __all__ = ["main"]
 
@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("host", nargs="?", metavar="HOST",
                    help="IPv4 address or host name to connect to "
                         "(with -l: to listen on, default 0.0.0.0)")
-    p.add_argument("port", metavar="PORT", help="TCP port")
+    p.add_argument("port", metavar="PORT", help="TCP port, 1-65535")
     return p
 
 
@@ -180,8 +180,12 @@ def _parse_address(p: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     if not _is_decimal(port_text):  # as _domid
         p.error(f"port {port_text!r} is not a number")
     port = _small(port_text)
-    if (port is None or port_text.startswith("-") or port > 65535
-            or (port == 0 and not args.listen)):
+    if port == 0 and args.listen:
+        # The backend's kernel would pick a port, but a BIND's answer
+        # carries no address: the listener could never be found.
+        p.error(f"port {port_text}: the guest would never learn the port the backend "
+                "picks; give one (1-65535)")
+    if port is None or port_text.startswith("-") or port == 0 or port > 65535:
         p.error(f"port {port_text} is out of range")
     return host, port
 
@@ -479,6 +483,11 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
     if not is_dir:
         raise _Failed(f"--run-dir {args.run_dir}: " + (
             "not a directory" if exists else "no such directory (is xenback-sim running?)"))
+    # Looked up here, in the guest, as the frontend would at connect() or
+    # bind(), but before the device is added: a name that does not resolve
+    # is said at once, not after a handshake (10 s with no backend serving).
+    with _at(host, port):
+        address = resolve((host, port))
     domain = attach(args.run_dir, args.domid)
     claim, devid = _claim_devid(args.run_dir, args.domid)
     # Signals wait while Frontend() adds the device and does the handshake
@@ -487,8 +496,7 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
     with claim, Frontend(domain, devid=devid) as fe, gate.opened(), fe.socket() as s:
         s.settimeout(args.wait)
         if args.listen:
-            with _at(host, port):
-                s.bind((host, port))
+            s.bind(address)
             s.listen(1)
             _say(args, f"listening on {host}:{port} (in the backend's domain)")
             with _within(f"waiting for a connection on {host}:{port}", args.wait):
@@ -498,8 +506,8 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
             s.close()
             _say(args, "connection accepted")
         else:
-            with _at(host, port), _within(f"connect to {host}:{port}", args.wait):
-                s.connect((host, port))
+            with _within(f"connect to {host}:{port}", args.wait):
+                s.connect(address)
             _say(args, f"connected to {host}:{port}")
             conn = s
         with conn:

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -274,6 +275,9 @@ class Policy:
         value that is wrong.  Its message starts with ``path`` and names it
         only there, so a caller can add context without repeating it.
         """
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"policy path must be a str or an os.PathLike, "
+                            f"not {type(path).__name__}")
         path = Path(path)
         try:
             # Read no more than a policy can be: /dev/zero or a huge file

@@ -360,8 +360,39 @@ def test_campaign_tools_explain_their_arguments(tool: str) -> None:
     wrong = subprocess.run([sys.executable, script, "many"], capture_output=True,
                            text=True, timeout=60, cwd=ROOT)
     assert wrong.returncode == 2
-    assert "invalid int value: 'many'" in wrong.stderr
+    assert "'many' is not a whole number of 1 or more" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+@pytest.mark.parametrize(("tool", "args", "message"), [
+    ("tools/wq_model_campaign.py", ["-5"], "argument examples: -5 is not a whole number of 1 or more"),
+    ("tools/wq_model_campaign.py", ["10", "0"], "argument steps: 0 is not a whole number of 1 or more"),
+    ("tools/wq_race_campaign.py", ["0"], "argument rounds: 0 is not a whole number of 1 or more"),
+    ("tests/pvcalls/pvcalls_fuzz.py", ["--seeds", "x"],
+     "argument --seeds: 'x' is not a seed or a range of seeds (N or N-M)"),
+    ("tests/pvcalls/pvcalls_fuzz.py", ["--seeds", "5-1"],
+     "argument --seeds: 5-1 ends before it starts"),
+    ("tests/pvcalls/pvcalls_fuzz.py", ["--steps", "-1"],
+     "argument --steps: -1 is not a whole number of 1 or more"),
+    ("tests/pvcalls/pvcalls_fuzz.py", ["--cpus", "0"],
+     "argument --cpus: 0 is not a whole number of 1 or more"),
+    ("tests/xenback/xenbus_fuzz.py", ["--seeds", "1-"],
+     "argument --seeds: '1-' is not a seed or a range of seeds (N or N-M)"),
+    ("tests/xenback/xenbus_fuzz.py", ["--steps", "0"],
+     "argument --steps: 0 is not a whole number of 1 or more"),
+    ("tests/xenback/xenbus_fuzz.py", ["--guests", "many"],
+     "argument --guests: 'many' is not a whole number of 1 or more"),
+], ids=["examples", "steps", "rounds", "seeds", "seed-range", "fuzz-steps", "cpus",
+        "open-range", "xenbus-steps", "guests"])
+def test_the_readme_s_campaign_tools_refuse_numbers_they_cannot_run(
+        tool: str, args: list[str], message: str) -> None:
+    # Each was a traceback (int(), hypothesis' own check) or an empty run
+    # that reported success ("0 of 0 seeds failed", "-1 steps each").
+    run = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr.rstrip().endswith(message)
+    assert "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize("fuzzer", ["tests/pvcalls/pvcalls_fuzz.py", "tests/xenback/xenbus_fuzz.py"])

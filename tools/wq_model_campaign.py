@@ -22,13 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "workq
 
 import test_loadindex_model  # noqa: E402
 import test_wq_model  # noqa: E402
+from toolargs import whole  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("examples", nargs="?", type=int, default=1000,
+    p.add_argument("examples", nargs="?", type=whole(1), default=1000,
                    help="hypothesis examples per seed and model (default 1000)")
-    p.add_argument("steps", nargs="?", type=int, default=50,
+    p.add_argument("steps", nargs="?", type=whole(1), default=50,
                    help="most steps of one example (default 50)")
     p.add_argument("seeds", nargs="*", type=int, default=[1], metavar="seed",
                    help="hypothesis seeds, each run in turn (default 1)")

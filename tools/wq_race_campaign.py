@@ -24,6 +24,8 @@ import random
 import threading
 import time
 
+from toolargs import whole
+
 from workqueue import (
     WQ_UNBOUND,
     DelayedWork,
@@ -238,7 +240,8 @@ def serial_round(rng: random.Random) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("rounds", nargs="?", type=int, default=20, help="rounds to run (default 20)")
+    p.add_argument("rounds", nargs="?", type=whole(1), default=20,
+                   help="rounds to run (default 20)")
     p.add_argument("seed", nargs="?", type=int, default=1, help="the rounds' seed (default 1)")
     args = p.parse_args()
     rounds, seed = args.rounds, args.seed

@@ -21,15 +21,20 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
 from xenback._closing import Closing
-from xenback.platform import Platform
+from xenback.platform import Platform, check_platform
 
 __all__ = ["HostLock", "HostLockHeld"]
 
 logger = logging.getLogger(__name__)
+
+# A job's name is the stem of its lock file's name in a directory others
+# share: nothing that would make it a path, a hidden file or an option.
+_JOB_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 class HostLockHeld(RuntimeError):
@@ -137,6 +142,9 @@ class HostLock(Closing):
         the file is locked: for a caller that must release it whatever
         interrupts its making, a Ctrl-C as this returns included, which
         would lose a held lock to it (closing one not locked does nothing)."""
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"a lock file's path must be a str or an os.PathLike, "
+                            f"not {type(path).__name__}")
         self._path = Path(path)
         self._fd = -1  # set by _lock() once the file is locked
         if into is not None:
@@ -196,7 +204,9 @@ class HostLock(Closing):
                    into: list[HostLock] | None = None) -> HostLock:
         """The lock of job ``name`` (a file name's stem: ``"my-backend"``)
         for ``platform``'s domain on its host: the file
-        ``<run_dir>/<name>.dom<domid>.lock``.
+        ``<run_dir>/<name>.dom<domid>.lock``.  A name that cannot be such
+        a stem (a ``/``, a hidden file's leading ``.``, an option's ``-``)
+        is a ValueError, one not a str a TypeError.
 
         The domain's id is in its name because the domains of a simulated
         host share its run directory: the backend of a driver domain is no
@@ -204,6 +214,12 @@ class HostLock(Closing):
         and job are taken, and by which process.  ``into`` as for the
         constructor.
         """
+        check_platform(platform)
+        if not isinstance(name, str):
+            raise TypeError(f"a job name must be a str, not {type(name).__name__}")
+        if not _JOB_NAME.fullmatch(name):
+            raise ValueError("a job name must be letters, digits, '.', '-' and '_', not "
+                             f"starting with '.' or '-'; got {name!r}")
         domid = platform.domid
         try:
             return cls(Path(platform.run_dir) / f"{name}.dom{domid}.lock", into=into)

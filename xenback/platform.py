@@ -244,3 +244,13 @@ class Platform(Protocol):
     def evtchn(self) -> EventChannel:
         """A new event channel handle."""
         ...
+
+
+def check_platform(platform: object) -> None:
+    """Raise TypeError, naming the argument, unless ``platform`` is a
+    :class:`Platform`: used unchecked, a wrong one (a path, a SimHost
+    rather than one of its domains) fails later as a missing attribute,
+    naming neither the argument nor what it should have been."""
+    if not isinstance(platform, Platform):
+        raise TypeError(
+            f"platform must be a xenback.platform.Platform, not {type(platform).__name__}")

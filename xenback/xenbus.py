@@ -115,16 +115,16 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from workqueue import WQ_UNBOUND, Work, alloc_workqueue, wait_slice
+from workqueue import WQ_UNBOUND, Work, Workqueue, alloc_workqueue, wait_slice
 from xenback._eventqueue import EventQueue, check_callback
 from xenback._flags import check_flag
 from xenback.events import EventDispatcher, PortCallback
 from xenback.hostlock import HostLock
+from xenback.platform import check_platform
 from xenback.ratelimit import RateLimit
 from xenback.xenstore import Transaction, Watch, XenStore
 
 if TYPE_CHECKING:
-    from workqueue import Workqueue
     from xenback.platform import GrantMapping, GrantTable, Platform
 
 logger = logging.getLogger(__name__)
@@ -850,6 +850,11 @@ class BackendDriver:
                 f"{type(self).__name__} must set device_type to a device type name "
                 f"(letters, digits, - and _), not {name!r}"
             )
+        check_platform(platform)
+        if workqueue is not None and not isinstance(workqueue, Workqueue):
+            # Taken as it came, it failed only at start(), as a missing attribute.
+            raise TypeError(f"workqueue must be a workqueue.Workqueue or None, "
+                            f"not {type(workqueue).__name__}")
         self.platform = platform
         self.home = f"/local/domain/{platform.domid}"
         #: ``/local/domain/<self>/backend/<type>``.

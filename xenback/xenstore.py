@@ -67,6 +67,7 @@ from workqueue import wait_slice
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue, check_callback
 from xenback._wire import XENSTORE_PAYLOAD_MAX
+from xenback.platform import check_platform
 
 if TYPE_CHECKING:
     from xenback.platform import Platform
@@ -1007,6 +1008,7 @@ class XenStore(_Ops, Closing):
         cls, platform: Platform, *, on_lost: Callable[[Exception], None] | None = None
     ) -> XenStore:
         """Connect to ``platform``'s XenStore (``on_lost`` as for the constructor)."""
+        check_platform(platform)
         xs = cls(platform.xenstore(), on_lost=on_lost)
         try:
             xs.open()

@@ -764,6 +764,11 @@ class Frontend(Closing):
         """
         if family != socket.AF_INET or type != socket.SOCK_STREAM or proto not in (0, 6):
             raise OSError(errno.EAFNOSUPPORT, "PV Calls only carries AF_INET SOCK_STREAM sockets")
+        if self.device is None:
+            # Never opened, or closed: say how to open it, rather than a
+            # "not connected" that reads as the backend's doing.
+            raise OSError(errno.ENOTCONN, "the frontend is not open: use it in a with block, "
+                                          "or open() it first")
         if not self._connected:
             raise OSError(errno.ENOTCONN, "frontend is not connected")
         # The socket, once made, is in ``made`` before it is in the table

@@ -1374,6 +1374,8 @@ class PVSocket(Closing):
         return self._recv(bufsize, flags, kernel=False)
 
     def _recv(self, bufsize: int, flags: int, *, kernel: bool) -> bytes:
+        # Said as socket.socket says it, not as a failed comparison.
+        bufsize = operator.index(bufsize)
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
         buf = bytearray(bufsize)

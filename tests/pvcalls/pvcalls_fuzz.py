@@ -50,7 +50,9 @@ from typing import Any
 if __name__ == "__main__":  # run by hand: the paths pytest sets (pyproject.toml)
     import sys
     _tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # tools/ last, for its toolargs: nothing there hides a package.
     sys.path[:0] = [os.path.dirname(_tests), _tests]
+    sys.path.append(os.path.join(os.path.dirname(_tests), "tools"))
 
 from pvcalls_rawfront import (
     TIMEOUT,
@@ -1304,21 +1306,22 @@ def main() -> None:
     import traceback
 
     from echoserver import EchoServer
+    from toolargs import seed_range, whole
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", default="0-9")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--hostiles", type=int, default=2)
-    parser.add_argument("--max-sockets", type=int, default=None)
-    parser.add_argument("--max-page-order", type=int, default=4)
-    parser.add_argument("--cpus", type=int, default=4)
-    parser.add_argument("--ring-hints", type=int, default=None,
+    parser.add_argument("--seeds", type=seed_range, default=range(10),
+                        help="N or N-M (default 0-9)")
+    parser.add_argument("--steps", type=whole(1), default=300)
+    parser.add_argument("--hostiles", type=whole(0), default=2)
+    parser.add_argument("--max-sockets", type=whole(0), default=None)
+    parser.add_argument("--max-page-order", type=whole(1), default=4)
+    parser.add_argument("--cpus", type=whole(1), default=4)
+    parser.add_argument("--ring-hints", type=whole(1), default=None,
                         help="the backend's RING_HINTS (and 4 refs each) for the run")
     parser.add_argument("--abrupt", action="store_true",
                         help="end each run by closing the backend mid-traffic")
     args = parser.parse_args()
-    first, _, last = args.seeds.partition("-")
-    seeds = range(int(first), int(last or first) + 1)
+    seeds = args.seeds
 
     errors: list[logging.LogRecord] = []
 

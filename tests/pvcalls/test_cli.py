@@ -390,7 +390,7 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         # closes its frontend, which sees the backend go and gives up.
         waiting = subprocess.Popen(
             [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", str(domid),
-             "-v", "-l", "127.0.0.1", "0"],
+             "-v", "-l", "127.0.0.1", str(unused_port())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:
@@ -424,6 +424,11 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         # backend's --max-ioworkers says it, not "is not a number".
         (["127.0.0.1", "-5"], "port -5 is out of range"),
         (["-l", "-5"], "port -5 is out of range"),
+        # The kernel would pick a port, but PV Calls never tells the guest
+        # which: nobody could reach the listener.
+        (["-l", "0"], "port 0: the guest would never learn the port the backend picks; "
+                      "give one (1-65535)"),
+        (["-l", "127.0.0.1", "00"], "port 00: the guest would never learn"),
         # Names the resolver could not even be asked about (IDNA refuses
         # the first; the second is an undecodable byte of the command line).
         (["b\u00fccher..de", "80"], "host 'b\u00fccher..de' is not a valid host name"),
@@ -472,7 +477,7 @@ def test_nc_bad_options(
 
 @pytest.mark.parametrize(("options", "domid", "address"), [
     (["-l", "80"], 1, ("0.0.0.0", 80)),  # -l without HOST: every address
-    (["-l", "127.0.0.1", "0"], 1, ("127.0.0.1", 0)),
+    (["-l", "127.0.0.1", "1"], 1, ("127.0.0.1", 1)),
     (["127.0.0.1", "65535"], 1, ("127.0.0.1", 65535)),
     # Leading zeros do not count towards the number's length.
     (["--domid", "00000000032751", "127.0.0.1", "00000000080"], 32751, ("127.0.0.1", 80)),

@@ -31,3 +31,16 @@ def test_demo_runs_and_reports_cpus_and_bytes() -> None:
     assert any(r[3] != "0 B" and r[4] != "0 B" for r in active), out
     assert re.search(r"Active sockets per ioworker CPU: CPU \d+: \d+", out)
     assert "Traceback" not in result.stderr
+
+
+def test_a_demo_with_its_stdout_closed_is_a_usage_error() -> None:
+    # With descriptor 1 closed (>&-) Python's print() writes nothing: the
+    # demo ran, showed nothing, and exited 0, as if all had been said.
+    exe = Path(sys.executable).parent / "pvcalls-backend"
+    result = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", str(exe), "demo"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        "pvcalls-backend demo: error: standard output must be open (the demo's output is "
+        "what it shows)\n")

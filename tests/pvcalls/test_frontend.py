@@ -1954,6 +1954,22 @@ def test_no_backend_is_a_timeout_that_says_what_it_waited_for() -> None:
         assert fe.device is None  # and the device it added is gone again
 
 
+def test_a_socket_of_a_frontend_not_open_says_how_to_open_it(host: SimHost,
+                                                            backend: Any) -> None:
+    """The README opens a Frontend with ``with``: one made without it, or
+    closed, said only "frontend is not connected", as if the backend had
+    gone."""
+    fe = pvcalls.Frontend(host.create_domain("not-open"), timeout=TIMEOUT)
+    said = (f"^\\[Errno {errno.ENOTCONN}\\] the frontend is not open: use it in a with "
+            f"block, or open\\(\\) it first$")
+    with pytest.raises(OSError, match=said):
+        fe.socket()
+    with fe:
+        fe.socket().close()
+    with pytest.raises(OSError, match=said):
+        fe.socket()
+
+
 def test_a_close_before_open_leaves_the_frontend_to_open(host: SimHost, backend: Any) -> None:
     """A close() before open() has nothing to release, and must not keep
     the event thread that open() starts from running: every command would

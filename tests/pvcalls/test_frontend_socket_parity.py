@@ -370,6 +370,20 @@ def test_recv_of_nothing_returns_at_once_whatever_the_state(make: Callable[[], A
     assert s.recv(0) == b"" and s.recv_into(bytearray()) == 0
 
 
+@pytest.mark.parametrize("bufsize", ["10", 1.5, None, Decimal(3)],
+                         ids=["str", "float", "None", "Decimal"])
+def test_a_receive_size_that_is_not_an_integer_is_said_so(
+        make: Callable[[], Any], bufsize: object) -> None:
+    """Any object not an integer fails as CPython's says it ("'str' object
+    cannot be interpreted as an integer"), before anything is received."""
+    s = make()
+    with socket.socket() as real, pytest.raises(TypeError) as expected:
+        real.recv(bufsize)  # type: ignore[arg-type]
+    with pytest.raises(TypeError) as got:
+        s.recv(bufsize)
+    assert str(got.value) == str(expected.value)
+
+
 def test_a_receive_of_nothing_waits_as_the_kernels(pair: tuple[Any, socket.socket]) -> None:
     """recvfrom(), recvmsg() and their _into forms of nothing reach the
     kernel, which waits as for a receive of one byte (for data, the end

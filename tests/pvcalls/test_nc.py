@@ -157,6 +157,24 @@ def test_unknown_host_is_named(guest: Guest, name: str) -> None:
     assert err.count(b"\n") == 1
 
 
+@pytest.mark.parametrize("listen", [False, True], ids=["connect", "listen"])
+def test_an_unknown_host_is_named_before_the_guest_joins(tmp_path: Path, listen: bool) -> None:
+    # With no backend serving, it used to add its device and wait 10 s for
+    # a handshake, then blame the backend: the name was looked up last.
+    run_dir = tmp_path / "run"
+    with run_daemon(run_dir) as (_, domid), pyxs.Client(
+            unix_socket_path=str(run_dir / "xenstored" / "socket")) as xs:
+        nc = subprocess.run(
+            [*script("pvcalls-nc"), "--run-dir", str(run_dir), "--domid", str(domid),
+             *(["-l"] if listen else []), "no-such-host.invalid", "80"],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT, env=FAULTHANDLER_ENV)
+        assert nc.returncode == 1
+        assert nc.stderr.decode().startswith("pvcalls-nc: no-such-host.invalid:80: ")
+        assert nc.stderr.count(b"\n") == 1
+        # No device was ever added for it.
+        assert b"pvcalls" not in xs.list(f"/local/domain/{domid}/device".encode())
+
+
 @pytest.mark.parametrize("stdin", ["open", "at end"])
 def test_other_side_closing_ends_it(guest: Guest, server: socket.socket, stdin: str) -> None:
     nc, conn = connect(guest, server, stdin=stdin_of(stdin))
@@ -311,10 +329,12 @@ def test_closed_stderr_keeps_messages_out_of_the_output(guest: Guest,
 
 
 def test_accept_timeout_says_what_timed_out(guest: Guest) -> None:
-    nc = guest.nc("-w", "0.1", "-l", "127.0.0.1", "0", stdin=subprocess.DEVNULL)
+    port = unused_port()
+    nc = guest.nc("-w", "0.1", "-l", "127.0.0.1", str(port), stdin=subprocess.DEVNULL)
     status, _, err = finish(nc)
     assert (status, err.decode()) == (
-        1, "pvcalls-nc: waiting for a connection on 127.0.0.1:0 timed out after 0.1 s (-w)\n")
+        1, f"pvcalls-nc: waiting for a connection on 127.0.0.1:{port} timed out after 0.1 s "
+           "(-w)\n")
 
 
 def test_connect_timeout_says_what_timed_out(guest: Guest) -> None:

@@ -823,6 +823,11 @@ def test_a_policy_built_in_python_keeps_no_reference_to_what_it_was_given() -> N
         (lambda: Policy.from_toml(b"[default]"),
          r"^policy text must be a str, not bytes \(decode it, or use Policy.from_file\(\)\)$"),
         (lambda: Policy.from_toml(None), r"^policy text must be a str, not NoneType$"),
+        # os.fspath()'s "expected str, bytes or os.PathLike object, not int"
+        # named no argument.
+        (lambda: Policy.from_file(3), r"^policy path must be a str or an os.PathLike, not int$"),
+        (lambda: Policy.from_file(None),
+         r"^policy path must be a str or an os.PathLike, not NoneType$"),
     ],
 )
 def test_policy_text_or_data_of_the_wrong_type_is_a_clear_error(make: Any, message: str) -> None:

@@ -513,6 +513,21 @@ def test_a_closed_stdout_stops_it_cleanly_saying_why(tmp_path: Path) -> None:
     assert not run_dir.exists()
 
 
+def test_a_closed_stdout_descriptor_is_said_before_the_host_starts(tmp_path: Path) -> None:
+    # With descriptor 1 closed (>&-), Python's print() quietly wrote
+    # nothing: it served on, its ready lines lost, and its sockets took
+    # descriptor 1.
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "xenback.sim",
+         "--run-dir", str(run_dir), "--domain", "g"],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        1, "xenback-sim: cannot write to stdout: it is closed\n")
+    assert not run_dir.exists()
+
+
 def test_a_domain_the_host_cannot_create_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     # Room in the socket paths for domids 0..9, not for 10: the tenth
     # guest's hypervisor socket path is one byte too long.

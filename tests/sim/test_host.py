@@ -357,6 +357,19 @@ def test_an_empty_run_dir_is_refused(call: Callable[[str], object]) -> None:
         call("")
 
 
+@pytest.mark.parametrize("call", [SimHost, lambda run_dir: attach(run_dir, 1)],
+                         ids=["SimHost", "attach"])
+@pytest.mark.parametrize(("run_dir", "kind"), [(3, "int"), (b"/tmp/run", "bytes")],
+                         ids=["int", "bytes"])
+def test_a_run_dir_of_the_wrong_type_is_named(call: Callable[[object], object],
+                                              run_dir: object, kind: str) -> None:
+    # os.fspath()'s own message names no argument, and Path()'s for bytes
+    # is "argument should be a str object or an os.PathLike object...".
+    with pytest.raises(TypeError, match=f"^run_dir must be a str or an os.PathLike of str, "
+                                        f"not {kind}$"):
+        call(run_dir)
+
+
 def test_domain_handles_are_independent(host: SimHost) -> None:
     guest: Domain = host.create_domain("guest")
     a, b = guest.evtchn(), guest.evtchn()
@@ -1379,3 +1392,22 @@ def test_the_xenstored_limits_are_the_hosts_to_set(tmp_path: Path) -> None:
         SimHost(tmp_path, watch_event_timeout=0)
     with pytest.raises(ValueError, match="max_queued"):
         SimHost(tmp_path, max_queued=1)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_queued": "1048576"}, "^max_queued must be an int, not str$"),
+    ({"max_queued": 1.5e6}, "^max_queued must be an int, not float$"),
+    ({"max_queued": True}, "^max_queued must be an int, not bool$"),
+    ({"watch_event_timeout": "20"},
+     "^watch_event_timeout must be a number of seconds or None, not str$"),
+    ({"watch_event_timeout": True},
+     "^watch_event_timeout must be a number of seconds or None, not bool$"),
+], ids=["max_queued-str", "max_queued-float", "max_queued-bool", "timeout-str", "timeout-bool"])
+def test_a_limit_of_the_wrong_type_is_named(tmp_path: Path, kwargs: dict[str, object],
+                                           message: str) -> None:
+    # Compared unchecked, a string was "'<' not supported between instances
+    # of 'str' and 'int'" (naming no argument), and a float or a bool was
+    # taken for a byte count or a number of seconds.
+    with pytest.raises(TypeError, match=message):
+        SimHost(tmp_path, **kwargs)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []

@@ -526,6 +526,38 @@ def test_a_domain_s_lock_is_in_its_host_s_run_dir_by_name_and_domid(tmp_path: Pa
 
 
 
+@pytest.mark.parametrize(("name", "error", "message"), [
+    ("", ValueError, "^a job name must be letters, digits, '.', '-' and '_', not starting "
+                     "with '.' or '-'; got ''$"),
+    ("a/b", ValueError, "^a job name must be .*; got 'a/b'$"),
+    (".hidden", ValueError, "^a job name must be .*; got '.hidden'$"),
+    ("..", ValueError, "^a job name must be .*; got '..'$"),
+    (3, TypeError, "^a job name must be a str, not int$"),
+], ids=["empty", "slash", "hidden", "dotdot", "int"])
+def test_a_job_name_that_cannot_name_a_lock_file_is_refused(
+        tmp_path: Path, name: object, error: type[Exception], message: str) -> None:
+    # Taken as it came, "" made a hidden ".dom0.lock", "a/b" looked for a
+    # directory a, and 3 made "3.dom0.lock".
+    with SimHost(tmp_path / "run") as host:
+        with pytest.raises(error, match=message):
+            HostLock.for_domain(host.dom0, name)  # type: ignore[arg-type]
+        assert sorted(p.name for p in host.run_dir.iterdir()) == ["domains", "xenstored"]
+
+
+@pytest.mark.parametrize("path", [3, None], ids=["int", "None"])
+def test_a_lock_path_of_the_wrong_type_is_named(path: object) -> None:
+    # os.fspath()'s "expected str, bytes or os.PathLike object" named no argument.
+    with pytest.raises(TypeError, match=f"^a lock file's path must be a str or an os.PathLike, "
+                                        f"not {type(path).__name__}$"):
+        HostLock(path)  # type: ignore[arg-type]
+
+
+def test_a_lock_s_platform_of_the_wrong_type_is_named() -> None:
+    with pytest.raises(TypeError, match="^platform must be a xenback.platform.Platform, "
+                                        "not NoneType$"):
+        HostLock.for_domain(None, "job")  # type: ignore[arg-type]
+
+
 def test_the_refusal_crosses_processes_whole() -> None:
     # A process pool hands its workers' exceptions back pickled.
     import pickle

@@ -114,6 +114,31 @@ def test_driver_needs_a_device_type(host) -> None:
         BackendDriver(host.dom0)
 
 
+@pytest.mark.parametrize("platform", [None, "/tmp/run", 0], ids=["None", "str", "int"])
+def test_a_driver_s_platform_of_the_wrong_type_is_named(platform: object) -> None:
+    # Used unchecked, it was "'NoneType' object has no attribute 'domid'".
+    from xenback import BackendDriver
+
+    class Toy(BackendDriver):
+        device_type = "toy"
+
+    with pytest.raises(TypeError, match=f"^platform must be a xenback.platform.Platform, "
+                                        f"not {type(platform).__name__}$"):
+        Toy(platform)  # type: ignore[arg-type]
+
+
+def test_a_driver_s_workqueue_of_the_wrong_type_is_named(host) -> None:
+    # Taken unchecked, it failed at start() with an AttributeError.
+    from xenback import BackendDriver
+
+    class Toy(BackendDriver):
+        device_type = "toy"
+
+    with pytest.raises(TypeError, match="^workqueue must be a workqueue.Workqueue or None, "
+                                        "not int$"):
+        Toy(host.dom0, workqueue=3)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("device_type", ["vif/x", "v if", "v\u00eff", "vif\n", 5, b"vif"])
 def test_a_device_type_that_cannot_name_a_directory_is_refused_at_once(
         host, device_type) -> None:

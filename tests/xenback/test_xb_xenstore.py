@@ -1747,6 +1747,14 @@ def _interrupted_request(xs: XenStore, n: int, within: str) -> str:
     return interrupted_at(n, within, lambda: xs.write("/test/ctrl-c", "x" * 64))
 
 
+@pytest.mark.parametrize("platform", [None, "/tmp/run/xenstored/socket"], ids=["None", "str"])
+def test_connect_to_names_a_platform_of_the_wrong_type(platform: object) -> None:
+    # Used unchecked, it was "'str' object has no attribute 'xenstore'".
+    with pytest.raises(TypeError, match=f"^platform must be a xenback.platform.Platform, "
+                                        f"not {type(platform).__name__}$"):
+        XenStore.connect_to(platform)  # type: ignore[arg-type]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("package", ["xenback", "pyxs"])
 @pytest.mark.parametrize("how", ["open", "connect_to", "with"])

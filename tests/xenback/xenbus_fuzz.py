@@ -65,7 +65,9 @@ from typing import Any
 if __name__ == "__main__":  # run by hand: the paths pytest sets (pyproject.toml)
     import sys
     _tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # tools/ last, for its toolargs: nothing there hides a package.
     sys.path[:0] = [os.path.dirname(_tests), _tests]
+    sys.path.append(os.path.join(os.path.dirname(_tests), "tools"))
 
 from tests.xenback.xbhelpers import TIMEOUT, RecordingDriver, handed_over
 from xenback import BackendDevice, XenbusState, XenStore
@@ -1247,16 +1249,18 @@ def main() -> None:
     import sys
     import traceback
 
+    from toolargs import seed_range, whole
+
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", default="0-9")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--guests", type=int, default=3)
-    parser.add_argument("--devids", type=int, default=3)
+    parser.add_argument("--seeds", type=seed_range, default=range(10),
+                        help="N or N-M (default 0-9)")
+    parser.add_argument("--steps", type=whole(1), default=300)
+    parser.add_argument("--guests", type=whole(1), default=3)
+    parser.add_argument("--devids", type=whole(1), default=3)
     parser.add_argument("-v", action="store_true", help="print what each seed did")
     parser.add_argument("--log", help="log everything (DEBUG) to this file")
     args = parser.parse_args()
-    first, _, last = args.seeds.partition("-")
-    seeds = range(int(first), int(last or first) + 1)
+    seeds = args.seeds
     logging.getLogger().setLevel(logging.WARNING)
     if args.log:
         handler = logging.FileHandler(args.log, "w")

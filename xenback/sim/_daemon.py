@@ -102,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     twice = sorted({name for name in args.domain if args.domain.count(name) > 1})
     if twice:
         parser.error(f"argument --domain: {', '.join(map(repr, twice))} given more than once")
+    if sys.stdout is None:
+        # Descriptor 1 is closed (>&-), and Python's print() then writes
+        # nothing: the ready lines would be lost, as when the reader is
+        # gone, and the host's sockets would take descriptor 1.
+        print("xenback-sim: cannot write to stdout: it is closed", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="xenback-sim: %(levelname)s %(name)s: %(message)s",

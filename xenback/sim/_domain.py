@@ -144,11 +144,17 @@ def run_dir_path(run_dir: str | os.PathLike[str]) -> Path:
 
     ``Path("")`` is the current directory: an empty run directory (say, an
     unset variable) would quietly mean wherever the process happens to run.
+    TypeError, naming the argument, for anything but a str path (Path()
+    takes no bytes).
     """
-    if os.fspath(run_dir) == "":
+    path = os.fspath(run_dir) if isinstance(run_dir, os.PathLike) else run_dir
+    if not isinstance(path, str):
+        raise TypeError(f"run_dir must be a str or an os.PathLike of str, "
+                        f"not {type(path).__name__}")
+    if path == "":
         raise ValueError("run_dir is empty (give the host's run directory; "
                          "'.' for the current one)")
-    return Path(run_dir).absolute()
+    return Path(path).absolute()
 
 
 def run_dir_argument(text: str) -> Path:

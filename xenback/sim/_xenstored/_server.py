@@ -146,8 +146,16 @@ def _stuck_at(thread: threading.Thread) -> str:
 
 
 def check_limits(max_queued: int, watch_event_timeout: float | None) -> None:
-    """Raise ValueError unless XenStored takes these (for its users that
-    make one later, so that they can say so at once)."""
+    """Raise TypeError or ValueError unless XenStored takes these (for its
+    users that make one later, so that they can say so at once)."""
+    # Types first: compared unchecked, a string raises a TypeError naming
+    # no argument, and a float or a bool would pass for a count or seconds.
+    if isinstance(max_queued, bool) or not isinstance(max_queued, int):
+        raise TypeError(f"max_queued must be an int, not {type(max_queued).__name__}")
+    if watch_event_timeout is not None and (isinstance(watch_event_timeout, bool)
+                                            or not isinstance(watch_event_timeout, int | float)):
+        raise TypeError(f"watch_event_timeout must be a number of seconds or None, "
+                        f"not {type(watch_event_timeout).__name__}")
     if max_queued < MIN_QUEUED:
         raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
     if watch_event_timeout is not None and not watch_event_timeout > 0:
