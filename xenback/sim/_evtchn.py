@@ -46,7 +46,7 @@ from xenback._closing import Closing
 from xenback.platform import EventChannelError
 
 from ._hypervisor import MAX_EVTCHN_PORT
-from ._proto import Message, ServiceConnection, close_fds, close_taken, raise_nofile_limit
+from ._proto import Message, ServiceConnection, close_fds, raise_nofile_limit
 
 logger = logging.getLogger(__name__)
 
@@ -694,17 +694,11 @@ class EventChannel(Closing):
         else:
             malformed = event != "unbound"
         if malformed:
-            close_taken(fds)
             logger.error("evtchn: a malformed message from the hypervisor service: %r (dropped)",
                          msg)
             return
         with self._lock:
-            try:
-                self._take_news(msg, fds, rfd)
-            finally:
-                # Whatever the port did not take, also if a step failed
-                # (the news then dropped, logged by the connection).
-                close_taken(fds)
+            self._take_news(msg, fds, rfd)
 
     def _take_news(self, msg: Message, fds: list[int], rfd: int | None) -> None:
         """Apply checked news ``msg`` to its port (under _lock); the
