@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
-from stolensignal import interrupted_at
+from stolensignal import OUTLASTS_THE_TEST, interrupted_at
 
 from xenback.sim import SimHost
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
@@ -790,6 +791,32 @@ def test_a_call_to_a_stuck_loop_fails_naming_it_and_never_runs(
         assert xsd.is_introduced(0)  # the loop is back
         assert ran == []  # the withdrawn call never ran
         xsd.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death
+def test_a_call_the_loop_ended_without_running_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The loop ending (here dying of a bug) cancels the calls it left
+    # queued.  A caller waiting through concurrent.futures.wait() was not
+    # woken by that (cancel() wakes result()'s waiters, not wait()'s): it
+    # slept STOP_TIMEOUT, then blamed a stuck loop.  It hears of it at once,
+    # as before the timeout came (CancelledError).
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", OUTLASTS_THE_TEST)
+
+    def dies(self: XenStored, _mask: int, _data: object) -> None:
+        raise RuntimeError("a bug of the loop")
+
+    monkeypatch.setattr(XenStored, "_run_calls", dies)
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        xsd.start()
+        try:
+            with caplog.at_level("ERROR"), pytest.raises(concurrent.futures.CancelledError):
+                xsd.introduce_domain(1)
+            assert "xenstored loop died" in caplog.text
+        finally:
+            xsd.stop()
 
 
 def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
