@@ -1402,6 +1402,41 @@ def test_a_new_pipe_the_handle_cannot_watch_leaves_the_port_as_it_was(
         server.join(TIMEOUT)
 
 
+def test_news_for_a_port_being_unbound_keeps_nothing(tmp_path: Path) -> None:
+    """A peer bound the port as unbind() asked the service to free it:
+    the news comes during the request, for a port the handle gave up
+    already.  It is dropped, the peer's write end closed, not given to a
+    port that nothing will close again."""
+    path = str(tmp_path / "hypervisor")
+    port_r, port_w = os.pipe()
+    peer_r, peer_w = os.pipe()
+
+    def handle(conn: socket.socket) -> None:
+        bind = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": bind["id"], "port": 7}, [port_r])
+        unbind = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"event": "bound", "port": 7, "domid": 1, "remote_port": 5},
+                     [peer_w])
+        send_message(conn, {"id": unbind["id"]})
+        os.close(port_r)
+        os.close(peer_w)
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        ch.unbind(7)
+        assert ch.ports() == []
+        assert _closed_by_all_but(r=peer_r)
+        assert _closed_by_all_but(w=port_w)
+    finally:
+        ch.close()
+        server.join(TIMEOUT)
+        close_fds([port_w, peer_r])
+
+
 @pytest.mark.timeout(600)
 def test_news_of_a_peer_interrupted_anywhere_leaks_nothing(tmp_path: Path) -> None:
     """A Ctrl-C landing anywhere in the handle's taking of two pushes (a
@@ -1412,7 +1447,9 @@ def test_news_of_a_peer_interrupted_anywhere_leaks_nothing(tmp_path: Path) -> No
     def landing(n: int) -> str:
         before = descriptors()
         path = str(tmp_path / f"hypervisor-{n}")
-        port_r, port_w = os.pipe()
+        # The service's pipes are non-blocking; these others are not, and
+        # the handle must make them so (a read of an empty pipe would block).
+        port_r, port_w = os.pipe2(os.O_NONBLOCK)
         peer1_r, peer1_w = os.pipe()
         peer2_r, peer2_w = os.pipe()
         new_r, new_w = os.pipe()
@@ -1428,6 +1465,7 @@ def test_news_of_a_peer_interrupted_anywhere_leaks_nothing(tmp_path: Path) -> No
             remote = ch.remote(7)  # whatever news is left
             lp = ch._ports[7]
             assert ch._by_fd == {lp.rfd: lp}, where
+            assert not any(map(os.get_blocking, filter(None, (lp.rfd, lp.peer_fd)))), where
             # The port fires through the pipe it holds, and notifies the
             # peer it names through the write end it holds.
             pipe = os.fstat(lp.rfd).st_ino  # both ends of a pipe share it
