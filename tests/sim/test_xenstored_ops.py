@@ -793,6 +793,45 @@ def test_a_call_to_a_stuck_loop_fails_naming_it_and_never_runs(
         xsd.stop()
 
 
+def test_a_timeout_error_the_call_raises_is_its_answer() -> None:
+    # Not taken for the loop's delay: it comes at once, as fn raised it.
+    def fn() -> None:
+        raise TimeoutError("fn's own")
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        with pytest.raises(TimeoutError, match="^fn's own$"):
+            xsd._call(fn)
+        assert xsd.is_introduced(0)
+
+
+def test_a_call_the_loop_finishes_as_the_wait_times_out_is_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wait may time out just as the loop finishes the call: cancel()
+    # then fails and the call is done, so its answer is the caller's, not
+    # a TimeoutError blaming a loop that was not stuck.  Each wait here
+    # times out only once the call is done.
+    class LateFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+        def exception(self, timeout: float | None = None) -> BaseException | None:
+            super().exception()
+            raise TimeoutError
+
+    def fails() -> None:
+        raise KeyError("fn's own")
+
+    monkeypatch.setattr(_server.concurrent.futures, "Future", LateFuture)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        assert xsd._call(lambda: 42) == 42
+        with pytest.raises(KeyError, match="fn's own"):
+            xsd._call(fails)
+
+
+def test_a_call_from_the_loop_thread_runs_there_at_once() -> None:
+    # Queued, it would wait for the loop that waits for it.
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        assert xsd._call(lambda: xsd.is_introduced(0)) is True
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death
 def test_a_call_the_loop_ended_without_running_fails_at_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
