@@ -858,6 +858,36 @@ def test_a_call_the_loop_ended_without_running_fails_at_once(
             xsd.stop()
 
 
+def test_a_create_domain_the_stuck_loop_fails_leaves_the_hypervisor_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Introducing the domain, XenStore's loop got stuck: the call gave up
+    # after STOP_TIMEOUT, and so did the undo's release, whose
+    # TimeoutError skipped the rest of the undo: the hypervisor kept a
+    # domain nobody could destroy (not the host's, LookupError) until the
+    # host closed.  The hypervisor forgets it whatever XenStore's steps
+    # met.  (Its XenStore home stays: forgetting it needs that loop.)
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+    gate = threading.Event()
+    introduce = XenStored._introduce_and_flush
+
+    def stuck(self: XenStored, domid: int) -> object:
+        assert gate.wait(60)
+        return introduce(self, domid)
+
+    host = SimHost().start()
+    try:
+        before = host.hypervisor.stats()
+        monkeypatch.setattr(XenStored, "_introduce_and_flush", stuck)
+        with pytest.raises(TimeoutError, match="'xenstored'"):
+            host.create_domain("g")
+        assert host.hypervisor.stats() == before
+        assert [d.domid for d in host.domains()] == [0]
+    finally:
+        gate.set()
+        host.close()
+
+
 def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
