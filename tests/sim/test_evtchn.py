@@ -20,6 +20,7 @@ from hosthelpers import (
     SIM_ROUND_TRIP,
     answering_once,
     closed_while_paused,
+    descriptors,
     eventually,
     every_landing,
     handle_census,
@@ -36,7 +37,7 @@ import xenback
 from xenback.platform import EventChannel as EventChannelProtocol
 from xenback.platform import EventChannelError
 from xenback.sim import Domain, EventChannel, SimHost, _evtchn
-from xenback.sim._proto import MAX_MESSAGE, send_message
+from xenback.sim._proto import MAX_MESSAGE, close_fds, send_message
 
 
 @pytest.fixture
@@ -1399,6 +1400,102 @@ def test_a_new_pipe_the_handle_cannot_watch_leaves_the_port_as_it_was(
         for fd in (port_w, peer_r, new_w):
             os.close(fd)
         server.join(TIMEOUT)
+
+
+def test_news_for_a_port_being_unbound_keeps_nothing(tmp_path: Path) -> None:
+    """A peer bound the port as unbind() asked the service to free it:
+    the news comes during the request, for a port the handle gave up
+    already.  It is dropped, the peer's write end closed, not given to a
+    port that nothing will close again."""
+    path = str(tmp_path / "hypervisor")
+    port_r, port_w = os.pipe()
+    peer_r, peer_w = os.pipe()
+
+    def handle(conn: socket.socket) -> None:
+        bind = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": bind["id"], "port": 7}, [port_r])
+        unbind = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"event": "bound", "port": 7, "domid": 1, "remote_port": 5},
+                     [peer_w])
+        send_message(conn, {"id": unbind["id"]})
+        os.close(port_r)
+        os.close(peer_w)
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        ch.unbind(7)
+        assert ch.ports() == []
+        assert _closed_by_all_but(r=peer_r)
+        assert _closed_by_all_but(w=port_w)
+    finally:
+        ch.close()
+        server.join(TIMEOUT)
+        close_fds([port_w, peer_r])
+
+
+@pytest.mark.timeout(600)
+def test_news_of_a_peer_interrupted_anywhere_leaks_nothing(tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in the handle's taking of two pushes (a
+    peer bound; then another, with a new pipe for the port), which a
+    drain (remote() here) makes: the news cut short is lost, but every
+    descriptor the pushes brought is the port's or closed, none twice,
+    and the port goes on with the pipe it holds."""
+    def landing(n: int) -> str:
+        before = descriptors()
+        path = str(tmp_path / f"hypervisor-{n}")
+        # The service's pipes are non-blocking; these others are not, and
+        # the handle must make them so (a read of an empty pipe would block).
+        port_r, port_w = os.pipe2(os.O_NONBLOCK)
+        peer1_r, peer1_w = os.pipe()
+        peer2_r, peer2_w = os.pipe()
+        new_r, new_w = os.pipe()
+        server, sent = _bind_answered_then(path, port_r, [
+            ({"event": "bound", "port": 7, "domid": 1, "remote_port": 5}, peer1_w),
+            ({"event": "bound", "port": 7, "domid": 2, "remote_port": 6, "rfd": 1},
+             (peer2_w, new_r))])
+        ch = EventChannel(path)
+        try:
+            assert ch.bind_unbound_port(1) == 7
+            assert sent.wait(TIMEOUT)
+            where = interrupted_at(n, SIM_CODE, lambda: ch.remote(7), besides=SIM_ROUND_TRIP)
+            remote = ch.remote(7)  # whatever news is left
+            lp = ch._ports[7]
+            assert ch._by_fd == {lp.rfd: lp}, where
+            assert not any(map(os.get_blocking, filter(None, (lp.rfd, lp.peer_fd)))), where
+            # The port fires through the pipe it holds, and notifies the
+            # peer it names through the write end it holds.
+            pipe = os.fstat(lp.rfd).st_ino  # both ends of a pipe share it
+            (w,) = [w for w in (port_w, new_w) if os.fstat(w).st_ino == pipe]
+            os.write(w, b"\0")
+            assert readable(ch, TIMEOUT) and ch.pending() == 7, where
+            ch.unmask(7)
+            if remote is not None:
+                ch.notify(7)
+                fired = {(1, 5): peer1_r, (2, 6): peer2_r}[remote]
+                assert os.read(fired, 1) == b"\0", where
+        finally:
+            ch.close()
+            server.join(TIMEOUT)
+        for r in (peer1_r, peer2_r):
+            assert _closed_by_all_but(r=r), where
+        for w in (port_w, new_w):
+            assert _closed_by_all_but(w=w), where
+        close_fds([port_w, peer1_r, peer2_r, new_w])
+        assert eventually(lambda: descriptors() <= before), (
+            f"interrupted {where}: new descriptors {sorted(descriptors() - before)}")
+        return where
+
+    landed = []
+    for n in itertools.count():
+        where = landing(n)
+        if not where:
+            break
+        landed.append(where)
+    assert len(landed) > 10, landed
 
 
 @pytest.mark.parametrize(("op", "count", "port"), [

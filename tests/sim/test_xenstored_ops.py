@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
-from stolensignal import interrupted_at
+from stolensignal import OUTLASTS_THE_TEST, interrupted_at
 
 from xenback.sim import SimHost
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
@@ -790,6 +791,101 @@ def test_a_call_to_a_stuck_loop_fails_naming_it_and_never_runs(
         assert xsd.is_introduced(0)  # the loop is back
         assert ran == []  # the withdrawn call never ran
         xsd.stop()
+
+
+def test_a_timeout_error_the_call_raises_is_its_answer() -> None:
+    # Not taken for the loop's delay: it comes at once, as fn raised it.
+    def fn() -> None:
+        raise TimeoutError("fn's own")
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        with pytest.raises(TimeoutError, match="^fn's own$"):
+            xsd._call(fn)
+        assert xsd.is_introduced(0)
+
+
+def test_a_call_the_loop_finishes_as_the_wait_times_out_is_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wait may time out just as the loop finishes the call: cancel()
+    # then fails and the call is done, so its answer is the caller's, not
+    # a TimeoutError blaming a loop that was not stuck.  Each wait here
+    # times out only once the call is done.
+    class LateFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+        def exception(self, timeout: float | None = None) -> BaseException | None:
+            super().exception()
+            raise TimeoutError
+
+    def fails() -> None:
+        raise KeyError("fn's own")
+
+    monkeypatch.setattr(_server.concurrent.futures, "Future", LateFuture)
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        assert xsd._call(lambda: 42) == 42
+        with pytest.raises(KeyError, match="fn's own"):
+            xsd._call(fails)
+
+
+def test_a_call_from_the_loop_thread_runs_there_at_once() -> None:
+    # Queued, it would wait for the loop that waits for it.
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        assert xsd._call(lambda: xsd.is_introduced(0)) is True
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death
+def test_a_call_the_loop_ended_without_running_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The loop ending (here dying of a bug) cancels the calls it left
+    # queued.  A caller waiting through concurrent.futures.wait() was not
+    # woken by that (cancel() wakes result()'s waiters, not wait()'s): it
+    # slept STOP_TIMEOUT, then blamed a stuck loop.  It hears of it at once,
+    # as before the timeout came (CancelledError).
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", OUTLASTS_THE_TEST)
+
+    def dies(self: XenStored, _mask: int, _data: object) -> None:
+        raise RuntimeError("a bug of the loop")
+
+    monkeypatch.setattr(XenStored, "_run_calls", dies)
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        xsd.start()
+        try:
+            with caplog.at_level("ERROR"), pytest.raises(concurrent.futures.CancelledError):
+                xsd.introduce_domain(1)
+            assert "xenstored loop died" in caplog.text
+        finally:
+            xsd.stop()
+
+
+def test_a_create_domain_the_stuck_loop_fails_leaves_the_hypervisor_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Introducing the domain, XenStore's loop got stuck: the call gave up
+    # after STOP_TIMEOUT, and so did the undo's release, whose
+    # TimeoutError skipped the rest of the undo: the hypervisor kept a
+    # domain nobody could destroy (not the host's, LookupError) until the
+    # host closed.  The hypervisor forgets it whatever XenStore's steps
+    # met.  (Its XenStore home stays: forgetting it needs that loop.)
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+    gate = threading.Event()
+    introduce = XenStored._introduce_and_flush
+
+    def stuck(self: XenStored, domid: int) -> object:
+        assert gate.wait(60)
+        return introduce(self, domid)
+
+    host = SimHost().start()
+    try:
+        before = host.hypervisor.stats()
+        monkeypatch.setattr(XenStored, "_introduce_and_flush", stuck)
+        with pytest.raises(TimeoutError, match="'xenstored'"):
+            host.create_domain("g")
+        assert host.hypervisor.stats() == before
+        assert [d.domid for d in host.domains()] == [0]
+    finally:
+        gate.set()
+        host.close()
 
 
 def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(

@@ -46,7 +46,7 @@ from xenback._closing import Closing
 from xenback.platform import EventChannelError
 
 from ._hypervisor import MAX_EVTCHN_PORT
-from ._proto import Message, ServiceConnection, close_fds, close_taken, raise_nofile_limit
+from ._proto import Message, ServiceConnection, close_fds, raise_nofile_limit
 
 logger = logging.getLogger(__name__)
 
@@ -653,29 +653,35 @@ class EventChannel(Closing):
         kept a write end of the old one can fire it no more.  The service
         fired the new one, so nothing that was pending is lost.
 
-        The new read end leaves ``fds`` only at the step that makes it
-        the port's.  What may fail (no room in the epoll set) comes first
-        and changes nothing: the port keeps its pipe, the caller closes
-        the new one (which takes it out of the epoll set if it got in).
+        The new read end and the old one trade places in one step: the
+        new one the port's, the old one last in ``fds``, for the caller
+        to close (which takes it out of the epoll set, if a Ctrl-C came
+        before the unregister here: unregistered first, a port cut short
+        there kept a pipe nobody watched, and never fired again).  What
+        may fail (no room in the epoll set) comes first and changes
+        nothing: the port keeps its pipe, the caller closes the new one.
         """
         rfd = fds[index]
         watch = not (lp.ignored and lp.masked)  # else set aside until unmask
         if watch:
             self._epoll.register(rfd, _WATCH)
-        old = lp.rfd
-        if not lp.ignored:
-            self._epoll.unregister(old)
-        # One step, as far as a signal goes (no call in between): the new
-        # read end becomes the port's, the old one no longer is.
+        old, watched = lp.rfd, not lp.ignored
+        # One step, as far as a signal goes (no call in between, nor
+        # before append() has stored ``old``).
         del self._by_fd[old]
         self._by_fd[rfd] = lp
         lp.rfd = rfd
-        del fds[index]
         lp.dead = False
         lp.ignored = not watch
-        os.close(old)
+        del fds[index]
+        fds.append(old)
+        if watched:
+            self._epoll.unregister(old)
 
     def _on_push(self, msg: Message, fds: list[int]) -> None:
+        """The connection's on_push: what the port does not take off
+        ``fds`` the connection closes, also if a step failed (the news
+        then dropped, logged by the connection) or a Ctrl-C cut it short."""
         event = msg.get("event")
         # A "rfd" naming no descriptor the message carries names no new
         # read end: the news is taken with the port's pipe as it was.
@@ -694,17 +700,11 @@ class EventChannel(Closing):
         else:
             malformed = event != "unbound"
         if malformed:
-            close_taken(fds)
             logger.error("evtchn: a malformed message from the hypervisor service: %r (dropped)",
                          msg)
             return
         with self._lock:
-            try:
-                self._take_news(msg, fds, rfd)
-            finally:
-                # Whatever the port did not take, also if a step failed
-                # (the news then dropped, logged by the connection).
-                close_taken(fds)
+            self._take_news(msg, fds, rfd)
 
     def _take_news(self, msg: Message, fds: list[int], rfd: int | None) -> None:
         """Apply checked news ``msg`` to its port (under _lock); the
@@ -723,12 +723,17 @@ class EventChannel(Closing):
             os.set_blocking(fd, False)
         if rfd is not None:
             self._new_pipe(lp, fds, rfd)
-        if lp.peer_fd is not None:
-            os.close(lp.peer_fd)
-            lp.peer_fd = None
+        # Off the port before it is closed: a Ctrl-C as close() returns
+        # must leave it neither a number to close again nor a peer it
+        # cannot notify.
+        old_peer, lp.peer_fd = lp.peer_fd, None
         lp.remote_port = None
+        if old_peer is not None:
+            os.close(old_peer)
         if msg["event"] == "bound":
-            # One step, as far as a signal goes: the write end is the port's.
+            # One step, as far as a signal goes: the write end is the
+            # port's.  First in ``fds``: a new read end left it, and the
+            # old one went last.
             lp.peer_fd = fds[0]
             del fds[0]
             lp.remote_domid = msg["domid"]

@@ -441,10 +441,14 @@ class SimHost(Closing):
             self.xenstored.release_domain(domid)
         except KeyError:
             pass  # never introduced
-        try:
-            self.hypervisor.remove_domain(domid)
-        except ValueError:
-            pass  # never added
+        finally:
+            # Also if XenStore's loop is stuck (TimeoutError): the domain
+            # is not the host's, and nothing else would ever remove it.
+            # Not its home then, which only that loop can forget.
+            try:
+                self.hypervisor.remove_domain(domid)
+            except ValueError:
+                pass  # never added
         self._forget_home(domid)
         try:  # the directory its sockets were to be made in
             (self.run_dir / "domains" / str(domid)).rmdir()

@@ -232,7 +232,7 @@ class _Taken:
     """
 
     __slots__ = ("msg", "error", "malformed", "short", "fds", "out", "applying",
-                 "classified", "request_id", "done", "undo")
+                 "pushed", "classified", "request_id", "done", "undo")
 
     def __init__(self, msg: Message, fds: list[int], error: OSError | None,
                  malformed: bool = False, short: bool = False) -> None:
@@ -255,6 +255,9 @@ class _Taken:
         # Set as apply is given a reply with descriptors: once it emptied
         # them, it took them and what the reply gave (see _settle).
         self.applying = False
+        # Set as a pushed message is handed to on_push, which takes the
+        # descriptors its owner keeps off ``fds``.
+        self.pushed = False
         # Once set, a reply's request is known (request_id, done, undo).
         self.classified = False
         self.request_id: int | None = None
@@ -266,8 +269,11 @@ class _Taken:
 class ServiceConnection:
     """The client end of one handle's connection to the hypervisor service.
 
-    ``on_push(msg, fds)`` receives the messages the service pushes; it owns
-    the descriptors, also if it raises.  An :class:`Exception` it raises
+    ``on_push(msg, fds)`` receives the messages the service pushes; it
+    takes the descriptors its owner keeps off ``fds`` (each in a step with
+    no call between it and the step that makes it the owner's), and the
+    connection closes those left, also if it raises or a Ctrl-C cuts it
+    short (then by the next call or drain, or close()).  An :class:`Exception` it raises
     (news it cannot take) is logged as an error and the message dropped,
     as a malformed packet is: no call or drain fails for it.  ``error`` is
     the :class:`OSError` subclass raised for a failed request (GrantError
@@ -540,11 +546,15 @@ class ServiceConnection:
             elif on_push is None:
                 logger.warning("unexpected message from the hypervisor service: %r", msg)
                 self._release_head(taken)
-            else:
-                fds = taken.fds
-                del self._inbox[0]
+            elif not taken.pushed:
+                # The descriptors stay the connection's while on_push
+                # runs, as a reply's do while apply runs: a Ctrl-C as
+                # on_push starts would lose any it had been given.  Marked
+                # first, with no call in between: news cut short is
+                # dropped by the next call or drain, never handed on twice.
+                taken.pushed = True
                 try:
-                    on_push(msg, fds)  # it owns them as it starts
+                    on_push(msg, taken.fds)
                 except Exception:
                     # News the owner cannot take: dropped as a malformed
                     # packet is, logged.  Neither the call that met it on
@@ -553,6 +563,9 @@ class ServiceConnection:
                     # end, and its owner stop listening for good).
                     logger.exception("a message from the hypervisor service its handle "
                                      "could not take: %r (dropped)", msg)
+                self._release_head(taken)  # what on_push did not take
+            else:
+                self._release_head(taken)
             return None
         if not taken.classified:
             self._classify(taken, request_id)

@@ -406,10 +406,13 @@ class XenStored:
             self._calls.append((lambda: fn(*args), future))
         self._wake()
         timeout = STOP_TIMEOUT
-        # wait(), not result(timeout): a TimeoutError fn raised is the
-        # call's answer, not the loop's delay.
-        concurrent.futures.wait((future,), timeout)
-        if not future.done():
+        try:
+            # exception(), not result(timeout): a TimeoutError fn raised is
+            # the call's answer, not the loop's delay.  Nor wait(), which
+            # the loop ending does not wake: it cancels the calls it left
+            # (CancelledError here), and cancel() wakes only these waits.
+            future.exception(timeout)
+        except TimeoutError:
             # Withdrawn unless the loop has begun it (cancel() is False),
             # and then perhaps finished it just now.
             if future.cancel():
@@ -420,7 +423,7 @@ class XenStored:
                 return future.result()
             raise TimeoutError(
                 f"the XenStore loop thread {thread.name!r} {what} within {timeout:g} s;"
-                f" it is stuck at:\n{_stuck_at(thread)}")
+                f" it is stuck at:\n{_stuck_at(thread)}") from None
         return future.result()
 
     def _wake(self) -> None:
