@@ -273,11 +273,11 @@ class ServiceConnection:
     takes the descriptors its owner keeps off ``fds`` (each in a step with
     no call between it and the step that makes it the owner's), and the
     connection closes those left, also if it raises or a Ctrl-C cuts it
-    short (then by the next call or drain, or close()).  An :class:`Exception` it raises
-    (news it cannot take) is logged as an error and the message dropped,
-    as a malformed packet is: no call or drain fails for it.  ``error`` is
-    the :class:`OSError` subclass raised for a failed request (GrantError
-    or EventChannelError).
+    short (then by the next call or drain, or close()).  An
+    :class:`Exception` it raises (news it cannot take) is logged as an
+    error and the message dropped, as a malformed packet is: no call or
+    drain fails for it.  ``error`` is the :class:`OSError` subclass raised
+    for a failed request (GrantError or EventChannelError).
 
     ``on_wait(True)`` is called before a request goes out and
     ``on_wait(False)`` once it is over, both under the connection's lock;
