@@ -1052,6 +1052,46 @@ def test_a_device_removed_before_it_was_probed_lets_the_toolstack_go(
     assert driver.devices() == [] and driver.calls_of(guest.domid) == ["probe"]
 
 
+@pytest.mark.parametrize("failing", [False, True])
+def test_a_removal_of_the_device_re_created_behind_a_switched_one_is_answered(
+        host, driver, frontends, dom0_xs, caplog, failing: bool) -> None:
+    """The toolstack deletes a connected device (a forced removal), makes
+    it again at the same path and removes the new one (online=0, Closing)
+    before the old device, busy, saw any of it.  Once switched, the old
+    device tells a new directory only by its Initialising, which the
+    removal replaced: it takes the removal for its own and writes Closed
+    there, which is what libxl waits for, and what the new device, never
+    probed, would get anyway (see _close_unprobed).  Pinned: libxl goes
+    on in time, the new device is neither probed nor connected, and the
+    old one is dropped once; a failure of the old device in that window
+    may only leave an error node that goes with the directory."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    stalled, go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        stalled.set()
+        assert go.wait(TIMEOUT)
+        if failing:
+            raise RuntimeError("the old device's failure")
+
+    old.queue(hold)  # its events wait
+    assert stalled.wait(TIMEOUT)
+    fe.close()  # says nothing: the guest sees its device vanish
+    host.toolstack.destroy_device(dev)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    remover, closed = _remove_in_background(host, again, destroy=False)
+    dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    go.set()
+    remover.join(2 * TIMEOUT)
+    assert closed == [True]
+    driver.wait(lambda: driver.devices() == [] and old.gone)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+    assert not dom0_xs.exists(again.backend_path)
+    assert eventually(lambda: error_node(dom0_xs, again) is None)
+
+
 def test_the_error_node_goes_with_the_device(host, driver, frontends, dom0_xs) -> None:
     """A failed device leaves ``error/backend/<type>/<fe>/<devid>/error``
     in the backend domain's home, owned by the backend domain.  Once the
