@@ -965,7 +965,9 @@ class BackendDriver:
         elif state == XenbusState.UNKNOWN:
             self._drop(dev)
         else:
-            dev.fatal(errno.EINVAL, f"saw state {int(state)} at frontend")
+            # As every failure the base meets: the state may be a new
+            # device's frontend's, read by the old device (see _fatal_or_drop).
+            self._fatal_or_drop(dev, errno.EINVAL, f"saw state {int(state)} at frontend")
 
     # Lifetime.
 

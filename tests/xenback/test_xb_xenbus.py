@@ -992,6 +992,35 @@ def test_a_failure_after_the_device_was_re_created_is_not_reported_as_the_new_on
     fe.wait_backend(S.CLOSED)
 
 
+def test_an_impossible_frontend_state_met_after_the_device_was_re_created_is_the_new_ones(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """The frontend_changed table's own failure (a state it has no row
+    for) is met as any other: the old device's frontend event, waiting
+    behind a busy call, reads the state of the frontend made again with
+    the device, whose frontend wrote 7.  That is the new device's to
+    report, once, when it is probed; the old device reporting it too
+    would count it twice against the path."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    stalled, go = threading.Event(), threading.Event()
+    old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))
+    assert stalled.wait(TIMEOUT)
+    fe.set_state(S.CONNECTED)  # an event for the old device, ahead of the deletion's
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    frontends(guest, again).set_state("7")
+    go.set()
+    driver.wait_call("probe", guest.domid, count=2)
+    dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    assert old.gone
+    assert error_node(dom0_xs, again) == "22 saw state 7 at frontend"
+    said = [r for r in caplog.records
+            if r.levelno >= logging.WARNING and "saw state 7" in r.getMessage()]
+    assert len(said) == 1
+
+
 def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
         host, driver, frontends, dom0_xs) -> None:
     """A driver's thread may hold a device after it was dropped, and the
