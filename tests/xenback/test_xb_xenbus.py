@@ -820,6 +820,34 @@ def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alon
     fe.wait_backend(S.CLOSED)
 
 
+def test_a_probe_failing_after_the_device_was_re_created_and_removed_lets_the_toolstack_go(
+        host, driver, dom0_xs) -> None:
+    """As above, but the toolstack also asked for the new device's
+    removal (online=0, Closing) before the probe failed: the old device
+    is dropped without the look at a removal that a failed probe makes,
+    so the drop's look at the path must answer it, or libxl waits its
+    whole timeout for a device nobody serves."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_then_fail(_dev) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+        raise RuntimeError("the old device's failure")
+
+    driver.probe_hook = hold_then_fail
+    guest = host.create_domain("guest")
+    host.toolstack.add_device("xbtest", guest.domid)
+    assert entered.wait(TIMEOUT)
+    again = host.toolstack.add_device("xbtest", guest.domid, replace=True)
+    remover, closed = _remove_in_background(host, again, destroy=False)
+    dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    release.set()
+    remover.join(2 * TIMEOUT)
+    assert closed == [True]
+    driver.wait(lambda: driver.devices() == [])
+    assert driver.calls_of(guest.domid) == ["probe", "remove"]
+
+
 def test_a_probe_writing_after_the_device_was_re_created_writes_nothing_there(
         host, driver, frontends, dom0_xs) -> None:
     """A probe() that goes on writing features once its directory was
