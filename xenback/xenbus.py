@@ -508,6 +508,15 @@ class BackendDevice:
         itself by writing a node there, as real backends write their
         features.
 
+        Once we switched, neither can the state tell a new directory
+        whose Initialising the toolstack replaced before we looked: its
+        removal of the new device (online=0, Closing), asked while our
+        queue was busy.  We take the removal for ours and answer it with
+        Closed, which is what libxl waits for and what the new device,
+        never probed, would get anyway (see BackendDriver._close_unprobed);
+        a failure of ours met meanwhile is reported there, and its error
+        node goes with the directory.  Harmless, so left.
+
         Nor can the nodes tell once a new device there switched in turn:
         but we were dropped (gone) before it was made, and so before the
         reads that see it."""
@@ -961,7 +970,9 @@ class BackendDriver:
         elif state == XenbusState.UNKNOWN:
             self._drop(dev)
         else:
-            dev.fatal(errno.EINVAL, f"saw state {int(state)} at frontend")
+            # As every failure the base meets: the state may be a new
+            # device's frontend's, read by the old device (see _fatal_or_drop).
+            self._fatal_or_drop(dev, errno.EINVAL, f"saw state {int(state)} at frontend")
 
     # Lifetime.
 

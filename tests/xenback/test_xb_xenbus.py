@@ -845,6 +845,34 @@ def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alon
     fe.wait_backend(S.CLOSED)
 
 
+def test_a_probe_failing_after_the_device_was_re_created_and_removed_lets_the_toolstack_go(
+        host, driver, dom0_xs) -> None:
+    """As above, but the toolstack also asked for the new device's
+    removal (online=0, Closing) before the probe failed: the old device
+    is dropped without the look at a removal that a failed probe makes,
+    so the drop's look at the path must answer it, or libxl waits its
+    whole timeout for a device nobody serves."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_then_fail(_dev) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+        raise RuntimeError("the old device's failure")
+
+    driver.probe_hook = hold_then_fail
+    guest = host.create_domain("guest")
+    host.toolstack.add_device("xbtest", guest.domid)
+    assert entered.wait(TIMEOUT)
+    again = host.toolstack.add_device("xbtest", guest.domid, replace=True)
+    remover, closed = _remove_in_background(host, again, destroy=False)
+    dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    release.set()
+    remover.join(2 * TIMEOUT)
+    assert closed == [True]
+    driver.wait(lambda: driver.devices() == [])
+    assert driver.calls_of(guest.domid) == ["probe", "remove"]
+
+
 def test_a_probe_writing_after_the_device_was_re_created_writes_nothing_there(
         host, driver, frontends, dom0_xs) -> None:
     """A probe() that goes on writing features once its directory was
@@ -971,13 +999,15 @@ def test_a_failure_after_the_device_was_re_created_is_not_reported_as_the_new_on
     path, which a log watcher would count against the new one (as for a
     probe failing so).  The old device is dropped and the new one
     probed and connected."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
     entered, release = threading.Event(), threading.Event()
     old: list[Any] = []
 
     def hold_then_fail(*_args: Any) -> None:
         entered.set()
         assert release.wait(TIMEOUT)
-        raise RuntimeError("the old device's failure")
+        # What a driver's message may quote of the guest's: a line of its own.
+        raise RuntimeError("the old device's failure\n\x1b[2J")
 
     if failing == "connect":
         driver.connect_hook = lambda d: hold_then_fail() if d in old else None
@@ -1010,11 +1040,45 @@ def test_a_failure_after_the_device_was_re_created_is_not_reported_as_the_new_on
     assert backend_device(driver, guest.domid) is not old[0] and old[0].gone
     assert driver.calls_of(guest.domid).count("probe") == 2
     assert error_node(dom0_xs, again) is None
-    said = [r for r in caplog.records
-            if r.levelno >= logging.WARNING and "the old device's failure" in r.getMessage()]
-    assert said == []
+    said = [r for r in caplog.records if "the old device's failure" in r.getMessage()]
+    # Said once, as information, and escaped as fatal() escapes it.
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert said[0].getMessage().isprintable() and "failure\\n\\x1b[2J" in said[0].getMessage()
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
+
+
+@pytest.mark.parametrize("value, error", [
+    ("7", "22 saw state 7 at frontend"),  # no row of the table
+    ("banana", "22 frontend invalid xenbus state 'banana'"),  # no state at all
+])
+def test_an_impossible_frontend_state_met_after_the_device_was_re_created_is_the_new_ones(
+        host, driver, frontends, dom0_xs, caplog, value: str, error: str) -> None:
+    """The base's own failures for a frontend state are met as any other:
+    the old device's frontend event, waiting behind a busy call, reads the
+    state of the frontend made again with the device, whose frontend
+    wrote something impossible.  That is the new device's to report,
+    once, when it is probed; the old device reporting it too would count
+    it twice against the path."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    stalled, go = threading.Event(), threading.Event()
+    old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))
+    assert stalled.wait(TIMEOUT)
+    fe.set_state(S.CONNECTED)  # an event for the old device, ahead of the deletion's
+    fe.close()
+    dom0_xs.rm(dev.backend_path)
+    dom0_xs.rm(dev.frontend_path)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    frontends(guest, again).set_state(value)
+    go.set()
+    driver.wait_call("probe", guest.domid, count=2)
+    dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    assert old.gone
+    assert error_node(dom0_xs, again) == error
+    said = [r for r in caplog.records
+            if r.levelno >= logging.WARNING and error[3:] in r.getMessage()]
+    assert len(said) == 1
 
 
 def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
@@ -1075,6 +1139,46 @@ def test_a_device_removed_before_it_was_probed_lets_the_toolstack_go(
     assert removed == [True]
     assert not [r for r in caplog.records if "did not close" in r.getMessage()]
     assert driver.devices() == [] and driver.calls_of(guest.domid) == ["probe"]
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_a_removal_of_the_device_re_created_behind_a_switched_one_is_answered(
+        host, driver, frontends, dom0_xs, caplog, failing: bool) -> None:
+    """The toolstack deletes a connected device (a forced removal), makes
+    it again at the same path and removes the new one (online=0, Closing)
+    before the old device, busy, saw any of it.  Once switched, the old
+    device tells a new directory only by its Initialising, which the
+    removal replaced: it takes the removal for its own and writes Closed
+    there, which is what libxl waits for, and what the new device, never
+    probed, would get anyway (see _close_unprobed).  Pinned: libxl goes
+    on in time, the new device is neither probed nor connected, and the
+    old one is dropped once; a failure of the old device in that window
+    may only leave an error node that goes with the directory."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    stalled, go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        stalled.set()
+        assert go.wait(TIMEOUT)
+        if failing:
+            raise RuntimeError("the old device's failure")
+
+    old.queue(hold)  # its events wait
+    assert stalled.wait(TIMEOUT)
+    fe.close()  # says nothing: the guest sees its device vanish
+    host.toolstack.destroy_device(dev)
+    again = host.toolstack.add_device("xbtest", guest.domid)
+    remover, closed = _remove_in_background(host, again, destroy=False)
+    dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    go.set()
+    remover.join(2 * TIMEOUT)
+    assert closed == [True]
+    driver.wait(lambda: driver.devices() == [] and old.gone)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+    assert not dom0_xs.exists(again.backend_path)
+    assert eventually(lambda: error_node(dom0_xs, again) is None)
 
 
 def test_the_error_node_goes_with_the_device(host, driver, frontends, dom0_xs) -> None:
@@ -2370,10 +2474,11 @@ def test_a_frontend_changed_that_raises_fails_the_device(
 
 
 def test_a_frontend_changed_that_raises_after_dropping_the_device(
-        host, driver, frontends, dom0_xs) -> None:
+        host, driver, frontends, dom0_xs, caplog) -> None:
     """An extension that raises after the base class dropped the device
     (frontend Closed, online=0): the Closed written stays, or the toolstack
-    waits for it in vain."""
+    waits for it in vain.  The failure is still the driver's bug, said as
+    an error: the directory is there, and was never made again."""
     handle = driver.frontend_changed
 
     def extended(d, state) -> None:
@@ -2391,6 +2496,8 @@ def test_a_frontend_changed_that_raises_after_dropping_the_device(
     assert bdev.gone
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
     assert error_node(dom0_xs, dev) is None
+    said = [r for r in caplog.records if "no queue for this frontend" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.ERROR]
 
 
 @pytest.mark.parametrize("left", [S.INIT_WAIT, S.INITIALISED, S.CONNECTED, S.CLOSING, S.CLOSED])
