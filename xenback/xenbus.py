@@ -1680,8 +1680,9 @@ class BackendDriver:
             return True
         # Once per device (it is dropped next), but escaped as fatal()'s
         # line is: the message may quote what the frontend wrote.
-        logger.info("%s: %s, and the device directory was deleted meanwhile "
-                    "(not reported there)", dev.nodename, _printable(message))
+        logger.info("%s: %s, and the device directory is no longer this device's "
+                    "(deleted, or made again for a new one): not reported there",
+                    dev.nodename, _printable(message))
         self._drop(dev)
         return False
 
