@@ -426,8 +426,9 @@ class PVSocket(Closing):
         # _cond guards the socket's state flags below and is what waiters
         # sleep on; the event thread takes it (after releasing the command
         # ring lock) to wake them.  Lock order: _recv_lock / _send_lock /
-        # _accept_lock, then the frontend's command lock, then _cond.  Never
-        # call into the command ring while holding _cond.
+        # _accept_lock, then the frontend's command lock, then _cond (as
+        # Frontend._want_room nests them).  Never call into the command
+        # ring while holding _cond.
         #
         # Blocks take it as ``with self._mutex``, never ``with self._cond``:
         # Condition's __enter__ and __exit__ are Python functions, where
