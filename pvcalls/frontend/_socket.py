@@ -1903,6 +1903,12 @@ class PVSocket(Closing):
                     self._poll_inflight = False
                 if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
                     return  # closed while it waited for room: no POLL wanted
+                if isinstance(exc, OSError) and self._fe._dead:
+                    # Nothing answers a POLL any more.  Every caller sees
+                    # the death itself (fileno() polls readable, accept()
+                    # raises it): raised here, fileno() failed, and a
+                    # selector could neither register nor unregister.
+                    return
                 if wait or not isinstance(exc, BlockingIOError):
                     raise
             if not self._room_later():

@@ -1910,6 +1910,27 @@ def test_non_blocking_calls_after_the_backend_left_say_so(server: Any) -> None:
                      strerror="the PV Calls backend went away")
 
 
+def test_a_listeners_fileno_after_the_backend_left_polls_readable() -> None:
+    """A listener registered with a selector once the backend has gone,
+    and unregistered again: each fileno() gives the descriptor, which
+    polls readable, and accept() says why, as socket.socket's fileno()
+    never fails on an open socket.  Before, fileno() failed with ENOTCONN
+    as it tried to send the POLL, and every call of it since it tries at
+    each: a selector could neither take the listener nor let go of it."""
+    with backend_of_its_own("listener-orphan") as (backend, fe):
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        backend.close()
+        wait_until(lambda: fe._dead)
+        with selectors.DefaultSelector() as sel:
+            sel.register(ls, selectors.EVENT_READ)
+            assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [ls]
+            sel.unregister(ls)
+        ls.setblocking(False)
+        assert_fails(errno.ENOTCONN, ls.accept, strerror="the PV Calls backend went away")
+
+
 def test_a_call_after_the_backend_left_says_so() -> None:
     # The same error whether the backend left during the call or before it.
     with backend_of_its_own("late") as (backend, fe):
