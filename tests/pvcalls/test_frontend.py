@@ -1410,6 +1410,47 @@ def test_fileno_before_listen_waits_for_connections(
             conn.close()
 
 
+@pytest.mark.timeout(300)
+def test_a_listen_interrupted_anywhere_after_fileno_still_polls(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing anywhere in listen() on a socket whose fileno()
+    a selector holds, and the program going on with it (calling listen()
+    again only if the LISTEN never went out): with no further fileno(), a
+    pending connection makes the descriptor readable.  The answer's own
+    mark (see PVSocket._on_success), on the event thread, sends the POLL
+    that a Ctrl-C in listen()'s may have cut short."""
+    within = os.path.dirname(_frontend.__file__)
+    with pvcalls.Frontend(host.create_domain("listen-interrupted"), timeout=TIMEOUT) as fe:
+        listens: list[Any] = []
+        submit = fe._submit
+
+        def recording(slot: Any, *args: Any, **kwargs: Any) -> int:
+            if slot.cmd == _wire.PVCALLS_LISTEN:
+                listens.append(slot)
+            return submit(slot, *args, **kwargs)
+
+        monkeypatch.setattr(fe, "_submit", recording)
+        for n in itertools.count():
+            with fe.socket() as ls:
+                ls.bind(("127.0.0.1", 0))
+                fd = ls.fileno()
+                del listens[:]
+                where = interrupted_at(n, within, ls.listen)
+                said = f"interrupted {where or 'nowhere'}"
+                if listens and listens[-1].sent:
+                    wait_until(lambda ls=ls: ls._st.listening)
+                else:
+                    ls.listen()
+                with socket.create_connection(
+                        listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT):
+                    assert select.select([fd], [], [], TIMEOUT)[0], f"{said}: never readable"
+                    ls.settimeout(TIMEOUT)
+                    ls.accept()[0].close()
+            if not where:
+                break
+        assert n >= 20  # it landed past the LISTEN's answer, in listen()'s own mark
+
+
 def test_close_wakes_accept(fe: pvcalls.Frontend) -> None:
     ls = fe.socket()
     ls.bind(("127.0.0.1", 0))
