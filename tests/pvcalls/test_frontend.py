@@ -1878,7 +1878,7 @@ def test_no_room_marked_as_the_event_thread_tells_of_room_is_not_left_set(
             # Its POLL answered makes room (fe.sockets() would wait for
             # the lock the paused thread holds).
             filler = next(s for s in fe.sockets() if s is not ls and s._poll_inflight)
-            pause = PauseAt(_frontend.Frontend._want_room, "sock._no_room = not room")
+            pause = PauseAt(_frontend.Frontend._want_room, "with sock._mutex:")
             asking = Attempt(lambda: pause.run(ls.fileno))
             try:
                 assert pause.reached.wait(TIMEOUT)
