@@ -306,7 +306,10 @@ class Frontend(Closing):
         # state and port -> handler maps and _reaper; waiters for responses
         # and for free slots sleep on _cmd_cond.  The event thread holds it
         # while consuming responses but runs socket callbacks after
-        # releasing it.
+        # releasing it.  A socket's _cond nests inside it (_want_room sets
+        # the socket's _no_room with its registration), never the other
+        # way: no code holding a socket's _cond calls into the command
+        # ring (the order PVSocket's locks say).
         self._lock = threading.Lock()
         # Waited on only; blocks take _lock itself (see SocketState's _mutex
         # in _socket.py: a signal's handler cannot leave it held).

@@ -426,8 +426,9 @@ class PVSocket(Closing):
         # _cond guards the socket's state flags below and is what waiters
         # sleep on; the event thread takes it (after releasing the command
         # ring lock) to wake them.  Lock order: _recv_lock / _send_lock /
-        # _accept_lock, then the frontend's command lock, then _cond.  Never
-        # call into the command ring while holding _cond.
+        # _accept_lock, then the frontend's command lock, then _cond (as
+        # Frontend._want_room nests them).  Never call into the command
+        # ring while holding _cond.
         #
         # Blocks take it as ``with self._mutex``, never ``with self._cond``:
         # Condition's __enter__ and __exit__ are Python functions, where
@@ -1904,6 +1905,12 @@ class PVSocket(Closing):
                     self._poll_inflight = False
                 if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
                     return  # closed while it waited for room: no POLL wanted
+                if isinstance(exc, OSError) and self._fe._dead:
+                    # Nothing answers a POLL any more.  Every caller sees
+                    # the death itself (fileno() polls readable, accept()
+                    # raises it): raised here, fileno() failed, and a
+                    # selector could neither register nor unregister.
+                    return
                 if wait or not isinstance(exc, BlockingIOError):
                     raise
             if not self._room_later():

@@ -34,7 +34,7 @@ from fdcensus import descriptors
 from highfds import descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
-from racewindow import PauseAt
+from racewindow import Attempt, PauseAt
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
@@ -1410,6 +1410,47 @@ def test_fileno_before_listen_waits_for_connections(
             conn.close()
 
 
+@pytest.mark.timeout(300)
+def test_a_listen_interrupted_anywhere_after_fileno_still_polls(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing anywhere in listen() on a socket whose fileno()
+    a selector holds, and the program going on with it (calling listen()
+    again only if the LISTEN never went out): with no further fileno(), a
+    pending connection makes the descriptor readable.  The answer's own
+    mark (see PVSocket._on_success), on the event thread, sends the POLL
+    that a Ctrl-C in listen()'s may have cut short."""
+    within = os.path.dirname(_frontend.__file__)
+    with pvcalls.Frontend(host.create_domain("listen-interrupted"), timeout=TIMEOUT) as fe:
+        listens: list[Any] = []
+        submit = fe._submit
+
+        def recording(slot: Any, *args: Any, **kwargs: Any) -> int:
+            if slot.cmd == _wire.PVCALLS_LISTEN:
+                listens.append(slot)
+            return submit(slot, *args, **kwargs)
+
+        monkeypatch.setattr(fe, "_submit", recording)
+        for n in itertools.count():
+            with fe.socket() as ls:
+                ls.bind(("127.0.0.1", 0))
+                fd = ls.fileno()
+                del listens[:]
+                where = interrupted_at(n, within, ls.listen)
+                said = f"interrupted {where or 'nowhere'}"
+                if listens and listens[-1].sent:
+                    wait_until(lambda ls=ls: ls._st.listening)
+                else:
+                    ls.listen()
+                with socket.create_connection(
+                        listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT):
+                    assert select.select([fd], [], [], TIMEOUT)[0], f"{said}: never readable"
+                    ls.settimeout(TIMEOUT)
+                    ls.accept()[0].close()
+            if not where:
+                break
+        assert n >= 20  # it landed past the LISTEN's answer, in listen()'s own mark
+
+
 def test_close_wakes_accept(fe: pvcalls.Frontend) -> None:
     ls = fe.socket()
     ls.bind(("127.0.0.1", 0))
@@ -1760,17 +1801,25 @@ def test_an_accept_finding_no_room_interrupted_anywhere_leaves_fileno_right(
             free_slots = fill_command_ring(fe, backend, connections)
             connections.append(socket.create_connection(pending_at, timeout=TIMEOUT))
 
+            escaped: list[bool] = []
+
             def attempt() -> None:
-                with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError):
-                    ls.accept()
+                try:
+                    with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError):
+                        ls.accept()
+                except Interrupted:
+                    escaped.append(True)
+                    raise
 
             for n in itertools.count():
                 # A connection pending and known, and no room for its ACCEPT.
                 assert select.select([fd], [], [], TIMEOUT)[0]
                 wait_until(lambda: _no_room_for_long_lived(fe))
                 ls.settimeout(timeout)
+                del escaped[:]
                 where = interrupted_at(n, within, attempt)
                 said = f"interrupted {where or 'nowhere'}"
+                assert bool(escaped) == bool(where), f"{said}: the Ctrl-C was swallowed"
                 r, w, _ = select.select([fd], [fd], [], 0)
                 with ls._mutex:
                     state = ls._readable(), ls._writable()
@@ -1795,6 +1844,65 @@ def test_an_accept_finding_no_room_interrupted_anywhere_leaves_fileno_right(
             assert n >= 20  # it landed in the accept's path, not only in held()
         finally:
             free_slots(_wire.RING_SLOTS)  # or closing the frontend waits for room
+            for c in connections:
+                c.close()
+
+
+def test_no_room_marked_as_the_event_thread_tells_of_room_is_not_left_set(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener's fileno() whose POLL finds no room marks it as waiting
+    for room while answers make room on the event thread: the mark is set
+    with the registration, under the frontend's lock, so the event thread
+    tells the listener only after it, and clears it.  Set after letting go
+    of the lock, the event thread's _on_room could clear it first, and a
+    listener with a connection pending never polled readable."""
+    connections: list[socket.socket] = []
+    with pvcalls.Frontend(host.create_domain("no-room-race"), timeout=TIMEOUT) as fe:
+        free_slots: Callable[[int], None] = lambda n: None  # noqa: E731
+        try:
+            ls = fe.socket()
+            ls.bind(("127.0.0.1", 0))
+            ls.listen()
+            connections.append(socket.create_connection(
+                listen_address(backend, fe.domain.domid, ls.id), timeout=TIMEOUT))
+            free_slots = fill_command_ring(fe, backend, connections)
+            told = threading.Event()
+            on_room = pvcalls.PVSocket._on_room
+
+            def telling(sock: pvcalls.PVSocket) -> None:
+                on_room(sock)
+                if sock is ls:
+                    told.set()
+
+            monkeypatch.setattr(pvcalls.PVSocket, "_on_room", telling)
+            # Its POLL answered makes room (fe.sockets() would wait for
+            # the lock the paused thread holds).
+            filler = next(s for s in fe.sockets() if s is not ls and s._poll_inflight)
+            pause = PauseAt(_frontend.Frontend._want_room, "with sock._mutex:")
+            asking = Attempt(lambda: pause.run(ls.fileno))
+            try:
+                assert pause.reached.wait(TIMEOUT)
+                connections.append(socket.create_connection(
+                    listen_address(backend, fe.domain.domid, filler.id), timeout=TIMEOUT))
+                assert fe._thread is not None and fe._thread.ident is not None
+                thread = fe._thread.ident
+
+
+                def blocked() -> bool:  # on the lock the paused thread holds
+                    frame = sys._current_frames().get(thread)
+                    return frame is not None and "with self._lock:" in linecache.getline(
+                        frame.f_code.co_filename, frame.f_lineno)
+
+                wait_until(lambda: told.is_set() or blocked())
+            finally:
+                pause.resume()
+            fd = asking.result()
+            assert isinstance(fd, int)
+            assert select.select([fd], [], [], TIMEOUT)[0], "never readable"
+            ls.settimeout(TIMEOUT)
+            ls.accept()[0].close()
+        finally:
+            free_slots(_wire.RING_SLOTS)
             for c in connections:
                 c.close()
 
@@ -1908,6 +2016,27 @@ def test_non_blocking_calls_after_the_backend_left_say_so(server: Any) -> None:
         ls.setblocking(False)
         assert_fails(errno.ENOTCONN, lambda: s.recv(1), ls.accept,
                      strerror="the PV Calls backend went away")
+
+
+def test_a_listeners_fileno_after_the_backend_left_polls_readable() -> None:
+    """A listener registered with a selector once the backend has gone,
+    and unregistered again: each fileno() gives the descriptor, which
+    polls readable, and accept() says why, as socket.socket's fileno()
+    never fails on an open socket.  Before, fileno() failed with ENOTCONN
+    as it tried to send the POLL, and every call of it since it tries at
+    each: a selector could neither take the listener nor let go of it."""
+    with backend_of_its_own("listener-orphan") as (backend, fe):
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        backend.close()
+        wait_until(lambda: fe._dead)
+        with selectors.DefaultSelector() as sel:
+            sel.register(ls, selectors.EVENT_READ)
+            assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [ls]
+            sel.unregister(ls)
+        ls.setblocking(False)
+        assert_fails(errno.ENOTCONN, ls.accept, strerror="the PV Calls backend went away")
 
 
 def test_a_call_after_the_backend_left_says_so() -> None:
