@@ -67,3 +67,13 @@ def test_a_demo_whose_output_cannot_be_written_says_why() -> None:
                                 stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
     assert (result.returncode, result.stderr) == (
         1, "pvcalls-backend: cannot write the demo's output: No space left on device\n")
+
+
+def test_a_demo_on_a_stdout_open_for_reading_and_writing_runs(tmp_path: Path) -> None:
+    # A terminal is open O_RDWR: writable, though not write-only.
+    exe = Path(sys.executable).parent / "pvcalls-backend"
+    with open(tmp_path / "out", "w+") as out:
+        result = subprocess.run([str(exe), "demo"], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "backend stopped cleanly" in (tmp_path / "out").read_text()
