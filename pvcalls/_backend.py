@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from workqueue import WQ_UNBOUND, LoadIndex, Topology, Work, Workqueue
 from xenback import BackendDevice, BackendDriver, Closing, DeviceWork, XenbusState
 from xenback.events import EventDispatcher
-from xenback.platform import Platform
+from xenback.platform import Platform, check_platform
 from xenback.ratelimit import RateLimit
 from xenback.ring import BackRing, RingError
 
@@ -262,9 +262,7 @@ class Backend(Closing):
     ) -> None:
         # Every argument is checked before anything starts: a wrong one found
         # later would surface as a missing attribute, or under another name.
-        if not isinstance(platform, Platform):
-            raise TypeError(
-                f"platform must be a xenback.platform.Platform, not {type(platform).__name__}")
+        check_platform(platform)
         if isinstance(max_ioworkers, bool) or not isinstance(max_ioworkers, int):
             raise TypeError(f"max_ioworkers must be an int, not {type(max_ioworkers).__name__}")
         if max_ioworkers < 1:

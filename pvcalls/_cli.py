@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import http.server
 import logging
 import os
@@ -544,11 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             commands["demo"].error(
                 f"argument --max-page-order: {args.max_page_order} is below "
                 f"{FRONTEND_RING_ORDER}, the ring order of the demo's guests (Linux's)")
-        if sys.stdout is None:
+        if sys.stdout is None or not _open_for_writing(sys.stdout):
             # Descriptor 1 closed (>&-): print() would write nothing, and
-            # the demo end with 0 having shown nothing.
-            commands["demo"].error("standard output must be open (the demo's output is "
-                                   "what it shows)")
+            # the demo end with 0 having shown nothing.  Open only for
+            # reading (1</dev/null), its first print() would fail midway.
+            commands["demo"].error("standard output must be open for writing (the demo's "
+                                   "output is what it shows)")
         return _run_demo(args)
     serve_parser = commands["serve"]
     if args.platform == "xen" and args.run_dir is not None:
@@ -568,9 +570,18 @@ class _OutputGone(BaseException):
     that is a demo gone wrong, told as such."""
 
 
+class _OutputFailed(BaseException):
+    """The demo's output could not be written (a full disk, /dev/full):
+    not an OSError, for the reason :class:`_OutputGone` is not one."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class _Output:
     """The demo's standard output, raising :class:`_OutputGone` when its
-    reader went away."""
+    reader went away, :class:`_OutputFailed` when it fails otherwise."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -580,12 +591,34 @@ class _Output:
             return int(self._stream.write(text))
         except BrokenPipeError:
             raise _OutputGone from None
+        except OSError as exc:
+            raise _OutputFailed(exc) from None
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except BrokenPipeError:
             raise _OutputGone from None
+        except OSError as exc:
+            raise _OutputFailed(exc) from None
+
+
+def _open_for_writing(stream: Any) -> bool:
+    """False if ``stream``'s descriptor is open only for reading (Python
+    opens descriptor 1 as stdout whatever its mode)."""
+    try:
+        flags = fcntl.fcntl(stream.fileno(), fcntl.F_GETFL)
+    except (OSError, ValueError):  # no descriptor (io.UnsupportedOperation is a ValueError)
+        return True  # its writes will say what is wrong
+    return flags & os.O_ACCMODE != os.O_RDONLY
+
+
+def _to_devnull(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null: what is left in its
+    buffer would fail again as Python exits, and say so."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 class _Terminated(BaseException):
@@ -618,13 +651,14 @@ def _run_demo(args: argparse.Namespace) -> int:
             old[signal.SIGHUP] = signal.signal(signal.SIGHUP, stop)
         return demo(args, None if sys.stdout is None else _Output(sys.stdout))
     except _OutputGone:
-        # Quietly, with a shell's status for SIGPIPE, as pvcalls-nc.  What
-        # is left in stdout's buffer would fail again as Python exits, and
-        # say so: it goes nowhere instead.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # Quietly, with a shell's status for SIGPIPE, as pvcalls-nc.
+        _to_devnull(sys.stdout)
         return 128 + signal.SIGPIPE
+    except _OutputFailed as exc:
+        _to_devnull(sys.stdout)
+        print(f"pvcalls-backend: cannot write the demo's output: "
+              f"{exc.error.strerror or exc.error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pvcalls-backend: demo interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -486,7 +486,9 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
     # Looked up here, in the guest, as the frontend would at connect() or
     # bind(), but before the device is added: a name that does not resolve
     # is said at once, not after a handshake (10 s with no backend serving).
-    with _at(host, port):
+    # In the open gate, as it was in connect(): a signal while a slow
+    # resolver answers ends the run then, before the guest joins.
+    with gate.opened(), _at(host, port):
         address = resolve((host, port))
     domain = attach(args.run_dir, args.domid)
     claim, devid = _claim_devid(args.run_dir, args.domid)

@@ -395,6 +395,16 @@ def test_the_readme_s_campaign_tools_refuse_numbers_they_cannot_run(
     assert "Traceback" not in run.stderr
 
 
+def test_the_campaign_tools_take_their_least_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The refusals above must not reach the numbers the tools can run: one
+    # round, one step, seed 0, a range of one seed.
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    toolargs = importlib.import_module("toolargs")
+    assert (toolargs.whole(1)("1"), toolargs.whole(0)("0")) == (1, 0)
+    assert toolargs.seed_range("0") == range(0, 1)
+    assert toolargs.seed_range("3-3") == range(3, 4)
+
+
 @pytest.mark.parametrize("fuzzer", ["tests/pvcalls/pvcalls_fuzz.py", "tests/xenback/xenbus_fuzz.py"])
 def test_the_fuzzers_run_as_the_readme_says(fuzzer: str) -> None:
     # Scripts, not tests: nothing else runs them as the README does.  One

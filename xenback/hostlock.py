@@ -218,7 +218,7 @@ class HostLock(Closing):
         if not isinstance(name, str):
             raise TypeError(f"a job name must be a str, not {type(name).__name__}")
         if not _JOB_NAME.fullmatch(name):
-            raise ValueError("a job name must be letters, digits, '.', '-' and '_', not "
+            raise ValueError("a job name must be ASCII letters, digits, '.', '-' and '_', not "
                              f"starting with '.' or '-'; got {name!r}")
         domid = platform.domid
         try:

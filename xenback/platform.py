@@ -25,6 +25,7 @@ the other.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -250,7 +251,28 @@ def check_platform(platform: object) -> None:
     """Raise TypeError, naming the argument, unless ``platform`` is a
     :class:`Platform`: used unchecked, a wrong one (a path, a SimHost
     rather than one of its domains) fails later as a missing attribute,
-    naming neither the argument nor what it should have been."""
-    if not isinstance(platform, Platform):
+    naming neither the argument nor what it should have been.
+
+    Its members are looked up without calling them, as ``isinstance()``
+    does from Python 3.12 on: 3.11's reads each property, so a platform
+    whose ``domid`` asks xenstored failed this check with xenstored's
+    error, and a property's own AttributeError made it "not a Platform".
+    """
+    missing = [name for name in _PLATFORM_MEMBERS if not _has_member(platform, name)]
+    if missing:
         raise TypeError(
             f"platform must be a xenback.platform.Platform, not {type(platform).__name__}")
+
+
+_PLATFORM_MEMBERS = tuple(name for name in vars(Platform) if not name.startswith("_"))
+
+
+def _has_member(platform: object, name: str) -> bool:
+    try:
+        value = inspect.getattr_static(platform, name)
+    except AttributeError:
+        # Only a __getattr__ can have it now (a proxy of a platform); what
+        # it runs is that class's own way to have members.
+        return hasattr(platform, name)
+    # None marks a method not there, as for a Protocol's isinstance().
+    return value is not None or isinstance(vars(Platform)[name], property)

@@ -1263,8 +1263,10 @@ class PVSocket(Closing):
         data."""
         return self._recv_into(buffer, nbytes, flags, kernel=False)
 
-    def _recv_into(self, buffer: Any, nbytes: int, flags: int, *, kernel: bool) -> int:
-        """:meth:`recv_into`; of nothing as the kernel's if ``kernel``."""
+    def _recv_into(self, buffer: Any, nbytes: int, flags: int, *, kernel: bool,
+                   call: str = "recv_into") -> int:
+        """:meth:`recv_into`; of nothing as the kernel's if ``kernel``;
+        ``call`` is the method a negative ``nbytes`` was given to."""
         flags = _check_flags(flags, _RECV_FLAGS, "recv")
         dst = memoryview(buffer).cast("B")
         if dst.readonly:
@@ -1274,7 +1276,7 @@ class PVSocket(Closing):
         # below and wait for data before failing (or never, without a timeout).
         nbytes = operator.index(nbytes)
         if nbytes < 0:
-            raise ValueError("negative buffersize in recv_into")
+            raise ValueError(f"negative buffersize in {call}")
         if nbytes > len(dst):
             raise ValueError("buffer too small for requested bytes")
         if nbytes == 0:
@@ -1374,11 +1376,11 @@ class PVSocket(Closing):
         at once for ``bufsize`` 0, see :meth:`recv_into`)."""
         return self._recv(bufsize, flags, kernel=False)
 
-    def _recv(self, bufsize: int, flags: int, *, kernel: bool) -> bytes:
+    def _recv(self, bufsize: int, flags: int, *, kernel: bool, call: str = "recv") -> bytes:
         # Said as socket.socket says it, not as a failed comparison.
         bufsize = operator.index(bufsize)
         if bufsize < 0:
-            raise ValueError("negative buffersize in recv")
+            raise ValueError(f"negative buffersize in {call}")
         buf = bytearray(bufsize)
         n = self._recv_into(buf, bufsize, flags, kernel=kernel)
         del buf[n:]
@@ -1387,13 +1389,13 @@ class PVSocket(Closing):
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, None]:
         """:meth:`recv`, and the sender's address: None on a TCP stream.
         Of nothing it waits as the kernel's (see :meth:`recv_into`)."""
-        return self._recv(bufsize, flags, kernel=True), None
+        return self._recv(bufsize, flags, kernel=True, call="recvfrom"), None
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, None]:
         """:meth:`recv_into`, and the sender's address: None on a TCP
         stream.  Of nothing it waits as the kernel's (see
         :meth:`recv_into`)."""
-        return self._recv_into(buffer, nbytes, flags, kernel=True), None
+        return self._recv_into(buffer, nbytes, flags, kernel=True, call="recvfrom_into"), None
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0,
                 flags: int = 0) -> tuple[bytes, list[tuple[int, int, bytes]], int, None]:

@@ -105,6 +105,23 @@ def test_bad_arguments_say_which_and_start_nothing(
     assert set(threading.enumerate()) - before == set()
 
 
+def test_a_platform_is_checked_without_reading_its_properties(host: Any) -> None:
+    # As xenback.platform.check_platform, which BackendDriver uses: read by
+    # Python 3.11's isinstance(), a property's own bug (an AttributeError)
+    # made the platform "not a Platform", hiding where it was.
+    class Buggy:
+        run_dir = host.dom0.run_dir
+        xenstore, gnttab = host.dom0.xenstore, host.dom0.gnttab
+        gntshr, evtchn = host.dom0.gntshr, host.dom0.evtchn
+
+        @property
+        def domid(self) -> int:
+            return self._domid  # type: ignore[attr-defined, no-any-return]
+
+    with pytest.raises(AttributeError, match="_domid"):
+        pvcalls.Backend(Buggy())
+
+
 def test_nr_ioworkers_is_capped(host: Any) -> None:
     with pvcalls.Backend(host.dom0, max_ioworkers=3, cpus=8) as b:
         assert b.nr_ioworkers == 3

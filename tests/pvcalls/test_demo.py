@@ -42,5 +42,38 @@ def test_a_demo_with_its_stdout_closed_is_a_usage_error() -> None:
                             timeout=TIMEOUT)
     assert result.returncode == 2
     assert result.stderr.endswith(
-        "pvcalls-backend demo: error: standard output must be open (the demo's output is "
-        "what it shows)\n")
+        "pvcalls-backend demo: error: standard output must be open for writing (the demo's "
+        "output is what it shows)\n")
+
+
+def test_a_demo_with_its_stdout_open_only_for_reading_is_a_usage_error() -> None:
+    # 1</dev/null: not None, so it passed the closed check, and the first
+    # print() ended the demo in an OSError traceback.
+    exe = Path(sys.executable).parent / "pvcalls-backend"
+    result = subprocess.run(["sh", "-c", 'exec "$@" 1</dev/null', "sh", str(exe), "demo"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        "pvcalls-backend demo: error: standard output must be open for writing (the demo's "
+        "output is what it shows)\n")
+
+
+def test_a_demo_whose_output_cannot_be_written_says_why() -> None:
+    # /dev/full: every write fails with ENOSPC, which was a traceback.
+    exe = Path(sys.executable).parent / "pvcalls-backend"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([str(exe), "demo"], stdin=subprocess.DEVNULL, stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    assert (result.returncode, result.stderr) == (
+        1, "pvcalls-backend: cannot write the demo's output: No space left on device\n")
+
+
+def test_a_demo_on_a_stdout_open_for_reading_and_writing_runs(tmp_path: Path) -> None:
+    # A terminal is open O_RDWR: writable, though not write-only.
+    exe = Path(sys.executable).parent / "pvcalls-backend"
+    with open(tmp_path / "out", "w+") as out:
+        result = subprocess.run([str(exe), "demo"], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "backend stopped cleanly" in (tmp_path / "out").read_text()

@@ -384,6 +384,19 @@ def test_a_receive_size_that_is_not_an_integer_is_said_so(
     assert str(got.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("call", [
+    lambda s: s.recv(-1), lambda s: s.recvfrom(-1),
+    lambda s: s.recv_into(bytearray(4), -1), lambda s: s.recvfrom_into(bytearray(4), -1),
+], ids=["recv", "recvfrom", "recv_into", "recvfrom_into"])
+def test_a_negative_receive_size_names_the_call(make: Callable[[], Any],
+                                                call: Callable[[Any], Any]) -> None:
+    with socket.socket() as real, pytest.raises(ValueError) as expected:
+        call(real)
+    with pytest.raises(ValueError) as got:
+        call(make())
+    assert str(got.value) == str(expected.value)
+
+
 def test_a_receive_of_nothing_waits_as_the_kernels(pair: tuple[Any, socket.socket]) -> None:
     """recvfrom(), recvmsg() and their _into forms of nothing reach the
     kernel, which waits as for a receive of one byte (for data, the end

@@ -721,3 +721,27 @@ def test_the_gate_takes_the_signals_not_ignored_and_gives_them_back() -> None:
             signal.signal(signum, handler)
         os.close(r)
         os.close(w)
+
+
+def test_a_signal_during_the_host_look_up_ends_it_before_the_guest_joins(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The look-up moved before the device, out of the open gate: a Ctrl-C
+    # while a slow resolver answered was kept, and the guest joined and
+    # waited for its handshake (10 s with no backend) before it ended.
+    import xenback.sim
+
+    gate = _nc._SignalGate()
+    attached: list[object] = []
+
+    def resolve(address: tuple[str, int]) -> tuple[str, int]:
+        gate.handler(signal.SIGINT, None)  # as the resolver answers
+        return "192.0.2.1", address[1]
+
+    monkeypatch.setattr(_nc, "resolve", resolve)
+    monkeypatch.setattr(xenback.sim, "attach", lambda *args: attached.append(args))
+    args = _nc._parser().parse_args(["--run-dir", str(tmp_path), "--domid", "1",
+                                     "slow.example", "80"])
+    with pytest.raises(_nc._Signalled) as info:
+        _nc.run(args, "slow.example", 80, sys.stdin.buffer, sys.stdout.buffer, gate)
+    assert info.value.signum == signal.SIGINT
+    assert attached == []

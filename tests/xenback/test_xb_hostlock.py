@@ -527,13 +527,15 @@ def test_a_domain_s_lock_is_in_its_host_s_run_dir_by_name_and_domid(tmp_path: Pa
 
 
 @pytest.mark.parametrize(("name", "error", "message"), [
-    ("", ValueError, "^a job name must be letters, digits, '.', '-' and '_', not starting "
-                     "with '.' or '-'; got ''$"),
+    ("", ValueError, "^a job name must be ASCII letters, digits, '.', '-' and '_', not "
+                     "starting with '.' or '-'; got ''$"),
+    # ü is a letter: the rule must say which letters it means.
+    ("über", ValueError, "^a job name must be ASCII letters, .*; got 'über'$"),
     ("a/b", ValueError, "^a job name must be .*; got 'a/b'$"),
     (".hidden", ValueError, "^a job name must be .*; got '.hidden'$"),
     ("..", ValueError, "^a job name must be .*; got '..'$"),
     (3, TypeError, "^a job name must be a str, not int$"),
-], ids=["empty", "slash", "hidden", "dotdot", "int"])
+], ids=["empty", "non-ASCII", "slash", "hidden", "dotdot", "int"])
 def test_a_job_name_that_cannot_name_a_lock_file_is_refused(
         tmp_path: Path, name: object, error: type[Exception], message: str) -> None:
     # Taken as it came, "" made a hidden ".dom0.lock", "a/b" looked for a
