@@ -608,8 +608,8 @@ class BackendDevice:
         Whether the failure was reported: False, with nothing written and
         the failure logged only as information, when the device directory
         is no longer this device's (deleted, or deleted and made again by
-        the toolstack for a new device at the same path: see
-        :meth:`_ours`).  The failure is then the old device's, and the
+        the toolstack for a new device at the same path, as the module
+        docstring says).  The failure is then the old device's, and the
         path's error node, state and log lines are the new one's.  Linux's
         xenbus_dev_fatal() logs at error level whatever became of the
         directory and writes the error node outside any transaction,
