@@ -64,7 +64,9 @@ protocol (section 2 of the protocol reference), item by item:
   for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
   One met once the device directory is no longer the device's (deleted,
   or deleted and made again for a new device) is the old device's: only
-  logged, as information, and the device dropped (see ``_fatal_or_drop``);
+  logged, as information, and the device dropped (see ``_fatal_or_drop``;
+  a driver's own :meth:`BackendDevice.fatal` then writes nothing and logs
+  it as information too, and returns False);
 * so does a bug in what a driver sets going for a device, to run later:
   an exception escaping a call queued with :meth:`BackendDevice.queue`,
   the callback of a port bound with :meth:`BackendDevice.bind_evtchn` or
@@ -543,18 +545,19 @@ class BackendDevice:
         """Where :meth:`fatal` writes: ``<home>/error/backend/<type>/<fe>/<devid>/error``."""
         return f"{self.driver.error_root}/{self.frontend_id}/{self.devid}/error"
 
-    def error(self, err: int, message: str) -> None:
-        """``xenbus_dev_error``: log and write the error node."""
-        self._error(err, message)
+    def error(self, err: int, message: str) -> bool:
+        """``xenbus_dev_error``: log and write the error node.  Whether the
+        failure was reported there: False when the device directory is no
+        longer this device's (see :meth:`fatal`)."""
+        reported, _unwritten = self._error(err, message)
+        return reported
 
-    def _error(self, err: int, message: str) -> Exception | None:
-        """:meth:`error`; what the error node's write failed with, if it did."""
+    def _error(self, err: int, message: str) -> tuple[bool, Exception | None]:
+        """:meth:`error`: whether it was reported, and what the error
+        node's write failed with, if it did."""
         _check_error(err, message)
         err = abs(err)
         message = _printable(message)
-        # Rate-limited (see ``ratelimit``); the error node below is written
-        # every time: the frontend must see each failure.
-        self.ratelimit.log(logger, logging.ERROR, "%s: error %d: %s", self.nodename, err, message)
         line = f"{err} {message}"[:1024]
 
         def tx(t: Transaction) -> bool:
@@ -567,21 +570,59 @@ class BackendDevice:
             return True
 
         try:
-            if not self.xenstore.transaction(tx):
-                logger.debug("%s: error node not written: the device directory was deleted",
-                             self.nodename)
+            ours = self.xenstore.transaction(tx)
         except (OSError, ValueError) as exc:
             # Reporting an error must not raise one: fatal() still has to go
-            # Closing.  No traceback: XenStore's error says it all.
+            # Closing.  No traceback: XenStore's error says it all.  Whose
+            # the directory is, nobody can tell: the failure is said as ours.
+            self._log_error(err, message)
             level = logging.DEBUG if self.driver._said_already(exc) else logging.WARNING
             logger.log(level, "%s: could not write the error node: %s", self.nodename, exc)
-            return exc
-        return None
+            return True, exc
+        if not ours:
+            self._not_reported(err, message)
+            return False, None
+        self._log_error(err, message)
+        return True, None
 
-    def fatal(self, err: int, message: str) -> None:
-        """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing."""
+    def _log_error(self, err: int, message: str) -> None:
+        # Rate-limited (see ``ratelimit``); the error node is written every
+        # time: the frontend must see each failure.
+        self.ratelimit.log(logger, logging.ERROR, "%s: error %d: %s", self.nodename, err, message)
+
+    def _not_reported(self, err: int, message: str) -> None:
+        """Log a failure of this device met once its directory is no
+        longer its own.  As information: an error line names the path,
+        and a log watcher would count it against the device there now,
+        which did not fail.  Rate-limited as the error line it stands for
+        (a driver may meet the failure again and again until the device
+        is dropped).  ``message`` is escaped already (``_printable``): it
+        may quote what the frontend wrote."""
+        self.ratelimit.log(logger, logging.INFO,
+                           "%s: %s (errno %d), and the device directory is no longer this "
+                           "device's (deleted, or made again for a new one): not reported there",
+                           self.nodename, message, err)
+
+    def fatal(self, err: int, message: str) -> bool:
+        """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing.
+        Whether the failure was reported: False, with nothing written and
+        the failure logged only as information, when the device directory
+        is no longer this device's (deleted, or deleted and made again by
+        the toolstack for a new device at the same path, as the module
+        docstring says).  The failure is then the old device's, and the
+        path's error node, state and log lines are the new one's.  Linux's
+        xenbus_dev_fatal() logs at error level whatever became of the
+        directory and writes the error node outside any transaction,
+        which makes it again under a deleted device's error path; only its
+        switch to Closing, finding no state node, writes nothing.  Here
+        nothing of the old device reaches the new one.  A driver told
+        False need not go on with the device: it is dropped next (the
+        events of its directory's deletion wait on its queue)."""
         _check_error(err, message)  # before anything is written
-        unwritten = self._error(err, message)
+        reported, unwritten = self._error(err, message)
+        if not reported:
+            # switch_state() would find the same, and write nothing.
+            return False
         try:
             self.switch_state(XenbusState.CLOSING)
         except OSError as exc:
@@ -592,6 +633,7 @@ class BackendDevice:
                 unwritten is not None and self.driver._connection_gone(exc))
             level = logging.DEBUG if said else logging.WARNING
             logger.log(level, "%s: could not switch to Closing: %s", self.nodename, exc)
+        return True
 
     # Grants and event channels, released automatically on disconnect.
 
@@ -1668,21 +1710,21 @@ class BackendDriver:
         return True; but if its directory is no longer its own (deleted,
         or deleted and made again by the toolstack for a new device at the
         same path, see ``BackendDevice._ours``) drop it instead and return
-        False.  The failure is then the old device's: fatal() would write
-        nothing there (its transactions check the same), but would still
-        report it as the failure of the device at that path, which a log
-        watcher counts against the new one.  The drop looks at the path
-        again, and a new device there is probed.  (A re-creation between
-        this look and fatal()'s transactions still gets nothing written:
-        only fatal()'s log line is then the old device's.)"""
-        if dev._is_ours():
-            dev.fatal(err, message)
+        False.  The failure is then the old device's: fatal() logs it only
+        as information and writes nothing.  The drop looks at the path
+        again, and a new device there is probed.
+
+        The look before fatal() is outside a transaction, and fatal()'s
+        own tell the re-creation that comes after it.  It is still worth
+        its reads: XenStore's error to them (the connection lost, our
+        domain going) is raised, to the callback's handler, which says
+        the cause once, where fatal() would report it as this device's."""
+        if not dev._is_ours():
+            dev._not_reported(abs(err), _printable(message))
+        # "is not False": a driver's fatal() wrapped (or overridden) before
+        # it told anything returns None, and that is no drop.
+        elif dev.fatal(err, message) is not False:
             return True
-        # Once per device (it is dropped next), but escaped as fatal()'s
-        # line is: the message may quote what the frontend wrote.
-        logger.info("%s: %s, and the device directory is no longer this device's "
-                    "(deleted, or made again for a new one): not reported there",
-                    dev.nodename, _printable(message))
         self._drop(dev)
         return False
 

@@ -403,9 +403,9 @@ def test_a_broken_command_ring_fails_its_device_on_the_device_queue(
     where: list[bool] = []
     fatal = dev.fatal
 
-    def recorded(err: int, message: str) -> None:
+    def recorded(err: int, message: str) -> bool:
         where.append(dev.events.in_queue())
-        fatal(err, message)
+        return fatal(err, message)
 
     monkeypatch.setattr(dev, "fatal", recorded)
     fe.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has

@@ -9,6 +9,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1496,6 +1497,62 @@ def test_news_of_a_peer_interrupted_anywhere_leaks_nothing(tmp_path: Path) -> No
             break
         landed.append(where)
     assert len(landed) > 10, landed
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def test_a_notify_finding_its_peer_gone_interrupted_anywhere_closes_nothing_twice(
+        tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in a notify() whose write finds the
+    peer's pipe closed (the peer unbound, its news not here yet): the
+    port's write end is closed once and forgotten.  One landing as its
+    close returned left the closed number on the port, for close() to
+    close again: by then the number of a file of someone else's (a pipe
+    made in between here)."""
+    def landing(n: int) -> str:
+        before = descriptors()
+        path = str(tmp_path / f"hypervisor-{n}")
+        port_r, port_w = os.pipe2(os.O_NONBLOCK)
+        peer_r, peer_w = os.pipe()
+        server, sent = _bind_answered_then(path, port_r, [
+            ({"event": "bound", "port": 7, "domid": 1, "remote_port": 5}, peer_w)])
+        ch = EventChannel(path)
+        mine: tuple[int, int] | None = None
+        try:
+            assert ch.bind_unbound_port(1) == 7
+            assert sent.wait(TIMEOUT)
+            assert ch.remote(7) == (1, 5)  # the news taken: the port has the write end
+            os.close(peer_r)  # the peer went: its read end with it
+            where = interrupted_at(n, SIM_CODE, lambda: ch.notify(7), besides=SIM_ROUND_TRIP)
+            held = ch._ports[7].peer_fd
+            # Still the port's, it was never closed.
+            held_open = held is None or _is_pipe(held)
+            # Takes the lowest free numbers: one the handle closed above among them.
+            mine = os.pipe()
+            ch.notify(7)
+        finally:
+            ch.close()
+            server.join(TIMEOUT)
+        assert held_open, f"interrupted {where}: the port holds {held}, closed"
+        assert mine is not None and all(map(_is_pipe, mine)), (
+            f"interrupted {where}: the handle closed a pipe not its own")
+        close_fds([port_w, *mine])
+        assert eventually(lambda: descriptors() <= before), (
+            f"interrupted {where}: new descriptors {sorted(descriptors() - before)}")
+        return where
+
+    landed = []
+    for n in itertools.count():
+        where = landing(n)
+        if not where:
+            break
+        landed.append(where)
+    assert any("_lost_peer" in where for where in landed), landed
 
 
 @pytest.mark.parametrize(("op", "count", "port"), [

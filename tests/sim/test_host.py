@@ -7,6 +7,7 @@ import itertools
 import os
 import queue
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -19,6 +20,7 @@ import pyxs
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
+    descriptors,
     eventually,
     every_landing,
     wait_pending,
@@ -28,6 +30,7 @@ from stolensignal import OUTLASTS_THE_TEST, Interrupted, interrupted_as_call_ret
 
 from xenback.platform import Platform, PlatformError
 from xenback.sim import Domain, SimHost, Toolstack, attach, create_domain
+from xenback.sim._proto import close_fds
 from xenback.sim._xenstored import XenStored
 
 
@@ -451,6 +454,44 @@ def test_a_hypervisor_without_domain_control_says_so(tmp_path: Path) -> None:
                 assert json.loads(sock.recv(65536))["errno"] == errno.ENOSYS
     finally:
         hv.stop()
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def test_a_hypervisor_stop_interrupted_anywhere_closes_nothing_twice(tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in the hypervisor service's stop(), then
+    stop() again: each of its descriptors is closed once.  One landing as
+    a close returned left the closed number stored, and the next stop()
+    closed it again: by then the number of a file of someone else's (a
+    pipe made in between here)."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    landed = []
+    for n in itertools.count():
+        before = descriptors()
+        hv = Hypervisor(tmp_path / str(n))
+        hv.start()
+        hv.add_domain(0, "Domain-0")
+        try:
+            where = interrupted_at(n, SIM_CODE, hv.stop)
+            # Takes the lowest free numbers: one stop() closed among them.
+            mine = os.pipe()
+        finally:
+            hv.stop()
+        closed = [fd for fd in mine if not _is_pipe(fd)]
+        assert not closed, f"interrupted {where}: stop() closed {closed}, not its own"
+        close_fds(mine)
+        assert eventually(lambda before=before: descriptors() <= before), (
+            f"interrupted {where}: new descriptors {sorted(descriptors() - before)}")
+        if not where:
+            break
+        landed.append(where)
+    assert any("Hypervisor.stop" in where for where in landed), landed
 
 
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:

@@ -325,9 +325,9 @@ def _count_fatal(bdev: BackendDevice, monkeypatch: pytest.MonkeyPatch) -> list[s
     tries: list[str] = []
     fatal = bdev.fatal
 
-    def counted(err: int, message: str) -> None:
+    def counted(err: int, message: str) -> bool:
         tries.append(message)
-        fatal(err, message)
+        return fatal(err, message)
 
     monkeypatch.setattr(bdev, "fatal", counted)
     return tries

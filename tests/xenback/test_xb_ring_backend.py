@@ -167,9 +167,9 @@ def test_a_broken_ring_stops_its_work_and_fails_the_device_on_its_queue(
     fatal = device.fatal
     tries: list[str] = []
 
-    def counted(err: int, message: str) -> None:
+    def counted(err: int, message: str) -> bool:
         tries.append(message)
-        fatal(err, message)
+        return fatal(err, message)
 
     monkeypatch.setattr(device, "fatal", counted)
     held, holding = threading.Event(), threading.Event()

@@ -977,16 +977,28 @@ def test_a_device_re_created_while_a_silent_probe_runs_is_served_by_that_probe(
 
 
 def test_a_connected_device_failing_after_it_was_re_created_leaves_no_error_node(
-        host, driver, frontends, dom0_xs) -> None:
-    """A device that fails while the toolstack deleted it and made a new
-    one at the same path (its events still wait behind the failure):
-    the error node's path is the new device's too, which must not start
-    its life reporting the old one's failure."""
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """A driver's own call fails its device with fatal() while the
+    toolstack deleted it and made a new one at the same path (its events
+    still wait behind the failure): the error node's path is the new
+    device's too, which must not start its life reporting the old one's
+    failure, nor must the log, where a watcher would count an error line
+    against the path.  fatal() says it reported nothing."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
     guest, dev, fe = connected(host, frontends)
     old = backend_device(driver, guest.domid)
-    again, fe = _re_created_behind(driver, host, frontends, dom0_xs, guest, dev, fe,
-                                   (old.fatal, errno.EIO, "the old device's failure"))
+    reported: list[object] = []
+    again, fe = _re_created_behind(
+        driver, host, frontends, dom0_xs, guest, dev, fe,
+        (lambda: reported.append(old.fatal(errno.EIO, "the old device's failure\n\x1b[2J")),))
+    assert reported == [False]
     assert error_node(dom0_xs, again) is None
+    assert dom0_xs.read(f"{again.backend_path}/state") == str(int(S.CONNECTED))
+    assert not [r for r in caplog.records
+                if r.levelno >= logging.WARNING and again.backend_path in r.getMessage()]
+    said = [r for r in caplog.records if "the old device's failure" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert said[0].getMessage().isprintable() and "failure\\n\\x1b[2J" in said[0].getMessage()
 
 
 @pytest.mark.parametrize("failing", ["connect", "queued call", "frontend_changed"])

@@ -348,9 +348,11 @@ class EventChannel(Closing):
     @staticmethod
     def _lost_peer(lp: _LocalPort) -> None:
         """The peer closed its end (under _lock); the service tells us shortly."""
-        assert lp.peer_fd is not None
-        os.close(lp.peer_fd)
-        lp.peer_fd = None
+        # Off the port before it is closed, as in _take_news: a Ctrl-C as
+        # close() returns must not leave the number to be closed again.
+        peer_fd, lp.peer_fd = lp.peer_fd, None
+        assert peer_fd is not None
+        os.close(peer_fd)
 
     def pending(self) -> int | None:
         """Return one fired port, now masked, or None."""

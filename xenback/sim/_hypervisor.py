@@ -349,17 +349,19 @@ class Hypervisor:
             for _, future in self._removals:
                 future.set_result(None)
             self._removals.clear()
-        # Once: a stop() interrupted in the join is called again, and the
-        # numbers of closed descriptors may belong to other files by then.
-        if self._wake_r < 0:
-            return
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self._wake_r = self._wake_w = -1
-        if self._reserve >= 0:
-            os.close(self._reserve)
-            self._reserve = -1
+        # Once: a stop() interrupted is called again, and the numbers of
+        # closed descriptors may belong to other files by then.  So each
+        # leaves its attribute in a step that calls nothing, then is closed.
+        self._selector.close()  # may be done again
+        wake_r, self._wake_r = self._wake_r, -1
+        if wake_r >= 0:
+            os.close(wake_r)
+        wake_w, self._wake_w = self._wake_w, -1
+        if wake_w >= 0:
+            os.close(wake_w)
+        reserve, self._reserve = self._reserve, -1
+        if reserve >= 0:
+            os.close(reserve)
 
     def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
         """Make ``domid`` known and listen for its handles; returns its socket."""
@@ -560,9 +562,9 @@ class Hypervisor:
         waiting in the backlog, with the reserve's descriptor, rather than
         leave its client waiting and the listener readable."""
         self._warn_fds("refusing a handle of domain %d", dom.domid)
-        if self._reserve >= 0:
-            os.close(self._reserve)
-            self._reserve = -1
+        reserve, self._reserve = self._reserve, -1
+        if reserve >= 0:
+            os.close(reserve)
             try:
                 sock, _ = dom.listener.accept()
             except OSError:
@@ -1041,20 +1043,20 @@ class Hypervisor:
         except OSError as e:
             self._warn_fds("port %d of domain %d keeps its pipe: %s", port.port, port.domid, e)
             return
-        os.close(port.wfd)
-        port.wfd = w
-        if port.fresh_r is not None:
-            os.close(port.fresh_r)  # never sent: the owner still reads the old one
-        port.fresh_r = r
+        old_w, port.wfd = port.wfd, w
+        os.close(old_w)
+        old_r, port.fresh_r = port.fresh_r, r
+        if old_r is not None:
+            os.close(old_r)  # never sent: the owner still reads the old one
 
     def _free_port(self, port: _Port) -> None:
         """Forget an unconnected ``port`` and close the service's write end."""
         del port.owner.domain.ports[port.port]
         port.owner.ports.discard(port)
         os.close(port.wfd)
-        if port.fresh_r is not None:
-            os.close(port.fresh_r)
-            port.fresh_r = None
+        fresh, port.fresh_r = port.fresh_r, None
+        if fresh is not None:
+            os.close(fresh)
 
     # -- domain control (dom0 only) ------------------------------------------
 
