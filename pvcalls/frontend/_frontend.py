@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from xenback import Closing
-from xenback.platform import Platform
+from xenback.platform import check_platform
 from xenback.ratelimit import RateLimit
 from xenback.ring import FrontRing, RingError
 from xenback.xenbus import XenbusState
@@ -251,7 +251,14 @@ class Frontend(Closing):
         # All checked here, not at open(): there the toolstack refused a
         # wrong type as a ValueError, and a domain that is none failed as a
         # missing attribute.
-        if not isinstance(domain, Platform) or not hasattr(domain, "toolstack"):
+        try:
+            # Not isinstance(): Python 3.11's reads every property of the
+            # Protocol (see check_platform).
+            check_platform(domain)
+            guest = hasattr(domain, "toolstack")
+        except TypeError:
+            guest = False
+        if not guest:
             raise TypeError("domain must be a guest's Platform with a toolstack "
                             f"(a xenback.sim.Domain), not {type(domain).__name__}")
         for name, value in (("backend_id", backend_id), ("devid", devid)):

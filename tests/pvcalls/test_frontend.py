@@ -1531,6 +1531,23 @@ def test_a_bad_argument_is_refused_at_once(guest: Any, domain: Any, kwargs: dict
         pvcalls.Frontend(guest if domain == "guest" else domain, **kwargs)
 
 
+def test_the_domain_check_reads_no_property(guest: Any) -> None:
+    """A platform that is no guest's (no toolstack) is told so whatever
+    its properties would do if read: isinstance() against the Platform
+    Protocol reads them on Python 3.11, and let their error out instead."""
+
+    class Asking:
+        @property
+        def domid(self) -> int:
+            raise RuntimeError("domid read by a type check")
+
+        run_dir = guest.run_dir
+        xenstore = gnttab = gntshr = evtchn = staticmethod(lambda: None)
+
+    with pytest.raises(TypeError, match="^domain must be a guest's Platform with a toolstack "):
+        pvcalls.Frontend(Asking())
+
+
 def test_linux_enotsupp_is_eopnotsupp_and_unnamed_errors_eio() -> None:
     from pvcalls.frontend._common import host_error
 
