@@ -200,13 +200,15 @@ def _handler_runs_as_it_starts(frame: FrameType, cache: dict[CodeType, frozenset
     return frame.f_lasti in cache[code]
 
 
-def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], object]) -> bool:
+def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], object], *,
+                                swallows: bool = False) -> bool:
     """Run ``call()`` with :class:`Interrupted` raised as the ``n``-th call
     (counting from 0) made by a frame of ``code`` returns: where CPython
     runs a signal's handler in the middle of a function (besides loops
     going round and Python functions starting).  True if it was raised;
     False if the frames made fewer calls, and ``call()`` ran undisturbed.
-    """
+    A ``call()`` that returns all the same fails (see _traced), unless
+    ``swallows``: for a call that keeps the Ctrl-C on purpose."""
     names = {ins.offset: ins.opname for ins in dis.get_instructions(code)}
     raisable = _raisable_after(code)
     returned = 0
@@ -233,14 +235,16 @@ def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], objec
         after_call = None
         return in_frame
 
-    return _traced(enter, call, lambda: raised)
+    return _traced(enter, call, lambda: raised,
+                   lambda: f"as call {n} of {code.co_qualname} returned", swallows)
 
 
-def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object]) -> bool:
+def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object], *,
+                                swallows: bool = False) -> bool:
     """Run ``call()`` with :class:`Interrupted` raised as the first frame of
     ``code`` starts: where CPython runs a signal's handler before the
     function does anything.  True if it was raised; False if no frame of
-    ``code`` ran."""
+    ``code`` ran.  ``swallows``: as for interrupted_as_call_returns."""
     raised = False
 
     def enter(frame: FrameType, event: str, arg: object) -> Any:
@@ -250,12 +254,12 @@ def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object]) -> b
             raise Interrupted
         return None
 
-    return _traced(enter, call, lambda: raised)
+    return _traced(enter, call, lambda: raised, lambda: f"as {code.co_qualname} started", swallows)
 
 
 def interrupted_at(n: int, within: str, call: Callable[[], object],
                    unless: Callable[[], bool] = lambda: False, *,
-                   besides: str | tuple[str, ...] = "") -> str:
+                   besides: str | tuple[str, ...] = "", swallows: bool = False) -> str:
     """Run ``call()`` with :class:`Interrupted` raised at the ``n``-th place
     (counting from 0) where CPython may run a signal's handler in a frame
     of a file under the directory ``within``: as such a frame starts (not
@@ -267,7 +271,13 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     at every such place of one call, however its code is split into
     functions.  A place where ``unless()`` holds does not count, nor one
     in a file ``besides`` names: a directory (every file under it) or a
-    ``.py`` file, or a tuple of them."""
+    ``.py`` file, or a tuple of them.
+
+    A ``call()`` that returns normally although the Ctrl-C was raised
+    fails, naming the place: a library that catches a KeyboardInterrupt
+    and drops it lets the user's program go on as if none had come.
+    ``swallows`` allows it, for a call that keeps the Ctrl-C on purpose
+    (to raise it later, say): say why where it is passed."""
     within = os.path.join(within, "")
     skipped = tuple(path if path.endswith(".py") else os.path.join(path, "")
                     for path in ((besides,) if isinstance(besides, str) else besides) if path)
@@ -317,20 +327,28 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
             land(frame, "as it starts:")
         return in_frame
 
-    _traced(enter, call, lambda: bool(raised))
+    _traced(enter, call, lambda: bool(raised), lambda: raised, swallows)
     return raised
 
 
-def _traced(tracer: Any, call: Callable[[], object], raised: Callable[[], bool]) -> bool:
+def _traced(tracer: Any, call: Callable[[], object], raised: Callable[[], bool],
+            where: Callable[[], str], swallows: bool) -> bool:
     """``call()`` under ``tracer``; True if the tracer raised its
     :class:`Interrupted` (``raised()``), which ends the call; any other
-    goes on."""
+    goes on.  A call that returns although the tracer raised fails, naming
+    ``where()`` it landed, unless ``swallows``: something on the way out
+    caught the Ctrl-C and dropped it, and a user's program would go on as
+    if none had come."""
     sys.settrace(tracer)
     try:
         call()
     except Interrupted:
         if not raised():
             raise
+    else:
+        if raised() and not swallows:
+            raise AssertionError(f"the Ctrl-C raised {where()} was swallowed:"
+                                 f" {_describe(call)} returned normally")
     finally:
         sys.settrace(None)
     return raised()

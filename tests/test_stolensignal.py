@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from stolensignal import Interrupted, interrupted_at, main_thread_in, signal_taken_elsewhere
+from stolensignal import (
+    Interrupted,
+    interrupted_as_call_returns,
+    interrupted_as_frame_starts,
+    interrupted_at,
+    main_thread_in,
+    signal_taken_elsewhere,
+)
 
 # Where a generator thrown into (throw(), close(), a yield from passing the
 # exception on) goes straight to its handlers: CPython 3.11 runs no signal's
@@ -22,6 +29,8 @@ from stolensignal import Interrupted, interrupted_at, main_thread_in, signal_tak
 # and an exception raised there ended the generator without its finally.
 # Where one is resumed by next() (RESUME 1), a handler runs.
 _CODE = '''
+import contextlib
+
 entered: list[int] = []
 left: list[int] = []
 
@@ -68,6 +77,40 @@ def resumed_with_throw_at_hand():
     throw = g.throw
     next(g, None)
     return throw
+
+
+done: list[int] = []
+
+
+def work():
+    done.append(1)
+
+
+def swallowing():
+    try:
+        work()
+    except BaseException:
+        pass
+
+
+def returning_in_finally():
+    try:
+        work()
+    finally:
+        return
+
+
+def suppressing():
+    with contextlib.suppress(BaseException):
+        work()
+
+
+def reraising():
+    try:
+        work()
+    except BaseException:
+        done.clear()
+        raise
 '''
 
 
@@ -158,3 +201,48 @@ def test_no_signal_once_the_block_ended() -> None:
     with signal_taken_elsewhere(lambda: False, within=0.2):
         pass
     assert not [t for t in threading.enumerate() if t.name == "signal-sender"]
+
+
+def _every_landing(mod: types.ModuleType, call: Callable[[], object],
+                   swallows: bool = False) -> list[str]:
+    within = os.path.dirname(mod.__file__ or "")
+    landed = []
+    for n in itertools.count():
+        where = interrupted_at(n, within, call, swallows=swallows)
+        if not where:
+            return landed
+        landed.append(where)
+
+
+@pytest.mark.parametrize("name", ["swallowing", "returning_in_finally", "suppressing"])
+def test_a_call_that_swallows_the_ctrl_c_fails_the_sweep(
+        module: types.ModuleType, name: str) -> None:
+    """The sweep's first landing in work() is caught and dropped by its
+    caller, which returns: the helper fails there, naming the place,
+    instead of counting it as a landing like any other."""
+    with pytest.raises(AssertionError) as failure:
+        _every_landing(module, getattr(module, name))
+    message = str(failure.value)
+    assert "the Ctrl-C raised as it starts: work, sweptmod.py:" in message, message
+    assert f"was swallowed: {name} (sweptmod.py:" in message, message
+
+
+def test_a_call_that_raises_the_ctrl_c_again_passes_the_sweep(module: types.ModuleType) -> None:
+    landed = _every_landing(module, module.reraising)
+    assert any(where.startswith("as it starts: work,") for where in landed), landed
+    assert module.done == [1]  # the last call, undisturbed, got through
+
+
+def test_a_call_that_swallows_on_purpose_says_so(module: types.ModuleType) -> None:
+    landed = _every_landing(module, module.swallowing, swallows=True)
+    assert any(where.startswith("as it starts: work,") for where in landed), landed
+
+
+def test_the_other_sweeps_fail_a_swallowing_call_too(module: types.ModuleType) -> None:
+    with pytest.raises(AssertionError, match=r"as work started was swallowed"):
+        interrupted_as_frame_starts(module.work.__code__, module.swallowing)
+    with pytest.raises(AssertionError, match=r"as call 0 of work returned was swallowed"):
+        interrupted_as_call_returns(module.work.__code__, 0, module.swallowing)
+    assert interrupted_as_frame_starts(module.work.__code__, module.swallowing, swallows=True)
+    assert interrupted_as_frame_starts(module.work.__code__, module.reraising)
+    assert interrupted_as_call_returns(module.work.__code__, 0, module.reraising)
