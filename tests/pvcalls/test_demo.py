@@ -33,30 +33,29 @@ def test_demo_runs_and_reports_cpus_and_bytes() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_a_demo_with_its_stdout_closed_is_a_usage_error() -> None:
-    # With descriptor 1 closed (>&-) Python's print() writes nothing: the
-    # demo ran, showed nothing, and exited 0, as if all had been said.
+def _refused_as_a_usage_error(redirect: str) -> None:
+    """The demo run with its standard output redirected by ``redirect``
+    (a shell's) is refused before it starts."""
     exe = Path(sys.executable).parent / "pvcalls-backend"
-    result = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", str(exe), "demo"],
+    result = subprocess.run(["sh", "-c", f'exec "$@" {redirect}', "sh", str(exe), "demo"],
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             timeout=TIMEOUT)
     assert result.returncode == 2
     assert result.stderr.endswith(
         "pvcalls-backend demo: error: standard output must be open for writing (the demo's "
         "output is what it shows)\n")
+
+
+def test_a_demo_with_its_stdout_closed_is_a_usage_error() -> None:
+    # With descriptor 1 closed (>&-) Python's print() writes nothing: the
+    # demo ran, showed nothing, and exited 0, as if all had been said.
+    _refused_as_a_usage_error(">&-")
 
 
 def test_a_demo_with_its_stdout_open_only_for_reading_is_a_usage_error() -> None:
     # 1</dev/null: not None, so it passed the closed check, and the first
     # print() ended the demo in an OSError traceback.
-    exe = Path(sys.executable).parent / "pvcalls-backend"
-    result = subprocess.run(["sh", "-c", 'exec "$@" 1</dev/null', "sh", str(exe), "demo"],
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            timeout=TIMEOUT)
-    assert result.returncode == 2
-    assert result.stderr.endswith(
-        "pvcalls-backend demo: error: standard output must be open for writing (the demo's "
-        "output is what it shows)\n")
+    _refused_as_a_usage_error("1</dev/null")
 
 
 def test_a_demo_whose_output_cannot_be_written_says_why() -> None:

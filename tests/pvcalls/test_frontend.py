@@ -1992,6 +1992,20 @@ def backend_of_its_own(name: str) -> Iterator[tuple[Any, pvcalls.Frontend]]:
             backend.close()
 
 
+@contextlib.contextmanager
+def listener_left_by_its_backend(name: str) -> Iterator[tuple[pvcalls.Frontend, pvcalls.PVSocket]]:
+    """A frontend of :func:`backend_of_its_own` and a socket listening on
+    it when the backend closed: ``(frontend, listener)``, the frontend
+    seen dead."""
+    with backend_of_its_own(name) as (backend, fe):
+        ls = fe.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        backend.close()
+        wait_until(lambda: fe._dead)
+        yield fe, ls
+
+
 def test_backend_going_away_fails_waiters(server: Any) -> None:
     srv = server()
     with backend_of_its_own("orphan") as (backend, fe):
@@ -2042,12 +2056,7 @@ def test_a_listeners_fileno_after_the_backend_left_polls_readable() -> None:
     never fails on an open socket.  Before, fileno() failed with ENOTCONN
     as it tried to send the POLL, and every call of it since it tries at
     each: a selector could neither take the listener nor let go of it."""
-    with backend_of_its_own("listener-orphan") as (backend, fe):
-        ls = fe.socket()
-        ls.bind(("127.0.0.1", 0))
-        ls.listen()
-        backend.close()
-        wait_until(lambda: fe._dead)
+    with listener_left_by_its_backend("listener-orphan") as (_fe, ls):
         with selectors.DefaultSelector() as sel:
             sel.register(ls, selectors.EVENT_READ)
             assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [ls]
@@ -2058,12 +2067,7 @@ def test_a_listeners_fileno_after_the_backend_left_polls_readable() -> None:
 
 def test_a_call_after_the_backend_left_says_so() -> None:
     # The same error whether the backend left during the call or before it.
-    with backend_of_its_own("late") as (backend, fe):
-        ls = fe.socket()
-        ls.bind(("127.0.0.1", 0))
-        ls.listen()
-        backend.close()
-        wait_until(lambda: fe._dead)
+    with listener_left_by_its_backend("late") as (fe, ls):
         assert_fails(errno.ENOTCONN, ls.accept, fe.socket,
                      strerror="the PV Calls backend went away")
 

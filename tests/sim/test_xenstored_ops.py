@@ -704,16 +704,25 @@ def test_lifecycle() -> None:
             server.introduce_domain(2)
 
 
-def test_stopping_a_stuck_loop_fails_naming_it() -> None:
-    # stop() once waited for the loop thread for ever: a bug that kept
-    # the loop from coming back to its select() hung whoever stopped it
-    # (a test's fixture, past pytest-timeout).  Bounded, it says which
-    # thread is stuck, and where; a later stop() finishes the job.
+def _stuck_call() -> tuple[threading.Event, threading.Event, Callable[[], None]]:
+    """A call that holds the loop from when it sets ``entered`` until
+    ``gate`` is set: ``(entered, gate, stuck)``.  Its name is what the
+    loop's stuck report says (``in stuck``)."""
     entered, gate = threading.Event(), threading.Event()
 
     def stuck() -> None:
         entered.set()
         assert gate.wait(60)
+
+    return entered, gate, stuck
+
+
+def test_stopping_a_stuck_loop_fails_naming_it() -> None:
+    # stop() once waited for the loop thread for ever: a bug that kept
+    # the loop from coming back to its select() hung whoever stopped it
+    # (a test's fixture, past pytest-timeout).  Bounded, it says which
+    # thread is stuck, and where; a later stop() finishes the job.
+    entered, gate, stuck = _stuck_call()
 
     with tempfile.TemporaryDirectory(prefix="xs") as d:
         xsd = XenStored(Path(d))
@@ -748,11 +757,7 @@ def test_a_call_to_a_stuck_loop_fails_naming_it_and_never_runs(
     # then fails the same way; a call the loop never began is withdrawn,
     # not run once the loop comes back.  The stuck call itself fails too.
     monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
-    entered, gate = threading.Event(), threading.Event()
-
-    def stuck() -> None:
-        entered.set()
-        assert gate.wait(60)
+    entered, gate, stuck = _stuck_call()
 
     ran: list[int] = []
     answers: dict[str, BaseException | None] = {}
@@ -892,11 +897,7 @@ def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
-    entered, gate = threading.Event(), threading.Event()
-
-    def stuck() -> None:
-        entered.set()
-        assert gate.wait(60)
+    entered, gate, stuck = _stuck_call()
 
     answers: list[BaseException] = []
 

@@ -68,18 +68,12 @@ def _connect(frontends, guest, dev):
     return fe
 
 
-def _re_created_behind(drv, host, frontends, dom0_xs, guest, dev, fe, *behind):
-    """Hold the device of ``dev``'s queue (and the calls ``behind`` after
-    the hold) while its frontend closes and the toolstack deletes it and
-    makes it again at the same path; then let it go.  The new device must
-    be probed and connected, the old one dropped.  Returns the new
-    toolstack device and its connected frontend."""
-    old = backend_device(drv, guest.domid)
-    stalled, go = threading.Event(), threading.Event()
-    old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))  # its events wait
-    for call in behind:
-        old.queue(*call)
-    assert stalled.wait(TIMEOUT)
+def _re_created_while_held(drv, host, frontends, dom0_xs, guest, dev, fe, old, go):
+    """While ``old``, the backend device of ``dev``, is held until ``go``
+    is set: its frontend closes and the toolstack deletes it and makes it
+    again at the same path; then it is let go.  The new device must be
+    probed and connected, the old one dropped.  Returns the new toolstack
+    device and its connected frontend."""
     fe.close()
     dom0_xs.rm(dev.backend_path)
     dom0_xs.rm(dev.frontend_path)
@@ -89,6 +83,18 @@ def _re_created_behind(drv, host, frontends, dom0_xs, guest, dev, fe, *behind):
     assert backend_device(drv, guest.domid) is not old and old.gone
     assert drv.calls_of(guest.domid).count("probe") == 2
     return again, fe
+
+
+def _re_created_behind(drv, host, frontends, dom0_xs, guest, dev, fe, *behind):
+    """:func:`_re_created_while_held`, the device held by its own queue
+    (and the calls ``behind`` after the hold)."""
+    old = backend_device(drv, guest.domid)
+    stalled, go = threading.Event(), threading.Event()
+    old.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))  # its events wait
+    for call in behind:
+        old.queue(*call)
+    assert stalled.wait(TIMEOUT)
+    return _re_created_while_held(drv, host, frontends, dom0_xs, guest, dev, fe, old, go)
 
 
 def _watches_on(host, path: str) -> int:
@@ -770,39 +776,10 @@ def test_a_device_re_created_at_the_same_path_is_served(
     assert driver.calls_of(guest.domid).count("probe") == 2
 
 
-def test_a_device_re_created_while_probe_runs_gets_its_features(
-        host, driver, frontends, dom0_xs) -> None:
-    """The toolstack removes and re-adds a device at the same path while
-    probe() runs, after probe() wrote its features: they went with the
-    old directory.  InitWait in the new one would tell the frontend to
-    read features that are not there; the new device must be probed."""
-    entered, release = threading.Event(), threading.Event()
-
-    def hold(_dev) -> None:
-        if not entered.is_set():
-            entered.set()
-            assert release.wait(TIMEOUT)
-
-    driver.probe_hook = hold  # RecordingDriver writes feature-test first
-    guest = host.create_domain("guest")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    assert entered.wait(TIMEOUT)
-    again = host.toolstack.add_device("xbtest", guest.domid, replace=True)  # one transaction
-    assert again.backend_path == dev.backend_path
-    release.set()
-    fe = _connect(frontends, guest, again)
-    assert dom0_xs.read(f"{again.backend_path}/feature-test") == "1"
-    assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
-    assert error_node(dom0_xs, again) is None
-    fe.set_state(S.CLOSED)
-    fe.wait_backend(S.CLOSED)
-
-
-def _probe_across_re_creation(host, driver, then):
-    """Block the first probe() (after it wrote feature-test), have the
-    toolstack delete the device and make it again at the same path (one
-    transaction, as libxl's re-add), then run ``then(dev)`` in that probe:
-    ``(guest, the new toolstack device)``."""
+def _first_probe_held(host, driver, then=lambda _dev: None):
+    """A device whose first probe() (RecordingDriver's, after it wrote
+    feature-test) is held until the returned Event is set, then runs
+    ``then(dev)``: ``(guest, the toolstack device, that Event)``."""
     entered, release = threading.Event(), threading.Event()
 
     def hold(dev) -> None:
@@ -815,10 +792,34 @@ def _probe_across_re_creation(host, driver, then):
     guest = host.create_domain("guest")
     dev = host.toolstack.add_device("xbtest", guest.domid)
     assert entered.wait(TIMEOUT)
+    return guest, dev, release
+
+
+def _probe_across_re_creation(host, driver, then):
+    """Block the first probe() (after it wrote feature-test), have the
+    toolstack delete the device and make it again at the same path (one
+    transaction, as libxl's re-add), then run ``then(dev)`` in that probe:
+    ``(guest, the new toolstack device)``."""
+    guest, dev, release = _first_probe_held(host, driver, then)
     again = host.toolstack.add_device("xbtest", guest.domid, replace=True)
     assert again.backend_path == dev.backend_path
     release.set()
     return guest, again
+
+
+def test_a_device_re_created_while_probe_runs_gets_its_features(
+        host, driver, frontends, dom0_xs) -> None:
+    """The toolstack removes and re-adds a device at the same path while
+    probe() runs, after probe() wrote its features: they went with the
+    old directory.  InitWait in the new one would tell the frontend to
+    read features that are not there; the new device must be probed."""
+    guest, again = _probe_across_re_creation(host, driver, lambda _dev: None)
+    fe = _connect(frontends, guest, again)
+    assert dom0_xs.read(f"{again.backend_path}/feature-test") == "1"
+    assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
+    assert error_node(dom0_xs, again) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
 
 
 def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alone(
@@ -907,17 +908,7 @@ def test_a_node_probe_wrote_changed_by_the_toolstack_before_init_wait_is_a_re_pr
     node again.  A node with two writers loses one of them whatever the
     order; what is pinned here is that the device goes on, and its
     frontend only ever sees one probe's InitWait."""
-    entered, release = threading.Event(), threading.Event()
-
-    def hold(_dev) -> None:
-        if not entered.is_set():
-            entered.set()
-            assert release.wait(TIMEOUT)
-
-    driver.probe_hook = hold  # RecordingDriver writes feature-test first
-    guest = host.create_domain("guest")
-    dev = host.toolstack.add_device("xbtest", guest.domid)
-    assert entered.wait(TIMEOUT)
+    guest, dev, release = _first_probe_held(host, driver)
     dom0_xs.write(f"{dev.backend_path}/feature-test", "0")
     release.set()
     fe = _connect(frontends, guest, dev)
@@ -1043,14 +1034,8 @@ def test_a_failure_after_the_device_was_re_created_is_not_reported_as_the_new_on
         old.append(backend_device(driver, guest.domid))
         fe.set_state(S.CONNECTED)  # an event; the table does nothing for it
     assert entered.wait(TIMEOUT)
-    fe.close()
-    dom0_xs.rm(dev.backend_path)
-    dom0_xs.rm(dev.frontend_path)
-    again = host.toolstack.add_device("xbtest", guest.domid)
-    release.set()
-    fe = _connect(frontends, guest, again)
-    assert backend_device(driver, guest.domid) is not old[0] and old[0].gone
-    assert driver.calls_of(guest.domid).count("probe") == 2
+    again, fe = _re_created_while_held(
+        driver, host, frontends, dom0_xs, guest, dev, fe, old[0], release)
     assert error_node(dom0_xs, again) is None
     said = [r for r in caplog.records if "the old device's failure" in r.getMessage()]
     # Said once, as information, and escaped as fatal() escapes it.
