@@ -513,18 +513,23 @@ def test_a_closed_stdout_stops_it_cleanly_saying_why(tmp_path: Path) -> None:
     assert not run_dir.exists()
 
 
-def test_a_closed_stdout_descriptor_is_said_before_the_host_starts(tmp_path: Path) -> None:
-    # With descriptor 1 closed (>&-), Python's print() quietly wrote
-    # nothing: it served on, its ready lines lost, and its sockets took
-    # descriptor 1.
+@pytest.mark.parametrize(("redirect", "why"), [
+    # Descriptor 1 closed: Python's print() quietly wrote nothing: it
+    # served on, its ready lines lost, and its sockets took descriptor 1.
+    (">&-", "it is closed"),
+    # Python opens descriptor 1 as stdout whatever its mode: the host
+    # started, then the ready lines failed with EBADF.
+    ("1</dev/null", "it is open only for reading"),
+])
+def test_an_unusable_stdout_is_said_before_the_host_starts(tmp_path: Path, redirect: str,
+                                                           why: str) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "xenback.sim",
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", sys.executable, "-m", "xenback.sim",
          "--run-dir", str(run_dir), "--domain", "g"],
         stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT,
     )
-    assert (proc.returncode, proc.stderr) == (
-        1, "xenback-sim: cannot write to stdout: it is closed\n")
+    assert (proc.returncode, proc.stderr) == (1, f"xenback-sim: cannot write to stdout: {why}\n")
     assert not run_dir.exists()
 
 

@@ -37,6 +37,7 @@ from ._evtchn import EventChannel
 from ._frontend import FrontendDevice
 from ._grant import GrantMapping, GrantShare, GrantTable, SharedPages
 from ._host import SimHost
+from ._stdio import stdio_problem
 from ._toolstack import Device, Toolstack
 
 __all__ = [
@@ -54,4 +55,5 @@ __all__ = [
     "create_domain",
     "destroy_domain",
     "run_dir_argument",
+    "stdio_problem",
 ]

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 from ._domain import run_dir_argument
 from ._host import SimHost, check_domain_name
+from ._stdio import stdio_problem
 from ._xenstored._server import MAX_QUEUED, MIN_QUEUED, WATCH_EVENT_TIMEOUT
 
 logger = logging.getLogger(__name__)
@@ -102,11 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     twice = sorted({name for name in args.domain if args.domain.count(name) > 1})
     if twice:
         parser.error(f"argument --domain: {', '.join(map(repr, twice))} given more than once")
-    if sys.stdout is None:
-        # Descriptor 1 is closed (>&-), and Python's print() then writes
-        # nothing: the ready lines would be lost, as when the reader is
-        # gone, and the host's sockets would take descriptor 1.
-        print("xenback-sim: cannot write to stdout: it is closed", file=sys.stderr)
+    unusable = stdio_problem(sys.stdout, writing=True)
+    if unusable is not None:
+        # Said before the host starts: closed, the ready lines would be lost
+        # (as when the reader is gone) and the host's sockets would take
+        # descriptor 1; open only for reading, they would fail once it ran.
+        print(f"xenback-sim: cannot write to stdout: {unusable}", file=sys.stderr)
         return 1
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
