@@ -536,6 +536,8 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from xenback.sim import stdio_problem
+
     if sys.stderr is None:
         # Descriptor 2 is closed (2>&-): messages go nowhere, rather than
         # to stdout, into the data (print(file=None) writes there), or into
@@ -544,10 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     host, port = _parse_address(p, args)
-    if sys.stdin is None or sys.stdout is None:
-        # Python leaves them None when descriptor 0 or 1 is closed; the
-        # frontend's next descriptors would take their numbers.
-        p.error("standard input and output must be open")
+    # Before the guest joins: closed, the frontend's next descriptors would
+    # take their numbers; open only the other way, the first read or write
+    # would fail (EBADF) once the connection was made.
+    for name, stream, writing in (("input", sys.stdin, False), ("output", sys.stdout, True)):
+        unusable = stdio_problem(stream, writing=writing)
+        if unusable is not None:
+            p.error(f"standard {name} must be open for {'writing' if writing else 'reading'}: "
+                    f"{unusable}")
     logging.basicConfig(level=args.log_level, format="pvcalls-nc: %(levelname)s %(message)s")
     gate = _SignalGate()
     with gate.installed():

@@ -445,14 +445,26 @@ def test_no_device_id_left_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert info.value.message == "1 pvcalls-nc run as domain 1 already: it has no pvcalls device left"
 
 
-def test_closed_stdin_is_a_usage_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("redirect", "message"), [
+    ("<&-", "standard input must be open for reading: it is closed"),
+    (">&-", "standard output must be open for writing: it is closed"),
+    # Python opens descriptors 0 and 1 as stdin and stdout whatever their
+    # mode: the first read or write failed with EBADF, once the guest had
+    # joined and the connection was made.
+    ("0>/dev/null", "standard input must be open for reading: it is open only for writing"),
+    ("1</dev/null", "standard output must be open for writing: it is open only for reading"),
+])
+def test_unusable_stdin_or_stdout_is_a_usage_error(tmp_path: Path, redirect: str,
+                                                    message: str) -> None:
+    # No host runs in tmp_path: said before joining one, or it would say that.
     nc = subprocess.run(
-        ["sh", "-c", 'exec "$@" <&-', "sh", *script("pvcalls-nc"),
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", *script("pvcalls-nc"),
          "--run-dir", str(tmp_path), "--domid", "1", "127.0.0.1", "80"],
-        capture_output=True, timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, timeout=TIMEOUT,
     )
     assert nc.returncode == 2
-    assert nc.stderr.endswith(b"pvcalls-nc: error: standard input and output must be open\n")
+    assert nc.stderr.endswith(f"pvcalls-nc: error: {message}\n")
 
 
 def wait_for_node(xs: pyxs.Client, path: str, ok: Callable[[bytes | None], bool]) -> None:
