@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import http.server
 import logging
 import os
@@ -541,11 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
+        from xenback.sim import stdio_problem  # the demo's host is simulated anyway
+
         if args.max_page_order < FRONTEND_RING_ORDER:
             commands["demo"].error(
                 f"argument --max-page-order: {args.max_page_order} is below "
                 f"{FRONTEND_RING_ORDER}, the ring order of the demo's guests (Linux's)")
-        if sys.stdout is None or not _open_for_writing(sys.stdout):
+        if stdio_problem(sys.stdout, writing=True) is not None:
             # Descriptor 1 closed (>&-): print() would write nothing, and
             # the demo end with 0 having shown nothing.  Open only for
             # reading (1</dev/null), its first print() would fail midway.
@@ -601,16 +602,6 @@ class _Output:
             raise _OutputGone from None
         except OSError as exc:
             raise _OutputFailed(exc) from None
-
-
-def _open_for_writing(stream: Any) -> bool:
-    """False if ``stream``'s descriptor is open only for reading (Python
-    opens descriptor 1 as stdout whatever its mode)."""
-    try:
-        flags = fcntl.fcntl(stream.fileno(), fcntl.F_GETFL)
-    except (OSError, ValueError):  # no descriptor (io.UnsupportedOperation is a ValueError)
-        return True  # its writes will say what is wrong
-    return flags & os.O_ACCMODE != os.O_RDONLY
 
 
 def _to_devnull(stream: Any) -> None:
