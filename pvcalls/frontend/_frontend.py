@@ -4,6 +4,7 @@ command ring and its event thread, and the release of sockets."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import itertools
@@ -1500,6 +1501,23 @@ class Frontend(Closing):
             with sock._mutex:
                 sock._no_room = not room
             return room
+
+    def _poll_later(self, sock: PVSocket) -> None:
+        """Have the event thread send the POLL that listener ``sock``'s
+        fileno() needs (through ``sock._on_room()``, as once there is
+        room): a call that marked it in flight failed to send it, and
+        another that saw the mark meanwhile (fileno(), _on_room) returned,
+        counting on it.  Never waits, and raises nothing: it runs as a
+        Ctrl-C or an error goes by, which must come out as it came."""
+        with self._lock:
+            if sock not in self._room_waiters:
+                self._room_waiters.append(sock)
+            wakeup = self._wakeup
+        if wakeup is not None:
+            # Closed by a frontend stopping meanwhile: nothing answers a
+            # POLL any more, and the error would replace the caller's.
+            with contextlib.suppress(OSError):
+                wakeup.set()
 
     def _room_made(self) -> None:
         """Under _lock: an answer freed a ring slot or a response table

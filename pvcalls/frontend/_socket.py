@@ -1905,6 +1905,7 @@ class PVSocket(Closing):
                     raise
                 with self._mutex:
                     self._poll_inflight = False
+                    armed = self._armed and self._st.listening and not self._closed
                 if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
                     return  # closed while it waited for room: no POLL wanted
                 if isinstance(exc, OSError) and self._fe._dead:
@@ -1914,6 +1915,13 @@ class PVSocket(Closing):
                     # selector could neither register nor unregister.
                     return
                 if wait or not isinstance(exc, BlockingIOError):
+                    if armed:
+                        # Another fileno(), or the event thread's
+                        # _on_room or _listening, may have seen the mark
+                        # and returned, counting on this POLL: taken back
+                        # alone, none went out until the next fileno() or
+                        # accept(), and a selector waited for good.
+                        self._fe._poll_later(self)
                     raise
             if not self._room_later():
                 return
