@@ -4,7 +4,6 @@ command ring and its event thread, and the release of sockets."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import functools
 import itertools
@@ -1514,10 +1513,7 @@ class Frontend(Closing):
                 self._room_waiters.append(sock)
             wakeup = self._wakeup
         if wakeup is not None:
-            # Closed by a frontend stopping meanwhile: nothing answers a
-            # POLL any more, and the error would replace the caller's.
-            with contextlib.suppress(OSError):
-                wakeup.set()
+            wakeup.set()  # never closed under a holder (see _Wakeup)
 
     def _room_made(self) -> None:
         """Under _lock: an answer freed a ring slot or a response table
