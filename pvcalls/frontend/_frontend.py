@@ -1501,6 +1501,20 @@ class Frontend(Closing):
                 sock._no_room = not room
             return room
 
+    def _poll_later(self, sock: PVSocket) -> None:
+        """Have the event thread send the POLL that listener ``sock``'s
+        fileno() needs (through ``sock._on_room()``, as once there is
+        room): a call that marked it in flight failed to send it, and
+        another that saw the mark meanwhile (fileno(), _on_room) returned,
+        counting on it.  Never waits, and raises nothing: it runs as a
+        Ctrl-C or an error goes by, which must come out as it came."""
+        with self._lock:
+            if sock not in self._room_waiters:
+                self._room_waiters.append(sock)
+            wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.set()  # never closed under a holder (see _Wakeup)
+
     def _room_made(self) -> None:
         """Under _lock: an answer freed a ring slot or a response table
         entry.  Wake submitters waiting for room, and have the event

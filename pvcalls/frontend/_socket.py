@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -1045,7 +1046,7 @@ class PVSocket(Closing):
                     # (its drop done): the POLL cut short goes out then.
                     with self._mutex:
                         self._st.accept_inflight = refused
-                    self._update_ready()
+                    self._repair_ready()
                     raise
                 raise host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
@@ -1068,7 +1069,7 @@ class PVSocket(Closing):
                 new._offered = True
                 with self._mutex:
                     self._st.accept_inflight = (req_id, slot, new)
-                self._update_ready()
+                self._repair_ready()
                 raise
         return new, ("0.0.0.0", 0)
 
@@ -1121,7 +1122,7 @@ class PVSocket(Closing):
                         self._poll_ready = True
                     if isinstance(exc, BlockingIOError):
                         self._room_later()  # non-blocking: readable again once there is room
-                    self._update_ready()
+                    self._repair_ready()
                 except BaseException:
                     # Come here by a failed send, a Ctrl-C landing in the
                     # lines above is the first to cut them short: it left
@@ -1130,7 +1131,7 @@ class PVSocket(Closing):
                     # waited for good.  One that skipped _room_later
                     # leaves it readable: a non-blocking accept() finds
                     # no room once more, and says so then.
-                    self._update_ready()
+                    self._repair_ready()
                     raise
             # The new socket goes, without RELEASE; cut short, it stays
             # in ``made`` for the next caller.
@@ -1862,6 +1863,16 @@ class PVSocket(Closing):
                 return
             fd.set(self._readable(), self._writable())
 
+    def _repair_ready(self) -> None:
+        """:meth:`_update_ready` in a handler that puts things back before
+        an exception goes on its way: an OSError (EBADF, the program
+        closed the descriptor) is not raised, for it would replace that
+        exception, and a Ctrl-C must come out as one.  Nothing is hidden:
+        every later update meets the closed descriptor again, and the call
+        that makes it reports it."""
+        with contextlib.suppress(OSError):
+            self._update_ready()
+
     def _arm_poll(self, deadline: Deadline | None = None) -> None:
         """Send a POLL unless one is in flight, an ACCEPT is in flight, or a
         connection is already known to be pending.  ``deadline`` bounds the
@@ -1905,6 +1916,7 @@ class PVSocket(Closing):
                     raise
                 with self._mutex:
                     self._poll_inflight = False
+                    armed = self._armed and self._st.listening and not self._closed
                 if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._closed:
                     return  # closed while it waited for room: no POLL wanted
                 if isinstance(exc, OSError) and self._fe._dead:
@@ -1914,6 +1926,13 @@ class PVSocket(Closing):
                     # selector could neither register nor unregister.
                     return
                 if wait or not isinstance(exc, BlockingIOError):
+                    if armed:
+                        # Another fileno(), or the event thread's
+                        # _on_room or _listening, may have seen the mark
+                        # and returned, counting on this POLL: taken back
+                        # alone, none went out until the next fileno() or
+                        # accept(), and a selector waited for good.
+                        self._fe._poll_later(self)
                     raise
             if not self._room_later():
                 return
@@ -1991,6 +2010,6 @@ class PVSocket(Closing):
                         # sent meanwhile was answered since.
                         if not (self._poll_error or self._poll_ready):
                             self._poll_error = err
-                    self._update_ready()
+                    self._repair_ready()
                 raise
             raise host_error(err, "accept (poll)")

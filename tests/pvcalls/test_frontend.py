@@ -1924,6 +1924,101 @@ def test_no_room_marked_as_the_event_thread_tells_of_room_is_not_left_set(
                 c.close()
 
 
+def test_a_poll_cut_short_while_another_fileno_saw_it_marked_still_goes_out(
+        fe: pvcalls.Frontend, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing in one thread's fileno() of a listener after it
+    marked its POLL in flight and before the POLL went out, while another
+    thread's fileno() saw the mark and returned: the POLL goes out all the
+    same, and the descriptor the other thread got polls readable with a
+    connection pending.  Before, the interrupted call took its mark back
+    and nobody sent the POLL: a selector on that descriptor waited for
+    good (until the next fileno() or accept())."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    client = socket.create_connection(listen_address(backend, fe.domain.domid, ls.id),
+                                      timeout=TIMEOUT)
+    reached, go = threading.Event(), threading.Event()
+    submit = fe._submit
+
+    def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
+        # The first POLL only: as _submit starts, the place where the
+        # Ctrl-C lands, with nothing on its way yet.
+        if slot.cmd == _wire.PVCALLS_POLL and not reached.is_set():
+            reached.set()
+            assert go.wait(TIMEOUT)
+            raise Interrupted
+        return submit(slot, *args, **kwargs)
+
+    monkeypatch.setattr(fe, "_submit", cut_short)
+    first = Attempt(ls.fileno)
+    try:
+        assert reached.wait(TIMEOUT)
+        assert ls._poll_inflight  # what the other fileno() sees
+        fd = ls.fileno()
+    finally:
+        go.set()
+    assert isinstance(first.result(), Interrupted)
+    try:
+        assert select.select([fd], [], [], TIMEOUT)[0], "never readable: no POLL went out"
+        ls.settimeout(TIMEOUT)
+        ls.accept()[0].close()
+    finally:
+        client.close()
+
+
+def test_a_ctrl_c_in_accept_comes_out_as_one_though_the_fileno_was_closed(
+        fe: pvcalls.Frontend, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing in accept() before its ACCEPT went out, after the
+    program closed the descriptor fileno() gave it: accept() raises the
+    Ctrl-C.  Before, giving the POLL's readiness back to that descriptor
+    failed with EBADF, and the EBADF came out instead: a program's
+    ``except KeyboardInterrupt`` never ran.
+
+    The descriptor is replaced by a read-only one rather than closed (see
+    test_close_after_the_fileno_was_closed_still_releases)."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    client = socket.create_connection(listen_address(backend, fe.domain.domid, ls.id),
+                                      timeout=TIMEOUT)
+    try:
+        fd = ls.fileno()
+        assert select.select([fd], [], [], TIMEOUT)[0], "never readable"
+        reached, go = threading.Event(), threading.Event()
+        submit = fe._submit
+
+        def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
+            # As _submit starts: nothing on its way yet.
+            if slot.cmd == _wire.PVCALLS_ACCEPT and not reached.is_set():
+                reached.set()
+                assert go.wait(TIMEOUT)
+                raise Interrupted
+            return submit(slot, *args, **kwargs)
+
+        monkeypatch.setattr(fe, "_submit", cut_short)
+        ls.settimeout(TIMEOUT)
+        acceptor = Attempt(ls.accept)
+        try:
+            assert reached.wait(TIMEOUT)
+            readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(readonly, fd)
+            finally:
+                os.close(readonly)
+        finally:
+            go.set()
+        outcome = acceptor.result()
+        assert isinstance(outcome, Interrupted), f"the Ctrl-C came out as {outcome!r}"
+        monkeypatch.undo()
+        ls.accept()[0].close()  # the connection is still pending
+        with pytest.raises(OSError) as info:
+            ls.close()
+        assert info.value.errno == errno.EBADF
+    finally:
+        client.close()
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
 def test_a_listeners_fileno_interrupted_anywhere_then_asked_again_polls_right(
