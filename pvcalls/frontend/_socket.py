@@ -1926,12 +1926,16 @@ class PVSocket(Closing):
                     # selector could neither register nor unregister.
                     return
                 if wait or not isinstance(exc, BlockingIOError):
-                    if armed:
+                    if armed and (not isinstance(exc, Exception)
+                                  or isinstance(exc, TimeoutError)):
                         # Another fileno(), or the event thread's
                         # _on_room or _listening, may have seen the mark
                         # and returned, counting on this POLL: taken back
                         # alone, none went out until the next fileno() or
-                        # accept(), and a selector waited for good.
+                        # accept(), and a selector waited for good.  Only
+                        # for a Ctrl-C or a wait for room that timed out:
+                        # an error the ring gave would come back to the
+                        # event thread's retry, again and again.
                         self._fe._poll_later(self)
                     raise
             if not self._room_later():
