@@ -201,14 +201,15 @@ def _handler_runs_as_it_starts(frame: FrameType, cache: dict[CodeType, frozenset
 
 
 def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], object], *,
-                                swallows: bool = False) -> bool:
+                                swallows: bool = False, converts: bool = False) -> bool:
     """Run ``call()`` with :class:`Interrupted` raised as the ``n``-th call
     (counting from 0) made by a frame of ``code`` returns: where CPython
     runs a signal's handler in the middle of a function (besides loops
     going round and Python functions starting).  True if it was raised;
     False if the frames made fewer calls, and ``call()`` ran undisturbed.
     A ``call()`` that returns all the same fails (see _traced), unless
-    ``swallows``: for a call that keeps the Ctrl-C on purpose."""
+    ``swallows``: for a call that keeps the Ctrl-C on purpose.  One that
+    raises another exception instead fails too, unless ``converts``."""
     names = {ins.offset: ins.opname for ins in dis.get_instructions(code)}
     raisable = _raisable_after(code)
     returned = 0
@@ -236,15 +237,16 @@ def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], objec
         return in_frame
 
     return _traced(enter, call, lambda: raised,
-                   lambda: f"as call {n} of {code.co_qualname} returned", swallows)
+                   lambda: f"as call {n} of {code.co_qualname} returned", swallows, converts)
 
 
 def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object], *,
-                                swallows: bool = False) -> bool:
+                                swallows: bool = False, converts: bool = False) -> bool:
     """Run ``call()`` with :class:`Interrupted` raised as the first frame of
     ``code`` starts: where CPython runs a signal's handler before the
     function does anything.  True if it was raised; False if no frame of
-    ``code`` ran.  ``swallows``: as for interrupted_as_call_returns."""
+    ``code`` ran.  ``swallows``, ``converts``: as for
+    interrupted_as_call_returns."""
     raised = False
 
     def enter(frame: FrameType, event: str, arg: object) -> Any:
@@ -254,12 +256,14 @@ def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object], *,
             raise Interrupted
         return None
 
-    return _traced(enter, call, lambda: raised, lambda: f"as {code.co_qualname} started", swallows)
+    return _traced(enter, call, lambda: raised, lambda: f"as {code.co_qualname} started", swallows,
+                   converts)
 
 
 def interrupted_at(n: int, within: str, call: Callable[[], object],
                    unless: Callable[[], bool] = lambda: False, *,
-                   besides: str | tuple[str, ...] = "", swallows: bool = False) -> str:
+                   besides: str | tuple[str, ...] = "", swallows: bool = False,
+                   converts: bool = False) -> str:
     """Run ``call()`` with :class:`Interrupted` raised at the ``n``-th place
     (counting from 0) where CPython may run a signal's handler in a frame
     of a file under the directory ``within``: as such a frame starts (not
@@ -277,7 +281,10 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     fails, naming the place: a library that catches a KeyboardInterrupt
     and drops it lets the user's program go on as if none had come.
     ``swallows`` allows it, for a call that keeps the Ctrl-C on purpose
-    (to raise it later, say): say why where it is passed."""
+    (to raise it later, say): say why where it is passed.  A ``call()``
+    that raises another exception instead fails too (an AssertionError
+    aside: see _traced), as a caller's ``except`` for that one would hide
+    the Ctrl-C; ``converts`` allows it."""
     within = os.path.join(within, "")
     skipped = tuple(path if path.endswith(".py") else os.path.join(path, "")
                     for path in ((besides,) if isinstance(besides, str) else besides) if path)
@@ -327,24 +334,74 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
             land(frame, "as it starts:")
         return in_frame
 
-    _traced(enter, call, lambda: bool(raised), lambda: raised, swallows)
+    _traced(enter, call, lambda: bool(raised), lambda: raised, swallows, converts)
     return raised
 
 
+def _in_context_chain(exc: BaseException) -> bool:
+    """Whether an :class:`Interrupted` is among the exceptions ``exc`` was
+    raised while handling (its ``__context__``, theirs, and so on)."""
+    seen: set[int] = set()
+    context = exc.__context__
+    while context is not None and id(context) not in seen:
+        if isinstance(context, Interrupted):
+            return True
+        seen.add(id(context))
+        context = context.__context__
+    return False
+
+
+def _exception_name(exc: BaseException) -> str:
+    kind = type(exc)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+#: What a caller's own checks raise inside ``call()``: a test failing (or
+#: skipped) there, not a library turning the Ctrl-C into something else.
+_TEST_OUTCOMES = (AssertionError, pytest.fail.Exception, pytest.skip.Exception)
+
+
 def _traced(tracer: Any, call: Callable[[], object], raised: Callable[[], bool],
-            where: Callable[[], str], swallows: bool) -> bool:
+            where: Callable[[], str], swallows: bool, converts: bool) -> bool:
     """``call()`` under ``tracer``; True if the tracer raised its
     :class:`Interrupted` (``raised()``), which ends the call; any other
-    goes on.  A call that returns although the tracer raised fails, naming
-    ``where()`` it landed, unless ``swallows``: something on the way out
-    caught the Ctrl-C and dropped it, and a user's program would go on as
-    if none had come."""
+    goes on.
+
+    Once the tracer raised, ``call()`` must raise an :class:`Interrupted`.
+    A call that returns fails, naming ``where()`` it landed, unless
+    ``swallows``: something on the way out caught the Ctrl-C and dropped
+    it, and a user's program would go on as if none had come.  A call
+    that raises another exception fails too, naming it and whether the
+    Interrupted is in its ``__context__`` chain, unless ``converts``:
+    something on the way out turned the Ctrl-C into an error (a cleanup
+    that failed as it unwound, an ``except BaseException`` raising an
+    OSError), which a caller's ``except OSError`` would then hide.  With
+    ``converts`` that exception comes out of the helper as itself.
+
+    An AssertionError (or pytest's fail() or skip()) comes out as itself:
+    it is the caller's own check failing inside ``call()``, as a sweep's
+    call that catches the Interrupted to look at the state it left does
+    on purpose, not a conversion.  The cost: library code whose ``assert``
+    fails as the Ctrl-C unwinds is not told from it here (it fails the
+    test all the same)."""
     sys.settrace(tracer)
     try:
         call()
     except Interrupted:
         if not raised():
             raise
+    except _TEST_OUTCOMES:
+        raise
+    except BaseException as exc:
+        if not raised() or converts:
+            raise
+        chain = ("the Interrupted is in its __context__ chain" if _in_context_chain(exc)
+                 else "no Interrupted is in its __context__ chain")
+        raise AssertionError(f"the Ctrl-C raised {where()} was turned into"
+                             f" {_exception_name(exc)}: {exc} by {_describe(call)}"
+                             f" ({chain})") from exc
     else:
         if raised() and not swallows:
             raise AssertionError(f"the Ctrl-C raised {where()} was swallowed:"

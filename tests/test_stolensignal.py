@@ -111,6 +111,42 @@ def reraising():
     except BaseException:
         done.clear()
         raise
+
+
+def converting():
+    try:
+        work()
+    except BaseException:
+        raise OSError("refused")
+
+
+def cleanup():
+    raise OSError("refused")
+
+
+def failing_in_cleanup():
+    try:
+        work()
+    finally:
+        cleanup()
+
+
+def failing_after_dropping():
+    try:
+        work()
+    except BaseException:
+        failed = True
+    else:
+        failed = False
+    if failed:
+        raise OSError("refused")
+
+
+def checking():
+    try:
+        work()
+    except BaseException:
+        raise AssertionError("the caller's own check")
 '''
 
 
@@ -204,11 +240,11 @@ def test_no_signal_once_the_block_ended() -> None:
 
 
 def _every_landing(mod: types.ModuleType, call: Callable[[], object],
-                   swallows: bool = False) -> list[str]:
+                   swallows: bool = False, converts: bool = False) -> list[str]:
     within = os.path.dirname(mod.__file__ or "")
     landed = []
     for n in itertools.count():
-        where = interrupted_at(n, within, call, swallows=swallows)
+        where = interrupted_at(n, within, call, swallows=swallows, converts=converts)
         if not where:
             return landed
         landed.append(where)
@@ -246,3 +282,53 @@ def test_the_other_sweeps_fail_a_swallowing_call_too(module: types.ModuleType) -
     assert interrupted_as_frame_starts(module.work.__code__, module.swallowing, swallows=True)
     assert interrupted_as_frame_starts(module.work.__code__, module.reraising)
     assert interrupted_as_call_returns(module.work.__code__, 0, module.reraising)
+
+
+@pytest.mark.parametrize(("name", "chained"), [("converting", True), ("failing_in_cleanup", True),
+                                                ("failing_after_dropping", False)])
+def test_a_call_that_turns_the_ctrl_c_into_another_exception_fails_the_sweep(
+        module: types.ModuleType, name: str, chained: bool) -> None:
+    """The first landing in work() comes out of its caller as an OSError,
+    which a program's ``except OSError`` would take for an error and
+    carry on: the helper fails there, naming the place, the exception,
+    and whether the Ctrl-C is still in its context."""
+    with pytest.raises(AssertionError) as failure:
+        _every_landing(module, getattr(module, name))
+    message = str(failure.value)
+    assert "the Ctrl-C raised as it starts: work, sweptmod.py:" in message, message
+    assert f"was turned into OSError: refused by {name} (sweptmod.py:" in message, message
+    chain = "the Interrupted is in" if chained else "no Interrupted is in"
+    assert f"({chain} its __context__ chain)" in message, message
+    assert isinstance(failure.value.__cause__, OSError)
+
+
+def test_an_assertion_of_the_call_itself_comes_out_unchanged(module: types.ModuleType) -> None:
+    """A caller's own check failing inside call() is a test failure, not
+    a conversion: it is neither wrapped nor renamed."""
+    with pytest.raises(AssertionError, match=r"^the caller's own check$") as failure:
+        _every_landing(module, module.checking)
+    assert failure.value.__cause__ is None
+
+
+def test_an_exception_with_no_ctrl_c_raised_comes_out_unchanged(
+        module: types.ModuleType) -> None:
+    """No frame of gen() runs: the OSError is the call's own, not a
+    conversion."""
+    with pytest.raises(OSError, match=r"^refused$"):
+        interrupted_as_frame_starts(module.gen.__code__, module.cleanup)
+
+
+def test_a_call_that_converts_on_purpose_says_so(module: types.ModuleType) -> None:
+    """The opt-out lets the exception come out of the helper as itself."""
+    with pytest.raises(OSError, match=r"^refused$"):
+        _every_landing(module, module.converting, converts=True)
+    with pytest.raises(OSError, match=r"^refused$"):
+        interrupted_as_frame_starts(module.work.__code__, module.converting, converts=True)
+
+
+def test_the_other_sweeps_fail_a_converting_call_too(module: types.ModuleType) -> None:
+    with pytest.raises(AssertionError, match=r"as work started was turned into OSError: refused"):
+        interrupted_as_frame_starts(module.work.__code__, module.converting)
+    with pytest.raises(AssertionError,
+                       match=r"as call 0 of work returned was turned into OSError: refused"):
+        interrupted_as_call_returns(module.work.__code__, 0, module.converting)
