@@ -1351,6 +1351,28 @@ def test_events_a_guest_does_not_read_are_dropped_not_the_guest(
     assert len(warned) == 1 and warned[0] is drops[0], [r.getMessage() for r in warned]
 
 
+def test_a_share_lowered_at_run_time_holds_the_next_events() -> None:
+    # max_queued set while the server runs: the events queued after it are
+    # held against the new share, whatever the server started with.
+    token = "t" * 1000  # ~1 KiB per event
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d)
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        assert xsd.max_queued == _server.MAX_QUEUED
+        guest.watch("/local/domain/1", token)
+        assert guest.wait_event() == ("/local/domain/1", token)
+        deaf = _server_conn(xsd, 1)
+        xsd.max_queued = _server.MIN_QUEUED
+        writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(guest.sock)) // 1000
+        for i in range(writes):
+            dom0.write(f"/local/domain/1/n{i}", "")
+        assert not deaf.closed
+        assert 0 < xsd._call(lambda: deaf.domain.queued) <= _server.MIN_QUEUED
+        rid = guest.send(Op.READ, b"/local/domain/1/n0\0")
+        assert guest.reply(rid) == (Op.READ, 0, b"")
+        assert 0 < len(guest.events) < writes
+
+
 def test_identical_events_waiting_for_a_slow_watcher_are_queued_once() -> None:
     # As cxenstored's send_event() (XSA-326): an event identical to one still
     # waiting for the watcher is dropped, so that another client rewriting a
