@@ -23,7 +23,10 @@ toolstack code run and are tested without a hypervisor::
   pages, allocates a port, publishes them, walks the xenbus states, closes
   as a Linux frontend does): what a test of a backend needs of a guest.
 * ``xenback-sim --run-dir DIR`` (or ``python -m xenback.sim``) runs the host
-  as a daemon.
+  as a daemon.  :func:`run_dir_argument` and :func:`stdio_problem` are what
+  the commands on a simulated host check of their ``--run-dir`` and of
+  their standard streams before they start anything (this one's, and
+  pvcalls').
 
 Isolation is what a domain can do through the interfaces: a guest gets
 errors, never another domain's pages, ports or XenStore nodes, and cannot
