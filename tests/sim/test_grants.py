@@ -1254,6 +1254,16 @@ def test_a_map_whose_pages_close_ended_before_it_returned_fails(
     assert eventually(lambda: live_grants(host) == 0)
 
 
+def _memfds(name: str, count: int, *, pages: int) -> list[int]:
+    """``count`` memory files of ``pages`` pages, for a fake service to
+    send; ``name`` tells them apart in /proc (the tests look for what of
+    them is left open or mapped)."""
+    files = [os.memfd_create(name, os.MFD_CLOEXEC) for _ in range(count)]
+    for fd in files:
+        os.ftruncate(fd, pages * PAGE_SIZE)
+    return files
+
+
 @pytest.mark.parametrize("reply", [
     {}, {"refs": 8}, {"refs": ["8", "9"]}, {"refs": [8, -9]}, {"refs": [8, True]},
 ], ids=["no-refs", "refs-not-a-list", "refs-not-ints", "negative-ref", "bool-ref"])
@@ -1267,9 +1277,7 @@ def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
     could not find, and the handle's close() failed telling the service
     to end them."""
     path = str(tmp_path / "hypervisor")
-    file = os.memfd_create("fake-share", os.MFD_CLOEXEC)
-    os.ftruncate(file, 2 * PAGE_SIZE)
-    server, _ = answering_once(path, reply, [file])
+    server, _ = answering_once(path, reply, _memfds("fake-share", 1, pages=2))
     held = descriptors()
     shr = GrantShare(path)
     try:
@@ -1310,9 +1318,7 @@ def test_a_map_reply_whose_segments_are_not_the_pages_asked_for_fails_as_a_proto
     left part of the buffer inaccessible (a crash as it is read), of more
     pages mapped the file past the region over whatever follows it."""
     path = str(tmp_path / "hypervisor")
-    file = os.memfd_create("fake-map", os.MFD_CLOEXEC)
-    os.ftruncate(file, 4 * PAGE_SIZE)
-    server, later = answering_once(path, reply, [file])
+    server, later = answering_once(path, reply, _memfds("fake-map", 1, pages=4))
     held = descriptors()
     tab = GrantTable(path)
     try:
@@ -1337,11 +1343,8 @@ def test_a_share_reply_unlike_the_share_asked_for_is_given_back(
     and two refs breaks the protocol: the call fails (EPROTO), every
     descriptor that came is closed and the refs are ended at once."""
     path = str(tmp_path / "hypervisor")
-    files = [os.memfd_create("fake-share", os.MFD_CLOEXEC) for _ in range(nfds)]
-    for fd in files:
-        os.ftruncate(fd, 3 * PAGE_SIZE)
     refs = list(range(8, 8 + nrefs))
-    server, later = answering_once(path, {"refs": refs}, files)
+    server, later = answering_once(path, {"refs": refs}, _memfds("fake-share", nfds, pages=3))
     held = descriptors()
     shr = GrantShare(path)
     try:
