@@ -224,6 +224,13 @@ class LeanFuture(Future[Any]):
     does), the future is that item's: it starts when the item runs, and
     cancel() succeeds exactly while the item is pending.  A done future lets
     go of its call and its item.
+
+    Its done-callbacks run as a standard Future's, an Exception from one
+    logged on concurrent.futures' logger; but when its executor's worker
+    finishes it, a callback raising something else (SystemExit,
+    KeyboardInterrupt) stops neither the callbacks after it nor the
+    worker: it is logged as the item's failure (a ThreadPoolExecutor
+    loses the worker, and the callbacks after it are never called).
     """
 
     # The fields every future needs are slots; _result and _exception are
@@ -375,7 +382,22 @@ class LeanFuture(Future[Any]):
                     if self._blocked is not None:
                         self._wake_sleepers()
                 self._tell_watchers(own)
-        self._let_go()
+        try:
+            self._let_go()
+        except BaseException:
+            # A done-callback raised what concurrent.futures does not log
+            # (SystemExit, KeyboardInterrupt): it goes on to the engine,
+            # which logs it as the item's, once the callbacks after it have
+            # run -- on a worker nobody calls _let_go() again, as _settle()
+            # does in the main thread, and one left uncalled (asyncio's)
+            # waits for ever.  Any later escape is logged here.
+            while True:
+                try:
+                    self._let_go()
+                    break
+                except BaseException:
+                    _cf_logger.exception("exception calling callback for %r", self)
+            raise
 
     def _wake_sleepers(self) -> None:
         """Release the threads asleep in result() (_futures_lock held, in

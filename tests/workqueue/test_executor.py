@@ -206,6 +206,47 @@ def test_a_failing_done_callback_is_logged_and_the_others_still_run_in_order(
         release.set()
 
 
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("executor", ["workqueue", "serial"])
+def test_a_done_callback_raising_a_base_exception_on_a_worker_leaves_no_callback_uncalled(
+        make_wq: Any, caplog: pytest.LogCaptureFixture, exc: type[BaseException],
+        executor: str) -> None:
+    """A done-callback that raises what concurrent.futures does not log
+    (SystemExit, KeyboardInterrupt) as the call ends on a worker: the
+    callbacks added after it still run, in order -- nobody else would ever
+    call them, and an asyncio task awaiting the future through one would
+    wait for ever -- and the exception is logged as the item's, the
+    workers going on (ThreadPoolExecutor loses its worker there)."""
+    wq = make_wq()
+    ex = wq if executor == "workqueue" else wq.serial("key")
+    release = threading.Event()
+    future = ex.submit(release.wait, TIMEOUT)
+    calls: list[str] = []
+    done = threading.Event()
+
+    def escaping(_f: cf.Future[Any]) -> None:
+        calls.append("escaping")
+        raise exc("out of a done-callback")
+
+    future.add_done_callback(lambda _f: calls.append("first"))
+    future.add_done_callback(escaping)
+    future.add_done_callback(escaping)
+    future.add_done_callback(lambda _f: (calls.append("last"), done.set()))
+    with caplog.at_level(logging.ERROR):
+        release.set()
+        assert done.wait(TIMEOUT), calls
+        assert future.result(TIMEOUT) is True
+        assert calls == ["first", "escaping", "escaping", "last"]
+        assert ex.submit(pow, 2, 5).result(TIMEOUT) == 32  # the workers go on
+        wq.flush(timeout=TIMEOUT)
+    # The first as the item's failure; the second on concurrent.futures'
+    # logger, as a failing callback is.
+    failures = [r for r in caplog.records
+                if r.name in ("workqueue._pool", "concurrent.futures")]
+    assert sorted(r.name for r in failures) == ["concurrent.futures", "workqueue._pool"]
+    assert all(r.exc_info and isinstance(r.exc_info[1], exc) for r in failures)
+
+
 def test_a_refused_cancel_of_a_watched_running_call_calls_no_callback(make_wq: Any) -> None:
     """cancel() of a call already running is refused, and tells nobody: its
     done-callbacks run once, when the call ends (also with the future's
