@@ -183,7 +183,18 @@ def wait_slice(left: float | None) -> float | None:
         while not event.wait(wait_slice(deadline - time.monotonic())):
             if time.monotonic() >= deadline:
                 raise TimeoutError
+
+    A ``left`` below 0 (the deadline passed) gives 0, never a negative
+    sleep, which ``lock.acquire(timeout=-1)`` takes for no limit; NaN is
+    refused (ValueError), as the library's own timeouts are.
     """
+    if left is not None:
+        if isinstance(left, bool) or not isinstance(left, (int, float)):
+            raise TypeError(f"wait_slice() takes seconds or None, not {type(left).__name__}")
+        if not left > 0:
+            if left != left:
+                raise ValueError("wait_slice() takes seconds or None, not nan")
+            left = 0.0
     if threading.get_ident() != threading.main_thread().ident:
         return left
     return WAIT_SLICE if left is None else min(left, WAIT_SLICE)

@@ -24,7 +24,7 @@ import pytest
 from wqhelpers import assert_waits_until_released, wait_until
 
 from workqueue import WQ_FREEZABLE, DelayedWork, Topology, Work, Workqueue
-from workqueue._pool import Completion
+from workqueue._pool import WAIT_SLICE, Completion, wait_slice
 
 TIMEOUT = 10.0
 # How long the timed-out calls below wait: the items they wait for are
@@ -656,3 +656,33 @@ def test_the_timeout_is_keyword_only(make_wq: Any) -> None:
     for call in waiting_calls(wq, work, DelayedWork(lambda w: None)).values():
         with pytest.raises(TypeError):
             call(1.0)
+
+
+def test_wait_slice_never_gives_a_negative_or_nan_sleep() -> None:
+    """wait_slice(), public for programs' own waits, is given the time
+    left to a deadline, which is below 0 once the deadline passed: that is
+    no sleep at all, not a negative one (lock.acquire(timeout=-1) waits
+    for ever, queue.get() refuses one), in the main thread or any other.
+    NaN and what is no number are refused, saying so, as the timeouts of
+    the library's own waits are."""
+    results: dict[str, Any] = {}
+
+    def slices() -> dict[str, Any]:
+        got: dict[str, Any] = {"passed": wait_slice(-1), "long passed": wait_slice(-7.5),
+                               "zero": wait_slice(0), "short": wait_slice(0.01)}
+        for bad in (math.nan, "1", True):
+            try:
+                wait_slice(bad)  # type: ignore[arg-type]
+            except (TypeError, ValueError) as exc:
+                got[repr(bad)] = (type(exc), str(exc))
+        return got
+
+    thread = threading.Thread(target=lambda: results.update(slices()))
+    thread.start()
+    thread.join(TIMEOUT)
+    for got in (slices(), results):
+        assert (got["passed"], got["long passed"], got["zero"], got["short"]) == (0, 0, 0, 0.01)
+        assert got["nan"][0] is ValueError and "nan" in got["nan"][1]
+        assert got["'1'"][0] is TypeError and "str" in got["'1'"][1]
+        assert got["True"][0] is TypeError and "bool" in got["True"][1]
+    assert wait_slice(None) == WAIT_SLICE and wait_slice(60) == WAIT_SLICE  # the main thread's
