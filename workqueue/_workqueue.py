@@ -799,7 +799,12 @@ class Workqueue(Executor):
     # -- tuning ----------------------------------------------------------------
 
     def set_max_active(self, max_active: int) -> None:
-        """Change max_active at run time (workqueue_set_max_active)."""
+        """Change max_active at run time (workqueue_set_max_active).
+
+        Where the kernel warns and clamps, or ignores the call, this raises:
+        ValueError for a max_active outside 1 to WQ_MAX_ACTIVE, and
+        RuntimeError on an ordered workqueue, which runs one item at a time,
+        or a destroyed one."""
         if isinstance(max_active, bool) or not isinstance(max_active, int):
             raise TypeError(f"max_active must be an int, not {type(max_active).__name__}")
         if not 1 <= max_active <= WQ_MAX_ACTIVE:
@@ -1154,6 +1159,10 @@ def alloc_workqueue(name: str, flags: int = 0, max_active: int = 0,
     flags: WQ_UNBOUND, WQ_HIGHPRI, WQ_CPU_INTENSIVE, WQ_FREEZABLE, WQ_MEM_RECLAIM.
     max_active: items in flight per CPU (bound) or in all (unbound); 0 means
     WQ_DFL_ACTIVE.  topology: default, the CPUs of this process.
+
+    Beyond the kernel: a max_active below 0 or above WQ_MAX_ACTIVE is a
+    ValueError (the kernel clamps it, with a warning), and unknown flags
+    are one too.
     """
     return Workqueue(name, flags, max_active, topology)
 
