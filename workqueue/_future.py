@@ -625,7 +625,10 @@ class CallWork(Work):
 
     def __repr__(self) -> str:
         future = self.future  # None once it has run
-        return f"<CallWork {_call_name(None if future is None else future._fn)}>"
+        fn = None if future is None else future._fn
+        if fn is None:  # let go of as the call ended: its done-callbacks run now, or ran
+            return "<CallWork, its call has ended>"
+        return f"<CallWork {_call_name(fn)}>"
 
 
 def _run_call(work: CallWork) -> None:

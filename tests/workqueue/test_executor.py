@@ -245,6 +245,11 @@ def test_a_done_callback_raising_a_base_exception_on_a_worker_leaves_no_callback
                 if r.name in ("workqueue._pool", "concurrent.futures")]
     assert sorted(r.name for r in failures) == ["concurrent.futures", "workqueue._pool"]
     assert all(r.exc_info and isinstance(r.exc_info[1], exc) for r in failures)
+    # The item's report says what it was, not "None" for a call let go of.
+    item = next(r.getMessage() for r in failures if r.name == "workqueue._pool")
+    assert "None" not in item, item
+    if executor == "workqueue":
+        assert "call has ended" in item, item
 
 
 def test_a_refused_cancel_of_a_watched_running_call_calls_no_callback(make_wq: Any) -> None:
