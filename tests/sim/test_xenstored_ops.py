@@ -6,6 +6,7 @@ import concurrent.futures
 import itertools
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,13 @@ from pathlib import Path
 
 import pytest
 from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
-from stolensignal import OUTLASTS_THE_TEST, interrupted_at
+from stolensignal import (
+    OUTLASTS_THE_TEST,
+    Interrupted,
+    interrupted_at,
+    main_thread_in,
+    main_thread_within,
+)
 
 from xenback.sim import SimHost
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
@@ -796,6 +803,101 @@ def test_a_call_to_a_stuck_loop_fails_naming_it_and_never_runs(
         assert xsd.is_introduced(0)  # the loop is back
         assert ran == []  # the withdrawn call never ran
         xsd.stop()
+
+
+def _holding_the_loop(xsd: XenStored) -> tuple[threading.Event, threading.Thread]:
+    """Hold ``xsd``'s loop in a call until the Event returned is set (the
+    holder thread, returned too, ends then, also if its own call gave up
+    on the loop first)."""
+    entered, gate, stuck = _stuck_call()
+
+    def hold() -> None:
+        try:
+            xsd._call(stuck)
+        except TimeoutError:
+            pass  # given up on after STOP_TIMEOUT; the loop stays in stuck()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert entered.wait(10)
+    return gate, holder
+
+
+def test_a_call_cut_short_by_ctrl_c_before_the_loop_began_it_never_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Ctrl-C landing as the caller queued the call, or woke the loop,
+    # left the call queued: the loop ran it once it came to it, for a
+    # caller long gone (an introduce_domain() whose create_domain() had
+    # undone itself meanwhile).  Withdrawn, as one the wait gave up on is,
+    # and the Ctrl-C comes out of the call.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.2)
+    ran: list[int] = []
+
+    def call() -> None:
+        try:
+            xsd._call(ran.append, 1)
+        except TimeoutError:
+            pass  # undisturbed: the held loop never came to it
+
+    landed = []
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        for n in itertools.count():
+            gate, holder = _holding_the_loop(xsd)
+            try:
+                where = interrupted_at(n, SIM_CODE, call)
+            finally:
+                gate.set()
+            holder.join(10)
+            assert xsd.is_introduced(0)  # the loop went through its queue
+            assert ran == [], where
+            if not where:
+                break
+            landed.append(where)
+    assert len(landed) > 5, landed
+
+
+def test_a_ctrl_c_while_a_call_waits_for_the_loop_withdraws_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wait itself, where a Ctrl-C most likely comes: the call stayed
+    # queued and ran once the loop came back.  The signal goes to the main
+    # thread, as a terminal's Ctrl-C does, and wakes its wait.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", OUTLASTS_THE_TEST)
+    ran: list[int] = []
+    main = threading.get_ident()
+    waited: list[bool] = []
+
+    def send() -> None:
+        deadline = time.monotonic() + 10
+        while not (main_thread_in("wait", path="threading.py")
+                   and main_thread_within("_call", 4)):
+            if time.monotonic() >= deadline:
+                break  # sent all the same, to end the wait: fails below
+            time.sleep(0.001)
+        else:
+            waited.append(True)
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        gate, holder = _holding_the_loop(xsd)
+        old = signal.signal(signal.SIGUSR1, handler)
+        try:
+            sender = threading.Thread(target=send)
+            sender.start()
+            with pytest.raises(Interrupted):
+                xsd._call(ran.append, 1)
+            sender.join(10)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+            gate.set()
+        assert waited, "the call never waited for the loop"
+        holder.join(10)
+        assert xsd.is_introduced(0)  # the loop went through its queue
+        assert ran == []
 
 
 def test_a_timeout_error_the_call_raises_is_its_answer() -> None:
