@@ -995,6 +995,77 @@ def test_a_create_domain_the_stuck_loop_fails_leaves_the_hypervisor_without_it(
         host.close()
 
 
+
+@pytest.mark.parametrize("then", ["retry", "close"])
+@pytest.mark.parametrize("stuck_where", ["in the introduce", "before the introduce"])
+def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stuck_where: str, then: str,
+) -> None:
+    # The undo of a create_domain() that XenStore's stuck loop failed
+    # could not forget the domain there: its home (named as the one a
+    # retry makes) stayed for good, and, had the loop been stuck in the
+    # introduce itself, the domain too, introduced once the loop came back
+    # (@introduceDomain, a socket), though no domain of the host, nor one
+    # destroy_domain() knows.  The next create_domain() finishes that undo
+    # first (failing as the first did while the loop is still stuck: it
+    # waited for good to write its home); close() takes it with the rest.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+    host = SimHost(tmp_path / "run").start()
+    try:
+        if stuck_where == "in the introduce":
+            gate = threading.Event()
+            holder = None
+            introduce = XenStored._introduce_and_flush
+
+            def stuck(self: XenStored, domid: int) -> object:
+                assert gate.wait(60)
+                return introduce(self, domid)
+
+            monkeypatch.setattr(XenStored, "_introduce_and_flush", stuck)
+        else:
+            # Stuck elsewhere after the home was written: the introduce
+            # is withdrawn, never run.
+            add_domain = host.hypervisor.add_domain
+
+            def add_then_get_stuck(domid: int, name: str) -> Path:
+                nonlocal gate, holder
+                path = add_domain(domid, name)
+                gate, holder = _holding_the_loop(host.xenstored)
+                return path
+
+            monkeypatch.setattr(host.hypervisor, "add_domain", add_then_get_stuck)
+        with pytest.raises(TimeoutError, match="'xenstored'"):
+            host.create_domain("g")
+        monkeypatch.undo()
+        monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+        if then == "retry":
+            # Still stuck: failed the same way, not waiting for good to
+            # write the new home.
+            with pytest.raises(TimeoutError, match="'xenstored'"):
+                host.create_domain("g")
+        gate.set()
+        if holder is not None:
+            holder.join(10)
+        assert host.xenstored.is_introduced(0)  # the loop is back
+        if then == "retry":
+            guest = host.create_domain("g")
+            assert guest.domid == 2
+            with host.dom0.xenstore() as c:
+                assert not c.exists(b"/local/domain/1")
+                assert not c.is_domain_introduced(1)
+                names = [c.read(b"/local/domain/" + d + b"/name")
+                         for d in c.list(b"/local/domain")]
+                assert sorted(names) == [b"Domain-0", b"g"], names
+            assert not (host.run_dir / "domains" / "1").exists()
+            with pytest.raises(LookupError):
+                host.destroy_domain(1)  # never the host's
+            host.destroy_domain(guest)
+    finally:
+        gate.set()
+        host.close()
+    assert not (tmp_path / "run").exists()
+
+
 def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
