@@ -1066,6 +1066,69 @@ def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
     assert not (tmp_path / "run").exists()
 
 
+
+@pytest.mark.parametrize("then", ["retry", "close"])
+@pytest.mark.parametrize("stuck_where", ["in the release", "before the release"])
+def test_a_destroy_the_stuck_loop_failed_leaves_the_domain_dying_for_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stuck_where: str, then: str,
+) -> None:
+    # XenStore's loop stuck as destroy_domain() releases the domain there:
+    # the destroy fails (TimeoutError), the domain left dying (unlisted,
+    # its name taken) as by any failed destroy, and the next destroy of
+    # it, or close(), finishes it once the loop is back: whether the loop
+    # came back to finish the release it was stuck in, or the release,
+    # withdrawn, never ran.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+    host = SimHost(tmp_path / "run").start()
+    gate, holder = threading.Event(), None
+    try:
+        guest = host.create_domain("g")
+        if stuck_where == "in the release":
+            release = XenStored._release_and_flush
+
+            def stuck(self: XenStored, domid: int) -> None:
+                assert gate.wait(60)
+                release(self, domid)
+
+            monkeypatch.setattr(XenStored, "_release_and_flush", stuck)
+        else:
+            remove_domain = host.hypervisor.remove_domain
+
+            def remove_then_get_stuck(domid: int) -> None:
+                nonlocal gate, holder
+                remove_domain(domid)
+                gate, holder = _holding_the_loop(host.xenstored)
+
+            monkeypatch.setattr(host.hypervisor, "remove_domain", remove_then_get_stuck)
+        with pytest.raises(TimeoutError, match="'xenstored'"):
+            host.destroy_domain(guest, 0)
+        monkeypatch.undo()
+        monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+        assert host.domains() == [host.dom0]
+        with pytest.raises(LookupError, match="being destroyed"):
+            host.domain(guest.domid)
+        with pytest.raises(ValueError, match="exists already"):
+            host.create_domain("g")  # dying, not gone
+        gate.set()
+        if holder is not None:
+            holder.join(10)
+        assert host.xenstored.is_introduced(0)  # the loop is back
+        if then == "retry":
+            host.destroy_domain(guest, 0)
+            with host.dom0.xenstore() as c:
+                assert not c.is_domain_introduced(guest.domid)
+                assert not c.exists(f"/local/domain/{guest.domid}".encode())
+            assert host.hypervisor.stats()["domains"] == 1
+            assert not (host.run_dir / "domains" / str(guest.domid)).exists()
+            with pytest.raises(LookupError, match="no domain"):
+                host.destroy_domain(guest)
+            assert host.create_domain("g").domid == guest.domid + 1  # the name is free
+    finally:
+        gate.set()
+        host.close()
+    assert not (tmp_path / "run").exists()
+
+
 def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

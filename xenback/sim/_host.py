@@ -489,8 +489,10 @@ class SimHost(Closing):
 
         From the start the domain is dying: no longer among
         :meth:`domains`, but its name still taken, until the destroy ends
-        it.  A destroy cut short (Ctrl-C) or failed leaves it dying, and
-        the next destroy_domain() of it, or :meth:`close`, finishes it.
+        it.  A destroy cut short (Ctrl-C) or failed (XenStore's loop stuck:
+        :class:`TimeoutError` after 10 s) leaves it dying, and the next
+        destroy_domain() of it, or :meth:`close`, finishes it (once that
+        loop is back).
         One of a domain that another thread is destroying waits for that
         destroy to end, or the host to close, and finishes it (in what is
         left of ``timeout``) if it was cut short; it returns once the
