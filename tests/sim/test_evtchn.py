@@ -1683,3 +1683,23 @@ def test_a_push_carrying_other_descriptors_than_its_events_is_logged_and_dropped
             except OSError:
                 pass  # sent, and closed by the fake service
         server.join(TIMEOUT)
+
+
+def test_a_port_freed_keeps_no_descriptor_number(host: SimHost, guest: Domain) -> None:
+    """The service's write end of a freed port's pipe (and a new read end
+    never sent) is closed, and the port keeps no number then: a second
+    close (a bug) would else close whatever descriptor reused it."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        p0 = e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
+        with host.hypervisor._lock:
+            mine = host.hypervisor._domains[0].ports[p0]
+            peer = mine.remote
+            assert peer is not None and mine.wfd >= 0
+        e1.unbind(peer.port)  # the peer is freed, and mine given a new pipe
+        assert eventually(lambda: e0.remote(p0) is None)
+        with host.hypervisor._lock:
+            assert peer.wfd == -1 and peer.fresh_r is None
+            assert mine.fresh_r is not None or mine.wfd >= 0
+        e0.unbind(p0)
+        with host.hypervisor._lock:
+            assert mine.wfd == -1 and mine.fresh_r is None
