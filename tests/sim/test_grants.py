@@ -1402,3 +1402,19 @@ def test_a_scrub_of_unlisted_pages_cut_short_anywhere_leaves_them_listed_or_gone
                 break
         assert n > 2
     assert eventually(lambda: live_grants(host) == 0)
+
+
+def test_a_memory_file_let_go_keeps_no_descriptor_number(host: SimHost, guest: Domain) -> None:
+    """The service's file behind shared pages is closed once no grant
+    entry refers to it, and its object keeps no number then: a second
+    close (a bug) would else close whatever descriptor reused it."""
+    with guest.gntshr() as shr:
+        pages = shr.share_pages(0, 2)
+        with host.hypervisor._lock:
+            table = host.hypervisor._domains[guest.domid].grants
+            memory = table.entries[pages.refs[0]].memory
+            assert memory.fd >= 0 and memory.users == 2
+        pages.unshare()
+        with host.hypervisor._lock:
+            assert memory.users == 0 and memory.fd == -1
+            assert table.files == 0

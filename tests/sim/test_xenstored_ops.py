@@ -6,6 +6,7 @@ import concurrent.futures
 import itertools
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,13 @@ from pathlib import Path
 
 import pytest
 from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
-from stolensignal import OUTLASTS_THE_TEST, interrupted_at
+from stolensignal import (
+    OUTLASTS_THE_TEST,
+    Interrupted,
+    interrupted_at,
+    main_thread_in,
+    main_thread_within,
+)
 
 from xenback.sim import SimHost
 from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
@@ -798,6 +805,101 @@ def test_a_call_to_a_stuck_loop_fails_naming_it_and_never_runs(
         xsd.stop()
 
 
+def _holding_the_loop(xsd: XenStored) -> tuple[threading.Event, threading.Thread]:
+    """Hold ``xsd``'s loop in a call until the Event returned is set (the
+    holder thread, returned too, ends then, also if its own call gave up
+    on the loop first)."""
+    entered, gate, stuck = _stuck_call()
+
+    def hold() -> None:
+        try:
+            xsd._call(stuck)
+        except TimeoutError:
+            pass  # given up on after STOP_TIMEOUT; the loop stays in stuck()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert entered.wait(10)
+    return gate, holder
+
+
+def test_a_call_cut_short_by_ctrl_c_before_the_loop_began_it_never_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Ctrl-C landing as the caller queued the call, or woke the loop,
+    # left the call queued: the loop ran it once it came to it, for a
+    # caller long gone (an introduce_domain() whose create_domain() had
+    # undone itself meanwhile).  Withdrawn, as one the wait gave up on is,
+    # and the Ctrl-C comes out of the call.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.2)
+    ran: list[int] = []
+
+    def call() -> None:
+        try:
+            xsd._call(ran.append, 1)
+        except TimeoutError:
+            pass  # undisturbed: the held loop never came to it
+
+    landed = []
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        for n in itertools.count():
+            gate, holder = _holding_the_loop(xsd)
+            try:
+                where = interrupted_at(n, SIM_CODE, call)
+            finally:
+                gate.set()
+            holder.join(10)
+            assert xsd.is_introduced(0)  # the loop went through its queue
+            assert ran == [], where
+            if not where:
+                break
+            landed.append(where)
+    assert len(landed) > 5, landed
+
+
+def test_a_ctrl_c_while_a_call_waits_for_the_loop_withdraws_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wait itself, where a Ctrl-C most likely comes: the call stayed
+    # queued and ran once the loop came back.  The signal goes to the main
+    # thread, as a terminal's Ctrl-C does, and wakes its wait.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", OUTLASTS_THE_TEST)
+    ran: list[int] = []
+    main = threading.get_ident()
+    waited: list[bool] = []
+
+    def send() -> None:
+        deadline = time.monotonic() + 10
+        while not (main_thread_in("wait", path="threading.py")
+                   and main_thread_within("_call", 4)):
+            if time.monotonic() >= deadline:
+                break  # sent all the same, to end the wait: fails below
+            time.sleep(0.001)
+        else:
+            waited.append(True)
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
+        gate, holder = _holding_the_loop(xsd)
+        old = signal.signal(signal.SIGUSR1, handler)
+        try:
+            sender = threading.Thread(target=send)
+            sender.start()
+            with pytest.raises(Interrupted):
+                xsd._call(ran.append, 1)
+            sender.join(10)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+            gate.set()
+        assert waited, "the call never waited for the loop"
+        holder.join(10)
+        assert xsd.is_introduced(0)  # the loop went through its queue
+        assert ran == []
+
+
 def test_a_timeout_error_the_call_raises_is_its_answer() -> None:
     # Not taken for the loop's delay: it comes at once, as fn raised it.
     def fn() -> None:
@@ -891,6 +993,140 @@ def test_a_create_domain_the_stuck_loop_fails_leaves_the_hypervisor_without_it(
     finally:
         gate.set()
         host.close()
+
+
+
+@pytest.mark.parametrize("then", ["retry", "close"])
+@pytest.mark.parametrize("stuck_where", ["in the introduce", "before the introduce"])
+def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stuck_where: str, then: str,
+) -> None:
+    # The undo of a create_domain() that XenStore's stuck loop failed
+    # could not forget the domain there: its home (named as the one a
+    # retry makes) stayed for good, and, had the loop been stuck in the
+    # introduce itself, the domain too, introduced once the loop came back
+    # (@introduceDomain, a socket), though no domain of the host, nor one
+    # destroy_domain() knows.  The next create_domain() finishes that undo
+    # first (failing as the first did while the loop is still stuck: it
+    # waited for good to write its home); close() takes it with the rest.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+    host = SimHost(tmp_path / "run").start()
+    try:
+        if stuck_where == "in the introduce":
+            gate = threading.Event()
+            holder = None
+            introduce = XenStored._introduce_and_flush
+
+            def stuck(self: XenStored, domid: int) -> object:
+                assert gate.wait(60)
+                return introduce(self, domid)
+
+            monkeypatch.setattr(XenStored, "_introduce_and_flush", stuck)
+        else:
+            # Stuck elsewhere after the home was written: the introduce
+            # is withdrawn, never run.
+            add_domain = host.hypervisor.add_domain
+
+            def add_then_get_stuck(domid: int, name: str) -> Path:
+                nonlocal gate, holder
+                path = add_domain(domid, name)
+                gate, holder = _holding_the_loop(host.xenstored)
+                return path
+
+            monkeypatch.setattr(host.hypervisor, "add_domain", add_then_get_stuck)
+        with pytest.raises(TimeoutError, match="'xenstored'"):
+            host.create_domain("g")
+        monkeypatch.undo()
+        monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+        if then == "retry":
+            # Still stuck: failed the same way, not waiting for good to
+            # write the new home.
+            with pytest.raises(TimeoutError, match="'xenstored'"):
+                host.create_domain("g")
+        gate.set()
+        if holder is not None:
+            holder.join(10)
+        assert host.xenstored.is_introduced(0)  # the loop is back
+        if then == "retry":
+            guest = host.create_domain("g")
+            assert guest.domid == 2
+            with host.dom0.xenstore() as c:
+                assert not c.exists(b"/local/domain/1")
+                assert not c.is_domain_introduced(1)
+                names = [c.read(b"/local/domain/" + d + b"/name")
+                         for d in c.list(b"/local/domain")]
+                assert sorted(names) == [b"Domain-0", b"g"], names
+            assert not (host.run_dir / "domains" / "1").exists()
+            with pytest.raises(LookupError):
+                host.destroy_domain(1)  # never the host's
+            host.destroy_domain(guest)
+    finally:
+        gate.set()
+        host.close()
+    assert not (tmp_path / "run").exists()
+
+
+
+@pytest.mark.parametrize("then", ["retry", "close"])
+@pytest.mark.parametrize("stuck_where", ["in the release", "before the release"])
+def test_a_destroy_the_stuck_loop_failed_leaves_the_domain_dying_for_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stuck_where: str, then: str,
+) -> None:
+    # XenStore's loop stuck as destroy_domain() releases the domain there:
+    # the destroy fails (TimeoutError), the domain left dying (unlisted,
+    # its name taken) as by any failed destroy, and the next destroy of
+    # it, or close(), finishes it once the loop is back: whether the loop
+    # came back to finish the release it was stuck in, or the release,
+    # withdrawn, never ran.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+    host = SimHost(tmp_path / "run").start()
+    gate, holder = threading.Event(), None
+    try:
+        guest = host.create_domain("g")
+        if stuck_where == "in the release":
+            release = XenStored._release_and_flush
+
+            def stuck(self: XenStored, domid: int) -> None:
+                assert gate.wait(60)
+                release(self, domid)
+
+            monkeypatch.setattr(XenStored, "_release_and_flush", stuck)
+        else:
+            remove_domain = host.hypervisor.remove_domain
+
+            def remove_then_get_stuck(domid: int) -> None:
+                nonlocal gate, holder
+                remove_domain(domid)
+                gate, holder = _holding_the_loop(host.xenstored)
+
+            monkeypatch.setattr(host.hypervisor, "remove_domain", remove_then_get_stuck)
+        with pytest.raises(TimeoutError, match="'xenstored'"):
+            host.destroy_domain(guest, 0)
+        monkeypatch.undo()
+        monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
+        assert host.domains() == [host.dom0]
+        with pytest.raises(LookupError, match="being destroyed"):
+            host.domain(guest.domid)
+        with pytest.raises(ValueError, match="exists already"):
+            host.create_domain("g")  # dying, not gone
+        gate.set()
+        if holder is not None:
+            holder.join(10)
+        assert host.xenstored.is_introduced(0)  # the loop is back
+        if then == "retry":
+            host.destroy_domain(guest, 0)
+            with host.dom0.xenstore() as c:
+                assert not c.is_domain_introduced(guest.domid)
+                assert not c.exists(f"/local/domain/{guest.domid}".encode())
+            assert host.hypervisor.stats()["domains"] == 1
+            assert not (host.run_dir / "domains" / str(guest.domid)).exists()
+            with pytest.raises(LookupError, match="no domain"):
+                host.destroy_domain(guest)
+            assert host.create_domain("g").domid == guest.domid + 1  # the name is free
+    finally:
+        gate.set()
+        host.close()
+    assert not (tmp_path / "run").exists()
 
 
 def test_closing_a_host_whose_xenstore_loop_is_stuck_fails_and_can_be_retried(

@@ -685,28 +685,29 @@ class EventChannel(Closing):
         ``fds`` the connection closes, also if a step failed (the news
         then dropped, logged by the connection) or a Ctrl-C cut it short."""
         event = msg.get("event")
-        # A "rfd" naming no descriptor the message carries names no new
-        # read end: the news is taken with the port's pipe as it was.
         rfd = msg.get("rfd")
-        if type(rfd) is not int or not 0 <= rfd < len(fds):
-            rfd = None
-        peer_ends = len(fds) - (rfd is not None)
+        # Not isinstance: True would name descriptor 1.
+        malformed = "rfd" in msg and (type(rfd) is not int or not 0 <= rfd < len(fds))
+        peer_ends = len(fds) - ("rfd" in msg)
         # Checked before anything changes: news the handle cannot take (the
         # service broke the protocol) leaves the port as it was, and the
-        # message goes as a malformed packet does, logged.  A "bound"
-        # carries its peer's write end, one: without it the port would
-        # lose its peer on news that is no news.
+        # message goes as a malformed packet does, logged.  A push carries
+        # its event's descriptors, exactly: a "bound" its peer's write end,
+        # one (without it the port would lose its peer on news that is no
+        # news), an "unbound" none, and either the port's new read end if,
+        # and only if, "rfd" names it.  Extras, or a "rfd" naming nothing,
+        # are the service's bug, seen only if refused and logged.
         if event == "bound":
-            malformed = (type(msg.get("domid")) is not int
+            malformed = (malformed or type(msg.get("domid")) is not int
                          or type(msg.get("remote_port")) is not int or peer_ends != 1)
         else:
-            malformed = event != "unbound"
+            malformed = malformed or event != "unbound" or peer_ends != 0
         if malformed:
             logger.error("evtchn: a malformed message from the hypervisor service: %r (dropped)",
                          msg)
             return
         with self._lock:
-            self._take_news(msg, fds, rfd)
+            self._take_news(msg, fds, rfd)  # None unless "rfd" names one
 
     def _take_news(self, msg: Message, fds: list[int], rfd: int | None) -> None:
         """Apply checked news ``msg`` to its port (under _lock); the

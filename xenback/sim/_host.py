@@ -192,7 +192,7 @@ class SimHost(Closing):
         self._xenstored: XenStored | None = None
         self._hypervisor: Hypervisor | None = None
         self._toolstack: Toolstack | None = None
-        # _lock protects _domains, _dying, _domids, _state, and makes
+        # _lock protects _domains, _dying, _undoing, _domids, _state, and makes
         # creating and destroying a domain atomic: a domain is listed only
         # once XenStore and the hypervisor both know it, and unlisted only
         # once both forgot it.  Rule: held for the whole of create/close and
@@ -209,6 +209,10 @@ class SimHost(Closing):
         # dying domain stays in _domains, its name taken, until the destroy
         # that ends it drops it from both; domains() and domain() leave it out.
         self._dying: dict[int, _Destroy] = {}
+        # The domids whose failed create_domain() did not finish undoing
+        # itself (a XenStore loop stuck, a Ctrl-C in the undo): the next
+        # create_domain() finishes each first (the domids are not reused).
+        self._undoing: set[int] = set()
         self._domids = itertools.count(1)
         self._state = "new"
         # _control_lock protects _control_threads: the threads serving dom0's
@@ -305,6 +309,7 @@ class SimHost(Closing):
             self._xenstored.stop()
         self._domains.clear()
         self._dying.clear()
+        self._undoing.clear()  # gone with XenStore and the hypervisor
         self._cleanup_run_dir()
         self._state = "closed"
 
@@ -401,6 +406,15 @@ class SimHost(Closing):
         destroyed keeps its name until it is gone, as in libxl), and
         :class:`OSError` ``ENOMEM`` once every guest domid (1 to 0x7FEF)
         has been given out (domids are not reused).
+
+        A create that fails undoes what it did.  What XenStore's loop,
+        stuck (a bug: :class:`TimeoutError` after 10 s), kept it from
+        undoing (the domain's home, and the domain itself if the loop was
+        stuck introducing it and came back to finish that) is undone by
+        the next create_domain() before it creates anything (and fails it
+        the same way while the loop is still stuck), or goes with
+        :meth:`close`.  Meanwhile that domain is none of the host's:
+        :meth:`destroy_domain` does not know it.
         """
         check_domain_name(name)
         domain = self._locked("create_domain", lambda: self._create_domain(name))
@@ -411,6 +425,8 @@ class SimHost(Closing):
         self._check_running()
         if any(d.name == name for d in self._domains.values()):
             raise ValueError(f"a domain named {name!r} exists already")
+        for domid in sorted(self._undoing):
+            self._undo_create(domid)
         domid = next(self._domids)
         if domid >= DOMID_FIRST_RESERVED:
             # Xen's XEN_DOMCTL_createdomain with no free domid: ENOMEM.
@@ -435,7 +451,9 @@ class SimHost(Closing):
         Not step by step as each fails: an exception may also come as a
         step has just returned (a signal's handler raising there, see
         _locked), so every undo is tried and takes a step not done for done.
+        An undo that did not end is the next create's to finish (_undoing).
         """
+        self._undoing.add(domid)
         self._domains.pop(domid, None)
         try:
             self.xenstored.release_domain(domid)
@@ -444,7 +462,8 @@ class SimHost(Closing):
         finally:
             # Also if XenStore's loop is stuck (TimeoutError): the domain
             # is not the host's, and nothing else would ever remove it.
-            # Not its home then, which only that loop can forget.
+            # Not its home then, which only that loop can forget: the
+            # next create's (_undoing), or close()'s.
             try:
                 self.hypervisor.remove_domain(domid)
             except ValueError:
@@ -454,6 +473,7 @@ class SimHost(Closing):
             (self.run_dir / "domains" / str(domid)).rmdir()
         except OSError:
             pass
+        self._undoing.discard(domid)
 
     def destroy_domain(self, domain: Domain | int, timeout: float = REMOVE_TIMEOUT) -> None:
         """Destroy a guest in libxl's order (``libxl__destroy_domid``).
@@ -469,8 +489,10 @@ class SimHost(Closing):
 
         From the start the domain is dying: no longer among
         :meth:`domains`, but its name still taken, until the destroy ends
-        it.  A destroy cut short (Ctrl-C) or failed leaves it dying, and
-        the next destroy_domain() of it, or :meth:`close`, finishes it.
+        it.  A destroy cut short (Ctrl-C) or failed (XenStore's loop stuck:
+        :class:`TimeoutError` after 10 s) leaves it dying, and the next
+        destroy_domain() of it, or :meth:`close`, finishes it (once that
+        loop is back).
         One of a domain that another thread is destroying waits for that
         destroy to end, or the host to close, and finishes it (in what is
         left of ``timeout``) if it was cut short; it returns once the

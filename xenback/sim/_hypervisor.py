@@ -136,7 +136,9 @@ class RequestError(Exception):
 # -- state ------------------------------------------------------------------
 #
 # Ownership: the service owns every descriptor stored below and closes it
-# exactly once, when the object holding it is freed.
+# exactly once, when the object holding it is freed, taking it off the
+# object first (-1, or None where the field may be empty): a number left
+# behind could be closed again after the kernel gave it to another file.
 
 
 @dataclass(eq=False)
@@ -144,14 +146,15 @@ class _Memory:
     """One shared-memory file backing the pages of one share request."""
 
     table: _GrantTable
-    fd: int
+    fd: int  # -1 once closed
     users: int  # grant entries still referring to this file
 
     def put(self) -> None:
         self.users -= 1
         if self.users == 0:
-            os.close(self.fd)
+            fd, self.fd = self.fd, -1
             self.table.files -= 1
+            os.close(fd)
 
 
 @dataclass(eq=False)
@@ -203,7 +206,7 @@ class _Port:
     domid: int
     port: int
     owner: _Conn
-    wfd: int  # the service's write end of the port's pipe: a byte fires the port
+    wfd: int  # the service's write end of the port's pipe: a byte fires the port; -1 once freed
     remote_domid: int
     remote: _Port | None = None  # the connected peer, None while unbound
     # The read end of a new pipe (wfd's) not yet sent to the owner: made
@@ -1053,7 +1056,8 @@ class Hypervisor:
         """Forget an unconnected ``port`` and close the service's write end."""
         del port.owner.domain.ports[port.port]
         port.owner.ports.discard(port)
-        os.close(port.wfd)
+        wfd, port.wfd = port.wfd, -1
+        os.close(wfd)
         fresh, port.fresh_r = port.fresh_r, None
         if fresh is not None:
             os.close(fresh)

@@ -55,10 +55,12 @@ domain_destroy (dom0)      domid                           -
 =========================  ==============================  ==========================
 
 Pushed: ``{"event": "bound", "port", "domid", "remote_port"}`` with the
-peer's write end, and ``{"event": "unbound", "port"}``.  Either may carry
-``"rfd"``, the index of a descriptor that is the port's new read end: the
-service gives a port a new pipe when its peer goes, so that write ends of
-the old one kept by the peer's process fire nothing.
+peer's write end, and ``{"event": "unbound", "port"}`` with no descriptor.
+Either may carry ``"rfd"``, the index of one more descriptor, the port's
+new read end: the service gives a port a new pipe when its peer goes, so
+that write ends of the old one kept by the peer's process fire nothing.
+A push carrying other descriptors, or whose ``"rfd"`` names none of them,
+is malformed: the handle logs and drops it.
 ``{"event": "refused", "errno", "error"}`` is the only message of a
 connection the service accepted only to close it, for want of a descriptor
 or past its domain's limit on handles: its requests fail with that errno

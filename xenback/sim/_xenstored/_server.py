@@ -393,20 +393,30 @@ class XenStored:
         TimeoutError then names the thread and where it is.  A call the
         loop had not begun is withdrawn (it never runs); one it is running
         (where it is stuck, then) may yet finish, which the error says.
+
+        So is one whose caller a Ctrl-C (any BaseException) cuts short, as
+        it queues the call or waits for it: the interrupt comes out as
+        itself, and the call does not run later for a caller that gave up
+        on it (one the loop has begun runs to its end, as the loop runs
+        it whole).
         """
         thread = self._thread
         if thread is threading.current_thread():
             return fn(*args)
+        if thread is None:
+            raise RuntimeError("XenStored is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        with self._calls_lock:
-            # Once stop() began, too: a loop stop() found stuck may never
-            # come back to run the call, nor to cancel it.
-            if thread is None or self._calls_closed or self._stopping:
-                raise RuntimeError("XenStored is not running")
-            self._calls.append((lambda: fn(*args), future))
-        self._wake()
         timeout = STOP_TIMEOUT
+        # From before the append: an interrupt as it returns must withdraw
+        # the call too (cancel() of one never queued changes nothing).
         try:
+            with self._calls_lock:
+                # Once stop() began, too: a loop stop() found stuck may
+                # never come back to run the call, nor to cancel it.
+                if self._calls_closed or self._stopping:
+                    raise RuntimeError("XenStored is not running")
+                self._calls.append((lambda: fn(*args), future))
+            self._wake()
             # exception(), not result(timeout): a TimeoutError fn raised is
             # the call's answer, not the loop's delay.  Nor wait(), which
             # the loop ending does not wake: it cancels the calls it left
@@ -424,6 +434,9 @@ class XenStored:
             raise TimeoutError(
                 f"the XenStore loop thread {thread.name!r} {what} within {timeout:g} s;"
                 f" it is stuck at:\n{_stuck_at(thread)}") from None
+        except BaseException:
+            future.cancel()  # withdrawn unless the loop has begun it
+            raise
         return future.result()
 
     def _wake(self) -> None:
