@@ -845,6 +845,10 @@ class _Frontend:
         with self._rsp_lock:
             closed = self._closed
         if not closed:
+            # False (the directory deleted, or made again for a new device,
+            # meanwhile) asks nothing more of us: nothing was written, the
+            # failure was logged as information, and the deletion's events,
+            # queued behind this, drop the device, which disconnects it.
             self.dev.fatal(_errno.EINVAL, f"pvcalls command ring: {why}")
 
     def _handle(self, raw: bytes) -> None:

@@ -221,6 +221,31 @@ def _name(fn: Callable[..., object]) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
+def _find_otherend(store: Transaction | XenStore, dev: BackendDevice) -> str:
+    """The frontend's directory, as our ``frontend`` and ``frontend-id``
+    name it: what must hold before probe().  Raises what the probe
+    reports if it does not."""
+    otherend = store.read(f"{dev.nodename}/frontend")
+    otherend_id = store.read_int(f"{dev.nodename}/frontend-id")
+    if otherend is None or otherend_id is None:
+        raise FileNotFoundError(errno.ENOENT, "reading other end details", dev.nodename)
+    if not otherend.startswith("/") or otherend_id != dev.frontend_id:
+        raise ValueError(f"frontend {otherend!r} (id {otherend_id}) does not match {dev.nodename}")
+    if not store.exists(otherend):
+        raise FileNotFoundError(errno.ENOENT, "frontend does not exist", otherend)
+    return otherend
+
+
+def _how_lookup_fails(store: Transaction | XenStore, dev: BackendDevice) -> tuple[int, str] | None:
+    """How :func:`_find_otherend` fails now, as (errno, message); None if
+    it does not."""
+    try:
+        _find_otherend(store, dev)
+    except Exception as exc:
+        return _errno_of(exc)
+    return None
+
+
 def _errno_of(exc: BaseException) -> tuple[int, str]:
     """Map a driver's exception to ``xenbus_dev_fatal``'s (errno, message)."""
     if isinstance(exc, OSError) and exc.errno:
@@ -300,6 +325,10 @@ class BackendDevice:
         # tell our directory from a new device's, and these nodes can
         # (see _ours).
         self._probe_nodes: dict[str, str] | None = None
+        # How the look at the frontend before probe() failed, from then
+        # until our first switch (None otherwise): what tells our
+        # directory from a new device's then (see _ours).
+        self._lookup_failure: tuple[int, str] | None = None
         # A frontend state event waits in the queue (see _otherend_event).
         self._otherend_pending = False
         # A failure of the driver's code is about to fail the device, or
@@ -463,6 +492,7 @@ class BackendDevice:
             # From now on the state tells a new device's directory.
             self._switched = True
             self._probe_nodes = None
+            self._lookup_failure = None
         if written:
             logger.debug("%s: state -> %s", self.nodename, state.name)
         return written
@@ -510,6 +540,26 @@ class BackendDevice:
         itself by writing a node there, as real backends write their
         features.
 
+        Before probe() runs, the look at the frontend (our ``frontend``
+        and ``frontend-id``, the frontend's directory) may fail, and
+        nothing of ours is written yet either.  The failure itself tells
+        then: the directory is taken as ours while that look, made again
+        in the transaction that would write the failure, fails the same
+        way.  A forced removal and an add between the look and the write
+        (libxl makes both directories in one transaction each) make a
+        directory whose look succeeds, or fails otherwise: the failure is
+        the old device's, logged only, and the new device is probed.
+        One that fails the same way is taken as ours, and gets the
+        failure its own probe would have written.  Only failing devices
+        pay for it (the look again, in the transactions that write the
+        failure); the same holds of a directory that was never made
+        again but whose frontend appeared in those microseconds (a
+        toolstack that writes the backend first): it is probed anew, and
+        served.  A guest that makes and deletes its frontend directory
+        over and over can have its device probed a few times more (each
+        a race it must win again), or left Closed: its own device, nobody
+        else's.
+
         Once we switched, neither can the state tell a new directory
         whose Initialising the toolstack replaced before we looked: its
         removal of the new device (online=0, Closing), asked while our
@@ -530,6 +580,9 @@ class BackendDevice:
             # A copy: a driver's own work item may write (and add) meanwhile.
             written = dict(self._probe_nodes or {})
             ours = all(t.read(f"{self.nodename}/{key}") == value for key, value in written.items())
+            failed = self._lookup_failure
+            if ours and failed is not None:
+                ours = _how_lookup_fails(t, self) == failed
         # After the reads, for the reason above.
         return ours and not self._gone
 
@@ -1512,14 +1565,13 @@ class BackendDriver:
         if dev.gone or self._domain_gone:
             return
         try:
-            otherend = dev.read("frontend")
-            otherend_id = self.xenstore.read_int(f"{dev.nodename}/frontend-id")
-            if otherend is None or otherend_id is None:
-                raise FileNotFoundError(errno.ENOENT, "reading other end details", dev.nodename)
-            if not otherend.startswith("/") or otherend_id != dev.frontend_id:
-                raise ValueError(f"frontend {otherend!r} (id {otherend_id}) does not match {dev.nodename}")
-            if not self.xenstore.exists(otherend):
-                raise FileNotFoundError(errno.ENOENT, "frontend does not exist", otherend)
+            try:
+                otherend = _find_otherend(self.xenstore, dev)
+            except Exception as exc:
+                # What tells, until our first switch, whether the directory
+                # that the failure is written into is still ours (see _ours).
+                dev._lookup_failure = _errno_of(exc)
+                raise
             dev.otherend = otherend
             dev._probed = True  # set first: remove() also undoes a probe that failed halfway
             dev._probe_nodes = {}

@@ -19,6 +19,7 @@ import pvcalls
 from pvcalls import _wire
 from pvcalls._backend import _Frontend
 from pvcalls._wire import ffi
+from tests.xenback.xbhelpers import handed_over
 from xenback.ratelimit import RateLimit
 from xenback.ring import RingError
 
@@ -447,3 +448,61 @@ def test_a_command_ring_broken_as_the_frontend_closes_leaves_the_device_closed(
     dev.events.flush()
     assert fe.backend_state() == 6
     assert dev.xenstore.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error") is None
+
+
+@pytest.mark.parametrize("toolstack", ["deleted", "made again"])
+def test_a_command_ring_broken_as_the_toolstack_replaces_the_device_writes_nothing_there(
+        make_frontend: Any, host: Any, backend: pvcalls.Backend, dom0_xs: Any,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        toolstack: str) -> None:
+    """The command ring breaks while the toolstack deletes the device (a
+    forced removal), and maybe makes it again at the same path, before
+    the failure runs on the device's queue: fatal() finds the directory
+    no longer the device's and says so (False), writing nothing.  The
+    failure is the old connection's: no error node and no Closing for a
+    new device that did nothing, nor a directory made again for one
+    deleted.  The events of the deletion, behind the failure, drop the
+    old device, and the new one is served as any other."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    fe = make_frontend("breaker")
+    assert fe.ring is not None
+    front = backend._frontends[(fe.guest.domid, 0)]
+    reported: list[bool] = []
+    fatal = front.dev.fatal
+    monkeypatch.setattr(front.dev, "fatal", lambda *args: reported.append(fatal(*args)))
+    # The frontend's Connected handled first: a frontend event still
+    # waiting in the queue would read the state after the deletion
+    # (Unknown), and drop the device before the failure ran.
+    handed_over(front.dev.xenstore, "connected")
+    front.dev.events.flush()
+    stalled, go = threading.Event(), threading.Event()
+    front.dev.queue(lambda: (stalled.set(), go.wait(TIMEOUT)))  # its events wait
+    assert stalled.wait(TIMEOUT)
+    fe.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
+    fe.evtchn.notify(fe.port)
+    wait_until(lambda: front._broken)
+    front._work.flush()  # the failure is queued, behind the stall
+    host.toolstack.destroy_device(fe.device)
+    again = None
+    if toolstack == "made again":
+        again = RawFrontend(host, fe.guest, connect=False)
+    go.set()
+    error = f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error"
+    if again is None:
+        wait_until(lambda: backend.stats().frontends == 0)
+        assert dom0_xs.read(fe.be_path) is None
+    else:
+        again.connect()  # InitWait, then Connected: never Closing
+        sock_id, rsp = again.socket()
+        assert rsp.ret == 0
+        assert again.release(sock_id).ret == 0
+        assert backend._frontends[(fe.guest.domid, 0)] is not front
+        assert backend.stats().frontends == 1
+    front.dev.events.flush()
+    assert front.dev.gone
+    assert reported == [False]
+    assert dom0_xs.read(error) is None
+    said = [r for r in caplog.records if "pvcalls command ring" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and "command ring protocol error" not in r.getMessage()]

@@ -846,6 +846,105 @@ def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alon
     fe.wait_backend(S.CLOSED)
 
 
+@pytest.mark.parametrize("found", ["frontend gone", "frontend node missing"])
+def test_a_failed_look_at_the_frontend_re_created_in_its_moment_is_not_reported_there(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch, found: str) -> None:
+    """The reads before probe() (our frontend and frontend-id nodes, the
+    frontend's directory) fail, and the toolstack deletes the device and
+    makes it again at the same path before the failure is written: a
+    forced removal and an add (libxl's, both directories in one
+    transaction each) in the microseconds between the two.  probe() wrote
+    nothing to tell the directories apart by, but the new one no longer
+    fails as the reads did: the failure is the old device's, only logged,
+    and the new device is probed and served.  Its frontend must not
+    start with an error node and Closing it did nothing to earn."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest = host.create_domain("guest")
+    devices: list[Any] = []
+    watched = f"/local/domain/{guest.domid}/device/xbtest/0"
+    plain_exists = driver.xenstore.exists
+
+    def exists(path: str) -> bool:
+        if path != watched or len(devices) != 1:
+            return plain_exists(path)
+        if found == "frontend gone":
+            host.toolstack.destroy_device(devices[0])
+            seen = plain_exists(path)
+            devices.append(host.toolstack.add_device("xbtest", guest.domid))
+            return seen
+        return plain_exists(path)
+
+    monkeypatch.setattr(driver.xenstore, "exists", exists)
+    if found == "frontend gone":
+        devices.append(host.toolstack.add_device("xbtest", guest.domid))
+    else:
+        # A directory made by hand without its frontend node: the look
+        # fails on its first read, and the toolstack makes the device
+        # again, whole, then.
+        base = f"{driver.backend_root}/{guest.domid}/0"
+        plain_read = driver.xenstore.read
+
+        def read(path: str, *args: Any) -> Any:
+            value = plain_read(path, *args)
+            if path == f"{base}/frontend" and not devices:
+                assert value is None
+                devices.append(None)
+                dom0_xs.rm(base)
+                devices.append(host.toolstack.add_device("xbtest", guest.domid))
+            return value
+
+        monkeypatch.setattr(driver.xenstore, "read", read)
+        dom0_xs.transaction(lambda t: (t.write(f"{base}/frontend-id", guest.domid),
+                                       t.write(f"{base}/online", 1),
+                                       t.write(f"{base}/state", 1)))
+    driver.wait(lambda: len(devices) == 2)
+    again = devices[1]
+    fe = _connect(frontends, guest, again)
+    assert error_node(dom0_xs, again) is None
+    assert driver.calls_of(guest.domid) == ["probe", "connect"]
+    said = [r for r in caplog.records if "not reported there" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
+def test_a_failed_look_at_the_frontend_that_the_new_directory_fails_too_is_reported(
+        host, driver, dom0_xs, monkeypatch) -> None:
+    """As above, but the directory made again lacks its frontend node as
+    the first did: the look fails the same way in the transaction that
+    writes the failure, and the directory is taken as the device's (the
+    two cannot be told apart).  What is written is what the new device's
+    own probe would write: its error node and Closing, once."""
+    guest = host.create_domain("guest")
+    base = f"{driver.backend_root}/{guest.domid}/0"
+
+    def make(t: Transaction) -> None:
+        t.write(f"{base}/frontend-id", guest.domid)
+        t.write(f"{base}/online", 1)
+        t.write(f"{base}/state", 1)
+
+    plain_read = driver.xenstore.read
+    made: list[bool] = []
+
+    def read(path: str, *args: Any) -> Any:
+        value = plain_read(path, *args)
+        if path == f"{base}/frontend" and not made:
+            made.append(True)
+            dom0_xs.rm(base)
+            dom0_xs.transaction(make)
+        return value
+
+    monkeypatch.setattr(driver.xenstore, "read", read)
+    dom0_xs.transaction(make)
+    dom0_xs.wait_for(f"{base}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    relative = base[len("/local/domain/0/"):]
+    assert dom0_xs.read(f"/local/domain/0/error/{relative}/error") == (
+        f"{errno.ENOENT} probing: reading other end details: {base}")
+    assert made == [True]
+    assert driver.calls_of(guest.domid) == []
+
+
 def test_a_probe_failing_after_the_device_was_re_created_and_removed_lets_the_toolstack_go(
         host, driver, dom0_xs) -> None:
     """As above, but the toolstack also asked for the new device's
