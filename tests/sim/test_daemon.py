@@ -214,6 +214,7 @@ def test_a_bad_domain_name_is_a_usage_error_before_the_host_starts(
     (["--timeout", "watch-event=nan"], "argument -w/--timeout: watch-event must be"),
     # Never is 0, as in cxenstored.
     (["--timeout", "watch-event=inf"], "argument -w/--timeout: watch-event must be"),
+    (["--timeout", "watch-event=1e400"], "argument -w/--timeout: watch-event must be"),
     (["--timeout", "event=5"], "argument -w/--timeout: unknown timeout 'event'"),
     (["-w", "20"], "argument -w/--timeout: expected WHAT=SECONDS"),
     (["--max-queued", "1000"], "argument --max-queued: must be at least"),
@@ -239,6 +240,9 @@ def test_a_bad_xenstored_option_is_a_usage_error_before_the_host_starts(
     # The last -w wins, as in cxenstored; the least --max-queued is taken.
     (["-w", "watch-event=5", "-w", "watch-event=2.5", "--max-queued", str(MIN_QUEUED)],
      {"max_queued": MIN_QUEUED, "watch_event_timeout": 2.5}),
+    # Past cxenstored's C ints, as SimHost takes them: limits never reached.
+    (["-w", "watch-event=1e300", "--max-queued", str(2 ** 100)],
+     {"max_queued": 2 ** 100, "watch_event_timeout": 1e300}),
 ])
 def test_xenstored_options_reach_the_host(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
