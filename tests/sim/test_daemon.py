@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 import pyxs
+from fdcensus import descriptors
 from hosthelpers import wait_pending
 from racewindow import TIMEOUT
 
 from xenback.platform import EventChannelError, GrantError
-from xenback.sim import EventChannel, _daemon, attach
+from xenback.sim import EventChannel, _daemon, attach, stdio_to_devnull
 from xenback.sim._xenstored._server import MIN_QUEUED
 
 
@@ -554,3 +555,19 @@ def test_a_domain_the_host_cannot_create_is_an_error_not_a_traceback(tmp_path: P
     assert "AF_UNIX path too long" in err
     assert out == ""
     assert not run_dir.exists()
+
+
+def test_stdio_to_devnull_quiets_an_output_whose_reader_is_gone() -> None:
+    # What xenback-sim and pvcalls-backend demo do on EPIPE: the stream's
+    # descriptor becomes /dev/null (its buffer then flushes quietly at
+    # exit), and nothing else is left open.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as stream:
+        before = descriptors()
+        stream.write("never read")
+        stdio_to_devnull(stream)
+        after = descriptors()
+        stream.flush()  # no BrokenPipeError
+    assert after - before == {(write_end, os.devnull)}
+    assert {fd for fd, _ in before} == {fd for fd, _ in after}

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from ._domain import run_dir_argument
 from ._host import SimHost, check_domain_name
-from ._stdio import stdio_problem
+from ._stdio import stdio_problem, stdio_to_devnull
 from ._xenstored._server import MAX_QUEUED, MIN_QUEUED, WATCH_EVENT_TIMEOUT, check_limits
 
 logger = logging.getLogger(__name__)
@@ -150,9 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             # Whoever was to read the ready lines is gone (EPIPE): nobody
             # will use this host.  Nor can Python flush stdout at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+            stdio_to_devnull(sys.stdout)
             print(f"xenback-sim: cannot write to stdout: {e.strerror or e}", file=sys.stderr)
             return 1
         sig = signal.sigwait(stop_signals)
