@@ -2123,6 +2123,34 @@ def test_a_listeners_fileno_interrupted_anywhere_then_asked_again_polls_right(
                 c.close()
 
 
+@pytest.mark.timeout(600)
+def test_a_fileno_interrupted_anywhere_leaves_no_descriptor_to_the_collector(
+        host: SimHost, backend: Any) -> None:
+    """A Ctrl-C landing anywhere in a socket's first fileno(): the socket
+    pair behind the descriptor is the socket's (its close() closes it) or
+    closed, never left for the garbage collector to find ("unclosed
+    <socket.socket ...>").  Before, one landing as ReadyFd() returned
+    dropped the pair that was about to be the socket's."""
+    within = os.path.dirname(_frontend.__file__)
+    with (pvcalls.Frontend(host.create_domain("fileno-census"), timeout=TIMEOUT) as fe,
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("always")
+        landed = []
+        for n in itertools.count():
+            sock = fe.socket()
+            before = descriptors()
+            where = interrupted_at(n, within, sock.fileno)
+            said = f"interrupted {where or 'nowhere'}"
+            assert _unclosed(caught) == [], said
+            sock.close()
+            assert descriptors() == before, said
+            assert _unclosed(caught) == [], said
+            if not where:
+                break
+            landed.append(where)
+        assert any("ReadyFd.__init__" in where for where in landed), landed
+
+
 @contextlib.contextmanager
 def backend_of_its_own(name: str) -> Iterator[tuple[Any, pvcalls.Frontend]]:
     """A host, a backend and a frontend (domain ``name``) of the test's own,
