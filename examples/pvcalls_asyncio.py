@@ -10,6 +10,7 @@ one guest asks two host servers at once, and tries a closed port.
 Run: ``.venv/bin/python examples/pvcalls_asyncio.py``
 """
 
+import argparse
 import asyncio
 import socket
 import socketserver
@@ -17,6 +18,8 @@ import threading
 
 import pvcalls
 from xenback.sim import SimHost
+
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, before anything starts
 
 
 class Shout(socketserver.StreamRequestHandler):

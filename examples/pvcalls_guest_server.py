@@ -9,11 +9,14 @@ guest which port the host picked for port 0, so we ask the backend
 Run: ``.venv/bin/python examples/pvcalls_guest_server.py``
 """
 
+import argparse
 import socket
 import threading
 
 import pvcalls
 from xenback.sim import SimHost
+
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, before anything starts
 
 
 def upper_case_server(listener: pvcalls.PVSocket) -> None:

@@ -10,11 +10,14 @@ real host socket.
 Run: ``.venv/bin/python examples/pvcalls_hello.py``
 """
 
+import argparse
 import socket
 import threading
 
 import pvcalls
 from xenback.sim import SimHost
+
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, before anything starts
 
 # A plain TCP server on the host: it greets whoever connects.
 server = socket.create_server(("127.0.0.1", 0))

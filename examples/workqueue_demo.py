@@ -9,6 +9,7 @@ re-homing its keys when a CPU goes down, and the statistics and dump.
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from collections.abc import Hashable
@@ -144,4 +145,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     main()

@@ -604,14 +604,6 @@ class _Output:
             raise _OutputFailed(exc) from None
 
 
-def _to_devnull(stream: Any) -> None:
-    """Point ``stream``'s descriptor at /dev/null: what is left in its
-    buffer would fail again as Python exits, and say so."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stream.fileno())
-    os.close(devnull)
-
-
 class _Terminated(BaseException):
     """SIGTERM or SIGHUP during the demo, raised in the main thread like
     KeyboardInterrupt, so that its ``with`` blocks take the simulated host
@@ -623,6 +615,8 @@ class _Terminated(BaseException):
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from xenback.sim import stdio_to_devnull  # the demo's host is simulated anyway
+
     def stop(signum: int, frame: Any) -> None:
         # Once: a second signal (Ctrl-C pressed twice) raised in the with
         # blocks' clean-up that the first started would cut it short, and
@@ -643,10 +637,10 @@ def _run_demo(args: argparse.Namespace) -> int:
         return demo(args, None if sys.stdout is None else _Output(sys.stdout))
     except _OutputGone:
         # Quietly, with a shell's status for SIGPIPE, as pvcalls-nc.
-        _to_devnull(sys.stdout)
+        stdio_to_devnull(sys.stdout)
         return 128 + signal.SIGPIPE
     except _OutputFailed as exc:
-        _to_devnull(sys.stdout)
+        stdio_to_devnull(sys.stdout)
         print(f"pvcalls-backend: cannot write the demo's output: "
               f"{exc.error.strerror or exc.error}", file=sys.stderr)
         return 1

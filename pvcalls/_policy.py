@@ -9,7 +9,10 @@ domain:
   allow rules are given, it must match one of them; with no allow rules
   everything not denied is allowed.
 * ``max_sockets`` limits how many sockets (of any kind: new, active,
-  passive) one domain may hold at a time.
+  passive) one domain may hold at a time.  Any size is taken as given,
+  even past 64 bits (which TOML's spec would refuse and :mod:`tomllib`
+  reads): it is compared as a Python int, so nothing wraps, and one no
+  domain can reach is never reached.  No limit is the key left out.
 
 A refused CONNECT or BIND is answered with ``-EACCES`` (Xen numbering, 13),
 like a host firewall refusing the operation; a SOCKET or ACCEPT beyond the

@@ -348,6 +348,25 @@ def test_every_example_says_how_to_run_it_and_a_test_runs_it(example: str) -> No
     assert tests, f"no test names examples/{example}"
 
 
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_every_example_answers_help_and_refuses_what_it_does_not_know(example: str) -> None:
+    # Four ignored their arguments: --help ran the example (a host, a
+    # backend, threads) instead.  Help is said before anything starts, so
+    # it is all the output; an unknown option is a usage error.
+    script = str(ROOT / "examples" / example)
+    doc = ast.get_docstring(ast.parse(Path(script).read_text())) or ""
+    helped = subprocess.run([sys.executable, script, "--help"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert (helped.returncode, helped.stderr) == (0, "")
+    assert helped.stdout.startswith(f"usage: {example} [-h]")
+    assert " ".join(doc.splitlines()[0].split()) in " ".join(helped.stdout.split())
+    wrong = subprocess.run([sys.executable, script, "--no-such-option"], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT)
+    assert (wrong.returncode, wrong.stdout) == (2, "")
+    assert wrong.stderr.startswith(f"usage: {example} ")
+    assert wrong.stderr.rstrip().endswith("error: unrecognized arguments: --no-such-option")
+
+
 @pytest.mark.parametrize("tool", ["wq_model_campaign.py", "wq_race_campaign.py"])
 def test_campaign_tools_explain_their_arguments(tool: str) -> None:
     # The README gives them numbers by position: --help must say what they

@@ -87,9 +87,18 @@ class ReadyFd:
     _BALLAST = 2048
     _MIN_WRITABLE_SNDBUF = 32 * 1024
 
-    def __init__(self) -> None:
-        user, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, into: SocketState | None = None) -> None:
+        """``into``: the state whose ``readyfd`` it is to be, set here as
+        the last step, with no call after it where a signal's handler
+        could run: set by the caller, a Ctrl-C as this returned dropped
+        the pair for the collector to close ("unclosed socket")."""
+        # Made and kept by C code (map, list.extend), where no signal's
+        # handler runs, for the same reason: a Ctrl-C as socketpair()
+        # returned here dropped the pair before it was in user and ours.
+        pair: list[tuple[socket.socket, socket.socket]] = []
         try:
+            pair.extend(map(socket.socketpair, (socket.AF_UNIX,)))
+            user, ours = pair[0]
             user.setblocking(False)
             ours.setblocking(False)
             user.sendall(bytes(self._BALLAST))
@@ -101,12 +110,15 @@ class ReadyFd:
                                self._MIN_WRITABLE_SNDBUF)
             user.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
         except BaseException:
-            user.close()
-            ours.close()
+            if pair:
+                pair[0][0].close()
+                pair[0][1].close()
             raise
         self.user, self.ours = user, ours
         self.readable = False
         self.writable = True
+        if into is not None:
+            into.readyfd = self
 
     def fileno(self) -> int:
         return self.user.fileno()
@@ -1558,9 +1570,10 @@ class PVSocket(Closing):
             # _readyfd under it, and would not see a descriptor made now.
             if self._closed:
                 return -1
-            if self._st.readyfd is None:
-                self._st.readyfd = ReadyFd()
-            fd = self._st.readyfd.fileno()
+            readyfd = self._st.readyfd
+            if readyfd is None:
+                readyfd = ReadyFd(into=self._st)  # which sets it (see there)
+            fd = readyfd.fileno()
             self._armed = True
             ring = self._st.ring
         if ring is not None:

@@ -2019,6 +2019,55 @@ def test_a_ctrl_c_in_accept_comes_out_as_one_though_the_fileno_was_closed(
         client.close()
 
 
+def test_a_poll_cut_short_while_the_event_threads_on_room_saw_it_marked_still_goes_out(
+        fe: pvcalls.Frontend, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, with the event thread as the other caller: its _on_room
+    (the ring has room again for the POLL this listener would not wait
+    for) runs while the interrupted fileno() holds the mark, sees it and
+    returns, counting on that POLL.  It goes out all the same, and
+    fileno()'s descriptor polls readable with a connection pending."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    client = socket.create_connection(listen_address(backend, fe.domain.domid, ls.id),
+                                      timeout=TIMEOUT)
+    reached, go, on_room_ran = threading.Event(), threading.Event(), threading.Event()
+    submit, on_room = fe._submit, ls._on_room
+
+    def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
+        if slot.cmd == _wire.PVCALLS_POLL and not reached.is_set():
+            reached.set()
+            assert go.wait(TIMEOUT)
+            raise Interrupted
+        return submit(slot, *args, **kwargs)
+
+    def on_room_seen() -> None:
+        on_room()
+        if threading.current_thread() is fe._thread:
+            on_room_ran.set()
+
+    monkeypatch.setattr(fe, "_submit", cut_short)
+    monkeypatch.setattr(ls, "_on_room", on_room_seen)
+    first = Attempt(ls.fileno)
+    try:
+        assert reached.wait(TIMEOUT)
+        assert ls._poll_inflight  # what _on_room sees
+        # The event thread's _on_room, as once the ring has room.
+        fe._poll_later(ls)
+        assert on_room_ran.wait(TIMEOUT)
+        assert ls._poll_inflight and not ls._poll_ready
+        fd = ls._st.readyfd.fileno()
+    finally:
+        go.set()
+    assert isinstance(first.result(), Interrupted)
+    try:
+        assert select.select([fd], [], [], TIMEOUT)[0], "never readable: no POLL went out"
+        ls.settimeout(TIMEOUT)
+        ls.accept()[0].close()
+    finally:
+        client.close()
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
 def test_a_listeners_fileno_interrupted_anywhere_then_asked_again_polls_right(
@@ -2072,6 +2121,34 @@ def test_a_listeners_fileno_interrupted_anywhere_then_asked_again_polls_right(
             free_slots(_wire.RING_SLOTS)
             for c in connections:
                 c.close()
+
+
+@pytest.mark.timeout(600)
+def test_a_fileno_interrupted_anywhere_leaves_no_descriptor_to_the_collector(
+        host: SimHost, backend: Any) -> None:
+    """A Ctrl-C landing anywhere in a socket's first fileno(): the socket
+    pair behind the descriptor is the socket's (its close() closes it) or
+    closed, never left for the garbage collector to find ("unclosed
+    <socket.socket ...>").  Before, one landing as ReadyFd() returned
+    dropped the pair that was about to be the socket's."""
+    within = os.path.dirname(_frontend.__file__)
+    with (pvcalls.Frontend(host.create_domain("fileno-census"), timeout=TIMEOUT) as fe,
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("always")
+        landed = []
+        for n in itertools.count():
+            sock = fe.socket()
+            before = descriptors()
+            where = interrupted_at(n, within, sock.fileno)
+            said = f"interrupted {where or 'nowhere'}"
+            assert _unclosed(caught) == [], said
+            sock.close()
+            assert descriptors() == before, said
+            assert _unclosed(caught) == [], said
+            if not where:
+                break
+            landed.append(where)
+        assert any("ReadyFd.__init__" in where for where in landed), landed
 
 
 @contextlib.contextmanager

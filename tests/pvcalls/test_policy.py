@@ -135,6 +135,18 @@ def test_the_readme_example_means_what_the_readme_says(tmp_path: Path) -> None:
     assert not policy.bind_allowed(1, "127.0.0.1", 9001, "guest1")
 
 
+def test_a_huge_max_sockets_is_a_limit_taken_as_given() -> None:
+    """Past TOML's 64 bits (tomllib reads any int) or a C int, max_sockets
+    is still the number written: the backend compares Python ints, nothing
+    wraps, and a limit no domain can reach is never reached.  No limit is
+    said by leaving the key out, so the policy reports the number, not
+    None."""
+    huge = 2 ** 64
+    policy = Policy.from_toml(f"[default]\nmax_sockets = {huge}\n")
+    assert policy.max_sockets(3) == huge
+    assert pvcalls.DomainPolicy(max_sockets=huge).max_sockets == huge
+
+
 def test_a_domain_section_takes_from_default_each_key_it_leaves_out() -> None:
     """Key by key: allow, deny and max_sockets each come from [default]
     unless the domain's section gives them; max_sockets = 0 is a limit

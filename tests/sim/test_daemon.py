@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 import pyxs
+from fdcensus import descriptors
 from hosthelpers import wait_pending
 from racewindow import TIMEOUT
 
 from xenback.platform import EventChannelError, GrantError
-from xenback.sim import EventChannel, _daemon, attach
+from xenback.sim import EventChannel, _daemon, attach, stdio_to_devnull
 from xenback.sim._xenstored._server import MIN_QUEUED
 
 
@@ -214,6 +215,7 @@ def test_a_bad_domain_name_is_a_usage_error_before_the_host_starts(
     (["--timeout", "watch-event=nan"], "argument -w/--timeout: watch-event must be"),
     # Never is 0, as in cxenstored.
     (["--timeout", "watch-event=inf"], "argument -w/--timeout: watch-event must be"),
+    (["--timeout", "watch-event=1e400"], "argument -w/--timeout: watch-event must be"),
     (["--timeout", "event=5"], "argument -w/--timeout: unknown timeout 'event'"),
     (["-w", "20"], "argument -w/--timeout: expected WHAT=SECONDS"),
     (["--max-queued", "1000"], "argument --max-queued: must be at least"),
@@ -239,6 +241,9 @@ def test_a_bad_xenstored_option_is_a_usage_error_before_the_host_starts(
     # The last -w wins, as in cxenstored; the least --max-queued is taken.
     (["-w", "watch-event=5", "-w", "watch-event=2.5", "--max-queued", str(MIN_QUEUED)],
      {"max_queued": MIN_QUEUED, "watch_event_timeout": 2.5}),
+    # Past cxenstored's C ints, as SimHost takes them: limits never reached.
+    (["-w", "watch-event=1e300", "--max-queued", str(2 ** 100)],
+     {"max_queued": 2 ** 100, "watch_event_timeout": 1e300}),
 ])
 def test_xenstored_options_reach_the_host(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -550,3 +555,19 @@ def test_a_domain_the_host_cannot_create_is_an_error_not_a_traceback(tmp_path: P
     assert "AF_UNIX path too long" in err
     assert out == ""
     assert not run_dir.exists()
+
+
+def test_stdio_to_devnull_quiets_an_output_whose_reader_is_gone() -> None:
+    # What xenback-sim and pvcalls-backend demo do on EPIPE: the stream's
+    # descriptor becomes /dev/null (its buffer then flushes quietly at
+    # exit), and nothing else is left open.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as stream:
+        before = descriptors()
+        stream.write("never read")
+        stdio_to_devnull(stream)
+        after = descriptors()
+        stream.flush()  # no BrokenPipeError
+    assert after - before == {(write_end, os.devnull)}
+    assert {fd for fd, _ in before} == {fd for fd, _ in after}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import math
 import os
 import queue
 import signal
@@ -1452,3 +1453,30 @@ def test_a_limit_of_the_wrong_type_is_named(tmp_path: Path, kwargs: dict[str, ob
     with pytest.raises(TypeError, match=message):
         SimHost(tmp_path, **kwargs)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 10 ** 400, -math.inf, math.nan],
+                         ids=["inf", "huge-int", "-inf", "nan"])
+def test_never_is_none_not_an_endless_timeout(tmp_path: Path, timeout: float) -> None:
+    # inf was taken (while xenback-sim -w refused it): never has one
+    # spelling, None, as 0 on the command line.  An int too large for a
+    # float deadline was taken too, and broke the loop at the first event.
+    with pytest.raises(ValueError, match="^watch_event_timeout must be positive and finite"):
+        SimHost(tmp_path, watch_event_timeout=timeout)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_huge_limit_is_taken_as_given(tmp_path: Path) -> None:
+    # Nothing here is a C int that could wrap: a limit past what memory or
+    # time allows is one never reached, which is what it says.
+    with SimHost(tmp_path, max_queued=2 ** 100, watch_event_timeout=1e300) as host:
+        xsd = host._xenstored
+        assert xsd is not None
+        assert (xsd.max_queued, xsd.watch_event_timeout) == (2 ** 100, 1e300)
+        guest = host.create_domain("guest")
+        home = f"/local/domain/{guest.domid}".encode()
+        with guest.xenstore() as c:
+            # A guest's event is queued with its deadline 1e300 s away.
+            monitor = c.monitor()
+            monitor.watch(home, b"t")
+            assert monitor.events.get(timeout=TIMEOUT) == (home, b"t")

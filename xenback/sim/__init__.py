@@ -26,7 +26,8 @@ toolstack code run and are tested without a hypervisor::
   as a daemon.  :func:`run_dir_argument` and :func:`stdio_problem` are what
   the commands on a simulated host check of their ``--run-dir`` and of
   their standard streams before they start anything (this one's, and
-  pvcalls').
+  pvcalls'); :func:`stdio_to_devnull`, what they do with an output whose
+  reader is gone.
 
 Isolation is what a domain can do through the interfaces: a guest gets
 errors, never another domain's pages, ports or XenStore nodes, and cannot
@@ -40,7 +41,7 @@ from ._evtchn import EventChannel
 from ._frontend import FrontendDevice
 from ._grant import GrantMapping, GrantShare, GrantTable, SharedPages
 from ._host import SimHost
-from ._stdio import stdio_problem
+from ._stdio import stdio_problem, stdio_to_devnull
 from ._toolstack import Device, Toolstack
 
 __all__ = [
@@ -59,4 +60,5 @@ __all__ = [
     "destroy_domain",
     "run_dir_argument",
     "stdio_problem",
+    "stdio_to_devnull",
 ]

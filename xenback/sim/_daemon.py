@@ -17,22 +17,24 @@ name: how long a watch event for a guest may wait unsent before it is
 dropped (20; 0: never, as in cxenstored).  ``--max-queued BYTES`` bounds
 what may wait for one guest (XenStored's ``max_queued``; cxenstored's
 nearest is its memory quota, which counts much more, hence not its name).
+Both are checked by the rule SimHost applies (``check_limits``), so the
+command takes what the class takes: a timeout need not be whole seconds,
+``inf`` is refused (0 says never), and a value past cxenstored's C ints
+is taken as given, a limit never reached, not a wrapped one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from ._domain import run_dir_argument
 from ._host import SimHost, check_domain_name
-from ._stdio import stdio_problem
-from ._xenstored._server import MAX_QUEUED, MIN_QUEUED, WATCH_EVENT_TIMEOUT
+from ._stdio import stdio_problem, stdio_to_devnull
+from ._xenstored._server import MAX_QUEUED, MIN_QUEUED, WATCH_EVENT_TIMEOUT, check_limits
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +58,12 @@ def _timeout(text: str) -> tuple[str, float | None]:
     if what != "watch-event":
         raise argparse.ArgumentTypeError(f"unknown timeout {what!r} (only watch-event)")
     try:
-        seconds = float(value)
+        seconds = float(value) or None  # 0: never, as in cxenstored
+        check_limits(MAX_QUEUED, seconds)  # the rest is SimHost's rule
     except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
         raise argparse.ArgumentTypeError(
-            f"watch-event must be a number of seconds, 0 for never, not {value!r}")
-    return what, seconds or None
+            f"watch-event must be a number of seconds, 0 for never, not {value!r}") from None
+    return what, seconds
 
 
 def _max_queued(text: str) -> int:
@@ -70,8 +71,10 @@ def _max_queued(text: str) -> int:
         size = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
-    if size < MIN_QUEUED:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_QUEUED} bytes, not {size}")
+    try:
+        check_limits(size, WATCH_EVENT_TIMEOUT)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_QUEUED} bytes, not {size}") from None
     return size
 
 
@@ -146,9 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             # Whoever was to read the ready lines is gone (EPIPE): nobody
             # will use this host.  Nor can Python flush stdout at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+            stdio_to_devnull(sys.stdout)
             print(f"xenback-sim: cannot write to stdout: {e.strerror or e}", file=sys.stderr)
             return 1
         sig = signal.sigwait(stop_signals)

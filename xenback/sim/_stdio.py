@@ -1,5 +1,5 @@
 """What the commands on a simulated host check of their standard streams
-before they start anything."""
+before they start anything, and do with one whose reader is gone."""
 
 from __future__ import annotations
 
@@ -30,3 +30,15 @@ def stdio_problem(stream: IO[Any] | None, *, writing: bool) -> str | None:
     if flags & os.O_ACCMODE == (os.O_RDONLY if writing else os.O_WRONLY):
         return f"it is open only for {'reading' if writing else 'writing'}"
     return None
+
+
+def stdio_to_devnull(stream: IO[Any]) -> None:
+    """Point ``stream``'s descriptor at /dev/null, for a command whose
+    output failed (its reader gone, EPIPE): what is left in the stream's
+    buffer would fail again as Python flushes it at exit, and say so in a
+    traceback after the command's own message."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)

@@ -145,9 +145,17 @@ def _stuck_at(thread: threading.Thread) -> str:
     return where.rstrip()
 
 
+def _as_float(seconds: float) -> float:
+    try:
+        return float(seconds)
+    except OverflowError:  # an int
+        return math.inf
+
+
 def check_limits(max_queued: int, watch_event_timeout: float | None) -> None:
     """Raise TypeError or ValueError unless XenStored takes these (for its
-    users that make one later, so that they can say so at once)."""
+    users that make one later, so that they can say so at once).  The one
+    place that says which limits are good: xenback-sim asks it too."""
     # Types first: compared unchecked, a string raises a TypeError naming
     # no argument, and a float or a bool would pass for a count or seconds.
     if isinstance(max_queued, bool) or not isinstance(max_queued, int):
@@ -158,9 +166,14 @@ def check_limits(max_queued: int, watch_event_timeout: float | None) -> None:
                         f"not {type(watch_event_timeout).__name__}")
     if max_queued < MIN_QUEUED:
         raise ValueError(f"max_queued must be at least {MIN_QUEUED}, not {max_queued}")
-    if watch_event_timeout is not None and not watch_event_timeout > 0:
-        raise ValueError(f"watch_event_timeout must be positive or None, "
-                         f"not {watch_event_timeout}")
+    # Never has one spelling, None (0 on xenback-sim's command line, as
+    # cxenstored's -w): inf would be a second.  The deadline of an event
+    # is a float, so an int past a float's range is refused here, not by
+    # the loop at the first event.  Any other size is taken as given (no
+    # C int to wrap): a limit past what the host lives is never reached.
+    if watch_event_timeout is not None and not 0 < _as_float(watch_event_timeout) < math.inf:
+        raise ValueError(f"watch_event_timeout must be positive and finite seconds, "
+                         f"or None (never), not {watch_event_timeout}")
 
 
 class XenStored:
@@ -174,7 +187,7 @@ class XenStored:
     ``max_queued`` bounds the bytes waiting for one guest, over all its
     connections: watch events past it are dropped (see the module's
     docstring for dom0's queue).  A watch event for a guest that waits
-    ``watch_event_timeout`` seconds unsent is dropped (None: never, and a
+    ``watch_event_timeout`` seconds (finite) unsent is dropped (None: never, and a
     guest that never reads then stalls for good the guests whose writes
     it watches).  ``quota`` replaces cxenstored's default limits for
     unprivileged domains.
