@@ -187,9 +187,9 @@ class XenStored:
     ``max_queued`` bounds the bytes waiting for one guest, over all its
     connections: watch events past it are dropped (see the module's
     docstring for dom0's queue).  A watch event for a guest that waits
-    ``watch_event_timeout`` seconds (finite) unsent is dropped (None: never, and a
-    guest that never reads then stalls for good the guests whose writes
-    it watches).  ``quota`` replaces cxenstored's default limits for
+    ``watch_event_timeout`` seconds (finite) unsent is dropped (None:
+    never, and a guest that never reads then stalls for good the guests
+    whose writes it watches).  ``quota`` replaces cxenstored's default limits for
     unprivileged domains.
 
     ``watch_event_timeout`` is fixed once the server has started (as
