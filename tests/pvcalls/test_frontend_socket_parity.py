@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import select
 import selectors
 import socket
 import struct
@@ -314,6 +315,30 @@ def test_connect_again_after_a_reset_raises_it(make: Callable[[], Any], reported
     assert info.value.errno == errno.ENOTCONN
     with pytest.raises(BrokenPipeError):
         s.send(b"z")
+
+
+def test_connect_again_after_a_refused_connect_with_a_timeout(make: Callable[[], Any]) -> None:
+    """A refused connect() with a timeout leaves Linux's socket
+    connecting, as a successful one does (above): CPython took the
+    refusal from SO_ERROR, so the next connect() finds the attempt over
+    with no error and fails with ECONNABORTED, once; the one after that
+    connects.  Meanwhile select() finds the socket readable and writable."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    s = make()
+    s.settimeout(TIMEOUT)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(refused)
+    assert select.select([s], [s], [], TIMEOUT)[:2] == ([s], [s])
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    assert s.connect_ex(refused) == errno.ECONNABORTED
+    assert s.connect_ex(refused) == errno.ECONNREFUSED
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with pytest.raises(ConnectionAbortedError):
+            s.connect(listener.getsockname())
+        s.connect(listener.getsockname())
+        assert s.getpeername() == listener.getsockname()
 
 
 def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
