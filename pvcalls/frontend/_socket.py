@@ -733,6 +733,9 @@ class PVSocket(Closing):
                 # more, as after a non-blocking connect() here.
                 with self._mutex:
                     self._connect_unreported = True
+            # Readable no longer, as it was unconnected: it polls as the
+            # ring says from now on (and as the ring's events come).
+            self._update_ready()
 
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut
@@ -765,6 +768,7 @@ class PVSocket(Closing):
                 with self._mutex:
                     self._connect_unreported = True  # as connect()'s return
             self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
+            self._repair_ready()  # as connect()'s return
         else:
             self._abandon_connect(slot)
 
@@ -1856,6 +1860,10 @@ class PVSocket(Closing):
             return False
         if ring is not None and not self._st.listening:
             return ring.in_pending() or bool(ring.in_error()) or ring.failure is not None
+        if not self._st.listening:
+            # Neither connected nor listening: recv() and accept() fail at
+            # once (ENOTCONN, EINVAL), and Linux's TCP polls POLLHUP.
+            return True
         # An ACCEPT left in flight by a non-blocking or timed-out accept()
         # and since answered: the next accept() returns at once.
         inflight = self._st.accept_inflight

@@ -1346,7 +1346,7 @@ def _connecting(fe: pvcalls.Frontend, fake: FakeBackend) -> tuple[pvcalls.PVSock
     CONNECT.  fileno() is asked for first, as asyncio's sock_connect does."""
     s = fe.socket()
     s.setblocking(False)
-    assert _readiness(s) == (False, True)  # a new socket: send() fails at once
+    assert _readiness(s) == (True, True)  # a new socket: recv() and send() fail at once
     fake.hold = {PVCALLS_CONNECT}
     with pytest.raises(BlockingIOError) as info:
         s.connect(_ADDRESS)

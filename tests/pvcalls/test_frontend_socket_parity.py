@@ -341,6 +341,34 @@ def test_connect_again_after_a_refused_connect_with_a_timeout(make: Callable[[],
         assert s.getpeername() == listener.getsockname()
 
 
+def test_a_socket_neither_connected_nor_listening_polls_readable_and_writable(
+        make: Callable[[], Any]) -> None:
+    """Its recv() and send() fail at once (ENOTCONN; EPIPE, which PV
+    Calls says ENOTCONN), and Linux's TCP polls it readable and writable
+    (POLLHUP), new, bound, or refused.  Once connected, or listening, it
+    polls as what it has become."""
+    def ready(s: Any) -> tuple[bool, bool]:
+        readable, writable, _ = select.select([s], [s], [], 0)
+        return bool(readable), bool(writable)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    s = make()
+    assert ready(s) == (True, True)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(refused)  # blocking: unconnected after it
+    assert ready(s) == (True, True)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        s.connect(listener.getsockname())
+        assert ready(s) == (False, True)
+    bound = make()
+    bound.bind(("127.0.0.1", 0))
+    assert ready(bound) == (True, True)
+    bound.listen()
+    assert ready(bound) == (False, False)
+
+
 def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
     c, peer = pair
     peer.sendall(b"one")
