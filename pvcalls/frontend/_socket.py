@@ -57,7 +57,8 @@ _INT = struct.Struct("=i")
 #: The errors a TCP handshake in flight meets (see PVSocket._failed_in_time).
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
-_FIXED_OPTIONS = {socket.SO_TYPE: socket.SOCK_STREAM, socket.SO_DOMAIN: socket.AF_INET}
+# Plain ints, as the kernel's getsockopt() gives them, not the enums.
+_FIXED_OPTIONS = {socket.SO_TYPE: int(socket.SOCK_STREAM), socket.SO_DOMAIN: int(socket.AF_INET)}
 
 
 class ReadyFd:

@@ -369,6 +369,16 @@ def test_a_socket_neither_connected_nor_listening_polls_readable_and_writable(
     assert ready(bound) == (False, False)
 
 
+def test_getsockopt_gives_plain_integers(make: Callable[[], Any]) -> None:
+    """As the kernel's values: ``int``, not the socket module's enums
+    (whose repr and str differ: "SocketKind.SOCK_STREAM")."""
+    s = make()
+    for option, value in ((socket.SO_TYPE, 1), (socket.SO_DOMAIN, 2), (socket.SO_ERROR, 0),
+                          (socket.SO_ACCEPTCONN, 0)):
+        got = s.getsockopt(socket.SOL_SOCKET, option)
+        assert type(got) is int and got == value and repr(got) == repr(value)
+
+
 def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
     c, peer = pair
     peer.sendall(b"one")
