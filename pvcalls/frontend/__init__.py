@@ -82,7 +82,9 @@ its argument checks and its errors:
 * Addresses the backend does not report: ``getsockname()`` is what
   ``bind()`` was given (port 0 stays 0; ``("0.0.0.0", 0)`` when
   connected), ``accept()`` gives ``("0.0.0.0", 0)`` as the peer's.
-* ``listen()`` before ``bind()``, and ``connect()`` after it (EINVAL);
+* ``listen()`` before ``bind()`` (Linux's binds to a port of its
+  choosing, which PV Calls would not tell), and ``connect()`` after it
+  (EINVAL: a bound socket is a passive one);
   ``send()`` on a socket never connected says ENOTCONN (a TCP socket's
   EPIPE), as Linux's frontend does.
 * ``dup()``, ``detach()`` and ``set_inheritable(True)``: the socket has
@@ -102,6 +104,17 @@ A few calls differ with no error of their own:
 * ``accept()`` of a socket that is not listening fails with EINVAL at
   once, also with a timeout, where CPython's waits for a connected
   socket to poll readable first.
+* A ``connect()`` whose timeout passed (or that a KeyboardInterrupt cut
+  short before the backend answered) leaves the socket good only for
+  ``close()``: its CONNECT stays in flight, as a TCP handshake goes on,
+  but the socket does not follow it.  ``connect()`` fails with EISCONN
+  from then on where Linux's says EALREADY until the handshake ends,
+  ``recv()`` and ``send()`` with ENOTCONN where Linux's wait for the
+  handshake, and ``fileno()`` polls writable.
+* After a non-blocking or timed ``connect()`` whose handshake failed
+  (refused, no answer), ``recv()`` fails with ENOTCONN, where Linux's
+  returns ``b""`` until the next ``connect()`` (which fails with
+  ECONNABORTED on both, then starts over).
 
 What the peer sees is the backend's doing.  A ``close()`` with received
 data unread resets a TCP connection; the backend (as Linux's) closes its
@@ -127,7 +140,8 @@ had said EINPROGRESS.
 Waiting on sockets: :meth:`PVSocket.fileno` returns a descriptor that is
 readable while ``recv`` or ``accept`` would not block (data, end of stream,
 an error, or a pending connection) and writable while ``send`` would not
-(room in the out ring, or an error), so that selectors loops and asyncio
+(room in the out ring, or an error; a socket neither connected nor
+listening is both, as a TCP socket: its calls fail at once), so that selectors loops and asyncio
 sleep while the peer is slow to read.  It is *not* the connection (one end
 of a Unix socket pair the socket keeps, shut down for writing); pass it
 only to ``select``/``poll``/``selectors``.

@@ -54,7 +54,11 @@ _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 _INT = struct.Struct("=i")
 
 #: SOL_SOCKET options whose value every PV Calls socket has.
-_FIXED_OPTIONS = {socket.SO_TYPE: socket.SOCK_STREAM, socket.SO_DOMAIN: socket.AF_INET}
+#: The errors a TCP handshake in flight meets (see PVSocket._failed_in_time).
+_HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
+
+# Plain ints, as the kernel's getsockopt() gives them, not the enums.
+_FIXED_OPTIONS = {socket.SO_TYPE: int(socket.SOCK_STREAM), socket.SO_DOMAIN: int(socket.AF_INET)}
 
 
 class ReadyFd:
@@ -621,7 +625,9 @@ class PVSocket(Closing):
         after a failure.  That is what ``select``-based programs and
         asyncio's ``loop.sock_connect()`` expect.  A connect() with a
         timeout that succeeded is followed by one more that succeeds too,
-        as socket.socket's on Linux (see the comment in the code).
+        as socket.socket's on Linux (see the comment in the code), and
+        one that the handshake failed (refused, no answer) by one more
+        that fails with ECONNABORTED.
 
         A KeyboardInterrupt once the backend's answer came leaves the
         socket as the answer says, as if connect() had returned or raised
@@ -714,6 +720,11 @@ class PVSocket(Closing):
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
                 if ret < 0:
+                    if timed:
+                        # In the try, as the ring's giving back: whatever
+                        # interrupts the report, the socket is left as the
+                        # raise below leaves it.
+                        self._failed_in_time(host_error(ret, "connect").errno)
                     # The backend has let go of the ring and the id is a new
                     # socket again (as in Linux's backend): free the ring, so
                     # that connect() may be tried again.
@@ -735,6 +746,9 @@ class PVSocket(Closing):
                 # more, as after a non-blocking connect() here.
                 with self._mutex:
                     self._connect_unreported = True
+            # Readable no longer, as it was unconnected: it polls as the
+            # ring says from now on (and as the ring's events come).
+            self._update_ready()
 
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut
@@ -753,6 +767,8 @@ class PVSocket(Closing):
             # EISCONN for good.
             self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
             self._fe._put_data_ring(self._st, reusable=True)
+            if timed and not self._closed:
+                self._failed_in_time(host_error(slot.ret, "connect").errno)  # as connect()'s raise
         elif slot.done and not self._closed:
             # Connected, the report cut short: the backend's answer
             # is the truth, and the socket is left as a return
@@ -765,8 +781,26 @@ class PVSocket(Closing):
                 with self._mutex:
                     self._connect_unreported = True  # as connect()'s return
             self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
+            self._repair_ready()  # as connect()'s return
         else:
             self._abandon_connect(slot)
+
+    def _failed_in_time(self, err: int | None) -> None:
+        """A connect() with a timeout failed with ``err``.  CPython made
+        it a non-blocking connect, and an error the handshake met (a
+        refusal, no answer) it took from SO_ERROR, which leaves Linux's
+        socket connecting (as after a success, see connect()): the next
+        connect() finds the attempt over with no error to say, fails
+        with ECONNABORTED and starts over at the one after; meanwhile
+        the socket polls readable and writable.  That is a failed
+        non-blocking connect whose SO_ERROR was read.  Other errors
+        (the policy's EACCES, no route) Linux's connect() raises before
+        any handshake, leaving the socket unconnected."""
+        if err not in _HANDSHAKE_ERRORS:
+            return
+        with self._mutex:
+            self._connect_failed = True
+        self._update_ready()
 
     def _abandon_connect(self, slot: Slot) -> None:
         """connect() gives up on its CONNECT, sent: the answer still comes;
@@ -1840,6 +1874,10 @@ class PVSocket(Closing):
             return False
         if ring is not None and not self._st.listening:
             return ring.in_pending() or bool(ring.in_error()) or ring.failure is not None
+        if not self._st.listening:
+            # Neither connected nor listening: recv() and accept() fail at
+            # once (ENOTCONN, EINVAL), and Linux's TCP polls POLLHUP.
+            return True
         # An ACCEPT left in flight by a non-blocking or timed-out accept()
         # and since answered: the next accept() returns at once.
         inflight = self._st.accept_inflight

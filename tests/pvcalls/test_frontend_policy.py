@@ -37,6 +37,18 @@ def test_denied_connect_is_permission_error(fe: pvcalls.Frontend) -> None:
     assert info.value.errno == errno.EACCES
 
 
+def test_a_denied_connect_with_a_timeout_leaves_the_socket_unconnected(
+        fe: pvcalls.Frontend) -> None:
+    """A refusal that is no handshake's (as a firewall's EPERM, which
+    Linux's connect() raises before it starts one): the next connect()
+    is tried anew, not failed with ECONNABORTED as after a refused
+    handshake (test_frontend_socket_parity.py)."""
+    with fe.socket() as s:
+        s.settimeout(TIMEOUT)
+        for _ in range(2):
+            assert s.connect_ex(("127.0.0.1", 22)) == errno.EACCES
+
+
 def test_denied_bind_is_permission_error(fe: pvcalls.Frontend) -> None:
     with fe.socket() as s, pytest.raises(PermissionError) as info:
         s.bind(("127.0.0.1", 80))

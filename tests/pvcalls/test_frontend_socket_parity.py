@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import select
 import selectors
 import socket
 import struct
@@ -314,6 +315,68 @@ def test_connect_again_after_a_reset_raises_it(make: Callable[[], Any], reported
     assert info.value.errno == errno.ENOTCONN
     with pytest.raises(BrokenPipeError):
         s.send(b"z")
+
+
+def test_connect_again_after_a_refused_connect_with_a_timeout(make: Callable[[], Any]) -> None:
+    """A refused connect() with a timeout leaves Linux's socket
+    connecting, as a successful one does (above): CPython took the
+    refusal from SO_ERROR, so the next connect() finds the attempt over
+    with no error and fails with ECONNABORTED, once; the one after that
+    connects.  Meanwhile select() finds the socket readable and writable."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    s = make()
+    s.settimeout(TIMEOUT)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(refused)
+    assert select.select([s], [s], [], TIMEOUT)[:2] == ([s], [s])
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    assert s.connect_ex(refused) == errno.ECONNABORTED
+    assert s.connect_ex(refused) == errno.ECONNREFUSED
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with pytest.raises(ConnectionAbortedError):
+            s.connect(listener.getsockname())
+        s.connect(listener.getsockname())
+        assert s.getpeername() == listener.getsockname()
+
+
+def test_a_socket_neither_connected_nor_listening_polls_readable_and_writable(
+        make: Callable[[], Any]) -> None:
+    """Its recv() and send() fail at once (ENOTCONN; EPIPE, which PV
+    Calls says ENOTCONN), and Linux's TCP polls it readable and writable
+    (POLLHUP), new, bound, or refused.  Once connected, or listening, it
+    polls as what it has become."""
+    def ready(s: Any) -> tuple[bool, bool]:
+        readable, writable, _ = select.select([s], [s], [], 0)
+        return bool(readable), bool(writable)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    s = make()
+    assert ready(s) == (True, True)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(refused)  # blocking: unconnected after it
+    assert ready(s) == (True, True)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        s.connect(listener.getsockname())
+        assert ready(s) == (False, True)
+    bound = make()
+    bound.bind(("127.0.0.1", 0))
+    assert ready(bound) == (True, True)
+    bound.listen()
+    assert ready(bound) == (False, False)
+
+
+def test_getsockopt_gives_plain_integers(make: Callable[[], Any]) -> None:
+    """As the kernel's values: ``int``, not the socket module's enums
+    (whose repr and str differ: "SocketKind.SOCK_STREAM")."""
+    s = make()
+    for option, value in ((socket.SO_TYPE, 1), (socket.SO_DOMAIN, 2), (socket.SO_ERROR, 0),
+                          (socket.SO_ACCEPTCONN, 0)):
+        got = s.getsockopt(socket.SOL_SOCKET, option)
+        assert type(got) is int and got == value and repr(got) == repr(value)
 
 
 def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
