@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import itertools
 import os
 import re
@@ -21,6 +22,8 @@ from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
+    interrupted_as_call_returns,
+    interrupted_as_frame_starts,
     interrupted_at,
     main_thread_in,
     main_thread_within,
@@ -1069,6 +1072,52 @@ def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
         host.close()
     assert not (tmp_path / "run").exists()
 
+
+
+def test_an_undo_of_a_failed_create_domain_cut_short_anywhere_is_finished_by_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # A create_domain() failing at its last step undoes every one before;
+    # a Ctrl-C landing in that undo leaves the rest to the next
+    # create_domain() (_undoing).  Also one landing as the undo starts,
+    # before it counted itself there: that left the domain in the
+    # hypervisor and introduced in XenStore, with its home, for good.
+    host = SimHost(tmp_path / "run").start()
+    code = SimHost._undo_create.__code__
+
+    def failing(domid: int, path: str) -> None:
+        raise OSError(errno.EIO, "set_xenstore_path failed (injected)")
+
+    def create() -> None:
+        try:
+            host.create_domain("g")
+        except OSError:
+            pass  # undisturbed: the undo ran whole
+
+    try:
+        for n in itertools.count(-1):
+            monkeypatch.setattr(host.hypervisor, "set_xenstore_path", failing)
+            if n < 0:
+                landed = interrupted_as_frame_starts(code, create)
+            else:
+                landed = interrupted_as_call_returns(code, n, create)
+            monkeypatch.undo()
+            guest = host.create_domain("g")
+            failed = guest.domid - 1  # domids are not reused
+            assert host.hypervisor.stats()["domains"] == 2, n
+            with host.dom0.xenstore() as c:
+                assert not c.is_domain_introduced(failed), n
+                assert not c.exists(f"/local/domain/{failed}".encode()), n
+                assert not c.exists(f"/libxl/{failed}".encode()), n
+            assert not (host.run_dir / "domains" / str(failed)).exists(), n
+            assert host._undoing == set(), n
+            host.destroy_domain(guest)
+            if not landed:
+                break
+        assert n > 5
+    finally:
+        host.close()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("then", ["retry", "close"])
