@@ -1002,7 +1002,6 @@ def test_a_create_domain_the_stuck_loop_fails_leaves_the_hypervisor_without_it(
         host.close()
 
 
-
 @pytest.mark.parametrize("then", ["retry", "close"])
 @pytest.mark.parametrize("stuck_where", ["in the introduce", "before the introduce"])
 def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
@@ -1071,7 +1070,6 @@ def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
         gate.set()
         host.close()
     assert not (tmp_path / "run").exists()
-
 
 
 def test_an_undo_of_a_failed_create_domain_cut_short_anywhere_is_finished_by_the_next(
