@@ -185,8 +185,10 @@ def wait_slice(left: float | None) -> float | None:
                 raise TimeoutError
 
     A ``left`` below 0 (the deadline passed) gives 0, never a negative
-    sleep, which ``lock.acquire(timeout=-1)`` takes for no limit; NaN is
-    refused (ValueError), as the library's own timeouts are.
+    sleep, which ``lock.acquire(timeout=-1)`` takes for no limit; one
+    beyond ``threading.TIMEOUT_MAX`` (a deadline at infinity) gives that,
+    the longest sleep a lock takes (it refuses more: OverflowError); NaN
+    is refused (ValueError), as the library's own timeouts are.
     """
     if left is not None:
         if isinstance(left, bool) or not isinstance(left, (int, float)):
@@ -195,6 +197,8 @@ def wait_slice(left: float | None) -> float | None:
             if left != left:
                 raise ValueError("wait_slice() takes seconds or None, not nan")
             left = 0.0
+        elif left > threading.TIMEOUT_MAX:
+            left = threading.TIMEOUT_MAX
     if threading.get_ident() != threading.main_thread().ident:
         return left
     return WAIT_SLICE if left is None else min(left, WAIT_SLICE)

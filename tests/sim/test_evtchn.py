@@ -1641,8 +1641,11 @@ def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9, "rfd": 1}, "w"),
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9, "rfd": 2}, "wr"),
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9, "rfd": -1}, "wr"),
+    ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9, "rfd": True}, "wr"),
+    ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9}, "ww"),
 ], ids=["unbound-with-a-write-end", "unbound-with-a-write-end-too", "rfd-not-int",
-        "rfd-bool", "bound-rfd-one-past-the-end", "bound-rfd-past-the-end", "rfd-negative"])
+        "rfd-bool", "bound-rfd-one-past-the-end", "bound-rfd-past-the-end", "rfd-negative",
+        "bound-rfd-bool-naming-one", "bound-with-two-write-ends"])
 def test_a_push_carrying_other_descriptors_than_its_events_is_logged_and_dropped(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: dict[str, Any],
         carried: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import itertools
 import os
 import re
@@ -21,6 +22,8 @@ from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
+    interrupted_as_call_returns,
+    interrupted_as_frame_starts,
     interrupted_at,
     main_thread_in,
     main_thread_within,
@@ -823,14 +826,18 @@ def _holding_the_loop(xsd: XenStored) -> tuple[threading.Event, threading.Thread
     return gate, holder
 
 
+@pytest.mark.parametrize("within", [SIM_CODE, os.path.dirname(concurrent.futures.__file__)],
+                         ids=["sim", "concurrent.futures"])
 def test_a_call_cut_short_by_ctrl_c_before_the_loop_began_it_never_runs(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, within: str,
 ) -> None:
     # A Ctrl-C landing as the caller queued the call, or woke the loop,
     # left the call queued: the loop ran it once it came to it, for a
     # caller long gone (an introduce_domain() whose create_domain() had
     # undone itself meanwhile).  Withdrawn, as one the wait gave up on is,
-    # and the Ctrl-C comes out of the call.
+    # and the Ctrl-C comes out of the call.  Also one landing in the
+    # Future's own code, as the wait for it times out and the cancel()
+    # that withdraws the call starts: it left the call queued.
     monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.2)
     ran: list[int] = []
 
@@ -845,7 +852,7 @@ def test_a_call_cut_short_by_ctrl_c_before_the_loop_began_it_never_runs(
         for n in itertools.count():
             gate, holder = _holding_the_loop(xsd)
             try:
-                where = interrupted_at(n, SIM_CODE, call)
+                where = interrupted_at(n, within, call)
             finally:
                 gate.set()
             holder.join(10)
@@ -995,7 +1002,6 @@ def test_a_create_domain_the_stuck_loop_fails_leaves_the_hypervisor_without_it(
         host.close()
 
 
-
 @pytest.mark.parametrize("then", ["retry", "close"])
 @pytest.mark.parametrize("stuck_where", ["in the introduce", "before the introduce"])
 def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
@@ -1065,6 +1071,51 @@ def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
         host.close()
     assert not (tmp_path / "run").exists()
 
+
+def test_an_undo_of_a_failed_create_domain_cut_short_anywhere_is_finished_by_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # A create_domain() failing at its last step undoes every one before;
+    # a Ctrl-C landing in that undo leaves the rest to the next
+    # create_domain() (_undoing).  Also one landing as the undo starts,
+    # before it counted itself there: that left the domain in the
+    # hypervisor and introduced in XenStore, with its home, for good.
+    host = SimHost(tmp_path / "run").start()
+    code = SimHost._undo_create.__code__
+
+    def failing(domid: int, path: str) -> None:
+        raise OSError(errno.EIO, "set_xenstore_path failed (injected)")
+
+    def create() -> None:
+        try:
+            host.create_domain("g")
+        except OSError:
+            pass  # undisturbed: the undo ran whole
+
+    try:
+        for n in itertools.count(-1):
+            monkeypatch.setattr(host.hypervisor, "set_xenstore_path", failing)
+            if n < 0:
+                landed = interrupted_as_frame_starts(code, create)
+            else:
+                landed = interrupted_as_call_returns(code, n, create)
+            monkeypatch.undo()
+            guest = host.create_domain("g")
+            failed = guest.domid - 1  # domids are not reused
+            assert host.hypervisor.stats()["domains"] == 2, n
+            with host.dom0.xenstore() as c:
+                assert not c.is_domain_introduced(failed), n
+                assert not c.exists(f"/local/domain/{failed}".encode()), n
+                assert not c.exists(f"/libxl/{failed}".encode()), n
+            assert not (host.run_dir / "domains" / str(failed)).exists(), n
+            assert host._undoing == set(), n
+            host.destroy_domain(guest)
+            if not landed:
+                break
+        assert n > 5
+    finally:
+        host.close()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("then", ["retry", "close"])

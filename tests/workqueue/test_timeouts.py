@@ -682,7 +682,34 @@ def test_wait_slice_never_gives_a_negative_or_nan_sleep() -> None:
     thread.join(TIMEOUT)
     for got in (slices(), results):
         assert (got["passed"], got["long passed"], got["zero"], got["short"]) == (0, 0, 0, 0.01)
-        assert got["nan"][0] is ValueError and "nan" in got["nan"][1]
-        assert got["'1'"][0] is TypeError and "str" in got["'1'"][1]
-        assert got["True"][0] is TypeError and "bool" in got["True"][1]
+        # Its own words (naming it), not a comparison's failing on a str.
+        for key, kind, named in (("nan", ValueError, "nan"), ("'1'", TypeError, "str"),
+                                 ("True", TypeError, "bool")):
+            assert got[key][0] is kind and named in got[key][1], got[key]
+            assert got[key][1].startswith("wait_slice() takes seconds or None"), got[key]
     assert wait_slice(None) == WAIT_SLICE and wait_slice(60) == WAIT_SLICE  # the main thread's
+
+
+def test_wait_slice_of_a_deadline_at_infinity_is_a_sleep_a_lock_takes() -> None:
+    """The docstring's own loop with a timeout of math.inf (which the
+    library's waits take as no limit) asks wait_slice() for infinity: a
+    thread other than the main one was given it whole, a sleep no lock,
+    Event or Condition takes (OverflowError).  It gets
+    threading.TIMEOUT_MAX at most, what they all take."""
+    results: dict[str, Any] = {}
+
+    def sleeps() -> None:
+        for left in (math.inf, 1e300, threading.TIMEOUT_MAX * 2):
+            nap = wait_slice(left)
+            try:
+                # Unlocked: acquired at once, once the timeout is taken.
+                results[repr(left)] = (nap, threading.Lock().acquire(timeout=nap))
+            except OverflowError as exc:
+                results[repr(left)] = (nap, exc)
+
+    thread = threading.Thread(target=sleeps)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert results == {repr(left): (threading.TIMEOUT_MAX, True)
+                       for left in (math.inf, 1e300, threading.TIMEOUT_MAX * 2)}
+    assert wait_slice(math.inf) == WAIT_SLICE  # the main thread's

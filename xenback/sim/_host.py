@@ -212,6 +212,8 @@ class SimHost(Closing):
         # The domids whose failed create_domain() did not finish undoing
         # itself (a XenStore loop stuck, a Ctrl-C in the undo): the next
         # create_domain() finishes each first (the domids are not reused).
+        # A create's own domid is here from before its first step until it
+        # is listed (both under _lock), so that no interrupt falls between.
         self._undoing: set[int] = set()
         self._domids = itertools.count(1)
         self._state = "new"
@@ -431,6 +433,11 @@ class SimHost(Closing):
         if domid >= DOMID_FIRST_RESERVED:
             # Xen's XEN_DOMCTL_createdomain with no free domid: ENOMEM.
             raise OSError(errno.ENOMEM, "out of domain ids")
+        # Counted as one to undo before its first step, not as the undo
+        # starts: a Ctrl-C there (as _undo_create() starts) left the
+        # domain made for good.  No longer once listed, in the try: an
+        # interrupt as that returns undoes it all the same.
+        self._undoing.add(domid)
         try:
             # As libxl: the domain's home first, then introduce it; the
             # hypervisor knows the domain before anyone hears of it.
@@ -440,6 +447,7 @@ class SimHost(Closing):
             self.hypervisor.set_xenstore_path(domid, os.fspath(xs_path))
             domain = Domain(self.run_dir, domid, name, xs_path)
             self._domains[domid] = domain
+            self._undoing.discard(domid)
         except BaseException:
             self._undo_create(domid)
             raise
@@ -451,9 +459,9 @@ class SimHost(Closing):
         Not step by step as each fails: an exception may also come as a
         step has just returned (a signal's handler raising there, see
         _locked), so every undo is tried and takes a step not done for done.
-        An undo that did not end is the next create's to finish (_undoing).
+        An undo that did not end is the next create's to finish: ``domid``
+        stays in _undoing, where _create_domain() put it.
         """
-        self._undoing.add(domid)
         self._domains.pop(domid, None)
         try:
             self.xenstored.release_domain(domid)

@@ -421,7 +421,10 @@ class XenStored:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         timeout = STOP_TIMEOUT
         # From before the append: an interrupt as it returns must withdraw
-        # the call too (cancel() of one never queued changes nothing).
+        # the call too (cancel() of one never queued changes nothing).  And
+        # around the handling of the timeout: an interrupt as its cancel()
+        # starts (in the Future's code) left the call queued.  A cancel()
+        # of a call cancelled, or finished, changes nothing either.
         try:
             with self._calls_lock:
                 # Once stop() began, too: a loop stop() found stuck may
@@ -430,23 +433,25 @@ class XenStored:
                     raise RuntimeError("XenStored is not running")
                 self._calls.append((lambda: fn(*args), future))
             self._wake()
-            # exception(), not result(timeout): a TimeoutError fn raised is
-            # the call's answer, not the loop's delay.  Nor wait(), which
-            # the loop ending does not wake: it cancels the calls it left
-            # (CancelledError here), and cancel() wakes only these waits.
-            future.exception(timeout)
-        except TimeoutError:
-            # Withdrawn unless the loop has begun it (cancel() is False),
-            # and then perhaps finished it just now.
-            if future.cancel():
-                what = "did not come to the call"
-            elif not future.done():
-                what = "has not finished the call (it may yet)"
-            else:
-                return future.result()
-            raise TimeoutError(
-                f"the XenStore loop thread {thread.name!r} {what} within {timeout:g} s;"
-                f" it is stuck at:\n{_stuck_at(thread)}") from None
+            try:
+                # exception(), not result(timeout): a TimeoutError fn
+                # raised is the call's answer, not the loop's delay.  Nor
+                # wait(), which the loop ending does not wake: it cancels
+                # the calls it left (CancelledError here), and cancel()
+                # wakes only these waits.
+                future.exception(timeout)
+            except TimeoutError:
+                # Withdrawn unless the loop has begun it (cancel() is
+                # False), and then perhaps finished it just now.
+                if future.cancel():
+                    what = "did not come to the call"
+                elif not future.done():
+                    what = "has not finished the call (it may yet)"
+                else:
+                    return future.result()
+                raise TimeoutError(
+                    f"the XenStore loop thread {thread.name!r} {what} within {timeout:g} s;"
+                    f" it is stuck at:\n{_stuck_at(thread)}") from None
         except BaseException:
             future.cancel()  # withdrawn unless the loop has begun it
             raise
