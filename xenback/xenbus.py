@@ -58,7 +58,10 @@ protocol (section 2 of the protocol reference), item by item:
   device is served at its path);
 * failures (:meth:`BackendDevice.fatal`, or an exception from a driver
   method): ``error/<backend-path>/error`` = ``"<errno> <message>"`` under
-  our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
+  our domain's home, and the device goes Closing (``xenbus_dev_fatal``),
+  both in one transaction: the error path is shared with a new device
+  the toolstack makes at the same path, which must not inherit the error
+  node of a failure whose Closing its re-creation kept out.
   An exception's errno is its own for an :class:`OSError` (the message
   then ends with its ``filename``: the node that was missing, say), EINVAL
   for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
@@ -458,9 +461,13 @@ class BackendDevice:
         probed anew) while probe() ran (see _ours)."""
         return self._switch(XenbusState.INIT_WAIT) is not None
 
-    def _switch(self, state: XenbusState) -> bool | None:
+    def _switch(self, state: XenbusState, *, error: str | None = None) -> bool | None:
         """:meth:`switch_state`; None if the device directory is gone or
-        is a new device's (see _ours): nothing is written then."""
+        is a new device's (see _ours): nothing is written then.  With
+        ``error``, the line of :meth:`fatal`, the error node is written
+        in the same transaction, before the state and whether or not the
+        state is written: both are the device's or neither is, and a gone
+        directory leaves ``state`` as it was too."""
         state = XenbusState(state)
         value = str(int(state))
         removing = False
@@ -470,10 +477,13 @@ class BackendDevice:
             nonlocal removing, stale
             removing = stale = False
             if t.read(self.nodename) is None:
+                stale = error is not None
                 return None
             if not self._ours(t):
                 stale = True
                 return None
+            if error is not None:
+                t.write(self.error_path, error)
             current = t.read(f"{self.nodename}/state")
             if current == value:
                 return False
@@ -605,9 +615,11 @@ class BackendDevice:
         reported, _unwritten = self._error(err, message)
         return reported
 
-    def _error(self, err: int, message: str) -> tuple[bool, Exception | None]:
-        """:meth:`error`: whether it was reported, and what the error
-        node's write failed with, if it did."""
+    def _error(self, err: int, message: str, *, closing: bool = False
+               ) -> tuple[bool, Exception | None]:
+        """:meth:`error`, and with ``closing`` the switch to Closing in
+        the same transaction (:meth:`fatal`): whether it was reported, and
+        what the transaction failed with, if it did (nothing written then)."""
         _check_error(err, message)
         err = abs(err)
         message = _printable(message)
@@ -623,7 +635,10 @@ class BackendDevice:
             return True
 
         try:
-            ours = self.xenstore.transaction(tx)
+            if closing:
+                ours = self._switch(XenbusState.CLOSING, error=line) is not None
+            else:
+                ours = self.xenstore.transaction(tx)
         except (OSError, ValueError) as exc:
             # Reporting an error must not raise one: fatal() still has to go
             # Closing.  No traceback: XenStore's error says it all.  Whose
@@ -657,33 +672,41 @@ class BackendDevice:
                            self.nodename, message, err)
 
     def fatal(self, err: int, message: str) -> bool:
-        """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing.
-        Whether the failure was reported: False, with nothing written and
-        the failure logged only as information, when the device directory
-        is no longer this device's (deleted, or deleted and made again by
-        the toolstack for a new device at the same path, as the module
-        docstring says).  The failure is then the old device's, and the
-        path's error node, state and log lines are the new one's.  Linux's
-        xenbus_dev_fatal() logs at error level whatever became of the
-        directory and writes the error node outside any transaction,
-        which makes it again under a deleted device's error path; only its
-        switch to Closing, finding no state node, writes nothing.  Here
-        nothing of the old device reaches the new one.  A driver told
-        False need not go on with the device: it is dropped next (the
-        events of its directory's deletion wait on its queue)."""
+        """``xenbus_dev_fatal``: :meth:`error` and the switch to Closing,
+        both in one transaction.  Whether the failure was reported: False,
+        with nothing written and the failure logged only as information,
+        when the device directory is no longer this device's (deleted, or
+        deleted and made again by the toolstack for a new device at the
+        same path, as the module docstring says).  The failure is then the
+        old device's, and the path's error node, state and log lines are
+        the new one's.  Linux's xenbus_dev_fatal() logs at error level
+        whatever became of the directory and writes the error node outside
+        any transaction, which makes it again under a deleted device's
+        error path; only its switch to Closing, finding no state node,
+        writes nothing.  Here nothing of the old device reaches the new
+        one: the error path is shared by the two, and a re-creation
+        between a write of the error node and one of Closing would have
+        kept out only the Closing.  A frontend sees both at once, so the
+        error node no later than Closing, as Linux writes them.  A driver
+        told False need not go on with the device: it is dropped next
+        (the events of its directory's deletion wait on its queue).
+
+        Should that transaction fail (the error node refused, most
+        likely: our home's ``error`` directory not ours to write, or our
+        node quota full), Closing is written alone, in a transaction of
+        its own, as it would be after Linux's failed write: the frontend
+        must still hear of the failure."""
         _check_error(err, message)  # before anything is written
-        reported, unwritten = self._error(err, message)
-        if not reported:
-            # switch_state() would find the same, and write nothing.
-            return False
+        reported, unwritten = self._error(err, message, closing=True)
+        if unwritten is None:
+            return reported
         try:
             self.switch_state(XenbusState.CLOSING)
         except OSError as exc:
             # Once the connection is gone, the error node's line (or the
             # loss's own) has said why nothing more gets written: once is
             # enough.
-            said = self.driver._said_already(exc) or (
-                unwritten is not None and self.driver._connection_gone(exc))
+            said = self.driver._said_already(exc) or self.driver._connection_gone(exc)
             level = logging.DEBUG if said else logging.WARNING
             logger.log(level, "%s: could not switch to Closing: %s", self.nodename, exc)
         return True
