@@ -47,7 +47,9 @@ protocol (section 2 of the protocol reference), item by item:
   a deleted backend directory drops the device without writing anything;
 * ``@releaseDomain``: the devices of a frontend domain that no longer exists
   are disconnected and dropped at once, releasing its grants and ports;
-* the error node of a device the toolstack deleted is deleted too (see
+* the error node of a device the toolstack deleted is deleted too, and
+  so is one found where a new device is about to be probed: the deletion
+  was seen only once the toolstack had made the new one (see
   ``_forget_error``);
 * state, and every other node of ours, the error node too, is written in
   a transaction that checks the device directory is still this device's
@@ -1487,6 +1489,12 @@ class BackendDriver:
             if state == _CLOSING:
                 self._close_unprobed(path)
             return
+        # Nothing of ours was written for a new device yet, and nothing can
+        # be before its probe: an error node at its path is an earlier
+        # device's.  A read first: a transaction for every new device would
+        # count against a driver domain's few.
+        if not taken_over and self.xenstore.read(f"{self.error_root}/{key[0]}/{key[1]}") is not None:
+            self._forget_error(str(key[0]), str(key[1]), made_again=True)
         with self._lock:
             if self._stopping or self._domain_gone or key in self._devices:
                 return
@@ -1512,17 +1520,26 @@ class BackendDriver:
                 self._junk_ratelimit.log(
                     logger, logging.WARNING, "ignoring %s: not <domid>/<devid>", path)
 
-    def _forget_error(self, fe: str, devid: str) -> None:
+    def _forget_error(self, fe: str, devid: str, *, made_again: bool = False) -> None:
         """Delete the error node of a device the toolstack deleted (and its
         frontend's directory there, if that was its last): nobody reads it
         any more, and it is ours, in our home, counted against our node
         quota, which in a driver domain every failed device of every
         guest that ever ran would fill up, until we could write nothing.
-        Not if a device was made at the path again meanwhile."""
+        Not if a device was made at the path again meanwhile; but with
+        ``made_again``, the device there is a new one, Initialising and
+        not ours yet (about to be probed): the error node is then an
+        earlier device's, whose deletion we saw only once the new one was
+        made (in the same transaction, or while the old one's queue was
+        busy), and the new device must not start with it."""
         errors = self.error_root
+        backend = f"{self.backend_root}/{fe}/{devid}"
 
         def tx(t: Transaction) -> bool:
-            if t.read(f"{self.backend_root}/{fe}/{devid}") is not None:
+            if made_again:
+                if t.read(f"{backend}/state") != _INITIALISING:
+                    return False
+            elif t.read(backend) is not None:
                 return False
             if t.read(f"{errors}/{fe}/{devid}") is None:
                 return False

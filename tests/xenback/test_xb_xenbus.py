@@ -1047,6 +1047,36 @@ def test_fatal_whose_write_conflicts_writes_both_when_run_again(
     assert error_node(dom0_xs, dev) == f"{errno.EIO} conflicted"
 
 
+@pytest.mark.parametrize("how", ["destroyed and added", "replaced"])
+def test_a_failed_device_re_created_leaves_the_new_one_no_error_node(
+        host, driver, frontends, dom0_xs, how: str) -> None:
+    """fatal() reported a failure (error node and Closing), then the
+    toolstack deleted the device and made it again at the same path (a
+    forced removal and an add, or the two in one transaction) while the
+    old device's queue was busy.  The deletion's events found the new
+    directory there, so nothing forgot the old error node, which the new
+    device, probed and connected, then had in its error path.  An error
+    node at the path of a device about to be probed is an old one's."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    fe.close()
+    go = threading.Event()
+    assert old.queue(lambda: (old.fatal(errno.EIO, "the old device's failure"), go.wait(TIMEOUT)))
+    dom0_xs.wait_for(f"{dev.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    assert error_node(dom0_xs, dev) == f"{errno.EIO} the old device's failure"
+    if how == "destroyed and added":
+        host.toolstack.destroy_device(dev)
+        again = host.toolstack.add_device("xbtest", guest.domid)
+    else:
+        again = host.toolstack.add_device("xbtest", guest.domid, replace=True)
+    go.set()
+    fe = _connect(frontends, guest, again)
+    assert old.gone
+    assert error_node(dom0_xs, again) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
 def test_a_probe_writing_after_the_device_was_re_created_writes_nothing_there(
         host, driver, frontends, dom0_xs) -> None:
     """A probe() that goes on writing features once its directory was
