@@ -1807,10 +1807,11 @@ class BackendDriver:
         again, and a new device there is probed.
 
         The look before fatal() is outside a transaction, and fatal()'s
-        own tell the re-creation that comes after it.  It is still worth
-        its reads: XenStore's error to them (the connection lost, our
-        domain going) is raised, to the callback's handler, which says
-        the cause once, where fatal() would report it as this device's."""
+        own (one, for its error node and Closing both) tells the
+        re-creation that comes after it.  It is still worth its reads:
+        XenStore's error to them (the connection lost, our domain going)
+        is raised, to the callback's handler, which says the cause once,
+        where fatal() would report it as this device's."""
         if not dev._is_ours():
             dev._not_reported(abs(err), _printable(message))
         # "is not False": a driver's fatal() wrapped (or overridden) before
