@@ -47,7 +47,9 @@ protocol (section 2 of the protocol reference), item by item:
   a deleted backend directory drops the device without writing anything;
 * ``@releaseDomain``: the devices of a frontend domain that no longer exists
   are disconnected and dropped at once, releasing its grants and ports;
-* the error node of a device the toolstack deleted is deleted too (see
+* the error node of a device the toolstack deleted is deleted too, and
+  so is one found where a new device is about to be probed: the deletion
+  was seen only once the toolstack had made the new one (see
   ``_forget_error``);
 * state, and every other node of ours, the error node too, is written in
   a transaction that checks the device directory is still this device's
@@ -58,7 +60,10 @@ protocol (section 2 of the protocol reference), item by item:
   device is served at its path);
 * failures (:meth:`BackendDevice.fatal`, or an exception from a driver
   method): ``error/<backend-path>/error`` = ``"<errno> <message>"`` under
-  our domain's home, and the device goes Closing (``xenbus_dev_fatal``).
+  our domain's home, and the device goes Closing (``xenbus_dev_fatal``),
+  both in one transaction: the error path is shared with a new device
+  the toolstack makes at the same path, which must not inherit the error
+  node of a failure whose Closing its re-creation kept out.
   An exception's errno is its own for an :class:`OSError` (the message
   then ends with its ``filename``: the node that was missing, say), EINVAL
   for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
@@ -458,9 +463,13 @@ class BackendDevice:
         probed anew) while probe() ran (see _ours)."""
         return self._switch(XenbusState.INIT_WAIT) is not None
 
-    def _switch(self, state: XenbusState) -> bool | None:
+    def _switch(self, state: XenbusState, *, error: str | None = None) -> bool | None:
         """:meth:`switch_state`; None if the device directory is gone or
-        is a new device's (see _ours): nothing is written then."""
+        is a new device's (see _ours): nothing is written then.  With
+        ``error``, the line of :meth:`fatal`, the error node is written
+        in the same transaction, before the state and whether or not the
+        state is written: both are the device's or neither is, and a gone
+        directory leaves ``state`` as it was too."""
         state = XenbusState(state)
         value = str(int(state))
         removing = False
@@ -470,10 +479,13 @@ class BackendDevice:
             nonlocal removing, stale
             removing = stale = False
             if t.read(self.nodename) is None:
+                stale = error is not None
                 return None
             if not self._ours(t):
                 stale = True
                 return None
+            if error is not None:
+                t.write(self.error_path, error)
             current = t.read(f"{self.nodename}/state")
             if current == value:
                 return False
@@ -605,9 +617,11 @@ class BackendDevice:
         reported, _unwritten = self._error(err, message)
         return reported
 
-    def _error(self, err: int, message: str) -> tuple[bool, Exception | None]:
-        """:meth:`error`: whether it was reported, and what the error
-        node's write failed with, if it did."""
+    def _error(self, err: int, message: str, *, closing: bool = False
+               ) -> tuple[bool, Exception | None]:
+        """:meth:`error`, and with ``closing`` the switch to Closing in
+        the same transaction (:meth:`fatal`): whether it was reported, and
+        what the transaction failed with, if it did (nothing written then)."""
         _check_error(err, message)
         err = abs(err)
         message = _printable(message)
@@ -623,7 +637,10 @@ class BackendDevice:
             return True
 
         try:
-            ours = self.xenstore.transaction(tx)
+            if closing:
+                ours = self._switch(XenbusState.CLOSING, error=line) is not None
+            else:
+                ours = self.xenstore.transaction(tx)
         except (OSError, ValueError) as exc:
             # Reporting an error must not raise one: fatal() still has to go
             # Closing.  No traceback: XenStore's error says it all.  Whose
@@ -657,33 +674,41 @@ class BackendDevice:
                            self.nodename, message, err)
 
     def fatal(self, err: int, message: str) -> bool:
-        """``xenbus_dev_fatal``: :meth:`error`, then switch to Closing.
-        Whether the failure was reported: False, with nothing written and
-        the failure logged only as information, when the device directory
-        is no longer this device's (deleted, or deleted and made again by
-        the toolstack for a new device at the same path, as the module
-        docstring says).  The failure is then the old device's, and the
-        path's error node, state and log lines are the new one's.  Linux's
-        xenbus_dev_fatal() logs at error level whatever became of the
-        directory and writes the error node outside any transaction,
-        which makes it again under a deleted device's error path; only its
-        switch to Closing, finding no state node, writes nothing.  Here
-        nothing of the old device reaches the new one.  A driver told
-        False need not go on with the device: it is dropped next (the
-        events of its directory's deletion wait on its queue)."""
+        """``xenbus_dev_fatal``: :meth:`error` and the switch to Closing,
+        both in one transaction.  Whether the failure was reported: False,
+        with nothing written and the failure logged only as information,
+        when the device directory is no longer this device's (deleted, or
+        deleted and made again by the toolstack for a new device at the
+        same path, as the module docstring says).  The failure is then the
+        old device's, and the path's error node, state and log lines are
+        the new one's.  Linux's xenbus_dev_fatal() logs at error level
+        whatever became of the directory and writes the error node outside
+        any transaction, which makes it again under a deleted device's
+        error path; only its switch to Closing, finding no state node,
+        writes nothing.  Here nothing of the old device reaches the new
+        one: the error path is shared by the two, and a re-creation
+        between a write of the error node and one of Closing would have
+        kept out only the Closing.  A frontend sees both at once, so the
+        error node no later than Closing, as Linux writes them.  A driver
+        told False need not go on with the device: it is dropped next
+        (the events of its directory's deletion wait on its queue).
+
+        Should that transaction fail (the error node refused, most
+        likely: our home's ``error`` directory not ours to write, or our
+        node quota full), Closing is written alone, in a transaction of
+        its own, as it would be after Linux's failed write: the frontend
+        must still hear of the failure."""
         _check_error(err, message)  # before anything is written
-        reported, unwritten = self._error(err, message)
-        if not reported:
-            # switch_state() would find the same, and write nothing.
-            return False
+        reported, unwritten = self._error(err, message, closing=True)
+        if unwritten is None:
+            return reported
         try:
             self.switch_state(XenbusState.CLOSING)
         except OSError as exc:
             # Once the connection is gone, the error node's line (or the
             # loss's own) has said why nothing more gets written: once is
             # enough.
-            said = self.driver._said_already(exc) or (
-                unwritten is not None and self.driver._connection_gone(exc))
+            said = self.driver._said_already(exc) or self.driver._connection_gone(exc)
             level = logging.DEBUG if said else logging.WARNING
             logger.log(level, "%s: could not switch to Closing: %s", self.nodename, exc)
         return True
@@ -1464,6 +1489,12 @@ class BackendDriver:
             if state == _CLOSING:
                 self._close_unprobed(path)
             return
+        # Nothing of ours was written for a new device yet, and nothing can
+        # be before its probe: an error node at its path is an earlier
+        # device's.  A read first: a transaction for every new device would
+        # count against a driver domain's few.
+        if not taken_over and self.xenstore.read(f"{self.error_root}/{key[0]}/{key[1]}") is not None:
+            self._forget_error(str(key[0]), str(key[1]), made_again=True)
         with self._lock:
             if self._stopping or self._domain_gone or key in self._devices:
                 return
@@ -1489,17 +1520,26 @@ class BackendDriver:
                 self._junk_ratelimit.log(
                     logger, logging.WARNING, "ignoring %s: not <domid>/<devid>", path)
 
-    def _forget_error(self, fe: str, devid: str) -> None:
+    def _forget_error(self, fe: str, devid: str, *, made_again: bool = False) -> None:
         """Delete the error node of a device the toolstack deleted (and its
         frontend's directory there, if that was its last): nobody reads it
         any more, and it is ours, in our home, counted against our node
         quota, which in a driver domain every failed device of every
         guest that ever ran would fill up, until we could write nothing.
-        Not if a device was made at the path again meanwhile."""
+        Not if a device was made at the path again meanwhile; but with
+        ``made_again``, the device there is a new one, Initialising and
+        not ours yet (about to be probed): the error node is then an
+        earlier device's, whose deletion we saw only once the new one was
+        made (in the same transaction, or while the old one's queue was
+        busy), and the new device must not start with it."""
         errors = self.error_root
+        backend = f"{self.backend_root}/{fe}/{devid}"
 
         def tx(t: Transaction) -> bool:
-            if t.read(f"{self.backend_root}/{fe}/{devid}") is not None:
+            if made_again:
+                if t.read(f"{backend}/state") != _INITIALISING:
+                    return False
+            elif t.read(backend) is not None:
                 return False
             if t.read(f"{errors}/{fe}/{devid}") is None:
                 return False
@@ -1767,10 +1807,11 @@ class BackendDriver:
         again, and a new device there is probed.
 
         The look before fatal() is outside a transaction, and fatal()'s
-        own tell the re-creation that comes after it.  It is still worth
-        its reads: XenStore's error to them (the connection lost, our
-        domain going) is raised, to the callback's handler, which says
-        the cause once, where fatal() would report it as this device's."""
+        own (one, for its error node and Closing both) tells the
+        re-creation that comes after it.  It is still worth its reads:
+        XenStore's error to them (the connection lost, our domain going)
+        is raised, to the callback's handler, which says the cause once,
+        where fatal() would report it as this device's."""
         if not dev._is_ours():
             dev._not_reported(abs(err), _printable(message))
         # "is not False": a driver's fatal() wrapped (or overridden) before

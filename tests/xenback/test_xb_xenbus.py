@@ -973,6 +973,110 @@ def test_a_probe_failing_after_the_device_was_re_created_and_removed_lets_the_to
     assert driver.calls_of(guest.domid) == ["probe", "remove"]
 
 
+def test_fatal_re_created_before_its_closing_leaves_the_new_device_nothing(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """fatal() on a connected device, and the toolstack deletes it and
+    makes it again at the same path (libxl's re-add) just before Closing
+    is written.  The error node's path is the new device's as much as
+    the old one's: written apart from Closing, the error node stayed
+    where the new device starts, and only Closing was kept out.  The two
+    are written together or not at all: the write finds the re-creation
+    (its transaction, conflicting, is run again), nothing is written,
+    and the failure is the old device's, only logged."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    fe.close()
+    closing = f"{old.nodename}/state"
+    made: list[Any] = []
+    plain_write = Transaction.write
+
+    def write(t: Transaction, path: str, value: Any) -> None:
+        if path == closing and str(value) == str(int(S.CLOSING)) and not made:
+            made.append(host.toolstack.add_device("xbtest", guest.domid, replace=True))
+        plain_write(t, path, value)
+
+    monkeypatch.setattr(Transaction, "write", write)
+    reported: list[bool] = []
+    assert old.queue(lambda: reported.append(old.fatal(errno.EIO, "the old device's failure")))
+    driver.wait(lambda: old.gone)
+    assert len(made) == 1, "Closing was never written: the test no longer tests anything"
+    again = made[0]
+    assert again.backend_path == dev.backend_path
+    fe = _connect(frontends, guest, again)
+    assert error_node(dom0_xs, again) is None
+    assert reported == [False]
+    said = [r for r in caplog.records if "the old device's failure" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove",
+                                            "probe", "connect"]
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
+def test_fatal_whose_write_conflicts_writes_both_when_run_again(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """The transaction that writes fatal()'s error node and Closing
+    conflicts (another writer touched the state it read: EAGAIN on
+    commit) with the directory still the device's: run again from
+    scratch, it writes both, once, and the failure is reported."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    state = f"{bdev.nodename}/state"
+    touched: list[bool] = []
+    plain_write = Transaction.write
+
+    attempts: list[str] = []
+
+    def write(t: Transaction, path: str, value: Any) -> None:
+        if path == bdev.error_path:
+            attempts.append(value)
+        if path == state and str(value) == str(int(S.CLOSING)) and not touched:
+            touched.append(True)
+            dom0_xs.write(state, int(S.CONNECTED))  # what it holds: only a conflict
+        plain_write(t, path, value)
+
+    monkeypatch.setattr(Transaction, "write", write)
+    reported: list[bool] = []
+    assert bdev.queue(lambda: reported.append(bdev.fatal(errno.EIO, "conflicted")))
+    fe.wait_backend(S.CLOSING)
+    bdev.events.flush()
+    assert touched == [True]
+    assert attempts == [f"{errno.EIO} conflicted"] * 2, "no conflict: the test tests nothing"
+    assert reported == [True]
+    assert error_node(dom0_xs, dev) == f"{errno.EIO} conflicted"
+
+
+@pytest.mark.parametrize("how", ["destroyed and added", "replaced"])
+def test_a_failed_device_re_created_leaves_the_new_one_no_error_node(
+        host, driver, frontends, dom0_xs, how: str) -> None:
+    """fatal() reported a failure (error node and Closing), then the
+    toolstack deleted the device and made it again at the same path (a
+    forced removal and an add, or the two in one transaction) while the
+    old device's queue was busy.  The deletion's events found the new
+    directory there, so nothing forgot the old error node, which the new
+    device, probed and connected, then had in its error path.  An error
+    node at the path of a device about to be probed is an old one's."""
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    fe.close()
+    go = threading.Event()
+    assert old.queue(lambda: (old.fatal(errno.EIO, "the old device's failure"), go.wait(TIMEOUT)))
+    dom0_xs.wait_for(f"{dev.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    assert error_node(dom0_xs, dev) == f"{errno.EIO} the old device's failure"
+    if how == "destroyed and added":
+        host.toolstack.destroy_device(dev)
+        again = host.toolstack.add_device("xbtest", guest.domid)
+    else:
+        again = host.toolstack.add_device("xbtest", guest.domid, replace=True)
+    go.set()
+    fe = _connect(frontends, guest, again)
+    assert old.gone
+    assert error_node(dom0_xs, again) is None
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+
+
 def test_a_probe_writing_after_the_device_was_re_created_writes_nothing_there(
         host, driver, frontends, dom0_xs) -> None:
     """A probe() that goes on writing features once its directory was
