@@ -945,6 +945,100 @@ def test_a_failed_look_at_the_frontend_that_the_new_directory_fails_too_is_repor
     assert driver.calls_of(guest.domid) == []
 
 
+def test_a_failed_look_at_the_frontend_made_again_in_a_conflicting_transaction_is_reported(
+        host, driver, dom0_xs, monkeypatch) -> None:
+    """The look before probe() fails, and its look again, in the
+    transaction that writes the failure, meets an EAGAIN (a request
+    inside a transaction may, and the transaction is then run anew).
+    That is no answer of the look's: the transaction runs again, the
+    look fails as before, and the failure is written, once, with
+    Closing.  Taken for a look that fails otherwise, the device would
+    be dropped, and the drop's own look, failing alike, would write
+    Closed over a failure nobody was told of."""
+    guest = host.create_domain("guest")
+    watched = f"/local/domain/{guest.domid}/device/xbtest/0"
+    plain_exists = driver.xenstore.exists
+    tx_exists = Transaction.exists
+    conflicts: list[str] = []
+
+    def exists(path: str) -> bool:
+        if path == watched:
+            driver.xenstore.rm(watched)  # the guest's doing, say
+        return plain_exists(path)
+
+    def exists_in_tx(t: Transaction, path: str) -> bool:
+        if path == watched and not conflicts:
+            conflicts.append(path)
+            raise BlockingIOError(errno.EAGAIN, "conflict under us")
+        return tx_exists(t, path)
+
+    monkeypatch.setattr(driver.xenstore, "exists", exists)
+    monkeypatch.setattr(Transaction, "exists", exists_in_tx)
+    device = host.toolstack.add_device("xbtest", guest.domid)
+    ended = (str(int(S.CLOSING)), str(int(S.CLOSED)))
+    state = dom0_xs.wait_for(f"{device.backend_path}/state", lambda v: v in ended,
+                             timeout=TIMEOUT)
+    assert state == str(int(S.CLOSING))
+    assert conflicts == [watched]
+    assert error_node(dom0_xs, device) == (
+        f"{errno.ENOENT} probing: frontend does not exist: {watched}")
+    assert driver.calls_of(guest.domid) == []
+
+
+_FAILED_ON_LOSS = "%s backend: a callback failed as %s"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failed_look_at_the_frontend_whose_look_again_loses_xenstore_is_no_re_creation(
+        caplog, monkeypatch) -> None:
+    """The look before probe() fails (the frontend's directory is gone),
+    and XenStore ends our connection as the look is made again to tell
+    whose the directory is.  That is XenStore's error, not the look's
+    answer: it goes to the callback's handler, which leaves the loss to
+    its one warning, as for every other read deciding whose the
+    directory is (see _fatal_or_drop).  Taken for a look that fails
+    otherwise, it would say the directory was made again for a new
+    device, which nobody did."""
+    caplog.set_level(logging.DEBUG, logger="xenback.xenbus")
+    before = {t.ident for t in threading.enumerate()}
+    host = SimHost()
+    host.start()
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    looks: list[str] = []
+    try:
+        guest = host.create_domain("guest")
+        watched = f"/local/domain/{guest.domid}/device/xbtest/0"
+        plain_exists = drv.xenstore.exists
+
+        def exists(path: str) -> bool:
+            if path != watched:
+                return plain_exists(path)
+            looks.append(path)
+            if len(looks) == 1:
+                drv.xenstore.rm(watched)  # the guest's doing, say
+            else:
+                host.close()
+                assert drv.xenstore.connection_lost.wait(TIMEOUT)
+            return plain_exists(path)
+
+        monkeypatch.setattr(drv.xenstore, "exists", exists)
+        host.toolstack.add_device("xbtest", guest.domid)
+        # The probe's callback has ended: failed on the loss, or (what
+        # must not be) dropped the device.
+        assert eventually(lambda: any(
+            r.msg in (_FAILED_ON_LOSS, "%s: removed") for r in caplog.records))
+        assert len(looks) == 2
+        assert not [r for r in caplog.records if "not reported there" in r.getMessage()]
+        said = _backend_warnings(caplog)
+        assert [r.getMessage().split(":")[0] for r in said] == ["XenStore connection lost"], said
+    finally:
+        host.close()
+        drv.stop()
+    assert drv.calls_of(guest.domid) == []
+    assert not leaked_threads(before)
+
+
 def test_a_probe_failing_after_the_device_was_re_created_and_removed_lets_the_toolstack_go(
         host, driver, dom0_xs) -> None:
     """As above, but the toolstack also asked for the new device's
