@@ -945,6 +945,45 @@ def test_a_failed_look_at_the_frontend_that_the_new_directory_fails_too_is_repor
     assert driver.calls_of(guest.domid) == []
 
 
+def test_a_failed_look_at_the_frontend_that_the_new_directory_fails_otherwise_is_not_its(
+        host, driver, dom0_xs, caplog, monkeypatch) -> None:
+    """As above, but the directory made again (whole, by the toolstack)
+    fails the look otherwise: its frontend's directory is gone (the
+    guest's doing, say), the same errno as the old one's missing
+    frontend node, with another message.  The failure is the old
+    device's, only logged; the new device is probed and fails on its
+    own, and its error node says its own failure, not the old one's."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest = host.create_domain("guest")
+    base = f"{driver.backend_root}/{guest.domid}/0"
+    plain_read = driver.xenstore.read
+    devices: list[Any] = []
+
+    def read(path: str, *args: Any) -> Any:
+        value = plain_read(path, *args)
+        if path == f"{base}/frontend" and not devices:
+            assert value is None
+            dom0_xs.rm(base)
+            devices.append(host.toolstack.add_device("xbtest", guest.domid))
+            dom0_xs.rm(devices[0].frontend_path)
+        return value
+
+    monkeypatch.setattr(driver.xenstore, "read", read)
+    dom0_xs.transaction(lambda t: (t.write(f"{base}/frontend-id", guest.domid),
+                                   t.write(f"{base}/online", 1),
+                                   t.write(f"{base}/state", 1)))
+    dom0_xs.wait_for(f"{base}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    (device,) = devices
+    assert error_node(dom0_xs, device) == (
+        f"{errno.ENOENT} probing: frontend does not exist: {device.frontend_path}")
+    said = [r for r in caplog.records if "not reported there" in r.getMessage()]
+    assert [r.getMessage().split(": ", 2)[1:] for r in said] == [
+        ["probing", f"reading other end details: {base} (errno {errno.ENOENT}), and the device "
+         "directory is no longer this device's (deleted, or made again for a new one): "
+         "not reported there"]]
+    assert driver.calls_of(guest.domid) == []
+
+
 def test_a_failed_look_at_the_frontend_made_again_in_a_conflicting_transaction_is_reported(
         host, driver, dom0_xs, monkeypatch) -> None:
     """The look before probe() fails, and its look again, in the
