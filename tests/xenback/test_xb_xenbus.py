@@ -846,7 +846,7 @@ def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alon
     fe.wait_backend(S.CLOSED)
 
 
-@pytest.mark.parametrize("found", ["frontend gone", "frontend node missing"])
+@pytest.mark.parametrize("found", ["frontend gone", "frontend node missing", "frontend-id not ours"])
 def test_a_failed_look_at_the_frontend_re_created_in_its_moment_is_not_reported_there(
         host, driver, frontends, dom0_xs, caplog, monkeypatch, found: str) -> None:
     """The reads before probe() (our frontend and frontend-id nodes, the
@@ -878,25 +878,33 @@ def test_a_failed_look_at_the_frontend_re_created_in_its_moment_is_not_reported_
     if found == "frontend gone":
         devices.append(host.toolstack.add_device("xbtest", guest.domid))
     else:
-        # A directory made by hand without its frontend node: the look
-        # fails on its first read, and the toolstack makes the device
-        # again, whole, then.
+        # A directory made by hand without its frontend node (the look
+        # fails on its first read, ENOENT), or with a frontend-id another
+        # domain's (on its second, EINVAL), and the toolstack makes the
+        # device again, whole, then.
         base = f"{driver.backend_root}/{guest.domid}/0"
         plain_read = driver.xenstore.read
+        node = "frontend" if found == "frontend node missing" else "frontend-id"
 
         def read(path: str, *args: Any) -> Any:
             value = plain_read(path, *args)
-            if path == f"{base}/frontend" and not devices:
-                assert value is None
+            if path == f"{base}/{node}" and not devices:
                 devices.append(None)
                 dom0_xs.rm(base)
                 devices.append(host.toolstack.add_device("xbtest", guest.domid))
             return value
 
+        def make(t: Transaction) -> None:
+            if found == "frontend-id not ours":
+                t.write(f"{base}/frontend", watched)
+                t.write(f"{base}/frontend-id", guest.domid + 1)
+            else:
+                t.write(f"{base}/frontend-id", guest.domid)
+            t.write(f"{base}/online", 1)
+            t.write(f"{base}/state", 1)
+
         monkeypatch.setattr(driver.xenstore, "read", read)
-        dom0_xs.transaction(lambda t: (t.write(f"{base}/frontend-id", guest.domid),
-                                       t.write(f"{base}/online", 1),
-                                       t.write(f"{base}/state", 1)))
+        dom0_xs.transaction(make)
     driver.wait(lambda: len(devices) == 2)
     again = devices[1]
     fe = _connect(frontends, guest, again)
