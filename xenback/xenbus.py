@@ -243,10 +243,19 @@ def _find_otherend(store: Transaction | XenStore, dev: BackendDevice) -> str:
 
 def _how_lookup_fails(store: Transaction | XenStore, dev: BackendDevice) -> tuple[int, str] | None:
     """How :func:`_find_otherend` fails now, as (errno, message); None if
-    it does not."""
+    it does not.  XenStore's errors that are no answer of the look's are
+    raised: EAGAIN (a request inside a transaction may meet it, and the
+    transaction is then run anew) and those of a lost connection, as
+    every other read that decides whose our directory is raises them.
+    Taken for a look failing otherwise, either would drop a device that
+    was never made again, and a drop's own look, failing alike once
+    more, would write Closed over a failure never reported."""
     try:
         _find_otherend(store, dev)
     except Exception as exc:
+        if isinstance(exc, OSError) and (
+                exc.errno == errno.EAGAIN or dev.driver._connection_gone(exc)):
+            raise
         return _errno_of(exc)
     return None
 

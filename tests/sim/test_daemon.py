@@ -571,3 +571,17 @@ def test_stdio_to_devnull_quiets_an_output_whose_reader_is_gone() -> None:
         stream.flush()  # no BrokenPipeError
     assert after - before == {(write_end, os.devnull)}
     assert {fd for fd, _ in before} == {fd for fd, _ in after}
+
+
+def test_stdio_to_devnull_leaves_nothing_open_when_it_fails() -> None:
+    # A descriptor number past any the process may hold: dup2 refuses it
+    # (EBADF), and the /dev/null opened for it is closed all the same.
+    class Stream:
+        def fileno(self) -> int:
+            return 2 ** 31 - 1
+
+    before = descriptors()
+    with pytest.raises(OSError) as raised:
+        stdio_to_devnull(Stream())  # type: ignore[arg-type]
+    assert raised.value.errno == errno.EBADF
+    assert descriptors() == before

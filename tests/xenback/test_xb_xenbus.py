@@ -846,7 +846,7 @@ def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alon
     fe.wait_backend(S.CLOSED)
 
 
-@pytest.mark.parametrize("found", ["frontend gone", "frontend node missing"])
+@pytest.mark.parametrize("found", ["frontend gone", "frontend node missing", "frontend-id not ours"])
 def test_a_failed_look_at_the_frontend_re_created_in_its_moment_is_not_reported_there(
         host, driver, frontends, dom0_xs, caplog, monkeypatch, found: str) -> None:
     """The reads before probe() (our frontend and frontend-id nodes, the
@@ -878,25 +878,33 @@ def test_a_failed_look_at_the_frontend_re_created_in_its_moment_is_not_reported_
     if found == "frontend gone":
         devices.append(host.toolstack.add_device("xbtest", guest.domid))
     else:
-        # A directory made by hand without its frontend node: the look
-        # fails on its first read, and the toolstack makes the device
-        # again, whole, then.
+        # A directory made by hand without its frontend node (the look
+        # fails on its first read, ENOENT), or with a frontend-id another
+        # domain's (on its second, EINVAL), and the toolstack makes the
+        # device again, whole, then.
         base = f"{driver.backend_root}/{guest.domid}/0"
         plain_read = driver.xenstore.read
+        node = "frontend" if found == "frontend node missing" else "frontend-id"
 
         def read(path: str, *args: Any) -> Any:
             value = plain_read(path, *args)
-            if path == f"{base}/frontend" and not devices:
-                assert value is None
+            if path == f"{base}/{node}" and not devices:
                 devices.append(None)
                 dom0_xs.rm(base)
                 devices.append(host.toolstack.add_device("xbtest", guest.domid))
             return value
 
+        def make(t: Transaction) -> None:
+            if found == "frontend-id not ours":
+                t.write(f"{base}/frontend", watched)
+                t.write(f"{base}/frontend-id", guest.domid + 1)
+            else:
+                t.write(f"{base}/frontend-id", guest.domid)
+            t.write(f"{base}/online", 1)
+            t.write(f"{base}/state", 1)
+
         monkeypatch.setattr(driver.xenstore, "read", read)
-        dom0_xs.transaction(lambda t: (t.write(f"{base}/frontend-id", guest.domid),
-                                       t.write(f"{base}/online", 1),
-                                       t.write(f"{base}/state", 1)))
+        dom0_xs.transaction(make)
     driver.wait(lambda: len(devices) == 2)
     again = devices[1]
     fe = _connect(frontends, guest, again)
@@ -943,6 +951,139 @@ def test_a_failed_look_at_the_frontend_that_the_new_directory_fails_too_is_repor
         f"{errno.ENOENT} probing: reading other end details: {base}")
     assert made == [True]
     assert driver.calls_of(guest.domid) == []
+
+
+def test_a_failed_look_at_the_frontend_that_the_new_directory_fails_otherwise_is_not_its(
+        host, driver, dom0_xs, caplog, monkeypatch) -> None:
+    """As above, but the directory made again (whole, by the toolstack)
+    fails the look otherwise: its frontend's directory is gone (the
+    guest's doing, say), the same errno as the old one's missing
+    frontend node, with another message.  The failure is the old
+    device's, only logged; the new device is probed and fails on its
+    own, and its error node says its own failure, not the old one's."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest = host.create_domain("guest")
+    base = f"{driver.backend_root}/{guest.domid}/0"
+    plain_read = driver.xenstore.read
+    devices: list[Any] = []
+
+    def read(path: str, *args: Any) -> Any:
+        value = plain_read(path, *args)
+        if path == f"{base}/frontend" and not devices:
+            assert value is None
+            dom0_xs.rm(base)
+            devices.append(host.toolstack.add_device("xbtest", guest.domid))
+            dom0_xs.rm(devices[0].frontend_path)
+        return value
+
+    monkeypatch.setattr(driver.xenstore, "read", read)
+    dom0_xs.transaction(lambda t: (t.write(f"{base}/frontend-id", guest.domid),
+                                   t.write(f"{base}/online", 1),
+                                   t.write(f"{base}/state", 1)))
+    dom0_xs.wait_for(f"{base}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    (device,) = devices
+    assert error_node(dom0_xs, device) == (
+        f"{errno.ENOENT} probing: frontend does not exist: {device.frontend_path}")
+    said = [r for r in caplog.records if "not reported there" in r.getMessage()]
+    assert [r.getMessage().split(": ", 2)[1:] for r in said] == [
+        ["probing", f"reading other end details: {base} (errno {errno.ENOENT}), and the device "
+         "directory is no longer this device's (deleted, or made again for a new one): "
+         "not reported there"]]
+    assert driver.calls_of(guest.domid) == []
+
+
+def test_a_failed_look_at_the_frontend_made_again_in_a_conflicting_transaction_is_reported(
+        host, driver, dom0_xs, monkeypatch) -> None:
+    """The look before probe() fails, and its look again, in the
+    transaction that writes the failure, meets an EAGAIN (a request
+    inside a transaction may, and the transaction is then run anew).
+    That is no answer of the look's: the transaction runs again, the
+    look fails as before, and the failure is written, once, with
+    Closing.  Taken for a look that fails otherwise, the device would
+    be dropped, and the drop's own look, failing alike, would write
+    Closed over a failure nobody was told of."""
+    guest = host.create_domain("guest")
+    watched = f"/local/domain/{guest.domid}/device/xbtest/0"
+    plain_exists = driver.xenstore.exists
+    tx_exists = Transaction.exists
+    conflicts: list[str] = []
+
+    def exists(path: str) -> bool:
+        if path == watched:
+            driver.xenstore.rm(watched)  # the guest's doing, say
+        return plain_exists(path)
+
+    def exists_in_tx(t: Transaction, path: str) -> bool:
+        if path == watched and not conflicts:
+            conflicts.append(path)
+            raise BlockingIOError(errno.EAGAIN, "conflict under us")
+        return tx_exists(t, path)
+
+    monkeypatch.setattr(driver.xenstore, "exists", exists)
+    monkeypatch.setattr(Transaction, "exists", exists_in_tx)
+    device = host.toolstack.add_device("xbtest", guest.domid)
+    ended = (str(int(S.CLOSING)), str(int(S.CLOSED)))
+    state = dom0_xs.wait_for(f"{device.backend_path}/state", lambda v: v in ended,
+                             timeout=TIMEOUT)
+    assert state == str(int(S.CLOSING))
+    assert conflicts == [watched]
+    assert error_node(dom0_xs, device) == (
+        f"{errno.ENOENT} probing: frontend does not exist: {watched}")
+    assert driver.calls_of(guest.domid) == []
+
+
+_FAILED_ON_LOSS = "%s backend: a callback failed as %s"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failed_look_at_the_frontend_whose_look_again_loses_xenstore_is_no_re_creation(
+        caplog, monkeypatch) -> None:
+    """The look before probe() fails (the frontend's directory is gone),
+    and XenStore ends our connection as the look is made again to tell
+    whose the directory is.  That is XenStore's error, not the look's
+    answer: it goes to the callback's handler, which leaves the loss to
+    its one warning, as for every other read deciding whose the
+    directory is (see _fatal_or_drop).  Taken for a look that fails
+    otherwise, it would say the directory was made again for a new
+    device, which nobody did."""
+    caplog.set_level(logging.DEBUG, logger="xenback.xenbus")
+    before = {t.ident for t in threading.enumerate()}
+    host = SimHost()
+    host.start()
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    looks: list[str] = []
+    try:
+        guest = host.create_domain("guest")
+        watched = f"/local/domain/{guest.domid}/device/xbtest/0"
+        plain_exists = drv.xenstore.exists
+
+        def exists(path: str) -> bool:
+            if path != watched:
+                return plain_exists(path)
+            looks.append(path)
+            if len(looks) == 1:
+                drv.xenstore.rm(watched)  # the guest's doing, say
+            else:
+                host.close()
+                assert drv.xenstore.connection_lost.wait(TIMEOUT)
+            return plain_exists(path)
+
+        monkeypatch.setattr(drv.xenstore, "exists", exists)
+        host.toolstack.add_device("xbtest", guest.domid)
+        # The probe's callback has ended: failed on the loss, or (what
+        # must not be) dropped the device.
+        assert eventually(lambda: any(
+            r.msg in (_FAILED_ON_LOSS, "%s: removed") for r in caplog.records))
+        assert len(looks) == 2
+        assert not [r for r in caplog.records if "not reported there" in r.getMessage()]
+        said = _backend_warnings(caplog)
+        assert [r.getMessage().split(":")[0] for r in said] == ["XenStore connection lost"], said
+    finally:
+        host.close()
+        drv.stop()
+    assert drv.calls_of(guest.domid) == []
+    assert not leaked_threads(before)
 
 
 def test_a_probe_failing_after_the_device_was_re_created_and_removed_lets_the_toolstack_go(
