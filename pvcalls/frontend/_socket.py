@@ -739,16 +739,23 @@ class PVSocket(Closing):
             if ret < 0:
                 raise host_error(ret, f"connect to {host}:{port}")
             self._peername = (host, port)
-            if timed:
-                # CPython connects with a timeout by a non-blocking connect()
-                # and a wait for the handshake, after which Linux still has
-                # the socket connecting: the next connect() succeeds once
-                # more, as after a non-blocking connect() here.
-                with self._mutex:
-                    self._connect_unreported = True
-            # Readable no longer, as it was unconnected: it polls as the
-            # ring says from now on (and as the ring's events come).
-            self._update_ready()
+            try:
+                if timed:
+                    # CPython connects with a timeout by a non-blocking
+                    # connect() and a wait for the handshake, after which
+                    # Linux still has the socket connecting: the next
+                    # connect() succeeds once more, as after a non-blocking
+                    # connect() here.
+                    with self._mutex:
+                        self._connect_unreported = True
+                # Readable no longer, as it was unconnected: it polls as the
+                # ring says from now on (and as the ring's events come).
+                self._update_ready()
+            except BaseException:
+                # A Ctrl-C before the update left the descriptor readable,
+                # while recv() would block, until data came.
+                self._repair_ready()
+                raise
 
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut

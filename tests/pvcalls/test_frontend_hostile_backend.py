@@ -2141,6 +2141,43 @@ def test_a_refused_connect_interrupted_anywhere_leaves_the_socket_unconnected(
     s.close()
 
 
+@pytest.mark.parametrize("timed", [False, True], ids=["blocking", "timeout"])
+def test_a_connect_interrupted_anywhere_once_answered_polls_as_connected(
+        fe: pvcalls.Frontend, fake: FakeBackend, timed: bool) -> None:
+    """A Ctrl-C landing anywhere along a connect() that the backend
+    accepted, once connect() has the answer, on a socket whose fileno()
+    was asked for (it polled readable and writable, unconnected): the
+    descriptor polls as a connected socket with nothing to read,
+    writable only, as after connect() returned.  Before, one landing
+    before its last update (as the with block that marks a connect()
+    with a timeout returned, or as _update_ready started) left it
+    readable while recv() would block, for as long as the peer sent
+    nothing: a selectors or asyncio loop called recv() over and over."""
+    within = os.path.dirname(_frontend.__file__)
+    taken = _refusal_taken(fe, PVCALLS_CONNECT)  # the answer's, here
+    socks: list[pvcalls.PVSocket] = []
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT if timed else None)
+        assert _readiness(s) == (True, True)
+        taken.clear()
+        return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS),
+                              lambda: not taken)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert s.getpeername() == _ADDRESS
+        # Not by fileno(), which brings the descriptor up to date.
+        fd = s._st.readyfd.fileno()
+        readable, writable, _ = select.select([fd], [fd], [], 0)
+        assert (bool(readable), bool(writable)) == (False, True)
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_update_ready" in where for where in landed), landed
+
+
 def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A Ctrl-C landing anywhere in a non-blocking connect() whose
