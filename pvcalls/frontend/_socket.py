@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import functools
@@ -99,9 +100,13 @@ class ReadyFd:
         # Made and kept by C code (map, list.extend), where no signal's
         # handler runs, for the same reason: a Ctrl-C as socketpair()
         # returned here dropped the pair before it was in user and ours.
-        pair: list[tuple[socket.socket, socket.socket]] = []
+        # _socket's, not socket.socketpair(): that is Python code, which
+        # detaches the descriptors from the pair it made to wrap them in
+        # socket.socket objects, and a Ctrl-C landing as a detach()
+        # returned left a descriptor that nothing would ever close.
+        pair: list[tuple[_socket.socket, _socket.socket]] = []
         try:
-            pair.extend(map(socket.socketpair, (socket.AF_UNIX,)))
+            pair.extend(map(_socket.socketpair, (socket.AF_UNIX,)))
             user, ours = pair[0]
             user.setblocking(False)
             ours.setblocking(False)
