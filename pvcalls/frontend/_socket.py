@@ -54,11 +54,11 @@ _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 #: An option value as getsockopt() with a ``buflen`` returns it.
 _INT = struct.Struct("=i")
 
-#: SOL_SOCKET options whose value every PV Calls socket has.
 #: The errors a TCP handshake in flight meets (see PVSocket._failed_in_time).
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
-# Plain ints, as the kernel's getsockopt() gives them, not the enums.
+#: SOL_SOCKET options whose value every PV Calls socket has: plain ints,
+#: as the kernel's getsockopt() gives them, not the socket module's enums.
 _FIXED_OPTIONS = {socket.SO_TYPE: int(socket.SOCK_STREAM), socket.SO_DOMAIN: int(socket.AF_INET)}
 
 
