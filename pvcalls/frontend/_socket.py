@@ -687,8 +687,10 @@ class PVSocket(Closing):
                     # Interrupted between the push and the notify, or as
                     # the submit returned (the answer perhaps in already):
                     # as after an interrupted wait (non-blocking: in
-                    # flight, as it is to be).
-                    if not background:
+                    # flight, as it is to be, and polling so).
+                    if background:
+                        self._repair_ready()
+                    else:
                         self._connect_cut_short(slot, host, port, timed=timed)
                     raise
                 # Nothing went out (no room on the command ring in time, or
@@ -713,7 +715,14 @@ class PVSocket(Closing):
                                   "sent (too many commands in flight)") from None
                 raise
             if background:
-                self._update_ready()  # neither readable nor writable until the answer
+                try:
+                    self._update_ready()  # neither readable nor writable until the answer
+                except BaseException:
+                    # Left as it was, the unconnected socket's readable and
+                    # writable, a loop called recv() over and over for as
+                    # long as the handshake took.
+                    self._repair_ready()
+                    raise
                 raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
             try:
                 # In the try: a Ctrl-C as it is made left the CONNECT

@@ -2236,6 +2236,49 @@ def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
     assert any("Frontend._notify" in where for where in landed), landed
 
 
+def test_a_nonblocking_connect_interrupted_anywhere_polls_as_connecting(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere in a non-blocking connect() of a socket
+    whose fileno() was asked for first (as asyncio's sock_connect does):
+    once the CONNECT is out, the descriptor polls neither readable nor
+    writable until the answer, as a TCP socket's in its handshake (recv()
+    and send() would block); if nothing went out, as before (both: the
+    calls fail at once).  Before, one landing after the push (in the
+    submit's notify, as it returned, or as the update after it started)
+    left the descriptor polling as the unconnected socket had, readable
+    and writable, for as long as the handshake took: a loop called
+    recv() over and over, and asyncio took the writable descriptor and
+    SO_ERROR's 0 for a connect done."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    socks: list[pvcalls.PVSocket] = []
+
+    def attempt(n: int) -> str:
+        connects.clear()
+        socks[:] = [s := fe.socket()]
+        s.setblocking(False)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, _refused(functools.partial(s.connect, _ADDRESS),
+                                                  errno.EINPROGRESS))
+
+    def check(where: str) -> None:
+        (s,) = socks
+        sent = bool(connects) and connects[0].sent
+        assert s._connecting == sent
+        fd = s._st.readyfd.fileno()  # not by fileno(), which updates it
+        readable, writable, _ = select.select([fd], [fd], [], 0)
+        assert (bool(readable), bool(writable)) == (not sent, not sent)
+        if sent:
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+            fake.next_request(PVCALLS_CONNECT)  # taken: not left to the next attempt
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("Frontend._notify" in where for where in landed), landed
+
+
 def test_a_refused_accept_leaves_the_listener_unreadable_until_a_connection_is_pending(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """ACCEPT refused on a listener whose fileno() is in use: its
