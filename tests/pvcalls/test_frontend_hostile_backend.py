@@ -541,6 +541,32 @@ def test_connect_ex_returns_the_backends_etimedout(fe: pvcalls.Frontend, fake: F
     s.close()
 
 
+@pytest.mark.parametrize(("err", "timed", "aborted"), [
+    (errno.ECONNREFUSED, True, True), (errno.ETIMEDOUT, True, True),
+    (errno.EHOSTUNREACH, True, True), (errno.ECONNREFUSED, False, False),
+    (errno.EACCES, True, False), (errno.ENETUNREACH, True, False),
+    (errno.EADDRNOTAVAIL, True, False)],
+    ids=["refused", "timed-out", "host-unreachable", "refused-blocking", "denied",
+         "net-unreachable", "address-not-available"])
+def test_which_failed_connects_make_the_next_one_fail_with_econnaborted(
+        fe: pvcalls.Frontend, fake: FakeBackend, err: int, timed: bool, aborted: bool) -> None:
+    """After a connect() with a timeout that the handshake failed (a
+    refusal, no answer, an ICMP host unreachable: errors Linux's TCP
+    meets after the SYN, which CPython reads from SO_ERROR) the next
+    connect() fails with ECONNABORTED, once, as Linux's (see
+    test_frontend_socket_parity.py); not after one without a timeout,
+    nor after an error Linux's connect() raises before any handshake
+    (the policy's EACCES, no route, no such local address).  (Xen's
+    numbers for these are Linux's, the host's.)"""
+    fake.rets[PVCALLS_CONNECT] = -err
+    with fe.socket() as s:
+        s.settimeout(TIMEOUT if timed else None)
+        assert s.connect_ex(_ADDRESS) == err
+        if aborted:
+            assert s.connect_ex(_ADDRESS) == errno.ECONNABORTED
+        assert s.connect_ex(_ADDRESS) == err  # started over
+
+
 @pytest.mark.parametrize(("ret", "expected"), [*_ERRNOS, (5, errno.EIO)])
 def test_an_error_in_the_data_ring_is_an_oserror_by_name(
         fe: pvcalls.Frontend, fake: FakeBackend, ret: int, expected: int) -> None:
