@@ -743,6 +743,9 @@ class PVSocket(Closing):
                     # socket again (as in Linux's backend): free the ring, so
                     # that connect() may be tried again.
                     self._fe._put_data_ring(self._st, reusable=True)
+                    # Unconnected: readable and writable again, whatever
+                    # a fileno() made of the socket with its ring meanwhile.
+                    self._update_ready()
             except BaseException:
                 self._connect_cut_short(slot, host, port, timed=timed)
                 raise
@@ -790,6 +793,7 @@ class PVSocket(Closing):
             self._fe._put_data_ring(self._st, reusable=True)
             if timed and not self._closed:
                 self._failed_in_time(host_error(slot.ret, "connect").errno)  # as connect()'s raise
+            self._repair_ready()  # as connect()'s raise
         elif slot.done and not self._closed:
             # Connected, the report cut short: the backend's answer
             # is the truth, and the socket is left as a return
@@ -816,12 +820,12 @@ class PVSocket(Closing):
         the socket polls readable and writable.  That is a failed
         non-blocking connect whose SO_ERROR was read.  Other errors
         (the policy's EACCES, no route) Linux's connect() raises before
-        any handshake, leaving the socket unconnected."""
+        any handshake, leaving the socket unconnected.  The caller brings
+        the descriptor up to date, as after any refusal."""
         if err not in _HANDSHAKE_ERRORS:
             return
         with self._mutex:
             self._connect_failed = True
-        self._update_ready()
 
     def _abandon_connect(self, slot: Slot) -> None:
         """connect() gives up on its CONNECT, sent: the answer still comes;

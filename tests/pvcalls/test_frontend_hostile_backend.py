@@ -2204,6 +2204,30 @@ def test_a_connect_interrupted_anywhere_once_answered_polls_as_connected(
     assert any("_update_ready" in where for where in landed), landed
 
 
+@pytest.mark.parametrize("timed", [False, True], ids=["blocking", "timeout"])
+def test_a_refused_connect_polls_as_unconnected_though_updated_while_it_waited(
+        fe: pvcalls.Frontend, fake: FakeBackend, timed: bool) -> None:
+    """A connect() that the backend refuses, while another thread's
+    fileno() brought the descriptor up to date (the socket had its data
+    ring then: not readable, with nothing in it): once refused, the
+    socket is unconnected and polls so, readable and writable (recv() and
+    send() fail at once).  Before, one without a timeout left the
+    descriptor unreadable: a selector waiting to read waited for good."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT if timed else None)
+    assert _readiness(s) == (True, True)
+    fake.hold = {PVCALLS_CONNECT}
+    call = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    assert _readiness(s) == (False, True)  # another thread's, as connect() waits
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(call.oserror(), ConnectionRefusedError)
+    fd = s._st.readyfd.fileno()  # not by fileno(), which updates it
+    readable, writable, _ = select.select([fd], [fd], [], 0)
+    assert (bool(readable), bool(writable)) == (True, True)
+    s.close()
+
+
 def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A Ctrl-C landing anywhere in a non-blocking connect() whose
