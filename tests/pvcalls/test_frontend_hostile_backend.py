@@ -2228,6 +2228,48 @@ def test_a_refused_connect_polls_as_unconnected_though_updated_while_it_waited(
     s.close()
 
 
+@pytest.mark.parametrize("timed", [False, True], ids=["blocking", "timeout"])
+def test_a_refused_connect_interrupted_anywhere_polls_as_unconnected(
+        fe: pvcalls.Frontend, fake: FakeBackend, timed: bool) -> None:
+    """As above, with a Ctrl-C landing anywhere once connect() has the
+    refusal: the descriptor polls as the unconnected socket's, readable
+    and writable, though it polled as the ring said when the answer came
+    (brought up to date then, as by another thread's fileno())."""
+    within = os.path.dirname(_frontend.__file__)
+    s = fe.socket()
+    s.settimeout(TIMEOUT if timed else None)
+    assert _readiness(s) == (True, True)
+    fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+    taken: list[int] = []
+    wait = fe._wait_slot
+
+    def waited(req_id: int, slot: Any, *args: Any, **kwargs: Any) -> int:
+        try:
+            return wait(req_id, slot, *args, **kwargs)
+        finally:
+            if slot.cmd == PVCALLS_CONNECT and slot.done:
+                s._update_ready()  # with the ring: not readable
+                taken.append(slot.sock_id)
+
+    fe._wait_slot = waited  # type: ignore[method-assign]
+    refused = _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNREFUSED)
+
+    def attempt(n: int) -> str:
+        taken.clear()
+        return interrupted_at(n, within, refused, lambda: not taken)
+
+    def check(where: str) -> None:
+        fd = s._st.readyfd.fileno()  # not by fileno(), which updates it
+        readable, writable, _ = select.select([fd], [fd], [], 0)
+        assert (bool(readable), bool(writable)) == (True, True)
+        if timed:
+            _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
+
+    landed = _sweep(attempt, check)
+    assert any("_put_data_ring" in where for where in landed), landed
+    s.close()
+
+
 def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A Ctrl-C landing anywhere in a non-blocking connect() whose
