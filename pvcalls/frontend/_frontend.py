@@ -1249,16 +1249,20 @@ class Frontend(Closing):
                 self._unrelay(ring)
 
     def _unrelay(self, ring: DataRing) -> None:
-        """Stop watching ``ring``'s handle (under _lock)."""
+        """Stop watching ``ring``'s handle (under _lock).  The mark goes
+        last: cleared first, a Ctrl-C landing before the unregister left
+        the handle in the epoll with nothing to say so, the retry of
+        _return_rings skipped it, and the next socket the ring served
+        failed to relay it (EEXIST) in every connect() or accept()."""
         if ring.relayed:
-            ring.relayed = False
             fd = ring.evtchn.fileno()
             self._relays.pop(fd, None)
             if self._event_epoll is not None:
                 try:
                     self._event_epoll.unregister(fd)
                 except OSError:
-                    pass
+                    pass  # not registered (done before a Ctrl-C), or closing
+            ring.relayed = False
 
     def _put_data_ring(self, holder: _HoldsRing, *, reusable: bool) -> None:
         """Take back the ring of ``holder`` (a socket's state, or a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import functools
@@ -53,11 +54,11 @@ _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 #: An option value as getsockopt() with a ``buflen`` returns it.
 _INT = struct.Struct("=i")
 
-#: SOL_SOCKET options whose value every PV Calls socket has.
 #: The errors a TCP handshake in flight meets (see PVSocket._failed_in_time).
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
-# Plain ints, as the kernel's getsockopt() gives them, not the enums.
+#: SOL_SOCKET options whose value every PV Calls socket has: plain ints,
+#: as the kernel's getsockopt() gives them, not the socket module's enums.
 _FIXED_OPTIONS = {socket.SO_TYPE: int(socket.SOCK_STREAM), socket.SO_DOMAIN: int(socket.AF_INET)}
 
 
@@ -99,9 +100,13 @@ class ReadyFd:
         # Made and kept by C code (map, list.extend), where no signal's
         # handler runs, for the same reason: a Ctrl-C as socketpair()
         # returned here dropped the pair before it was in user and ours.
-        pair: list[tuple[socket.socket, socket.socket]] = []
+        # _socket's, not socket.socketpair(): that is Python code, which
+        # detaches the descriptors from the pair it made to wrap them in
+        # socket.socket objects, and a Ctrl-C landing as a detach()
+        # returned left a descriptor that nothing would ever close.
+        pair: list[tuple[_socket.socket, _socket.socket]] = []
         try:
-            pair.extend(map(socket.socketpair, (socket.AF_UNIX,)))
+            pair.extend(map(_socket.socketpair, (socket.AF_UNIX,)))
             user, ours = pair[0]
             user.setblocking(False)
             ours.setblocking(False)
@@ -682,8 +687,10 @@ class PVSocket(Closing):
                     # Interrupted between the push and the notify, or as
                     # the submit returned (the answer perhaps in already):
                     # as after an interrupted wait (non-blocking: in
-                    # flight, as it is to be).
-                    if not background:
+                    # flight, as it is to be, and polling so).
+                    if background:
+                        self._repair_ready()
+                    else:
                         self._connect_cut_short(slot, host, port, timed=timed)
                     raise
                 # Nothing went out (no room on the command ring in time, or
@@ -708,7 +715,14 @@ class PVSocket(Closing):
                                   "sent (too many commands in flight)") from None
                 raise
             if background:
-                self._update_ready()  # neither readable nor writable until the answer
+                try:
+                    self._update_ready()  # neither readable nor writable until the answer
+                except BaseException:
+                    # Left as it was, the unconnected socket's readable and
+                    # writable, a loop called recv() over and over for as
+                    # long as the handshake took.
+                    self._repair_ready()
+                    raise
                 raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
             try:
                 # In the try: a Ctrl-C as it is made left the CONNECT
@@ -729,6 +743,9 @@ class PVSocket(Closing):
                     # socket again (as in Linux's backend): free the ring, so
                     # that connect() may be tried again.
                     self._fe._put_data_ring(self._st, reusable=True)
+                    # Unconnected: readable and writable again, whatever
+                    # a fileno() made of the socket with its ring meanwhile.
+                    self._update_ready()
             except BaseException:
                 self._connect_cut_short(slot, host, port, timed=timed)
                 raise
@@ -739,16 +756,23 @@ class PVSocket(Closing):
             if ret < 0:
                 raise host_error(ret, f"connect to {host}:{port}")
             self._peername = (host, port)
-            if timed:
-                # CPython connects with a timeout by a non-blocking connect()
-                # and a wait for the handshake, after which Linux still has
-                # the socket connecting: the next connect() succeeds once
-                # more, as after a non-blocking connect() here.
-                with self._mutex:
-                    self._connect_unreported = True
-            # Readable no longer, as it was unconnected: it polls as the
-            # ring says from now on (and as the ring's events come).
-            self._update_ready()
+            try:
+                if timed:
+                    # CPython connects with a timeout by a non-blocking
+                    # connect() and a wait for the handshake, after which
+                    # Linux still has the socket connecting: the next
+                    # connect() succeeds once more, as after a non-blocking
+                    # connect() here.
+                    with self._mutex:
+                        self._connect_unreported = True
+                # Readable no longer, as it was unconnected: it polls as the
+                # ring says from now on (and as the ring's events come).
+                self._update_ready()
+            except BaseException:
+                # A Ctrl-C before the update left the descriptor readable,
+                # while recv() would block, until data came.
+                self._repair_ready()
+                raise
 
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut
@@ -769,6 +793,7 @@ class PVSocket(Closing):
             self._fe._put_data_ring(self._st, reusable=True)
             if timed and not self._closed:
                 self._failed_in_time(host_error(slot.ret, "connect").errno)  # as connect()'s raise
+            self._repair_ready()  # as connect()'s raise
         elif slot.done and not self._closed:
             # Connected, the report cut short: the backend's answer
             # is the truth, and the socket is left as a return
@@ -795,12 +820,12 @@ class PVSocket(Closing):
         the socket polls readable and writable.  That is a failed
         non-blocking connect whose SO_ERROR was read.  Other errors
         (the policy's EACCES, no route) Linux's connect() raises before
-        any handshake, leaving the socket unconnected."""
+        any handshake, leaving the socket unconnected.  The caller brings
+        the descriptor up to date, as after any refusal."""
         if err not in _HANDSHAKE_ERRORS:
             return
         with self._mutex:
             self._connect_failed = True
-        self._update_ready()
 
     def _abandon_connect(self, slot: Slot) -> None:
         """connect() gives up on its CONNECT, sent: the answer still comes;
