@@ -1924,6 +1924,25 @@ def test_no_room_marked_as_the_event_thread_tells_of_room_is_not_left_set(
                 c.close()
 
 
+def _cut_first_submit_short(monkeypatch: pytest.MonkeyPatch, fe: pvcalls.Frontend,
+                            cmd: int) -> tuple[threading.Event, threading.Event]:
+    """Make ``fe``'s first submit of a ``cmd`` request stop as it starts
+    (set ``reached``), then, once ``go`` is set, raise Interrupted there:
+    a Ctrl-C landing with nothing on its way yet.  Returns (reached, go)."""
+    reached, go = threading.Event(), threading.Event()
+    submit = fe._submit
+
+    def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
+        if slot.cmd == cmd and not reached.is_set():
+            reached.set()
+            assert go.wait(TIMEOUT)
+            raise Interrupted
+        return submit(slot, *args, **kwargs)
+
+    monkeypatch.setattr(fe, "_submit", cut_short)
+    return reached, go
+
+
 def test_a_poll_cut_short_while_another_fileno_saw_it_marked_still_goes_out(
         fe: pvcalls.Frontend, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C landing in one thread's fileno() of a listener after it
@@ -1938,19 +1957,7 @@ def test_a_poll_cut_short_while_another_fileno_saw_it_marked_still_goes_out(
     ls.listen()
     client = socket.create_connection(listen_address(backend, fe.domain.domid, ls.id),
                                       timeout=TIMEOUT)
-    reached, go = threading.Event(), threading.Event()
-    submit = fe._submit
-
-    def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
-        # The first POLL only: as _submit starts, the place where the
-        # Ctrl-C lands, with nothing on its way yet.
-        if slot.cmd == _wire.PVCALLS_POLL and not reached.is_set():
-            reached.set()
-            assert go.wait(TIMEOUT)
-            raise Interrupted
-        return submit(slot, *args, **kwargs)
-
-    monkeypatch.setattr(fe, "_submit", cut_short)
+    reached, go = _cut_first_submit_short(monkeypatch, fe, _wire.PVCALLS_POLL)
     first = Attempt(ls.fileno)
     try:
         assert reached.wait(TIMEOUT)
@@ -1985,18 +1992,7 @@ def test_a_ctrl_c_in_accept_comes_out_as_one_though_the_fileno_was_closed(
     try:
         fd = ls.fileno()
         assert select.select([fd], [], [], TIMEOUT)[0], "never readable"
-        reached, go = threading.Event(), threading.Event()
-        submit = fe._submit
-
-        def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
-            # As _submit starts: nothing on its way yet.
-            if slot.cmd == _wire.PVCALLS_ACCEPT and not reached.is_set():
-                reached.set()
-                assert go.wait(TIMEOUT)
-                raise Interrupted
-            return submit(slot, *args, **kwargs)
-
-        monkeypatch.setattr(fe, "_submit", cut_short)
+        reached, go = _cut_first_submit_short(monkeypatch, fe, _wire.PVCALLS_ACCEPT)
         ls.settimeout(TIMEOUT)
         acceptor = Attempt(ls.accept)
         try:
@@ -2031,22 +2027,15 @@ def test_a_poll_cut_short_while_the_event_threads_on_room_saw_it_marked_still_go
     ls.listen()
     client = socket.create_connection(listen_address(backend, fe.domain.domid, ls.id),
                                       timeout=TIMEOUT)
-    reached, go, on_room_ran = threading.Event(), threading.Event(), threading.Event()
-    submit, on_room = fe._submit, ls._on_room
-
-    def cut_short(slot: Any, *args: Any, **kwargs: Any) -> Any:
-        if slot.cmd == _wire.PVCALLS_POLL and not reached.is_set():
-            reached.set()
-            assert go.wait(TIMEOUT)
-            raise Interrupted
-        return submit(slot, *args, **kwargs)
+    on_room_ran = threading.Event()
+    on_room = ls._on_room
 
     def on_room_seen() -> None:
         on_room()
         if threading.current_thread() is fe._thread:
             on_room_ran.set()
 
-    monkeypatch.setattr(fe, "_submit", cut_short)
+    reached, go = _cut_first_submit_short(monkeypatch, fe, _wire.PVCALLS_POLL)
     monkeypatch.setattr(ls, "_on_room", on_room_seen)
     first = Attempt(ls.fileno)
     try:
