@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import itertools
 import os
@@ -864,14 +865,14 @@ def test_a_call_cut_short_by_ctrl_c_before_the_loop_began_it_never_runs(
     assert len(landed) > 5, landed
 
 
-def test_a_ctrl_c_while_a_call_waits_for_the_loop_withdraws_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The wait itself, where a Ctrl-C most likely comes: the call stayed
-    # queued and ran once the loop came back.  The signal goes to the main
-    # thread, as a terminal's Ctrl-C does, and wakes its wait.
-    monkeypatch.setattr(_server, "STOP_TIMEOUT", OUTLASTS_THE_TEST)
-    ran: list[int] = []
+@contextlib.contextmanager
+def _ctrl_c_once_a_call_waits(then: Callable[[], object] = lambda: None) -> Iterator[list[bool]]:
+    """Within the block, SIGUSR1 goes to the main thread, as a terminal's
+    Ctrl-C would, once it waits in XenStored._call for the loop (and
+    ``then()`` has run); its handler raises :class:`Interrupted`.  The list
+    yielded holds True after the block if the main thread was seen waiting
+    so (else the signal was sent all the same, after 10 s, to end the
+    wait)."""
     main = threading.get_ident()
     waited: list[bool] = []
 
@@ -880,26 +881,41 @@ def test_a_ctrl_c_while_a_call_waits_for_the_loop_withdraws_it(
         while not (main_thread_in("wait", path="threading.py")
                    and main_thread_within("_call", 4)):
             if time.monotonic() >= deadline:
-                break  # sent all the same, to end the wait: fails below
+                break
             time.sleep(0.001)
         else:
             waited.append(True)
+        then()
         signal.pthread_kill(main, signal.SIGUSR1)
 
     def handler(signum: int, frame: object) -> None:
         raise Interrupted
 
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            yield waited
+        finally:
+            sender.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_ctrl_c_while_a_call_waits_for_the_loop_withdraws_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wait itself, where a Ctrl-C most likely comes: the call stayed
+    # queued and ran once the loop came back.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", OUTLASTS_THE_TEST)
+    ran: list[int] = []
     with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(Path(d)) as xsd:
         gate, holder = _holding_the_loop(xsd)
-        old = signal.signal(signal.SIGUSR1, handler)
         try:
-            sender = threading.Thread(target=send)
-            sender.start()
-            with pytest.raises(Interrupted):
+            with _ctrl_c_once_a_call_waits() as waited, pytest.raises(Interrupted):
                 xsd._call(ran.append, 1)
-            sender.join(10)
         finally:
-            signal.signal(signal.SIGUSR1, old)
             gate.set()
         assert waited, "the call never waited for the loop"
         holder.join(10)
@@ -1066,6 +1082,59 @@ def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
             with pytest.raises(LookupError):
                 host.destroy_domain(1)  # never the host's
             host.destroy_domain(guest)
+    finally:
+        gate.set()
+        host.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_while_create_domain_waits_for_the_stuck_loop_comes_out_as_itself(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path,
+) -> None:
+    # A Ctrl-C while create_domain() waited for XenStore's loop, stuck
+    # introducing the domain: the undo's release met that loop too, and
+    # its TimeoutError took the Ctrl-C's place (the Ctrl-C only its
+    # context), for a caller's except OSError to hide.  The Ctrl-C comes
+    # out as itself, the undo's failure logged, and the next
+    # create_domain(), the loop back, finishes the undo.
+    stop_timeout = _server.STOP_TIMEOUT
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", OUTLASTS_THE_TEST)  # only the Ctrl-C ends it
+    gate = threading.Event()
+    introduce = XenStored._introduce_and_flush
+
+    def stuck(self: XenStored, domid: int) -> object:
+        assert gate.wait(60)
+        return introduce(self, domid)
+
+    def then() -> None:  # for the undo's release, which the loop fails
+        _server.STOP_TIMEOUT = 0.2
+
+    host = SimHost(tmp_path / "run").start()
+    try:
+        before = host.hypervisor.stats()
+        monkeypatch.setattr(XenStored, "_introduce_and_flush", stuck)
+        with caplog.at_level("WARNING", logger="xenback.sim"):
+            with _ctrl_c_once_a_call_waits(then) as waited, pytest.raises(Interrupted):
+                host.create_domain("g")
+        assert waited, "the create never waited for the loop"
+        assert re.search(r"domain 1: undoing its create after Interrupted failed: .*'xenstored'",
+                         caplog.text), caplog.text
+        assert host.hypervisor.stats() == before  # forgotten whatever the loop did
+        assert host._undoing == {1}  # the rest is the next create's
+        gate.set()
+        monkeypatch.undo()
+        monkeypatch.setattr(_server, "STOP_TIMEOUT", stop_timeout)
+        assert host.xenstored.is_introduced(1)  # the loop is back: it finished the introduce
+        guest = host.create_domain("g")
+        assert guest.domid == 2
+        with host.dom0.xenstore() as c:
+            assert not c.exists(b"/local/domain/1")
+            assert not c.exists(b"/libxl/1")
+            assert not c.is_domain_introduced(1)
+        assert not (host.run_dir / "domains" / "1").exists()
+        assert host._undoing == set()
+        host.destroy_domain(guest)
+        assert host.hypervisor.stats() == before
     finally:
         gate.set()
         host.close()

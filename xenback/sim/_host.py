@@ -416,7 +416,9 @@ class SimHost(Closing):
         the next create_domain() before it creates anything (and fails it
         the same way while the loop is still stuck), or goes with
         :meth:`close`.  Meanwhile that domain is none of the host's:
-        :meth:`destroy_domain` does not know it.
+        :meth:`destroy_domain` does not know it.  A Ctrl-C comes out as
+        itself, also if the stuck loop fails the undo (whose failure is
+        logged).
         """
         check_domain_name(name)
         domain = self._locked("create_domain", lambda: self._create_domain(name))
@@ -448,8 +450,19 @@ class SimHost(Closing):
             domain = Domain(self.run_dir, domid, name, xs_path)
             self._domains[domid] = domain
             self._undoing.discard(domid)
-        except BaseException:
+        except Exception:
             self._undo_create(domid)
+            raise
+        except BaseException as exc:
+            # A Ctrl-C comes out as itself, also if XenStore's loop, stuck,
+            # fails the undo (its TimeoutError would take the Ctrl-C's
+            # place, for a caller's except OSError to hide): the rest of
+            # the undo is the next create's then (_undoing).
+            try:
+                self._undo_create(domid)
+            except Exception as e:
+                logger.warning("domain %d: undoing its create after %s failed: %s",
+                               domid, type(exc).__name__, e)
             raise
         return domain
 
