@@ -410,15 +410,22 @@ class SimHost(Closing):
         has been given out (domids are not reused).
 
         A create that fails undoes what it did.  What XenStore's loop,
-        stuck (a bug: :class:`TimeoutError` after 10 s), kept it from
-        undoing (the domain's home, and the domain itself if the loop was
-        stuck introducing it and came back to finish that) is undone by
-        the next create_domain() before it creates anything (and fails it
-        the same way while the loop is still stuck), or goes with
-        :meth:`close`.  Meanwhile that domain is none of the host's:
+        stuck (a bug: introducing and releasing the domain there fail with
+        :class:`TimeoutError` after 10 s), kept it from undoing (the
+        domain's home, and the domain itself if the loop was stuck
+        introducing it and came back to finish that) is undone by the next
+        create_domain() before it creates anything (and fails it the same
+        way while the loop is still stuck), or goes with :meth:`close`.
+        Meanwhile that domain is none of the host's:
         :meth:`destroy_domain` does not know it.  A Ctrl-C comes out as
         itself, also if the stuck loop fails the undo (whose failure is
         logged).
+
+        Not bounded: the writes of the domain's home, requests of the
+        toolstack's XenStore connection, wait for their replies for good
+        (pyxs has no timeout): a loop stuck then hangs the create until a
+        Ctrl-C (or pytest-timeout) ends it.  A watchdog per request was
+        judged not worth a thread per toolstack operation.
         """
         check_domain_name(name)
         domain = self._locked("create_domain", lambda: self._create_domain(name))
@@ -510,10 +517,15 @@ class SimHost(Closing):
 
         From the start the domain is dying: no longer among
         :meth:`domains`, but its name still taken, until the destroy ends
-        it.  A destroy cut short (Ctrl-C) or failed (XenStore's loop stuck:
-        :class:`TimeoutError` after 10 s) leaves it dying, and the next
-        destroy_domain() of it, or :meth:`close`, finishes it (once that
-        loop is back).
+        it.  A destroy cut short (Ctrl-C) or failed (XenStore's loop stuck
+        as the domain is released there: :class:`TimeoutError` after 10 s)
+        leaves it dying, and the next destroy_domain() of it, or
+        :meth:`close`, finishes it (once that loop is back).  Not bounded:
+        the removal of its devices and home, requests of the toolstack's
+        XenStore connection, wait for their replies for good (pyxs has no
+        timeout; a watchdog per request was judged not worth a thread per
+        toolstack operation): a loop stuck then hangs the destroy until a
+        Ctrl-C (or pytest-timeout) ends it, the domain left dying.
         One of a domain that another thread is destroying waits for that
         destroy to end, or the host to close, and finishes it (in what is
         left of ``timeout``) if it was cut short; it returns once the

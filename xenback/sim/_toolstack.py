@@ -30,6 +30,12 @@ after its timeout.
 
 A dying domain's devices (``libxl__devices_destroy``) lose their frontend
 directory first, before the backend is asked to close; the rest is as above.
+
+Those 10 s are the backend's.  Each request waits for XenStore's reply with
+no bound (pyxs has no timeout): XenStore's loop stuck, a bug of the
+simulator, hangs the operation until a Ctrl-C (or pytest-timeout) ends it.
+A watchdog per request, closing the connection at a deadline, was tried and
+judged not worth its cost, a thread per operation.
 """
 
 from __future__ import annotations
