@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
-from ._topology import idempotent_notifier
+from ._topology import cpu_not_possible, idempotent_notifier
 
 if TYPE_CHECKING:
     from ._topology import Topology
@@ -289,7 +289,7 @@ class LoadIndex:
             try:
                 return self._load[cpu]
             except KeyError:
-                raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
+                raise cpu_not_possible(cpu) from None
 
     def least_loaded(self) -> int:
         """The CPU assign() would pick now: the least-loaded online CPU,
@@ -305,7 +305,7 @@ class LoadIndex:
             try:
                 return list(self._keys_on[cpu])
             except KeyError:
-                raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
+                raise cpu_not_possible(cpu) from None
 
     def statistics(self) -> LoadIndexStats:
         """A frozen snapshot of the index."""

@@ -58,6 +58,19 @@ def _load_sched_getcpu() -> Callable[[], int] | None:
 _sched_getcpu = _load_sched_getcpu()
 
 
+def cpu_not_possible(cpu: int) -> ValueError:
+    """The error for an int CPU number that is not a CPU of a topology.
+
+    One that no Linux has (the kernel's cpumask helpers warn of a CPU
+    number >= nr_cpu_ids) says the range; one in range that the topology
+    lacks, that it lacks it.
+    """
+    if not 0 <= cpu < NR_CPUS_MAX:
+        return ValueError(f"CPU {cpu} is not a possible CPU: CPU numbers are 0 to "
+                          f"{NR_CPUS_MAX - 1} (NR_CPUS_MAX {NR_CPUS_MAX}, Linux's most)")
+    return ValueError(f"CPU {cpu} is not a possible CPU of this topology")
+
+
 def _check_thresh(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
@@ -101,7 +114,8 @@ class Topology:
     """A set of logical CPUs, some of them online, with hotplug notifiers.
 
     Topology(ncpus) has logical CPUs 0..ncpus-1; Topology(cpus=[...]) has the
-    given CPU numbers; Topology() has the CPUs this process may run on.
+    given CPU numbers, each from 0 to NR_CPUS_MAX-1 (8191); Topology() has
+    the CPUs this process may run on.
 
     The tunables of the engine on it, in seconds: ``cpu_intensive_thresh``
     (default 0.01), after which a running item stops counting for
@@ -135,10 +149,10 @@ class Topology:
             for cpu in cpus:
                 if isinstance(cpu, bool) or not isinstance(cpu, int):
                     raise TypeError(f"CPU numbers must be ints, got {cpu!r}")
-                if cpu < 0:
-                    raise ValueError(f"CPU numbers must not be negative, got {cpu}")
                 if len(possible) == NR_CPUS_MAX:  # before an endless iterable fills memory
                     raise ValueError(f"a topology has at most {NR_CPUS_MAX} CPUs (Linux's most)")
+                if not 0 <= cpu < NR_CPUS_MAX:
+                    raise cpu_not_possible(cpu)
                 possible.append(cpu)
             if not possible:
                 raise ValueError("a topology needs at least one CPU")
@@ -259,7 +273,7 @@ class Topology:
             if isinstance(cpu, bool) or not isinstance(cpu, int):
                 raise TypeError(f"a CPU number must be an int, not {type(cpu).__name__}")
             if cpu not in self._possible_set:
-                raise ValueError(f"CPU {cpu} is not a possible CPU of this topology")
+                raise cpu_not_possible(cpu)
 
     def _host_map(self, online_list: tuple[int, ...]) -> dict[int, int]:
         """Each host CPU's lowest online logical CPU, with *online_list* online."""
