@@ -81,6 +81,14 @@ def _check_thresh(name: str, value: float) -> float:
     return float(value)
 
 
+def _not_cpus(cpus: object) -> str:
+    """What is wrong with a *cpus* that is not an iterable."""
+    message = f"cpus must be an iterable of CPU numbers (ints), not {type(cpus).__name__}"
+    if type(cpus) is int and 1 <= cpus <= NR_CPUS_MAX:  # a count, meant as ncpus
+        message += f": for CPUs 0 to {cpus - 1}, give ncpus={cpus}"
+    return message
+
+
 _T = TypeVar("_T")
 
 
@@ -145,8 +153,12 @@ class Topology:
                 raise ValueError(f"ncpus must be at most {NR_CPUS_MAX} (Linux's most), got {ncpus}")
             possible = list(range(ncpus))
         elif cpus is not None:
+            try:
+                given = iter(cpus)
+            except TypeError:
+                raise TypeError(_not_cpus(cpus)) from None
             possible = []
-            for cpu in cpus:
+            for cpu in given:
                 if isinstance(cpu, bool) or not isinstance(cpu, int):
                     raise TypeError(f"CPU numbers must be ints, got {cpu!r}")
                 if len(possible) == NR_CPUS_MAX:  # before an endless iterable fills memory

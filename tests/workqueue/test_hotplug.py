@@ -468,6 +468,16 @@ def test_a_topology_has_at_most_nr_cpus_cpus() -> None:
         Topology(cpus=range(1, 8193))
 
 
+def test_cpus_that_are_not_an_iterable_say_what_cpus_must_be() -> None:
+    # Topology(cpus=3) said only "'int' object is not iterable".
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not int: "
+                                        r"for CPUs 0 to 2, give ncpus=3$"):
+        Topology(cpus=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not float$"):
+        Topology(cpus=2.0)  # type: ignore[arg-type]
+    assert Topology(cpus=iter([2, 0])).possible() == [0, 2]
+
+
 def test_cpu_numbers_beyond_nr_cpus_are_refused_wherever_they_come_in(make_wq: Any) -> None:
     # Topology(cpus=[9000]) was taken, though no Linux has a CPU 9000
     # (NR_CPUS_MAX is 8192).  The kernel's cpumask helpers warn of a CPU
