@@ -25,7 +25,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
+from itertools import pairwise
 from typing import Any, TypeVar
+
+from ._shown import shown
 
 __all__ = ["Topology"]
 
@@ -66,7 +69,7 @@ def cpu_not_possible(cpu: int) -> ValueError:
     lacks, that it lacks it.
     """
     if not 0 <= cpu < NR_CPUS_MAX:
-        return ValueError(f"CPU {cpu} is not a possible CPU: CPU numbers are 0 to "
+        return ValueError(f"CPU {shown(cpu)} is not a possible CPU: CPU numbers are 0 to "
                           f"{NR_CPUS_MAX - 1} (NR_CPUS_MAX {NR_CPUS_MAX}, Linux's most)")
     return ValueError(f"CPU {cpu} is not a possible CPU of this topology")
 
@@ -77,7 +80,7 @@ def _check_thresh(name: str, value: float) -> float:
     # Timers wait with Condition.wait(), which takes at most threading.TIMEOUT_MAX.
     if not 0 < value <= threading.TIMEOUT_MAX:
         raise ValueError(f"{name} must be a number of seconds > 0 and at most "
-                         f"threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g}), got {value}")
+                         f"threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g}), got {shown(value)}")
     return float(value)
 
 
@@ -148,9 +151,9 @@ class Topology:
             if isinstance(ncpus, bool) or not isinstance(ncpus, int):
                 raise TypeError(f"ncpus must be an int, not {type(ncpus).__name__}")
             if ncpus < 1:
-                raise ValueError(f"ncpus must be at least 1, got {ncpus}")
+                raise ValueError(f"ncpus must be at least 1, got {shown(ncpus)}")
             if ncpus > NR_CPUS_MAX:
-                raise ValueError(f"ncpus must be at most {NR_CPUS_MAX} (Linux's most), got {ncpus}")
+                raise ValueError(f"ncpus must be at most {NR_CPUS_MAX} (Linux's most), got {shown(ncpus)}")
             possible = list(range(ncpus))
         elif cpus is not None:
             try:
@@ -160,7 +163,7 @@ class Topology:
             possible = []
             for cpu in given:
                 if isinstance(cpu, bool) or not isinstance(cpu, int):
-                    raise TypeError(f"CPU numbers must be ints, got {cpu!r}")
+                    raise TypeError(f"CPU numbers must be ints, got {shown(cpu)}")
                 if len(possible) == NR_CPUS_MAX:  # before an endless iterable fills memory
                     raise ValueError(f"a topology has at most {NR_CPUS_MAX} CPUs (Linux's most)")
                 if not 0 <= cpu < NR_CPUS_MAX:
@@ -168,9 +171,10 @@ class Topology:
                 possible.append(cpu)
             if not possible:
                 raise ValueError("a topology needs at least one CPU")
-            if len(set(possible)) != len(possible):
-                raise ValueError(f"duplicate CPU numbers in {possible}")
             possible.sort()
+            if len(set(possible)) != len(possible):
+                twice = sorted({a for a, b in pairwise(possible) if a == b})
+                raise ValueError(f"duplicate CPU numbers: {shown(twice)}")
         else:
             possible = list(host)
         self._possible: tuple[int, ...] = tuple(possible)

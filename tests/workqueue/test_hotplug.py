@@ -305,8 +305,11 @@ def test_topology_contract_and_errors() -> None:
         Topology(0)
     with pytest.raises(TypeError, match="either ncpus or cpus"):
         Topology(2, cpus=[0])
-    with pytest.raises(ValueError, match="duplicate"):
-        Topology(cpus=[1, 1])
+    with pytest.raises(ValueError, match=r"^duplicate CPU numbers: \[1\]$"):
+        Topology(cpus=[2, 1, 1])
+    # The duplicates named, not the whole list given (up to 8192 numbers).
+    with pytest.raises(ValueError, match=r"^duplicate CPU numbers: \[0, 1, 2, 3, 4, 5, \.\.\.\]$"):
+        Topology(cpus=[*range(4096), *range(4096)])
     with pytest.raises(ValueError, match="CPU -1 is not a possible CPU: CPU numbers are 0 to 8191"):
         Topology(cpus=[-1])
     assert Topology().possible() == sorted(os.sched_getaffinity(0))
