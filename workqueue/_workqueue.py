@@ -107,6 +107,15 @@ def _check_delay(delay: float) -> float:
     return float(delay)
 
 
+def _check_flags(flags: object) -> None:
+    if isinstance(flags, bool) or not isinstance(flags, int):
+        raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
+    if flags < 0:
+        # Its two's complement has every high bit set: not an unknown flag,
+        # a number that is no combination of flags at all.
+        raise ValueError(f"flags must be a non-negative combination of WQ_* flags, got {shown(flags)}")
+
+
 def _check_work(work: object, kind: type[Work] = Work) -> None:
     if not isinstance(work, kind):
         hint = ""
@@ -161,8 +170,7 @@ class Workqueue(Executor):
             raise TypeError(f"a workqueue name must be a str, not {type(name).__name__}")
         if not name:
             raise ValueError("a workqueue name must not be empty")
-        if isinstance(flags, bool) or not isinstance(flags, int):
-            raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
+        _check_flags(flags)
         unknown = int(flags) & ~int(WQ_USER_FLAGS | WQ_ORDERED)  # int: ~IntFlag keeps known bits
         if unknown:
             raise ValueError(f"unknown workqueue flags {shown(unknown, '#x')}")
@@ -1162,8 +1170,8 @@ def alloc_workqueue(name: str, flags: int = 0, max_active: int = 0,
     WQ_DFL_ACTIVE.  topology: default, the CPUs of this process.
 
     Beyond the kernel: a max_active below 0 or above WQ_MAX_ACTIVE is a
-    ValueError (the kernel clamps it, with a warning), and unknown flags
-    are one too.
+    ValueError (the kernel clamps it, with a warning), and unknown flags,
+    or a negative flags value, are one too.
     """
     return Workqueue(name, flags, max_active, topology)
 
@@ -1171,6 +1179,5 @@ def alloc_workqueue(name: str, flags: int = 0, max_active: int = 0,
 def alloc_ordered_workqueue(name: str, flags: int = 0,
                             topology: Topology | None = None) -> Workqueue:
     """Make an ordered workqueue: one item at a time, in queueing order."""
-    if isinstance(flags, bool) or not isinstance(flags, int):
-        raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
+    _check_flags(flags)  # before the flags are added to, which would change a negative one
     return Workqueue(name, flags | WQFlags.WQ_UNBOUND | WQ_ORDERED, 1, topology)

@@ -953,8 +953,16 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
         alloc_workqueue(b"x", topology=topo)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="flags"):
         alloc_workqueue("x", "0", topology=topo)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="unknown workqueue flags"):
+    with pytest.raises(ValueError, match=r"^unknown workqueue flags 0x40000000$"):
         alloc_workqueue("x", 1 << 30, topology=topo)
+    # A negative int has every high bit set: "unknown workqueue flags
+    # -0x2003f" said nothing of what was wrong.
+    for negative, said in ((-1, "-1"), (-4, "-4"), (-WQ_UNBOUND, "-2"),
+                           (-10**400, r"about -10\*\*400 \(an int of 1329 bits\)")):
+        for alloc in (alloc_workqueue, alloc_ordered_workqueue):
+            with pytest.raises(ValueError, match=rf"^flags must be a non-negative combination of "
+                                                 rf"WQ_\* flags, got {said}$"):
+                alloc("x", negative, topology=topo)
     # The ordered flag is alloc_ordered_workqueue()'s, which runs one item
     # at a time: with more, the queue would call itself ordered and not be.
     with pytest.raises(ValueError, match="alloc_ordered_workqueue"):
