@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
-from ._topology import idempotent_notifier
+from ._shown import shown
+from ._topology import cpu_not_possible, idempotent_notifier
 
 if TYPE_CHECKING:
     from ._topology import Topology
@@ -76,7 +77,7 @@ def _check_cpu_number(cpu: object) -> None:
     """Refuse anything but an int as a CPU number: True and 1.0 hash like
     CPU 1, and the dict lookups of a CPU's load and keys would take them for it."""
     if isinstance(cpu, bool) or not isinstance(cpu, int):
-        raise ValueError(f"{cpu!r} is not a possible CPU of this topology")
+        raise ValueError(f"{shown(cpu)} is not a possible CPU of this topology")
 
 
 def _take_head(index: list[tuple[int, int]], weight: int) -> tuple[int, int, int]:
@@ -234,7 +235,7 @@ class LoadIndex:
         if not isinstance(weight, int) or isinstance(weight, bool):
             raise TypeError(f"weight must be an int, not {type(weight).__name__}")
         if weight <= 0:
-            raise ValueError(f"weight must be positive, got {weight}")
+            raise ValueError(f"weight must be positive, got {shown(weight)}")
         hash(key)  # an unhashable key fails here with the usual TypeError
         with self._lock:
             if self._closed:
@@ -289,7 +290,7 @@ class LoadIndex:
             try:
                 return self._load[cpu]
             except KeyError:
-                raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
+                raise cpu_not_possible(cpu) from None
 
     def least_loaded(self) -> int:
         """The CPU assign() would pick now: the least-loaded online CPU,
@@ -305,7 +306,7 @@ class LoadIndex:
             try:
                 return list(self._keys_on[cpu])
             except KeyError:
-                raise ValueError(f"{cpu!r} is not a possible CPU of this topology") from None
+                raise cpu_not_possible(cpu) from None
 
     def statistics(self) -> LoadIndexStats:
         """A frozen snapshot of the index."""

@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._shown import shown
 from ._timer import TimerHandle, add_timer, del_timer, timer_pending
 from ._topology import Topology, _this_thread, idempotent_notifier
 
@@ -227,7 +228,7 @@ def check_timeout(timeout: float | None) -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
     if not timeout >= 0:
-        raise ValueError(f"timeout must be 0 or more seconds, or None; got {timeout}")
+        raise ValueError(f"timeout must be 0 or more seconds, or None; got {shown(timeout)}")
     return None if timeout > threading.TIMEOUT_MAX else float(timeout)
 
 

@@ -25,7 +25,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
+from itertools import pairwise
 from typing import Any, TypeVar
+
+from ._shown import shown
 
 __all__ = ["Topology"]
 
@@ -58,14 +61,35 @@ def _load_sched_getcpu() -> Callable[[], int] | None:
 _sched_getcpu = _load_sched_getcpu()
 
 
+def cpu_not_possible(cpu: int) -> ValueError:
+    """The error for an int CPU number that is not a CPU of a topology.
+
+    One that no Linux has (the kernel's cpumask helpers warn of a CPU
+    number >= nr_cpu_ids) says the range; one in range that the topology
+    lacks, that it lacks it.
+    """
+    if not 0 <= cpu < NR_CPUS_MAX:
+        return ValueError(f"CPU {shown(cpu)} is not a possible CPU: CPU numbers are 0 to "
+                          f"{NR_CPUS_MAX - 1} (NR_CPUS_MAX {NR_CPUS_MAX}, Linux's most)")
+    return ValueError(f"CPU {cpu} is not a possible CPU of this topology")
+
+
 def _check_thresh(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     # Timers wait with Condition.wait(), which takes at most threading.TIMEOUT_MAX.
     if not 0 < value <= threading.TIMEOUT_MAX:
         raise ValueError(f"{name} must be a number of seconds > 0 and at most "
-                         f"threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g}), got {value}")
+                         f"threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g}), got {shown(value)}")
     return float(value)
+
+
+def _not_cpus(cpus: object) -> str:
+    """What is wrong with a *cpus* that is not an iterable."""
+    message = f"cpus must be an iterable of CPU numbers (ints), not {type(cpus).__name__}"
+    if type(cpus) is int and 1 <= cpus <= NR_CPUS_MAX:  # a count, meant as ncpus
+        message += f": for CPUs 0 to {cpus - 1}, give ncpus={cpus}"
+    return message
 
 
 _T = TypeVar("_T")
@@ -101,7 +125,8 @@ class Topology:
     """A set of logical CPUs, some of them online, with hotplug notifiers.
 
     Topology(ncpus) has logical CPUs 0..ncpus-1; Topology(cpus=[...]) has the
-    given CPU numbers; Topology() has the CPUs this process may run on.
+    given CPU numbers, each from 0 to NR_CPUS_MAX-1 (8191); Topology() has
+    the CPUs this process may run on.
 
     The tunables of the engine on it, in seconds: ``cpu_intensive_thresh``
     (default 0.01), after which a running item stops counting for
@@ -126,25 +151,30 @@ class Topology:
             if isinstance(ncpus, bool) or not isinstance(ncpus, int):
                 raise TypeError(f"ncpus must be an int, not {type(ncpus).__name__}")
             if ncpus < 1:
-                raise ValueError(f"ncpus must be at least 1, got {ncpus}")
+                raise ValueError(f"ncpus must be at least 1, got {shown(ncpus)}")
             if ncpus > NR_CPUS_MAX:
-                raise ValueError(f"ncpus must be at most {NR_CPUS_MAX} (Linux's most), got {ncpus}")
+                raise ValueError(f"ncpus must be at most {NR_CPUS_MAX} (Linux's most), got {shown(ncpus)}")
             possible = list(range(ncpus))
         elif cpus is not None:
+            try:
+                given = iter(cpus)
+            except TypeError:
+                raise TypeError(_not_cpus(cpus)) from None
             possible = []
-            for cpu in cpus:
+            for cpu in given:
                 if isinstance(cpu, bool) or not isinstance(cpu, int):
-                    raise TypeError(f"CPU numbers must be ints, got {cpu!r}")
-                if cpu < 0:
-                    raise ValueError(f"CPU numbers must not be negative, got {cpu}")
+                    raise TypeError(f"CPU numbers must be ints, got {shown(cpu)}")
                 if len(possible) == NR_CPUS_MAX:  # before an endless iterable fills memory
                     raise ValueError(f"a topology has at most {NR_CPUS_MAX} CPUs (Linux's most)")
+                if not 0 <= cpu < NR_CPUS_MAX:
+                    raise cpu_not_possible(cpu)
                 possible.append(cpu)
             if not possible:
                 raise ValueError("a topology needs at least one CPU")
-            if len(set(possible)) != len(possible):
-                raise ValueError(f"duplicate CPU numbers in {possible}")
             possible.sort()
+            if len(set(possible)) != len(possible):
+                twice = sorted({a for a, b in pairwise(possible) if a == b})
+                raise ValueError(f"duplicate CPU numbers: {shown(twice)}")
         else:
             possible = list(host)
         self._possible: tuple[int, ...] = tuple(possible)
@@ -259,7 +289,7 @@ class Topology:
             if isinstance(cpu, bool) or not isinstance(cpu, int):
                 raise TypeError(f"a CPU number must be an int, not {type(cpu).__name__}")
             if cpu not in self._possible_set:
-                raise ValueError(f"CPU {cpu} is not a possible CPU of this topology")
+                raise cpu_not_possible(cpu)
 
     def _host_map(self, online_list: tuple[int, ...]) -> dict[int, int]:
         """Each host CPU's lowest online logical CPU, with *online_list* online."""

@@ -61,6 +61,7 @@ from ._pool import (
     wake_work_flushers,
     work_name,
 )
+from ._shown import shown
 from ._stats import PoolStats, TraceHook, WorkqueueStats
 from ._timer import add_timer, armed_timers
 from ._topology import Topology, _sched_getcpu, _this_thread
@@ -102,8 +103,17 @@ def _check_delay(delay: float) -> float:
     # threading.TIMEOUT_MAX (about 292 years).
     if not 0 <= delay <= threading.TIMEOUT_MAX:
         raise ValueError(f"delay must be a number of seconds from 0 to threading.TIMEOUT_MAX "
-                         f"({threading.TIMEOUT_MAX:g}), got {delay}")
+                         f"({threading.TIMEOUT_MAX:g}), got {shown(delay)}")
     return float(delay)
+
+
+def _check_flags(flags: object) -> None:
+    if isinstance(flags, bool) or not isinstance(flags, int):
+        raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
+    if flags < 0:
+        # Its two's complement has every high bit set: not an unknown flag,
+        # a number that is no combination of flags at all.
+        raise ValueError(f"flags must be a non-negative combination of WQ_* flags, got {shown(flags)}")
 
 
 def _check_work(work: object, kind: type[Work] = Work) -> None:
@@ -160,19 +170,18 @@ class Workqueue(Executor):
             raise TypeError(f"a workqueue name must be a str, not {type(name).__name__}")
         if not name:
             raise ValueError("a workqueue name must not be empty")
-        if isinstance(flags, bool) or not isinstance(flags, int):
-            raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
+        _check_flags(flags)
         unknown = int(flags) & ~int(WQ_USER_FLAGS | WQ_ORDERED)  # int: ~IntFlag keeps known bits
         if unknown:
-            raise ValueError(f"unknown workqueue flags {unknown:#x}")
+            raise ValueError(f"unknown workqueue flags {shown(unknown, '#x')}")
         if isinstance(max_active, bool) or not isinstance(max_active, int):
             raise TypeError(f"max_active must be an int, not {type(max_active).__name__}")
         if not 0 <= max_active <= WQ_MAX_ACTIVE:
-            raise ValueError(f"max_active must be 0 (default) to {WQ_MAX_ACTIVE}, got {max_active}")
+            raise ValueError(f"max_active must be 0 (default) to {WQ_MAX_ACTIVE}, got {shown(max_active)}")
         if flags & WQ_ORDERED and max_active != 1:
             # An ordered queue runs one item at a time; with more it would
             # refuse set_max_active() as ordered and still not be.
-            raise ValueError(f"the ordered flag needs max_active 1, got {max_active}: "
+            raise ValueError(f"the ordered flag needs max_active 1, got {shown(max_active)}: "
                              "use alloc_ordered_workqueue()")
         if topology is None:
             topology = default_topology()
@@ -808,7 +817,7 @@ class Workqueue(Executor):
         if isinstance(max_active, bool) or not isinstance(max_active, int):
             raise TypeError(f"max_active must be an int, not {type(max_active).__name__}")
         if not 1 <= max_active <= WQ_MAX_ACTIVE:
-            raise ValueError(f"max_active must be 1 to {WQ_MAX_ACTIVE}, got {max_active}")
+            raise ValueError(f"max_active must be 1 to {WQ_MAX_ACTIVE}, got {shown(max_active)}")
         with lock:
             if self._ordered:
                 raise RuntimeError(f"{self.name!r} is ordered: it runs one item at a time")
@@ -1161,8 +1170,8 @@ def alloc_workqueue(name: str, flags: int = 0, max_active: int = 0,
     WQ_DFL_ACTIVE.  topology: default, the CPUs of this process.
 
     Beyond the kernel: a max_active below 0 or above WQ_MAX_ACTIVE is a
-    ValueError (the kernel clamps it, with a warning), and unknown flags
-    are one too.
+    ValueError (the kernel clamps it, with a warning), and unknown flags,
+    or a negative flags value, are one too.
     """
     return Workqueue(name, flags, max_active, topology)
 
@@ -1170,6 +1179,5 @@ def alloc_workqueue(name: str, flags: int = 0, max_active: int = 0,
 def alloc_ordered_workqueue(name: str, flags: int = 0,
                             topology: Topology | None = None) -> Workqueue:
     """Make an ordered workqueue: one item at a time, in queueing order."""
-    if isinstance(flags, bool) or not isinstance(flags, int):
-        raise TypeError(f"flags must be an int of WQ_* flags, not {type(flags).__name__}")
+    _check_flags(flags)  # before the flags are added to, which would change a negative one
     return Workqueue(name, flags | WQFlags.WQ_UNBOUND | WQ_ORDERED, 1, topology)

@@ -21,6 +21,7 @@ import pytest
 from workqueue import (
     WQ_UNBOUND,
     DelayedWork,
+    LoadIndex,
     Topology,
     Work,
     WorkqueueStats,
@@ -952,8 +953,16 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
         alloc_workqueue(b"x", topology=topo)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="flags"):
         alloc_workqueue("x", "0", topology=topo)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="unknown workqueue flags"):
+    with pytest.raises(ValueError, match=r"^unknown workqueue flags 0x40000000$"):
         alloc_workqueue("x", 1 << 30, topology=topo)
+    # A negative int has every high bit set: "unknown workqueue flags
+    # -0x2003f" said nothing of what was wrong.
+    for negative, said in ((-1, "-1"), (-4, "-4"), (-WQ_UNBOUND, "-2"),
+                           (-10**400, r"about -10\*\*400 \(an int of 1329 bits\)")):
+        for alloc in (alloc_workqueue, alloc_ordered_workqueue):
+            with pytest.raises(ValueError, match=rf"^flags must be a non-negative combination of "
+                                                 rf"WQ_\* flags, got {said}$"):
+                alloc("x", negative, topology=topo)
     # The ordered flag is alloc_ordered_workqueue()'s, which runs one item
     # at a time: with more, the queue would call itself ordered and not be.
     with pytest.raises(ValueError, match="alloc_ordered_workqueue"):
@@ -992,6 +1001,45 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
     with pytest.raises(TypeError, match="callable"):
         wq.submit(42)  # type: ignore[arg-type]
     assert not w.pending
+
+
+
+@pytest.mark.parametrize(("huge", "approx"), [(10**400, "10**400"), (-10**400, "-10**400"),
+                                               (10**5000, "10**5000")], ids=["1e400", "-1e400", "1e5000"])
+def test_errors_show_a_huge_number_short(make_wq: Any, topo: Any, huge: int, approx: str) -> None:
+    # A delay of 10**400 printed all 401 digits in its error, and one of
+    # 10**5000 said instead that Python would not print an int of more
+    # than 4300 digits.  Every message that prints a number the caller
+    # gave prints a huge one by its size.
+    wq = make_wq()
+    index = LoadIndex(topo)
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("delay", lambda: wq.queue_delayed_work(DelayedWork(lambda w: None), huge)),
+        ("delay", lambda: wq.mod_delayed_work_on(0, DelayedWork(lambda w: None), huge)),
+        ("max_active", lambda: alloc_workqueue("x", 0, huge, topology=topo)),
+        ("max_active", lambda: wq.set_max_active(huge)),
+        ("ncpus", lambda: Topology(huge)),
+        ("CPU", lambda: Topology(cpus=[huge])),
+        ("CPU", lambda: topo.cpu_up(huge)),
+        ("CPU", lambda: wq.queue_work_on(huge, Work(lambda w: None))),
+        ("CPU", lambda: index.load(huge)),
+        ("watchdog_thresh", lambda: Topology(1, watchdog_thresh=huge)),
+        ("cpu_intensive_thresh", lambda: setattr(topo, "cpu_intensive_thresh", huge)),
+    ]
+    if huge < 0:
+        calls += [("timeout", lambda: wq.flush(timeout=huge)),
+                  ("weight", lambda: index.assign("k", weight=huge))]
+    else:
+        calls += [("unknown workqueue flags", lambda: alloc_workqueue("x", huge << 6, topology=topo))]
+    try:
+        for what, call in calls:
+            with pytest.raises(ValueError) as caught:
+                call()
+            message = str(caught.value)
+            assert what in message and len(message) < 200, message
+            assert f"about {approx} (an int of " in message or what == "unknown workqueue flags", message
+    finally:
+        index.close()
 
 
 _EXIT_SCRIPT = r"""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from workqueue import LoadIndex, Topology, Work, _pool, blocking
+from workqueue import DelayedWork, LoadIndex, Topology, Work, _pool, blocking
 from workqueue._timer import armed_timers, del_timer
 from workqueue._watchdog import _watchdog_timer_fn
 
@@ -304,9 +305,12 @@ def test_topology_contract_and_errors() -> None:
         Topology(0)
     with pytest.raises(TypeError, match="either ncpus or cpus"):
         Topology(2, cpus=[0])
-    with pytest.raises(ValueError, match="duplicate"):
-        Topology(cpus=[1, 1])
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match=r"^duplicate CPU numbers: \[1\]$"):
+        Topology(cpus=[2, 1, 1])
+    # The duplicates named, not the whole list given (up to 8192 numbers).
+    with pytest.raises(ValueError, match=r"^duplicate CPU numbers: \[0, 1, 2, 3, 4, 5, \.\.\.\]$"):
+        Topology(cpus=[*range(4096), *range(4096)])
+    with pytest.raises(ValueError, match="CPU -1 is not a possible CPU: CPU numbers are 0 to 8191"):
         Topology(cpus=[-1])
     assert Topology().possible() == sorted(os.sched_getaffinity(0))
     # The kernel's defaults: wq_cpu_intensive_thresh_us 10 ms, wq_watchdog_thresh 30 s.
@@ -462,7 +466,51 @@ def test_a_topology_has_at_most_nr_cpus_cpus() -> None:
     with pytest.raises(ValueError, match=r"^a topology has at most 8192 CPUs \(Linux's most\)$"):
         Topology(cpus=range(8193))
     assert len(Topology(8192).possible()) == 8192
-    assert Topology(cpus=range(1, 8193)).possible()[-1] == 8192
+    # 8192 CPUs, but not numbered 0 to 8191: CPU 8192 is beyond Linux's most.
+    with pytest.raises(ValueError, match=r"^CPU 8192 is not a possible CPU: CPU numbers are 0 to 8191"):
+        Topology(cpus=range(1, 8193))
+
+
+def test_cpus_that_are_not_an_iterable_say_what_cpus_must_be() -> None:
+    # Topology(cpus=3) said only "'int' object is not iterable".
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not int: "
+                                        r"for CPUs 0 to 2, give ncpus=3$"):
+        Topology(cpus=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not float$"):
+        Topology(cpus=2.0)  # type: ignore[arg-type]
+    assert Topology(cpus=iter([2, 0])).possible() == [0, 2]
+
+
+def test_cpu_numbers_beyond_nr_cpus_are_refused_wherever_they_come_in(make_wq: Any) -> None:
+    # Topology(cpus=[9000]) was taken, though no Linux has a CPU 9000
+    # (NR_CPUS_MAX is 8192).  The kernel's cpumask helpers warn of a CPU
+    # number >= nr_cpu_ids, and cpu_up() refuses one that is not possible;
+    # here every CPU number is checked against the same range, and says it.
+    rng = r"CPU numbers are 0 to 8191 \(NR_CPUS_MAX 8192, Linux's most\)"
+    for bad in (8192, 9000, -1):
+        with pytest.raises(ValueError, match=rf"^CPU {bad} is not a possible CPU: {rng}$"):
+            Topology(cpus=[0, bad])
+    assert Topology(cpus=[8191]).possible() == [8191]
+    topo = Topology(cpus=[0, 1])
+    wq = make_wq(topology=topo)
+    dwork = DelayedWork(lambda w: None)
+    index = LoadIndex(topo)
+    try:
+        takers: list[tuple[Callable[..., object], tuple[object, ...]]] = [
+            (topo.cpu_up, ()), (topo.cpu_down, ()), (topo.is_online, ()), (topo.real_cpu, ()),
+            (wq.queue_work_on, (Work(lambda w: None),)),
+            (wq.queue_delayed_work_on, (dwork, 1.0)), (wq.mod_delayed_work_on, (dwork, 1.0)),
+            (index.load, ()), (index.keys_on, ())]
+        for fn, rest in takers:
+            for bad in (8192, 9000, -1):
+                with pytest.raises(ValueError, match=rf"^CPU {bad} is not a possible CPU: {rng}$"):
+                    fn(bad, *rest)
+            # A CPU number in range that the topology lacks says so, as before.
+            with pytest.raises(ValueError, match=r"^CPU 5 is not a possible CPU of this topology$"):
+                fn(5, *rest)
+        assert not dwork.pending
+    finally:
+        index.close()
 
 
 def test_a_failing_notifier_is_logged_and_the_others_run(caplog: pytest.LogCaptureFixture) -> None:
