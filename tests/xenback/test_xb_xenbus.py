@@ -3166,3 +3166,26 @@ def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         assert drv.calls_of(guest.domid) == ["probe", "connect"]
         fe.set_state(S.CLOSED)
         fe.wait_backend(S.CLOSED)
+
+
+def test_a_new_device_is_served_when_the_error_directory_may_not_be_read(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The look for an earlier device's error node before a new device is
+    probed is tidying up: refused (our home's ``error`` directory taken
+    by the toolstack, EACCES to a driver domain), it must not keep the
+    device from being probed and served, as it was before that look."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        errors = f"/local/domain/{drvdom.domid}/error"
+        dom0_xs.write(errors, "")
+        dom0_xs.set_perms(errors, ["n0"])
+        with pytest.raises(PermissionError):
+            drv.xenstore.read(f"{errors}/backend/xbtest/{fe.guest.domid}/1")
+        dev = host.toolstack.add_device("xbtest", fe.guest.domid, devid=1,
+                                        backend_id=drvdom.domid)
+        fe2 = _connect(frontends, fe.guest, dev)
+        assert drv.calls_of(fe.guest.domid, 1) == ["probe", "connect"]
+        fe2.set_state(S.CLOSED)
+        fe2.wait_backend(S.CLOSED)
+    finally:
+        drv.stop()
