@@ -3189,3 +3189,68 @@ def test_a_new_device_is_served_when_the_error_directory_may_not_be_read(
         fe2.wait_backend(S.CLOSED)
     finally:
         drv.stop()
+
+
+def test_discovery_of_a_probing_device_leaves_its_own_error_node(
+        host, frontends, dom0_xs) -> None:
+    """A new device found at start (the listing, adopt=True) calls
+    error() in its probe(), which leaves it Initialising, and holds
+    there.  Discovery looking at its key again meanwhile (the listing
+    again, and a _check_device as a drop queues it) must not take that
+    error node for an earlier device's: every look runs on the bus
+    queue, one at a time, and finds the device registered, so the
+    look for an earlier error node, made once before it was, is not
+    made again.  Nor can two looks at the key overlap: one held in its
+    read of the error path keeps the next one waiting."""
+    guest = host.create_domain("early")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    drv = RecordingDriver(host.dom0)
+    in_probe, go = threading.Event(), threading.Event()
+
+    def probe(bdev: Any) -> None:
+        bdev.error(errno.EIO, "its own")
+        in_probe.set()
+        assert go.wait(TIMEOUT)
+
+    drv.probe_hook = probe
+    entered: list[str] = []
+    plain_check = drv._check_device
+
+    def check(fe_text: str, devid_text: str, **kwargs: Any) -> None:
+        entered.append(fe_text)
+        plain_check(fe_text, devid_text, **kwargs)
+
+    drv._check_device = check  # type: ignore[method-assign]
+    with drv:
+        assert in_probe.wait(TIMEOUT)
+        assert entered == [str(guest.domid)]  # the listing at start
+        assert error_node(dom0_xs, dev) == f"{errno.EIO} its own"
+        # One look held in its read of the error path keeps the next out.
+        held, release = threading.Event(), threading.Event()
+        xs = drv.xenstore
+        plain_read = xs.read
+
+        def read(path: str, default: str | None = None) -> str | None:
+            if path.startswith(drv.error_root) and not held.is_set():
+                held.set()
+                assert release.wait(TIMEOUT)
+            return plain_read(path, default)
+
+        xs.read = read  # type: ignore[method-assign]
+        try:
+            other = host.toolstack.add_device("xbtest", guest.domid, devid=1)
+            assert held.wait(TIMEOUT)
+            drv._bus.call(drv._backend_event, drv.backend_root)
+            drv._bus.call(drv._check_device, str(guest.domid), "0")
+            assert len(entered) == 2, f"a second look overlapped the held one: {entered}"
+            release.set()
+            drv._bus.flush()
+        finally:
+            release.set()
+            del xs.read
+        assert error_node(dom0_xs, dev) == f"{errno.EIO} its own"
+        go.set()
+        fe.wait_backend(S.INIT_WAIT)
+        assert error_node(dom0_xs, dev) == f"{errno.EIO} its own"
+        frontends(guest, other).wait_backend(S.INIT_WAIT)
