@@ -3192,7 +3192,7 @@ def test_a_new_device_is_served_when_the_error_directory_may_not_be_read(
 
 
 def test_discovery_of_a_probing_device_leaves_its_own_error_node(
-        host, frontends, dom0_xs) -> None:
+        host, frontends, dom0_xs, monkeypatch) -> None:
     """A new device found at start (the listing, adopt=True) calls
     error() in its probe(), which leaves it Initialising, and holds
     there.  Discovery looking at its key again meanwhile (the listing
@@ -3222,9 +3222,21 @@ def test_discovery_of_a_probing_device_leaves_its_own_error_node(
         plain_check(fe_text, devid_text, **kwargs)
 
     drv._check_device = check  # type: ignore[method-assign]
+    # Whether the device was registered (and its probe queued) when its
+    # error path was looked at.
+    looks: list[bool] = []
+    class_read = XenStore.read
+
+    def read_looked(xs: XenStore, path: str, default: str | None = None) -> str | None:
+        if xs is drv.xenstore and path.startswith(drv.error_root):
+            looks.append((guest.domid, 0) in drv._devices)
+        return class_read(xs, path, default)
+
+    monkeypatch.setattr(XenStore, "read", read_looked)
     with drv:
         assert in_probe.wait(TIMEOUT)
         assert entered == [str(guest.domid)]  # the listing at start
+        assert looks == [False], "looked once its probe could write there"
         assert error_node(dom0_xs, dev) == f"{errno.EIO} its own"
         # One look held in its read of the error path keeps the next out.
         held, release = threading.Event(), threading.Event()
@@ -3254,3 +3266,74 @@ def test_discovery_of_a_probing_device_leaves_its_own_error_node(
         fe.wait_backend(S.INIT_WAIT)
         assert error_node(dom0_xs, dev) == f"{errno.EIO} its own"
         frontends(guest, other).wait_backend(S.INIT_WAIT)
+
+
+def test_fatal_on_a_deleted_directory_leaves_the_state_as_it_was(
+        host, driver, frontends, dom0_xs) -> None:
+    """fatal() finding its directory deleted writes nothing, and the
+    device's ``state``, which says what was last written, is left as it
+    was: no Closing was."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    go = threading.Event()
+    seen: list[tuple[bool, XenbusState]] = []
+    assert bdev.queue(lambda: (go.wait(TIMEOUT),
+                               seen.append((bdev.fatal(errno.EIO, "gone"), bdev.state))))
+    host.toolstack.destroy_device(dev)
+    go.set()
+    driver.wait(lambda: bdev.gone)
+    assert seen == [(False, S.CONNECTED)]
+    assert error_node(dom0_xs, dev) is None
+
+
+def test_fatal_is_one_transaction_on_a_closing_device_too(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """fatal() writes its error node and Closing in one transaction, and
+    nothing more once that one committed.  On a device Closing already
+    (a failure met again) the error node is still written and the
+    failure reported: the state needed no write, but the directory is
+    the device's."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    plain = XenStore.transaction
+    made: list[bool] = []
+
+    def transaction(xs: XenStore, fn: Any, **kwargs: Any) -> Any:
+        if xs is driver.xenstore and bdev.events.in_queue():
+            made.append(True)
+        return plain(xs, fn, **kwargs)
+
+    monkeypatch.setattr(XenStore, "transaction", transaction)
+    reported: list[bool] = []
+    for message in ("first", "again"):
+        made.clear()
+        assert bdev.queue(lambda m=message: reported.append(bdev.fatal(errno.EIO, m)))
+        bdev.events.flush()
+        assert made == [True], message
+        assert error_node(dom0_xs, dev) == f"{errno.EIO} {message}"
+    assert reported == [True, True]
+    assert not bdev.gone and bdev.state == S.CLOSING
+    fe.wait_backend(S.CLOSING)
+
+
+def test_closing_refused_after_the_error_node_in_a_live_driver_domain_is_said(
+        host, dom0_xs, frontends, caplog) -> None:
+    """fatal()'s transaction refused (its error node), and Closing, tried
+    alone, refused too (our state node taken), while the domain, home and
+    connection live: each refusal is its own, and both are said."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        errors = f"/local/domain/{drvdom.domid}/error"
+        dom0_xs.write(errors, "")
+        dom0_xs.set_perms(errors, ["n0"])
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        caplog.clear()
+        assert bdev.events.call(lambda: bdev.fatal(errno.EIO, "refused"))
+        bdev.events.flush()
+        # (Not the refused state's watch event, a traceback of its own.)
+        said = [r.msg for r in _backend_warnings(caplog) if "could not" in r.msg]
+        assert said[:2] == ["%s: could not write the error node: %s",
+                            "%s: could not switch to Closing: %s"], said
+    finally:
+        drv.stop()
