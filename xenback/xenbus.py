@@ -1500,9 +1500,10 @@ class BackendDriver:
             return
         # Nothing of ours was written for a new device yet, and nothing can
         # be before its probe: an error node at its path is an earlier
-        # device's.  A read first: a transaction for every new device would
-        # count against a driver domain's few.
-        if not taken_over and self.xenstore.read(f"{self.error_root}/{key[0]}/{key[1]}") is not None:
+        # device's.  (Every _check_device runs on the bus queue, one at a
+        # time, and only a device registered at the key, none here, can
+        # write there: a dropped one's writes are refused, see _ours.)
+        if not taken_over:
             self._forget_error(str(key[0]), str(key[1]), made_again=True)
         with self._lock:
             if self._stopping or self._domain_gone or key in self._devices:
@@ -1558,12 +1559,19 @@ class BackendDriver:
             return True
 
         try:
+            # A read first for a new device: a transaction for every one
+            # would count against a driver domain's few.
+            if made_again and self.xenstore.read(f"{errors}/{fe}/{devid}") is None:
+                return
             if self.xenstore.transaction(tx):
-                logger.debug("%s/%s/%s: error node deleted with the device",
-                             self.backend_root, fe, devid)
+                logger.debug("%s/%s/%s: %s", self.backend_root, fe, devid,
+                             "an earlier device's error node deleted" if made_again
+                             else "error node deleted with the device")
         except OSError as exc:
-            # Tidying up: not worth more than a line.  (A driver domain
-            # that is being destroyed may not even read its home any more.)
+            # Tidying up: not worth more than a line, nor worth a new
+            # device left unprobed.  (A driver domain that is being
+            # destroyed may not even read its home any more; nor may it
+            # read an error directory the toolstack took.)
             logger.debug("%s/%s/%s: error node not deleted: %s", self.backend_root, fe, devid, exc)
 
     def _close_unprobed(self, path: str) -> None:

@@ -3307,3 +3307,174 @@ def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         assert drv.calls_of(guest.domid) == ["probe", "connect"]
         fe.set_state(S.CLOSED)
         fe.wait_backend(S.CLOSED)
+
+
+def test_a_new_device_is_served_when_the_error_directory_may_not_be_read(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The look for an earlier device's error node before a new device is
+    probed is tidying up: refused (our home's ``error`` directory taken
+    by the toolstack, EACCES to a driver domain), it must not keep the
+    device from being probed and served, as it was before that look."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        errors = f"/local/domain/{drvdom.domid}/error"
+        dom0_xs.write(errors, "")
+        dom0_xs.set_perms(errors, ["n0"])
+        with pytest.raises(PermissionError):
+            drv.xenstore.read(f"{errors}/backend/xbtest/{fe.guest.domid}/1")
+        dev = host.toolstack.add_device("xbtest", fe.guest.domid, devid=1,
+                                        backend_id=drvdom.domid)
+        fe2 = _connect(frontends, fe.guest, dev)
+        assert drv.calls_of(fe.guest.domid, 1) == ["probe", "connect"]
+        fe2.set_state(S.CLOSED)
+        fe2.wait_backend(S.CLOSED)
+    finally:
+        drv.stop()
+
+
+def test_discovery_of_a_probing_device_leaves_its_own_error_node(
+        host, frontends, dom0_xs, monkeypatch) -> None:
+    """A new device found at start (the listing, adopt=True) calls
+    error() in its probe(), which leaves it Initialising, and holds
+    there.  Discovery looking at its key again meanwhile (the listing
+    again, and a _check_device as a drop queues it) must not take that
+    error node for an earlier device's: every look runs on the bus
+    queue, one at a time, and finds the device registered, so the
+    look for an earlier error node, made once before it was, is not
+    made again.  Nor can two looks at the key overlap: one held in its
+    read of the error path keeps the next one waiting."""
+    guest = host.create_domain("early")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    drv = RecordingDriver(host.dom0)
+    in_probe, go = threading.Event(), threading.Event()
+
+    def probe(bdev: Any) -> None:
+        bdev.error(errno.EIO, "its own")
+        in_probe.set()
+        assert go.wait(TIMEOUT)
+
+    drv.probe_hook = probe
+    entered: list[str] = []
+    plain_check = drv._check_device
+
+    def check(fe_text: str, devid_text: str, **kwargs: Any) -> None:
+        entered.append(fe_text)
+        plain_check(fe_text, devid_text, **kwargs)
+
+    drv._check_device = check  # type: ignore[method-assign]
+    # Whether the device was registered (and its probe queued) when its
+    # error path was looked at.
+    looks: list[bool] = []
+    class_read = XenStore.read
+
+    def read_looked(xs: XenStore, path: str, default: str | None = None) -> str | None:
+        if xs is drv.xenstore and path.startswith(drv.error_root):
+            looks.append((guest.domid, 0) in drv._devices)
+        return class_read(xs, path, default)
+
+    monkeypatch.setattr(XenStore, "read", read_looked)
+    with drv:
+        assert in_probe.wait(TIMEOUT)
+        assert entered == [str(guest.domid)]  # the listing at start
+        assert looks == [False], "looked once its probe could write there"
+        assert error_node(dom0_xs, dev) == f"{errno.EIO} its own"
+        # One look held in its read of the error path keeps the next out.
+        held, release = threading.Event(), threading.Event()
+        xs = drv.xenstore
+        plain_read = xs.read
+
+        def read(path: str, default: str | None = None) -> str | None:
+            if path.startswith(drv.error_root) and not held.is_set():
+                held.set()
+                assert release.wait(TIMEOUT)
+            return plain_read(path, default)
+
+        xs.read = read  # type: ignore[method-assign]
+        try:
+            other = host.toolstack.add_device("xbtest", guest.domid, devid=1)
+            assert held.wait(TIMEOUT)
+            drv._bus.call(drv._backend_event, drv.backend_root)
+            drv._bus.call(drv._check_device, str(guest.domid), "0")
+            assert len(entered) == 2, f"a second look overlapped the held one: {entered}"
+            release.set()
+            drv._bus.flush()
+        finally:
+            release.set()
+            del xs.read
+        assert error_node(dom0_xs, dev) == f"{errno.EIO} its own"
+        go.set()
+        fe.wait_backend(S.INIT_WAIT)
+        assert error_node(dom0_xs, dev) == f"{errno.EIO} its own"
+        frontends(guest, other).wait_backend(S.INIT_WAIT)
+
+
+def test_fatal_on_a_deleted_directory_leaves_the_state_as_it_was(
+        host, driver, frontends, dom0_xs) -> None:
+    """fatal() finding its directory deleted writes nothing, and the
+    device's ``state``, which says what was last written, is left as it
+    was: no Closing was."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    go = threading.Event()
+    seen: list[tuple[bool, XenbusState]] = []
+    assert bdev.queue(lambda: (go.wait(TIMEOUT),
+                               seen.append((bdev.fatal(errno.EIO, "gone"), bdev.state))))
+    host.toolstack.destroy_device(dev)
+    go.set()
+    driver.wait(lambda: bdev.gone)
+    assert seen == [(False, S.CONNECTED)]
+    assert error_node(dom0_xs, dev) is None
+
+
+def test_fatal_is_one_transaction_on_a_closing_device_too(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """fatal() writes its error node and Closing in one transaction, and
+    nothing more once that one committed.  On a device Closing already
+    (a failure met again) the error node is still written and the
+    failure reported: the state needed no write, but the directory is
+    the device's."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    plain = XenStore.transaction
+    made: list[bool] = []
+
+    def transaction(xs: XenStore, fn: Any, **kwargs: Any) -> Any:
+        if xs is driver.xenstore and bdev.events.in_queue():
+            made.append(True)
+        return plain(xs, fn, **kwargs)
+
+    monkeypatch.setattr(XenStore, "transaction", transaction)
+    reported: list[bool] = []
+    for message in ("first", "again"):
+        made.clear()
+        assert bdev.queue(lambda m=message: reported.append(bdev.fatal(errno.EIO, m)))
+        bdev.events.flush()
+        assert made == [True], message
+        assert error_node(dom0_xs, dev) == f"{errno.EIO} {message}"
+    assert reported == [True, True]
+    assert not bdev.gone and bdev.state == S.CLOSING
+    fe.wait_backend(S.CLOSING)
+
+
+def test_closing_refused_after_the_error_node_in_a_live_driver_domain_is_said(
+        host, dom0_xs, frontends, caplog) -> None:
+    """fatal()'s transaction refused (its error node), and Closing, tried
+    alone, refused too (our state node taken), while the domain, home and
+    connection live: each refusal is its own, and both are said."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        errors = f"/local/domain/{drvdom.domid}/error"
+        dom0_xs.write(errors, "")
+        dom0_xs.set_perms(errors, ["n0"])
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        caplog.clear()
+        assert bdev.events.call(lambda: bdev.fatal(errno.EIO, "refused"))
+        bdev.events.flush()
+        # (Not the refused state's watch event, a traceback of its own.)
+        said = [r.msg for r in _backend_warnings(caplog) if "could not" in r.msg]
+        assert said[:2] == ["%s: could not write the error node: %s",
+                            "%s: could not switch to Closing: %s"], said
+    finally:
+        drv.stop()
