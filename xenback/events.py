@@ -319,7 +319,12 @@ class EventDispatcher(Closing):
         self._evtchn.notify(port)
 
     def unbind(self, port: int) -> None:
-        """Unbind ``port``; waits for a running callback of it to return."""
+        """Unbind ``port``; waits for a running callback of it to return.
+        :class:`KeyError` if it is not bound here."""
+        if type(port) is not int:
+            # Before the lookup: 1.0 and True find port 1's callback, which
+            # would be dropped before the handle refused them.
+            raise TypeError(f"port must be an int, not {type(port).__name__}")
         with self._lock:
             self._wait_idle("port", port)
             if self._ports.pop(port, None) is None:

@@ -1026,3 +1026,22 @@ def test_a_handle_that_stops_overflowing_is_dispatched_again(pair, monkeypatch, 
     assert fired.acquire(timeout=TIMEOUT)
     assert [rec.getMessage() for rec in caplog.records] == [
         "event channel handle overflowed: reset; every port is handed out again"]
+
+
+def test_unbind_of_a_port_that_only_equals_an_int_keeps_the_port(host, pair) -> None:
+    """unbind(1.0) found port 1's callback (1.0 == 1 as a dict key) and
+    dropped it, then the handle refused 1.0: the port stayed bound, its
+    events went to no callback, and unbind(1) said it was not bound."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    local = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+    wrong = [float(local)] + ([True] if local == 1 else [])
+    for port in wrong:
+        with pytest.raises(TypeError, match=f"port must be an int, not {type(port).__name__}"):
+            dispatcher.unbind(port)
+    assert dispatcher.ports == [local]
+    evtchn.notify(remote)
+    assert fired.acquire(timeout=TIMEOUT)  # still dispatched
+    dispatcher.unbind(local)
+    assert dispatcher.ports == []
