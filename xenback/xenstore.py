@@ -14,7 +14,14 @@ Values we write must be what pyxs sends: printable ASCII, DEL (0x7f) and
 NUL (which C readers, the kernel's xenbus among them, take as the end of
 the value); anything else is a :class:`ValueError` naming the node and the
 character.  Paths are checked against xenstored's rules before anything is
-sent, and a :class:`ValueError` says which one a path breaks.  A
+sent, and a :class:`ValueError` says which one a path breaks: those of
+xenstore.txt (``[A-Za-z0-9-/_@]``, no empty component, no trailing
+slash, 3072 bytes at most, 2048 for a relative path), and a special path
+(``@releaseDomain``) only in :meth:`XenStore.watch` and the permission
+calls.  A xenstored's own
+stricter limits (Xen 4.17's cxenstored, as the simulated one, takes
+2048 bytes at most below ``/local/domain/<domid>/``, and 2048 in all
+elsewhere, from dom0 too) still come back as :class:`OSError` EINVAL.  A
 :class:`Transaction` works only inside the function given to
 :meth:`XenStore.transaction`.
 
@@ -99,12 +106,21 @@ TRANSACTION_QUOTA_WAIT = 5.0
 #: it to relative paths too.
 XENSTORE_ABS_PATH_MAX = 3072
 
+#: Longest relative path (``XENSTORE_REL_PATH_MAX``): xenstore.txt asks
+#: clients to keep to it, and xenstored refuses longer ones (EINVAL).
+XENSTORE_REL_PATH_MAX = 2048
+
+#: The special watch paths pyxs sends (xenstored takes any "@" path in a
+#: WATCH, but fires only these).
+_SPECIAL_WATCHES = ("@introduceDomain", "@releaseDomain")
+
 #: A character xenstored refuses in a node's name (its is_valid_nodename).
 _NOT_PATH_CHAR = re.compile("[^A-Za-z0-9/_@-]")
 
 
-def _path(path: str) -> bytes:
-    """``path`` as sent, or :class:`ValueError` saying what is wrong with it.
+def _path(path: str, *, special: bool = False) -> bytes:
+    """``path`` as sent, or :class:`ValueError` saying what is wrong with it;
+    a special watch path (``@releaseDomain``) only with ``special``.
 
     pyxs's own check says only "invalid", lets a trailing NUL through
     (which then ends the path early inside the request: a WRITE to
@@ -115,6 +131,16 @@ def _path(path: str) -> bytes:
     if not isinstance(path, str):
         raise TypeError(f"XenStore paths are str, not {type(path).__name__}")
     reason = _path_problem(path)
+    if reason is None and path.startswith("@"):
+        # xenstored refuses any "@" path but in a WATCH and, since XSA-115
+        # gave them permissions (who may watch them), GET_PERMS and
+        # SET_PERMS: EINVAL.  pyxs sends no other than these, the only
+        # ones xenstored fires or keeps permissions of.
+        if not special:
+            reason = ("a special watch path (starts with '@'), which only watch(), "
+                      "get_perms() and set_perms() take")
+        elif path not in _SPECIAL_WATCHES:
+            reason = "the special watch paths are " + " and ".join(_SPECIAL_WATCHES)
     if reason is not None:
         shown = repr(path) if len(path) <= 64 else f"{path[:64]!r}..."
         raise ValueError(f"invalid XenStore path {shown}: {reason}")
@@ -139,6 +165,9 @@ def _path_problem(path: str) -> str | None:
         return f"an empty component ('//') at offset {empty}"
     if len(path) > XENSTORE_ABS_PATH_MAX:
         return f"{len(path)} bytes long, over XenStore's limit of {XENSTORE_ABS_PATH_MAX}"
+    if len(path) > XENSTORE_REL_PATH_MAX and path[0] not in "/@":
+        return (f"{len(path)} bytes long, over XenStore's limit of "
+                f"{XENSTORE_REL_PATH_MAX} for a relative path")
     return None
 
 
@@ -770,13 +799,15 @@ class _Ops:
 
     _client: pyxs.Client
 
-    def _do(self, fn: Callable[..., Any], path: str, *args: Any) -> Any:
+    def _do(self, fn: Callable[..., Any], path: str, *args: Any, special: bool = False) -> Any:
+        """``fn(path, *args)`` with ``path`` checked (a special watch path
+        only with ``special``) and pyxs's errors made ours."""
         # pyxs waits forever for the reply to a request sent on a connection
         # its router thread has given up on; fail fast instead.
         if not self._client.router.is_connected:
             raise _connection_lost(self._client.router, path, "not connected to XenStore")
         try:
-            return fn(_path(path), *args)
+            return fn(_path(path, special=special), *args)
         except InvalidPath:
             raise ValueError(f"invalid XenStore path {path!r}") from None
         except InvalidPermission as exc:
@@ -864,11 +895,14 @@ class _Ops:
         return [n.decode("utf-8", errors="replace") for n in names]
 
     def get_perms(self, path: str) -> list[str]:
-        """``path``'s permissions, like ``["n0", "r5"]``: owner/default first."""
-        return [p.decode() for p in self._do(self._client.get_perms, path)]
+        """``path``'s permissions, like ``["n0", "r5"]``: owner/default first.
+        Also of a special watch path (``@releaseDomain``), as xenstored
+        keeps since XSA-115."""
+        return [p.decode() for p in self._do(self._client.get_perms, path, special=True)]
 
     def set_perms(self, path: str, perms: Sequence[str]) -> None:
-        """``perms`` like ``["n0", "r5"]``: owner/default first."""
+        """``perms`` like ``["n0", "r5"]``: owner/default first.  Also of a
+        special watch path: ``r<domid>`` lets that domain watch it."""
         if isinstance(perms, str | bytes):
             # Each letter would be taken for a permission.
             raise TypeError(
@@ -884,7 +918,7 @@ class _Ops:
             raise ValueError(
                 f"no permissions for {path!r}: the first one, the owner's, is needed"
             )
-        self._do(self._client.set_perms, path, encoded)
+        self._do(self._client.set_perms, path, encoded, special=True)
 
 
 class Transaction(_Ops):
@@ -898,12 +932,12 @@ class Transaction(_Ops):
         self._client = client
         self._ended = False
 
-    def _do(self, fn: Callable[..., Any], path: str, *args: Any) -> Any:
+    def _do(self, fn: Callable[..., Any], path: str, *args: Any, special: bool = False) -> Any:
         # pyxs resets the client's transaction id when the transaction ends:
         # an operation now would go straight to the store, unchecked.
         if self._ended:
             raise RuntimeError(f"the transaction has ended: {path!r} was not touched")
-        return super()._do(fn, path, *args)
+        return super()._do(fn, path, *args, special=special)
 
 
 class Watch:
@@ -1307,7 +1341,7 @@ class XenStore(_Ops, Closing):
                     )
                     self._thread.start()
                 self._watches[token] = w
-            self._do(lambda p: self._monitor.watch(p, token.encode()), path)
+            self._do(lambda p: self._monitor.watch(p, token.encode()), path, special=True)
         except BaseException as exc:
             if not undo:
                 raise
@@ -1319,7 +1353,8 @@ class XenStore(_Ops, Closing):
                 # quota of watches, for the life of the connection.
                 # Removed there too (refused if it never got there).
                 with contextlib.suppress(OSError, ValueError):
-                    self._do(lambda p: self._monitor.unwatch(p, token.encode()), path)
+                    self._do(lambda p: self._monitor.unwatch(p, token.encode()), path,
+                             special=True)
             self._unsubscribe(token)
             raise
         return w
@@ -1339,7 +1374,8 @@ class XenStore(_Ops, Closing):
         try:
             if self._connected and self._client.router.is_connected:
                 try:
-                    self._do(lambda p: self._monitor.unwatch(p, w.token.encode()), w.path)
+                    self._do(lambda p: self._monitor.unwatch(p, w.token.encode()), w.path,
+                             special=True)
                 except ConnectionError:
                     # Lost since the test above: the watch went with the
                     # connection, as it does when lost before.
@@ -1439,6 +1475,9 @@ class XenStore(_Ops, Closing):
         else:
             raise TypeError(f"predicate must be a function, a str, an int or None, "
                             f"not {type(predicate).__name__}")
+        # Before the watch: a path that cannot be read (a special watch
+        # path) must not cost a watch first.
+        _path(path)
         changed = threading.Event()
         # Listed before it is set (see _watch): a Ctrl-C as the watch is
         # made must not leave it behind, firing for nobody.

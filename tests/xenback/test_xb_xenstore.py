@@ -1112,9 +1112,10 @@ def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) 
         ("/test/a/", "ends with '/'"),
         ("/test//a", r"an empty component \('//'\) at offset 5"),
         ("/" + "a" * 3072, "3073 bytes long, over XenStore's limit of 3072"),
+        ("a" * 2049, "2049 bytes long, over XenStore's limit of 2048 for a relative path"),
     ],
     ids=["empty", "space", "newline", "dot", "non-ascii", "trailing-slash",
-         "double-slash", "too-long"],
+         "double-slash", "too-long", "relative-too-long"],
 )
 def test_an_invalid_path_is_refused_saying_why(dom0_xs, path, reason) -> None:
     """Each way a path can be wrong is named, for every operation; a
@@ -1128,6 +1129,38 @@ def test_an_invalid_path_is_refused_saying_why(dom0_xs, path, reason) -> None:
         assert message.startswith("invalid XenStore path "), message
         assert re.search(f": {reason}$", message), message
         assert len(message) < 200, "the path is quoted in full"
+
+
+def test_a_special_path_is_refused_but_by_watch_saying_why(dom0_xs) -> None:
+    """xenstore.txt: "@" paths name special watches, and xenstored
+    refuses them in any other request.  They went to it all the same,
+    and came back a bare EINVAL OSError, where every other path rule is a
+    ValueError saying which; watch() refused an unknown one as pyxs did,
+    with no reason."""
+    watches = dict(dom0_xs._watches)
+    special = "@releaseDomain"
+    for op in (dom0_xs.read, dom0_xs.read_int, dom0_xs.exists, dom0_xs.ls, dom0_xs.mkdir,
+               dom0_xs.rm, lambda p: dom0_xs.write(p, "x"), lambda p: dom0_xs.write(p, ""),
+               lambda p: dom0_xs.transaction(lambda t: t.read(p)),
+               lambda p: dom0_xs.wait_for(p, timeout=TIMEOUT)):
+        with pytest.raises(ValueError) as info:
+            op(special)
+        assert str(info.value) == (
+            "invalid XenStore path '@releaseDomain': a special watch path (starts with "
+            "'@'), which only watch(), get_perms() and set_perms() take"
+        )
+    assert dom0_xs._watches == watches  # wait_for() set none
+    for op in (lambda p: dom0_xs.watch(p, lambda _p: None), dom0_xs.get_perms):
+        with pytest.raises(ValueError) as info:
+            op("@shutdownDomain")
+        assert str(info.value) == (
+            "invalid XenStore path '@shutdownDomain': the special watch paths are "
+            "@introduceDomain and @releaseDomain"
+        )
+    dom0_xs.watch(special, lambda _p: None).unwatch()
+    # Since XSA-115 they have permissions: who may watch them.
+    dom0_xs.set_perms(special, ["n0", "r1"])
+    assert dom0_xs.get_perms(special) == ["n0", "r1"]
 
 
 @pytest.mark.parametrize("ending", ["commit", "abort"])
