@@ -1232,6 +1232,9 @@ class XenStore(_Ops, Closing):
         for the domain's quota of open transactions is tried again for up
         to :data:`TRANSACTION_QUOTA_WAIT` seconds, then ENOSPC.
         """
+        # Before a transaction starts: calling it would only fail then,
+        # with a TypeError that names no argument.
+        check_callback(fn, "fn")
         # Not left to range(): 0 would report a conflict that never was.
         if type(attempts) is not int:
             raise TypeError(f"attempts must be an int, not {type(attempts).__name__}")

@@ -1084,6 +1084,22 @@ def test_transaction_needs_at_least_one_attempt(dom0_xs, attempts, error) -> Non
     assert ran == []
 
 
+@pytest.mark.parametrize("fn", [None, "/test/x", 5])
+def test_a_transaction_function_that_cannot_be_called_is_refused_before_any_start(
+    dom0_xs, monkeypatch, fn
+) -> None:
+    """transaction(None) started a transaction, failed calling None with
+    "'NoneType' object is not callable", which names no argument, and
+    ended it: two requests for nothing."""
+    import xenback.xenstore as xenstore_module
+
+    begun: list[object] = []
+    monkeypatch.setattr(xenstore_module, "_begin_within_quota", begun.append)
+    with pytest.raises(TypeError, match=f"^fn must be callable, not {type(fn).__name__}$"):
+        dom0_xs.transaction(fn)
+    assert begun == []
+
+
 @pytest.mark.parametrize("path", ["/test/nul\0", "/test/nul\0\0", "/test/n\0ul"])
 def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) -> None:
     """pyxs's path check lets one trailing NUL through, which then ends
