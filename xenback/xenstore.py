@@ -1202,20 +1202,24 @@ class XenStore(_Ops, Closing):
 
     def get_domain_path(self, domid: int) -> str:
         """``/local/domain/<domid>`` as XenStore reports it."""
-        _check_domid(domid)
-        try:
-            path: bytes = self._client.get_domain_path(domid)
-        except PyXSError as exc:
-            raise _oserror(exc, f"@domain/{domid}") from None
+        path: bytes = self._ask_about(self._client.get_domain_path, domid)
         return path.decode()
 
     def is_domain_introduced(self, domid: int) -> bool:
         """Whether XenStore knows ``domid`` as a live domain."""
+        return bool(self._ask_about(self._client.is_domain_introduced, domid))
+
+    def _ask_about(self, query: Callable[[int], Any], domid: int) -> Any:
+        """``query(domid)``, its errors as :meth:`_do`'s: a connection
+        never made, or closed, is "not connected", not "lost"."""
         _check_domid(domid)
+        where = f"@domain/{domid}"
+        if not self._client.router.is_connected:
+            raise _connection_lost(self._client.router, where, "not connected to XenStore")
         try:
-            return bool(self._client.is_domain_introduced(domid))
+            return query(domid)
         except PyXSError as exc:
-            raise _oserror(exc, f"@domain/{domid}") from None
+            raise _oserror(exc, where) from None
 
     # Transactions.
 

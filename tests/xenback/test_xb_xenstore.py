@@ -1298,6 +1298,11 @@ def test_a_request_on_a_connection_never_opened_is_not_connected(host) -> None:
         assert caught.value.errno == errno.ENOTCONN
         with pytest.raises(ConnectionError, match="not connected"):
             xs.write("/test/r", "1")
+        # Not "connection lost": there never was one.
+        for query in (xs.get_domain_path, xs.is_domain_introduced):
+            with pytest.raises(ConnectionError, match="not connected to XenStore") as caught:
+                query(0)
+            assert caught.value.errno == errno.ENOTCONN
     finally:
         xs.close()
 
