@@ -177,6 +177,11 @@ def _path_problem(path: str) -> str | None:
 _SENDABLE = re.compile("[\0\x20-\x7f]*")
 
 
+#: A permission as xenstore.txt spells it: w (write), r (read), b
+#: (both) or n (none), then a domid in ASCII digits.
+_PERMISSION = re.compile("[wrbn][0-9]+")
+
+
 def _value(value: str | int, path: str) -> bytes:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise TypeError(f"XenStore values are str or int, not {type(value).__name__}")
@@ -913,6 +918,11 @@ class _Ops:
         for perm in perms:
             if not isinstance(perm, str):
                 raise TypeError(f"permission {perm!r} must be a str")
+            # Not left to pyxs: its check lets a trailing newline through
+            # to a bare ValueError of the payload, and quotes bytes.
+            if not _PERMISSION.fullmatch(perm):
+                raise ValueError(f"invalid XenStore permission {ascii(perm)} for {path!r}: "
+                                 f"one of the letters w r b n and a domid, like 'r5'")
             encoded.append(perm.encode())
         if not encoded:
             raise ValueError(

@@ -158,7 +158,7 @@ def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
     )
     with pytest.raises(ValueError, match=r"request for '/test/v' is too long: 6011 bytes"):
         dom0_xs.set_perms("/test/v", ["n0"] + ["r1"] * 2000)
-    with pytest.raises(ValueError, match=r"invalid XenStore permission b'q1' for '/test/v'"):
+    with pytest.raises(ValueError, match=r"invalid XenStore permission 'q1' for '/test/v'"):
         dom0_xs.set_perms("/test/v", ["q1"])
     assert dom0_xs.read("/test/v") == "x" * 4088 and dom0_xs.get_perms("/test/v") == ["n0"]
 
@@ -168,6 +168,12 @@ def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
     (b"n0", TypeError, r"permissions must be a sequence of str like \['n0', 'r5'\], not bytes"),
     ([b"n0"], TypeError, r"permission b'n0' must be a str"),
     ([], ValueError, r"no permissions for '/test/p': the first one, the owner's, is needed"),
+    # pyxs's check ends in "$", which lets a trailing newline through to
+    # its payload check: a bare ValueError of the payload's parts.
+    (["n0", "r1\n"], ValueError, r"invalid XenStore permission 'r1\\n' for '/test/p': "
+                                 r"one of the letters w r b n and a domid, like 'r5'$"),
+    # int() would take these digits; pyxs quoted their UTF-8 bytes.
+    (["n\u0661"], ValueError, r"invalid XenStore permission 'n\\u0661' for '/test/p'"),
 ])
 def test_set_perms_names_a_wrong_permission_list(dom0_xs, perms, error, text) -> None:
     """A str was taken letter by letter ("invalid XenStore permission
