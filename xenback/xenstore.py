@@ -846,7 +846,10 @@ class _Ops:
 
     def read_int(self, path: str, default: int | None = None) -> int | None:
         """The value of ``path`` as an integer; ``default`` if missing.
-        Raises :class:`ValueError` if it is not a decimal integer."""
+        Raises :class:`ValueError` if it is not a decimal integer: ASCII
+        digits after one ``-`` at most, white space around them allowed
+        (as the kernel's ``xenbus_scanf("%d")`` skips it before), no
+        ``+``."""
         value = self.read(path)
         if value is None:
             return default
@@ -1245,6 +1248,12 @@ class XenStore(_Ops, Closing):
         ended in EAGAIN, raises :class:`OSError` EAGAIN.  A start refused
         for the domain's quota of open transactions is tried again for up
         to :data:`TRANSACTION_QUOTA_WAIT` seconds, then ENOSPC.
+
+        XenStore nests no transactions: a :meth:`transaction` called
+        inside ``fn`` is another one, committed on its own, kept if this
+        one is aborted, and run again each time ``fn`` is (pyxs refuses
+        one client a second transaction, EALREADY; libxenstore's
+        ``xs_transaction_start`` makes an independent one, as here).
         """
         # Before a transaction starts: calling it would only fail then,
         # with a TypeError that names no argument.
