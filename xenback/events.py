@@ -339,11 +339,7 @@ class EventDispatcher(Closing):
         ``select.EPOLLONESHOT`` is in ``events``; with ONESHOT, re-arm with
         :meth:`modify_fd` once the work is done."""
         _check_callback(callback)
-        if isinstance(fd, bool) or not isinstance(fd, int):
-            # epoll would take a socket (anything with fileno()), but it
-            # reports the number, and the callback is looked up by it.
-            raise TypeError(f"fd must be an int (a descriptor number), not "
-                            f"{type(fd).__name__}: pass its fileno()")
+        _check_fd(fd)
         with self._lock:
             self._check_open()
             if fd in self._fds:
@@ -354,6 +350,8 @@ class EventDispatcher(Closing):
 
     def modify_fd(self, fd: int, events: int) -> None:
         """Change the epoll mask of a registered ``fd`` (re-arms ONESHOT)."""
+        if type(fd) is not int:  # the check only: a call less per re-arm
+            _check_fd(fd)
         with self._lock:
             if fd not in self._fds:
                 raise KeyError(f"fd {fd} is not registered")
@@ -364,6 +362,9 @@ class EventDispatcher(Closing):
     def remove_fd(self, fd: int) -> None:
         """Stop watching ``fd``; waits for a running callback of it to return.
         Call it before closing the fd."""
+        # Before the lookup: 1.0 finds fd 1's callback, which would be
+        # dropped before epoll refused the float.
+        _check_fd(fd)
         with self._lock:
             self._wait_idle("fd", fd)
             if self._fds.pop(fd, None) is None:
@@ -786,6 +787,14 @@ class EventDispatcher(Closing):
                                exc_info=error)
         for fd, revents in ready:
             self._dispatch_fd(fd, revents)
+
+
+def _check_fd(fd: int) -> None:
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        # epoll would take a socket (anything with fileno()), but it
+        # reports the number, and the callback is looked up by it.
+        raise TypeError(f"fd must be an int (a descriptor number), not "
+                        f"{type(fd).__name__}: pass its fileno()")
 
 
 def _drain(fd: int) -> None:

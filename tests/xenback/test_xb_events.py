@@ -259,7 +259,18 @@ def test_an_fd_must_be_a_number(pair) -> None:
         with pytest.raises(TypeError, match=r"fd must be an int .* not socket: pass its fileno\(\)"):
             dispatcher.add_fd(a, select.EPOLLIN, lambda fd, events: None)  # type: ignore[arg-type]
         # Nothing was registered: the number itself can be added.
-        dispatcher.add_fd(a.fileno(), select.EPOLLIN, lambda fd, events: None)
+        ready = threading.Semaphore(0)
+        dispatcher.add_fd(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT,
+                          lambda fd, events: ready.release())
+        # Nor changed or removed by what only equals the number: remove_fd()
+        # dropped the callback, then epoll refused the float, leaving the
+        # fd registered there with no callback, and the number unusable.
+        for call in (lambda fd: dispatcher.modify_fd(fd, select.EPOLLIN),
+                     dispatcher.remove_fd):
+            with pytest.raises(TypeError, match="fd must be an int .* not float"):
+                call(float(a.fileno()))  # type: ignore[arg-type]
+        b.send(b"x")
+        assert ready.acquire(timeout=TIMEOUT)  # still served
         dispatcher.remove_fd(a.fileno())
 
 
