@@ -148,6 +148,16 @@ def test_a_since_that_is_no_ring_index_is_refused_before_anything_is_published(
     assert front.push_requests(0) is True  # the ring still works
 
 
+def test_since_may_be_any_ring_index_the_last_too() -> None:
+    """A caller's ``since`` wraps with the ring's indexes: 2**32 - 1 is
+    the one before 0, a notify owed for the request pushed since."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    assert front.push_requests((1 << 32) - 1) is True
+    assert _header(memoryview(buf))[0] == 1
+
+
 def test_notification_rules() -> None:
     buf = bytearray(4096)
     front = FrontRing(buf, SLOT)
