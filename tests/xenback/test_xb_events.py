@@ -269,6 +269,8 @@ def test_an_fd_must_be_a_number(pair) -> None:
                      dispatcher.remove_fd):
             with pytest.raises(TypeError, match="fd must be an int .* not float"):
                 call(float(a.fileno()))  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="fd must be an int .* not bool"):
+                call(True)  # fd 1 to a dict, refused by add_fd() too
         b.send(b"x")
         assert ready.acquire(timeout=TIMEOUT)  # still served
         dispatcher.remove_fd(a.fileno())
