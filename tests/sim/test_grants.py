@@ -198,6 +198,16 @@ def test_a_ref_past_32_bits_is_refused_as_on_xen(
     tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
 
 
+def test_the_last_32_bit_ref_is_asked_of_the_service(
+    handles: tuple[GrantShare, GrantTable]
+) -> None:
+    """2**32 - 1 is a grant_ref_t: the xen platform passes it to gntdev,
+    so here the service answers it, as a ref not granted."""
+    _shr, tab = handles
+    with pytest.raises(GrantError, match=r"grant ref 4294967295 of domain 1 is not granted"):
+        tab.map_grant_refs(1, [(1 << 32) - 1])
+
+
 @pytest.mark.parametrize("count", [0, -1, 100_000, "1"])
 def test_bad_share_requests_get_errno(handles: tuple[GrantShare, GrantTable], count: int) -> None:
     shr, _ = handles
