@@ -1193,6 +1193,18 @@ def test_a_special_path_is_refused_but_by_watch_saying_why(dom0_xs, monkeypatch)
     assert dom0_xs.get_perms(special) == ["n0", "r1"]
 
 
+def test_paths_as_long_as_xenstore_takes_are_sent(dom0_xs) -> None:
+    """The limits are xenstored's, not shorter: a relative path of 2048
+    bytes, and an absolute one of 2048 below a domain's home (longer than
+    2048 in all, which only relative paths may not be)."""
+    relative = "a" * 2048
+    assert dom0_xs.read(relative) is None
+    absolute = "/local/domain/0/" + "b" * 2048
+    dom0_xs.write(absolute, "1")
+    assert dom0_xs.read(absolute) == "1"
+    dom0_xs.rm(absolute)
+
+
 @pytest.mark.parametrize("ending", ["commit", "abort"])
 def test_a_transaction_cannot_be_used_once_it_has_ended(dom0_xs, ending) -> None:
     """pyxs resets a client's transaction id when it ends: a Transaction
