@@ -1940,6 +1940,36 @@ def _within_code(code: Any) -> bool:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("package", ["xenback", "pyxs"])
+def test_a_special_watch_interrupted_anywhere_leaves_none_at_xenstore(host, package: str) -> None:
+    """A Ctrl-C landing as any call of watch("@releaseDomain") returns:
+    once the WATCH may have gone, the watch is removed at XenStore too,
+    by an UNWATCH whose path is as special as the WATCH's (refused as a
+    path to read, it was never sent, and the watch stayed, counted
+    against the guest's quota for the life of the connection)."""
+    import importlib
+
+    from tests.stolensignal import interrupted_at
+
+    _guest, xs, held = _guest_connection_counts(host)
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            where = interrupted_at(n, within, lambda: xs.watch("@releaseDomain", lambda _p: None))
+            # Returned (or a Ctrl-C as it did): the caller's to remove.
+            for w in list(xs._watches.values()):
+                w.unwatch()
+            assert eventually(lambda: held() == (0, 0), TIMEOUT), f"interrupted {where}: {held()}"
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        xs.close()
+    assert len(landed) > 5, landed
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("package", ["xenback", "pyxs"])
 def test_a_transaction_interrupted_anywhere_leaves_none_open(host, package: str) -> None:
     """A Ctrl-C landing as any call of transaction() returns (in xenback's
     code or pyxs's): as the start returned, or as the commit was about to
