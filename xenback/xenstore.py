@@ -18,12 +18,11 @@ sent, and a :class:`ValueError` says which one a path breaks: those of
 xenstore.txt (``[A-Za-z0-9-/_@]``, no empty component, no trailing
 slash, 3072 bytes at most, 2048 for a relative path), and a special path
 (``@releaseDomain``) only in :meth:`XenStore.watch` and the permission
-calls.  A xenstored's own
-stricter limits (Xen 4.17's cxenstored, as the simulated one, takes
-2048 bytes at most below ``/local/domain/<domid>/``, and 2048 in all
-elsewhere, from dom0 too) still come back as :class:`OSError` EINVAL.  A
-:class:`Transaction` works only inside the function given to
-:meth:`XenStore.transaction`.
+calls.  A xenstored's own stricter limits (Xen 4.17's cxenstored, as the
+simulated one, takes 2048 bytes at most below ``/local/domain/<domid>/``,
+and 2048 in all elsewhere, from dom0 too) still come back as
+:class:`OSError` EINVAL.  A :class:`Transaction` works only inside the
+function given to :meth:`XenStore.transaction`.
 
 pyxs notes this module works around: a :class:`pyxs.Client` has a single
 transaction id, so each transaction runs on a copy of the client sharing its
