@@ -174,6 +174,8 @@ def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
                                  r"one of the letters w r b n and a domid, like 'r5'$"),
     # int() would take these digits; pyxs quoted their UTF-8 bytes.
     (["n\u0661"], ValueError, r"invalid XenStore permission 'n\\u0661' for '/test/p'"),
+    # No letter: refused by this check, saying what one is, not pyxs's.
+    (["n0", "5"], ValueError, r"invalid XenStore permission '5' for '/test/p': one of"),
 ])
 def test_set_perms_names_a_wrong_permission_list(dom0_xs, perms, error, text) -> None:
     """A str was taken letter by letter ("invalid XenStore permission
