@@ -29,11 +29,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["EventQueue"]
 
 
-def check_callback(callback: object) -> None:
+def check_callback(callback: object, name: str = "callback") -> None:
     """Refuse what cannot be called when it is given, not later on another
-    thread, where the TypeError would only be logged, once per event."""
+    thread, where the TypeError would only be logged, once per event.
+    ``name``: the argument's, for the error."""
     if not callable(callback):
-        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        raise TypeError(f"{name} must be callable, not {type(callback).__name__}")
 
 
 class EventQueue:

@@ -319,7 +319,12 @@ class EventDispatcher(Closing):
         self._evtchn.notify(port)
 
     def unbind(self, port: int) -> None:
-        """Unbind ``port``; waits for a running callback of it to return."""
+        """Unbind ``port``; waits for a running callback of it to return.
+        :class:`KeyError` if it is not bound here."""
+        if type(port) is not int:
+            # Before the lookup: 1.0 and True find port 1's callback, which
+            # would be dropped before the handle refused them.
+            raise TypeError(f"port must be an int, not {type(port).__name__}")
         with self._lock:
             self._wait_idle("port", port)
             if self._ports.pop(port, None) is None:
@@ -334,11 +339,7 @@ class EventDispatcher(Closing):
         ``select.EPOLLONESHOT`` is in ``events``; with ONESHOT, re-arm with
         :meth:`modify_fd` once the work is done."""
         _check_callback(callback)
-        if isinstance(fd, bool) or not isinstance(fd, int):
-            # epoll would take a socket (anything with fileno()), but it
-            # reports the number, and the callback is looked up by it.
-            raise TypeError(f"fd must be an int (a descriptor number), not "
-                            f"{type(fd).__name__}: pass its fileno()")
+        _check_fd(fd)
         with self._lock:
             self._check_open()
             if fd in self._fds:
@@ -349,6 +350,8 @@ class EventDispatcher(Closing):
 
     def modify_fd(self, fd: int, events: int) -> None:
         """Change the epoll mask of a registered ``fd`` (re-arms ONESHOT)."""
+        if type(fd) is not int:  # the check only: a call less per re-arm
+            _check_fd(fd)
         with self._lock:
             if fd not in self._fds:
                 raise KeyError(f"fd {fd} is not registered")
@@ -359,6 +362,9 @@ class EventDispatcher(Closing):
     def remove_fd(self, fd: int) -> None:
         """Stop watching ``fd``; waits for a running callback of it to return.
         Call it before closing the fd."""
+        # Before the lookup: 1.0 finds fd 1's callback, which would be
+        # dropped before epoll refused the float.
+        _check_fd(fd)
         with self._lock:
             self._wait_idle("fd", fd)
             if self._fds.pop(fd, None) is None:
@@ -781,6 +787,14 @@ class EventDispatcher(Closing):
                                exc_info=error)
         for fd, revents in ready:
             self._dispatch_fd(fd, revents)
+
+
+def _check_fd(fd: int) -> None:
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        # epoll would take a socket (anything with fileno()), but it
+        # reports the number, and the callback is looked up by it.
+        raise TypeError(f"fd must be an int (a descriptor number), not "
+                        f"{type(fd).__name__}: pass its fileno()")
 
 
 def _drain(fd: int) -> None:

@@ -115,7 +115,8 @@ class GrantTable(Protocol):
     ) -> GrantMapping:
         """Map ``refs`` granted by ``domid`` contiguously, like
         ``xengnttab_map_domain_grant_refs``.  Raises :class:`GrantError`
-        (EINVAL for a ref that is not a non-negative int);
+        (EINVAL for a ref that is not an int of 0 to 2**32 - 1, a
+        ``grant_ref_t``);
         :class:`TypeError` if ``refs`` is not a sequence at all, or
         ``writable`` not True or False (a flag is never read for its
         truth: ``writable="no"`` must not map writable)."""

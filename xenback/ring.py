@@ -305,8 +305,19 @@ class FrontRing(_SharedRing):
         which the other end was last notified, or needed no notify.  For a
         caller whose notify may be lost between this check and the notify
         (a signal's handler raising there): the next check then still asks
-        for the notify that the other end's ``req_event`` waits for."""
-        old = self._req_pushed if since is None else since
+        for the notify that the other end's ``req_event`` waits for.
+        Checked before anything is published: a ``RING_IDX`` (an int, 0
+        to 2**32 - 1), else :class:`TypeError` or :class:`ValueError`."""
+        if since is None:
+            old = self._req_pushed
+        elif type(since) is not int:
+            # The check below would fail after req_prod went out, leaving
+            # the caller unable to tell that the other end may wait.
+            raise TypeError(f"since must be an int, not {type(since).__name__}")
+        elif not 0 <= since <= _MASK:
+            raise ValueError(f"since {since} is not a RING_IDX (0 to {_MASK})")
+        else:
+            old = since
         new = self.req_prod_pvt
         _wmb()
         self._idx[_REQ_PROD] = new

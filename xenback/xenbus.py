@@ -790,6 +790,10 @@ class BackendDevice:
         waits for a running callback of it to return.  :class:`KeyError`
         if this device does not hold ``port`` (any more): the number may
         be another device's port by now, so it is left alone."""
+        if type(port) is not int:
+            # Before the list: 1.0 would find and drop port 1 there, and
+            # the dispatcher then refuse it (see EventDispatcher.unbind).
+            raise TypeError(f"port must be an int, not {type(port).__name__}")
         with self._lock:
             if port not in self._ports:
                 raise KeyError(f"event channel port {port} is not bound by {self.nodename}")

@@ -14,9 +14,15 @@ Values we write must be what pyxs sends: printable ASCII, DEL (0x7f) and
 NUL (which C readers, the kernel's xenbus among them, take as the end of
 the value); anything else is a :class:`ValueError` naming the node and the
 character.  Paths are checked against xenstored's rules before anything is
-sent, and a :class:`ValueError` says which one a path breaks.  A
-:class:`Transaction` works only inside the function given to
-:meth:`XenStore.transaction`.
+sent, and a :class:`ValueError` says which one a path breaks: those of
+xenstore.txt (``[A-Za-z0-9-/_@]``, no empty component, no trailing
+slash, 3072 bytes at most, 2048 for a relative path), and a special path
+(``@releaseDomain``) only in :meth:`XenStore.watch` and the permission
+calls.  A xenstored's own stricter limits (Xen 4.17's cxenstored, as the
+simulated one, takes 2048 bytes at most below ``/local/domain/<domid>/``,
+and 2048 in all elsewhere, from dom0 too) still come back as
+:class:`OSError` EINVAL.  A :class:`Transaction` works only inside the
+function given to :meth:`XenStore.transaction`.
 
 pyxs notes this module works around: a :class:`pyxs.Client` has a single
 transaction id, so each transaction runs on a copy of the client sharing its
@@ -99,12 +105,21 @@ TRANSACTION_QUOTA_WAIT = 5.0
 #: it to relative paths too.
 XENSTORE_ABS_PATH_MAX = 3072
 
+#: Longest relative path (``XENSTORE_REL_PATH_MAX``): xenstore.txt asks
+#: clients to keep to it, and xenstored refuses longer ones (EINVAL).
+XENSTORE_REL_PATH_MAX = 2048
+
+#: The special watch paths pyxs sends (xenstored takes any "@" path in a
+#: WATCH, but fires only these).
+_SPECIAL_WATCHES = ("@introduceDomain", "@releaseDomain")
+
 #: A character xenstored refuses in a node's name (its is_valid_nodename).
 _NOT_PATH_CHAR = re.compile("[^A-Za-z0-9/_@-]")
 
 
-def _path(path: str) -> bytes:
-    """``path`` as sent, or :class:`ValueError` saying what is wrong with it.
+def _path(path: str, *, special: bool = False) -> bytes:
+    """``path`` as sent, or :class:`ValueError` saying what is wrong with it;
+    a special watch path (``@releaseDomain``) only with ``special``.
 
     pyxs's own check says only "invalid", lets a trailing NUL through
     (which then ends the path early inside the request: a WRITE to
@@ -115,6 +130,16 @@ def _path(path: str) -> bytes:
     if not isinstance(path, str):
         raise TypeError(f"XenStore paths are str, not {type(path).__name__}")
     reason = _path_problem(path)
+    if reason is None and path.startswith("@"):
+        # xenstored refuses any "@" path but in a WATCH and, since XSA-115
+        # gave them permissions (who may watch them), GET_PERMS and
+        # SET_PERMS: EINVAL.  pyxs sends no other than these, the only
+        # ones xenstored fires or keeps permissions of.
+        if not special:
+            reason = ("a special watch path (starts with '@'), which only watch(), "
+                      "get_perms() and set_perms() take")
+        elif path not in _SPECIAL_WATCHES:
+            reason = "the special watch paths are " + " and ".join(_SPECIAL_WATCHES)
     if reason is not None:
         shown = repr(path) if len(path) <= 64 else f"{path[:64]!r}..."
         raise ValueError(f"invalid XenStore path {shown}: {reason}")
@@ -139,6 +164,9 @@ def _path_problem(path: str) -> str | None:
         return f"an empty component ('//') at offset {empty}"
     if len(path) > XENSTORE_ABS_PATH_MAX:
         return f"{len(path)} bytes long, over XenStore's limit of {XENSTORE_ABS_PATH_MAX}"
+    if len(path) > XENSTORE_REL_PATH_MAX and path[0] not in "/@":
+        return (f"{len(path)} bytes long, over XenStore's limit of "
+                f"{XENSTORE_REL_PATH_MAX} for a relative path")
     return None
 
 
@@ -146,6 +174,11 @@ def _path_problem(path: str) -> str | None:
 #: XenStore itself stores any bytes, but pyxs refuses anything else with a
 #: bare ValueError that names neither the node nor the offending character.
 _SENDABLE = re.compile("[\0\x20-\x7f]*")
+
+
+#: A permission as xenstore.txt spells it: w (write), r (read), b
+#: (both) or n (none), then a domid in ASCII digits.
+_PERMISSION = re.compile("[wrbn][0-9]+")
 
 
 def _value(value: str | int, path: str) -> bytes:
@@ -770,13 +803,15 @@ class _Ops:
 
     _client: pyxs.Client
 
-    def _do(self, fn: Callable[..., Any], path: str, *args: Any) -> Any:
+    def _do(self, fn: Callable[..., Any], path: str, *args: Any, special: bool = False) -> Any:
+        """``fn(path, *args)`` with ``path`` checked (a special watch path
+        only with ``special``) and pyxs's errors made ours."""
         # pyxs waits forever for the reply to a request sent on a connection
         # its router thread has given up on; fail fast instead.
         if not self._client.router.is_connected:
             raise _connection_lost(self._client.router, path, "not connected to XenStore")
         try:
-            return fn(_path(path), *args)
+            return fn(_path(path, special=special), *args)
         except InvalidPath:
             raise ValueError(f"invalid XenStore path {path!r}") from None
         except InvalidPermission as exc:
@@ -810,7 +845,10 @@ class _Ops:
 
     def read_int(self, path: str, default: int | None = None) -> int | None:
         """The value of ``path`` as an integer; ``default`` if missing.
-        Raises :class:`ValueError` if it is not a decimal integer."""
+        Raises :class:`ValueError` if it is not a decimal integer: ASCII
+        digits after one ``-`` at most, white space around them allowed
+        (as the kernel's ``xenbus_scanf("%d")`` skips it before), no
+        ``+``."""
         value = self.read(path)
         if value is None:
             return default
@@ -864,11 +902,14 @@ class _Ops:
         return [n.decode("utf-8", errors="replace") for n in names]
 
     def get_perms(self, path: str) -> list[str]:
-        """``path``'s permissions, like ``["n0", "r5"]``: owner/default first."""
-        return [p.decode() for p in self._do(self._client.get_perms, path)]
+        """``path``'s permissions, like ``["n0", "r5"]``: owner/default first.
+        Also of a special watch path (``@releaseDomain``), as xenstored
+        keeps since XSA-115."""
+        return [p.decode() for p in self._do(self._client.get_perms, path, special=True)]
 
     def set_perms(self, path: str, perms: Sequence[str]) -> None:
-        """``perms`` like ``["n0", "r5"]``: owner/default first."""
+        """``perms`` like ``["n0", "r5"]``: owner/default first.  Also of a
+        special watch path: ``r<domid>`` lets that domain watch it."""
         if isinstance(perms, str | bytes):
             # Each letter would be taken for a permission.
             raise TypeError(
@@ -879,12 +920,17 @@ class _Ops:
         for perm in perms:
             if not isinstance(perm, str):
                 raise TypeError(f"permission {perm!r} must be a str")
+            # Not left to pyxs: its check lets a trailing newline through
+            # to a bare ValueError of the payload, and quotes bytes.
+            if not _PERMISSION.fullmatch(perm):
+                raise ValueError(f"invalid XenStore permission {ascii(perm)} for {path!r}: "
+                                 f"one of the letters w r b n and a domid, like 'r5'")
             encoded.append(perm.encode())
         if not encoded:
             raise ValueError(
                 f"no permissions for {path!r}: the first one, the owner's, is needed"
             )
-        self._do(self._client.set_perms, path, encoded)
+        self._do(self._client.set_perms, path, encoded, special=True)
 
 
 class Transaction(_Ops):
@@ -898,12 +944,12 @@ class Transaction(_Ops):
         self._client = client
         self._ended = False
 
-    def _do(self, fn: Callable[..., Any], path: str, *args: Any) -> Any:
+    def _do(self, fn: Callable[..., Any], path: str, *args: Any, special: bool = False) -> Any:
         # pyxs resets the client's transaction id when the transaction ends:
         # an operation now would go straight to the store, unchecked.
         if self._ended:
             raise RuntimeError(f"the transaction has ended: {path!r} was not touched")
-        return super()._do(fn, path, *args)
+        return super()._do(fn, path, *args, special=special)
 
 
 class Watch:
@@ -1168,20 +1214,24 @@ class XenStore(_Ops, Closing):
 
     def get_domain_path(self, domid: int) -> str:
         """``/local/domain/<domid>`` as XenStore reports it."""
-        _check_domid(domid)
-        try:
-            path: bytes = self._client.get_domain_path(domid)
-        except PyXSError as exc:
-            raise _oserror(exc, f"@domain/{domid}") from None
+        path: bytes = self._ask_about(self._client.get_domain_path, domid)
         return path.decode()
 
     def is_domain_introduced(self, domid: int) -> bool:
         """Whether XenStore knows ``domid`` as a live domain."""
+        return bool(self._ask_about(self._client.is_domain_introduced, domid))
+
+    def _ask_about(self, query: Callable[[int], Any], domid: int) -> Any:
+        """``query(domid)``, its errors as :meth:`_do`'s: a connection
+        never made, or closed, is "not connected", not "lost"."""
         _check_domid(domid)
+        where = f"@domain/{domid}"
+        if not self._client.router.is_connected:
+            raise _connection_lost(self._client.router, where, "not connected to XenStore")
         try:
-            return bool(self._client.is_domain_introduced(domid))
+            return query(domid)
         except PyXSError as exc:
-            raise _oserror(exc, f"@domain/{domid}") from None
+            raise _oserror(exc, where) from None
 
     # Transactions.
 
@@ -1197,7 +1247,16 @@ class XenStore(_Ops, Closing):
         ended in EAGAIN, raises :class:`OSError` EAGAIN.  A start refused
         for the domain's quota of open transactions is tried again for up
         to :data:`TRANSACTION_QUOTA_WAIT` seconds, then ENOSPC.
+
+        XenStore nests no transactions: a :meth:`transaction` called
+        inside ``fn`` is another one, committed on its own, kept if this
+        one is aborted, and run again each time ``fn`` is (pyxs refuses
+        one client a second transaction, EALREADY; libxenstore's
+        ``xs_transaction_start`` makes an independent one, as here).
         """
+        # Before a transaction starts: calling it would only fail then,
+        # with a TypeError that names no argument.
+        check_callback(fn, "fn")
         # Not left to range(): 0 would report a conflict that never was.
         if type(attempts) is not int:
             raise TypeError(f"attempts must be an int, not {type(attempts).__name__}")
@@ -1307,7 +1366,7 @@ class XenStore(_Ops, Closing):
                     )
                     self._thread.start()
                 self._watches[token] = w
-            self._do(lambda p: self._monitor.watch(p, token.encode()), path)
+            self._do(lambda p: self._monitor.watch(p, token.encode()), path, special=True)
         except BaseException as exc:
             if not undo:
                 raise
@@ -1319,7 +1378,8 @@ class XenStore(_Ops, Closing):
                 # quota of watches, for the life of the connection.
                 # Removed there too (refused if it never got there).
                 with contextlib.suppress(OSError, ValueError):
-                    self._do(lambda p: self._monitor.unwatch(p, token.encode()), path)
+                    self._do(lambda p: self._monitor.unwatch(p, token.encode()), path,
+                             special=True)
             self._unsubscribe(token)
             raise
         return w
@@ -1339,7 +1399,8 @@ class XenStore(_Ops, Closing):
         try:
             if self._connected and self._client.router.is_connected:
                 try:
-                    self._do(lambda p: self._monitor.unwatch(p, w.token.encode()), w.path)
+                    self._do(lambda p: self._monitor.unwatch(p, w.token.encode()), w.path,
+                             special=True)
                 except ConnectionError:
                     # Lost since the test above: the watch went with the
                     # connection, as it does when lost before.
@@ -1439,6 +1500,9 @@ class XenStore(_Ops, Closing):
         else:
             raise TypeError(f"predicate must be a function, a str, an int or None, "
                             f"not {type(predicate).__name__}")
+        # Before the watch: a path that cannot be read (a special watch
+        # path) must not cost a watch first.
+        _path(path)
         changed = threading.Event()
         # Listed before it is set (see _watch): a Ctrl-C as the watch is
         # made must not leave it behind, firing for nobody.

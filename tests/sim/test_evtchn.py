@@ -1706,3 +1706,22 @@ def test_a_port_freed_keeps_no_descriptor_number(host: SimHost, guest: Domain) -
         e0.unbind(p0)
         with host.hypervisor._lock:
             assert mine.wfd == -1 and mine.fresh_r is None
+
+
+@pytest.mark.parametrize("port", [True, 1.0], ids=["bool", "float"])
+def test_a_port_number_that_only_equals_an_int_is_refused(
+    pair: tuple[EventChannel, int, EventChannel, int], port: object
+) -> None:
+    """True and 1.0 equal port 1 as dict keys, so notify() and unmask()
+    took them for port 1 where the xen platform refuses them (EINVAL, not
+    a 32-bit unsigned integer): a backend's slip passed its tests here and
+    failed on Xen."""
+    e0, p0, e1, p1 = pair
+    assert p1 == 1  # the guest's first port: what True and 1.0 would hit
+    for call in (e1.notify, e1.unmask):
+        with pytest.raises(EventChannelError, match=f"invalid event channel port {port!r}") as info:
+            call(port)  # type: ignore[arg-type]
+        assert info.value.errno == errno.EINVAL
+    assert not readable(e0, 0.05) and e0.pending() is None  # nothing fired
+    e1.notify(p1)  # the handle still works
+    assert wait_pending(e0) == p0

@@ -183,6 +183,31 @@ def test_bad_map_requests_get_errno(
     tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
 
 
+@pytest.mark.parametrize("ref", [1 << 32, 1 << 64, -1])
+def test_a_ref_past_32_bits_is_refused_as_on_xen(
+    handles: tuple[GrantShare, GrantTable], ref: int
+) -> None:
+    """grant_ref_t is a uint32_t, and the xen platform refuses a larger
+    ref before any ioctl; here it went to the service, which answered that
+    ref 2**64 was "not granted", as if it could have been."""
+    shr, tab = handles
+    pages = shr.share_pages(0, 1)
+    with pytest.raises(GrantError, match=r"grant refs must be 32-bit unsigned integers") as info:
+        tab.map_grant_refs(1, [pages.refs[0], ref])
+    assert info.value.errno == errno.EINVAL
+    tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
+
+
+def test_the_last_32_bit_ref_is_asked_of_the_service(
+    handles: tuple[GrantShare, GrantTable]
+) -> None:
+    """2**32 - 1 is a grant_ref_t: the xen platform passes it to gntdev,
+    so here the service answers it, as a ref not granted."""
+    _shr, tab = handles
+    with pytest.raises(GrantError, match=r"grant ref 4294967295 of domain 1 is not granted"):
+        tab.map_grant_refs(1, [(1 << 32) - 1])
+
+
 @pytest.mark.parametrize("count", [0, -1, 100_000, "1"])
 def test_bad_share_requests_get_errno(handles: tuple[GrantShare, GrantTable], count: int) -> None:
     shr, _ = handles

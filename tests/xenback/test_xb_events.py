@@ -259,7 +259,20 @@ def test_an_fd_must_be_a_number(pair) -> None:
         with pytest.raises(TypeError, match=r"fd must be an int .* not socket: pass its fileno\(\)"):
             dispatcher.add_fd(a, select.EPOLLIN, lambda fd, events: None)  # type: ignore[arg-type]
         # Nothing was registered: the number itself can be added.
-        dispatcher.add_fd(a.fileno(), select.EPOLLIN, lambda fd, events: None)
+        ready = threading.Semaphore(0)
+        dispatcher.add_fd(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT,
+                          lambda fd, events: ready.release())
+        # Nor changed or removed by what only equals the number: remove_fd()
+        # dropped the callback, then epoll refused the float, leaving the
+        # fd registered there with no callback, and the number unusable.
+        for call in (lambda fd: dispatcher.modify_fd(fd, select.EPOLLIN),
+                     dispatcher.remove_fd):
+            with pytest.raises(TypeError, match="fd must be an int .* not float"):
+                call(float(a.fileno()))  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="fd must be an int .* not bool"):
+                call(True)  # fd 1 to a dict, refused by add_fd() too
+        b.send(b"x")
+        assert ready.acquire(timeout=TIMEOUT)  # still served
         dispatcher.remove_fd(a.fileno())
 
 
@@ -1026,3 +1039,22 @@ def test_a_handle_that_stops_overflowing_is_dispatched_again(pair, monkeypatch, 
     assert fired.acquire(timeout=TIMEOUT)
     assert [rec.getMessage() for rec in caplog.records] == [
         "event channel handle overflowed: reset; every port is handed out again"]
+
+
+def test_unbind_of_a_port_that_only_equals_an_int_keeps_the_port(host, pair) -> None:
+    """unbind(1.0) found port 1's callback (1.0 == 1 as a dict key) and
+    dropped it, then the handle refused 1.0: the port stayed bound, its
+    events went to no callback, and unbind(1) said it was not bound."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    local = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+    wrong = [float(local)] + ([True] if local == 1 else [])
+    for port in wrong:
+        with pytest.raises(TypeError, match=f"port must be an int, not {type(port).__name__}"):
+            dispatcher.unbind(port)
+    assert dispatcher.ports == [local]
+    evtchn.notify(remote)
+    assert fired.acquire(timeout=TIMEOUT)  # still dispatched
+    dispatcher.unbind(local)
+    assert dispatcher.ports == []

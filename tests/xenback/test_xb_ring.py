@@ -124,6 +124,40 @@ def test_a_notify_lost_is_asked_for_again_since_the_last_one_sent() -> None:
     assert _header(memoryview(buf))[0] == 3  # all published
 
 
+@pytest.mark.parametrize(
+    "since, error, text",
+    [("0", TypeError, "since must be an int, not str"),
+     (0.0, TypeError, "since must be an int, not float"),
+     (False, TypeError, "since must be an int, not bool"),
+     (-1, ValueError, "since -1 is not a RING_IDX"),
+     (1 << 32, ValueError, "since 4294967296 is not a RING_IDX")],
+)
+def test_a_since_that_is_no_ring_index_is_refused_before_anything_is_published(
+    since: object, error: type[Exception], text: str
+) -> None:
+    """A wrong ``since`` failed in the notify check, after req_prod was
+    published: the caller got an exception and could not tell that the
+    requests had gone and the other end might wait for a notify (or, out
+    of range, was silently told a wrong answer)."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    with pytest.raises(error, match=text):
+        front.push_requests(since)  # type: ignore[arg-type]
+    assert _header(memoryview(buf))[0] == 0  # nothing published
+    assert front.push_requests(0) is True  # the ring still works
+
+
+def test_since_may_be_any_ring_index_the_last_too() -> None:
+    """A caller's ``since`` wraps with the ring's indexes: 2**32 - 1 is
+    the one before 0, a notify owed for the request pushed since."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    assert front.push_requests((1 << 32) - 1) is True
+    assert _header(memoryview(buf))[0] == 1
+
+
 def test_notification_rules() -> None:
     buf = bytearray(4096)
     front = FrontRing(buf, SLOT)

@@ -276,6 +276,12 @@ def test_tracked_resources_can_be_released_early(host, driver, frontends) -> Non
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     (port,) = driver.events.ports
+    # A port number that only equals the port (1.0 == 1) is refused, the
+    # port still tracked: dropped from the list first, it was lost to
+    # disconnect once the dispatcher refused it.
+    with pytest.raises(TypeError, match="port must be an int, not float"):
+        bdev.unbind_evtchn(float(port))  # type: ignore[arg-type]
+    assert bdev.resources == (1, 1) and driver.events.ports == [port]
     bdev.unbind_evtchn(port)
     assert bdev.resources == (1, 0) and driver.events.ports == []
     bdev.unmap(bdev.driver_data)

@@ -158,7 +158,7 @@ def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
     )
     with pytest.raises(ValueError, match=r"request for '/test/v' is too long: 6011 bytes"):
         dom0_xs.set_perms("/test/v", ["n0"] + ["r1"] * 2000)
-    with pytest.raises(ValueError, match=r"invalid XenStore permission b'q1' for '/test/v'"):
+    with pytest.raises(ValueError, match=r"invalid XenStore permission 'q1' for '/test/v'"):
         dom0_xs.set_perms("/test/v", ["q1"])
     assert dom0_xs.read("/test/v") == "x" * 4088 and dom0_xs.get_perms("/test/v") == ["n0"]
 
@@ -168,6 +168,14 @@ def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
     (b"n0", TypeError, r"permissions must be a sequence of str like \['n0', 'r5'\], not bytes"),
     ([b"n0"], TypeError, r"permission b'n0' must be a str"),
     ([], ValueError, r"no permissions for '/test/p': the first one, the owner's, is needed"),
+    # pyxs's check ends in "$", which lets a trailing newline through to
+    # its payload check: a bare ValueError of the payload's parts.
+    (["n0", "r1\n"], ValueError, r"invalid XenStore permission 'r1\\n' for '/test/p': "
+                                 r"one of the letters w r b n and a domid, like 'r5'$"),
+    # int() would take these digits; pyxs quoted their UTF-8 bytes.
+    (["n\u0661"], ValueError, r"invalid XenStore permission 'n\\u0661' for '/test/p'"),
+    # No letter: refused by this check, saying what one is, not pyxs's.
+    (["n0", "5"], ValueError, r"invalid XenStore permission '5' for '/test/p': one of"),
 ])
 def test_set_perms_names_a_wrong_permission_list(dom0_xs, perms, error, text) -> None:
     """A str was taken letter by letter ("invalid XenStore permission
@@ -1084,6 +1092,22 @@ def test_transaction_needs_at_least_one_attempt(dom0_xs, attempts, error) -> Non
     assert ran == []
 
 
+@pytest.mark.parametrize("fn", [None, "/test/x", 5])
+def test_a_transaction_function_that_cannot_be_called_is_refused_before_any_start(
+    dom0_xs, monkeypatch, fn
+) -> None:
+    """transaction(None) started a transaction, failed calling None with
+    "'NoneType' object is not callable", which names no argument, and
+    ended it: two requests for nothing."""
+    import xenback.xenstore as xenstore_module
+
+    begun: list[object] = []
+    monkeypatch.setattr(xenstore_module, "_begin_within_quota", begun.append)
+    with pytest.raises(TypeError, match=f"^fn must be callable, not {type(fn).__name__}$"):
+        dom0_xs.transaction(fn)
+    assert begun == []
+
+
 @pytest.mark.parametrize("path", ["/test/nul\0", "/test/nul\0\0", "/test/n\0ul"])
 def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) -> None:
     """pyxs's path check lets one trailing NUL through, which then ends
@@ -1112,9 +1136,10 @@ def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) 
         ("/test/a/", "ends with '/'"),
         ("/test//a", r"an empty component \('//'\) at offset 5"),
         ("/" + "a" * 3072, "3073 bytes long, over XenStore's limit of 3072"),
+        ("a" * 2049, "2049 bytes long, over XenStore's limit of 2048 for a relative path"),
     ],
     ids=["empty", "space", "newline", "dot", "non-ascii", "trailing-slash",
-         "double-slash", "too-long"],
+         "double-slash", "too-long", "relative-too-long"],
 )
 def test_an_invalid_path_is_refused_saying_why(dom0_xs, path, reason) -> None:
     """Each way a path can be wrong is named, for every operation; a
@@ -1128,6 +1153,58 @@ def test_an_invalid_path_is_refused_saying_why(dom0_xs, path, reason) -> None:
         assert message.startswith("invalid XenStore path "), message
         assert re.search(f": {reason}$", message), message
         assert len(message) < 200, "the path is quoted in full"
+
+
+def test_a_special_path_is_refused_but_by_watch_saying_why(dom0_xs, monkeypatch) -> None:
+    """xenstore.txt: "@" paths name special watches, and xenstored
+    refuses them in any other request.  They went to it all the same,
+    and came back a bare EINVAL OSError, where every other path rule is a
+    ValueError saying which; watch() refused an unknown one as pyxs did,
+    with no reason."""
+    # Every WATCH sent (the fixture made the monitor): wait_for() sends
+    # none for a path it cannot read.
+    sent: list[object] = []
+    monitor_watch = dom0_xs._monitor.watch
+    monkeypatch.setattr(dom0_xs._monitor, "watch",
+                        lambda *args: (sent.append(args), monitor_watch(*args))[1])
+    special = "@releaseDomain"
+    for op in (dom0_xs.read, dom0_xs.read_int, dom0_xs.exists, dom0_xs.ls, dom0_xs.mkdir,
+               dom0_xs.rm, lambda p: dom0_xs.write(p, "x"), lambda p: dom0_xs.write(p, ""),
+               lambda p: dom0_xs.transaction(lambda t: t.read(p)),
+               lambda p: dom0_xs.wait_for(p, timeout=TIMEOUT)):
+        with pytest.raises(ValueError) as info:
+            op(special)
+        assert str(info.value) == (
+            "invalid XenStore path '@releaseDomain': a special watch path (starts with "
+            "'@'), which only watch(), get_perms() and set_perms() take"
+        )
+    assert sent == []  # wait_for() set none
+    for op in (lambda p: dom0_xs.watch(p, lambda _p: None), dom0_xs.get_perms):
+        with pytest.raises(ValueError) as info:
+            op("@shutdownDomain")
+        assert str(info.value) == (
+            "invalid XenStore path '@shutdownDomain': the special watch paths are "
+            "@introduceDomain and @releaseDomain"
+        )
+    # Long, it is still special, not relative.
+    with pytest.raises(ValueError, match="the special watch paths are"):
+        dom0_xs.watch("@" + "a" * 2048, lambda _p: None)
+    dom0_xs.watch(special, lambda _p: None).unwatch()
+    # Since XSA-115 they have permissions: who may watch them.
+    dom0_xs.set_perms(special, ["n0", "r1"])
+    assert dom0_xs.get_perms(special) == ["n0", "r1"]
+
+
+def test_paths_as_long_as_xenstore_takes_are_sent(dom0_xs) -> None:
+    """The limits are xenstored's, not shorter: a relative path of 2048
+    bytes, and an absolute one of 2048 below a domain's home (longer than
+    2048 in all, which only relative paths may not be)."""
+    relative = "a" * 2048
+    assert dom0_xs.read(relative) is None
+    absolute = "/local/domain/0/" + "b" * 2048
+    dom0_xs.write(absolute, "1")
+    assert dom0_xs.read(absolute) == "1"
+    dom0_xs.rm(absolute)
 
 
 @pytest.mark.parametrize("ending", ["commit", "abort"])
@@ -1249,6 +1326,11 @@ def test_a_request_on_a_connection_never_opened_is_not_connected(host) -> None:
         assert caught.value.errno == errno.ENOTCONN
         with pytest.raises(ConnectionError, match="not connected"):
             xs.write("/test/r", "1")
+        # Not "connection lost": there never was one.
+        for query in (xs.get_domain_path, xs.is_domain_introduced):
+            with pytest.raises(ConnectionError, match="not connected to XenStore") as caught:
+                query(0)
+            assert caught.value.errno == errno.ENOTCONN
     finally:
         xs.close()
 
@@ -1856,6 +1938,36 @@ def _within_code(code: Any) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("package", ["xenback", "pyxs"])
+def test_a_special_watch_interrupted_anywhere_leaves_none_at_xenstore(host, package: str) -> None:
+    """A Ctrl-C landing as any call of watch("@releaseDomain") returns:
+    once the WATCH may have gone, the watch is removed at XenStore too,
+    by an UNWATCH whose path is as special as the WATCH's (refused as a
+    path to read, it was never sent, and the watch stayed, counted
+    against the guest's quota for the life of the connection)."""
+    import importlib
+
+    from tests.stolensignal import interrupted_at
+
+    _guest, xs, held = _guest_connection_counts(host)
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            where = interrupted_at(n, within, lambda: xs.watch("@releaseDomain", lambda _p: None))
+            # Returned (or a Ctrl-C as it did): the caller's to remove.
+            for w in list(xs._watches.values()):
+                w.unwatch()
+            assert eventually(lambda: held() == (0, 0), TIMEOUT), f"interrupted {where}: {held()}"
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        xs.close()
+    assert len(landed) > 5, landed
 
 
 @pytest.mark.timeout(300)

@@ -307,6 +307,10 @@ class EventChannel(Closing):
 
     def notify(self, port: int) -> None:
         """Fire the peer of ``port``; a no-op while it has no peer (as in Xen)."""
+        if type(port) is not int:
+            # Before the table: True and 1.0 are port 1's keys there, and
+            # the xen platform refuses them (not a uint32_t).
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
         with self._lock:
             if self._closed:  # the check only: a call less per event
                 self._check_open()
@@ -546,6 +550,8 @@ class EventChannel(Closing):
         backend unmasking a stale port number is caught in its tests (on
         the xen platform the same call does nothing).
         """
+        if type(port) is not int:  # as in notify()
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
         with self._lock:
             if self._closed:  # the check only: a call less per event
                 self._check_open()

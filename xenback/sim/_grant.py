@@ -448,8 +448,11 @@ class GrantTable(_Handle[GrantMapping]):
             raise GrantError(
                 errno.EINVAL, f"can map 1..{MAX_PAGES_PER_REQUEST} refs at once, not {len(refs)}"
             )
-        if any(type(r) is not int or r < 0 for r in refs):
-            raise GrantError(errno.EINVAL, f"grant refs must be non-negative integers: {refs!r}")
+        # grant_ref_t: the xen platform refuses a larger ref before any
+        # ioctl, so one here must not reach the service as if it could be
+        # granted.
+        if any(type(r) is not int or not 0 <= r <= 0xFFFFFFFF for r in refs):
+            raise GrantError(errno.EINVAL, f"grant refs must be 32-bit unsigned integers: {refs!r}")
         self._check_open()
         apply = functools.partial(self._take_mapping, refs, writable)
         reply, _ = self._conn.call(
