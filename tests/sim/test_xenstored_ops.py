@@ -1099,15 +1099,20 @@ def test_a_ctrl_c_while_create_domain_waits_for_the_stuck_loop_comes_out_as_itse
     # create_domain(), the loop back, finishes the undo.
     stop_timeout = _server.STOP_TIMEOUT
     monkeypatch.setattr(_server, "STOP_TIMEOUT", OUTLASTS_THE_TEST)  # only the Ctrl-C ends it
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     introduce = XenStored._introduce_and_flush
 
     def stuck(self: XenStored, domid: int) -> object:
+        entered.set()
         assert gate.wait(60)
         return introduce(self, domid)
 
-    def then() -> None:  # for the undo's release, which the loop fails
-        _server.STOP_TIMEOUT = 0.2
+    def then() -> None:
+        # The main thread waiting in _call is not yet the loop stuck in
+        # the introduce: a loop slow to take the call (a loaded machine)
+        # had it withdrawn by the Ctrl-C, and the undo's release passed.
+        entered.wait(10)
+        _server.STOP_TIMEOUT = 0.2  # for the undo's release, which the loop fails
 
     host = SimHost(tmp_path / "run").start()
     try:
@@ -1117,6 +1122,7 @@ def test_a_ctrl_c_while_create_domain_waits_for_the_stuck_loop_comes_out_as_itse
             with _ctrl_c_once_a_call_waits(then) as waited, pytest.raises(Interrupted):
                 host.create_domain("g")
         assert waited, "the create never waited for the loop"
+        assert entered.is_set(), "the loop never took the introduce"
         assert re.search(r"domain 1: undoing its create after Interrupted failed: .*'xenstored'",
                          caplog.text), caplog.text
         assert host.hypervisor.stats() == before  # forgotten whatever the loop did
