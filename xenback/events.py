@@ -113,7 +113,7 @@ from typing import TYPE_CHECKING
 from workqueue import blocking, wait_slice
 from xenback._closing import Closing
 from xenback._eventqueue import check_callback as _check_callback
-from xenback._flags import check_flag
+from xenback._flags import check_flag, is_int
 from xenback.ratelimit import RateLimit
 
 if TYPE_CHECKING:
@@ -321,7 +321,7 @@ class EventDispatcher(Closing):
     def unbind(self, port: int) -> None:
         """Unbind ``port``; waits for a running callback of it to return.
         :class:`KeyError` if it is not bound here."""
-        if type(port) is not int:
+        if not is_int(port):
             # Before the lookup: 1.0 and True find port 1's callback, which
             # would be dropped before the handle refused them.
             raise TypeError(f"port must be an int, not {type(port).__name__}")
@@ -790,7 +790,7 @@ class EventDispatcher(Closing):
 
 
 def _check_fd(fd: int) -> None:
-    if isinstance(fd, bool) or not isinstance(fd, int):
+    if not is_int(fd):
         # epoll would take a socket (anything with fileno()), but it
         # reports the number, and the callback is looked up by it.
         raise TypeError(f"fd must be an int (a descriptor number), not "

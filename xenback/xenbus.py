@@ -124,7 +124,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from workqueue import WQ_UNBOUND, Work, Workqueue, alloc_workqueue, wait_slice
 from xenback._eventqueue import EventQueue, check_callback
-from xenback._flags import check_flag
+from xenback._flags import check_flag, is_int
 from xenback.events import EventDispatcher, PortCallback
 from xenback.hostlock import HostLock
 from xenback.platform import check_platform
@@ -790,7 +790,7 @@ class BackendDevice:
         waits for a running callback of it to return.  :class:`KeyError`
         if this device does not hold ``port`` (any more): the number may
         be another device's port by now, so it is left alone."""
-        if type(port) is not int:
+        if not is_int(port):
             # Before the list: 1.0 would find and drop port 1 there, and
             # the dispatcher then refuse it (see EventDispatcher.unbind).
             raise TypeError(f"port must be an int, not {type(port).__name__}")

@@ -1338,6 +1338,10 @@ class XenStore(_Ops, Closing):
         check_callback(callback)
         if events is not None and not isinstance(events, EventQueue):
             raise TypeError(f"events must be an EventQueue, not {type(events).__name__}")
+        # Before the monitor and the watch thread, as the check below: a
+        # path refused as the WATCH is sent would leave them made for
+        # nothing to watch.
+        _path(path, special=True)
         if not self._client.router.is_connected:
             # Before the watch thread is started: nobody would stop it.
             raise ConnectionError(errno.ENOTCONN, "not connected to XenStore", path)

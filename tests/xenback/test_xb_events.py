@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import itertools
@@ -274,6 +275,38 @@ def test_an_fd_must_be_a_number(pair) -> None:
         b.send(b"x")
         assert ready.acquire(timeout=TIMEOUT)  # still served
         dispatcher.remove_fd(a.fileno())
+
+
+def test_a_port_or_fd_number_may_be_an_int_subclass(host, pair) -> None:
+    """An IntEnum is an int, and is one to the xen platform (a uint32_t):
+    unbind() refused it (only an exact int passed), while add_fd() took
+    it.  Every call taking a port or an fd takes what the xen platform
+    takes, so a backend's numbering works on both."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    local = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+    Port = enum.IntEnum("Port", {"LOCAL": local, "REMOTE": remote})
+    evtchn.notify(Port.REMOTE)
+    assert fired.acquire(timeout=TIMEOUT)
+    dispatcher.notify(Port.LOCAL)
+    ready, _, _ = select.select([evtchn.fileno()], [], [], TIMEOUT)
+    assert ready and evtchn.pending() == remote
+    dispatcher.unbind(Port.LOCAL)
+    assert dispatcher.ports == []
+    a, b = socket.socketpair()
+    with a, b:
+        Fd = enum.IntEnum("Fd", {"A": a.fileno()})
+        ready = threading.Semaphore(0)
+        dispatcher.add_fd(Fd.A, select.EPOLLIN | select.EPOLLONESHOT,
+                          lambda fd, events: ready.release())
+        b.send(b"x")
+        assert ready.acquire(timeout=TIMEOUT)
+        a.recv(1)
+        dispatcher.modify_fd(Fd.A, select.EPOLLIN | select.EPOLLONESHOT)
+        b.send(b"x")
+        assert ready.acquire(timeout=TIMEOUT)
+        dispatcher.remove_fd(Fd.A)
 
 
 def test_a_port_notified_again_in_every_callback_does_not_starve_the_fds(host, pair) -> None:

@@ -1316,6 +1316,24 @@ def test_a_watch_on_a_connection_not_open_starts_no_thread(host) -> None:
 
 
 
+def test_a_watch_of_an_invalid_path_starts_no_thread(host) -> None:
+    """watch() checked its path only as it sent the WATCH, after making
+    the monitor and starting the watch thread: a connection whose first
+    watch was refused kept a thread that had nothing to watch."""
+    with XenStore(host.dom0.xenstore()) as xs:
+        before = {t.ident for t in threading.enumerate()}  # the connection's own included
+        for path in ("@shutdownDomain", "/bad path", "/test/w/", "", "@releaseDomain\n"):
+            with pytest.raises(ValueError, match="invalid XenStore path"):
+                xs.watch(path, lambda _p: None)
+        assert xs._monitor is None and xs._thread is None
+        assert not leaked_threads(before)
+        assert xs._watches == {} and xs._client.router.monitors == {}
+        # The connection still works, and so does a watch.
+        fired = threading.Event()
+        xs.watch("@releaseDomain", lambda _p: fired.set())
+        assert fired.wait(TIMEOUT)
+
+
 def test_a_request_on_a_connection_never_opened_is_not_connected(host) -> None:
     """A read before open() fails as one after the connection's loss
     does, ENOTCONN, whether its router was ever adopted or not."""

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xenback._closing import Closing
+from xenback._flags import is_int
 from xenback.platform import EventChannelError
 
 from ._hypervisor import MAX_EVTCHN_PORT
@@ -84,7 +85,7 @@ def _check_domid(domid: int) -> None:
 
 
 def _check_port(port: int) -> None:
-    if type(port) is not int or not 1 <= port <= MAX_EVTCHN_PORT:
+    if not is_int(port) or not 1 <= port <= MAX_EVTCHN_PORT:
         raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
 
 
@@ -241,7 +242,7 @@ class EventChannel(Closing):
         # EINVAL past the last port, ENOTCONN for one not bound here (port
         # 0 included): Linux's IOCTL_EVTCHN_UNBIND, which the xen platform
         # passes on.
-        if type(port) is not int or not 0 <= port <= MAX_EVTCHN_PORT:
+        if not is_int(port) or not 0 <= port <= MAX_EVTCHN_PORT:
             raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
         # Forget the port before the service frees its number: a port bound
         # meanwhile by another thread may get the same number.  The port
@@ -307,7 +308,7 @@ class EventChannel(Closing):
 
     def notify(self, port: int) -> None:
         """Fire the peer of ``port``; a no-op while it has no peer (as in Xen)."""
-        if type(port) is not int:
+        if type(port) is not int and not is_int(port):  # a plain int spared the call
             # Before the table: True and 1.0 are port 1's keys there, and
             # the xen platform refuses them (not a uint32_t).
             raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
@@ -338,7 +339,7 @@ class EventChannel(Closing):
             if lp is None or lp.unbound:
                 # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes
                 # on: EINVAL past the last port (as unbind), else ENOTCONN.
-                if type(port) is not int or not 0 <= port <= MAX_EVTCHN_PORT:
+                if not 0 <= port <= MAX_EVTCHN_PORT:  # an int: checked above
                     raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
                 raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
             if lp.peer_fd is not None:
@@ -550,7 +551,7 @@ class EventChannel(Closing):
         backend unmasking a stale port number is caught in its tests (on
         the xen platform the same call does nothing).
         """
-        if type(port) is not int:  # as in notify()
+        if type(port) is not int and not is_int(port):  # as in notify()
             raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
         with self._lock:
             if self._closed:  # the check only: a call less per event
