@@ -1943,6 +1943,20 @@ def _cut_first_submit_short(monkeypatch: pytest.MonkeyPatch, fe: pvcalls.Fronten
     return reached, go
 
 
+def _interrupted_yet_polled(first: Attempt, fd: int, ls: Any,
+                            client: socket.socket) -> None:
+    """The interrupted fileno() ``first`` raised the Ctrl-C, and the POLL
+    went out all the same: ``fd`` polls readable, the connection of
+    ``client`` pending, and accept() takes it."""
+    assert isinstance(first.result(), Interrupted)
+    try:
+        assert select.select([fd], [], [], TIMEOUT)[0], "never readable: no POLL went out"
+        ls.settimeout(TIMEOUT)
+        ls.accept()[0].close()
+    finally:
+        client.close()
+
+
 def test_a_poll_cut_short_while_another_fileno_saw_it_marked_still_goes_out(
         fe: pvcalls.Frontend, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C landing in one thread's fileno() of a listener after it
@@ -1965,13 +1979,7 @@ def test_a_poll_cut_short_while_another_fileno_saw_it_marked_still_goes_out(
         fd = ls.fileno()
     finally:
         go.set()
-    assert isinstance(first.result(), Interrupted)
-    try:
-        assert select.select([fd], [], [], TIMEOUT)[0], "never readable: no POLL went out"
-        ls.settimeout(TIMEOUT)
-        ls.accept()[0].close()
-    finally:
-        client.close()
+    _interrupted_yet_polled(first, fd, ls, client)
 
 
 def test_a_ctrl_c_in_accept_comes_out_as_one_though_the_fileno_was_closed(
@@ -2048,13 +2056,7 @@ def test_a_poll_cut_short_while_the_event_threads_on_room_saw_it_marked_still_go
         fd = ls._st.readyfd.fileno()
     finally:
         go.set()
-    assert isinstance(first.result(), Interrupted)
-    try:
-        assert select.select([fd], [], [], TIMEOUT)[0], "never readable: no POLL went out"
-        ls.settimeout(TIMEOUT)
-        ls.accept()[0].close()
-    finally:
-        client.close()
+    _interrupted_yet_polled(first, fd, ls, client)
 
 
 @pytest.mark.timeout(600)
