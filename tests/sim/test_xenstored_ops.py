@@ -1147,6 +1147,59 @@ def test_a_ctrl_c_while_create_domain_waits_for_the_stuck_loop_comes_out_as_itse
     assert not (tmp_path / "run").exists()
 
 
+def test_a_ctrl_c_as_create_domain_ends_leaves_an_undo_the_loop_failed_to_the_next(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path,
+) -> None:
+    # A Ctrl-C as the create's last step (taking the domain off _undoing)
+    # returns: the create is undone, and if XenStore's loop, stuck since,
+    # fails the undo's release, what is left (the domain introduced, its
+    # home) is still the next create's to finish, as for a Ctrl-C earlier.
+    host = SimHost(tmp_path / "run").start()
+
+    class Undoing(set[int]):
+        """_undoing, with a signal's handler run as the create's discard
+        returns (the one place in the try after it)."""
+
+        armed = True
+
+        def discard(self, domid: int) -> None:
+            super().discard(domid)
+            if self.armed:
+                self.armed = False
+                raise Interrupted
+
+    release_domain = host.xenstored.release_domain
+    failed: list[int] = []
+
+    def stuck_release(domid: int) -> object:
+        if not failed:
+            failed.append(domid)
+            raise TimeoutError(errno.ETIMEDOUT, "stuck, as the loop's would")
+        return release_domain(domid)
+
+    try:
+        before = host.hypervisor.stats()
+        host._undoing = Undoing()
+        host.xenstored.release_domain = stuck_release  # type: ignore[method-assign]
+        with caplog.at_level("WARNING", logger="xenback.sim"), pytest.raises(Interrupted):
+            host.create_domain("g")
+        assert failed == [1]
+        assert "domain 1: undoing its create after Interrupted failed" in caplog.text
+        assert host.hypervisor.stats() == before
+        assert host._undoing == {1}  # the rest is the next create's
+        guest = host.create_domain("g")
+        assert guest.domid == 2
+        with host.dom0.xenstore() as c:
+            assert not c.exists(b"/local/domain/1")
+            assert not c.is_domain_introduced(1)
+        assert host._undoing == set()
+        host.destroy_domain(guest)
+        assert host.hypervisor.stats() == before
+    finally:
+        host.close()
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_undo_of_a_failed_create_domain_cut_short_anywhere_is_finished_by_the_next(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:

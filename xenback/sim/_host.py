@@ -480,8 +480,12 @@ class SimHost(Closing):
         step has just returned (a signal's handler raising there, see
         _locked), so every undo is tried and takes a step not done for done.
         An undo that did not end is the next create's to finish: ``domid``
-        stays in _undoing, where _create_domain() put it.
+        stays in _undoing, where _create_domain() put it (or this).
         """
+        # Put there again: an interrupt as the create's discard returned
+        # (its last step) undoes a create no longer listed, and a failed
+        # undo of it would leave its home and introduce to nobody.
+        self._undoing.add(domid)
         self._domains.pop(domid, None)
         try:
             self.xenstored.release_domain(domid)
