@@ -479,6 +479,27 @@ def test_cpus_that_are_not_an_iterable_say_what_cpus_must_be() -> None:
     with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not float$"):
         Topology(cpus=2.0)  # type: ignore[arg-type]
     assert Topology(cpus=iter([2, 0])).possible() == [0, 2]
+    # The hint only for a count a topology may have: 1 to NR_CPUS_MAX.
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not int: "
+                                        r"for CPUs 0 to 8191, give ncpus=8192$"):
+        Topology(cpus=8192)  # type: ignore[arg-type]
+    for count in (0, 8193, -1):
+        with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not int$"):
+            Topology(cpus=count)  # type: ignore[arg-type]
+
+
+def test_a_cpu_number_is_shown_whole_up_to_64_bits() -> None:
+    # Beyond 64 bits by its size, its power of ten the nearest one
+    # (2**64 is some 1.8 * 10**19), its sign kept.
+    rng = r"is not a possible CPU: CPU numbers are 0 to 8191"
+    for whole in (2**64 - 1, -(2**64 - 1)):
+        with pytest.raises(ValueError, match=rf"^CPU {whole} {rng}"):
+            Topology(cpus=[whole])
+    for big, said in ((2**64, "10"), (-2**64, "-10"), (10**20, "10")):
+        power = 19 if abs(big) == 2**64 else 20
+        bits = big.bit_length()
+        with pytest.raises(ValueError, match=rf"^CPU about {said}\*\*{power} \(an int of {bits} bits\) {rng}"):
+            Topology(cpus=[big])
 
 
 def test_cpu_numbers_beyond_nr_cpus_are_refused_wherever_they_come_in(make_wq: Any) -> None:
@@ -505,9 +526,12 @@ def test_cpu_numbers_beyond_nr_cpus_are_refused_wherever_they_come_in(make_wq: A
             for bad in (8192, 9000, -1):
                 with pytest.raises(ValueError, match=rf"^CPU {bad} is not a possible CPU: {rng}$"):
                     fn(bad, *rest)
-            # A CPU number in range that the topology lacks says so, as before.
-            with pytest.raises(ValueError, match=r"^CPU 5 is not a possible CPU of this topology$"):
-                fn(5, *rest)
+            # A CPU number in range that the topology lacks says so, as before,
+            # up to the last one Linux may have.
+            for lacked in (5, 8191):
+                with pytest.raises(ValueError, match=rf"^CPU {lacked} is not a possible CPU of this "
+                                                     r"topology$"):
+                    fn(lacked, *rest)
         assert not dwork.pending
     finally:
         index.close()
