@@ -5,6 +5,7 @@ view pointing at nothing (a memfd stands in for the grant devices)."""
 
 from __future__ import annotations
 
+import enum
 import errno
 import itertools
 import logging
@@ -587,6 +588,19 @@ def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLi
             call()
         assert info.value.errno == errno.EINVAL
     assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
+    channel.close()
+
+
+def test_an_int_subclass_port_reaches_the_library(fake_evtchn: FakeEvtchnLib) -> None:
+    """An IntEnum is an int to libxenevtchn's uint32_t, as to the
+    simulated host: a backend numbering its ports so works on both."""
+    Port = enum.IntEnum("Port", {"RING": 5})
+    channel = _platform.XenEventChannel()
+    channel.notify(Port.RING)
+    channel.unmask(Port.RING)
+    channel.unbind(Port.RING)
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_notify",
+                                 "xenevtchn_unmask", "xenevtchn_unbind"]
     channel.close()
 
 
