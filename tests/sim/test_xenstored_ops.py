@@ -1200,6 +1200,45 @@ def test_a_ctrl_c_as_create_domain_ends_leaves_an_undo_the_loop_failed_to_the_ne
     assert not (tmp_path / "run").exists()
 
 
+def test_a_create_domain_failure_gives_way_to_its_undo_s(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path,
+) -> None:
+    # Unlike a Ctrl-C (above), a failure that is an Exception gives way to
+    # the undo's failure, raised with it as its context, not logged: both
+    # are errors the caller handles, and the undo's says what is left.
+    host = SimHost(tmp_path / "run").start()
+    release_domain = host.xenstored.release_domain
+    failed: list[int] = []
+
+    def stuck_release(domid: int) -> object:
+        if not failed:
+            failed.append(domid)
+            raise TimeoutError(errno.ETIMEDOUT, "stuck, as the loop's would")
+        return release_domain(domid)
+
+    def broken(domid: int, path: str) -> None:
+        raise RuntimeError("set_xenstore_path broke")
+
+    try:
+        before = host.hypervisor.stats()
+        host.xenstored.release_domain = stuck_release  # type: ignore[method-assign]
+        host.hypervisor.set_xenstore_path = broken  # type: ignore[method-assign]
+        with caplog.at_level("WARNING", logger="xenback.sim"), \
+                pytest.raises(TimeoutError, match="stuck") as info:
+            host.create_domain("g")
+        assert isinstance(info.value.__context__, RuntimeError)
+        assert "undoing its create" not in caplog.text
+        assert host._undoing == {1}
+        del host.hypervisor.set_xenstore_path
+        guest = host.create_domain("g")
+        assert guest.domid == 2 and host._undoing == set()
+        host.destroy_domain(guest)
+        assert host.hypervisor.stats() == before
+    finally:
+        host.close()
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_undo_of_a_failed_create_domain_cut_short_anywhere_is_finished_by_the_next(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
