@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
@@ -827,6 +828,42 @@ def _holding_the_loop(xsd: XenStored) -> tuple[threading.Event, threading.Thread
     return gate, holder
 
 
+class _StuckLoop:
+    """``host``'s XenStore loop made to get stuck: ``inside`` XenStored's
+    ``step`` (the host's call in flight, which the loop finishes once
+    released), or else held by another call as the hypervisor's ``before``
+    returns (the host's next call into the loop withdrawn, never run).
+    release() lets the loop go on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, host: SimHost, *, inside: bool,
+                 step: str, before: str) -> None:
+        self.gate = threading.Event()
+        self.holder: threading.Thread | None = None
+        if inside:
+            original = getattr(XenStored, step)
+            gate = self.gate
+
+            def stuck(xsd: XenStored, domid: int) -> object:
+                assert gate.wait(60)
+                return original(xsd, domid)
+
+            monkeypatch.setattr(XenStored, step, stuck)
+        else:
+            hypervisor_step = getattr(host.hypervisor, before)
+
+            def then_get_stuck(*args: Any) -> object:
+                result = hypervisor_step(*args)
+                self.gate, self.holder = _holding_the_loop(host.xenstored)
+                return result
+
+            monkeypatch.setattr(host.hypervisor, before, then_get_stuck)
+
+    def release(self) -> None:
+        self.gate.set()
+        if self.holder is not None:
+            self.holder.join(10)
+
+
 @pytest.mark.parametrize("within", [SIM_CODE, os.path.dirname(concurrent.futures.__file__)],
                          ids=["sim", "concurrent.futures"])
 def test_a_call_cut_short_by_ctrl_c_before_the_loop_began_it_never_runs(
@@ -1033,29 +1070,11 @@ def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
     # waited for good to write its home); close() takes it with the rest.
     monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
     host = SimHost(tmp_path / "run").start()
+    # Not in the introduce: stuck elsewhere after the home was written,
+    # the introduce withdrawn, never run.
+    loop = _StuckLoop(monkeypatch, host, inside=stuck_where == "in the introduce",
+                      step="_introduce_and_flush", before="add_domain")
     try:
-        if stuck_where == "in the introduce":
-            gate = threading.Event()
-            holder = None
-            introduce = XenStored._introduce_and_flush
-
-            def stuck(self: XenStored, domid: int) -> object:
-                assert gate.wait(60)
-                return introduce(self, domid)
-
-            monkeypatch.setattr(XenStored, "_introduce_and_flush", stuck)
-        else:
-            # Stuck elsewhere after the home was written: the introduce
-            # is withdrawn, never run.
-            add_domain = host.hypervisor.add_domain
-
-            def add_then_get_stuck(domid: int, name: str) -> Path:
-                nonlocal gate, holder
-                path = add_domain(domid, name)
-                gate, holder = _holding_the_loop(host.xenstored)
-                return path
-
-            monkeypatch.setattr(host.hypervisor, "add_domain", add_then_get_stuck)
         with pytest.raises(TimeoutError, match="'xenstored'"):
             host.create_domain("g")
         monkeypatch.undo()
@@ -1065,9 +1084,7 @@ def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
             # write the new home.
             with pytest.raises(TimeoutError, match="'xenstored'"):
                 host.create_domain("g")
-        gate.set()
-        if holder is not None:
-            holder.join(10)
+        loop.release()
         assert host.xenstored.is_introduced(0)  # the loop is back
         if then == "retry":
             guest = host.create_domain("g")
@@ -1083,7 +1100,7 @@ def test_what_a_create_domain_the_stuck_loop_failed_left_goes_with_the_next(
                 host.destroy_domain(1)  # never the host's
             host.destroy_domain(guest)
     finally:
-        gate.set()
+        loop.release()
         host.close()
     assert not (tmp_path / "run").exists()
 
@@ -1298,26 +1315,13 @@ def test_a_destroy_the_stuck_loop_failed_leaves_the_domain_dying_for_the_next(
     # withdrawn, never ran.
     monkeypatch.setattr(_server, "STOP_TIMEOUT", 0.5)
     host = SimHost(tmp_path / "run").start()
-    gate, holder = threading.Event(), None
+    loop: _StuckLoop | None = None
     try:
         guest = host.create_domain("g")
-        if stuck_where == "in the release":
-            release = XenStored._release_and_flush
-
-            def stuck(self: XenStored, domid: int) -> None:
-                assert gate.wait(60)
-                release(self, domid)
-
-            monkeypatch.setattr(XenStored, "_release_and_flush", stuck)
-        else:
-            remove_domain = host.hypervisor.remove_domain
-
-            def remove_then_get_stuck(domid: int) -> None:
-                nonlocal gate, holder
-                remove_domain(domid)
-                gate, holder = _holding_the_loop(host.xenstored)
-
-            monkeypatch.setattr(host.hypervisor, "remove_domain", remove_then_get_stuck)
+        # Not in the release: stuck as the hypervisor forgot the domain,
+        # the release withdrawn, never run.
+        loop = _StuckLoop(monkeypatch, host, inside=stuck_where == "in the release",
+                          step="_release_and_flush", before="remove_domain")
         with pytest.raises(TimeoutError, match="'xenstored'"):
             host.destroy_domain(guest, 0)
         monkeypatch.undo()
@@ -1327,9 +1331,7 @@ def test_a_destroy_the_stuck_loop_failed_leaves_the_domain_dying_for_the_next(
             host.domain(guest.domid)
         with pytest.raises(ValueError, match="exists already"):
             host.create_domain("g")  # dying, not gone
-        gate.set()
-        if holder is not None:
-            holder.join(10)
+        loop.release()
         assert host.xenstored.is_introduced(0)  # the loop is back
         if then == "retry":
             host.destroy_domain(guest, 0)
@@ -1342,7 +1344,8 @@ def test_a_destroy_the_stuck_loop_failed_leaves_the_domain_dying_for_the_next(
                 host.destroy_domain(guest)
             assert host.create_domain("g").domid == guest.domid + 1  # the name is free
     finally:
-        gate.set()
+        if loop is not None:
+            loop.release()
         host.close()
     assert not (tmp_path / "run").exists()
 
