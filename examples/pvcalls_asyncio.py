@@ -19,7 +19,8 @@ import threading
 import pvcalls
 from xenback.sim import SimHost
 
-argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, before anything starts
+# --help, before anything starts.
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
 
 
 class Shout(socketserver.StreamRequestHandler):

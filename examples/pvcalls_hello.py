@@ -17,7 +17,8 @@ import threading
 import pvcalls
 from xenback.sim import SimHost
 
-argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, before anything starts
+# --help, before anything starts.
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
 
 # A plain TCP server on the host: it greets whoever connects.
 server = socket.create_server(("127.0.0.1", 0))

@@ -153,7 +153,8 @@ class Topology:
             if ncpus < 1:
                 raise ValueError(f"ncpus must be at least 1, got {shown(ncpus)}")
             if ncpus > NR_CPUS_MAX:
-                raise ValueError(f"ncpus must be at most {NR_CPUS_MAX} (Linux's most), got {shown(ncpus)}")
+                raise ValueError(f"ncpus must be at most {NR_CPUS_MAX} (Linux's most), "
+                                 f"got {shown(ncpus)}")
             possible = list(range(ncpus))
         elif cpus is not None:
             try:

@@ -113,7 +113,8 @@ def _check_flags(flags: object) -> None:
     if flags < 0:
         # Its two's complement has every high bit set: not an unknown flag,
         # a number that is no combination of flags at all.
-        raise ValueError(f"flags must be a non-negative combination of WQ_* flags, got {shown(flags)}")
+        raise ValueError(f"flags must be a non-negative combination of WQ_* flags, "
+                         f"got {shown(flags)}")
 
 
 def _check_work(work: object, kind: type[Work] = Work) -> None:
@@ -177,7 +178,8 @@ class Workqueue(Executor):
         if isinstance(max_active, bool) or not isinstance(max_active, int):
             raise TypeError(f"max_active must be an int, not {type(max_active).__name__}")
         if not 0 <= max_active <= WQ_MAX_ACTIVE:
-            raise ValueError(f"max_active must be 0 (default) to {WQ_MAX_ACTIVE}, got {shown(max_active)}")
+            raise ValueError(f"max_active must be 0 (default) to {WQ_MAX_ACTIVE}, "
+                             f"got {shown(max_active)}")
         if flags & WQ_ORDERED and max_active != 1:
             # An ordered queue runs one item at a time; with more it would
             # refuse set_max_active() as ordered and still not be.

@@ -138,13 +138,13 @@ the socket unconnected (to be tried again), and a non-blocking
 had said EINPROGRESS.
 
 Waiting on sockets: :meth:`PVSocket.fileno` returns a descriptor that is
-readable while ``recv`` or ``accept`` would not block (data, end of stream,
-an error, or a pending connection) and writable while ``send`` would not
-(room in the out ring, or an error; a socket neither connected nor
-listening is both, as a TCP socket: its calls fail at once), so that
-selectors loops and asyncio sleep while the peer is slow to read.  It is *not* the connection (one end
-of a Unix socket pair the socket keeps, shut down for writing); pass it
-only to ``select``/``poll``/``selectors``.
+readable while ``recv`` or ``accept`` would not block (data, end of
+stream, an error, or a pending connection) and writable while ``send``
+would not (room in the out ring, or an error; a socket neither connected
+nor listening is both, as a TCP socket: its calls fail at once), so that
+selectors loops and asyncio sleep while the peer is slow to read.  It is
+*not* the connection (one end of a Unix socket pair the socket keeps, shut
+down for writing); pass it only to ``select``/``poll``/``selectors``.
 
 asyncio: on the default (selector) event loop a non-blocking socket works
 with ``loop.sock_connect`` (connect() fails with EINPROGRESS, the answer

@@ -74,7 +74,8 @@ def _max_queued(text: str) -> int:
     try:
         check_limits(size, WATCH_EVENT_TIMEOUT)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_QUEUED} bytes, not {size}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_QUEUED} bytes, not {size}") from None
     return size
 
 
