@@ -1949,6 +1949,33 @@ def _guest_connection_counts(host: Any) -> tuple[Any, XenStore, Callable[[], tup
     return guest, xs, held
 
 
+def _swept_leaving_nothing_held(
+        host: Any, package: str, call: Callable[[Any, XenStore], object],
+        after: Callable[[XenStore], None] = lambda _xs: None) -> list[str]:
+    """Run ``call(guest, xs)`` on a guest's connection with a Ctrl-C
+    landing as the n-th call within ``package``'s code returns, for n = 0,
+    1, ... until one lands nowhere; after each run, ``after(xs)``, then
+    XenStore must come to hold no transaction and no watch for the guest.
+    Returns where the Ctrl-Cs landed."""
+    import importlib
+
+    from tests.stolensignal import interrupted_at
+
+    guest, xs, held = _guest_connection_counts(host)
+    within = os.path.dirname(importlib.import_module(package).__file__ or "")
+    landed: list[str] = []
+    try:
+        while True:
+            where = interrupted_at(len(landed), within, lambda: call(guest, xs))
+            after(xs)
+            assert eventually(lambda: held() == (0, 0), TIMEOUT), f"interrupted {where}: {held()}"
+            if not where:
+                return landed
+            landed.append(where)
+    finally:
+        xs.close()
+
+
 def _within_code(code: Any) -> bool:
     frame = sys._getframe()
     while frame is not None:
@@ -1966,25 +1993,15 @@ def test_a_special_watch_interrupted_anywhere_leaves_none_at_xenstore(host, pack
     by an UNWATCH whose path is as special as the WATCH's (refused as a
     path to read, it was never sent, and the watch stayed, counted
     against the guest's quota for the life of the connection)."""
-    import importlib
 
-    from tests.stolensignal import interrupted_at
+    def unwatch_all(xs: XenStore) -> None:
+        # Returned (or a Ctrl-C as it did): the caller's to remove.
+        for w in list(xs._watches.values()):
+            w.unwatch()
 
-    _guest, xs, held = _guest_connection_counts(host)
-    within = os.path.dirname(importlib.import_module(package).__file__ or "")
-    landed: list[str] = []
-    try:
-        for n in itertools.count():
-            where = interrupted_at(n, within, lambda: xs.watch("@releaseDomain", lambda _p: None))
-            # Returned (or a Ctrl-C as it did): the caller's to remove.
-            for w in list(xs._watches.values()):
-                w.unwatch()
-            assert eventually(lambda: held() == (0, 0), TIMEOUT), f"interrupted {where}: {held()}"
-            if not where:
-                break
-            landed.append(where)
-    finally:
-        xs.close()
+    landed = _swept_leaving_nothing_held(
+        host, package, lambda _guest, xs: xs.watch("@releaseDomain", lambda _p: None),
+        after=unwatch_all)
     assert len(landed) > 5, landed
 
 
@@ -1998,25 +2015,12 @@ def test_a_transaction_interrupted_anywhere_leaves_none_open(host, package: str)
     (cxenstored's quota), could begin none (ENOSPC); and so did one
     landing while the start's request was in flight, whose id only its
     reply, read by nobody, told."""
-    import importlib
-
-    from tests.stolensignal import interrupted_at
-
-    guest, xs, held = _guest_connection_counts(host)
-    node = f"/local/domain/{guest.domid}/data/tx"
-    within = os.path.dirname(importlib.import_module(package).__file__ or "")
-    landed: list[str] = []
-    try:
-        for n in itertools.count():
-            where = interrupted_at(n, within, lambda: xs.transaction(lambda t: t.write(node, "x")))
-            # The start's reply may come after the Ctrl-C: whoever ends
-            # the transaction then does so by the time XenStore answers.
-            assert eventually(lambda: held() == (0, 0), TIMEOUT), f"interrupted {where}: {held()}"
-            if not where:
-                break
-            landed.append(where)
-    finally:
-        xs.close()
+    # The start's reply may come after the Ctrl-C: whoever ends the
+    # transaction then does so by the time XenStore answers (the wait
+    # for nothing held).
+    landed = _swept_leaving_nothing_held(
+        host, package, lambda guest, xs: xs.transaction(
+            lambda t: t.write(f"/local/domain/{guest.domid}/data/tx", "x")))
     assert len(landed) > 10, landed
     if package == "xenback":
         assert any("commit" in where or "XenStore.transaction" in where for where in landed), landed
