@@ -2538,6 +2538,15 @@ def test_an_error_node_refused_as_the_domain_goes_says_nothing_more(
         [r.getMessage() for r in said]
 
 
+def _take_error_directory(dom0_xs: Any, drvdom: Any) -> str:
+    """Take the driver domain's ``error`` directory from it, as a
+    toolstack may (n0: it can neither read nor write there); its path."""
+    errors = f"/local/domain/{drvdom.domid}/error"
+    dom0_xs.write(errors, "")
+    dom0_xs.set_perms(errors, ["n0"])
+    return errors
+
+
 def test_an_error_node_refused_in_a_live_driver_domain_is_still_said(
         host, dom0_xs, frontends, caplog) -> None:
     """EACCES on the error node while the backend's domain, home and
@@ -2546,9 +2555,7 @@ def test_an_error_node_refused_in_a_live_driver_domain_is_still_said(
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
         bdev = backend_device(drv, fe.guest.domid)
-        errors = f"/local/domain/{drvdom.domid}/error"
-        dom0_xs.write(errors, "")
-        dom0_xs.set_perms(errors, ["n0"])
+        _take_error_directory(dom0_xs, drvdom)
         caplog.clear()
         bdev.fatal(errno.EIO, "refused")
         fe.wait_backend(S.CLOSING)
@@ -3326,9 +3333,7 @@ def test_a_new_device_is_served_when_the_error_directory_may_not_be_read(
     device from being probed and served, as it was before that look."""
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
-        errors = f"/local/domain/{drvdom.domid}/error"
-        dom0_xs.write(errors, "")
-        dom0_xs.set_perms(errors, ["n0"])
+        errors = _take_error_directory(dom0_xs, drvdom)
         with pytest.raises(PermissionError):
             drv.xenstore.read(f"{errors}/backend/xbtest/{fe.guest.domid}/1")
         dev = host.toolstack.add_device("xbtest", fe.guest.domid, devid=1,
@@ -3474,9 +3479,7 @@ def test_closing_refused_after_the_error_node_in_a_live_driver_domain_is_said(
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
         bdev = backend_device(drv, fe.guest.domid)
-        errors = f"/local/domain/{drvdom.domid}/error"
-        dom0_xs.write(errors, "")
-        dom0_xs.set_perms(errors, ["n0"])
+        _take_error_directory(dom0_xs, drvdom)
         dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
         caplog.clear()
         assert bdev.events.call(lambda: bdev.fatal(errno.EIO, "refused"))
