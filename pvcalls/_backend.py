@@ -154,8 +154,10 @@ _serving: list[Backend] = []
 class SocketStats:
     """One socket of one frontend.
 
-    ``domain``: the frontend's domid; ``id``: the socket's id, the
-    guest's; ``kind``: ``"new"`` (only SOCKET so far), ``"active"``
+    ``domain``: the frontend's domid; ``device``: its pvcalls device's
+    devid (a domain may have several, each with ids of its own: two
+    ``pvcalls-nc`` in one guest use the same ids); ``id``: the socket's
+    id, the guest's (``(domain, device, id)`` is unique); ``kind``: ``"new"`` (only SOCKET so far), ``"active"``
     (connecting, connected, or made by an ACCEPT) or ``"passive"`` (bound,
     listening); ``state``: ``"new"``, ``"accepting"``, ``"connecting"``,
     ``"connected"``, ``"bound"``, ``"listening"``, ``"closed"`` or
@@ -166,6 +168,7 @@ class SocketStats:
     """
 
     domain: int
+    device: int
     id: int
     kind: str
     state: str
@@ -432,7 +435,8 @@ class Backend(Closing):
         return self._policy
 
     def stats(self) -> BackendStats:
-        """Per socket: domain, id, CPU, bytes each way; per CPU: active sockets."""
+        """Per socket: domain, device, id, CPU, bytes each way; per CPU: active
+        sockets."""
         with self._lock:
             frontends = list(self._frontends.values())
         sockets = [s for fe in frontends for s in fe.socket_stats()]
@@ -1159,16 +1163,17 @@ class _Frontend:
         with self._lock:
             sockets = list(self._sockets.values())
         rows = []
+        devid = self.dev.devid
         for sock in sockets:
             if isinstance(sock, ActiveSocket):
-                rows.append(SocketStats(self.domid, sock.id, "active", sock.state.value,
+                rows.append(SocketStats(self.domid, devid, sock.id, "active", sock.state.value,
                                         sock.cpu if sock.cpu >= 0 else None,
                                         sock.bytes_in, sock.bytes_out, sock.remote))
             elif isinstance(sock, PassiveSocket):
-                rows.append(SocketStats(self.domid, sock.id, "passive", sock.state.value,
+                rows.append(SocketStats(self.domid, devid, sock.id, "passive", sock.state.value,
                                         None, 0, 0, sock.local))
             else:
-                rows.append(SocketStats(self.domid, sock.id, "new", sock.state.value,
+                rows.append(SocketStats(self.domid, devid, sock.id, "new", sock.state.value,
                                         None, 0, 0, None))
         return rows
 

@@ -242,7 +242,9 @@ def _log_stats(stats: Any) -> None:
     logger.warning("%d frontends, %d sockets; active sockets per CPU: %s",
                    stats.frontends, len(stats.sockets), counts)
     for row in stats.sockets:
-        logger.warning("  dom%d %#x %s cpu=%s out=%d in=%d %s", row.domain, row.id, row.kind,
+        # The device too: two frontends of one domain use the same ids.
+        logger.warning("  dom%d dev%d %#x %s cpu=%s out=%d in=%d %s", row.domain, row.device,
+                       row.id, row.kind,
                        "-" if row.cpu is None else row.cpu, row.bytes_out, row.bytes_in,
                        "" if row.address is None else f"{row.address[0]}:{row.address[1]}")
 

@@ -207,3 +207,21 @@ def test_a_snapshot_s_cpu_counts_are_its_rows(
     assert sum(c.sockets for c in stats.cpus) == len(homed)
     for cpu in stats.cpus:
         assert cpu.sockets == homed.count(cpu.cpu)
+
+
+def test_stats_tell_apart_the_sockets_of_a_domain_s_devices(
+        host: Any, backend: pvcalls.Backend) -> None:
+    """Socket ids are each frontend's: two pvcalls devices of one domain
+    (two pvcalls-nc in one guest, say) use the same ids.  Each row says
+    which device its socket is of, or two rows could not be told apart."""
+    guest = host.create_domain("two-devices")
+    first = RawFrontend(host, guest, devid=0)
+    second = RawFrontend(host, guest, devid=1)
+    assert first.socket(0x42)[1].ret == 0
+    assert second.socket(0x42)[1].ret == 0
+    assert second.bind(0x42, ("127.0.0.1", 0)).ret == 0
+    rows = {(r.domain, r.device, r.id): r.kind for r in backend.stats().sockets}
+    assert rows == {(guest.domid, 0, 0x42): "new", (guest.domid, 1, 0x42): "passive"}
+    assert [s["device"] for s in backend.stats().as_dict()["sockets"]].count(1) == 1
+    first.close()
+    second.close()

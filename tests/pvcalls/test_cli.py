@@ -192,8 +192,8 @@ def test_statistics_show_each_socket_and_the_online_cpus(
         cli._log_stats(stats)
     assert sorted(r.getMessage() for r in caplog.records) == sorted([
         f"1 frontends, 2 sockets; active sockets per CPU: {counts}",
-        f"  dom{domid} {listener:#x} passive cpu=- out=0 in=0 127.0.0.1:{port}",
-        f"  dom{domid} {active:#x} active cpu={cpu} out=0 in=0 "
+        f"  dom{domid} dev0 {listener:#x} passive cpu=- out=0 in=0 127.0.0.1:{port}",
+        f"  dom{domid} dev0 {active:#x} active cpu={cpu} out=0 in=0 "
         f"{echo_server.address[0]}:{echo_server.address[1]}",
     ])
 
