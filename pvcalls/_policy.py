@@ -276,7 +276,8 @@ class Policy:
         Raises :class:`PolicyError` for a file that cannot be read, is
         larger than 1 MiB, is not UTF-8 or not TOML, or holds a rule or
         value that is wrong.  Its message starts with ``path`` and names it
-        only there, so a caller can add context without repeating it.
+        only there, so a caller can add context without repeating it.  A
+        UTF-8 byte order mark at its start is skipped.
         """
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"policy path must be a str or an os.PathLike, "
@@ -294,8 +295,10 @@ class Policy:
             raise PolicyError(f"{path}: larger than {_MAX_FILE_SIZE >> 20} MiB, "
                               "too large for a policy file")
         try:
-            # TOML is UTF-8 whatever the locale says.
-            text = raw.decode("utf-8")
+            # TOML is UTF-8 whatever the locale says.  A byte order mark
+            # some editors put first is the encoding's signature, not
+            # text: tomllib would call it an invalid statement at line 1.
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise PolicyError(f"{path}: not UTF-8, as TOML must be: {exc}") from None
         try:

@@ -397,6 +397,19 @@ def test_a_file_of_the_largest_size_is_read(tmp_path: Path) -> None:
     assert Policy.from_file(path).max_sockets(1) == 9
 
 
+def test_a_file_starting_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Some editors start a UTF-8 file with one.  It is the encoding's
+    # signature, not text: tomllib took it for a statement, and the
+    # message blamed "line 1, column 1" of a file that looks right.
+    path = tmp_path / "policy.toml"
+    path.write_bytes(b"\xef\xbb\xbf[default]\nmax_sockets = 4\n")
+    assert Policy.from_file(path).max_sockets(1) == 4
+    # Only at the start: anywhere else it is a character, and TOML's rules apply.
+    path.write_bytes(b"[default]\n\xef\xbb\xbfmax_sockets = 4\n")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        Policy.from_file(path)
+
+
 def test_file_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
     # TOML is UTF-8; in a Latin-1 locale a read in the locale's encoding
     # would turn the domain name into mojibake.  -X warn_default_encoding
