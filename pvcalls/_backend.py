@@ -436,7 +436,9 @@ class Backend(Closing):
 
     def stats(self) -> BackendStats:
         """Per socket: domain, device, id, CPU, bytes each way; per CPU: active
-        sockets."""
+        sockets.  A snapshot (:class:`BackendStats`), from any thread, at
+        any time: once the backend is closed, one with no frontends and no
+        sockets (as a closed trio object's ``statistics()`` still answers)."""
         with self._lock:
             frontends = list(self._frontends.values())
         sockets = [s for fe in frontends for s in fe.socket_stats()]

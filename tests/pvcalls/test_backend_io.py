@@ -225,3 +225,16 @@ def test_stats_tell_apart_the_sockets_of_a_domain_s_devices(
     assert [s["device"] for s in backend.stats().as_dict()["sockets"]].count(1) == 1
     first.close()
     second.close()
+
+
+def test_stats_of_a_closed_backend_hold_no_socket(host: Any, topology: Topology,
+                                                  echo_server: Any) -> None:
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    raw = RawFrontend(host, host.create_domain("closing"))
+    raw.connect_socket(echo_server.address)
+    assert len(backend.stats().sockets) == 1
+    backend.close()
+    stats = backend.stats()
+    assert (stats.frontends, stats.sockets) == (0, ())
+    assert [(c.cpu, c.sockets) for c in stats.cpus] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    raw.dispose()

@@ -130,6 +130,8 @@ def test_the_readme_example_means_what_the_readme_says(tmp_path: Path) -> None:
     assert policy.connect_allowed(1, "127.0.0.1", 8080, "guest1")
     assert policy.connect_allowed(1, "10.2.3.4", 443, "guest1")
     assert not policy.connect_allowed(1, "10.2.3.4", 444, "guest1")
+    # [default]'s deny, which guest1's section leaves out, wins over its allow.
+    assert not policy.connect_allowed(1, "127.0.0.1", 22, "guest1")
     assert not policy.connect_allowed(1, "192.0.2.1", 80, "guest1")
     assert policy.bind_allowed(1, "127.0.0.1", 8000, "guest1")
     assert not policy.bind_allowed(1, "127.0.0.1", 9001, "guest1")
