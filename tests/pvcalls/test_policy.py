@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import RawFrontend, wait_until
+from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
 from racewindow import PauseAt, stands_at
 
 import pvcalls
@@ -860,3 +861,24 @@ def test_a_policy_built_in_python_keeps_no_reference_to_what_it_was_given() -> N
 def test_policy_text_or_data_of_the_wrong_type_is_a_clear_error(make: Any, message: str) -> None:
     with pytest.raises(TypeError, match=message):
         make()
+
+
+def test_an_accepted_connection_is_not_checked_against_connect_rules(
+        host: Any, topology: Any) -> None:
+    """connect rules are the guest's own CONNECTs: a peer reaching its
+    listener is let in whatever they say (the host firewall's choice), and
+    the accepted socket counts against max_sockets."""
+    policy = Policy.from_toml('[default]\nmax_sockets = 2\nconnect.deny = ["0.0.0.0/0"]\n')
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology) as backend:
+        fe = RawFrontend(host, host.create_domain("server"))
+        listener, rsp = fe.socket()
+        assert rsp.ret == 0
+        assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert fe.listen(listener).ret == 0
+        row, = backend.stats().sockets
+        assert row.address is not None
+        accept = fe.push_accept(listener, fe.new_id(), fe.new_ring())
+        with socket.create_connection(row.address, timeout=TIMEOUT):
+            assert fe.response(accept).ret == 0
+            assert fe.socket()[1].ret == -EMFILE
+        fe.close()
