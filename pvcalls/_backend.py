@@ -157,9 +157,9 @@ class SocketStats:
     ``domain``: the frontend's domid; ``device``: its pvcalls device's
     devid (a domain may have several, each with ids of its own: two
     ``pvcalls-nc`` in one guest use the same ids); ``id``: the socket's
-    id, the guest's (``(domain, device, id)`` is unique); ``kind``: ``"new"`` (only SOCKET so far), ``"active"``
-    (connecting, connected, or made by an ACCEPT) or ``"passive"`` (bound,
-    listening); ``state``: ``"new"``, ``"accepting"``, ``"connecting"``,
+    id, the guest's (``(domain, device, id)`` is unique); ``kind``:
+    ``"new"`` (only SOCKET so far), ``"active"`` (connecting, connected,
+    or made by an ACCEPT) or ``"passive"`` (bound, listening); ``state``: ``"new"``, ``"accepting"``, ``"connecting"``,
     ``"connected"``, ``"bound"``, ``"listening"``, ``"closed"`` or
     ``"failed"`` (a bug of ours stopped it); ``cpu``: the ioworker CPU an
     active socket is homed on, else None; ``bytes_in``: host to guest,
