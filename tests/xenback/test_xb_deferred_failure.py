@@ -333,14 +333,17 @@ def _count_fatal(bdev: BackendDevice, monkeypatch: pytest.MonkeyPatch) -> list[s
     return tries
 
 
-def _failing_in_disconnect(driver: RecordingDriver, bdev: BackendDevice,
-                           message: str) -> DeviceWork:
-    """A DeviceWork of ``bdev`` that, queued, raises RuntimeError(message)
+def _queue_failing_in_disconnect(driver: RecordingDriver, bdev: BackendDevice,
+                                 message: str) -> None:
+    """Queue a DeviceWork of ``bdev`` that raises RuntimeError(message)
     once the driver's disconnect() of ``bdev`` has begun, which waits for
-    it (disable_sync(), as a driver stops its work items)."""
-    disconnecting = threading.Event()
+    it (disable_sync(), as a driver stops its work items); return once it
+    runs.  Only a running Work fails so: one still pending when
+    disconnect() comes is cancelled, and never runs."""
+    running, disconnecting = threading.Event(), threading.Event()
 
     def serve(_work: object) -> None:
+        running.set()
         assert disconnecting.wait(TIMEOUT)
         raise RuntimeError(message)
 
@@ -352,7 +355,8 @@ def _failing_in_disconnect(driver: RecordingDriver, bdev: BackendDevice,
             work.disable_sync(timeout=TIMEOUT)
 
     driver.disconnect_hook = disconnect
-    return work
+    assert driver.workqueue.queue_work(work)
+    assert running.wait(TIMEOUT)
 
 
 def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
@@ -367,7 +371,7 @@ def test_a_failure_while_the_device_is_failed_leaves_the_first_error(
     def first(_work: object) -> None:
         raise RuntimeError("first")
 
-    assert driver.workqueue.queue_work(_failing_in_disconnect(driver, bdev, "second"))
+    _queue_failing_in_disconnect(driver, bdev, "second")
     assert driver.workqueue.queue_work(DeviceWork(bdev, first))
     fe.wait_backend(S.CLOSING)
     driver.workqueue.flush()
@@ -387,7 +391,7 @@ def test_a_work_failing_as_its_frontend_closes_leaves_the_device_closed(
     and a Closing then would stay, with an error for a guest that left."""
     guest, dev, fe = connected(host, frontends, "leaving")
     bdev = backend_device(driver, guest.domid)
-    assert driver.workqueue.queue_work(_failing_in_disconnect(driver, bdev, "too late"))
+    _queue_failing_in_disconnect(driver, bdev, "too late")
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
     bdev.events.flush()
