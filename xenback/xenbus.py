@@ -172,6 +172,18 @@ _INITIALISING = str(int(XenbusState.INITIALISING))
 _CLOSING = str(int(XenbusState.CLOSING))
 _CLOSED = str(int(XenbusState.CLOSED))
 
+# Why a device directory is no longer its device's (BackendDevice._stale),
+# as the line logging a failure not reported there says it.
+_DELETED = "the device directory was deleted"
+_REMOVED = "the device was removed"
+_MADE_AGAIN = "the device directory was made again for a new device"
+_PROBE_NODES_CHANGED = ("a node probe() wrote holds another value (the device directory "
+                        "made again for a new device, or the node rewritten by another writer)")
+_FRONTEND_APPEARED = ("the look at the frontend no longer fails (the frontend appeared since, "
+                      "or the device directory was made again for a new device)")
+_FRONTEND_CHANGED = ("the look at the frontend fails otherwise now (its nodes changed since, "
+                     "or the device directory was made again for a new device)")
+
 #: How many junk directories (not ``<domid>/<devid>``) a driver remembers
 #: having reported.  dom0 has no XenStore quota, so a broken toolstack can
 #: make any number: past this many, they are reported at a bounded rate.
@@ -472,26 +484,28 @@ class BackendDevice:
         probed anew) while probe() ran (see _ours)."""
         return self._switch(XenbusState.INIT_WAIT) is not None
 
-    def _switch(self, state: XenbusState, *, error: str | None = None) -> bool | None:
+    def _switch(self, state: XenbusState, *, error: str | None = None,
+                why: list[str] | None = None) -> bool | None:
         """:meth:`switch_state`; None if the device directory is gone or
-        is a new device's (see _ours): nothing is written then.  With
-        ``error``, the line of :meth:`fatal`, the error node is written
-        in the same transaction, before the state and whether or not the
-        state is written: both are the device's or neither is, and a gone
+        is a new device's (see _ours): nothing is written then, and
+        ``why`` (if given) is told why (see _stale).  With ``error``, the
+        line of :meth:`fatal`, the error node is written in the same
+        transaction, before the state and whether or not the state is
+        written: both are the device's or neither is, and a gone
         directory leaves ``state`` as it was too."""
         state = XenbusState(state)
         value = str(int(state))
         removing = False
-        stale = False
+        stale: str | None = None
 
         def tx(t: Transaction) -> bool | None:
             nonlocal removing, stale
-            removing = stale = False
-            if t.read(self.nodename) is None:
-                stale = error is not None
-                return None
-            if not self._ours(t):
-                stale = True
+            removing, stale = False, None
+            reason = self._stale(t)
+            if reason is not None:
+                # A directory deleted for good keeps no state to set.
+                if error is not None or reason != _DELETED:
+                    stale = reason
                 return None
             if error is not None:
                 t.write(self.error_path, error)
@@ -506,7 +520,9 @@ class BackendDevice:
             return True
 
         written = self.xenstore.transaction(tx)
-        if stale:
+        if stale is not None:
+            if why is not None:
+                why.append(stale)
             return None
         self.state = XenbusState.CLOSING if removing else state
         if written is not None:
@@ -593,26 +609,38 @@ class BackendDevice:
         Nor can the nodes tell once a new device there switched in turn:
         but we were dropped (gone) before it was made, and so before the
         reads that see it."""
+        return self._stale(t) is None
+
+    def _stale(self, t: Transaction | XenStore) -> str | None:
+        """Why our directory, as ``t`` reads it, is no longer this
+        device's (see :meth:`_ours`), as the line that logs a failure not
+        reported there says it; None while it is.  Each says only what
+        the nodes show: a look at the frontend that no longer fails as it
+        did may as well mean that the frontend appeared meanwhile, in the
+        directory we failed in."""
         if t.read(self.nodename) is None:
-            return False
+            return _DELETED
+        why: str | None = None
         if self._switched:
-            ours = t.read(f"{self.nodename}/state") != _INITIALISING
+            if t.read(f"{self.nodename}/state") == _INITIALISING:
+                why = _MADE_AGAIN
         else:
             # A copy: a driver's own work item may write (and add) meanwhile.
             written = dict(self._probe_nodes or {})
-            ours = all(t.read(f"{self.nodename}/{key}") == value for key, value in written.items())
             failed = self._lookup_failure
-            if ours and failed is not None:
-                ours = _how_lookup_fails(t, self) == failed
+            if not all(t.read(f"{self.nodename}/{key}") == value
+                       for key, value in written.items()):
+                why = _PROBE_NODES_CHANGED
+            elif failed is not None:
+                now = _how_lookup_fails(t, self)
+                if now is None:
+                    why = _FRONTEND_APPEARED
+                elif now != failed:
+                    why = _FRONTEND_CHANGED
         # After the reads, for the reason above.
-        return ours and not self._gone
-
-    def _is_ours(self) -> bool:
-        """:meth:`_ours`, read outside a transaction: a look before
-        deciding, on every event in our directory, where a transaction
-        each time would count against a driver domain's few (10 in
-        cxenstored).  What is written next checks again, in its own."""
-        return self._ours(self.xenstore)
+        if self._gone:
+            return why or _REMOVED
+        return why
 
     @property
     def error_path(self) -> str:
@@ -635,19 +663,22 @@ class BackendDevice:
         err = abs(err)
         message = _printable(message)
         line = f"{err} {message}"[:1024]
+        why: list[str] = []
 
         def tx(t: Transaction) -> bool:
             # The error path is a new device's as much as ours: it must not
             # start its life with our failure.  (Nor is an error node of a
             # device deleted for good left behind: nobody would read it.)
-            if not self._ours(t):
+            stale = self._stale(t)
+            if stale is not None:
+                why.append(stale)
                 return False
             t.write(self.error_path, line)
             return True
 
         try:
             if closing:
-                ours = self._switch(XenbusState.CLOSING, error=line) is not None
+                ours = self._switch(XenbusState.CLOSING, error=line, why=why) is not None
             else:
                 ours = self.xenstore.transaction(tx)
         except (OSError, ValueError) as exc:
@@ -659,7 +690,7 @@ class BackendDevice:
             logger.log(level, "%s: could not write the error node: %s", self.nodename, exc)
             return True, exc
         if not ours:
-            self._not_reported(err, message)
+            self._not_reported(err, message, why[-1])
             return False, None
         self._log_error(err, message)
         return True, None
@@ -669,18 +700,17 @@ class BackendDevice:
         # time: the frontend must see each failure.
         self.ratelimit.log(logger, logging.ERROR, "%s: error %d: %s", self.nodename, err, message)
 
-    def _not_reported(self, err: int, message: str) -> None:
+    def _not_reported(self, err: int, message: str, why: str) -> None:
         """Log a failure of this device met once its directory is no
-        longer its own.  As information: an error line names the path,
-        and a log watcher would count it against the device there now,
-        which did not fail.  Rate-limited as the error line it stands for
-        (a driver may meet the failure again and again until the device
-        is dropped).  ``message`` is escaped already (``_printable``): it
-        may quote what the frontend wrote."""
-        self.ratelimit.log(logger, logging.INFO,
-                           "%s: %s (errno %d), and the device directory is no longer this "
-                           "device's (deleted, or made again for a new one): not reported there",
-                           self.nodename, message, err)
+        longer its own, ``why`` saying what showed it (see _stale).  As
+        information: an error line names the path, and a log watcher
+        would count it against the device there now, which did not fail.
+        Rate-limited as the error line it stands for (a driver may meet
+        the failure again and again until the device is dropped).
+        ``message`` is escaped already (``_printable``): it may quote
+        what the frontend wrote."""
+        self.ratelimit.log(logger, logging.INFO, "%s: %s (errno %d), and %s: not reported there",
+                           self.nodename, message, err, why)
 
     def fatal(self, err: int, message: str) -> bool:
         """``xenbus_dev_fatal``: :meth:`error` and the switch to Closing,
@@ -1742,8 +1772,12 @@ class BackendDriver:
     def _backend_changed(self, dev: BackendDevice) -> None:
         if dev.gone or self._domain_gone:
             return
-        if not dev._is_ours():
-            logger.info("%s: device directory deleted", dev.nodename)
+        # Outside a transaction: one on every event in our directory would
+        # count against a driver domain's few (10 in cxenstored).  What is
+        # written next checks again, in its own.
+        why = dev._stale(self.xenstore)
+        if why is not None:
+            logger.info("%s: %s", dev.nodename, why)
             self._drop(dev)
             return
         state = dev.read("state")
@@ -1833,8 +1867,9 @@ class BackendDriver:
         XenStore's error to them (the connection lost, our domain going)
         is raised, to the callback's handler, which says the cause once,
         where fatal() would report it as this device's."""
-        if not dev._is_ours():
-            dev._not_reported(abs(err), _printable(message))
+        why = dev._stale(self.xenstore)
+        if why is not None:
+            dev._not_reported(abs(err), _printable(message), why)
         # "is not False": a driver's fatal() wrapped (or overridden) before
         # it told anything returns None, and that is no drop.
         elif dev.fatal(err, message) is not False:

@@ -995,9 +995,9 @@ def test_a_failed_look_at_the_frontend_that_the_new_directory_fails_otherwise_is
         f"{errno.ENOENT} probing: frontend does not exist: {device.frontend_path}")
     said = [r for r in caplog.records if "not reported there" in r.getMessage()]
     assert [r.getMessage().split(": ", 2)[1:] for r in said] == [
-        ["probing", f"reading other end details: {base} (errno {errno.ENOENT}), and the device "
-         "directory is no longer this device's (deleted, or made again for a new one): "
-         "not reported there"]]
+        ["probing", f"reading other end details: {base} (errno {errno.ENOENT}), and the look "
+         "at the frontend fails otherwise now (its nodes changed since, or the device "
+         "directory was made again for a new device): not reported there"]]
     assert driver.calls_of(guest.domid) == []
 
 
@@ -3490,3 +3490,36 @@ def test_closing_refused_after_the_error_node_in_a_live_driver_domain_is_said(
                             "%s: could not switch to Closing: %s"], said
     finally:
         drv.stop()
+
+
+
+def test_a_failed_look_at_the_frontend_that_then_appeared_says_so(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """The look before probe() finds no frontend directory, which then
+    appears (a toolstack that writes the backend first) before the look
+    made again to write the failure: the directory is probed anew and
+    served, as a re-created one would be, but it was never deleted nor
+    made again, and the line that says why the failure is not reported
+    must not say it was."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest = host.create_domain("guest")
+    watched = f"/local/domain/{guest.domid}/device/xbtest/0"
+    plain_exists = driver.xenstore.exists
+    lied: list[str] = []
+
+    def exists(path: str) -> bool:
+        if path == watched and not lied:
+            lied.append(path)
+            return False  # not there yet, as far as this look saw
+        return plain_exists(path)
+
+    monkeypatch.setattr(driver.xenstore, "exists", exists)
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = _connect(frontends, guest, dev)
+    assert lied == [watched]
+    assert error_node(dom0_xs, dev) is None
+    assert driver.calls_of(guest.domid) == ["probe", "connect"]
+    (said,) = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
+    assert "deleted" not in said and "the frontend appeared since" in said, said
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
