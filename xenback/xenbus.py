@@ -63,7 +63,11 @@ protocol (section 2 of the protocol reference), item by item:
   our domain's home, and the device goes Closing (``xenbus_dev_fatal``),
   both in one transaction: the error path is shared with a new device
   the toolstack makes at the same path, which must not inherit the error
-  node of a failure whose Closing its re-creation kept out.
+  node of a failure whose Closing its re-creation kept out.  Should that
+  transaction fail, what can be written still is, alone: the error node
+  when our ``state`` is refused (checked as ever: never into a new
+  device's directory), Closing when anything else is (the error node);
+  each refusal said as a warning (see :meth:`BackendDevice.fatal`).
   An exception's errno is its own for an :class:`OSError` (the message
   then ends with its ``filename``: the node that was missing, say), EINVAL
   for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
@@ -651,14 +655,12 @@ class BackendDevice:
         """``xenbus_dev_error``: log and write the error node.  Whether the
         failure was reported there: False when the device directory is no
         longer this device's (see :meth:`fatal`)."""
-        reported, _unwritten = self._error(err, message)
-        return reported
+        return self._error(err, message)
 
-    def _error(self, err: int, message: str, *, closing: bool = False
-               ) -> tuple[bool, Exception | None]:
-        """:meth:`error`, and with ``closing`` the switch to Closing in
-        the same transaction (:meth:`fatal`): whether it was reported, and
-        what the transaction failed with, if it did (nothing written then)."""
+    def _error(self, err: int, message: str, *, closing: bool = False) -> bool:
+        """:meth:`error`, and with ``closing`` :meth:`fatal`: the switch to
+        Closing in the same transaction.  Whether the failure was reported
+        (see :meth:`fatal` for what is written when that transaction fails)."""
         _check_error(err, message)
         err = abs(err)
         message = _printable(message)
@@ -676,6 +678,7 @@ class BackendDevice:
             t.write(self.error_path, line)
             return True
 
+        state_path = f"{self.nodename}/state"
         try:
             if closing:
                 ours = self._switch(XenbusState.CLOSING, error=line, why=why) is not None
@@ -683,17 +686,49 @@ class BackendDevice:
                 ours = self.xenstore.transaction(tx)
         except (OSError, ValueError) as exc:
             # Reporting an error must not raise one: fatal() still has to go
-            # Closing.  No traceback: XenStore's error says it all.  Whose
-            # the directory is, nobody can tell: the failure is said as ours.
-            self._log_error(err, message)
-            level = logging.DEBUG if self.driver._said_already(exc) else logging.WARNING
-            logger.log(level, "%s: could not write the error node: %s", self.nodename, exc)
-            return True, exc
+            # Closing.  No traceback: XenStore's error says it all.
+            if not (closing and getattr(exc, "filename", None) == state_path):
+                # Whose the directory is, nobody can tell: the failure is
+                # said as ours.
+                self._log_error(err, message)
+                self._unwritten(exc)
+                if closing:
+                    try:
+                        self.switch_state(XenbusState.CLOSING)
+                    except OSError as again:
+                        self._unwritten(again, closing=True)
+                return True
+            # Our state refused (the toolstack took the node, most
+            # likely): the error node alone, in a transaction that checks
+            # whose the directory is, as the one that failed would have.
+            self._unwritten(exc, closing=True)
+            try:
+                ours = self.xenstore.transaction(tx)
+            except (OSError, ValueError) as again:
+                self._log_error(err, message)
+                self._unwritten(again)
+                return True
         if not ours:
             self._not_reported(err, message, why[-1])
-            return False, None
+            return False
         self._log_error(err, message)
-        return True, None
+        return True
+
+    def _unwritten(self, exc: BaseException, *, closing: bool = False) -> None:
+        """Say that the error node (or, ``closing``, fatal()'s Closing)
+        could not be written: XenStore's error ``exc`` says why, no
+        traceback.  Once our domain is going, that is said once, by
+        itself; once the connection is gone, the error node's line (or
+        the loss's own) has said why nothing more gets written, and the
+        Closing's adds nothing."""
+        said = self.driver._said_already(exc)
+        if closing:
+            said = said or self.driver._connection_gone(exc)
+            what = "could not switch to Closing"
+        else:
+            what = "could not write the error node"
+        logger.log(logging.DEBUG if said else logging.WARNING,
+                   "%s: " + what + ": %s", self.nodename, exc)
 
     def _log_error(self, err: int, message: str) -> None:
         # Rate-limited (see ``ratelimit``); the error node is written every
@@ -732,25 +767,23 @@ class BackendDevice:
         told False need not go on with the device: it is dropped next
         (the events of its directory's deletion wait on its queue).
 
-        Should that transaction fail (the error node refused, most
+        Should that transaction fail, what can be written still is, each
+        in a transaction of its own, as Linux's writes go one by one: the
+        frontend must hear of the failure, and the toolstack read it.
+        Refused our ``state`` (the toolstack took the node from us), the
+        error node is written alone, in a transaction that checks whose
+        the directory is as the failed one did (so never into a new
+        device's), and True returned unless that says the directory is
+        no longer ours.  Refused anything else (the error node, most
         likely: our home's ``error`` directory not ours to write, or our
-        node quota full), Closing is written alone, in a transaction of
-        its own, as it would be after Linux's failed write: the frontend
-        must still hear of the failure."""
+        node quota full), Closing is written alone.  What failed is said
+        as a warning, without a traceback; the failure, whose directory
+        nobody could tell then, is said as this device's.  (A state we
+        may not even read is refused before anything is written: the
+        error node, whose look at the directory reads it too, cannot be
+        written either.)"""
         _check_error(err, message)  # before anything is written
-        reported, unwritten = self._error(err, message, closing=True)
-        if unwritten is None:
-            return reported
-        try:
-            self.switch_state(XenbusState.CLOSING)
-        except OSError as exc:
-            # Once the connection is gone, the error node's line (or the
-            # loss's own) has said why nothing more gets written: once is
-            # enough.
-            said = self.driver._said_already(exc) or self.driver._connection_gone(exc)
-            level = logging.DEBUG if said else logging.WARNING
-            logger.log(level, "%s: could not switch to Closing: %s", self.nodename, exc)
-        return True
+        return self._error(err, message, closing=True)
 
     # Grants and event channels, released automatically on disconnect.
 

@@ -3474,23 +3474,100 @@ def test_fatal_is_one_transaction_on_a_closing_device_too(
 def test_closing_refused_after_the_error_node_in_a_live_driver_domain_is_said(
         host, dom0_xs, frontends, caplog) -> None:
     """fatal()'s transaction refused (its error node), and Closing, tried
-    alone, refused too (our state node taken), while the domain, home and
-    connection live: each refusal is its own, and both are said."""
+    alone, refused too (our state node left to us to read, not to write),
+    while the domain, home and connection live: each refusal is its own,
+    and both are said, in the order they were met."""
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
         bdev = backend_device(drv, fe.guest.domid)
         _take_error_directory(dom0_xs, drvdom)
-        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
         caplog.clear()
         assert bdev.events.call(lambda: bdev.fatal(errno.EIO, "refused"))
         bdev.events.flush()
-        # (Not the refused state's watch event, a traceback of its own.)
         said = [r.msg for r in _backend_warnings(caplog) if "could not" in r.msg]
-        assert said[:2] == ["%s: could not write the error node: %s",
-                            "%s: could not switch to Closing: %s"], said
+        assert said == ["%s: could not write the error node: %s",
+                        "%s: could not switch to Closing: %s"], said
+        assert not bdev.gone
     finally:
         drv.stop()
 
+
+def _driver_domain_error(dom0_xs: Any, drvdom: Any, fe: Any) -> str | None:
+    """The error node a driver domain's backend wrote for ``fe``'s device 0."""
+    return dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
+                      f"{fe.guest.domid}/0/error")
+
+
+def test_fatal_whose_state_is_refused_still_writes_its_error_node(
+        host, dom0_xs, frontends, caplog) -> None:
+    """fatal() writes its error node and Closing in one transaction; the
+    toolstack leaves our ``state`` readable but no longer writable, and
+    that transaction fails.  The error node is then written alone, as
+    Linux's xenbus_dev_fatal() writes it whatever becomes of the switch,
+    and the refused Closing is said (not as an error node refused).  The
+    device's own switches fail so in turn, and are reported alike."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
+        caplog.clear()
+        told: list[bool] = []
+        assert bdev.events.call(lambda: told.append(bdev.fatal(errno.EIO, "state refused")))
+        bdev.events.flush()
+        assert told == [True]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) == f"{errno.EIO} state refused"
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+        said = [r for r in _backend_warnings(caplog) if r.msg != "%s: error %d: %s"]
+        assert [r.msg for r in said] == ["%s: could not switch to Closing: %s"]
+        assert said[0].args[1].filename == f"{bdev.nodename}/state"  # type: ignore[index]
+        assert not bdev.gone
+        # So does the table's next switch, as the frontend closes.
+        fe.set_state(S.CLOSING)
+        error = dom0_xs.wait_for(
+            f"/local/domain/{drvdom.domid}/error/backend/xbtest/{fe.guest.domid}/0/error",
+            lambda v: v is not None and v.startswith(f"{errno.EACCES} "), timeout=TIMEOUT)
+        assert error == (f"{errno.EACCES} frontend state {int(S.CLOSING)}: Permission denied: "
+                         f"{bdev.nodename}/state")
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
+        host, dom0_xs, frontends, monkeypatch) -> None:
+    """As above, but the toolstack deletes the device and makes it again
+    at its path between the refused transaction and the error node's
+    own: the failure is the old device's, and the new one must not start
+    with its error node (the one transaction fatal() makes was for that)."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        dev = fe.device
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
+        plain = XenStore.transaction
+        refused: list[BaseException] = []
+
+        def transaction(xs: XenStore, fn: Any, **kwargs: Any) -> Any:
+            if xs is not drv.xenstore or not bdev.events.in_queue() or refused:
+                return plain(xs, fn, **kwargs)
+            try:
+                return plain(xs, fn, **kwargs)
+            except PermissionError as exc:
+                refused.append(exc)
+                fe.close()
+                host.toolstack.destroy_device(dev)
+                host.toolstack.add_device("xbtest", fe.guest.domid, backend_id=drvdom.domid)
+                raise
+
+        monkeypatch.setattr(XenStore, "transaction", transaction)
+        told: list[bool] = []
+        assert bdev.events.call(lambda: told.append(bdev.fatal(errno.EIO, "old")))
+        bdev.events.flush()
+        assert told == [False] and refused
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+    finally:
+        drv.stop()
 
 
 def test_a_failed_look_at_the_frontend_that_then_appeared_says_so(
