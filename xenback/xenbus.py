@@ -91,6 +91,14 @@ protocol (section 2 of the protocol reference), item by item:
   would outlive its Closed, or fail its next connection).  The frontend
   may then start again (Initialising) and connect, as after any fatal
   error;
+* a node of our own directory that we may no longer read (the
+  toolstack took it, set_perms on our ``state`` say, while our domain and
+  home live): the device is dropped (disconnect, remove, grants and ports
+  released), nothing written there, the error node included, and said
+  once as a warning; whose the directory is, only the state could tell
+  (see ``BackendDriver._refused``).  At the path, only a new device
+  (Initialising, readable) is served again.  One we may read but not
+  write fails at its next switch, as in Linux: error node, no Closing;
 * our own domain going away (a driver domain destroyed under its
   backend): libxl deletes its home before the domain, and with it goes
   our right to read anything we had there (EACCES where a node was).  A
@@ -1546,7 +1554,16 @@ class BackendDriver:
             dev.events.call(self._backend_changed, dev)
             return
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
-        state = self.xenstore.read(f"{path}/state")
+        try:
+            state = self.xenstore.read(f"{path}/state")
+        except PermissionError as exc:
+            if self._lost_domain(exc) or self._connection_gone(exc):
+                raise
+            # The toolstack took it (see _refused, which says so for a
+            # device we served): not one for us, as Linux's probe reads
+            # an unreadable state as Unknown and leaves the device alone.
+            logger.debug("%s: not served: %s", path, exc)
+            return
         if state is None and not self.xenstore.exists(path):
             self._forget_error(str(key[0]), str(key[1]))
             return
@@ -1805,24 +1822,31 @@ class BackendDriver:
     def _backend_changed(self, dev: BackendDevice) -> None:
         if dev.gone or self._domain_gone:
             return
-        # Outside a transaction: one on every event in our directory would
-        # count against a driver domain's few (10 in cxenstored).  What is
-        # written next checks again, in its own.
-        why = dev._stale(self.xenstore)
+        removing = False
+        try:
+            # Outside a transaction: one on every event in our directory
+            # would count against a driver domain's few (10 in
+            # cxenstored).  What is written next checks again, in its own.
+            why = dev._stale(self.xenstore)
+            if why is None:
+                try:
+                    dev.state = XenbusState.parse(dev.read("state"))
+                except ValueError:
+                    pass
+                # Removal by the toolstack: online=0 and state=Closing
+                # written to our directory.  A connected frontend closes
+                # in turn and the frontend_changed table finishes the
+                # job; one that is absent, closed or never got going
+                # would leave the toolstack waiting.
+                removing = dev.state == XenbusState.CLOSING and not self._online(dev)
+        except PermissionError as exc:
+            if self._refused(dev, exc):
+                return
+            raise
         if why is not None:
             logger.info("%s: %s", dev.nodename, why)
             self._drop(dev)
-            return
-        state = dev.read("state")
-        try:
-            dev.state = XenbusState.parse(state)
-        except ValueError:
-            pass
-        # Removal by the toolstack: online=0 and state=Closing written to
-        # our directory.  A connected frontend closes in turn and the
-        # frontend_changed table finishes the job; one that is absent,
-        # closed or never got going would leave the toolstack waiting.
-        if dev.state == XenbusState.CLOSING and not self._online(dev):
+        elif removing:
             if dev._otherend_watch is None:
                 # Its probe failed: it connected nothing, and would never
                 # hear its frontend close.
@@ -1899,8 +1923,16 @@ class BackendDriver:
         re-creation that comes after it.  It is still worth its reads:
         XenStore's error to them (the connection lost, our domain going)
         is raised, to the callback's handler, which says the cause once,
-        where fatal() would report it as this device's."""
-        why = dev._stale(self.xenstore)
+        where fatal() would report it as this device's.  A read of our
+        own directory refused (see _refused) drops the device, writing
+        nothing, the failure only logged."""
+        try:
+            why = dev._stale(self.xenstore)
+        except PermissionError as exc:
+            if not self._refused(dev, exc):
+                raise
+            dev._not_reported(abs(err), _printable(message), f"{exc.filename} may not be read")
+            return False
         if why is not None:
             dev._not_reported(abs(err), _printable(message), why)
         # "is not False": a driver's fatal() wrapped (or overridden) before
@@ -1909,6 +1941,30 @@ class BackendDriver:
             return True
         self._drop(dev)
         return False
+
+    def _refused(self, dev: BackendDevice, exc: PermissionError) -> bool:
+        """A read of ``dev``'s own directory got EACCES: unless our domain
+        is going (or the connection went: then False, and ``exc`` is for
+        the callback's handler, which says the cause once), the toolstack
+        took the node from us (set_perms on our ``state``, say).  Said
+        once, as a warning, and the device dropped, writing nothing there:
+        once we switched, only that node tells our directory from a new
+        device's made at its path (see _ours), and every switch reads it
+        first, so the device could never tell its frontend anything again,
+        nor be told from a new device.  Linux keeps such a device bound,
+        its grants and ports held, and its switches, which read the node
+        first, give up without a word (xenbus_switch_state); here they go
+        at once, remove() is called, and the path, should the toolstack
+        give the node back, is served again only as a new device
+        (Initialising), as Linux probes one (an unreadable state reads as
+        Unknown to its xenbus_read_driver_state, and is not probed).
+        True once dropped."""
+        if self._lost_domain(exc) or self._connection_gone(exc):
+            return False
+        logger.warning("%s: its own node may not be read any more (%s): dropping the device, "
+                       "writing nothing there", dev.nodename, exc)
+        self._drop(dev, closed=False)
+        return True
 
     def _disconnect(self, dev: BackendDevice) -> None:
         if dev._connected:
@@ -1928,15 +1984,15 @@ class BackendDriver:
         else:
             logger.error("%s: " + hook + " failed", dev.nodename, exc_info=exc)
 
-    def _drop(self, dev: BackendDevice) -> None:
-        """Disconnect, write Closed (if the directory is still there), call
-        remove() and forget the device."""
+    def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
+        """Disconnect, write Closed (if the directory is still there, and
+        ``closed``), call remove() and forget the device."""
         if dev.gone:
             return
         self._disconnect(dev)
         try:
             # Not once our domain is going: our directory went with our home.
-            if not self._domain_gone:
+            if closed and not self._domain_gone:
                 dev.switch_state(XenbusState.CLOSED)
         except OSError as exc:
             if self._said_already(exc):

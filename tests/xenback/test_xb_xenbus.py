@@ -3499,6 +3499,73 @@ def _driver_domain_error(dom0_xs: Any, drvdom: Any, fe: Any) -> str | None:
                       f"{fe.guest.domid}/0/error")
 
 
+def test_a_state_node_the_toolstack_takes_drops_its_device_and_says_so(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The toolstack takes a device's own ``state`` from the driver
+    domain's backend (set_perms: it may no longer read it).  Whose the
+    directory is, only that node tells once we switched (see
+    BackendDevice._ours), and every switch reads it first: the device can
+    never again tell its frontend anything, nor be told from a new device
+    made at its path.  It is dropped (disconnect, remove, grants and ports
+    released), nothing written there, the error node included, and said
+    once, without a traceback (its watch event fired on its queue, and the
+    look at the path that a drop queues on the bus ran too); the other
+    devices are served as before, and a new one is probed."""
+    drvdom, drv, (taken, other) = _driver_domain_backend(
+        host, dom0_xs, frontends, ("taken", "other"), (0,))
+    try:
+        bdev = backend_device(drv, taken.guest.domid)
+        caplog.clear()
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        drv.wait_call("remove", taken.guest.domid)
+        assert bdev.gone and bdev.resources == (0, 0)
+        assert drv.calls_of(taken.guest.domid) == ["probe", "connect", "disconnect", "remove"]
+        drv._bus.flush()  # the drop's look at the path
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        (said,) = _backend_warnings(caplog)
+        assert said.args[0] == bdev.nodename  # type: ignore[index]
+        assert isinstance(said.args[1], PermissionError)  # type: ignore[index]
+        assert said.args[1].filename == f"{bdev.nodename}/state"  # type: ignore[index]
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+        assert _driver_domain_error(dom0_xs, drvdom, taken) is None
+        other.set_state(S.CLOSING)
+        other.wait_backend(S.CLOSING)
+        dev = host.toolstack.add_device("xbtest", taken.guest.domid, devid=1,
+                                        backend_id=drvdom.domid)
+        _connect(frontends, taken.guest, dev)
+        assert not [r for r in caplog.records if r.exc_info is not None]
+    finally:
+        drv.stop()
+
+
+def test_a_failure_met_as_the_state_node_is_taken_drops_the_device_without_a_traceback(
+        host, dom0_xs, frontends, caplog) -> None:
+    """As above, but the device fails (its frontend writes a state there
+    is none of) before its queue reads the taken node on the watch's
+    event: the look before fatal() is refused.  The failure cannot be
+    written (whose directory it is, nobody can tell), so it is logged,
+    and the device dropped, as above, without a traceback."""
+    drvdom, drv, (taken,) = _driver_domain_backend(host, dom0_xs, frontends, ("taken",), (0,))
+    try:
+        bdev = backend_device(drv, taken.guest.domid)
+        held, go = threading.Event(), threading.Event()
+        assert bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
+        assert held.wait(TIMEOUT)
+        caplog.clear()
+        taken.set_state("9")
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        go.set()
+        drv.wait_call("remove", taken.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        assert [r.args[1].filename for r in _backend_warnings(caplog)  # type: ignore[index]
+                ] == [f"{bdev.nodename}/state"]
+        assert _driver_domain_error(dom0_xs, drvdom, taken) is None
+    finally:
+        drv.stop()
+
+
 def test_fatal_whose_state_is_refused_still_writes_its_error_node(
         host, dom0_xs, frontends, caplog) -> None:
     """fatal() writes its error node and Closing in one transaction; the
