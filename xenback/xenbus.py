@@ -687,6 +687,7 @@ class BackendDevice:
             return True
 
         state_path = f"{self.nodename}/state"
+        refused: Exception | None = None  # fatal()'s Closing, our state refused
         try:
             if closing:
                 ours = self._switch(XenbusState.CLOSING, error=line, why=why) is not None
@@ -709,27 +710,37 @@ class BackendDevice:
             # Our state refused (the toolstack took the node, most
             # likely): the error node alone, in a transaction that checks
             # whose the directory is, as the one that failed would have.
-            self._unwritten(exc, closing=True)
+            # The refusal is said once that is known, after the failure.
+            refused = exc
             try:
                 ours = self.xenstore.transaction(tx)
             except (OSError, ValueError) as again:
                 self._log_error(err, message)
+                self._unwritten(exc, closing=True)
                 self._unwritten(again)
                 return True
         if not ours:
             self._not_reported(err, message, why[-1])
+            if refused is not None:
+                # As the failure: a warning naming the path would be
+                # counted against the device there now.
+                self._unwritten(refused, closing=True, quiet=True)
             return False
         self._log_error(err, message)
+        if refused is not None:
+            self._unwritten(refused, closing=True)
         return True
 
-    def _unwritten(self, exc: BaseException, *, closing: bool = False) -> None:
+    def _unwritten(self, exc: BaseException, *, closing: bool = False,
+                   quiet: bool = False) -> None:
         """Say that the error node (or, ``closing``, fatal()'s Closing)
         could not be written: XenStore's error ``exc`` says why, no
         traceback.  Once our domain is going, that is said once, by
         itself; once the connection is gone, the error node's line (or
         the loss's own) has said why nothing more gets written, and the
-        Closing's adds nothing."""
-        said = self.driver._said_already(exc)
+        Closing's adds nothing.  ``quiet``: for a failure that turned out
+        not to be the directory's (see _not_reported), as a debug line."""
+        said = quiet or self.driver._said_already(exc)
         if closing:
             said = said or self.driver._connection_gone(exc)
             what = "could not switch to Closing"
@@ -785,8 +796,11 @@ class BackendDevice:
         no longer ours.  Refused anything else (the error node, most
         likely: our home's ``error`` directory not ours to write, or our
         node quota full), Closing is written alone.  What failed is said
-        as a warning, without a traceback; the failure, whose directory
-        nobody could tell then, is said as this device's.  (A state we
+        as a warning, without a traceback, after the failure; the failure,
+        whose directory nobody could tell then, is said as this device's.
+        (A Closing refused in a directory that the error node's own
+        transaction then finds no longer ours is said, as that failure
+        is, as information: see _not_reported.)  (A state we
         may not even read is refused before anything is written: the
         error node, whose look at the directory reads it too, cannot be
         written either.)"""

@@ -3602,11 +3602,14 @@ def test_fatal_whose_state_is_refused_still_writes_its_error_node(
 
 
 def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
-        host, dom0_xs, frontends, monkeypatch) -> None:
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
     """As above, but the toolstack deletes the device and makes it again
     at its path between the refused transaction and the error node's
     own: the failure is the old device's, and the new one must not start
-    with its error node (the one transaction fatal() makes was for that)."""
+    with its error node (the one transaction fatal() makes was for that).
+    Nor is it logged against the path, where a log watcher would count
+    it against the new device: the failure is information, and so is its
+    refused Closing."""
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
         bdev = backend_device(drv, fe.guest.domid)
@@ -3628,11 +3631,71 @@ def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
                 raise
 
         monkeypatch.setattr(XenStore, "transaction", transaction)
+        caplog.set_level(logging.INFO, logger="xenback.xenbus")
+        caplog.clear()
         told: list[bool] = []
         assert bdev.events.call(lambda: told.append(bdev.fatal(errno.EIO, "old")))
         bdev.events.flush()
         assert told == [False] and refused
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert _backend_warnings(caplog) == []
+        (said,) = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
+        assert said.endswith(f"old (errno {errno.EIO}), and the device directory was made again "
+                             "for a new device: not reported there"), said
+    finally:
+        drv.stop()
+
+
+def _refused_under(bdev: Any, dom0_xs: Any, call: Any) -> list[Any]:
+    """Run ``call()`` on ``bdev``'s queue once the toolstack took its
+    ``state`` (unreadable to the driver domain), before the queue handles
+    the event of that: what it returned, in a list."""
+    held, go = threading.Event(), threading.Event()
+    told: list[Any] = []
+
+    def hold() -> None:
+        held.set()
+        assert go.wait(TIMEOUT)
+        told.append(call())
+
+    assert bdev.events.call(hold)
+    assert held.wait(TIMEOUT)
+    dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+    go.set()
+    return told
+
+
+@pytest.mark.parametrize("closing", [False, True], ids=["error", "fatal"])
+def test_a_failure_reported_on_a_state_node_we_may_not_read_is_logged_only(
+        host, dom0_xs, frontends, caplog, closing) -> None:
+    """A driver's error() or fatal() met with our ``state`` unreadable
+    (its watch event not handled yet): the look at whose directory it is
+    reads that node first, so nothing can be written, the error node
+    included.  The failure is logged as this device's (nobody can tell
+    whose the directory is), with what was refused: the error node, and
+    for fatal() the Closing too, each said once; fatal() tells its caller
+    True, the device not dropped by it, and the event that follows drops
+    it, said once more, as for any device whose state was taken."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        caplog.clear()
+        report = bdev.fatal if closing else bdev.error
+        told = _refused_under(bdev, dom0_xs, lambda: report(errno.EIO, "unreadable"))
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told == [True]
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        said = [r.msg for r in _backend_warnings(caplog)]
+        assert said == [
+            "%s: error %d: %s",
+            *(["%s: could not switch to Closing: %s"] if closing else []),
+            "%s: could not write the error node: %s",
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"], said
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
     finally:
         drv.stop()
 
