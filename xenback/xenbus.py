@@ -1571,7 +1571,7 @@ class BackendDriver:
         try:
             state = self.xenstore.read(f"{path}/state")
         except PermissionError as exc:
-            if self._lost_domain(exc) or self._connection_gone(exc):
+            if not self._taken(exc):
                 raise
             # The toolstack took it (see _refused, which says so for a
             # device we served): not one for us, as Linux's probe reads
@@ -1854,9 +1854,10 @@ class BackendDriver:
                 # would leave the toolstack waiting.
                 removing = dev.state == XenbusState.CLOSING and not self._online(dev)
         except PermissionError as exc:
-            if self._refused(dev, exc):
-                return
-            raise
+            if not self._taken(exc):
+                raise
+            self._refused(dev, exc)
+            return
         if why is not None:
             logger.info("%s: %s", dev.nodename, why)
             self._drop(dev)
@@ -1943,9 +1944,11 @@ class BackendDriver:
         try:
             why = dev._stale(self.xenstore)
         except PermissionError as exc:
-            if not self._refused(dev, exc):
+            if not self._taken(exc):
                 raise
+            # Said before the drop, whose last line is the device's last.
             dev._not_reported(abs(err), _printable(message), f"{exc.filename} may not be read")
+            self._refused(dev, exc)
             return False
         if why is not None:
             dev._not_reported(abs(err), _printable(message), why)
@@ -1956,13 +1959,18 @@ class BackendDriver:
         self._drop(dev)
         return False
 
-    def _refused(self, dev: BackendDevice, exc: PermissionError) -> bool:
-        """A read of ``dev``'s own directory got EACCES: unless our domain
-        is going (or the connection went: then False, and ``exc`` is for
-        the callback's handler, which says the cause once), the toolstack
-        took the node from us (set_perms on our ``state``, say).  Said
-        once, as a warning, and the device dropped, writing nothing there:
-        once we switched, only that node tells our directory from a new
+    def _taken(self, exc: PermissionError) -> bool:
+        """Whether ``exc``, EACCES to a read of our own directory, says the
+        toolstack took the node from us (set_perms on our ``state``, say:
+        see _refused): not when our domain is going, nor once the
+        connection went; ``exc`` is then for the callback's handler, which
+        says the cause once."""
+        return not (self._lost_domain(exc) or self._connection_gone(exc))
+
+    def _refused(self, dev: BackendDevice, exc: PermissionError) -> None:
+        """A read of ``dev``'s own directory got EACCES, and the toolstack
+        took the node from us (see _taken).  Said once, as a warning, and
+        the device dropped, writing nothing there: once we switched, only that node tells our directory from a new
         device's made at its path (see _ours), and every switch reads it
         first, so the device could never tell its frontend anything again,
         nor be told from a new device.  Linux keeps such a device bound,
@@ -1971,14 +1979,10 @@ class BackendDriver:
         at once, remove() is called, and the path, should the toolstack
         give the node back, is served again only as a new device
         (Initialising), as Linux probes one (an unreadable state reads as
-        Unknown to its xenbus_read_driver_state, and is not probed).
-        True once dropped."""
-        if self._lost_domain(exc) or self._connection_gone(exc):
-            return False
+        Unknown to its xenbus_read_driver_state, and is not probed)."""
         logger.warning("%s: its own node may not be read any more (%s): dropping the device, "
                        "writing nothing there", dev.nodename, exc)
         self._drop(dev, closed=False)
-        return True
 
     def _disconnect(self, dev: BackendDevice) -> None:
         if dev._connected:

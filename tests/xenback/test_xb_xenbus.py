@@ -3544,13 +3544,17 @@ def test_a_failure_met_as_the_state_node_is_taken_drops_the_device_without_a_tra
     is none of) before its queue reads the taken node on the watch's
     event: the look before fatal() is refused.  The failure cannot be
     written (whose directory it is, nobody can tell), so it is logged,
-    and the device dropped, as above, without a traceback."""
+    and the device dropped, as above, without a traceback: the failure
+    said first, as a failure met as a device is dropped is (its device's
+    rate limit counts what it suppressed as the device goes, and the line
+    that says it was removed is its last)."""
     drvdom, drv, (taken,) = _driver_domain_backend(host, dom0_xs, frontends, ("taken",), (0,))
     try:
         bdev = backend_device(drv, taken.guest.domid)
         held, go = threading.Event(), threading.Event()
         assert bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
         assert held.wait(TIMEOUT)
+        caplog.set_level(logging.INFO, logger="xenback.xenbus")
         caplog.clear()
         taken.set_state("9")
         dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
@@ -3562,6 +3566,13 @@ def test_a_failure_met_as_the_state_node_is_taken_drops_the_device_without_a_tra
         assert [r.args[1].filename for r in _backend_warnings(caplog)  # type: ignore[index]
                 ] == [f"{bdev.nodename}/state"]
         assert _driver_domain_error(dom0_xs, drvdom, taken) is None
+        said = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(bdev.nodename + ": ")]
+        assert [m.split(": ", 1)[1] for m in said
+                if "not reported there" in m or m.endswith(": removed")] == [
+            f"frontend invalid xenbus state '9' (errno {errno.EINVAL}), and "
+            f"{bdev.nodename}/state may not be read: not reported there",
+            "removed"], said
     finally:
         drv.stop()
 
