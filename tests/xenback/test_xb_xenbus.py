@@ -689,7 +689,9 @@ def test_an_errno_given_negative_as_in_the_kernel_is_written_positive(
     assert error_node(dom0_xs, dev) == "5 broken"
 
 
-def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs) -> None:
+def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs,
+                                                   caplog) -> None:
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
     census = Census(host, driver)
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
@@ -697,6 +699,8 @@ def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
     assert driver.devices() == [] and bdev.resources == (0, 0)
+    assert f"{bdev.nodename}: the device directory was deleted" in [
+        r.getMessage() for r in caplog.records]
     # Nothing was written into the deleted directory (no resurrection),
     # and nothing can be.
     assert not dom0_xs.exists(dev.backend_path)
@@ -3708,6 +3712,84 @@ def test_a_failure_reported_on_a_state_node_we_may_not_read_is_logged_only(
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
     finally:
+        drv.stop()
+
+
+def _fatal_or_drop_after(bdev: Any, drv: Any, then: Any) -> list[BaseException | bool]:
+    """On ``bdev``'s queue, ``then()`` and a failure of the device
+    (_fatal_or_drop, as the frontend_changed table's would be): what it
+    returned or raised, in a list."""
+    told: list[BaseException | bool] = []
+
+    def fail() -> None:
+        then()
+        try:
+            told.append(drv._fatal_or_drop(bdev, errno.EIO, "failed"))
+        except PermissionError as exc:
+            told.append(exc)
+
+    assert bdev.events.call(fail)
+    bdev.events.flush()
+    return told
+
+
+def test_a_failure_met_as_our_domain_goes_is_no_refusal_of_our_state(
+        host, dom0_xs, frontends, caplog) -> None:
+    """Our home deleted (our domain going), the look at whose directory a
+    failure is reads EACCES too: the domain's end, not a node the
+    toolstack took.  It goes to the callback's handler, which says the
+    cause once (see _lost_domain); no refusal is said, nor the failure as
+    one not reported, and the device is dropped as the domain's every
+    device is."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        caplog.clear()
+        told = _fatal_or_drop_after(bdev, drv, lambda: dom0_xs.rm(f"/local/domain/{drvdom.domid}"))
+        assert [type(t) for t in told] == [PermissionError], told
+        drv.wait_call("remove", fe.guest.domid)
+        assert not [r for r in caplog.records if "may not be read" in r.getMessage()
+                    or "not reported there" in r.getMessage()]
+    finally:
+        drv.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failure_met_as_xenstore_goes_is_no_refusal_of_our_state(
+        frontends, caplog, monkeypatch) -> None:
+    """As above, but XenStore ends our connection and an EACCES it could
+    no longer explain reaches the look (see _said_already): the loss is
+    said once, by itself; the device is neither said refused nor dropped
+    for it."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    host = SimHost()
+    host.start()
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    try:
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid)
+        _connect(frontends, guest, dev)
+        bdev = backend_device(drv, guest.domid)
+
+        def lose() -> None:
+            host.close()
+            assert drv.xenstore.connection_lost.wait(TIMEOUT)
+
+            def read(path: str, *args: Any) -> Any:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+
+            monkeypatch.setattr(drv.xenstore, "read", read)
+
+        caplog.clear()
+        told = _fatal_or_drop_after(bdev, drv, lose)
+        assert [type(t) for t in told] == [PermissionError], told
+        assert not bdev.gone
+        assert not [r for r in caplog.records if "may not be read" in r.getMessage()
+                    or "not reported there" in r.getMessage()]
+    finally:
+        host.close()
         drv.stop()
 
 
