@@ -1939,10 +1939,16 @@ class BackendDriver:
         XenStore's error to them (the connection lost, our domain going)
         is raised, to the callback's handler, which says the cause once,
         where fatal() would report it as this device's.  A read of our
-        own directory refused (see _refused) drops the device, writing
-        nothing, the failure only logged."""
+        own directory refused (see _refused), our state included, which
+        the look reads before our first switch for that alone, drops the
+        device, writing nothing, the failure only logged."""
         try:
             why = dev._stale(self.xenstore)
+            if why is None and not dev._switched:
+                # That look reads no state before our first switch: one we
+                # may not read is refused all the same, as _backend_changed
+                # would find next, after fatal() wrote the error node.
+                self.xenstore.read(f"{dev.nodename}/state")
         except PermissionError as exc:
             if not self._taken(exc):
                 raise

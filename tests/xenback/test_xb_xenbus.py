@@ -3581,6 +3581,48 @@ def test_a_failure_met_as_the_state_node_is_taken_drops_the_device_without_a_tra
         drv.stop()
 
 
+def test_a_state_node_taken_while_probe_runs_drops_the_device_writing_nothing(
+        host, dom0_xs, caplog) -> None:
+    """The toolstack takes our ``state`` while probe() runs, before our
+    first switch: the switch to InitWait is refused, and the device's
+    failure met so cannot be told from the refusal.  As for a device that
+    switched: dropped, nothing written, the error node included, said
+    once as a warning (the failure, as one not reported), not as an
+    error of the device's, a refused Closing, and then the refusal."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom = host.create_domain("driver-domain")
+    drv = RecordingDriver(drvdom)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev: Any) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+
+    drv.probe_hook = hold
+    drv.start()
+    try:
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        assert entered.wait(TIMEOUT)
+        dom0_xs.set_perms(f"{dev.backend_path}/state", ["n0"])
+        release.set()
+        drv.wait_call("remove", guest.domid)
+        drv._bus.flush()
+        assert drv.calls_of(guest.domid) == ["probe", "remove"]
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        said = [r.msg for r in _backend_warnings(caplog)]
+        assert said == ["%s: its own node may not be read any more (%s): dropping the device, "
+                        "writing nothing there"], said
+        assert [r.getMessage().split(", and ", 1)[1] for r in caplog.records
+                if "not reported there" in r.getMessage()] == [
+            f"{dev.backend_path}/state may not be read: not reported there"]
+        assert dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
+                            f"{guest.domid}/0/error") is None
+        assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
+    finally:
+        drv.stop()
+
+
 def test_fatal_whose_state_is_refused_still_writes_its_error_node(
         host, dom0_xs, frontends, caplog) -> None:
     """fatal() writes its error node and Closing in one transaction; the
