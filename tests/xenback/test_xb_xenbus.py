@@ -1428,6 +1428,8 @@ def test_an_impossible_frontend_state_met_after_the_device_was_re_created_is_the
     go.set()
     driver.wait_call("probe", guest.domid, count=2)
     dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    # The error line comes once fatal()'s transaction is committed.
+    backend_device(driver, guest.domid).events.flush()
     assert old.gone
     assert error_node(dom0_xs, again) == error
     said = [r for r in caplog.records
