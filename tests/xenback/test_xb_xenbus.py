@@ -1465,6 +1465,37 @@ def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
     fe.wait_backend(S.CLOSED)
 
 
+def test_a_dropped_device_s_late_failure_says_what_the_nodes_show(
+        host, driver, frontends, caplog) -> None:
+    """A driver's thread fails a device after it was dropped, its
+    directory made again for a new device still Initialising (its probe
+    held): the line that says the failure is not reported there says what
+    the nodes show, the directory made again, rather than only that the
+    device was removed (see BackendDevice._stale)."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev: Any) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+
+    driver.probe_hook = hold
+    try:
+        fe.close()
+        host.toolstack.add_device("xbtest", guest.domid, replace=True)
+        assert entered.wait(TIMEOUT)
+        assert old.gone
+        assert old.fatal(errno.EIO, "late") is False
+        (said,) = [r.getMessage() for r in caplog.records
+                   if "not reported there" in r.getMessage()]
+        assert said == (f"{old.nodename}: late (errno {errno.EIO}), and the device directory "
+                        "was made again for a new device: not reported there"), said
+    finally:
+        release.set()
+
+
 def test_a_device_removed_before_it_was_probed_lets_the_toolstack_go(
         host, driver, frontends, dom0_xs, caplog) -> None:
     """The toolstack re-adds a device at the path of one still being
