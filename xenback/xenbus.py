@@ -63,7 +63,11 @@ protocol (section 2 of the protocol reference), item by item:
   our domain's home, and the device goes Closing (``xenbus_dev_fatal``),
   both in one transaction: the error path is shared with a new device
   the toolstack makes at the same path, which must not inherit the error
-  node of a failure whose Closing its re-creation kept out.
+  node of a failure whose Closing its re-creation kept out.  Should that
+  transaction fail, what can be written still is, alone: the error node
+  when our ``state`` is refused (checked as ever: never into a new
+  device's directory), Closing when anything else is (the error node);
+  each refusal said as a warning (see :meth:`BackendDevice.fatal`).
   An exception's errno is its own for an :class:`OSError` (the message
   then ends with its ``filename``: the node that was missing, say), EINVAL
   for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
@@ -87,6 +91,14 @@ protocol (section 2 of the protocol reference), item by item:
   would outlive its Closed, or fail its next connection).  The frontend
   may then start again (Initialising) and connect, as after any fatal
   error;
+* a node of our own directory that we may no longer read (the
+  toolstack took it, set_perms on our ``state`` say, while our domain and
+  home live): the device is dropped (disconnect, remove, grants and ports
+  released), nothing written there, the error node included, and said
+  once as a warning; whose the directory is, only the state could tell
+  (see ``BackendDriver._refused``).  At the path, only a new device
+  (Initialising, readable) is served again.  One we may read but not
+  write fails at its next switch, as in Linux: error node, no Closing;
 * our own domain going away (a driver domain destroyed under its
   backend): libxl deletes its home before the domain, and with it goes
   our right to read anything we had there (EACCES where a node was).  A
@@ -171,6 +183,18 @@ _DEVICE_TYPE = re.compile("[A-Za-z0-9_-]+")
 _INITIALISING = str(int(XenbusState.INITIALISING))
 _CLOSING = str(int(XenbusState.CLOSING))
 _CLOSED = str(int(XenbusState.CLOSED))
+
+# Why a device directory is no longer its device's (BackendDevice._stale),
+# as the line logging a failure not reported there says it.
+_DELETED = "the device directory was deleted"
+_REMOVED = "the device was removed"
+_MADE_AGAIN = "the device directory was made again for a new device"
+_PROBE_NODES_CHANGED = ("a node probe() wrote holds another value (the device directory "
+                        "made again for a new device, or the node rewritten by another writer)")
+_FRONTEND_APPEARED = ("the look at the frontend no longer fails (the frontend appeared since, "
+                      "or the device directory was made again for a new device)")
+_FRONTEND_CHANGED = ("the look at the frontend fails otherwise now (its nodes changed since, "
+                     "or the device directory was made again for a new device)")
 
 #: How many junk directories (not ``<domid>/<devid>``) a driver remembers
 #: having reported.  dom0 has no XenStore quota, so a broken toolstack can
@@ -472,26 +496,28 @@ class BackendDevice:
         probed anew) while probe() ran (see _ours)."""
         return self._switch(XenbusState.INIT_WAIT) is not None
 
-    def _switch(self, state: XenbusState, *, error: str | None = None) -> bool | None:
+    def _switch(self, state: XenbusState, *, error: str | None = None,
+                why: list[str] | None = None) -> bool | None:
         """:meth:`switch_state`; None if the device directory is gone or
-        is a new device's (see _ours): nothing is written then.  With
-        ``error``, the line of :meth:`fatal`, the error node is written
-        in the same transaction, before the state and whether or not the
-        state is written: both are the device's or neither is, and a gone
+        is a new device's (see _ours): nothing is written then, and
+        ``why`` (if given) is told why (see _stale).  With ``error``, the
+        line of :meth:`fatal`, the error node is written in the same
+        transaction, before the state and whether or not the state is
+        written: both are the device's or neither is, and a gone
         directory leaves ``state`` as it was too."""
         state = XenbusState(state)
         value = str(int(state))
         removing = False
-        stale = False
+        stale: str | None = None
 
         def tx(t: Transaction) -> bool | None:
             nonlocal removing, stale
-            removing = stale = False
-            if t.read(self.nodename) is None:
-                stale = error is not None
-                return None
-            if not self._ours(t):
-                stale = True
+            removing, stale = False, None
+            reason = self._stale(t)
+            if reason is not None:
+                # A directory deleted for good keeps no state to set.
+                if error is not None or reason != _DELETED:
+                    stale = reason
                 return None
             if error is not None:
                 t.write(self.error_path, error)
@@ -506,7 +532,9 @@ class BackendDevice:
             return True
 
         written = self.xenstore.transaction(tx)
-        if stale:
+        if stale is not None:
+            if why is not None:
+                why.append(stale)
             return None
         self.state = XenbusState.CLOSING if removing else state
         if written is not None:
@@ -593,26 +621,38 @@ class BackendDevice:
         Nor can the nodes tell once a new device there switched in turn:
         but we were dropped (gone) before it was made, and so before the
         reads that see it."""
+        return self._stale(t) is None
+
+    def _stale(self, t: Transaction | XenStore) -> str | None:
+        """Why our directory, as ``t`` reads it, is no longer this
+        device's (see :meth:`_ours`), as the line that logs a failure not
+        reported there says it; None while it is.  Each says only what
+        the nodes show: a look at the frontend that no longer fails as it
+        did may as well mean that the frontend appeared meanwhile, in the
+        directory we failed in."""
         if t.read(self.nodename) is None:
-            return False
+            return _DELETED
+        why: str | None = None
         if self._switched:
-            ours = t.read(f"{self.nodename}/state") != _INITIALISING
+            if t.read(f"{self.nodename}/state") == _INITIALISING:
+                why = _MADE_AGAIN
         else:
             # A copy: a driver's own work item may write (and add) meanwhile.
             written = dict(self._probe_nodes or {})
-            ours = all(t.read(f"{self.nodename}/{key}") == value for key, value in written.items())
             failed = self._lookup_failure
-            if ours and failed is not None:
-                ours = _how_lookup_fails(t, self) == failed
+            if not all(t.read(f"{self.nodename}/{key}") == value
+                       for key, value in written.items()):
+                why = _PROBE_NODES_CHANGED
+            elif failed is not None:
+                now = _how_lookup_fails(t, self)
+                if now is None:
+                    why = _FRONTEND_APPEARED
+                elif now != failed:
+                    why = _FRONTEND_CHANGED
         # After the reads, for the reason above.
-        return ours and not self._gone
-
-    def _is_ours(self) -> bool:
-        """:meth:`_ours`, read outside a transaction: a look before
-        deciding, on every event in our directory, where a transaction
-        each time would count against a driver domain's few (10 in
-        cxenstored).  What is written next checks again, in its own."""
-        return self._ours(self.xenstore)
+        if self._gone:
+            return why or _REMOVED
+        return why
 
     @property
     def error_path(self) -> str:
@@ -623,64 +663,108 @@ class BackendDevice:
         """``xenbus_dev_error``: log and write the error node.  Whether the
         failure was reported there: False when the device directory is no
         longer this device's (see :meth:`fatal`)."""
-        reported, _unwritten = self._error(err, message)
-        return reported
+        return self._error(err, message)
 
-    def _error(self, err: int, message: str, *, closing: bool = False
-               ) -> tuple[bool, Exception | None]:
-        """:meth:`error`, and with ``closing`` the switch to Closing in
-        the same transaction (:meth:`fatal`): whether it was reported, and
-        what the transaction failed with, if it did (nothing written then)."""
+    def _error(self, err: int, message: str, *, closing: bool = False) -> bool:
+        """:meth:`error`, and with ``closing`` :meth:`fatal`: the switch to
+        Closing in the same transaction.  Whether the failure was reported
+        (see :meth:`fatal` for what is written when that transaction fails)."""
         _check_error(err, message)
         err = abs(err)
         message = _printable(message)
         line = f"{err} {message}"[:1024]
+        why: list[str] = []
 
         def tx(t: Transaction) -> bool:
             # The error path is a new device's as much as ours: it must not
             # start its life with our failure.  (Nor is an error node of a
             # device deleted for good left behind: nobody would read it.)
-            if not self._ours(t):
+            stale = self._stale(t)
+            if stale is not None:
+                why.append(stale)
                 return False
             t.write(self.error_path, line)
             return True
 
+        state_path = f"{self.nodename}/state"
+        refused: Exception | None = None  # fatal()'s Closing, our state refused
         try:
             if closing:
-                ours = self._switch(XenbusState.CLOSING, error=line) is not None
+                ours = self._switch(XenbusState.CLOSING, error=line, why=why) is not None
             else:
                 ours = self.xenstore.transaction(tx)
         except (OSError, ValueError) as exc:
             # Reporting an error must not raise one: fatal() still has to go
-            # Closing.  No traceback: XenStore's error says it all.  Whose
-            # the directory is, nobody can tell: the failure is said as ours.
-            self._log_error(err, message)
-            level = logging.DEBUG if self.driver._said_already(exc) else logging.WARNING
-            logger.log(level, "%s: could not write the error node: %s", self.nodename, exc)
-            return True, exc
+            # Closing.  No traceback: XenStore's error says it all.
+            if not (closing and getattr(exc, "filename", None) == state_path):
+                # Whose the directory is, nobody can tell: the failure is
+                # said as ours.
+                self._log_error(err, message)
+                self._unwritten(exc)
+                if closing:
+                    try:
+                        self.switch_state(XenbusState.CLOSING)
+                    except OSError as again:
+                        self._unwritten(again, closing=True)
+                return True
+            # Our state refused (the toolstack took the node, most
+            # likely): the error node alone, in a transaction that checks
+            # whose the directory is, as the one that failed would have.
+            # The refusal is said once that is known, after the failure.
+            refused = exc
+            try:
+                ours = self.xenstore.transaction(tx)
+            except (OSError, ValueError) as again:
+                self._log_error(err, message)
+                self._unwritten(exc, closing=True)
+                self._unwritten(again)
+                return True
         if not ours:
-            self._not_reported(err, message)
-            return False, None
+            self._not_reported(err, message, why[-1])
+            if refused is not None:
+                # As the failure: a warning naming the path would be
+                # counted against the device there now.
+                self._unwritten(refused, closing=True, quiet=True)
+            return False
         self._log_error(err, message)
-        return True, None
+        if refused is not None:
+            self._unwritten(refused, closing=True)
+        return True
+
+    def _unwritten(self, exc: BaseException, *, closing: bool = False,
+                   quiet: bool = False) -> None:
+        """Say that the error node (or, ``closing``, fatal()'s Closing)
+        could not be written: XenStore's error ``exc`` says why, no
+        traceback.  Once our domain is going, that is said once, by
+        itself; once the connection is gone, the error node's line (or
+        the loss's own) has said why nothing more gets written, and the
+        Closing's adds nothing.  ``quiet``: for a failure that turned out
+        not to be the directory's (see _not_reported), as a debug line."""
+        said = quiet or self.driver._said_already(exc)
+        if closing:
+            said = said or self.driver._connection_gone(exc)
+            what = "could not switch to Closing"
+        else:
+            what = "could not write the error node"
+        logger.log(logging.DEBUG if said else logging.WARNING,
+                   "%s: " + what + ": %s", self.nodename, exc)
 
     def _log_error(self, err: int, message: str) -> None:
         # Rate-limited (see ``ratelimit``); the error node is written every
         # time: the frontend must see each failure.
         self.ratelimit.log(logger, logging.ERROR, "%s: error %d: %s", self.nodename, err, message)
 
-    def _not_reported(self, err: int, message: str) -> None:
+    def _not_reported(self, err: int, message: str, why: str) -> None:
         """Log a failure of this device met once its directory is no
-        longer its own.  As information: an error line names the path,
-        and a log watcher would count it against the device there now,
-        which did not fail.  Rate-limited as the error line it stands for
-        (a driver may meet the failure again and again until the device
-        is dropped).  ``message`` is escaped already (``_printable``): it
-        may quote what the frontend wrote."""
-        self.ratelimit.log(logger, logging.INFO,
-                           "%s: %s (errno %d), and the device directory is no longer this "
-                           "device's (deleted, or made again for a new one): not reported there",
-                           self.nodename, message, err)
+        longer its own, ``why`` saying what showed it (see _stale).  As
+        information: an error line names the path, and a log watcher
+        would count it against the device there now, which did not fail.
+        Rate-limited as the error line it stands for (a driver may meet
+        the failure again and again until the device is dropped).
+        ``message`` is escaped already (``_printable``): it may quote
+        what the frontend wrote."""
+        self.ratelimit.log(logger, logging.INFO, "%s: %s (errno %d), and %s: not reported there",
+                           self.nodename, message, err, why)
 
     def fatal(self, err: int, message: str) -> bool:
         """``xenbus_dev_fatal``: :meth:`error` and the switch to Closing,
@@ -702,25 +786,26 @@ class BackendDevice:
         told False need not go on with the device: it is dropped next
         (the events of its directory's deletion wait on its queue).
 
-        Should that transaction fail (the error node refused, most
+        Should that transaction fail, what can be written still is, each
+        in a transaction of its own, as Linux's writes go one by one: the
+        frontend must hear of the failure, and the toolstack read it.
+        Refused our ``state`` (the toolstack took the node from us), the
+        error node is written alone, in a transaction that checks whose
+        the directory is as the failed one did (so never into a new
+        device's), and True returned unless that says the directory is
+        no longer ours.  Refused anything else (the error node, most
         likely: our home's ``error`` directory not ours to write, or our
-        node quota full), Closing is written alone, in a transaction of
-        its own, as it would be after Linux's failed write: the frontend
-        must still hear of the failure."""
+        node quota full), Closing is written alone.  What failed is said
+        as a warning, without a traceback, after the failure; the failure,
+        whose directory nobody could tell then, is said as this device's.
+        (A Closing refused in a directory that the error node's own
+        transaction then finds no longer ours is said, as that failure
+        is, as information: see _not_reported.)  (A state we
+        may not even read is refused before anything is written: the
+        error node, whose look at the directory reads it too, cannot be
+        written either.)"""
         _check_error(err, message)  # before anything is written
-        reported, unwritten = self._error(err, message, closing=True)
-        if unwritten is None:
-            return reported
-        try:
-            self.switch_state(XenbusState.CLOSING)
-        except OSError as exc:
-            # Once the connection is gone, the error node's line (or the
-            # loss's own) has said why nothing more gets written: once is
-            # enough.
-            said = self.driver._said_already(exc) or self.driver._connection_gone(exc)
-            level = logging.DEBUG if said else logging.WARNING
-            logger.log(level, "%s: could not switch to Closing: %s", self.nodename, exc)
-        return True
+        return self._error(err, message, closing=True)
 
     # Grants and event channels, released automatically on disconnect.
 
@@ -1483,7 +1568,16 @@ class BackendDriver:
             dev.events.call(self._backend_changed, dev)
             return
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
-        state = self.xenstore.read(f"{path}/state")
+        try:
+            state = self.xenstore.read(f"{path}/state")
+        except PermissionError as exc:
+            if not self._taken(exc):
+                raise
+            # The toolstack took it (see _refused, which says so for a
+            # device we served): not one for us, as Linux's probe reads
+            # an unreadable state as Unknown and leaves the device alone.
+            logger.debug("%s: not served: %s", path, exc)
+            return
         if state is None and not self.xenstore.exists(path):
             self._forget_error(str(key[0]), str(key[1]))
             return
@@ -1742,20 +1836,32 @@ class BackendDriver:
     def _backend_changed(self, dev: BackendDevice) -> None:
         if dev.gone or self._domain_gone:
             return
-        if not dev._is_ours():
-            logger.info("%s: device directory deleted", dev.nodename)
-            self._drop(dev)
-            return
-        state = dev.read("state")
+        removing = False
         try:
-            dev.state = XenbusState.parse(state)
-        except ValueError:
-            pass
-        # Removal by the toolstack: online=0 and state=Closing written to
-        # our directory.  A connected frontend closes in turn and the
-        # frontend_changed table finishes the job; one that is absent,
-        # closed or never got going would leave the toolstack waiting.
-        if dev.state == XenbusState.CLOSING and not self._online(dev):
+            # Outside a transaction: one on every event in our directory
+            # would count against a driver domain's few (10 in
+            # cxenstored).  What is written next checks again, in its own.
+            why = dev._stale(self.xenstore)
+            if why is None:
+                try:
+                    dev.state = XenbusState.parse(dev.read("state"))
+                except ValueError:
+                    pass
+                # Removal by the toolstack: online=0 and state=Closing
+                # written to our directory.  A connected frontend closes
+                # in turn and the frontend_changed table finishes the
+                # job; one that is absent, closed or never got going
+                # would leave the toolstack waiting.
+                removing = dev.state == XenbusState.CLOSING and not self._online(dev)
+        except PermissionError as exc:
+            if not self._taken(exc):
+                raise
+            self._refused(dev, exc)
+            return
+        if why is not None:
+            logger.info("%s: %s", dev.nodename, why)
+            self._drop(dev)
+        elif removing:
             if dev._otherend_watch is None:
                 # Its probe failed: it connected nothing, and would never
                 # hear its frontend close.
@@ -1832,15 +1938,57 @@ class BackendDriver:
         re-creation that comes after it.  It is still worth its reads:
         XenStore's error to them (the connection lost, our domain going)
         is raised, to the callback's handler, which says the cause once,
-        where fatal() would report it as this device's."""
-        if not dev._is_ours():
-            dev._not_reported(abs(err), _printable(message))
+        where fatal() would report it as this device's.  A read of our
+        own directory refused (see _refused), our state included, which
+        the look reads before our first switch for that alone, drops the
+        device, writing nothing, the failure only logged."""
+        try:
+            why = dev._stale(self.xenstore)
+            if why is None and not dev._switched:
+                # That look reads no state before our first switch: one we
+                # may not read is refused all the same, as _backend_changed
+                # would find next, after fatal() wrote the error node.
+                self.xenstore.read(f"{dev.nodename}/state")
+        except PermissionError as exc:
+            if not self._taken(exc):
+                raise
+            # Said before the drop, whose last line is the device's last.
+            dev._not_reported(abs(err), _printable(message), f"{exc.filename} may not be read")
+            self._refused(dev, exc)
+            return False
+        if why is not None:
+            dev._not_reported(abs(err), _printable(message), why)
         # "is not False": a driver's fatal() wrapped (or overridden) before
         # it told anything returns None, and that is no drop.
         elif dev.fatal(err, message) is not False:
             return True
         self._drop(dev)
         return False
+
+    def _taken(self, exc: PermissionError) -> bool:
+        """Whether ``exc``, EACCES to a read of our own directory, says the
+        toolstack took the node from us (set_perms on our ``state``, say:
+        see _refused): not when our domain is going, nor once the
+        connection went; ``exc`` is then for the callback's handler, which
+        says the cause once."""
+        return not (self._lost_domain(exc) or self._connection_gone(exc))
+
+    def _refused(self, dev: BackendDevice, exc: PermissionError) -> None:
+        """A read of ``dev``'s own directory got EACCES, and the toolstack
+        took the node from us (see _taken).  Said once, as a warning, and
+        the device dropped, writing nothing there: once we switched, only that node tells our directory from a new
+        device's made at its path (see _ours), and every switch reads it
+        first, so the device could never tell its frontend anything again,
+        nor be told from a new device.  Linux keeps such a device bound,
+        its grants and ports held, and its switches, which read the node
+        first, give up without a word (xenbus_switch_state); here they go
+        at once, remove() is called, and the path, should the toolstack
+        give the node back, is served again only as a new device
+        (Initialising), as Linux probes one (an unreadable state reads as
+        Unknown to its xenbus_read_driver_state, and is not probed)."""
+        logger.warning("%s: its own node may not be read any more (%s): dropping the device, "
+                       "writing nothing there", dev.nodename, exc)
+        self._drop(dev, closed=False)
 
     def _disconnect(self, dev: BackendDevice) -> None:
         if dev._connected:
@@ -1860,15 +2008,15 @@ class BackendDriver:
         else:
             logger.error("%s: " + hook + " failed", dev.nodename, exc_info=exc)
 
-    def _drop(self, dev: BackendDevice) -> None:
-        """Disconnect, write Closed (if the directory is still there), call
-        remove() and forget the device."""
+    def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
+        """Disconnect, write Closed (if the directory is still there, and
+        ``closed``), call remove() and forget the device."""
         if dev.gone:
             return
         self._disconnect(dev)
         try:
             # Not once our domain is going: our directory went with our home.
-            if not self._domain_gone:
+            if closed and not self._domain_gone:
                 dev.switch_state(XenbusState.CLOSED)
         except OSError as exc:
             if self._said_already(exc):

@@ -689,7 +689,9 @@ def test_an_errno_given_negative_as_in_the_kernel_is_written_positive(
     assert error_node(dom0_xs, dev) == "5 broken"
 
 
-def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs) -> None:
+def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs,
+                                                   caplog) -> None:
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
     census = Census(host, driver)
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
@@ -697,6 +699,8 @@ def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
     assert driver.devices() == [] and bdev.resources == (0, 0)
+    assert f"{bdev.nodename}: the device directory was deleted" in [
+        r.getMessage() for r in caplog.records]
     # Nothing was written into the deleted directory (no resurrection),
     # and nothing can be.
     assert not dom0_xs.exists(dev.backend_path)
@@ -995,9 +999,9 @@ def test_a_failed_look_at_the_frontend_that_the_new_directory_fails_otherwise_is
         f"{errno.ENOENT} probing: frontend does not exist: {device.frontend_path}")
     said = [r for r in caplog.records if "not reported there" in r.getMessage()]
     assert [r.getMessage().split(": ", 2)[1:] for r in said] == [
-        ["probing", f"reading other end details: {base} (errno {errno.ENOENT}), and the device "
-         "directory is no longer this device's (deleted, or made again for a new one): "
-         "not reported there"]]
+        ["probing", f"reading other end details: {base} (errno {errno.ENOENT}), and the look "
+         "at the frontend fails otherwise now (its nodes changed since, or the device "
+         "directory was made again for a new device): not reported there"]]
     assert driver.calls_of(guest.domid) == []
 
 
@@ -1424,6 +1428,8 @@ def test_an_impossible_frontend_state_met_after_the_device_was_re_created_is_the
     go.set()
     driver.wait_call("probe", guest.domid, count=2)
     dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
+    # The error line comes once fatal()'s transaction is committed.
+    backend_device(driver, guest.domid).events.flush()
     assert old.gone
     assert error_node(dom0_xs, again) == error
     said = [r for r in caplog.records
@@ -1457,6 +1463,37 @@ def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
     assert error_node(dom0_xs, again) is None
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
+
+
+def test_a_dropped_device_s_late_failure_says_what_the_nodes_show(
+        host, driver, frontends, caplog) -> None:
+    """A driver's thread fails a device after it was dropped, its
+    directory made again for a new device still Initialising (its probe
+    held): the line that says the failure is not reported there says what
+    the nodes show, the directory made again, rather than only that the
+    device was removed (see BackendDevice._stale)."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev: Any) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+
+    driver.probe_hook = hold
+    try:
+        fe.close()
+        host.toolstack.add_device("xbtest", guest.domid, replace=True)
+        assert entered.wait(TIMEOUT)
+        assert old.gone
+        assert old.fatal(errno.EIO, "late") is False
+        (said,) = [r.getMessage() for r in caplog.records
+                   if "not reported there" in r.getMessage()]
+        assert said == (f"{old.nodename}: late (errno {errno.EIO}), and the device directory "
+                        "was made again for a new device: not reported there"), said
+    finally:
+        release.set()
 
 
 def test_a_device_removed_before_it_was_probed_lets_the_toolstack_go(
@@ -3474,19 +3511,390 @@ def test_fatal_is_one_transaction_on_a_closing_device_too(
 def test_closing_refused_after_the_error_node_in_a_live_driver_domain_is_said(
         host, dom0_xs, frontends, caplog) -> None:
     """fatal()'s transaction refused (its error node), and Closing, tried
-    alone, refused too (our state node taken), while the domain, home and
-    connection live: each refusal is its own, and both are said."""
+    alone, refused too (our state node left to us to read, not to write),
+    while the domain, home and connection live: each refusal is its own,
+    and both are said, in the order they were met."""
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
         bdev = backend_device(drv, fe.guest.domid)
         _take_error_directory(dom0_xs, drvdom)
-        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
         caplog.clear()
         assert bdev.events.call(lambda: bdev.fatal(errno.EIO, "refused"))
         bdev.events.flush()
-        # (Not the refused state's watch event, a traceback of its own.)
         said = [r.msg for r in _backend_warnings(caplog) if "could not" in r.msg]
-        assert said[:2] == ["%s: could not write the error node: %s",
-                            "%s: could not switch to Closing: %s"], said
+        assert said == ["%s: could not write the error node: %s",
+                        "%s: could not switch to Closing: %s"], said
+        assert not bdev.gone
     finally:
         drv.stop()
+
+
+def _driver_domain_error(dom0_xs: Any, drvdom: Any, fe: Any) -> str | None:
+    """The error node a driver domain's backend wrote for ``fe``'s device 0."""
+    return dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
+                      f"{fe.guest.domid}/0/error")
+
+
+def test_a_state_node_the_toolstack_takes_drops_its_device_and_says_so(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The toolstack takes a device's own ``state`` from the driver
+    domain's backend (set_perms: it may no longer read it).  Whose the
+    directory is, only that node tells once we switched (see
+    BackendDevice._ours), and every switch reads it first: the device can
+    never again tell its frontend anything, nor be told from a new device
+    made at its path.  It is dropped (disconnect, remove, grants and ports
+    released), nothing written there, the error node included, and said
+    once, without a traceback (its watch event fired on its queue, and the
+    look at the path that a drop queues on the bus ran too); the other
+    devices are served as before, and a new one is probed."""
+    drvdom, drv, (taken, other) = _driver_domain_backend(
+        host, dom0_xs, frontends, ("taken", "other"), (0,))
+    try:
+        bdev = backend_device(drv, taken.guest.domid)
+        caplog.clear()
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        drv.wait_call("remove", taken.guest.domid)
+        assert bdev.gone and bdev.resources == (0, 0)
+        assert drv.calls_of(taken.guest.domid) == ["probe", "connect", "disconnect", "remove"]
+        drv._bus.flush()  # the drop's look at the path
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        (said,) = _backend_warnings(caplog)
+        assert said.args[0] == bdev.nodename  # type: ignore[index]
+        assert isinstance(said.args[1], PermissionError)  # type: ignore[index]
+        assert said.args[1].filename == f"{bdev.nodename}/state"  # type: ignore[index]
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+        assert _driver_domain_error(dom0_xs, drvdom, taken) is None
+        other.set_state(S.CLOSING)
+        other.wait_backend(S.CLOSING)
+        dev = host.toolstack.add_device("xbtest", taken.guest.domid, devid=1,
+                                        backend_id=drvdom.domid)
+        _connect(frontends, taken.guest, dev)
+        assert not [r for r in caplog.records if r.exc_info is not None]
+    finally:
+        drv.stop()
+
+
+def test_a_failure_met_as_the_state_node_is_taken_drops_the_device_without_a_traceback(
+        host, dom0_xs, frontends, caplog) -> None:
+    """As above, but the device fails (its frontend writes a state there
+    is none of) before its queue reads the taken node on the watch's
+    event: the look before fatal() is refused.  The failure cannot be
+    written (whose directory it is, nobody can tell), so it is logged,
+    and the device dropped, as above, without a traceback: the failure
+    said first, as a failure met as a device is dropped is (its device's
+    rate limit counts what it suppressed as the device goes, and the line
+    that says it was removed is its last)."""
+    drvdom, drv, (taken,) = _driver_domain_backend(host, dom0_xs, frontends, ("taken",), (0,))
+    try:
+        bdev = backend_device(drv, taken.guest.domid)
+        held, go = threading.Event(), threading.Event()
+        assert bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
+        assert held.wait(TIMEOUT)
+        caplog.set_level(logging.INFO, logger="xenback.xenbus")
+        caplog.clear()
+        taken.set_state("9")
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        go.set()
+        drv.wait_call("remove", taken.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        assert [r.args[1].filename for r in _backend_warnings(caplog)  # type: ignore[index]
+                ] == [f"{bdev.nodename}/state"]
+        assert _driver_domain_error(dom0_xs, drvdom, taken) is None
+        said = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(bdev.nodename + ": ")]
+        assert [m.split(": ", 1)[1] for m in said
+                if "not reported there" in m or m.endswith(": removed")] == [
+            f"frontend invalid xenbus state '9' (errno {errno.EINVAL}), and "
+            f"{bdev.nodename}/state may not be read: not reported there",
+            "removed"], said
+    finally:
+        drv.stop()
+
+
+def test_a_state_node_taken_while_probe_runs_drops_the_device_writing_nothing(
+        host, dom0_xs, caplog) -> None:
+    """The toolstack takes our ``state`` while probe() runs, before our
+    first switch: the switch to InitWait is refused, and the device's
+    failure met so cannot be told from the refusal.  As for a device that
+    switched: dropped, nothing written, the error node included, said
+    once as a warning (the failure, as one not reported), not as an
+    error of the device's, a refused Closing, and then the refusal."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom = host.create_domain("driver-domain")
+    drv = RecordingDriver(drvdom)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev: Any) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+
+    drv.probe_hook = hold
+    drv.start()
+    try:
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        assert entered.wait(TIMEOUT)
+        dom0_xs.set_perms(f"{dev.backend_path}/state", ["n0"])
+        release.set()
+        drv.wait_call("remove", guest.domid)
+        drv._bus.flush()
+        assert drv.calls_of(guest.domid) == ["probe", "remove"]
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        said = [r.msg for r in _backend_warnings(caplog)]
+        assert said == ["%s: its own node may not be read any more (%s): dropping the device, "
+                        "writing nothing there"], said
+        assert [r.getMessage().split(", and ", 1)[1] for r in caplog.records
+                if "not reported there" in r.getMessage()] == [
+            f"{dev.backend_path}/state may not be read: not reported there"]
+        assert dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
+                            f"{guest.domid}/0/error") is None
+        assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
+    finally:
+        drv.stop()
+
+
+def test_fatal_whose_state_is_refused_still_writes_its_error_node(
+        host, dom0_xs, frontends, caplog) -> None:
+    """fatal() writes its error node and Closing in one transaction; the
+    toolstack leaves our ``state`` readable but no longer writable, and
+    that transaction fails.  The error node is then written alone, as
+    Linux's xenbus_dev_fatal() writes it whatever becomes of the switch,
+    and the refused Closing is said (not as an error node refused).  The
+    device's own switches fail so in turn, and are reported alike."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
+        caplog.clear()
+        told: list[bool] = []
+        assert bdev.events.call(lambda: told.append(bdev.fatal(errno.EIO, "state refused")))
+        bdev.events.flush()
+        assert told == [True]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) == f"{errno.EIO} state refused"
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+        said = [r for r in _backend_warnings(caplog) if r.msg != "%s: error %d: %s"]
+        assert [r.msg for r in said] == ["%s: could not switch to Closing: %s"]
+        assert said[0].args[1].filename == f"{bdev.nodename}/state"  # type: ignore[index]
+        assert not bdev.gone
+        # So does the table's next switch, as the frontend closes.
+        fe.set_state(S.CLOSING)
+        error = dom0_xs.wait_for(
+            f"/local/domain/{drvdom.domid}/error/backend/xbtest/{fe.guest.domid}/0/error",
+            lambda v: v is not None and v.startswith(f"{errno.EACCES} "), timeout=TIMEOUT)
+        assert error == (f"{errno.EACCES} frontend state {int(S.CLOSING)}: Permission denied: "
+                         f"{bdev.nodename}/state")
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """As above, but the toolstack deletes the device and makes it again
+    at its path between the refused transaction and the error node's
+    own: the failure is the old device's, and the new one must not start
+    with its error node (the one transaction fatal() makes was for that).
+    Nor is it logged against the path, where a log watcher would count
+    it against the new device: the failure is information, and so is its
+    refused Closing."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        dev = fe.device
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
+        plain = XenStore.transaction
+        refused: list[BaseException] = []
+
+        def transaction(xs: XenStore, fn: Any, **kwargs: Any) -> Any:
+            if xs is not drv.xenstore or not bdev.events.in_queue() or refused:
+                return plain(xs, fn, **kwargs)
+            try:
+                return plain(xs, fn, **kwargs)
+            except PermissionError as exc:
+                refused.append(exc)
+                fe.close()
+                host.toolstack.destroy_device(dev)
+                host.toolstack.add_device("xbtest", fe.guest.domid, backend_id=drvdom.domid)
+                raise
+
+        monkeypatch.setattr(XenStore, "transaction", transaction)
+        caplog.set_level(logging.INFO, logger="xenback.xenbus")
+        caplog.clear()
+        told: list[bool] = []
+        assert bdev.events.call(lambda: told.append(bdev.fatal(errno.EIO, "old")))
+        bdev.events.flush()
+        assert told == [False] and refused
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert _backend_warnings(caplog) == []
+        (said,) = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
+        assert said.endswith(f"old (errno {errno.EIO}), and the device directory was made again "
+                             "for a new device: not reported there"), said
+    finally:
+        drv.stop()
+
+
+def _refused_under(bdev: Any, dom0_xs: Any, call: Any) -> list[Any]:
+    """Run ``call()`` on ``bdev``'s queue once the toolstack took its
+    ``state`` (unreadable to the driver domain), before the queue handles
+    the event of that: what it returned, in a list."""
+    held, go = threading.Event(), threading.Event()
+    told: list[Any] = []
+
+    def hold() -> None:
+        held.set()
+        assert go.wait(TIMEOUT)
+        told.append(call())
+
+    assert bdev.events.call(hold)
+    assert held.wait(TIMEOUT)
+    dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+    go.set()
+    return told
+
+
+@pytest.mark.parametrize("closing", [False, True], ids=["error", "fatal"])
+def test_a_failure_reported_on_a_state_node_we_may_not_read_is_logged_only(
+        host, dom0_xs, frontends, caplog, closing) -> None:
+    """A driver's error() or fatal() met with our ``state`` unreadable
+    (its watch event not handled yet): the look at whose directory it is
+    reads that node first, so nothing can be written, the error node
+    included.  The failure is logged as this device's (nobody can tell
+    whose the directory is), with what was refused: the error node, and
+    for fatal() the Closing too, each said once; fatal() tells its caller
+    True, the device not dropped by it, and the event that follows drops
+    it, said once more, as for any device whose state was taken."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        caplog.clear()
+        report = bdev.fatal if closing else bdev.error
+        told = _refused_under(bdev, dom0_xs, lambda: report(errno.EIO, "unreadable"))
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told == [True]
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        said = [r.msg for r in _backend_warnings(caplog)]
+        assert said == [
+            "%s: error %d: %s",
+            *(["%s: could not switch to Closing: %s"] if closing else []),
+            "%s: could not write the error node: %s",
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"], said
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def _fatal_or_drop_after(bdev: Any, drv: Any, then: Any) -> list[BaseException | bool]:
+    """On ``bdev``'s queue, ``then()`` and a failure of the device
+    (_fatal_or_drop, as the frontend_changed table's would be): what it
+    returned or raised, in a list."""
+    told: list[BaseException | bool] = []
+
+    def fail() -> None:
+        then()
+        try:
+            told.append(drv._fatal_or_drop(bdev, errno.EIO, "failed"))
+        except PermissionError as exc:
+            told.append(exc)
+
+    assert bdev.events.call(fail)
+    bdev.events.flush()
+    return told
+
+
+def test_a_failure_met_as_our_domain_goes_is_no_refusal_of_our_state(
+        host, dom0_xs, frontends, caplog) -> None:
+    """Our home deleted (our domain going), the look at whose directory a
+    failure is reads EACCES too: the domain's end, not a node the
+    toolstack took.  It goes to the callback's handler, which says the
+    cause once (see _lost_domain); no refusal is said, nor the failure as
+    one not reported, and the device is dropped as the domain's every
+    device is."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        caplog.clear()
+        told = _fatal_or_drop_after(bdev, drv, lambda: dom0_xs.rm(f"/local/domain/{drvdom.domid}"))
+        assert [type(t) for t in told] == [PermissionError], told
+        drv.wait_call("remove", fe.guest.domid)
+        assert not [r for r in caplog.records if "may not be read" in r.getMessage()
+                    or "not reported there" in r.getMessage()]
+    finally:
+        drv.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failure_met_as_xenstore_goes_is_no_refusal_of_our_state(
+        frontends, caplog, monkeypatch) -> None:
+    """As above, but XenStore ends our connection and an EACCES it could
+    no longer explain reaches the look (see _said_already): the loss is
+    said once, by itself; the device is neither said refused nor dropped
+    for it."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    host = SimHost()
+    host.start()
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    try:
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid)
+        _connect(frontends, guest, dev)
+        bdev = backend_device(drv, guest.domid)
+
+        def lose() -> None:
+            host.close()
+            assert drv.xenstore.connection_lost.wait(TIMEOUT)
+
+            def read(path: str, *args: Any) -> Any:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+
+            monkeypatch.setattr(drv.xenstore, "read", read)
+
+        caplog.clear()
+        told = _fatal_or_drop_after(bdev, drv, lose)
+        assert [type(t) for t in told] == [PermissionError], told
+        assert not bdev.gone
+        assert not [r for r in caplog.records if "may not be read" in r.getMessage()
+                    or "not reported there" in r.getMessage()]
+    finally:
+        host.close()
+        drv.stop()
+
+
+def test_a_failed_look_at_the_frontend_that_then_appeared_says_so(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """The look before probe() finds no frontend directory, which then
+    appears (a toolstack that writes the backend first) before the look
+    made again to write the failure: the directory is probed anew and
+    served, as a re-created one would be, but it was never deleted nor
+    made again, and the line that says why the failure is not reported
+    must not say it was."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest = host.create_domain("guest")
+    watched = f"/local/domain/{guest.domid}/device/xbtest/0"
+    plain_exists = driver.xenstore.exists
+    lied: list[str] = []
+
+    def exists(path: str) -> bool:
+        if path == watched and not lied:
+            lied.append(path)
+            return False  # not there yet, as far as this look saw
+        return plain_exists(path)
+
+    monkeypatch.setattr(driver.xenstore, "exists", exists)
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = _connect(frontends, guest, dev)
+    assert lied == [watched]
+    assert error_node(dom0_xs, dev) is None
+    assert driver.calls_of(guest.domid) == ["probe", "connect"]
+    (said,) = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
+    assert "deleted" not in said and "the frontend appeared since" in said, said
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
