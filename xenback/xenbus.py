@@ -1976,16 +1976,17 @@ class BackendDriver:
     def _refused(self, dev: BackendDevice, exc: PermissionError) -> None:
         """A read of ``dev``'s own directory got EACCES, and the toolstack
         took the node from us (see _taken).  Said once, as a warning, and
-        the device dropped, writing nothing there: once we switched, only that node tells our directory from a new
-        device's made at its path (see _ours), and every switch reads it
-        first, so the device could never tell its frontend anything again,
-        nor be told from a new device.  Linux keeps such a device bound,
-        its grants and ports held, and its switches, which read the node
-        first, give up without a word (xenbus_switch_state); here they go
-        at once, remove() is called, and the path, should the toolstack
-        give the node back, is served again only as a new device
-        (Initialising), as Linux probes one (an unreadable state reads as
-        Unknown to its xenbus_read_driver_state, and is not probed)."""
+        the device dropped, writing nothing there: once we switched, only
+        that node tells our directory from a new device's made at its path
+        (see _ours), and every switch reads it first, so the device could
+        never tell its frontend anything again, nor be told from a new
+        device.  Linux keeps such a device bound, its grants and ports
+        held, and its switches, which read the node first, give up without
+        a word (xenbus_switch_state); here they go at once, remove() is
+        called, and the path, should the toolstack give the node back, is
+        served again only as a new device (Initialising), as Linux probes
+        one (an unreadable state reads as Unknown to its
+        xenbus_read_driver_state, and is not probed)."""
         logger.warning("%s: its own node may not be read any more (%s): dropping the device, "
                        "writing nothing there", dev.nodename, exc)
         self._drop(dev, closed=False)
