@@ -127,7 +127,7 @@ from xenback._eventqueue import EventQueue, check_callback
 from xenback._flags import check_flag, is_int
 from xenback.events import EventDispatcher, PortCallback
 from xenback.hostlock import HostLock
-from xenback.platform import check_platform
+from xenback.platform import check_grant_refs, check_platform
 from xenback.ratelimit import RateLimit
 from xenback.xenstore import Transaction, Watch, XenStore
 
@@ -728,10 +728,13 @@ class BackendDevice:
         """Map the frontend's grants ``refs`` contiguously (tracked).
         Raises :class:`~xenback.platform.GrantError`, or :class:`OSError`
         ENODEV once the device was removed (nothing stays mapped then);
-        :class:`TypeError` for a ``writable`` that is not True or False."""
+        :class:`TypeError` for a ``writable`` that is not True or False,
+        or ``refs`` that is not a sequence of them (see
+        :func:`~xenback.platform.check_grant_refs`)."""
         # Checked here too, whatever the platform does: a driver's bug is
         # refused the same way on every platform, its own ones included.
         check_flag("writable", writable)
+        refs = check_grant_refs(refs)
         if self._gone:
             # Not even the driver's handle: after stop() it would be a new
             # one that nobody closes.

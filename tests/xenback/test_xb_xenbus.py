@@ -357,6 +357,25 @@ def test_a_mapping_flag_must_be_true_or_false(host, driver, frontends, monkeypat
     assert bdev.resources == resources
 
 
+@pytest.mark.parametrize(("refs", "shown"), [(5, "int 5"), ("8", "str '8'"), (b"8", "bytes b'8'"),
+                                             ({8}, "set {8}"), (None, "NoneType None")])
+def test_refs_must_be_a_sequence_of_grant_references(
+        host, driver, frontends, monkeypatch, refs, shown) -> None:
+    """map_grant_refs(5) failed in the platform with "'int' object is not
+    iterable", naming no argument, and b"8" mapped grant 56: refused by
+    the device itself, whatever its platform, naming refs."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    resources = bdev.resources
+    asked: list[object] = []
+    monkeypatch.setattr(driver.gnttab, "map_grant_refs", lambda *a, **kw: asked.append(a))
+    with pytest.raises(TypeError, match=rf"^refs must be a sequence of grant references "
+                                        rf"\(ints\), not {re.escape(shown)}$"):
+        bdev.map_grant_refs(refs)
+    assert asked == []
+    assert bdev.resources == resources
+
+
 def test_resources_taken_while_the_device_is_being_dropped_are_released(
         host, driver, frontends) -> None:
     """A driver's own work item may map and bind after the drop's
