@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from workqueue._shown import shown
 from xenback._closing import Closing
 from xenback._flags import is_int
 from xenback.platform import EventChannelError
@@ -79,9 +80,12 @@ class _LocalPort:
     unbound: bool = False
 
 
-def _check_domid(domid: int) -> None:
-    if type(domid) is not int or not 0 <= domid < 0x7FF0:
-        raise EventChannelError(errno.EINVAL, f"invalid domain id {domid!r}")
+def _check_domid(domid: int) -> int:
+    """``domid`` as a plain int (to the service's JSON) if it is one of a
+    domain (0 to 0x7FEF), by the rule of ports."""
+    if not is_int(domid) or not 0 <= domid < 0x7FF0:
+        raise EventChannelError(errno.EINVAL, f"invalid domain id {shown(domid)}")
+    return int(domid)
 
 
 def _check_port(port: int) -> None:
@@ -176,12 +180,12 @@ class EventChannel(Closing):
 
     def bind_unbound_port(self, domid: int) -> int:
         """Allocate a port that ``domid`` may bind to; returns its number."""
-        _check_domid(domid)
+        domid = _check_domid(domid)
         return self._bind("evtchn_alloc_unbound", 1, domid, None, domid=domid)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Connect a new local port to ``remote_port`` of ``domid``."""
-        _check_domid(domid)
+        domid = _check_domid(domid)
         _check_port(remote_port)
         return self._bind("evtchn_bind_interdomain", 2, domid, remote_port,
                           domid=domid, port=remote_port)
