@@ -809,7 +809,12 @@ class BackendDevice:
         Nothing is sent on a port this device does not hold (any more): a
         driver's work item may get here after disconnect released it, and
         by then the number may be bound to another device's frontend.
+        :class:`TypeError` for a ``port`` that is not an int (is_int).
         """
+        if type(port) is not int and not is_int(port):  # a plain int spared the call
+            # Before the lookup: True and 1.0 find port 1 there, which the
+            # handle then refuses; "1" was quietly not sent.
+            raise TypeError(f"port must be an int, not {type(port).__name__}")
         # Under _lock: release_resources() and unbind_evtchn() take the
         # port out under it before unbinding, so it cannot go mid-notify.
         # (A notify does not block: an ioctl, or a write to a pipe.)

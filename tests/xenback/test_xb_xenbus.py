@@ -297,6 +297,24 @@ def test_tracked_resources_can_be_released_early(host, driver, frontends) -> Non
     census.check()
 
 
+def test_notify_takes_a_port_by_the_rule_of_ports(host, driver, frontends, monkeypatch) -> None:
+    """notify(True) found port 1 in the device's list (True == 1) and the
+    handle then refused it; notify("1") was quietly not sent.  Refused
+    first, as unbind_evtchn() refuses them, naming the argument; an int
+    subclass is the port."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = driver.events.ports
+    sent: list[int] = []
+    monkeypatch.setattr(driver.events, "notify", sent.append)
+    for wrong in (True, False, float(port), str(port), None):
+        with pytest.raises(TypeError, match=f"^port must be an int, not {type(wrong).__name__}$"):
+            bdev.notify(wrong)  # type: ignore[arg-type]
+    assert sent == []
+    bdev.notify(enum.IntEnum("Port", {"RING": port}).RING)
+    assert sent == [port]
+
+
 def test_releasing_what_the_framework_released_already(host, driver, frontends) -> None:
     """A driver's own work item may unmap or unbind after disconnect
     released everything: unmapping again is a no-op, as it is for the
