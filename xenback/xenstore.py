@@ -72,7 +72,7 @@ from pyxs.helpers import check_path, error
 from workqueue import wait_slice
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue, check_callback
-from xenback._flags import is_int
+from xenback._flags import XENSTORE_DOMID_MAX, check_xenstore_domid
 from xenback._wire import XENSTORE_PAYLOAD_MAX
 from xenback.platform import check_platform
 
@@ -183,11 +183,6 @@ _SENDABLE = re.compile("[\0\x20-\x7f]*")
 #: "r010" would give domain 8, not 10.
 _PERMISSION = re.compile("[wrbn](0|[1-9][0-9]*)")
 
-#: The largest domid XenStore takes (a domid_t, uint16_t), in a request
-#: or a permission; past it, xenstored answers a bare EINVAL.  Not Xen's
-#: DOMID_FIRST_RESERVED (0x7FF0): xenstored knows DOMID_SELF, and a
-#: permission may name any domid_t.
-DOMID_MAX = 0xFFFF
 
 
 def _value(value: str | int, path: str) -> bytes:
@@ -210,19 +205,6 @@ def _value(value: str | int, path: str) -> bytes:
             f"to this node has room for {room} in its {XENSTORE_PAYLOAD_MAX}-byte payload"
         )
     return data
-
-
-def _check_domid(domid: int) -> int:
-    """``domid`` as a plain int, checked as ports are (is_int) and
-    against :data:`DOMID_MAX`."""
-    # pyxs sends str(domid): "1" would pass for 1, and True or None reach
-    # XenStore as "True" or "None".
-    if not is_int(domid):
-        raise TypeError(f"domid must be an int, not {type(domid).__name__}")
-    if not 0 <= domid <= DOMID_MAX:
-        raise ValueError(f"domid must be 0 to {DOMID_MAX} (a domid_t), not {domid}")
-    # An int subclass's str() may be its name (IntFlag, a class of one's own).
-    return int(domid)
 
 
 #: Why a connection may end before XenStore said a word on it.  xenstored
@@ -942,9 +924,9 @@ class _Ops:
                                  f"one of the letters w r b n and a domid, like 'r5'")
             # Six digits or more, with no leading zero, are past it (and
             # int() of thousands of them would fail on its own limit).
-            if len(perm) > 6 or int(perm[1:]) > DOMID_MAX:
+            if len(perm) > 6 or int(perm[1:]) > XENSTORE_DOMID_MAX:
                 raise ValueError(f"invalid XenStore permission {perm!r} for {path!r}: "
-                                 f"domid {perm[1:]} is past {DOMID_MAX} (a domid_t)")
+                                 f"domid {perm[1:]} is past {XENSTORE_DOMID_MAX} (a domid_t)")
             encoded.append(perm.encode())
         if not encoded:
             raise ValueError(
@@ -1244,7 +1226,9 @@ class XenStore(_Ops, Closing):
     def _ask_about(self, query: Callable[[int], Any], domid: int) -> Any:
         """``query(domid)``, its errors as :meth:`_do`'s: a connection
         never made, or closed, is "not connected", not "lost"."""
-        domid = _check_domid(domid)
+        # pyxs sends str(domid): "1" would pass for 1, and True or None
+        # reach XenStore as "True" or "None".
+        domid = check_xenstore_domid(domid)
         where = f"@domain/{domid}"
         if not self._client.router.is_connected:
             raise _connection_lost(self._client.router, where, "not connected to XenStore")
