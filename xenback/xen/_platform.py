@@ -195,8 +195,7 @@ def _unsigned(cls: type[PlatformError], value: int, what: str, bits: int = 32) -
     # included), is spared the call of is_int().
     if (type(value) is not int and not is_int(value)) or not 0 <= value < 1 << bits:
         raise cls(errno.EINVAL, f"{what} {shown(value)} is not a {bits}-bit unsigned integer")
-    # A plain int: an int subclass's str() may be its name in a message.
-    return value if type(value) is int else int(value)
+    return value
 
 
 def _error(cls: type[PlatformError], what: str) -> PlatformError:
@@ -415,7 +414,8 @@ class XenGrantTable(_Device):
     def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
         check_flag("writable", writable)
         refs = check_grant_refs(refs)  # as the simulated host checks them
-        domid = _unsigned(GrantError, domid, "domain id")
+        # A plain int: an int subclass's str() may be its name in a message.
+        domid = int(_unsigned(GrantError, domid, "domain id"))
         op = _ioctl_arg("struct ioctl_gntdev_map_grant_ref", len(refs))
         op.count = len(refs)
         grants = ffi.cast("struct ioctl_gntdev_grant_ref *", op.refs)
