@@ -184,7 +184,6 @@ _SENDABLE = re.compile("[\0\x20-\x7f]*")
 _PERMISSION = re.compile("[wrbn](0|[1-9][0-9]*)")
 
 
-
 def _value(value: str | int, path: str) -> bytes:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise TypeError(f"XenStore values are str or int, not {type(value).__name__}")

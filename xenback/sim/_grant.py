@@ -444,7 +444,8 @@ class GrantTable(_Handle[GrantMapping]):
         self, domid: int, refs: Sequence[int], *, writable: bool = True
     ) -> GrantMapping:
         """Map ``refs`` granted by ``domid`` contiguously.  Raises :class:`GrantError`;
-        :class:`TypeError` for a ``writable`` that is not True or False."""
+        :class:`TypeError` for a ``writable`` that is not True or False, or
+        ``refs`` that is not a sequence (:func:`xenback.platform.check_grant_refs`)."""
         check_flag("writable", writable)
         domid = _check_domid(domid)
         # As the xen platform checks them: a ref past a grant_ref_t must
