@@ -124,7 +124,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from workqueue import WQ_UNBOUND, Work, Workqueue, alloc_workqueue, wait_slice
 from xenback._eventqueue import EventQueue, check_callback
-from xenback._flags import check_flag, is_int
+from xenback._flags import XENSTORE_DOMID_MAX, check_flag, is_int
 from xenback.events import EventDispatcher, PortCallback
 from xenback.hostlock import HostLock
 from xenback.platform import check_grant_refs, check_platform
@@ -1617,6 +1617,12 @@ class BackendDriver:
                 dev.events.call(self._domain_dead, dev)
 
     def _domain_alive(self, domid: int) -> bool:
+        if domid > XENSTORE_DOMID_MAX:
+            # A backend directory may name any number (it is the
+            # toolstack's): no domain has this one, and XenStore is not
+            # even asked (ValueError, where its EINVAL fell through to the
+            # look at the home below, which is not there either).
+            return False
         try:
             return self.xenstore.is_domain_introduced(domid)
         except OSError:
