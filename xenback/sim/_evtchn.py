@@ -88,9 +88,12 @@ def _check_domid(domid: int) -> int:
     return int(domid)
 
 
-def _check_port(port: int) -> None:
+def _check_port(port: int) -> int:
+    """``port`` as a plain int (kept, and to the service's JSON) if it is
+    one of a port (1 to MAX_EVTCHN_PORT), by the rule of ports."""
     if not is_int(port) or not 1 <= port <= MAX_EVTCHN_PORT:
-        raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+        raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
+    return int(port)
 
 
 class EventChannel(Closing):
@@ -186,7 +189,7 @@ class EventChannel(Closing):
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Connect a new local port to ``remote_port`` of ``domid``."""
         domid = _check_domid(domid)
-        _check_port(remote_port)
+        remote_port = _check_port(remote_port)
         return self._bind("evtchn_bind_interdomain", 2, domid, remote_port,
                           domid=domid, port=remote_port)
 
@@ -247,7 +250,7 @@ class EventChannel(Closing):
         # 0 included): Linux's IOCTL_EVTCHN_UNBIND, which the xen platform
         # passes on.
         if not is_int(port) or not 0 <= port <= MAX_EVTCHN_PORT:
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
         # Forget the port before the service frees its number: a port bound
         # meanwhile by another thread may get the same number.  The port
         # stays in the table, unbound, until the service answered: news
@@ -315,7 +318,7 @@ class EventChannel(Closing):
         if type(port) is not int and not is_int(port):  # a plain int spared the call
             # Before the table: True and 1.0 are port 1's keys there, and
             # the xen platform refuses them (not a uint32_t).
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
         with self._lock:
             if self._closed:  # the check only: a call less per event
                 self._check_open()
@@ -344,7 +347,7 @@ class EventChannel(Closing):
                 # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes
                 # on: EINVAL past the last port (as unbind), else ENOTCONN.
                 if not 0 <= port <= MAX_EVTCHN_PORT:  # an int: checked above
-                    raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+                    raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
                 raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
             if lp.peer_fd is not None:
                 try:
@@ -556,13 +559,13 @@ class EventChannel(Closing):
         the xen platform the same call does nothing).
         """
         if type(port) is not int and not is_int(port):  # as in notify()
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
         with self._lock:
             if self._closed:  # the check only: a call less per event
                 self._check_open()
             lp = self._ports.get(port)
             if lp is None:
-                raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+                raise EventChannelError(errno.EINVAL, f"port {shown(port)} is not bound by this handle")
             lp.masked = False
             if lp.ignored and not lp.dead:
                 lp.ignored = False
@@ -617,7 +620,7 @@ class EventChannel(Closing):
             self._check_open()
             lp = self._ports.get(port)
             if lp is None or lp.unbound:
-                raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+                raise EventChannelError(errno.EINVAL, f"port {shown(port)} is not bound by this handle")
             if lp.remote_port is None:
                 return None
             return lp.remote_domid, lp.remote_port
