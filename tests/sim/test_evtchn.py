@@ -1750,15 +1750,18 @@ def test_a_port_number_may_be_an_int_subclass(host: SimHost, guest: Domain) -> N
 
 
 def test_a_bound_remote_port_is_kept_as_a_plain_int(host: SimHost, guest: Domain) -> None:
-    """bind_interdomain() takes a port by the rule of ports (an IntEnum
-    is the port it stands for), and keeps the number: remote() answered
-    the caller's own IntEnum until the service's news replaced it."""
+    """bind_interdomain() takes a domid and a port by the rule of ports
+    (an IntEnum is the number it stands for), and keeps the numbers:
+    remote() answered the caller's own IntEnum port until the service's
+    news replaced it."""
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
         p1 = e1.bind_unbound_port(0)
         Port = enum.IntEnum("Port", {"RING": p1})
-        p0 = e0.bind_interdomain(guest.domid, Port.RING)
+        Dom = enum.IntEnum("Dom", {"GUEST": guest.domid})
+        p0 = e0.bind_interdomain(Dom.GUEST, Port.RING)
         domid, port = e0.remote(p0)
-        assert (domid, port) == (guest.domid, p1) and type(port) is int
+        assert (domid, port) == (guest.domid, p1)
+        assert (type(domid), type(port)) == (int, int)
 
 
 @pytest.mark.parametrize("huge", [10**5000, -(10**5000)], ids=["1e5000", "-1e5000"])

@@ -221,6 +221,20 @@ def test_refs_must_be_a_sequence_of_grant_references(
     tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
 
 
+def test_a_memoryview_of_refs_is_refused_as_bytes_are(
+    handles: tuple[GrantShare, GrantTable]
+) -> None:
+    """A memoryview is a Sequence of its bytes, or of its items once
+    cast: memoryview(b"8") would map grant 56, as b"8" would."""
+    shr, tab = handles
+    pages = shr.share_pages(0, 1)
+    for refs in (memoryview(b"8"), memoryview(bytearray(4)).cast("I")):
+        with pytest.raises(TypeError, match=r"^refs must be a sequence of grant references "
+                                            r"\(ints\), not memoryview "):
+            tab.map_grant_refs(1, refs)
+    tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
+
+
 def test_domids_refs_and_counts_follow_the_port_rule(
     handles: tuple[GrantShare, GrantTable]
 ) -> None:
@@ -253,8 +267,9 @@ def test_the_last_32_bit_ref_is_asked_of_the_service(
     """2**32 - 1 is a grant_ref_t: the xen platform passes it to gntdev,
     so here the service answers it, as a ref not granted."""
     _shr, tab = handles
-    with pytest.raises(GrantError, match=r"grant ref 4294967295 of domain 1 is not granted"):
-        tab.map_grant_refs(1, [(1 << 32) - 1])
+    for ref in ((1 << 32) - 1, 0):  # both ends of the range
+        with pytest.raises(GrantError, match=rf"grant ref {ref} of domain 1 is not granted"):
+            tab.map_grant_refs(1, [ref])
 
 
 @pytest.mark.parametrize("count", [0, -1, 100_000, "1"])

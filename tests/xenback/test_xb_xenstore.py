@@ -254,6 +254,22 @@ def test_domain_queries_take_an_int_subclass(dom0_xs) -> None:
     assert dom0_xs.get_domain_path(Dom.GUEST) == "/local/domain/3"
 
 
+class _Named(int):
+    """An int subclass whose str() is not its number (as a driver's own
+    class may be): what pyxs sends, str(domid), would be its name."""
+
+    def __str__(self) -> str:
+        return "guest"
+
+
+def test_domain_queries_send_the_number_of_any_int_subclass(host, dom0_xs) -> None:
+    """The check's plain int is what is sent: an IntEnum's str() is its
+    number since Python 3.11, but not every int subclass's."""
+    guest = host.create_domain("guest")
+    assert dom0_xs.get_domain_path(_Named(guest.domid)) == f"/local/domain/{guest.domid}"
+    assert dom0_xs.is_domain_introduced(_Named(guest.domid)) is True
+
+
 def test_domain_queries_raise_oserror_naming_the_domain(dom0_xs, monkeypatch) -> None:
     # As every other operation: an OSError with the errno, not pyxs's own.
     def refuse(domid):
