@@ -1517,3 +1517,22 @@ def test_a_bool_is_no_domain_id(host: SimHost, domid: bool) -> None:
     with guest.evtchn() as ch, pytest.raises(PlatformError) as info:
         ch.bind_unbound_port(domid)
     assert info.value.errno == errno.EINVAL
+
+
+class _Named(int):
+    """An int subclass whose str() is not its number (a caller's own
+    class may be one): a message must name the number."""
+
+    def __str__(self) -> str:
+        return "guest"
+
+
+def test_no_domain_is_named_by_its_number(host: SimHost) -> None:
+    """LookupError naming the number: {domid} of a 5000-digit int raised
+    Python's own ValueError of its digit limit instead, and an int
+    subclass was named by its str()."""
+    for call in (host.domain, host.destroy_domain):
+        with pytest.raises(LookupError, match=r"^no domain 99$"):
+            call(_Named(99))
+        with pytest.raises(LookupError, match=r"^no domain about 10\*\*5000 \(an int of 16610 bits\)$"):
+            call(10**5000)
