@@ -396,11 +396,11 @@ class SimHost(Closing):
 
         def domain() -> Domain:
             if domid in self._dying:
-                raise LookupError(f"domain {domid} is being destroyed")
+                raise LookupError(f"domain {shown(domid)} is being destroyed")
             try:
                 return self._domains[domid]
             except KeyError:
-                raise LookupError(f"no domain {domid}") from None
+                raise LookupError(f"no domain {shown(domid)}") from None
 
         return self._locked("domain", domain)
 
@@ -575,7 +575,7 @@ class SimHost(Closing):
             if domid not in self._domains:
                 if waited:
                     return None  # the destroy we waited for ended it
-                raise LookupError(f"no domain {domid}")
+                raise LookupError(f"no domain {shown(domid)}")
             other = self._dying.get(domid)
             # An earlier destroy of this thread is over, or suspended under
             # us (this call came from a signal's handler): ours goes on
