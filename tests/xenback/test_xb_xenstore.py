@@ -197,6 +197,20 @@ def test_set_perms_names_a_wrong_permission_list(dom0_xs, perms, error, text) ->
     assert dom0_xs.get_perms("/test/p") == ["n0", "r1"]
 
 
+@pytest.mark.parametrize("perm", ["n" + "9" * 5000, "r1" + "0" * 4999])
+def test_set_perms_shows_a_huge_domid_short(dom0_xs, perm) -> None:
+    """A domid of thousands of digits is past a domid_t too: refused
+    without int() of it (Python's own digit-limit ValueError), in a
+    message that does not quote its 5000 digits twice."""
+    dom0_xs.write("/test/p", "x")
+    with pytest.raises(ValueError, match=r"^invalid XenStore permission '[nr][0-9]+\.\.\.[0-9]+' "
+                                         r"for '/test/p': domid of 5000 digits is past 65535 "
+                                         r"\(a domid_t\)$") as info:
+        dom0_xs.set_perms("/test/p", ["n0", perm])
+    assert len(str(info.value)) < 200
+    assert dom0_xs.get_perms("/test/p") == ["n0"]
+
+
 def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
     guest = host.create_domain("guest")
     dom0_xs.write("/secret", "x")
