@@ -70,6 +70,7 @@ from pyxs.exceptions import (
 from pyxs.helpers import check_path, error
 
 from workqueue import wait_slice
+from workqueue._shown import shown
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue, check_callback
 from xenback._flags import XENSTORE_DOMID_MAX, check_xenstore_domid
@@ -924,8 +925,9 @@ class _Ops:
             # Six digits or more, with no leading zero, are past it (and
             # int() of thousands of them would fail on its own limit).
             if len(perm) > 6 or int(perm[1:]) > XENSTORE_DOMID_MAX:
-                raise ValueError(f"invalid XenStore permission {perm!r} for {path!r}: "
-                                 f"domid {perm[1:]} is past {XENSTORE_DOMID_MAX} (a domid_t)")
+                domid = perm[1:] if len(perm) <= 21 else f"of {len(perm) - 1} digits"
+                raise ValueError(f"invalid XenStore permission {shown(perm)} for {path!r}: "
+                                 f"domid {domid} is past {XENSTORE_DOMID_MAX} (a domid_t)")
             encoded.append(perm.encode())
         if not encoded:
             raise ValueError(
