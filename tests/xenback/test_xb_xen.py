@@ -285,6 +285,27 @@ def test_device_errors_carry_errno_and_say_what_failed() -> None:
     assert info.value.errno == errno.EBADF
 
 
+class _Named(int):
+    """An int subclass whose str() is not its number (a driver's own class
+    may be one): an error message must name the number."""
+
+    def __str__(self) -> str:
+        return "guest"
+
+
+@pytest.mark.usefixtures("fake_devices")
+def test_device_errors_name_the_numbers_of_int_subclasses() -> None:
+    """Ints by the rule of ports are kept as plain ints: "sharing guest
+    pages with domain guest" said nothing."""
+    table, share = _platform.XenGrantTable(), _platform.XenGrantShare()
+    with pytest.raises(GrantError, match=r"mapping grants \(8, 9\) of domain 1: "):
+        table.map_grant_refs(_Named(1), [_Named(8), 9])
+    with pytest.raises(GrantError, match="sharing 2 pages with domain 0: "):
+        share.share_pages(_Named(0), _Named(2))
+    table.close()
+    share.close()
+
+
 # -- ending pages that views still show ---------------------------------------
 
 
