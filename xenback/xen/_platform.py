@@ -477,9 +477,12 @@ class XenGrantShare(_Device):
         check_flag("writable", writable)
         # GrantError (EINVAL), as on the simulated host, for any count
         # gntalloc's uint32_t cannot take, not a TypeError or OverflowError.
-        if _unsigned(GrantError, count, "page count") < 1:
+        # Plain ints, as map_grant_refs() keeps them: a subclass's str()
+        # may be its name in a message.
+        count = int(_unsigned(GrantError, count, "page count"))
+        if count < 1:
             raise GrantError(errno.EINVAL, f"cannot share {count} pages")
-        _unsigned(GrantError, domid, "domain id", bits=16)
+        domid = int(_unsigned(GrantError, domid, "domain id", bits=16))
         op = _ioctl_arg("struct ioctl_gntalloc_alloc_gref", count)
         op.domid = domid
         op.flags = GNTALLOC_FLAG_WRITABLE if writable else 0
