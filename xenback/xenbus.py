@@ -729,8 +729,8 @@ class BackendDevice:
         Raises :class:`~xenback.platform.GrantError`, or :class:`OSError`
         ENODEV once the device was removed (nothing stays mapped then);
         :class:`TypeError` for a ``writable`` that is not True or False,
-        or ``refs`` that is not a sequence of them (see
-        :func:`~xenback.platform.check_grant_refs`)."""
+        or ``refs`` that is not a sequence (a str, bytes or a set is not
+        one: see :func:`~xenback.platform.check_grant_refs`)."""
         # Checked here too, whatever the platform does: a driver's bug is
         # refused the same way on every platform, its own ones included.
         check_flag("writable", writable)
