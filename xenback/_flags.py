@@ -1,9 +1,15 @@
-"""The one check of the public API's flags, and the one rule of its
-port and descriptor numbers."""
+"""The one check of the public API's flags, the one rule of its port and
+descriptor numbers, and the one of XenStore's domids."""
 
 from __future__ import annotations
 
-__all__ = ["check_flag", "is_int"]
+__all__ = ["XENSTORE_DOMID_MAX", "check_flag", "check_xenstore_domid", "is_int"]
+
+#: The largest domid XenStore takes (a domid_t, uint16_t), in a request
+#: or a permission; past it, xenstored answers a bare EINVAL.  Not Xen's
+#: DOMID_FIRST_RESERVED (0x7FF0): xenstored knows DOMID_SELF, and a
+#: permission may name any domid_t.
+XENSTORE_DOMID_MAX = 0xFFFF
 
 
 def check_flag(name: str, value: object) -> bool:
@@ -30,3 +36,17 @@ def is_int(value: object) -> bool:
     a plain int the call of this function.
     """
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_xenstore_domid(domid: int) -> int:
+    """``domid`` as a plain int, if XenStore takes it: by the rule of
+    ports (:func:`is_int`, else TypeError), and 0 to
+    :data:`XENSTORE_DOMID_MAX` (else ValueError), both naming ``domid``.
+    The one check of xenback.XenStore's domain queries and of the
+    simulated server's domain calls."""
+    if not is_int(domid):
+        raise TypeError(f"domid must be an int, not {type(domid).__name__}")
+    if not 0 <= domid <= XENSTORE_DOMID_MAX:
+        raise ValueError(f"domid must be 0 to {XENSTORE_DOMID_MAX} (a domid_t), not {domid}")
+    # An int subclass's str() may be its name (IntFlag, a class of one's own).
+    return int(domid)

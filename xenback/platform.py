@@ -25,11 +25,15 @@ the other.
 
 from __future__ import annotations
 
+import errno
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from workqueue._shown import shown
+from xenback._flags import is_int
 
 if TYPE_CHECKING:
     import pyxs
@@ -115,8 +119,8 @@ class GrantTable(Protocol):
     ) -> GrantMapping:
         """Map ``refs`` granted by ``domid`` contiguously, like
         ``xengnttab_map_domain_grant_refs``.  Raises :class:`GrantError`
-        (EINVAL for a ref that is not an int of 0 to 2**32 - 1, a
-        ``grant_ref_t``);
+        (EINVAL for no refs, or a ref that is not an int of 0 to
+        2**32 - 1, a ``grant_ref_t``: see :func:`check_grant_refs`);
         :class:`TypeError` if ``refs`` is not a sequence at all, or
         ``writable`` not True or False (a flag is never read for its
         truth: ``writable="no"`` must not map writable)."""
@@ -246,6 +250,33 @@ class Platform(Protocol):
     def evtchn(self) -> EventChannel:
         """A new event channel handle."""
         ...
+
+
+def check_grant_refs(refs: Sequence[int]) -> tuple[int, ...]:
+    """``refs`` for :meth:`GrantTable.map_grant_refs`, checked as both
+    platforms check them before anything reaches the hypervisor or the
+    service: a tuple of plain ints.
+
+    :class:`TypeError` naming ``refs`` unless it is a sequence, in its
+    order (a set has none), and not a str or bytes-like one, whose
+    letters or bytes would be taken for refs (``b"8"`` is grant 56);
+    :class:`GrantError` EINVAL for none at all, or a ref that is not a
+    ``grant_ref_t``, an int (or an int subclass, as ports:
+    :func:`xenback._flags.is_int`) of 0 to 2**32 - 1.
+    """
+    if not isinstance(refs, Sequence) or isinstance(refs, str | bytes | bytearray | memoryview):
+        raise TypeError(f"refs must be a sequence of grant references (ints), "
+                        f"not {type(refs).__name__} {shown(refs)}")
+    checked = []
+    for i, ref in enumerate(refs):
+        if (type(ref) is not int and not is_int(ref)) or not 0 <= ref <= 0xFFFFFFFF:
+            raise GrantError(errno.EINVAL, f"grant reference {shown(ref)} (refs[{i}]) is not "
+                                           f"a 32-bit unsigned integer (a grant_ref_t)")
+        checked.append(int(ref))
+    if not checked:
+        # EINVAL, not a TypeError: a frontend's list of refs may well be empty.
+        raise GrantError(errno.EINVAL, "no grant references to map")
+    return tuple(checked)
 
 
 def check_platform(platform: object) -> None:

@@ -55,6 +55,7 @@ this module uses ``mb`` too.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NoReturn
 
 from xenback._barrier import lib as _barrier
 from xenback._flags import check_flag
@@ -115,6 +116,34 @@ def _as_bytes_view(buffer: memoryview | bytearray, what: str) -> memoryview:
     return view
 
 
+class _Released:
+    """What a released ring holds in place of each of its views: any use
+    of it says which ring was released, where the view's own error
+    ("operation forbidden on released memoryview object") named neither.
+
+    A ValueError still, as the view's and a closed file's.  Put in place
+    of the views rather than checked for: the data path pays nothing.
+    """
+
+    __slots__ = ("_what",)
+
+    def __init__(self, ring: object) -> None:
+        self._what = type(ring).__name__
+
+    def _used(self) -> NoReturn:
+        raise ValueError(f"this {self._what} was released (release()): "
+                         f"it cannot be used any more")
+
+    def __getitem__(self, key: object) -> NoReturn:
+        self._used()
+
+    def __setitem__(self, key: object, value: object) -> NoReturn:
+        self._used()
+
+    def release(self) -> None:
+        """Released already: releasing again does nothing, as a view's."""
+
+
 def _check_count(n: int) -> None:
     # Before any arithmetic: a float would fail deep in the index masking,
     # and True would move a byte.
@@ -126,11 +155,12 @@ class _SharedRing:
     """What the front and back rings share: the slots and the header."""
 
     def __init__(self, buffer: memoryview | bytearray, slot_size: int) -> None:
-        self._buf = _as_bytes_view(buffer, "ring buffer")
+        buf = _as_bytes_view(buffer, "ring buffer")
         self.slot_size = slot_size
         #: Number of slots (``RING_SIZE``).
-        self.nr_ents = ring_size(len(self._buf), slot_size)
-        self._idx = self._buf[:SRING_HEADER_SIZE].cast("I")
+        self.nr_ents = ring_size(len(buf), slot_size)
+        self._buf: memoryview | _Released = buf
+        self._idx: memoryview | _Released = buf[:SRING_HEADER_SIZE].cast("I")
 
     def _slot(self, idx: int) -> memoryview:
         off = SRING_HEADER_SIZE + (idx & (self.nr_ents - 1)) * self.slot_size
@@ -144,9 +174,12 @@ class _SharedRing:
 
     def release(self) -> None:
         """Drop this object's views of the buffer (before the pages are
-        unmapped); the ring must not be used afterwards."""
+        unmapped); the ring must not be used afterwards: a ValueError says
+        so.  Releasing it again does nothing."""
         self._idx.release()
+        self._idx = _Released(self)
         self._buf.release()
+        self._buf = _Released(self)
 
 
 class BackRing(_SharedRing):
@@ -378,8 +411,9 @@ class FlexRing:
         prod_offset: int,
         cons_offset: int,
     ) -> None:
-        self._data = _as_bytes_view(data, "ring data")
-        self.size = len(self._data)
+        view = _as_bytes_view(data, "ring data")
+        self._data: memoryview | _Released = view
+        self.size = len(view)
         if self.size == 0 or self.size & (self.size - 1):
             raise ValueError(f"a flex ring's size must be a power of two, not {self.size}")
         idx = _as_bytes_view(indexes, "ring indexes")
@@ -395,8 +429,8 @@ class FlexRing:
                 f"prod_offset and cons_offset are both {prod_offset}: "
                 f"a flex ring needs two indexes"
             )
-        self._prod = idx[prod_offset : prod_offset + 4].cast("I")
-        self._cons = idx[cons_offset : cons_offset + 4].cast("I")
+        self._prod: memoryview | _Released = idx[prod_offset : prod_offset + 4].cast("I")
+        self._cons: memoryview | _Released = idx[cons_offset : cons_offset + 4].cast("I")
         # The index our last readable()/writable() saw, and how far it may move.
         self._pos = 0
         self._limit = 0
@@ -476,7 +510,12 @@ class FlexRing:
         self._prod[0] = self._pos
 
     def release(self) -> None:
-        """Drop the views (before the pages are unmapped)."""
+        """Drop the views (before the pages are unmapped); the ring must
+        not be used afterwards: a ValueError says so.  Releasing it again
+        does nothing."""
         self._prod.release()
+        self._prod = _Released(self)
         self._cons.release()
+        self._cons = _Released(self)
         self._data.release()
+        self._data = _Released(self)

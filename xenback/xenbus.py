@@ -136,10 +136,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from workqueue import WQ_UNBOUND, Work, Workqueue, alloc_workqueue, wait_slice
 from xenback._eventqueue import EventQueue, check_callback
-from xenback._flags import check_flag, is_int
+from xenback._flags import XENSTORE_DOMID_MAX, check_flag, is_int
 from xenback.events import EventDispatcher, PortCallback
 from xenback.hostlock import HostLock
-from xenback.platform import check_platform
+from xenback.platform import check_grant_refs, check_platform
 from xenback.ratelimit import RateLimit
 from xenback.xenstore import Transaction, Watch, XenStore
 
@@ -813,10 +813,13 @@ class BackendDevice:
         """Map the frontend's grants ``refs`` contiguously (tracked).
         Raises :class:`~xenback.platform.GrantError`, or :class:`OSError`
         ENODEV once the device was removed (nothing stays mapped then);
-        :class:`TypeError` for a ``writable`` that is not True or False."""
+        :class:`TypeError` for a ``writable`` that is not True or False,
+        or ``refs`` that is not a sequence (a str, bytes or a set is not
+        one: see :func:`~xenback.platform.check_grant_refs`)."""
         # Checked here too, whatever the platform does: a driver's bug is
         # refused the same way on every platform, its own ones included.
         check_flag("writable", writable)
+        refs = check_grant_refs(refs)
         if self._gone:
             # Not even the driver's handle: after stop() it would be a new
             # one that nobody closes.
@@ -891,7 +894,12 @@ class BackendDevice:
         Nothing is sent on a port this device does not hold (any more): a
         driver's work item may get here after disconnect released it, and
         by then the number may be bound to another device's frontend.
+        :class:`TypeError` for a ``port`` that is not an int (is_int).
         """
+        if type(port) is not int and not is_int(port):  # a plain int spared the call
+            # Before the lookup: True and 1.0 find port 1 there, which the
+            # handle then refuses; "1" was quietly not sent.
+            raise TypeError(f"port must be an int, not {type(port).__name__}")
         # Under _lock: release_resources() and unbind_evtchn() take the
         # port out under it before unbinding, so it cannot go mid-notify.
         # (A notify does not block: an ioctl, or a write to a pipe.)
@@ -1703,6 +1711,12 @@ class BackendDriver:
                 dev.events.call(self._domain_dead, dev)
 
     def _domain_alive(self, domid: int) -> bool:
+        if domid > XENSTORE_DOMID_MAX:
+            # A backend directory may name any number (it is the
+            # toolstack's): no domain has this one, and XenStore is not
+            # even asked (ValueError, where its EINVAL fell through to the
+            # look at the home below, which is not there either).
+            return False
         try:
             return self.xenstore.is_domain_introduced(domid)
         except OSError:

@@ -70,8 +70,10 @@ from pyxs.exceptions import (
 from pyxs.helpers import check_path, error
 
 from workqueue import wait_slice
+from workqueue._shown import shown
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue, check_callback
+from xenback._flags import XENSTORE_DOMID_MAX, check_xenstore_domid
 from xenback._wire import XENSTORE_PAYLOAD_MAX
 from xenback.platform import check_platform
 
@@ -177,8 +179,10 @@ _SENDABLE = re.compile("[\0\x20-\x7f]*")
 
 
 #: A permission as xenstore.txt spells it: w (write), r (read), b
-#: (both) or n (none), then a domid in ASCII digits.
-_PERMISSION = re.compile("[wrbn][0-9]+")
+#: (both) or n (none), then a domid in ASCII decimal digits, with no
+#: leading zero: cxenstored reads the domid with strtol() in base 0, so
+#: "r010" would give domain 8, not 10.
+_PERMISSION = re.compile("[wrbn](0|[1-9][0-9]*)")
 
 
 def _value(value: str | int, path: str) -> bytes:
@@ -201,13 +205,6 @@ def _value(value: str | int, path: str) -> bytes:
             f"to this node has room for {room} in its {XENSTORE_PAYLOAD_MAX}-byte payload"
         )
     return data
-
-
-def _check_domid(domid: int) -> None:
-    # pyxs sends str(domid): "1" would pass for 1, and True or None reach
-    # XenStore as "True" or "None".  Out of range is XenStore's EINVAL.
-    if isinstance(domid, bool) or not isinstance(domid, int):
-        raise TypeError(f"domid must be an int, not {type(domid).__name__}")
 
 
 #: Why a connection may end before XenStore said a word on it.  xenstored
@@ -925,6 +922,12 @@ class _Ops:
             if not _PERMISSION.fullmatch(perm):
                 raise ValueError(f"invalid XenStore permission {ascii(perm)} for {path!r}: "
                                  f"one of the letters w r b n and a domid, like 'r5'")
+            # Six digits or more, with no leading zero, are past it (and
+            # int() of thousands of them would fail on its own limit).
+            if len(perm) > 6 or int(perm[1:]) > XENSTORE_DOMID_MAX:
+                domid = perm[1:] if len(perm) <= 21 else f"of {len(perm) - 1} digits"
+                raise ValueError(f"invalid XenStore permission {shown(perm)} for {path!r}: "
+                                 f"domid {domid} is past {XENSTORE_DOMID_MAX} (a domid_t)")
             encoded.append(perm.encode())
         if not encoded:
             raise ValueError(
@@ -1224,7 +1227,9 @@ class XenStore(_Ops, Closing):
     def _ask_about(self, query: Callable[[int], Any], domid: int) -> Any:
         """``query(domid)``, its errors as :meth:`_do`'s: a connection
         never made, or closed, is "not connected", not "lost"."""
-        _check_domid(domid)
+        # pyxs sends str(domid): "1" would pass for 1, and True or None
+        # reach XenStore as "True" or "None".
+        domid = check_xenstore_domid(domid)
         where = f"@domain/{domid}"
         if not self._client.router.is_connected:
             raise _connection_lost(self._client.router, where, "not connected to XenStore")

@@ -1747,3 +1747,33 @@ def test_a_port_number_may_be_an_int_subclass(host: SimHost, guest: Domain) -> N
         with pytest.raises(EventChannelError) as info:
             e0.notify(Port.DOM0)
         assert info.value.errno == errno.ENOTCONN  # unbound, not an invalid number
+
+
+def test_a_bound_remote_port_is_kept_as_a_plain_int(host: SimHost, guest: Domain) -> None:
+    """bind_interdomain() takes a domid and a port by the rule of ports
+    (an IntEnum is the number it stands for), and keeps the numbers:
+    remote() answered the caller's own IntEnum port until the service's
+    news replaced it."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        p1 = e1.bind_unbound_port(0)
+        Port = enum.IntEnum("Port", {"RING": p1})
+        Dom = enum.IntEnum("Dom", {"GUEST": guest.domid})
+        p0 = e0.bind_interdomain(Dom.GUEST, Port.RING)
+        domid, port = e0.remote(p0)
+        assert (domid, port) == (guest.domid, p1)
+        assert (type(domid), type(port)) == (int, int)
+
+
+@pytest.mark.parametrize("huge", [10**5000, -(10**5000)], ids=["1e5000", "-1e5000"])
+def test_a_huge_port_is_einval_not_a_digit_limit_error(
+        pair: tuple[EventChannel, int, EventChannel, int], huge: int) -> None:
+    """{port!r} of a 5000-digit int raised Python's own ValueError of its
+    4300-digit limit instead of the EINVAL the xen platform raises (its
+    message shows such a number by its size, as here)."""
+    e0, p0, _e1, _p1 = pair
+    for call in (lambda: e0.bind_interdomain(1, huge), lambda: e0.notify(huge),
+                 lambda: e0.unmask(huge), lambda: e0.unbind(huge), lambda: e0.remote(huge)):
+        with pytest.raises(EventChannelError, match=r"an int of 16610 bits") as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+    e0.notify(p0)  # the handle still works

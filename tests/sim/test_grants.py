@@ -183,18 +183,81 @@ def test_bad_map_requests_get_errno(
     tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
 
 
-@pytest.mark.parametrize("ref", [1 << 32, 1 << 64, -1])
+@pytest.mark.parametrize(("ref", "shown"), [(1 << 32, "4294967296"),
+                                           (1 << 64, r"about 10\*\*19 \(an int of 65 bits\)"),
+                                           (-1, "-1"),
+                                           (10**5000, r"about 10\*\*5000 \(an int of 16610 bits\)")],
+                         ids=["2**32", "2**64", "-1", "1e5000"])
 def test_a_ref_past_32_bits_is_refused_as_on_xen(
-    handles: tuple[GrantShare, GrantTable], ref: int
+    handles: tuple[GrantShare, GrantTable], ref: int, shown: str
 ) -> None:
     """grant_ref_t is a uint32_t, and the xen platform refuses a larger
     ref before any ioctl; here it went to the service, which answered that
     ref 2**64 was "not granted", as if it could have been."""
     shr, tab = handles
     pages = shr.share_pages(0, 1)
-    with pytest.raises(GrantError, match=r"grant refs must be 32-bit unsigned integers") as info:
+    with pytest.raises(GrantError, match=rf"^\[Errno 22\] grant reference {shown} \(refs\[1\]\) is not a "
+                                         rf"32-bit unsigned integer \(a grant_ref_t\)$") as info:
         tab.map_grant_refs(1, [pages.refs[0], ref])
     assert info.value.errno == errno.EINVAL
+    tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
+
+
+@pytest.mark.parametrize(("refs", "shown"), [(5, "int 5"), ("8", "str '8'"), (b"8", "bytes b'8'"),
+                                             (bytearray(b"8"), "bytearray bytearray(b'8')"),
+                                             ({8}, "set {8}"), ({8: 1}, "dict {8: 1}"),
+                                             (None, "NoneType None")])
+def test_refs_must_be_a_sequence_of_grant_references(
+    handles: tuple[GrantShare, GrantTable], refs: object, shown: str
+) -> None:
+    """map_grant_refs(1, 5) failed with "'int' object is not iterable",
+    naming no argument, b"8" mapped grant 56 and a set in no set order:
+    TypeError naming refs, as on xen (one check for both platforms)."""
+    shr, tab = handles
+    pages = shr.share_pages(0, 1)
+    with pytest.raises(TypeError, match=rf"^refs must be a sequence of grant references "
+                                        rf"\(ints\), not {re.escape(shown)}$"):
+        tab.map_grant_refs(1, refs)  # type: ignore[arg-type]
+    tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
+
+
+def test_a_memoryview_of_refs_is_refused_as_bytes_are(
+    handles: tuple[GrantShare, GrantTable]
+) -> None:
+    """A memoryview is a Sequence of its bytes, or of its items once
+    cast: memoryview(b"8") would map grant 56, as b"8" would."""
+    shr, tab = handles
+    pages = shr.share_pages(0, 1)
+    for refs in (memoryview(b"8"), memoryview(bytearray(4)).cast("I")):
+        with pytest.raises(TypeError, match=r"^refs must be a sequence of grant references "
+                                            r"\(ints\), not memoryview "):
+            tab.map_grant_refs(1, refs)
+    tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
+
+
+def test_domids_refs_and_counts_follow_the_port_rule(
+    handles: tuple[GrantShare, GrantTable]
+) -> None:
+    """As ports (xenback._flags.is_int): an int subclass such as an IntEnum
+    is the number it stands for; a bool, which would be taken for 0 or 1,
+    is refused."""
+    import enum
+
+    class Num(enum.IntEnum):
+        DOM0 = 0
+        ONE = 1
+
+    shr, tab = handles
+    pages = shr.share_pages(Num.DOM0, Num.ONE)
+    Ref = enum.IntEnum("Ref", {"RING": pages.refs[0]})
+    with tab.map_grant_refs(Num.ONE, [Ref.RING]) as mapping:
+        assert mapping.refs == pages.refs and type(mapping.refs[0]) is int
+    for call in (lambda: tab.map_grant_refs(True, pages.refs),
+                 lambda: shr.share_pages(False, 1),
+                 lambda: shr.share_pages(0, True)):
+        with pytest.raises(GrantError) as info:
+            call()
+        assert info.value.errno == errno.EINVAL
     tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works
 
 
@@ -204,8 +267,9 @@ def test_the_last_32_bit_ref_is_asked_of_the_service(
     """2**32 - 1 is a grant_ref_t: the xen platform passes it to gntdev,
     so here the service answers it, as a ref not granted."""
     _shr, tab = handles
-    with pytest.raises(GrantError, match=r"grant ref 4294967295 of domain 1 is not granted"):
-        tab.map_grant_refs(1, [(1 << 32) - 1])
+    for ref in ((1 << 32) - 1, 0):  # both ends of the range
+        with pytest.raises(GrantError, match=rf"grant ref {ref} of domain 1 is not granted"):
+            tab.map_grant_refs(1, [ref])
 
 
 @pytest.mark.parametrize("count", [0, -1, 100_000, "1"])

@@ -1480,3 +1480,59 @@ def test_a_huge_limit_is_taken_as_given(tmp_path: Path) -> None:
             monitor = c.monitor()
             monitor.watch(home, b"t")
             assert monitor.events.get(timeout=TIMEOUT) == (home, b"t")
+
+
+def test_domain_ids_follow_the_port_rule(host: SimHost) -> None:
+    """Domain ids, as ports (xenback._flags.is_int): an int subclass such
+    as an IntEnum is the domain it stands for, everywhere the simulated
+    host takes one; it was "invalid domain id <Dom.GUEST: 1>"."""
+    import enum
+
+    guest = host.create_domain("guest")
+    Dom = enum.IntEnum("Dom", {"ZERO": 0, "GUEST": guest.domid})
+    assert host.domain(Dom.GUEST) is guest
+    again = attach(host.run_dir, Dom.GUEST)
+    assert again.domid == guest.domid and type(again.domid) is int
+    with guest.evtchn() as ch:
+        assert ch.bind_unbound_port(Dom.ZERO) > 0
+    dev = host.toolstack.add_device("vif", Dom.GUEST, backend_id=Dom.ZERO, devid=Dom.ZERO)
+    assert (type(dev.frontend_id), type(dev.backend_id), type(dev.devid)) == (int, int, int)
+    assert dev.frontend_path == f"/local/domain/{guest.domid}/device/vif/0"
+    assert host.toolstack.devices(Dom.GUEST) == [dev]
+    assert host.toolstack.destroy_devices(Dom.GUEST, timeout=0) == [dev]  # no backend
+    host.destroy_domain(Dom.GUEST)
+    with pytest.raises(LookupError):
+        host.domain(guest.domid)
+
+
+@pytest.mark.parametrize("domid", [True, False])
+def test_a_bool_is_no_domain_id(host: SimHost, domid: bool) -> None:
+    """True and False are looked up as 1 and 0: refused before, as ports."""
+    guest = host.create_domain("guest")
+    for call in (lambda: host.domain(domid), lambda: host.destroy_domain(domid),
+                 lambda: host.toolstack.devices(domid),
+                 lambda: host.toolstack.add_device("vif", 1, devid=domid)):
+        with pytest.raises(ValueError):
+            call()
+    with guest.evtchn() as ch, pytest.raises(PlatformError) as info:
+        ch.bind_unbound_port(domid)
+    assert info.value.errno == errno.EINVAL
+
+
+class _Named(int):
+    """An int subclass whose str() is not its number (a caller's own
+    class may be one): a message must name the number."""
+
+    def __str__(self) -> str:
+        return "guest"
+
+
+def test_no_domain_is_named_by_its_number(host: SimHost) -> None:
+    """LookupError naming the number: {domid} of a 5000-digit int raised
+    Python's own ValueError of its digit limit instead, and an int
+    subclass was named by its str()."""
+    for call in (host.domain, host.destroy_domain):
+        with pytest.raises(LookupError, match=r"^no domain 99$"):
+            call(_Named(99))
+        with pytest.raises(LookupError, match=r"^no domain about 10\*\*5000 \(an int of 16610 bits\)$"):
+            call(10**5000)

@@ -732,3 +732,33 @@ def test_a_node_removed_in_a_transaction_frees_quota_for_another() -> None:
             guest.write("c", "", tx)
             guest.transaction_end(tx)
             assert admin.directory("/local/domain/1") == ["b", "c"]
+
+
+@pytest.mark.parametrize(("domid", "error", "said"), [
+    (True, TypeError, "domid must be an int, not bool"),
+    ("4", TypeError, "domid must be an int, not str"),
+    (-1, ValueError, r"domid must be 0 to 65535 \(a domid_t\), not -1"),
+    (65536, ValueError, r"domid must be 0 to 65535 \(a domid_t\), not 65536"),
+])
+def test_the_servers_domain_calls_check_a_domid_as_the_client_does(
+        xsd: XenStored, domid: object, error: type[Exception], said: str) -> None:
+    """introduce_domain(True) introduced domain 1, is_introduced(True) and
+    release_domain(True) answered for it, release_domain(-1) was a
+    KeyError of no such domain: the rule of xenback.XenStore's domain
+    queries (is_int, a domid_t), before anything is changed."""
+    xsd.introduce_domain(1)
+    for call in (xsd.introduce_path, xsd.introduce_domain, xsd.release_domain,
+                 xsd.is_introduced):
+        with pytest.raises(error, match=f"^{said}$"):
+            call(domid)  # type: ignore[arg-type]
+    assert xsd.is_introduced(1)
+
+
+def test_the_servers_domain_calls_take_an_int_subclass(xsd: XenStored) -> None:
+    import enum
+
+    Dom = enum.IntEnum("Dom", {"GUEST": 4})
+    assert xsd.introduce_domain(Dom.GUEST) == xsd.introduce_path(4)
+    assert xsd.is_introduced(Dom.GUEST)
+    xsd.release_domain(Dom.GUEST)
+    assert not xsd.is_introduced(4)

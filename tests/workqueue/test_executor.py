@@ -1042,6 +1042,22 @@ def test_errors_show_a_huge_number_short(make_wq: Any, topo: Any, huge: int, app
         index.close()
 
 
+@pytest.mark.parametrize("unknown", [1 << 64, 10**400 << 6, (1 << 20000) | (1 << 6)],
+                         ids=["2**64", "1e400", "2**20000"])
+def test_unknown_flags_past_64_bits_are_shown_in_hex(topo: Any, unknown: int) -> None:
+    """As every other flag error, in hex: past 64 bits they were "about
+    10**400", which says nothing of which bits were set.  Past 20 hex
+    digits, the first and last 8 of them, the middle cut out."""
+    text = format(unknown, "x")
+    if len(text) > 20:
+        text = f"{text[:8]}...{text[-8:]}"
+    with pytest.raises(ValueError) as caught:
+        alloc_workqueue("x", unknown | int(WQ_UNBOUND), topology=topo)
+    assert str(caught.value) == (f"unknown workqueue flags 0x{text} "
+                                 f"(an int of {unknown.bit_length()} bits)")
+    assert len(str(caught.value)) < 100
+
+
 _EXIT_SCRIPT = r"""
 import os
 import math

@@ -622,3 +622,58 @@ def test_a_message_shorter_than_its_slot_leaves_the_rest_of_the_slot_alone() -> 
     back.push_response(b"\xff\xfe")
     back.push_responses()
     assert list(front.responses()) == [b"\xff\xfe" + request[2:]]
+
+
+def _released_calls(kind: str):
+    """A released ring of ``kind`` and each of its calls that reads or
+    writes the pages."""
+    if kind == "flex":
+        data, idx = _flex(16)
+        producer, consumer = _rings(data, idx)
+        assert _write(producer, b"abc") == 3 and consumer.readable()
+        producer.writable()
+        producer.release()
+        consumer.release()
+        return [producer.writable, lambda: producer.produce(1),
+                consumer.readable, lambda: consumer.consume(1)]
+    buf = bytearray(4096)
+    front, back = FrontRing(buf, SLOT), BackRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 1))
+    front.push_requests()
+    assert list(back.requests())
+    front.release()
+    back.release()
+    return [back.unconsumed_requests, lambda: list(back.requests()),
+            lambda: back.push_response(b"r"), back.push_responses,
+            back.final_check_for_requests,
+            lambda: front.push_request(b"q"), front.push_requests,
+            front.unconsumed_responses, lambda: list(front.responses()),
+            front.final_check_for_responses]
+
+
+@pytest.mark.parametrize("kind", ["flex", "sring"])
+def test_a_ring_used_after_release_says_so(kind: str) -> None:
+    """memoryview's own "operation forbidden on released memoryview
+    object" named neither the ring nor the release: a ValueError still
+    (as a closed file's), which says which ring and why."""
+    calls = _released_calls(kind)
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^this \w+Ring was released \(release\(\)\): "
+                                             r"it cannot be used any more$"):
+            call()
+
+
+def test_a_ring_is_released_twice_quietly_and_its_own_errors_stay() -> None:
+    data, idx = _flex(16)
+    producer, _consumer = _rings(data, idx)
+    producer.writable()
+    with pytest.raises(ValueError, match="cannot produce 17 bytes: 16 were free"):
+        producer.produce(17)
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    with pytest.raises(ValueError, match="65-byte message does not fit a 64-byte slot"):
+        front.push_request(bytes(65))
+    producer.release()
+    producer.release()
+    front.release()
+    front.release()

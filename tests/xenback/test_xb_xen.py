@@ -201,6 +201,28 @@ def test_frontend_numbers_out_of_range_are_platform_errors(refs) -> None:
         channel.bind_interdomain(1, refs[0])
 
 
+@pytest.mark.parametrize(("refs", "shown"), [(5, "int 5"), ("8", "str '8'"), (b"8", "bytes b'8'"),
+                                             ({8}, "set {8}"), (None, "NoneType None")])
+def test_refs_must_be_a_sequence_before_any_ioctl(refs: object, shown: str) -> None:
+    """As on the simulated host (one check for both): TypeError naming
+    refs, not "'int' object is not iterable", nor b"8" mapped as grant 56."""
+    table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    with pytest.raises(TypeError, match=rf"^refs must be a sequence of grant references "
+                                        rf"\(ints\), not {re.escape(shown)}$"):
+        table.map_grant_refs(1, refs)  # type: ignore[arg-type]
+
+
+def test_a_huge_ref_or_domid_is_einval_not_a_digit_limit_error() -> None:
+    """10**5000 in a message's repr raised Python's own ValueError of its
+    4300-digit limit instead of the GrantError EINVAL."""
+    table = object.__new__(_platform.XenGrantTable)
+    for call in (lambda: table.map_grant_refs(1, [10**5000]),
+                 lambda: table.map_grant_refs(10**5000, [8])):
+        with pytest.raises(GrantError, match=r"an int of 16610 bits") as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+
+
 def test_bad_domains_and_counts_are_refused_before_any_ioctl() -> None:
     table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
     with pytest.raises(GrantError, match="domain id .* 32-bit") as info:
@@ -261,6 +283,27 @@ def test_device_errors_carry_errno_and_say_what_failed() -> None:
     with pytest.raises(GrantError, match="grant share handle is closed") as info:
         share.share_pages(0, 1)
     assert info.value.errno == errno.EBADF
+
+
+class _Named(int):
+    """An int subclass whose str() is not its number (a driver's own class
+    may be one): an error message must name the number."""
+
+    def __str__(self) -> str:
+        return "guest"
+
+
+@pytest.mark.usefixtures("fake_devices")
+def test_device_errors_name_the_numbers_of_int_subclasses() -> None:
+    """Ints by the rule of ports are kept as plain ints: "sharing guest
+    pages with domain guest" said nothing."""
+    table, share = _platform.XenGrantTable(), _platform.XenGrantShare()
+    with pytest.raises(GrantError, match=r"mapping grants \(8, 9\) of domain 1: "):
+        table.map_grant_refs(_Named(1), [_Named(8), 9])
+    with pytest.raises(GrantError, match="sharing 2 pages with domain 0: "):
+        share.share_pages(_Named(0), _Named(2))
+    table.close()
+    share.close()
 
 
 # -- ending pages that views still show ---------------------------------------

@@ -297,6 +297,24 @@ def test_tracked_resources_can_be_released_early(host, driver, frontends) -> Non
     census.check()
 
 
+def test_notify_takes_a_port_by_the_rule_of_ports(host, driver, frontends, monkeypatch) -> None:
+    """notify(True) found port 1 in the device's list (True == 1) and the
+    handle then refused it; notify("1") was quietly not sent.  Refused
+    first, as unbind_evtchn() refuses them, naming the argument; an int
+    subclass is the port."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = driver.events.ports
+    sent: list[int] = []
+    monkeypatch.setattr(driver.events, "notify", sent.append)
+    for wrong in (True, False, float(port), str(port), None):
+        with pytest.raises(TypeError, match=f"^port must be an int, not {type(wrong).__name__}$"):
+            bdev.notify(wrong)  # type: ignore[arg-type]
+    assert sent == []
+    bdev.notify(enum.IntEnum("Port", {"RING": port}).RING)
+    assert sent == [port]
+
+
 def test_releasing_what_the_framework_released_already(host, driver, frontends) -> None:
     """A driver's own work item may unmap or unbind after disconnect
     released everything: unmapping again is a no-op, as it is for the
@@ -353,6 +371,25 @@ def test_a_mapping_flag_must_be_true_or_false(host, driver, frontends, monkeypat
     monkeypatch.setattr(driver.gnttab, "map_grant_refs", lambda *a, **kw: asked.append(kw))
     with pytest.raises(TypeError, match="writable must be True or False, not str 'no'"):
         bdev.map_grant_refs([fe.pages.refs[0]], writable="no")
+    assert asked == []
+    assert bdev.resources == resources
+
+
+@pytest.mark.parametrize(("refs", "shown"), [(5, "int 5"), ("8", "str '8'"), (b"8", "bytes b'8'"),
+                                             ({8}, "set {8}"), (None, "NoneType None")])
+def test_refs_must_be_a_sequence_of_grant_references(
+        host, driver, frontends, monkeypatch, refs, shown) -> None:
+    """map_grant_refs(5) failed in the platform with "'int' object is not
+    iterable", naming no argument, and b"8" mapped grant 56: refused by
+    the device itself, whatever its platform, naming refs."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    resources = bdev.resources
+    asked: list[object] = []
+    monkeypatch.setattr(driver.gnttab, "map_grant_refs", lambda *a, **kw: asked.append(a))
+    with pytest.raises(TypeError, match=rf"^refs must be a sequence of grant references "
+                                        rf"\(ints\), not {re.escape(shown)}$"):
+        bdev.map_grant_refs(refs)
     assert asked == []
     assert bdev.resources == resources
 

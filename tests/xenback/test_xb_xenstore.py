@@ -176,6 +176,15 @@ def test_requests_over_the_payload_limit_say_so(dom0_xs) -> None:
     (["n\u0661"], ValueError, r"invalid XenStore permission 'n\\u0661' for '/test/p'"),
     # No letter: refused by this check, saying what one is, not pyxs's.
     (["n0", "5"], ValueError, r"invalid XenStore permission '5' for '/test/p': one of"),
+    # XenStore's bare EINVAL before: a domid past a domid_t's range.
+    (["n0", "r65536"], ValueError, r"invalid XenStore permission 'r65536' for '/test/p': "
+                                   r"domid 65536 is past 65535 \(a domid_t\)$"),
+    (["n99999999999999999999"], ValueError, r"permission 'n99999999999999999999' for "
+                                            r"'/test/p': domid 99999999999999999999 is past"),
+    # cxenstored reads "r010" with strtol() base 0, as domain 8: one
+    # spelling per domain, plain decimal.
+    (["n0", "r010"], ValueError, r"invalid XenStore permission 'r010' for '/test/p': "
+                                 r"one of the letters w r b n and a domid, like 'r5'$"),
 ])
 def test_set_perms_names_a_wrong_permission_list(dom0_xs, perms, error, text) -> None:
     """A str was taken letter by letter ("invalid XenStore permission
@@ -186,6 +195,20 @@ def test_set_perms_names_a_wrong_permission_list(dom0_xs, perms, error, text) ->
     with pytest.raises(error, match=text):
         dom0_xs.set_perms("/test/p", perms)
     assert dom0_xs.get_perms("/test/p") == ["n0", "r1"]
+
+
+@pytest.mark.parametrize("perm", ["n" + "9" * 5000, "r1" + "0" * 4999])
+def test_set_perms_shows_a_huge_domid_short(dom0_xs, perm) -> None:
+    """A domid of thousands of digits is past a domid_t too: refused
+    without int() of it (Python's own digit-limit ValueError), in a
+    message that does not quote its 5000 digits twice."""
+    dom0_xs.write("/test/p", "x")
+    with pytest.raises(ValueError, match=r"^invalid XenStore permission '[nr][0-9]+\.\.\.[0-9]+' "
+                                         r"for '/test/p': domid of 5000 digits is past 65535 "
+                                         r"\(a domid_t\)$") as info:
+        dom0_xs.set_perms("/test/p", ["n0", perm])
+    assert len(str(info.value)) < 200
+    assert dom0_xs.get_perms("/test/p") == ["n0"]
 
 
 def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
@@ -211,14 +234,68 @@ def test_domain_queries_take_an_int_domid(host, dom0_xs, domid) -> None:
             query(domid)
 
 
-@pytest.mark.parametrize("domid", [99999, -1])
-def test_domain_queries_raise_oserror_naming_the_domain(dom0_xs, domid) -> None:
+@pytest.mark.parametrize("domid", [65536, 99999, -1, 1 << 70])
+def test_domain_queries_refuse_a_domid_out_of_range(dom0_xs, domid, monkeypatch) -> None:
+    """XenStore's EINVAL for '@domain/-1' said nothing of why: a domid
+    past a domid_t's 0..65535 is refused before anything is sent."""
+    sent = []
+    for name in ("get_domain_path", "is_domain_introduced"):
+        monkeypatch.setattr(dom0_xs._client, name, lambda d, name=name: sent.append(name))
+    for query in (dom0_xs.get_domain_path, dom0_xs.is_domain_introduced):
+        with pytest.raises(ValueError, match=rf"^domid must be 0 to 65535 \(a domid_t\), not {domid}$"):
+            query(domid)
+    assert sent == []
+
+
+def test_domain_queries_and_perms_take_the_whole_domid_range(dom0_xs) -> None:
+    # XenStore's own limits, not the hypervisor's reserved ids (DOMID_SELF
+    # 0x7FF0 is introduced, as xenstored answers).
+    assert dom0_xs.get_domain_path(65535) == "/local/domain/65535"
+    assert dom0_xs.is_domain_introduced(0x7FF0)
+    dom0_xs.write("/test/p", "x")
+    dom0_xs.set_perms("/test/p", ["n0", "r65535"])
+    assert dom0_xs.get_perms("/test/p") == ["n0", "r65535"]
+
+
+def test_domain_queries_take_an_int_subclass(dom0_xs) -> None:
+    """An IntEnum is a domid as it is a port (xenback._flags.is_int),
+    sent as its number, not its name."""
+    import enum
+
+    class Dom(enum.IntEnum):
+        GUEST = 3
+
+    assert dom0_xs.get_domain_path(Dom.GUEST) == "/local/domain/3"
+
+
+class _Named(int):
+    """An int subclass whose str() is not its number (as a driver's own
+    class may be): what pyxs sends, str(domid), would be its name."""
+
+    def __str__(self) -> str:
+        return "guest"
+
+
+def test_domain_queries_send_the_number_of_any_int_subclass(host, dom0_xs) -> None:
+    """The check's plain int is what is sent: an IntEnum's str() is its
+    number since Python 3.11, but not every int subclass's."""
+    guest = host.create_domain("guest")
+    assert dom0_xs.get_domain_path(_Named(guest.domid)) == f"/local/domain/{guest.domid}"
+    assert dom0_xs.is_domain_introduced(_Named(guest.domid)) is True
+
+
+def test_domain_queries_raise_oserror_naming_the_domain(dom0_xs, monkeypatch) -> None:
     # As every other operation: an OSError with the errno, not pyxs's own.
+    def refuse(domid):
+        raise pyxs.PyXSError(errno.EINVAL)
+
+    for name in ("get_domain_path", "is_domain_introduced"):
+        monkeypatch.setattr(dom0_xs._client, name, refuse)
     for query in (dom0_xs.get_domain_path, dom0_xs.is_domain_introduced):
         with pytest.raises(OSError) as info:
-            query(domid)
+            query(7)
         assert info.value.errno == errno.EINVAL
-        assert info.value.filename == f"@domain/{domid}"
+        assert info.value.filename == "@domain/7"
 
 
 def test_transaction_is_rerun_on_conflict(host, dom0_xs) -> None:

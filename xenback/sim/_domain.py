@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyxs
 
+from workqueue._shown import shown
+from xenback._flags import is_int
 from xenback.platform import PlatformError, PlatformUnavailable
 
 from ._evtchn import EventChannel
@@ -199,8 +201,9 @@ def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     :class:`ValueError` for an empty ``run_dir`` or a
     ``domid`` that is not a domain id (0 to 0x7FEF).
     """
-    if type(domid) is not int or not 0 <= domid < 0x7FF0:
-        raise ValueError(f"invalid domain id {domid!r}")
+    if not is_int(domid) or not 0 <= domid < 0x7FF0:
+        raise ValueError(f"invalid domain id {shown(domid)}")
+    domid = int(domid)
     run_dir = run_dir_path(run_dir)
     path = domain_socket(run_dir, domid)
     try:

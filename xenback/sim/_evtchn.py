@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from workqueue._shown import shown
 from xenback._closing import Closing
 from xenback._flags import is_int
 from xenback.platform import EventChannelError
@@ -79,14 +80,20 @@ class _LocalPort:
     unbound: bool = False
 
 
-def _check_domid(domid: int) -> None:
-    if type(domid) is not int or not 0 <= domid < 0x7FF0:
-        raise EventChannelError(errno.EINVAL, f"invalid domain id {domid!r}")
+def _check_domid(domid: int) -> int:
+    """``domid`` as a plain int (to the service's JSON) if it is one of a
+    domain (0 to 0x7FEF), by the rule of ports."""
+    if not is_int(domid) or not 0 <= domid < 0x7FF0:
+        raise EventChannelError(errno.EINVAL, f"invalid domain id {shown(domid)}")
+    return int(domid)
 
 
-def _check_port(port: int) -> None:
+def _check_port(port: int) -> int:
+    """``port`` as a plain int (kept, and to the service's JSON) if it is
+    one of a port (1 to MAX_EVTCHN_PORT), by the rule of ports."""
     if not is_int(port) or not 1 <= port <= MAX_EVTCHN_PORT:
-        raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+        raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
+    return int(port)
 
 
 class EventChannel(Closing):
@@ -176,13 +183,13 @@ class EventChannel(Closing):
 
     def bind_unbound_port(self, domid: int) -> int:
         """Allocate a port that ``domid`` may bind to; returns its number."""
-        _check_domid(domid)
+        domid = _check_domid(domid)
         return self._bind("evtchn_alloc_unbound", 1, domid, None, domid=domid)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Connect a new local port to ``remote_port`` of ``domid``."""
-        _check_domid(domid)
-        _check_port(remote_port)
+        domid = _check_domid(domid)
+        remote_port = _check_port(remote_port)
         return self._bind("evtchn_bind_interdomain", 2, domid, remote_port,
                           domid=domid, port=remote_port)
 
@@ -243,7 +250,7 @@ class EventChannel(Closing):
         # 0 included): Linux's IOCTL_EVTCHN_UNBIND, which the xen platform
         # passes on.
         if not is_int(port) or not 0 <= port <= MAX_EVTCHN_PORT:
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
         # Forget the port before the service frees its number: a port bound
         # meanwhile by another thread may get the same number.  The port
         # stays in the table, unbound, until the service answered: news
@@ -311,7 +318,7 @@ class EventChannel(Closing):
         if type(port) is not int and not is_int(port):  # a plain int spared the call
             # Before the table: True and 1.0 are port 1's keys there, and
             # the xen platform refuses them (not a uint32_t).
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
         with self._lock:
             if self._closed:  # the check only: a call less per event
                 self._check_open()
@@ -340,7 +347,7 @@ class EventChannel(Closing):
                 # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes
                 # on: EINVAL past the last port (as unbind), else ENOTCONN.
                 if not 0 <= port <= MAX_EVTCHN_PORT:  # an int: checked above
-                    raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+                    raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
                 raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
             if lp.peer_fd is not None:
                 try:
@@ -552,13 +559,13 @@ class EventChannel(Closing):
         the xen platform the same call does nothing).
         """
         if type(port) is not int and not is_int(port):  # as in notify()
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {port!r}")
+            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
         with self._lock:
             if self._closed:  # the check only: a call less per event
                 self._check_open()
             lp = self._ports.get(port)
             if lp is None:
-                raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+                raise EventChannelError(errno.EINVAL, f"port {shown(port)} is not bound by this handle")
             lp.masked = False
             if lp.ignored and not lp.dead:
                 lp.ignored = False
@@ -613,7 +620,7 @@ class EventChannel(Closing):
             self._check_open()
             lp = self._ports.get(port)
             if lp is None or lp.unbound:
-                raise EventChannelError(errno.EINVAL, f"port {port!r} is not bound by this handle")
+                raise EventChannelError(errno.EINVAL, f"port {shown(port)} is not bound by this handle")
             if lp.remote_port is None:
                 return None
             return lp.remote_domid, lp.remote_port

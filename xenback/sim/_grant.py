@@ -27,9 +27,10 @@ from typing import Any, Generic, Self, TypeVar
 
 import cffi
 
+from workqueue._shown import shown
 from xenback._closing import Closing
-from xenback._flags import check_flag
-from xenback.platform import PAGE_SIZE, GrantError
+from xenback._flags import check_flag, is_int
+from xenback.platform import PAGE_SIZE, GrantError, check_grant_refs
 
 from ._hypervisor import MAX_PAGES_PER_REQUEST
 from ._proto import Message, ServiceConnection, close_taken
@@ -180,9 +181,12 @@ def _segments(reply: Message, nfds: int, npages: int) -> list[tuple[int, int, in
     return runs
 
 
-def _check_domid(domid: int) -> None:
-    if type(domid) is not int or not 0 <= domid < 0x7FF0:
-        raise GrantError(errno.EINVAL, f"invalid domain id {domid!r}")
+def _check_domid(domid: int) -> int:
+    """``domid`` as a plain int (to the service's JSON and in messages),
+    if it is one of a domain (0 to 0x7FEF), by the rule of ports."""
+    if not is_int(domid) or not 0 <= domid < 0x7FF0:
+        raise GrantError(errno.EINVAL, f"invalid domain id {shown(domid)}")
+    return int(domid)
 
 
 class _Pages:
@@ -440,19 +444,17 @@ class GrantTable(_Handle[GrantMapping]):
         self, domid: int, refs: Sequence[int], *, writable: bool = True
     ) -> GrantMapping:
         """Map ``refs`` granted by ``domid`` contiguously.  Raises :class:`GrantError`;
-        :class:`TypeError` for a ``writable`` that is not True or False."""
+        :class:`TypeError` for a ``writable`` that is not True or False, or
+        ``refs`` that is not a sequence (:func:`xenback.platform.check_grant_refs`)."""
         check_flag("writable", writable)
-        _check_domid(domid)
-        refs = tuple(refs)
-        if not 1 <= len(refs) <= MAX_PAGES_PER_REQUEST:
+        domid = _check_domid(domid)
+        # As the xen platform checks them: a ref past a grant_ref_t must
+        # not reach the service as if it could be granted.
+        refs = check_grant_refs(refs)
+        if len(refs) > MAX_PAGES_PER_REQUEST:
             raise GrantError(
                 errno.EINVAL, f"can map 1..{MAX_PAGES_PER_REQUEST} refs at once, not {len(refs)}"
             )
-        # grant_ref_t: the xen platform refuses a larger ref before any
-        # ioctl, so one here must not reach the service as if it could be
-        # granted.
-        if any(type(r) is not int or not 0 <= r <= 0xFFFFFFFF for r in refs):
-            raise GrantError(errno.EINVAL, f"grant refs must be 32-bit unsigned integers: {refs!r}")
         self._check_open()
         apply = functools.partial(self._take_mapping, refs, writable)
         reply, _ = self._conn.call(
@@ -494,11 +496,13 @@ class GrantShare(_Handle[SharedPages]):
         :class:`GrantError`; :class:`TypeError` for a ``writable`` that is not
         True or False."""
         check_flag("writable", writable)
-        _check_domid(domid)
-        if type(count) is not int or not 1 <= count <= MAX_PAGES_PER_REQUEST:
+        domid = _check_domid(domid)
+        if not is_int(count) or not 1 <= count <= MAX_PAGES_PER_REQUEST:
             raise GrantError(
-                errno.EINVAL, f"can share 1..{MAX_PAGES_PER_REQUEST} pages at once, not {count!r}"
+                errno.EINVAL,
+                f"can share 1..{MAX_PAGES_PER_REQUEST} pages at once, not {shown(count)}",
             )
+        count = int(count)
         self._check_open()
         apply = functools.partial(self._take_share, count, writable)
         reply, _ = self._conn.call("gnt_share", apply=apply, domid=domid, count=count,

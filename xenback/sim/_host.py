@@ -16,7 +16,9 @@ from typing import Any, Self, TypeVar
 
 import pyxs
 
+from workqueue._shown import shown
 from xenback._closing import Closing
+from xenback._flags import is_int
 
 from ._domain import Domain, run_dir_path
 from ._hypervisor import Hypervisor
@@ -387,17 +389,18 @@ class SimHost(Closing):
     def domain(self, domid: int) -> Domain:
         """The live domain ``domid``; :class:`LookupError` if there is none
         (or it is being destroyed)."""
-        if type(domid) is not int:
-            # Not isinstance: True and 1.0 hash as 1 and would find domain 1.
-            raise ValueError(f"invalid domain id {domid!r}")
+        if not is_int(domid):
+            # As a port: True and 1.0 hash as 1 and would find domain 1.
+            raise ValueError(f"invalid domain id {shown(domid)}")
+        domid = int(domid)
 
         def domain() -> Domain:
             if domid in self._dying:
-                raise LookupError(f"domain {domid} is being destroyed")
+                raise LookupError(f"domain {shown(domid)} is being destroyed")
             try:
                 return self._domains[domid]
             except KeyError:
-                raise LookupError(f"no domain {domid}") from None
+                raise LookupError(f"no domain {shown(domid)}") from None
 
         return self._locked("domain", domain)
 
@@ -545,11 +548,11 @@ class SimHost(Closing):
         """
         if isinstance(domain, Domain):
             domid = domain.domid
-        elif type(domain) is int:
-            domid = domain
+        elif is_int(domain):
+            domid = int(domain)
         else:
-            # Not isinstance: True and 1.0 hash as 1 and would reach domain 1.
-            raise ValueError(f"invalid domain {domain!r} (a Domain or a domain id)")
+            # As a port: True and 1.0 hash as 1 and would reach domain 1.
+            raise ValueError(f"invalid domain {shown(domain)} (a Domain or a domain id)")
         if domid == 0:
             raise ValueError("dom0 cannot be destroyed")
         check_timeout(timeout)
@@ -572,7 +575,7 @@ class SimHost(Closing):
             if domid not in self._domains:
                 if waited:
                     return None  # the destroy we waited for ended it
-                raise LookupError(f"no domain {domid}")
+                raise LookupError(f"no domain {shown(domid)}")
             other = self._dying.get(domid)
             # An earlier destroy of this thread is over, or suspended under
             # us (this call came from a signal's handler): ours goes on

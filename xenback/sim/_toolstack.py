@@ -54,8 +54,9 @@ from typing import Any, TypeVar
 import pyxs
 
 from workqueue import wait_slice
+from workqueue._shown import shown
 from xenback._closing import Closing
-from xenback._flags import check_flag
+from xenback._flags import check_flag, is_int
 from xenback.xenstore import _commit, adopt_router, close_client
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,12 @@ def _check_name(what: str, value: str) -> None:
         raise ValueError(f"{what} must be a non-empty XenStore path element, not {value!r}")
 
 
-def _check_domid(what: str, value: int) -> None:
-    if type(value) is not int or not 0 <= value < 0x7FF0:
-        raise ValueError(f"{what} must be a domain id, not {value!r}")
+def _check_domid(what: str, value: int) -> int:
+    """``value`` as a plain int (paths are made of its str()) if it is one
+    of a domain (0 to 0x7FEF), by the rule of ports."""
+    if not is_int(value) or not 0 <= value < 0x7FF0:
+        raise ValueError(f"{what} must be a domain id, not {shown(value)}")
+    return int(value)
 
 
 def check_timeout(timeout: float) -> None:
@@ -224,11 +228,12 @@ class Toolstack(Closing):
         that caller removes.
         """
         _check_name("device_type", device_type)
-        _check_domid("frontend_id", frontend_id)
-        _check_domid("backend_id", backend_id)
+        frontend_id = _check_domid("frontend_id", frontend_id)
+        backend_id = _check_domid("backend_id", backend_id)
         check_flag("replace", replace)
-        if type(devid) is not int or devid < 0:
-            raise ValueError(f"devid must be a non-negative integer, not {devid!r}")
+        if not is_int(devid) or devid < 0:
+            raise ValueError(f"devid must be a non-negative integer, not {shown(devid)}")
+        devid = int(devid)
         for key in (*backend_nodes, *frontend_nodes):
             _check_name("node name", key)
         dev = Device(device_type, frontend_id, backend_id, devid)
@@ -293,7 +298,7 @@ class Toolstack(Closing):
         then each backend asked to close, waited for up to ``timeout``
         seconds in all, and removed.  Returns the devices whose backend did
         not close in time (removed anyway)."""
-        _check_domid("domid", domid)
+        domid = _check_domid("domid", domid)
         check_timeout(timeout)
         devices = [d for d in self.devices(domid) if d.backend_id != domid]
         for dev in devices:
@@ -343,7 +348,7 @@ class Toolstack(Closing):
     def devices(self, domid: int | None = None) -> list[Device]:
         """Devices libxl knows of, for frontend ``domid`` or all."""
         if domid is not None:
-            _check_domid("domid", domid)
+            domid = _check_domid("domid", domid)
         out = []
         with self._client() as c:
             fes = [domid] if domid is not None else [int(d) for d in _list(c, b"/libxl")]

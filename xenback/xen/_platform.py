@@ -35,6 +35,7 @@ from typing import Any, Self
 import pyxs
 from cffi import FFI
 
+from workqueue._shown import shown
 from xenback._closing import Closing
 from xenback._flags import check_flag, is_int
 from xenback.platform import (
@@ -43,6 +44,7 @@ from xenback.platform import (
     GrantError,
     PlatformError,
     PlatformUnavailable,
+    check_grant_refs,
 )
 from xenback.xenstore import XenStore
 
@@ -192,7 +194,7 @@ def _unsigned(cls: type[PlatformError], value: int, what: str, bits: int = 32) -
     # type() first: a plain int, which nearly every call passes (notify()
     # included), is spared the call of is_int().
     if (type(value) is not int and not is_int(value)) or not 0 <= value < 1 << bits:
-        raise cls(errno.EINVAL, f"{what} {value!r} is not a {bits}-bit unsigned integer")
+        raise cls(errno.EINVAL, f"{what} {shown(value)} is not a {bits}-bit unsigned integer")
     return value
 
 
@@ -411,12 +413,9 @@ class XenGrantTable(_Device):
 
     def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
         check_flag("writable", writable)
-        refs = tuple(_unsigned(GrantError, ref, "grant reference") for ref in refs)
-        if not refs:
-            # GrantError, as on the simulated host and as xenbus documents:
-            # a frontend's list of refs may well be empty.
-            raise GrantError(errno.EINVAL, "no grant references to map")
-        _unsigned(GrantError, domid, "domain id")
+        refs = check_grant_refs(refs)  # as the simulated host checks them
+        # A plain int: an int subclass's str() may be its name in a message.
+        domid = int(_unsigned(GrantError, domid, "domain id"))
         op = _ioctl_arg("struct ioctl_gntdev_map_grant_ref", len(refs))
         op.count = len(refs)
         grants = ffi.cast("struct ioctl_gntdev_grant_ref *", op.refs)
@@ -478,9 +477,12 @@ class XenGrantShare(_Device):
         check_flag("writable", writable)
         # GrantError (EINVAL), as on the simulated host, for any count
         # gntalloc's uint32_t cannot take, not a TypeError or OverflowError.
-        if _unsigned(GrantError, count, "page count") < 1:
+        # Plain ints, as map_grant_refs() keeps them: a subclass's str()
+        # may be its name in a message.
+        count = int(_unsigned(GrantError, count, "page count"))
+        if count < 1:
             raise GrantError(errno.EINVAL, f"cannot share {count} pages")
-        _unsigned(GrantError, domid, "domain id", bits=16)
+        domid = int(_unsigned(GrantError, domid, "domain id", bits=16))
         op = _ioctl_arg("struct ioctl_gntalloc_alloc_gref", count)
         op.domid = domid
         op.flags = GNTALLOC_FLAG_WRITABLE if writable else 0

@@ -88,6 +88,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from xenback._flags import check_xenstore_domid
+
 from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
 from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
@@ -346,8 +348,7 @@ class XenStored:
 
     def introduce_path(self, domid: int) -> Path:
         """The socket :meth:`introduce_domain` creates for ``domid`` (no side effect)."""
-        if not 0 <= domid <= 0xFFFF:
-            raise ValueError(f"bad domain id {domid}")
+        domid = check_xenstore_domid(domid)
         if domid == 0:
             return self.path
         return self.run_dir / "domains" / str(domid) / "xenstore"
@@ -358,9 +359,11 @@ class XenStored:
         Fires @introduceDomain.  Idempotent: a domain already introduced
         keeps its socket.  (Dom0 is always introduced; its socket is
         :attr:`path`.)
+
+        ``domid`` is checked as xenback.XenStore's domain queries check
+        it (TypeError or ValueError naming it), before anything changes.
         """
-        if not 0 <= domid <= 0xFFFF:
-            raise ValueError(f"bad domain id {domid}")
+        domid = check_xenstore_domid(domid)
         if domid == 0:
             return self.path
         domain = self._call(self._introduce_and_flush, domid)
@@ -374,13 +377,18 @@ class XenStored:
         removed with their subtrees (watches fire) and permission entries
         naming it are dropped everywhere.
 
-        Raises KeyError if the domain is not introduced, ValueError for dom0.
+        Raises KeyError if the domain is not introduced, ValueError for dom0;
+        ``domid`` is checked as :meth:`introduce_domain` checks it.
         """
+        domid = check_xenstore_domid(domid)
         if domid == 0:
             raise ValueError("dom0 cannot be released")
         self._call(self._release_and_flush, domid)
 
     def is_introduced(self, domid: int) -> bool:
+        """Whether ``domid`` is introduced (dom0 is not listed); ``domid``
+        checked as :meth:`introduce_domain` checks it: True was domain 1."""
+        domid = check_xenstore_domid(domid)
         return self._call(lambda: domid in self._dispatcher.domains)
 
     def __enter__(self) -> XenStored:

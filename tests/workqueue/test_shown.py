@@ -1,0 +1,32 @@
+"""workqueue._shown.shown(): how both packages' errors show a number."""
+
+from __future__ import annotations
+
+import pytest
+
+from workqueue._shown import shown
+
+
+@pytest.mark.parametrize(("value", "spec", "text"), [
+    # Twenty digits are shown whole, past them the first and last eight.
+    ((1 << 80) - 1, "#x", "0xffffffffffffffffffff (an int of 80 bits)"),
+    (1 << 80, "#x", "0x10000000...00000000 (an int of 81 bits)"),
+    # Every base of a power of two, its prefix whatever its case.
+    (1 << 80, "#X", "0X10000000...00000000 (an int of 81 bits)"),
+    ((1 << 70) | 5, "#o", "0o20000000...00000005 (an int of 71 bits)"),
+    ((1 << 70) | 5, "#b", "0b10000000...00000101 (an int of 71 bits)"),
+    ((1 << 70) | 5, "o", "20000000...00000005 (an int of 71 bits)"),
+    # A sign is kept ahead of the digits, not taken for one.
+    (-(1 << 80), "#x", "-0x10000000...00000000 (an int of 81 bits)"),
+    (1 << 80, "+#x", "+0x10000000...00000000 (an int of 81 bits)"),
+    (1 << 80, " x", " 10000000...00000000 (an int of 81 bits)"),
+])
+def test_a_mask_past_64_bits_shows_its_first_and_last_digits(value: int, spec: str,
+                                                              text: str) -> None:
+    assert shown(value, spec) == text
+
+
+def test_a_power_of_ten_base_shows_the_size_only() -> None:
+    assert shown(1 << 80, "d") == "about 10**24 (an int of 81 bits)"
+    assert shown(1 << 64, "#x") == "0x10000000000000000 (an int of 65 bits)"  # 17 digits
+    assert shown((1 << 64) - 1, "#x") == "0xffffffffffffffff"  # 64 bits: format()'s
