@@ -159,9 +159,10 @@ class SocketStats:
     ``pvcalls-nc`` in one guest use the same ids); ``id``: the socket's
     id, the guest's (``(domain, device, id)`` is unique); ``kind``:
     ``"new"`` (only SOCKET so far), ``"active"`` (connecting, connected,
-    or made by an ACCEPT) or ``"passive"`` (bound, listening); ``state``: ``"new"``, ``"accepting"``, ``"connecting"``,
-    ``"connected"``, ``"bound"``, ``"listening"``, ``"closed"`` or
-    ``"failed"`` (a bug of ours stopped it); ``cpu``: the ioworker CPU an
+    or made by an ACCEPT) or ``"passive"`` (bound, listening); ``state``:
+    ``"new"``, ``"accepting"``, ``"connecting"``, ``"connected"``,
+    ``"bound"``, ``"listening"``, ``"closed"`` or ``"failed"`` (a bug of
+    ours stopped it); ``cpu``: the ioworker CPU an
     active socket is homed on, else None; ``bytes_in``: host to guest,
     ``bytes_out``: guest to host; ``address``: an active socket's peer, a
     passive one's bound address, else None.

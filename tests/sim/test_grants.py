@@ -186,7 +186,8 @@ def test_bad_map_requests_get_errno(
 @pytest.mark.parametrize(("ref", "shown"), [(1 << 32, "4294967296"),
                                            (1 << 64, r"about 10\*\*19 \(an int of 65 bits\)"),
                                            (-1, "-1"),
-                                           (10**5000, r"about 10\*\*5000 \(an int of 16610 bits\)")],
+                                           (10**5000,
+                                            r"about 10\*\*5000 \(an int of 16610 bits\)")],
                          ids=["2**32", "2**64", "-1", "1e5000"])
 def test_a_ref_past_32_bits_is_refused_as_on_xen(
     handles: tuple[GrantShare, GrantTable], ref: int, shown: str
@@ -196,8 +197,9 @@ def test_a_ref_past_32_bits_is_refused_as_on_xen(
     ref 2**64 was "not granted", as if it could have been."""
     shr, tab = handles
     pages = shr.share_pages(0, 1)
-    with pytest.raises(GrantError, match=rf"^\[Errno 22\] grant reference {shown} \(refs\[1\]\) is not a "
-                                         rf"32-bit unsigned integer \(a grant_ref_t\)$") as info:
+    with pytest.raises(GrantError, match=rf"^\[Errno 22\] grant reference {shown} "
+                                         rf"\(refs\[1\]\) is not a 32-bit unsigned integer "
+                                         rf"\(a grant_ref_t\)$") as info:
         tab.map_grant_refs(1, [pages.refs[0], ref])
     assert info.value.errno == errno.EINVAL
     tab.map_grant_refs(1, pages.refs).unmap()  # the handle still works

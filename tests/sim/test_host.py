@@ -1534,5 +1534,6 @@ def test_no_domain_is_named_by_its_number(host: SimHost) -> None:
     for call in (host.domain, host.destroy_domain):
         with pytest.raises(LookupError, match=r"^no domain 99$"):
             call(_Named(99))
-        with pytest.raises(LookupError, match=r"^no domain about 10\*\*5000 \(an int of 16610 bits\)$"):
+        with pytest.raises(LookupError,
+                           match=r"^no domain about 10\*\*5000 \(an int of 16610 bits\)$"):
             call(10**5000)

@@ -242,7 +242,8 @@ def test_domain_queries_refuse_a_domid_out_of_range(dom0_xs, domid, monkeypatch)
     for name in ("get_domain_path", "is_domain_introduced"):
         monkeypatch.setattr(dom0_xs._client, name, lambda d, name=name: sent.append(name))
     for query in (dom0_xs.get_domain_path, dom0_xs.is_domain_introduced):
-        with pytest.raises(ValueError, match=rf"^domid must be 0 to 65535 \(a domid_t\), not {domid}$"):
+        with pytest.raises(ValueError,
+                           match=rf"^domid must be 0 to 65535 \(a domid_t\), not {domid}$"):
             query(domid)
     assert sent == []
 

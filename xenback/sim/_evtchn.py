@@ -347,7 +347,8 @@ class EventChannel(Closing):
                 # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes
                 # on: EINVAL past the last port (as unbind), else ENOTCONN.
                 if not 0 <= port <= MAX_EVTCHN_PORT:  # an int: checked above
-                    raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
+                    raise EventChannelError(errno.EINVAL,
+                                            f"invalid event channel port {shown(port)}")
                 raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
             if lp.peer_fd is not None:
                 try:
@@ -565,7 +566,8 @@ class EventChannel(Closing):
                 self._check_open()
             lp = self._ports.get(port)
             if lp is None:
-                raise EventChannelError(errno.EINVAL, f"port {shown(port)} is not bound by this handle")
+                raise EventChannelError(errno.EINVAL,
+                                        f"port {shown(port)} is not bound by this handle")
             lp.masked = False
             if lp.ignored and not lp.dead:
                 lp.ignored = False
@@ -620,7 +622,8 @@ class EventChannel(Closing):
             self._check_open()
             lp = self._ports.get(port)
             if lp is None or lp.unbound:
-                raise EventChannelError(errno.EINVAL, f"port {shown(port)} is not bound by this handle")
+                raise EventChannelError(errno.EINVAL,
+                                        f"port {shown(port)} is not bound by this handle")
             if lp.remote_port is None:
                 return None
             return lp.remote_domid, lp.remote_port
