@@ -99,8 +99,8 @@ protocol (section 2 of the protocol reference), item by item:
   (see ``BackendDriver._refused``).  So is one whose ``online`` we may
   no longer read, once we read it (at our Closing, or the frontend's
   Closed): Linux reads that failure as offline, and unregisters the
-  device.  At the path, only a new device (Initialising, readable) is
-  served again; a removal of one we do not serve whose ``online`` we
+  device.  At the path, only a new device (Initialising, readable, in a
+  directory we may read) is served again; a removal of one we do not serve whose ``online`` we
   may not read is none we can tell, and one whose Closed we may not
   write is said once as a warning (the toolstack then waits its timeout,
   as it made it).  A state we may read but not write fails the device
@@ -1595,6 +1595,17 @@ class BackendDriver:
         if state != _INITIALISING and not taken_over:
             if state == _CLOSING:
                 self._close_unprobed(key, path)
+            return
+        try:
+            # Our directory itself, which every look at whose it is reads
+            # first (see _stale): one we may not read (the toolstack took
+            # it) would be dropped at once (see _refused), and the drop's
+            # look at the path would probe it again, for ever.
+            self.xenstore.read(path)
+        except PermissionError as exc:
+            if self._lost_domain(exc) or self._connection_gone(exc):
+                raise
+            logger.debug("%s: not served: %s", path, exc)
             return
         # Nothing of ours was written for a new device yet, and nothing can
         # be before its probe: an error node at its path is an earlier

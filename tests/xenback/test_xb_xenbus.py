@@ -3735,3 +3735,36 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
         assert said.args[1].filename == online  # type: ignore[index]
     finally:
         drv.stop()
+
+
+def test_a_directory_the_toolstack_takes_is_not_probed_again_and_again(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The toolstack takes a device's directory itself from the driver
+    domain's backend (its ``state`` still readable): the device is
+    dropped, as for a taken state, since every look at whose the
+    directory is reads it first.  An Initialising state there then (the
+    toolstack's own write) is no new device for us: probed, it would be
+    dropped at its first look for the same reason, and the drop's look at
+    the path would probe it again, for ever, a warning each time.  Given
+    back, the directory is served as a new device."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        guest, dev = fe.guest, fe.device
+        bdev = backend_device(drv, guest.domid)
+        caplog.clear()
+        dom0_xs.set_perms(bdev.nodename, ["n0"])
+        drv.wait_call("remove", guest.domid)
+        fe.close()
+        dom0_xs.write(f"{bdev.nodename}/state", str(int(S.INITIALISING)))
+        handed_over(drv.xenstore, "taken", base=f"/local/domain/{drvdom.domid}/data")
+        drv._bus.flush()
+        assert drv.devices() == []
+        dom0_xs.set_perms(bdev.nodename, [f"n{drvdom.domid}", f"r{guest.domid}"])
+        fe = _connect(frontends, guest, dev)
+        assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove",
+                                             "probe", "connect"]
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        (said,) = _backend_warnings(caplog)
+        assert said.args[1].filename == bdev.nodename  # type: ignore[index]
+    finally:
+        drv.stop()
