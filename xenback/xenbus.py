@@ -100,11 +100,12 @@ protocol (section 2 of the protocol reference), item by item:
   no longer read, once we read it (at our Closing, or the frontend's
   Closed): Linux reads that failure as offline, and unregisters the
   device.  At the path, only a new device (Initialising, readable, in a
-  directory we may read) is served again; a removal of one we do not serve whose ``online`` we
-  may not read is none we can tell, and one whose Closed we may not
-  write is said once as a warning (the toolstack then waits its timeout,
-  as it made it).  A state we may read but not write fails the device
-  at its next switch, as in Linux: error node, no Closing;
+  directory we may read) is served again; the removal of one we do not
+  serve is none we can tell if we may not read its ``online``, and one
+  whose Closed we may not write is said once as a warning (the
+  toolstack then waits its timeout, as it made it).  A state we may
+  read but not write fails the device at its next switch, as in Linux:
+  error node, no Closing;
 * our own domain going away (a driver domain destroyed under its
   backend): libxl deletes its home before the domain, and with it goes
   our right to read anything we had there (EACCES where a node was).  A
