@@ -96,9 +96,16 @@ protocol (section 2 of the protocol reference), item by item:
   home live): the device is dropped (disconnect, remove, grants and ports
   released), nothing written there, the error node included, and said
   once as a warning; whose the directory is, only the state could tell
-  (see ``BackendDriver._refused``).  At the path, only a new device
-  (Initialising, readable) is served again.  One we may read but not
-  write fails at its next switch, as in Linux: error node, no Closing;
+  (see ``BackendDriver._refused``).  So is one whose ``online`` we may
+  no longer read, once we read it (at our Closing, or the frontend's
+  Closed): Linux reads that failure as offline, and unregisters the
+  device.  At the path, only a new device (Initialising, readable, in a
+  directory we may read) is served again; the removal of one we do not
+  serve is none we can tell if we may not read its ``online``, and one
+  whose Closed we may not write is said once as a warning (the
+  toolstack then waits its timeout, as it made it).  A state we may
+  read but not write fails the device at its next switch, as in Linux:
+  error node, no Closing;
 * our own domain going away (a driver domain destroyed under its
   backend): libxl deletes its home before the domain, and with it goes
   our right to read anything we had there (EACCES where a node was).  A
@@ -1137,6 +1144,11 @@ class BackendDriver:
         # most).  Only the bus queue touches it.
         self._junk: set[tuple[str, str]] = set()
         self._junk_ratelimit = RateLimit(f"{self.device_type} backend")
+        # The devices not served whose removal we could not answer (see
+        # _close_unprobed), said once each while their state stays
+        # Closing: the toolstack's removal is an event for each node it
+        # writes.  Never more than exist; only the bus queue touches it.
+        self._unclosed: set[tuple[int, int]] = set()
         self._watches: list[Watch] = []
 
     # Hooks for subclasses.
@@ -1278,6 +1290,7 @@ class BackendDriver:
                 self._xs_lost = False
             self._first_scan = True
             self._junk.clear()  # a new run says what it ignores
+            self._unclosed.clear()
             self._bus = EventQueue(self.workqueue, f"{self.device_type}-bus",
                                    handled=self._callback_failed)
             self._xs = XenStore(self.platform.xenstore(), on_lost=self._xenstore_lost)
@@ -1586,6 +1599,8 @@ class BackendDriver:
             # an unreadable state as Unknown and leaves the device alone.
             logger.debug("%s: not served: %s", path, exc)
             return
+        if state != _CLOSING:
+            self._unclosed.discard(key)
         if state is None and not self.xenstore.exists(path):
             self._forget_error(str(key[0]), str(key[1]))
             return
@@ -1594,7 +1609,7 @@ class BackendDriver:
         # an earlier backend left behind: without us its frontend would
         # wait for it forever, and could never connect again.
         taken_over = adopt and state is not None and state != _INITIALISING
-        if taken_over and state == _CLOSED and self.xenstore.read(f"{path}/online") == "0":
+        if taken_over and state == _CLOSED and self._removed(path):
             # A removal an earlier backend answered; the toolstack deletes
             # the device next.  Nothing is left to serve, and a probe would
             # only fail (a dying domain's frontend goes first) and put an
@@ -1602,7 +1617,18 @@ class BackendDriver:
             taken_over = False
         if state != _INITIALISING and not taken_over:
             if state == _CLOSING:
-                self._close_unprobed(path)
+                self._close_unprobed(key, path)
+            return
+        try:
+            # Our directory itself, which every look at whose it is reads
+            # first (see _stale): one we may not read (the toolstack took
+            # it) would be dropped at once (see _refused), and the drop's
+            # look at the path would probe it again, for ever.
+            self.xenstore.read(path)
+        except PermissionError as exc:
+            if not self._taken(exc):
+                raise
+            logger.debug("%s: not served: %s", path, exc)
             return
         # Nothing of ours was written for a new device yet, and nothing can
         # be before its probe: an error node at its path is an earlier
@@ -1680,23 +1706,58 @@ class BackendDriver:
             # read an error directory the toolstack took.)
             logger.debug("%s/%s/%s: error node not deleted: %s", self.backend_root, fe, devid, exc)
 
-    def _close_unprobed(self, path: str) -> None:
+    def _removed(self, path: str) -> bool:
+        """Whether the toolstack removed the device at ``path`` (``online``
+        = 0).  An ``online`` we may not read (the toolstack took it: see
+        _refused) reads as 0, as Linux's xenbus_dev_is_online() reads any
+        failure: nothing to take over there."""
+        try:
+            return self.xenstore.read(f"{path}/online") == "0"
+        except PermissionError as exc:
+            if not self._taken(exc):
+                raise
+            logger.debug("%s: not served: %s", path, exc)
+            return True
+
+    def _close_unprobed(self, key: tuple[int, int], path: str) -> None:
         """The toolstack asked to remove (``online`` = 0, Closing) a device
         we never probed: it was made and removed before we saw it
         Initialising, as happens when it was made at the path of a device
         still being dropped.  Nothing was connected, so nothing is left
         to close: Closed, as for a device that never got going, or libxl
         waits its whole timeout for a backend that will never answer.
-        (Ours write Closed when dropped: Closing here is never one of
-        them.)  Only while the node still says so, in one transaction."""
+        (Ours write Closed when dropped, but one dropped as the toolstack
+        took a node of its own, see _refused, which writes nothing: it is
+        closed so too, should the toolstack give the node back.)  Only
+        while the node still says so, in one transaction.  Nodes we may
+        not read (the toolstack took them) tell no removal: nothing is
+        done.  A state we may read but not write is said as a warning,
+        once while it stays Closing, and left so: the toolstack waits its
+        timeout, as it made it."""
+        asked = False
 
         def tx(t: Transaction) -> bool:
+            nonlocal asked
+            asked = False
             if t.read(f"{path}/state") != _CLOSING or t.read(f"{path}/online") != "0":
                 return False
+            asked = True
             t.write(f"{path}/state", str(int(XenbusState.CLOSED)))
             return True
 
-        if self.xenstore.transaction(tx):
+        try:
+            closed = self.xenstore.transaction(tx)
+        except PermissionError as exc:
+            if not self._taken(exc):
+                raise  # for the bus queue's handler, which says it once
+            if asked and key not in self._unclosed:
+                self._unclosed.add(key)
+                logger.warning("%s: removal asked for, but Closed may not be written: %s",
+                               path, exc)
+            else:
+                logger.debug("%s: not closed: %s", path, exc)
+            return
+        if closed:
             logger.info("%s: removed before it was probed", path)
 
     def _release_domain(self, _path: str) -> None:
@@ -1872,6 +1933,8 @@ class BackendDriver:
                 raise
             self._refused(dev, exc)
             return
+        if dev.gone:
+            return  # dropped as its online was refused (see _online)
         if why is not None:
             logger.info("%s: %s", dev.nodename, why)
             self._drop(dev)
@@ -1894,9 +1957,20 @@ class BackendDriver:
             self._drop(dev)
 
     def _online(self, dev: BackendDevice) -> bool:
+        """Whether the toolstack still wants the device (``online`` = 1):
+        missing or garbled, it does not, as Linux's xenbus_dev_is_online()
+        reads it.  A node of our own we may not read (see _refused): the
+        device is dropped, writing nothing more, and False; but the
+        :class:`PermissionError` is raised if our domain is going (or the
+        connection went), for the callback's handler."""
         try:
             return bool(self.xenstore.read_int(f"{dev.nodename}/online", 0))
         except ValueError:
+            return False
+        except PermissionError as exc:
+            if not self._taken(exc):
+                raise
+            self._refused(dev, exc)
             return False
 
     def _connect(self, dev: BackendDevice) -> None:

@@ -3935,3 +3935,104 @@ def test_a_failed_look_at_the_frontend_that_then_appeared_says_so(
     assert "deleted" not in said and "the frontend appeared since" in said, said
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
+
+
+def test_a_removal_we_may_not_close_is_said_not_a_traceback(
+        host, dom0_xs, frontends, caplog) -> None:
+    """A device we do not serve (dropped as the toolstack took its state)
+    whose state is given back read-only, then removed (``online`` = 0,
+    Closing): the look at the path would close it for the toolstack
+    (_close_unprobed), but may not write its state: said once as a
+    warning (the removal is an event for each node it writes), not a
+    traceback on the bus queue.  With its ``online`` taken in turn, no
+    removal can be told: nothing is said.  Either way the toolstack
+    waits its timeout, as it made it so."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        state = f"{bdev.nodename}/state"
+        for refused, perms, warned in ((state, ["n0", f"r{drvdom.domid}"], [state]),
+                                       (f"{bdev.nodename}/online", ["n0"], [])):
+            dom0_xs.set_perms(state, ["n0"])
+            drv.wait(lambda bdev=bdev: bdev.gone)
+            dom0_xs.set_perms(state, ["n0", f"r{drvdom.domid}"])
+            dom0_xs.set_perms(refused, perms)
+            caplog.clear()
+            assert not host.toolstack.remove_device(fe.device, 0.2)
+            drv._bus.flush()
+            assert not [r for r in caplog.records if r.exc_info is not None]
+            said = [r for r in _backend_warnings(caplog)]
+            assert [r.args[-1].filename for r in said] == warned, said  # type: ignore[index]
+            # The next device at the path is served as ever.
+            dev = host.toolstack.add_device("xbtest", fe.guest.domid, backend_id=drvdom.domid)
+            fe = _connect(frontends, fe.guest, dev)
+            bdev = backend_device(drv, fe.guest.domid)
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize("closing", [True, False], ids=["closing-first", "closed-at-once"])
+def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_closes(
+        host, dom0_xs, frontends, caplog, closing) -> None:
+    """The toolstack takes a device's ``online`` from the driver domain's
+    backend.  As its frontend closes, the backend reads it to know
+    whether to drop the device (at its own Closing, or at the frontend's
+    Closed): refused, that is a node of our own we may no longer read, as
+    a taken state, and the device is dropped, said once as a warning, not
+    failed with an error node and a Closing over the Closed its frontend
+    was answered.  Nor does the look at the path that the drop makes take
+    the Closing it left for a removal, which only an ``online`` = 0 read
+    would tell."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        online = f"{bdev.nodename}/online"
+        dom0_xs.set_perms(online, ["n0"])
+        caplog.clear()
+        if closing:
+            fe.set_state(S.CLOSING)
+            fe.wait_backend(S.CLOSING)
+        fe.set_state(S.CLOSED)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSING if closing else S.CLOSED))
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        (said,) = _backend_warnings(caplog)
+        assert said.args[1].filename == online  # type: ignore[index]
+    finally:
+        drv.stop()
+
+
+def test_a_directory_the_toolstack_takes_is_not_probed_again_and_again(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The toolstack takes a device's directory itself from the driver
+    domain's backend (its ``state`` still readable): the device is
+    dropped, as for a taken state, since every look at whose the
+    directory is reads it first.  An Initialising state there then (the
+    toolstack's own write) is no new device for us: probed, it would be
+    dropped at its first look for the same reason, and the drop's look at
+    the path would probe it again, for ever, a warning each time.  Given
+    back, the directory is served as a new device."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        guest, dev = fe.guest, fe.device
+        bdev = backend_device(drv, guest.domid)
+        caplog.clear()
+        dom0_xs.set_perms(bdev.nodename, ["n0"])
+        drv.wait_call("remove", guest.domid)
+        fe.close()
+        dom0_xs.write(f"{bdev.nodename}/state", str(int(S.INITIALISING)))
+        handed_over(drv.xenstore, "taken", base=f"/local/domain/{drvdom.domid}/data")
+        drv._bus.flush()
+        assert drv.devices() == []
+        dom0_xs.set_perms(bdev.nodename, [f"n{drvdom.domid}", f"r{guest.domid}"])
+        fe = _connect(frontends, guest, dev)
+        assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove",
+                                             "probe", "connect"]
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        (said,) = _backend_warnings(caplog)
+        assert said.args[1].filename == bdev.nodename  # type: ignore[index]
+    finally:
+        drv.stop()

@@ -16,7 +16,9 @@ each, and a well-behaved bystander guest:
 * the toolstack adding devices (and re-adding at the same path), removing
   them (while connecting, twice, racing a re-add) and destroying them,
   and destroying whole guest domains, in background threads as libxl's
-  own waits run;
+  own waits run; and changing the permissions of a backend device's own
+  nodes (its ``state``, ``online`` or directory made unreadable to the
+  backend, read-only, or given back);
 * the driver's hooks raising or being slow, on the fuzzer's say.
 
 Checked as it goes and at quiescent points:
@@ -32,9 +34,16 @@ Checked as it goes and at quiescent points:
 * per device path, the driver's hooks come in a legal order (probe, then
   connect and disconnect in pairs, then remove; nothing after remove but
   the next device's probe), each on its device's queue;
-* error nodes hold ``"<errno> <printable message>"``; no error is logged
-  but those the fuzzer asked for, no thread dies of an exception, and
-  every wait is bounded (a hang is a failure, not a stuck run);
+* a driver domain's device whose ``state`` (or directory) the toolstack
+  made unreadable to it is not served; one whose nodes were taken and is
+  not served may be left in any state; one whose ``state`` was left
+  read-only answers its frontend as the table says or has its error node
+  (its switches fail, fatal() writes that alone); each device dropped so
+  is said once, and only where the fuzzer took a node;
+* error nodes hold ``"<errno> <printable message>"``; no error, and no
+  traceback at any level, is logged but those the fuzzer asked for, no
+  thread dies of an exception, and every wait is bounded (a hang is a
+  failure, not a stuck run);
 * the bystander connects, has its events delivered and closes cleanly
   each time round, and its removal never waits out libxl's timeout;
 * once every device and guest is gone: no device object, grant, port,
@@ -248,7 +257,7 @@ class Fuzzer:
         "recreate_dir": 1, "garble": 2, "intrude": 3, "watch": 2, "notify": 3, "unshare": 2,
         "flood": 1, "add": 6, "remove": 4, "destroy_device": 2, "destroy_domain": 1,
         "new_guest": 1, "fault": 5, "quiesce": 3, "bystander": 8, "restart": 1, "storm": 1,
-        "perms": 2,
+        "perms": 2, "take": 2,
     }
 
     def __init__(self, seed: int, host: Any, drivers: list[FuzzDriver],
@@ -267,6 +276,13 @@ class Fuzzer:
         self.added: collections.Counter[str] = collections.Counter()  # adds per backend path
         # (guest, (backend, devid)) -> what a removal's verdict needs.
         self.removing: dict[tuple[int, tuple[int, int]], dict[str, Any]] = {}
+        # Backend path -> the nodes of its own (relative, "" the directory
+        # itself) whose permissions the toolstack changed (op_take), and
+        # how ("n" not readable by the backend, "r" read-only), since
+        # the toolstack last made the device; and every such change since.
+        self.taken: dict[str, dict[str, str]] = {}
+        self.ever_taken: dict[str, set[str]] = {}
+        self.taken_paths: set[str] = set()  # every path op_take changed, ever
         self.thread_errors: list[str] = []
         self.guests: list[Guest] = []
         self._names = 0
@@ -570,6 +586,45 @@ class Fuzzer:
         self.seen[f"perms {node or '/'} {len(perms)}"] += 1
         self.guest_op(lambda: g.xs.set_perms(f"{fd.device.frontend_path}{node}", perms))
 
+    def op_take(self) -> None:
+        """The toolstack changes the permissions of a backend device's own
+        nodes (as dom0 may): its ``state`` mostly, its ``online`` or its
+        directory itself, made unreadable to the backend (``n0``),
+        read-only (``n0 r<backend>``), or given back as libxl made them.
+        Only a driver domain's backend is refused anything (dom0's reads
+        and writes whatever the permissions say): the module docstring of
+        xenback.xenbus says what it does then, and check_device what is
+        expected at rest."""
+        guests = [g for g in self.live() if g.devs]
+        if not guests:
+            return
+        g = self.rng.choice(guests)
+        keys = sorted(g.devs)
+        if self.rng.random() < 0.8:
+            keys = [k for k in keys if k[0] != 0] or keys
+        backend, devid = key = self.rng.choice(keys)
+        fd = g.devs[key]
+        node = self.rng.choice(["state", "state", "state", "online", ""])
+        how = self.rng.choice(["n", "n", "r", "back", "back"])
+        perms = {"n": ["n0"], "r": ["n0", f"r{backend}"],
+                 "back": [f"n{backend}", f"r{g.domid}"]}[how]
+        base = fd.device.backend_path
+        try:
+            self.dom0.set_perms(f"{base}/{node}" if node else base, perms)
+        except FileNotFoundError:
+            self.seen["take: gone"] += 1  # a removal deleted it
+            return
+        self.seen[f"take {node or '/'} {how}{' dom0' if backend == 0 else ''}"] += 1
+        if backend == 0:
+            return  # nothing changes: the checks hold as ever
+        self.taken_paths.add(base)
+        taken = self.taken.setdefault(base, {})
+        if how == "back":
+            taken.pop(node, None)
+        else:
+            taken[node] = how
+            self.ever_taken.setdefault(base, set()).add(f"{node} {how}")
+
     def op_watch(self) -> None:
         picked = self.pick()
         if picked is None:
@@ -637,6 +692,9 @@ class Fuzzer:
             "xbtest", g.domid, backend_id=backend, devid=devid, replace=True
         )
         self.added[dev.backend_path] += 1
+        # Made afresh, with libxl's permissions.
+        self.taken.pop(dev.backend_path, None)
+        self.ever_taken.pop(dev.backend_path, None)
         g.devs[key] = FrontDev(dev)
 
     def op_remove(self) -> None:
@@ -671,7 +729,11 @@ class Fuzzer:
         drv = self.drivers[fd.device.backend_id]
         with drv.changed:
             faulted = bool(drv.faults.get((g.domid, key[1])))
-        if fstate in (S.UNKNOWN, S.INITIALISING, S.CLOSED) and timeout == 2.0 and not faulted:
+        # A device whose nodes the toolstack took may have been dropped
+        # for it: nobody answers its removal.
+        taken = fd.device.backend_path in self.ever_taken
+        if (fstate in (S.UNKNOWN, S.INITIALISING, S.CLOSED) and timeout == 2.0 and not faulted
+                and not taken):
             # Nothing to wait for: the backend must close (a slow hook
             # that already runs takes SLOW * 10 at most).
             verdict["frontend"] = f_raw
@@ -877,16 +939,34 @@ class Fuzzer:
         b_raw = self.dom0.read(f"{base}/state")
         online = self.dom0.read(f"{base}/online")
         where = f"{base}: backend {b_raw!r} online {online!r}"
-        check(b_raw != "1", f"{where}: left unprobed")
         # Only the toolstack makes a device directory: one without its
         # frontend-id was re-created by a late write of the backend's.
         check(self.dom0.exists(f"{base}/frontend-id"), f"{where}: re-created by the backend")
+        # dom0's backend reads and writes whatever the permissions say.
+        taken = self.taken.get(base, {}) if drv.platform.domid != 0 else {}
+        if taken.get("state") == "n" or taken.get("") == "n":
+            # Whose the directory is, only the state tells: dropped,
+            # and a new device is served only once the toolstack makes one.
+            check(dev is None, f"{where}: {taken} taken from the backend, yet served")
+        if dev is None and drv.platform.domid != 0 and base in self.ever_taken:
+            # Dropped for a node it could not read (writing nothing), or
+            # taken before it was probed: left as it was, for the toolstack.
+            self.seen["rest taken, not served"] += 1
+            return
+        error = self.dom0.read(f"{drv.home}/error/{base[len(drv.home) + 1:]}/error")
+        # A state left to the backend to read but not to write: its
+        # switches since failed (InitWait after its probe too), each
+        # fatal() writing the error node alone (no Closing): the state the
+        # table asks for may not be there, but the failure must be.
+        stuck = drv.platform.domid != 0 and "state r" in self.ever_taken.get(base, ()) \
+            and error is not None
+        check(b_raw != "1" or (stuck and dev is not None), f"{where}: left unprobed")
         if dev is None:
             check(b_raw in ("6", None), f"{where}: not served, yet not Closed")
             return
         check(str(int(dev.state)) == b_raw, f"{where}: the device thinks {dev.state.name}")
         mapped, bound = dev.resources
-        if b_raw == "4":
+        if b_raw == "4" and not (stuck and not dev._connected):
             check(dev._connected and (mapped, bound) == (1, 1),
                   f"{where}: Connected holding {dev.resources}")
         if not dev._connected:
@@ -898,7 +978,7 @@ class Fuzzer:
         if dev._otherend_watch is None:
             # The probe failed (the frontend was missing, probe() raised):
             # the device was failed, and hears nothing from the frontend.
-            check(b_raw == "5", f"{where}: probe failed, yet not Closing")
+            check(b_raw == "5" or stuck, f"{where}: probe failed, yet not Closing")
             return
         f_raw = self.dom0.read(f"{dev.otherend}/state")
         where += f", frontend {f_raw!r}"
@@ -909,9 +989,8 @@ class Fuzzer:
             fstate = S.UNKNOWN
         if fstate in (S.UNKNOWN, S.INIT_WAIT, S.RECONFIGURING, S.RECONFIGURED) and f_raw is not None:
             # A state no frontend may write is a fatal error, reported.
-            check(b_raw == "5", f"{where}: impossible frontend state not fatal")
-            check(self.dom0.read(f"{drv.home}/error/{base[len(drv.home) + 1:]}/error") is not None,
-                  f"{where}: impossible frontend state, no error node")
+            check(b_raw == "5" or stuck, f"{where}: impossible frontend state not fatal")
+            check(error is not None, f"{where}: impossible frontend state, no error node")
             return
         expected = {
             S.INITIALISING: ("2",),
@@ -921,7 +1000,9 @@ class Fuzzer:
             S.CLOSED: ("6",),
         }.get(fstate, ("5",))
         check(f_raw is not None, f"{where}: frontend gone, device still served")
-        check(b_raw in expected, f"{where}: expected {expected}")
+        check(b_raw in expected or stuck, f"{where}: expected {expected}")
+        if b_raw not in expected:
+            self.seen["rest state refused"] += 1
 
     def step(self) -> str:
         name = self.rng.choices(self._ops, self._weights)[0]
@@ -1130,6 +1211,8 @@ class Run:
         self.crashed: list[str] = []
         #: Error lines logged per device path (rate limited).
         self.device_errors: collections.Counter[str] = collections.Counter()
+        #: Devices dropped for a node of their own they could not read, per path.
+        self.refused: collections.Counter[str] = collections.Counter()
 
     def __enter__(self) -> Run:
         from xenback.sim import SimHost
@@ -1144,10 +1227,19 @@ class Run:
                     run.errors.append(record)
                 elif run.dying(record):
                     run.errors.append(record)
-                elif record.threadName == "fuzz-destroy" and "did not close" in record.msg:
+                elif record.threadName == "fuzz-destroy" and "did not close" in record.msg \
+                        and str(record.args[0]) not in run.taken():  # type: ignore[index]
                     # A dying domain's frontend directories go first: every
-                    # backend can close at once, whatever its guest did.
+                    # backend can close at once, whatever its guest did
+                    # (but one dropped as its nodes were taken: op_take).
                     run.errors.append(record)
+                elif record.levelno >= logging.WARNING and record.exc_info \
+                        and record.name.startswith("xenback") and not expected_error(record):
+                    # A traceback is a bug's: whatever XenStore refuses is
+                    # said in a line.
+                    run.errors.append(record)
+                if record.msg.startswith("%s: its own node may not be read any more"):
+                    run.refused[str(record.args[0])] += 1  # type: ignore[index]
 
         self._catch = Catch()
         logging.getLogger().addHandler(self._catch)
@@ -1177,6 +1269,11 @@ class Run:
                    == connections + 2 * len(self.drivers), what="the backends' handles")
         self.before = held(self.host)
         return self
+
+    def taken(self) -> dict[str, set[str]]:
+        """What the fuzzer took of each device's own nodes (see op_take)."""
+        fz = getattr(self, "fz", None)
+        return fz.ever_taken if fz is not None else {}
 
     def dying(self, record: logging.LogRecord) -> bool:
         """A traceback logged while the driver domain is destroyed under
@@ -1215,6 +1312,12 @@ class Run:
             check(count <= 10 * made * windows,
                   f"{path}: {count} error lines, rate limit of {made} devices in {windows} "
                   f"windows exceeded")
+        for path, count in self.refused.items():
+            # Said once per device, and only where the toolstack took a node.
+            made = fz.added[path] + fz.seen["restart"] + 1
+            check(path in fz.taken_paths, f"{path}: dropped for a node nobody took")
+            check(count <= made, f"{path}: said {count} times that a node was taken, "
+                  f"for {made} devices")
         self.expected = self.without_drvdom(self.before) if fz.kill_driver_domain else {}
         wait_released(self.host, self.before, fds=fz.seen["restart"] == 0 and
                       not fz.kill_driver_domain, expected=self.expected)
