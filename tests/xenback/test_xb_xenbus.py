@@ -3996,7 +3996,8 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
         drv.wait_call("remove", fe.guest.domid)
         bdev.events.flush()
         drv._bus.flush()
-        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSING if closing else S.CLOSED))
+        left = S.CLOSING if closing else S.CLOSED
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(left))
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert not [r for r in caplog.records if r.exc_info is not None]
         (said,) = _backend_warnings(caplog)
