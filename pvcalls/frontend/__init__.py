@@ -141,7 +141,9 @@ Waiting on sockets: :meth:`PVSocket.fileno` returns a descriptor that is
 readable while ``recv`` or ``accept`` would not block (data, end of
 stream, an error, or a pending connection) and writable while ``send``
 would not (room in the out ring, or an error; a socket neither connected
-nor listening is both, as a TCP socket: its calls fail at once), so that
+nor listening is both, as a TCP socket: its calls fail at once; one whose
+``connect()`` waits for the backend's answer, in any thread, is neither,
+as a TCP socket in its handshake), so that
 selectors loops and asyncio sleep while the peer is slow to read.  It is
 *not* the connection (one end of a Unix socket pair the socket keeps, shut
 down for writing); pass it only to ``select``/``poll``/``selectors``.

@@ -691,7 +691,12 @@ class PVSocket(Closing):
                     if background:
                         self._repair_ready()
                     else:
-                        self._connect_cut_short(slot, host, port, timed=timed)
+                        # As the wait's handler below, which see.
+                        self._broken = True
+                        try:
+                            self._connect_cut_short(slot, host, port, timed=timed)
+                        finally:
+                            self._repair_ready()
                     raise
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
@@ -730,6 +735,14 @@ class PVSocket(Closing):
                 # entry taken for good, the socket neither broken nor
                 # connected).
                 deadline = Deadline(self._timeout)
+                # Neither readable nor writable until the answer, as a TCP
+                # socket in its handshake (see _handshaking), also for a
+                # selector that registered the socket before.  Only once
+                # the CONNECT is out, as a non-blocking connect() does:
+                # made so before, the descriptor would be for a handler to
+                # put back when nothing went out (no room on the command
+                # ring in time), which a Ctrl-C could cut short in turn.
+                self._update_ready()
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
@@ -747,7 +760,19 @@ class PVSocket(Closing):
                     # a fileno() made of the socket with its ring meanwhile.
                     self._update_ready()
             except BaseException:
-                self._connect_cut_short(slot, host, port, timed=timed)
+                # Given up on first, by a store (no signal's handler runs
+                # in it), unless _connect_cut_short finds the answer in;
+                # and the descriptor brought up to date whatever cuts that
+                # short (a Ctrl-C landing as the handling of a timeout
+                # starts): writable, send() failing at once.  Left to
+                # _connect_cut_short alone, such a Ctrl-C left the socket
+                # neither connected nor given up on, polling as in its
+                # handshake, neither way, for good.
+                self._broken = True
+                try:
+                    self._connect_cut_short(slot, host, port, timed=timed)
+                finally:
+                    self._repair_ready()
                 raise
             if self._closed:
                 # close() from another thread: its RELEASE may have cut the
@@ -782,13 +807,18 @@ class PVSocket(Closing):
         Also from the submit's handler: the answer may be in before the
         submit returns (a fast backend, or one that answered as the notify
         went out), and taken there for an answer unknown, a connected
-        socket was marked broken and a refused one kept its ring."""
+        socket was marked broken and a refused one kept its ring.
+
+        The caller has marked the socket broken, given up on, and brings
+        its descriptor up to date after this (see connect()): an answer
+        that is in takes the mark back."""
         if slot.done and slot.ret < 0:
             # Refused, the report cut short (a Ctrl-C as the wait
             # returned, or in the giving back): as if reported.
             # Taken for an answer unknown, the socket kept a ring
             # the backend had let go of, and connect() said
             # EISCONN for good.
+            self._broken = False
             self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
             self._fe._put_data_ring(self._st, reusable=True)
             if timed and not self._closed:
@@ -801,6 +831,7 @@ class PVSocket(Closing):
             # socket.socket's state after a KeyboardInterrupt is
             # the kernel's, this library keeps its own: marked
             # broken, a connected socket could only be closed.
+            self._broken = False
             self._peername = (host, port)
             if timed:
                 with self._mutex:
@@ -836,8 +867,8 @@ class PVSocket(Closing):
         would wait for data that may never come.  (Closed or frontend
         gone: only close() was left anyway.)  Under the receive and send
         locks."""
+        self._broken = True  # already, by the caller: see connect()
         self._fe._abandon(slot.req_id, slot)
-        self._broken = True
 
     def _connect_taker(self, host: str, port: int) -> Callable[[int], None]:
         """What takes a non-blocking connect()'s answer (its slot's
@@ -1895,7 +1926,7 @@ class PVSocket(Closing):
         ring = self._st.ring
         if self._closed or self._fe._dead or self._connect_failed:
             return True  # the call fails at once
-        if self._connecting:
+        if self._connecting or self._handshaking():
             return False
         if ring is not None and not self._st.listening:
             return ring.in_pending() or bool(ring.in_error()) or ring.failure is not None
@@ -1913,7 +1944,7 @@ class PVSocket(Closing):
         ring = self._st.ring
         if self._closed or self._fe._dead or self._connect_failed:
             return True  # the call fails at once (or connect() reports it)
-        if self._connecting:
+        if self._connecting or self._handshaking():
             return False  # until the CONNECT's answer, as a TCP handshake
         if self._st.listening:
             # Nothing to send, as on a TCP listener (and Linux's
@@ -1922,6 +1953,19 @@ class PVSocket(Closing):
         if ring is None or self._broken:
             return True  # send() fails at once: not connected
         return ring.out_has_room() or bool(_connection_error(ring)) or ring.failure is not None
+
+    def _handshaking(self) -> bool:
+        """Whether a blocking or timed connect() waits for its CONNECT's
+        answer (what ``_connecting`` says of a non-blocking one): the
+        socket has a data ring, no peer yet, and is not given up on.  A
+        TCP socket polls neither readable nor writable then (its recv()
+        and send() wait for the handshake), and so does fileno()'s
+        descriptor, where it polled as the connected socket.  Told from
+        the state the socket has anyway, not a flag of its own: a flag is
+        one more thing a Ctrl-C could leave set when the connect() is
+        over.  (An ACCEPT's socket not handed out yet is such a socket
+        too, and nobody polls it.)"""
+        return self._st.ring is not None and self._peername is None and not self._broken
 
     def _report_failure(self) -> bool:
         """The connection failed: True the first time, when the caller is

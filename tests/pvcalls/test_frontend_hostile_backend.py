@@ -2204,6 +2204,55 @@ def test_a_connect_interrupted_anywhere_once_answered_polls_as_connected(
     assert any("_update_ready" in where for where in landed), landed
 
 
+def _polls(s: pvcalls.PVSocket) -> tuple[bool, bool]:
+    """How fileno()'s descriptor polls, not brought up to date by a
+    fileno() call: as a selector that registered the socket before sees it."""
+    fd = s._st.readyfd.fileno()
+    readable, writable, _ = select.select([fd], [fd], [], 0)
+    return bool(readable), bool(writable)
+
+
+@pytest.mark.parametrize("answer", ["accepted", "refused", "none"])
+@pytest.mark.parametrize("timed", [False, True], ids=["blocking", "timeout"])
+def test_a_connect_waiting_for_its_answer_polls_neither_way(
+        fe: pvcalls.Frontend, fake: FakeBackend, timed: bool, answer: str) -> None:
+    """A blocking or timed connect() whose CONNECT waits for the backend's
+    answer: the descriptor of a fileno() asked for before polls neither
+    readable nor writable meanwhile, as a TCP socket's in its handshake,
+    and no fileno() is needed for it (a selector registered the socket
+    before).  Then as the answer says: writable once connected, both once
+    refused (unconnected), writable once the timeout passed (the socket
+    is good only for close(): see the module's notes).  Before, it went
+    on polling as the unconnected socket, readable and writable, and as a
+    connected one once a fileno() brought it up to date: a loop around
+    recv() in another thread spun for as long as the handshake took."""
+    s = fe.socket()
+    s.settimeout((0.3 if answer == "none" else TIMEOUT) if timed else None)
+    assert _readiness(s) == (True, True)
+    fake.hold = {PVCALLS_CONNECT}
+    call = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # connect() waits for the answer
+    assert _polls(s) == (False, False)
+    if answer == "none":
+        if not timed:
+            s.close()  # the only way out of a blocking one
+            assert call.oserror().errno == errno.EBADF
+            return
+        assert isinstance(call.oserror(), TimeoutError)
+        assert _polls(s) == (False, True)
+        s.close()
+        return
+    fake.respond(req, 0 if answer == "accepted" else -ECONNREFUSED)
+    if answer == "accepted":
+        assert call.join().error is None, call.error
+        assert _polls(s) == (False, True)
+    else:
+        assert isinstance(call.oserror(), ConnectionRefusedError)
+        assert _polls(s) == (True, True)
+    s.close()
+
+
 @pytest.mark.parametrize("timed", [False, True], ids=["blocking", "timeout"])
 def test_a_refused_connect_polls_as_unconnected_though_updated_while_it_waited(
         fe: pvcalls.Frontend, fake: FakeBackend, timed: bool) -> None:
@@ -2219,7 +2268,8 @@ def test_a_refused_connect_polls_as_unconnected_though_updated_while_it_waited(
     fake.hold = {PVCALLS_CONNECT}
     call = Call(functools.partial(s.connect, _ADDRESS))
     req = fake.next_request(PVCALLS_CONNECT)
-    assert _readiness(s) == (False, True)  # another thread's, as connect() waits
+    # Another thread's, as connect() waits: the handshake's, neither.
+    assert _readiness(s) == (False, False)
     fake.respond(req, -ECONNREFUSED)
     assert isinstance(call.oserror(), ConnectionRefusedError)
     fd = s._st.readyfd.fileno()  # not by fileno(), which updates it
@@ -2368,6 +2418,80 @@ def test_a_nonblocking_connect_interrupted_anywhere_polls_as_connecting(
         s.close()
 
     landed = _sweep(attempt, check)
+    assert any("Frontend._notify" in where for where in landed), landed
+
+
+def test_a_connect_interrupted_anywhere_before_its_answer_polls_as_what_it_left(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere in a connect() with a timeout whose
+    CONNECT the backend holds, on a socket whose fileno() was asked for
+    first: the descriptor, which polls neither way once the connect()
+    started (as a TCP socket's in its handshake), polls as what the
+    Ctrl-C left.  Writable only once the CONNECT is out (the socket is
+    good only for close(): send() fails at once); readable and writable
+    if nothing went out (unconnected: recv() and send() fail at once,
+    and connect() may be tried again).  Undisturbed, the timeout leaves
+    it writable.  Left polling neither way, a selector waiting to write
+    (or to read, before anything went out) waited for good.
+
+    Not once the timeout passed: a Ctrl-C landing in the handling of the
+    timeout cuts the call short a second time, and the descriptor's
+    update there is a call, in which a handler may run."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    socks: list[pvcalls.PVSocket] = []
+    timed_out: list[bool] = []
+    wait = fe._wait_slot
+
+    def waited(*args: Any, **kwargs: Any) -> int:
+        try:
+            return wait(*args, **kwargs)
+        except TimeoutError:
+            timed_out.append(True)
+            raise
+
+    fe._wait_slot = waited  # type: ignore[method-assign]
+
+    def times_out(s: pvcalls.PVSocket) -> None:
+        with pytest.raises(TimeoutError):
+            s.connect(_ADDRESS)
+
+    def attempt(n: int) -> str:
+        # The same path each time: a ring from the pool (as in the sweep
+        # above).
+        if not fe._ring_pool:
+            fake.hold = set()
+            fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+            with fe.socket() as first:
+                _refused(functools.partial(first.connect, _ADDRESS), errno.ECONNREFUSED)()
+            del fake.rets[PVCALLS_CONNECT]
+            fake.hold = {PVCALLS_CONNECT}
+        connects.clear()
+        timed_out.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(0.2)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, functools.partial(times_out, s),
+                              lambda: bool(timed_out))
+
+    def check(where: str) -> None:
+        (s,) = socks
+        sent = bool(connects) and connects[0].sent
+        assert _polls(s) == (not sent, True)
+        if sent:
+            with pytest.raises(OSError) as info:
+                s.send(b"x")
+            assert info.value.errno == errno.ENOTCONN
+            # Answered, late: its response table entry is free for the
+            # next attempt's CONNECT (held ones would fill the ring).
+            fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
+        else:
+            assert s._st.ring is None
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_update_ready" in where for where in landed), landed
     assert any("Frontend._notify" in where for where in landed), landed
 
 
