@@ -114,7 +114,9 @@ A few calls differ with no error of their own:
 * After a non-blocking or timed ``connect()`` whose handshake failed
   (refused, no answer), ``recv()`` fails with ENOTCONN, where Linux's
   returns ``b""`` until the next ``connect()`` (which fails with
-  ECONNABORTED on both, then starts over).
+  ECONNABORTED on both, then starts over).  Meanwhile ``bind()``
+  succeeds and ``listen()`` fails with EINVAL on both, as on a socket
+  still connecting.
 
 What the peer sees is the backend's doing.  A ``close()`` with received
 data unread resets a TCP connection; the backend (as Linux's) closes its

@@ -1023,17 +1023,17 @@ class PVSocket(Closing):
         return answered
 
     def _bound(self, host: str, port: int) -> None:
-        """The backend bound this socket to (host, port)."""
+        """The backend bound this socket to (host, port).
+
+        A failed non-blocking or timed connect() that connect() has not
+        reported yet stays to be reported: Linux's socket is still
+        connecting (SS_CONNECTING) then, which bind() does not change
+        (the failed handshake let go of its port), and listen() fails
+        with EINVAL until connect() has said ECONNABORTED (or the error
+        SO_ERROR did not take).  Ended here, the socket listened where
+        Linux's refuses to."""
         self._st.bound = True
         self._sockname = (host, port)
-        with self._mutex:
-            # A non-blocking connect() that failed before has nothing left
-            # to report on what is a passive socket now: its flag made
-            # fileno() poll readable and writable for good, and an asyncio
-            # or selectors loop around accept() spin.
-            failed, self._connect_failed, self._so_error = self._connect_failed, False, 0
-        if failed:
-            self._update_ready()
 
     def listen(self, backlog: int | None = None) -> None:
         """Start listening; ``backlog`` defaults to ``min(128, SOMAXCONN)``
@@ -1052,6 +1052,11 @@ class PVSocket(Closing):
             # bind() here.  Not the EOPNOTSUPP below, which asks for a
             # bind() that would be refused too.
             raise OSError(errno.EINVAL, "listen() on a connected socket")
+        if self._connect_failed:
+            # Still connecting, for Linux (see _bound): EINVAL, also
+            # before bind().  It polls readable and writable meanwhile.
+            raise OSError(errno.EINVAL, "listen() on a socket whose failed connect() "
+                          "was not reported by connect() yet")
         if not self._st.bound:
             # Linux's frontend: listen before bind is EOPNOTSUPP.
             raise OSError(errno.EOPNOTSUPP, "listen() needs bind() first over PV Calls")

@@ -341,6 +341,29 @@ def test_connect_again_after_a_refused_connect_with_a_timeout(make: Callable[[],
         assert s.getpeername() == listener.getsockname()
 
 
+def test_bind_after_a_refused_connect_with_a_timeout_leaves_it_to_report(
+        make: Callable[[], Any]) -> None:
+    """A refused connect() with a timeout leaves Linux's socket connecting
+    (above).  bind() succeeds (the handshake left the port), but listen()
+    fails with EINVAL, as on any socket still connecting, until the next
+    connect() has failed with ECONNABORTED: bind() does not take that
+    report away."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    s = make()
+    s.settimeout(TIMEOUT)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(refused)
+    s.bind(("127.0.0.1", 0))
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            s.listen()
+        assert info.value.errno == errno.EINVAL
+    assert select.select([s], [s], [], TIMEOUT)[:2] == ([s], [s])
+    assert s.connect_ex(refused) == errno.ECONNABORTED
+
+
 @pytest.mark.parametrize("timeout", [None, TIMEOUT])
 def test_a_socket_whose_connect_waits_for_the_handshake_polls_neither_way(
         make: Callable[[], Any], timeout: float | None) -> None:
