@@ -54,7 +54,18 @@ _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 #: An option value as getsockopt() with a ``buflen`` returns it.
 _INT = struct.Struct("=i")
 
-#: The errors a TCP handshake in flight meets (see PVSocket._failed_in_time).
+#: The errors a TCP handshake in flight meets (see PVSocket._failed_in_time),
+#: as opposed to those Linux's connect() raises before it sends a SYN.
+#: EHOSTUNREACH is both: a neighbour that does not answer ARP, or a
+#: router's ICMP host unreachable, ends the handshake (tcp_v4_err makes
+#: any unreachable in SYN_SENT fatal), and was measured so: the timed
+#: connect() fails with it after ARP's 3 s, the next with ECONNABORTED; a
+#: route of type unreachable fails connect() at once, before any
+#: handshake, and the next starts over.  The backend's answer does not
+#: say which, and the first is the one a guest meets (a host down on the
+#: backend's network; the second is a rule someone wrote): counted as a
+#: handshake's.  ENETUNREACH is the other way round (no route: at once,
+#: the common case; a router's ICMP net unreachable, rare): not counted.
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
 #: SOL_SOCKET options whose value every PV Calls socket has: plain ints,
