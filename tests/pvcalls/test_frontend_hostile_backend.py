@@ -2253,6 +2253,43 @@ def test_a_connect_waiting_for_its_answer_polls_neither_way(
     s.close()
 
 
+@pytest.mark.parametrize("timeout", [0.0, 0.2], ids=["non-blocking", "timed"])
+def test_a_connect_that_sent_nothing_polls_as_unconnected_though_updated_meanwhile(
+        fe: pvcalls.Frontend, fake: FakeBackend, timeout: float) -> None:
+    """A connect() whose CONNECT finds no room on the command ring in
+    time, while another thread's fileno() brings the descriptor up to
+    date: the socket has its ring then, and polls as in its handshake,
+    neither way.  Once the connect() failed (nothing went out: ENOBUFS,
+    or its timeout), it polls as the unconnected socket it is, readable
+    and writable.  Before, the failure gave the ring back and left the
+    descriptor as that fileno() made it: a selector waiting either way
+    waited for good."""
+    s = fe.socket()
+    s.settimeout(timeout)
+    assert _readiness(s) == (True, True)
+    submit = fe._submit
+
+    def no_room(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            assert Call(s.fileno).join().error is None  # another thread's
+            assert _polls(s) == (False, False)  # as in its handshake
+            if timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+            raise TimeoutError("no room on the command ring in time")
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = no_room  # type: ignore[method-assign]
+    with pytest.raises(OSError) as info:
+        s.connect(_ADDRESS)
+    if timeout == 0.0:
+        assert info.value.errno == errno.ENOBUFS
+    else:
+        assert isinstance(info.value, TimeoutError)
+    assert s._st.ring is None
+    assert _polls(s) == (True, True)
+    s.close()
+
+
 @pytest.mark.parametrize("timed", [False, True], ids=["blocking", "timeout"])
 def test_a_refused_connect_polls_as_unconnected_though_updated_while_it_waited(
         fe: pvcalls.Frontend, fake: FakeBackend, timed: bool) -> None:
