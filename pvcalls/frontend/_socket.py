@@ -720,6 +720,11 @@ class PVSocket(Closing):
                         # comes.
                         self._cond.notify_all()
                 self._fe._put_data_ring(self._st, reusable=True)
+                # Unconnected again, readable and writable: a fileno() of
+                # another thread meanwhile made the descriptor poll as the
+                # socket with its ring, in its handshake, neither way, and
+                # a selector waited for good.
+                self._repair_ready()
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN
                     # (Linux's frontend's): asyncio's sock_connect() and
