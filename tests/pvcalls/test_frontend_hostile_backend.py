@@ -2532,6 +2532,57 @@ def test_a_connect_interrupted_anywhere_before_its_answer_polls_as_what_it_left(
     assert any("Frontend._notify" in where for where in landed), landed
 
 
+def test_a_connect_timed_out_as_refused_interrupted_anywhere_is_not_left_in_its_handshake(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A connect() with a timeout whose wait gives up as the refusal
+    comes in (the answer is in when the handler looks), and a Ctrl-C
+    landing anywhere in that handling: the socket is left unconnected
+    (its ring given back) or given up on (good only for close()), and
+    its descriptor, which polled neither way while the CONNECT waited,
+    polls writable at least (send() fails at once).  Before, one landing
+    in the refusal's handling once the socket was taken back from given
+    up on, but before its ring was given back, left it with the ring, no
+    peer and not given up on: polling as in its handshake, neither way,
+    for good (and connect() said EISCONN for good)."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    socks: list[pvcalls.PVSocket] = []
+    timed_out: list[bool] = []
+    wait = fe._wait_slot
+
+    def gives_up_as_refused(req_id: int, slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd != PVCALLS_CONNECT:
+            return wait(req_id, slot, *args, **kwargs)
+        fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
+        wait_until(lambda: slot.done)
+        timed_out.append(True)
+        raise TimeoutError("timed out")
+
+    fe._wait_slot = gives_up_as_refused  # type: ignore[method-assign]
+
+    def times_out(s: pvcalls.PVSocket) -> None:
+        with pytest.raises(TimeoutError):
+            s.connect(_ADDRESS)
+
+    def attempt(n: int) -> str:
+        timed_out.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, functools.partial(times_out, s),
+                              lambda: not timed_out)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_connect_cut_short" in where for where in landed), landed
+
+
 def test_a_refused_accept_leaves_the_listener_unreadable_until_a_connection_is_pending(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """ACCEPT refused on a listener whose fileno() is in use: its
