@@ -833,10 +833,15 @@ class PVSocket(Closing):
             # returned, or in the giving back): as if reported.
             # Taken for an answer unknown, the socket kept a ring
             # the backend had let go of, and connect() said
-            # EISCONN for good.
-            self._broken = False
+            # EISCONN for good.  Given up on until the ring is back:
+            # taken back before, a Ctrl-C landing in between left the
+            # ring with no peer, polling as in its handshake, neither
+            # way, for good.  (One landing after the ring went leaves the
+            # socket given up on, good only for close(), as when the
+            # answer is unknown.)
             self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
             self._fe._put_data_ring(self._st, reusable=True)
+            self._broken = False
             if timed and not self._closed:
                 self._failed_in_time(host_error(slot.ret, "connect").errno)  # as connect()'s raise
             self._repair_ready()  # as connect()'s raise
