@@ -2163,7 +2163,8 @@ def test_a_refused_connect_interrupted_anywhere_leaves_the_socket_unconnected(
         assert fe._given_back == [] and len(fe._ring_pool) == 1
 
     landed = _sweep(attempt, check)
-    assert any("_put_data_ring" in where for where in landed), landed
+    assert any("_give_back" in where for where in landed), landed
+    assert any("_return_rings" in where for where in landed), landed
     s.close()
 
 
@@ -2353,7 +2354,8 @@ def test_a_refused_connect_interrupted_anywhere_polls_as_unconnected(
             _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
 
     landed = _sweep(attempt, check)
-    assert any("_put_data_ring" in where for where in landed), landed
+    assert any("_give_back" in where for where in landed), landed
+    assert any("_return_rings" in where for where in landed), landed
     s.close()
 
 
@@ -2581,6 +2583,54 @@ def test_a_connect_timed_out_as_refused_interrupted_anywhere_is_not_left_in_its_
 
     landed = _sweep(attempt, check)
     assert any("_connect_cut_short" in where for where in landed), landed
+
+
+def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_its_handshake(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A connect() with a timeout whose CONNECT finds no room on the
+    command ring in time, and a Ctrl-C landing anywhere in the handling
+    of that: the socket is left unconnected (its ring given back,
+    connect() may be tried again) or given up on (good only for
+    close()), and its descriptor polls writable at least.  Before, one
+    landing as the ring was given back left the ring with no peer and no
+    mark, which is what a handshake looks like: polling neither way for
+    good, and connect() saying EISCONN for good.  (A non-blocking one
+    is left connecting by one landing as it is marked no longer so,
+    which this does not change.)"""
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[pvcalls.PVSocket] = []
+    failed: list[bool] = []
+    submit = fe._submit
+
+    def no_room(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            failed.append(True)
+            raise TimeoutError("no room on the command ring in time")
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = no_room  # type: ignore[method-assign]
+
+    def times_out(s: pvcalls.PVSocket) -> None:
+        with pytest.raises(TimeoutError):
+            s.connect(_ADDRESS)
+
+    def attempt(n: int) -> str:
+        failed.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(0.2)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, functools.partial(times_out, s), lambda: not failed)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_give_back" in where for where in landed), landed
+    assert any("_return_rings" in where for where in landed), landed
 
 
 def test_a_refused_accept_leaves_the_listener_unreadable_until_a_connection_is_pending(
