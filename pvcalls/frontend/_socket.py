@@ -719,7 +719,18 @@ class PVSocket(Closing):
                         # answer to this one (_await_connect_answer): none
                         # comes.
                         self._cond.notify_all()
-                self._fe._put_data_ring(self._st, reusable=True)
+                # Given up on while the ring goes back (marked by stores,
+                # in which no signal's handler runs): a Ctrl-C landing as
+                # the giving back started left the ring with no peer and
+                # no mark, which is what a handshake looks like (neither
+                # readable nor writable, for good, and EISCONN).  Given up
+                # on, the socket is good for close() and polls so.  Only
+                # the move (see _give_back) under the mark: one landing in
+                # the return to the pool leaves the socket unconnected.
+                self._broken = True
+                self._fe._give_back(self._st, reusable=True)
+                self._broken = False
+                self._fe._return_rings()
                 # Unconnected again, readable and writable: a fileno() of
                 # another thread meanwhile made the descriptor poll as the
                 # socket with its ring, in its handshake, neither way, and
@@ -836,12 +847,14 @@ class PVSocket(Closing):
             # EISCONN for good.  Given up on until the ring is back:
             # taken back before, a Ctrl-C landing in between left the
             # ring with no peer, polling as in its handshake, neither
-            # way, for good.  (One landing after the ring went leaves the
-            # socket given up on, good only for close(), as when the
-            # answer is unknown.)
+            # way, for good.  Only the move (see _give_back) under the
+            # mark: one landing as it returns leaves the socket given up
+            # on, good only for close(), as when the answer is unknown;
+            # one in the return to the pool, unconnected.
             self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
-            self._fe._put_data_ring(self._st, reusable=True)
+            self._fe._give_back(self._st, reusable=True)
             self._broken = False
+            self._fe._return_rings()
             if timed and not self._closed:
                 self._failed_in_time(host_error(slot.ret, "connect").errno)  # as connect()'s raise
             self._repair_ready()  # as connect()'s raise
