@@ -2633,6 +2633,77 @@ def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_i
     assert any("_return_rings" in where for where in landed), landed
 
 
+def test_a_connect_whose_submit_failed_once_sent_interrupted_anywhere_is_given_up_on(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A connect() whose submit fails once the CONNECT went out (its
+    notify, say), the backend holding the CONNECT, and a Ctrl-C landing
+    anywhere in the handling of that: the socket is given up on (the
+    answer is unknown: good only for close()), and its descriptor polls
+    writable, send() failing at once.  Marked only where the answer is
+    found missing, one landing as that handling started left the ring
+    with no peer and no mark, the handshake's look: neither way, for
+    good."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    socks: list[pvcalls.PVSocket] = []
+    failed: list[bool] = []
+    submit = fe._submit
+
+    def fails_once_sent(slot: Any, *args: Any, **kwargs: Any) -> int:
+        req_id = submit(slot, *args, **kwargs)
+        if slot.cmd == PVCALLS_CONNECT:
+            failed.append(True)
+            raise OSError(errno.EIO, "the notify failed")
+        return req_id
+
+    fe._submit = fails_once_sent  # type: ignore[method-assign]
+
+    def attempt(n: int) -> str:
+        failed.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, _refused(functools.partial(s.connect, _ADDRESS),
+                                                  errno.EIO), lambda: not failed)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert s._broken, "not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        # Answered, late: its response table entry is free for the next
+        # attempt's CONNECT.
+        fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_connect_cut_short" in where for where in landed), landed
+
+
+def test_data_before_the_connect_answer_polls_as_the_handshake(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A backend that puts data into the ring of a CONNECT it has not
+    answered yet: the socket, in its handshake, polls neither readable
+    nor writable all the same (its recv() waits for the connect()), and
+    once connected, readable with that data."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    assert _readiness(s) == (True, True)
+    fake.hold = {PVCALLS_CONNECT}
+    call = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # connect() waits for the answer
+    fake.rings[req.id] = ring = FakeDataRing(fake, req.ref, req.evtchn)
+    ring.produce(b"early")
+    assert Call(s.fileno).join().error is None  # another thread's: brought up to date
+    assert _polls(s) == (False, False)
+    fake.respond(req, 0)
+    assert call.join().error is None, call.error
+    assert _polls(s) == (True, True)
+    assert s.recv(16) == b"early"
+    s.close()
+
+
 def test_a_refused_accept_leaves_the_listener_unreadable_until_a_connection_is_pending(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """ACCEPT refused on a listener whose fileno() is in use: its

@@ -355,6 +355,9 @@ def test_bind_after_a_refused_connect_with_a_timeout_leaves_it_to_report(
     s.settimeout(TIMEOUT)
     with pytest.raises(ConnectionRefusedError):
         s.connect(refused)
+    with pytest.raises(OSError) as info:
+        s.listen()  # EINVAL before bind() too, not bind()'s want
+    assert info.value.errno == errno.EINVAL
     s.bind(("127.0.0.1", 0))
     for _ in range(2):
         with pytest.raises(OSError) as info:
@@ -362,6 +365,25 @@ def test_bind_after_a_refused_connect_with_a_timeout_leaves_it_to_report(
         assert info.value.errno == errno.EINVAL
     assert select.select([s], [s], [], TIMEOUT)[:2] == ([s], [s])
     assert s.connect_ex(refused) == errno.ECONNABORTED
+
+
+def test_bind_after_a_refused_nonblocking_connect_leaves_its_error_to_report(
+        make: Callable[[], Any]) -> None:
+    """A refused non-blocking connect() whose error nobody took (no
+    SO_ERROR, no connect()): bind() leaves it, and the next connect()
+    reports it, ECONNREFUSED (not the ECONNABORTED of an error taken);
+    the one after starts over."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    s = make()
+    s.setblocking(False)
+    assert s.connect_ex(refused) == errno.EINPROGRESS
+    assert select.select([], [s], [], TIMEOUT)[1] == [s]
+    s.bind(("127.0.0.1", 0))
+    assert s.connect_ex(refused) == errno.ECONNREFUSED
+    assert s.connect_ex(refused) == errno.EINPROGRESS
+    s.close()
 
 
 @pytest.mark.parametrize("timeout", [None, TIMEOUT])
