@@ -116,7 +116,10 @@ A few calls differ with no error of their own:
   returns ``b""`` until the next ``connect()`` (which fails with
   ECONNABORTED on both, then starts over).  Meanwhile ``bind()``
   succeeds and ``listen()`` fails with EINVAL on both, as on a socket
-  still connecting.
+  still connecting.  After that report, and after any refused blocking
+  ``connect()``, the socket listens once bound, where Linux's (6.18,
+  measured) fails ``listen()`` with EINVAL for good: a program written
+  for it makes a new socket to listen on.
 
 What the peer sees is the backend's doing.  A ``close()`` with received
 data unread resets a TCP connection; the backend (as Linux's) closes its

@@ -1065,7 +1065,9 @@ class PVSocket(Closing):
         (the failed handshake let go of its port), and listen() fails
         with EINVAL until connect() has said ECONNABORTED (or the error
         SO_ERROR did not take).  Ended here, the socket listened where
-        Linux's refuses to."""
+        Linux's refuses to.  (After that report Linux 6.18's listen()
+        still fails, for good, as after any refused connect(); this one
+        listens: see the module's notes.)"""
         self._st.bound = True
         self._sockname = (host, port)
 
