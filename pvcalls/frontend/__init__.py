@@ -114,7 +114,12 @@ A few calls differ with no error of their own:
 * After a non-blocking or timed ``connect()`` whose handshake failed
   (refused, no answer), ``recv()`` fails with ENOTCONN, where Linux's
   returns ``b""`` until the next ``connect()`` (which fails with
-  ECONNABORTED on both, then starts over).
+  ECONNABORTED on both, then starts over).  Meanwhile ``bind()``
+  succeeds and ``listen()`` fails with EINVAL on both, as on a socket
+  still connecting.  After that report, and after any refused blocking
+  ``connect()``, the socket listens once bound, where Linux's (6.18,
+  measured) fails ``listen()`` with EINVAL for good: a program written
+  for it makes a new socket to listen on.
 
 What the peer sees is the backend's doing.  A ``close()`` with received
 data unread resets a TCP connection; the backend (as Linux's) closes its
@@ -141,7 +146,9 @@ Waiting on sockets: :meth:`PVSocket.fileno` returns a descriptor that is
 readable while ``recv`` or ``accept`` would not block (data, end of
 stream, an error, or a pending connection) and writable while ``send``
 would not (room in the out ring, or an error; a socket neither connected
-nor listening is both, as a TCP socket: its calls fail at once), so that
+nor listening is both, as a TCP socket: its calls fail at once; one whose
+``connect()`` waits for the backend's answer, in any thread, is neither,
+as a TCP socket in its handshake), so that
 selectors loops and asyncio sleep while the peer is slow to read.  It is
 *not* the connection (one end of a Unix socket pair the socket keeps, shut
 down for writing); pass it only to ``select``/``poll``/``selectors``.

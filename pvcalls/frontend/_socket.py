@@ -54,7 +54,18 @@ _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
 #: An option value as getsockopt() with a ``buflen`` returns it.
 _INT = struct.Struct("=i")
 
-#: The errors a TCP handshake in flight meets (see PVSocket._failed_in_time).
+#: The errors a TCP handshake in flight meets (see PVSocket._failed_in_time),
+#: as opposed to those Linux's connect() raises before it sends a SYN.
+#: EHOSTUNREACH is both: a neighbour that does not answer ARP, or a
+#: router's ICMP host unreachable, ends the handshake (tcp_v4_err makes
+#: any unreachable in SYN_SENT fatal), and was measured so: the timed
+#: connect() fails with it after ARP's 3 s, the next with ECONNABORTED; a
+#: route of type unreachable fails connect() at once, before any
+#: handshake, and the next starts over.  The backend's answer does not
+#: say which, and the first is the one a guest meets (a host down on the
+#: backend's network; the second is a rule someone wrote): counted as a
+#: handshake's.  ENETUNREACH is the other way round (no route: at once,
+#: the common case; a router's ICMP net unreachable, rare): not counted.
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
 #: SOL_SOCKET options whose value every PV Calls socket has: plain ints,
@@ -691,7 +702,12 @@ class PVSocket(Closing):
                     if background:
                         self._repair_ready()
                     else:
-                        self._connect_cut_short(slot, host, port, timed=timed)
+                        # As the wait's handler below, which see.
+                        self._broken = True
+                        try:
+                            self._connect_cut_short(slot, host, port, timed=timed)
+                        finally:
+                            self._repair_ready()
                     raise
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
@@ -703,7 +719,23 @@ class PVSocket(Closing):
                         # answer to this one (_await_connect_answer): none
                         # comes.
                         self._cond.notify_all()
-                self._fe._put_data_ring(self._st, reusable=True)
+                # Given up on while the ring goes back (marked by stores,
+                # in which no signal's handler runs): a Ctrl-C landing as
+                # the giving back started left the ring with no peer and
+                # no mark, which is what a handshake looks like (neither
+                # readable nor writable, for good, and EISCONN).  Given up
+                # on, the socket is good for close() and polls so.  Only
+                # the move (see _give_back) under the mark: one landing in
+                # the return to the pool leaves the socket unconnected.
+                self._broken = True
+                self._fe._give_back(self._st, reusable=True)
+                self._broken = False
+                self._fe._return_rings()
+                # Unconnected again, readable and writable: a fileno() of
+                # another thread meanwhile made the descriptor poll as the
+                # socket with its ring, in its handshake, neither way, and
+                # a selector waited for good.
+                self._repair_ready()
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN
                     # (Linux's frontend's): asyncio's sock_connect() and
@@ -730,6 +762,14 @@ class PVSocket(Closing):
                 # entry taken for good, the socket neither broken nor
                 # connected).
                 deadline = Deadline(self._timeout)
+                # Neither readable nor writable until the answer, as a TCP
+                # socket in its handshake (see _handshaking), also for a
+                # selector that registered the socket before.  Only once
+                # the CONNECT is out, as a non-blocking connect() does:
+                # made so before, the descriptor would be for a handler to
+                # put back when nothing went out (no room on the command
+                # ring in time), which a Ctrl-C could cut short in turn.
+                self._update_ready()
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
@@ -747,7 +787,19 @@ class PVSocket(Closing):
                     # a fileno() made of the socket with its ring meanwhile.
                     self._update_ready()
             except BaseException:
-                self._connect_cut_short(slot, host, port, timed=timed)
+                # Given up on first, by a store (no signal's handler runs
+                # in it), unless _connect_cut_short finds the answer in;
+                # and the descriptor brought up to date whatever cuts that
+                # short (a Ctrl-C landing as the handling of a timeout
+                # starts): writable, send() failing at once.  Left to
+                # _connect_cut_short alone, such a Ctrl-C left the socket
+                # neither connected nor given up on, polling as in its
+                # handshake, neither way, for good.
+                self._broken = True
+                try:
+                    self._connect_cut_short(slot, host, port, timed=timed)
+                finally:
+                    self._repair_ready()
                 raise
             if self._closed:
                 # close() from another thread: its RELEASE may have cut the
@@ -782,15 +834,27 @@ class PVSocket(Closing):
         Also from the submit's handler: the answer may be in before the
         submit returns (a fast backend, or one that answered as the notify
         went out), and taken there for an answer unknown, a connected
-        socket was marked broken and a refused one kept its ring."""
+        socket was marked broken and a refused one kept its ring.
+
+        The caller has marked the socket broken, given up on, and brings
+        its descriptor up to date after this (see connect()): an answer
+        that is in takes the mark back."""
         if slot.done and slot.ret < 0:
             # Refused, the report cut short (a Ctrl-C as the wait
             # returned, or in the giving back): as if reported.
             # Taken for an answer unknown, the socket kept a ring
             # the backend had let go of, and connect() said
-            # EISCONN for good.
+            # EISCONN for good.  Given up on until the ring is back:
+            # taken back before, a Ctrl-C landing in between left the
+            # ring with no peer, polling as in its handshake, neither
+            # way, for good.  Only the move (see _give_back) under the
+            # mark: one landing as it returns leaves the socket given up
+            # on, good only for close(), as when the answer is unknown;
+            # one in the return to the pool, unconnected.
             self._fe._abandon(slot.req_id, slot)  # the entry, if the wait kept it
-            self._fe._put_data_ring(self._st, reusable=True)
+            self._fe._give_back(self._st, reusable=True)
+            self._broken = False
+            self._fe._return_rings()
             if timed and not self._closed:
                 self._failed_in_time(host_error(slot.ret, "connect").errno)  # as connect()'s raise
             self._repair_ready()  # as connect()'s raise
@@ -801,6 +865,7 @@ class PVSocket(Closing):
             # socket.socket's state after a KeyboardInterrupt is
             # the kernel's, this library keeps its own: marked
             # broken, a connected socket could only be closed.
+            self._broken = False
             self._peername = (host, port)
             if timed:
                 with self._mutex:
@@ -836,8 +901,8 @@ class PVSocket(Closing):
         would wait for data that may never come.  (Closed or frontend
         gone: only close() was left anyway.)  Under the receive and send
         locks."""
+        self._broken = True  # already, by the caller: see connect()
         self._fe._abandon(slot.req_id, slot)
-        self._broken = True
 
     def _connect_taker(self, host: str, port: int) -> Callable[[int], None]:
         """What takes a non-blocking connect()'s answer (its slot's
@@ -992,17 +1057,19 @@ class PVSocket(Closing):
         return answered
 
     def _bound(self, host: str, port: int) -> None:
-        """The backend bound this socket to (host, port)."""
+        """The backend bound this socket to (host, port).
+
+        A failed non-blocking or timed connect() that connect() has not
+        reported yet stays to be reported: Linux's socket is still
+        connecting (SS_CONNECTING) then, which bind() does not change
+        (the failed handshake let go of its port), and listen() fails
+        with EINVAL until connect() has said ECONNABORTED (or the error
+        SO_ERROR did not take).  Ended here, the socket listened where
+        Linux's refuses to.  (After that report Linux 6.18's listen()
+        still fails, for good, as after any refused connect(); this one
+        listens: see the module's notes.)"""
         self._st.bound = True
         self._sockname = (host, port)
-        with self._mutex:
-            # A non-blocking connect() that failed before has nothing left
-            # to report on what is a passive socket now: its flag made
-            # fileno() poll readable and writable for good, and an asyncio
-            # or selectors loop around accept() spin.
-            failed, self._connect_failed, self._so_error = self._connect_failed, False, 0
-        if failed:
-            self._update_ready()
 
     def listen(self, backlog: int | None = None) -> None:
         """Start listening; ``backlog`` defaults to ``min(128, SOMAXCONN)``
@@ -1021,6 +1088,11 @@ class PVSocket(Closing):
             # bind() here.  Not the EOPNOTSUPP below, which asks for a
             # bind() that would be refused too.
             raise OSError(errno.EINVAL, "listen() on a connected socket")
+        if self._connect_failed:
+            # Still connecting, for Linux (see _bound): EINVAL, also
+            # before bind().  It polls readable and writable meanwhile.
+            raise OSError(errno.EINVAL, "listen() on a socket whose failed connect() "
+                          "was not reported by connect() yet")
         if not self._st.bound:
             # Linux's frontend: listen before bind is EOPNOTSUPP.
             raise OSError(errno.EOPNOTSUPP, "listen() needs bind() first over PV Calls")
@@ -1895,7 +1967,7 @@ class PVSocket(Closing):
         ring = self._st.ring
         if self._closed or self._fe._dead or self._connect_failed:
             return True  # the call fails at once
-        if self._connecting:
+        if self._connecting or self._handshaking():
             return False
         if ring is not None and not self._st.listening:
             return ring.in_pending() or bool(ring.in_error()) or ring.failure is not None
@@ -1913,7 +1985,7 @@ class PVSocket(Closing):
         ring = self._st.ring
         if self._closed or self._fe._dead or self._connect_failed:
             return True  # the call fails at once (or connect() reports it)
-        if self._connecting:
+        if self._connecting or self._handshaking():
             return False  # until the CONNECT's answer, as a TCP handshake
         if self._st.listening:
             # Nothing to send, as on a TCP listener (and Linux's
@@ -1922,6 +1994,19 @@ class PVSocket(Closing):
         if ring is None or self._broken:
             return True  # send() fails at once: not connected
         return ring.out_has_room() or bool(_connection_error(ring)) or ring.failure is not None
+
+    def _handshaking(self) -> bool:
+        """Whether a blocking or timed connect() waits for its CONNECT's
+        answer (what ``_connecting`` says of a non-blocking one): the
+        socket has a data ring, no peer yet, and is not given up on.  A
+        TCP socket polls neither readable nor writable then (its recv()
+        and send() wait for the handshake), and so does fileno()'s
+        descriptor, where it polled as the connected socket.  Told from
+        the state the socket has anyway, not a flag of its own: a flag is
+        one more thing a Ctrl-C could leave set when the connect() is
+        over.  (An ACCEPT's socket not handed out yet is such a socket
+        too, and nobody polls it.)"""
+        return self._st.ring is not None and self._peername is None and not self._broken
 
     def _report_failure(self) -> bool:
         """The connection failed: True the first time, when the caller is

@@ -2163,7 +2163,8 @@ def test_a_refused_connect_interrupted_anywhere_leaves_the_socket_unconnected(
         assert fe._given_back == [] and len(fe._ring_pool) == 1
 
     landed = _sweep(attempt, check)
-    assert any("_put_data_ring" in where for where in landed), landed
+    assert any("_give_back" in where for where in landed), landed
+    assert any("_return_rings" in where for where in landed), landed
     s.close()
 
 
@@ -2204,6 +2205,92 @@ def test_a_connect_interrupted_anywhere_once_answered_polls_as_connected(
     assert any("_update_ready" in where for where in landed), landed
 
 
+def _polls(s: pvcalls.PVSocket) -> tuple[bool, bool]:
+    """How fileno()'s descriptor polls, not brought up to date by a
+    fileno() call: as a selector that registered the socket before sees it."""
+    fd = s._st.readyfd.fileno()
+    readable, writable, _ = select.select([fd], [fd], [], 0)
+    return bool(readable), bool(writable)
+
+
+@pytest.mark.parametrize("answer", ["accepted", "refused", "none"])
+@pytest.mark.parametrize("timed", [False, True], ids=["blocking", "timeout"])
+def test_a_connect_waiting_for_its_answer_polls_neither_way(
+        fe: pvcalls.Frontend, fake: FakeBackend, timed: bool, answer: str) -> None:
+    """A blocking or timed connect() whose CONNECT waits for the backend's
+    answer: the descriptor of a fileno() asked for before polls neither
+    readable nor writable meanwhile, as a TCP socket's in its handshake,
+    and no fileno() is needed for it (a selector registered the socket
+    before).  Then as the answer says: writable once connected, both once
+    refused (unconnected), writable once the timeout passed (the socket
+    is good only for close(): see the module's notes).  Before, it went
+    on polling as the unconnected socket, readable and writable, and as a
+    connected one once a fileno() brought it up to date: a loop around
+    recv() in another thread spun for as long as the handshake took."""
+    s = fe.socket()
+    s.settimeout((0.3 if answer == "none" else TIMEOUT) if timed else None)
+    assert _readiness(s) == (True, True)
+    fake.hold = {PVCALLS_CONNECT}
+    call = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # connect() waits for the answer
+    assert _polls(s) == (False, False)
+    if answer == "none":
+        if not timed:
+            s.close()  # the only way out of a blocking one
+            assert call.oserror().errno == errno.EBADF
+            return
+        assert isinstance(call.oserror(), TimeoutError)
+        assert _polls(s) == (False, True)
+        s.close()
+        return
+    fake.respond(req, 0 if answer == "accepted" else -ECONNREFUSED)
+    if answer == "accepted":
+        assert call.join().error is None, call.error
+        assert _polls(s) == (False, True)
+    else:
+        assert isinstance(call.oserror(), ConnectionRefusedError)
+        assert _polls(s) == (True, True)
+    s.close()
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.2], ids=["non-blocking", "timed"])
+def test_a_connect_that_sent_nothing_polls_as_unconnected_though_updated_meanwhile(
+        fe: pvcalls.Frontend, fake: FakeBackend, timeout: float) -> None:
+    """A connect() whose CONNECT finds no room on the command ring in
+    time, while another thread's fileno() brings the descriptor up to
+    date: the socket has its ring then, and polls as in its handshake,
+    neither way.  Once the connect() failed (nothing went out: ENOBUFS,
+    or its timeout), it polls as the unconnected socket it is, readable
+    and writable.  Before, the failure gave the ring back and left the
+    descriptor as that fileno() made it: a selector waiting either way
+    waited for good."""
+    s = fe.socket()
+    s.settimeout(timeout)
+    assert _readiness(s) == (True, True)
+    submit = fe._submit
+
+    def no_room(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            assert Call(s.fileno).join().error is None  # another thread's
+            assert _polls(s) == (False, False)  # as in its handshake
+            if timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+            raise TimeoutError("no room on the command ring in time")
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = no_room  # type: ignore[method-assign]
+    with pytest.raises(OSError) as info:
+        s.connect(_ADDRESS)
+    if timeout == 0.0:
+        assert info.value.errno == errno.ENOBUFS
+    else:
+        assert isinstance(info.value, TimeoutError)
+    assert s._st.ring is None
+    assert _polls(s) == (True, True)
+    s.close()
+
+
 @pytest.mark.parametrize("timed", [False, True], ids=["blocking", "timeout"])
 def test_a_refused_connect_polls_as_unconnected_though_updated_while_it_waited(
         fe: pvcalls.Frontend, fake: FakeBackend, timed: bool) -> None:
@@ -2219,7 +2306,8 @@ def test_a_refused_connect_polls_as_unconnected_though_updated_while_it_waited(
     fake.hold = {PVCALLS_CONNECT}
     call = Call(functools.partial(s.connect, _ADDRESS))
     req = fake.next_request(PVCALLS_CONNECT)
-    assert _readiness(s) == (False, True)  # another thread's, as connect() waits
+    # Another thread's, as connect() waits: the handshake's, neither.
+    assert _readiness(s) == (False, False)
     fake.respond(req, -ECONNREFUSED)
     assert isinstance(call.oserror(), ConnectionRefusedError)
     fd = s._st.readyfd.fileno()  # not by fileno(), which updates it
@@ -2266,7 +2354,8 @@ def test_a_refused_connect_interrupted_anywhere_polls_as_unconnected(
             _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
 
     landed = _sweep(attempt, check)
-    assert any("_put_data_ring" in where for where in landed), landed
+    assert any("_give_back" in where for where in landed), landed
+    assert any("_return_rings" in where for where in landed), landed
     s.close()
 
 
@@ -2369,6 +2458,250 @@ def test_a_nonblocking_connect_interrupted_anywhere_polls_as_connecting(
 
     landed = _sweep(attempt, check)
     assert any("Frontend._notify" in where for where in landed), landed
+
+
+def test_a_connect_interrupted_anywhere_before_its_answer_polls_as_what_it_left(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere in a connect() with a timeout whose
+    CONNECT the backend holds, on a socket whose fileno() was asked for
+    first: the descriptor, which polls neither way once the connect()
+    started (as a TCP socket's in its handshake), polls as what the
+    Ctrl-C left.  Writable only once the CONNECT is out (the socket is
+    good only for close(): send() fails at once); readable and writable
+    if nothing went out (unconnected: recv() and send() fail at once,
+    and connect() may be tried again).  Undisturbed, the timeout leaves
+    it writable.  Left polling neither way, a selector waiting to write
+    (or to read, before anything went out) waited for good.
+
+    Not once the timeout passed: a Ctrl-C landing in the handling of the
+    timeout cuts the call short a second time, and the descriptor's
+    update there is a call, in which a handler may run."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    socks: list[pvcalls.PVSocket] = []
+    timed_out: list[bool] = []
+    wait = fe._wait_slot
+
+    def waited(*args: Any, **kwargs: Any) -> int:
+        try:
+            return wait(*args, **kwargs)
+        except TimeoutError:
+            timed_out.append(True)
+            raise
+
+    fe._wait_slot = waited  # type: ignore[method-assign]
+
+    def times_out(s: pvcalls.PVSocket) -> None:
+        with pytest.raises(TimeoutError):
+            s.connect(_ADDRESS)
+
+    def attempt(n: int) -> str:
+        # The same path each time: a ring from the pool (as in the sweep
+        # above).
+        if not fe._ring_pool:
+            fake.hold = set()
+            fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+            with fe.socket() as first:
+                _refused(functools.partial(first.connect, _ADDRESS), errno.ECONNREFUSED)()
+            del fake.rets[PVCALLS_CONNECT]
+            fake.hold = {PVCALLS_CONNECT}
+        connects.clear()
+        timed_out.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(0.2)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, functools.partial(times_out, s),
+                              lambda: bool(timed_out))
+
+    def check(where: str) -> None:
+        (s,) = socks
+        sent = bool(connects) and connects[0].sent
+        assert _polls(s) == (not sent, True)
+        if sent:
+            with pytest.raises(OSError) as info:
+                s.send(b"x")
+            assert info.value.errno == errno.ENOTCONN
+            # Answered, late: its response table entry is free for the
+            # next attempt's CONNECT (held ones would fill the ring).
+            fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
+        else:
+            assert s._st.ring is None
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_update_ready" in where for where in landed), landed
+    assert any("Frontend._notify" in where for where in landed), landed
+
+
+def test_a_connect_timed_out_as_refused_interrupted_anywhere_is_not_left_in_its_handshake(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A connect() with a timeout whose wait gives up as the refusal
+    comes in (the answer is in when the handler looks), and a Ctrl-C
+    landing anywhere in that handling: the socket is left unconnected
+    (its ring given back) or given up on (good only for close()), and
+    its descriptor, which polled neither way while the CONNECT waited,
+    polls writable at least (send() fails at once).  Before, one landing
+    in the refusal's handling once the socket was taken back from given
+    up on, but before its ring was given back, left it with the ring, no
+    peer and not given up on: polling as in its handshake, neither way,
+    for good (and connect() said EISCONN for good)."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    socks: list[pvcalls.PVSocket] = []
+    timed_out: list[bool] = []
+    wait = fe._wait_slot
+
+    def gives_up_as_refused(req_id: int, slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd != PVCALLS_CONNECT:
+            return wait(req_id, slot, *args, **kwargs)
+        fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
+        wait_until(lambda: slot.done)
+        timed_out.append(True)
+        raise TimeoutError("timed out")
+
+    fe._wait_slot = gives_up_as_refused  # type: ignore[method-assign]
+
+    def times_out(s: pvcalls.PVSocket) -> None:
+        with pytest.raises(TimeoutError):
+            s.connect(_ADDRESS)
+
+    def attempt(n: int) -> str:
+        timed_out.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, functools.partial(times_out, s),
+                              lambda: not timed_out)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_connect_cut_short" in where for where in landed), landed
+
+
+def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_its_handshake(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A connect() with a timeout whose CONNECT finds no room on the
+    command ring in time, and a Ctrl-C landing anywhere in the handling
+    of that: the socket is left unconnected (its ring given back,
+    connect() may be tried again) or given up on (good only for
+    close()), and its descriptor polls writable at least.  Before, one
+    landing as the ring was given back left the ring with no peer and no
+    mark, which is what a handshake looks like: polling neither way for
+    good, and connect() saying EISCONN for good.  (A non-blocking one
+    is left connecting by one landing as it is marked no longer so,
+    which this does not change.)"""
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[pvcalls.PVSocket] = []
+    failed: list[bool] = []
+    submit = fe._submit
+
+    def no_room(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            failed.append(True)
+            raise TimeoutError("no room on the command ring in time")
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = no_room  # type: ignore[method-assign]
+
+    def times_out(s: pvcalls.PVSocket) -> None:
+        with pytest.raises(TimeoutError):
+            s.connect(_ADDRESS)
+
+    def attempt(n: int) -> str:
+        failed.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(0.2)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, functools.partial(times_out, s), lambda: not failed)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_give_back" in where for where in landed), landed
+    assert any("_return_rings" in where for where in landed), landed
+
+
+def test_a_connect_whose_submit_failed_once_sent_interrupted_anywhere_is_given_up_on(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A connect() whose submit fails once the CONNECT went out (its
+    notify, say), the backend holding the CONNECT, and a Ctrl-C landing
+    anywhere in the handling of that: the socket is given up on (the
+    answer is unknown: good only for close()), and its descriptor polls
+    writable, send() failing at once.  Marked only where the answer is
+    found missing, one landing as that handling started left the ring
+    with no peer and no mark, the handshake's look: neither way, for
+    good."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    socks: list[pvcalls.PVSocket] = []
+    failed: list[bool] = []
+    submit = fe._submit
+
+    def fails_once_sent(slot: Any, *args: Any, **kwargs: Any) -> int:
+        req_id = submit(slot, *args, **kwargs)
+        if slot.cmd == PVCALLS_CONNECT:
+            failed.append(True)
+            raise OSError(errno.EIO, "the notify failed")
+        return req_id
+
+    fe._submit = fails_once_sent  # type: ignore[method-assign]
+
+    def attempt(n: int) -> str:
+        failed.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, _refused(functools.partial(s.connect, _ADDRESS),
+                                                  errno.EIO), lambda: not failed)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert s._broken, "not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        # Answered, late: its response table entry is free for the next
+        # attempt's CONNECT.
+        fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
+        s.close()
+
+    landed = _sweep(attempt, check)
+    assert any("_connect_cut_short" in where for where in landed), landed
+
+
+def test_data_before_the_connect_answer_polls_as_the_handshake(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A backend that puts data into the ring of a CONNECT it has not
+    answered yet: the socket, in its handshake, polls neither readable
+    nor writable all the same (its recv() waits for the connect()), and
+    once connected, readable with that data."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    assert _readiness(s) == (True, True)
+    fake.hold = {PVCALLS_CONNECT}
+    call = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # connect() waits for the answer
+    fake.rings[req.id] = ring = FakeDataRing(fake, req.ref, req.evtchn)
+    ring.produce(b"early")
+    assert Call(s.fileno).join().error is None  # another thread's: brought up to date
+    assert _polls(s) == (False, False)
+    fake.respond(req, 0)
+    assert call.join().error is None, call.error
+    assert _polls(s) == (True, True)
+    assert s.recv(16) == b"early"
+    s.close()
 
 
 def test_a_refused_accept_leaves_the_listener_unreadable_until_a_connection_is_pending(

@@ -379,16 +379,23 @@ def test_a_fileno_racing_with_a_refused_connect_leaves_the_ring_to_its_next_sock
         old.close()
 
 
-def test_a_socket_whose_connect_failed_then_listens_as_any_listener(
+def test_a_socket_whose_connect_failed_listens_once_connect_reported_it(
         fe: pvcalls.Frontend, backend: pvcalls.Backend) -> None:
     """A refused non-blocking connect (its error taken by SO_ERROR, as
-    asyncio takes it), then bind() and listen(): the listener polls neither
-    readable nor writable until a connection comes.  The failure's flag had
-    it poll both for good, and accept() loops around it spin."""
+    asyncio takes it), then bind(): listen() fails with EINVAL, as
+    Linux's on a socket still connecting, which polls readable and
+    writable, until connect() has reported the failure (ECONNABORTED).
+    Then it listens, and polls neither readable nor writable until a
+    connection comes: no accept() loop around it spins."""
     s = start_connect(fe, refused_address())
     assert wait_writable(s)
     assert s.getsockopt(SOL, SO_ERROR) == errno.ECONNREFUSED
     s.bind(("127.0.0.1", 0))
+    with pytest.raises(OSError) as info:
+        s.listen()
+    assert info.value.errno == errno.EINVAL
+    assert select.select([s], [s], [], 0) == ([s], [s], [])
+    assert s.connect_ex(refused_address()) == errno.ECONNABORTED
     s.listen()
     assert select.select([s], [s], [], 0) == ([], [], [])
     (address,) = [row.address for row in held(backend, fe) if row.id == s.id]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import Call
+from pvcalls_rawfront import Call, wait_until
 from test_frontend import recv_exactly
 
 import pvcalls
@@ -339,6 +339,84 @@ def test_connect_again_after_a_refused_connect_with_a_timeout(make: Callable[[],
             s.connect(listener.getsockname())
         s.connect(listener.getsockname())
         assert s.getpeername() == listener.getsockname()
+
+
+def test_bind_after_a_refused_connect_with_a_timeout_leaves_it_to_report(
+        make: Callable[[], Any]) -> None:
+    """A refused connect() with a timeout leaves Linux's socket connecting
+    (above).  bind() succeeds (the handshake left the port), but listen()
+    fails with EINVAL, as on any socket still connecting, until the next
+    connect() has failed with ECONNABORTED: bind() does not take that
+    report away."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    s = make()
+    s.settimeout(TIMEOUT)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(refused)
+    with pytest.raises(OSError) as info:
+        s.listen()  # EINVAL before bind() too, not bind()'s want
+    assert info.value.errno == errno.EINVAL
+    s.bind(("127.0.0.1", 0))
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            s.listen()
+        assert info.value.errno == errno.EINVAL
+    assert select.select([s], [s], [], TIMEOUT)[:2] == ([s], [s])
+    assert s.connect_ex(refused) == errno.ECONNABORTED
+
+
+def test_bind_after_a_refused_nonblocking_connect_leaves_its_error_to_report(
+        make: Callable[[], Any]) -> None:
+    """A refused non-blocking connect() whose error nobody took (no
+    SO_ERROR, no connect()): bind() leaves it, and the next connect()
+    reports it, ECONNREFUSED (not the ECONNABORTED of an error taken);
+    the one after starts over."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    s = make()
+    s.setblocking(False)
+    assert s.connect_ex(refused) == errno.EINPROGRESS
+    assert select.select([], [s], [], TIMEOUT)[1] == [s]
+    s.bind(("127.0.0.1", 0))
+    assert s.connect_ex(refused) == errno.ECONNREFUSED
+    assert s.connect_ex(refused) == errno.EINPROGRESS
+    s.close()
+
+
+@pytest.mark.parametrize("timeout", [None, TIMEOUT])
+def test_a_socket_whose_connect_waits_for_the_handshake_polls_neither_way(
+        make: Callable[[], Any], timeout: float | None) -> None:
+    """While one thread's connect() waits for the handshake, a TCP socket
+    polls neither readable nor writable (its recv() and send() would wait
+    for the handshake), whatever another thread's select() asks; once
+    connected, writable only.  The handshake is held up by a listener
+    whose accept queue is full (Linux drops the SYN, and sends it again a
+    second later), until the queued connection is accepted."""
+    def ready(s: Any) -> tuple[bool, bool]:
+        readable, writable, _ = select.select([s], [s], [], 0)
+        return bool(readable), bool(writable)
+
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        address = listener.getsockname()
+        with socket.create_connection(address, timeout=TIMEOUT):  # the queue's one
+            assert select.select([listener], [], [], TIMEOUT)[0]  # queued: full
+            s = make()
+            s.settimeout(timeout)
+            assert ready(s) == (True, True)  # unconnected
+            call = Call(lambda: s.connect(address))
+            wait_until(lambda: ready(s) != (True, True))  # the SYN is out
+            assert ready(s) == (False, False), "polls as the handshake"
+            # Not woken meanwhile, a selector waiting either way.
+            assert select.select([s], [s], [], 0.2)[:2] == ([], [])
+            assert call.alive()
+            listener.accept()[0].close()  # room: the SYN sent again gets in
+            call.join()
+            assert call.error is None, repr(call.error)
+            assert ready(s) == (False, True)
+            listener.accept()[0].close()
 
 
 def test_a_socket_neither_connected_nor_listening_polls_readable_and_writable(
