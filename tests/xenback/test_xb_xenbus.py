@@ -4037,3 +4037,41 @@ def test_a_directory_the_toolstack_takes_is_not_probed_again_and_again(
         assert said.args[1].filename == bdev.nodename  # type: ignore[index]
     finally:
         drv.stop()
+
+
+def test_a_removal_we_may_not_close_is_said_again_for_the_next_device_after_its_parent_goes(
+        host, dom0_xs, frontends, caplog) -> None:
+    """A removal whose Closed we may not write is said once while the
+    state stays Closing; but the toolstack may delete the frontend's whole
+    directory under ``backend/<type>``, whose one event names that
+    directory alone (the look at every device listed, which sees no such
+    device any more).  The next device made at the path, already removed
+    when we first look (online = 0, Closing, its state read-only to us,
+    in one transaction), is another removal we may not close: said as a
+    warning too, not taken for the one said already."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        path, state = bdev.nodename, f"{bdev.nodename}/state"
+        read_only = ["n0", f"r{drvdom.domid}"]
+        dom0_xs.set_perms(state, ["n0"])
+        drv.wait(lambda: bdev.gone)
+        dom0_xs.set_perms(state, read_only)
+        fe.close()
+
+        def removed(t: Transaction) -> None:
+            t.write(f"{path}/online", "0")
+            t.write(state, str(int(S.CLOSING)))
+            t.set_perms(state, read_only)
+
+        for _ in range(2):
+            caplog.clear()
+            dom0_xs.transaction(removed)
+            drv._bus.flush()
+            said = _backend_warnings(caplog)
+            assert [r.args[-1].filename for r in said] == [state], said  # type: ignore[index]
+            dom0_xs.rm(path.rsplit("/", 1)[0])
+            drv._bus.flush()
+            assert drv.devices() == []
+    finally:
+        drv.stop()
