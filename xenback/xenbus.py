@@ -1560,6 +1560,9 @@ class BackendDriver:
         }
         adopt, self._first_scan = self._first_scan, False
         self._junk &= listed
+        # A device deleted with its parent directory sends no event of its
+        # own: _check_device never sees it gone.
+        self._unclosed &= {(_number(fe), _number(devid)) for fe, devid in listed}
         for fe, devid in sorted(listed):
             self._check_device(fe, devid, adopt=adopt, listed=True)
         known = {(str(dev.frontend_id), str(dev.devid)): dev for dev in self.devices()}
