@@ -4058,19 +4058,24 @@ def test_a_removal_we_may_not_close_is_said_again_for_the_next_device_after_its_
         drv.wait(lambda: bdev.gone)
         dom0_xs.set_perms(state, read_only)
         fe.close()
+        data = f"/local/domain/{drvdom.domid}/data"
 
         def removed(t: Transaction) -> None:
             t.write(f"{path}/online", "0")
             t.write(state, str(int(S.CLOSING)))
             t.set_perms(state, read_only)
 
-        for _ in range(2):
+        for i in range(2):
+            handed_over(drv.xenstore, f"before{i}", base=data)
+            drv._bus.flush()
             caplog.clear()
             dom0_xs.transaction(removed)
+            handed_over(drv.xenstore, f"removed{i}", base=data)
             drv._bus.flush()
             said = _backend_warnings(caplog)
             assert [r.args[-1].filename for r in said] == [state], said  # type: ignore[index]
             dom0_xs.rm(path.rsplit("/", 1)[0])
+            handed_over(drv.xenstore, f"deleted{i}", base=data)
             drv._bus.flush()
             assert drv.devices() == []
     finally:
