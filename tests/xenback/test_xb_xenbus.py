@@ -3980,9 +3980,10 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
     Closed): refused, that is a node of our own we may no longer read, as
     a taken state, and the device is dropped, said once as a warning, not
     failed with an error node and a Closing over the Closed its frontend
-    was answered.  Nor does the look at the path that the drop makes take
-    the Closing it left for a removal, which only an ``online`` = 0 read
-    would tell."""
+    was answered.  At our own Closing, with its frontend still there to
+    close, that is not yet: as Linux, which reads ``online`` only at the
+    frontend's Closed, the device is served until then, and the frontend
+    gets its Closed."""
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
         bdev = backend_device(drv, fe.guest.domid)
@@ -3992,12 +3993,13 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
         if closing:
             fe.set_state(S.CLOSING)
             fe.wait_backend(S.CLOSING)
+            bdev.events.flush()
+            assert not bdev.gone and _backend_warnings(caplog) == []
         fe.set_state(S.CLOSED)
         drv.wait_call("remove", fe.guest.domid)
         bdev.events.flush()
         drv._bus.flush()
-        left = S.CLOSING if closing else S.CLOSED
-        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(left))
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSED))
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert not [r for r in caplog.records if r.exc_info is not None]
         (said,) = _backend_warnings(caplog)
