@@ -97,9 +97,9 @@ protocol (section 2 of the protocol reference), item by item:
   released), nothing written there, the error node included, and said
   once as a warning; whose the directory is, only the state could tell
   (see ``BackendDriver._refused``).  So is one whose ``online`` we may
-  no longer read, once we read it (at our Closing, or the frontend's
-  Closed): Linux reads that failure as offline, and unregisters the
-  device.  At the path, only a new device (Initialising, readable, in a
+  no longer read, once we read it at the frontend's Closed (or at our
+  Closing, with no frontend left to close): Linux reads that failure as
+  offline, and unregisters the device.  At the path, only a new device (Initialising, readable, in a
   directory we may read) is served again; the removal of one we do not
   serve is none we can tell if we may not read its ``online``, and one
   whose Closed we may not write is said once as a warning (the
@@ -1560,6 +1560,9 @@ class BackendDriver:
         }
         adopt, self._first_scan = self._first_scan, False
         self._junk &= listed
+        # A device deleted with its parent directory sends no event of its
+        # own: _check_device never sees it gone.
+        self._unclosed &= {(_number(fe), _number(devid)) for fe, devid in listed}
         for fe, devid in sorted(listed):
             self._check_device(fe, devid, adopt=adopt, listed=True)
         known = {(str(dev.frontend_id), str(dev.devid)): dev for dev in self.devices()}
@@ -1912,6 +1915,9 @@ class BackendDriver:
         if dev.gone or self._domain_gone:
             return
         removing = False
+        # An online we may not read: no removal we can tell, but none to
+        # wait for either once nothing is left to close (see _online).
+        refused: PermissionError | None = None
         try:
             # Outside a transaction: one on every event in our directory
             # would count against a driver domain's few (10 in
@@ -1927,29 +1933,37 @@ class BackendDriver:
                 # in turn and the frontend_changed table finishes the
                 # job; one that is absent, closed or never got going
                 # would leave the toolstack waiting.
-                removing = dev.state == XenbusState.CLOSING and not self._online(dev)
+                if dev.state == XenbusState.CLOSING:
+                    try:
+                        removing = not self._read_online(dev)
+                    except PermissionError as exc:
+                        if not self._taken(exc):
+                            raise
+                        removing, refused = True, exc
         except PermissionError as exc:
             if not self._taken(exc):
                 raise
             self._refused(dev, exc)
             return
-        if dev.gone:
-            return  # dropped as its online was refused (see _online)
         if why is not None:
             logger.info("%s: %s", dev.nodename, why)
             self._drop(dev)
-        elif removing:
-            if dev._otherend_watch is None:
-                # Its probe failed: it connected nothing, and would never
-                # hear its frontend close.
-                self._drop(dev)
-                return
+            return
+        if not removing:
+            return
+        if dev._otherend_watch is not None:
             try:
                 fstate = XenbusState.parse(self._otherend_state(dev)) if dev.otherend else XenbusState.UNKNOWN
             except ValueError:
                 fstate = XenbusState.UNKNOWN
-            if fstate in (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED):
-                self._drop(dev)
+            if fstate not in (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED):
+                return  # its frontend closes, and its Closed finishes the job
+        # else its probe failed: it connected nothing, and would never hear
+        # its frontend close.
+        if refused is not None:
+            self._refused(dev, refused)
+        else:
+            self._drop(dev)
 
     def _domain_dead(self, dev: BackendDevice) -> None:
         if not dev.gone:
@@ -1957,20 +1971,27 @@ class BackendDriver:
             self._drop(dev)
 
     def _online(self, dev: BackendDevice) -> bool:
-        """Whether the toolstack still wants the device (``online`` = 1):
-        missing or garbled, it does not, as Linux's xenbus_dev_is_online()
-        reads it.  A node of our own we may not read (see _refused): the
-        device is dropped, writing nothing more, and False; but the
+        """Whether the toolstack still wants the device (``online`` = 1),
+        read as its frontend is Closed (see _read_online).  A node of our
+        own we may not read (see _refused): the device is dropped, writing
+        nothing more, and False, as Linux's xenbus_dev_is_online() reads
+        any failure as offline and the device is unregistered; but the
         :class:`PermissionError` is raised if our domain is going (or the
         connection went), for the callback's handler."""
         try:
-            return bool(self.xenstore.read_int(f"{dev.nodename}/online", 0))
-        except ValueError:
-            return False
+            return self._read_online(dev)
         except PermissionError as exc:
             if not self._taken(exc):
                 raise
             self._refused(dev, exc)
+            return False
+
+    def _read_online(self, dev: BackendDevice) -> bool:
+        """``online`` = 1: missing or garbled, the toolstack no longer
+        wants the device, as Linux's xenbus_dev_is_online() reads it."""
+        try:
+            return bool(self.xenstore.read_int(f"{dev.nodename}/online", 0))
+        except ValueError:
             return False
 
     def _connect(self, dev: BackendDevice) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import itertools
 import logging
 import re
@@ -3980,9 +3981,10 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
     Closed): refused, that is a node of our own we may no longer read, as
     a taken state, and the device is dropped, said once as a warning, not
     failed with an error node and a Closing over the Closed its frontend
-    was answered.  Nor does the look at the path that the drop makes take
-    the Closing it left for a removal, which only an ``online`` = 0 read
-    would tell."""
+    was answered.  At our own Closing, with its frontend still there to
+    close, that is not yet: as Linux, which reads ``online`` only at the
+    frontend's Closed, the device is served until then, and the frontend
+    gets its Closed."""
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
         bdev = backend_device(drv, fe.guest.domid)
@@ -3992,12 +3994,13 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
         if closing:
             fe.set_state(S.CLOSING)
             fe.wait_backend(S.CLOSING)
+            bdev.events.flush()
+            assert not bdev.gone and _backend_warnings(caplog) == []
         fe.set_state(S.CLOSED)
         drv.wait_call("remove", fe.guest.domid)
         bdev.events.flush()
         drv._bus.flush()
-        left = S.CLOSING if closing else S.CLOSED
-        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(left))
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSED))
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert not [r for r in caplog.records if r.exc_info is not None]
         (said,) = _backend_warnings(caplog)
@@ -4035,5 +4038,301 @@ def test_a_directory_the_toolstack_takes_is_not_probed_again_and_again(
         assert not [r for r in caplog.records if r.exc_info is not None]
         (said,) = _backend_warnings(caplog)
         assert said.args[1].filename == bdev.nodename  # type: ignore[index]
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize("deleted", ["parent", "device"])
+def test_a_removal_we_may_not_close_is_said_again_for_the_next_device_once_deleted(
+        host, dom0_xs, frontends, caplog, deleted) -> None:
+    """A removal whose Closed we may not write is said once while the
+    state stays Closing (every device listed looked at again does not
+    say it again), and forgotten once the device is deleted: by itself,
+    or with the frontend's whole directory under ``backend/<type>``,
+    whose one event names that directory alone (the look at every device
+    listed, which sees no such device any more).  The next device made at the path, already removed
+    when we first look (online = 0, Closing, its state read-only to us,
+    in one transaction), is another removal we may not close: said as a
+    warning too, not taken for the one said already."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        path, state = bdev.nodename, f"{bdev.nodename}/state"
+        read_only = ["n0", f"r{drvdom.domid}"]
+        dom0_xs.set_perms(state, ["n0"])
+        drv.wait(lambda: bdev.gone)
+        dom0_xs.set_perms(state, read_only)
+        fe.close()
+        data = f"/local/domain/{drvdom.domid}/data"
+
+        def removed(t: Transaction) -> None:
+            t.write(f"{path}/online", "0")
+            t.write(state, str(int(S.CLOSING)))
+            t.set_perms(state, read_only)
+
+        for i in range(2):
+            handed_over(drv.xenstore, f"before{i}", base=data)
+            drv._bus.flush()
+            caplog.clear()
+            dom0_xs.transaction(removed)
+            handed_over(drv.xenstore, f"removed{i}", base=data)
+            drv._bus.flush()
+            said = _backend_warnings(caplog)
+            assert [r.args[-1].filename for r in said] == [state], said  # type: ignore[index]
+            # Once only, though every device listed is looked at again.
+            dom0_xs.write(f"{drv.backend_root}/999", "")
+            dom0_xs.rm(f"{drv.backend_root}/999")
+            handed_over(drv.xenstore, f"looked{i}", base=data)
+            drv._bus.flush()
+            assert _backend_warnings(caplog) == said
+            dom0_xs.rm(path.rsplit("/", 1)[0] if deleted == "parent" else path)
+            handed_over(drv.xenstore, f"deleted{i}", base=data)
+            drv._bus.flush()
+            assert drv.devices() == []
+    finally:
+        drv.stop()
+
+
+def _going_said(caplog) -> list[str]:
+    """The warnings xenback said, but that the domain goes (said once)."""
+    said = [r.getMessage() for r in _backend_warnings(caplog)]
+    going = [m for m in said if "is going away" in m]
+    assert len(going) == 1, said
+    return [m for m in said if m not in going]
+
+
+@pytest.mark.parametrize("closing", ["frontend", "toolstack"])
+def test_an_online_refused_as_the_domain_goes_is_no_refusal_of_ours(
+        host, dom0_xs, frontends, caplog, monkeypatch, closing) -> None:
+    """Our home deleted (libxl destroying our driver domain) just before
+    a device reads its ``online``, at its frontend's Closed or at the
+    Closing the toolstack wrote: the EACCES is our domain going, said
+    once for all, not a node the toolstack took ("its own node may not be
+    read any more"), which nobody did."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    bdev = backend_device(drv, fe.guest.domid)
+    online = f"{bdev.nodename}/online"
+    read_int = drv.xenstore.read_int
+    armed, refused = threading.Event(), []
+
+    def home_gone_then(path: str, default: Any = None) -> Any:
+        if path != online or not armed.is_set():
+            return read_int(path, default)
+        armed.clear()
+        dom0_xs.rm(f"/local/domain/{drvdom.domid}")
+        try:
+            return read_int(path, default)
+        except PermissionError as exc:
+            refused.append(exc)
+            raise
+
+    monkeypatch.setattr(drv.xenstore, "read_int", home_gone_then)
+    try:
+        if closing == "toolstack":
+            fe.set_state(S.CLOSED)
+            fe.wait_backend(S.CLOSED)
+            bdev.events.flush()
+        caplog.clear()
+        armed.set()
+        if closing == "toolstack":
+            dom0_xs.write(f"{bdev.nodename}/state", str(int(S.CLOSING)))
+        else:
+            fe.set_state(S.CLOSED)
+        drv.wait_call("remove", fe.guest.domid)
+        assert refused, "online was not refused: the test no longer tests anything"
+        assert _going_said(caplog) == []
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize("where", ["taken-over", "new", "removed"])
+def test_a_read_refused_as_the_domain_goes_is_not_passed_over_by_discovery(
+        host, dom0_xs, frontends, caplog, monkeypatch, where) -> None:
+    """Our home deleted just before discovery reads a device's node: the
+    ``online`` of one left Closed at start, the directory of a new one,
+    the state of one removed before we saw it.  The EACCES is our domain
+    going, learnt there and then and said once, not a node the toolstack
+    took, which discovery passes over ("not served", "not closed") for
+    the next request to learn of the domain's going."""
+    drvdom = host.create_domain("driver-domain")
+    dom0_xs.set_perms("@releaseDomain", ["n0", f"r{drvdom.domid}"])
+    guest = host.create_domain("one")
+    drv = RecordingDriver(drvdom)
+    home = f"/local/domain/{drvdom.domid}"
+    path = f"{home}/backend/xbtest/{guest.domid}/0"
+    node = {"taken-over": f"{path}/online", "new": path, "removed": f"{path}/state"}[where]
+    armed, refused = threading.Event(), []
+
+    def home_gone_then(store: Any, read: Any, p: str, *args: Any) -> Any:
+        if p != node or not armed.is_set() or drv._bus is None:
+            return read(store, p, *args)
+        armed.clear()
+        dom0_xs.rm(home)
+        try:
+            return read(store, p, *args)
+        except PermissionError as exc:
+            refused.append(exc)
+            raise
+
+    cls = Transaction if where == "removed" else XenStore
+    monkeypatch.setattr(cls, "read", functools.partialmethod(home_gone_then, cls.read))
+    caplog.set_level(logging.DEBUG, logger="xenback.xenbus")
+    try:
+        if where == "taken-over":
+            host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+            dom0_xs.write(f"{path}/state", str(int(S.CLOSED)))
+            armed.set()
+            drv.start()
+        else:
+            drv.start()
+            # Its first look, which would take a device found over.
+            handed_over(drv.xenstore, "started", base=f"{home}/data")
+            drv._bus.flush()
+            armed.set()
+            if where == "new":
+                host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+            else:
+                def removed(t: Transaction) -> None:
+                    t.write(f"{path}/online", "0")
+                    t.write(f"{path}/state", str(int(S.CLOSING)))
+                dom0_xs.transaction(removed)
+        assert eventually(lambda: refused and drv._domain_gone)
+        drv._bus.flush()
+        assert drv.devices() == [] and drv.calls == []
+        assert _going_said(caplog) == []
+        passed = [r.getMessage() for r in caplog.records
+                  if r.msg in ("%s: not served: %s", "%s: not closed: %s")]
+        assert passed == []
+    finally:
+        drv.stop()
+
+
+def test_an_online_we_may_not_read_at_start_is_no_device_to_take_over(
+        host, dom0_xs, frontends, caplog) -> None:
+    """A device an earlier backend left Closed, whose ``online`` the
+    toolstack took from us: read as 0 (a removal answered), as Linux's
+    xenbus_dev_is_online() reads any failure, it is not taken over, and
+    nothing is written there or said."""
+    drvdom = host.create_domain("driver-domain")
+    guest = host.create_domain("one")
+    dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+    dom0_xs.write(f"{dev.backend_path}/state", str(int(S.CLOSED)))
+    dom0_xs.set_perms(f"{dev.backend_path}/online", ["n0"])
+    drv = RecordingDriver(drvdom)
+    caplog.clear()
+    drv.start()
+    try:
+        handed_over(drv.xenstore, "started", base=f"/local/domain/{drvdom.domid}/data")
+        drv._bus.flush()
+        assert drv.devices() == [] and drv.calls == []
+        assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+        assert _backend_warnings(caplog) == []
+    finally:
+        drv.stop()
+
+
+def test_a_removal_we_may_not_close_is_said_again_in_a_new_run(
+        host, dom0_xs, frontends, caplog) -> None:
+    """A removal whose Closed we may not write, said in one run, is said
+    again in the next: a new run says what it leaves (as it says the
+    junk it ignores), here once the toolstack gives back the state it
+    had taken as the run started."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        path, state = bdev.nodename, f"{bdev.nodename}/state"
+        read_only = ["n0", f"r{drvdom.domid}"]
+        data = f"/local/domain/{drvdom.domid}/data"
+        dom0_xs.set_perms(state, ["n0"])
+        drv.wait(lambda: bdev.gone)
+        fe.close()
+
+        def removed(t: Transaction) -> None:
+            t.write(f"{path}/online", "0")
+            t.write(state, str(int(S.CLOSING)))
+            t.set_perms(state, read_only)
+
+        dom0_xs.transaction(removed)
+        handed_over(drv.xenstore, "removed", base=data)
+        drv._bus.flush()
+        dom0_xs.set_perms(state, ["n0"])
+        drv.stop()
+        drv.start()
+        handed_over(drv.xenstore, "started", base=data)
+        drv._bus.flush()
+        caplog.clear()
+        dom0_xs.set_perms(state, read_only)
+        handed_over(drv.xenstore, "given", base=data)
+        drv._bus.flush()
+        said = _backend_warnings(caplog)
+        assert [r.args[-1].filename for r in said] == [state], said  # type: ignore[index]
+    finally:
+        drv.stop()
+
+
+def test_an_online_node_taken_with_no_frontend_left_drops_the_device_at_a_removal(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The toolstack takes a device's ``online`` and writes Closing (a
+    removal, as it were) while its frontend is Closed: no frontend is
+    left to close it, so the device is dropped there and then, as a
+    removal would be, said once as a warning and nothing written (the
+    Closing stays), as for a state taken."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        fe.set_state(S.CLOSED)
+        fe.wait_backend(S.CLOSED)
+        bdev.events.flush()
+        online = f"{bdev.nodename}/online"
+        dom0_xs.set_perms(online, ["n0"])
+        caplog.clear()
+        dom0_xs.write(f"{bdev.nodename}/state", str(int(S.CLOSING)))
+        drv.wait_call("remove", fe.guest.domid)
+        drv._bus.flush()
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSING))
+        (said,) = _backend_warnings(caplog)
+        assert said.args[1].filename == online  # type: ignore[index]
+    finally:
+        drv.stop()
+
+
+def test_a_removal_closed_then_taken_as_its_transaction_retries_is_not_said(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """The toolstack takes the state of a removal we close for it (a
+    device we never served) while our transaction writes Closed: the
+    commit conflicts, and the retry may not read the state.  Nodes we may
+    not read tell no removal, as the docstring of _close_unprobed says:
+    nothing said, though the attempt before had found one asked for."""
+    drvdom, drv, _ = _driver_domain_backend(host, dom0_xs, frontends, (), ())
+    guest = host.create_domain("one")
+    home = f"/local/domain/{drvdom.domid}"
+    path = f"{home}/backend/xbtest/{guest.domid}/0"
+    state = f"{path}/state"
+    write = Transaction.write
+    taken: list[str] = []
+
+    def taken_then(t: Transaction, p: str, value: str | int) -> None:
+        write(t, p, value)
+        if p == state and not taken:
+            taken.append(p)
+            dom0_xs.set_perms(state, ["n0"])  # the commit conflicts
+
+    try:
+        handed_over(drv.xenstore, "started", base=f"{home}/data")
+        drv._bus.flush()
+        monkeypatch.setattr(Transaction, "write", taken_then)
+
+        def removed(t: Transaction) -> None:
+            t.write(f"{path}/online", "0")
+            write(t, state, str(int(S.CLOSING)))
+            t.set_perms(state, [f"n{drvdom.domid}"])
+
+        caplog.clear()
+        dom0_xs.transaction(removed)
+        handed_over(drv.xenstore, "removed", base=f"{home}/data")
+        drv._bus.flush()
+        assert taken, "Closed was not written: the test no longer tests anything"
+        assert _backend_warnings(caplog) == []
+        assert dom0_xs.read(state) == str(int(S.CLOSING))
     finally:
         drv.stop()
