@@ -4031,6 +4031,10 @@ def test_a_directory_the_toolstack_takes_is_not_probed_again_and_again(
         handed_over(drv.xenstore, "taken", base=f"/local/domain/{drvdom.domid}/data")
         drv._bus.flush()
         assert drv.devices() == []
+        # The guest's driver starts over before the directory is given
+        # back: the dead one's Connected, its ring-ref's grant gone, would
+        # be connected to at once, and fail.
+        dom0_xs.write(f"{dev.frontend_path}/state", str(int(S.INITIALISING)))
         dom0_xs.set_perms(bdev.nodename, [f"n{drvdom.domid}", f"r{guest.domid}"])
         fe = _connect(frontends, guest, dev)
         assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove",
