@@ -92,6 +92,24 @@ def arrived(c: Any, data: bytes) -> None:
 # -- recv and send flags ---------------------------------------------------------------
 
 
+def _refused_address() -> tuple[str, int]:
+    """A loopback address nobody listens on: a port bound, never listened on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()
+
+
+def _refused_with_a_timeout(make: Callable[[], Any]) -> tuple[Any, tuple[str, int]]:
+    """A socket made by ``make`` whose connect() with a timeout was
+    refused, and the address that refused it."""
+    refused = _refused_address()
+    s = make()
+    s.settimeout(TIMEOUT)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(refused)
+    return s, refused
+
+
 def test_msg_peek_leaves_the_data_to_the_next_recv(pair: tuple[Any, socket.socket]) -> None:
     c, peer = pair
     peer.sendall(b"abc")
@@ -323,13 +341,7 @@ def test_connect_again_after_a_refused_connect_with_a_timeout(make: Callable[[],
     refusal from SO_ERROR, so the next connect() finds the attempt over
     with no error and fails with ECONNABORTED, once; the one after that
     connects.  Meanwhile select() finds the socket readable and writable."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        refused = probe.getsockname()
-    s = make()
-    s.settimeout(TIMEOUT)
-    with pytest.raises(ConnectionRefusedError):
-        s.connect(refused)
+    s, refused = _refused_with_a_timeout(make)
     assert select.select([s], [s], [], TIMEOUT)[:2] == ([s], [s])
     assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
     assert s.connect_ex(refused) == errno.ECONNABORTED
@@ -348,13 +360,7 @@ def test_bind_after_a_refused_connect_with_a_timeout_leaves_it_to_report(
     fails with EINVAL, as on any socket still connecting, until the next
     connect() has failed with ECONNABORTED: bind() does not take that
     report away."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        refused = probe.getsockname()
-    s = make()
-    s.settimeout(TIMEOUT)
-    with pytest.raises(ConnectionRefusedError):
-        s.connect(refused)
+    s, refused = _refused_with_a_timeout(make)
     with pytest.raises(OSError) as info:
         s.listen()  # EINVAL before bind() too, not bind()'s want
     assert info.value.errno == errno.EINVAL
@@ -373,9 +379,7 @@ def test_bind_after_a_refused_nonblocking_connect_leaves_its_error_to_report(
     SO_ERROR, no connect()): bind() leaves it, and the next connect()
     reports it, ECONNREFUSED (not the ECONNABORTED of an error taken);
     the one after starts over."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        refused = probe.getsockname()
+    refused = _refused_address()
     s = make()
     s.setblocking(False)
     assert s.connect_ex(refused) == errno.EINPROGRESS
@@ -429,9 +433,7 @@ def test_a_socket_neither_connected_nor_listening_polls_readable_and_writable(
         readable, writable, _ = select.select([s], [s], [], 0)
         return bool(readable), bool(writable)
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        refused = probe.getsockname()
+    refused = _refused_address()
     s = make()
     assert ready(s) == (True, True)
     with pytest.raises(ConnectionRefusedError):
