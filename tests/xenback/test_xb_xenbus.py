@@ -1715,6 +1715,57 @@ def test_release_domain_alone_tears_the_device_down(host, driver, dom0_xs) -> No
     census.check()
 
 
+def test_a_device_of_a_domid_past_a_domid_t_does_not_stop_release_domain(
+        host, driver, dom0_xs, caplog) -> None:
+    """A backend directory naming a frontend domain past XenStore's
+    domid_t (the toolstack's to write): @releaseDomain asks XenStore
+    whether each device's frontend domain is introduced, and
+    xenback.XenStore refuses such a domid with ValueError before anything
+    is sent.  That ValueError, of domain 70000 registered first, cut the
+    loop short, and the destroyed guest's device, whose frontend
+    directory outlives it, was never torn down.  Domain 70000 is not
+    alive (as when XenStore's EINVAL said so): its device goes too."""
+    odd = "/local/domain/0/backend/xbtest/70000/0"
+
+    def add_odd(t) -> None:
+        t.write("/local/domain/0/fake-frontends/70000/state", 1)
+        t.mkdir(odd)
+        t.set_perms(odd, ["n0"])  # r70000 is refused: no domid_t
+        t.write(f"{odd}/frontend", "/local/domain/0/fake-frontends/70000")
+        t.write(f"{odd}/frontend-id", 70000)
+        t.write(f"{odd}/online", 1)
+        t.write(f"{odd}/state", 1)
+
+    dom0_xs.transaction(add_odd)
+    dom0_xs.wait_for(f"{odd}/state", "2", timeout=TIMEOUT)
+    (odd_dev,) = driver.devices()
+
+    census = Census(host, driver)
+    guest = host.create_domain("guest")
+    pages = guest.gntshr().share_pages(0, 1)
+    evtchn = guest.evtchn()
+    port = evtchn.bind_unbound_port(0)
+    frontend = "/local/domain/0/fake-frontends/1"
+    base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
+    _add_device_by_hand(dom0_xs, base, frontend, guest.domid)
+    dom0_xs.wait_for(f"{base}/state", "2", timeout=TIMEOUT)
+    _publish_by_hand(dom0_xs, frontend, pages.refs[0], port)
+    dom0_xs.wait_for(f"{base}/state", "4", timeout=TIMEOUT)
+    (bdev,) = [d for d in driver.devices() if d is not odd_dev]
+    evtchn.close()
+    pages.unshare()
+    host.destroy_domain(guest)
+    dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
+    dom0_xs.wait_for(f"{odd}/state", "6", timeout=TIMEOUT)
+    driver.wait_call("remove", guest.domid)
+    for dev in (odd_dev, bdev):
+        dev.events.flush()
+        assert dev.gone
+    assert driver.devices() == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    census.check()
+
+
 def test_domain_destroyed_mid_connect(host, driver, frontends) -> None:
     entered, release = threading.Event(), threading.Event()
 
