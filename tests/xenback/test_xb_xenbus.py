@@ -1688,26 +1688,34 @@ def _publish_by_hand(xs: XenStore, frontend: str, ref: int, port: int) -> None:
                               t.write(f"{frontend}/port", port),
                               t.write(f"{frontend}/state", 3)))
 
-def test_release_domain_alone_tears_the_device_down(host, driver, dom0_xs) -> None:
-    """A frontend directory outside the guest's home survives the guest's
-    destruction, so only @releaseDomain can tell the backend."""
-    census = Census(host, driver)
+def _destroyed_outliving_its_frontend(host, driver, dom0_xs) -> tuple[Any, Any, str, str]:
+    """A guest connected to a device whose frontend directory is outside
+    its home, then destroyed: the guest, the driver's device, its
+    frontend directory and its backend directory, which the destruction
+    left Closed."""
     guest = host.create_domain("guest")
     pages = guest.gntshr().share_pages(0, 1)
     evtchn = guest.evtchn()
     port = evtchn.bind_unbound_port(0)
     frontend = "/local/domain/0/fake-frontends/1"
     base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
-
     _add_device_by_hand(dom0_xs, base, frontend, guest.domid)
     dom0_xs.wait_for(f"{base}/state", "2", timeout=TIMEOUT)
     _publish_by_hand(dom0_xs, frontend, pages.refs[0], port)
     dom0_xs.wait_for(f"{base}/state", "4", timeout=TIMEOUT)
-    (bdev,) = driver.devices()
+    bdev = backend_device(driver, guest.domid)
     evtchn.close()
     pages.unshare()
     host.destroy_domain(guest)
     dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
+    return guest, bdev, frontend, base
+
+
+def test_release_domain_alone_tears_the_device_down(host, driver, dom0_xs) -> None:
+    """A frontend directory outside the guest's home survives the guest's
+    destruction, so only @releaseDomain can tell the backend."""
+    census = Census(host, driver)
+    guest, bdev, frontend, base = _destroyed_outliving_its_frontend(host, driver, dom0_xs)
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
     assert bdev.gone and bdev.resources == (0, 0) and driver.devices() == []
@@ -1741,21 +1749,7 @@ def test_a_device_of_a_domid_past_a_domid_t_does_not_stop_release_domain(
     (odd_dev,) = driver.devices()
 
     census = Census(host, driver)
-    guest = host.create_domain("guest")
-    pages = guest.gntshr().share_pages(0, 1)
-    evtchn = guest.evtchn()
-    port = evtchn.bind_unbound_port(0)
-    frontend = "/local/domain/0/fake-frontends/1"
-    base = f"/local/domain/0/backend/xbtest/{guest.domid}/0"
-    _add_device_by_hand(dom0_xs, base, frontend, guest.domid)
-    dom0_xs.wait_for(f"{base}/state", "2", timeout=TIMEOUT)
-    _publish_by_hand(dom0_xs, frontend, pages.refs[0], port)
-    dom0_xs.wait_for(f"{base}/state", "4", timeout=TIMEOUT)
-    (bdev,) = [d for d in driver.devices() if d is not odd_dev]
-    evtchn.close()
-    pages.unshare()
-    host.destroy_domain(guest)
-    dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
+    guest, bdev, _frontend, _base = _destroyed_outliving_its_frontend(host, driver, dom0_xs)
     dom0_xs.wait_for(f"{odd}/state", "6", timeout=TIMEOUT)
     driver.wait_call("remove", guest.domid)
     for dev in (odd_dev, bdev):
