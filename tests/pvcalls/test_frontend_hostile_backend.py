@@ -1947,12 +1947,16 @@ def _unclosed(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if w.category is ResourceWarning]
 
 
-def _sweep(attempt: Callable[[int], str], check: Callable[[str], object]) -> list[str]:
+def _sweep(attempt: Callable[[int], str], check: Callable[[str], object], *,
+           through: tuple[str, ...] = ()) -> list[str]:
     """Land a Ctrl-C at every place of a call in turn: ``attempt(n)`` runs
     it with one at its n-th place (interrupted_at's answer: where, or ''
     once there are fewer places), then ``check(where)`` asserts what it
     left, its failure prefixed with where.  Until the call ran
-    undisturbed (checked too); returns where it landed."""
+    undisturbed (checked too); returns where it landed, having checked
+    that it landed somewhere in each function named in ``through`` (the
+    window the sweep is for: a sweep that no longer reaches it passes
+    for nothing)."""
     landed: list[str] = []
     for n in itertools.count():
         where = attempt(n)
@@ -1961,6 +1965,8 @@ def _sweep(attempt: Callable[[int], str], check: Callable[[str], object]) -> lis
         except AssertionError as exc:
             raise AssertionError(f"interrupted {where or 'nowhere'}: {exc}") from None
         if not where:
+            for name in through:
+                assert any(name in where for where in landed), (name, landed)
             return landed
         landed.append(where)
     raise AssertionError("unreachable")
@@ -2044,8 +2050,7 @@ def test_a_refused_accept_interrupted_anywhere_keeps_nothing_of_its_new_socket(
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        landed = _sweep(attempt, check)
-    assert any("_drop_socket" in where for where in landed), landed
+        _sweep(attempt, check, through=("_drop_socket",))
     ls.close()
 
 
@@ -2074,8 +2079,7 @@ def test_a_refused_socket_interrupted_anywhere_keeps_nothing_of_it(
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        landed = _sweep(attempt, check)
-    assert any("_forget" in where for where in landed), landed
+        _sweep(attempt, check, through=("_forget",))
 
 
 def _poll_refusal_taken() -> bool:
@@ -2124,8 +2128,7 @@ def test_a_refused_poll_interrupted_anywhere_leaves_the_listener_readable(
             raise AssertionError("the listener never polls readable again") from None
         _refused(ls.accept, errno.EINVAL)()
 
-    landed = _sweep(attempt, check)
-    assert any("_arm_poll" in where for where in landed), landed
+    _sweep(attempt, check, through=("_arm_poll",))
     ls.close()
 
 
@@ -2162,9 +2165,7 @@ def test_a_refused_connect_interrupted_anywhere_leaves_the_socket_unconnected(
         aborted()  # which leaves it so too: the next attempt starts over
         assert fe._given_back == [] and len(fe._ring_pool) == 1
 
-    landed = _sweep(attempt, check)
-    assert any("_give_back" in where for where in landed), landed
-    assert any("_return_rings" in where for where in landed), landed
+    _sweep(attempt, check, through=("_give_back", "_return_rings"))
     s.close()
 
 
@@ -2201,8 +2202,7 @@ def test_a_connect_interrupted_anywhere_once_answered_polls_as_connected(
         assert (bool(readable), bool(writable)) == (False, True)
         s.close()
 
-    landed = _sweep(attempt, check)
-    assert any("_update_ready" in where for where in landed), landed
+    _sweep(attempt, check, through=("_update_ready",))
 
 
 def _polls(s: pvcalls.PVSocket) -> tuple[bool, bool]:
@@ -2353,9 +2353,7 @@ def test_a_refused_connect_interrupted_anywhere_polls_as_unconnected(
         if timed:
             _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
 
-    landed = _sweep(attempt, check)
-    assert any("_give_back" in where for where in landed), landed
-    assert any("_return_rings" in where for where in landed), landed
+    _sweep(attempt, check, through=("_give_back", "_return_rings"))
     s.close()
 
 
@@ -2412,9 +2410,7 @@ def test_a_refused_nonblocking_connect_interrupted_anywhere_is_completed(
         _refused(again, errno.ECONNREFUSED)()
         s.close()
 
-    landed = _sweep(attempt, check)
-    assert any("_connect_taker" in where for where in landed), landed
-    assert any("Frontend._notify" in where for where in landed), landed
+    _sweep(attempt, check, through=("_connect_taker", "Frontend._notify"))
 
 
 def test_a_nonblocking_connect_interrupted_anywhere_polls_as_connecting(
@@ -2456,8 +2452,7 @@ def test_a_nonblocking_connect_interrupted_anywhere_polls_as_connecting(
             fake.next_request(PVCALLS_CONNECT)  # taken: not left to the next attempt
         s.close()
 
-    landed = _sweep(attempt, check)
-    assert any("Frontend._notify" in where for where in landed), landed
+    _sweep(attempt, check, through=("Frontend._notify",))
 
 
 def test_a_connect_interrupted_anywhere_before_its_answer_polls_as_what_it_left(
@@ -2529,9 +2524,7 @@ def test_a_connect_interrupted_anywhere_before_its_answer_polls_as_what_it_left(
             assert s._st.ring is None
         s.close()
 
-    landed = _sweep(attempt, check)
-    assert any("_update_ready" in where for where in landed), landed
-    assert any("Frontend._notify" in where for where in landed), landed
+    _sweep(attempt, check, through=("_update_ready", "Frontend._notify"))
 
 
 def test_a_connect_timed_out_as_refused_interrupted_anywhere_is_not_left_in_its_handshake(
@@ -2581,8 +2574,7 @@ def test_a_connect_timed_out_as_refused_interrupted_anywhere_is_not_left_in_its_
         assert writable, (readable, writable)
         s.close()
 
-    landed = _sweep(attempt, check)
-    assert any("_connect_cut_short" in where for where in landed), landed
+    _sweep(attempt, check, through=("_connect_cut_short",))
 
 
 def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_its_handshake(
@@ -2628,9 +2620,7 @@ def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_i
         assert writable, (readable, writable)
         s.close()
 
-    landed = _sweep(attempt, check)
-    assert any("_give_back" in where for where in landed), landed
-    assert any("_return_rings" in where for where in landed), landed
+    _sweep(attempt, check, through=("_give_back", "_return_rings"))
 
 
 def test_a_connect_whose_submit_failed_once_sent_interrupted_anywhere_is_given_up_on(
@@ -2676,8 +2666,7 @@ def test_a_connect_whose_submit_failed_once_sent_interrupted_anywhere_is_given_u
         fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
         s.close()
 
-    landed = _sweep(attempt, check)
-    assert any("_connect_cut_short" in where for where in landed), landed
+    _sweep(attempt, check, through=("_connect_cut_short",))
 
 
 def test_data_before_the_connect_answer_polls_as_the_handshake(
