@@ -2487,10 +2487,6 @@ def test_a_connect_interrupted_anywhere_before_its_answer_polls_as_what_it_left(
 
     fe._wait_slot = waited  # type: ignore[method-assign]
 
-    def times_out(s: pvcalls.PVSocket) -> None:
-        with pytest.raises(TimeoutError):
-            s.connect(_ADDRESS)
-
     def attempt(n: int) -> str:
         # The same path each time: a ring from the pool (as in the sweep
         # above).
@@ -2506,7 +2502,7 @@ def test_a_connect_interrupted_anywhere_before_its_answer_polls_as_what_it_left(
         socks[:] = [s := fe.socket()]
         s.settimeout(0.2)
         assert _readiness(s) == (True, True)
-        return interrupted_at(n, within, functools.partial(times_out, s),
+        return interrupted_at(n, within, functools.partial(_times_out, s),
                               lambda: bool(timed_out))
 
     def check(where: str) -> None:
@@ -2527,6 +2523,39 @@ def test_a_connect_interrupted_anywhere_before_its_answer_polls_as_what_it_left(
     _sweep(attempt, check, through=("_update_ready", "Frontend._notify"))
 
 
+def _times_out(s: pvcalls.PVSocket) -> None:
+    with pytest.raises(TimeoutError):
+        s.connect(_ADDRESS)
+
+
+def _sweep_failed_timed_connects(fe: pvcalls.Frontend, timeout: float, failed: list[bool], *,
+                                 through: tuple[str, ...]) -> None:
+    """Sweep a connect() with ``timeout`` that times out (``failed``,
+    cleared before each attempt, set by the step the test made fail it),
+    a Ctrl-C landing anywhere: the socket must be left unconnected (its
+    ring given back) or given up on, never holding a ring with no peer
+    and no mark (a handshake's look: polling neither way, for good),
+    and its descriptor must poll writable at least."""
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[pvcalls.PVSocket] = []
+
+    def attempt(n: int) -> str:
+        failed.clear()
+        socks[:] = [s := fe.socket()]
+        s.settimeout(timeout)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, functools.partial(_times_out, s), lambda: not failed)
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        s.close()
+
+    _sweep(attempt, check, through=through)
+
+
 def test_a_connect_timed_out_as_refused_interrupted_anywhere_is_not_left_in_its_handshake(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A connect() with a timeout whose wait gives up as the refusal
@@ -2539,9 +2568,7 @@ def test_a_connect_timed_out_as_refused_interrupted_anywhere_is_not_left_in_its_
     up on, but before its ring was given back, left it with the ring, no
     peer and not given up on: polling as in its handshake, neither way,
     for good (and connect() said EISCONN for good)."""
-    within = os.path.dirname(_frontend.__file__)
     fake.hold = {PVCALLS_CONNECT}
-    socks: list[pvcalls.PVSocket] = []
     timed_out: list[bool] = []
     wait = fe._wait_slot
 
@@ -2554,27 +2581,7 @@ def test_a_connect_timed_out_as_refused_interrupted_anywhere_is_not_left_in_its_
         raise TimeoutError("timed out")
 
     fe._wait_slot = gives_up_as_refused  # type: ignore[method-assign]
-
-    def times_out(s: pvcalls.PVSocket) -> None:
-        with pytest.raises(TimeoutError):
-            s.connect(_ADDRESS)
-
-    def attempt(n: int) -> str:
-        timed_out.clear()
-        socks[:] = [s := fe.socket()]
-        s.settimeout(TIMEOUT)
-        assert _readiness(s) == (True, True)
-        return interrupted_at(n, within, functools.partial(times_out, s),
-                              lambda: not timed_out)
-
-    def check(where: str) -> None:
-        (s,) = socks
-        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
-        readable, writable = _polls(s)
-        assert writable, (readable, writable)
-        s.close()
-
-    _sweep(attempt, check, through=("_connect_cut_short",))
+    _sweep_failed_timed_connects(fe, TIMEOUT, timed_out, through=("_connect_cut_short",))
 
 
 def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_its_handshake(
@@ -2589,8 +2596,6 @@ def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_i
     good, and connect() saying EISCONN for good.  (A non-blocking one
     is left connecting by one landing as it is marked no longer so,
     which this does not change.)"""
-    within = os.path.dirname(_frontend.__file__)
-    socks: list[pvcalls.PVSocket] = []
     failed: list[bool] = []
     submit = fe._submit
 
@@ -2601,26 +2606,7 @@ def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_i
         return submit(slot, *args, **kwargs)
 
     fe._submit = no_room  # type: ignore[method-assign]
-
-    def times_out(s: pvcalls.PVSocket) -> None:
-        with pytest.raises(TimeoutError):
-            s.connect(_ADDRESS)
-
-    def attempt(n: int) -> str:
-        failed.clear()
-        socks[:] = [s := fe.socket()]
-        s.settimeout(0.2)
-        assert _readiness(s) == (True, True)
-        return interrupted_at(n, within, functools.partial(times_out, s), lambda: not failed)
-
-    def check(where: str) -> None:
-        (s,) = socks
-        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
-        readable, writable = _polls(s)
-        assert writable, (readable, writable)
-        s.close()
-
-    _sweep(attempt, check, through=("_give_back", "_return_rings"))
+    _sweep_failed_timed_connects(fe, 0.2, failed, through=("_give_back", "_return_rings"))
 
 
 def test_a_connect_whose_submit_failed_once_sent_interrupted_anywhere_is_given_up_on(
