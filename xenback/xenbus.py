@@ -532,7 +532,17 @@ class BackendDevice:
             if current == value:
                 return False
             if current == _CLOSING and state != XenbusState.CLOSED:
-                removing = t.read(f"{self.nodename}/online") == "0"
+                try:
+                    removing = t.read(f"{self.nodename}/online") == "0"
+                except PermissionError as exc:
+                    if not self.driver._taken(exc):
+                        raise
+                    # Taken by the toolstack (see BackendDriver._refused):
+                    # whether our Closing was a removal's, nobody can tell,
+                    # and that is no removal yet, as at our own Closing
+                    # (see _backend_changed); Linux's switches never look.
+                    # The frontend's Closed reads it again, and drops us.
+                    removing = False
                 if removing:
                     return False
             t.write(f"{self.nodename}/state", value)

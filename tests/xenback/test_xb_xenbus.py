@@ -4054,6 +4054,37 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
         drv.stop()
 
 
+def test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The toolstack takes a device's ``online`` from the driver domain's
+    backend, and the device goes Closing for a failure (here an
+    impossible frontend state).  A frontend starting over (Initialising)
+    gets InitWait, as in Linux, whose switches never read ``online``:
+    whether our Closing was a removal's, nobody can tell, and, as at our
+    own Closing (see above), that is no removal yet.  The switch's look
+    at ``online``, refused, failed the device again instead (error 13 and
+    a traceback), and left it Closing for good."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        dom0_xs.set_perms(f"{bdev.nodename}/online", ["n0"])
+        fe.set_state(S.INIT_WAIT)  # a backend's state: impossible for a frontend
+        fe.wait_backend(S.CLOSING)
+        # Our Closing seen first, its frontend still there to close it
+        # (the frontend starting over by then leaves nothing to close it:
+        # the device is dropped then, see _backend_changed).
+        bdev.events.flush()
+        caplog.clear()
+        fe.set_state(S.INITIALISING)
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        assert not bdev.gone
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        drv.stop()
+
+
 def test_a_directory_the_toolstack_takes_is_not_probed_again_and_again(
         host, dom0_xs, frontends, caplog) -> None:
     """The toolstack takes a device's directory itself from the driver
