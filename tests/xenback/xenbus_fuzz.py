@@ -401,6 +401,10 @@ class Fuzzer:
         if (dev is None or dev.gone or dev._otherend_watch is None or drv.faults.get((g.domid, devid))
                 or self.dom0.read(f"{fd.device.backend_path}/online") != "1"):
             return
+        if self.taken.get(fd.device.backend_path):
+            # A node of its own taken (op_take): a Closing of ours may end
+            # in a drop (see BackendDriver._backend_changed), not InitWait.
+            return
         try:
             for node in (fd.device.frontend_path, fe_state):  # readable again (see op_perms)
                 g.xs.set_perms(node, [f"n{g.domid}", f"r{backend}"])
