@@ -1164,6 +1164,22 @@ def test_a_ctrl_c_while_create_domain_waits_for_the_stuck_loop_comes_out_as_itse
     assert not (tmp_path / "run").exists()
 
 
+def _release_stuck_once(host: SimHost) -> list[int]:
+    """Make XenStore's first release_domain() fail as a stuck loop's call
+    does (TimeoutError); the list returned gets the domid it failed."""
+    release_domain = host.xenstored.release_domain
+    failed: list[int] = []
+
+    def stuck_release(domid: int) -> object:
+        if not failed:
+            failed.append(domid)
+            raise TimeoutError(errno.ETIMEDOUT, "stuck, as the loop's would")
+        return release_domain(domid)
+
+    host.xenstored.release_domain = stuck_release  # type: ignore[method-assign]
+    return failed
+
+
 def test_a_ctrl_c_as_create_domain_ends_leaves_an_undo_the_loop_failed_to_the_next(
     caplog: pytest.LogCaptureFixture, tmp_path: Path,
 ) -> None:
@@ -1185,19 +1201,10 @@ def test_a_ctrl_c_as_create_domain_ends_leaves_an_undo_the_loop_failed_to_the_ne
                 self.armed = False
                 raise Interrupted
 
-    release_domain = host.xenstored.release_domain
-    failed: list[int] = []
-
-    def stuck_release(domid: int) -> object:
-        if not failed:
-            failed.append(domid)
-            raise TimeoutError(errno.ETIMEDOUT, "stuck, as the loop's would")
-        return release_domain(domid)
-
     try:
         before = host.hypervisor.stats()
         host._undoing = Undoing()
-        host.xenstored.release_domain = stuck_release  # type: ignore[method-assign]
+        failed = _release_stuck_once(host)
         with caplog.at_level("WARNING", logger="xenback.sim"), pytest.raises(Interrupted):
             host.create_domain("g")
         assert failed == [1]
@@ -1224,21 +1231,12 @@ def test_a_create_domain_failure_gives_way_to_its_undo_s(
     # the undo's failure, raised with it as its context, not logged: both
     # are errors the caller handles, and the undo's says what is left.
     host = SimHost(tmp_path / "run").start()
-    release_domain = host.xenstored.release_domain
-    failed: list[int] = []
-
-    def stuck_release(domid: int) -> object:
-        if not failed:
-            failed.append(domid)
-            raise TimeoutError(errno.ETIMEDOUT, "stuck, as the loop's would")
-        return release_domain(domid)
-
     def broken(domid: int, path: str) -> None:
         raise RuntimeError("set_xenstore_path broke")
 
     try:
         before = host.hypervisor.stats()
-        host.xenstored.release_domain = stuck_release  # type: ignore[method-assign]
+        _release_stuck_once(host)
         host.hypervisor.set_xenstore_path = broken  # type: ignore[method-assign]
         with caplog.at_level("WARNING", logger="xenback.sim"), \
                 pytest.raises(TimeoutError, match="stuck") as info:
