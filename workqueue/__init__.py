@@ -31,6 +31,7 @@ from ._flags import (
 from ._loadindex import LoadIndex, LoadIndexStats
 from ._pool import blocking, current_work, wait_slice
 from ._serial import SerialExecutor
+from ._shown import shown
 from ._stats import PoolStats, TraceHook, WorkqueueStats
 from ._topology import Topology
 from ._work import DelayedWork, Work
@@ -43,5 +44,5 @@ __all__ = [
     # Beyond the kernel's names:
     "Workqueue", "WQFlags", "WQ_MAX_ACTIVE", "WQ_DFL_ACTIVE", "blocking",
     "default_topology", "PoolStats", "WorkqueueStats", "LoadIndexStats", "TraceHook",
-    "wait_slice", "SerialExecutor",
+    "wait_slice", "SerialExecutor", "shown",
 ]

@@ -4,6 +4,10 @@ An error that prints the number it refuses helps, until the number is
 10**400 and the message is its 401 digits -- or 10**5000, whose str()
 raises ValueError of its own (Python prints no int beyond 4300 digits,
 sys.set_int_max_str_digits), so the caller reads about that instead.
+
+:func:`shown` is public as ``workqueue.shown``: xenback's errors show
+numbers by it too, and a layer above uses only the public names of the
+one below (tests/test_architecture.py).
 """
 
 from __future__ import annotations

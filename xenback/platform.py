@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from workqueue._shown import shown
+from workqueue import shown
 from xenback._flags import is_int
 
 if TYPE_CHECKING:

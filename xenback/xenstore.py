@@ -69,8 +69,7 @@ from pyxs.exceptions import (
 )
 from pyxs.helpers import check_path, error
 
-from workqueue import wait_slice
-from workqueue._shown import shown
+from workqueue import shown, wait_slice
 from xenback._closing import Closing
 from xenback._eventqueue import EventQueue, check_callback
 from xenback._flags import XENSTORE_DOMID_MAX, check_xenstore_domid

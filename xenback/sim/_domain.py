@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyxs
 
-from workqueue._shown import shown
+from workqueue import shown
 from xenback._flags import is_int
 from xenback.platform import PlatformError, PlatformUnavailable
 

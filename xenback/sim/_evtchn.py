@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from workqueue._shown import shown
+from workqueue import shown
 from xenback._closing import Closing
 from xenback._flags import is_int
 from xenback.platform import EventChannelError

@@ -27,7 +27,7 @@ from typing import Any, Generic, Self, TypeVar
 
 import cffi
 
-from workqueue._shown import shown
+from workqueue import shown
 from xenback._closing import Closing
 from xenback._flags import check_flag, is_int
 from xenback.platform import PAGE_SIZE, GrantError, check_grant_refs

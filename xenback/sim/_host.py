@@ -16,7 +16,7 @@ from typing import Any, Self, TypeVar
 
 import pyxs
 
-from workqueue._shown import shown
+from workqueue import shown
 from xenback._closing import Closing
 from xenback._flags import is_int
 

@@ -53,8 +53,7 @@ from typing import Any, TypeVar
 
 import pyxs
 
-from workqueue import wait_slice
-from workqueue._shown import shown
+from workqueue import shown, wait_slice
 from xenback._closing import Closing
 from xenback._flags import check_flag, is_int
 from xenback.xenstore import _commit, adopt_router, close_client

@@ -35,7 +35,7 @@ from typing import Any, Self
 import pyxs
 from cffi import FFI
 
-from workqueue._shown import shown
+from workqueue import shown
 from xenback._closing import Closing
 from xenback._flags import check_flag, is_int
 from xenback.platform import (
