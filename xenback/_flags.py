@@ -1,9 +1,26 @@
 """The one check of the public API's flags, the one rule of its port and
-descriptor numbers, and the one of XenStore's domids."""
+descriptor numbers, the one of XenStore's domids and the one of the ids
+of domains (what the simulated host and its toolstack take).
+
+As Python's own calls do, a value of the wrong type is a TypeError and a
+wrong value of the right type a ValueError, each naming the argument."""
 
 from __future__ import annotations
 
-__all__ = ["XENSTORE_DOMID_MAX", "check_flag", "check_xenstore_domid", "is_int"]
+from workqueue import shown
+
+__all__ = [
+    "DOMID_FIRST_RESERVED",
+    "XENSTORE_DOMID_MAX",
+    "check_domain_id",
+    "check_flag",
+    "check_xenstore_domid",
+    "is_int",
+]
+
+#: Xen's DOMID_FIRST_RESERVED: the ids from it on (DOMID_SELF, DOMID_IO...)
+#: name no domain; a domain's id is 0 to 0x7FEF.
+DOMID_FIRST_RESERVED = 0x7FF0
 
 #: The largest domid XenStore takes (a domid_t, uint16_t), in a request
 #: or a permission; past it, xenstored answers a bare EINVAL.  Not Xen's
@@ -48,5 +65,23 @@ def check_xenstore_domid(domid: int) -> int:
         raise TypeError(f"domid must be an int, not {type(domid).__name__}")
     if not 0 <= domid <= XENSTORE_DOMID_MAX:
         raise ValueError(f"domid must be 0 to {XENSTORE_DOMID_MAX} (a domid_t), not {domid}")
+    # An int subclass's str() may be its name (IntFlag, a class of one's own).
+    return int(domid)
+
+
+def check_domain_id(domid: int, name: str = "domid") -> int:
+    """``domid`` as a plain int, if it is the id of a domain: by the rule
+    of ports (:func:`is_int`, else TypeError), and 0 to 0x7FEF, below
+    :data:`DOMID_FIRST_RESERVED` (else ValueError), both naming ``name``
+    and showing a huge number by its size (:func:`workqueue.shown`).
+
+    The one check of the simulated host's and its toolstack's domain ids.
+    """
+    if not is_int(domid):
+        raise TypeError(f"{name} must be an int (a domain id), "
+                        f"not {type(domid).__name__} {shown(domid)}")
+    if not 0 <= domid < DOMID_FIRST_RESERVED:
+        raise ValueError(f"{name} must be a domain id (0 to {DOMID_FIRST_RESERVED - 1}), "
+                         f"not {shown(domid)}")
     # An int subclass's str() may be its name (IntFlag, a class of one's own).
     return int(domid)

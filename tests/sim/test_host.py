@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import queue
+import re
 import signal
 import stat
 import tempfile
@@ -209,10 +210,20 @@ def test_domain_ids_are_not_reused(host: SimHost) -> None:
     assert host.create_domain("a").domid == 2
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "x" * 65, "tab\there", 5, "caf\u00e9"])
+@pytest.mark.parametrize("name", ["", "a/b", "x" * 65, "tab\there", "caf\u00e9"])
 def test_bad_names_are_refused(host: SimHost, name: str) -> None:
     with pytest.raises(ValueError, match="^a domain name must be 1..64 printable ASCII"):
         host.create_domain(name)
+
+
+@pytest.mark.parametrize(("name", "said"), [(5, "int 5"), (b"g", "bytes b'g'"),
+                                            (None, "NoneType None")])
+def test_a_name_that_is_no_str_is_a_type_error(host: SimHost, name: object, said: str) -> None:
+    # As Python's own calls: a wrong type is a TypeError, a wrong value
+    # of the right one a ValueError.
+    with pytest.raises(TypeError, match=f"^a domain name must be a str, not {re.escape(said)}$"):
+        host.create_domain(name)  # type: ignore[arg-type]
+    assert host.domains() == [host.dom0]
 
 
 def test_duplicate_names_and_bad_destroys(host: SimHost) -> None:
@@ -428,6 +439,12 @@ def test_dom0_cannot_destroy_itself_over_the_wire(host: SimHost) -> None:
         sock.settimeout(5)
         sock.connect(os.fspath(domain_socket(host.run_dir, 0)))
         sock.send(json.dumps({"op": "domain_destroy", "domid": 0}).encode())
+        assert json.loads(sock.recv(65536))["errno"] == errno.EINVAL
+        # A wrong type is EINVAL too, as a bad value: not EIO and a
+        # traceback in the host's log.
+        sock.send(json.dumps({"op": "domain_destroy", "domid": "1"}).encode())
+        assert json.loads(sock.recv(65536))["errno"] == errno.EINVAL
+        sock.send(json.dumps({"op": "domain_create", "name": 5}).encode())
         assert json.loads(sock.recv(65536))["errno"] == errno.EINVAL
     assert host.domains() == [host.dom0]
     with host.dom0.evtchn() as ch:  # dom0 still reaches the hypervisor
@@ -724,10 +741,15 @@ def test_a_domain_xenstore_refuses_is_not_left_in_the_hypervisor(
         attach(host.run_dir, 1)
 
 
-@pytest.mark.parametrize("timeout", [-1, float("nan"), "1", None])
-def test_destroy_refuses_a_timeout_that_is_no_time(host: SimHost, timeout: float) -> None:
+@pytest.mark.parametrize(("timeout", "error", "said"), [
+    (-1, ValueError, "timeout must be a non-negative number of seconds, not -1"),
+    (float("nan"), ValueError, "timeout must be a non-negative number of seconds, not nan"),
+    ("1", TypeError, "timeout must be a number of seconds, not str '1'"),
+    (None, TypeError, "timeout must be a number of seconds, not NoneType None")])
+def test_destroy_refuses_a_timeout_that_is_no_time(
+        host: SimHost, timeout: float, error: type[Exception], said: str) -> None:
     guest = host.create_domain("guest")
-    with pytest.raises(ValueError, match="^timeout must be a non-negative number of seconds"):
+    with pytest.raises(error, match=f"^{re.escape(said)}$"):
         host.destroy_domain(guest, timeout=timeout)
     assert host.domains() == [host.dom0, guest]
 
@@ -842,9 +864,16 @@ def test_a_relative_run_dir_is_made_absolute(
             ch.bind_unbound_port(0)
 
 
-@pytest.mark.parametrize("domid", [-1, 0x7FF0, True, "1"])
-def test_attach_refuses_what_is_not_a_domain_id(host: SimHost, domid: int) -> None:
-    with pytest.raises(ValueError, match="^invalid domain id"):
+@pytest.mark.parametrize(("domid", "error", "said"), [
+    (-1, ValueError, "domid must be a domain id (0 to 32751), not -1"),
+    (0x7FF0, ValueError, "domid must be a domain id (0 to 32751), not 32752"),
+    pytest.param(10**5000, ValueError, "domid must be a domain id (0 to 32751), "
+                                       "not about 10**5000 (an int of 16610 bits)", id="1e5000"),
+    (True, TypeError, "domid must be an int (a domain id), not bool True"),
+    ("1", TypeError, "domid must be an int (a domain id), not str '1'")])
+def test_attach_refuses_what_is_not_a_domain_id(
+        host: SimHost, domid: int, error: type[Exception], said: str) -> None:
+    with pytest.raises(error, match=f"^{re.escape(said)}$"):
         attach(host.run_dir, domid)
 
 
@@ -919,7 +948,8 @@ def test_a_platform_has_every_service(missing: str) -> None:
 def test_destroy_refuses_what_is_not_a_domain_and_keeps_it(host: SimHost, domid: object) -> None:
     # True == 1 == 1.0 as dict keys: each would have reached domain 1.
     guest = host.create_domain("guest")
-    with pytest.raises(ValueError, match="^invalid domain"):
+    with pytest.raises(TypeError, match="^domain must be a Domain or a domain id "
+                                        rf"\(an int\), not {type(domid).__name__} "):
         host.destroy_domain(domid)  # type: ignore[arg-type]
     assert host.domains() == [host.dom0, guest]
     assert host.hypervisor.stats()["domains"] == 2
@@ -990,7 +1020,8 @@ def test_a_destroy_waiting_for_a_backend_ends_with_the_host() -> None:
 def test_domain_refuses_what_is_not_a_domain_id(host: SimHost, domid: object) -> None:
     # Not "no domain 1" while domain 1 lives, nor domain 1 for True.
     host.create_domain("guest")
-    with pytest.raises(ValueError, match="^invalid domain id"):
+    with pytest.raises(TypeError, match=rf"^domid must be an int \(a domain id\), "
+                                        rf"not {type(domid).__name__} "):
         host.domain(domid)  # type: ignore[arg-type]
 
 
@@ -1511,8 +1542,9 @@ def test_a_bool_is_no_domain_id(host: SimHost, domid: bool) -> None:
     guest = host.create_domain("guest")
     for call in (lambda: host.domain(domid), lambda: host.destroy_domain(domid),
                  lambda: host.toolstack.devices(domid),
-                 lambda: host.toolstack.add_device("vif", 1, devid=domid)):
-        with pytest.raises(ValueError):
+                 lambda: host.toolstack.add_device("vif", 1, devid=domid),
+                 lambda: attach(host.run_dir, domid)):
+        with pytest.raises(TypeError):
             call()
     with guest.evtchn() as ch, pytest.raises(PlatformError) as info:
         ch.bind_unbound_port(domid)

@@ -505,32 +505,85 @@ def test_destroy_devices_leaves_a_domains_own_backends(host: SimHost, guest: Dom
 
 
 @pytest.mark.parametrize(
-    ("args", "kwargs", "said"),
+    ("args", "kwargs", "error", "said"),
     [
-        (("", 1), {}, "device_type must be a non-empty XenStore path element, not ''"),
-        (("a/b", 1), {}, "device_type must be a non-empty XenStore path element"),
-        (("v\u00ebf", 1), {}, "device_type must be a non-empty XenStore path element"),
-        (("vif", -1), {}, "frontend_id must be a domain id, not -1"),
-        (("vif", 0x7FF0), {}, "frontend_id must be a domain id, not 32752"),
-        (("vif", True), {}, "frontend_id must be a domain id, not True"),
-        (("vif", 1, "0"), {}, "backend_id must be a domain id, not '0'"),
-        (("vif", 1, 0, -1), {}, "devid must be a non-negative integer, not -1"),
-        (("vif", 1, 0, "0"), {}, "devid must be a non-negative integer, not '0'"),
-        (("vif", 1), {"backend_nodes": {"a/b": "x"}}, "node name must be"),
-        (("vif", 1), {"frontend_nodes": {"": "x"}}, "node name must be"),
+        (("", 1), {}, ValueError, "device_type must be a non-empty XenStore path element, not ''"),
+        (("a/b", 1), {}, ValueError, "device_type must be a non-empty XenStore path element"),
+        (("v\u00ebf", 1), {}, ValueError, "device_type must be a non-empty XenStore path element"),
+        ((5, 1), {}, TypeError, "device_type must be a str, not int 5"),
+        (("vif", -1), {}, ValueError, "frontend_id must be a domain id (0 to 32751), not -1"),
+        (("vif", 0x7FF0), {}, ValueError,
+         "frontend_id must be a domain id (0 to 32751), not 32752"),
+        (("vif", True), {}, TypeError, "frontend_id must be an int (a domain id), not bool True"),
+        (("vif", 1, "0"), {}, TypeError, "backend_id must be an int (a domain id), not str '0'"),
+        (("vif", 1, 0, -1), {}, ValueError,
+         "devid must be 0 to 2147483647 (a libxl_devid, a C int), not -1"),
+        (("vif", 1, 0, 2**31), {}, ValueError,
+         "devid must be 0 to 2147483647 (a libxl_devid, a C int), not 2147483648"),
+        # str() of it failed with Python's 4300-digit limit instead.
+        (("vif", 1, 0, 10**5000), {}, ValueError,
+         "devid must be 0 to 2147483647 (a libxl_devid, a C int), "
+         "not about 10**5000 (an int of 16610 bits)"),
+        (("vif", 1, 0, "0"), {}, TypeError, "devid must be an int, not str '0'"),
+        (("vif", 1, 0, 1.0), {}, TypeError, "devid must be an int, not float 1.0"),
+        (("vif", 1), {"backend_nodes": {"a/b": "x"}}, ValueError, "node name must be"),
+        (("vif", 1), {"frontend_nodes": {"": "x"}}, ValueError, "node name must be"),
+        (("vif", 1), {"frontend_nodes": {5: "x"}}, TypeError, "node name must be a str, not int 5"),
     ],
 )
 def test_bad_devices_are_refused_saying_why(
-    host: SimHost, args: tuple, kwargs: dict, said: str  # type: ignore[type-arg]
+    host: SimHost, args: tuple, kwargs: dict, error: type[Exception], said: str  # type: ignore[type-arg]
 ) -> None:
-    with pytest.raises(ValueError, match=f"^{re.escape(said)}"):
+    """As Python's own calls: TypeError for an argument of the wrong
+    type, ValueError for a wrong value of the right one; each naming the
+    argument, and showing a huge number by its size."""
+    with pytest.raises(error, match=f"^{re.escape(said)}"):
         host.toolstack.add_device(*args, **kwargs)
     assert host.toolstack.devices() == []
 
 
-@pytest.mark.parametrize("domid", [-1, 0x7FF0, True])
-def test_destroy_devices_refuses_what_is_not_a_domain_id(host: SimHost, domid: int) -> None:
-    with pytest.raises(ValueError, match="^domid must be a domain id"):
+def test_the_largest_devid_is_a_c_int_s(host: SimHost, guest: Domain) -> None:
+    """libxl's devid is an int, -1 meaning "pick one": 0 to 2**31 - 1."""
+    dev = host.toolstack.add_device("vbd", guest.domid, devid=2**31 - 1)
+    assert dev.backend_path == f"/local/domain/0/backend/vbd/{guest.domid}/2147483647"
+    assert host.toolstack.devices() == [dev]
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "said"),
+    [
+        (("vif", 1, 0, 10**5000), ValueError, "devid must be 0 to 2147483647"),
+        (("vif", 1, 0, -1), ValueError, "devid must be 0 to 2147483647"),
+        (("vif", 1, 0, "0"), TypeError, "devid must be an int, not str '0'"),
+        (("vif", 10**5000, 0, 0), ValueError, "frontend_id must be a domain id (0 to 32751), "
+                                              "not about 10**5000"),
+        (("vif", 1, None, 0), TypeError, "backend_id must be an int (a domain id), not NoneType"),
+        (("a/b", 1, 0, 0), ValueError, "device_type must be a non-empty XenStore path element"),
+    ],
+)
+def test_a_device_is_checked_as_it_is_made(
+    fields: tuple, error: type[Exception], said: str  # type: ignore[type-arg]
+) -> None:
+    """A Device made by hand, to remove one say, is checked as add_device()
+    checks: its paths failed later, inside str(), for a 4300-digit devid."""
+    with pytest.raises(error, match=f"^{re.escape(said)}"):
+        Device(*fields)
+
+
+def test_a_device_keeps_plain_ints() -> None:
+    import enum
+
+    Dom = enum.IntEnum("Dom", {"GUEST": 3})
+    dev = Device("vif", Dom.GUEST, 0, Dom.GUEST)
+    assert (type(dev.frontend_id), type(dev.devid)) == (int, int)
+    assert dev.frontend_path == "/local/domain/3/device/vif/3"
+
+
+@pytest.mark.parametrize(("domid", "error"), [(-1, ValueError), (0x7FF0, ValueError),
+                                              (True, TypeError), ("1", TypeError)])
+def test_destroy_devices_refuses_what_is_not_a_domain_id(
+        host: SimHost, domid: int, error: type[Exception]) -> None:
+    with pytest.raises(error, match="^domid must be a"):
         host.toolstack.destroy_devices(domid)
 
 
@@ -581,30 +634,33 @@ def test_replace_must_be_true_or_false(host: SimHost, guest: Domain) -> None:
     assert host.toolstack.devices(guest.domid) == [dev]
 
 
-@pytest.mark.parametrize("timeout", [-1, float("nan"), "1"])
+@pytest.mark.parametrize(("timeout", "error"), [(-1, ValueError), (float("nan"), ValueError),
+                                               ("1", TypeError), (None, TypeError)])
 def test_removal_refuses_a_timeout_that_is_no_time(
-    host: SimHost, guest: Domain, timeout: float
+    host: SimHost, guest: Domain, timeout: float, error: type[Exception]
 ) -> None:
-    # As destroy_domain: not a removal forced at once, nor a TypeError.
+    # As destroy_domain: not a removal forced at once.
     dev = host.toolstack.add_device("vif", guest.domid)
     for remove in (lambda: host.toolstack.remove_device(dev, timeout),
                    lambda: host.toolstack.destroy_devices(guest.domid, timeout)):
-        with pytest.raises(ValueError, match="^timeout must be a non-negative number of seconds"):
+        with pytest.raises(error, match="^timeout must be a"):
             remove()
     assert host.toolstack.devices() == [dev]
 
 
-@pytest.mark.parametrize("domid", [-1, True, "1"])
-def test_devices_refuses_what_is_not_a_domain_id(host: SimHost, guest: Domain, domid: int) -> None:
+@pytest.mark.parametrize(("domid", "error"), [(-1, ValueError), (True, TypeError),
+                                              ("1", TypeError)])
+def test_devices_refuses_what_is_not_a_domain_id(
+        host: SimHost, guest: Domain, domid: int, error: type[Exception]) -> None:
     host.toolstack.add_device("vif", guest.domid)
-    with pytest.raises(ValueError, match="^domid must be a domain id"):
+    with pytest.raises(error, match="^domid must be a"):
         host.toolstack.devices(domid)
 
 
 def test_remove_device_refuses_what_is_not_a_device(host: SimHost, guest: Domain) -> None:
     dev = host.toolstack.add_device("vif", guest.domid)
     for remove in (host.toolstack.remove_device, host.toolstack.destroy_device):
-        with pytest.raises(ValueError, match="^not a Device: 'vif'"):
+        with pytest.raises(TypeError, match="^device must be a xenback.sim.Device, not str 'vif'"):
             remove("vif")  # type: ignore[operator]
     assert host.toolstack.devices() == [dev]
 

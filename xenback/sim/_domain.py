@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pyxs
 
 from workqueue import shown
-from xenback._flags import is_int
+from xenback._flags import check_domain_id, is_int
 from xenback.platform import PlatformError, PlatformUnavailable
 
 from ._evtchn import EventChannel
@@ -175,16 +175,24 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
 
     For processes other than the host's; raises
     :class:`~xenback.platform.PlatformError` with ``EINVAL`` for a bad or
-    duplicate name, ``ENOMEM`` once the host has no domid left.
+    duplicate name, ``ENOMEM`` once the host has no domid left;
+    :class:`TypeError` at once for a name that is no str.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a domain name must be a str, not {type(name).__name__} {shown(name)}")
     run_dir = run_dir_path(run_dir)
     reply = _dom0_call(run_dir, "domain_create", name=name)
     return Domain(run_dir, reply["domid"], reply["name"], Path(reply["xenstore_path"]))
 
 
 def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
-    """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown)."""
-    _dom0_call(run_dir_path(run_dir), "domain_destroy", domid=domid)
+    """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown);
+    :class:`TypeError` at once for a ``domid`` that is no int (by the rule
+    of ports: True would destroy domain 1)."""
+    if not is_int(domid):
+        raise TypeError(f"domid must be an int (a domain id), "
+                        f"not {type(domid).__name__} {shown(domid)}")
+    _dom0_call(run_dir_path(run_dir), "domain_destroy", domid=int(domid))
 
 
 #: How a connection to a domain's hypervisor socket fails when the domain,
@@ -198,12 +206,12 @@ def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
     Raises :class:`~xenback.platform.PlatformUnavailable` if there is no
     such host or domain (errno ENOENT, ENOTDIR or ECONNREFUSED) or it
     cannot be reached (the connection's own errno: EMFILE, EACCES...),
-    :class:`ValueError` for an empty ``run_dir`` or a
-    ``domid`` that is not a domain id (0 to 0x7FEF).
+    :class:`TypeError` for a ``domid`` that is no int (by the rule of
+    ports) or a ``run_dir`` that is no str path, :class:`ValueError` for
+    an empty ``run_dir`` or a ``domid`` that is not a domain id (0 to
+    0x7FEF).
     """
-    if not is_int(domid) or not 0 <= domid < 0x7FF0:
-        raise ValueError(f"invalid domain id {shown(domid)}")
-    domid = int(domid)
+    domid = check_domain_id(domid)
     run_dir = run_dir_path(run_dir)
     path = domain_socket(run_dir, domid)
     try:

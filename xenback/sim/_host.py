@@ -18,7 +18,7 @@ import pyxs
 
 from workqueue import shown
 from xenback._closing import Closing
-from xenback._flags import is_int
+from xenback._flags import DOMID_FIRST_RESERVED, is_int
 
 from ._domain import Domain, run_dir_path
 from ._hypervisor import Hypervisor
@@ -29,9 +29,6 @@ from ._xenstored._server import MAX_QUEUED, WATCH_EVENT_TIMEOUT, check_limits
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: libxl's DOMID_FIRST_RESERVED: domain ids above are special.
-DOMID_FIRST_RESERVED = 0x7FF0
 
 #: The nodes libxl__domain_make (tools/libs/light/libxl_create.c) makes in a
 #: PV guest's home, in its order, and whose they are: False for its roperm
@@ -67,14 +64,16 @@ _LIBXL_PLATFORM_FEATURES = (
 
 
 def check_domain_name(name: str) -> str:
-    """Return ``name`` if it can name a guest, else raise ValueError.
+    """Return ``name`` if it can name a guest; TypeError if it is no str,
+    ValueError if it is not such a name.
 
     ASCII only: pyxs, which the host and most clients speak XenStore with,
     sends nothing else, so another name could not even be written.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a domain name must be a str, not {type(name).__name__} {shown(name)}")
     if (
-        not isinstance(name, str)
-        or not 0 < len(name) <= 64
+        not 0 < len(name) <= 64
         or not name.isascii()
         or not name.isprintable()
         or "/" in name
@@ -388,10 +387,12 @@ class SimHost(Closing):
 
     def domain(self, domid: int) -> Domain:
         """The live domain ``domid``; :class:`LookupError` if there is none
-        (or it is being destroyed)."""
+        (or it is being destroyed), any int included; :class:`TypeError`
+        for anything but an int (by the rule of ports)."""
         if not is_int(domid):
             # As a port: True and 1.0 hash as 1 and would find domain 1.
-            raise ValueError(f"invalid domain id {shown(domid)}")
+            raise TypeError(f"domid must be an int (a domain id), "
+                            f"not {type(domid).__name__} {shown(domid)}")
         domid = int(domid)
 
         def domain() -> Domain:
@@ -407,7 +408,8 @@ class SimHost(Closing):
     def create_domain(self, name: str) -> Domain:
         """Create a guest: XenStore home populated, then @introduceDomain.
 
-        Raises :class:`ValueError` for a bad or taken name (a domain being
+        Raises :class:`TypeError` for a name that is not a str,
+        :class:`ValueError` for a bad or taken one (a domain being
         destroyed keeps its name until it is gone, as in libxl), and
         :class:`OSError` ``ENOMEM`` once every guest domid (1 to 0x7FEF)
         has been given out (domids are not reused).
@@ -542,9 +544,12 @@ class SimHost(Closing):
         destroy going on; else it waits for the other's forced removal,
         as its own would have been.
 
-        ``domain`` is one of this host's Domains or a domain id; anything
-        else, dom0 included, is a :class:`ValueError`, and an id of no
-        live or dying domain a :class:`LookupError`.
+        ``domain`` is one of this host's Domains or a domain id (an int, by
+        the rule of ports); anything else is a :class:`TypeError`, dom0 or
+        another host's Domain a :class:`ValueError`, and an id of no live
+        or dying domain, any int included, a :class:`LookupError`.  A
+        ``timeout`` that is no number is a :class:`TypeError`, a negative
+        or NaN one a :class:`ValueError`.
         """
         if isinstance(domain, Domain):
             domid = domain.domid
@@ -552,7 +557,8 @@ class SimHost(Closing):
             domid = int(domain)
         else:
             # As a port: True and 1.0 hash as 1 and would reach domain 1.
-            raise ValueError(f"invalid domain {shown(domain)} (a Domain or a domain id)")
+            raise TypeError(f"domain must be a Domain or a domain id (an int), "
+                            f"not {type(domain).__name__} {shown(domain)}")
         if domid == 0:
             raise ValueError("dom0 cannot be destroyed")
         check_timeout(timeout)
@@ -711,7 +717,7 @@ class SimHost(Closing):
                 else:
                     self.destroy_domain(args["domid"])
                     msg = {}
-            except ValueError as e:
+            except (TypeError, ValueError) as e:  # a request's wrong type or value
                 msg = {"errno": errno.EINVAL, "error": str(e)}
             except LookupError as e:
                 msg = {"errno": errno.ESRCH, "error": str(e)}

@@ -55,7 +55,7 @@ import pyxs
 
 from workqueue import shown, wait_slice
 from xenback._closing import Closing
-from xenback._flags import check_flag, is_int
+from xenback._flags import check_domain_id, check_flag, is_int
 from xenback.xenstore import _commit, adopt_router, close_client
 
 logger = logging.getLogger(__name__)
@@ -71,15 +71,36 @@ REMOVE_TIMEOUT = 10.0
 
 _EMPTY: Mapping[str, str] = {}
 
+#: The largest devid: libxl's ``libxl_devid`` is a C ``int`` (-1 asks it
+#: to pick one), so a device's id is 0 to INT_MAX.  Past it libxl could
+#: not even name the device; here its paths would be made of a number
+#: whose str() fails past 4300 digits.
+DEVID_MAX = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Device:
-    """A backend/frontend pair the toolstack created."""
+    """A backend/frontend pair the toolstack created.
+
+    Checked as it is made, as :meth:`Toolstack.add_device` checks its
+    arguments: ``device_type`` a XenStore path element, ``frontend_id``
+    and ``backend_id`` domain ids (0 to 0x7FEF), ``devid`` 0 to
+    :data:`DEVID_MAX` (libxl's C ``int``); :class:`TypeError` for a wrong
+    type, :class:`ValueError` for a wrong value.  The numbers are kept as
+    plain ints (an IntEnum's str() may be its name, in a path).
+    """
 
     device_type: str
     frontend_id: int
     backend_id: int
     devid: int
+
+    def __post_init__(self) -> None:
+        _check_name("device_type", self.device_type)
+        # Frozen: set through object's own __setattr__.
+        object.__setattr__(self, "frontend_id", check_domain_id(self.frontend_id, "frontend_id"))
+        object.__setattr__(self, "backend_id", check_domain_id(self.backend_id, "backend_id"))
+        object.__setattr__(self, "devid", check_devid(self.devid))
 
     @property
     def backend_path(self) -> str:
@@ -101,32 +122,40 @@ class Device:
 
 
 def _check_name(what: str, value: str) -> None:
-    if (
-        not isinstance(value, str)
-        or not value
-        or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value)
-    ):
-        raise ValueError(f"{what} must be a non-empty XenStore path element, not {value!r}")
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__} {shown(value)}")
+    if not value or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
+        raise ValueError(f"{what} must be a non-empty XenStore path element, not {shown(value)}")
 
 
-def _check_domid(what: str, value: int) -> int:
-    """``value`` as a plain int (paths are made of its str()) if it is one
-    of a domain (0 to 0x7FEF), by the rule of ports."""
-    if not is_int(value) or not 0 <= value < 0x7FF0:
-        raise ValueError(f"{what} must be a domain id, not {shown(value)}")
-    return int(value)
+def check_devid(devid: int) -> int:
+    """``devid`` as a plain int, if it is one libxl could give a device:
+    by the rule of ports (:func:`xenback._flags.is_int`, else TypeError)
+    and 0 to :data:`DEVID_MAX` (else ValueError)."""
+    if not is_int(devid):
+        raise TypeError(f"devid must be an int, not {type(devid).__name__} {shown(devid)}")
+    if not 0 <= devid <= DEVID_MAX:
+        raise ValueError(f"devid must be 0 to {DEVID_MAX} (a libxl_devid, a C int), "
+                         f"not {shown(devid)}")
+    return int(devid)
 
 
 def check_timeout(timeout: float) -> None:
-    """ValueError unless ``timeout`` is a number of seconds, 0 or more
-    (NaN, never past, would make a wait for a backend endless)."""
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
-        raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
+    """TypeError unless ``timeout`` is a number (an int or a float, not a
+    bool), ValueError unless it is 0 or more (NaN, never past, would make
+    a wait for a backend endless)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, "
+                        f"not {type(timeout).__name__} {shown(timeout)}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be a non-negative number of seconds, "
+                         f"not {shown(timeout)}")
 
 
 def _check_device(device: Device) -> None:
     if not isinstance(device, Device):
-        raise ValueError(f"not a Device: {device!r}")
+        raise TypeError(f"device must be a xenback.sim.Device, "
+                        f"not {type(device).__name__} {shown(device)}")
 
 
 class Toolstack(Closing):
@@ -208,8 +237,11 @@ class Toolstack(Closing):
     ) -> Device:
         """Create a device pair, both sides in state Initialising.
 
-        Raises :class:`ValueError` for a bad argument (:class:`TypeError`
-        for a ``replace`` that is not True or False), :class:`LookupError`
+        Raises :class:`TypeError` for an argument of the wrong type
+        (``replace`` must be True or False), :class:`ValueError` for a
+        wrong value (a domain id is 0 to 0x7FEF, a ``devid`` 0 to
+        :data:`DEVID_MAX`, libxl's C ``int``; see :class:`Device`),
+        :class:`LookupError`
         if either domain does not exist and :class:`FileExistsError` if the
         device does (its backend directory), as libxl refuses them.  With
         ``replace`` a device that exists is written afresh in the same
@@ -226,16 +258,11 @@ class Toolstack(Closing):
         another caller's, added while this call's commit failed, which
         that caller removes.
         """
-        _check_name("device_type", device_type)
-        frontend_id = _check_domid("frontend_id", frontend_id)
-        backend_id = _check_domid("backend_id", backend_id)
         check_flag("replace", replace)
-        if not is_int(devid) or devid < 0:
-            raise ValueError(f"devid must be a non-negative integer, not {shown(devid)}")
-        devid = int(devid)
+        dev = Device(device_type, frontend_id, backend_id, devid)  # checks them
+        frontend_id, backend_id, devid = dev.frontend_id, dev.backend_id, dev.devid
         for key in (*backend_nodes, *frontend_nodes):
             _check_name("node name", key)
-        dev = Device(device_type, frontend_id, backend_id, devid)
         fe, be = dev.frontend_path.encode(), dev.backend_path.encode()
         frontend_perms = [f"n{frontend_id}".encode(), f"r{backend_id}".encode()]
         backend_perms = [f"n{backend_id}".encode(), f"r{frontend_id}".encode()]
@@ -297,7 +324,7 @@ class Toolstack(Closing):
         then each backend asked to close, waited for up to ``timeout``
         seconds in all, and removed.  Returns the devices whose backend did
         not close in time (removed anyway)."""
-        domid = _check_domid("domid", domid)
+        domid = check_domain_id(domid)
         check_timeout(timeout)
         devices = [d for d in self.devices(domid) if d.backend_id != domid]
         for dev in devices:
@@ -347,7 +374,7 @@ class Toolstack(Closing):
     def devices(self, domid: int | None = None) -> list[Device]:
         """Devices libxl knows of, for frontend ``domid`` or all."""
         if domid is not None:
-            domid = _check_domid("domid", domid)
+            domid = check_domain_id(domid)
         out = []
         with self._client() as c:
             fes = [domid] if domid is not None else [int(d) for d in _list(c, b"/libxl")]
