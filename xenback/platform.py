@@ -20,7 +20,9 @@ receive a :class:`Platform` and never ask which one it is.
 
 Errors are :class:`OSError` subclasses carrying the errno the C library would
 have set, so that ``except OSError`` code written for one platform works on
-the other.
+the other.  What both check before anything reaches the hypervisor (the
+``domid`` of a grant or event channel call, see :func:`check_domid`; the
+refs of a mapping, see :func:`check_grant_refs`), they check here, alike.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from workqueue import shown
-from xenback._flags import is_int
+from xenback._flags import DOMID_FIRST_RESERVED, is_int
 
 if TYPE_CHECKING:
     import pyxs
@@ -119,7 +121,8 @@ class GrantTable(Protocol):
     ) -> GrantMapping:
         """Map ``refs`` granted by ``domid`` contiguously, like
         ``xengnttab_map_domain_grant_refs``.  Raises :class:`GrantError`
-        (EINVAL for no refs, or a ref that is not an int of 0 to
+        (EINVAL for a ``domid`` that is not a domain's, 0 to 0x7FEF: see
+        :func:`check_domid`; for no refs, or a ref that is not an int of 0 to
         2**32 - 1, a ``grant_ref_t``: see :func:`check_grant_refs`);
         :class:`TypeError` if ``refs`` is not a sequence at all, or
         ``writable`` not True or False (a flag is never read for its
@@ -156,7 +159,9 @@ class GrantShare(Protocol):
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
         """Allocate ``count`` zeroed pages granted to ``domid``.
-        :class:`TypeError` if ``writable`` is not True or False."""
+        :class:`GrantError` EINVAL for a ``domid`` that is not a domain's
+        (:func:`check_domid`); :class:`TypeError` if ``writable`` is not
+        True or False."""
         ...
 
     def close(self) -> None:
@@ -183,11 +188,15 @@ class EventChannel(Protocol):
         ...
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
-        """Bind to ``remote_port`` of ``domid``; returns the local port."""
+        """Bind to ``remote_port`` of ``domid``; returns the local port.
+        :class:`EventChannelError` EINVAL for a ``domid`` that is not a
+        domain's (:func:`check_domid`)."""
         ...
 
     def bind_unbound_port(self, domid: int) -> int:
-        """Allocate a local port for ``domid`` to bind to."""
+        """Allocate a local port for ``domid`` to bind to.
+        :class:`EventChannelError` EINVAL for a ``domid`` that is not a
+        domain's (:func:`check_domid`)."""
         ...
 
     def notify(self, port: int) -> None:
@@ -250,6 +259,27 @@ class Platform(Protocol):
     def evtchn(self) -> EventChannel:
         """A new event channel handle."""
         ...
+
+
+def check_domid(error: type[PlatformError], domid: int) -> int:
+    """``domid``, the peer of a grant or event channel call, as a plain int,
+    checked as both platforms check it before anything reaches the
+    hypervisor or the service: the id of a domain, 0 to 0x7FEF, an int
+    (or an int subclass, as ports: :func:`xenback._flags.is_int`);
+    ``error`` with EINVAL otherwise (for any wrong type too, as for a
+    grant ref or a port: the C library's answer to a bad number).
+
+    Xen's reserved ids (DOMID_FIRST_RESERVED, 0x7FF0, and up: DOMID_SELF,
+    DOMID_IO...) name no peer: a backend's peers are domains, whose ids
+    it reads from XenStore, and its own is :attr:`Platform.domid`.  Nor a
+    larger number: libxenevtchn and gntdev take a 32-bit domid, which
+    the kernel cuts to the hypercalls' 16-bit ``domid_t``, so that
+    0x10001 would have reached domain 1.
+    """
+    if (type(domid) is not int and not is_int(domid)) or not 0 <= domid < DOMID_FIRST_RESERVED:
+        raise error(errno.EINVAL, f"invalid domain id {shown(domid)} "
+                                  f"(a domain's is 0 to {DOMID_FIRST_RESERVED - 1})")
+    return int(domid)
 
 
 def check_grant_refs(refs: Sequence[int]) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cffi import FFI
@@ -225,15 +226,15 @@ def test_a_huge_ref_or_domid_is_einval_not_a_digit_limit_error() -> None:
 
 def test_bad_domains_and_counts_are_refused_before_any_ioctl() -> None:
     table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
-    with pytest.raises(GrantError, match="domain id .* 32-bit") as info:
+    with pytest.raises(GrantError, match=r"invalid domain id 4294967296 \(a domain's is 0 to 32751\)") as info:
         table.map_grant_refs(2**32, [8])
     assert info.value.errno == errno.EINVAL
     with pytest.raises(GrantError, match="no grant references") as info:
         table.map_grant_refs(1, [])
     assert info.value.errno == errno.EINVAL
     share = object.__new__(_platform.XenGrantShare)
-    with pytest.raises(GrantError, match="domain id .* 16-bit") as info:
-        share.share_pages(0x10000, 1)  # gntalloc's domid is a uint16_t
+    with pytest.raises(GrantError, match="invalid domain id 65536") as info:
+        share.share_pages(0x10000, 1)
     assert info.value.errno == errno.EINVAL
     for count, text in ((0, "cannot share 0 pages"), (-1, "page count -1 .* 32-bit"),
                         ("1", "page count '1' .* 32-bit"), (2**32, "page count .* 32-bit")):
@@ -618,16 +619,18 @@ def test_a_grant_handle_interrupted_anywhere_in_its_making_leaves_nothing(
 
 @pytest.mark.parametrize("bad", [-1, 2**32, True, "5"], ids=["negative", "huge", "bool", "str"])
 def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLib, bad) -> None:
-    """Every port or domain id that does not fit libxenevtchn's uint32_t is
-    an EventChannelError (EINVAL), as on the simulated host, not cffi's
-    OverflowError or TypeError; the library is not called."""
+    """Every port that does not fit libxenevtchn's uint32_t, and every
+    domain id that is not a domain's, is an EventChannelError (EINVAL), as
+    on the simulated host, not cffi's OverflowError or TypeError; the
+    library is not called."""
     channel = _platform.XenEventChannel()
     calls: list[Callable[[], object]] = [
         lambda: channel.notify(bad), lambda: channel.unmask(bad), lambda: channel.unbind(bad),
         lambda: channel.bind_unbound_port(bad),
     ]
     for call in calls:
-        with pytest.raises(EventChannelError, match=r"(port|domain id) .* 32-bit") as info:
+        with pytest.raises(EventChannelError,
+                           match=r"(port .* 32-bit|invalid domain id)") as info:
             call()
         assert info.value.errno == errno.EINVAL
     assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
@@ -720,3 +723,46 @@ def test_open_fails_when_xenstored_hangs_up_under_its_read(monkeypatch, tmp_path
     assert isinstance(exc, PlatformUnavailable), repr(exc)
     assert "cannot read our domid from xenstored" in str(exc)
     server.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("domid", [
+    -1, 0x7FF0, 0x7FF2, 0xFFFF, 0x10001, 2**32 + 1, True, "1", 1.0, None,
+    pytest.param(10**5000, id="1e5000")])
+def test_both_platforms_refuse_the_same_domain_ids_before_any_call(
+        host: Any, fake_evtchn: FakeEvtchnLib, domid: object) -> None:
+    """One platform interface, one rule: a domid of a grant or event
+    channel call is a domain's, 0 to 0x7FEF, on both platforms, refused
+    with the same error before anything is called.  The xen platform
+    passed any uint32_t (uint16_t to gntalloc): the reserved ids, which
+    the simulated host refused, and 0x10001, which the kernel's domid_t
+    (the hypercalls' uint16_t) would have cut to domain 1."""
+    real_table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    real_share = object.__new__(_platform.XenGrantShare)
+    real_channel = _platform.XenEventChannel()
+    calls: list[Callable[[Any, Any, Any], object]] = [
+        lambda tab, shr, ch: tab.map_grant_refs(domid, [8]),
+        lambda tab, shr, ch: shr.share_pages(domid, 1),
+        lambda tab, shr, ch: ch.bind_unbound_port(domid),
+        lambda tab, shr, ch: ch.bind_interdomain(domid, 5),
+    ]
+    dom0 = host.dom0
+    with dom0.gnttab() as tab, dom0.gntshr() as shr, dom0.evtchn() as ch:
+        for call in calls:
+            seen = []
+            for handles in ((real_table, real_share, real_channel), (tab, shr, ch)):
+                with pytest.raises((GrantError, EventChannelError)) as info:
+                    call(*handles)
+                seen.append((type(info.value), info.value.errno, str(info.value)))
+            assert seen[0] == seen[1]
+            assert seen[0][1] == errno.EINVAL
+            assert "invalid domain id" in seen[0][2] and len(seen[0][2]) < 120
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
+    real_channel.close()
+
+
+def test_the_last_domain_id_reaches_the_library(fake_evtchn: FakeEvtchnLib) -> None:
+    channel = _platform.XenEventChannel()
+    channel.bind_unbound_port(0x7FEF)
+    channel.bind_interdomain(0, 5)
+    assert fake_evtchn.calls[2:] == ["xenevtchn_bind_unbound_port", "xenevtchn_bind_interdomain"]
+    channel.close()

@@ -45,7 +45,7 @@ from typing import Any
 from workqueue import shown
 from xenback._closing import Closing
 from xenback._flags import is_int
-from xenback.platform import EventChannelError
+from xenback.platform import EventChannelError, check_domid
 
 from ._hypervisor import MAX_EVTCHN_PORT
 from ._proto import Message, ServiceConnection, close_fds, raise_nofile_limit
@@ -78,14 +78,6 @@ class _LocalPort:
     # (each taken off it before it is closed, rfd set to -1), its number
     # stays in the table until the service freed it.
     unbound: bool = False
-
-
-def _check_domid(domid: int) -> int:
-    """``domid`` as a plain int (to the service's JSON) if it is one of a
-    domain (0 to 0x7FEF), by the rule of ports."""
-    if not is_int(domid) or not 0 <= domid < 0x7FF0:
-        raise EventChannelError(errno.EINVAL, f"invalid domain id {shown(domid)}")
-    return int(domid)
 
 
 def _check_port(port: int) -> int:
@@ -183,12 +175,12 @@ class EventChannel(Closing):
 
     def bind_unbound_port(self, domid: int) -> int:
         """Allocate a port that ``domid`` may bind to; returns its number."""
-        domid = _check_domid(domid)
+        domid = check_domid(EventChannelError, domid)  # as the xen platform checks it
         return self._bind("evtchn_alloc_unbound", 1, domid, None, domid=domid)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Connect a new local port to ``remote_port`` of ``domid``."""
-        domid = _check_domid(domid)
+        domid = check_domid(EventChannelError, domid)
         remote_port = _check_port(remote_port)
         return self._bind("evtchn_bind_interdomain", 2, domid, remote_port,
                           domid=domid, port=remote_port)

@@ -30,7 +30,7 @@ import cffi
 from workqueue import shown
 from xenback._closing import Closing
 from xenback._flags import check_flag, is_int
-from xenback.platform import PAGE_SIZE, GrantError, check_grant_refs
+from xenback.platform import PAGE_SIZE, GrantError, check_domid, check_grant_refs
 
 from ._hypervisor import MAX_PAGES_PER_REQUEST
 from ._proto import Message, ServiceConnection, close_taken
@@ -179,14 +179,6 @@ def _segments(reply: Message, nfds: int, npages: int) -> list[tuple[int, int, in
     if sum(count for _, _, count in runs) != npages:
         return None
     return runs
-
-
-def _check_domid(domid: int) -> int:
-    """``domid`` as a plain int (to the service's JSON and in messages),
-    if it is one of a domain (0 to 0x7FEF), by the rule of ports."""
-    if not is_int(domid) or not 0 <= domid < 0x7FF0:
-        raise GrantError(errno.EINVAL, f"invalid domain id {shown(domid)}")
-    return int(domid)
 
 
 class _Pages:
@@ -447,7 +439,7 @@ class GrantTable(_Handle[GrantMapping]):
         :class:`TypeError` for a ``writable`` that is not True or False, or
         ``refs`` that is not a sequence (:func:`xenback.platform.check_grant_refs`)."""
         check_flag("writable", writable)
-        domid = _check_domid(domid)
+        domid = check_domid(GrantError, domid)  # as the xen platform checks it
         # As the xen platform checks them: a ref past a grant_ref_t must
         # not reach the service as if it could be granted.
         refs = check_grant_refs(refs)
@@ -496,7 +488,7 @@ class GrantShare(_Handle[SharedPages]):
         :class:`GrantError`; :class:`TypeError` for a ``writable`` that is not
         True or False."""
         check_flag("writable", writable)
-        domid = _check_domid(domid)
+        domid = check_domid(GrantError, domid)
         if not is_int(count) or not 1 <= count <= MAX_PAGES_PER_REQUEST:
             raise GrantError(
                 errno.EINVAL,

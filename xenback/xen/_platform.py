@@ -44,6 +44,7 @@ from xenback.platform import (
     GrantError,
     PlatformError,
     PlatformUnavailable,
+    check_domid,
     check_grant_refs,
 )
 from xenback.xenstore import XenStore
@@ -413,9 +414,10 @@ class XenGrantTable(_Device):
 
     def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
         check_flag("writable", writable)
-        refs = check_grant_refs(refs)  # as the simulated host checks them
-        # A plain int: an int subclass's str() may be its name in a message.
-        domid = int(_unsigned(GrantError, domid, "domain id"))
+        # As the simulated host checks them, in its order; plain ints (an
+        # int subclass's str() may be its name in a message).
+        domid = check_domid(GrantError, domid)
+        refs = check_grant_refs(refs)
         op = _ioctl_arg("struct ioctl_gntdev_map_grant_ref", len(refs))
         op.count = len(refs)
         grants = ffi.cast("struct ioctl_gntdev_grant_ref *", op.refs)
@@ -475,6 +477,7 @@ class XenGrantShare(_Device):
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> XenSharedPages:
         check_flag("writable", writable)
+        domid = check_domid(GrantError, domid)  # first, as the simulated host
         # GrantError (EINVAL), as on the simulated host, for any count
         # gntalloc's uint32_t cannot take, not a TypeError or OverflowError.
         # Plain ints, as map_grant_refs() keeps them: a subclass's str()
@@ -482,7 +485,6 @@ class XenGrantShare(_Device):
         count = int(_unsigned(GrantError, count, "page count"))
         if count < 1:
             raise GrantError(errno.EINVAL, f"cannot share {count} pages")
-        domid = int(_unsigned(GrantError, domid, "domain id", bits=16))
         op = _ioctl_arg("struct ioctl_gntalloc_alloc_gref", count)
         op.domid = domid
         op.flags = GNTALLOC_FLAG_WRITABLE if writable else 0
@@ -558,7 +560,7 @@ class XenEventChannel(Closing):
         return int(result)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
-        _unsigned(EventChannelError, domid, "domain id")
+        domid = check_domid(EventChannelError, domid)
         _unsigned(EventChannelError, remote_port, "event channel port")
         return self._port(
             self._call(self._lib.xenevtchn_bind_interdomain, domid, remote_port),
@@ -566,7 +568,7 @@ class XenEventChannel(Closing):
         )
 
     def bind_unbound_port(self, domid: int) -> int:
-        _unsigned(EventChannelError, domid, "domain id")
+        domid = check_domid(EventChannelError, domid)
         return self._port(
             self._call(self._lib.xenevtchn_bind_unbound_port, domid),
             f"allocating a port for domain {domid}",
