@@ -18,7 +18,7 @@ to and bind::
 per socket and a :class:`CpuStats` per ioworker CPU.  A backend's
 ioworkers use at most ``DEFAULT_MAX_IOWORKERS`` (64) CPUs unless told
 otherwise.  A :class:`Policy` is read from a TOML file
-(:meth:`Policy.from_file`; the format is in :mod:`pvcalls._policy`) or
+(:meth:`Policy.from_file`; the format is in ``help(pvcalls.Policy)``) or
 built of :class:`DomainPolicy`, :class:`AccessList` and :class:`Rule`
 objects; a malformed one is a :class:`PolicyError`.
 

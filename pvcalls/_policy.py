@@ -1,72 +1,7 @@
 """Per-domain access policy for PV Calls: what a guest may connect to and bind.
 
-Linux's backend lets any guest connect anywhere the backend domain can reach
-and bind any port it can bind.  A :class:`Policy` narrows that per frontend
-domain:
-
-* CONNECT and BIND each have an access list: ``deny`` rules, then ``allow``
-  rules.  A destination matching any deny rule is refused; otherwise, if
-  allow rules are given, it must match one of them; with no allow rules
-  everything not denied is allowed.
-* ``max_sockets`` limits how many sockets (of any kind: new, active,
-  passive) one domain may hold at a time.  Any size is taken as given,
-  even past 64 bits (which TOML's spec would refuse and :mod:`tomllib`
-  reads): it is compared as a Python int, so nothing wraps, and one no
-  domain can reach is never reached.  No limit is the key left out.
-
-A refused CONNECT or BIND is answered with ``-EACCES`` (Xen numbering, 13),
-like a host firewall refusing the operation; a SOCKET or ACCEPT beyond the
-limit is answered with ``-EMFILE`` (24), "too many open files", since the
-limit is the domain's descriptor table.  The backend logs each refusal at
-WARNING with the domain, the command and the address, at most 10 lines per
-5 s for one frontend device, however often it reconnects (as the kernel's
-``printk_ratelimited``); how many it left out is logged when the next one
-goes out and when the device goes.
-
-The file format is TOML (read with :mod:`tomllib`)::
-
-    # Applies to every domain that has no section of its own, and supplies
-    # each key a domain section leaves out.
-    [default]
-    max_sockets = 256
-    connect.allow = ["0.0.0.0/0"]
-    connect.deny = ["169.254.0.0/16", "10.0.0.1:22"]
-    bind.allow = ["127.0.0.1:1024-65535", "0.0.0.0:8000-8999"]
-
-    # Domain 7 (by domid) gets its own connect.allow and limit; its
-    # connect.deny and bind rules come from [default].
-    [domain.7]
-    max_sockets = 16
-    connect.allow = ["192.0.2.0/24:80", "192.0.2.0/24:443"]
-
-    # A domain by name (its XenStore ``name`` node, written by the
-    # toolstack): stable across restarts, unlike domids.
-    [domain.webfront]
-    connect.allow = ["10.1.0.0/16:443"]
-
-A section keyed by a number applies to that domid; any other key is a
-domain name.  A domid section wins over a name section, and a name section
-over ``[default]``.  A domain without a ``name`` node has no name.  One
-whose name the backend may not read (a backend in a driver domain, which
-the toolstack lets read no other domain's home) is refused its device if a
-name section could apply to it: its rules cannot be known, and
-``[default]``'s may be the laxer ones.
-
-A file without any section is an error, not a policy that allows
-everything: it is more likely truncated than meant.  An empty
-``[default]`` section says "allow everything" on purpose.
-
-A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
-no host bits set; ``*`` for any address) and optionally a port (``80``), an
-inclusive range (``1024-65535``) or ``*`` (any port, the default), in ASCII
-digits.  There are no IPv6 rules: the backend serves ``AF_INET`` only.
-A bind to ``0.0.0.0`` (every address) only matches rules whose network
-contains ``0.0.0.0``, such as ``0.0.0.0/0`` or ``0.0.0.0``: binding
-everywhere must be allowed as such.
-Likewise a bind to port 0 (the host picks a free port) is checked as port 0:
-allow it with a rule covering port 0 (``127.0.0.1:0``, ``127.0.0.1:*``).
-A connect to ``0.0.0.0`` is checked, and made, as a connect to
-``127.0.0.1``: that is where Linux sends it.
+The rules and the file format are :class:`Policy`'s docstring, public as
+``help(pvcalls.Policy)``, and the README's Policy section.
 """
 
 from __future__ import annotations
@@ -74,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -101,6 +37,10 @@ _ANY_NETWORK = ipaddress.IPv4Network("0.0.0.0/0")
 _ALL_PORTS = range(0, 65536)
 #: Domids from DOMID_FIRST_RESERVED (0x7FF0) up name no domain of their own.
 _MAX_DOMID = 0x7FEF
+#: What Python's int() reads as a decimal number (a sign, white space,
+#: underscores between digits, any script's digits): a section key or a
+#: name so spelt is a domid written wrong, not a domain's name.
+_READS_AS_NUMBER = re.compile(r"\s*[+-]?\d+(?:_\d+)*\s*")
 #: The largest policy file read: far more than thousands of rules take.
 _MAX_FILE_SIZE = 1 << 20
 
@@ -249,7 +189,83 @@ class Policy:
     Instances are immutable and safe to share between threads.  Built in
     Python, every part is checked as it is built (TypeError, or
     :class:`PolicyError` for a value out of range), not when a guest
-    first meets it.
+    first meets it.  Its file (:meth:`from_file`, :meth:`from_toml`) is
+    TOML, read with :mod:`tomllib`::
+
+        # Applies to every domain that has no section of its own, and supplies
+        # each key a domain section leaves out.
+        [default]
+        max_sockets = 256
+        connect.allow = ["0.0.0.0/0"]
+        connect.deny = ["169.254.0.0/16", "10.0.0.1:22"]
+        bind.allow = ["127.0.0.1:1024-65535", "0.0.0.0:8000-8999"]
+
+        # Domain 7 (by domid) gets its own connect.allow and limit; its
+        # connect.deny and bind rules come from [default].
+        [domain.7]
+        max_sockets = 16
+        connect.allow = ["192.0.2.0/24:80", "192.0.2.0/24:443"]
+
+        # A domain by name (its XenStore ``name`` node, written by the
+        # toolstack): stable across restarts, unlike domids.
+        [domain.webfront]
+        connect.allow = ["10.1.0.0/16:443"]
+
+    A section keyed by a number in digits 0-9 alone (``7``, ``007``) applies
+    to that domid, 0 to 32751; any other key is a domain name, but for one
+    that Python's ``int()`` would read as a number (``-1``, ``+7``, ``" 7"``,
+    ``1_0``, another script's digits): that is refused, as a domid written
+    wrong, not taken for a name.  xl would take such a name (it reads a
+    domain's qualifier of digits alone as a domid, anything else as a name),
+    but a policy file that means a domain named ``-1`` is far less likely
+    than a slip, which would leave the domain its author meant to
+    ``[default]``'s rules; give such a domain a domid section instead.
+
+    A domid section wins over a name section, and a name section over
+    ``[default]``.  A domain without a ``name`` node has no name.  One
+    whose name the backend may not read (a backend in a driver domain, which
+    the toolstack lets read no other domain's home) is refused its device if a
+    name section could apply to it: its rules cannot be known, and
+    ``[default]``'s may be the laxer ones.
+
+    A file without any section is an error, not a policy that allows
+    everything: it is more likely truncated than meant.  An empty
+    ``[default]`` section says "allow everything" on purpose.
+
+    A rule is ``NETWORK[:PORTS]``: an IPv4 address or network (``10.0.0.0/8``,
+    no host bits set; ``*`` for any address) and optionally a port (``80``), an
+    inclusive range (``1024-65535``) or ``*`` (any port, the default), in ASCII
+    digits.  There are no IPv6 rules: the backend serves ``AF_INET`` only.
+    A bind to ``0.0.0.0`` (every address) only matches rules whose network
+    contains ``0.0.0.0``, such as ``0.0.0.0/0`` or ``0.0.0.0``: binding
+    everywhere must be allowed as such.
+    Likewise a bind to port 0 (the host picks a free port) is checked as port 0:
+    allow it with a rule covering port 0 (``127.0.0.1:0``, ``127.0.0.1:*``).
+    A connect to ``0.0.0.0`` is checked, and made, as a connect to
+    ``127.0.0.1``: that is where Linux sends it.
+
+    What the rules mean: Linux's backend lets any guest connect anywhere
+    the backend domain can reach and bind any port it can bind.  A policy
+    narrows that per frontend domain:
+
+    * CONNECT and BIND each have an access list: ``deny`` rules, then ``allow``
+      rules.  A destination matching any deny rule is refused; otherwise, if
+      allow rules are given, it must match one of them; with no allow rules
+      everything not denied is allowed.
+    * ``max_sockets`` limits how many sockets (of any kind: new, active,
+      passive) one domain may hold at a time.  Any size is taken as given,
+      even past 64 bits (which TOML's spec would refuse and :mod:`tomllib`
+      reads): it is compared as a Python int, so nothing wraps, and one no
+      domain can reach is never reached.  No limit is the key left out.
+
+    A refused CONNECT or BIND is answered with ``-EACCES`` (Xen numbering, 13),
+    like a host firewall refusing the operation; a SOCKET or ACCEPT beyond the
+    limit is answered with ``-EMFILE`` (24), "too many open files", since the
+    limit is the domain's descriptor table.  The backend logs each refusal at
+    WARNING with the domain, the command and the address, at most 10 lines per
+    5 s for one frontend device, however often it reconnects (as the kernel's
+    ``printk_ratelimited``); how many it left out is logged when the next one
+    goes out and when the device goes.
     """
 
     def __init__(
@@ -271,7 +287,7 @@ class Policy:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
-        """Load a TOML policy file (the format: :mod:`pvcalls._policy`).
+        """Load a TOML policy file (the format: :class:`Policy`'s docstring).
 
         Raises :class:`PolicyError` for a file that cannot be read, is
         larger than 1 MiB, is not UTF-8 or not TOML, or holds a rule or
@@ -355,6 +371,9 @@ class Policy:
                                       f"[domain.{domid_keys[domid]}]")
                 domid_keys[domid] = key
                 domains[domid] = rules
+            elif _READS_AS_NUMBER.fullmatch(key):
+                raise PolicyError(f"{where}: {key!r} reads as a number, not as a domain name: "
+                                  f"a domid is written in digits 0-9 alone (0-{_MAX_DOMID})")
             elif key and key.isprintable() and "/" not in key:
                 names[key] = rules
             else:
@@ -455,6 +474,9 @@ def _check_name(key: object) -> None:
         raise TypeError(f"names: key {key!r} is not a domain name (a str)")
     if not key or not key.isprintable() or "/" in key:
         raise PolicyError(f"names: {key!r} is not a domain name")
+    if _READS_AS_NUMBER.fullmatch(key):
+        raise PolicyError(f"names: {key!r} reads as a number, not as a domain name: "
+                          f"a domid goes in domains, as an int (0-{_MAX_DOMID})")
 
 
 def _sections(value: object, what: str,

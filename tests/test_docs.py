@@ -157,6 +157,23 @@ def test_pvcalls_docstring(echo_port: int) -> None:
     assert ns["s"].closed
 
 
+def test_policy_docstring_holds_the_file_format() -> None:
+    """help(pvcalls.Policy) is where a user of the public API finds the
+    file format: its example is a policy that loads, meaning what its
+    comments say (it was in the private pvcalls._policy's docstring)."""
+    import pvcalls
+
+    policy = pvcalls.Policy.from_toml(docstring_example("pvcalls", "Policy"))
+    assert policy.max_sockets(3) == 256
+    assert policy.max_sockets(7) == 16
+    assert policy.connect_allowed(7, "192.0.2.1", 443)
+    assert not policy.connect_allowed(7, "10.0.0.1", 22)
+    assert policy.connect_allowed(9, "10.1.2.3", 443, name="webfront")
+    assert not policy.connect_allowed(9, "10.2.0.1", 443, name="webfront")
+    for doc in (pvcalls.__doc__, pvcalls.Policy.__doc__, pvcalls.Policy.from_file.__doc__):
+        assert "_policy" not in (doc or "")
+
+
 def test_pvcalls_frontend_docstring(echo_port: int) -> None:
     import pvcalls
 

@@ -78,10 +78,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _docstring_example() -> str:
-    """The indented TOML after "The file format is TOML" in pvcalls._policy."""
-    from pvcalls import _policy
+    """The indented TOML after the first "::" of pvcalls.Policy's
+    docstring, where help(pvcalls.Policy) shows the file format."""
+    import inspect
 
-    doc = _policy.__doc__ or ""
+    doc = inspect.getdoc(Policy) or ""
     lines = doc.split("::\n", 1)[1].splitlines()
     block = []
     for line in lines[1:]:  # the blank line after "::"
@@ -97,7 +98,7 @@ def _readme_example() -> str:
     return text.split("```toml\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_module_docstring_example_means_what_its_comments_say() -> None:
+def test_the_docstring_example_means_what_its_comments_say() -> None:
     policy = Policy.from_toml(_docstring_example())
     # [default]: every domain without a section of its own.
     assert policy.max_sockets(3) == 256
@@ -330,6 +331,33 @@ def test_bad_policy_says_what_is_wrong(text: str, message: str) -> None:
         Policy.from_toml(text)
 
 
+@pytest.mark.parametrize("key", ["-1", "+7", " 7", "7 ", "1_0", "\uff17", "-32752", "-0"])
+def test_a_section_key_that_reads_as_a_number_is_no_name(key: str) -> None:
+    """[domain.-1] was read as a domain named "-1": its rules applied to
+    nobody, and the domain its author meant got [default]'s.  xl reads a
+    domain's qualifier of digits alone as a domid and anything else as a
+    name, so "-1" can name a domain there; but a policy meaning it is far
+    less likely than a slip, and a slip here leaves a domain the laxer
+    rules: refused, saying how a domid is written."""
+    escaped = key.replace("\\", "\\\\").replace('"', '\\"')
+    with pytest.raises(PolicyError, match=r"^\[domain\..*\]: .* reads as a number, .*: a domid "
+                                          r"is written in digits 0-9 alone \(0-32751\)"):
+        Policy.from_toml(f'[domain."{escaped}"]\nmax_sockets = 1\n')
+
+
+@pytest.mark.parametrize("key", ["-1", "7", "+7", "\uff17"])
+def test_a_name_that_reads_as_a_number_is_refused_in_python_too(key: str) -> None:
+    with pytest.raises(PolicyError, match=r"^names: .* reads as a number"):
+        Policy(names={key: _DP})
+
+
+@pytest.mark.parametrize("name", ["web-1", "1web", "-", "1-2", "-web", "0x10", "1.5", "1e3"])
+def test_a_name_with_digits_is_still_a_name(name: str) -> None:
+    policy = Policy.from_toml(f'[domain."{name}"]\nmax_sockets = 1\n')
+    assert policy.max_sockets(5, name) == 1
+    assert policy.max_sockets(5, "other") is None
+
+
 def test_one_domid_spelt_twice_names_both_sections() -> None:
     with pytest.raises(PolicyError,
                        match=r"^\[domain.07\]: domid 7 already has a section, \[domain.7\]$"):
@@ -344,11 +372,13 @@ def test_domid_with_leading_zeros() -> None:
     assert policy.max_sockets(32751) == 3
 
 
-def test_other_scripts_digits_are_a_domain_name() -> None:
-    # "\uff17" (a fullwidth 7) is no domid: as any other name, it names a domain.
-    policy = Policy.from_toml('[domain."\uff17"]\nmax_sockets = 1\n')
-    assert policy.max_sockets(7) is None
-    assert policy.max_sockets(3, "\uff17") == 1
+def test_other_scripts_digits_are_neither_a_domid_nor_a_name() -> None:
+    # "\uff17" (a fullwidth 7) is no domid; nor a name any longer: int()
+    # reads it as 7, so it is far likelier a slip for domain 7 than a
+    # domain's name, and either reading would give one of them the
+    # wrong rules.
+    with pytest.raises(PolicyError, match=r"'\uff17' reads as a number"):
+        Policy.from_toml('[domain."\uff17"]\nmax_sockets = 1\n')
 
 
 @pytest.mark.parametrize("text", ["", "# nothing but a comment\n\n", "[domain]\n"])
