@@ -877,6 +877,24 @@ def test_attach_refuses_what_is_not_a_domain_id(
         attach(host.run_dir, domid)
 
 
+@pytest.mark.parametrize(("domid", "error", "said"), [
+    (-1, ValueError, "domid must be a domain id (0 to 32751), not -1"),
+    (0x7FF0, ValueError, "domid must be a domain id (0 to 32751), not 32752"),
+    pytest.param(10**5000, ValueError, "domid must be a domain id (0 to 32751), "
+                                       "not about 10**5000 (an int of 16610 bits)", id="1e5000"),
+    (True, TypeError, "domid must be an int (a domain id), not bool True")])
+def test_destroy_from_another_process_refuses_what_is_not_a_domain_id(
+        host: SimHost, domid: int, error: type[Exception], said: str) -> None:
+    """As attach() in the same module: 10**5000 failed inside the
+    request's JSON, with Python's digit limit for its message."""
+    from xenback.sim import destroy_domain
+
+    guest = host.create_domain("guest")
+    with pytest.raises(error, match=f"^{re.escape(said)}$"):
+        destroy_domain(host.run_dir, domid)
+    assert host.domains() == [host.dom0, guest]
+
+
 def test_without_a_host_the_platform_is_unavailable(tmp_path: Path) -> None:
     from xenback.platform import PlatformError, PlatformUnavailable
     from xenback.sim import destroy_domain

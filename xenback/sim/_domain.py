@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pyxs
 
 from workqueue import shown
-from xenback._flags import check_domain_id, is_int
+from xenback._flags import check_domain_id
 from xenback.platform import PlatformError, PlatformUnavailable
 
 from ._evtchn import EventChannel
@@ -187,12 +187,13 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
 
 def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
     """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown);
-    :class:`TypeError` at once for a ``domid`` that is no int (by the rule
-    of ports: True would destroy domain 1)."""
-    if not is_int(domid):
-        raise TypeError(f"domid must be an int (a domain id), "
-                        f"not {type(domid).__name__} {shown(domid)}")
-    _dom0_call(run_dir_path(run_dir), "domain_destroy", domid=int(domid))
+    at once, as :func:`attach` checks it, :class:`TypeError` for a
+    ``domid`` that is no int (by the rule of ports: True would destroy
+    domain 1) and :class:`ValueError` for one that is no domain id (0 to
+    0x7FEF: 10**5000 would fail in the request's JSON, saying only
+    Python's digit limit)."""
+    domid = check_domain_id(domid)
+    _dom0_call(run_dir_path(run_dir), "domain_destroy", domid=domid)
 
 
 #: How a connection to a domain's hypervisor socket fails when the domain,
