@@ -79,6 +79,12 @@ def test_layers_point_one_way(package: str) -> None:
         assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)} across the layers"
 
 
+def _private(name: str) -> bool:
+    """A name that starts with ``_``, but for a dunder (``__version__``,
+    ``__all__``): those are public by Python's convention."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def _private_imports_across(path: Path, package: str) -> list[str]:
     """What a module of ``package`` imports from another package of this
     project by a private name: a module or a name of it that starts with
@@ -99,8 +105,7 @@ def _private_imports_across(path: Path, package: str) -> list[str]:
             parts = module.split(".")
             if parts[0] not in ALLOWED or parts[0] == package:
                 continue
-            if any(part.startswith("_") for part in parts) or any(
-                    name.startswith("_") for name in names):
+            if any(map(_private, parts)) or any(map(_private, names)):
                 found.append(f"{module}: {', '.join(names) or '(the module)'}")
     return found
 
@@ -115,3 +120,31 @@ def test_a_layer_uses_only_the_public_names_of_those_below(package: str) -> None
         if (found := _private_imports_across(path, package))
     }
     assert wrong == {}
+
+
+def test_the_private_import_rule_sees_each_spelling(tmp_path: Path) -> None:
+    """The rule itself, on a module of xenback's: a private module or name
+    of a layer below, however imported, is found; a public name under a
+    private alias, a dunder (``__version__`` is public by convention) and
+    xenback's own private names are not."""
+    module = tmp_path / "scratch.py"
+    module.write_text(
+        "from workqueue._shown import shown\n"
+        "import workqueue._pool\n"
+        "from workqueue import _pool, wait_slice\n"
+        "import pvcalls._policy as policy\n"
+        "from workqueue import shown as _shown\n"
+        "from workqueue import __version__\n"
+        "from xenback._flags import is_int\n"
+        "import xenback.sim._host\n"
+        "from . import _private\n"
+        "def later():\n"
+        "    from workqueue._work import Work\n"
+    )
+    assert _private_imports_across(module, "xenback") == [
+        "workqueue._shown: shown",
+        "workqueue._pool: (the module)",
+        "workqueue: _pool, wait_slice",
+        "pvcalls._policy: (the module)",
+        "workqueue._work: Work",
+    ]
