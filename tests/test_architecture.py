@@ -148,3 +148,35 @@ def test_the_private_import_rule_sees_each_spelling(tmp_path: Path) -> None:
         "pvcalls._policy: (the module)",
         "workqueue._work: Work",
     ]
+
+
+def _names_imported_across(path: Path, package: str) -> set[tuple[str, str]]:
+    """(module, name) of each ``from module import name`` of ``path``
+    that reaches into another package of this project."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+        and node.module.split(".")[0] in ALLOWED and node.module.split(".")[0] != package
+        for alias in node.names
+    }
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_what_a_layer_imports_from_below_is_in_its_all(package: str) -> None:
+    """A public name is one the module exports (its ``__all__``), or one of
+    its public submodules: workqueue.shown, which xenback imports, kept
+    out of workqueue.__all__ would be public only by accident."""
+    import importlib.util
+
+    wrong = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for module, name in _names_imported_across(path, package):
+            mod = importlib.import_module(module)
+            exported = getattr(mod, "__all__", None)
+            if exported is None or name in exported:
+                continue
+            if not hasattr(mod, "__path__") or importlib.util.find_spec(f"{module}.{name}") is None:
+                wrong.append(f"{path.relative_to(ROOT)}: {module}.{name}")
+    assert wrong == []

@@ -52,6 +52,9 @@ __all__ = [
     "PlatformError",
     "PlatformUnavailable",
     "SharedPages",
+    "check_domid",
+    "check_grant_refs",
+    "check_platform",
 ]
 
 #: Size of a grant-mapped page.  Xen's grant ABI is in 4 KiB frames on every
