@@ -745,7 +745,8 @@ def test_a_domain_xenstore_refuses_is_not_left_in_the_hypervisor(
     (-1, ValueError, "timeout must be a non-negative number of seconds, not -1"),
     (float("nan"), ValueError, "timeout must be a non-negative number of seconds, not nan"),
     ("1", TypeError, "timeout must be a number of seconds, not str '1'"),
-    (None, TypeError, "timeout must be a number of seconds, not NoneType None")])
+    (None, TypeError, "timeout must be a number of seconds, not NoneType None"),
+    (True, TypeError, "timeout must be a number of seconds, not bool True")])
 def test_destroy_refuses_a_timeout_that_is_no_time(
         host: SimHost, timeout: float, error: type[Exception], said: str) -> None:
     guest = host.create_domain("guest")
@@ -876,6 +877,15 @@ def test_attach_refuses_what_is_not_a_domain_id(
     with pytest.raises(error, match=f"^{re.escape(said)}$"):
         attach(host.run_dir, domid)
 
+
+@pytest.mark.parametrize(("name", "said"), [(5, "int 5"), (b"g", "bytes b'g'")])
+def test_create_from_another_process_refuses_a_name_that_is_no_str(
+        host: SimHost, name: object, said: str) -> None:
+    """As SimHost.create_domain(): a TypeError, at once, not the
+    hypervisor's EINVAL for the request."""
+    with pytest.raises(TypeError, match=f"^a domain name must be a str, not {re.escape(said)}$"):
+        create_domain(host.run_dir, name)  # type: ignore[arg-type]
+    assert host.domains() == [host.dom0]
 
 @pytest.mark.parametrize(("domid", "error", "said"), [
     (-1, ValueError, "domid must be a domain id (0 to 32751), not -1"),

@@ -635,7 +635,8 @@ def test_replace_must_be_true_or_false(host: SimHost, guest: Domain) -> None:
 
 
 @pytest.mark.parametrize(("timeout", "error"), [(-1, ValueError), (float("nan"), ValueError),
-                                               ("1", TypeError), (None, TypeError)])
+                                               ("1", TypeError), (None, TypeError),
+                                               (True, TypeError)])
 def test_removal_refuses_a_timeout_that_is_no_time(
     host: SimHost, guest: Domain, timeout: float, error: type[Exception]
 ) -> None:
