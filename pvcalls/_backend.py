@@ -52,8 +52,9 @@ Protocol choices left open by the specification
 * The listening socket of BIND has SO_REUSEADDR set (the guest cannot set
   options through PV Calls, and a restarted guest server should be able to
   bind its port again while old connections linger in TIME_WAIT).
-* Policy (:class:`Policy`, whose docstring is the file format): a refused CONNECT/BIND gets ``-EACCES``,
-  a SOCKET/ACCEPT beyond ``max_sockets`` gets ``-EMFILE``.
+* Policy (:class:`Policy`, whose docstring is the file format): a
+  refused CONNECT/BIND gets ``-EACCES``, a SOCKET/ACCEPT beyond
+  ``max_sockets`` gets ``-EMFILE``.
 * A bug of ours fails no more than what it was serving, and never leaves
   the guest waiting: an exception escaping a command's handler answers
   that command ``-EIO``; one escaping a socket's Work fails that socket

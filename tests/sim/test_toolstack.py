@@ -532,7 +532,11 @@ def test_destroy_devices_leaves_a_domains_own_backends(host: SimHost, guest: Dom
     ],
 )
 def test_bad_devices_are_refused_saying_why(
-    host: SimHost, args: tuple, kwargs: dict, error: type[Exception], said: str  # type: ignore[type-arg]
+    host: SimHost,
+    args: tuple,  # type: ignore[type-arg]
+    kwargs: dict,  # type: ignore[type-arg]
+    error: type[Exception],
+    said: str,
 ) -> None:
     """As Python's own calls: TypeError for an argument of the wrong
     type, ValueError for a wrong value of the right one; each naming the

@@ -226,7 +226,8 @@ def test_a_huge_ref_or_domid_is_einval_not_a_digit_limit_error() -> None:
 
 def test_bad_domains_and_counts_are_refused_before_any_ioctl() -> None:
     table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
-    with pytest.raises(GrantError, match=r"invalid domain id 4294967296 \(a domain's is 0 to 32751\)") as info:
+    with pytest.raises(GrantError,
+                       match=r"invalid domain id 4294967296 \(a domain's is 0 to 32751\)") as info:
         table.map_grant_refs(2**32, [8])
     assert info.value.errno == errno.EINVAL
     with pytest.raises(GrantError, match="no grant references") as info:
