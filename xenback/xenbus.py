@@ -276,16 +276,22 @@ def _how_lookup_fails(store: Transaction | XenStore, dev: BackendDevice) -> tupl
     """How :func:`_find_otherend` fails now, as (errno, message); None if
     it does not.  XenStore's errors that are no answer of the look's are
     raised: EAGAIN (a request inside a transaction may meet it, and the
-    transaction is then run anew) and those of a lost connection, as
-    every other read that decides whose our directory is raises them.
-    Taken for a look failing otherwise, either would drop a device that
-    was never made again, and a drop's own look, failing alike once
-    more, would write Closed over a failure never reported."""
+    transaction is then run anew), those of a lost connection, and those
+    of our domain going (the EACCES where our ``frontend`` was, our home
+    deleted between the look's reads: see BackendDriver._lost_domain),
+    as every other read that decides whose our directory is raises them,
+    for the callback's handler, which says the cause once.  Taken for a
+    look failing otherwise, any of them would drop a device that was
+    never made again, said as made again (a lost domain's device so
+    dropped by the look rather than with the others); an EAGAIN or a
+    lost connection would also have the drop's own look, failing alike
+    once more, write Closed over a failure never reported."""
     try:
         _find_otherend(store, dev)
     except Exception as exc:
         if isinstance(exc, OSError) and (
-                exc.errno == errno.EAGAIN or dev.driver._connection_gone(exc)):
+                exc.errno == errno.EAGAIN or dev.driver._connection_gone(exc)
+                or dev.driver._lost_domain(exc)):
             raise
         return _errno_of(exc)
     return None

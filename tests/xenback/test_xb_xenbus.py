@@ -1137,6 +1137,47 @@ def test_a_failed_look_at_the_frontend_whose_look_again_loses_xenstore_is_no_re_
     assert not leaked_threads(before)
 
 
+def test_a_failed_look_at_the_frontend_whose_look_again_meets_our_domain_going_is_no_re_creation(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """As above, but it is our own domain that goes (a driver domain
+    whose home libxl deletes) as the look is made again: the EACCES its
+    read of our ``frontend`` gets is no answer of the look's either, but
+    our domain going, said once for all, and the device dropped with
+    every other one, writing nothing.  Taken for a look that fails
+    otherwise, it was said as the directory made again for a new device
+    (or the frontend's nodes changed), which nobody did."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        guest = fe.guest
+        home = f"/local/domain/{drvdom.domid}"
+        frontend = f"{drv.backend_root}/{guest.domid}/1/frontend"
+        plain_read = drv.xenstore.read
+        looks: list[str] = []
+
+        def read(path: str, *args: Any) -> Any:
+            if path == frontend:
+                looks.append(path)
+                if len(looks) == 1:
+                    dom0_xs.rm(path)  # the look fails: no frontend named
+                else:
+                    dom0_xs.rm(home)  # our domain goes
+            return plain_read(path, *args)
+
+        monkeypatch.setattr(drv.xenstore, "read", read)
+        caplog.clear()
+        host.toolstack.add_device("xbtest", guest.domid, devid=1, backend_id=drvdom.domid)
+        drv.wait(lambda: drv.devices() == [])
+        drv._bus.flush()
+        assert len(looks) == 2
+        assert not [r for r in caplog.records if "not reported there" in r.getMessage()
+                    or "the look at the frontend" in r.getMessage()]
+        assert _going_said(caplog) == []
+        assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    finally:
+        drv.stop()
+
+
 def test_a_probe_failing_after_the_device_was_re_created_and_removed_lets_the_toolstack_go(
         host, driver, dom0_xs) -> None:
     """As above, but the toolstack also asked for the new device's
