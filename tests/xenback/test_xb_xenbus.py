@@ -4057,6 +4057,44 @@ def test_a_failure_reported_off_the_queue_on_a_state_taken_and_given_back_drops_
         drv.stop()
 
 
+def test_a_report_on_a_state_taken_leaves_a_device_made_again_before_its_drop_alone(
+        host, dom0_xs, frontends, caplog) -> None:
+    """As above, but before the device's queue gets to the drop that
+    fatal() queued, the toolstack deletes the device (a forced removal)
+    and makes it again at the same path: the drop is the old device's
+    alone, writing nothing; the new one is probed and served, nothing
+    of the old failure reported there."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        guest = fe.guest
+        old = backend_device(drv, guest.domid)
+        held, go = threading.Event(), threading.Event()
+        assert old.queue(lambda: (held.set(), go.wait(TIMEOUT)))
+        assert held.wait(TIMEOUT)
+        caplog.clear()
+        dom0_xs.set_perms(f"{old.nodename}/state", ["n0"])
+        told = old.fatal(errno.EIO, "the old device's failure")
+        host.toolstack.destroy_device(fe.device)
+        again = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        go.set()
+        fe = _connect(frontends, guest, again)
+        new = backend_device(drv, guest.domid)
+        assert told is False and old.gone and new is not old and not new.gone
+        assert drv.calls_of(guest.domid) == [
+            "probe", "connect", "disconnect", "remove", "probe", "connect"]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{again.backend_path}/state") == str(int(S.CONNECTED))
+        # The old device's taking, if said, is its only warning.
+        assert [r.msg for r in _backend_warnings(caplog)] in ([], [
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"])
+        said = [r for r in caplog.records if "the old device's failure" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.INFO]
+    finally:
+        drv.stop()
+
+
 @pytest.mark.parametrize("write_only", [False, True], ids=["state", "state-write-only"])
 def test_a_state_taken_between_the_look_and_fatal_is_said_once(
         host, dom0_xs, frontends, monkeypatch, caplog, write_only) -> None:
@@ -4085,6 +4123,207 @@ def test_a_state_taken_between_the_look_and_fatal_is_said_once(
         _said_once(caplog, bdev, state, "failed")
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(state) == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_a_report_refused_whose_nodes_read_again_lose_xenstore_raises_nothing(
+        frontends, caplog, monkeypatch) -> None:
+    """error() whose error node is refused (EACCES: the toolstack took
+    our ``error`` directory), and XenStore ends our connection as our
+    nodes are read again to tell whether one of them was taken (see
+    BackendDevice._taken_from_us): no taking, and reporting an error
+    raises none; the failure is said as ours, as for any report whose
+    transaction fails so, and the loss once, by itself."""
+    caplog.set_level(logging.DEBUG, logger="xenback.xenbus")
+    host = SimHost()
+    host.start()
+    try:
+        with XenStore(host.dom0.xenstore()) as dom0_xs:
+            drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+            try:
+                bdev = backend_device(drv, fe.guest.domid)
+                _take_error_directory(dom0_xs, drvdom)
+                plain_read = drv.xenstore.read
+                looks: list[str] = []
+
+                def read(path: str, *args: Any) -> Any:
+                    if path == bdev.nodename and not looks:
+                        looks.append(path)
+                        host.close()
+                        assert drv.xenstore.connection_lost.wait(TIMEOUT)
+                    return plain_read(path, *args)
+
+                monkeypatch.setattr(drv.xenstore, "read", read)
+                caplog.clear()
+                told = bdev.error(errno.EIO, "as XenStore goes")  # does not raise
+                assert looks == [bdev.nodename]
+                assert told is True
+                assert not [r for r in caplog.records if "not reported there" in r.getMessage()]
+                assert [r.msg for r in caplog.records
+                        if r.name == "xenback.xenbus" and r.levelno >= logging.ERROR] == [
+                    "%s: error %d: %s"]
+                (unwritten,) = [r for r in caplog.records
+                                if r.msg == "%s: could not write the error node: %s"]
+                assert isinstance(unwritten.args[1], PermissionError)  # type: ignore[index]
+                # The loss said it: no refusal of ours.
+                assert unwritten.levelno == logging.DEBUG
+            finally:
+                drv.stop()
+    finally:
+        host.close()
+
+
+def test_a_report_refused_whose_nodes_read_again_meet_our_domain_going_is_no_taking(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """As above, but it is our own domain that goes (libxl deletes our
+    home) as our nodes are read again: the EACCES they get is our
+    domain going, said once for all, and no taking of a node of ours,
+    which would be said as a refusal of its own."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        _take_error_directory(dom0_xs, drvdom)
+        plain_read = drv.xenstore.read
+        looks: list[str] = []
+
+        def read(path: str, *args: Any) -> Any:
+            if path == bdev.nodename and not looks:
+                looks.append(path)
+                dom0_xs.rm(f"/local/domain/{drvdom.domid}")  # our domain goes
+            return plain_read(path, *args)
+
+        monkeypatch.setattr(drv.xenstore, "read", read)
+        caplog.clear()
+        bdev.error(errno.EIO, "as our domain goes")
+        drv.wait(lambda: drv.devices() == [])
+        bdev.events.flush()
+        drv._bus.flush()
+        assert looks == [bdev.nodename]
+        assert not [r for r in caplog.records if "not reported there" in r.getMessage()]
+        # The failure said as ours, as for any report whose transaction
+        # fails so; the refused error node's line is the going's.
+        assert _going_said(caplog) == [f"{bdev.nodename}: error {errno.EIO}: as our domain goes"]
+        assert drv.calls_of(fe.guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    finally:
+        drv.stop()
+
+
+def test_a_frontend_a_driver_domain_may_not_read_at_probe_is_the_probes_failure(
+        host, dom0_xs, caplog) -> None:
+    """A driver domain's backend looks, before probe(), at a frontend
+    directory it may not read (its guest took it away, or it went as the
+    device was made: a driver domain may not read ``/local/domain``
+    either).  That EACCES is the look's answer, the probe's failure, and
+    is reported as every failed look is (error node and Closing), the
+    look made again as the failure is written finding it alike: no node
+    of ours taken, nor our domain going (see _how_lookup_fails)."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom = host.create_domain("driver-domain")
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+    dom0_xs.set_perms(dev.frontend_path, [f"n{guest.domid}"])  # the guest's doing, say
+    drv = RecordingDriver(drvdom)
+    caplog.clear()
+    drv.start()
+    try:
+        error = f"/local/domain/{drvdom.domid}/error/backend/xbtest/{guest.domid}/0/error"
+        assert eventually(
+            lambda: dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSING)))
+        assert dom0_xs.read(error) == (
+            f"{errno.EACCES} probing: Permission denied: {dev.frontend_path}")
+        assert drv.calls == [] and len(drv.devices()) == 1
+        assert [r.msg for r in _backend_warnings(caplog)] == ["%s: error %d: %s"]
+        assert not [r for r in caplog.records if "not reported there" in r.getMessage()]
+    finally:
+        drv.stop()
+
+
+def test_a_state_taken_after_its_write_was_refused_is_said_once(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """fatal() with our ``state`` left to us to read only: its Closing is
+    refused, and the error node goes alone, in a transaction of its own;
+    the toolstack takes the state outright between the two.  The error
+    node's transaction finds it taken: the refused Closing is then the
+    taking's, and said by it, as the failure is (see
+    BackendDevice._refused_report): nothing written, False told, the
+    device dropped, one warning."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        state = f"{bdev.nodename}/state"
+        xs = drv.xenstore
+        plain = xs.transaction
+        runs: list[int] = []
+
+        def transaction(body: Any, *args: Any, **kwargs: Any) -> Any:
+            runs.append(len(runs))
+            if len(runs) == 2:
+                dom0_xs.set_perms(state, ["n0"])  # taken outright
+            return plain(body, *args, **kwargs)
+
+        told = _refused_under(
+            bdev, dom0_xs,
+            lambda: (monkeypatch.setattr(xs, "transaction", transaction),
+                     bdev.fatal(errno.EIO, "unreadable"))[1],
+            perms=["n0", f"r{drvdom.domid}"])
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert len(runs) >= 2, "the error node's own transaction was not run"
+        assert told == [False]
+        _said_once(caplog, bdev, state, "unreadable")
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_a_failure_whose_look_passes_as_a_report_meets_the_state_taken_is_still_reported(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """A failure of the device (_fatal_or_drop) whose look at the
+    directory finds it ours, as a report of another thread of the
+    driver's meets our state taken and queues the drop (see
+    BackendDevice._refused_report), the toolstack giving the state back
+    at once: the failure met now is reported as ever (error node and
+    Closing: fatal() finds nothing taken), not lost for the other's
+    refusal; the drop queued follows, said once."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        state = f"{bdev.nodename}/state"
+        perms = dom0_xs.get_perms(state)
+        plain = bdev._stale
+        other: list[bool] = []
+
+        def stale(t: Any) -> str | None:
+            why = plain(t)
+            if t is drv.xenstore and not other:  # the look of _fatal_or_drop
+                dom0_xs.set_perms(state, ["n0"])
+                other.append(bdev.error(errno.EIO, "the other's"))
+                dom0_xs.set_perms(state, perms)
+            return why
+
+        monkeypatch.setattr(bdev, "_stale", stale)
+        caplog.clear()
+        told = _fatal_or_drop_after(bdev, drv, lambda: None)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert other == [False] and told == [True]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) == f"{errno.EIO} failed"
+        assert dom0_xs.read(state) == str(int(S.CLOSING))
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        assert [r.msg for r in _backend_warnings(caplog)] == [
+            "%s: error %d: %s",
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"]
+        assert [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()] == [
+            f"{bdev.nodename}: the other's (errno {errno.EIO}), and {state} may not be read: "
+            "not reported there"]
     finally:
         drv.stop()
 
