@@ -395,9 +395,12 @@ class BackendDevice:
         self._failing = False
         # The refusal error()/fatal() met reading a node of our own
         # directory (the toolstack took it, see BackendDriver._refused),
-        # which then queued the device's drop: set by the thread that
-        # reported, read by _fatal_or_drop on the queue, right after its
-        # own fatal() (a plain attribute: one write, one read after it).
+        # which then queued the device's drop: set by whichever thread
+        # reported, never cleared, read by _fatal_or_drop on the queue
+        # after its own fatal().  No lock: a plain attribute, and the value
+        # read may be another thread's report's, set since the look; the
+        # device is dropped then all the same (that report queued it), so
+        # _fatal_or_drop drops it as a taking either way.
         self._refusal: PermissionError | None = None
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
