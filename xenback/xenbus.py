@@ -65,7 +65,7 @@ protocol (section 2 of the protocol reference), item by item:
   the toolstack makes at the same path, which must not inherit the error
   node of a failure whose Closing its re-creation kept out.  Should that
   transaction fail, what can be written still is, alone: the error node
-  when our ``state`` is refused (checked as ever: never into a new
+  when the write of our ``state`` is refused (checked as ever: never into a new
   device's directory), Closing when anything else is (the error node);
   each refusal said as a warning (see :meth:`BackendDevice.fatal`).
   An exception's errno is its own for an :class:`OSError` (the message
@@ -75,7 +75,8 @@ protocol (section 2 of the protocol reference), item by item:
   or deleted and made again for a new device) is the old device's: only
   logged, as information, and the device dropped (see ``_fatal_or_drop``;
   a driver's own :meth:`BackendDevice.fatal` then writes nothing and logs
-  it as information too, and returns False);
+  it as information too, and returns False; so it does, the device
+  dropped next, for one met on a node of ours taken, as below);
 * so does a bug in what a driver sets going for a device, to run later:
   an exception escaping a call queued with :meth:`BackendDevice.queue`,
   the callback of a port bound with :meth:`BackendDevice.bind_evtchn` or
@@ -95,11 +96,18 @@ protocol (section 2 of the protocol reference), item by item:
   toolstack took it, set_perms on our ``state`` say, while our domain and
   home live): the device is dropped (disconnect, remove, grants and ports
   released), nothing written there, the error node included, and said
-  once as a warning; whose the directory is, only the state could tell
-  (see ``BackendDriver._refused``).  So is one whose ``online`` we may
-  no longer read, once we read it at the frontend's Closed (or at our
-  Closing, with no frontend left to close): Linux reads that failure as
-  offline, and unregisters the device.  At the path, only a new device (Initialising, readable, in a
+  once as a warning, however it is met (a failure met so, a driver's
+  :meth:`BackendDevice.fatal` or :meth:`BackendDevice.error` included, is
+  only logged, as information, naming the node); whose the directory
+  is, only the state could tell (see ``BackendDriver._refused``).  A
+  state we may write but not read is one we may not read: every write
+  of ours into our directory reads it first, as Linux's switches do
+  (theirs then give up without a word), and the toolstack's Initialising
+  there is no device for us, as for Linux's probe.  A device whose
+  ``online`` we may no longer read is dropped so too, once we read it at
+  the frontend's Closed (or at our Closing, with no frontend left to
+  close): Linux reads that failure as offline, and unregisters the
+  device.  At the path, only a new device (Initialising, readable, in a
   directory we may read) is served again; the removal of one we do not
   serve is none we can tell if we may not read its ``online``, and one
   whose Closed we may not write is said once as a warning (the
@@ -276,16 +284,22 @@ def _how_lookup_fails(store: Transaction | XenStore, dev: BackendDevice) -> tupl
     """How :func:`_find_otherend` fails now, as (errno, message); None if
     it does not.  XenStore's errors that are no answer of the look's are
     raised: EAGAIN (a request inside a transaction may meet it, and the
-    transaction is then run anew) and those of a lost connection, as
-    every other read that decides whose our directory is raises them.
-    Taken for a look failing otherwise, either would drop a device that
-    was never made again, and a drop's own look, failing alike once
-    more, would write Closed over a failure never reported."""
+    transaction is then run anew), those of a lost connection, and those
+    of our domain going (the EACCES where our ``frontend`` was, our home
+    deleted between the look's reads: see BackendDriver._lost_domain),
+    as every other read that decides whose our directory is raises them,
+    for the callback's handler, which says the cause once.  Taken for a
+    look failing otherwise, any of them would drop a device that was
+    never made again, said as made again (a lost domain's device so
+    dropped by the look rather than with the others); an EAGAIN or a
+    lost connection would also have the drop's own look, failing alike
+    once more, write Closed over a failure never reported."""
     try:
         _find_otherend(store, dev)
     except Exception as exc:
         if isinstance(exc, OSError) and (
-                exc.errno == errno.EAGAIN or dev.driver._connection_gone(exc)):
+                exc.errno == errno.EAGAIN or dev.driver._connection_gone(exc)
+                or dev.driver._lost_domain(exc)):
             raise
         return _errno_of(exc)
     return None
@@ -379,6 +393,15 @@ class BackendDevice:
         # A failure of the driver's code is about to fail the device, or
         # doing so (see _claim_failure).
         self._failing = False
+        # The refusal error()/fatal() met reading a node of our own
+        # directory (the toolstack took it, see BackendDriver._refused),
+        # which then queued the device's drop: set by whichever thread
+        # reported, never cleared, read by _fatal_or_drop on the queue
+        # after its own fatal().  No lock: a plain attribute, and the value
+        # read may be another thread's report's, set since the look; the
+        # device is dropped then all the same (that report queued it), so
+        # _fatal_or_drop drops it as a taking either way.
+        self._refusal: PermissionError | None = None
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
         self._ports: list[int] = []
@@ -679,7 +702,7 @@ class BackendDevice:
     def error(self, err: int, message: str) -> bool:
         """``xenbus_dev_error``: log and write the error node.  Whether the
         failure was reported there: False when the device directory is no
-        longer this device's (see :meth:`fatal`)."""
+        longer this device's, or a node of it is taken (see :meth:`fatal`)."""
         return self._error(err, message)
 
     def _error(self, err: int, message: str, *, closing: bool = False) -> bool:
@@ -692,6 +715,8 @@ class BackendDevice:
         line = f"{err} {message}"[:1024]
         why: list[str] = []
 
+        state_path = f"{self.nodename}/state"
+
         def tx(t: Transaction) -> bool:
             # The error path is a new device's as much as ours: it must not
             # start its life with our failure.  (Nor is an error node of a
@@ -700,10 +725,14 @@ class BackendDevice:
             if stale is not None:
                 why.append(stale)
                 return False
+            if not self._switched:
+                # A state we may not read is a node taken before our first
+                # switch too, though that look reads none: nothing is
+                # written then (see _taken_from_us).
+                t.read(state_path)
             t.write(self.error_path, line)
             return True
 
-        state_path = f"{self.nodename}/state"
         refused: Exception | None = None  # fatal()'s Closing, our state refused
         try:
             if closing:
@@ -711,6 +740,9 @@ class BackendDevice:
             else:
                 ours = self.xenstore.transaction(tx)
         except (OSError, ValueError) as exc:
+            taken = self._taken_from_us(exc)
+            if taken is not None:
+                return self._refused_report(err, message, taken)
             # Reporting an error must not raise one: fatal() still has to go
             # Closing.  No traceback: XenStore's error says it all.
             if not (closing and getattr(exc, "filename", None) == state_path):
@@ -724,14 +756,20 @@ class BackendDevice:
                     except OSError as again:
                         self._unwritten(again, closing=True)
                 return True
-            # Our state refused (the toolstack took the node, most
-            # likely): the error node alone, in a transaction that checks
-            # whose the directory is, as the one that failed would have.
+            # The write of our state refused (the toolstack left it to us
+            # to read only, most likely): the error node alone, in a
+            # transaction that checks whose the directory is, as the one
+            # that failed would have.
             # The refusal is said once that is known, after the failure.
             refused = exc
             try:
                 ours = self.xenstore.transaction(tx)
             except (OSError, ValueError) as again:
+                # Taken since (it was only not ours to write): the refused
+                # Closing is then the taking's, said by it.
+                taken = self._taken_from_us(again)
+                if taken is not None:
+                    return self._refused_report(err, message, taken)
                 self._log_error(err, message)
                 self._unwritten(exc, closing=True)
                 self._unwritten(again)
@@ -747,6 +785,45 @@ class BackendDevice:
         if refused is not None:
             self._unwritten(refused, closing=True)
         return True
+
+    def _taken_from_us(self, exc: BaseException) -> PermissionError | None:
+        """After a report's transaction failed with ``exc``: the refusal
+        of a read of our own directory or ``state`` (the toolstack took
+        it, see BackendDriver._refused), as those reads get it now; None
+        if ``exc`` is no EACCES, or is our domain going or the connection
+        lost (said once, by themselves), or if both nodes read as ever
+        (what was refused was a write: the error node's, or a state left
+        to us to read only).  A refused read in the transaction does not
+        say which request it was: the reads again do, and only a failing
+        report pays for them.  A state we may write but not read is
+        taken as well: every write of ours reads it first (see
+        BackendDriver._refused)."""
+        if not isinstance(exc, PermissionError) or not self.driver._taken(exc):
+            return None
+        try:
+            self.xenstore.read(self.nodename)
+            self.xenstore.read(f"{self.nodename}/state")
+        except PermissionError as again:
+            return again if self.driver._taken(again) else None
+        except OSError:
+            return None  # whatever it is, the report's own path says it
+        return None
+
+    def _refused_report(self, err: int, message: str, taken: PermissionError) -> bool:
+        """error() or fatal() met a node of our own taken (``taken``, see
+        _taken_from_us): whose the directory is, nobody can tell, and
+        nothing is written.  Said once, as the taking is wherever else it
+        is met: the failure as one not reported there, naming the node,
+        and the refusal as the device is dropped, on its queue, next
+        (whichever thread reported; the taking's own event finds it gone).
+        Dropped even if the toolstack gives the node back meanwhile: the
+        failure reached nobody, and the driver, told False, gave up on
+        the device, which its frontend would otherwise wait on for ever.
+        False, as for a directory no longer the device's."""
+        self._not_reported(err, message, f"{taken.filename} may not be read")
+        self._refusal = taken
+        self.events.call(self.driver._refused, self, taken)
+        return False
 
     def _unwritten(self, exc: BaseException, *, closing: bool = False,
                    quiet: bool = False) -> None:
@@ -806,8 +883,8 @@ class BackendDevice:
         Should that transaction fail, what can be written still is, each
         in a transaction of its own, as Linux's writes go one by one: the
         frontend must hear of the failure, and the toolstack read it.
-        Refused our ``state`` (the toolstack took the node from us), the
-        error node is written alone, in a transaction that checks whose
+        Refused the write of our ``state`` (the toolstack left it to us
+        to read only), the error node is written alone, in a transaction that checks whose
         the directory is as the failed one did (so never into a new
         device's), and True returned unless that says the directory is
         no longer ours.  Refused anything else (the error node, most
@@ -817,10 +894,19 @@ class BackendDevice:
         whose directory nobody could tell then, is said as this device's.
         (A Closing refused in a directory that the error node's own
         transaction then finds no longer ours is said, as that failure
-        is, as information: see _not_reported.)  (A state we
-        may not even read is refused before anything is written: the
-        error node, whose look at the directory reads it too, cannot be
-        written either.)"""
+        is, as information: see _not_reported.)
+
+        A state (or directory) we may not even read (the toolstack took
+        it, see BackendDriver._refused; one left to us to write only is
+        as unreadable) is refused before anything is written: the look at
+        the directory reads it, and cannot tell whose it is.  Nothing is
+        written, the error node included; the failure is logged as
+        information, naming the node, False returned, and the device
+        dropped next, on its queue, the taking said once as a warning, as
+        wherever else it is met: no error line, nor a warning per write
+        refused (one event, one line, as the rest of the module says a
+        taking).  It is dropped even if the node is given back before its
+        queue gets to it: the failure reached nobody."""
         _check_error(err, message)  # before anything is written
         return self._error(err, message, closing=True)
 
@@ -2081,6 +2167,12 @@ class BackendDriver:
         # it told anything returns None, and that is no drop.
         elif dev.fatal(err, message) is not False:
             return True
+        elif dev._refusal is not None:
+            # fatal() found a node taken since the look (see
+            # BackendDevice._refused_report): no Closed tried, no drop of
+            # another kind; the drop it queued finds the device gone.
+            self._refused(dev, dev._refusal)
+            return False
         self._drop(dev)
         return False
 
@@ -2105,7 +2197,11 @@ class BackendDriver:
         called, and the path, should the toolstack give the node back, is
         served again only as a new device (Initialising), as Linux probes
         one (an unreadable state reads as Unknown to its
-        xenbus_read_driver_state, and is not probed)."""
+        xenbus_read_driver_state, and is not probed).  Once only: the
+        drop a report queued (see BackendDevice._refused_report) may
+        find it done."""
+        if dev.gone:
+            return
         logger.warning("%s: its own node may not be read any more (%s): dropping the device, "
                        "writing nothing there", dev.nodename, exc)
         self._drop(dev, closed=False)

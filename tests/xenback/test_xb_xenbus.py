@@ -1137,6 +1137,47 @@ def test_a_failed_look_at_the_frontend_whose_look_again_loses_xenstore_is_no_re_
     assert not leaked_threads(before)
 
 
+def test_a_failed_look_at_the_frontend_whose_look_again_meets_our_domain_going_is_no_re_creation(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """As above, but it is our own domain that goes (a driver domain
+    whose home libxl deletes) as the look is made again: the EACCES its
+    read of our ``frontend`` gets is no answer of the look's either, but
+    our domain going, said once for all, and the device dropped with
+    every other one, writing nothing.  Taken for a look that fails
+    otherwise, it was said as the directory made again for a new device
+    (or the frontend's nodes changed), which nobody did."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        guest = fe.guest
+        home = f"/local/domain/{drvdom.domid}"
+        frontend = f"{drv.backend_root}/{guest.domid}/1/frontend"
+        plain_read = drv.xenstore.read
+        looks: list[str] = []
+
+        def read(path: str, *args: Any) -> Any:
+            if path == frontend:
+                looks.append(path)
+                if len(looks) == 1:
+                    dom0_xs.rm(path)  # the look fails: no frontend named
+                else:
+                    dom0_xs.rm(home)  # our domain goes
+            return plain_read(path, *args)
+
+        monkeypatch.setattr(drv.xenstore, "read", read)
+        caplog.clear()
+        host.toolstack.add_device("xbtest", guest.domid, devid=1, backend_id=drvdom.domid)
+        drv.wait(lambda: drv.devices() == [])
+        drv._bus.flush()
+        assert len(looks) == 2
+        assert not [r for r in caplog.records if "not reported there" in r.getMessage()
+                    or "the look at the frontend" in r.getMessage()]
+        assert _going_said(caplog) == []
+        assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    finally:
+        drv.stop()
+
+
 def test_a_probe_failing_after_the_device_was_re_created_and_removed_lets_the_toolstack_go(
         host, driver, dom0_xs) -> None:
     """As above, but the toolstack also asked for the new device's
@@ -3619,8 +3660,9 @@ def _driver_domain_error(dom0_xs: Any, drvdom: Any, fe: Any) -> str | None:
                       f"{fe.guest.domid}/0/error")
 
 
+@pytest.mark.parametrize("write_only", [False, True], ids=["state", "state-write-only"])
 def test_a_state_node_the_toolstack_takes_drops_its_device_and_says_so(
-        host, dom0_xs, frontends, caplog) -> None:
+        host, dom0_xs, frontends, caplog, write_only) -> None:
     """The toolstack takes a device's own ``state`` from the driver
     domain's backend (set_perms: it may no longer read it).  Whose the
     directory is, only that node tells once we switched (see
@@ -3630,13 +3672,17 @@ def test_a_state_node_the_toolstack_takes_drops_its_device_and_says_so(
     released), nothing written there, the error node included, and said
     once, without a traceback (its watch event fired on its queue, and the
     look at the path that a drop queues on the bus ran too); the other
-    devices are served as before, and a new one is probed."""
+    devices are served as before, and a new one is probed.  A state left
+    to us to write, not to read, is taken all the same: every write of
+    ours reads it first (as Linux's switches do), and nothing is
+    written there either."""
     drvdom, drv, (taken, other) = _driver_domain_backend(
         host, dom0_xs, frontends, ("taken", "other"), (0,))
     try:
         bdev = backend_device(drv, taken.guest.domid)
         caplog.clear()
-        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+        dom0_xs.set_perms(f"{bdev.nodename}/state",
+                          ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
         drv.wait_call("remove", taken.guest.domid)
         assert bdev.gone and bdev.resources == (0, 0)
         assert drv.calls_of(taken.guest.domid) == ["probe", "connect", "disconnect", "remove"]
@@ -3697,8 +3743,9 @@ def test_a_failure_met_as_the_state_node_is_taken_drops_the_device_without_a_tra
         drv.stop()
 
 
+@pytest.mark.parametrize("write_only", [False, True], ids=["state", "state-write-only"])
 def test_a_state_node_taken_while_probe_runs_drops_the_device_writing_nothing(
-        host, dom0_xs, caplog) -> None:
+        host, dom0_xs, caplog, write_only) -> None:
     """The toolstack takes our ``state`` while probe() runs, before our
     first switch: the switch to InitWait is refused, and the device's
     failure met so cannot be told from the refusal.  As for a device that
@@ -3720,7 +3767,8 @@ def test_a_state_node_taken_while_probe_runs_drops_the_device_writing_nothing(
         guest = host.create_domain("guest")
         dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
         assert entered.wait(TIMEOUT)
-        dom0_xs.set_perms(f"{dev.backend_path}/state", ["n0"])
+        dom0_xs.set_perms(f"{dev.backend_path}/state",
+                          ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
         release.set()
         drv.wait_call("remove", guest.domid)
         drv._bus.flush()
@@ -3735,6 +3783,85 @@ def test_a_state_node_taken_while_probe_runs_drops_the_device_writing_nothing(
         assert dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
                             f"{guest.domid}/0/error") is None
         assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize("closing", [False, True], ids=["error", "fatal"])
+@pytest.mark.parametrize("write_only", [False, True], ids=["state", "state-write-only"])
+def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
+        host, dom0_xs, caplog, closing, write_only) -> None:
+    """probe() itself reports a failure (error() or fatal()) once the
+    toolstack took our ``state``, before our first switch: nothing tells
+    whose the directory is then but the nodes probe() wrote, yet a state
+    we may not read is a node taken as it is after it (see
+    _fatal_or_drop, which reads it for that alone), and nothing is
+    written, the error node included: the failure said as not reported,
+    False told, the refusal said once as the device is dropped.  The
+    switch to InitWait that follows, refused, is the probe's own failure,
+    not reported either, and no second refusal."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom = host.create_domain("driver-domain")
+    drv = RecordingDriver(drvdom)
+    told: list[bool] = []
+
+    def report(dev: Any) -> None:
+        dom0_xs.set_perms(f"{dev.nodename}/state",
+                          ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+        told.append((dev.fatal if closing else dev.error)(errno.EIO, "in probe"))
+
+    drv.probe_hook = report
+    drv.start()
+    try:
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        drv.wait_call("remove", guest.domid)
+        drv._bus.flush()
+        state = f"{dev.backend_path}/state"
+        assert told == [False]
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        said = _backend_warnings(caplog)
+        assert [r.msg for r in said] == [
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"], said
+        assert said[0].args[1].filename == state  # type: ignore[index]
+        assert [r.getMessage().split(": ", 1)[1] for r in caplog.records
+                if "not reported there" in r.getMessage()] == [
+            f"in probe (errno {errno.EIO}), and {state} may not be read: not reported there",
+            f"probing: Permission denied: {state} (errno {errno.EACCES}), and {state} "
+            "may not be read: not reported there"]
+        assert dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
+                            f"{guest.domid}/0/error") is None
+        assert dom0_xs.read(state) == str(int(S.INITIALISING))
+    finally:
+        drv.stop()
+
+
+def test_a_new_device_whose_state_we_may_only_write_is_not_probed(
+        host, dom0_xs, frontends, caplog) -> None:
+    """A device whose ``state`` the toolstack leaves us to write, not to
+    read: as Linux's probe, which reads it (xenbus_read_driver_state: an
+    unreadable one is Unknown), it is no Initialising device, and is not
+    probed, nothing written there nor said but at debug level; given
+    back, it is probed and served."""
+    drvdom = host.create_domain("driver-domain")
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+    state = f"{dev.backend_path}/state"
+    perms = dom0_xs.get_perms(state)
+    dom0_xs.set_perms(state, ["n0", f"w{drvdom.domid}"])
+    drv = RecordingDriver(drvdom)
+    caplog.clear()
+    drv.start()
+    try:
+        handed_over(drv.xenstore, "started", base=f"/local/domain/{drvdom.domid}/data")
+        drv._bus.flush()
+        assert drv.devices() == [] and drv.calls == []
+        assert dom0_xs.read(state) == str(int(S.INITIALISING))
+        assert _backend_warnings(caplog) == []
+        dom0_xs.set_perms(state, perms)
+        _connect(frontends, guest, dev)
+        assert drv.calls_of(guest.domid) == ["probe", "connect"]
     finally:
         drv.stop()
 
@@ -3819,10 +3946,12 @@ def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
         drv.stop()
 
 
-def _refused_under(bdev: Any, dom0_xs: Any, call: Any) -> list[Any]:
+def _refused_under(bdev: Any, dom0_xs: Any, call: Any, *, node: str = "state",
+                   perms: list[str] | None = None) -> list[Any]:
     """Run ``call()`` on ``bdev``'s queue once the toolstack took its
-    ``state`` (unreadable to the driver domain), before the queue handles
-    the event of that: what it returned, in a list."""
+    ``node`` (``perms``: none for us by default, so unreadable to the
+    driver domain), before the queue handles the event of that: what it
+    returned, in a list."""
     held, go = threading.Event(), threading.Event()
     told: list[Any] = []
 
@@ -3833,42 +3962,368 @@ def _refused_under(bdev: Any, dom0_xs: Any, call: Any) -> list[Any]:
 
     assert bdev.events.call(hold)
     assert held.wait(TIMEOUT)
-    dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+    dom0_xs.set_perms(f"{bdev.nodename}/{node}".rstrip("/"), perms or ["n0"])
     go.set()
     return told
 
 
+def _said_once(caplog: Any, bdev: Any, taken: str, message: str) -> None:
+    """What a failure met on a node of ``bdev``'s own we may not read
+    (``taken``) leaves in the log: the failure as one not reported there,
+    naming the node, and the refusal, once, as a warning; no traceback."""
+    assert not [r for r in caplog.records if r.exc_info is not None]
+    said = _backend_warnings(caplog)
+    assert [r.msg for r in said] == [
+        "%s: its own node may not be read any more (%s): dropping the device, "
+        "writing nothing there"], said
+    assert said[0].args[1].filename == taken  # type: ignore[index]
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records
+            if "not reported there" in r.getMessage()] == [
+        f"{message} (errno {errno.EIO}), and {taken} may not be read: not reported there"]
+
+
+# What the toolstack may leave us of a node it takes: nothing, or the
+# right to write it (and not read it): every write of ours to our
+# directory reads its state first, as Linux's xenbus_switch_state() does,
+# so one is as unreadable as the other.
+_TAKINGS = [pytest.param("state", False, id="state"),
+            pytest.param("state", True, id="state-write-only"),
+            pytest.param("", False, id="directory")]
+
+
 @pytest.mark.parametrize("closing", [False, True], ids=["error", "fatal"])
-def test_a_failure_reported_on_a_state_node_we_may_not_read_is_logged_only(
-        host, dom0_xs, frontends, caplog, closing) -> None:
-    """A driver's error() or fatal() met with our ``state`` unreadable
-    (its watch event not handled yet): the look at whose directory it is
-    reads that node first, so nothing can be written, the error node
-    included.  The failure is logged as this device's (nobody can tell
-    whose the directory is), with what was refused: the error node, and
-    for fatal() the Closing too, each said once; fatal() tells its caller
-    True, the device not dropped by it, and the event that follows drops
-    it, said once more, as for any device whose state was taken."""
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_a_failure_reported_on_a_node_we_may_not_read_is_said_once(
+        host, dom0_xs, frontends, caplog, closing, node, write_only) -> None:
+    """A driver's error() or fatal() met with our ``state`` (or our
+    directory) unreadable, its watch event not handled yet: the look at
+    whose directory it is reads that node first, so nothing can be
+    written, the error node included.  Said once, as every taking is:
+    the failure as one not reported there, naming the node (information:
+    whose the directory is, nobody can tell), and the refusal as a
+    warning as the device is dropped, writing nothing (not even into a
+    state left to us to write); no error line, nor a line per write
+    refused.  The caller is told False, as for a directory no longer
+    the device's: the device is dropped next."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
     drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
     try:
         bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        perms = ["n0", f"w{drvdom.domid}"] if write_only else ["n0"]
         caplog.clear()
         report = bdev.fatal if closing else bdev.error
-        told = _refused_under(bdev, dom0_xs, lambda: report(errno.EIO, "unreadable"))
+        told = _refused_under(bdev, dom0_xs, lambda: report(errno.EIO, "unreadable"),
+                              node=node, perms=perms)
         drv.wait_call("remove", fe.guest.domid)
         bdev.events.flush()
         drv._bus.flush()
-        assert told == [True]
-        assert not [r for r in caplog.records if r.exc_info is not None]
-        said = [r.msg for r in _backend_warnings(caplog)]
-        assert said == [
-            "%s: error %d: %s",
-            *(["%s: could not switch to Closing: %s"] if closing else []),
-            "%s: could not write the error node: %s",
-            "%s: its own node may not be read any more (%s): dropping the device, "
-            "writing nothing there"], said
+        assert told == [False]
+        _said_once(caplog, bdev, taken, "unreadable")
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_a_failure_reported_off_the_queue_on_a_state_taken_and_given_back_drops_the_device(
+        host, dom0_xs, frontends, caplog) -> None:
+    """As above, but from a thread of the driver's own, and the state is
+    given back before the device's queue handles the events: fatal() told
+    the driver False, and the failure reached nobody; the device is
+    dropped all the same (left Connected, its frontend would wait on a
+    driver that gave up), said once."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        state = f"{bdev.nodename}/state"
+        held, go = threading.Event(), threading.Event()
+        assert bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
+        assert held.wait(TIMEOUT)
+        caplog.clear()
+        dom0_xs.set_perms(state, ["n0"])
+        told = bdev.fatal(errno.EIO, "off the queue")
+        dom0_xs.set_perms(state, [f"n{drvdom.domid}", f"r{fe.guest.domid}"])
+        go.set()
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told is False and bdev.gone
+        _said_once(caplog, bdev, state, "off the queue")
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_a_report_on_a_state_taken_leaves_a_device_made_again_before_its_drop_alone(
+        host, dom0_xs, frontends, caplog) -> None:
+    """As above, but before the device's queue gets to the drop that
+    fatal() queued, the toolstack deletes the device (a forced removal)
+    and makes it again at the same path: the drop is the old device's
+    alone, writing nothing; the new one is probed and served, nothing
+    of the old failure reported there."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        guest = fe.guest
+        old = backend_device(drv, guest.domid)
+        held, go = threading.Event(), threading.Event()
+        assert old.queue(lambda: (held.set(), go.wait(TIMEOUT)))
+        assert held.wait(TIMEOUT)
+        caplog.clear()
+        dom0_xs.set_perms(f"{old.nodename}/state", ["n0"])
+        told = old.fatal(errno.EIO, "the old device's failure")
+        host.toolstack.destroy_device(fe.device)
+        again = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        go.set()
+        fe = _connect(frontends, guest, again)
+        new = backend_device(drv, guest.domid)
+        assert told is False and old.gone and new is not old and not new.gone
+        assert drv.calls_of(guest.domid) == [
+            "probe", "connect", "disconnect", "remove", "probe", "connect"]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{again.backend_path}/state") == str(int(S.CONNECTED))
+        # The old device's taking, if said, is its only warning.
+        assert [r.msg for r in _backend_warnings(caplog)] in ([], [
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"])
+        said = [r for r in caplog.records if "the old device's failure" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.INFO]
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize("write_only", [False, True], ids=["state", "state-write-only"])
+def test_a_state_taken_between_the_look_and_fatal_is_said_once(
+        host, dom0_xs, frontends, monkeypatch, caplog, write_only) -> None:
+    """A failure of the device (_fatal_or_drop) whose look at the
+    directory reads our state fine, the toolstack taking it just before
+    fatal()'s transaction: fatal() finds it taken and tells False; the
+    device is dropped as for a taking, writing nothing (no Closed tried,
+    and said refused), said once."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        state = f"{bdev.nodename}/state"
+        perms = ["n0", f"w{drvdom.domid}"] if write_only else ["n0"]
+        plain = type(bdev).fatal
+
+        def fatal(err: int, message: str) -> bool:
+            dom0_xs.set_perms(state, perms)
+            return plain(bdev, err, message)
+
+        monkeypatch.setattr(bdev, "fatal", fatal)
+        caplog.clear()
+        told = _fatal_or_drop_after(bdev, drv, lambda: None)
+        drv._bus.flush()
+        assert told == [False] and bdev.gone
+        _said_once(caplog, bdev, state, "failed")
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_a_report_refused_whose_nodes_read_again_lose_xenstore_raises_nothing(
+        frontends, caplog, monkeypatch) -> None:
+    """error() whose error node is refused (EACCES: the toolstack took
+    our ``error`` directory), and XenStore ends our connection as our
+    nodes are read again to tell whether one of them was taken (see
+    BackendDevice._taken_from_us): no taking, and reporting an error
+    raises none; the failure is said as ours, as for any report whose
+    transaction fails so, and the loss once, by itself."""
+    caplog.set_level(logging.DEBUG, logger="xenback.xenbus")
+    host = SimHost()
+    host.start()
+    try:
+        with XenStore(host.dom0.xenstore()) as dom0_xs:
+            drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+            try:
+                bdev = backend_device(drv, fe.guest.domid)
+                _take_error_directory(dom0_xs, drvdom)
+                plain_read = drv.xenstore.read
+                looks: list[str] = []
+
+                def read(path: str, *args: Any) -> Any:
+                    if path == bdev.nodename and not looks:
+                        looks.append(path)
+                        host.close()
+                        assert drv.xenstore.connection_lost.wait(TIMEOUT)
+                    return plain_read(path, *args)
+
+                monkeypatch.setattr(drv.xenstore, "read", read)
+                caplog.clear()
+                told = bdev.error(errno.EIO, "as XenStore goes")  # does not raise
+                assert looks == [bdev.nodename]
+                assert told is True
+                assert not [r for r in caplog.records if "not reported there" in r.getMessage()]
+                assert [r.msg for r in caplog.records
+                        if r.name == "xenback.xenbus" and r.levelno >= logging.ERROR] == [
+                    "%s: error %d: %s"]
+                (unwritten,) = [r for r in caplog.records
+                                if r.msg == "%s: could not write the error node: %s"]
+                assert isinstance(unwritten.args[1], PermissionError)  # type: ignore[index]
+                # The loss said it: no refusal of ours.
+                assert unwritten.levelno == logging.DEBUG
+            finally:
+                drv.stop()
+    finally:
+        host.close()
+
+
+def test_a_report_refused_whose_nodes_read_again_meet_our_domain_going_is_no_taking(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """As above, but it is our own domain that goes (libxl deletes our
+    home) as our nodes are read again: the EACCES they get is our
+    domain going, said once for all, and no taking of a node of ours,
+    which would be said as a refusal of its own."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        _take_error_directory(dom0_xs, drvdom)
+        plain_read = drv.xenstore.read
+        looks: list[str] = []
+
+        def read(path: str, *args: Any) -> Any:
+            if path == bdev.nodename and not looks:
+                looks.append(path)
+                dom0_xs.rm(f"/local/domain/{drvdom.domid}")  # our domain goes
+            return plain_read(path, *args)
+
+        monkeypatch.setattr(drv.xenstore, "read", read)
+        caplog.clear()
+        bdev.error(errno.EIO, "as our domain goes")
+        drv.wait(lambda: drv.devices() == [])
+        bdev.events.flush()
+        drv._bus.flush()
+        assert looks == [bdev.nodename]
+        assert not [r for r in caplog.records if "not reported there" in r.getMessage()]
+        # The failure said as ours, as for any report whose transaction
+        # fails so; the refused error node's line is the going's.
+        assert _going_said(caplog) == [f"{bdev.nodename}: error {errno.EIO}: as our domain goes"]
+        assert drv.calls_of(fe.guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    finally:
+        drv.stop()
+
+
+def test_a_frontend_a_driver_domain_may_not_read_at_probe_is_the_probes_failure(
+        host, dom0_xs, caplog) -> None:
+    """A driver domain's backend looks, before probe(), at a frontend
+    directory it may not read (its guest took it away, or it went as the
+    device was made: a driver domain may not read ``/local/domain``
+    either).  That EACCES is the look's answer, the probe's failure, and
+    is reported as every failed look is (error node and Closing), the
+    look made again as the failure is written finding it alike: no node
+    of ours taken, nor our domain going (see _how_lookup_fails)."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom = host.create_domain("driver-domain")
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+    dom0_xs.set_perms(dev.frontend_path, [f"n{guest.domid}"])  # the guest's doing, say
+    drv = RecordingDriver(drvdom)
+    caplog.clear()
+    drv.start()
+    try:
+        error = f"/local/domain/{drvdom.domid}/error/backend/xbtest/{guest.domid}/0/error"
+        assert eventually(
+            lambda: dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSING)))
+        assert dom0_xs.read(error) == (
+            f"{errno.EACCES} probing: Permission denied: {dev.frontend_path}")
+        assert drv.calls == [] and len(drv.devices()) == 1
+        assert [r.msg for r in _backend_warnings(caplog)] == ["%s: error %d: %s"]
+        assert not [r for r in caplog.records if "not reported there" in r.getMessage()]
+    finally:
+        drv.stop()
+
+
+def test_a_state_taken_after_its_write_was_refused_is_said_once(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """fatal() with our ``state`` left to us to read only: its Closing is
+    refused, and the error node goes alone, in a transaction of its own;
+    the toolstack takes the state outright between the two.  The error
+    node's transaction finds it taken: the refused Closing is then the
+    taking's, and said by it, as the failure is (see
+    BackendDevice._refused_report): nothing written, False told, the
+    device dropped, one warning."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        state = f"{bdev.nodename}/state"
+        xs = drv.xenstore
+        plain = xs.transaction
+        runs: list[int] = []
+
+        def transaction(body: Any, *args: Any, **kwargs: Any) -> Any:
+            runs.append(len(runs))
+            if len(runs) == 2:
+                dom0_xs.set_perms(state, ["n0"])  # taken outright
+            return plain(body, *args, **kwargs)
+
+        told = _refused_under(
+            bdev, dom0_xs,
+            lambda: (monkeypatch.setattr(xs, "transaction", transaction),
+                     bdev.fatal(errno.EIO, "unreadable"))[1],
+            perms=["n0", f"r{drvdom.domid}"])
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert len(runs) >= 2, "the error node's own transaction was not run"
+        assert told == [False]
+        _said_once(caplog, bdev, state, "unreadable")
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_a_failure_whose_look_passes_as_a_report_meets_the_state_taken_is_still_reported(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """A failure of the device (_fatal_or_drop) whose look at the
+    directory finds it ours, as a report of another thread of the
+    driver's meets our state taken and queues the drop (see
+    BackendDevice._refused_report), the toolstack giving the state back
+    at once: the failure met now is reported as ever (error node and
+    Closing: fatal() finds nothing taken), not lost for the other's
+    refusal; the drop queued follows, said once."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        state = f"{bdev.nodename}/state"
+        perms = dom0_xs.get_perms(state)
+        plain = bdev._stale
+        other: list[bool] = []
+
+        def stale(t: Any) -> str | None:
+            why = plain(t)
+            if t is drv.xenstore and not other:  # the look of _fatal_or_drop
+                dom0_xs.set_perms(state, ["n0"])
+                other.append(bdev.error(errno.EIO, "the other's"))
+                dom0_xs.set_perms(state, perms)
+            return why
+
+        monkeypatch.setattr(bdev, "_stale", stale)
+        caplog.clear()
+        told = _fatal_or_drop_after(bdev, drv, lambda: None)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert other == [False] and told == [True]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) == f"{errno.EIO} failed"
+        assert dom0_xs.read(state) == str(int(S.CLOSING))
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        assert [r.msg for r in _backend_warnings(caplog)] == [
+            "%s: error %d: %s",
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"]
+        assert [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()] == [
+            f"{bdev.nodename}: the other's (errno {errno.EIO}), and {state} may not be read: "
+            "not reported there"]
     finally:
         drv.stop()
 

@@ -35,7 +35,7 @@ Checked as it goes and at quiescent points:
   connect and disconnect in pairs, then remove; nothing after remove but
   the next device's probe), each on its device's queue;
 * a driver domain's device whose ``state`` (or directory) the toolstack
-  made unreadable to it is not served; one whose nodes were taken and is
+  made unreadable to it (no permission, or write-only) is not served; one whose nodes were taken and is
   not served may be left in any state; one whose ``state`` was left
   read-only answers its frontend as the table says or has its error node
   (its switches fail, fatal() writes that alone); each device dropped so
@@ -263,6 +263,9 @@ class Fuzzer:
     def __init__(self, seed: int, host: Any, drivers: list[FuzzDriver],
                  drvdom: Any, *, guests: int = 3, devids: int = 3) -> None:
         self.rng = random.Random(seed)
+        # Draws added to an op since its seeds were first run come from
+        # this one, so that each seed still makes the same ops as before.
+        self.rng2 = random.Random(seed + 1_000_003)
         self.seed = seed
         self.host = host
         self.drivers = {d.platform.domid: d for d in drivers}
@@ -278,8 +281,9 @@ class Fuzzer:
         self.removing: dict[tuple[int, tuple[int, int]], dict[str, Any]] = {}
         # Backend path -> the nodes of its own (relative, "" the directory
         # itself) whose permissions the toolstack changed (op_take), and
-        # how ("n" not readable by the backend, "r" read-only), since
-        # the toolstack last made the device; and every such change since.
+        # how ("n" not readable by the backend, "w" write-only, "r"
+        # read-only), since the toolstack last made the device; and every
+        # such change since.
         self.taken: dict[str, dict[str, str]] = {}
         self.ever_taken: dict[str, set[str]] = {}
         self.taken_paths: set[str] = set()  # every path op_take changed, ever
@@ -593,8 +597,10 @@ class Fuzzer:
     def op_take(self) -> None:
         """The toolstack changes the permissions of a backend device's own
         nodes (as dom0 may): its ``state`` mostly, its ``online`` or its
-        directory itself, made unreadable to the backend (``n0``),
-        read-only (``n0 r<backend>``), or given back as libxl made them.
+        directory itself, made unreadable to the backend (``n0``, or
+        write-only, ``n0 w<backend>``: as unreadable to it, since every
+        write of its reads the state first), read-only (``n0 r<backend>``),
+        or given back as libxl made them.
         Only a driver domain's backend is refused anything (dom0's reads
         and writes whatever the permissions say): the module docstring of
         xenback.xenbus says what it does then, and check_device what is
@@ -610,7 +616,9 @@ class Fuzzer:
         fd = g.devs[key]
         node = self.rng.choice(["state", "state", "state", "online", ""])
         how = self.rng.choice(["n", "n", "r", "back", "back"])
-        perms = {"n": ["n0"], "r": ["n0", f"r{backend}"],
+        if how == "n" and self.rng2.random() < 0.5:
+            how = "w"
+        perms = {"n": ["n0"], "w": ["n0", f"w{backend}"], "r": ["n0", f"r{backend}"],
                  "back": [f"n{backend}", f"r{g.domid}"]}[how]
         base = fd.device.backend_path
         try:
@@ -948,7 +956,7 @@ class Fuzzer:
         check(self.dom0.exists(f"{base}/frontend-id"), f"{where}: re-created by the backend")
         # dom0's backend reads and writes whatever the permissions say.
         taken = self.taken.get(base, {}) if drv.platform.domid != 0 else {}
-        if taken.get("state") == "n" or taken.get("") == "n":
+        if {taken.get("state"), taken.get("")} & {"n", "w"}:
             # Whose the directory is, only the state tells: dropped,
             # and a new device is served only once the toolstack makes one.
             check(dev is None, f"{where}: {taken} taken from the backend, yet served")
