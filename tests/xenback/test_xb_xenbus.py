@@ -4321,7 +4321,8 @@ def test_a_failure_whose_look_passes_as_a_report_meets_the_state_taken_is_still_
             "%s: error %d: %s",
             "%s: its own node may not be read any more (%s): dropping the device, "
             "writing nothing there"]
-        assert [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()] == [
+        said = [r.getMessage() for r in caplog.records]
+        assert [m for m in said if "not reported there" in m] == [
             f"{bdev.nodename}: the other's (errno {errno.EIO}), and {state} may not be read: "
             "not reported there"]
     finally:

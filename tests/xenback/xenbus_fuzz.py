@@ -35,11 +35,12 @@ Checked as it goes and at quiescent points:
   connect and disconnect in pairs, then remove; nothing after remove but
   the next device's probe), each on its device's queue;
 * a driver domain's device whose ``state`` (or directory) the toolstack
-  made unreadable to it (no permission, or write-only) is not served; one whose nodes were taken and is
-  not served may be left in any state; one whose ``state`` was left
-  read-only answers its frontend as the table says or has its error node
-  (its switches fail, fatal() writes that alone); each device dropped so
-  is said once, and only where the fuzzer took a node;
+  made unreadable to it (no permission, or write-only) is not served; one
+  whose nodes were taken and is not served may be left in any state; one
+  whose ``state`` was left read-only answers its frontend as the table
+  says or has its error node (its switches fail, fatal() writes that
+  alone); each device dropped so is said once, and only where the fuzzer
+  took a node;
 * error nodes hold ``"<errno> <printable message>"``; no error, and no
   traceback at any level, is logged but those the fuzzer asked for, no
   thread dies of an exception, and every wait is bounded (a hang is a
