@@ -411,6 +411,12 @@ class EventDispatcher(Closing):
                 with self._lock:
                     self._idle.notify_all()
 
+    def in_callback(self) -> bool:
+        """True in the thread that runs this dispatcher's callbacks, while
+        it runs them (ours, or the caller of :meth:`poll`): what waits
+        there for a callback to return waits for itself."""
+        return threading.get_ident() == self._dispatching
+
     def wakeup(self) -> None:
         """Make the current (or the next) :meth:`poll` return at once.  A
         no-op once the dispatcher is closed."""

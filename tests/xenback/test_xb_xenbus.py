@@ -3283,6 +3283,41 @@ def test_stop_from_a_driver_callback_is_refused_before_it_does_anything(
     connected(host, frontends, name="guest2")
 
 
+@pytest.mark.parametrize("where", ["device work", "port callback"])
+def test_stop_from_a_device_work_or_port_callback_is_refused(
+        host, driver, frontends, where) -> None:
+    """A driver's own DeviceWork and the callback of a port it bound run
+    for a device too: stop() there waited for ever, the device's drop
+    waiting (disconnect()'s disable_sync, the port's unbind) for the very
+    item or callback that called it.  Refused before it does anything, as
+    from a xenbus callback, and the driver goes on serving."""
+    refused: list[BaseException] = []
+    ran = threading.Event()
+
+    def stop_here() -> None:
+        try:
+            driver.stop()
+        except RuntimeError as exc:
+            refused.append(exc)
+        finally:
+            ran.set()
+
+    guest, _dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    if where == "device work":
+        work = xenbus.DeviceWork(bdev, lambda _work: stop_here())
+        # As a driver's disconnect() stops its device's work (both examples).
+        driver.disconnect_hook = lambda _dev: work.disable_sync()
+        driver.workqueue.queue_work(work)
+    else:
+        driver.event_hook = lambda _dev, _port: stop_here()
+        fe.evtchn.notify(fe.port)
+    assert ran.wait(TIMEOUT)
+    assert len(refused) == 1
+    assert "stop() from a callback of RecordingDriver" in str(refused[0])
+    connected(host, frontends, name="guest2")
+
+
 def test_error_and_fatal_name_a_wrong_argument(host, driver, frontends, dom0_xs) -> None:
     """A driver's error path calls error()/fatal(): a wrong argument there
     is named (not abs()'s 'bad operand type' or 'NoneType' has no attribute
