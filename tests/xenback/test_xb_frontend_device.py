@@ -183,6 +183,30 @@ def test_close_of_a_device_no_backend_took_up_does_not_wait(host, dom0_xs, caplo
     assert not dom0_xs.exists(fe.device.frontend_path)
 
 
+def test_close_of_a_device_whose_backend_failed_its_probe_does_not_wait(
+        host, driver, dom0_xs, caplog) -> None:
+    """A backend whose probe failed went Closing and watches no frontend:
+    it would never answer the frontend's Closed, so close() waited its
+    whole timeout, raised TimeoutError, and left the toolstack no time
+    for the removal (forced, said as a warning).  A frontend that never
+    published has nothing to hand back: it writes Closed and lets the
+    removal, which such a backend answers at once, end the device."""
+    def fail(_dev: Any) -> None:
+        raise OSError(errno.ENOMEM, "injected")
+
+    driver.probe_hook = fail
+    guest = host.create_domain("guest")
+    fe = FrontendDevice.add(guest, "xbtest", timeout=60)
+    with pytest.raises(ConnectionRefusedError):
+        fe.wait_backend(S.INIT_WAIT)
+    started = time.monotonic()
+    fe.close()
+    assert time.monotonic() - started < TIMEOUT
+    assert "did not close" not in caplog.text
+    assert not dom0_xs.exists(fe.device.backend_path)
+    driver.wait_call("remove", guest.domid)
+
+
 def test_close_after_the_frontend_closed_itself_does_not_go_back_to_closing(
         host, driver, dom0_xs) -> None:
     guest = host.create_domain("guest")

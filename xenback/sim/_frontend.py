@@ -297,7 +297,10 @@ class FrontendDevice(Closing):
         whole: a backend that does not answer within it gets Closed all
         the same, everything is released, and then :class:`TimeoutError`
         says so.  With no backend that ever took the device up (still
-        Initialising), there is nobody to wait for.  With ``handshake``
+        Initialising), there is nobody to wait for; nor with one that
+        failed the device (Closing) before this frontend published
+        anything (still Initialising itself): it may watch the frontend no
+        more (a failed probe), so only Closed is written.  With ``handshake``
         False nothing is said to the backend, as by a guest whose driver
         died: its pages and ports go, the device stays (for the toolstack
         to remove, or ``host.destroy_domain()``).  Idempotent; interrupted
@@ -331,6 +334,15 @@ class FrontendDevice(Closing):
             # No backend took the device up (none runs, say): closing
             # needs no answer, nor does removing the device.
             self._unserved = True
+            self._switch_state(XenbusState.CLOSED)
+            return None
+        if (ours == str(int(XenbusState.INITIALISING))
+                and self._backend_state() is XenbusState.CLOSING):
+            # The backend failed the device before we published anything
+            # (its probe, say: it then watches us no more, as Linux binds
+            # no driver to it, and our Closed would get no answer).  We
+            # hand nothing back: Closed, and the removal (which such a
+            # backend answers at once) ends the device.
             self._switch_state(XenbusState.CLOSED)
             return None
         if ours == str(int(XenbusState.CLOSED)):
