@@ -207,6 +207,21 @@ def test_close_of_a_device_whose_backend_failed_its_probe_does_not_wait(
     driver.wait_call("remove", guest.domid)
 
 
+def test_close_after_the_domain_was_destroyed_has_nobody_to_tell(host, driver) -> None:
+    """A test that destroys the guest inside ``with FrontendDevice.add()``
+    (a domain dying under its backend) got ConnectionError 'not connected
+    to XenStore' at the block's end: the guest's connection went with its
+    domain.  A frontend whose domain is gone has nobody to close with:
+    close() only releases what is left."""
+    guest = host.create_domain("guest")
+    with FrontendDevice.add(guest, "xbtest") as fe:
+        _connect(fe)
+        host.destroy_domain(guest)
+    stats = host.hypervisor.stats()
+    assert (stats["grants"], stats["ports"]) == (0, 0)
+    assert driver.devices() == []
+
+
 def test_close_after_the_frontend_closed_itself_does_not_go_back_to_closing(
         host, driver, dom0_xs) -> None:
     guest = host.create_domain("guest")

@@ -303,7 +303,10 @@ class FrontendDevice(Closing):
         more (a failed probe), so only Closed is written.  With ``handshake``
         False nothing is said to the backend, as by a guest whose driver
         died: its pages and ports go, the device stays (for the toolstack
-        to remove, or ``host.destroy_domain()``).  Idempotent; interrupted
+        to remove, or ``host.destroy_domain()``).  Once the domain was
+        destroyed (its XenStore connection gone with it) there is nobody
+        to tell either: what is left is released, and no error raised.
+        Idempotent; interrupted
         (Ctrl-C in a wait), it still releases everything before it raises.
         """
         if self._closed:
@@ -314,6 +317,18 @@ class FrontendDevice(Closing):
         deadline = time.monotonic() + wait
         try:
             late = self._close_handshake(wait, deadline) if handshake else None
+        except ConnectionError:
+            # The guest's connection goes with its domain: a destroyed
+            # domain's frontend has nobody to close with, as a dying one's
+            # whose device is gone (see _close_handshake).
+            self._release(remove=handshake, deadline=time.monotonic())
+            try:
+                gone = not self._domain_exists()
+            except Exception:  # XenStore itself gone: the first error says it
+                gone = False
+            if not gone:
+                raise
+            return
         except BaseException:
             # Interrupted or XenStore gone: what we hold goes all the same,
             # and the device without a further wait.
@@ -358,6 +373,12 @@ class FrontendDevice(Closing):
         if on_time and self._await_backend(_CLOSED_OR_GONE, deadline):
             return None
         return self._late(wait)
+
+    def _domain_exists(self) -> bool:
+        """Whether our domain still has its XenStore home, as dom0 sees it
+        (our own connection may be what failed)."""
+        path = self.domain.path
+        return self.domain.toolstack.transaction(lambda c: c.exists(path.encode()))
 
     def _late(self, wait: float) -> str:
         return (f"backend {self.device.backend_path} did not close within {wait:g} s "
