@@ -319,6 +319,14 @@ class BackendDevice:
     last written or seen; ``driver_data``, free for the driver (None until
     it sets it); ``driver`` and ``device_type``; ``ratelimit``, the
     :class:`~xenback.ratelimit.RateLimit` for lines the guest can cause.
+
+    Once the driver is stopped, what needs its XenStore connection
+    (:meth:`read`, :meth:`write`, :meth:`switch_state`, :meth:`error`,
+    :meth:`fatal`) raises :class:`RuntimeError` saying the driver is not
+    started, rather than the ENODEV or False a removed device gives while
+    the driver runs; :meth:`map_grant_refs` and :meth:`bind_evtchn` still
+    raise ENODEV, :meth:`notify` sends nothing and :meth:`queue` returns
+    False.
     """
 
     def __init__(self, driver: BackendDriver, frontend_id: int, devid: int) -> None:

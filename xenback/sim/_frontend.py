@@ -86,6 +86,13 @@ class FrontendDevice(Closing):
 
     One thread at a time, as a driver's probe and remove are; the event
     channel handle may be used from any thread.
+
+    It acts only when called: nothing answers the backend's Closing by
+    itself, as a Linux frontend's ``otherend_changed`` would.  A
+    toolstack removal of a connected device (``remove_device()``) so
+    waits its whole timeout and forces the removal, unless the test calls
+    :meth:`close` (``host.destroy_domain()`` does not wait: it deletes
+    the frontend's directory first).
     """
 
     def __init__(self, domain: Domain, device: Device, *, timeout: float = TIMEOUT) -> None:
