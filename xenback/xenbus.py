@@ -1338,9 +1338,11 @@ class BackendDriver:
         """Disconnect every device (writing Closed where its directory
         still exists), call :meth:`remove` for each, and release all
         threads, handles and watches.  Not from a driver callback, a
-        :class:`DeviceWork` of its devices or the callback of a port they
-        bound (it would wait for itself): that is a :class:`RuntimeError`,
-        raised before anything is stopped.  Called while another thread's stop()
+        :class:`DeviceWork` of its devices or the callback of a port on
+        its dispatcher (it would wait for itself): that is a
+        :class:`RuntimeError`, raised before anything is stopped.  The
+        callback of an fd the driver watches on :attr:`events` may stop
+        it.  Called while another thread's stop()
         is under way, it returns when that one has stopped the driver.
         The domain's lock (see the class) goes last: a stop() refused or
         interrupted keeps it, with the devices it still serves."""
@@ -1351,9 +1353,11 @@ class BackendDriver:
         if (bus is not None and bus.in_queue() or any(d.events.in_queue() for d in self.devices())
                 # A device's own work and port callbacks are the driver's
                 # too: its drop waits for them (disconnect()'s
-                # disable_sync(), the port's unbind).
+                # disable_sync(), the port's unbind).  Not an fd's
+                # callback on our dispatcher: nothing waits for it, and
+                # the dispatcher's close() does not wait for itself.
                 or isinstance(work, DeviceWork) and work.dev.driver is self
-                or events is not None and events.in_callback()):
+                or events is not None and events.running_port() is not None):
             # Refused up front: found later (at the workqueue's shutdown),
             # the devices would be dropped and the handles closed already.
             raise RuntimeError(

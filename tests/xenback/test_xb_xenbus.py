@@ -9,7 +9,9 @@ import errno
 import functools
 import itertools
 import logging
+import os
 import re
+import select
 import sys
 import threading
 import time
@@ -3316,6 +3318,40 @@ def test_stop_from_a_device_work_or_port_callback_is_refused(
     assert len(refused) == 1
     assert "stop() from a callback of RecordingDriver" in str(refused[0])
     connected(host, frontends, name="guest2")
+
+
+def test_stop_from_an_fd_callback_of_the_driver_s_dispatcher_stops_it(
+        host, driver, frontends, caplog) -> None:
+    """A driver may watch a descriptor of its own on ``driver.events`` (a
+    control pipe, say) and stop itself from its callback: no device's drop
+    waits for an fd's callback (only a port's), and the dispatcher's
+    close() from its own thread does not wait for itself.  It stopped the
+    driver before port callbacks were refused, and still does."""
+    outcome: list[object] = []
+    ran = threading.Event()
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+
+    def on_readable(fd: int, _events: int) -> None:
+        os.read(fd, 1)
+        try:
+            driver.stop()
+            outcome.append("stopped")
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            ran.set()
+
+    guest, _dev, _fe = connected(host, frontends)
+    try:
+        driver.events.add_fd(read_end, select.EPOLLIN, on_readable)
+        os.write(write_end, b"x")
+        assert ran.wait(TIMEOUT)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert outcome == ["stopped"]
+    assert driver.calls_of(guest.domid)[-1] == "remove"
+    assert _no_tracebacks(caplog) == []
 
 
 def test_error_and_fatal_name_a_wrong_argument(host, driver, frontends, dom0_xs) -> None:
