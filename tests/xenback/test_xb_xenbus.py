@@ -33,6 +33,7 @@ from tests.xenback.xbhelpers import (
     handed_over,
     leaked_threads,
 )
+from workqueue import WQ_UNBOUND, Work, alloc_workqueue
 from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback import xenstore as xenstore_module
 from xenback.sim import SimHost
@@ -3318,6 +3319,47 @@ def test_stop_from_a_device_work_or_port_callback_is_refused(
     assert len(refused) == 1
     assert "stop() from a callback of RecordingDriver" in str(refused[0])
     connected(host, frontends, name="guest2")
+
+
+@pytest.mark.parametrize("where", ["another driver's device work", "another workqueue's work"])
+def test_stop_from_a_work_that_is_none_of_its_devices_stops_it(
+        host, driver, frontends, where) -> None:
+    """Only the driver's own devices' work waits for itself in stop(): a
+    DeviceWork of another driver's device, or a plain Work on a workqueue
+    not the driver's, stops it as any other thread does."""
+    outcome: list[object] = []
+    ran = threading.Event()
+
+    def stop_here(_work: object) -> None:
+        try:
+            driver.stop()
+            outcome.append("stopped")
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            ran.set()
+
+    guest, _dev, _fe = connected(host, frontends)
+    with contextlib.ExitStack() as stack:
+        if where == "another driver's device work":
+            class OtherDriver(RecordingDriver):
+                device_type = "xbother"
+
+            other = OtherDriver(host.dom0)
+            other.start()
+            stack.callback(other.stop)
+            other_guest = host.create_domain("other")
+            host.toolstack.add_device("xbother", other_guest.domid)
+            other.wait_call("probe", other_guest.domid)
+            other.workqueue.queue_work(
+                xenbus.DeviceWork(backend_device(other, other_guest.domid), stop_here))
+        else:
+            wq = alloc_workqueue("not-the-driver-s", WQ_UNBOUND)
+            stack.callback(wq.destroy)
+            wq.queue_work(Work(stop_here))
+        assert ran.wait(TIMEOUT)
+    assert outcome == ["stopped"]
+    assert driver.calls_of(guest.domid)[-1] == "remove"
 
 
 def test_stop_from_an_fd_callback_of_the_driver_s_dispatcher_stops_it(
