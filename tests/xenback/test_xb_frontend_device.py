@@ -223,6 +223,77 @@ def test_close_after_the_domain_was_destroyed_has_nobody_to_tell(host, driver) -
     assert driver.devices() == []
 
 
+def test_close_of_an_unserved_device_whose_backend_failed_its_probe_writes_closed(
+        host, driver, dom0_xs) -> None:
+    """A device the test added itself (not add()'s): no removal follows
+    close() to end it, so the frontend's Closed is all the backend gets,
+    written at once (the failed backend answers nothing)."""
+    def fail(_dev: Any) -> None:
+        raise OSError(errno.ENOMEM, "injected")
+
+    driver.probe_hook = fail
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev, timeout=60)
+    fe.wait_backend(S.CLOSING)
+    started = time.monotonic()
+    fe.close()
+    assert time.monotonic() - started < TIMEOUT
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    host.toolstack.remove_device(dev, timeout=TIMEOUT)
+
+
+def test_close_of_a_published_frontend_waits_for_a_closing_backend_s_closed(
+        host, dom0_xs) -> None:
+    """Only a frontend that published nothing is spared the wait for a
+    Closing backend's Closed: one that handed the backend its pages (any
+    state past Initialising) releases them only once the backend closed,
+    or its time is up."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    fe.publish({"ring-ref": fe.share().refs[0]})
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CLOSING))  # and never closes
+    with pytest.raises(TimeoutError, match=r"did not close within 0 s \(it is Closing\)"):
+        fe.close(timeout=0)
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    host.toolstack.destroy_device(dev)
+
+
+def test_close_after_the_guest_lost_its_xenstore_connection_says_so(host, driver) -> None:
+    """Only a destroyed domain's frontend closes quietly without its
+    connection: a living guest's lost one is an error, raised once what
+    is left is released and the device removed (without a wait: the
+    backend cannot hear the frontend any more)."""
+    guest = host.create_domain("guest")
+    fe = FrontendDevice.add(guest, "xbtest", timeout=60)
+    _connect(fe)
+    (bdev,) = driver.devices()
+    fe.xenstore.close()  # the connection goes; the domain lives
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        fe.close()
+    assert time.monotonic() - started < TIMEOUT
+    assert not host.toolstack.transaction(lambda c: c.exists(fe.device.backend_path.encode()))
+    # The grant goes once the backend, told by the removal, unmaps it.
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    stats = host.hypervisor.stats()
+    assert (stats["grants"], stats["ports"]) == (0, 0)
+
+
+def test_close_with_xenstore_itself_gone_says_so(host) -> None:
+    """Whether the domain still exists cannot be asked either: the
+    connection's error is raised, not taken for the domain's end."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    host.xenstored.stop()
+    with pytest.raises(ConnectionError):
+        fe.close()
+    assert host.hypervisor.stats()["grants"] == 0
+
+
 def test_close_after_the_frontend_closed_itself_does_not_go_back_to_closing(
         host, driver, dom0_xs) -> None:
     guest = host.create_domain("guest")
