@@ -165,10 +165,11 @@ class EventDispatcher(Closing):
         dispatcher to it."""
         check_flag("thread", thread)
         self.name = name
-        # _lock guards _ports, _fds, _running, _closed and _released, and serialises
-        # evtchn bind/unbind/unmask so that a port is never unmasked after
-        # it was unbound.  pending() is called only by the dispatcher
-        # thread, without it.  _idle is notified whenever a callback
+        # _lock guards _ports, _fds, _running (which running_port() reads
+        # without it in the one thread that writes it), _closed and
+        # _released, and serialises evtchn bind/unbind/unmask so that a
+        # port is never unmasked after it was unbound.  pending() is
+        # called only by the dispatcher thread, without it.  _idle is notified whenever a callback
         # finishes while _wait_idle() waits on it (_idle_waiters, under
         # _lock: a notify_all() with no waiter is three Python calls, at
         # every event), and as a poll() leaves a closed dispatcher.  Never
@@ -410,6 +411,17 @@ class EventDispatcher(Closing):
             if self._closed:  # close() may wait for this poll to leave
                 with self._lock:
                     self._idle.notify_all()
+
+    def running_port(self) -> int | None:
+        """The port whose callback the calling thread is running, or None
+        (also in an fd's callback, and in any thread but the one that
+        runs this dispatcher's callbacks): what waits there for that port's
+        :meth:`unbind` by another thread waits for itself."""
+        if threading.get_ident() != self._dispatching:
+            return None
+        # Written only by this very thread (see _dispatch_port): no lock.
+        running = self._running
+        return running[1] if running is not None and running[0] == "port" else None
 
     def wakeup(self) -> None:
         """Make the current (or the next) :meth:`poll` return at once.  A

@@ -149,7 +149,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from workqueue import WQ_UNBOUND, Work, Workqueue, alloc_workqueue, wait_slice
+from workqueue import WQ_UNBOUND, Work, Workqueue, alloc_workqueue, current_work, wait_slice
 from xenback._eventqueue import EventQueue, check_callback
 from xenback._flags import XENSTORE_DOMID_MAX, check_flag, is_int
 from xenback.events import EventDispatcher, PortCallback
@@ -333,6 +333,14 @@ class BackendDevice:
     last written or seen; ``driver_data``, free for the driver (None until
     it sets it); ``driver`` and ``device_type``; ``ratelimit``, the
     :class:`~xenback.ratelimit.RateLimit` for lines the guest can cause.
+
+    Once the driver is stopped, what needs its XenStore connection
+    (:meth:`read`, :meth:`write`, :meth:`switch_state`, :meth:`error`,
+    :meth:`fatal`) raises :class:`RuntimeError` saying the driver is not
+    started, rather than the ENODEV or False a removed device gives while
+    the driver runs; :meth:`map_grant_refs` and :meth:`bind_evtchn` still
+    raise ENODEV, :meth:`notify` sends nothing and :meth:`queue` returns
+    False.
     """
 
     def __init__(self, driver: BackendDriver, frontend_id: int, devid: int) -> None:
@@ -1415,17 +1423,27 @@ class BackendDriver:
     def stop(self) -> None:
         """Disconnect every device (writing Closed where its directory
         still exists), call :meth:`remove` for each, and release all
-        threads, handles and watches.  Not from a driver callback (it
-        would wait for itself): that is a :class:`RuntimeError`, raised
-        before anything is stopped.  Called while another thread's stop()
+        threads, handles and watches.  Not from a driver callback, a
+        :class:`DeviceWork` of its devices or the callback of a port on
+        its dispatcher (it would wait for itself): that is a
+        :class:`RuntimeError`, raised before anything is stopped.  The
+        callback of an fd the driver watches on :attr:`events` may stop
+        it.  Called while another thread's stop()
         is under way, it returns when that one has stopped the driver.
         The domain's lock (see the class) goes last: a stop() refused or
         interrupted keeps it, with the devices it still serves."""
         with self._lock:
             if self._xs is None:
                 return
-        bus = self._bus
-        if bus is not None and bus.in_queue() or any(d.events.in_queue() for d in self.devices()):
+        bus, work, events = self._bus, current_work(), self._events
+        if (bus is not None and bus.in_queue() or any(d.events.in_queue() for d in self.devices())
+                # A device's own work and port callbacks are the driver's
+                # too: its drop waits for them (disconnect()'s
+                # disable_sync(), the port's unbind).  Not an fd's
+                # callback on our dispatcher: nothing waits for it, and
+                # the dispatcher's close() does not wait for itself.
+                or isinstance(work, DeviceWork) and work.dev.driver is self
+                or events is not None and events.running_port() is not None):
             # Refused up front: found later (at the workqueue's shutdown),
             # the devices would be dropped and the handles closed already.
             raise RuntimeError(

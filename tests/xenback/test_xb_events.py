@@ -249,6 +249,49 @@ def test_host_fds(pair) -> None:
     os.close(w)
 
 
+def test_running_port_is_the_port_whose_callback_the_caller_runs(host, pair) -> None:
+    """What stop() asks before it waits for ports to be unbound: the port
+    in its own callback, and None in an fd's callback (whose unbind
+    nobody waits for), in any other thread while a callback runs, and
+    once the dispatcher is closed."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    seen: list[tuple[str, int | None]] = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def on_port(_port: int) -> None:
+        seen.append(("port", dispatcher.running_port()))
+        inside.set()
+        release.wait(TIMEOUT)
+
+    def on_fd(fd: int, _events: int) -> None:
+        os.read(fd, 1)
+        seen.append(("fd", dispatcher.running_port()))
+        inside.set()
+
+    local = dispatcher.bind_interdomain(guest.domid, remote, on_port)
+    assert dispatcher.running_port() is None
+    evtchn.notify(remote)
+    assert inside.wait(TIMEOUT)
+    assert dispatcher.running_port() is None  # not this thread's callback
+    assert seen == [("port", local)]
+    inside.clear()
+    release.set()
+    r, w = os.pipe()
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN, on_fd)
+        os.write(w, b"x")
+        assert inside.wait(TIMEOUT)
+        dispatcher.remove_fd(r)  # waits for on_fd to return
+    finally:
+        os.close(r)
+        os.close(w)
+    assert seen == [("port", local), ("fd", None)]
+    dispatcher.close()
+    assert dispatcher.running_port() is None
+
+
 def test_an_fd_must_be_a_number(pair) -> None:
     """epoll takes any object with fileno(), so add_fd(sock, ...) was
     registered, but the callback was looked up by the number epoll

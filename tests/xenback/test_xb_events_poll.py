@@ -88,6 +88,21 @@ def test_callbacks_run_in_the_polling_thread(polled) -> None:
     assert len(calls) == 2
 
 
+def test_running_port_is_the_polled_port_in_its_callback_only(polled) -> None:
+    """In poll mode the caller of poll() runs the callbacks: the port in
+    its callback, None around the poll (the same thread, no callback)."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    seen: list[int | None] = []
+    local = dispatcher.bind_interdomain(
+        guest.domid, remote, lambda _port: seen.append(dispatcher.running_port()))
+    assert dispatcher.running_port() is None
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1
+    assert seen == [local]
+    assert dispatcher.running_port() is None
+
+
 def test_poll_times_out_with_nothing_ready(polled) -> None:
     _, _, dispatcher = polled
     assert dispatcher.poll(0) == 0

@@ -183,6 +183,117 @@ def test_close_of_a_device_no_backend_took_up_does_not_wait(host, dom0_xs, caplo
     assert not dom0_xs.exists(fe.device.frontend_path)
 
 
+def test_close_of_a_device_whose_backend_failed_its_probe_does_not_wait(
+        host, driver, dom0_xs, caplog) -> None:
+    """A backend whose probe failed went Closing and watches no frontend:
+    it would never answer the frontend's Closed, so close() waited its
+    whole timeout, raised TimeoutError, and left the toolstack no time
+    for the removal (forced, said as a warning).  A frontend that never
+    published has nothing to hand back: it writes Closed and lets the
+    removal, which such a backend answers at once, end the device."""
+    def fail(_dev: Any) -> None:
+        raise OSError(errno.ENOMEM, "injected")
+
+    driver.probe_hook = fail
+    guest = host.create_domain("guest")
+    fe = FrontendDevice.add(guest, "xbtest", timeout=60)
+    # Not wait_backend(InitWait) refused: a Closing seen first (the probe
+    # failed before the wait began) is not taken for a refusal.
+    fe.wait_backend(S.CLOSING)
+    started = time.monotonic()
+    fe.close()
+    assert time.monotonic() - started < TIMEOUT
+    assert "did not close" not in caplog.text
+    assert not dom0_xs.exists(fe.device.backend_path)
+    driver.wait_call("remove", guest.domid)
+
+
+def test_close_after_the_domain_was_destroyed_has_nobody_to_tell(host, driver) -> None:
+    """A test that destroys the guest inside ``with FrontendDevice.add()``
+    (a domain dying under its backend) got ConnectionError 'not connected
+    to XenStore' at the block's end: the guest's connection went with its
+    domain.  A frontend whose domain is gone has nobody to close with:
+    close() only releases what is left."""
+    guest = host.create_domain("guest")
+    with FrontendDevice.add(guest, "xbtest") as fe:
+        _connect(fe)
+        host.destroy_domain(guest)
+    stats = host.hypervisor.stats()
+    assert (stats["grants"], stats["ports"]) == (0, 0)
+    assert driver.devices() == []
+
+
+def test_close_of_an_unserved_device_whose_backend_failed_its_probe_writes_closed(
+        host, driver, dom0_xs) -> None:
+    """A device the test added itself (not add()'s): no removal follows
+    close() to end it, so the frontend's Closed is all the backend gets,
+    written at once (the failed backend answers nothing)."""
+    def fail(_dev: Any) -> None:
+        raise OSError(errno.ENOMEM, "injected")
+
+    driver.probe_hook = fail
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev, timeout=60)
+    fe.wait_backend(S.CLOSING)
+    started = time.monotonic()
+    fe.close()
+    assert time.monotonic() - started < TIMEOUT
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    host.toolstack.remove_device(dev, timeout=TIMEOUT)
+
+
+def test_close_of_a_published_frontend_waits_for_a_closing_backend_s_closed(
+        host, dom0_xs) -> None:
+    """Only a frontend that published nothing is spared the wait for a
+    Closing backend's Closed: one that handed the backend its pages (any
+    state past Initialising) releases them only once the backend closed,
+    or its time is up."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    fe.publish({"ring-ref": fe.share().refs[0]})
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CLOSING))  # and never closes
+    with pytest.raises(TimeoutError, match=r"did not close within 0 s \(it is Closing\)"):
+        fe.close(timeout=0)
+    assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    host.toolstack.destroy_device(dev)
+
+
+def test_close_after_the_guest_lost_its_xenstore_connection_says_so(host, driver) -> None:
+    """Only a destroyed domain's frontend closes quietly without its
+    connection: a living guest's lost one is an error, raised once what
+    is left is released and the device removed (without a wait: the
+    backend cannot hear the frontend any more)."""
+    guest = host.create_domain("guest")
+    fe = FrontendDevice.add(guest, "xbtest", timeout=60)
+    _connect(fe)
+    (bdev,) = driver.devices()
+    fe.xenstore.close()  # the connection goes; the domain lives
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        fe.close()
+    assert time.monotonic() - started < TIMEOUT
+    assert not host.toolstack.transaction(lambda c: c.exists(fe.device.backend_path.encode()))
+    # The grant goes once the backend, told by the removal, unmaps it.
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
+    stats = host.hypervisor.stats()
+    assert (stats["grants"], stats["ports"]) == (0, 0)
+
+
+def test_close_with_xenstore_itself_gone_says_so(host) -> None:
+    """Whether the domain still exists cannot be asked either: the
+    connection's error is raised, not taken for the domain's end."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    host.xenstored.stop()
+    with pytest.raises(ConnectionError):
+        fe.close()
+    assert host.hypervisor.stats()["grants"] == 0
+
+
 def test_close_after_the_frontend_closed_itself_does_not_go_back_to_closing(
         host, driver, dom0_xs) -> None:
     guest = host.create_domain("guest")

@@ -9,7 +9,9 @@ import errno
 import functools
 import itertools
 import logging
+import os
 import re
+import select
 import sys
 import threading
 import time
@@ -31,6 +33,7 @@ from tests.xenback.xbhelpers import (
     handed_over,
     leaked_threads,
 )
+from workqueue import WQ_UNBOUND, Work, alloc_workqueue
 from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback import xenstore as xenstore_module
 from xenback.sim import SimHost
@@ -3322,6 +3325,116 @@ def test_stop_from_a_driver_callback_is_refused_before_it_does_anything(
     assert driver.calls_of(guest.domid) == ["probe", "connect"]
     # Still serving: a second device comes and connects.
     connected(host, frontends, name="guest2")
+
+
+@pytest.mark.parametrize("where", ["device work", "port callback"])
+def test_stop_from_a_device_work_or_port_callback_is_refused(
+        host, driver, frontends, where) -> None:
+    """A driver's own DeviceWork and the callback of a port it bound run
+    for a device too: stop() there waited for ever, the device's drop
+    waiting (disconnect()'s disable_sync, the port's unbind) for the very
+    item or callback that called it.  Refused before it does anything, as
+    from a xenbus callback, and the driver goes on serving."""
+    refused: list[BaseException] = []
+    ran = threading.Event()
+
+    def stop_here() -> None:
+        try:
+            driver.stop()
+        except RuntimeError as exc:
+            refused.append(exc)
+        finally:
+            ran.set()
+
+    guest, _dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    if where == "device work":
+        work = xenbus.DeviceWork(bdev, lambda _work: stop_here())
+        # As a driver's disconnect() stops its device's work (both examples).
+        driver.disconnect_hook = lambda _dev: work.disable_sync()
+        driver.workqueue.queue_work(work)
+    else:
+        driver.event_hook = lambda _dev, _port: stop_here()
+        fe.evtchn.notify(fe.port)
+    assert ran.wait(TIMEOUT)
+    assert len(refused) == 1
+    assert "stop() from a callback of RecordingDriver" in str(refused[0])
+    connected(host, frontends, name="guest2")
+
+
+@pytest.mark.parametrize("where", ["another driver's device work", "another workqueue's work"])
+def test_stop_from_a_work_that_is_none_of_its_devices_stops_it(
+        host, driver, frontends, where) -> None:
+    """Only the driver's own devices' work waits for itself in stop(): a
+    DeviceWork of another driver's device, or a plain Work on a workqueue
+    not the driver's, stops it as any other thread does."""
+    outcome: list[object] = []
+    ran = threading.Event()
+
+    def stop_here(_work: object) -> None:
+        try:
+            driver.stop()
+            outcome.append("stopped")
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            ran.set()
+
+    guest, _dev, _fe = connected(host, frontends)
+    with contextlib.ExitStack() as stack:
+        if where == "another driver's device work":
+            class OtherDriver(RecordingDriver):
+                device_type = "xbother"
+
+            other = OtherDriver(host.dom0)
+            other.start()
+            stack.callback(other.stop)
+            other_guest = host.create_domain("other")
+            host.toolstack.add_device("xbother", other_guest.domid)
+            other.wait_call("probe", other_guest.domid)
+            other.workqueue.queue_work(
+                xenbus.DeviceWork(backend_device(other, other_guest.domid), stop_here))
+        else:
+            wq = alloc_workqueue("not-the-driver-s", WQ_UNBOUND)
+            stack.callback(wq.destroy)
+            wq.queue_work(Work(stop_here))
+        assert ran.wait(TIMEOUT)
+    assert outcome == ["stopped"]
+    assert driver.calls_of(guest.domid)[-1] == "remove"
+
+
+def test_stop_from_an_fd_callback_of_the_driver_s_dispatcher_stops_it(
+        host, driver, frontends, caplog) -> None:
+    """A driver may watch a descriptor of its own on ``driver.events`` (a
+    control pipe, say) and stop itself from its callback: no device's drop
+    waits for an fd's callback (only a port's), and the dispatcher's
+    close() from its own thread does not wait for itself.  It stopped the
+    driver before port callbacks were refused, and still does."""
+    outcome: list[object] = []
+    ran = threading.Event()
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+
+    def on_readable(fd: int, _events: int) -> None:
+        os.read(fd, 1)
+        try:
+            driver.stop()
+            outcome.append("stopped")
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            ran.set()
+
+    guest, _dev, _fe = connected(host, frontends)
+    try:
+        driver.events.add_fd(read_end, select.EPOLLIN, on_readable)
+        os.write(write_end, b"x")
+        assert ran.wait(TIMEOUT)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert outcome == ["stopped"]
+    assert driver.calls_of(guest.domid)[-1] == "remove"
+    assert _no_tracebacks(caplog) == []
 
 
 def test_error_and_fatal_name_a_wrong_argument(host, driver, frontends, dom0_xs) -> None:

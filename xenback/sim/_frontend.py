@@ -86,6 +86,13 @@ class FrontendDevice(Closing):
 
     One thread at a time, as a driver's probe and remove are; the event
     channel handle may be used from any thread.
+
+    It acts only when called: nothing answers the backend's Closing by
+    itself, as a Linux frontend's ``otherend_changed`` would.  A
+    toolstack removal of a connected device (``remove_device()``) so
+    waits its whole timeout and forces the removal, unless the test calls
+    :meth:`close` (``host.destroy_domain()`` does not wait: it deletes
+    the frontend's directory first).
     """
 
     def __init__(self, domain: Domain, device: Device, *, timeout: float = TIMEOUT) -> None:
@@ -297,10 +304,16 @@ class FrontendDevice(Closing):
         whole: a backend that does not answer within it gets Closed all
         the same, everything is released, and then :class:`TimeoutError`
         says so.  With no backend that ever took the device up (still
-        Initialising), there is nobody to wait for.  With ``handshake``
+        Initialising), there is nobody to wait for; nor with one that
+        failed the device (Closing) before this frontend published
+        anything (still Initialising itself): it may watch the frontend no
+        more (a failed probe), so only Closed is written.  With ``handshake``
         False nothing is said to the backend, as by a guest whose driver
         died: its pages and ports go, the device stays (for the toolstack
-        to remove, or ``host.destroy_domain()``).  Idempotent; interrupted
+        to remove, or ``host.destroy_domain()``).  Once the domain was
+        destroyed (its XenStore connection gone with it) there is nobody
+        to tell either: what is left is released, and no error raised.
+        Idempotent; interrupted
         (Ctrl-C in a wait), it still releases everything before it raises.
         """
         if self._closed:
@@ -311,6 +324,18 @@ class FrontendDevice(Closing):
         deadline = time.monotonic() + wait
         try:
             late = self._close_handshake(wait, deadline) if handshake else None
+        except ConnectionError:
+            # The guest's connection goes with its domain: a destroyed
+            # domain's frontend has nobody to close with, as a dying one's
+            # whose device is gone (see _close_handshake).
+            self._release(remove=handshake, deadline=time.monotonic())
+            try:
+                gone = not self._domain_exists()
+            except Exception:  # XenStore itself gone: the first error says it
+                gone = False
+            if not gone:
+                raise
+            return
         except BaseException:
             # Interrupted or XenStore gone: what we hold goes all the same,
             # and the device without a further wait.
@@ -333,6 +358,15 @@ class FrontendDevice(Closing):
             self._unserved = True
             self._switch_state(XenbusState.CLOSED)
             return None
+        if (ours == str(int(XenbusState.INITIALISING))
+                and self._backend_state() is XenbusState.CLOSING):
+            # The backend failed the device before we published anything
+            # (its probe, say: it then watches us no more, as Linux binds
+            # no driver to it, and our Closed would get no answer).  We
+            # hand nothing back: Closed, and the removal (which such a
+            # backend answers at once) ends the device.
+            self._switch_state(XenbusState.CLOSED)
+            return None
         if ours == str(int(XenbusState.CLOSED)):
             # Closed already (published so): going back to Closing would
             # ask a closed backend to close again.
@@ -346,6 +380,12 @@ class FrontendDevice(Closing):
         if on_time and self._await_backend(_CLOSED_OR_GONE, deadline):
             return None
         return self._late(wait)
+
+    def _domain_exists(self) -> bool:
+        """Whether our domain still has its XenStore home, as dom0 sees it
+        (our own connection may be what failed)."""
+        path = self.domain.path
+        return self.domain.toolstack.transaction(lambda c: c.exists(path.encode()))
 
     def _late(self, wait: float) -> str:
         return (f"backend {self.device.backend_path} did not close within {wait:g} s "
