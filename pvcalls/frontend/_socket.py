@@ -682,7 +682,7 @@ class PVSocket(Closing):
                     # frontend closed.
                     slot.on_done = self._connect_taker(host, port)
                     with self._mutex:
-                        self._connecting = True
+                        self._st.connecting = True
 
                 def fill(req: Any) -> None:
                     req.u.connect.id = self.id
@@ -712,13 +712,7 @@ class PVSocket(Closing):
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
                 # ours to free, and connect() may be tried again.
-                if background:
-                    with self._mutex:
-                        self._connecting = False
-                        # A connect() of another thread may wait for the
-                        # answer to this one (_await_connect_answer): none
-                        # comes.
-                        self._cond.notify_all()
+                #
                 # Given up on while the ring goes back (marked by stores,
                 # in which no signal's handler runs): a Ctrl-C landing as
                 # the giving back started left the ring with no peer and
@@ -728,14 +722,33 @@ class PVSocket(Closing):
                 # the move (see _give_back) under the mark: one landing in
                 # the return to the pool leaves the socket unconnected.
                 self._broken = True
-                self._fe._give_back(self._st, reusable=True)
-                self._broken = False
-                self._fe._return_rings()
-                # Unconnected again, readable and writable: a fileno() of
-                # another thread meanwhile made the descriptor poll as the
-                # socket with its ring, in its handshake, neither way, and
-                # a selector waited for good.
-                self._repair_ready()
+                try:
+                    self._fe._give_back(self._st, reusable=True)
+                    self._broken = False
+                    self._fe._return_rings()
+                finally:
+                    # Connecting no longer whatever cuts the above short,
+                    # by a store (no call, where a Ctrl-C could land before
+                    # it): with nothing sent no answer comes to end it, and
+                    # left set, the socket said EALREADY and polled neither
+                    # way for good.  Only once the ring is back or the
+                    # socket given up on: cleared before, one landing in
+                    # between left a ring with no peer and no mark.
+                    if background:
+                        with self._mutex:
+                            self._st.connecting = False
+                            # A connect() of another thread may wait for
+                            # the answer to this one (_await_connect_answer):
+                            # none comes.  Woken once the socket is
+                            # unconnected (or given up on), it goes on from
+                            # there.
+                            self._cond.notify_all()
+                    # Unconnected again, readable and writable (or given
+                    # up on, writable): a fileno() of another thread
+                    # meanwhile made the descriptor poll as the socket
+                    # with its ring, in its handshake, neither way, and a
+                    # selector waited for good.
+                    self._repair_ready()
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN
                     # (Linux's frontend's): asyncio's sock_connect() and
@@ -933,7 +946,7 @@ class PVSocket(Closing):
         ring under ``_cond`` as this does, so exactly one of the two frees
         it.  Once the socket is closed its RELEASE owns the ring."""
         with self._mutex:
-            self._connecting = False
+            self._st.connecting = False
             if not self._closed:
                 if ret < 0:
                     # The backend let go of the ring; the id is a new
@@ -1797,11 +1810,9 @@ class PVSocket(Closing):
     @property
     def _connecting(self) -> bool:
         # Kept in the state (see SocketState.connecting); under _cond.
+        # Read only: set by stores into the state, in which no signal's
+        # handler runs (see connect()).
         return self._st.connecting
-
-    @_connecting.setter
-    def _connecting(self, value: bool) -> None:
-        self._st.connecting = value
 
     # -- internals ---------------------------------------------------------
 

@@ -2593,9 +2593,8 @@ def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_i
     close()), and its descriptor polls writable at least.  Before, one
     landing as the ring was given back left the ring with no peer and no
     mark, which is what a handshake looks like: polling neither way for
-    good, and connect() saying EISCONN for good.  (A non-blocking one
-    is left connecting by one landing as it is marked no longer so,
-    which this does not change.)"""
+    good, and connect() saying EISCONN for good.  (For a non-blocking
+    one see the test below.)"""
     failed: list[bool] = []
     submit = fe._submit
 
@@ -2607,6 +2606,54 @@ def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_i
 
     fe._submit = no_room  # type: ignore[method-assign]
     _sweep_failed_timed_connects(fe, 0.2, failed, through=("_give_back", "_return_rings"))
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["anywhere", "once-failed"])
+def test_a_nonblocking_connect_that_sent_nothing_interrupted_anywhere_is_not_left_connecting(
+        fe: pvcalls.Frontend, fake: FakeBackend, after: bool) -> None:
+    """A non-blocking connect() whose CONNECT finds no room on the
+    command ring, and a Ctrl-C landing anywhere in it (``once-failed``:
+    anywhere once the submit failed, the window this is about): nothing
+    went out, so no answer will come, and the socket must not be left
+    connecting (connect() saying EALREADY, recv() EAGAIN, polling neither
+    way, for good).  It is left unconnected (connect() may be tried
+    again) or given up on (good only for close()), polling writable at
+    least.  Before, one landing as the handling of the failure marked it
+    connecting no longer left it connecting for good."""
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[pvcalls.PVSocket] = []
+    failed: list[bool] = []
+    submit = fe._submit
+
+    def no_room(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            failed.append(True)
+            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = no_room  # type: ignore[method-assign]
+
+    def attempt(n: int) -> str:
+        failed.clear()
+        socks[:] = [s := fe.socket()]
+        s.setblocking(False)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, _refused(functools.partial(s.connect, _ADDRESS),
+                                                  errno.ENOBUFS),
+                              (lambda: not failed) if after else (lambda: False))
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert not s._connecting, "connecting, with nothing sent"
+        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        if not s._broken:
+            # Unconnected: connect() starts over (and finds no room again).
+            _refused(functools.partial(s.connect, _ADDRESS), errno.ENOBUFS)()
+        s.close()
+
+    _sweep(attempt, check, through=("connect",))
 
 
 def test_a_connect_whose_submit_failed_once_sent_interrupted_anywhere_is_given_up_on(
