@@ -458,10 +458,10 @@ class PVSocket(Closing):
 
         # _cond guards the socket's state flags below and is what waiters
         # sleep on; the event thread takes it (after releasing the command
-        # ring lock) to wake them.  Lock order: _recv_lock / _send_lock /
-        # _accept_lock, then the frontend's command lock, then _cond (as
-        # Frontend._want_room nests them).  Never call into the command
-        # ring while holding _cond.
+        # ring lock) to wake them.  Lock order: _connect_lock, then
+        # _recv_lock / _send_lock / _accept_lock, then the frontend's
+        # command lock, then _cond (as Frontend._want_room nests them).
+        # Never call into the command ring while holding _cond.
         #
         # Blocks take it as ``with self._mutex``, never ``with self._cond``:
         # Condition's __enter__ and __exit__ are Python functions, where
@@ -474,7 +474,11 @@ class PVSocket(Closing):
         self._cond = threading.Condition(self._mutex)
         # One receiver, one sender and one acceptor at a time, like the
         # kernel's socket lock; close() takes them to wait out copies from
-        # the shared pages before unsharing them.
+        # the shared pages before unsharing them.  A connect() takes
+        # _connect_lock, then _recv_lock and _send_lock, for all of its
+        # course: a blocking connect() of another thread meanwhile waits
+        # for it to end on _connect_lock alone (see _join_connect).
+        self._connect_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._accept_lock = threading.Lock()
@@ -634,8 +638,11 @@ class PVSocket(Closing):
         does a TCP socket's: :meth:`fileno` polls writable once it came,
         and ``getsockopt(SOL_SOCKET, SO_ERROR)`` says how it went (0, or
         the errno, which it clears; ENOTCONN if the backend went away
-        first).  Meanwhile connect() fails with EALREADY, or in
-        blocking mode waits for the answer.  After the answer the first
+        first).  Meanwhile connect() fails with EALREADY (at once, with a
+        timeout too, as socket.socket's), or in blocking mode waits for the
+        answer.  So it does while another thread's blocking or timed
+        connect() waits for the answer to its CONNECT (see
+        :meth:`_join_connect`).  After the answer the first
         connect() returns (success) or raises the error, as Linux's
         second connect() does; later ones fail with EISCONN, or start over
         after a failure.  That is what ``select``-based programs and
@@ -655,13 +662,22 @@ class PVSocket(Closing):
         self._check_open()
         with self._mutex:
             started = self._connecting or self._connect_failed or self._connect_unreported
-        if started and self._finish_connect(Deadline(self._timeout)):
+        # Only in blocking mode does it wait for the answer: with a timeout
+        # CPython's connect() is a non-blocking one and a wait for the
+        # handshake it starts, and Linux's says EALREADY at once to one
+        # made while a handshake is on.
+        if started and self._finish_connect(None if self._timeout is not None
+                                            else Deadline(None)):
+            return
+        if self._handshaking():
+            self._join_connect()
             return
         self._check_unconnected()
         lock_deadline = Deadline(self._timeout)
         # Let go whatever interrupts the taking (see held): a lock left
         # held keeps the ring, which close() would then leave alone.
-        with held(self._recv_lock, lock_deadline), held(self._send_lock, lock_deadline):
+        with held(self._connect_lock, lock_deadline), held(self._recv_lock, lock_deadline), \
+                held(self._send_lock, lock_deadline):
             self._check_open()
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
@@ -839,6 +855,41 @@ class PVSocket(Closing):
                 self._repair_ready()
                 raise
 
+    def _join_connect(self) -> None:
+        """connect() while another thread's blocking or timed connect()
+        waits for its CONNECT's answer: what Linux's connect() does on a
+        socket in SS_CONNECTING whose handshake another thread waits for.
+        With a timeout (CPython's connect() is a non-blocking one then) or
+        in non-blocking mode, fail with EALREADY at once.  In blocking
+        mode wait for that connect() to end and report its outcome:
+        return if it connected; if it failed, EPIPE (the other reports
+        the error, as on Linux one of the two threads does and the other
+        says EPIPE); EISCONN if it was cut short (the socket is given up
+        on: see connect()); EBADF if the socket was closed meanwhile."""
+        if self._timeout is not None:
+            raise OSError(errno.EALREADY, os.strerror(errno.EALREADY) + " (connecting)")
+        # Held for the whole of a connect(): free once the other one is
+        # over, whatever ended it.  Not the receive lock, which a recv()
+        # waiting for data may take first once the socket is connected.
+        with held(self._connect_lock, Deadline(None)):
+            self._check_open()
+            if self._fe._dead:
+                raise self._fe._gone()
+            with self._mutex:
+                started = self._connecting or self._connect_failed or self._connect_unreported
+            # A timed connect() leaves its outcome to the next one (see
+            # connect()), and a non-blocking one in flight its answer to
+            # come: that is this one's to report.  Free of the lock while
+            # it waits, so that none of the socket's connect() waits
+            # behind it.
+        if started and self._finish_connect(Deadline(None)):
+            return
+        if self._st.ring is not None and self._peername is not None and not self._broken:
+            return  # connected, as Linux's reports to every thread that waited
+        self._check_unconnected()
+        raise OSError(errno.EPIPE, os.strerror(errno.EPIPE)
+                      + " (the connect() of another thread failed)")
+
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut
         short (a Ctrl-C, its timeout, a close()): leave the socket as the
@@ -962,10 +1013,10 @@ class PVSocket(Closing):
         self._fe._return_rings()
         self._update_ready()
 
-    def _finish_connect(self, deadline: Deadline) -> bool:
+    def _finish_connect(self, deadline: Deadline | None) -> bool:
         """connect() after a non-blocking one: what Linux's connect()
         does on a socket in SS_CONNECTING.  EALREADY while the CONNECT is
-        in flight (in blocking mode: wait for it); then return True once
+        in flight (with a ``deadline``: wait for it); then return True once
         if it succeeded, or raise its error (ECONNABORTED if SO_ERROR took
         it) once if it failed, leaving the socket unconnected.  If it
         succeeded but the connection has failed since (a reset), raise

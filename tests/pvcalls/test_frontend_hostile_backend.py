@@ -32,8 +32,13 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import Call, done_or_at, sleeping_in_wait, wait_until
-from racewindow import PauseAt
-from stolensignal import Interrupted, interrupted_as_frame_starts, interrupted_at
+from racewindow import PauseAt, stands_at
+from stolensignal import (
+    Interrupted,
+    interrupted_as_frame_starts,
+    interrupted_at,
+    signal_taken_elsewhere,
+)
 
 import pvcalls
 from pvcalls import _wire
@@ -1454,9 +1459,10 @@ def test_blocking_calls_wait_for_a_non_blocking_connect(
     handshake: then connect() returns (or raises the error) and send()
     goes on; a recv() that was waiting for a refused connect gets the
     error.  (Not recv(0): it returns at once, as socket.socket's, which
-    makes no system call for it.)"""
+    makes no system call for it.)  In blocking mode proper: with a
+    timeout connect() says EALREADY at once, as socket.socket's."""
     s, req = _connecting(fe, fake)
-    s.settimeout(TIMEOUT)
+    s.settimeout(None)
     calls = [Call(lambda: s.connect(_ADDRESS))]
     if ret == 0:
         calls.append(Call(lambda: s.send(b"x")))
@@ -2875,6 +2881,121 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
     assert other.join().error is None  # connected
     assert s.getpeername() == ("127.0.0.1", 7)
     s.close()
+
+
+@pytest.mark.parametrize("end", ["accepted", "refused", "closed", "interrupted", "gone"])
+def test_a_blocking_connect_while_another_threads_waits_reports_how_that_one_ended(
+        fe: pvcalls.Frontend, fake: FakeBackend, end: str) -> None:
+    """A blocking connect() while another thread's blocking connect()
+    waits for its CONNECT's answer waits for that one to end (as Linux's
+    for the handshake), sends nothing of its own, and says how it ended:
+    it returns once connected; EPIPE once refused (the other says the
+    refusal), the socket left unconnected; EBADF once closed; EISCONN
+    once the other was cut short by a Ctrl-C (the socket given up on,
+    good only for close()); the frontend's error once the backend went.
+    Before, it failed with EISCONN at once."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    calls: list[Call] = []
+
+    def waiting() -> bool:
+        return bool(calls) and stands_at(calls[-1].ident, pvcalls.PVSocket._join_connect,
+                                         "held(self._connect_lock")
+
+    def second_when_first_waits() -> None:
+        req = fake.next_request(PVCALLS_CONNECT)
+        wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+        calls.append(Call(functools.partial(s.connect, _ADDRESS)))
+        wait_until(lambda: waiting() or not calls[-1].alive())  # failed at once, before
+        requests.append(req)
+
+    requests: list[Request] = []
+    starter = threading.Thread(target=second_when_first_waits)
+    starter.start()
+    if end == "interrupted":
+        with signal_taken_elsewhere(lambda: bool(requests)), pytest.raises(Interrupted):
+            s.connect(_ADDRESS)
+        starter.join(TIMEOUT)
+        assert s._broken
+        assert requests and calls[0].oserror().errno == errno.EISCONN
+        fake.respond(requests[0], 0)  # late: nobody takes it
+        s.close()
+        return
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    starter.join(TIMEOUT)
+    (req,) = requests
+    (second,) = calls
+    assert second.alive(), f"did not wait: {second.error!r}"
+    assert first.alive()
+    if end == "accepted":
+        fake.respond(req, 0)
+        assert first.join().error is None, first.error
+        assert second.join().error is None, second.error
+        assert s.getpeername() == _ADDRESS
+        _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+    elif end == "refused":
+        fake.respond(req, -ECONNREFUSED)
+        assert isinstance(first.oserror(), ConnectionRefusedError)
+        assert second.oserror().errno == errno.EPIPE
+        assert s._st.ring is None and not s._broken
+        assert _readiness(s) == (True, True)
+    elif end == "closed":
+        s.close()
+        assert first.oserror().errno == errno.EBADF
+        assert second.oserror().errno == errno.EBADF
+    else:
+        fake.set_state(5)  # Closing: the backend goes away
+        assert first.oserror().errno == second.oserror().errno != errno.EISCONN
+    assert len(connects) == 1, "the second sent a CONNECT of its own"
+    s.close()
+
+
+def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alone(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere in a blocking connect() that waits for
+    another thread's (see above), which the backend then accepts: the
+    other one connects the socket all the same, and no lock of the
+    socket is left held (the next connect() says EISCONN, a recv() and
+    a send() go on)."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    socks: list[pvcalls.PVSocket] = []
+    firsts: list[Call] = []
+
+    def answer_once_waiting(over: threading.Event) -> None:
+        req = fake.next_request(PVCALLS_CONNECT)
+        # Once the main thread waits for the first (or the Ctrl-C ended
+        # its connect() before).
+        wait_until(lambda: over.is_set() or stands_at(
+            threading.main_thread().ident, pvcalls.PVSocket._join_connect,  # type: ignore[arg-type]
+            "held(self._connect_lock"))
+        fake.respond(req, 0)
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(None)
+        firsts[:] = [Call(functools.partial(s.connect, _ADDRESS))]
+        wait_until(lambda: s._handshaking())
+        over = threading.Event()
+        answerer = threading.Thread(target=answer_once_waiting, args=(over,))
+        answerer.start()
+        try:
+            return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
+        finally:
+            over.set()
+            answerer.join(TIMEOUT)
+
+    def check(where: str) -> None:
+        (s,), (first,) = socks, firsts
+        assert first.join().error is None, first.error
+        assert s.getpeername() == _ADDRESS
+        assert not s._connect_lock.locked(), "left held"
+        _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+        s.close()
+
+    _sweep(attempt, check, through=("_join_connect",))
 
 
 @pytest.mark.parametrize("err", [errno.EAGAIN, errno.EBADF], ids=["no-room", "ebadf"])
