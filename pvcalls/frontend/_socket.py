@@ -641,8 +641,9 @@ class PVSocket(Closing):
         first).  Meanwhile connect() fails with EALREADY (at once, with a
         timeout too, as socket.socket's), or in blocking mode waits for the
         answer.  So it does while another thread's blocking or timed
-        connect() waits for the answer to its CONNECT (see
-        :meth:`_join_connect`).  After the answer the first
+        connect() waits for the answer to its CONNECT, and then returns
+        if that one connected, or fails with EPIPE if it failed (the
+        other one says why), as Linux's.  After the answer the first
         connect() returns (success) or raises the error, as Linux's
         second connect() does; later ones fail with EISCONN, or start over
         after a failure.  That is what ``select``-based programs and

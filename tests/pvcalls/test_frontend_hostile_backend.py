@@ -1868,7 +1868,9 @@ def _the_next_connect_completes(fe: pvcalls.Frontend, fake: FakeBackend, first: 
         s.connect(("127.0.0.1", 4001))
     connect = fake.next_request(PVCALLS_CONNECT)
     fake.respond_many([(first, 0, {}), (connect, 0, {})])
-    s.settimeout(TIMEOUT)
+    # Blocking: waits for the answer (with a timeout connect() says
+    # EALREADY until it came, as socket.socket's).
+    s.settimeout(None)
     assert Call(lambda: s.connect(("127.0.0.1", 4001))).join().error is None
     assert s.getpeername() == ("127.0.0.1", 4001)
     fake.hold = set()
