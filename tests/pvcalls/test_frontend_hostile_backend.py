@@ -2885,6 +2885,48 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
     s.close()
 
 
+def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on_despite_a_ctrl_c(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As above, with a Ctrl-C landing as the non-blocking connect()'s
+    handler starts to wake the waiter (as ``notify_all`` starts, once the
+    socket is marked connecting no longer): no wake-up comes, and the
+    waiter must see for itself that the connect it waits for is over.
+    Before, it slept until the socket closed."""
+    s = fe.socket()
+    s.setblocking(False)
+    submit = fe._submit
+    waiting: list[Call] = []
+
+    def full(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT and not waiting:
+            s._timeout = None  # as another thread's settimeout(None) meanwhile
+            waiting.append(Call(lambda: s.connect(("127.0.0.1", 7))))
+            wait_until(lambda: bool(s._cond._waiters))  # waits for the answer
+            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+        return submit(slot, *args, **kwargs)
+
+    class Noting(threading.Condition):
+        """The socket's condition, noting the main thread's wake-ups."""
+
+        def notify(self, n: int = 1) -> None:
+            if threading.current_thread() is threading.main_thread():
+                woken.append(n)
+            super().notify(n)
+
+    woken: list[int] = []
+    s._cond = Noting(s._mutex)
+    fe._submit = full  # type: ignore[method-assign]
+    assert interrupted_as_frame_starts(threading.Condition.notify_all.__code__,
+                                       lambda: s.connect(("127.0.0.1", 7)))
+    # Landed as the handler's wake-up started: none came, and the socket
+    # is connecting no longer.
+    assert woken == [] and not s._connecting
+    (other,) = waiting
+    assert other.join().error is None  # connected
+    assert s.getpeername() == ("127.0.0.1", 7)
+    s.close()
+
+
 @pytest.mark.parametrize("end", ["accepted", "refused", "closed", "interrupted", "gone"])
 def test_a_blocking_connect_while_another_threads_waits_reports_how_that_one_ended(
         fe: pvcalls.Frontend, fake: FakeBackend, end: str) -> None:
