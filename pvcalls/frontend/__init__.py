@@ -118,7 +118,11 @@ A few calls differ with no error of their own:
   connected; if the connect failed, the thread whose ``connect()`` sent
   it gets the error and the other EPIPE.  Linux's gives the error to
   whichever thread wakes first (the later one, measured on 6.18) and
-  EPIPE to the other.
+  EPIPE to the other.  If the first one had a timeout and its handshake
+  failed (refused, no answer), the other fails with ECONNABORTED, as the
+  ``connect()`` after any such one; Linux's gives the error to the
+  blocking one, and the timed one, finding ``SO_ERROR`` taken, returns
+  as if connected (6.18, measured).
 * After a non-blocking or timed ``connect()`` whose handshake failed
   (refused, no answer), ``recv()`` fails with ENOTCONN, where Linux's
   returns ``b""`` until the next ``connect()`` (which fails with

@@ -649,7 +649,9 @@ class PVSocket(Closing):
         answer.  So it does while another thread's blocking or timed
         connect() waits for the answer to its CONNECT, and then returns
         if that one connected, or fails with EPIPE if it failed (the
-        other one says why), as Linux's.  After the answer the first
+        other one says why), as Linux's (ECONNABORTED after a timed one
+        whose handshake failed, which leaves that to the next connect(),
+        see below).  After the answer the first
         connect() returns (success) or raises the error, as Linux's
         second connect() does; later ones fail with EISCONN, or start over
         after a failure.  That is what ``select``-based programs and
@@ -871,8 +873,10 @@ class PVSocket(Closing):
         mode wait for that connect() to end and report its outcome:
         return if it connected; if it failed, EPIPE (the other reports
         the error, as on Linux one of the two threads does and the other
-        says EPIPE); EISCONN if it was cut short (the socket is given up
-        on: see connect()); EBADF if the socket was closed meanwhile."""
+        says EPIPE), or ECONNABORTED if it was a timed one whose handshake
+        failed (the report that connect() leaves to the next one);
+        EISCONN if it was cut short (the socket is given up on: see
+        connect()); EBADF if the socket was closed meanwhile."""
         if self._timeout is not None:
             raise OSError(errno.EALREADY, os.strerror(errno.EALREADY) + " (connecting)")
         # Held for the whole of a connect(): free once the other one is

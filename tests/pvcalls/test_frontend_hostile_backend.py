@@ -2996,6 +2996,46 @@ def test_a_blocking_connect_while_another_threads_waits_reports_how_that_one_end
     s.close()
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["accepted", "refused"])
+def test_a_blocking_connect_while_another_threads_timed_one_waits(
+        fe: pvcalls.Frontend, fake: FakeBackend, refused: bool) -> None:
+    """As above, the first connect() with a timeout (the socket made
+    blocking meanwhile): that one leaves its outcome to the next
+    connect() (see connect()), which the waiting one is.  Connected, both
+    return and the next says EISCONN, as on Linux (6.18, measured).
+    Refused, the first says so and the waiting one ECONNABORTED, as the
+    connect() after any refused timed one; the next starts over.  (Linux's
+    gives the refusal to the blocking one, and the timed one, finding
+    SO_ERROR taken, returns as if connected.)"""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    s.settimeout(None)
+    second = Call(functools.partial(s.connect, _ADDRESS))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    fake.respond(req, -ECONNREFUSED if refused else 0)
+    if refused:
+        assert isinstance(first.oserror(), ConnectionRefusedError)
+        assert second.oserror().errno == errno.ECONNABORTED
+        assert s._st.ring is None and not s._broken
+        fake.hold = set()
+        fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+        _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNREFUSED)()
+        assert len(connects) == 2, "did not start over"
+    else:
+        assert first.join().error is None, first.error
+        assert second.join().error is None, second.error
+        _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+        assert len(connects) == 1
+    s.close()
+
+
 def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alone(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A Ctrl-C landing anywhere in a blocking connect() that waits for
