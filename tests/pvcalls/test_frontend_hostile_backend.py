@@ -3036,6 +3036,68 @@ def test_a_blocking_connect_while_another_threads_timed_one_waits(
     s.close()
 
 
+@pytest.mark.parametrize("timeout", [0.0, 0.2], ids=["nonblocking", "timed"])
+def test_a_connect_while_another_threads_sets_out_waits_no_longer_than_its_timeout(
+        fe: pvcalls.Frontend, fake: FakeBackend, timeout: float) -> None:
+    """A non-blocking or timed connect() while another thread's (of the
+    same mode) takes its first steps, its data ring not made yet (so not
+    in its handshake, see _handshaking): it waits for that one within its
+    own timeout only, as for any lock of the socket: non-blocking, it
+    fails at once (BlockingIOError); timed, with TimeoutError once its
+    time is over.  It sends nothing, and the other goes on."""
+    s = fe.socket()
+    s.settimeout(timeout)
+    connects = _connects_submitted(fe)
+    pause = PauseAt(pvcalls.PVSocket.connect, "sockaddr = pack_sockaddr_in(host, port)")
+    first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
+    assert pause.reached.wait(TIMEOUT)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError):
+            s.connect(_ADDRESS)
+        assert time.monotonic() - started < TIMEOUT / 2, "waited for the other connect()"
+    finally:
+        pause.resume()
+    if timeout == 0.0:
+        assert first.oserror().errno == errno.EINPROGRESS
+        wait_until(lambda: not s._connecting)  # answered
+    else:
+        assert first.join().error is None, first.error
+    assert s.getpeername() == _ADDRESS
+    assert len(connects) == 1
+    s.close()
+
+
+def test_a_blocking_connect_while_a_nonblocking_one_sets_out_waits_for_its_answer(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A blocking connect() while another thread's non-blocking one has
+    made its data ring (in its handshake, see _handshaking) but is not yet
+    marked connecting: it waits for that connect() to return, and then,
+    its CONNECT in flight, for the answer, as for any non-blocking
+    connect()'s; it returns once connected, having sent nothing."""
+    s = fe.socket()
+    s.setblocking(False)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    pause = PauseAt(pvcalls.PVSocket.connect, "slot.on_done = self._connect_taker(host, port)")
+    first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
+    assert pause.reached.wait(TIMEOUT)
+    s.settimeout(None)  # as another thread's meanwhile: the first is non-blocking already
+    second = Call(lambda: s.connect(_ADDRESS))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    pause.resume()
+    assert first.oserror().errno == errno.EINPROGRESS
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(s._cond._waiters) or not second.alive())
+    assert second.alive(), f"did not wait for the answer: {second.error!r}"
+    fake.respond(req, 0)
+    assert second.join().error is None, second.error
+    assert s.getpeername() == _ADDRESS
+    assert len(connects) == 1
+    s.close()
+
+
 def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alone(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A Ctrl-C landing anywhere in a blocking connect() that waits for
