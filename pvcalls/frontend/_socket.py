@@ -888,13 +888,27 @@ class PVSocket(Closing):
                 raise self._fe._gone()
             with self._mutex:
                 started = self._connecting or self._connect_failed or self._connect_unreported
+            if not started:
+                # Told under the lock: let go first, a connect() of a third
+                # thread could make the socket its own (a ring, no peer
+                # yet), and this one report that one's (EISCONN) rather
+                # than the one it waited for.
+                self._joined_outcome()
+                return
             # A timed connect() leaves its outcome to the next one (see
             # connect()), and a non-blocking one in flight its answer to
             # come: that is this one's to report.  Free of the lock while
             # it waits, so that none of the socket's connect() waits
             # behind it.
-        if started and self._finish_connect(Deadline(None)):
+        if self._finish_connect(Deadline(None)):
             return
+        # Another thread's connect() took the outcome meanwhile.
+        self._joined_outcome()
+
+    def _joined_outcome(self) -> None:
+        """How the connect() that :meth:`_join_connect` waited for ended,
+        once nothing of it is left to report: return if connected, else
+        EPIPE (or EISCONN if it was cut short)."""
         if self._st.ring is not None and self._peername is not None and not self._broken:
             return  # connected, as Linux's reports to every thread that waited
         self._check_unconnected()

@@ -3098,6 +3098,45 @@ def test_a_blocking_connect_while_a_nonblocking_one_sets_out_waits_for_its_answe
     s.close()
 
 
+def test_a_connect_that_waited_on_a_refused_one_says_so_whatever_comes_next(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A blocking connect() that waited for another thread's, refused,
+    fails with EPIPE (as above) also when a third thread's connect()
+    comes as it looks at how the other ended: that one sets out once this
+    one has told.  Before, the waiting one let go of the connect lock
+    first, the third made the socket its own (a ring, its CONNECT in
+    flight), and the waiting one said EISCONN, reporting the third's
+    connect rather than the one it waited for."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    # Stopped as it looks whether the socket is unconnected, the other over.
+    pause = PauseAt(pvcalls.PVSocket._check_unconnected, "if self._st.ring")
+    second = Call(lambda: pause.run(functools.partial(s.connect, _ADDRESS)))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    assert pause.reached.wait(TIMEOUT)
+    third = Call(functools.partial(s.connect, _ADDRESS))
+    try:
+        # Its CONNECT made, or waiting for the connect lock.
+        wait_until(lambda: s._st.ring is not None or stands_at(
+            third.ident, pvcalls.frontend._common.Deadline.take, "(True,)"))
+    finally:
+        pause.resume()
+    assert second.oserror().errno == errno.EPIPE
+    fake.respond(fake.next_request(PVCALLS_CONNECT), 0)
+    assert third.join().error is None, third.error
+    assert s.getpeername() == _ADDRESS
+    assert len(connects) == 2
+    s.close()
+
+
 def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alone(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A Ctrl-C landing anywhere in a blocking connect() that waits for
