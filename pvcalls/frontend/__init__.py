@@ -108,9 +108,21 @@ A few calls differ with no error of their own:
   short before the backend answered) leaves the socket good only for
   ``close()``: its CONNECT stays in flight, as a TCP handshake goes on,
   but the socket does not follow it.  ``connect()`` fails with EISCONN
-  from then on where Linux's says EALREADY until the handshake ends,
-  ``recv()`` and ``send()`` with ENOTCONN where Linux's wait for the
-  handshake, and ``fileno()`` polls writable.
+  from then on where Linux's says EALREADY until the handshake ends
+  (also a blocking one of another thread that waited meanwhile, where
+  Linux's goes on waiting for the handshake), ``recv()`` and ``send()``
+  with ENOTCONN where Linux's wait for the handshake, and ``fileno()``
+  polls writable.
+* A blocking ``connect()`` made while another thread's waits for its
+  answer waits too, as Linux's for the handshake, and returns once
+  connected; if the connect failed, the thread whose ``connect()`` sent
+  it gets the error and the other EPIPE.  Linux's gives the error to
+  whichever thread wakes first (the later one, measured on 6.18) and
+  EPIPE to the other.  If the first one had a timeout and its handshake
+  failed (refused, no answer), the other fails with ECONNABORTED, as the
+  ``connect()`` after any such one; Linux's gives the error to the
+  blocking one, and the timed one, finding ``SO_ERROR`` taken, returns
+  as if connected (6.18, measured).
 * After a non-blocking or timed ``connect()`` whose handshake failed
   (refused, no answer), ``recv()`` fails with ENOTCONN, where Linux's
   returns ``b""`` until the next ``connect()`` (which fails with

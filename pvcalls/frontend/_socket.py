@@ -68,6 +68,12 @@ _INT = struct.Struct("=i")
 #: the common case; a router's ICMP net unreachable, rare): not counted.
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
+#: The longest a wait for a non-blocking connect()'s answer sleeps before
+#: it looks at the socket again, also with no limit (see
+#: PVSocket._await_connect_answer): seconds, a wake-up of the waiter a
+#: second at most, for as long as the backend takes to answer.
+_CONNECT_RECHECK = 1.0
+
 #: SOL_SOCKET options whose value every PV Calls socket has: plain ints,
 #: as the kernel's getsockopt() gives them, not the socket module's enums.
 _FIXED_OPTIONS = {socket.SO_TYPE: int(socket.SOCK_STREAM), socket.SO_DOMAIN: int(socket.AF_INET)}
@@ -458,10 +464,10 @@ class PVSocket(Closing):
 
         # _cond guards the socket's state flags below and is what waiters
         # sleep on; the event thread takes it (after releasing the command
-        # ring lock) to wake them.  Lock order: _recv_lock / _send_lock /
-        # _accept_lock, then the frontend's command lock, then _cond (as
-        # Frontend._want_room nests them).  Never call into the command
-        # ring while holding _cond.
+        # ring lock) to wake them.  Lock order: _connect_lock, then
+        # _recv_lock / _send_lock / _accept_lock, then the frontend's
+        # command lock, then _cond (as Frontend._want_room nests them).
+        # Never call into the command ring while holding _cond.
         #
         # Blocks take it as ``with self._mutex``, never ``with self._cond``:
         # Condition's __enter__ and __exit__ are Python functions, where
@@ -474,7 +480,11 @@ class PVSocket(Closing):
         self._cond = threading.Condition(self._mutex)
         # One receiver, one sender and one acceptor at a time, like the
         # kernel's socket lock; close() takes them to wait out copies from
-        # the shared pages before unsharing them.
+        # the shared pages before unsharing them.  A connect() takes
+        # _connect_lock, then _recv_lock and _send_lock, for all of its
+        # course: a blocking connect() of another thread meanwhile waits
+        # for it to end on _connect_lock alone (see _join_connect).
+        self._connect_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._accept_lock = threading.Lock()
@@ -634,8 +644,14 @@ class PVSocket(Closing):
         does a TCP socket's: :meth:`fileno` polls writable once it came,
         and ``getsockopt(SOL_SOCKET, SO_ERROR)`` says how it went (0, or
         the errno, which it clears; ENOTCONN if the backend went away
-        first).  Meanwhile connect() fails with EALREADY, or in
-        blocking mode waits for the answer.  After the answer the first
+        first).  Meanwhile connect() fails with EALREADY (at once, with a
+        timeout too, as socket.socket's), or in blocking mode waits for the
+        answer.  So it does while another thread's blocking or timed
+        connect() waits for the answer to its CONNECT, and then returns
+        if that one connected, or fails with EPIPE if it failed (the
+        other one says why), as Linux's (ECONNABORTED after a timed one
+        whose handshake failed, which leaves that to the next connect(),
+        see below).  After the answer the first
         connect() returns (success) or raises the error, as Linux's
         second connect() does; later ones fail with EISCONN, or start over
         after a failure.  That is what ``select``-based programs and
@@ -655,13 +671,22 @@ class PVSocket(Closing):
         self._check_open()
         with self._mutex:
             started = self._connecting or self._connect_failed or self._connect_unreported
-        if started and self._finish_connect(Deadline(self._timeout)):
+        # Only in blocking mode does it wait for the answer: with a timeout
+        # CPython's connect() is a non-blocking one and a wait for the
+        # handshake it starts, and Linux's says EALREADY at once to one
+        # made while a handshake is on.
+        if started and self._finish_connect(None if self._timeout is not None
+                                            else Deadline(None)):
+            return
+        if self._handshaking():
+            self._join_connect()
             return
         self._check_unconnected()
         lock_deadline = Deadline(self._timeout)
         # Let go whatever interrupts the taking (see held): a lock left
         # held keeps the ring, which close() would then leave alone.
-        with held(self._recv_lock, lock_deadline), held(self._send_lock, lock_deadline):
+        with held(self._connect_lock, lock_deadline), held(self._recv_lock, lock_deadline), \
+                held(self._send_lock, lock_deadline):
             self._check_open()
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
@@ -682,7 +707,7 @@ class PVSocket(Closing):
                     # frontend closed.
                     slot.on_done = self._connect_taker(host, port)
                     with self._mutex:
-                        self._connecting = True
+                        self._st.connecting = True
 
                 def fill(req: Any) -> None:
                     req.u.connect.id = self.id
@@ -712,13 +737,7 @@ class PVSocket(Closing):
                 # Nothing went out (no room on the command ring in time, or
                 # closed meanwhile): the ring, if the socket got one, is
                 # ours to free, and connect() may be tried again.
-                if background:
-                    with self._mutex:
-                        self._connecting = False
-                        # A connect() of another thread may wait for the
-                        # answer to this one (_await_connect_answer): none
-                        # comes.
-                        self._cond.notify_all()
+                #
                 # Given up on while the ring goes back (marked by stores,
                 # in which no signal's handler runs): a Ctrl-C landing as
                 # the giving back started left the ring with no peer and
@@ -728,14 +747,33 @@ class PVSocket(Closing):
                 # the move (see _give_back) under the mark: one landing in
                 # the return to the pool leaves the socket unconnected.
                 self._broken = True
-                self._fe._give_back(self._st, reusable=True)
-                self._broken = False
-                self._fe._return_rings()
-                # Unconnected again, readable and writable: a fileno() of
-                # another thread meanwhile made the descriptor poll as the
-                # socket with its ring, in its handshake, neither way, and
-                # a selector waited for good.
-                self._repair_ready()
+                try:
+                    self._fe._give_back(self._st, reusable=True)
+                    self._broken = False
+                    self._fe._return_rings()
+                finally:
+                    # Connecting no longer whatever cuts the above short,
+                    # by a store (no call, where a Ctrl-C could land before
+                    # it): with nothing sent no answer comes to end it, and
+                    # left set, the socket said EALREADY and polled neither
+                    # way for good.  Only once the ring is back or the
+                    # socket given up on: cleared before, one landing in
+                    # between left a ring with no peer and no mark.
+                    if background:
+                        with self._mutex:
+                            self._st.connecting = False
+                            # A connect() of another thread may wait for
+                            # the answer to this one (_await_connect_answer):
+                            # none comes.  Woken once the socket is
+                            # unconnected (or given up on), it goes on from
+                            # there.
+                            self._cond.notify_all()
+                    # Unconnected again, readable and writable (or given
+                    # up on, writable): a fileno() of another thread
+                    # meanwhile made the descriptor poll as the socket
+                    # with its ring, in its handshake, neither way, and a
+                    # selector waited for good.
+                    self._repair_ready()
                 if isinstance(exc, BlockingIOError):
                     # Non-blocking, no room on the command ring.  Not EAGAIN
                     # (Linux's frontend's): asyncio's sock_connect() and
@@ -825,6 +863,57 @@ class PVSocket(Closing):
                 # while recv() would block, until data came.
                 self._repair_ready()
                 raise
+
+    def _join_connect(self) -> None:
+        """connect() while another thread's blocking or timed connect()
+        waits for its CONNECT's answer: what Linux's connect() does on a
+        socket in SS_CONNECTING whose handshake another thread waits for.
+        With a timeout (CPython's connect() is a non-blocking one then) or
+        in non-blocking mode, fail with EALREADY at once.  In blocking
+        mode wait for that connect() to end and report its outcome:
+        return if it connected; if it failed, EPIPE (the other reports
+        the error, as on Linux one of the two threads does and the other
+        says EPIPE), or ECONNABORTED if it was a timed one whose handshake
+        failed (the report that connect() leaves to the next one);
+        EISCONN if it was cut short (the socket is given up on: see
+        connect()); EBADF if the socket was closed meanwhile."""
+        if self._timeout is not None:
+            raise OSError(errno.EALREADY, os.strerror(errno.EALREADY) + " (connecting)")
+        # Held for the whole of a connect(): free once the other one is
+        # over, whatever ended it.  Not the receive lock, which a recv()
+        # waiting for data may take first once the socket is connected.
+        with held(self._connect_lock, Deadline(None)):
+            self._check_open()
+            if self._fe._dead:
+                raise self._fe._gone()
+            with self._mutex:
+                started = self._connecting or self._connect_failed or self._connect_unreported
+            if not started:
+                # Told under the lock: let go first, a connect() of a third
+                # thread could make the socket its own (a ring, no peer
+                # yet), and this one report that one's (EISCONN) rather
+                # than the one it waited for.
+                self._joined_outcome()
+                return
+            # A timed connect() leaves its outcome to the next one (see
+            # connect()), and a non-blocking one in flight its answer to
+            # come: that is this one's to report.  Free of the lock while
+            # it waits, so that none of the socket's connect() waits
+            # behind it.
+        if self._finish_connect(Deadline(None)):
+            return
+        # Another thread's connect() took the outcome meanwhile.
+        self._joined_outcome()
+
+    def _joined_outcome(self) -> None:
+        """How the connect() that :meth:`_join_connect` waited for ended,
+        once nothing of it is left to report: return if connected, else
+        EPIPE (or EISCONN if it was cut short)."""
+        if self._st.ring is not None and self._peername is not None and not self._broken:
+            return  # connected, as Linux's reports to every thread that waited
+        self._check_unconnected()
+        raise OSError(errno.EPIPE, os.strerror(errno.EPIPE)
+                      + " (the connect() of another thread failed)")
 
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut
@@ -933,7 +1022,7 @@ class PVSocket(Closing):
         ring under ``_cond`` as this does, so exactly one of the two frees
         it.  Once the socket is closed its RELEASE owns the ring."""
         with self._mutex:
-            self._connecting = False
+            self._st.connecting = False
             if not self._closed:
                 if ret < 0:
                     # The backend let go of the ring; the id is a new
@@ -949,10 +1038,10 @@ class PVSocket(Closing):
         self._fe._return_rings()
         self._update_ready()
 
-    def _finish_connect(self, deadline: Deadline) -> bool:
+    def _finish_connect(self, deadline: Deadline | None) -> bool:
         """connect() after a non-blocking one: what Linux's connect()
         does on a socket in SS_CONNECTING.  EALREADY while the CONNECT is
-        in flight (in blocking mode: wait for it); then return True once
+        in flight (with a ``deadline``: wait for it); then return True once
         if it succeeded, or raise its error (ECONNABORTED if SO_ERROR took
         it) once if it failed, leaving the socket unconnected.  If it
         succeeded but the connection has failed since (a reset), raise
@@ -989,7 +1078,13 @@ class PVSocket(Closing):
         while self._connecting and not self._closed and not self._fe._dead:
             if deadline is None or deadline.timeout == 0.0:
                 raise OSError(would_block, os.strerror(would_block) + " (connecting)")
-            self._cond.wait(deadline.nap())
+            nap = deadline.nap()
+            # Bounded also with no limit, and the flags looked at again: a
+            # wake-up of a main thread's call (a non-blocking connect()
+            # that sent nothing, close()) is lost to a Ctrl-C landing as
+            # its notify_all() starts, and this slept until the socket
+            # closed, the connect it waited for long over.
+            self._cond.wait(_CONNECT_RECHECK if nap is None else min(nap, _CONNECT_RECHECK))
         self._check_open()
         if self._connecting:
             raise self._fe._gone()
@@ -1797,11 +1892,9 @@ class PVSocket(Closing):
     @property
     def _connecting(self) -> bool:
         # Kept in the state (see SocketState.connecting); under _cond.
+        # Read only: set by stores into the state, in which no signal's
+        # handler runs (see connect()).
         return self._st.connecting
-
-    @_connecting.setter
-    def _connecting(self, value: bool) -> None:
-        self._st.connecting = value
 
     # -- internals ---------------------------------------------------------
 

@@ -32,8 +32,13 @@ from typing import Any
 
 import pytest
 from pvcalls_rawfront import Call, done_or_at, sleeping_in_wait, wait_until
-from racewindow import PauseAt
-from stolensignal import Interrupted, interrupted_as_frame_starts, interrupted_at
+from racewindow import PauseAt, stands_at
+from stolensignal import (
+    Interrupted,
+    interrupted_as_frame_starts,
+    interrupted_at,
+    signal_taken_elsewhere,
+)
 
 import pvcalls
 from pvcalls import _wire
@@ -1454,9 +1459,10 @@ def test_blocking_calls_wait_for_a_non_blocking_connect(
     handshake: then connect() returns (or raises the error) and send()
     goes on; a recv() that was waiting for a refused connect gets the
     error.  (Not recv(0): it returns at once, as socket.socket's, which
-    makes no system call for it.)"""
+    makes no system call for it.)  In blocking mode proper: with a
+    timeout connect() says EALREADY at once, as socket.socket's."""
     s, req = _connecting(fe, fake)
-    s.settimeout(TIMEOUT)
+    s.settimeout(None)
     calls = [Call(lambda: s.connect(_ADDRESS))]
     if ret == 0:
         calls.append(Call(lambda: s.send(b"x")))
@@ -1862,7 +1868,9 @@ def _the_next_connect_completes(fe: pvcalls.Frontend, fake: FakeBackend, first: 
         s.connect(("127.0.0.1", 4001))
     connect = fake.next_request(PVCALLS_CONNECT)
     fake.respond_many([(first, 0, {}), (connect, 0, {})])
-    s.settimeout(TIMEOUT)
+    # Blocking: waits for the answer (with a timeout connect() says
+    # EALREADY until it came, as socket.socket's).
+    s.settimeout(None)
     assert Call(lambda: s.connect(("127.0.0.1", 4001))).join().error is None
     assert s.getpeername() == ("127.0.0.1", 4001)
     fake.hold = set()
@@ -2593,9 +2601,8 @@ def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_i
     close()), and its descriptor polls writable at least.  Before, one
     landing as the ring was given back left the ring with no peer and no
     mark, which is what a handshake looks like: polling neither way for
-    good, and connect() saying EISCONN for good.  (A non-blocking one
-    is left connecting by one landing as it is marked no longer so,
-    which this does not change.)"""
+    good, and connect() saying EISCONN for good.  (For a non-blocking
+    one see the test below.)"""
     failed: list[bool] = []
     submit = fe._submit
 
@@ -2607,6 +2614,54 @@ def test_a_timed_connect_that_sent_nothing_interrupted_anywhere_is_not_left_in_i
 
     fe._submit = no_room  # type: ignore[method-assign]
     _sweep_failed_timed_connects(fe, 0.2, failed, through=("_give_back", "_return_rings"))
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["anywhere", "once-failed"])
+def test_a_nonblocking_connect_that_sent_nothing_interrupted_anywhere_is_not_left_connecting(
+        fe: pvcalls.Frontend, fake: FakeBackend, after: bool) -> None:
+    """A non-blocking connect() whose CONNECT finds no room on the
+    command ring, and a Ctrl-C landing anywhere in it (``once-failed``:
+    anywhere once the submit failed, the window this is about): nothing
+    went out, so no answer will come, and the socket must not be left
+    connecting (connect() saying EALREADY, recv() EAGAIN, polling neither
+    way, for good).  It is left unconnected (connect() may be tried
+    again) or given up on (good only for close()), polling writable at
+    least.  Before, one landing as the handling of the failure marked it
+    connecting no longer left it connecting for good."""
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[pvcalls.PVSocket] = []
+    failed: list[bool] = []
+    submit = fe._submit
+
+    def no_room(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT:
+            failed.append(True)
+            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+        return submit(slot, *args, **kwargs)
+
+    fe._submit = no_room  # type: ignore[method-assign]
+
+    def attempt(n: int) -> str:
+        failed.clear()
+        socks[:] = [s := fe.socket()]
+        s.setblocking(False)
+        assert _readiness(s) == (True, True)
+        return interrupted_at(n, within, _refused(functools.partial(s.connect, _ADDRESS),
+                                                  errno.ENOBUFS),
+                              (lambda: not failed) if after else (lambda: False))
+
+    def check(where: str) -> None:
+        (s,) = socks
+        assert not s._connecting, "connecting, with nothing sent"
+        assert s._st.ring is None or s._broken, "kept its ring, and not given up on"
+        readable, writable = _polls(s)
+        assert writable, (readable, writable)
+        if not s._broken:
+            # Unconnected: connect() starts over (and finds no room again).
+            _refused(functools.partial(s.connect, _ADDRESS), errno.ENOBUFS)()
+        s.close()
+
+    _sweep(attempt, check, through=("connect",))
 
 
 def test_a_connect_whose_submit_failed_once_sent_interrupted_anywhere_is_given_up_on(
@@ -2828,6 +2883,304 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
     assert other.join().error is None  # connected
     assert s.getpeername() == ("127.0.0.1", 7)
     s.close()
+
+
+def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on_despite_a_ctrl_c(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As above, with a Ctrl-C landing as the non-blocking connect()'s
+    handler starts to wake the waiter (as ``notify_all`` starts, once the
+    socket is marked connecting no longer): no wake-up comes, and the
+    waiter must see for itself that the connect it waits for is over.
+    Before, it slept until the socket closed."""
+    s = fe.socket()
+    s.setblocking(False)
+    submit = fe._submit
+    waiting: list[Call] = []
+
+    def full(slot: Any, *args: Any, **kwargs: Any) -> int:
+        if slot.cmd == PVCALLS_CONNECT and not waiting:
+            s._timeout = None  # as another thread's settimeout(None) meanwhile
+            waiting.append(Call(lambda: s.connect(("127.0.0.1", 7))))
+            wait_until(lambda: bool(s._cond._waiters))  # waits for the answer
+            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
+        return submit(slot, *args, **kwargs)
+
+    class Noting(threading.Condition):
+        """The socket's condition, noting the main thread's wake-ups."""
+
+        def notify(self, n: int = 1) -> None:
+            if threading.current_thread() is threading.main_thread():
+                woken.append(n)
+            super().notify(n)
+
+    woken: list[int] = []
+    s._cond = Noting(s._mutex)
+    fe._submit = full  # type: ignore[method-assign]
+    assert interrupted_as_frame_starts(threading.Condition.notify_all.__code__,
+                                       lambda: s.connect(("127.0.0.1", 7)))
+    # Landed as the handler's wake-up started: none came, and the socket
+    # is connecting no longer.
+    assert woken == [] and not s._connecting
+    (other,) = waiting
+    assert other.join().error is None  # connected
+    assert s.getpeername() == ("127.0.0.1", 7)
+    s.close()
+
+
+@pytest.mark.parametrize("end", ["accepted", "refused", "closed", "interrupted", "gone"])
+def test_a_blocking_connect_while_another_threads_waits_reports_how_that_one_ended(
+        fe: pvcalls.Frontend, fake: FakeBackend, end: str) -> None:
+    """A blocking connect() while another thread's blocking connect()
+    waits for its CONNECT's answer waits for that one to end (as Linux's
+    for the handshake), sends nothing of its own, and says how it ended:
+    it returns once connected; EPIPE once refused (the other says the
+    refusal), the socket left unconnected; EBADF once closed; EISCONN
+    once the other was cut short by a Ctrl-C (the socket given up on,
+    good only for close()); the frontend's error once the backend went.
+    Before, it failed with EISCONN at once."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    calls: list[Call] = []
+
+    def waiting() -> bool:
+        return bool(calls) and stands_at(calls[-1].ident, pvcalls.PVSocket._join_connect,
+                                         "held(self._connect_lock")
+
+    def second_when_first_waits() -> None:
+        req = fake.next_request(PVCALLS_CONNECT)
+        wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+        calls.append(Call(functools.partial(s.connect, _ADDRESS)))
+        wait_until(lambda: waiting() or not calls[-1].alive())  # failed at once, before
+        requests.append(req)
+
+    requests: list[Request] = []
+    starter = threading.Thread(target=second_when_first_waits)
+    starter.start()
+    if end == "interrupted":
+        with signal_taken_elsewhere(lambda: bool(requests)), pytest.raises(Interrupted):
+            s.connect(_ADDRESS)
+        starter.join(TIMEOUT)
+        assert s._broken
+        assert requests and calls[0].oserror().errno == errno.EISCONN
+        fake.respond(requests[0], 0)  # late: nobody takes it
+        s.close()
+        return
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    starter.join(TIMEOUT)
+    (req,) = requests
+    (second,) = calls
+    assert second.alive(), f"did not wait: {second.error!r}"
+    assert first.alive()
+    if end == "accepted":
+        fake.respond(req, 0)
+        assert first.join().error is None, first.error
+        assert second.join().error is None, second.error
+        assert s.getpeername() == _ADDRESS
+        _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+    elif end == "refused":
+        fake.respond(req, -ECONNREFUSED)
+        assert isinstance(first.oserror(), ConnectionRefusedError)
+        assert second.oserror().errno == errno.EPIPE
+        assert s._st.ring is None and not s._broken
+        assert _readiness(s) == (True, True)
+    elif end == "closed":
+        s.close()
+        assert first.oserror().errno == errno.EBADF
+        assert second.oserror().errno == errno.EBADF
+    else:
+        fake.set_state(5)  # Closing: the backend goes away
+        assert first.oserror().errno == second.oserror().errno != errno.EISCONN
+    assert len(connects) == 1, "the second sent a CONNECT of its own"
+    s.close()
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["accepted", "refused"])
+def test_a_blocking_connect_while_another_threads_timed_one_waits(
+        fe: pvcalls.Frontend, fake: FakeBackend, refused: bool) -> None:
+    """As above, the first connect() with a timeout (the socket made
+    blocking meanwhile): that one leaves its outcome to the next
+    connect() (see connect()), which the waiting one is.  Connected, both
+    return and the next says EISCONN, as on Linux (6.18, measured).
+    Refused, the first says so and the waiting one ECONNABORTED, as the
+    connect() after any refused timed one; the next starts over.  (Linux's
+    gives the refusal to the blocking one, and the timed one, finding
+    SO_ERROR taken, returns as if connected.)"""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    s.settimeout(None)
+    second = Call(functools.partial(s.connect, _ADDRESS))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    fake.respond(req, -ECONNREFUSED if refused else 0)
+    if refused:
+        assert isinstance(first.oserror(), ConnectionRefusedError)
+        assert second.oserror().errno == errno.ECONNABORTED
+        assert s._st.ring is None and not s._broken
+        fake.hold = set()
+        fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+        _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNREFUSED)()
+        assert len(connects) == 2, "did not start over"
+    else:
+        assert first.join().error is None, first.error
+        assert second.join().error is None, second.error
+        _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+        assert len(connects) == 1
+    s.close()
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.2], ids=["nonblocking", "timed"])
+def test_a_connect_while_another_threads_sets_out_waits_no_longer_than_its_timeout(
+        fe: pvcalls.Frontend, fake: FakeBackend, timeout: float) -> None:
+    """A non-blocking or timed connect() while another thread's (of the
+    same mode) takes its first steps, its data ring not made yet (so not
+    in its handshake, see _handshaking): it waits for that one within its
+    own timeout only, as for any lock of the socket: non-blocking, it
+    fails at once (BlockingIOError); timed, with TimeoutError once its
+    time is over.  It sends nothing, and the other goes on."""
+    s = fe.socket()
+    s.settimeout(timeout)
+    connects = _connects_submitted(fe)
+    pause = PauseAt(pvcalls.PVSocket.connect, "sockaddr = pack_sockaddr_in(host, port)")
+    first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
+    assert pause.reached.wait(TIMEOUT)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError):
+            s.connect(_ADDRESS)
+        assert time.monotonic() - started < TIMEOUT / 2, "waited for the other connect()"
+    finally:
+        pause.resume()
+    if timeout == 0.0:
+        assert first.oserror().errno == errno.EINPROGRESS
+        wait_until(lambda: not s._connecting)  # answered
+    else:
+        assert first.join().error is None, first.error
+    assert s.getpeername() == _ADDRESS
+    assert len(connects) == 1
+    s.close()
+
+
+def test_a_blocking_connect_while_a_nonblocking_one_sets_out_waits_for_its_answer(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A blocking connect() while another thread's non-blocking one has
+    made its data ring (in its handshake, see _handshaking) but is not yet
+    marked connecting: it waits for that connect() to return, and then,
+    its CONNECT in flight, for the answer, as for any non-blocking
+    connect()'s; it returns once connected, having sent nothing."""
+    s = fe.socket()
+    s.setblocking(False)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    pause = PauseAt(pvcalls.PVSocket.connect, "slot.on_done = self._connect_taker(host, port)")
+    first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
+    assert pause.reached.wait(TIMEOUT)
+    s.settimeout(None)  # as another thread's meanwhile: the first is non-blocking already
+    second = Call(lambda: s.connect(_ADDRESS))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    pause.resume()
+    assert first.oserror().errno == errno.EINPROGRESS
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(s._cond._waiters) or not second.alive())
+    assert second.alive(), f"did not wait for the answer: {second.error!r}"
+    fake.respond(req, 0)
+    assert second.join().error is None, second.error
+    assert s.getpeername() == _ADDRESS
+    assert len(connects) == 1
+    s.close()
+
+
+def test_a_connect_that_waited_on_a_refused_one_says_so_whatever_comes_next(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A blocking connect() that waited for another thread's, refused,
+    fails with EPIPE (as above) also when a third thread's connect()
+    comes as it looks at how the other ended: that one sets out once this
+    one has told.  Before, the waiting one let go of the connect lock
+    first, the third made the socket its own (a ring, its CONNECT in
+    flight), and the waiting one said EISCONN, reporting the third's
+    connect rather than the one it waited for."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    # Stopped as it looks whether the socket is unconnected, the other over.
+    pause = PauseAt(pvcalls.PVSocket._check_unconnected, "if self._st.ring")
+    second = Call(lambda: pause.run(functools.partial(s.connect, _ADDRESS)))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    assert pause.reached.wait(TIMEOUT)
+    third = Call(functools.partial(s.connect, _ADDRESS))
+    try:
+        # Its CONNECT made, or waiting for the connect lock.
+        wait_until(lambda: s._st.ring is not None or stands_at(
+            third.ident, pvcalls.frontend._common.Deadline.take, "(True,)"))
+    finally:
+        pause.resume()
+    assert second.oserror().errno == errno.EPIPE
+    fake.respond(fake.next_request(PVCALLS_CONNECT), 0)
+    assert third.join().error is None, third.error
+    assert s.getpeername() == _ADDRESS
+    assert len(connects) == 2
+    s.close()
+
+
+def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alone(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C landing anywhere in a blocking connect() that waits for
+    another thread's (see above), which the backend then accepts: the
+    other one connects the socket all the same, and no lock of the
+    socket is left held (the next connect() says EISCONN, a recv() and
+    a send() go on)."""
+    within = os.path.dirname(_frontend.__file__)
+    fake.hold = {PVCALLS_CONNECT}
+    socks: list[pvcalls.PVSocket] = []
+    firsts: list[Call] = []
+
+    def answer_once_waiting(over: threading.Event) -> None:
+        req = fake.next_request(PVCALLS_CONNECT)
+        # Once the main thread waits for the first (or the Ctrl-C ended
+        # its connect() before).
+        wait_until(lambda: over.is_set() or stands_at(
+            threading.main_thread().ident, pvcalls.PVSocket._join_connect,  # type: ignore[arg-type]
+            "held(self._connect_lock"))
+        fake.respond(req, 0)
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(None)
+        firsts[:] = [Call(functools.partial(s.connect, _ADDRESS))]
+        wait_until(lambda: s._handshaking())
+        over = threading.Event()
+        answerer = threading.Thread(target=answer_once_waiting, args=(over,))
+        answerer.start()
+        try:
+            return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
+        finally:
+            over.set()
+            answerer.join(TIMEOUT)
+
+    def check(where: str) -> None:
+        (s,), (first,) = socks, firsts
+        assert first.join().error is None, first.error
+        assert s.getpeername() == _ADDRESS
+        assert not s._connect_lock.locked(), "left held"
+        _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+        s.close()
+
+    _sweep(attempt, check, through=("_join_connect",))
 
 
 @pytest.mark.parametrize("err", [errno.EAGAIN, errno.EBADF], ids=["no-room", "ebadf"])

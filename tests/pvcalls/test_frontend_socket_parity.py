@@ -423,6 +423,110 @@ def test_a_socket_whose_connect_waits_for_the_handshake_polls_neither_way(
             listener.accept()[0].close()
 
 
+@pytest.mark.parametrize("outcome", ["connected", "refused"])
+@pytest.mark.parametrize("timeout", [None, TIMEOUT])
+def test_a_connect_while_another_threads_waits_for_the_handshake(
+        make: Callable[[], Any], timeout: float | None, outcome: str) -> None:
+    """A second thread's connect() while a first one's waits for the
+    handshake (held up as above).  With a timeout (CPython's connect()
+    is a non-blocking one then, and a wait) it fails at once with
+    EALREADY, and leaves the first one's to go on as if it had not come.
+    In blocking mode Linux's waits for the handshake too, and reports
+    its outcome: both return once connected; refused, one of the two
+    fails with the refusal and the other with EPIPE (which one is the
+    kernel's wake-up order: on Linux 6.18 the later), leaving the socket
+    unconnected."""
+    def ready(s: Any) -> tuple[bool, bool]:
+        readable, writable, _ = select.select([s], [s], [], 0)
+        return bool(readable), bool(writable)
+
+    def connect_fails(s: Any, err: int) -> None:
+        with pytest.raises(OSError) as info:
+            s.connect(address)
+        assert info.value.errno == err, info.value
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    address = listener.getsockname()
+    try:
+        with socket.create_connection(address, timeout=TIMEOUT):  # the queue's one
+            assert select.select([listener], [], [], TIMEOUT)[0]  # queued: full
+            s = make()
+            s.settimeout(timeout)
+            calls = [Call(lambda: s.connect(address))]
+            wait_until(lambda: ready(s) == (False, False))  # the SYN is out
+            if timeout is None:
+                calls.append(Call(lambda: s.connect(address)))
+                # Still waiting, with the first, for the handshake.
+                assert select.select([s], [s], [], 0.2)[:2] == ([], [])
+                assert [c.alive() for c in calls] == [True, True]
+            else:
+                connect_fails(s, errno.EALREADY)
+                assert s.connect_ex(address) == errno.EALREADY
+                assert calls[0].alive()
+            if outcome == "connected":
+                listener.accept()[0].close()  # room: the SYN sent again gets in
+            else:
+                listener.close()  # the SYN sent again is refused
+            errors = [c.join().error for c in calls]
+            if outcome == "connected":
+                assert errors == [None] * len(calls)
+                if timeout is not None:
+                    s.connect(address)  # once more, as after any connect() with a timeout
+                connect_fails(s, errno.EISCONN)
+                return
+    finally:
+        listener.close()
+    assert all(isinstance(e, OSError) for e in errors), errors
+    said = sorted(e.errno for e in errors if isinstance(e, OSError))
+    if timeout is None:
+        assert said == sorted([errno.ECONNREFUSED, errno.EPIPE]), errors
+    else:
+        assert said == [errno.ECONNREFUSED], errors
+        connect_fails(s, errno.ECONNABORTED)  # as after any refused connect() with a timeout
+    connect_fails(s, errno.ECONNREFUSED)  # unconnected: it starts over
+    assert ready(s) == (True, True)
+
+
+@pytest.mark.parametrize("timeout", [0.0, TIMEOUT, None])
+def test_a_connect_after_a_nonblocking_one_still_in_its_handshake(
+        make: Callable[[], Any], timeout: float | None) -> None:
+    """connect() again while a non-blocking one's handshake is held up
+    (as above): non-blocking, and also with a timeout (CPython's
+    connect() is a non-blocking one then), it fails with EALREADY at
+    once; in blocking mode it waits for the handshake and returns once
+    connected, after which connect() fails with EISCONN."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        address = listener.getsockname()
+        with socket.create_connection(address, timeout=TIMEOUT):  # the queue's one
+            assert select.select([listener], [], [], TIMEOUT)[0]  # queued: full
+            s = make()
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError) as info:
+                s.connect(address)
+            assert info.value.errno == errno.EINPROGRESS
+            s.settimeout(timeout)
+            if timeout is None:
+                call = Call(lambda: s.connect(address))
+                assert select.select([s], [s], [], 0.2)[:2] == ([], [])
+                assert call.alive()
+                listener.accept()[0].close()  # room: the SYN sent again gets in
+                assert call.join().error is None, repr(call.error)
+            else:
+                started = time.monotonic()
+                with pytest.raises(BlockingIOError) as info:
+                    s.connect(address)
+                assert info.value.errno == errno.EALREADY
+                assert time.monotonic() - started < TIMEOUT / 2, "waited"
+                listener.accept()[0].close()
+                assert select.select([], [s], [], TIMEOUT)[1]
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                s.connect(address)  # completes it, as after any non-blocking one
+            with pytest.raises(OSError) as failed:
+                s.connect(address)
+            assert failed.value.errno == errno.EISCONN
+            listener.accept()[0].close()
+
+
 def test_a_socket_neither_connected_nor_listening_polls_readable_and_writable(
         make: Callable[[], Any]) -> None:
     """Its recv() and send() fail at once (ENOTCONN; EPIPE, which PV
