@@ -16,9 +16,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import pytest
 from cffi import FFI
@@ -444,6 +444,7 @@ class FakeEvtchnLib:
         self.handle = ffi.new("char[1]")
         self.rfd, self.wfd = os.pipe()
         self.calls: list[str] = []
+        self.args: list[tuple[object, ...]] = []
         self.after_free: list[str] = []
         self.freed = False
         self.block_in: str | None = None
@@ -456,6 +457,7 @@ class FakeEvtchnLib:
 
         def call(handle: object, *args: int) -> int:
             self.calls.append(name)
+            self.args.append(args)
             if handle is not self.handle or self.freed:
                 self.after_free.append(name)
             if name == self.block_in:
@@ -641,14 +643,20 @@ def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLi
 
 def test_an_int_subclass_port_reaches_the_library(fake_evtchn: FakeEvtchnLib) -> None:
     """An IntEnum is an int to libxenevtchn's uint32_t, as to the
-    simulated host: a backend numbering its ports so works on both."""
+    simulated host: a backend numbering its ports so works on both.  It
+    reaches the library as the plain int it stands for (check_port()'s),
+    as the simulated host sends it on: a subclass's own str() or
+    __index__ is never what the call or its message goes by."""
     Port = enum.IntEnum("Port", {"RING": 5})
     channel = _platform.XenEventChannel()
+    channel.bind_interdomain(1, Port.RING)
     channel.notify(Port.RING)
     channel.unmask(Port.RING)
     channel.unbind(Port.RING)
-    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_notify",
-                                 "xenevtchn_unmask", "xenevtchn_unbind"]
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_bind_interdomain",
+                                 "xenevtchn_notify", "xenevtchn_unmask", "xenevtchn_unbind"]
+    assert [tuple(map(type, args)) for args in fake_evtchn.args[-4:]] == [
+        (int, int), (int,), (int,), (int,)]
     channel.close()
 
 
@@ -835,6 +843,9 @@ def test_a_port_in_the_range_not_bound_is_the_host_s_answer(host: Any, port: int
                 call(port)
             assert info.value.errno == err, call
             assert "invalid event channel port" not in str(info.value)
+            # The service's own answer, not its refusal of the number.
+            assert re.search(fr"port {port} (is not bound by this handle|of domain 0 is "
+                             fr"not an unbound port for 0)", str(info.value)), info.value
 
 
 @pytest.mark.parametrize("count", [0, -1, 1025, 2**32, True, "1", 1.0, None])
@@ -865,6 +876,39 @@ def test_both_platforms_refuse_the_same_page_counts_before_any_ioctl(
             assert seen[0] == seen[1]
             assert seen[0] == (errno.EINVAL, f"[Errno 22] can map 1..1024 refs at once, "
                                              f"not {count}")
+
+
+class _Understated(Sequence[int]):
+    """``n`` refs that len() says are one: told by the refs read."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return 1
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[int]: ...
+    def __getitem__(self, i: int | slice) -> int | Sequence[int]:
+        if isinstance(i, slice) or not 0 <= i < self.n:
+            raise IndexError(i)
+        return 8
+
+
+def test_refs_past_the_cap_are_refused_when_len_said_fewer(host: Any) -> None:
+    """check_grant_refs() counts the refs it read too, not only what
+    len() said: else gntdev was handed 1025 refs the simulated host
+    refuses, the cap kept on one platform only."""
+    real_table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    seen = []
+    with host.dom0.gnttab() as tab:
+        for table in (real_table, tab):
+            with pytest.raises(GrantError) as info:
+                table.map_grant_refs(0, _Understated(1025))
+            seen.append((info.value.errno, str(info.value)))
+    assert seen == [(errno.EINVAL, "[Errno 22] can map 1..1024 refs at once, not 1025")] * 2
 
 
 @pytest.mark.usefixtures("fake_devices")
