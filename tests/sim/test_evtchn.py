@@ -1716,9 +1716,9 @@ def test_a_port_number_that_only_equals_an_int_is_refused(
     pair: tuple[EventChannel, int, EventChannel, int], port: object
 ) -> None:
     """True and 1.0 equal port 1 as dict keys, so notify() and unmask()
-    took them for port 1 where the xen platform refuses them (EINVAL, not
-    a 32-bit unsigned integer): a backend's slip passed its tests here and
-    failed on Xen."""
+    took them for port 1 where the xen platform refuses them (EINVAL, no
+    port: xenback.platform.check_port): a backend's slip passed its tests
+    here and failed on Xen."""
     e0, p0, e1, p1 = pair
     assert p1 == 1  # the guest's first port: what True and 1.0 would hit
     for call in (e1.notify, e1.unmask, e1.unbind):

@@ -586,10 +586,7 @@ class XenEventChannel(Closing):
             raise _error(EventChannelError, f"unmasking port {port}")
 
     def unbind(self, port: int) -> None:
-        # A plain int in range spared the call (notify and unmask are per
-        # event); check_port() passes an int subclass on as a plain int.
-        if type(port) is not int or not 0 < port <= EVTCHN_PORT_MAX:
-            port = check_port(port)
+        port = check_port(port)  # not per event: no inline check to spare the call
         if self._call(self._lib.xenevtchn_unbind, port) < 0:
             raise _error(EventChannelError, f"unbinding port {port}")
 
