@@ -341,8 +341,12 @@ def check_grant_refs(refs: Sequence[int]) -> tuple[int, ...]:
     if not isinstance(refs, Sequence) or isinstance(refs, str | bytes | bytearray | memoryview):
         raise TypeError(f"refs must be a sequence of grant references (ints), "
                         f"not {type(refs).__name__} {shown(refs)}")
-    if len(refs) > MAX_PAGES_PER_REQUEST:
-        raise _too_many("map", "refs", len(refs))
+    try:
+        count = len(refs)
+    except OverflowError:  # a range past sys.maxsize: more than any cap
+        raise _too_many("map", "refs", refs) from None
+    if count > MAX_PAGES_PER_REQUEST:
+        raise _too_many("map", "refs", count)
     checked = []
     for i, ref in enumerate(refs):
         if (type(ref) is not int and not is_int(ref)) or not 0 <= ref <= 0xFFFFFFFF:

@@ -922,3 +922,18 @@ def test_the_most_pages_of_a_request_reach_the_device() -> None:
     assert info.value.errno == errno.ENOTTY
     table.close()
     share.close()
+
+
+def test_refs_past_what_len_can_count_are_refused_alike(host: Any) -> None:
+    """A range past sys.maxsize is more refs than any cap, but len() of
+    it raises OverflowError: refused as too many, EINVAL, on both
+    platforms, not an OverflowError no caller of a platform expects."""
+    real_table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    seen = []
+    with host.dom0.gnttab() as tab:
+        for table in (real_table, tab):
+            with pytest.raises(GrantError) as info:
+                table.map_grant_refs(0, range(2**64))
+            seen.append((info.value.errno, str(info.value)))
+    assert seen == [(errno.EINVAL, "[Errno 22] can map 1..1024 refs at once, "
+                                   "not range(0, 18446744073709551616)")] * 2
