@@ -43,6 +43,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from xenback.platform import DOMID_FIRST_RESERVED
+
 from .frontend import Frontend, PVSocket
 from .frontend._common import host_bytes, resolve
 
@@ -51,8 +53,6 @@ __all__ = ["main"]
 _CHUNK = 64 * 1024
 #: The exit status a shell reports for a command killed by SIGPIPE.
 _STATUS_SIGPIPE = 128 + signal.SIGPIPE
-#: Domain ids from here up are reserved (DOMID_FIRST_RESERVED): no guest has one.
-_DOMID_LIMIT = 0x7FF0
 #: The --log-level choices, pvcalls-backend's too.
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 #: How many pvcalls-nc may run as one guest at once (a device each).
@@ -83,9 +83,9 @@ def _domid(text: str) -> int:
     if not _is_decimal(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a domain id")
     domid = _small(text)
-    if domid is None or text.startswith("-") or not 0 < domid < _DOMID_LIMIT:
+    if domid is None or text.startswith("-") or not 0 < domid < DOMID_FIRST_RESERVED:
         raise argparse.ArgumentTypeError(
-            f"{text} is not a guest domain id (1 to {_DOMID_LIMIT - 1})"
+            f"{text} is not a guest domain id (1 to {DOMID_FIRST_RESERVED - 1})"
         )
     return domid
 

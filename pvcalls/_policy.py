@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xenback.platform import DOMID_FIRST_RESERVED
+
 from . import _errno
 
 __all__ = [
@@ -36,7 +38,7 @@ LIMIT_ERRNO = _errno.EMFILE
 _ANY_NETWORK = ipaddress.IPv4Network("0.0.0.0/0")
 _ALL_PORTS = range(0, 65536)
 #: Domids from DOMID_FIRST_RESERVED (0x7FF0) up name no domain of their own.
-_MAX_DOMID = 0x7FEF
+_MAX_DOMID = DOMID_FIRST_RESERVED - 1
 #: What Python's int() reads as a decimal number (a sign, white space,
 #: underscores between digits, any script's digits): a section key or a
 #: name so spelt is a domid written wrong, not a domain's name.

@@ -180,3 +180,26 @@ def test_what_a_layer_imports_from_below_is_in_its_all(package: str) -> None:
             if not hasattr(mod, "__path__") or importlib.util.find_spec(f"{module}.{name}") is None:
                 wrong.append(f"{path.relative_to(ROOT)}: {module}.{name}")
     assert wrong == []
+
+
+def test_xen_s_reserved_domids_are_spelt_once() -> None:
+    """DOMID_FIRST_RESERVED (0x7FF0), and the last domain's id below it,
+    are numbers of Xen's ABI that every layer checks a domid by: each
+    copy was one more to keep in step.  xenback.platform exports it, and
+    no module but the one defining it writes either number (but as
+    DOMID_SELF, another of Xen's names, which xenstored reads)."""
+    import xenback.platform
+
+    assert "DOMID_FIRST_RESERVED" in xenback.platform.__all__
+    assert xenback.platform.DOMID_FIRST_RESERVED == 0x7FF0
+    home = ROOT / "xenback" / "_flags.py"
+    copies = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for package in ALLOWED
+        for path in sorted((ROOT / package).rglob("*.py")) if path != home
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.Constant) and type(node.value) is int
+        and node.value in (0x7FF0, 0x7FEF)
+        and "DOMID_SELF =" not in path.read_text().splitlines()[node.lineno - 1]
+    ]
+    assert copies == []

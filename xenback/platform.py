@@ -22,7 +22,9 @@ Errors are :class:`OSError` subclasses carrying the errno the C library would
 have set, so that ``except OSError`` code written for one platform works on
 the other.  What both check before anything reaches the hypervisor (the
 ``domid`` of a grant or event channel call, see :func:`check_domid`; the
-refs of a mapping, see :func:`check_grant_refs`), they check here, alike.
+refs of a mapping, see :func:`check_grant_refs`; the number of pages shared,
+:func:`check_page_count`; an event channel port, :func:`check_port`), they
+check here, alike.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
     import pyxs
 
 __all__ = [
+    "DOMID_FIRST_RESERVED",
+    "EVTCHN_PORT_MAX",
+    "MAX_PAGES_PER_REQUEST",
     "PAGE_SIZE",
     "EventChannel",
     "EventChannelError",
@@ -54,12 +59,24 @@ __all__ = [
     "SharedPages",
     "check_domid",
     "check_grant_refs",
+    "check_page_count",
     "check_platform",
+    "check_port",
 ]
 
 #: Size of a grant-mapped page.  Xen's grant ABI is in 4 KiB frames on every
 #: architecture we support.
 PAGE_SIZE = 4096
+
+#: The largest event channel port any of Xen's event channel ABIs can
+#: name: the FIFO ABI's 2**17 ports (``EVTCHN_FIFO_NR_CHANNELS``), port 0
+#: being reserved.  See :func:`check_port`.
+EVTCHN_PORT_MAX = (1 << 17) - 1
+
+#: The most pages one :meth:`GrantTable.map_grant_refs` or
+#: :meth:`GrantShare.share_pages` may cover, on both platforms (see
+#: :func:`check_grant_refs` and :func:`check_page_count` for why).
+MAX_PAGES_PER_REQUEST = 1024
 
 
 class PlatformError(OSError):
@@ -125,7 +142,8 @@ class GrantTable(Protocol):
         """Map ``refs`` granted by ``domid`` contiguously, like
         ``xengnttab_map_domain_grant_refs``.  Raises :class:`GrantError`
         (EINVAL for a ``domid`` that is not a domain's, 0 to 0x7FEF: see
-        :func:`check_domid`; for no refs, or a ref that is not an int of 0 to
+        :func:`check_domid`; for no refs, more than
+        :data:`MAX_PAGES_PER_REQUEST`, or a ref that is not an int of 0 to
         2**32 - 1, a ``grant_ref_t``: see :func:`check_grant_refs`);
         :class:`TypeError` if ``refs`` is not a sequence at all, or
         ``writable`` not True or False (a flag is never read for its
@@ -163,8 +181,9 @@ class GrantShare(Protocol):
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
         """Allocate ``count`` zeroed pages granted to ``domid``.
         :class:`GrantError` EINVAL for a ``domid`` that is not a domain's
-        (:func:`check_domid`); :class:`TypeError` if ``writable`` is not
-        True or False."""
+        (:func:`check_domid`), or a ``count`` that is not an int of 1 to
+        :data:`MAX_PAGES_PER_REQUEST` (:func:`check_page_count`);
+        :class:`TypeError` if ``writable`` is not True or False."""
         ...
 
     def close(self) -> None:
@@ -181,6 +200,11 @@ class EventChannel(Protocol):
     notifications are only remembered, until :meth:`unmask` is called.  Drain
     the port's work first, then unmask: this survives event storms.
 
+    Every call taking a port (``remote_port`` of :meth:`bind_interdomain`
+    too) says :class:`EventChannelError` EINVAL, before anything is
+    called, for a number that is no port: not an int of 1 to
+    :data:`EVTCHN_PORT_MAX` (:func:`check_port`).
+
     The fired ports wait in a queue of the handle's, one entry per port
     (Linux sizes it so), which only an unmask before the port was taken can
     overflow.  Then :meth:`pending` fails with EFBIG until :meth:`reset`.
@@ -193,7 +217,9 @@ class EventChannel(Protocol):
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Bind to ``remote_port`` of ``domid``; returns the local port.
         :class:`EventChannelError` EINVAL for a ``domid`` that is not a
-        domain's (:func:`check_domid`)."""
+        domain's (:func:`check_domid`), then for a ``remote_port`` that is
+        no port (:func:`check_port`) or not an unbound port of ``domid``
+        for us."""
         ...
 
     def bind_unbound_port(self, domid: int) -> int:
@@ -203,7 +229,9 @@ class EventChannel(Protocol):
         ...
 
     def notify(self, port: int) -> None:
-        """Send an event on local ``port``."""
+        """Send an event on local ``port``.  :class:`EventChannelError`
+        ENOTCONN for a port this handle has not bound (Linux's evtchn
+        driver)."""
         ...
 
     def pending(self) -> int | None:
@@ -215,7 +243,8 @@ class EventChannel(Protocol):
         ...
 
     def unbind(self, port: int) -> None:
-        """Close local ``port``."""
+        """Close local ``port``.  :class:`EventChannelError` ENOTCONN for
+        a port this handle has not bound (Linux's evtchn driver)."""
         ...
 
     def reset(self) -> None:
@@ -295,11 +324,29 @@ def check_grant_refs(refs: Sequence[int]) -> tuple[int, ...]:
     letters or bytes would be taken for refs (``b"8"`` is grant 56);
     :class:`GrantError` EINVAL for none at all, or a ref that is not a
     ``grant_ref_t``, an int (or an int subclass, as ports:
-    :func:`xenback._flags.is_int`) of 0 to 2**32 - 1.
+    :func:`xenback._flags.is_int`) of 0 to 2**32 - 1; and for more than
+    :data:`MAX_PAGES_PER_REQUEST` refs, told before any is looked at.
+
+    That cap is the simulated host's (a hostile frontend names how many
+    refs to map, and each costs the service), where gntdev would take up
+    to its ``limit`` parameter's 65536 (and a ``uint32_t`` count): a
+    backend that maps more, refused on the simulated host, would work
+    only on Xen, or one tested up to Xen's limits fail on the simulated
+    host, which is what one interface for both is there to prevent.  So
+    both refuse past the cap, which is twice what the largest ring here
+    needs (pvcalls' data ring of 2**9 pages, the most its indexes page
+    can name; Linux's frontends use 2**4) and gntalloc's default
+    allowance for a whole host.
     """
     if not isinstance(refs, Sequence) or isinstance(refs, str | bytes | bytearray | memoryview):
         raise TypeError(f"refs must be a sequence of grant references (ints), "
                         f"not {type(refs).__name__} {shown(refs)}")
+    try:
+        count = len(refs)
+    except OverflowError:  # a range past sys.maxsize: more than any cap
+        raise _too_many("map", "refs", refs) from None
+    if count > MAX_PAGES_PER_REQUEST:
+        raise _too_many("map", "refs", count)
     checked = []
     for i, ref in enumerate(refs):
         if (type(ref) is not int and not is_int(ref)) or not 0 <= ref <= 0xFFFFFFFF:
@@ -309,7 +356,68 @@ def check_grant_refs(refs: Sequence[int]) -> tuple[int, ...]:
     if not checked:
         # EINVAL, not a TypeError: a frontend's list of refs may well be empty.
         raise GrantError(errno.EINVAL, "no grant references to map")
+    if len(checked) > MAX_PAGES_PER_REQUEST:  # a sequence whose len() said less
+        raise _too_many("map", "refs", len(checked))
     return tuple(checked)
+
+
+def _too_many(verb: str, what: str, count: object) -> GrantError:
+    return GrantError(errno.EINVAL, f"can {verb} 1..{MAX_PAGES_PER_REQUEST} {what} at once, "
+                                    f"not {shown(count)}")
+
+
+def check_page_count(count: int) -> int:
+    """``count``, the pages of :meth:`GrantShare.share_pages`, as a plain
+    int, checked as both platforms check it before anything reaches the
+    hypervisor or the service: an int (or an int subclass, as ports:
+    :func:`xenback._flags.is_int`) of 1 to :data:`MAX_PAGES_PER_REQUEST`;
+    :class:`GrantError` EINVAL otherwise.
+
+    The cap is the simulated host's, and Linux's own default for this
+    side of a share: gntalloc hands out 1024 grants at most (its
+    ``limit`` parameter), all its users together, so that sharing more
+    at once, which gntalloc's ``uint32_t`` count would pass on, fails
+    on Xen anyway (ENOSPC) but on a host tuned for it.  See
+    :func:`check_grant_refs` for why both platforms share it.
+    """
+    if (type(count) is not int and not is_int(count)) or not 1 <= count <= MAX_PAGES_PER_REQUEST:
+        raise _too_many("share", "pages", count)
+    return int(count)
+
+
+def check_port(port: int) -> int:
+    """``port``, an event channel port of any :class:`EventChannel` call
+    (the local port of notify, unmask and unbind, the remote port of
+    bind_interdomain), as a plain int, checked as both platforms check it
+    before anything reaches the hypervisor or the service: an int (or an
+    int subclass: :func:`xenback._flags.is_int`) of 1 to
+    :data:`EVTCHN_PORT_MAX`, 2**17 - 1; :class:`EventChannelError` EINVAL
+    otherwise (for any wrong type too: the C library's answer to a bad
+    number).
+
+    Why that range: Xen names ports with ``evtchn_port_t``, a
+    ``uint32_t``, but no ABI has more than the FIFO ABI's 2**17 ports
+    (the 2-level ABI has 4096 on a 64-bit guest, 1024 on a 32-bit one),
+    and Xen reserves port 0 in every domain: it is never allocated, so
+    never bound.  A number outside is therefore no port on any host, and
+    refused alike; within it, whether a port exists is the host's answer
+    (ENOTCONN for a local port this handle has not bound, EINVAL for a
+    remote port that is not an unbound one for us), as Linux gives it on
+    a FIFO host, the default since Xen 4.4.  Not the 2-level ABI's 4095:
+    a busy dom0 with FIFO numbers ports past it, and a backend there
+    would have its own ports refused.  The simulated host allocates a
+    domain's ports within 1 to 4095, the 2-level ABI's (as a domain's
+    ``max_event_channels`` bounds it on Xen); past them, it answers as
+    for any port not bound.
+
+    Port 0 is refused, EINVAL, also where Linux, handed it, would say
+    ENOTCONN (notify, unbind): what no bind ever returned is a caller's
+    wrong number, as -1 is, and one rule for every call says so alike.
+    """
+    if (type(port) is not int and not is_int(port)) or not 1 <= port <= EVTCHN_PORT_MAX:
+        raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)} "
+                                              f"(a port is 1 to {EVTCHN_PORT_MAX})")
+    return int(port)
 
 
 def check_platform(platform: object) -> None:

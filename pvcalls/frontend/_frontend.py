@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from xenback import Closing
-from xenback.platform import check_platform
+from xenback.platform import DOMID_FIRST_RESERVED, check_platform
 from xenback.ratelimit import RateLimit
 from xenback.ring import FrontRing, RingError
 from xenback.xenbus import XenbusState
@@ -91,11 +91,6 @@ logger = logging.getLogger("pvcalls.frontend")
 # backend cannot be reached either (Xen's toolstack and backends cannot run
 # without XenStore), so it is the likely reason for a whole host.
 _LOST_XENSTORE = "lost XenStore (is the host gone?)"
-
-
-#: Domain ids from here up are reserved: no backend runs in one.
-_DOMID_FIRST_RESERVED = 0x7FF0
-
 
 _ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
 
@@ -264,8 +259,8 @@ class Frontend(Closing):
         for name, value in (("backend_id", backend_id), ("devid", devid)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        if not 0 <= backend_id < _DOMID_FIRST_RESERVED:
-            raise ValueError(f"backend_id must be a domain id (0 to {_DOMID_FIRST_RESERVED - 1}), "
+        if not 0 <= backend_id < DOMID_FIRST_RESERVED:
+            raise ValueError(f"backend_id must be a domain id (0 to {DOMID_FIRST_RESERVED - 1}), "
                              f"got {backend_id}")
         if devid < 0:
             raise ValueError(f"devid must be at least 0, got {devid}")

@@ -16,9 +16,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import pytest
 from cffi import FFI
@@ -198,7 +198,7 @@ def test_frontend_numbers_out_of_range_are_platform_errors(refs) -> None:
         table.map_grant_refs(1, refs)
     assert info.value.errno == errno.EINVAL
     channel = object.__new__(_platform.XenEventChannel)
-    with pytest.raises(EventChannelError, match="event channel port .* 32-bit"):
+    with pytest.raises(EventChannelError, match="invalid event channel port"):
         channel.bind_interdomain(1, refs[0])
 
 
@@ -237,8 +237,9 @@ def test_bad_domains_and_counts_are_refused_before_any_ioctl() -> None:
     with pytest.raises(GrantError, match="invalid domain id 65536") as info:
         share.share_pages(0x10000, 1)
     assert info.value.errno == errno.EINVAL
-    for count, text in ((0, "cannot share 0 pages"), (-1, "page count -1 .* 32-bit"),
-                        ("1", "page count '1' .* 32-bit"), (2**32, "page count .* 32-bit")):
+    for count, text in ((0, "can share 1..1024 pages at once, not 0"),
+                        (-1, "at once, not -1"), ("1", "at once, not '1'"),
+                        (2**32, "at once, not 4294967296")):
         with pytest.raises(GrantError, match=text) as info:
             share.share_pages(1, count)  # type: ignore[arg-type]
         assert info.value.errno == errno.EINVAL
@@ -443,6 +444,7 @@ class FakeEvtchnLib:
         self.handle = ffi.new("char[1]")
         self.rfd, self.wfd = os.pipe()
         self.calls: list[str] = []
+        self.args: list[tuple[object, ...]] = []
         self.after_free: list[str] = []
         self.freed = False
         self.block_in: str | None = None
@@ -455,6 +457,7 @@ class FakeEvtchnLib:
 
         def call(handle: object, *args: int) -> int:
             self.calls.append(name)
+            self.args.append(args)
             if handle is not self.handle or self.freed:
                 self.after_free.append(name)
             if name == self.block_in:
@@ -620,7 +623,7 @@ def test_a_grant_handle_interrupted_anywhere_in_its_making_leaves_nothing(
 
 @pytest.mark.parametrize("bad", [-1, 2**32, True, "5"], ids=["negative", "huge", "bool", "str"])
 def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLib, bad) -> None:
-    """Every port that does not fit libxenevtchn's uint32_t, and every
+    """Every port that is none (:func:`xenback.platform.check_port`), and every
     domain id that is not a domain's, is an EventChannelError (EINVAL), as
     on the simulated host, not cffi's OverflowError or TypeError; the
     library is not called."""
@@ -631,7 +634,7 @@ def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLi
     ]
     for call in calls:
         with pytest.raises(EventChannelError,
-                           match=r"(port .* 32-bit|invalid domain id)") as info:
+                           match=r"invalid (event channel port|domain id)") as info:
             call()
         assert info.value.errno == errno.EINVAL
     assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
@@ -640,14 +643,20 @@ def test_event_channel_numbers_out_of_range_are_einval(fake_evtchn: FakeEvtchnLi
 
 def test_an_int_subclass_port_reaches_the_library(fake_evtchn: FakeEvtchnLib) -> None:
     """An IntEnum is an int to libxenevtchn's uint32_t, as to the
-    simulated host: a backend numbering its ports so works on both."""
+    simulated host: a backend numbering its ports so works on both.  It
+    reaches the library as the plain int it stands for (check_port()'s),
+    as the simulated host sends it on: a subclass's own str() or
+    __index__ is never what the call or its message goes by."""
     Port = enum.IntEnum("Port", {"RING": 5})
     channel = _platform.XenEventChannel()
+    channel.bind_interdomain(1, Port.RING)
     channel.notify(Port.RING)
     channel.unmask(Port.RING)
     channel.unbind(Port.RING)
-    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_notify",
-                                 "xenevtchn_unmask", "xenevtchn_unbind"]
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_bind_interdomain",
+                                 "xenevtchn_notify", "xenevtchn_unmask", "xenevtchn_unbind"]
+    assert [tuple(map(type, args)) for args in fake_evtchn.args[-4:]] == [
+        (int, int), (int,), (int,), (int,)]
     channel.close()
 
 
@@ -771,3 +780,160 @@ def test_the_last_domain_id_reaches_the_library(fake_evtchn: FakeEvtchnLib) -> N
     channel.bind_interdomain(0, 5)
     assert fake_evtchn.calls[2:] == ["xenevtchn_bind_unbound_port", "xenevtchn_bind_interdomain"]
     channel.close()
+
+
+# -- one rule of ports and of page counts on both platforms --------------------
+
+
+@pytest.mark.parametrize("port", [
+    0, -1, 1 << 17, 2**32 - 1, 2**32 + 5, True, "5", 5.0, None,
+    pytest.param(10**5000, id="1e5000")])
+def test_both_platforms_refuse_the_same_ports_before_any_call(
+        host: Any, fake_evtchn: FakeEvtchnLib, port: object) -> None:
+    """One platform interface, one rule: a port of any event channel call
+    is 1 to 2**17 - 1 (the FIFO ABI's, port 0 reserved), refused alike,
+    EINVAL, before anything is called.  The xen platform passed any
+    uint32_t to libxenevtchn: 0, which the simulated host refused as a
+    remote port, and 2**32 - 1, which it refused everywhere."""
+    real = _platform.XenEventChannel()
+    calls: list[Callable[[Any], object]] = [
+        lambda ch: ch.bind_interdomain(0, port),
+        lambda ch: ch.notify(port),
+        lambda ch: ch.unmask(port),
+        lambda ch: ch.unbind(port),
+    ]
+    with host.dom0.evtchn() as sim:
+        for call in calls:
+            seen = []
+            for channel in (real, sim):
+                with pytest.raises(EventChannelError) as info:
+                    call(channel)
+                seen.append((info.value.errno, str(info.value)))
+            assert seen[0] == seen[1]
+            assert seen[0][0] == errno.EINVAL
+            assert "invalid event channel port" in seen[0][1] and len(seen[0][1]) < 120
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
+    real.close()
+
+
+def test_the_ports_at_the_ends_of_the_range_reach_the_library(
+        fake_evtchn: FakeEvtchnLib) -> None:
+    channel = _platform.XenEventChannel()
+    for port in (1, (1 << 17) - 1):
+        channel.bind_interdomain(0, port)
+        channel.notify(port)
+        channel.unmask(port)
+        channel.unbind(port)
+    assert fake_evtchn.calls[2:] == ["xenevtchn_bind_interdomain", "xenevtchn_notify",
+                                     "xenevtchn_unmask", "xenevtchn_unbind"] * 2
+    channel.close()
+
+
+@pytest.mark.parametrize("port", [99, 4096, (1 << 17) - 1])
+def test_a_port_in_the_range_not_bound_is_the_host_s_answer(host: Any, port: int) -> None:
+    """Past the simulated host's own 4095 ports, up to the FIFO ABI's, a
+    port is one the host has not given: ENOTCONN to notify and unbind, as
+    Linux says on a FIFO host, and EINVAL (not an unbound port of the
+    peer) to bind to, as Xen says, not the number refused as no port."""
+    with host.dom0.evtchn() as ch:
+        for call, err in ((ch.notify, errno.ENOTCONN), (ch.unbind, errno.ENOTCONN),
+                          (ch.unmask, errno.EINVAL),
+                          (lambda p: ch.bind_interdomain(0, p), errno.EINVAL)):
+            with pytest.raises(EventChannelError) as info:
+                call(port)
+            assert info.value.errno == err, call
+            assert "invalid event channel port" not in str(info.value)
+            # The service's own answer, not its refusal of the number.
+            assert re.search(fr"port {port} (is not bound by this handle|of domain 0 is "
+                             fr"not an unbound port for 0)", str(info.value)), info.value
+
+
+@pytest.mark.parametrize("count", [0, -1, 1025, 2**32, True, "1", 1.0, None])
+def test_both_platforms_refuse_the_same_page_counts_before_any_ioctl(
+        host: Any, count: object) -> None:
+    """One cap on the pages of one share, and of one mapping, on both:
+    the xen platform passed up to 2**32 - 1 to gntalloc and gntdev, which
+    the simulated host refused past 1024 pages, so that a backend could
+    work on one and fail on the other."""
+    real_table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    real_share = object.__new__(_platform.XenGrantShare)
+    dom0 = host.dom0
+    with dom0.gnttab() as tab, dom0.gntshr() as shr:
+        seen = []
+        for share in (real_share, shr):
+            with pytest.raises(GrantError) as info:
+                share.share_pages(0, count)
+            seen.append((info.value.errno, str(info.value)))
+        assert seen[0] == seen[1]
+        assert seen[0][0] == errno.EINVAL
+        assert "can share 1..1024 pages at once" in seen[0][1]
+        if type(count) is int and count > 0:
+            seen = []
+            for table in (real_table, tab):
+                with pytest.raises(GrantError) as info:
+                    table.map_grant_refs(0, range(count))  # told by len()
+                seen.append((info.value.errno, str(info.value)))
+            assert seen[0] == seen[1]
+            assert seen[0] == (errno.EINVAL, f"[Errno 22] can map 1..1024 refs at once, "
+                                             f"not {count}")
+
+
+class _Understated(Sequence[int]):
+    """``n`` refs that len() says are one: told by the refs read."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return 1
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[int]: ...
+    def __getitem__(self, i: int | slice) -> int | Sequence[int]:
+        if isinstance(i, slice) or not 0 <= i < self.n:
+            raise IndexError(i)
+        return 8
+
+
+def test_refs_past_the_cap_are_refused_when_len_said_fewer(host: Any) -> None:
+    """check_grant_refs() counts the refs it read too, not only what
+    len() said: else gntdev was handed 1025 refs the simulated host
+    refuses, the cap kept on one platform only."""
+    real_table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    seen = []
+    with host.dom0.gnttab() as tab:
+        for table in (real_table, tab):
+            with pytest.raises(GrantError) as info:
+                table.map_grant_refs(0, _Understated(1025))
+            seen.append((info.value.errno, str(info.value)))
+    assert seen == [(errno.EINVAL, "[Errno 22] can map 1..1024 refs at once, not 1025")] * 2
+
+
+@pytest.mark.usefixtures("fake_devices")
+def test_the_most_pages_of_a_request_reach_the_device() -> None:
+    table, share = _platform.XenGrantTable(), _platform.XenGrantShare()
+    with pytest.raises(GrantError, match=r"mapping grants .* of domain 1: ") as info:
+        table.map_grant_refs(1, [8] * 1024)
+    assert info.value.errno == errno.ENOTTY
+    with pytest.raises(GrantError, match="sharing 1024 pages with domain 0: ") as info:
+        share.share_pages(0, 1024)
+    assert info.value.errno == errno.ENOTTY
+    table.close()
+    share.close()
+
+
+def test_refs_past_what_len_can_count_are_refused_alike(host: Any) -> None:
+    """A range past sys.maxsize is more refs than any cap, but len() of
+    it raises OverflowError: refused as too many, EINVAL, on both
+    platforms, not an OverflowError no caller of a platform expects."""
+    real_table = object.__new__(_platform.XenGrantTable)  # no device: nothing may reach it
+    seen = []
+    with host.dom0.gnttab() as tab:
+        for table in (real_table, tab):
+            with pytest.raises(GrantError) as info:
+                table.map_grant_refs(0, range(2**64))
+            seen.append((info.value.errno, str(info.value)))
+    assert seen == [(errno.EINVAL, "[Errno 22] can map 1..1024 refs at once, "
+                                   "not range(0, 18446744073709551616)")] * 2

@@ -44,10 +44,8 @@ from typing import Any
 
 from workqueue import shown
 from xenback._closing import Closing
-from xenback._flags import is_int
-from xenback.platform import EventChannelError, check_domid
+from xenback.platform import EVTCHN_PORT_MAX, EventChannelError, check_domid, check_port
 
-from ._hypervisor import MAX_EVTCHN_PORT
 from ._proto import Message, ServiceConnection, close_fds, raise_nofile_limit
 
 logger = logging.getLogger(__name__)
@@ -78,14 +76,6 @@ class _LocalPort:
     # (each taken off it before it is closed, rfd set to -1), its number
     # stays in the table until the service freed it.
     unbound: bool = False
-
-
-def _check_port(port: int) -> int:
-    """``port`` as a plain int (kept, and to the service's JSON) if it is
-    one of a port (1 to MAX_EVTCHN_PORT), by the rule of ports."""
-    if not is_int(port) or not 1 <= port <= MAX_EVTCHN_PORT:
-        raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
-    return int(port)
 
 
 class EventChannel(Closing):
@@ -181,7 +171,9 @@ class EventChannel(Closing):
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """Connect a new local port to ``remote_port`` of ``domid``."""
         domid = check_domid(EventChannelError, domid)
-        remote_port = _check_port(remote_port)
+        # A plain int (kept, and to the service's JSON).  Past the host's
+        # own ports the service answers as for any port not unbound for us.
+        remote_port = check_port(remote_port)
         return self._bind("evtchn_bind_interdomain", 2, domid, remote_port,
                           domid=domid, port=remote_port)
 
@@ -238,11 +230,10 @@ class EventChannel(Closing):
 
     def unbind(self, port: int) -> None:
         """Close ``port``; its peer's port becomes unbound and fires."""
-        # EINVAL past the last port, ENOTCONN for one not bound here (port
-        # 0 included): Linux's IOCTL_EVTCHN_UNBIND, which the xen platform
-        # passes on.
-        if not is_int(port) or not 0 <= port <= MAX_EVTCHN_PORT:
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
+        # EINVAL for no port (as the xen platform checks it), ENOTCONN
+        # for one not bound here: Linux's IOCTL_EVTCHN_UNBIND on a FIFO
+        # host, whose ports go up to the check's last one.
+        port = check_port(port)
         # Forget the port before the service frees its number: a port bound
         # meanwhile by another thread may get the same number.  The port
         # stays in the table, unbound, until the service answered: news
@@ -307,10 +298,11 @@ class EventChannel(Closing):
 
     def notify(self, port: int) -> None:
         """Fire the peer of ``port``; a no-op while it has no peer (as in Xen)."""
-        if type(port) is not int and not is_int(port):  # a plain int spared the call
-            # Before the table: True and 1.0 are port 1's keys there, and
-            # the xen platform refuses them (not a uint32_t).
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
+        if type(port) is not int or not 0 < port <= EVTCHN_PORT_MAX:
+            # As the xen platform checks it (a plain int in range spared
+            # the call), before the table: True and 1.0 are port 1's keys
+            # there.
+            port = check_port(port)
         with self._lock:
             if self._closed:  # the check only: a call less per event
                 self._check_open()
@@ -336,11 +328,7 @@ class EventChannel(Closing):
             self._check_open()
             lp = self._ports.get(port)
             if lp is None or lp.unbound:
-                # Linux's IOCTL_EVTCHN_NOTIFY, which the xen platform passes
-                # on: EINVAL past the last port (as unbind), else ENOTCONN.
-                if not 0 <= port <= MAX_EVTCHN_PORT:  # an int: checked above
-                    raise EventChannelError(errno.EINVAL,
-                                            f"invalid event channel port {shown(port)}")
+                # Linux's IOCTL_EVTCHN_NOTIFY on a FIFO host, as unbind.
                 raise EventChannelError(errno.ENOTCONN, f"port {port} is not bound by this handle")
             if lp.peer_fd is not None:
                 try:
@@ -551,8 +539,8 @@ class EventChannel(Closing):
         backend unmasking a stale port number is caught in its tests (on
         the xen platform the same call does nothing).
         """
-        if type(port) is not int and not is_int(port):  # as in notify()
-            raise EventChannelError(errno.EINVAL, f"invalid event channel port {shown(port)}")
+        if type(port) is not int or not 0 < port <= EVTCHN_PORT_MAX:  # as in notify()
+            port = check_port(port)
         with self._lock:
             if self._closed:  # the check only: a call less per event
                 self._check_open()

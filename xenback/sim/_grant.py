@@ -27,12 +27,16 @@ from typing import Any, Generic, Self, TypeVar
 
 import cffi
 
-from workqueue import shown
 from xenback._closing import Closing
-from xenback._flags import check_flag, is_int
-from xenback.platform import PAGE_SIZE, GrantError, check_domid, check_grant_refs
+from xenback._flags import check_flag
+from xenback.platform import (
+    PAGE_SIZE,
+    GrantError,
+    check_domid,
+    check_grant_refs,
+    check_page_count,
+)
 
-from ._hypervisor import MAX_PAGES_PER_REQUEST
 from ._proto import Message, ServiceConnection, close_taken
 
 logger = logging.getLogger(__name__)
@@ -441,12 +445,9 @@ class GrantTable(_Handle[GrantMapping]):
         check_flag("writable", writable)
         domid = check_domid(GrantError, domid)  # as the xen platform checks it
         # As the xen platform checks them: a ref past a grant_ref_t must
-        # not reach the service as if it could be granted.
+        # not reach the service as if it could be granted, nor more than
+        # both platforms map at once.
         refs = check_grant_refs(refs)
-        if len(refs) > MAX_PAGES_PER_REQUEST:
-            raise GrantError(
-                errno.EINVAL, f"can map 1..{MAX_PAGES_PER_REQUEST} refs at once, not {len(refs)}"
-            )
         self._check_open()
         apply = functools.partial(self._take_mapping, refs, writable)
         reply, _ = self._conn.call(
@@ -489,12 +490,7 @@ class GrantShare(_Handle[SharedPages]):
         True or False."""
         check_flag("writable", writable)
         domid = check_domid(GrantError, domid)
-        if not is_int(count) or not 1 <= count <= MAX_PAGES_PER_REQUEST:
-            raise GrantError(
-                errno.EINVAL,
-                f"can share 1..{MAX_PAGES_PER_REQUEST} pages at once, not {shown(count)}",
-            )
-        count = int(count)
+        count = check_page_count(count)  # as the xen platform checks it
         self._check_open()
         apply = functools.partial(self._take_share, count, writable)
         reply, _ = self._conn.call("gnt_share", apply=apply, domid=domid, count=count,

@@ -49,7 +49,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xenback.platform import PAGE_SIZE
+from xenback.platform import (
+    DOMID_FIRST_RESERVED,
+    EVTCHN_PORT_MAX,
+    MAX_PAGES_PER_REQUEST,
+    PAGE_SIZE,
+)
 from xenback.ratelimit import RateLimit
 
 from ._proto import (
@@ -71,10 +76,12 @@ GNTTAB_NR_RESERVED_ENTRIES = 8
 #: Grant entries a domain may have at once (Xen's default max_grant_frames
 #: of 64 holds 32768 v1 entries).
 MAX_GRANTS_PER_DOMAIN = 32768
-#: Pages one share or one map request may cover.
-MAX_PAGES_PER_REQUEST = 1024
-#: Highest event channel port of a domain (2-level ABI on 64-bit guests).
+#: Highest event channel port a domain is given (2-level ABI on 64-bit
+#: guests), within what the platform takes (EVTCHN_PORT_MAX): past it, a
+#: port is one not bound.
 MAX_EVTCHN_PORT = 4095
+#: The last domid of a domain.
+_DOMID_MAX = DOMID_FIRST_RESERVED - 1
 #: Open handles (connections) per domain, live share requests per domain
 #: (each holds a descriptor in the service) and pages one handle may have
 #: mapped at once: what a hostile domain can make the service hold.
@@ -807,7 +814,7 @@ class Hypervisor:
         self, conn: _Conn, msg: Message, fds: list[int]
     ) -> tuple[Message, list[int]]:
         _no_fds(fds)
-        grantee = _int_arg(msg, "domid", 0, 0x7FEF)
+        grantee = _int_arg(msg, "domid", 0, _DOMID_MAX)
         count = _int_arg(msg, "count", 1, MAX_PAGES_PER_REQUEST)
         writable = _bool_arg(msg, "writable")
         table = conn.domain.grants
@@ -860,7 +867,7 @@ class Hypervisor:
 
     def _op_gnt_map(self, conn: _Conn, msg: Message, fds: list[int]) -> tuple[Message, list[int]]:
         _no_fds(fds)
-        granter = _int_arg(msg, "domid", 0, 0x7FEF)
+        granter = _int_arg(msg, "domid", 0, _DOMID_MAX)
         refs = _refs_arg(msg)
         writable = _bool_arg(msg, "writable")
         dom = self._domains.get(granter)
@@ -969,7 +976,7 @@ class Hypervisor:
         self, conn: _Conn, msg: Message, fds: list[int]
     ) -> tuple[Message, list[int]]:
         _no_fds(fds)
-        remote = _int_arg(msg, "domid", 0, 0x7FEF)
+        remote = _int_arg(msg, "domid", 0, _DOMID_MAX)
         if remote not in self._domains:
             raise RequestError(errno.ESRCH, f"no domain {remote}")
         port, r = self._alloc_port(conn, remote)
@@ -979,11 +986,13 @@ class Hypervisor:
         self, conn: _Conn, msg: Message, fds: list[int]
     ) -> tuple[Message, list[int]]:
         _no_fds(fds)
-        remote_domid = _int_arg(msg, "domid", 0, 0x7FEF)
-        remote_port = _int_arg(msg, "port", 1, MAX_EVTCHN_PORT)
+        remote_domid = _int_arg(msg, "domid", 0, _DOMID_MAX)
+        remote_port = _int_arg(msg, "port", 1, EVTCHN_PORT_MAX)
         rdom = self._domains.get(remote_domid)
         if rdom is None:
             raise RequestError(errno.ESRCH, f"no domain {remote_domid}")
+        # A port past the domain's own is one not unbound for us (EINVAL
+        # below), as Xen says it.
         remote = rdom.ports.get(remote_port)
         me = conn.domain.domid
         if remote is None or remote.remote is not None or remote.remote_domid != me:
@@ -1079,7 +1088,7 @@ class Hypervisor:
                 raise RequestError(errno.EINVAL, "'name' must be a string")
             args: dict[str, Any] = {"name": name}
         else:
-            args = {"domid": _int_arg(msg, "domid", 1, 0x7FEF)}
+            args = {"domid": _int_arg(msg, "domid", 1, _DOMID_MAX)}
         self._control(op, args, functools.partial(self._reply_later, conn, _request_id(msg)))
         return None
 

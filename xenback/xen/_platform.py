@@ -35,10 +35,10 @@ from typing import Any, Self
 import pyxs
 from cffi import FFI
 
-from workqueue import shown
 from xenback._closing import Closing
-from xenback._flags import check_flag, is_int
+from xenback._flags import check_flag
 from xenback.platform import (
+    EVTCHN_PORT_MAX,
     PAGE_SIZE,
     EventChannelError,
     GrantError,
@@ -46,6 +46,8 @@ from xenback.platform import (
     PlatformUnavailable,
     check_domid,
     check_grant_refs,
+    check_page_count,
+    check_port,
 )
 from xenback.xenstore import XenStore
 
@@ -186,17 +188,6 @@ def missing_pieces() -> list[str]:
     if not sock.exists():
         missing.append(f"xenstored socket {sock} (xenstored not running; set XENSTORED_PATH)")
     return missing
-
-
-def _unsigned(cls: type[PlatformError], value: int, what: str, bits: int = 32) -> int:
-    """``value`` checked to fit the C side's ``uint32_t`` (or ``bits``; a
-    frontend's numbers come from XenStore): else ``cls`` with EINVAL, as the
-    simulated host raises, rather than cffi's OverflowError."""
-    # type() first: a plain int, which nearly every call passes (notify()
-    # included), is spared the call of is_int().
-    if (type(value) is not int and not is_int(value)) or not 0 <= value < 1 << bits:
-        raise cls(errno.EINVAL, f"{what} {shown(value)} is not a {bits}-bit unsigned integer")
-    return value
 
 
 def _error(cls: type[PlatformError], what: str) -> PlatformError:
@@ -478,13 +469,9 @@ class XenGrantShare(_Device):
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> XenSharedPages:
         check_flag("writable", writable)
         domid = check_domid(GrantError, domid)  # first, as the simulated host
-        # GrantError (EINVAL), as on the simulated host, for any count
-        # gntalloc's uint32_t cannot take, not a TypeError or OverflowError.
-        # Plain ints, as map_grant_refs() keeps them: a subclass's str()
+        # A plain int, as map_grant_refs() keeps them: a subclass's str()
         # may be its name in a message.
-        count = int(_unsigned(GrantError, count, "page count"))
-        if count < 1:
-            raise GrantError(errno.EINVAL, f"cannot share {count} pages")
+        count = check_page_count(count)
         op = _ioctl_arg("struct ioctl_gntalloc_alloc_gref", count)
         op.domid = domid
         op.flags = GNTALLOC_FLAG_WRITABLE if writable else 0
@@ -561,7 +548,7 @@ class XenEventChannel(Closing):
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         domid = check_domid(EventChannelError, domid)
-        _unsigned(EventChannelError, remote_port, "event channel port")
+        remote_port = check_port(remote_port)
         return self._port(
             self._call(self._lib.xenevtchn_bind_interdomain, domid, remote_port),
             f"binding port {remote_port} of domain {domid}",
@@ -575,7 +562,10 @@ class XenEventChannel(Closing):
         )
 
     def notify(self, port: int) -> None:
-        _unsigned(EventChannelError, port, "event channel port")
+        # A plain int in range spared the call (notify and unmask are per
+        # event); check_port() passes an int subclass on as a plain int.
+        if type(port) is not int or not 0 < port <= EVTCHN_PORT_MAX:
+            port = check_port(port)
         if self._call(self._lib.xenevtchn_notify, port) < 0:
             raise _error(EventChannelError, f"notifying port {port}")
 
@@ -588,12 +578,15 @@ class XenEventChannel(Closing):
         return int(port)
 
     def unmask(self, port: int) -> None:
-        _unsigned(EventChannelError, port, "event channel port")
+        # A plain int in range spared the call (notify and unmask are per
+        # event); check_port() passes an int subclass on as a plain int.
+        if type(port) is not int or not 0 < port <= EVTCHN_PORT_MAX:
+            port = check_port(port)
         if self._call(self._lib.xenevtchn_unmask, port) < 0:
             raise _error(EventChannelError, f"unmasking port {port}")
 
     def unbind(self, port: int) -> None:
-        _unsigned(EventChannelError, port, "event channel port")
+        port = check_port(port)  # not per event: no inline check to spare the call
         if self._call(self._lib.xenevtchn_unbind, port) < 0:
             raise _error(EventChannelError, f"unbinding port {port}")
 
