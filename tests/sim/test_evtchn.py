@@ -833,11 +833,11 @@ def test_a_hostile_peer_cannot_make_anyone_block(host: SimHost, guest: Domain) -
 
 
 def test_a_domain_runs_out_of_ports_not_the_host(host: SimHost, guest: Domain) -> None:
-    from xenback.sim._hypervisor import MAX_EVTCHN_PORT
+    from xenback.sim._hypervisor import MAX_PORTS_PER_DOMAIN
 
     with guest.evtchn() as ch:
-        ports = [ch.bind_unbound_port(0) for _ in range(MAX_EVTCHN_PORT)]
-        assert sorted(ports) == list(range(1, MAX_EVTCHN_PORT + 1))
+        ports = [ch.bind_unbound_port(0) for _ in range(MAX_PORTS_PER_DOMAIN)]
+        assert sorted(ports) == list(range(1, MAX_PORTS_PER_DOMAIN + 1))
         with pytest.raises(EventChannelError) as info:
             ch.bind_unbound_port(0)
         assert info.value.errno == errno.ENOSPC
@@ -855,7 +855,7 @@ def test_a_bind_refused_for_want_of_ports_keeps_no_descriptor(
 
     from xenback.sim import _hypervisor
 
-    monkeypatch.setattr(_hypervisor, "MAX_EVTCHN_PORT", 4)
+    monkeypatch.setattr(_hypervisor, "MAX_PORTS_PER_DOMAIN", 4)
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
         for _ in range(4):
             e1.bind_unbound_port(0)

@@ -76,10 +76,10 @@ GNTTAB_NR_RESERVED_ENTRIES = 8
 #: Grant entries a domain may have at once (Xen's default max_grant_frames
 #: of 64 holds 32768 v1 entries).
 MAX_GRANTS_PER_DOMAIN = 32768
-#: Highest event channel port a domain is given (2-level ABI on 64-bit
-#: guests), within what the platform takes (EVTCHN_PORT_MAX): past it, a
-#: port is one not bound.
-MAX_EVTCHN_PORT = 4095
+#: Event channel ports a domain is given, numbered 1 to this (the 2-level
+#: ABI's on 64-bit guests), within what the platform takes
+#: (EVTCHN_PORT_MAX, the FIFO ABI's): past it, a port is one not bound.
+MAX_PORTS_PER_DOMAIN = 4095
 #: The last domid of a domain.
 _DOMID_MAX = DOMID_FIRST_RESERVED - 1
 #: Open handles (connections) per domain, live share requests per domain
@@ -963,7 +963,7 @@ class Hypervisor:
     def _alloc_port(self, conn: _Conn, remote_domid: int) -> tuple[_Port, int]:
         """A new port of ``conn``'s domain and the read end of its pipe."""
         dom = conn.domain
-        port = next((p for p in range(1, MAX_EVTCHN_PORT + 1) if p not in dom.ports), None)
+        port = next((p for p in range(1, MAX_PORTS_PER_DOMAIN + 1) if p not in dom.ports), None)
         if port is None:
             raise RequestError(errno.ENOSPC, "no free event channel port")
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -1028,7 +1028,7 @@ class Hypervisor:
         self, conn: _Conn, msg: Message, fds: list[int]
     ) -> tuple[Message, list[int]]:
         _no_fds(fds)
-        number = _int_arg(msg, "port", 1, MAX_EVTCHN_PORT)
+        number = _int_arg(msg, "port", 1, MAX_PORTS_PER_DOMAIN)
         port = conn.domain.ports.get(number)
         if port is None or port.owner is not conn:
             raise RequestError(errno.EINVAL, f"port {number} is not bound by this handle")
