@@ -15,7 +15,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -2711,6 +2711,25 @@ def _take_error_directory(dom0_xs: Any, drvdom: Any) -> str:
     return errors
 
 
+def _at_first_look_again(drv: Any, bdev: Any, monkeypatch: Any,
+                         action: Callable[[], None]) -> list[str]:
+    """Have ``action`` happen as ``bdev``'s directory is first read
+    again (a refused report's look at whether a node of ours was taken:
+    see BackendDevice._taken_from_us); the list of those looks, to be
+    checked after the report."""
+    plain_read = drv.xenstore.read
+    looks: list[str] = []
+
+    def read(path: str, *args: Any) -> Any:
+        if path == bdev.nodename and not looks:
+            looks.append(path)
+            action()
+        return plain_read(path, *args)
+
+    monkeypatch.setattr(drv.xenstore, "read", read)
+    return looks
+
+
 def test_an_error_node_refused_in_a_live_driver_domain_is_still_said(
         host, dom0_xs, frontends, caplog) -> None:
     """EACCES on the error node while the backend's domain, home and
@@ -4257,17 +4276,12 @@ def test_a_report_refused_whose_nodes_read_again_lose_xenstore_raises_nothing(
             try:
                 bdev = backend_device(drv, fe.guest.domid)
                 _take_error_directory(dom0_xs, drvdom)
-                plain_read = drv.xenstore.read
-                looks: list[str] = []
 
-                def read(path: str, *args: Any) -> Any:
-                    if path == bdev.nodename and not looks:
-                        looks.append(path)
-                        host.close()
-                        assert drv.xenstore.connection_lost.wait(TIMEOUT)
-                    return plain_read(path, *args)
+                def lose_xenstore() -> None:
+                    host.close()
+                    assert drv.xenstore.connection_lost.wait(TIMEOUT)
 
-                monkeypatch.setattr(drv.xenstore, "read", read)
+                looks = _at_first_look_again(drv, bdev, monkeypatch, lose_xenstore)
                 caplog.clear()
                 told = bdev.error(errno.EIO, "as XenStore goes")  # does not raise
                 assert looks == [bdev.nodename]
@@ -4298,16 +4312,8 @@ def test_a_report_refused_whose_nodes_read_again_meet_our_domain_going_is_no_tak
     try:
         bdev = backend_device(drv, fe.guest.domid)
         _take_error_directory(dom0_xs, drvdom)
-        plain_read = drv.xenstore.read
-        looks: list[str] = []
-
-        def read(path: str, *args: Any) -> Any:
-            if path == bdev.nodename and not looks:
-                looks.append(path)
-                dom0_xs.rm(f"/local/domain/{drvdom.domid}")  # our domain goes
-            return plain_read(path, *args)
-
-        monkeypatch.setattr(drv.xenstore, "read", read)
+        looks = _at_first_look_again(  # our domain goes
+            drv, bdev, monkeypatch, lambda: dom0_xs.rm(f"/local/domain/{drvdom.domid}"))
         caplog.clear()
         bdev.error(errno.EIO, "as our domain goes")
         drv.wait(lambda: drv.devices() == [])
