@@ -5,6 +5,7 @@ Calls cannot do is tested at the end, for its error."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -390,6 +391,26 @@ def test_bind_after_a_refused_nonblocking_connect_leaves_its_error_to_report(
     s.close()
 
 
+def _ready(s: Any) -> tuple[bool, bool]:
+    """Whether ``s`` polls (readable, writable) now."""
+    readable, writable, _ = select.select([s], [s], [], 0)
+    return bool(readable), bool(writable)
+
+
+@contextlib.contextmanager
+def _full_accept_queue() -> Iterator[tuple[socket.socket, Any]]:
+    """A loopback listener whose accept queue is full (backlog 0, one
+    connection queued), and its address.  Linux drops a SYN to it and
+    sends it again a second later: a connect() there waits in its
+    handshake until the queued connection is accepted (or, the listener
+    closed, the SYN sent again is refused)."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        address = listener.getsockname()
+        with socket.create_connection(address, timeout=TIMEOUT):  # the queue's one
+            assert select.select([listener], [], [], TIMEOUT)[0]  # queued: full
+            yield listener, address
+
+
 @pytest.mark.parametrize("timeout", [None, TIMEOUT])
 def test_a_socket_whose_connect_waits_for_the_handshake_polls_neither_way(
         make: Callable[[], Any], timeout: float | None) -> None:
@@ -399,28 +420,21 @@ def test_a_socket_whose_connect_waits_for_the_handshake_polls_neither_way(
     connected, writable only.  The handshake is held up by a listener
     whose accept queue is full (Linux drops the SYN, and sends it again a
     second later), until the queued connection is accepted."""
-    def ready(s: Any) -> tuple[bool, bool]:
-        readable, writable, _ = select.select([s], [s], [], 0)
-        return bool(readable), bool(writable)
-
-    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
-        address = listener.getsockname()
-        with socket.create_connection(address, timeout=TIMEOUT):  # the queue's one
-            assert select.select([listener], [], [], TIMEOUT)[0]  # queued: full
-            s = make()
-            s.settimeout(timeout)
-            assert ready(s) == (True, True)  # unconnected
-            call = Call(lambda: s.connect(address))
-            wait_until(lambda: ready(s) != (True, True))  # the SYN is out
-            assert ready(s) == (False, False), "polls as the handshake"
-            # Not woken meanwhile, a selector waiting either way.
-            assert select.select([s], [s], [], 0.2)[:2] == ([], [])
-            assert call.alive()
-            listener.accept()[0].close()  # room: the SYN sent again gets in
-            call.join()
-            assert call.error is None, repr(call.error)
-            assert ready(s) == (False, True)
-            listener.accept()[0].close()
+    with _full_accept_queue() as (listener, address):
+        s = make()
+        s.settimeout(timeout)
+        assert _ready(s) == (True, True)  # unconnected
+        call = Call(lambda: s.connect(address))
+        wait_until(lambda: _ready(s) != (True, True))  # the SYN is out
+        assert _ready(s) == (False, False), "polls as the handshake"
+        # Not woken meanwhile, a selector waiting either way.
+        assert select.select([s], [s], [], 0.2)[:2] == ([], [])
+        assert call.alive()
+        listener.accept()[0].close()  # room: the SYN sent again gets in
+        call.join()
+        assert call.error is None, repr(call.error)
+        assert _ready(s) == (False, True)
+        listener.accept()[0].close()
 
 
 @pytest.mark.parametrize("outcome", ["connected", "refused"])
@@ -436,46 +450,36 @@ def test_a_connect_while_another_threads_waits_for_the_handshake(
     fails with the refusal and the other with EPIPE (which one is the
     kernel's wake-up order: on Linux 6.18 the later), leaving the socket
     unconnected."""
-    def ready(s: Any) -> tuple[bool, bool]:
-        readable, writable, _ = select.select([s], [s], [], 0)
-        return bool(readable), bool(writable)
-
     def connect_fails(s: Any, err: int) -> None:
         with pytest.raises(OSError) as info:
             s.connect(address)
         assert info.value.errno == err, info.value
 
-    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
-    address = listener.getsockname()
-    try:
-        with socket.create_connection(address, timeout=TIMEOUT):  # the queue's one
-            assert select.select([listener], [], [], TIMEOUT)[0]  # queued: full
-            s = make()
-            s.settimeout(timeout)
-            calls = [Call(lambda: s.connect(address))]
-            wait_until(lambda: ready(s) == (False, False))  # the SYN is out
-            if timeout is None:
-                calls.append(Call(lambda: s.connect(address)))
-                # Still waiting, with the first, for the handshake.
-                assert select.select([s], [s], [], 0.2)[:2] == ([], [])
-                assert [c.alive() for c in calls] == [True, True]
-            else:
-                connect_fails(s, errno.EALREADY)
-                assert s.connect_ex(address) == errno.EALREADY
-                assert calls[0].alive()
-            if outcome == "connected":
-                listener.accept()[0].close()  # room: the SYN sent again gets in
-            else:
-                listener.close()  # the SYN sent again is refused
-            errors = [c.join().error for c in calls]
-            if outcome == "connected":
-                assert errors == [None] * len(calls)
-                if timeout is not None:
-                    s.connect(address)  # once more, as after any connect() with a timeout
-                connect_fails(s, errno.EISCONN)
-                return
-    finally:
-        listener.close()
+    with _full_accept_queue() as (listener, address):
+        s = make()
+        s.settimeout(timeout)
+        calls = [Call(lambda: s.connect(address))]
+        wait_until(lambda: _ready(s) == (False, False))  # the SYN is out
+        if timeout is None:
+            calls.append(Call(lambda: s.connect(address)))
+            # Still waiting, with the first, for the handshake.
+            assert select.select([s], [s], [], 0.2)[:2] == ([], [])
+            assert [c.alive() for c in calls] == [True, True]
+        else:
+            connect_fails(s, errno.EALREADY)
+            assert s.connect_ex(address) == errno.EALREADY
+            assert calls[0].alive()
+        if outcome == "connected":
+            listener.accept()[0].close()  # room: the SYN sent again gets in
+        else:
+            listener.close()  # the SYN sent again is refused
+        errors = [c.join().error for c in calls]
+        if outcome == "connected":
+            assert errors == [None] * len(calls)
+            if timeout is not None:
+                s.connect(address)  # once more, as after any connect() with a timeout
+            connect_fails(s, errno.EISCONN)
+            return
     assert all(isinstance(e, OSError) for e in errors), errors
     said = sorted(e.errno for e in errors if isinstance(e, OSError))
     if timeout is None:
@@ -484,7 +488,7 @@ def test_a_connect_while_another_threads_waits_for_the_handshake(
         assert said == [errno.ECONNREFUSED], errors
         connect_fails(s, errno.ECONNABORTED)  # as after any refused connect() with a timeout
     connect_fails(s, errno.ECONNREFUSED)  # unconnected: it starts over
-    assert ready(s) == (True, True)
+    assert _ready(s) == (True, True)
 
 
 @pytest.mark.parametrize("timeout", [0.0, TIMEOUT, None])
@@ -495,36 +499,33 @@ def test_a_connect_after_a_nonblocking_one_still_in_its_handshake(
     connect() is a non-blocking one then), it fails with EALREADY at
     once; in blocking mode it waits for the handshake and returns once
     connected, after which connect() fails with EISCONN."""
-    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
-        address = listener.getsockname()
-        with socket.create_connection(address, timeout=TIMEOUT):  # the queue's one
-            assert select.select([listener], [], [], TIMEOUT)[0]  # queued: full
-            s = make()
-            s.setblocking(False)
+    with _full_accept_queue() as (listener, address):
+        s = make()
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            s.connect(address)
+        assert info.value.errno == errno.EINPROGRESS
+        s.settimeout(timeout)
+        if timeout is None:
+            call = Call(lambda: s.connect(address))
+            assert select.select([s], [s], [], 0.2)[:2] == ([], [])
+            assert call.alive()
+            listener.accept()[0].close()  # room: the SYN sent again gets in
+            assert call.join().error is None, repr(call.error)
+        else:
+            started = time.monotonic()
             with pytest.raises(BlockingIOError) as info:
                 s.connect(address)
-            assert info.value.errno == errno.EINPROGRESS
-            s.settimeout(timeout)
-            if timeout is None:
-                call = Call(lambda: s.connect(address))
-                assert select.select([s], [s], [], 0.2)[:2] == ([], [])
-                assert call.alive()
-                listener.accept()[0].close()  # room: the SYN sent again gets in
-                assert call.join().error is None, repr(call.error)
-            else:
-                started = time.monotonic()
-                with pytest.raises(BlockingIOError) as info:
-                    s.connect(address)
-                assert info.value.errno == errno.EALREADY
-                assert time.monotonic() - started < TIMEOUT / 2, "waited"
-                listener.accept()[0].close()
-                assert select.select([], [s], [], TIMEOUT)[1]
-                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-                s.connect(address)  # completes it, as after any non-blocking one
-            with pytest.raises(OSError) as failed:
-                s.connect(address)
-            assert failed.value.errno == errno.EISCONN
+            assert info.value.errno == errno.EALREADY
+            assert time.monotonic() - started < TIMEOUT / 2, "waited"
             listener.accept()[0].close()
+            assert select.select([], [s], [], TIMEOUT)[1]
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            s.connect(address)  # completes it, as after any non-blocking one
+        with pytest.raises(OSError) as failed:
+            s.connect(address)
+        assert failed.value.errno == errno.EISCONN
+        listener.accept()[0].close()
 
 
 def test_a_socket_neither_connected_nor_listening_polls_readable_and_writable(
@@ -533,24 +534,20 @@ def test_a_socket_neither_connected_nor_listening_polls_readable_and_writable(
     Calls says ENOTCONN), and Linux's TCP polls it readable and writable
     (POLLHUP), new, bound, or refused.  Once connected, or listening, it
     polls as what it has become."""
-    def ready(s: Any) -> tuple[bool, bool]:
-        readable, writable, _ = select.select([s], [s], [], 0)
-        return bool(readable), bool(writable)
-
     refused = _refused_address()
     s = make()
-    assert ready(s) == (True, True)
+    assert _ready(s) == (True, True)
     with pytest.raises(ConnectionRefusedError):
         s.connect(refused)  # blocking: unconnected after it
-    assert ready(s) == (True, True)
+    assert _ready(s) == (True, True)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         s.connect(listener.getsockname())
-        assert ready(s) == (False, True)
+        assert _ready(s) == (False, True)
     bound = make()
     bound.bind(("127.0.0.1", 0))
-    assert ready(bound) == (True, True)
+    assert _ready(bound) == (True, True)
     bound.listen()
-    assert ready(bound) == (False, False)
+    assert _ready(bound) == (False, False)
 
 
 def test_getsockopt_gives_plain_integers(make: Callable[[], Any]) -> None:
