@@ -2854,16 +2854,10 @@ def test_a_refused_connect_cut_short_in_its_wait_frees_its_entry(
     s.close()
 
 
-def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
-        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
-    """A non-blocking connect() is connecting from before its CONNECT goes
-    out (so that a Ctrl-C after the push leaves its answer a taker).  A
-    blocking connect() of another thread that came meanwhile waits for
-    that answer; when the CONNECT could not go out (the command ring
-    full), it is told, and connects.  Before, it was not: it slept until
-    the socket closed."""
-    s = fe.socket()
-    s.setblocking(False)
+def _waiter_as_the_connect_finds_no_room(fe: pvcalls.Frontend, s: Any) -> list[Call]:
+    """Have ``s``'s next CONNECT find the command ring full (nothing
+    sent), once another thread's blocking connect() (the one Call in the
+    list returned, filled then) waits for its answer."""
     submit = fe._submit
     waiting: list[Call] = []
 
@@ -2876,6 +2870,20 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
         return submit(slot, *args, **kwargs)
 
     fe._submit = full  # type: ignore[method-assign]
+    return waiting
+
+
+def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A non-blocking connect() is connecting from before its CONNECT goes
+    out (so that a Ctrl-C after the push leaves its answer a taker).  A
+    blocking connect() of another thread that came meanwhile waits for
+    that answer; when the CONNECT could not go out (the command ring
+    full), it is told, and connects.  Before, it was not: it slept until
+    the socket closed."""
+    s = fe.socket()
+    s.setblocking(False)
+    waiting = _waiter_as_the_connect_finds_no_room(fe, s)
     with pytest.raises(OSError) as info:
         s.connect(("127.0.0.1", 7))
     assert info.value.errno == errno.ENOBUFS
@@ -2894,16 +2902,6 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on_despit
     Before, it slept until the socket closed."""
     s = fe.socket()
     s.setblocking(False)
-    submit = fe._submit
-    waiting: list[Call] = []
-
-    def full(slot: Any, *args: Any, **kwargs: Any) -> int:
-        if slot.cmd == PVCALLS_CONNECT and not waiting:
-            s._timeout = None  # as another thread's settimeout(None) meanwhile
-            waiting.append(Call(lambda: s.connect(("127.0.0.1", 7))))
-            wait_until(lambda: bool(s._cond._waiters))  # waits for the answer
-            raise BlockingIOError(errno.EAGAIN, "the command ring is full")
-        return submit(slot, *args, **kwargs)
 
     class Noting(threading.Condition):
         """The socket's condition, noting the main thread's wake-ups."""
@@ -2915,7 +2913,7 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on_despit
 
     woken: list[int] = []
     s._cond = Noting(s._mutex)
-    fe._submit = full  # type: ignore[method-assign]
+    waiting = _waiter_as_the_connect_finds_no_room(fe, s)
     assert interrupted_as_frame_starts(threading.Condition.notify_all.__code__,
                                        lambda: s.connect(("127.0.0.1", 7)))
     # Landed as the handler's wake-up started: none came, and the socket
