@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from wqhelpers import assert_next_run_waits, wait_until
 
-from workqueue import DelayedWork, Work, current_work
+import workqueue
+from workqueue import DelayedWork, Work, blocking, current_work, current_workqueue
 from workqueue._pool import Worker
 
 TIMEOUT = 10.0
@@ -414,6 +415,40 @@ def test_current_work_is_the_running_item(make_wq: Any) -> None:
     wq.queue_work(w)
     w.flush()
     assert seen == [w]
+
+
+def test_current_workqueue_is_the_running_item_s(make_wq: Any) -> None:
+    """The workqueue of the item the thread runs, for as long as it runs
+    it: inside blocking(), and while it waits for an item of another
+    workqueue (which runs on a thread of its own, and sees its own);
+    a Future's function is an item of the workqueue it was submitted to."""
+    wq, other = make_wq("mine"), make_wq("other")
+    seen: dict[str, Any] = {}
+
+    def inner(work: Work) -> None:
+        seen["inner"] = current_workqueue()
+
+    def outer(work: Work) -> None:
+        seen["outer"] = current_workqueue()
+        with blocking():
+            seen["blocking"] = current_workqueue()
+        w = Work(inner)
+        other.queue_work(w)
+        w.flush(timeout=TIMEOUT)
+        seen["after"] = current_workqueue()
+
+    assert current_workqueue() is None
+    w = Work(outer)
+    wq.queue_work(w)
+    w.flush(timeout=TIMEOUT)
+    assert seen == {"outer": wq, "blocking": wq, "inner": other, "after": wq}
+    assert wq.submit(current_workqueue).result(TIMEOUT) is wq
+    assert current_workqueue() is None
+
+
+def test_current_workqueue_is_exported() -> None:
+    assert "current_workqueue" in workqueue.__all__
+    assert workqueue.current_workqueue is current_workqueue
 
 
 def test_subclass_carries_fields(make_wq: Any) -> None:
