@@ -3403,6 +3403,67 @@ def test_stop_from_a_work_that_is_none_of_its_devices_stops_it(
     assert driver.calls_of(guest.domid)[-1] == "remove"
 
 
+def test_stop_from_a_work_on_the_driver_s_own_workqueue_is_refused_before_it_does_anything(
+        host, driver, frontends, dom0_xs) -> None:
+    """A plain Work the driver's author queues on the workqueue the driver
+    made (and destroys in stop()): stop() there got as far as the
+    workqueue's shutdown, which cannot wait for the item running it,
+    with the devices dropped and the handles closed already.  Refused
+    before it does anything, and the driver goes on serving."""
+    refused: list[BaseException] = []
+    ran = threading.Event()
+
+    def stop_here(_work: object) -> None:
+        try:
+            driver.stop()
+        except RuntimeError as exc:
+            refused.append(exc)
+        finally:
+            ran.set()
+
+    guest, dev, _fe = connected(host, frontends)
+    driver.workqueue.queue_work(Work(stop_here))
+    assert ran.wait(TIMEOUT)
+    assert len(refused) == 1
+    assert "stop() from a callback of RecordingDriver" in str(refused[0])
+    assert driver.calls_of(guest.domid) == ["probe", "connect"]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
+    connected(host, frontends, name="guest2")
+
+
+def test_stop_from_a_work_on_a_workqueue_the_driver_was_given_stops_it(
+        host, frontends) -> None:
+    """A workqueue passed in is the caller's: stop() leaves it running,
+    so nothing in it waits for the item that calls it, which stops the
+    driver as any thread does."""
+    outcome: list[object] = []
+    ran = threading.Event()
+    wq = alloc_workqueue("given", WQ_UNBOUND)
+    drv = RecordingDriver(host.dom0, workqueue=wq)
+
+    def stop_here(_work: object) -> None:
+        try:
+            drv.stop()
+            outcome.append("stopped")
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            ran.set()
+
+    try:
+        drv.start()
+        try:
+            guest, _dev, _fe = connected(host, frontends)
+            wq.queue_work(Work(stop_here))
+            assert ran.wait(TIMEOUT)
+        finally:
+            drv.stop()
+        assert outcome == ["stopped"]
+        assert drv.calls_of(guest.domid)[-1] == "remove"
+    finally:
+        wq.destroy()
+
+
 def test_stop_from_an_fd_callback_of_the_driver_s_dispatcher_stops_it(
         host, driver, frontends, caplog) -> None:
     """A driver may watch a descriptor of its own on ``driver.events`` (a
