@@ -33,7 +33,7 @@ from tests.xenback.xbhelpers import (
     handed_over,
     leaked_threads,
 )
-from workqueue import WQ_UNBOUND, Work, alloc_workqueue
+from workqueue import WQ_UNBOUND, Work, alloc_ordered_workqueue, alloc_workqueue
 from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback import xenstore as xenstore_module
 from xenback.sim import SimHost
@@ -3459,6 +3459,47 @@ def test_stop_from_a_work_on_a_workqueue_the_driver_was_given_stops_it(
         finally:
             drv.stop()
         assert outcome == ["stopped"]
+        assert drv.calls_of(guest.domid)[-1] == "remove"
+    finally:
+        wq.destroy()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: alloc_ordered_workqueue("given-ordered"),
+    lambda: alloc_workqueue("given-one", WQ_UNBOUND, 1),
+], ids=["ordered", "max_active-1"])
+def test_stop_from_a_work_on_a_one_at_a_time_workqueue_it_was_given_is_refused(
+        host, frontends, dom0_xs, make) -> None:
+    """A workqueue passed in that runs one item at a time: stop() would
+    wait for the drops it queues on its devices' queues, behind the item
+    that calls it, which never returns (it hung).  Refused up front, as
+    on a workqueue the driver made, and the driver goes on serving."""
+    refused: list[BaseException] = []
+    ran = threading.Event()
+    wq = make()
+    drv = RecordingDriver(host.dom0, workqueue=wq)
+
+    def stop_here(_work: object) -> None:
+        try:
+            drv.stop()
+        except RuntimeError as exc:
+            refused.append(exc)
+        finally:
+            ran.set()
+
+    try:
+        drv.start()
+        try:
+            guest, dev, _fe = connected(host, frontends)
+            wq.queue_work(Work(stop_here))
+            assert ran.wait(TIMEOUT)
+            assert len(refused) == 1
+            assert "stop() from a callback of RecordingDriver" in str(refused[0])
+            assert drv.calls_of(guest.domid) == ["probe", "connect"]
+            assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
+            connected(host, frontends, name="guest2")
+        finally:
+            drv.stop()
         assert drv.calls_of(guest.domid)[-1] == "remove"
     finally:
         wq.destroy()
