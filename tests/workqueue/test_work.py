@@ -446,6 +446,61 @@ def test_current_workqueue_is_the_running_item_s(make_wq: Any) -> None:
     assert current_workqueue() is None
 
 
+def test_current_workqueue_of_an_item_queued_again_elsewhere_while_it_runs(
+        make_wq: Any) -> None:
+    """Queued on another workqueue while it runs, the item still runs as
+    the first one's (whose flush waits for it): the pending queueing
+    answers only when it runs."""
+    a, b = make_wq("a"), make_wq("b")
+    seen: list[Any] = []
+
+    def func(work: Work) -> None:
+        seen.append(current_workqueue())
+        if len(seen) == 1:
+            b.queue_work(work)
+            seen.append(current_workqueue())
+
+    w = Work(func)
+    a.queue_work(w)
+    wait_until(lambda: len(seen) == 3, "the item ran again on b")
+    assert seen == [a, a, b]
+
+
+def test_an_item_of_another_workqueue_is_not_chained(make_wq: Any) -> None:
+    """A draining workqueue takes only its own items' queueings: one from
+    an item of another workqueue is refused, as from any thread."""
+    wq, other = make_wq("draining"), make_wq("other")
+    release, started = threading.Event(), threading.Event()
+
+    def gate(work: Work) -> None:
+        started.set()
+        with blocking():  # else the foreign item may wait for its CPU's pool
+            assert release.wait(TIMEOUT)
+
+    refused: list[BaseException] = []
+
+    def foreign(work: Work) -> None:
+        try:
+            wq.queue_work(Work(lambda w: None))
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    wq.queue_work(Work(gate))
+    assert started.wait(TIMEOUT)
+    drainer = threading.Thread(target=wq.drain)
+    drainer.start()
+    try:
+        wait_until(lambda: wq._state != 0, "the drain started")
+        f = Work(foreign)
+        other.queue_work(f)
+        f.flush(timeout=TIMEOUT)
+    finally:
+        release.set()
+        drainer.join(TIMEOUT)
+    assert not drainer.is_alive()
+    assert len(refused) == 1 and "draining" in str(refused[0])
+
+
 def test_current_workqueue_is_exported() -> None:
     assert "current_workqueue" in workqueue.__all__
     assert workqueue.current_workqueue is current_workqueue
