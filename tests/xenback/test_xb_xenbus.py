@@ -3505,6 +3505,61 @@ def test_stop_from_a_work_on_a_one_at_a_time_workqueue_it_was_given_is_refused(
         wq.destroy()
 
 
+def test_stop_while_another_has_let_go_of_the_workqueue_waits_for_it(
+        host, frontends, monkeypatch) -> None:
+    """A stop() called outside any work item while another thread's has
+    destroyed the driver's workqueue and not yet finished: no workqueue
+    is what current_workqueue() says there too, which is no item of
+    ours.  It waits for that stop() and returns, not refused."""
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    connected(host, frontends)
+    in_close, go, waiting = threading.Event(), threading.Event(), threading.Event()
+    xs = drv.xenstore
+    real_close = xs.close
+
+    def held_close() -> None:
+        in_close.set()
+        assert go.wait(TIMEOUT)
+        real_close()
+
+    monkeypatch.setattr(xs, "close", held_close)
+    cond = drv._stop_done
+
+    class Spy:
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.set()
+            return cond.wait(timeout)
+
+        def notify_all(self) -> None:
+            cond.notify_all()
+
+    drv._stop_done = Spy()
+    first = threading.Thread(target=drv.stop)
+    first.start()
+    outcome: list[object] = []
+    try:
+        assert in_close.wait(TIMEOUT)
+        second = threading.Thread(
+            target=lambda: outcome.append(_outcome_of(drv.stop)))
+        second.start()
+        assert eventually(lambda: waiting.is_set() or not second.is_alive(), TIMEOUT)
+    finally:
+        go.set()
+        first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert outcome == ["returned"]
+    assert not first.is_alive()
+
+
+def _outcome_of(fn) -> object:
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return "returned"
+
+
 def test_stop_from_an_fd_callback_of_the_driver_s_dispatcher_stops_it(
         host, driver, frontends, caplog) -> None:
     """A driver may watch a descriptor of its own on ``driver.events`` (a
