@@ -501,6 +501,24 @@ def test_an_item_of_another_workqueue_is_not_chained(make_wq: Any) -> None:
     assert len(refused) == 1 and "draining" in str(refused[0])
 
 
+def test_current_workqueue_in_a_trace_hook_on_the_worker(make_wq: Any) -> None:
+    """A trace hook runs on the worker at an item's start, the item then
+    the thread's, and at its end, when the worker runs none."""
+    wq = make_wq("traced")
+    seen: list[tuple[str, Any]] = []
+
+    def hook(event: str, work: Any, cpu: int | None) -> None:
+        if event.startswith("execute"):
+            seen.append((event, current_workqueue()))
+
+    wq.add_trace_hook(hook)
+    w = Work(lambda w: None)
+    wq.queue_work(w)
+    w.flush(timeout=TIMEOUT)
+    wait_until(lambda: len(seen) == 2, "both execute events")
+    assert seen == [("execute_start", wq), ("execute_end", None)]
+
+
 def test_current_workqueue_is_exported() -> None:
     assert "current_workqueue" in workqueue.__all__
     assert workqueue.current_workqueue is current_workqueue
