@@ -29,7 +29,7 @@ from ._flags import (
     WQFlags,
 )
 from ._loadindex import LoadIndex, LoadIndexStats
-from ._pool import blocking, current_work, wait_slice
+from ._pool import blocking, current_work, current_workqueue, wait_slice
 from ._serial import SerialExecutor
 from ._shown import shown
 from ._stats import PoolStats, TraceHook, WorkqueueStats
@@ -44,5 +44,5 @@ __all__ = [
     # Beyond the kernel's names:
     "Workqueue", "WQFlags", "WQ_MAX_ACTIVE", "WQ_DFL_ACTIVE", "blocking",
     "default_topology", "PoolStats", "WorkqueueStats", "LoadIndexStats", "TraceHook",
-    "wait_slice", "SerialExecutor", "shown",
+    "wait_slice", "SerialExecutor", "shown", "current_workqueue",
 ]

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from ._work import Work
     from ._workqueue import Workqueue
 
-__all__ = ["lock", "blocking", "current_work"]
+__all__ = ["lock", "blocking", "current_work", "current_workqueue"]
 
 logger = logging.getLogger(__name__)
 
@@ -1370,6 +1370,28 @@ def current_work() -> Work | None:
     """The work item the calling thread is running, or None (current_work())."""
     worker: Worker | None = _this_thread.worker
     return worker.current if worker is not None else None
+
+
+def current_workqueue() -> Workqueue | None:
+    """The workqueue of the work item the calling thread is running, or None.
+
+    ``current_workqueue() is wq`` is the kernel's is_chained_work(wq):
+    whether the caller is one of *wq*'s own items, which anything that
+    waits for all of them (flush, drain, destroy) would wait for.  The
+    workqueue the item was queued on, not the one whose worker runs it:
+    an item a rescuer runs (its workqueue's, when no worker could be
+    made) answers as on a worker.  Inside blocking() the item still runs,
+    and an item waiting for another (its flush(), a Future's result())
+    stays the calling thread's item: items never run nested on a
+    thread, so there is no outer one to answer instead.
+    """
+    worker: Worker | None = _this_thread.worker
+    if worker is None:
+        return None
+    # current_pwq, not current._pwq: the item may be queued again, on
+    # another workqueue, while it runs.
+    pwq = worker.current_pwq
+    return pwq.wq if pwq is not None else None
 
 
 class _Blocking:

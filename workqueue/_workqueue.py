@@ -42,7 +42,7 @@ from ._pool import (
     activate_inactive,
     arm_tick,
     check_timeout,
-    current_worker,
+    current_workqueue,
     deadline_of,
     every_worker,
     insert_work,
@@ -409,10 +409,7 @@ class Workqueue(Executor):
 
     def _is_chained(self) -> bool:
         """True if the calling thread runs an item of this workqueue (is_chained_work)."""
-        worker = current_worker()
-        if worker is None or worker.current_pwq is None:
-            return False
-        return worker.current_pwq.wq is self
+        return current_workqueue() is self
 
     def _check_not_destroyed(self) -> None:
         """Refuse queueing on a destroyed queue, also of an item whose

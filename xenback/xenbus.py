@@ -149,7 +149,15 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from workqueue import WQ_UNBOUND, Work, Workqueue, alloc_workqueue, current_work, wait_slice
+from workqueue import (
+    WQ_UNBOUND,
+    Work,
+    Workqueue,
+    alloc_workqueue,
+    current_work,
+    current_workqueue,
+    wait_slice,
+)
 from xenback._eventqueue import EventQueue, check_callback
 from xenback._flags import XENSTORE_DOMID_MAX, check_flag, is_int
 from xenback.events import EventDispatcher, PortCallback
@@ -1424,11 +1432,19 @@ class BackendDriver:
         """Disconnect every device (writing Closed where its directory
         still exists), call :meth:`remove` for each, and release all
         threads, handles and watches.  Not from a driver callback, a
-        :class:`DeviceWork` of its devices or the callback of a port on
-        its dispatcher (it would wait for itself): that is a
-        :class:`RuntimeError`, raised before anything is stopped.  The
-        callback of an fd the driver watches on :attr:`events` may stop
-        it.  Called while another thread's stop()
+        :class:`DeviceWork` of its devices, the callback of a port on
+        its dispatcher, or a work item on the driver's workqueue when
+        stop() would wait for items queued behind it: any item of the
+        workqueue the driver made itself (none was passed in: stop()
+        destroys it, which waits for all its items), and any item of a
+        workqueue passed in that runs one item at a time (max_active 1,
+        an ordered one included: the devices' drops queued on it wait
+        for the caller's slot).  It would wait for itself, and that is
+        a :class:`RuntimeError`, raised before anything is stopped.  An
+        item on a workqueue passed in that may run more at once, and
+        the callback of an fd the driver watches on :attr:`events`, may
+        stop it (the caller then makes sure that items it blocks do not
+        fill the workqueue's max_active).  Called while another thread's stop()
         is under way, it returns when that one has stopped the driver.
         The domain's lock (see the class) goes last: a stop() refused or
         interrupted keeps it, with the devices it still serves."""
@@ -1436,7 +1452,18 @@ class BackendDriver:
             if self._xs is None:
                 return
         bus, work, events = self._bus, current_work(), self._events
+        # Read once: a concurrent stop() sets one we made to None, which
+        # is also what current_workqueue() says outside any work item.
+        wq = self._workqueue
         if (bus is not None and bus.in_queue() or any(d.events.in_queue() for d in self.devices())
+                # The workqueue we made, we destroy: that waits for every
+                # item on it, the caller's included.  One we were given
+                # goes on running: we wait only for our own items on it,
+                # which the caller holds up if it runs one at a time.
+                # stats(): its max_active while frozen too (the kernel's
+                # saved_max_active).
+                or wq is not None and current_workqueue() is wq
+                and (self._own_workqueue or wq.stats().max_active == 1)
                 # A device's own work and port callbacks are the driver's
                 # too: its drop waits for them (disconnect()'s
                 # disable_sync(), the port's unbind).  Not an fd's

@@ -12,7 +12,15 @@ import pytest
 from wqhelpers import wait_until
 
 import workqueue._pool as pool_module
-from workqueue import WQ_FREEZABLE, WQ_MEM_RECLAIM, WQ_UNBOUND, Topology, Work, blocking
+from workqueue import (
+    WQ_FREEZABLE,
+    WQ_MEM_RECLAIM,
+    WQ_UNBOUND,
+    Topology,
+    Work,
+    blocking,
+    current_workqueue,
+)
 from workqueue._timer import add_timer
 from workqueue._watchdog import _pool_stalled
 
@@ -42,6 +50,21 @@ def test_rescuer_runs_items_when_no_worker_can_be_created(
     monkeypatch.undo()  # threads can be made again: the retry timer makes a worker
     assert plain_ran.wait(TIMEOUT)
     p.flush()
+
+
+def test_an_item_the_rescuer_runs_is_of_the_rescuer_s_workqueue(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rescuer runs its workqueue's items: current_workqueue() there
+    answers as on a worker (and so does the is_chained() of a queueing
+    from them while the workqueue drains)."""
+    topo = Topology(1)
+    reclaim = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    seen: list[tuple[str, Any]] = []
+    r = Work(lambda w: seen.append((threading.current_thread().name, current_workqueue())))
+    reclaim.queue_work(r)
+    r.flush(timeout=TIMEOUT)
+    assert seen == [("reclaim-rescuer", reclaim)]
 
 
 def test_rescuer_unblocks_an_item_waiting_for_another(

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from wqhelpers import assert_next_run_waits, wait_until
 
-from workqueue import DelayedWork, Work, current_work
+import workqueue
+from workqueue import DelayedWork, Work, blocking, current_work, current_workqueue
 from workqueue._pool import Worker
 
 TIMEOUT = 10.0
@@ -414,6 +415,113 @@ def test_current_work_is_the_running_item(make_wq: Any) -> None:
     wq.queue_work(w)
     w.flush()
     assert seen == [w]
+
+
+def test_current_workqueue_is_the_running_item_s(make_wq: Any) -> None:
+    """The workqueue of the item the thread runs, for as long as it runs
+    it: inside blocking(), and while it waits for an item of another
+    workqueue (which runs on a thread of its own, and sees its own);
+    a Future's function is an item of the workqueue it was submitted to."""
+    wq, other = make_wq("mine"), make_wq("other")
+    seen: dict[str, Any] = {}
+
+    def inner(work: Work) -> None:
+        seen["inner"] = current_workqueue()
+
+    def outer(work: Work) -> None:
+        seen["outer"] = current_workqueue()
+        with blocking():
+            seen["blocking"] = current_workqueue()
+        w = Work(inner)
+        other.queue_work(w)
+        w.flush(timeout=TIMEOUT)
+        seen["after"] = current_workqueue()
+
+    assert current_workqueue() is None
+    w = Work(outer)
+    wq.queue_work(w)
+    w.flush(timeout=TIMEOUT)
+    assert seen == {"outer": wq, "blocking": wq, "inner": other, "after": wq}
+    assert wq.submit(current_workqueue).result(TIMEOUT) is wq
+    assert current_workqueue() is None
+
+
+def test_current_workqueue_of_an_item_queued_again_elsewhere_while_it_runs(
+        make_wq: Any) -> None:
+    """Queued on another workqueue while it runs, the item still runs as
+    the first one's (whose flush waits for it): the pending queueing
+    answers only when it runs."""
+    a, b = make_wq("a"), make_wq("b")
+    seen: list[Any] = []
+
+    def func(work: Work) -> None:
+        seen.append(current_workqueue())
+        if len(seen) == 1:
+            b.queue_work(work)
+            seen.append(current_workqueue())
+
+    w = Work(func)
+    a.queue_work(w)
+    wait_until(lambda: len(seen) == 3, "the item ran again on b")
+    assert seen == [a, a, b]
+
+
+def test_an_item_of_another_workqueue_is_not_chained(make_wq: Any) -> None:
+    """A draining workqueue takes only its own items' queueings: one from
+    an item of another workqueue is refused, as from any thread."""
+    wq, other = make_wq("draining"), make_wq("other")
+    release, started = threading.Event(), threading.Event()
+
+    def gate(work: Work) -> None:
+        started.set()
+        with blocking():  # else the foreign item may wait for its CPU's pool
+            assert release.wait(TIMEOUT)
+
+    refused: list[BaseException] = []
+
+    def foreign(work: Work) -> None:
+        try:
+            wq.queue_work(Work(lambda w: None))
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    wq.queue_work(Work(gate))
+    assert started.wait(TIMEOUT)
+    drainer = threading.Thread(target=wq.drain)
+    drainer.start()
+    try:
+        wait_until(lambda: wq._state != 0, "the drain started")
+        f = Work(foreign)
+        other.queue_work(f)
+        f.flush(timeout=TIMEOUT)
+    finally:
+        release.set()
+        drainer.join(TIMEOUT)
+    assert not drainer.is_alive()
+    assert len(refused) == 1 and "draining" in str(refused[0])
+
+
+def test_current_workqueue_in_a_trace_hook_on_the_worker(make_wq: Any) -> None:
+    """A trace hook runs on the worker at an item's start, the item then
+    the thread's, and at its end, when the worker runs none."""
+    wq = make_wq("traced")
+    seen: list[tuple[str, Any]] = []
+
+    def hook(event: str, work: Any, cpu: int | None) -> None:
+        if event.startswith("execute"):
+            seen.append((event, current_workqueue()))
+
+    wq.add_trace_hook(hook)
+    w = Work(lambda w: None)
+    wq.queue_work(w)
+    w.flush(timeout=TIMEOUT)
+    wait_until(lambda: len(seen) == 2, "both execute events")
+    assert seen == [("execute_start", wq), ("execute_end", None)]
+
+
+def test_current_workqueue_is_exported() -> None:
+    assert "current_workqueue" in workqueue.__all__
+    assert workqueue.current_workqueue is current_workqueue
 
 
 def test_subclass_carries_fields(make_wq: Any) -> None:

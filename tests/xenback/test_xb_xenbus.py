@@ -33,7 +33,7 @@ from tests.xenback.xbhelpers import (
     handed_over,
     leaked_threads,
 )
-from workqueue import WQ_UNBOUND, Work, alloc_workqueue
+from workqueue import WQ_UNBOUND, Work, alloc_ordered_workqueue, alloc_workqueue
 from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback import xenstore as xenstore_module
 from xenback.sim import SimHost
@@ -3420,6 +3420,163 @@ def test_stop_from_a_work_that_is_none_of_its_devices_stops_it(
         assert ran.wait(TIMEOUT)
     assert outcome == ["stopped"]
     assert driver.calls_of(guest.domid)[-1] == "remove"
+
+
+def test_stop_from_a_work_on_the_driver_s_own_workqueue_is_refused_before_it_does_anything(
+        host, driver, frontends, dom0_xs) -> None:
+    """A plain Work the driver's author queues on the workqueue the driver
+    made (and destroys in stop()): stop() there got as far as the
+    workqueue's shutdown, which cannot wait for the item running it,
+    with the devices dropped and the handles closed already.  Refused
+    before it does anything, and the driver goes on serving."""
+    refused: list[BaseException] = []
+    ran = threading.Event()
+
+    def stop_here(_work: object) -> None:
+        try:
+            driver.stop()
+        except RuntimeError as exc:
+            refused.append(exc)
+        finally:
+            ran.set()
+
+    guest, dev, _fe = connected(host, frontends)
+    driver.workqueue.queue_work(Work(stop_here))
+    assert ran.wait(TIMEOUT)
+    assert len(refused) == 1
+    assert "stop() from a callback of RecordingDriver" in str(refused[0])
+    assert driver.calls_of(guest.domid) == ["probe", "connect"]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
+    connected(host, frontends, name="guest2")
+
+
+def test_stop_from_a_work_on_a_workqueue_the_driver_was_given_stops_it(
+        host, frontends) -> None:
+    """A workqueue passed in is the caller's: stop() leaves it running,
+    so nothing in it waits for the item that calls it, which stops the
+    driver as any thread does."""
+    outcome: list[object] = []
+    ran = threading.Event()
+    wq = alloc_workqueue("given", WQ_UNBOUND)
+    drv = RecordingDriver(host.dom0, workqueue=wq)
+
+    def stop_here(_work: object) -> None:
+        try:
+            drv.stop()
+            outcome.append("stopped")
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            ran.set()
+
+    try:
+        drv.start()
+        try:
+            guest, _dev, _fe = connected(host, frontends)
+            wq.queue_work(Work(stop_here))
+            assert ran.wait(TIMEOUT)
+        finally:
+            drv.stop()
+        assert outcome == ["stopped"]
+        assert drv.calls_of(guest.domid)[-1] == "remove"
+    finally:
+        wq.destroy()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: alloc_ordered_workqueue("given-ordered"),
+    lambda: alloc_workqueue("given-one", WQ_UNBOUND, 1),
+], ids=["ordered", "max_active-1"])
+def test_stop_from_a_work_on_a_one_at_a_time_workqueue_it_was_given_is_refused(
+        host, frontends, dom0_xs, make) -> None:
+    """A workqueue passed in that runs one item at a time: stop() would
+    wait for the drops it queues on its devices' queues, behind the item
+    that calls it, which never returns (it hung).  Refused up front, as
+    on a workqueue the driver made, and the driver goes on serving."""
+    refused: list[BaseException] = []
+    ran = threading.Event()
+    wq = make()
+    drv = RecordingDriver(host.dom0, workqueue=wq)
+
+    def stop_here(_work: object) -> None:
+        try:
+            drv.stop()
+        except RuntimeError as exc:
+            refused.append(exc)
+        finally:
+            ran.set()
+
+    try:
+        drv.start()
+        try:
+            guest, dev, _fe = connected(host, frontends)
+            wq.queue_work(Work(stop_here))
+            assert ran.wait(TIMEOUT)
+            assert len(refused) == 1
+            assert "stop() from a callback of RecordingDriver" in str(refused[0])
+            assert drv.calls_of(guest.domid) == ["probe", "connect"]
+            assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
+            connected(host, frontends, name="guest2")
+        finally:
+            drv.stop()
+        assert drv.calls_of(guest.domid)[-1] == "remove"
+    finally:
+        wq.destroy()
+
+
+def test_stop_while_another_has_let_go_of_the_workqueue_waits_for_it(
+        host, frontends, monkeypatch) -> None:
+    """A stop() called outside any work item while another thread's has
+    destroyed the driver's workqueue and not yet finished: no workqueue
+    is what current_workqueue() says there too, which is no item of
+    ours.  It waits for that stop() and returns, not refused."""
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    connected(host, frontends)
+    in_close, go, waiting = threading.Event(), threading.Event(), threading.Event()
+    xs = drv.xenstore
+    real_close = xs.close
+
+    def held_close() -> None:
+        in_close.set()
+        assert go.wait(TIMEOUT)
+        real_close()
+
+    monkeypatch.setattr(xs, "close", held_close)
+    cond = drv._stop_done
+
+    class Spy:
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.set()
+            return cond.wait(timeout)
+
+        def notify_all(self) -> None:
+            cond.notify_all()
+
+    drv._stop_done = Spy()
+    first = threading.Thread(target=drv.stop)
+    first.start()
+    outcome: list[object] = []
+    try:
+        assert in_close.wait(TIMEOUT)
+        second = threading.Thread(
+            target=lambda: outcome.append(_outcome_of(drv.stop)))
+        second.start()
+        assert eventually(lambda: waiting.is_set() or not second.is_alive(), TIMEOUT)
+    finally:
+        go.set()
+        first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert outcome == ["returned"]
+    assert not first.is_alive()
+
+
+def _outcome_of(fn) -> object:
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return "returned"
 
 
 def test_stop_from_an_fd_callback_of_the_driver_s_dispatcher_stops_it(
