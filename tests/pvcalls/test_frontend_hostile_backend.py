@@ -2927,6 +2927,58 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on_despit
     s.close()
 
 
+@pytest.mark.parametrize("call", ["recv", "recv (shared handle)", "send", "accept (poll)",
+                                  "accept (answer)", "connect", "connect (no room)"])
+def test_a_blocking_call_in_another_thread_ends_when_a_ctrl_c_lands_as_close_wakes_it(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        call: str) -> None:
+    """A call with no timeout in another thread, asleep until something
+    comes (data, a POLL's or a command's answer, room on the command
+    ring), and close() in the main thread, a Ctrl-C landing as its first
+    ``notify_all`` starts (the command condition's, before the socket's:
+    neither wakes anyone).  The
+    socket is closed to its calls all the same, and the call must see it
+    for itself: EBADF.  Before, it slept until the next close() finished
+    the release, on a socket already closed, and for good if none came
+    (the program exiting on that Ctrl-C waited for its thread)."""
+    if call == "recv (shared handle)":
+
+        def no_handle_of_its_own() -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(fe.domain, "evtchn", no_handle_of_its_own)
+    if call.startswith("accept"):
+        s = fe.socket()
+        s.bind(("127.0.0.1", 4000))
+        s.listen()
+        cmd = PVCALLS_POLL if call == "accept (poll)" else PVCALLS_ACCEPT
+        fake.hold = {cmd}
+        blocked = Call(s.accept)
+        fake.next_request(cmd)
+    elif call == "connect":
+        s = fe.socket()
+        fake.hold = {PVCALLS_CONNECT}
+        blocked = Call(lambda: s.connect(("127.0.0.1", 7)))
+        fake.next_request(PVCALLS_CONNECT)
+    elif call == "connect (no room)":
+        s = fe.socket()
+        monkeypatch.setattr(fe, "_has_room", lambda spare: False)  # the command ring full
+        blocked = Call(lambda: s.connect(("127.0.0.1", 7)))
+    else:
+        s, ring = connected(fe, fake)
+        assert s._st.ring is not None and s._st.ring.direct == (call != "recv (shared handle)")
+        if call == "send":
+            blocked = Call(lambda: s.sendall(bytes(2 * ring.size)))  # the fake reads none
+        else:
+            blocked = Call(lambda: s.recv(10))
+    wait_until(lambda: sleeping_in_wait(s) or bool(fe._cmd_cond._waiters))  # type: ignore[attr-defined]
+    assert interrupted_as_frame_starts(threading.Condition.notify_all.__code__, s.close)
+    assert s.closed
+    assert blocked.oserror().errno == errno.EBADF
+    monkeypatch.undo()  # room for the RELEASE
+    s.close()  # finishes the release
+
+
 @pytest.mark.parametrize("end", ["accepted", "refused", "closed", "interrupted", "gone"])
 def test_a_blocking_connect_while_another_threads_waits_reports_how_that_one_ended(
         fe: pvcalls.Frontend, fake: FakeBackend, end: str) -> None:
