@@ -134,6 +134,13 @@ def resolve(address: object) -> tuple[str, int]:
     return str(info[0][4][0]), port
 
 
+#: The longest a wait that a call of another thread (close() above all)
+#: must end sleeps before it looks again at what it waits for, also with
+#: no limit (see Deadline.recheck): seconds, a wake-up of the waiter a
+#: second at most, only while it sleeps.
+RECHECK = 1.0
+
+
 class Deadline:
     """A socket timeout turned into an absolute deadline.
 
@@ -165,6 +172,17 @@ class Deadline:
         workqueue's waits (:func:`workqueue.wait_slice`, which says why);
         raises :class:`TimeoutError` once it is over."""
         return wait_slice(self.remaining())
+
+    def recheck(self) -> float:
+        """:meth:`nap`, :data:`RECHECK` at most in any thread: for a wait
+        that a ``notify_all()`` of another thread ends (close(), the
+        frontend's death, a non-blocking connect() that sent nothing).
+        A Ctrl-C landing in the main thread as that notify_all() starts
+        loses the wake-up, and a waiter with no limit slept on for good,
+        on a socket closed meanwhile; it now sees that for itself within
+        a second.  Raises :class:`TimeoutError` once the time is over."""
+        nap = self.nap()
+        return RECHECK if nap is None else min(nap, RECHECK)
 
     def take(self, lock: threading.Lock, taken: list[bool]) -> None:
         """Take ``lock`` (a socket lock another thread may hold while it

@@ -1418,7 +1418,10 @@ class Frontend(Closing):
                         break
                     if deadline.timeout == 0.0:
                         raise BlockingIOError(errno.EAGAIN, "the command ring is full")
-                    self._cmd_cond.wait(deadline.nap())
+                    # Bounded (see Deadline.recheck): the wake-up of room
+                    # made, or of sock's close(), is lost to a Ctrl-C
+                    # landing in the main thread as its notify_all() starts.
+                    self._cmd_cond.wait(deadline.recheck())
                 req.req_id = slot.req_id = req_id
                 raw = bytes(ffi.buffer(req))
                 prod = ring.req_prod_pvt
@@ -1581,7 +1584,10 @@ class Frontend(Closing):
                     raise bad_fd()
                 if deadline.timeout == 0.0:
                     raise BlockingIOError(errno.EAGAIN, "operation would block")
-                self._cmd_cond.wait(deadline.nap())
+                # Bounded (see Deadline.recheck): sock's close(), or the
+                # frontend's, woke this, and a Ctrl-C landing in the main
+                # thread as its notify_all() starts lost the wake-up.
+                self._cmd_cond.wait(deadline.recheck())
             if self._slots[req_id] is slot:
                 self._slots[req_id] = None
                 self._room_made()  # a submitter may wait for this entry

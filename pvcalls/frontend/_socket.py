@@ -68,12 +68,6 @@ _INT = struct.Struct("=i")
 #: the common case; a router's ICMP net unreachable, rare): not counted.
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
-#: The longest a wait for a non-blocking connect()'s answer sleeps before
-#: it looks at the socket again, also with no limit (see
-#: PVSocket._await_connect_answer): seconds, a wake-up of the waiter a
-#: second at most, for as long as the backend takes to answer.
-_CONNECT_RECHECK = 1.0
-
 #: SOL_SOCKET options whose value every PV Calls socket has: plain ints,
 #: as the kernel's getsockopt() gives them, not the socket module's enums.
 _FIXED_OPTIONS = {socket.SO_TYPE: int(socket.SOCK_STREAM), socket.SO_DOMAIN: int(socket.AF_INET)}
@@ -1078,13 +1072,12 @@ class PVSocket(Closing):
         while self._connecting and not self._closed and not self._fe._dead:
             if deadline is None or deadline.timeout == 0.0:
                 raise OSError(would_block, os.strerror(would_block) + " (connecting)")
-            nap = deadline.nap()
             # Bounded also with no limit, and the flags looked at again: a
             # wake-up of a main thread's call (a non-blocking connect()
             # that sent nothing, close()) is lost to a Ctrl-C landing as
             # its notify_all() starts, and this slept until the socket
             # closed, the connect it waited for long over.
-            self._cond.wait(_CONNECT_RECHECK if nap is None else min(nap, _CONNECT_RECHECK))
+            self._cond.wait(deadline.recheck())
         self._check_open()
         if self._connecting:
             raise self._fe._gone()
@@ -1982,7 +1975,9 @@ class PVSocket(Closing):
         polling = self._polling
         with self._mutex:
             while not ready() and not self._closed and not self._fe._dead:
-                timeout = deadline.nap()
+                # Bounded (see Deadline.recheck): close()'s wake-up, lost
+                # to a Ctrl-C, left this asleep on a closed socket.
+                timeout = deadline.recheck()
                 if ring is None or not ring.direct:
                     self._cond.wait(timeout)
                     continue
@@ -2251,7 +2246,7 @@ class PVSocket(Closing):
                             raise BlockingIOError(errno.EAGAIN, "no connection pending")
                         while (not self._poll_ready and not self._poll_error
                                and not self._closed and not self._fe._dead):
-                            self._cond.wait(deadline.nap())
+                            self._cond.wait(deadline.recheck())  # as _wait's
                         if self._closed:
                             raise bad_fd()
                         if self._fe._dead:

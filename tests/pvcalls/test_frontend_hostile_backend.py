@@ -41,6 +41,7 @@ from stolensignal import (
 )
 
 import pvcalls
+import workqueue
 from pvcalls import _wire
 from pvcalls._wire import (
     IN_CONS_OFFSET,
@@ -60,7 +61,7 @@ from pvcalls._wire import (
     SLOT_SIZE,
     ffi,
 )
-from pvcalls.frontend import _frontend
+from pvcalls.frontend import _common, _frontend
 from tests.xenback.xbhelpers import fails_once
 from xenback import _wire as _xb_wire
 from xenback.platform import EventChannelError, GrantMapping
@@ -2923,6 +2924,79 @@ def test_a_connect_waiting_on_a_nonblocking_one_that_sent_nothing_goes_on_despit
     assert other.join().error is None  # connected
     assert s.getpeername() == ("127.0.0.1", 7)
     s.close()
+
+
+def test_a_wait_that_close_ends_looks_again_each_second_and_keeps_its_time() -> None:
+    """Deadline.recheck(), the slice of every wait another thread's
+    close() ends: RECHECK at most in any thread, with a limit or not (a
+    lost wake-up costs a second, not the call's whole timeout); in the
+    main thread the half second of every wait (workqueue.wait_slice); the
+    time left if less (the call's timeout is not stretched); and
+    TimeoutError once it is over."""
+    assert _common.Deadline(None).recheck() == workqueue.wait_slice(None)  # the main thread
+    for timeout in (None, 6 * TIMEOUT):
+        assert Call(_common.Deadline(timeout).recheck).join().result == _common.RECHECK
+    assert 0 < Call(_common.Deadline(0.05).recheck).join().result <= 0.05
+    assert isinstance(Call(_common.Deadline(0.0).recheck).join().error, TimeoutError)
+
+
+@pytest.mark.parametrize("timeout", [None, 6 * TIMEOUT])
+@pytest.mark.parametrize("call", ["recv", "recv (shared handle)", "send", "accept (poll)",
+                                  "accept (answer)", "connect", "connect (no room)"])
+def test_a_blocking_call_in_another_thread_ends_when_a_ctrl_c_lands_as_close_wakes_it(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        call: str, timeout: float | None) -> None:
+    """A call with no timeout in another thread, asleep until something
+    comes (data, a POLL's or a command's answer, room on the command
+    ring), and close() in the main thread, a Ctrl-C landing as its first
+    ``notify_all`` starts (the command condition's, before the socket's:
+    neither wakes anyone).  The
+    socket is closed to its calls all the same, and the call must see it
+    for itself: EBADF.  Before, it slept until the next close() finished
+    the release, on a socket already closed, and for good if none came
+    (the program exiting on that Ctrl-C waited for its thread).  A call
+    with a timeout longer than the test's sees it as soon: not when its
+    time is over."""
+    if call == "recv (shared handle)":
+
+        def no_handle_of_its_own() -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(fe.domain, "evtchn", no_handle_of_its_own)
+    if call.startswith("accept"):
+        s = fe.socket()
+        s.bind(("127.0.0.1", 4000))
+        s.listen()
+        s.settimeout(timeout)
+        cmd = PVCALLS_POLL if call == "accept (poll)" else PVCALLS_ACCEPT
+        fake.hold = {cmd}
+        blocked = Call(s.accept)
+        fake.next_request(cmd)
+    elif call == "connect":
+        s = fe.socket()
+        s.settimeout(timeout)
+        fake.hold = {PVCALLS_CONNECT}
+        blocked = Call(lambda: s.connect(("127.0.0.1", 7)))
+        fake.next_request(PVCALLS_CONNECT)
+    elif call == "connect (no room)":
+        s = fe.socket()
+        s.settimeout(timeout)
+        monkeypatch.setattr(fe, "_has_room", lambda spare: False)  # the command ring full
+        blocked = Call(lambda: s.connect(("127.0.0.1", 7)))
+    else:
+        s, ring = connected(fe, fake)
+        assert s._st.ring is not None and s._st.ring.direct == (call != "recv (shared handle)")
+        s.settimeout(timeout)
+        if call == "send":
+            blocked = Call(lambda: s.sendall(bytes(2 * ring.size)))  # the fake reads none
+        else:
+            blocked = Call(lambda: s.recv(10))
+    wait_until(lambda: sleeping_in_wait(s) or bool(fe._cmd_cond._waiters))  # type: ignore[attr-defined]
+    assert interrupted_as_frame_starts(threading.Condition.notify_all.__code__, s.close)
+    assert s.closed
+    assert blocked.oserror().errno == errno.EBADF
+    monkeypatch.undo()  # room for the RELEASE
+    s.close()  # finishes the release
 
 
 @pytest.mark.parametrize("end", ["accepted", "refused", "closed", "interrupted", "gone"])
