@@ -2991,7 +2991,8 @@ def test_a_blocking_call_in_another_thread_ends_when_a_ctrl_c_lands_as_close_wak
             blocked = Call(lambda: s.sendall(bytes(2 * ring.size)))  # the fake reads none
         else:
             blocked = Call(lambda: s.recv(10))
-    wait_until(lambda: sleeping_in_wait(s) or bool(fe._cmd_cond._waiters))  # type: ignore[attr-defined]
+    cmd_cond: Any = fe._cmd_cond
+    wait_until(lambda: sleeping_in_wait(s) or bool(cmd_cond._waiters))
     assert interrupted_as_frame_starts(threading.Condition.notify_all.__code__, s.close)
     assert s.closed
     assert blocked.oserror().errno == errno.EBADF
