@@ -3346,6 +3346,33 @@ def test_stop_from_a_driver_callback_is_refused_before_it_does_anything(
     connected(host, frontends, name="guest2")
 
 
+class _Stopper:
+    """A callback (of a work item, a port, anything) that calls
+    ``driver.stop()``: what that met, ``"stopped"`` or the exception, in
+    ``outcome``; ``ran`` set once it returned."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+        self.outcome: list[object] = []
+        self.ran = threading.Event()
+
+    def __call__(self, *_args: object) -> None:
+        try:
+            self.driver.stop()
+            self.outcome.append("stopped")
+        except Exception as exc:
+            self.outcome.append(exc)
+        finally:
+            self.ran.set()
+
+    def refused(self) -> bool:
+        """Whether it returned, stop() refused as one from a callback."""
+        assert self.ran.wait(TIMEOUT)
+        (met,) = self.outcome
+        return (isinstance(met, RuntimeError)
+                and "stop() from a callback of RecordingDriver" in str(met))
+
+
 @pytest.mark.parametrize("where", ["device work", "port callback"])
 def test_stop_from_a_device_work_or_port_callback_is_refused(
         host, driver, frontends, where) -> None:
@@ -3354,30 +3381,18 @@ def test_stop_from_a_device_work_or_port_callback_is_refused(
     waiting (disconnect()'s disable_sync, the port's unbind) for the very
     item or callback that called it.  Refused before it does anything, as
     from a xenbus callback, and the driver goes on serving."""
-    refused: list[BaseException] = []
-    ran = threading.Event()
-
-    def stop_here() -> None:
-        try:
-            driver.stop()
-        except RuntimeError as exc:
-            refused.append(exc)
-        finally:
-            ran.set()
-
+    stop_here = _Stopper(driver)
     guest, _dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     if where == "device work":
-        work = xenbus.DeviceWork(bdev, lambda _work: stop_here())
+        work = xenbus.DeviceWork(bdev, stop_here)
         # As a driver's disconnect() stops its device's work (both examples).
         driver.disconnect_hook = lambda _dev: work.disable_sync()
         driver.workqueue.queue_work(work)
     else:
-        driver.event_hook = lambda _dev, _port: stop_here()
+        driver.event_hook = stop_here
         fe.evtchn.notify(fe.port)
-    assert ran.wait(TIMEOUT)
-    assert len(refused) == 1
-    assert "stop() from a callback of RecordingDriver" in str(refused[0])
+    assert stop_here.refused()
     connected(host, frontends, name="guest2")
 
 
@@ -3387,18 +3402,7 @@ def test_stop_from_a_work_that_is_none_of_its_devices_stops_it(
     """Only the driver's own devices' work waits for itself in stop(): a
     DeviceWork of another driver's device, or a plain Work on a workqueue
     not the driver's, stops it as any other thread does."""
-    outcome: list[object] = []
-    ran = threading.Event()
-
-    def stop_here(_work: object) -> None:
-        try:
-            driver.stop()
-            outcome.append("stopped")
-        except Exception as exc:
-            outcome.append(exc)
-        finally:
-            ran.set()
-
+    stop_here = _Stopper(driver)
     guest, _dev, _fe = connected(host, frontends)
     with contextlib.ExitStack() as stack:
         if where == "another driver's device work":
@@ -3417,8 +3421,8 @@ def test_stop_from_a_work_that_is_none_of_its_devices_stops_it(
             wq = alloc_workqueue("not-the-driver-s", WQ_UNBOUND)
             stack.callback(wq.destroy)
             wq.queue_work(Work(stop_here))
-        assert ran.wait(TIMEOUT)
-    assert outcome == ["stopped"]
+        assert stop_here.ran.wait(TIMEOUT)
+    assert stop_here.outcome == ["stopped"]
     assert driver.calls_of(guest.domid)[-1] == "remove"
 
 
@@ -3429,22 +3433,10 @@ def test_stop_from_a_work_on_the_driver_s_own_workqueue_is_refused_before_it_doe
     workqueue's shutdown, which cannot wait for the item running it,
     with the devices dropped and the handles closed already.  Refused
     before it does anything, and the driver goes on serving."""
-    refused: list[BaseException] = []
-    ran = threading.Event()
-
-    def stop_here(_work: object) -> None:
-        try:
-            driver.stop()
-        except RuntimeError as exc:
-            refused.append(exc)
-        finally:
-            ran.set()
-
+    stop_here = _Stopper(driver)
     guest, dev, _fe = connected(host, frontends)
     driver.workqueue.queue_work(Work(stop_here))
-    assert ran.wait(TIMEOUT)
-    assert len(refused) == 1
-    assert "stop() from a callback of RecordingDriver" in str(refused[0])
+    assert stop_here.refused()
     assert driver.calls_of(guest.domid) == ["probe", "connect"]
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
     connected(host, frontends, name="guest2")
@@ -3455,29 +3447,18 @@ def test_stop_from_a_work_on_a_workqueue_the_driver_was_given_stops_it(
     """A workqueue passed in is the caller's: stop() leaves it running,
     so nothing in it waits for the item that calls it, which stops the
     driver as any thread does."""
-    outcome: list[object] = []
-    ran = threading.Event()
     wq = alloc_workqueue("given", WQ_UNBOUND)
     drv = RecordingDriver(host.dom0, workqueue=wq)
-
-    def stop_here(_work: object) -> None:
-        try:
-            drv.stop()
-            outcome.append("stopped")
-        except Exception as exc:
-            outcome.append(exc)
-        finally:
-            ran.set()
-
+    stop_here = _Stopper(drv)
     try:
         drv.start()
         try:
             guest, _dev, _fe = connected(host, frontends)
             wq.queue_work(Work(stop_here))
-            assert ran.wait(TIMEOUT)
+            assert stop_here.ran.wait(TIMEOUT)
         finally:
             drv.stop()
-        assert outcome == ["stopped"]
+        assert stop_here.outcome == ["stopped"]
         assert drv.calls_of(guest.domid)[-1] == "remove"
     finally:
         wq.destroy()
@@ -3493,27 +3474,15 @@ def test_stop_from_a_work_on_a_one_at_a_time_workqueue_it_was_given_is_refused(
     wait for the drops it queues on its devices' queues, behind the item
     that calls it, which never returns (it hung).  Refused up front, as
     on a workqueue the driver made, and the driver goes on serving."""
-    refused: list[BaseException] = []
-    ran = threading.Event()
     wq = make()
     drv = RecordingDriver(host.dom0, workqueue=wq)
-
-    def stop_here(_work: object) -> None:
-        try:
-            drv.stop()
-        except RuntimeError as exc:
-            refused.append(exc)
-        finally:
-            ran.set()
-
+    stop_here = _Stopper(drv)
     try:
         drv.start()
         try:
             guest, dev, _fe = connected(host, frontends)
             wq.queue_work(Work(stop_here))
-            assert ran.wait(TIMEOUT)
-            assert len(refused) == 1
-            assert "stop() from a callback of RecordingDriver" in str(refused[0])
+            assert stop_here.refused()
             assert drv.calls_of(guest.domid) == ["probe", "connect"]
             assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
             connected(host, frontends, name="guest2")
