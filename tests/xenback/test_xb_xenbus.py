@@ -15,7 +15,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -4077,17 +4077,9 @@ def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
         drv._bus.flush()
         state = f"{dev.backend_path}/state"
         assert told == [False]
-        assert not [r for r in caplog.records if r.exc_info is not None]
-        said = _backend_warnings(caplog)
-        assert [r.msg for r in said] == [
-            "%s: its own node may not be read any more (%s): dropping the device, "
-            "writing nothing there"], said
-        assert said[0].args[1].filename == state  # type: ignore[index]
-        assert [r.getMessage().split(": ", 1)[1] for r in caplog.records
-                if "not reported there" in r.getMessage()] == [
-            f"in probe (errno {errno.EIO}), and {state} may not be read: not reported there",
+        _said_once(caplog, state, "in probe", then=[
             f"probing: Permission denied: {state} (errno {errno.EACCES}), and {state} "
-            "may not be read: not reported there"]
+            "may not be read: not reported there"])
         assert dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
                             f"{guest.domid}/0/error") is None
         assert dom0_xs.read(state) == str(int(S.INITIALISING))
@@ -4225,10 +4217,11 @@ def _refused_under(bdev: Any, dom0_xs: Any, call: Any, *, node: str = "state",
     return told
 
 
-def _said_once(caplog: Any, bdev: Any, taken: str, message: str) -> None:
-    """What a failure met on a node of ``bdev``'s own we may not read
-    (``taken``) leaves in the log: the failure as one not reported there,
-    naming the node, and the refusal, once, as a warning; no traceback."""
+def _said_once(caplog: Any, taken: str, message: str, *, then: Sequence[str] = ()) -> None:
+    """What a failure (EIO, ``message``) met on a node of a device's own
+    we may not read (``taken``) leaves in the log: the failure as one not
+    reported there, naming the node (then the failures ``then`` says,
+    whole), and the refusal, once, as a warning; no traceback."""
     assert not [r for r in caplog.records if r.exc_info is not None]
     said = _backend_warnings(caplog)
     assert [r.msg for r in said] == [
@@ -4237,7 +4230,8 @@ def _said_once(caplog: Any, bdev: Any, taken: str, message: str) -> None:
     assert said[0].args[1].filename == taken  # type: ignore[index]
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records
             if "not reported there" in r.getMessage()] == [
-        f"{message} (errno {errno.EIO}), and {taken} may not be read: not reported there"]
+        f"{message} (errno {errno.EIO}), and {taken} may not be read: not reported there",
+        *then]
 
 
 # What the toolstack may leave us of a node it takes: nothing, or the
@@ -4277,7 +4271,7 @@ def test_a_failure_reported_on_a_node_we_may_not_read_is_said_once(
         bdev.events.flush()
         drv._bus.flush()
         assert told == [False]
-        _said_once(caplog, bdev, taken, "unreadable")
+        _said_once(caplog, taken, "unreadable")
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
     finally:
@@ -4308,7 +4302,7 @@ def test_a_failure_reported_off_the_queue_on_a_state_taken_and_given_back_drops_
         bdev.events.flush()
         drv._bus.flush()
         assert told is False and bdev.gone
-        _said_once(caplog, bdev, state, "off the queue")
+        _said_once(caplog, state, "off the queue")
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(state) == str(int(S.CONNECTED))
     finally:
@@ -4378,7 +4372,7 @@ def test_a_state_taken_between_the_look_and_fatal_is_said_once(
         told = _fatal_or_drop_after(bdev, drv, lambda: None)
         drv._bus.flush()
         assert told == [False] and bdev.gone
-        _said_once(caplog, bdev, state, "failed")
+        _said_once(caplog, state, "failed")
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(state) == str(int(S.CONNECTED))
     finally:
@@ -4519,7 +4513,7 @@ def test_a_state_taken_after_its_write_was_refused_is_said_once(
         drv._bus.flush()
         assert len(runs) >= 2, "the error node's own transaction was not run"
         assert told == [False]
-        _said_once(caplog, bdev, state, "unreadable")
+        _said_once(caplog, state, "unreadable")
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(state) == str(int(S.CONNECTED))
     finally:
