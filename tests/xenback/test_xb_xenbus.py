@@ -4234,6 +4234,16 @@ def _said_once(caplog: Any, taken: str, message: str, *, then: Sequence[str] = (
         *then]
 
 
+def _dropped_writing_nothing(caplog: Any, dom0_xs: Any, drvdom: Any, fe: Any, bdev: Any,
+                             taken: str, message: str) -> None:
+    """``bdev``, whose failure (``message``) met a node of its own taken
+    (``taken``), was dropped as the failure says (see _said_once), and
+    nothing was written: no error node, and its state left Connected."""
+    _said_once(caplog, taken, message)
+    assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+    assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+
+
 # What the toolstack may leave us of a node it takes: nothing, or the
 # right to write it (and not read it): every write of ours to our
 # directory reads its state first, as Linux's xenbus_switch_state() does,
@@ -4271,9 +4281,7 @@ def test_a_failure_reported_on_a_node_we_may_not_read_is_said_once(
         bdev.events.flush()
         drv._bus.flush()
         assert told == [False]
-        _said_once(caplog, taken, "unreadable")
-        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
-        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+        _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, taken, "unreadable")
     finally:
         drv.stop()
 
@@ -4302,9 +4310,7 @@ def test_a_failure_reported_off_the_queue_on_a_state_taken_and_given_back_drops_
         bdev.events.flush()
         drv._bus.flush()
         assert told is False and bdev.gone
-        _said_once(caplog, state, "off the queue")
-        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
-        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+        _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, state, "off the queue")
     finally:
         drv.stop()
 
@@ -4372,9 +4378,7 @@ def test_a_state_taken_between_the_look_and_fatal_is_said_once(
         told = _fatal_or_drop_after(bdev, drv, lambda: None)
         drv._bus.flush()
         assert told == [False] and bdev.gone
-        _said_once(caplog, state, "failed")
-        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
-        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+        _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, state, "failed")
     finally:
         drv.stop()
 
@@ -4513,9 +4517,7 @@ def test_a_state_taken_after_its_write_was_refused_is_said_once(
         drv._bus.flush()
         assert len(runs) >= 2, "the error node's own transaction was not run"
         assert told == [False]
-        _said_once(caplog, state, "unreadable")
-        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
-        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+        _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, state, "unreadable")
     finally:
         drv.stop()
 
