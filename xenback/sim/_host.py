@@ -18,7 +18,7 @@ import pyxs
 
 from workqueue import shown
 from xenback._closing import Closing
-from xenback._flags import DOMID_FIRST_RESERVED, is_int
+from xenback._flags import DOMID_FIRST_RESERVED, check_domain_id, is_int
 
 from ._domain import Domain, run_dir_path
 from ._hypervisor import Hypervisor
@@ -387,13 +387,12 @@ class SimHost(Closing):
 
     def domain(self, domid: int) -> Domain:
         """The live domain ``domid``; :class:`LookupError` if there is none
-        (or it is being destroyed), any int included; :class:`TypeError`
-        for anything but an int (by the rule of ports)."""
-        if not is_int(domid):
-            # As a port: True and 1.0 hash as 1 and would find domain 1.
-            raise TypeError(f"domid must be an int (a domain id), "
-                            f"not {type(domid).__name__} {shown(domid)}")
-        domid = int(domid)
+        (or it is being destroyed); :class:`TypeError` for anything but an
+        int (by the rule of ports: True and 1.0 hash as 1 and would find
+        domain 1) and :class:`ValueError` for an int that is no domain id,
+        0 to 0x7FEF (:func:`xenback._flags.check_domain_id`, as the
+        toolstack's calls and :func:`xenback.sim.attach`)."""
+        domid = check_domain_id(domid)
 
         def domain() -> Domain:
             if domid in self._dying:
@@ -545,16 +544,17 @@ class SimHost(Closing):
         as its own would have been.
 
         ``domain`` is one of this host's Domains or a domain id (an int, by
-        the rule of ports); anything else is a :class:`TypeError`, dom0 or
-        another host's Domain a :class:`ValueError`, and an id of no live
-        or dying domain, any int included, a :class:`LookupError`.  A
+        the rule of ports); anything else is a :class:`TypeError`, dom0,
+        another host's Domain or an int that is no domain id (0 to 0x7FEF,
+        as :meth:`domain` checks it) a :class:`ValueError`, and a domain id
+        of no live or dying domain a :class:`LookupError`.  A
         ``timeout`` that is no number is a :class:`TypeError`, a negative
         or NaN one a :class:`ValueError`.
         """
         if isinstance(domain, Domain):
             domid = domain.domid
         elif is_int(domain):
-            domid = int(domain)
+            domid = check_domain_id(domain, "domain")
         else:
             # As a port: True and 1.0 hash as 1 and would reach domain 1.
             raise TypeError(f"domain must be a Domain or a domain id (an int), "
