@@ -270,7 +270,8 @@ def test_the_last_32_bit_ref_is_asked_of_the_service(
     so here the service answers it, as a ref not granted."""
     _shr, tab = handles
     for ref in ((1 << 32) - 1, 0):  # both ends of the range
-        with pytest.raises(GrantError, match=rf"grant ref {ref} of domain 1 is not granted"):
+        with pytest.raises(GrantError,
+                           match=rf"grant ref {ref} \(refs\[0\] of 1\) of domain 1 is not granted"):
             tab.map_grant_refs(1, [ref])
 
 
@@ -528,6 +529,30 @@ def test_service_says_which_argument_is_wrong(host: SimHost, data: bytes, error:
     with raw(host, 0) as sock:
         assert ask(sock, data) == {"errno": errno.EINVAL, "error": error}
     assert [d.domid for d in host.domains()] == [0]  # nothing was made
+
+
+def test_a_map_that_fails_names_the_first_bad_ref_and_how_many(
+        host: SimHost, handles: tuple[GrantShare, GrantTable]) -> None:
+    """Which ref of how many, as check_grant_refs names a wrong one: a
+    backend mapping 1024 refs learnt only the number, not where in its
+    list (and a raw request's 4000-digit ref was written out whole)."""
+    shr, tab = handles
+    pages = shr.share_pages(0, 3, writable=False)
+    refs = [*pages.refs[:2], 9999, pages.refs[2]]
+    with pytest.raises(GrantError) as info:
+        tab.map_grant_refs(1, refs, writable=False)
+    assert info.value.strerror == "grant ref 9999 (refs[2] of 4) of domain 1 is not granted to 0"
+    with pytest.raises(GrantError) as info:
+        tab.map_grant_refs(1, pages.refs)
+    assert info.value.errno == errno.EACCES
+    assert info.value.strerror == (f"grant ref {pages.refs[0]} (refs[0] of 3) "
+                                   f"of domain 1 is read-only")
+    request = f'{{"op": "gnt_map", "domid": 1, "refs": [{pages.refs[0]}, 1{"0" * 4000}], '
+    with raw(host, 0) as sock:
+        reply = ask(sock, (request + '"writable": false}').encode())
+    assert reply == {"errno": errno.EINVAL, "error": "grant ref about 10**4000 (an int of 13288 "
+                                                     "bits) (refs[1] of 2) of domain 1 is not "
+                                                     "granted to 0"}
 
 
 def test_service_closes_descriptors_it_did_not_ask_for(host: SimHost) -> None:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workqueue import shown
 from xenback.platform import (
     DOMID_FIRST_RESERVED,
     EVTCHN_PORT_MAX,
@@ -883,16 +884,17 @@ class Hypervisor:
             )
         me = conn.domain.domid
         grants = []
-        for ref in refs:
+        for i, ref in enumerate(refs):
             grant = dom.grants.entries.get(ref)
+            # The first bad ref, and where among how many (up to 1024):
+            # what a caller needs to find it, without the whole list.
             if grant is None or grant.owner is None or grant.grantee != me:
-                raise RequestError(
-                    errno.EINVAL, f"grant ref {ref} of domain {granter} is not granted to {me}"
-                )
+                raise RequestError(errno.EINVAL, f"grant ref {shown(ref)} (refs[{i}] of "
+                                                 f"{len(refs)}) of domain {granter} is not "
+                                                 f"granted to {me}")
             if writable and not grant.writable:
-                raise RequestError(
-                    errno.EACCES, f"grant ref {ref} of domain {granter} is read-only"
-                )
+                raise RequestError(errno.EACCES, f"grant ref {ref} (refs[{i}] of {len(refs)}) "
+                                                 f"of domain {granter} is read-only")
             grants.append(grant)
         # One descriptor per distinct file; runs of consecutive pages of one
         # file become one segment [descriptor index, first page, page count].

@@ -35,6 +35,7 @@ from typing import Any, Self
 import pyxs
 from cffi import FFI
 
+from workqueue import shown
 from xenback._closing import Closing
 from xenback._flags import check_flag
 from xenback.platform import (
@@ -195,6 +196,17 @@ def _error(cls: type[PlatformError], what: str) -> PlatformError:
     return cls(code, f"{what}: {os.strerror(code)}")
 
 
+def _grants(refs: tuple[int, ...]) -> str:
+    """``refs`` for a message: how many, and the first few (:func:`shown`).
+
+    Not the one that failed: gntdev's ioctl and mmap fail for the whole
+    request, and up to MAX_PAGES_PER_REQUEST refs in full made a message
+    of some 7 KB."""
+    if len(refs) == 1:
+        return f"grant {refs[0]}"
+    return f"{len(refs)} grants {shown(refs)}"
+
+
 def _ioctl_arg(struct: str, count: int) -> Any:
     """A zeroed ``struct`` whose trailing one-element array has room for
     ``count`` elements (the buffer lives as long as the returned pointer)."""
@@ -290,7 +302,7 @@ class _DevicePages:
                 mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED,
                 -1,
                 0,
-                f"replacing grants {self._refs} by zero pages",
+                f"replacing {_grants(self._refs)} by zero pages",
             )
             self._base = self._buffer = None
         assert buffer is not None
@@ -302,8 +314,8 @@ class _DevicePages:
         del base, buffer
         if alive() is not None:
             logger.warning(
-                "grants %s ended while views of their pages are held: those read zeros from now on",
-                self._refs,
+                "%s ended while views of their pages are held: those read zeros from now on",
+                _grants(self._refs),
             )
         return True
 
@@ -415,7 +427,7 @@ class XenGrantTable(_Device):
         for i, ref in enumerate(refs):
             grants[i].domid = domid
             grants[i].ref = ref
-        what = f"mapping grants {refs} of domain {domid}"
+        what = f"mapping {_grants(refs)} of domain {domid}"
         with self._open_fd(what) as fd:
             _ioctl(fd, IOCTL_GNTDEV_MAP_GRANT_REF, op, what)
             # The grants are mapped by mmap, which fails if one is bad.
@@ -430,7 +442,7 @@ class XenGrantTable(_Device):
         with self._lock:
             # Closed: the device frees the slots when the last mapping goes.
             if self._fd is not None:
-                what = f"releasing gntdev's slots of grants {refs}"
+                what = f"releasing gntdev's slots of {_grants(refs)}"
                 self._unmap_grant_ref(self._fd, index, len(refs), what)
 
     @staticmethod
