@@ -181,13 +181,13 @@ HandleCensus = tuple[dict[str, int], frozenset[tuple[int, str]]]
 
 def handle_census(host: SimHost) -> HandleCensus:
     """The simulated hypervisor's counts (domains, handle connections,
-    ports, grants) and this process's descriptors, for
+    ports, grants, mappings) and this process's descriptors, for
     :func:`released_since`."""
     return host.hypervisor.stats(), descriptors()
 
 
 def released_since(host: SimHost, before: HandleCensus, where: str) -> None:
-    """Wait until every domain, handle, port, grant and descriptor made
+    """Wait until every domain, handle, port, grant, mapping and descriptor made
     since ``before`` is gone; else fail saying what is left after
     ``where``."""
     stats, fds = before

@@ -450,6 +450,25 @@ def test_grants_of_a_destroyed_domain_outlive_it_while_mapped(host: SimHost) -> 
     shr.close()
 
 
+def test_stats_count_the_mappings_held(host: SimHost, guest: Domain) -> None:
+    """What a leak test of a backend asks: has it unmapped everything it
+    mapped?  The grants count could not say: the frontend's grants stay
+    while it shares them, mapped or not."""
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab, host.dom0.gnttab() as other:
+        pages = shr.share_pages(0, 3)
+        assert host.hypervisor.stats()["mappings"] == 0
+        one = tab.map_grant_refs(guest.domid, pages.refs[:2])
+        tab.map_grant_refs(guest.domid, pages.refs[2:])
+        other.map_grant_refs(guest.domid, pages.refs)
+        assert host.hypervisor.stats()["mappings"] == 3
+        one.unmap()
+        assert host.hypervisor.stats()["mappings"] == 2
+        tab.close()  # ends its mapping left behind
+        assert eventually(lambda: host.hypervisor.stats()["mappings"] == 1)
+    assert eventually(lambda: host.hypervisor.stats()["mappings"] == 0)
+    assert host.hypervisor.stats()["grants"] == 0
+
+
 def test_refs_are_reused_after_release(handles: tuple[GrantShare, GrantTable]) -> None:
     shr, _ = handles
     first = shr.share_pages(0, 4)
@@ -829,7 +848,7 @@ def test_descriptors_sent_with_any_request_never_leak(host: SimHost, guest: Doma
                         os.close(r)
                         os.close(w)
     assert eventually(lambda: host.hypervisor.stats() == {
-        "domains": 2, "connections": 0, "ports": 0, "grants": 0,
+        "domains": 2, "connections": 0, "ports": 0, "grants": 0, "mappings": 0,
     })
     # The service closes a handle's socket just after it leaves the counts.
     assert eventually(lambda: open_fds() == before)

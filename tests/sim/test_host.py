@@ -194,10 +194,11 @@ def test_destroy_closes_what_the_domain_held(host: SimHost) -> None:
         host.destroy_domain(guest)
         assert wait_pending(e0) == p0 and e0.remote(p0) is None
         assert host.hypervisor.stats()["grants"] == 1  # mapped: revoked once unmapped
+        assert host.hypervisor.stats()["mappings"] == 1
         mapping.unmap()
         # dom0's port stays bound, waiting for the guest again (as in Xen).
         assert host.hypervisor.stats() == {
-            "domains": 1, "connections": 2, "ports": 1, "grants": 0,
+            "domains": 1, "connections": 2, "ports": 1, "grants": 0, "mappings": 0,
         }
     e1.close()
     shr.close()
