@@ -211,9 +211,14 @@ def _value(value: str | int, path: str) -> bytes:
 #: it, cxenstored when it cannot allocate the connection, the simulated
 #: host's past a guest's limit of connections (xenstored's socket is
 #: root's alone, and so has none).  The client sees its connect() succeed
-#: (or pyxs's router die as it starts) and the first request fail.
+#: (or pyxs's router die as it starts) and the first request fail.  Nor
+#: has it one for the end of a domain: the simulated host closes a
+#: destroyed guest's connections, whose code lives on in the process,
+#: just so, and an idle one, never answered, looks refused.  Nothing on
+#: the wire tells them apart, so the message names each.
 _REFUSED = ("XenStore closed the connection before its first reply: it refused it "
-            "(too many connections of this domain?) or went away")
+            "(too many connections of this domain?), or it stopped, or this domain "
+            "was destroyed")
 
 
 def _unanswered(router: Any) -> bool:

@@ -2936,6 +2936,30 @@ def test_a_connection_xenstore_refuses_says_so(host) -> None:
             assert "too many connections" in str(exc)
 
 
+def test_a_connection_of_a_destroyed_domain_is_not_only_said_refused(host, caplog) -> None:
+    """A guest's connection that never had a reply, open as its domain is
+    destroyed: XenStore closes it then, as it closes one it refuses, and
+    nothing on the wire tells the two apart.  The warning named only a
+    refusal ("too many connections of this domain?") or XenStore going
+    away, sending whoever read it to count connections."""
+    import logging
+
+    guest = host.create_domain("g")
+    xs = XenStore(guest.xenstore())
+    xs.open()
+    try:
+        with caplog.at_level(logging.WARNING, logger="xenback.xenstore"):
+            host.destroy_domain(guest)
+            assert xs.connection_lost.wait(TIMEOUT)
+    finally:
+        xs.close()
+    (warned,) = [r for r in caplog.records if r.name == "xenback.xenstore"]
+    assert warned.getMessage() == (
+        "XenStore connection lost: XenStore closed the connection before its first reply: "
+        "it refused it (too many connections of this domain?), or it stopped, or this "
+        "domain was destroyed (XenStore closed the connection)")
+
+
 def test_a_connection_refused_before_its_first_request_says_so(host, monkeypatch) -> None:
     """The same refusal, seen by the router only once open() returned and
     before the first request went (a loaded machine's order of things):
