@@ -51,6 +51,20 @@ def is_int(value: object) -> bool:
     dict keys of 1), so each call checks before its first lookup or side
     effect.  On a hot path, ``type(n) is not int and not is_int(n)`` spares
     a plain int the call of this function.
+
+    Nor an object that is only an index (``__index__``: a numpy integer),
+    which the stdlib's socket and os calls take, on both platforms and
+    in every check of xenback alike (a TypeError saying "an int", or
+    the C library's EINVAL where a platform call says so for any wrong
+    number).  Kept so, one rule, rather than taken through
+    operator.index(): the numbers a backend passes come from XenStore
+    (read with int()) and from the platform's own returns, never from
+    numpy; accepting indexes would take a conversion at each of these
+    checks, of both platforms and of the simulated host's wire (JSON has
+    no numpy integer), and operator.index() takes True and False, which
+    each check would refuse again on its own.  The pvcalls frontend's
+    sockets are the exception: they stand in for the stdlib's, and take
+    what it takes.
     """
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -3,12 +3,22 @@ host lock check their platform argument with."""
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from xenback.platform import check_platform
+from xenback._flags import check_domain_id, check_xenstore_domid
+from xenback.platform import (
+    PlatformError,
+    check_domid,
+    check_grant_refs,
+    check_page_count,
+    check_platform,
+    check_port,
+)
 from xenback.sim import SimHost
 
 
@@ -97,3 +107,30 @@ def test_a_service_set_to_none_is_missing() -> None:
 
     with pytest.raises(TypeError, match="not NoGrants$"):
         check_platform(NoGrants())
+
+
+class _Index:
+    """A numpy-style integer: an index (``__index__``), not an int."""
+
+    def __index__(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("check", [
+    lambda n: check_domid(PlatformError, n), check_port, check_page_count,
+    lambda n: check_grant_refs([n])], ids=["domid", "port", "count", "ref"])
+def test_an_index_that_is_no_int_is_refused_by_the_platform_checks(
+        check: Callable[[Any], object]) -> None:
+    """As a float is: the C library's EINVAL, before anything is called
+    (see xenback._flags.is_int for why indexes are not taken)."""
+    with pytest.raises(PlatformError) as info:
+        check(_Index())
+    assert info.value.errno == errno.EINVAL
+
+
+def test_an_index_that_is_no_int_is_a_type_error_saying_an_int(host: Any) -> None:
+    checks = [check_domain_id, check_xenstore_domid, host.domain, host.destroy_domain,
+              host.toolstack.devices, host.toolstack.destroy_devices]
+    for check in checks:
+        with pytest.raises(TypeError, match=r" must be (a Domain or a domain id \()?an int"):
+            check(_Index())
