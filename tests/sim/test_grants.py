@@ -469,6 +469,23 @@ def test_stats_count_the_mappings_held(host: SimHost, guest: Domain) -> None:
     assert host.hypervisor.stats()["grants"] == 0
 
 
+def test_stats_count_the_mappings_of_every_domain(host: SimHost, guest: Domain) -> None:
+    """A backend in a driver domain maps through a guest's handle, not
+    dom0's: its mappings are counted too, and end with its domain (whose
+    handles the destruction closes), while the grants it mapped stay
+    with their granters."""
+    other = host.create_domain("other")
+    with host.dom0.gntshr() as shr0, other.gntshr() as shr1:
+        tab = guest.gnttab()
+        tab.map_grant_refs(0, shr0.share_pages(guest.domid, 1).refs)
+        tab.map_grant_refs(other.domid, shr1.share_pages(guest.domid, 2).refs)
+        assert host.hypervisor.stats()["mappings"] == 2
+        host.destroy_domain(guest)
+        assert host.hypervisor.stats()["mappings"] == 0
+        assert host.hypervisor.stats()["grants"] == 3  # still shared
+        tab.close()
+
+
 def test_refs_are_reused_after_release(handles: tuple[GrantShare, GrantTable]) -> None:
     shr, _ = handles
     first = shr.share_pages(0, 4)
@@ -565,6 +582,12 @@ def test_a_map_that_fails_names_the_first_bad_ref_and_how_many(
         tab.map_grant_refs(1, pages.refs)
     assert info.value.errno == errno.EACCES
     assert info.value.strerror == (f"grant ref {pages.refs[0]} (refs[0] of 3) "
+                                   f"of domain 1 is read-only")
+    # The first read-only one, after a writable one: its own place.
+    writable = shr.share_pages(0, 1)
+    with pytest.raises(GrantError) as info:
+        tab.map_grant_refs(1, [*writable.refs, *pages.refs])
+    assert info.value.strerror == (f"grant ref {pages.refs[0]} (refs[1] of 4) "
                                    f"of domain 1 is read-only")
     request = f'{{"op": "gnt_map", "domid": 1, "refs": [{pages.refs[0]}, 1{"0" * 4000}], '
     with raw(host, 0) as sock:
