@@ -418,6 +418,31 @@ def test_a_read_only_mapping_stays_read_only_after_unmap(granted: int) -> None:
 
 
 @pytest.mark.usefixtures("fake_devices")
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_scrub_the_kernel_refuses_names_the_grants_and_keeps_the_pages(
+        granted: int, kind: str, monkeypatch) -> None:
+    """The zero pages refused (ENOMEM): the error names the refs as the
+    other messages do, short, and the pages stay, to be ended again."""
+    pages = pages_of(kind, granted)
+    mmap_pages = _platform._mmap
+
+    def refused(addr: Any, npages: int, prot: int, flags: int, fd: int, offset: int,
+                what: str) -> Any:
+        raise GrantError(errno.ENOMEM, f"{what}: {os.strerror(errno.ENOMEM)}")
+
+    monkeypatch.setattr(_platform, "_mmap", refused)
+    with pytest.raises(GrantError) as info:
+        end(pages)
+    assert (info.value.errno, info.value.strerror) == (
+        errno.ENOMEM, f"replacing 2 grants (5, 6) by zero pages: {os.strerror(errno.ENOMEM)}")
+    assert bytes(pages.buffer[0:6]) == b"secret"
+    monkeypatch.setattr(_platform, "_mmap", mmap_pages)
+    end(pages)
+    with pytest.raises(ValueError):
+        pages.buffer  # noqa: B018
+
+
+@pytest.mark.usefixtures("fake_devices")
 def test_a_failing_slot_release_is_reported_after_the_pages_are_gone(granted: int) -> None:
     table = _platform.XenGrantTable()  # a plain file: UNMAP_GRANT_REF fails
     addr = _platform._map_device(granted, 0, 1, True, "mapping the stand-in")
