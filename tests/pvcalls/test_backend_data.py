@@ -286,6 +286,41 @@ def test_a_work_woken_by_the_frontend_alone_does_not_receive(
     assert raw.recv_exactly(ring, 4) == b"back"
 
 
+
+def test_a_host_signal_is_taken_by_one_receive(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host socket's signal is used up by the receive it caused: once
+    the data it announced is in the ring, the guest's writes after it cost
+    no receive again (each would find the socket empty), until the next."""
+    receives: list[int] = []
+
+    class CountedReceives(socket.socket):
+        def recv_into(self, *args: Any) -> int:
+            receives.append(1)
+            return super().recv_into(*args)
+
+        def recvmsg_into(self, *args: Any) -> Any:
+            receives.append(1)
+            return super().recvmsg_into(*args)
+
+    _host_sockets_are(monkeypatch, CountedReceives)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    peer.settimeout(TIMEOUT)
+    peer.sendall(b"first")
+    assert raw.recv_exactly(ring, 5) == b"first"
+    sock.flush()
+    before = len(receives)
+    assert before >= 1
+    for word in (b"one", b"two", b"three"):
+        ring.write(word)
+        assert peer.recv(16) == word
+        sock.flush()
+    assert len(receives) == before
+    peer.sendall(b"back")
+    assert raw.recv_exactly(ring, 4) == b"back"
+
+
 def test_a_short_send_consumes_only_what_was_sent(
         raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A send that takes part of what the out ring holds (the host's send
