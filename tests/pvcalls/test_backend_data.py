@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -528,6 +529,36 @@ def test_a_socket_stopped_by_a_protocol_error_stays_stopped(raw: RawFrontend,
     assert ring.get(_wire.OUT_CONS_OFFSET) == cons
     assert ring.get(_wire.IN_PROD_OFFSET) == 0
     assert (ring.in_error, ring.out_error) == (0, 0)
+
+
+
+def test_a_reset_after_a_protocol_error_keeps_the_errors_the_guest_read(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket stopped by a data ring protocol error keeps -EINVAL in both
+    error fields, the ones the guest was given, even when the peer then
+    resets the connection and the host socket reports the error: nothing
+    is taken from a socket that stopped."""
+    errored = threading.Event()
+    on_host_event = ActiveSocket._on_host_event
+
+    def on_host_event_seen(self: ActiveSocket, fd: int, events: int) -> None:
+        on_host_event(self, fd, events)  # queues the Work
+        if events & select.EPOLLERR:
+            errored.set()
+
+    monkeypatch.setattr(ActiveSocket, "_on_host_event", on_host_event_seen)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
+    raw.evtchn.notify(ring.port)
+    raw.wait(lambda: ring.in_error != 0 and ring.out_error != 0)
+    peer.settimeout(TIMEOUT)
+    assert peer.recv(10) == b""  # the host connection was shut down
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset
+    assert errored.wait(TIMEOUT)
+    sock.flush()  # the Work that event queued has run
+    assert (ring.in_error, ring.out_error) == (-_errno.EINVAL, -_errno.EINVAL)
 
 
 @pytest.mark.parametrize("order", [6, _wire.MAX_PAGE_ORDER_LIMIT])
