@@ -257,6 +257,38 @@ def test_no_send_after_one_failed(raw: RawFrontend, backend: pvcalls.Backend,
     assert ring.get(_wire.OUT_CONS_OFFSET) == 0
 
 
+
+def test_a_send_failing_at_release_leaves_nothing_to_linger(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELEASE sends what the out ring still holds; if that send fails, the
+    rest is not handed to the lingerer, whose sends on the failed
+    connection would only fail again (or, worse, go through after the
+    error): the host socket is closed with it."""
+    sends: list[int] = []
+
+    class FailingSends(socket.socket):
+        def sendmsg(self, *args: Any) -> int:
+            sends.append(1)
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+
+    _host_sockets_are(monkeypatch, FailingSends)
+    adopted: list[bytes] = []
+    adopt = backend.lingerer.adopt
+
+    def adopt_seen(host: socket.socket, domid: int, data: bytes, *args: Any,
+                   **kwargs: Any) -> bool:
+        adopted.append(data)
+        return adopt(host, domid, data, *args, **kwargs)
+
+    monkeypatch.setattr(backend.lingerer, "adopt", adopt_seen)
+    sock_id, ring, peer = _accepted_pair(raw)
+    assert ring.write(b"unsent", notify=False) == 6  # the Work does not look
+    assert raw.release(sock_id).ret == 0
+    assert (len(sends), adopted) == (1, [])
+    peer.settimeout(TIMEOUT)
+    assert peer.recv(16) == b""
+
+
 def test_a_work_woken_by_the_frontend_alone_does_not_receive(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """No receive system call unless the host socket signalled since the
