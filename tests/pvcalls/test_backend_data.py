@@ -138,6 +138,25 @@ def test_reset_by_the_peer_is_econnreset_not_eof(raw: RawFrontend) -> None:
     assert ring.out_error == 0  # the guest has sent nothing: no send failed
 
 
+
+def test_a_reset_after_the_end_of_the_stream_is_notified(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """The peer ends its stream (in_error -ENOTCONN, notified), then resets
+    the connection: out_error takes the reset, and a frontend sleeping on
+    its port is woken for it, as for any error the backend sets."""
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    peer.shutdown(socket.SHUT_WR)
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ENOTCONN
+    sock.flush()  # the run that set in_error has notified
+    raw.drain_events()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset
+    raw.wait_notified(ring.port)  # a missing notification times out
+    assert ring.out_error == -_errno.EPIPE
+
+
 def test_no_data_into_an_in_ring_whose_error_the_frontend_set(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """A producer stops on in_error (Linux's frontend writes -EBADF there
