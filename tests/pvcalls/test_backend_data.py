@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -137,6 +138,25 @@ def test_reset_by_the_peer_is_econnreset_not_eof(raw: RawFrontend) -> None:
     assert ring.out_error == 0  # the guest has sent nothing: no send failed
 
 
+
+def test_a_reset_after_the_end_of_the_stream_is_notified(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """The peer ends its stream (in_error -ENOTCONN, notified), then resets
+    the connection: out_error takes the reset, and a frontend sleeping on
+    its port is woken for it, as for any error the backend sets."""
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    peer.shutdown(socket.SHUT_WR)
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ENOTCONN
+    sock.flush()  # the run that set in_error has notified
+    raw.drain_events()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset
+    raw.wait_notified(ring.port)  # a missing notification times out
+    assert ring.out_error == -_errno.EPIPE
+
+
 def test_no_data_into_an_in_ring_whose_error_the_frontend_set(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """A producer stops on in_error (Linux's frontend writes -EBADF there
@@ -256,6 +276,38 @@ def test_no_send_after_one_failed(raw: RawFrontend, backend: pvcalls.Backend,
     assert ring.get(_wire.OUT_CONS_OFFSET) == 0
 
 
+
+def test_a_send_failing_at_release_leaves_nothing_to_linger(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELEASE sends what the out ring still holds; if that send fails, the
+    rest is not handed to the lingerer, whose sends on the failed
+    connection would only fail again (or, worse, go through after the
+    error): the host socket is closed with it."""
+    sends: list[int] = []
+
+    class FailingSends(socket.socket):
+        def sendmsg(self, *args: Any) -> int:
+            sends.append(1)
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+
+    _host_sockets_are(monkeypatch, FailingSends)
+    adopted: list[bytes] = []
+    adopt = backend.lingerer.adopt
+
+    def adopt_seen(host: socket.socket, domid: int, data: bytes, *args: Any,
+                   **kwargs: Any) -> bool:
+        adopted.append(data)
+        return adopt(host, domid, data, *args, **kwargs)
+
+    monkeypatch.setattr(backend.lingerer, "adopt", adopt_seen)
+    sock_id, ring, peer = _accepted_pair(raw)
+    assert ring.write(b"unsent", notify=False) == 6  # the Work does not look
+    assert raw.release(sock_id).ret == 0
+    assert (len(sends), adopted) == (1, [])
+    peer.settimeout(TIMEOUT)
+    assert peer.recv(16) == b""
+
+
 def test_a_work_woken_by_the_frontend_alone_does_not_receive(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """No receive system call unless the host socket signalled since the
@@ -283,6 +335,41 @@ def test_a_work_woken_by_the_frontend_alone_does_not_receive(
         sock.flush()
     assert len(receives) == before
     peer.sendall(b"back")  # the host socket signals: one receive takes it
+    assert raw.recv_exactly(ring, 4) == b"back"
+
+
+
+def test_a_host_signal_is_taken_by_one_receive(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host socket's signal is used up by the receive it caused: once
+    the data it announced is in the ring, the guest's writes after it cost
+    no receive again (each would find the socket empty), until the next."""
+    receives: list[int] = []
+
+    class CountedReceives(socket.socket):
+        def recv_into(self, *args: Any) -> int:
+            receives.append(1)
+            return super().recv_into(*args)
+
+        def recvmsg_into(self, *args: Any) -> Any:
+            receives.append(1)
+            return super().recvmsg_into(*args)
+
+    _host_sockets_are(monkeypatch, CountedReceives)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    peer.settimeout(TIMEOUT)
+    peer.sendall(b"first")
+    assert raw.recv_exactly(ring, 5) == b"first"
+    sock.flush()
+    before = len(receives)
+    assert before >= 1
+    for word in (b"one", b"two", b"three"):
+        ring.write(word)
+        assert peer.recv(16) == word
+        sock.flush()
+    assert len(receives) == before
+    peer.sendall(b"back")
     assert raw.recv_exactly(ring, 4) == b"back"
 
 
@@ -493,6 +580,36 @@ def test_a_socket_stopped_by_a_protocol_error_stays_stopped(raw: RawFrontend,
     assert ring.get(_wire.OUT_CONS_OFFSET) == cons
     assert ring.get(_wire.IN_PROD_OFFSET) == 0
     assert (ring.in_error, ring.out_error) == (0, 0)
+
+
+
+def test_a_reset_after_a_protocol_error_keeps_the_errors_the_guest_read(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket stopped by a data ring protocol error keeps -EINVAL in both
+    error fields, the ones the guest was given, even when the peer then
+    resets the connection and the host socket reports the error: nothing
+    is taken from a socket that stopped."""
+    errored = threading.Event()
+    on_host_event = ActiveSocket._on_host_event
+
+    def on_host_event_seen(self: ActiveSocket, fd: int, events: int) -> None:
+        on_host_event(self, fd, events)  # queues the Work
+        if events & select.EPOLLERR:
+            errored.set()
+
+    monkeypatch.setattr(ActiveSocket, "_on_host_event", on_host_event_seen)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
+    raw.evtchn.notify(ring.port)
+    raw.wait(lambda: ring.in_error != 0 and ring.out_error != 0)
+    peer.settimeout(TIMEOUT)
+    assert peer.recv(10) == b""  # the host connection was shut down
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset
+    assert errored.wait(TIMEOUT)
+    sock.flush()  # the Work that event queued has run
+    assert (ring.in_error, ring.out_error) == (-_errno.EINVAL, -_errno.EINVAL)
 
 
 @pytest.mark.parametrize("order", [6, _wire.MAX_PAGE_ORDER_LIMIT])
