@@ -2247,9 +2247,14 @@ class BackendDriver:
         find it done."""
         if dev.gone:
             return
+        self._say_taken(dev, exc)
+        self._drop(dev, closed=False)
+
+    @staticmethod
+    def _say_taken(dev: BackendDevice, exc: PermissionError) -> None:
+        """The one line of a taking (see _refused), whichever path met it."""
         logger.warning("%s: its own node may not be read any more (%s): dropping the device, "
                        "writing nothing there", dev.nodename, exc)
-        self._drop(dev, closed=False)
 
     def _disconnect(self, dev: BackendDevice) -> None:
         if dev._connected:
@@ -2280,7 +2285,14 @@ class BackendDriver:
             if closed and not self._domain_gone:
                 dev.switch_state(XenbusState.CLOSED)
         except OSError as exc:
-            if self._said_already(exc):
+            # Dropped for another reason (the frontend gone, its domain
+            # dead) with a node of ours taken meanwhile, before the
+            # taking's own event: said as the taking, not as a Closed
+            # refused, which would not say the node was taken (see _refused).
+            taken = dev._taken_from_us(exc)
+            if taken is not None:
+                self._say_taken(dev, taken)
+            elif self._said_already(exc):
                 logger.debug("%s: could not switch to Closed: %s", dev.nodename, exc)
             else:
                 logger.warning("%s: could not switch to Closed: %s", dev.nodename, exc)

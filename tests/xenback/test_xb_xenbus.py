@@ -2621,20 +2621,30 @@ def test_closed_refused_as_the_domain_goes_the_rest_of_the_way_says_nothing_more
     assert [m.split(":")[0] for m in said] == ["XenStore connection lost"], said
 
 
+@pytest.mark.parametrize("read_only", [False, True], ids=["taken", "read-only"])
 def test_closed_refused_in_a_live_driver_domain_is_still_said(
-        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+        host, dom0_xs, frontends, caplog, monkeypatch, read_only) -> None:
     """EACCES on Closed while the backend's domain, home and connection
-    live is a refusal of its own, and nothing else says it."""
-    def take_the_state_node(_drvdom, bdev) -> None:
-        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+    live is a refusal of its own, and nothing else says it: a state left
+    to us to read only, as a Closed that could not be written; one taken
+    (we may not even read it), as every taking is said (see
+    test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once)."""
+    taken: list[str] = []
+
+    def take_the_state_node(drvdom, bdev) -> None:
+        taken.append(f"{bdev.nodename}/state")
+        dom0_xs.set_perms(taken[0], ["n0", f"r{drvdom.domid}"] if read_only else ["n0"])
 
     caplog.clear()
     _closed_refused_in_stop(host, dom0_xs, frontends, monkeypatch, take_the_state_node,
                             lambda _drvdom: None)
-    (closed,) = [r for r in _backend_warnings(caplog)
-                 if r.msg == "%s: could not switch to Closed: %s"]
-    assert isinstance(closed.args[1], PermissionError)  # type: ignore[index]
-    assert closed.exc_info is None
+    (said,) = _backend_warnings(caplog)
+    assert said.msg == ("%s: could not switch to Closed: %s" if read_only else
+                        "%s: its own node may not be read any more (%s): dropping the "
+                        "device, writing nothing there")
+    assert isinstance(said.args[1], PermissionError)  # type: ignore[index]
+    assert said.args[1].filename == taken[0]  # type: ignore[index]
+    assert said.exc_info is None
 
 
 def _error_refused_as_the_domain_goes(host, dom0_xs, frontends, caplog, monkeypatch,
@@ -4282,6 +4292,48 @@ def test_a_failure_reported_on_a_node_we_may_not_read_is_said_once(
         drv._bus.flush()
         assert told == [False]
         _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, taken, "unreadable")
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize("how", ["frontend vanishes", "frontend domain dies"])
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once(
+        host, dom0_xs, frontends, caplog, how, node, write_only) -> None:
+    """The toolstack took our ``state`` (or directory), and before the
+    device's queue handles that, the frontend vanishes (its directory
+    deleted: Unknown) or its domain dies (@releaseDomain): the device is
+    dropped there, and its Closed, whose switch reads the node first, is
+    refused.  Said as every taking is, once, as the warning of the
+    taking, naming the node; not as a Closed that could not be written
+    ("Permission denied" alone says no taking), and nothing is written."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        perms = ["n0", f"w{drvdom.domid}"] if write_only else ["n0"]
+        caplog.clear()
+
+        def vanish() -> None:
+            # On the queue, after the taking: its event cannot come first.
+            dom0_xs.rm(fe.device.frontend_path)
+            drv._otherend_changed(bdev)
+
+        call = vanish if how == "frontend vanishes" else lambda: drv._domain_dead(bdev)
+        _refused_under(bdev, dom0_xs, call, node=node, perms=perms)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert bdev.gone
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        said = _backend_warnings(caplog)
+        assert [r.msg for r in said] == [
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"], [r.getMessage() for r in said]
+        assert said[0].args[1].filename == taken  # type: ignore[index]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
     finally:
         drv.stop()
 
