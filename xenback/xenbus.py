@@ -412,11 +412,13 @@ class BackendDevice:
         # The refusal error()/fatal() met reading a node of our own
         # directory (the toolstack took it, see BackendDriver._refused),
         # which then queued the device's drop: set by whichever thread
-        # reported, never cleared, read by _fatal_or_drop on the queue
-        # after its own fatal().  No lock: a plain attribute, and the value
-        # read may be another thread's report's, set since the look; the
-        # device is dropped then all the same (that report queued it), so
-        # _fatal_or_drop drops it as a taking either way.
+        # reported, never cleared, read by _fatal_or_drop on the queue,
+        # before its look (a failure met after such a report is its
+        # sequel, not said again) and after its own fatal().  No lock: a
+        # plain attribute, and the value read may be another thread's
+        # report's, set since the look; the device is dropped then all
+        # the same (that report queued it), so _fatal_or_drop drops it as
+        # a taking either way.
         self._refusal: PermissionError | None = None
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
@@ -2191,7 +2193,19 @@ class BackendDriver:
         where fatal() would report it as this device's.  A read of our
         own directory refused (see _refused), our state included, which
         the look reads before our first switch for that alone, drops the
-        device, writing nothing, the failure only logged."""
+        device, writing nothing, the failure only logged.
+
+        A device that a report of its own found taken already (see
+        BackendDevice._refused_report: its failure said, its drop queued)
+        is dropped at once, this failure only a debug line: it is that
+        one's sequel (a driver told False gives up and raises, or returns
+        and its Connected is refused by the same taking), and one event
+        is said once."""
+        if dev._refusal is not None:
+            logger.debug("%s: %s (errno %d), after a report met a node taken: not reported",
+                         dev.nodename, _printable(message), abs(err))
+            self._refused(dev, dev._refusal)
+            return False
         try:
             why = dev._stale(self.xenstore)
             if why is None and not dev._switched:

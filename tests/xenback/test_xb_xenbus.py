@@ -4066,8 +4066,9 @@ def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
     _fatal_or_drop, which reads it for that alone), and nothing is
     written, the error node included: the failure said as not reported,
     False told, the refusal said once as the device is dropped.  The
-    switch to InitWait that follows, refused, is the probe's own failure,
-    not reported either, and no second refusal."""
+    switch to InitWait that follows, refused by the same taking, is that
+    report's sequel: no second failure said, nor a second refusal (see
+    test_fatal_from_connect_on_a_node_taken_is_said_once)."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
     drvdom = host.create_domain("driver-domain")
     drv = RecordingDriver(drvdom)
@@ -4087,9 +4088,7 @@ def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
         drv._bus.flush()
         state = f"{dev.backend_path}/state"
         assert told == [False]
-        _said_once(caplog, state, "in probe", then=[
-            f"probing: Permission denied: {state} (errno {errno.EACCES}), and {state} "
-            "may not be read: not reported there"])
+        _said_once(caplog, state, "in probe")
         assert dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
                             f"{guest.domid}/0/error") is None
         assert dom0_xs.read(state) == str(int(S.INITIALISING))
@@ -4334,6 +4333,51 @@ def test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once(
         assert said[0].args[1].filename == taken  # type: ignore[index]
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize("then", ["returns", "raises"])
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_fatal_from_connect_on_a_node_taken_is_said_once(
+        host, dom0_xs, frontends, caplog, then, node, write_only) -> None:
+    """A driver's connect() calls fatal() with our ``state`` (or
+    directory) taken, the taking's event not handled yet: fatal() is told
+    False, and the driver returns (or raises, giving up).  One event, one
+    failure: said once, as every taking is, and not again as the failure
+    of the connect (the Connected it would write, or what it raised),
+    which the same taking refuses and which reached nobody either."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        told: list[bool] = []
+
+        def connect(dev: Any) -> None:
+            drv._record("connect", dev)
+            told.append(dev.fatal(errno.EIO, "in connect"))
+            if then == "raises":
+                raise OSError(errno.EIO, "gave up")
+
+        drv.connect = connect  # type: ignore[method-assign]
+        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        held, go = threading.Event(), threading.Event()
+        assert bdev.events.call(lambda: (held.set(), go.wait(TIMEOUT)))
+        assert held.wait(TIMEOUT)
+        caplog.clear()
+        fe.set_state(S.INITIALISED)  # its event waits behind the hold...
+        dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+        go.set()  # ...and comes before the taking's, which goes by the bus
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told == [False]
+        _said_once(caplog, taken, "in connect")
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
     finally:
         drv.stop()
 
