@@ -150,6 +150,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from workqueue import (
+    WQ_MEM_RECLAIM,
     WQ_UNBOUND,
     Work,
     Workqueue,
@@ -1441,7 +1442,15 @@ class BackendDriver:
         destroys it, which waits for all its items), and any item of a
         workqueue passed in that runs one item at a time (max_active 1,
         an ordered one included: the devices' drops queued on it wait
-        for the caller's slot).  It would wait for itself, and that is
+        for the caller's slot), and any item of a ``WQ_MEM_RECLAIM``
+        workqueue passed in: its rescuer runs its items, one at a time,
+        when no worker thread can be made, and the drops would wait for
+        a worker that cannot be made or for the rescuer, busy with the
+        caller.  Refused whichever thread runs the item, the rescuer or
+        a worker (where the rescuer would run the drops): a refusal only
+        when threads run out would be a hang, or a failure, that shows
+        only then, as lockdep reports a dependency rather than the
+        deadlock.  It would wait for itself, and that is
         a :class:`RuntimeError`, raised before anything is stopped.  An
         item on a workqueue passed in that may run more at once, and
         the callback of an fd the driver watches on :attr:`events`, may
@@ -1464,8 +1473,12 @@ class BackendDriver:
                 # which the caller holds up if it runs one at a time.
                 # stats(): its max_active while frozen too (the kernel's
                 # saved_max_active).
+                # So does its rescuer, which runs one item at a time too,
+                # when no worker can be made: any item of a WQ_MEM_RECLAIM
+                # one, whatever thread runs it now (see the docstring).
                 or wq is not None and current_workqueue() is wq
-                and (self._own_workqueue or wq.stats().max_active == 1)
+                and (self._own_workqueue or wq.stats().max_active == 1
+                     or bool(wq.flags & WQ_MEM_RECLAIM))
                 # A device's own work and port callbacks are the driver's
                 # too: its drop waits for them (disconnect()'s
                 # disable_sync(), the port's unbind).  Not an fd's

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import workqueue._pool as wq_pool
 from tests.sim.hosthelpers import eventually
 from tests.stolensignal import interrupt, main_thread_in
 from tests.xenback.xbhelpers import (
@@ -33,7 +34,14 @@ from tests.xenback.xbhelpers import (
     handed_over,
     leaked_threads,
 )
-from workqueue import WQ_UNBOUND, Work, alloc_ordered_workqueue, alloc_workqueue
+from workqueue import (
+    WQ_MEM_RECLAIM,
+    WQ_UNBOUND,
+    Topology,
+    Work,
+    alloc_ordered_workqueue,
+    alloc_workqueue,
+)
 from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback import xenstore as xenstore_module
 from xenback.sim import SimHost
@@ -3493,6 +3501,66 @@ def test_stop_from_a_work_on_a_one_at_a_time_workqueue_it_was_given_is_refused(
             guest, dev, _fe = connected(host, frontends)
             wq.queue_work(Work(stop_here))
             assert stop_here.refused()
+            assert drv.calls_of(guest.domid) == ["probe", "connect"]
+            assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
+            connected(host, frontends, name="guest2")
+        finally:
+            drv.stop()
+        assert drv.calls_of(guest.domid)[-1] == "remove"
+    finally:
+        wq.destroy()
+
+
+def _no_workers_on(monkeypatch: Any, topology: Topology) -> None:
+    """No worker thread can be made for the pools of ``topology`` (as
+    when the host runs out of threads): its workqueues' items run on
+    their rescuers.  The other pools of the process make theirs."""
+    create_worker, start_thread = wq_pool.create_worker, wq_pool._start_thread
+    refusing = threading.local()
+
+    def create(pool: Any) -> bool:
+        refusing.on = pool.pset.topology is topology
+        try:
+            return create_worker(pool)
+        finally:
+            refusing.on = False
+
+    def start(target: Any, name: str) -> threading.Thread:
+        if getattr(refusing, "on", False):
+            raise RuntimeError("can't start new thread")
+        return start_thread(target, name)
+
+    monkeypatch.setattr(wq_pool, "create_worker", create)
+    monkeypatch.setattr(wq_pool, "_start_thread", start)
+
+
+@pytest.mark.parametrize("runner", ["a worker", "its rescuer"])
+def test_stop_from_a_work_on_a_reclaim_workqueue_it_was_given_is_refused(
+        host, frontends, dom0_xs, monkeypatch, runner) -> None:
+    """A WQ_MEM_RECLAIM workqueue passed in runs an item on its rescuer
+    when no worker thread can be made, and the rescuer runs one item at a
+    time: stop() there would wait for the drops it queues on its devices'
+    queues, which need a worker that cannot be made, or the rescuer, busy
+    with the caller (and those it took with the caller run only after
+    it): it hung.  Refused up front, whichever thread runs the item, so
+    that the mistake shows every time, not only when threads run out (as
+    lockdep reports a dependency, not the deadlock); the driver goes on
+    serving."""
+    topology = Topology(1)
+    if runner == "its rescuer":
+        _no_workers_on(monkeypatch, topology)  # every item of the driver's: the rescuer's
+    wq = alloc_workqueue("given-reclaim", WQ_MEM_RECLAIM, topology=topology)
+    drv = RecordingDriver(host.dom0, workqueue=wq)
+    stop_here = _Stopper(drv)
+    names: list[str] = []
+    try:
+        drv.start()
+        try:
+            guest, dev, _fe = connected(host, frontends)
+            wq.queue_work(Work(lambda w: (names.append(threading.current_thread().name),
+                                          stop_here())))
+            assert stop_here.refused(), (names, stop_here.outcome)
+            assert (names[0] == "given-reclaim-rescuer") is (runner == "its rescuer"), names
             assert drv.calls_of(guest.domid) == ["probe", "connect"]
             assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
             connected(host, frontends, name="guest2")
