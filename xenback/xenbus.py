@@ -1276,6 +1276,10 @@ class BackendDriver:
         """The frontend is Initialised or Connected: read its ring
         references and event channel, map and bind them.  Raising makes the
         device fail; :meth:`disconnect` is still called to undo the rest.
+        A failure it reports itself with :meth:`BackendDevice.fatal`
+        before it returns, as Linux's backends do, is as final: the
+        device is not switched to Connected over that Closing, and
+        :meth:`disconnect` is called.
         So does an exception in what it sets going for later: a port's
         callback, a call queued with :meth:`BackendDevice.queue`, a
         :class:`DeviceWork` (see the module docstring)."""
@@ -2162,6 +2166,15 @@ class BackendDriver:
             logger.debug("%s: connect failed", dev.nodename, exc_info=True)
             self._disconnect(dev)
             self._fatal_or_drop(dev, err, f"connecting: {message}")
+            return
+        if dev.state == XenbusState.CLOSING:
+            # connect() said its failure itself (fatal(), as Linux's
+            # backends do) and returned: Connected must not replace the
+            # Closing the frontend was told, and what it set up is
+            # undone, as Linux's backends undo it before they return.
+            # (Nothing else makes us Closing here: the table connects
+            # only from the states below it.)
+            self._disconnect(dev)
             return
         dev.switch_state(XenbusState.CONNECTED)
 

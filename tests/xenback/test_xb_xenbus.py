@@ -4405,6 +4405,45 @@ def test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once(
         drv.stop()
 
 
+def test_a_connect_that_reports_its_own_failure_and_returns_is_not_connected(
+        host, driver, frontends, dom0_xs) -> None:
+    """A driver's connect() that says its failure itself, as Linux's
+    backends do (fatal(): error node and Closing), and returns: Connected
+    was written over its Closing, and the frontend, told the device
+    failed, then saw it connected, to a ring the driver never mapped.
+    Its Closing stays, and what it set up is undone at once, as for a
+    connect() that raised; the frontend may start again."""
+    told: list[bool] = []
+    plain = driver.connect
+
+    def connect(dev: Any) -> None:
+        driver._record("connect", dev)
+        told.append(dev.fatal(errno.EIO, "no ring for you"))
+
+    driver.connect = connect  # type: ignore[method-assign]
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    driver.wait_call("connect", guest.domid)
+    bdev = backend_device(driver, guest.domid)
+    bdev.events.flush()
+    assert told == [True]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSING))
+    assert dom0_xs.read(f"/local/domain/0/error/backend/xbtest/{guest.domid}/0/error") == (
+        f"{errno.EIO} no ring for you")
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert bdev.resources == (0, 0)
+    driver.connect = plain  # type: ignore[method-assign]  # it starts again, and connects
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    fe.set_state(S.INITIALISING)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+
+
 @pytest.mark.parametrize("then", ["returns", "raises"])
 @pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
 def test_fatal_from_connect_on_a_node_taken_is_said_once(
