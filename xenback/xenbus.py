@@ -410,6 +410,12 @@ class BackendDevice:
         # A failure of the driver's code is about to fail the device, or
         # doing so (see _claim_failure).
         self._failing = False
+        # How many times fatal() was called: _connect tells by it that the
+        # driver's connect() reported its own failure, whatever became of
+        # its Closing (refused, or never tried).  No lock: only compared
+        # with an earlier count, and two increments that race and lose one
+        # still change it.
+        self._fatal_calls = 0
         # The refusal error()/fatal() met reading a node of our own
         # directory (the toolstack took it, see BackendDriver._refused),
         # which then queued the device's drop: set by whichever thread
@@ -927,6 +933,7 @@ class BackendDevice:
         taking).  It is dropped even if the node is given back before its
         queue gets to it: the failure reached nobody."""
         _check_error(err, message)  # before anything is written
+        self._fatal_calls += 1
         return self._error(err, message, closing=True)
 
     # Grants and event channels, released automatically on disconnect.
@@ -1276,13 +1283,13 @@ class BackendDriver:
         """The frontend is Initialised or Connected: read its ring
         references and event channel, map and bind them.  Raising makes the
         device fail; :meth:`disconnect` is still called to undo the rest.
-        A failure it reports itself with :meth:`BackendDevice.fatal`
-        before it returns, as Linux's backends do, is as final: the
-        device is not switched to Connected over that Closing, and
-        :meth:`disconnect` is called.
         So does an exception in what it sets going for later: a port's
         callback, a call queued with :meth:`BackendDevice.queue`, a
-        :class:`DeviceWork` (see the module docstring)."""
+        :class:`DeviceWork` (see the module docstring).  A failure it
+        reports itself with :meth:`BackendDevice.fatal` before it
+        returns, as Linux's backends do, is as final, whatever fatal()
+        told and whether or not its Closing could be written: the device
+        is not switched to Connected, and :meth:`disconnect` is called."""
 
     def disconnect(self, dev: BackendDevice) -> None:
         """Undo :meth:`connect` (also after a partial or failed connect, and
@@ -2159,6 +2166,7 @@ class BackendDriver:
         # is released before trying again.
         self._disconnect(dev)
         dev._connected = True
+        fatal_calls = dev._fatal_calls
         try:
             self.connect(dev)
         except Exception as exc:
@@ -2167,13 +2175,15 @@ class BackendDriver:
             self._disconnect(dev)
             self._fatal_or_drop(dev, err, f"connecting: {message}")
             return
-        if dev.state == XenbusState.CLOSING:
+        if dev._fatal_calls != fatal_calls:
             # connect() said its failure itself (fatal(), as Linux's
             # backends do) and returned: Connected must not replace the
             # Closing the frontend was told, and what it set up is
             # undone, as Linux's backends undo it before they return.
-            # (Nothing else makes us Closing here: the table connects
-            # only from the states below it.)
+            # Told by the call, not by our state: a Closing refused (our
+            # state left to us to read only) leaves the state as it was,
+            # and a Connected tried then would be refused in turn, and
+            # said as a second failure over the driver's error node.
             self._disconnect(dev)
             return
         dev.switch_state(XenbusState.CONNECTED)

@@ -5316,3 +5316,44 @@ def test_a_removal_closed_then_taken_as_its_transaction_retries_is_not_said(
         assert dom0_xs.read(state) == str(int(S.CLOSING))
     finally:
         drv.stop()
+
+
+def test_a_connect_that_reports_its_own_failure_on_a_read_only_state_is_not_connected(
+        host, dom0_xs, frontends, caplog) -> None:
+    """As above, with our state left to us to read only (the toolstack's
+    set_perms): fatal() writes the error node alone, says its Closing
+    refused, and tells True, our state unchanged.  The connect() failed
+    all the same: no Connected tried over it (refused too, it was said as
+    a second failure, "Permission denied", whose error node replaced the
+    driver's), and what connect() set up is undone at once."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        told: list[bool] = []
+
+        def connect(dev: Any) -> None:
+            drv._record("connect", dev)
+            told.append(dev.fatal(errno.EIO, "in connect"))
+
+        drv.connect = connect  # type: ignore[method-assign]
+        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
+        bdev.events.flush()
+        caplog.clear()
+        fe.set_state(S.INITIALISED)
+        drv.wait_call("connect", fe.guest.domid, count=2)
+        bdev.events.flush()
+        assert told == [True]
+        assert drv.calls_of(fe.guest.domid)[-2:] == ["connect", "disconnect"]
+        assert bdev.resources == (0, 0)
+        assert _driver_domain_error(dom0_xs, drvdom, fe) == f"{errno.EIO} in connect"
+        errors = [r.getMessage() for r in caplog.records
+                  if r.levelno >= logging.ERROR and r.name == "xenback.xenbus"]
+        assert errors == [f"{bdev.nodename}: error {errno.EIO}: in connect"], errors
+        assert [r.msg for r in _backend_warnings(caplog) if r.levelno == logging.WARNING] == [
+            "%s: could not switch to Closing: %s"]
+        assert not bdev.gone
+    finally:
+        drv.stop()
