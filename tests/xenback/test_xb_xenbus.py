@@ -5357,3 +5357,90 @@ def test_a_connect_that_reports_its_own_failure_on_a_read_only_state_is_not_conn
         assert not bdev.gone
     finally:
         drv.stop()
+
+
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_a_connect_that_gives_up_after_a_report_met_a_node_taken_writes_nothing(
+        host, dom0_xs, frontends, caplog, node, write_only) -> None:
+    """A driver's connect() calls fatal() with our ``state`` (or
+    directory) taken, is told False, and gives up, raising; the toolstack
+    gave the node back meanwhile.  That failure is the report's sequel:
+    only a debug line, the device dropped as the taking says, and still
+    nothing written (a Closed tried now would be written), as the
+    report's own drop would."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        perms = dom0_xs.get_perms(taken)
+        told: list[bool] = []
+
+        def connect(dev: Any) -> None:
+            drv._record("connect", dev)
+            dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+            told.append(dev.fatal(errno.EIO, "in connect"))
+            dom0_xs.set_perms(taken, perms)
+            raise OSError(errno.EIO, "gave up")
+
+        drv.connect = connect  # type: ignore[method-assign]
+        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        caplog.clear()
+        fe.set_state(S.INITIALISED)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told == [False]
+        _said_once(caplog, taken, "in connect")
+        assert not [r for r in caplog.records if "after a report met a node taken" in r.msg]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_a_failure_whose_fatal_meets_a_node_taken_and_given_back_writes_nothing(
+        host, dom0_xs, frontends, caplog, node, write_only, monkeypatch) -> None:
+    """connect() raises, and the toolstack takes our ``state`` (or
+    directory) after the look at our directory, before fatal() (then
+    gives it back): fatal() is told False for the taking, and the device
+    dropped as the taking says, writing nothing, a Closed included,
+    though one could be written by then."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        perms = dom0_xs.get_perms(taken)
+        fatal = bdev.fatal
+        told: list[bool] = []
+
+        def taking_fatal(err: int, message: str) -> bool:
+            dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+            told.append(fatal(err, message))
+            dom0_xs.set_perms(taken, perms)
+            return told[-1]
+
+        def connect(dev: Any) -> None:
+            drv._record("connect", dev)
+            raise OSError(errno.EIO, "boom")
+
+        drv.connect = connect  # type: ignore[method-assign]
+        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        monkeypatch.setattr(bdev, "fatal", taking_fatal)
+        caplog.clear()
+        fe.set_state(S.INITIALISED)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told == [False]
+        _said_once(caplog, taken, "connecting: boom")
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
+    finally:
+        drv.stop()
