@@ -1380,10 +1380,12 @@ def current_workqueue() -> Workqueue | None:
     waits for all of them (flush, drain, destroy) would wait for.  The
     workqueue the item was queued on, not the one whose worker runs it:
     an item a rescuer runs (its workqueue's, when no worker could be
-    made) answers as on a worker.  Inside blocking() the item still runs,
-    and an item waiting for another (its flush(), a Future's result())
-    stays the calling thread's item: items never run nested on a
-    thread, so there is no outer one to answer instead.
+    made, or another workqueue's, handed to it as the worker still
+    running the item's previous run) answers as on a worker.  Inside
+    blocking() the item still runs, and an item waiting for another (its
+    flush(), a Future's result()) stays the calling thread's item: items
+    never run nested on a thread, so there is no outer one to answer
+    instead.
     """
     worker: Worker | None = _this_thread.worker
     if worker is None:

@@ -150,6 +150,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from workqueue import (
+    WQ_MEM_RECLAIM,
     WQ_UNBOUND,
     Work,
     Workqueue,
@@ -409,14 +410,22 @@ class BackendDevice:
         # A failure of the driver's code is about to fail the device, or
         # doing so (see _claim_failure).
         self._failing = False
+        # How many times fatal() was called: _connect tells by it that the
+        # driver's connect() reported its own failure, whatever became of
+        # its Closing (refused, or never tried).  No lock: only compared
+        # with an earlier count, and two increments that race and lose one
+        # still change it.
+        self._fatal_calls = 0
         # The refusal error()/fatal() met reading a node of our own
         # directory (the toolstack took it, see BackendDriver._refused),
         # which then queued the device's drop: set by whichever thread
-        # reported, never cleared, read by _fatal_or_drop on the queue
-        # after its own fatal().  No lock: a plain attribute, and the value
-        # read may be another thread's report's, set since the look; the
-        # device is dropped then all the same (that report queued it), so
-        # _fatal_or_drop drops it as a taking either way.
+        # reported, never cleared, read by _fatal_or_drop on the queue,
+        # before its look (a failure met after such a report is its
+        # sequel, not said again) and after its own fatal().  No lock: a
+        # plain attribute, and the value read may be another thread's
+        # report's, set since the look; the device is dropped then all
+        # the same (that report queued it), so _fatal_or_drop drops it as
+        # a taking either way.
         self._refusal: PermissionError | None = None
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
@@ -924,6 +933,7 @@ class BackendDevice:
         taking).  It is dropped even if the node is given back before its
         queue gets to it: the failure reached nobody."""
         _check_error(err, message)  # before anything is written
+        self._fatal_calls += 1
         return self._error(err, message, closing=True)
 
     # Grants and event channels, released automatically on disconnect.
@@ -1275,7 +1285,11 @@ class BackendDriver:
         device fail; :meth:`disconnect` is still called to undo the rest.
         So does an exception in what it sets going for later: a port's
         callback, a call queued with :meth:`BackendDevice.queue`, a
-        :class:`DeviceWork` (see the module docstring)."""
+        :class:`DeviceWork` (see the module docstring).  A failure it
+        reports itself with :meth:`BackendDevice.fatal` before it
+        returns, as Linux's backends do, is as final, whatever fatal()
+        told and whether or not its Closing could be written: the device
+        is not switched to Connected, and :meth:`disconnect` is called."""
 
     def disconnect(self, dev: BackendDevice) -> None:
         """Undo :meth:`connect` (also after a partial or failed connect, and
@@ -1439,7 +1453,15 @@ class BackendDriver:
         destroys it, which waits for all its items), and any item of a
         workqueue passed in that runs one item at a time (max_active 1,
         an ordered one included: the devices' drops queued on it wait
-        for the caller's slot).  It would wait for itself, and that is
+        for the caller's slot), and any item of a ``WQ_MEM_RECLAIM``
+        workqueue passed in: its rescuer runs its items, one at a time,
+        when no worker thread can be made, and the drops would wait for
+        a worker that cannot be made or for the rescuer, busy with the
+        caller.  Refused whichever thread runs the item, the rescuer or
+        a worker (where the rescuer would run the drops): a refusal only
+        when threads run out would be a hang, or a failure, that shows
+        only then, as lockdep reports a dependency rather than the
+        deadlock.  It would wait for itself, and that is
         a :class:`RuntimeError`, raised before anything is stopped.  An
         item on a workqueue passed in that may run more at once, and
         the callback of an fd the driver watches on :attr:`events`, may
@@ -1462,8 +1484,12 @@ class BackendDriver:
                 # which the caller holds up if it runs one at a time.
                 # stats(): its max_active while frozen too (the kernel's
                 # saved_max_active).
+                # So does its rescuer, which runs one item at a time too,
+                # when no worker can be made: any item of a WQ_MEM_RECLAIM
+                # one, whatever thread runs it now (see the docstring).
                 or wq is not None and current_workqueue() is wq
-                and (self._own_workqueue or wq.stats().max_active == 1)
+                and (self._own_workqueue or wq.stats().max_active == 1
+                     or bool(wq.flags & WQ_MEM_RECLAIM))
                 # A device's own work and port callbacks are the driver's
                 # too: its drop waits for them (disconnect()'s
                 # disable_sync(), the port's unbind).  Not an fd's
@@ -2140,6 +2166,7 @@ class BackendDriver:
         # is released before trying again.
         self._disconnect(dev)
         dev._connected = True
+        fatal_calls = dev._fatal_calls
         try:
             self.connect(dev)
         except Exception as exc:
@@ -2147,6 +2174,17 @@ class BackendDriver:
             logger.debug("%s: connect failed", dev.nodename, exc_info=True)
             self._disconnect(dev)
             self._fatal_or_drop(dev, err, f"connecting: {message}")
+            return
+        if dev._fatal_calls != fatal_calls:
+            # connect() said its failure itself (fatal(), as Linux's
+            # backends do) and returned: Connected must not replace the
+            # Closing the frontend was told, and what it set up is
+            # undone, as Linux's backends undo it before they return.
+            # Told by the call, not by our state: a Closing refused (our
+            # state left to us to read only) leaves the state as it was,
+            # and a Connected tried then would be refused in turn, and
+            # said as a second failure over the driver's error node.
+            self._disconnect(dev)
             return
         dev.switch_state(XenbusState.CONNECTED)
 
@@ -2191,7 +2229,19 @@ class BackendDriver:
         where fatal() would report it as this device's.  A read of our
         own directory refused (see _refused), our state included, which
         the look reads before our first switch for that alone, drops the
-        device, writing nothing, the failure only logged."""
+        device, writing nothing, the failure only logged.
+
+        A device that a report of its own found taken already (see
+        BackendDevice._refused_report: its failure said, its drop queued)
+        is dropped at once, this failure only a debug line: it is that
+        one's sequel (a driver told False gives up and raises, or returns
+        and its Connected is refused by the same taking), and one event
+        is said once."""
+        if dev._refusal is not None:
+            logger.debug("%s: %s (errno %d), after a report met a node taken: not reported",
+                         dev.nodename, _printable(message), abs(err))
+            self._refused(dev, dev._refusal)
+            return False
         try:
             why = dev._stale(self.xenstore)
             if why is None and not dev._switched:
@@ -2247,9 +2297,14 @@ class BackendDriver:
         find it done."""
         if dev.gone:
             return
+        self._say_taken(dev, exc)
+        self._drop(dev, closed=False)
+
+    @staticmethod
+    def _say_taken(dev: BackendDevice, exc: PermissionError) -> None:
+        """The one line of a taking (see _refused), whichever path met it."""
         logger.warning("%s: its own node may not be read any more (%s): dropping the device, "
                        "writing nothing there", dev.nodename, exc)
-        self._drop(dev, closed=False)
 
     def _disconnect(self, dev: BackendDevice) -> None:
         if dev._connected:
@@ -2280,7 +2335,14 @@ class BackendDriver:
             if closed and not self._domain_gone:
                 dev.switch_state(XenbusState.CLOSED)
         except OSError as exc:
-            if self._said_already(exc):
+            # Dropped for another reason (the frontend gone, its domain
+            # dead) with a node of ours taken meanwhile, before the
+            # taking's own event: said as the taking, not as a Closed
+            # refused, which would not say the node was taken (see _refused).
+            taken = dev._taken_from_us(exc)
+            if taken is not None:
+                self._say_taken(dev, taken)
+            elif self._said_already(exc):
                 logger.debug("%s: could not switch to Closed: %s", dev.nodename, exc)
             else:
                 logger.warning("%s: could not switch to Closed: %s", dev.nodename, exc)

@@ -67,6 +67,35 @@ def test_an_item_the_rescuer_runs_is_of_the_rescuer_s_workqueue(
     assert seen == [("reclaim-rescuer", reclaim)]
 
 
+def test_an_item_of_another_workqueue_a_rescuer_runs_is_of_its_own_workqueue(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rescuer runs another workqueue's item too: one that its own
+    workqueue's item, run by it, queued there (non-reentrancy hands the
+    second run to the worker running the first, the rescuer:
+    find_worker_executing_work).  current_workqueue() answers the
+    workqueue of the item being run, as the kernel's is_chained_work()
+    reads the running item's pwq, not the rescuer's: a flush or drain of
+    the rescuer's workqueue from there does not wait for itself, and one
+    of the item's own does."""
+    topo = Topology(1)
+    a = make_wq("a", WQ_MEM_RECLAIM, topology=topo)
+    b = make_wq("b", WQ_MEM_RECLAIM, topology=topo)  # its rescuer takes the queueing
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    seen: list[tuple[str, Any]] = []
+
+    def func(work: Work) -> None:
+        seen.append((threading.current_thread().name, current_workqueue()))
+        if len(seen) == 1:
+            assert b.queue_work(work) is True
+            # Still running here: b's rescuer hands the run to ours.
+            wait_until(lambda: a._rescuer.scheduled.nr == 1, "the run handed to a's rescuer")
+
+    w = Work(func)
+    a.queue_work(w)
+    wait_until(lambda: len(seen) == 2, "the second run")
+    assert seen == [("a-rescuer", a), ("a-rescuer", b)]
+
+
 def test_rescuer_unblocks_an_item_waiting_for_another(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from workqueue import blocking

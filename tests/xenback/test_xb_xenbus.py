@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import workqueue._pool as wq_pool
 from tests.sim.hosthelpers import eventually
 from tests.stolensignal import interrupt, main_thread_in
 from tests.xenback.xbhelpers import (
@@ -33,7 +34,14 @@ from tests.xenback.xbhelpers import (
     handed_over,
     leaked_threads,
 )
-from workqueue import WQ_UNBOUND, Work, alloc_ordered_workqueue, alloc_workqueue
+from workqueue import (
+    WQ_MEM_RECLAIM,
+    WQ_UNBOUND,
+    Topology,
+    Work,
+    alloc_ordered_workqueue,
+    alloc_workqueue,
+)
 from xenback import RateLimit, XenbusState, XenStore, xenbus
 from xenback import xenstore as xenstore_module
 from xenback.sim import SimHost
@@ -2621,20 +2629,30 @@ def test_closed_refused_as_the_domain_goes_the_rest_of_the_way_says_nothing_more
     assert [m.split(":")[0] for m in said] == ["XenStore connection lost"], said
 
 
+@pytest.mark.parametrize("read_only", [False, True], ids=["taken", "read-only"])
 def test_closed_refused_in_a_live_driver_domain_is_still_said(
-        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+        host, dom0_xs, frontends, caplog, monkeypatch, read_only) -> None:
     """EACCES on Closed while the backend's domain, home and connection
-    live is a refusal of its own, and nothing else says it."""
-    def take_the_state_node(_drvdom, bdev) -> None:
-        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0"])
+    live is a refusal of its own, and nothing else says it: a state left
+    to us to read only, as a Closed that could not be written; one taken
+    (we may not even read it), as every taking is said (see
+    test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once)."""
+    taken: list[str] = []
+
+    def take_the_state_node(drvdom, bdev) -> None:
+        taken.append(f"{bdev.nodename}/state")
+        dom0_xs.set_perms(taken[0], ["n0", f"r{drvdom.domid}"] if read_only else ["n0"])
 
     caplog.clear()
     _closed_refused_in_stop(host, dom0_xs, frontends, monkeypatch, take_the_state_node,
                             lambda _drvdom: None)
-    (closed,) = [r for r in _backend_warnings(caplog)
-                 if r.msg == "%s: could not switch to Closed: %s"]
-    assert isinstance(closed.args[1], PermissionError)  # type: ignore[index]
-    assert closed.exc_info is None
+    (said,) = _backend_warnings(caplog)
+    assert said.msg == ("%s: could not switch to Closed: %s" if read_only else
+                        "%s: its own node may not be read any more (%s): dropping the "
+                        "device, writing nothing there")
+    assert isinstance(said.args[1], PermissionError)  # type: ignore[index]
+    assert said.args[1].filename == taken[0]  # type: ignore[index]
+    assert said.exc_info is None
 
 
 def _error_refused_as_the_domain_goes(host, dom0_xs, frontends, caplog, monkeypatch,
@@ -3493,6 +3511,66 @@ def test_stop_from_a_work_on_a_one_at_a_time_workqueue_it_was_given_is_refused(
         wq.destroy()
 
 
+def _no_workers_on(monkeypatch: Any, topology: Topology) -> None:
+    """No worker thread can be made for the pools of ``topology`` (as
+    when the host runs out of threads): its workqueues' items run on
+    their rescuers.  The other pools of the process make theirs."""
+    create_worker, start_thread = wq_pool.create_worker, wq_pool._start_thread
+    refusing = threading.local()
+
+    def create(pool: Any) -> bool:
+        refusing.on = pool.pset.topology is topology
+        try:
+            return create_worker(pool)
+        finally:
+            refusing.on = False
+
+    def start(target: Any, name: str) -> threading.Thread:
+        if getattr(refusing, "on", False):
+            raise RuntimeError("can't start new thread")
+        return start_thread(target, name)
+
+    monkeypatch.setattr(wq_pool, "create_worker", create)
+    monkeypatch.setattr(wq_pool, "_start_thread", start)
+
+
+@pytest.mark.parametrize("runner", ["a worker", "its rescuer"])
+def test_stop_from_a_work_on_a_reclaim_workqueue_it_was_given_is_refused(
+        host, frontends, dom0_xs, monkeypatch, runner) -> None:
+    """A WQ_MEM_RECLAIM workqueue passed in runs an item on its rescuer
+    when no worker thread can be made, and the rescuer runs one item at a
+    time: stop() there would wait for the drops it queues on its devices'
+    queues, which need a worker that cannot be made, or the rescuer, busy
+    with the caller (and those it took with the caller run only after
+    it): it hung.  Refused up front, whichever thread runs the item, so
+    that the mistake shows every time, not only when threads run out (as
+    lockdep reports a dependency, not the deadlock); the driver goes on
+    serving."""
+    topology = Topology(1)
+    if runner == "its rescuer":
+        _no_workers_on(monkeypatch, topology)  # every item of the driver's: the rescuer's
+    wq = alloc_workqueue("given-reclaim", WQ_MEM_RECLAIM, topology=topology)
+    drv = RecordingDriver(host.dom0, workqueue=wq)
+    stop_here = _Stopper(drv)
+    names: list[str] = []
+    try:
+        drv.start()
+        try:
+            guest, dev, _fe = connected(host, frontends)
+            wq.queue_work(Work(lambda w: (names.append(threading.current_thread().name),
+                                          stop_here())))
+            assert stop_here.refused(), (names, stop_here.outcome)
+            assert (names[0] == "given-reclaim-rescuer") is (runner == "its rescuer"), names
+            assert drv.calls_of(guest.domid) == ["probe", "connect"]
+            assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
+            connected(host, frontends, name="guest2")
+        finally:
+            drv.stop()
+        assert drv.calls_of(guest.domid)[-1] == "remove"
+    finally:
+        wq.destroy()
+
+
 def test_stop_while_another_has_let_go_of_the_workqueue_waits_for_it(
         host, frontends, monkeypatch) -> None:
     """A stop() called outside any work item while another thread's has
@@ -4056,8 +4134,9 @@ def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
     _fatal_or_drop, which reads it for that alone), and nothing is
     written, the error node included: the failure said as not reported,
     False told, the refusal said once as the device is dropped.  The
-    switch to InitWait that follows, refused, is the probe's own failure,
-    not reported either, and no second refusal."""
+    switch to InitWait that follows, refused by the same taking, is that
+    report's sequel: no second failure said, nor a second refusal (see
+    test_fatal_from_connect_on_a_node_taken_is_said_once)."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
     drvdom = host.create_domain("driver-domain")
     drv = RecordingDriver(drvdom)
@@ -4077,9 +4156,7 @@ def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
         drv._bus.flush()
         state = f"{dev.backend_path}/state"
         assert told == [False]
-        _said_once(caplog, state, "in probe", then=[
-            f"probing: Permission denied: {state} (errno {errno.EACCES}), and {state} "
-            "may not be read: not reported there"])
+        _said_once(caplog, state, "in probe")
         assert dom0_xs.read(f"/local/domain/{drvdom.domid}/error/backend/xbtest/"
                             f"{guest.domid}/0/error") is None
         assert dom0_xs.read(state) == str(int(S.INITIALISING))
@@ -4282,6 +4359,132 @@ def test_a_failure_reported_on_a_node_we_may_not_read_is_said_once(
         drv._bus.flush()
         assert told == [False]
         _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, taken, "unreadable")
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize("how", ["frontend vanishes", "frontend domain dies"])
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once(
+        host, dom0_xs, frontends, caplog, how, node, write_only) -> None:
+    """The toolstack took our ``state`` (or directory), and before the
+    device's queue handles that, the frontend vanishes (its directory
+    deleted: Unknown) or its domain dies (@releaseDomain): the device is
+    dropped there, and its Closed, whose switch reads the node first, is
+    refused.  Said as every taking is, once, as the warning of the
+    taking, naming the node; not as a Closed that could not be written
+    ("Permission denied" alone says no taking), and nothing is written."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        perms = ["n0", f"w{drvdom.domid}"] if write_only else ["n0"]
+        caplog.clear()
+
+        def vanish() -> None:
+            # On the queue, after the taking: its event cannot come first.
+            dom0_xs.rm(fe.device.frontend_path)
+            drv._otherend_changed(bdev)
+
+        call = vanish if how == "frontend vanishes" else lambda: drv._domain_dead(bdev)
+        _refused_under(bdev, dom0_xs, call, node=node, perms=perms)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert bdev.gone
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        said = _backend_warnings(caplog)
+        assert [r.msg for r in said] == [
+            "%s: its own node may not be read any more (%s): dropping the device, "
+            "writing nothing there"], [r.getMessage() for r in said]
+        assert said[0].args[1].filename == taken  # type: ignore[index]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+    finally:
+        drv.stop()
+
+
+def test_a_connect_that_reports_its_own_failure_and_returns_is_not_connected(
+        host, driver, frontends, dom0_xs) -> None:
+    """A driver's connect() that says its failure itself, as Linux's
+    backends do (fatal(): error node and Closing), and returns: Connected
+    was written over its Closing, and the frontend, told the device
+    failed, then saw it connected, to a ring the driver never mapped.
+    Its Closing stays, and what it set up is undone at once, as for a
+    connect() that raised; the frontend may start again."""
+    told: list[bool] = []
+    plain = driver.connect
+
+    def connect(dev: Any) -> None:
+        driver._record("connect", dev)
+        told.append(dev.fatal(errno.EIO, "no ring for you"))
+
+    driver.connect = connect  # type: ignore[method-assign]
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, dev)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    driver.wait_call("connect", guest.domid)
+    bdev = backend_device(driver, guest.domid)
+    bdev.events.flush()
+    assert told == [True]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSING))
+    assert dom0_xs.read(f"/local/domain/0/error/backend/xbtest/{guest.domid}/0/error") == (
+        f"{errno.EIO} no ring for you")
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert bdev.resources == (0, 0)
+    driver.connect = plain  # type: ignore[method-assign]  # it starts again, and connects
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    fe.set_state(S.INITIALISING)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+
+
+@pytest.mark.parametrize("then", ["returns", "raises"])
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_fatal_from_connect_on_a_node_taken_is_said_once(
+        host, dom0_xs, frontends, caplog, then, node, write_only) -> None:
+    """A driver's connect() calls fatal() with our ``state`` (or
+    directory) taken, the taking's event not handled yet: fatal() is told
+    False, and the driver returns (or raises, giving up).  One event, one
+    failure: said once, as every taking is, and not again as the failure
+    of the connect (the Connected it would write, or what it raised),
+    which the same taking refuses and which reached nobody either."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        told: list[bool] = []
+
+        def connect(dev: Any) -> None:
+            drv._record("connect", dev)
+            told.append(dev.fatal(errno.EIO, "in connect"))
+            if then == "raises":
+                raise OSError(errno.EIO, "gave up")
+
+        drv.connect = connect  # type: ignore[method-assign]
+        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        held, go = threading.Event(), threading.Event()
+        assert bdev.events.call(lambda: (held.set(), go.wait(TIMEOUT)))
+        assert held.wait(TIMEOUT)
+        caplog.clear()
+        fe.set_state(S.INITIALISED)  # its event waits behind the hold...
+        dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+        go.set()  # ...and comes before the taking's, which goes by the bus
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told == [False]
+        _said_once(caplog, taken, "in connect")
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
     finally:
         drv.stop()
 
@@ -5111,5 +5314,133 @@ def test_a_removal_closed_then_taken_as_its_transaction_retries_is_not_said(
         assert taken, "Closed was not written: the test no longer tests anything"
         assert _backend_warnings(caplog) == []
         assert dom0_xs.read(state) == str(int(S.CLOSING))
+    finally:
+        drv.stop()
+
+
+def test_a_connect_that_reports_its_own_failure_on_a_read_only_state_is_not_connected(
+        host, dom0_xs, frontends, caplog) -> None:
+    """As above, with our state left to us to read only (the toolstack's
+    set_perms): fatal() writes the error node alone, says its Closing
+    refused, and tells True, our state unchanged.  The connect() failed
+    all the same: no Connected tried over it (refused too, it was said as
+    a second failure, "Permission denied", whose error node replaced the
+    driver's), and what connect() set up is undone at once."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        told: list[bool] = []
+
+        def connect(dev: Any) -> None:
+            drv._record("connect", dev)
+            told.append(dev.fatal(errno.EIO, "in connect"))
+
+        drv.connect = connect  # type: ignore[method-assign]
+        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
+        bdev.events.flush()
+        caplog.clear()
+        fe.set_state(S.INITIALISED)
+        drv.wait_call("connect", fe.guest.domid, count=2)
+        bdev.events.flush()
+        assert told == [True]
+        assert drv.calls_of(fe.guest.domid)[-2:] == ["connect", "disconnect"]
+        assert bdev.resources == (0, 0)
+        assert _driver_domain_error(dom0_xs, drvdom, fe) == f"{errno.EIO} in connect"
+        errors = [r.getMessage() for r in caplog.records
+                  if r.levelno >= logging.ERROR and r.name == "xenback.xenbus"]
+        assert errors == [f"{bdev.nodename}: error {errno.EIO}: in connect"], errors
+        assert [r.msg for r in _backend_warnings(caplog) if r.levelno == logging.WARNING] == [
+            "%s: could not switch to Closing: %s"]
+        assert not bdev.gone
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_a_connect_that_gives_up_after_a_report_met_a_node_taken_writes_nothing(
+        host, dom0_xs, frontends, caplog, node, write_only) -> None:
+    """A driver's connect() calls fatal() with our ``state`` (or
+    directory) taken, is told False, and gives up, raising; the toolstack
+    gave the node back meanwhile.  That failure is the report's sequel:
+    only a debug line, the device dropped as the taking says, and still
+    nothing written (a Closed tried now would be written), as the
+    report's own drop would."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        perms = dom0_xs.get_perms(taken)
+        told: list[bool] = []
+
+        def connect(dev: Any) -> None:
+            drv._record("connect", dev)
+            dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+            told.append(dev.fatal(errno.EIO, "in connect"))
+            dom0_xs.set_perms(taken, perms)
+            raise OSError(errno.EIO, "gave up")
+
+        drv.connect = connect  # type: ignore[method-assign]
+        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        caplog.clear()
+        fe.set_state(S.INITIALISED)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told == [False]
+        _said_once(caplog, taken, "in connect")
+        assert not [r for r in caplog.records if "after a report met a node taken" in r.msg]
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
+    finally:
+        drv.stop()
+
+
+@pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
+def test_a_failure_whose_fatal_meets_a_node_taken_and_given_back_writes_nothing(
+        host, dom0_xs, frontends, caplog, node, write_only, monkeypatch) -> None:
+    """connect() raises, and the toolstack takes our ``state`` (or
+    directory) after the look at our directory, before fatal() (then
+    gives it back): fatal() is told False for the taking, and the device
+    dropped as the taking says, writing nothing, a Closed included,
+    though one could be written by then."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        bdev = backend_device(drv, fe.guest.domid)
+        taken = f"{bdev.nodename}/{node}".rstrip("/")
+        perms = dom0_xs.get_perms(taken)
+        fatal = bdev.fatal
+        told: list[bool] = []
+
+        def taking_fatal(err: int, message: str) -> bool:
+            dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+            told.append(fatal(err, message))
+            dom0_xs.set_perms(taken, perms)
+            return told[-1]
+
+        def connect(dev: Any) -> None:
+            drv._record("connect", dev)
+            raise OSError(errno.EIO, "boom")
+
+        drv.connect = connect  # type: ignore[method-assign]
+        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        monkeypatch.setattr(bdev, "fatal", taking_fatal)
+        caplog.clear()
+        fe.set_state(S.INITIALISED)
+        drv.wait_call("remove", fe.guest.domid)
+        bdev.events.flush()
+        drv._bus.flush()
+        assert told == [False]
+        _said_once(caplog, taken, "connecting: boom")
+        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
     finally:
         drv.stop()
