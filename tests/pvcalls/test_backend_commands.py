@@ -190,6 +190,46 @@ def _socket_fill(req: Any, sock_id: int) -> None:
     req.u.socket.type = _wire.SOCK_STREAM
     req.u.socket.protocol = 0
 
+
+def test_a_run_answers_at_most_command_budget_requests_and_goes_on(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of a frontend's command Work handles COMMAND_BUDGET requests
+    at most, then gives way to the other items of the command workqueue
+    and goes on by itself: a guest that keeps its ring full cannot keep a
+    worker for ever, and needs no new notification for the rest."""
+    monkeypatch.setattr(pvcalls._backend, "COMMAND_BUDGET", 2)
+    runs: list[list[int]] = []  # per run of the Work: the req_ids it handled
+    real_process, real_handle = _Frontend._process_commands, _Frontend._handle
+
+    def process(self: _Frontend, work: Any) -> None:
+        runs.append([])
+        real_process(self, work)
+
+    def handle(self: _Frontend, raw_req: bytes) -> None:
+        runs[-1].append(int(ffi.from_buffer("struct xen_pvcalls_request *", raw_req).req_id))
+        real_handle(self, raw_req)
+
+    # Before the frontend connects: its Work takes the bound method then.
+    monkeypatch.setattr(_Frontend, "_process_commands", process)
+    monkeypatch.setattr(_Frontend, "_handle", handle)
+    raw = make_frontend("busy-guest")
+    assert raw.ring is not None
+    req_ids = []
+    for _ in range(5):  # all in the ring before the one notification
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.req_id = raw.ring.req_prod_pvt & (raw.ring.nr_ents - 1)
+        req.cmd = _wire.PVCALLS_SOCKET
+        _socket_fill(req, raw.new_id())
+        req_ids.append(int(req.req_id))
+        raw.ring.push_request(bytes(ffi.buffer(req)))
+    if raw.ring.push_requests():
+        raw.evtchn.notify(raw.port)
+    for req_id in req_ids:
+        assert raw.response(req_id).ret == 0
+    handled = [r for r in runs if r]
+    assert [req_id for run in handled for req_id in run] == req_ids
+    assert [len(run) for run in handled] == [2, 2, 1]
+
 # -- unknown commands and ids -------------------------------------------------------------
 
 @pytest.mark.parametrize("cmd", [7, 8, 0x7FFFFFFF, 0xFFFFFFFF])
