@@ -191,6 +191,43 @@ def _socket_fill(req: Any, sock_id: int) -> None:
     req.u.socket.protocol = 0
 
 
+def test_a_notification_as_the_command_port_is_bound_waits_for_the_frontend(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guest may notify its command port the moment the backend binds
+    it, before the frontend is set up and counted: that event does not run
+    the command Work (on a frontend without its ring yet); its requests
+    are served once the frontend starts."""
+    caplog.set_level(logging.ERROR)
+    building = PauseAt.in_method(monkeypatch, _Frontend, "__init__", "self.ring = ring")
+    notified = threading.Event()
+    real_on_event = _Frontend._on_event
+
+    def on_event(self: _Frontend, *args: object) -> None:
+        real_on_event(self, *args)
+        notified.set()
+
+    monkeypatch.setattr(_Frontend, "_on_event", on_event)  # bound as the port is
+    raw = make_frontend("early-guest", connect=False)
+    raw.connect(wait=False)
+    assert building.reached.wait(TIMEOUT)  # the command port is bound
+    try:
+        assert raw.ring is not None
+        sock_id = raw.new_id()
+        req_id = raw.push(_wire.PVCALLS_SOCKET, lambda req: _socket_fill(req, sock_id))
+        for _ in range(int(TIMEOUT / 0.05)):  # the guest may learn of the binding late
+            if notified.wait(0.05):
+                break
+            raw.evtchn.notify(raw.port)
+        assert notified.is_set(), "the notification never came"
+        backend.cmd_wq.flush(timeout=TIMEOUT)  # whatever the event queued has run
+    finally:
+        building.resume()
+    assert raw.response(req_id) == Response(req_id, _wire.PVCALLS_SOCKET, 0, sock_id)
+    raw.wait_backend_state(4)
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 def test_a_run_answers_at_most_command_budget_requests_and_goes_on(
         make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run of a frontend's command Work handles COMMAND_BUDGET requests
