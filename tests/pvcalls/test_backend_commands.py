@@ -1696,6 +1696,46 @@ def test_an_accept_or_poll_sent_as_the_listener_fails_is_answered_eio(
     assert raw.unexpected == []
 
 
+def test_an_accept_whose_listener_fails_as_it_is_taken_in_gives_back_id_new(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An ACCEPT found the listener listening, and the listener's Work
+    failed before the ACCEPT could wait on it: the ACCEPT is answered
+    -EIO, and what its id_new was given (the socket in the table, its
+    mapped ring, its bound port) goes with it: the id is free again."""
+    caplog.set_level(logging.ERROR)
+    listener, address = _listener(raw, backend)
+    serving, go = threading.Event(), threading.Event()
+
+    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
+        serving.set()
+        assert go.wait(TIMEOUT)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    first_ring, second_ring = raw.new_ring(), raw.new_ring()
+    before = resources(backend, host)
+    first = raw.push_accept(listener, raw.new_id(), first_ring)
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert serving.wait(TIMEOUT)  # the first ACCEPT is taken: none waits
+        real = _Frontend._accept
+        waiting = PauseAt(real, "passive.wait(request, new)")
+        monkeypatch.setitem(pvcalls._backend._HANDLERS, _wire.PVCALLS_ACCEPT,
+                            lambda fe, request, req: waiting.run(lambda: real(fe, request, req)))
+        id_new = raw.new_id()
+        second = raw.push_accept(listener, id_new, second_ring)
+        assert waiting.reached.wait(TIMEOUT)  # past the checks, its socket set up
+        go.set()
+        assert raw.response(first).ret == EIO  # the listener failed
+        waiting.resume()
+        assert raw.response(second).ret == EIO
+    assert resources(backend, host) == before
+    assert [r.id for r in backend.stats().sockets] == [listener]
+    assert raw.socket(id_new)[1].ret == 0
+    assert raw.release(listener).ret == 0
+    assert raw.unexpected == []
+
+
 # -- RELEASE ------------------------------------------------------------------------------
 
 def test_release_frees_everything_before_answering(
@@ -1966,5 +2006,6 @@ def test_responses_from_many_threads_share_one_producer(make_frontend: Any,
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a frontend is still waiting"
     assert errors == []
     wait_until(lambda: backend.stats().frontends == 0)
