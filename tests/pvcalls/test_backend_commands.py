@@ -1142,7 +1142,7 @@ def test_accept_answered_only_when_a_connection_arrives(
     row = next(r for r in backend.stats().sockets if r.id == id_new)
     assert (row.kind, row.state, row.cpu) == ("active", "accepting", None)
     new.kick()  # what the notification does
-    client = socket.create_connection(address)
+    client = socket.create_connection(address, timeout=TIMEOUT)  # its recv() below too
     rsp = raw.response(req_id)
     assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_ACCEPT, 0, listener)
     client.sendall(b"ping")
