@@ -1736,6 +1736,41 @@ def test_an_accept_whose_listener_fails_as_it_is_taken_in_gives_back_id_new(
     assert raw.unexpected == []
 
 
+def test_a_listen_again_as_the_listener_fails_is_answered_eio(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A second LISTEN (a new backlog) while the listener's Work fails
+    serving an ACCEPT: the LISTEN is answered -EIO and the socket stays
+    FAILED, not LISTENING again over a closed host socket (whose next
+    ACCEPT would get -EBADF from it)."""
+    caplog.set_level(logging.ERROR)
+    listener, address = _listener(raw, backend)
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    serving, go = threading.Event(), threading.Event()
+
+    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
+        serving.set()
+        assert go.wait(TIMEOUT)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    first = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert serving.wait(TIMEOUT)
+        listening = PauseAt.in_method(monkeypatch, PassiveSocket, "listen", "with self._lock:")
+        again = raw.push(_wire.PVCALLS_LISTEN, lambda req: setattr(req.u.listen, "id", listener))
+        assert listening.reached.wait(TIMEOUT)  # its host socket listens again
+        go.set()
+        assert raw.response(first).ret == EIO  # the listener failed
+        listening.resume()
+        assert raw.response(again).ret == EIO
+    assert passive.state is SockState.FAILED
+    assert raw.call(_wire.PVCALLS_POLL, lambda req: setattr(req.u.poll, "id", listener)).ret == EIO
+    assert raw.release(listener).ret == 0
+    assert raw.unexpected == []
+
+
 # -- RELEASE ------------------------------------------------------------------------------
 
 def test_release_frees_everything_before_answering(
