@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from pvcalls_rawfront import (
     TIMEOUT,
+    Call,
     DataRing,
     RawFrontend,
     Response,
@@ -2044,3 +2045,30 @@ def test_responses_from_many_threads_share_one_producer(make_frontend: Any,
     assert not any(t.is_alive() for t in threads), "a frontend is still waiting"
     assert errors == []
     wait_until(lambda: backend.stats().frontends == 0)
+
+
+def test_a_frontend_closing_as_an_accept_completes_lets_the_connection_go(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frontend closes while the listener's Work takes over a
+    connection for an ACCEPT: the listener is torn down first (waiting for
+    that Work), then the ACCEPT's socket, which by then holds the
+    connection and closes it.  The other way round, the ACCEPT's socket
+    was torn down empty, and the connection the Work gave it afterwards
+    stayed open and watched for good."""
+    listener, address = _listener(raw, backend)
+    taking_over = PauseAt.in_method(monkeypatch, PassiveSocket, "_serve",
+                                    "new.start_accepted(conn, address)")
+    raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT) as client:
+        assert taking_over.reached.wait(TIMEOUT)
+        closing = Call(raw.close)
+        try:
+            # The close waits for the Work to let the listener go.
+            wait_until(lambda: any(stands_at(t, PassiveSocket.teardown, "self.disable_sync()")
+                                   for t in sys._current_frames()))
+        finally:
+            taking_over.resume()
+        closing.join()
+        assert closing.error is None
+        assert client.recv(1) == b""  # the backend's end is closed
+    assert watched_fds(backend) == [] and bound_ports(backend) == []
