@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from pvcalls_rawfront import (
     TIMEOUT,
+    Call,
     DataRing,
     RawFrontend,
     Response,
@@ -189,6 +190,83 @@ def _socket_fill(req: Any, sock_id: int) -> None:
     req.u.socket.domain = _wire.AF_INET
     req.u.socket.type = _wire.SOCK_STREAM
     req.u.socket.protocol = 0
+
+
+def test_a_notification_as_the_command_port_is_bound_waits_for_the_frontend(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guest may notify its command port the moment the backend binds
+    it, before the frontend is set up and counted: that event does not run
+    the command Work (on a frontend without its ring yet); its requests
+    are served once the frontend starts."""
+    caplog.set_level(logging.ERROR)
+    building = PauseAt.in_method(monkeypatch, _Frontend, "__init__", "self.ring = ring")
+    notified = threading.Event()
+    real_on_event = _Frontend._on_event
+
+    def on_event(self: _Frontend, *args: object) -> None:
+        real_on_event(self, *args)
+        notified.set()
+
+    monkeypatch.setattr(_Frontend, "_on_event", on_event)  # bound as the port is
+    raw = make_frontend("early-guest", connect=False)
+    raw.connect(wait=False)
+    assert building.reached.wait(TIMEOUT)  # the command port is bound
+    try:
+        assert raw.ring is not None
+        sock_id = raw.new_id()
+        req_id = raw.push(_wire.PVCALLS_SOCKET, lambda req: _socket_fill(req, sock_id))
+        for _ in range(int(TIMEOUT / 0.05)):  # the guest may learn of the binding late
+            if notified.wait(0.05):
+                break
+            raw.evtchn.notify(raw.port)
+        assert notified.is_set(), "the notification never came"
+        backend.cmd_wq.flush(timeout=TIMEOUT)  # whatever the event queued has run
+    finally:
+        building.resume()
+    assert raw.response(req_id) == Response(req_id, _wire.PVCALLS_SOCKET, 0, sock_id)
+    raw.wait_backend_state(4)
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_a_run_answers_at_most_command_budget_requests_and_goes_on(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of a frontend's command Work handles COMMAND_BUDGET requests
+    at most, then gives way to the other items of the command workqueue
+    and goes on by itself: a guest that keeps its ring full cannot keep a
+    worker for ever, and needs no new notification for the rest."""
+    monkeypatch.setattr(pvcalls._backend, "COMMAND_BUDGET", 2)
+    runs: list[list[int]] = []  # per run of the Work: the req_ids it handled
+    real_process, real_handle = _Frontend._process_commands, _Frontend._handle
+
+    def process(self: _Frontend, work: Any) -> None:
+        runs.append([])
+        real_process(self, work)
+
+    def handle(self: _Frontend, raw_req: bytes) -> None:
+        runs[-1].append(int(ffi.from_buffer("struct xen_pvcalls_request *", raw_req).req_id))
+        real_handle(self, raw_req)
+
+    # Before the frontend connects: its Work takes the bound method then.
+    monkeypatch.setattr(_Frontend, "_process_commands", process)
+    monkeypatch.setattr(_Frontend, "_handle", handle)
+    raw = make_frontend("busy-guest")
+    assert raw.ring is not None
+    req_ids = []
+    for _ in range(5):  # all in the ring before the one notification
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.req_id = raw.ring.req_prod_pvt & (raw.ring.nr_ents - 1)
+        req.cmd = _wire.PVCALLS_SOCKET
+        _socket_fill(req, raw.new_id())
+        req_ids.append(int(req.req_id))
+        raw.ring.push_request(bytes(ffi.buffer(req)))
+    if raw.ring.push_requests():
+        raw.evtchn.notify(raw.port)
+    for req_id in req_ids:
+        assert raw.response(req_id).ret == 0
+    handled = [r for r in runs if r]
+    assert [req_id for run in handled for req_id in run] == req_ids
+    assert [len(run) for run in handled] == [2, 2, 1]
 
 # -- unknown commands and ids -------------------------------------------------------------
 
@@ -546,6 +624,9 @@ def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
     row, = backend.stats().sockets
     assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
     assert all(c.sockets == 0 for c in backend.stats().cpus)
+    # The index's own count: stats() counts the table's rows, which the
+    # id left as NEW.
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
     assert sorted(bound_ports(backend)) == ports
     assert len(backend.gnttab._live) == mappings
 
@@ -1062,7 +1143,7 @@ def test_accept_answered_only_when_a_connection_arrives(
     row = next(r for r in backend.stats().sockets if r.id == id_new)
     assert (row.kind, row.state, row.cpu) == ("active", "accepting", None)
     new.kick()  # what the notification does
-    client = socket.create_connection(address)
+    client = socket.create_connection(address, timeout=TIMEOUT)  # its recv() below too
     rsp = raw.response(req_id)
     assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_ACCEPT, 0, listener)
     client.sendall(b"ping")
@@ -1616,6 +1697,81 @@ def test_an_accept_or_poll_sent_as_the_listener_fails_is_answered_eio(
     assert raw.unexpected == []
 
 
+def test_an_accept_whose_listener_fails_as_it_is_taken_in_gives_back_id_new(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An ACCEPT found the listener listening, and the listener's Work
+    failed before the ACCEPT could wait on it: the ACCEPT is answered
+    -EIO, and what its id_new was given (the socket in the table, its
+    mapped ring, its bound port) goes with it: the id is free again."""
+    caplog.set_level(logging.ERROR)
+    listener, address = _listener(raw, backend)
+    serving, go = threading.Event(), threading.Event()
+
+    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
+        serving.set()
+        assert go.wait(TIMEOUT)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    first_ring, second_ring = raw.new_ring(), raw.new_ring()
+    before = resources(backend, host)
+    first = raw.push_accept(listener, raw.new_id(), first_ring)
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert serving.wait(TIMEOUT)  # the first ACCEPT is taken: none waits
+        real = _Frontend._accept
+        waiting = PauseAt(real, "passive.wait(request, new)")
+        monkeypatch.setitem(pvcalls._backend._HANDLERS, _wire.PVCALLS_ACCEPT,
+                            lambda fe, request, req: waiting.run(lambda: real(fe, request, req)))
+        id_new = raw.new_id()
+        second = raw.push_accept(listener, id_new, second_ring)
+        assert waiting.reached.wait(TIMEOUT)  # past the checks, its socket set up
+        go.set()
+        assert raw.response(first).ret == EIO  # the listener failed
+        waiting.resume()
+        assert raw.response(second).ret == EIO
+    assert resources(backend, host) == before
+    assert [r.id for r in backend.stats().sockets] == [listener]
+    assert raw.socket(id_new)[1].ret == 0
+    assert raw.release(listener).ret == 0
+    assert raw.unexpected == []
+
+
+def test_a_listen_again_as_the_listener_fails_is_answered_eio(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A second LISTEN (a new backlog) while the listener's Work fails
+    serving an ACCEPT: the LISTEN is answered -EIO and the socket stays
+    FAILED, not LISTENING again over a closed host socket (whose next
+    ACCEPT would get -EBADF from it)."""
+    caplog.set_level(logging.ERROR)
+    listener, address = _listener(raw, backend)
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    serving, go = threading.Event(), threading.Event()
+
+    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
+        serving.set()
+        assert go.wait(TIMEOUT)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    first = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert serving.wait(TIMEOUT)
+        listening = PauseAt.in_method(monkeypatch, PassiveSocket, "listen", "with self._lock:")
+        again = raw.push(_wire.PVCALLS_LISTEN, lambda req: setattr(req.u.listen, "id", listener))
+        assert listening.reached.wait(TIMEOUT)  # its host socket listens again
+        go.set()
+        assert raw.response(first).ret == EIO  # the listener failed
+        listening.resume()
+        assert raw.response(again).ret == EIO
+    assert passive.state is SockState.FAILED
+    assert raw.call(_wire.PVCALLS_POLL, lambda req: setattr(req.u.poll, "id", listener)).ret == EIO
+    assert raw.release(listener).ret == 0
+    assert raw.unexpected == []
+
+
 # -- RELEASE ------------------------------------------------------------------------------
 
 def test_release_frees_everything_before_answering(
@@ -1886,5 +2042,33 @@ def test_responses_from_many_threads_share_one_producer(make_frontend: Any,
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a frontend is still waiting"
     assert errors == []
     wait_until(lambda: backend.stats().frontends == 0)
+
+
+def test_a_frontend_closing_as_an_accept_completes_lets_the_connection_go(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frontend closes while the listener's Work takes over a
+    connection for an ACCEPT: the listener is torn down first (waiting for
+    that Work), then the ACCEPT's socket, which by then holds the
+    connection and closes it.  The other way round, the ACCEPT's socket
+    was torn down empty, and the connection the Work gave it afterwards
+    stayed open and watched for good."""
+    listener, address = _listener(raw, backend)
+    taking_over = PauseAt.in_method(monkeypatch, PassiveSocket, "_serve",
+                                    "new.start_accepted(conn, address)")
+    raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT) as client:
+        assert taking_over.reached.wait(TIMEOUT)
+        closing = Call(raw.close)
+        try:
+            # The close waits for the Work to let the listener go.
+            wait_until(lambda: any(stands_at(t, PassiveSocket.teardown, "self.disable_sync()")
+                                   for t in sys._current_frames()))
+        finally:
+            taking_over.resume()
+        closing.join()
+        assert closing.error is None
+        assert client.recv(1) == b""  # the backend's end is closed
+    assert watched_fds(backend) == [] and bound_ports(backend) == []
