@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.sim.hosthelpers import eventually, service_caught_up
-from tests.stolensignal import Interrupted, interrupt, main_thread_in
+from tests.stolensignal import Interrupted, interrupt, main_thread_in, main_thread_within
 from tests.xenback.xbhelpers import TIMEOUT, assert_dispatches, fails_once, leaked_threads
 from xenback import EventDispatcher, events
 from xenback.platform import EventChannelError
@@ -153,6 +153,51 @@ def test_remove_fd_waits_for_a_running_callback(pair) -> None:
     t.join(TIMEOUT)
     os.close(r)
     os.close(w)
+
+
+@pytest.mark.parametrize("kind", ["port", "fd"])
+def test_ctrl_c_ends_a_wait_for_a_running_callback(pair, kind) -> None:
+    """unbind() and remove_fd() in the main thread, waiting for a callback
+    that does not return, are interrupted by Ctrl-C even when another
+    thread took the signal (they wait in slices, as every wait of the
+    library does); nothing is unbound or removed then, and once the
+    callback has returned a new call does it."""
+    guest, evtchn, dispatcher = pair
+    inside, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        inside.set()
+        release.wait(TIMEOUT)
+        finished.set()
+
+    r, w = os.pipe()
+    try:
+        if kind == "port":
+            remote = evtchn.bind_unbound_port(0)
+            key = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: hold())
+            evtchn.notify(remote)
+            stop, registered = dispatcher.unbind, lambda: dispatcher.ports == [key]
+        else:
+            key = r
+            dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT,
+                              lambda _fd, _events: hold())
+            os.write(w, b"x")
+            stop, registered = dispatcher.remove_fd, lambda: key in dispatcher._fds
+        assert inside.wait(TIMEOUT)
+        try:
+            interrupt(lambda: main_thread_in("wait", path="threading")
+                      and main_thread_within("_wait_idle", depth=3),
+                      lambda: stop(key))
+            assert not finished.is_set(), "interrupted only once the callback had returned"
+            assert registered()
+        finally:
+            release.set()
+        stop(key)
+        assert finished.is_set() and not registered()
+    finally:
+        release.set()
+        os.close(r)
+        os.close(w)
 
 
 class _RenumberedPorts:
