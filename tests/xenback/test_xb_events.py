@@ -1015,6 +1015,28 @@ def _a_round_went_by(dispatcher: EventDispatcher) -> None:
         os.close(w)
 
 
+def test_a_handle_whose_reset_fails_is_given_up_and_its_fds_served(
+        pair, monkeypatch, caplog) -> None:
+    """An overflow whose reset fails leaves the handle overflowed, its
+    descriptor readable and its pending() failing, for good: it is given
+    up as dead, as one whose pending() fails otherwise (not a failure of
+    the dispatching, handed out and backed off from again and again),
+    and the fds are served still."""
+    _guest, _evtchn, dispatcher = pair
+
+    def reset() -> None:
+        raise OSError(errno.EIO, "the handle failed")
+
+    monkeypatch.setattr(dispatcher._evtchn, "reset", reset)
+    caplog.set_level(logging.WARNING, logger="xenback.events")
+    dispatcher._evtchn.overflow()
+    _a_round_went_by(dispatcher)
+    _a_round_went_by(dispatcher)
+    assert [rec.getMessage() for rec in caplog.records if rec.name == "xenback.events"] == [
+        "resetting the event channel handle after its overflow failed",
+        "event channel handle failed; ports are no longer dispatched"]
+
+
 def test_a_pending_failing_at_every_call_backs_off_and_serves_the_fds(
         pair, monkeypatch, caplog) -> None:
     """A handle whose pending() raises at every call (a bug of the
