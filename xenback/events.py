@@ -149,7 +149,8 @@ class EventDispatcher(Closing):
     :meth:`unbind` and :meth:`remove_fd` are synchronous, like the kernel's
     ``unbind_from_irqhandler``: when they return, the callback is not
     running and will not run again (except when called from that callback
-    itself), so the caller may free what the callback uses.
+    itself), so the caller may free what the callback uses.  A Ctrl-C
+    ends their wait, with nothing unbound or removed.
 
     With ``thread=False`` (poll mode, see the module docstring) no thread is
     started and the owner calls :meth:`poll`.
@@ -520,7 +521,9 @@ class EventDispatcher(Closing):
         while self._running == (kind, key):
             self._idle_waiters += 1
             try:
-                self._idle.wait()
+                # In slices, for a signal's handler (see wait_slice): the
+                # callback waited for may take as long as it likes.
+                self._idle.wait(wait_slice(None))
             finally:
                 self._idle_waiters -= 1
 

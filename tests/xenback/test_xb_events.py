@@ -12,11 +12,12 @@ import os
 import select
 import socket
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from tests.sim.hosthelpers import eventually, service_caught_up
-from tests.stolensignal import Interrupted, interrupt, main_thread_in
+from tests.stolensignal import Interrupted, interrupt, main_thread_in, main_thread_within
 from tests.xenback.xbhelpers import TIMEOUT, assert_dispatches, fails_once, leaked_threads
 from xenback import EventDispatcher, events
 from xenback.platform import EventChannelError
@@ -115,6 +116,88 @@ def test_unbind_waits_for_a_running_callback(host, pair) -> None:
     release.set()
     assert unbound.wait(TIMEOUT) and finished.is_set()
     t.join(TIMEOUT)
+
+
+def test_remove_fd_waits_for_a_running_callback(pair) -> None:
+    """As unbind() for a port: once remove_fd() has returned, the fd's
+    callback is over, and the caller may close the fd.  Its wait ends as
+    the callback returns (nothing else notifies it)."""
+    _guest, _evtchn, dispatcher = pair
+    r, w = os.pipe()
+    inside, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def callback(fd: int, _events: int) -> None:
+        inside.set()
+        release.wait(TIMEOUT)
+        finished.set()
+
+    dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT, callback)
+    os.write(w, b"x")
+    assert inside.wait(TIMEOUT)
+    removed = threading.Event()
+    seen: list[bool] = []
+
+    def remove() -> None:
+        dispatcher.remove_fd(r)
+        seen.append(finished.is_set())
+        removed.set()
+
+    t = threading.Thread(target=remove, daemon=True)
+    t.start()
+    try:
+        assert not removed.wait(0.05)  # still inside the callback
+    finally:
+        release.set()
+    assert removed.wait(TIMEOUT), "remove_fd() was not woken as the callback returned"
+    assert seen == [True]
+    t.join(TIMEOUT)
+    os.close(r)
+    os.close(w)
+
+
+@pytest.mark.parametrize("kind", ["port", "fd"])
+def test_ctrl_c_ends_a_wait_for_a_running_callback(pair, kind) -> None:
+    """unbind() and remove_fd() in the main thread, waiting for a callback
+    that does not return, are interrupted by Ctrl-C even when another
+    thread took the signal (they wait in slices, as every wait of the
+    library does); nothing is unbound or removed then, and once the
+    callback has returned a new call does it."""
+    guest, evtchn, dispatcher = pair
+    inside, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        inside.set()
+        release.wait(TIMEOUT)
+        finished.set()
+
+    r, w = os.pipe()
+    try:
+        if kind == "port":
+            remote = evtchn.bind_unbound_port(0)
+            key = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: hold())
+            evtchn.notify(remote)
+            stop, registered = dispatcher.unbind, lambda: dispatcher.ports == [key]
+        else:
+            key = r
+            dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT,
+                              lambda _fd, _events: hold())
+            os.write(w, b"x")
+            stop, registered = dispatcher.remove_fd, lambda: key in dispatcher._fds
+        assert inside.wait(TIMEOUT)
+        try:
+            interrupt(lambda: main_thread_in("wait", path="threading")
+                      and main_thread_within("_wait_idle", depth=3),
+                      lambda: stop(key))
+            assert not finished.is_set(), "interrupted only once the callback had returned"
+            assert registered()
+        finally:
+            release.set()
+        stop(key)
+        assert finished.is_set() and not registered()
+    finally:
+        release.set()
+        os.close(r)
+        os.close(w)
 
 
 class _RenumberedPorts:
@@ -218,6 +301,30 @@ def test_failing_callback_is_logged_and_dispatch_goes_on(host, pair, caplog) -> 
     dispatcher.remove_fd(a.fileno())
     a.close()
     b.close()
+
+
+def test_a_failing_callback_is_not_handed_out_again_by_the_thread(
+        host, pair, caplog) -> None:
+    """One thread serves every guest of a backend: a callback's failure
+    costs its own event, not a call of every port's callback (as a poll's
+    does, which serves one CPU's sockets only)."""
+    guest, evtchn, dispatcher = pair
+    failing, other = evtchn.bind_unbound_port(0), evtchn.bind_unbound_port(0)
+    failed = threading.Event()
+    calls: list[str] = []
+
+    def fail(_port: int) -> None:
+        calls.append("failing")
+        failed.set()
+        raise RuntimeError("boom")
+
+    dispatcher.bind_interdomain(guest.domid, failing, fail)
+    dispatcher.bind_interdomain(guest.domid, other, lambda _port: calls.append("other"))
+    evtchn.notify(failing)
+    assert failed.wait(TIMEOUT)
+    _a_round_went_by(dispatcher)  # after the one that failed: a resync came first
+    assert calls == ["failing"]
+    assert "boom" in caplog.text
 
 
 def test_host_fds(pair) -> None:
@@ -908,6 +1015,28 @@ def _a_round_went_by(dispatcher: EventDispatcher) -> None:
         os.close(w)
 
 
+def test_a_handle_whose_reset_fails_is_given_up_and_its_fds_served(
+        pair, monkeypatch, caplog) -> None:
+    """An overflow whose reset fails leaves the handle overflowed, its
+    descriptor readable and its pending() failing, for good: it is given
+    up as dead, as one whose pending() fails otherwise (not a failure of
+    the dispatching, handed out and backed off from again and again),
+    and the fds are served still."""
+    _guest, _evtchn, dispatcher = pair
+
+    def reset() -> None:
+        raise OSError(errno.EIO, "the handle failed")
+
+    monkeypatch.setattr(dispatcher._evtchn, "reset", reset)
+    caplog.set_level(logging.WARNING, logger="xenback.events")
+    dispatcher._evtchn.overflow()
+    _a_round_went_by(dispatcher)
+    _a_round_went_by(dispatcher)
+    assert [rec.getMessage() for rec in caplog.records if rec.name == "xenback.events"] == [
+        "resetting the event channel handle after its overflow failed",
+        "event channel handle failed; ports are no longer dispatched"]
+
+
 def test_a_pending_failing_at_every_call_backs_off_and_serves_the_fds(
         pair, monkeypatch, caplog) -> None:
     """A handle whose pending() raises at every call (a bug of the
@@ -1115,6 +1244,99 @@ def test_a_handle_that_stops_overflowing_is_dispatched_again(pair, monkeypatch, 
     assert fired.acquire(timeout=TIMEOUT)
     assert [rec.getMessage() for rec in caplog.records] == [
         "event channel handle overflowed: reset; every port is handed out again"]
+
+
+def test_a_read_that_finds_the_queue_empty_ends_an_overflow(pair, monkeypatch, caplog) -> None:
+    """The handle ready at every wait since a reset (its ports firing
+    again and again) does not make the next overflow a failure: the
+    thread reads the queue until pending() says None, which says, as a
+    wait that finds the handle not ready, that the overflow is over."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+    real = dispatcher._evtchn.pending
+    empty = threading.Event()
+
+    def pending() -> int | None:
+        port = real()
+        if port is None:
+            empty.set()
+        return port
+
+    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
+    monkeypatch.setattr(dispatcher, "_breakdowns", RateLimit("test", burst=1000))
+    caplog.set_level(logging.WARNING, logger="xenback.events")
+    dispatcher._evtchn.overflow()
+    assert fired.acquire(timeout=TIMEOUT)  # reset, and handed out again
+    # Woken by the handle only (no other fd, which a wait not finding the
+    # handle would be): the port, then the queue read empty.
+    empty.clear()
+    evtchn.notify(remote)
+    assert fired.acquire(timeout=TIMEOUT)
+    assert empty.wait(TIMEOUT)
+    dispatcher._evtchn.overflow()
+    assert fired.acquire(timeout=TIMEOUT)
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "event channel handle overflowed: reset; every port is handed out again"] * 2
+
+
+@pytest.mark.parametrize("where", ["port", "fd"])
+def test_no_callback_of_a_hand_out_runs_once_close_has_begun(pair, where) -> None:
+    """close() from another thread waits for the thread, which may be
+    handing every event out again (here after an overflow): once close()
+    has begun, no callback runs after the one in progress, a port's or
+    an fd's, as in a dispatch."""
+    guest, evtchn, dispatcher = pair
+    remotes = [evtchn.bind_unbound_port(0) for _ in range(2)]
+    hold, held, in_hand_out = threading.Event(), threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def wait_for_close() -> None:
+        in_hand_out.set()
+        assert eventually(lambda: dispatcher._closed, TIMEOUT)
+
+    def first_port(_port: int) -> None:
+        calls.append("port1")
+        if len(calls) == 1:  # the event: the hand-out is set up meanwhile
+            held.set()
+            assert hold.wait(TIMEOUT)
+        elif where == "port":
+            wait_for_close()
+
+    def on_fd(name: str) -> Callable[[int, int], None]:
+        def callback(fd: int, _events: int) -> None:
+            os.read(fd, 100)
+            calls.append(name)
+            if name == "fd1" and where == "fd":
+                wait_for_close()
+        return callback
+
+    dispatcher.bind_interdomain(guest.domid, remotes[0], first_port)
+    dispatcher.bind_interdomain(guest.domid, remotes[1], lambda _port: calls.append("port2"))
+    pipes = [os.pipe() for _ in range(2)]
+    try:
+        for (r, _w), name in zip(pipes, ["fd1", "fd2"], strict=True):
+            dispatcher.add_fd(r, select.EPOLLIN, on_fd(name))
+        evtchn.notify(remotes[0])
+        assert held.wait(TIMEOUT)
+        try:
+            for _r, w in pipes:  # ready for the hand-out, not the round held
+                os.write(w, b"x")
+            dispatcher._evtchn.overflow()
+        finally:
+            hold.set()
+        assert in_hand_out.wait(TIMEOUT)
+        closer = threading.Thread(target=dispatcher.close, daemon=True)
+        closer.start()
+        closer.join(TIMEOUT)
+        assert not closer.is_alive()
+        assert calls == (["port1", "port1"] if where == "port"
+                         else ["port1", "port1", "port2", "fd1"])
+    finally:
+        dispatcher.close()
+        for fd in (fd for pipe in pipes for fd in pipe):
+            os.close(fd)
 
 
 def test_unbind_of_a_port_that_only_equals_an_int_keeps_the_port(host, pair) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import select
 import threading
@@ -375,6 +376,28 @@ def test_close_from_a_callback_ends_the_round_with_a_wakeup_pending(polled) -> N
     assert dispatcher.poll(0) == 0  # closed
 
 
+def test_close_from_an_fd_callback_ends_the_round_before_the_handle(polled, caplog) -> None:
+    """As above, with the handle ready after the fd whose callback closed
+    the dispatcher: a handle closed now is not asked for its port (it
+    would fail, and be reported dead)."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[int] = []
+    dispatcher.bind_interdomain(guest.domid, remote, calls.append)
+    r, w = os.pipe()
+    try:
+        dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: dispatcher.close())
+        os.write(w, b"x")
+        evtchn.notify(remote)  # readable after the pipe: epoll reports it second
+        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+        assert dispatcher.poll(TIMEOUT) == 1
+        assert calls == []
+        assert [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING] == []
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_wakeups_beyond_what_the_pipe_holds_are_one_wakeup(polled, monkeypatch) -> None:
     """wakeup() never blocks nor fails, however often it is called before
     a poll: a full pipe already holds a pending wake-up."""
@@ -385,6 +408,8 @@ def test_wakeups_beyond_what_the_pipe_holds_are_one_wakeup(polled, monkeypatch) 
     assert dispatcher.poll(TIMEOUT) == 0  # woken, nothing ran
     assert [[fd for fd, _ in ready] for _, ready in epoll.waits] == [[dispatcher._wake_r]], \
         "poll() was not woken"
+    assert dispatcher.poll(0) == 0
+    assert epoll.waits[-1][1] == [], "the wake-up was not taken: every poll would return at once"
     dispatcher.wakeup()  # the pipe was drained: there is room again
     assert dispatcher.poll(TIMEOUT) == 0
 
@@ -867,8 +892,9 @@ def test_poll_counts_every_callback_a_resync_ran_and_no_other(polled, monkeypatc
             os.close(fd)
 
 
+@pytest.mark.parametrize("timeout", [None, TIMEOUT])
 def test_a_pending_failing_at_every_call_is_left_out_of_the_wait_for_a_while(
-        polled, monkeypatch) -> None:
+        polled, monkeypatch, timeout) -> None:
     """A handle whose pending() raises at every call keeps its descriptor
     readable: each poll failed at once, or handed every event out, and
     the poller's worker spun.  After a second failure in a row the
@@ -900,9 +926,11 @@ def test_a_pending_failing_at_every_call_is_left_out_of_the_wait_for_a_while(
     assert dispatcher.poll(TIMEOUT) == 1  # the resync, at once
     assert len(asked) == 2
     assert dispatcher.poll(0) == 0  # the handle is not asked meanwhile
-    # Returns as the delay ends, with nothing to wait for and no timeout
-    # of its own (were the back-off not to end it, pytest-timeout would).
-    assert dispatcher.poll(None) == 0
+    # Returns as the delay ends, with nothing to wait for, its own
+    # timeout (if any) longer.
+    start = time.monotonic()
+    assert dispatcher.poll(timeout) == 0
+    assert time.monotonic() - start < TIMEOUT / 2, "the back-off did not end the poll"
     assert len(asked) == 2
     broken = False
     assert dispatcher.poll(TIMEOUT) == 1  # watched and asked again: the port
@@ -910,6 +938,86 @@ def test_a_pending_failing_at_every_call_is_left_out_of_the_wait_for_a_while(
     evtchn.notify(remote)
     assert dispatcher.poll(TIMEOUT) == 1
     assert asked[-1] == local and len(calls) == 4
+
+
+def test_failures_with_a_round_gone_well_between_them_do_not_back_off(
+        polled, monkeypatch) -> None:
+    """Backing off is for a failure that stays: a round that waited with
+    the handle watched and went well forgets the failures before it, so
+    a failure now and then never leaves the handle out of the wait."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[int] = []
+    local = dispatcher.bind_interdomain(guest.domid, remote, calls.append)
+    real = dispatcher._evtchn.pending
+    fail = [False]
+
+    def pending() -> int | None:
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("a bug in the handle, now and then")
+        return real()
+
+    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
+    for n in range(3):
+        fail[0] = True
+        evtchn.notify(remote)
+        with pytest.raises(RuntimeError):
+            dispatcher.poll(TIMEOUT)
+        assert dispatcher.poll(TIMEOUT) == 1  # the resync, at once
+        # The port, still queued in the handle: watched, not backed off.
+        assert dispatcher.poll(TIMEOUT) == 1, f"backed off after failure {n + 1}"
+        assert calls == [local] * 2 * (n + 1)
+    assert dispatcher._handle_back is None
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_a_port_callback_interrupted_is_handed_out_again_at_once(polled, interrupt) -> None:
+    """A port whose callback a Ctrl-C cut short stays masked (an unmask
+    that failed would hide the interrupt): the next poll hands every
+    event out again, before it waits, and so unmasks it."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[int] = []
+
+    def callback(port: int) -> None:
+        calls.append(port)
+        if len(calls) == 1:
+            raise interrupt
+
+    local = dispatcher.bind_interdomain(guest.domid, remote, callback)
+    evtchn.notify(remote)
+    with pytest.raises(interrupt):
+        dispatcher.poll(TIMEOUT)
+    assert dispatcher.poll(0) == 1 and calls == [local, local], "not handed out again"
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1 and calls == [local] * 3, "left masked"
+
+
+def test_a_resync_interrupted_is_done_again_after_the_wait(polled, monkeypatch) -> None:
+    """A hand-out that a Ctrl-C in a callback cut short failed in its
+    turn: as one that raised, it is done again after the next wait, not
+    at once."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    calls: list[int] = []
+
+    def callback(port: int) -> None:
+        calls.append(port)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    local = dispatcher.bind_interdomain(guest.domid, remote, callback)
+    evtchn.notify(remote)
+    assert dispatcher.poll(TIMEOUT) == 1  # logged, and lost
+    epoll = epoll_waits(monkeypatch, dispatcher)
+    with pytest.raises(KeyboardInterrupt):
+        dispatcher.poll(TIMEOUT)  # the resync, at once
+    assert epoll.waits == []
+    assert dispatcher.poll(0) == 1 and calls == [local] * 3
+    assert len(epoll.waits) == 1, "the interrupted resync was done again before the wait"
 
 
 def _overflowing_after_every_reset(monkeypatch: pytest.MonkeyPatch,
