@@ -1106,7 +1106,8 @@ class PVSocket(Closing):
 
     def bind(self, address: tuple[str, int]) -> None:
         """Bind to ``address`` in the backend domain (port 0 lets the
-        backend's host pick one; PV Calls cannot tell the guest which)."""
+        backend's host pick one; PV Calls cannot tell the guest which).
+        Another thread's close() ends its wait for the answer (EBADF)."""
         host, port = resolve(address)
         self._check_open()
         if self._st.ring is not None or self._st.bound or self._broken:
@@ -1118,7 +1119,10 @@ class PVSocket(Closing):
             ffi.memmove(req.u.bind.addr, sockaddr, len(sockaddr))
             req.u.bind.len = SOCKADDR_IN_LEN
 
-        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout),
+        # With the socket: another thread's close() ends the wait (EBADF),
+        # as a recv()'s; the answer that comes later frees its entry, and
+        # marks nothing on a closed socket (see _on_success).
+        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout), self,
                              on_done=self._on_success(functools.partial(
                                  PVSocket._bound, host=host, port=port)))
         if ret < 0:
@@ -1161,7 +1165,8 @@ class PVSocket(Closing):
 
     def listen(self, backlog: int | None = None) -> None:
         """Start listening; ``backlog`` defaults to ``min(128, SOMAXCONN)``
-        as in :meth:`socket.socket.listen`."""
+        as in :meth:`socket.socket.listen`.  Another thread's close()
+        ends its wait for the answer (EBADF), as bind()'s."""
         if backlog is None:
             backlog = min(128, socket.SOMAXCONN)
         # Checked as socket.socket checks it (a C int): int() would take
@@ -1189,7 +1194,8 @@ class PVSocket(Closing):
             req.u.listen.id = self.id
             req.u.listen.backlog = backlog
 
-        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout),
+        # With the socket, as bind()'s.
+        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout), self,
                              on_done=self._on_success(PVSocket._listening))
         if ret < 0:
             raise host_error(ret, "listen")

@@ -3256,6 +3256,29 @@ def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alo
     _sweep(attempt, check, through=("_join_connect",))
 
 
+@pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
+def test_a_bind_or_listen_waiting_for_its_answer_ends_when_another_thread_closes(
+        fe: pvcalls.Frontend, fake: FakeBackend, cmd: int) -> None:
+    """bind() or listen() waiting for the backend's answer, and close()
+    in another thread: the call fails with EBADF at once, as a recv(),
+    accept() or connect() waiting does, not once the frontend's timeout
+    is over; the answer that comes later frees its response table entry
+    and marks nothing."""
+    s = fe.socket()
+    if cmd == PVCALLS_LISTEN:
+        s.bind(_ADDRESS)
+    fake.hold = {cmd}
+    waiting = Call(functools.partial(s.bind, _ADDRESS) if cmd == PVCALLS_BIND else s.listen)
+    req = fake.next_request(cmd)
+    cmd_cond: Any = fe._cmd_cond
+    wait_until(lambda: bool(cmd_cond._waiters) or not waiting.alive())  # waits for the answer
+    s.close()
+    assert waiting.join(TIMEOUT / 2).oserror().errno == errno.EBADF
+    fake.respond(req, 0)  # late: nobody waits for it
+    wait_until(lambda: all(slot is None for slot in fe._slots))
+    assert not s._st.listening and (cmd == PVCALLS_LISTEN) == s._st.bound
+
+
 @pytest.mark.parametrize("err", [errno.EAGAIN, errno.EBADF], ids=["no-room", "ebadf"])
 def test_an_accept_that_sent_nothing_interrupted_anywhere_keeps_nothing_of_its_new_socket(
         fe: pvcalls.Frontend, fake: FakeBackend, err: int) -> None:
