@@ -477,8 +477,12 @@ class PVSocket(Closing):
         # the shared pages before unsharing them.  A connect() takes
         # _connect_lock, then _recv_lock and _send_lock, for all of its
         # course: a blocking connect() of another thread meanwhile waits
-        # for it to end on _connect_lock alone (see _join_connect).
+        # for it to end on _connect_lock alone (see _join_connect), and
+        # sets out itself if it sent nothing.
         self._connect_lock = threading.Lock()
+        # The slot of the last connect() that set out (under
+        # _connect_lock): whether its CONNECT went out is its ``sent``.
+        self._last_connect: Slot | None = None
         self._recv_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._accept_lock = threading.Lock()
@@ -663,20 +667,30 @@ class PVSocket(Closing):
         Before the answer came, nobody knows: only close() is left."""
         host, port = resolve(address)
         self._check_open()
-        with self._mutex:
-            started = self._connecting or self._connect_failed or self._connect_unreported
-        # Only in blocking mode does it wait for the answer: with a timeout
-        # CPython's connect() is a non-blocking one and a wait for the
-        # handshake it starts, and Linux's says EALREADY at once to one
-        # made while a handshake is on.
-        if started and self._finish_connect(None if self._timeout is not None
-                                            else Deadline(None)):
-            return
-        if self._handshaking():
-            self._join_connect()
-            return
+        # The mode the call was made in, as socket.socket's: a settimeout()
+        # of another thread meanwhile changes the next call, not this one
+        # (read again as it sets out, a blocking connect() that waited for
+        # another thread's went on as a non-blocking one).
+        timeout = self._timeout
+        while True:
+            with self._mutex:
+                started = self._connecting or self._connect_failed or self._connect_unreported
+            # Only in blocking mode does it wait for the answer: with a
+            # timeout CPython's connect() is a non-blocking one and a wait
+            # for the handshake it starts, and Linux's says EALREADY at
+            # once to one made while a handshake is on.
+            if started and self._finish_connect(None if timeout is not None
+                                                else Deadline(None)):
+                return
+            if not self._handshaking():
+                break
+            if self._join_connect(timeout):
+                return
+            # The connect() it waited for sent nothing: the socket is as
+            # before it, and this one sets out (or waits for, or reports,
+            # one of a third thread that came first, as any connect()).
         self._check_unconnected()
-        lock_deadline = Deadline(self._timeout)
+        lock_deadline = Deadline(timeout)
         # Let go whatever interrupts the taking (see held): a lock left
         # held keeps the ring, which close() would then leave alone.
         with held(self._connect_lock, lock_deadline), held(self._recv_lock, lock_deadline), \
@@ -685,8 +699,12 @@ class PVSocket(Closing):
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
             slot = Slot(PVCALLS_CONNECT, self.id)
-            background = self._timeout == 0.0
-            timed = self._timeout is not None  # before the tries: their handlers read it
+            # Before the ring (with which _handshaking() holds): a
+            # connect() that waits for this one reads it once this is
+            # over, to tell whether the CONNECT went out (see _join_connect).
+            self._last_connect = slot
+            background = timeout == 0.0
+            timed = timeout is not None  # before the tries: their handlers read it
             try:
                 # In the try: a Ctrl-C as it returns must not leave the
                 # socket with a ring and no CONNECT (EISCONN for ever).
@@ -711,7 +729,7 @@ class PVSocket(Closing):
                     req.u.connect.ref = ring.ref
                     req.u.connect.evtchn = ring.port
 
-                req_id = self._fe._submit(slot, fill, Deadline(self._timeout), sock=self)
+                req_id = self._fe._submit(slot, fill, Deadline(timeout), sock=self)
             except BaseException as exc:
                 if slot.sent:
                     # Interrupted between the push and the notify, or as
@@ -793,7 +811,7 @@ class PVSocket(Closing):
                 # with nobody to take its answer (its response table
                 # entry taken for good, the socket neither broken nor
                 # connected).
-                deadline = Deadline(self._timeout)
+                deadline = Deadline(timeout)
                 # Neither readable nor writable until the answer, as a TCP
                 # socket in its handshake (see _handshaking), also for a
                 # selector that registered the socket before.  Only once
@@ -858,20 +876,26 @@ class PVSocket(Closing):
                 self._repair_ready()
                 raise
 
-    def _join_connect(self) -> None:
+    def _join_connect(self, timeout: float | None) -> bool:
         """connect() while another thread's blocking or timed connect()
         waits for its CONNECT's answer: what Linux's connect() does on a
         socket in SS_CONNECTING whose handshake another thread waits for.
         With a timeout (CPython's connect() is a non-blocking one then) or
         in non-blocking mode, fail with EALREADY at once.  In blocking
         mode wait for that connect() to end and report its outcome:
-        return if it connected; if it failed, EPIPE (the other reports
+        return True if it connected; if it failed, EPIPE (the other reports
         the error, as on Linux one of the two threads does and the other
         says EPIPE), or ECONNABORTED if it was a timed one whose handshake
         failed (the report that connect() leaves to the next one);
         EISCONN if it was cut short (the socket is given up on: see
-        connect()); EBADF if the socket was closed meanwhile."""
-        if self._timeout is not None:
+        connect()); EBADF if the socket was closed meanwhile.
+
+        False if it sent nothing (no room on the command ring in time, or
+        a Ctrl-C before the CONNECT went out) and left the socket as it
+        was, unconnected: the caller sets out itself, as Linux's connect()
+        does on a socket whose connect() failed before any handshake.  Its
+        failure is that call's, not the socket's."""
+        if timeout is not None:
             raise OSError(errno.EALREADY, os.strerror(errno.EALREADY) + " (connecting)")
         # Held for the whole of a connect(): free once the other one is
         # over, whatever ended it.  Not the receive lock, which a recv()
@@ -882,30 +906,39 @@ class PVSocket(Closing):
                 raise self._fe._gone()
             with self._mutex:
                 started = self._connecting or self._connect_failed or self._connect_unreported
-            if not started:
-                # Told under the lock: let go first, a connect() of a third
-                # thread could make the socket its own (a ring, no peer
-                # yet), and this one report that one's (EISCONN) rather
-                # than the one it waited for.
-                self._joined_outcome()
-                return
+                if not started:
+                    # Told under the lock: let go first, a connect() of a
+                    # third thread could make the socket its own (a ring, no
+                    # peer yet), and this one report that one's (EISCONN)
+                    # rather than the one it waited for.  The last
+                    # connect() is the one it waited for (the lock is held
+                    # for the whole of one), or one that came before it
+                    # here and is over too.
+                    last = self._last_connect
+                    if ((last is None or not last.sent) and self._st.ring is None
+                            and not self._broken):
+                        return False
+                    self._joined_outcome()
+                    return True
             # A timed connect() leaves its outcome to the next one (see
             # connect()), and a non-blocking one in flight its answer to
             # come: that is this one's to report.  Free of the lock while
             # it waits, so that none of the socket's connect() waits
             # behind it.
-        if self._finish_connect(Deadline(None)):
-            return
-        # Another thread's connect() took the outcome meanwhile.
-        self._joined_outcome()
+        return self._finish_connect(Deadline(None), joined=True)
 
     def _joined_outcome(self) -> None:
-        """How the connect() that :meth:`_join_connect` waited for ended,
-        once nothing of it is left to report: return if connected, else
-        EPIPE (or EISCONN if it was cut short)."""
+        """Under _cond: how the connect() that :meth:`_join_connect` waited
+        for ended, once nothing of it is left to report: return if
+        connected, else EPIPE (EISCONN if it was cut short, EBADF once the
+        socket is closed).  A ring with no peer is a later connect()'s,
+        in its handshake: a connect() sets out only on a socket left
+        unconnected, so the one waited for failed."""
+        self._check_open()
         if self._st.ring is not None and self._peername is not None and not self._broken:
             return  # connected, as Linux's reports to every thread that waited
-        self._check_unconnected()
+        if not self._handshaking():
+            self._check_unconnected()
         raise OSError(errno.EPIPE, os.strerror(errno.EPIPE)
                       + " (the connect() of another thread failed)")
 
@@ -1032,7 +1065,7 @@ class PVSocket(Closing):
         self._fe._return_rings()
         self._update_ready()
 
-    def _finish_connect(self, deadline: Deadline | None) -> bool:
+    def _finish_connect(self, deadline: Deadline | None, *, joined: bool = False) -> bool:
         """connect() after a non-blocking one: what Linux's connect()
         does on a socket in SS_CONNECTING.  EALREADY while the CONNECT is
         in flight (with a ``deadline``: wait for it); then return True once
@@ -1042,7 +1075,12 @@ class PVSocket(Closing):
         that (ECONNABORTED if a call reported it already), as Linux's
         connect() finding the socket closed does.  False if another
         thread's connect() took the outcome meanwhile: this one is a
-        connect() as on any socket."""
+        connect() as on any socket.  ``joined``: this one waited for
+        another thread's (see _join_connect), and reports how that one
+        ended then (:meth:`_joined_outcome`), under _cond where it found
+        the outcome taken: looked at later, a third thread's connect()
+        may have set out meanwhile, and its handshake was reported as
+        this one's (EISCONN)."""
         with self._mutex:
             self._await_connect_answer(deadline, errno.EALREADY)
             if self._connect_unreported:
@@ -1061,6 +1099,9 @@ class PVSocket(Closing):
                 err, self._so_error = self._so_error, 0
                 err = err or errno.ECONNABORTED
                 raise OSError(err, os.strerror(err))
+            if joined:
+                self._joined_outcome()
+                return True
         return False
 
     def _await_connect_answer(self, deadline: Deadline | None, would_block: int) -> None:

@@ -3197,9 +3197,11 @@ def test_a_connect_that_waited_on_a_refused_one_says_so_whatever_comes_next(
     assert pause.reached.wait(TIMEOUT)
     third = Call(functools.partial(s.connect, _ADDRESS))
     try:
-        # Its CONNECT made, or waiting for the connect lock.
+        # Its CONNECT made, or waiting for the connect lock, or for the
+        # socket's state, which the waiting one looks at under its lock.
         wait_until(lambda: s._st.ring is not None or stands_at(
-            third.ident, pvcalls.frontend._common.Deadline.take, "(True,)"))
+            third.ident, pvcalls.frontend._common.Deadline.take, "(True,)") or stands_at(
+            third.ident, pvcalls.PVSocket.connect, "with self._mutex:"))
     finally:
         pause.resume()
     assert second.oserror().errno == errno.EPIPE
@@ -3254,6 +3256,126 @@ def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alo
         s.close()
 
     _sweep(attempt, check, through=("_join_connect",))
+
+
+@pytest.mark.parametrize("how", ["no room", "interrupted"])
+def test_a_blocking_connect_behind_one_that_sent_nothing_sends_its_own(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        how: str) -> None:
+    """A blocking connect() that waits for another thread's (in its
+    handshake: a data ring, no peer), which then sends nothing (no room
+    on the command ring: ENOBUFS; or a Ctrl-C as it waits for room): it
+    starts a connect of its own, as Linux's would on the socket left
+    unconnected, and connects.  Before, it failed with EPIPE as if the
+    other's CONNECT had been refused."""
+    s = fe.socket()
+    s.settimeout(0.0 if how == "no room" else None)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    has_room = fe._has_room
+    starved: list[int] = []  # the thread of the first connect(): no room for it
+
+    def room(spare: int) -> bool:
+        return threading.get_ident() not in starved and has_room(spare)
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    seconds: list[Call] = []
+
+    def joined() -> bool:
+        return bool(seconds) and stands_at(seconds[-1].ident, pvcalls.PVSocket._join_connect,
+                                           "held(self._connect_lock")
+
+    if how == "no room":
+        # Its ring made, not yet marked connecting (see _handshaking).
+        pause = PauseAt(pvcalls.PVSocket.connect, "slot.on_done = self._connect_taker(host, port)")
+        first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
+        starved.append(first.ident)
+        assert pause.reached.wait(TIMEOUT)
+        assert s._handshaking() and not s._connecting
+        s.settimeout(None)  # as another thread's: the first is non-blocking already
+        seconds.append(Call(lambda: s.connect(_ADDRESS)))
+        wait_until(lambda: joined() or not seconds[-1].alive())
+        pause.resume()
+        assert first.oserror().errno == errno.ENOBUFS
+    else:
+        starved.append(threading.get_ident())
+        cmd_cond: Any = fe._cmd_cond
+
+        def second_when_first_waits() -> None:
+            wait_until(lambda: bool(cmd_cond._waiters))  # the first waits for room
+            seconds.append(Call(lambda: s.connect(_ADDRESS)))
+            wait_until(lambda: joined() or not seconds[-1].alive())
+
+        starter = threading.Thread(target=second_when_first_waits)
+        starter.start()
+        try:
+            with signal_taken_elsewhere(lambda: not starter.is_alive()), \
+                    pytest.raises(Interrupted):
+                s.connect(_ADDRESS)
+        finally:
+            starter.join(TIMEOUT)
+    (second,) = seconds
+    assert second.alive(), f"sent nothing: {second.error!r}"
+    fake.respond(fake.next_request(PVCALLS_CONNECT), 0)
+    assert second.join().error is None, second.error
+    assert s.getpeername() == _ADDRESS
+    assert [slot.sent for slot in connects] == [False, True]
+    s.close()
+
+
+@pytest.mark.parametrize("third", ["connect", "close"])
+def test_a_connect_that_waited_on_one_whose_outcome_another_took_says_it_failed(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        third: str) -> None:
+    """A blocking connect() (the second) waits for another thread's timed
+    one, refused; a third thread's connect() takes the outcome the timed
+    one left to the next (ECONNABORTED) before the second does, and then
+    connects again, or closes the socket.  The second fails with EPIPE
+    (the connect it waited for failed), or EBADF once closed: how it
+    ended is told as it finds the outcome taken, under the socket's
+    lock.  Before, it looked later, and reported the third's connect in
+    its handshake as its own: EISCONN."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.hold = {PVCALLS_CONNECT}
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    s.settimeout(None)
+    at_finish = PauseAt(pvcalls.PVSocket._join_connect, "self._finish_connect(Deadline(None)")
+    # Stopped once it found nothing to report, as it returns (old code).
+    taken = PauseAt.in_method(monkeypatch, pvcalls.PVSocket, "_finish_connect", "return False")
+    second = Call(lambda: at_finish.run(functools.partial(s.connect, _ADDRESS)))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    assert at_finish.reached.wait(TIMEOUT)
+    try:
+        s.settimeout(0.0)
+        _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
+    finally:
+        at_finish.resume()
+    wait_until(lambda: taken.reached.is_set() or not second.alive())
+    requests: list[Request] = []
+    try:
+        if third == "connect":
+            s.settimeout(None)
+            third_call = Call(functools.partial(s.connect, _ADDRESS))
+            requests.append(fake.next_request(PVCALLS_CONNECT))  # in its handshake
+        else:
+            s.close()
+    finally:
+        taken.resume()
+    if third == "connect":
+        assert second.oserror().errno == errno.EPIPE
+        fake.respond(requests[0], 0)
+        assert third_call.join().error is None, third_call.error
+        assert s.getpeername() == _ADDRESS
+    else:
+        assert second.oserror().errno in (errno.EPIPE, errno.EBADF)
+    s.close()
 
 
 @pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
