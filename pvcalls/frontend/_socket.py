@@ -478,7 +478,8 @@ class PVSocket(Closing):
         # _connect_lock, then _recv_lock and _send_lock, for all of its
         # course: a blocking connect() of another thread meanwhile waits
         # for it to end on _connect_lock alone (see _join_connect), and
-        # sets out itself if it sent nothing.
+        # sets out itself if it sent nothing; a non-blocking one says
+        # EALREADY (see _connect_busy).
         self._connect_lock = threading.Lock()
         # The slot of the last connect() that set out (under
         # _connect_lock): whether its CONNECT went out is its ``sent``.
@@ -691,10 +692,14 @@ class PVSocket(Closing):
             # one of a third thread that came first, as any connect()).
         self._check_unconnected()
         lock_deadline = Deadline(timeout)
+        # Non-blocking, a lock held by another thread's connect() says how
+        # far that one is (see _connect_busy), not EAGAIN.
+        busy = self._connect_busy if timeout == 0.0 else None
         # Let go whatever interrupts the taking (see held): a lock left
         # held keeps the ring, which close() would then leave alone.
-        with held(self._connect_lock, lock_deadline), held(self._recv_lock, lock_deadline), \
-                held(self._send_lock, lock_deadline):
+        with held(self._connect_lock, lock_deadline, busy), \
+                held(self._recv_lock, lock_deadline, busy), \
+                held(self._send_lock, lock_deadline, busy):
             self._check_open()
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
@@ -941,6 +946,29 @@ class PVSocket(Closing):
             self._check_unconnected()
         raise OSError(errno.EPIPE, os.strerror(errno.EPIPE)
                       + " (the connect() of another thread failed)")
+
+    def _connect_busy(self) -> OSError:
+        """What a non-blocking connect() raises when a lock it takes is
+        held: what Linux's says once its socket lock, which it waits for
+        whatever O_NONBLOCK says, is free.  The holder is another thread's
+        connect() (or one that waited for another, looking how that one
+        ended), or close().  EBADF once closed; EISCONN once connected or
+        given up on; else EALREADY: a connect() is under way, setting out
+        (Linux's would find it in SS_CONNECTING) or putting the socket back
+        after a failure (Linux's would set out itself: EINPROGRESS).
+        A non-blocking call waits for no lock of the socket, however
+        briefly it is held, so the second reads as the first; the
+        connect() after it tells (EINPROGRESS, having set out).  Not
+        EAGAIN: a TCP connect() says that for no free local port."""
+        if self._closed:
+            return bad_fd()
+        if not self._handshaking() and not self._connecting:
+            try:
+                self._check_unconnected()
+            except OSError as exc:
+                return exc
+        return OSError(errno.EALREADY, os.strerror(errno.EALREADY)
+                       + " (a connect() of another thread is under way)")
 
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut

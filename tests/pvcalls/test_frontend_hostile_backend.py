@@ -3116,8 +3116,10 @@ def test_a_connect_while_another_threads_sets_out_waits_no_longer_than_its_timeo
     same mode) takes its first steps, its data ring not made yet (so not
     in its handshake, see _handshaking): it waits for that one within its
     own timeout only, as for any lock of the socket: non-blocking, it
-    fails at once (BlockingIOError); timed, with TimeoutError once its
-    time is over.  It sends nothing, and the other goes on."""
+    fails at once with EALREADY (a BlockingIOError: Linux's finds the
+    other's in SS_CONNECTING once it has its socket lock; before, EAGAIN);
+    timed, with TimeoutError once its time is over.  It sends nothing,
+    and the other goes on."""
     s = fe.socket()
     s.settimeout(timeout)
     connects = _connects_submitted(fe)
@@ -3126,9 +3128,11 @@ def test_a_connect_while_another_threads_sets_out_waits_no_longer_than_its_timeo
     assert pause.reached.wait(TIMEOUT)
     started = time.monotonic()
     try:
-        with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError):
+        with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError) as info:
             s.connect(_ADDRESS)
         assert time.monotonic() - started < TIMEOUT / 2, "waited for the other connect()"
+        if timeout == 0.0:
+            assert info.value.errno == errno.EALREADY, info.value
     finally:
         pause.resume()
     if timeout == 0.0:
@@ -3320,6 +3324,41 @@ def test_a_blocking_connect_behind_one_that_sent_nothing_sends_its_own(
     assert second.join().error is None, second.error
     assert s.getpeername() == _ADDRESS
     assert [slot.sent for slot in connects] == [False, True]
+    s.close()
+
+
+def test_a_nonblocking_connect_while_another_threads_settles_its_refusal_says_ealready(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A non-blocking connect() while another thread's blocking one,
+    refused, holds the socket's connect lock to put the socket back as
+    it was: a connect() of another thread is under way, and it fails
+    with EALREADY (BlockingIOError), as on a socket in its handshake,
+    not EAGAIN (which a TCP connect() says for no free local port).  It
+    does not wait for the lock (no non-blocking call does), and the next
+    connect() starts over."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    pause = PauseAt(pvcalls.PVSocket.connect, "self._update_ready()",
+                    after="self._fe._put_data_ring(self._st, reusable=True)")
+    first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
+    fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
+    assert pause.reached.wait(TIMEOUT)
+    try:
+        assert s._st.ring is None and s._connect_lock.locked()
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            s.connect(_ADDRESS)
+        assert info.value.errno == errno.EALREADY, info.value
+    finally:
+        pause.resume()
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    fake.hold = set()
+    s.setblocking(True)
+    s.connect(_ADDRESS)
+    assert s.getpeername() == _ADDRESS
+    assert len(connects) == 2
     s.close()
 
 
