@@ -650,7 +650,10 @@ class PVSocket(Closing):
         if that one connected, or fails with EPIPE if it failed (the
         other one says why), as Linux's (ECONNABORTED after a timed one
         whose handshake failed, which leaves that to the next connect(),
-        see below).  After the answer the first
+        see below), or sets out itself if that one sent nothing (no room
+        on the command ring in time, or a KeyboardInterrupt first).  A
+        non-blocking connect() meanwhile, or while another thread's sets
+        out, fails with EALREADY.  After the answer the first
         connect() returns (success) or raises the error, as Linux's
         second connect() does; later ones fail with EISCONN, or start over
         after a failure.  That is what ``select``-based programs and
