@@ -3440,6 +3440,114 @@ def test_a_bind_or_listen_waiting_for_its_answer_ends_when_another_thread_closes
     assert not s._st.listening and (cmd == PVCALLS_LISTEN) == s._st.bound
 
 
+@pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
+def test_the_late_answers_of_binds_or_listens_a_close_cut_short_free_the_command_ring(
+        fe: pvcalls.Frontend, fake: FakeBackend, cmd: int) -> None:
+    """Twice as many bind() or listen() calls as the command ring has
+    slots, each ended by another thread's close() (see above) and
+    answered late: each answer frees its response table entry, and the
+    ring then takes as many commands in flight at once as it has slots.
+    One entry kept per such call left the frontend with no room at the
+    33rd."""
+    cmd_cond: Any = fe._cmd_cond
+    for _ in range(2 * RING_SLOTS):
+        s = fe.socket()
+        if cmd == PVCALLS_LISTEN:
+            s.bind(_ADDRESS)
+        fake.hold = {cmd}
+        waiting = Call(functools.partial(s.bind, _ADDRESS) if cmd == PVCALLS_BIND else s.listen)
+        req = fake.next_request(cmd)
+        wait_until(functools.partial(lambda w: bool(cmd_cond._waiters) or not w.alive(), waiting))
+        s.close()
+        assert waiting.join(TIMEOUT / 2).oserror().errno == errno.EBADF
+        fake.hold = set()
+        fake.respond(req, 0)
+    wait_until(lambda: all(slot is None for slot in fe._slots))
+    socks = [fe.socket() for _ in range(RING_SLOTS)]
+    if cmd == PVCALLS_LISTEN:
+        for s in socks:
+            s.bind(_ADDRESS)
+    fake.hold = {cmd}
+    calls = [Call(functools.partial(s.bind, _ADDRESS) if cmd == PVCALLS_BIND else s.listen)
+             for s in socks]
+    requests = [fake.next_request(cmd) for _ in socks]  # all in flight at once
+    fake.respond_many([(req, 0, {}) for req in requests])
+    for call in calls:
+        assert call.join().error is None, call.error
+    fake.hold = set()
+    for s in socks:
+        s.close()
+
+
+def test_a_connect_behind_one_that_sent_nothing_interrupted_anywhere_is_left_usable(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing anywhere in a blocking connect() that waits for
+    another thread's non-blocking one in its first steps (a data ring, no
+    CONNECT yet), which then sends nothing (no room: ENOBUFS), so that
+    this one goes round and sets out itself (see above): no lock of the
+    socket is left held, the socket is left unconnected (readable and
+    writable, and the next connect() connects), connected, or given up
+    on, never in its handshake for good, and every response table entry
+    is freed once the answers are in."""
+    within = os.path.dirname(_frontend.__file__)
+    connects = _connects_submitted(fe)
+    has_room = fe._has_room
+    starved: list[int] = []  # the threads of the first connect(): no room for them
+
+    def room(spare: int) -> bool:
+        return threading.get_ident() not in starved and has_room(spare)
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    socks: list[pvcalls.PVSocket] = []
+    firsts: list[Call] = []
+
+    def resume_once_waiting(pause: PauseAt, over: threading.Event) -> None:
+        wait_until(lambda: over.is_set() or stands_at(
+            threading.main_thread().ident, pvcalls.PVSocket._join_connect,  # type: ignore[arg-type]
+            "held(self._connect_lock"))
+        pause.resume()
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(0.0)
+        pause = PauseAt(pvcalls.PVSocket.connect,
+                        "slot.on_done = self._connect_taker(host, port)")
+
+        def first_connect() -> None:
+            starved.append(threading.get_ident())
+            pause.run(functools.partial(s.connect, _ADDRESS))
+
+        firsts[:] = [Call(first_connect)]
+        assert pause.reached.wait(TIMEOUT)
+        s.settimeout(None)
+        over = threading.Event()
+        resumer = threading.Thread(target=resume_once_waiting, args=(pause, over))
+        resumer.start()
+        try:
+            return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
+        finally:
+            over.set()
+            resumer.join(TIMEOUT)
+
+    def check(where: str) -> None:
+        (s,), (first,) = socks, firsts
+        assert first.oserror().errno == errno.ENOBUFS
+        for lock in (s._connect_lock, s._recv_lock, s._send_lock):
+            assert not lock.locked(), "left held"
+        wait_until(lambda: all(slot.done for slot in connects if slot.sent))
+        wait_until(lambda: all(slot is None for slot in fe._slots))
+        assert not s._handshaking(), "in its handshake for good"
+        if s._broken:
+            _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+        elif s._st.ring is None:
+            assert _readiness(s) == (True, True)
+            s.connect(_ADDRESS)
+        assert s._broken or s.getpeername() == _ADDRESS
+        s.close()
+
+    _sweep(attempt, check, through=("_join_connect",))
+
+
 @pytest.mark.parametrize("err", [errno.EAGAIN, errno.EBADF], ids=["no-room", "ebadf"])
 def test_an_accept_that_sent_nothing_interrupted_anywhere_keeps_nothing_of_its_new_socket(
         fe: pvcalls.Frontend, fake: FakeBackend, err: int) -> None:
