@@ -693,7 +693,8 @@ class PVSocket(Closing):
             # The connect() it waited for sent nothing: the socket is as
             # before it, and this one sets out (or waits for, or reports,
             # one of a third thread that came first, as any connect()).
-        self._check_unconnected()
+        if not self._putting_back():
+            self._check_unconnected()
         lock_deadline = Deadline(timeout)
         # Non-blocking, a lock held by another thread's connect() says how
         # far that one is (see _connect_busy), not EAGAIN.
@@ -704,6 +705,13 @@ class PVSocket(Closing):
                 held(self._recv_lock, lock_deadline, busy), \
                 held(self._send_lock, lock_deadline, busy):
             self._check_open()
+            # Again with the locks: the connect() it waited for may have
+            # left an outcome to the next one (a timed one refused), which
+            # this one is.  Setting out, it connected the socket with that
+            # outcome still to be told, by the connect() after, as if the
+            # connected socket's connect had failed.
+            if self._finish_connect(None if timeout is not None else Deadline(None)):
+                return
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
             slot = Slot(PVCALLS_CONNECT, self.id)
@@ -955,23 +963,39 @@ class PVSocket(Closing):
         held: what Linux's says once its socket lock, which it waits for
         whatever O_NONBLOCK says, is free.  The holder is another thread's
         connect() (or one that waited for another, looking how that one
-        ended), or close().  EBADF once closed; EISCONN once connected or
-        given up on; else EALREADY: a connect() is under way, setting out
-        (Linux's would find it in SS_CONNECTING) or putting the socket back
-        after a failure (Linux's would set out itself: EINPROGRESS).
+        ended), or close(), or briefly a recv() or send().  EBADF once
+        closed; EISCONN once connected or given up on (not by the mark a
+        connect() puts the socket back under: see _putting_back); else
+        EALREADY: a connect() is under way, setting out (Linux's would
+        find it in SS_CONNECTING) or putting the socket back after a
+        failure (Linux's would set out itself: EINPROGRESS).
         A non-blocking call waits for no lock of the socket, however
         briefly it is held, so the second reads as the first; the
         connect() after it tells (EINPROGRESS, having set out).  Not
         EAGAIN: a TCP connect() says that for no free local port."""
         if self._closed:
             return bad_fd()
-        if not self._handshaking() and not self._connecting:
+        if not self._handshaking() and not self._connecting and not self._putting_back():
             try:
                 self._check_unconnected()
             except OSError as exc:
                 return exc
         return OSError(errno.EALREADY, os.strerror(errno.EALREADY)
                        + " (a connect() of another thread is under way)")
+
+    def _putting_back(self) -> bool:
+        """Whether the socket's given-up-on mark may be a connect()'s for
+        the moment: the last connect() sent nothing, or its CONNECT was
+        refused, and it marks the socket given up on while it gives the
+        ring back (see connect() and _connect_cut_short), taking the mark
+        back after.  Looked at without its locks by a connect() of
+        another thread, which then takes them and asks the socket
+        (EISCONN if a Ctrl-C left the mark for good), or, non-blocking,
+        says EALREADY (see _connect_busy).  Taken for given up on, the
+        socket being put back unconnected said EISCONN."""
+        last = self._last_connect
+        return (self._broken and last is not None
+                and (not last.sent or (last.done and last.ret < 0)))
 
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut

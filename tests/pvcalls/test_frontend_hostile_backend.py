@@ -3397,6 +3397,10 @@ def test_a_connect_that_waited_on_one_whose_outcome_another_took_says_it_failed(
     finally:
         at_finish.resume()
     wait_until(lambda: taken.reached.is_set() or not second.alive())
+    if not taken.reached.is_set():
+        # The second is over, not stopped: nobody is to stop there (the
+        # third's connect() looks there too, with the socket's locks).
+        taken.resume()
     requests: list[Request] = []
     try:
         if third == "connect":
@@ -3438,6 +3442,87 @@ def test_a_bind_or_listen_waiting_for_its_answer_ends_when_another_thread_closes
     fake.respond(req, 0)  # late: nobody waits for it
     wait_until(lambda: all(slot is None for slot in fe._slots))
     assert not s._st.listening and (cmd == PVCALLS_LISTEN) == s._st.bound
+
+
+@pytest.mark.parametrize("how", ["sent nothing", "refused as its time ran out"])
+@pytest.mark.parametrize("timeout", [None, 0.0], ids=["blocking", "nonblocking"])
+def test_a_connect_while_another_threads_failed_one_gives_back_its_ring_is_not_eisconn(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        timeout: float | None, how: str) -> None:
+    """A connect() while another thread's timed one gives the socket's
+    ring back, the socket marked given up on meanwhile (see connect()),
+    as that one found no room on the command ring in its time and sent
+    nothing, or its time ran out as the refusal came in: the socket is
+    being put back as it was, unconnected, not connected.  A blocking
+    connect() waits for the other to end and sets out itself; a
+    non-blocking one fails with EALREADY (see _connect_busy), as while
+    the other puts back a refused one.  Before, both said EISCONN, as
+    on a socket given up on for good.  (The connect() after a timed one
+    refused fails with ECONNABORTED: see _failed_in_time.)"""
+    s = fe.socket()
+    s.settimeout(0.2 if how == "sent nothing" else TIMEOUT)
+    firsts: list[int] = []  # the thread of the first connect()
+    has_room = fe._has_room
+    wait_slot = fe._wait_slot
+
+    def room(spare: int) -> bool:
+        return (how != "sent nothing" or threading.get_ident() not in firsts) and has_room(spare)
+
+    def timed_out_as_answered(req_id: int, slot: Any, deadline: Any, sock: Any = None) -> int:
+        if threading.get_ident() not in firsts:
+            return wait_slot(req_id, slot, deadline, sock)
+        wait_until(lambda: slot.done)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    monkeypatch.setattr(fe, "_wait_slot", timed_out_as_answered)
+    if how == "sent nothing":
+        pause = PauseAt(pvcalls.PVSocket.connect, "self._fe._give_back(self._st, reusable=True)",
+                        after="# Nothing went out")
+    else:
+        fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+        pause = PauseAt(pvcalls.PVSocket._connect_cut_short,
+                        "self._fe._give_back(self._st, reusable=True)")
+
+    def first_connect() -> None:
+        firsts.append(threading.get_ident())
+        pause.run(functools.partial(s.connect, _ADDRESS))
+
+    first = Call(first_connect)
+    assert pause.reached.wait(TIMEOUT)
+    fake.rets.clear()
+    try:
+        assert s._broken and s._connect_lock.locked()
+        s.settimeout(timeout)
+        if timeout == 0.0:
+            with pytest.raises(BlockingIOError) as info:
+                s.connect(_ADDRESS)
+            assert info.value.errno == errno.EALREADY, info.value
+        else:
+            second = Call(functools.partial(s.connect, _ADDRESS))
+            wait_until(lambda: stands_at(second.ident, _common.Deadline.take, "(True,)")
+                       or not second.alive())
+            assert second.alive(), f"did not wait: {second.error!r}"
+    finally:
+        pause.resume()
+    assert isinstance(first.join().error, TimeoutError), first.error
+    if timeout == 0.0:
+        s.settimeout(None)
+        if how != "sent nothing":
+            # The failure the timed one left to the next (_failed_in_time).
+            _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
+        s.connect(_ADDRESS)
+    elif how == "sent nothing":
+        assert second.join().error is None, second.error
+    else:
+        # The next connect(), although it passed that point before: it
+        # looks again once it has the locks.  Setting out instead, it
+        # left the failure to the one after, on the connected socket.
+        assert second.oserror().errno == errno.ECONNABORTED
+        s.connect(_ADDRESS)
+    assert not s._connect_failed
+    assert s.getpeername() == _ADDRESS
+    s.close()
 
 
 @pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
