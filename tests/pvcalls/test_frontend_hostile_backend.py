@@ -3525,6 +3525,33 @@ def test_a_connect_while_another_threads_failed_one_gives_back_its_ring_is_not_e
     s.close()
 
 
+def test_a_connect_that_waited_on_a_refused_one_says_ebadf_once_closed_as_it_looks(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A blocking connect() that waited for another thread's, refused,
+    and finds the socket closed as it looks how that one ended (a close()
+    after its first look, before it takes the socket's state lock): EBADF,
+    as for a close() at any time before, not the EPIPE of the refusal."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    pause = PauseAt(pvcalls.PVSocket._join_connect, "if self._fe._dead:")
+    second = Call(lambda: pause.run(functools.partial(s.connect, _ADDRESS)))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    assert pause.reached.wait(TIMEOUT)
+    try:
+        s.close()
+    finally:
+        pause.resume()
+    assert second.oserror().errno == errno.EBADF
+
+
 @pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
 def test_the_late_answers_of_binds_or_listens_a_close_cut_short_free_the_command_ring(
         fe: pvcalls.Frontend, fake: FakeBackend, cmd: int) -> None:
