@@ -3525,6 +3525,43 @@ def test_a_connect_while_another_threads_failed_one_gives_back_its_ring_is_not_e
     s.close()
 
 
+def test_a_connect_that_waited_looking_during_a_third_ones_handshake_says_epipe(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As above, the third thread's connect() in its handshake (a data
+    ring, no peer) by the time the second looks how the one it waited
+    for ended: that ring is the third's, and the second says EPIPE (the
+    one it waited for failed), not EISCONN; the third connects."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.hold = {PVCALLS_CONNECT}
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    s.settimeout(None)
+    at_finish = PauseAt(pvcalls.PVSocket._join_connect, "self._finish_connect(Deadline(None)")
+    second = Call(lambda: at_finish.run(functools.partial(s.connect, _ADDRESS)))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    assert at_finish.reached.wait(TIMEOUT)
+    try:
+        s.settimeout(0.0)
+        _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
+        s.settimeout(None)
+        third = Call(functools.partial(s.connect, _ADDRESS))
+        third_req = fake.next_request(PVCALLS_CONNECT)
+        assert s._handshaking()
+    finally:
+        at_finish.resume()
+    assert second.oserror().errno == errno.EPIPE
+    fake.respond(third_req, 0)
+    assert third.join().error is None, third.error
+    assert s.getpeername() == _ADDRESS
+    s.close()
+
+
 def test_a_connect_that_waited_on_a_refused_one_says_ebadf_once_closed_as_it_looks(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A blocking connect() that waited for another thread's, refused,
