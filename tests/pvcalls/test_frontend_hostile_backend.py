@@ -3590,6 +3590,42 @@ def test_a_connect_that_waited_on_a_refused_one_says_ebadf_once_closed_as_it_loo
 
 
 @pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
+def test_a_bind_or_listen_waiting_for_room_ends_when_another_thread_closes(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        cmd: int) -> None:
+    """bind() or listen() waiting for room on the command ring, and
+    close() in another thread: the call fails with EBADF at once, as one
+    waiting for its answer (see above), having sent nothing, not once the
+    frontend's timeout is over."""
+    s = fe.socket()
+    if cmd == PVCALLS_LISTEN:
+        s.bind(_ADDRESS)
+    has_room = fe._has_room
+    starved: list[int] = []  # the thread of the call: no room for it
+
+    def room(spare: int) -> bool:
+        return threading.get_ident() not in starved and has_room(spare)
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    monkeypatch.setattr(fe, "timeout", 2 * TIMEOUT)
+    fake.hold = {cmd}
+
+    def call() -> None:
+        starved.append(threading.get_ident())
+        if cmd == PVCALLS_BIND:
+            s.bind(_ADDRESS)
+        else:
+            s.listen()
+
+    waiting = Call(call)
+    cmd_cond: Any = fe._cmd_cond
+    wait_until(lambda: bool(cmd_cond._waiters) or not waiting.alive())  # waits for room
+    s.close()  # its RELEASE has room
+    assert waiting.join(TIMEOUT / 2).oserror().errno == errno.EBADF
+    assert fake.requests.empty(), "sent its command"
+
+
+@pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
 def test_the_late_answers_of_binds_or_listens_a_close_cut_short_free_the_command_ring(
         fe: pvcalls.Frontend, fake: FakeBackend, cmd: int) -> None:
     """Twice as many bind() or listen() calls as the command ring has
