@@ -3589,6 +3589,30 @@ def test_a_connect_that_waited_on_a_refused_one_says_ebadf_once_closed_as_it_loo
     assert second.oserror().errno == errno.EBADF
 
 
+def test_a_blocking_connect_waits_for_its_answer_in_the_mode_it_was_called_in(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A settimeout(0.0) of another thread while a blocking connect()
+    sends its CONNECT changes the next call, not this one (as
+    socket.socket's): it waits for the answer and connects, rather than
+    giving up on the socket at once as a wait that may not block."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    pause = PauseAt(pvcalls.PVSocket.connect, "req_id = self._fe._submit(slot, fill")
+    first = Call(lambda: pause.run(functools.partial(s.connect, _ADDRESS)))
+    assert pause.reached.wait(TIMEOUT)
+    try:
+        s.settimeout(0.0)
+    finally:
+        pause.resume()
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters) or not first.alive())
+    fake.respond(req, 0)
+    assert first.join().error is None, first.error
+    assert s.getpeername() == _ADDRESS
+    s.close()
+
+
 @pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
 def test_a_bind_or_listen_waiting_for_room_ends_when_another_thread_closes(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
