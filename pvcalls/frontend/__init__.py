@@ -122,7 +122,17 @@ A few calls differ with no error of their own:
   failed (refused, no answer), the other fails with ECONNABORTED, as the
   ``connect()`` after any such one; Linux's gives the error to the
   blocking one, and the timed one, finding ``SO_ERROR`` taken, returns
-  as if connected (6.18, measured).
+  as if connected (6.18, measured).  If the first sent nothing (no room
+  on the command ring in time, or a KeyboardInterrupt before its CONNECT
+  went out), the other sets out itself, as Linux's on the socket left
+  unconnected.
+* A non-blocking ``connect()`` that finds another thread's ``connect()``
+  holding the socket's locks, setting out or putting the socket back
+  after a failure, fails with EALREADY (a ``BlockingIOError``) at once,
+  as no non-blocking call here waits for a lock of the socket.  Linux's
+  waits for its socket lock whatever ``O_NONBLOCK`` says, and then says
+  EALREADY (the other's handshake on) or, in the second case, sets out
+  itself (EINPROGRESS): the next ``connect()`` here does.
 * After a non-blocking or timed ``connect()`` whose handshake failed
   (refused, no answer), ``recv()`` fails with ENOTCONN, where Linux's
   returns ``b""`` until the next ``connect()`` (which fails with

@@ -211,9 +211,12 @@ class Deadline:
 
 
 @contextlib.contextmanager
-def held(lock: threading.Lock, deadline: Deadline) -> Iterator[None]:
+def held(lock: threading.Lock, deadline: Deadline,
+         busy: Callable[[], BaseException] | None = None) -> Iterator[None]:
     """``with lock:``, taken within ``deadline`` as :meth:`Deadline.take`
     takes it, and let go whatever interrupts the block or the taking.
+    ``busy``: what to raise, rather than EAGAIN, when a non-blocking
+    ``deadline`` finds the lock held (looked at as it is found so).
     (One landing in contextlib's ``__enter__`` once this has yielded
     leaves the lock to the generator's close, when the exception lets go
     of it.)  Off the data path: send and recv take their locks with
@@ -221,7 +224,12 @@ def held(lock: threading.Lock, deadline: Deadline) -> Iterator[None]:
     the time of a small recv() more."""
     taken: list[bool] = []
     try:
-        deadline.take(lock, taken)
+        try:
+            deadline.take(lock, taken)
+        except BlockingIOError:
+            if busy is None:
+                raise
+            raise busy() from None
         yield
     finally:
         if taken and taken[-1]:

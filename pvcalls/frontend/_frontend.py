@@ -1623,7 +1623,7 @@ class Frontend(Closing):
         slot = Slot(cmd, sock_id)
         slot.on_done = on_done
         try:
-            req_id = self._submit(slot, fill, deadline)
+            req_id = self._submit(slot, fill, deadline, sock=sock)
             return self._wait_slot(req_id, slot, deadline, sock)
         except BaseException:
             if slot.sent:

@@ -477,8 +477,13 @@ class PVSocket(Closing):
         # the shared pages before unsharing them.  A connect() takes
         # _connect_lock, then _recv_lock and _send_lock, for all of its
         # course: a blocking connect() of another thread meanwhile waits
-        # for it to end on _connect_lock alone (see _join_connect).
+        # for it to end on _connect_lock alone (see _join_connect), and
+        # sets out itself if it sent nothing; a non-blocking one says
+        # EALREADY (see _connect_busy).
         self._connect_lock = threading.Lock()
+        # The slot of the last connect() that set out (under
+        # _connect_lock): whether its CONNECT went out is its ``sent``.
+        self._last_connect: Slot | None = None
         self._recv_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._accept_lock = threading.Lock()
@@ -645,7 +650,10 @@ class PVSocket(Closing):
         if that one connected, or fails with EPIPE if it failed (the
         other one says why), as Linux's (ECONNABORTED after a timed one
         whose handshake failed, which leaves that to the next connect(),
-        see below).  After the answer the first
+        see below), or sets out itself if that one sent nothing (no room
+        on the command ring in time, or a KeyboardInterrupt first).  A
+        non-blocking connect() meanwhile, or while another thread's sets
+        out, fails with EALREADY.  After the answer the first
         connect() returns (success) or raises the error, as Linux's
         second connect() does; later ones fail with EISCONN, or start over
         after a failure.  That is what ``select``-based programs and
@@ -663,30 +671,56 @@ class PVSocket(Closing):
         Before the answer came, nobody knows: only close() is left."""
         host, port = resolve(address)
         self._check_open()
-        with self._mutex:
-            started = self._connecting or self._connect_failed or self._connect_unreported
-        # Only in blocking mode does it wait for the answer: with a timeout
-        # CPython's connect() is a non-blocking one and a wait for the
-        # handshake it starts, and Linux's says EALREADY at once to one
-        # made while a handshake is on.
-        if started and self._finish_connect(None if self._timeout is not None
-                                            else Deadline(None)):
-            return
-        if self._handshaking():
-            self._join_connect()
-            return
-        self._check_unconnected()
-        lock_deadline = Deadline(self._timeout)
+        # The mode the call was made in, as socket.socket's: a settimeout()
+        # of another thread meanwhile changes the next call, not this one
+        # (read again as it sets out, a blocking connect() that waited for
+        # another thread's went on as a non-blocking one).
+        timeout = self._timeout
+        while True:
+            with self._mutex:
+                started = self._connecting or self._connect_failed or self._connect_unreported
+            # Only in blocking mode does it wait for the answer: with a
+            # timeout CPython's connect() is a non-blocking one and a wait
+            # for the handshake it starts, and Linux's says EALREADY at
+            # once to one made while a handshake is on.
+            if started and self._finish_connect(None if timeout is not None
+                                                else Deadline(None)):
+                return
+            if not self._handshaking():
+                break
+            if self._join_connect(timeout):
+                return
+            # The connect() it waited for sent nothing: the socket is as
+            # before it, and this one sets out (or waits for, or reports,
+            # one of a third thread that came first, as any connect()).
+        if not self._putting_back():
+            self._check_unconnected()
+        lock_deadline = Deadline(timeout)
+        # Non-blocking, a lock held by another thread's connect() says how
+        # far that one is (see _connect_busy), not EAGAIN.
+        busy = self._connect_busy if timeout == 0.0 else None
         # Let go whatever interrupts the taking (see held): a lock left
         # held keeps the ring, which close() would then leave alone.
-        with held(self._connect_lock, lock_deadline), held(self._recv_lock, lock_deadline), \
-                held(self._send_lock, lock_deadline):
+        with held(self._connect_lock, lock_deadline, busy), \
+                held(self._recv_lock, lock_deadline, busy), \
+                held(self._send_lock, lock_deadline, busy):
             self._check_open()
+            # Again with the locks: the connect() it waited for may have
+            # left an outcome to the next one (a timed one refused), which
+            # this one is.  Setting out, it connected the socket with that
+            # outcome still to be told, by the connect() after, as if the
+            # connected socket's connect had failed.
+            if self._finish_connect(None if timeout is not None else Deadline(None)):
+                return
             self._check_unconnected()
             sockaddr = pack_sockaddr_in(host, port)
             slot = Slot(PVCALLS_CONNECT, self.id)
-            background = self._timeout == 0.0
-            timed = self._timeout is not None  # before the tries: their handlers read it
+            # Before the ring (with which _handshaking() holds): a
+            # connect() that waits for this one reads it once this is
+            # over, to tell whether the CONNECT went out (see _join_connect).
+            self._last_connect = slot
+            background = timeout == 0.0
+            timed = timeout is not None  # before the tries: their handlers read it
             try:
                 # In the try: a Ctrl-C as it returns must not leave the
                 # socket with a ring and no CONNECT (EISCONN for ever).
@@ -711,7 +745,7 @@ class PVSocket(Closing):
                     req.u.connect.ref = ring.ref
                     req.u.connect.evtchn = ring.port
 
-                req_id = self._fe._submit(slot, fill, Deadline(self._timeout), sock=self)
+                req_id = self._fe._submit(slot, fill, Deadline(timeout), sock=self)
             except BaseException as exc:
                 if slot.sent:
                     # Interrupted between the push and the notify, or as
@@ -793,7 +827,7 @@ class PVSocket(Closing):
                 # with nobody to take its answer (its response table
                 # entry taken for good, the socket neither broken nor
                 # connected).
-                deadline = Deadline(self._timeout)
+                deadline = Deadline(timeout)
                 # Neither readable nor writable until the answer, as a TCP
                 # socket in its handshake (see _handshaking), also for a
                 # selector that registered the socket before.  Only once
@@ -858,20 +892,26 @@ class PVSocket(Closing):
                 self._repair_ready()
                 raise
 
-    def _join_connect(self) -> None:
+    def _join_connect(self, timeout: float | None) -> bool:
         """connect() while another thread's blocking or timed connect()
         waits for its CONNECT's answer: what Linux's connect() does on a
         socket in SS_CONNECTING whose handshake another thread waits for.
         With a timeout (CPython's connect() is a non-blocking one then) or
         in non-blocking mode, fail with EALREADY at once.  In blocking
         mode wait for that connect() to end and report its outcome:
-        return if it connected; if it failed, EPIPE (the other reports
+        return True if it connected; if it failed, EPIPE (the other reports
         the error, as on Linux one of the two threads does and the other
         says EPIPE), or ECONNABORTED if it was a timed one whose handshake
         failed (the report that connect() leaves to the next one);
         EISCONN if it was cut short (the socket is given up on: see
-        connect()); EBADF if the socket was closed meanwhile."""
-        if self._timeout is not None:
+        connect()); EBADF if the socket was closed meanwhile.
+
+        False if it sent nothing (no room on the command ring in time, or
+        a Ctrl-C before the CONNECT went out) and left the socket as it
+        was, unconnected: the caller sets out itself, as Linux's connect()
+        does on a socket whose connect() failed before any handshake.  Its
+        failure is that call's, not the socket's."""
+        if timeout is not None:
             raise OSError(errno.EALREADY, os.strerror(errno.EALREADY) + " (connecting)")
         # Held for the whole of a connect(): free once the other one is
         # over, whatever ended it.  Not the receive lock, which a recv()
@@ -882,32 +922,80 @@ class PVSocket(Closing):
                 raise self._fe._gone()
             with self._mutex:
                 started = self._connecting or self._connect_failed or self._connect_unreported
-            if not started:
-                # Told under the lock: let go first, a connect() of a third
-                # thread could make the socket its own (a ring, no peer
-                # yet), and this one report that one's (EISCONN) rather
-                # than the one it waited for.
-                self._joined_outcome()
-                return
+                if not started:
+                    # Told under the lock: let go first, a connect() of a
+                    # third thread could make the socket its own (a ring, no
+                    # peer yet), and this one report that one's (EISCONN)
+                    # rather than the one it waited for.  The last
+                    # connect() is the one it waited for (the lock is held
+                    # for the whole of one), or one that came before it
+                    # here and is over too.
+                    last = self._last_connect
+                    if ((last is None or not last.sent) and self._st.ring is None
+                            and not self._broken):
+                        return False
+                    self._joined_outcome()
+                    return True
             # A timed connect() leaves its outcome to the next one (see
             # connect()), and a non-blocking one in flight its answer to
             # come: that is this one's to report.  Free of the lock while
             # it waits, so that none of the socket's connect() waits
             # behind it.
-        if self._finish_connect(Deadline(None)):
-            return
-        # Another thread's connect() took the outcome meanwhile.
-        self._joined_outcome()
+        return self._finish_connect(Deadline(None), joined=True)
 
     def _joined_outcome(self) -> None:
-        """How the connect() that :meth:`_join_connect` waited for ended,
-        once nothing of it is left to report: return if connected, else
-        EPIPE (or EISCONN if it was cut short)."""
+        """Under _cond: how the connect() that :meth:`_join_connect` waited
+        for ended, once nothing of it is left to report: return if
+        connected, else EPIPE (EISCONN if it was cut short, EBADF once the
+        socket is closed).  A ring with no peer is a later connect()'s,
+        in its handshake: a connect() sets out only on a socket left
+        unconnected, so the one waited for failed."""
+        self._check_open()
         if self._st.ring is not None and self._peername is not None and not self._broken:
             return  # connected, as Linux's reports to every thread that waited
-        self._check_unconnected()
+        if not self._handshaking():
+            self._check_unconnected()
         raise OSError(errno.EPIPE, os.strerror(errno.EPIPE)
                       + " (the connect() of another thread failed)")
+
+    def _connect_busy(self) -> OSError:
+        """What a non-blocking connect() raises when a lock it takes is
+        held: what Linux's says once its socket lock, which it waits for
+        whatever O_NONBLOCK says, is free.  The holder is another thread's
+        connect() (or one that waited for another, looking how that one
+        ended), or close(), or briefly a recv() or send().  EBADF once
+        closed; EISCONN once connected or given up on (not by the mark a
+        connect() puts the socket back under: see _putting_back); else
+        EALREADY: a connect() is under way, setting out (Linux's would
+        find it in SS_CONNECTING) or putting the socket back after a
+        failure (Linux's would set out itself: EINPROGRESS).
+        A non-blocking call waits for no lock of the socket, however
+        briefly it is held, so the second reads as the first; the
+        connect() after it tells (EINPROGRESS, having set out).  Not
+        EAGAIN: a TCP connect() says that for no free local port."""
+        if self._closed:
+            return bad_fd()
+        if not self._handshaking() and not self._connecting and not self._putting_back():
+            try:
+                self._check_unconnected()
+            except OSError as exc:
+                return exc
+        return OSError(errno.EALREADY, os.strerror(errno.EALREADY)
+                       + " (a connect() of another thread is under way)")
+
+    def _putting_back(self) -> bool:
+        """Whether the socket's given-up-on mark may be a connect()'s for
+        the moment: the last connect() sent nothing, or its CONNECT was
+        refused, and it marks the socket given up on while it gives the
+        ring back (see connect() and _connect_cut_short), taking the mark
+        back after.  Looked at without its locks by a connect() of
+        another thread, which then takes them and asks the socket
+        (EISCONN if a Ctrl-C left the mark for good), or, non-blocking,
+        says EALREADY (see _connect_busy).  Taken for given up on, the
+        socket being put back unconnected said EISCONN."""
+        last = self._last_connect
+        return (self._broken and last is not None
+                and (not last.sent or (last.done and last.ret < 0)))
 
     def _connect_cut_short(self, slot: Slot, host: str, port: int, *, timed: bool) -> None:
         """A blocking connect()'s CONNECT went out and the call was cut
@@ -1032,7 +1120,7 @@ class PVSocket(Closing):
         self._fe._return_rings()
         self._update_ready()
 
-    def _finish_connect(self, deadline: Deadline | None) -> bool:
+    def _finish_connect(self, deadline: Deadline | None, *, joined: bool = False) -> bool:
         """connect() after a non-blocking one: what Linux's connect()
         does on a socket in SS_CONNECTING.  EALREADY while the CONNECT is
         in flight (with a ``deadline``: wait for it); then return True once
@@ -1042,7 +1130,12 @@ class PVSocket(Closing):
         that (ECONNABORTED if a call reported it already), as Linux's
         connect() finding the socket closed does.  False if another
         thread's connect() took the outcome meanwhile: this one is a
-        connect() as on any socket."""
+        connect() as on any socket.  ``joined``: this one waited for
+        another thread's (see _join_connect), and reports how that one
+        ended then (:meth:`_joined_outcome`), under _cond where it found
+        the outcome taken: looked at later, a third thread's connect()
+        may have set out meanwhile, and its handshake was reported as
+        this one's (EISCONN)."""
         with self._mutex:
             self._await_connect_answer(deadline, errno.EALREADY)
             if self._connect_unreported:
@@ -1061,6 +1154,9 @@ class PVSocket(Closing):
                 err, self._so_error = self._so_error, 0
                 err = err or errno.ECONNABORTED
                 raise OSError(err, os.strerror(err))
+            if joined:
+                self._joined_outcome()
+                return True
         return False
 
     def _await_connect_answer(self, deadline: Deadline | None, would_block: int) -> None:
@@ -1106,7 +1202,8 @@ class PVSocket(Closing):
 
     def bind(self, address: tuple[str, int]) -> None:
         """Bind to ``address`` in the backend domain (port 0 lets the
-        backend's host pick one; PV Calls cannot tell the guest which)."""
+        backend's host pick one; PV Calls cannot tell the guest which).
+        Another thread's close() ends its wait for the answer (EBADF)."""
         host, port = resolve(address)
         self._check_open()
         if self._st.ring is not None or self._st.bound or self._broken:
@@ -1118,7 +1215,10 @@ class PVSocket(Closing):
             ffi.memmove(req.u.bind.addr, sockaddr, len(sockaddr))
             req.u.bind.len = SOCKADDR_IN_LEN
 
-        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout),
+        # With the socket: another thread's close() ends the wait (EBADF),
+        # as a recv()'s; the answer that comes later frees its entry, and
+        # marks nothing on a closed socket (see _on_success).
+        ret = self._fe._call(PVCALLS_BIND, self.id, fill, Deadline(self._fe.timeout), self,
                              on_done=self._on_success(functools.partial(
                                  PVSocket._bound, host=host, port=port)))
         if ret < 0:
@@ -1161,7 +1261,8 @@ class PVSocket(Closing):
 
     def listen(self, backlog: int | None = None) -> None:
         """Start listening; ``backlog`` defaults to ``min(128, SOMAXCONN)``
-        as in :meth:`socket.socket.listen`."""
+        as in :meth:`socket.socket.listen`.  Another thread's close()
+        ends its wait for the answer (EBADF), as bind()'s."""
         if backlog is None:
             backlog = min(128, socket.SOMAXCONN)
         # Checked as socket.socket checks it (a C int): int() would take
@@ -1189,7 +1290,8 @@ class PVSocket(Closing):
             req.u.listen.id = self.id
             req.u.listen.backlog = backlog
 
-        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout),
+        # With the socket, as bind()'s.
+        ret = self._fe._call(PVCALLS_LISTEN, self.id, fill, Deadline(self._fe.timeout), self,
                              on_done=self._on_success(PVSocket._listening))
         if ret < 0:
             raise host_error(ret, "listen")

@@ -3116,8 +3116,10 @@ def test_a_connect_while_another_threads_sets_out_waits_no_longer_than_its_timeo
     same mode) takes its first steps, its data ring not made yet (so not
     in its handshake, see _handshaking): it waits for that one within its
     own timeout only, as for any lock of the socket: non-blocking, it
-    fails at once (BlockingIOError); timed, with TimeoutError once its
-    time is over.  It sends nothing, and the other goes on."""
+    fails at once with EALREADY (a BlockingIOError: Linux's finds the
+    other's in SS_CONNECTING once it has its socket lock; before, EAGAIN);
+    timed, with TimeoutError once its time is over.  It sends nothing,
+    and the other goes on."""
     s = fe.socket()
     s.settimeout(timeout)
     connects = _connects_submitted(fe)
@@ -3126,9 +3128,11 @@ def test_a_connect_while_another_threads_sets_out_waits_no_longer_than_its_timeo
     assert pause.reached.wait(TIMEOUT)
     started = time.monotonic()
     try:
-        with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError):
+        with pytest.raises(BlockingIOError if timeout == 0.0 else TimeoutError) as info:
             s.connect(_ADDRESS)
         assert time.monotonic() - started < TIMEOUT / 2, "waited for the other connect()"
+        if timeout == 0.0:
+            assert info.value.errno == errno.EALREADY, info.value
     finally:
         pause.resume()
     if timeout == 0.0:
@@ -3197,9 +3201,11 @@ def test_a_connect_that_waited_on_a_refused_one_says_so_whatever_comes_next(
     assert pause.reached.wait(TIMEOUT)
     third = Call(functools.partial(s.connect, _ADDRESS))
     try:
-        # Its CONNECT made, or waiting for the connect lock.
+        # Its CONNECT made, or waiting for the connect lock, or for the
+        # socket's state, which the waiting one looks at under its lock.
         wait_until(lambda: s._st.ring is not None or stands_at(
-            third.ident, pvcalls.frontend._common.Deadline.take, "(True,)"))
+            third.ident, pvcalls.frontend._common.Deadline.take, "(True,)") or stands_at(
+            third.ident, pvcalls.PVSocket.connect, "with self._mutex:"))
     finally:
         pause.resume()
     assert second.oserror().errno == errno.EPIPE
@@ -3251,6 +3257,501 @@ def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alo
         assert s.getpeername() == _ADDRESS
         assert not s._connect_lock.locked(), "left held"
         _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+        s.close()
+
+    _sweep(attempt, check, through=("_join_connect",))
+
+
+@pytest.mark.parametrize("how", ["no room", "interrupted"])
+def test_a_blocking_connect_behind_one_that_sent_nothing_sends_its_own(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        how: str) -> None:
+    """A blocking connect() that waits for another thread's (in its
+    handshake: a data ring, no peer), which then sends nothing (no room
+    on the command ring: ENOBUFS; or a Ctrl-C as it waits for room): it
+    starts a connect of its own, as Linux's would on the socket left
+    unconnected, and connects.  Before, it failed with EPIPE as if the
+    other's CONNECT had been refused."""
+    s = fe.socket()
+    s.settimeout(0.0 if how == "no room" else None)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    has_room = fe._has_room
+    starved: list[int] = []  # the thread of the first connect(): no room for it
+
+    def room(spare: int) -> bool:
+        return threading.get_ident() not in starved and has_room(spare)
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    seconds: list[Call] = []
+
+    def joined() -> bool:
+        return bool(seconds) and stands_at(seconds[-1].ident, pvcalls.PVSocket._join_connect,
+                                           "held(self._connect_lock")
+
+    if how == "no room":
+        # Its ring made, not yet marked connecting (see _handshaking).
+        pause = PauseAt(pvcalls.PVSocket.connect, "slot.on_done = self._connect_taker(host, port)")
+        first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
+        starved.append(first.ident)
+        assert pause.reached.wait(TIMEOUT)
+        assert s._handshaking() and not s._connecting
+        s.settimeout(None)  # as another thread's: the first is non-blocking already
+        seconds.append(Call(lambda: s.connect(_ADDRESS)))
+        wait_until(lambda: joined() or not seconds[-1].alive())
+        pause.resume()
+        assert first.oserror().errno == errno.ENOBUFS
+    else:
+        starved.append(threading.get_ident())
+        cmd_cond: Any = fe._cmd_cond
+
+        def second_when_first_waits() -> None:
+            wait_until(lambda: bool(cmd_cond._waiters))  # the first waits for room
+            seconds.append(Call(lambda: s.connect(_ADDRESS)))
+            wait_until(lambda: joined() or not seconds[-1].alive())
+
+        starter = threading.Thread(target=second_when_first_waits)
+        starter.start()
+        try:
+            with signal_taken_elsewhere(lambda: not starter.is_alive()), \
+                    pytest.raises(Interrupted):
+                s.connect(_ADDRESS)
+        finally:
+            starter.join(TIMEOUT)
+    (second,) = seconds
+    assert second.alive(), f"sent nothing: {second.error!r}"
+    fake.respond(fake.next_request(PVCALLS_CONNECT), 0)
+    assert second.join().error is None, second.error
+    assert s.getpeername() == _ADDRESS
+    assert [slot.sent for slot in connects] == [False, True]
+    s.close()
+
+
+def test_a_nonblocking_connect_while_another_threads_settles_its_refusal_says_ealready(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A non-blocking connect() while another thread's blocking one,
+    refused, holds the socket's connect lock to put the socket back as
+    it was: a connect() of another thread is under way, and it fails
+    with EALREADY (BlockingIOError), as on a socket in its handshake,
+    not EAGAIN (which a TCP connect() says for no free local port).  It
+    does not wait for the lock (no non-blocking call does), and the next
+    connect() starts over."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    connects = _connects_submitted(fe)
+    pause = PauseAt(pvcalls.PVSocket.connect, "self._update_ready()",
+                    after="self._fe._put_data_ring(self._st, reusable=True)")
+    first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
+    fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
+    assert pause.reached.wait(TIMEOUT)
+    try:
+        assert s._st.ring is None and s._connect_lock.locked()
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            s.connect(_ADDRESS)
+        assert info.value.errno == errno.EALREADY, info.value
+    finally:
+        pause.resume()
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    fake.hold = set()
+    s.setblocking(True)
+    s.connect(_ADDRESS)
+    assert s.getpeername() == _ADDRESS
+    assert len(connects) == 2
+    s.close()
+
+
+@pytest.mark.parametrize("third", ["connect", "close"])
+def test_a_connect_that_waited_on_one_whose_outcome_another_took_says_it_failed(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        third: str) -> None:
+    """A blocking connect() (the second) waits for another thread's timed
+    one, refused; a third thread's connect() takes the outcome the timed
+    one left to the next (ECONNABORTED) before the second does, and then
+    connects again, or closes the socket.  The second fails with EPIPE
+    (the connect it waited for failed), or EBADF once closed: how it
+    ended is told as it finds the outcome taken, under the socket's
+    lock.  Before, it looked later, and reported the third's connect in
+    its handshake as its own: EISCONN."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.hold = {PVCALLS_CONNECT}
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    s.settimeout(None)
+    at_finish = PauseAt(pvcalls.PVSocket._join_connect, "self._finish_connect(Deadline(None)")
+    # Stopped once it found nothing to report, as it returns (old code).
+    taken = PauseAt.in_method(monkeypatch, pvcalls.PVSocket, "_finish_connect", "return False")
+    second = Call(lambda: at_finish.run(functools.partial(s.connect, _ADDRESS)))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    assert at_finish.reached.wait(TIMEOUT)
+    try:
+        s.settimeout(0.0)
+        _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
+    finally:
+        at_finish.resume()
+    wait_until(lambda: taken.reached.is_set() or not second.alive())
+    if not taken.reached.is_set():
+        # The second is over, not stopped: nobody is to stop there (the
+        # third's connect() looks there too, with the socket's locks).
+        taken.resume()
+    requests: list[Request] = []
+    try:
+        if third == "connect":
+            s.settimeout(None)
+            third_call = Call(functools.partial(s.connect, _ADDRESS))
+            requests.append(fake.next_request(PVCALLS_CONNECT))  # in its handshake
+        else:
+            s.close()
+    finally:
+        taken.resume()
+    if third == "connect":
+        assert second.oserror().errno == errno.EPIPE
+        fake.respond(requests[0], 0)
+        assert third_call.join().error is None, third_call.error
+        assert s.getpeername() == _ADDRESS
+    else:
+        assert second.oserror().errno in (errno.EPIPE, errno.EBADF)
+    s.close()
+
+
+@pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
+def test_a_bind_or_listen_waiting_for_its_answer_ends_when_another_thread_closes(
+        fe: pvcalls.Frontend, fake: FakeBackend, cmd: int) -> None:
+    """bind() or listen() waiting for the backend's answer, and close()
+    in another thread: the call fails with EBADF at once, as a recv(),
+    accept() or connect() waiting does, not once the frontend's timeout
+    is over; the answer that comes later frees its response table entry
+    and marks nothing."""
+    s = fe.socket()
+    if cmd == PVCALLS_LISTEN:
+        s.bind(_ADDRESS)
+    fake.hold = {cmd}
+    waiting = Call(functools.partial(s.bind, _ADDRESS) if cmd == PVCALLS_BIND else s.listen)
+    req = fake.next_request(cmd)
+    cmd_cond: Any = fe._cmd_cond
+    wait_until(lambda: bool(cmd_cond._waiters) or not waiting.alive())  # waits for the answer
+    s.close()
+    assert waiting.join(TIMEOUT / 2).oserror().errno == errno.EBADF
+    fake.respond(req, 0)  # late: nobody waits for it
+    wait_until(lambda: all(slot is None for slot in fe._slots))
+    assert not s._st.listening and (cmd == PVCALLS_LISTEN) == s._st.bound
+
+
+@pytest.mark.parametrize("how", ["sent nothing", "refused as its time ran out"])
+@pytest.mark.parametrize("timeout", [None, 0.0], ids=["blocking", "nonblocking"])
+def test_a_connect_while_another_threads_failed_one_gives_back_its_ring_is_not_eisconn(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        timeout: float | None, how: str) -> None:
+    """A connect() while another thread's timed one gives the socket's
+    ring back, the socket marked given up on meanwhile (see connect()),
+    as that one found no room on the command ring in its time and sent
+    nothing, or its time ran out as the refusal came in: the socket is
+    being put back as it was, unconnected, not connected.  A blocking
+    connect() waits for the other to end and sets out itself; a
+    non-blocking one fails with EALREADY (see _connect_busy), as while
+    the other puts back a refused one.  Before, both said EISCONN, as
+    on a socket given up on for good.  (The connect() after a timed one
+    refused fails with ECONNABORTED: see _failed_in_time.)"""
+    s = fe.socket()
+    s.settimeout(0.2 if how == "sent nothing" else TIMEOUT)
+    firsts: list[int] = []  # the thread of the first connect()
+    has_room = fe._has_room
+    wait_slot = fe._wait_slot
+
+    def room(spare: int) -> bool:
+        return (how != "sent nothing" or threading.get_ident() not in firsts) and has_room(spare)
+
+    def timed_out_as_answered(req_id: int, slot: Any, deadline: Any, sock: Any = None) -> int:
+        if threading.get_ident() not in firsts:
+            return wait_slot(req_id, slot, deadline, sock)
+        wait_until(lambda: slot.done)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    monkeypatch.setattr(fe, "_wait_slot", timed_out_as_answered)
+    if how == "sent nothing":
+        pause = PauseAt(pvcalls.PVSocket.connect, "self._fe._give_back(self._st, reusable=True)",
+                        after="# Nothing went out")
+    else:
+        fake.rets[PVCALLS_CONNECT] = -ECONNREFUSED
+        pause = PauseAt(pvcalls.PVSocket._connect_cut_short,
+                        "self._fe._give_back(self._st, reusable=True)")
+
+    def first_connect() -> None:
+        firsts.append(threading.get_ident())
+        pause.run(functools.partial(s.connect, _ADDRESS))
+
+    first = Call(first_connect)
+    assert pause.reached.wait(TIMEOUT)
+    fake.rets.clear()
+    try:
+        assert s._broken and s._connect_lock.locked()
+        s.settimeout(timeout)
+        if timeout == 0.0:
+            with pytest.raises(BlockingIOError) as info:
+                s.connect(_ADDRESS)
+            assert info.value.errno == errno.EALREADY, info.value
+        else:
+            second = Call(functools.partial(s.connect, _ADDRESS))
+            wait_until(lambda: stands_at(second.ident, _common.Deadline.take, "(True,)")
+                       or not second.alive())
+            assert second.alive(), f"did not wait: {second.error!r}"
+    finally:
+        pause.resume()
+    assert isinstance(first.join().error, TimeoutError), first.error
+    if timeout == 0.0:
+        s.settimeout(None)
+        if how != "sent nothing":
+            # The failure the timed one left to the next (_failed_in_time).
+            _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
+        s.connect(_ADDRESS)
+    elif how == "sent nothing":
+        assert second.join().error is None, second.error
+    else:
+        # The next connect(), although it passed that point before: it
+        # looks again once it has the locks.  Setting out instead, it
+        # left the failure to the one after, on the connected socket.
+        assert second.oserror().errno == errno.ECONNABORTED
+        s.connect(_ADDRESS)
+    assert not s._connect_failed
+    assert s.getpeername() == _ADDRESS
+    s.close()
+
+
+def test_a_connect_that_waited_looking_during_a_third_ones_handshake_says_epipe(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As above, the third thread's connect() in its handshake (a data
+    ring, no peer) by the time the second looks how the one it waited
+    for ended: that ring is the third's, and the second says EPIPE (the
+    one it waited for failed), not EISCONN; the third connects."""
+    s = fe.socket()
+    s.settimeout(TIMEOUT)
+    fake.hold = {PVCALLS_CONNECT}
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    s.settimeout(None)
+    at_finish = PauseAt(pvcalls.PVSocket._join_connect, "self._finish_connect(Deadline(None)")
+    second = Call(lambda: at_finish.run(functools.partial(s.connect, _ADDRESS)))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    assert at_finish.reached.wait(TIMEOUT)
+    try:
+        s.settimeout(0.0)
+        _refused(functools.partial(s.connect, _ADDRESS), errno.ECONNABORTED)()
+        s.settimeout(None)
+        third = Call(functools.partial(s.connect, _ADDRESS))
+        third_req = fake.next_request(PVCALLS_CONNECT)
+        assert s._handshaking()
+    finally:
+        at_finish.resume()
+    assert second.oserror().errno == errno.EPIPE
+    fake.respond(third_req, 0)
+    assert third.join().error is None, third.error
+    assert s.getpeername() == _ADDRESS
+    s.close()
+
+
+def test_a_connect_that_waited_on_a_refused_one_says_ebadf_once_closed_as_it_looks(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A blocking connect() that waited for another thread's, refused,
+    and finds the socket closed as it looks how that one ended (a close()
+    after its first look, before it takes the socket's state lock): EBADF,
+    as for a close() at any time before, not the EPIPE of the refusal."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    pause = PauseAt(pvcalls.PVSocket._join_connect, "if self._fe._dead:")
+    second = Call(lambda: pause.run(functools.partial(s.connect, _ADDRESS)))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    fake.respond(req, -ECONNREFUSED)
+    assert isinstance(first.oserror(), ConnectionRefusedError)
+    assert pause.reached.wait(TIMEOUT)
+    try:
+        s.close()
+    finally:
+        pause.resume()
+    assert second.oserror().errno == errno.EBADF
+
+
+def test_a_blocking_connect_waits_for_its_answer_in_the_mode_it_was_called_in(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A settimeout(0.0) of another thread while a blocking connect()
+    sends its CONNECT changes the next call, not this one (as
+    socket.socket's): it waits for the answer and connects, rather than
+    giving up on the socket at once as a wait that may not block."""
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_CONNECT}
+    pause = PauseAt(pvcalls.PVSocket.connect, "req_id = self._fe._submit(slot, fill")
+    first = Call(lambda: pause.run(functools.partial(s.connect, _ADDRESS)))
+    assert pause.reached.wait(TIMEOUT)
+    try:
+        s.settimeout(0.0)
+    finally:
+        pause.resume()
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters) or not first.alive())
+    fake.respond(req, 0)
+    assert first.join().error is None, first.error
+    assert s.getpeername() == _ADDRESS
+    s.close()
+
+
+@pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
+def test_a_bind_or_listen_waiting_for_room_ends_when_another_thread_closes(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        cmd: int) -> None:
+    """bind() or listen() waiting for room on the command ring, and
+    close() in another thread: the call fails with EBADF at once, as one
+    waiting for its answer (see above), having sent nothing, not once the
+    frontend's timeout is over."""
+    s = fe.socket()
+    if cmd == PVCALLS_LISTEN:
+        s.bind(_ADDRESS)
+    has_room = fe._has_room
+    starved: list[int] = []  # the thread of the call: no room for it
+
+    def room(spare: int) -> bool:
+        return threading.get_ident() not in starved and has_room(spare)
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    monkeypatch.setattr(fe, "timeout", 2 * TIMEOUT)
+    fake.hold = {cmd}
+
+    def call() -> None:
+        starved.append(threading.get_ident())
+        if cmd == PVCALLS_BIND:
+            s.bind(_ADDRESS)
+        else:
+            s.listen()
+
+    waiting = Call(call)
+    cmd_cond: Any = fe._cmd_cond
+    wait_until(lambda: bool(cmd_cond._waiters) or not waiting.alive())  # waits for room
+    s.close()  # its RELEASE has room
+    assert waiting.join(TIMEOUT / 2).oserror().errno == errno.EBADF
+    assert fake.requests.empty(), "sent its command"
+
+
+@pytest.mark.parametrize("cmd", [PVCALLS_BIND, PVCALLS_LISTEN], ids=["bind", "listen"])
+def test_the_late_answers_of_binds_or_listens_a_close_cut_short_free_the_command_ring(
+        fe: pvcalls.Frontend, fake: FakeBackend, cmd: int) -> None:
+    """Twice as many bind() or listen() calls as the command ring has
+    slots, each ended by another thread's close() (see above) and
+    answered late: each answer frees its response table entry, and the
+    ring then takes as many commands in flight at once as it has slots.
+    One entry kept per such call left the frontend with no room at the
+    33rd."""
+    cmd_cond: Any = fe._cmd_cond
+    for _ in range(2 * RING_SLOTS):
+        s = fe.socket()
+        if cmd == PVCALLS_LISTEN:
+            s.bind(_ADDRESS)
+        fake.hold = {cmd}
+        waiting = Call(functools.partial(s.bind, _ADDRESS) if cmd == PVCALLS_BIND else s.listen)
+        req = fake.next_request(cmd)
+        wait_until(functools.partial(lambda w: bool(cmd_cond._waiters) or not w.alive(), waiting))
+        s.close()
+        assert waiting.join(TIMEOUT / 2).oserror().errno == errno.EBADF
+        fake.hold = set()
+        fake.respond(req, 0)
+    wait_until(lambda: all(slot is None for slot in fe._slots))
+    socks = [fe.socket() for _ in range(RING_SLOTS)]
+    if cmd == PVCALLS_LISTEN:
+        for s in socks:
+            s.bind(_ADDRESS)
+    fake.hold = {cmd}
+    calls = [Call(functools.partial(s.bind, _ADDRESS) if cmd == PVCALLS_BIND else s.listen)
+             for s in socks]
+    requests = [fake.next_request(cmd) for _ in socks]  # all in flight at once
+    fake.respond_many([(req, 0, {}) for req in requests])
+    for call in calls:
+        assert call.join().error is None, call.error
+    fake.hold = set()
+    for s in socks:
+        s.close()
+
+
+def test_a_connect_behind_one_that_sent_nothing_interrupted_anywhere_is_left_usable(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing anywhere in a blocking connect() that waits for
+    another thread's non-blocking one in its first steps (a data ring, no
+    CONNECT yet), which then sends nothing (no room: ENOBUFS), so that
+    this one goes round and sets out itself (see above): no lock of the
+    socket is left held, the socket is left unconnected (readable and
+    writable, and the next connect() connects), connected, or given up
+    on, never in its handshake for good, and every response table entry
+    is freed once the answers are in."""
+    within = os.path.dirname(_frontend.__file__)
+    connects = _connects_submitted(fe)
+    has_room = fe._has_room
+    starved: list[int] = []  # the threads of the first connect(): no room for them
+
+    def room(spare: int) -> bool:
+        return threading.get_ident() not in starved and has_room(spare)
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    socks: list[pvcalls.PVSocket] = []
+    firsts: list[Call] = []
+
+    def resume_once_waiting(pause: PauseAt, over: threading.Event) -> None:
+        wait_until(lambda: over.is_set() or stands_at(
+            threading.main_thread().ident, pvcalls.PVSocket._join_connect,  # type: ignore[arg-type]
+            "held(self._connect_lock"))
+        pause.resume()
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(0.0)
+        pause = PauseAt(pvcalls.PVSocket.connect,
+                        "slot.on_done = self._connect_taker(host, port)")
+
+        def first_connect() -> None:
+            starved.append(threading.get_ident())
+            pause.run(functools.partial(s.connect, _ADDRESS))
+
+        firsts[:] = [Call(first_connect)]
+        assert pause.reached.wait(TIMEOUT)
+        s.settimeout(None)
+        over = threading.Event()
+        resumer = threading.Thread(target=resume_once_waiting, args=(pause, over))
+        resumer.start()
+        try:
+            return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
+        finally:
+            over.set()
+            resumer.join(TIMEOUT)
+
+    def check(where: str) -> None:
+        (s,), (first,) = socks, firsts
+        assert first.oserror().errno == errno.ENOBUFS
+        for lock in (s._connect_lock, s._recv_lock, s._send_lock):
+            assert not lock.locked(), "left held"
+        wait_until(lambda: all(slot.done for slot in connects if slot.sent))
+        wait_until(lambda: all(slot is None for slot in fe._slots))
+        assert not s._handshaking(), "in its handshake for good"
+        if s._broken:
+            _refused(functools.partial(s.connect, _ADDRESS), errno.EISCONN)()
+        elif s._st.ring is None:
+            assert _readiness(s) == (True, True)
+            s.connect(_ADDRESS)
+        assert s._broken or s.getpeername() == _ADDRESS
         s.close()
 
     _sweep(attempt, check, through=("_join_connect",))
