@@ -701,9 +701,9 @@ class PVSocket(Closing):
         busy = self._connect_busy if timeout == 0.0 else None
         # Let go whatever interrupts the taking (see held): a lock left
         # held keeps the ring, which close() would then leave alone.
-        with held(self._connect_lock, lock_deadline, busy), \
-                held(self._recv_lock, lock_deadline, busy), \
-                held(self._send_lock, lock_deadline, busy):
+        with (held(self._connect_lock, lock_deadline, busy),
+              held(self._recv_lock, lock_deadline, busy),
+              held(self._send_lock, lock_deadline, busy)):
             self._check_open()
             # Again with the locks: the connect() it waited for may have
             # left an outcome to the next one (a timed one refused), which
