@@ -1943,6 +1943,70 @@ def _connects_submitted(fe: pvcalls.Frontend) -> list[Any]:
     return connects
 
 
+def _connect_waiting_for_its_answer(fe: pvcalls.Frontend, fake: FakeBackend,
+                                    s: pvcalls.PVSocket) -> tuple[Call, Request]:
+    """A connect() of ``s`` on a thread of its own, once it waits for the
+    answer to its CONNECT, which ``fake`` holds (answered with
+    ``fake.respond(req, ...)``)."""
+    fake.hold = {PVCALLS_CONNECT}
+    first = Call(functools.partial(s.connect, _ADDRESS))
+    req = fake.next_request(PVCALLS_CONNECT)
+    wait_until(lambda: bool(fe._cmd_cond._waiters))
+    return first, req
+
+
+def _connect_waiting_on_the_one_under_way(s: pvcalls.PVSocket,
+                                          pause: PauseAt | None = None) -> Call:
+    """A second connect() of ``s`` on a thread of its own (under
+    ``pause``), once it waits for the connect() under way to end: for the
+    socket's connect lock, in _join_connect.  It failing at once instead
+    fails the test."""
+    connect = functools.partial(s.connect, _ADDRESS)
+    second = Call(connect if pause is None else lambda: pause.run(connect))
+    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
+                                 "held(self._connect_lock") or not second.alive())
+    assert second.alive(), f"did not wait: {second.error!r}"
+    return second
+
+
+def _main_thread_waits_on_the_connect_under_way() -> bool:
+    """Whether the main thread's connect() waits for another thread's to
+    end (for the socket's connect lock, in _join_connect)."""
+    main = threading.main_thread().ident
+    assert main is not None
+    return stands_at(main, pvcalls.PVSocket._join_connect, "held(self._connect_lock")
+
+
+def _connect_interrupted_at(n: int, within: str, s: pvcalls.PVSocket,
+                            meanwhile: Callable[[threading.Event], None]) -> str:
+    """``interrupted_at(n, within, ...)`` of a connect() of ``s`` in the
+    main thread, with ``meanwhile(over)`` on a thread of its own, ``over``
+    set once that connect() has ended (so that it stops waiting for a
+    main thread the Ctrl-C took out of the connect())."""
+    over = threading.Event()
+    helper = threading.Thread(target=meanwhile, args=(over,))
+    helper.start()
+    try:
+        return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
+    finally:
+        over.set()
+        helper.join(TIMEOUT)
+
+
+def _starved_threads(fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list of thread idents for which the command ring has no room
+    (their calls wait for room, or fail with ENOBUFS, sending nothing);
+    other threads' calls find room as before."""
+    has_room = fe._has_room
+    starved: list[int] = []
+
+    def room(spare: int) -> bool:
+        return threading.get_ident() not in starved and has_room(spare)
+
+    monkeypatch.setattr(fe, "_has_room", room)
+    return starved
+
+
 def _refused(call: Callable[[], object], err: int) -> Callable[[], None]:
     """``call()``, which is to fail with ``err``."""
     def run() -> None:
@@ -3082,16 +3146,10 @@ def test_a_blocking_connect_while_another_threads_timed_one_waits(
     SO_ERROR taken, returns as if connected.)"""
     s = fe.socket()
     s.settimeout(TIMEOUT)
-    fake.hold = {PVCALLS_CONNECT}
     connects = _connects_submitted(fe)
-    first = Call(functools.partial(s.connect, _ADDRESS))
-    req = fake.next_request(PVCALLS_CONNECT)
-    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    first, req = _connect_waiting_for_its_answer(fe, fake, s)
     s.settimeout(None)
-    second = Call(functools.partial(s.connect, _ADDRESS))
-    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
-                                 "held(self._connect_lock") or not second.alive())
-    assert second.alive(), f"did not wait: {second.error!r}"
+    second = _connect_waiting_on_the_one_under_way(s)
     fake.respond(req, -ECONNREFUSED if refused else 0)
     if refused:
         assert isinstance(first.oserror(), ConnectionRefusedError)
@@ -3160,9 +3218,7 @@ def test_a_blocking_connect_while_a_nonblocking_one_sets_out_waits_for_its_answe
     first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
     assert pause.reached.wait(TIMEOUT)
     s.settimeout(None)  # as another thread's meanwhile: the first is non-blocking already
-    second = Call(lambda: s.connect(_ADDRESS))
-    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
-                                 "held(self._connect_lock") or not second.alive())
+    second = _connect_waiting_on_the_one_under_way(s)
     pause.resume()
     assert first.oserror().errno == errno.EINPROGRESS
     req = fake.next_request(PVCALLS_CONNECT)
@@ -3186,16 +3242,11 @@ def test_a_connect_that_waited_on_a_refused_one_says_so_whatever_comes_next(
     connect rather than the one it waited for."""
     s = fe.socket()
     s.settimeout(None)
-    fake.hold = {PVCALLS_CONNECT}
     connects = _connects_submitted(fe)
-    first = Call(functools.partial(s.connect, _ADDRESS))
-    req = fake.next_request(PVCALLS_CONNECT)
-    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    first, req = _connect_waiting_for_its_answer(fe, fake, s)
     # Stopped as it looks whether the socket is unconnected, the other over.
     pause = PauseAt(pvcalls.PVSocket._check_unconnected, "if self._st.ring")
-    second = Call(lambda: pause.run(functools.partial(s.connect, _ADDRESS)))
-    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
-                                 "held(self._connect_lock") or not second.alive())
+    second = _connect_waiting_on_the_one_under_way(s, pause)
     fake.respond(req, -ECONNREFUSED)
     assert isinstance(first.oserror(), ConnectionRefusedError)
     assert pause.reached.wait(TIMEOUT)
@@ -3232,9 +3283,7 @@ def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alo
         req = fake.next_request(PVCALLS_CONNECT)
         # Once the main thread waits for the first (or the Ctrl-C ended
         # its connect() before).
-        wait_until(lambda: over.is_set() or stands_at(
-            threading.main_thread().ident, pvcalls.PVSocket._join_connect,  # type: ignore[arg-type]
-            "held(self._connect_lock"))
+        wait_until(lambda: over.is_set() or _main_thread_waits_on_the_connect_under_way())
         fake.respond(req, 0)
 
     def attempt(n: int) -> str:
@@ -3242,14 +3291,7 @@ def test_a_connect_waiting_on_another_threads_interrupted_anywhere_leaves_it_alo
         s.settimeout(None)
         firsts[:] = [Call(functools.partial(s.connect, _ADDRESS))]
         wait_until(lambda: s._handshaking())
-        over = threading.Event()
-        answerer = threading.Thread(target=answer_once_waiting, args=(over,))
-        answerer.start()
-        try:
-            return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
-        finally:
-            over.set()
-            answerer.join(TIMEOUT)
+        return _connect_interrupted_at(n, within, s, answer_once_waiting)
 
     def check(where: str) -> None:
         (s,), (first,) = socks, firsts
@@ -3276,13 +3318,7 @@ def test_a_blocking_connect_behind_one_that_sent_nothing_sends_its_own(
     s.settimeout(0.0 if how == "no room" else None)
     fake.hold = {PVCALLS_CONNECT}
     connects = _connects_submitted(fe)
-    has_room = fe._has_room
-    starved: list[int] = []  # the thread of the first connect(): no room for it
-
-    def room(spare: int) -> bool:
-        return threading.get_ident() not in starved and has_room(spare)
-
-    monkeypatch.setattr(fe, "_has_room", room)
+    starved = _starved_threads(fe, monkeypatch)  # the thread of the first connect(): no room for it
     seconds: list[Call] = []
 
     def joined() -> bool:
@@ -3376,18 +3412,12 @@ def test_a_connect_that_waited_on_one_whose_outcome_another_took_says_it_failed(
     its handshake as its own: EISCONN."""
     s = fe.socket()
     s.settimeout(TIMEOUT)
-    fake.hold = {PVCALLS_CONNECT}
-    first = Call(functools.partial(s.connect, _ADDRESS))
-    req = fake.next_request(PVCALLS_CONNECT)
-    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    first, req = _connect_waiting_for_its_answer(fe, fake, s)
     s.settimeout(None)
     at_finish = PauseAt(pvcalls.PVSocket._join_connect, "self._finish_connect(Deadline(None)")
     # Stopped once it found nothing to report, as it returns (old code).
     taken = PauseAt.in_method(monkeypatch, pvcalls.PVSocket, "_finish_connect", "return False")
-    second = Call(lambda: at_finish.run(functools.partial(s.connect, _ADDRESS)))
-    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
-                                 "held(self._connect_lock") or not second.alive())
-    assert second.alive(), f"did not wait: {second.error!r}"
+    second = _connect_waiting_on_the_one_under_way(s, at_finish)
     fake.respond(req, -ECONNREFUSED)
     assert isinstance(first.oserror(), ConnectionRefusedError)
     assert at_finish.reached.wait(TIMEOUT)
@@ -3533,16 +3563,10 @@ def test_a_connect_that_waited_looking_during_a_third_ones_handshake_says_epipe(
     one it waited for failed), not EISCONN; the third connects."""
     s = fe.socket()
     s.settimeout(TIMEOUT)
-    fake.hold = {PVCALLS_CONNECT}
-    first = Call(functools.partial(s.connect, _ADDRESS))
-    req = fake.next_request(PVCALLS_CONNECT)
-    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    first, req = _connect_waiting_for_its_answer(fe, fake, s)
     s.settimeout(None)
     at_finish = PauseAt(pvcalls.PVSocket._join_connect, "self._finish_connect(Deadline(None)")
-    second = Call(lambda: at_finish.run(functools.partial(s.connect, _ADDRESS)))
-    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
-                                 "held(self._connect_lock") or not second.alive())
-    assert second.alive(), f"did not wait: {second.error!r}"
+    second = _connect_waiting_on_the_one_under_way(s, at_finish)
     fake.respond(req, -ECONNREFUSED)
     assert isinstance(first.oserror(), ConnectionRefusedError)
     assert at_finish.reached.wait(TIMEOUT)
@@ -3570,15 +3594,9 @@ def test_a_connect_that_waited_on_a_refused_one_says_ebadf_once_closed_as_it_loo
     as for a close() at any time before, not the EPIPE of the refusal."""
     s = fe.socket()
     s.settimeout(None)
-    fake.hold = {PVCALLS_CONNECT}
-    first = Call(functools.partial(s.connect, _ADDRESS))
-    req = fake.next_request(PVCALLS_CONNECT)
-    wait_until(lambda: bool(fe._cmd_cond._waiters))  # the first waits for the answer
+    first, req = _connect_waiting_for_its_answer(fe, fake, s)
     pause = PauseAt(pvcalls.PVSocket._join_connect, "if self._fe._dead:")
-    second = Call(lambda: pause.run(functools.partial(s.connect, _ADDRESS)))
-    wait_until(lambda: stands_at(second.ident, pvcalls.PVSocket._join_connect,
-                                 "held(self._connect_lock") or not second.alive())
-    assert second.alive(), f"did not wait: {second.error!r}"
+    second = _connect_waiting_on_the_one_under_way(s, pause)
     fake.respond(req, -ECONNREFUSED)
     assert isinstance(first.oserror(), ConnectionRefusedError)
     assert pause.reached.wait(TIMEOUT)
@@ -3624,13 +3642,7 @@ def test_a_bind_or_listen_waiting_for_room_ends_when_another_thread_closes(
     s = fe.socket()
     if cmd == PVCALLS_LISTEN:
         s.bind(_ADDRESS)
-    has_room = fe._has_room
-    starved: list[int] = []  # the thread of the call: no room for it
-
-    def room(spare: int) -> bool:
-        return threading.get_ident() not in starved and has_room(spare)
-
-    monkeypatch.setattr(fe, "_has_room", room)
+    starved = _starved_threads(fe, monkeypatch)  # the thread of the call: no room for it
     monkeypatch.setattr(fe, "timeout", 2 * TIMEOUT)
     fake.hold = {cmd}
 
@@ -3700,20 +3712,12 @@ def test_a_connect_behind_one_that_sent_nothing_interrupted_anywhere_is_left_usa
     is freed once the answers are in."""
     within = os.path.dirname(_frontend.__file__)
     connects = _connects_submitted(fe)
-    has_room = fe._has_room
-    starved: list[int] = []  # the threads of the first connect(): no room for them
-
-    def room(spare: int) -> bool:
-        return threading.get_ident() not in starved and has_room(spare)
-
-    monkeypatch.setattr(fe, "_has_room", room)
+    starved = _starved_threads(fe, monkeypatch)  # the threads of the first connect(): no room for them
     socks: list[pvcalls.PVSocket] = []
     firsts: list[Call] = []
 
     def resume_once_waiting(pause: PauseAt, over: threading.Event) -> None:
-        wait_until(lambda: over.is_set() or stands_at(
-            threading.main_thread().ident, pvcalls.PVSocket._join_connect,  # type: ignore[arg-type]
-            "held(self._connect_lock"))
+        wait_until(lambda: over.is_set() or _main_thread_waits_on_the_connect_under_way())
         pause.resume()
 
     def attempt(n: int) -> str:
@@ -3729,14 +3733,8 @@ def test_a_connect_behind_one_that_sent_nothing_interrupted_anywhere_is_left_usa
         firsts[:] = [Call(first_connect)]
         assert pause.reached.wait(TIMEOUT)
         s.settimeout(None)
-        over = threading.Event()
-        resumer = threading.Thread(target=resume_once_waiting, args=(pause, over))
-        resumer.start()
-        try:
-            return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
-        finally:
-            over.set()
-            resumer.join(TIMEOUT)
+        return _connect_interrupted_at(n, within, s,
+                                       functools.partial(resume_once_waiting, pause))
 
     def check(where: str) -> None:
         (s,), (first,) = socks, firsts
