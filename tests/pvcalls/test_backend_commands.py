@@ -1656,6 +1656,23 @@ def test_a_bug_taking_an_accepted_connection_answers_the_accept_eio(
     assert raw.unexpected == []
 
 
+def _accepts_fail_when_let(monkeypatch: pytest.MonkeyPatch
+                           ) -> tuple[threading.Event, threading.Event]:
+    """From now on, a listener's Work taking a connection in for an ACCEPT
+    sets the first event returned (serving), waits for the second (go),
+    and then fails there, as a bug of ours would (RuntimeError): what
+    comes in meanwhile meets a listener about to fail."""
+    serving, go = threading.Event(), threading.Event()
+
+    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
+        serving.set()
+        assert go.wait(TIMEOUT)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    return serving, go
+
+
 @pytest.mark.parametrize("second", ["accept", "poll"])
 def test_an_accept_or_poll_sent_as_the_listener_fails_is_answered_eio(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any,
@@ -1668,14 +1685,7 @@ def test_an_accept_or_poll_sent_as_the_listener_fails_is_answered_eio(
     listener, address = _listener(raw, backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
-    serving, go = threading.Event(), threading.Event()
-
-    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
-        serving.set()
-        assert go.wait(TIMEOUT)
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    serving, go = _accepts_fail_when_let(monkeypatch)
     first_ring, second_ring = raw.new_ring(), raw.new_ring()
     before = resources(backend, host)
     first = raw.push_accept(listener, raw.new_id(), first_ring)
@@ -1706,14 +1716,7 @@ def test_an_accept_whose_listener_fails_as_it_is_taken_in_gives_back_id_new(
     mapped ring, its bound port) goes with it: the id is free again."""
     caplog.set_level(logging.ERROR)
     listener, address = _listener(raw, backend)
-    serving, go = threading.Event(), threading.Event()
-
-    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
-        serving.set()
-        assert go.wait(TIMEOUT)
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    serving, go = _accepts_fail_when_let(monkeypatch)
     first_ring, second_ring = raw.new_ring(), raw.new_ring()
     before = resources(backend, host)
     first = raw.push_accept(listener, raw.new_id(), first_ring)
@@ -1748,14 +1751,7 @@ def test_a_listen_again_as_the_listener_fails_is_answered_eio(
     listener, address = _listener(raw, backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
-    serving, go = threading.Event(), threading.Event()
-
-    def start_accepted(self: ActiveSocket, conn: socket.socket, peer: Any) -> None:
-        serving.set()
-        assert go.wait(TIMEOUT)
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(ActiveSocket, "start_accepted", start_accepted)
+    serving, go = _accepts_fail_when_let(monkeypatch)
     first = raw.push_accept(listener, raw.new_id(), raw.new_ring())
     with socket.create_connection(address, timeout=TIMEOUT):
         assert serving.wait(TIMEOUT)

@@ -310,10 +310,9 @@ def test_a_send_failing_at_release_leaves_nothing_to_linger(
     assert peer.recv(16) == b""
 
 
-def test_a_work_woken_by_the_frontend_alone_does_not_receive(
-        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No receive system call unless the host socket signalled since the
-    last one drained it: a guest that only sends costs no recv per write."""
+def _receives_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the receive system calls of the host sockets CONNECT makes
+    from now on: one item in the list returned per call."""
     receives: list[int] = []
 
     class CountedReceives(socket.socket):
@@ -326,19 +325,33 @@ def test_a_work_woken_by_the_frontend_alone_does_not_receive(
             return super().recvmsg_into(*args)
 
     _host_sockets_are(monkeypatch, CountedReceives)
+    return receives
+
+
+def _guest_writes(ring: Any, peer: socket.socket, sock: ActiveSocket, *words: bytes) -> None:
+    """The guest writes each of ``words`` into ``ring`` in turn; each
+    reaches ``peer`` whole, and ``sock``'s Work is done with it (the
+    flush) before the next: each write is a run of the Work of its own."""
+    for word in words:
+        ring.write(word)
+        assert peer.recv(16) == word
+        sock.flush()
+
+
+def test_a_work_woken_by_the_frontend_alone_does_not_receive(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No receive system call unless the host socket signalled since the
+    last one drained it: a guest that only sends costs no recv per write."""
+    receives = _receives_counted(monkeypatch)
     sock_id, ring, peer = _accepted_pair(raw)
     sock = _socket_of(backend, raw, sock_id)
     sock.flush()  # not run yet: connected at once, it waits for an event
     before = len(receives)
     peer.settimeout(TIMEOUT)
-    for word in (b"one", b"two", b"three"):
-        ring.write(word)
-        assert peer.recv(16) == word
-        sock.flush()
+    _guest_writes(ring, peer, sock, b"one", b"two", b"three")
     assert len(receives) == before
     peer.sendall(b"back")  # the host socket signals: one receive takes it
     assert raw.recv_exactly(ring, 4) == b"back"
-
 
 
 def test_a_host_signal_is_taken_by_one_receive(
@@ -346,18 +359,7 @@ def test_a_host_signal_is_taken_by_one_receive(
     """The host socket's signal is used up by the receive it caused: once
     the data it announced is in the ring, the guest's writes after it cost
     no receive again (each would find the socket empty), until the next."""
-    receives: list[int] = []
-
-    class CountedReceives(socket.socket):
-        def recv_into(self, *args: Any) -> int:
-            receives.append(1)
-            return super().recv_into(*args)
-
-        def recvmsg_into(self, *args: Any) -> Any:
-            receives.append(1)
-            return super().recvmsg_into(*args)
-
-    _host_sockets_are(monkeypatch, CountedReceives)
+    receives = _receives_counted(monkeypatch)
     sock_id, ring, peer = _accepted_pair(raw)
     sock = _socket_of(backend, raw, sock_id)
     peer.settimeout(TIMEOUT)
@@ -366,10 +368,7 @@ def test_a_host_signal_is_taken_by_one_receive(
     sock.flush()
     before = len(receives)
     assert before >= 1
-    for word in (b"one", b"two", b"three"):
-        ring.write(word)
-        assert peer.recv(16) == word
-        sock.flush()
+    _guest_writes(ring, peer, sock, b"one", b"two", b"three")
     assert len(receives) == before
     peer.sendall(b"back")
     assert raw.recv_exactly(ring, 4) == b"back"

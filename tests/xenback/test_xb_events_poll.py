@@ -421,15 +421,8 @@ def test_an_event_whose_callback_failed_is_handed_out_again(polled, monkeypatch)
     watch would report it."""
     guest, evtchn, dispatcher = polled
     remote = evtchn.bind_unbound_port(0)
-    port_calls: list[int] = []
     fd_calls: list[int] = []
-
-    def port_callback(port: int) -> None:
-        port_calls.append(port)
-        if len(port_calls) == 1:
-            raise RuntimeError("a bug")
-
-    local = dispatcher.bind_interdomain(guest.domid, remote, port_callback)
+    local, port_calls = _failing_first(dispatcher, remote, guest)
     r, w = os.pipe()
     try:
         dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLET,
@@ -483,14 +476,7 @@ def test_a_resync_leaves_a_oneshot_fd_to_its_owner(polled) -> None:
     off does not call it again meanwhile.  Re-armed, it is epoll's."""
     guest, evtchn, dispatcher = polled
     remote = evtchn.bind_unbound_port(0)
-    failed: list[int] = []
-
-    def broken(port: int) -> None:
-        failed.append(port)
-        if len(failed) == 1:
-            raise RuntimeError("a bug")
-
-    dispatcher.bind_interdomain(guest.domid, remote, broken)
+    _, failed = _failing_first(dispatcher, remote, guest)
     r, w = os.pipe()
     oneshot = select.EPOLLIN | select.EPOLLONESHOT
     calls: list[int] = []
@@ -518,14 +504,7 @@ def test_a_resync_calls_an_armed_oneshot_fd_once(polled) -> None:
     called it as well would call it twice for one arming."""
     guest, evtchn, dispatcher = polled
     remote = evtchn.bind_unbound_port(0)
-    failed: list[int] = []
-
-    def broken(port: int) -> None:
-        failed.append(port)
-        if len(failed) == 1:
-            raise RuntimeError("a bug")
-
-    dispatcher.bind_interdomain(guest.domid, remote, broken)
+    _, failed = _failing_first(dispatcher, remote, guest)
     r, w = os.pipe()
     calls: list[int] = []
     try:
@@ -657,15 +636,19 @@ def test_a_oneshot_fd_re_armed_and_lost_is_handed_out_again(polled, monkeypatch)
         os.close(w)
 
 
-def _failing_once(dispatcher: EventDispatcher, remote: int, guest: Any) -> tuple[int, list[int]]:
+def _failing_first(dispatcher: EventDispatcher, remote: int, guest: Any,
+                   *raising: BaseException | type[BaseException]) -> tuple[int, list[int]]:
     """A port of ``dispatcher`` bound to ``remote``, whose callback raises
-    at its first call, and the list of the ports it was called for."""
+    at its first calls (its n-th call the n-th of ``raising``; by default
+    a bug, RuntimeError, at its first) and goes well after them, and the
+    list of the ports it was called for."""
+    failures = raising or (RuntimeError("a bug"),)
     calls: list[int] = []
 
     def broken(port: int) -> None:
         calls.append(port)
-        if len(calls) == 1:
-            raise RuntimeError("a bug")
+        if len(calls) <= len(failures):
+            raise failures[len(calls) - 1]
 
     return dispatcher.bind_interdomain(guest.domid, remote, broken), calls
 
@@ -730,7 +713,7 @@ def test_a_resync_leaves_a_removed_fd_alone(polled, caplog) -> None:
     failed, and was done again after every wait, logging each time)."""
     guest, evtchn, dispatcher = polled
     remote = evtchn.bind_unbound_port(0)
-    _, failed = _failing_once(dispatcher, remote, guest)
+    _, failed = _failing_first(dispatcher, remote, guest)
     r, w = os.pipe()
     try:
         dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT, lambda _fd, _ev: None)
@@ -978,14 +961,7 @@ def test_a_port_callback_interrupted_is_handed_out_again_at_once(polled, interru
     event out again, before it waits, and so unmasks it."""
     guest, evtchn, dispatcher = polled
     remote = evtchn.bind_unbound_port(0)
-    calls: list[int] = []
-
-    def callback(port: int) -> None:
-        calls.append(port)
-        if len(calls) == 1:
-            raise interrupt
-
-    local = dispatcher.bind_interdomain(guest.domid, remote, callback)
+    local, calls = _failing_first(dispatcher, remote, guest, interrupt)
     evtchn.notify(remote)
     with pytest.raises(interrupt):
         dispatcher.poll(TIMEOUT)
@@ -1000,16 +976,8 @@ def test_a_resync_interrupted_is_done_again_after_the_wait(polled, monkeypatch) 
     at once."""
     guest, evtchn, dispatcher = polled
     remote = evtchn.bind_unbound_port(0)
-    calls: list[int] = []
-
-    def callback(port: int) -> None:
-        calls.append(port)
-        if len(calls) == 1:
-            raise RuntimeError("a bug")
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    local = dispatcher.bind_interdomain(guest.domid, remote, callback)
+    local, calls = _failing_first(dispatcher, remote, guest, RuntimeError("a bug"),
+                                  KeyboardInterrupt)
     evtchn.notify(remote)
     assert dispatcher.poll(TIMEOUT) == 1  # logged, and lost
     epoll = epoll_waits(monkeypatch, dispatcher)

@@ -2396,6 +2396,18 @@ def _driver_domain_backend(host, dom0_xs, frontends, guests=("one", "two"), devi
     return drvdom, drv, fes
 
 
+@contextlib.contextmanager
+def _driver_domain_device(host, dom0_xs, frontends) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """_driver_domain_backend() serving one guest's one device:
+    ``(drvdom, driver, frontend, the driver's device)``, the driver
+    stopped on the way out."""
+    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        yield drvdom, drv, fe, backend_device(drv, fe.guest.domid)
+    finally:
+        drv.stop()
+
+
 def test_the_driver_domain_going_away_under_its_backend(host, dom0_xs, frontends, caplog) -> None:
     """libxl destroys a domain by deleting its devices, then its home, then
     the domain.  Once the home is gone, every request of a driver domain's
@@ -2753,9 +2765,7 @@ def test_an_error_node_refused_in_a_live_driver_domain_is_still_said(
     """EACCES on the error node while the backend's domain, home and
     connection live is a refusal of its own, and nothing else says it;
     the device still goes Closing."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         _take_error_directory(dom0_xs, drvdom)
         caplog.clear()
         bdev.fatal(errno.EIO, "refused")
@@ -2764,8 +2774,6 @@ def test_an_error_node_refused_in_a_live_driver_domain_is_still_said(
         assert unwritten.msg == "%s: could not write the error node: %s"
         assert isinstance(unwritten.args[1], PermissionError)  # type: ignore[index]
         assert unwritten.exc_info is None
-    finally:
-        drv.stop()
 
 
 def test_eacces_in_a_live_driver_domain_is_still_an_error(host, dom0_xs, frontends, caplog) -> None:
@@ -3444,6 +3452,30 @@ def test_stop_from_a_work_that_is_none_of_its_devices_stops_it(
     assert driver.calls_of(guest.domid)[-1] == "remove"
 
 
+def _goes_on_serving(drv: RecordingDriver, host: Any, frontends: Any, dom0_xs: Any,
+                     guest: Any, dev: Any) -> None:
+    """A stop() refused left ``drv`` serving: ``guest``'s device ``dev``
+    still connected, never disconnected, and a new guest's connects."""
+    assert drv.calls_of(guest.domid) == ["probe", "connect"]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
+    connected(host, frontends, name="guest2")
+
+
+@contextlib.contextmanager
+def _driver_given(host: Any, wq: Any) -> Iterator[RecordingDriver]:
+    """A driver given the workqueue ``wq``, started, then stopped, and
+    ``wq`` destroyed after it (a workqueue passed in is the caller's)."""
+    drv = RecordingDriver(host.dom0, workqueue=wq)
+    try:
+        drv.start()
+        try:
+            yield drv
+        finally:
+            drv.stop()
+    finally:
+        wq.destroy()
+
+
 def test_stop_from_a_work_on_the_driver_s_own_workqueue_is_refused_before_it_does_anything(
         host, driver, frontends, dom0_xs) -> None:
     """A plain Work the driver's author queues on the workqueue the driver
@@ -3455,9 +3487,7 @@ def test_stop_from_a_work_on_the_driver_s_own_workqueue_is_refused_before_it_doe
     guest, dev, _fe = connected(host, frontends)
     driver.workqueue.queue_work(Work(stop_here))
     assert stop_here.refused()
-    assert driver.calls_of(guest.domid) == ["probe", "connect"]
-    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
-    connected(host, frontends, name="guest2")
+    _goes_on_serving(driver, host, frontends, dom0_xs, guest, dev)
 
 
 def test_stop_from_a_work_on_a_workqueue_the_driver_was_given_stops_it(
@@ -3466,20 +3496,13 @@ def test_stop_from_a_work_on_a_workqueue_the_driver_was_given_stops_it(
     so nothing in it waits for the item that calls it, which stops the
     driver as any thread does."""
     wq = alloc_workqueue("given", WQ_UNBOUND)
-    drv = RecordingDriver(host.dom0, workqueue=wq)
-    stop_here = _Stopper(drv)
-    try:
-        drv.start()
-        try:
-            guest, _dev, _fe = connected(host, frontends)
-            wq.queue_work(Work(stop_here))
-            assert stop_here.ran.wait(TIMEOUT)
-        finally:
-            drv.stop()
-        assert stop_here.outcome == ["stopped"]
-        assert drv.calls_of(guest.domid)[-1] == "remove"
-    finally:
-        wq.destroy()
+    with _driver_given(host, wq) as drv:
+        stop_here = _Stopper(drv)
+        guest, _dev, _fe = connected(host, frontends)
+        wq.queue_work(Work(stop_here))
+        assert stop_here.ran.wait(TIMEOUT)
+    assert stop_here.outcome == ["stopped"]
+    assert drv.calls_of(guest.domid)[-1] == "remove"
 
 
 @pytest.mark.parametrize("make", [
@@ -3493,22 +3516,13 @@ def test_stop_from_a_work_on_a_one_at_a_time_workqueue_it_was_given_is_refused(
     that calls it, which never returns (it hung).  Refused up front, as
     on a workqueue the driver made, and the driver goes on serving."""
     wq = make()
-    drv = RecordingDriver(host.dom0, workqueue=wq)
-    stop_here = _Stopper(drv)
-    try:
-        drv.start()
-        try:
-            guest, dev, _fe = connected(host, frontends)
-            wq.queue_work(Work(stop_here))
-            assert stop_here.refused()
-            assert drv.calls_of(guest.domid) == ["probe", "connect"]
-            assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
-            connected(host, frontends, name="guest2")
-        finally:
-            drv.stop()
-        assert drv.calls_of(guest.domid)[-1] == "remove"
-    finally:
-        wq.destroy()
+    with _driver_given(host, wq) as drv:
+        stop_here = _Stopper(drv)
+        guest, dev, _fe = connected(host, frontends)
+        wq.queue_work(Work(stop_here))
+        assert stop_here.refused()
+        _goes_on_serving(drv, host, frontends, dom0_xs, guest, dev)
+    assert drv.calls_of(guest.domid)[-1] == "remove"
 
 
 def _no_workers_on(monkeypatch: Any, topology: Topology) -> None:
@@ -3550,25 +3564,16 @@ def test_stop_from_a_work_on_a_reclaim_workqueue_it_was_given_is_refused(
     if runner == "its rescuer":
         _no_workers_on(monkeypatch, topology)  # every item of the driver's: the rescuer's
     wq = alloc_workqueue("given-reclaim", WQ_MEM_RECLAIM, topology=topology)
-    drv = RecordingDriver(host.dom0, workqueue=wq)
-    stop_here = _Stopper(drv)
     names: list[str] = []
-    try:
-        drv.start()
-        try:
-            guest, dev, _fe = connected(host, frontends)
-            wq.queue_work(Work(lambda w: (names.append(threading.current_thread().name),
-                                          stop_here())))
-            assert stop_here.refused(), (names, stop_here.outcome)
-            assert (names[0] == "given-reclaim-rescuer") is (runner == "its rescuer"), names
-            assert drv.calls_of(guest.domid) == ["probe", "connect"]
-            assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CONNECTED))
-            connected(host, frontends, name="guest2")
-        finally:
-            drv.stop()
-        assert drv.calls_of(guest.domid)[-1] == "remove"
-    finally:
-        wq.destroy()
+    with _driver_given(host, wq) as drv:
+        stop_here = _Stopper(drv)
+        guest, dev, _fe = connected(host, frontends)
+        wq.queue_work(Work(lambda w: (names.append(threading.current_thread().name),
+                                      stop_here())))
+        assert stop_here.refused(), (names, stop_here.outcome)
+        assert (names[0] == "given-reclaim-rescuer") is (runner == "its rescuer"), names
+        _goes_on_serving(drv, host, frontends, dom0_xs, guest, dev)
+    assert drv.calls_of(guest.domid)[-1] == "remove"
 
 
 def test_stop_while_another_has_let_go_of_the_workqueue_waits_for_it(
@@ -3974,9 +3979,7 @@ def test_closing_refused_after_the_error_node_in_a_live_driver_domain_is_said(
     alone, refused too (our state node left to us to read, not to write),
     while the domain, home and connection live: each refusal is its own,
     and both are said, in the order they were met."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         _take_error_directory(dom0_xs, drvdom)
         dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
         caplog.clear()
@@ -3986,8 +3989,6 @@ def test_closing_refused_after_the_error_node_in_a_live_driver_domain_is_said(
         assert said == ["%s: could not write the error node: %s",
                         "%s: could not switch to Closing: %s"], said
         assert not bdev.gone
-    finally:
-        drv.stop()
 
 
 def _driver_domain_error(dom0_xs: Any, drvdom: Any, fe: Any) -> str | None:
@@ -4018,7 +4019,7 @@ def test_a_state_node_the_toolstack_takes_drops_its_device_and_says_so(
         bdev = backend_device(drv, taken.guest.domid)
         caplog.clear()
         dom0_xs.set_perms(f"{bdev.nodename}/state",
-                          ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+                          _left_by_a_taking(drvdom, write_only))
         drv.wait_call("remove", taken.guest.domid)
         assert bdev.gone and bdev.resources == (0, 0)
         assert drv.calls_of(taken.guest.domid) == ["probe", "connect", "disconnect", "remove"]
@@ -4104,7 +4105,7 @@ def test_a_state_node_taken_while_probe_runs_drops_the_device_writing_nothing(
         dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
         assert entered.wait(TIMEOUT)
         dom0_xs.set_perms(f"{dev.backend_path}/state",
-                          ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+                          _left_by_a_taking(drvdom, write_only))
         release.set()
         drv.wait_call("remove", guest.domid)
         drv._bus.flush()
@@ -4144,7 +4145,7 @@ def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
 
     def report(dev: Any) -> None:
         dom0_xs.set_perms(f"{dev.nodename}/state",
-                          ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+                          _left_by_a_taking(drvdom, write_only))
         told.append((dev.fatal if closing else dev.error)(errno.EIO, "in probe"))
 
     drv.probe_hook = report
@@ -4201,9 +4202,7 @@ def test_fatal_whose_state_is_refused_still_writes_its_error_node(
     Linux's xenbus_dev_fatal() writes it whatever becomes of the switch,
     and the refused Closing is said (not as an error node refused).  The
     device's own switches fail so in turn, and are reported alike."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
         caplog.clear()
         told: list[bool] = []
@@ -4224,8 +4223,6 @@ def test_fatal_whose_state_is_refused_still_writes_its_error_node(
         assert error == (f"{errno.EACCES} frontend state {int(S.CLOSING)}: Permission denied: "
                          f"{bdev.nodename}/state")
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
-    finally:
-        drv.stop()
 
 
 def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
@@ -4237,9 +4234,7 @@ def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
     Nor is it logged against the path, where a log watcher would count
     it against the new device: the failure is information, and so is its
     refused Closing."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         dev = fe.device
         dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
         plain = XenStore.transaction
@@ -4269,8 +4264,6 @@ def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
         (said,) = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
         assert said.endswith(f"old (errno {errno.EIO}), and the device directory was made again "
                              "for a new device: not reported there"), said
-    finally:
-        drv.stop()
 
 
 def _refused_under(bdev: Any, dom0_xs: Any, call: Any, *, node: str = "state",
@@ -4294,17 +4287,24 @@ def _refused_under(bdev: Any, dom0_xs: Any, call: Any, *, node: str = "state",
     return told
 
 
+def _taking_warned_once(caplog: Any, taken: str) -> None:
+    """The log says a device's own node (``taken``) may not be read, once,
+    as the warning of the device dropped for it, naming the node; no
+    traceback."""
+    assert not [r for r in caplog.records if r.exc_info is not None]
+    said = _backend_warnings(caplog)
+    assert [r.msg for r in said] == [
+        "%s: its own node may not be read any more (%s): dropping the device, "
+        "writing nothing there"], [r.getMessage() for r in said]
+    assert said[0].args[1].filename == taken  # type: ignore[index]
+
+
 def _said_once(caplog: Any, taken: str, message: str, *, then: Sequence[str] = ()) -> None:
     """What a failure (EIO, ``message``) met on a node of a device's own
     we may not read (``taken``) leaves in the log: the failure as one not
     reported there, naming the node (then the failures ``then`` says,
     whole), and the refusal, once, as a warning; no traceback."""
-    assert not [r for r in caplog.records if r.exc_info is not None]
-    said = _backend_warnings(caplog)
-    assert [r.msg for r in said] == [
-        "%s: its own node may not be read any more (%s): dropping the device, "
-        "writing nothing there"], said
-    assert said[0].args[1].filename == taken  # type: ignore[index]
+    _taking_warned_once(caplog, taken)
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records
             if "not reported there" in r.getMessage()] == [
         f"{message} (errno {errno.EIO}), and {taken} may not be read: not reported there",
@@ -4312,13 +4312,33 @@ def _said_once(caplog: Any, taken: str, message: str, *, then: Sequence[str] = (
 
 
 def _dropped_writing_nothing(caplog: Any, dom0_xs: Any, drvdom: Any, fe: Any, bdev: Any,
-                             taken: str, message: str) -> None:
+                             taken: str, message: str, *, state: S = S.CONNECTED) -> None:
     """``bdev``, whose failure (``message``) met a node of its own taken
     (``taken``), was dropped as the failure says (see _said_once), and
-    nothing was written: no error node, and its state left Connected."""
+    nothing was written: no error node, and its state left as it was
+    (``state``)."""
     _said_once(caplog, taken, message)
     assert _driver_domain_error(dom0_xs, drvdom, fe) is None
-    assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+    assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(state))
+
+
+def _removed(drv: Any, fe: Any, bdev: Any) -> None:
+    """Wait until ``drv`` has removed ``fe``'s device, and everything its
+    removal queued (on the device's queue and on the bus) has run."""
+    drv.wait_call("remove", fe.guest.domid)
+    bdev.events.flush()
+    drv._bus.flush()
+
+
+def _starting_over_with(drv: Any, fe: Any, bdev: Any, connect: Any) -> None:
+    """Give ``drv`` the connect() ``connect``, and have ``fe`` start over
+    (Initialising), waiting until the backend waits for it again, at
+    Init-wait, and the events of that are handled: the next Initialised
+    calls ``connect``."""
+    drv.connect = connect
+    fe.set_state(S.INITIALISING)
+    fe.wait_backend(S.INIT_WAIT)
+    bdev.events.flush()
 
 
 # What the toolstack may leave us of a node it takes: nothing, or the
@@ -4328,6 +4348,12 @@ def _dropped_writing_nothing(caplog: Any, dom0_xs: Any, drvdom: Any, fe: Any, bd
 _TAKINGS = [pytest.param("state", False, id="state"),
             pytest.param("state", True, id="state-write-only"),
             pytest.param("", False, id="directory")]
+
+
+def _left_by_a_taking(drvdom: Any, write_only: bool) -> list[str]:
+    """The permissions a node taken as _TAKINGS says has: nothing for
+    ``drvdom``, or (``write_only``) the right to write it only."""
+    return ["n0", f"w{drvdom.domid}"] if write_only else ["n0"]
 
 
 @pytest.mark.parametrize("closing", [False, True], ids=["error", "fatal"])
@@ -4345,22 +4371,16 @@ def test_a_failure_reported_on_a_node_we_may_not_read_is_said_once(
     refused.  The caller is told False, as for a directory no longer
     the device's: the device is dropped next."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         taken = f"{bdev.nodename}/{node}".rstrip("/")
-        perms = ["n0", f"w{drvdom.domid}"] if write_only else ["n0"]
+        perms = _left_by_a_taking(drvdom, write_only)
         caplog.clear()
         report = bdev.fatal if closing else bdev.error
         told = _refused_under(bdev, dom0_xs, lambda: report(errno.EIO, "unreadable"),
                               node=node, perms=perms)
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert told == [False]
         _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, taken, "unreadable")
-    finally:
-        drv.stop()
 
 
 @pytest.mark.parametrize("how", ["frontend vanishes", "frontend domain dies"])
@@ -4375,11 +4395,9 @@ def test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once(
     taking, naming the node; not as a Closed that could not be written
     ("Permission denied" alone says no taking), and nothing is written."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         taken = f"{bdev.nodename}/{node}".rstrip("/")
-        perms = ["n0", f"w{drvdom.domid}"] if write_only else ["n0"]
+        perms = _left_by_a_taking(drvdom, write_only)
         caplog.clear()
 
         def vanish() -> None:
@@ -4389,20 +4407,11 @@ def test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once(
 
         call = vanish if how == "frontend vanishes" else lambda: drv._domain_dead(bdev)
         _refused_under(bdev, dom0_xs, call, node=node, perms=perms)
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert bdev.gone
-        assert not [r for r in caplog.records if r.exc_info is not None]
-        said = _backend_warnings(caplog)
-        assert [r.msg for r in said] == [
-            "%s: its own node may not be read any more (%s): dropping the device, "
-            "writing nothing there"], [r.getMessage() for r in said]
-        assert said[0].args[1].filename == taken  # type: ignore[index]
+        _taking_warned_once(caplog, taken)
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
-    finally:
-        drv.stop()
 
 
 def test_a_connect_that_reports_its_own_failure_and_returns_is_not_connected(
@@ -4455,9 +4464,7 @@ def test_fatal_from_connect_on_a_node_taken_is_said_once(
     of the connect (the Connected it would write, or what it raised),
     which the same taking refuses and which reached nobody either."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         taken = f"{bdev.nodename}/{node}".rstrip("/")
         told: list[bool] = []
 
@@ -4467,26 +4474,18 @@ def test_fatal_from_connect_on_a_node_taken_is_said_once(
             if then == "raises":
                 raise OSError(errno.EIO, "gave up")
 
-        drv.connect = connect  # type: ignore[method-assign]
-        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
-        fe.wait_backend(S.INIT_WAIT)
-        bdev.events.flush()
+        _starting_over_with(drv, fe, bdev, connect)
         held, go = threading.Event(), threading.Event()
         assert bdev.events.call(lambda: (held.set(), go.wait(TIMEOUT)))
         assert held.wait(TIMEOUT)
         caplog.clear()
         fe.set_state(S.INITIALISED)  # its event waits behind the hold...
-        dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+        dom0_xs.set_perms(taken, _left_by_a_taking(drvdom, write_only))
         go.set()  # ...and comes before the taking's, which goes by the bus
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert told == [False]
-        _said_once(caplog, taken, "in connect")
-        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
-        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
-    finally:
-        drv.stop()
+        _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, taken, "in connect",
+                                 state=S.INIT_WAIT)
 
 
 def test_a_failure_reported_off_the_queue_on_a_state_taken_and_given_back_drops_the_device(
@@ -4497,9 +4496,7 @@ def test_a_failure_reported_off_the_queue_on_a_state_taken_and_given_back_drops_
     dropped all the same (left Connected, its frontend would wait on a
     driver that gave up), said once."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         state = f"{bdev.nodename}/state"
         held, go = threading.Event(), threading.Event()
         assert bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
@@ -4509,13 +4506,9 @@ def test_a_failure_reported_off_the_queue_on_a_state_taken_and_given_back_drops_
         told = bdev.fatal(errno.EIO, "off the queue")
         dom0_xs.set_perms(state, [f"n{drvdom.domid}", f"r{fe.guest.domid}"])
         go.set()
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert told is False and bdev.gone
         _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, state, "off the queue")
-    finally:
-        drv.stop()
 
 
 def test_a_report_on_a_state_taken_leaves_a_device_made_again_before_its_drop_alone(
@@ -4565,11 +4558,9 @@ def test_a_state_taken_between_the_look_and_fatal_is_said_once(
     device is dropped as for a taking, writing nothing (no Closed tried,
     and said refused), said once."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         state = f"{bdev.nodename}/state"
-        perms = ["n0", f"w{drvdom.domid}"] if write_only else ["n0"]
+        perms = _left_by_a_taking(drvdom, write_only)
         plain = type(bdev).fatal
 
         def fatal(err: int, message: str) -> bool:
@@ -4582,8 +4573,6 @@ def test_a_state_taken_between_the_look_and_fatal_is_said_once(
         drv._bus.flush()
         assert told == [False] and bdev.gone
         _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, state, "failed")
-    finally:
-        drv.stop()
 
 
 def test_a_report_refused_whose_nodes_read_again_lose_xenstore_raises_nothing(
@@ -4635,9 +4624,7 @@ def test_a_report_refused_whose_nodes_read_again_meet_our_domain_going_is_no_tak
     domain going, said once for all, and no taking of a node of ours,
     which would be said as a refusal of its own."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         _take_error_directory(dom0_xs, drvdom)
         looks = _at_first_look_again(  # our domain goes
             drv, bdev, monkeypatch, lambda: dom0_xs.rm(f"/local/domain/{drvdom.domid}"))
@@ -4652,8 +4639,6 @@ def test_a_report_refused_whose_nodes_read_again_meet_our_domain_going_is_no_tak
         # fails so; the refused error node's line is the going's.
         assert _going_said(caplog) == [f"{bdev.nodename}: error {errno.EIO}: as our domain goes"]
         assert drv.calls_of(fe.guest.domid) == ["probe", "connect", "disconnect", "remove"]
-    finally:
-        drv.stop()
 
 
 def test_a_frontend_a_driver_domain_may_not_read_at_probe_is_the_probes_failure(
@@ -4696,9 +4681,7 @@ def test_a_state_taken_after_its_write_was_refused_is_said_once(
     BackendDevice._refused_report): nothing written, False told, the
     device dropped, one warning."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         state = f"{bdev.nodename}/state"
         xs = drv.xenstore
         plain = xs.transaction
@@ -4715,14 +4698,10 @@ def test_a_state_taken_after_its_write_was_refused_is_said_once(
             lambda: (monkeypatch.setattr(xs, "transaction", transaction),
                      bdev.fatal(errno.EIO, "unreadable"))[1],
             perms=["n0", f"r{drvdom.domid}"])
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert len(runs) >= 2, "the error node's own transaction was not run"
         assert told == [False]
         _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, state, "unreadable")
-    finally:
-        drv.stop()
 
 
 def test_a_failure_whose_look_passes_as_a_report_meets_the_state_taken_is_still_reported(
@@ -4735,9 +4714,7 @@ def test_a_failure_whose_look_passes_as_a_report_meets_the_state_taken_is_still_
     Closing: fatal() finds nothing taken), not lost for the other's
     refusal; the drop queued follows, said once."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         state = f"{bdev.nodename}/state"
         perms = dom0_xs.get_perms(state)
         plain = bdev._stale
@@ -4754,9 +4731,7 @@ def test_a_failure_whose_look_passes_as_a_report_meets_the_state_taken_is_still_
         monkeypatch.setattr(bdev, "_stale", stale)
         caplog.clear()
         told = _fatal_or_drop_after(bdev, drv, lambda: None)
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert other == [False] and told == [True]
         assert _driver_domain_error(dom0_xs, drvdom, fe) == f"{errno.EIO} failed"
         assert dom0_xs.read(state) == str(int(S.CLOSING))
@@ -4769,8 +4744,6 @@ def test_a_failure_whose_look_passes_as_a_report_meets_the_state_taken_is_still_
         assert [m for m in said if "not reported there" in m] == [
             f"{bdev.nodename}: the other's (errno {errno.EIO}), and {state} may not be read: "
             "not reported there"]
-    finally:
-        drv.stop()
 
 
 def _fatal_or_drop_after(bdev: Any, drv: Any, then: Any) -> list[BaseException | bool]:
@@ -4800,17 +4773,13 @@ def test_a_failure_met_as_our_domain_goes_is_no_refusal_of_our_state(
     one not reported, and the device is dropped as the domain's every
     device is."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         caplog.clear()
         told = _fatal_or_drop_after(bdev, drv, lambda: dom0_xs.rm(f"/local/domain/{drvdom.domid}"))
         assert [type(t) for t in told] == [PermissionError], told
         drv.wait_call("remove", fe.guest.domid)
         assert not [r for r in caplog.records if "may not be read" in r.getMessage()
                     or "not reported there" in r.getMessage()]
-    finally:
-        drv.stop()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -4893,9 +4862,7 @@ def test_a_removal_we_may_not_close_is_said_not_a_traceback(
     traceback on the bus queue.  With its ``online`` taken in turn, no
     removal can be told: nothing is said.  Either way the toolstack
     waits its timeout, as it made it so."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         state = f"{bdev.nodename}/state"
         for refused, perms, warned in ((state, ["n0", f"r{drvdom.domid}"], [state]),
                                        (f"{bdev.nodename}/online", ["n0"], [])):
@@ -4913,8 +4880,6 @@ def test_a_removal_we_may_not_close_is_said_not_a_traceback(
             dev = host.toolstack.add_device("xbtest", fe.guest.domid, backend_id=drvdom.domid)
             fe = _connect(frontends, fe.guest, dev)
             bdev = backend_device(drv, fe.guest.domid)
-    finally:
-        drv.stop()
 
 
 @pytest.mark.parametrize("closing", [True, False], ids=["closing-first", "closed-at-once"])
@@ -4930,9 +4895,7 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
     close, that is not yet: as Linux, which reads ``online`` only at the
     frontend's Closed, the device is served until then, and the frontend
     gets its Closed."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         online = f"{bdev.nodename}/online"
         dom0_xs.set_perms(online, ["n0"])
         caplog.clear()
@@ -4942,16 +4905,12 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
             bdev.events.flush()
             assert not bdev.gone and _backend_warnings(caplog) == []
         fe.set_state(S.CLOSED)
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSED))
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert not [r for r in caplog.records if r.exc_info is not None]
         (said,) = _backend_warnings(caplog)
         assert said.args[1].filename == online  # type: ignore[index]
-    finally:
-        drv.stop()
 
 
 def test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served(
@@ -4964,9 +4923,7 @@ def test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served(
     own Closing (see above), that is no removal yet.  The switch's look
     at ``online``, refused, failed the device again instead (error 13 and
     a traceback), and left it Closing for good."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         dom0_xs.set_perms(f"{bdev.nodename}/online", ["n0"])
         fe.set_state(S.INIT_WAIT)  # a backend's state: impossible for a frontend
         fe.wait_backend(S.CLOSING)
@@ -4981,8 +4938,6 @@ def test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served(
         assert not bdev.gone
         assert not [r for r in caplog.records if r.exc_info is not None]
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    finally:
-        drv.stop()
 
 
 def test_a_directory_the_toolstack_takes_is_not_probed_again_and_again(
@@ -5034,9 +4989,7 @@ def test_a_removal_we_may_not_close_is_said_again_for_the_next_device_once_delet
     when we first look (online = 0, Closing, its state read-only to us,
     in one transaction), is another removal we may not close: said as a
     warning too, not taken for the one said already."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         path, state = bdev.nodename, f"{bdev.nodename}/state"
         read_only = ["n0", f"r{drvdom.domid}"]
         dom0_xs.set_perms(state, ["n0"])
@@ -5069,8 +5022,6 @@ def test_a_removal_we_may_not_close_is_said_again_for_the_next_device_once_delet
             handed_over(drv.xenstore, f"deleted{i}", base=data)
             drv._bus.flush()
             assert drv.devices() == []
-    finally:
-        drv.stop()
 
 
 def _going_said(caplog) -> list[str]:
@@ -5217,9 +5168,7 @@ def test_a_removal_we_may_not_close_is_said_again_in_a_new_run(
     again in the next: a new run says what it leaves (as it says the
     junk it ignores), here once the toolstack gives back the state it
     had taken as the run started."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         path, state = bdev.nodename, f"{bdev.nodename}/state"
         read_only = ["n0", f"r{drvdom.domid}"]
         data = f"/local/domain/{drvdom.domid}/data"
@@ -5246,8 +5195,6 @@ def test_a_removal_we_may_not_close_is_said_again_in_a_new_run(
         drv._bus.flush()
         said = _backend_warnings(caplog)
         assert [r.args[-1].filename for r in said] == [state], said  # type: ignore[index]
-    finally:
-        drv.stop()
 
 
 def test_an_online_node_taken_with_no_frontend_left_drops_the_device_at_a_removal(
@@ -5257,9 +5204,7 @@ def test_an_online_node_taken_with_no_frontend_left_drops_the_device_at_a_remova
     left to close it, so the device is dropped there and then, as a
     removal would be, said once as a warning and nothing written (the
     Closing stays), as for a state taken."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         fe.set_state(S.CLOSED)
         fe.wait_backend(S.CLOSED)
         bdev.events.flush()
@@ -5272,8 +5217,6 @@ def test_an_online_node_taken_with_no_frontend_left_drops_the_device_at_a_remova
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSING))
         (said,) = _backend_warnings(caplog)
         assert said.args[1].filename == online  # type: ignore[index]
-    finally:
-        drv.stop()
 
 
 def test_a_removal_closed_then_taken_as_its_transaction_retries_is_not_said(
@@ -5326,19 +5269,14 @@ def test_a_connect_that_reports_its_own_failure_on_a_read_only_state_is_not_conn
     all the same: no Connected tried over it (refused too, it was said as
     a second failure, "Permission denied", whose error node replaced the
     driver's), and what connect() set up is undone at once."""
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         told: list[bool] = []
 
         def connect(dev: Any) -> None:
             drv._record("connect", dev)
             told.append(dev.fatal(errno.EIO, "in connect"))
 
-        drv.connect = connect  # type: ignore[method-assign]
-        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
-        fe.wait_backend(S.INIT_WAIT)
-        bdev.events.flush()
+        _starting_over_with(drv, fe, bdev, connect)
         dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
         bdev.events.flush()
         caplog.clear()
@@ -5355,8 +5293,6 @@ def test_a_connect_that_reports_its_own_failure_on_a_read_only_state_is_not_conn
         assert [r.msg for r in _backend_warnings(caplog) if r.levelno == logging.WARNING] == [
             "%s: could not switch to Closing: %s"]
         assert not bdev.gone
-    finally:
-        drv.stop()
 
 
 @pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
@@ -5369,36 +5305,26 @@ def test_a_connect_that_gives_up_after_a_report_met_a_node_taken_writes_nothing(
     nothing written (a Closed tried now would be written), as the
     report's own drop would."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         taken = f"{bdev.nodename}/{node}".rstrip("/")
         perms = dom0_xs.get_perms(taken)
         told: list[bool] = []
 
         def connect(dev: Any) -> None:
             drv._record("connect", dev)
-            dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+            dom0_xs.set_perms(taken, _left_by_a_taking(drvdom, write_only))
             told.append(dev.fatal(errno.EIO, "in connect"))
             dom0_xs.set_perms(taken, perms)
             raise OSError(errno.EIO, "gave up")
 
-        drv.connect = connect  # type: ignore[method-assign]
-        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
-        fe.wait_backend(S.INIT_WAIT)
-        bdev.events.flush()
+        _starting_over_with(drv, fe, bdev, connect)
         caplog.clear()
         fe.set_state(S.INITIALISED)
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert told == [False]
-        _said_once(caplog, taken, "in connect")
+        _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, taken, "in connect",
+                                 state=S.INIT_WAIT)
         assert not [r for r in caplog.records if "after a report met a node taken" in r.msg]
-        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
-        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
-    finally:
-        drv.stop()
 
 
 @pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
@@ -5410,16 +5336,14 @@ def test_a_failure_whose_fatal_meets_a_node_taken_and_given_back_writes_nothing(
     dropped as the taking says, writing nothing, a Closed included,
     though one could be written by then."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    drvdom, drv, (fe,) = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
-    try:
-        bdev = backend_device(drv, fe.guest.domid)
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         taken = f"{bdev.nodename}/{node}".rstrip("/")
         perms = dom0_xs.get_perms(taken)
         fatal = bdev.fatal
         told: list[bool] = []
 
         def taking_fatal(err: int, message: str) -> bool:
-            dom0_xs.set_perms(taken, ["n0", f"w{drvdom.domid}"] if write_only else ["n0"])
+            dom0_xs.set_perms(taken, _left_by_a_taking(drvdom, write_only))
             told.append(fatal(err, message))
             dom0_xs.set_perms(taken, perms)
             return told[-1]
@@ -5428,19 +5352,11 @@ def test_a_failure_whose_fatal_meets_a_node_taken_and_given_back_writes_nothing(
             drv._record("connect", dev)
             raise OSError(errno.EIO, "boom")
 
-        drv.connect = connect  # type: ignore[method-assign]
-        fe.set_state(S.INITIALISING)  # starts over: the backend waits for it again
-        fe.wait_backend(S.INIT_WAIT)
-        bdev.events.flush()
+        _starting_over_with(drv, fe, bdev, connect)
         monkeypatch.setattr(bdev, "fatal", taking_fatal)
         caplog.clear()
         fe.set_state(S.INITIALISED)
-        drv.wait_call("remove", fe.guest.domid)
-        bdev.events.flush()
-        drv._bus.flush()
+        _removed(drv, fe, bdev)
         assert told == [False]
-        _said_once(caplog, taken, "connecting: boom")
-        assert _driver_domain_error(dom0_xs, drvdom, fe) is None
-        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
-    finally:
-        drv.stop()
+        _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, taken, "connecting: boom",
+                                 state=S.INIT_WAIT)
