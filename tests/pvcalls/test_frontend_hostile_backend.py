@@ -3712,7 +3712,8 @@ def test_a_connect_behind_one_that_sent_nothing_interrupted_anywhere_is_left_usa
     is freed once the answers are in."""
     within = os.path.dirname(_frontend.__file__)
     connects = _connects_submitted(fe)
-    starved = _starved_threads(fe, monkeypatch)  # the threads of the first connect(): no room for them
+    # The threads of the first connect(): no room for them.
+    starved = _starved_threads(fe, monkeypatch)
     socks: list[pvcalls.PVSocket] = []
     firsts: list[Call] = []
 
