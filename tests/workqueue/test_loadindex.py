@@ -135,6 +135,51 @@ def test_topology_must_be_one() -> None:
             LoadIndex(bad)  # type: ignore[arg-type]
 
 
+def test_a_topology_that_cannot_unregister_is_refused_before_registering() -> None:
+    """Without remove_hotplug_notifier() the index could never close():
+    refused at once, and registered with nothing (its notifier would stay
+    with the source for good)."""
+
+    class NoRemove:
+        def __init__(self) -> None:
+            self.notifiers: list[Any] = []
+
+        def possible(self) -> list[int]:
+            return [0, 1]
+
+        def online(self) -> list[int]:
+            return [0, 1]
+
+        def add_hotplug_notifier(self, fn: Any) -> None:
+            self.notifiers.append(fn)
+
+    source = NoRemove()
+    with pytest.raises(TypeError, match="topology must be a workqueue.Topology, not NoRemove"):
+        LoadIndex(source)  # type: ignore[arg-type]
+    assert source.notifiers == []
+
+
+def test_a_closed_index_still_names_a_wrong_argument() -> None:
+    """A wrong key or weight is the caller's mistake whatever the index's
+    state: it is named as such, not hidden behind "closed"."""
+    index = LoadIndex(Topology(2))
+    index.close()
+    with pytest.raises(TypeError, match="unhashable"):
+        index.assign(["a"])
+    with pytest.raises(ValueError, match="positive"):
+        index.assign("a", weight=0)
+    with pytest.raises(RuntimeError, match="closed"):
+        index.assign("a")
+
+
+def test_repr_says_keys_and_state() -> None:
+    index = LoadIndex(Topology(3))
+    index.assign("a")
+    assert repr(index) == "<LoadIndex 1 keys, 3 online CPUs>"
+    index.close()
+    assert repr(index) == "<LoadIndex 1 keys, closed>"
+
+
 def test_sparse_cpu_numbers() -> None:
     with LoadIndex(Topology(cpus=[3, 5, 9])) as index:
         assert [index.assign(k) for k in range(4)] == [3, 5, 9, 3]
@@ -308,6 +353,19 @@ def test_a_down_event_for_a_cpu_already_offline_is_ignored() -> None:
     assert moves == [("c", 2, 0)]
     assert index.statistics().offline == (2,)
     assert dict(index.statistics().loads) == {0: 2, 1: 1}
+
+
+def test_hotplug_events_for_a_cpu_the_index_does_not_know_are_ignored() -> None:
+    """A source that names a CPU outside the possible() it gave changes
+    nothing: the index has no load or keys for it to place or move."""
+    source = _HandDrivenHotplug([0, 1])
+    index = LoadIndex(source)
+    assert index.assign("a") == 0
+    before = index.statistics()
+    source.send(5, True)
+    source.send(5, False)
+    assert index.statistics() == before
+    assert index.assign("b") == 1
 
 
 def test_the_last_online_cpu_going_down_keeps_its_keys(caplog: pytest.LogCaptureFixture) -> None:
