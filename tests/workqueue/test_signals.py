@@ -38,6 +38,7 @@ import workqueue
 from workqueue import DelayedWork, Work, Workqueue, _pool, _serial
 from workqueue._future import LeanFuture, _sleeping, cancel_pending_futures
 from workqueue._serial import cancel_serial_calls, close_serial
+from workqueue._topology import idempotent_notifier
 
 TIMEOUT = 10.0
 
@@ -1460,6 +1461,53 @@ def test_ctrl_c_anywhere_in_cpu_down_or_up_leaves_a_load_index_whole(going: str)
             if going == "down" and not topology.is_online(1):
                 assert set(moved) == {key for key, cpu in homes.items() if cpu == 1}
             assert_adding_evens_out(index, range(100, 130))
+            assert_index_whole(index, topology)
+        except AssertionError as exc:
+            raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc}") from exc
+        finally:
+            index.close()
+        if not landed:
+            break
+        n += 1
+    assert n > 3
+
+
+def test_ctrl_c_in_a_load_index_cpu_down_leaves_its_books_straight_until_called_again() -> None:
+    """Cut short by Ctrl-C, the index's part of cpu_down() has changed
+    nothing yet: between then and the topology's calling it again, its
+    lock is free, and another thread reading or releasing keys finds each
+    key listed only on its CPU (a move worked out on the live per-CPU key
+    lists listed a key on the CPU it was going to before it went there:
+    released then, it stayed listed there for good)."""
+    n = 0
+    while True:
+        topology = workqueue.Topology(4)
+        index = workqueue.LoadIndex(topology)
+        for key in range(10):
+            index.assign(key, weight=1 + key % 3)
+        checking = [False]
+        crooked: list[str] = []
+
+        @idempotent_notifier
+        def between(cpu: int, online: bool, index: Any = index, topology: Any = topology,
+                    checking: list[bool] = checking, crooked: list[str] = crooked) -> None:
+            # Registered after the index, so called before it on the way
+            # down, and again before it when Ctrl-C cuts the index short.
+            checking[0] = True
+            try:
+                for c in topology.possible():
+                    keys = index.keys_on(c)
+                    if any(index.cpu_of(k) != c for k in keys) or index.load(c) != sum(
+                            map(index.weight_of, keys)):
+                        crooked.append(f"CPU {c}: {keys} {[index.cpu_of(k) for k in keys]}")
+            finally:
+                checking[0] = False
+
+        topology.add_hotplug_notifier(between)
+        landed = interrupted_at(n, PACKAGE, functools.partial(topology.cpu_down, 1),
+                                unless=lambda checking=checking: checking[0])
+        try:
+            assert crooked == []
             assert_index_whole(index, topology)
         except AssertionError as exc:
             raise AssertionError(f"with Ctrl-C at place {n}, {landed!r}: {exc}") from exc
