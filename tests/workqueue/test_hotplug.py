@@ -488,6 +488,47 @@ def test_cpus_that_are_not_an_iterable_say_what_cpus_must_be() -> None:
             Topology(cpus=count)  # type: ignore[arg-type]
 
 
+def test_true_is_not_a_count_a_cpu_or_a_number_of_seconds() -> None:
+    # True is an int to isinstance(), and would pass for 1.
+    with pytest.raises(TypeError, match=r"^ncpus must be an int, not bool$"):
+        Topology(True)
+    with pytest.raises(TypeError, match=r"^CPU numbers must be ints, got True$"):
+        Topology(cpus=[0, True])
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not bool$"):
+        Topology(cpus=True)  # type: ignore[arg-type]
+    for name in ("cpu_intensive_thresh", "watchdog_thresh"):
+        with pytest.raises(TypeError, match=rf"^{name} must be a number of seconds, not bool$"):
+            Topology(1, **{name: True})
+
+
+def test_a_topology_of_no_cpus_is_refused() -> None:
+    for empty in ([], iter(())):
+        with pytest.raises(ValueError, match=r"^a topology needs at least one CPU$"):
+            Topology(cpus=empty)
+
+
+def test_the_tunables_take_up_to_timeout_max() -> None:
+    # The most a Condition.wait() takes, so the most a timer can wait.
+    most = threading.TIMEOUT_MAX
+    topo = Topology(1, cpu_intensive_thresh=most, watchdog_thresh=most)
+    assert (topo.cpu_intensive_thresh, topo.watchdog_thresh) == (most, most)
+
+
+def test_repr_shows_the_possible_and_the_online_cpus() -> None:
+    topo = Topology(3)
+    topo.cpu_down(1)
+    assert repr(topo) == "<Topology possible=[0, 1, 2] online=[0, 2]>"
+
+
+def test_a_logical_cpu_that_is_a_host_cpu_runs_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The others go round-robin over the host CPUs; on a host whose CPUs
+    are 0 to n-1 both rules agree, so the host here has CPUs 1 and 2."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 2})
+    topo = Topology(4)
+    monkeypatch.undo()
+    assert [topo.real_cpu(cpu) for cpu in range(4)] == [1, 1, 2, 2]
+
+
 def test_a_cpu_number_is_shown_whole_up_to_64_bits() -> None:
     # Beyond 64 bits by its size, its power of ten the nearest one
     # (2**64 is some 1.8 * 10**19), its sign kept.

@@ -130,6 +130,42 @@ def test_a_thread_counts_as_the_lowest_online_logical_cpu_of_its_host_cpu(
     assert seen == [(mapped[0], mapped[0]), (mapped[1], mapped[1]), (mapped[0], mapped[0])]
 
 
+def test_current_cpu_asks_the_host_cpu_unless_the_thread_is_a_worker_of_this_topology(
+        make_wq: Any, can_pin: bool) -> None:
+    """A worker of another topology is any thread to this one: it is on
+    the lowest online logical CPU of its host CPU, not on the number its
+    own topology gave it.  A thread on a host CPU none of whose logical
+    CPUs is online is on the lowest online CPU."""
+    host = sorted(os.sched_getaffinity(0))
+    if not can_pin or len(host) < 2:
+        pytest.skip("needs two CPUs and sched_setaffinity")
+    ncpus = 4 * len(host)
+    topo = Topology(ncpus)
+    other = Topology(ncpus)
+    on_first = [c for c in range(ncpus) if topo.real_cpu(c) == host[0]]
+    assert len(on_first) >= 2
+    seen: list[int] = []
+    w = Work(lambda work: seen.append(topo.current_cpu()))
+    wq = make_wq(topology=other)
+    wq.queue_work_on(on_first[1], w)  # its worker runs on host[0]
+    w.flush()
+    assert seen == [on_first[0]]
+
+    for cpu in range(ncpus):
+        if topo.real_cpu(cpu) == host[1]:
+            topo.cpu_down(cpu)
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, {host[1]})
+        seen.append(topo.current_cpu())
+
+    t = threading.Thread(target=pinned)
+    t.start()
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert seen[1:] == [topo.online()[0]] and topo.online()[0] != topo.online()[-1]
+
+
 def test_highpri_and_normal_pools_are_separate_and_shared_between_queues(
         make_wq: Any, topo: Any) -> None:
     a = make_wq("a")
