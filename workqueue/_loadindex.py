@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
 from ._shown import shown
-from ._topology import cpu_not_possible, idempotent_notifier
+from ._topology import check_cpu_type, cpu_not_possible, idempotent_notifier
 
 if TYPE_CHECKING:
     from ._topology import Topology
@@ -71,13 +71,6 @@ class LoadIndexStats:
     """Possible CPUs that are offline; they carry no keys."""
     moves: int
     """Keys moved off offline CPUs since the index was created."""
-
-
-def _check_cpu_number(cpu: object) -> None:
-    """Refuse anything but an int as a CPU number: True and 1.0 hash like
-    CPU 1, and the dict lookups of a CPU's load and keys would take them for it."""
-    if isinstance(cpu, bool) or not isinstance(cpu, int):
-        raise ValueError(f"{shown(cpu)} is not a possible CPU of this topology")
 
 
 def _take_head(index: list[tuple[int, int]], weight: int) -> tuple[int, int, int]:
@@ -284,8 +277,10 @@ class LoadIndex:
                 raise KeyError(key) from None
 
     def load(self, cpu: int) -> int:
-        """The load of *cpu*: the sum of the weights of its keys (0 if offline)."""
-        _check_cpu_number(cpu)
+        """The load of *cpu*: the sum of the weights of its keys (0 if offline).
+
+        TypeError if *cpu* is not an int, ValueError if it is not a possible CPU."""
+        check_cpu_type(cpu)
         with self._lock:
             try:
                 return self._load[cpu]
@@ -300,8 +295,8 @@ class LoadIndex:
             return self._index[0][1]
 
     def keys_on(self, cpu: int) -> list[Hashable]:
-        """The keys assigned to *cpu*, oldest first."""
-        _check_cpu_number(cpu)
+        """The keys assigned to *cpu*, oldest first.  Errors as load()."""
+        check_cpu_type(cpu)
         with self._lock:
             try:
                 return list(self._keys_on[cpu])

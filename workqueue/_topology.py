@@ -74,6 +74,14 @@ def cpu_not_possible(cpu: int) -> ValueError:
     return ValueError(f"CPU {cpu} is not a possible CPU of this topology")
 
 
+def check_cpu_type(cpu: object) -> None:
+    """Refuse anything but an int as a CPU number, with TypeError: True
+    and 1.0 hash like CPU 1, and a lookup in a set or dict of CPUs would
+    take them for it."""
+    if isinstance(cpu, bool) or not isinstance(cpu, int):
+        raise TypeError(f"a CPU number must be an int, not {type(cpu).__name__}")
+
+
 def _check_thresh(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
@@ -287,8 +295,7 @@ class Topology:
     def _check_cpu(self, cpu: int) -> None:
         # type() first: True and 1.0 are in the set too (they hash like 1).
         if type(cpu) is not int or cpu not in self._possible_set:
-            if isinstance(cpu, bool) or not isinstance(cpu, int):
-                raise TypeError(f"a CPU number must be an int, not {type(cpu).__name__}")
+            check_cpu_type(cpu)
             if cpu not in self._possible_set:
                 raise cpu_not_possible(cpu)
 

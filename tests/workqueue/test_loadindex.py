@@ -116,12 +116,24 @@ def test_unhashable_key_and_unknown_cpu() -> None:
         with pytest.raises(TypeError):
             index.assign(["a"])
         assert len(index) == 0
-        # True and 1.0 hash like CPU 1, and must not pass for it.
-        for bad in (7, -1, "0", True, 1.0):
+        for bad in (7, -1):
             with pytest.raises(ValueError, match="not a possible CPU"):
-                index.load(bad)  # type: ignore[arg-type]
+                index.load(bad)
             with pytest.raises(ValueError, match="not a possible CPU"):
-                index.keys_on(bad)  # type: ignore[arg-type]
+                index.keys_on(bad)
+
+
+def test_a_cpu_number_that_is_not_an_int_is_a_type_error_as_in_topology() -> None:
+    # It was a ValueError ("'0' is not a possible CPU"), where Topology
+    # and Workqueue.queue_work_on() say TypeError for the same CPU number.
+    # True and 1.0 hash like CPU 1, and must not pass for it.
+    topo = Topology(2)
+    with LoadIndex(topo) as index:
+        for bad in ("0", True, 1.0, None, [1]):
+            kind = type(bad).__name__
+            for call in (index.load, index.keys_on, topo.is_online):
+                with pytest.raises(TypeError, match=rf"^a CPU number must be an int, not {kind}$"):
+                    call(bad)  # type: ignore[arg-type]
 
 
 def test_on_move_must_be_callable() -> None:
