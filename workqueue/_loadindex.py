@@ -152,12 +152,15 @@ class LoadIndex:
 
     def __init__(self, topology: Topology | _HotplugSource, on_move: OnMove | None = None) -> None:
         # What it uses of a Topology, checked here: a wrong argument would
-        # otherwise fail as a missing attribute, half set up.
+        # otherwise fail as a missing attribute, half set up.  The class
+        # itself has the methods, unbound.
         missing = [name for name in ("possible", "online", "add_hotplug_notifier",
                                      "remove_hotplug_notifier")
                    if not callable(getattr(topology, name, None))]
-        if missing:
-            raise TypeError(f"topology must be a workqueue.Topology, not {type(topology).__name__}")
+        if missing or isinstance(topology, type):
+            what = (f"the class {topology.__name__}" if isinstance(topology, type)
+                    else type(topology).__name__)
+            raise TypeError(f"topology must be a workqueue.Topology, not {what}")
         if on_move is not None and not callable(on_move):
             raise TypeError(f"on_move must be callable or None, not {type(on_move).__name__}")
         self._topology = topology

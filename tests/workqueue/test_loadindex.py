@@ -147,6 +147,15 @@ def test_topology_must_be_one() -> None:
             LoadIndex(bad)  # type: ignore[arg-type]
 
 
+def test_the_topology_class_itself_is_refused_as_such() -> None:
+    # LoadIndex(Topology), its parentheses forgotten, passed the check
+    # (the class has the methods) and failed as "Topology.possible()
+    # missing 1 required positional argument: 'self'".
+    with pytest.raises(TypeError, match=r"^topology must be a workqueue.Topology, "
+                                        r"not the class Topology$"):
+        LoadIndex(Topology)  # type: ignore[arg-type]
+
+
 def test_a_topology_that_cannot_unregister_is_refused_before_registering() -> None:
     """Without remove_hotplug_notifier() the index could never close():
     refused at once, and registered with nothing (its notifier would stay
