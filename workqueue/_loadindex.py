@@ -177,7 +177,7 @@ class LoadIndex:
         #    _online (which a closed index no longer changes: it keeps the
         #    CPUs online at close());
         #  - _keys_on[cpu] holds exactly the keys k with _cpu_of[k] == cpu, in
-        #    assignment order (dicts keep insertion order);
+        #    the order they came to it (dicts keep insertion order);
         #  - _load[cpu] is the sum of _weight over _keys_on[cpu];
         #  - _index holds (_load[cpu], cpu) for exactly the CPUs in _online,
         #    sorted.
@@ -298,7 +298,9 @@ class LoadIndex:
             return self._index[0][1]
 
     def keys_on(self, cpu: int) -> list[Hashable]:
-        """The keys assigned to *cpu*, oldest first.  Errors as load()."""
+        """The keys on *cpu*, in the order they came to it: assigned there,
+        or moved there by a cpu_down() (after its own, however old).
+        Errors as load()."""
         check_cpu_type(cpu)
         with self._lock:
             try:
