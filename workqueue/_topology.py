@@ -207,7 +207,9 @@ class Topology:
 
         # The worker pools of this topology (workqueue._pool.PoolSet), made
         # on first use.  It lives here, not in a module global, so that each
-        # topology -- and each test -- gets its own pools.
+        # topology -- and each test -- gets its own pools.  Written under
+        # _pool's _pool_set_lock (see pool_set()), read without it: a
+        # reference, replaced whole.
         self._pools: Any = None
         # The tunables after _pools, which their setters read.
         self.cpu_intensive_thresh = cpu_intensive_thresh
