@@ -81,8 +81,9 @@ def test_unknown_keys_raise_key_error() -> None:
     with LoadIndex(Topology(2)) as index:
         index.assign("a")
         for op in (index.cpu_of, index.release, index.weight_of):
-            with pytest.raises(KeyError):
+            with pytest.raises(KeyError) as caught:
                 op("nope")
+            assert caught.value.args == ("nope",)  # as a dict says it
         index.release("a")
         with pytest.raises(KeyError):
             index.release("a")
@@ -306,6 +307,15 @@ def test_two_indexes_on_one_topology_both_rehome() -> None:
         b.assign("k")
         topo.cpu_down(0)
         assert a.cpu_of("k") == b.cpu_of("k") == 1
+
+
+def test_leaving_the_with_block_closes_the_index() -> None:
+    topo = Topology(2)
+    with LoadIndex(topo) as index:
+        index.assign("a")
+    assert topo._notifiers == []
+    with pytest.raises(RuntimeError, match="closed"):
+        index.assign("b")
 
 
 def test_close_unregisters_and_refuses_new_keys() -> None:
