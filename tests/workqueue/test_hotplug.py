@@ -494,7 +494,8 @@ def test_true_is_not_a_count_a_cpu_or_a_number_of_seconds() -> None:
         Topology(True)
     with pytest.raises(TypeError, match=r"^CPU numbers must be ints, got True$"):
         Topology(cpus=[0, True])
-    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not bool$"):
+    message = r"^cpus must be an iterable of CPU numbers \(ints\), not bool$"
+    with pytest.raises(TypeError, match=message):
         Topology(cpus=True)  # type: ignore[arg-type]
     for name in ("cpu_intensive_thresh", "watchdog_thresh"):
         with pytest.raises(TypeError, match=rf"^{name} must be a number of seconds, not bool$"):
