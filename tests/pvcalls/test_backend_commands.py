@@ -154,6 +154,31 @@ def test_socket_echoes_req_id_cmd_and_id(raw: RawFrontend) -> None:
     assert got_id == sock_id
 
 
+def test_every_bit_of_req_id_is_echoed(raw: RawFrontend) -> None:
+    """req_id is the guest's (32 bits, echoed as they are): Linux's
+    frontend uses the slot index, which leaves all but the 5 low bits 0,
+    and a response that lost any other bit would go to the wrong
+    request of a frontend that numbers its requests otherwise."""
+    req_ids = [0xFFFFFFFF, 0x80000000, 0x7FFFFFFF, 0x12345678, 0xA5A5A5A5, 0x5A5A5A5A, 0x100]
+    sock_ids = {}
+    for req_id in req_ids:
+        sock_id = raw.new_id()
+        sock_ids[req_id] = sock_id
+
+        def fill(req: Any, req_id: int = req_id, sock_id: int = sock_id) -> None:
+            req.req_id = req_id
+            _socket_fill(req, sock_id)
+
+        raw.push(_wire.PVCALLS_SOCKET, fill)
+    # Every answer, whatever req_id it carries; in ring order (SOCKET is
+    # answered as it is handled).
+    raw.wait(lambda: len(raw.arrived) == len(req_ids))
+    assert raw.arrived == req_ids
+    assert raw.responses == {
+        req_id: Response(req_id, _wire.PVCALLS_SOCKET, 0, sock_ids[req_id]) for req_id in req_ids}
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize(("domain", "type_", "protocol"),
                          [(10, 1, 0), (2, 2, 0), (2, 1, 6), (0, 0, 0), (2, 1, 2)])
 def test_socket_only_inet_stream(raw: RawFrontend, domain: int, type_: int,
