@@ -365,6 +365,43 @@ def test_a_closed_frontend_answers_nothing(raw: RawFrontend, backend: pvcalls.Ba
         listener.close()
 
 
+def test_a_command_handled_as_the_frontend_closes_is_not_answered(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command the Work finishes after the frontend's close began (the
+    close waits for it) gets no answer: its port is unbound by then, and
+    the frontend, closing, reads no more responses.  (Answered, it is
+    written into a ring the guest is giving up, and notified on a port
+    that is gone.)"""
+    real_socket = _Frontend._socket
+    handling = PauseAt(real_socket, "with self._lock, self.backend.limit_lock:")
+
+    def socket_(self: _Frontend, request: Any, req: Any) -> int | None:
+        result: int | None = handling.run(lambda: real_socket(self, request, req))
+        return result
+
+    monkeypatch.setitem(pvcalls._backend._HANDLERS, _wire.PVCALLS_SOCKET, socket_)
+    sock_id = RawFrontend.new_id()
+
+    def fill(req: Any) -> None:
+        req.u.socket.id = sock_id
+        req.u.socket.domain = _wire.AF_INET
+        req.u.socket.type = _wire.SOCK_STREAM
+
+    raw.push(_wire.PVCALLS_SOCKET, fill)
+    assert handling.reached.wait(TIMEOUT)
+    try:
+        raw.xs.write(f"{raw.fe_path}/state", "5")  # Closing
+        # The close stands waiting for the Work: past its point of no answer.
+        wait_until(lambda: any(stands_at(tid, _Frontend.close, "self._work.disable_sync()")
+                               for tid in sys._current_frames()))
+    finally:
+        handling.resume()
+    raw.wait_backend_state(5)
+    raw.poll_responses()
+    assert raw.arrived == [] and raw.unexpected == []
+    assert bound_ports(backend) == [] and backend.stats().frontends == 0
+
+
 def test_close_waits_for_the_command_being_handled(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
