@@ -294,6 +294,34 @@ def test_teardown_leaves_nothing_behind(host: Any, backend: pvcalls.Backend,
     assert threads[0] == threads[1] == threads[2]
 
 
+def test_a_frontends_close_closes_its_host_sockets(raw: RawFrontend,
+                                                  backend: pvcalls.Backend) -> None:
+    """As the frontend closes, the host sockets of its connected and
+    listening sockets are closed, not left to the garbage collector: the
+    peer sees the end of the stream, and nothing listens on the port any
+    more.  (The test holds the socket objects, as a reference cycle or a
+    traceback could: the descriptor counts of the tests above cannot see
+    a socket the collector closes for them.)"""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        connected, _ = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+    with peer:
+        listener, _ = raw.socket()
+        assert raw.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert raw.listen(listener).ret == 0
+        active, passive = fe._sockets[connected], fe._sockets[listener]
+        assert isinstance(active, ActiveSocket) and isinstance(passive, PassiveSocket)
+        address = passive.host.getsockname()
+        raw.close()
+        assert active.host is not None
+        assert (active.host.fileno(), passive.host.fileno()) == (-1, -1)
+        peer.settimeout(TIMEOUT)
+        assert peer.recv(1) == b""
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=TIMEOUT).close()
+
+
 def test_close_closes_every_frontend(make_frontend: Any, host: Any, topology: Topology, echo_server: Any) -> None:
     backend = pvcalls.Backend(host.dom0, topology=topology)
     fes = [make_frontend(f"g{i}") for i in range(3)]
