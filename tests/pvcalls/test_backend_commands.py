@@ -1981,6 +1981,30 @@ def test_release_of_a_listener_closes_its_host_socket(
         socket.create_connection(address, timeout=TIMEOUT).close()
 
 
+def test_release_of_a_listener_stops_watching_its_host_socket(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """RELEASE of a listening socket (one with a POLL in flight, one
+    without) takes its host socket out of the dispatcher before closing
+    it: a descriptor left registered would keep its number from the next
+    socket the host gives it to (its add_fd refused), and its callback
+    from going."""
+    watched = watched_fds(backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    for poll in (False, True):
+        listener, _ = _listener(raw, backend)
+        passive = fe._sockets[listener]
+        assert isinstance(passive, PassiveSocket)
+        fd = passive.host.fileno()
+        assert fd in watched_fds(backend)
+        if poll:
+            req_id = raw.push_poll(listener)
+        assert raw.release(listener).ret == 0
+        if poll:
+            assert raw.response(req_id).ret == EINTR
+        assert watched_fds(backend) == watched
+    assert raw.unexpected == []
+
+
 def test_release_of_new_socket(raw: RawFrontend, backend: pvcalls.Backend) -> None:
     sock_id, _ = raw.socket()
     assert raw.release(sock_id).ret == 0
