@@ -154,6 +154,31 @@ def test_socket_echoes_req_id_cmd_and_id(raw: RawFrontend) -> None:
     assert got_id == sock_id
 
 
+def test_every_bit_of_req_id_is_echoed(raw: RawFrontend) -> None:
+    """req_id is the guest's (32 bits, echoed as they are): Linux's
+    frontend uses the slot index, which leaves all but the 5 low bits 0,
+    and a response that lost any other bit would go to the wrong
+    request of a frontend that numbers its requests otherwise."""
+    req_ids = [0xFFFFFFFF, 0x80000000, 0x7FFFFFFF, 0x12345678, 0xA5A5A5A5, 0x5A5A5A5A, 0x100]
+    sock_ids = {}
+    for req_id in req_ids:
+        sock_id = raw.new_id()
+        sock_ids[req_id] = sock_id
+
+        def fill(req: Any, req_id: int = req_id, sock_id: int = sock_id) -> None:
+            req.req_id = req_id
+            _socket_fill(req, sock_id)
+
+        raw.push(_wire.PVCALLS_SOCKET, fill)
+    # Every answer, whatever req_id it carries; in ring order (SOCKET is
+    # answered as it is handled).
+    raw.wait(lambda: len(raw.arrived) == len(req_ids))
+    assert raw.arrived == req_ids
+    assert raw.responses == {
+        req_id: Response(req_id, _wire.PVCALLS_SOCKET, 0, sock_ids[req_id]) for req_id in req_ids}
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize(("domain", "type_", "protocol"),
                          [(10, 1, 0), (2, 2, 0), (2, 1, 6), (0, 0, 0), (2, 1, 2)])
 def test_socket_only_inet_stream(raw: RawFrontend, domain: int, type_: int,
@@ -1954,6 +1979,30 @@ def test_release_of_a_listener_closes_its_host_socket(
     assert passive.host.fileno() == -1
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address, timeout=TIMEOUT).close()
+
+
+def test_release_of_a_listener_stops_watching_its_host_socket(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """RELEASE of a listening socket (one with a POLL in flight, one
+    without) takes its host socket out of the dispatcher before closing
+    it: a descriptor left registered would keep its number from the next
+    socket the host gives it to (its add_fd refused), and its callback
+    from going."""
+    watched = watched_fds(backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    for poll in (False, True):
+        listener, _ = _listener(raw, backend)
+        passive = fe._sockets[listener]
+        assert isinstance(passive, PassiveSocket)
+        fd = passive.host.fileno()
+        assert fd in watched_fds(backend)
+        if poll:
+            req_id = raw.push_poll(listener)
+        assert raw.release(listener).ret == 0
+        if poll:
+            assert raw.response(req_id).ret == EINTR
+        assert watched_fds(backend) == watched
+    assert raw.unexpected == []
 
 
 def test_release_of_new_socket(raw: RawFrontend, backend: pvcalls.Backend) -> None:

@@ -294,6 +294,34 @@ def test_teardown_leaves_nothing_behind(host: Any, backend: pvcalls.Backend,
     assert threads[0] == threads[1] == threads[2]
 
 
+def test_a_frontends_close_closes_its_host_sockets(raw: RawFrontend,
+                                                  backend: pvcalls.Backend) -> None:
+    """As the frontend closes, the host sockets of its connected and
+    listening sockets are closed, not left to the garbage collector: the
+    peer sees the end of the stream, and nothing listens on the port any
+    more.  (The test holds the socket objects, as a reference cycle or a
+    traceback could: the descriptor counts of the tests above cannot see
+    a socket the collector closes for them.)"""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        connected, _ = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+    with peer:
+        listener, _ = raw.socket()
+        assert raw.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert raw.listen(listener).ret == 0
+        active, passive = fe._sockets[connected], fe._sockets[listener]
+        assert isinstance(active, ActiveSocket) and isinstance(passive, PassiveSocket)
+        address = passive.host.getsockname()
+        raw.close()
+        assert active.host is not None
+        assert (active.host.fileno(), passive.host.fileno()) == (-1, -1)
+        peer.settimeout(TIMEOUT)
+        assert peer.recv(1) == b""
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=TIMEOUT).close()
+
+
 def test_close_closes_every_frontend(make_frontend: Any, host: Any, topology: Topology, echo_server: Any) -> None:
     backend = pvcalls.Backend(host.dom0, topology=topology)
     fes = [make_frontend(f"g{i}") for i in range(3)]
@@ -363,6 +391,43 @@ def test_a_closed_frontend_answers_nothing(raw: RawFrontend, backend: pvcalls.Ba
     finally:
         filler.close()
         listener.close()
+
+
+def test_a_command_handled_as_the_frontend_closes_is_not_answered(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command the Work finishes after the frontend's close began (the
+    close waits for it) gets no answer: its port is unbound by then, and
+    the frontend, closing, reads no more responses.  (Answered, it is
+    written into a ring the guest is giving up, and notified on a port
+    that is gone.)"""
+    real_socket = _Frontend._socket
+    handling = PauseAt(real_socket, "with self._lock, self.backend.limit_lock:")
+
+    def socket_(self: _Frontend, request: Any, req: Any) -> int | None:
+        result: int | None = handling.run(lambda: real_socket(self, request, req))
+        return result
+
+    monkeypatch.setitem(pvcalls._backend._HANDLERS, _wire.PVCALLS_SOCKET, socket_)
+    sock_id = RawFrontend.new_id()
+
+    def fill(req: Any) -> None:
+        req.u.socket.id = sock_id
+        req.u.socket.domain = _wire.AF_INET
+        req.u.socket.type = _wire.SOCK_STREAM
+
+    raw.push(_wire.PVCALLS_SOCKET, fill)
+    assert handling.reached.wait(TIMEOUT)
+    try:
+        raw.xs.write(f"{raw.fe_path}/state", "5")  # Closing
+        # The close stands waiting for the Work: past its point of no answer.
+        wait_until(lambda: any(stands_at(tid, _Frontend.close, "self._work.disable_sync()")
+                               for tid in sys._current_frames()))
+    finally:
+        handling.resume()
+    raw.wait_backend_state(5)
+    raw.poll_responses()
+    assert raw.arrived == [] and raw.unexpected == []
+    assert bound_ports(backend) == [] and backend.stats().frontends == 0
 
 
 def test_close_waits_for_the_command_being_handled(

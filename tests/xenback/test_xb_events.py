@@ -92,6 +92,9 @@ def test_port_callbacks_and_masking(host, pair) -> None:
 
 
 def test_unbind_waits_for_a_running_callback(host, pair) -> None:
+    """Once unbind() has returned, the port's callback is over.  The
+    callback is let go however the test ends: held, a failed assertion
+    would leave it to the fixture's close(), which waits TIMEOUT for it."""
     guest, evtchn, dispatcher = pair
     remote = evtchn.bind_unbound_port(0)
     inside, release, finished = threading.Event(), threading.Event(), threading.Event()
@@ -105,16 +108,21 @@ def test_unbind_waits_for_a_running_callback(host, pair) -> None:
     evtchn.notify(remote)
     assert inside.wait(TIMEOUT)
     unbound = threading.Event()
+    seen: list[bool] = []
 
     def unbind() -> None:
         dispatcher.unbind(local)
+        seen.append(finished.is_set())
         unbound.set()
 
-    t = threading.Thread(target=unbind)
+    t = threading.Thread(target=unbind, daemon=True)
     t.start()
-    assert not unbound.wait(0.05)  # still inside the callback
-    release.set()
-    assert unbound.wait(TIMEOUT) and finished.is_set()
+    try:
+        assert not unbound.wait(0.05)  # still inside the callback
+    finally:
+        release.set()
+    assert unbound.wait(TIMEOUT), "unbind() was not woken as the callback returned"
+    assert seen == [True]
     t.join(TIMEOUT)
 
 
