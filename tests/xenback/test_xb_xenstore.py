@@ -285,6 +285,17 @@ def test_domain_queries_send_the_number_of_any_int_subclass(host, dom0_xs) -> No
     assert dom0_xs.is_domain_introduced(_Named(guest.domid)) is True
 
 
+def test_an_int_subclass_is_written_and_awaited_as_its_number(dom0_xs) -> None:
+    """write() sent str(value): an int subclass whose str() is its name
+    was written as "guest", where wait_for() and the domain queries take
+    it for its number.  Both use the number."""
+    dom0_xs.write("/test/n", _Named(3))
+    assert dom0_xs.read("/test/n") == "3"
+    assert dom0_xs.wait_for("/test/n", _Named(3), timeout=TIMEOUT) == "3"
+    dom0_xs.transaction(lambda t: t.write("/test/n", _Named(4)))
+    assert dom0_xs.read("/test/n") == "4"
+
+
 def test_domain_queries_raise_oserror_naming_the_domain(dom0_xs, monkeypatch) -> None:
     # As every other operation: an OSError with the errno, not pyxs's own.
     def refuse(domid):
