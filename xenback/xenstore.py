@@ -187,7 +187,9 @@ _PERMISSION = re.compile("[wrbn](0|[1-9][0-9]*)")
 def _value(value: str | int, path: str) -> bytes:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise TypeError(f"XenStore values are str or int, not {type(value).__name__}")
-    text = str(value)
+    # int(): the number, as wait_for() and the domain queries take it; an
+    # int subclass's str() may be its name.
+    text = value if isinstance(value, str) else str(int(value))
     if not _SENDABLE.fullmatch(text):
         at = next(i for i, c in enumerate(text) if not _SENDABLE.fullmatch(c))
         what = "is not ASCII" if not text[at].isascii() else "is a control character"

@@ -94,6 +94,13 @@ def test_read_int_names_the_node_for_any_non_number(dom0_xs, value) -> None:
     assert str(info.value) == f"/test/n: expected an integer, found {value!r}"
 
 
+@pytest.mark.parametrize(("value", "number"), [(" 7", 7), ("-3 ", -3), ("  12  ", 12)])
+def test_read_int_takes_white_space_around_the_number(dom0_xs, value, number) -> None:
+    # As the kernel's xenbus_scanf("%d") does: another domain's " 7" is 7.
+    dom0_xs.write("/test/n", value)
+    assert dom0_xs.read_int("/test/n") == number
+
+
 @pytest.mark.parametrize("value", ["\u0663", "\uff15", "-\u0967\u0968"],
                          ids=["arabic-indic", "fullwidth", "devanagari"])
 def test_read_int_refuses_digits_other_than_ascii(host, dom0_xs, value) -> None:
@@ -224,6 +231,22 @@ def test_guest_permissions_become_permission_error(host, dom0_xs) -> None:
     assert not dom0_xs.is_domain_introduced(guest.domid)
 
 
+def test_a_node_we_may_not_see_is_no_missing_node(host, dom0_xs) -> None:
+    """exists(), ls() and rm() take a missing node for an answer (False,
+    [], nothing to remove), but not a refusal: a driver domain must tell
+    "gone" from "not ours to see", and a removal refused removed nothing."""
+    guest = host.create_domain("guest")
+    dom0_xs.write("/secret/child", "x")
+    dom0_xs.set_perms("/secret/child", ["n0"])
+    dom0_xs.set_perms("/secret", ["n0"])
+    with XenStore(guest.xenstore()) as gxs:
+        for op in (gxs.exists, gxs.ls, gxs.rm, gxs.read):
+            with pytest.raises(PermissionError) as info:
+                op("/secret")
+            assert info.value.filename == "/secret"
+    assert dom0_xs.read("/secret/child") == "x"
+
+
 @pytest.mark.parametrize("domid", ["1", True, 1.5, None])
 def test_domain_queries_take_an_int_domid(host, dom0_xs, domid) -> None:
     """A str domid went through as its text (get_domain_path("1") answered
@@ -285,6 +308,41 @@ def test_domain_queries_send_the_number_of_any_int_subclass(host, dom0_xs) -> No
     assert dom0_xs.is_domain_introduced(_Named(guest.domid)) is True
 
 
+def test_an_int_subclass_is_written_and_awaited_as_its_number(dom0_xs) -> None:
+    """write() sent str(value): an int subclass whose str() is its name
+    was written as "guest", where wait_for() and the domain queries take
+    it for its number.  Both use the number."""
+    dom0_xs.write("/test/n", _Named(3))
+    assert dom0_xs.read("/test/n") == "3"
+    assert dom0_xs.wait_for("/test/n", _Named(3), timeout=TIMEOUT) == "3"
+    dom0_xs.transaction(lambda t: t.write("/test/n", _Named(4)))
+    assert dom0_xs.read("/test/n") == "4"
+
+
+def test_pyxs_errors_without_a_usable_errno_are_named(dom0_xs, monkeypatch) -> None:
+    """An error name XenStore sends that pyxs does not know comes as errno
+    0 ("Success"): EIO.  A request pyxs refuses to build (a ValueError
+    of its own) is the caller's ValueError, not an OSError of whatever
+    number pyxs's exception happens to hold."""
+    from pyxs.exceptions import InvalidOperation
+    from pyxs.helpers import error
+
+    def unknown(path):
+        raise error(b"ENOSUCHERROR")
+
+    monkeypatch.setattr(dom0_xs._client, "read", unknown)
+    with pytest.raises(OSError) as info:
+        dom0_xs.read("/test/x")
+    assert info.value.errno == errno.EIO and info.value.filename == "/test/x"
+
+    def unbuildable(path):
+        raise InvalidOperation(99)
+
+    monkeypatch.setattr(dom0_xs._client, "read", unbuildable)
+    with pytest.raises(ValueError, match=r"^pyxs refused the request for '/test/x': "):
+        dom0_xs.read("/test/x")
+
+
 def test_domain_queries_raise_oserror_naming_the_domain(dom0_xs, monkeypatch) -> None:
     # As every other operation: an OSError with the errno, not pyxs's own.
     def refuse(domid):
@@ -342,6 +400,19 @@ def test_transaction_is_rerun_when_its_function_meets_eagain(dom0_xs) -> None:
     assert dom0_xs.read("/again") == "1"
 
 
+def test_a_transaction_on_a_closed_connection_is_not_connected(host) -> None:
+    """As every request on it: "not connected", not "lost" (we closed
+    it), and the function is not run."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    xs.close()
+    with pytest.raises(ConnectionError) as info:
+        xs.transaction(lambda t: pytest.fail("run on a closed connection"))
+    assert info.value.errno == errno.ENOTCONN
+    assert info.value.strerror == "not connected to XenStore"
+    assert info.value.filename == "@transaction"
+
+
 def test_a_commit_refused_for_another_reason_is_raised(host) -> None:
     """A guest's commit that would exceed its node quota fails with
     ENOSPC: raised at once, not retried, and nothing is written."""
@@ -396,6 +467,35 @@ def test_a_transaction_start_waits_out_a_full_quota_for_a_while(host, monkeypatc
         assert gxs.read(node) is None
         other.transaction_end(held.pop(), commit=False)
         gxs.transaction(lambda t: t.write(node, "done"))
+        assert gxs.read(node) == "done"
+        for tx in held:
+            other.transaction_end(tx, commit=False)
+
+
+def test_a_transaction_start_goes_ahead_once_the_quota_has_room(host, monkeypatch) -> None:
+    """A start refused for the quota is tried again: a slot freed after
+    the first refusal lets the transaction through, without ENOSPC."""
+    import xenback.xenstore as xenstore_module
+    from xenback.sim._xenstored import RawClient
+
+    guest = host.create_domain("quota")
+    node = f"/local/domain/{guest.domid}/data/tx"
+    real_begin = xenstore_module._begin
+    refusals: list[int] = []
+    with XenStore(guest.xenstore()) as gxs, RawClient(guest.xenstore_path) as other:
+        held = [other.transaction_start() for _ in range(10)]
+
+        def begin(client) -> None:
+            try:
+                real_begin(client)
+            except pyxs.PyXSError as exc:
+                refusals.append(exc.args[0])
+                other.transaction_end(held.pop(), commit=False)  # room, now
+                raise
+
+        monkeypatch.setattr(xenstore_module, "_begin", begin)
+        gxs.transaction(lambda t: t.write(node, "done"))
+        assert refusals == [errno.ENOSPC]
         assert gxs.read(node) == "done"
         for tx in held:
             other.transaction_end(tx, commit=False)
@@ -461,6 +561,38 @@ def test_wait_for(dom0_xs) -> None:
         dom0_xs.wait_for("/w", "c", timeout=0.05)
 
 
+def test_wait_for_sees_a_change_made_as_it_reads(dom0_xs, monkeypatch) -> None:
+    """A change whose watch event comes while wait_for() reads the node
+    (after the read, before the wait) wakes it: not lost, leaving it to
+    wait out its timeout with the value it wanted already there."""
+    dom0_xs.write("/test/race", "old")
+    fired = threading.Semaphore(0)
+    real_watch, real_read = dom0_xs._watch, dom0_xs.read
+
+    def watch(path, callback, *args, **kwargs):
+        def told(event_path: str) -> None:
+            callback(event_path)
+            fired.release()  # after wait_for()'s own callback ran
+        return real_watch(path, told, *args, **kwargs)
+
+    reads: list[str | None] = []
+
+    def read(path, default=None):
+        value = real_read(path, default)
+        reads.append(value)
+        if len(reads) == 1:
+            assert fired.acquire(timeout=TIMEOUT)  # the watch's first firing
+            dom0_xs.write(path, "new")
+            assert fired.acquire(timeout=TIMEOUT)  # and the change's
+        return value
+
+    monkeypatch.setattr(dom0_xs, "_watch", watch)
+    monkeypatch.setattr(dom0_xs, "read", read)
+    waiter = Attempt(lambda: dom0_xs.wait_for("/test/race", "new", timeout=OUTLASTS_THE_TEST))
+    assert waiter.result(msg="wait_for() missed the change") == "new"
+    assert reads == ["old", "new"]
+
+
 def test_wait_for_timeout_says_what_was_awaited(dom0_xs) -> None:
     """A frontend waiting for its backend's state learns from the
     TimeoutError which value it waited for, not only the last one seen."""
@@ -518,16 +650,17 @@ def test_a_removal_that_fails_unexpectedly_ends_the_wait_for_all_the_same(
     assert fired.wait(TIMEOUT)
 
 
-def test_wait_for_raises_once_the_deadline_has_passed(dom0_xs, monkeypatch) -> None:
-    """However little past the deadline the clock is, wait_for() raises
-    rather than waiting on.  The clock is faked: from the second reading
-    on it stays 0.5 s past the deadline."""
+@pytest.mark.parametrize("later", [1001.5, 1001.0], ids=["past", "at"])
+def test_wait_for_raises_once_the_deadline_has_passed(dom0_xs, monkeypatch, later) -> None:
+    """However little past the deadline the clock is, or at it, wait_for()
+    raises rather than waiting on.  The clock is faked: from the second
+    reading on it stays at ``later``."""
     import types
 
     import xenback.xenstore as xenstore_module
 
     readings = iter([1000.0])  # the deadline is 1001.0
-    fake_time = types.SimpleNamespace(monotonic=lambda: next(readings, 1001.5))
+    fake_time = types.SimpleNamespace(monotonic=lambda: next(readings, later))
     monkeypatch.setattr(xenstore_module, "time", fake_time)
     dom0_xs.write("/deadline", "a")
     waiter = Attempt(lambda: dom0_xs.wait_for("/deadline", "b", timeout=1.0))
@@ -1213,11 +1346,12 @@ def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) 
         ("/test/caf\u00e9", r"'\\xe9' at offset 9 is not ASCII"),
         ("/test/a/", "ends with '/'"),
         ("/test//a", r"an empty component \('//'\) at offset 5"),
+        ("//test", r"an empty component \('//'\) at offset 0"),
         ("/" + "a" * 3072, "3073 bytes long, over XenStore's limit of 3072"),
         ("a" * 2049, "2049 bytes long, over XenStore's limit of 2048 for a relative path"),
     ],
     ids=["empty", "space", "newline", "dot", "non-ascii", "trailing-slash",
-         "double-slash", "too-long", "relative-too-long"],
+         "double-slash", "leading-double-slash", "too-long", "relative-too-long"],
 )
 def test_an_invalid_path_is_refused_saying_why(dom0_xs, path, reason) -> None:
     """Each way a path can be wrong is named, for every operation; a
@@ -1283,6 +1417,18 @@ def test_paths_as_long_as_xenstore_takes_are_sent(dom0_xs) -> None:
     dom0_xs.write(absolute, "1")
     assert dom0_xs.read(absolute) == "1"
     dom0_xs.rm(absolute)
+
+
+def test_the_root_and_the_longest_absolute_path_are_sent(dom0_xs) -> None:
+    """"/" is the root, not a path ending in '/'; an absolute path of
+    exactly XENSTORE_ABS_PATH_MAX bytes is xenstored's to judge (this one
+    refuses it, EINVAL), not refused here as over the limit."""
+    assert "local" in dom0_xs.ls("/")
+    assert dom0_xs.exists("/")
+    longest = "/local/domain/0/" + "c" * (3072 - len("/local/domain/0/"))
+    with pytest.raises(OSError) as info:
+        dom0_xs.write(longest, "1")
+    assert info.value.errno == errno.EINVAL
 
 
 @pytest.mark.parametrize("ending", ["commit", "abort"])
