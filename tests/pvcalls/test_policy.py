@@ -307,6 +307,8 @@ def test_rule_str_is_its_rule_text(text: str) -> None:
         ("[default]\nmax_sockets = 1979-05-27", r"must be an integer, not a date \(1979-05-27\)$"),
         ("[default]\nlisten.allow = []", "unknown key"),
         ("[default]\nconnect.maybe = []", "unknown key"),
+        # A misspelt key in a domain section would leave the domain [default]'s value.
+        ("[domain.7]\nmax_socket = 4", r"^\[domain.7\]: unknown key\(s\): max_socket$"),
         ('[domain."a/b"]\nmax_sockets = 1', "not a domid or a domain name"),
         ('[domain."a\\tb"]\nmax_sockets = 1', "not a domid or a domain name"),
         ("default = 1", r"^\[default\] must be a table, not an integer \(1\)$"),
@@ -826,6 +828,9 @@ _NET = __import__("ipaddress").IPv4Network("10.0.0.0/8")
          r"^network must be an ipaddress.IPv4Network, not str \(Rule.parse\(\) takes text\)$"),
         (lambda: Rule(_NET, ports=range(0, 70000)), ValueError,
          r"^ports must be a range within 0-65535, got range\(0, 70000\)$"),
+        # One past the last port: range(0, 65536) is every port, 65537 is not.
+        (lambda: Rule(_NET, ports=range(65535, 65537)), ValueError,
+         r"^ports must be a range within 0-65535, got range\(65535, 65537\)$"),
         (lambda: Rule(_NET, ports=range(80, 80)), ValueError,
          r"^ports must be a range within 0-65535, got range\(80, 80\)$"),
         (lambda: Rule(_NET, ports=range(0, 100, 2)), ValueError,
