@@ -309,8 +309,16 @@ def test_rule_str_is_its_rule_text(text: str) -> None:
         ("[default]\nconnect.maybe = []", "unknown key"),
         # A misspelt key in a domain section would leave the domain [default]'s value.
         ("[domain.7]\nmax_socket = 4", r"^\[domain.7\]: unknown key\(s\): max_socket$"),
-        ('[domain."a/b"]\nmax_sockets = 1', "not a domid or a domain name"),
-        ('[domain."a\\tb"]\nmax_sockets = 1', "not a domid or a domain name"),
+        # A section is named as TOML spells it: [domain.a/b] is no TOML,
+        # [domain.a\tb] hides the tab, [domain.web.front] is another table.
+        ('[domain."a/b"]\nmax_sockets = 1', r'^\[domain\."a/b"\]: not a domid or a domain name$'),
+        ('[domain."a\\tb"]\nmax_sockets = 1',
+         r'^\[domain\."a\\u0009b"\]: not a domid or a domain name$'),
+        ('[domain."a\\u200bb"]\nmax_sockets = 1',
+         r'^\[domain\."a\\u200Bb"\]: not a domid or a domain name$'),
+        ('[domain."web.front"]\nmax_sockets = -1',
+         r'^\[domain\."web\.front"\]: max_sockets must be at least 0, got -1$'),
+        ('[domain."say \\"hi\\""]\nmax_sockets = -1', r'^\[domain\."say \\"hi\\""\]: max_sockets'),
         ("default = 1", r"^\[default\] must be a table, not an integer \(1\)$"),
         ("domain = 1", r"^\[domain\] must be a table, not an integer \(1\)$"),
         ("[domain]\n7 = 'x'", r"^\[domain.7\] must be a table, not a string \('x'\)$"),
@@ -318,7 +326,7 @@ def test_rule_str_is_its_rule_text(text: str) -> None:
         (f"default = '{'x' * 100}'", r"must be a table, not a string \('x{39}\.\.\.'\)$"),
         # A long integer is not spelt out in the message.
         (f"default = {'9' * 4000}", r"^\[default\] must be a table, not an integer$"),
-        ('[domain.""]\nmax_sockets = 1', "not a domid or a domain name"),
+        ('[domain.""]\nmax_sockets = 1', r'^\[domain\.""\]: not a domid or a domain name$'),
         ("[domain.99999]\nmax_sockets = 1", r"\[domain.99999\]: domid 99999 is not within 0-32751"),
         ("[domain.32752]\nmax_sockets = 1", "not within 0-32751"),
         (f"[domain.{'9' * 5000}]\nmax_sockets = 1", "not within 0-32751"),
