@@ -49,7 +49,7 @@ from stolensignal import (
 import pvcalls
 from pvcalls import _wire
 from pvcalls._socket import PassiveSocket
-from pvcalls.frontend import _frontend
+from pvcalls.frontend import _common, _frontend
 from pvcalls.frontend._common import RECV, RESETS_IN_A_ROW, SEND, Deadline
 from xenback.ring import _REQ_EVENT
 from xenback.sim import SimHost
@@ -1122,6 +1122,29 @@ def test_a_rings_own_handle_that_overflows_now_and_then_goes_on(
         assert ring.failure is None
         echo_through(s, b"more")
 
+
+
+def _no_naps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waits that end only when something wakes them: no nap of
+    ``RECHECK`` (a second) ends them and hides a wake-up that never came."""
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+
+
+def test_a_waiter_on_a_rings_own_handle_is_woken_by_the_rings_event(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocked recv() on a ring with a handle of its own (no readiness
+    descriptor: nobody relays it) polls that handle: the backend's event
+    wakes it.  Polling its wakefd alone, it saw the data only as its
+    nap ended."""
+    _no_naps(monkeypatch)
+    go = threading.Event()
+    srv = _data_once_told(server, go)
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct and not ring.relayed
+        call = blocked_recv(s)
+        go.set()
+        assert call.join().result == b"data"
 
 
 def test_a_recycled_ring_starts_with_no_resets(fe: pvcalls.Frontend, server: Any) -> None:
