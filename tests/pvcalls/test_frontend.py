@@ -1147,6 +1147,37 @@ def test_a_waiter_on_a_rings_own_handle_is_woken_by_the_rings_event(
         assert call.join().result == b"data"
 
 
+def test_taking_a_rings_own_event_says_whether_its_port_fired(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """consume_events() is True only for a port that fired: a waiter told
+    True takes the ring's state as news.  And a handle that fails
+    otherwise than by overflowing (EFBIG) raises that error: it is not
+    reset, nor the port taken as fired."""
+    srv = server()
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        ring.consume_events()  # whatever came with the connect
+        assert not ring.consume_events()
+        s.sendall(b"x")
+        wait_until(ring.in_pending)  # the echo, then its event
+        assert select.select([ring.evtchn.fileno()], [], [], TIMEOUT)[0]
+        assert ring.consume_events()
+        resets: list[None] = []
+        with monkeypatch.context() as m:
+            def pending() -> None:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+            m.setattr(ring.evtchn, "pending", pending)
+            m.setattr(ring.evtchn, "reset", lambda: resets.append(None))
+            with pytest.raises(OSError) as info:
+                ring.consume_events()
+        assert info.value.errno == errno.EBADF
+        assert resets == [] and ring.failure is None
+        assert recv_exactly(s, 1) == b"x"
+        echo_through(s, b"more")
+
+
 def test_a_recycled_ring_starts_with_no_resets(fe: pvcalls.Frontend, server: Any) -> None:
     """The resets in a row of a ring's own handle are its socket's: the
     next socket that gets the ring recycled has as many before its ring
