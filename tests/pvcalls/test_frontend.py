@@ -1178,6 +1178,55 @@ def test_taking_a_rings_own_event_says_whether_its_port_fired(
         echo_through(s, b"more")
 
 
+@pytest.mark.parametrize("unbind_fails", [False, True])
+def test_a_data_ring_that_cannot_be_made_whole_gives_back_what_it_took(
+        fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch, unbind_fails: bool) -> None:
+    """Short of descriptors for its eventfds, a new data ring unshares the
+    pages it granted and unbinds the port it bound, and the error that
+    stopped it goes out: also when the unbind fails (it is only logged),
+    or the pages stayed granted for good and the unbind's error hid why."""
+    from pvcalls.frontend import _ring
+
+    gntshr, handle = fe._gntshr, fe.domain.evtchn()
+    assert gntshr is not None
+    shared: list[Any] = []
+    bound: list[int] = []
+    real_share, real_bind = gntshr.share_pages, handle.bind_unbound_port
+
+    def share_pages(*args: Any) -> Any:
+        shared.append(real_share(*args))
+        return shared[-1]
+
+    def bind_unbound_port(*args: Any) -> int:
+        bound.append(real_bind(*args))
+        return bound[-1]
+
+    def eventfd(*args: Any) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    def unbind(port: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(gntshr, "share_pages", share_pages)
+            m.setattr(handle, "bind_unbound_port", bind_unbound_port)
+            m.setattr(_ring.os, "eventfd", eventfd)
+            if unbind_fails:
+                m.setattr(handle, "unbind", unbind)
+            with pytest.raises(OSError) as info:
+                _ring.DataRing(gntshr, handle, fe.backend_id, 0, direct=True)
+        assert info.value.errno == errno.EMFILE
+        assert len(shared) == 1 and len(bound) == 1
+        with pytest.raises(ValueError, match="unshared"):
+            assert shared[0].buffer is None
+        if not unbind_fails:
+            with pytest.raises(OSError):
+                handle.unbind(bound[0])  # unbound already
+    finally:
+        handle.close()  # the caller's still
+
+
 def test_a_recycled_ring_starts_with_no_resets(fe: pvcalls.Frontend, server: Any) -> None:
     """The resets in a row of a ring's own handle are its socket's: the
     next socket that gets the ring recycled has as many before its ring
