@@ -4109,3 +4109,27 @@ def test_a_recycled_ring_starts_with_no_errors(fe: pvcalls.Frontend, fake: FakeB
     s2.settimeout(TIMEOUT)
     assert s2.recv(1) == b"y"
     s2.close()
+
+
+def test_a_full_out_ring_across_the_index_wrap_is_not_writable(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """How much of the out ring is used is counted modulo 2**32: full with
+    out_prod wrapped past 2**32 and out_cons not, the socket's descriptor
+    does not poll writable (a select() loop would spin on send()'s
+    EAGAIN), until the backend consumes."""
+    s, ring = connected(fe, fake)
+    for offset in (OUT_CONS_OFFSET, OUT_PROD_OFFSET):
+        ring.put(offset, 0xFFFF_FFF0)
+    fd = s.fileno()
+    s.settimeout(0.0)
+    sent = 0
+    with pytest.raises(BlockingIOError):
+        while True:
+            sent += s.send(b"z" * ring.size)
+    assert sent == ring.size
+    assert ring.get(OUT_PROD_OFFSET) < ring.get(OUT_CONS_OFFSET)  # wrapped
+    assert not select.select([], [fd], [], 0)[1]
+    ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET))  # all consumed
+    ring.notify()
+    assert select.select([], [fd], [], TIMEOUT)[1]
+    s.close()
