@@ -45,6 +45,8 @@ _MAX_DOMID = DOMID_FIRST_RESERVED - 1
 _READS_AS_NUMBER = re.compile(r"\s*[+-]?\d+(?:_\d+)*\s*")
 #: The largest policy file read: far more than thousands of rules take.
 _MAX_FILE_SIZE = 1 << 20
+#: A key TOML takes unquoted.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class PolicyError(ValueError):
@@ -364,7 +366,7 @@ class Policy:
         # two spellings of one domid, of which the later would silently win.
         domid_keys: dict[int, str] = {}
         for key, section in domain_tables.items():
-            where = f"[domain.{key}]"
+            where = f"[domain.{_toml_key(key)}]"
             rules = _parse_domain(where, _table(section, where), default)
             if key.isascii() and key.isdigit():
                 domid = _decimal(key, _MAX_DOMID, f"{where}: domid")
@@ -423,6 +425,22 @@ def _load_toml(text: str) -> dict[str, Any]:
         # TOMLDecodeError, or int()'s own ValueError, which tomllib lets
         # out for an integer of more than sys.get_int_max_str_digits().
         raise PolicyError(f"not valid TOML: {exc}") from None
+
+
+def _toml_key(key: str) -> str:
+    """``key`` as TOML spells it, for a message naming its section: quoted
+    unless bare, with what does not print escaped.  Unquoted, an empty key
+    left ``[domain.]``, a tab looked like a space and ``[domain.web.front]``
+    named another table than the one that was wrong."""
+    if _BARE_KEY.fullmatch(key):
+        return key
+    escaped = "".join(
+        "\\" + char if char in '"\\'
+        else char if char.isprintable()
+        else f"\\u{ord(char):04X}" if ord(char) <= 0xFFFF
+        else f"\\U{ord(char):08X}"
+        for char in key)
+    return f'"{escaped}"'
 
 
 def _decimal(text: str, maximum: int, what: str) -> int:

@@ -49,7 +49,7 @@ from stolensignal import (
 import pvcalls
 from pvcalls import _wire
 from pvcalls._socket import PassiveSocket
-from pvcalls.frontend import _frontend
+from pvcalls.frontend import _common, _frontend
 from pvcalls.frontend._common import RECV, RESETS_IN_A_ROW, SEND, Deadline
 from xenback.ring import _REQ_EVENT
 from xenback.sim import SimHost
@@ -1122,6 +1122,109 @@ def test_a_rings_own_handle_that_overflows_now_and_then_goes_on(
         assert ring.failure is None
         echo_through(s, b"more")
 
+
+
+def _no_naps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waits that end only when something wakes them: no nap of
+    ``RECHECK`` (a second) ends them and hides a wake-up that never came."""
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+
+
+def test_a_waiter_on_a_rings_own_handle_is_woken_by_the_rings_event(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocked recv() on a ring with a handle of its own (no readiness
+    descriptor: nobody relays it) polls that handle: the backend's event
+    wakes it.  Polling its wakefd alone, it saw the data only as its
+    nap ended."""
+    _no_naps(monkeypatch)
+    go = threading.Event()
+    srv = _data_once_told(server, go)
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct and not ring.relayed
+        call = blocked_recv(s)
+        go.set()
+        assert call.join().result == b"data"
+
+
+def test_taking_a_rings_own_event_says_whether_its_port_fired(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """consume_events() is True only for a port that fired: a waiter told
+    True takes the ring's state as news.  And a handle that fails
+    otherwise than by overflowing (EFBIG) raises that error: it is not
+    reset, nor the port taken as fired."""
+    srv = server()
+    with connected(fe, srv.address) as s:
+        ring = s._st.ring
+        assert ring is not None and ring.direct
+        ring.consume_events()  # whatever came with the connect
+        assert not ring.consume_events()
+        s.sendall(b"x")
+        wait_until(ring.in_pending)  # the echo, then its event
+        assert select.select([ring.evtchn.fileno()], [], [], TIMEOUT)[0]
+        assert ring.consume_events()
+        resets: list[None] = []
+        with monkeypatch.context() as m:
+            def pending() -> None:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+            m.setattr(ring.evtchn, "pending", pending)
+            m.setattr(ring.evtchn, "reset", lambda: resets.append(None))
+            with pytest.raises(OSError) as info:
+                ring.consume_events()
+        assert info.value.errno == errno.EBADF
+        assert resets == [] and ring.failure is None
+        assert recv_exactly(s, 1) == b"x"
+        echo_through(s, b"more")
+
+
+@pytest.mark.parametrize("unbind_fails", [False, True])
+def test_a_data_ring_that_cannot_be_made_whole_gives_back_what_it_took(
+        fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch, unbind_fails: bool) -> None:
+    """Short of descriptors for its eventfds, a new data ring unshares the
+    pages it granted and unbinds the port it bound, and the error that
+    stopped it goes out: also when the unbind fails (it is only logged),
+    or the pages stayed granted for good and the unbind's error hid why."""
+    from pvcalls.frontend import _ring
+
+    gntshr, handle = fe._gntshr, fe.domain.evtchn()
+    assert gntshr is not None
+    shared: list[Any] = []
+    bound: list[int] = []
+    real_share, real_bind = gntshr.share_pages, handle.bind_unbound_port
+
+    def share_pages(*args: Any) -> Any:
+        shared.append(real_share(*args))
+        return shared[-1]
+
+    def bind_unbound_port(*args: Any) -> int:
+        bound.append(real_bind(*args))
+        return bound[-1]
+
+    def eventfd(*args: Any) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    def unbind(port: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(gntshr, "share_pages", share_pages)
+            m.setattr(handle, "bind_unbound_port", bind_unbound_port)
+            m.setattr(_ring.os, "eventfd", eventfd)
+            if unbind_fails:
+                m.setattr(handle, "unbind", unbind)
+            with pytest.raises(OSError) as info:
+                _ring.DataRing(gntshr, handle, fe.backend_id, 0, direct=True)
+        assert info.value.errno == errno.EMFILE
+        assert len(shared) == 1 and len(bound) == 1
+        with pytest.raises(ValueError, match="unshared"):
+            assert shared[0].buffer is None
+        if not unbind_fails:
+            with pytest.raises(OSError):
+                handle.unbind(bound[0])  # unbound already
+    finally:
+        handle.close()  # the caller's still
 
 
 def test_a_recycled_ring_starts_with_no_resets(fe: pvcalls.Frontend, server: Any) -> None:

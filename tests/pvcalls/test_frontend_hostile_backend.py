@@ -4064,3 +4064,72 @@ def test_a_listen_answered_with_no_room_for_the_poll_leaves_fileno_alive(
     wait_until(lambda: polls == [s.id])
     wait_until(lambda: select.select([fd], [], [], 0)[0] == [fd])  # the POLL said: pending
     s.close()
+
+
+def test_recv_waitall_sees_the_data_across_the_in_index_wrap(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """How many bytes the in ring holds is counted modulo 2**32: a
+    recv(MSG_PEEK | MSG_WAITALL) waiting for 4 bytes, 2 of them before
+    in_prod wraps past 2**32 and 2 after, gets them.  Counted as plain
+    ints, the ring held -2**32 + 4 bytes, never enough, and the call
+    waited on."""
+    s, ring = connected(fe, fake)
+    for offset in (IN_CONS_OFFSET, IN_PROD_OFFSET):
+        ring.put(offset, 0xFFFF_FFFD)
+    ring.produce(b"ab")
+    s.settimeout(None)  # MSG_WAITALL waits for all only without a timeout
+    receiving = Call(lambda: s.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL))
+    wait_until(lambda: sleeping_in_wait(s))
+    ring.produce(b"cd")  # in_prod wraps to 1
+    try:
+        assert receiving.join().result == b"abcd"
+    finally:
+        s.close()  # ends the call if it waits on
+
+
+def test_a_recycled_ring_starts_with_no_errors(fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A ring whose backend wrote in_error and out_error (the host socket
+    failed), back in the pool once its socket is released, is clean for
+    the next socket it serves: that one's send() and recv() do not fail
+    with the last one's errors.  (After RELEASE the frontend writes
+    -EBADF into in_error itself, as Linux's does.)"""
+    s, ring = connected(fe, fake)
+    ring.set_error(OUT_ERROR_OFFSET, -32)  # EPIPE
+    ring.set_error(IN_ERROR_OFFSET, -104)  # ECONNRESET
+    used = s._st.ring
+    s.close()
+    assert used is not None
+    wait_until(lambda: used.in_error() == -9)  # EBADF, once RELEASE is answered
+    assert used.out_error() == -32  # the backend's
+    s2, ring2 = connected(fe, fake)
+    assert s2._st.ring is used  # recycled
+    assert ring2.get(IN_ERROR_OFFSET) == ring2.get(OUT_ERROR_OFFSET) == 0
+    assert s2.send(b"x") == 1
+    ring2.produce(b"y")
+    s2.settimeout(TIMEOUT)
+    assert s2.recv(1) == b"y"
+    s2.close()
+
+
+def test_a_full_out_ring_across_the_index_wrap_is_not_writable(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """How much of the out ring is used is counted modulo 2**32: full with
+    out_prod wrapped past 2**32 and out_cons not, the socket's descriptor
+    does not poll writable (a select() loop would spin on send()'s
+    EAGAIN), until the backend consumes."""
+    s, ring = connected(fe, fake)
+    for offset in (OUT_CONS_OFFSET, OUT_PROD_OFFSET):
+        ring.put(offset, 0xFFFF_FFF0)
+    fd = s.fileno()
+    s.settimeout(0.0)
+    sent = 0
+    with pytest.raises(BlockingIOError):
+        while True:
+            sent += s.send(b"z" * ring.size)
+    assert sent == ring.size
+    assert ring.get(OUT_PROD_OFFSET) < ring.get(OUT_CONS_OFFSET)  # wrapped
+    assert not select.select([], [fd], [], 0)[1]
+    ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET))  # all consumed
+    ring.notify()
+    assert select.select([], [fd], [], TIMEOUT)[1]
+    s.close()
