@@ -1503,3 +1503,26 @@ def test_a_quota_that_would_hold_every_guest_back_is_refused() -> None:
     # ever waits for dom0, so nothing wakes it.
     with pytest.raises(ValueError, match="outstanding"):
         Quota(outstanding=0)
+
+
+def test_domid_arguments_go_up_to_65535(dom0: RawClient) -> None:
+    # A domid is a domid_t: 65535 is the largest, 65536 is EINVAL.
+    assert dom0.request(Op.GET_DOMAIN_PATH, b"65535\0") == b"/local/domain/65535\0"
+    assert error_of(dom0.request, Op.GET_DOMAIN_PATH, b"65536\0") == "EINVAL"
+    assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"65535\0") == b"F\0"
+
+
+def test_directory_part_generation_changes_with_each_change_in_a_transaction(
+    dom0: RawClient,
+) -> None:
+    # Each node a transaction writes gets a generation of its own, so a
+    # client paging through a list it changes in between can tell, as it
+    # can outside one.
+    dom0.write("/gt/a", "")
+    tx = dom0.transaction_start()
+    gens = [dom0.request(Op.DIRECTORY_PART, b"/gt\0" b"0\0", tx).split(b"\0")[0]]
+    for name in ("b", "c"):
+        dom0.write(f"/gt/{name}", "", tx)
+        gens.append(dom0.request(Op.DIRECTORY_PART, b"/gt\0" b"0\0", tx).split(b"\0")[0])
+    assert len(set(gens)) == 3, gens
+    dom0.transaction_end(tx, commit=False)
