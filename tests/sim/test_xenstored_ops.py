@@ -1526,3 +1526,42 @@ def test_directory_part_generation_changes_with_each_change_in_a_transaction(
         gens.append(dom0.request(Op.DIRECTORY_PART, b"/gt\0" b"0\0", tx).split(b"\0")[0])
     assert len(set(gens)) == 3, gens
     dom0.transaction_end(tx, commit=False)
+
+
+def test_directory_part_sends_as_many_children_as_fit(dom0: RawClient) -> None:
+    # Children that fill a part to the byte before the end marker's go in
+    # it, when more follow: a part is not cut one child short.
+    names = [f"{i:02d}" + "x" * 97 for i in range(40)]  # 100 bytes each
+    for name in names:
+        dom0.write(f"/fit/{name}", "")
+    filler = "y"
+    while True:
+        dom0.write(f"/fit/{filler}", "")
+        dom0.write("/fit/z", "")
+        gen = dom0.request(Op.DIRECTORY_PART, b"/fit\0" b"100000\0")[:-1]  # with its NUL
+        room = PAYLOAD_MAX - len(gen) - 1
+        listed = sum(len(n) + 1 for n in names) + len(filler) + 1
+        if listed == room:
+            break
+        dom0.rm(f"/fit/{filler}")
+        dom0.rm("/fit/z")
+        filler = "y" * (len(filler) + room - listed)
+    first = dom0.request(Op.DIRECTORY_PART, b"/fit\0" b"0\0")
+    assert len(first) == PAYLOAD_MAX - 1
+    assert first[len(gen):].split(b"\0")[:-1] == [n.encode() for n in [*names, filler]]
+    assert _children_in_parts(dom0, "/fit") == [*names, filler, "z"]
+
+
+def test_a_special_node_owned_by_a_released_domain_goes_back_to_dom0(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # Special nodes are not removed with their owner (the server's domain
+    # socket needs them); like a kept orphan in cxenstored's
+    # domain_tree_remove_sub() they pass to dom0, keeping the default.  A
+    # later domain with the same id must not inherit them.
+    dom0.set_perms("@introduceDomain", ["r4", "w5"])
+    xsd.introduce_domain(4)
+    xsd.release_domain(4)
+    assert dom0.get_perms("@introduceDomain") == ["r0", "w5"]
+    with make_guest(xsd, dom0, 4) as again:
+        assert error_of(again.set_perms, "@introduceDomain", ["b4"]) == "EACCES"
