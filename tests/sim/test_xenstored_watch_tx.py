@@ -780,3 +780,19 @@ def test_a_node_changed_by_write_then_removed_in_a_transaction_fires_subtree_sty
     dom0.transaction_end(tx)
     assert [dom0.wait_event() for _ in range(2)] == [("/ms/a/b", "w"), ("/ms/a", "w")]
     assert_no_event(dom0)
+
+
+def test_a_root_watch_hears_nothing_of_a_special_node(xsd: XenStored, dom0: RawClient) -> None:
+    # "/" is no ancestor of "@..." names for matching (current xenstored's
+    # is_child()): a permission change of a special node fires its own
+    # watchers only, and so do domain introductions and releases.
+    dom0.watch("/", "root")
+    assert dom0.wait_event() == ("/", "root")
+    dom0.watch("@releaseDomain", "out")
+    assert dom0.wait_event() == ("@releaseDomain", "out")
+    dom0.set_perms("@releaseDomain", ["n0", "r5"])
+    assert dom0.wait_event() == ("@releaseDomain", "out")
+    xsd.introduce_domain(5)
+    xsd.release_domain(5)
+    assert dom0.wait_event() == ("@releaseDomain", "out")
+    assert_no_event(dom0)
