@@ -796,3 +796,17 @@ def test_a_root_watch_hears_nothing_of_a_special_node(xsd: XenStored, dom0: RawC
     xsd.release_domain(5)
     assert dom0.wait_event() == ("@releaseDomain", "out")
     assert_no_event(dom0)
+
+
+def test_a_change_after_the_first_read_conflicts_however_many_came_before(
+    dom0: RawClient, other: RawClient
+) -> None:
+    # Every change of a node is a generation of its own, not one per
+    # transaction begun: a second change after the transaction read the
+    # first one's result is a conflict too.
+    tx = dom0.transaction_start()
+    other.write("/cc", "1")
+    assert dom0.read("/cc", tx) == b"1"
+    other.write("/cc", "2")
+    dom0.write("/cc-out", "", tx)
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
