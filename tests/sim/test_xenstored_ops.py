@@ -385,6 +385,12 @@ def test_set_target_acts_for_the_target(xsd: XenStored, dom0: RawClient) -> None
         dom0.write("/shared-with-2", "y")
         dom0.set_perms("/shared-with-2", ["n0", "r2"])
         assert stubdom.read("/shared-with-2") == b"y"
+        # It may also set the permissions of its target's nodes (as the
+        # owner: cxenstored's perm_for_conn() grants it XS_PERM_OWNER), but
+        # give them to nobody else.
+        stubdom.set_perms("/local/domain/2/devmodel", ["n2", "r5"])
+        assert dom0.get_perms("/local/domain/2/devmodel") == ["n2", "r5"]
+        assert error_of(stubdom.set_perms, "/local/domain/2/devmodel", ["n3"]) == "EPERM"
         assert error_of(dom0.request, Op.SET_TARGET, b"3\0" b"99\0") == "ENOENT"
         assert error_of(dom0.request, Op.SET_TARGET, b"3\0") == "EINVAL"
 
