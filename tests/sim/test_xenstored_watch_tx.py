@@ -810,3 +810,21 @@ def test_a_change_after_the_first_read_conflicts_however_many_came_before(
     other.write("/cc", "2")
     dom0.write("/cc-out", "", tx)
     assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+
+
+def test_commit_fires_to_a_guest_that_can_read_only_what_the_node_became(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # A node that existed before the transaction, unreadable to the guest
+    # then, readable after: watch_permitted() finds the node as it is now.
+    dom0.write("/cb/x", "")
+    dom0.set_perms("/cb", ["n0"])
+    dom0.set_perms("/cb/x", ["n0"])
+    with make_guest(xsd, dom0, 7) as guest:
+        guest.watch("/cb/x", "g")
+        assert guest.wait_event() == ("/cb/x", "g")
+        tx = dom0.transaction_start()
+        dom0.set_perms("/cb/x", ["n0", "r7"], tx)
+        dom0.transaction_end(tx)
+        assert guest.wait_event() == ("/cb/x", "g")
+        assert_no_event(guest)
