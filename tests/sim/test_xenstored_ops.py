@@ -385,6 +385,12 @@ def test_set_target_acts_for_the_target(xsd: XenStored, dom0: RawClient) -> None
         dom0.write("/shared-with-2", "y")
         dom0.set_perms("/shared-with-2", ["n0", "r2"])
         assert stubdom.read("/shared-with-2") == b"y"
+        # It may also set the permissions of its target's nodes (as the
+        # owner: cxenstored's perm_for_conn() grants it XS_PERM_OWNER), but
+        # give them to nobody else.
+        stubdom.set_perms("/local/domain/2/devmodel", ["n2", "r5"])
+        assert dom0.get_perms("/local/domain/2/devmodel") == ["n2", "r5"]
+        assert error_of(stubdom.set_perms, "/local/domain/2/devmodel", ["n3"]) == "EPERM"
         assert error_of(dom0.request, Op.SET_TARGET, b"3\0" b"99\0") == "ENOENT"
         assert error_of(dom0.request, Op.SET_TARGET, b"3\0") == "EINVAL"
 
@@ -1503,3 +1509,65 @@ def test_a_quota_that_would_hold_every_guest_back_is_refused() -> None:
     # ever waits for dom0, so nothing wakes it.
     with pytest.raises(ValueError, match="outstanding"):
         Quota(outstanding=0)
+
+
+def test_domid_arguments_go_up_to_65535(dom0: RawClient) -> None:
+    # A domid is a domid_t: 65535 is the largest, 65536 is EINVAL.
+    assert dom0.request(Op.GET_DOMAIN_PATH, b"65535\0") == b"/local/domain/65535\0"
+    assert error_of(dom0.request, Op.GET_DOMAIN_PATH, b"65536\0") == "EINVAL"
+    assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"65535\0") == b"F\0"
+
+
+def test_directory_part_generation_changes_with_each_change_in_a_transaction(
+    dom0: RawClient,
+) -> None:
+    # Each node a transaction writes gets a generation of its own, so a
+    # client paging through a list it changes in between can tell, as it
+    # can outside one.
+    dom0.write("/gt/a", "")
+    tx = dom0.transaction_start()
+    gens = [dom0.request(Op.DIRECTORY_PART, b"/gt\0" b"0\0", tx).split(b"\0")[0]]
+    for name in ("b", "c"):
+        dom0.write(f"/gt/{name}", "", tx)
+        gens.append(dom0.request(Op.DIRECTORY_PART, b"/gt\0" b"0\0", tx).split(b"\0")[0])
+    assert len(set(gens)) == 3, gens
+    dom0.transaction_end(tx, commit=False)
+
+
+def test_directory_part_sends_as_many_children_as_fit(dom0: RawClient) -> None:
+    # Children that fill a part to the byte before the end marker's go in
+    # it, when more follow: a part is not cut one child short.
+    names = [f"{i:02d}" + "x" * 97 for i in range(40)]  # 100 bytes each
+    for name in names:
+        dom0.write(f"/fit/{name}", "")
+    filler = "y"
+    while True:
+        dom0.write(f"/fit/{filler}", "")
+        dom0.write("/fit/z", "")
+        gen = dom0.request(Op.DIRECTORY_PART, b"/fit\0" b"100000\0")[:-1]  # with its NUL
+        room = PAYLOAD_MAX - len(gen) - 1
+        listed = sum(len(n) + 1 for n in names) + len(filler) + 1
+        if listed == room:
+            break
+        dom0.rm(f"/fit/{filler}")
+        dom0.rm("/fit/z")
+        filler = "y" * (len(filler) + room - listed)
+    first = dom0.request(Op.DIRECTORY_PART, b"/fit\0" b"0\0")
+    assert len(first) == PAYLOAD_MAX - 1
+    assert first[len(gen):].split(b"\0")[:-1] == [n.encode() for n in [*names, filler]]
+    assert _children_in_parts(dom0, "/fit") == [*names, filler, "z"]
+
+
+def test_a_special_node_owned_by_a_released_domain_goes_back_to_dom0(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # Special nodes are not removed with their owner (the server's domain
+    # socket needs them); like a kept orphan in cxenstored's
+    # domain_tree_remove_sub() they pass to dom0, keeping the default.  A
+    # later domain with the same id must not inherit them.
+    dom0.set_perms("@introduceDomain", ["r4", "w5"])
+    xsd.introduce_domain(4)
+    xsd.release_domain(4)
+    assert dom0.get_perms("@introduceDomain") == ["r0", "w5"]
+    with make_guest(xsd, dom0, 4) as again:
+        assert error_of(again.set_perms, "@introduceDomain", ["b4"]) == "EACCES"
