@@ -799,6 +799,38 @@ def test_the_cpu_intensive_check_leaves_out_an_item_that_said_it_blocks(make_wq:
         release.set()
 
 
+def test_an_item_handed_to_a_worker_runs_before_the_pool_s_waiting_ones(make_wq: Any) -> None:
+    """An item handed to the worker still running its previous run
+    (non-reentrancy) is next on that worker: it has waited for that run
+    already, and the items waiting on the pool do not overtake it."""
+    bound = make_wq("bound")
+    unbound = make_wq("unbound", WQ_UNBOUND)
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def x_func(work: Work) -> None:
+        if started.is_set():
+            order.append("x")
+        else:
+            started.set()
+            assert release.wait(TIMEOUT)
+
+    x = Work(x_func)
+    y = Work(lambda w: order.append("y"))
+    try:
+        assert bound.queue_work_on(0, x) is True
+        assert started.wait(TIMEOUT)
+        assert unbound.queue_work(x) is True
+        wait_until(lambda: x._entry is not None and x._entry.owner is x._worker,
+                   "x is handed to the worker running it")
+        assert bound.queue_work_on(0, y) is True  # waits: x's first run counts
+    finally:
+        release.set()
+    x.flush(timeout=TIMEOUT)
+    y.flush(timeout=TIMEOUT)
+    assert order == ["x", "y"]
+
+
 def test_worker_thread_names_are_unique_across_topologies(make_wq: Any) -> None:
     # Each topology has its own pools, numbered from 0: the names of their
     # workers must not repeat all the same (logs and dumps go by them).
