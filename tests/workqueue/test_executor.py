@@ -1003,7 +1003,6 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
     assert not w.pending
 
 
-
 @pytest.mark.parametrize(("huge", "approx"), [(10**400, "10**400"), (-10**400, "-10**400"),
                                                (10**5000, "10**5000")], ids=["1e400", "-1e400", "1e5000"])
 def test_errors_show_a_huge_number_short(make_wq: Any, topo: Any, huge: int, approx: str) -> None:
@@ -1227,3 +1226,33 @@ def test_a_forked_child_runs_the_items_of_its_own_workqueues(tmp_path: Any) -> N
     assert run_fork_script(tmp_path, _FORK_NEW_QUEUE_SCRIPT, 90) == [
         "child items ran: True", "child delayed item ran: True", "child calls ran: 32 9",
         "child exited 0"]
+
+
+_FORK_FROM_AN_ITEM_SCRIPT = r"""
+from workqueue import Topology, Work, alloc_workqueue, current_work, current_workqueue
+
+wq = alloc_workqueue("parent", topology=Topology(2))
+pids = []
+
+def fork_here(work):
+    pid = os.fork()
+    if pid == 0:
+        print("child runs:", current_work(), current_workqueue(), flush=True)
+        os._exit(0)
+    pids.append(pid)
+
+item = Work(fork_here)
+wq.queue_work(item)
+item.flush()
+reap(pids[0], 10)
+wq.destroy()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_child_forked_by_a_work_item_runs_no_item(tmp_path: Any) -> None:
+    """The thread that forked lives on in the child; if it was a worker,
+    it is not one there (the item it ran is the parent's): the child's
+    current_work() is None, as in any thread that runs no item."""
+    assert run_fork_script(tmp_path, _FORK_FROM_AN_ITEM_SCRIPT, 60) == [
+        "child runs: None None", "child exited 0"]

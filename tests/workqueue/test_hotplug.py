@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import DelayedWork, LoadIndex, Topology, Work, _pool, blocking
+from workqueue import WQ_UNBOUND, DelayedWork, LoadIndex, Topology, Work, _pool, blocking
 from workqueue._timer import armed_timers, del_timer
 from workqueue._watchdog import _watchdog_timer_fn
 
@@ -106,6 +106,39 @@ def test_items_queued_on_an_offline_cpu_still_run_elsewhere(
     assert seen[-1][:2] == ("up", 1)
     if can_pin:
         assert seen[-1][2] == {topo.real_cpu(1)}
+
+
+def test_cpu_down_and_up_repin_the_workers_that_run_anywhere(
+        make_wq: Any, can_pin: bool) -> None:
+    """The workers of the unbound pool, and of the pool of a CPU already
+    offline, run on the online CPUs: a CPU that goes or comes back changes
+    where they may run, not only the workers of its own pools."""
+    host = sorted(os.sched_getaffinity(0))
+    if not can_pin or len(host) < 2:
+        pytest.skip("needs two host CPUs and the right to pin")
+    topo = Topology(3, cpu_intensive_thresh=60.0)  # CPU 2 shares host[0] with CPU 0
+    bound = make_wq("bound", topology=topo)
+    unbound = make_wq("unbound", WQ_UNBOUND, topology=topo)
+    topo.cpu_down(2)
+    for wq, cpu in ((bound, 2), (unbound, 0)):
+        w = Work(lambda work: None)
+        assert wq.queue_work_on(cpu, w) is True
+        w.flush()
+
+    def affinities() -> dict[str, set[frozenset[int]]]:
+        with _pool.lock:
+            pools = {pool.name: list(pool.workers) for pool in topo._pools.pools()
+                     if pool.name in ("cpu2", "unbound")}
+        return {name: {frozenset(os.sched_getaffinity(w.thread.native_id)) for w in workers}
+                for name, workers in pools.items()}
+
+    both = {frozenset({topo.real_cpu(0), topo.real_cpu(1)})}
+    assert affinities() == {"cpu2": both, "unbound": both}
+    topo.cpu_down(1)
+    cpu0 = {frozenset({topo.real_cpu(0)})}
+    assert affinities() == {"cpu2": cpu0, "unbound": cpu0}
+    topo.cpu_up(1)
+    assert affinities() == {"cpu2": both, "unbound": both}
 
 
 def test_a_workqueue_made_while_a_cpu_is_offline_uses_it_too(

@@ -9,7 +9,9 @@ import time
 from typing import Any
 
 import pytest
+from wqhelpers import wait_until
 
+import workqueue._pool as pool_module
 from workqueue import (
     WQ_CPU_INTENSIVE,
     WQ_HIGHPRI,
@@ -20,6 +22,7 @@ from workqueue import (
     blocking,
 )
 from workqueue._pool import current_worker
+from workqueue._timer import armed_timers
 
 TIMEOUT = 10.0
 
@@ -540,10 +543,12 @@ def test_destroy_releases_pools_and_their_idle_workers_exit(
     c.destroy()
 
 
-def test_a_worker_busy_when_its_pool_is_released_exits_once_done(make_wq: Any) -> None:
+def test_a_worker_busy_when_its_pool_is_released_exits_once_done(
+        make_wq: Any, topo: Any) -> None:
     """Its pool's last workqueue destroyed while it runs an item handed by
     another pool (non-reentrancy), a worker exits as soon as that item is
-    done, rather than idling on a pool nobody uses."""
+    done, rather than idling on a pool nobody uses; and leaves the pool,
+    which counts no worker then."""
     from workqueue import WQ_UNBOUND
     bound = make_wq("bound")
     unbound = make_wq("unbound", WQ_UNBOUND)
@@ -576,6 +581,8 @@ def test_a_worker_busy_when_its_pool_is_released_exits_once_done(make_wq: Any) -
     assert workers[0] is workers[1]
     workers[0].join(TIMEOUT)
     assert not workers[0].is_alive(), "the worker lingers on a pool nobody uses"
+    with pool_module.lock:
+        assert not topo._pools.bound[0, False].workers
 
 
 def test_a_pool_taken_up_again_while_its_last_worker_runs_a_handed_item_gets_workers(
@@ -616,6 +623,212 @@ def test_a_pool_taken_up_again_while_its_last_worker_runs_a_handed_item_gets_wor
     again.queue_work_on(0, Work(lambda w: ran.set()))
     unbound.flush()
     assert waited == [True], "the pool's new user got no worker while the handed item blocked"
+
+
+def test_a_pool_no_workqueue_uses_leaves_no_timer_armed(make_wq: Any) -> None:
+    """Released by its last workqueue, a pool deletes its timers (the
+    CPU-intensive check and the creation retry): armed, they would keep
+    it, and its topology, alive until they fire, to find nothing to do."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    gate, started = threading.Event(), threading.Event()
+    first = Work(lambda w: (started.set(), gate.wait(TIMEOUT)))
+    assert wq.queue_work(first) is True
+    assert started.wait(TIMEOUT)
+    assert wq.queue_work(Work(lambda w: None)) is True  # waits: its pool's check is armed
+
+    def pool_timers() -> list[Any]:
+        return [arg for cb, arg in armed_timers()
+                if isinstance(arg, pool_module.WorkerPool) and arg.pset.topology is topo]
+
+    assert pool_timers()
+    gate.set()
+    wq.destroy(timeout=TIMEOUT)
+    assert pool_timers() == []
+
+
+def test_an_item_handed_to_another_pool_s_worker_activates_the_next_in_its_own_pool(
+        make_wq: Any, tracer: Any) -> None:
+    """An unbound item still running on a CPU's worker is run there again
+    (non-reentrancy); when that run ends, the next item of its workqueue,
+    waiting for max_active, goes to the unbound pool, not to the CPU's."""
+    bound = make_wq("bound")
+    unbound = make_wq("unbound", WQ_UNBOUND, max_active=1)
+    unbound.add_trace_hook(tracer)
+    started, release = threading.Event(), threading.Event()
+    item = Work(lambda w: None if started.is_set() else (started.set(), release.wait(TIMEOUT)))
+    after = Work(lambda w: None)
+    try:
+        assert bound.queue_work_on(0, item) is True
+        assert started.wait(TIMEOUT)
+        assert unbound.queue_work(item) is True
+        assert unbound.queue_work(after) is True  # waits for max_active
+        wait_until(lambda: item._entry is not None and item._entry.owner is item._worker,
+                   "the item is handed to the worker running it")
+    finally:
+        release.set()
+    after.flush(timeout=TIMEOUT)
+    assert tracer.cpus("execute_start", item) == [0]
+    assert tracer.cpus("execute_start", after) == [None]
+
+
+def test_a_worker_runs_the_item_handed_to_it_even_when_another_counts(make_wq: Any) -> None:
+    """A worker that is not needed any more (another of its CPU counts as
+    running) still runs the items handed to it first: they are on its own
+    list, where no other worker looks, and would wait there until it is
+    woken again, maybe never."""
+    bound = make_wq("bound")
+    unbound = make_wq("unbound", WQ_UNBOUND)
+    b_in, b_go, b_counted, b_release = (threading.Event() for _ in range(4))
+    x_started, x_release, second = (threading.Event() for _ in range(3))
+
+    def b_func(work: Work) -> None:
+        with blocking():
+            b_in.set()
+            assert b_go.wait(TIMEOUT)
+        b_counted.set()  # counts again, beside the worker running x
+        assert b_release.wait(TIMEOUT)
+
+    def x_func(work: Work) -> None:
+        if x_started.is_set():
+            second.set()
+        else:
+            x_started.set()
+            assert x_release.wait(TIMEOUT)
+
+    x = Work(x_func)
+    try:
+        assert bound.queue_work_on(0, Work(b_func)) is True
+        assert b_in.wait(TIMEOUT)
+        assert bound.queue_work_on(0, x) is True  # on another worker: b blocks
+        assert x_started.wait(TIMEOUT)
+        assert unbound.queue_work(x) is True
+        wait_until(lambda: x._entry is not None and x._entry.owner is x._worker,
+                   "x is handed to the worker running it")
+        b_go.set()
+        assert b_counted.wait(TIMEOUT)
+        x_release.set()
+        assert second.wait(TIMEOUT), "the handed run waits on its worker's list"
+    finally:
+        b_go.set()
+        x_release.set()
+        b_release.set()
+
+
+def test_a_worker_counts_again_once_its_cpu_intensive_item_is_done(make_wq: Any) -> None:
+    """WORKER_CPU_INTENSIVE holds for one item: the worker that ran a
+    WQ_CPU_INTENSIVE item counts toward concurrency with its next one."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    intensive = make_wq("intensive", WQ_CPU_INTENSIVE, topology=topo)
+    wq = make_wq("plain", topology=topo)
+    ran_on: list[Any] = []
+    first = Work(lambda w: ran_on.append(current_worker()))
+    intensive.queue_work(first)
+    first.flush()
+    started, release = threading.Event(), threading.Event()
+
+    def holder(work: Work) -> None:
+        ran_on.append(current_worker())
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    try:
+        wq.queue_work(Work(holder))  # the most recently idle worker: the same one
+        assert started.wait(TIMEOUT)
+        assert ran_on[0] is ran_on[1]
+        assert wq.stats().pools[0].nr_running == 1
+    finally:
+        release.set()
+
+
+def test_a_worker_woken_when_another_counts_again_leaves_the_items_to_it(
+        make_wq: Any) -> None:
+    """A wake-up can be stale when its worker runs: the item that blocked
+    (and made the pool wake it) may count again.  The worker then goes
+    back to idle, leaving the waiting items to the one running: one item
+    at a time per CPU."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    started, release, b_ran = (threading.Event() for _ in range(3))
+
+    def holder(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    try:
+        wq.queue_work(Work(holder))
+        assert started.wait(TIMEOUT)
+        wq.queue_work(Work(lambda w: b_ran.set()))  # waits: the holder counts
+        pool = topo._pools.bound[0, False]
+        with pool_module.lock:
+            assert pool.nr_running == 1 and pool.idle
+            pool_module.kick_pool(pool)  # as a wake-up sent before the holder counted again
+        assert not b_ran.wait(0.2), "the woken worker ran an item beside the holder"
+    finally:
+        release.set()
+    assert b_ran.wait(TIMEOUT)
+
+
+def test_the_cpu_intensive_check_leaves_out_an_item_that_said_it_blocks(make_wq: Any) -> None:
+    """The check counts out the items that run on beyond the threshold
+    while counted; one inside blocking() does not count already, and is
+    no CPU hog."""
+    topo = Topology(1, cpu_intensive_thresh=0.02)
+    wq = make_wq(topology=topo)
+    a_in, a_go, b_started, release, c_ran = (threading.Event() for _ in range(5))
+
+    def a(work: Work) -> None:
+        with blocking():
+            a_in.set()
+            assert a_go.wait(TIMEOUT)
+
+    def b(work: Work) -> None:  # hogs the CPU: blocks without saying so
+        b_started.set()
+        assert release.wait(TIMEOUT)
+
+    try:
+        wq.queue_work(Work(a))
+        assert a_in.wait(TIMEOUT)
+        wq.queue_work(Work(b))
+        assert b_started.wait(TIMEOUT)
+        wq.queue_work(Work(lambda w: c_ran.set()))  # waits for the check to count b out
+        assert c_ran.wait(TIMEOUT)
+        assert wq.stats().pools[0].cpu_intensive == 1
+    finally:
+        a_go.set()
+        release.set()
+
+
+def test_an_item_handed_to_a_worker_runs_before_the_pool_s_waiting_ones(make_wq: Any) -> None:
+    """An item handed to the worker still running its previous run
+    (non-reentrancy) is next on that worker: it has waited for that run
+    already, and the items waiting on the pool do not overtake it."""
+    bound = make_wq("bound")
+    unbound = make_wq("unbound", WQ_UNBOUND)
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def x_func(work: Work) -> None:
+        if started.is_set():
+            order.append("x")
+        else:
+            started.set()
+            assert release.wait(TIMEOUT)
+
+    x = Work(x_func)
+    y = Work(lambda w: order.append("y"))
+    try:
+        assert bound.queue_work_on(0, x) is True
+        assert started.wait(TIMEOUT)
+        assert unbound.queue_work(x) is True
+        wait_until(lambda: x._entry is not None and x._entry.owner is x._worker,
+                   "x is handed to the worker running it")
+        assert bound.queue_work_on(0, y) is True  # waits: x's first run counts
+    finally:
+        release.set()
+    x.flush(timeout=TIMEOUT)
+    y.flush(timeout=TIMEOUT)
+    assert order == ["x", "y"]
 
 
 def test_worker_thread_names_are_unique_across_topologies(make_wq: Any) -> None:

@@ -21,7 +21,7 @@ from workqueue import (
     blocking,
     current_workqueue,
 )
-from workqueue._timer import add_timer
+from workqueue._timer import add_timer, armed_timers
 from workqueue._watchdog import _pool_stalled
 
 TIMEOUT = 10.0
@@ -205,6 +205,59 @@ def test_the_rescuer_takes_an_item_cancelled_and_queued_again(
         hold.set()
         monkeypatch.undo()
     x.flush()
+
+
+def test_a_mayday_is_sent_once_while_the_rescuer_has_not_taken_it(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool that cannot make a worker asks the rescuer at every kick;
+    while its mayday waits for the busy rescuer, it is not queued again
+    (the kernel's list_empty(&pwq->mayday_node)): the list of maydays
+    does not grow with every item queued."""
+    topo = Topology(1)
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=topo)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    hold, holding = threading.Event(), threading.Event()
+    ran = threading.Semaphore(0)
+    items = [Work(lambda w: ran.release()) for _ in range(4)]
+    try:
+        wq.queue_work(Work(lambda w: (holding.set(), hold.wait(TIMEOUT))))
+        assert holding.wait(TIMEOUT)  # the rescuer runs it
+        for w in items:
+            assert wq.queue_work(w) is True
+        with pool_module.lock:
+            assert len(wq._maydays) == 1
+    finally:
+        hold.set()
+    for _ in items:
+        assert ran.acquire(timeout=TIMEOUT)
+    monkeypatch.undo()
+
+
+def test_maydays_from_two_pools_in_one_step_wake_the_rescuer_once(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """set_max_active() activates the waiting items of every CPU under one
+    hold of the engine lock; with no worker to be made, each pool sends
+    the rescuer a mayday.  The second must not wake it again (its wake-up
+    is a lock, released once), and the rescuer runs the items of both,
+    the pool that asked first first."""
+    monkeypatch.setattr(pool_module, "MAYDAY_INTERVAL", 3600.0)  # no retry meanwhile
+    topo = Topology(2)
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, max_active=1, topology=topo)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    ran: list[tuple[int, str]] = []
+
+    class Item(Work):
+        def __init__(self, n: int) -> None:
+            super().__init__(lambda w: ran.append((n, threading.current_thread().name)))
+
+    items = [Item(n) for n in range(4)]
+    for n, w in enumerate(items):  # per CPU: one active and waiting, one inactive
+        assert wq.queue_work_on(n // 2, w) is True
+    assert not ran
+    wq.set_max_active(2)
+    for w in items:
+        w.flush(timeout=TIMEOUT)
+    assert ran == [(n, "reclaim-rescuer") for n in range(4)]
 
 
 def test_destroy_stops_the_rescuer(make_wq: Any) -> None:
@@ -804,3 +857,134 @@ def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
     ran = threading.Event()
     assert wq.queue_work_on(0, Work(lambda work: ran.set())) is True
     assert ran.wait(TIMEOUT)
+
+
+def test_idle_workers_are_reaped_down_to_a_quarter_of_the_busy_ones_plus_two(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """too_many_workers: idle workers beyond two exit while they are at
+    least a quarter of the busy ones (MAX_IDLE_WORKERS_RATIO): with four
+    busy, three idle are one too many, and the pool keeps two."""
+    monkeypatch.setattr(pool_module, "IDLE_WORKER_TIMEOUT", 0.05)
+    wq = make_wq()
+    releases = [threading.Event() for _ in range(7)]
+    started = threading.Semaphore(0)
+
+    def blocker(release: threading.Event) -> Work:
+        def func(work: Work) -> None:
+            with blocking():
+                started.release()
+                assert release.wait(TIMEOUT)
+        return Work(func)
+
+    def cpu0() -> tuple[int, int]:
+        (stats,) = [p for p in wq.stats().pools if p.pool == "cpu0"]
+        return stats.nr_workers - stats.nr_idle, stats.nr_idle
+
+    items = [blocker(r) for r in releases]
+    try:
+        for w in items:
+            assert wq.queue_work_on(0, w) is True
+        for _ in items:
+            assert started.acquire(timeout=TIMEOUT)
+        for r, w in zip(releases[:3], items[:3], strict=True):
+            r.set()
+            w.flush(timeout=TIMEOUT)
+        wait_until(lambda: cpu0() == (4, 2), "four busy workers and two idle ones are left")
+    finally:
+        for r in releases:
+            r.set()
+
+
+def test_a_pool_that_cannot_make_workers_arms_one_retry_however_often_kicked(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every item queued kicks the pool, which tries to make a worker and
+    fails: one retry timer is armed for the pool, not one more per item
+    (each of which would then go on retrying on its own, for ever)."""
+    topo = Topology(1)
+    wq = make_wq(topology=topo)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    ran = threading.Semaphore(0)
+    items = [Work(lambda w: ran.release()) for _ in range(3)]
+    for w in items:
+        assert wq.queue_work(w) is True
+    retries = [arg for cb, arg in armed_timers()
+               if cb is pool_module._retry_create and arg.pset.topology is topo]
+    assert len(retries) == 1
+    monkeypatch.undo()
+    for _ in items:
+        assert ran.acquire(timeout=TIMEOUT)
+
+
+def test_a_creation_retry_makes_no_worker_for_a_pool_with_one_idle(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool whose last worker creation failed retries it; a worker that
+    went idle meanwhile is the reserve the retry was for, so the retry
+    makes no surplus worker."""
+    monkeypatch.setattr(pool_module, "MAYDAY_INTERVAL", 3600.0)  # the test fires the retry
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    warm = Work(lambda w: None)
+    wq.queue_work(warm)
+    warm.flush()  # a worker and its idle reserve
+    real_start = pool_module._start_thread
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    hold, holding = threading.Event(), threading.Event()
+
+    def holder(work: Work) -> None:
+        holding.set()
+        with blocking():
+            assert hold.wait(TIMEOUT)
+
+    try:
+        wq.queue_work(Work(holder))  # one worker busy, the other idle
+        assert holding.wait(TIMEOUT)
+        quick = Work(lambda w: None)
+        wq.queue_work(quick)  # takes the idle one, which fails to make a reserve
+        quick.flush(timeout=TIMEOUT)
+        pool = topo._pools.bound[0, False]
+        with pool_module.lock:
+            assert pool.create_failed and pool.retry is not None
+        monkeypatch.setattr(pool_module, "_start_thread", real_start)
+        pool_module._retry_create(pool)  # its worker is idle again by now: see process_works
+        with pool_module.lock:
+            assert (len(pool.workers), len(pool.idle)) == (2, 1)
+    finally:
+        hold.set()
+
+
+def test_a_failure_to_make_a_worker_is_logged_once_per_run_of_failures(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The warning comes with the first failure, not with every retry;
+    once a worker could be made, the next failure is news again."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    real_start = pool_module._start_thread
+
+    def warnings() -> int:
+        return sum("cannot create a worker" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    first = Work(lambda w: None)
+    assert wq.queue_work(first) is True
+    assert wq.queue_work(Work(lambda w: None)) is True  # fails again: no new warning
+    assert warnings() == 1
+    monkeypatch.setattr(pool_module, "_start_thread", real_start)  # the retry makes one
+    first.flush(timeout=TIMEOUT)
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    hold, holding = threading.Event(), threading.Event()
+
+    def holder(work: Work) -> None:
+        holding.set()
+        with blocking():
+            assert hold.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(holder)) is True  # one worker busy, the other idle
+        assert holding.wait(TIMEOUT)
+        quick = Work(lambda w: None)
+        assert wq.queue_work(quick) is True  # takes the idle one, which fails to make a reserve
+        quick.flush(timeout=TIMEOUT)
+        assert warnings() == 2
+    finally:
+        hold.set()
+        monkeypatch.setattr(pool_module, "_start_thread", real_start)
