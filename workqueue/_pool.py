@@ -790,11 +790,10 @@ def create_worker(pool: WorkerPool) -> bool:
 def _retry_create(pool: WorkerPool) -> None:
     with lock:
         pool.retry = None
+        # A failure here sends the maydays and arms the next retry itself.
         if pool.pwqs and pool.create_failed and not pool.idle:
             if create_worker(pool) and need_more_worker(pool):
                 kick_pool(pool)
-            elif pool.create_failed:
-                send_mayday(pool)
 
 
 def need_more_worker(pool: WorkerPool) -> bool:
