@@ -1468,14 +1468,22 @@ def test_wait_for_on_the_watch_thread_is_refused(dom0_xs, wq) -> None:
         if done.is_set():
             return
         try:
-            outcome.append(dom0_xs.wait_for("/test/later", "1", timeout=TIMEOUT))
-        except RuntimeError as exc:
+            # No time to wait: let through, it times out at once, and then
+            # waits for ever for its own thread to remove its watch.
+            outcome.append(dom0_xs.wait_for("/test/later", "1", timeout=0))
+        except (RuntimeError, TimeoutError) as exc:
             outcome.append(str(exc))
         done.set()
 
     watches = dict(dom0_xs._watches)
     w = dom0_xs.watch("/test/trigger", on_watch_thread)
-    assert done.wait(TIMEOUT)
+    if not done.wait(TIMEOUT):
+        # Let the watch thread go, or the fixture's close() waits for it
+        # for ever: the test fails here, not at the harness' timeout.
+        for removal in list(dom0_xs._removals):
+            removal.done.set()
+        pytest.fail("wait_for() on the watch thread was let through: it waits for "
+                    "the watch thread, itself, to remove its watch")
     w.unwatch()
     assert outcome == ["wait_for() from a watch callback run on the watch thread would "
                        "never see the change: give the watch an EventQueue"]
@@ -1538,6 +1546,29 @@ def test_a_watch_on_a_connection_not_open_starts_no_thread(host) -> None:
     assert not leaked_threads(before)
     assert xs._watches == {} and xs._waiters == set()
 
+
+
+def test_the_watches_of_a_connection_share_one_watch_thread(host) -> None:
+    """Every watch of a connection is delivered by one watch thread (in
+    the order XenStore sent the events: they come off one queue), and
+    close() stops it.  With a thread per watch, each took events off
+    that queue in any order, and close(), which wakes one thread, waited
+    for another for ever: here it fails at a timeout instead."""
+    before = {t.ident for t in threading.enumerate()}
+    xs = XenStore.connect_to(host.dom0)
+    try:
+        fired = [threading.Event(), threading.Event()]
+        for i, event in enumerate(fired):
+            xs.watch(f"/test/one-thread/{i}", lambda _p, event=event: event.set())
+        assert all(event.wait(TIMEOUT) for event in fired)  # each fires once, as it is set
+        watchers = [t for t in threading.enumerate()
+                    if t.ident not in before and t.name == "xenstore-watch"]
+        assert watchers == [xs._thread], watchers
+    finally:
+        outcome = Attempt(xs.close).result(
+            TIMEOUT, msg="close() did not return: it waits for a watch thread it did not stop")
+        assert outcome is None, outcome
+    assert not leaked_threads(before)
 
 
 def test_a_watch_of_an_invalid_path_starts_no_thread(host) -> None:
