@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import itertools
 import logging
 import re
 import socket
@@ -17,8 +18,15 @@ import pytest
 import pyxs
 from highfds import descriptors_past_fd_setsize
 from hosthelpers import eventually, hang_up_after_one_request, serve_one_client
+from pyxs._internal import Op
 from racewindow import TIMEOUT, Attempt, PauseAt, stands_at
-from stolensignal import OUTLASTS_THE_TEST, interrupt, main_thread_in, main_thread_within
+from stolensignal import (
+    OUTLASTS_THE_TEST,
+    interrupt,
+    interrupted_as_call_returns,
+    main_thread_in,
+    main_thread_within,
+)
 
 from xenback import XenStore
 from xenback.sim import Device, Domain, SimHost, Toolstack
@@ -448,6 +456,56 @@ def test_only_the_commit_that_went_is_told(host: SimHost) -> None:
 
         host.toolstack._transaction(body, lambda: told.append(len(seen)))
     assert told == [2]
+
+
+def test_an_add_interrupted_anywhere_in_its_commit_lists_the_device_it_added(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing as any call of add_device(into=)'s commit returns,
+    with XenStore's reply to the commit held back until the add waits for
+    it or has given up: once the commit went, the device is in the store,
+    and into= must list it for the caller to remove.  The add waits for
+    the reply before it goes on; going straight on, it closed its
+    connection on the way out with the reply unread, the device was
+    never listed, and every later add of it refused (FileExistsError)."""
+    from xenback.xenstore import _commit
+
+    dispatcher = host._xenstored._dispatcher
+    real_send = dispatcher._send
+    over = threading.Event()  # the add has returned (or raised)
+    late: list[str] = []
+
+    def send(conn: Any, data: bytes) -> None:
+        # On XenStore's thread: the commit is done, its reply not sent yet.
+        op = struct.unpack_from("<I", data)[0]
+        if op == Op.TRANSACTION_END and data[16:] == b"OK\0":
+            deadline = time.monotonic() + TIMEOUT
+            while not (over.is_set() or (main_thread_in("wait", path="threading")
+                                         and main_thread_within("_commit", depth=3))):
+                if time.monotonic() >= deadline:
+                    late.append("the add neither returned nor waited for the commit's reply")
+                    break
+                time.sleep(0.001)
+        real_send(conn, data)
+
+    monkeypatch.setattr(dispatcher, "_send", send)
+    for n in itertools.count():
+        ours: list[Device] = []
+        over.clear()
+        try:
+            landed = interrupted_as_call_returns(
+                _commit.__code__, n,
+                lambda ours=ours: host.toolstack.add_device("vif", guest.domid, into=ours))
+        finally:
+            over.set()
+        assert not late, late
+        left = host.toolstack.devices(guest.domid)
+        assert left == ours, (f"interrupted as call {n} of _commit returned: "
+                              f"{left} left, {ours} listed")
+        for device in left:
+            host.toolstack.destroy_device(device)  # for the next round
+        if not landed:
+            break
+    assert n > 3, n
 
 
 def test_a_parent_with_a_value_is_not_pruned(host: SimHost, guest: Domain) -> None:

@@ -16,7 +16,13 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.xenback.xbhelpers import RecordingDriver, SimFrontend, leaked_threads  # noqa: E402
+from tests.racewindow import Attempt  # noqa: E402
+from tests.xenback.xbhelpers import (  # noqa: E402
+    TIMEOUT,
+    RecordingDriver,
+    SimFrontend,
+    leaked_threads,
+)
 from xenback import XenStore  # noqa: E402
 
 
@@ -31,12 +37,19 @@ def host() -> Iterator[Any]:
 @pytest.fixture
 def dom0_xs(host: Any) -> Iterator[XenStore]:
     """The toolstack's (privileged) view of XenStore, for test checks."""
-    with XenStore(host.dom0.xenstore()) as xs:
+    xs = XenStore.connect_to(host.dom0)
+    try:
         # Its watch thread starts with its first watch and lives until the
         # fixture ends; start it now, so that thread counts taken by a test
         # (tests.xenback.xbhelpers.Census) see only the backend's threads.
         xs.watch("@introduceDomain", lambda _path: None)
         yield xs
+    finally:
+        # Within a bound: a close() that waits for ever (for a watch thread
+        # it did not stop) fails the test now, not at the harness' timeout.
+        outcome = Attempt(xs.close).result(TIMEOUT, msg="dom0_xs: close() did not return")
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 @pytest.fixture

@@ -1063,7 +1063,10 @@ def test_a_packet_nobody_asked_for_ends_the_connection(tmp_path, answer) -> None
     xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=on_lost)
     xs.open()
     try:
-        exc = _try_read(xs)
+        # On a thread of its own: a packet let through leaves the read
+        # waiting for ever (until the close below ends it).
+        exc = Attempt(lambda: _try_read(xs)).result(
+            msg="the read is still waiting: the packet was let through")
         assert isinstance(exc, OSError) and exc.errno == errno.ENOTCONN, exc
         assert seen.wait(TIMEOUT)  # after the waiting request was answered
         (lost,) = told
@@ -1259,6 +1262,18 @@ def test_a_callback_that_cannot_be_called_is_refused_at_once(dom0_xs, wq, callba
     with pytest.raises(TypeError, match="callback must be callable, not (NoneType|str)"):
         queue.call(callback)
     assert queue._calls == deque()
+
+
+def test_a_connection_never_made_closes_its_terminator_pair(tmp_path) -> None:
+    """close() of a client whose connect failed (no xenstored there):
+    no router thread ever ran to close pyxs's terminator socket pair, so
+    close() does, or each failed attempt cost two descriptors."""
+    xs = XenStore(pyxs.Client(unix_socket_path=str(tmp_path / "none")))
+    with pytest.raises(ConnectionError):
+        xs.open()
+    router = xs._client.router
+    xs.close()
+    assert router.r_terminator.fileno() == -1 and router.w_terminator.fileno() == -1
 
 
 def test_a_closed_connection_cannot_be_opened_again(host) -> None:
@@ -1468,14 +1483,22 @@ def test_wait_for_on_the_watch_thread_is_refused(dom0_xs, wq) -> None:
         if done.is_set():
             return
         try:
-            outcome.append(dom0_xs.wait_for("/test/later", "1", timeout=TIMEOUT))
-        except RuntimeError as exc:
+            # No time to wait: let through, it times out at once, and then
+            # waits for ever for its own thread to remove its watch.
+            outcome.append(dom0_xs.wait_for("/test/later", "1", timeout=0))
+        except (RuntimeError, TimeoutError) as exc:
             outcome.append(str(exc))
         done.set()
 
     watches = dict(dom0_xs._watches)
     w = dom0_xs.watch("/test/trigger", on_watch_thread)
-    assert done.wait(TIMEOUT)
+    if not done.wait(TIMEOUT):
+        # Let the watch thread go, or the fixture's close() waits for it
+        # for ever: the test fails here, not at the harness' timeout.
+        for removal in list(dom0_xs._removals):
+            removal.done.set()
+        pytest.fail("wait_for() on the watch thread was let through: it waits for "
+                    "the watch thread, itself, to remove its watch")
     w.unwatch()
     assert outcome == ["wait_for() from a watch callback run on the watch thread would "
                        "never see the change: give the watch an EventQueue"]
@@ -1538,6 +1561,29 @@ def test_a_watch_on_a_connection_not_open_starts_no_thread(host) -> None:
     assert not leaked_threads(before)
     assert xs._watches == {} and xs._waiters == set()
 
+
+
+def test_the_watches_of_a_connection_share_one_watch_thread(host) -> None:
+    """Every watch of a connection is delivered by one watch thread (in
+    the order XenStore sent the events: they come off one queue), and
+    close() stops it.  With a thread per watch, each took events off
+    that queue in any order, and close(), which wakes one thread, waited
+    for another for ever: here it fails at a timeout instead."""
+    before = {t.ident for t in threading.enumerate()}
+    xs = XenStore.connect_to(host.dom0)
+    try:
+        fired = [threading.Event(), threading.Event()]
+        for i, event in enumerate(fired):
+            xs.watch(f"/test/one-thread/{i}", lambda _p, event=event: event.set())
+        assert all(event.wait(TIMEOUT) for event in fired)  # each fires once, as it is set
+        watchers = [t for t in threading.enumerate()
+                    if t.ident not in before and t.name == "xenstore-watch"]
+        assert watchers == [xs._thread], watchers
+    finally:
+        outcome = Attempt(xs.close).result(
+            TIMEOUT, msg="close() did not return: it waits for a watch thread it did not stop")
+        assert outcome is None, outcome
+    assert not leaked_threads(before)
 
 
 def test_a_watch_of_an_invalid_path_starts_no_thread(host) -> None:
@@ -1945,6 +1991,40 @@ def test_a_xenbus_connection_a_sender_closes_ends_the_router() -> None:
         xenstored.close()
 
 
+def test_a_xenbus_connection_that_is_no_socket_closes_quietly() -> None:
+    """XenBus (/dev/xen/xenbus) is a character device, not a socket: the
+    shutdown the router gives its descriptor as it ends (for a write
+    stuck on a socket) leaves it be.  Taken for a socket, it failed
+    (ENOTSOCK) and the router ended before it closed the connection,
+    the close() told as a lost connection.  A pipe stands in for it."""
+    import os
+
+    from pyxs.client import Router
+    from pyxs.connection import XenBusConnection, _XenBusTransport
+
+    device, other_end = os.pipe()
+
+    class Transport(_XenBusTransport):
+        def __init__(self) -> None:
+            self.fd = device  # closed with the connection
+
+    class Connection(XenBusConnection):
+        def create_transport(self) -> Transport:
+            return Transport()
+
+    told: list[Exception] = []
+    xs = XenStore(pyxs.Client(router=Router(Connection("xenbus"))), on_lost=told.append)
+    try:
+        xs.open()
+        router = xs._client.router
+        xs.close()
+        assert not router.thread.is_alive()
+        assert told == [] and not xs.connection_lost.is_set(), told
+        assert not router.is_connected
+    finally:
+        os.close(other_end)
+
+
 def test_close_ends_a_request_stuck_in_its_write(tmp_path) -> None:
     """A xenstored that stops reading (hung) leaves a sender blocked in
     its write, holding send_lock.  close() has the router close the
@@ -2296,6 +2376,50 @@ def test_a_transaction_start_given_up_before_its_reply_is_ended(
     finally:
         given_up.set()
         xs.close()
+
+
+def test_a_commit_interrupted_as_its_reply_is_handed_over_waits_for_it(
+        host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C as the commit's reply, read already, is being handed to
+    its requester: the commit went, and _commit must not go on before
+    committed() has run (the toolstack's add_device() lists its device
+    there).  The router unregisters a reply only once it is set; one
+    unregistered first looked never sent (_Reply.outstanding), and
+    _commit went on without it."""
+    from xenback import xenstore
+
+    pause = PauseAt(xenstore._dispatch, "rvar.set(packet)")
+    real_dispatch = xenstore._dispatch
+
+    def dispatch(router: Any, packet: Any) -> None:
+        if packet.op == Op.TRANSACTION_END:
+            pause.run(lambda: real_dispatch(router, packet))
+        else:
+            real_dispatch(router, packet)
+
+    monkeypatch.setattr(xenstore, "_dispatch", dispatch)
+    real_get = xenstore._Reply.get
+    waits: list[object] = []
+
+    def get(reply: Any) -> Any:
+        waits.append(reply)
+        if len(waits) == 1:
+            assert pause.reached.wait(TIMEOUT)  # the reply is being handed over
+            raise KeyboardInterrupt
+        pause.resume()
+        return real_get(reply)
+
+    monkeypatch.setattr(xenstore._Reply, "get", get)
+    committed: list[bool] = []
+    with host.toolstack._client() as client:
+        client.transaction()
+        client.write(b"/test/commit", b"1")
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                xenstore._commit(client, lambda: committed.append(True))
+            assert committed == [True], "_commit went on before its reply was handed over"
+        finally:
+            pause.resume()
 
 
 def test_a_connection_that_ends_before_any_reply_is_said_refused(tmp_path) -> None:
@@ -2817,6 +2941,30 @@ def test_a_watch_xenstore_refuses_leaves_no_subscription(tmp_path) -> None:
             xs.watch("/test/w", lambda _p: None)
         assert info.value.errno == errno.ENOSPC
         assert xs._watches == {}
+        assert dict(xs._client.router.monitors) == {}
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
+
+
+def test_an_event_of_a_token_never_watched_leaves_no_subscription(tmp_path) -> None:
+    """An event for a token nobody subscribed (a watch removed as it
+    fired, or a confused XenStore's) is dropped: looked up in pyxs's
+    defaultdict of monitors, it left an empty list behind, one per
+    token, for as long as the connection lives."""
+    path = str(tmp_path / "xenstored")
+    event = b"/x\0stray\0"
+
+    def answer(rq_id: int, tx_id: int) -> bytes:
+        # The event first: the router has handed it on by the reply.
+        return (struct.pack("<IIII", Op.WATCH_EVENT, 0, 0, len(event)) + event
+                + struct.pack("<IIII", Op.READ, rq_id, tx_id, 1) + b"v")
+
+    server = answer_one_request(path, answer)
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    try:
+        assert xs.read("/x") == "v"
         assert dict(xs._client.router.monitors) == {}
     finally:
         xs.close()
