@@ -4933,7 +4933,9 @@ def test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served(
         fe.wait_backend(S.CLOSING)
         # Our Closing seen first, its frontend still there to close it
         # (the frontend starting over by then leaves nothing to close it:
-        # the device is dropped then, see _backend_changed).
+        # the device is dropped then, see _backend_changed): its watch
+        # event on the device's queue, and run.
+        handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
         bdev.events.flush()
         caplog.clear()
         fe.set_state(S.INITIALISING)
