@@ -534,8 +534,9 @@ def test_a_domain_s_lock_is_in_its_host_s_run_dir_by_name_and_domid(tmp_path: Pa
     ("a/b", ValueError, "^a job name must be .*; got 'a/b'$"),
     (".hidden", ValueError, "^a job name must be .*; got '.hidden'$"),
     ("..", ValueError, "^a job name must be .*; got '..'$"),
+    ("-rf", ValueError, "^a job name must be .*; got '-rf'$"),
     (3, TypeError, "^a job name must be a str, not int$"),
-], ids=["empty", "non-ASCII", "slash", "hidden", "dotdot", "int"])
+], ids=["empty", "non-ASCII", "slash", "hidden", "dotdot", "option", "int"])
 def test_a_job_name_that_cannot_name_a_lock_file_is_refused(
         tmp_path: Path, name: object, error: type[Exception], message: str) -> None:
     # Taken as it came, "" made a hidden ".dom0.lock", "a/b" looked for a
@@ -544,6 +545,19 @@ def test_a_job_name_that_cannot_name_a_lock_file_is_refused(
         with pytest.raises(error, match=message):
             HostLock.for_domain(host.dom0, name)  # type: ignore[arg-type]
         assert sorted(p.name for p in host.run_dir.iterdir()) == ["domains", "xenstored"]
+
+
+def test_a_lock_on_descriptor_0_is_held(tmp_path: Path) -> None:
+    """A process started with stdin closed (a daemon's way) gets descriptor
+    0 for its lock file: a lock as any other, held until closed."""
+    path = tmp_path / "job.lock"
+    script = ("import os, sys; from xenback import HostLock; os.close(0); "
+              "lock = HostLock(sys.argv[1]); print(lock._fd, repr(lock)); lock.close(); "
+              "print(repr(lock), os.path.exists(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.stdout == (f"0 <HostLock {path} held>\n"
+                           f"<HostLock {path} released> False\n"), done.stderr
 
 
 @pytest.mark.parametrize("path", [3, None], ids=["int", "None"])
