@@ -658,3 +658,24 @@ def test_a_socket_that_ends_lets_go_of_the_data_it_was_given(backend: pvcalls.Ba
         lingerer.close()  # ends it in this thread
         assert a.fileno() == -1
         data.extend(b"!")  # BufferError while a view of it is kept
+
+
+def test_a_domain_s_lingering_sockets_share_its_bytes(
+        backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """max_bytes bounds what all of a domain's lingering sockets hold
+    together, not each: a rest that would take it past is dropped, and
+    the warning says what the domain holds already."""
+    lingerer = backend.lingerer
+    lingerer.max_bytes = 10
+    first, first_peer = _stuck_pair()
+    second, second_peer = _stuck_pair()
+    with first_peer, second, second_peer:
+        assert lingerer.adopt(first, 4242, b"012345", RateLimit("dom4242")) is True
+        with caplog.at_level(logging.WARNING, logger="pvcalls"):
+            assert lingerer.adopt(second, 4242, b"6789!", RateLimit("dom4242")) is False
+        assert len(lingerer) == 1
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("pvcalls")] == [
+            "dom4242: a released socket's last 5 bytes dropped: the domain's 1 released "
+            "sockets hold 6 bytes already (at most 10 in 32)"]
+        assert _read_to_eof(first_peer).endswith(b"012345")
+    wait_until(lambda: len(lingerer) == 0)
