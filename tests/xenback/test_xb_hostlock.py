@@ -370,6 +370,38 @@ def test_a_forked_child_locks_and_forks_as_any_process(tmp_path: Path) -> None:
         assert os.waitpid(pid, 0)[1] == 0
 
 
+def test_a_forked_child_lets_go_of_every_lock_though_a_close_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() may report an error (EIO, say) having freed the descriptor
+    all the same, as Linux's does: the child goes on with the next lock's,
+    not keeping that one's file locked for as long as it lives."""
+    parent = os.getpid()
+    close = os.close
+    failed: list[int] = []
+
+    def close_failing_once_in_the_child(fd: int) -> None:
+        close(fd)
+        if os.getpid() != parent and not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with HostLock(tmp_path / "a.lock") as a, HostLock(tmp_path / "b.lock") as b:
+        there = [os.stat(a.path), os.stat(b.path)]
+        seen_r, seen_w = os.pipe()
+        monkeypatch.setattr(os, "close", close_failing_once_in_the_child)
+        pid = os.fork()
+        if pid == 0:  # the child: what it kept goes back through the pipe
+            try:
+                os.write(seen_w, f"{len(failed)} {[opened_on(t) for t in there]}".encode())
+            finally:
+                os._exit(0)
+        monkeypatch.undo()
+        os.close(seen_w)
+        with os.fdopen(seen_r) as seen:
+            assert seen.read() == "1 [[], []]"
+        assert os.waitpid(pid, 0)[1] == 0
+
+
 def _wait_for(started: Any, release: Any) -> None:
     started.set()
     release.wait(TIMEOUT)
