@@ -95,11 +95,18 @@ def _forget_in_child() -> None:
     share only; unlocking (flock's LOCK_UN acts on the shared open file)
     or removing the file would take the lock from under the parent.  The
     child's HostLock is left released, its close() doing nothing.
+
+    A close() that fails goes on with the next lock: Linux frees the
+    descriptor whatever close() reports (EIO, EINTR), and stopping would
+    leave the next locks' descriptors to the child, with their files.
     """
     try:
         for lock in _held:
             fd, lock._fd = lock._fd, -1
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # freed all the same: nothing to do, nor to log in a fork
     finally:
         _held.clear()
         _fork_lock.release()

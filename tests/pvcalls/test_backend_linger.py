@@ -4,9 +4,12 @@ reaches the peer, as what a host socket's buffer holds at close() does
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import select
+import signal
 import socket
 import sys
 import threading
@@ -18,9 +21,12 @@ from pvcalls_rawfront import TIMEOUT, Call, DataRing, RawFrontend, wait_until
 from racewindow import PauseAt, stands_at
 
 import pvcalls
+from pvcalls import _linger
 from pvcalls._linger import Lingerer
 from pvcalls._socket import ActiveSocket
+from workqueue import DelayedWork
 from xenback import RateLimit
+from xenback.events import EventDispatcher
 from xenback.sim import SimHost
 
 
@@ -219,7 +225,10 @@ def test_a_late_timer_ends_only_its_own_socket(backend: pvcalls.Backend) -> None
 
 
 def test_closing_the_backend_closes_lingering_sockets(
-        host: SimHost, topology: Any, make_frontend: Any, peer: Peer) -> None:
+        host: SimHost, topology: Any, make_frontend: Any, peer: Peer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With what they hold, and the loss said."""
+    caplog.set_level(logging.INFO, logger="pvcalls")
     with pvcalls.Backend(host.dom0, topology=topology) as backend:
         raw = make_frontend("linger-close")
         sock_id, ring = raw.connect_socket(peer.address)
@@ -233,6 +242,9 @@ def test_closing_the_backend_closes_lingering_sockets(
     assert sock.host is not None and sock.host.fileno() == -1
     got = peer.read_to_eof()
     assert len(got) < len(written) and written.startswith(got)
+    assert any(f"dom{raw.guest.domid}: released socket closed with" in r.getMessage()
+               and r.getMessage().endswith("bytes unsent: the backend is closing")
+               for r in caplog.records)
 
 
 def test_a_guest_that_sends_then_closes_loses_nothing(host: SimHost, backend: Any) -> None:
@@ -457,3 +469,213 @@ def test_a_domain_with_a_socket_limit_lingers_no_more_sockets_than_it(
     for conn in conns:
         conn.close()
 
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read what ``sock`` has received, without waiting for more."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def test_a_socket_that_cannot_be_watched_stays_the_caller_s_and_its_loss_is_said(
+        backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """add_fd() failing (out of epoll watches): adopt() refuses the socket,
+    left to the caller, and says the data is lost.  Nothing of it stays:
+    neither its count against its domain's bounds, nor its timer queued,
+    nor a view of the caller's buffer."""
+    caplog.set_level(logging.INFO, logger="pvcalls")
+    lingerer = backend.lingerer
+    lingerer.max_sockets = 1
+    timers: list[DelayedWork] = []
+
+    def delayed_work(func: Any) -> DelayedWork:
+        timers.append(DelayedWork(func))  # kept: the orphan it holds too
+        return timers[-1]
+
+    def out_of_watches(fd: int, events: int, callback: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_linger, "DelayedWork", delayed_work)
+    monkeypatch.setattr(backend.dispatcher, "add_fd", out_of_watches)
+    data = bytearray(b"0123456789")
+    a, b = _stuck_pair()
+    with a, b:
+        assert lingerer.adopt(a, 4242, data, RateLimit("dom4242")) is False
+        assert len(lingerer) == 0 and not lingerer.holds(a) and a.fileno() != -1
+        assert len(timers) == 1 and not timers[0].pending
+        data.extend(b"!")  # BufferError while a view of it is kept
+    assert any(r.getMessage() == "dom4242: a released socket's last 10 bytes dropped: "
+               f"cannot watch it: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+               for r in caplog.records)
+    monkeypatch.undo()
+    # The domain's one socket is free again.
+    c, d = _stuck_pair()
+    with d:
+        assert lingerer.adopt(c, 4242, b"next", RateLimit("dom4242")) is True
+        assert _read_to_eof(d).endswith(b"next")
+    wait_until(lambda: len(lingerer) == 0)
+
+
+def test_a_lingerer_whose_dispatcher_has_closed_takes_no_socket(
+        host: SimHost, backend: pvcalls.Backend) -> None:
+    """add_fd()'s RuntimeError: refused as when out of watches, the socket
+    the caller's to close, not raised with the socket counted as ours."""
+    dispatcher = EventDispatcher(host.dom0, thread=False)
+    dispatcher.close()
+    lingerer = Lingerer(dispatcher, backend.cmd_wq)
+    a, b = _stuck_pair()
+    with a, b:
+        assert lingerer.adopt(a, 4242, b"late", RateLimit("dom4242")) is False
+        assert len(lingerer) == 0 and not lingerer.holds(a) and a.fileno() != -1
+
+
+def test_a_socket_ended_as_it_becomes_writable_is_left_alone(
+        host: SimHost, backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """Its timeout ends it (out of the table, not yet unwatched) as the
+    peer makes room: the wakeup that comes meanwhile finds nothing to send,
+    and is no failure."""
+    caplog.set_level(logging.ERROR)
+    with EventDispatcher(host.dom0, thread=False) as dispatcher:
+        lingerer = Lingerer(dispatcher, backend.cmd_wq)
+        a, b = _stuck_pair()
+        with b:
+            assert lingerer.adopt(a, 4242, b"rest", RateLimit("dom4242")) is True
+            timer = lingerer._orphans[a.fileno()].timer
+            assert timer is not None
+            pause = PauseAt(Lingerer._finish, "self._dispatcher.remove_fd(fd)")
+            call = Call(lambda: pause.run(lambda: timer.func(timer)))
+            try:
+                assert pause.reached.wait(TIMEOUT)
+                _drain(b)
+                assert dispatcher.poll(TIMEOUT) == 1  # a's wakeup
+            finally:
+                pause.resume()
+            assert call.join().error is None
+            assert a.fileno() == -1 and len(lingerer) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_wakeup_with_no_room_leaves_the_socket_lingering(
+        host: SimHost, backend: pvcalls.Backend) -> None:
+    """A send that finds no room (EAGAIN: a wakeup for room taken since)
+    is no failure: the socket lingers on, and sends its rest once the peer
+    reads."""
+    with EventDispatcher(host.dom0, thread=False) as dispatcher:
+        lingerer = Lingerer(dispatcher, backend.cmd_wq)
+        a, b = _stuck_pair()
+        with b:
+            assert lingerer.adopt(a, 4242, b"rest", RateLimit("dom4242")) is True
+            lingerer._on_writable(a.fileno(), select.EPOLLOUT)
+            assert lingerer.holds(a)
+            _drain(b)
+            assert dispatcher.poll(TIMEOUT) == 1
+            assert a.fileno() == -1 and len(lingerer) == 0
+            assert _read_to_eof(b) == b"rest"
+
+
+def test_a_peer_that_has_gone_raises_no_sigpipe(
+        host: SimHost, backend: pvcalls.Backend) -> None:
+    """A program embedding the backend may give SIGPIPE its default action
+    (Python ignores it, a tool often does not): sending to a peer that has
+    gone is an EPIPE that ends the socket, not a signal that ends the
+    process.  The send runs in this thread (poll mode), so a SIGPIPE's
+    Python handler runs before the check."""
+    pipes: list[int] = []
+    old = signal.signal(signal.SIGPIPE, lambda signum, _frame: pipes.append(signum))
+    try:
+        with EventDispatcher(host.dom0, thread=False) as dispatcher:
+            lingerer = Lingerer(dispatcher, backend.cmd_wq)
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            b.close()
+            assert lingerer.adopt(a, 4242, b"lost", RateLimit("dom4242")) is True
+            assert dispatcher.poll(TIMEOUT) == 1
+            assert a.fileno() == -1 and len(lingerer) == 0
+        assert pipes == []
+    finally:
+        signal.signal(signal.SIGPIPE, old)
+
+
+def test_a_socket_that_ends_gives_its_domain_its_share_back(backend: pvcalls.Backend) -> None:
+    """Its bytes and its place leave the domain's count as it ends, its
+    timer is cancelled, and a domain with none lingering is forgotten."""
+    lingerer = backend.lingerer
+    lingerer.max_bytes = 10
+    ratelimit = RateLimit("dom4242")
+    first, first_peer = _stuck_pair()
+    second, second_peer = _stuck_pair()
+    with first_peer, second_peer:
+        assert lingerer.adopt(first, 4242, b"012345", ratelimit) is True
+        assert lingerer.adopt(second, 4242, b"6789", ratelimit) is True
+        timer = lingerer._orphans[second.fileno()].timer
+        assert timer is not None
+        assert _read_to_eof(second_peer).endswith(b"6789")  # ended
+        assert not timer.pending
+        third, third_peer = _stuck_pair()
+        with third_peer:
+            assert lingerer.adopt(third, 4242, b"abcd", ratelimit) is True  # 6 + 4
+            assert _read_to_eof(third_peer).endswith(b"abcd")
+        assert _read_to_eof(first_peer).endswith(b"012345")
+    wait_until(lambda: len(lingerer) == 0)
+    assert (lingerer._bytes, lingerer._count) == ({}, {})
+
+
+def test_a_socket_whose_unwatching_fails_is_closed_all_the_same(
+        backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remove_fd() raising OSError (epoll_ctl refusing, the watch already
+    forgotten): the socket is closed with the rest, close() raises nothing."""
+    lingerer = backend.lingerer
+    remove_fd = backend.dispatcher.remove_fd
+
+    def refused(fd: int) -> None:
+        remove_fd(fd)
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    a, b = _stuck_pair()
+    with b:
+        assert lingerer.adopt(a, 4242, b"rest", RateLimit("dom4242")) is True
+        monkeypatch.setattr(backend.dispatcher, "remove_fd", refused)
+        lingerer.close()
+        assert a.fileno() == -1 and len(lingerer) == 0
+
+
+def test_a_socket_that_ends_lets_go_of_the_data_it_was_given(backend: pvcalls.Backend) -> None:
+    """The buffer handed to adopt() is free again once its socket ends, not
+    when the cycle collector finds the orphan (its timer refers to it, and
+    it to its timer): up to a ring's worth per socket, kept for nothing."""
+    lingerer = backend.lingerer
+    data = bytearray(b"rest")
+    a, b = _stuck_pair()
+    with b:
+        assert lingerer.adopt(a, 4242, data, RateLimit("dom4242")) is True
+        timer = lingerer._orphans[a.fileno()].timer  # the orphan, kept alive
+        assert timer is not None
+        lingerer.close()  # ends it in this thread
+        assert a.fileno() == -1
+        data.extend(b"!")  # BufferError while a view of it is kept
+
+
+def test_a_domain_s_lingering_sockets_share_its_bytes(
+        backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """max_bytes bounds what all of a domain's lingering sockets hold
+    together, not each: a rest that would take it past is dropped, and
+    the warning says what the domain holds already."""
+    lingerer = backend.lingerer
+    lingerer.max_bytes = 10
+    first, first_peer = _stuck_pair()
+    second, second_peer = _stuck_pair()
+    with first_peer, second, second_peer:
+        assert lingerer.adopt(first, 4242, b"012345", RateLimit("dom4242")) is True
+        with caplog.at_level(logging.WARNING, logger="pvcalls"):
+            assert lingerer.adopt(second, 4242, b"6789!", RateLimit("dom4242")) is False
+        assert len(lingerer) == 1
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("pvcalls")] == [
+            "dom4242: a released socket's last 5 bytes dropped: the domain's 1 released "
+            "sockets hold 6 bytes already (at most 10 in 32)"]
+        assert _read_to_eof(first_peer).endswith(b"012345")
+    wait_until(lambda: len(lingerer) == 0)

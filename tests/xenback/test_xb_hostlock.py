@@ -370,6 +370,38 @@ def test_a_forked_child_locks_and_forks_as_any_process(tmp_path: Path) -> None:
         assert os.waitpid(pid, 0)[1] == 0
 
 
+def test_a_forked_child_lets_go_of_every_lock_though_a_close_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() may report an error (EIO, say) having freed the descriptor
+    all the same, as Linux's does: the child goes on with the next lock's,
+    not keeping that one's file locked for as long as it lives."""
+    parent = os.getpid()
+    close = os.close
+    failed: list[int] = []
+
+    def close_failing_once_in_the_child(fd: int) -> None:
+        close(fd)
+        if os.getpid() != parent and not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with HostLock(tmp_path / "a.lock") as a, HostLock(tmp_path / "b.lock") as b:
+        there = [os.stat(a.path), os.stat(b.path)]
+        seen_r, seen_w = os.pipe()
+        monkeypatch.setattr(os, "close", close_failing_once_in_the_child)
+        pid = os.fork()
+        if pid == 0:  # the child: what it kept goes back through the pipe
+            try:
+                os.write(seen_w, f"{len(failed)} {[opened_on(t) for t in there]}".encode())
+            finally:
+                os._exit(0)
+        monkeypatch.undo()
+        os.close(seen_w)
+        with os.fdopen(seen_r) as seen:
+            assert seen.read() == "1 [[], []]"
+        assert os.waitpid(pid, 0)[1] == 0
+
+
 def _wait_for(started: Any, release: Any) -> None:
     started.set()
     release.wait(TIMEOUT)
@@ -534,8 +566,9 @@ def test_a_domain_s_lock_is_in_its_host_s_run_dir_by_name_and_domid(tmp_path: Pa
     ("a/b", ValueError, "^a job name must be .*; got 'a/b'$"),
     (".hidden", ValueError, "^a job name must be .*; got '.hidden'$"),
     ("..", ValueError, "^a job name must be .*; got '..'$"),
+    ("-rf", ValueError, "^a job name must be .*; got '-rf'$"),
     (3, TypeError, "^a job name must be a str, not int$"),
-], ids=["empty", "non-ASCII", "slash", "hidden", "dotdot", "int"])
+], ids=["empty", "non-ASCII", "slash", "hidden", "dotdot", "option", "int"])
 def test_a_job_name_that_cannot_name_a_lock_file_is_refused(
         tmp_path: Path, name: object, error: type[Exception], message: str) -> None:
     # Taken as it came, "" made a hidden ".dom0.lock", "a/b" looked for a
@@ -544,6 +577,19 @@ def test_a_job_name_that_cannot_name_a_lock_file_is_refused(
         with pytest.raises(error, match=message):
             HostLock.for_domain(host.dom0, name)  # type: ignore[arg-type]
         assert sorted(p.name for p in host.run_dir.iterdir()) == ["domains", "xenstored"]
+
+
+def test_a_lock_on_descriptor_0_is_held(tmp_path: Path) -> None:
+    """A process started with stdin closed (a daemon's way) gets descriptor
+    0 for its lock file: a lock as any other, held until closed."""
+    path = tmp_path / "job.lock"
+    script = ("import os, sys; from xenback import HostLock; os.close(0); "
+              "lock = HostLock(sys.argv[1]); print(lock._fd, repr(lock)); lock.close(); "
+              "print(repr(lock), os.path.exists(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.stdout == (f"0 <HostLock {path} held>\n"
+                           f"<HostLock {path} released> False\n"), done.stderr
 
 
 @pytest.mark.parametrize("path", [3, None], ids=["int", "None"])
