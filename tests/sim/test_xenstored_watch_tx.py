@@ -673,6 +673,36 @@ def test_a_domid_reintroduced_during_a_transaction_inherits_nothing(
         assert again.read("/shared") == b"s"
 
 
+def test_entries_a_transaction_took_up_after_the_reintroduction_count(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The transaction began before domain 4 was released, but what it holds
+    # for 4 it took up after a new domain 4 came: the new domain's, as
+    # cxenstored agrees (the node is younger than the domain).  Before, the
+    # commit marked them ignored all the same, and hid its events from 4.
+    dom0.write("/n", "1")
+    dom0.write("/m", "1")
+    dom0.write("/s", "1")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        assert dom0.read("/s", tx) == b"1"  # first looked at before the release
+        xsd.release_domain(4)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.set_perms("/n", ["n0", "r4"])
+        dom0.set_perms("/m", ["n0", "r4"])
+        again.watch("/n", "n")
+        again.watch("/m", "m")
+        assert [again.wait_event(), again.wait_event()] == [("/n", "n"), ("/m", "m")]
+        assert dom0.read("/n", tx) == b"1"  # first looked at now
+        dom0.write("/n", "2", tx)
+        dom0.set_perms("/m", ["n0"], tx)  # 4 could read it before: it hears
+        dom0.set_perms("/s", ["n0", "r4"], tx)  # set for the new domain
+        dom0.transaction_end(tx)
+        assert [again.wait_event(), again.wait_event()] == [("/n", "n"), ("/m", "m")]
+        assert again.read("/n") == b"2"
+        assert again.read("/s") == b"1"
+
+
 def test_entries_for_the_old_domain_stay_ignored_in_what_they_reach_later(
     xsd: XenStored, dom0: RawClient
 ) -> None:

@@ -14,15 +14,28 @@ fire.  This is cxenstored's scheme: the conflict granularity is one node.
 A domain released while the transaction is open has been forgotten by the
 live store (Dispatcher.remove_domain_nodes), but not by the transaction's
 own nodes.  So that a later domain with the same id inherits nothing
-(XSA-322), commit marks PERM_IGNORE every entry after the owner's that names
-a domain released since the transaction began, as cxenstored's
-domain_adjust_node_perms() does when it finds the domain gone.  cxenstored
-compares the domain's generation with the node's, and the node gets a new
-one at commit, so an entry for a domid reintroduced meanwhile would count
-there; here it is ignored too, since it was written for the old domain.  A
-node the transaction would give to such a domain (owner entry) fails the
-commit with EAGAIN: had the transaction committed first, the release would
-have removed that node.
+(XSA-322), commit marks PERM_IGNORE an entry after the owner's that names
+a domain released since the transaction began, unless a domain with that
+id was introduced again before the entry could have come into the
+transaction's copy of the node (``origin``: when it first looked at the
+node, when it set the node's permissions, or for a node it created, its
+parent's origin).  An entry taken up after the new domain came, from the
+live store or a SET_PERMS, is the new domain's, and counts as in
+cxenstored (domain_adjust_node_perms() keeps an entry for a domain no
+younger than the node).  Any other may have been set for the old domain
+and is ignored.  cxenstored differs both ways: it compares the domain with
+the node's generation, which the commit renews, so it counts an entry the
+transaction set while the old domain lived if the new one came before the
+commit; and it may
+count one for a domain its hypervisor knows but nobody introduced yet,
+which the transaction read from the live store before the new domain came.
+
+The permissions at first touch (which decide who hears of the events at
+commit) need no such care: any read before the release that name the
+domain fail the commit, since the release changed that node; ones read
+after are the live store's.  A node the transaction would give to such a
+domain (owner entry) fails the commit with EAGAIN: had the transaction
+committed first, the release would have removed that node.
 
 Threading: none.  Transactions live on a connection, on the loop thread.
 """
@@ -31,7 +44,7 @@ from __future__ import annotations
 
 import collections
 
-from ._tree import PERM_IGNORE, Node, Perms, Store
+from ._tree import PERM_IGNORE, Node, Perms, Store, parent_of
 from ._wire import XsError
 
 __all__ = ["Transaction"]
@@ -42,7 +55,7 @@ class Transaction:
 
     __slots__ = (
         "id", "store", "start", "seen", "view", "changed", "events", "owned_delta", "failed",
-        "first_perms", "limit",
+        "first_perms", "origin", "limit",
     )
 
     def __init__(self, tx_id: int, store: Store, limit: int | None = None) -> None:
@@ -57,6 +70,9 @@ class Transaction:
         #: path -> the node's permissions at first touch (None: absent), for
         #: the events at commit (cxenstored's accessed_node.perms)
         self.first_perms: dict[str, Perms | None] = {}
+        #: path -> the generation since which the permissions of its node in
+        #: ``view`` may date (see the module docstring), for commit
+        self.origin: dict[str, int] = {}
         #: path -> node as this transaction sees it (None: absent)
         self.view: dict[str, Node | None] = {}
         #: paths this transaction wrote or deleted, in order
@@ -80,6 +96,7 @@ class Transaction:
         node = self.store.nodes.get(path)
         self.seen[path] = None if node is None else node.generation
         self.first_perms[path] = None if node is None else node.perms
+        self.origin[path] = self.store.generation
         self.view[path] = node
         return node
 
@@ -97,6 +114,12 @@ class Transaction:
         elif old.owner != node.owner:
             delta[old.owner] -= 1
             delta[node.owner] += 1
+        if old is None:
+            # Created: its permissions are its parent's (Dispatcher._create).
+            self.origin[path] = self.origin[parent_of(path)]
+        elif node.perms is not old.perms:
+            # Set now (SET_PERMS); other changes keep them (Node.replace).
+            self.origin[path] = self.store.generation
         # A generation of its own (from the global counter, so unique) lets
         # DIRECTORY_PART inside the transaction see changes made in it.
         self.store.generation += 1
@@ -147,10 +170,9 @@ class Transaction:
 
     def _forget(self, gone: frozenset[int]) -> None:
         """Mark ignored the entries naming a domain in ``gone`` (released
-        since the transaction began), in the nodes to install and in the
-        permissions at first touch, which decide who hears of the events at
-        commit (so that a new domain with such an id is not told either);
-        raise EAGAIN, changing nothing, if such a domain would own a node."""
+        since the transaction began) in the nodes to install, unless they
+        are a domain's introduced since; raise EAGAIN, changing nothing, if
+        such a domain would own a node."""
         view = self.view
         for path in self.changed:
             node = view[path]
@@ -158,18 +180,19 @@ class Transaction:
                 raise XsError(
                     "EAGAIN", f"{path} would belong to domain {node.owner}, released meanwhile"
                 )
+        introduced = self.store.introduced
         for path in self.changed:
             node = view[path]
-            if node is not None:
-                perms = _ignore(node.perms, gone)
-                if perms is not node.perms:
-                    # A fresh node, not yet shared: the live store will
-                    # give it its generation.
-                    view[path] = node.replace(perms=perms)
-        first = self.first_perms
-        for path, before in first.items():
-            if before is not None:
-                first[path] = _ignore(before, gone)
+            if node is None:
+                continue
+            origin = self.origin[path]
+            # No domain has the id now, or it came after the entry could have.
+            stale = frozenset(d for d in gone if introduced.get(d, origin + 1) > origin)
+            perms = _ignore(node.perms, stale)
+            if perms is not node.perms:
+                # A fresh node, not yet shared: the live store will
+                # give it its generation.
+                view[path] = node.replace(perms=perms)
 
 
 def _ignore(perms: Perms, gone: frozenset[int]) -> Perms:
