@@ -741,6 +741,27 @@ def test_a_transaction_that_read_an_entry_for_a_released_domain_cannot_commit(
     assert error_of(dom0.transaction_end, tx) == "EAGAIN"
 
 
+def test_an_entry_set_again_for_the_new_domain_counts(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The same permissions set again after domain 4 came back are set for
+    # the new domain, even equal ones (a SET_PERMS is told apart from other
+    # changes by a new perms object), and so are those of a node the
+    # transaction creates below afterwards.  Set first thing after the
+    # introduction: the transaction's generation counts as after it.
+    dom0.write("/again", "a")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        dom0.set_perms("/again", ["n0", "r4"], tx)  # for the old domain 4
+        xsd.release_domain(4)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.set_perms("/again", ["n0", "r4"], tx)
+        dom0.write("/again/c", "c", tx)
+        dom0.transaction_end(tx)
+        assert again.read("/again") == b"a"
+        assert again.read("/again/c") == b"c"
+
+
 def test_a_transaction_cannot_give_a_node_to_a_domain_released_meanwhile(
     xsd: XenStored, dom0: RawClient
 ) -> None:
