@@ -777,6 +777,27 @@ def test_a_transaction_cannot_give_a_node_to_a_domain_released_meanwhile(
     assert error_of(dom0.read, "/orphan") == "ENOENT"
 
 
+def test_a_transaction_may_give_a_node_to_the_domain_that_came_back(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The owner entry follows the rule of the others: set after a new
+    # domain 4 came, it names the new domain, whose node it is, as are
+    # the nodes the transaction creates below it afterwards.  One set for
+    # the old domain still fails the commit (the test above).
+    dom0.write("/given", "g")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        assert dom0.read("/given", tx) == b"g"
+        xsd.release_domain(4)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.set_perms("/given", ["n4"], tx)
+        dom0.write("/given/c", "c", tx)
+        dom0.transaction_end(tx)
+        again.write("/given", "mine")
+        assert again.read("/given/c") == b"c"
+        assert dom0.get_perms("/given/c") == ["n4"]
+
+
 def test_a_transaction_merges_the_events_of_a_node_it_changed_twice(
     xsd: XenStored, dom0: RawClient
 ) -> None:

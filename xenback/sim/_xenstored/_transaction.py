@@ -14,28 +14,32 @@ fire.  This is cxenstored's scheme: the conflict granularity is one node.
 A domain released while the transaction is open has been forgotten by the
 live store (Dispatcher.remove_domain_nodes), but not by the transaction's
 own nodes.  So that a later domain with the same id inherits nothing
-(XSA-322), commit marks PERM_IGNORE an entry after the owner's that names
-a domain released since the transaction began, unless a domain with that
-id was introduced again before the entry could have come into the
-transaction's copy of the node (``origin``: when it first looked at the
-node, when it set the node's permissions, or for a node it created, its
-parent's origin).  An entry taken up after the new domain came, from the
-live store or a SET_PERMS, is the new domain's, and counts as in
-cxenstored (domain_adjust_node_perms() keeps an entry for a domain no
-younger than the node).  Any other may have been set for the old domain
-and is ignored.  cxenstored differs both ways: it compares the domain with
-the node's generation, which the commit renews, so it counts an entry the
-transaction set while the old domain lived if the new one came before the
-commit; and it may
-count one for a domain its hypervisor knows but nobody introduced yet,
-which the transaction read from the live store before the new domain came.
+(XSA-322), commit checks every entry, the owner's included, that names a
+domain released since the transaction began: does it date from before a
+domain with that id was introduced again?  ``origin`` tells, per path,
+since when the permissions of the transaction's copy of the node may date:
+when the transaction first looked at the node, when it last set the
+node's permissions, or for a node it created, its parent's origin.  An
+entry taken up after the new domain came (read from the live store, or
+set by a SET_PERMS) is the new domain's and counts, as in cxenstored,
+whose domain_adjust_node_perms() keeps an entry for a domain no younger
+than the node.  Any other may have been meant for the old domain: an entry
+after the owner's is marked PERM_IGNORE, and an owner entry fails the
+commit with EAGAIN (had the transaction committed first, the release would
+have removed that node).
+
+cxenstored differs both ways.  It compares the domain with the node's
+generation, which the commit renews, so it counts an entry the transaction
+set while the old domain lived if the new one came before the commit.  And
+it counts an entry for a domain its hypervisor knows but nobody introduced
+yet; here an entry the transaction read from the live store after the
+release but before the new domain came is ignored, although the live
+store, which checks no domids, keeps such an entry for the next domain.
 
 The permissions at first touch (which decide who hears of the events at
-commit) need no such care: any read before the release that name the
-domain fail the commit, since the release changed that node; ones read
-after are the live store's.  A node the transaction would give to such a
-domain (owner entry) fails the commit with EAGAIN: had the transaction
-committed first, the release would have removed that node.
+commit) need no such care: if they were read before the release and name
+the domain, the release changed that node, so the commit fails; if read
+after, they are the live store's.
 
 Threading: none.  Transactions live on a connection, on the loop thread.
 """
@@ -172,15 +176,11 @@ class Transaction:
         """Mark ignored the entries naming a domain in ``gone`` (released
         since the transaction began) in the nodes to install, unless they
         are a domain's introduced since; raise EAGAIN, changing nothing, if
-        such a domain would own a node."""
+        a node would belong to such a domain that is not one introduced
+        since (see the module docstring)."""
         view = self.view
-        for path in self.changed:
-            node = view[path]
-            if node is not None and node.owner in gone:
-                raise XsError(
-                    "EAGAIN", f"{path} would belong to domain {node.owner}, released meanwhile"
-                )
         introduced = self.store.introduced
+        marked: list[tuple[str, Node, frozenset[int]]] = []
         for path in self.changed:
             node = view[path]
             if node is None:
@@ -188,6 +188,15 @@ class Transaction:
             origin = self.origin[path]
             # No domain has the id now, or it came after the entry could have.
             stale = frozenset(d for d in gone if introduced.get(d, origin + 1) > origin)
+            if node.owner in stale:
+                # An unprivileged creator, the owner of what it creates,
+                # never gets here: its transactions go when it is released.
+                raise XsError(
+                    "EAGAIN", f"{path} would belong to domain {node.owner}, released meanwhile"
+                )
+            if stale:
+                marked.append((path, node, stale))
+        for path, node, stale in marked:
             perms = _ignore(node.perms, stale)
             if perms is not node.perms:
                 # A fresh node, not yet shared: the live store will
