@@ -762,6 +762,49 @@ def test_an_entry_set_again_for_the_new_domain_counts(
         assert again.read("/again/c") == b"c"
 
 
+def test_a_new_domain_hears_of_a_node_it_could_read_before_the_commit(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # An entry set after the release and before domain 4 came back is the
+    # live store's, which keeps it for the next domain 4: the transaction
+    # read it after the release, so the commit's event is judged by it, as
+    # by any permissions at first touch (they are not rewritten).
+    dom0.write("/a", "")
+    dom0.write("/later", "l")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        dom0.write("/a", "a", tx)
+        xsd.release_domain(4)
+    dom0.set_perms("/later", ["n0", "r4"])
+    assert dom0.read("/later", tx) == b"l"
+    with make_guest(xsd, dom0, 4) as again:
+        assert again.read("/later") == b"l"
+        again.watch("/later", "w")
+        assert again.wait_event() == ("/later", "w")
+        dom0.write("/later", "m", tx)
+        dom0.transaction_end(tx)
+        assert again.wait_event() == ("/later", "w")
+
+
+def test_the_rule_is_decided_for_each_domid_of_an_entry(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # Domains 4 and 5 both go; only 4 comes back before the transaction
+    # sets the node's permissions: 4's entry counts, 5's is ignored.
+    dom0.write("/two", "t")
+    with make_guest(xsd, dom0, 4), make_guest(xsd, dom0, 5):
+        tx = dom0.transaction_start()
+        assert dom0.read("/two", tx) == b"t"
+        xsd.release_domain(4)
+        xsd.release_domain(5)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.set_perms("/two", ["n0", "r4", "r5"], tx)
+        dom0.transaction_end(tx)
+        assert again.read("/two") == b"t"
+        with make_guest(xsd, dom0, 5) as five:
+            assert error_of(five.read, "/two") == "EACCES"
+
+
 def test_a_transaction_cannot_give_a_node_to_a_domain_released_meanwhile(
     xsd: XenStored, dom0: RawClient
 ) -> None:
