@@ -805,6 +805,34 @@ def test_the_rule_is_decided_for_each_domid_of_an_entry(
             assert error_of(five.read, "/two") == "EACCES"
 
 
+def test_an_entry_read_after_the_release_keeps_the_live_stores_meaning(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The live store keeps an entry set while no domain 4 exists for the
+    # next domain 4 (a toolstack sets up a guest's nodes before introducing
+    # it).  A transaction open across the old domain's release that reads
+    # such a node, still before the new domain came, and rewrites only its
+    # value must not take the grant away: what it read postdates the
+    # release.  Before, the commit marked the entry ignored.
+    dom0.write("/a", "")
+    dom0.write("/live", "l")
+    dom0.write("/touched", "t")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        dom0.write("/a", "a", tx)
+        xsd.release_domain(4)
+    dom0.set_perms("/live", ["n0", "r4"])
+    dom0.set_perms("/touched", ["n0", "r4"])
+    assert dom0.read("/touched", tx) == b"t"
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.write("/touched", "u", tx)
+        dom0.write("/touched/c", "c", tx)  # its parent's entry, as live
+        dom0.transaction_end(tx)
+        assert again.read("/live") == b"l"
+        assert again.read("/touched") == b"u"
+        assert again.read("/touched/c") == b"c"
+
+
 def test_a_transaction_cannot_give_a_node_to_a_domain_released_meanwhile(
     xsd: XenStored, dom0: RawClient
 ) -> None:

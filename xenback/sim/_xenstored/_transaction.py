@@ -15,26 +15,34 @@ A domain released while the transaction is open has been forgotten by the
 live store (Dispatcher.remove_domain_nodes), but not by the transaction's
 own nodes.  So that a later domain with the same id inherits nothing
 (XSA-322), commit checks every entry, the owner's included, that names a
-domain released since the transaction began: does it date from before a
-domain with that id was introduced again?  ``origin`` tells, per path,
-since when the permissions of the transaction's copy of the node may date:
-when the transaction first looked at the node, when it last set the
-node's permissions, or for a node it created, its parent's origin.  An
-entry taken up after the new domain came (read from the live store, or
-set by a SET_PERMS) is the new domain's and counts, as in cxenstored,
-whose domain_adjust_node_perms() keeps an entry for a domain no younger
-than the node.  Any other may have been meant for the old domain: an entry
-after the owner's is marked PERM_IGNORE, and an owner entry fails the
-commit with EAGAIN (had the transaction committed first, the release would
-have removed that node).
+domain released since the transaction began: may it have been meant for
+the released domain?  ``origin`` tells, per path, since when the
+permissions of the transaction's copy of the node may date, and whence:
+
+- read from the live store (when the transaction first looked at the
+  node): an entry read before the release that names the domain made the
+  release change the node, so the commit fails anyway (a conflict).  One
+  read after the release was set after it, and means what the live store
+  makes of it: the live store, which checks no domids, keeps it for
+  whichever domain has the id next, and so does the commit;
+- set by the transaction (SET_PERMS): the entry was meant for the domain
+  that had the id then, and counts only if that is a new one, introduced
+  again before the transaction set it, as in cxenstored, whose domain_adjust_node_perms() keeps an
+  entry for a domain no younger than the node, and whose write_node_raw()
+  ignores one set while no domain has the id;
+- a node the transaction created has its parent's permissions, and origin.
+
+An entry after the owner's that may have been meant for the old domain is
+marked PERM_IGNORE; an owner entry that may have been fails the commit with
+EAGAIN (had the transaction committed first, the release would have removed
+that node).
 
 cxenstored differs both ways.  It compares the domain with the node's
 generation, which the commit renews, so it counts an entry the transaction
 set while the old domain lived if the new one came before the commit.  And
-it counts an entry for a domain its hypervisor knows but nobody introduced
-yet; here an entry the transaction read from the live store after the
-release but before the new domain came is ignored, although the live
-store, which checks no domids, keeps such an entry for the next domain.
+it counts an entry set while no domain has the id only for a domain its
+hypervisor knows already (one being built); here the live store counts it
+for any.
 
 The permissions at first touch (which decide who hears of the events at
 commit) need no such care: if they were read before the release and name
@@ -75,8 +83,9 @@ class Transaction:
         #: the events at commit (cxenstored's accessed_node.perms)
         self.first_perms: dict[str, Perms | None] = {}
         #: path -> the generation since which the permissions of its node in
-        #: ``view`` may date (see the module docstring), for commit
-        self.origin: dict[str, int] = {}
+        #: ``view`` may date, and whether this transaction set them (True)
+        #: or took them from the live store (see the module docstring)
+        self.origin: dict[str, tuple[int, bool]] = {}
         #: path -> node as this transaction sees it (None: absent)
         self.view: dict[str, Node | None] = {}
         #: paths this transaction wrote or deleted, in order
@@ -100,7 +109,7 @@ class Transaction:
         node = self.store.nodes.get(path)
         self.seen[path] = None if node is None else node.generation
         self.first_perms[path] = None if node is None else node.perms
-        self.origin[path] = self.store.generation
+        self.origin[path] = (self.store.generation, False)
         self.view[path] = node
         return node
 
@@ -123,7 +132,7 @@ class Transaction:
             self.origin[path] = self.origin[parent_of(path)]
         elif node.perms is not old.perms:
             # Set now (SET_PERMS); other changes keep them (Node.replace).
-            self.origin[path] = self.store.generation
+            self.origin[path] = (self.store.generation, True)
         # A generation of its own (from the global counter, so unique) lets
         # DIRECTORY_PART inside the transaction see changes made in it.
         self.store.generation += 1
@@ -173,21 +182,18 @@ class Transaction:
                 store.put(path, node)
 
     def _forget(self, gone: frozenset[int]) -> None:
-        """Mark ignored the entries naming a domain in ``gone`` (released
-        since the transaction began) in the nodes to install, unless they
-        are a domain's introduced since; raise EAGAIN, changing nothing, if
-        a node would belong to such a domain that is not one introduced
-        since (see the module docstring)."""
+        """Mark ignored the entries in the nodes to install that may name a
+        domain in ``gone`` (released since the transaction began) rather
+        than a later one with its id; raise EAGAIN, changing nothing, if such
+        an entry is a node's owner (see the module docstring)."""
         view = self.view
-        introduced = self.store.introduced
+        store = self.store
         marked: list[tuple[str, Node, frozenset[int]]] = []
         for path in self.changed:
             node = view[path]
             if node is None:
                 continue
-            origin = self.origin[path]
-            # No domain has the id now, or it came after the entry could have.
-            stale = frozenset(d for d in gone if introduced.get(d, origin + 1) > origin)
+            stale = self._stale(path, gone, store)
             if node.owner in stale:
                 # An unprivileged creator, the owner of what it creates,
                 # never gets here: its transactions go when it is released.
@@ -202,6 +208,19 @@ class Transaction:
                 # A fresh node, not yet shared: the live store will
                 # give it its generation.
                 view[path] = node.replace(perms=perms)
+
+    def _stale(self, path: str, gone: frozenset[int], store: Store) -> frozenset[int]:
+        """The domids in ``gone`` whose entries in ``path``'s node may have
+        been meant for a domain released since (see the module docstring)."""
+        origin, was_set = self.origin[path]
+        if not was_set:
+            # As read from the live store: before the release, an entry
+            # naming the domain made the release change the node (the commit
+            # failed already); after it, the entry means what it does there.
+            return frozenset()
+        # Set here: for the domain that had the id then, if any.
+        introduced = store.introduced
+        return frozenset(d for d in gone if introduced.get(d, origin + 1) > origin)
 
 
 def _ignore(perms: Perms, gone: frozenset[int]) -> Perms:

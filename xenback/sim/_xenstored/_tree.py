@@ -243,10 +243,10 @@ class Store:
     ``released`` maps a domid to the generation :meth:`note_release` took
     when the domain was last released, and ``introduced`` a domid introduced
     now to the one :meth:`note_introduce` took, so that a transaction begun
-    before (see :meth:`new_epoch`) can tell whether a domid it holds names
-    a domain that is gone, or one that came after it took the entry up (as
-    cxenstored's chk_domain_generation() compares domain and node
-    generations).  At most one entry per domid in each: bounded.
+    before (see :meth:`new_epoch`) can tell whether an entry it set names a
+    domain gone since, or one introduced again before it set the entry
+    (cxenstored compares domain and node generations instead:
+    chk_domain_generation()).  At most one entry per domid in each: bounded.
     """
 
     def __init__(self) -> None:
