@@ -16,8 +16,8 @@ live store (Dispatcher.remove_domain_nodes), but not by the transaction's
 own nodes.  So that a later domain with the same id inherits nothing
 (XSA-322), commit checks every entry, the owner's included, that names a
 domain released since the transaction began: may it have been meant for
-the released domain?  ``origin`` tells, per path, since when the
-permissions of the transaction's copy of the node may date, and whence:
+the released domain?  It depends on whence the entry came into the
+transaction's copy of the node (``origin``):
 
 - read from the live store (when the transaction first looked at the
   node): an entry read before the release that names the domain made the
@@ -25,11 +25,12 @@ permissions of the transaction's copy of the node may date, and whence:
   read after the release was set after it, and means what the live store
   makes of it: the live store, which checks no domids, keeps it for
   whichever domain has the id next, and so does the commit;
-- set by the transaction (SET_PERMS): the entry was meant for the domain
-  that had the id then, and counts only if that is a new one, introduced
-  again before the transaction set it, as in cxenstored, whose domain_adjust_node_perms() keeps an
-  entry for a domain no younger than the node, and whose write_node_raw()
-  ignores one set while no domain has the id;
+- set by the transaction (SET_PERMS, equal permissions too): the entry was
+  meant for the domain that had the id then, and counts only if that is a
+  new one, introduced again before the transaction set it.  cxenstored
+  agrees: its domain_adjust_node_perms() keeps an entry for a domain no
+  younger than the node, and its write_node_raw() ignores one set while
+  no domain has the id;
 - a node the transaction created has its parent's permissions, and origin.
 
 An entry after the owner's that may have been meant for the old domain is
@@ -82,10 +83,10 @@ class Transaction:
         #: path -> the node's permissions at first touch (None: absent), for
         #: the events at commit (cxenstored's accessed_node.perms)
         self.first_perms: dict[str, Perms | None] = {}
-        #: path -> the generation since which the permissions of its node in
-        #: ``view`` may date, and whether this transaction set them (True)
-        #: or took them from the live store (see the module docstring)
-        self.origin: dict[str, tuple[int, bool]] = {}
+        #: path -> the generation at which this transaction set the
+        #: permissions of its node in ``view`` (None: as in the live store
+        #: when it first looked), for commit (see the module docstring)
+        self.origin: dict[str, int | None] = {}
         #: path -> node as this transaction sees it (None: absent)
         self.view: dict[str, Node | None] = {}
         #: paths this transaction wrote or deleted, in order
@@ -109,7 +110,7 @@ class Transaction:
         node = self.store.nodes.get(path)
         self.seen[path] = None if node is None else node.generation
         self.first_perms[path] = None if node is None else node.perms
-        self.origin[path] = (self.store.generation, False)
+        self.origin[path] = None
         self.view[path] = node
         return node
 
@@ -132,7 +133,7 @@ class Transaction:
             self.origin[path] = self.origin[parent_of(path)]
         elif node.perms is not old.perms:
             # Set now (SET_PERMS); other changes keep them (Node.replace).
-            self.origin[path] = (self.store.generation, True)
+            self.origin[path] = self.store.generation
         # A generation of its own (from the global counter, so unique) lets
         # DIRECTORY_PART inside the transaction see changes made in it.
         self.store.generation += 1
@@ -212,8 +213,8 @@ class Transaction:
     def _stale(self, path: str, gone: frozenset[int], store: Store) -> frozenset[int]:
         """The domids in ``gone`` whose entries in ``path``'s node may have
         been meant for a domain released since (see the module docstring)."""
-        origin, was_set = self.origin[path]
-        if not was_set:
+        origin = self.origin[path]
+        if origin is None:
             # As read from the live store: before the release, an entry
             # naming the domain made the release change the node (the commit
             # failed already); after it, the entry means what it does there.
