@@ -673,6 +673,166 @@ def test_a_domid_reintroduced_during_a_transaction_inherits_nothing(
         assert again.read("/shared") == b"s"
 
 
+def test_entries_a_transaction_took_up_after_the_reintroduction_count(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The transaction began before domain 4 was released, but what it holds
+    # for 4 it took up after a new domain 4 came: the new domain's, as
+    # cxenstored agrees (the node is younger than the domain).  Before, the
+    # commit marked them ignored all the same, and hid its events from 4.
+    dom0.write("/n", "1")
+    dom0.write("/m", "1")
+    dom0.write("/s", "1")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        assert dom0.read("/s", tx) == b"1"  # first looked at before the release
+        xsd.release_domain(4)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.set_perms("/n", ["n0", "r4"])
+        dom0.set_perms("/m", ["n0", "r4"])
+        again.watch("/n", "n")
+        again.watch("/m", "m")
+        assert [again.wait_event(), again.wait_event()] == [("/n", "n"), ("/m", "m")]
+        assert dom0.read("/n", tx) == b"1"  # first looked at now
+        dom0.write("/n", "2", tx)
+        dom0.set_perms("/m", ["n0"], tx)  # 4 could read it before: it hears
+        dom0.set_perms("/s", ["n0", "r4"], tx)  # set for the new domain
+        dom0.transaction_end(tx)
+        assert [again.wait_event(), again.wait_event()] == [("/n", "n"), ("/m", "m")]
+        assert again.read("/n") == b"2"
+        assert again.read("/s") == b"1"
+
+
+def test_entries_for_the_old_domain_stay_ignored_in_what_they_reach_later(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # A node the transaction creates after the reintroduction inherits its
+    # parent's entry, set for the old domain 4; and an entry set while no
+    # domain 4 existed is no grant to the next one either (cxenstored marks
+    # it ignored on the spot: write_node_raw()).
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        dom0.write("/p", "", tx)
+        dom0.set_perms("/p", ["n0", "r4"], tx)
+        xsd.release_domain(4)
+    dom0.write("/between", "b", tx)
+    dom0.set_perms("/between", ["n0", "r4"], tx)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.write("/p/c", "c", tx)
+        dom0.write("/between/c", "c", tx)
+        dom0.transaction_end(tx)
+        for path in ("/p", "/p/c", "/between", "/between/c"):
+            assert error_of(again.read, path) == "EACCES", path
+
+
+def test_a_transaction_that_read_an_entry_for_a_released_domain_cannot_commit(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The release strips the entry from the live node, which the transaction
+    # read: a conflict.  So the permissions a commit's events are judged by
+    # never carry an entry for a domain released meanwhile.
+    with make_guest(xsd, dom0, 4):
+        dom0.write("/read", "r")
+        dom0.set_perms("/read", ["n0", "r4"])
+        tx = dom0.transaction_start()
+        assert dom0.read("/read", tx) == b"r"
+        dom0.write("/other", "o", tx)
+        xsd.release_domain(4)
+    assert error_of(dom0.transaction_end, tx) == "EAGAIN"
+
+
+def test_an_entry_set_again_for_the_new_domain_counts(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The same permissions set again after domain 4 came back are set for
+    # the new domain, even equal ones (a SET_PERMS is told apart from other
+    # changes by a new perms object), and so are those of a node the
+    # transaction creates below afterwards.  Set first thing after the
+    # introduction: the transaction's generation counts as after it.
+    dom0.write("/again", "a")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        dom0.set_perms("/again", ["n0", "r4"], tx)  # for the old domain 4
+        xsd.release_domain(4)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.set_perms("/again", ["n0", "r4"], tx)
+        dom0.write("/again/c", "c", tx)
+        dom0.transaction_end(tx)
+        assert again.read("/again") == b"a"
+        assert again.read("/again/c") == b"c"
+
+
+def test_a_new_domain_hears_of_a_node_it_could_read_before_the_commit(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # An entry set after the release and before domain 4 came back is the
+    # live store's, which keeps it for the next domain 4: the transaction
+    # read it after the release, so the commit's event is judged by it, as
+    # by any permissions at first touch (they are not rewritten).
+    dom0.write("/a", "")
+    dom0.write("/later", "l")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        dom0.write("/a", "a", tx)
+        xsd.release_domain(4)
+    dom0.set_perms("/later", ["n0", "r4"])
+    assert dom0.read("/later", tx) == b"l"
+    with make_guest(xsd, dom0, 4) as again:
+        assert again.read("/later") == b"l"
+        again.watch("/later", "w")
+        assert again.wait_event() == ("/later", "w")
+        dom0.write("/later", "m", tx)
+        dom0.transaction_end(tx)
+        assert again.wait_event() == ("/later", "w")
+
+
+def test_the_rule_is_decided_for_each_domid_of_an_entry(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # Domains 4 and 5 both go; only 4 comes back before the transaction
+    # sets the node's permissions: 4's entry counts, 5's is ignored.
+    dom0.write("/two", "t")
+    with make_guest(xsd, dom0, 4), make_guest(xsd, dom0, 5):
+        tx = dom0.transaction_start()
+        assert dom0.read("/two", tx) == b"t"
+        xsd.release_domain(4)
+        xsd.release_domain(5)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.set_perms("/two", ["n0", "r4", "r5"], tx)
+        dom0.transaction_end(tx)
+        assert again.read("/two") == b"t"
+        with make_guest(xsd, dom0, 5) as five:
+            assert error_of(five.read, "/two") == "EACCES"
+
+
+def test_an_entry_read_after_the_release_keeps_the_live_stores_meaning(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The live store keeps an entry set while no domain 4 exists for the
+    # next domain 4 (a toolstack sets up a guest's nodes before introducing
+    # it).  A transaction open across the old domain's release that reads
+    # such a node, still before the new domain came, and rewrites only its
+    # value must not take the grant away: what it read postdates the
+    # release.  Before, the commit marked the entry ignored.
+    dom0.write("/a", "")
+    dom0.write("/live", "l")
+    dom0.write("/touched", "t")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        dom0.write("/a", "a", tx)
+        xsd.release_domain(4)
+    dom0.set_perms("/live", ["n0", "r4"])
+    dom0.set_perms("/touched", ["n0", "r4"])
+    assert dom0.read("/touched", tx) == b"t"
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.write("/touched", "u", tx)
+        dom0.write("/touched/c", "c", tx)  # its parent's entry, as live
+        dom0.transaction_end(tx)
+        assert again.read("/live") == b"l"
+        assert again.read("/touched") == b"u"
+        assert again.read("/touched/c") == b"c"
+
+
 def test_a_transaction_cannot_give_a_node_to_a_domain_released_meanwhile(
     xsd: XenStored, dom0: RawClient
 ) -> None:
@@ -686,6 +846,27 @@ def test_a_transaction_cannot_give_a_node_to_a_domain_released_meanwhile(
         xsd.release_domain(4)
     assert error_of(dom0.transaction_end, tx) == "EAGAIN"
     assert error_of(dom0.read, "/orphan") == "ENOENT"
+
+
+def test_a_transaction_may_give_a_node_to_the_domain_that_came_back(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # The owner entry follows the rule of the others: set after a new
+    # domain 4 came, it names the new domain, whose node it is, as are
+    # the nodes the transaction creates below it afterwards.  One set for
+    # the old domain still fails the commit (the test above).
+    dom0.write("/given", "g")
+    with make_guest(xsd, dom0, 4):
+        tx = dom0.transaction_start()
+        assert dom0.read("/given", tx) == b"g"
+        xsd.release_domain(4)
+    with make_guest(xsd, dom0, 4) as again:
+        dom0.set_perms("/given", ["n4"], tx)
+        dom0.write("/given/c", "c", tx)
+        dom0.transaction_end(tx)
+        again.write("/given", "mine")
+        assert again.read("/given/c") == b"c"
+        assert dom0.get_perms("/given/c") == ["n4"]
 
 
 def test_a_transaction_merges_the_events_of_a_node_it_changed_twice(

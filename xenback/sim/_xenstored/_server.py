@@ -1079,6 +1079,7 @@ class XenStored:
         assert self._selector is not None
         self._selector.register(domain.listener, _READ, (self._accept, domain))
         domains[domid] = domain
+        self._dispatcher.store.note_introduce(domid)
         self._dispatcher.fire_special("@introduceDomain")
         logger.info("introduced domain %d at %s", domid, domain.socket_path)
         return domain

@@ -14,15 +14,41 @@ fire.  This is cxenstored's scheme: the conflict granularity is one node.
 A domain released while the transaction is open has been forgotten by the
 live store (Dispatcher.remove_domain_nodes), but not by the transaction's
 own nodes.  So that a later domain with the same id inherits nothing
-(XSA-322), commit marks PERM_IGNORE every entry after the owner's that names
-a domain released since the transaction began, as cxenstored's
-domain_adjust_node_perms() does when it finds the domain gone.  cxenstored
-compares the domain's generation with the node's, and the node gets a new
-one at commit, so an entry for a domid reintroduced meanwhile would count
-there; here it is ignored too, since it was written for the old domain.  A
-node the transaction would give to such a domain (owner entry) fails the
-commit with EAGAIN: had the transaction committed first, the release would
-have removed that node.
+(XSA-322), commit checks every entry, the owner's included, that names a
+domain released since the transaction began: may it have been meant for
+the released domain?  It depends on whence the entry came into the
+transaction's copy of the node (``origin``):
+
+- read from the live store (when the transaction first looked at the
+  node): an entry read before the release that names the domain made the
+  release change the node, so the commit fails anyway (a conflict).  One
+  read after the release was set after it, and means what the live store
+  makes of it: the live store, which checks no domids, keeps it for
+  whichever domain has the id next, and so does the commit;
+- set by the transaction (SET_PERMS, equal permissions too): the entry was
+  meant for the domain that had the id then, and counts only if that is a
+  new one, introduced again before the transaction set it.  cxenstored
+  agrees: its domain_adjust_node_perms() keeps an entry for a domain no
+  younger than the node, and its write_node_raw() ignores one set while
+  no domain has the id;
+- a node the transaction created has its parent's permissions, and origin.
+
+An entry after the owner's that may have been meant for the old domain is
+marked PERM_IGNORE; an owner entry that may have been fails the commit with
+EAGAIN (had the transaction committed first, the release would have removed
+that node).
+
+cxenstored differs both ways.  It compares the domain with the node's
+generation, which the commit renews, so it counts an entry the transaction
+set while the old domain lived if the new one came before the commit.  And
+it counts an entry set while no domain has the id only for a domain its
+hypervisor knows already (one being built); here the live store counts it
+for any.
+
+The permissions at first touch (which decide who hears of the events at
+commit) need no such care: if they were read before the release and name
+the domain, the release changed that node, so the commit fails; if read
+after, they are the live store's.
 
 Threading: none.  Transactions live on a connection, on the loop thread.
 """
@@ -31,7 +57,7 @@ from __future__ import annotations
 
 import collections
 
-from ._tree import PERM_IGNORE, Node, Perms, Store
+from ._tree import PERM_IGNORE, Node, Perms, Store, parent_of
 from ._wire import XsError
 
 __all__ = ["Transaction"]
@@ -42,7 +68,7 @@ class Transaction:
 
     __slots__ = (
         "id", "store", "start", "seen", "view", "changed", "events", "owned_delta", "failed",
-        "first_perms", "limit",
+        "first_perms", "origin", "limit",
     )
 
     def __init__(self, tx_id: int, store: Store, limit: int | None = None) -> None:
@@ -57,6 +83,10 @@ class Transaction:
         #: path -> the node's permissions at first touch (None: absent), for
         #: the events at commit (cxenstored's accessed_node.perms)
         self.first_perms: dict[str, Perms | None] = {}
+        #: path -> the generation at which this transaction set the
+        #: permissions of its node in ``view`` (None: as in the live store
+        #: when it first looked), for commit (see the module docstring)
+        self.origin: dict[str, int | None] = {}
         #: path -> node as this transaction sees it (None: absent)
         self.view: dict[str, Node | None] = {}
         #: paths this transaction wrote or deleted, in order
@@ -80,6 +110,7 @@ class Transaction:
         node = self.store.nodes.get(path)
         self.seen[path] = None if node is None else node.generation
         self.first_perms[path] = None if node is None else node.perms
+        self.origin[path] = None
         self.view[path] = node
         return node
 
@@ -97,6 +128,12 @@ class Transaction:
         elif old.owner != node.owner:
             delta[old.owner] -= 1
             delta[node.owner] += 1
+        if old is None:
+            # Created: its permissions are its parent's (Dispatcher._create).
+            self.origin[path] = self.origin[parent_of(path)]
+        elif node.perms is not old.perms:
+            # Set now (SET_PERMS); other changes keep them (Node.replace).
+            self.origin[path] = self.store.generation
         # A generation of its own (from the global counter, so unique) lets
         # DIRECTORY_PART inside the transaction see changes made in it.
         self.store.generation += 1
@@ -146,30 +183,45 @@ class Transaction:
                 store.put(path, node)
 
     def _forget(self, gone: frozenset[int]) -> None:
-        """Mark ignored the entries naming a domain in ``gone`` (released
-        since the transaction began), in the nodes to install and in the
-        permissions at first touch, which decide who hears of the events at
-        commit (so that a new domain with such an id is not told either);
-        raise EAGAIN, changing nothing, if such a domain would own a node."""
+        """Mark ignored the entries in the nodes to install that may name a
+        domain in ``gone`` (released since the transaction began) rather
+        than a later one with its id; raise EAGAIN, changing nothing, if such
+        an entry is a node's owner (see the module docstring)."""
         view = self.view
+        store = self.store
+        marked: list[tuple[str, Node, frozenset[int]]] = []
         for path in self.changed:
             node = view[path]
-            if node is not None and node.owner in gone:
+            if node is None:
+                continue
+            stale = self._stale(path, gone, store)
+            if node.owner in stale:
+                # An unprivileged creator, the owner of what it creates,
+                # never gets here: its transactions go when it is released.
                 raise XsError(
                     "EAGAIN", f"{path} would belong to domain {node.owner}, released meanwhile"
                 )
-        for path in self.changed:
-            node = view[path]
-            if node is not None:
-                perms = _ignore(node.perms, gone)
-                if perms is not node.perms:
-                    # A fresh node, not yet shared: the live store will
-                    # give it its generation.
-                    view[path] = node.replace(perms=perms)
-        first = self.first_perms
-        for path, before in first.items():
-            if before is not None:
-                first[path] = _ignore(before, gone)
+            if stale:
+                marked.append((path, node, stale))
+        for path, node, stale in marked:
+            perms = _ignore(node.perms, stale)
+            if perms is not node.perms:
+                # A fresh node, not yet shared: the live store will
+                # give it its generation.
+                view[path] = node.replace(perms=perms)
+
+    def _stale(self, path: str, gone: frozenset[int], store: Store) -> frozenset[int]:
+        """The domids in ``gone`` whose entries in ``path``'s node may have
+        been meant for a domain released since (see the module docstring)."""
+        origin = self.origin[path]
+        if origin is None:
+            # As read from the live store: before the release, an entry
+            # naming the domain made the release change the node (the commit
+            # failed already); after it, the entry means what it does there.
+            return frozenset()
+        # Set here: for the domain that had the id then, if any.
+        introduced = store.introduced
+        return frozenset(d for d in gone if introduced.get(d, origin + 1) > origin)
 
 
 def _ignore(perms: Perms, gone: frozenset[int]) -> Perms:

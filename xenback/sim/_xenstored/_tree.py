@@ -241,10 +241,12 @@ class Store:
     node quota.
 
     ``released`` maps a domid to the generation :meth:`note_release` took
-    when the domain was last released, so that a transaction begun before
-    (see :meth:`new_epoch`) can tell that a domid it wrote names a domain
-    that is gone (cxenstored compares domain and node generations instead:
-    chk_domain_generation()).  At most one entry per domid: bounded.
+    when the domain was last released, and ``introduced`` a domid introduced
+    now to the one :meth:`note_introduce` took, so that a transaction begun
+    before (see :meth:`new_epoch`) can tell whether an entry it set names a
+    domain gone since, or one introduced again before it set the entry
+    (cxenstored compares domain and node generations instead:
+    chk_domain_generation()).  At most one entry per domid in each: bounded.
     """
 
     def __init__(self) -> None:
@@ -252,6 +254,7 @@ class Store:
         self.generation = 0
         self.owned: collections.Counter[int] = collections.Counter()
         self.released: dict[int, int] = {}
+        self.introduced: dict[int, int] = {}
         #: the largest value in ``released`` (0: none), to skip the search
         #: at commit when nothing was released since the transaction began
         self.last_release = 0
@@ -300,8 +303,13 @@ class Store:
         self.generation += 1
         return self.generation
 
+    def note_introduce(self, domid: int) -> None:
+        """Remember that ``domid`` is introduced as of now."""
+        self.introduced[domid] = self.new_epoch()
+
     def note_release(self, domid: int) -> None:
         """Remember that ``domid`` is released as of now."""
+        self.introduced.pop(domid, None)
         self.last_release = self.released[domid] = self.new_epoch()
 
     def released_since(self, generation: int) -> frozenset[int]:
