@@ -4140,3 +4140,45 @@ def test_a_full_out_ring_across_the_index_wrap_is_not_writable(
     ring.notify()
     assert select.select([], [fd], [], TIMEOUT)[1]
     s.close()
+
+
+# -- the command ring's response table -----------------------------------------------------
+
+
+def test_a_connect_leaves_the_last_response_entry_even_with_ring_slots_free(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Answered ACCEPTs that their listeners have not taken yet hold their
+    response entries, not their ring slots.  With every entry but one so
+    held, a non-blocking connect finds no room (ENOBUFS, nothing sent)
+    although the ring has slots free: the last entry is the RELEASE's that
+    a close() must be able to send.  (Judged by the ring alone, the
+    CONNECT took it.)"""
+    fake.hold = {PVCALLS_ACCEPT}
+    listeners = []
+    for _ in range(RING_SLOTS - 1):
+        ls = _listener(fe)
+        ls.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            ls.accept()  # its POLL is answered, its ACCEPT held
+        listeners.append(ls)
+    accepts = [fake.next_request(PVCALLS_ACCEPT) for _ in listeners]
+    fake.respond_many([(req, 0, {}) for req in accepts])
+
+    def answered() -> bool:
+        with fe._lock:
+            taken = [slot for slot in fe._slots if slot is not None]
+            return len(taken) == RING_SLOTS - 1 and all(slot.done for slot in taken)
+
+    wait_until(answered)
+    s = fe.socket()
+    s.setblocking(False)
+    fake.hold = {PVCALLS_CONNECT}
+    with pytest.raises(OSError) as info:
+        s.connect(("127.0.0.1", 7))
+    assert info.value.errno == errno.ENOBUFS
+    assert fake.requests.empty()
+    closing = Call(listeners[0].close)  # its RELEASE goes out at once
+    assert closing.join().error is None
+    s.close()
+    for ls in listeners[1:]:
+        ls.close()
