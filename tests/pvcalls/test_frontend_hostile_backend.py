@@ -4182,3 +4182,24 @@ def test_a_connect_leaves_the_last_response_entry_even_with_ring_slots_free(
     s.close()
     for ls in listeners[1:]:
         ls.close()
+
+
+def test_nothing_goes_on_the_command_ring_once_the_backend_went_away(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Once the backend left Connected, a SOCKET, a BIND or a CONNECT
+    fails with ENOTCONN before it is put on the command ring: a backend
+    still reading the ring as it closes would make a socket for nobody,
+    which would count against the domain until the device goes."""
+    s = fe.socket()
+    fake.set_state(5)  # Closing
+    wait_until(lambda: fe._dead)
+    assert fe._ring is not None
+    prod = fe._ring.req_prod_pvt
+    for call in (fe.socket, lambda: s.bind(("127.0.0.1", 4000)),
+                 lambda: s.connect(("127.0.0.1", 4000))):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.ENOTCONN
+        assert info.value.strerror == "the PV Calls backend went away"
+    assert fe._ring.req_prod_pvt == prod
+    s.close()
