@@ -65,7 +65,7 @@ from pvcalls.frontend import _common, _frontend
 from tests.xenback.xbhelpers import fails_once
 from xenback import _wire as _xb_wire
 from xenback.platform import EventChannelError, GrantMapping
-from xenback.ring import BackRing, FlexRing
+from xenback.ring import BackRing, FlexRing, FrontRing
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
 
@@ -4202,4 +4202,19 @@ def test_nothing_goes_on_the_command_ring_once_the_backend_went_away(
         assert info.value.errno == errno.ENOTCONN
         assert info.value.strerror == "the PV Calls backend went away"
     assert fe._ring.req_prod_pvt == prod
+    s.close()
+
+
+def test_a_request_an_interrupt_kept_off_the_ring_gives_its_entry_back(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C as the request is about to be written to the command ring
+    (the index not moved: nothing went out) gives the response entry
+    reserved for it back.  Kept, it waited for an answer that never comes:
+    every such Ctrl-C took one of the 32 for the life of the connection."""
+    s = fe.socket()
+    assert interrupted_as_frame_starts(FrontRing.push_request.__code__,
+                                       lambda: s.bind(("127.0.0.1", 4000)))
+    with fe._lock:
+        assert fe._slots == [None] * RING_SLOTS
+    s.bind(("127.0.0.1", 4000))
     s.close()
