@@ -4145,17 +4145,13 @@ def test_a_full_out_ring_across_the_index_wrap_is_not_writable(
 # -- the command ring's response table -----------------------------------------------------
 
 
-def test_a_connect_leaves_the_last_response_entry_even_with_ring_slots_free(
-        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
-    """Answered ACCEPTs that their listeners have not taken yet hold their
-    response entries, not their ring slots.  With every entry but one so
-    held, a non-blocking connect finds no room (ENOBUFS, nothing sent)
-    although the ring has slots free: the last entry is the RELEASE's that
-    a close() must be able to send.  (Judged by the ring alone, the
-    CONNECT took it.)"""
+def _answered_accepts(fe: pvcalls.Frontend, fake: FakeBackend, n: int) -> list[pvcalls.PVSocket]:
+    """``n`` listeners, each with an ACCEPT the backend answered and the
+    listener has not taken yet: each holds a response entry, and no slot
+    of the command ring."""
     fake.hold = {PVCALLS_ACCEPT}
     listeners = []
-    for _ in range(RING_SLOTS - 1):
+    for _ in range(n):
         ls = _listener(fe)
         ls.settimeout(0.05)
         with pytest.raises(TimeoutError):
@@ -4167,9 +4163,22 @@ def test_a_connect_leaves_the_last_response_entry_even_with_ring_slots_free(
     def answered() -> bool:
         with fe._lock:
             taken = [slot for slot in fe._slots if slot is not None]
-            return len(taken) == RING_SLOTS - 1 and all(slot.done for slot in taken)
+            return len(taken) == n and all(slot.done for slot in taken)
 
     wait_until(answered)
+    fake.hold = set()
+    return listeners
+
+
+def test_a_connect_leaves_the_last_response_entry_even_with_ring_slots_free(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Answered ACCEPTs that their listeners have not taken yet hold their
+    response entries, not their ring slots.  With every entry but one so
+    held, a non-blocking connect finds no room (ENOBUFS, nothing sent)
+    although the ring has slots free: the last entry is the RELEASE's that
+    a close() must be able to send.  (Judged by the ring alone, the
+    CONNECT took it.)"""
+    listeners = _answered_accepts(fe, fake, RING_SLOTS - 1)
     s = fe.socket()
     s.setblocking(False)
     fake.hold = {PVCALLS_CONNECT}
@@ -4218,3 +4227,29 @@ def test_a_request_an_interrupt_kept_off_the_ring_gives_its_entry_back(
         assert fe._slots == [None] * RING_SLOTS
     s.bind(("127.0.0.1", 4000))
     s.close()
+
+
+def test_an_answer_taken_wakes_a_command_waiting_for_its_entry(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every response entry taken (31 by answered ACCEPTs not taken yet,
+    one by a BIND in flight), with ring slots free: a socket() waits for
+    an entry.  A listener's accept() taking its answer frees one, and
+    wakes it then, not only as its wait's recheck ends (set to an hour
+    here, so that only the wake-up can end the wait)."""
+    listeners = _answered_accepts(fe, fake, RING_SLOTS - 1)
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind = fake.next_request(PVCALLS_BIND)
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+    fe.timeout = 3600.0
+    creating = Call(fe.socket)
+    wait_until(lambda: done_or_at(creating, pvcalls.Frontend._submit, "self._cmd_cond.wait("))
+    assert creating.alive()
+    new, _ = listeners[0].accept()
+    made = creating.join().result
+    assert made is not None
+    fake.respond(bind, 0)
+    assert binding.join().error is None
+    for sock in (made, new, s, *listeners):
+        sock.close()
