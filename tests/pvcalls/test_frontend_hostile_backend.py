@@ -4253,3 +4253,86 @@ def test_an_answer_taken_wakes_a_command_waiting_for_its_entry(
     assert binding.join().error is None
     for sock in (made, new, s, *listeners):
         sock.close()
+
+
+def _backend_gone(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.set_state(5)  # Closing
+
+
+def _ring_broken(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.set_rsp_prod(fake.rsp_prod_pvt + 2 * RING_SLOTS)
+
+
+def _watch_failed(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def backend_state() -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fe, "_backend_state", backend_state)
+    fake.set_state(5)
+
+
+def _frontend_closed(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fe.timeout = 0.3  # close() waits this long for the BIND's socket's RELEASE
+    Call(fe.close)
+
+
+# What wakes every call waiting for the backend, and the error it then
+# raises (None: the answer itself).
+_WAKE_UPS: dict[str, tuple[Callable[..., None], tuple[int, str] | None]] = {
+    "the answer": (lambda fe, fake, bind, mp: fake.respond(bind, 0), None),
+    "the backend gone": (_backend_gone, (errno.ENOTCONN, "the PV Calls backend went away")),
+    "the ring broken": (_ring_broken,
+                        (errno.ENOTCONN, "the PV Calls backend broke the command ring")),
+    "the frontend failed": (_watch_failed, (errno.EIO, "the PV Calls frontend failed")),
+    "the frontend closed": (_frontend_closed, (errno.EBADF, "")),
+}
+
+
+@pytest.mark.parametrize("wake_up", list(_WAKE_UPS))
+def test_waiters_wake_at_once_not_at_their_recheck(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        wake_up: str) -> None:
+    """A bind() waiting for its answer, a socket() waiting for its
+    SOCKET's and a recv() waiting for data, all without a timeout, end as
+    soon as what they wait for comes (the answer), or what ends every wait
+    (the backend leaving, the command ring broken, the frontend failing
+    or closing).  The recheck that also ends their waits is set to an
+    hour here: a wake-up that never came (a notify dropped, or sent
+    before the frontend was marked dead) is not hidden by it."""
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    receiving = Call(lambda: r.recv(10))
+    wait_until(lambda: sleeping_in_wait(r))
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_BIND, PVCALLS_SOCKET}
+    # The frontend's timeout bounds the waits for BIND's and SOCKET's
+    # answers: at its end a wait looks at the answer too.
+    fe.timeout = 3600.0
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind = fake.next_request(PVCALLS_BIND)
+    creating = Call(fe.socket)
+    fake.next_request(PVCALLS_SOCKET)
+    wait_until(lambda: all(done_or_at(call, pvcalls.Frontend._wait_slot, "self._cmd_cond.wait(")
+                           for call in (binding, creating)))
+    trigger, expected = _WAKE_UPS[wake_up]
+    trigger(fe, fake, bind, monkeypatch)
+    if expected is None:
+        assert binding.join().error is None
+        assert receiving.alive() and creating.alive()
+        fe.timeout = 0.3  # the fixture's close() waits this long for a RELEASE
+        return
+    for call in (binding, creating, receiving):
+        err = call.oserror()
+        if wake_up == "the frontend closed":
+            # The frontend's close() closes the sockets first.
+            expected = ((errno.ENOTCONN, "the PV Calls frontend is closed") if call is creating
+                        else (errno.EBADF, os.strerror(errno.EBADF)))
+        assert expected is not None
+        assert (err.errno, str(err.strerror)[:len(expected[1])]) == expected
+    monkeypatch.undo()
