@@ -4336,3 +4336,32 @@ def test_waiters_wake_at_once_not_at_their_recheck(
         assert expected is not None
         assert (err.errno, str(err.strerror)[:len(expected[1])]) == expected
     monkeypatch.undo()
+
+
+def test_an_answered_entry_given_up_wakes_a_command_waiting_for_it(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every response entry taken (31 by answered ACCEPTs, one by a BIND
+    in flight): a socket() waits for an entry.  Giving up on an answered
+    ACCEPT (as a released listener's is given up on, see _end_accept)
+    frees its entry and wakes the waiter then, not as its recheck ends
+    (set to an hour here)."""
+    listeners = _answered_accepts(fe, fake, RING_SLOTS - 1)
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind = fake.next_request(PVCALLS_BIND)
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+    fe.timeout = 3600.0
+    creating = Call(fe.socket)
+    wait_until(lambda: done_or_at(creating, pvcalls.Frontend._submit, "self._cmd_cond.wait("))
+    inflight = listeners[0]._st.accept_inflight
+    assert inflight is not None
+    req_id, slot, _ = inflight
+    fe._abandon(req_id, slot)
+    made = creating.join().result
+    assert made is not None
+    fake.respond(bind, 0)
+    assert binding.join().error is None
+    fe.timeout = TIMEOUT
+    for sock in (made, s, *listeners):
+        sock.close()
