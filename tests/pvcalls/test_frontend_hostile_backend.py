@@ -384,6 +384,7 @@ def _listener(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
 _BOGUS: dict[str, Callable[[Request, Request, pvcalls.PVSocket], dict[str, int]]] = {
     # Linux's frontend would index its response table with these.
     "req_id one ring beyond": lambda b, c, other: {"req_id": b.req_id + RING_SLOTS},
+    "req_id one past the table": lambda b, c, other: {"req_id": RING_SLOTS},
     "req_id 0xffffffff": lambda b, c, other: {"req_id": 0xFFFFFFFF},
     "req_id of a free slot": lambda b, c, other: {
         "req_id": next(i for i in range(RING_SLOTS) if i not in (b.req_id, c.req_id))},
@@ -4365,3 +4366,26 @@ def test_an_answered_entry_given_up_wakes_a_command_waiting_for_it(
     fe.timeout = TIMEOUT
     for sock in (made, s, *listeners):
         sock.close()
+
+
+def test_a_command_given_up_on_gives_its_entry_back_when_answered_late(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A BIND whose answer does not come within the frontend's timeout
+    fails with TimeoutError; its answer, coming later, frees its response
+    entry (nobody waits for it): kept, every such timeout took one of the
+    32 for the life of the connection."""
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    fe.timeout = 0.05
+    with pytest.raises(TimeoutError):
+        s.bind(("127.0.0.1", 4000))
+    fe.timeout = TIMEOUT
+    fake.respond(fake.next_request(PVCALLS_BIND), 0)
+    fake.hold = set()
+
+    def entries_free() -> bool:
+        with fe._lock:
+            return fe._slots == [None] * RING_SLOTS
+
+    wait_until(entries_free)
+    s.close()
