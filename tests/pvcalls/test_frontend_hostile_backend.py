@@ -4389,3 +4389,31 @@ def test_a_command_given_up_on_gives_its_entry_back_when_answered_late(
 
     wait_until(entries_free)
     s.close()
+
+
+def test_a_second_answer_to_an_accept_not_yet_taken_is_dropped(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """An ACCEPT answered with a connection, its answer not yet taken by
+    the listener's accept() (its entry still holds it), then answered
+    again with an error: the second answer is dropped with a warning, and
+    accept() returns the connection.  (Taken, it overwrote the first:
+    the connection the backend made was lost, its socket never released.)"""
+    fake.hold = {PVCALLS_ACCEPT, PVCALLS_CONNECT}
+    ls, req, slot, new = _accept_in_flight(fe, fake)
+    # A request whose response slot carries the second answer (the ring
+    # holds no more responses than requests): a CONNECT given up on.
+    other = fe.socket()
+    other.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        other.connect(("127.0.0.1", 4001))
+    carrier = fake.next_request(PVCALLS_CONNECT)
+    fake.respond(req, 0)
+    wait_until(lambda: slot.done)
+    fake.respond(carrier, -EINVAL, req_id=req.req_id, cmd=PVCALLS_ACCEPT, sock_id=req.id)
+    log.wait(f"dropping unexpected response req_id={req.req_id} cmd={PVCALLS_ACCEPT}")
+    assert slot.ret == 0
+    accepted, _ = ls.accept()
+    assert accepted is new
+    accepted.close()
+    ls.close()
+    other.close()
