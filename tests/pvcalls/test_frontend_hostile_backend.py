@@ -4290,6 +4290,9 @@ _WAKE_UPS: dict[str, tuple[Callable[..., None], tuple[int, str] | None]] = {
                         (errno.ENOTCONN, "the PV Calls backend broke the command ring")),
     "the frontend failed": (_watch_failed, (errno.EIO, "the PV Calls frontend failed")),
     "the frontend closed": (_frontend_closed, (errno.EBADF, "")),
+    # What the XenStore connection's router thread calls as it ends.
+    "XenStore lost": (lambda fe, fake, bind, mp: fe._lost_xenstore(ConnectionError("gone")),
+                      (errno.ENOTCONN, "lost XenStore (is the host gone?)")),
 }
 
 
@@ -4301,7 +4304,7 @@ def test_waiters_wake_at_once_not_at_their_recheck(
     SOCKET's and a recv() waiting for data, all without a timeout, end as
     soon as what they wait for comes (the answer), or what ends every wait
     (the backend leaving, the command ring broken, the frontend failing
-    or closing).  The recheck that also ends their waits is set to an
+    or closing, XenStore lost).  The recheck that also ends their waits is set to an
     hour here: a wake-up that never came (a notify dropped, or sent
     before the frontend was marked dead) is not hidden by it."""
     monkeypatch.setattr(_common, "RECHECK", 3600.0)
