@@ -1770,12 +1770,15 @@ def _descriptor_closed(fd: int) -> None:
 
 
 def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
-        fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture) -> None:
+        fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The backend goes away: every blocked call is woken, also behind a
     socket whose fileno() descriptor the program closed (its readiness
     cannot be set: EBADF), where the wake-ups used to stop, leaving the
     calls after it waiting for ever.  That is the program's doing, which
-    its calls report: no error of ours in the log."""
+    its calls report: no error of ours in the log.  (The recheck that
+    would also end the wait is set to an hour: only the wake-up may.)"""
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
     a, _ = connected(fe, fake)
     _descriptor_closed(a.fileno())
     r, _ = connected(fe, fake)
