@@ -65,7 +65,7 @@ from pvcalls.frontend import _common, _frontend
 from tests.xenback.xbhelpers import fails_once
 from xenback import _wire as _xb_wire
 from xenback.platform import EventChannelError, GrantMapping
-from xenback.ring import BackRing, FlexRing
+from xenback.ring import BackRing, FlexRing, FrontRing
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
 
@@ -384,6 +384,7 @@ def _listener(fe: pvcalls.Frontend) -> pvcalls.PVSocket:
 _BOGUS: dict[str, Callable[[Request, Request, pvcalls.PVSocket], dict[str, int]]] = {
     # Linux's frontend would index its response table with these.
     "req_id one ring beyond": lambda b, c, other: {"req_id": b.req_id + RING_SLOTS},
+    "req_id one past the table": lambda b, c, other: {"req_id": RING_SLOTS},
     "req_id 0xffffffff": lambda b, c, other: {"req_id": 0xFFFFFFFF},
     "req_id of a free slot": lambda b, c, other: {
         "req_id": next(i for i in range(RING_SLOTS) if i not in (b.req_id, c.req_id))},
@@ -1769,12 +1770,15 @@ def _descriptor_closed(fd: int) -> None:
 
 
 def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
-        fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture) -> None:
+        fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The backend goes away: every blocked call is woken, also behind a
     socket whose fileno() descriptor the program closed (its readiness
     cannot be set: EBADF), where the wake-ups used to stop, leaving the
     calls after it waiting for ever.  That is the program's doing, which
-    its calls report: no error of ours in the log."""
+    its calls report: no error of ours in the log.  (The recheck that
+    would also end the wait is set to an hour: only the wake-up may.)"""
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
     a, _ = connected(fe, fake)
     _descriptor_closed(a.fileno())
     r, _ = connected(fe, fake)
@@ -4140,3 +4144,282 @@ def test_a_full_out_ring_across_the_index_wrap_is_not_writable(
     ring.notify()
     assert select.select([], [fd], [], TIMEOUT)[1]
     s.close()
+
+
+# -- the command ring's response table -----------------------------------------------------
+
+
+def _answered_accepts(fe: pvcalls.Frontend, fake: FakeBackend, n: int) -> list[pvcalls.PVSocket]:
+    """``n`` listeners, each with an ACCEPT the backend answered and the
+    listener has not taken yet: each holds a response entry, and no slot
+    of the command ring."""
+    fake.hold = {PVCALLS_ACCEPT}
+    listeners = []
+    for _ in range(n):
+        ls = _listener(fe)
+        ls.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            ls.accept()  # its POLL is answered, its ACCEPT held
+        listeners.append(ls)
+    accepts = [fake.next_request(PVCALLS_ACCEPT) for _ in listeners]
+    fake.respond_many([(req, 0, {}) for req in accepts])
+
+    def answered() -> bool:
+        with fe._lock:
+            taken = [slot for slot in fe._slots if slot is not None]
+            return len(taken) == n and all(slot.done for slot in taken)
+
+    wait_until(answered)
+    fake.hold = set()
+    return listeners
+
+
+def test_a_connect_leaves_the_last_response_entry_even_with_ring_slots_free(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Answered ACCEPTs that their listeners have not taken yet hold their
+    response entries, not their ring slots.  With every entry but one so
+    held, a non-blocking connect finds no room (ENOBUFS, nothing sent)
+    although the ring has slots free: the last entry is the RELEASE's that
+    a close() must be able to send.  (Judged by the ring alone, the
+    CONNECT took it.)"""
+    listeners = _answered_accepts(fe, fake, RING_SLOTS - 1)
+    s = fe.socket()
+    s.setblocking(False)
+    fake.hold = {PVCALLS_CONNECT}
+    with pytest.raises(OSError) as info:
+        s.connect(("127.0.0.1", 7))
+    assert info.value.errno == errno.ENOBUFS
+    assert fake.requests.empty()
+    closing = Call(listeners[0].close)  # its RELEASE goes out at once
+    assert closing.join().error is None
+    s.close()
+    for ls in listeners[1:]:
+        ls.close()
+
+
+def test_nothing_goes_on_the_command_ring_once_the_backend_went_away(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Once the backend left Connected, a SOCKET, a BIND or a CONNECT
+    fails with ENOTCONN before it is put on the command ring: a backend
+    still reading the ring as it closes would make a socket for nobody,
+    which would count against the domain until the device goes."""
+    s = fe.socket()
+    fake.set_state(5)  # Closing
+    wait_until(lambda: fe._dead)
+    assert fe._ring is not None
+    prod = fe._ring.req_prod_pvt
+    for call in (fe.socket, lambda: s.bind(("127.0.0.1", 4000)),
+                 lambda: s.connect(("127.0.0.1", 4000))):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.ENOTCONN
+        assert info.value.strerror == "the PV Calls backend went away"
+    assert fe._ring.req_prod_pvt == prod
+    s.close()
+
+
+def test_a_request_an_interrupt_kept_off_the_ring_gives_its_entry_back(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A Ctrl-C as the request is about to be written to the command ring
+    (the index not moved: nothing went out) gives the response entry
+    reserved for it back.  Kept, it waited for an answer that never comes:
+    every such Ctrl-C took one of the 32 for the life of the connection."""
+    s = fe.socket()
+    assert interrupted_as_frame_starts(FrontRing.push_request.__code__,
+                                       lambda: s.bind(("127.0.0.1", 4000)))
+    with fe._lock:
+        assert fe._slots == [None] * RING_SLOTS
+    s.bind(("127.0.0.1", 4000))
+    s.close()
+
+
+def test_an_answer_taken_wakes_a_command_waiting_for_its_entry(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every response entry taken (31 by answered ACCEPTs not taken yet,
+    one by a BIND in flight), with ring slots free: a socket() waits for
+    an entry.  A listener's accept() taking its answer frees one, and
+    wakes it then, not only as its wait's recheck ends (set to an hour
+    here, so that only the wake-up can end the wait)."""
+    listeners = _answered_accepts(fe, fake, RING_SLOTS - 1)
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind = fake.next_request(PVCALLS_BIND)
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+    fe.timeout = 3600.0
+    creating = Call(fe.socket)
+    wait_until(lambda: done_or_at(creating, pvcalls.Frontend._submit, "self._cmd_cond.wait("))
+    assert creating.alive()
+    new, _ = listeners[0].accept()
+    made = creating.join().result
+    assert made is not None
+    fake.respond(bind, 0)
+    assert binding.join().error is None
+    for sock in (made, new, s, *listeners):
+        sock.close()
+
+
+def _backend_gone(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.set_state(5)  # Closing
+
+
+def _ring_broken(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.set_rsp_prod(fake.rsp_prod_pvt + 2 * RING_SLOTS)
+
+
+def _watch_failed(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def backend_state() -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fe, "_backend_state", backend_state)
+    fake.set_state(5)
+
+
+def _frontend_closed(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fe.timeout = 0.3  # close() waits this long for the BIND's socket's RELEASE
+    Call(fe.close)
+
+
+# What wakes every call waiting for the backend, and the error it then
+# raises (None: the answer itself).
+_WAKE_UPS: dict[str, tuple[Callable[..., None], tuple[int, str] | None]] = {
+    "the answer": (lambda fe, fake, bind, mp: fake.respond(bind, 0), None),
+    "the backend gone": (_backend_gone, (errno.ENOTCONN, "the PV Calls backend went away")),
+    "the ring broken": (_ring_broken,
+                        (errno.ENOTCONN, "the PV Calls backend broke the command ring")),
+    "the frontend failed": (_watch_failed, (errno.EIO, "the PV Calls frontend failed")),
+    "the frontend closed": (_frontend_closed, (errno.EBADF, "")),
+    # What the XenStore connection's router thread calls as it ends.
+    "XenStore lost": (lambda fe, fake, bind, mp: fe._lost_xenstore(ConnectionError("gone")),
+                      (errno.ENOTCONN, "lost XenStore (is the host gone?)")),
+}
+
+
+@pytest.mark.parametrize("wake_up", list(_WAKE_UPS))
+def test_waiters_wake_at_once_not_at_their_recheck(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        wake_up: str) -> None:
+    """A bind() waiting for its answer, a socket() waiting for its
+    SOCKET's and a recv() waiting for data, all without a timeout, end as
+    soon as what they wait for comes (the answer), or what ends every wait
+    (the backend leaving, the command ring broken, the frontend failing
+    or closing, XenStore lost).  The recheck that also ends their waits is set to an
+    hour here: a wake-up that never came (a notify dropped, or sent
+    before the frontend was marked dead) is not hidden by it."""
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    receiving = Call(lambda: r.recv(10))
+    wait_until(lambda: sleeping_in_wait(r))
+    s = fe.socket()
+    s.settimeout(None)
+    fake.hold = {PVCALLS_BIND, PVCALLS_SOCKET}
+    # The frontend's timeout bounds the waits for BIND's and SOCKET's
+    # answers: at its end a wait looks at the answer too.
+    fe.timeout = 3600.0
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind = fake.next_request(PVCALLS_BIND)
+    creating = Call(fe.socket)
+    fake.next_request(PVCALLS_SOCKET)
+    wait_until(lambda: all(done_or_at(call, pvcalls.Frontend._wait_slot, "self._cmd_cond.wait(")
+                           for call in (binding, creating)))
+    trigger, expected = _WAKE_UPS[wake_up]
+    trigger(fe, fake, bind, monkeypatch)
+    if expected is None:
+        assert binding.join().error is None
+        assert receiving.alive() and creating.alive()
+        fe.timeout = 0.3  # the fixture's close() waits this long for a RELEASE
+        return
+    for call in (binding, creating, receiving):
+        err = call.oserror()
+        if wake_up == "the frontend closed":
+            # The frontend's close() closes the sockets first.
+            expected = ((errno.ENOTCONN, "the PV Calls frontend is closed") if call is creating
+                        else (errno.EBADF, os.strerror(errno.EBADF)))
+        assert expected is not None
+        assert (err.errno, str(err.strerror)[:len(expected[1])]) == expected
+    monkeypatch.undo()
+
+
+def test_an_answered_entry_given_up_wakes_a_command_waiting_for_it(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every response entry taken (31 by answered ACCEPTs, one by a BIND
+    in flight): a socket() waits for an entry.  Giving up on an answered
+    ACCEPT (as a released listener's is given up on, see _end_accept)
+    frees its entry and wakes the waiter then, not as its recheck ends
+    (set to an hour here)."""
+    listeners = _answered_accepts(fe, fake, RING_SLOTS - 1)
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind = fake.next_request(PVCALLS_BIND)
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+    fe.timeout = 3600.0
+    creating = Call(fe.socket)
+    wait_until(lambda: done_or_at(creating, pvcalls.Frontend._submit, "self._cmd_cond.wait("))
+    inflight = listeners[0]._st.accept_inflight
+    assert inflight is not None
+    req_id, slot, _ = inflight
+    fe._abandon(req_id, slot)
+    made = creating.join().result
+    assert made is not None
+    fake.respond(bind, 0)
+    assert binding.join().error is None
+    fe.timeout = TIMEOUT
+    for sock in (made, s, *listeners):
+        sock.close()
+
+
+def test_a_command_given_up_on_gives_its_entry_back_when_answered_late(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A BIND whose answer does not come within the frontend's timeout
+    fails with TimeoutError; its answer, coming later, frees its response
+    entry (nobody waits for it): kept, every such timeout took one of the
+    32 for the life of the connection."""
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    fe.timeout = 0.05
+    with pytest.raises(TimeoutError):
+        s.bind(("127.0.0.1", 4000))
+    fe.timeout = TIMEOUT
+    fake.respond(fake.next_request(PVCALLS_BIND), 0)
+    fake.hold = set()
+
+    def entries_free() -> bool:
+        with fe._lock:
+            return fe._slots == [None] * RING_SLOTS
+
+    wait_until(entries_free)
+    s.close()
+
+
+def test_a_second_answer_to_an_accept_not_yet_taken_is_dropped(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """An ACCEPT answered with a connection, its answer not yet taken by
+    the listener's accept() (its entry still holds it), then answered
+    again with an error: the second answer is dropped with a warning, and
+    accept() returns the connection.  (Taken, it overwrote the first:
+    the connection the backend made was lost, its socket never released.)"""
+    fake.hold = {PVCALLS_ACCEPT, PVCALLS_CONNECT}
+    ls, req, slot, new = _accept_in_flight(fe, fake)
+    # A request whose response slot carries the second answer (the ring
+    # holds no more responses than requests): a CONNECT given up on.
+    other = fe.socket()
+    other.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        other.connect(("127.0.0.1", 4001))
+    carrier = fake.next_request(PVCALLS_CONNECT)
+    fake.respond(req, 0)
+    wait_until(lambda: slot.done)
+    fake.respond(carrier, -EINVAL, req_id=req.req_id, cmd=PVCALLS_ACCEPT, sock_id=req.id)
+    log.wait(f"dropping unexpected response req_id={req.req_id} cmd={PVCALLS_ACCEPT}")
+    assert slot.ret == 0
+    accepted, _ = ls.accept()
+    assert accepted is new
+    accepted.close()
+    ls.close()
+    other.close()
