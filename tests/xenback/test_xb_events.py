@@ -91,6 +91,32 @@ def test_port_callbacks_and_masking(host, pair) -> None:
         dispatcher.unbind(local)
 
 
+def _assert_waits_for_the_callback(
+        call: Callable[[], None], release: threading.Event, finished: threading.Event) -> None:
+    """``call`` (an unbind() or a remove_fd()), made in a thread while a
+    callback is held inside, returns only once the callback has finished,
+    and is woken as it returns (the wait here is TIMEOUT, the callback's
+    own wait too).  The callback is let go however this ends: held, a
+    failed assertion would leave it to the fixture's close()."""
+    returned = threading.Event()
+    seen: list[bool] = []
+
+    def run() -> None:
+        call()
+        seen.append(finished.is_set())
+        returned.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert not returned.wait(0.05)  # still inside the callback
+    finally:
+        release.set()
+    assert returned.wait(TIMEOUT), "it was not woken as the callback returned"
+    assert seen == [True]
+    t.join(TIMEOUT)
+
+
 def test_unbind_waits_for_a_running_callback(host, pair) -> None:
     """Once unbind() has returned, the port's callback is over.  The
     callback is let go however the test ends: held, a failed assertion
@@ -107,23 +133,7 @@ def test_unbind_waits_for_a_running_callback(host, pair) -> None:
     local = dispatcher.bind_interdomain(guest.domid, remote, callback)
     evtchn.notify(remote)
     assert inside.wait(TIMEOUT)
-    unbound = threading.Event()
-    seen: list[bool] = []
-
-    def unbind() -> None:
-        dispatcher.unbind(local)
-        seen.append(finished.is_set())
-        unbound.set()
-
-    t = threading.Thread(target=unbind, daemon=True)
-    t.start()
-    try:
-        assert not unbound.wait(0.05)  # still inside the callback
-    finally:
-        release.set()
-    assert unbound.wait(TIMEOUT), "unbind() was not woken as the callback returned"
-    assert seen == [True]
-    t.join(TIMEOUT)
+    _assert_waits_for_the_callback(lambda: dispatcher.unbind(local), release, finished)
 
 
 def test_remove_fd_waits_for_a_running_callback(pair) -> None:
