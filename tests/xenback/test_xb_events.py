@@ -152,23 +152,7 @@ def test_remove_fd_waits_for_a_running_callback(pair) -> None:
     dispatcher.add_fd(r, select.EPOLLIN | select.EPOLLONESHOT, callback)
     os.write(w, b"x")
     assert inside.wait(TIMEOUT)
-    removed = threading.Event()
-    seen: list[bool] = []
-
-    def remove() -> None:
-        dispatcher.remove_fd(r)
-        seen.append(finished.is_set())
-        removed.set()
-
-    t = threading.Thread(target=remove, daemon=True)
-    t.start()
-    try:
-        assert not removed.wait(0.05)  # still inside the callback
-    finally:
-        release.set()
-    assert removed.wait(TIMEOUT), "remove_fd() was not woken as the callback returned"
-    assert seen == [True]
-    t.join(TIMEOUT)
+    _assert_waits_for_the_callback(lambda: dispatcher.remove_fd(r), release, finished)
     os.close(r)
     os.close(w)
 
