@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from typing import Any
 
@@ -915,6 +916,31 @@ def test_a_pool_that_cannot_make_workers_arms_one_retry_however_often_kicked(
         assert ran.acquire(timeout=TIMEOUT)
 
 
+@contextlib.contextmanager
+def _the_idle_worker_taken(wq: Any) -> Iterator[None]:
+    """Of a pool with one worker and its idle reserve, and no thread to be
+    made (``_start_thread`` patched by the caller): one item holds a worker
+    (blocked, so the pool wants another), and a quick item takes the idle
+    one, which fails to make a reserve.  The held item is let go as the
+    block ends, however it ends."""
+    hold, holding = threading.Event(), threading.Event()
+
+    def holder(work: Work) -> None:
+        holding.set()
+        with blocking():
+            assert hold.wait(TIMEOUT)
+
+    try:
+        assert wq.queue_work(Work(holder)) is True  # one worker busy, the other idle
+        assert holding.wait(TIMEOUT)
+        quick = Work(lambda w: None)
+        assert wq.queue_work(quick) is True  # takes the idle one, which fails to make a reserve
+        quick.flush(timeout=TIMEOUT)
+        yield
+    finally:
+        hold.set()
+
+
 def test_a_creation_retry_makes_no_worker_for_a_pool_with_one_idle(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pool whose last worker creation failed retries it; a worker that
@@ -928,19 +954,7 @@ def test_a_creation_retry_makes_no_worker_for_a_pool_with_one_idle(
     warm.flush()  # a worker and its idle reserve
     real_start = pool_module._start_thread
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
-    hold, holding = threading.Event(), threading.Event()
-
-    def holder(work: Work) -> None:
-        holding.set()
-        with blocking():
-            assert hold.wait(TIMEOUT)
-
-    try:
-        wq.queue_work(Work(holder))  # one worker busy, the other idle
-        assert holding.wait(TIMEOUT)
-        quick = Work(lambda w: None)
-        wq.queue_work(quick)  # takes the idle one, which fails to make a reserve
-        quick.flush(timeout=TIMEOUT)
+    with _the_idle_worker_taken(wq):
         pool = topo._pools.bound[0, False]
         with pool_module.lock:
             assert pool.create_failed and pool.retry is not None
@@ -948,8 +962,6 @@ def test_a_creation_retry_makes_no_worker_for_a_pool_with_one_idle(
         pool_module._retry_create(pool)  # its worker is idle again by now: see process_works
         with pool_module.lock:
             assert (len(pool.workers), len(pool.idle)) == (2, 1)
-    finally:
-        hold.set()
 
 
 def test_a_failure_to_make_a_worker_is_logged_once_per_run_of_failures(
@@ -971,20 +983,8 @@ def test_a_failure_to_make_a_worker_is_logged_once_per_run_of_failures(
     monkeypatch.setattr(pool_module, "_start_thread", real_start)  # the retry makes one
     first.flush(timeout=TIMEOUT)
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
-    hold, holding = threading.Event(), threading.Event()
-
-    def holder(work: Work) -> None:
-        holding.set()
-        with blocking():
-            assert hold.wait(TIMEOUT)
-
     try:
-        assert wq.queue_work(Work(holder)) is True  # one worker busy, the other idle
-        assert holding.wait(TIMEOUT)
-        quick = Work(lambda w: None)
-        assert wq.queue_work(quick) is True  # takes the idle one, which fails to make a reserve
-        quick.flush(timeout=TIMEOUT)
-        assert warnings() == 2
+        with _the_idle_worker_taken(wq):
+            assert warnings() == 2
     finally:
-        hold.set()
         monkeypatch.setattr(pool_module, "_start_thread", real_start)
