@@ -4233,13 +4233,14 @@ def test_a_request_an_interrupt_kept_off_the_ring_gives_its_entry_back(
     s.close()
 
 
-def test_an_answer_taken_wakes_a_command_waiting_for_its_entry(
-        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every response entry taken (31 by answered ACCEPTs not taken yet,
-    one by a BIND in flight), with ring slots free: a socket() waits for
-    an entry.  A listener's accept() taking its answer frees one, and
-    wakes it then, not only as its wait's recheck ends (set to an hour
-    here, so that only the wake-up can end the wait)."""
+def _a_socket_waiting_for_an_entry(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[pvcalls.PVSocket], pvcalls.PVSocket, Call, Request, Call]:
+    """Every response entry taken (31 by answered ACCEPTs of ``listeners``
+    not taken yet, one by ``s``'s BIND held in flight, its call
+    ``binding`` and request ``bind``), with ring slots free: a socket()
+    (``creating``) waits for an entry.  The recheck and the frontend's
+    timeout are an hour, so that only a wake-up can end its wait."""
     listeners = _answered_accepts(fe, fake, RING_SLOTS - 1)
     s = fe.socket()
     fake.hold = {PVCALLS_BIND}
@@ -4249,6 +4250,17 @@ def test_an_answer_taken_wakes_a_command_waiting_for_its_entry(
     fe.timeout = 3600.0
     creating = Call(fe.socket)
     wait_until(lambda: done_or_at(creating, pvcalls.Frontend._submit, "self._cmd_cond.wait("))
+    return listeners, s, binding, bind, creating
+
+
+def test_an_answer_taken_wakes_a_command_waiting_for_its_entry(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every response entry taken (31 by answered ACCEPTs not taken yet,
+    one by a BIND in flight), with ring slots free: a socket() waits for
+    an entry.  A listener's accept() taking its answer frees one, and
+    wakes it then, not only as its wait's recheck ends (set to an hour
+    here, so that only the wake-up can end the wait)."""
+    listeners, s, binding, bind, creating = _a_socket_waiting_for_an_entry(fe, fake, monkeypatch)
     assert creating.alive()
     new, _ = listeners[0].accept()
     made = creating.join().result
@@ -4352,15 +4364,7 @@ def test_an_answered_entry_given_up_wakes_a_command_waiting_for_it(
     ACCEPT (as a released listener's is given up on, see _end_accept)
     frees its entry and wakes the waiter then, not as its recheck ends
     (set to an hour here)."""
-    listeners = _answered_accepts(fe, fake, RING_SLOTS - 1)
-    s = fe.socket()
-    fake.hold = {PVCALLS_BIND}
-    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
-    bind = fake.next_request(PVCALLS_BIND)
-    monkeypatch.setattr(_common, "RECHECK", 3600.0)
-    fe.timeout = 3600.0
-    creating = Call(fe.socket)
-    wait_until(lambda: done_or_at(creating, pvcalls.Frontend._submit, "self._cmd_cond.wait("))
+    listeners, s, binding, bind, creating = _a_socket_waiting_for_an_entry(fe, fake, monkeypatch)
     inflight = listeners[0]._st.accept_inflight
     assert inflight is not None
     req_id, slot, _ = inflight
