@@ -4020,19 +4020,27 @@ def test_a_dropped_listener_drops_the_socket_an_accept_cut_short_left(
     assert len(fe._ring_pool) == 1
 
 
-def test_a_socket_dropped_with_its_bind_unanswered_is_released(
-        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
-    """The BIND's answer may never come, so what marks the socket as it
-    comes holds it weakly: a socket dropped while its BIND is unanswered
-    (its bind() timed out) is garbage at once and released, as any; the
-    late answer then marks nothing."""
+def _a_bind_timed_out(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> tuple[pvcalls.PVSocket, Request]:
+    """A socket whose bind() timed out, and its BIND, held unanswered by
+    the backend (``fake.hold`` still holds BINDs); the frontend's timeout
+    is TIMEOUT again."""
     s = fe.socket()
     fake.hold = {PVCALLS_BIND}
     fe.timeout = 0.05
     with pytest.raises(TimeoutError):
         s.bind(("127.0.0.1", 4000))
     fe.timeout = TIMEOUT
-    bind = fake.next_request(PVCALLS_BIND)
+    return s, fake.next_request(PVCALLS_BIND)
+
+
+def test_a_socket_dropped_with_its_bind_unanswered_is_released(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The BIND's answer may never come, so what marks the socket as it
+    comes holds it weakly: a socket dropped while its BIND is unanswered
+    (its bind() timed out) is garbage at once and released, as any; the
+    late answer then marks nothing."""
+    s, bind = _a_bind_timed_out(fe, fake)
     ref = weakref.ref(s)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -4384,13 +4392,8 @@ def test_a_command_given_up_on_gives_its_entry_back_when_answered_late(
     fails with TimeoutError; its answer, coming later, frees its response
     entry (nobody waits for it): kept, every such timeout took one of the
     32 for the life of the connection."""
-    s = fe.socket()
-    fake.hold = {PVCALLS_BIND}
-    fe.timeout = 0.05
-    with pytest.raises(TimeoutError):
-        s.bind(("127.0.0.1", 4000))
-    fe.timeout = TIMEOUT
-    fake.respond(fake.next_request(PVCALLS_BIND), 0)
+    s, bind = _a_bind_timed_out(fe, fake)
+    fake.respond(bind, 0)
     fake.hold = set()
 
     def entries_free() -> bool:
