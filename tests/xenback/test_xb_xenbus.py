@@ -925,20 +925,23 @@ def test_a_failed_look_at_the_frontend_re_created_in_its_moment_is_not_reported_
     devices: list[Any] = []
     watched = f"/local/domain/{guest.domid}/device/xbtest/0"
     plain_exists = driver.xenstore.exists
+    first_added = threading.Event()
 
     def exists(path: str) -> bool:
-        if path != watched or len(devices) != 1:
+        if path != watched or found != "frontend gone" or len(devices) > 1:
             return plain_exists(path)
-        if found == "frontend gone":
-            host.toolstack.destroy_device(devices[0])
-            seen = plain_exists(path)
-            devices.append(host.toolstack.add_device("xbtest", guest.domid))
-            return seen
-        return plain_exists(path)
+        # The driver can look before add_device() has returned the device
+        # whose commit it saw.
+        assert first_added.wait(TIMEOUT)
+        host.toolstack.destroy_device(devices[0])
+        seen = plain_exists(path)
+        devices.append(host.toolstack.add_device("xbtest", guest.domid))
+        return seen
 
     monkeypatch.setattr(driver.xenstore, "exists", exists)
     if found == "frontend gone":
         devices.append(host.toolstack.add_device("xbtest", guest.domid))
+        first_added.set()
     else:
         # A directory made by hand without its frontend node (the look
         # fails on its first read, ENOENT), or with a frontend-id another
