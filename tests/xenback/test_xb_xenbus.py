@@ -4054,6 +4054,11 @@ def test_a_failure_met_as_the_state_node_is_taken_drops_the_device_without_a_tra
     drvdom, drv, (taken,) = _driver_domain_backend(host, dom0_xs, frontends, ("taken",), (0,))
     try:
         bdev = backend_device(drv, taken.guest.domid)
+        # The watch events of its connecting over first: one of our own
+        # writes still on its way would reach the queue after the blocker
+        # and read the taken node before the frontend's state 9 is seen.
+        handed_over(drv.xenstore, "connected", base=f"/local/domain/{drvdom.domid}/data")
+        bdev.events.flush()
         held, go = threading.Event(), threading.Event()
         assert bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
         assert held.wait(TIMEOUT)
