@@ -4348,6 +4348,9 @@ def _starting_over_with(drv: Any, fe: Any, bdev: Any, connect: Any) -> None:
     drv.connect = connect
     fe.set_state(S.INITIALISING)
     fe.wait_backend(S.INIT_WAIT)
+    # The watch events of our own writes on the device's queue first: one
+    # still on its way would be handled after the caller's next step.
+    handed_over(drv.xenstore, "started-over", base=f"/local/domain/{drv.platform.domid}/data")
     bdev.events.flush()
 
 
