@@ -4919,6 +4919,10 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
         if closing:
             fe.set_state(S.CLOSING)
             fe.wait_backend(S.CLOSING)
+            # Our Closing's watch event on the queue, and run: handled
+            # after the frontend's Closed, it would find online taken and
+            # drop the device before the Closed is answered.
+            handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
             bdev.events.flush()
             assert not bdev.gone and _backend_warnings(caplog) == []
         fe.set_state(S.CLOSED)
