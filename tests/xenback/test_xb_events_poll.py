@@ -900,6 +900,11 @@ def test_a_pending_failing_at_every_call_is_left_out_of_the_wait_for_a_while(
         return port
 
     monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
+    # A back-off that outlasts the steps below on a loaded machine (the
+    # first one, 10 ms, may be over before the poll that must not ask),
+    # and still ends the poll that waits for it well within its timeout.
+    monkeypatch.setattr(events, "_BACKOFF_FIRST", TIMEOUT / 10)
+    monkeypatch.setattr(events, "_BACKOFF_MAX", TIMEOUT / 10)
     evtchn.notify(remote)  # never taken while the bug lasts: readable for good
     with pytest.raises(RuntimeError):
         dispatcher.poll(TIMEOUT)

@@ -1799,6 +1799,11 @@ def test_a_device_of_a_domid_past_a_domid_t_does_not_stop_release_domain(
         t.write(f"{odd}/online", 1)
         t.write(f"{odd}/state", 1)
 
+    # The first event of the driver's @releaseDomain watch handled first
+    # (its watch fires once as it is made): handled after the odd device
+    # came, it finds domain 70000 not alive and drops its device there.
+    handed_over(driver.xenstore, "started")
+    driver._bus.flush()
     dom0_xs.transaction(add_odd)
     dom0_xs.wait_for(f"{odd}/state", "2", timeout=TIMEOUT)
     (odd_dev,) = driver.devices()
@@ -4057,6 +4062,11 @@ def test_a_failure_met_as_the_state_node_is_taken_drops_the_device_without_a_tra
     drvdom, drv, (taken,) = _driver_domain_backend(host, dom0_xs, frontends, ("taken",), (0,))
     try:
         bdev = backend_device(drv, taken.guest.domid)
+        # The watch events of its connecting over first: one of our own
+        # writes still on its way would reach the queue after the blocker
+        # and read the taken node before the frontend's state 9 is seen.
+        handed_over(drv.xenstore, "connected", base=f"/local/domain/{drvdom.domid}/data")
+        bdev.events.flush()
         held, go = threading.Event(), threading.Event()
         assert bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
         assert held.wait(TIMEOUT)
@@ -4341,6 +4351,9 @@ def _starting_over_with(drv: Any, fe: Any, bdev: Any, connect: Any) -> None:
     drv.connect = connect
     fe.set_state(S.INITIALISING)
     fe.wait_backend(S.INIT_WAIT)
+    # The watch events of our own writes on the device's queue first: one
+    # still on its way would be handled after the caller's next step.
+    handed_over(drv.xenstore, "started-over", base=f"/local/domain/{drv.platform.domid}/data")
     bdev.events.flush()
 
 
@@ -4909,6 +4922,10 @@ def test_an_online_node_the_toolstack_takes_drops_the_device_as_its_frontend_clo
         if closing:
             fe.set_state(S.CLOSING)
             fe.wait_backend(S.CLOSING)
+            # Our Closing's watch event on the queue, and run: handled
+            # after the frontend's Closed, it would find online taken and
+            # drop the device before the Closed is answered.
+            handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
             bdev.events.flush()
             assert not bdev.gone and _backend_warnings(caplog) == []
         fe.set_state(S.CLOSED)
