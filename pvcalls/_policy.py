@@ -102,12 +102,14 @@ class Rule:
         else:
             # Strict: '10.0.0.1/8' is as likely a slip for '10.0.0.1' as for
             # '10.0.0.0/8', and silently widening it to the latter could
-            # allow (or deny) far more than its author meant.
+            # allow (or deny) far more than its author meant.  For the same
+            # reason the hint offers both readings.
             try:
                 network = ipaddress.IPv4Network(net_text)
             except ValueError as exc:
                 try:
-                    hint = f" (did you mean {ipaddress.IPv4Network(net_text, strict=False)}?)"
+                    wide = ipaddress.IPv4Interface(net_text)
+                    hint = f" (did you mean {wide.network}, or the address {wide.ip}?)"
                 except ValueError:
                     hint = ""
                 raise PolicyError(f"rule {text!r}: bad IPv4 network: {exc}{hint}") from None

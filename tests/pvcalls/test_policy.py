@@ -269,7 +269,10 @@ def test_rule_str_is_its_rule_text(text: str) -> None:
         ('[default]\nconnect.allow = ["300.1.1.1/8"]', r"bad IPv4 network: .*300\.1\.1\.1'$"),
         ('[default]\nconnect.allow = ["10.0.0.1/8:80"]',
          r"'10\.0\.0\.1/8:80': bad IPv4 network: 10\.0\.0\.1/8 has host bits set "
-         r"\(did you mean 10\.0\.0\.0/8\?\)$"),
+         r"\(did you mean 10\.0\.0\.0/8, or the address 10\.0\.0\.1\?\)$"),
+        # A mask of 0.0.0.0 is /0: the hint must not offer only "every address".
+        ('[default]\nconnect.allow = ["1.2.3.4/0.0.0.0"]',
+         r"\(did you mean 0\.0\.0\.0/0, or the address 1\.2\.3\.4\?\)$"),
         ('[default]\nconnect.allow = ["1.2.3.4:http"]', "port 'http' is not a decimal number"),
         ('[default]\nconnect.allow = ["1.2.3.4:9-8"]', "port range 9-8 ends before it starts"),
         ('[default]\nconnect.allow = ["1.2.3.4:70000"]', "port 70000 is not within 0-65535"),
