@@ -871,7 +871,9 @@ class ActiveSocket(Work):
             return b""
         try:
             views = ring.out_ring.readable()
-        except RingError:
+        except RingError as exc:
+            # Broken since _tx read them: said as any other time.
+            self._protocol_error(ring, host, exc)
             return b""
         try:
             return b"".join(views)  # the one copy, of at most a ring

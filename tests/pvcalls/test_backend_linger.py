@@ -21,7 +21,7 @@ from pvcalls_rawfront import TIMEOUT, Call, DataRing, RawFrontend, wait_until
 from racewindow import PauseAt, stands_at
 
 import pvcalls
-from pvcalls import _linger
+from pvcalls import _linger, _wire
 from pvcalls._linger import Lingerer
 from pvcalls._socket import ActiveSocket
 from workqueue import DelayedWork
@@ -107,6 +107,48 @@ def test_data_left_in_the_out_ring_at_release_reaches_the_peer(
         assert len(backend.lingerer) == 0
     finally:
         peer.close()
+
+
+def _break_out_ring(ring: DataRing) -> None:
+    cons = ring.get(_wire.OUT_CONS_OFFSET)
+    ring.put(_wire.OUT_PROD_OFFSET, (cons + ring.size + 1) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("when", ["before RELEASE", "as the release sends"])
+def test_an_out_ring_made_impossible_at_release_is_dropped_and_said(
+        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """Indexes a hostile guest breaks at release: nothing of the ring is
+    sent or kept, the RELEASE is answered, and a line says why its data
+    went nowhere.  "As the release sends": broken after the release's
+    last send read them sound, before it copies the rest."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    if when == "before RELEASE":
+        _break_out_ring(ring)
+    else:
+        tx, flush_out = ActiveSocket._tx, ActiveSocket._flush_out
+        flushing = threading.Event()
+
+        def tx_then_break(self: ActiveSocket, *args: Any) -> int:
+            try:
+                return tx(self, *args)
+            finally:
+                if flushing.is_set():
+                    _break_out_ring(ring)
+
+        def flag_flush_out(self: ActiveSocket, *args: Any) -> bytes:
+            flushing.set()
+            return flush_out(self, *args)
+
+        monkeypatch.setattr(ActiveSocket, "_tx", tx_then_break)
+        monkeypatch.setattr(ActiveSocket, "_flush_out", flag_flush_out)
+    with caplog.at_level(logging.WARNING, logger="pvcalls"):
+        assert raw.release(sock_id).ret == 0
+    assert len(backend.lingerer) == 0
+    assert any(f"dom{raw.guest.domid} socket {sock_id:#x}: data ring protocol error"
+               in r.getMessage() for r in caplog.records)
 
 
 def test_what_the_peer_cannot_take_yet_is_sent_as_it_reads(
