@@ -102,8 +102,8 @@ class Lingerer:
               ratelimit: RateLimit, *, limit: int | None = None) -> bool:
         """Send ``data`` on the non-blocking ``host`` as it becomes writable,
         then close it.  False if not taken (one of the domain's bounds
-        reached, the lingerer closed, or ``host`` cannot be watched): the
-        caller closes ``host``, and ``data`` is lost.
+        reached, the lingerer closed, its workqueue destroyed, or ``host``
+        cannot be watched): the caller closes ``host``, and ``data`` is lost.
 
         ``ratelimit``: the releasing frontend's, through which what is
         logged of this socket goes (now, or when it ends), so that one
@@ -134,8 +134,10 @@ class Lingerer:
                 # orphan, and close its descriptor, before it is watched
                 # (add_fd would then watch a number that may be another
                 # file's by then).  Neither call waits for a callback.
+                step = "cannot time it"
                 try:
-                    self._wq.queue_delayed_work(timer, self.timeout)
+                    self._wq.queue_delayed_work(timer, self.timeout)  # destroyed
+                    step = "cannot watch it"
                     self._dispatcher.add_fd(fd, select.EPOLLOUT, self._on_writable)
                 except (OSError, RuntimeError) as exc:  # out of epoll watches, or closed
                     self._account(fd, orphan, -1)
@@ -149,8 +151,8 @@ class Lingerer:
             return False
         if failed is not None:
             ratelimit.log(logger, logging.INFO,
-                          "dom%d: a released socket's last %d bytes dropped: cannot watch it: %s",
-                          domid, len(data), failed)
+                          "dom%d: a released socket's last %d bytes dropped: %s: %s",
+                          domid, len(data), step, failed)
             orphan.rest.release()
             return False
         return True

@@ -24,7 +24,7 @@ import pvcalls
 from pvcalls import _linger, _wire
 from pvcalls._linger import Lingerer
 from pvcalls._socket import ActiveSocket
-from workqueue import DelayedWork
+from workqueue import DelayedWork, alloc_workqueue
 from xenback import RateLimit
 from xenback.events import EventDispatcher
 from xenback.sim import SimHost
@@ -574,6 +574,24 @@ def test_a_lingerer_whose_dispatcher_has_closed_takes_no_socket(
     with a, b:
         assert lingerer.adopt(a, 4242, b"late", RateLimit("dom4242")) is False
         assert len(lingerer) == 0 and not lingerer.holds(a) and a.fileno() != -1
+
+
+def test_a_lingerer_whose_workqueue_is_destroyed_takes_no_socket_and_says_why(
+        backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """queue_delayed_work()'s RuntimeError: refused, the socket the
+    caller's, unwatched, and the loss said as what it was (no timer)."""
+    caplog.set_level(logging.INFO, logger="pvcalls")
+    wq = alloc_workqueue("linger-test")
+    wq.destroy()
+    lingerer = Lingerer(backend.dispatcher, wq)
+    a, b = _stuck_pair()
+    with a, b:
+        assert lingerer.adopt(a, 4242, b"late", RateLimit("dom4242")) is False
+        assert len(lingerer) == 0 and not lingerer.holds(a) and a.fileno() != -1
+        assert a.fileno() not in backend.dispatcher._fds
+    assert any(r.getMessage() == "dom4242: a released socket's last 4 bytes dropped: "
+               "cannot time it: workqueue 'linger-test' is destroyed; nothing can be "
+               "queued on it" for r in caplog.records)
 
 
 def test_a_socket_ended_as_it_becomes_writable_is_left_alone(
