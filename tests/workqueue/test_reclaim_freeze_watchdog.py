@@ -593,6 +593,27 @@ def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
     assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
 
 
+@pytest.mark.parametrize("thresh", [40.0, 0.05])
+def test_the_watchdog_checks_every_quarter_threshold(make_wq: Any, thresh: float) -> None:
+    """A stall is reported at most a quarter threshold late: while an item
+    runs, the next check is never further away than that."""
+    wq = make_wq(topology=Topology(1, watchdog_thresh=thresh, cpu_intensive_thresh=60.0))
+    pset = wq._all_pwqs()[0].pool.pset
+    started, release = threading.Event(), threading.Event()
+    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        for _ in range(3):
+            with pool_module.lock:
+                handle = pset.watchdog
+                assert handle is not None
+                ahead = handle.deadline - time.monotonic()
+            assert ahead <= thresh / 4, f"the next check is {ahead:.3f}s away"
+            _several_watchdog_periods()
+    finally:
+        release.set()
+
+
 def _checks_of(wq: Any) -> Callable[[float], float | None]:
     """The pool check of *wq*'s one pool, with a threshold of 1 s, called
     with the clock in the test's hand at the times it is given (the
