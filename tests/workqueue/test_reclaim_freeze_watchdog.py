@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from wqhelpers import wait_until
 
 import workqueue._pool as pool_module
+import workqueue._watchdog as _watchdog
 from workqueue import (
     WQ_FREEZABLE,
     WQ_MEM_RECLAIM,
@@ -22,8 +25,8 @@ from workqueue import (
     blocking,
     current_workqueue,
 )
-from workqueue._timer import add_timer, armed_timers, timer_pending
-from workqueue._watchdog import _pool_stalled
+from workqueue._timer import add_timer, armed_timers, del_timer, timer_pending
+from workqueue._watchdog import _pool_stalled, _watchdog_timer_fn
 
 TIMEOUT = 10.0
 
@@ -452,6 +455,32 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
     release.set()
     wq.flush()
     assert len(logged.records) == 2
+
+
+def test_watchdog_reports_a_run_once_it_has_lasted_the_threshold_not_before(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
+    """The check of a running item, called with the clock in the test's
+    hand: the run is reported once it has lasted watchdog_thresh, the
+    threshold included, not a tick before -- and then once only."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    pset = topo._pools
+    logged = log_waiter("workqueue._watchdog", "has been running")
+    started, release = threading.Event(), threading.Event()
+    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        with pool_module.lock:
+            (worker,) = [w for pool in pset.pools() for w in pool.busy_workers()]
+            due = worker.start + 3600.0
+        topo.watchdog_thresh = due - worker.start  # exactly, in floating point
+        for now, reports in ((math.nextafter(due, 0.0), 0), (due, 1), (due + 60.0, 1)):
+            monkeypatch.setattr(_watchdog, "time", SimpleNamespace(monotonic=lambda now=now: now))
+            assert del_timer(pset.watchdog)  # as the timer thread takes it when due
+            _watchdog_timer_fn(pset)
+            assert len(logged.records) == reports, now - worker.start
+    finally:
+        release.set()
 
 
 def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
