@@ -25,7 +25,7 @@ from workqueue import (
     blocking,
     current_workqueue,
 )
-from workqueue._timer import add_timer, armed_timers, del_timer, timer_pending
+from workqueue._timer import add_timer, armed_timers, del_timer
 from workqueue._watchdog import _pool_stalled, _watchdog_timer_fn
 
 TIMEOUT = 10.0
@@ -447,7 +447,12 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
     # Once per stall, not once at all: the next stall is reported again,
     # also once the watchdog has gone quiet, nothing to watch meanwhile.
     pset = wq._all_pwqs()[0].pool.pset
-    wait_until(lambda: not timer_pending(pset.watchdog), "the watchdog went quiet")
+
+    def quiet() -> bool:  # under the lock: a check unarms and rearms it in one go
+        with pool_module.lock:
+            return pset.watchdog is None
+
+    wait_until(quiet, "the watchdog went quiet")
     logged.seen.clear()
     release.clear()
     wq.queue_work(Work(stuck))
@@ -626,16 +631,22 @@ def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
 
 
 @pytest.mark.parametrize("thresh", [40.0, 0.05])
-def test_the_watchdog_checks_every_quarter_threshold(make_wq: Any, thresh: float) -> None:
+@pytest.mark.parametrize("stall", ["an item runs", "no worker can be made"])
+def test_the_watchdog_checks_every_quarter_threshold(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, thresh: float, stall: str) -> None:
     """A stall is reported at most a quarter threshold late: while an item
-    runs, the next check is never further away than that."""
+    runs, or one waits with no worker to be had, the next check is never
+    further away than that (not just at the pool's next creation retry)."""
     wq = make_wq(topology=Topology(1, watchdog_thresh=thresh, cpu_intensive_thresh=60.0))
     pset = wq._all_pwqs()[0].pool.pset
     started, release = threading.Event(), threading.Event()
+    if stall == "no worker can be made":
+        monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+        started.set()
     assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
     try:
         assert started.wait(TIMEOUT)
-        for _ in range(3):
+        for _ in range(5):
             with pool_module.lock:
                 handle = pset.watchdog
                 assert handle is not None
@@ -644,6 +655,7 @@ def test_the_watchdog_checks_every_quarter_threshold(make_wq: Any, thresh: float
             _several_watchdog_periods()
     finally:
         release.set()
+        monkeypatch.undo()  # the pool's retry makes a worker now
 
 
 def _checks_of(wq: Any) -> Callable[[float], float | None]:
