@@ -646,6 +646,30 @@ def test_a_call_refused_by_a_draining_queue_but_taken_by_the_keys_run_is_accepte
     assert second_ran.is_set()
 
 
+def test_ctrl_c_as_a_submit_queues_a_call_the_keys_run_took_is_passed_on(wq: Any) -> None:
+    """Ctrl-C lands as submit() queues the key's Work, which the key's run
+    that was still going has taken the call from meanwhile: the call runs,
+    and the interrupt is still passed on, not swallowed as a refusal is."""
+    ex = wq.serial("k")
+    gate = threading.Event()
+    submit_held(ex, gate)
+    second_ran = threading.Event()
+
+    def queue_work_on(cpu: int, work: Any) -> bool:
+        gate.set()  # the held call ends, and the key's run takes ours
+        assert second_ran.wait(TIMEOUT)
+        raise KeyboardInterrupt
+
+    wq.queue_work_on = queue_work_on
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(second_ran.set)
+    finally:
+        del wq.queue_work_on
+        gate.set()
+    assert second_ran.is_set() and ex.pending == 0
+
+
 def test_a_call_refused_by_a_draining_queue_while_its_key_is_idle_raises(
         wq: Any, topo: Topology) -> None:
     """The other way it goes: the queueing is refused (a drain is going
