@@ -488,3 +488,17 @@ def test_a_timer_callback_raising_a_base_exception_leaves_the_timers_running(
     assert fired.wait(TIMEOUT), "the timer thread died with the callback"
     assert len(logged.records) == 1
     assert logged.records[0].exc_info is not None and logged.records[0].exc_info[1] is exc
+
+
+def test_timers_due_at_the_same_time_fire_in_the_order_they_were_armed() -> None:
+    """Equal deadlines are told apart by the order of arming, never by
+    the handles (which do not compare): here all are due at the same
+    instant, long past.  (A private timer thread, as above.)"""
+    timers = _timer._TimerBase()
+    ran: list[int] = []
+    done = threading.Event()
+    for i in range(5):
+        timers.add(float("-inf"), ran.append, i)
+    timers.add(float("-inf"), lambda arg: done.set(), None)
+    assert done.wait(TIMEOUT)
+    assert ran == [0, 1, 2, 3, 4]
