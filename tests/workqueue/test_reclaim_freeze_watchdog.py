@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ from workqueue import (
     WQ_UNBOUND,
     Topology,
     Work,
+    alloc_workqueue,
     blocking,
     current_workqueue,
 )
@@ -656,6 +659,40 @@ def test_the_watchdog_checks_every_quarter_threshold(
     finally:
         release.set()
         monkeypatch.undo()  # the pool's retry makes a worker now
+
+
+def test_the_watchdog_keeps_no_destroyed_workqueue_alive() -> None:
+    """The check notes the started counts of the pwqs it saw while items
+    waited; once it has seen the worklist empty it forgets them, so a
+    workqueue destroyed since is not kept alive until the pool's next
+    stall (its pwq holds it)."""
+    topo = _watched()
+    wq = alloc_workqueue("gone", topology=topo)
+    pool = wq._all_pwqs()[0].pool
+    release = threading.Event()
+    assert wq.queue_work(Work(lambda work: release.wait(TIMEOUT)))
+    assert wq.queue_work(Work(lambda work: None))  # waits behind it, for the check to see
+
+    def seen_waiting() -> bool:
+        with pool_module.lock:
+            return bool(pool.watchdog_started)
+
+    try:
+        wait_until(seen_waiting, "a check saw the item wait")
+    finally:
+        release.set()
+    wq.flush()
+
+    def quiet() -> bool:  # its last check saw the worklist empty
+        with pool_module.lock:
+            return topo._pools.watchdog is None
+
+    wait_until(quiet, "the watchdog went quiet")
+    wq.destroy()
+    gone = weakref.ref(wq)
+    del wq
+    gc.collect()
+    assert gone() is None, "the watchdog keeps the destroyed workqueue"
 
 
 def _checks_of(wq: Any) -> Callable[[float], float | None]:
