@@ -555,3 +555,17 @@ def test_deleted_timers_are_swept_out_of_the_heap_in_heap_order() -> None:
     assert sorted(e[2].arg for e in heap) == list(range(101, 200, 2))
     assert all(timers._heap[(i - 1) // 2] <= timers._heap[i]
                for i in range(1, len(timers._heap))), "not a heap"
+
+
+def test_del_timer_says_whether_it_disarmed_the_timer() -> None:
+    """As the kernel's del_timer(): True if the timer was armed, False if
+    it had fired or was deleted before."""
+    fired = threading.Event()
+    handle = add_timer(0, lambda arg: fired.set())
+    assert fired.wait(TIMEOUT)
+    assert _timer.del_timer(handle) is False
+    armed = add_timer(3600, lambda arg: None)
+    assert _timer.timer_pending(armed)
+    assert _timer.del_timer(armed) is True
+    assert not _timer.timer_pending(armed)
+    assert _timer.del_timer(armed) is False
