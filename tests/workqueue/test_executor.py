@@ -1260,12 +1260,13 @@ def test_a_child_forked_by_a_work_item_runs_no_item(tmp_path: Any) -> None:
 
 _FORK_WITH_LOCKS_HELD_SCRIPT = r"""
 import threading
-from workqueue import Topology, alloc_workqueue, _serial
+from workqueue import DelayedWork, Topology, alloc_workqueue, _serial, _timer
 
 held, release = threading.Event(), threading.Event()
 
 def holder():
-    with _serial._domains_lock:  # as the first wq.serial() of a workqueue does
+    # As the first wq.serial() of a workqueue does, and add_timer().
+    with _serial._domains_lock, _timer._timer._lock:
         held.set()
         release.wait(30)
 
@@ -1276,6 +1277,9 @@ pid = os.fork()
 if pid == 0:
     wq = alloc_workqueue("child", topology=Topology(2))
     print("child serial call ran:", wq.serial("key").submit(pow, 3, 2).result(5), flush=True)
+    fired = threading.Event()
+    wq.queue_delayed_work(DelayedWork(lambda work: fired.set()), 0.01)
+    print("child delayed item ran:", fired.wait(5), flush=True)
     wq.shutdown()
     os._exit(0)
 release.set()
@@ -1285,10 +1289,10 @@ reap(pid, 10)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
-def test_a_forked_child_makes_serial_executors_whatever_lock_a_parents_thread_held(
+def test_a_forked_child_makes_serial_executors_and_timers_whatever_lock_a_parents_thread_held(
         tmp_path: Any) -> None:
     """A lock that another thread of the parent held at the fork stays held
     for good in the child, where that thread does not exist: the child's
-    first wq.serial() must not wait for it."""
+    first wq.serial() and its first timer must not wait for it."""
     assert run_fork_script(tmp_path, _FORK_WITH_LOCKS_HELD_SCRIPT, 60) == [
-        "child serial call ran: 9", "child exited 0"]
+        "child serial call ran: 9", "child delayed item ran: True", "child exited 0"]
