@@ -569,3 +569,32 @@ def test_del_timer_says_whether_it_disarmed_the_timer() -> None:
     assert _timer.del_timer(armed) is True
     assert not _timer.timer_pending(armed)
     assert _timer.del_timer(armed) is False
+
+
+class _RecordedCondition:
+    """Stands in for a timer's condition: records each timed wait of its
+    thread."""
+
+    def __init__(self, real: threading.Condition) -> None:
+        self.real = real
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return self.real.wait(timeout)
+
+    def notify(self) -> None:
+        self.real.notify()
+
+
+def test_the_timer_thread_sleeps_until_the_next_deadline_not_past_it() -> None:
+    """The timer thread wakes for the earliest deadline: it never sleeps
+    longer than the time left to it.  (A private timer thread, as above.)"""
+    timers = _timer._TimerBase()
+    recorded = _RecordedCondition(timers._cond)
+    timers._cond = recorded  # type: ignore[assignment]
+    fired = threading.Event()
+    timers.add(1.0, lambda arg: fired.set(), None)
+    assert fired.wait(TIMEOUT)
+    timed = [t for t in recorded.timeouts if t is not None]
+    assert timed and all(t <= 1.0 for t in timed), recorded.timeouts
