@@ -383,12 +383,12 @@ class SerialExecutor(Executor):
             except ValueError:
                 # Already taken by a run that was going on (the pending bit
                 # clears before a run drains): the call is accepted after
-                # all, and a refusal would say it never runs.  An interrupt
-                # (Ctrl-C) is still passed on.
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                raise
+                # all, and a refusal would say it never runs.
+                if isinstance(exc, Exception):
+                    return future
+            # The interrupt (Ctrl-C) or refusal itself: a bare raise in the
+            # handler above would raise its ValueError instead.
+            raise
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -10,7 +10,7 @@ import weakref
 from typing import Any
 
 import pytest
-from wqhelpers import assert_next_run_waits
+from wqhelpers import assert_next_run_waits, wait_until
 
 from workqueue import DelayedWork, Topology, Work, _timer
 from workqueue._timer import add_timer
@@ -488,3 +488,113 @@ def test_a_timer_callback_raising_a_base_exception_leaves_the_timers_running(
     assert fired.wait(TIMEOUT), "the timer thread died with the callback"
     assert len(logged.records) == 1
     assert logged.records[0].exc_info is not None and logged.records[0].exc_info[1] is exc
+
+
+def test_timers_due_at_the_same_time_fire_in_the_order_they_were_armed() -> None:
+    """Equal deadlines are told apart by the order of arming, never by
+    the handles (which do not compare): here all are due at the same
+    instant, long past.  (A private timer thread, as above.)"""
+    timers = _timer._TimerBase()
+    ran: list[int] = []
+    done = threading.Event()
+    for i in range(5):
+        timers.add(float("-inf"), ran.append, i)
+    timers.add(float("-inf"), lambda arg: done.set(), None)
+    assert done.wait(TIMEOUT)
+    assert ran == [0, 1, 2, 3, 4]
+
+
+def test_a_fired_timer_keeps_nothing_of_its_argument_alive() -> None:
+    """Once a timer has fired, neither its handle (still held here, as an
+    item holds its timer's) nor the timer thread, waiting for the next
+    one, keeps its argument."""
+
+    class Arg:
+        pass
+
+    arg, fired = Arg(), threading.Event()
+    handle = add_timer(0, lambda a: fired.set(), arg)
+    assert fired.wait(TIMEOUT)
+    gone = weakref.ref(arg)
+    del arg
+
+    def collected() -> bool:
+        gc.collect()
+        return gone() is None
+
+    wait_until(collected, "the fired timer's argument was collected")
+    assert not _timer.timer_pending(handle)
+
+
+def test_timers_share_one_timer_thread() -> None:
+    thread = _timer._timer._thread
+    fired = threading.Semaphore(0)
+    for _ in range(3):
+        add_timer(0, lambda arg: fired.release())
+        assert fired.acquire(timeout=TIMEOUT)
+    assert _timer._timer._thread is thread or thread is None
+    assert _timer._timer._thread is not None and _timer._timer._thread.is_alive()
+    thread = _timer._timer._thread
+    add_timer(0, lambda arg: fired.release())
+    assert fired.acquire(timeout=TIMEOUT)
+    assert _timer._timer._thread is thread
+
+
+def test_deleted_timers_are_swept_out_of_the_heap_in_heap_order() -> None:
+    """Lazy deletion leaves dead entries in the heap; once they are the
+    majority they are swept out, and what is left is a heap again, the
+    earliest deadline first.  (A private timer whose thread never starts:
+    nothing fires.)"""
+    timers = _timer._TimerBase()
+    timers._thread = threading.current_thread()  # taken as started: none starts
+    handles = [timers.add(3600.0 + 10 * (200 - i), lambda arg: None, i) for i in range(200)]
+    for handle in handles[::2] + handles[1:100:2]:
+        assert timers.delete(handle)
+    assert len(timers._heap) < 200, "the dead timers were not swept out"
+    heap = [entry for entry in timers._heap if entry[2].callback is not None]
+    assert sorted(e[2].arg for e in heap) == list(range(101, 200, 2))
+    assert all(timers._heap[(i - 1) // 2] <= timers._heap[i]
+               for i in range(1, len(timers._heap))), "not a heap"
+
+
+def test_del_timer_says_whether_it_disarmed_the_timer() -> None:
+    """As the kernel's del_timer(): True if the timer was armed, False if
+    it had fired or was deleted before."""
+    fired = threading.Event()
+    handle = add_timer(0, lambda arg: fired.set())
+    assert fired.wait(TIMEOUT)
+    assert _timer.del_timer(handle) is False
+    armed = add_timer(3600, lambda arg: None)
+    assert _timer.timer_pending(armed)
+    assert _timer.del_timer(armed) is True
+    assert not _timer.timer_pending(armed)
+    assert _timer.del_timer(armed) is False
+
+
+class _RecordedCondition:
+    """Stands in for a timer's condition: records each timed wait of its
+    thread."""
+
+    def __init__(self, real: threading.Condition) -> None:
+        self.real = real
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return self.real.wait(timeout)
+
+    def notify(self) -> None:
+        self.real.notify()
+
+
+def test_the_timer_thread_sleeps_until_the_next_deadline_not_past_it() -> None:
+    """The timer thread wakes for the earliest deadline: it never sleeps
+    longer than the time left to it.  (A private timer thread, as above.)"""
+    timers = _timer._TimerBase()
+    recorded = _RecordedCondition(timers._cond)
+    timers._cond = recorded  # type: ignore[assignment]
+    fired = threading.Event()
+    timers.add(1.0, lambda arg: fired.set(), None)
+    assert fired.wait(TIMEOUT)
+    timed = [t for t in recorded.timeouts if t is not None]
+    assert timed and all(t <= 1.0 for t in timed), recorded.timeouts

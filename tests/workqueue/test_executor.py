@@ -1256,3 +1256,47 @@ def test_a_child_forked_by_a_work_item_runs_no_item(tmp_path: Any) -> None:
     current_work() is None, as in any thread that runs no item."""
     assert run_fork_script(tmp_path, _FORK_FROM_AN_ITEM_SCRIPT, 60) == [
         "child runs: None None", "child exited 0"]
+
+
+_FORK_WITH_LOCKS_HELD_SCRIPT = r"""
+import threading
+from workqueue import DelayedWork, Topology, alloc_workqueue, _serial, _timer
+
+held, release = threading.Event(), threading.Event()
+
+def holder():
+    # As the first wq.serial() of a workqueue does, and add_timer().
+    with _serial._domains_lock, _timer._timer._lock:
+        held.set()
+        release.wait(30)
+
+parents_timer = _timer.add_timer(3600, print)
+thread = threading.Thread(target=holder)
+thread.start()
+assert held.wait(10)
+pid = os.fork()
+if pid == 0:
+    print("parent's timer armed:", _timer.timer_pending(parents_timer), flush=True)
+    wq = alloc_workqueue("child", topology=Topology(2))
+    print("child serial call ran:", wq.serial("key").submit(pow, 3, 2).result(5), flush=True)
+    fired = threading.Event()
+    wq.queue_delayed_work(DelayedWork(lambda work: fired.set()), 0.01)
+    print("child delayed item ran:", fired.wait(5), flush=True)
+    wq.shutdown()
+    os._exit(0)
+release.set()
+thread.join(10)
+reap(pid, 10)
+_timer.del_timer(parents_timer)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_forked_child_makes_serial_executors_and_timers_whatever_lock_a_parents_thread_held(
+        tmp_path: Any) -> None:
+    """A lock that another thread of the parent held at the fork stays held
+    for good in the child, where that thread does not exist: the child's
+    first wq.serial() and its first timer must not wait for it.  (The
+    parent's timers are disarmed there: their items do not run in it.)"""
+    assert run_fork_script(tmp_path, _FORK_WITH_LOCKS_HELD_SCRIPT, 60) == [
+        "parent's timer armed: False", "child serial call ran: 9", "child delayed item ran: True", "child exited 0"]

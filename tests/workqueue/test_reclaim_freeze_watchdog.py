@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from wqhelpers import wait_until
 
 import workqueue._pool as pool_module
+import workqueue._watchdog as _watchdog
 from workqueue import (
     WQ_FREEZABLE,
     WQ_MEM_RECLAIM,
     WQ_UNBOUND,
     Topology,
     Work,
+    alloc_workqueue,
     blocking,
     current_workqueue,
 )
-from workqueue._timer import add_timer, armed_timers
-from workqueue._watchdog import _pool_stalled
+from workqueue._timer import add_timer, armed_timers, del_timer
+from workqueue._watchdog import _pool_stalled, _watchdog_timer_fn
 
 TIMEOUT = 10.0
 
@@ -441,7 +447,15 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
     assert len(logged.records) == 1
     message = logged.records[0].getMessage()
     assert "stuck" in message and "pool " in message and "in-flight" in message
-    # Once per stall, not once at all: the next stall is reported again.
+    # Once per stall, not once at all: the next stall is reported again,
+    # also once the watchdog has gone quiet, nothing to watch meanwhile.
+    pset = wq._all_pwqs()[0].pool.pset
+
+    def quiet() -> bool:  # under the lock: a check unarms and rearms it in one go
+        with pool_module.lock:
+            return pset.watchdog is None
+
+    wait_until(quiet, "the watchdog went quiet")
     logged.seen.clear()
     release.clear()
     wq.queue_work(Work(stuck))
@@ -449,6 +463,32 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
     release.set()
     wq.flush()
     assert len(logged.records) == 2
+
+
+def test_watchdog_reports_a_run_once_it_has_lasted_the_threshold_not_before(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
+    """The check of a running item, called with the clock in the test's
+    hand: the run is reported once it has lasted watchdog_thresh, the
+    threshold included, not a tick before -- and then once only."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    pset = topo._pools
+    logged = log_waiter("workqueue._watchdog", "has been running")
+    started, release = threading.Event(), threading.Event()
+    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        with pool_module.lock:
+            (worker,) = [w for pool in pset.pools() for w in pool.busy_workers()]
+            due = worker.start + 3600.0
+        topo.watchdog_thresh = due - worker.start  # exactly, in floating point
+        for now, reports in ((math.nextafter(due, 0.0), 0), (due, 1), (due + 60.0, 1)):
+            monkeypatch.setattr(_watchdog, "time", SimpleNamespace(monotonic=lambda now=now: now))
+            assert del_timer(pset.watchdog)  # as the timer thread takes it when due
+            _watchdog_timer_fn(pset)
+            assert len(logged.records) == reports, now - worker.start
+    finally:
+        release.set()
 
 
 def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
@@ -593,6 +633,68 @@ def test_watchdog_reports_a_stall_once_when_another_user_of_the_pool_goes(
     assert len(logged.records) == 1, [r.getMessage() for r in logged.records]
 
 
+@pytest.mark.parametrize("thresh", [40.0, 0.05])
+@pytest.mark.parametrize("stall", ["an item runs", "no worker can be made"])
+def test_the_watchdog_checks_every_quarter_threshold(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, thresh: float, stall: str) -> None:
+    """A stall is reported at most a quarter threshold late: while an item
+    runs, or one waits with no worker to be had, the next check is never
+    further away than that (not just at the pool's next creation retry)."""
+    wq = make_wq(topology=Topology(1, watchdog_thresh=thresh, cpu_intensive_thresh=60.0))
+    pset = wq._all_pwqs()[0].pool.pset
+    started, release = threading.Event(), threading.Event()
+    if stall == "no worker can be made":
+        monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+        started.set()
+    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        for _ in range(5):
+            with pool_module.lock:
+                handle = pset.watchdog
+                assert handle is not None
+                ahead = handle.deadline - time.monotonic()
+            assert ahead <= thresh / 4, f"the next check is {ahead:.3f}s away"
+            _several_watchdog_periods()
+    finally:
+        release.set()
+        monkeypatch.undo()  # the pool's retry makes a worker now
+
+
+def test_the_watchdog_keeps_no_destroyed_workqueue_alive() -> None:
+    """The check notes the started counts of the pwqs it saw while items
+    waited; once it has seen the worklist empty it forgets them, so a
+    workqueue destroyed since is not kept alive until the pool's next
+    stall (its pwq holds it)."""
+    topo = _watched()
+    wq = alloc_workqueue("gone", topology=topo)
+    pool = wq._all_pwqs()[0].pool
+    release = threading.Event()
+    assert wq.queue_work(Work(lambda work: release.wait(TIMEOUT)))
+    assert wq.queue_work(Work(lambda work: None))  # waits behind it, for the check to see
+
+    def seen_waiting() -> bool:
+        with pool_module.lock:
+            return bool(pool.watchdog_started)
+
+    try:
+        wait_until(seen_waiting, "a check saw the item wait")
+    finally:
+        release.set()
+    wq.flush()
+
+    def quiet() -> bool:  # its last check saw the worklist empty
+        with pool_module.lock:
+            return topo._pools.watchdog is None
+
+    wait_until(quiet, "the watchdog went quiet")
+    wq.destroy()
+    gone = weakref.ref(wq)
+    del wq
+    gc.collect()
+    assert gone() is None, "the watchdog keeps the destroyed workqueue"
+
+
 def _checks_of(wq: Any) -> Callable[[float], float | None]:
     """The pool check of *wq*'s one pool, with a threshold of 1 s, called
     with the clock in the test's hand at the times it is given (the
@@ -660,7 +762,7 @@ def test_watchdog_goes_on_timing_a_stall_when_a_cancel_leaves_items_waiting(
     assert third.cancel()  # the inactive list empties
     assert first.cancel()  # the worklist keeps the second
     assert stalled(100.5) is None
-    assert stalled(101.0) == 1.0
+    assert stalled(101.25) == 1.25  # for how long it has waited, not the threshold
     monkeypatch.undo()  # the pool's retry makes a worker now
     assert ran.wait(TIMEOUT)
 

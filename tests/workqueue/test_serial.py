@@ -232,9 +232,72 @@ def test_shutdown_waits_and_refuses_new_calls(wq: object) -> None:
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(ran.append, 99)
     ex.shutdown()  # idempotent
+    assert "shut down" in repr(ex)
     fresh = wq.serial("k")  # type: ignore[attr-defined]
-    assert fresh is not ex
+    assert fresh is not ex and f"cpu {fresh.cpu}" in repr(fresh)
     assert fresh.submit(lambda: 7).result(TIMEOUT) == 7
+    # Once more, now that the key has a new executor: it stays the key's.
+    ex.shutdown()
+    assert wq.serial("k") is fresh  # type: ignore[attr-defined]
+    assert fresh.submit(lambda: 8).result(TIMEOUT) == 8
+
+
+def test_shutdown_waits_for_the_call_running_when_none_is_pending(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    running = submit_held(ex, gate)
+    assert ex.pending == 0
+    assert_waits_until_released(ex.shutdown, gate, "shutdown(wait=True) with a call running")
+    assert running.done()
+
+
+def test_shutdown_waits_for_a_call_whose_submit_has_not_queued_the_key_yet(
+        wq: Any) -> None:
+    """A submit() in another thread has put its call on the key's list and
+    not yet queued the key's Work: shutdown(wait=True) waits for that call
+    too, although no run of the key is pending or running yet."""
+    ex = wq.serial("k")
+    appended, release = threading.Event(), threading.Event()
+    real_queue_work_on = wq.queue_work_on
+
+    def queue_work_on(cpu: int, work: Any) -> bool:
+        appended.set()
+        assert release.wait(TIMEOUT)
+        return real_queue_work_on(cpu, work)  # type: ignore[no-any-return]
+
+    wq.queue_work_on = queue_work_on
+    submitted: list[Future[int]] = []
+    submitter = threading.Thread(target=lambda: submitted.append(ex.submit(int, 5)))
+    try:
+        submitter.start()
+        assert appended.wait(TIMEOUT)
+        assert ex.pending == 1 and not ex._work.pending and not ex._work.running
+        assert_waits_until_released(ex.shutdown, release, "shutdown(wait=True)")
+    finally:
+        release.set()
+        submitter.join(TIMEOUT)
+        del wq.queue_work_on
+    assert submitted[0].done() and submitted[0].result() == 5
+
+
+def test_calls_submitted_while_the_key_runs_need_no_run_each(wq: object) -> None:
+    """The calls that pile up behind a running call are taken by that same
+    run, in one go: the key's Work is queued again once for all of them,
+    not once per call."""
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    running = submit_held(ex, gate)
+    ran: list[int] = []
+    futures = [ex.submit(ran.append, i) for i in range(20)]
+    key_work = ex._work
+    queueings: list[Work] = []
+    wq.add_trace_hook(lambda event, work, cpu: (  # type: ignore[attr-defined]
+        queueings.append(work) if event == "queue" and work is key_work else None))
+    gate.set()
+    done(running, *futures)
+    key_work.flush()
+    assert ran == list(range(20))
+    assert queueings == [], f"the key was queued {len(queueings)} more times"
 
 
 def submit_held(ex: Any, gate: threading.Event) -> Future[str]:
@@ -377,6 +440,20 @@ def test_shutdown_wait_from_its_own_call_is_an_error(wq: object) -> None:
     assert ex.submit(lambda: "open").result(TIMEOUT) == "open"
     assert wq.serial("k") is ex  # type: ignore[attr-defined]
     ex.shutdown()
+
+
+def test_shutdown_without_waiting_from_its_own_call_is_allowed(wq: object) -> None:
+    ex = wq.serial("k")  # type: ignore[attr-defined]
+    gate = threading.Event()
+    running = submit_held(ex, gate)
+    queued = ex.submit(lambda: "queued")
+    stopping = ex.submit(lambda: ex.shutdown(wait=False))
+    gate.set()
+    assert stopping.result(TIMEOUT) is None
+    assert running.result(TIMEOUT) == "first" and queued.result(TIMEOUT) == "queued"
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(int)
+    assert wq.serial("k") is not ex  # type: ignore[attr-defined]
 
 
 def test_with_block_shuts_down(wq: object) -> None:
@@ -567,6 +644,30 @@ def test_a_call_refused_by_a_draining_queue_but_taken_by_the_keys_run_is_accepte
         drainer.join(TIMEOUT)
     assert second.result(TIMEOUT) is None
     assert second_ran.is_set()
+
+
+def test_ctrl_c_as_a_submit_queues_a_call_the_keys_run_took_is_passed_on(wq: Any) -> None:
+    """Ctrl-C lands as submit() queues the key's Work, which the key's run
+    that was still going has taken the call from meanwhile: the call runs,
+    and the interrupt is still passed on, not swallowed as a refusal is."""
+    ex = wq.serial("k")
+    gate = threading.Event()
+    submit_held(ex, gate)
+    second_ran = threading.Event()
+
+    def queue_work_on(cpu: int, work: Any) -> bool:
+        gate.set()  # the held call ends, and the key's run takes ours
+        assert second_ran.wait(TIMEOUT)
+        raise KeyboardInterrupt
+
+    wq.queue_work_on = queue_work_on
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(second_ran.set)
+    finally:
+        del wq.queue_work_on
+        gate.set()
+    assert second_ran.is_set() and ex.pending == 0
 
 
 def test_a_call_refused_by_a_draining_queue_while_its_key_is_idle_raises(
