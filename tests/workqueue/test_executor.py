@@ -1299,4 +1299,5 @@ def test_a_forked_child_makes_serial_executors_and_timers_whatever_lock_a_parent
     first wq.serial() and its first timer must not wait for it.  (The
     parent's timers are disarmed there: their items do not run in it.)"""
     assert run_fork_script(tmp_path, _FORK_WITH_LOCKS_HELD_SCRIPT, 60) == [
-        "parent's timer armed: False", "child serial call ran: 9", "child delayed item ran: True", "child exited 0"]
+        "parent's timer armed: False", "child serial call ran: 9", "child delayed item ran: True",
+        "child exited 0"]
