@@ -626,6 +626,50 @@ def test_a_response_producer_beyond_the_requests_fails_every_waiter(
     s.close()
 
 
+def _counted_command_events(fe: pvcalls.Frontend) -> threading.Semaphore:
+    """A semaphore released each time the command ring's handler has run."""
+    handled = threading.Semaphore(0)
+    with fe._lock:
+        handler = fe._handlers[fe._port]
+
+        def counted() -> None:
+            try:
+                handler()
+            finally:
+                handled.release()
+
+        fe._handlers[fe._port] = counted
+    return handled
+
+
+def test_a_broken_command_ring_is_read_no_more(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """Once ``rsp_prod`` was impossible, nothing on the command ring can be
+    trusted, and every waiter has failed with ENOTCONN: the next events,
+    the ring still broken or ``rsp_prod`` set right again with an answer
+    behind it, read nothing (no answer comes to a caller who gave up, no
+    entry is freed on the backend's word), and the break is logged once,
+    not once per event."""
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind = fake.next_request(PVCALLS_BIND)
+    handled = _counted_command_events(fe)
+    fake.set_rsp_prod(fake.rsp_prod_pvt + 2 * RING_SLOTS)
+    assert handled.acquire(timeout=TIMEOUT)
+    assert binding.oserror().errno == errno.ENOTCONN
+    fake.set_rsp_prod(fake.rsp_prod_pvt + 2 * RING_SLOTS)  # an event more, still broken
+    assert handled.acquire(timeout=TIMEOUT)
+    fake.respond(bind, 0)  # rsp_prod right again, this answer behind it
+    assert handled.acquire(timeout=TIMEOUT)
+    assert [m for m in log.messages() if "broke the command ring" in m] == [
+        log.wait("broke the command ring")]
+    assert not [m for m in log.messages(logging.DEBUG) if m.startswith("<- BIND")]
+    with fe._lock:
+        assert fe._slots[bind.req_id] is not None
+    s.close()
+
+
 def _in_far_ahead(ring: FakeDataRing) -> None:
     ring.put(IN_PROD_OFFSET, ring.get(IN_CONS_OFFSET) + 2 * ring.size)
 
