@@ -2333,6 +2333,25 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
             fe.socket()
 
 
+def test_a_frontend_opened_again_sees_its_next_backend_go_away_too(server: Any) -> None:
+    """A frontend whose backend went away, closed and opened again with a
+    new backend: that backend going away fails its waiters too (the
+    departure answered for the first connection is not taken for the
+    next one's)."""
+    srv = server()
+    with SimHost() as host:
+        fe = pvcalls.Frontend(host.create_domain("orphan-twice"), timeout=TIMEOUT)
+        for _ in range(2):
+            with pvcalls.Backend(host.dom0, max_ioworkers=1) as backend, fe:
+                s = connected(fe, srv.address)
+                reader = blocked_recv(s)
+                backend.close()
+                error = reader.oserror()
+                assert (error.errno, error.strerror) == (errno.ENOTCONN,
+                                                         "the PV Calls backend went away")
+                s.close()
+
+
 def test_non_blocking_calls_after_the_backend_left_say_so(server: Any) -> None:
     """Non-blocking, recv() and accept() fail as blocking ones do once the
     backend has gone, not with EAGAIN (for ever); and a selector sees both

@@ -1774,6 +1774,35 @@ def test_a_failing_backend_state_watch_fails_every_call_with_eio(
     assert Call(fe.close).join().error is None
 
 
+_DEATHS: dict[str, tuple[Callable[[pvcalls.Frontend, FakeBackend], None], str]] = {
+    "the ring broken": (lambda fe, fake: fake.set_rsp_prod(fake.rsp_prod_pvt + 2 * RING_SLOTS),
+                        "the PV Calls backend broke the command ring"),
+    "the frontend failed": (lambda fe, fake: fe._fail("a test", RuntimeError("a bug")),
+                            "the PV Calls frontend failed"),
+}
+
+
+@pytest.mark.parametrize("death", list(_DEATHS))
+def test_a_frontend_dead_already_answers_the_backend_leaving_with_closed(
+        fe: pvcalls.Frontend, fake: FakeBackend, death: str) -> None:
+    """The frontend dead for a reason of its own (the command ring broken,
+    a failure of its own threads), not closed yet: the backend leaving
+    Connected (it is closing, or the toolstack removes the device) is
+    answered all the same, the frontend going Closed, as Linux's does: the
+    backend waits in Closing for that, and a removal waits for the
+    backend.  (The frontend stayed Connected until the program closed it.)
+    Calls go on saying what killed the frontend first."""
+    kill, why = _DEATHS[death]
+    kill(fe, fake)
+    wait_until(lambda: fe._dead)
+    fake.set_state(5)  # Closing
+    fake.xs.wait_for(f"{fake.fe}/state", "6", timeout=TIMEOUT)
+    fake.xs.wait_for(f"{fake.be}/state", "6", timeout=TIMEOUT)  # and the backend closes
+    with pytest.raises(OSError) as info:
+        fe.socket()
+    assert str(info.value.strerror).startswith(why), info.value.strerror
+
+
 def test_a_failing_data_ring_handler_fails_nothing_else(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
