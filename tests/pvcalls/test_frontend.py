@@ -4197,6 +4197,8 @@ def test_closing_a_stale_frontend_leaves_the_device_of_the_next_one(
                 with pvcalls.Frontend(domain, timeout=TIMEOUT) as fresh:
                     with caplog.at_level(logging.DEBUG, logger="pvcalls"):
                         stale.close()
+                    # Seen as the next one's before anything was tried on it.
+                    assert "is no longer this frontend's" in caplog.text
                     assert stale.device is None
                     assert not fresh._dead
                     with connected(fresh, srv.address) as s:
