@@ -1907,8 +1907,11 @@ def test_a_dropped_socket_not_yet_released_holds_up_no_wake_up(
         caplog: pytest.LogCaptureFixture) -> None:
     """The backend goes away while a socket the program dropped unclosed
     waits for its release: it is no one's to wake, and is passed over
-    without a word (no traceback for a socket that is gone)."""
+    without a word (no traceback for a socket that is gone), and the
+    sockets after it are woken all the same: the waits' recheck is an hour
+    here, so that only the wake-up ends them."""
     monkeypatch.setattr(fe, "_start_reaper", lambda: None)  # it stays in the table
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
     dropped, _ = connected(fe, fake)
     ref = weakref.ref(dropped)
     del dropped
