@@ -394,6 +394,11 @@ class Frontend(Closing):
         # Why XenStore dropped the connection; None while it is up.
         self._xs_lost: str | None = None
         self._connected = False
+        # The backend left Connected and we answered (went Closed): under
+        # _watch_lock.  Not _dead: a frontend dead for a reason of its own
+        # (the command ring broken, a failure) still answers the backend's
+        # leaving, which waits in Closing for it.
+        self._backend_left = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -431,6 +436,7 @@ class Frontend(Closing):
         self._dead = False
         self._death = (errno.ENOTCONN, "")
         self._xs_lost = None
+        self._backend_left = False
         self._ring_broken = False
         self._kicked_to = 0
         self._slots = [None] * RING_SLOTS
@@ -529,8 +535,8 @@ class Frontend(Closing):
 
     def _backend_state_changed(self) -> None:
         with self._watch_lock:
-            if self._backend_watch is None or self._dead:
-                return  # close() is under way, or it is over already
+            if self._backend_watch is None or self._backend_left:
+                return  # close() is under way or over, or the leaving was answered
             try:
                 state = self._backend_state()
             except ConnectionError:
@@ -542,11 +548,13 @@ class Frontend(Closing):
                 state = XenbusState.UNKNOWN
             if state == XenbusState.CONNECTED:
                 return
-            # Info: every call of ours says so now, with ENOTCONN.
+            self._backend_left = True
+            # Info: every call of ours says so now, with ENOTCONN (or
+            # what killed the frontend before).
             logger.info("pvcalls backend of domain %d went to state %d: disconnecting",
                         self.domain.domid, state)
-            self._die("the PV Calls backend went away")
-            self._wake_everyone()
+            if self._die("the PV Calls backend went away"):
+                self._wake_everyone()
             try:
                 self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
             except OSError as exc:

@@ -743,7 +743,9 @@ def test_a_freed_ring_on_the_shared_handle_unbinds_its_port(
         host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A data ring on the frontend's own handle that is freed (not pooled)
     unbinds its port: that handle lives on, and would keep every released
-    socket's port bound until the frontend closes."""
+    socket's port bound until the frontend closes.  And its handler goes:
+    the hand-out of every port after an overflow, unmasking a port no
+    longer bound, would fail the event thread."""
     from pvcalls.frontend import _frontend
 
     srv = server()
@@ -761,6 +763,7 @@ def test_a_freed_ring_on_the_shared_handle_unbinds_its_port(
         assert port in bound
         s.close()  # the ring is freed once the backend answers the RELEASE
         wait_until(lambda: port not in bound)
+        other._handle_port(other._evtchn, port)  # as the hand-out after an overflow
 
 
 def _on_the_shared_handle(fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -2331,6 +2334,25 @@ def test_backend_going_away_fails_waiters(server: Any) -> None:
             assert error.strerror == "the PV Calls backend went away"
         with pytest.raises(OSError):
             fe.socket()
+
+
+def test_a_frontend_opened_again_sees_its_next_backend_go_away_too(server: Any) -> None:
+    """A frontend whose backend went away, closed and opened again with a
+    new backend: that backend going away fails its waiters too (the
+    departure answered for the first connection is not taken for the
+    next one's)."""
+    srv = server()
+    with SimHost() as host:
+        fe = pvcalls.Frontend(host.create_domain("orphan-twice"), timeout=TIMEOUT)
+        for _ in range(2):
+            with pvcalls.Backend(host.dom0, max_ioworkers=1) as backend, fe:
+                s = connected(fe, srv.address)
+                reader = blocked_recv(s)
+                backend.close()
+                error = reader.oserror()
+                assert (error.errno, error.strerror) == (errno.ENOTCONN,
+                                                         "the PV Calls backend went away")
+                s.close()
 
 
 def test_non_blocking_calls_after_the_backend_left_say_so(server: Any) -> None:
@@ -4178,6 +4200,8 @@ def test_closing_a_stale_frontend_leaves_the_device_of_the_next_one(
                 with pvcalls.Frontend(domain, timeout=TIMEOUT) as fresh:
                     with caplog.at_level(logging.DEBUG, logger="pvcalls"):
                         stale.close()
+                    # Seen as the next one's before anything was tried on it.
+                    assert "is no longer this frontend's" in caplog.text
                     assert stale.device is None
                     assert not fresh._dead
                     with connected(fresh, srv.address) as s:

@@ -626,6 +626,50 @@ def test_a_response_producer_beyond_the_requests_fails_every_waiter(
     s.close()
 
 
+def _counted_command_events(fe: pvcalls.Frontend) -> threading.Semaphore:
+    """A semaphore released each time the command ring's handler has run."""
+    handled = threading.Semaphore(0)
+    with fe._lock:
+        handler = fe._handlers[fe._port]
+
+        def counted() -> None:
+            try:
+                handler()
+            finally:
+                handled.release()
+
+        fe._handlers[fe._port] = counted
+    return handled
+
+
+def test_a_broken_command_ring_is_read_no_more(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """Once ``rsp_prod`` was impossible, nothing on the command ring can be
+    trusted, and every waiter has failed with ENOTCONN: the next events,
+    the ring still broken or ``rsp_prod`` set right again with an answer
+    behind it, read nothing (no answer comes to a caller who gave up, no
+    entry is freed on the backend's word), and the break is logged once,
+    not once per event."""
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    binding = Call(lambda: s.bind(("127.0.0.1", 4000)))
+    bind = fake.next_request(PVCALLS_BIND)
+    handled = _counted_command_events(fe)
+    fake.set_rsp_prod(fake.rsp_prod_pvt + 2 * RING_SLOTS)
+    assert handled.acquire(timeout=TIMEOUT)
+    assert binding.oserror().errno == errno.ENOTCONN
+    fake.set_rsp_prod(fake.rsp_prod_pvt + 2 * RING_SLOTS)  # an event more, still broken
+    assert handled.acquire(timeout=TIMEOUT)
+    fake.respond(bind, 0)  # rsp_prod right again, this answer behind it
+    assert handled.acquire(timeout=TIMEOUT)
+    assert [m for m in log.messages() if "broke the command ring" in m] == [
+        log.wait("broke the command ring")]
+    assert not [m for m in log.messages(logging.DEBUG) if m.startswith("<- BIND")]
+    with fe._lock:
+        assert fe._slots[bind.req_id] is not None
+    s.close()
+
+
 def _in_far_ahead(ring: FakeDataRing) -> None:
     ring.put(IN_PROD_OFFSET, ring.get(IN_CONS_OFFSET) + 2 * ring.size)
 
@@ -1730,6 +1774,35 @@ def test_a_failing_backend_state_watch_fails_every_call_with_eio(
     assert Call(fe.close).join().error is None
 
 
+_DEATHS: dict[str, tuple[Callable[[pvcalls.Frontend, FakeBackend], None], str]] = {
+    "the ring broken": (lambda fe, fake: fake.set_rsp_prod(fake.rsp_prod_pvt + 2 * RING_SLOTS),
+                        "the PV Calls backend broke the command ring"),
+    "the frontend failed": (lambda fe, fake: fe._fail("a test", RuntimeError("a bug")),
+                            "the PV Calls frontend failed"),
+}
+
+
+@pytest.mark.parametrize("death", list(_DEATHS))
+def test_a_frontend_dead_already_answers_the_backend_leaving_with_closed(
+        fe: pvcalls.Frontend, fake: FakeBackend, death: str) -> None:
+    """The frontend dead for a reason of its own (the command ring broken,
+    a failure of its own threads), not closed yet: the backend leaving
+    Connected (it is closing, or the toolstack removes the device) is
+    answered all the same, the frontend going Closed, as Linux's does: the
+    backend waits in Closing for that, and a removal waits for the
+    backend.  (The frontend stayed Connected until the program closed it.)
+    Calls go on saying what killed the frontend first."""
+    kill, why = _DEATHS[death]
+    kill(fe, fake)
+    wait_until(lambda: fe._dead)
+    fake.set_state(5)  # Closing
+    fake.xs.wait_for(f"{fake.fe}/state", "6", timeout=TIMEOUT)
+    fake.xs.wait_for(f"{fake.be}/state", "6", timeout=TIMEOUT)  # and the backend closes
+    with pytest.raises(OSError) as info:
+        fe.socket()
+    assert str(info.value.strerror).startswith(why), info.value.strerror
+
+
 def test_a_failing_data_ring_handler_fails_nothing_else(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -1834,8 +1907,11 @@ def test_a_dropped_socket_not_yet_released_holds_up_no_wake_up(
         caplog: pytest.LogCaptureFixture) -> None:
     """The backend goes away while a socket the program dropped unclosed
     waits for its release: it is no one's to wake, and is passed over
-    without a word (no traceback for a socket that is gone)."""
+    without a word (no traceback for a socket that is gone), and the
+    sockets after it are woken all the same: the waits' recheck is an hour
+    here, so that only the wake-up ends them."""
     monkeypatch.setattr(fe, "_start_reaper", lambda: None)  # it stays in the table
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
     dropped, _ = connected(fe, fake)
     ref = weakref.ref(dropped)
     del dropped
