@@ -98,6 +98,15 @@ _ID_BASE = 0xFFFF_8880_0000_0000  # looks like a Linux direct-map pointer
 _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 
 
+#: Ports the event thread takes off the shared handle in one round before it
+#: looks at its other descriptors again (the wake-up, the relays of rings
+#: with handles of their own).  A backend can fire a port again while each
+#: of its events is handled, every time: the handle's queue then never reads
+#: empty, and a round that ran until it did would never end, close() left
+#: waiting for the thread.  The handle's descriptor is level-triggered: the
+#: next wait returns at once while ports are pending.
+_PORT_BATCH = 64
+
 #: Released data rings a frontend keeps for reuse (17 pages and a port each).
 _RING_POOL_MAX = 32
 
@@ -1006,7 +1015,7 @@ class Frontend(Closing):
                     logger.exception("pvcalls frontend relay")
         if not any(fd == shared_fd for fd, _ in events):
             return False
-        while True:
+        for _ in range(_PORT_BATCH):
             try:
                 port = evtchn.pending()
             except OSError as exc:
@@ -1018,6 +1027,7 @@ class Frontend(Closing):
                 self._resets = 0
                 return False
             self._handle_port(evtchn, port)
+        return False  # more are pending: the next wait says so at once
 
     def _reset(self, evtchn: EventChannel, overflow: OSError) -> None:
         """The shared handle's pending() said EFBIG, ``overflow``: reset

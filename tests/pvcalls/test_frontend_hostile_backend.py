@@ -670,6 +670,30 @@ def test_a_broken_command_ring_is_read_no_more(
     s.close()
 
 
+def test_a_backend_notifying_without_end_starves_nothing(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """A backend that fires the command port again while each event is
+    handled keeps it always pending: the event thread still goes back to
+    its other descriptors, here the wake-up close() sends, and stops."""
+    handled = _counted_command_events(fe)
+    with fe._lock:
+        counted = fe._handlers[fe._port]
+
+        def fired_again() -> None:
+            fake.evtchn.notify(fake.port)  # while the port is masked
+            counted()
+
+        fe._handlers[fe._port] = fired_again
+    fake.evtchn.notify(fake.port)
+    for _ in range(3):  # it fires again: the round goes on
+        assert handled.acquire(timeout=TIMEOUT)
+    thread = fe._thread
+    assert thread is not None
+    assert Call(fe.close).join().error is None
+    assert not thread.is_alive()
+    assert not [m for m in log.messages() if "did not stop" in m]
+
+
 def _in_far_ahead(ring: FakeDataRing) -> None:
     ring.put(IN_PROD_OFFSET, ring.get(IN_CONS_OFFSET) + 2 * ring.size)
 
