@@ -817,15 +817,21 @@ def test_cancel_pending_futures_makes_a_watched_future_final_under_its_condition
 
 
 def test_code_that_waits_on_the_condition_itself_is_woken() -> None:
+    """Each thread waiting on the condition is notified when the future is
+    done: wait() answers True, not False at its timeout (wait_for() would
+    answer True either way, with the future done by then)."""
     f = LeanFuture()
     f.set_running_or_notify_cancel()
     woken: list[bool] = []
 
-    def sleeper() -> None:
+    def sleeper(i: int) -> None:
         with f._condition:
-            woken.append(f._condition.wait_for(f.done, TIMEOUT))
+            if i:
+                woken.append(f._condition.wait(TIMEOUT))
+            else:
+                woken.append(f._condition.wait_for(f.done, TIMEOUT))
 
-    threads = [threading.Thread(target=sleeper) for _ in range(3)]
+    threads = [threading.Thread(target=sleeper, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     # Asleep once they let go of the lock, in wait_for().
