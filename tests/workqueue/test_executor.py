@@ -46,6 +46,28 @@ def test_submit_results_and_exceptions_travel_in_futures(make_wq: Any) -> None:
     assert wq.stats().failed == 0  # an exception in a future is not a failed item
 
 
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("executor", ["workqueue", "serial"])
+def test_a_call_raising_a_base_exception_passes_it_to_its_future(
+        make_wq: Any, exc: type[BaseException], executor: str) -> None:
+    """As a ThreadPoolExecutor's work item does: whatever the call raises,
+    SystemExit and KeyboardInterrupt too, is its future's outcome -- not
+    the work item's failure, with the future left running for ever."""
+    wq = make_wq()
+    ex = wq if executor == "workqueue" else wq.serial("key")
+    raised = exc("out of a call")
+    f = ex.submit(_raise, raised)
+    assert f.exception(TIMEOUT) is raised
+    with pytest.raises(exc):
+        f.result(0)
+    wq.flush(timeout=TIMEOUT)
+    assert wq.stats().failed == 0
+
+
 @pytest.mark.parametrize("executor", ["workqueue", "serial"])
 @pytest.mark.parametrize("fails", [False, True])
 def test_a_done_future_is_freed_without_the_cyclic_collector(
@@ -906,6 +928,13 @@ def test_standalone_lean_future() -> None:
     with pytest.raises(cf.InvalidStateError):
         g.set_result(3)  # cancelled
     assert g.cancelled()
+    e = LeanFuture()
+    e.set_running_or_notify_cancel()
+    error = ValueError("the outcome")
+    e.set_exception(error)
+    assert e.exception() is error and e.done() and not e.cancelled()
+    with pytest.raises(ValueError, match="the outcome"):
+        e.result()
 
 
 def test_trace_hooks_see_the_four_trace_points(make_wq: Any, tracer: Any) -> None:
