@@ -877,6 +877,28 @@ def test_code_that_waits_on_the_condition_of_a_future_done_before_returns_at_onc
         f._condition.wait_for(f.cancelled)
 
 
+def test_a_future_done_as_its_condition_is_made_is_settled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A future made final between the first look of `_condition` and the
+    hold that would keep the condition made gets none either: it is as
+    one done before anybody asked, with nobody to tell."""
+    from workqueue import _future
+
+    f = LeanFuture()
+    f.set_running_or_notify_cancel()
+    real = _future._OwnCondition
+
+    def made_as_the_future_finishes() -> Any:
+        f.set_result(1)
+        return real()
+
+    monkeypatch.setattr(_future, "_OwnCondition", made_as_the_future_finishes)
+    with f._condition:
+        assert f._own is None
+        with pytest.raises(RuntimeError, match="nothing will notify it"):
+            f._condition.wait_for(f.cancelled, 0)
+
+
 @pytest.mark.parametrize("executor", ["submit", "serial"])
 def test_a_call_finishes_its_future_off_the_main_thread(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch, executor: str) -> None:
