@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import gc
 import logging
 import math
@@ -17,6 +18,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 from typing import Any
 
 import pytest
+from stolensignal import OUTLASTS_THE_TEST
 
 from workqueue import (
     WQ_UNBOUND,
@@ -191,6 +193,41 @@ def test_cancel_wakes_every_thread_asleep_in_result(make_wq: Any) -> None:
         assert [o.result() for o in outcomes] == ["cancelled"] * 3
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("watched", [False, True])
+@pytest.mark.parametrize("finish", ["call", "set_result", "set_exception"])
+def test_the_end_of_a_future_wakes_every_thread_asleep_in_result_at_once(
+        make_wq: Any, finish: str, watched: bool) -> None:
+    """Each thread asleep in result() or exception() wakes as the future is
+    done, not when its own (longer) timeout ends and it finds the future
+    done all the same -- whether the future has a condition of its own (a
+    watcher) or not, and whoever finishes it."""
+    if finish == "call":
+        release = threading.Event()
+        future = make_wq().submit(release.wait, TIMEOUT)
+        end: Callable[[], object] = release.set
+    else:
+        future = LeanFuture()
+        future.set_running_or_notify_cancel()
+        end = _finisher(future, finish.removeprefix("set_"), None)
+    if watched:
+        future.add_done_callback(lambda _f: None)
+
+    def sleep_in(call: str) -> None:
+        with contextlib.suppress(ValueError):  # set_exception()'s
+            getattr(future, call)(OUTLASTS_THE_TEST)
+
+    sleepers = [threading.Thread(target=sleep_in, args=(call,), daemon=True)
+                for call in ("result", "exception", "result")]
+    for sleeper in sleepers:
+        sleeper.start()
+    assert _within(TIMEOUT, lambda: len(future._blocked or ()) == 3)
+    end()
+    for sleeper in sleepers:
+        sleeper.join(TIMEOUT)
+    assert not any(sleeper.is_alive() for sleeper in sleepers)
+    assert not future._blocked
 
 
 @pytest.mark.parametrize("finish", ["cancel", "set_result"])
