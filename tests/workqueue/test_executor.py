@@ -624,6 +624,35 @@ def test_wait_is_not_fooled_by_a_future_notifying_after_its_state_is_final(
     assert not not_done and done == {paused, pending}
 
 
+@pytest.mark.parametrize("how", ["bare", "call"])
+def test_cancelling_a_cancelled_future_again_tells_no_waiter(make_wq: Any, how: str) -> None:
+    """cancel() of a future cancelled already answers True and changes
+    nothing: a wait() that counted it done as it installed its waiter is
+    not told of it once more, which would count the waiter down for a
+    future still pending and end an ALL_COMPLETED wait early."""
+    if how == "bare":
+        cancelled = LeanFuture()
+    else:
+        cancelled, release = _queued_behind_a_running_call(make_wq(ordered=True))
+    cancelled.add_done_callback(lambda _f: None)  # watched: it has waiters to tell
+    assert cancelled.cancel() is True
+    pending = LeanFuture()
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(cf.wait([cancelled, pending],
+                                                                    TIMEOUT)))
+    waiter.start()
+    assert _within(TIMEOUT, lambda: bool(pending._waiter_list))
+    (installed,) = cancelled._waiters
+    assert cancelled.cancel() is True
+    assert not installed.event.is_set(), "told again of a future it counted done"
+    pending.set_result(2)
+    waiter.join(TIMEOUT)
+    done, not_done = outcome[0]
+    assert not not_done and done == {cancelled, pending}
+    if how == "call":
+        release.set()
+
+
 def _within(seconds: float, predicate: Callable[[], bool]) -> bool:
     """Whether ``predicate`` comes true within ``seconds`` (for what a
     correct implementation never does, so the wait is bounded by design)."""
