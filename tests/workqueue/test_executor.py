@@ -18,6 +18,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 from typing import Any
 
 import pytest
+from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
 
 from workqueue import (
@@ -196,7 +197,7 @@ def test_cancel_wakes_every_thread_asleep_in_result(make_wq: Any) -> None:
 
 
 @pytest.mark.parametrize("watched", [False, True])
-@pytest.mark.parametrize("finish", ["call", "set_result", "set_exception"])
+@pytest.mark.parametrize("finish", ["call", "set_result", "set_exception", "cancel"])
 def test_the_end_of_a_future_wakes_every_thread_asleep_in_result_at_once(
         make_wq: Any, finish: str, watched: bool) -> None:
     """Each thread asleep in result() or exception() wakes as the future is
@@ -207,6 +208,9 @@ def test_the_end_of_a_future_wakes_every_thread_asleep_in_result_at_once(
         release = threading.Event()
         future = make_wq().submit(release.wait, TIMEOUT)
         end: Callable[[], object] = release.set
+    elif finish == "cancel":
+        future, release = _queued_behind_a_running_call(make_wq(ordered=True))
+        end = future.cancel
     else:
         future = LeanFuture()
         future.set_running_or_notify_cancel()
@@ -215,7 +219,7 @@ def test_the_end_of_a_future_wakes_every_thread_asleep_in_result_at_once(
         future.add_done_callback(lambda _f: None)
 
     def sleep_in(call: str) -> None:
-        with contextlib.suppress(ValueError):  # set_exception()'s
+        with contextlib.suppress(ValueError, cf.CancelledError):  # set_exception()'s, cancel()'s
             getattr(future, call)(OUTLASTS_THE_TEST)
 
     sleepers = [threading.Thread(target=sleep_in, args=(call,), daemon=True)
@@ -228,6 +232,25 @@ def test_the_end_of_a_future_wakes_every_thread_asleep_in_result_at_once(
         sleeper.join(TIMEOUT)
     assert not any(sleeper.is_alive() for sleeper in sleepers)
     assert not future._blocked
+    if finish in ("call", "cancel"):
+        release.set()
+
+
+def test_a_future_done_as_result_goes_to_sleep_wakes_it() -> None:
+    """The future becomes done between result()'s first look at it and
+    the hold of the lock where it would put its sleeper on the list:
+    result() looks again there, instead of sleeping with nobody left to
+    wake it."""
+    f = LeanFuture()
+    f.set_running_or_notify_cancel()
+    pause = PauseAt(LeanFuture._wait, "where the state becomes done")
+    sleeper = Attempt(lambda: pause.run(lambda: f.result(OUTLASTS_THE_TEST)))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        f.set_result(1)
+    finally:
+        pause.resume()
+    assert sleeper.result(msg="result() sleeps on a future done") == 1
 
 
 @pytest.mark.parametrize("finish", ["cancel", "set_result"])
@@ -991,7 +1014,7 @@ def test_standalone_lean_future() -> None:
     assert f.set_running_or_notify_cancel() is True
     assert f.cancel() is False
     f.set_result(5)
-    assert f.result() == 5 and f.done()
+    assert f.result() == 5 and f.done() and not f.running()
     g = LeanFuture()
     waiter = cf.wait([g], timeout=0)
     assert waiter.not_done == {g}
