@@ -920,6 +920,8 @@ def test_cancel_pending_futures_makes_a_watched_future_final_under_its_condition
         assert future.cancel() is True and future.done()
         with pytest.raises(cf.CancelledError):
             future.result(0)
+        with pytest.raises(cf.CancelledError):
+            future.exception(0)
         assert canceller.is_alive()
     canceller.join(TIMEOUT)
     assert future._state == CANCELLED_AND_NOTIFIED
