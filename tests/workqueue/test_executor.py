@@ -369,6 +369,25 @@ def test_cancel_pending_futures_calls_the_callbacks_of_every_call(make_wq: Any) 
         release.set()
 
 
+def test_cancel_pending_futures_leaves_another_workqueues_calls_in_the_pool(
+        make_wq: Any) -> None:
+    """Workqueues share a CPU's pool and its worklist: cancelling the
+    pending calls of one leaves those of another waiting there alone."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)  # the calls wait behind the running item
+    mine, other = make_wq("mine", topology=topo), make_wq("other", topology=topo)
+    started, gate = threading.Event(), threading.Event()
+    mine.submit(lambda: (started.set(), gate.wait(TIMEOUT)))
+    try:
+        assert started.wait(TIMEOUT)
+        theirs = other.submit(int, 7)
+        queued = mine.submit(int, 8)
+        assert cancel_pending_futures(mine) == 1
+        assert queued.cancelled() and not theirs.cancelled()
+    finally:
+        gate.set()
+    assert theirs.result(TIMEOUT) == 7
+
+
 def test_a_call_whose_item_has_started_cannot_be_cancelled(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A submitted call can be cancelled exactly while its work item is
