@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import gc
 import logging
 import math
@@ -17,6 +18,8 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 from typing import Any
 
 import pytest
+from racewindow import Attempt, PauseAt
+from stolensignal import OUTLASTS_THE_TEST
 
 from workqueue import (
     WQ_UNBOUND,
@@ -44,6 +47,28 @@ def test_submit_results_and_exceptions_travel_in_futures(make_wq: Any) -> None:
         f.result(TIMEOUT)
     assert isinstance(f.exception(TIMEOUT), ZeroDivisionError)
     assert wq.stats().failed == 0  # an exception in a future is not a failed item
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("executor", ["workqueue", "serial"])
+def test_a_call_raising_a_base_exception_passes_it_to_its_future(
+        make_wq: Any, exc: type[BaseException], executor: str) -> None:
+    """As a ThreadPoolExecutor's work item does: whatever the call raises,
+    SystemExit and KeyboardInterrupt too, is its future's outcome -- not
+    the work item's failure, with the future left running for ever."""
+    wq = make_wq()
+    ex = wq if executor == "workqueue" else wq.serial("key")
+    raised = exc("out of a call")
+    f = ex.submit(_raise, raised)
+    assert f.exception(TIMEOUT) is raised
+    with pytest.raises(exc):
+        f.result(0)
+    wq.flush(timeout=TIMEOUT)
+    assert wq.stats().failed == 0
 
 
 @pytest.mark.parametrize("executor", ["workqueue", "serial"])
@@ -171,6 +196,63 @@ def test_cancel_wakes_every_thread_asleep_in_result(make_wq: Any) -> None:
         release.set()
 
 
+@pytest.mark.parametrize("watched", [False, True])
+@pytest.mark.parametrize("finish", ["call", "set_result", "set_exception", "cancel"])
+def test_the_end_of_a_future_wakes_every_thread_asleep_in_result_at_once(
+        make_wq: Any, finish: str, watched: bool) -> None:
+    """Each thread asleep in result() or exception() wakes as the future is
+    done, not when its own (longer) timeout ends and it finds the future
+    done all the same -- whether the future has a condition of its own (a
+    watcher) or not, and whoever finishes it."""
+    if finish == "call":
+        release = threading.Event()
+        future = make_wq().submit(release.wait, TIMEOUT)
+        end: Callable[[], object] = release.set
+    elif finish == "cancel":
+        future, release = _queued_behind_a_running_call(make_wq(ordered=True))
+        end = future.cancel
+    else:
+        future = LeanFuture()
+        future.set_running_or_notify_cancel()
+        end = _finisher(future, finish.removeprefix("set_"), None)
+    if watched:
+        future.add_done_callback(lambda _f: None)
+
+    def sleep_in(call: str) -> None:
+        with contextlib.suppress(ValueError, cf.CancelledError):  # set_exception()'s, cancel()'s
+            getattr(future, call)(OUTLASTS_THE_TEST)
+
+    sleepers = [threading.Thread(target=sleep_in, args=(call,), daemon=True)
+                for call in ("result", "exception", "result")]
+    for sleeper in sleepers:
+        sleeper.start()
+    assert _within(TIMEOUT, lambda: len(future._blocked or ()) == 3)
+    end()
+    for sleeper in sleepers:
+        sleeper.join(TIMEOUT)
+    assert not any(sleeper.is_alive() for sleeper in sleepers)
+    assert not future._blocked
+    if finish in ("call", "cancel"):
+        release.set()
+
+
+def test_a_future_done_as_result_goes_to_sleep_wakes_it() -> None:
+    """The future becomes done between result()'s first look at it and
+    the hold of the lock where it would put its sleeper on the list:
+    result() looks again there, instead of sleeping with nobody left to
+    wake it."""
+    f = LeanFuture()
+    f.set_running_or_notify_cancel()
+    pause = PauseAt(LeanFuture._wait, "where the state becomes done")
+    sleeper = Attempt(lambda: pause.run(lambda: f.result(OUTLASTS_THE_TEST)))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        f.set_result(1)
+    finally:
+        pause.resume()
+    assert sleeper.result(msg="result() sleeps on a future done") == 1
+
+
 @pytest.mark.parametrize("finish", ["cancel", "set_result"])
 def test_a_failing_done_callback_is_logged_and_the_others_still_run_in_order(
         make_wq: Any, caplog: pytest.LogCaptureFixture, finish: str) -> None:
@@ -285,6 +367,25 @@ def test_cancel_pending_futures_calls_the_callbacks_of_every_call(make_wq: Any) 
         assert calls == futures
     finally:
         release.set()
+
+
+def test_cancel_pending_futures_leaves_another_workqueues_calls_in_the_pool(
+        make_wq: Any) -> None:
+    """Workqueues share a CPU's pool and its worklist: cancelling the
+    pending calls of one leaves those of another waiting there alone."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)  # the calls wait behind the running item
+    mine, other = make_wq("mine", topology=topo), make_wq("other", topology=topo)
+    started, gate = threading.Event(), threading.Event()
+    mine.submit(lambda: (started.set(), gate.wait(TIMEOUT)))
+    try:
+        assert started.wait(TIMEOUT)
+        theirs = other.submit(int, 7)
+        queued = mine.submit(int, 8)
+        assert cancel_pending_futures(mine) == 1
+        assert queued.cancelled() and not theirs.cancelled()
+    finally:
+        gate.set()
+    assert theirs.result(TIMEOUT) == 7
 
 
 def test_a_call_whose_item_has_started_cannot_be_cancelled(
@@ -565,6 +666,35 @@ def test_wait_is_not_fooled_by_a_future_notifying_after_its_state_is_final(
     assert not not_done and done == {paused, pending}
 
 
+@pytest.mark.parametrize("how", ["bare", "call"])
+def test_cancelling_a_cancelled_future_again_tells_no_waiter(make_wq: Any, how: str) -> None:
+    """cancel() of a future cancelled already answers True and changes
+    nothing: a wait() that counted it done as it installed its waiter is
+    not told of it once more, which would count the waiter down for a
+    future still pending and end an ALL_COMPLETED wait early."""
+    if how == "bare":
+        cancelled = LeanFuture()
+    else:
+        cancelled, release = _queued_behind_a_running_call(make_wq(ordered=True))
+    cancelled.add_done_callback(lambda _f: None)  # watched: it has waiters to tell
+    assert cancelled.cancel() is True
+    pending = LeanFuture()
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(cf.wait([cancelled, pending],
+                                                                    TIMEOUT)))
+    waiter.start()
+    assert _within(TIMEOUT, lambda: bool(pending._waiter_list))
+    (installed,) = cancelled._waiters
+    assert cancelled.cancel() is True
+    assert not installed.event.is_set(), "told again of a future it counted done"
+    pending.set_result(2)
+    waiter.join(TIMEOUT)
+    done, not_done = outcome[0]
+    assert not not_done and done == {cancelled, pending}
+    if how == "call":
+        release.set()
+
+
 def _within(seconds: float, predicate: Callable[[], bool]) -> bool:
     """Whether ``predicate`` comes true within ``seconds`` (for what a
     correct implementation never does, so the wait is bounded by design)."""
@@ -809,6 +939,8 @@ def test_cancel_pending_futures_makes_a_watched_future_final_under_its_condition
         assert future.cancel() is True and future.done()
         with pytest.raises(cf.CancelledError):
             future.result(0)
+        with pytest.raises(cf.CancelledError):
+            future.exception(0)
         assert canceller.is_alive()
     canceller.join(TIMEOUT)
     assert future._state == CANCELLED_AND_NOTIFIED
@@ -817,15 +949,21 @@ def test_cancel_pending_futures_makes_a_watched_future_final_under_its_condition
 
 
 def test_code_that_waits_on_the_condition_itself_is_woken() -> None:
+    """Each thread waiting on the condition is notified when the future is
+    done: wait() answers True, not False at its timeout (wait_for() would
+    answer True either way, with the future done by then)."""
     f = LeanFuture()
     f.set_running_or_notify_cancel()
     woken: list[bool] = []
 
-    def sleeper() -> None:
+    def sleeper(i: int) -> None:
         with f._condition:
-            woken.append(f._condition.wait_for(f.done, TIMEOUT))
+            if i:
+                woken.append(f._condition.wait(TIMEOUT))
+            else:
+                woken.append(f._condition.wait_for(f.done, TIMEOUT))
 
-    threads = [threading.Thread(target=sleeper) for _ in range(3)]
+    threads = [threading.Thread(target=sleeper, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     # Asleep once they let go of the lock, in wait_for().
@@ -847,6 +985,28 @@ def test_code_that_waits_on_the_condition_of_a_future_done_before_returns_at_onc
     # What will never hold does not wait for ever: nothing will notify it.
     with f._condition, pytest.raises(RuntimeError, match="nothing will notify it"):
         f._condition.wait_for(f.cancelled)
+
+
+def test_a_future_done_as_its_condition_is_made_is_settled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A future made final between the first look of `_condition` and the
+    hold that would keep the condition made gets none either: it is as
+    one done before anybody asked, with nobody to tell."""
+    from workqueue import _future
+
+    f = LeanFuture()
+    f.set_running_or_notify_cancel()
+    real = _future._OwnCondition
+
+    def made_as_the_future_finishes() -> Any:
+        f.set_result(1)
+        return real()
+
+    monkeypatch.setattr(_future, "_OwnCondition", made_as_the_future_finishes)
+    with f._condition:
+        assert f._own is None
+        with pytest.raises(RuntimeError, match="nothing will notify it"):
+            f._condition.wait_for(f.cancelled, 0)
 
 
 @pytest.mark.parametrize("executor", ["submit", "serial"])
@@ -875,7 +1035,7 @@ def test_standalone_lean_future() -> None:
     assert f.set_running_or_notify_cancel() is True
     assert f.cancel() is False
     f.set_result(5)
-    assert f.result() == 5 and f.done()
+    assert f.result() == 5 and f.done() and not f.running()
     g = LeanFuture()
     waiter = cf.wait([g], timeout=0)
     assert waiter.not_done == {g}
@@ -900,6 +1060,13 @@ def test_standalone_lean_future() -> None:
     with pytest.raises(cf.InvalidStateError):
         g.set_result(3)  # cancelled
     assert g.cancelled()
+    e = LeanFuture()
+    e.set_running_or_notify_cancel()
+    error = ValueError("the outcome")
+    e.set_exception(error)
+    assert e.exception() is error and e.done() and not e.cancelled()
+    with pytest.raises(ValueError, match="the outcome"):
+        e.result()
 
 
 def test_trace_hooks_see_the_four_trace_points(make_wq: Any, tracer: Any) -> None:

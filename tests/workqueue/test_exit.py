@@ -572,6 +572,42 @@ def test_the_exit_waits_for_a_call_queued_behind_a_running_item(
     assert not logged.records
 
 
+def _flushing(thread: threading.Thread, work: Work) -> bool:
+    """Whether *thread* waits in the flush of *work*."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None and frame.f_code is not Work._flush.__code__:
+        frame = frame.f_back
+    return frame is not None and frame.f_locals.get("self") is work
+
+
+@pytest.mark.usefixtures("hook_of_our_own")
+def test_the_exit_waits_for_the_run_of_an_item_a_freeze_holds_back(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """A serial executor's item queued again behind a freeze while its run
+    goes on: the exit waits for that run (and the calls it takes), as
+    freeze() does, and drops only the queueing -- deterministically, not
+    as a race with the run's end."""
+    wq = make_wq("frozen", WQ_FREEZABLE)
+    started, gate = threading.Event(), threading.Event()
+    key = wq.serial("key")
+    first = key.submit(lambda: (started.set(), gate.wait(TIMEOUT))[1])
+    assert started.wait(TIMEOUT)
+    with pytest.raises(TimeoutError):
+        wq.freeze(timeout=0)
+    second = key.submit(int, 7)  # queues the key's item again, behind the freeze
+    (work,) = wq._call_works()
+    assert work.running and work.pending
+    try:
+        hook = Attempt(_atexit.wait_for_calls)
+        wait_until(lambda: _flushing(hook.thread, work) or not hook.thread.is_alive(),
+                   "the exit waits for the run")
+        assert hook.thread.is_alive(), "the exit did not wait for the run going on"
+    finally:
+        gate.set()
+    assert hook.result() is None
+    assert first.result(0) is True and second.result(0) == 7  # the run took both
+
+
 @pytest.mark.usefixtures("hook_of_our_own")
 def test_a_freeze_waiting_for_the_engine_lock_as_the_exit_begins_is_refused(
         make_wq: Callable[..., Workqueue]) -> None:
