@@ -2460,6 +2460,25 @@ def test_a_close_before_open_leaves_the_frontend_to_open(host: SimHost, backend:
         s.close()
 
 
+def _in_function(thread: threading.Thread, name: str) -> bool:
+    """Whether ``thread`` runs ``name`` itself (not a function it called)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and frame.f_code.co_name == name
+
+
+def test_close_stops_the_event_thread_without_waiting_it_out(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """close() wakes the event thread, asleep in its wait, to stop it: not
+    woken, close() waited out its 10 s for it, then said it did not stop."""
+    fe = pvcalls.Frontend(host.create_domain("stops"), timeout=TIMEOUT)
+    with fe:
+        thread = fe._thread
+        assert thread is not None
+        wait_until(lambda: _in_function(thread, "_serve_events"))  # in epoll.poll()
+    assert not thread.is_alive()
+    assert "did not stop" not in caplog.text
+
+
 def test_a_frontend_opens_again_after_a_failed_open_or_a_close(server: Any) -> None:
     """open() again, after one that failed (no backend yet: retried once
     it runs) or after a close(), gives a working frontend, not one whose
