@@ -65,7 +65,7 @@ from pvcalls.frontend import _common, _frontend
 from tests.xenback.xbhelpers import fails_once
 from xenback import _wire as _xb_wire
 from xenback.platform import EventChannelError, GrantMapping
-from xenback.ring import BackRing, FlexRing, FrontRing
+from xenback.ring import _REQ_EVENT, BackRing, FlexRing, FrontRing
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
 
@@ -1565,17 +1565,51 @@ def test_a_ring_whose_release_failed_is_not_reused(
     ring = s._st.ring
     assert ring is not None
     fake.rets[PVCALLS_RELEASE] = -EINVAL
-
-    def freed() -> bool:
-        try:
-            ring.indexes.nbytes  # noqa: B018 (raises once released)
-        except ValueError:
-            return True
-        return False
-
     s.close()
-    wait_until(lambda: freed() or ring in fe._ring_pool)
+    wait_until(lambda: _freed(ring) or ring in fe._ring_pool)
     assert ring not in fe._ring_pool
+
+
+def _freed(ring: Any) -> bool:
+    """Whether the data ring ``ring`` was freed (its pages unshared)."""
+    try:
+        ring.indexes.nbytes  # noqa: B018 (raises once released)
+    except ValueError:
+        return True
+    return False
+
+
+def test_a_release_whose_notify_failed_waits_for_its_answer(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A RELEASE whose notify failed went out all the same: it is on the
+    ring, and the next notify (owed, see _kick_owed) has the backend
+    answer it.  Its data ring waits for that answer and then goes to the
+    pool, as any released one; freed at once, as if the RELEASE never
+    went out, it was unshared while the backend still mapped it."""
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None
+    fake.hold = {PVCALLS_RELEASE}
+    notify = fe._notify
+
+    def fail_once(port: int) -> None:
+        monkeypatch.setattr(fe, "_notify", notify)
+        raise OSError(errno.EIO, "the notify failed")
+
+    monkeypatch.setattr(fe, "_notify", fail_once)
+    cmd_ring = fe._ring
+    assert cmd_ring is not None
+    # Waiting for a notify (see ring.h's req_event), or the RELEASE needs none.
+    wait_until(lambda: cmd_ring._idx[_REQ_EVENT] == (cmd_ring.req_prod_pvt + 1) & 0xFFFFFFFF)
+    s.close()
+    assert f"RELEASE of {s.id:#x} failed: [Errno {errno.EIO}] the notify failed" in caplog.text
+    req = fake.next_request(PVCALLS_RELEASE)
+    assert not _freed(ring) and ring not in fe._ring_pool  # the answer not in yet
+    fake.respond(req, 0)
+    wait_until(lambda: _freed(ring) or ring in fe._ring_pool)
+    assert ring in fe._ring_pool
+    fake.hold = set()
 
 
 @pytest.mark.parametrize("call", ["bind", "listen"])
