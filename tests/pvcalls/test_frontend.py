@@ -3143,6 +3143,45 @@ def test_a_close_interrupted_before_its_release_went_out_is_finished_by_the_next
     wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
 
 
+def test_a_close_interrupted_twice_after_its_release_went_out_is_finished_by_the_next(
+    host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two Ctrl-Cs in one close(): the first between its RELEASE's push and
+    the notify (the RELEASE went out: close() goes on to finish the
+    release), the second as it goes on to take the socket's ring.  The
+    next close() finishes the release, the ring back in the pool once
+    answered.  Before, it took the release for one that another thread was
+    still sending and returned at once: the socket stayed in the
+    frontend's table, its ring never freed."""
+    srv = server()
+    guest = host.create_domain("twice-interrupted-close")
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
+        s = connected(fe, srv.address)
+        ring = s._st.ring
+        notify, held = fe._notify, _frontend.held
+        landed: list[str] = []
+
+        def interrupted_notify(port: int) -> None:
+            monkeypatch.setattr(fe, "_notify", notify)
+            landed.append("notify")
+            raise Interrupted
+
+        def interrupted_held(*args: Any) -> Any:
+            monkeypatch.setattr(_frontend, "held", held)
+            landed.append("held")
+            raise Interrupted
+
+        monkeypatch.setattr(fe, "_notify", interrupted_notify)
+        monkeypatch.setattr(_frontend, "held", interrupted_held)
+        wait_until(lambda: _command_ring_idle(fe))  # the RELEASE needs a notify
+        with pytest.raises(Interrupted):
+            s.close()
+        assert landed == ["notify", "held"]
+        s.close()
+        assert s.id not in fe._sockets
+        wait_until(lambda: ring in fe._ring_pool)
+
+
 @pytest.mark.parametrize("then", ["close", "open"])
 def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
     host: SimHost, backend: Any, then: str
