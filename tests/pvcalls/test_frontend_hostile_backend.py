@@ -1570,6 +1570,24 @@ def test_a_ring_whose_release_failed_is_not_reused(
     assert ring not in fe._ring_pool
 
 
+def test_a_ring_whose_release_failed_before_close_took_it_is_not_reused(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As above, the error answered before close() took the ring from the
+    socket: close() frees it then, whoever answered, never pooling it."""
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None
+    fake.rets[PVCALLS_RELEASE] = -EINVAL
+    pause = PauseAt(pvcalls.Frontend._release, "deadline = Deadline(self.timeout)")
+    closing = Call(lambda: pause.run(s.close))
+    assert pause.reached.wait(TIMEOUT)
+    wait_until(lambda: not fe._releases)  # answered
+    assert s._st.ring is ring  # not taken yet
+    pause.resume()
+    assert closing.join().error is None
+    assert _freed(ring) and ring not in fe._ring_pool
+
+
 def _freed(ring: Any) -> bool:
     """Whether the data ring ``ring`` was freed (its pages unshared)."""
     try:
