@@ -1281,6 +1281,25 @@ def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
     s.close()
 
 
+def test_a_frontend_close_waiting_for_a_release_that_cannot_go_out_ends_with_it(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frontend.close() (not in the main thread: it waits with no recheck)
+    waits for another thread's RELEASE, which finds no room on the command
+    ring until its timeout: once that gives up, close() goes on at once,
+    not at its own timeout."""
+    s = fe.socket()
+    monkeypatch.setattr(fe, "_free_entry", lambda: None)  # no room for anyone
+    fe.timeout = 0.5
+    closing = Call(s.close)  # its RELEASE waits for room
+    wait_until(lambda: bool(fe._cmd_cond._waiters))
+    fe.timeout = TIMEOUT  # for Frontend.close(): the RELEASE's wait began
+    frontend_closing = Call(fe.close)
+    wait_until(lambda: done_or_at(frontend_closing, pvcalls.Frontend._wait_releases,
+                                  "self._cmd_cond.wait("))
+    assert closing.join().error is None  # the RELEASE given up, the socket freed
+    assert frontend_closing.join(TIMEOUT / 2).error is None
+
+
 def test_a_release_the_backend_left_before_it_went_out_is_no_warning(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
         monkeypatch: pytest.MonkeyPatch) -> None:
