@@ -1300,6 +1300,26 @@ def test_a_frontend_close_waiting_for_a_release_that_cannot_go_out_ends_with_it(
     assert frontend_closing.join(TIMEOUT / 2).error is None
 
 
+def test_close_leaves_a_pending_accept_to_the_call_that_holds_its_lock(
+        fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture) -> None:
+    """close() finds the listener's accept lock held (by a call that never
+    returns): it says so at the frontend's timeout and leaves the pending
+    ACCEPT, and the socket it offers, to that call, also once it took
+    the recv and send locks that guard the ring (before, the ACCEPT was
+    taken from under the lock then, its socket freed under its user)."""
+    fake.hold = {PVCALLS_ACCEPT}
+    ls, _, _, new = _accept_in_flight(fe, fake)
+    inflight = ls._st.accept_inflight
+    ring = new._st.ring
+    ls._accept_lock.acquire()  # as a call that never returns holds it
+    fe.timeout = 0.5
+    ls.close()
+    fe.timeout = TIMEOUT
+    assert "its accept lock is still held" in caplog.text
+    assert ls._st.accept_inflight is inflight
+    assert ring is not None and new._st.ring is ring and not _freed(ring)
+
+
 def test_a_release_the_backend_left_before_it_went_out_is_no_warning(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
         monkeypatch: pytest.MonkeyPatch) -> None:
