@@ -166,6 +166,20 @@ def test_a_dropped_socket_whose_descriptor_failed_to_close_is_released_and_said_
     assert said.exc_info[1].errno == errno.EBADF
 
 
+def test_the_warning_of_a_dropped_socket_points_at_the_code_that_dropped_it(
+        fe: pvcalls.Frontend, backend: pvcalls.Backend) -> None:
+    """As socket.socket's ResourceWarning, it is said where the program
+    dropped the socket: not in the frontend, nor in weakref's finalize
+    that calls it."""
+    box = [fe.socket()]
+    sock_id = box[0].id
+    with pytest.warns(ResourceWarning, match="^unclosed <PVSocket") as caught:
+        box.clear()
+        gc.collect()
+    assert [w.filename for w in caught] == [__file__]
+    wait_until(lambda: sock_id not in held(backend, fe))
+
+
 def test_the_finaliser_takes_no_lock(fe: pvcalls.Frontend, backend: pvcalls.Backend) -> None:
     """The last reference goes in a thread that holds the frontend's lock
     (as the event thread does while it reads answers) and the socket's
