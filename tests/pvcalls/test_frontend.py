@@ -3496,6 +3496,35 @@ def test_a_refused_connect_interrupted_anywhere_loses_no_data_ring(
         assert any("Frontend._free_rings" in where for where in landed), landed
 
 
+def test_a_ring_given_back_as_another_goes_to_the_pool_goes_there_too_each_once(
+        fe: pvcalls.Frontend) -> None:
+    """Two refused connect()s give their rings back at once, the second as
+    the first takes what is on its way to the pool (under the frontend's
+    lock; a ring is given back without it): both reach the pool, each
+    once.  None is lost, nor pooled twice (two sockets would share it)."""
+    refused = _refused_address()
+    first, second = fe.socket(), fe.socket()
+    first.settimeout(TIMEOUT)
+    second.settimeout(TIMEOUT)
+    giving = PauseAt(_frontend.Frontend._put_data_ring, "self._give_back(holder")
+    taking = PauseAt(_frontend.Frontend._return_rings, "while given:")
+    seconds = Call(lambda: giving.run(lambda: second.connect(refused)))
+    assert giving.reached.wait(TIMEOUT)
+    firsts = Call(lambda: taking.run(lambda: first.connect(refused)))
+    assert taking.reached.wait(TIMEOUT)
+    [(one, _)] = fe._given_back
+    giving.resume()
+    wait_until(lambda: len(fe._given_back) == 2)  # its return waits for the lock
+    [_, (other, _)] = fe._given_back
+    taking.resume()
+    for call in (firsts, seconds):
+        assert isinstance(call.join().error, ConnectionRefusedError), call.error
+    pool = fe._ring_pool
+    assert one in pool and other in pool and len({id(ring) for ring in pool}) == len(pool)
+    first.close()
+    second.close()
+
+
 class _Rings:
     """A frontend for _sweep_interrupts whose close() is the call swept."""
 
