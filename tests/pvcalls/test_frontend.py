@@ -2460,6 +2460,25 @@ def test_a_close_before_open_leaves_the_frontend_to_open(host: SimHost, backend:
         s.close()
 
 
+def _in_function(thread: threading.Thread, name: str) -> bool:
+    """Whether ``thread`` runs ``name`` itself (not a function it called)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and frame.f_code.co_name == name
+
+
+def test_close_stops_the_event_thread_without_waiting_it_out(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """close() wakes the event thread, asleep in its wait, to stop it: not
+    woken, close() waited out its 10 s for it, then said it did not stop."""
+    fe = pvcalls.Frontend(host.create_domain("stops"), timeout=TIMEOUT)
+    with fe:
+        thread = fe._thread
+        assert thread is not None
+        wait_until(lambda: _in_function(thread, "_serve_events"))  # in epoll.poll()
+    assert not thread.is_alive()
+    assert "did not stop" not in caplog.text
+
+
 def test_a_frontend_opens_again_after_a_failed_open_or_a_close(server: Any) -> None:
     """open() again, after one that failed (no backend yet: retried once
     it runs) or after a close(), gives a working frontend, not one whose
@@ -3124,6 +3143,45 @@ def test_a_close_interrupted_before_its_release_went_out_is_finished_by_the_next
     wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
 
 
+def test_a_close_interrupted_twice_after_its_release_went_out_is_finished_by_the_next(
+    host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two Ctrl-Cs in one close(): the first between its RELEASE's push and
+    the notify (the RELEASE went out: close() goes on to finish the
+    release), the second as it goes on to take the socket's ring.  The
+    next close() finishes the release, the ring back in the pool once
+    answered.  Before, it took the release for one that another thread was
+    still sending and returned at once: the socket stayed in the
+    frontend's table, its ring never freed."""
+    srv = server()
+    guest = host.create_domain("twice-interrupted-close")
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
+        s = connected(fe, srv.address)
+        ring = s._st.ring
+        notify, held = fe._notify, _frontend.held
+        landed: list[str] = []
+
+        def interrupted_notify(port: int) -> None:
+            monkeypatch.setattr(fe, "_notify", notify)
+            landed.append("notify")
+            raise Interrupted
+
+        def interrupted_held(*args: Any) -> Any:
+            monkeypatch.setattr(_frontend, "held", held)
+            landed.append("held")
+            raise Interrupted
+
+        monkeypatch.setattr(fe, "_notify", interrupted_notify)
+        monkeypatch.setattr(_frontend, "held", interrupted_held)
+        wait_until(lambda: _command_ring_idle(fe))  # the RELEASE needs a notify
+        with pytest.raises(Interrupted):
+            s.close()
+        assert landed == ["notify", "held"]
+        s.close()
+        assert s.id not in fe._sockets
+        wait_until(lambda: ring in fe._ring_pool)
+
+
 @pytest.mark.parametrize("then", ["close", "open"])
 def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
     host: SimHost, backend: Any, then: str
@@ -3436,6 +3494,35 @@ def test_a_refused_connect_interrupted_anywhere_loses_no_data_ring(
     else:
         assert any("DataRing.free" in where for where in landed), landed
         assert any("Frontend._free_rings" in where for where in landed), landed
+
+
+def test_a_ring_given_back_as_another_goes_to_the_pool_goes_there_too_each_once(
+        fe: pvcalls.Frontend) -> None:
+    """Two refused connect()s give their rings back at once, the second as
+    the first takes what is on its way to the pool (under the frontend's
+    lock; a ring is given back without it): both reach the pool, each
+    once.  None is lost, nor pooled twice (two sockets would share it)."""
+    refused = _refused_address()
+    first, second = fe.socket(), fe.socket()
+    first.settimeout(TIMEOUT)
+    second.settimeout(TIMEOUT)
+    giving = PauseAt(_frontend.Frontend._put_data_ring, "self._give_back(holder")
+    taking = PauseAt(_frontend.Frontend._return_rings, "while given:")
+    seconds = Call(lambda: giving.run(lambda: second.connect(refused)))
+    assert giving.reached.wait(TIMEOUT)
+    firsts = Call(lambda: taking.run(lambda: first.connect(refused)))
+    assert taking.reached.wait(TIMEOUT)
+    [(one, _)] = fe._given_back
+    giving.resume()
+    wait_until(lambda: len(fe._given_back) == 2)  # its return waits for the lock
+    [_, (other, _)] = fe._given_back
+    taking.resume()
+    for call in (firsts, seconds):
+        assert isinstance(call.join().error, ConnectionRefusedError), call.error
+    pool = fe._ring_pool
+    assert one in pool and other in pool and len({id(ring) for ring in pool}) == len(pool)
+    first.close()
+    second.close()
 
 
 class _Rings:

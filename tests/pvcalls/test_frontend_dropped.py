@@ -18,6 +18,7 @@ from pvcalls_rawfront import Call, hold_accepts, wait_until
 
 import pvcalls
 from pvcalls._policy import Policy
+from pvcalls.frontend._socket import ReadyFd
 from xenback.sim import SimHost
 
 TIMEOUT = 10.0
@@ -132,6 +133,51 @@ def test_a_dropped_socket_is_released_whatever_it_was(
     sock_id = drop(box, state)
     wait_until(lambda: sock_id not in held(backend, fe))
     wait_until(lambda: not fe._releases)
+
+
+def test_a_dropped_socket_whose_descriptor_failed_to_close_is_released_and_said_so(
+        fe: pvcalls.Frontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Closing the descriptor fileno() gave a dropped socket fails (EBADF:
+    the program closed it): the reaper releases the socket all the same,
+    then says why, as close() would have raised it."""
+    s = fe.socket()
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    close = ReadyFd.close
+
+    def closed_by_the_program(fd: ReadyFd) -> None:
+        close(fd)
+        if fd is readyfd:
+            # Not closed for real before: another thread may reuse its number.
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(ReadyFd, "close", closed_by_the_program)
+    box = [s]
+    del s
+    sock_id = drop(box, "new")
+    wait_until(lambda: sock_id not in held(backend, fe))
+    wait_until(lambda: any(r.exc_info is not None and "releasing dropped socket" in r.getMessage()
+                           for r in caplog.records))
+    [said] = [r for r in caplog.records if "releasing dropped socket" in r.getMessage()]
+    assert said.getMessage() == f"pvcalls frontend: releasing dropped socket {sock_id:#x}"
+    assert said.exc_info is not None and isinstance(said.exc_info[1], OSError)
+    assert said.exc_info[1].errno == errno.EBADF
+
+
+def test_the_warning_of_a_dropped_socket_points_at_the_code_that_dropped_it(
+        fe: pvcalls.Frontend, backend: pvcalls.Backend) -> None:
+    """As socket.socket's ResourceWarning, it is said where the program
+    dropped the socket: not in the frontend, nor in weakref's finalize
+    that calls it."""
+    box = [fe.socket()]
+    sock_id = box[0].id
+    with pytest.warns(ResourceWarning, match="^unclosed <PVSocket") as caught:
+        box.clear()
+        gc.collect()
+    assert [w.filename for w in caught] == [__file__]
+    wait_until(lambda: sock_id not in held(backend, fe))
 
 
 def test_the_finaliser_takes_no_lock(fe: pvcalls.Frontend, backend: pvcalls.Backend) -> None:

@@ -65,7 +65,7 @@ from pvcalls.frontend import _common, _frontend
 from tests.xenback.xbhelpers import fails_once
 from xenback import _wire as _xb_wire
 from xenback.platform import EventChannelError, GrantMapping
-from xenback.ring import BackRing, FlexRing, FrontRing
+from xenback.ring import _REQ_EVENT, BackRing, FlexRing, FrontRing
 from xenback.sim import SimHost
 from xenback.xenstore import XenStore
 
@@ -1307,6 +1307,45 @@ def test_a_release_the_event_thread_cannot_send_is_given_up_at_once(
     s.close()
 
 
+def test_a_frontend_close_waiting_for_a_release_that_cannot_go_out_ends_with_it(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frontend.close() (not in the main thread: it waits with no recheck)
+    waits for another thread's RELEASE, which finds no room on the command
+    ring until its timeout: once that gives up, close() goes on at once,
+    not at its own timeout."""
+    s = fe.socket()
+    monkeypatch.setattr(fe, "_free_entry", lambda: None)  # no room for anyone
+    fe.timeout = 0.5
+    closing = Call(s.close)  # its RELEASE waits for room
+    wait_until(lambda: bool(fe._cmd_cond._waiters))
+    fe.timeout = TIMEOUT  # for Frontend.close(): the RELEASE's wait began
+    frontend_closing = Call(fe.close)
+    wait_until(lambda: done_or_at(frontend_closing, pvcalls.Frontend._wait_releases,
+                                  "self._cmd_cond.wait("))
+    assert closing.join().error is None  # the RELEASE given up, the socket freed
+    assert frontend_closing.join(TIMEOUT / 2).error is None
+
+
+def test_close_leaves_a_pending_accept_to_the_call_that_holds_its_lock(
+        fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture) -> None:
+    """close() finds the listener's accept lock held (by a call that never
+    returns): it says so at the frontend's timeout and leaves the pending
+    ACCEPT, and the socket it offers, to that call, also once it took
+    the recv and send locks that guard the ring (before, the ACCEPT was
+    taken from under the lock then, its socket freed under its user)."""
+    fake.hold = {PVCALLS_ACCEPT}
+    ls, _, _, new = _accept_in_flight(fe, fake)
+    inflight = ls._st.accept_inflight
+    ring = new._st.ring
+    ls._accept_lock.acquire()  # as a call that never returns holds it
+    fe.timeout = 0.5
+    ls.close()
+    fe.timeout = TIMEOUT
+    assert "its accept lock is still held" in caplog.text
+    assert ls._st.accept_inflight is inflight
+    assert ring is not None and new._st.ring is ring and not _freed(ring)
+
+
 def test_a_release_the_backend_left_before_it_went_out_is_no_warning(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1591,17 +1630,69 @@ def test_a_ring_whose_release_failed_is_not_reused(
     ring = s._st.ring
     assert ring is not None
     fake.rets[PVCALLS_RELEASE] = -EINVAL
-
-    def freed() -> bool:
-        try:
-            ring.indexes.nbytes  # noqa: B018 (raises once released)
-        except ValueError:
-            return True
-        return False
-
     s.close()
-    wait_until(lambda: freed() or ring in fe._ring_pool)
+    wait_until(lambda: _freed(ring) or ring in fe._ring_pool)
     assert ring not in fe._ring_pool
+
+
+def test_a_ring_whose_release_failed_before_close_took_it_is_not_reused(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As above, the error answered before close() took the ring from the
+    socket: close() frees it then, whoever answered, never pooling it."""
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None
+    fake.rets[PVCALLS_RELEASE] = -EINVAL
+    pause = PauseAt(pvcalls.Frontend._release, "deadline = Deadline(self.timeout)")
+    closing = Call(lambda: pause.run(s.close))
+    assert pause.reached.wait(TIMEOUT)
+    wait_until(lambda: not fe._releases)  # answered
+    assert s._st.ring is ring  # not taken yet
+    pause.resume()
+    assert closing.join().error is None
+    assert _freed(ring) and ring not in fe._ring_pool
+
+
+def _freed(ring: Any) -> bool:
+    """Whether the data ring ``ring`` was freed (its pages unshared)."""
+    try:
+        ring.indexes.nbytes  # noqa: B018 (raises once released)
+    except ValueError:
+        return True
+    return False
+
+
+def test_a_release_whose_notify_failed_waits_for_its_answer(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A RELEASE whose notify failed went out all the same: it is on the
+    ring, and the next notify (owed, see _kick_owed) has the backend
+    answer it.  Its data ring waits for that answer and then goes to the
+    pool, as any released one; freed at once, as if the RELEASE never
+    went out, it was unshared while the backend still mapped it."""
+    s, _ = connected(fe, fake)
+    ring = s._st.ring
+    assert ring is not None
+    fake.hold = {PVCALLS_RELEASE}
+    notify = fe._notify
+
+    def fail_once(port: int) -> None:
+        monkeypatch.setattr(fe, "_notify", notify)
+        raise OSError(errno.EIO, "the notify failed")
+
+    monkeypatch.setattr(fe, "_notify", fail_once)
+    cmd_ring = fe._ring
+    assert cmd_ring is not None
+    # Waiting for a notify (see ring.h's req_event), or the RELEASE needs none.
+    wait_until(lambda: cmd_ring._idx[_REQ_EVENT] == (cmd_ring.req_prod_pvt + 1) & 0xFFFFFFFF)
+    s.close()
+    assert f"RELEASE of {s.id:#x} failed: [Errno {errno.EIO}] the notify failed" in caplog.text
+    req = fake.next_request(PVCALLS_RELEASE)
+    assert not _freed(ring) and ring not in fe._ring_pool  # the answer not in yet
+    fake.respond(req, 0)
+    wait_until(lambda: _freed(ring) or ring in fe._ring_pool)
+    assert ring in fe._ring_pool
+    fake.hold = set()
 
 
 @pytest.mark.parametrize("call", ["bind", "listen"])
@@ -4074,13 +4165,14 @@ def test_bind_and_listen_return_marked_before_the_event_thread_marks(
     s.close()
 
 
+@pytest.mark.parametrize("how", ["dropped", "closed"])
 def test_a_dropped_listener_drops_the_socket_an_accept_cut_short_left(
-        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
-    """A listener dropped unclosed whose last accept() left the socket of
-    an ACCEPT that did not go out in its ``unsent`` (a Ctrl-C in the
-    drop): its release drops that socket too, with no RELEASE of its own
-    (the backend never made it) and no warning (the program never had
-    it).  Left there, it went with the listener's state as a socket
+        fe: pvcalls.Frontend, fake: FakeBackend, how: str) -> None:
+    """A listener dropped unclosed (or closed) whose last accept() left the
+    socket of an ACCEPT that did not go out in its ``unsent`` (a Ctrl-C
+    in the drop): its release drops that socket too, with no RELEASE of
+    its own (the backend never made it) and no warning (the program never
+    had it).  Left there, it went with the listener's state as a socket
     dropped unclosed: a ResourceWarning, and a RELEASE of an id the
     backend does not know."""
     ls = _listener(fe)
@@ -4112,13 +4204,15 @@ def test_a_dropped_listener_drops_the_socket_an_accept_cut_short_left(
     del left
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if how == "closed":
+            ls.close()
         del ls
         gc.collect()
         assert ls_ref() is None
         wait_until(lambda: fe._sockets == {})
         gc.collect()
     assert released == [ls_id]
-    assert len(_unclosed(caught)) == 1  # the listener's
+    assert len(_unclosed(caught)) == (how == "dropped")  # the listener's
     assert len(fe._ring_pool) == 1
 
 
