@@ -759,6 +759,38 @@ def test_a_removal_waiting_for_a_backend_fails_at_once_when_xenstore_goes() -> N
     assert f"XenStore went away while waiting for {dev.backend_path}/state" in str(error)
 
 
+def test_a_removal_woken_by_an_event_as_xenstore_goes_says_it_went_away() -> None:
+    """An event that wakes the wait for Closed just before XenStore goes
+    (one still on its way as the host closes): the read that follows
+    fails, and says so as the wait itself would have."""
+    host = SimHost()
+    host.start()
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("vif", guest.domid)
+    outcome: list[BaseException] = []
+    # The second read: the one after an event (the watch's first, at least).
+    pause = PauseAt(Toolstack._wait_closed, "state = _read(client, path)", skip=1)
+
+    def remove() -> None:
+        try:
+            host.toolstack.remove_device(dev, timeout=600)
+        except BaseException as e:
+            outcome.append(e)
+
+    remover = threading.Thread(target=pause.run, args=(remove,))
+    remover.start()
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        host.close()
+    finally:
+        pause.resume()
+    remover.join(TIMEOUT)
+    assert not remover.is_alive()
+    (error,) = outcome
+    assert isinstance(error, pyxs.ConnectionError)
+    assert f"XenStore went away while waiting for {dev.backend_path}/state" in str(error)
+
+
 def test_a_client_closed_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) -> None:
     """Each operation closes its client as it ends: pyxs's terminate()
     tests that the connection is up and then writes to the router's

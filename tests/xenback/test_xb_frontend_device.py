@@ -18,6 +18,7 @@ from tests.stolensignal import Interrupted
 from tests.xenback.xbhelpers import (
     TIMEOUT,
     Census,
+    backend_device,
     frontend_in_child,
     handed_over,
     leaked_threads,
@@ -217,9 +218,13 @@ def test_close_after_the_domain_was_destroyed_has_nobody_to_tell(host, driver) -
     guest = host.create_domain("guest")
     with FrontendDevice.add(guest, "xbtest") as fe:
         _connect(fe)
+        bdev = backend_device(driver, guest.domid)
         host.destroy_domain(guest)
     stats = host.hypervisor.stats()
     assert (stats["grants"], stats["ports"]) == (0, 0)
+    # The drop goes on after the Closed the toolstack waited for.
+    driver.wait_call("remove", guest.domid)
+    bdev.events.flush()
     assert driver.devices() == []
 
 

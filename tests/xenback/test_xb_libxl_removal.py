@@ -98,10 +98,12 @@ def test_hot_unplug_of_the_last_device_then_a_new_one(
     fe.wait_backend(S.INIT_WAIT)
     fe.publish()
     fe.wait_backend(S.CONNECTED)
+    bdev = backend_device(driver, guest.domid, devid=1)
     fe.close()
     host.destroy_domain(guest)
     _no_forced_removal(caplog)
     driver.wait_call("remove", guest.domid, devid=1)
+    bdev.events.flush()  # the drop goes on after remove()
     assert driver.devices() == []
     census.check()
 

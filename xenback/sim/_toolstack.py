@@ -413,7 +413,13 @@ class Toolstack(Closing):
         Any event wakes the wait: each one is followed by a fresh read."""
         with self._client() as client:
             while True:
-                state = _read(client, path)
+                try:
+                    state = _read(client, path)
+                except pyxs.ConnectionError as exc:
+                    # An event that woke us as XenStore went (one on its
+                    # way then) leads here, not to the _LOST behind it:
+                    # the same loss, said the same way.
+                    raise _went_away(path) from exc
                 if state is None or _int(state) == XENBUS_STATE_CLOSED:
                     return True
                 remaining = deadline - time.monotonic()
@@ -427,9 +433,7 @@ class Toolstack(Closing):
                     continue
                 if event is _LOST:
                     events.put(_LOST)  # for the waits on the other devices
-                    raise pyxs.ConnectionError(
-                        f"XenStore went away while waiting for {path.decode()} to read Closed"
-                    )
+                    raise _went_away(path)
 
 
 def _nothing() -> None:
@@ -438,6 +442,12 @@ def _nothing() -> None:
 
 #: Put in a watch's event queue when its connection is lost.
 _LOST = object()
+
+
+def _went_away(path: bytes) -> pyxs.ConnectionError:
+    return pyxs.ConnectionError(
+        f"XenStore went away while waiting for {path.decode()} to read Closed"
+    )
 
 
 def _lost(exc: Exception) -> None:
