@@ -308,6 +308,11 @@ def test_enable_while_cancel_sync_waits_is_still_unbalanced(make_wq: Any) -> Non
     with pytest.raises(RuntimeError, match="not disabled"):
         w.enable()
     assert wq.queue_work(w) is False  # refused while cancel_sync waits
+    # The caller's own disable() nests apart from the hold: undoing it
+    # leaves no disable of the caller's, which enable() says.
+    assert w.disable() is False
+    assert w.enable() is True
+    assert w.disabled  # the hold is still there
     gate.release.set()
     canceller.join(TIMEOUT)
     assert not w.disabled
@@ -365,6 +370,30 @@ def test_disable_enable_counter_and_return_values(make_wq: Any) -> None:
     blocker.release.set()
     wq.flush()
     assert ran == [1]
+
+
+def test_repr_says_pending_running_disabled_and_cancelling(make_wq: Any) -> None:
+    """repr() shows the item's state: the caller's disable count apart
+    from a cancel_sync()'s hold, which shows as cancelling."""
+    wq = make_wq()
+    gate = Gate()
+    w = Work(gate)
+    assert not any(s in repr(w) for s in ("pending", "running", "disabled", "cancelling"))
+    wq.queue_work(w)
+    assert gate.started.wait(TIMEOUT)
+    assert repr(w).endswith(" running>"), repr(w)
+    wq.queue_work(w)
+    assert repr(w).endswith(" pending running>"), repr(w)
+    canceller = threading.Thread(target=w.cancel_sync)
+    canceller.start()
+    wait_until(lambda: w.disabled)
+    assert repr(w).endswith(" running cancelling>"), repr(w)
+    w.disable()
+    w.disable()
+    assert repr(w).endswith(" running disabled=2 cancelling>"), repr(w)
+    gate.release.set()
+    joined(canceller)
+    assert repr(w).endswith(" disabled=2>"), repr(w)
 
 
 def test_disable_sync_waits_for_the_running_instance(make_wq: Any) -> None:
