@@ -145,6 +145,19 @@ def test_a_cancelled_delayed_item_is_not_kept_by_its_timer(make_wq: Any) -> None
     assert gone() is None, "the disarmed timer still holds the item"
 
 
+def test_a_delayed_item_flushed_off_its_timer_is_not_kept_by_it(make_wq: Any) -> None:
+    """flush() queues the item at once and disarms its timer, as cancel()
+    does: the timer thread does not hold it for the hour it was due in."""
+    wq = make_wq()
+    dw = DelayedWork(lambda w: None)
+    assert wq.queue_delayed_work(dw, 3600) is True
+    assert dw.flush() is True
+    gone = weakref.ref(dw)
+    del dw
+    gc.collect()
+    assert gone() is None, "the timer that flush() took the item off still holds it"
+
+
 def test_cancel_on_the_timer_and_later_timers_fire_in_order(make_wq: Any) -> None:
     wq = make_wq()
     ran: list[str] = []
