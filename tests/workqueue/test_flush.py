@@ -154,6 +154,44 @@ def test_drain_allows_chained_queueing_only(make_wq: Any) -> None:
     w.flush()
 
 
+def test_destroy_lets_its_own_items_chain_until_drained(make_wq: Any) -> None:
+    """destroy() drains as drain() does: its items may still queue (the
+    workqueue is not destroyed yet), others may not, and queueing an item
+    that is pending there coalesces, as ever."""
+    wq = make_wq(ordered=True)
+    release, started = threading.Event(), threading.Event()
+    chain = [0]
+
+    def chained(work: Work) -> None:
+        chain[0] += 1
+        if chain[0] < 20:
+            assert wq.queue_work(work) is True
+
+    def gate(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        assert wq.queue_work(Work(chained)) is True
+
+    behind = Work(lambda w: None)
+    wq.queue_work(Work(gate))
+    wq.queue_work(behind)  # pending behind the gate: the workqueue is ordered
+    assert started.wait(TIMEOUT)
+    destroyer = threading.Thread(target=wq.destroy, daemon=True)
+    destroyer.start()
+    try:
+        while wq._state < _workqueue._DESTROYING:
+            destroyer.join(0.001)
+        assert wq.queue_work(behind) is False
+        with pytest.raises(RuntimeError, match="being destroyed: only its own work items"):
+            wq.queue_work(Work(lambda w: None))
+    finally:
+        release.set()
+    destroyer.join(TIMEOUT)
+    assert not destroyer.is_alive()
+    assert chain[0] == 20 and not behind.pending
+    assert wq._state == _workqueue._DESTROYED
+
+
 def test_destroy_drains_then_refuses_everything(make_wq: Any) -> None:
     wq = make_wq(flags=WQ_FREEZABLE)
     ran: list[int] = []
