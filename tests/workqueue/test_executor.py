@@ -550,6 +550,27 @@ def test_shutdown_without_wait_and_context_manager() -> None:
     assert g.done() and g.result() == 3
 
 
+def test_shutdown_with_wait_after_one_without_waits_for_the_calls(make_wq: Any) -> None:
+    """As ThreadPoolExecutor's: a shutdown(wait=True) that finds the
+    shutdown under way returns once the calls are done, the workqueue
+    destroyed; shutdown(wait=False) from a call of its own is fine."""
+    wq = make_wq(flags=WQ_UNBOUND)  # the second call runs beside the held one
+    release, started = threading.Event(), threading.Event()
+    held = wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    assert wq.submit(wq.shutdown, wait=False).result(TIMEOUT) is None
+    waiter = threading.Thread(target=wq.shutdown, daemon=True)
+    waiter.start()
+    try:
+        waiter.join(0.05)
+        assert waiter.is_alive(), "shutdown() returned while a call still ran"
+    finally:
+        release.set()
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive()
+    assert held.done() and wq._destroyed.is_set()
+
+
 def test_asyncio_run_in_executor(make_wq: Any) -> None:
     wq = make_wq()
 
