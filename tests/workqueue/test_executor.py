@@ -22,6 +22,7 @@ from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
 
 from workqueue import (
+    WQ_MAX_ACTIVE,
     WQ_UNBOUND,
     DelayedWork,
     LoadIndex,
@@ -1161,6 +1162,13 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
         alloc_workqueue("x", 0, 100000, topology=topo)
     with pytest.raises(TypeError, match="max_active"):
         alloc_workqueue("x", 0, 1.5, topology=topo)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"max_active must be 0 \(default\) to {WQ_MAX_ACTIVE}"):
+        alloc_workqueue("x", 0, WQ_MAX_ACTIVE + 1, topology=topo)
+    top = make_wq("top", 0, WQ_MAX_ACTIVE)  # the bound itself is fine
+    assert top.stats().max_active == WQ_MAX_ACTIVE
+    top.set_max_active(WQ_MAX_ACTIVE)
+    with pytest.raises(ValueError, match=rf"max_active must be 1 to {WQ_MAX_ACTIVE}"):
+        top.set_max_active(WQ_MAX_ACTIVE + 1)
     with pytest.raises(TypeError, match="topology"):
         alloc_workqueue("x", topology="cpu0")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="flags"):
