@@ -296,6 +296,28 @@ def test_destroy_while_another_destroy_drains_is_refused(make_wq: Any) -> None:
     assert wq._state == _workqueue._DESTROYED
 
 
+def test_shutdown_while_a_destroy_drains_joins_it(make_wq: Any) -> None:
+    """shutdown() of a workqueue that a destroy() is destroying starts no
+    destruction of its own (no second drain, no thread): with wait, it
+    waits for the end of that one."""
+    wq = make_wq()
+    started, release = threading.Event(), threading.Event()
+    wq.queue_work(Work(lambda w: (started.set(), release.wait(TIMEOUT))))
+    assert started.wait(TIMEOUT)
+    first = threading.Thread(target=wq.destroy, daemon=True)
+    first.start()
+    try:
+        while wq._state < _workqueue._DESTROYING:
+            first.join(0.001)
+        wq.shutdown(wait=False)
+        assert wq._destroy_thread is None and wq._nr_drainers == 1
+        assert_waits_until_released(wq.shutdown, release, "shutdown() during destroy()")
+    finally:
+        release.set()
+    first.join(TIMEOUT)
+    assert not first.is_alive() and wq._destroyed.is_set()
+
+
 def test_flush_drain_destroy_from_own_item_raise(make_wq: Any) -> None:
     wq = make_wq()
     errors: list[str] = []
