@@ -486,6 +486,8 @@ def test_bad_delays_and_items(make_wq: Any) -> None:
     assert ran.wait(TIMEOUT)
     with pytest.raises(TypeError, match="delay"):
         wq.queue_delayed_work(dw, "1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not bool"):  # True is no number of seconds
+        wq.mod_delayed_work(dw, True)
     with pytest.raises(TypeError, match="DelayedWork"):
         wq.queue_delayed_work(Work(lambda w: None), 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="CPU 7"):
