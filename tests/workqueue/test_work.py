@@ -329,6 +329,12 @@ def test_an_int_subclass_is_a_cpu_number(make_wq: Any) -> None:
     ran = threading.Event()
     assert wq.queue_work_on(Cpu.FIRST, Work(lambda work: ran.set())) is True
     assert ran.wait(TIMEOUT)
+    # But True and 1.0, which find CPU 1 in a dict, are no CPU numbers.
+    w = Work(lambda work: None)
+    for cpu in (True, 1.0):
+        with pytest.raises(TypeError, match="CPU number must be an int"):
+            wq.queue_work_on(cpu, w)
+    assert not w.pending
 
 
 def test_flush_and_cancel_sync_from_own_function_raise(make_wq: Any) -> None:
