@@ -321,6 +321,21 @@ def test_enable_while_cancel_sync_waits_is_still_unbalanced(make_wq: Any) -> Non
     assert gate.runs == 2
 
 
+def test_the_wait_of_a_cancel_sync_completes_and_drops_its_hold_once() -> None:
+    """Completing is idempotent, as for every Completion: a loop that
+    completes flushes and that Ctrl-C cut short runs again (see
+    _pool.settle), and the hold must not go twice."""
+    from workqueue._work import _CANCEL_HOLD, _CancelSync
+
+    w = Work(lambda work: None)
+    w.disable()
+    hold = _CancelSync(w)
+    w._disable += _CANCEL_HOLD  # as Work._start_flush adds it
+    hold.complete()
+    hold.complete()
+    assert hold.wait(0) and w._disable == 1 and w.enable() is True
+
+
 def test_an_int_subclass_is_a_cpu_number(make_wq: Any) -> None:
     class Cpu(enum.IntEnum):
         FIRST = 0
