@@ -145,6 +145,19 @@ def test_a_cancelled_delayed_item_is_not_kept_by_its_timer(make_wq: Any) -> None
     assert gone() is None, "the disarmed timer still holds the item"
 
 
+def test_a_delayed_item_flushed_off_its_timer_is_not_kept_by_it(make_wq: Any) -> None:
+    """flush() queues the item at once and disarms its timer, as cancel()
+    does: the timer thread does not hold it for the hour it was due in."""
+    wq = make_wq()
+    dw = DelayedWork(lambda w: None)
+    assert wq.queue_delayed_work(dw, 3600) is True
+    assert dw.flush() is True
+    gone = weakref.ref(dw)
+    del dw
+    gc.collect()
+    assert gone() is None, "the timer that flush() took the item off still holds it"
+
+
 def test_cancel_on_the_timer_and_later_timers_fire_in_order(make_wq: Any) -> None:
     wq = make_wq()
     ran: list[str] = []
@@ -384,6 +397,45 @@ def test_flush_of_delayed_work_during_drain_drops_and_logs_it(
     assert ran == []
 
 
+def test_a_timer_dropped_during_drain_leaves_a_flush_of_the_run_waiting(
+        make_wq: Any, log_waiter: Any) -> None:
+    """An item queued on its timer while it runs, whose timer a draining
+    workqueue refuses: the drop ends the pending instance, not the run,
+    which a flush() registered before still waits for."""
+    wq = make_wq()
+    logged = log_waiter("workqueue._workqueue", "not run")
+    started, release = threading.Event(), threading.Event()
+
+    def func(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    dw = DelayedWork(func)
+    wq.queue_work(dw)
+    assert started.wait(TIMEOUT)
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(dw.flush()), daemon=True)
+    drainer = threading.Thread(target=wq.drain, daemon=True)
+    try:
+        flusher.start()
+        wait_until(lambda: dw._flushers, "the flush is registered")
+        timers = HeldTimers()
+        assert wq.queue_delayed_work(dw, 0.001) is True
+        drainer.start()
+        while wq._state == 0:  # until drain() has started
+            drainer.join(0.001)
+        timers.release.set()
+        assert logged.seen.wait(TIMEOUT)
+        assert not dw.pending and dw.running
+        flusher.join(0.05)
+        assert flusher.is_alive() and dw._flushers, "the dropped timer ended the flush"
+    finally:
+        release.set()
+    flusher.join(TIMEOUT)
+    drainer.join(TIMEOUT)
+    assert result == [True] and not drainer.is_alive()
+
+
 def test_work_flush_does_not_wait_for_an_item_on_its_timer(make_wq: Any) -> None:
     """Work.flush() (flush_work) waits for queued or running instances
     only; the timer is DelayedWork.flush()'s business."""
@@ -434,6 +486,8 @@ def test_bad_delays_and_items(make_wq: Any) -> None:
     assert ran.wait(TIMEOUT)
     with pytest.raises(TypeError, match="delay"):
         wq.queue_delayed_work(dw, "1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not bool"):  # True is no number of seconds
+        wq.mod_delayed_work(dw, True)
     with pytest.raises(TypeError, match="DelayedWork"):
         wq.queue_delayed_work(Work(lambda w: None), 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="CPU 7"):

@@ -22,6 +22,7 @@ from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
 
 from workqueue import (
+    WQ_MAX_ACTIVE,
     WQ_UNBOUND,
     DelayedWork,
     LoadIndex,
@@ -548,6 +549,27 @@ def test_shutdown_without_wait_and_context_manager() -> None:
     with alloc_ordered_workqueue("ctx", topology=topo) as owq:
         g = owq.submit(len, "abc")
     assert g.done() and g.result() == 3
+
+
+def test_shutdown_with_wait_after_one_without_waits_for_the_calls(make_wq: Any) -> None:
+    """As ThreadPoolExecutor's: a shutdown(wait=True) that finds the
+    shutdown under way returns once the calls are done, the workqueue
+    destroyed; shutdown(wait=False) from a call of its own is fine."""
+    wq = make_wq(flags=WQ_UNBOUND)  # the second call runs beside the held one
+    release, started = threading.Event(), threading.Event()
+    held = wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    assert wq.submit(wq.shutdown, wait=False).result(TIMEOUT) is None
+    waiter = threading.Thread(target=wq.shutdown, daemon=True)
+    waiter.start()
+    try:
+        waiter.join(0.05)
+        assert waiter.is_alive(), "shutdown() returned while a call still ran"
+    finally:
+        release.set()
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive()
+    assert held.done() and wq._destroyed.is_set()
 
 
 def test_asyncio_run_in_executor(make_wq: Any) -> None:
@@ -1140,6 +1162,13 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
         alloc_workqueue("x", 0, 100000, topology=topo)
     with pytest.raises(TypeError, match="max_active"):
         alloc_workqueue("x", 0, 1.5, topology=topo)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"max_active must be 0 \(default\) to {WQ_MAX_ACTIVE}"):
+        alloc_workqueue("x", 0, WQ_MAX_ACTIVE + 1, topology=topo)
+    top = make_wq("top", 0, WQ_MAX_ACTIVE)  # the bound itself is fine
+    assert top.stats().max_active == WQ_MAX_ACTIVE
+    top.set_max_active(WQ_MAX_ACTIVE)
+    with pytest.raises(ValueError, match=rf"max_active must be 1 to {WQ_MAX_ACTIVE}"):
+        top.set_max_active(WQ_MAX_ACTIVE + 1)
     with pytest.raises(TypeError, match="topology"):
         alloc_workqueue("x", topology="cpu0")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="flags"):

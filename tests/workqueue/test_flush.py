@@ -154,6 +154,44 @@ def test_drain_allows_chained_queueing_only(make_wq: Any) -> None:
     w.flush()
 
 
+def test_destroy_lets_its_own_items_chain_until_drained(make_wq: Any) -> None:
+    """destroy() drains as drain() does: its items may still queue (the
+    workqueue is not destroyed yet), others may not, and queueing an item
+    that is pending there coalesces, as ever."""
+    wq = make_wq(ordered=True)
+    release, started = threading.Event(), threading.Event()
+    chain = [0]
+
+    def chained(work: Work) -> None:
+        chain[0] += 1
+        if chain[0] < 20:
+            assert wq.queue_work(work) is True
+
+    def gate(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        assert wq.queue_work(Work(chained)) is True
+
+    behind = Work(lambda w: None)
+    wq.queue_work(Work(gate))
+    wq.queue_work(behind)  # pending behind the gate: the workqueue is ordered
+    assert started.wait(TIMEOUT)
+    destroyer = threading.Thread(target=wq.destroy, daemon=True)
+    destroyer.start()
+    try:
+        while wq._state < _workqueue._DESTROYING:
+            destroyer.join(0.001)
+        assert wq.queue_work(behind) is False
+        with pytest.raises(RuntimeError, match="being destroyed: only its own work items"):
+            wq.queue_work(Work(lambda w: None))
+    finally:
+        release.set()
+    destroyer.join(TIMEOUT)
+    assert not destroyer.is_alive()
+    assert chain[0] == 20 and not behind.pending
+    assert wq._state == _workqueue._DESTROYED
+
+
 def test_destroy_drains_then_refuses_everything(make_wq: Any) -> None:
     wq = make_wq(flags=WQ_FREEZABLE)
     ran: list[int] = []
@@ -258,6 +296,28 @@ def test_destroy_while_another_destroy_drains_is_refused(make_wq: Any) -> None:
     assert wq._state == _workqueue._DESTROYED
 
 
+def test_shutdown_while_a_destroy_drains_joins_it(make_wq: Any) -> None:
+    """shutdown() of a workqueue that a destroy() is destroying starts no
+    destruction of its own (no second drain, no thread): with wait, it
+    waits for the end of that one."""
+    wq = make_wq()
+    started, release = threading.Event(), threading.Event()
+    wq.queue_work(Work(lambda w: (started.set(), release.wait(TIMEOUT))))
+    assert started.wait(TIMEOUT)
+    first = threading.Thread(target=wq.destroy, daemon=True)
+    first.start()
+    try:
+        while wq._state < _workqueue._DESTROYING:
+            first.join(0.001)
+        wq.shutdown(wait=False)
+        assert wq._destroy_thread is None and wq._nr_drainers == 1
+        assert_waits_until_released(wq.shutdown, release, "shutdown() during destroy()")
+    finally:
+        release.set()
+    first.join(TIMEOUT)
+    assert not first.is_alive() and wq._destroyed.is_set()
+
+
 def test_flush_drain_destroy_from_own_item_raise(make_wq: Any) -> None:
     wq = make_wq()
     errors: list[str] = []
@@ -272,7 +332,9 @@ def test_flush_drain_destroy_from_own_item_raise(make_wq: Any) -> None:
     w = Work(func)
     wq.queue_work(w)
     w.flush()
-    assert len(errors) == 3 and all("deadlock" in e for e in errors)
+    assert errors == [f"{op}() of workqueue 'test' from one of its own work items would deadlock"
+                      for op in ("flush", "drain", "destroy")]
+    assert "running" in repr(wq) and wq._nr_drainers == 0  # as it was
 
 
 def test_shutdown_with_wait_from_own_item_raises_and_changes_nothing(make_wq: Any) -> None:

@@ -472,6 +472,8 @@ def test_max_active_is_per_queue_for_unbound(make_wq: Any, topo: Any) -> None:
 
 def test_ordered_queue_runs_one_at_a_time_in_queueing_order(make_wq: Any, tracer: Any) -> None:
     wq = make_wq(ordered=True)
+    # As the kernel's alloc_ordered_workqueue(): unbound, which it says.
+    assert wq.flags & WQ_UNBOUND and wq.stats().flags & WQ_UNBOUND
     wq.add_trace_hook(tracer)
     lock = threading.Lock()
     state = {"active": 0, "max": 0}

@@ -395,6 +395,44 @@ def test_thaw_releases_a_freeze_still_waiting_for_in_flight_items(make_wq: Any) 
     wq.thaw()
 
 
+def test_set_max_active_while_frozen_holds_the_items_until_thaw(make_wq: Any) -> None:
+    """The new limit waits for thaw(), as the kernel's max_active stays 0
+    while its workqueues are frozen: raising it lets nothing run."""
+    wq = make_wq("frz", WQ_FREEZABLE, 1)
+    wq.freeze()
+    ran: list[int] = []
+    items = [Work(lambda w, i=i: ran.append(i)) for i in range(3)]
+    for item in items:
+        assert wq.queue_work_on(0, item) is True
+    wq.set_max_active(4)
+    assert all(item.pending for item in items) and ran == []
+    assert sum(p.max_active for p in wq.stats().pools) == 0
+    assert wq.stats().max_active == 4
+    wq.thaw()
+    wq.flush()
+    assert sorted(ran) == [0, 1, 2]
+    assert {p.max_active for p in wq.stats().pools} == {4}
+
+
+def test_freeze_from_an_own_item_is_refused_before_anything_changes(make_wq: Any) -> None:
+    """It would wait for the item that calls it."""
+    wq = make_wq("frz", WQ_FREEZABLE)
+    refused: list[BaseException] = []
+
+    def freezing(work: Work) -> None:
+        try:
+            wq.freeze(timeout=TIMEOUT)
+        except BaseException as e:
+            refused.append(e)
+
+    work = Work(freezing)
+    assert wq.queue_work(work)
+    work.flush(timeout=2 * TIMEOUT)
+    assert [type(e) for e in refused] == [RuntimeError], refused
+    assert "from one of its own work items would deadlock" in str(refused[0])
+    assert not wq._frozen and "frozen" not in wq.dump()
+
+
 def test_freeze_needs_wq_freezable_and_blocks_drain(make_wq: Any) -> None:
     wq = make_wq()
     with pytest.raises(RuntimeError, match="WQ_FREEZABLE"):

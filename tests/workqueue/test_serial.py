@@ -402,6 +402,26 @@ def test_workqueue_shutdown_cancel_futures_cancels_the_serial_calls_too(topo: To
     assert running.result(TIMEOUT) == "first"
 
 
+def test_workqueue_shutdown_cancel_futures_leaves_another_workqueues_serial_calls(
+        topo: Topology) -> None:
+    """Another workqueue of the same topology shares the pools, and a key
+    of its runs on a worker of a pool ours uses: its waiting calls are
+    not ours to cancel."""
+    wq = alloc_workqueue("serial-cancel", topology=topo)
+    other = alloc_workqueue("serial-other", topology=topo)
+    gate = threading.Event()
+    try:
+        ex = other.serial("k")
+        running = submit_held(ex, gate)
+        waiting = ex.submit(lambda: "ran")
+        wq.shutdown(wait=True, cancel_futures=True)
+        assert not waiting.cancelled()
+    finally:
+        gate.set()
+    assert running.result(TIMEOUT) == "first" and waiting.result(TIMEOUT) == "ran"
+    other.destroy()
+
+
 def test_workqueue_shutdown_refuses_the_serial_calls_too(topo: Topology) -> None:
     """Once wq.shutdown() has started, its serial executors refuse new calls
     as wq.submit() does, whether or not the key's Work is pending (a pending

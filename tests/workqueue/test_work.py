@@ -308,12 +308,32 @@ def test_enable_while_cancel_sync_waits_is_still_unbalanced(make_wq: Any) -> Non
     with pytest.raises(RuntimeError, match="not disabled"):
         w.enable()
     assert wq.queue_work(w) is False  # refused while cancel_sync waits
+    # The caller's own disable() nests apart from the hold: undoing it
+    # leaves no disable of the caller's, which enable() says.
+    assert w.disable() is False
+    assert w.enable() is True
+    assert w.disabled  # the hold is still there
     gate.release.set()
     canceller.join(TIMEOUT)
     assert not w.disabled
     assert wq.queue_work(w) is True
     w.flush()
     assert gate.runs == 2
+
+
+def test_the_wait_of_a_cancel_sync_completes_and_drops_its_hold_once() -> None:
+    """Completing is idempotent, as for every Completion: a loop that
+    completes flushes and that Ctrl-C cut short runs again (see
+    _pool.settle), and the hold must not go twice."""
+    from workqueue._work import _CANCEL_HOLD, _CancelSync
+
+    w = Work(lambda work: None)
+    w.disable()
+    hold = _CancelSync(w)
+    w._disable += _CANCEL_HOLD  # as Work._start_flush adds it
+    hold.complete()
+    hold.complete()
+    assert hold.wait(0) and w._disable == 1 and w.enable() is True
 
 
 def test_an_int_subclass_is_a_cpu_number(make_wq: Any) -> None:
@@ -324,6 +344,12 @@ def test_an_int_subclass_is_a_cpu_number(make_wq: Any) -> None:
     ran = threading.Event()
     assert wq.queue_work_on(Cpu.FIRST, Work(lambda work: ran.set())) is True
     assert ran.wait(TIMEOUT)
+    # But True and 1.0, which find CPU 1 in a dict, are no CPU numbers.
+    w = Work(lambda work: None)
+    for cpu in (True, 1.0):
+        with pytest.raises(TypeError, match="CPU number must be an int"):
+            wq.queue_work_on(cpu, w)
+    assert not w.pending
 
 
 def test_flush_and_cancel_sync_from_own_function_raise(make_wq: Any) -> None:
@@ -365,6 +391,30 @@ def test_disable_enable_counter_and_return_values(make_wq: Any) -> None:
     blocker.release.set()
     wq.flush()
     assert ran == [1]
+
+
+def test_repr_says_pending_running_disabled_and_cancelling(make_wq: Any) -> None:
+    """repr() shows the item's state: the caller's disable count apart
+    from a cancel_sync()'s hold, which shows as cancelling."""
+    wq = make_wq()
+    gate = Gate()
+    w = Work(gate)
+    assert not any(s in repr(w) for s in ("pending", "running", "disabled", "cancelling"))
+    wq.queue_work(w)
+    assert gate.started.wait(TIMEOUT)
+    assert repr(w).endswith(" running>"), repr(w)
+    wq.queue_work(w)
+    assert repr(w).endswith(" pending running>"), repr(w)
+    canceller = threading.Thread(target=w.cancel_sync)
+    canceller.start()
+    wait_until(lambda: w.disabled)
+    assert repr(w).endswith(" running cancelling>"), repr(w)
+    w.disable()
+    w.disable()
+    assert repr(w).endswith(" running disabled=2 cancelling>"), repr(w)
+    gate.release.set()
+    joined(canceller)
+    assert repr(w).endswith(" disabled=2>"), repr(w)
 
 
 def test_disable_sync_waits_for_the_running_instance(make_wq: Any) -> None:
