@@ -291,17 +291,27 @@ def test_a_demo_failing_on_a_socket_is_not_taken_for_a_broken_stdout(
         main(["demo"])
 
 
-@pytest.mark.parametrize("broken", ["echo", "page"])
+@pytest.mark.parametrize("broken", ["echo", "first echo", "page"])
 def test_a_demo_that_went_wrong_says_so(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
     import argparse
     import io
 
     import pvcalls._cli as cli
 
+    echo_client = cli._echo_client
     if broken == "echo":
-        echo_client = cli._echo_client
         monkeypatch.setattr(cli, "_echo_client",
                             lambda address, message: (echo_client(address, message)[0], False))
+    elif broken == "first echo":
+        # The later echoes coming back right do not make up for it.
+        echoed: list[bytes] = []
+
+        def first_differs(address: tuple[str, int], message: bytes) -> tuple[Any, bool]:
+            client, same = echo_client(address, message)
+            echoed.append(message)
+            return client, same and len(echoed) > 1
+
+        monkeypatch.setattr(cli, "_echo_client", first_differs)
     else:
         http_get = cli._http_get
         monkeypatch.setattr(cli, "_http_get", lambda *args: (
@@ -310,6 +320,36 @@ def test_a_demo_that_went_wrong_says_so(monkeypatch: pytest.MonkeyPatch, broken:
     args = argparse.Namespace(max_ioworkers=1, max_page_order=4)
     assert cli.demo(args, out) == 1
     assert out.getvalue().splitlines()[-1] == "demo FAILED"
+
+
+@pytest.mark.parametrize("reply", ["altered", "short"])
+def test_the_demo_s_echo_client_tells_a_wrong_echo(reply: str) -> None:
+    """What the demo prints as "identical" is compared: an echo server
+    that changes a byte, or closes before it echoed everything, is not."""
+    import threading
+
+    import pvcalls._cli as cli
+
+    message = bytes(range(256)) * 40
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def serve_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                got = bytearray()
+                while len(got) < len(message) and (chunk := conn.recv(65536)):
+                    got += chunk
+                if reply == "altered":
+                    got[1000] ^= 0xFF
+                    conn.sendall(got)
+                else:
+                    conn.sendall(got[:len(got) // 2])  # and hang up
+
+        thread = threading.Thread(target=serve_once, daemon=True)
+        thread.start()
+        client, same = cli._echo_client(server.getsockname(), message)
+        client.close()
+        thread.join(TIMEOUT)
+    assert not same
 
 
 def test_serve_stops_when_it_loses_its_host(
