@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import io
 import logging
@@ -203,6 +204,10 @@ def test_statistics_show_each_socket_and_the_online_cpus(
     assert re.fullmatch(rf"  guest +{listener:#018x} +passive +- +0 B +0 B", table[3])
     assert re.fullmatch(rf"  guest +{active:#018x} +active +{cpu} +0 B +0 B", table[4])
     assert table[5:] == [f"Active sockets per ioworker CPU: {counts}"]
+    # In that order whatever order the snapshot lists them in.
+    out = io.StringIO()
+    cli._print_stats(dataclasses.replace(stats, sockets=stats.sockets[::-1]), {domid: "guest"}, out)
+    assert out.getvalue().splitlines() == table
     raw.close()
 
 

@@ -322,6 +322,44 @@ def test_a_demo_that_went_wrong_says_so(monkeypatch: pytest.MonkeyPatch, broken:
     assert out.getvalue().splitlines()[-1] == "demo FAILED"
 
 
+def test_a_demo_whose_guest_echo_server_failed_raises_its_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's echo failing is the demo gone wrong, and its error is
+    what tells why (not only "demo FAILED")."""
+    import argparse
+    import io
+
+    import pvcalls._cli as cli
+
+    class SendFails:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> SendFails:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.conn.close()
+
+        def recv(self, n: int) -> bytes:
+            return bytes(self.conn.recv(n))
+
+        def sendall(self, data: bytes) -> None:
+            raise ConnectionResetError(errno.ECONNRESET, "reset by the test")
+
+    echo = cli._EchoServer._echo
+    conns: list[Any] = []
+
+    def first_fails(self: Any, conn: Any) -> None:
+        conns.append(conn)
+        echo(self, SendFails(conn) if len(conns) == 1 else conn)
+
+    monkeypatch.setattr(cli._EchoServer, "_echo", first_fails)
+    args = argparse.Namespace(max_ioworkers=1, max_page_order=4)
+    with pytest.raises(ConnectionResetError, match="reset by the test"):
+        cli.demo(args, io.StringIO())
+
+
 @pytest.mark.parametrize("reply", ["altered", "short"])
 def test_the_demo_s_echo_client_tells_a_wrong_echo(reply: str) -> None:
     """What the demo prints as "identical" is compared: an echo server
