@@ -707,6 +707,17 @@ def test_a_signal_interrupts_the_open_gate_once() -> None:
     assert gate.pending == signal.SIGHUP
 
 
+def test_a_signal_held_back_is_raised_once_the_hold_ends() -> None:
+    # Around the pump's start(): kept while held, raised right after, not
+    # left for a second signal to bring out.
+    gate = _nc._SignalGate()
+    with pytest.raises(_nc._Signalled) as info, gate.opened():
+        with gate.held():
+            gate.handler(signal.SIGTERM, None)  # held: kept
+        pytest.fail("the held signal was not raised when the hold ended")
+    assert info.value.signum == signal.SIGTERM
+
+
 def test_the_gate_takes_the_signals_not_ignored_and_gives_them_back() -> None:
     r, w = os.pipe2(os.O_NONBLOCK)
     old = {signum: signal.getsignal(signum)
