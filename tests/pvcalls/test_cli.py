@@ -446,6 +446,8 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         # More digits than int() converts: a traceback for the port, and
         # "invalid _domid value" (our function's name) for the domid.
         (["127.0.0.1", "9" * 5000], f"port {'9' * 5000} is out of range"),
+        # Just past int()'s limit (0: none), whatever it is set to.
+        (["127.0.0.1", "9" * ((sys.get_int_max_str_digits() or 4300) + 1)], "is out of range"),
         (["--domid", "9" * 5000, "127.0.0.1", "80"],
          f"argument --domid: {'9' * 5000} is not a guest domain id"),
         (["--domid", "one", "127.0.0.1", "80"], "argument --domid: 'one' is not"),
