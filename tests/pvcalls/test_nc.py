@@ -594,6 +594,21 @@ def test_a_wait_longer_than_poll_takes_is_no_error() -> None:
         os.close(w)
 
 
+def test_a_signal_s_wake_up_byte_is_taken_not_returned() -> None:
+    from pvcalls._nc import _wait_readable
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    never, never_w = os.pipe()
+    try:
+        os.write(wake_w, bytes([signal.SIGTERM]))  # as signal.set_wakeup_fd() writes it
+        assert _wait_readable([never], 10, wake_r) == set()  # as after a timeout
+        with pytest.raises(BlockingIOError):
+            os.read(wake_r, 1)  # taken: the next wait waits
+    finally:
+        for fd in (wake_r, wake_w, never, never_w):
+            os.close(fd)
+
+
 def test_an_idle_connection_outlasts_the_connect_timeout(guest: Guest,
                                                          server: socket.socket) -> None:
     # -w is for connect and accept only: piping waits for as long as it takes.
