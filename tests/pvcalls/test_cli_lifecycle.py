@@ -279,6 +279,32 @@ def test_the_demo_whose_reader_went_away_ends_quietly(short_tmp: Path) -> None:
     assert list(short_tmp.iterdir()) == []
 
 
+@pytest.mark.parametrize("call", ["write", "flush"])
+def test_the_demo_s_output_tells_a_reader_gone_from_a_failure(call: str) -> None:
+    # Text written to a pipe may go out in write() or only in flush():
+    # either says EPIPE when the reader went away.
+    import pvcalls._cli as cli
+
+    class Failing:
+        def __init__(self, exc: OSError) -> None:
+            self.exc = exc
+
+        def write(self, text: str) -> int:
+            raise self.exc
+
+        def flush(self) -> None:
+            raise self.exc
+
+    def do(out: cli._Output) -> None:
+        out.write("x") if call == "write" else out.flush()
+
+    with pytest.raises(cli._OutputGone):
+        do(cli._Output(Failing(BrokenPipeError(errno.EPIPE, "Broken pipe"))))
+    with pytest.raises(cli._OutputFailed) as info:
+        do(cli._Output(Failing(OSError(errno.ENOSPC, "No space left on device"))))
+    assert info.value.error.errno == errno.ENOSPC
+
+
 def test_a_demo_failing_on_a_socket_is_not_taken_for_a_broken_stdout(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import pvcalls._cli as cli
@@ -964,6 +990,40 @@ atexit.register(lambda: [t.join(30) for t in threading.enumerate() if t.name == 
 
 def test_a_connection_lost_as_serve_stops_does_not_kill_it() -> None:
     done = serve_with(_LOST_AS_SERVE_STOPS, *helper_path())
+    assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
+
+
+# The connection goes only once serve() returned (the host stopping just
+# after us): the watcher, a daemon thread, wakes then, and must send no
+# SIGUSR2, whose default action would kill the process on its way out.
+_LOST_AFTER_SERVE = """
+import atexit
+
+backends = []
+
+class Backend:
+    nr_ioworkers = 1
+
+    def __init__(self, *args, **kwargs):
+        self.connection_lost = threading.Event()
+        backends.append(self)
+    def __enter__(self):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # pending
+        return self
+    def __exit__(self, *exc):
+        pass
+
+def lose_the_connection():
+    backends[0].connection_lost.set()
+    watcher, = [t for t in threading.enumerate() if t.name == "xenstore-watcher"]
+    watcher.join(30)  # a SIGUSR2 it sent has come
+
+atexit.register(lose_the_connection)
+"""
+
+
+def test_a_connection_lost_after_serve_returned_does_not_kill_the_process() -> None:
+    done = serve_with(_LOST_AFTER_SERVE)
     assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
 
 
