@@ -703,6 +703,21 @@ def test_quit_after_counts_from_the_last_data(clock: list[float],
     assert clock[0] == pytest.approx(101.8)
 
 
+def test_quit_after_0_quits_at_the_end_of_input(clock: list[float],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """-q 0 is a time too, not "no -q": nothing is waited for."""
+    pump = types.SimpleNamespace(last=50.0, done_r=-1)
+    waits: list[float | None] = []
+
+    def wait_readable(fds: list[int], timeout: float | None, wake_fd: int | None) -> set[int]:
+        waits.append(timeout)
+        return {pump.done_r}  # ends the test either way
+
+    monkeypatch.setattr(_nc, "_wait_readable", wait_readable)
+    _nc._linger(pump, 0.0, None)  # type: ignore[arg-type]
+    assert waits == []
+
+
 def test_a_signal_before_the_gate_opens_is_raised_there() -> None:
     gate = _nc._SignalGate()
     gate.handler(signal.SIGTERM, None)  # closed: kept for later
