@@ -826,6 +826,30 @@ def test_a_second_backend_on_one_host_is_refused(
         assert again.wait(TIMEOUT) == 0
 
 
+def test_a_lock_holder_that_has_not_written_its_pid_is_said_as_such(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Its lock taken, its pid not written yet: "pid ?", not "pid None".
+    import types
+
+    import pvcalls
+    import pvcalls._cli as cli
+    from xenback.hostlock import HostLockHeld
+
+    lock = tmp_path / "pvcalls-backend.lock"
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise HostLockHeld(lock, None)
+
+    monkeypatch.setattr(pvcalls, "Backend", refused)
+    monkeypatch.setattr(cli, "_open_platform", lambda args, error: types.SimpleNamespace(domid=0))
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "xen"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: another pvcalls-backend (pid ?) serves this host already; it holds {lock}\n")
+
+
 def test_serve_is_refused_by_a_backend_a_script_started(
         sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
     # Not only a serve keeps a second backend out: any pvcalls.Backend.
