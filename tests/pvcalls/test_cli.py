@@ -91,9 +91,9 @@ def script(name: str) -> list[str]:
     [
         ([], "required"),
         (["frobnicate"], "invalid choice"),
-        (["serve"], "--platform"),
+        (["serve"], "the following arguments are required: --platform"),
         (["serve", "--platform", "vmware"], "invalid choice"),
-        (["serve", "--platform", "sim"], "--run-dir"),
+        (["serve", "--platform", "sim"], "error: --platform sim needs --run-dir DIR"),
         (["serve", "--platform", "sim", "--run-dir", "/nonexistent/run"], "no such directory"),
         (["serve", "--platform", "sim", "--run-dir", "/dev/null"],
          "--run-dir /dev/null: not a directory"),
