@@ -435,6 +435,11 @@ def test_a_device_id_is_claimed_until_let_go(tmp_path: Path) -> None:
     again, devid = _nc._claim_devid(tmp_path, 1)
     with again:
         assert devid == 0
+        # The host, however its run directory is spelled (a symbolic link).
+        (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)
+        linked, other = _nc._claim_devid(tmp_path.parent / f"{tmp_path.name}-link", 1)
+        with linked:
+            assert other == 1
 
 
 def test_no_device_id_left_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -652,6 +657,57 @@ def test_a_failed_send_stops_sending_only(monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         for fd in (r, w, done_r, done_w):
             os.close(fd)
+
+
+def test_both_sides_failing_is_told_as_the_receiving_side_s_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sending failed, then receiving: the receiving side's failure is the
+    one said (it is the one that says 141 when the output's reader went)."""
+    import xenback.sim
+
+    class Conn:
+        def __enter__(self) -> Conn:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def settimeout(self, timeout: float | None) -> None:
+            pass
+
+        def connect(self, address: tuple[str, int]) -> None:
+            pass
+
+        def recv_into(self, view: memoryview) -> int:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    class Frontend:
+        def __init__(self, domain: object, devid: int) -> None:
+            pass
+
+        def __enter__(self) -> Frontend:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def socket(self) -> Conn:
+            return Conn()
+
+    def send_input(conn: Conn, stdin_fd: int, done_r: int, wake_fd: int | None) -> _nc._Failed:
+        assert os.read(done_r, 1) == b""  # the pump failed and hung up
+        return _nc._Failed("send failed: [Errno 32] Broken pipe")
+
+    monkeypatch.setattr(xenback.sim, "attach", lambda *args: None)
+    monkeypatch.setattr(_nc, "Frontend", Frontend)
+    monkeypatch.setattr(_nc, "_send_input", send_input)
+    args = _nc._parser().parse_args(["--run-dir", str(tmp_path), "--domid", "1",
+                                     "127.0.0.1", "80"])
+    with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as stdout, \
+            pytest.raises(_nc._Failed) as info:
+        _nc.run(args, "127.0.0.1", 80, stdin, stdout)
+    assert info.value.message == (
+        f"receive failed: [Errno {errno.ECONNRESET}] Connection reset by peer")
 
 
 @pytest.fixture
