@@ -659,27 +659,35 @@ def test_a_failed_send_stops_sending_only(monkeypatch: pytest.MonkeyPatch) -> No
             os.close(fd)
 
 
-def test_both_sides_failing_is_told_as_the_receiving_side_s_failure(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sending failed, then receiving: the receiving side's failure is the
-    one said (it is the one that says 141 when the output's reader went)."""
+class _FakeConn:
+    """A PV Calls socket's stand-in for run(): connects at once; recv_into
+    raises ``recv_error``, or says the end of the stream."""
+
+    def __init__(self, recv_error: OSError | None = None) -> None:
+        self.recv_error = recv_error
+
+    def __enter__(self) -> _FakeConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+    def connect(self, address: tuple[str, int]) -> None:
+        pass
+
+    def recv_into(self, view: memoryview) -> int:
+        if self.recv_error is not None:
+            raise self.recv_error
+        return 0
+
+
+def _run_on_a_fake_frontend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, conn: _FakeConn,
+                            gate: _nc._SignalGate | None = None) -> int:
+    """run() connecting to 127.0.0.1:80 through ``conn``, with no host or device."""
     import xenback.sim
-
-    class Conn:
-        def __enter__(self) -> Conn:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def settimeout(self, timeout: float | None) -> None:
-            pass
-
-        def connect(self, address: tuple[str, int]) -> None:
-            pass
-
-        def recv_into(self, view: memoryview) -> int:
-            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
 
     class Frontend:
         def __init__(self, domain: object, devid: int) -> None:
@@ -691,23 +699,50 @@ def test_both_sides_failing_is_told_as_the_receiving_side_s_failure(
         def __exit__(self, *exc: object) -> None:
             pass
 
-        def socket(self) -> Conn:
-            return Conn()
-
-    def send_input(conn: Conn, stdin_fd: int, done_r: int, wake_fd: int | None) -> _nc._Failed:
-        assert os.read(done_r, 1) == b""  # the pump failed and hung up
-        return _nc._Failed("send failed: [Errno 32] Broken pipe")
+        def socket(self) -> _FakeConn:
+            return conn
 
     monkeypatch.setattr(xenback.sim, "attach", lambda *args: None)
     monkeypatch.setattr(_nc, "Frontend", Frontend)
-    monkeypatch.setattr(_nc, "_send_input", send_input)
     args = _nc._parser().parse_args(["--run-dir", str(tmp_path), "--domid", "1",
                                      "127.0.0.1", "80"])
-    with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as stdout, \
-            pytest.raises(_nc._Failed) as info:
-        _nc.run(args, "127.0.0.1", 80, stdin, stdout)
+    with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as stdout:
+        return _nc.run(args, "127.0.0.1", 80, stdin, stdout, gate)
+
+
+def test_both_sides_failing_is_told_as_the_receiving_side_s_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sending failed, then receiving: the receiving side's failure is the
+    one said (it is the one that says 141 when the output's reader went)."""
+    def send_input(conn: object, stdin_fd: int, done_r: int, wake_fd: int | None) -> _nc._Failed:
+        assert os.read(done_r, 1) == b""  # the pump failed and hung up
+        return _nc._Failed("send failed: [Errno 32] Broken pipe")
+
+    monkeypatch.setattr(_nc, "_send_input", send_input)
+    reset = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    with pytest.raises(_nc._Failed) as info:
+        _run_on_a_fake_frontend(monkeypatch, tmp_path, _FakeConn(reset))
     assert info.value.message == (
         f"receive failed: [Errno {errno.ECONNRESET}] Connection reset by peer")
+
+
+def test_a_signal_while_the_pump_starts_waits_until_it_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Thread.start() waits on a Condition, which an exception raised in
+    # that wait can leave without its lock.
+    gate = _nc._SignalGate()
+    started: list[bool] = []
+    start = _nc._Pump.start
+
+    def signalled_start(self: _nc._Pump) -> None:
+        gate.handler(signal.SIGTERM, None)  # as start() waits
+        start(self)
+        started.append(True)
+
+    monkeypatch.setattr(_nc._Pump, "start", signalled_start)
+    with pytest.raises(_nc._Signalled) as info:
+        _run_on_a_fake_frontend(monkeypatch, tmp_path, _FakeConn(), gate)
+    assert (info.value.signum, started) == (signal.SIGTERM, [True])
 
 
 @pytest.fixture
