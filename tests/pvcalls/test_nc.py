@@ -328,6 +328,17 @@ def test_closed_stderr_keeps_messages_out_of_the_output(guest: Guest,
     assert finish(nc)[:2] == (0, b"only this")
 
 
+def test_closed_stderr_keeps_messages_out_of_the_output_of_main_itself(tmp_path: Path) -> None:
+    # As above, for main() run without the console script's wrapper (which
+    # takes care of a closed stderr too): python -c, as a script's caller.
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, "-c",
+         "import sys; from pvcalls._nc import main; sys.exit(main())",
+         "--run-dir", str(tmp_path / "none"), "--domid", "1", "127.0.0.1", "80"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, timeout=TIMEOUT)
+    assert (done.returncode, done.stdout) == (1, b"")
+
+
 def test_accept_timeout_says_what_timed_out(guest: Guest) -> None:
     port = unused_port()
     nc = guest.nc("-w", "0.1", "-l", "127.0.0.1", str(port), stdin=subprocess.DEVNULL)
