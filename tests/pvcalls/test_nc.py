@@ -850,6 +850,27 @@ def test_a_signal_held_back_is_raised_once_the_hold_ends() -> None:
     assert info.value.signum == signal.SIGTERM
 
 
+@pytest.mark.parametrize("then", ["returned", "failed"])
+def test_a_signal_kept_until_the_end_is_the_exit_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        then: str) -> None:
+    # SIGTERM while the device closes (the gate closed): run() ends as it
+    # would have, and the status is the signal's all the same, quietly.
+    def run(args: object, host: str, port: int, stdin: object, stdout: object,
+            gate: _nc._SignalGate) -> int:
+        gate.handler(signal.SIGTERM, None)
+        if then == "failed":
+            raise _nc._Failed("removing the device failed")  # most likely its doing
+        return 0
+
+    monkeypatch.setattr(_nc, "run", run)
+    with open(os.devnull) as stdin, open(os.devnull, "w") as stdout:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert _nc.main(["--run-dir", str(tmp_path), "--domid", "1", "127.0.0.1", "80"]) == 143
+    assert capsys.readouterr().err == ""
+
+
 def test_the_gate_takes_the_signals_not_ignored_and_gives_them_back() -> None:
     r, w = os.pipe2(os.O_NONBLOCK)
     old = {signum: signal.getsignal(signum)
