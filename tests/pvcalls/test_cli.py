@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import io
 import logging
@@ -90,9 +91,9 @@ def script(name: str) -> list[str]:
     [
         ([], "required"),
         (["frobnicate"], "invalid choice"),
-        (["serve"], "--platform"),
+        (["serve"], "the following arguments are required: --platform"),
         (["serve", "--platform", "vmware"], "invalid choice"),
-        (["serve", "--platform", "sim"], "--run-dir"),
+        (["serve", "--platform", "sim"], "error: --platform sim needs --run-dir DIR"),
         (["serve", "--platform", "sim", "--run-dir", "/nonexistent/run"], "no such directory"),
         (["serve", "--platform", "sim", "--run-dir", "/dev/null"],
          "--run-dir /dev/null: not a directory"),
@@ -203,6 +204,10 @@ def test_statistics_show_each_socket_and_the_online_cpus(
     assert re.fullmatch(rf"  guest +{listener:#018x} +passive +- +0 B +0 B", table[3])
     assert re.fullmatch(rf"  guest +{active:#018x} +active +{cpu} +0 B +0 B", table[4])
     assert table[5:] == [f"Active sockets per ioworker CPU: {counts}"]
+    # In that order whatever order the snapshot lists them in.
+    out = io.StringIO()
+    cli._print_stats(dataclasses.replace(stats, sockets=stats.sockets[::-1]), {domid: "guest"}, out)
+    assert out.getvalue().splitlines() == table
     raw.close()
 
 
@@ -441,6 +446,8 @@ def test_serve_and_nc_then_sigterm(daemon: tuple[Path, int]) -> None:
         # More digits than int() converts: a traceback for the port, and
         # "invalid _domid value" (our function's name) for the domid.
         (["127.0.0.1", "9" * 5000], f"port {'9' * 5000} is out of range"),
+        # Just past int()'s limit (0: none), whatever it is set to.
+        (["127.0.0.1", "9" * ((sys.get_int_max_str_digits() or 4300) + 1)], "is out of range"),
         (["--domid", "9" * 5000, "127.0.0.1", "80"],
          f"argument --domid: {'9' * 5000} is not a guest domain id"),
         (["--domid", "one", "127.0.0.1", "80"], "argument --domid: 'one' is not"),

@@ -279,6 +279,32 @@ def test_the_demo_whose_reader_went_away_ends_quietly(short_tmp: Path) -> None:
     assert list(short_tmp.iterdir()) == []
 
 
+@pytest.mark.parametrize("call", ["write", "flush"])
+def test_the_demo_s_output_tells_a_reader_gone_from_a_failure(call: str) -> None:
+    # Text written to a pipe may go out in write() or only in flush():
+    # either says EPIPE when the reader went away.
+    import pvcalls._cli as cli
+
+    class Failing:
+        def __init__(self, exc: OSError) -> None:
+            self.exc = exc
+
+        def write(self, text: str) -> int:
+            raise self.exc
+
+        def flush(self) -> None:
+            raise self.exc
+
+    def do(out: cli._Output) -> None:
+        out.write("x") if call == "write" else out.flush()
+
+    with pytest.raises(cli._OutputGone):
+        do(cli._Output(Failing(BrokenPipeError(errno.EPIPE, "Broken pipe"))))
+    with pytest.raises(cli._OutputFailed) as info:
+        do(cli._Output(Failing(OSError(errno.ENOSPC, "No space left on device"))))
+    assert info.value.error.errno == errno.ENOSPC
+
+
 def test_a_demo_failing_on_a_socket_is_not_taken_for_a_broken_stdout(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import pvcalls._cli as cli
@@ -291,17 +317,27 @@ def test_a_demo_failing_on_a_socket_is_not_taken_for_a_broken_stdout(
         main(["demo"])
 
 
-@pytest.mark.parametrize("broken", ["echo", "page"])
+@pytest.mark.parametrize("broken", ["echo", "first echo", "page"])
 def test_a_demo_that_went_wrong_says_so(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
     import argparse
     import io
 
     import pvcalls._cli as cli
 
+    echo_client = cli._echo_client
     if broken == "echo":
-        echo_client = cli._echo_client
         monkeypatch.setattr(cli, "_echo_client",
                             lambda address, message: (echo_client(address, message)[0], False))
+    elif broken == "first echo":
+        # The later echoes coming back right do not make up for it.
+        echoed: list[bytes] = []
+
+        def first_differs(address: tuple[str, int], message: bytes) -> tuple[Any, bool]:
+            client, same = echo_client(address, message)
+            echoed.append(message)
+            return client, same and len(echoed) > 1
+
+        monkeypatch.setattr(cli, "_echo_client", first_differs)
     else:
         http_get = cli._http_get
         monkeypatch.setattr(cli, "_http_get", lambda *args: (
@@ -310,6 +346,74 @@ def test_a_demo_that_went_wrong_says_so(monkeypatch: pytest.MonkeyPatch, broken:
     args = argparse.Namespace(max_ioworkers=1, max_page_order=4)
     assert cli.demo(args, out) == 1
     assert out.getvalue().splitlines()[-1] == "demo FAILED"
+
+
+def test_a_demo_whose_guest_echo_server_failed_raises_its_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's echo failing is the demo gone wrong, and its error is
+    what tells why (not only "demo FAILED")."""
+    import argparse
+    import io
+
+    import pvcalls._cli as cli
+
+    class SendFails:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> SendFails:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.conn.close()
+
+        def recv(self, n: int) -> bytes:
+            return bytes(self.conn.recv(n))
+
+        def sendall(self, data: bytes) -> None:
+            raise ConnectionResetError(errno.ECONNRESET, "reset by the test")
+
+    echo = cli._EchoServer._echo
+    conns: list[Any] = []
+
+    def first_fails(self: Any, conn: Any) -> None:
+        conns.append(conn)
+        echo(self, SendFails(conn) if len(conns) == 1 else conn)
+
+    monkeypatch.setattr(cli._EchoServer, "_echo", first_fails)
+    args = argparse.Namespace(max_ioworkers=1, max_page_order=4)
+    with pytest.raises(ConnectionResetError, match="reset by the test"):
+        cli.demo(args, io.StringIO())
+
+
+@pytest.mark.parametrize("reply", ["altered", "short"])
+def test_the_demo_s_echo_client_tells_a_wrong_echo(reply: str) -> None:
+    """What the demo prints as "identical" is compared: an echo server
+    that changes a byte, or closes before it echoed everything, is not."""
+    import threading
+
+    import pvcalls._cli as cli
+
+    message = bytes(range(256)) * 40
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def serve_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                got = bytearray()
+                while len(got) < len(message) and (chunk := conn.recv(65536)):
+                    got += chunk
+                if reply == "altered":
+                    got[1000] ^= 0xFF
+                    conn.sendall(got)
+                else:
+                    conn.sendall(got[:len(got) // 2])  # and hang up
+
+        thread = threading.Thread(target=serve_once, daemon=True)
+        thread.start()
+        client, same = cli._echo_client(server.getsockname(), message)
+        client.close()
+        thread.join(TIMEOUT)
+    assert not same
 
 
 def test_serve_stops_when_it_loses_its_host(
@@ -722,6 +826,30 @@ def test_a_second_backend_on_one_host_is_refused(
         assert again.wait(TIMEOUT) == 0
 
 
+def test_a_lock_holder_that_has_not_written_its_pid_is_said_as_such(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Its lock taken, its pid not written yet: "pid ?", not "pid None".
+    import types
+
+    import pvcalls
+    import pvcalls._cli as cli
+    from xenback.hostlock import HostLockHeld
+
+    lock = tmp_path / "pvcalls-backend.lock"
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise HostLockHeld(lock, None)
+
+    monkeypatch.setattr(pvcalls, "Backend", refused)
+    monkeypatch.setattr(cli, "_open_platform", lambda args, error: types.SimpleNamespace(domid=0))
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "xen"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: another pvcalls-backend (pid ?) serves this host already; it holds {lock}\n")
+
+
 def test_serve_is_refused_by_a_backend_a_script_started(
         sim_host: tuple[Path, subprocess.Popen[bytes]]) -> None:
     # Not only a serve keeps a second backend out: any pvcalls.Backend.
@@ -886,6 +1014,40 @@ atexit.register(lambda: [t.join(30) for t in threading.enumerate() if t.name == 
 
 def test_a_connection_lost_as_serve_stops_does_not_kill_it() -> None:
     done = serve_with(_LOST_AS_SERVE_STOPS, *helper_path())
+    assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
+
+
+# The connection goes only once serve() returned (the host stopping just
+# after us): the watcher, a daemon thread, wakes then, and must send no
+# SIGUSR2, whose default action would kill the process on its way out.
+_LOST_AFTER_SERVE = """
+import atexit
+
+backends = []
+
+class Backend:
+    nr_ioworkers = 1
+
+    def __init__(self, *args, **kwargs):
+        self.connection_lost = threading.Event()
+        backends.append(self)
+    def __enter__(self):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # pending
+        return self
+    def __exit__(self, *exc):
+        pass
+
+def lose_the_connection():
+    backends[0].connection_lost.set()
+    watcher, = [t for t in threading.enumerate() if t.name == "xenstore-watcher"]
+    watcher.join(30)  # a SIGUSR2 it sent has come
+
+atexit.register(lose_the_connection)
+"""
+
+
+def test_a_connection_lost_after_serve_returned_does_not_kill_the_process() -> None:
+    done = serve_with(_LOST_AFTER_SERVE)
     assert (done.returncode, done.stdout) == (0, "serve returned 0\n"), done.stderr
 
 

@@ -33,6 +33,17 @@ def test_demo_runs_and_reports_cpus_and_bytes() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_the_log_level_is_taken() -> None:
+    exe = Path(sys.executable).parent / "pvcalls-backend"
+    cmd = [str(exe)] if exe.exists() else [
+        sys.executable, "-c", "import sys; from pvcalls._cli import main; sys.exit(main())"]
+    result = subprocess.run([*cmd, "--log-level", "debug", "demo"],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    # The page's request, which the demo's HTTP server logs at DEBUG.
+    assert re.search(r" DEBUG pvcalls\._cli: http server: \"GET / HTTP/1\.0\" 200 ", result.stderr)
+
+
 def _refused_as_a_usage_error(redirect: str) -> None:
     """The demo run with its standard output redirected by ``redirect``
     (a shell's) is refused before it starts."""

@@ -328,6 +328,17 @@ def test_closed_stderr_keeps_messages_out_of_the_output(guest: Guest,
     assert finish(nc)[:2] == (0, b"only this")
 
 
+def test_closed_stderr_keeps_messages_out_of_the_output_of_main_itself(tmp_path: Path) -> None:
+    # As above, for main() run without the console script's wrapper (which
+    # takes care of a closed stderr too): python -c, as a script's caller.
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, "-c",
+         "import sys; from pvcalls._nc import main; sys.exit(main())",
+         "--run-dir", str(tmp_path / "none"), "--domid", "1", "127.0.0.1", "80"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, timeout=TIMEOUT)
+    assert (done.returncode, done.stdout) == (1, b"")
+
+
 def test_accept_timeout_says_what_timed_out(guest: Guest) -> None:
     port = unused_port()
     nc = guest.nc("-w", "0.1", "-l", "127.0.0.1", str(port), stdin=subprocess.DEVNULL)
@@ -435,6 +446,11 @@ def test_a_device_id_is_claimed_until_let_go(tmp_path: Path) -> None:
     again, devid = _nc._claim_devid(tmp_path, 1)
     with again:
         assert devid == 0
+        # The host, however its run directory is spelled (a symbolic link).
+        (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)
+        linked, other = _nc._claim_devid(tmp_path.parent / f"{tmp_path.name}-link", 1)
+        with linked:
+            assert other == 1
 
 
 def test_no_device_id_left_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -594,6 +610,21 @@ def test_a_wait_longer_than_poll_takes_is_no_error() -> None:
         os.close(w)
 
 
+def test_a_signal_s_wake_up_byte_is_taken_not_returned() -> None:
+    from pvcalls._nc import _wait_readable
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    never, never_w = os.pipe()
+    try:
+        os.write(wake_w, bytes([signal.SIGTERM]))  # as signal.set_wakeup_fd() writes it
+        assert _wait_readable([never], 10, wake_r) == set()  # as after a timeout
+        with pytest.raises(BlockingIOError):
+            os.read(wake_r, 1)  # taken: the next wait waits
+    finally:
+        for fd in (wake_r, wake_w, never, never_w):
+            os.close(fd)
+
+
 def test_an_idle_connection_outlasts_the_connect_timeout(guest: Guest,
                                                          server: socket.socket) -> None:
     # -w is for connect and accept only: piping waits for as long as it takes.
@@ -637,6 +668,92 @@ def test_a_failed_send_stops_sending_only(monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         for fd in (r, w, done_r, done_w):
             os.close(fd)
+
+
+class _FakeConn:
+    """A PV Calls socket's stand-in for run(): connects at once; recv_into
+    raises ``recv_error``, or says the end of the stream."""
+
+    def __init__(self, recv_error: OSError | None = None) -> None:
+        self.recv_error = recv_error
+
+    def __enter__(self) -> _FakeConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+    def connect(self, address: tuple[str, int]) -> None:
+        pass
+
+    def recv_into(self, view: memoryview) -> int:
+        if self.recv_error is not None:
+            raise self.recv_error
+        return 0
+
+
+def _run_on_a_fake_frontend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, conn: _FakeConn,
+                            gate: _nc._SignalGate | None = None) -> int:
+    """run() connecting to 127.0.0.1:80 through ``conn``, with no host or device."""
+    import xenback.sim
+
+    class Frontend:
+        def __init__(self, domain: object, devid: int) -> None:
+            pass
+
+        def __enter__(self) -> Frontend:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def socket(self) -> _FakeConn:
+            return conn
+
+    monkeypatch.setattr(xenback.sim, "attach", lambda *args: None)
+    monkeypatch.setattr(_nc, "Frontend", Frontend)
+    args = _nc._parser().parse_args(["--run-dir", str(tmp_path), "--domid", "1",
+                                     "127.0.0.1", "80"])
+    with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as stdout:
+        return _nc.run(args, "127.0.0.1", 80, stdin, stdout, gate)
+
+
+def test_both_sides_failing_is_told_as_the_receiving_side_s_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sending failed, then receiving: the receiving side's failure is the
+    one said (it is the one that says 141 when the output's reader went)."""
+    def send_input(conn: object, stdin_fd: int, done_r: int, wake_fd: int | None) -> _nc._Failed:
+        assert os.read(done_r, 1) == b""  # the pump failed and hung up
+        return _nc._Failed("send failed: [Errno 32] Broken pipe")
+
+    monkeypatch.setattr(_nc, "_send_input", send_input)
+    reset = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    with pytest.raises(_nc._Failed) as info:
+        _run_on_a_fake_frontend(monkeypatch, tmp_path, _FakeConn(reset))
+    assert info.value.message == (
+        f"receive failed: [Errno {errno.ECONNRESET}] Connection reset by peer")
+
+
+def test_a_signal_while_the_pump_starts_waits_until_it_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Thread.start() waits on a Condition, which an exception raised in
+    # that wait can leave without its lock.
+    gate = _nc._SignalGate()
+    started: list[bool] = []
+    start = _nc._Pump.start
+
+    def signalled_start(self: _nc._Pump) -> None:
+        gate.handler(signal.SIGTERM, None)  # as start() waits
+        start(self)
+        started.append(True)
+
+    monkeypatch.setattr(_nc._Pump, "start", signalled_start)
+    with pytest.raises(_nc._Signalled) as info:
+        _run_on_a_fake_frontend(monkeypatch, tmp_path, _FakeConn(), gate)
+    assert (info.value.signum, started) == (signal.SIGTERM, [True])
 
 
 @pytest.fixture
@@ -688,6 +805,21 @@ def test_quit_after_counts_from_the_last_data(clock: list[float],
     assert clock[0] == pytest.approx(101.8)
 
 
+def test_quit_after_0_quits_at_the_end_of_input(clock: list[float],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """-q 0 is a time too, not "no -q": nothing is waited for."""
+    pump = types.SimpleNamespace(last=50.0, done_r=-1)
+    waits: list[float | None] = []
+
+    def wait_readable(fds: list[int], timeout: float | None, wake_fd: int | None) -> set[int]:
+        waits.append(timeout)
+        return {pump.done_r}  # ends the test either way
+
+    monkeypatch.setattr(_nc, "_wait_readable", wait_readable)
+    _nc._linger(pump, 0.0, None)  # type: ignore[arg-type]
+    assert waits == []
+
+
 def test_a_signal_before_the_gate_opens_is_raised_there() -> None:
     gate = _nc._SignalGate()
     gate.handler(signal.SIGTERM, None)  # closed: kept for later
@@ -705,6 +837,38 @@ def test_a_signal_interrupts_the_open_gate_once() -> None:
             gate.handler(signal.SIGHUP, None)
         gate.handler(signal.SIGTERM, None)  # in the clean-up: not again
     assert gate.pending == signal.SIGHUP
+
+
+def test_a_signal_held_back_is_raised_once_the_hold_ends() -> None:
+    # Around the pump's start(): kept while held, raised right after, not
+    # left for a second signal to bring out.
+    gate = _nc._SignalGate()
+    with pytest.raises(_nc._Signalled) as info, gate.opened():
+        with gate.held():
+            gate.handler(signal.SIGTERM, None)  # held: kept
+        pytest.fail("the held signal was not raised when the hold ended")
+    assert info.value.signum == signal.SIGTERM
+
+
+@pytest.mark.parametrize("then", ["returned", "failed"])
+def test_a_signal_kept_until_the_end_is_the_exit_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        then: str) -> None:
+    # SIGTERM while the device closes (the gate closed): run() ends as it
+    # would have, and the status is the signal's all the same, quietly.
+    def run(args: object, host: str, port: int, stdin: object, stdout: object,
+            gate: _nc._SignalGate) -> int:
+        gate.handler(signal.SIGTERM, None)
+        if then == "failed":
+            raise _nc._Failed("removing the device failed")  # most likely its doing
+        return 0
+
+    monkeypatch.setattr(_nc, "run", run)
+    with open(os.devnull) as stdin, open(os.devnull, "w") as stdout:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert _nc.main(["--run-dir", str(tmp_path), "--domid", "1", "127.0.0.1", "80"]) == 143
+    assert capsys.readouterr().err == ""
 
 
 def test_the_gate_takes_the_signals_not_ignored_and_gives_them_back() -> None:
