@@ -769,10 +769,10 @@ class Workqueue(Executor):
 
     def _drain_and_release(self) -> None:
         """destroy() on a thread of its own (shutdown(wait=False), or the
-        rest of a destroy() that stopped waiting).  A drain() that fails (frozen
-        meanwhile) is logged: nobody waits here to hear it, and it must not
-        end up as a traceback of the library's thread.  The workqueue is
-        released either way, as destroy() does."""
+        rest of a destroy() that stopped waiting).  A drain() that fails is
+        logged: nobody waits here to hear it, and it must not end up as a
+        traceback of the library's thread.  The workqueue is released
+        either way, as destroy() does."""
         try:
             if self._state != _DESTROYED:  # see _finish_destroy
                 self._drain(None)
@@ -856,6 +856,10 @@ class Workqueue(Executor):
         on, and thaw() or another freeze() work as ever.  Ctrl-C in the
         wait leaves the same.
 
+        RuntimeError on a workqueue being destroyed: the freeze would hold
+        the destruction's drain, and whoever waits for it, until thaw()
+        (destroy() and shutdown() refuse a frozen workqueue in turn).
+
         RuntimeError once the interpreter exits (see _atexit), as the
         kernel's suspend fails with -EBUSY once a reboot has begun: the
         exit waits for the submitted calls, and one that a freeze held back
@@ -874,6 +878,13 @@ class Workqueue(Executor):
                 self._check_not_own_item("freeze")
                 if self._state == _DESTROYED:
                     raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+                # Checked under the lock under which destroy() and shutdown()
+                # check for a freeze and mark the destruction: one of the two
+                # refuses the other.  A freeze would hold the destruction's
+                # drain, and whoever waits for it, until thaw().
+                if self._state == _DESTROYING:
+                    raise RuntimeError(f"workqueue {self.name!r} is being destroyed: a freeze "
+                                       "would hold its drain until thaw()")
                 # Read under the lock that the exit hook's every look at our
                 # calls takes, after setting it: a freeze either comes
                 # before a look, which sees it, or refuses.

@@ -395,6 +395,37 @@ def test_thaw_releases_a_freeze_still_waiting_for_in_flight_items(make_wq: Any) 
     wq.thaw()
 
 
+@pytest.mark.parametrize("how", ["destroy timed out", "shutdown(wait=False)"])
+def test_a_workqueue_being_destroyed_is_not_frozen(make_wq: Any, how: str) -> None:
+    """A freeze during the destruction would hold what the running item
+    chains, and with it the drain, shutdown(wait=True) and destroy(), until
+    thaw(): refused, the destruction going on to its end, chained items
+    included."""
+    wq = make_wq("frz", WQ_FREEZABLE)
+    started, release = threading.Event(), threading.Event()
+    chained = Work(lambda w: None)
+
+    def running(w: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        wq.queue_work(chained)  # allowed during the drain
+
+    wq.queue_work(Work(running))
+    assert started.wait(TIMEOUT)
+    if how == "destroy timed out":
+        with pytest.raises(TimeoutError):
+            wq.destroy(timeout=0.05)  # the item runs until released
+    else:
+        wq.shutdown(wait=False)
+    with pytest.raises(RuntimeError, match="workqueue 'frz' is being destroyed: a freeze "
+                       "would hold its drain until thaw"):
+        wq.freeze(timeout=0.05)
+    assert not wq._frozen
+    release.set()
+    wq.shutdown()
+    assert wq._destroyed.is_set() and not chained.pending
+
+
 def test_set_max_active_while_frozen_holds_the_items_until_thaw(make_wq: Any) -> None:
     """The new limit waits for thaw(), as the kernel's max_active stays 0
     while its workqueues are frozen: raising it lets nothing run."""
