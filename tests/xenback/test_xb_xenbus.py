@@ -4126,7 +4126,7 @@ def test_a_state_node_taken_while_probe_runs_drops_the_device_writing_nothing(
         dom0_xs.set_perms(f"{dev.backend_path}/state",
                           _left_by_a_taking(drvdom, write_only))
         release.set()
-        drv.wait_call("remove", guest.domid)
+        drv.wait_removed(guest.domid)
         drv._bus.flush()
         assert drv.calls_of(guest.domid) == ["probe", "remove"]
         assert not [r for r in caplog.records if r.exc_info is not None]
@@ -4172,7 +4172,7 @@ def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
     try:
         guest = host.create_domain("guest")
         dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
-        drv.wait_call("remove", guest.domid)
+        drv.wait_removed(guest.domid)
         drv._bus.flush()
         state = f"{dev.backend_path}/state"
         assert told == [False]
@@ -4805,7 +4805,7 @@ def test_a_failure_met_as_our_domain_goes_is_no_refusal_of_our_state(
         caplog.clear()
         told = _fatal_or_drop_after(bdev, drv, lambda: dom0_xs.rm(f"/local/domain/{drvdom.domid}"))
         assert [type(t) for t in told] == [PermissionError], told
-        drv.wait_call("remove", fe.guest.domid)
+        drv.wait_removed(fe.guest.domid)
         assert not [r for r in caplog.records if "may not be read" in r.getMessage()
                     or "not reported there" in r.getMessage()]
 
@@ -5103,7 +5103,7 @@ def test_an_online_refused_as_the_domain_goes_is_no_refusal_of_ours(
             dom0_xs.write(f"{bdev.nodename}/state", str(int(S.CLOSING)))
         else:
             fe.set_state(S.CLOSED)
-        drv.wait_call("remove", fe.guest.domid)
+        drv.wait_removed(fe.guest.domid)
         assert refused, "online was not refused: the test no longer tests anything"
         assert _going_said(caplog) == []
     finally:
@@ -5246,7 +5246,7 @@ def test_an_online_node_taken_with_no_frontend_left_drops_the_device_at_a_remova
         dom0_xs.set_perms(online, ["n0"])
         caplog.clear()
         dom0_xs.write(f"{bdev.nodename}/state", str(int(S.CLOSING)))
-        drv.wait_call("remove", fe.guest.domid)
+        drv.wait_removed(fe.guest.domid)
         drv._bus.flush()
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSING))
         (said,) = _backend_warnings(caplog)
