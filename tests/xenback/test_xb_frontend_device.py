@@ -18,7 +18,6 @@ from tests.stolensignal import Interrupted
 from tests.xenback.xbhelpers import (
     TIMEOUT,
     Census,
-    backend_device,
     frontend_in_child,
     handed_over,
     leaked_threads,
@@ -218,13 +217,11 @@ def test_close_after_the_domain_was_destroyed_has_nobody_to_tell(host, driver) -
     guest = host.create_domain("guest")
     with FrontendDevice.add(guest, "xbtest") as fe:
         _connect(fe)
-        bdev = backend_device(driver, guest.domid)
         host.destroy_domain(guest)
     stats = host.hypervisor.stats()
     assert (stats["grants"], stats["ports"]) == (0, 0)
     # The drop goes on after the Closed the toolstack waited for.
-    driver.wait_call("remove", guest.domid)
-    bdev.events.flush()
+    driver.wait_removed(guest.domid)
     assert driver.devices() == []
 
 
@@ -273,7 +270,6 @@ def test_close_after_the_guest_lost_its_xenstore_connection_says_so(host, driver
     guest = host.create_domain("guest")
     fe = FrontendDevice.add(guest, "xbtest", timeout=60)
     _connect(fe)
-    (bdev,) = driver.devices()
     fe.xenstore.close()  # the connection goes; the domain lives
     started = time.monotonic()
     with pytest.raises(ConnectionError):
@@ -281,8 +277,7 @@ def test_close_after_the_guest_lost_its_xenstore_connection_says_so(host, driver
     assert time.monotonic() - started < TIMEOUT
     assert not host.toolstack.transaction(lambda c: c.exists(fe.device.backend_path.encode()))
     # The grant goes once the backend, told by the removal, unmaps it.
-    driver.wait_call("remove", guest.domid)
-    bdev.events.flush()
+    driver.wait_removed(guest.domid)
     stats = host.hypervisor.stats()
     assert (stats["grants"], stats["ports"]) == (0, 0)
 

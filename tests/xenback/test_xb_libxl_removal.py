@@ -39,8 +39,7 @@ def _no_forced_removal(caplog: pytest.LogCaptureFixture) -> None:
 def _gone_for_good(driver: Any, dom0_xs: Any, bdev: Any) -> None:
     """``bdev`` was dropped, and nothing wrote into the deleted directories
     afterwards (a write would have re-created them)."""
-    driver.wait_call("remove", bdev.frontend_id)
-    bdev.events.flush()
+    driver.wait_removed(bdev.frontend_id, bdev.devid)
     assert bdev.gone and bdev.resources == (0, 0) and driver.devices() == []
     assert not dom0_xs.exists(driver.backend_root)
     assert not dom0_xs.exists("/local/domain/0/error")
@@ -98,12 +97,10 @@ def test_hot_unplug_of_the_last_device_then_a_new_one(
     fe.wait_backend(S.INIT_WAIT)
     fe.publish()
     fe.wait_backend(S.CONNECTED)
-    bdev = backend_device(driver, guest.domid, devid=1)
     fe.close()
     host.destroy_domain(guest)
     _no_forced_removal(caplog)
-    driver.wait_call("remove", guest.domid, devid=1)
-    bdev.events.flush()  # the drop goes on after remove()
+    driver.wait_removed(guest.domid, devid=1)
     assert driver.devices() == []
     census.check()
 

@@ -790,10 +790,10 @@ def test_a_rescan_leaves_devices_that_were_dropped_alone(host, driver, frontends
     dom0_xs.write(f"{dev1.backend_path}/online", 0)
     fe1.set_state(S.CLOSED)
     fe1.wait_backend(S.CLOSED)
-    driver.wait_call("remove", g1.domid)
+    driver.wait_removed(g1.domid)  # forgotten before the listing, or it proves nothing
     g2, dev2, fe2 = connected(host, frontends, "pruned")
     dom0_xs.rm(dev2.backend_path.rsplit("/", 1)[0])  # the whole directory is listed again
-    driver.wait_call("remove", g2.domid)
+    driver.wait_removed(g2.domid)
     assert driver.devices() == []
     assert driver.calls_of(g1.domid) == ["probe", "connect", "disconnect", "remove"]
     assert dom0_xs.read(f"{dev1.backend_path}/state") == str(int(S.CLOSED))
@@ -1542,7 +1542,7 @@ def test_a_dropped_device_writes_nothing_into_the_new_one_at_its_path(
     fe.close()
     dom0_xs.rm(dev.backend_path)
     dom0_xs.rm(dev.frontend_path)
-    driver.wait_call("remove", guest.domid)
+    driver.wait_removed(guest.domid)
     assert old.gone
     again = host.toolstack.add_device("xbtest", guest.domid)
     fe = _connect(frontends, guest, again)
@@ -2341,7 +2341,7 @@ def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
         dying.close()
         caplog.clear()
         host.destroy_domain(dying.guest)
-        drv.wait_call("remove", dying.guest.domid)
+        drv.wait_removed(dying.guest.domid)
         # The @releaseDomain event has reached the bus queue, and ran.
         handed_over(drv.xenstore, "released", base=f"/local/domain/{drvdom.domid}/data/sync")
         drv._bus.flush()
@@ -2381,7 +2381,7 @@ def test_release_domain_in_a_driver_domain_that_may_look_at_homes(host) -> None:
             pages.unshare()
             host.destroy_domain(guest)
             dom0_xs.wait_for(f"{base}/state", "6", timeout=TIMEOUT)
-            drv.wait_call("remove", guest.domid)
+            drv.wait_removed(guest.domid)
             assert drv.devices() == []
             assert dom0_xs.read(f"{frontend}/state") == "3"  # not how it learnt
 
@@ -2483,7 +2483,8 @@ def test_the_driver_domain_destroyed_under_devices_being_dropped(host, dom0_xs, 
                 host.toolstack.destroy_device(dev)
         drv.wait(lambda: [n for n, _, _ in drv.calls].count("disconnect") == 2)
         host.destroy_domain(drvdom)
-        drv.wait(lambda: [n for n, _, _ in drv.calls].count("remove") == 2)
+        for fe in fes:
+            drv.wait_removed(fe.guest.domid)
         assert drv.devices() == []
         for fe in fes:
             fe.close()
@@ -2564,7 +2565,8 @@ def test_the_domain_going_learnt_as_its_connection_goes_is_said_once(
         assert eventually(lambda: any(r.msg == "XenStore connection lost: %s"
                                       for r in _backend_warnings(caplog)))
         go.set()
-        drv.wait(lambda: [n for n, _, _ in drv.calls].count("remove") == 1)
+        for fe in fes:
+            drv.wait_removed(fe.guest.domid)
         assert drv.devices() == []
         for fe in fes:
             fe.close()
@@ -2842,7 +2844,7 @@ def test_a_probe_failing_on_its_deleted_directory_reports_nothing(
     assert entered.wait(TIMEOUT)
     host.toolstack.destroy_device(dev)
     release.set()
-    driver.wait_call("remove", guest.domid)
+    driver.wait_removed(guest.domid)
     assert driver.devices() == []
     assert error_node(dom0_xs, dev) is None
     assert not dom0_xs.exists(dev.backend_path)
@@ -3268,7 +3270,7 @@ def test_a_removal_of_a_device_whose_frontend_never_started_is_answered(
     handed_over(driver.xenstore, "never-started")
     bdev.events.flush()
     assert host.toolstack.remove_device(dev, timeout=TIMEOUT)
-    driver.wait_call("remove", guest.domid)
+    driver.wait_removed(guest.domid)
     assert driver.devices() == []
 
 
@@ -4032,7 +4034,7 @@ def test_a_state_node_the_toolstack_takes_drops_its_device_and_says_so(
         caplog.clear()
         dom0_xs.set_perms(f"{bdev.nodename}/state",
                           _left_by_a_taking(drvdom, write_only))
-        drv.wait_call("remove", taken.guest.domid)
+        drv.wait_removed(taken.guest.domid)
         assert bdev.gone and bdev.resources == (0, 0)
         assert drv.calls_of(taken.guest.domid) == ["probe", "connect", "disconnect", "remove"]
         drv._bus.flush()  # the drop's look at the path
@@ -4124,7 +4126,7 @@ def test_a_state_node_taken_while_probe_runs_drops_the_device_writing_nothing(
         dom0_xs.set_perms(f"{dev.backend_path}/state",
                           _left_by_a_taking(drvdom, write_only))
         release.set()
-        drv.wait_call("remove", guest.domid)
+        drv.wait_removed(guest.domid)
         drv._bus.flush()
         assert drv.calls_of(guest.domid) == ["probe", "remove"]
         assert not [r for r in caplog.records if r.exc_info is not None]
@@ -4170,7 +4172,7 @@ def test_a_failure_reported_by_probe_on_a_state_taken_is_said_once(
     try:
         guest = host.create_domain("guest")
         dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
-        drv.wait_call("remove", guest.domid)
+        drv.wait_removed(guest.domid)
         drv._bus.flush()
         state = f"{dev.backend_path}/state"
         assert told == [False]
@@ -4803,7 +4805,7 @@ def test_a_failure_met_as_our_domain_goes_is_no_refusal_of_our_state(
         caplog.clear()
         told = _fatal_or_drop_after(bdev, drv, lambda: dom0_xs.rm(f"/local/domain/{drvdom.domid}"))
         assert [type(t) for t in told] == [PermissionError], told
-        drv.wait_call("remove", fe.guest.domid)
+        drv.wait_removed(fe.guest.domid)
         assert not [r for r in caplog.records if "may not be read" in r.getMessage()
                     or "not reported there" in r.getMessage()]
 
@@ -4988,7 +4990,7 @@ def test_a_directory_the_toolstack_takes_is_not_probed_again_and_again(
         bdev = backend_device(drv, guest.domid)
         caplog.clear()
         dom0_xs.set_perms(bdev.nodename, ["n0"])
-        drv.wait_call("remove", guest.domid)
+        drv.wait_removed(guest.domid)
         fe.close()
         dom0_xs.write(f"{bdev.nodename}/state", str(int(S.INITIALISING)))
         handed_over(drv.xenstore, "taken", base=f"/local/domain/{drvdom.domid}/data")
@@ -5101,7 +5103,7 @@ def test_an_online_refused_as_the_domain_goes_is_no_refusal_of_ours(
             dom0_xs.write(f"{bdev.nodename}/state", str(int(S.CLOSING)))
         else:
             fe.set_state(S.CLOSED)
-        drv.wait_call("remove", fe.guest.domid)
+        drv.wait_removed(fe.guest.domid)
         assert refused, "online was not refused: the test no longer tests anything"
         assert _going_said(caplog) == []
     finally:
@@ -5244,7 +5246,7 @@ def test_an_online_node_taken_with_no_frontend_left_drops_the_device_at_a_remova
         dom0_xs.set_perms(online, ["n0"])
         caplog.clear()
         dom0_xs.write(f"{bdev.nodename}/state", str(int(S.CLOSING)))
-        drv.wait_call("remove", fe.guest.domid)
+        drv.wait_removed(fe.guest.domid)
         drv._bus.flush()
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSING))
         (said,) = _backend_warnings(caplog)

@@ -79,6 +79,8 @@ class RecordingDriver(BackendDriver):
         #: thread, with the device and the port, after the event is recorded.
         self.event_hook: Callable[[BackendDevice, int], None] | None = None
         self.events_seen: list[int] = []
+        #: The devices remove() was called for, in order (see wait_removed).
+        self.removed: list[BackendDevice] = []
         #: Hooks that ran outside their device's queue (the ``driver``
         #: fixture fails the test if any did).
         self.unordered: list[str] = []
@@ -104,6 +106,20 @@ class RecordingDriver(BackendDriver):
 
     def wait_call(self, name: str, fe: int, devid: int = 0, count: int = 1) -> None:
         self.wait(lambda: [n for n, f, d in self.calls if (n, f, d) == (name, fe, devid)].__len__() >= count)
+
+    def wait_removed(self, fe: int, devid: int = 0, count: int = 1) -> BackendDevice:
+        """Wait for the ``count``-th remove() of frontend ``fe``'s device
+        ``devid``, then for the rest of its drop, and return that device.
+        remove() is called before the drop marks the device gone and
+        forgets it, and nothing notifies ``changed`` then: the drop runs on
+        the device's queue, whose flush waits for it (closed as it is by
+        then).  The drop's look at the path, queued on the bus last, may
+        still be to come (flush the bus for it)."""
+        self.wait_call("remove", fe, devid, count)
+        with self.changed:
+            dev = [d for d in self.removed if (d.frontend_id, d.devid) == (fe, devid)][count - 1]
+        dev.events.flush()
+        return dev
 
     def probe(self, dev: BackendDevice) -> None:
         self._record("probe", dev)
@@ -136,6 +152,8 @@ class RecordingDriver(BackendDriver):
             self.disconnect_hook(dev)
 
     def remove(self, dev: BackendDevice) -> None:
+        with self.changed:
+            self.removed.append(dev)
         self._record("remove", dev)
 
 
