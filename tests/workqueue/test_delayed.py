@@ -132,30 +132,19 @@ def test_many_cancelled_timers_leave_the_armed_ones_alone(make_wq: Any) -> None:
     assert not any(dw.pending for dw in kept + doomed)
 
 
-def test_a_cancelled_delayed_item_is_not_kept_by_its_timer(make_wq: Any) -> None:
-    """cancel() disarms the timer (del_timer): an item cancelled an hour
-    before it was due is not held by the timer thread until then."""
+@pytest.mark.parametrize("take", ["cancel", "flush"])
+def test_a_delayed_item_taken_off_its_timer_is_not_kept_by_it(make_wq: Any, take: str) -> None:
+    """cancel() disarms the timer (del_timer), and so does flush(), which
+    queues the item at once: an item taken off its timer an hour before it
+    was due is not held by the timer thread until then."""
     wq = make_wq()
     dw = DelayedWork(lambda w: None)
     assert wq.queue_delayed_work(dw, 3600) is True
-    assert dw.cancel() is True
+    assert getattr(dw, take)() is True
     gone = weakref.ref(dw)
     del dw
     gc.collect()
-    assert gone() is None, "the disarmed timer still holds the item"
-
-
-def test_a_delayed_item_flushed_off_its_timer_is_not_kept_by_it(make_wq: Any) -> None:
-    """flush() queues the item at once and disarms its timer, as cancel()
-    does: the timer thread does not hold it for the hour it was due in."""
-    wq = make_wq()
-    dw = DelayedWork(lambda w: None)
-    assert wq.queue_delayed_work(dw, 3600) is True
-    assert dw.flush() is True
-    gone = weakref.ref(dw)
-    del dw
-    gc.collect()
-    assert gone() is None, "the timer that flush() took the item off still holds it"
+    assert gone() is None, f"the timer that {take}() took the item off still holds it"
 
 
 def test_cancel_on_the_timer_and_later_timers_fire_in_order(make_wq: Any) -> None:

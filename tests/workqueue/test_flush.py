@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -277,8 +279,10 @@ def test_a_destroyed_queue_raises_also_for_an_item_queued_elsewhere_meanwhile(
         dwork.cancel()
 
 
-def test_destroy_while_another_destroy_drains_is_refused(make_wq: Any) -> None:
-    wq = make_wq()
+@contextlib.contextmanager
+def _destroying(wq: Any) -> Iterator[threading.Event]:
+    """A destroy() of ``wq`` in another thread, draining an item held until
+    the event yielded is set, or the block ends: it must end then."""
     started, release = threading.Event(), threading.Event()
     wq.queue_work(Work(lambda w: (started.set(), release.wait(TIMEOUT))))
     assert started.wait(TIMEOUT)
@@ -287,12 +291,17 @@ def test_destroy_while_another_destroy_drains_is_refused(make_wq: Any) -> None:
     try:
         while wq._state < _workqueue._DESTROYING:
             first.join(0.001)
-        with pytest.raises(RuntimeError, match="already destroyed"):
-            wq.destroy()
+        yield release
     finally:
         release.set()
     first.join(TIMEOUT)
-    assert not first.is_alive()
+    assert not first.is_alive() and wq._destroyed.is_set()
+
+
+def test_destroy_while_another_destroy_drains_is_refused(make_wq: Any) -> None:
+    wq = make_wq()
+    with _destroying(wq), pytest.raises(RuntimeError, match="already destroyed"):
+        wq.destroy()
     assert wq._state == _workqueue._DESTROYED
 
 
@@ -301,21 +310,10 @@ def test_shutdown_while_a_destroy_drains_joins_it(make_wq: Any) -> None:
     destruction of its own (no second drain, no thread): with wait, it
     waits for the end of that one."""
     wq = make_wq()
-    started, release = threading.Event(), threading.Event()
-    wq.queue_work(Work(lambda w: (started.set(), release.wait(TIMEOUT))))
-    assert started.wait(TIMEOUT)
-    first = threading.Thread(target=wq.destroy, daemon=True)
-    first.start()
-    try:
-        while wq._state < _workqueue._DESTROYING:
-            first.join(0.001)
+    with _destroying(wq) as release:
         wq.shutdown(wait=False)
         assert wq._destroy_thread is None and wq._nr_drainers == 1
         assert_waits_until_released(wq.shutdown, release, "shutdown() during destroy()")
-    finally:
-        release.set()
-    first.join(TIMEOUT)
-    assert not first.is_alive() and wq._destroyed.is_set()
 
 
 def test_flush_drain_destroy_from_own_item_raise(make_wq: Any) -> None:
