@@ -696,6 +696,29 @@ def test_a_backend_notifying_without_end_starves_nothing(
     assert not [m for m in log.messages() if "did not stop" in m]
 
 
+def test_a_round_that_takes_the_last_port_at_its_limit_finds_the_queue_empty(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round that stops at _PORT_BATCH having taken the last port
+    pending read no empty queue, and the next wait blocks: the handle
+    still counted its reset, and the next overflow, whenever it came,
+    made one more in a row, as if the thread had never caught up since.
+    Caught up each time, the frontend outlives any number of overflows.
+    (A batch of one port: every round stops at its limit.)"""
+    handle = fe._evtchn
+    assert handle is not None
+    handled = _counted_command_events(fe)
+    monkeypatch.setattr(_frontend, "_PORT_BATCH", 1)
+    for _ in range(_common.RESETS_IN_A_ROW + 1):
+        handle.overflow()  # type: ignore[attr-defined]
+        wait_until(lambda: fe._resets == 1 and not handle._overflowed)  # type: ignore[attr-defined]
+        assert handled.acquire(timeout=TIMEOUT)  # the hand-out after the reset
+        fake.evtchn.notify(fake.port)
+        assert handled.acquire(timeout=TIMEOUT)
+        wait_until(lambda: fe._resets == 0)  # the queue is empty after all
+    assert not fe._dead
+    fe.socket().close()
+
+
 def _in_far_ahead(ring: FakeDataRing) -> None:
     ring.put(IN_PROD_OFFSET, ring.get(IN_CONS_OFFSET) + 2 * ring.size)
 
