@@ -719,6 +719,50 @@ def test_a_round_that_takes_the_last_port_at_its_limit_finds_the_queue_empty(
     fe.socket().close()
 
 
+def test_a_handle_overflowing_after_every_reset_under_a_steady_port_is_broken(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds that stop at _PORT_BATCH with a port still pending (the
+    backend fires it again as each event is handled) never found the
+    queue empty: a handle that overflows again after each reset is still
+    taken for broken after RESETS_IN_A_ROW of them, not reset for ever.
+    (A batch of one port; each overflow comes in the round after the
+    hand-out, as the round stops at its limit.)"""
+    handle = fe._evtchn
+    assert handle is not None
+    thread = fe._thread
+    assert thread is not None
+    monkeypatch.setattr(_frontend, "_PORT_BATCH", 1)
+    real_reset = handle.reset
+    since_reset = [0]
+    left = [_common.RESETS_IN_A_ROW + 2]  # a bound for a frontend that never gives up
+
+    def reset() -> None:
+        real_reset()
+        since_reset[0] = 0
+
+    with fe._lock:
+        handler = fe._handlers[fe._port]
+
+        def fired_again() -> None:
+            handler()
+            since_reset[0] += 1
+            if left[0]:
+                fake.evtchn.notify(fake.port)  # while the port is masked
+                if since_reset[0] == 2:  # in the round after the hand-out
+                    left[0] -= 1
+                    handle.overflow()  # type: ignore[attr-defined]
+
+        fe._handlers[fe._port] = fired_again
+    monkeypatch.setattr(handle, "reset", reset)
+    handle.overflow()  # type: ignore[attr-defined]
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "the event thread resets the handle for ever"
+    with pytest.raises(OSError) as info:
+        fe.socket()
+    assert info.value.errno == errno.EIO
+    assert "overflowed again" in info.value.strerror, info.value.strerror
+
+
 def _in_far_ahead(ring: FakeDataRing) -> None:
     ring.put(IN_PROD_OFFSET, ring.get(IN_CONS_OFFSET) + 2 * ring.size)
 
